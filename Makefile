@@ -1,0 +1,58 @@
+# winback — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+
+## help: list the targets
+.PHONY: help
+help:
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed -e 's/^## //' | awk -F': ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "winback needs Python >= 3.11, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## install: create .venv and install winback with its dev tools
+.PHONY: install
+install: $(STAMP)
+
+## demo: simulate a history, train and register a model, and show the result (embedded defaults only)
+.PHONY: demo
+demo: $(STAMP)
+	$(BIN)/winback demo --workdir demo
+
+## lint: ruff (lint + format check), mypy on model/ and service/, import-linter contracts
+.PHONY: lint
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy model service
+	$(BIN)/lint-imports
+
+## test: lint, then the whole test suite
+.PHONY: test
+test: lint
+	$(BIN)/pytest -n 2 --dist loadgroup
+
+## bench: benchmarks on this machine, each with its same-run reference
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/winback bench --out bench-out
+
+## format: apply ruff fixes and formatting
+.PHONY: format
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## clean: remove generated files (keeps .venv)
+.PHONY: clean
+clean:
+	rm -rf demo bench-out history mlruns winback.db .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""Merchant configuration (CONTRACT.md section 4): parsed strictly, unknown keys refused with their path."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.vocab import RETRY_STRATEGIES, Channel, Strategy
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+class ConfigError(ValueError):
+    """The merchant config file is unusable; the message names the offending key's path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuietHours(_Strict):
+    start: str
+    end: str
+    timezone: str
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"expected HH:MM (24h), got {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @property
+    def start_minute(self) -> int:
+        hours, minutes = self.start.split(":")
+        return int(hours) * 60 + int(minutes)
+
+    @property
+    def end_minute(self) -> int:
+        hours, minutes = self.end.split(":")
+        return int(hours) * 60 + int(minutes)
+
+
+class RetryConfig(_Strict):
+    flows: list[Strategy] = Field(default_factory=lambda: list(RETRY_STRATEGIES))
+    max_retries: int = Field(default=3, ge=0, le=20)
+
+    @field_validator("flows")
+    @classmethod
+    def _only_retry_flows(cls, value: list[Strategy]) -> list[Strategy]:
+        bad = [flow for flow in value if flow not in RETRY_STRATEGIES]
+        if bad:
+            raise ValueError(f"not a silent-retry flow: {', '.join(bad)}")
+        return value
+
+
+class RetargetConfig(_Strict):
+    enabled: bool = True
+    channels: list[Channel] = Field(default_factory=lambda: [Channel.WHATSAPP, Channel.SMS, Channel.EMAIL])
+    skip_days: int = Field(default=1, ge=0, le=30)
+    retry_window_days: int = Field(default=7, ge=1, le=90)
+    max_nudges: int = Field(default=4, ge=0, le=50)
+    quiet_hours: QuietHours = Field(default_factory=lambda: QuietHours(start="21:00", end="09:00", timezone="UTC"))
+    link_ttl_hours: int = Field(default=48, ge=1, le=24 * 90)
+
+
+class WebhookConfig(_Strict):
+    url: str
+    secret_env: str
+
+
+class ProviderConfig(_Strict):
+    kind: Literal["gupshup", "interakt", "karix", "smtp", "push_webhook", "fake"]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    source: str | None = None
+    host: str | None = None
+    port: int | None = None
+    sender: str | None = None
+    username_env: str | None = None
+    password_env: str | None = None
+
+
+class ConnectorEndpoint(_Strict):
+    kind: Literal["sandbox", "http"]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> ConnectorEndpoint:
+        if self.kind == "http" and not self.base_url:
+            raise ValueError("kind 'http' needs base_url")
+        return self
+
+
+class MerchantConfig(_Strict):
+    api_key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mode: Literal["autonomous", "assisted"] = "autonomous"
+    connectors: list[str] = Field(min_length=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    retarget: RetargetConfig = Field(default_factory=RetargetConfig)
+    webhook: WebhookConfig | None = None
+    providers: dict[Channel, ProviderConfig] = Field(default_factory=dict)
+    connector_endpoints: dict[str, ConnectorEndpoint] = Field(default_factory=dict)
+
+
+class WinbackConfig(_Strict):
+    merchants: dict[str, MerchantConfig]
+
+
+def _error_path(location: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in location)
+
+
+def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
+    """Validate an already-loaded YAML document; raise ConfigError naming every bad key's path."""
+    try:
+        return WinbackConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            path = _error_path(error["loc"])
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{path}: unknown key")
+            else:
+                problems.append(f"{path}: {error['msg']}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_config(path: str | Path) -> WinbackConfig:
+    """Read and validate a merchant config YAML file."""
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(raw, source=str(file))

@@ -1,0 +1,58 @@
+"""Money: fixed FX rates to compare amounts across currencies, and what each action costs.
+
+One table (data/economics/costs.yaml) serves features, the policy's value, the simulator and evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from model.vocab import Channel, Strategy
+
+COSTS_FILE = Path(__file__).resolve().parent.parent / "data" / "economics" / "costs.yaml"
+
+
+@dataclass(frozen=True)
+class Economics:
+    fx_to_usd: dict[str, float]
+    default_fx_to_usd: float
+    retry_fee_usd: float
+    step_up_extra_usd: float
+    message_price_usd: dict[str, dict[str, float]]
+
+    def to_usd(self, amount: float, currency: str) -> float:
+        """Convert at the fixed planning rate; an unknown currency counts at ``default_fx_to_usd``."""
+        return amount * self.fx_to_usd.get(currency.upper(), self.default_fx_to_usd)
+
+    def knows_currency(self, currency: str) -> bool:
+        return currency.upper() in self.fx_to_usd
+
+    def retry_cost(self, strategy: Strategy | str | None) -> float:
+        extra = self.step_up_extra_usd if strategy == Strategy.STEP_UP else 0.0
+        return self.retry_fee_usd + extra
+
+    def message_cost(self, channel: Channel | str, country: str | None) -> float:
+        prices = self.message_price_usd.get(str(channel), {"default": 0.0})
+        if country and country.upper() in prices:
+            return prices[country.upper()]
+        return prices["default"]
+
+
+@cache
+def load_economics(path: Path = COSTS_FILE) -> Economics:
+    """The shipped cost and FX table, read once per process."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return Economics(
+        fx_to_usd={str(k).upper(): float(v) for k, v in raw["fx_to_usd"].items()},
+        default_fx_to_usd=float(raw["default_fx_to_usd"]),
+        retry_fee_usd=float(raw["retry_fee_usd"]["default"]),
+        step_up_extra_usd=float(raw["retry_fee_usd"]["step_up_extra"]),
+        message_price_usd={
+            str(channel): {str(k).upper() if k != "default" else "default": float(v) for k, v in prices.items()}
+            for channel, prices in raw["message_price_usd"].items()
+        },
+    )

@@ -1,0 +1,307 @@
+"""The policy: one `decide()` for the API, the executor, the console and offline evaluation.
+
+decide() enumerates the candidate actions on winback's grids, drops every candidate a hard rule forbids, scores
+the rest with a Scorer (the trained bundle, or rules-only priors when no model is registered) and chooses by
+expected recovered value net of cost, exploring a small, configurable share of the time and reporting the
+probability of its choice (``propensity``) so the next model can correct for this policy's bias.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import yaml
+
+from model.catalog import ErrorCatalog, NormalisedError
+from model.merchant_config import MerchantConfig
+from model.money import Economics, load_economics
+from model.requests import Alternative, Decision, DecisionRequest
+from model.rules import Candidate, build_context, enumerate_candidates, permitted
+from model.vocab import Action, ErrorClass
+
+PRIORS_FILE = Path(__file__).resolve().parent.parent / "data" / "policy" / "priors.yaml"
+RULES_ONLY_VERSION = "rules-only"
+#: A retry this many hours or more after the decision point counts as "later" in the priors table.
+LATER_HOURS = 20.0
+#: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits).
+DAILY_DISCOUNT = 0.995
+
+
+class Scorer(Protocol):
+    """What decide() needs from a model: calibrated P(success) per candidate, and short explanations."""
+
+    version: str
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray: ...
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    exploration: float = 0.05  # share of decisions that explore among permitted candidates
+    exploration_rare_code: float = 0.15  # exploration for error codes the catalog does not know
+    max_alternatives: int = 5
+    retryable_threshold: float = 0.10  # P(best silent retry succeeds) at or above which a failure is retryable
+
+    def __post_init__(self) -> None:
+        for name in ("exploration", "exploration_rare_code"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"PolicyConfig.{name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class Priors:
+    retry: dict[str, dict[str, tuple[float, float]]]
+    retarget: dict[str, float]
+    channel_factor: dict[str, float]
+    later_nudge_decay: float
+
+
+@cache
+def load_priors(path: Path = PRIORS_FILE) -> Priors:
+    """The rules-only policy's beliefs (data/policy/priors.yaml), read once per process."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return Priors(
+        retry={
+            cls: {strategy: (float(soon), float(later)) for strategy, (soon, later) in table.items()}
+            for cls, table in raw["retry"].items()
+        },
+        retarget={cls: float(p) for cls, p in raw["retarget"].items()},
+        channel_factor={channel: float(f) for channel, f in raw["channel_factor"].items()},
+        later_nudge_decay=float(raw["later_nudge_decay"]),
+    )
+
+
+class RulesOnlyScorer:
+    """Scores candidates from the priors table: the policy used before any model is registered."""
+
+    version = RULES_ONLY_VERSION
+
+    def __init__(self, catalog: ErrorCatalog, priors: Priors | None = None) -> None:
+        self.catalog = catalog
+        self.priors = priors or load_priors()
+
+    def _error(self, request: DecisionRequest) -> NormalisedError:
+        failure = request.failure
+        return self.catalog.normalise(
+            failure.connector,
+            failure.error_code,
+            failure.error_message,
+            failure.network_decline_code,
+            failure.merchant_advice_code,
+            failure.unified_code,
+            request.payment.card_network,
+            request.payment.payment_method,
+        )
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        error_class = self._error(request).error_class.value
+        retry_table = self.priors.retry.get(error_class, self.priors.retry[ErrorClass.UNKNOWN.value])
+        nudge_decay = self.priors.later_nudge_decay ** len(request.history.nudges)
+        retarget_base = self.priors.retarget.get(error_class, self.priors.retarget[ErrorClass.UNKNOWN.value])
+        scores = np.zeros(len(candidates), dtype=np.float64)
+        for index, candidate in enumerate(candidates):
+            if candidate.action == Action.RETRY and candidate.strategy is not None:
+                soon, later = retry_table.get(candidate.strategy.value, (0.0, 0.0))
+                hours = (candidate.execute_at - request.event_time).total_seconds() / 3600.0
+                scores[index] = later if hours >= LATER_HOURS else soon
+            elif candidate.action == Action.RETARGET and candidate.channel is not None:
+                factor = self.priors.channel_factor.get(candidate.channel.value, 0.5)
+                scores[index] = retarget_base * factor * nudge_decay
+        return scores
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
+        return [f"rules-only prior for {self._error(request).error_class.value}"][:k]
+
+
+def _delay_days(request: DecisionRequest, candidate: Candidate) -> float:
+    return max((candidate.execute_at - request.event_time).total_seconds(), 0.0) / 86_400.0
+
+
+def expected_values(
+    request: DecisionRequest, candidates: list[Candidate], p_success: np.ndarray, economics: Economics
+) -> np.ndarray:
+    """Expected recovered value in USD net of the action's cost, discounted for waiting."""
+    amount_usd = economics.to_usd(request.amount, request.currency)
+    country = request.customer.country
+    values = np.zeros(len(candidates), dtype=np.float64)
+    for index, candidate in enumerate(candidates):
+        if candidate.action == Action.STOP:
+            continue
+        if candidate.action == Action.RETRY:
+            cost = economics.retry_cost(candidate.strategy)
+        else:
+            cost = economics.message_cost(candidate.channel or "", country)
+        discount = DAILY_DISCOUNT ** _delay_days(request, candidate)
+        values[index] = float(p_success[index]) * amount_usd * discount - cost
+    return values
+
+
+def _group(candidate: Candidate) -> tuple[str, str, str, str]:
+    return (
+        candidate.action.value,
+        candidate.strategy.value if candidate.strategy else "",
+        candidate.connector or "",
+        candidate.channel.value if candidate.channel else "",
+    )
+
+
+def new_decision_id(rng: np.random.Generator | None) -> str:
+    """A unique decision id; drawn from ``rng`` when given, so replays are reproducible."""
+    raw = rng.bytes(12) if rng is not None else os.urandom(12)
+    return "dec_" + raw.hex()
+
+
+def _describe(candidate: Candidate, p: float) -> str:
+    if candidate.action == Action.RETRY:
+        return f"{candidate.strategy} via {candidate.connector}: {p:.0%} expected"
+    if candidate.action == Action.RETARGET:
+        return f"payment link by {candidate.channel}: {p:.0%} expected"
+    return "no action is worth its cost"
+
+
+def decide(
+    request: DecisionRequest,
+    merchant: MerchantConfig,
+    scorer: Scorer | None,
+    *,
+    catalog: ErrorCatalog,
+    config: PolicyConfig | None = None,
+    rng: np.random.Generator | None = None,
+    economics: Economics | None = None,
+) -> Decision:
+    """Enumerate permitted candidates, score them, choose by expected recovered value net of cost.
+
+    ``scorer=None`` gives the rules-only policy (``model_version == "rules-only"``). Pure apart from ``rng``
+    (exploration and the decision id): the same request, scorer and rng state give the same decision.
+    """
+    config = config or PolicyConfig()
+    economics = economics or load_economics()
+    active: Scorer = scorer if scorer is not None else RulesOnlyScorer(catalog)
+    context = build_context(request, merchant, catalog)
+    allowed = permitted(context, enumerate_candidates(context))
+    if not any(candidate.action == Action.STOP for candidate in allowed):
+        allowed.append(Candidate(action=Action.STOP, execute_at=request.event_time))
+
+    p_success = np.clip(np.asarray(active.score(request, allowed), dtype=np.float64), 0.0, 1.0)
+    for index, candidate in enumerate(allowed):
+        if candidate.action == Action.STOP:
+            p_success[index] = 0.0
+    values = expected_values(request, allowed, p_success, economics)
+    # Ties (e.g. equal values at several send times) go to the earliest candidate in grid order.
+    best = int(np.argmax(values))
+    if values[best] <= 0.0:
+        best = next(i for i, c in enumerate(allowed) if c.action == Action.STOP)
+
+    error = catalog.normalise(
+        request.failure.connector,
+        request.failure.error_code,
+        request.failure.error_message,
+        request.failure.network_decline_code,
+        request.failure.merchant_advice_code,
+        request.failure.unified_code,
+        request.payment.card_network,
+        request.payment.payment_method,
+    )
+    epsilon = config.exploration if error.known_code else config.exploration_rare_code
+    generator = rng if rng is not None else np.random.default_rng()
+    chosen = best
+    if epsilon > 0.0 and len(allowed) > 1 and generator.random() < epsilon:
+        chosen = int(generator.integers(len(allowed)))
+    uniform = epsilon / len(allowed) if len(allowed) > 1 else 0.0
+    propensity = (1.0 - epsilon if len(allowed) > 1 else 1.0) * (chosen == best) + uniform
+    choice = allowed[chosen]
+
+    retry_indices = [i for i, c in enumerate(allowed) if c.action == Action.RETRY]
+    retry_probability = float(max((p_success[i] for i in retry_indices), default=0.0))
+    threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))
+    retryable = bool(retry_indices) and retry_probability >= threshold
+
+    alternatives = _alternatives(allowed, values, p_success, exclude=_group(choice), limit=config.max_alternatives)
+    reasons = [f"{error.error_class.value} ({error.matched_by})", _describe(choice, float(p_success[chosen]))]
+    if choice.action != Action.STOP:
+        reasons.extend(active.explain(request, choice, k=2))
+    if chosen != best:
+        reasons.append("exploration: a permitted alternative tried to keep learning")
+    if not retry_indices:
+        reasons.append("no silent retry permitted")
+
+    return Decision(
+        decision_id=new_decision_id(rng),
+        model_version=active.version,
+        action=choice.action,
+        strategy=choice.strategy if choice.action == Action.RETRY else None,
+        connector=choice.connector if choice.action == Action.RETRY else None,
+        channel=choice.channel if choice.action == Action.RETARGET else None,
+        execute_at=max(choice.execute_at, request.event_time),
+        retryable=retryable,
+        retry_probability=round(retry_probability, 6),
+        expected_success=round(float(p_success[chosen]), 6),
+        propensity=round(float(propensity), 6),
+        alternatives=alternatives,
+        reasons=reasons,
+        rules_applied=list(context.rules_applied),
+    )
+
+
+def _alternatives(
+    allowed: list[Candidate],
+    values: np.ndarray,
+    p_success: np.ndarray,
+    *,
+    exclude: tuple[str, str, str, str],
+    limit: int,
+) -> list[Alternative]:
+    """The best candidate of every other action group, best first."""
+    seen = {exclude}
+    result: list[Alternative] = []
+    for index in np.argsort(-values, kind="stable"):
+        candidate = allowed[int(index)]
+        group = _group(candidate)
+        if group in seen:
+            continue
+        seen.add(group)
+        result.append(
+            Alternative(
+                action=candidate.action,
+                strategy=candidate.strategy,
+                connector=candidate.connector,
+                channel=candidate.channel,
+                execute_at=candidate.execute_at,
+                p_success=round(float(p_success[int(index)]), 6),
+            )
+        )
+        if len(result) >= limit:
+            break
+    return result
+
+
+class DecidePolicy:
+    """decide() bound to merchants, a scorer and a catalog: a ``policy(request) -> Decision`` callable."""
+
+    def __init__(
+        self,
+        merchants: dict[str, MerchantConfig],
+        scorer: Scorer | None,
+        catalog: ErrorCatalog,
+        config: PolicyConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.merchants = merchants
+        self.scorer = scorer
+        self.catalog = catalog
+        self.config = config or PolicyConfig()
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, request: DecisionRequest) -> Decision:
+        merchant = self.merchants.get(request.merchant_id)
+        if merchant is None:
+            raise KeyError(f"unknown merchant_id {request.merchant_id!r}: not in the merchant config")
+        return decide(request, merchant, self.scorer, catalog=self.catalog, config=self.config, rng=self.rng)

@@ -1,0 +1,91 @@
+"""Merchant config (CONTRACT.md section 4): strict parsing, offending key paths in the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from model.merchant_config import ConfigError, load_config, parse_config
+
+DIGEST = "a" * 64
+
+
+def minimal(**merchant: Any) -> dict[str, Any]:
+    return {"merchants": {"m_demo": {"api_key_sha256": DIGEST, "connectors": ["stripe"], **merchant}}}
+
+
+def test_contract_example_parses(tmp_path: Path) -> None:
+    document = minimal(
+        mode="autonomous",
+        connectors=["stripe", "adyen", "cybersource"],
+        retry={"flows": ["retry_same", "cascade", "step_up", "clear_pan", "alternate_network"], "max_retries": 3},
+        retarget={
+            "enabled": True,
+            "channels": ["whatsapp", "sms", "email"],
+            "skip_days": 1,
+            "retry_window_days": 7,
+            "max_nudges": 4,
+            "quiet_hours": {"start": "21:00", "end": "09:00", "timezone": "Asia/Kolkata"},
+            "link_ttl_hours": 48,
+        },
+        webhook={"url": "https://merchant.example/winback", "secret_env": "WINBACK_WEBHOOK_SECRET_M_DEMO"},
+        providers={
+            "whatsapp": {
+                "kind": "gupshup",
+                "base_url": "https://api.gupshup.io",
+                "api_key_env": "GUPSHUP_KEY",
+                "source": "919000000000",
+            },
+            "email": {"kind": "smtp", "host": "localhost", "port": 1025, "sender": "pay@merchant.example"},
+        },
+        connector_endpoints={
+            "stripe": {"kind": "sandbox"},
+            "adyen": {"kind": "http", "base_url": "https://switch.merchant.example", "api_key_env": "SWITCH_KEY"},
+        },
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    config = load_config(path)
+    merchant = config.merchants["m_demo"]
+    assert merchant.retarget.quiet_hours.start_minute == 21 * 60
+    assert merchant.retarget.quiet_hours.end_minute == 9 * 60
+    assert merchant.connectors == ["stripe", "adyen", "cybersource"]
+
+
+@pytest.mark.parametrize(
+    ("merchant", "expected"),
+    [
+        ({"retry": {"max_retries": 3, "bogus": 1}}, "merchants.m_demo.retry.bogus: unknown key"),
+        ({"mode": "manual"}, "merchants.m_demo.mode"),
+        ({"retry": {"flows": ["initial"]}}, "merchants.m_demo.retry.flows: Value error, not a silent-retry flow"),
+        ({"retarget": {"channels": ["fax"]}}, "merchants.m_demo.retarget.channels.0"),
+        (
+            {"retarget": {"quiet_hours": {"start": "9pm", "end": "09:00", "timezone": "UTC"}}},
+            "merchants.m_demo.retarget.quiet_hours.start: Value error, expected HH:MM",
+        ),
+        (
+            {"retarget": {"quiet_hours": {"start": "21:00", "end": "09:00", "timezone": "Mars/Base"}}},
+            "unknown IANA timezone 'Mars/Base'",
+        ),
+        ({"connector_endpoints": {"adyen": {"kind": "http"}}}, "kind 'http' needs base_url"),
+        ({"retry": {"max_retries": -1}}, "merchants.m_demo.retry.max_retries"),
+    ],
+)
+def test_bad_config_names_the_key_path(merchant: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(minimal(**merchant))
+    assert expected in str(excinfo.value)
+
+
+def test_top_level_unknown_key_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="surprise: unknown key"):
+        parse_config({**minimal(), "surprise": True})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("merchants: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)

@@ -1,0 +1,1069 @@
+"""Offline evaluation: classification metrics, calibration, off-policy estimators and policy comparisons.
+
+Everything here is pure numpy/pandas over arrays and frames. Off-policy estimates replay a policy at every
+logged decision point, match its choice to the logged action on a coarse action key (one definition:
+`action_key`), and weight the logged reward by ``target_prob / logged_propensity`` (clipped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+
+from model.money import Economics
+from model.requests import Decision, DecisionRequest
+from model.rules import Candidate
+from model.vocab import Action
+
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+ArrayLike = Sequence[float] | np.ndarray[Any, Any] | pd.Series
+
+#: A policy under evaluation: the same shape as `model.policy.DecidePolicy` and the baselines.
+Policy = Callable[[DecisionRequest], Decision]
+#: Expected reward of each candidate at a request (P(success), or value in USD net of cost).
+RewardModel = Callable[[DecisionRequest, list[Candidate]], np.ndarray]
+
+DEFAULT_MAX_WEIGHT = 50.0
+DEFAULT_BOOTSTRAP = 200
+_EPS = 1e-15
+
+# ----------------------------------------------------------------------------------------------------------
+# Classification metrics and calibration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_float(values: ArrayLike, name: str) -> FloatArray:
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if np.isnan(array).any():
+        raise ValueError(f"{name} contains NaN ({int(np.isnan(array).sum())} of {array.size} values)")
+    return array
+
+
+def _check_binary(y: FloatArray, p: FloatArray) -> None:
+    if y.shape != p.shape:
+        raise ValueError(f"y_true and p differ in length: {y.size} labels, {p.size} probabilities")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("y_true must hold only 0/1 (or False/True) labels")
+    if ((p < 0.0) | (p > 1.0)).any():
+        raise ValueError("probabilities must lie in [0, 1]")
+
+
+def reliability_table(y_true: ArrayLike, p: ArrayLike, bins: int = 10) -> pd.DataFrame:
+    """Calibration curve: equal-width probability bins with count, mean predicted and observed rate.
+
+    Empty bins are kept (n = 0, rates NaN) so tables of different models line up bin by bin.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    y = _as_float(y_true, "y_true")
+    prob = _as_float(p, "p")
+    _check_binary(y, prob)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Right-closed top bin: a probability of exactly 1.0 belongs to the last bin.
+    index = np.clip(np.searchsorted(edges, prob, side="right") - 1, 0, bins - 1)
+    n = np.bincount(index, minlength=bins).astype(np.float64)
+    sum_p = np.bincount(index, weights=prob, minlength=bins)
+    sum_y = np.bincount(index, weights=y, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.where(n > 0, sum_p / np.maximum(n, 1), np.nan)
+        rate = np.where(n > 0, sum_y / np.maximum(n, 1), np.nan)
+    return pd.DataFrame(
+        {
+            "bin": np.arange(bins),
+            "lower": edges[:-1],
+            "upper": edges[1:],
+            "n": n.astype(np.int64),
+            "mean_predicted": mean_p,
+            "observed_rate": rate,
+        }
+    )
+
+
+def expected_calibration_error(y_true: ArrayLike, p: ArrayLike, bins: int = 10) -> float:
+    """ECE: count-weighted mean |observed rate - mean predicted| over equal-width bins (NaN when empty)."""
+    table = reliability_table(y_true, p, bins)
+    total = int(table["n"].sum())
+    if total == 0:
+        return float("nan")
+    filled = table[table["n"] > 0]
+    gaps = (filled["observed_rate"] - filled["mean_predicted"]).abs()
+    return float((gaps * filled["n"]).sum() / total)
+
+
+def roc_auc(y_true: ArrayLike, p: ArrayLike) -> float:
+    """Area under the ROC curve (rank statistic, ties averaged); NaN when only one class is present."""
+    y = _as_float(y_true, "y_true")
+    prob = _as_float(p, "p")
+    _check_binary(y, prob)
+    positives = int(y.sum())
+    negatives = y.size - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = pd.Series(prob).rank(method="average").to_numpy()
+    return float((ranks[y == 1.0].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def log_loss(y_true: ArrayLike, p: ArrayLike) -> float:
+    """Mean binary cross-entropy, probabilities clipped away from 0 and 1; NaN on empty input."""
+    y = _as_float(y_true, "y_true")
+    prob = _as_float(p, "p")
+    _check_binary(y, prob)
+    if y.size == 0:
+        return float("nan")
+    clipped = np.clip(prob, _EPS, 1.0 - _EPS)
+    return float(-np.mean(y * np.log(clipped) + (1.0 - y) * np.log(1.0 - clipped)))
+
+
+def brier_score(y_true: ArrayLike, p: ArrayLike) -> float:
+    """Mean squared error of the probabilities; NaN on empty input."""
+    y = _as_float(y_true, "y_true")
+    prob = _as_float(p, "p")
+    _check_binary(y, prob)
+    return float(np.mean((prob - y) ** 2)) if y.size else float("nan")
+
+
+def _metrics_row(y: FloatArray, p: FloatArray, bins: int) -> dict[str, float | int]:
+    return {
+        "n": int(y.size),
+        "positives": int(y.sum()),
+        "base_rate": float(y.mean()) if y.size else float("nan"),
+        "mean_predicted": float(p.mean()) if p.size else float("nan"),
+        "auc": roc_auc(y, p),
+        "log_loss": log_loss(y, p),
+        "ece": expected_calibration_error(y, p, bins),
+        "brier": brier_score(y, p),
+    }
+
+
+def classification_report(
+    y_true: ArrayLike, p: ArrayLike, groups: ArrayLike | Sequence[str] | None = None, *, bins: int = 10
+) -> pd.DataFrame:
+    """Rows ``overall`` and one per group (e.g. error class, sorted by size): n, positives, base rate,
+    mean predicted, AUC (NaN when a group has one class only), log loss, ECE (``bins`` equal-width bins),
+    Brier. Indexed by ``group``."""
+    y = _as_float(y_true, "y_true")
+    prob = _as_float(p, "p")
+    _check_binary(y, prob)
+    rows = [{"group": "overall", **_metrics_row(y, prob, bins)}]
+    if groups is not None:
+        labels = pd.Series(np.asarray(groups, dtype=object)).fillna("<missing>").astype(str).to_numpy()
+        if labels.size != y.size:
+            raise ValueError(f"groups has {labels.size} values for {y.size} labels")
+        names, counts = np.unique(labels, return_counts=True)
+        for name in names[np.argsort(-counts, kind="stable")]:
+            mask = labels == name
+            rows.append({"group": str(name), **_metrics_row(y[mask], prob[mask], bins)})
+    return pd.DataFrame(rows).set_index("group")
+
+
+def time_holdout(
+    frame: pd.DataFrame, time_column: str, holdout_fraction: float = 0.2
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split by time: the latest ``holdout_fraction`` of the time span (by quantile of ``time_column``) is
+    the holdout. Rows at the cut go to the holdout, so no holdout row predates a training row."""
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if time_column not in frame.columns:
+        raise ValueError(f"time column {time_column!r} is not in the frame (columns: {list(frame.columns)})")
+    if frame.empty:
+        return frame.copy(), frame.copy()
+    stamps = pd.DatetimeIndex(pd.to_datetime(frame[time_column], utc=True)).asi8
+    test = stamps >= np.quantile(stamps, 1.0 - holdout_fraction)
+    return frame.loc[~test].copy(), frame.loc[test].copy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Off-policy estimators
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A policy value estimate with its bootstrap confidence interval and weight diagnostics."""
+
+    estimator: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    ess: float  # effective sample size of the (clipped) importance weights
+    clipped_share: float  # share of points whose weight hit the clip
+    matched_share: float  # share of points with a non-zero target probability of the logged action
+
+
+def importance_weights(
+    logged_propensity: ArrayLike, target_prob: ArrayLike, max_weight: float | None = DEFAULT_MAX_WEIGHT
+) -> FloatArray:
+    """``target_prob / logged_propensity``, clipped at ``max_weight`` (``None``: no clipping)."""
+    propensity = np.asarray(logged_propensity, dtype=np.float64).reshape(-1)
+    target = _as_float(target_prob, "target_prob")
+    if propensity.shape != target.shape:
+        raise ValueError(f"logged_propensity and target_prob differ in length: {propensity.size} vs {target.size}")
+    bad = ~((propensity > 0.0) & (propensity <= 1.0))
+    if bad.any():
+        raise ValueError(
+            f"logged propensity must be in (0, 1]: {int(bad.sum())} of {propensity.size} values are missing, "
+            "zero, negative or above 1"
+        )
+    if ((target < 0.0) | (target > 1.0)).any():
+        raise ValueError("target_prob must lie in [0, 1]")
+    weights = target / propensity
+    if max_weight is not None:
+        if max_weight <= 0:
+            raise ValueError(f"max_weight must be positive, got {max_weight}")
+        weights = np.minimum(weights, max_weight)
+    return weights
+
+
+def effective_sample_size(weights: ArrayLike) -> float:
+    """Kish's effective sample size ``(sum w)^2 / sum w^2``; 0 when every weight is 0."""
+    w = _as_float(weights, "weights")
+    squares = float(np.sum(w**2))
+    return float(np.sum(w) ** 2 / squares) if squares > 0 else 0.0
+
+
+def _bootstrap(
+    statistic: Callable[[np.ndarray[Any, np.dtype[np.intp]]], FloatArray],
+    n: int,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI; ``statistic`` maps an (r, n) array of resampled indices to r values."""
+    if n == 0 or n_bootstrap <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so memory stays bounded (about 4M indices at a time) on large histories.
+    chunk = max(1, 4_000_000 // n)
+    values: list[FloatArray] = []
+    done = 0
+    while done < n_bootstrap:
+        r = min(chunk, n_bootstrap - done)
+        values.append(statistic(rng.integers(0, n, size=(r, n))))
+        done += r
+    stats = np.concatenate(values)
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def _prepare(
+    rewards: ArrayLike,
+    logged_propensity: ArrayLike,
+    target_prob: ArrayLike,
+    max_weight: float | None,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    r = _as_float(rewards, "rewards")
+    w = importance_weights(logged_propensity, target_prob, max_weight)
+    if r.shape != w.shape:
+        raise ValueError(f"rewards and propensities differ in length: {r.size} vs {w.size}")
+    target = _as_float(target_prob, "target_prob")
+    return r, w, target
+
+
+def _estimate(
+    name: str,
+    value: float,
+    ci: tuple[float, float],
+    w: FloatArray,
+    target: FloatArray,
+    logged_propensity: ArrayLike,
+    max_weight: float | None,
+) -> Estimate:
+    raw = target / np.asarray(logged_propensity, dtype=np.float64).reshape(-1)
+    clipped = float(np.mean(raw > max_weight)) if max_weight is not None and raw.size else 0.0
+    return Estimate(
+        estimator=name,
+        value=value,
+        ci_low=ci[0],
+        ci_high=ci[1],
+        n=int(w.size),
+        ess=effective_sample_size(w),
+        clipped_share=clipped,
+        matched_share=float(np.mean(target > 0)) if target.size else float("nan"),
+    )
+
+
+def ips(
+    rewards: ArrayLike,
+    logged_propensity: ArrayLike,
+    target_prob: ArrayLike,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Inverse propensity scoring: ``mean(w * r)`` with clipped weights ``w = target_prob / propensity``."""
+    r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
+    wr = w * r
+    value = float(wr.mean()) if wr.size else float("nan")
+    ci = _bootstrap(lambda idx: wr[idx].mean(axis=1), wr.size, n_bootstrap, seed, confidence)
+    return _estimate("ips", value, ci, w, target, logged_propensity, max_weight)
+
+
+def snips(
+    rewards: ArrayLike,
+    logged_propensity: ArrayLike,
+    target_prob: ArrayLike,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Self-normalised IPS: ``sum(w * r) / sum(w)``; NaN when no logged action matches the target policy."""
+    r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
+    wr = w * r
+    total = float(w.sum())
+    value = float(wr.sum() / total) if total > 0 else float("nan")
+
+    def statistic(idx: np.ndarray[Any, np.dtype[np.intp]]) -> FloatArray:
+        denominator = w[idx].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, wr[idx].sum(axis=1) / denominator, np.nan)
+
+    ci = _bootstrap(statistic, wr.size, n_bootstrap, seed, confidence)
+    return _estimate("snips", value, ci, w, target, logged_propensity, max_weight)
+
+
+def doubly_robust(
+    rewards: ArrayLike,
+    logged_propensity: ArrayLike,
+    target_prob: ArrayLike,
+    q_logged: ArrayLike,
+    v_target: ArrayLike,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Doubly robust: ``mean(v_target + w * (r - q_logged))``.
+
+    ``q_logged`` is the reward model's prediction for the logged action, ``v_target`` its expected reward
+    under the target policy at the same context. Exact when the reward model is; unbiased when the
+    propensities are right (up to clipping).
+    """
+    r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
+    q = _as_float(q_logged, "q_logged")
+    v = _as_float(v_target, "v_target")
+    if not (q.shape == v.shape == r.shape):
+        raise ValueError(f"q_logged ({q.size}) and v_target ({v.size}) must match rewards ({r.size}) in length")
+    terms = v + w * (r - q)
+    value = float(terms.mean()) if terms.size else float("nan")
+    ci = _bootstrap(lambda idx: terms[idx].mean(axis=1), terms.size, n_bootstrap, seed, confidence)
+    return _estimate("dr", value, ci, w, target, logged_propensity, max_weight)
+
+
+def reward_values(
+    labels: ArrayLike,
+    amount_usd: ArrayLike | None = None,
+    cost_usd: ArrayLike | None = None,
+    kind: Literal["value", "success"] = "value",
+) -> FloatArray:
+    """Rewards of logged decisions: ``success`` gives the 0/1 label; ``value`` gives the amount in USD when
+    recovered, minus the action's cost."""
+    y = _as_float(labels, "labels")
+    if kind == "success":
+        return y
+    if kind != "value":
+        raise ValueError(f"reward kind must be 'value' or 'success', got {kind!r}")
+    if amount_usd is None:
+        raise ValueError("reward kind 'value' needs amount_usd")
+    amount = _as_float(amount_usd, "amount_usd")
+    cost = np.zeros_like(y) if cost_usd is None else _as_float(cost_usd, "cost_usd")
+    return y * amount - cost
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Action matching: one definition of "the same action" for replaying a policy over logged decisions
+# ----------------------------------------------------------------------------------------------------------
+
+#: Retry delay buckets (upper bounds in seconds, from the decision's event time): immediate, within the hour,
+#: within 6 h, within a day, later.
+RETRY_DELAY_EDGES_S: tuple[float, ...] = (60.0, 3_600.0, 6 * 3_600.0, 24 * 3_600.0)
+RETRY_DELAY_LABELS: tuple[str, ...] = ("<1m", "<1h", "<6h", "<24h", ">=24h")
+#: Retarget send-time buckets (upper bounds in hours from the event time): same day-part, same day, by
+#: day 1, 2, 3 of the skip-days cadence, later.
+RETARGET_SEND_EDGES_H: tuple[float, ...] = (4.0, 12.0, 24.0, 48.0, 72.0)
+RETARGET_SEND_LABELS: tuple[str, ...] = ("<4h", "<12h", "<24h", "<48h", "<72h", ">=72h")
+
+
+def delay_bucket(action: Action | str, delay_seconds: float) -> str:
+    """The delay bucket of an action executed ``delay_seconds`` after its decision point."""
+    if delay_seconds < 0:
+        raise ValueError(f"an action cannot execute before its decision point (delay {delay_seconds} s)")
+    if action == Action.RETRY:
+        return RETRY_DELAY_LABELS[int(np.searchsorted(RETRY_DELAY_EDGES_S, delay_seconds, side="right"))]
+    if action == Action.RETARGET:
+        hours = delay_seconds / 3_600.0
+        return RETARGET_SEND_LABELS[int(np.searchsorted(RETARGET_SEND_EDGES_H, hours, side="right"))]
+    return ""
+
+
+def action_key(
+    action: Action | str,
+    *,
+    strategy: str | None = None,
+    connector: str | None = None,
+    channel: str | None = None,
+    delay_seconds: float = 0.0,
+) -> tuple[str, ...]:
+    """What counts as "the same action": (retry, strategy, connector, delay bucket), (retarget, channel,
+    send-time bucket) or (stop,)."""
+    kind = Action(action)
+    if kind == Action.RETRY:
+        return (kind.value, str(strategy), str(connector), delay_bucket(kind, delay_seconds))
+    if kind == Action.RETARGET:
+        return (kind.value, str(channel), delay_bucket(kind, delay_seconds))
+    return (kind.value,)
+
+
+def _seconds_between(later: datetime | pd.Timestamp, earlier: datetime | pd.Timestamp) -> float:
+    return float((pd.Timestamp(later) - pd.Timestamp(earlier)).total_seconds())
+
+
+def candidate_key(candidate: Candidate, event_time: datetime) -> tuple[str, ...]:
+    """`action_key` of a candidate at a decision point."""
+    return action_key(
+        candidate.action,
+        strategy=candidate.strategy,
+        connector=candidate.connector,
+        channel=candidate.channel,
+        delay_seconds=max(0.0, _seconds_between(candidate.execute_at, event_time)),
+    )
+
+
+def decision_candidate(decision: Decision) -> Candidate:
+    """The concrete action of a decision, as a rules/scorer candidate."""
+    return Candidate(
+        action=decision.action,
+        execute_at=decision.execute_at,
+        strategy=decision.strategy if decision.action == Action.RETRY else None,
+        connector=decision.connector if decision.action == Action.RETRY else None,
+        channel=decision.channel if decision.action == Action.RETARGET else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reward models from a scorer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Scores(Protocol):
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray: ...
+
+
+def candidate_cost_usd(request: DecisionRequest, candidate: Candidate, economics: Economics) -> float:
+    """What carrying out a candidate costs in USD: a retry fee, a message, or nothing for stop."""
+    if candidate.action == Action.RETRY:
+        return economics.retry_cost(candidate.strategy)
+    if candidate.action == Action.RETARGET and candidate.channel is not None:
+        return economics.message_cost(candidate.channel, request.customer.country)
+    return 0.0
+
+
+def success_reward_model(scorer: _Scores) -> RewardModel:
+    """Reward model for success rewards: the scorer's calibrated P(success); stop is worth 0."""
+
+    def model(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        p = np.asarray(scorer.score(request, candidates), dtype=np.float64)
+        stops = np.array([c.action == Action.STOP for c in candidates], dtype=bool)
+        return np.where(stops, 0.0, p)
+
+    return model
+
+
+def value_reward_model(scorer: _Scores, economics: Economics) -> RewardModel:
+    """Reward model for value rewards: ``P(success) * amount_usd - cost``; stop is worth 0."""
+
+    def model(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        p = np.asarray(scorer.score(request, candidates), dtype=np.float64)
+        amount = economics.to_usd(request.amount, request.currency)
+        cost = np.array([candidate_cost_usd(request, c, economics) for c in candidates], dtype=np.float64)
+        stops = np.array([c.action == Action.STOP for c in candidates], dtype=bool)
+        return np.where(stops, 0.0, p * amount - cost)
+
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay and the OPE table
+# ----------------------------------------------------------------------------------------------------------
+
+#: Columns `ope_table` and `replay` need in the logged decision frame (one row per logged decision point).
+LOGGED_COLUMNS: tuple[str, ...] = (
+    "request",  # DecisionRequest at the decision point
+    "action",  # logged action: retry / retarget / stop
+    "strategy",  # retry only
+    "connector",  # retry only: target connector
+    "channel",  # retarget only
+    "execute_at",  # when the logged action was carried out (UTC)
+    "propensity",  # logging policy's probability of the logged action
+    "reward",  # observed reward of the logged action
+)
+
+
+def _check_logged(logged: pd.DataFrame) -> None:
+    missing = [column for column in LOGGED_COLUMNS if column not in logged.columns]
+    if missing:
+        raise ValueError(f"logged decisions lack column(s) {', '.join(missing)}; need {', '.join(LOGGED_COLUMNS)}")
+
+
+def _none_if_missing(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA or value is pd.NaT:
+        return None
+    return str(value)
+
+
+def logged_candidate(row: Mapping[str, Any]) -> Candidate:
+    """The logged action of one decision-point row as a candidate."""
+    request: DecisionRequest = row["request"]
+    action = Action(str(row["action"]))
+    execute_at = row["execute_at"]
+    if execute_at is None or pd.isna(execute_at):
+        execute_at = request.event_time
+    when = pd.Timestamp(execute_at)
+    when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+    strategy = _none_if_missing(row["strategy"]) if action == Action.RETRY else None
+    channel = _none_if_missing(row["channel"]) if action == Action.RETARGET else None
+    return Candidate(
+        action=action,
+        execute_at=when.to_pydatetime(),
+        strategy=None if strategy is None else strategy,  # type: ignore[arg-type]
+        connector=_none_if_missing(row["connector"]) if action == Action.RETRY else None,
+        channel=None if channel is None else channel,  # type: ignore[arg-type]
+    )
+
+
+def replay(
+    logged: pd.DataFrame,
+    policies: Mapping[str, Policy],
+    reward_model: RewardModel | None = None,
+    *,
+    replays: int = 1,
+) -> pd.DataFrame:
+    """Run each policy at every logged decision point.
+
+    One row per (point, policy): ``point`` (position in ``logged``), ``policy``, ``target_prob`` (share of the
+    ``replays`` draws whose action matches the logged one by `action_key`), ``q_logged`` and ``v_target``
+    (reward model; NaN without one), the first draw's ``action`` / ``strategy`` / ``connector`` / ``channel``
+    / ``retry_probability`` / ``expected_success`` / ``propensity``, and ``seconds`` spent deciding.
+
+    The match indicator (not the policy's reported propensity) is the target probability: for a policy that
+    samples its action, ``1[draw == logged]`` is an unbiased estimate of pi(logged action | context), while
+    "the propensity when it matches" would estimate pi squared.
+    """
+    _check_logged(logged)
+    if replays < 1:
+        raise ValueError(f"replays must be >= 1, got {replays}")
+    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = [{str(k): v for k, v in r.items()} for r in logged.to_dict("records")]
+    for position, record in enumerate(records):
+        request: DecisionRequest = record["request"]
+        logged_action = logged_candidate(record)
+        logged_key = candidate_key(logged_action, request.event_time)
+        q_logged = float("nan")
+        if reward_model is not None:
+            q_logged = float(np.asarray(reward_model(request, [logged_action]), dtype=np.float64)[0])
+        for name, policy in policies.items():
+            started = time.perf_counter()
+            decisions = [policy(request) for _ in range(replays)]
+            elapsed = time.perf_counter() - started
+            chosen = [decision_candidate(d) for d in decisions]
+            matches = [candidate_key(c, request.event_time) == logged_key for c in chosen]
+            v_target = float("nan")
+            if reward_model is not None:
+                v_target = float(np.mean(np.asarray(reward_model(request, chosen), dtype=np.float64)))
+            first = decisions[0]
+            rows.append(
+                {
+                    "point": position,
+                    "policy": name,
+                    "target_prob": float(np.mean(matches)),
+                    "q_logged": q_logged,
+                    "v_target": v_target,
+                    "action": first.action.value,
+                    "strategy": None if first.strategy is None else first.strategy.value,
+                    "connector": first.connector,
+                    "channel": None if first.channel is None else first.channel.value,
+                    "retry_probability": first.retry_probability,
+                    "expected_success": first.expected_success,
+                    "propensity": first.propensity,
+                    "seconds": elapsed / replays,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+OPE_COLUMNS: tuple[str, ...] = (
+    "policy",
+    "estimator",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "ess",
+    "matched_share",
+    "clipped_share",
+)
+
+
+def ope_from_replay(
+    logged: pd.DataFrame,
+    replayed: pd.DataFrame,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """IPS, SNIPS and (when the replay has reward-model columns) DR per policy, plus the logging policy's
+    on-policy average reward as the reference row ``logged`` / ``on_policy``."""
+    rewards = logged["reward"].to_numpy(dtype=np.float64)
+    propensity = logged["propensity"].to_numpy(dtype=np.float64)
+    mean = float(rewards.mean()) if rewards.size else float("nan")
+    ci = _bootstrap(lambda idx: rewards[idx].mean(axis=1), rewards.size, n_bootstrap, seed, confidence)
+    rows: list[dict[str, Any]] = [
+        {
+            "policy": "logged",
+            "estimator": "on_policy",
+            "value": mean,
+            "ci_low": ci[0],
+            "ci_high": ci[1],
+            "n": int(rewards.size),
+            "ess": float(rewards.size),
+            "matched_share": 1.0,
+            "clipped_share": 0.0,
+        }
+    ]
+    options: dict[str, Any] = {
+        "max_weight": max_weight,
+        "n_bootstrap": n_bootstrap,
+        "confidence": confidence,
+        "seed": seed,
+    }
+    for name, part in replayed.groupby("policy", sort=False):
+        part = part.sort_values("point")
+        target = part["target_prob"].to_numpy(dtype=np.float64)
+        estimates = [
+            ips(rewards, propensity, target, **options),
+            snips(rewards, propensity, target, **options),
+        ]
+        q = part["q_logged"].to_numpy(dtype=np.float64)
+        v = part["v_target"].to_numpy(dtype=np.float64)
+        if q.size and not (np.isnan(q).any() or np.isnan(v).any()):
+            estimates.append(doubly_robust(rewards, propensity, target, q, v, **options))
+        for estimate in estimates:
+            rows.append(
+                {
+                    "policy": str(name),
+                    "estimator": estimate.estimator,
+                    "value": estimate.value,
+                    "ci_low": estimate.ci_low,
+                    "ci_high": estimate.ci_high,
+                    "n": estimate.n,
+                    "ess": estimate.ess,
+                    "matched_share": estimate.matched_share,
+                    "clipped_share": estimate.clipped_share,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(OPE_COLUMNS))
+
+
+def ope_table(
+    logged: pd.DataFrame,
+    policies: Mapping[str, Policy],
+    reward_model: RewardModel | None = None,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    confidence: float = 0.95,
+    seed: int = 0,
+    replays: int = 1,
+) -> pd.DataFrame:
+    """Off-policy value of each policy on logged decisions: IPS, SNIPS and DR (with a reward model), each
+    with a bootstrap CI, effective sample size and match/clip shares. ``logged`` has `LOGGED_COLUMNS`."""
+    replayed = replay(logged, policies, reward_model, replays=replays)
+    return ope_from_replay(
+        logged, replayed, max_weight=max_weight, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online episodes in the simulator
+# ----------------------------------------------------------------------------------------------------------
+
+EPISODE_COLUMNS: tuple[str, ...] = (
+    "policy",
+    "orders",
+    "recovered_orders",
+    "recovery_rate",
+    "recovered_gmv_usd",
+    "retry_fees_usd",
+    "message_costs_usd",
+    "net_value_usd",
+    "nudges_sent",
+    "silent_retries",
+    "rule_violations",
+    "decisions",
+    "decisions_per_second",
+)
+
+EpisodeRunner = Callable[[Any, Policy, int, int], Any]
+
+
+def _field(result: Any, *names: str) -> float:
+    for name in names:
+        value = getattr(result, name, None)
+        if value is not None:
+            return float(value)
+    raise AttributeError(f"episode result {type(result).__name__} has none of the fields {', '.join(names)}")
+
+
+def episode_table(
+    world: Any,
+    policies: Mapping[str, Policy],
+    n_orders: int,
+    seed: int,
+    *,
+    runner: EpisodeRunner | None = None,
+) -> pd.DataFrame:
+    """Run every policy for ``n_orders`` simulated orders with the same seed (common random numbers) and
+    line up the outcomes. ``runner`` defaults to `model.simulation.run_episodes`."""
+    if runner is None:
+        from model.simulation import run_episodes  # type: ignore[attr-defined]  # lands with the simulator
+
+        runner = run_episodes
+    rows: list[dict[str, Any]] = []
+    for name, policy in policies.items():
+        started = time.perf_counter()
+        result = runner(world, policy, n_orders, seed)
+        elapsed = time.perf_counter() - started
+        orders = _field(result, "orders", "n_orders")
+        recovered = _field(result, "recovered_orders", "recovered")
+        decisions = _field(result, "decisions", "n_decisions")
+        rows.append(
+            {
+                "policy": name,
+                "orders": int(orders),
+                "recovered_orders": int(recovered),
+                "recovery_rate": recovered / orders if orders else float("nan"),
+                "recovered_gmv_usd": _field(result, "recovered_gmv_usd"),
+                "retry_fees_usd": _field(result, "retry_fees_usd"),
+                "message_costs_usd": _field(result, "message_costs_usd"),
+                "net_value_usd": _field(result, "net_value_usd"),
+                "nudges_sent": int(_field(result, "nudges_sent", "nudges")),
+                "silent_retries": int(_field(result, "silent_retries", "retries")),
+                "rule_violations": int(_field(result, "rule_violations")),
+                "decisions": int(decisions),
+                "decisions_per_second": decisions / elapsed if elapsed > 0 else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(EPISODE_COLUMNS))
+
+
+def retryability_by_class(
+    error_class: ArrayLike | Sequence[str],
+    predicted_retry_probability: ArrayLike,
+    retry_label: ArrayLike,
+    is_retry: ArrayLike | Sequence[bool],
+) -> pd.DataFrame:
+    """Per error class: mean predicted retry probability over all decision points, and the observed success
+    rate of the logged silent retries (NaN where none was logged). Sorted by predicted, highest first."""
+    frame = pd.DataFrame(
+        {
+            "error_class": pd.Series(np.asarray(error_class, dtype=object)).fillna("<missing>").astype(str),
+            "predicted": _as_float(predicted_retry_probability, "predicted_retry_probability"),
+            "label": np.asarray(retry_label, dtype=np.float64).reshape(-1),
+            "is_retry": np.asarray(is_retry, dtype=bool).reshape(-1),
+        }
+    )
+    grouped = frame.groupby("error_class")
+    retries = frame[frame["is_retry"]].groupby("error_class")["label"]
+    table = pd.DataFrame(
+        {
+            "points": grouped.size(),
+            "mean_predicted_retry_probability": grouped["predicted"].mean(),
+            "logged_retries": retries.size(),
+            "observed_retry_success": retries.mean(),
+        }
+    )
+    table["logged_retries"] = table["logged_retries"].fillna(0).astype(np.int64)
+    return table.sort_values("mean_predicted_retry_probability", ascending=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logged decision points rebuilt from the history files
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Normalises(Protocol):
+    def normalise(
+        self,
+        connector: str,
+        error_code: str | None,
+        error_message: str | None = None,
+        network_decline_code: str | None = None,
+        merchant_advice_code: str | None = None,
+        unified_code: str | None = None,
+        card_network: str | None = None,
+        payment_method: str | None = None,
+    ) -> Any: ...
+
+
+def _ts(value: Any) -> pd.Timestamp:
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _bool(value: Any) -> bool:
+    return bool(value) if value is not None and not pd.isna(value) else False
+
+
+def _float_or_nan(value: Any) -> float:
+    return float("nan") if value is None or pd.isna(value) else float(value)
+
+
+def _request_at(
+    event_time: pd.Timestamp, failure: dict[str, Any], attempts: list[dict[str, Any]], nudges: list[dict[str, Any]]
+) -> DecisionRequest:
+    """The decision request a caller would have sent at ``event_time`` (history up to then, oldest first)."""
+    seen_attempts = [a for a in attempts if a["attempt_number"] <= failure["attempt_number"]]
+    seen_nudges = [n for n in nudges if _ts(n["sent_at"]) <= event_time]
+    return DecisionRequest.model_validate(
+        {
+            "merchant_id": str(failure["merchant_id"]),
+            "order_id": str(failure["order_id"]),
+            "event_time": event_time.to_pydatetime(),
+            "amount": float(failure["amount"]),
+            "currency": str(failure["currency"]),
+            "customer": {
+                "id": str(failure["customer_id"]),
+                "phone_present": _bool(failure["phone_present"]),
+                "email_present": _bool(failure["email_present"]),
+                "country": _none_if_missing(failure["customer_country"]),
+            },
+            "payment": {
+                "payment_method": str(failure["payment_method"]),
+                "payment_method_type": _none_if_missing(failure["payment_method_type"]),
+                "card_network": _none_if_missing(failure["card_network"]),
+                "issuer": _none_if_missing(failure["issuer"]),
+                "is_recurring": _bool(failure["is_recurring"]),
+                "authentication_type": _none_if_missing(failure["authentication_type"]) or "no_three_ds",
+                "is_network_token": _bool(failure["is_network_token"]),
+            },
+            "failure": {
+                "connector": str(failure["connector"]),
+                **{
+                    name: _none_if_missing(failure[name])
+                    for name in (
+                        "error_code",
+                        "error_message",
+                        "network_decline_code",
+                        "merchant_advice_code",
+                        "unified_code",
+                    )
+                },
+            },
+            "history": {
+                "attempts": [
+                    {
+                        "attempt_number": int(a["attempt_number"]),
+                        "connector": str(a["connector"]),
+                        "strategy": str(a["strategy"]),
+                        "status": str(a["status"]),
+                        "error_code": _none_if_missing(a["error_code"]),
+                        "created_at": _ts(a["created_at"]).to_pydatetime(),
+                    }
+                    for a in seen_attempts
+                ],
+                "nudges": [
+                    {
+                        "channel": str(n["channel"]),
+                        "sent_at": _ts(n["sent_at"]).to_pydatetime(),
+                        "delivered": _bool(n["delivered"]),
+                        "clicked_at": None
+                        if n["clicked_at"] is None or pd.isna(n["clicked_at"])
+                        else _ts(n["clicked_at"]).to_pydatetime(),
+                    }
+                    for n in seen_nudges
+                ],
+            },
+        }
+    )
+
+
+def _order_points(
+    attempts: list[dict[str, Any]], nudges: list[dict[str, Any]], follow_up: pd.Timedelta
+) -> list[dict[str, Any]]:
+    """Decision points of one order (attempts sorted by number, nudges by time) with their logged action."""
+    from model.vocab import RETRY_STRATEGIES, Strategy
+
+    retry_values = {s.value for s in RETRY_STRATEGIES}
+    success_at = min(
+        (_ts(a["created_at"]) for a in attempts if a["status"] == "success" and a["attempt_number"] > 1),
+        default=None,
+    )
+    paid_nudges = {
+        str(a["nudge_id"])
+        for a in attempts
+        if a["status"] == "success" and a["strategy"] == Strategy.RETARGET_LINK and a["nudge_id"] is not None
+    }
+    # Winback's own actions (silent retries and nudges), in time order: what a decision point led to.
+    actions: list[tuple[pd.Timestamp, int, dict[str, Any], str]] = [
+        (_ts(a["created_at"]), int(a["attempt_number"]), a, "retry")
+        for a in attempts
+        if str(a["strategy"]) in retry_values
+    ]
+    actions += [(_ts(n["sent_at"]), 0, n, "retarget") for n in nudges]
+    actions.sort(key=lambda item: (item[0], item[1]))
+
+    # (time, failure row, minimum attempt number of the next action, kind)
+    moments: list[tuple[pd.Timestamp, dict[str, Any], int, str]] = []
+    failures = [a for a in attempts if a["status"] != "success"]
+    for a in failures:
+        moments.append((_ts(a["created_at"]), a, int(a["attempt_number"]) + 1, "failure"))
+    for n in nudges:
+        due = _ts(n["sent_at"]) + follow_up
+        clicked = n["clicked_at"] is not None and not pd.isna(n["clicked_at"]) and _ts(n["clicked_at"]) <= due
+        # Something already happened between the nudge and its follow-up time: no follow-up decision then.
+        busy = any(_ts(n["sent_at"]) < when < due for when, _, _, _ in actions) or any(
+            _ts(n["sent_at"]) < _ts(a["created_at"]) < due for a in attempts
+        )
+        last_failure = [a for a in failures if _ts(a["created_at"]) <= due]
+        if not clicked and not busy and last_failure:
+            moments.append((due, last_failure[-1], 0, "follow_up"))
+    points: list[dict[str, Any]] = []
+    for when, failure, min_number, kind in sorted(moments, key=lambda m: m[0]):
+        if success_at is not None and when >= success_at:
+            continue
+        nxt = next(
+            (
+                item
+                for item in actions
+                if (item[0] > when or (item[0] == when and kind == "follow_up"))
+                and (item[3] == "retarget" or item[1] >= min_number)
+            ),
+            None,
+        )
+        if nxt is not None and success_at is not None and nxt[0] > success_at:
+            nxt = None
+        row: dict[str, Any] = {"event_time": when, "failure": failure, "kind": kind}
+        if nxt is None:
+            row.update(action="stop", strategy=None, connector=None, channel=None, execute_at=when)
+            row.update(propensity=float("nan"), label=0.0)
+        elif nxt[3] == "retry":
+            attempt = nxt[2]
+            row.update(
+                action="retry",
+                strategy=str(attempt["strategy"]),
+                connector=str(attempt["connector"]),
+                channel=None,
+                execute_at=nxt[0],
+                propensity=_float_or_nan(attempt["propensity"]),
+                label=float(attempt["status"] == "success"),
+            )
+        else:
+            nudge = nxt[2]
+            row.update(
+                action="retarget",
+                strategy=None,
+                connector=None,
+                channel=str(nudge["channel"]),
+                execute_at=nxt[0],
+                propensity=_float_or_nan(nudge["propensity"]),
+                label=float(str(nudge["nudge_id"]) in paid_nudges),
+            )
+        points.append(row)
+    return points
+
+
+def logged_decisions(
+    attempts: pd.DataFrame,
+    nudges: pd.DataFrame,
+    economics: Economics,
+    *,
+    catalog: _Normalises | None = None,
+    reward: Literal["value", "success"] = "value",
+    follow_up_hours: float | None = None,
+) -> pd.DataFrame:
+    """Every logged decision point of a history, with the request a caller would have sent and what followed.
+
+    Decision points: each failed attempt of an order whose first attempt failed, and each nudge left unclicked
+    for ``follow_up_hours`` (default ``NUDGE_FOLLOW_UP_HOURS``) when nothing else happened meanwhile; none
+    after the order's recovery. The logged action is winback's next action (a silent retry or a nudge; a
+    customer's own payment through a link is not an action), or ``stop`` when none followed. ``label`` is
+    whether that action succeeded (the retry's attempt, or a payment through that nudge's link); ``reward``
+    follows `reward_values`. A logged ``stop`` leaves no row in the history, so its propensity is NaN.
+
+    Columns: `LOGGED_COLUMNS` plus ``merchant_id``, ``order_id``, ``event_time``, ``kind`` (failure /
+    follow_up), ``label``, ``amount_usd``, ``cost_usd``, ``error_code`` and, with a catalog, ``error_class``.
+    """
+    from model.vocab import NUDGE_FOLLOW_UP_HOURS
+
+    follow_up = pd.Timedelta(hours=NUDGE_FOLLOW_UP_HOURS if follow_up_hours is None else follow_up_hours)
+    nudges_by_order: dict[str, list[dict[str, Any]]] = {}
+    for record in nudges.sort_values("sent_at").to_dict("records"):
+        nudges_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
+    rows: list[dict[str, Any]] = []
+    ordered = attempts.sort_values(["order_id", "attempt_number"], kind="stable")
+    for order_id, group in ordered.groupby("order_id", sort=False):
+        order_attempts = [{str(k): v for k, v in r.items()} for r in group.to_dict("records")]
+        if order_attempts[0]["status"] == "success":
+            continue
+        order_nudges = nudges_by_order.get(str(order_id), [])
+        for point in _order_points(order_attempts, order_nudges, follow_up):
+            failure = point.pop("failure")
+            request = _request_at(point["event_time"], failure, order_attempts, order_nudges)
+            point["request"] = request
+            point["merchant_id"] = request.merchant_id
+            point["order_id"] = request.order_id
+            point["error_code"] = request.failure.error_code
+            point["amount_usd"] = economics.to_usd(request.amount, request.currency)
+            point["cost_usd"] = candidate_cost_usd(request, logged_candidate(point), economics)
+            if catalog is not None:
+                f = request.failure
+                normalised = catalog.normalise(
+                    f.connector,
+                    f.error_code,
+                    f.error_message,
+                    f.network_decline_code,
+                    f.merchant_advice_code,
+                    f.unified_code,
+                    request.payment.card_network,
+                    request.payment.payment_method,
+                )
+                point["error_class"] = str(normalised.error_class)
+            rows.append(point)
+    columns = [
+        "merchant_id",
+        "order_id",
+        "event_time",
+        "kind",
+        *LOGGED_COLUMNS,
+        "label",
+        "amount_usd",
+        "cost_usd",
+        "error_code",
+    ] + (["error_class"] if catalog is not None else [])
+    frame = pd.DataFrame(rows, columns=[c for c in columns if c != "reward"])
+    frame["reward"] = reward_values(
+        frame["label"].to_numpy(dtype=np.float64),
+        frame["amount_usd"].to_numpy(dtype=np.float64),
+        frame["cost_usd"].to_numpy(dtype=np.float64),
+        kind=reward,
+    )
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+    frame["execute_at"] = pd.to_datetime(frame["execute_at"], utc=True)
+    return frame[columns].sort_values("event_time", kind="stable").reset_index(drop=True)

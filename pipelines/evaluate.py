@@ -1,0 +1,277 @@
+"""The job behind ``winback evaluate``: a history and a set of policies in, tables and plots out.
+
+On the time-based holdout of the history's logged decision points: classification metrics of each model
+(overall, per logged action and per error class), off-policy estimates (IPS, SNIPS, DR) of every policy
+against the logging policy, retryability by error class, and — when the history comes from the simulator —
+online episodes of every policy in the simulated world with common random numbers. Everything is written to
+``out_dir`` as ``evaluation.md``, CSVs and PNGs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+
+from model import evaluation as ev
+from model import plots
+from model.requests import DecisionRequest
+from model.rules import Candidate
+
+
+class Scorer(Protocol):
+    """What the evaluation needs of a model: calibrated P(success) per candidate."""
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    """What an evaluation produced: the tables, the files written, and flat metrics for MLflow."""
+
+    out_dir: Path
+    n_orders: int
+    n_points: int
+    n_holdout_points: int
+    n_points_without_propensity: int
+    holdout_start: datetime | None
+    classification: pd.DataFrame
+    ope: pd.DataFrame
+    retryability: pd.DataFrame
+    episodes: pd.DataFrame | None
+    files: list[Path] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"evaluated {self.n_holdout_points} holdout decision points of {self.n_orders} orders "
+            f"({self.n_points_without_propensity} without a logged propensity left out of the OPE)",
+            f"wrote {len(self.files)} files to {self.out_dir}",
+        ]
+        return "\n".join(lines)
+
+
+def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
+    shown = frame.reset_index() if index else frame
+    header = "| " + " | ".join(str(c) for c in shown.columns) + " |"
+    rule = "|" + "|".join("---" for _ in shown.columns) + "|"
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float | np.floating):
+            return "" if np.isnan(value) else f"{value:.4g}"
+        return str(value)
+
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _simulator_merchants() -> frozenset[str]:
+    """The simulator's demo merchant ids (empty when the simulator is not available)."""
+    try:
+        from model.simulation.params import WorldParams
+    except ImportError:  # pragma: no cover - the simulator ships with winback; guard for partial installs
+        return frozenset()
+    return frozenset(p.merchant_id for p in WorldParams().merchants)
+
+
+def is_simulated(attempts: pd.DataFrame) -> bool:
+    """Whether a history comes from the simulator: all its merchants are the simulator's demo merchants."""
+    merchants = set(attempts["merchant_id"].astype(str).unique())
+    known = _simulator_merchants()
+    return bool(merchants) and bool(known) and merchants <= known
+
+
+def _classification(
+    holdout: pd.DataFrame, scorers: Mapping[str, Scorer]
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
+    """Per model: metrics overall / per logged action / per error class, on the logged non-stop actions."""
+    acted = holdout[holdout["action"] != "stop"]
+    reports: list[pd.DataFrame] = []
+    reliability: dict[str, pd.DataFrame] = {}
+    predictions: dict[str, np.ndarray] = {}
+    y = acted["label"].to_numpy(dtype=np.float64)
+    for name, scorer in scorers.items():
+        p = np.array(
+            [float(np.asarray(scorer.score(row["request"], [ev.logged_candidate(row)]))[0]) for row in _records(acted)],
+            dtype=np.float64,
+        )
+        predictions[name] = p
+        by_action = ev.classification_report(y, p, acted["action"].to_numpy())
+        parts = [by_action.assign(breakdown=lambda f: np.where(f.index == "overall", "overall", "action"))]
+        if "error_class" in acted.columns:
+            by_class = ev.classification_report(y, p, acted["error_class"].to_numpy()).drop(index="overall")
+            parts.append(by_class.assign(breakdown="error_class"))
+        report = pd.concat(parts).reset_index().assign(model=name)
+        reports.append(report)
+        reliability[name] = ev.reliability_table(y, p)
+    columns = ["model", "breakdown", "group", "n", "positives", "base_rate", "mean_predicted", "auc", "log_loss"]
+    columns += ["ece", "brier"]
+    table = pd.concat(reports, ignore_index=True)[columns] if reports else pd.DataFrame(columns=columns)
+    return table, reliability, predictions
+
+
+def evaluate(
+    attempts_path: str | Path,
+    nudges_path: str | Path,
+    out_dir: str | Path,
+    policies: Mapping[str, ev.Policy],
+    *,
+    scorers: Mapping[str, Scorer] | None = None,
+    reward_model: ev.RewardModel | None = None,
+    reward: Literal["value", "success"] = "value",
+    feature_importance: pd.DataFrame | None = None,
+    simulated: bool | None = None,
+    world: Any | None = None,
+    episode_orders: int = 2_000,
+    holdout_fraction: float = 0.2,
+    holdout_start: datetime | None = None,
+    max_points: int | None = 5_000,
+    max_weight: float | None = ev.DEFAULT_MAX_WEIGHT,
+    n_bootstrap: int = ev.DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> EvaluationSummary:
+    """Evaluate ``policies`` (name -> ``policy(request) -> Decision``) on a history and write the report.
+
+    ``scorers`` (name -> model with ``score(request, candidates)``) get classification metrics and
+    calibration curves; the first one is the reward model for DR unless ``reward_model`` is given. The
+    holdout is the decision points from ``holdout_start`` on, else the latest ``holdout_fraction`` of them by
+    time; at most ``max_points`` of it (a seeded sample) are replayed. Episodes run when ``simulated`` (by
+    default: when every merchant of the history is a simulator demo merchant), in ``world`` or a fresh
+    simulated world of seed ``seed``.
+    """
+    from model.catalog import load_catalog
+    from model.history import read_history
+    from model.money import load_economics
+
+    if not policies:
+        raise ValueError("evaluate needs at least one policy to evaluate")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scorers = dict(scorers or {})
+    economics = load_economics()
+    history = read_history(attempts_path, nudges_path)
+    points = ev.logged_decisions(history.attempts, history.nudges, economics, catalog=load_catalog(), reward=reward)
+    if holdout_start is not None:
+        cut = pd.Timestamp(holdout_start)
+        cut = cut.tz_localize("UTC") if cut.tzinfo is None else cut.tz_convert("UTC")
+        holdout = points[points["event_time"] >= cut]
+    else:
+        _, holdout = ev.time_holdout(points, "event_time", holdout_fraction)
+    if max_points is not None and len(holdout) > max_points:
+        holdout = holdout.sample(n=max_points, random_state=seed).sort_values("event_time", kind="stable")
+    holdout = holdout.reset_index(drop=True)
+    if holdout.empty:
+        raise ValueError(f"the history has no decision points in the holdout ({len(points)} points in all)")
+
+    files: list[Path] = []
+    metrics: dict[str, float] = {}
+
+    def save_csv(frame: pd.DataFrame, name: str, index: bool = False) -> None:
+        path = out / name
+        frame.to_csv(path, index=index)
+        files.append(path)
+
+    classification, reliability, _ = _classification(holdout, scorers)
+    save_csv(classification, "classification.csv")
+    for row in _records(classification[classification["group"] == "overall"]):
+        for metric in ("auc", "log_loss", "ece", "brier"):
+            metrics[f"{row['model']}.{metric}"] = float(row[metric])
+
+    if reward_model is None and scorers:
+        first = next(iter(scorers.values()))
+        reward_model = ev.value_reward_model(first, economics) if reward == "value" else ev.success_reward_model(first)
+    with_propensity = holdout[holdout["propensity"].notna()].reset_index(drop=True)
+    missing_propensity = int(len(holdout) - len(with_propensity))
+    replayed = ev.replay(with_propensity, policies, reward_model)
+    ope = ev.ope_from_replay(with_propensity, replayed, max_weight=max_weight, n_bootstrap=n_bootstrap, seed=seed)
+    save_csv(ope, "ope.csv")
+    for row in _records(ope):
+        metrics[f"ope.{row['policy']}.{row['estimator']}"] = float(row["value"])
+
+    first_policy = next(iter(policies))
+    replay_first = replayed[replayed["policy"] == first_policy].sort_values("point")
+    retryability = ev.retryability_by_class(
+        with_propensity["error_class"].to_numpy(),
+        replay_first["retry_probability"].to_numpy(dtype=np.float64),
+        with_propensity["label"].to_numpy(dtype=np.float64),
+        (with_propensity["action"] == "retry").to_numpy(),
+    )
+    save_csv(retryability, "retryability_by_error_class.csv", index=True)
+
+    episodes: pd.DataFrame | None = None
+    if simulated if simulated is not None else is_simulated(history.attempts):
+        if world is None:
+            from model.simulation.world import World
+
+            world = World(seed, expected_orders=episode_orders)
+        episodes = ev.episode_table(world, policies, episode_orders, seed)
+        save_csv(episodes, "episodes.csv")
+        for row in _records(episodes):
+            metrics[f"episodes.{row['policy']}.net_value_usd"] = float(row["net_value_usd"])
+            metrics[f"episodes.{row['policy']}.rule_violations"] = float(row["rule_violations"])
+
+    if reliability:
+        files.append(plots.calibration_curves(reliability, out / "calibration_curves.png"))
+    if feature_importance is not None and not feature_importance.empty:
+        files.append(plots.feature_importance(feature_importance, out / "feature_importance.png"))
+    files.append(plots.retryability_by_error_class(retryability, out / "retryability_by_error_class.png"))
+    files.append(plots.policy_value(ope, out / "policy_value.png", episodes))
+
+    first_time = holdout["event_time"].min()
+    sections = [
+        "# winback evaluation",
+        "",
+        f"Holdout: {len(holdout)} decision points from {first_time} on "
+        f"({len(points)} decision points in the history, {history.attempts['order_id'].nunique()} orders). "
+        f"Reward: {reward}.",
+        "",
+        "## Classification (logged actions, holdout)",
+        "",
+        _markdown(classification, index=False) if not classification.empty else "_no model scored_",
+        "",
+        "## Off-policy value",
+        "",
+        f"Clipped weights at {max_weight}; 95% bootstrap CIs ({n_bootstrap} resamples). "
+        f"{missing_propensity} points without a logged propensity (a logged stop leaves no row; actions not "
+        "taken by a logging policy carry none) are left out.",
+        "",
+        _markdown(ope, index=False),
+        "",
+        f"## Retryability by error class (predicted by `{first_policy}`)",
+        "",
+        _markdown(retryability),
+    ]
+    if episodes is not None:
+        sections += [
+            "",
+            f"## Simulated episodes ({episode_orders} orders, seed {seed})",
+            "",
+            _markdown(episodes, False),
+        ]
+    report = out / "evaluation.md"
+    report.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    files.insert(0, report)
+
+    return EvaluationSummary(
+        out_dir=out,
+        n_orders=int(history.attempts["order_id"].nunique()),
+        n_points=len(points),
+        n_holdout_points=len(holdout),
+        n_points_without_propensity=missing_propensity,
+        holdout_start=None if pd.isna(first_time) else pd.Timestamp(first_time).to_pydatetime(),
+        classification=classification,
+        ope=ope,
+        retryability=retryability,
+        episodes=episodes,
+        files=files,
+        metrics=metrics,
+    )

@@ -1,0 +1,517 @@
+"""Metrics, off-policy estimators, replay/OPE tables, episode tables and evaluation plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from model import evaluation as ev
+from model import plots
+from model.requests import Customer, Decision, DecisionRequest, Failure, Payment
+from model.rules import Candidate
+from model.vocab import Action, Channel, Strategy
+
+T0 = datetime(2026, 11, 1, 10, 15, tzinfo=UTC)
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_ece_is_near_zero_for_calibrated_and_large_for_miscalibrated_probabilities() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0, 1, 40_000)
+    y = (rng.uniform(0, 1, p.size) < p).astype(float)
+    assert ev.expected_calibration_error(y, p) < 0.02
+    too_high = np.clip(p + 0.25, 0, 1)
+    assert ev.expected_calibration_error(y, too_high) > 0.15
+
+
+def test_reliability_table_bins_and_puts_one_in_the_top_bin() -> None:
+    table = ev.reliability_table([0, 1, 1, 0], [0.05, 0.95, 1.0, 0.55], bins=10)
+    assert len(table) == 10
+    assert table["n"].tolist() == [1, 0, 0, 0, 0, 1, 0, 0, 0, 2]
+    assert table.loc[9, "observed_rate"] == 1.0
+    assert table.loc[9, "mean_predicted"] == pytest.approx(0.975)
+    assert np.isnan(table.loc[3, "observed_rate"])
+
+
+def test_auc_and_log_loss_agree_with_sklearn() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 500)
+    p = np.round(np.clip(0.3 * y + rng.uniform(0, 0.7, y.size), 0, 1), 2)  # rounding makes ties
+    assert ev.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+    assert ev.log_loss(y, p) == pytest.approx(sk_log_loss(y, np.clip(p, 1e-15, 1 - 1e-15)))
+
+
+def test_classification_report_has_overall_and_group_rows_and_nan_auc_for_one_class() -> None:
+    y = [1, 0, 1, 0, 1, 1]
+    p = [0.9, 0.2, 0.7, 0.4, 0.6, 0.8]
+    groups = ["insufficient_funds", "insufficient_funds", "insufficient_funds", "insufficient_funds", "x", "x"]
+    report = ev.classification_report(y, p, groups)
+    assert report.index.tolist() == ["overall", "insufficient_funds", "x"]
+    assert report.loc["overall", "n"] == 6
+    assert report.loc["overall", "positives"] == 4
+    assert report.loc["insufficient_funds", "auc"] == 1.0
+    assert np.isnan(report.loc["x", "auc"])  # one class only: no AUC, and no exception
+    assert report.loc["x", "brier"] == pytest.approx(((0.4**2) + (0.2**2)) / 2)
+    assert set(report.columns) >= {"n", "positives", "auc", "log_loss", "ece", "brier"}
+
+
+def test_classification_report_refuses_mismatched_input() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        ev.classification_report([1, 0], [0.5])
+    with pytest.raises(ValueError, match="only 0/1"):
+        ev.classification_report([2, 0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="groups has 1 values for 2 labels"):
+        ev.classification_report([1, 0], [0.5, 0.5], ["a"])
+
+
+def test_time_holdout_puts_the_latest_rows_in_the_holdout() -> None:
+    frame = pd.DataFrame({"t": pd.date_range("2026-01-01", periods=10, freq="D", tz="UTC"), "i": range(10)})
+    train, test = ev.time_holdout(frame.sample(frac=1, random_state=0), "t", 0.2)
+    assert len(train) + len(test) == 10
+    assert train["t"].max() < test["t"].min()
+    assert sorted(test["i"]) == [8, 9] or sorted(test["i"]) == [7, 8, 9]
+    with pytest.raises(ValueError, match="time column 'when' is not in the frame"):
+        ev.time_holdout(frame, "when")
+
+
+# ---------------------------------------------------------------------------------------------- estimators
+
+
+def _bandit(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Two contexts, three actions, ε-greedy logging; target = always action 1. True value known."""
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.6, 0.3, 0.0], [0.1, 0.4, 0.0]])
+    context = rng.integers(0, 2, n)
+    eps = 0.3
+    greedy = np.where(context == 0, 0, 1)
+    explore = rng.uniform(0, 1, n) < eps
+    action = np.where(explore, rng.integers(0, 3, n), greedy)
+    propensity = np.where(action == greedy, 1 - eps + eps / 3, eps / 3)
+    q = means[context, action]
+    reward = (rng.uniform(0, 1, n) < q).astype(float)
+    target_prob = (action == 1).astype(float)
+    return {
+        "reward": reward,
+        "propensity": propensity,
+        "target_prob": target_prob,
+        "q_true": q,
+        "v_true": means[context, 1],
+        "true_value": np.array(means[:, 1].mean()),
+    }
+
+
+def test_ips_snips_dr_cover_the_true_value_of_a_target_policy() -> None:
+    data = _bandit(20_000, seed=3)
+    truth = float(data["true_value"])
+    common = (data["reward"], data["propensity"], data["target_prob"])
+    for estimate in (
+        ev.ips(*common),
+        ev.snips(*common),
+        ev.doubly_robust(*common, np.full(20_000, 0.2), np.full(20_000, 0.2)),  # poor reward model
+    ):
+        assert estimate.ci_low <= truth <= estimate.ci_high, estimate
+        assert abs(estimate.value - truth) < 0.02, estimate
+        assert estimate.ci_high - estimate.ci_low < 0.06
+
+
+def test_doubly_robust_is_exact_with_a_perfect_reward_model_even_with_wrong_propensities() -> None:
+    data = _bandit(2_000, seed=4)
+    wrong = np.clip(data["propensity"] * np.random.default_rng(0).uniform(0.3, 3.0, 2_000), 0.01, 1.0)
+    noiseless = data["q_true"]  # rewards equal to their expectation: the reward model is perfect
+    estimate = ev.doubly_robust(noiseless, wrong, data["target_prob"], data["q_true"], data["v_true"])
+    assert estimate.value == pytest.approx(float(np.mean(data["v_true"])), abs=1e-12)
+    assert ev.ips(noiseless, wrong, data["target_prob"]).value != pytest.approx(estimate.value, abs=1e-3)
+
+
+def test_snips_equals_ips_when_weights_average_one() -> None:
+    propensity = np.array([0.8, 0.4, 0.5, 0.9])
+    weights = np.array([0.5, 1.5, 1.0, 1.0])
+    rewards = np.array([3.0, 1.0, 0.0, 2.0])
+    a = ev.ips(rewards, propensity, weights * propensity)
+    b = ev.snips(rewards, propensity, weights * propensity)
+    assert a.value == pytest.approx(b.value)
+    c = ev.snips(rewards, propensity, np.array([0.5, 1.0, 1.0, 1.0]) * propensity)
+    assert c.value != pytest.approx(ev.ips(rewards, propensity, np.array([0.5, 1.0, 1.0, 1.0]) * propensity).value)
+
+
+def test_weights_are_clipped_and_ess_reported() -> None:
+    weights = ev.importance_weights([0.01, 0.5, 1.0], [1.0, 1.0, 0.0], max_weight=50)
+    assert weights.tolist() == [50.0, 2.0, 0.0]
+    estimate = ev.ips([1.0, 1.0, 1.0], [0.01, 0.5, 1.0], [1.0, 1.0, 0.0], max_weight=50, n_bootstrap=20)
+    assert estimate.clipped_share == pytest.approx(1 / 3)
+    assert estimate.matched_share == pytest.approx(2 / 3)
+    assert ev.effective_sample_size([1.0, 1.0, 1.0, 1.0]) == pytest.approx(4.0)
+    assert ev.effective_sample_size([0.0, 0.0, 5.0]) == pytest.approx(1.0)
+    assert ev.effective_sample_size([0.0, 0.0]) == 0.0
+
+
+def test_bad_propensities_are_refused_with_a_count() -> None:
+    with pytest.raises(ValueError, match=r"logged propensity must be in \(0, 1\]: 2 of 3 values"):
+        ev.ips([1.0, 0.0, 1.0], [0.5, 0.0, np.nan], [1.0, 1.0, 1.0])
+
+
+def test_value_rewards_subtract_cost_and_success_rewards_are_labels() -> None:
+    labels = [1, 0, 1]
+    assert ev.reward_values(labels, kind="success").tolist() == [1.0, 0.0, 1.0]
+    values = ev.reward_values(labels, [10.0, 20.0, 30.0], [0.1, 0.1, 0.0], kind="value")
+    assert values.tolist() == pytest.approx([9.9, -0.1, 30.0])
+    with pytest.raises(ValueError, match="needs amount_usd"):
+        ev.reward_values(labels)
+
+
+# ---------------------------------------------------------------------------------------------- action keys
+
+
+@pytest.mark.parametrize(
+    ("action", "seconds", "bucket"),
+    [
+        (Action.RETRY, 0, "<1m"),
+        (Action.RETRY, 59, "<1m"),
+        (Action.RETRY, 60, "<1h"),
+        (Action.RETRY, 7 * 3600, "<24h"),
+        (Action.RETRY, 30 * 3600, ">=24h"),
+        (Action.RETARGET, 3600, "<4h"),
+        (Action.RETARGET, 23 * 3600, "<24h"),
+        (Action.RETARGET, 24 * 3600, "<48h"),
+        (Action.RETARGET, 100 * 3600, ">=72h"),
+        (Action.STOP, 5, ""),
+    ],
+)
+def test_delay_buckets(action: Action, seconds: float, bucket: str) -> None:
+    assert ev.delay_bucket(action, seconds) == bucket
+
+
+def test_action_key_ignores_fields_that_do_not_belong_to_the_action() -> None:
+    assert ev.action_key("retry", strategy="cascade", connector="adyen", delay_seconds=2) == (
+        "retry",
+        "cascade",
+        "adyen",
+        "<1m",
+    )
+    assert ev.action_key("retarget", channel="sms", connector="adyen", delay_seconds=3600) == ("retarget", "sms", "<4h")
+    assert ev.action_key("stop", channel="sms") == ("stop",)
+    with pytest.raises(ValueError, match="cannot execute before its decision point"):
+        ev.delay_bucket(Action.RETRY, -1)
+
+
+# ---------------------------------------------------------------------------------------------- replay and OPE
+
+_MEANS = {"51": {"retry": 0.6, "retarget": 0.3, "stop": 0.0}, "91": {"retry": 0.1, "retarget": 0.5, "stop": 0.0}}
+_ACTIONS = ("retry", "retarget", "stop")
+
+
+def _request(index: int, code: str) -> DecisionRequest:
+    return DecisionRequest(
+        merchant_id="m_demo",
+        order_id=f"ord_{index}",
+        event_time=T0 + timedelta(minutes=index),
+        amount=100.0,
+        currency="USD",
+        customer=Customer(id=f"cus_{index}", phone_present=True, country="US"),
+        payment=Payment(payment_method="card", payment_method_type="credit", card_network="visa"),
+        failure=Failure(connector="stripe", error_code="card_declined", network_decline_code=code),
+    )
+
+
+def _candidate(request: DecisionRequest, action: str) -> Candidate:
+    if action == "retry":
+        return Candidate(Action.RETRY, request.event_time + timedelta(seconds=2), Strategy.CASCADE, "adyen")
+    if action == "retarget":
+        return Candidate(Action.RETARGET, request.event_time + timedelta(hours=20), channel=Channel.WHATSAPP)
+    return Candidate(Action.STOP, request.event_time)
+
+
+def _decision(candidate: Candidate, propensity: float) -> Decision:
+    return Decision(
+        decision_id="dec_test",
+        model_version="test",
+        action=candidate.action,
+        strategy=candidate.strategy,
+        connector=candidate.connector,
+        channel=candidate.channel,
+        execute_at=candidate.execute_at,
+        retryable=True,
+        retry_probability=0.5,
+        expected_success=0.5,
+        propensity=propensity,
+    )
+
+
+class _EpsilonGreedy:
+    """Logging policy: greedy retry on code 51, retarget on 91; explores uniformly with probability eps."""
+
+    def __init__(self, eps: float, seed: int) -> None:
+        self.eps = eps
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, request: DecisionRequest) -> Decision:
+        greedy = "retry" if request.failure.network_decline_code == "51" else "retarget"
+        action = str(self.rng.choice(_ACTIONS)) if self.rng.uniform() < self.eps else greedy
+        propensity = 1 - self.eps + self.eps / 3 if action == greedy else self.eps / 3
+        return _decision(_candidate(request, action), propensity)
+
+
+def _always(action: str) -> ev.Policy:
+    return lambda request: _decision(_candidate(request, action), 1.0)
+
+
+def _true_reward_model(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+    means = _MEANS[str(request.failure.network_decline_code)]
+    return np.array([means[c.action.value] for c in candidates])
+
+
+def _logged(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    policy = _EpsilonGreedy(0.3, seed)
+    rows = []
+    for i in range(n):
+        request = _request(i, "51" if rng.uniform() < 0.5 else "91")
+        decision = policy(request)
+        p = _MEANS[str(request.failure.network_decline_code)][decision.action.value]
+        rows.append(
+            {
+                "request": request,
+                "action": decision.action.value,
+                "strategy": None if decision.strategy is None else decision.strategy.value,
+                "connector": decision.connector,
+                "channel": None if decision.channel is None else decision.channel.value,
+                "execute_at": pd.Timestamp(decision.execute_at),
+                "propensity": decision.propensity,
+                "reward": float(rng.uniform() < p),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_ope_of_the_logging_policy_matches_its_on_policy_average_and_baselines_their_truth() -> None:
+    logged = _logged(3_000, seed=5)
+    policies = {
+        "logging": _EpsilonGreedy(0.3, seed=99),
+        "always_retarget": _always("retarget"),
+        "always_stop": _always("stop"),
+    }
+    table = ev.ope_table(logged, policies, _true_reward_model, n_bootstrap=100)
+    on_policy = table[(table["policy"] == "logged")]["value"].iloc[0]
+    assert on_policy == pytest.approx(logged["reward"].mean())
+    rows = table.set_index(["policy", "estimator"])
+    for estimator in ("ips", "snips", "dr"):
+        row = rows.loc[("logging", estimator)]
+        assert abs(row["value"] - on_policy) < 0.04, (estimator, row["value"], on_policy)
+        assert row["ci_low"] < on_policy < row["ci_high"]
+        retarget = rows.loc[("always_retarget", estimator)]
+        assert retarget["ci_low"] < 0.4 < retarget["ci_high"]  # true value: mean of 0.3 and 0.5
+    assert rows.loc[("always_stop", "dr"), "value"] == pytest.approx(0.0, abs=1e-9)
+    assert rows.loc[("always_retarget", "ips"), "matched_share"] == pytest.approx(
+        (logged["action"] == "retarget").mean()
+    )
+
+
+def test_replay_matches_on_delay_bucket_not_exact_time() -> None:
+    request = _request(0, "51")
+    logged = pd.DataFrame(
+        [
+            {
+                "request": request,
+                "action": "retry",
+                "strategy": "cascade",
+                "connector": "adyen",
+                "channel": None,
+                "execute_at": pd.Timestamp(request.event_time + timedelta(seconds=30)),
+                "propensity": 0.5,
+                "reward": 1.0,
+            }
+        ]
+    )
+    replayed = ev.replay(logged, {"retry": _always("retry"), "retarget": _always("retarget")})
+    assert replayed.set_index("policy")["target_prob"].to_dict() == {"retry": 1.0, "retarget": 0.0}
+    assert np.isnan(replayed["q_logged"]).all()  # no reward model given
+    table = ev.ope_from_replay(logged, replayed, n_bootstrap=10)
+    assert "dr" not in set(table["estimator"])
+    with pytest.raises(ValueError, match="lack column"):
+        ev.replay(logged.drop(columns=["propensity"]), {})
+
+
+def test_value_reward_model_prices_actions() -> None:
+    from model.money import load_economics
+
+    class _Flat:
+        def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+            return np.full(len(candidates), 0.5)
+
+    economics = load_economics()
+    request = _request(0, "51")
+    candidates = [_candidate(request, a) for a in _ACTIONS]
+    values = ev.value_reward_model(_Flat(), economics)(request, candidates)
+    assert values[0] == pytest.approx(50.0 - economics.retry_cost(Strategy.CASCADE))
+    assert values[1] == pytest.approx(50.0 - economics.message_cost(Channel.WHATSAPP, "US"))
+    assert values[2] == 0.0
+    assert ev.success_reward_model(_Flat())(request, candidates).tolist() == [0.5, 0.5, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class _FakeEpisodes:
+    orders: int
+    recovered_orders: int
+    recovered_gmv_usd: float
+    retry_fees_usd: float
+    message_costs_usd: float
+    net_value_usd: float
+    nudges_sent: int
+    silent_retries: int
+    rule_violations: int
+    decisions: int
+
+
+def test_episode_table_runs_every_policy_with_the_same_seed() -> None:
+    seen: list[tuple[object, int, int]] = []
+
+    def runner(world: object, policy: ev.Policy, n_orders: int, seed: int) -> _FakeEpisodes:
+        seen.append((policy, n_orders, seed))
+        recovered = 40 if policy is policies["model"] else 30
+        return _FakeEpisodes(100, recovered, 1000.0, 5.0, 1.0, 994.0, 20, 50, 0, 150)
+
+    policies = {"model": _always("retry"), "static": _always("stop")}
+    table = ev.episode_table(object(), policies, n_orders=100, seed=7, runner=runner)
+    assert [s[1:] for s in seen] == [(100, 7), (100, 7)]
+    assert table["policy"].tolist() == ["model", "static"]
+    assert table["recovery_rate"].tolist() == [0.4, 0.3]
+    assert list(table.columns) == list(ev.EPISODE_COLUMNS)
+    assert (table["decisions_per_second"] > 0).all()
+
+
+def test_retryability_by_class_reports_observed_success_of_logged_retries_only() -> None:
+    table = ev.retryability_by_class(
+        ["a", "a", "b", "b"], [0.8, 0.6, 0.1, 0.3], [1, 0, 0, 1], [True, False, True, False]
+    )
+    assert table.index.tolist() == ["a", "b"]
+    assert table.loc["a", "mean_predicted_retry_probability"] == pytest.approx(0.7)
+    assert table.loc["a", "observed_retry_success"] == 1.0
+    assert table.loc["b", "observed_retry_success"] == 0.0
+    assert table.loc["b", "logged_retries"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def test_plots_are_written_and_non_empty(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 500)
+    y = (rng.uniform(0, 1, 500) < p).astype(float)
+    tables = {"retry": ev.reliability_table(y, p), "retarget": ev.reliability_table(y, p**2)}
+    importance = pd.DataFrame({"feature": [f"f{i}" for i in range(30)], "gain": rng.uniform(0, 10, 30)})
+    retry = ev.retryability_by_class(["a", "b", "c"] * 4, rng.uniform(0, 1, 12), [1, 0] * 6, [True] * 6 + [False] * 6)
+    ope = pd.DataFrame(
+        {
+            "policy": ["logged", "model", "model", "static"],
+            "estimator": ["on_policy", "dr", "snips", "snips"],
+            "value": [0.3, 0.35, 0.34, 0.2],
+            "ci_low": [0.28, 0.3, 0.3, 0.15],
+            "ci_high": [0.32, 0.4, 0.38, 0.25],
+        }
+    )
+    episodes = pd.DataFrame({"policy": ["model", "static"], "net_value_usd": [100.0, 80.0]})
+    written = [
+        plots.calibration_curves(tables, tmp_path / "calibration.png"),
+        plots.feature_importance(importance, tmp_path / "sub" / "importance.png"),
+        plots.retryability_by_error_class(retry, tmp_path / "retryability.png"),
+        plots.policy_value(ope, tmp_path / "policy_value.png", episodes),
+        plots.policy_value(ope, tmp_path / "policy_value_ope_only.png"),
+    ]
+    for path in written:
+        assert path.exists()
+        assert path.stat().st_size > 1_000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="needs column"):
+        plots.feature_importance(pd.DataFrame({"name": ["x"]}), tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------------------------------- history → points
+
+
+def test_logged_decisions_rebuild_points_actions_and_requests_from_history() -> None:
+    from model.money import load_economics
+    from tests.factories import make_attempts_frame, make_nudges_frame
+
+    economics = load_economics()
+    points = ev.logged_decisions(make_attempts_frame(), make_nudges_frame(), economics)
+    by_order = {k: g.reset_index(drop=True) for k, g in points.groupby("order_id")}
+    assert "ord_ok" not in by_order  # first attempt succeeded: no decision
+    cascade = by_order["ord_cascade"].iloc[0]
+    assert (cascade["action"], cascade["strategy"], cascade["connector"]) == ("retry", "cascade", "adyen")
+    assert cascade["propensity"] == 0.9
+    assert cascade["label"] == 1.0
+    assert cascade["reward"] == pytest.approx(economics.to_usd(499.0, "INR") - economics.retry_cost("cascade"))
+    link = by_order["ord_link"]
+    assert link["action"].tolist() == ["retry", "retarget"]  # the customer's own link payment is no action
+    assert link["label"].tolist() == [0.0, 1.0]
+    lost = by_order["ord_lost"]
+    assert lost["kind"].tolist() == ["failure", "failure", "follow_up", "follow_up"]
+    assert lost["action"].tolist() == ["retry", "retarget", "retarget", "stop"]
+    assert np.isnan(lost["propensity"].iloc[3])  # a logged stop leaves no row to carry a propensity
+    last: DecisionRequest = lost["request"].iloc[3]
+    assert last.event_time == datetime(2026, 11, 5, 4, 30, tzinfo=UTC)
+    assert [a.attempt_number for a in last.history.attempts] == [1, 2]
+    assert [n.channel for n in last.history.nudges] == [Channel.WHATSAPP, Channel.SMS]
+    assert last.failure.error_code == "authentication_failed"
+    first: DecisionRequest = lost["request"].iloc[0]
+    assert len(first.history.attempts) == 1
+    assert first.history.nudges == []
+
+
+def test_evaluate_pipeline_writes_report_tables_and_plots(tmp_path: Path) -> None:
+    from model.history import write_attempts, write_nudges
+    from pipelines.evaluate import evaluate
+    from tests.factories import make_attempts_frame, make_nudges_frame
+
+    write_attempts(make_attempts_frame(), tmp_path / "attempts.parquet")
+    write_nudges(make_nudges_frame(), tmp_path / "nudges.parquet")
+
+    class _Flat:
+        def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+            return np.full(len(candidates), 0.4)
+
+    importance = pd.DataFrame({"feature": ["amount_usd", "error_class"], "gain": [3.0, 5.0]})
+    summary = evaluate(
+        tmp_path / "attempts.parquet",
+        tmp_path / "nudges.parquet",
+        tmp_path / "out",
+        {"retry_now": _always("retry"), "stop": _always("stop")},
+        scorers={"flat": _Flat()},
+        feature_importance=importance,
+        simulated=False,
+        holdout_fraction=0.9,
+        n_bootstrap=20,
+    )
+    names = {p.name for p in summary.files}
+    assert names >= {
+        "evaluation.md",
+        "classification.csv",
+        "ope.csv",
+        "retryability_by_error_class.csv",
+        "calibration_curves.png",
+        "feature_importance.png",
+        "retryability_by_error_class.png",
+        "policy_value.png",
+    }
+    assert all(p.stat().st_size > 0 for p in summary.files)
+    assert summary.episodes is None
+    assert summary.n_points == 7
+    assert summary.n_points_without_propensity == 2
+    report = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "## Off-policy value" in report
+    assert "| stop | dr |" in report
+    assert summary.metrics["ope.stop.dr"] == pytest.approx(0.0)
+    assert set(summary.classification["model"]) == {"flat"}
+    with pytest.raises(ValueError, match="at least one policy"):
+        evaluate(tmp_path / "attempts.parquet", tmp_path / "nudges.parquet", tmp_path / "o2", {})

@@ -29,8 +29,9 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -174,9 +175,7 @@ def _propensity() -> pa.Column:
     )
 
 
-def _frame_rule(
-    needs: tuple[str, ...], error: str, ok: Callable[[pd.DataFrame], pd.Series]
-) -> pa.Check:
+def _frame_rule(needs: tuple[str, ...], error: str, ok: Callable[[pd.DataFrame], pd.Series]) -> pa.Check:
     def check(df: pd.DataFrame) -> pd.Series:
         if not set(needs) <= set(df.columns):  # a missing column is reported on its own
             return pd.Series(True, index=df.index)
@@ -266,9 +265,7 @@ NudgesSchema: Final = pa.DataFrameSchema(
         "propensity": _propensity(),
     },
     checks=[
-        _frame_rule(
-            ("sent_at", "clicked_at"), _CLICK_BEFORE_SEND, lambda df: ~(df["clicked_at"] < df["sent_at"])
-        ),
+        _frame_rule(("sent_at", "clicked_at"), _CLICK_BEFORE_SEND, lambda df: ~(df["clicked_at"] < df["sent_at"])),
     ],
     strict=False,
     name="nudges",
@@ -338,8 +335,12 @@ class _Collector:
         self._files: dict[str, int] = {}
         self._columns = {c: i for i, c in enumerate(column_order)}
 
-    def add(self, file: str, row: int | None, column: str | None, reason: str) -> None:
+    def register(self, file: str) -> None:
+        """Fix the place of ``file`` in the report (files are listed in the order they were registered)."""
         self._files.setdefault(file, len(self._files))
+
+    def add(self, file: str, row: int | None, column: str | None, reason: str) -> None:
+        self.register(file)
         self.total += 1
         self._kept.append(Problem(file, row, column, reason))
 
@@ -384,7 +385,7 @@ def _read_raw(path: Path, label: str) -> pd.DataFrame:
         _fail(label, f"cannot read the file: {exc}")
 
 
-def _fail(label: str, reason: str) -> Any:
+def _fail(label: str, reason: str) -> NoReturn:
     raise HistoryError(ValidationReport([Problem(label, None, None, reason)], total=1))
 
 
@@ -411,9 +412,7 @@ def _coerce_text(s: pd.Series, label: str, column: str, out: _Collector) -> pd.S
     return s.where(~s.index.isin(s.index[bad])).astype("string")
 
 
-def _bad_text_rows(
-    label: str, column: str, text: pd.Series, bad: pd.Series, what: str, out: _Collector
-) -> None:
+def _bad_text_rows(label: str, column: str, text: pd.Series, bad: pd.Series, what: str, out: _Collector) -> None:
     values = text.to_numpy()
     out.add_rows(label, column, np.flatnonzero(bad.to_numpy()), lambda i: f"{what}: {values[i]!r}")
 
@@ -439,7 +438,8 @@ def _coerce_int(s: pd.Series, label: str, column: str, out: _Collector) -> pd.Se
     text = s.astype("string")
     num = pd.to_numeric(text, errors="coerce").astype("float64")
     missing = text.isna()
-    bad = ~missing & ~(np.isfinite(num) & (num == np.floor(num))).fillna(False).astype(bool)
+    integral = pd.Series(np.isfinite(num) & (num == np.floor(num)), index=num.index)
+    bad = ~missing & ~integral
     _bad_text_rows(label, column, text, bad, "not an integer", out)
     out.add_rows(label, column, np.flatnonzero(missing.to_numpy()), lambda _: _MISSING_VALUE)
     return num.where(~(bad | missing), 0).astype("int64")
@@ -470,7 +470,8 @@ _TZ_SUFFIX: Final = r"(?:Z|[+-]\d{2}(?::?\d{2})?)$"
 
 def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) -> pd.Series | None:
     if isinstance(s.dtype, pd.DatetimeTZDtype):
-        return s.dt.tz_convert("UTC").astype(_TS)
+        utc: pd.Series = s.dt.tz_convert("UTC").astype(_TS)
+        return utc
     if pd.api.types.is_datetime64_dtype(s.dtype):
         out.add(label, None, column, "timestamps without timezone (naive datetime): store them as UTC")
         return None
@@ -489,6 +490,12 @@ def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) ->
     _bad_text_rows(label, column, text, naive, "timestamp without timezone (add Z or an offset)", out)
     _bad_text_rows(label, column, text, unparsed, "not an ISO-8601 timestamp", out)
     return parsed
+
+
+def _kind(column: pa.Column) -> str:
+    """The contract type of a schema column: string, float64, int64, bool or the UTC timestamp type."""
+    name = str(column.dtype)
+    return "string" if name.startswith("string") else name
 
 
 _Coercer = Callable[[pd.Series, str, str, _Collector], "pd.Series | None"]
@@ -521,12 +528,12 @@ def _coerce(
         if len(s) and s.isna().all():  # an all-null column has no type to go by
             s = pd.Series(pd.NA, index=frame.index, dtype="string")
         before = out.total
-        coerced = _COERCERS[str(col.dtype)](s, label, name, out)
+        coerced = _COERCERS[_kind(col)](s, label, name, out)
         if coerced is None:
             unchecked.append(name)
             continue
         if out.total > before:
-            kept_rows &= _coerced_ok(s, coerced, str(col.dtype))
+            kept_rows &= _coerced_ok(s, coerced, _kind(col))
         columns[name] = coerced
     for name, values in columns.items():
         frame[name] = values
@@ -548,7 +555,8 @@ def _coerced_ok(raw: pd.Series, coerced: pd.Series, dtype: str) -> np.ndarray[An
         else:
             lower = text.str.strip().str.lower()
             good = lower.isin(_TRUE | _FALSE)
-        return good.fillna(False).astype(bool).to_numpy()
+        result: np.ndarray[Any, Any] = good.fillna(False).astype(bool).to_numpy()
+        return result
     return (raw.isna() | coerced.notna()).to_numpy()
 
 
@@ -571,7 +579,7 @@ def _validate(
 def _report_schema_errors(cases: pd.DataFrame, frame: pd.DataFrame, label: str, out: _Collector) -> None:
     # ``frame`` keeps the raw 0-based row labels (bad rows are dropped, never renumbered): label + 1 is the row.
     for (column, check), group in cases.groupby(["column", "check"], dropna=False, sort=False):
-        column = None if pd.isna(column) else str(column)
+        column = None if column is None or column != column else str(column)
         check = str(check)
         index = group["index"]
         if index.isna().all():
@@ -581,7 +589,7 @@ def _report_schema_errors(cases: pd.DataFrame, frame: pd.DataFrame, label: str, 
                 out.add(label, None, column, f"{check}: {group['failure_case'].iloc[0]}")
             continue
         rows = index.dropna().astype("int64").to_numpy()
-        values = dict(zip(rows, group.loc[index.notna(), "failure_case"], strict=True))
+        values: dict[int, Any] = dict(zip(rows.tolist(), group.loc[index.notna(), "failure_case"], strict=True))
         if check == "multiple_fields_uniqueness" or check in _FRAME_CHECK_COLUMN:
             continue  # reported once per row below
         if check == "not_nullable":
@@ -589,27 +597,58 @@ def _report_schema_errors(cases: pd.DataFrame, frame: pd.DataFrame, label: str, 
         elif check == "field_uniqueness":
             assert column is not None
             where = _rows_by_value(frame[column], rows)
-            out.add_rows(label, column, rows, lambda i, c=column: _duplicate(c, values[i], where[values[i]]))
+            out.add_rows(label, column, rows, partial(_duplicate_at, column, values, where))
         else:
-            out.add_rows(label, column, rows, lambda i, why=check: f"{why}, got {values[i]!r}")
+            out.add_rows(label, column, rows, partial(_failed_check, check, values))
     frame_level = cases[cases["check"].isin([*_FRAME_CHECK_COLUMN, "multiple_fields_uniqueness"])]
     for check, group in frame_level.groupby("check", sort=False):
         rows = np.unique(group["index"].dropna().astype("int64").to_numpy())
         if check == "multiple_fields_uniqueness":
             keys = frame.loc[rows, ["order_id", "attempt_number"]]
-            pair = dict(zip(rows, zip(keys["order_id"], keys["attempt_number"], strict=True), strict=True))
+            pair: dict[int, tuple[Any, Any]] = dict(
+                zip(rows.tolist(), zip(keys["order_id"], keys["attempt_number"], strict=True), strict=True)
+            )
             where_pairs: dict[tuple[Any, Any], list[int]] = {}
-            for r in rows:
-                where_pairs.setdefault(pair[r], []).append(int(r))
+            for r in rows.tolist():
+                where_pairs.setdefault(pair[r], []).append(r)
             out.add_rows(
                 label,
                 "attempt_number",
                 rows,
-                lambda i: f"duplicate attempt_number {pair[i][1]} in order {pair[i][0]!r} "
-                f"(rows {_row_list(where_pairs[pair[i]])})",
+                partial(_duplicate_attempt, pair, where_pairs),
             )
         else:
-            out.add_rows(label, _FRAME_CHECK_COLUMN[str(check)], rows, lambda _, why=str(check): why)
+            out.add_rows(label, _FRAME_CHECK_COLUMN[str(check)], rows, partial(_constant, str(check)))
+
+
+def _constant(text: str, _position: int) -> str:
+    return text
+
+
+def _failed_check(check: str, values: dict[int, Any], position: int) -> str:
+    return f"{check}, got {_show(values[position])}"
+
+
+def _duplicate_at(column: str, values: dict[int, Any], where: dict[Any, list[int]], position: int) -> str:
+    return _duplicate(column, values[position], where[values[position]])
+
+
+def _duplicate_attempt(pair: dict[int, tuple[Any, Any]], where: dict[tuple[Any, Any], list[int]], position: int) -> str:
+    order_id, number = pair[position]
+    return f"duplicate attempt_number {number} in order {order_id!r} (rows {_row_list(where[pair[position]])})"
+
+
+def _not_constant(values: np.ndarray[Any, Any], first_of: np.ndarray[Any, Any], position: int) -> str:
+    first = first_of[position]
+    return (
+        f"{values[position]!r} differs from {values[first]!r} on attempt 1 of the same order (row {first + 1}); "
+        "it must be constant per order"
+    )
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value as a person wrote it (no numpy wrapper)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _rows_by_value(s: pd.Series, rows: np.ndarray[Any, Any]) -> dict[Any, list[int]]:
@@ -625,13 +664,12 @@ def _row_list(rows: list[int], limit: int = 5) -> str:
 
 
 def _duplicate(column: str, value: Any, rows: list[int]) -> str:
-    return f"duplicate {column} {value!r} (rows {_row_list(rows)})"
+    return f"duplicate {column} {_show(value)} (rows {_row_list(rows)})"
 
 
-def _read_table(
-    path: str | Path, schema: pa.DataFrameSchema, columns: tuple[str, ...], out: _Collector
-) -> pd.DataFrame:
+def _read_table(path: str | Path, schema: pa.DataFrameSchema, out: _Collector) -> pd.DataFrame:
     label = str(path)
+    out.register(label)
     raw = _read_raw(Path(path), label)
     frame, unchecked = _coerce(raw, schema, label, out)
     _validate(frame, schema, label, unchecked, out)
@@ -644,7 +682,7 @@ def read_attempts(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
     CSV timestamps are ISO-8601 strings with ``Z`` or an offset; booleans are true/false; empty fields are null.
     """
     out = _Collector(cap, ATTEMPT_COLUMNS)
-    frame = _read_table(path, AttemptsSchema, ATTEMPT_COLUMNS, out)
+    frame = _read_table(path, AttemptsSchema, out)
     out.raise_if_any()
     return frame.reset_index(drop=True)
 
@@ -652,6 +690,315 @@ def read_attempts(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
 def read_nudges(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
     """Read and validate a ``nudges`` file (.parquet or .csv); raises ``HistoryError`` listing every bad row."""
     out = _Collector(cap, NUDGE_COLUMNS)
-    frame = _read_table(path, NudgesSchema, NUDGE_COLUMNS, out)
+    frame = _read_table(path, NudgesSchema, out)
     out.raise_if_any()
     return frame.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-row and cross-file rules
+
+
+@dataclass(frozen=True, eq=False)
+class History:
+    """A validated pair of history tables."""
+
+    attempts: pd.DataFrame
+    nudges: pd.DataFrame
+
+
+def _utc_ns(s: pd.Series) -> np.ndarray[Any, Any]:
+    """A UTC timestamp column as plain ``datetime64[ns]`` values (NaT for null)."""
+    values: np.ndarray[Any, Any] = s.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    return values
+
+
+def _check_orders(a: pd.DataFrame, label: str, out: _Collector) -> None:
+    n = len(a)
+    if n == 0:
+        return
+    codes, uniques = pd.factorize(a["order_id"])
+    num = a["attempt_number"].to_numpy()
+    order = np.lexsort((num, codes))
+    sorted_codes = codes[order]
+    is_start = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    start = np.maximum.accumulate(np.where(is_start, np.arange(n), 0))
+    sizes = np.bincount(codes)
+
+    def oid(i: int) -> str:
+        return repr(uniques[codes[i]])
+
+    gap = num[order] != np.arange(n) - start + 1
+    out.add_rows(
+        label,
+        "attempt_number",
+        order[gap],
+        lambda i: (
+            f"attempt_number {num[i]} breaks the sequence: order {oid(i)} has {sizes[codes[i]]} "
+            f"attempts, numbered 1..{sizes[codes[i]]} without gaps"
+        ),
+    )
+
+    created = _utc_ns(a["created_at"])
+    sorted_created = created[order]
+    prev = np.full(n, -1, dtype=np.int64)
+    prev[order[1:]] = order[:-1]
+    earlier = ~is_start & np.r_[False, sorted_created[1:] < sorted_created[:-1]]
+    out.add_rows(
+        label,
+        "created_at",
+        order[earlier],
+        lambda i: (
+            f"created_at {pd.Timestamp(created[i], tz='UTC').isoformat()} is earlier than that of "
+            f"attempt {num[prev[i]]} of order {oid(i)} (row {prev[i] + 1})"
+        ),
+    )
+
+    strategy = a["strategy"].to_numpy(dtype=object)
+    first = num == 1
+    initial = strategy == Strategy.INITIAL.value
+    out.add_rows(
+        label,
+        "strategy",
+        np.flatnonzero(first & ~initial),
+        lambda i: f"attempt 1 of an order must have strategy 'initial', got {strategy[i]!r}",
+    )
+    out.add_rows(
+        label,
+        "strategy",
+        np.flatnonzero(~first & initial),
+        lambda i: f"strategy 'initial' is only for attempt 1 (this is attempt {num[i]})",
+    )
+
+    first_row = order[start]  # per sorted position: the row of its order's first attempt
+    first_of = np.empty(n, dtype=np.int64)
+    first_of[order] = first_row
+    for column in ("merchant_id", "currency", "customer_id"):
+        values = a[column].to_numpy(dtype=object)
+        differs = values != values[first_of]
+        out.add_rows(
+            label,
+            column,
+            np.flatnonzero(differs),
+            partial(_not_constant, values, first_of),
+        )
+
+    success = (a["status"].to_numpy(dtype=object) == _SUCCESS)[order].astype(np.int64)
+    before = np.cumsum(success) - success
+    after_success = (before - before[start]) > 0
+    out.add_rows(
+        label,
+        "attempt_number",
+        order[after_success],
+        lambda i: f"attempt {num[i]} comes after a successful attempt of order {oid(i)}; nothing may follow a success",
+    )
+
+
+def _check_links(a: pd.DataFrame, nudges: pd.DataFrame, a_label: str, n_label: str, out: _Collector) -> None:
+    orders = a.drop_duplicates("order_id").set_index("order_id")["merchant_id"]
+    n_order = nudges["order_id"].to_numpy(dtype=object)
+    known = nudges["order_id"].isin(orders.index).to_numpy()
+    out.add_rows(
+        n_label,
+        "order_id",
+        np.flatnonzero(~known),
+        lambda i: f"order {n_order[i]!r} has no attempts in the attempts file",
+    )
+    order_merchant = nudges["order_id"].map(orders).astype(object).where(lambda s: s.notna(), None).to_numpy()
+    n_merchant = nudges["merchant_id"].to_numpy(dtype=object)
+    out.add_rows(
+        n_label,
+        "merchant_id",
+        np.flatnonzero(known & (n_merchant != order_merchant)),
+        lambda i: (
+            f"{n_merchant[i]!r} differs from the merchant of order {n_order[i]!r} in the attempts file "
+            f"({order_merchant[i]!r})"
+        ),
+    )
+
+    links = np.flatnonzero((a["strategy"].to_numpy(dtype=object) == _RETARGET) & a["nudge_id"].notna().to_numpy())
+    if len(links) == 0:
+        return
+    a_nudge = a["nudge_id"].to_numpy(dtype=object)
+    a_order = a["order_id"].to_numpy(dtype=object)
+    at = pd.Index(nudges["nudge_id"]).get_indexer(a_nudge[links])
+    missing = links[at < 0]
+    out.add_rows(a_label, "nudge_id", missing, lambda i: f"nudge_id {a_nudge[i]!r} is not in the nudges file")
+    found, at = links[at >= 0], at[at >= 0]
+    other = n_order[at] != a_order[found]
+    nudge_order = dict(zip(found, n_order[at], strict=True))
+    out.add_rows(
+        a_label,
+        "nudge_id",
+        found[other],
+        lambda i: f"nudge {a_nudge[i]!r} belongs to order {nudge_order[i]!r}, not to {a_order[i]!r}",
+    )
+    sent = _utc_ns(nudges["sent_at"])[at]
+    created = _utc_ns(a["created_at"])[found]
+    sent_at = dict(zip(found, sent, strict=True))
+    out.add_rows(
+        a_label,
+        "created_at",
+        found[~other & (created < sent)],
+        lambda i: (
+            f"retarget_link attempt is earlier than its nudge {a_nudge[i]!r} was sent "
+            f"({pd.Timestamp(sent_at[i], tz='UTC').isoformat()})"
+        ),
+    )
+
+
+def read_history(attempts_path: str | Path, nudges_path: str | Path, *, cap: int = DEFAULT_CAP) -> History:
+    """Read and validate both history files, then check the rules across rows and files.
+
+    Row-level problems of both files are reported together; the cross-row and cross-file rules run once both
+    files are clean on their own (a dropped bad row would otherwise show up as spurious gaps and dangling
+    links), and their problems are again reported all together.
+    """
+    out = _Collector(cap, (*ATTEMPT_COLUMNS, *(c for c in NUDGE_COLUMNS if c not in ATTEMPT_COLUMNS)))
+    attempts = _read_table(attempts_path, AttemptsSchema, out).reset_index(drop=True)
+    nudges = _read_table(nudges_path, NudgesSchema, out).reset_index(drop=True)
+    out.raise_if_any()
+    _check_orders(attempts, str(attempts_path), out)
+    _check_links(attempts, nudges, str(attempts_path), str(nudges_path), out)
+    out.raise_if_any()
+    return History(attempts=attempts, nudges=nudges)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _format_timestamps(s: pd.Series) -> pd.Series:
+    """ISO-8601 in UTC with a ``Z``, at the coarsest precision that loses nothing; null as None."""
+    values = _utc_ns(s)
+    nat = np.isnat(values)
+    sub = values[~nat].view("int64") % 1_000_000_000
+    unit = "s"
+    for step, finer in ((1_000_000_000, "ms"), (1_000_000, "us"), (1_000, "ns")):
+        if (sub % step != 0).any():
+            unit = finer
+    text = np.datetime_as_string(values, unit=unit, timezone="UTC").astype(object)  # type: ignore[call-overload]
+    text[nat] = None
+    return pd.Series(text, index=s.index, dtype=object)
+
+
+def _write(df: pd.DataFrame, path: str | Path, schema: pa.DataFrameSchema, columns: tuple[str, ...]) -> None:
+    target = Path(path)
+    label = f"{path} (writing)"
+    suffix = target.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        _fail(label, f"unsupported file extension {target.suffix or '(none)'!r}: use .parquet or .csv")
+    out = _Collector(DEFAULT_CAP, columns)
+    frame, unchecked = _coerce(df, schema, label, out)
+    _validate(frame, schema, label, unchecked, out)
+    out.raise_if_any()
+    if suffix == ".parquet":
+        frame.to_parquet(target, index=False)
+        return
+    text = frame.copy()
+    for name, col in schema.columns.items():
+        if _kind(col) == _TS:
+            text[name] = _format_timestamps(frame[name])
+        elif _kind(col) == "bool":
+            text[name] = np.where(frame[name].to_numpy(), "true", "false")
+    text.to_csv(target, index=False, na_rep="")
+
+
+def write_attempts(df: pd.DataFrame, path: str | Path) -> None:
+    """Validate ``df`` as attempts and write it to .parquet or .csv so that ``read_attempts`` gives it back."""
+    _write(df, path, AttemptsSchema, ATTEMPT_COLUMNS)
+
+
+def write_nudges(df: pd.DataFrame, path: str | Path) -> None:
+    """Validate ``df`` as nudges and write it to .parquet or .csv so that ``read_nudges`` gives it back."""
+    _write(df, path, NudgesSchema, NUDGE_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orders
+
+
+def reconstruct_orders(attempts: pd.DataFrame, nudges: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per order (columns ``ORDER_COLUMNS``), in order of first appearance in ``attempts``.
+
+    Expects validated tables (as ``read_history`` returns them). An order is recovered when an attempt after a
+    failed first attempt succeeds; ``time_to_recovery`` runs from that first failure to the first success.
+    Orders whose first attempt succeeded have ``initially_succeeded=True``, ``recovered=False`` and null
+    failure/recovery fields. ``n_retries`` counts silent retries (``RETRY_STRATEGIES``), ``n_nudges`` the
+    order's rows in ``nudges``.
+    """
+    n = len(attempts)
+    codes, uniques = pd.factorize(attempts["order_id"])
+    order = np.lexsort((attempts["attempt_number"].to_numpy(), codes))
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if n else np.array([], int)
+    first = order[starts]
+    sizes = np.diff(np.r_[starts, n])
+
+    status = attempts["status"].to_numpy(dtype=object)[order]
+    strategy = attempts["strategy"].to_numpy(dtype=object)[order]
+    created = attempts["created_at"]
+    first_failed = status[starts] == _FAILURE
+
+    is_retry = np.isin(strategy, [s.value for s in RETRY_STRATEGIES]).astype(np.int64)
+    n_retries = np.add.reduceat(is_retry, starts) if n else np.array([], np.int64)
+
+    position = np.arange(n)
+    later_success = (status == _SUCCESS) & ~np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    candidate = np.where(later_success, position, n)
+    first_success = np.minimum.reduceat(candidate, starts) if n else np.array([], np.int64)
+    recovered = first_failed & (first_success < n)
+    success_row = order[np.where(recovered, first_success, 0)] if n else np.array([], np.int64)
+
+    first_failure_at = created.iloc[first].where(first_failed).reset_index(drop=True)
+    recovered_at = created.iloc[success_row].where(recovered).reset_index(drop=True)
+
+    out = pd.DataFrame(
+        {
+            "merchant_id": attempts["merchant_id"].iloc[first].to_numpy(),
+            "order_id": pd.Series(uniques, dtype="string"),
+            "customer_id": attempts["customer_id"].iloc[first].to_numpy(),
+            "amount": attempts["amount"].iloc[first].to_numpy(dtype="float64"),
+            "currency": attempts["currency"].iloc[first].to_numpy(),
+            "initially_succeeded": ~first_failed,
+            "first_failure_at": first_failure_at,
+            "n_attempts": sizes.astype(np.int64),
+            "n_retries": n_retries.astype(np.int64),
+            "n_nudges": _count_nudges(uniques, nudges),
+            "recovered": recovered,
+            "recovered_at": recovered_at,
+            "time_to_recovery": recovered_at - first_failure_at,
+            "recovering_strategy": pd.Series(attempts["strategy"].iloc[success_row].to_numpy(), dtype="string").where(
+                recovered
+            ),
+            "strategies_used": _sequences(strategy, starts),
+            "first_error_code": pd.Series(attempts["error_code"].iloc[first].to_numpy(), dtype="string").where(
+                first_failed
+            ),
+            "first_connector": attempts["connector"].iloc[first].to_numpy(),
+        }
+    )
+    for name in ("merchant_id", "customer_id", "currency", "first_connector"):
+        out[name] = out[name].astype("string")
+    return out
+
+
+def _count_nudges(order_ids: Any, nudges: pd.DataFrame | None) -> np.ndarray[Any, Any]:
+    counts = np.zeros(len(order_ids), dtype=np.int64)
+    if nudges is None or len(nudges) == 0:
+        return counts
+    at = pd.Index(order_ids).get_indexer(nudges["order_id"])
+    return np.bincount(at[at >= 0], minlength=len(order_ids)).astype(np.int64)
+
+
+def _sequences(values: np.ndarray[Any, Any], starts: np.ndarray[Any, Any]) -> pd.Series:
+    """Per group (consecutive runs beginning at ``starts``), the tuple of its values in order."""
+    if len(values) == 0:
+        return pd.Series([], dtype=object)
+    # Spell each group as a string of one character per distinct value: concatenation runs in C, and the
+    # few distinct spellings are turned into tuples once each.
+    codes, distinct = pd.factorize(values)
+    letters = np.array([chr(0x100 + i) for i in range(len(distinct))], dtype=object)
+    spelled = np.add.reduceat(letters[codes], starts)
+    lookup = {s: tuple(str(distinct[ord(ch) - 0x100]) for ch in s) for s in pd.unique(spelled)}
+    return pd.Series(spelled, dtype=object).map(lookup)

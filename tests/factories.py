@@ -1,14 +1,233 @@
-"""Shared test factories: plain functions returning valid domain objects; keyword overrides change fields.
-
-Each engineer appends their own factories; don't rewrite the others'.
-"""
+"""Shared test factories: plain functions returning valid objects; pass overrides to make them invalid."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
+
+# --- history tables (CONTRACT.md section 3) -----------------------------------------------------------------
+
+_ATTEMPT_DEFAULTS: dict[str, Any] = {
+    "merchant_id": "m_demo",
+    "order_id": "ord_1",
+    "txn_id": "ord_1_1",
+    "attempt_number": 1,
+    "created_at": "2026-11-01T10:00:00Z",
+    "amount": 499.0,
+    "currency": "INR",
+    "customer_id": "cus_1",
+    "phone_present": True,
+    "email_present": True,
+    "customer_country": "IN",
+    "payment_method": "card",
+    "payment_method_type": "credit",
+    "card_network": "visa",
+    "issuer": "HDFC",
+    "is_recurring": False,
+    "is_network_token": False,
+    "authentication_type": "no_three_ds",
+    "connector": "stripe",
+    "strategy": "initial",
+    "nudge_id": None,
+    "status": "failure",
+    "error_code": "card_declined",
+    "error_message": "Your card was declined.",
+    "network_decline_code": "05",
+    "merchant_advice_code": None,
+    "unified_code": None,
+    "decision_id": None,
+    "propensity": None,
+}
+
+_NUDGE_DEFAULTS: dict[str, Any] = {
+    "merchant_id": "m_demo",
+    "order_id": "ord_1",
+    "nudge_id": "ndg_1",
+    "sent_at": "2026-11-02T04:30:00Z",
+    "channel": "whatsapp",
+    "template_id": "tpl_pay_link",
+    "delivered": True,
+    "clicked_at": None,
+    "decision_id": None,
+    "propensity": None,
+}
+
+_SUCCESS = {"status": "success", "error_code": None, "error_message": None, "network_decline_code": None}
+
+
+def _typed(rows: list[dict[str, Any]], defaults: dict[str, Any], timestamps: tuple[str, ...]) -> pd.DataFrame:
+    frame = pd.DataFrame([{**defaults, **row} for row in rows], columns=list(defaults))
+    for name, value in defaults.items():
+        if name in timestamps:
+            frame[name] = pd.to_datetime(frame[name], utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
+        elif isinstance(value, bool):
+            frame[name] = frame[name].astype("bool")
+        elif isinstance(value, int):
+            frame[name] = frame[name].astype("int64")
+        elif isinstance(value, float) or name == "propensity":
+            frame[name] = frame[name].astype("float64")
+        else:
+            frame[name] = frame[name].astype("string")
+    return frame
+
+
+def make_attempt(**overrides: Any) -> dict[str, Any]:
+    """One valid attempts row as a dict: attempt 1 of ``ord_1``, a failed card payment on stripe."""
+    return {**_ATTEMPT_DEFAULTS, **overrides}
+
+
+def make_attempts_frame(*rows: dict[str, Any]) -> pd.DataFrame:
+    """A valid attempts table with the contract's dtypes; each row dict overrides ``make_attempt()``.
+
+    Without rows: four orders (rows 1-8 in this order):
+    ``ord_cascade`` fails on stripe and is recovered by a cascade to adyen 2 s later (rows 1-2);
+    ``ord_link`` fails, fails a retry_same, and is recovered by retarget_link after nudge ``ndg_1`` (rows 3-5);
+    ``ord_lost`` fails and fails a step_up, never recovered (rows 6-7);
+    ``ord_ok`` succeeds on attempt 1 (row 8).
+    """
+    if not rows:
+        rows = (
+            {
+                "order_id": "ord_cascade",
+                "txn_id": "t_c1",
+                "customer_id": "cus_c",
+                "error_code": "processing_error",
+                "network_decline_code": "91",
+            },
+            {
+                "order_id": "ord_cascade",
+                "txn_id": "t_c2",
+                "customer_id": "cus_c",
+                "attempt_number": 2,
+                "created_at": "2026-11-01T10:00:02Z",
+                "connector": "adyen",
+                "strategy": "cascade",
+                "decision_id": "dec_c2",
+                "propensity": 0.9,
+                **_SUCCESS,
+            },
+            {
+                "order_id": "ord_link",
+                "txn_id": "t_l1",
+                "customer_id": "cus_l",
+                "amount": 1250.5,
+                "created_at": "2026-11-01T11:00:00Z",
+                "error_code": "insufficient_funds",
+                "network_decline_code": "51",
+            },
+            {
+                "order_id": "ord_link",
+                "txn_id": "t_l2",
+                "customer_id": "cus_l",
+                "amount": 1250.5,
+                "attempt_number": 2,
+                "created_at": "2026-11-01T11:05:00.250Z",
+                "strategy": "retry_same",
+                "error_code": "insufficient_funds",
+                "network_decline_code": "51",
+                "decision_id": "dec_l2",
+                "propensity": 0.25,
+            },
+            {
+                "order_id": "ord_link",
+                "txn_id": "t_l3",
+                "customer_id": "cus_l",
+                "amount": 1250.5,
+                "attempt_number": 3,
+                "created_at": "2026-11-02T04:41:00Z",
+                "payment_method": "upi",
+                "payment_method_type": "collect",
+                "card_network": None,
+                "issuer": None,
+                "strategy": "retarget_link",
+                "nudge_id": "ndg_1",
+                **_SUCCESS,
+            },
+            {
+                "order_id": "ord_lost",
+                "txn_id": "t_x1",
+                "customer_id": "cus_x",
+                "currency": "USD",
+                "customer_country": "US",
+                "created_at": "2026-11-01T12:00:00+05:30",
+                "card_network": "mastercard",
+                "issuer": None,
+                "merchant_advice_code": "01",
+                "error_code": "do_not_honor",
+            },
+            {
+                "order_id": "ord_lost",
+                "txn_id": "t_x2",
+                "customer_id": "cus_x",
+                "currency": "USD",
+                "customer_country": "US",
+                "attempt_number": 2,
+                "created_at": "2026-11-01T07:00:00Z",
+                "card_network": "mastercard",
+                "issuer": None,
+                "strategy": "step_up",
+                "authentication_type": "three_ds",
+                "error_code": "authentication_failed",
+                "error_message": None,
+                "network_decline_code": None,
+                "unified_code": "UE_9000",
+            },
+            {
+                "order_id": "ord_ok",
+                "txn_id": "t_o1",
+                "customer_id": "cus_o",
+                "phone_present": False,
+                "created_at": "2026-11-01T13:00:00Z",
+                "is_recurring": True,
+                "is_network_token": True,
+                "error_code": "stale_code_kept_on_success",
+                "error_message": None,
+                "network_decline_code": None,
+                "status": "success",
+            },
+        )
+    return _typed(list(rows), _ATTEMPT_DEFAULTS, ("created_at",))
+
+
+def make_nudge(**overrides: Any) -> dict[str, Any]:
+    """One valid nudges row as a dict: a delivered, unclicked whatsapp link for ``ord_1``."""
+    return {**_NUDGE_DEFAULTS, **overrides}
+
+
+def make_nudges_frame(*rows: dict[str, Any]) -> pd.DataFrame:
+    """A valid nudges table with the contract's dtypes; each row dict overrides ``make_nudge()``.
+
+    Without rows: the nudges of ``make_attempts_frame()``'s default history: ``ndg_1`` for ``ord_link``
+    (clicked, then paid), and ``ndg_2`` (whatsapp, unclicked) and ``ndg_3`` (sms, undelivered) for ``ord_lost``.
+    """
+    if not rows:
+        rows = (
+            {
+                "order_id": "ord_link",
+                "nudge_id": "ndg_1",
+                "clicked_at": "2026-11-02T04:40:00Z",
+                "decision_id": "dec_l3",
+                "propensity": 0.5,
+            },
+            {"order_id": "ord_lost", "nudge_id": "ndg_2", "sent_at": "2026-11-02T04:30:00Z"},
+            {
+                "order_id": "ord_lost",
+                "nudge_id": "ndg_3",
+                "sent_at": "2026-11-04T04:30:00Z",
+                "channel": "sms",
+                "template_id": "tpl_sms",
+                "delivered": False,
+                "propensity": 1.0,
+            },
+        )
+    return _typed(list(rows), _NUDGE_DEFAULTS, ("sent_at", "clicked_at"))
+
+
+# --- decision requests and merchant configs (CONTRACT.md sections 2 and 4) -----------------------------------
 
 _NESTED_REQUEST_FIELDS = ("customer", "payment", "failure", "history")
 _NESTED_MERCHANT_FIELDS = ("retry", "retarget")
@@ -81,7 +300,7 @@ def make_request(**overrides: Any) -> DecisionRequest:
 
 
 def make_merchant(**overrides: Any) -> MerchantConfig:
-    """The CONTRACT.md section 4 demo merchant (without providers/webhook/endpoints).
+    """The CONTRACT.md section 4 demo merchant (without providers, webhook and connector endpoints).
 
     Overrides replace top-level fields; a dict for ``retry`` or ``retarget`` is merged into the default one,
     e.g. ``make_merchant(retarget={"skip_days": 0})``.
@@ -105,3 +324,119 @@ def make_merchant(**overrides: Any) -> MerchantConfig:
         },
     }
     return MerchantConfig.model_validate(_merged(defaults, overrides, _NESTED_MERCHANT_FIELDS))
+
+
+# --- synthetic histories for the learning core (model/training.py) -------------------------------------------
+
+#: Errors of the synthetic world: (connector, code, message, network code, P(retry now), P(retry after payday),
+#: P(cascade)). Several codes per kind and connector, so a split grouped by code still has every kind on both sides.
+_SYNTH_ERRORS: tuple[tuple[str, str, str, str, float, float, float], ...] = (
+    ("stripe", "insufficient_funds", "Your card has insufficient funds.", "51", 0.04, 0.55, 0.04),
+    ("adyen", "Not enough balance", "Not enough balance", "51", 0.04, 0.55, 0.04),
+    ("cybersource", "INSUFFICIENT_FUND", "Insufficient funds in the account.", "51", 0.04, 0.55, 0.04),
+    ("stripe", "stolen_card", "The card was reported stolen.", "43", 0.01, 0.01, 0.01),
+    ("adyen", "Stolen Card", "Stolen Card", "43", 0.01, 0.01, 0.01),
+    ("cybersource", "STOLEN_LOST_CARD", "Lost or stolen card.", "41", 0.01, 0.01, 0.01),
+    ("stripe", "processing_error", "An error occurred while processing your card.", "96", 0.35, 0.35, 0.75),
+    ("adyen", "Acquirer Error", "Acquirer Error", "91", 0.35, 0.35, 0.75),
+    ("cybersource", "PROCESSOR_UNAVAILABLE", "The processor is temporarily unavailable.", "91", 0.35, 0.35, 0.75),
+    ("stripe", "do_not_honor", "The card was declined.", "05", 0.12, 0.2, 0.15),
+    ("adyen", "Refused", "Refused", "05", 0.12, 0.2, 0.15),
+)
+_SYNTH_CONNECTORS = ("stripe", "adyen", "cybersource")
+_SYNTH_DELAYS_H = (0.0, 2.0, 24.0, 72.0, 168.0, 336.0)
+
+
+def make_history_frames(
+    n_orders: int = 1500, seed: int = 0, *, start: str = "2026-01-01", days: int = 150, propensity: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A small synthetic (attempts, nudges) history in the contract's schema, with learnable structure.
+
+    Every order fails its first attempt with one of ``_SYNTH_ERRORS``; up to two silent retries follow (retry_same
+    or cascade, delays from ``_SYNTH_DELAYS_H``, logged propensity 1/12 when ``propensity``); an insufficient-funds
+    retry succeeds far more often once a 1st of the month has passed, a stolen card almost never. Unrecovered orders
+    may get a nudge 20 h after the last failure, whose link is sometimes used and paid.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t0 = pd.Timestamp(start, tz="UTC")
+    attempts: list[dict[str, Any]] = []
+    nudges: list[dict[str, Any]] = []
+    for i in range(n_orders):
+        order = f"ord_{seed}_{i}"
+        connector, code, message, network, p_now, p_payday, p_cascade = _SYNTH_ERRORS[
+            int(rng.integers(len(_SYNTH_ERRORS)))
+        ]
+        india = bool(rng.random() < 0.7)
+        base = {
+            "merchant_id": "m_demo",
+            "order_id": order,
+            "customer_id": f"cus_{seed}_{i}",
+            "amount": float(round(rng.lognormal(6.0 if india else 3.5, 0.8), 2)),
+            "currency": "INR" if india else "USD",
+            "customer_country": "IN" if india else "US",
+            "card_network": "visa" if rng.random() < 0.6 else "mastercard",
+            "issuer": ("HDFC", "ICICI", "SBI", "CHASE")[int(rng.integers(4))],
+            "is_recurring": bool(rng.random() < 0.3),
+        }
+        when = t0 + pd.Timedelta(minutes=float(rng.uniform(0, days * 24 * 60)))
+        failure = {"error_code": code, "error_message": message, "network_decline_code": network}
+        number = 1
+        attempts.append(
+            {**base, **failure, "txn_id": f"{order}_1", "attempt_number": 1, "created_at": when,
+             "connector": connector, "strategy": "initial"}
+        )  # fmt: skip
+        last_failure, recovered = when, False
+        for _ in range(int(rng.integers(0, 3))):
+            strategy = "cascade" if rng.random() < 0.5 else "retry_same"
+            target = connector
+            if strategy == "cascade":
+                target = str(rng.choice([c for c in _SYNTH_CONNECTORS if c != connector]))
+            delay = _SYNTH_DELAYS_H[int(rng.integers(len(_SYNTH_DELAYS_H)))]
+            at = last_failure + pd.Timedelta(hours=delay, seconds=2)
+            paid_day = at.month != last_failure.month or at.year != last_failure.year
+            p = p_cascade if strategy == "cascade" else (p_payday if paid_day else p_now)
+            success = bool(rng.random() < p)
+            number += 1
+            attempts.append(
+                {**base, **({"error_code": None, "error_message": None, "network_decline_code": None} if success
+                            else failure),
+                 "txn_id": f"{order}_{number}", "attempt_number": number, "created_at": at, "connector": target,
+                 "strategy": strategy, "status": "success" if success else "failure",
+                 "decision_id": f"dec_{order}_{number}", "propensity": 1 / 12 if propensity else None}
+            )  # fmt: skip
+            last_failure = at
+            if success:
+                recovered = True
+                break
+        if recovered or rng.random() < 0.4:
+            continue
+        nudge_id = f"ndg_{order}"
+        sent = last_failure + pd.Timedelta(hours=20)
+        clicked = bool(rng.random() < 0.35)
+        click_at = sent + pd.Timedelta(minutes=30) if clicked else None
+        nudges.append(
+            {"merchant_id": "m_demo", "order_id": order, "nudge_id": nudge_id, "sent_at": sent,
+             "channel": ("whatsapp", "sms", "email")[int(rng.integers(3))], "clicked_at": click_at,
+             "decision_id": f"dec_{nudge_id}", "propensity": 0.5 if propensity else None}
+        )  # fmt: skip
+        if clicked:
+            number += 1
+            paid = bool(rng.random() < 0.6)
+            attempts.append(
+                {**base, **({"error_code": None, "error_message": None, "network_decline_code": None} if paid
+                            else failure),
+                 "txn_id": f"{order}_{number}", "attempt_number": number,
+                 "created_at": click_at + pd.Timedelta(minutes=1), "connector": connector,
+                 "strategy": "retarget_link", "nudge_id": nudge_id, "status": "success" if paid else "failure"}
+            )  # fmt: skip
+    for row in attempts:
+        row["created_at"] = row["created_at"].isoformat()
+    for row in nudges:
+        row["sent_at"] = row["sent_at"].isoformat()
+        row["clicked_at"] = None if row["clicked_at"] is None else row["clicked_at"].isoformat()
+    return (
+        _typed(attempts, _ATTEMPT_DEFAULTS, ("created_at",)),
+        _typed(nudges, _NUDGE_DEFAULTS, ("sent_at", "clicked_at")),
+    )

@@ -1,0 +1,471 @@
+"""The history schema of CONTRACT.md section 3: reading, writing, validation reports, order reconstruction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model.history import (
+    ATTEMPT_COLUMNS,
+    NUDGE_COLUMNS,
+    ORDER_COLUMNS,
+    HistoryError,
+    Problem,
+    ValidationReport,
+    read_attempts,
+    read_history,
+    read_nudges,
+    reconstruct_orders,
+    write_attempts,
+    write_nudges,
+)
+from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame
+
+FORMATS = ["parquet", "csv"]
+STRATEGIES = "initial, retry_same, cascade, step_up, clear_pan, alternate_network, retarget_link"
+
+
+def _write_pair(tmp_path: Path, fmt: str, attempts: pd.DataFrame, nudges: pd.DataFrame) -> tuple[Path, Path]:
+    a, n = tmp_path / f"attempts.{fmt}", tmp_path / f"nudges.{fmt}"
+    write_attempts(attempts, a)
+    write_nudges(nudges, n)
+    return a, n
+
+
+def _edited_csv(path: Path, edit: Callable[[pd.DataFrame], None]) -> Path:
+    """Rewrite a CSV written by ``write_*`` after editing its raw text cells (to make bad files)."""
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(raw)
+    raw.to_csv(path, index=False)
+    return path
+
+
+def _set(index: int, column: str, value: str) -> Callable[[pd.DataFrame], None]:
+    def edit(raw: pd.DataFrame) -> None:
+        raw.loc[index, column] = value
+
+    return edit
+
+
+def _attempts_csv(tmp_path: Path, edit: Callable[[pd.DataFrame], None]) -> Path:
+    path = tmp_path / "attempts.csv"
+    write_attempts(make_attempts_frame(), path)
+    return _edited_csv(path, edit)
+
+
+def _raw_parquet(tmp_path: Path, frame: pd.DataFrame, name: str = "attempts.parquet") -> Path:
+    """Write ``frame`` as is, bypassing validation, to make bad Parquet files."""
+    path = tmp_path / name
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def _problems(exc: pytest.ExceptionInfo[HistoryError]) -> str:
+    return str(exc.value)
+
+
+# --- valid files --------------------------------------------------------------------------------------------
+
+
+def test_column_lists_are_the_contracts() -> None:
+    assert ATTEMPT_COLUMNS[:4] == ("merchant_id", "order_id", "txn_id", "attempt_number")
+    assert len(ATTEMPT_COLUMNS) == 29
+    assert ATTEMPT_COLUMNS[-1] == "propensity"
+    assert NUDGE_COLUMNS == (
+        "merchant_id", "order_id", "nudge_id", "sent_at", "channel", "template_id", "delivered", "clicked_at",
+        "decision_id", "propensity",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_valid_history_round_trips_exactly(tmp_path: Path, fmt: str) -> None:
+    attempts, nudges = make_attempts_frame(), make_nudges_frame()
+    history = read_history(*_write_pair(tmp_path, fmt, attempts, nudges))
+    pd.testing.assert_frame_equal(history.attempts, attempts)
+    pd.testing.assert_frame_equal(history.nudges, nudges)
+    assert str(history.attempts["created_at"].dtype) == "datetime64[ns, UTC]"
+    assert history.attempts.loc[3, "created_at"] == pd.Timestamp("2026-11-01T11:05:00.250Z")
+    assert history.attempts.loc[5, "created_at"] == pd.Timestamp("2026-11-01T06:30:00Z")  # from +05:30
+
+
+def test_csv_uses_iso_utc_timestamps_true_false_and_empty_nulls(tmp_path: Path) -> None:
+    path = tmp_path / "nudges.csv"
+    write_nudges(make_nudges_frame(), path)
+    lines = path.read_text().splitlines()
+    assert (
+        lines[1]
+        == "m_demo,ord_link,ndg_1,2026-11-02T04:30:00Z,whatsapp,tpl_pay_link,true,2026-11-02T04:40:00Z,dec_l3,0.5"
+    )
+    assert lines[3].endswith(",false,,,1.0")
+
+
+def test_nanosecond_timestamps_survive_csv(tmp_path: Path) -> None:
+    nudges = make_nudges_frame(make_nudge(sent_at="2026-11-02T04:30:00.123456789Z"))
+    path = tmp_path / "nudges.csv"
+    write_nudges(nudges, path)
+    pd.testing.assert_frame_equal(read_nudges(path), nudges)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_extra_columns_are_kept(tmp_path: Path, fmt: str) -> None:
+    attempts = make_attempts_frame()
+    attempts["routing_rule"] = pd.array(["r1"] * len(attempts), dtype="string")
+    path = tmp_path / f"attempts.{fmt}"
+    write_attempts(attempts, path)
+    got = read_attempts(path)
+    assert list(got.columns) == [*ATTEMPT_COLUMNS, "routing_rule"]
+    assert got["routing_rule"].tolist() == ["r1"] * 8
+
+
+def test_columns_in_another_order_are_put_in_contract_order(tmp_path: Path) -> None:
+    nudges = make_nudges_frame()
+    path = _raw_parquet(tmp_path, nudges[list(reversed(NUDGE_COLUMNS))], "nudges.parquet")
+    pd.testing.assert_frame_equal(read_nudges(path), nudges)
+
+
+# --- bad files: one report names row, column and reason -------------------------------------------------
+
+
+def test_unsupported_extension_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "attempts.json"
+    path.write_text("[]")
+    with pytest.raises(HistoryError, match=r"unsupported file extension '\.json': use \.parquet or \.csv"):
+        read_attempts(path)
+
+
+def test_missing_columns_are_named_and_rows_still_checked(tmp_path: Path) -> None:
+    def edit(raw: pd.DataFrame) -> None:
+        raw.drop(columns=["card_network", "status"], inplace=True)
+        raw.loc[2, "amount"] = "abc"
+
+    path = _attempts_csv(tmp_path, edit)
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(path)
+    text = _problems(exc)
+    assert f"{path}: column card_network: missing column" in text
+    assert f"{path}: column status: missing column" in text
+    assert f"{path}:row 3: column amount: not a number: 'abc'" in text
+    assert exc.value.report.total == 3
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("amount", "abc", "not a number: 'abc'"),
+        ("attempt_number", "1.5", "not an integer: '1.5'"),
+        ("phone_present", "yes", "not a boolean (true or false): 'yes'"),
+        ("phone_present", "", "missing value (the column is not nullable)"),
+        ("created_at", "2026-11-01T11:00:00", "timestamp without timezone (add Z or an offset): '2026-11-01T11:00:00'"),
+        ("created_at", "yesterday+01:00", "not an ISO-8601 timestamp: 'yesterday+01:00'"),
+        ("created_at", "", "missing value (the column is not nullable)"),
+        ("amount", "-1", "amount must be >= 0, got -1.0"),
+        ("amount", "inf", "amount must be finite, got inf"),
+        ("strategy", "teleport", f"must be one of {STRATEGIES}, got 'teleport'"),
+        ("status", "declined", "must be one of success, failure, got 'declined'"),
+        ("authentication_type", "three_ds_challenge", "must be one of three_ds, no_three_ds, got 'three_ds_challenge'"),
+        ("currency", "inr", "must be a 3-letter uppercase ISO-4217 code, got 'inr'"),
+        ("customer_country", "IND", "must be a 2-letter uppercase ISO-3166 alpha-2 code, got 'IND'"),
+        ("propensity", "0", "propensity must be in (0, 1], got 0.0"),
+        ("propensity", "1.5", "propensity must be in (0, 1], got 1.5"),
+        ("connector", "", "missing value (the column is not nullable)"),
+        ("attempt_number", "0", "attempt_number must be >= 1, got 0"),
+    ],
+)
+def test_bad_csv_value_is_reported_with_row_column_and_reason(
+    tmp_path: Path, column: str, value: str, reason: str
+) -> None:
+    def edit(raw: pd.DataFrame) -> None:
+        raw.loc[2, column] = value  # the third data row
+
+    path = _attempts_csv(tmp_path, edit)
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(path)
+    assert exc.value.report.problems == [Problem(str(path), 3, column, reason)]
+    assert _problems(exc) == f"invalid history: 1 problem\n{path}:row 3: column {column}: {reason}"
+
+
+def test_bad_nudge_values_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "nudges.csv"
+    write_nudges(make_nudges_frame(), path)
+
+    def edit(raw: pd.DataFrame) -> None:
+        raw.loc[0, "channel"] = "pigeon"
+        raw.loc[1, "clicked_at"] = "2026-11-02T04:00:00Z"  # before sent_at 04:30
+        raw.loc[2, "nudge_id"] = "ndg_1"
+
+    _edited_csv(path, edit)
+    with pytest.raises(HistoryError) as exc:
+        read_nudges(path)
+    assert _problems(exc).splitlines()[1:] == [
+        f"{path}:row 1: column nudge_id: duplicate nudge_id 'ndg_1' (rows 1, 3)",
+        f"{path}:row 1: column channel: must be one of sms, whatsapp, email, push, got 'pigeon'",
+        f"{path}:row 2: column clicked_at: clicked_at is before sent_at",
+        f"{path}:row 3: column nudge_id: duplicate nudge_id 'ndg_1' (rows 1, 3)",
+    ]
+
+
+def test_duplicate_txn_ids_name_all_rows(tmp_path: Path) -> None:
+    frame = make_attempts_frame()
+    frame.loc[[1, 4], "txn_id"] = "t_c1"
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(_raw_parquet(tmp_path, frame))
+    lines = _problems(exc).splitlines()[1:]
+    assert [line.split(": ", 1)[1] for line in lines] == ["column txn_id: duplicate txn_id 't_c1' (rows 1, 2, 5)"] * 3
+    assert [p.row for p in exc.value.report.problems] == [1, 2, 5]
+
+
+def test_duplicate_attempt_number_within_an_order(tmp_path: Path) -> None:
+    frame = make_attempts_frame()
+    frame.loc[4, "attempt_number"] = 2
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(_raw_parquet(tmp_path, frame))
+    assert [(p.row, p.column, p.reason) for p in exc.value.report.problems] == [
+        (4, "attempt_number", "duplicate attempt_number 2 in order 'ord_link' (rows 4, 5)"),
+        (5, "attempt_number", "duplicate attempt_number 2 in order 'ord_link' (rows 4, 5)"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "edits", "column", "reason"),
+    [
+        (
+            5,
+            {"nudge_id": None},
+            "nudge_id",
+            "a retarget_link attempt needs the nudge_id of the nudge whose link was used",
+        ),
+        (2, {"nudge_id": "ndg_1"}, "nudge_id", "nudge_id is set but strategy is not retarget_link"),
+        (
+            7,
+            {"error_code": None, "unified_code": None},
+            "error_code",
+            "status is failure but error_code, unified_code, network_decline_code and error_message are all null",
+        ),
+        (3, {"issuer": ""}, "issuer", "empty string (leave the field null instead), got ''"),
+    ],
+)
+def test_row_rules(tmp_path: Path, row: int, edits: dict[str, object], column: str, reason: str) -> None:
+    frame = make_attempts_frame()
+    for name, value in edits.items():
+        frame.loc[row - 1, name] = value
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(_raw_parquet(tmp_path, frame))
+    assert exc.value.report.problems == [Problem(str(tmp_path / "attempts.parquet"), row, column, reason)]
+
+
+def test_a_success_row_may_carry_an_error_code(tmp_path: Path) -> None:
+    frame = make_attempts_frame()
+    assert frame.loc[7, "status"] == "success"
+    assert frame.loc[7, "error_code"] == "stale_code_kept_on_success"
+    pd.testing.assert_frame_equal(read_attempts(_raw_parquet(tmp_path, frame)), frame)
+
+
+def test_parquet_column_types_are_checked(tmp_path: Path) -> None:
+    frame = make_attempts_frame()
+    frame["created_at"] = frame["created_at"].dt.tz_localize(None)
+    frame["customer_id"] = np.arange(8)
+    frame["amount"] = pd.Series(["1.0", "abc", *["2.0"] * 6], dtype=object)
+    path = _raw_parquet(tmp_path, frame)
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(path)
+    assert _problems(exc).splitlines()[1:] == [
+        f"{path}: column created_at: timestamps without timezone (naive datetime): store them as UTC",
+        f"{path}: column customer_id: expected strings, found dtype int64",
+        f"{path}:row 2: column amount: not a number: 'abc'",
+    ]
+
+
+def test_a_number_among_strings_is_reported(tmp_path: Path) -> None:
+    frame = make_attempts_frame().astype({"error_message": object})
+    frame.loc[0, "error_message"] = 51
+    with pytest.raises(HistoryError, match=r"row 1: column error_message: expected a string, got int 51"):
+        write_attempts(frame, tmp_path / "out.parquet")
+
+
+def test_problems_come_from_both_files_at_once(tmp_path: Path) -> None:
+    a, n = _write_pair(tmp_path, "csv", make_attempts_frame(), make_nudges_frame())
+    _edited_csv(a, _set(0, "amount", "-5"))
+    _edited_csv(n, _set(1, "sent_at", "2026-11-02 04:30"))
+    with pytest.raises(HistoryError) as exc:
+        read_history(a, n)
+    assert _problems(exc).splitlines() == [
+        "invalid history: 2 problems",
+        f"{a}:row 1: column amount: amount must be >= 0, got -5.0",
+        f"{n}:row 2: column sent_at: timestamp without timezone (add Z or an offset): '2026-11-02 04:30'",
+    ]
+
+
+def test_report_is_capped_with_a_count_of_the_rest(tmp_path: Path) -> None:
+    rows = [make_attempt(order_id=f"o{i}", txn_id=f"t{i}", amount=-1.0) for i in range(60)]
+    path = _raw_parquet(tmp_path, make_attempts_frame(*rows))
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(path)
+    lines = _problems(exc).splitlines()
+    assert lines[0] == "invalid history: 60 problems"
+    assert lines[1] == f"{path}:row 1: column amount: amount must be >= 0, got -1.0"
+    assert lines[50] == f"{path}:row 50: column amount: amount must be >= 0, got -1.0"
+    assert lines[51:] == ["... and 10 more"]
+    assert exc.value.report.total == 60
+    assert len(exc.value.report.problems) == 50
+    with pytest.raises(HistoryError) as small:
+        read_attempts(path, cap=3)
+    assert small.value.report.format().splitlines()[3:] == ["... and 57 more"]
+
+
+def test_report_format_without_row_or_column() -> None:
+    report = ValidationReport([Problem("a.csv", None, None, "cannot read"), Problem("a.csv", 2, None, "odd")], 2)
+    assert report.format() == "a.csv: cannot read\na.csv:row 2: odd"
+    assert not report.ok
+
+
+def test_invalid_frame_is_not_written(tmp_path: Path) -> None:
+    frame = make_attempts_frame()
+    frame.loc[0, "currency"] = "RUPEES"
+    path = tmp_path / "attempts.csv"
+    with pytest.raises(HistoryError, match=r"attempts\.csv \(writing\):row 1: column currency: must be a 3-letter"):
+        write_attempts(frame, path)
+    assert not path.exists()
+
+
+# --- rules across rows and files (read_history) ----------------------------------------------------------
+
+
+def _history_problems(
+    tmp_path: Path, attempts: pd.DataFrame, nudges: pd.DataFrame
+) -> list[tuple[str, int | None, str | None, str]]:
+    a, n = _write_pair(tmp_path, "parquet", attempts, nudges)
+    with pytest.raises(HistoryError) as exc:
+        read_history(a, n)
+    return [(Path(p.file).stem, p.row, p.column, p.reason) for p in exc.value.report.problems]
+
+
+def test_attempt_number_gap(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[4, "attempt_number"] = 4
+    assert _history_problems(tmp_path, attempts, make_nudges_frame()) == [
+        ("attempts", 5, "attempt_number",
+         "attempt_number 4 breaks the sequence: order 'ord_link' has 3 attempts, numbered 1..3 without gaps"),
+    ]  # fmt: skip
+
+
+def test_attempts_out_of_time_order_and_first_not_initial(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[1, "created_at"] = pd.Timestamp("2026-11-01T09:00:00Z")
+    attempts.loc[5, "strategy"] = "cascade"
+    attempts.loc[6, "strategy"] = "initial"
+    assert _history_problems(tmp_path, attempts, make_nudges_frame()) == [
+        ("attempts", 2, "created_at", "created_at 2026-11-01T09:00:00+00:00 is earlier than that of attempt 1 "
+         "of order 'ord_cascade' (row 1)"),
+        ("attempts", 6, "strategy", "attempt 1 of an order must have strategy 'initial', got 'cascade'"),
+        ("attempts", 7, "strategy", "strategy 'initial' is only for attempt 1 (this is attempt 2)"),
+    ]  # fmt: skip
+
+
+def test_order_constants_and_nothing_after_success(tmp_path: Path) -> None:
+    attempts = make_attempts_frame(
+        make_attempt(),
+        make_attempt(txn_id="t2", attempt_number=2, strategy="cascade", created_at="2026-11-01T10:01:00Z",
+                     status="success", currency="USD", customer_id="cus_2", merchant_id="m_other"),
+        make_attempt(txn_id="t3", attempt_number=3, strategy="cascade", created_at="2026-11-01T10:02:00Z"),
+    )  # fmt: skip
+    assert _history_problems(tmp_path, attempts, make_nudges_frame(make_nudge(sent_at="2026-11-01T10:00:30Z"))) == [
+        ("attempts", 2, "merchant_id", "'m_other' differs from 'm_demo' on attempt 1 of the same order (row 1); "
+         "it must be constant per order"),
+        ("attempts", 2, "currency", "'USD' differs from 'INR' on attempt 1 of the same order (row 1); "
+         "it must be constant per order"),
+        ("attempts", 2, "customer_id", "'cus_2' differs from 'cus_1' on attempt 1 of the same order (row 1); "
+         "it must be constant per order"),
+        ("attempts", 3, "attempt_number", "attempt 3 comes after a successful attempt of order 'ord_1'; "
+         "nothing may follow a success"),
+    ]  # fmt: skip
+
+
+def test_links_between_attempts_and_nudges(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[4, "nudge_id"] = "ndg_9"
+    nudges = make_nudges_frame()
+    nudges.loc[1, "order_id"] = "ord_gone"
+    assert _history_problems(tmp_path, attempts, nudges) == [
+        ("attempts", 5, "nudge_id", "nudge_id 'ndg_9' is not in the nudges file"),
+        ("nudges", 2, "order_id", "order 'ord_gone' has no attempts in the attempts file"),
+    ]
+
+
+def test_retarget_link_must_use_a_nudge_of_its_order_sent_before(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[4, "created_at"] = pd.Timestamp("2026-11-02T04:00:00Z")  # ndg_1 is sent at 04:30
+    nudges = make_nudges_frame()
+    nudges.loc[0, "clicked_at"] = pd.NaT
+    assert _history_problems(tmp_path, attempts, nudges) == [
+        ("attempts", 5, "created_at", "retarget_link attempt is earlier than its nudge 'ndg_1' was sent "
+         "(2026-11-02T04:30:00+00:00)"),
+    ]  # fmt: skip
+    attempts = make_attempts_frame()
+    attempts.loc[4, "nudge_id"] = "ndg_2"
+    assert _history_problems(tmp_path, attempts, make_nudges_frame()) == [
+        ("attempts", 5, "nudge_id", "nudge 'ndg_2' belongs to order 'ord_lost', not to 'ord_link'"),
+    ]
+
+
+# --- reconstruct_orders --------------------------------------------------------------------------------------
+
+
+def test_reconstruct_orders_exact_values() -> None:
+    orders = reconstruct_orders(make_attempts_frame(), make_nudges_frame())
+    assert tuple(orders.columns) == ORDER_COLUMNS
+    utc = pd.Timestamp
+    expected = pd.DataFrame(
+        {
+            "merchant_id": pd.array(["m_demo"] * 4, dtype="string"),
+            "order_id": pd.array(["ord_cascade", "ord_link", "ord_lost", "ord_ok"], dtype="string"),
+            "customer_id": pd.array(["cus_c", "cus_l", "cus_x", "cus_o"], dtype="string"),
+            "amount": [499.0, 1250.5, 499.0, 499.0],
+            "currency": pd.array(["INR", "INR", "USD", "INR"], dtype="string"),
+            "initially_succeeded": [False, False, False, True],
+            "first_failure_at": pd.Series(
+                [utc("2026-11-01T10:00Z"), utc("2026-11-01T11:00Z"), utc("2026-11-01T06:30Z"), pd.NaT],
+                dtype="datetime64[ns, UTC]",
+            ),
+            "n_attempts": [2, 3, 2, 1],
+            "n_retries": [1, 1, 1, 0],
+            "n_nudges": [0, 1, 2, 0],
+            "recovered": [True, True, False, False],
+            "recovered_at": pd.Series(
+                [utc("2026-11-01T10:00:02Z"), utc("2026-11-02T04:41Z"), pd.NaT, pd.NaT], dtype="datetime64[ns, UTC]"
+            ),
+            "time_to_recovery": pd.to_timedelta(["2s", "17h41min", None, None]),
+            "recovering_strategy": pd.array(["cascade", "retarget_link", None, None], dtype="string"),
+            "strategies_used": [
+                ("initial", "cascade"),
+                ("initial", "retry_same", "retarget_link"),
+                ("initial", "step_up"),
+                ("initial",),
+            ],
+            "first_error_code": pd.array(
+                ["processing_error", "insufficient_funds", "do_not_honor", None], dtype="string"
+            ),
+            "first_connector": pd.array(["stripe"] * 4, dtype="string"),
+        }
+    )
+    pd.testing.assert_frame_equal(orders, expected)
+
+
+def test_reconstruct_orders_does_not_depend_on_row_order_and_nudges_are_optional() -> None:
+    attempts = make_attempts_frame()
+    shuffled = attempts.iloc[[7, 4, 0, 6, 2, 1, 5, 3]].reset_index(drop=True)
+    orders = reconstruct_orders(shuffled).set_index("order_id").sort_index()
+    assert orders["n_nudges"].tolist() == [0, 0, 0, 0]
+    assert orders.loc["ord_link", "strategies_used"] == ("initial", "retry_same", "retarget_link")
+    assert orders.loc["ord_link", "time_to_recovery"] == pd.Timedelta(hours=17, minutes=41)
+    assert orders["recovered"].tolist() == [True, True, False, False]
+
+
+def test_reconstruct_orders_of_an_empty_history() -> None:
+    empty = make_attempts_frame().iloc[0:0]
+    orders = reconstruct_orders(empty, make_nudges_frame().iloc[0:0])
+    assert tuple(orders.columns) == ORDER_COLUMNS
+    assert len(orders) == 0

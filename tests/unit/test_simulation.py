@@ -1,0 +1,262 @@
+"""The simulator: determinism, history validity, the world's shape, exploration, and episodes against policies."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from model.baselines import RuleBook, StaticRetryPolicy, StaticRetryThenRetargetPolicy, make_decision
+from model.history import read_history, write_attempts, write_nudges
+from model.merchant_config import load_config
+from model.requests import Decision, DecisionRequest
+from model.rules import Candidate
+from model.simulation import EpsilonGreedyLoggingPolicy, World, generate_history, run_episodes
+from model.simulation import generate as generate_module
+from model.simulation.episodes import EpisodeResult, _Episode
+from model.simulation.logging_policy import GroupKey
+from model.simulation.world import DEMO_MERCHANTS_FILE, Latent, to_ts
+from model.vocab import Action, Channel, Strategy
+from model.vocab import ErrorClass as E
+from pipelines.simulate import simulate
+
+N = 300
+EPSILON = 0.15
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(7, expected_orders=N)
+
+
+@pytest.fixture(scope="module")
+def history_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim")
+    simulate(out, N, 7, progress=False)
+    return out
+
+
+def _initial_requests(world: World, n: int) -> Iterator[DecisionRequest]:
+    for index in range(n):
+        order = world.order(index)
+        yield _Episode(world, order, None).request(order.first_failure_at)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- determinism and the files -------------------------------------------------------------------------------
+
+
+def test_same_seed_writes_identical_files(history_dir: Path, tmp_path: Path) -> None:
+    summary = simulate(tmp_path, N, 7, progress=False)
+    assert summary.orders == N
+    assert _digest(summary.attempts_path) == _digest(history_dir / "attempts.parquet")
+    assert _digest(summary.nudges_path) == _digest(history_dir / "nudges.parquet")
+
+
+def test_different_seeds_differ(history_dir: Path) -> None:
+    other = generate_history(N, 8)
+    mine = pd.read_parquet(history_dir / "attempts.parquet")
+    assert len(mine[mine.attempt_number == 1]) == N == len(other.per_order)
+    assert not mine["created_at"].reset_index(drop=True).equals(other.attempts["created_at"])
+    assert set(mine["error_code"].dropna()) != set(other.attempts["error_code"].dropna())
+
+
+def test_workers_and_chunking_do_not_change_the_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    single = generate_history(240, 11)
+    monkeypatch.setattr(generate_module, "_CHUNK", 70)
+    parallel = generate_history(240, 11, workers=2)
+    pd.testing.assert_frame_equal(single.attempts, parallel.attempts)
+    pd.testing.assert_frame_equal(single.nudges, parallel.nudges)
+
+
+def test_history_passes_validation_and_round_trips_through_csv(history_dir: Path, tmp_path: Path) -> None:
+    parquet = read_history(history_dir / "attempts.parquet", history_dir / "nudges.parquet")
+    assert (parquet.attempts.groupby("order_id").attempt_number.min() == 1).all()
+    write_attempts(parquet.attempts, tmp_path / "attempts.csv")
+    write_nudges(parquet.nudges, tmp_path / "nudges.csv")
+    csv = read_history(tmp_path / "attempts.csv", tmp_path / "nudges.csv")
+    pd.testing.assert_frame_equal(parquet.attempts, csv.attempts, check_dtype=False)
+    pd.testing.assert_frame_equal(parquet.nudges, csv.nudges, check_dtype=False)
+
+
+def test_every_order_starts_with_a_failure_and_first_failures_span_months(history_dir: Path) -> None:
+    attempts = pd.read_parquet(history_dir / "attempts.parquet")
+    first = attempts[attempts.attempt_number == 1]
+    assert (first.status == "failure").all()
+    assert (first.strategy == "initial").all()
+    span = first.created_at.max() - first.created_at.min()
+    assert span > timedelta(days=150)
+    assert first.created_at.min() >= pd.Timestamp("2026-03-01", tz="UTC")
+
+
+def test_rejects_a_non_positive_order_count(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--orders must be at least 1, got 0"):
+        simulate(tmp_path, 0, 1, progress=False)
+
+
+# -- the world's shape ---------------------------------------------------------------------------------------
+
+
+def test_demo_config_holds_every_simulated_merchant_with_demo_keys(world: World) -> None:
+    config = load_config(DEMO_MERCHANTS_FILE)
+    for merchant_id in world.merchants:
+        expected = hashlib.sha256(f"wb_demo_{merchant_id}".encode()).hexdigest()
+        assert config.merchants[merchant_id].api_key_sha256 == expected
+
+
+def test_insufficient_funds_dominates_recurring_failures(world: World) -> None:
+    orders = [world.order(i) for i in range(1500)]
+    recurring = [o.initial_cause for o in orders if o.instrument.is_recurring]
+    shares = pd.Series([str(c) for c in recurring]).value_counts(normalize=True)
+    assert shares.index[0] == E.INSUFFICIENT_FUNDS
+    assert 0.35 <= shares[E.INSUFFICIENT_FUNDS] <= 0.6
+    one_off = [o.initial_cause for o in orders if not o.instrument.is_recurring]
+    assert sum(c == E.INSUFFICIENT_FUNDS for c in one_off) / len(one_off) < shares[E.INSUFFICIENT_FUNDS]
+
+
+def test_some_failures_carry_codes_the_catalog_has_never_seen(world: World) -> None:
+    orders = [world.order(i) for i in range(1500)]
+    unseen = [o.initial_error for o in orders if not o.initial_error.known_code]
+    assert 0.01 <= len(unseen) / len(orders) <= 0.08
+    for error in unseen:
+        assert not world.catalog.normalise(world.order(0).initial_connector, error.error_code).known_code
+
+
+def test_retry_right_after_payday_beats_retry_right_away(world: World) -> None:
+    outcomes = world.outcomes
+    rng = random.Random(5)
+    now = after_payday = 0
+    samples = 0
+    for index in range(400):
+        order = world.order(index)
+        if not order.instrument.is_card:
+            continue
+        ts = to_ts(order.first_failure_at)
+        latent = Latent(cause=E.INSUFFICIENT_FUNDS, failed_at=ts)
+        latent.funds_at = world.funds_back_at(order.customer, ts, rng)
+        for at, hit in ((ts + 60, "now"), (latent.funds_at + 3 * 3600, "payday")):
+            result, _ = outcomes.attempt(
+                rng,
+                latent,
+                order.instrument,
+                order.customer,
+                Strategy.RETRY_SAME,
+                order.initial_connector,
+                at,
+                failed_connector=order.initial_connector,
+            )
+            if result.success and hit == "now":
+                now += 1
+            if result.success and hit == "payday":
+                after_payday += 1
+        samples += 1
+    assert samples > 100
+    assert after_payday / samples > 0.35
+    assert now / samples < 0.08
+
+
+def test_sandbox_answers_deterministically_from_a_request(world: World) -> None:
+    request = next(_initial_requests(world, 1))
+    later = request.event_time + timedelta(hours=2)
+    first = world.outcomes.sandbox_attempt(request, "cascade", "payu", later, seed=3)
+    again = world.outcomes.sandbox_attempt(request, "cascade", "payu", later, seed=3)
+    assert first == again
+    assert 0.0 <= first.p_success <= 1.0
+    assert first.success == (first.error is None)
+
+
+# -- the logging policy --------------------------------------------------------------------------------------
+
+
+def test_logging_propensities_are_exact_probabilities(world: World) -> None:
+    rulebook = RuleBook(world.configs, world.catalog)
+    policy = EpsilonGreedyLoggingPolicy(rulebook, epsilon=EPSILON, seed=7)
+    explored = 0
+    requests = list(_initial_requests(world, 120))
+    for request in requests:
+        decision = policy(request)
+        context, rule_choice, _, _ = policy.base.choose(request)
+        _, allowed = rulebook.permitted(request)
+        groups: dict[GroupKey, list[Candidate]] = {}
+        for candidate in rulebook.candidates(request)[1]:
+            groups.setdefault((candidate.action, candidate.strategy, candidate.connector, candidate.channel), [])
+            groups[(candidate.action, candidate.strategy, candidate.connector, candidate.channel)].append(candidate)
+        n_open = len({(c.action, c.strategy, c.connector, c.channel) for c in allowed})
+        total = sum(policy.propensity(context, c, rule_choice, groups, n_open) for c in allowed)
+        assert total == pytest.approx(1.0)
+        assert 0.0 < decision.propensity <= 1.0
+        chosen = Candidate(
+            decision.action, decision.execute_at, decision.strategy, decision.connector, decision.channel
+        )
+        assert chosen in allowed
+        if chosen == rule_choice:
+            assert decision.propensity >= 1 - EPSILON
+        else:
+            explored += 1
+            assert decision.propensity <= EPSILON
+    assert 0 < explored < 0.4 * len(requests)
+
+
+def test_history_propensities_are_in_range_and_mostly_the_rules_choice(history_dir: Path) -> None:
+    attempts = pd.read_parquet(history_dir / "attempts.parquet")
+    nudges = pd.read_parquet(history_dir / "nudges.parquet")
+    logged = pd.concat([attempts.propensity.dropna(), nudges.propensity.dropna()])
+    assert ((logged > 0) & (logged <= 1)).all()
+    assert attempts.loc[attempts.strategy == "initial", "propensity"].isna().all()
+    assert 0.6 < (logged >= 1 - EPSILON).mean() < 0.97
+    assert attempts.decision_id.dropna().str.startswith("dec_").all()
+
+
+def test_exploration_covers_every_retry_strategy(history_dir: Path) -> None:
+    attempts = pd.read_parquet(history_dir / "attempts.parquet")
+    assert {"retry_same", "cascade", "step_up", "clear_pan", "retarget_link"} <= set(attempts.strategy)
+
+
+# -- episodes ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(world: World) -> dict[str, EpisodeResult]:
+    rulebook = RuleBook(world.configs, world.catalog)
+    return {
+        "static": run_episodes(world, StaticRetryPolicy(rulebook=rulebook), N),
+        "retarget": run_episodes(world, StaticRetryThenRetargetPolicy(rulebook=rulebook), N),
+    }
+
+
+def test_baselines_never_break_a_rule(baseline_runs: dict[str, EpisodeResult]) -> None:
+    for result in baseline_runs.values():
+        assert result.rule_violations == 0
+        assert result.totals.violations_by_rule == {}
+        assert result.decisions >= result.orders
+
+
+def test_episodes_are_comparable_across_policies(baseline_runs: dict[str, EpisodeResult]) -> None:
+    static, retarget = (r.per_order for r in baseline_runs.values())
+    same = ["order_id", "merchant_id", "amount", "first_failure_at", "initial_cause", "initial_error_code"]
+    pd.testing.assert_frame_equal(static[same], retarget[same])
+    assert static.nudges.sum() == 0
+    assert retarget.nudges.sum() > 0
+    assert retarget.recovered.sum() > static.recovered.sum()
+
+
+def test_rule_breaking_actions_are_executed_and_counted(world: World) -> None:
+    rulebook = RuleBook(world.configs, world.catalog)
+
+    def reckless(request: DecisionRequest) -> Decision:
+        context = rulebook.context(request)
+        too_soon = Candidate(Action.RETARGET, request.event_time - timedelta(minutes=5), channel=Channel.SMS)
+        return make_decision(request, context, too_soon, model_version="reckless", retryable=True)
+
+    result = run_episodes(world, reckless, 40)
+    assert result.totals.rule_violations == result.totals.decisions > 0
+    assert "before_event_time" in " ".join(result.totals.violations_by_rule)
+    assert result.totals.nudges_sent > 0

@@ -19,7 +19,7 @@ import pandas as pd
 from model.money import Economics
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
-from model.vocab import Action
+from model.vocab import Action, Channel, Strategy
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
 ArrayLike = Sequence[float] | np.ndarray[Any, Any] | pd.Series
@@ -533,16 +533,16 @@ def logged_candidate(row: Mapping[str, Any]) -> Candidate:
     execute_at = row["execute_at"]
     if execute_at is None or pd.isna(execute_at):
         execute_at = request.event_time
-    when = pd.Timestamp(execute_at)
+    when = pd.Timestamp(execute_at).floor("us")
     when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
     strategy = _none_if_missing(row["strategy"]) if action == Action.RETRY else None
     channel = _none_if_missing(row["channel"]) if action == Action.RETARGET else None
     return Candidate(
         action=action,
         execute_at=when.to_pydatetime(),
-        strategy=None if strategy is None else strategy,  # type: ignore[arg-type]
+        strategy=None if strategy is None else Strategy(strategy),
         connector=_none_if_missing(row["connector"]) if action == Action.RETRY else None,
-        channel=None if channel is None else channel,  # type: ignore[arg-type]
+        channel=None if channel is None else Channel(channel),
     )
 
 
@@ -823,7 +823,8 @@ class _Normalises(Protocol):
 
 
 def _ts(value: Any) -> pd.Timestamp:
-    stamp = pd.Timestamp(value)
+    # Python datetimes hold microseconds: drop nanoseconds here rather than warn at every conversion.
+    stamp = pd.Timestamp(value).floor("us")
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
@@ -845,7 +846,7 @@ def _request_at(
         {
             "merchant_id": str(failure["merchant_id"]),
             "order_id": str(failure["order_id"]),
-            "event_time": event_time.to_pydatetime(),
+            "event_time": _ts(event_time).to_pydatetime(),
             "amount": float(failure["amount"]),
             "currency": str(failure["currency"]),
             "customer": {

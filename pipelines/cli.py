@@ -42,5 +42,34 @@ def simulate(
     console.print(summary)
 
 
+@app.command()
+def train(
+    attempts: Annotated[Path, typer.Option("--attempts", help="Attempts history (.parquet or .csv).")],
+    nudges: Annotated[Path, typer.Option("--nudges", help="Nudges history (.parquet or .csv).")],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here].",
+        ),
+    ] = None,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Move alias champion to the new version if it passes the gate.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of training and evaluation.")] = 0,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Merchant config for replaying policies [default: demo config].")
+    ] = None,
+) -> None:
+    """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
+    from pipelines.train import train_command
+
+    code = train_command(
+        attempts, nudges, tracking_uri, promote, seed=seed, config=config, console=console, err_console=err_console
+    )
+    if code:
+        raise typer.Exit(code=code)
+
+
 if __name__ == "__main__":  # pragma: no cover - manual entry point
     app()

@@ -1,0 +1,166 @@
+"""The promotion gate: a challenger replaces the champion only if it is not worse on the same holdout.
+
+Both models are scored on the challenger's time holdout of the new history (the newest data neither was
+trained on), so the comparison is like for like. Each gate metric has a direction and a tolerance; the
+challenger passes when no metric is worse than the champion's by more than its tolerance. A metric the
+champion cannot be measured on (NaN) does not block; a metric the challenger cannot be measured on does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from rich.table import Table
+
+__all__ = ["GATE_METRICS", "GateCheck", "GateMetric", "GateResult", "compare", "gate_table"]
+
+
+@dataclass(frozen=True)
+class GateMetric:
+    """One holdout metric the gate compares; ``tolerance`` is in the metric's own units, or a share of the
+    champion's value when ``relative`` (for values whose scale depends on the data, like USD per decision)."""
+
+    name: str
+    label: str
+    higher_is_better: bool
+    tolerance: float
+    relative: bool = False
+
+    def allowed(self, champion: float) -> float:
+        """How much worse than ``champion`` the challenger may be."""
+        return self.tolerance * abs(champion) if self.relative else self.tolerance
+
+    def describe_tolerance(self) -> str:
+        """The tolerance as shown in the gate table."""
+        return f"{self.tolerance:.0%}" if self.relative else f"{self.tolerance:g}"
+
+
+#: Holdout log loss and AUC of the retry and retarget models, and the doubly robust policy value.
+GATE_METRICS: tuple[GateMetric, ...] = (
+    GateMetric("retry_log_loss", "retry model log loss", higher_is_better=False, tolerance=0.01),
+    GateMetric("retry_auc", "retry model AUC", higher_is_better=True, tolerance=0.01),
+    GateMetric("retarget_log_loss", "retarget model log loss", higher_is_better=False, tolerance=0.01),
+    GateMetric("retarget_auc", "retarget model AUC", higher_is_better=True, tolerance=0.01),
+    GateMetric("policy_value_dr", "policy value (DR)", higher_is_better=True, tolerance=0.02, relative=True),
+)
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """The comparison of one metric."""
+
+    metric: GateMetric
+    challenger: float
+    champion: float
+    passed: bool
+    reason: str
+
+    @property
+    def delta(self) -> float:
+        """Challenger minus champion (NaN when either is missing)."""
+        return self.challenger - self.champion
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The verdict: promote or keep, with one check per metric and the reasons in words."""
+
+    promote: bool
+    challenger_version: str
+    champion_version: str | None
+    checks: tuple[GateCheck, ...] = ()
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def verdict(self) -> str:
+        """One line: which way it went and why."""
+        if self.champion_version is None:
+            return f"promoted version {self.challenger_version}: there was no champion yet"
+        if self.promote:
+            return (
+                f"promoted version {self.challenger_version} over version {self.champion_version}: "
+                "not worse on any gate metric"
+            )
+        return (
+            f"kept champion version {self.champion_version}; version {self.challenger_version} stays challenger: "
+            + "; ".join(self.reasons)
+        )
+
+
+def _check(metric: GateMetric, challenger: float, champion: float) -> GateCheck:
+    if math.isnan(challenger):
+        return GateCheck(metric, challenger, champion, False, f"{metric.label} of the challenger is undefined")
+    if math.isnan(champion):
+        return GateCheck(metric, challenger, champion, True, f"{metric.label} of the champion is undefined")
+    worse_by = (champion - challenger) if metric.higher_is_better else (challenger - champion)
+    if worse_by > metric.allowed(champion):
+        return GateCheck(
+            metric,
+            challenger,
+            champion,
+            False,
+            f"{metric.label} worse by {worse_by:.4f} ({challenger:.4f} vs {champion:.4f}; "
+            f"tolerance {metric.describe_tolerance()})",
+        )
+    word = "better" if worse_by < 0 else "within tolerance"
+    return GateCheck(metric, challenger, champion, True, f"{metric.label} {word} ({challenger:.4f} vs {champion:.4f})")
+
+
+def compare(
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    *,
+    challenger_version: str,
+    champion_version: str | None,
+    metrics: tuple[GateMetric, ...] = GATE_METRICS,
+) -> GateResult:
+    """Judge a challenger against the champion on holdout metrics measured on the same holdout.
+
+    ``champion=None`` (nothing promoted yet) promotes. A metric missing from a mapping counts as NaN.
+    """
+    if champion is None or champion_version is None:
+        return GateResult(True, challenger_version, None, (), ("there was no champion yet",))
+    checks = tuple(
+        _check(metric, float(challenger.get(metric.name, math.nan)), float(champion.get(metric.name, math.nan)))
+        for metric in metrics
+    )
+    failed = tuple(check.reason for check in checks if not check.passed)
+    return GateResult(
+        promote=not failed,
+        challenger_version=challenger_version,
+        champion_version=champion_version,
+        checks=checks,
+        reasons=failed or tuple(check.reason for check in checks),
+    )
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def gate_table(result: GateResult) -> Table:
+    """A rich table of the comparison, one row per metric, with the verdict as its caption."""
+    title = f"Promotion gate: challenger v{result.challenger_version}"
+    if result.champion_version is not None:
+        title += f" vs champion v{result.champion_version}"
+    table = Table(title=title, caption=result.verdict, caption_justify="left")
+    table.add_column("metric")
+    table.add_column("better", justify="center")
+    table.add_column("challenger", justify="right")
+    table.add_column("champion", justify="right")
+    table.add_column("delta", justify="right")
+    table.add_column("tolerance", justify="right")
+    table.add_column("ok", justify="center")
+    for check in result.checks:
+        table.add_row(
+            check.metric.label,
+            "higher" if check.metric.higher_is_better else "lower",
+            _fmt(check.challenger),
+            _fmt(check.champion),
+            _fmt(check.delta),
+            check.metric.describe_tolerance(),
+            "[green]yes[/]" if check.passed else "[red]no[/]",
+        )
+    return table

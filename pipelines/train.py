@@ -1,0 +1,500 @@
+"""`winback train`: validate the history, train, evaluate, log to MLflow, register, optionally promote.
+
+The job, in order (CONTRACT.md section 1):
+
+1. read and validate the history files; a bad file stops here, before MLflow is touched, so nothing is
+   logged or registered;
+2. train the bundle (models, feature spec, catalog version, metrics) with a time holdout;
+3. evaluate it on that holdout (metrics tables, calibration, retryability by error class, OPE vs baselines);
+4. with ``--promote``, also evaluate the current champion on the same holdout;
+5. log one MLflow run (params, metrics, tables and plots as artifacts), log the bundle as the pyfunc of the
+   registered model ``winback`` and point ``challenger`` at the new version;
+6. with ``--promote``, run the promotion gate and move ``champion`` when it passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from model.history import HistoryError, read_history
+from model.merchant_config import MerchantConfig
+from pipelines.gate import GateResult, compare, gate_table
+
+__all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_training", "train_command"]
+
+#: Steps of the job, as shown in the progress bar.
+_STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
+_DEMO_CONFIG = Path(__file__).resolve().parents[1] / "data" / "demo" / "merchants.yaml"
+
+
+class TrainInputError(ValueError):
+    """The job's input is unusable (bad history, unknown option); nothing was logged or registered."""
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What one `winback train` did."""
+
+    run_id: str
+    experiment_id: str
+    version: str  # the new version of the registered model `winback` (alias challenger)
+    tracking_uri: str
+    metrics: Mapping[str, float]
+    champion_version: str | None  # where `champion` points after the job
+    gate: GateResult | None = None  # only with promote=True
+    artifacts: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def promoted(self) -> bool:
+        """True when this job moved `champion` to its version."""
+        return self.gate is not None and self.gate.promote
+
+
+def format_history_error(error: HistoryError, limit: int = 5) -> str:
+    """A one-line reason for a bad history: the count and the first ``limit`` problems (row, column, why)."""
+    report = error.report
+    shown = [problem.format() for problem in report.problems[:limit]]
+    noun = "problem" if report.total == 1 else "problems"
+    line = f"invalid history: {report.total} {noun}: " + "; ".join(shown)
+    if report.total > len(shown):
+        line += f"; ... and {report.total - len(shown)} more"
+    return line
+
+
+class _Steps:
+    """A rich progress bar over the job's steps (or nothing, when progress is off)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.task = progress.add_task(_STEPS[0], total=len(_STEPS)) if progress is not None else None
+
+    def start(self, step: str) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description=step)
+
+    def done(self) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+
+
+@contextmanager
+def _progress(console: Console, show: bool) -> Iterator[_Steps]:
+    if not show:
+        yield _Steps(None)
+        return
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        yield _Steps(progress)
+
+
+def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numeric entries of a metrics mapping, with MLflow-safe names."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        number = float(value)
+        if math.isfinite(number):
+            out[str(name).replace("@", "_at_").replace(" ", "_")] = number
+    return out
+
+
+def _params(values: Mapping[str, Any]) -> dict[str, str]:
+    # MLflow keeps params as strings of at most 6000 characters.
+    return {
+        str(key): (value if isinstance(value, str) else json.dumps(value, default=str))[:6000]
+        for key, value in values.items()
+    }
+
+
+def _write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in tables.items():
+        path = folder / f"{name}.csv"
+        table.to_csv(path, index=not isinstance(table.index, pd.RangeIndex))
+        paths.append(path)
+    return paths
+
+
+def _metrics_table(metrics: Mapping[str, float], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    return table
+
+
+CHALLENGER_NAME = "challenger"
+CHAMPION_NAME = "champion"
+
+
+def merchants_for(attempts: pd.DataFrame, config_path: str | Path | None = None) -> dict[str, MerchantConfig]:
+    """Merchant configs for replaying policies over a history: from the config file (default: the shipped
+    demo config, when present), and for any other merchant of the history a permissive default whose
+    pecking order is its connectors by number of attempts."""
+    from model.merchant_config import load_config
+
+    path = Path(config_path) if config_path is not None else _DEMO_CONFIG
+    merchants: dict[str, MerchantConfig] = {}
+    if config_path is not None or path.is_file():
+        merchants.update(load_config(path).merchants)
+    for merchant_id, part in attempts.groupby("merchant_id", sort=True):
+        if str(merchant_id) in merchants:
+            continue
+        connectors = part["connector"].astype(str).value_counts().index.tolist()
+        merchants[str(merchant_id)] = MerchantConfig(api_key_sha256="0" * 64, connectors=connectors)
+    return merchants
+
+
+def feature_importance(bundle: Any) -> pd.DataFrame:
+    """Gain of each feature in the bundle's boosters (columns ``model``, ``feature``, ``gain``)."""
+    frames = []
+    for model_name in ("retry", "retarget"):
+        booster = getattr(bundle, f"{model_name}_booster", None)
+        if booster is None:
+            continue
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": model_name,
+                    "feature": booster.feature_name(),
+                    "gain": booster.feature_importance(importance_type="gain"),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "feature", "gain"])
+
+
+def gate_metrics(summary: Any, name: str) -> dict[str, float]:
+    """The promotion gate's metrics of model ``name`` from an evaluation summary (NaN where absent)."""
+    out: dict[str, float] = {}
+    table = summary.classification
+    for kind in ("retry", "retarget"):
+        row = table[(table["model"] == name) & (table["breakdown"] == "action") & (table["group"] == kind)]
+        out[f"{kind}_log_loss"] = float(row["log_loss"].iloc[0]) if len(row) else math.nan
+        out[f"{kind}_auc"] = float(row["auc"].iloc[0]) if len(row) else math.nan
+    ope = summary.ope
+    dr = ope[(ope["policy"] == name) & (ope["estimator"] == "dr")]
+    out["policy_value_dr"] = float(dr["value"].iloc[0]) if len(dr) else math.nan
+    return out
+
+
+def _holdout_start(result: Any) -> datetime | None:
+    splits = result.tables.get("splits")
+    if splits is None:
+        return None
+    row = splits[splits["split"] == "holdout"]
+    if row.empty or pd.isna(row["from"].iloc[0]):
+        return None
+    return pd.Timestamp(row["from"].iloc[0]).floor("us").to_pydatetime()
+
+
+def _evaluate(
+    attempts: str | Path,
+    nudges: str | Path,
+    out_dir: Path,
+    *,
+    result: Any,
+    history: Any,
+    champion: tuple[Any, str] | None,
+    merchants: Mapping[str, MerchantConfig],
+    seed: int,
+    options: Mapping[str, Any],
+) -> _Evaluation:
+    """Evaluate the challenger (and the champion, when given) on the challenger's time holdout."""
+    from model.baselines import StaticRetryPolicy, StaticRetryThenRetargetPolicy
+    from model.catalog import load_catalog
+    from model.policy import DecidePolicy
+    from pipelines.evaluate import evaluate
+
+    catalog = load_catalog()
+    scorers: dict[str, Any] = {CHALLENGER_NAME: result.bundle}
+    if champion is not None:
+        scorers[CHAMPION_NAME] = champion[0]
+    policies: dict[str, Any] = {
+        name: DecidePolicy(dict(merchants), scorer, catalog, seed=seed) for name, scorer in scorers.items()
+    }
+    policies["static_retry"] = StaticRetryPolicy(merchants, catalog)
+    policies["static_retry_then_retarget"] = StaticRetryThenRetargetPolicy(merchants, catalog)
+    importance = feature_importance(result.bundle)
+    summary = evaluate(
+        attempts,
+        nudges,
+        out_dir,
+        policies,
+        scorers=scorers,
+        feature_importance=importance,
+        holdout_start=_holdout_start(result),
+        seed=seed,
+        **dict(options),
+    )
+    metrics = _scalar_metrics(result.metrics)
+    metrics.update(_scalar_metrics({f"holdout.{k}": v for k, v in summary.metrics.items()}))
+    challenger_gate = gate_metrics(summary, CHALLENGER_NAME)
+    metrics.update(_scalar_metrics({f"gate.{k}": v for k, v in challenger_gate.items()}))
+    tables = {f"training_{name}": table for name, table in result.tables.items()}
+    tables["feature_importance"] = importance
+    examples = tuple(_example_requests(history, limit=2))
+    return _Evaluation(
+        metrics=metrics,
+        gate_metrics=challenger_gate,
+        champion_gate_metrics=None if champion is None else gate_metrics(summary, CHAMPION_NAME),
+        tables=tables,
+        files=tuple(summary.files),
+        example_requests=examples,
+    )
+
+
+def _example_requests(history: Any, limit: int) -> list[str]:
+    """Decision requests at the first failures of the history, as JSON (the pyfunc's input example)."""
+    from model.training import decision_points, request_at
+
+    orders = history.attempts["order_id"].drop_duplicates().head(20)
+    attempts = history.attempts[history.attempts["order_id"].isin(orders)]
+    nudges = history.nudges[history.nudges["order_id"].isin(orders)]
+    points = decision_points(attempts, nudges)
+    out = []
+    for position in range(min(limit, len(points))):
+        request, _ = request_at(attempts, nudges, {str(k): v for k, v in points.iloc[position].items()})
+        out.append(request.model_dump_json())
+    return out
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """The challenger's holdout evaluation: scalar metrics, the gate's subset, tables, plots, examples."""
+
+    metrics: dict[str, float]
+    gate_metrics: dict[str, float]
+    champion_gate_metrics: dict[str, float] | None
+    tables: dict[str, pd.DataFrame]
+    files: tuple[Path, ...]  # written by the evaluation: report, CSVs, PNGs
+    example_requests: tuple[str, ...]  # decision request JSON, for the pyfunc's input example
+
+
+@dataclass(frozen=True)
+class _Logged:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    bundle_dir: Path
+    input_example: pd.DataFrame | None
+    model_metadata: dict[str, Any]
+    artifacts: tuple[str, ...]
+
+
+def _log_run(
+    registry: Any,
+    work: Path,
+    *,
+    result: Any,
+    evaluation: _Evaluation,
+    champion: tuple[Any, str] | None,
+    gate: GateResult | None,
+    params: Mapping[str, Any],
+    tracking_uri: str,
+) -> _Logged:
+    import mlflow
+
+    experiment_id = registry.ensure_experiment(tracking_uri)
+    bundle = result.bundle
+    bundle_dir = work / "bundle"
+    bundle.save(bundle_dir)
+    table_paths = _write_tables(evaluation.tables, work / "tables")
+    bundle_params = {"bundle_version": bundle.version, "catalog_version": bundle.catalog_version}
+    metrics = dict(evaluation.metrics)
+    if evaluation.champion_gate_metrics is not None:
+        metrics.update(_scalar_metrics({f"champion.{k}": v for k, v in evaluation.champion_gate_metrics.items()}))
+    artifacts: list[str] = []
+    with registry.tracking(tracking_uri), mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_params(_params({**params, **bundle_params}))
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(evaluation.gate_metrics, "evaluation/gate_metrics.json")
+        artifacts.append("evaluation/gate_metrics.json")
+        for path in [*table_paths, *evaluation.files]:
+            folder = "plots" if path.suffix == ".png" else "evaluation"
+            mlflow.log_artifact(str(path), artifact_path=folder)
+            artifacts.append(f"{folder}/{path.name}")
+        tags = {"winback.bundle_version": bundle.version, "winback.catalog_version": bundle.catalog_version}
+        if gate is not None:
+            tags["winback.gate"] = "promote" if gate.promote else "keep"
+            tags["winback.gate_reasons"] = "; ".join(gate.reasons)[:5000]
+            if champion is not None:
+                tags["winback.gate_champion_version"] = champion[1]
+        mlflow.set_tags(tags)
+        run_id = run.info.run_id
+    example = pd.DataFrame({"request": list(evaluation.example_requests)}) if evaluation.example_requests else None
+    metadata: dict[str, Any] = {**bundle_params, "holdout_gate_metrics": evaluation.gate_metrics}
+    return _Logged(run_id, experiment_id, tracking_uri, bundle_dir, example, metadata, tuple(artifacts))
+
+
+def run_training(
+    attempts: str | Path,
+    nudges: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    promote: bool = False,
+    seed: int = 0,
+    config: str | Path | None = None,
+    train_options: Mapping[str, Any] | None = None,
+    evaluation_options: Mapping[str, Any] | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> TrainSummary:
+    """Run the whole training job (see the module docstring) and return what it did.
+
+    Raises `TrainInputError` when the history is unusable; then MLflow was not touched. ``config`` is the
+    merchant config used to replay policies in the evaluation (default: the shipped demo config, plus a
+    permissive default for merchants it lacks). ``train_options`` go to `model.training.train` (e.g.
+    ``max_rounds``), ``evaluation_options`` to `pipelines.evaluate.evaluate` (e.g. ``max_points``).
+    """
+    from model import registry
+    from model.training import train
+
+    out = console or Console()
+    options = dict(train_options or {})
+    with _progress(out, show_progress) as steps, tempfile.TemporaryDirectory(prefix="winback-train-") as tmp:
+        work = Path(tmp)
+        steps.start("validate history")
+        try:
+            history = read_history(attempts, nudges)
+        except HistoryError as exc:
+            raise TrainInputError(format_history_error(exc)) from exc
+        steps.done()
+
+        steps.start("train")
+        result = train(history.attempts, history.nudges, seed=seed, **options)
+        steps.done()
+
+        steps.start("evaluate")
+        uri = registry.resolve_tracking_uri(tracking_uri)
+        champion = registry.load_champion(uri) if promote else None
+        evaluation = _evaluate(
+            attempts,
+            nudges,
+            work / "evaluation",
+            result=result,
+            history=history,
+            champion=champion,
+            merchants=merchants_for(history.attempts, config),
+            seed=seed,
+            options=evaluation_options or {},
+        )
+        gate: GateResult | None = None
+        if promote:
+            # The new version number is only known once registered; the verdict does not depend on it.
+            gate = compare(
+                evaluation.gate_metrics,
+                evaluation.champion_gate_metrics,
+                challenger_version="new",
+                champion_version=None if champion is None else champion[1],
+            )
+        steps.done()
+
+        steps.start("log to MLflow")
+        logged = _log_run(
+            registry,
+            work,
+            result=result,
+            evaluation=evaluation,
+            champion=champion,
+            gate=gate,
+            params={
+                "attempts_path": str(attempts),
+                "nudges_path": str(nudges),
+                "attempts_rows": len(history.attempts),
+                "nudges_rows": len(history.nudges),
+                "seed": seed,
+                "promote": promote,
+                **{f"train.{key}": value for key, value in options.items()},
+                **{f"evaluate.{key}": value for key, value in (evaluation_options or {}).items()},
+            },
+            tracking_uri=uri,
+        )
+        steps.done()
+
+        steps.start("register")
+        version = registry.register_bundle(
+            logged.bundle_dir,
+            logged.run_id,
+            tracking_uri=uri,
+            alias=registry.CHALLENGER,
+            input_example=logged.input_example,
+            metadata=logged.model_metadata,
+        )
+        if gate is not None:
+            gate = replace(gate, challenger_version=version)
+            if gate.promote:
+                registry.set_alias(registry.CHAMPION, version, tracking_uri=uri)
+        champion_version = registry.get_alias_version(registry.CHAMPION, tracking_uri=uri)
+        steps.done()
+
+    out.print(_metrics_table(evaluation.gate_metrics, f"Holdout metrics of winback version {version}"))
+    if gate is not None:
+        out.print(gate_table(gate) if gate.checks else gate.verdict, highlight=False, soft_wrap=True)
+    return TrainSummary(
+        run_id=logged.run_id,
+        experiment_id=logged.experiment_id,
+        version=version,
+        tracking_uri=uri,
+        metrics=evaluation.metrics,
+        champion_version=champion_version,
+        gate=gate,
+        artifacts=logged.artifacts,
+    )
+
+
+def train_command(
+    attempts: Path,
+    nudges: Path,
+    tracking_uri: str | None = None,
+    promote: bool = False,
+    *,
+    seed: int = 0,
+    config: Path | None = None,
+    console: Console | None = None,
+    err_console: Console | None = None,
+) -> int:
+    """The body of `winback train`: run the job, print the outcome; return the exit code (2 on bad input).
+
+    Bad input prints one line, ``error: <reason>``, on stderr.
+    """
+    out = console or Console()
+    err = err_console or Console(stderr=True)
+    try:
+        summary = run_training(
+            attempts, nudges, tracking_uri=tracking_uri, promote=promote, seed=seed, config=config, console=out
+        )
+    except TrainInputError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    out.print(
+        f"registered [bold]winback[/] version {summary.version} (alias challenger) "
+        f"from run {summary.run_id} in {summary.tracking_uri}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0

@@ -1,0 +1,202 @@
+"""The decision API as a real server (uvicorn in a subprocess) against a real MLflow store in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model import registry
+from model.requests import Decision
+from model.training import train
+from tests.factories import make_history_frames, make_request, write_merchant_config
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTH = {"Authorization": "Bearer wb_demo_m_demo"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _register(store: str, bundle_dir: Path) -> str:
+    import mlflow
+
+    experiment_id = registry.ensure_experiment(store)
+    with registry.tracking(store), mlflow.start_run(experiment_id=experiment_id) as run:
+        run_id = run.info.run_id
+    return registry.register_bundle(bundle_dir, run_id, tracking_uri=store, alias=None)
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A MLflow store holding versions 1 and 2 of ``winback`` (the same small bundle), champion -> 1."""
+    folder = tmp_path_factory.mktemp("api-mlflow")
+    attempts, nudges = make_history_frames(600, seed=3)
+    bundle_dir = train(attempts, nudges, seed=0, max_rounds=20, evaluate_unseen_codes=False).bundle.save(
+        folder / "bundle"
+    )
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    assert [_register(store, bundle_dir), _register(store, bundle_dir)] == ["1", "2"]
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    return store, folder
+
+
+class Server:
+    """``winback serve`` started through service.api.server.run in a subprocess, on a free port."""
+
+    def __init__(self, tmp_path: Path, tracking_uri: str, workers: int = 2) -> None:
+        config = write_merchant_config(tmp_path / "merchants.yaml", ["m_demo", "m_other"])
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("WINBACK_") and k != "MLFLOW_TRACKING_URI"},
+            "WINBACK_DATABASE_URL": f"sqlite:///{tmp_path / 'winback.db'}",
+            "WINBACK_MODEL_POLL_SECONDS": "0.5",
+            "PYTHONPATH": str(ROOT),
+        }
+        code = (
+            "from service.api.server import run; "
+            f"run('127.0.0.1', {self.port}, {workers}, {str(config)!r}, {tracking_uri!r})"
+        )
+        self.log = (tmp_path / "server.log").open("w+b")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not healthy after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hung server must not hang the suite
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[type[Server] | object]:
+    started: list[Server] = []
+
+    def start(tracking_uri: str, workers: int = 2) -> Server:
+        server = Server(tmp_path, tracking_uri, workers)
+        started.append(server)
+        server.wait_healthy()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _body(**overrides: object) -> dict[str, object]:
+    body: dict[str, object] = json.loads(make_request(**overrides).model_dump_json())
+    return body
+
+
+def test_real_server_serves_the_champion_and_follows_it_under_load(
+    two_versions: tuple[str, Path], server_factory: object
+) -> None:
+    store, _ = two_versions
+    server = server_factory(store)  # type: ignore[operator]
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/readyz").json()["model_version"] == "1"
+        first = client.post("/v1/decisions", json=_body())
+        assert first.status_code == 200, first.text
+        assert Decision.model_validate(first.json()).model_version == "1"
+        unseen = client.post(
+            "/v1/decisions",
+            json=_body(
+                payment={"payment_method": "crypto_voucher", "card_network": None},
+                failure={"connector": "newpay", "error_code": "ZZ_NEW", "network_decline_code": None},
+                available_connectors=["newpay"],
+            ),
+        )
+        assert unseen.status_code == 200, unseen.text
+        bad = client.post("/v1/decisions", json={**_body(), "currency": "RUPEES"})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["field"] == "currency"
+
+    statuses: list[int] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
+            while not stop.is_set():
+                response = client.post("/v1/decisions", json=_body())
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    versions.append(response.json()["model_version"])
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        registry.set_alias(registry.CHAMPION, "2", tracking_uri=store)
+        moved_at = time.monotonic()
+        while time.monotonic() - moved_at < 30 and versions[-20:].count("2") < 20:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        sender.join()
+    assert statuses and set(statuses) == {200}, server.output()
+    assert versions[0] == "1"
+    assert versions[-1] == "2"
+    assert set(versions) == {"1", "2"}
+
+
+def test_empty_registry_answers_rules_only_and_is_not_ready(mlflow_store: str, server_factory: object) -> None:
+    server = server_factory(mlflow_store, 1)  # type: ignore[operator]
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
+        assert client.get("/readyz").status_code == 503
+        response = client.post("/v1/decisions", json=_body())
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == "rules-only"
+        assert client.post("/v1/decisions", json=_body(), headers={"Authorization": ""}).status_code == 401
+        outcome = {
+            "decision_id": response.json()["decision_id"],
+            "order_id": "ord_8KQ2",
+            "status": "failure",
+            "occurred_at": "2026-11-02T10:15:00Z",
+            "error_code": "card_declined",
+        }
+        assert client.post("/v1/outcomes", json=outcome).status_code == 200
+        assert client.post("/v1/outcomes", json=outcome).json() == client.post("/v1/outcomes", json=outcome).json()
+        assert "winback_decisions_total" in client.get("/metrics").text

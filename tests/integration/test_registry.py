@@ -1,0 +1,115 @@
+"""The MLflow registry of winback against a real SQLite store in a temp dir: register, aliases, pyfunc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from model import registry
+from model.bundle import ModelBundle
+from model.training import train
+from tests.factories import make_history_frames, make_request
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    attempts, nudges = make_history_frames(600, seed=3)
+    result = train(attempts, nudges, seed=0, max_rounds=20, evaluate_unseen_codes=False)
+    return result.bundle.save(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture
+def store(mlflow_store: str) -> str:
+    return mlflow_store
+
+
+def _new_run(store: str) -> str:
+    import mlflow
+
+    experiment_id = registry.ensure_experiment(store)
+    with registry.tracking(store), mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_metric("x", 1.0)
+    return str(run.info.run_id)
+
+
+def test_empty_store_has_no_champion_and_no_alias(store: str) -> None:
+    assert registry.load_champion(store) is None
+    assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=store) is None
+
+
+def test_register_sets_challenger_and_keeps_artifacts_next_to_the_store(
+    store: str, bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_id = _new_run(store)
+    first = registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    second = registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    assert (first, second) == ("1", "2")
+    assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=store) == "2"
+    assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) is None
+    # Artifacts sit in <store folder>/artifacts, and nothing was written to MLflow's defaults (./mlruns, ./mlflow.db).
+    assert list((tmp_path / "artifacts").rglob("MLmodel"))
+    assert not (tmp_path / "mlruns").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts", "mlflow.db"]
+
+
+def test_champion_alias_moves_and_loads_that_version(store: str, bundle_dir: Path) -> None:
+    run_id = _new_run(store)
+    registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    loaded = registry.load_champion(store)
+    assert loaded is not None
+    bundle, version = loaded
+    assert version == "1"
+    assert isinstance(bundle, ModelBundle)
+    assert bundle.version == ModelBundle.load(bundle_dir).version
+    registry.set_alias(registry.CHAMPION, "2", tracking_uri=store)
+    assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "2"
+
+
+def test_default_tracking_uri_is_a_sqlite_file_under_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = registry.resolve_tracking_uri(None)
+    assert uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert registry.artifact_location_for(uri) == (tmp_path / "mlruns" / "artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere/x.db")
+    assert registry.resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/elsewhere/x.db"
+    assert registry.resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_pyfunc_from_the_registry_decides_json_requests(store: str, bundle_dir: Path) -> None:
+    import mlflow.pyfunc
+
+    run_id = _new_run(store)
+    example = pd.DataFrame({"request": [make_request().model_dump_json()]})
+    version = registry.register_bundle(bundle_dir, run_id, tracking_uri=store, input_example=example)
+    registry.set_alias(registry.CHAMPION, version, tracking_uri=store)
+    with registry.tracking(store):
+        model = mlflow.pyfunc.load_model(f"models:/{registry.MODEL_NAME}@{registry.CHAMPION}")
+    assert model.metadata.get_input_schema().input_names() == ["request", "merchant"]
+    visa_category_1 = make_request(failure={"network_decline_code": "14", "error_code": "invalid_number"})
+    frame = pd.DataFrame({"request": [make_request().model_dump_json(), visa_category_1.model_dump_json()]})
+    out = model.predict(frame)
+    assert list(out.columns) == [name for name, _ in registry._OUTPUT_COLUMNS]
+    assert len(out) == 2
+    assert set(out["action"]) <= {"retry", "retarget", "stop"}
+    assert out["action"].iloc[1] != "retry"  # a Visa category-1 code never gets a silent retry
+    decision = json.loads(out["decision"].iloc[0])
+    assert decision["action"] == out["action"].iloc[0]
+    assert 0.0 <= out["expected_success"].iloc[0] <= 1.0
+
+
+def test_pyfunc_names_a_bad_row(store: str, bundle_dir: Path) -> None:
+    model = registry.WinbackPyfunc()
+    model._bundle = ModelBundle.load(bundle_dir)
+    from model.catalog import load_catalog
+
+    model._catalog = load_catalog()
+    with pytest.raises(ValueError, match=r"row 2: column 'request' is not valid JSON"):
+        model.predict(None, pd.DataFrame({"request": [make_request().model_dump_json(), "{oops"]}))

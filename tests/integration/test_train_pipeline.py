@@ -1,0 +1,134 @@
+"""`winback train` end to end against a real MLflow SQLite store: run, registry, aliases, promotion gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from typer.testing import CliRunner
+
+from model import registry
+from model.history import write_attempts, write_nudges
+from pipelines.cli import app
+from pipelines.train import TrainSummary, run_training
+from tests.factories import make_history_frames
+
+# Small and fast: few boosting rounds, a sample of the holdout, few bootstrap resamples, no simulated episodes.
+TRAIN_OPTIONS = {"max_rounds": 30, "evaluate_unseen_codes": False}
+EVALUATION_OPTIONS = {"simulated": False, "max_points": 300, "n_bootstrap": 20}
+
+
+def _write_history(folder: Path, n_orders: int, seed: int) -> tuple[Path, Path]:
+    attempts, nudges = make_history_frames(n_orders, seed=seed)
+    # The history files carry microsecond timestamps, like a payment switch's export.
+    attempts["created_at"] = attempts["created_at"].dt.floor("us")
+    for column in ("sent_at", "clicked_at"):
+        nudges[column] = nudges[column].dt.floor("us")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_attempts(attempts, folder / "attempts.parquet")
+    write_nudges(nudges, folder / "nudges.parquet")
+    return folder / "attempts.parquet", folder / "nudges.parquet"
+
+
+def _train(history: tuple[Path, Path], store: str, console: Console) -> TrainSummary:
+    return run_training(
+        *history,
+        tracking_uri=store,
+        promote=True,
+        train_options=TRAIN_OPTIONS,
+        evaluation_options=EVALUATION_OPTIONS,
+        console=console,
+        show_progress=False,
+    )
+
+
+def test_promotion_gate_both_ways(tmp_path: Path, mlflow_store: str) -> None:
+    import mlflow
+
+    console = Console(width=200, record=True)
+    full = _write_history(tmp_path / "full", 600, seed=0)
+    few = _write_history(tmp_path / "few", 150, seed=1)
+
+    first = _train(full, mlflow_store, console)
+    assert (first.version, first.champion_version, first.promoted) == ("1", "1", True)
+    assert first.gate is not None
+    assert first.gate.verdict == "promoted version 1: there was no champion yet"
+
+    # The same data and seed give the same model: not worse, so it is promoted.
+    again = _train(full, mlflow_store, console)
+    assert (again.version, again.champion_version, again.promoted) == ("2", "2", True)
+
+    # Trained on a quarter of the orders: worse on the same (its own) holdout, so the champion stays.
+    worse = _train(few, mlflow_store, console)
+    assert worse.gate is not None
+    assert not worse.promoted, worse.gate.verdict
+    assert worse.champion_version == "2"
+    assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=mlflow_store) == "3"
+    assert worse.gate.verdict.startswith("kept champion version 2; version 3 stays challenger: ")
+    text = console.export_text()
+    assert "Promotion gate: challenger v3 vs champion v2" in text
+    assert "retry model AUC" in text
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    run = client.get_run(worse.run_id)
+    assert run.data.params["train.max_rounds"] == "30"
+    assert run.data.tags["winback.gate"] == "keep"
+    assert "gate.retry_auc" in run.data.metrics
+    assert "champion.retry_auc" in run.data.metrics
+    logged = set(worse.artifacts)
+    for expected in (
+        "plots/calibration_curves.png",
+        "plots/feature_importance.png",
+        "plots/retryability_by_error_class.png",
+        "plots/policy_value.png",
+        "evaluation/ope.csv",
+        "evaluation/classification.csv",
+    ):
+        assert expected in logged
+    listed = {item.path for item in client.list_artifacts(worse.run_id, "plots")}
+    assert "plots/policy_value.png" in listed
+
+
+def _bad_attempts_csv(folder: Path) -> tuple[Path, Path]:
+    attempts, nudges = make_history_frames(40, seed=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_nudges(nudges, folder / "nudges.parquet")
+    attempts = attempts.astype({"amount": object})
+    attempts.loc[2, "amount"] = "lots"
+    pd.DataFrame(attempts).to_csv(folder / "attempts.csv", index=False)
+    return folder / "attempts.csv", folder / "nudges.parquet"
+
+
+def test_bad_input_exits_non_zero_with_one_line_and_touches_no_store(tmp_path: Path) -> None:
+    attempts, nudges = _bad_attempts_csv(tmp_path / "bad")
+    store = tmp_path / "store" / "mlflow.db"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--attempts", str(attempts), "--nudges", str(nudges), "--tracking-uri", f"sqlite:///{store}"],
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: invalid history: 1 problem: ")
+    assert "row 3: column amount" in lines[0]
+    assert not store.exists()  # validated before MLflow was touched: nothing logged, nothing registered
+
+
+def test_missing_file_exits_non_zero_and_registers_nothing(tmp_path: Path, mlflow_store: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--attempts",
+            str(tmp_path / "nope.parquet"),
+            "--nudges",
+            str(tmp_path / "nope_nudges.parquet"),
+            "--tracking-uri",
+            mlflow_store,
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: invalid history")
+    assert "nope.parquet" in result.stderr
+    assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=mlflow_store) is None

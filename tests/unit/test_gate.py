@@ -1,0 +1,93 @@
+"""The promotion gate's verdict as a pure function of holdout metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from rich.console import Console
+
+from pipelines.gate import GATE_METRICS, compare, gate_table
+
+CHAMPION = {
+    "retry_log_loss": 0.50,
+    "retry_auc": 0.70,
+    "retarget_log_loss": 0.40,
+    "retarget_auc": 0.65,
+    "policy_value_dr": 0.30,
+}
+
+
+def _render(result: object) -> str:
+    console = Console(width=200, record=True)
+    console.print(gate_table(result))  # type: ignore[arg-type]
+    return console.export_text()
+
+
+def test_no_champion_promotes_and_says_so() -> None:
+    result = compare(CHAMPION, None, challenger_version="1", champion_version=None)
+    assert result.promote
+    assert result.verdict == "promoted version 1: there was no champion yet"
+
+
+def test_equal_metrics_promote() -> None:
+    result = compare(CHAMPION, CHAMPION, challenger_version="2", champion_version="1")
+    assert result.promote
+    assert all(check.passed for check in result.checks)
+    assert result.verdict.startswith("promoted version 2 over version 1")
+
+
+@pytest.mark.parametrize(
+    ("metric", "value"),
+    [
+        ("retry_log_loss", 0.52),
+        ("retry_auc", 0.68),
+        ("retarget_log_loss", 0.42),
+        ("retarget_auc", 0.63),
+        ("policy_value_dr", 0.29),
+    ],
+)
+def test_worse_beyond_tolerance_on_any_metric_keeps_the_champion(metric: str, value: float) -> None:
+    challenger = {**CHAMPION, metric: value}
+    result = compare(challenger, CHAMPION, challenger_version="2", champion_version="1")
+    assert not result.promote
+    failed = [check.metric.name for check in result.checks if not check.passed]
+    assert failed == [metric]
+    label = next(m.label for m in GATE_METRICS if m.name == metric)
+    assert result.verdict.startswith("kept champion version 1; version 2 stays challenger: " + label + " worse by")
+
+
+@pytest.mark.parametrize("metric", [m.name for m in GATE_METRICS])
+def test_worse_within_tolerance_passes(metric: str) -> None:
+    gate_metric = next(m for m in GATE_METRICS if m.name == metric)
+    step = gate_metric.allowed(CHAMPION[metric]) / 2
+    challenger = {**CHAMPION, metric: CHAMPION[metric] + (-step if gate_metric.higher_is_better else step)}
+    assert compare(challenger, CHAMPION, challenger_version="2", champion_version="1").promote
+
+
+def test_undefined_challenger_metric_blocks_but_undefined_champion_metric_does_not() -> None:
+    missing_challenger = {k: v for k, v in CHAMPION.items() if k != "retarget_auc"}
+    blocked = compare(missing_challenger, CHAMPION, challenger_version="2", champion_version="1")
+    assert not blocked.promote
+    assert "retarget model AUC of the challenger is undefined" in blocked.reasons
+
+    nan_champion = {**CHAMPION, "retarget_auc": math.nan}
+    assert compare(CHAMPION, nan_champion, challenger_version="2", champion_version="1").promote
+
+
+def test_table_shows_every_metric_and_the_verdict() -> None:
+    challenger = {**CHAMPION, "retry_auc": 0.60}
+    text = _render(compare(challenger, CHAMPION, challenger_version="2", champion_version="1"))
+    for metric in GATE_METRICS:
+        assert metric.label in text
+    assert "challenger v2 vs champion v1" in text
+    assert "kept champion version 1" in text
+    assert "0.6000" in text
+
+
+def test_policy_value_tolerance_is_relative_to_the_champion() -> None:
+    big = {**CHAMPION, "policy_value_dr": 100.0}
+    assert compare({**big, "policy_value_dr": 98.5}, big, challenger_version="2", champion_version="1").promote
+    kept = compare({**big, "policy_value_dr": 97.0}, big, challenger_version="2", champion_version="1")
+    assert not kept.promote
+    assert "policy value (DR) worse by 3.0000 (97.0000 vs 100.0000; tolerance 2%)" in kept.reasons

@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Tests never call home: MLflow's usage telemetry is off for every process the suite starts.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
 
 @pytest.fixture(autouse=True)
 def _clean_winback_env(monkeypatch: pytest.MonkeyPatch) -> None:

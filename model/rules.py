@@ -376,6 +376,9 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     # Visa: category 1 never again; any other Visa decline counts against the re-attempt cap.
     visa_category = normalised.visa_category
+    if visa_category is None and network == "visa" and failure.network_decline_code:
+        # The caller says Visa even where the catalog would not look (e.g. an odd payment method): honour it.
+        visa_category = catalog.visa_category(failure.network_decline_code)
     visa_cap: int | None = None
     reported = _reported_reattempts(request)
     if visa_category is not None:
@@ -568,6 +571,11 @@ def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
     Quiet hours, cadence and channel rules apply to retargets (customer messages) only; silent retries are
     invisible to the customer and are judged by the network, regulatory and merchant retry rules instead.
     """
+    broken = _broken(context, candidate)
+    return RuleVerdict(candidate, not broken, tuple(broken))
+
+
+def _broken(context: RuleContext, candidate: Candidate) -> list[str]:
     at = candidate.execute_at
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"candidate.execute_at must carry a timezone, got {at.isoformat()}")
@@ -576,17 +584,14 @@ def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
         broken.append(Rule.BEFORE_EVENT_TIME)
     action = candidate.action
     if action == Action.STOP:
-        return RuleVerdict(candidate, not broken, tuple(broken))
+        return broken
 
     if action == Action.RETRY:
         strategy, connector = candidate.strategy, candidate.connector
-        if strategy is None or connector is None or candidate.channel is not None:
+        blocked = context.strategy_blocked_by.get(strategy) if strategy is not None else None
+        if blocked is None or connector is None or candidate.channel is not None:
             broken.append(Rule.MALFORMED_CANDIDATE)
-            return RuleVerdict(candidate, False, tuple(broken))
-        blocked = context.strategy_blocked_by.get(strategy)
-        if blocked is None:
-            broken.append(Rule.MALFORMED_CANDIDATE)
-            return RuleVerdict(candidate, False, tuple(broken))
+            return broken
         broken.extend(context.retry_blocked_by)
         broken.extend(blocked)
         if connector not in context.connector_order:
@@ -610,17 +615,14 @@ def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
                 broken.append(Rule.UPI_AUTOPAY_RETRY_WINDOW)
             if in_upi_peak_hours(context, at):
                 broken.append(Rule.UPI_AUTOPAY_PEAK_HOURS)
-        return RuleVerdict(candidate, not broken, tuple(broken))
+        return broken
 
     if action == Action.RETARGET:
         channel = candidate.channel
-        if channel is None or candidate.strategy is not None or candidate.connector is not None:
+        channel_blocked = context.channel_blocked_by.get(channel) if channel is not None else None
+        if channel_blocked is None or candidate.strategy is not None or candidate.connector is not None:
             broken.append(Rule.MALFORMED_CANDIDATE)
-            return RuleVerdict(candidate, False, tuple(broken))
-        channel_blocked = context.channel_blocked_by.get(channel)
-        if channel_blocked is None:
-            broken.append(Rule.MALFORMED_CANDIDATE)
-            return RuleVerdict(candidate, False, tuple(broken))
+            return broken
         broken.extend(context.retarget_blocked_by)
         broken.extend(channel_blocked)
         if at > context.window_end:
@@ -633,10 +635,10 @@ def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
             broken.append(Rule.SKIP_DAYS)
         if local_day in context.nudged_days:
             broken.append(Rule.ONE_NUDGE_PER_DAY)
-        return RuleVerdict(candidate, not broken, tuple(broken))
+        return broken
 
     broken.append(Rule.MALFORMED_CANDIDATE)
-    return RuleVerdict(candidate, False, tuple(broken))
+    return broken
 
 
 def judge(context: RuleContext, candidates: Iterable[Candidate]) -> list[RuleVerdict]:
@@ -649,7 +651,7 @@ def permitted(context: RuleContext, candidates: list[Candidate]) -> list[Candida
 
     When the input holds no permitted stop, a stop at ``event_time`` is appended.
     """
-    allowed = [candidate for candidate in candidates if check(context, candidate).allowed]
+    allowed = [candidate for candidate in candidates if not _broken(context, candidate)]
     if not any(candidate.action == Action.STOP for candidate in allowed):
         allowed.append(Candidate(Action.STOP, context.event_time))
     return allowed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -355,7 +356,8 @@ def make_history_frames(
     Every order fails its first attempt with one of ``_SYNTH_ERRORS``; up to two silent retries follow (retry_same
     or cascade, delays from ``_SYNTH_DELAYS_H``, logged propensity 1/12 when ``propensity``); an insufficient-funds
     retry succeeds far more often once a 1st of the month has passed, a stolen card almost never. Unrecovered orders
-    may get a nudge 20 h after the last failure, whose link is sometimes used and paid.
+    may get a nudge 20 h after the last failure, whose link is sometimes used and paid; an unanswered nudge is
+    sometimes followed by one more silent retry.
     """
     import numpy as np
 
@@ -421,6 +423,19 @@ def make_history_frames(
              "channel": ("whatsapp", "sms", "email")[int(rng.integers(3))], "clicked_at": click_at,
              "decision_id": f"dec_{nudge_id}", "propensity": 0.5 if propensity else None}
         )  # fmt: skip
+        if not clicked and rng.random() < 0.5:
+            # The follow-up decision after an unanswered nudge: one more silent retry.
+            at = sent + pd.Timedelta(hours=24 + _SYNTH_DELAYS_H[int(rng.integers(len(_SYNTH_DELAYS_H)))])
+            paid_day = at.month != last_failure.month or at.year != last_failure.year
+            success = bool(rng.random() < (p_payday if paid_day else p_now))
+            number += 1
+            attempts.append(
+                {**base, **({"error_code": None, "error_message": None, "network_decline_code": None} if success
+                            else failure),
+                 "txn_id": f"{order}_{number}", "attempt_number": number, "created_at": at, "connector": connector,
+                 "strategy": "retry_same", "status": "success" if success else "failure",
+                 "decision_id": f"dec_{order}_{number}", "propensity": 1 / 12 if propensity else None}
+            )  # fmt: skip
         if clicked:
             number += 1
             paid = bool(rng.random() < 0.6)
@@ -440,3 +455,20 @@ def make_history_frames(
         _typed(attempts, _ATTEMPT_DEFAULTS, ("created_at",)),
         _typed(nudges, _NUDGE_DEFAULTS, ("sent_at", "clicked_at")),
     )
+
+
+def write_merchant_config(path: Path, merchant_ids: list[str]) -> Path:
+    """Write a merchant config YAML with the demo merchant's settings for each id; the API key of merchant
+    ``m`` is ``"wb_demo_<m>"`` (the demo config's convention). Returns ``path``."""
+    import hashlib
+
+    import yaml
+
+    base = make_merchant().model_dump(mode="json", exclude_defaults=False, exclude={"providers", "connector_endpoints"})
+    base.pop("webhook", None)
+    merchants = {
+        merchant_id: base | {"api_key_sha256": hashlib.sha256(f"wb_demo_{merchant_id}".encode()).hexdigest()}
+        for merchant_id in merchant_ids
+    }
+    path.write_text(yaml.safe_dump({"merchants": merchants}, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,1079 @@
+"""Hard rules (model/rules.py, data/rules/hard_rules.yaml): every rule as a table, cadence, quiet hours, grid."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model import rules
+from model.catalog import ErrorCatalog, MerchantAdvice, NormalisedError, load_catalog
+from model.rules import Candidate, Rule, RuleContext, RuleInputError, build_context, check, permitted
+from model.vocab import (
+    RETRY_STRATEGIES,
+    USER_CONSENT_AUTHENTICATION,
+    USER_CONSENT_METHODS,
+    Action,
+    Channel,
+    ErrorClass,
+    Strategy,
+)
+from tests.factories import make_merchant, make_request
+
+T0 = datetime(2026, 11, 1, 10, 15, tzinfo=UTC)  # the factory request's event_time: 15:45 IST
+HOUR = timedelta(hours=1)
+REPO = Path(__file__).resolve().parents[2]
+VISA_CATEGORY_1_CODES = frozenset({"04", "07", "12", "14", "15", "41", "43", "46", "57", "R0", "R1", "R3"})
+
+
+@dataclass
+class FakeCatalog:
+    """The ErrorCatalog API with a tiny fixed table, so these tests exercise the rules and nothing else."""
+
+    advice: dict[str, MerchantAdvice] = field(default_factory=dict)
+    version: str = "fake"
+
+    def normalise(
+        self,
+        connector: str,
+        error_code: str | None,
+        error_message: str | None = None,
+        network_decline_code: str | None = None,
+        merchant_advice_code: str | None = None,
+        unified_code: str | None = None,
+        card_network: str | None = None,
+        payment_method: str | None = None,
+    ) -> NormalisedError:
+        return NormalisedError(
+            error_class=ErrorClass.UNKNOWN,
+            visa_category=self.visa_category(network_decline_code) if card_network == "visa" else None,
+            merchant_advice=self.advice.get(merchant_advice_code or ""),
+            matched_by="unknown",
+            known_code=False,
+        )
+
+    def visa_category(self, network_decline_code: str | None) -> int | None:
+        if network_decline_code is None:
+            return None
+        if network_decline_code in VISA_CATEGORY_1_CODES:
+            return 1
+        return {"51": 2, "91": 2, "54": 3}.get(network_decline_code, 4)
+
+
+def ctx(merchant: Any = None, catalog: Any = None, **request_overrides: Any) -> RuleContext:
+    catalog = cast(ErrorCatalog, catalog or FakeCatalog())
+    return build_context(make_request(**request_overrides), merchant or make_merchant(), catalog)
+
+
+def retry(
+    at: datetime = T0 + timedelta(seconds=2), strategy: str = "retry_same", connector: str = "stripe"
+) -> Candidate:
+    return Candidate(Action.RETRY, at, strategy=Strategy(strategy), connector=connector)
+
+
+def retarget(at: datetime = T0, channel: str = "whatsapp") -> Candidate:
+    return Candidate(Action.RETARGET, at, channel=Channel(channel))
+
+
+def attempt(n: int, strategy: str, at: datetime, status: str = "failure", connector: str = "stripe") -> dict[str, Any]:
+    return {
+        "attempt_number": n,
+        "connector": connector,
+        "strategy": strategy,
+        "status": status,
+        "error_code": "card_declined",
+        "created_at": at.isoformat(),
+    }
+
+
+def retries_history(count: int, start: datetime, step: timedelta = timedelta(minutes=1)) -> dict[str, Any]:
+    """Attempt 1 at ``start`` then ``count`` silent retries, one per ``step``."""
+    attempts = [attempt(1, "initial", start)]
+    attempts += [attempt(i + 2, "retry_same", start + step * (i + 1)) for i in range(count)]
+    return {"attempts": attempts, "nudges": []}
+
+
+def broken(context: RuleContext, candidate: Candidate) -> tuple[str, ...]:
+    return check(context, candidate).broken
+
+
+# ------------------------------------------------------------------------------------------------------ Visa
+
+LENIENT = make_merchant(retry={"max_retries": 20}, retarget={"retry_window_days": 60})
+
+
+@pytest.mark.parametrize(
+    ("network", "decline", "history", "extra", "candidate", "rule", "fires"),
+    [
+        ("visa", "04", None, None, retry(), Rule.VISA_CATEGORY_1, True),
+        ("visa", "46", None, None, retry(strategy="cascade", connector="adyen"), Rule.VISA_CATEGORY_1, True),
+        ("visa", "R1", None, None, retry(strategy="step_up"), Rule.VISA_CATEGORY_1, True),
+        ("visa", "04", None, None, retarget(), Rule.VISA_CATEGORY_1, False),  # new details: allowed
+        ("visa", "51", None, None, retry(), Rule.VISA_CATEGORY_1, False),
+        ("mastercard", "04", None, None, retry(), Rule.VISA_CATEGORY_1, False),
+        ("visa", "51", retries_history(14, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        ("visa", "51", retries_history(15, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "54", retries_history(15, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "05", retries_history(15, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        # 15 retries, all more than 30 days before execute_at: none counts any more.
+        ("visa", "51", retries_history(15, T0 - timedelta(days=40)), None, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        # The window slides with execute_at: a later retry sees fewer recent re-attempts.
+        (
+            "visa",
+            "51",
+            retries_history(15, T0 - timedelta(days=29), step=timedelta(hours=1)),
+            None,
+            retry(at=T0 + timedelta(days=1, hours=1, seconds=1)),
+            Rule.VISA_REATTEMPT_CAP,
+            False,
+        ),
+        (  # ... and the window's start is inclusive
+            "visa",
+            "51",
+            retries_history(15, T0 - timedelta(days=29), step=timedelta(hours=1)),
+            None,
+            retry(at=T0 + timedelta(days=1, hours=1)),
+            Rule.VISA_REATTEMPT_CAP,
+            True,
+        ),
+        ("visa", "51", None, 15, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "51", None, 14, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        ("visa", "51", retries_history(3, T0 - timedelta(days=1)), 15, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "51", None, 15, retarget(), Rule.VISA_REATTEMPT_CAP, False),
+        ("mastercard", "51", retries_history(15, T0 - timedelta(days=3)), 15, retry(), Rule.VISA_REATTEMPT_CAP, False),
+    ],
+)
+def test_visa_rules(
+    network: str,
+    decline: str,
+    history: dict[str, Any] | None,
+    extra: int | None,
+    candidate: Candidate,
+    rule: Rule,
+    fires: bool,
+) -> None:
+    overrides: dict[str, Any] = {
+        "payment": {"card_network": network},
+        "failure": {"network_decline_code": decline},
+    }
+    if history is not None:
+        overrides["history"] = history
+    if extra is not None:
+        overrides["card_reattempts_30d"] = extra
+    context = ctx(merchant=LENIENT, **overrides)
+    assert (rule in broken(context, candidate)) is fires
+
+
+@pytest.mark.parametrize("bad", ["fifteen", -1, 2.5, True])
+def test_card_reattempts_field_must_be_a_count(bad: object) -> None:
+    with pytest.raises(RuleInputError, match="card_reattempts_30d must be a non-negative integer"):
+        ctx(card_reattempts_30d=bad)
+
+
+# ------------------------------------------------------------------------------------------ Mastercard MAC
+
+FAIL_AT = T0 - timedelta(minutes=30)  # the last failed attempt; event_time is a follow-up 30 min later
+
+
+@pytest.mark.parametrize(
+    ("network", "mac", "candidate", "rule", "fires"),
+    [
+        ("mastercard", "03", retry(), Rule.MAC_NEVER_RETRY, True),
+        ("mastercard", "03", retry(strategy="cascade", connector="adyen"), Rule.MAC_NEVER_RETRY, True),
+        ("mastercard", "03", retry(at=T0 + timedelta(days=3)), Rule.MAC_NEVER_RETRY, True),
+        ("mastercard", "03", retarget(), Rule.MAC_NO_RETARGET, False),  # another card is welcome
+        ("mastercard", "21", retry(), Rule.MAC_NEVER_RETRY, True),
+        ("mastercard", "21", retarget(), Rule.MAC_NO_RETARGET, True),  # the cardholder cancelled
+        ("visa", "03", retry(), Rule.MAC_NEVER_RETRY, True),  # a MAC is honoured on any network
+        (None, "21", retry(), Rule.MAC_NEVER_RETRY, True),
+        ("mastercard", "3", retry(), Rule.MAC_NEVER_RETRY, True),  # unpadded code
+        ("mastercard", "01", retry(), Rule.MAC_CARD_UPDATE, True),
+        ("mastercard", "01", retry(strategy="cascade", connector="adyen"), Rule.MAC_CARD_UPDATE, True),
+        ("mastercard", "01", retarget(), Rule.MAC_CARD_UPDATE, False),
+        ("mastercard", "24", retry(at=FAIL_AT + timedelta(minutes=59, seconds=59)), Rule.MAC_WAIT, True),
+        ("mastercard", "24", retry(at=FAIL_AT + timedelta(hours=1)), Rule.MAC_WAIT, False),
+        ("mastercard", "25", retry(at=FAIL_AT + timedelta(hours=24) - timedelta(seconds=1)), Rule.MAC_WAIT, True),
+        ("mastercard", "25", retry(at=FAIL_AT + timedelta(hours=24)), Rule.MAC_WAIT, False),
+        ("mastercard", "26", retry(at=FAIL_AT + timedelta(days=2) - timedelta(seconds=1)), Rule.MAC_WAIT, True),
+        ("mastercard", "26", retry(at=FAIL_AT + timedelta(days=2)), Rule.MAC_WAIT, False),
+        ("mastercard", "30", retry(at=FAIL_AT + timedelta(days=10) - timedelta(seconds=1)), Rule.MAC_WAIT, True),
+        ("mastercard", "30", retry(at=FAIL_AT + timedelta(days=10)), Rule.MAC_WAIT, False),
+        ("mastercard", "02", retry(at=FAIL_AT + timedelta(hours=71)), Rule.MAC_WAIT, True),
+        ("mastercard", "02", retry(at=FAIL_AT + timedelta(hours=72)), Rule.MAC_WAIT, False),
+        ("mastercard", "25", retarget(), Rule.MAC_WAIT, False),  # waits bind silent re-attempts only
+        ("mastercard", None, retry(), Rule.MAC_WAIT, False),
+        ("mastercard", "40", retry(), Rule.MAC_NEVER_RETRY, False),
+    ],
+)
+def test_mastercard_merchant_advice(
+    network: str | None, mac: str | None, candidate: Candidate, rule: Rule, fires: bool
+) -> None:
+    history = {"attempts": [attempt(1, "initial", FAIL_AT - timedelta(hours=1)), attempt(2, "cascade", FAIL_AT)]}
+    context = ctx(
+        merchant=LENIENT,
+        payment={"card_network": network},
+        failure={"merchant_advice_code": mac, "network_decline_code": "05"},
+        history=history,
+    )
+    assert (rule in broken(context, candidate)) is fires
+
+
+def test_mac_wait_counts_from_event_time_without_failed_attempts() -> None:
+    context = ctx(failure={"merchant_advice_code": "24"}, history={"attempts": []})
+    assert Rule.MAC_WAIT in broken(context, retry(at=T0 + timedelta(minutes=59)))
+    assert Rule.MAC_WAIT not in broken(context, retry(at=T0 + timedelta(hours=1)))
+
+
+def test_mac_catalog_advice_is_honoured_when_stricter_than_the_rule_data() -> None:
+    strict = FakeCatalog(advice={"40": MerchantAdvice("40", "prepaid", True, False, None)})
+    waiting = FakeCatalog(advice={"24": MerchantAdvice("24", "retry later", False, False, 5.0)})
+    assert Rule.MAC_NEVER_RETRY in broken(ctx(catalog=strict, failure={"merchant_advice_code": "40"}), retry())
+    context = ctx(catalog=waiting, failure={"merchant_advice_code": "24"}, history={"attempts": []})
+    assert Rule.MAC_WAIT in broken(context, retry(at=T0 + timedelta(hours=4)))
+    assert Rule.MAC_WAIT not in broken(context, retry(at=T0 + timedelta(hours=5)))
+
+
+# ---------------------------------------------------------------------------------------------- UPI AutoPay
+
+IST = ZoneInfo("Asia/Kolkata")
+UPI_T0 = datetime(2026, 11, 1, 3, 0, tzinfo=IST).astimezone(UTC)  # 03:00 IST, off-peak
+
+
+def upi_ctx(method: str = "upi_autopay", method_type: str | None = "mandate", **overrides: Any) -> RuleContext:
+    request: dict[str, Any] = {
+        "event_time": UPI_T0.isoformat(),
+        "available_connectors": None,
+        "payment": {"payment_method": method, "payment_method_type": method_type, "card_network": None},
+        "failure": {"connector": "razorpay", "network_decline_code": "U30", "error_code": "U30"},
+        "history": {"attempts": [attempt(1, "initial", UPI_T0, connector="razorpay")]},
+    }
+    merchant = make_merchant(connectors=["razorpay", "cashfree"], retry={"max_retries": 10})
+    return ctx(merchant=merchant, **{**request, **overrides})
+
+
+def ist(hh: int, mm: int, day: int = 1) -> datetime:
+    return datetime(2026, 11, day, hh, mm, tzinfo=IST).astimezone(UTC)
+
+
+@pytest.mark.parametrize(
+    ("local", "peak"),
+    [
+        ((3, 0), False),
+        ((9, 59), False),
+        ((10, 0), True),
+        ((11, 30), True),
+        ((12, 59), True),
+        ((13, 0), False),
+        ((16, 59), False),
+        ((17, 0), True),
+        ((21, 29), True),
+        ((21, 30), False),
+        ((23, 59), False),
+    ],
+)
+def test_upi_autopay_retries_only_off_peak(local: tuple[int, int], peak: bool) -> None:
+    candidate = retry(at=ist(*local), connector="razorpay")
+    assert (Rule.UPI_AUTOPAY_PEAK_HOURS in broken(upi_ctx(), candidate)) is peak
+    # the same request as UPI on a mandate (payment_method_type) is AutoPay too
+    assert (Rule.UPI_AUTOPAY_PEAK_HOURS in broken(upi_ctx("upi", "mandate"), candidate)) is peak
+
+
+def test_upi_peak_hours_do_not_bind_retargets_or_cards() -> None:
+    assert Rule.UPI_AUTOPAY_PEAK_HOURS not in broken(upi_ctx(), retarget(at=ist(11, 0)))
+    card = ctx(event_time=UPI_T0.isoformat(), history={"attempts": []})
+    assert Rule.UPI_AUTOPAY_PEAK_HOURS not in broken(card, retry(at=ist(11, 0)))
+
+
+@pytest.mark.parametrize(("used", "fires"), [(0, False), (2, False), (3, True), (4, True)])
+def test_upi_autopay_at_most_three_retries(used: int, fires: bool) -> None:
+    history = retries_history(used, UPI_T0 - timedelta(hours=1))
+    assert (Rule.UPI_AUTOPAY_MAX_RETRIES in broken(upi_ctx(history=history), retry(at=ist(4, 0)))) is fires
+
+
+@pytest.mark.parametrize(
+    ("after", "fires"),
+    [(timedelta(hours=47), False), (timedelta(hours=48), False), (timedelta(hours=48, seconds=1), True)],
+)
+def test_upi_autopay_retries_within_48_hours_of_the_original(after: timedelta, fires: bool) -> None:
+    assert (Rule.UPI_AUTOPAY_RETRY_WINDOW in broken(upi_ctx(), retry(at=UPI_T0 + after))) is fires
+
+
+def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
+    context = upi_ctx(event_time=ist(10, 15).isoformat())
+    retries = [c for c in rules.enumerate_candidates(context) if c.action == Action.RETRY]
+    assert retries, "UPI AutoPay retries must be snapped, not dropped"
+    assert not any(rules.in_upi_peak_hours(context, c.execute_at) for c in retries)
+    assert min(c.execute_at for c in retries) == ist(13, 0)  # "right away" waits for the 13:00 window
+    assert "upi_autopay_offpeak" in context.rules_applied
+
+
+# ------------------------------------------------------------------------------------------- consent flows
+
+
+@pytest.mark.parametrize(
+    ("method", "method_type", "authentication", "consent"),
+    [
+        ("wallet", "apple_pay", "no_three_ds", True),
+        ("bank_redirect", "ideal", "no_three_ds", True),
+        ("pay_later", "klarna", "no_three_ds", True),
+        ("upi", "collect", "no_three_ds", True),
+        ("upi", "intent", "no_three_ds", True),
+        ("upi", None, "no_three_ds", True),
+        ("card", "credit", "three_ds_challenge", True),
+        ("card", "wallet", "no_three_ds", True),
+        ("card", "credit", "no_three_ds", False),
+        ("card", "debit", "three_ds", False),
+        ("upi_autopay", "mandate", "no_three_ds", False),
+        ("upi", "mandate", "no_three_ds", False),
+        ("crypto", None, "no_three_ds", False),  # never-seen method: no rule of ours stops it
+    ],
+)
+def test_user_consent_flows_never_get_a_silent_retry(
+    method: str, method_type: str | None, authentication: str, consent: bool
+) -> None:
+    context = ctx(
+        payment={"payment_method": method, "payment_method_type": method_type, "authentication_type": authentication}
+    )
+    for strategy in RETRY_STRATEGIES:
+        connector = "adyen" if strategy is Strategy.CASCADE else "stripe"
+        assert (Rule.USER_CONSENT_FLOW in broken(context, retry(strategy=strategy, connector=connector))) is consent
+    assert Rule.USER_CONSENT_FLOW not in broken(context, retarget())
+    assert ("user_consent_flow" in context.rules_applied) is consent
+
+
+# ---------------------------------------------------------------------------------- strategies and connectors
+
+
+@pytest.mark.parametrize(
+    ("payment", "available", "candidate", "rule", "fires"),
+    [
+        ({}, None, retry(strategy="step_up"), Rule.STEP_UP_NOT_APPLICABLE, False),
+        ({"authentication_type": "three_ds"}, None, retry(strategy="step_up"), Rule.STEP_UP_NOT_APPLICABLE, True),
+        (
+            {"payment_method": "upi_autopay", "payment_method_type": "mandate"},
+            None,
+            retry(strategy="step_up"),
+            Rule.STEP_UP_NOT_APPLICABLE,
+            True,
+        ),
+        ({}, None, retry(strategy="clear_pan"), Rule.CLEAR_PAN_NOT_APPLICABLE, True),
+        ({"is_network_token": True}, None, retry(strategy="clear_pan"), Rule.CLEAR_PAN_NOT_APPLICABLE, False),
+        ({}, None, retry(strategy="alternate_network"), Rule.ALTERNATE_NETWORK_NOT_APPLICABLE, True),
+        (
+            {"payment_method_type": "debit"},
+            None,
+            retry(strategy="alternate_network"),
+            Rule.ALTERNATE_NETWORK_NOT_APPLICABLE,
+            False,
+        ),
+        ({}, None, retry(strategy="cascade", connector="stripe"), Rule.CASCADE_SAME_CONNECTOR, True),
+        ({}, None, retry(strategy="cascade", connector="adyen"), Rule.CASCADE_SAME_CONNECTOR, False),
+        ({}, None, retry(strategy="retry_same", connector="adyen"), Rule.RETRY_SAME_OTHER_CONNECTOR, True),
+        ({}, None, retry(strategy="retry_same", connector="stripe"), Rule.RETRY_SAME_OTHER_CONNECTOR, False),
+        # available_connectors absent: the merchant's connectors apply
+        ({}, None, retry(strategy="cascade", connector="cybersource"), Rule.CONNECTOR_UNAVAILABLE, False),
+        ({}, None, retry(strategy="cascade", connector="worldpay"), Rule.CONNECTOR_UNAVAILABLE, True),
+        # available_connectors given: it is the list, the merchant's is ignored
+        (
+            {},
+            ["stripe", "worldpay"],
+            retry(strategy="cascade", connector="worldpay"),
+            Rule.CONNECTOR_UNAVAILABLE,
+            False,
+        ),
+        ({}, ["stripe", "worldpay"], retry(strategy="cascade", connector="adyen"), Rule.CONNECTOR_UNAVAILABLE, True),
+        ({}, ["adyen"], retry(strategy="retry_same", connector="stripe"), Rule.CONNECTOR_UNAVAILABLE, True),
+    ],
+)
+def test_strategy_and_connector_rules(
+    payment: dict[str, Any], available: list[str] | None, candidate: Candidate, rule: Rule, fires: bool
+) -> None:
+    context = ctx(payment=payment, available_connectors=available)
+    assert (rule in broken(context, candidate)) is fires
+
+
+# ------------------------------------------------------------------------------------------ merchant config
+
+SMS_ONLY = make_merchant(retarget={"channels": ["sms"]})
+ONE_DAY = make_merchant(retarget={"retry_window_days": 1})
+
+
+@pytest.mark.parametrize(
+    ("merchant", "history", "candidate", "rule", "fires"),
+    [
+        (make_merchant(retry={"flows": ["cascade"]}), None, retry(), Rule.RETRY_FLOW_DISABLED, True),
+        (make_merchant(retry={"flows": ["retry_same"]}), None, retry(), Rule.RETRY_FLOW_DISABLED, False),
+        (make_merchant(retry={"flows": []}), None, retarget(), Rule.RETRY_FLOW_DISABLED, False),
+        (
+            make_merchant(retry={"max_retries": 3}),
+            retries_history(2, T0 - timedelta(hours=1)),
+            retry(),
+            Rule.MAX_RETRIES,
+            False,
+        ),
+        (
+            make_merchant(retry={"max_retries": 3}),
+            retries_history(3, T0 - timedelta(hours=1)),
+            retry(),
+            Rule.MAX_RETRIES,
+            True,
+        ),
+        (make_merchant(retry={"max_retries": 0}), None, retry(), Rule.MAX_RETRIES, True),
+        (make_merchant(retry={"max_retries": 0}), None, retarget(), Rule.MAX_RETRIES, False),
+        (make_merchant(retarget={"enabled": False}), None, retarget(), Rule.RETARGET_DISABLED, True),
+        (make_merchant(retarget={"enabled": False}), None, retry(), Rule.RETARGET_DISABLED, False),
+        (
+            make_merchant(retarget={"channels": ["sms"]}),
+            None,
+            retarget(channel="whatsapp"),
+            Rule.CHANNEL_DISABLED,
+            True,
+        ),
+        (make_merchant(retarget={"channels": ["sms"]}), None, retarget(channel="sms"), Rule.CHANNEL_DISABLED, False),
+        (make_merchant(retarget={"max_nudges": 0}), None, retarget(), Rule.MAX_NUDGES, True),
+        (
+            make_merchant(retarget={"retry_window_days": 1}),
+            None,
+            retry(at=T0 + timedelta(days=1)),
+            Rule.RETRY_WINDOW,
+            False,
+        ),
+        (
+            make_merchant(retarget={"retry_window_days": 1}),
+            None,
+            retry(at=T0 + timedelta(days=1, seconds=1)),
+            Rule.RETRY_WINDOW,
+            True,
+        ),
+        (
+            make_merchant(retarget={"retry_window_days": 1, "skip_days": 0}),
+            None,
+            retarget(at=T0 + timedelta(days=1, seconds=1)),
+            Rule.RETRY_WINDOW,
+            True,
+        ),
+    ],
+)
+def test_merchant_config_rules(
+    merchant: Any, history: dict[str, Any] | None, candidate: Candidate, rule: Rule, fires: bool
+) -> None:
+    context = ctx(merchant=merchant, **({"history": history} if history else {}))
+    assert (rule in broken(context, candidate)) is fires
+
+
+def test_only_silent_retries_count_against_max_retries() -> None:
+    history = retries_history(2, T0 - timedelta(hours=2))
+    history["attempts"].append(attempt(4, "retarget_link", T0 - timedelta(hours=1)))
+    context = ctx(merchant=make_merchant(retry={"max_retries": 3}), history=history)
+    assert Rule.MAX_RETRIES not in broken(context, retry())
+    assert "retries_left:1" in context.rules_applied
+
+
+@pytest.mark.parametrize(("sent", "fires"), [(3, False), (4, True)])
+def test_max_nudges(sent: int, fires: bool) -> None:
+    nudges = [{"channel": "sms", "sent_at": (T0 - timedelta(days=9 - 2 * i)).isoformat()} for i in range(sent)]
+    context = ctx(
+        merchant=make_merchant(retarget={"max_nudges": 4, "skip_days": 0, "retry_window_days": 30}),
+        history={"attempts": [attempt(1, "initial", T0 - timedelta(days=10))], "nudges": nudges},
+    )
+    assert (Rule.MAX_NUDGES in broken(context, retarget(at=T0))) is fires
+
+
+def test_retry_window_counts_from_the_first_failure() -> None:
+    first = T0 - timedelta(days=6)
+    context = ctx(history={"attempts": [attempt(1, "initial", first), attempt(2, "retry_same", T0)]})
+    assert Rule.RETRY_WINDOW not in broken(context, retry(at=first + timedelta(days=7)))
+    assert Rule.RETRY_WINDOW in broken(context, retry(at=first + timedelta(days=7, seconds=1)))
+    assert "retry_window:7d" in context.rules_applied
+
+
+# ------------------------------------------------------------------------------------------------ channels
+
+
+@pytest.mark.parametrize(
+    ("customer", "channels", "channel", "rule", "fires"),
+    [
+        ({"opted_out_channels": ["sms"]}, None, "sms", Rule.CHANNEL_OPTED_OUT, True),
+        ({"opted_out_channels": ["sms"]}, None, "whatsapp", Rule.CHANNEL_OPTED_OUT, False),
+        ({"phone_present": False}, None, "sms", Rule.CHANNEL_UNREACHABLE, True),
+        ({"phone_present": False}, None, "whatsapp", Rule.CHANNEL_UNREACHABLE, True),
+        ({"phone_present": False}, None, "email", Rule.CHANNEL_UNREACHABLE, False),
+        ({"email_present": False}, None, "email", Rule.CHANNEL_UNREACHABLE, True),
+        ({"email_present": False}, None, "sms", Rule.CHANNEL_UNREACHABLE, False),
+        ({"app_present": False}, ["push"], "push", Rule.CHANNEL_UNREACHABLE, True),
+        ({"app_present": True}, ["push"], "push", Rule.CHANNEL_UNREACHABLE, False),
+        ({"app_present": True}, None, "push", Rule.CHANNEL_DISABLED, True),  # merchant has no push
+    ],
+)
+def test_channel_rules(
+    customer: dict[str, Any], channels: list[str] | None, channel: str, rule: Rule, fires: bool
+) -> None:
+    merchant = make_merchant(retarget={"channels": channels}) if channels else make_merchant()
+    context = ctx(merchant=merchant, customer=customer)
+    assert (rule in broken(context, retarget(channel=channel))) is fires
+
+
+def test_opted_out_channels_are_listed_in_rules_applied() -> None:
+    context = ctx(customer={"opted_out_channels": ["whatsapp", "sms"]})
+    assert {"opted_out:sms", "opted_out:whatsapp"} <= set(context.rules_applied)
+
+
+# ------------------------------------------------------------------------------------------- every candidate
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        retry(at=T0 - timedelta(seconds=1)),
+        retarget(at=T0 - timedelta(seconds=1)),
+        Candidate(Action.STOP, T0 - timedelta(seconds=1)),
+    ],
+)
+def test_nothing_executes_before_event_time(candidate: Candidate) -> None:
+    assert Rule.BEFORE_EVENT_TIME in broken(ctx(), candidate)
+
+
+def test_stop_is_always_allowed() -> None:
+    strictest = make_merchant(retry={"max_retries": 0, "flows": []}, retarget={"enabled": False, "max_nudges": 0})
+    context = ctx(
+        merchant=strictest,
+        payment={"payment_method": "wallet"},
+        failure={"merchant_advice_code": "21", "network_decline_code": "04"},
+    )
+    assert check(context, Candidate(Action.STOP, T0)).allowed
+    assert check(context, Candidate(Action.STOP, T0 + timedelta(days=400))).allowed
+    assert permitted(context, []) == [Candidate(Action.STOP, T0)]
+    assert [c.action for c in permitted(context, rules.enumerate_candidates(context))] == [Action.STOP]
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        Candidate(Action.RETRY, T0, strategy=Strategy.RETRY_SAME),
+        Candidate(Action.RETRY, T0, strategy=None, connector="stripe"),
+        Candidate(Action.RETRY, T0, strategy=Strategy.INITIAL, connector="stripe"),
+        Candidate(Action.RETRY, T0, strategy=Strategy.RETRY_SAME, connector="stripe", channel=Channel.SMS),
+        Candidate(Action.RETARGET, T0),
+        Candidate(Action.RETARGET, T0, channel=Channel.SMS, strategy=Strategy.CASCADE),
+    ],
+)
+def test_malformed_candidates_are_refused(candidate: Candidate) -> None:
+    verdict = check(ctx(), candidate)
+    assert not verdict.allowed
+    assert Rule.MALFORMED_CANDIDATE in verdict.broken
+
+
+def test_naive_execute_at_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"candidate\.execute_at must carry a timezone"):
+        check(ctx(), Candidate(Action.STOP, datetime(2026, 11, 1, 10, 15)))
+
+
+# ---------------------------------------------------------------------------------------- skip-days cadence
+
+NO_QUIET = {"start": "00:00", "end": "00:00", "timezone": "UTC"}
+DAY0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("skip_days", "nudge_days", "day", "rule"),
+    [
+        (0, [], 0, None),
+        (0, [0], 0, (Rule.SKIP_DAYS, Rule.ONE_NUDGE_PER_DAY)),
+        (0, [0], 1, None),
+        (0, [0, 1], 1, (Rule.SKIP_DAYS, Rule.ONE_NUDGE_PER_DAY)),
+        (0, [0, 1], 2, None),
+        (1, [], 0, None),
+        (1, [], 1, None),
+        (1, [0], 1, Rule.SKIP_DAYS),
+        (1, [0], 2, None),
+        (1, [0, 2], 3, Rule.SKIP_DAYS),
+        (1, [0, 2], 4, None),
+        (1, [1], 2, None),  # nudge 1 may go on day 2 (= 1 * 2) even if nudge 0 went late, on day 1
+        (1, [3], 3, Rule.ONE_NUDGE_PER_DAY),
+        (2, [0], 1, Rule.SKIP_DAYS),
+        (2, [0], 2, Rule.SKIP_DAYS),
+        (2, [0], 3, None),
+        (2, [0, 3], 5, Rule.SKIP_DAYS),
+        (2, [0, 3], 6, None),
+        (2, [0, 3, 6], 8, Rule.SKIP_DAYS),
+        (2, [0, 3, 6], 9, None),
+    ],
+)
+def test_skip_days_cadence(
+    skip_days: int, nudge_days: list[int], day: int, rule: Rule | tuple[Rule, ...] | None
+) -> None:
+    merchant = make_merchant(
+        retarget={"skip_days": skip_days, "quiet_hours": NO_QUIET, "retry_window_days": 30, "max_nudges": 10}
+    )
+    nudges = [{"channel": "sms", "sent_at": (DAY0 + timedelta(days=d, hours=1)).isoformat()} for d in nudge_days]
+    candidate_at = DAY0 + timedelta(days=day, hours=2)
+    context = ctx(
+        merchant=merchant,
+        event_time=DAY0.isoformat(),
+        history={"attempts": [attempt(1, "initial", DAY0)], "nudges": nudges},
+    )
+    cadence = {Rule.SKIP_DAYS, Rule.ONE_NUDGE_PER_DAY}
+    expected = set(rule) if isinstance(rule, tuple) else {rule} if rule else set()
+    assert cadence & set(broken(context, retarget(at=candidate_at))) == expected
+
+
+def test_day0_is_the_local_calendar_day_of_the_first_failure() -> None:
+    # 20:00 UTC on 1 Nov is 01:30 on 2 Nov in India: Day 0 is 2 Nov there, so 3 Nov is Day 1.
+    first = datetime(2026, 11, 1, 20, 0, tzinfo=UTC)
+    merchant = make_merchant(
+        retarget={"skip_days": 1, "quiet_hours": {"start": "00:00", "end": "00:00", "timezone": "Asia/Kolkata"}}
+    )
+    nudges = [{"channel": "sms", "sent_at": first.isoformat()}]
+    context = ctx(
+        merchant=merchant,
+        event_time=first.isoformat(),
+        history={"attempts": [attempt(1, "initial", first)], "nudges": nudges},
+    )
+    assert context.day0 == date(2026, 11, 2)
+    assert Rule.SKIP_DAYS in broken(context, retarget(at=datetime(2026, 11, 3, 12, 0, tzinfo=IST)))
+    assert Rule.SKIP_DAYS not in broken(context, retarget(at=datetime(2026, 11, 4, 0, 0, tzinfo=IST)))
+
+
+# --------------------------------------------------------------------------------------------- quiet hours
+
+
+def quiet_ctx(start: str, end: str, zone: str) -> RuleContext:
+    merchant = make_merchant(
+        retarget={
+            "quiet_hours": {"start": start, "end": end, "timezone": zone},
+            "skip_days": 0,
+            "retry_window_days": 90,
+        }
+    )
+    origin = datetime(2026, 1, 1, tzinfo=UTC)
+    return ctx(merchant=merchant, event_time=origin.isoformat(), history={"attempts": [attempt(1, "initial", origin)]})
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "zone", "at", "quiet"),
+    [
+        # India, wrapping midnight
+        ("21:00", "09:00", "Asia/Kolkata", utc("2026-11-01T03:29:00"), True),  # 08:59 IST
+        ("21:00", "09:00", "Asia/Kolkata", utc("2026-11-01T03:30:00"), False),  # 09:00 IST
+        ("21:00", "09:00", "Asia/Kolkata", utc("2026-11-01T15:29:59"), False),  # 20:59:59 IST
+        ("21:00", "09:00", "Asia/Kolkata", utc("2026-11-01T15:30:00"), True),  # 21:00 IST
+        ("21:00", "09:00", "Asia/Kolkata", utc("2026-11-01T18:30:00"), True),  # midnight IST
+        # London, clocks go forward on 29 March 2026 (GMT -> BST)
+        ("21:00", "09:00", "Europe/London", utc("2026-03-28T08:59:00"), True),  # 08:59 GMT
+        ("21:00", "09:00", "Europe/London", utc("2026-03-28T09:00:00"), False),  # 09:00 GMT
+        ("21:00", "09:00", "Europe/London", utc("2026-03-30T07:59:00"), True),  # 08:59 BST
+        ("21:00", "09:00", "Europe/London", utc("2026-03-30T08:00:00"), False),  # 09:00 BST
+        ("21:00", "09:00", "Europe/London", utc("2026-03-30T19:59:00"), False),  # 20:59 BST
+        ("21:00", "09:00", "Europe/London", utc("2026-03-30T20:00:00"), True),  # 21:00 BST
+        # London, clocks go back on 25 October 2026 (BST -> GMT)
+        ("21:00", "09:00", "Europe/London", utc("2026-10-24T08:00:00"), False),  # 09:00 BST
+        ("21:00", "09:00", "Europe/London", utc("2026-10-25T08:00:00"), True),  # 08:00 GMT
+        ("21:00", "09:00", "Europe/London", utc("2026-10-25T09:00:00"), False),  # 09:00 GMT
+        ("21:00", "09:00", "Europe/London", utc("2026-10-25T01:30:00"), True),  # 01:30 GMT, the repeated hour
+        # New York, clocks go forward on 8 March and back on 1 November 2026
+        ("22:00", "07:00", "America/New_York", utc("2026-03-07T11:00:00"), True),  # 06:00 EST
+        ("22:00", "07:00", "America/New_York", utc("2026-03-07T12:00:00"), False),  # 07:00 EST
+        ("22:00", "07:00", "America/New_York", utc("2026-03-08T10:59:00"), True),  # 06:59 EDT
+        ("22:00", "07:00", "America/New_York", utc("2026-03-08T11:00:00"), False),  # 07:00 EDT
+        ("22:00", "07:00", "America/New_York", utc("2026-11-01T11:59:00"), True),  # 06:59 EST
+        ("22:00", "07:00", "America/New_York", utc("2026-11-01T12:00:00"), False),  # 07:00 EST
+        ("22:00", "07:00", "America/New_York", utc("2026-11-01T01:59:00"), False),  # 21:59 EDT, 31 October
+        ("22:00", "07:00", "America/New_York", utc("2026-11-01T02:00:00"), True),  # 22:00 EDT, 31 October
+        # a window inside one day, and none at all
+        ("12:00", "14:00", "UTC", utc("2026-05-01T11:59:00"), False),
+        ("12:00", "14:00", "UTC", utc("2026-05-01T12:00:00"), True),
+        ("12:00", "14:00", "UTC", utc("2026-05-01T13:59:59"), True),
+        ("12:00", "14:00", "UTC", utc("2026-05-01T14:00:00"), False),
+        ("00:00", "00:00", "UTC", utc("2026-05-01T03:00:00"), False),
+    ],
+)
+def test_quiet_hours(start: str, end: str, zone: str, at: datetime, quiet: bool) -> None:
+    context = quiet_ctx(start, end, zone)
+    assert (Rule.QUIET_HOURS in broken(context, retarget(at=at))) is quiet
+    assert Rule.QUIET_HOURS not in broken(context, retry(at=at))  # silent retries are not messages
+
+
+def test_first_send_time_is_the_end_of_quiet_hours_across_a_dst_change() -> None:
+    # 06:00 BST on the morning the clocks went forward: the first message goes at 09:00 BST = 08:00 UTC.
+    event = utc("2026-03-29T05:00:00")
+    merchant = make_merchant(
+        retarget={"quiet_hours": {"start": "21:00", "end": "09:00", "timezone": "Europe/London"}, "skip_days": 0}
+    )
+    context = ctx(merchant=merchant, event_time=event.isoformat(), history={"attempts": [attempt(1, "initial", event)]})
+    sends = sorted({c.execute_at for c in rules.enumerate_candidates(context) if c.action == Action.RETARGET})
+    assert sends[0] == utc("2026-03-29T08:00:00")
+    london = ZoneInfo("Europe/London")
+    assert [s.astimezone(london).time() for s in sends[1:4]] == [time(10, 0), time(13, 0), time(19, 0)]
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+
+
+def test_grid_is_bounded_deterministic_and_unique() -> None:
+    many = [f"psp{i}" for i in range(12)]
+    context = ctx(
+        available_connectors=["stripe", *many],
+        merchant=make_merchant(retarget={"channels": ["whatsapp", "sms", "email", "push"]}),
+    )
+    grid = rules.enumerate_candidates(context)
+    assert grid == rules.enumerate_candidates(context)
+    assert len(grid) == len(set(grid)) <= 120
+    assert sum(c.action == Action.STOP for c in grid) == 1
+    assert all(c.execute_at >= context.event_time for c in grid)
+    assert all(c.connector != "stripe" for c in grid if c.strategy is Strategy.CASCADE)
+    assert all(c.connector == "stripe" for c in grid if c.action == Action.RETRY and c.strategy is not Strategy.CASCADE)
+    for channel in Channel:
+        assert 1 <= sum(c.channel is channel for c in grid) <= rules.MAX_SEND_TIMES_PER_CHANNEL
+
+
+def test_grid_retry_delays_and_paydays() -> None:
+    context = ctx(merchant=make_merchant(retarget={"retry_window_days": 60}))
+    times = sorted({c.execute_at for c in rules.enumerate_candidates(context) if c.action == Action.RETRY})
+    delays = [
+        timedelta(seconds=2),
+        timedelta(minutes=15),
+        timedelta(hours=1),
+        timedelta(hours=6),
+        timedelta(hours=24),
+        timedelta(hours=72),
+    ]
+    paydays = [datetime(2026, 11, 26, 6, 0, tzinfo=IST), datetime(2026, 12, 1, 6, 0, tzinfo=IST)]
+    assert times == sorted([T0 + d for d in delays] + paydays)
+
+
+def test_grid_send_times_respect_cadence_and_quiet_hours() -> None:
+    # One nudge went on Day 0 (1 Nov); skip_days 1: the next may go on Day 2 (3 Nov) from 09:00 IST.
+    nudges = [{"channel": "sms", "sent_at": (T0 - timedelta(hours=1)).isoformat()}]
+    context = ctx(history={"attempts": [attempt(1, "initial", T0 - timedelta(hours=2))], "nudges": nudges})
+    sends = sorted({c.execute_at for c in rules.enumerate_candidates(context) if c.action == Action.RETARGET})
+    assert sends[0] == datetime(2026, 11, 3, 9, 0, tzinfo=IST)
+    assert [s.astimezone(IST).time() for s in sends[1:4]] == [time(10, 0), time(13, 0), time(19, 0)]
+    allowed = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action == Action.RETARGET]
+    assert {c.channel for c in allowed} == {Channel.WHATSAPP, Channel.SMS, Channel.EMAIL}
+
+
+def test_typical_request_permits_retries_retargets_and_stop() -> None:
+    context = ctx()
+    grid = rules.enumerate_candidates(context)
+    verdicts = rules.judge(context, grid)
+    allowed = permitted(context, grid)
+    assert allowed == [v.candidate for v in verdicts if v.allowed]
+    assert {c.action for c in allowed} == {Action.RETRY, Action.RETARGET, Action.STOP}
+    explanation = rules.explain(context, verdicts)
+    assert f"clear_pan_not_applicable: forbade 8 of {len(grid)} candidates" in explanation
+    assert all(line.split(":")[0] in set(Rule) for line in explanation)
+
+
+def test_rules_applied_names_the_constraints() -> None:
+    context = ctx(
+        payment={"card_network": "mastercard"},
+        failure={"merchant_advice_code": "03"},
+        customer={"opted_out_channels": ["sms"]},
+    )
+    assert {
+        "max_retries:3",
+        "retries_left:3",
+        "mastercard_mac:03",
+        "opted_out:sms",
+        "retry_window:7d",
+        "skip_days:1",
+        "quiet_hours:21:00-09:00 Asia/Kolkata",
+    } <= set(context.rules_applied)
+    assert "visa_category:1" in ctx(failure={"network_decline_code": "04"}).rules_applied
+    assert "visa_category:2" in ctx().rules_applied
+
+
+# ------------------------------------------------------------------------------ with the shipped catalog
+
+
+@pytest.mark.parametrize(
+    ("network", "decline", "mac", "candidate", "rule", "fires"),
+    [
+        ("visa", "04", None, retry(), Rule.VISA_CATEGORY_1, True),
+        ("visa", "43", None, retry(strategy="cascade", connector="adyen"), Rule.VISA_CATEGORY_1, True),
+        ("visa", "51", None, retry(), Rule.VISA_CATEGORY_1, False),
+        ("visa", "04", None, retarget(), Rule.VISA_CATEGORY_1, False),
+        ("mastercard", "05", "03", retry(), Rule.MAC_NEVER_RETRY, True),
+        ("mastercard", "05", "21", retarget(), Rule.MAC_NO_RETARGET, True),
+        ("mastercard", "05", "01", retry(), Rule.MAC_CARD_UPDATE, True),
+        ("mastercard", "05", "25", retry(at=T0 + timedelta(hours=23, minutes=59)), Rule.MAC_WAIT, True),
+        ("mastercard", "05", "25", retry(at=T0 + timedelta(hours=24)), Rule.MAC_WAIT, False),
+    ],
+)
+def test_rules_with_the_shipped_catalog(
+    network: str, decline: str, mac: str | None, candidate: Candidate, rule: Rule, fires: bool
+) -> None:
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"card_network": network},
+        failure={"network_decline_code": decline, "merchant_advice_code": mac},
+    )
+    assert (rule in broken(context, candidate)) is fires
+
+
+def test_visa_cap_with_the_shipped_catalog() -> None:
+    context = ctx(catalog=load_catalog(), card_reattempts_30d=15)
+    assert Rule.VISA_REATTEMPT_CAP in broken(context, retry())
+    assert "visa_category:2" in context.rules_applied
+
+
+# ---------------------------------------------------------------------------------------------- the data
+
+
+def test_every_rule_in_the_data_names_its_source() -> None:
+    raw = yaml.safe_load(rules.RULES_FILE.read_text(encoding="utf-8"))
+    sections = [raw["visa"]["category_1"], raw["visa"]["reattempt_cap"]]
+    sections += [
+        raw[name] for name in ("mastercard_merchant_advice", "upi_autopay", "user_consent", "strategies", "channels")
+    ]
+    assert all(isinstance(section.get("source"), str) and section["source"].strip() for section in sections)
+
+
+def test_consent_data_covers_the_vocabulary() -> None:
+    book = rules.load_rulebook()
+    assert book.consent_payment_methods >= USER_CONSENT_METHODS
+    assert book.consent_authentication >= USER_CONSENT_AUTHENTICATION
+
+
+def test_malformed_rule_data_names_the_key() -> None:
+    raw = yaml.safe_load(rules.RULES_FILE.read_text(encoding="utf-8"))
+    del raw["upi_autopay"]["max_retries"]
+    with pytest.raises(rules.RulesDataError, match=r"'upi_autopay\.max_retries'"):
+        rules.parse_rulebook(raw)
+    raw = yaml.safe_load(rules.RULES_FILE.read_text(encoding="utf-8"))
+    raw["upi_autopay"]["peak_hours"][0]["start"] = "10h"
+    with pytest.raises(rules.RulesDataError, match="must be HH:MM, got '10h'"):
+        rules.parse_rulebook(raw)
+
+
+def _catalog_csv(name: str) -> list[dict[str, str]]:
+    path = REPO / "data" / "catalog" / name
+    if not path.exists():
+        pytest.skip(f"{path} not shipped yet")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def test_visa_cap_agrees_with_the_catalog_data() -> None:
+    book = rules.load_rulebook()
+    for row in _catalog_csv("visa_category_rules.csv"):
+        if row["max_reattempts"]:
+            assert int(row["max_reattempts"]) == book.visa_reattempt_cap
+            assert timedelta(days=int(row["window_days"])) == book.visa_window
+
+
+def test_mac_data_agrees_with_the_catalog_data() -> None:
+    book = rules.load_rulebook()
+    for row in _catalog_csv("mastercard_mac.csv"):
+        code = row["code"]
+        assert (row["never_retry"] == "true") == (code in book.mac_never_retry)
+        assert (row["needs_card_update"] == "true") == (code in book.mac_card_update)
+        assert (float(row["wait_hours"]) if row["wait_hours"] else None) == book.mac_wait_hours.get(code)
+
+
+# --------------------------------------------------------------------------------- property: rules hold
+
+
+CATEGORY_1_SAMPLE = ["04", "14", "41", "46"]
+NETWORKS = ["visa", "mastercard", "rupay", "amex", None]
+DECLINES = [*CATEGORY_1_SAMPLE, "51", "54", "05", "91", None]
+MACS = [None, "01", "02", "03", "21", "24", "25", "30", "99"]
+METHODS = [
+    ("card", "credit"),
+    ("card", "debit"),
+    ("card", None),
+    ("wallet", "apple_pay"),
+    ("bank_redirect", None),
+    ("pay_later", "klarna"),
+    ("upi", "collect"),
+    ("upi", "intent"),
+    ("upi_autopay", "mandate"),
+    ("upi", "mandate"),
+]
+ZONES = ["Asia/Kolkata", "Europe/London", "America/New_York", "UTC", "Australia/Lord_Howe"]
+CONNECTORS = ["stripe", "adyen", "cybersource", "razorpay"]
+STRATEGY_NAMES = [s.value for s in Strategy]
+CHANNEL_NAMES = [c.value for c in Channel]
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A random request and merchant config, leaning permissive so that many candidates survive the rules."""
+    event = EPOCH + timedelta(minutes=draw(st.integers(0, 365 * 24 * 60)))
+    first = event - timedelta(minutes=draw(st.integers(0, 3 * 24 * 60)))
+    attempts = [attempt(1, "initial", first, connector=draw(st.sampled_from(CONNECTORS)))]
+    for n in range(draw(st.integers(0, 3))):
+        at = first + (event - first) * draw(st.floats(0, 1))
+        strategy, connector = draw(st.sampled_from(STRATEGY_NAMES)), draw(st.sampled_from(CONNECTORS))
+        attempts.append(attempt(n + 2, strategy, at, connector=connector))
+    attempts.sort(key=lambda a: a["created_at"])
+    nudges = []
+    for _ in range(draw(st.integers(0, 2))):
+        sent = first + (event - first) * draw(st.floats(0, 1))
+        nudges.append({"channel": draw(st.sampled_from(CHANNEL_NAMES)), "sent_at": sent.isoformat()})
+    nudges.sort(key=lambda n: n["sent_at"])
+    method, method_type = draw(st.sampled_from(METHODS) | st.sampled_from(METHODS[:1] + METHODS[8:]))
+    hh = st.tuples(st.integers(0, 23), st.sampled_from([0, 30])).map(lambda t: f"{t[0]:02d}:{t[1]:02d}")
+    mostly = st.sampled_from([True, True, True, False])
+    request = {
+        "event_time": event.isoformat(),
+        "customer": {
+            "phone_present": draw(mostly),
+            "email_present": draw(mostly),
+            "app_present": draw(mostly),
+            "opted_out_channels": draw(st.lists(st.sampled_from(CHANNEL_NAMES), unique=True, max_size=2)),
+        },
+        "payment": {
+            "payment_method": method,
+            "payment_method_type": method_type,
+            "card_network": draw(st.sampled_from(NETWORKS)),
+            "authentication_type": draw(st.sampled_from(["no_three_ds", "three_ds", "three_ds_challenge"])),
+            "is_network_token": draw(st.booleans()),
+        },
+        "failure": {
+            "connector": draw(st.sampled_from(CONNECTORS)),
+            "network_decline_code": draw(st.sampled_from(DECLINES)),
+            "merchant_advice_code": draw(st.sampled_from(MACS) | st.none()),
+        },
+        "history": {"attempts": attempts, "nudges": nudges},
+        "available_connectors": draw(st.none() | st.lists(st.sampled_from(CONNECTORS), min_size=1, unique=True)),
+    }
+    retry_flows = [s.value for s in RETRY_STRATEGIES]
+    merchant = {
+        "connectors": draw(st.lists(st.sampled_from(CONNECTORS), min_size=1, unique=True)),
+        "retry": {
+            "flows": draw(st.just(retry_flows) | st.lists(st.sampled_from(retry_flows), unique=True, min_size=1)),
+            "max_retries": draw(st.integers(0, 6)),
+        },
+        "retarget": {
+            "enabled": draw(mostly),
+            "channels": draw(st.lists(st.sampled_from(CHANNEL_NAMES), unique=True, min_size=1)),
+            "skip_days": draw(st.integers(0, 2)),
+            "retry_window_days": draw(st.integers(1, 10)),
+            "max_nudges": draw(st.integers(0, 5)),
+            "quiet_hours": {"start": draw(hh), "end": draw(hh), "timezone": draw(st.sampled_from(ZONES))},
+        },
+    }
+    return request, merchant
+
+
+@st.composite
+def free_candidates(draw: st.DrawFn) -> list[tuple[str, int, str, str, str]]:
+    """Candidates off the grid: (action, minutes after event_time, strategy, connector, channel)."""
+    row = st.tuples(
+        st.sampled_from(["retry", "retarget"]),
+        st.integers(-30, 8 * 24 * 60),
+        st.sampled_from([s.value for s in RETRY_STRATEGIES]),
+        st.sampled_from(CONNECTORS),
+        st.sampled_from(CHANNEL_NAMES),
+    )
+    return draw(st.lists(row, min_size=10, max_size=40))
+
+
+def _clock_in(clock: time, start: time, end: time) -> bool:
+    """Independent restatement of a [start, end) wall-clock window that may wrap midnight."""
+    if start == end:
+        return False
+    if start < end:
+        return start <= clock < end
+    return not (end <= clock < start)
+
+
+def _contract_violations(request: Any, merchant: Any, candidate: Candidate) -> list[str]:
+    """A plain restatement of the contract's hard rules, written without looking at model/rules.py."""
+    problems = []
+    pay, fail, cust = request.payment, request.failure, request.customer
+    if candidate.execute_at < request.event_time:
+        problems.append("before event_time")
+    if candidate.action == Action.RETRY:
+        mac = (fail.merchant_advice_code or "").zfill(2)
+        if pay.card_network == "visa" and fail.network_decline_code in VISA_CATEGORY_1_CODES:
+            problems.append("visa category 1 retried")
+        if mac in {"03", "21"}:
+            problems.append(f"MAC {mac} retried")
+        autopay = pay.payment_method == "upi_autopay" or (
+            pay.payment_method_type == "mandate" and "upi" in pay.payment_method
+        )
+        consent = (
+            pay.payment_method in {"wallet", "bank_redirect", "pay_later"}
+            or (pay.payment_method == "upi" and not autopay)
+            or pay.authentication_type == "three_ds_challenge"
+        )
+        if consent:
+            problems.append("user-consent flow retried silently")
+        used = sum(a.strategy in RETRY_STRATEGIES for a in request.history.attempts)
+        if used + 1 > merchant.retry.max_retries:
+            problems.append("retry budget exceeded")
+        if candidate.strategy not in merchant.retry.flows:
+            problems.append("retry flow disabled")
+        if autopay:
+            clock = candidate.execute_at.astimezone(IST).time()
+            if _clock_in(clock, time(10), time(13)) or _clock_in(clock, time(17), time(21, 30)):
+                problems.append("UPI AutoPay retried in NPCI peak hours")
+    elif candidate.action == Action.RETARGET:
+        channel = candidate.channel
+        retarget_cfg = merchant.retarget
+        if not retarget_cfg.enabled or channel not in retarget_cfg.channels:
+            problems.append("channel or retarget disabled")
+        if channel in cust.opted_out_channels:
+            problems.append("opted-out channel")
+        needs = {"sms": cust.phone_present, "whatsapp": cust.phone_present, "email": cust.email_present}
+        if not needs.get(str(channel), cust.app_present):
+            problems.append("unreachable channel")
+        quiet = retarget_cfg.quiet_hours
+        local = candidate.execute_at.astimezone(ZoneInfo(quiet.timezone)).time()
+        if _clock_in(local, time.fromisoformat(quiet.start), time.fromisoformat(quiet.end)):
+            problems.append("message in quiet hours")
+        if len(request.history.nudges) + 1 > retarget_cfg.max_nudges:
+            problems.append("nudge budget exceeded")
+        if (fail.merchant_advice_code or "").zfill(2) == "21":
+            problems.append("retarget after a cancelled recurring payment")
+    return problems
+
+
+@pytest.mark.parametrize("catalog_kind", ["fake", "real"])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), free_candidates())
+def test_permitted_candidates_never_break_a_hard_rule(
+    catalog_kind: str, scenario: tuple[dict[str, Any], dict[str, Any]], extra: list[tuple[str, int, str, str, str]]
+) -> None:
+    request_data, merchant_data = scenario
+    request = make_request(**request_data)
+    merchant = make_merchant(**merchant_data)
+    catalog = cast(ErrorCatalog, FakeCatalog()) if catalog_kind == "fake" else load_catalog()
+    context = build_context(request, merchant, catalog)
+    grid = rules.enumerate_candidates(context)
+    assert len(grid) <= 120
+    off_grid = [
+        Candidate(Action.RETRY, request.event_time + timedelta(minutes=m), strategy=Strategy(s), connector=c)
+        if action == "retry"
+        else Candidate(Action.RETARGET, request.event_time + timedelta(minutes=m), channel=Channel(ch))
+        for action, m, s, c, ch in extra
+    ]
+    allowed = permitted(context, grid + off_grid)
+    assert any(c.action == Action.STOP for c in allowed)
+    assert set(allowed) <= set(grid + off_grid)
+    for candidate in allowed:
+        assert _contract_violations(request, merchant, candidate) == [], candidate
+
+
+def test_visa_category_1_is_honoured_whatever_the_payment_method_says() -> None:
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": "visa"},
+        failure={"network_decline_code": "04"},
+    )
+    assert Rule.VISA_CATEGORY_1 in broken(context, retry(at=ist(4, 0, day=2)))

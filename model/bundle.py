@@ -1,0 +1,339 @@
+"""The model bundle: everything a scorer needs, travelling together, saved as plain files.
+
+``ModelBundle`` holds the feature spec, the text model, the retry and retarget LightGBM boosters with their
+calibrators, the retryability threshold, metrics, the catalog version and training metadata. It scores candidate
+actions for a decision request (:meth:`ModelBundle.score`) with one model call per model, from numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import joblib
+import lightgbm as lgb
+import numpy as np
+import numpy.typing as npt
+
+from model.catalog import NormalisedError, load_catalog
+from model.features import (
+    TEXT_CLASSES,
+    FeatureSpec,
+    Normaliser,
+    context_from_request,
+    expand_candidates,
+)
+from model.requests import DecisionRequest
+from model.rules import Candidate
+from model.textmodel import TextModel
+from model.vocab import Action
+
+FloatArray = npt.NDArray[np.float64]
+FORMAT_VERSION = 1
+_FILES = {
+    "meta": "bundle.json",
+    "spec": "feature_spec.json",
+    "retry": "retry_model.txt",
+    "retarget": "retarget_model.txt",
+    "text": "text_model.joblib",
+}
+#: Distinct catalog inputs remembered by a bundle's normalisation cache before it is emptied.
+_CATALOG_CACHE_SIZE = 4096
+#: Isotonic calibration is a step function; this slope of the raw score keeps candidates that share a step in the
+#: booster's order, so the policy can still tell them apart. It moves a probability by at most 1e-6.
+_TIE_BREAK = 1e-6
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """Maps a booster's raw probability to a calibrated one: isotonic (piecewise linear) or Platt (logistic)."""
+
+    kind: Literal["isotonic", "platt", "identity"]
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+    a: float = 1.0
+    b: float = 0.0
+
+    @classmethod
+    def fit(
+        cls, raw: FloatArray, labels: FloatArray, weights: FloatArray | None = None, *, min_isotonic: int = 1000
+    ) -> Calibrator:
+        """Isotonic regression with at least ``min_isotonic`` examples, Platt scaling below (identity if one class)."""
+        from sklearn.isotonic import IsotonicRegression
+        from sklearn.linear_model import LogisticRegression
+
+        raw = np.asarray(raw, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.float64)
+        if len(raw) == 0 or len(np.unique(labels)) < 2:
+            return cls("identity")
+        if len(raw) >= min_isotonic:
+            iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+            iso.fit(raw, labels, sample_weight=weights)
+            return cls(
+                "isotonic",
+                x=tuple(float(v) for v in iso.X_thresholds_),
+                y=tuple(float(v) for v in iso.y_thresholds_),
+            )
+        logit = _logit(raw).reshape(-1, 1)
+        platt = LogisticRegression(C=1e4, max_iter=1000)
+        platt.fit(logit, labels, sample_weight=weights)
+        return cls("platt", a=float(platt.coef_[0, 0]), b=float(platt.intercept_[0]))
+
+    def __call__(self, raw: npt.ArrayLike) -> FloatArray:
+        """Calibrated probabilities in [0, 1]."""
+        p = np.asarray(raw, dtype=np.float64)
+        if self.kind == "isotonic":
+            out = np.interp(p, self.x, self.y) + _TIE_BREAK * p
+        elif self.kind == "platt":
+            out = 1.0 / (1.0 + np.exp(-(self.a * _logit(p) + self.b)))
+        else:
+            out = p
+        return np.clip(out, 0.0, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"kind": self.kind, "x": list(self.x), "y": list(self.y), "a": self.a, "b": self.b}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibrator:
+        """Inverse of :meth:`to_dict`."""
+        kind = data["kind"]
+        if kind not in ("isotonic", "platt", "identity"):
+            raise ValueError(f"unknown calibrator kind {kind!r}")
+        return cls(kind, tuple(data["x"]), tuple(data["y"]), float(data["a"]), float(data["b"]))
+
+
+def _logit(p: FloatArray) -> FloatArray:
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.asarray(np.log(q / (1 - q)), dtype=np.float64)
+
+
+class _CachedNormaliser:
+    """The catalog's normalisation, remembered per distinct input (a request path must not redo it)."""
+
+    def __init__(self, catalog: Normaliser) -> None:
+        self._catalog = catalog
+        self._cache: dict[tuple[str | None, ...], NormalisedError] = {}
+
+    def normalise(
+        self,
+        connector: str,
+        error_code: str | None,
+        error_message: str | None = None,
+        network_decline_code: str | None = None,
+        merchant_advice_code: str | None = None,
+        unified_code: str | None = None,
+        card_network: str | None = None,
+        payment_method: str | None = None,
+    ) -> NormalisedError:
+        key = (
+            connector, error_code, error_message, network_decline_code, merchant_advice_code, unified_code,
+            card_network, payment_method,
+        )  # fmt: skip
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._catalog.normalise(*key)
+            if len(self._cache) >= _CATALOG_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+
+@dataclass
+class ModelBundle:
+    """A trained winback model: feature spec, text model, boosters, calibrators, threshold and metadata."""
+
+    spec: FeatureSpec
+    text_model: TextModel
+    retry_booster: lgb.Booster
+    retarget_booster: lgb.Booster | None
+    retry_calibrator: Calibrator
+    retarget_calibrator: Calibrator | None
+    threshold: float
+    metrics: dict[str, float]
+    catalog_version: str
+    metadata: dict[str, Any]
+    version: str
+    catalog: Normaliser | None = field(default=None, repr=False, compare=False)
+    _normaliser: _CachedNormaliser | None = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------------------------------------ scoring
+
+    def _catalog(self) -> _CachedNormaliser:
+        if self._normaliser is None:
+            self._normaliser = _CachedNormaliser(load_catalog() if self.catalog is None else self.catalog)
+        return self._normaliser
+
+    def context(self, request: DecisionRequest) -> dict[str, Any]:
+        """The raw context columns of a request, text model outputs included (cached per distinct error)."""
+        context = context_from_request(request, self._catalog())
+        failure = request.failure
+        context.update(self.text_model.features_for(failure.connector, failure.error_code, failure.error_message))
+        return context
+
+    def matrix(self, request: DecisionRequest, candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
+        """The float32 model matrix, one row per candidate."""
+        return self.spec.transform(expand_candidates(self.context(request), candidates))
+
+    def score(self, request: DecisionRequest, candidates: Sequence[Candidate]) -> FloatArray:
+        """Calibrated P(success) per candidate: retries by the retry model, retargets by the retarget model, stop 0.
+
+        Without a retarget model (a history with no nudges) retarget candidates score 0.
+        """
+        out = np.zeros(len(candidates), dtype=np.float64)
+        if not candidates:
+            return out
+        actions = np.array([c.action for c in candidates], dtype=object)
+        retry = actions == Action.RETRY
+        retarget = (actions == Action.RETARGET) & (self.retarget_booster is not None)
+        if not (retry.any() or retarget.any()):
+            return out
+        x = self.matrix(request, candidates)
+        if retry.any():
+            raw = self.retry_booster.predict(x[retry], num_threads=1)
+            out[retry] = self.retry_calibrator(np.asarray(raw, dtype=np.float64))
+        if retarget.any() and self.retarget_booster is not None and self.retarget_calibrator is not None:
+            raw = self.retarget_booster.predict(x[retarget], num_threads=1)
+            out[retarget] = self.retarget_calibrator(np.asarray(raw, dtype=np.float64))
+        return out
+
+    def retry_probability(self, candidates: Sequence[Candidate], scores: npt.ArrayLike) -> float:
+        """P(the best permitted silent retry succeeds): the highest score among retry candidates (0 if none)."""
+        values = np.asarray(scores, dtype=np.float64)
+        best = [values[i] for i, c in enumerate(candidates) if c.action == Action.RETRY]
+        return float(max(best)) if best else 0.0
+
+    def is_retryable(self, retry_probability: float) -> bool:
+        """The retryability verdict: the best retry's probability reaches the threshold chosen on validation."""
+        return retry_probability >= self.threshold
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
+        """The ``k`` features that moved this candidate's score most, as short phrases (e.g. "delay 72h")."""
+        booster = self.retry_booster if candidate.action == Action.RETRY else self.retarget_booster
+        if booster is None or candidate.action == Action.STOP:
+            return []
+        x = self.matrix(request, [candidate])
+        contributions = np.asarray(booster.predict(x, pred_contrib=True, num_threads=1))[0, :-1]
+        names = self.spec.columns
+        phrases: list[str] = []
+        for j in np.argsort(-np.abs(contributions), kind="stable"):
+            if contributions[j] == 0.0:
+                break
+            phrase = f"{self._phrase(names[j], float(x[0, j]))} ({'+' if contributions[j] > 0 else '-'})"
+            if phrase not in phrases:
+                phrases.append(phrase)
+            if len(phrases) == k:
+                break
+        return phrases
+
+    def _phrase(self, name: str, value: float) -> str:
+        if name in self.spec.vocabularies:
+            return f"{name.replace('_', ' ')} {self.spec.decode(name, value)}"
+        if not math.isfinite(value):
+            return f"{name.replace('_', ' ')} unknown"
+        if name in ("delay_hours", "log_delay_hours"):
+            hours = math.expm1(value) if name == "log_delay_hours" else value
+            return f"delay {hours:.0f}h"
+        if name in ("amount_usd", "log_amount_usd"):
+            usd = math.expm1(value) if name == "log_amount_usd" else value
+            return f"amount ${usd:,.0f}"
+        if name == "text_p_retry":
+            return f"error text looks {'retryable' if value >= 0.5 else 'final'} ({value:.0%})"
+        if name.startswith("text_p_") and name[len("text_p_") :] in TEXT_CLASSES:
+            return f"error text like {name[len('text_p_') :]} ({value:.0%})"
+        if name == "payday_before_exec":
+            return "payday before the attempt" if value >= 0.5 else "no payday before the attempt"
+        if name in ("local_hour", "exec_local_hour"):
+            return f"{'local' if name == 'local_hour' else 'send'} time {int(value):02d}:00"
+        if name.startswith("tried_") or name.startswith("is_") or name in ("known_code", "mac_never_retry"):
+            return f"{name.replace('_', ' ')}: {'yes' if value >= 0.5 else 'no'}"
+        return f"{name.replace('_', ' ')} {value:g}"
+
+    # ------------------------------------------------------------------------------------------------ files
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the bundle as plain files into ``directory`` (created if needed); returns the directory."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _FILES["spec"]).write_text(self.spec.to_json(), encoding="utf-8")
+        self.retry_booster.save_model(str(path / _FILES["retry"]))
+        if self.retarget_booster is not None:
+            self.retarget_booster.save_model(str(path / _FILES["retarget"]))
+        joblib.dump(self.text_model, path / _FILES["text"])
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "threshold": self.threshold,
+            "catalog_version": self.catalog_version,
+            "retry_calibrator": self.retry_calibrator.to_dict(),
+            "retarget_calibrator": None if self.retarget_calibrator is None else self.retarget_calibrator.to_dict(),
+            "metrics": _jsonable(self.metrics),
+            "metadata": _jsonable(self.metadata),
+        }
+        (path / _FILES["meta"]).write_text(json.dumps(meta, indent=1, allow_nan=False), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, *, catalog: Normaliser | None = None) -> ModelBundle:
+        """Read a bundle written by :meth:`save`; ``catalog`` defaults to the shipped one (loaded on first use)."""
+        path = Path(directory)
+        missing = [name for key, name in _FILES.items() if key != "retarget" and not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"model bundle at {path} lacks {', '.join(missing)}")
+        meta = json.loads((path / _FILES["meta"]).read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"model bundle at {path} has format_version {meta.get('format_version')!r}; "
+                f"this code reads {FORMAT_VERSION}"
+            )
+        retarget_file = path / _FILES["retarget"]
+        text_model = joblib.load(path / _FILES["text"])
+        if not isinstance(text_model, TextModel):
+            raise ValueError(f"{path / _FILES['text']} does not hold a TextModel")
+        return cls(
+            spec=FeatureSpec.from_json((path / _FILES["spec"]).read_text(encoding="utf-8")),
+            text_model=text_model,
+            retry_booster=lgb.Booster(model_file=str(path / _FILES["retry"])),
+            retarget_booster=lgb.Booster(model_file=str(retarget_file)) if retarget_file.is_file() else None,
+            retry_calibrator=Calibrator.from_dict(meta["retry_calibrator"]),
+            retarget_calibrator=None
+            if meta["retarget_calibrator"] is None
+            else Calibrator.from_dict(meta["retarget_calibrator"]),
+            threshold=float(meta["threshold"]),
+            metrics={k: (math.nan if v is None else float(v)) for k, v in meta["metrics"].items()},
+            catalog_version=str(meta["catalog_version"]),
+            metadata=dict(meta["metadata"]),
+            version=str(meta["version"]),
+            catalog=catalog,
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def bundle_version(bundle: ModelBundle) -> str:
+    """A content hash of what decides scores (spec, boosters, calibrators, threshold): equal models, equal version."""
+    digest = hashlib.sha256()
+    digest.update(bundle.spec.to_json().encode())
+    digest.update(bundle.retry_booster.model_to_string().encode())
+    if bundle.retarget_booster is not None:
+        digest.update(bundle.retarget_booster.model_to_string().encode())
+    digest.update(json.dumps(bundle.retry_calibrator.to_dict()).encode())
+    if bundle.retarget_calibrator is not None:
+        digest.update(json.dumps(bundle.retarget_calibrator.to_dict()).encode())
+    digest.update(repr(bundle.threshold).encode())
+    return f"wb-{digest.hexdigest()[:12]}"

@@ -1,0 +1,484 @@
+"""One feature builder for training and serving, over a columnar "decision frame" of numpy arrays.
+
+A decision frame is a ``Mapping[str, np.ndarray]`` with one row per (decision point, candidate action). Its *raw*
+columns (``RAW_COLUMNS``) are what is known at the decision time: the failure, the payment, the order's history so
+far, the catalog's verdict on the error, the text model's outputs, and the candidate action. Serving builds them for
+one request with :func:`context_from_request` + :func:`expand_candidates` (no pandas on the request path); training
+builds the same raw columns vectorised from history frames (``model.training``). Both then go through the same
+:meth:`FeatureSpec.transform`, which derives every feature (local time, amounts in USD, delays, ...) with numpy and
+encodes categoricals through vocabularies learned at training time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import numpy.typing as npt
+
+from model.catalog import NormalisedError, load_catalog
+from model.money import load_economics
+from model.requests import DecisionRequest
+from model.rules import Candidate
+from model.vocab import RETRY_STRATEGIES, Action, ErrorClass
+
+FloatArray = npt.NDArray[np.float64]
+ObjArray = npt.NDArray[np.object_]
+
+#: Token for a missing categorical value (kept as its own category when frequent enough).
+MISSING = "__missing__"
+#: Code of the shared "other" category: rare values and values never seen in training.
+OTHER_CODE = 0
+
+#: Timezone used for a customer's local time, by ISO-3166 country; other countries fall back to UTC. Countries with
+#: several zones get their most populous one.
+COUNTRY_TIMEZONE: dict[str, str] = {
+    "IN": "Asia/Kolkata", "US": "America/New_York", "CA": "America/Toronto", "MX": "America/Mexico_City",
+    "BR": "America/Sao_Paulo", "AR": "America/Argentina/Buenos_Aires", "CL": "America/Santiago",
+    "CO": "America/Bogota", "PE": "America/Lima", "GB": "Europe/London", "IE": "Europe/Dublin",
+    "DE": "Europe/Berlin", "FR": "Europe/Paris", "ES": "Europe/Madrid", "IT": "Europe/Rome",
+    "NL": "Europe/Amsterdam", "BE": "Europe/Brussels", "CH": "Europe/Zurich", "AT": "Europe/Vienna",
+    "SE": "Europe/Stockholm", "NO": "Europe/Oslo", "DK": "Europe/Copenhagen", "PL": "Europe/Warsaw",
+    "PT": "Europe/Lisbon", "TR": "Europe/Istanbul", "AE": "Asia/Dubai", "SA": "Asia/Riyadh", "IL": "Asia/Jerusalem",
+    "EG": "Africa/Cairo", "NG": "Africa/Lagos", "KE": "Africa/Nairobi", "ZA": "Africa/Johannesburg",
+    "PK": "Asia/Karachi", "BD": "Asia/Dhaka", "SG": "Asia/Singapore", "MY": "Asia/Kuala_Lumpur",
+    "ID": "Asia/Jakarta", "PH": "Asia/Manila", "TH": "Asia/Bangkok", "VN": "Asia/Ho_Chi_Minh", "CN": "Asia/Shanghai",
+    "HK": "Asia/Hong_Kong", "JP": "Asia/Tokyo", "KR": "Asia/Seoul", "AU": "Australia/Sydney",
+    "NZ": "Pacific/Auckland",
+}  # fmt: skip
+
+#: Error classes whose probabilities the text model outputs, in a fixed order (feature ``text_p_<class>``).
+TEXT_CLASSES: tuple[str, ...] = tuple(c.value for c in ErrorClass)
+#: Names of the text model's output columns.
+TEXT_COLUMNS: tuple[str, ...] = ("text_p_retry", *(f"text_p_{c}" for c in TEXT_CLASSES))
+
+#: Raw string columns describing the decision point (context), repeated on every candidate row.
+CONTEXT_STR: tuple[str, ...] = (
+    "connector", "error_code", "error_message", "network_decline_code", "merchant_advice_code", "unified_code",
+    "card_network", "payment_method", "payment_method_type", "issuer", "currency", "customer_country",
+    "authentication_type", "last_channel", "error_class", "visa_category",
+)  # fmt: skip
+#: Raw numeric context columns (timestamps are UNIX seconds, UTC; NaN = unknown).
+CONTEXT_NUM: tuple[str, ...] = (
+    "amount", "event_ts", "first_failure_ts", "last_nudge_ts", "is_recurring", "is_network_token",
+    "phone_present", "email_present", "n_attempts", "n_silent_retries",
+    *(f"tried_{s.value}" for s in RETRY_STRATEGIES),
+    "n_connectors_tried", "n_nudges", "last_nudge_clicked", "known_code", "mac_never_retry",
+    *TEXT_COLUMNS,
+)  # fmt: skip
+#: Raw candidate columns.
+CANDIDATE_STR: tuple[str, ...] = ("action", "strategy", "target_connector", "channel")
+CANDIDATE_NUM: tuple[str, ...] = ("execute_ts",)
+RAW_COLUMNS: tuple[str, ...] = CONTEXT_STR + CONTEXT_NUM + CANDIDATE_STR + CANDIDATE_NUM
+
+#: Categorical features of the model (encoded through learned vocabularies).
+CATEGORICAL_FEATURES: tuple[str, ...] = (
+    "connector", "error_code", "error_class", "network_decline_code", "visa_category", "merchant_advice_code",
+    "unified_code", "card_network", "payment_method", "payment_method_type", "issuer", "currency",
+    "customer_country", "authentication_type", "last_channel", "action", "strategy", "target_connector", "channel",
+)  # fmt: skip
+#: Numeric features of the model (raw or derived in :func:`derive`).
+NUMERIC_FEATURES: tuple[str, ...] = (
+    "is_recurring", "is_network_token", "is_three_ds", "phone_present", "email_present", "known_code",
+    "mac_never_retry", "amount_usd", "log_amount_usd",
+    "local_hour", "local_weekday", "local_day", "days_to_payday", "is_month_end", "days_since_first_failure",
+    "n_attempts", "n_silent_retries", *(f"tried_{s.value}" for s in RETRY_STRATEGIES), "n_connectors_tried",
+    "n_nudges", "hours_since_last_nudge", "last_nudge_clicked",
+    *TEXT_COLUMNS,
+    "is_same_connector", "delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
+    "exec_days_to_payday", "exec_is_month_end", "payday_before_exec",
+)  # fmt: skip
+
+_SECONDS_PER_DAY = 86400.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time and money, vectorised (shared by training and serving, so both compute bit-identical values)
+
+
+@cache
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def timezone_of(country: str | None) -> str:
+    """The IANA timezone used for a customer's country (UTC when the country is unknown or not in the table)."""
+    if country is None:
+        return "UTC"
+    return COUNTRY_TIMEZONE.get(country.upper(), "UTC")
+
+
+def _utc_offsets(ts: FloatArray, countries: ObjArray) -> FloatArray:
+    """Seconds to add to UTC ``ts`` to get each row's local wall-clock time (NaN where ``ts`` is NaN)."""
+    offsets = np.zeros(len(ts), dtype=np.float64)
+    zones = np.array([timezone_of(c if isinstance(c, str) else None) for c in countries], dtype=object)
+    finite = np.isfinite(ts)
+    for zone_name in set(zones.tolist()) - {"UTC"}:
+        rows = np.flatnonzero((zones == zone_name) & finite)
+        if len(rows) == 0:
+            continue
+        zone = _zone(zone_name)
+        # Offsets change only at DST transitions, which fall on whole UTC hours: one lookup per distinct hour.
+        hours, inverse = np.unique(np.floor(ts[rows] / 3600.0), return_inverse=True)
+        per_hour = np.array(
+            [datetime.fromtimestamp(h * 3600.0, UTC).astimezone(zone).utcoffset().total_seconds() for h in hours]  # type: ignore[union-attr]
+        )
+        offsets[rows] = per_hour[inverse]
+    offsets[~finite] = np.nan
+    return offsets
+
+
+@dataclass(frozen=True)
+class _LocalTime:
+    hour: FloatArray
+    weekday: FloatArray  # Monday = 0
+    day: FloatArray  # day of month, 1-based
+    days_in_month: FloatArray
+    month_index: FloatArray  # months since 1970-01, to tell whether a month boundary (payday) lies between two times
+
+
+def _local_time(ts: FloatArray, offsets: FloatArray) -> _LocalTime:
+    local = ts + offsets
+    finite = np.isfinite(local)
+    safe = np.where(finite, local, 0.0)
+    days = np.floor(safe / _SECONDS_PER_DAY)
+    hour = np.floor((safe - days * _SECONDS_PER_DAY) / 3600.0)
+    weekday = np.mod(days + 3.0, 7.0)  # 1970-01-01 was a Thursday
+    day_stamp = days.astype("int64").astype("datetime64[D]")
+    month_stamp = day_stamp.astype("datetime64[M]")
+    day = (day_stamp - month_stamp.astype("datetime64[D]")).astype("int64").astype(np.float64) + 1.0
+    next_month = (month_stamp + np.timedelta64(1, "M")).astype("datetime64[D]")
+    days_in_month = (next_month - month_stamp.astype("datetime64[D]")).astype("int64").astype(np.float64)
+    month_index = month_stamp.astype("int64").astype(np.float64)
+    nan = np.where(finite, 0.0, np.nan)
+    return _LocalTime(hour + nan, weekday + nan, day + nan, days_in_month + nan, month_index + nan)
+
+
+def _days_to_payday(local: _LocalTime) -> FloatArray:
+    # Payday is assumed to be the 1st of the month; on the 1st itself it is today.
+    return np.where(local.day == 1.0, 0.0, local.days_in_month - local.day + 1.0)
+
+
+def _str_or_none(values: ObjArray) -> list[str | None]:
+    return [v if isinstance(v, str) else None for v in values]
+
+
+def amount_in_usd(amounts: FloatArray, currencies: ObjArray, fx_to_usd: Mapping[str, float]) -> FloatArray:
+    """Amounts converted to USD with a fixed rate table (NaN for a currency not in the table)."""
+    rates = np.array(
+        [fx_to_usd.get(c.upper(), math.nan) if isinstance(c, str) else math.nan for c in currencies],
+        dtype=np.float64,
+    )
+    return np.asarray(amounts, dtype=np.float64) * rates
+
+
+def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """All model features (numeric ones as float64, categorical ones as object arrays) from raw columns.
+
+    ``fx_to_usd`` is the fixed rate table (USD per unit of each currency) frozen into the feature spec.
+    """
+    missing = [name for name in RAW_COLUMNS if name not in columns]
+    if missing:
+        raise KeyError(f"decision frame lacks raw columns: {', '.join(missing)}")
+    num = {name: np.asarray(columns[name], dtype=np.float64) for name in CONTEXT_NUM + CANDIDATE_NUM}
+    out: dict[str, np.ndarray] = {name: np.asarray(columns[name], dtype=object) for name in CATEGORICAL_FEATURES
+                                  if name in columns}  # fmt: skip
+    for name in CONTEXT_NUM:
+        if name not in ("amount", "event_ts", "first_failure_ts", "last_nudge_ts"):
+            out[name] = num[name]
+
+    auth = np.asarray(columns["authentication_type"], dtype=object)
+    out["is_three_ds"] = np.array([isinstance(a, str) and a.startswith("three_ds") for a in auth], dtype=np.float64)
+    usd = amount_in_usd(num["amount"], np.asarray(columns["currency"], dtype=object), fx_to_usd)
+    out["amount_usd"] = usd
+    with np.errstate(invalid="ignore"):
+        out["log_amount_usd"] = np.log1p(np.where(usd >= 0.0, usd, np.nan))
+
+    event = num["event_ts"]
+    offsets = _utc_offsets(event, np.asarray(columns["customer_country"], dtype=object))
+    now = _local_time(event, offsets)
+    out["local_hour"] = now.hour
+    out["local_weekday"] = now.weekday
+    out["local_day"] = now.day
+    out["days_to_payday"] = _days_to_payday(now)
+    out["is_month_end"] = (now.day > now.days_in_month - 3.0).astype(np.float64) + np.where(
+        np.isfinite(now.day), 0.0, np.nan
+    )
+    out["days_since_first_failure"] = (event - num["first_failure_ts"]) / _SECONDS_PER_DAY
+    out["hours_since_last_nudge"] = (event - num["last_nudge_ts"]) / 3600.0
+
+    execute = num["execute_ts"]
+    delay = np.maximum(execute - event, 0.0) / 3600.0
+    out["delay_hours"] = delay
+    out["log_delay_hours"] = np.log1p(delay)
+    # The execution time's own offset: a DST change may fall between the decision and the action.
+    later = _local_time(execute, _utc_offsets(execute, np.asarray(columns["customer_country"], dtype=object)))
+    out["exec_local_hour"] = later.hour
+    out["exec_weekday"] = later.weekday
+    out["exec_day"] = later.day
+    out["exec_days_to_payday"] = _days_to_payday(later)
+    out["exec_is_month_end"] = (later.day > later.days_in_month - 3.0).astype(np.float64) + np.where(
+        np.isfinite(later.day), 0.0, np.nan
+    )
+    out["payday_before_exec"] = (later.month_index > now.month_index).astype(np.float64)
+
+    target = _str_or_none(np.asarray(columns["target_connector"], dtype=object))
+    connector = _str_or_none(np.asarray(columns["connector"], dtype=object))
+    out["is_same_connector"] = np.array(
+        [math.nan if t is None else float(t == c) for t, c in zip(target, connector, strict=True)],
+        dtype=np.float64,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The feature spec: column order + vocabularies, learned once, serialisable
+
+
+@dataclass
+class FeatureSpec:
+    """Column order and categorical vocabularies of the model matrix (learned at training time, JSON-serialisable).
+
+    Categorical codes: ``OTHER_CODE`` (0) for rare and never-seen values, ``1..k`` for the vocabulary's values in
+    order. Missing values are the token ``MISSING`` and get their own code when they were frequent in training.
+    """
+
+    numeric: list[str]
+    vocabularies: dict[str, list[str]]
+    fx_to_usd: dict[str, float]
+    min_count: int = 20
+    _index: dict[str, dict[str | None, int]] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def columns(self) -> list[str]:
+        """Matrix column order: numeric features, then categorical ones."""
+        return [*self.numeric, *self.vocabularies]
+
+    @property
+    def categorical_indices(self) -> list[int]:
+        """Positions of the categorical columns in the matrix (LightGBM's ``categorical_feature``)."""
+        return list(range(len(self.numeric), len(self.numeric) + len(self.vocabularies)))
+
+    @classmethod
+    def fit(
+        cls,
+        columns: Mapping[str, np.ndarray],
+        *,
+        min_count: int = 20,
+        exclude: Iterable[str] = (),
+        fx_to_usd: Mapping[str, float] | None = None,
+    ) -> FeatureSpec:
+        """Learn vocabularies from training raw columns: values seen at least ``min_count`` times get a code.
+
+        ``exclude`` leaves features out; ``fx_to_usd`` defaults to the shipped table (``model.money``), frozen
+        into the spec so later edits of that table cannot shift a trained model's inputs.
+        """
+        fx = dict(load_economics().fx_to_usd if fx_to_usd is None else fx_to_usd)
+        derived = derive(columns, fx)
+        dropped = set(exclude)
+        vocabularies: dict[str, list[str]] = {}
+        for name in CATEGORICAL_FEATURES:
+            if name in dropped:
+                continue
+            values, counts = np.unique(np.array(_tokens(derived[name]), dtype=object), return_counts=True)
+            keep = sorted(str(v) for v, n in zip(values, counts, strict=True) if n >= min_count)
+            vocabularies[name] = keep
+        numeric = [name for name in NUMERIC_FEATURES if name not in dropped]
+        return cls(numeric=numeric, vocabularies=vocabularies, fx_to_usd=fx, min_count=min_count)
+
+    def _lookup(self, name: str) -> dict[str | None, int]:
+        index = self._index.get(name)
+        if index is None:
+            index = {value: code for code, value in enumerate(self.vocabularies[name], start=1)}
+            if MISSING in index:
+                index[None] = index[MISSING]
+            self._index[name] = index
+        return index
+
+    def encode(self, name: str, values: np.ndarray) -> FloatArray:
+        """Integer codes (as float) of one categorical column; unseen or rare values get ``OTHER_CODE``."""
+        index = self._lookup(name)
+        get = index.get
+        return np.array([get(v if isinstance(v, str) else None, OTHER_CODE) for v in values], dtype=np.float64)
+
+    def transform(self, columns: Mapping[str, np.ndarray]) -> npt.NDArray[np.float32]:
+        """The float32 model matrix (rows x ``self.columns``) of a decision frame's raw columns."""
+        derived = derive(columns, self.fx_to_usd)
+        n_rows = len(np.asarray(columns["event_ts"]))
+        matrix = np.empty((n_rows, len(self.numeric) + len(self.vocabularies)), dtype=np.float32)
+        for j, name in enumerate(self.numeric):
+            matrix[:, j] = derived[name]
+        offset = len(self.numeric)
+        for j, name in enumerate(self.vocabularies):
+            matrix[:, offset + j] = self.encode(name, derived[name])
+        return matrix
+
+    def decode(self, name: str, code: float) -> str:
+        """The category a code stands for (``"other"`` for the shared code)."""
+        if not math.isfinite(code) or int(code) == OTHER_CODE:
+            return "other"
+        vocabulary = self.vocabularies[name]
+        position = int(code) - 1
+        return vocabulary[position] if 0 <= position < len(vocabulary) else "other"
+
+    def to_json(self) -> str:
+        """Serialise (column order and vocabularies)."""
+        return json.dumps(
+            {
+                "numeric": self.numeric,
+                "vocabularies": self.vocabularies,
+                "fx_to_usd": self.fx_to_usd,
+                "min_count": self.min_count,
+            },
+            sort_keys=False,
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureSpec:
+        """Inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        try:
+            return cls(
+                numeric=list(data["numeric"]),
+                vocabularies={k: list(v) for k, v in data["vocabularies"].items()},
+                fx_to_usd={str(k): float(v) for k, v in data["fx_to_usd"].items()},
+                min_count=int(data["min_count"]),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"feature spec JSON is malformed: {exc!r}") from exc
+
+
+def _tokens(values: np.ndarray) -> list[str]:
+    return [v if isinstance(v, str) else MISSING for v in values]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Serving: one request -> context -> one row per candidate
+
+
+def catalog_columns(normalised: NormalisedError, merchant_advice_code: str | None) -> dict[str, Any]:
+    """The raw context columns that come from the error catalog's verdict."""
+    advice = normalised.merchant_advice
+    return {
+        "error_class": normalised.error_class.value,
+        "visa_category": None if normalised.visa_category is None else str(normalised.visa_category),
+        "known_code": float(normalised.known_code),
+        "mac_never_retry": math.nan
+        if merchant_advice_code is None and advice is None
+        else float(advice is not None and advice.never_retry),
+    }
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _clicked_by(clicked_at: datetime | None, when: datetime) -> float:
+    return float(clicked_at is not None and clicked_at <= when)
+
+
+class Normaliser(Protocol):
+    """What feature building needs of the error catalog (``model.catalog.ErrorCatalog`` is one)."""
+
+    def normalise(
+        self,
+        connector: str,
+        error_code: str | None,
+        error_message: str | None = None,
+        network_decline_code: str | None = None,
+        merchant_advice_code: str | None = None,
+        unified_code: str | None = None,
+        card_network: str | None = None,
+        payment_method: str | None = None,
+    ) -> NormalisedError:
+        """Map a connector error to a standard class."""
+        ...
+
+
+def context_from_request(request: DecisionRequest, catalog: Normaliser | None = None) -> dict[str, Any]:
+    """The raw context columns (one scalar each) of a live decision request, except the text model's outputs.
+
+    History semantics match ``model.training.decision_points``: ``history.attempts`` are the order's attempts up to
+    the decision time (the failure itself included); when it is empty, the failure is taken as the only attempt.
+    """
+    failure, payment, customer = request.failure, request.payment, request.customer
+    event_ts = _ts(request.event_time)
+    attempts = sorted(request.history.attempts, key=lambda a: a.attempt_number)
+    nudges = sorted((n for n in request.history.nudges if n.sent_at <= request.event_time), key=lambda n: n.sent_at)
+    failed = [a for a in attempts if a.status != "success"]
+    strategies = {a.strategy for a in attempts}
+    context: dict[str, Any] = {
+        "connector": failure.connector,
+        "error_code": failure.error_code,
+        "error_message": failure.error_message,
+        "network_decline_code": failure.network_decline_code,
+        "merchant_advice_code": failure.merchant_advice_code,
+        "unified_code": failure.unified_code,
+        "card_network": payment.card_network,
+        "payment_method": payment.payment_method,
+        "payment_method_type": payment.payment_method_type,
+        "issuer": payment.issuer,
+        "currency": request.currency,
+        "customer_country": customer.country,
+        "authentication_type": payment.authentication_type,
+        "last_channel": nudges[-1].channel.value if nudges else None,
+        "amount": float(request.amount),
+        "event_ts": event_ts,
+        "first_failure_ts": _ts(failed[0].created_at) if failed else event_ts,
+        "last_nudge_ts": _ts(nudges[-1].sent_at) if nudges else math.nan,
+        "is_recurring": float(payment.is_recurring),
+        "is_network_token": float(payment.is_network_token),
+        "phone_present": float(customer.phone_present),
+        "email_present": float(customer.email_present),
+        "n_attempts": float(max(len(attempts), 1)),
+        "n_silent_retries": float(sum(a.strategy in RETRY_STRATEGIES for a in attempts)),
+        **{f"tried_{s.value}": float(s in strategies) for s in RETRY_STRATEGIES},
+        "n_connectors_tried": float(len({a.connector for a in attempts}) or 1),
+        "n_nudges": float(len(nudges)),
+        "last_nudge_clicked": _clicked_by(nudges[-1].clicked_at, request.event_time) if nudges else math.nan,
+    }
+    normaliser = load_catalog() if catalog is None else catalog
+    normalised = normaliser.normalise(
+        failure.connector,
+        failure.error_code,
+        failure.error_message,
+        failure.network_decline_code,
+        failure.merchant_advice_code,
+        failure.unified_code,
+        payment.card_network,
+        payment.payment_method,
+    )
+    context.update(catalog_columns(normalised, failure.merchant_advice_code))
+    return context
+
+
+def expand_candidates(context: Mapping[str, Any], candidates: Sequence[Candidate]) -> dict[str, np.ndarray]:
+    """The decision frame of one request: context columns repeated, one row per candidate."""
+    n = len(candidates)
+    frame: dict[str, np.ndarray] = {}
+    for name in CONTEXT_STR:
+        column = np.empty(n, dtype=object)
+        column[:] = context.get(name)
+        frame[name] = column
+    for name in CONTEXT_NUM:
+        value = context.get(name, math.nan)
+        frame[name] = np.full(n, math.nan if value is None else float(value), dtype=np.float64)
+    frame["action"] = np.array([c.action.value for c in candidates], dtype=object)
+    frame["strategy"] = np.array([None if c.strategy is None else c.strategy.value for c in candidates], dtype=object)
+    frame["target_connector"] = np.array([c.connector for c in candidates], dtype=object)
+    frame["channel"] = np.array([None if c.channel is None else c.channel.value for c in candidates], dtype=object)
+    frame["execute_ts"] = np.array([_ts(c.execute_at) for c in candidates], dtype=np.float64)
+    return frame
+
+
+def is_retry(actions: np.ndarray) -> npt.NDArray[np.bool_]:
+    """Rows whose candidate is a silent retry."""
+    return np.asarray(np.asarray(actions, dtype=object) == Action.RETRY.value, dtype=np.bool_)

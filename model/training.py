@@ -1,0 +1,860 @@
+"""Learning from history: decision points, features, the text model, LightGBM outcome models, calibration.
+
+Every action the history shows after a failure is an example (:func:`decision_points`): a silent retry (label: it
+succeeded) or a nudge (label: its link was used and the payment succeeded). Its context is the order's state at
+the *decision time*, the previous event: the last failed attempt, or the follow-up of an unanswered nudge sent
+after it (``sent_at + NUDGE_FOLLOW_UP_HOURS``). Examples are weighted by inverse logged propensity, split by
+decision time into train / early-stopping / calibration / holdout, and scored on the holdout (:func:`train`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.model_selection import GroupShuffleSplit
+
+from model.bundle import Calibrator, ModelBundle, bundle_version
+from model.catalog import load_catalog
+from model.features import (
+    CANDIDATE_NUM,
+    CANDIDATE_STR,
+    CONTEXT_NUM,
+    CONTEXT_STR,
+    TEXT_COLUMNS,
+    FeatureSpec,
+    Normaliser,
+    catalog_columns,
+)
+from model.requests import Customer, DecisionRequest, Failure, History, HistoryAttempt, HistoryNudge, Payment
+from model.rules import Candidate
+from model.textmodel import ErrorTexts, TextModel, out_of_fold
+from model.vocab import NUDGE_FOLLOW_UP_HOURS, RETRY_STRATEGIES, Action, Channel, Strategy
+
+FloatArray = npt.NDArray[np.float64]
+Progress = Callable[[str, float], None]
+
+#: Inverse-propensity weights are clipped here (1/propensity <= MAX_IPS_WEIGHT) to bound their variance.
+MAX_IPS_WEIGHT = 20.0
+#: Below this many calibration examples, Platt scaling replaces isotonic regression.
+MIN_ISOTONIC = 1000
+#: Fewest examples (and of each outcome) a model needs; with fewer the retarget model is left out.
+MIN_EXAMPLES = 30
+#: Columns of :func:`decision_points` beyond the raw feature columns.
+POINT_COLUMNS: tuple[str, ...] = (
+    "kind", "merchant_id", "order_id", "customer_id", "decision_time", "action_time", "label", "propensity",
+    "attempt_prefix", "nudge_prefix", "txn_id", "nudge_id",
+)  # fmt: skip
+
+_EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+_SILENT = tuple(s.value for s in RETRY_STRATEGIES)
+_FOLLOW_UP_S = NUDGE_FOLLOW_UP_HOURS * 3600.0
+_CATALOG_INPUTS = (
+    "connector", "error_code", "error_message", "network_decline_code", "merchant_advice_code", "unified_code",
+    "card_network", "payment_method",
+)  # fmt: skip
+_LGB_BASE: dict[str, Any] = {
+    "objective": "binary",
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_data_in_leaf": 40,
+    "min_sum_hessian_in_leaf": 1.0,
+    "feature_fraction": 0.9,
+    "lambda_l2": 1.0,
+    "max_cat_to_onehot": 8,
+    "min_data_per_group": 30,
+    "cat_smooth": 10.0,
+    "cat_l2": 10.0,
+    "max_bin": 255,
+    "deterministic": True,
+    "force_row_wise": True,
+    "verbose": -1,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# History frames -> decision points
+
+
+def _epoch_seconds(values: pd.Series) -> FloatArray:
+    # Microseconds, like the datetimes of a decision request: serving and training then see the same floats.
+    stamps = pd.to_datetime(values, utc=True).dt.floor("us")
+    return np.asarray((stamps - _EPOCH) / pd.Timedelta(seconds=1), dtype=np.float64)
+
+
+def _stamps(seconds: FloatArray) -> pd.DatetimeIndex:
+    micros = np.round(np.asarray(seconds, dtype=np.float64) * 1e6).astype(np.int64)
+    return pd.to_datetime(micros, unit="us", utc=True)
+
+
+def _pydatetime(value: Any) -> datetime:
+    return pd.Timestamp(value).tz_convert("UTC").floor("us").to_pydatetime()
+
+
+def _text(values: pd.Series) -> npt.NDArray[np.object_]:
+    out = values.astype(object).to_numpy(dtype=object, copy=True)
+    out[pd.isna(out)] = None
+    return out
+
+
+def _flag(values: pd.Series) -> FloatArray:
+    return np.asarray(pd.to_numeric(values.astype(object), errors="coerce"), dtype=np.float64)
+
+
+def _require(frame: pd.DataFrame, columns: tuple[str, ...], label: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{label} lacks column(s) needed for training: {', '.join(missing)}")
+
+
+_ATTEMPT_NEEDS = (
+    "merchant_id", "order_id", "attempt_number", "created_at", "amount", "currency", "customer_id",
+    "phone_present", "email_present", "customer_country", "payment_method", "payment_method_type", "card_network",
+    "issuer", "is_recurring", "is_network_token", "authentication_type", "connector", "strategy", "nudge_id",
+    "status", "error_code", "error_message", "network_decline_code", "merchant_advice_code", "unified_code",
+    "propensity",
+)  # fmt: skip
+_NUDGE_NEEDS = ("merchant_id", "order_id", "nudge_id", "sent_at", "channel", "delivered", "clicked_at", "propensity")
+
+
+@dataclass(frozen=True)
+class _Tables:
+    attempts: pd.DataFrame  # sorted by order, attempt number; nothing after an order's first success
+    nudges: pd.DataFrame  # sorted by order, sent_at; only orders of ``attempts``, nothing after their success
+    dropped: dict[str, int]
+
+
+def _prepare(attempts: pd.DataFrame, nudges: pd.DataFrame) -> _Tables:
+    _require(attempts, _ATTEMPT_NEEDS, "attempts")
+    _require(nudges, _NUDGE_NEEDS, "nudges")
+    a = attempts.loc[:, list(_ATTEMPT_NEEDS) + [c for c in ("txn_id",) if c in attempts.columns]].copy()
+    a["ts"] = _epoch_seconds(a["created_at"])
+    for name in ("order_id", "strategy", "status", "nudge_id", "connector"):
+        a[name] = _text(a[name])
+    a = a.sort_values(["order_id", "attempt_number", "ts"], kind="mergesort").reset_index(drop=True)
+    pos = a.groupby("order_id", sort=False).cumcount().to_numpy()
+    is_success = (a["status"].astype(object) == "success").to_numpy()
+    success_pos = pd.Series(np.where(is_success, pos, np.iinfo(np.int64).max)).groupby(a["order_id"].to_numpy())
+    first_success = success_pos.transform("min").to_numpy()
+    keep = pos <= first_success
+    dropped = {"attempts_after_success": int((~keep).sum())}
+    a = a.loc[keep].reset_index(drop=True)
+    a["pos"] = a.groupby("order_id", sort=False).cumcount().to_numpy()
+    a["start"] = np.arange(len(a)) - a["pos"].to_numpy()
+
+    strategy = a["strategy"].astype(object).to_numpy()
+    a["cum_silent"] = pd.Series(np.isin(strategy, _SILENT).astype(np.float64)).groupby(a["order_id"]).cumsum()
+    for s in _SILENT:
+        a[f"cum_tried_{s}"] = pd.Series((strategy == s).astype(np.float64)).groupby(a["order_id"]).cummax()
+    first_use = (~a.duplicated(["order_id", "connector"])).astype(np.float64)
+    a["cum_connectors"] = first_use.groupby(a["order_id"]).cumsum()
+    failed_ts = pd.Series(np.where(a["status"].astype(object) != "success", a["ts"], np.nan))
+    a["first_failure_ts"] = failed_ts.groupby(a["order_id"]).cummin()
+    a["is_failure"] = (a["status"].astype(object) != "success").to_numpy()
+
+    n = nudges.loc[:, list(_NUDGE_NEEDS)].copy()
+    n["ts"] = _epoch_seconds(n["sent_at"])
+    for name in ("order_id", "nudge_id", "channel"):
+        n[name] = _text(n[name])
+    n["clicked_ts"] = _epoch_seconds(n["clicked_at"])
+    success_ts = a.loc[a["status"].astype(object) == "success"].set_index("order_id")["ts"]
+    known = n["order_id"].isin(a["order_id"]).to_numpy()
+    after = n["ts"].to_numpy() > n["order_id"].map(success_ts).to_numpy(dtype=np.float64, na_value=np.inf)
+    dropped["nudges_without_order"] = int((~known).sum())
+    dropped["nudges_after_success"] = int((known & after).sum())
+    n = n.loc[known & ~after].sort_values(["order_id", "ts", "nudge_id"], kind="mergesort").reset_index(drop=True)
+    n["pos"] = n.groupby("order_id", sort=False).cumcount().to_numpy()
+    n["start"] = np.arange(len(n)) - n["pos"].to_numpy()
+    linked = a.loc[a["strategy"].astype(object) == Strategy.RETARGET_LINK.value, ["nudge_id", "status"]]
+    n["answered"] = n["nudge_id"].isin(linked["nudge_id"]).to_numpy()
+    n["paid"] = n["nudge_id"].isin(linked.loc[linked["status"].astype(object) == "success", "nudge_id"]).to_numpy()
+    return _Tables(a, n, dropped)
+
+
+def _asof(left: pd.DataFrame, on: str, right: pd.DataFrame, right_on: str, columns: list[str]) -> pd.DataFrame:
+    """For each row of ``left``: ``columns`` of the last ``right`` row of the same order with right_on <= on."""
+    lhs = left[["order_id", on]].copy()
+    lhs["_row"] = np.arange(len(lhs))
+    lhs = lhs.sort_values(on, kind="mergesort")
+    rhs = right[["order_id", right_on, *[c for c in columns if c != right_on]]].sort_values(right_on, kind="mergesort")
+    rhs = rhs.rename(columns={right_on: "_key"})
+    if right_on in columns:
+        rhs[right_on] = rhs["_key"]
+    merged = pd.merge_asof(
+        lhs, rhs, left_on=on, right_on="_key", by="order_id", direction="backward", allow_exact_matches=True
+    )
+    return merged.sort_values("_row").reset_index(drop=True)[columns]
+
+
+def decision_points(attempts: pd.DataFrame, nudges: pd.DataFrame) -> pd.DataFrame:
+    """One row per action taken after a failure: silent retries (``kind == "retry"``) and nudges ("retarget").
+
+    Columns: ``POINT_COLUMNS`` (label, propensity, decision time, prefixes of the order's history known then) and
+    the raw feature columns of ``model.features`` except the catalog's and the text model's (see
+    :func:`raw_columns`). Attempts after an order's first success and nudges after it are not decision points;
+    their counts are in ``frame.attrs["dropped"]``, together with nudges sent before any failure.
+    """
+    tables = _prepare(attempts, nudges)
+    a, n = tables.attempts, tables.nudges
+    follow = n.loc[~n["answered"].to_numpy(), ["order_id", "ts"]].rename(columns={"ts": "fu_sent"})
+    follow["fu_time"] = follow["fu_sent"] + _FOLLOW_UP_S
+
+    # Silent retries: the failure before is the previous attempt of the order.
+    retry_rows = np.flatnonzero(np.isin(a["strategy"].astype(object).to_numpy(), _SILENT) & (a["pos"] >= 1))
+    retries = pd.DataFrame(
+        {
+            "order_id": a["order_id"].to_numpy()[retry_rows],
+            "action_ts": a["ts"].to_numpy()[retry_rows],
+            "fail_ts": a["ts"].to_numpy()[retry_rows - 1],
+            "attempt_prefix": a["pos"].to_numpy()[retry_rows],
+        }
+    )
+    # Nudges: the failure before is the order's last failed attempt sent at or before it.
+    failures = a.loc[a["is_failure"].to_numpy(), ["order_id", "ts", "pos"]]
+    nudge_view = pd.DataFrame({"order_id": n["order_id"].to_numpy(), "action_ts": n["ts"].to_numpy()})
+    before = _asof(nudge_view, "action_ts", failures, "ts", ["ts", "pos"])
+    has_failure = before["ts"].notna().to_numpy()
+    tables.dropped["nudges_before_any_failure"] = int((~has_failure).sum())
+    nudge_rows = np.flatnonzero(has_failure)
+    nudge_points = pd.DataFrame(
+        {
+            "order_id": n["order_id"].to_numpy()[nudge_rows],
+            "action_ts": n["ts"].to_numpy()[nudge_rows],
+            "fail_ts": before["ts"].to_numpy()[nudge_rows],
+            "attempt_prefix": before["pos"].to_numpy()[nudge_rows].astype(np.int64) + 1,
+        }
+    )
+
+    frames = []
+    for kind, points in (("retry", retries), ("retarget", nudge_points)):
+        fu = _asof(points, "action_ts", follow, "fu_time", ["fu_time", "fu_sent"])
+        use_fu = fu["fu_time"].notna().to_numpy() & (fu["fu_sent"].to_numpy() >= points["fail_ts"].to_numpy())
+        decision_ts = np.where(use_fu, fu["fu_time"].to_numpy(), points["fail_ts"].to_numpy())
+        points = points.assign(decision_ts=decision_ts, kind=kind)
+        sent = _asof(points, "decision_ts", n.assign(count=n["pos"] + 1), "ts", ["count"])
+        prefix = sent["count"].fillna(0).to_numpy().astype(np.int64)
+        if kind == "retarget":
+            prefix = np.minimum(prefix, n["pos"].to_numpy()[nudge_rows])  # never the nudge itself
+        frames.append(points.assign(nudge_prefix=prefix))
+    retries, nudge_points = frames
+
+    def gather(points: pd.DataFrame, action_rows: npt.NDArray[np.intp], kind: str) -> pd.DataFrame:
+        order_start = a.groupby("order_id", sort=False)["start"].first()
+        context_rows = order_start.reindex(points["order_id"]).to_numpy().astype(np.int64)
+        context_rows = context_rows + points["attempt_prefix"].to_numpy().astype(np.int64) - 1
+        c = a.iloc[context_rows]
+        m = points["nudge_prefix"].to_numpy().astype(np.int64)
+        nudge_start = n.groupby("order_id", sort=False)["start"].first().reindex(points["order_id"]).to_numpy()
+        has_last = m > 0
+        last_rows = np.where(has_last, np.nan_to_num(nudge_start, nan=0).astype(np.int64) + m - 1, 0)
+        last = n.iloc[last_rows] if len(n) else None
+        decision_ts = points["decision_ts"].to_numpy()
+
+        def last_col(values: np.ndarray, fill: Any) -> np.ndarray:
+            out = np.asarray(values, dtype=object if fill is None else np.float64).copy()
+            out[~has_last] = fill
+            return out
+
+        frame: dict[str, Any] = {
+            "kind": kind,
+            "merchant_id": _text(c["merchant_id"]),
+            "order_id": points["order_id"].to_numpy(),
+            "customer_id": _text(c["customer_id"]),
+            "decision_time": _stamps(decision_ts),
+            "action_time": _stamps(points["action_ts"].to_numpy()),
+            "attempt_prefix": points["attempt_prefix"].to_numpy().astype(np.int64),
+            "nudge_prefix": m,
+        }
+        for name in (
+            "connector", "error_code", "error_message", "network_decline_code", "merchant_advice_code",
+            "unified_code", "card_network", "payment_method", "payment_method_type", "issuer", "currency",
+            "customer_country", "authentication_type",
+        ):  # fmt: skip
+            frame[name] = _text(c[name])
+        if last is None:
+            frame["last_channel"] = np.full(len(points), None, dtype=object)
+            frame["last_nudge_ts"] = np.full(len(points), np.nan)
+            frame["last_nudge_clicked"] = np.full(len(points), np.nan)
+        else:
+            frame["last_channel"] = last_col(_text(last["channel"]), None)
+            frame["last_nudge_ts"] = last_col(last["ts"].to_numpy(), np.nan)
+            clicked = last["clicked_ts"].to_numpy() <= decision_ts  # NaN compares False
+            frame["last_nudge_clicked"] = last_col(clicked.astype(np.float64), np.nan)
+        frame["amount"] = c["amount"].to_numpy(dtype=np.float64)
+        frame["event_ts"] = decision_ts
+        frame["first_failure_ts"] = c["first_failure_ts"].to_numpy()
+        for name in ("is_recurring", "is_network_token", "phone_present", "email_present"):
+            frame[name] = _flag(c[name])
+        frame["n_attempts"] = frame["attempt_prefix"].astype(np.float64)
+        frame["n_silent_retries"] = c["cum_silent"].to_numpy()
+        for s in _SILENT:
+            frame[f"tried_{s}"] = c[f"cum_tried_{s}"].to_numpy()
+        frame["n_connectors_tried"] = c["cum_connectors"].to_numpy()
+        frame["n_nudges"] = m.astype(np.float64)
+        if kind == "retry":
+            r = a.iloc[action_rows]
+            frame["action"] = Action.RETRY.value
+            frame["strategy"] = _text(r["strategy"])
+            frame["target_connector"] = _text(r["connector"])
+            frame["channel"] = None
+            frame["label"] = (r["status"].astype(object) == "success").to_numpy()
+            frame["propensity"] = _flag(r["propensity"])
+            frame["txn_id"] = _text(r["txn_id"]) if "txn_id" in r.columns else None
+            frame["nudge_id"] = None
+        else:
+            r = n.iloc[action_rows]
+            frame["action"] = Action.RETARGET.value
+            frame["strategy"] = None
+            frame["target_connector"] = None
+            frame["channel"] = _text(r["channel"])
+            frame["label"] = r["paid"].to_numpy()
+            frame["propensity"] = _flag(r["propensity"])
+            frame["txn_id"] = None
+            frame["nudge_id"] = _text(r["nudge_id"])
+        frame["execute_ts"] = points["action_ts"].to_numpy()
+        out = pd.DataFrame(frame, index=pd.RangeIndex(len(points)))
+        return out
+
+    result = pd.concat(
+        [gather(retries, retry_rows, "retry"), gather(nudge_points, nudge_rows, "retarget")], ignore_index=True
+    )
+    result = result.sort_values(["decision_time", "order_id", "execute_ts"], kind="mergesort").reset_index(drop=True)
+    result.attrs["dropped"] = dict(tables.dropped)
+    return result
+
+
+def raw_columns(points: pd.DataFrame, catalog: Normaliser) -> dict[str, np.ndarray]:
+    """The decision frame of :func:`decision_points`: raw columns, with the catalog's verdict per distinct error.
+
+    The text model's columns are NaN here; training fills them out-of-fold.
+    """
+    cols: dict[str, np.ndarray] = {}
+    for name in CONTEXT_STR + CANDIDATE_STR:
+        if name in points.columns:
+            cols[name] = _text(points[name])
+    for name in CONTEXT_NUM + CANDIDATE_NUM:
+        if name in points.columns:
+            cols[name] = points[name].to_numpy(dtype=np.float64)
+    inputs = [cols[name] if name in cols else _text(points[name]) for name in _CATALOG_INPUTS]
+    verdicts: dict[tuple[Any, ...], dict[str, Any]] = {}
+    rows = []
+    for key in zip(*inputs, strict=True):
+        verdict = verdicts.get(key)
+        if verdict is None:
+            normalised = catalog.normalise(*key)
+            verdict = catalog_columns(normalised, key[4])
+            verdicts[key] = verdict
+        rows.append(verdict)
+    n = len(points)
+    cols["error_class"] = np.array([r["error_class"] for r in rows], dtype=object)
+    cols["visa_category"] = np.array([r["visa_category"] for r in rows], dtype=object)
+    cols["known_code"] = np.array([r["known_code"] for r in rows], dtype=np.float64).reshape(n)
+    cols["mac_never_retry"] = np.array([r["mac_never_retry"] for r in rows], dtype=np.float64).reshape(n)
+    for name in TEXT_COLUMNS:
+        cols[name] = np.full(n, np.nan)
+    return cols
+
+
+def request_at(
+    attempts: pd.DataFrame, nudges: pd.DataFrame, point: Mapping[str, Any]
+) -> tuple[DecisionRequest, Candidate]:
+    """The decision request a caller would have sent at a decision point, and the action the history shows.
+
+    ``point`` is a row of :func:`decision_points` (e.g. ``points.iloc[i]``); used to replay history through the
+    scorer and to prove that training and serving build the same features.
+    """
+    order = point["order_id"]
+    a = attempts.loc[attempts["order_id"] == order].sort_values("attempt_number", kind="mergesort")
+    a = a.iloc[: int(point["attempt_prefix"])]
+    n = nudges.loc[nudges["order_id"] == order].copy()
+    n["_ts"] = pd.to_datetime(n["sent_at"], utc=True)
+    n = n.sort_values(["_ts", "nudge_id"], kind="mergesort").iloc[: int(point["nudge_prefix"])]
+    last = a.iloc[-1]
+
+    def text(value: Any) -> str | None:
+        return (
+            None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else str(value)
+        )
+
+    def stamp(value: Any) -> datetime | None:
+        return None if pd.isna(value) else _pydatetime(value)
+
+    request = DecisionRequest(
+        merchant_id=str(last["merchant_id"]),
+        order_id=str(order),
+        event_time=_pydatetime(point["decision_time"]),
+        amount=float(last["amount"]),
+        currency=str(last["currency"]),
+        customer=Customer(
+            id=str(last["customer_id"]),
+            phone_present=bool(last["phone_present"]),
+            email_present=bool(last["email_present"]),
+            country=text(last["customer_country"]),
+        ),
+        payment=Payment(
+            payment_method=str(last["payment_method"]),
+            payment_method_type=text(last["payment_method_type"]),
+            card_network=text(last["card_network"]),
+            issuer=text(last["issuer"]),
+            is_recurring=bool(last["is_recurring"]),
+            authentication_type=str(last["authentication_type"]),
+            is_network_token=bool(last["is_network_token"]),
+        ),
+        failure=Failure(
+            connector=str(last["connector"]),
+            error_code=text(last["error_code"]),
+            error_message=text(last["error_message"]),
+            network_decline_code=text(last["network_decline_code"]),
+            merchant_advice_code=text(last["merchant_advice_code"]),
+            unified_code=text(last["unified_code"]),
+        ),
+        history=History(
+            attempts=[
+                HistoryAttempt(
+                    attempt_number=int(r["attempt_number"]),
+                    connector=str(r["connector"]),
+                    strategy=Strategy(str(r["strategy"])),
+                    status=str(r["status"]),
+                    error_code=text(r["error_code"]),
+                    created_at=_pydatetime(pd.to_datetime(r["created_at"], utc=True)),
+                )
+                for _, r in a.iterrows()
+            ],
+            nudges=[
+                HistoryNudge(
+                    channel=Channel(str(r["channel"])),
+                    sent_at=_pydatetime(r["_ts"]),
+                    delivered=bool(r["delivered"]),
+                    clicked_at=stamp(pd.to_datetime(r["clicked_at"], utc=True)),
+                )
+                for _, r in n.iterrows()
+            ],
+        ),
+    )
+    execute_at = _pydatetime(point["action_time"])
+    if point["kind"] == "retry":
+        candidate = Candidate(
+            Action.RETRY,
+            execute_at,
+            strategy=Strategy(str(point["strategy"])),
+            connector=str(point["target_connector"]),
+        )
+    else:
+        candidate = Candidate(Action.RETARGET, execute_at, channel=Channel(str(point["channel"])))
+    return request, candidate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights, metrics
+
+
+def ips_weights(propensity: npt.ArrayLike, *, max_weight: float = MAX_IPS_WEIGHT) -> FloatArray:
+    """Inverse-propensity weights, clipped at ``max_weight`` and normalised to mean 1.
+
+    A missing (or non-positive) propensity means the logging policy is unknown: that example gets weight 1
+    before normalisation, i.e. it counts as if the action had been certain.
+    """
+    p = np.asarray(propensity, dtype=np.float64)
+    known = np.isfinite(p) & (p > 0.0)
+    raw: FloatArray = np.ones(len(p), dtype=np.float64)
+    raw[known] = np.minimum(1.0 / np.minimum(p[known], 1.0), max_weight)
+    if len(raw) == 0:
+        return raw
+    normalised: FloatArray = raw / raw.mean()
+    return normalised
+
+
+def expected_calibration_error(labels: npt.ArrayLike, probabilities: npt.ArrayLike, *, bins: int = 10) -> float:
+    """ECE over ``bins`` equal-width probability bins: sum of |mean label - mean prediction| x bin share."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if len(y) == 0:
+        return math.nan
+    which = np.minimum((p * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(y[mask].mean() - p[mask].mean())
+    return float(total)
+
+
+def binary_metrics(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> dict[str, float]:
+    """AUC (NaN with a single outcome), log loss, ECE (10 bins), count, base rate and mean prediction."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-6, 1 - 1e-6)
+    both = len(np.unique(y)) == 2
+    return {
+        "n": float(len(y)),
+        "base_rate": float(y.mean()) if len(y) else math.nan,
+        "mean_prediction": float(p.mean()) if len(p) else math.nan,
+        "auc": float(roc_auc_score(y, p)) if both else math.nan,
+        "log_loss": float(log_loss(y, p, labels=[0.0, 1.0])) if len(y) else math.nan,
+        "ece": expected_calibration_error(y, p),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """A trained bundle, its holdout metrics (flat, JSON-able) and tables (per error class, per split)."""
+
+    bundle: ModelBundle
+    metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame]
+
+
+def _error_texts(
+    cols: Mapping[str, np.ndarray], labels: npt.NDArray[np.bool_], rows: npt.NDArray[np.intp]
+) -> tuple[ErrorTexts, npt.NDArray[np.intp]]:
+    """Distinct (connector, code, message) among ``rows`` with retry outcomes, and each row's index into it."""
+    frame = pd.DataFrame(
+        {
+            "connector": cols["connector"][rows],
+            "code": cols["error_code"][rows],
+            "message": cols["error_message"][rows],
+            "cls": cols["error_class"][rows],
+            "success": labels[rows].astype(np.float64),
+            "retry": (cols["action"][rows] == Action.RETRY.value).astype(np.float64),
+        }
+    )
+    keys = ["connector", "code", "message"]
+    group_ids = frame.groupby(keys, dropna=False, sort=True).ngroup().to_numpy()
+    frame["success"] = frame["success"] * frame["retry"]
+    table = (
+        frame.assign(g=group_ids)
+        .groupby("g", sort=True)
+        .agg(
+            connector=("connector", "first"),
+            code=("code", "first"),
+            message=("message", "first"),
+            cls=("cls", "first"),
+            success=("success", "sum"),
+            trials=("retry", "sum"),
+        )
+    )
+
+    def opt(values: pd.Series) -> list[str | None]:
+        return [v if isinstance(v, str) else None for v in values.astype(object)]
+
+    classes = [None if k == "unknown" else k for k in opt(table["cls"])]
+    texts = ErrorTexts(
+        opt(table["connector"]),
+        opt(table["code"]),
+        opt(table["message"]),
+        table["success"].to_numpy(dtype=np.float64),
+        table["trials"].to_numpy(dtype=np.float64),
+        classes,
+    )
+    return texts, group_ids.astype(np.intp)
+
+
+def _set_text(cols: dict[str, np.ndarray], rows: npt.NDArray[np.intp], values: Mapping[str, FloatArray]) -> None:
+    for name in TEXT_COLUMNS:
+        cols[name][rows] = values[name]
+
+
+def _fit_booster(
+    x: npt.NDArray[np.float32],
+    y: FloatArray,
+    w: FloatArray,
+    x_valid: npt.NDArray[np.float32] | None,
+    y_valid: FloatArray | None,
+    w_valid: FloatArray | None,
+    *,
+    categorical: list[int],
+    names: list[str],
+    seed: int,
+    max_rounds: int,
+    num_threads: int = 1,
+) -> lgb.Booster:
+    params = {**_LGB_BASE, "seed": seed, "num_threads": num_threads}
+    train_set = lgb.Dataset(
+        x, label=y, weight=w, categorical_feature=categorical, feature_name=names, free_raw_data=False
+    )
+    valid_sets = []
+    callbacks: list[Callable[..., Any]] = []
+    if x_valid is not None and y_valid is not None and len(np.unique(y_valid)) == 2:
+        valid_sets.append(lgb.Dataset(x_valid, label=y_valid, weight=w_valid, reference=train_set))
+        callbacks.append(lgb.early_stopping(stopping_rounds=50, verbose=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lightgbm warns about categorical_feature overrides
+        booster = lgb.train(params, train_set, num_boost_round=max_rounds, valid_sets=valid_sets, callbacks=callbacks)
+    if valid_sets and booster.best_iteration > 0:
+        booster.model_from_string(booster.model_to_string(num_iteration=booster.best_iteration))
+    return booster
+
+
+def _choose_threshold(labels: FloatArray, probabilities: FloatArray) -> float:
+    """Retryability threshold: the calibrated probability maximising Youden's J on validation data."""
+    if len(np.unique(labels)) < 2:
+        return float(np.clip(labels.mean() if len(labels) else 0.1, 0.02, 0.5))
+    candidates = np.unique(np.round(probabilities, 4))
+    positives, negatives = labels.sum(), (1 - labels).sum()
+    best, best_j = 0.1, -math.inf
+    for t in candidates:
+        predicted = probabilities >= t
+        j = (predicted & (labels == 1)).sum() / positives - (predicted & (labels == 0)).sum() / negatives
+        if j > best_j:
+            best, best_j = float(t), float(j)
+    return float(np.clip(best, 0.02, 0.5))
+
+
+def _per_class_table(kind: str, classes: np.ndarray, y: FloatArray, p: FloatArray) -> pd.DataFrame:
+    rows = []
+    for name in sorted({str(c) for c in classes}):
+        mask = classes == name
+        rows.append({"model": kind, "error_class": name, **binary_metrics(y[mask], p[mask])})
+    return pd.DataFrame(rows)
+
+
+def _split_masks(decision_ts: FloatArray, holdout: float) -> dict[str, npt.NDArray[np.bool_]]:
+    """Train / early-stopping / calibration / holdout by decision time (quantile cut points over all points)."""
+    rest = 1.0 - holdout
+    cuts = np.quantile(decision_ts, [rest * 0.75, rest * 0.875, rest]) if len(decision_ts) else [0.0, 0.0, 0.0]
+    return {
+        "train": decision_ts < cuts[0],
+        "valid": (decision_ts >= cuts[0]) & (decision_ts < cuts[1]),
+        "calibration": (decision_ts >= cuts[1]) & (decision_ts < cuts[2]),
+        "holdout": decision_ts >= cuts[2],
+    }
+
+
+def grouped_code_split(
+    connectors: np.ndarray, codes: np.ndarray, *, seed: int, test_size: float = 0.25
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None:
+    """Row positions (train, test) such that no (connector, error_code) appears on both sides; None if < 4 codes."""
+    keys = [f"{c}\x1f{k}" for c, k in zip(connectors, codes, strict=True)]
+    groups = pd.factorize(pd.Series(keys, dtype=object))[0]
+    if len(set(groups.tolist())) < 4:
+        return None
+    splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    train_part, test_part = next(splitter.split(np.zeros(len(keys)), groups=groups))
+    return train_part.astype(np.intp), test_part.astype(np.intp)
+
+
+def unseen_code_auc(
+    cols: Mapping[str, np.ndarray],
+    labels: npt.NDArray[np.bool_],
+    retry_rows: npt.NDArray[np.intp],
+    *,
+    seed: int,
+    test_size: float = 0.25,
+    rounds: int = 150,
+    num_threads: int = 1,
+) -> dict[str, float]:
+    """Retry AUC on error codes never seen in training, with and without the text model's features.
+
+    Splits retry examples grouped by (connector, error_code) so test codes are absent from training, refits the
+    vocabularies and the text model on the training codes only, and trains a fixed number of boosting rounds.
+    """
+    split = grouped_code_split(
+        cols["connector"][retry_rows], cols["error_code"][retry_rows], seed=seed, test_size=test_size
+    )
+    if split is None:
+        return {"unseen_code_auc_with_text": math.nan, "unseen_code_auc_without_text": math.nan}
+    train_part, test_part = split
+    train_rows, test_rows = retry_rows[train_part], retry_rows[test_part]
+    local = {k: v.copy() for k, v in cols.items()}
+    texts, index = _error_texts(local, labels, train_rows)
+    _set_text(local, train_rows, {k: v[index] for k, v in out_of_fold(texts, seed=seed).items()})
+    model = TextModel.fit(texts, seed=seed)
+    _set_text(
+        local,
+        test_rows,
+        model.predict(list(local["connector"][test_rows]), list(local["error_code"][test_rows]),
+                      list(local["error_message"][test_rows])),
+    )  # fmt: skip
+    out: dict[str, float] = {"unseen_code_test_rows": float(len(test_rows))}
+    y = labels.astype(np.float64)
+    for suffix, exclude in (("with_text", ()), ("without_text", TEXT_COLUMNS)):
+        train_cols = {k: v[train_rows] for k, v in local.items()}
+        spec = FeatureSpec.fit(train_cols, exclude=exclude)
+        x = spec.transform(train_cols)
+        booster = _fit_booster(
+            x, y[train_rows], np.ones(len(train_rows)), None, None, None,
+            categorical=spec.categorical_indices, names=spec.columns, seed=seed, max_rounds=rounds,
+            num_threads=num_threads,
+        )  # fmt: skip
+        p = booster.predict(spec.transform({k: v[test_rows] for k, v in local.items()}), num_threads=num_threads)
+        ys = y[test_rows]
+        out[f"unseen_code_auc_{suffix}"] = float(roc_auc_score(ys, p)) if len(np.unique(ys)) == 2 else math.nan
+    return out
+
+
+def train(
+    attempts: pd.DataFrame,
+    nudges: pd.DataFrame,
+    *,
+    seed: int,
+    time_holdout_fraction: float = 0.2,
+    progress: Progress | None = None,
+    catalog: Normaliser | None = None,
+    max_rounds: int = 1000,
+    evaluate_unseen_codes: bool = True,
+    num_threads: int = 1,
+) -> TrainingResult:
+    """Train the retry and retarget outcome models on a history (CONTRACT.md section 3 frames).
+
+    Steps: decision points -> raw columns (catalog verdicts) -> out-of-fold text features -> feature spec ->
+    IPS-weighted LightGBM with early stopping on a later time slice -> calibration on the next slice -> metrics
+    on the latest ``time_holdout_fraction`` of decision points. ``progress(stage, fraction_done)`` is called
+    between stages. LightGBM runs deterministic with ``num_threads`` pinned (1 by default: on a shared 2-core box
+    OpenMP threads competing with other processes were ~15x slower than one thread).
+    """
+    if not 0.0 < time_holdout_fraction < 0.9:
+        raise ValueError(f"time_holdout_fraction must be in (0, 0.9), got {time_holdout_fraction}")
+    started = time.perf_counter()
+
+    def report(stage: str, done: float) -> None:
+        if progress is not None:
+            progress(stage, done)
+
+    report("decision points", 0.0)
+    normaliser: Normaliser = load_catalog() if catalog is None else catalog
+    points = decision_points(attempts, nudges)
+    is_retry = (points["kind"] == "retry").to_numpy()
+    retry_rows, retarget_rows = np.flatnonzero(is_retry), np.flatnonzero(~is_retry)
+    if len(retry_rows) < MIN_EXAMPLES or len(np.unique(points["label"].to_numpy()[retry_rows])) < 2:
+        raise ValueError(
+            f"history has {len(retry_rows)} silent retries after a failure (of which "
+            f"{int(points['label'].to_numpy()[retry_rows].sum())} succeeded): need at least {MIN_EXAMPLES} with "
+            "both outcomes to learn retryability"
+        )
+    report("catalog", 0.1)
+    cols = raw_columns(points, normaliser)
+    labels = points["label"].to_numpy(dtype=bool)
+    decision_ts = cols["event_ts"]
+    masks = _split_masks(decision_ts, time_holdout_fraction)
+
+    report("text model", 0.2)
+    fit_rows = np.flatnonzero(masks["train"] | masks["valid"] | masks["calibration"])
+    texts, index = _error_texts(cols, labels, fit_rows)
+    _set_text(cols, fit_rows, {k: v[index] for k, v in out_of_fold(texts, seed=seed).items()})
+    text_model = TextModel.fit(texts, seed=seed)
+    holdout_rows = np.flatnonzero(masks["holdout"])
+    _set_text(
+        cols,
+        holdout_rows,
+        text_model.predict(list(cols["connector"][holdout_rows]), list(cols["error_code"][holdout_rows]),
+                           list(cols["error_message"][holdout_rows])),
+    )  # fmt: skip
+
+    report("features", 0.3)
+    spec = FeatureSpec.fit({k: v[masks["train"]] for k, v in cols.items()})
+    x = spec.transform(cols)
+    y = labels.astype(np.float64)
+    propensity = points["propensity"].to_numpy(dtype=np.float64)
+    metrics: dict[str, float] = {
+        "n_points": float(len(points)),
+        "n_retry_points": float(len(retry_rows)),
+        "n_retarget_points": float(len(retarget_rows)),
+        "share_unknown_propensity": float(np.mean(~np.isfinite(propensity))) if len(points) else math.nan,
+        **{f"dropped_{k}": float(v) for k, v in points.attrs["dropped"].items()},
+    }
+    tables: dict[str, pd.DataFrame] = {}
+    boosters: dict[str, lgb.Booster | None] = {}
+    calibrators: dict[str, Calibrator] = {}
+    threshold = 0.1
+    holdout_probability = np.full(len(points), np.nan)
+    class_tables = []
+
+    for stage, (kind, rows_of_kind) in enumerate((("retry", is_retry), ("retarget", ~is_retry))):
+        report(f"{kind} model", 0.4 + 0.25 * stage)
+        part = {name: rows_of_kind & mask for name, mask in masks.items()}
+        n_train = int(part["train"].sum())
+        if n_train < MIN_EXAMPLES or len(np.unique(y[part["train"]])) < 2:
+            if kind == "retry":
+                raise ValueError(
+                    f"only {n_train} silent retries fall in the training time slice: the history is too short "
+                    "to learn retryability"
+                )
+            boosters[kind] = None
+            metrics["retarget_model_trained"] = 0.0
+            continue
+
+        def weights(mask: npt.NDArray[np.bool_]) -> FloatArray:
+            return ips_weights(propensity[mask])
+
+        booster = _fit_booster(
+            x[part["train"]], y[part["train"]], weights(part["train"]),
+            x[part["valid"]], y[part["valid"]], weights(part["valid"]),
+            categorical=spec.categorical_indices, names=spec.columns, seed=seed, max_rounds=max_rounds,
+            num_threads=num_threads,
+        )  # fmt: skip
+        boosters[kind] = booster
+        metrics[f"{kind}_rounds"] = float(booster.num_trees())
+        calibration_rows = part["calibration"] if part["calibration"].sum() >= MIN_EXAMPLES else part["valid"]
+        raw_cal = np.asarray(booster.predict(x[calibration_rows], num_threads=num_threads), dtype=np.float64)
+        calibrator = Calibrator.fit(raw_cal, y[calibration_rows], weights(calibration_rows), min_isotonic=MIN_ISOTONIC)
+        calibrators[kind] = calibrator
+        metrics[f"{kind}_calibration"] = 1.0 if calibrator.kind == "isotonic" else 0.0
+        if kind == "retry":
+            threshold = _choose_threshold(y[calibration_rows], calibrator(raw_cal))
+        if part["holdout"].any():
+            p = calibrator(np.asarray(booster.predict(x[part["holdout"]], num_threads=num_threads), dtype=np.float64))
+            holdout_probability[part["holdout"]] = p
+            for name, value in binary_metrics(y[part["holdout"]], p).items():
+                metrics[f"{kind}_holdout_{name}"] = value
+            class_tables.append(_per_class_table(kind, cols["error_class"][part["holdout"]], y[part["holdout"]], p))
+        if kind == "retarget":
+            metrics["retarget_model_trained"] = 1.0
+    if class_tables:
+        tables["per_error_class"] = pd.concat(class_tables, ignore_index=True)
+    tables["splits"] = pd.DataFrame(
+        [
+            {"split": name, "retry": int((mask & is_retry).sum()), "retarget": int((mask & ~is_retry).sum()),
+             "from": pd.to_datetime(decision_ts[mask].min(), unit="s", utc=True) if mask.any() else pd.NaT,
+             "to": pd.to_datetime(decision_ts[mask].max(), unit="s", utc=True) if mask.any() else pd.NaT}
+            for name, mask in masks.items()
+        ]
+    )  # fmt: skip
+    metrics["retryable_threshold"] = threshold
+
+    if evaluate_unseen_codes:
+        report("never-seen codes", 0.9)
+        metrics.update(
+            unseen_code_auc(cols, labels, retry_rows, seed=seed, rounds=min(150, max_rounds), num_threads=num_threads)
+        )
+
+    metrics["train_seconds"] = time.perf_counter() - started
+    retry_booster = boosters["retry"]
+    assert retry_booster is not None  # raised above otherwise
+    catalog_version = str(getattr(normaliser, "version", "unknown"))
+    metadata = {
+        "seed": seed,
+        "time_holdout_fraction": time_holdout_fraction,
+        "trained_from": str(pd.to_datetime(decision_ts.min(), unit="s", utc=True)),
+        "trained_to": str(pd.to_datetime(decision_ts.max(), unit="s", utc=True)),
+        "lightgbm": lgb.__version__,
+        "dropped": points.attrs["dropped"],
+    }
+    bundle = ModelBundle(
+        spec=spec,
+        text_model=text_model,
+        retry_booster=retry_booster,
+        retarget_booster=boosters.get("retarget"),
+        retry_calibrator=calibrators["retry"],
+        retarget_calibrator=calibrators.get("retarget"),
+        threshold=threshold,
+        metrics=metrics,
+        catalog_version=catalog_version,
+        metadata=metadata,
+        version="",
+    )
+    bundle.version = bundle_version(bundle)
+    report("done", 1.0)
+    return TrainingResult(bundle, metrics, tables)

@@ -1,0 +1,179 @@
+"""Feature building: training and serving build identical rows; never-seen values map to "other"."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from model.catalog import load_catalog
+from model.features import (
+    OTHER_CODE,
+    RAW_COLUMNS,
+    TEXT_COLUMNS,
+    FeatureSpec,
+    context_from_request,
+    derive,
+    expand_candidates,
+)
+from model.rules import Candidate
+from model.textmodel import TextModel, code_words
+from model.training import _error_texts, decision_points, raw_columns, request_at
+from model.vocab import Action, Channel, Strategy
+from tests.factories import make_history_frames, make_request
+
+FX = {"USD": 1.0, "INR": 0.012}
+
+
+def _retry(at: datetime, strategy: Strategy = Strategy.RETRY_SAME, connector: str = "stripe") -> Candidate:
+    return Candidate(Action.RETRY, at, strategy=strategy, connector=connector)
+
+
+def test_history_and_request_build_identical_feature_rows() -> None:
+    attempts, nudges = make_history_frames(400, seed=3)
+    points = decision_points(attempts, nudges)
+    catalog = load_catalog()
+    cols = raw_columns(points, catalog)
+    labels = points["label"].to_numpy(dtype=bool)
+    texts, _ = _error_texts(cols, labels, np.arange(len(points)))
+    text_model = TextModel.fit(texts, seed=0)
+    predicted = text_model.predict(list(cols["connector"]), list(cols["error_code"]), list(cols["error_message"]))
+    for name in TEXT_COLUMNS:
+        cols[name] = predicted[name]
+    spec = FeatureSpec.fit(cols, min_count=5)
+    trained = spec.transform(cols)
+
+    # Every kind of situation: retries, nudges, and points whose history already holds nudges and retries.
+    chosen = {
+        "retry": np.flatnonzero(points["kind"] == "retry")[:5],
+        "retarget": np.flatnonzero(points["kind"] == "retarget")[:5],
+        "after_nudge": np.flatnonzero(points["nudge_prefix"] > 0)[:5],
+        "after_retry": np.flatnonzero(points["n_silent_retries"] > 0)[:5],
+    }
+    assert all(len(rows) > 0 for rows in chosen.values()), chosen
+    for rows in chosen.values():
+        for i in rows:
+            request, candidate = request_at(attempts, nudges, {str(k): v for k, v in points.iloc[i].items()})
+            context = context_from_request(request, catalog)
+            failure = request.failure
+            context.update(text_model.features_for(failure.connector, failure.error_code, failure.error_message))
+            served = spec.transform(expand_candidates(context, [candidate]))
+            np.testing.assert_array_equal(served[0], trained[i], err_msg=f"decision point {i}")
+
+
+def test_never_seen_categorical_values_map_to_other() -> None:
+    request = make_request(
+        currency="XYZ",
+        customer={"country": "ZZ"},
+        payment={"payment_method": "crypto_wallet", "card_network": "newnet", "issuer": "Nobody Bank"},
+        failure={"connector": "brand_new_psp", "error_code": "NEVER_SEEN_42", "error_message": "zorp"},
+    )
+    spec = FeatureSpec(
+        numeric=["amount_usd"],
+        vocabularies={"connector": ["adyen", "stripe"], "payment_method": ["card"], "currency": ["INR"]},
+        fx_to_usd=FX,
+    )
+    at = request.event_time + timedelta(hours=1)
+    context = context_from_request(request, load_catalog())
+    matrix = spec.transform(expand_candidates(context, [_retry(at, connector="brand_new_psp")]))
+    assert matrix.dtype == np.float32
+    assert matrix.shape == (1, 4)
+    assert math.isnan(matrix[0, 0])  # unknown currency: amount in USD unknown, not a guess
+    assert matrix[0, 1:].tolist() == [OTHER_CODE] * 3
+    assert spec.decode("connector", OTHER_CODE) == "other"
+    assert spec.decode("connector", 2.0) == "stripe"
+
+
+def test_rare_values_share_the_other_code_and_missing_is_a_category() -> None:
+    request = make_request()
+    at = request.event_time
+    context = context_from_request(request, load_catalog())
+    frame = expand_candidates(context, [_retry(at, connector=c) for c in ["adyen"] * 3 + ["stripe"] * 2])
+    frame["issuer"] = np.array(["A", "A", "A", None, None], dtype=object)
+    spec = FeatureSpec.fit(frame, min_count=3, fx_to_usd=FX)
+    assert spec.vocabularies["target_connector"] == ["adyen"]
+    assert "__missing__" not in spec.vocabularies["issuer"]
+    codes = spec.encode("target_connector", frame["target_connector"])
+    assert codes.tolist() == [1.0, 1.0, 1.0, OTHER_CODE, OTHER_CODE]
+    both = FeatureSpec.fit(frame, min_count=2, fx_to_usd=FX)
+    assert both.encode("issuer", np.array([None, "A", "B"], dtype=object)).tolist() == [2.0, 1.0, OTHER_CODE]
+
+
+def test_time_features_use_the_customers_local_time_and_payday() -> None:
+    # 2026-11-28 20:00 UTC is 2026-11-29 01:30 in India: a Sunday, two days before payday.
+    request = make_request(event_time="2026-11-28T20:00:00Z", customer={"country": "IN"})
+    context = context_from_request(request, load_catalog())
+    later = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)  # 11:30 IST on the 1st
+    soon = datetime(2026, 11, 28, 21, 0, tzinfo=UTC)
+    derived = derive(expand_candidates(context, [_retry(soon), _retry(later)]), FX)
+    assert derived["local_hour"].tolist() == [1.0, 1.0]
+    assert derived["local_weekday"].tolist() == [6.0, 6.0]
+    assert derived["local_day"].tolist() == [29.0, 29.0]
+    assert derived["days_to_payday"].tolist() == [2.0, 2.0]
+    assert derived["is_month_end"].tolist() == [1.0, 1.0]
+    assert derived["exec_local_hour"].tolist() == [2.0, 11.0]
+    assert derived["exec_day"].tolist() == [29.0, 1.0]
+    assert derived["exec_days_to_payday"].tolist() == [2.0, 0.0]
+    assert derived["payday_before_exec"].tolist() == [0.0, 1.0]
+    assert derived["delay_hours"].tolist() == pytest.approx([1.0, 58.0])
+    assert derived["amount_usd"].tolist() == pytest.approx([499.0 * 0.012] * 2)
+
+
+def test_unknown_country_falls_back_to_utc_and_dst_is_respected() -> None:
+    # New York is UTC-4 in summer, UTC-5 in winter.
+    summer = make_request(event_time="2026-07-01T12:00:00Z", customer={"country": "US"}, currency="USD")
+    winter = make_request(event_time="2026-01-15T12:00:00Z", customer={"country": "US"}, currency="USD")
+    nowhere = make_request(event_time="2026-01-15T12:00:00Z", customer={"country": None}, currency="USD")
+    hours = []
+    for request in (summer, winter, nowhere):
+        context = context_from_request(request, load_catalog())
+        hours.append(derive(expand_candidates(context, [_retry(request.event_time)]), FX)["local_hour"][0])
+    assert hours == [8.0, 7.0, 12.0]
+
+
+def test_history_context_of_a_request() -> None:
+    request = make_request(
+        event_time="2026-11-03T10:00:00Z",
+        history={
+            "attempts": [
+                {"attempt_number": 1, "connector": "stripe", "strategy": "initial", "status": "failure",
+                 "created_at": "2026-11-01T10:00:00Z"},
+                {"attempt_number": 2, "connector": "adyen", "strategy": "cascade", "status": "failure",
+                 "created_at": "2026-11-01T10:00:05Z"},
+            ],
+            "nudges": [{"channel": "sms", "sent_at": "2026-11-02T10:00:00Z", "clicked_at": None}],
+        },
+    )  # fmt: skip
+    context = context_from_request(request, load_catalog())
+    assert context["n_attempts"] == 2.0
+    assert context["n_silent_retries"] == 1.0
+    assert context["tried_cascade"] == 1.0
+    assert context["tried_retry_same"] == 0.0
+    assert context["n_connectors_tried"] == 2.0
+    assert context["n_nudges"] == 1.0
+    assert context["last_channel"] == Channel.SMS.value
+    assert context["last_nudge_clicked"] == 0.0
+    derived = derive(expand_candidates(context, [_retry(request.event_time)]), FX)
+    assert derived["hours_since_last_nudge"][0] == 24.0
+    assert derived["days_since_first_failure"][0] == 2.0
+
+
+def test_spec_json_round_trip_and_clear_errors() -> None:
+    spec = FeatureSpec(numeric=["delay_hours"], vocabularies={"connector": ["stripe"]}, fx_to_usd=FX, min_count=7)
+    again = FeatureSpec.from_json(spec.to_json())
+    assert again == spec
+    assert again.columns == ["delay_hours", "connector"]
+    assert again.categorical_indices == [1]
+    with pytest.raises(ValueError, match="feature spec JSON is malformed"):
+        FeatureSpec.from_json('{"numeric": []}')
+    with pytest.raises(KeyError, match="decision frame lacks raw columns: connector"):
+        derive({name: np.zeros(1) for name in RAW_COLUMNS if name != "connector"}, FX)
+
+
+def test_code_words_split_codes_into_words() -> None:
+    assert code_words("AUTH_DECLINED_LOW_BALANCE") == "auth declined low balance"
+    assert code_words("cardDeclinedByIssuer") == "card declined by issuer"
+    assert code_words("Acquirer Error-91") == "acquirer error 91"
+    assert code_words(None) == ""

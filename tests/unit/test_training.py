@@ -1,0 +1,217 @@
+"""Decision points, IPS weights, calibration, the trained bundle and its behaviour on synthetic history."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model.bundle import Calibrator, ModelBundle
+from model.rules import Candidate
+from model.training import (
+    TrainingResult,
+    decision_points,
+    expected_calibration_error,
+    grouped_code_split,
+    ips_weights,
+    train,
+)
+from model.vocab import Action, Channel, Strategy
+from tests.factories import make_attempts_frame, make_history_frames, make_nudges_frame, make_request
+
+
+def _utc(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text).tz_convert("UTC")
+
+
+def test_decision_points_of_a_hand_made_history() -> None:
+    points = decision_points(make_attempts_frame(), make_nudges_frame())
+    by = {(row.order_id, row.kind, row.strategy or row.channel): row for row in points.itertuples()}
+    assert set(by) == {
+        ("ord_cascade", "retry", "cascade"),
+        ("ord_link", "retry", "retry_same"),
+        ("ord_link", "retarget", "whatsapp"),
+        ("ord_lost", "retry", "step_up"),
+        ("ord_lost", "retarget", "whatsapp"),
+        ("ord_lost", "retarget", "sms"),
+    }  # ord_ok succeeded at once: no decision point; a retarget_link attempt is the nudge's outcome, not an action
+
+    cascade = by[("ord_cascade", "retry", "cascade")]
+    assert cascade.label
+    assert cascade.propensity == 0.9
+    assert cascade.decision_time == _utc("2026-11-01T10:00:00Z")
+    assert cascade.target_connector == "adyen"
+    assert cascade.n_attempts == 1.0
+
+    link = by[("ord_link", "retarget", "whatsapp")]
+    assert link.label  # its link was used and the payment succeeded
+    assert link.decision_time == _utc("2026-11-01T11:05:00.250Z")  # the failed retry before it
+    assert link.n_attempts == 2.0
+    assert link.n_silent_retries == 1.0
+    assert link.tried_retry_same == 1.0
+
+    sms = by[("ord_lost", "retarget", "sms")]
+    assert not sms.label
+    assert sms.propensity == 1.0
+    # ndg_2 went unanswered: the next decision point is its follow-up, 24 h after it was sent.
+    assert sms.decision_time == _utc("2026-11-03T04:30:00Z")
+    assert sms.n_nudges == 1.0
+    assert sms.last_channel == "whatsapp"
+    assert sms.last_nudge_clicked == 0.0
+
+    unknown = by[("ord_lost", "retry", "step_up")]
+    assert math.isnan(unknown.propensity)
+    assert unknown.decision_time == _utc("2026-11-01T06:30:00Z")
+
+
+def test_ips_weights_are_clipped_normalised_and_unknown_counts_as_one() -> None:
+    weights = ips_weights([0.5, 0.01, None, 0.25])
+    raw = np.array([2.0, 20.0, 1.0, 4.0])  # 1/0.01 = 100 is clipped at 20
+    np.testing.assert_allclose(weights, raw / raw.mean())
+    assert weights.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(ips_weights([0.2, 0.2], max_weight=3.0), [1.0, 1.0])
+
+
+def test_grouped_split_keeps_codes_disjoint() -> None:
+    rng = np.random.default_rng(0)
+    connectors = rng.choice(["stripe", "adyen"], size=500).astype(object)
+    codes = rng.choice([f"code_{i}" for i in range(12)], size=500).astype(object)
+    split = grouped_code_split(connectors, codes, seed=1)
+    assert split is not None
+    train_rows, test_rows = split
+    assert len(train_rows) + len(test_rows) == 500
+    train_codes = set(zip(connectors[train_rows], codes[train_rows], strict=True))
+    test_codes = set(zip(connectors[test_rows], codes[test_rows], strict=True))
+    assert test_codes
+    assert not train_codes & test_codes
+    assert grouped_code_split(connectors[:3], codes[:3], seed=1) is None
+
+
+def test_ece_and_calibrators() -> None:
+    assert expected_calibration_error([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.0
+    assert expected_calibration_error([1, 1], [0.05, 0.05]) == pytest.approx(0.95)
+    rng = np.random.default_rng(0)
+    raw = rng.random(3000)
+    labels = (rng.random(3000) < raw**2).astype(float)  # the raw score is over-confident
+    for size, kind in ((3000, "isotonic"), (500, "platt")):
+        calibrator = Calibrator.fit(raw[:size], labels[:size], min_isotonic=1000)
+        assert calibrator.kind == kind
+        calibrated = calibrator(raw)
+        assert calibrated.min() >= 0.0
+        assert calibrated.max() <= 1.0
+        assert expected_calibration_error(labels, calibrated) < expected_calibration_error(labels, raw) / 2
+        assert Calibrator.from_dict(calibrator.to_dict()) == calibrator
+    assert Calibrator.fit(raw[:10], np.zeros(10)).kind == "identity"
+
+
+@pytest.fixture(scope="module")
+def trained() -> TrainingResult:
+    attempts, nudges = make_history_frames(2500, seed=11)
+    return train(attempts, nudges, seed=0, max_rounds=80)
+
+
+def test_training_reports_holdout_metrics(trained: TrainingResult) -> None:
+    metrics = trained.metrics
+    assert metrics["retry_holdout_auc"] > 0.75
+    assert metrics["retry_holdout_ece"] < 0.08
+    assert metrics["retarget_model_trained"] == 1.0
+    assert 0.02 <= metrics["retryable_threshold"] <= 0.5
+    assert not math.isnan(metrics["unseen_code_auc_with_text"])
+    assert not math.isnan(metrics["unseen_code_auc_without_text"])
+    table = trained.tables["per_error_class"]
+    assert {"insufficient_funds", "hard_decline"} <= set(table["error_class"])
+    assert list(trained.tables["splits"]["split"]) == ["train", "valid", "calibration", "holdout"]
+
+
+def _candidates(at: datetime) -> list[Candidate]:
+    return [
+        Candidate(Action.RETRY, at + timedelta(seconds=2), strategy=Strategy.RETRY_SAME, connector="stripe"),
+        Candidate(Action.RETRY, at + timedelta(hours=1), strategy=Strategy.CASCADE, connector="adyen"),
+        Candidate(Action.RETARGET, at + timedelta(hours=20), channel=Channel.WHATSAPP),
+        Candidate(Action.STOP, at),
+    ]
+
+
+def _failure(code: str, message: str, network: str, when: str = "2026-03-27T10:00:00Z") -> dict[str, object]:
+    return {
+        "event_time": when,
+        "failure": {"connector": "stripe", "error_code": code, "error_message": message,
+                    "network_decline_code": network},
+        "history": {"attempts": [{"attempt_number": 1, "connector": "stripe", "strategy": "initial",
+                                  "status": "failure", "error_code": code, "created_at": when}]},
+    }  # fmt: skip
+
+
+def test_scores_are_probabilities_and_stop_scores_zero(trained: TrainingResult) -> None:
+    bundle = trained.bundle
+    request = make_request(**_failure("processing_error", "An error occurred while processing your card.", "96"))
+    scores = bundle.score(request, _candidates(request.event_time))
+    assert scores.shape == (4,)
+    assert np.all((scores >= 0.0) & (scores <= 1.0))
+    assert scores[3] == 0.0
+    assert bundle.score(request, []).shape == (0,)
+
+
+def test_insufficient_funds_retry_after_payday_beats_retry_now(trained: TrainingResult) -> None:
+    request = make_request(**_failure("insufficient_funds", "Your card has insufficient funds.", "51"))
+    now = Candidate(Action.RETRY, request.event_time + timedelta(hours=2), strategy=Strategy.RETRY_SAME,
+                    connector="stripe")  # fmt: skip
+    after_payday = Candidate(Action.RETRY, datetime(2026, 4, 1, 6, 0, tzinfo=UTC), strategy=Strategy.RETRY_SAME,
+                             connector="stripe")  # fmt: skip
+    p_now, p_later = trained.bundle.score(request, [now, after_payday])
+    assert p_later > p_now + 0.15
+
+
+def test_stolen_card_gets_a_low_retry_probability(trained: TrainingResult) -> None:
+    bundle = trained.bundle
+    stolen = make_request(**_failure("stolen_card", "The card was reported stolen.", "43"))
+    glitch = make_request(**_failure("processing_error", "An error occurred while processing your card.", "96"))
+    candidates = _candidates(stolen.event_time)
+    p_stolen = bundle.retry_probability(candidates, bundle.score(stolen, candidates))
+    p_glitch = bundle.retry_probability(candidates, bundle.score(glitch, candidates))
+    assert p_stolen < 0.05
+    assert not bundle.is_retryable(p_stolen)
+    assert p_glitch > 0.4
+    assert bundle.is_retryable(p_glitch)
+
+
+def test_never_seen_error_code_and_connector_still_score(trained: TrainingResult) -> None:
+    request = make_request(
+        failure={"connector": "brand_new_psp", "error_code": "FUNDS_LOW_9", "error_message": "Insufficient balance",
+                 "network_decline_code": None},
+        payment={"payment_method": "bnpl_new"},
+        currency="XYZ",
+    )  # fmt: skip
+    scores = trained.bundle.score(request, _candidates(request.event_time))
+    assert np.all(np.isfinite(scores))
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+def test_bundle_round_trip_scores_identically(trained: TrainingResult, tmp_path: Path) -> None:
+    bundle = trained.bundle
+    request = make_request(**_failure("do_not_honor", "The card was declined.", "05"))
+    candidates = _candidates(request.event_time)
+    bundle.save(tmp_path / "bundle")
+    loaded = ModelBundle.load(tmp_path / "bundle")
+    np.testing.assert_array_equal(loaded.score(request, candidates), bundle.score(request, candidates))
+    assert loaded.version == bundle.version
+    assert loaded.version.startswith("wb-")
+    assert loaded.threshold == bundle.threshold
+    assert loaded.spec == bundle.spec
+    reasons = loaded.explain(request, candidates[0], k=3)
+    assert 1 <= len(reasons) <= 3
+    assert all(isinstance(r, str) and r for r in reasons)
+    assert loaded.explain(request, candidates[3]) == []
+    with pytest.raises(FileNotFoundError, match=r"lacks bundle\.json"):
+        ModelBundle.load(tmp_path / "nowhere")
+
+
+def test_training_refuses_a_history_without_retries() -> None:
+    attempts, nudges = make_history_frames(20, seed=2)
+    initial_only = attempts[attempts["attempt_number"] == 1]
+    with pytest.raises(ValueError, match="need at least 30 with both outcomes to learn retryability"):
+        train(initial_only, nudges.iloc[0:0], seed=0)

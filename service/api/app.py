@@ -1,0 +1,248 @@
+"""The decision API (CONTRACT.md section 2): ``create_app(settings)`` builds it; the lifespan loads the model.
+
+Handlers validate, authenticate and call ``decide()`` through the runtime; no policy logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Body, FastAPI, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.catalog import load_catalog
+from model.merchant_config import load_config
+from model.money import load_economics
+from model.policy import PolicyConfig, load_priors
+from model.requests import Decision, DecisionRequest
+from model.rules import load_rulebook
+from service.api.deps import CallerDep, MemoCatalog, Runtime, RuntimeDep
+from service.api.logging import configure_logging
+from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
+from service.api.model_holder import MlflowSource, ModelHolder
+from service.api.schemas import (
+    MAX_BATCH,
+    ErrorBody,
+    FieldError,
+    Health,
+    OutcomeIn,
+    OutcomeOut,
+    Readiness,
+    ValidationErrorBody,
+)
+from service.api.settings import Settings
+from service.api.store import DecisionWriter, ForeignDecisionError, OutcomeConflictError, Store, make_engine
+
+log = logging.getLogger("winback.api")
+
+_JSON = "application/json"
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
+    422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
+}
+
+
+def _field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    details = []
+    for error in exc.errors():
+        loc = list(error.get("loc", ()))
+        message = error.get("msg", "invalid")
+        if error.get("type") == "json_invalid":
+            message = f"body is not valid JSON: {error.get('ctx', {}).get('error', message)}"
+            loc = ["body"]
+        # The offending input is left out on purpose: it may carry personal data.
+        details.append(FieldError(field=_field_path(loc), msg=message, type=error.get("type", "invalid"), loc=loc))
+    body = ValidationErrorBody(message="; ".join(f"{d.field}: {d.msg}" for d in details), detail=details)
+    return JSONResponse(body.model_dump(), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+class LatencyMiddleware:
+    """Times every request into the latency histogram, labelled by route template (bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.latency.labels(scope["method"], template, str(status_code)).observe(
+                time.perf_counter() - started
+            )
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Load the merchant config (ConfigError names the bad key's path) and the catalog; nothing is started."""
+    config = load_config(settings.config_path)
+    # Read the shipped tables now, not in the first request (which would otherwise take tens of milliseconds).
+    load_priors()
+    load_economics()
+    load_rulebook()
+    metrics = ApiMetrics()
+    source = MlflowSource(settings.tracking_uri) if settings.load_model else None
+    holder = ModelHolder(
+        source,
+        poll_seconds=settings.model_poll_seconds,
+        on_change=lambda served: metrics.set_model_version(served.version),
+    )
+    return Runtime(
+        settings=settings,
+        config=config,
+        catalog=MemoCatalog(load_catalog()),
+        holder=holder,
+        metrics=metrics,
+        policy=PolicyConfig(),
+        rng=np.random.default_rng(settings.seed),
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Migrate and open the store, start the decision writer, load the champion and poll it; undo on exit."""
+    runtime: Runtime = app.state.runtime
+    settings = runtime.settings
+    engine = make_engine(settings.database_url)
+    if settings.run_migrations:
+        from service.migrations import upgrade
+
+        await run_in_threadpool(upgrade, engine)
+    runtime.store = Store(engine)
+    runtime.writer = DecisionWriter(runtime.store, interval=settings.decision_flush_seconds)
+    await run_in_threadpool(runtime.holder.start)
+    log.info(
+        "decision API ready",
+        extra={"model_version": runtime.holder.current.version, "merchants": len(runtime.config.merchants)},
+    )
+    try:
+        yield
+    finally:
+        runtime.holder.stop()
+        runtime.writer.close()
+        engine.dispose()
+
+
+def _json(content: bytes | str, status_code: int = 200) -> Response:
+    return Response(content=content, status_code=status_code, media_type=_JSON)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The decision API. ``settings`` default to the environment (``WINBACK_*``); ``runtime`` is for tests."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    runtime = runtime or build_runtime(settings)
+    app = FastAPI(
+        title="winback decision API",
+        version="1",
+        summary="Retry, retarget or stop: what to do about a failed payment, decided at failure time.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.add_middleware(LatencyMiddleware, metrics=runtime.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
+    async def create_decision(body: DecisionRequest, caller: CallerDep, runtime: RuntimeDep) -> Response:
+        """Decide what to do about one failed payment."""
+        caller.require(body.merchant_id)
+        return _json(runtime.decide(body, caller.merchant).model_dump_json())
+
+    @app.post("/v1/decisions:batch", response_model=list[Decision], responses=_AUTH_ERRORS, tags=["decisions"])
+    async def create_decisions(
+        body: Annotated[list[DecisionRequest], Body(max_length=MAX_BATCH)],
+        caller: CallerDep,
+        runtime: RuntimeDep,
+    ) -> Response:
+        """Decide for a list of failed payments; the answers come in the same order."""
+        for index, item in enumerate(body):
+            caller.require(item.merchant_id, where=f"[{index}].merchant_id")
+        answers = [runtime.decide(item, caller.merchant).model_dump_json() for item in body]
+        return _json("[" + ",".join(answers) + "]")
+
+    @app.post(
+        "/v1/outcomes",
+        response_model=OutcomeOut,
+        responses={**_AUTH_ERRORS, 409: {"model": ErrorBody, "description": "a different outcome is stored"}},
+        tags=["outcomes"],
+    )
+    async def record_outcome(body: OutcomeIn, caller: CallerDep, runtime: RuntimeDep) -> OutcomeOut:
+        """Record what happened after a decision; the same decision_id again answers the same, changing nothing."""
+        if runtime.store is None:  # pragma: no cover - the lifespan always opens the store
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="store not open yet")
+        try:
+            stored = await run_in_threadpool(
+                runtime.store.record_outcome, caller.merchant_id, body.model_dump(mode="json")
+            )
+        except OutcomeConflictError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+        except ForeignDecisionError as exc:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from None
+        return OutcomeOut(
+            decision_id=stored.decision_id,
+            order_id=stored.order_id,
+            status=stored.status,
+            occurred_at=stored.occurred_at,
+            recorded_at=stored.recorded_at,
+        )
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz() -> Health:
+        """The process is up."""
+        return Health()
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
+    async def readyz(runtime: RuntimeDep) -> JSONResponse:
+        """Ready only when a registered model serves (decisions are answered rules-only before that)."""
+        holder = runtime.holder
+        body = Readiness(
+            ready=holder.ready,
+            model_version=holder.current.version,
+            reason=None if holder.ready else (holder.last_error or "no model loaded"),
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if holder.ready else 503)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics(runtime: RuntimeDep) -> Response:
+        """Prometheus metrics of this worker."""
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory``: settings from ``WINBACK_*`` variables (each worker builds its own)."""
+    return create_app(Settings())

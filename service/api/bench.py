@@ -1,0 +1,457 @@
+"""Benchmark: the decision API (2 uvicorn workers) against ``mlflow models serve`` on a LightGBM model of similar
+size, driven by the same asyncio httpx load generator on loopback, in one run.
+
+Figures: closed-loop throughput (req/s, p50, p99) for each server and their ratio, p99 at a fixed open-loop rate
+(300 req/s by default, latency counted from each request's scheduled send time), and each API worker's RSS.
+Targets (ISSUE): >= 1,000 decisions/s, p99 < 10 ms at 300 req/s, >= 7x mlflow serve, each worker < 400 MB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+DEMO_REQUEST: dict[str, Any] = {
+    "merchant_id": "m_demo",
+    "order_id": "ord_8KQ2",
+    "event_time": "2026-11-01T10:15:00Z",
+    "amount": 499.0,
+    "currency": "INR",
+    "customer": {
+        "id": "cus_71",
+        "phone_present": True,
+        "email_present": True,
+        "country": "IN",
+        "opted_out_channels": [],
+    },
+    "payment": {
+        "payment_method": "card",
+        "payment_method_type": "credit",
+        "card_network": "visa",
+        "issuer": "HDFC",
+        "is_recurring": True,
+        "authentication_type": "no_three_ds",
+        "is_network_token": False,
+    },
+    "failure": {
+        "connector": "stripe",
+        "error_code": "card_declined",
+        "error_message": "Your card has insufficient funds.",
+        "network_decline_code": "51",
+        "merchant_advice_code": None,
+        "unified_code": None,
+    },
+    "history": {
+        "attempts": [
+            {
+                "attempt_number": 1,
+                "connector": "stripe",
+                "strategy": "initial",
+                "status": "failure",
+                "error_code": "card_declined",
+                "created_at": "2026-11-01T10:15:00Z",
+            }
+        ],
+        "nudges": [],
+    },
+    "available_connectors": ["stripe", "adyen", "cybersource"],
+}
+BENCH_KEY = "wb_demo_m_demo"
+
+
+@dataclass
+class LoadFigures:
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class BenchResult:
+    api: LoadFigures
+    mlflow: LoadFigures
+    api_fixed_rate: LoadFigures
+    mlflow_fixed_rate: LoadFigures | None
+    ratio: float
+    fixed_rate: float
+    model_version: str
+    candidates_per_request: int
+    reference_model: dict[str, int]
+    worker_rss_mb: list[float] = field(default_factory=list)
+
+    def targets(self) -> dict[str, bool]:
+        """Each ISSUE target and whether this run met it."""
+        return {
+            ">= 1000 decisions/s": self.api.rps >= 1000,
+            "p99 < 10 ms at fixed rate": self.api_fixed_rate.p99_ms < 10.0,
+            ">= 7x mlflow serve": self.ratio >= 7.0,
+            "each worker < 400 MB RSS": bool(self.worker_rss_mb) and max(self.worker_rss_mb) < 400,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able figures."""
+        return asdict(self) | {"targets": self.targets()}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1e3
+
+
+def _figures(latencies: list[float], errors: int, seconds: float) -> LoadFigures:
+    latencies.sort()
+    return LoadFigures(
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(seconds, 3),
+        rps=round(len(latencies) / seconds, 1) if seconds > 0 else 0.0,
+        p50_ms=round(_percentile(latencies, 0.50), 3),
+        p99_ms=round(_percentile(latencies, 0.99), 3),
+    )
+
+
+async def closed_loop(
+    url: str, body: bytes, headers: dict[str, str], *, concurrency: int, seconds: float, max_requests: int
+) -> LoadFigures:
+    """``concurrency`` clients sending back to back for ``seconds`` (at most ``max_requests`` in all)."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, headers=headers, timeout=30) as client:
+        for _ in range(min(concurrency, 50)):  # warm the connections and the server's caches
+            await client.post(url, content=body)
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline and len(latencies) + errors < max_requests:
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(url, content=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - sent)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return _figures(latencies, errors, elapsed)
+
+
+async def fixed_rate(url: str, body: bytes, headers: dict[str, str], *, rate: float, seconds: float) -> LoadFigures:
+    """Open loop: one request every 1/rate s whatever the answers do; latency from the scheduled send time."""
+    latencies: list[float] = []
+    errors = 0
+    total = int(rate * seconds)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(limits=limits, headers=headers, timeout=30) as client:
+        for _ in range(20):
+            await client.post(url, content=body)
+
+        async def one(scheduled: float) -> None:
+            nonlocal errors
+            try:
+                response = await client.post(url, content=body)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - scheduled)
+            else:
+                errors += 1
+
+        started = time.perf_counter()
+        tasks = []
+        for index in range(total):
+            scheduled = started + index / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return _figures(latencies, errors, elapsed)
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def _worker_rss(server_pid: int) -> list[float]:
+    """RSS of the uvicorn workers (the server's python children, not its multiprocessing tracker)."""
+    rss = []
+    for child in _children(server_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            rss.append(_rss_mb(child))
+    return rss or [_rss_mb(server_pid)]
+
+
+def _reference_model(folder: Path, n_features: int, n_trees: int, num_leaves: int) -> Path:
+    """A LightGBM binary model of the given size on random data, saved as an MLflow model."""
+    import lightgbm as lgb
+    import mlflow.lightgbm
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x = pd.DataFrame(rng.normal(size=(4000, n_features)), columns=[f"f{i}" for i in range(n_features)])
+    y = (x.iloc[:, 0] + rng.normal(size=len(x)) > 0).astype(int)
+    booster = lgb.train(
+        {
+            "objective": "binary",
+            "num_leaves": num_leaves,
+            "verbose": -1,
+            "num_threads": 1,
+            "min_data_in_leaf": 5,
+        },
+        lgb.Dataset(x, y),
+        num_boost_round=n_trees,
+    )
+    target = folder / "reference_model"
+    mlflow.lightgbm.save_model(booster, str(target))
+    return target
+
+
+def _model_size(tracking_uri: str | None) -> tuple[str, dict[str, int]]:
+    """The champion's version and its retry booster's size; a default size when there is no champion."""
+    size = {"features": 70, "trees": 200, "leaves": 31}
+    if tracking_uri is None:
+        return "rules-only", size
+    from model import registry
+
+    loaded = registry.load_champion(tracking_uri)
+    if loaded is None:
+        return "rules-only", size
+    bundle, version = loaded
+    boosters = [b for b in (bundle.retry_booster, bundle.retarget_booster) if b is not None]
+    trees = [tree for b in boosters for tree in b.dump_model(num_iteration=-1).get("tree_info", [])]
+    leaves = max((int(tree.get("num_leaves", 2)) for tree in trees), default=31)
+    return version, {
+        "features": max(b.num_feature() for b in boosters),
+        "trees": max(len(trees), 1),
+        "leaves": max(leaves, 2),  # LightGBM needs two leaves to train the stand-in
+    }
+
+
+def _candidate_count() -> int:
+    from model.catalog import load_catalog
+    from model.merchant_config import MerchantConfig
+    from model.requests import DecisionRequest
+    from model.rules import build_context, enumerate_candidates, permitted
+
+    request = DecisionRequest.model_validate(DEMO_REQUEST)
+    merchant = MerchantConfig(api_key_sha256="0" * 64, connectors=["stripe", "adyen", "cybersource"])
+    context = build_context(request, merchant, load_catalog())
+    return len(permitted(context, enumerate_candidates(context))) + 1
+
+
+def run_bench(
+    *,
+    tracking_uri: str | None = None,
+    workers: int = 2,
+    seconds: float = 10.0,
+    concurrency: int = 32,
+    max_requests: int = 50_000,
+    rate: float = 300.0,
+    rate_seconds: float = 5.0,
+    print_table: bool = True,
+) -> BenchResult:
+    """Run the whole benchmark (both servers started and stopped here) and return the figures."""
+    model_version, size = _model_size(tracking_uri)
+    rows = _candidate_count()
+    with tempfile.TemporaryDirectory(prefix="winback-bench-") as tmp:
+        folder = Path(tmp)
+        config = folder / "merchants.yaml"
+        digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+        config.write_text(
+            f'merchants:\n  m_demo:\n    api_key_sha256: "{digest}"\n    connectors: [stripe, adyen, cybersource]\n',
+            encoding="utf-8",
+        )
+        reference = _reference_model(folder, size["features"], size["trees"], size["leaves"])
+        api_port, mlflow_port = _free_port(), _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")}
+        env |= {"WINBACK_DATABASE_URL": f"sqlite:///{folder / 'winback.db'}", "OMP_NUM_THREADS": "1"}
+        code = (
+            "from service.api.server import run; "
+            f"run('127.0.0.1', {api_port}, {workers}, {str(config)!r}, {tracking_uri or f'sqlite:///{folder}/none.db'!r})"
+        )
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        # mlflow serve execs `uvicorn` by name: the virtualenv's bin folder must be on PATH.
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        api = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+        serve = subprocess.Popen(
+            [mlflow_bin, "models", "serve", "-m", str(reference), "--env-manager", "local", "-h", "127.0.0.1",
+             "-p", str(mlflow_port), "-w", str(workers)],
+            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            _wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
+            _wait_http(f"http://127.0.0.1:{mlflow_port}/ping", serve)
+            api_url = f"http://127.0.0.1:{api_port}/v1/decisions"
+            api_body = orjson.dumps(DEMO_REQUEST)
+            api_headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+            ml_url = f"http://127.0.0.1:{mlflow_port}/invocations"
+            columns = [f"f{i}" for i in range(size["features"])]
+            ml_body = orjson.dumps(
+                {
+                    "dataframe_split": {
+                        "columns": columns,
+                        "data": [[0.1 * (i % 7)] * len(columns) for i in range(rows)],
+                    }
+                }
+            )
+            ml_headers = {"Content-Type": "application/json"}
+            api_figures = asyncio.run(
+                closed_loop(
+                    api_url,
+                    api_body,
+                    api_headers,
+                    concurrency=concurrency,
+                    seconds=seconds,
+                    max_requests=max_requests,
+                )
+            )
+            api_rate = asyncio.run(fixed_rate(api_url, api_body, api_headers, rate=rate, seconds=rate_seconds))
+            rss = _worker_rss(api.pid)
+            ml_figures = asyncio.run(
+                closed_loop(
+                    ml_url,
+                    ml_body,
+                    ml_headers,
+                    concurrency=concurrency,
+                    seconds=seconds,
+                    max_requests=max_requests,
+                )
+            )
+            ml_rate = None
+            if ml_figures.rps >= rate:  # a fixed rate above what it sustains only measures its queue
+                ml_rate = asyncio.run(fixed_rate(ml_url, ml_body, ml_headers, rate=rate, seconds=rate_seconds))
+        finally:
+            for process in (api, serve):
+                process.terminate()
+            for process in (api, serve):
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    result = BenchResult(
+        api=api_figures,
+        mlflow=ml_figures,
+        api_fixed_rate=api_rate,
+        mlflow_fixed_rate=ml_rate,
+        ratio=round(api_figures.rps / ml_figures.rps, 2) if ml_figures.rps else float("inf"),
+        fixed_rate=rate,
+        model_version=model_version,
+        candidates_per_request=rows,
+        reference_model=size,
+        worker_rss_mb=rss,
+    )
+    if print_table:
+        _print(result)
+    return result
+
+
+def _print(result: BenchResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"decision API (model {result.model_version}) vs mlflow models serve")
+    for column in ("server", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms"):
+        table.add_column(column)
+    rows = [
+        ("winback API", "closed loop", result.api),
+        ("winback API", f"{result.fixed_rate:.0f} req/s", result.api_fixed_rate),
+        ("mlflow serve", "closed loop", result.mlflow),
+        ("mlflow serve", f"{result.fixed_rate:.0f} req/s", result.mlflow_fixed_rate),
+    ]
+    for server, mode, figures in rows:
+        if figures is None:
+            table.add_row(server, mode, "-", "-", "not run: below the rate in closed loop", "-", "-")
+            continue
+        table.add_row(
+            server, mode, str(figures.requests), str(figures.errors), f"{figures.rps:.0f}",
+            f"{figures.p50_ms:.2f}", f"{figures.p99_ms:.2f}",
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(
+        f"throughput ratio API/mlflow: {result.ratio:.1f}x; candidates scored per request: "
+        f"{result.candidates_per_request}; reference model {result.reference_model}"
+    )
+    console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
+    for target, met in result.targets().items():
+        console.print(f"{'met ' if met else 'MISSED'} {target}")
+
+
+if __name__ == "__main__":  # pragma: no cover - manual entry point; `make bench` calls run_bench
+    run_bench(tracking_uri=sys.argv[1] if len(sys.argv) > 1 else None)

@@ -1,0 +1,106 @@
+"""Prometheus metrics of the decision API, on a registry per app (so several apps in one test process coexist).
+
+With several uvicorn workers each process exposes its own figures; Prometheus scrapes each one (or set
+``PROMETHEUS_MULTIPROC_DIR`` and aggregate, which this module does not do).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from model.requests import Decision
+
+__all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class ApiMetrics:
+    """The API's metrics: latency, decisions by action/strategy/channel, rule firings, unknown codes, model."""
+
+    def __init__(self) -> None:
+        # The *_created series double the output and nobody reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram(
+            "winback_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template and status code.",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "winback_decisions",
+            "Decisions served, by action, retry strategy and retarget channel.",
+            ["action", "strategy", "channel", "model_version"],
+            registry=self.registry,
+        )
+        self.rule_firings = Counter(
+            "winback_rule_firings",
+            "Hard rules that constrained a decision, by rule name.",
+            ["rule"],
+            registry=self.registry,
+        )
+        self.unknown_error_codes = Counter(
+            "winback_unknown_error_codes",
+            "Decisions for an error code the catalog has never seen (known_code False), by connector.",
+            ["connector"],
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "winback_model_info",
+            "1 for the model version currently serving (rules-only when no model is loaded).",
+            ["version"],
+            registry=self.registry,
+        )
+        self.model_swaps = Counter("winback_model_swaps", "Times the serving model changed.", registry=self.registry)
+        self.registry_errors = Counter(
+            "winback_registry_errors", "Failed checks of the MLflow registry.", registry=self.registry
+        )
+        self._version: str | None = None
+        # labels() takes a lock and builds a key on every call; the children are cached here instead.
+        self._decision_children: dict[tuple[str, str, str, str], Any] = {}
+        self._rule_children: dict[str, Any] = {}
+
+    def observe_decision(self, decision: Decision) -> None:
+        """Count one decision and the rules that constrained it."""
+        key = (
+            decision.action.value,
+            decision.strategy.value if decision.strategy else "",
+            decision.channel.value if decision.channel else "",
+            decision.model_version,
+        )
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+        for rule in decision.rules_applied:
+            rule_child = self._rule_children.get(rule)
+            if rule_child is None:
+                # "max_retries:3" -> "max_retries": the rule's name, not its parameter, bounds the cardinality.
+                rule_child = self._rule_children[rule] = self.rule_firings.labels(rule.split(":", 1)[0])
+            rule_child.inc()
+
+    def set_model_version(self, version: str) -> None:
+        """Mark ``version`` as the one serving; the previous version's series is removed."""
+        if version == self._version:
+            return
+        if self._version is not None:
+            self.model_info.remove(self._version)
+            self.model_swaps.inc()
+        self.model_info.labels(version).set(1)
+        self._version = version
+
+    def render(self) -> bytes:
+        """The exposition text of this app's registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,170 @@
+"""The serving model and its hot swap: follow ``models:/winback@champion`` without disturbing requests.
+
+A background thread asks the registry which version ``champion`` points at every ``poll_seconds``. When it
+moved, the new version is loaded beside the old one, and only then does one attribute assignment make it the
+serving model (atomic in CPython): a request reads ``holder.current`` once and keeps that model to the end, so
+no request fails or waits during a swap. While no model is registered or the registry is down, decisions come
+from the rules-only policy (``scorer is None``) and the holder keeps trying.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from model.policy import RULES_ONLY_VERSION, Scorer
+from model.requests import DecisionRequest
+from model.rules import Candidate
+
+log = logging.getLogger("winback.api")
+
+
+class ModelSource(Protocol):
+    """Where models come from: the registry's champion version, and a way to load one version."""
+
+    def champion_version(self) -> str | None: ...
+
+    def load(self, version: str) -> Scorer: ...
+
+
+class VersionedScorer:
+    """A scorer that reports the registry's version number, whatever the bundle calls itself."""
+
+    def __init__(self, inner: Any, version: str) -> None:
+        self.inner = inner
+        self.version = version
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        """Delegate to the wrapped scorer."""
+        result: np.ndarray = self.inner.score(request, candidates)
+        return result
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
+        """Delegate to the wrapped scorer."""
+        reasons: list[str] = self.inner.explain(request, candidate, k)
+        return reasons
+
+    def __getattr__(self, name: str) -> Any:
+        # Optional attributes decide() looks up with getattr (e.g. retryable_threshold) come from the bundle.
+        return getattr(self.inner, name)
+
+
+class MlflowSource:
+    """The MLflow registry through ``model.registry`` (imported on first use: MLflow is slow to import)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+
+    def champion_version(self) -> str | None:
+        """The version ``winback@champion`` points at, or None when nothing is promoted yet."""
+        from model import registry
+
+        return registry.get_alias_version(registry.CHAMPION, tracking_uri=self.tracking_uri)
+
+    def load(self, version: str) -> Scorer:
+        """Download and load one version's bundle."""
+        from model import registry
+
+        bundle = registry.load_version(version, tracking_uri=self.tracking_uri)
+        return VersionedScorer(bundle, version)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What answers requests right now. ``scorer is None`` means the rules-only policy."""
+
+    scorer: Scorer | None
+    version: str
+    since: datetime
+
+
+class ModelHolder:
+    """Holds the serving model and swaps it when the champion alias moves."""
+
+    def __init__(
+        self,
+        source: ModelSource | None,
+        poll_seconds: float = 10.0,
+        on_change: Callable[[Served], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.poll_seconds = poll_seconds
+        self.on_change = on_change
+        self.current = Served(scorer=None, version=RULES_ONLY_VERSION, since=datetime.now(UTC))
+        self.last_error: str | None = None
+        self.last_check: datetime | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """True once a registered model serves (rules-only is a fallback, not readiness)."""
+        return self.current.scorer is not None
+
+    def _swap(self, served: Served) -> None:
+        self.current = served
+        if self.on_change is not None:
+            self.on_change(served)
+
+    def refresh(self) -> bool:
+        """Check the champion once and swap if it moved; True when the serving model changed. Never raises."""
+        if self.source is None:
+            return False
+        with self._lock:
+            self.last_check = datetime.now(UTC)
+            try:
+                version = self.source.champion_version()
+                if version is None:
+                    self.last_error = "no model registered as winback@champion yet"
+                    return False
+                if version == self.current.version and self.current.scorer is not None:
+                    self.last_error = None
+                    return False
+                started = time.perf_counter()
+                scorer = self.source.load(version)
+            except Exception as exc:
+                self.last_error = f"model registry unavailable: {type(exc).__name__}: {exc}"
+                log.warning(
+                    "could not refresh the champion; still serving %s",
+                    self.current.version,
+                    extra={"error": self.last_error},
+                )
+                return False
+            previous = self.current.version
+            self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
+            self.last_error = None
+            log.info(
+                "serving model version %s (was %s)",
+                version,
+                previous,
+                extra={"model_version": version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
+            )
+            return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.refresh()
+
+    def start(self) -> None:
+        """Load the champion now (rules-only if there is none), then keep polling in a daemon thread."""
+        if self.on_change is not None:
+            self.on_change(self.current)
+        self.refresh()
+        if self.source is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="winback-champion-poller", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (the serving model stays as it is)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

@@ -1,0 +1,65 @@
+"""API-only schemas: outcomes, errors, health. Decisions use ``model.requests`` (DecisionRequest, Decision)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.requests import AwareDatetime
+
+#: Most decision requests one ``POST /v1/decisions:batch`` may carry.
+MAX_BATCH = 1000
+
+
+class OutcomeIn(BaseModel):
+    """What happened after a decision (CONTRACT.md section 2). Extra fields are kept and stored.
+
+    Useful extras for the feedback loop: ``txn_id``, ``connector``, ``error_code``, ``error_message``,
+    ``network_decline_code``, ``merchant_advice_code``, ``unified_code``; for a retarget ``nudge_id``,
+    ``sent_at``, ``delivered``, ``clicked_at``, ``template_id``.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    decision_id: str = Field(min_length=1, max_length=64)
+    order_id: str = Field(min_length=1, max_length=256)
+    status: Literal["success", "failure"]
+    occurred_at: AwareDatetime
+
+
+class OutcomeOut(BaseModel):
+    """The stored outcome; the same request again gets this same answer."""
+
+    decision_id: str
+    order_id: str
+    status: Literal["success", "failure"]
+    occurred_at: datetime
+    recorded_at: datetime
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Dotted path of the offending field, e.g. 'failure.connector' or '[2].amount'.")
+    msg: str
+    type: str
+    loc: list[str | int]
+
+
+class ValidationErrorBody(BaseModel):
+    message: str = Field(description="All problems in one line, each prefixed by its field.")
+    detail: list[FieldError]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model_version: str
+    reason: str | None = None

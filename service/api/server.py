@@ -1,0 +1,67 @@
+"""Start the decision API under uvicorn (``winback serve``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from model.merchant_config import load_config
+from service.api.settings import DEMO_CONFIG, default_tracking_uri
+
+APP_FACTORY = "service.api.app:app_from_env"
+
+
+def server_env(config_path: str | Path, tracking_uri: str, database_url: str | None = None) -> dict[str, str]:
+    """The environment variables that carry the serve options to every worker."""
+    env = {
+        "WINBACK_CONFIG_PATH": str(Path(config_path).resolve()),
+        "WINBACK_TRACKING_URI": tracking_uri,
+        # LightGBM and numpy each spawn a thread pool per process otherwise: one request is one model call,
+        # and several workers on a small box compete for the same cores.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    if database_url:
+        env["WINBACK_DATABASE_URL"] = database_url
+    return env
+
+
+def run(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    config_path: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> None:
+    """Serve the API on ``host:port`` with ``workers`` processes; blocks until stopped.
+
+    The merchant config is checked here first, so a bad file stops the command with ConfigError (naming the
+    offending key's path) before any worker starts. The database schema is migrated once here, not by every
+    worker at the same time.
+    """
+    import uvicorn
+
+    from service.api.settings import Settings
+    from service.api.store import make_engine
+    from service.migrations import upgrade
+
+    config_file = Path(config_path) if config_path else DEMO_CONFIG
+    load_config(config_file)
+    os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
+    engine = make_engine(Settings().database_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    os.environ["WINBACK_RUN_MIGRATIONS"] = "false"
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )

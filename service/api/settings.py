@@ -1,0 +1,45 @@
+"""Settings of the decision API process: one ``Settings`` object, read from ``WINBACK_*`` variables (or .env)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The shipped demo merchant config (CONTRACT.md section 1: ``--config`` defaults to it).
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml"
+DEFAULT_DATABASE_URL = "sqlite:///winback.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the local store of CONTRACT.md section 1."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class Settings(BaseSettings):
+    """Everything the API process needs to start; built once in the app factory, never at import."""
+
+    model_config = SettingsConfigDict(env_prefix="WINBACK_", env_file=".env", extra="ignore", frozen=True)
+
+    config_path: Path = Field(default=DEMO_CONFIG, description="Merchant config YAML (CONTRACT.md section 4).")
+    tracking_uri: str = Field(default_factory=default_tracking_uri, description="MLflow tracking/registry URI.")
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, description="SQLAlchemy URL for decisions/outcomes.")
+    model_poll_seconds: float = Field(default=10.0, gt=0, le=30, description="How often to check @champion.")
+    load_model: bool = Field(default=True, description="False: never touch MLflow, serve rules-only.")
+    run_migrations: bool = Field(default=True, description="Upgrade the database schema at start-up.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_decisions: bool = Field(default=True, description="One JSON log line per decision served.")
+    decision_flush_seconds: float = Field(default=0.2, gt=0, description="Write-behind interval of decisions.")
+    max_batch: int = Field(default=500, ge=1, description="Most requests accepted by /v1/decisions:batch.")
+    seed: int | None = Field(default=None, description="Seed of the exploration RNG (None: fresh entropy).")
+
+    @field_validator("database_url", "tracking_uri")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value

@@ -1,0 +1,447 @@
+"""The decision API in process (ASGI transport, real lifespan, SQLite in tmp_path), rules-only or a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from model.history import read_attempts, read_nudges
+from model.merchant_config import ConfigError
+from model.requests import Decision, DecisionRequest
+from model.rules import Candidate
+from service.api.app import create_app
+from service.api.deps import Runtime
+from service.api.export import export_history
+from service.api.logging import JsonFormatter, scrub
+from service.api.model_holder import ModelHolder
+from service.api.settings import Settings
+from tests.factories import make_request, write_merchant_config
+
+DEMO_KEY = "wb_demo_m_demo"
+OTHER_KEY = "wb_demo_m_other"
+AUTH = {"Authorization": f"Bearer {DEMO_KEY}"}
+
+
+def request_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(make_request(**overrides).model_dump_json())
+    return body
+
+
+class FakeScorer:
+    """A model that gives every candidate the same probability; ``fail`` makes it raise."""
+
+    def __init__(self, version: str, p: float = 0.5, fail: bool = False) -> None:
+        self.version = version
+        self.p = p
+        self.fail = fail
+        self.calls = 0
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return np.full(len(candidates), self.p)
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
+        return [f"fake model {self.version}"][:k]
+
+
+class FakeSource:
+    """A registry stand-in: ``version`` is the champion; ``down`` makes every call fail."""
+
+    def __init__(self, version: str | None, fail_scoring: bool = False) -> None:
+        self.version = version
+        self.down = False
+        self.fail_scoring = fail_scoring
+        self.loads: list[str] = []
+
+    def champion_version(self) -> str | None:
+        if self.down:
+            raise ConnectionError("registry unreachable")
+        return self.version
+
+    def load(self, version: str) -> FakeScorer:
+        self.loads.append(version)
+        return FakeScorer(version, fail=self.fail_scoring)
+
+
+class Api:
+    """A started app (lifespan entered) and a client on it, driven from sync tests through one event loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self._lifespan = app.router.lifespan_context(app)
+        self.loop.run_until_complete(self._lifespan.__aenter__())
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    def post(self, path: str, body: Any, key: str | None = DEMO_KEY) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return self.loop.run_until_complete(self.client.post(path, json=body, headers=headers))
+
+    def get(self, path: str) -> httpx.Response:
+        return self.loop.run_until_complete(self.client.get(path))
+
+    def flush(self) -> None:
+        assert self.runtime.writer is not None
+        self.runtime.writer.flush()
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.run_until_complete(self._lifespan.__aexit__(None, None, None))
+        self.loop.close()
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    config = write_merchant_config(tmp_path / "merchants.yaml", ["m_demo", "m_other"])
+    values: dict[str, Any] = {
+        "config_path": config,
+        "database_url": f"sqlite:///{tmp_path / 'winback.db'}",
+        "load_model": False,
+        "decision_flush_seconds": 0.01,
+        "seed": 7,
+    }
+    return Settings(**(values | overrides))
+
+
+def start(tmp_path: Path, source: FakeSource | None = None, **overrides: Any) -> Api:
+    app = create_app(settings_for(tmp_path, **overrides))
+    if source is not None:
+        runtime: Runtime = app.state.runtime
+        runtime.holder = ModelHolder(source, poll_seconds=30, on_change=runtime.holder.on_change)
+    return Api(app)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    harness = start(tmp_path)
+    yield harness
+    harness.close()
+
+
+# ------------------------------------------------------------------------------------------------ decisions
+
+
+def test_decision_follows_the_contract_and_is_stored(api: Api, tmp_path: Path) -> None:
+    response = api.post("/v1/decisions", request_body())
+    assert response.status_code == 200, response.text
+    decision = Decision.model_validate(response.json())
+    assert decision.model_version == "rules-only"
+    assert decision.decision_id.startswith("dec_")
+    assert decision.execute_at >= make_request().event_time
+    assert 0.0 < decision.propensity <= 1.0
+    api.flush()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'winback.db'}")
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT merchant_id, order_id, model_version, answer_json FROM decisions")).one()
+    engine.dispose()
+    assert row[:3] == ("m_demo", "ord_8KQ2", "rules-only")
+    assert json.loads(row[3])["decision_id"] == decision.decision_id
+
+
+def test_never_seen_connector_payment_method_and_error_code_get_a_decision(api: Api) -> None:
+    body = request_body(
+        payment={
+            "payment_method": "crypto_voucher",
+            "payment_method_type": "brand_new",
+            "card_network": None,
+        },
+        failure={
+            "connector": "newpay",
+            "error_code": "ZZ_NEVER_SEEN",
+            "error_message": "??",
+            "network_decline_code": None,
+        },
+        available_connectors=["newpay", "stripe"],
+        history={"attempts": []},
+    )
+    response = api.post("/v1/decisions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["action"] in {"retry", "retarget", "stop"}
+    metrics = api.get("/metrics").text
+    assert 'winback_unknown_error_codes_total{connector="newpay"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda b: b["failure"].pop("connector"), "failure.connector"),
+        (lambda b: b.update(event_time="2026-11-01T10:15:00"), "event_time"),
+        (lambda b: b.update(amount="lots"), "amount"),
+        (lambda b: b["customer"].update(opted_out_channels=["pigeon"]), "customer.opted_out_channels[0]"),
+        (
+            lambda b: b["history"]["attempts"][0].update(attempt_number=0),
+            "history.attempts[0].attempt_number",
+        ),
+    ],
+)
+def test_malformed_input_gets_422_naming_the_field(api: Api, mutate: Any, field: str) -> None:
+    body = request_body()
+    mutate(body)
+    response = api.post("/v1/decisions", body)
+    assert response.status_code == 422
+    payload = response.json()
+    assert [d["field"] for d in payload["detail"]] == [field]
+    assert payload["message"].startswith(f"{field}: ")
+
+
+def test_body_that_is_not_json_gets_422(api: Api) -> None:
+    response = api.loop.run_until_complete(
+        api.client.post("/v1/decisions", content=b"{not json", headers={**AUTH, "content-type": "application/json"})
+    )
+    assert response.status_code == 422
+    assert response.json()["message"].startswith("body: body is not valid JSON")
+
+
+def test_no_key_is_401_and_an_unknown_key_is_401(api: Api) -> None:
+    assert api.post("/v1/decisions", request_body(), key=None).status_code == 401
+    response = api.post("/v1/decisions", request_body(), key="wb_guess")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "unknown API key"}
+
+
+def test_a_key_answers_only_for_its_own_merchant(api: Api) -> None:
+    response = api.post("/v1/decisions", request_body(), key=OTHER_KEY)
+    assert response.status_code == 403
+    assert response.json()["detail"] == "merchant_id: this API key may only act for merchant 'm_other'"
+    assert api.post("/v1/decisions", request_body(merchant_id="m_other"), key=OTHER_KEY).status_code == 200
+
+
+def test_batch_answers_in_order_and_refuses_a_foreign_item(api: Api) -> None:
+    bodies = [request_body(order_id=f"ord_{i}") for i in range(3)]
+    response = api.post("/v1/decisions:batch", bodies)
+    assert response.status_code == 200, response.text
+    answers = [Decision.model_validate(item) for item in response.json()]
+    assert len(answers) == 3
+    assert len({a.decision_id for a in answers}) == 3
+    api.flush()
+    assert api.runtime.store is not None
+    assert [api.runtime.store.get_decision(a.decision_id)["order_id"] for a in answers] == [
+        "ord_0",
+        "ord_1",
+        "ord_2",
+    ]  # type: ignore[index]
+    foreign = [*bodies, request_body(merchant_id="m_other")]
+    response = api.post("/v1/decisions:batch", foreign)
+    assert response.status_code == 403
+    assert response.json()["detail"].startswith("[3].merchant_id:")
+    bad = [bodies[0], {**bodies[1], "currency": "RUPEES"}]
+    assert api.post("/v1/decisions:batch", bad).json()["detail"][0]["field"] == "[1].currency"
+
+
+# ------------------------------------------------------------------------------------------------- outcomes
+
+
+def _outcome(decision_id: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "decision_id": decision_id,
+        "order_id": "ord_8KQ2",
+        "status": "success",
+        "occurred_at": "2026-11-02T10:15:05Z",
+        "txn_id": "ord_8KQ2_2",
+    } | overrides
+
+
+def test_outcome_is_idempotent_and_a_different_body_conflicts(api: Api) -> None:
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    first = api.post("/v1/outcomes", _outcome(decision_id))
+    assert first.status_code == 200, first.text
+    again = api.post("/v1/outcomes", _outcome(decision_id, occurred_at="2026-11-02T15:45:05+05:30"))
+    assert again.json() == first.json()  # same instant, other offset: the same outcome
+    conflict = api.post("/v1/outcomes", _outcome(decision_id, status="failure"))
+    assert conflict.status_code == 409
+    assert "already has a different outcome (status 'success'" in conflict.json()["detail"]
+
+
+def test_outcome_for_another_merchants_decision_is_refused(api: Api) -> None:
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    api.flush()
+    response = api.post("/v1/outcomes", _outcome(decision_id), key=OTHER_KEY)
+    assert response.status_code == 403
+    assert response.json()["detail"] == f"decision {decision_id!r} was not served to merchant 'm_other'"
+
+
+def test_outcome_with_a_bad_status_names_the_field(api: Api) -> None:
+    response = api.post("/v1/outcomes", _outcome("dec_x", status="maybe"))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "status"
+
+
+def test_export_writes_valid_history_files(api: Api, tmp_path: Path) -> None:
+    for index in range(4):
+        answer = api.post("/v1/decisions", request_body(order_id=f"ord_{index}")).json()
+        status = "success" if index % 2 else "failure"
+        extra = {"txn_id": f"ord_{index}_2"} | ({"error_code": "card_declined"} if status == "failure" else {})
+        api.post("/v1/outcomes", _outcome(answer["decision_id"], order_id=f"ord_{index}", status=status) | extra)
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    attempts = read_attempts(summary.attempts_path)
+    nudges = read_nudges(summary.nudges_path)
+    assert summary.orders == 4
+    assert set(attempts["order_id"]) == {f"ord_{i}" for i in range(4)}
+    assert (attempts["attempt_number"] == 1).sum() == 4  # each order's original failure
+    assert len(attempts) + len(nudges) >= 8  # plus one follow-up (attempt or nudge) per decided order
+
+
+# ----------------------------------------------------------------------------------------- model lifecycle
+
+
+def test_readyz_is_false_until_a_model_is_loaded(api: Api) -> None:
+    response = api.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["model_version"] == "rules-only"
+    assert api.get("/healthz").json() == {"status": "ok"}
+
+
+def test_registered_champion_serves_and_a_new_version_is_swapped_in(tmp_path: Path) -> None:
+    source = FakeSource("3")
+    api = start(tmp_path, source)
+    try:
+        assert api.get("/readyz").json() == {"ready": True, "model_version": "3", "reason": None}
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
+        source.version = "4"
+        assert api.runtime.holder.refresh() is True
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "4"
+        assert source.loads == ["3", "4"]
+        assert 'winback_model_info{version="4"} 1.0' in api.get("/metrics").text
+        assert 'winback_model_info{version="3"}' not in api.get("/metrics").text
+    finally:
+        api.close()
+
+
+def test_registry_down_keeps_serving_the_current_model(tmp_path: Path) -> None:
+    source = FakeSource("3")
+    holder = ModelHolder(source)
+    holder.start()
+    source.down = True
+    assert holder.refresh() is False
+    assert holder.current.version == "3"
+    assert holder.last_error == "model registry unavailable: ConnectionError: registry unreachable"
+    holder.stop()
+
+
+def test_no_model_or_registry_down_at_start_answers_rules_only(tmp_path: Path) -> None:
+    source = FakeSource(None)
+    api = start(tmp_path, source)
+    try:
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "rules-only"
+        assert api.get("/readyz").json()["reason"] == "no model registered as winback@champion yet"
+    finally:
+        api.close()
+
+
+def test_a_failing_model_falls_back_to_rules_only_instead_of_a_5xx(tmp_path: Path) -> None:
+    api = start(tmp_path, FakeSource("5", fail_scoring=True))
+    try:
+        response = api.post("/v1/decisions", request_body())
+        assert response.status_code == 200
+        assert response.json()["model_version"] == "rules-only"
+    finally:
+        api.close()
+
+
+# ------------------------------------------------------------------------------ config, docs, metrics, logs
+
+
+def test_bad_merchant_config_is_refused_at_start_with_the_key_path(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "merchants:\n  m_demo:\n    api_key_sha256: '" + "0" * 64 + "'\n    connectors: [stripe]\n"
+        "    retry: {max_retries: 2, bogus: 1}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"merchants\.m_demo\.retry\.bogus: unknown key"):
+        create_app(settings_for(tmp_path, config_path=config))
+
+
+def test_openapi_lists_every_endpoint(api: Api) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    assert set(paths) >= {
+        "/v1/decisions",
+        "/v1/decisions:batch",
+        "/v1/outcomes",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+    assert paths["/v1/decisions"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Decision"
+    )
+
+
+def test_metrics_count_decisions_rules_and_latency(api: Api) -> None:
+    decision = api.post("/v1/decisions", request_body()).json()
+    text = api.get("/metrics").text
+    assert f'winback_decisions_total{{action="{decision["action"]}"' in text
+    assert "winback_rule_firings_total{rule=" in text
+    assert 'winback_http_request_duration_seconds_count{method="POST",route="/v1/decisions",status="200"} 1.0' in text
+
+
+def test_logs_are_json_with_decision_id_and_no_secrets(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+    handler = logging.getLogger("winback.api").handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    lines: list[str] = []
+    handler.setStream(_ListStream(lines))  # type: ignore[arg-type]
+    body = request_body()
+    body["customer"]["email"] = "priya@example.com"  # an extra field a caller should not send, but might
+    decision_id = api.post("/v1/decisions", body).json()["decision_id"]
+    records = [json.loads(line) for line in "".join(lines).splitlines()]
+    assert any(r.get("decision_id") == decision_id and r["message"] == "decision" for r in records)
+    text = "".join(lines)
+    assert DEMO_KEY not in text
+    assert "priya@example.com" not in text
+
+
+class _ListStream:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Authorization: Bearer wb_demo_m_demo", "Authorization: Bearer [redacted]"),
+        ("key wb_live_abc123 leaked", "key [redacted-key] leaked"),
+        ("mail priya@example.com now", "mail [redacted-email] now"),
+        ("call +91 98765 43210 today", "call [redacted-phone] today"),
+        ("order ord_8KQ2 amount 499.0", "order ord_8KQ2 amount 499.0"),
+    ],
+)
+def test_scrub_masks_keys_emails_and_phones(text: str, expected: str) -> None:
+    assert scrub(text) == expected
+
+
+def test_json_formatter_redacts_secret_fields() -> None:
+    record = logging.LogRecord("winback.api", logging.INFO, __file__, 1, "hello", None, None)
+    record.authorization = "Bearer abc"
+    record.decision_id = "dec_1"
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["authorization"] == "[redacted]"
+    assert payload["decision_id"] == "dec_1"
+
+
+def test_key_digest_in_config_is_sha256_of_the_key(tmp_path: Path) -> None:
+    config = write_merchant_config(tmp_path / "m.yaml", ["m_x"])
+    assert hashlib.sha256(b"wb_demo_m_x").hexdigest() in config.read_text(encoding="utf-8")

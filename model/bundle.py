@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,7 @@ class ModelBundle:
     version: str
     catalog: Normaliser | None = field(default=None, repr=False, compare=False)
     _normaliser: _CachedNormaliser | None = field(default=None, repr=False, compare=False)
+    _memo: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -177,8 +179,20 @@ class ModelBundle:
         return context
 
     def matrix(self, request: DecisionRequest, candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
-        """The float32 model matrix, one row per candidate."""
-        return self.spec.transform(expand_candidates(self.context(request), candidates))
+        """The float32 model matrix, one row per candidate.
+
+        The last request's matrix is remembered (per thread), so `explain` after `score` on the same request
+        reuses its rows instead of building them again on the request path.
+        """
+        memo = getattr(self._memo, "last", None)
+        if memo is not None and memo[0] is request:
+            rows = memo[1]
+            found = [rows.get(candidate) for candidate in candidates]
+            if all(row is not None for row in found):
+                return memo[2][np.asarray(found, dtype=np.intp)]
+        x = self.spec.transform(expand_candidates(self.context(request), candidates))
+        self._memo.last = (request, {c: i for i, c in enumerate(candidates)}, x)
+        return x
 
     def score(self, request: DecisionRequest, candidates: Sequence[Candidate]) -> FloatArray:
         """Calibrated P(success) per candidate: retries by the retry model, retargets by the retarget model, stop 0.

@@ -306,7 +306,11 @@ class FeatureSpec:
         """Integer codes (as float) of one categorical column; unseen or rare values get ``OTHER_CODE``."""
         index = self._lookup(name)
         get = index.get
-        return np.array([get(v if isinstance(v, str) else None, OTHER_CODE) for v in values], dtype=np.float64)
+        items = values.tolist() if isinstance(values, np.ndarray) else list(values)
+        # Columns repeat few distinct values (a request's context is constant across its candidates; a history
+        # has a small vocabulary): look each distinct value up once, then map in C.
+        codes = {v: float(get(v if isinstance(v, str) else None, OTHER_CODE)) for v in set(items)}
+        return np.fromiter(map(codes.__getitem__, items), dtype=np.float64, count=len(items))
 
     def transform(self, columns: Mapping[str, np.ndarray]) -> npt.NDArray[np.float32]:
         """The float32 model matrix (rows x ``self.columns``) of a decision frame's raw columns."""

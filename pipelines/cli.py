@@ -60,15 +60,107 @@ def train(
     config: Annotated[
         Path | None, typer.Option("--config", help="Merchant config for replaying policies [default: demo config].")
     ] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option("--episodes", min=0, help="Simulator orders per policy in the evaluation [default: 2000]."),
+    ] = None,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
 
     code = train_command(
-        attempts, nudges, tracking_uri, promote, seed=seed, config=config, console=console, err_console=err_console
+        attempts,
+        nudges,
+        tracking_uri,
+        promote,
+        seed=seed,
+        config=config,
+        episodes=episodes,
+        console=console,
+        err_console=err_console,
     )
     if code:
         raise typer.Exit(code=code)
+
+
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here].",
+    ),
+]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="Merchant config YAML [default: the shipped demo config].")
+]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Server processes.")] = 1,
+    config: ConfigOption = None,
+    tracking_uri: TrackingUriOption = None,
+) -> None:
+    """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
+    from model.merchant_config import ConfigError
+    from service.api.server import run
+
+    try:
+        run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def evaluate(
+    attempts: Annotated[Path, typer.Option("--attempts", help="Attempts history (.parquet or .csv).")],
+    nudges: Annotated[Path, typer.Option("--nudges", help="Nudges history (.parquet or .csv).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for evaluation.md, CSV tables and plots.")],
+    tracking_uri: TrackingUriOption = None,
+    alias: Annotated[str, typer.Option("--alias", help="Registry alias of the model to evaluate.")] = "champion",
+    config: ConfigOption = None,
+    episodes: Annotated[
+        int, typer.Option("--episodes", min=0, help="Simulator orders per policy (simulated histories only).")
+    ] = 2_000,
+    max_points: Annotated[int, typer.Option("--max-points", min=100, help="Holdout decision points replayed.")] = 5_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of replays and episodes.")] = 0,
+) -> None:
+    """Evaluate the registered model against the logging policy and two rule baselines.
+
+    Holdout metrics per model and error class, off-policy estimates (IPS, SNIPS, DR) and, for a simulated
+    history, simulator episodes side by side (recovered GMV, costs, nudges, rule violations).
+    """
+    from model.history import HistoryError
+    from model.merchant_config import ConfigError
+    from model.registry import load_alias, resolve_tracking_uri
+    from pipelines.evaluate import evaluate as run_evaluation
+    from pipelines.train import comparison_policies, merchants_for
+
+    try:
+        from model.history import read_attempts
+
+        merchants = merchants_for(read_attempts(attempts), config)
+        loaded = load_alias(alias, tracking_uri=resolve_tracking_uri(tracking_uri))
+        name = f"winback@{alias}" if loaded else "rules-only"
+        policies, scorers = comparison_policies(merchants, {name: loaded[0] if loaded else None}, seed=seed)
+        summary = run_evaluation(
+            attempts,
+            nudges,
+            out,
+            policies,
+            scorers=scorers,
+            episode_orders=episodes,
+            simulated=None if episodes else False,
+            max_points=max_points,
+            seed=seed,
+        )
+    except (HistoryError, ConfigError, FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc).splitlines()[0] if isinstance(exc, HistoryError) else str(exc)) from None
+    console.print(f"evaluation of {name} written to {summary.out_dir / 'evaluation.md'}")
+    if summary.episodes is not None:
+        console.print(summary.episodes.to_string(index=False))
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point

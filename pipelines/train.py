@@ -212,6 +212,33 @@ def _holdout_start(result: Any) -> datetime | None:
     return pd.Timestamp(row["from"].iloc[0]).floor("us").to_pydatetime()
 
 
+def comparison_policies(
+    merchants: Mapping[str, MerchantConfig], models: Mapping[str, Any], *, seed: int, logging_epsilon: float = 0.15
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The policies every evaluation compares, and the scorers among them (name -> model).
+
+    Each model (``None`` = rules-only priors) is served through the one ``decide()``; beside them: the
+    rules-only policy, the two rule baselines of the issue (a gateway-status-map style cascade, and that rule
+    plus fixed-cadence retargeting) and the simulator's logging policy (the latter with its exploration).
+    """
+    from model.baselines import RuleBook, StaticRetryPolicy, StaticRetryThenRetargetPolicy
+    from model.catalog import load_catalog
+    from model.policy import DecidePolicy
+    from model.simulation.logging_policy import EpsilonGreedyLoggingPolicy
+
+    catalog = load_catalog()
+    policies: dict[str, Any] = {
+        name: DecidePolicy(dict(merchants), model, catalog, seed=seed) for name, model in models.items()
+    }
+    scorers = {name: model for name, model in models.items() if model is not None}
+    if "rules-only" not in policies:
+        policies["rules-only"] = DecidePolicy(dict(merchants), None, catalog, seed=seed)
+    policies["static_retry"] = StaticRetryPolicy(merchants, catalog)
+    policies["static_retry_then_retarget"] = StaticRetryThenRetargetPolicy(merchants, catalog)
+    policies["logging"] = EpsilonGreedyLoggingPolicy(RuleBook(merchants, catalog), epsilon=logging_epsilon, seed=seed)
+    return policies, scorers
+
+
 def _evaluate(
     attempts: str | Path,
     nudges: str | Path,
@@ -225,20 +252,12 @@ def _evaluate(
     options: Mapping[str, Any],
 ) -> _Evaluation:
     """Evaluate the challenger (and the champion, when given) on the challenger's time holdout."""
-    from model.baselines import StaticRetryPolicy, StaticRetryThenRetargetPolicy
-    from model.catalog import load_catalog
-    from model.policy import DecidePolicy
     from pipelines.evaluate import evaluate
 
-    catalog = load_catalog()
-    scorers: dict[str, Any] = {CHALLENGER_NAME: result.bundle}
+    models: dict[str, Any] = {CHALLENGER_NAME: result.bundle}
     if champion is not None:
-        scorers[CHAMPION_NAME] = champion[0]
-    policies: dict[str, Any] = {
-        name: DecidePolicy(dict(merchants), scorer, catalog, seed=seed) for name, scorer in scorers.items()
-    }
-    policies["static_retry"] = StaticRetryPolicy(merchants, catalog)
-    policies["static_retry_then_retarget"] = StaticRetryThenRetargetPolicy(merchants, catalog)
+        models[CHAMPION_NAME] = champion[0]
+    policies, scorers = comparison_policies(merchants, models, seed=seed)
     importance = feature_importance(result.bundle)
     summary = evaluate(
         attempts,
@@ -475,6 +494,7 @@ def train_command(
     *,
     seed: int = 0,
     config: Path | None = None,
+    episodes: int | None = None,
     console: Console | None = None,
     err_console: Console | None = None,
 ) -> int:
@@ -486,7 +506,14 @@ def train_command(
     err = err_console or Console(stderr=True)
     try:
         summary = run_training(
-            attempts, nudges, tracking_uri=tracking_uri, promote=promote, seed=seed, config=config, console=out
+            attempts,
+            nudges,
+            tracking_uri=tracking_uri,
+            promote=promote,
+            seed=seed,
+            config=config,
+            evaluation_options=None if episodes is None else {"episode_orders": episodes},
+            console=out,
         )
     except TrainInputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

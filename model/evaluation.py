@@ -822,7 +822,18 @@ class _Normalises(Protocol):
     ) -> Any: ...
 
 
+_ZERO = pd.Timedelta(0)
+
+
 def _ts(value: Any) -> pd.Timestamp:
+    # Hot path (called for every timestamp of a history): a UTC timestamp to the microsecond is used as is.
+    if (
+        isinstance(value, pd.Timestamp)
+        and value.tzinfo is not None
+        and not value.nanosecond
+        and value.utcoffset() == _ZERO
+    ):
+        return value
     # Python datetimes hold microseconds: drop nanoseconds here rather than warn at every conversion.
     stamp = pd.Timestamp(value).floor("us")
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
@@ -998,6 +1009,7 @@ def logged_decisions(
     catalog: _Normalises | None = None,
     reward: Literal["value", "success"] = "value",
     follow_up_hours: float | None = None,
+    since: datetime | pd.Timestamp | None = None,
 ) -> pd.DataFrame:
     """Every logged decision point of a history, with the request a caller would have sent and what followed.
 
@@ -1008,23 +1020,40 @@ def logged_decisions(
     whether that action succeeded (the retry's attempt, or a payment through that nudge's link); ``reward``
     follows `reward_values`. A logged ``stop`` leaves no row in the history, so its propensity is NaN.
 
+    With ``since``, only the decision points at or after it are built (a holdout), and orders that end before
+    it are skipped without building anything.
+
     Columns: `LOGGED_COLUMNS` plus ``merchant_id``, ``order_id``, ``event_time``, ``kind`` (failure /
     follow_up), ``label``, ``amount_usd``, ``cost_usd``, ``error_code`` and, with a catalog, ``error_class``.
     """
     from model.vocab import NUDGE_FOLLOW_UP_HOURS
 
     follow_up = pd.Timedelta(hours=NUDGE_FOLLOW_UP_HOURS if follow_up_hours is None else follow_up_hours)
+    cut = None if since is None else _ts(since)
+    if cut is not None:
+        # An order whose last event (or last nudge's follow-up time) is before the cut has no point after it.
+        last = attempts.groupby("order_id", sort=False)["created_at"].max()
+        if len(nudges):
+            last_nudge = nudges.groupby("order_id", sort=False)["sent_at"].max() + follow_up
+            last = pd.concat([last, last_nudge]).groupby(level=0).max()
+        keep = set(last.index[last >= cut].astype(str))
+        attempts = attempts[attempts["order_id"].astype(str).isin(keep)]
+        nudges = nudges[nudges["order_id"].astype(str).isin(keep)]
     nudges_by_order: dict[str, list[dict[str, Any]]] = {}
     for record in nudges.sort_values("sent_at").to_dict("records"):
         nudges_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
-    rows: list[dict[str, Any]] = []
+    attempts_by_order: dict[str, list[dict[str, Any]]] = {}
     ordered = attempts.sort_values(["order_id", "attempt_number"], kind="stable")
-    for order_id, group in ordered.groupby("order_id", sort=False):
-        order_attempts = [{str(k): v for k, v in r.items()} for r in group.to_dict("records")]
+    for record in ordered.to_dict("records"):
+        attempts_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
+    rows: list[dict[str, Any]] = []
+    for order_id, order_attempts in attempts_by_order.items():
         if order_attempts[0]["status"] == "success":
             continue
-        order_nudges = nudges_by_order.get(str(order_id), [])
+        order_nudges = nudges_by_order.get(order_id, [])
         for point in _order_points(order_attempts, order_nudges, follow_up):
+            if cut is not None and point["event_time"] < cut:
+                continue
             failure = point.pop("failure")
             request = _request_at(point["event_time"], failure, order_attempts, order_nudges)
             point["request"] = request

@@ -163,5 +163,34 @@ def evaluate(
         console.print(summary.episodes.to_string(index=False))
 
 
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="Folder for the demo's history, MLflow store, database.")
+    ] = Path("demo"),
+    orders: Annotated[int, typer.Option("--orders", min=100, help="Failed orders to simulate.")] = 5_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the simulation and training.")] = 1,
+    episodes: Annotated[int, typer.Option("--episodes", min=0, help="Simulator orders per policy.")] = 500,
+    host: Annotated[str, typer.Option("--host", help="Address the services listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port the services listen on.")] = 8000,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Start the services after training (blocks until Ctrl-C).")
+    ] = True,
+) -> None:
+    """Simulate a history, train and promote a model in a local MLflow store, then start the services."""
+    import os
+
+    from pipelines.demo import prepare, where_to_look
+
+    paths = prepare(workdir, orders=orders, seed=seed, episodes=episodes, console=console)
+    console.print(where_to_look(paths, host, port), highlight=False)
+    if not serve_after:
+        return
+    from service.api.server import run
+
+    os.environ.setdefault("WINBACK_DATABASE_URL", paths.database_url)
+    run(host=host, port=port, workers=1, config_path=None, tracking_uri=paths.tracking_uri)
+
+
 if __name__ == "__main__":  # pragma: no cover - manual entry point
     app()

@@ -159,10 +159,15 @@ def evaluate(
     scorers = dict(scorers or {})
     economics = load_economics()
     history = read_history(attempts_path, nudges_path)
-    points = ev.logged_decisions(history.attempts, history.nudges, economics, catalog=load_catalog(), reward=reward)
+    cut = None
     if holdout_start is not None:
         cut = pd.Timestamp(holdout_start)
         cut = cut.tz_localize("UTC") if cut.tzinfo is None else cut.tz_convert("UTC")
+    # With a known holdout start only the holdout's decision points are rebuilt (the costly part).
+    points = ev.logged_decisions(
+        history.attempts, history.nudges, economics, catalog=load_catalog(), reward=reward, since=cut
+    )
+    if cut is not None:
         holdout = points[points["event_time"] >= cut]
     else:
         _, holdout = ev.time_holdout(points, "event_time", holdout_fraction)
@@ -231,7 +236,8 @@ def evaluate(
         "# winback evaluation",
         "",
         f"Holdout: {len(holdout)} decision points from {first_time} on "
-        f"({len(points)} decision points in the history, {history.attempts['order_id'].nunique()} orders). "
+        f"({len(points)} decision points {'from then on' if cut is not None else 'in the history'}, "
+        f"{history.attempts['order_id'].nunique()} orders in the history). "
         f"Reward: {reward}.",
         "",
         "## Classification (logged actions, holdout)",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -546,26 +545,31 @@ def test_normalise_frame_needs_only_connector_and_error_code() -> None:
         normalise_frame(pd.DataFrame({"connector": ["stripe"]}))
 
 
-def test_normalise_frame_is_fast_on_a_million_rows(catalog: ErrorCatalog) -> None:
-    df = _sample_frame(1_000_000)
-    start = time.perf_counter()
+def test_normalise_frame_normalises_each_distinct_error_once(
+    catalog: ErrorCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Speed comes from de-duplication (measured by `make bench`, never asserted here): a million rows with few
+    # distinct errors must cost one normalise() per distinct tuple, not per row.
+    df = _sample_frame(200_000)
+    calls = 0
+    original = catalog.normalise
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "normalise", counting)
     out = catalog.normalise_frame(df)
-    elapsed = time.perf_counter() - start
     assert len(out) == len(df)
-    assert elapsed < 5.0, f"normalise_frame took {elapsed:.2f}s for 1M rows"
+    assert 0 < calls <= len(df.drop_duplicates())
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
-def test_load_is_cached_and_fast() -> None:
+def test_load_is_cached() -> None:
     assert load_catalog() is load_catalog()
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        ErrorCatalog.from_directory(CATALOG_DIR)
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 0.05, f"loading the catalog took {min(timings) * 1000:.1f} ms"
 
 
 def test_version_is_a_short_content_hash(tmp_path: Path) -> None:

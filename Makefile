@@ -44,9 +44,16 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -n 2 --dist loadgroup
 
+# wrk is the load generator of the API benchmark (C, light on the CPU the servers need); Debian's package.
+.PHONY: bench-tools
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -q wrk || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }; }
+
 ## bench: benchmarks on this machine, each with its same-run reference
 .PHONY: bench
-bench: $(STAMP)
+bench: $(STAMP) bench-tools
 	$(BIN)/winback bench --out bench-out
 
 ## format: apply ruff fixes and formatting

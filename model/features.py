@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
@@ -115,6 +115,13 @@ def timezone_of(country: str | None) -> str:
     return COUNTRY_TIMEZONE.get(country.upper(), "UTC")
 
 
+@lru_cache(maxsize=65_536)
+def _hour_offset(zone_name: str, utc_hour: float) -> float:
+    """UTC offset in seconds of ``zone_name`` during the UTC hour ``utc_hour`` (hours since the epoch)."""
+    offset = datetime.fromtimestamp(utc_hour * 3600.0, UTC).astimezone(_zone(zone_name)).utcoffset()
+    return 0.0 if offset is None else offset.total_seconds()
+
+
 def _utc_offsets(ts: FloatArray, countries: ObjArray) -> FloatArray:
     """Seconds to add to UTC ``ts`` to get each row's local wall-clock time (NaN where ``ts`` is NaN)."""
     offsets = np.zeros(len(ts), dtype=np.float64)
@@ -124,12 +131,13 @@ def _utc_offsets(ts: FloatArray, countries: ObjArray) -> FloatArray:
         rows = np.flatnonzero((zones == zone_name) & finite)
         if len(rows) == 0:
             continue
-        zone = _zone(zone_name)
         # Offsets change only at DST transitions, which fall on whole UTC hours: one lookup per distinct hour.
-        hours, inverse = np.unique(np.floor(ts[rows] / 3600.0), return_inverse=True)
-        per_hour = np.array(
-            [datetime.fromtimestamp(h * 3600.0, UTC).astimezone(zone).utcoffset().total_seconds() for h in hours]  # type: ignore[union-attr]
-        )
+        hours = np.floor(ts[rows] / 3600.0)
+        if len(rows) == 1 or (hours == hours[0]).all():  # a live request: one hour for every candidate row
+            offsets[rows] = _hour_offset(zone_name, float(hours[0]))
+            continue
+        distinct, inverse = np.unique(hours, return_inverse=True)
+        per_hour = np.array([_hour_offset(zone_name, float(h)) for h in distinct])
         offsets[rows] = per_hour[inverse]
     offsets[~finite] = np.nan
     return offsets

@@ -189,7 +189,8 @@ class ModelBundle:
             rows = memo[1]
             found = [rows.get(candidate) for candidate in candidates]
             if all(row is not None for row in found):
-                return memo[2][np.asarray(found, dtype=np.intp)]
+                cached: npt.NDArray[np.float32] = memo[2][np.asarray(found, dtype=np.intp)]
+                return cached
         x = self.spec.transform(expand_candidates(self.context(request), candidates))
         self._memo.last = (request, {c: i for i, c in enumerate(candidates)}, x)
         return x

@@ -192,5 +192,77 @@ def demo(
     run(host=host, port=port, workers=1, config_path=None, tracking_uri=paths.tracking_uri)
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", help="Folder for histories, stores and bench.json.")] = Path(
+        "bench-out"
+    ),
+    simulate_orders: Annotated[int, typer.Option("--simulate-orders", min=1000, help="Orders to simulate.")] = 100_000,
+    train_orders: Annotated[
+        str, typer.Option("--train-orders", help="Comma-separated history sizes (orders) to train on.")
+    ] = "100000,1000000",
+    api_seconds: Annotated[float, typer.Option("--api-seconds", min=1, help="Seconds of load per API run.")] = 10.0,
+    skip_api: Annotated[bool, typer.Option("--skip-api", help="Leave out the API benchmark.")] = False,
+) -> None:
+    """Benchmarks on this machine, each printed beside a reference measured in the same run."""
+    import json
+
+    from rich.table import Table
+
+    from pipelines.bench import BenchRow, machine, simulate_rows, train_rows
+
+    try:
+        sizes = sorted({int(part) for part in train_orders.split(",") if part.strip()})
+    except ValueError:
+        raise fail(f"--train-orders must be comma-separated integers, got {train_orders!r}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[BenchRow] = []
+    console.print(f"machine: {machine()}")
+    sim_rows, history = simulate_rows(out, simulate_orders)
+    rows += sim_rows
+    console.print(sim_rows[0])
+    histories = {simulate_orders: history}
+    for size in sizes:
+        if size not in histories:
+            histories[size] = simulate_rows(out, size)[1]
+        trained = train_rows(out, histories[size], size)
+        rows += trained
+        console.print(trained[0])
+    extra: dict[str, object] = {}
+    if not skip_api:
+        from service.api.bench import run_bench
+
+        store = out / f"mlruns-{sizes[0]}" if sizes else None
+        tracking_uri = f"sqlite:///{(store / 'mlflow.db').resolve()}" if store else None
+        api = run_bench(tracking_uri=tracking_uri, seconds=api_seconds, print_table=True)
+        extra["api"] = api.as_dict()
+        for name, figures in (("API closed loop", api.api), ("mlflow serve closed loop", api.mlflow)):
+            rows.append(
+                BenchRow(
+                    benchmark=name,
+                    inputs=f"{api.candidates_per_request} candidates/request, 2 workers, model {api.model_version}",
+                    figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms",
+                    seconds=figures.seconds,
+                    peak_rss_mb=max(api.worker_rss_mb)
+                    if name.startswith("API") and api.worker_rss_mb
+                    else float("nan"),
+                    reference="mlflow models serve, same load generator, same run",
+                    ratio=f"{api.ratio}x" if name.startswith("API") else "1.0x",
+                )
+            )
+    table = Table(title=f"winback bench — {machine()}")
+    for column in ("benchmark", "inputs", "figure", "peak RSS MB", "reference (same run)", "ratio"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.benchmark, row.inputs, row.figure, f"{row.peak_rss_mb:.0f}", row.reference, row.ratio)
+    console.print(table)
+    report = out / "bench.json"
+    report.write_text(
+        json.dumps({"machine": machine(), "rows": [row.as_dict() for row in rows], **extra}, indent=1, default=str),
+        encoding="utf-8",
+    )
+    console.print(f"written {report}")
+
+
 if __name__ == "__main__":  # pragma: no cover - manual entry point
     app()

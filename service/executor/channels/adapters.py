@@ -1,0 +1,649 @@
+"""Channel adapters: one class per provider API, each mapping the provider's answer to a SendResult.
+
+Error mapping, the same for every HTTP provider: 2xx with the provider's message id -> ``accepted``; 408, 425,
+429 and 5xx, timeouts and connection errors -> ``retryable``; any other 4xx (bad number, opted out, bad
+credentials) -> ``rejected``. A provider that answers 2xx but says "error" in its body is ``rejected``.
+Every request carries the message's idempotency key: in the provider's own reference field where it has one
+(Interakt ``callbackData``, the email's ``Message-ID``) and always in an ``Idempotency-Key`` header.
+Secrets come from the environment variables the merchant config names and are never logged; phone numbers and
+e-mail addresses are logged masked (:func:`mask_address`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import smtplib
+import time
+from collections.abc import Mapping
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from model.merchant_config import MerchantConfig, ProviderConfig
+from model.vocab import Channel
+from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage, SendResult
+from service.executor.channels.templates import (
+    DEFAULT_TEMPLATES_DIR,
+    RenderedMessage,
+    TemplateConfigError,
+    TemplateStore,
+    template_store,
+)
+
+logger = logging.getLogger("winback.executor.channels")
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+SIGNATURE_HEADER = "Winback-Signature"
+TEMPLATES_DIR_ENV = "WINBACK_TEMPLATES_DIR"
+_E164 = re.compile(r"^\+?[1-9]\d{6,14}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+#: The ITU-T E.164 country calling codes of one and two digits; every other code has three (codes are prefix-free).
+_SHORT_CALLING_CODE = re.compile(r"^(1|7|2[07]|3[0-469]|4[013-9]|5[1-8]|6[0-6]|8[1246]|9[0-58])")
+
+
+def mask_address(address: str) -> str:
+    """A phone number, e-mail address or token safe to log: ``+91******3210``, ``a***@example.com``."""
+    if "@" in address:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}***@{domain}"
+    if len(address) <= 4:
+        return "*" * len(address)
+    keep = 3 if address.startswith("+") else 2
+    return address[:keep] + "*" * max(len(address) - keep - 4, 2) + address[-4:]
+
+
+def phone_digits(to: str) -> str | None:
+    """The E.164 number without ``+`` (as Gupshup and Karix expect it), or None when ``to`` is not one."""
+    compact = re.sub(r"[\s\-()]", "", to)
+    return compact.lstrip("+") if _E164.match(compact) else None
+
+
+def split_calling_code(digits: str) -> tuple[str, str]:
+    """Split an E.164 number (digits only) into its country calling code and national number."""
+    match = _SHORT_CALLING_CODE.match(digits)
+    size = len(match.group(1)) if match else 3
+    return digits[:size], digits[size:]
+
+
+def sign_payload(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """``t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, the scheme of CONTRACT.md section 5."""
+    t = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={digest}"
+
+
+def verify_signature(secret: str, body: bytes, header: str, tolerance_seconds: int = 300) -> bool:
+    """Check a ``Winback-Signature`` header against the raw body (used by receivers and the fake push server)."""
+    try:
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        t = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - t) > tolerance_seconds:
+        return False
+    expected = sign_payload(secret, body, t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _http_failure(response: httpx.Response, provider: str) -> SendResult | None:
+    """The SendResult of a non-2xx answer, or None for a 2xx the caller must still read."""
+    code = response.status_code
+    if 200 <= code < 300:
+        return None
+    body = _json(response)
+    detail = ""
+    if isinstance(body, dict):
+        detail = str(body.get("message") or body.get("error") or body.get("details") or "")
+    error = f"{provider} answered HTTP {code}" + (f": {detail[:200]}" if detail else "")
+    if code >= 500 or code in _RETRYABLE_4XX:
+        return SendResult(status="retryable", error=error)
+    return SendResult(status="rejected", error=error)
+
+
+class _Adapter:
+    """What every adapter shares: identity, templates, rendering and outcome logging."""
+
+    channel: Channel
+    provider: str
+
+    def __init__(self, merchant_id: str, channel: Channel, templates: TemplateStore) -> None:
+        self.merchant_id = merchant_id
+        self.channel = channel
+        self.templates = templates
+
+    def _render(self, message: OutboundMessage) -> RenderedMessage:
+        return self.templates.render(message.merchant_id, self.channel, message.locale, message.variables)
+
+    def _log(self, message: OutboundMessage, result: SendResult) -> SendResult:
+        logger.info(
+            "nudge %s via %s/%s to %s: %s",
+            message.nudge_id,
+            self.channel.value,
+            self.provider,
+            mask_address(message.to),
+            result.status,
+            extra={
+                "merchant_id": message.merchant_id,
+                "order_id": message.order_id,
+                "nudge_id": message.nudge_id,
+                "send_status": result.status,
+                "send_error": result.error,
+            },
+        )
+        return result
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Render the message and deliver it; every failure becomes a SendResult, never an exception."""
+        try:
+            rendered = self._render(message)
+        except TemplateConfigError as exc:
+            return self._log(message, SendResult(status="rejected", error=f"template: {exc}"))
+        try:
+            result = await self._deliver(message, rendered)
+        except httpx.TimeoutException:
+            result = SendResult(status="retryable", error=f"{self.provider}: timed out")
+        except httpx.TransportError as exc:
+            result = SendResult(status="retryable", error=f"{self.provider}: {type(exc).__name__}")
+        return self._log(message, result)
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        raise NotImplementedError
+
+
+class _HttpAdapter(_Adapter):
+    def __init__(
+        self, merchant_id: str, channel: Channel, templates: TemplateStore, http: httpx.AsyncClient, base_url: str
+    ) -> None:
+        super().__init__(merchant_id, channel, templates)
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+
+    def _phone(self, message: OutboundMessage) -> str | SendResult:
+        digits = phone_digits(message.to)
+        if digits is None:
+            return SendResult(status="rejected", error=f"not an E.164 phone number: {mask_address(message.to)}")
+        return digits
+
+
+class GupshupWhatsAppAdapter(_HttpAdapter):
+    """Gupshup WhatsApp API: ``POST /wa/api/v1/template/msg`` (template params) or ``/wa/api/v1/msg`` (text).
+
+    Form-encoded, ``apikey`` header; answer ``{"status": "submitted", "messageId": ...}``.
+    """
+
+    provider = "gupshup"
+
+    def __init__(
+        self,
+        merchant_id: str,
+        templates: TemplateStore,
+        http: httpx.AsyncClient,
+        base_url: str,
+        api_key: str,
+        source: str,
+        app_name: str | None,
+    ) -> None:
+        super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
+        self._api_key = api_key
+        self.source = source.lstrip("+")
+        self.app_name = app_name
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        destination = self._phone(message)
+        if isinstance(destination, SendResult):
+            return destination
+        form = {"channel": "whatsapp", "source": self.source, "destination": destination}
+        if self.app_name:
+            form["src.name"] = self.app_name
+        if rendered.params:
+            path = "/wa/api/v1/template/msg"
+            form["template"] = json.dumps({"id": message.template_id, "params": list(rendered.params)})
+        else:
+            path = "/wa/api/v1/msg"
+            form["message"] = json.dumps({"type": "text", "text": rendered.text})
+        response = await self.http.post(
+            self.base_url + path,
+            data=form,
+            headers={"apikey": self._api_key, IDEMPOTENCY_HEADER: message.idempotency_key},
+        )
+        failure = _http_failure(response, self.provider)
+        if failure is not None:
+            return failure
+        body = _json(response)
+        if isinstance(body, dict) and body.get("status") == "submitted" and body.get("messageId"):
+            return SendResult(status="accepted", provider_message_id=str(body["messageId"]))
+        return SendResult(status="rejected", error=f"gupshup: unexpected answer {str(body)[:200]}")
+
+
+class GupshupSmsAdapter(_HttpAdapter):
+    """Gupshup Enterprise SMS: ``POST /GatewayAPI/rest`` with ``method=SendMessage`` (form-encoded, v1.1, json).
+
+    The answer is HTTP 200 either way; ``{"response": {"status": "success"|"error", "id", "details"}}`` decides.
+    """
+
+    provider = "gupshup"
+
+    def __init__(
+        self,
+        merchant_id: str,
+        templates: TemplateStore,
+        http: httpx.AsyncClient,
+        base_url: str,
+        userid: str,
+        password: str,
+        mask: str | None,
+    ) -> None:
+        super().__init__(merchant_id, Channel.SMS, templates, http, base_url)
+        self._userid = userid
+        self._password = password
+        self.mask = mask
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        send_to = self._phone(message)
+        if isinstance(send_to, SendResult):
+            return send_to
+        form = {
+            "method": "SendMessage",
+            "send_to": send_to,
+            "msg": rendered.text,
+            "msg_type": "TEXT" if rendered.text.isascii() else "Unicode_Text",
+            "userid": self._userid,
+            "password": self._password,
+            "auth_scheme": "plain",
+            "v": "1.1",
+            "format": "json",
+        }
+        if self.mask:
+            form["mask"] = self.mask
+        response = await self.http.post(
+            self.base_url + "/GatewayAPI/rest", data=form, headers={IDEMPOTENCY_HEADER: message.idempotency_key}
+        )
+        failure = _http_failure(response, self.provider)
+        if failure is not None:
+            return failure
+        body = _json(response)
+        answer = body.get("response") if isinstance(body, dict) else None
+        if isinstance(answer, dict) and str(answer.get("status", "")).lower() == "success" and answer.get("id"):
+            return SendResult(status="accepted", provider_message_id=str(answer["id"]))
+        if isinstance(answer, dict):
+            return SendResult(
+                status="rejected", error=f"gupshup sms error {answer.get('id', '?')}: {answer.get('details', '')}"
+            )
+        return SendResult(status="rejected", error=f"gupshup sms: unexpected answer {str(body)[:200]}")
+
+
+class InteraktAdapter(_HttpAdapter):
+    """Interakt: ``POST /v1/public/message/`` JSON, ``Authorization: Basic <api key>``, type ``Template``.
+
+    ``callbackData`` carries the idempotency key back in Interakt's delivery webhooks.
+    """
+
+    provider = "interakt"
+
+    def __init__(
+        self, merchant_id: str, templates: TemplateStore, http: httpx.AsyncClient, base_url: str, api_key: str
+    ) -> None:
+        super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
+        self._api_key = api_key
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        digits = self._phone(message)
+        if isinstance(digits, SendResult):
+            return digits
+        calling_code, national = split_calling_code(digits)
+        template: dict[str, Any] = {
+            "name": message.template_id,
+            "languageCode": message.locale,
+            "bodyValues": list(rendered.params),
+        }
+        if rendered.button_params:
+            template["buttonValues"] = {"0": list(rendered.button_params)}
+        payload = {
+            "countryCode": f"+{calling_code}",
+            "phoneNumber": national,
+            "callbackData": message.idempotency_key,
+            "type": "Template",
+            "template": template,
+        }
+        response = await self.http.post(
+            self.base_url + "/v1/public/message/",
+            json=payload,
+            headers={"Authorization": f"Basic {self._api_key}", IDEMPOTENCY_HEADER: message.idempotency_key},
+        )
+        failure = _http_failure(response, self.provider)
+        if failure is not None:
+            return failure
+        body = _json(response)
+        if isinstance(body, dict) and body.get("result") is True and body.get("id"):
+            return SendResult(status="accepted", provider_message_id=str(body["id"]))
+        detail = body.get("message") if isinstance(body, dict) else body
+        return SendResult(status="rejected", error=f"interakt: {str(detail)[:200]}")
+
+
+class KarixAdapter(_HttpAdapter):
+    """Karix messaging API v2: ``POST /message/`` JSON with HTTP Basic (account uid, token), ``api-version: 2.0``.
+
+    Body ``{"channel", "source", "destination": [..], "content": {"text"}}``; answer 202 with ``objects[0].uid``.
+    """
+
+    provider = "karix"
+
+    def __init__(
+        self,
+        merchant_id: str,
+        channel: Channel,
+        templates: TemplateStore,
+        http: httpx.AsyncClient,
+        base_url: str,
+        account_uid: str,
+        token: str,
+        source: str,
+    ) -> None:
+        super().__init__(merchant_id, channel, templates, http, base_url)
+        self._auth = httpx.BasicAuth(account_uid, token)
+        self.source = source
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        digits = self._phone(message)
+        if isinstance(digits, SendResult):
+            return digits
+        payload = {
+            "channel": self.channel.value,
+            "source": self.source,
+            "destination": [f"+{digits}"],
+            "content": {"text": rendered.text},
+        }
+        response = await self.http.post(
+            self.base_url + "/message/",
+            json=payload,
+            auth=self._auth,
+            headers={"api-version": "2.0", IDEMPOTENCY_HEADER: message.idempotency_key},
+        )
+        failure = _http_failure(response, self.provider)
+        if failure is not None:
+            return failure
+        body = _json(response)
+        objects = body.get("objects") if isinstance(body, dict) else None
+        first = objects[0] if isinstance(objects, list) and objects and isinstance(objects[0], dict) else None
+        if first is None or not first.get("uid"):
+            return SendResult(status="rejected", error=f"karix: unexpected answer {str(body)[:200]}")
+        if first.get("status") in {"failed", "rejected", "undelivered"}:
+            error = first.get("error") or {}
+            detail = error.get("message", "") if isinstance(error, dict) else str(error)
+            return SendResult(status="rejected", provider_message_id=str(first["uid"]), error=f"karix: {detail}")
+        return SendResult(status="accepted", provider_message_id=str(first["uid"]))
+
+
+class PushWebhookAdapter(_HttpAdapter):
+    """POSTs the rendered notification as JSON to the merchant's push endpoint, HMAC-signed like its webhooks."""
+
+    provider = "push_webhook"
+
+    def __init__(
+        self, merchant_id: str, templates: TemplateStore, http: httpx.AsyncClient, url: str, secret: str
+    ) -> None:
+        super().__init__(merchant_id, Channel.PUSH, templates, http, url)
+        self._secret = secret
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        body = json.dumps(
+            {
+                "idempotency_key": message.idempotency_key,
+                "merchant_id": message.merchant_id,
+                "order_id": message.order_id,
+                "nudge_id": message.nudge_id,
+                "device_token": message.to,
+                "locale": message.locale,
+                "title": rendered.title,
+                "body": rendered.text,
+                "link_url": message.variables.get("link_url"),
+            },
+            separators=(",", ":"),
+        ).encode()
+        response = await self.http.post(
+            self.base_url,
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: sign_payload(self._secret, body),
+                IDEMPOTENCY_HEADER: message.idempotency_key,
+            },
+        )
+        failure = _http_failure(response, self.provider)
+        if failure is not None:
+            return failure
+        answer = _json(response)
+        provider_id = answer.get("id") if isinstance(answer, dict) else None
+        return SendResult(status="accepted", provider_message_id=str(provider_id or message.idempotency_key))
+
+
+def message_id_for(idempotency_key: str, sender: str) -> str:
+    """The e-mail ``Message-ID`` of a nudge: derived from its idempotency key, so a re-send has the same one."""
+    domain = sender.rpartition("@")[2] or "winback.invalid"
+    return f"<{hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]}@{domain}>"
+
+
+class SmtpAdapter(_Adapter):
+    """E-mail through an SMTP relay (stdlib smtplib in a worker thread); STARTTLS when the server offers it."""
+
+    provider = "smtp"
+
+    def __init__(
+        self,
+        merchant_id: str,
+        templates: TemplateStore,
+        host: str,
+        port: int,
+        sender: str,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__(merchant_id, Channel.EMAIL, templates)
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self._username = username
+        self._password = password
+        self.timeout = timeout
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        if not _EMAIL.match(message.to):
+            return SendResult(status="rejected", error=f"not an e-mail address: {mask_address(message.to)}")
+        email = EmailMessage()
+        email["From"] = self.sender
+        email["To"] = message.to
+        email["Subject"] = rendered.subject or ""
+        email["Message-ID"] = message_id_for(message.idempotency_key, self.sender)
+        email["X-Winback-Idempotency-Key"] = message.idempotency_key
+        email.set_content(rendered.text)
+        return await asyncio.to_thread(self._send_sync, email)
+
+    def _send_sync(self, email: EmailMessage) -> SendResult:
+        message_id = str(email["Message-ID"])
+        try:
+            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+                smtp.ehlo()
+                if smtp.has_extn("starttls"):
+                    smtp.starttls()
+                    smtp.ehlo()
+                if self._username and self._password:
+                    smtp.login(self._username, self._password)
+                smtp.send_message(email)
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = [code for code, _ in exc.recipients.values()]
+            status = "retryable" if all(400 <= code < 500 for code in codes) else "rejected"
+            return SendResult(status=status, error=f"smtp: recipient refused ({', '.join(map(str, codes))})")
+        except smtplib.SMTPResponseException as exc:
+            status = "retryable" if 400 <= exc.smtp_code < 500 else "rejected"
+            reply = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
+            return SendResult(status=status, error=f"smtp: {exc.smtp_code} {reply}")
+        except (smtplib.SMTPException, OSError) as exc:
+            return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}")
+        return SendResult(status="accepted", provider_message_id=message_id)
+
+
+class MemoryAdapter(_Adapter):
+    """Kind ``fake`` without ``base_url``: renders and keeps messages in memory (demo and tests only)."""
+
+    provider = "fake"
+
+    def __init__(self, merchant_id: str, channel: Channel, templates: TemplateStore) -> None:
+        super().__init__(merchant_id, channel, templates)
+        self.sent: dict[str, tuple[OutboundMessage, RenderedMessage]] = {}
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        self.sent.setdefault(message.idempotency_key, (message, rendered))
+        return SendResult(status="accepted", provider_message_id=f"fake-{message.idempotency_key}")
+
+
+class GenericFakeAdapter(_HttpAdapter):
+    """Kind ``fake`` with ``base_url``: POSTs the rendered message to a fake channel server (``fakes.py``)."""
+
+    provider = "fake"
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        payload = {
+            "channel": self.channel.value,
+            "to": message.to,
+            "merchant_id": message.merchant_id,
+            "order_id": message.order_id,
+            "nudge_id": message.nudge_id,
+            "template": rendered.source,
+            "subject": rendered.subject,
+            "text": rendered.text,
+        }
+        response = await self.http.post(
+            self.base_url + "/v1/messages", json=payload, headers={IDEMPOTENCY_HEADER: message.idempotency_key}
+        )
+        failure = _http_failure(response, self.provider)
+        if failure is not None:
+            return failure
+        body = _json(response)
+        provider_id = body.get("id") if isinstance(body, dict) else None
+        return SendResult(status="accepted", provider_message_id=str(provider_id or message.idempotency_key))
+
+
+# --- construction from the merchant config ---------------------------------------------------------------------
+
+_CHANNELS_BY_KIND: Mapping[str, frozenset[Channel]] = {
+    "gupshup": frozenset({Channel.WHATSAPP, Channel.SMS}),
+    "interakt": frozenset({Channel.WHATSAPP}),
+    "karix": frozenset({Channel.WHATSAPP, Channel.SMS}),
+    "smtp": frozenset({Channel.EMAIL}),
+    "push_webhook": frozenset({Channel.PUSH}),
+    "fake": frozenset(Channel),
+}
+_DEFAULT_BASE_URLS: Mapping[tuple[str, Channel], str] = {
+    ("gupshup", Channel.WHATSAPP): "https://api.gupshup.io",
+    ("gupshup", Channel.SMS): "https://enterprise.smsgupshup.com",
+    ("interakt", Channel.WHATSAPP): "https://api.interakt.ai",
+    ("karix", Channel.WHATSAPP): "https://api.karix.io",
+    ("karix", Channel.SMS): "https://api.karix.io",
+}
+
+
+class _Builder:
+    def __init__(self, merchant_id: str, channel: Channel, provider: ProviderConfig, env: Mapping[str, str]) -> None:
+        self.where = f"merchant {merchant_id!r}, providers.{channel.value} (kind {provider.kind})"
+        self.provider = provider
+        self.env = env
+
+    def fail(self, problem: str) -> ChannelError:
+        return ChannelError(f"{self.where}: {problem}")
+
+    def need(self, field: str) -> str:
+        value = getattr(self.provider, field)
+        if not value:
+            raise self.fail(f"needs '{field}'")
+        return str(value)
+
+    def secret(self, field: str) -> str:
+        name = self.need(field)
+        value = self.env.get(name)
+        if not value:
+            raise self.fail(f"environment variable {name} (named by '{field}') is not set")
+        return value
+
+    def credentials(self) -> tuple[str, str]:
+        """(user, password) from username_env + password_env, or from api_key_env holding ``user:password``."""
+        if self.provider.username_env or self.provider.password_env:
+            return self.secret("username_env"), self.secret("password_env")
+        joined = self.secret("api_key_env")
+        user, sep, password = joined.partition(":")
+        if not sep or not user or not password:
+            raise self.fail(
+                f"environment variable {self.provider.api_key_env} must hold '<user>:<password>' "
+                "(or set username_env and password_env)"
+            )
+        return user, password
+
+    def base_url(self, channel: Channel) -> str:
+        url = self.provider.base_url or _DEFAULT_BASE_URLS.get((self.provider.kind, channel))
+        if not url:
+            raise self.fail("needs 'base_url'")
+        return url
+
+
+def build_adapters(
+    merchant_id: str, merchant: MerchantConfig, env: Mapping[str, str], http: httpx.AsyncClient
+) -> dict[Channel, ChannelAdapter]:
+    """One adapter per configured provider channel; raises ChannelError naming the merchant, channel and problem."""
+    templates = template_store(Path(env[TEMPLATES_DIR_ENV]) if env.get(TEMPLATES_DIR_ENV) else DEFAULT_TEMPLATES_DIR)
+    adapters: dict[Channel, ChannelAdapter] = {}
+    for channel, provider in merchant.providers.items():
+        b = _Builder(merchant_id, channel, provider, env)
+        if channel not in _CHANNELS_BY_KIND[provider.kind]:
+            raise b.fail(f"kind '{provider.kind}' cannot deliver {channel.value}")
+        adapter: ChannelAdapter
+        if provider.kind == "gupshup" and channel is Channel.WHATSAPP:
+            adapter = GupshupWhatsAppAdapter(
+                merchant_id,
+                templates,
+                http,
+                b.base_url(channel),
+                api_key=b.secret("api_key_env"),
+                source=b.need("source"),
+                app_name=provider.sender,
+            )
+        elif provider.kind == "gupshup":
+            userid, password = b.credentials()
+            adapter = GupshupSmsAdapter(
+                merchant_id, templates, http, b.base_url(channel), userid, password, mask=provider.source
+            )
+        elif provider.kind == "interakt":
+            adapter = InteraktAdapter(merchant_id, templates, http, b.base_url(channel), b.secret("api_key_env"))
+        elif provider.kind == "karix":
+            account_uid, token = b.credentials()
+            adapter = KarixAdapter(
+                merchant_id, channel, templates, http, b.base_url(channel), account_uid, token, b.need("source")
+            )
+        elif provider.kind == "smtp":
+            smtp_user = b.secret("username_env") if provider.username_env else None
+            smtp_password = b.secret("password_env") if provider.password_env else None
+            adapter = SmtpAdapter(
+                merchant_id, templates, b.need("host"), provider.port or 25, b.need("sender"), smtp_user, smtp_password
+            )
+        elif provider.kind == "push_webhook":
+            adapter = PushWebhookAdapter(merchant_id, templates, http, b.need("base_url"), b.secret("api_key_env"))
+        elif provider.base_url:
+            adapter = GenericFakeAdapter(merchant_id, channel, templates, http, provider.base_url)
+        else:
+            adapter = MemoryAdapter(merchant_id, channel, templates)
+        adapters[channel] = adapter
+    return adapters

@@ -1,0 +1,101 @@
+"""The channel interface the executor core codes against: outbound messages, send results, adapters, receipts.
+
+An adapter turns one :class:`OutboundMessage` into one call to a messaging provider (a BSP such as Gupshup,
+Interakt or Karix, an SMTP relay, or the merchant's push endpoint) and maps the answer to a :class:`SendResult`.
+Adapters never raise for provider trouble: every failure becomes ``rejected`` (do not try again) or ``retryable``
+(5xx, timeouts, connection errors: the scheduler tries again with the same idempotency key).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Literal, Protocol
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.merchant_config import MerchantConfig
+from model.vocab import Channel
+
+
+class OutboundMessage(BaseModel, frozen=True):
+    """One nudge to deliver: who, through which channel, with which template and variables."""
+
+    idempotency_key: str
+    merchant_id: str
+    order_id: str
+    nudge_id: str
+    channel: Channel
+    to: str  # E.164 phone, email address or device token
+    template_id: str
+    locale: str = "en"
+    # amount, currency, link_url, merchant_name, customer_name, expires_at ...
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class SendResult(BaseModel, frozen=True):
+    """What became of one send: accepted (with the provider's id), rejected for good, or worth retrying."""
+
+    status: Literal["accepted", "rejected", "retryable"]
+    provider_message_id: str | None = None
+    error: str | None = None
+
+
+class ChannelAdapter(Protocol):
+    """Delivers messages of one channel through one provider."""
+
+    channel: Channel
+    provider: str
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        """Send one message; never raises for provider or network trouble (see :class:`SendResult`)."""
+        ...
+
+
+class DeliveryReceipt(BaseModel, frozen=True):
+    """A provider's report that a message it accepted was delivered, read, or failed."""
+
+    provider: str
+    provider_message_id: str
+    status: Literal["delivered", "failed", "read"]
+    occurred_at: datetime
+    error: str | None = None
+
+
+class InboundMessage(BaseModel):
+    """A message a customer sent back; ``sender`` (JSON ``from``) is their phone number or address."""
+
+    model_config = ConfigDict(populate_by_name=True, frozen=True)
+
+    provider: str
+    channel: Channel
+    sender: str = Field(alias="from")
+    text: str
+    to: str | None = None  # the merchant's number the customer wrote to, when the provider says
+    opted_out: bool = False  # the provider itself reported an opt-out (e.g. Gupshup's "opted-out" user event)
+
+    @field_validator("sender")
+    @classmethod
+    def _e164(cls, value: str) -> str:
+        # Providers write numbers as "91987..." or "+91 987..."; the store knows them as E.164 "+91987...".
+        compact = re.sub(r"[\s\-()]", "", value)
+        return "+" + compact.lstrip("+") if re.fullmatch(r"\+?[1-9]\d{6,14}", compact) else value
+
+
+class ChannelError(ValueError):
+    """A channel cannot be built or a template is unusable; the message names the merchant, channel or file."""
+
+
+def build_adapters(
+    merchant_id: str, merchant: MerchantConfig, env: Mapping[str, str], http: httpx.AsyncClient
+) -> dict[Channel, ChannelAdapter]:
+    """One adapter per channel in ``merchant.providers``; raises ChannelError when a provider is misconfigured.
+
+    Secrets are read from ``env`` under the names the config gives (``api_key_env`` ...). Templates come from
+    ``env["WINBACK_TEMPLATES_DIR"]`` when set, else the shipped ``data/templates``.
+    """
+    from service.executor.channels.adapters import build_adapters as _build
+
+    return _build(merchant_id, merchant, env, http)

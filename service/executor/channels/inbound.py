@@ -1,0 +1,283 @@
+"""What providers send back: delivery receipts and customers' replies (with opt-out detection).
+
+Payload shapes follow each provider's documented callbacks:
+
+- ``gupshup`` WhatsApp: ``{"type": "message-event", "payload": {"id", "gsId", "type": delivered|read|failed|...}}``
+  (``gsId`` is the id the send API returned; ``failed`` events carry it as ``id``), inbound
+  ``{"type": "message", "payload": {"source", "type": "text", "payload": {"text"}}}`` and the user event
+  ``{"type": "user-event", "payload": {"phone", "type": "opted-out"}}``;
+  Gupshup Enterprise SMS: real-time DLR as query/form fields ``externalId, deliveredTS, status, cause, phoneNo``
+  or a JSON list of ``{"externalId", "eventType": DELIVERED|FAILED, "eventTs"}``; replies as ``msisdn, content``.
+- ``interakt``: ``{"type": "message_api_delivered"|"message_api_read"|"message_api_failed"|"message_received",
+  "data": {"customer": {...}, "message": {"id", "message", "callbackData", ...}}}``.
+- ``karix``: ``{"data": {"uid", "status": delivered|undelivered|failed|rejected|read, "direction", "source",
+  "content": {"text"}, "updated_time"}}`` (the message record; accepted with or without the ``data`` wrapper).
+- ``push_webhook`` / ``fake``: ``{"provider_message_id", "status", "occurred_at"}`` and ``{"from", "text"}``.
+
+Events that are neither a final delivery state nor a read (``enqueued``, ``sent`` ...) yield no receipt.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from model.vocab import Channel
+from service.executor.channels.base import DeliveryReceipt, InboundMessage
+
+PROVIDERS: frozenset[str] = frozenset({"gupshup", "interakt", "karix", "push_webhook", "fake"})
+
+#: Whole-message opt-out replies (compared after case folding, trimming punctuation and collapsing spaces).
+OPT_OUT_PHRASES: frozenset[str] = frozenset(
+    {
+        # English (the carrier-standard keywords and common phrasings)
+        "stop",
+        "stopall",
+        "stop all",
+        "unsubscribe",
+        "cancel",
+        "end",
+        "quit",
+        "optout",
+        "opt out",
+        "opt-out",
+        "stop messages",
+        "stop messaging",
+        "stop sending",
+        "stop sending messages",
+        "no more messages",
+        "remove me",
+        "dont message me",
+        "don't message me",
+        # Hindi (Devanagari and romanised)
+        "रोकें",
+        "रोको",
+        "बंद",
+        "बंद करें",
+        "बंद करो",
+        "संदेश बंद करें",
+        "मैसेज बंद करें",
+        "band karo",
+        "band karein",
+        # Spanish, Portuguese, French, German
+        "baja",
+        "parar",
+        "pare",
+        "arrêt",
+        "arret",
+        "stopp",
+        "abmelden",
+    }
+)
+#: First words that opt out whatever follows ("STOP please", "unsubscribe me"); deliberately short, since
+#: "end"/"cancel" open many ordinary sentences.
+OPT_OUT_FIRST_WORDS: frozenset[str] = frozenset({"stop", "stopall", "unsubscribe", "optout", "रोकें"})
+
+_PUNCTUATION = re.compile(r"[\s!.,;:?¡¿\"'`()\[\]{}*_~।-]+$|^[\s!.,;:?¡¿\"'`()\[\]{}*_~।-]+")
+
+
+def _normalise(text: str) -> str:
+    folded = unicodedata.normalize("NFC", text).casefold().replace("’", "'")
+    return " ".join(_PUNCTUATION.sub("", folded).split())
+
+
+def is_opt_out(text: str) -> bool:
+    """True when a reply asks to stop messages (see OPT_OUT_PHRASES and OPT_OUT_FIRST_WORDS)."""
+    normalised = _normalise(text)
+    if not normalised:
+        return False
+    if normalised in OPT_OUT_PHRASES:
+        return True
+    first = _PUNCTUATION.sub("", normalised.split(" ", 1)[0])
+    return first in OPT_OUT_FIRST_WORDS
+
+
+class PayloadError(ValueError):
+    """A provider callback could not be read; the message says what was missing."""
+
+
+def _timestamp(value: Any) -> datetime:
+    """Provider time stamps come as unix seconds or milliseconds (numbers or digit strings) or ISO 8601."""
+    if value is None or value == "":
+        return datetime.now(UTC)
+    if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
+        number = float(value)
+        if number > 1e11:  # milliseconds
+            number /= 1000
+        return datetime.fromtimestamp(number, UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise PayloadError(f"unreadable time stamp {value!r}") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise PayloadError(f"unreadable time stamp {value!r}")
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+Status = Literal["delivered", "failed", "read"]
+_GUPSHUP_WA: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed": "failed"}
+_GUPSHUP_SMS: dict[str, Status] = {
+    "success": "delivered",
+    "delivered": "delivered",
+    "failure": "failed",
+    "failed": "failed",
+    "fail": "failed",
+}
+_INTERAKT: dict[str, Status] = {
+    "message_api_delivered": "delivered",
+    "message_api_read": "read",
+    "message_api_failed": "failed",
+}
+_KARIX: dict[str, Status] = {
+    "delivered": "delivered",
+    "read": "read",
+    "undelivered": "failed",
+    "failed": "failed",
+    "rejected": "failed",
+}
+_GENERIC: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed": "failed"}
+
+
+def _receipt(provider: str, message_id: Any, status: Status, at: Any, error: Any = None) -> DeliveryReceipt:
+    if not message_id:
+        raise PayloadError(f"{provider} receipt without a message id")
+    return DeliveryReceipt(
+        provider=provider,
+        provider_message_id=str(message_id),
+        status=status,
+        occurred_at=_timestamp(at),
+        error=str(error) if error else None,
+    )
+
+
+def _gupshup_receipts(payload: Any) -> list[DeliveryReceipt]:
+    if isinstance(payload, list):  # Enterprise SMS, POST mode: a batch of up to 20 events
+        out = []
+        for event in payload:
+            event = _obj(event)
+            status = _GUPSHUP_SMS.get(str(event.get("eventType", "")).lower())
+            if status:
+                error = None if status == "delivered" else event.get("cause")
+                out.append(_receipt("gupshup", event.get("externalId"), status, event.get("eventTs"), error))
+        return out
+    body = _obj(payload)
+    if body.get("type") == "message-event":  # WhatsApp
+        event = _obj(body.get("payload"))
+        status = _GUPSHUP_WA.get(str(event.get("type", "")))
+        if status is None:
+            return []
+        inner = _obj(event.get("payload"))
+        at = inner.get("ts") or body.get("timestamp")
+        return [_receipt("gupshup", event.get("gsId") or event.get("id"), status, at, inner.get("reason"))]
+    if "externalId" in body:  # Enterprise SMS, GET mode
+        status = _GUPSHUP_SMS.get(str(body.get("status", "")).lower())
+        if status is None:
+            return []
+        error = None if status == "delivered" else body.get("cause")
+        return [_receipt("gupshup", body["externalId"], status, body.get("deliveredTS"), error)]
+    raise PayloadError("gupshup receipt: neither a WhatsApp message-event nor an SMS delivery report")
+
+
+def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt]:
+    """The delivery receipts in one provider callback (none for interim states such as ``sent``)."""
+    if provider not in PROVIDERS:
+        raise PayloadError(f"unknown provider {provider!r}")
+    if provider == "gupshup":
+        return _gupshup_receipts(payload)
+    body = _obj(payload)
+    if provider == "interakt":
+        status = _INTERAKT.get(str(body.get("type", "")))
+        if status is None:
+            return []
+        message = _obj(_obj(body.get("data")).get("message"))
+        at = message.get("delivered_at_utc") or message.get("seen_at_utc") or message.get("failed_at_utc")
+        return [
+            _receipt(
+                "interakt",
+                message.get("id"),
+                status,
+                at or body.get("timestamp"),
+                message.get("channel_failure_reason"),
+            )
+        ]
+    if provider == "karix":
+        record = _obj(body.get("data")) or body
+        status = _KARIX.get(str(record.get("status", "")))
+        if status is None or record.get("direction") == "inbound":
+            return []
+        error = _obj(record.get("error")).get("message")
+        return [_receipt("karix", record.get("uid"), status, record.get("updated_time"), error)]
+    status = _GENERIC.get(str(body.get("status", "")))
+    if status is None:
+        return []
+    return [_receipt(provider, body.get("provider_message_id"), status, body.get("occurred_at"), body.get("error"))]
+
+
+def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
+    """The customer's reply in one provider callback, or None when the callback is not a text reply."""
+    if provider not in PROVIDERS:
+        raise PayloadError(f"unknown provider {provider!r}")
+    body = _obj(payload)
+    if provider == "gupshup":
+        event = _obj(body.get("payload"))
+        if body.get("type") == "user-event" and event.get("type") == "opted-out":
+            return InboundMessage(
+                provider=provider, channel=Channel.WHATSAPP, sender=str(event.get("phone", "")), text="", opted_out=True
+            )
+        if body.get("type") == "message":
+            text = _obj(event.get("payload")).get("text")
+            sender = event.get("source") or _obj(event.get("sender")).get("phone")
+            if event.get("type") != "text" or not text or not sender:
+                return None
+            return InboundMessage(provider=provider, channel=Channel.WHATSAPP, sender=str(sender), text=str(text))
+        if body.get("msisdn") and body.get("content") is not None:  # Enterprise SMS reply
+            return InboundMessage(
+                provider=provider,
+                channel=Channel.SMS,
+                sender=str(body["msisdn"]),
+                text=str(body["content"]),
+                to=body.get("phonecode"),
+            )
+        return None
+    if provider == "interakt":
+        if body.get("type") != "message_received":
+            return None
+        data = _obj(body.get("data"))
+        customer, message = _obj(data.get("customer")), _obj(data.get("message"))
+        sender = customer.get("channel_phone_number") or (
+            f"{customer.get('country_code', '')}{customer.get('phone_number', '')}"
+            if customer.get("phone_number")
+            else None
+        )
+        text = message.get("message")
+        if not sender or not isinstance(text, str):
+            return None
+        return InboundMessage(provider=provider, channel=Channel.WHATSAPP, sender=str(sender), text=text)
+    if provider == "karix":
+        record = _obj(body.get("data")) or body
+        text = _obj(record.get("content")).get("text") or record.get("text")
+        if record.get("direction") != "inbound" or not text or not record.get("source"):
+            return None
+        channel = Channel.SMS if record.get("channel") == "sms" else Channel.WHATSAPP
+        return InboundMessage(
+            provider=provider,
+            channel=channel,
+            sender=str(record["source"]),
+            text=str(text),
+            to=record.get("destination"),
+        )
+    if not body.get("from") or not isinstance(body.get("text"), str):
+        return None
+    channel = Channel(body.get("channel", Channel.SMS.value))
+    return InboundMessage(provider=provider, channel=channel, sender=str(body["from"]), text=body["text"])
+
+
+def wants_opt_out(message: InboundMessage) -> bool:
+    """True when the provider reported an opt-out or the reply's text asks for one."""
+    return message.opted_out or is_opt_out(message.text)

@@ -1,0 +1,131 @@
+"""Provider callbacks: ``POST /v1/providers/{provider}/receipts`` and ``POST /v1/providers/{provider}/inbound``.
+
+The router only parses; what happens next is the caller's: ``on_receipt(receipt)`` for each delivery receipt,
+``on_opt_out(merchant_id, channel, address)`` for each reply asking to stop. Callbacks may be plain or async.
+Inbound callbacks name their merchant with ``?merchant_id=`` in the callback URL configured at the provider
+(one callback URL per merchant app), or through the optional ``resolve_merchant`` callable.
+Bodies may be JSON, form-encoded, or (Gupshup SMS delivery reports) query parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel
+
+from model.vocab import Channel
+from service.executor.channels.adapters import mask_address
+from service.executor.channels.base import DeliveryReceipt, InboundMessage
+from service.executor.channels.inbound import (
+    PROVIDERS,
+    PayloadError,
+    parse_delivery_receipts,
+    parse_inbound,
+    wants_opt_out,
+)
+
+logger = logging.getLogger("winback.executor.channels")
+
+ReceiptCallback = Callable[[DeliveryReceipt], Awaitable[None] | None]
+OptOutCallback = Callable[[str, Channel, str], Awaitable[None] | None]
+MerchantResolver = Callable[[InboundMessage], str | None]
+
+
+class ReceiptsAck(BaseModel):
+    """Answer to a receipts callback: how many delivery receipts it carried."""
+
+    received: int
+
+
+class InboundAck(BaseModel):
+    """Answer to an inbound callback: whether it was a text reply and whether it opted out."""
+
+    message: bool
+    opted_out: bool
+
+
+async def _call(callback: Callable[..., Awaitable[None] | None], *args: Any) -> None:
+    result = callback(*args)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def _payload(request: Request) -> Any:
+    raw = await request.body()
+    content_type = request.headers.get("content-type", "")
+    if not raw:
+        return dict(request.query_params)
+    if "application/x-www-form-urlencoded" in content_type:
+        # Parsed here rather than with request.form(), which needs python-multipart for no gain on these bodies.
+        return dict(parse_qsl(raw.decode(errors="replace"), keep_blank_values=True))
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise HTTPException(status_code=400, detail="callback body is neither JSON nor a form") from None
+
+
+def _check_provider(provider: str) -> None:
+    if provider not in PROVIDERS:
+        raise HTTPException(status_code=404, detail=f"unknown provider {provider!r}: one of {sorted(PROVIDERS)}")
+
+
+def create_provider_router(
+    on_receipt: ReceiptCallback,
+    on_opt_out: OptOutCallback,
+    resolve_merchant: MerchantResolver | None = None,
+) -> APIRouter:
+    """The router of provider callbacks, calling the given callbacks (see the module docstring)."""
+    router = APIRouter(prefix="/v1/providers", tags=["providers"])
+
+    async def receipts(provider: str, request: Request) -> ReceiptsAck:
+        _check_provider(provider)
+        try:
+            found = parse_delivery_receipts(provider, await _payload(request))
+        except PayloadError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        for receipt in found:
+            await _call(on_receipt, receipt)
+        return ReceiptsAck(received=len(found))
+
+    router.add_api_route("/{provider}/receipts", receipts, methods=["POST"], response_model=ReceiptsAck)
+    # Gupshup Enterprise SMS calls its real-time delivery URL with GET and query parameters by default.
+    router.add_api_route(
+        "/{provider}/receipts", receipts, methods=["GET"], response_model=ReceiptsAck, include_in_schema=False
+    )
+
+    @router.post("/{provider}/inbound", response_model=InboundAck)
+    async def inbound(provider: str, request: Request) -> InboundAck:
+        _check_provider(provider)
+        try:
+            message = parse_inbound(provider, await _payload(request))
+        except PayloadError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if message is None:
+            return InboundAck(message=False, opted_out=False)
+        if not wants_opt_out(message):
+            return InboundAck(message=True, opted_out=False)
+        merchant_id = request.query_params.get("merchant_id") or (
+            resolve_merchant(message) if resolve_merchant else None
+        )
+        if not merchant_id:
+            logger.warning("opt-out from %s via %s without a merchant", mask_address(message.sender), provider)
+            raise HTTPException(
+                status_code=400,
+                detail="opt-out reply without a merchant: configure the callback URL with ?merchant_id=<id>",
+            )
+        await _call(on_opt_out, merchant_id, message.channel, message.sender)
+        logger.info(
+            "opt-out from %s on %s",
+            mask_address(message.sender),
+            message.channel.value,
+            extra={"merchant_id": merchant_id},
+        )
+        return InboundAck(message=True, opted_out=True)
+
+    return router

@@ -1,0 +1,346 @@
+"""Each channel adapter against its local fake provider over real HTTP/SMTP: request shapes, failures, callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from model.vocab import Channel
+from service.executor.channels import DeliveryReceipt, OutboundMessage, SendResult
+from service.executor.channels.adapters import (
+    GupshupSmsAdapter,
+    GupshupWhatsAppAdapter,
+    InteraktAdapter,
+    KarixAdapter,
+    PushWebhookAdapter,
+    SmtpAdapter,
+)
+from service.executor.channels.fakes import FakeSmtpServer, RunningFake, _ThreadedServer, run_fake_provider
+from service.executor.channels.templates import TEMPLATE_VARIABLES, template_store
+from service.executor.channels.webhooks import create_provider_router
+
+T = TypeVar("T")
+VARIABLES = {k: v for k, v in TEMPLATE_VARIABLES.items() if k != "link_token"}
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def message(channel: Channel, key: str = "nudge:ord_1:1", to: str = "+919876543210", **extra: Any) -> OutboundMessage:
+    return OutboundMessage(
+        idempotency_key=key,
+        merchant_id="m_demo",
+        order_id="ord_1",
+        nudge_id="ndg_1",
+        channel=channel,
+        to=to,
+        template_id="tpl_pay_link",
+        variables=VARIABLES,
+        **extra,
+    )
+
+
+def send(adapter_factory: Any, *messages: OutboundMessage, timeout: float = 5.0) -> list[SendResult]:
+    async def go() -> list[SendResult]:
+        async with httpx.AsyncClient(timeout=timeout) as http:
+            adapter = adapter_factory(http)
+            return [await adapter.send(m) for m in messages]
+
+    return run(go())
+
+
+@pytest.fixture(scope="module")
+def gupshup() -> Iterator[RunningFake]:
+    with run_fake_provider("gupshup", api_key="gs-key", username="2000123", password="pw") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def interakt() -> Iterator[RunningFake]:
+    with run_fake_provider("interakt", api_key="aWstYmFzaWM=") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def karix() -> Iterator[RunningFake]:
+    with run_fake_provider("karix", username="acct-uid", password="acct-token") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def push() -> Iterator[RunningFake]:
+    with run_fake_provider("push", push_secret="push-secret") as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes(request: pytest.FixtureRequest) -> None:
+    for name in ("gupshup", "interakt", "karix", "push"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).state.reset()
+
+
+def gs_wa(fake: RunningFake, key: str = "gs-key") -> Any:
+    return lambda http: GupshupWhatsAppAdapter(
+        "m_demo", template_store(), http, fake.base_url, key, "+919000000000", "DemoApp"
+    )
+
+
+def gs_sms(fake: RunningFake) -> Any:
+    return lambda http: GupshupSmsAdapter("m_demo", template_store(), http, fake.base_url, "2000123", "pw", "WINBCK")
+
+
+def ik(fake: RunningFake) -> Any:
+    return lambda http: InteraktAdapter("m_demo", template_store(), http, fake.base_url, "aWstYmFzaWM=")
+
+
+def kx(fake: RunningFake) -> Any:
+    return lambda http: KarixAdapter(
+        "m_demo", Channel.WHATSAPP, template_store(), http, fake.base_url, "acct-uid", "acct-token", "+919000000000"
+    )
+
+
+# --- request shapes ------------------------------------------------------------------------------------------------
+
+
+def test_gupshup_whatsapp_template_request(gupshup: RunningFake) -> None:
+    [result] = send(gs_wa(gupshup), message(Channel.WHATSAPP))
+    assert result.status == "accepted"
+    [seen] = gupshup.state.messages
+    assert seen["path"] == "/wa/api/v1/template/msg"
+    assert seen["headers"]["content-type"] == "application/x-www-form-urlencoded"
+    assert {k: seen["form"][k] for k in ("channel", "source", "destination", "src.name")} == {
+        "channel": "whatsapp",
+        "source": "919000000000",
+        "destination": "919876543210",
+        "src.name": "DemoApp",
+    }
+    assert seen["template"] == {
+        "id": "tpl_pay_link",
+        "params": ["Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST"],
+    }
+    assert (seen["id"], seen["idempotency_key"]) == (result.provider_message_id, "nudge:ord_1:1")
+
+
+def test_gupshup_whatsapp_wrong_key_is_rejected(gupshup: RunningFake) -> None:
+    [result] = send(gs_wa(gupshup, key="wrong"), message(Channel.WHATSAPP))
+    assert result.status == "rejected"
+    assert "HTTP 401" in (result.error or "")
+    assert gupshup.state.messages == []
+
+
+def test_gupshup_sms_request(gupshup: RunningFake) -> None:
+    results = send(gs_sms(gupshup), message(Channel.SMS), message(Channel.SMS, key="k2", locale="hi"))
+    assert [r.status for r in results] == ["accepted", "accepted"]
+    english, hindi = gupshup.state.messages
+    assert english["path"] == "/GatewayAPI/rest"
+    form = english["form"]
+    assert {k: form[k] for k in ("method", "send_to", "msg_type", "userid", "auth_scheme", "v", "format", "mask")} == {
+        "method": "SendMessage",
+        "send_to": "919876543210",
+        "msg_type": "TEXT",
+        "userid": "2000123",
+        "auth_scheme": "plain",
+        "v": "1.1",
+        "format": "json",
+        "mask": "WINBCK",
+    }
+    assert "https://pay.example/p/SAMPLE-LINK-TOKEN" in english["text"]
+    assert hindi["form"]["msg_type"] == "Unicode_Text"
+    assert "भुगतान" in hindi["text"]
+
+
+def test_gupshup_sms_invalid_number_is_rejected(gupshup: RunningFake) -> None:
+    gupshup.state.reject("919876543210")
+    [result] = send(gs_sms(gupshup), message(Channel.SMS))
+    assert result.status == "rejected"
+    assert result.error == "gupshup sms error 175: The phone number is not valid"
+
+
+def test_interakt_request(interakt: RunningFake) -> None:
+    factory = ik(interakt)
+    [result] = send(factory, message(Channel.WHATSAPP, locale="hi"))
+    assert result.status == "accepted"
+    [seen] = interakt.state.messages
+    assert seen["path"] == "/v1/public/message/"
+    assert seen["json"] == {
+        "countryCode": "+91",
+        "phoneNumber": "9876543210",
+        "callbackData": "nudge:ord_1:1",
+        "type": "Template",
+        "template": {
+            "name": "tpl_pay_link",
+            "languageCode": "hi",
+            "bodyValues": ["Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST"],
+            "buttonValues": {"0": ["SAMPLE-LINK-TOKEN"]},
+        },
+    }
+
+
+def test_karix_request(karix: RunningFake) -> None:
+    factory = kx(karix)
+    [ok] = send(factory, message(Channel.WHATSAPP))
+    karix.state.reject("919876543211")
+    [bad] = send(factory, message(Channel.WHATSAPP, key="k2", to="+919876543211"))
+    assert (ok.status, bad.status, bad.error) == ("accepted", "rejected", "karix: Invalid destination")
+    seen = karix.state.messages[0]
+    assert seen["path"] == "/message/"
+    assert seen["api_version"] == "2.0"
+    assert {k: seen["json"][k] for k in ("channel", "source", "destination")} == {
+        "channel": "whatsapp",
+        "source": "+919000000000",
+        "destination": ["+919876543210"],
+    }
+    assert "https://pay.example/p/SAMPLE-LINK-TOKEN" in seen["json"]["content"]["text"]
+
+
+def test_push_webhook_is_signed_and_deduplicated(push: RunningFake) -> None:
+    factory = lambda http: PushWebhookAdapter("m_demo", template_store(), http, push.base_url + "/push", "push-secret")  # noqa: E731
+    first, again = send(factory, message(Channel.PUSH, to="device-token-1"), message(Channel.PUSH, to="device-token-1"))
+    assert first.status == again.status == "accepted"
+    assert first.provider_message_id == again.provider_message_id
+    [seen] = push.state.messages
+    assert seen["json"]["title"] == "Sample Merchant: payment pending"
+    assert seen["json"]["link_url"] == "https://pay.example/p/SAMPLE-LINK-TOKEN"
+    bad = lambda http: PushWebhookAdapter("m_demo", template_store(), http, push.base_url + "/push", "other")  # noqa: E731
+    [forged] = send(bad, message(Channel.PUSH, key="k3", to="device-token-1"))
+    assert forged.status == "rejected"
+
+
+def test_get_messages_endpoint_lists_what_was_received(gupshup: RunningFake) -> None:
+    send(gs_sms(gupshup), message(Channel.SMS))
+    listed = httpx.get(gupshup.base_url + "/_messages").json()
+    assert [m["idempotency_key"] for m in listed] == ["nudge:ord_1:1"]
+
+
+# --- failures and retries ----------------------------------------------------------------------------------------
+
+
+def test_5xx_then_success_records_one_message(gupshup: RunningFake) -> None:
+    gupshup.state.fail(times=2, status=503)
+    results = send(gs_wa(gupshup), *[message(Channel.WHATSAPP)] * 3)
+    assert [r.status for r in results] == ["retryable", "retryable", "accepted"]
+    assert len(gupshup.state.messages) == 1
+
+
+def test_timeout_is_retryable_and_records_nothing(interakt: RunningFake) -> None:
+    interakt.state.hang(times=1, seconds=1.0)
+    factory = ik(interakt)
+    [result] = send(factory, message(Channel.WHATSAPP), timeout=0.2)
+    assert (result.status, result.error) == ("retryable", "interakt: timed out")
+    time.sleep(1.0)  # let the fake finish its hung request
+    assert interakt.state.messages == []
+
+
+def test_control_endpoint_injects_failures(karix: RunningFake) -> None:
+    httpx.post(karix.base_url + "/_control/fail", json={"times": 1, "status": 502})
+    factory = kx(karix)
+    assert [r.status for r in send(factory, *[message(Channel.WHATSAPP)] * 2)] == ["retryable", "accepted"]
+
+
+def test_connection_refused_is_retryable() -> None:
+    factory = lambda http: InteraktAdapter("m_demo", template_store(), http, "http://127.0.0.1:9", "k")  # noqa: E731
+    [result] = send(factory, message(Channel.WHATSAPP))
+    assert result.status == "retryable"
+
+
+# --- SMTP -----------------------------------------------------------------------------------------------------------
+
+
+def smtp_adapter(port: int) -> Any:
+    return lambda http: SmtpAdapter(
+        "m_demo", template_store(), "127.0.0.1", port, "pay@merchant.example", "mailer", "s3cret", timeout=2.0
+    )
+
+
+def test_smtp_delivery_failures_and_auth() -> None:
+    with FakeSmtpServer(username="mailer", password="s3cret") as smtp:
+        smtp.fail(times=1, code=451)
+        smtp.reject("gone@example.com")
+        results = send(
+            smtp_adapter(smtp.port),
+            *[message(Channel.EMAIL, to="asha@example.com")] * 2,
+            message(Channel.EMAIL, key="k2", to="gone@example.com"),
+            message(Channel.EMAIL, key="k3", to="not-an-address"),
+        )
+    assert [r.status for r in results] == ["retryable", "accepted", "rejected", "rejected"]
+    [mail] = smtp.messages
+    assert mail["to"] == ["asha@example.com"]
+    assert mail["subject"] == "Your payment to Sample Merchant did not go through"
+    assert mail["idempotency_key"] == "nudge:ord_1:1"
+    assert mail["message_id"] == results[1].provider_message_id
+    assert "https://pay.example/p/SAMPLE-LINK-TOKEN" in mail["text"]
+
+
+def test_smtp_server_down_is_retryable() -> None:
+    with FakeSmtpServer() as smtp:
+        port = smtp.port
+    [result] = send(smtp_adapter(port), message(Channel.EMAIL, to="asha@example.com"))
+    assert result.status == "retryable"
+
+
+# --- callbacks: receipts and STOP from the fake to our router -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[tuple[str, list[DeliveryReceipt], list[tuple[str, Channel, str]]]]:
+    receipts: list[DeliveryReceipt] = []
+    opt_outs: list[tuple[str, Channel, str]] = []
+    app = FastAPI()
+    app.include_router(create_provider_router(receipts.append, lambda m, c, a: opt_outs.append((m, c, a))))
+    server = _ThreadedServer(app)
+    server.start()
+    yield f"http://127.0.0.1:{server.port}", receipts, opt_outs
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", ["gupshup", "interakt", "karix"])
+def test_fake_sends_receipts_and_stop_to_the_router(
+    kind: str,
+    request: pytest.FixtureRequest,
+    receiver: tuple[str, list[DeliveryReceipt], list[tuple[str, Channel, str]]],
+) -> None:
+    fake: RunningFake = request.getfixturevalue(kind)
+    url, receipts, opt_outs = receiver
+    receipts.clear()
+    opt_outs.clear()
+    receipts_url = f"{url}/v1/providers/{kind}/receipts"
+    answer = httpx.post(
+        fake.base_url + "/_control/receipt",
+        json={"message_id": "msg-7", "status": "read", "callback_url": receipts_url},
+    )
+    assert answer.json() == {"callback_status": 200}
+    assert [(r.provider, r.provider_message_id, r.status) for r in receipts] == [(kind, "msg-7", "read")]
+    answer = httpx.post(
+        fake.base_url + "/_control/inbound",
+        json={
+            "from": "919876543210",
+            "text": "STOP",
+            "callback_url": f"{url}/v1/providers/{kind}/inbound?merchant_id=m_demo",
+        },
+    )
+    assert answer.json() == {"callback_status": 200}
+    assert opt_outs == [("m_demo", Channel.WHATSAPP, "+919876543210")]
+
+
+def test_auto_receipt_after_accepting(
+    gupshup: RunningFake, receiver: tuple[str, list[DeliveryReceipt], list[tuple[str, Channel, str]]]
+) -> None:
+    url, receipts, _ = receiver
+    receipts.clear()
+    gupshup.state.auto_receipt_url = f"{url}/v1/providers/gupshup/receipts"
+    [result] = send(gs_sms(gupshup), message(Channel.SMS))
+    assert [(r.provider_message_id, r.status) for r in receipts] == [(result.provider_message_id, "delivered")]
+
+
+def test_fake_messages_are_json_serialisable(gupshup: RunningFake) -> None:
+    send(gs_wa(gupshup), message(Channel.WHATSAPP))
+    json.dumps(gupshup.state.snapshot())

@@ -1,0 +1,579 @@
+"""Channels without a network: error mapping (httpx MockTransport), templates, opt-outs, receipts, webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from model.merchant_config import MerchantConfig, parse_config
+from model.vocab import Channel
+from service.executor.channels import (
+    ChannelError,
+    DeliveryReceipt,
+    OutboundMessage,
+    TemplateConfigError,
+    build_adapters,
+    is_opt_out,
+    parse_delivery_receipts,
+    parse_inbound,
+    validate_templates,
+)
+from service.executor.channels.adapters import (
+    GupshupSmsAdapter,
+    GupshupWhatsAppAdapter,
+    InteraktAdapter,
+    KarixAdapter,
+    MemoryAdapter,
+    PushWebhookAdapter,
+    SmtpAdapter,
+    mask_address,
+    phone_digits,
+    split_calling_code,
+)
+from service.executor.channels.fakes import inbound_payload, receipt_payload
+from service.executor.channels.inbound import PayloadError
+from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
+from service.executor.channels.webhooks import create_provider_router
+from tests.factories import make_merchant
+
+Handler = Callable[[httpx.Request], httpx.Response]
+T = TypeVar("T")
+VARIABLES = {k: v for k, v in TEMPLATE_VARIABLES.items() if k != "link_token"}
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def message(**overrides: Any) -> OutboundMessage:
+    fields: dict[str, Any] = {
+        "idempotency_key": "nudge:ord_1:1",
+        "merchant_id": "m_demo",
+        "order_id": "ord_1",
+        "nudge_id": "ndg_1",
+        "channel": Channel.WHATSAPP,
+        "to": "+919876543210",
+        "template_id": "tpl_pay_link",
+        "variables": VARIABLES,
+    }
+    fields.update(overrides)
+    return OutboundMessage(**fields)
+
+
+def client(handler: Handler) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+def store() -> TemplateStore:
+    return template_store()
+
+
+# --- small helpers -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "masked"),
+    [("+919876543210", "+91******3210"), ("asha@example.com", "a***@example.com"), ("abc", "***")],
+)
+def test_mask_address_hides_the_middle(address: str, masked: str) -> None:
+    assert mask_address(address) == masked
+
+
+@pytest.mark.parametrize(
+    ("to", "digits"),
+    [("+919876543210", "919876543210"), ("+1 (415) 555-0100", "14155550100"), ("98765", None), ("x@y.z", None)],
+)
+def test_phone_digits_accepts_only_e164(to: str, digits: str | None) -> None:
+    assert phone_digits(to) == digits
+
+
+@pytest.mark.parametrize(
+    ("digits", "split"),
+    [
+        ("919876543210", ("91", "9876543210")),
+        ("14155550100", ("1", "4155550100")),
+        ("971501234567", ("971", "501234567")),
+        ("447700900123", ("44", "7700900123")),
+    ],
+)
+def test_split_calling_code(digits: str, split: tuple[str, str]) -> None:
+    assert split_calling_code(digits) == split
+
+
+# --- opt-out -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "STOP",
+        "stop",
+        " Stop. ",
+        "STOP please",
+        "Unsubscribe",
+        "stop messages",
+        "STOP ALL",
+        "opt out",
+        "रोकें",
+        "बंद करें",
+        "Don’t message me",
+        "END",
+        "cancel!",
+    ],
+)
+def test_opt_out_replies(text: str) -> None:
+    assert is_opt_out(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Thanks, paid already",
+        "end of month I will pay",
+        "cancel my order? no, I will pay",
+        "please don't stop",
+        "stopwatch",
+        "when does the link stop working",
+    ],
+)
+def test_ordinary_replies_are_not_opt_outs(text: str) -> None:
+    assert not is_opt_out(text)
+
+
+# --- receipts and inbound ----------------------------------------------------------------------------------------
+
+GUPSHUP_DOC_DELIVERED = {
+    "app": "DemoAPI",
+    "timestamp": 1580546677791,
+    "version": 2,
+    "type": "message-event",
+    "payload": {
+        "id": "gBEGkYaYVSEEAgnZxQ3JmKK6Wvg",
+        "gsId": "ee4a68a0-1203-4c85-8dc3-49d0b3226a35",
+        "type": "delivered",
+        "destination": "918x98xx21x4",
+        "payload": {"ts": 1585344475},
+    },
+}
+
+
+def test_gupshup_whatsapp_receipt_uses_the_gupshup_id() -> None:
+    [receipt] = parse_delivery_receipts("gupshup", GUPSHUP_DOC_DELIVERED)
+    assert receipt.provider_message_id == "ee4a68a0-1203-4c85-8dc3-49d0b3226a35"
+    assert receipt.status == "delivered"
+    assert receipt.occurred_at.timestamp() == 1585344475
+
+
+@pytest.mark.parametrize(
+    ("provider", "channel"),
+    [("gupshup", "whatsapp"), ("gupshup", "sms"), ("interakt", "whatsapp"), ("karix", "whatsapp"), ("fake", "sms")],
+)
+@pytest.mark.parametrize("status", ["delivered", "read", "failed"])
+def test_receipts_of_every_provider(provider: str, channel: str, status: str) -> None:
+    payload = receipt_payload(provider, "msg-42", status, channel)
+    receipts = parse_delivery_receipts(provider, payload)
+    if provider == "gupshup" and channel == "sms" and status == "read":
+        assert receipts == []  # SMS has no read state
+        return
+    [receipt] = receipts
+    assert (receipt.provider, receipt.provider_message_id, receipt.status) == (provider, "msg-42", status)
+
+
+def test_gupshup_sms_batch_receipts() -> None:
+    batch = [
+        {"externalId": "a-1", "eventType": "DELIVERED", "eventTs": 1526347800000, "cause": "SUCCESS"},
+        {"externalId": "a-2", "eventType": "FAILED", "eventTs": 1526347800000, "cause": "UNKNOWN_SUBSCRIBER"},
+    ]
+    receipts = parse_delivery_receipts("gupshup", batch)
+    assert [(r.provider_message_id, r.status, r.error) for r in receipts] == [
+        ("a-1", "delivered", None),
+        ("a-2", "failed", "UNKNOWN_SUBSCRIBER"),
+    ]
+
+
+@pytest.mark.parametrize("interim", ["enqueued", "sent"])
+def test_interim_states_give_no_receipt(interim: str) -> None:
+    payload = dict(GUPSHUP_DOC_DELIVERED, payload=dict(GUPSHUP_DOC_DELIVERED["payload"], type=interim))  # type: ignore[arg-type]
+    assert parse_delivery_receipts("gupshup", payload) == []
+
+
+def test_unreadable_receipts_raise_clear_errors() -> None:
+    with pytest.raises(PayloadError, match="unknown provider 'nope'"):
+        parse_delivery_receipts("nope", {})
+    with pytest.raises(PayloadError, match="neither a WhatsApp message-event nor an SMS delivery report"):
+        parse_delivery_receipts("gupshup", {"hello": 1})
+    with pytest.raises(PayloadError, match="without a message id"):
+        parse_delivery_receipts("interakt", {"type": "message_api_delivered", "data": {"message": {}}})
+
+
+@pytest.mark.parametrize(
+    ("provider", "channel"),
+    [("gupshup", "whatsapp"), ("gupshup", "sms"), ("interakt", "whatsapp"), ("karix", "whatsapp"), ("karix", "sms")],
+)
+def test_inbound_replies_are_read_with_e164_sender(provider: str, channel: str) -> None:
+    inbound = parse_inbound(provider, inbound_payload(provider, "919876543210", "STOP", channel))
+    assert inbound is not None
+    assert (inbound.sender, inbound.text, inbound.channel) == ("+919876543210", "STOP", Channel(channel))
+
+
+def test_gupshup_opted_out_user_event() -> None:
+    event = {
+        "app": "DemoAPI",
+        "timestamp": 1,
+        "version": 2,
+        "type": "user-event",
+        "payload": {"phone": "919876543210", "type": "opted-out"},
+    }
+    inbound = parse_inbound("gupshup", event)
+    assert inbound is not None
+    assert inbound.opted_out
+    assert inbound.sender == "+919876543210"
+
+
+def test_non_text_inbound_is_ignored() -> None:
+    image = inbound_payload("gupshup", "919876543210", "x")
+    image["payload"]["type"] = "image"
+    assert parse_inbound("gupshup", image) is None
+    assert parse_inbound("interakt", {"type": "message_api_sent", "data": {}}) is None
+
+
+# --- templates ---------------------------------------------------------------------------------------------------
+
+
+def write(root: Path, name: str, text: str) -> None:
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text, encoding="utf-8")
+
+
+LINK_SMS = "{{ merchant_name }} pay {{ link_url }}"
+
+
+def test_template_fallbacks_prefer_the_customers_language(tmp_path: Path) -> None:
+    write(tmp_path, "m_demo/sms.en.j2", "merchant-en " + LINK_SMS)
+    write(tmp_path, "_default/sms.hi.j2", "default-hi " + LINK_SMS)
+    write(tmp_path, "_default/sms.en.j2", "default-en " + LINK_SMS)
+    templates = TemplateStore(tmp_path)
+    assert templates.render("m_demo", Channel.SMS, "hi-IN", VARIABLES).source == "_default/sms.hi.j2"
+    assert templates.render("m_demo", Channel.SMS, "en", VARIABLES).source == "m_demo/sms.en.j2"
+    assert templates.render("m_demo", Channel.SMS, "ta", VARIABLES).source == "m_demo/sms.en.j2"
+    assert templates.render("m_other", Channel.SMS, "fr", VARIABLES).text.startswith("default-en")
+
+
+def test_template_sandbox_refuses_python_access(tmp_path: Path) -> None:
+    write(tmp_path, "_default/sms.en.j2", "{{ link_url.__class__.__mro__ }}")
+    with pytest.raises(TemplateConfigError, match=r"sms\.en\.j2"):
+        TemplateStore(tmp_path).render("m", Channel.SMS, "en", VARIABLES)
+
+
+def config_for(channels: list[str]) -> Any:
+    merchant = make_merchant().model_dump(mode="json")
+    merchant["retarget"]["channels"] = channels
+    return parse_config({"merchants": {"m_demo": merchant}})
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("Hi {{ nickname }} {{ link_url }}", "'nickname' is undefined"),
+        ("Hi {{ customer_name }}, please pay", "does not contain the payment link"),
+        ("Hi {{ link_url ", "sms.en.j2 line 1"),
+        ("{% set params = [nickname] %}{{ link_url }}", "'params' uses an undefined variable: 'nickname'"),
+    ],
+)
+def test_validate_templates_names_the_bad_file(tmp_path: Path, text: str, problem: str) -> None:
+    write(tmp_path, "_default/sms.en.j2", LINK_SMS)
+    write(tmp_path, "m_demo/sms.en.j2", text)
+    with pytest.raises(TemplateConfigError) as info:
+        validate_templates(config_for(["sms"]), tmp_path)
+    assert str(tmp_path / "m_demo" / "sms.en.j2") in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_validate_templates_needs_an_email_subject_and_a_template_per_channel(tmp_path: Path) -> None:
+    write(tmp_path, "_default/email.en.j2", LINK_SMS)
+    write(tmp_path, "_default/notes.txt", "x")
+    with pytest.raises(TemplateConfigError) as info:
+        validate_templates(config_for(["email", "whatsapp"]), tmp_path)
+    text = str(info.value)
+    assert "email template must set a subject" in text
+    assert "notes.txt: not a template name" in text
+    assert "no whatsapp template for merchant 'm_demo'" in text
+
+
+def test_shipped_templates_validate_against_the_demo_config() -> None:
+    from model.merchant_config import load_config
+    from service.api.settings import DEMO_CONFIG
+
+    validate_templates(load_config(DEMO_CONFIG))
+
+
+def test_whatsapp_template_exports_params_and_derives_the_link_token() -> None:
+    rendered = store().render("m_demo", Channel.WHATSAPP, "en", VARIABLES)
+    assert rendered.params == ("Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST")
+    assert rendered.button_params == ("SAMPLE-LINK-TOKEN",)
+
+
+# --- adapters: error mapping ------------------------------------------------------------------------------------
+
+
+def gupshup_wa(http: httpx.AsyncClient) -> GupshupWhatsAppAdapter:
+    return GupshupWhatsAppAdapter("m_demo", store(), http, "https://gs.test", "k", "919000000000", "DemoApp")
+
+
+ADAPTERS: dict[str, Callable[[httpx.AsyncClient], Any]] = {
+    "gupshup_wa": gupshup_wa,
+    "gupshup_sms": lambda http: GupshupSmsAdapter("m_demo", store(), http, "https://sms.test", "u", "p", None),
+    "interakt": lambda http: InteraktAdapter("m_demo", store(), http, "https://ik.test", "k"),
+    "karix": lambda http: KarixAdapter("m_demo", Channel.WHATSAPP, store(), http, "https://kx.test", "u", "t", "+1"),
+    "push": lambda http: PushWebhookAdapter("m_demo", store(), http, "https://push.test/hook", "secret"),
+}
+CHANNEL_OF = {"gupshup_sms": Channel.SMS, "push": Channel.PUSH}
+
+
+def send_with(name: str, handler: Handler, **overrides: Any) -> Any:
+    async def go() -> Any:
+        async with client(handler) as http:
+            adapter = ADAPTERS[name](http)
+            return await adapter.send(message(channel=CHANNEL_OF.get(name, Channel.WHATSAPP), **overrides))
+
+    return run(go())
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (500, "retryable"),
+        (503, "retryable"),
+        (429, "retryable"),
+        (400, "rejected"),
+        (401, "rejected"),
+        (404, "rejected"),
+    ],
+)
+def test_http_status_mapping(name: str, status: int, expected: str) -> None:
+    result = send_with(name, lambda request: httpx.Response(status, json={"message": "nope"}))
+    assert result.status == expected
+    assert f"HTTP {status}" in (result.error or "")
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize(
+    "exc", [httpx.ReadTimeout("slow"), httpx.ConnectError("refused"), httpx.RemoteProtocolError("eof")]
+)
+def test_network_failures_are_retryable(name: str, exc: Exception) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    result = send_with(name, handler)
+    assert result.status == "retryable"
+
+
+@pytest.mark.parametrize("name", ["gupshup_wa", "gupshup_sms", "interakt", "karix"])
+def test_a_bad_number_is_rejected_without_calling_the_provider(name: str) -> None:
+    calls: list[httpx.Request] = []
+    result = send_with(name, lambda request: calls.append(request) or httpx.Response(200), to="12345")
+    assert (result.status, calls) == ("rejected", [])
+    assert "not an E.164 phone number" in (result.error or "")
+
+
+def test_gupshup_sms_error_in_a_200_answer_is_rejected() -> None:
+    body = {"response": {"id": "175", "phone": "", "details": "The phone number is not valid", "status": "error"}}
+    result = send_with("gupshup_sms", lambda request: httpx.Response(200, json=body))
+    assert result.status == "rejected"
+    assert result.error == "gupshup sms error 175: The phone number is not valid"
+
+
+def test_karix_failed_record_is_rejected() -> None:
+    body = {"objects": [{"uid": "u1", "status": "failed", "error": {"message": "Invalid destination"}}]}
+    result = send_with("karix", lambda request: httpx.Response(202, json=body))
+    assert (result.status, result.provider_message_id, result.error) == ("rejected", "u1", "karix: Invalid destination")
+
+
+def test_every_request_carries_the_idempotency_key() -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Idempotency-Key"))
+        return httpx.Response(500)
+
+    for name in ADAPTERS:
+        send_with(name, handler)
+    assert seen == ["nudge:ord_1:1"] * len(ADAPTERS)
+
+
+def test_a_missing_template_variable_rejects_the_send() -> None:
+    result = send_with("gupshup_sms", lambda request: httpx.Response(200), variables={"amount": "1"})
+    assert result.status == "rejected"
+    assert "is undefined" in (result.error or "")
+
+
+def test_adapter_logs_mask_the_address(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="winback.executor.channels")
+    send_with("interakt", lambda request: httpx.Response(500))
+    assert "+91******3210" in caplog.text
+    assert "9876543210" not in caplog.text
+
+
+# --- build_adapters ---------------------------------------------------------------------------------------------
+
+
+def merchant_with(providers: dict[str, Any]) -> MerchantConfig:
+    return make_merchant(providers=providers)
+
+
+def test_build_adapters_from_config() -> None:
+    merchant = merchant_with(
+        {
+            "whatsapp": {"kind": "gupshup", "api_key_env": "GS_KEY", "source": "919000000000", "sender": "DemoApp"},
+            "sms": {"kind": "gupshup", "base_url": "http://sms.test", "api_key_env": "GS_SMS"},
+            "email": {"kind": "smtp", "host": "localhost", "port": 1025, "sender": "pay@merchant.example"},
+            "push": {"kind": "fake"},
+        }
+    )
+    env = {"GS_KEY": "k", "GS_SMS": "user:pass"}
+
+    async def go() -> dict[Channel, Any]:
+        async with httpx.AsyncClient() as http:
+            return build_adapters("m_demo", merchant, env, http)
+
+    adapters = run(go())
+    assert isinstance(adapters[Channel.WHATSAPP], GupshupWhatsAppAdapter)
+    assert adapters[Channel.WHATSAPP].base_url == "https://api.gupshup.io"
+    assert isinstance(adapters[Channel.SMS], GupshupSmsAdapter)
+    assert isinstance(adapters[Channel.EMAIL], SmtpAdapter)
+    assert isinstance(adapters[Channel.PUSH], MemoryAdapter)
+
+
+@pytest.mark.parametrize(
+    ("providers", "env", "problem"),
+    [
+        (
+            {"whatsapp": {"kind": "gupshup", "api_key_env": "GS_KEY", "source": "9190"}},
+            {},
+            "providers.whatsapp (kind gupshup): environment variable GS_KEY (named by 'api_key_env') is not set",
+        ),
+        ({"whatsapp": {"kind": "gupshup", "api_key_env": "GS_KEY"}}, {"GS_KEY": "secret-value"}, "needs 'source'"),
+        ({"sms": {"kind": "interakt", "api_key_env": "K"}}, {"K": "x"}, "kind 'interakt' cannot deliver sms"),
+        ({"sms": {"kind": "gupshup", "api_key_env": "GS"}}, {"GS": "no-colon-secret"}, "must hold '<user>:<password>'"),
+        ({"push": {"kind": "push_webhook", "api_key_env": "P"}}, {"P": "x"}, "needs 'base_url'"),
+    ],
+)
+def test_build_adapters_errors_name_the_problem_not_the_secret(
+    providers: dict[str, Any], env: dict[str, str], problem: str
+) -> None:
+    async def go() -> None:
+        async with httpx.AsyncClient() as http:
+            build_adapters("m_demo", merchant_with(providers), env, http)
+
+    with pytest.raises(ChannelError) as info:
+        run(go())
+    assert problem in str(info.value)
+    assert "merchant 'm_demo'" in str(info.value)
+    for secret in env.values():
+        assert secret not in str(info.value)
+
+
+# --- webhooks router --------------------------------------------------------------------------------------------
+
+
+class Client:
+    """Sync calls on an ASGI app (starlette's TestClient warns under this httpx version)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://winback") as http:
+                return await http.request(method, path, **kwargs)
+
+        return run(go())
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def get(self, path: str) -> httpx.Response:
+        return self.request("GET", path)
+
+
+def router_app() -> tuple[Client, list[DeliveryReceipt], list[tuple[str, Channel, str]]]:
+    receipts: list[DeliveryReceipt] = []
+    opt_outs: list[tuple[str, Channel, str]] = []
+
+    async def on_opt_out(merchant_id: str, channel: Channel, address: str) -> None:
+        opt_outs.append((merchant_id, channel, address))
+
+    app = FastAPI()
+    app.include_router(create_provider_router(receipts.append, on_opt_out))
+    return Client(app), receipts, opt_outs
+
+
+def test_receipts_endpoint_calls_back_per_receipt() -> None:
+    http, receipts, _ = router_app()
+    response = http.post("/v1/providers/gupshup/receipts", json=GUPSHUP_DOC_DELIVERED)
+    assert response.json() == {"received": 1}
+    assert receipts[0].provider_message_id == "ee4a68a0-1203-4c85-8dc3-49d0b3226a35"
+
+
+def test_gupshup_sms_get_receipt_with_query_parameters() -> None:
+    http, receipts, _ = router_app()
+    query = "externalId=37953&deliveredTS=1526347800000&status=SUCCESS&cause=SUCCESS&phoneNo=919876543210"
+    assert http.get(f"/v1/providers/gupshup/receipts?{query}").json() == {"received": 1}
+    assert (receipts[0].provider_message_id, receipts[0].status) == ("37953", "delivered")
+
+
+def test_inbound_stop_calls_on_opt_out_with_the_merchant() -> None:
+    http, _, opt_outs = router_app()
+    payload = inbound_payload("gupshup", "919876543210", "STOP")
+    response = http.post("/v1/providers/gupshup/inbound?merchant_id=m_demo", json=payload)
+    assert response.json() == {"message": True, "opted_out": True}
+    assert opt_outs == [("m_demo", Channel.WHATSAPP, "+919876543210")]
+
+
+def test_inbound_form_encoded_sms_reply() -> None:
+    http, _, opt_outs = router_app()
+    response = http.post(
+        "/v1/providers/gupshup/inbound?merchant_id=m_demo", data={"msisdn": "919876543210", "content": "stop messages"}
+    )
+    assert response.json()["opted_out"] is True
+    assert opt_outs == [("m_demo", Channel.SMS, "+919876543210")]
+
+
+def test_ordinary_reply_is_not_an_opt_out() -> None:
+    http, _, opt_outs = router_app()
+    payload = inbound_payload("interakt", "919876543210", "paid, thanks")
+    assert http.post("/v1/providers/interakt/inbound?merchant_id=m", json=payload).json() == {
+        "message": True,
+        "opted_out": False,
+    }
+    assert opt_outs == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "detail"),
+    [
+        ("/v1/providers/nope/receipts", {}, 404, "unknown provider 'nope'"),
+        (
+            "/v1/providers/gupshup/inbound",
+            inbound_payload("gupshup", "919876543210", "STOP"),
+            400,
+            "configure the callback URL with ?merchant_id=",
+        ),
+        ("/v1/providers/gupshup/receipts", {"x": 1}, 400, "neither a WhatsApp message-event"),
+    ],
+)
+def test_webhook_errors(path: str, body: Any, status: int, detail: str) -> None:
+    http, _, _ = router_app()
+    response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert detail in response.json()["detail"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(
     name="winback",
@@ -36,10 +39,34 @@ def simulate(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same files.")] = 1,
 ) -> None:
     """Write a realistic synthetic history of failed payments (CONTRACT.md section 3)."""
+    from model.history import read_history
+    from pipelines.simulate import recovery_by_error_class
     from pipelines.simulate import simulate as run_simulation
 
     summary = run_simulation(out, orders=orders, seed=seed, progress=True)
-    console.print(summary)
+    history = read_history(summary.attempts_path, summary.nudges_path)  # what we wrote passes the contract
+    console.print(
+        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
+        f"({summary.nudges:,} nudges): {summary.orders:,} failed orders in {summary.seconds:.1f} s "
+        f"({summary.orders_per_second:,.0f} orders/s)",
+        highlight=False,
+    )
+    print_frame(recovery_by_error_class(history.attempts, history.nudges), "failure mix and logging-policy recovery")
+
+
+def print_frame(frame: pd.DataFrame, title: str) -> None:
+    """A small DataFrame as a rich table (floats rounded)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(str(frame.index.name or ""), no_wrap=True, min_width=23)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    columns = [frame[c].tolist() for c in frame.columns]
+    for position, index in enumerate(frame.index):
+        cells = [f"{col[position]:.3f}" if isinstance(col[position], float) else str(col[position]) for col in columns]
+        table.add_row(str(index), *cells)
+    console.print(table)
 
 
 @app.command()

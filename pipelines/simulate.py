@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from model.history import write_attempts, write_nudges
 from model.simulation import DEFAULT_EPSILON, generate_history
 
@@ -88,3 +90,40 @@ def simulate(
         attempts_path=attempts_path,
         nudges_path=nudges_path,
     )
+
+
+def recovery_by_error_class(attempts: pd.DataFrame, nudges: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Failure mix and the logging policy's recovery by the normalised class of each order's first failure.
+
+    Works on any contract history: one row per class with orders, share of first failures, recovered orders,
+    recovery rate and mean time to recovery (hours).
+    """
+    from model.catalog import normalise_frame
+    from model.history import reconstruct_orders
+
+    orders = reconstruct_orders(attempts, nudges)
+    orders = orders[~orders["initially_succeeded"]]
+    firsts = attempts[attempts["attempt_number"] == 1].set_index("order_id")
+    classes = normalise_frame(firsts.reset_index())["error_class"]
+    classes.index = firsts.index
+    frame = orders.assign(error_class=orders["order_id"].map(classes).fillna("unknown"))
+    hours = frame["time_to_recovery"].dt.total_seconds() / 3600.0
+    table = (
+        frame.assign(hours=hours)
+        .groupby("error_class")
+        .agg(orders=("order_id", "size"), recovered=("recovered", "sum"), hours_to_recovery=("hours", "mean"))
+        .sort_values("orders", ascending=False)
+    )
+    table.insert(1, "share", table["orders"] / table["orders"].sum())
+    table["recovery_rate"] = table["recovered"] / table["orders"]
+    total = pd.DataFrame(
+        {
+            "orders": [int(table["orders"].sum())],
+            "share": [1.0],
+            "recovered": [int(table["recovered"].sum())],
+            "hours_to_recovery": [float(hours.mean())],
+            "recovery_rate": [float(table["recovered"].sum() / max(table["orders"].sum(), 1))],
+        },
+        index=pd.Index(["all"], name="error_class"),
+    )
+    return pd.concat([table, total])

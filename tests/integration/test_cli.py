@@ -1,0 +1,105 @@
+"""The `winback` commands as a newcomer runs them (CONTRACT.md section 1), through Typer's CliRunner."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from model.history import read_history, write_attempts, write_nudges
+from model.registry import get_alias_version
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("history")
+    result = runner.invoke(app, ["simulate", "--out", str(out), "--orders", "400", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_simulate_writes_valid_files_and_prints_the_failure_mix(small_history: Path, tmp_path: Path) -> None:
+    history = read_history(small_history / "attempts.parquet", small_history / "nudges.parquet")
+    assert history.attempts["order_id"].nunique() == 400
+    # The CSV variant round-trips to the same frames.
+    write_attempts(history.attempts, tmp_path / "attempts.csv")
+    write_nudges(history.nudges, tmp_path / "nudges.csv")
+    again = read_history(tmp_path / "attempts.csv", tmp_path / "nudges.csv")
+    pd.testing.assert_frame_equal(again.attempts, history.attempts)
+    pd.testing.assert_frame_equal(again.nudges, history.nudges)
+    rerun = runner.invoke(app, ["simulate", "--out", str(tmp_path / "again"), "--orders", "400", "--seed", "3"])
+    assert "failure mix and logging-policy recovery" in rerun.output
+    assert "insufficient_funds" in rerun.output
+
+
+def test_simulate_refuses_a_zero_order_count(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--out", str(tmp_path), "--orders", "0"])
+    assert result.exit_code != 0
+    assert "--orders" in result.output
+
+
+def test_evaluate_without_a_registered_model_compares_rules_only_with_the_baselines(
+    small_history: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    out = tmp_path / "evaluation"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--attempts",
+            str(small_history / "attempts.parquet"),
+            "--nudges",
+            str(small_history / "nudges.parquet"),
+            "--out",
+            str(out),
+            "--tracking-uri",
+            mlflow_store,
+            "--episodes",
+            "60",
+            "--max-points",
+            "200",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = (out / "evaluation.md").read_text()
+    for policy in ("rules-only", "static_retry", "static_retry_then_retarget", "logging"):
+        assert f"| {policy} |" in report
+    assert (out / "policy_value.png").stat().st_size > 0
+
+
+def test_evaluate_bad_history_exits_with_one_line(tmp_path: Path, small_history: Path) -> None:
+    attempts = pd.read_parquet(small_history / "attempts.parquet")
+    attempts.loc[2, "amount"] = -5.0
+    bad = tmp_path / "attempts.parquet"
+    attempts.to_parquet(bad)
+    result = runner.invoke(
+        app,
+        ["evaluate", "--attempts", str(bad), "--nudges", str(small_history / "nudges.parquet"), "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 2
+    assert "invalid history" in result.output
+
+
+def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "merchants.yaml"
+    shutil.copyfile(Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml", config)
+    config.write_text(config.read_text().replace("max_retries: 3", "max_retries: 3\n      retry_budget: 9", 1))
+    result = runner.invoke(app, ["serve", "--config", str(config), "--port", "8799"])
+    assert result.exit_code == 2
+    assert "retry.retry_budget: unknown key" in result.output
+
+
+def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["demo", "--workdir", str(tmp_path / "demo"), "--orders", "300", "--episodes", "30", "--no-serve"]
+    )
+    assert result.exit_code == 0, result.output
+    uri = f"sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}"
+    assert get_alias_version("champion", tracking_uri=uri) == "1"
+    assert "try a decision" in result.output

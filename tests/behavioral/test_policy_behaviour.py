@@ -1,0 +1,111 @@
+"""Model behaviour tests of the whole policy: decide() with a trained bundle and with rules-only priors.
+
+Directionality (hard declines are never retried silently), invariance (formatting never flips a decision) and a
+property test: random requests never get a forbidden action, whatever the model or the exploration draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from model.bundle import ModelBundle
+from model.catalog import load_catalog
+from model.policy import PolicyConfig, decide
+from model.requests import Decision
+from model.rules import Candidate
+from model.training import train
+from model.vocab import Action
+from tests.factories import make_history_frames, make_merchant, make_request
+from tests.unit.test_rules import _contract_violations, scenarios
+
+GREEDY = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
+EXPLORING = PolicyConfig(exploration=0.5, exploration_rare_code=0.5)
+
+
+@pytest.fixture(scope="module")
+def bundle() -> ModelBundle:
+    attempts, nudges = make_history_frames(1500, seed=5)
+    return train(attempts, nudges, seed=0, max_rounds=40, evaluate_unseen_codes=False).bundle
+
+
+def _every_action(decision: Decision) -> list[Candidate]:
+    chosen = Candidate(decision.action, decision.execute_at, decision.strategy, decision.connector, decision.channel)
+    others = [Candidate(a.action, a.execute_at, a.strategy, a.connector, a.channel) for a in decision.alternatives]
+    return [chosen, *others]
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+@given(scenario=scenarios())
+def test_random_requests_never_get_a_forbidden_action(
+    with_model: bool, bundle: ModelBundle, scenario: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    request_data, merchant_data = scenario
+    request, merchant = make_request(**request_data), make_merchant(**merchant_data)
+    rng = np.random.default_rng(7)
+    for _ in range(3):  # exploration draws differ between calls
+        decision = decide(
+            request, merchant, bundle if with_model else None, catalog=load_catalog(), config=EXPLORING, rng=rng
+        )
+        for candidate in _every_action(decision):
+            assert _contract_violations(request, merchant, candidate) == [], candidate
+        assert 0.0 < decision.propensity <= 1.0
+        assert decision.execute_at >= request.event_time
+
+
+@pytest.mark.parametrize("code", ["04", "07", "12", "14", "15", "41", "43", "46", "57", "R0", "R1", "R3"])
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_visa_category_1_never_gets_a_silent_retry(code: str, with_model: bool, bundle: ModelBundle) -> None:
+    request = make_request(failure={"error_code": "card_declined", "error_message": None, "network_decline_code": code})
+    decision = decide(
+        request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING
+    )
+    assert decision.action != Action.RETRY
+    assert not decision.retryable
+    assert all(alternative.action != Action.RETRY for alternative in decision.alternatives)
+    assert "visa_category:1" in decision.rules_applied
+
+
+def _key(decision: Decision) -> tuple[object, ...]:
+    return (decision.action, decision.strategy, decision.connector, decision.channel, decision.execute_at)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"failure": {"error_code": "  CARD_DECLINED "}},
+        {"failure": {"network_decline_code": "51 "}},
+        {"amount": 499},
+        {"order_id": "ord_other", "customer": {"id": "cus_other"}},
+        {"event_time": "2026-11-01T15:45:00+05:30"},  # the same instant in another offset
+    ],
+)
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_formatting_never_flips_a_decision(variant: dict[str, Any], with_model: bool, bundle: ModelBundle) -> None:
+    scorer = bundle if with_model else None
+    base = decide(make_request(), make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+    other = decide(make_request(**variant), make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+    assert _key(other) == _key(base)
+    assert other.expected_success == pytest.approx(base.expected_success)
+
+
+def test_a_hard_decline_is_not_retryable_and_a_technical_one_is(bundle: ModelBundle) -> None:
+    stolen = make_request(
+        failure={
+            "error_code": "stolen_card",
+            "error_message": "Your card was reported stolen.",
+            "network_decline_code": "43",
+        },
+        payment={"card_network": "mastercard"},
+    )
+    technical = make_request(
+        failure={"error_code": "processing_error", "error_message": "An error occurred while processing your card.",
+                 "network_decline_code": "96"},
+    )  # fmt: skip
+    for scorer in (bundle, None):
+        assert not decide(stolen, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY).retryable
+        assert decide(technical, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY).retryable

@@ -320,10 +320,19 @@ def snips(
     n_bootstrap: int = DEFAULT_BOOTSTRAP,
     confidence: float = 0.95,
     seed: int = 0,
+    known_zero: ArrayLike | None = None,
 ) -> Estimate:
-    """Self-normalised IPS: ``sum(w * r) / sum(w)``; NaN when no logged action matches the target policy."""
+    """Self-normalised IPS: ``sum(w * r) / sum(w)``; NaN when no logged action matches the target policy.
+
+    ``known_zero`` marks points where the target policy's action is worth exactly 0 whatever happens (stop:
+    no reward, no cost). A logged stop leaves no history row, so such points can never match a logged action;
+    they enter the normalisation with weight 1 and reward 0 instead of being dropped, which would otherwise
+    inflate the estimate of a policy that stops often to its value on the points where it acts.
+    """
     r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
     wr = w * r
+    if known_zero is not None:
+        w = np.where(np.asarray(known_zero, dtype=bool), 1.0, w)
     total = float(w.sum())
     value = float(wr.sum() / total) if total > 0 else float("nan")
 
@@ -658,7 +667,7 @@ def ope_from_replay(
         target = part["target_prob"].to_numpy(dtype=np.float64)
         estimates = [
             ips(rewards, propensity, target, **options),
-            snips(rewards, propensity, target, **options),
+            snips(rewards, propensity, target, **options, known_zero=(part["action"] == "stop").to_numpy()),
         ]
         q = part["q_logged"].to_numpy(dtype=np.float64)
         v = part["v_target"].to_numpy(dtype=np.float64)

@@ -515,3 +515,18 @@ def test_evaluate_pipeline_writes_report_tables_and_plots(tmp_path: Path) -> Non
     assert set(summary.classification["model"]) == {"flat"}
     with pytest.raises(ValueError, match="at least one policy"):
         evaluate(tmp_path / "attempts.parquet", tmp_path / "nudges.parquet", tmp_path / "o2", {})
+
+
+def test_snips_counts_the_target_policys_stops_as_worth_zero() -> None:
+    # Logged: a deterministic logger acted at every point (a logged stop leaves no row) and earned 10. A target
+    # policy that takes the logged action on half the points and stops on the other half is worth 5, not 10.
+    rewards = np.full(1000, 10.0)
+    propensity = np.ones(1000)
+    stops = np.arange(1000) % 2 == 0
+    target = np.where(stops, 0.0, 1.0)
+    without = ev.snips(rewards, propensity, target, n_bootstrap=0)
+    with_stops = ev.snips(rewards, propensity, target, n_bootstrap=0, known_zero=stops)
+    assert without.value == pytest.approx(10.0)
+    assert with_stops.value == pytest.approx(5.0)
+    always_stop = ev.snips(rewards, propensity, np.zeros(1000), n_bootstrap=0, known_zero=np.ones(1000, bool))
+    assert always_stop.value == 0.0

@@ -1,0 +1,1349 @@
+"""The order state machine: every write the executor makes, each in one short transaction.
+
+An order is ``PENDING`` while recovery runs (``AWAITING_AGENT`` in assisted mode while an agent decides), and
+ends ``SUCCEEDED`` or ``FAILED`` exactly once (a guarded update), which cancels whatever is still scheduled for
+it and enqueues the one merchant webhook. At every decision point (the failure event, a failed attempt, an
+unanswered nudge) the executor rebuilds the order's decision request from what it recorded and asks the one
+policy, ``decide()``, through ``Decider``; it never decides on its own. Side effects are performed outside
+these transactions (see ``service.executor.effects``) and recorded by ``complete`` in the transaction that
+marks their action done, guarded by the claim token, so an effect is recorded once however often it was sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import RowMapping
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from model.merchant_config import MerchantConfig, WinbackConfig
+from model.requests import Decision, DecisionRequest
+from model.vocab import NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
+from service.api.store import decision_row, decisions
+from service.executor.connectors import ChargeResult
+from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
+from service.executor.store import (
+    OPEN_ACTION_STATES,
+    OPEN_ORDER_STATES,
+    ActionKind,
+    ActionState,
+    OrderState,
+    actions,
+    agent_queue,
+    as_utc,
+    as_utc_or_none,
+    event_keys,
+    is_postgres,
+    nudges,
+    orders,
+    payment_links,
+    transactions,
+    utcnow,
+    webhook_deliveries,
+)
+
+log = logging.getLogger("winback.executor")
+
+#: ``decide()`` bound to a scorer and catalog: the executor's only way to choose what to do.
+Decider = Callable[[DecisionRequest, MerchantConfig], Decision]
+
+
+class IdempotencyConflictError(ValueError):
+    """The idempotency key was used before with a different body."""
+
+
+class OrderNotFoundError(LookupError):
+    """No such order for this merchant."""
+
+
+class StaleClaimError(RuntimeError):
+    """The action is no longer this worker's (its lease ran out and someone else took it, or it was cancelled)."""
+
+
+class AgentQueueError(ValueError):
+    """The agent's action cannot be applied (nothing queued, or an unknown action)."""
+
+
+# ------------------------------------------------------------------------------------------------ outcomes
+
+
+@dataclass(frozen=True)
+class Charged:
+    """A connector answered the attempt."""
+
+    result: ChargeResult
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A provider accepted the nudge (its link is recorded with it)."""
+
+    nudge_id: str
+    channel: str
+    template_id: str
+    provider_message_id: str | None
+    token_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class NotSent:
+    """A provider refused the nudge for good (or there is no address or adapter for the channel)."""
+
+    nudge_id: str
+    channel: str
+    template_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The merchant acknowledged the webhook with a 2xx."""
+
+    status_code: int
+
+
+@dataclass(frozen=True)
+class Transient:
+    """No answer this time (5xx, timeout, open circuit): try again later with the same idempotency key."""
+
+    error: str
+    status_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Permanent:
+    """The effect can never be performed as configured: dead-letter it."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Defer:
+    """Not now (quiet hours): look again at ``until``; this is not a failed try."""
+
+    until: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class Replan:
+    """The hard rules forbid this send now (window, cadence, budget, opt-out): decide again instead."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    """The order is no longer open: the action is cancelled without effect."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """The action has no outside effect (follow-up, close): recording is everything."""
+
+
+Outcome = Charged | Sent | NotSent | Delivered | Transient | Permanent | Defer | Replan | Skip | NoEffect
+
+
+@dataclass(frozen=True)
+class ActionRow:
+    """A claimed (or scheduled) action."""
+
+    action_id: int
+    merchant_id: str
+    order_id: str
+    kind: str
+    state: str
+    due_at: datetime
+    planned_at: datetime
+    attempts: int
+    claim_token: str | None
+    idempotency_key: str
+    decision_id: str | None
+    payload: dict[str, Any]
+
+    @classmethod
+    def of(cls, row: RowMapping) -> ActionRow:
+        """From a database row."""
+        return cls(
+            action_id=int(row["action_id"]),
+            merchant_id=row["merchant_id"],
+            order_id=row["order_id"],
+            kind=row["kind"],
+            state=row["state"],
+            due_at=as_utc(row["due_at"]),
+            planned_at=as_utc(row["planned_at"]),
+            attempts=int(row["attempts"]),
+            claim_token=row["claim_token"],
+            idempotency_key=row["idempotency_key"],
+            decision_id=row["decision_id"],
+            payload=orjson.loads(row["payload_json"] or "{}"),
+        )
+
+
+@dataclass(frozen=True)
+class EventAnswer:
+    """The answer of the event endpoints: ``{"order_id", "state"}``."""
+
+    order_id: str
+    state: str
+
+
+@dataclass(frozen=True)
+class LinkPage:
+    """What the payment page shows."""
+
+    token_id: str
+    merchant_id: str
+    order_id: str
+    amount: float
+    currency: str
+    state: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class LinkPayment:
+    """A link payment handed to the effects: the action the API claimed for it."""
+
+    action: ActionRow
+
+
+@dataclass
+class RetryPolicy:
+    """How failed tries are spaced and when an action is dead-lettered."""
+
+    max_attempts: int = 8
+    webhook_max_attempts: int = 20
+    backoff_base_seconds: float = 2.0
+    backoff_cap_seconds: float = 3600.0
+    jitter: Callable[[float], float] = field(default=lambda ceiling: ceiling)
+
+    def delay(self, attempt: int) -> timedelta:
+        """Exponential backoff with full jitter for the ``attempt``-th failed try."""
+        ceiling = min(self.backoff_cap_seconds, self.backoff_base_seconds * 2 ** max(attempt - 1, 0))
+        return timedelta(seconds=self.jitter(ceiling))
+
+    def limit(self, kind: str) -> int:
+        """Tries allowed for an action of ``kind``."""
+        return self.webhook_max_attempts if kind == ActionKind.WEBHOOK else self.max_attempts
+
+
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def _short_hash(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(part) for part in parts).encode()).hexdigest()[:24]
+
+
+def txn_id_for(idempotency_key: str) -> str:
+    """The txn_id of the attempt an action makes (stable across re-sends of the same action)."""
+    return "txn_" + _short_hash("txn", idempotency_key)
+
+
+def nudge_id_for(idempotency_key: str) -> str:
+    """The nudge_id of the message an action sends (stable across re-sends)."""
+    return "ndg_" + _short_hash("nudge", idempotency_key)
+
+
+def _dump(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+@dataclass
+class Executor:
+    """The state machine over one database; shared by the HTTP routes and the workers."""
+
+    engine: Engine
+    config: WinbackConfig
+    decider: Decider
+    links: LinkSigner
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    clock: Callable[[], datetime] = utcnow
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def merchant(self, merchant_id: str) -> MerchantConfig:
+        """The merchant's config; KeyError names an unknown merchant."""
+        found = self.config.merchants.get(merchant_id)
+        if found is None:
+            raise KeyError(f"unknown merchant_id {merchant_id!r}: not in the merchant config")
+        return found
+
+    def _lock_order(self, conn: sa.Connection, merchant_id: str, order_id: str) -> RowMapping | None:
+        query = sa.select(orders).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+        if is_postgres(self.engine):
+            query = query.with_for_update()
+        return conn.execute(query).mappings().first()
+
+    def _schedule(
+        self,
+        conn: sa.Connection,
+        merchant_id: str,
+        order_id: str,
+        kind: ActionKind,
+        due_at: datetime,
+        key: str,
+        now: datetime,
+        payload: Mapping[str, Any] | None = None,
+        decision_id: str | None = None,
+    ) -> bool:
+        """Insert one scheduled action unless its idempotency key exists already; True when inserted."""
+        exists = conn.scalar(sa.select(actions.c.action_id).where(actions.c.idempotency_key == key))
+        if exists is not None:
+            return False
+        conn.execute(
+            actions.insert().values(
+                merchant_id=merchant_id,
+                order_id=order_id,
+                kind=kind.value,
+                state=ActionState.SCHEDULED.value,
+                due_at=due_at,
+                planned_at=due_at,
+                attempts=0,
+                idempotency_key=key,
+                decision_id=decision_id,
+                payload_json=_dump(dict(payload or {})),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        return True
+
+    def request_for(self, conn: sa.Connection, order: RowMapping, now: datetime) -> DecisionRequest:
+        """The order's decision request at ``now``: the failure event, its last failure and its full history."""
+        base = orjson.loads(order["request_json"])
+        base["failure"] = orjson.loads(order["failure_json"])
+        base["event_time"] = now.isoformat()
+        key = (transactions.c.merchant_id == order["merchant_id"], transactions.c.order_id == order["order_id"])
+        attempts = [
+            {
+                "attempt_number": row.attempt_number,
+                "connector": row.connector,
+                "strategy": row.strategy,
+                "status": row.status,
+                "error_code": row.error_code,
+                "created_at": as_utc(row.created_at).isoformat(),
+                "txn_id": row.txn_id,
+            }
+            for row in conn.execute(sa.select(transactions).where(*key).order_by(transactions.c.attempt_number))
+        ]
+        sent = [
+            {
+                "channel": row.channel,
+                "sent_at": as_utc(row.sent_at).isoformat(),
+                "delivered": bool(row.delivered),
+                "clicked_at": as_utc(row.clicked_at).isoformat() if row.clicked_at else None,
+                "nudge_id": row.nudge_id,
+            }
+            for row in conn.execute(
+                sa.select(nudges)
+                .where(nudges.c.merchant_id == order["merchant_id"], nudges.c.order_id == order["order_id"])
+                .order_by(nudges.c.sent_at)
+            )
+        ]
+        base["history"] = {"attempts": attempts, "nudges": sent}
+        return DecisionRequest.model_validate(base)
+
+    # ----------------------------------------------------------------------------------------- events
+
+    def _idempotent(
+        self,
+        merchant_id: str,
+        kind: str,
+        body: Mapping[str, Any],
+        apply: Callable[[sa.Connection, datetime], EventAnswer],
+    ) -> EventAnswer:
+        key = str(body["idempotency_key"])
+        digest = hashlib.sha256(_canonical(body)).hexdigest()
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    stored = conn.execute(
+                        sa.select(event_keys).where(
+                            event_keys.c.merchant_id == merchant_id, event_keys.c.idempotency_key == key
+                        )
+                    ).first()
+                    if stored is not None:
+                        if stored.kind != kind or stored.body_sha256 != digest:
+                            raise IdempotencyConflictError(
+                                f"idempotency_key {key!r} was already used with a different {stored.kind} event"
+                            )
+                        answer = orjson.loads(stored.response_json)
+                        return EventAnswer(order_id=answer["order_id"], state=answer["state"])
+                    now = self.clock()
+                    result = apply(conn, now)
+                    conn.execute(
+                        event_keys.insert().values(
+                            merchant_id=merchant_id,
+                            idempotency_key=key,
+                            kind=kind,
+                            body_sha256=digest,
+                            response_json=_dump({"order_id": result.order_id, "state": result.state}),
+                            created_at=now,
+                        )
+                    )
+                    return result
+            except IntegrityError:
+                # A concurrent request with the same key or order won the race (PostgreSQL): look again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def payment_failed(self, merchant_id: str, body: Mapping[str, Any]) -> EventAnswer:
+        """A failed payment arrives: create the order and run its first decision point (idempotent by key).
+
+        ``body`` is the JSON event (a decision request plus ``idempotency_key``). An order that exists already
+        is left as it is and its state answered.
+        """
+        request = DecisionRequest.model_validate({k: v for k, v in body.items() if k != "idempotency_key"})
+        merchant = self.merchant(merchant_id)
+
+        def apply(conn: sa.Connection, now: datetime) -> EventAnswer:
+            existing = self._lock_order(conn, merchant_id, request.order_id)
+            if existing is not None:
+                return EventAnswer(order_id=request.order_id, state=existing["state"])
+            self._create_order(conn, merchant_id, merchant, request, now)
+            order = self._lock_order(conn, merchant_id, request.order_id)
+            assert order is not None
+            self._decision_point(conn, order, now)
+            state = conn.scalar(
+                sa.select(orders.c.state).where(
+                    orders.c.merchant_id == merchant_id, orders.c.order_id == request.order_id
+                )
+            )
+            return EventAnswer(order_id=request.order_id, state=str(state))
+
+        return self._idempotent(merchant_id, "payment_failed", body, apply)
+
+    def _create_order(
+        self, conn: sa.Connection, merchant_id: str, merchant: MerchantConfig, request: DecisionRequest, now: datetime
+    ) -> None:
+        failure = request.failure
+        history = sorted(request.history.attempts, key=lambda a: a.attempt_number)
+        rows: list[dict[str, Any]] = []
+        for index, attempt in enumerate(history):
+            extra = attempt.model_extra or {}
+            last = index == len(history) - 1
+            rows.append(
+                {
+                    "txn_id": str(
+                        extra.get("txn_id")
+                        or "txn_" + _short_hash(merchant_id, request.order_id, attempt.attempt_number)
+                    ),
+                    "attempt_number": attempt.attempt_number,
+                    "strategy": attempt.strategy.value,
+                    "connector": attempt.connector,
+                    "status": attempt.status,
+                    "error_code": attempt.error_code,
+                    "error_message": failure.error_message if last else None,
+                    "network_decline_code": failure.network_decline_code if last else None,
+                    "merchant_advice_code": failure.merchant_advice_code if last else None,
+                    "unified_code": failure.unified_code if last else None,
+                    "created_at": attempt.created_at,
+                }
+            )
+        if not rows:
+            rows.append(
+                {
+                    "txn_id": "txn_" + _short_hash(merchant_id, request.order_id, 1),
+                    "attempt_number": 1,
+                    "strategy": Strategy.INITIAL.value,
+                    "connector": failure.connector,
+                    "status": "failure",
+                    "error_code": failure.error_code,
+                    "error_message": failure.error_message,
+                    "network_decline_code": failure.network_decline_code,
+                    "merchant_advice_code": failure.merchant_advice_code,
+                    "unified_code": failure.unified_code,
+                    "created_at": request.event_time,
+                }
+            )
+        first_failed_at: datetime = min(as_utc(row["created_at"]) for row in rows)
+        request_json = request.model_dump_json(exclude={"history"})
+        conn.execute(
+            orders.insert().values(
+                merchant_id=merchant_id,
+                order_id=request.order_id,
+                state=OrderState.PENDING.value,
+                mode=merchant.mode,
+                amount=request.amount,
+                currency=request.currency,
+                customer_id=request.customer.id,
+                request_json=request_json,
+                failure_json=failure.model_dump_json(),
+                attempt_count=max(int(row["attempt_number"]) for row in rows),
+                nudge_count=len(request.history.nudges),
+                first_failed_at=first_failed_at,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        conn.execute(
+            transactions.insert(),
+            [
+                row
+                | {
+                    "merchant_id": merchant_id,
+                    "order_id": request.order_id,
+                    "processor_payment_id": f"{request.order_id}_{row['attempt_number']}",
+                    "idempotency_key": None,
+                }
+                for row in rows
+            ],
+        )
+        for index, nudge in enumerate(request.history.nudges):
+            conn.execute(
+                nudges.insert().values(
+                    nudge_id="ndg_" + _short_hash(merchant_id, request.order_id, "history", index),
+                    merchant_id=merchant_id,
+                    order_id=request.order_id,
+                    channel=nudge.channel.value,
+                    template_id="external",
+                    sent_at=nudge.sent_at,
+                    status="accepted",
+                    delivered=nudge.delivered,
+                    clicked_at=nudge.clicked_at,
+                )
+            )
+        window_end = first_failed_at + timedelta(days=merchant.retarget.retry_window_days)
+        self._schedule(
+            conn,
+            merchant_id,
+            request.order_id,
+            ActionKind.CLOSE,
+            max(window_end, now),
+            f"{merchant_id}:{request.order_id}:close:window",
+            now,
+        )
+
+    def payment_succeeded(self, merchant_id: str, body: Mapping[str, Any]) -> EventAnswer:
+        """The order succeeded elsewhere: mark it SUCCEEDED and cancel everything still scheduled (idempotent)."""
+        order_id = str(body["order_id"])
+
+        def apply(conn: sa.Connection, now: datetime) -> EventAnswer:
+            order = self._lock_order(conn, merchant_id, order_id)
+            if order is None:
+                raise OrderNotFoundError(f"order {order_id!r} is not known for merchant {merchant_id!r}")
+            if order["state"] in OPEN_ORDER_STATES:
+                occurred = datetime.fromisoformat(str(body["occurred_at"]))
+                self._succeed(conn, order, str(body["txn_id"]), as_utc(occurred), now)
+            state = conn.scalar(
+                sa.select(orders.c.state).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+            )
+            return EventAnswer(order_id=order_id, state=str(state))
+
+        return self._idempotent(merchant_id, "payment_succeeded", body, apply)
+
+    # ------------------------------------------------------------------------------- decision points
+
+    def _decision_point(self, conn: sa.Connection, order: RowMapping, now: datetime) -> Decision | None:
+        """Ask decide() what to do next for an open order, record the decision and act on it (or queue it)."""
+        if order["state"] not in OPEN_ORDER_STATES:
+            return None
+        merchant = self.merchant(order["merchant_id"])
+        request = self.request_for(conn, order, now)
+        decision = self.decider(request, merchant)
+        conn.execute(decisions.insert().values(**decision_row(request, decision, created_at=now)))
+        if merchant.mode == "assisted":
+            conn.execute(
+                agent_queue.insert().values(
+                    merchant_id=order["merchant_id"],
+                    order_id=order["order_id"],
+                    decision_id=decision.decision_id,
+                    decision_json=decision.model_dump_json(),
+                    request_json=request.model_dump_json(),
+                    state="pending",
+                    created_at=now,
+                )
+            )
+            self._set_state(conn, order, OrderState.AWAITING_AGENT, now)
+            return decision
+        self._carry_out(conn, order, decision, now)
+        return decision
+
+    def _set_state(self, conn: sa.Connection, order: RowMapping, state: OrderState, now: datetime) -> None:
+        conn.execute(
+            orders.update()
+            .where(
+                orders.c.merchant_id == order["merchant_id"],
+                orders.c.order_id == order["order_id"],
+                orders.c.state.in_(OPEN_ORDER_STATES),
+            )
+            .values(state=state.value, updated_at=now)
+        )
+
+    def _carry_out(self, conn: sa.Connection, order: RowMapping, decision: Decision, now: datetime) -> None:
+        merchant_id, order_id = order["merchant_id"], order["order_id"]
+        due = max(as_utc(decision.execute_at), now)
+        meta: dict[str, Any] = {"propensity": decision.propensity}
+        if decision.action == Action.RETRY:
+            # The attempt number is fixed now, so the processor payment id <order_id>_<n> never changes when
+            # the action is re-sent after a crash; an action cancelled later leaves a gap only on a closed order.
+            number = conn.scalar(
+                orders.update()
+                .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+                .values(attempt_count=orders.c.attempt_count + 1)
+                .returning(orders.c.attempt_count)
+            )
+            meta["attempt_number"] = int(number or 0)
+            self._schedule(
+                conn,
+                merchant_id,
+                order_id,
+                ActionKind.RETRY,
+                due,
+                f"{merchant_id}:{order_id}:retry:{decision.decision_id}",
+                now,
+                payload=meta | {"strategy": str(decision.strategy), "connector": decision.connector},
+                decision_id=decision.decision_id,
+            )
+        elif decision.action == Action.RETARGET:
+            self._schedule(
+                conn,
+                merchant_id,
+                order_id,
+                ActionKind.NUDGE,
+                due,
+                f"{merchant_id}:{order_id}:nudge:{decision.decision_id}",
+                now,
+                payload=meta | {"channel": str(decision.channel)},
+                decision_id=decision.decision_id,
+            )
+        else:
+            self._close(conn, order, now)
+
+    def _live_link_expiry(self, conn: sa.Connection, order: RowMapping, now: datetime) -> datetime | None:
+        latest = conn.scalar(
+            sa.select(sa.func.max(payment_links.c.expires_at)).where(
+                payment_links.c.merchant_id == order["merchant_id"],
+                payment_links.c.order_id == order["order_id"],
+                payment_links.c.used_at.is_(None),
+                payment_links.c.expires_at > now,
+            )
+        )
+        return as_utc_or_none(latest)
+
+    def _close(self, conn: sa.Connection, order: RowMapping, now: datetime) -> None:
+        """Stop: fail the order now, or when the last live payment link expires (the customer may still pay)."""
+        expiry = self._live_link_expiry(conn, order, now)
+        if expiry is not None:
+            key = f"{order['merchant_id']}:{order['order_id']}:close:{expiry.isoformat()}"
+            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, expiry, key, now)
+            return
+        self._fail(conn, order, now)
+
+    # ------------------------------------------------------------------------------- terminal states
+
+    def _cancel_open(self, conn: sa.Connection, order: RowMapping, now: datetime) -> None:
+        conn.execute(
+            actions.update()
+            .where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.state.in_(OPEN_ACTION_STATES),
+                actions.c.kind != ActionKind.WEBHOOK.value,
+            )
+            .values(state=ActionState.CANCELLED.value, claim_token=None, updated_at=now)
+        )
+        if order["mode"] == "assisted":
+            conn.execute(
+                agent_queue.update()
+                .where(
+                    agent_queue.c.merchant_id == order["merchant_id"],
+                    agent_queue.c.order_id == order["order_id"],
+                    agent_queue.c.state == "pending",
+                )
+                .values(state="superseded", acted_at=now)
+            )
+
+    def _terminal(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        state: Literal[OrderState.SUCCEEDED, OrderState.FAILED],
+        txn_id: str | None,
+        occurred_at: datetime,
+        now: datetime,
+    ) -> bool:
+        changed = conn.execute(
+            orders.update()
+            .where(
+                orders.c.merchant_id == order["merchant_id"],
+                orders.c.order_id == order["order_id"],
+                orders.c.state.in_(OPEN_ORDER_STATES),
+            )
+            .values(
+                state=state.value,
+                success_txn_id=txn_id if state == OrderState.SUCCEEDED else None,
+                closed_at=occurred_at,
+                updated_at=now,
+            )
+        ).rowcount
+        if changed != 1:
+            return False
+        self._cancel_open(conn, order, now)
+        self._enqueue_webhook(conn, order, state, txn_id, occurred_at, now)
+        log.info(
+            "order %s", state.value.lower(), extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]}
+        )
+        return True
+
+    def _succeed(
+        self, conn: sa.Connection, order: RowMapping, txn_id: str, occurred_at: datetime, now: datetime
+    ) -> bool:
+        return self._terminal(conn, order, OrderState.SUCCEEDED, txn_id, occurred_at, now)
+
+    def _fail(self, conn: sa.Connection, order: RowMapping, now: datetime) -> bool:
+        last_txn = conn.scalar(
+            sa.select(transactions.c.txn_id)
+            .where(transactions.c.merchant_id == order["merchant_id"], transactions.c.order_id == order["order_id"])
+            .order_by(transactions.c.attempt_number.desc())
+            .limit(1)
+        )
+        return self._terminal(conn, order, OrderState.FAILED, last_txn, now, now)
+
+    def _enqueue_webhook(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        state: OrderState,
+        txn_id: str | None,
+        occurred_at: datetime,
+        now: datetime,
+    ) -> None:
+        merchant = self.merchant(order["merchant_id"])
+        if merchant.webhook is None:
+            return
+        attempts = [
+            {
+                "txn_id": row.txn_id,
+                "attempt_number": row.attempt_number,
+                "processor_payment_id": row.processor_payment_id,
+                "strategy": row.strategy,
+                "connector": row.connector,
+                "status": row.status,
+                "error_code": row.error_code,
+                "created_at": as_utc(row.created_at).isoformat(),
+            }
+            for row in conn.execute(
+                sa.select(transactions)
+                .where(transactions.c.merchant_id == order["merchant_id"], transactions.c.order_id == order["order_id"])
+                .order_by(transactions.c.attempt_number)
+            )
+        ]
+        event = "order.succeeded" if state == OrderState.SUCCEEDED else "order.failed"
+        body = {
+            "event": event,
+            "merchant_id": order["merchant_id"],
+            "order_id": order["order_id"],
+            "txn_id": txn_id,
+            "amount": order["amount"],
+            "currency": order["currency"],
+            "attempts": attempts,
+            "occurred_at": occurred_at.isoformat().replace("+00:00", "Z"),
+        }
+        conn.execute(
+            webhook_deliveries.insert().values(
+                merchant_id=order["merchant_id"],
+                order_id=order["order_id"],
+                event=event,
+                url=merchant.webhook.url,
+                body=_dump(body),
+                status="pending",
+                attempts=0,
+                created_at=now,
+            )
+        )
+        key = f"{order['merchant_id']}:{order['order_id']}:webhook"
+        self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.WEBHOOK, now, key, now)
+
+    # ---------------------------------------------------------------------------------- the worker side
+
+    def claim(self, limit: int, lease_seconds: float, worker_id: str, token: str) -> list[ActionRow]:
+        """Claim up to ``limit`` due actions (scheduled and due, or claimed with an expired lease)."""
+        now = self.clock()
+        lease_until = now + timedelta(seconds=lease_seconds)
+        due = sa.and_(actions.c.state.in_(OPEN_ACTION_STATES), actions.c.due_at <= now)
+        values = {
+            "state": ActionState.CLAIMED.value,
+            "due_at": lease_until,
+            "claim_token": token,
+            "claimed_by": worker_id,
+            "attempts": actions.c.attempts + 1,
+            "updated_at": now,
+        }
+        with self.engine.begin() as conn:
+            if is_postgres(self.engine):
+                pick = (
+                    sa.select(actions.c.action_id)
+                    .where(due)
+                    .order_by(actions.c.due_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+                rows = (
+                    conn.execute(
+                        actions.update().where(actions.c.action_id.in_(pick)).values(**values).returning(actions)
+                    )
+                    .mappings()
+                    .all()
+                )
+            else:
+                ids = list(
+                    conn.scalars(sa.select(actions.c.action_id).where(due).order_by(actions.c.due_at).limit(limit))
+                )
+                if not ids:
+                    return []
+                conn.execute(actions.update().where(actions.c.action_id.in_(ids)).values(**values))
+                rows = conn.execute(sa.select(actions).where(actions.c.action_id.in_(ids))).mappings().all()
+            claimed = [ActionRow.of(row) for row in rows]
+            self._reserve_attempt_numbers(conn, claimed)
+        return sorted(claimed, key=lambda a: (a.due_at, a.action_id))
+
+    def _reserve_attempt_numbers(self, conn: sa.Connection, claimed: list[ActionRow]) -> None:
+        # The processor payment id <order_id>_<n> must not change when an action is re-sent after a crash, so
+        # n is fixed (and stored with the action) in the transaction that first claims it.
+        for index, action in enumerate(claimed):
+            if action.kind != ActionKind.RETRY or "attempt_number" in action.payload:
+                continue
+            number = conn.scalar(
+                orders.update()
+                .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
+                .values(attempt_count=orders.c.attempt_count + 1)
+                .returning(orders.c.attempt_count)
+            )
+            payload = action.payload | {"attempt_number": int(number or 0)}
+            conn.execute(
+                actions.update().where(actions.c.action_id == action.action_id).values(payload_json=_dump(payload))
+            )
+            claimed[index] = ActionRow(**{**action.__dict__, "payload": payload})
+
+    def orders_of(self, conn: sa.Connection, batch: Sequence[ActionRow]) -> dict[tuple[str, str], RowMapping]:
+        """The orders of a batch of actions, by (merchant_id, order_id)."""
+        keys = list({(a.merchant_id, a.order_id) for a in batch})
+        found: dict[tuple[str, str], RowMapping] = {}
+        for start in range(0, len(keys), 200):
+            chunk = keys[start : start + 200]
+            query = sa.select(orders).where(sa.tuple_(orders.c.merchant_id, orders.c.order_id).in_(chunk))
+            for row in conn.execute(query).mappings():
+                found[(row["merchant_id"], row["order_id"])] = row
+        return found
+
+    def complete(self, conn: sa.Connection, action: ActionRow, outcome: Outcome) -> None:
+        """Record ``outcome`` of a claimed action and settle the action, in the caller's transaction.
+
+        Raises StaleClaimError (changing nothing) when the action is no longer held with this claim token.
+        """
+        now = self.clock()
+        if isinstance(outcome, Transient):
+            self._retry_later(conn, action, outcome.error, now)
+            return
+        if isinstance(outcome, Defer):
+            self._release(
+                conn, action, ActionState.SCHEDULED, now, due_at=outcome.until, error=outcome.reason, refund=True
+            )
+            return
+        if isinstance(outcome, Permanent):
+            self._release(conn, action, ActionState.DEAD, now, error=outcome.error)
+            self._dead(conn, action, outcome.error, now)
+            return
+        if isinstance(outcome, Skip):
+            self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
+            return
+        self._release(conn, action, ActionState.DONE, now)
+        order = self._lock_order(conn, action.merchant_id, action.order_id)
+        if order is None:
+            return
+        if isinstance(outcome, Charged):
+            self._record_attempt(conn, order, action, outcome.result, now)
+        elif isinstance(outcome, Sent):
+            self._record_nudge(conn, order, action, outcome, now)
+        elif isinstance(outcome, NotSent):
+            self._record_unsent(
+                conn, order, action, outcome.nudge_id, outcome.channel, outcome.template_id, outcome.error, now
+            )
+        elif isinstance(outcome, Delivered):
+            conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    webhook_deliveries.c.merchant_id == action.merchant_id,
+                    webhook_deliveries.c.order_id == action.order_id,
+                )
+                .values(
+                    status="delivered",
+                    delivered_at=now,
+                    last_status_code=outcome.status_code,
+                    attempts=webhook_deliveries.c.attempts + 1,
+                )
+            )
+        elif isinstance(outcome, Replan) or action.kind == ActionKind.FOLLOW_UP:
+            self._decision_point(conn, order, now)
+        elif action.kind == ActionKind.CLOSE:
+            self._on_close(conn, order, action, now)
+
+    def _release(
+        self,
+        conn: sa.Connection,
+        action: ActionRow,
+        state: ActionState,
+        now: datetime,
+        *,
+        due_at: datetime | None = None,
+        error: str | None = None,
+        refund: bool = False,
+    ) -> None:
+        values: dict[str, Any] = {"state": state.value, "claim_token": None, "updated_at": now, "last_error": error}
+        if due_at is not None:
+            values["due_at"] = due_at
+        if refund:
+            values["attempts"] = actions.c.attempts - 1
+        changed = conn.execute(
+            actions.update()
+            .where(
+                actions.c.action_id == action.action_id,
+                actions.c.state == ActionState.CLAIMED.value,
+                actions.c.claim_token == action.claim_token,
+            )
+            .values(**values)
+        ).rowcount
+        if changed != 1:
+            raise StaleClaimError(f"action {action.action_id} ({action.kind}) is no longer held by this claim")
+
+    def _retry_later(self, conn: sa.Connection, action: ActionRow, error: str, now: datetime) -> None:
+        if action.attempts >= self.retry_policy.limit(action.kind):
+            message = f"gave up after {action.attempts} tries: {error}"
+            self._release(conn, action, ActionState.DEAD, now, error=message)
+            self._dead(conn, action, message, now)
+            return
+        due = now + self.retry_policy.delay(action.attempts)
+        self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=error)
+        if action.kind == ActionKind.WEBHOOK:
+            conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    webhook_deliveries.c.merchant_id == action.merchant_id,
+                    webhook_deliveries.c.order_id == action.order_id,
+                )
+                .values(attempts=webhook_deliveries.c.attempts + 1, last_error=error)
+            )
+
+    def _dead(self, conn: sa.Connection, action: ActionRow, error: str, now: datetime) -> None:
+        log.error(
+            "action dead-lettered: %s",
+            error,
+            extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
+        )
+        if action.kind == ActionKind.WEBHOOK:
+            conn.execute(
+                webhook_deliveries.update()
+                .where(
+                    webhook_deliveries.c.merchant_id == action.merchant_id,
+                    webhook_deliveries.c.order_id == action.order_id,
+                )
+                .values(status="dead", last_error=error, attempts=webhook_deliveries.c.attempts + 1)
+            )
+        elif action.kind == ActionKind.NUDGE:
+            order = self._lock_order(conn, action.merchant_id, action.order_id)
+            if order is not None:
+                channel = str(action.payload.get("channel"))
+                nudge_id = nudge_id_for(action.idempotency_key)
+                self._record_unsent(conn, order, action, nudge_id, channel, "payment_link", error, now)
+        # A dead retry or link payment leaves its order open: whether the charge happened is unknown, so no
+        # new attempt is made on top of it; the order's window-end CLOSE fails it unless an operator acts.
+
+    def _record_attempt(
+        self, conn: sa.Connection, order: RowMapping, action: ActionRow, result: ChargeResult, now: datetime
+    ) -> None:
+        number = int(action.payload["attempt_number"])
+        txn_id = txn_id_for(action.idempotency_key)
+        strategy = (
+            Strategy.RETARGET_LINK.value if action.kind == ActionKind.LINK_PAYMENT else str(action.payload["strategy"])
+        )
+        conn.execute(
+            transactions.insert().values(
+                txn_id=txn_id,
+                merchant_id=action.merchant_id,
+                order_id=action.order_id,
+                attempt_number=number,
+                processor_payment_id=f"{action.order_id}_{number}",
+                strategy=strategy,
+                connector=result.connector,
+                status=result.status,
+                error_code=result.error_code,
+                error_message=result.error_message,
+                network_decline_code=result.network_decline_code,
+                merchant_advice_code=result.merchant_advice_code,
+                unified_code=result.unified_code,
+                decision_id=action.decision_id,
+                propensity=action.payload.get("propensity"),
+                nudge_id=action.payload.get("nudge_id"),
+                idempotency_key=action.idempotency_key,
+                created_at=now,
+            )
+        )
+        if action.kind == ActionKind.LINK_PAYMENT:
+            conn.execute(
+                payment_links.update()
+                .where(payment_links.c.token_id == action.payload["token_id"])
+                .values(txn_id=txn_id)
+            )
+        if result.status == "success":
+            if order["state"] not in OPEN_ORDER_STATES:
+                log.error(
+                    "attempt %s succeeded on an order already %s: a refund may be needed",
+                    txn_id,
+                    order["state"],
+                    extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+                )
+                return
+            self._succeed(conn, order, txn_id, now, now)
+            return
+        failure = {
+            "connector": result.connector,
+            "error_code": result.error_code,
+            "error_message": result.error_message,
+            "network_decline_code": result.network_decline_code,
+            "merchant_advice_code": result.merchant_advice_code,
+            "unified_code": result.unified_code,
+        }
+        conn.execute(
+            orders.update()
+            .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
+            .values(failure_json=_dump(failure), updated_at=now)
+        )
+        fresh = self._lock_order(conn, action.merchant_id, action.order_id)
+        if fresh is not None and fresh["state"] == OrderState.PENDING:
+            self._decision_point(conn, fresh, now)
+
+    def _record_nudge(
+        self, conn: sa.Connection, order: RowMapping, action: ActionRow, sent: Sent, now: datetime
+    ) -> None:
+        conn.execute(
+            nudges.insert().values(
+                nudge_id=sent.nudge_id,
+                merchant_id=action.merchant_id,
+                order_id=action.order_id,
+                channel=sent.channel,
+                template_id=sent.template_id,
+                sent_at=now,
+                status="accepted",
+                delivered=True,
+                provider_message_id=sent.provider_message_id,
+                decision_id=action.decision_id,
+                propensity=action.payload.get("propensity"),
+                idempotency_key=action.idempotency_key,
+            )
+        )
+        conn.execute(
+            payment_links.insert().values(
+                token_id=sent.token_id,
+                merchant_id=action.merchant_id,
+                order_id=action.order_id,
+                nudge_id=sent.nudge_id,
+                expires_at=sent.expires_at,
+                created_at=now,
+            )
+        )
+        conn.execute(
+            orders.update()
+            .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
+            .values(nudge_count=orders.c.nudge_count + 1, updated_at=now)
+        )
+        follow_up = now + timedelta(hours=NUDGE_FOLLOW_UP_HOURS)
+        self._schedule(
+            conn,
+            action.merchant_id,
+            action.order_id,
+            ActionKind.FOLLOW_UP,
+            follow_up,
+            f"{action.merchant_id}:{action.order_id}:follow_up:{sent.nudge_id}",
+            now,
+            payload={"nudge_id": sent.nudge_id},
+        )
+
+    def _record_unsent(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        action: ActionRow,
+        nudge_id: str,
+        channel: str,
+        template_id: str,
+        error: str,
+        now: datetime,
+    ) -> None:
+        conn.execute(
+            nudges.insert().values(
+                nudge_id=nudge_id,
+                merchant_id=action.merchant_id,
+                order_id=action.order_id,
+                channel=channel,
+                template_id=template_id,
+                sent_at=now,
+                status="rejected",
+                delivered=False,
+                error=error[:2000],
+                decision_id=action.decision_id,
+                propensity=action.payload.get("propensity"),
+                idempotency_key=action.idempotency_key,
+            )
+        )
+        # The undelivered nudge is in the history now (it counts against max_nudges): decide again.
+        self._decision_point(conn, order, now)
+
+    def _on_close(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> None:
+        if order["state"] not in OPEN_ORDER_STATES:
+            return
+        in_flight = conn.scalar(
+            sa.select(sa.func.min(actions.c.due_at)).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.state == ActionState.CLAIMED.value,
+                actions.c.kind.in_([ActionKind.RETRY.value, ActionKind.LINK_PAYMENT.value]),
+                actions.c.action_id != action.action_id,
+            )
+        )
+        wait_until = as_utc(in_flight) if in_flight is not None else self._live_link_expiry(conn, order, now)
+        if wait_until is not None:
+            key = f"{order['merchant_id']}:{order['order_id']}:close:{wait_until.isoformat()}"
+            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, wait_until, key, now)
+            return
+        self._fail(conn, order, now)
+
+    # ----------------------------------------------------------------------------------- payment links
+
+    def new_link(
+        self, merchant_id: str, order_id: str, idempotency_key: str, now: datetime
+    ) -> tuple[str, str, datetime]:
+        """(token_id, token, expires_at) of the link a nudge action sends (token_id stable across re-sends)."""
+        merchant = self.merchant(merchant_id)
+        token_id = "lnk_" + _short_hash("link", idempotency_key)
+        expires_at = now + timedelta(hours=merchant.retarget.link_ttl_hours)
+        token = self.links.issue(LinkClaims(token_id, merchant_id, order_id, expires_at))
+        return token_id, token, expires_at
+
+    def _link(self, conn: sa.Connection, claims: LinkClaims) -> RowMapping:
+        query = sa.select(payment_links).where(payment_links.c.token_id == claims.token_id)
+        if is_postgres(self.engine):
+            query = query.with_for_update()
+        link = conn.execute(query).mappings().first()
+        if link is None or link["merchant_id"] != claims.merchant_id or link["order_id"] != claims.order_id:
+            raise tampered()
+        if link["used_at"] is not None:
+            raise LinkError(
+                409, "This link was already used", "this payment link was already used; each link pays once"
+            )
+        return link
+
+    def _link_order(self, conn: sa.Connection, claims: LinkClaims) -> RowMapping:
+        order = self._lock_order(conn, claims.merchant_id, claims.order_id)
+        if order is None:
+            raise tampered()
+        if order["state"] == OrderState.SUCCEEDED:
+            raise LinkError(
+                409, "This order is already paid", f"order {claims.order_id} is already paid; nothing to do"
+            )
+        if order["state"] == OrderState.FAILED:
+            raise LinkError(410, "This order is closed", f"order {claims.order_id} is closed and can no longer be paid")
+        return order
+
+    def open_link(self, token: str) -> LinkPage:
+        """Verify a link for the payment page and note the click (LinkError with the page's status otherwise)."""
+        now = self.clock()
+        claims = self.links.verify(token, now)
+        with self.engine.begin() as conn:
+            link = self._link(conn, claims)
+            order = self._link_order(conn, claims)
+            if link["opened_at"] is None:
+                conn.execute(
+                    payment_links.update().where(payment_links.c.token_id == claims.token_id).values(opened_at=now)
+                )
+                if link["nudge_id"] is not None:
+                    conn.execute(
+                        nudges.update()
+                        .where(nudges.c.nudge_id == link["nudge_id"], nudges.c.clicked_at.is_(None))
+                        .values(clicked_at=now)
+                    )
+        return LinkPage(
+            token_id=claims.token_id,
+            merchant_id=claims.merchant_id,
+            order_id=claims.order_id,
+            amount=float(order["amount"]),
+            currency=str(order["currency"]),
+            state=str(order["state"]),
+            expires_at=claims.expires_at,
+        )
+
+    def start_link_payment(self, token: str, lease_seconds: float, holder: str, claim_token: str) -> LinkPayment:
+        """Use up a link and claim the payment attempt it makes (performed by the caller right away).
+
+        If the caller dies before recording the answer, a worker re-sends the same attempt (same idempotency
+        key, same payment id) once the lease runs out.
+        """
+        now = self.clock()
+        claims = self.links.verify(token, now)
+        with self.engine.begin() as conn:
+            link = self._link(conn, claims)
+            order = self._link_order(conn, claims)
+            conn.execute(payment_links.update().where(payment_links.c.token_id == claims.token_id).values(used_at=now))
+            if link["opened_at"] is None:
+                conn.execute(
+                    payment_links.update().where(payment_links.c.token_id == claims.token_id).values(opened_at=now)
+                )
+            number = int(order["attempt_count"]) + 1
+            conn.execute(
+                orders.update()
+                .where(orders.c.merchant_id == claims.merchant_id, orders.c.order_id == claims.order_id)
+                .values(attempt_count=number, updated_at=now)
+            )
+            request = orjson.loads(order["request_json"])
+            connectors = request.get("available_connectors") or self.merchant(claims.merchant_id).connectors
+            payload = {
+                "attempt_number": number,
+                "connector": connectors[0],
+                "strategy": Strategy.RETARGET_LINK.value,
+                "token_id": claims.token_id,
+                "nudge_id": link["nudge_id"],
+            }
+            key = f"{claims.merchant_id}:{claims.order_id}:link:{claims.token_id}"
+            conn.execute(
+                actions.insert().values(
+                    merchant_id=claims.merchant_id,
+                    order_id=claims.order_id,
+                    kind=ActionKind.LINK_PAYMENT.value,
+                    state=ActionState.CLAIMED.value,
+                    due_at=now + timedelta(seconds=lease_seconds),
+                    planned_at=now,
+                    attempts=1,
+                    claim_token=claim_token,
+                    claimed_by=holder,
+                    idempotency_key=key,
+                    payload_json=_dump(payload),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            row = conn.execute(sa.select(actions).where(actions.c.idempotency_key == key)).mappings().one()
+        return LinkPayment(action=ActionRow.of(row))
+
+    def order_state(self, merchant_id: str, order_id: str) -> str | None:
+        """The order's state, or None when unknown."""
+        with self.engine.connect() as conn:
+            state = conn.scalar(
+                sa.select(orders.c.state).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+            )
+        return None if state is None else str(state)
+
+    # -------------------------------------------------------------------------------- assisted mode
+
+    def act_on_queued(self, order_id: str, action: str, agent: str, reason: str, merchant_id: str | None = None) -> str:
+        """An agent acts on the decision queued for an order: ``approve`` carries it out, ``reject`` stops.
+
+        Returns the order's new state. AgentQueueError when nothing is pending for the order or the action
+        is unknown; OrderNotFoundError for an unknown order.
+        """
+        if action not in {"approve", "reject"}:
+            raise AgentQueueError(f"unknown agent action {action!r}: use 'approve' or 'reject'")
+        now = self.clock()
+        with self.engine.begin() as conn:
+            query = sa.select(agent_queue).where(agent_queue.c.order_id == order_id, agent_queue.c.state == "pending")
+            if merchant_id is not None:
+                query = query.where(agent_queue.c.merchant_id == merchant_id)
+            item = conn.execute(query.order_by(agent_queue.c.item_id.desc()).limit(1)).mappings().first()
+            if item is None:
+                raise AgentQueueError(f"order {order_id!r} has no decision waiting for an agent")
+            order = self._lock_order(conn, item["merchant_id"], order_id)
+            if order is None:
+                raise OrderNotFoundError(f"order {order_id!r} is not known")
+            conn.execute(
+                agent_queue.update()
+                .where(agent_queue.c.item_id == item["item_id"])
+                .values(
+                    state="approved" if action == "approve" else "rejected", agent=agent, reason=reason, acted_at=now
+                )
+            )
+            if order["state"] == OrderState.AWAITING_AGENT:
+                self._set_state(conn, order, OrderState.PENDING, now)
+                order = self._lock_order(conn, item["merchant_id"], order_id)
+                assert order is not None
+                if action == "approve":
+                    self._carry_out(conn, order, Decision.model_validate_json(item["decision_json"]), now)
+                else:
+                    self._close(conn, order, now)
+            state = conn.scalar(
+                sa.select(orders.c.state).where(
+                    orders.c.merchant_id == item["merchant_id"], orders.c.order_id == order_id
+                )
+            )
+        return str(state)
+
+    # ------------------------------------------------------------------------- opt-outs and receipts
+
+    def opt_out(self, merchant_id: str, customer_id: str, channel: Channel) -> int:
+        """The customer opted out of ``channel`` (e.g. replied STOP): future decisions respect it and nudges
+        still scheduled on that channel for the customer's open orders are cancelled. Returns orders touched."""
+        now = self.clock()
+        touched = 0
+        with self.engine.begin() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(orders).where(
+                        orders.c.merchant_id == merchant_id,
+                        orders.c.customer_id == customer_id,
+                        orders.c.state.in_(OPEN_ORDER_STATES),
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            for order in rows:
+                request = orjson.loads(order["request_json"])
+                opted = set(request["customer"].get("opted_out_channels") or [])
+                opted.add(channel.value)
+                request["customer"]["opted_out_channels"] = sorted(opted)
+                conn.execute(
+                    orders.update()
+                    .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order["order_id"])
+                    .values(request_json=_dump(request), updated_at=now)
+                )
+                scheduled = conn.execute(
+                    sa.select(actions.c.action_id, actions.c.payload_json).where(
+                        actions.c.merchant_id == merchant_id,
+                        actions.c.order_id == order["order_id"],
+                        actions.c.kind == ActionKind.NUDGE.value,
+                        actions.c.state == ActionState.SCHEDULED.value,
+                    )
+                ).all()
+                for action_id, payload_json in scheduled:
+                    if orjson.loads(payload_json).get("channel") == channel.value:
+                        conn.execute(
+                            actions.update()
+                            .where(actions.c.action_id == action_id)
+                            .values(state=ActionState.CANCELLED.value, last_error="customer opted out", updated_at=now)
+                        )
+                        fresh = self._lock_order(conn, merchant_id, order["order_id"])
+                        if fresh is not None:
+                            self._decision_point(conn, fresh, now)
+                touched += 1
+        return touched
+
+    def record_receipt(self, provider_message_id: str, delivered: bool) -> bool:
+        """A provider's delivery receipt for a nudge; True when a nudge matched."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                nudges.update().where(nudges.c.provider_message_id == provider_message_id).values(delivered=delivered)
+            ).rowcount
+        return bool(changed)

@@ -1,0 +1,317 @@
+"""Performing the side effects of claimed actions: charges through connectors, nudges through channels, and
+merchant webhooks. Nothing here writes to the database; every call carries the action's idempotency key, and
+the answer comes back as an ``Outcome`` that ``Executor.complete`` records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy import RowMapping
+
+from model.catalog import ErrorCatalog
+from model.merchant_config import MerchantConfig, QuietHours
+from model.rules import Candidate, Rule, build_context, check
+from model.vocab import Action, Channel
+from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
+from service.executor.connectors import ChargeRequest, Connector, ConnectorRegistry, PermanentError, TransientError
+from service.executor.core import (
+    ActionRow,
+    Charged,
+    Defer,
+    Delivered,
+    Executor,
+    NoEffect,
+    NotSent,
+    Outcome,
+    Permanent,
+    Replan,
+    Sent,
+    Skip,
+    Transient,
+    nudge_id_for,
+)
+from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, webhook_deliveries
+from service.executor.webhooks import post_webhook
+
+log = logging.getLogger("winback.executor")
+
+T = TypeVar("T")
+#: Template of the payment-link message (per merchant, channel and locale in the channels' template folder).
+PAYMENT_LINK_TEMPLATE = "payment_link"
+#: Customer request fields (extras of ``customer``) that carry the address of each channel.
+ADDRESS_FIELDS: dict[Channel, tuple[str, ...]] = {
+    Channel.SMS: ("phone",),
+    Channel.WHATSAPP: ("whatsapp", "phone"),
+    Channel.EMAIL: ("email",),
+    Channel.PUSH: ("device_token", "push_token"),
+}
+
+AdapterFactory = Callable[[str, MerchantConfig, httpx.AsyncClient], Mapping[Channel, ChannelAdapter]]
+
+
+def _default_adapters(
+    merchant_id: str, merchant: MerchantConfig, http: httpx.AsyncClient
+) -> Mapping[Channel, ChannelAdapter]:
+    from service.executor.channels.base import build_adapters
+
+    return build_adapters(merchant_id, merchant, os.environ, http)
+
+
+def _inside(minute: int, start: int, end: int) -> bool:
+    return start <= minute < end if start < end else (minute >= start or minute < end)
+
+
+def quiet_hours_end(quiet: QuietHours, moment: datetime) -> datetime | None:
+    """None when ``moment`` is outside the quiet hours, else the first instant after them (DST-safe)."""
+    start, end = quiet.start_minute, quiet.end_minute
+    zone = ZoneInfo(quiet.timezone)
+
+    def minute(instant: datetime) -> int:
+        local = instant.astimezone(zone)
+        return local.hour * 60 + local.minute
+
+    if start == end or not _inside(minute(moment), start, end):
+        return None
+    # Step through instants, not wall-clock times: a DST change makes local arithmetic skip or repeat an hour.
+    probe = moment.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    for _ in range(26 * 60):
+        if not _inside(minute(probe), start, end):
+            return probe
+        probe += timedelta(minutes=1)
+    return probe  # pragma: no cover - a quiet window always ends within a day
+
+
+class Effects:
+    """Performs claimed actions. One per process: holds connectors (with their breakers), channel adapters,
+    an HTTP client for webhooks and an event loop for the async channel adapters."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        connectors: ConnectorRegistry,
+        catalog: ErrorCatalog,
+        public_base_url: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        adapters: AdapterFactory | None = None,
+        webhook_client: httpx.Client | None = None,
+    ) -> None:
+        self.executor = executor
+        self.connectors = connectors
+        self.catalog = catalog
+        self.public_base_url = public_base_url.rstrip("/")
+        self.env = env if env is not None else os.environ
+        self.adapter_factory = adapters or _default_adapters
+        self.webhook_client = webhook_client or httpx.Client(timeout=httpx.Timeout(10.0))
+        self._adapters: dict[str, Mapping[Channel, ChannelAdapter]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    # ------------------------------------------------------------------------------------ async bridge
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coroutine)
+
+    def adapters(self, merchant_id: str) -> Mapping[Channel, ChannelAdapter]:
+        """The merchant's channel adapters, built on first use (ChannelError names a misconfiguration)."""
+        found = self._adapters.get(merchant_id)
+        if found is None:
+            if self._http is None:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+            found = self.adapter_factory(merchant_id, self.executor.merchant(merchant_id), self._http)
+            self._adapters[merchant_id] = found
+        return found
+
+    def close(self) -> None:
+        """Release HTTP clients and the event loop."""
+        self.webhook_client.close()
+        self.connectors.close()
+        if self._http is not None:
+            self._run(self._http.aclose())
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    # --------------------------------------------------------------------------------------- dispatch
+
+    def perform(self, action: ActionRow, order: RowMapping | None) -> Outcome:
+        """Perform one claimed action; never raises (every failure becomes an Outcome)."""
+        try:
+            if action.kind == ActionKind.WEBHOOK:
+                return self._webhook(action)
+            if order is None:
+                return Skip(f"order {action.order_id!r} is not known")
+            if action.kind in (ActionKind.FOLLOW_UP, ActionKind.CLOSE):
+                return NoEffect()
+            if order["state"] != OrderState.PENDING and not (
+                action.kind == ActionKind.LINK_PAYMENT and order["state"] in OPEN_ORDER_STATES
+            ):
+                return Skip(f"order is {order['state']}")
+            if action.kind in (ActionKind.RETRY, ActionKind.LINK_PAYMENT):
+                return self._charge(action, order)
+            if action.kind == ActionKind.NUDGE:
+                return self._nudge(action, order)
+            return Permanent(f"unknown action kind {action.kind!r}")
+        except Exception as exc:  # a bug or an unexpected library error: retried, then dead-lettered
+            log.exception("performing %s action %s failed", action.kind, action.action_id)
+            return Transient(f"{type(exc).__name__}: {exc}")
+
+    # ---------------------------------------------------------------------------------------- charges
+
+    def connector(self, merchant_id: str, name: str) -> Connector:
+        """The connector for a merchant's connector name."""
+        return self.connectors.get(merchant_id, name)
+
+    def _charge(self, action: ActionRow, order: RowMapping) -> Outcome:
+        now = self.executor.clock()
+        try:
+            connector = self.connector(action.merchant_id, str(action.payload["connector"]))
+        except PermanentError as exc:
+            return Permanent(str(exc))
+        context = None
+        if getattr(connector, "wants_context", False):
+            with self.executor.engine.connect() as conn:
+                context = self.executor.request_for(conn, order, now)
+        request = ChargeRequest(
+            idempotency_key=action.idempotency_key,
+            merchant_id=action.merchant_id,
+            order_id=action.order_id,
+            attempt_number=int(action.payload["attempt_number"]),
+            amount=float(order["amount"]),
+            currency=str(order["currency"]),
+            strategy=str(action.payload["strategy"]),
+            connector=str(action.payload["connector"]),
+            execute_at=now,
+            context=context,
+        )
+        try:
+            result = connector.charge(request)
+        except TransientError as exc:
+            return Transient(str(exc))
+        except PermanentError as exc:
+            return Permanent(str(exc))
+        return Charged(result)
+
+    # ----------------------------------------------------------------------------------------- nudges
+
+    def _nudge(self, action: ActionRow, order: RowMapping) -> Outcome:
+        now = self.executor.clock()
+        merchant = self.executor.merchant(action.merchant_id)
+        channel = Channel(str(action.payload["channel"]))
+        with self.executor.engine.connect() as conn:
+            request = self.executor.request_for(conn, order, now)
+        # The hard rules again, at the moment of sending: the decision may be hours old.
+        verdict = check(
+            build_context(request, merchant, self.catalog),
+            Candidate(action=Action.RETARGET, execute_at=now, channel=channel),
+        )
+        if not verdict.allowed:
+            if set(verdict.broken) == {Rule.QUIET_HOURS.value}:
+                until = quiet_hours_end(merchant.retarget.quiet_hours, now)
+                if until is not None:
+                    return Defer(until, "quiet hours")
+            else:
+                return Replan("not allowed now: " + ", ".join(verdict.broken))
+        nudge_id = nudge_id_for(action.idempotency_key)
+        address = self._address(request.customer.model_extra or {}, channel)
+        if address is None:
+            return NotSent(
+                nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, f"no {channel.value} address for the customer"
+            )
+        try:
+            adapter = self.adapters(action.merchant_id).get(channel)
+        except ChannelError as exc:
+            return Permanent(str(exc))
+        if adapter is None:
+            return NotSent(
+                nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, f"merchant has no provider for {channel.value}"
+            )
+        token_id, token, expires_at = self.executor.new_link(
+            action.merchant_id, action.order_id, action.idempotency_key, now
+        )
+        message = OutboundMessage(
+            idempotency_key=action.idempotency_key,
+            merchant_id=action.merchant_id,
+            order_id=action.order_id,
+            nudge_id=nudge_id,
+            channel=channel,
+            to=address,
+            template_id=PAYMENT_LINK_TEMPLATE,
+            locale=str((request.customer.model_extra or {}).get("locale") or "en"),
+            variables={
+                "amount": f"{float(order['amount']):.2f}",
+                "currency": str(order["currency"]),
+                "link_url": f"{self.public_base_url}/pay/{token}",
+                "merchant_name": action.merchant_id,
+                "order_id": action.order_id,
+                "expires_at": expires_at.isoformat(),
+            },
+        )
+        result = self._run(adapter.send(message))
+        if result.status == "accepted":
+            return Sent(
+                nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.provider_message_id, token_id, expires_at
+            )
+        if result.status == "retryable":
+            return Transient(result.error or f"{channel.value} provider asked to try again")
+        return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
+
+    @staticmethod
+    def _address(customer: Mapping[str, Any], channel: Channel) -> str | None:
+        for name in ADDRESS_FIELDS[channel]:
+            value = customer.get(name)
+            if value:
+                return str(value)
+        return None
+
+    # --------------------------------------------------------------------------------------- webhooks
+
+    def _webhook(self, action: ActionRow) -> Outcome:
+        merchant = self.executor.merchant(action.merchant_id)
+        if merchant.webhook is None:
+            return Skip("the merchant has no webhook")
+        secret = self.env.get(merchant.webhook.secret_env)
+        if not secret:
+            return Permanent(
+                f"merchants.{action.merchant_id}.webhook.secret_env: environment variable "
+                f"{merchant.webhook.secret_env} is not set"
+            )
+        with self.executor.engine.connect() as conn:
+            delivery = (
+                conn.execute(
+                    sa.select(webhook_deliveries).where(
+                        webhook_deliveries.c.merchant_id == action.merchant_id,
+                        webhook_deliveries.c.order_id == action.order_id,
+                    )
+                )
+                .mappings()
+                .first()
+            )
+        if delivery is None:
+            return Skip("no webhook delivery recorded")
+        if delivery["status"] == "delivered":
+            return Skip("already acknowledged")
+        body = str(delivery["body"]).encode()
+        try:
+            response = post_webhook(
+                self.webhook_client, str(delivery["url"]), secret, body, int(time.time()), action.idempotency_key
+            )
+        except httpx.HTTPError as exc:
+            return Transient(f"webhook to {delivery['url']} failed: {type(exc).__name__}: {exc}")
+        if 200 <= response.status_code < 300:
+            return Delivered(response.status_code)
+        return Transient(f"webhook answered HTTP {response.status_code}", status_code=response.status_code)

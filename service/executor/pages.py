@@ -1,0 +1,43 @@
+"""The customer's payment-link pages (Jinja2, autoescaped; no script, no external assets)."""
+
+from __future__ import annotations
+
+import functools
+
+import jinja2
+
+_LAYOUT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title>
+<style>body{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem;color:#222}
+.card{border:1px solid #ddd;border-radius:.5rem;padding:1.5rem}.amount{font-size:2rem;margin:.5rem 0}
+button{font-size:1.1rem;padding:.7rem 1.5rem;border:0;border-radius:.4rem;background:#1a7f37;color:#fff}
+.muted{color:#666;font-size:.9rem}</style></head>
+<body><div class="card">{% block body %}{% endblock %}</div></body></html>"""
+
+_PAY = """{% extends "layout.html" %}{% block body %}
+<h1>Complete your payment</h1>
+<p class="muted">{{ merchant_id }} &middot; order {{ order_id }}</p>
+<p class="amount">{{ "%.2f"|format(amount) }} {{ currency }}</p>
+<form method="post" action="/pay/{{ token }}"><button type="submit" data-testid="pay">Pay now</button></form>
+<p class="muted">This link works once and expires {{ expires_at.strftime("%Y-%m-%d %H:%M") }} UTC.</p>
+{% endblock %}"""
+
+_MESSAGE = """{% extends "layout.html" %}{% block body %}
+<h1>{{ title }}</h1><p data-testid="message">{{ message }}</p>
+{% endblock %}"""
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The page templates, loaded once per process."""
+    return jinja2.Environment(
+        loader=jinja2.DictLoader({"layout.html": _LAYOUT, "pay.html": _PAY, "message.html": _MESSAGE}),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def render(name: str, **context: object) -> str:
+    """Render ``pay.html`` or ``message.html``."""
+    return environment().get_template(name).render(**context)

@@ -1,0 +1,206 @@
+"""The executor's HTTP surface (CONTRACT.md section 5), mounted by the decision API's ``create_app``.
+
+Events and the order view need the merchant's API key (the API's ``CallerDep``); the payment-link pages are
+for customers and need only the signed token. Handlers validate and hand over to the state machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
+
+from model.merchant_config import MerchantConfig
+from model.policy import decide
+from model.requests import Decision, DecisionRequest
+from service.api.deps import CallerDep, Runtime, RuntimeDep
+from service.executor.core import (
+    Charged,
+    Decider,
+    Executor,
+    IdempotencyConflictError,
+    OrderNotFoundError,
+    StaleClaimError,
+    Transient,
+)
+from service.executor.effects import Effects
+from service.executor.links import LinkError
+from service.executor.pages import render
+from service.executor.schemas import EventOut, OrderOut, PaymentFailedEvent, PaymentSucceededEvent
+from service.executor.settings import ExecutorSettings
+from service.executor.views import order_view
+
+log = logging.getLogger("winback.executor")
+
+router = APIRouter()
+
+
+@dataclass
+class ExecutorRuntime:
+    """The executor as the API process uses it: the state machine, and effects for link payments."""
+
+    executor: Executor
+    effects: Effects
+    settings: ExecutorSettings
+
+
+def api_decider(runtime: Runtime) -> Decider:
+    """decide() with the API's serving model (rules-only if the model fails on a request), counted in metrics."""
+
+    def decider(request: DecisionRequest, merchant: MerchantConfig) -> Decision:
+        served = runtime.holder.current
+        try:
+            decision = decide(
+                request, merchant, served.scorer, catalog=runtime.catalog, config=runtime.policy, rng=runtime.rng
+            )
+        except Exception:
+            if served.scorer is None:
+                raise
+            log.exception("model %s failed on a request; answered rules-only", served.version)
+            decision = decide(request, merchant, None, catalog=runtime.catalog, config=runtime.policy, rng=runtime.rng)
+        runtime.metrics.observe_decision(decision)
+        return decision
+
+    return decider
+
+
+def build_executor_runtime(runtime: Runtime, settings: ExecutorSettings | None = None) -> ExecutorRuntime:
+    """The executor over the API's database and config (built on the first executor request)."""
+    from service.executor.worker import build_effects, build_executor
+
+    settings = settings or ExecutorSettings(database_url=runtime.settings.database_url)
+    executor = build_executor(settings, runtime.config, api_decider(runtime))
+    return ExecutorRuntime(executor, build_effects(executor, settings, runtime.catalog), settings)
+
+
+def get_executor(request: Request, runtime: RuntimeDep) -> ExecutorRuntime:
+    """The app's executor runtime (tests may put one on ``app.state.executor`` beforehand)."""
+    found: ExecutorRuntime | None = getattr(request.app.state, "executor", None)
+    if found is None:
+        found = build_executor_runtime(runtime)
+        request.app.state.executor = found
+    return found
+
+
+ExecutorDep = Annotated[ExecutorRuntime, Depends(get_executor)]
+
+_EVENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or unknown API key"},
+    403: {"description": "the key belongs to another merchant"},
+    409: {"description": "the idempotency key was used with a different body"},
+}
+
+
+@router.post(
+    "/v1/events/payment-failed",
+    response_model=EventOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=_EVENT_ERRORS,
+    tags=["executor"],
+)
+async def payment_failed(body: PaymentFailedEvent, caller: CallerDep, runtime: ExecutorDep) -> EventOut:
+    """A payment failed: winback takes over the order (the same idempotency key again changes nothing)."""
+    caller.require(body.merchant_id)
+    try:
+        answer = await run_in_threadpool(
+            runtime.executor.payment_failed, caller.merchant_id, body.model_dump(mode="json")
+        )
+    except IdempotencyConflictError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    return EventOut(order_id=answer.order_id, state=answer.state)  # type: ignore[arg-type]
+
+
+@router.post(
+    "/v1/events/payment-succeeded",
+    response_model=EventOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**_EVENT_ERRORS, 404: {"description": "unknown order"}},
+    tags=["executor"],
+)
+async def payment_succeeded(body: PaymentSucceededEvent, caller: CallerDep, runtime: ExecutorDep) -> EventOut:
+    """The order succeeded elsewhere: cancel everything still scheduled for it."""
+    try:
+        answer = await run_in_threadpool(
+            runtime.executor.payment_succeeded, caller.merchant_id, body.model_dump(mode="json")
+        )
+    except IdempotencyConflictError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
+    except OrderNotFoundError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
+    return EventOut(order_id=answer.order_id, state=answer.state)  # type: ignore[arg-type]
+
+
+@router.get("/v1/orders/{order_id}", response_model=OrderOut, responses=_EVENT_ERRORS, tags=["executor"])
+async def get_order(order_id: str, caller: CallerDep, runtime: ExecutorDep) -> OrderOut:
+    """An order with its attempts, nudges, decisions, scheduled actions and webhook."""
+    view = await run_in_threadpool(order_view, runtime.executor.engine, caller.merchant_id, order_id)
+    if view is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"order {order_id!r} is not known")
+    return view
+
+
+def _message(status_code: int, title: str, message: str) -> HTMLResponse:
+    return HTMLResponse(render("message.html", title=title, message=message), status_code=status_code)
+
+
+@router.get("/pay/{token}", response_class=HTMLResponse, tags=["payment links"])
+async def pay_page(token: str, runtime: ExecutorDep) -> HTMLResponse:
+    """The customer's payment page: the order and a pay button."""
+    try:
+        page = await run_in_threadpool(runtime.executor.open_link, token)
+    except LinkError as exc:
+        return _message(exc.status_code, exc.title, str(exc))
+    except Exception:
+        log.exception("payment page failed")
+        return _message(500, "Something went wrong", "We could not open this payment link. Please try again later.")
+    return HTMLResponse(
+        render(
+            "pay.html",
+            title="Complete your payment",
+            token=token,
+            merchant_id=page.merchant_id,
+            order_id=page.order_id,
+            amount=page.amount,
+            currency=page.currency,
+            expires_at=page.expires_at,
+        )
+    )
+
+
+def _pay(runtime: ExecutorRuntime, token: str) -> tuple[int, str, str]:
+    settings = runtime.settings
+    started = runtime.executor.start_link_payment(token, settings.lease_seconds, "api", uuid.uuid4().hex)
+    action = started.action
+    with runtime.executor.engine.connect() as conn:
+        order = runtime.executor.orders_of(conn, [action]).get((action.merchant_id, action.order_id))
+    outcome = runtime.effects.perform(action, order)
+    try:
+        with runtime.executor.engine.begin() as conn:
+            runtime.executor.complete(conn, action, outcome)
+    except StaleClaimError:
+        pass  # a worker took the attempt over after our lease; it records the same answer
+    if isinstance(outcome, Charged) and outcome.result.status == "success":
+        return 200, "Payment received", f"Thank you: order {action.order_id} is paid."
+    if isinstance(outcome, Charged):
+        return 402, "Payment declined", "Your payment did not go through. We will be in touch with another way to pay."
+    if isinstance(outcome, Transient):
+        return 202, "Payment processing", "We are processing your payment and will confirm it shortly."
+    return 502, "Payment not possible", "We could not process this payment. Please contact the merchant."
+
+
+@router.post("/pay/{token}", response_class=HTMLResponse, tags=["payment links"])
+async def pay(token: str, runtime: ExecutorDep) -> HTMLResponse:
+    """Pay again: a new attempt on the same order through the connector; the link is used up."""
+    try:
+        code, title, message = await run_in_threadpool(_pay, runtime, token)
+    except LinkError as exc:
+        return _message(exc.status_code, exc.title, str(exc))
+    except Exception:
+        log.exception("link payment failed")
+        return _message(500, "Something went wrong", "We could not take this payment. Please try again later.")
+    return _message(code, title, message)

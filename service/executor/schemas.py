@@ -1,0 +1,117 @@
+"""Request and response schemas of the executor's HTTP surface (CONTRACT.md section 5)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.requests import AwareDatetime, DecisionRequest
+
+OrderStateName = Literal["PENDING", "SUCCEEDED", "FAILED", "AWAITING_AGENT"]
+
+
+class PaymentFailedEvent(DecisionRequest):
+    """A failed payment: a decision request (section 2) plus the caller's idempotency key."""
+
+    idempotency_key: str = Field(min_length=1, max_length=256)
+
+
+class PaymentSucceededEvent(BaseModel):
+    """The order succeeded outside winback; everything still scheduled for it is cancelled."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    order_id: str = Field(min_length=1, max_length=256)
+    txn_id: str = Field(min_length=1, max_length=64)
+    occurred_at: AwareDatetime
+    idempotency_key: str = Field(min_length=1, max_length=256)
+
+
+class EventOut(BaseModel):
+    """The answer to an event: the order and its state."""
+
+    order_id: str
+    state: OrderStateName
+
+
+class AttemptOut(BaseModel):
+    txn_id: str
+    attempt_number: int
+    processor_payment_id: str
+    strategy: str
+    connector: str
+    status: str
+    error_code: str | None
+    error_message: str | None
+    network_decline_code: str | None
+    merchant_advice_code: str | None
+    unified_code: str | None
+    decision_id: str | None
+    propensity: float | None
+    nudge_id: str | None
+    created_at: datetime
+
+
+class NudgeOut(BaseModel):
+    nudge_id: str
+    channel: str
+    template_id: str
+    sent_at: datetime
+    status: str
+    delivered: bool | None
+    clicked_at: datetime | None
+    provider_message_id: str | None
+    error: str | None
+    decision_id: str | None
+    propensity: float | None
+
+
+class ActionOut(BaseModel):
+    action_id: int
+    kind: str
+    state: str
+    planned_at: datetime
+    due_at: datetime
+    attempts: int
+    decision_id: str | None
+    last_error: str | None
+
+
+class WebhookOut(BaseModel):
+    event: str
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+
+
+class AgentItemOut(BaseModel):
+    item_id: int
+    decision_id: str
+    state: str
+    agent: str | None
+    reason: str | None
+    created_at: datetime
+    acted_at: datetime | None
+
+
+class OrderOut(BaseModel):
+    """An order with everything that happened to it (``decisions`` are the decision API's answers)."""
+
+    order_id: str
+    merchant_id: str
+    state: OrderStateName
+    amount: float
+    currency: str
+    created_at: datetime
+    closed_at: datetime | None
+    success_txn_id: str | None
+    attempts: list[AttemptOut]
+    nudges: list[NudgeOut]
+    decisions: list[dict[str, Any]]
+    actions: list[ActionOut]
+    webhook: WebhookOut | None
+    agent_queue: list[AgentItemOut]

@@ -1,0 +1,45 @@
+"""Settings of the executor (its HTTP routes in the API process, and the workers): ``WINBACK_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.api.settings import DEFAULT_DATABASE_URL, DEMO_CONFIG
+
+#: The link secret used when none is set: fine on a laptop, refused anywhere else.
+PLACEHOLDER_LINK_SECRET = "dev-only-link-secret-change-me"
+MIN_SECRET_LENGTH = 32
+
+
+class ExecutorSettings(BaseSettings):
+    """Everything the executor needs besides the merchant config; built once per process, never at import."""
+
+    model_config = SettingsConfigDict(env_prefix="WINBACK_", env_file=".env", extra="ignore", frozen=True)
+
+    env: Literal["dev", "test", "prod"] = Field(default="dev", description="Deployment kind; dev allows demo secrets.")
+    config_path: Path = Field(default=DEMO_CONFIG, description="Merchant config YAML (CONTRACT.md section 4).")
+    database_url: str = DEFAULT_DATABASE_URL
+    link_secret: SecretStr = Field(default=SecretStr(PLACEHOLDER_LINK_SECRET), description="HMAC key of pay links.")
+    public_base_url: str = Field(default="http://127.0.0.1:8000", description="Where customers reach /pay/{token}.")
+    sandbox_url: str | None = Field(default=None, description="Sandbox connector for connectors without endpoint.")
+    lease_seconds: float = Field(default=30.0, gt=0, description="How long a claimed action is a worker's own.")
+    batch_size: int = Field(default=50, ge=1, le=5000)
+    poll_seconds: float = Field(default=0.5, gt=0, description="Idle wait between claims when nothing is due.")
+    max_attempts: int = Field(default=8, ge=1, description="Tries of a connector or provider call before dead.")
+    webhook_max_attempts: int = Field(default=20, ge=1, description="Tries of a merchant webhook before dead.")
+    backoff_base_seconds: float = Field(default=2.0, gt=0)
+    backoff_cap_seconds: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _real_secret_outside_dev(self) -> ExecutorSettings:
+        secret = self.link_secret.get_secret_value()
+        if self.env != "dev" and (secret == PLACEHOLDER_LINK_SECRET or len(secret) < MIN_SECRET_LENGTH):
+            raise ValueError(
+                f"WINBACK_LINK_SECRET must be set to a random string of at least {MIN_SECRET_LENGTH} characters "
+                f"outside dev (WINBACK_ENV={self.env}); the placeholder signs links anyone could forge"
+            )
+        return self

@@ -1,0 +1,246 @@
+"""The executor's durable state (SQLAlchemy 2.0 Core; SQLite or PostgreSQL): orders, their attempts and nudges,
+the schedule of due actions, webhook deliveries, payment links, event idempotency keys and the agent queue.
+
+Every table lives in the API's ``metadata`` so one Alembic history (``service/migrations``) covers the process.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from service.api.store import make_engine, metadata
+
+#: Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class OrderState(StrEnum):
+    """Order states of CONTRACT.md section 5."""
+
+    PENDING = "PENDING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    AWAITING_AGENT = "AWAITING_AGENT"
+
+
+OPEN_ORDER_STATES = (OrderState.PENDING.value, OrderState.AWAITING_AGENT.value)
+
+
+class ActionKind(StrEnum):
+    """What a due action does when a worker claims it."""
+
+    RETRY = "retry"  # a silent re-attempt through a connector
+    NUDGE = "nudge"  # a payment link through a channel
+    FOLLOW_UP = "follow_up"  # the decision point after an unanswered nudge
+    LINK_PAYMENT = "link_payment"  # the customer paying on the link page (claimed by the API at once)
+    WEBHOOK = "webhook"  # the merchant's order webhook at the terminal state
+    CLOSE = "close"  # the order's window ended (or a stop waits for live links): fail it if still open
+
+
+class ActionState(StrEnum):
+    SCHEDULED = "scheduled"
+    CLAIMED = "claimed"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+
+OPEN_ACTION_STATES = (ActionState.SCHEDULED.value, ActionState.CLAIMED.value)
+
+orders = sa.Table(
+    "orders",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("order_id", sa.String(256), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("amount", sa.Float, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("customer_id", sa.String(256), nullable=False),
+    sa.Column("request_json", sa.Text, nullable=False),  # the failure event's decision request
+    sa.Column("failure_json", sa.Text, nullable=False),  # the last failed attempt, as a contract ``failure``
+    sa.Column("attempt_count", sa.Integer, nullable=False),
+    sa.Column("nudge_count", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("first_failed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("success_txn_id", sa.String(64), nullable=True),
+    sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+transactions = sa.Table(
+    "transactions",
+    metadata,
+    sa.Column("txn_id", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("attempt_number", sa.Integer, nullable=False),
+    sa.Column("processor_payment_id", sa.String(300), nullable=False),
+    sa.Column("strategy", sa.String(32), nullable=False),
+    sa.Column("connector", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # success | failure
+    sa.Column("error_code", sa.String(256), nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("network_decline_code", sa.String(32), nullable=True),
+    sa.Column("merchant_advice_code", sa.String(32), nullable=True),
+    sa.Column("unified_code", sa.String(64), nullable=True),
+    sa.Column("decision_id", sa.String(64), nullable=True),
+    sa.Column("propensity", sa.Float, nullable=True),
+    sa.Column("nudge_id", sa.String(64), nullable=True),
+    sa.Column("idempotency_key", sa.String(400), nullable=True, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("merchant_id", "order_id", "attempt_number", name="uq_transactions_attempt"),
+)
+
+nudges = sa.Table(
+    "nudges",
+    metadata,
+    sa.Column("nudge_id", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("template_id", sa.String(128), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # accepted | rejected
+    sa.Column("delivered", sa.Boolean, nullable=True),
+    sa.Column("clicked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("provider_message_id", sa.String(256), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("decision_id", sa.String(64), nullable=True),
+    sa.Column("propensity", sa.Float, nullable=True),
+    sa.Column("idempotency_key", sa.String(400), nullable=True, unique=True),
+    sa.Index("ix_nudges_order", "merchant_id", "order_id"),
+    sa.Index("ix_nudges_provider_message", "provider_message_id"),
+)
+
+actions = sa.Table(
+    "actions",
+    metadata,
+    sa.Column("action_id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    # When someone should next look at it: the planned time while scheduled, the lease's end while claimed.
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("claim_token", sa.String(64), nullable=True),
+    sa.Column("claimed_by", sa.String(128), nullable=True),
+    sa.Column("idempotency_key", sa.String(400), nullable=False, unique=True),
+    sa.Column("decision_id", sa.String(64), nullable=True),
+    sa.Column("payload_json", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_actions_due", "state", "due_at"),
+    sa.Index("ix_actions_order", "merchant_id", "order_id"),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("order_id", sa.String(256), primary_key=True),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the exact bytes sent every time (only the signature's t moves)
+    sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | dead
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_status_code", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+payment_links = sa.Table(
+    "payment_links",
+    metadata,
+    sa.Column("token_id", sa.String(64), primary_key=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("nudge_id", sa.String(64), nullable=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("opened_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("used_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("txn_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_payment_links_order", "merchant_id", "order_id"),
+)
+
+event_keys = sa.Table(
+    "event_keys",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("idempotency_key", sa.String(256), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("body_sha256", sa.String(64), nullable=False),
+    sa.Column("response_json", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+agent_queue = sa.Table(
+    "agent_queue",
+    metadata,
+    sa.Column("item_id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("decision_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("decision_json", sa.Text, nullable=False),
+    sa.Column("request_json", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | approved | rejected | superseded
+    sa.Column("agent", sa.String(128), nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("acted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_agent_queue_state", "state", "created_at"),
+    sa.Index("ix_agent_queue_order", "merchant_id", "order_id"),
+)
+
+
+def utcnow() -> datetime:
+    """The wall clock, in UTC."""
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A stored timestamp as an aware UTC datetime (SQLite hands back naive ones; everything stored is UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def as_utc_or_none(value: datetime | None) -> datetime | None:
+    """``as_utc`` that lets None through."""
+    return None if value is None else as_utc(value)
+
+
+def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
+    """An engine for the executor's short write transactions.
+
+    SQLite: every transaction starts with ``BEGIN IMMEDIATE`` (the write lock is taken up front, so two
+    writers queue on the busy timeout instead of one failing when it upgrades a read snapshot). PostgreSQL:
+    READ COMMITTED with row locks; claiming uses ``FOR UPDATE SKIP LOCKED``.
+    """
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    engine = make_engine(url)
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's own implicit BEGIN is deferred and would race).
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin_immediate(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_postgres(engine: Engine) -> bool:
+    """Whether ``engine`` talks to PostgreSQL (which claims with SKIP LOCKED)."""
+    return engine.dialect.name == "postgresql"

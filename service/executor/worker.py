@@ -1,0 +1,294 @@
+"""The executor's workers: claim due actions in batches, perform them, record the outcomes.
+
+A batch is claimed in one short transaction (PostgreSQL: ``FOR UPDATE SKIP LOCKED``; SQLite: ``BEGIN IMMEDIATE``)
+with a lease; its effects are performed outside any transaction, each with the action's idempotency key; the
+outcomes are then recorded in one transaction (a savepoint per action) that also settles each action, guarded by
+the claim token. A worker that dies mid-batch loses nothing: its lease runs out, another worker claims the same
+actions and re-sends them with the same keys, which the connectors and providers deduplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.catalog import ErrorCatalog, load_catalog
+from model.merchant_config import MerchantConfig, WinbackConfig, load_config
+from model.policy import PolicyConfig, decide
+from model.requests import Decision, DecisionRequest
+from service.executor.connectors import Connector, ConnectorRegistry
+from service.executor.core import ActionRow, Decider, Executor, Outcome, RetryPolicy, StaleClaimError, Transient
+from service.executor.effects import AdapterFactory, Effects
+from service.executor.links import LinkSigner
+from service.executor.settings import ExecutorSettings
+from service.executor.store import make_executor_engine
+
+log = logging.getLogger("winback.executor")
+
+
+def make_decider(
+    catalog: ErrorCatalog, tracking_uri: str | None, seed: int | None = None
+) -> tuple[Decider, Callable[[], None]]:
+    """decide() with the registry's champion (rules-only while none is registered); returns (decider, stop).
+
+    A model that fails on a request is answered by the rules-only policy, as in the API.
+    """
+    from service.api.deps import MemoCatalog
+    from service.api.model_holder import MlflowSource, ModelHolder
+
+    holder = ModelHolder(MlflowSource(tracking_uri) if tracking_uri else None)
+    holder.start()
+    memo = MemoCatalog(catalog)
+    policy = PolicyConfig()
+    rng = np.random.default_rng(seed)
+
+    def decider(request: DecisionRequest, merchant: MerchantConfig) -> Decision:
+        scorer = holder.current.scorer
+        try:
+            return decide(request, merchant, scorer, catalog=memo, config=policy, rng=rng)
+        except Exception:
+            if scorer is None:
+                raise
+            log.exception("model failed on a request; answered rules-only")
+            return decide(request, merchant, None, catalog=memo, config=policy, rng=rng)
+
+    return decider, holder.stop
+
+
+def build_executor(
+    settings: ExecutorSettings, config: WinbackConfig, decider: Decider, engine: Any | None = None
+) -> Executor:
+    """The state machine over ``settings.database_url`` (or ``engine``)."""
+    return Executor(
+        engine=engine if engine is not None else make_executor_engine(settings.database_url),
+        config=config,
+        decider=decider,
+        links=LinkSigner(settings.link_secret.get_secret_value()),
+        retry_policy=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            webhook_max_attempts=settings.webhook_max_attempts,
+            backoff_base_seconds=settings.backoff_base_seconds,
+            backoff_cap_seconds=settings.backoff_cap_seconds,
+            jitter=lambda ceiling: random.uniform(0.0, ceiling),
+        ),
+    )
+
+
+def build_effects(
+    executor: Executor,
+    settings: ExecutorSettings,
+    catalog: ErrorCatalog,
+    *,
+    connectors: Mapping[str, Connector] | None = None,
+    adapters: AdapterFactory | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Effects:
+    """Connectors, channels and the webhook client of one process."""
+    environment = env if env is not None else os.environ
+    registry = ConnectorRegistry(
+        {merchant_id: dict(m.connector_endpoints) for merchant_id, m in executor.config.merchants.items()},
+        environment,
+        settings.sandbox_url,
+        overrides=connectors,
+    )
+    return Effects(executor, registry, catalog, settings.public_base_url, env=environment, adapters=adapters)
+
+
+def missing_webhook_secrets(config: WinbackConfig, env: Mapping[str, str]) -> list[str]:
+    """``merchants.<id>.webhook.secret_env: VAR`` for every webhook secret not set in ``env``."""
+    return [
+        f"merchants.{merchant_id}.webhook.secret_env: {merchant.webhook.secret_env}"
+        for merchant_id, merchant in config.merchants.items()
+        if merchant.webhook is not None and not env.get(merchant.webhook.secret_env)
+    ]
+
+
+@dataclass
+class Worker:
+    """One claiming loop (run one per process; several processes share the database)."""
+
+    executor: Executor
+    effects: Effects
+    worker_id: str
+    batch_size: int = 50
+    lease_seconds: float = 30.0
+    poll_seconds: float = 0.5
+
+    def run_once(self) -> int:
+        """Claim, perform and record one batch; the number of actions claimed."""
+        batch = self.executor.claim(self.batch_size, self.lease_seconds, self.worker_id, uuid.uuid4().hex)
+        if not batch:
+            return 0
+        with self.executor.engine.connect() as conn:
+            found = self.executor.orders_of(conn, batch)
+        performed: list[tuple[ActionRow, Outcome]] = [
+            (action, self.effects.perform(action, found.get((action.merchant_id, action.order_id)))) for action in batch
+        ]
+        self.record(performed)
+        return len(batch)
+
+    def record(self, performed: list[tuple[ActionRow, Outcome]]) -> None:
+        """Record a batch's outcomes in one transaction; if any fails, record them one transaction each."""
+        try:
+            with self.executor.engine.begin() as conn:
+                for action, outcome in performed:
+                    self.executor.complete(conn, action, outcome)
+            return
+        except Exception:
+            log.warning("recording a batch of %d failed; recording its actions one by one", len(performed))
+        for action, outcome in performed:
+            self._record_one(action, outcome)
+
+    def _record_one(self, action: ActionRow, outcome: Outcome) -> None:
+        try:
+            with self.executor.engine.begin() as conn:
+                self.executor.complete(conn, action, outcome)
+            return
+        except StaleClaimError:
+            log.warning("action %s was taken over by another worker; its outcome is dropped", action.action_id)
+            return
+        except Exception as exc:
+            log.exception("recording action %s failed", action.action_id)
+            error = f"recording failed: {type(exc).__name__}: {exc}"
+        try:
+            with self.executor.engine.begin() as conn:
+                self.executor.complete(conn, action, Transient(error))
+        except StaleClaimError:
+            pass
+
+    def run(
+        self, stop: threading.Event | None = None, stop_after: float | None = None, until_idle: bool = False
+    ) -> int:
+        """Loop until ``stop`` is set, ``stop_after`` seconds passed, or (``until_idle``) nothing is due."""
+        deadline = None if stop_after is None else time.monotonic() + stop_after
+        total = 0
+        while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
+            claimed = self.run_once()
+            total += claimed
+            if claimed == 0:
+                if until_idle:
+                    break
+                if stop is not None:
+                    stop.wait(self.poll_seconds)
+                else:
+                    time.sleep(self.poll_seconds)
+        return total
+
+
+def worker_main(
+    database_url: str,
+    config_path: str,
+    tracking_uri: str | None,
+    worker_id: str,
+    stop_after: float | None,
+    until_idle: bool = False,
+    connectors_factory: Callable[[], Mapping[str, Connector]] | None = None,
+    adapters: AdapterFactory | None = None,
+) -> int:
+    """One worker process: build everything from the environment and the arguments, then loop."""
+    settings = ExecutorSettings(database_url=database_url, config_path=Path(config_path))
+    config = load_config(config_path)
+    catalog = load_catalog()
+    decider, stop_model = make_decider(catalog, tracking_uri)
+    executor = build_executor(settings, config, decider)
+    effects = build_effects(
+        executor, settings, catalog, connectors=connectors_factory() if connectors_factory else None, adapters=adapters
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = Worker(
+        executor,
+        effects,
+        worker_id,
+        batch_size=settings.batch_size,
+        lease_seconds=settings.lease_seconds,
+        poll_seconds=settings.poll_seconds,
+    )
+    try:
+        return worker.run(stop=stop, stop_after=stop_after, until_idle=until_idle)
+    finally:
+        stop_model()
+        effects.close()
+        executor.engine.dispose()
+
+
+def _child(*args: Any) -> None:
+    worker_main(*args)
+
+
+def run(
+    database_url: str,
+    workers: int = 1,
+    config_path: str | Path | None = None,
+    tracking_uri: str | None = None,
+    stop_after: float | None = None,
+    *,
+    until_idle: bool = False,
+    connectors_factory: Callable[[], Mapping[str, Connector]] | None = None,
+    adapters: AdapterFactory | None = None,
+) -> None:
+    """``winback executor run``: migrate the database, then run ``workers`` worker processes until stopped
+    (SIGINT/SIGTERM) or for ``stop_after`` seconds.
+
+    The merchant config is checked first (ConfigError names the bad key) and so are the webhook secrets the
+    config names (ValueError lists the missing variables). ``connectors_factory`` and ``adapters`` (importable
+    callables) replace the configured connectors and channel adapters, for tests and the demo.
+    """
+    from service.api.settings import DEMO_CONFIG
+    from service.migrations import upgrade
+
+    config_file = Path(config_path) if config_path else DEMO_CONFIG
+    config = load_config(config_file)
+    missing = missing_webhook_secrets(config, os.environ)
+    if missing:
+        raise ValueError("webhook secrets are not set: " + "; ".join(missing))
+    ExecutorSettings(database_url=database_url)  # refuses a placeholder link secret outside dev, before any fork
+    engine = make_executor_engine(database_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_child,
+            args=(
+                database_url,
+                str(config_file),
+                tracking_uri,
+                f"{os.uname().nodename}:{os.getpid()}:{index}",
+                stop_after,
+                until_idle,
+                connectors_factory,
+                adapters,
+            ),
+            name=f"winback-executor-{index}",
+        )
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.join(timeout=30)
+    failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise RuntimeError(f"executor workers exited with an error: {', '.join(failed)}")

@@ -1,0 +1,564 @@
+"""The executor's state machine on a real SQLite file: events, decisions carried out, webhooks, links, assisted mode.
+
+Decisions come from a scripted decider (the executor must carry out whatever decide() says, never decide itself);
+one test runs the real rules-only decide() against the sandbox connector over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from model.catalog import load_catalog
+from model.merchant_config import MerchantConfig, WinbackConfig, parse_config
+from model.requests import Decision, DecisionRequest
+from model.vocab import Channel
+from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
+from service.executor.connectors import ChargeRequest, ChargeResult, TransientError
+from service.executor.core import AgentQueueError, Executor, IdempotencyConflictError
+from service.executor.effects import Effects
+from service.executor.links import LinkError
+from service.executor.sandbox import start_sandbox
+from service.executor.settings import ExecutorSettings
+from service.executor.store import actions, make_executor_engine, nudges, transactions, webhook_deliveries
+from service.executor.views import order_view
+from service.executor.worker import Worker, build_effects, build_executor, make_decider
+from service.migrations import upgrade
+from tests.factories import make_merchant, make_request
+
+START = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)  # 11:30 in Kolkata: outside the demo quiet hours
+SECRET = "whsec_test_secret"
+
+
+def config_for(**merchants: MerchantConfig) -> WinbackConfig:
+    return parse_config({"merchants": {k: v.model_dump(mode="json") for k, v in merchants.items()}})
+
+
+def demo_merchant(**overrides: Any) -> MerchantConfig:
+    return make_merchant(webhook={"url": "http://merchant.test/hooks", "secret_env": "WB_TEST_WEBHOOK"}, **overrides)
+
+
+def event(order_id: str = "ord_1", key: str | None = None, **overrides: Any) -> dict[str, Any]:
+    customer = {"phone": "+919800000001", "email": "a@example.com"} | overrides.pop("customer", {})
+    request = make_request(
+        order_id=order_id,
+        event_time=START.isoformat(),
+        history={"attempts": [], "nudges": []},
+        customer=customer,
+        **overrides,
+    )
+    body: dict[str, Any] = json.loads(request.model_dump_json())
+    body["idempotency_key"] = key or f"evt_{order_id}"
+    return body
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+class ScriptedDecider:
+    """Answers decision points from a script of (action, fields) in order; ``stop`` when the script ends."""
+
+    def __init__(self, clock: Clock, *steps: dict[str, Any]) -> None:
+        self.clock = clock
+        self.steps = list(steps)
+        self.requests: list[DecisionRequest] = []
+
+    def __call__(self, request: DecisionRequest, merchant: MerchantConfig) -> Decision:
+        self.requests.append(request)
+        step = self.steps.pop(0) if self.steps else {"action": "stop"}
+        delay = step.pop("delay", timedelta(0))
+        return Decision.model_validate(
+            {
+                "decision_id": f"dec_{len(self.requests)}_{request.order_id}",
+                "model_version": "scripted",
+                "execute_at": (request.event_time + delay).isoformat(),
+                "retryable": True,
+                "retry_probability": 0.5,
+                "expected_success": 0.5,
+                "propensity": 0.9,
+            }
+            | step
+        )
+
+
+@dataclass
+class FakeConnector:
+    """Answers from ``results`` (one per distinct key); charges once per idempotency key like a real switch."""
+
+    results: list[str] = field(default_factory=list)
+    transient_first: int = 0
+    calls: list[str] = field(default_factory=list)
+    charged: dict[str, ChargeResult] = field(default_factory=dict)
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.calls.append(request.idempotency_key)
+        if len(self.calls) <= self.transient_first:
+            raise TransientError("connector 'adyen' answered HTTP 503")
+        if request.idempotency_key not in self.charged:
+            status = self.results.pop(0) if self.results else "failure"
+            self.charged[request.idempotency_key] = ChargeResult(
+                status="success" if status == "success" else "failure",
+                connector=request.connector,
+                error_code=None if status == "success" else "card_declined",
+                network_decline_code=None if status == "success" else "51",
+            )
+        return self.charged[request.idempotency_key]
+
+
+class CapturingAdapter:
+    def __init__(self, channel: Channel, outbox: list[OutboundMessage]) -> None:
+        self.channel = channel
+        self.provider = "fake"
+        self.outbox = outbox
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        self.outbox.append(message)
+        return SendResult(status="accepted", provider_message_id=f"pm_{len(self.outbox)}")
+
+
+@dataclass
+class Receiver:
+    """A merchant webhook endpoint: answers ``statuses`` in turn (then 200) and keeps what it got."""
+
+    statuses: list[int] = field(default_factory=list)
+    received: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.received.append(request)
+        return httpx.Response(self.statuses.pop(0) if self.statuses else 200)
+
+
+@dataclass
+class Harness:
+    executor: Executor
+    effects: Effects
+    worker: Worker
+    clock: Clock
+    connector: FakeConnector
+    outbox: list[OutboundMessage]
+    receiver: Receiver
+
+    def drain(self) -> int:
+        return self.worker.run(until_idle=True)
+
+    def view(self, order_id: str = "ord_1", merchant_id: str = "m_demo") -> Any:
+        found = order_view(self.executor.engine, merchant_id, order_id)
+        assert found is not None
+        return found
+
+    def count(self, table: sa.Table, *where: Any) -> int:
+        with self.executor.engine.connect() as conn:
+            return int(conn.scalar(sa.select(sa.func.count()).select_from(table).where(*where)) or 0)
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Harness]]:
+    monkeypatch.setenv("WB_TEST_WEBHOOK", SECRET)
+    made: list[Harness] = []
+
+    def build(
+        *steps: dict[str, Any],
+        merchants: Mapping[str, MerchantConfig] | None = None,
+        connector: FakeConnector | None = None,
+        receiver: Receiver | None = None,
+        decider: Any = None,
+        max_attempts: int = 8,
+    ) -> Harness:
+        clock = Clock()
+        url = f"sqlite:///{tmp_path / f'exec{len(made)}.db'}"
+        engine = make_executor_engine(url)
+        upgrade(engine)
+        settings = ExecutorSettings(database_url=url, max_attempts=max_attempts, backoff_base_seconds=1.0)
+        config = config_for(**(merchants or {"m_demo": demo_merchant()}))
+        executor = build_executor(settings, config, decider or ScriptedDecider(clock, *steps), engine=engine)
+        executor.clock = clock
+        executor.retry_policy.jitter = lambda ceiling: ceiling
+        fake = connector or FakeConnector()
+        outbox: list[OutboundMessage] = []
+        hooks = receiver or Receiver()
+
+        def adapters(
+            merchant_id: str, merchant: MerchantConfig, http: httpx.AsyncClient
+        ) -> dict[Channel, ChannelAdapter]:
+            return {channel: CapturingAdapter(channel, outbox) for channel in Channel}
+
+        effects = build_effects(executor, settings, load_catalog(), connectors={"*": fake}, adapters=adapters)
+        effects.webhook_client = httpx.Client(transport=httpx.MockTransport(hooks))
+        harness = Harness(executor, effects, Worker(executor, effects, "w1"), clock, fake, outbox, hooks)
+        made.append(harness)
+        return harness
+
+    yield build
+    for harness in made:
+        harness.effects.close()
+        harness.executor.engine.dispose()
+
+
+def assert_signed(request: httpx.Request) -> dict[str, Any]:
+    header = request.headers["Winback-Signature"]
+    parts = dict(part.split("=", 1) for part in header.split(","))
+    expected = hmac.new(SECRET.encode(), f"{parts['t']}.".encode() + request.content, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(parts["v1"], expected)
+    body: dict[str, Any] = json.loads(request.content)
+    return body
+
+
+# ------------------------------------------------------------------------------------------- state machine
+
+
+def test_failed_retry_then_successful_cascade_succeeds_once_with_one_signed_webhook(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe", "delay": timedelta(minutes=15)},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=FakeConnector(results=["failure", "success"]),
+    )
+    answer = h.executor.payment_failed("m_demo", event())
+    assert (answer.order_id, answer.state) == ("ord_1", "PENDING")
+    assert h.drain() == 0  # the retry is due in 15 minutes, not yet
+    h.clock.advance(minutes=15)
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.drain()
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert [(a.attempt_number, a.strategy, a.status) for a in view.attempts] == [
+        (1, "initial", "failure"),
+        (2, "retry_same", "failure"),
+        (3, "cascade", "success"),
+    ]
+    assert [a.processor_payment_id for a in view.attempts] == ["ord_1_1", "ord_1_2", "ord_1_3"]
+    assert len({a.txn_id for a in view.attempts}) == 3
+    assert view.success_txn_id == view.attempts[-1].txn_id
+    assert [d["decision_id"] for d in view.decisions] == ["dec_1_ord_1", "dec_2_ord_1"]
+    assert view.attempts[2].decision_id == "dec_2_ord_1"
+    assert view.attempts[2].propensity == 0.9
+    # the second decision saw the failed retry in its history
+    assert [a.strategy for a in h.executor.decider.requests[1].history.attempts] == ["initial", "retry_same"]  # type: ignore[attr-defined]
+
+    assert len(h.receiver.received) == 1
+    body = assert_signed(h.receiver.received[0])
+    assert body["event"] == "order.succeeded"
+    assert body["txn_id"] == view.success_txn_id
+    assert (body["order_id"], body["amount"], body["currency"]) == ("ord_1", 499.0, "INR")
+    assert len(body["attempts"]) == 3
+    # nothing left to do: the window-end close was cancelled, no second webhook ever
+    h.clock.advance(days=30)
+    h.drain()
+    assert len(h.receiver.received) == 1
+    assert {a.state for a in view.actions} <= {"done", "cancelled"}
+
+
+def test_stop_fails_the_order_with_one_webhook(make_harness: Any) -> None:
+    h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen"}, {"action": "stop"})
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    h.clock.advance(seconds=1)
+    h.drain()
+    view = h.view()
+    assert view.state == "FAILED"
+    assert [a.status for a in view.attempts] == ["failure", "failure"]
+    body = assert_signed(h.receiver.received[0])
+    assert body["event"] == "order.failed"
+    assert body["txn_id"] == view.attempts[-1].txn_id
+    h.clock.advance(days=30)
+    h.drain()
+    assert len(h.receiver.received) == 1
+
+
+def test_window_end_fails_an_order_nobody_acts_on(make_harness: Any) -> None:
+    h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(days=30)})
+    h.executor.payment_failed("m_demo", event())
+    h.clock.advance(days=7)
+    h.drain()
+    assert h.view().state == "FAILED"
+    assert h.connector.calls == []  # the retry planned past the window was cancelled with the order
+
+
+def test_events_are_idempotent_and_a_reused_key_with_another_body_conflicts(make_harness: Any) -> None:
+    h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=1)})
+    first = h.executor.payment_failed("m_demo", event())
+    again = h.executor.payment_failed("m_demo", event())
+    assert first == again
+    assert h.count(actions) == 2  # the retry and the window-end close, once
+    assert len(h.view().decisions) == 1
+    changed = event()
+    changed["amount"] = 500.0
+    with pytest.raises(IdempotencyConflictError, match="evt_ord_1"):
+        h.executor.payment_failed("m_demo", changed)
+    # the same order under a new key changes nothing either
+    assert h.executor.payment_failed("m_demo", event(key="evt_other")).state == "PENDING"
+    assert len(h.view().decisions) == 1
+
+
+def test_success_reported_from_outside_cancels_everything_scheduled(make_harness: Any) -> None:
+    h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=1)})
+    h.executor.payment_failed("m_demo", event())
+    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    assert h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    h.clock.advance(hours=2)
+    h.drain()
+    assert h.connector.calls == []
+    view = h.view()
+    assert view.success_txn_id == "txn_ext"
+    assert sorted(a.state for a in view.actions) == ["cancelled", "cancelled", "done"]  # retry, close; webhook
+    assert len(h.receiver.received) == 1
+
+
+def test_webhook_is_resent_until_acknowledged_and_never_after(make_harness: Any) -> None:
+    h = make_harness({"action": "stop"}, receiver=Receiver(statuses=[500, 503]))
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(6):
+        h.drain()
+        h.clock.advance(seconds=10)
+    assert [r.headers["Idempotency-Key"] for r in h.receiver.received] == ["m_demo:ord_1:webhook"] * 3
+    bodies = {r.content for r in h.receiver.received}
+    assert len(bodies) == 1  # byte-identical body on every try; only the signature's t moves
+    for request in h.receiver.received:
+        assert_signed(request)
+    assert h.view().webhook.status == "delivered"
+    assert h.view().webhook.attempts == 3
+
+
+def test_webhook_dead_letters_after_the_limit(make_harness: Any) -> None:
+    h = make_harness({"action": "stop"}, receiver=Receiver(statuses=[500] * 50), max_attempts=3)
+    h.executor.retry_policy.webhook_max_attempts = 3
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(10):
+        h.drain()
+        h.clock.advance(minutes=1)
+    assert len(h.receiver.received) == 3
+    assert h.view().webhook.status == "dead"
+
+
+# -------------------------------------------------------------------------------------- connector trouble
+
+
+def test_connector_5xx_is_retried_with_the_same_key_and_charged_once(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=FakeConnector(results=["success"], transient_first=2),
+    )
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(6):
+        h.drain()
+        h.clock.advance(seconds=10)
+    assert h.view().state == "SUCCEEDED"
+    assert len(h.connector.calls) == 3
+    assert len(set(h.connector.calls)) == 1
+    assert len(h.connector.charged) == 1
+    assert h.count(transactions) == 2
+
+
+def test_connector_that_never_answers_is_dead_lettered_without_any_attempt_recorded(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=FakeConnector(transient_first=1000),
+        max_attempts=4,
+    )
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(12):
+        h.drain()
+        h.clock.advance(seconds=30)
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert retry.state == "dead"
+    assert "gave up after 4 tries" in (retry.last_error or "")
+    assert len(h.connector.calls) == 4
+    assert h.count(transactions) == 1
+    assert h.view().state == "PENDING"
+
+
+# ------------------------------------------------------------------------------------- nudges and links
+
+
+def test_nudge_waits_out_quiet_hours_then_sends_a_link_that_pays_once(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "whatsapp"},
+        connector=FakeConnector(results=["success"]),
+    )
+    h.clock.now = datetime(2026, 11, 1, 17, 0, tzinfo=UTC)  # 22:30 in Kolkata: quiet until 09:00 (03:30 UTC)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.outbox == []
+    nudge_action = next(a for a in h.view().actions if a.kind == "nudge")
+    assert nudge_action.due_at == datetime(2026, 11, 2, 3, 30, tzinfo=UTC)
+    h.clock.now = datetime(2026, 11, 2, 3, 30, tzinfo=UTC)
+    h.drain()
+    assert len(h.outbox) == 1
+    message = h.outbox[0]
+    assert (message.channel, message.to, message.template_id) == (Channel.WHATSAPP, "+919800000001", "payment_link")
+    token = message.variables["link_url"].rsplit("/pay/", 1)[1]
+    assert message.idempotency_key == nudge_action_key(h)
+
+    page = h.executor.open_link(token)
+    assert (page.order_id, page.amount, page.currency) == ("ord_1", 499.0, "INR")
+    assert h.view().nudges[0].clicked_at == h.clock.now
+
+    with pytest.raises(LinkError) as tampered:
+        h.executor.open_link(token[:-3] + ("xyz" if not token.endswith("xyz") else "abc"))
+    assert tampered.value.status_code == 400
+
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-1")
+    outcome = h.effects.perform(payment.action, _order_row(h))
+    with h.executor.engine.begin() as conn:
+        h.executor.complete(conn, payment.action, outcome)
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert view.attempts[-1].strategy == "retarget_link"
+    assert view.attempts[-1].nudge_id == view.nudges[0].nudge_id
+    with pytest.raises(LinkError) as reused:
+        h.executor.start_link_payment(token, 30, "api", "claim-2")
+    assert reused.value.status_code == 409
+    h.drain()
+    assert len(h.receiver.received) == 1
+
+
+def nudge_action_key(h: Harness) -> str:
+    with h.executor.engine.connect() as conn:
+        return str(conn.scalar(sa.select(actions.c.idempotency_key).where(actions.c.kind == "nudge")))
+
+
+def _order_row(h: Harness) -> Any:
+    from service.executor.store import orders
+
+    with h.executor.engine.connect() as conn:
+        return conn.execute(sa.select(orders)).mappings().first()
+
+
+def test_an_unanswered_nudge_is_a_decision_point_and_links_expire(make_harness: Any) -> None:
+    h = make_harness({"action": "retarget", "channel": "sms"}, {"action": "stop"})
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    token = h.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    h.clock.advance(hours=24)
+    h.drain()
+    follow_up = h.executor.decider.requests[1]  # type: ignore[attr-defined]
+    assert [n.channel for n in follow_up.history.nudges] == [Channel.SMS]
+    # stop while the link is live: the order stays open until the link expires (the customer may still pay)
+    assert h.view().state == "PENDING"
+    h.clock.advance(hours=25)
+    with pytest.raises(LinkError) as expired:
+        h.executor.open_link(token)
+    assert expired.value.status_code == 410
+    h.drain()
+    assert h.view().state == "FAILED"
+    assert len(h.receiver.received) == 1
+
+
+def test_provider_refusal_is_recorded_and_decided_again(make_harness: Any) -> None:
+    h = make_harness({"action": "retarget", "channel": "email"}, {"action": "stop"})
+    h.executor.payment_failed("m_demo", event(customer={"email": None}))  # email_present, but no address given
+    h.drain()
+    view = h.view()
+    assert [(n.channel, n.status, n.delivered) for n in view.nudges] == [("email", "rejected", False)]
+    assert "no email address" in (view.nudges[0].error or "")
+    assert view.state == "FAILED"
+    assert h.outbox == []
+
+
+# ------------------------------------------------------------------------------------------ assisted mode
+
+
+def test_assisted_mode_queues_the_decision_until_an_agent_acts(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+        connector=FakeConnector(results=["success"]),
+    )
+    assert h.executor.payment_failed("m_demo", event()).state == "AWAITING_AGENT"
+    h.drain()
+    assert h.connector.calls == []
+    assert [item.state for item in h.view().agent_queue] == ["pending"]
+    with pytest.raises(AgentQueueError, match="unknown agent action"):
+        h.executor.act_on_queued("ord_1", "maybe", "ana", "")
+    assert h.executor.act_on_queued("ord_1", "approve", "ana", "looks right") == "PENDING"
+    with pytest.raises(AgentQueueError, match="no decision waiting"):
+        h.executor.act_on_queued("ord_1", "approve", "ana", "twice")
+    h.drain()
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert (view.agent_queue[0].state, view.agent_queue[0].agent) == ("approved", "ana")
+
+
+def test_assisted_reject_fails_the_order(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+    )
+    h.executor.payment_failed("m_demo", event())
+    assert h.executor.act_on_queued("ord_1", "reject", "ana", "customer asked us to stop") == "FAILED"
+    assert h.view().agent_queue[0].reason == "customer asked us to stop"
+
+
+# --------------------------------------------------------------------------- the real policy and sandbox
+
+
+def test_rules_only_decide_through_the_sandbox_connector_over_http(make_harness: Any) -> None:
+    sandbox = start_sandbox(seed=3, error_rate=0.3)
+    try:
+        decider, stop = make_decider(load_catalog(), None, seed=1)
+        h = make_harness(decider=decider)
+        h.effects.connectors.sandbox_url = sandbox.url
+        h.effects.connectors.overrides = {}
+        for index in range(8):
+            h.executor.payment_failed(
+                "m_demo",
+                event(
+                    order_id=f"ord_{index}",
+                    failure={"error_code": "processing_error", "network_decline_code": "96"},
+                    payment={"card_network": "mastercard"},
+                ),
+            )
+        for _ in range(40):
+            h.drain()
+            h.clock.advance(hours=2)
+        stop()
+        stats = httpx.get(f"{sandbox.url}/v1/stats").json()
+    finally:
+        sandbox.stop()
+    views = [h.view(f"ord_{index}") for index in range(8)]
+    assert all(v.state in {"SUCCEEDED", "FAILED"} for v in views)
+    made = [a for v in views for a in v.attempts if a.strategy != "initial" and a.strategy != "retarget_link"]
+    assert made, "rules-only decide() chose no silent retry for processing errors"
+    assert stats["charges"] == len(made)  # every sandbox charge is recorded exactly once, re-sends deduplicated
+    assert h.count(webhook_deliveries) == 8
+    assert len(h.receiver.received) == 8
+    assert h.count(nudges) == len(h.outbox)
+
+
+def test_config_with_webhook_secret_names_only_env(tmp_path: Path) -> None:
+    from service.executor.worker import missing_webhook_secrets
+
+    config = config_for(m_demo=demo_merchant())
+    assert missing_webhook_secrets(config, {}) == ["merchants.m_demo.webhook.secret_env: WB_TEST_WEBHOOK"]
+    assert missing_webhook_secrets(config, {"WB_TEST_WEBHOOK": "x"}) == []
+    assert yaml.safe_dump(config.model_dump(mode="json")).count(SECRET) == 0
+
+
+def test_a_send_the_rules_forbid_now_is_decided_again_not_sent(make_harness: Any) -> None:
+    h = make_harness({"action": "retarget", "channel": "push"}, {"action": "stop"})
+    h.executor.payment_failed("m_demo", event())  # the customer has no app: push is unreachable
+    h.drain()
+    assert h.outbox == []
+    assert h.view().nudges == []
+    assert h.view().state == "FAILED"
+    assert len(h.executor.decider.requests) == 2  # type: ignore[attr-defined]

@@ -1,0 +1,113 @@
+"""The executor's HTTP surface through the real app (create_app, lifespan, SQLite in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.executor.routes import ExecutorRuntime, build_executor_runtime
+from service.executor.settings import ExecutorSettings
+from tests.factories import make_request
+from tests.integration.test_executor import Clock, FakeConnector, ScriptedDecider
+from tests.unit.test_api import AUTH, OTHER_KEY, Api, start
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    harness = start(tmp_path)
+    yield harness
+    harness.close()
+
+
+def failed_event(order_id: str = "ord_h1", key: str = "evt_h1", **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(
+        make_request(order_id=order_id, customer={"phone": "+919800000001"}, **overrides).model_dump_json()
+    )
+    return body | {"idempotency_key": key}
+
+
+def executor_of(api: Api, connector: FakeConnector) -> ExecutorRuntime:
+    runtime = build_executor_runtime(api.runtime, ExecutorSettings(database_url=api.runtime.settings.database_url))
+    runtime.effects.connectors.overrides = {"*": connector}
+    api.app.state.executor = runtime
+    return runtime
+
+
+def test_events_answer_202_idempotently_and_409_on_a_changed_body(api: Api) -> None:
+    first = api.post("/v1/events/payment-failed", failed_event())
+    assert first.status_code == 202
+    assert first.json()["order_id"] == "ord_h1"
+    assert first.json()["state"] in {"PENDING", "FAILED"}
+    again = api.post("/v1/events/payment-failed", failed_event())
+    assert (again.status_code, again.json()) == (202, first.json())
+    conflict = api.post("/v1/events/payment-failed", failed_event(amount=1.0))
+    assert conflict.status_code == 409
+    assert "evt_h1" in conflict.json()["detail"]
+    assert api.post("/v1/events/payment-failed", failed_event(), key=OTHER_KEY).status_code == 403
+    assert api.post("/v1/events/payment-failed", failed_event(), key=None).status_code == 401
+
+    order = api.loop.run_until_complete(api.client.get("/v1/orders/ord_h1", headers=AUTH))
+    assert order.status_code == 200
+    body = order.json()
+    assert [a["processor_payment_id"] for a in body["attempts"]] == ["ord_h1_1"]
+    assert len(body["decisions"]) == 1
+    missing = api.loop.run_until_complete(api.client.get("/v1/orders/nope", headers=AUTH))
+    assert missing.status_code == 404
+
+    succeeded = {"order_id": "ord_h1", "txn_id": "t9", "occurred_at": "2026-11-01T11:00:00Z", "idempotency_key": "s1"}
+    if body["state"] == "PENDING":
+        answer = api.post("/v1/events/payment-succeeded", succeeded)
+        assert (answer.status_code, answer.json()["state"]) == (202, "SUCCEEDED")
+    unknown = api.post("/v1/events/payment-succeeded", succeeded | {"order_id": "nope", "idempotency_key": "s2"})
+    assert unknown.status_code == 404
+
+
+def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None:
+    runtime = executor_of(api, FakeConnector(results=["success"]))
+    executor = runtime.executor
+    later = {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(days=1)}
+    executor.decider = ScriptedDecider(Clock(), later)
+    api.post("/v1/events/payment-failed", failed_event())
+    now = executor.clock()
+    token_id, token, _ = executor.new_link("m_demo", "ord_h1", "k1", now)
+    _, expired_token, _ = executor.new_link("m_demo", "ord_h1", "k2", now - timedelta(hours=100))
+    from service.executor.store import payment_links
+
+    with executor.engine.begin() as conn:
+        conn.execute(
+            payment_links.insert(),
+            [
+                {
+                    "token_id": token_id,
+                    "merchant_id": "m_demo",
+                    "order_id": "ord_h1",
+                    "expires_at": now + timedelta(hours=48),
+                    "created_at": now,
+                },
+            ],
+        )
+    assert executor.order_state("m_demo", "ord_h1") == "PENDING"
+
+    page = api.get(f"/pay/{token}")
+    assert page.status_code == 200
+    assert "499.00 INR" in page.text
+    assert 'action="/pay/' in page.text
+
+    tampered = api.get(f"/pay/{token[:-4]}AAAA")
+    assert tampered.status_code == 400
+    assert "not valid" in tampered.text
+    assert "Traceback" not in tampered.text
+    assert api.get(f"/pay/{expired_token}").status_code == 410
+
+    paid = api.loop.run_until_complete(api.client.post(f"/pay/{token}"))
+    assert paid.status_code == 200
+    assert "is paid" in paid.text
+    assert executor.order_state("m_demo", "ord_h1") == "SUCCEEDED"
+    reused = api.loop.run_until_complete(api.client.post(f"/pay/{token}"))
+    assert reused.status_code == 409
+    assert "already used" in reused.text

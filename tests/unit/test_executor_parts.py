@@ -1,0 +1,163 @@
+"""Executor building blocks: link tokens, webhook signatures, quiet-hour deferral across DST, the breaker."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from model.merchant_config import QuietHours
+from service.executor.connectors import (
+    ChargeRequest,
+    CircuitBreaker,
+    CircuitOpenError,
+    HttpConnector,
+    PermanentError,
+    TransientError,
+)
+from service.executor.effects import quiet_hours_end
+from service.executor.links import LinkClaims, LinkError, LinkSigner
+from service.executor.settings import ExecutorSettings
+from service.executor.webhooks import signature, verify_signature
+
+NOW = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+
+
+def test_link_token_round_trip_and_rejections() -> None:
+    signer = LinkSigner("s" * 40)
+    token = signer.issue(LinkClaims("lnk_1", "m_demo", "ord_1", NOW + timedelta(hours=48)))
+    assert signer.verify(token, NOW).order_id == "ord_1"
+
+    head, _, tail = token.partition(".")
+    forged_payload = head[:-2] + ("AA" if head[-2:] != "AA" else "BB")
+    for bad in (forged_payload + "." + tail, head + "." + tail[::-1], "garbage", "", head):
+        with pytest.raises(LinkError) as caught:
+            signer.verify(bad, NOW)
+        assert caught.value.status_code == 400
+    with pytest.raises(LinkError) as caught:
+        LinkSigner("another secret of enough length!!").verify(token, NOW)
+    assert caught.value.status_code == 400
+
+    with pytest.raises(LinkError, match="expired") as expired:
+        signer.verify(token, NOW + timedelta(hours=48))
+    assert expired.value.status_code == 410
+
+
+def test_placeholder_link_secret_is_refused_outside_dev() -> None:
+    assert ExecutorSettings(env="dev").link_secret.get_secret_value()
+    with pytest.raises(ValidationError, match="WINBACK_LINK_SECRET must be set"):
+        ExecutorSettings(env="prod")
+    with pytest.raises(ValidationError, match="at least 32 characters"):
+        ExecutorSettings(env="prod", link_secret="short")
+    assert ExecutorSettings(env="prod", link_secret="x" * 32).env == "prod"
+
+
+def test_webhook_signature_is_hmac_of_timestamp_dot_body() -> None:
+    body = b'{"event":"order.succeeded"}'
+    header = signature("whsec", 1_700_000_000, body)
+    expected = hmac.new(b"whsec", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1700000000,v1={expected}"
+    assert verify_signature("whsec", header, body, now=1_700_000_010)
+    assert not verify_signature("whsec", header, body + b" ", now=1_700_000_010)
+    assert not verify_signature("other", header, body, now=1_700_000_010)
+    assert not verify_signature("whsec", header, body, now=1_700_001_000)  # too old: replay
+
+
+LONDON = QuietHours(start="21:00", end="08:00", timezone="Europe/London")
+KOLKATA = QuietHours(start="21:00", end="09:00", timezone="Asia/Kolkata")
+NEW_YORK = QuietHours(start="20:00", end="08:00", timezone="America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("quiet", "moment", "expected"),
+    [
+        # Outside quiet hours: send now.
+        (KOLKATA, "2026-11-01T05:00:00+00:00", None),  # 10:30 IST
+        # 02:00 IST -> 09:00 IST (03:30 UTC).
+        (KOLKATA, "2026-10-31T20:30:00+00:00", "2026-11-01T03:30:00+00:00"),
+        # London, the night the clocks go back (25 Oct 2026, 02:00 BST -> 01:00 GMT): 08:00 GMT = 08:00 UTC.
+        (LONDON, "2026-10-24T21:30:00+00:00", "2026-10-25T08:00:00+00:00"),
+        # London, the night the clocks go forward (29 Mar 2026, 01:00 GMT -> 02:00 BST): 08:00 BST = 07:00 UTC.
+        (LONDON, "2026-03-28T22:00:00+00:00", "2026-03-29T07:00:00+00:00"),
+        # New York, fall back (1 Nov 2026): 23:00 EDT on Oct 31 -> 08:00 EST on Nov 1 = 13:00 UTC.
+        (NEW_YORK, "2026-11-01T03:00:00+00:00", "2026-11-01T13:00:00+00:00"),
+        # New York, spring forward (8 Mar 2026): 21:00 EST on Mar 7 -> 08:00 EDT on Mar 8 = 12:00 UTC.
+        (NEW_YORK, "2026-03-08T02:00:00+00:00", "2026-03-08T12:00:00+00:00"),
+    ],
+)
+def test_quiet_hours_end_across_dst(quiet: QuietHours, moment: str, expected: str | None) -> None:
+    end = quiet_hours_end(quiet, datetime.fromisoformat(moment))
+    assert end == (None if expected is None else datetime.fromisoformat(expected))
+
+
+def test_circuit_breaker_opens_half_opens_and_closes() -> None:
+    clock = [0.0]
+    breaker = CircuitBreaker("adyen", threshold=2, cooldown_seconds=10, clock=lambda: clock[0])
+    breaker.failure()
+    breaker.before_call()
+    breaker.failure()
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpenError, match="adyen"):
+        breaker.before_call()
+    clock[0] = 11.0
+    breaker.before_call()  # the one half-open trial
+    with pytest.raises(CircuitOpenError):
+        breaker.before_call()
+    breaker.success()
+    assert breaker.state == "closed"
+
+
+def _charge_request() -> ChargeRequest:
+    return ChargeRequest("m:o:retry:d1", "m_demo", "ord_1", 2, 10.0, "USD", "step_up", "adyen", NOW)
+
+
+def test_http_connector_retries_5xx_with_the_same_key_then_parses() -> None:
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        import json
+
+        seen.append((request.headers["Idempotency-Key"], json.loads(request.content)))
+        if len(seen) < 3:
+            return httpx.Response(503)
+        return httpx.Response(200, json={"status": "failed", "error_code": "51", "network_decline_code": "51"})
+
+    connector = HttpConnector(
+        "adyen",
+        "http://switch",
+        "key",
+        client=httpx.Client(transport=httpx.MockTransport(handler)),
+        sleep=lambda _: None,
+    )
+    result = connector.charge(_charge_request())
+    assert result.status == "failure"
+    assert result.network_decline_code == "51"
+    assert {key for key, _ in seen} == {"m:o:retry:d1"}
+    payload = seen[0][1]
+    assert payload["payment_id"] == "ord_1_2"
+    assert payload["hints"] == {"three_ds": True, "clear_pan": False, "network": None}
+
+
+def test_http_connector_gives_up_transiently_and_refuses_4xx() -> None:
+    down = HttpConnector(
+        "adyen",
+        "http://switch",
+        None,
+        tries=2,
+        client=httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(500))),
+        sleep=lambda _: None,
+    )
+    with pytest.raises(TransientError, match="HTTP 500"):
+        down.charge(_charge_request())
+    refused = HttpConnector(
+        "adyen",
+        "http://switch",
+        None,
+        client=httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(401))),
+    )
+    with pytest.raises(PermanentError, match="HTTP 401"):
+        refused.charge(_charge_request())

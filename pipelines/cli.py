@@ -77,7 +77,7 @@ def train(
         str | None,
         typer.Option(
             "--tracking-uri",
-            help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here].",
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here).",
         ),
     ] = None,
     promote: Annotated[
@@ -85,11 +85,11 @@ def train(
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of training and evaluation.")] = 0,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Merchant config for replaying policies [default: demo config].")
+        Path | None, typer.Option("--config", help="Merchant config for replaying policies (default: demo config).")
     ] = None,
     episodes: Annotated[
         int | None,
-        typer.Option("--episodes", min=0, help="Simulator orders per policy in the evaluation [default: 2000]."),
+        typer.Option("--episodes", min=0, help="Simulator orders per policy in the evaluation (default: 2000)."),
     ] = None,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
@@ -114,11 +114,11 @@ TrackingUriOption = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here].",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here).",
     ),
 ]
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="Merchant config YAML [default: the shipped demo config].")
+    Path | None, typer.Option("--config", help="Merchant config YAML (default: the shipped demo config).")
 ]
 
 
@@ -137,6 +137,39 @@ def serve(
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
     except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+executor_app = typer.Typer(help="The executor: performs retries and nudges from the durable schedule.")
+app.add_typer(executor_app, name="executor")
+
+
+@executor_app.command("run")
+def executor_run(
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes claiming due actions.")] = 1,
+    config: ConfigOption = None,
+    tracking_uri: TrackingUriOption = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db here); PostgreSQL for N>1.",
+        ),
+    ] = None,
+    stop_after: Annotated[
+        float | None, typer.Option("--stop-after", min=0, help="Stop after this many seconds (default: run until ^C).")
+    ] = None,
+) -> None:
+    """Run executor workers against the shared database (CONTRACT.md section 5) until stopped."""
+    import os
+
+    from model.merchant_config import ConfigError
+    from service.executor.worker import run
+
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    try:
+        run(url, workers=workers, config_path=config, tracking_uri=tracking_uri, stop_after=stop_after)
+    except (ConfigError, ValueError) as exc:
         raise fail(str(exc)) from None
 
 

@@ -1019,6 +1019,8 @@ def logged_decisions(
     reward: Literal["value", "success"] = "value",
     follow_up_hours: float | None = None,
     since: datetime | pd.Timestamp | None = None,
+    max_orders: int | None = None,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Every logged decision point of a history, with the request a caller would have sent and what followed.
 
@@ -1030,7 +1032,8 @@ def logged_decisions(
     follows `reward_values`. A logged ``stop`` leaves no row in the history, so its propensity is NaN.
 
     With ``since``, only the decision points at or after it are built (a holdout), and orders that end before
-    it are skipped without building anything.
+    it are skipped without building anything. ``max_orders`` builds the points of a seeded random sample of at
+    most that many (remaining) orders, which bounds the cost on million-order histories.
 
     Columns: `LOGGED_COLUMNS` plus ``merchant_id``, ``order_id``, ``event_time``, ``kind`` (failure /
     follow_up), ``label``, ``amount_usd``, ``cost_usd``, ``error_code`` and, with a catalog, ``error_class``.
@@ -1048,6 +1051,12 @@ def logged_decisions(
         keep = set(last.index[last >= cut].astype(str))
         attempts = attempts[attempts["order_id"].astype(str).isin(keep)]
         nudges = nudges[nudges["order_id"].astype(str).isin(keep)]
+    if max_orders is not None:
+        order_ids = attempts["order_id"].astype(str).drop_duplicates()
+        if len(order_ids) > max_orders:
+            keep = set(order_ids.sample(n=max_orders, random_state=seed))
+            attempts = attempts[attempts["order_id"].astype(str).isin(keep)]
+            nudges = nudges[nudges["order_id"].astype(str).isin(keep)]
     nudges_by_order: dict[str, list[dict[str, Any]]] = {}
     for record in nudges.sort_values("sent_at").to_dict("records"):
         nudges_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})

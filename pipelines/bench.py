@@ -142,6 +142,18 @@ def simulate_rows(out: Path, orders: int, seed: int = 1) -> tuple[list[BenchRow]
     """Simulate ``orders`` (2 worker processes) beside the world-only floor on the same orders."""
     folder = out / f"history-{orders}"
     sim = run_child("simulate", str(folder), str(orders), str(seed))
+    return _simulate_row(sim, orders, seed), folder
+
+
+def history_for(out: Path, orders: int, seed: int = 1) -> Path:
+    """A simulated history of ``orders`` for the training benchmark (reused when already there)."""
+    folder = out / f"history-{orders}"
+    if not ((folder / "attempts.parquet").is_file() and (folder / "nudges.parquet").is_file()):
+        run_child("simulate", str(folder), str(orders), str(seed))
+    return folder
+
+
+def _simulate_row(sim: dict[str, Any], orders: int, seed: int) -> list[BenchRow]:
     floor = run_child("world-floor", str(min(orders, 20_000)), str(seed))
     floor_rate = min(orders, 20_000) / floor["seconds"]
     rate = orders / sim["seconds"]
@@ -158,7 +170,7 @@ def simulate_rows(out: Path, orders: int, seed: int = 1) -> tuple[list[BenchRow]
             + (f"; {budget / sim['seconds']:.1f}x inside budget" if orders >= 100_000 else ""),
         )
     ]
-    return rows, folder
+    return rows
 
 
 def train_rows(out: Path, history: Path, orders: int, episodes: int = 500) -> list[BenchRow]:

@@ -234,22 +234,63 @@ def demo(
     host: Annotated[str, typer.Option("--host", help="Address the services listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port the services listen on.")] = 8000,
     serve_after: Annotated[
-        bool, typer.Option("--serve/--no-serve", help="Start the services after training (blocks until Ctrl-C).")
+        bool,
+        typer.Option("--serve/--no-serve", help="Keep the loop and services running until Ctrl-C (else: bounded)."),
     ] = True,
+    live_orders: Annotated[
+        int, typer.Option("--live-orders", min=0, help="Failed payments posted to the live loop (0: no loop).")
+    ] = 40,
+    live_seconds: Annotated[
+        float, typer.Option("--live-seconds", min=1, help="With --no-serve: how long the loop runs.")
+    ] = 60.0,
+    clock_speed: Annotated[
+        float,
+        typer.Option("--clock-speed", min=1, help="Executor demo-clock seconds per real second (1: real time)."),
+    ] = 3600.0,
+    pay_share: Annotated[
+        float, typer.Option("--pay-share", min=0, max=1, help="Share of customers who pay the link they get.")
+    ] = 0.6,
 ) -> None:
-    """Simulate a history, train and promote a model in a local MLflow store, then start the services."""
-    import os
+    """Simulate a history, train and promote a model, then run the recovery loop end to end on local fakes.
 
-    from pipelines.demo import prepare, where_to_look
+    Starts the sandbox connector, fake WhatsApp/SMS/e-mail/push providers, a webhook receiver, the API and an
+    executor worker; posts failed payments, plays the customers (pays some links) and prints what happened.
+    """
+    import sys
+    import uuid
+
+    from pipelines.demo import failed_payment_events, prepare, where_to_look
 
     paths = prepare(workdir, orders=orders, seed=seed, episodes=episodes, console=console)
-    console.print(where_to_look(paths, host, port), highlight=False)
-    if not serve_after:
+    lines = where_to_look(paths, host, port)
+    if not serve_after and live_orders == 0:
+        console.print(lines, highlight=False)
         return
-    from service.api.server import run
+    from service.demo import LiveOptions, run_live
 
-    os.environ.setdefault("WINBACK_DATABASE_URL", paths.database_url)
-    run(host=host, port=port, workers=1, config_path=None, tracking_uri=paths.tracking_uri)
+    options = LiveOptions(
+        workdir=paths.workdir,
+        database_url=paths.database_url,
+        tracking_uri=paths.tracking_uri,
+        host=host,
+        port=port,
+        seed=seed,
+        clock_speed=clock_speed,
+        serve=serve_after,
+        seconds=live_seconds,
+        pay_share=pay_share,
+    )
+    run = uuid.uuid4().hex[:6]
+    try:
+        run_live(
+            options,
+            lambda now: failed_payment_events(seed, live_orders, orders, now, run),
+            [sys.executable, "-m", "pipelines.cli"],
+            console,
+            where_to_look=lines.splitlines(),
+        )
+    except RuntimeError as exc:
+        raise fail(str(exc)) from None
 
 
 @app.command()
@@ -269,7 +310,7 @@ def bench(
 
     from rich.table import Table
 
-    from pipelines.bench import BenchRow, machine, simulate_rows, train_rows
+    from pipelines.bench import BenchRow, history_for, machine, simulate_rows, train_rows
 
     try:
         sizes = sorted({int(part) for part in train_orders.split(",") if part.strip()})
@@ -284,7 +325,7 @@ def bench(
     histories = {simulate_orders: history}
     for size in sizes:
         if size not in histories:
-            histories[size] = simulate_rows(out, size)[1]
+            histories[size] = history_for(out, size)
         trained = train_rows(out, histories[size], size)
         rows += trained
         console.print(trained[0])
@@ -322,6 +363,218 @@ def bench(
         encoding="utf-8",
     )
     console.print(f"written {report}")
+
+
+history_app = typer.Typer(help="History files for the feedback loop (CONTRACT.md section 3).")
+app.add_typer(history_app, name="history")
+
+
+@history_app.command("export")
+def history_export(
+    out: Annotated[Path, typer.Option("--out", help="Folder for attempts.parquet and nudges.parquet.")],
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only orders whose first attempt is at or after this ISO time (e.g. 2026-11-01)."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db here)."
+        ),
+    ] = None,
+) -> None:
+    """Write the executor's results and the outcomes reported to /v1/outcomes as validated history files."""
+    import os
+    from datetime import UTC, datetime
+
+    from model.history import HistoryError
+    from service.api.export import export_history
+
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    start = None
+    if since is not None:
+        try:
+            start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise fail(f"--since must be an ISO date or time like 2026-11-01T00:00:00Z, got {since!r}") from None
+        start = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+    try:
+        summary = export_history(url, out, since=start)
+    except HistoryError as exc:
+        raise fail(f"the stored history breaks the contract: {str(exc).splitlines()[0]}") from None
+    console.print(
+        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
+        f"({summary.nudges:,} nudges) for {summary.orders:,} orders"
+        + (
+            f"; left out {summary.dropped_after_success} attempts made after an order's success"
+            if summary.dropped_after_success
+            else ""
+        ),
+        highlight=False,
+    )
+
+
+codes_app = typer.Typer(help="Error codes: which ones the model has not learned yet, and cold-start priors.")
+app.add_typer(codes_app, name="codes")
+
+
+@codes_app.command("report")
+def codes_report(
+    attempts: Annotated[Path, typer.Option("--attempts", help="Attempts history (.parquet or .csv).")],
+    nudges: Annotated[Path, typer.Option("--nudges", help="Nudges history (.parquet or .csv).")],
+    tracking_uri: TrackingUriOption = None,
+    alias: Annotated[str, typer.Option("--alias", help="Registry alias of the model to compare with.")] = "champion",
+    min_support: Annotated[
+        int, typer.Option("--min-support", "-k", min=1, help="List codes the model trained on fewer times than this.")
+    ] = 30,
+    config: ConfigOption = None,
+    gsm: Annotated[
+        Path | None, typer.Option("--gsm", help="Overlay from `winback codes import-gsm`, to show its verdict.")
+    ] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write the report as CSV here.")] = None,
+) -> None:
+    """List error codes of a history the model's training never saw (or saw fewer than k times).
+
+    Per code: failures, retries and their outcomes so far, the model's retryability estimate for a typical
+    failure with it, and the nearest known codes by message.
+    """
+    from model.gsm import GsmError
+    from pipelines.codes import codes_report as build_report
+    from pipelines.codes import report_table
+    from pipelines.train import TrainInputError
+
+    try:
+        report, version = build_report(
+            attempts,
+            nudges,
+            tracking_uri=tracking_uri,
+            alias=alias,
+            min_support=min_support,
+            config=config,
+            overlay=gsm,
+        )
+    except (TrainInputError, GsmError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
+    if report.empty:
+        console.print(f"every error code of the history was seen at least {min_support} times by model {version}")
+    else:
+        console.print(report_table(report, version, min_support))
+    if csv_out is not None:
+        report.to_csv(csv_out, index=False)
+        console.print(f"written {csv_out}")
+
+
+@codes_app.command("import-gsm")
+def codes_import_gsm(
+    file: Annotated[Path, typer.Argument(help="CSV export of Hyperswitch's gateway_status_map table.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Overlay file (default: data/generated/gsm_overlay.csv).")
+    ] = None,
+) -> None:
+    """Import a gateway status map as priors and rules for codes no history has shown yet.
+
+    Serve with WINBACK_GSM_OVERLAY=<overlay> so the scorer classifies those codes as the switch did.
+    """
+    from model.gsm import DEFAULT_OVERLAY, GsmError
+    from pipelines.codes import import_gsm
+
+    try:
+        target = import_gsm(file, out or DEFAULT_OVERLAY, console=console)
+    except GsmError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"written {target}; serve with WINBACK_GSM_OVERLAY={target}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def retrain(
+    attempts: Annotated[Path, typer.Option("--attempts", help="Updated attempts history (.parquet or .csv).")],
+    nudges: Annotated[Path, typer.Option("--nudges", help="Updated nudges history (.parquet or .csv).")],
+    window_days: Annotated[
+        float | None,
+        typer.Option("--window-days", min=0.001, help="Train on orders of the last D days only (default: all)."),
+    ] = None,
+    tracking_uri: TrackingUriOption = None,
+    every: Annotated[
+        str | None, typer.Option("--every", help="Repeat on this period (e.g. 24h, 30m) until stopped.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of training and evaluation.")] = 0,
+    config: ConfigOption = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option("--episodes", min=0, help="Simulator orders per policy in the evaluation (default: 2000)."),
+    ] = None,
+) -> None:
+    """Train a challenger on the updated history, gate it against the champion, promote or keep (with why).
+
+    Running scorers follow the champion alias and switch by themselves. With --every the job repeats; a
+    cron line calling `winback retrain` does the same (see the README).
+    """
+    from pipelines.retrain import RetrainResult, parse_every, retrain_loop
+    from pipelines.retrain import retrain as run_retrain
+    from pipelines.train import TrainInputError
+
+    def once() -> RetrainResult:
+        result = run_retrain(
+            attempts,
+            nudges,
+            tracking_uri=tracking_uri,
+            window_days=window_days,
+            seed=seed,
+            config=config,
+            evaluation_options=None if episodes is None else {"episode_orders": episodes},
+            console=console,
+        )
+        verdict = "promoted" if result.promoted else "kept champion"
+        console.print(f"{verdict}: {result.verdict}", highlight=False, soft_wrap=True)
+        return result
+
+    if every is None:
+        try:
+            once()
+        except TrainInputError as exc:
+            raise fail(str(exc)) from None
+        return
+    try:
+        period = parse_every(every)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    retrain_loop(
+        once,
+        period,
+        on_error=lambda exc: err_console.print(f"[bold red]retrain failed:[/] {exc}", highlight=False, soft_wrap=True),
+    )
+
+
+console_app = typer.Typer(help="The agent console: who may sign in to work a merchant's queue.")
+app.add_typer(console_app, name="console")
+
+
+@console_app.command("add-agent")
+def console_add_agent(
+    merchant: Annotated[str, typer.Option("--merchant", help="The merchant whose orders the agent works.")],
+    name: Annotated[str, typer.Option("--name", help="Sign-in name, unique across merchants (e.g. asha@shop).")],
+    config: ConfigOption = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db)."),
+    ] = None,
+) -> None:
+    """Create a console agent; the password comes from $WINBACK_AGENT_PASSWORD or a hidden prompt."""
+    import os
+
+    from model.merchant_config import ConfigError
+    from service.console.admin import PASSWORD_ENV, create_agent
+    from service.console.auth import AgentError
+
+    password = os.environ.get(PASSWORD_ENV) or typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    try:
+        agent = create_agent(url, merchant, name, password, config)
+    except (AgentError, ConfigError) as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        f"agent {agent.name} can now sign in to the console for merchant {agent.merchant_id}", highlight=False
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point

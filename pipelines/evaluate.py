@@ -165,7 +165,15 @@ def evaluate(
         cut = cut.tz_localize("UTC") if cut.tzinfo is None else cut.tz_convert("UTC")
     # With a known holdout start only the holdout's decision points are rebuilt (the costly part).
     points = ev.logged_decisions(
-        history.attempts, history.nudges, economics, catalog=load_catalog(), reward=reward, since=cut
+        history.attempts,
+        history.nudges,
+        economics,
+        catalog=load_catalog(),
+        reward=reward,
+        since=cut,
+        # Every sampled order contributes at least one point: no more orders than points are needed.
+        max_orders=max_points if cut is not None else None,
+        seed=seed,
     )
     if cut is not None:
         holdout = points[points["event_time"] >= cut]
@@ -236,7 +244,7 @@ def evaluate(
         "# winback evaluation",
         "",
         f"Holdout: {len(holdout)} decision points from {first_time} on "
-        f"({len(points)} decision points {'from then on' if cut is not None else 'in the history'}, "
+        f"({len(points)} decision points {'of sampled orders from then on' if cut is not None else 'in the history'}, "
         f"{history.attempts['order_id'].nunique()} orders in the history). "
         f"Reward: {reward}.",
         "",

@@ -15,6 +15,14 @@ export DO_NOT_TRACK := true
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed -e 's/^## //' | awk -F': ' '{printf "  %-8s %s\n", $$1, $$2}'
 
+# Debian's chromium is the browser of the end-to-end tests (playwright cannot download its own here).
+SYSTEM_STAMP := $(VENV)/.system-stamp
+$(SYSTEM_STAMP):
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }; }
+	@mkdir -p $(VENV) && touch $(SYSTEM_STAMP)
+
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "winback needs Python >= 3.11, found " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +49,7 @@ lint: $(STAMP)
 
 ## test: lint, then the whole test suite
 .PHONY: test
-test: lint
+test: lint $(SYSTEM_STAMP)
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 # wrk is the load generator of the API benchmark (C, light on the CPU the servers need); Debian's package.

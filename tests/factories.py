@@ -472,3 +472,52 @@ def write_merchant_config(path: Path, merchant_ids: list[str]) -> Path:
     }
     path.write_text(yaml.safe_dump({"merchants": merchants}, sort_keys=False), encoding="utf-8")
     return path
+
+
+def write_console_config(path: Path) -> Path:
+    """A merchant config for the agent console's tests: assisted merchants ``m_a`` (links by WhatsApp and email
+    only) and ``m_b``, and autonomous ``m_auto``; no quiet hours and links from Day 0, so what an agent may do
+    does not depend on the hour the tests run. API key of merchant ``m``: ``"wb_demo_<m>"``. Returns ``path``."""
+    import hashlib
+
+    import yaml
+
+    base = make_merchant(
+        mode="assisted",
+        retarget={"skip_days": 0, "quiet_hours": {"start": "00:00", "end": "00:00", "timezone": "Asia/Kolkata"}},
+    ).model_dump(mode="json", exclude={"providers", "connector_endpoints", "webhook"})
+    merchants = {
+        merchant_id: base
+        | {"mode": mode, "api_key_sha256": hashlib.sha256(f"wb_demo_{merchant_id}".encode()).hexdigest()}
+        for merchant_id, mode in (("m_a", "assisted"), ("m_b", "assisted"), ("m_auto", "autonomous"))
+    }
+    merchants["m_a"]["retarget"] = merchants["m_a"]["retarget"] | {"channels": ["whatsapp", "email"]}
+    path.write_text(yaml.safe_dump({"merchants": merchants}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+#: New error codes of ``make_new_code_history``: (connector, old code) -> (new code, "retryable" or "final").
+NEW_CODES: dict[tuple[str, str], tuple[str, str]] = {
+    ("adyen", "Acquirer Error"): ("ADY_NEW_T1", "retryable"),
+    ("cybersource", "PROCESSOR_UNAVAILABLE"): ("CYB_NEW_T2", "retryable"),
+    ("adyen", "Stolen Card"): ("ADY_NEW_H1", "final"),
+    ("cybersource", "STOLEN_LOST_CARD"): ("CYB_NEW_H2", "final"),
+}
+NEW_CODE_MESSAGE = "Transaction declined"
+
+
+def make_new_code_history(n_orders: int = 1500, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``make_history_frames`` where two connectors changed vocabulary: the codes of ``NEW_CODES`` are renamed to
+    codes no catalog knows, all with the same bland message and no network code, so only their outcomes tell a
+    retryable new code (a technical error underneath) from a final one (a stolen card underneath)."""
+    attempts, nudges = make_history_frames(n_orders, seed=seed)
+    for (_connector, old), (new, _kind) in NEW_CODES.items():
+        # Cascades keep the failing attempt's code in the factory, so rename by code, whatever the connector.
+        mask = attempts["error_code"] == old
+        attempts.loc[mask, "error_code"] = new
+        attempts.loc[mask, "error_message"] = NEW_CODE_MESSAGE
+        attempts.loc[mask, "network_decline_code"] = None
+    attempts["created_at"] = attempts["created_at"].dt.floor("us")
+    for column in ("sent_at", "clicked_at"):
+        nudges[column] = nudges[column].dt.floor("us")
+    return attempts, nudges

@@ -40,6 +40,7 @@ from service.api.schemas import (
 )
 from service.api.settings import Settings
 from service.api.store import DecisionWriter, ForeignDecisionError, OutcomeConflictError, Store, make_engine
+from service.console.routes import mount_console
 from service.executor.routes import router as executor_router
 
 log = logging.getLogger("winback.api")
@@ -242,6 +243,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(executor_router)
+    mount_console(app)
     return app
 
 

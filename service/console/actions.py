@@ -1,0 +1,336 @@
+"""What an agent can do to an order waiting for it, each carried out by the executor and written to the audit log.
+
+Every action is judged first by the hard rules (``model.rules.check``) on the order's decision request as of now;
+an action a rule forbids is refused with the rule's name, and nothing is carried out. A permitted action goes
+through ``Executor.act_on_queued``: the recommendation itself is approved (or rejected, to stop); an action of the
+agent's own choosing (a link on another channel, another retry, an override) is recorded as a decision of model
+``agent`` that supersedes the queued one, then approved, so the executor carries it out like any decision.
+The audit row is written before the executor acts (``requested``) and settled after (``done`` or ``failed``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import sqlalchemy as sa
+
+from model.catalog import ErrorCatalog
+from model.policy import new_decision_id
+from model.requests import Alternative, Decision
+from model.rules import Candidate, RuleInputError, build_context, check
+from model.vocab import Action, Channel
+from service.api.store import decision_row, decisions
+from service.console.auth import Agent
+from service.console.store import audit_log
+from service.console.views import channel_name, describe_decision
+from service.executor.core import AgentQueueError, Executor, OrderNotFoundError
+from service.executor.store import OrderState, agent_queue, orders
+
+log = logging.getLogger("winback.console")
+
+AgentAction = Literal["approve", "send_link", "retry", "stop", "override"]
+AGENT_ACTIONS: tuple[str, ...] = ("approve", "send_link", "retry", "stop", "override")
+AGENT_MODEL_VERSION = "agent"
+MAX_REASON_LENGTH = 1000
+
+
+@dataclass(frozen=True)
+class ActionRequest:
+    """What the agent asked for: the action, and the channel, alternative or reason it needs."""
+
+    action: str
+    channel: str | None = None
+    alternative: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """How it went: ``done``, ``refused`` (a hard rule or the order's state forbids it) or ``failed``."""
+
+    result: Literal["done", "refused", "failed"]
+    message: str
+    rules: list[str] = field(default_factory=list)
+    state: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the action was carried out."""
+        return self.result == "done"
+
+
+class UnknownOrderError(LookupError):
+    """The agent's merchant has no such order."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    candidate: Candidate
+    detail: str
+    via_queue: Literal["approve", "reject"] | None  # the queued decision as it is, or None: the agent's own
+    p_success: float
+
+
+def _candidate_of(decision: Decision | Alternative, now: datetime) -> Candidate:
+    return Candidate(
+        action=decision.action,
+        execute_at=max(decision.execute_at.astimezone(UTC), now),
+        strategy=decision.strategy,
+        connector=decision.connector,
+        channel=decision.channel,
+    )
+
+
+def _same(candidate: Candidate, decision: Decision | Alternative) -> bool:
+    return (candidate.action, candidate.strategy, candidate.connector, candidate.channel) == (
+        decision.action,
+        decision.strategy,
+        decision.connector,
+        decision.channel,
+    )
+
+
+class ActionRefusedError(Exception):
+    """The action cannot be planned (bad input or nothing to act on); the message says why."""
+
+
+def _plan(ask: ActionRequest, pending: Decision, now: datetime) -> _Plan:
+    if ask.action == "approve":
+        return _Plan(
+            _candidate_of(pending, now),
+            f"carry out the recommendation: {describe_decision(pending)}",
+            "approve",
+            pending.expected_success,
+        )
+    if ask.action == "stop":
+        return _Plan(Candidate(Action.STOP, now), "stop recovering this order", "reject", 0.0)
+    if ask.action == "send_link":
+        try:
+            channel = Channel(ask.channel or "")
+        except ValueError:
+            raise ActionRefusedError(
+                f"unknown channel {ask.channel!r}: choose one of {', '.join(c.value for c in Channel)}"
+            ) from None
+        candidate = Candidate(Action.RETARGET, now, channel=channel)
+        options: list[Decision | Alternative] = [pending, *pending.alternatives]
+        p = next(
+            (
+                option.p_success if isinstance(option, Alternative) else option.expected_success
+                for option in options
+                if _same(candidate, option)
+            ),
+            0.0,
+        )
+        return _Plan(candidate, f"send a payment link by {channel_name(channel.value)} now", None, p)
+    if ask.action == "retry":
+        if pending.action == Action.RETRY:
+            return _Plan(
+                _candidate_of(pending, now),
+                f"schedule the recommended retry: {describe_decision(pending)}",
+                "approve",
+                pending.expected_success,
+            )
+        retry = next((alt for alt in pending.alternatives if alt.action == Action.RETRY), None)
+        if retry is None:
+            raise ActionRefusedError(
+                "no silent retry is permitted for this order (none among the recommendation's alternatives)"
+            )
+        return _Plan(
+            _candidate_of(retry, now), f"schedule the best retry: {describe_decision(retry)}", None, retry.p_success
+        )
+    if ask.action == "override":
+        if not ask.reason.strip():
+            raise ActionRefusedError("an override needs a reason: say why the recommendation is not followed")
+        if ask.alternative is None or not 0 <= ask.alternative < len(pending.alternatives):
+            raise ActionRefusedError("choose one of the listed alternatives to override the recommendation with")
+        chosen = pending.alternatives[ask.alternative]
+        via: Literal["reject"] | None = "reject" if chosen.action == Action.STOP else None
+        return _Plan(_candidate_of(chosen, now), f"override with: {describe_decision(chosen)}", via, chosen.p_success)
+    raise ActionRefusedError(f"unknown action {ask.action!r}: use one of {', '.join(AGENT_ACTIONS)}")
+
+
+class AgentDesk:
+    """Agents' actions on their merchant's orders, through the executor."""
+
+    def __init__(self, executor: Executor, catalog: ErrorCatalog, clock: Callable[[], datetime] | None = None) -> None:
+        self.executor = executor
+        self.catalog = catalog
+        self.clock = clock or executor.clock
+
+    def _audit(
+        self,
+        conn: sa.Connection,
+        agent: Agent,
+        order_id: str,
+        ask: ActionRequest,
+        detail: str,
+        result: str,
+        now: datetime,
+        *,
+        rules: list[str] | None = None,
+        message: str | None = None,
+        decision_id: str | None = None,
+    ) -> int:
+        inserted = conn.execute(
+            audit_log.insert().values(
+                merchant_id=agent.merchant_id,
+                order_id=order_id,
+                agent_id=agent.agent_id,
+                agent_name=agent.name,
+                action=ask.action if ask.action in AGENT_ACTIONS else "unknown",
+                detail=detail[:2000],
+                reason=ask.reason.strip()[:MAX_REASON_LENGTH] or None,
+                result=result,
+                rules=",".join(rules or []) or None,
+                message=message,
+                decision_id=decision_id,
+                created_at=now,
+            )
+        )
+        key = inserted.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    def perform(self, agent: Agent, order_id: str, ask: ActionRequest) -> ActionResult:
+        """Judge ``ask`` by the hard rules and, if permitted, carry it out; always leaves an audit row.
+
+        UnknownOrderError when the agent's merchant has no such order (another merchant's order included).
+        """
+        now = self.clock()
+        merchant = self.executor.merchant(agent.merchant_id)
+        with self.executor.engine.begin() as conn:
+            order = (
+                conn.execute(
+                    sa.select(orders).where(orders.c.merchant_id == agent.merchant_id, orders.c.order_id == order_id)
+                )
+                .mappings()
+                .first()
+            )
+            if order is None:
+                raise UnknownOrderError(f"order {order_id!r} is not known")
+            item = (
+                conn.execute(
+                    sa.select(agent_queue)
+                    .where(
+                        agent_queue.c.merchant_id == agent.merchant_id,
+                        agent_queue.c.order_id == order_id,
+                        agent_queue.c.state == "pending",
+                    )
+                    .order_by(agent_queue.c.item_id.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
+            if order["state"] != OrderState.AWAITING_AGENT or item is None:
+                message = (
+                    f"order {order_id} is {order['state']}: agents act only on orders waiting for them "
+                    "(assisted mode); winback runs this one by itself"
+                )
+                self._audit(
+                    conn, agent, order_id, ask, f"{ask.action} (not possible now)", "refused", now, message=message
+                )
+                return ActionResult("refused", message, state=order["state"])
+            pending = Decision.model_validate_json(item["decision_json"])
+            try:
+                plan = _plan(ask, pending, now)
+                request = self.executor.request_for(conn, order, now)
+                verdict = check(build_context(request, merchant, self.catalog), plan.candidate)
+            except (ActionRefusedError, RuleInputError) as exc:
+                self._audit(conn, agent, order_id, ask, ask.action, "refused", now, message=str(exc))
+                return ActionResult("refused", str(exc), state=order["state"])
+            if not verdict.allowed:
+                rules = [str(rule) for rule in verdict.broken]
+                message = f"refused by the hard rules: {', '.join(rules)}"
+                self._audit(conn, agent, order_id, ask, plan.detail, "refused", now, rules=rules, message=message)
+                return ActionResult("refused", message, rules=rules, state=order["state"])
+            decision_id: str | None = pending.decision_id
+            if plan.via_queue is None:
+                decision = self._agent_decision(
+                    agent,
+                    ask,
+                    pending,
+                    plan,
+                    request_rules=build_context(request, merchant, self.catalog).rules_applied,
+                )
+                decision_id = decision.decision_id
+                conn.execute(decisions.insert().values(**decision_row(request, decision, created_at=now)))
+                conn.execute(
+                    agent_queue.update()
+                    .where(agent_queue.c.item_id == item["item_id"])
+                    .values(
+                        state="superseded", agent=agent.name, reason=ask.reason.strip() or plan.detail, acted_at=now
+                    )
+                )
+                conn.execute(
+                    agent_queue.insert().values(
+                        merchant_id=agent.merchant_id,
+                        order_id=order_id,
+                        decision_id=decision.decision_id,
+                        decision_json=decision.model_dump_json(),
+                        request_json=request.model_dump_json(),
+                        state="pending",
+                        created_at=now,
+                    )
+                )
+            audit_id = self._audit(conn, agent, order_id, ask, plan.detail, "requested", now, decision_id=decision_id)
+        verb = plan.via_queue or "approve"
+        try:
+            state = self.executor.act_on_queued(
+                order_id, verb, agent.name, ask.reason.strip() or plan.detail, agent.merchant_id
+            )
+        except (AgentQueueError, OrderNotFoundError) as exc:
+            message = f"the order changed meanwhile: {exc}"
+            self._settle(audit_id, "failed", message)
+            return ActionResult("failed", message)
+        message = f"{plan.detail[0].upper()}{plan.detail[1:]}: done; the order is {state}"
+        self._settle(audit_id, "done", message)
+        log.info(
+            "agent action",
+            extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name, "action": ask.action},
+        )
+        return ActionResult("done", message, state=state)
+
+    def _settle(self, audit_id: int, result: str, message: str) -> None:
+        with self.executor.engine.begin() as conn:
+            conn.execute(
+                audit_log.update().where(audit_log.c.audit_id == audit_id).values(result=result, message=message)
+            )
+
+    @staticmethod
+    def _agent_decision(
+        agent: Agent, ask: ActionRequest, pending: Decision, plan: _Plan, request_rules: tuple[str, ...]
+    ) -> Decision:
+        candidate = plan.candidate
+        recommendation = Alternative(
+            action=pending.action,
+            strategy=pending.strategy,
+            connector=pending.connector,
+            channel=pending.channel,
+            execute_at=pending.execute_at,
+            p_success=pending.expected_success,
+        )
+        reason = ask.reason.strip()
+        return Decision(
+            decision_id=new_decision_id(None),
+            model_version=AGENT_MODEL_VERSION,
+            action=candidate.action,
+            strategy=candidate.strategy if candidate.action == Action.RETRY else None,
+            connector=candidate.connector if candidate.action == Action.RETRY else None,
+            channel=candidate.channel if candidate.action == Action.RETARGET else None,
+            execute_at=candidate.execute_at,
+            retryable=pending.retryable,
+            retry_probability=pending.retry_probability,
+            expected_success=round(plan.p_success, 6),
+            propensity=1.0,
+            alternatives=[recommendation],
+            reasons=[
+                f"chosen by agent {agent.name}" + (f": {reason}" if reason else ""),
+                f"instead of model {pending.model_version}: {describe_decision(pending)}",
+            ],
+            rules_applied=list(request_rules),
+        )

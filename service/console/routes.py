@@ -1,0 +1,458 @@
+"""The agent console's pages (``/console/...``): server-rendered Jinja2 with htmx for partial updates.
+
+Every page needs a signed-in agent and shows only that agent's merchant; every POST needs the session's CSRF
+token. ``mount_console(app)`` adds the routes and the static files to the API app.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote, urlencode
+
+import jinja2
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from service.api.deps import Runtime, RuntimeDep
+from service.console.actions import ActionRequest, AgentDesk, UnknownOrderError
+from service.console.auth import LoginLimiter, Session, SessionStore, Signer, authenticate, csrf_matches
+from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
+from service.console.settings import ConsoleSettings
+from service.console.views import (
+    ACTION_FILTERS,
+    STATE_FILTERS,
+    QueueFilter,
+    age,
+    channel_name,
+    describe_decision,
+    load_order,
+    load_queue,
+    local_time,
+    merchant_zone,
+    money,
+)
+from service.executor.routes import ExecutorDep, ExecutorRuntime
+
+log = logging.getLogger("winback.console")
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "wb_console"
+LOGIN_COOKIE = "wb_console_login"
+COOKIE_PATH = "/console"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+MAX_FORM_BYTES = 16_384
+PERIODS = (7, 30, 90)
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass
+class ConsoleRuntime:
+    """The console's per-process parts: settings, cookie signer, sign-in limiter, chart cache and clock."""
+
+    settings: ConsoleSettings
+    signer: Signer
+    limiter: LoginLimiter
+    charts: ChartCache
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    def sessions(self, executor: ExecutorRuntime) -> SessionStore:
+        """The session store over the executor's database."""
+        return SessionStore(
+            executor.executor.engine,
+            lifetime=timedelta(hours=self.settings.session_hours),
+            idle=timedelta(minutes=self.settings.session_idle_minutes),
+            clock=self.clock,
+        )
+
+
+def build_console_runtime(settings: ConsoleSettings | None = None) -> ConsoleRuntime:
+    """The console runtime from ``WINBACK_*`` settings (ValueError names a placeholder secret outside dev)."""
+    settings = settings or ConsoleSettings()
+    return ConsoleRuntime(
+        settings=settings,
+        signer=Signer(settings.console_secret.get_secret_value()),
+        limiter=LoginLimiter(
+            settings.login_max_failures, settings.login_max_failures_per_ip, settings.login_window_minutes * 60
+        ),
+        charts=ChartCache(settings.chart_cache_seconds),
+    )
+
+
+def get_console(request: Request) -> ConsoleRuntime:
+    """The app's console runtime, built on first use (tests may put one on ``app.state.console``)."""
+    found: ConsoleRuntime | None = getattr(request.app.state, "console", None)
+    if found is None:
+        found = build_console_runtime()
+        request.app.state.console = found
+    return found
+
+
+ConsoleDep = Annotated[ConsoleRuntime, Depends(get_console)]
+
+
+# ----------------------------------------------------------------------------------------------- templates
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+@functools.cache
+def templates() -> jinja2.Environment:
+    """The console's templates, loaded once per process."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(money=money, pct=_pct, channel=channel_name, describe=describe_decision)
+    env.globals.update(local_time=local_time, age=age, urlencode=urlencode)
+    return env
+
+
+def _page(
+    template: str, status_code: int = 200, headers: Mapping[str, str] | None = None, **context: Any
+) -> HTMLResponse:
+    html = templates().get_template(template).render(**context)
+    return HTMLResponse(html, status_code=status_code, headers={**_SECURITY_HEADERS, **(headers or {})})
+
+
+def _secure(request: Request, console: ConsoleRuntime) -> bool:
+    forced = console.settings.cookie_secure
+    return forced if forced is not None else request.url.scheme == "https"
+
+
+def _set_cookie(
+    response: Response, request: Request, console: ConsoleRuntime, name: str, value: str, max_age: int
+) -> None:
+    response.set_cookie(
+        name,
+        console.signer.sign(value),
+        max_age=max_age,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="lax",
+        secure=_secure(request, console),
+    )
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The urlencoded form body (first value of each field); an oversized or non-form body gives {}."""
+    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        return {}
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        return {}
+    parsed = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    return {key: values[0] for key, values in parsed.items()}
+
+
+async def _session(request: Request, console: ConsoleRuntime, executor: ExecutorRuntime) -> Session | None:
+    token = console.signer.unsign(request.cookies.get(SESSION_COOKIE))
+    if token is None:
+        return None
+    return await run_in_threadpool(console.sessions(executor).load, token)
+
+
+def _to_login(request: Request) -> Response:
+    target = "/console/login?next=" + quote(request.url.path, safe="/")
+    if request.headers.get("hx-request"):
+        return Response(status_code=401, headers={"HX-Redirect": target})
+    return RedirectResponse(target, status_code=303)
+
+
+def _csrf_ok(session: Session, request: Request, form: Mapping[str, str]) -> bool:
+    return csrf_matches(session.csrf_token, form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER))
+
+
+def _forbidden() -> HTMLResponse:
+    return _page(
+        "message.html",
+        status_code=403,
+        title="Request refused",
+        message=(
+            "This form has expired or did not come from the console (missing CSRF token). "
+            "Reload the page and try again."
+        ),
+        session=None,
+    )
+
+
+def _base(session: Session, runtime: Runtime, active: str) -> dict[str, Any]:
+    merchant = runtime.config.merchants[session.agent.merchant_id]
+    return {
+        "session": session,
+        "agent": session.agent,
+        "merchant": merchant,
+        "zone": merchant_zone(merchant),
+        "active": active,
+    }
+
+
+# --------------------------------------------------------------------------------------------------- pages
+
+
+@router.get("", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse)
+async def home() -> Response:
+    """The console starts at the queue."""
+    return RedirectResponse("/console/queue", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_page(request: Request, console: ConsoleDep, next: str = "/console/queue") -> Response:
+    """The sign-in form (a fresh login CSRF token in a signed cookie and the form)."""
+    return _login_form(request, console, next)
+
+
+def _login_form(
+    request: Request, console: ConsoleRuntime, next_url: str, error: str = "", status_code: int = 200, name: str = ""
+) -> Response:
+    import secrets
+
+    nonce = secrets.token_urlsafe(24)
+    response = _page(
+        "login.html",
+        status_code=status_code,
+        csrf=nonce,
+        next=_safe_next(next_url),
+        error=error,
+        name=name,
+        session=None,
+    )
+    _set_cookie(response, request, console, LOGIN_COOKIE, nonce, max_age=3600)
+    return response
+
+
+def _safe_next(target: str) -> str:
+    # Only paths inside the console: never an open redirect to another site.
+    return (
+        target
+        if target.startswith("/console/") and not target.startswith("//") and "\\" not in target
+        else "/console/queue"
+    )
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) -> Response:
+    """Check the name and password (throttled per name and client); start a session on success."""
+    form = await _form(request)
+    expected = console.signer.unsign(request.cookies.get(LOGIN_COOKIE))
+    if expected is None or not csrf_matches(expected, form.get(CSRF_FIELD)):
+        return _forbidden()
+    name, password = form.get("name", "").strip(), form.get("password", "")
+    next_url = form.get("next", "/console/queue")
+    client = _client(request)
+    wait = console.limiter.retry_after(name, client)
+    if wait > 0:
+        minutes = max(1, round(wait / 60))
+        return _login_form(
+            request,
+            console,
+            next_url,
+            f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes != 1 else ''}.",
+            429,
+            name,
+        )
+    agent = (
+        await run_in_threadpool(authenticate, executor.executor.engine, name, password) if name and password else None
+    )
+    if agent is None or agent.merchant_id not in executor.executor.config.merchants:
+        console.limiter.failed(name, client)
+        log.warning("console sign-in failed", extra={"agent": name[:128], "client": client})
+        return _login_form(request, console, next_url, "Wrong name or password.", 401, name)
+    console.limiter.succeeded(name)
+    session = await run_in_threadpool(console.sessions(executor).create, agent)
+    response = RedirectResponse(_safe_next(next_url), status_code=303)
+    _set_cookie(
+        response, request, console, SESSION_COOKIE, session.token, max_age=int(console.settings.session_hours * 3600)
+    )
+    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
+    log.info("console sign-in", extra={"agent": agent.name, "merchant_id": agent.merchant_id})
+    return response
+
+
+@router.post("/logout", response_class=HTMLResponse)
+async def logout(request: Request, console: ConsoleDep, executor: ExecutorDep) -> Response:
+    """End the session (CSRF-checked) and go back to the sign-in page."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return _to_login(request)
+    if not _csrf_ok(session, request, await _form(request)):
+        return _forbidden()
+    await run_in_threadpool(console.sessions(executor).revoke, session.token)
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
+    return response
+
+
+@router.get("/queue", response_class=HTMLResponse)
+async def queue_page(request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep) -> Response:
+    """Open orders of the agent's merchant, filtered and sorted; htmx requests get only the table."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return _to_login(request)
+    chosen = QueueFilter.parse(request.query_params)
+    queue = await run_in_threadpool(
+        load_queue,
+        executor.executor.engine,
+        runtime.catalog,
+        session.agent.merchant_id,
+        chosen,
+        console.clock(),
+        console.settings.queue_limit,
+    )
+    context = _base(session, runtime, "queue") | {
+        "queue": queue,
+        "chosen": chosen,
+        "now": console.clock(),
+        "states": STATE_FILTERS,
+        "actions": ACTION_FILTERS,
+    }
+    if request.headers.get("hx-request") and request.headers.get("hx-target") == "queue-results":
+        return _page("queue_rows.html", **context)
+    return _page("queue.html", **context)
+
+
+async def _order_context(
+    console: ConsoleRuntime, executor: ExecutorRuntime, runtime: Runtime, session: Session, order_id: str
+) -> dict[str, Any] | None:
+    page = await run_in_threadpool(
+        load_order, executor.executor.engine, runtime.catalog, session.agent.merchant_id, order_id
+    )
+    if page is None:
+        return None
+    return _base(session, runtime, "queue") | {"page": page, "now": console.clock(), "result": None}
+
+
+def _not_found(session: Session, runtime: Runtime, order_id: str) -> HTMLResponse:
+    return _page(
+        "message.html",
+        status_code=404,
+        title="Order not found",
+        message=f"There is no order {order_id} for your merchant.",
+        **_base(session, runtime, "queue"),
+    )
+
+
+@router.get("/orders/{order_id}", response_class=HTMLResponse)
+async def order_page(
+    order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
+) -> Response:
+    """One order: its recommendation, the actions an agent may take, the timeline and the audit log."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return _to_login(request)
+    context = await _order_context(console, executor, runtime, session, order_id)
+    if context is None:
+        return _not_found(session, runtime, order_id)
+    return _page("order.html", **context)
+
+
+@router.post("/orders/{order_id}/actions", response_class=HTMLResponse)
+async def order_action(
+    order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
+) -> Response:
+    """Carry out an agent's action through the executor (refused with the rule's name when a hard rule forbids it)."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return _to_login(request)
+    form = await _form(request)
+    if not _csrf_ok(session, request, form):
+        return _forbidden()
+    alternative = form.get("alternative", "")
+    ask = ActionRequest(
+        action=form.get("action", ""),
+        channel=form.get("channel") or None,
+        alternative=int(alternative) if alternative.isdigit() else None,
+        reason=form.get("reason", "")[:1000],
+    )
+    desk = AgentDesk(executor.executor, runtime.catalog, clock=console.clock)
+    try:
+        result = await run_in_threadpool(desk.perform, session.agent, order_id, ask)
+    except UnknownOrderError:
+        return _not_found(session, runtime, order_id)
+    context = await _order_context(console, executor, runtime, session, order_id)
+    if context is None:  # pragma: no cover - the order existed a moment ago and orders are never deleted
+        return _not_found(session, runtime, order_id)
+    context["result"] = result
+    status_code = 200 if result.ok else 409
+    if request.headers.get("hx-request"):
+        # htmx swaps 2xx answers only: a refusal is still shown, with its reason, in the same place.
+        return _page("order_body.html", **context)
+    return _page("order.html", status_code=status_code, **context)
+
+
+@router.get("/performance", response_class=HTMLResponse)
+async def performance_page(
+    request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep, days: int = 30
+) -> Response:
+    """Headline numbers and the four charts for the agent's merchant."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return _to_login(request)
+    days = days if days in PERIODS else 30
+    base = _base(session, runtime, "performance")
+    data = await run_in_threadpool(
+        load_performance, executor.executor.engine, session.agent.merchant_id, base["zone"], console.clock(), days
+    )
+    return _page("performance.html", **base, days=days, periods=PERIODS, charts=CHARTS, numbers=summary(data))
+
+
+@router.get("/charts/{name}.png")
+async def chart(
+    name: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep, days: int = 30
+) -> Response:
+    """One chart as a PNG (rendered on request, cached for a minute per merchant, chart and period)."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return Response(status_code=401)
+    days = days if days in PERIODS else 30
+    merchant_id = session.agent.merchant_id
+    zone = merchant_zone(runtime.config.merchants[merchant_id])
+
+    def draw() -> bytes:
+        return render_chart(name, executor.executor.engine, runtime.catalog, merchant_id, zone, console.clock(), days)
+
+    try:
+        png = await run_in_threadpool(console.charts.get, (merchant_id, name, days), draw)
+    except UnknownChartError as exc:
+        return Response(str(exc), status_code=404, media_type="text/plain")
+    return Response(
+        png,
+        media_type="image/png",
+        headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def mount_console(app: FastAPI) -> None:
+    """Add the console's pages and static files (``/console/static``) to ``app``."""
+    app.include_router(router)
+    app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")

@@ -1,0 +1,58 @@
+"""The console's durable state: agents (each bound to one merchant), their sessions, and the audit log.
+
+The tables live in the API's ``metadata``; ``service/migrations/versions/0003_console.py`` creates them.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from service.api.store import metadata
+from service.executor.store import BigId
+
+agents = sa.Table(
+    "console_agents",
+    metadata,
+    sa.Column("agent_id", BigId, primary_key=True, autoincrement=True),
+    # Sign-in names are unique across merchants, so the sign-in form needs no merchant field.
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("password_hash", sa.String(512), nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("password_changed_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    # Only a hash of the session token is stored: a leaked table cannot be replayed as cookies.
+    sa.Column("token_sha256", sa.String(64), primary_key=True),
+    sa.Column("agent_id", BigId, nullable=False),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_console_sessions_agent", "agent_id"),
+)
+
+audit_log = sa.Table(
+    "console_audit",
+    metadata,
+    sa.Column("audit_id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("agent_id", BigId, nullable=False),
+    sa.Column("agent_name", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),  # send_link | approve | retry | stop | override
+    sa.Column("detail", sa.Text, nullable=False),  # what was asked, in words
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("result", sa.String(16), nullable=False),  # requested | done | refused | failed
+    sa.Column("rules", sa.Text, nullable=True),  # names of the hard rules that refused it, comma-separated
+    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("decision_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_console_audit_order", "merchant_id", "order_id"),
+)

@@ -1,0 +1,311 @@
+"""The agent console in a real browser: Debian's chromium driven by Playwright against the real server
+(uvicorn in a subprocess, SQLite in a temp dir, rules-only decisions).
+
+Skipped when /usr/bin/chromium or Playwright is missing on a developer's machine; in CI (``CI`` set) that fails.
+Screenshots of every page land in the test's tmp dir (``console-*.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.factories import make_request, write_console_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+AGENT, OTHER_AGENT, PASSWORD = "asha@m_a", "bo@m_b", "correct horse battery"
+
+
+def _require_browser() -> Any:
+    missing = None
+    if not CHROMIUM.exists():
+        missing = f"{CHROMIUM} is not installed (apt-get install -y chromium)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            missing = "the playwright package is not installed (pip install playwright)"
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: {missing}")
+        pytest.skip(missing)
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _event(merchant_id: str, order_id: str, days_ago: float, **overrides: Any) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    first = now - timedelta(days=days_ago)
+    nudges = overrides.pop("nudges", [])
+    body: dict[str, Any] = json.loads(
+        make_request(
+            merchant_id=merchant_id,
+            order_id=order_id,
+            event_time=now.isoformat(),
+            history={
+                "attempts": [
+                    {
+                        "attempt_number": 1,
+                        "connector": "stripe",
+                        "strategy": "initial",
+                        "status": "failure",
+                        "error_code": overrides.get("failure", {}).get("error_code", "card_declined"),
+                        "created_at": first.isoformat(),
+                    }
+                ],
+                "nudges": nudges,
+            },
+            **overrides,
+        ).model_dump_json()
+    )
+    return body | {"idempotency_key": f"evt_{order_id}"}
+
+
+_FAILURES = [
+    {},
+    {
+        "error_code": "processing_error",
+        "error_message": "An error occurred while processing.",
+        "network_decline_code": "96",
+    },
+    {"error_code": "stolen_card", "error_message": "The card was reported stolen.", "network_decline_code": "43"},
+    {"error_code": "do_not_honor", "error_message": "The card was declined.", "network_decline_code": "05"},
+    {"error_code": "expired_card", "error_message": "The card has expired.", "network_decline_code": "54"},
+]
+
+
+def seed(url: str) -> None:
+    """Failed orders of m_a over the last week (some with clicked links, some recovered) and one of m_b."""
+    with httpx.Client(base_url=url, timeout=20) as client:
+        for index in range(24):
+            days_ago = (index % 6) + 0.3
+            sent = datetime.now(UTC) - timedelta(days=days_ago - 0.2, hours=index % 9)
+            nudges = []
+            if index % 3 == 0:
+                clicked = (sent + timedelta(minutes=30)).isoformat() if index % 2 == 0 else None
+                channel = ("whatsapp", "email", "sms")[index % 3 // 1 % 3] if index % 4 else "email"
+                nudges = [{"channel": channel, "sent_at": sent.isoformat(), "delivered": True, "clicked_at": clicked}]
+            body = _event(
+                "m_a",
+                f"ord_{1000 + index}",
+                days_ago,
+                amount=float(199 + 137 * (index % 7)),
+                failure=_FAILURES[index % len(_FAILURES)],
+                nudges=nudges,
+            )
+            answer = client.post(
+                "/v1/events/payment-failed", json=body, headers={"Authorization": "Bearer wb_demo_m_a"}
+            )
+            assert answer.status_code == 202, answer.text
+            if index % 4 == 1:
+                done = {
+                    "order_id": body["order_id"],
+                    "txn_id": f"txn_ext_{index}",
+                    "occurred_at": datetime.now(UTC).isoformat(),
+                    "idempotency_key": f"ok_{index}",
+                }
+                ok = client.post(
+                    "/v1/events/payment-succeeded", json=done, headers={"Authorization": "Bearer wb_demo_m_a"}
+                )
+                assert ok.status_code == 202, ok.text
+        other = client.post(
+            "/v1/events/payment-failed",
+            json=_event("m_b", "ord_other_merchant", 1.0),
+            headers={"Authorization": "Bearer wb_demo_m_b"},
+        )
+        assert other.status_code == 202, other.text
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real API app with the console, on a free port, with two agents and seeded orders."""
+    _require_browser()
+    from service.console.admin import create_agent
+
+    folder = tmp_path_factory.mktemp("console-e2e")
+    config = write_console_config(folder / "merchants.yaml")
+    database = f"sqlite:///{folder / 'winback.db'}"
+    create_agent(database, "m_a", AGENT, PASSWORD, config)
+    create_agent(database, "m_b", OTHER_AGENT, PASSWORD, config)
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WINBACK_") and k != "MLFLOW_TRACKING_URI"},
+        "WINBACK_CONFIG_PATH": str(config),
+        "WINBACK_DATABASE_URL": database,
+        "WINBACK_LOAD_MODEL": "false",
+        "WINBACK_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    log = (folder / "server.log").open("w+b")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "service.api.app:app_from_env",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise AssertionError(f"server did not start:\n{log.read().decode(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        seed(url)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - only if uvicorn hangs on shutdown
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def browser_page(server: str) -> Iterator[Any]:
+    sync_playwright = _require_browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=server)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        try:
+            yield page
+        finally:
+            context.close()
+            browser.close()
+
+
+def _sign_in(page: Any, name: str, password: str = PASSWORD) -> None:
+    page.goto("/console/login")
+    page.get_by_label("Agent name").fill(name)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def _shot(page: Any, folder: Path, name: str, full_page: bool = True) -> Path:
+    path = folder / f"console-{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+def test_agent_works_the_queue_acts_on_an_order_and_reads_the_charts(browser_page: Any, tmp_path: Path) -> None:
+    page = browser_page
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    table = page.get_by_test_id("queue-table")
+    assert table.locator("tbody tr").count() >= 10
+    assert "ord_other_merchant" not in page.content()
+    _shot(page, tmp_path, "queue")
+
+    # Filter by an error class through htmx: the table updates in place and the URL follows.
+    page.get_by_test_id("filter-error-class").select_option("hard_decline")
+    page.wait_for_url("**error_class=hard_decline**")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=queue-table] tbody tr[data-order]')]"
+        ".every(r => r.dataset.errorClass === 'hard_decline')"
+    )
+    rows = table.locator("tbody tr[data-order]")
+    assert rows.count() >= 1
+    page.get_by_test_id("filter-error-class").select_option("")
+    page.get_by_test_id("filter-state").select_option("AWAITING_AGENT")
+    page.wait_for_url("**state=AWAITING_AGENT**")
+
+    # Open the first order waiting for an agent and send it a payment link by email now.
+    first = table.locator("tbody tr[data-state=AWAITING_AGENT] a.order-link").first
+    order_id = first.inner_text()
+    first.click()
+    page.wait_for_url(f"**/console/orders/{order_id}")
+    assert page.get_by_test_id("order-state").inner_text() == "Waiting for agent"
+    _shot(page, tmp_path, "order")
+    page.get_by_test_id("link-channel").select_option("email")
+    page.get_by_test_id("send-link").click()
+    result = page.get_by_test_id("result")
+    result.wait_for()
+    assert "done" in result.inner_text()
+    assert page.get_by_test_id("order-state").inner_text() == "Automatic"
+    audit = page.get_by_test_id("audit")
+    assert AGENT in audit.inner_text()
+    assert "send a payment link by email now" in audit.inner_text()
+    assert "Decision: Payment link by email" in page.get_by_test_id("timeline").inner_text()
+    _shot(page, tmp_path, "order-after-action")
+
+    # The performance page's four pictures load.
+    page.get_by_role("link", name="Performance").click()
+    page.wait_for_url("**/console/performance")
+    for name in ("funnel", "recovery", "retryability", "heatmap"):
+        image = page.get_by_test_id(f"chart-{name}")
+        image.scroll_into_view_if_needed()
+        page.wait_for_function(
+            "(el) => el.complete && el.naturalWidth > 300", arg=image.element_handle(), timeout=15_000
+        )
+    _shot(page, tmp_path, "performance")
+
+    # Another merchant's order does not open, and the phone layout still works.
+    missing = page.goto("/console/orders/ord_other_merchant")
+    assert missing is not None
+    assert missing.status == 404
+    assert "There is no order ord_other_merchant for your merchant." in page.get_by_test_id("message").inner_text()
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto("/console/queue")
+    assert page.get_by_test_id("queue-table").locator("tbody tr").count() >= 1
+    _shot(page, tmp_path, "queue-phone", full_page=False)
+    print(f"console screenshots in {tmp_path}")
+
+
+def test_wrong_password_is_refused_and_sign_out_ends_the_session(browser_page: Any, tmp_path: Path) -> None:
+    page = browser_page
+    _sign_in(page, AGENT, "not the password")
+    assert page.get_by_test_id("login-error").inner_text() == "Wrong name or password."
+    _shot(page, tmp_path, "login-error")
+    _sign_in(page, OTHER_AGENT)
+    page.wait_for_url("**/console/queue")
+    assert "ord_other_merchant" in page.content()
+    assert "ord_1000" not in page.content()
+    page.get_by_test_id("logout").click()
+    page.wait_for_url("**/console/login")
+    page.goto("/console/queue")
+    page.wait_for_url("**/console/login?next=/console/queue")

@@ -1,0 +1,444 @@
+"""The agent console in process (real app, lifespan, SQLite in tmp_path, the rules-only decide()).
+
+Sign-in, sessions, CSRF, isolation between merchants, the queue's filters, actions through the executor with
+the hard rules and the audit log, and the performance charts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from pipelines.cli import app as cli
+from service.api.store import decisions
+from service.console.auth import AgentError, LoginLimiter, add_agent, hash_password, verify_password
+from service.console.routes import ConsoleRuntime, build_console_runtime
+from service.console.settings import ConsoleSettings
+from service.console.store import agents, audit_log
+from service.executor.store import actions, agent_queue, orders
+from tests.factories import make_request, write_console_config
+from tests.unit.test_api import Api, settings_for
+
+PASSWORD = "correct horse battery"
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+class Console:
+    """The app plus a cookie-keeping browser-like client."""
+
+    def __init__(self, api: Api, runtime: ConsoleRuntime) -> None:
+        self.api = api
+        self.console = runtime
+        api.app.state.console = runtime
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self.api.loop.run_until_complete(self.api.client.request(method, path, **kwargs))
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, data: dict[str, str], **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, data=data, **kwargs)
+
+    @property
+    def engine(self) -> sa.Engine:
+        from service.executor.routes import build_executor_runtime
+
+        if getattr(self.api.app.state, "executor", None) is None:
+            self.api.app.state.executor = build_executor_runtime(self.api.runtime)
+        engine: sa.Engine = self.api.app.state.executor.executor.engine
+        return engine
+
+    def fail_order(self, merchant_id: str, order_id: str, **overrides: Any) -> str:
+        now = datetime.now(UTC) - timedelta(seconds=1)
+        body = json.loads(
+            make_request(
+                merchant_id=merchant_id,
+                order_id=order_id,
+                event_time=now.isoformat(),
+                history={"attempts": [], "nudges": []},
+                **overrides,
+            ).model_dump_json()
+        ) | {"idempotency_key": f"evt_{order_id}"}
+        answer = self.api.post("/v1/events/payment-failed", body, key=f"wb_demo_{merchant_id}")
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["state"])
+
+    def sign_in(self, name: str, password: str = PASSWORD) -> httpx.Response:
+        page = self.get("/console/login")
+        token = CSRF_RE.search(page.text)
+        assert token is not None
+        return self.post("/console/login", {"csrf_token": token.group(1), "name": name, "password": password})
+
+    def csrf(self, path: str = "/console/queue") -> str:
+        found = CSRF_RE.search(self.get(path).text)
+        assert found is not None
+        return found.group(1)
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Console]:
+    from service.api.app import create_app
+
+    settings = settings_for(tmp_path, config_path=write_console_config(tmp_path / "console-merchants.yaml"))
+    api = Api(create_app(settings))
+    harness = Console(api, build_console_runtime(ConsoleSettings()))
+    add_agent(harness.engine, "m_a", "asha@m_a", PASSWORD)
+    add_agent(harness.engine, "m_b", "bo@m_b", PASSWORD)
+    yield harness
+    api.close()
+
+
+# ------------------------------------------------------------------------------------------------ passwords
+
+
+def test_password_hashes_are_salted_and_verify_only_the_right_password() -> None:
+    first, second = hash_password("s3cret-password", n=2**10), hash_password("s3cret-password", n=2**10)
+    assert first != second  # a fresh salt each time
+    assert first.startswith("scrypt$1024$8$1$")
+    assert verify_password("s3cret-password", first)
+    assert not verify_password("s3cret-passwore", first)
+    assert not verify_password("s3cret-password", "bcrypt$whatever")
+    assert not verify_password("s3cret-password", "scrypt$x$8$1$AA$AA")
+
+
+def test_add_agent_refuses_weak_passwords_bad_names_and_duplicates(console: Console) -> None:
+    with pytest.raises(AgentError, match="at least 10 characters"):
+        add_agent(console.engine, "m_a", "new@m_a", "short")
+    with pytest.raises(AgentError, match="must be 1-128 characters"):
+        add_agent(console.engine, "m_a", "has space", PASSWORD)
+    with pytest.raises(AgentError, match="exists already"):
+        add_agent(console.engine, "m_b", "ASHA@m_a", PASSWORD)
+    with console.engine.connect() as conn:
+        stored = conn.execute(sa.select(agents.c.password_hash).where(agents.c.name == "asha@m_a")).scalar_one()
+    assert PASSWORD not in stored
+
+
+def test_placeholder_console_secret_is_refused_outside_dev() -> None:
+    with pytest.raises(ValueError, match="WINBACK_CONSOLE_SECRET must be set"):
+        ConsoleSettings(env="prod")
+    assert ConsoleSettings(env="prod", console_secret="x" * 40).env == "prod"
+
+
+def test_cli_add_agent_takes_the_password_from_the_environment(tmp_path: Path) -> None:
+    config = write_console_config(tmp_path / "console-merchants.yaml")
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    args = ["console", "add-agent", "--merchant", "m_a", "--name", "cli@m_a", "--config", str(config)]
+    ok = CliRunner().invoke(cli, [*args, "--database-url", url], env={"WINBACK_AGENT_PASSWORD": PASSWORD})
+    assert ok.exit_code == 0, ok.output
+    assert "cli@m_a can now sign in" in ok.output
+    again = CliRunner().invoke(cli, [*args, "--database-url", url], env={"WINBACK_AGENT_PASSWORD": PASSWORD})
+    assert again.exit_code == 2
+    assert "exists already" in again.output
+    unknown = CliRunner().invoke(
+        cli,
+        [
+            "console",
+            "add-agent",
+            "--merchant",
+            "m_zz",
+            "--name",
+            "x@zz",
+            "--config",
+            str(config),
+            "--database-url",
+            url,
+        ],
+        env={"WINBACK_AGENT_PASSWORD": PASSWORD},
+    )
+    assert unknown.exit_code == 2
+    assert "unknown merchant 'm_zz'" in unknown.output
+
+
+def test_the_demo_agent_is_created_once_and_its_password_reset_on_every_demo(tmp_path: Path) -> None:
+    from service.console.admin import ensure_demo_agent
+    from service.console.auth import authenticate
+    from service.executor.store import make_executor_engine
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    first = ensure_demo_agent(url, "m_a", "demo@m_a", PASSWORD)
+    again = ensure_demo_agent(url, "m_a", "demo@m_a", "another long password")
+    assert first.agent_id == again.agent_id
+    engine = make_executor_engine(url)
+    assert authenticate(engine, "demo@m_a", PASSWORD) is None
+    assert authenticate(engine, "demo@m_a", "another long password") == again
+    engine.dispose()
+    with pytest.raises(AgentError, match="exists already for merchant 'm_a'"):
+        ensure_demo_agent(url, "m_b", "demo@m_a", PASSWORD)
+
+
+# ------------------------------------------------------------------------------------------ sign-in, session
+
+
+def test_pages_need_a_session_and_sign_in_sets_a_hardened_cookie(console: Console) -> None:
+    anonymous = console.get("/console/queue")
+    assert (anonymous.status_code, anonymous.headers["location"]) == (303, "/console/login?next=/console/queue")
+    signed_in = console.sign_in("asha@m_a")
+    assert (signed_in.status_code, signed_in.headers["location"]) == (303, "/console/queue")
+    cookie = signed_in.headers["set-cookie"]
+    assert "wb_console=" in cookie
+    assert "HttpOnly" in cookie
+    assert "SameSite=lax" in cookie or "samesite=lax" in cookie.lower()
+    assert "Path=/console" in cookie
+    assert "Secure" not in cookie  # plain http here; https requests get Secure
+    page = console.get("/console/queue")
+    assert page.status_code == 200
+    assert "asha@m_a" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_the_session_cookie_is_secure_over_https(console: Console) -> None:
+    console.api.loop.run_until_complete(console.api.client.aclose())
+    console.api.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=console.api.app), base_url="https://api")
+    signed_in = console.sign_in("asha@m_a")
+    assert signed_in.status_code == 303
+    assert "Secure" in signed_in.headers["set-cookie"]
+
+
+def test_wrong_password_is_refused_and_repeated_failures_are_throttled(console: Console) -> None:
+    console.console.limiter = LoginLimiter(max_per_name=3, max_per_client=100, window_seconds=900)
+    for _ in range(3):
+        wrong = console.sign_in("asha@m_a", "not the password")
+        assert wrong.status_code == 401
+        assert "Wrong name or password." in wrong.text
+    assert console.sign_in("nobody@nowhere").status_code == 401
+    locked = console.sign_in("asha@m_a")  # even the right password waits now
+    assert locked.status_code == 429
+    assert "Too many failed sign-ins" in locked.text
+    assert console.get("/console/queue").status_code == 303
+
+
+def test_every_post_without_the_csrf_token_is_refused(console: Console) -> None:
+    console.get("/console/login")
+    login = console.post("/console/login", {"name": "asha@m_a", "password": PASSWORD})
+    assert login.status_code == 403
+    assert "CSRF" in login.text
+    assert console.sign_in("asha@m_a").status_code == 303
+    console.fail_order("m_a", "ord_a1")
+    action = console.post("/console/orders/ord_a1/actions", {"action": "stop"})
+    assert action.status_code == 403
+    forged = console.post("/console/orders/ord_a1/actions", {"action": "stop", "csrf_token": "forged"})
+    assert forged.status_code == 403
+    assert console.post("/console/logout", {}).status_code == 403
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_a1")) == "AWAITING_AGENT"
+        assert conn.scalar(sa.select(sa.func.count()).select_from(audit_log)) == 0
+    header = console.post(
+        "/console/orders/ord_a1/actions", {"action": "stop"}, headers={"X-CSRF-Token": console.csrf()}
+    )
+    assert header.status_code == 200
+
+
+def test_sessions_expire_when_idle_or_old_and_end_at_sign_out(console: Console) -> None:
+    clock = {"now": datetime.now(UTC)}
+    console.console.clock = lambda: clock["now"]
+    assert console.sign_in("asha@m_a").status_code == 303
+    clock["now"] += timedelta(minutes=59)
+    assert console.get("/console/queue").status_code == 200
+    clock["now"] += timedelta(minutes=61)  # idle for longer than 60 minutes
+    assert console.get("/console/queue").status_code == 303
+    assert console.sign_in("asha@m_a").status_code == 303
+    for _ in range(13):  # active every 59 minutes, but the session is 12 hours old at most
+        clock["now"] += timedelta(minutes=59)
+        console.get("/console/queue")
+    assert console.get("/console/queue").status_code == 303
+    assert console.sign_in("asha@m_a").status_code == 303
+    stolen = console.api.client.cookies["wb_console"]
+    assert console.post("/console/logout", {"csrf_token": console.csrf()}).status_code == 303
+    assert "wb_console" not in console.api.client.cookies
+    replay = console.get("/console/queue", headers={"Cookie": f"wb_console={stolen}"})
+    assert replay.status_code == 303  # the cookie of an ended session opens nothing
+
+
+def test_an_agent_never_sees_or_touches_another_merchants_orders(console: Console) -> None:
+    console.fail_order("m_a", "ord_mine")
+    console.fail_order("m_b", "ord_theirs")
+    console.sign_in("asha@m_a")
+    queue = console.get("/console/queue")
+    assert "ord_mine" in queue.text
+    assert "ord_theirs" not in queue.text
+    other = console.get("/console/orders/ord_theirs")
+    assert other.status_code == 404
+    assert "There is no order ord_theirs for your merchant." in other.text
+    act = console.post("/console/orders/ord_theirs/actions", {"action": "stop", "csrf_token": console.csrf()})
+    assert act.status_code == 404
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_theirs")) == "AWAITING_AGENT"
+    # The chart endpoints read the session's merchant only; another merchant's id in the URL changes nothing.
+    assert console.get("/console/charts/funnel.png?merchant_id=m_b").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------- queue
+
+
+def _rows(html: str) -> list[tuple[str, str, str, str]]:
+    return re.findall(
+        r'data-order="([^"]+)" data-state="([^"]+)" data-error-class="([^"]+)" data-action="([^"]*)"', html
+    )
+
+
+def test_queue_filters_and_sorts_with_partial_updates(console: Console) -> None:
+    console.fail_order("m_a", "ord_funds", amount=100.0)
+    console.fail_order(
+        "m_a",
+        "ord_stolen",
+        amount=900.0,
+        failure={"error_code": "stolen_card", "error_message": "stolen", "network_decline_code": "43"},
+    )
+    console.fail_order(
+        "m_a",
+        "ord_tech",
+        amount=500.0,
+        failure={"error_code": "processing_error", "error_message": "An error occurred.", "network_decline_code": "96"},
+    )
+    console.sign_in("asha@m_a")
+    everything = _rows(console.get("/console/queue").text)
+    assert {row[0] for row in everything} == {"ord_funds", "ord_stolen", "ord_tech"}
+    classes = {row[0]: row[2] for row in everything}
+    assert classes["ord_stolen"] == "hard_decline"
+    assert classes["ord_funds"] != classes["ord_tech"]
+
+    partial = console.get(
+        f"/console/queue?error_class={classes['ord_tech']}",
+        headers={"HX-Request": "true", "HX-Target": "queue-results"},
+    )
+    assert "<html" not in partial.text  # only the table
+    assert [row[0] for row in _rows(partial.text)] == ["ord_tech"]
+
+    by_amount = _rows(console.get("/console/queue?sort=amount&dir=desc").text)
+    assert [row[0] for row in by_amount] == ["ord_stolen", "ord_tech", "ord_funds"]
+    ascending = _rows(console.get("/console/queue?sort=amount&dir=asc").text)
+    assert [row[0] for row in ascending] == ["ord_funds", "ord_tech", "ord_stolen"]
+
+    recommended = {row[0]: row[3] for row in everything}
+    assert recommended["ord_stolen"] != "retry"  # a stolen card is never retried silently
+    assert recommended["ord_tech"] == "retry"
+    same = _rows(console.get(f"/console/queue?action={recommended['ord_stolen']}").text)
+    assert "ord_stolen" in [row[0] for row in same]
+    assert "ord_tech" not in [row[0] for row in same]
+    assert all(row[3] == recommended["ord_stolen"] for row in same)
+
+    # Approving a retry makes the order PENDING (automatic): it leaves the AWAITING_AGENT filter.
+    console.post("/console/orders/ord_tech/actions", {"action": "retry", "csrf_token": console.csrf()})
+    waiting = _rows(console.get("/console/queue?state=AWAITING_AGENT").text)
+    pending = _rows(console.get("/console/queue?state=PENDING").text)
+    assert "ord_tech" not in [row[0] for row in waiting]
+    assert [row[0] for row in pending] == ["ord_tech"]
+    mixed = _rows(console.get("/console/queue?sort=amount&dir=desc").text)
+    assert mixed[-1][0] == "ord_tech"  # waiting-for-agent orders first whatever the sort
+    assert console.get("/console/queue?sort=nonsense&state=bogus").status_code == 200
+
+
+# -------------------------------------------------------------------------------------------------- actions
+
+
+def test_send_link_now_is_carried_out_by_the_executor_and_audited(console: Console) -> None:
+    console.fail_order("m_a", "ord_link")
+    console.sign_in("asha@m_a")
+    page = console.get("/console/orders/ord_link")
+    assert page.status_code == 200
+    assert "Recommendation waiting for you" in page.text
+    answer = console.post(
+        "/console/orders/ord_link/actions",
+        {"action": "send_link", "channel": "email", "csrf_token": console.csrf()},
+        headers={"HX-Request": "true"},
+    )
+    assert answer.status_code == 200
+    assert 'id="order-body"' in answer.text
+    assert "Send a payment link by email now: done; the order is PENDING" in answer.text
+    with console.engine.connect() as conn:
+        nudge = conn.execute(
+            sa.select(actions.c.kind, actions.c.payload_json, actions.c.decision_id).where(
+                actions.c.order_id == "ord_link", actions.c.kind == "nudge"
+            )
+        ).one()
+        entry = conn.execute(sa.select(audit_log).where(audit_log.c.order_id == "ord_link")).mappings().one()
+        decision = (
+            conn.execute(sa.select(decisions).where(decisions.c.decision_id == nudge.decision_id)).mappings().one()
+        )
+        queue_states = list(conn.scalars(sa.select(agent_queue.c.state).where(agent_queue.c.order_id == "ord_link")))
+    assert json.loads(nudge.payload_json)["channel"] == "email"
+    assert (entry["agent_name"], entry["action"], entry["result"]) == ("asha@m_a", "send_link", "done")
+    assert entry["decision_id"] == nudge.decision_id
+    assert decision["model_version"] == "agent"
+    assert "chosen by agent asha@m_a" in decision["answer_json"]
+    assert sorted(queue_states) == ["approved", "superseded"]
+    shown = console.get("/console/orders/ord_link").text
+    assert "send a payment link by email now" in shown
+    assert "Decision: Payment link by email" in shown
+
+
+def test_an_action_the_hard_rules_forbid_is_refused_with_the_rules_name(console: Console) -> None:
+    console.fail_order("m_a", "ord_rules", customer={"opted_out_channels": ["whatsapp"]})
+    console.sign_in("asha@m_a")
+    csrf = console.csrf()
+    opted_out = console.post(
+        "/console/orders/ord_rules/actions", {"action": "send_link", "channel": "whatsapp", "csrf_token": csrf}
+    )
+    assert opted_out.status_code == 409
+    assert "channel_opted_out" in opted_out.text
+    disabled = console.post(
+        "/console/orders/ord_rules/actions", {"action": "send_link", "channel": "sms", "csrf_token": csrf}
+    )
+    assert "channel_disabled" in disabled.text  # m_a sends links by whatsapp and email only
+    override = console.post(
+        "/console/orders/ord_rules/actions", {"action": "override", "alternative": "0", "csrf_token": csrf}
+    )
+    assert "an override needs a reason" in override.text
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_rules")) == "AWAITING_AGENT"
+        assert conn.scalar(sa.select(sa.func.count()).select_from(actions).where(actions.c.kind == "nudge")) == 0
+        results = conn.execute(sa.select(audit_log.c.result, audit_log.c.rules).order_by(audit_log.c.audit_id)).all()
+    assert [r.result for r in results] == ["refused", "refused", "refused"]
+    assert results[0].rules == "channel_opted_out"
+    assert results[1].rules == "channel_disabled"
+
+
+def test_stop_closes_the_order_and_autonomous_orders_are_read_only(console: Console) -> None:
+    console.fail_order("m_a", "ord_stop")
+    console.sign_in("asha@m_a")
+    csrf = console.csrf()
+    stopped = console.post(
+        "/console/orders/ord_stop/actions", {"action": "stop", "reason": "customer asked", "csrf_token": csrf}
+    )
+    assert stopped.status_code == 200
+    assert "the order is FAILED" in stopped.text
+    again = console.post("/console/orders/ord_stop/actions", {"action": "approve", "csrf_token": csrf})
+    assert again.status_code == 409
+    assert "agents act only on orders waiting for them" in again.text
+    with console.engine.connect() as conn:
+        entries = conn.execute(
+            sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason).order_by(audit_log.c.audit_id)
+        ).all()
+    assert [tuple(e) for e in entries] == [("stop", "done", "customer asked"), ("approve", "refused", None)]
+
+
+# ------------------------------------------------------------------------------------------------ performance
+
+
+def test_performance_page_and_charts_are_pngs_of_the_agents_merchant(console: Console) -> None:
+    console.fail_order("m_a", "ord_p1")
+    console.fail_order("m_a", "ord_p2", failure={"error_code": "processing_error", "network_decline_code": "96"})
+    console.sign_in("asha@m_a")
+    csrf = console.csrf()
+    console.post("/console/orders/ord_p1/actions", {"action": "send_link", "channel": "email", "csrf_token": csrf})
+    page = console.get("/console/performance?days=7")
+    assert page.status_code == 200
+    for name in ("funnel", "recovery", "retryability", "heatmap"):
+        assert f'src="/console/charts/{name}.png?days=7"' in page.text
+        png = console.get(f"/console/charts/{name}.png?days=7")
+        assert png.status_code == 200
+        assert png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG")
+    assert console.get("/console/charts/nope.png").status_code == 404
+    console.post("/console/logout", {"csrf_token": csrf})
+    assert console.get("/console/charts/funnel.png").status_code == 401

@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 .PHONY: install
 install: $(STAMP)
 
-## demo: simulate a history, train and register a model, and show the result (embedded defaults only)
+## demo: simulate, train + register a model, then run the live recovery loop on 127.0.0.1:8000 (embedded defaults)
 .PHONY: demo
 demo: $(STAMP)
 	$(BIN)/winback demo --workdir demo

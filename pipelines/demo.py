@@ -1,13 +1,17 @@
 """`winback demo`: everything a newcomer needs to see winback work, on embedded defaults only.
 
 Simulates a history (once), trains on it and registers + promotes the model in a local MLflow store inside the
-work folder; the CLI then starts the services. Nothing leaves the machine.
+work folder, and makes the failed payments the live loop posts (simulated first failures of the demo merchants);
+the CLI then starts the services and the loop (``service.demo``). Nothing leaves the machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -16,6 +20,8 @@ from pipelines.simulate import simulate
 from pipelines.train import run_training
 
 DEMO_MERCHANT = "m_us_saas"
+#: Country calling codes of the simulated customers' countries (for their made-up phone numbers).
+CALLING_CODES = {"IN": "91", "US": "1", "GB": "44", "DE": "49"}
 
 
 @dataclass(frozen=True)
@@ -80,3 +86,41 @@ def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
             "      -H 'content-type: application/json' -d @data/demo/request.json",
         ]
     )
+
+
+def customer_addresses(customer: dict[str, Any]) -> dict[str, str]:
+    """Made-up addresses for the channels a simulated customer has (the executor sends to these)."""
+    digest = int(hashlib.sha256(str(customer["id"]).encode()).hexdigest(), 16)
+    found: dict[str, str] = {}
+    if customer.get("phone_present"):
+        code = CALLING_CODES.get(str(customer.get("country")), "91")
+        found["phone"] = f"+{code}{7_000_000_000 + digest % 2_999_999_999}"
+    if customer.get("email_present"):
+        found["email"] = f"{customer['id']}@customers.example"
+    if customer.get("app_present"):
+        found["device_token"] = f"dev_{digest % 10**12:012d}"
+    return found
+
+
+def failed_payment_events(seed: int, count: int, first_index: int, now: datetime, run: str) -> list[dict[str, Any]]:
+    """``count`` failed-payment events (CONTRACT.md section 5) happening ``now``: the simulator's first failures
+    of orders ``first_index``, ``first_index + 1``, ... (after the ones in the trained history), with the
+    customers' made-up addresses; order ids carry ``run`` so every run's orders are new."""
+    from model.simulation.episodes import first_failure_request
+    from model.simulation.world import World
+
+    world = World(seed)
+    stamp = now.isoformat().replace("+00:00", "Z")
+    events: list[dict[str, Any]] = []
+    for number in range(count):
+        order = world.order(first_index + number)
+        body = first_failure_request(world, order).model_dump(mode="json")
+        order_id = f"live_{run}_{number:03d}"
+        body["order_id"] = order_id
+        body["event_time"] = stamp
+        for attempt in body["history"]["attempts"]:
+            attempt["created_at"] = stamp
+        body["customer"] |= customer_addresses(body["customer"])
+        body["idempotency_key"] = f"{order_id}:payment-failed"
+        events.append(body)
+    return events

@@ -47,6 +47,7 @@ __all__ = [
     "EpisodeTotals",
     "HistoryRecorder",
     "Policy",
+    "first_failure_request",
     "play_order",
     "run_episodes",
 ]
@@ -473,6 +474,14 @@ class _Episode:
 
 def _replace(instrument: Instrument, **changes: Any) -> Instrument:
     return dataclasses.replace(instrument, **changes)
+
+
+def first_failure_request(world: World, order: SimOrder) -> DecisionRequest:
+    """The decision request a caller sends at the order's first failure (its history: that one attempt).
+
+    Built without validation, like every request the world makes (``model_dump`` it to send it).
+    """
+    return _Episode(world, order, None).request(order.first_failure_at)
 
 
 def play_order(

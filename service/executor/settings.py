@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +36,28 @@ class ExecutorSettings(BaseSettings):
     webhook_max_attempts: int = Field(default=20, ge=1, description="Tries of a merchant webhook before dead.")
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_cap_seconds: float = Field(default=3600.0, gt=0)
+    clock_speed: float = Field(
+        default=1.0, ge=1.0, description="Demo clock: executor seconds per real second (1 = the wall clock; dev only)."
+    )
+    clock_origin: float | None = Field(
+        default=None, description="Unix time at which the demo clock equals the wall clock (with clock_speed)."
+    )
+
+    def clock(self) -> Callable[[], datetime]:
+        """The executor's clock: the wall clock, or (``clock_speed`` > 1) a demo clock that runs faster from
+        ``clock_origin``, so schedules of hours and days play out in minutes. Every process of one demo must
+        share the same speed and origin."""
+        if self.clock_speed == 1.0:
+            from service.executor.store import utcnow
+
+            return utcnow
+        origin = self.clock_origin if self.clock_origin is not None else time.time()
+        speed = self.clock_speed
+
+        def demo_clock() -> datetime:
+            return datetime.fromtimestamp(origin + (time.time() - origin) * speed, UTC)
+
+        return demo_clock
 
     @model_validator(mode="after")
     def _real_secret_outside_dev(self) -> ExecutorSettings:
@@ -41,5 +66,10 @@ class ExecutorSettings(BaseSettings):
             raise ValueError(
                 f"WINBACK_LINK_SECRET must be set to a random string of at least {MIN_SECRET_LENGTH} characters "
                 f"outside dev (WINBACK_ENV={self.env}); the placeholder signs links anyone could forge"
+            )
+        if self.env != "dev" and self.clock_speed != 1.0:
+            raise ValueError(
+                f"WINBACK_CLOCK_SPEED={self.clock_speed} runs the executor on a fast demo clock; it is allowed only "
+                f"with WINBACK_ENV=dev (got {self.env})"
             )
         return self

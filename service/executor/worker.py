@@ -83,6 +83,7 @@ def build_executor(
             backoff_cap_seconds=settings.backoff_cap_seconds,
             jitter=lambda ceiling: random.uniform(0.0, ceiling),
         ),
+        clock=settings.clock(),
     )
 
 

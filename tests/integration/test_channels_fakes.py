@@ -125,7 +125,8 @@ def test_gupshup_whatsapp_template_request(gupshup: RunningFake) -> None:
     }
     assert seen["template"] == {
         "id": "tpl_pay_link",
-        "params": ["Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST"],
+        # the body's variables, then the URL button's suffix: the link token the customer needs
+        "params": ["Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST", "SAMPLE-LINK-TOKEN"],
     }
     assert (seen["id"], seen["idempotency_key"]) == (result.provider_message_id, "nudge:ord_1:1")
 

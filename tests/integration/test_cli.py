@@ -97,7 +97,20 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
 
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:
     result = runner.invoke(
-        app, ["demo", "--workdir", str(tmp_path / "demo"), "--orders", "300", "--episodes", "30", "--no-serve"]
+        app,
+        # --live-orders 0: prepare only; the live loop has its own test (test_demo_loop.py)
+        [
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--orders",
+            "300",
+            "--episodes",
+            "30",
+            "--no-serve",
+            "--live-orders",
+            "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     uri = f"sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}"

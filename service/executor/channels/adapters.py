@@ -212,7 +212,10 @@ class GupshupWhatsAppAdapter(_HttpAdapter):
             form["src.name"] = self.app_name
         if rendered.params:
             path = "/wa/api/v1/template/msg"
-            form["template"] = json.dumps({"id": message.template_id, "params": list(rendered.params)})
+            # Gupshup takes every variable of the template in one ``params`` list, in order of occurrence: the
+            # body's, then the URL button's dynamic suffix (the link token), else the customer gets no link.
+            params = [*rendered.params, *rendered.button_params]
+            form["template"] = json.dumps({"id": message.template_id, "params": params})
         else:
             path = "/wa/api/v1/msg"
             form["message"] = json.dumps({"type": "text", "text": rendered.text})

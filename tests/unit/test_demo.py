@@ -1,0 +1,93 @@
+"""The demo's pure parts: its config, its failed payments, the executor's demo clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from model.merchant_config import parse_config
+from pipelines.demo import failed_payment_events
+from service.demo import FakeEndpoints, WebhookReceiver, _links_in, demo_config, webhook_secret_env
+from service.executor.schemas import PaymentFailedEvent
+from service.executor.settings import ExecutorSettings
+from service.executor.webhooks import signature
+
+ENDPOINTS = FakeEndpoints(
+    sandbox_url="http://127.0.0.1:9001",
+    gupshup_url="http://127.0.0.1:9002",
+    smtp_port=9003,
+    push_url="http://127.0.0.1:9004/push",
+    webhook_url="http://127.0.0.1:9005/webhooks",
+)
+
+
+def test_demo_config_points_every_merchant_at_the_local_fakes() -> None:
+    config = parse_config(demo_config(ENDPOINTS))
+    assert len(config.merchants) >= 5
+    for merchant_id, merchant in config.merchants.items():
+        assert set(merchant.providers) == set(merchant.retarget.channels), merchant_id
+        assert merchant.webhook is not None
+        assert merchant.webhook.url == f"http://127.0.0.1:9005/webhooks/{merchant_id}"
+        assert merchant.webhook.secret_env == webhook_secret_env(merchant_id)
+        endpoints = {c: (e.kind, e.base_url) for c, e in merchant.connector_endpoints.items()}
+        assert endpoints == dict.fromkeys(merchant.connectors, ("sandbox", "http://127.0.0.1:9001"))
+        for provider in merchant.providers.values():
+            assert provider.base_url is None or provider.base_url.startswith("http://127.0.0.1:")
+            assert provider.host in (None, "127.0.0.1")
+
+
+def test_failed_payment_events_are_valid_events_with_addresses_for_the_channels_the_customer_has() -> None:
+    now = datetime(2026, 11, 22, 6, 0, tzinfo=UTC)
+    events = failed_payment_events(seed=1, count=12, first_index=300, now=now, run="t")
+    assert len({e["order_id"] for e in events}) == 12
+    for event in events:
+        parsed = PaymentFailedEvent.model_validate(event)
+        assert parsed.event_time == now
+        assert [a.created_at for a in parsed.history.attempts] == [now]
+        customer = event["customer"]
+        assert ("phone" in customer) == customer["phone_present"]
+        assert ("email" in customer) == customer["email_present"]
+        assert ("device_token" in customer) == customer["app_present"]
+    assert failed_payment_events(1, 12, 300, now, "t") == events  # the same seed gives the same payments
+
+
+def test_demo_clock_runs_faster_from_its_origin_and_only_in_dev() -> None:
+    origin = datetime.now(UTC).timestamp() - 10.0
+    clock = ExecutorSettings(clock_speed=3600, clock_origin=origin).clock()
+    ahead = clock() - datetime.fromtimestamp(origin, UTC)
+    assert timedelta(hours=9, minutes=59) < ahead < timedelta(hours=10, minutes=10)
+    wall = ExecutorSettings().clock()()
+    assert abs(wall - datetime.now(UTC)) < timedelta(seconds=5)
+    with pytest.raises(ValidationError, match=r"WINBACK_CLOCK_SPEED=3600\.0 .* only with WINBACK_ENV=dev"):
+        ExecutorSettings(env="test", link_secret="x" * 40, clock_speed=3600)
+
+
+def test_links_are_found_in_texts_and_in_whatsapp_url_buttons() -> None:
+    token = "eyJ0IjoibG5rXzEyMyJ9abc.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+    assert _links_in({"text": f"Pay here: http://127.0.0.1:8000/pay/{token} (valid 24 h)"}) == [token]
+    assert _links_in({"template": {"id": "payment_link", "params": ["there", "m", "INR 10", "x", token]}}) == [token]
+    assert _links_in({"template": {"id": "payment_link", "params": ["there", "m", "INR 10.00", "x"]}}) == []
+
+
+def test_webhook_receiver_accepts_only_valid_signatures() -> None:
+    import httpx
+
+    from service.executor.sandbox import serve_in_thread
+
+    receiver = WebhookReceiver({"m_a": "secret-a"})
+    body = b'{"event":"order.failed","order_id":"o1"}'
+    now = int(datetime.now(UTC).timestamp())
+    server = serve_in_thread(receiver.app())
+    try:
+        codes = [
+            httpx.post(
+                f"{server.url}/webhooks/m_a", content=body, headers={"Winback-Signature": signature(secret, now, body)}
+            ).status_code
+            for secret in ("secret-a", "other")
+        ]
+    finally:
+        server.stop()
+    assert codes == [200, 401]
+    assert [(e["order_id"], e["signature_valid"]) for e in receiver.snapshot()] == [("o1", True), ("o1", False)]

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model.catalog import NormalisedError, load_catalog
+from model.codewatch import code_key, inventory_of, support_table
 from model.features import (
     TEXT_CLASSES,
     FeatureSpec,
@@ -83,6 +84,10 @@ class Calibrator:
         logit = _logit(raw).reshape(-1, 1)
         platt = LogisticRegression(C=1e4, max_iter=1000)
         platt.fit(logit, labels, sample_weight=weights)
+        if platt.coef_[0, 0] <= 0.0:
+            # A calibrator must never reverse the booster's ranking: a non-positive slope means the calibration
+            # slice holds no usable signal (seen on small histories), so the booster's own probabilities stand.
+            return cls("identity")
         return cls("platt", a=float(platt.coef_[0, 0]), b=float(platt.intercept_[0]))
 
     def __call__(self, raw: npt.ArrayLike) -> FloatArray:
@@ -163,6 +168,7 @@ class ModelBundle:
     catalog: Normaliser | None = field(default=None, repr=False, compare=False)
     _normaliser: _CachedNormaliser | None = field(default=None, repr=False, compare=False)
     _memo: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    _support: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -216,6 +222,18 @@ class ModelBundle:
             raw = self.retarget_booster.predict(x[retarget], num_threads=1)
             out[retarget] = self.retarget_calibrator(np.asarray(raw, dtype=np.float64))
         return out
+
+    def code_support(self, connector: str, code: str | None) -> int | None:
+        """Silent retries after this (connector, error code) the model was trained on (0: never seen).
+
+        None when the bundle carries no code inventory (trained before ``model.codewatch`` existed).
+        """
+        if self._support is None:
+            inventory = inventory_of(self.metadata)
+            if inventory is None:
+                return None
+            self._support = support_table(inventory)
+        return self._support.get(code_key(connector, code), 0)
 
     def retry_probability(self, candidates: Sequence[Candidate], scores: npt.ArrayLike) -> float:
         """P(the best permitted silent retry succeeds): the highest score among retry candidates (0 if none)."""

@@ -45,15 +45,43 @@ class Scorer(Protocol):
 @dataclass(frozen=True)
 class PolicyConfig:
     exploration: float = 0.05  # share of decisions that explore among permitted candidates
-    exploration_rare_code: float = 0.15  # exploration for error codes the catalog does not know
+    exploration_rare_code: float = 0.15  # exploration for codes the model never trained on (or the catalog lacks)
     max_alternatives: int = 5
     retryable_threshold: float = 0.10  # P(best silent retry succeeds) at or above which a failure is retryable
+    # Training support (silent retries after the code) at which exploration is halfway from rare to base: thin
+    # evidence keeps a code explorable, so a code judged non-retryable can still be found retryable later.
+    support_half_life: int = 30
 
     def __post_init__(self) -> None:
         for name in ("exploration", "exploration_rare_code"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"PolicyConfig.{name} must be in [0, 1), got {value}")
+        if self.support_half_life < 1:
+            raise ValueError(f"PolicyConfig.support_half_life must be at least 1, got {self.support_half_life}")
+
+
+def exploration_rate(config: PolicyConfig, known_code: bool, support: int | None) -> float:
+    """The share of decisions that explore for one error code.
+
+    With the model's training support for the code (``scorer.code_support``), it falls smoothly from
+    ``exploration_rare_code`` (never seen) towards ``exploration`` as evidence grows, half-way at
+    ``support_half_life`` retries. Without it (rules-only, or an older bundle) the catalog decides: known codes
+    get ``exploration``, codes the catalog lacks ``exploration_rare_code``.
+    """
+    if support is None:
+        return config.exploration if known_code else config.exploration_rare_code
+    extra = max(config.exploration_rare_code - config.exploration, 0.0)
+    return config.exploration + extra * config.support_half_life / (config.support_half_life + max(support, 0))
+
+
+def code_support(scorer: object, connector: str, code: str | None) -> int | None:
+    """``scorer.code_support(connector, code)`` when the scorer offers it, else None."""
+    lookup = getattr(scorer, "code_support", None)
+    if lookup is None or code is None:
+        return None
+    value = lookup(connector, code)
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -210,7 +238,8 @@ def decide(
         request.payment.card_network,
         request.payment.payment_method,
     )
-    epsilon = config.exploration if error.known_code else config.exploration_rare_code
+    support = code_support(active, request.failure.connector, request.failure.error_code)
+    epsilon = exploration_rate(config, error.known_code, support)
     generator = rng if rng is not None else np.random.default_rng()
     chosen = best
     if epsilon > 0.0 and len(allowed) > 1 and generator.random() < epsilon:
@@ -230,6 +259,8 @@ def decide(
         reasons.extend(active.explain(request, choice, k=2))
     if chosen != best:
         reasons.append("exploration: a permitted alternative tried to keep learning")
+    if support is not None and support < config.support_half_life:
+        reasons.append(f"thin evidence: the model saw {support} retries after this code")
     if not retry_indices:
         reasons.append("no silent retry permitted")
 

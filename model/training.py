@@ -26,6 +26,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from model.bundle import Calibrator, ModelBundle, bundle_version
 from model.catalog import load_catalog
+from model.codewatch import KNOWN_CODES_KEY, code_inventory
 from model.features import (
     CANDIDATE_NUM,
     CANDIDATE_STR,
@@ -841,6 +842,14 @@ def train(
         "trained_to": str(pd.to_datetime(decision_ts.max(), unit="s", utc=True)),
         "lightgbm": lgb.__version__,
         "dropped": points.attrs["dropped"],
+        # Per-code evidence of the fitted rows: decide() explores more where it is thin (model.codewatch).
+        KNOWN_CODES_KEY: code_inventory(
+            cols["connector"][fit_rows],
+            cols["error_code"][fit_rows],
+            cols["error_message"][fit_rows],
+            is_retry[fit_rows],
+            labels[fit_rows],
+        ),
     }
     bundle = ModelBundle(
         spec=spec,

@@ -241,7 +241,10 @@ def demo(
         int, typer.Option("--live-orders", min=0, help="Failed payments posted to the live loop (0: no loop).")
     ] = 40,
     live_seconds: Annotated[
-        float, typer.Option("--live-seconds", min=1, help="With --no-serve: how long the loop runs.")
+        float,
+        typer.Option(
+            "--live-seconds", min=1, help="How long the loop runs with --no-serve (--serve: when to print a summary)."
+        ),
     ] = 60.0,
     clock_speed: Annotated[
         float,
@@ -503,6 +506,12 @@ def retrain(
         int | None,
         typer.Option("--episodes", min=0, help="Simulator orders per policy in the evaluation (default: 2000)."),
     ] = None,
+    gate: Annotated[
+        str | None,
+        typer.Option(
+            "--gate", help="Gate metrics to check, comma-separated (default: all), e.g. retry_auc,retry_log_loss."
+        ),
+    ] = None,
 ) -> None:
     """Train a challenger on the updated history, gate it against the champion, promote or keep (with why).
 
@@ -523,6 +532,7 @@ def retrain(
             config=config,
             evaluation_options=None if episodes is None else {"episode_orders": episodes},
             console=console,
+            gate=None if gate is None else [part.strip() for part in gate.split(",") if part.strip()],
         )
         verdict = "promoted" if result.promoted else "kept champion"
         console.print(f"{verdict}: {result.verdict}", highlight=False, soft_wrap=True)
@@ -531,7 +541,7 @@ def retrain(
     if every is None:
         try:
             once()
-        except TrainInputError as exc:
+        except (TrainInputError, ValueError) as exc:
             raise fail(str(exc)) from None
         return
     try:

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from model.history import HistoryError, read_history
 from model.merchant_config import MerchantConfig
-from pipelines.gate import GateResult, compare, gate_table
+from pipelines.gate import GATE_METRICS, GateMetric, GateResult, compare, gate_table
 
 __all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_training", "train_command"]
 
@@ -382,6 +382,7 @@ def run_training(
     evaluation_options: Mapping[str, Any] | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    gate_metrics: tuple[GateMetric, ...] = GATE_METRICS,
 ) -> TrainSummary:
     """Run the whole training job (see the module docstring) and return what it did.
 
@@ -389,6 +390,7 @@ def run_training(
     merchant config used to replay policies in the evaluation (default: the shipped demo config, plus a
     permissive default for merchants it lacks). ``train_options`` go to `model.training.train` (e.g.
     ``max_rounds``), ``evaluation_options`` to `pipelines.evaluate.evaluate` (e.g. ``max_points``).
+    ``gate_metrics`` are the promotion gate's checks (default: all of ``pipelines.gate.GATE_METRICS``).
     """
     from model import registry
     from model.training import train
@@ -430,6 +432,7 @@ def run_training(
                 evaluation.champion_gate_metrics,
                 challenger_version="new",
                 champion_version=None if champion is None else champion[1],
+                metrics=gate_metrics,
             )
         steps.done()
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.catalog import load_catalog
+from model.gsm import load_overlay, with_overlay
 from model.merchant_config import load_config
 from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
@@ -112,7 +113,11 @@ def build_runtime(settings: Settings) -> Runtime:
     load_priors()
     load_economics()
     load_rulebook()
-    metrics = ApiMetrics()
+    catalog = load_catalog()
+    if settings.gsm_overlay is not None:
+        catalog = with_overlay(catalog, load_overlay(settings.gsm_overlay))
+    known = {c for merchant in config.merchants.values() for c in merchant.connectors}
+    metrics = ApiMetrics(connectors=known | set(catalog.connectors()))
     source = MlflowSource(settings.tracking_uri) if settings.load_model else None
     holder = ModelHolder(
         source,
@@ -122,7 +127,7 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(
         settings=settings,
         config=config,
-        catalog=MemoCatalog(load_catalog()),
+        catalog=MemoCatalog(catalog),
         holder=holder,
         metrics=metrics,
         policy=PolicyConfig(),

@@ -18,7 +18,7 @@ from fastapi import Depends, Header, HTTPException, Request, status
 
 from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig, WinbackConfig
-from model.policy import PolicyConfig, decide
+from model.policy import PolicyConfig, code_support, decide
 from model.requests import Decision, DecisionRequest
 from service.api.metrics import ApiMetrics
 from service.api.model_holder import ModelHolder
@@ -91,10 +91,10 @@ class Runtime:
                 extra={"merchant_id": request.merchant_id, "order_id": request.order_id},
             )
             decision = decide(request, merchant, None, catalog=self.catalog, config=self.policy, rng=self.rng)
-        self._record(request, decision, time.perf_counter() - started)
+        self._record(request, decision, time.perf_counter() - started, served.scorer)
         return decision
 
-    def _record(self, request: DecisionRequest, decision: Decision, seconds: float) -> None:
+    def _record(self, request: DecisionRequest, decision: Decision, seconds: float, scorer: object = None) -> None:
         if self.writer is not None:
             self.writer.put(decision_row(request, decision))
         self.metrics.observe_decision(decision)
@@ -109,8 +109,8 @@ class Runtime:
             request.payment.card_network,
             request.payment.payment_method,
         )
-        if not error.known_code:
-            self.metrics.unknown_error_codes.labels(failure.connector).inc()
+        support = code_support(scorer, failure.connector, failure.error_code)
+        self.metrics.observe_error_code(failure.connector, failure.error_code, error.known_code, support)
         if self.settings.log_decisions:
             log.info(
                 "decision",
@@ -123,6 +123,7 @@ class Runtime:
                     "channel": decision.channel.value if decision.channel else None,
                     "model_version": decision.model_version,
                     "known_code": error.known_code,
+                    "code_support": support,
                     "decide_ms": round(seconds * 1e3, 3),
                 },
             )

@@ -1,4 +1,11 @@
-"""Export stored decisions and outcomes as history files (CONTRACT.md section 3) for the feedback loop.
+"""Export stored decisions, outcomes and the executor's records as history files (CONTRACT.md section 3).
+
+Two sources feed the feedback loop. Orders the executor carried out are exported from its own tables: every
+``transactions`` row is an attempt and every ``nudges`` row a nudge, each with the ``decision_id`` and
+``propensity`` of the decision that caused it (attempts are renumbered 1..n per order, so a number reserved by
+an action that never ran leaves no gap). Orders whose caller acted itself and reported back through
+``/v1/outcomes`` are rebuilt from the decision store as below. An order the executor knows is taken from the
+executor only. ``since`` keeps whole orders whose first attempt is at or after it, so every order stays complete.
 
 Each order's failed attempts come from the request of its first stored decision (``history.attempts``, with the
 ``failure`` block filling the last one's error fields). A decided ``retry`` with an outcome becomes one more
@@ -10,6 +17,7 @@ not known yet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +25,11 @@ import orjson
 import pandas as pd
 import sqlalchemy as sa
 
-from model.history import ATTEMPT_COLUMNS, NUDGE_COLUMNS, write_attempts, write_nudges
+from model.history import ATTEMPT_COLUMNS, NUDGE_COLUMNS, read_history, write_attempts, write_nudges
 from model.vocab import Action, Strategy
 from service.api.store import decisions, make_engine, outcomes
+from service.executor.store import nudges as nudge_table
+from service.executor.store import orders, transactions
 
 _FAILURE_FIELDS = (
     "error_code",
@@ -37,6 +47,7 @@ class ExportSummary:
     attempts: int
     nudges: int
     orders: int
+    dropped_after_success: int = 0  # executor attempts after an order's success, left out (see executor_frames)
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -166,25 +177,151 @@ def history_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
     return attempts_frame, nudges_frame
 
 
-def export_history(database_url: str, out_dir: str | Path) -> ExportSummary:
-    """Write ``out_dir/attempts.parquet`` and ``out_dir/nudges.parquet`` from the decision store.
+def _utc(value: Any) -> Any:
+    if value is None:
+        return None
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
-    The files pass the history validation (``model.history``); call it from the feedback loop before retraining.
+
+def executor_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(attempts, nudges, dropped) from the executor's orders, transactions and nudges tables.
+
+    ``dropped`` counts attempts recorded after an order's first success (a late charge that needs a refund):
+    the history contract allows nothing after a success, so they are left out and counted.
     """
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("orders"):
+            return (
+                pd.DataFrame(columns=list(ATTEMPT_COLUMNS)),
+                pd.DataFrame(columns=list(NUDGE_COLUMNS)),
+                0,
+            )
+        bases = {
+            (row.merchant_id, row.order_id): _order_fields(orjson.loads(row.request_json))
+            for row in conn.execute(sa.select(orders.c.merchant_id, orders.c.order_id, orders.c.request_json))
+        }
+        txns = conn.execute(
+            sa.select(transactions).order_by(
+                transactions.c.merchant_id, transactions.c.order_id, transactions.c.attempt_number
+            )
+        ).mappings()
+        attempts: list[dict[str, Any]] = []
+        number: dict[tuple[str, str], int] = {}
+        succeeded: set[tuple[str, str]] = set()
+        dropped = 0
+        for txn in txns:
+            order = (txn["merchant_id"], txn["order_id"])
+            base = bases.get(order)
+            if base is None:
+                continue
+            if order in succeeded:
+                dropped += 1
+                continue
+            number[order] = number.get(order, 0) + 1
+            failure = {field: txn[field] for field in _FAILURE_FIELDS}
+            if txn["status"] == "failure" and not any(failure.values()):
+                failure["error_code"] = "unknown"
+            attempts.append(
+                {
+                    **base,
+                    **failure,
+                    "merchant_id": order[0],
+                    "txn_id": txn["txn_id"],
+                    "attempt_number": number[order],
+                    "created_at": _utc(txn["created_at"]),
+                    "connector": txn["connector"],
+                    "strategy": txn["strategy"],
+                    "nudge_id": txn["nudge_id"],
+                    "status": txn["status"],
+                    "decision_id": txn["decision_id"],
+                    "propensity": txn["propensity"],
+                }
+            )
+            if txn["status"] == "success":
+                succeeded.add(order)
+        sent = [
+            {
+                "merchant_id": row["merchant_id"],
+                "order_id": row["order_id"],
+                "nudge_id": row["nudge_id"],
+                "sent_at": _utc(row["sent_at"]),
+                "channel": row["channel"],
+                "template_id": row["template_id"],
+                "delivered": bool(row["delivered"]),
+                "clicked_at": _utc(row["clicked_at"]),
+                "decision_id": row["decision_id"],
+                "propensity": row["propensity"],
+            }
+            for row in conn.execute(sa.select(nudge_table).order_by(nudge_table.c.sent_at)).mappings()
+            if (row["merchant_id"], row["order_id"]) in bases
+        ]
+    attempts_frame = pd.DataFrame(attempts, columns=list(ATTEMPT_COLUMNS))
+    nudges_frame = pd.DataFrame(sent, columns=list(NUDGE_COLUMNS))
+    for frame, columns in ((attempts_frame, ("created_at",)), (nudges_frame, ("sent_at", "clicked_at"))):
+        for column in columns:
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+    return attempts_frame, nudges_frame, dropped
+
+
+def _orders_of(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    return set(zip(frame["merchant_id"], frame["order_id"], strict=True))
+
+
+def _only(frame: pd.DataFrame, keep: set[tuple[str, str]]) -> pd.DataFrame:
+    mask = [key in keep for key in zip(frame["merchant_id"], frame["order_id"], strict=True)]
+    return frame.loc[mask]
+
+
+def all_history_frames(engine: sa.Engine, since: datetime | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(attempts, nudges, dropped) from the executor and the decision store (see the module docstring)."""
+    exec_attempts, exec_nudges, dropped = executor_frames(engine)
+    api_attempts, api_nudges = history_frames(engine)
+    executed = _orders_of(exec_attempts)
+    api_orders = _orders_of(api_attempts) - executed
+    attempts = pd.concat(
+        [frame for frame in (exec_attempts, _only(api_attempts, api_orders)) if len(frame)] or [exec_attempts],
+        ignore_index=True,
+    )
+    nudges = pd.concat(
+        [frame for frame in (exec_nudges, _only(api_nudges, api_orders)) if len(frame)] or [exec_nudges],
+        ignore_index=True,
+    )
+    if since is not None and len(attempts):
+        first = attempts.groupby(["merchant_id", "order_id"])["created_at"].min()
+        recent = first[first >= pd.Timestamp(since)]
+        keep = set(zip(recent.index.get_level_values(0), recent.index.get_level_values(1), strict=True))
+        attempts, nudges = _only(attempts, keep), _only(nudges, keep)
+    attempts = attempts.sort_values(["merchant_id", "order_id", "attempt_number"], kind="mergesort")
+    nudges = nudges.sort_values(["merchant_id", "order_id", "sent_at"], kind="mergesort")
+    return attempts.reset_index(drop=True), nudges.reset_index(drop=True), dropped
+
+
+def export_history(database_url: str, out_dir: str | Path, since: datetime | None = None) -> ExportSummary:
+    """Write ``out_dir/attempts.parquet`` and ``out_dir/nudges.parquet`` from the executor and decision store.
+
+    Both files are validated on the way out (row schema on write, then the cross-row and cross-file rules by
+    reading them back with ``model.history.read_history``); a HistoryError means the stores hold something the
+    contract does not allow, and names it. ``since`` (aware) keeps orders whose first attempt is at or after it.
+    """
+    if since is not None and since.tzinfo is None:
+        raise ValueError(f"since must carry a timezone (e.g. 2026-11-01T00:00:00Z), got {since.isoformat()}")
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     engine = make_engine(database_url)
     try:
-        attempts_frame, nudges_frame = history_frames(engine)
+        attempts_frame, nudges_frame, dropped = all_history_frames(engine, since)
     finally:
         engine.dispose()
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
     write_attempts(attempts_frame, attempts_path)
     write_nudges(nudges_frame, nudges_path)
+    read_history(attempts_path, nudges_path)
     return ExportSummary(
         attempts_path=attempts_path,
         nudges_path=nudges_path,
         attempts=len(attempts_frame),
         nudges=len(nudges_frame),
         orders=attempts_frame[["merchant_id", "order_id"]].drop_duplicates().shape[0],
+        dropped_after_success=dropped,
     )

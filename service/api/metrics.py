@@ -6,6 +6,7 @@ With several uvicorn workers each process exposes its own figures; Prometheus sc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -20,7 +21,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from model.requests import Decision
 
-__all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "MAX_NEW_PAIRS", "OTHER_CONNECTOR", "ApiMetrics"]
+
+#: Most distinct new (connector, code) pairs a worker remembers for the pairs gauge.
+MAX_NEW_PAIRS = 10_000
+#: Label of connectors the merchant config and catalog do not know.
+OTHER_CONNECTOR = "other"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -28,7 +34,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.0
 class ApiMetrics:
     """The API's metrics: latency, decisions by action/strategy/channel, rule firings, unknown codes, model."""
 
-    def __init__(self) -> None:
+    def __init__(self, connectors: Iterable[str] = ()) -> None:
         # The *_created series double the output and nobody reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
@@ -57,6 +63,18 @@ class ApiMetrics:
             ["connector"],
             registry=self.registry,
         )
+        self.new_error_codes = Counter(
+            "winback_new_error_codes",
+            "Decisions for an error code the serving model never trained on (the catalog decides when no model "
+            "serves), by connector; connectors outside the merchant config and catalog count as 'other'.",
+            ["connector"],
+            registry=self.registry,
+        )
+        self.new_error_code_pairs = Gauge(
+            "winback_new_error_code_pairs",
+            f"Distinct never-trained-on (connector, error code) pairs this worker has seen (at most {MAX_NEW_PAIRS}).",
+            registry=self.registry,
+        )
         self.model_info = Gauge(
             "winback_model_info",
             "1 for the model version currently serving (rules-only when no model is loaded).",
@@ -68,6 +86,9 @@ class ApiMetrics:
             "winback_registry_errors", "Failed checks of the MLflow registry.", registry=self.registry
         )
         self._version: str | None = None
+        # Connector labels are bounded: a caller may send any connector name, the metrics only know these.
+        self._connectors = frozenset(c.casefold() for c in connectors)
+        self._new_pairs: set[tuple[str, str]] = set()
         # labels() takes a lock and builds a key on every call; the children are cached here instead.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
         self._rule_children: dict[str, Any] = {}
@@ -91,6 +112,29 @@ class ApiMetrics:
                 rule_child = self._rule_children[rule] = self.rule_firings.labels(rule.split(":", 1)[0])
             rule_child.inc()
 
+    def connector_label(self, connector: str) -> str:
+        """``connector`` when it is one the config or catalog knows (bounded cardinality), else ``"other"``."""
+        key = connector.casefold()
+        return key if key in self._connectors else OTHER_CONNECTOR
+
+    def observe_error_code(self, connector: str, code: str | None, known_code: bool, support: int | None) -> None:
+        """Count a decision's error code: unknown to the catalog, and new to the serving model.
+
+        ``support`` is the serving model's training support for the code (None: no model, or it does not say;
+        then a code is new when the catalog does not know it).
+        """
+        label = self.connector_label(connector)
+        if not known_code:
+            self.unknown_error_codes.labels(label).inc()
+        new = (support == 0) if support is not None else not known_code
+        if not new:
+            return
+        self.new_error_codes.labels(label).inc()
+        pair = (connector.casefold(), (code or "").casefold())
+        if pair not in self._new_pairs and len(self._new_pairs) < MAX_NEW_PAIRS:
+            self._new_pairs.add(pair)
+            self.new_error_code_pairs.set(len(self._new_pairs))
+
     def set_model_version(self, version: str) -> None:
         """Mark ``version`` as the one serving; the previous version's series is removed."""
         if version == self._version:
@@ -98,6 +142,9 @@ class ApiMetrics:
         if self._version is not None:
             self.model_info.remove(self._version)
             self.model_swaps.inc()
+            # What is new is relative to the serving model: a fresh model starts a fresh count of distinct pairs.
+            self._new_pairs.clear()
+            self.new_error_code_pairs.set(0)
         self.model_info.labels(version).set(1)
         self._version = version
 

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     decision_flush_seconds: float = Field(default=0.2, gt=0, description="Write-behind interval of decisions.")
     max_batch: int = Field(default=500, ge=1, description="Most requests accepted by /v1/decisions:batch.")
     seed: int | None = Field(default=None, description="Seed of the exploration RNG (None: fresh entropy).")
+    gsm_overlay: Path | None = Field(
+        default=None, description="Gateway status map overlay (winback codes import-gsm) for codes the catalog lacks."
+    )
 
     @field_validator("database_url", "tracking_uri")
     @classmethod

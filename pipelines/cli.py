@@ -307,6 +307,8 @@ def bench(
     ] = "100000,1000000",
     api_seconds: Annotated[float, typer.Option("--api-seconds", min=1, help="Seconds of load per API run.")] = 10.0,
     skip_api: Annotated[bool, typer.Option("--skip-api", help="Leave out the API benchmark.")] = False,
+    skip_executor: Annotated[bool, typer.Option("--skip-executor", help="Leave out the executor benchmark.")] = False,
+    executor_actions: Annotated[int, typer.Option("--executor-actions", min=100, help="Due actions per run.")] = 5_000,
 ) -> None:
     """Benchmarks on this machine, each printed beside a reference measured in the same run."""
     import json
@@ -352,6 +354,24 @@ def bench(
                     else float("nan"),
                     reference="mlflow models serve, same load generator, same run",
                     ratio=f"{api.ratio}x" if name.startswith("API") else "1.0x",
+                )
+            )
+    if not skip_executor:
+        from service.executor.bench import run_bench as run_executor_bench
+
+        rates = run_executor_bench(count=executor_actions, console=console)
+        extra["executor"] = rates
+        reference = rates.get("sqlite, 1 worker", float("nan"))
+        for name, rate in rates.items():
+            rows.append(
+                BenchRow(
+                    benchmark=f"executor ({name})",
+                    inputs=f"{executor_actions:,} due retries, counting connector, worker start-up included",
+                    figure=f"{rate:,.0f} due actions/s",
+                    seconds=float("nan"),
+                    peak_rss_mb=float("nan"),
+                    reference=f"SQLite, 1 worker, same run: {reference:,.0f}/s",
+                    ratio=f"{rate / reference:.2f}x",
                 )
             )
     table = Table(title=f"winback bench — {machine()}")

@@ -405,6 +405,10 @@ class LiveOptions:
 EventSource = Callable[[datetime], list[dict[str, Any]]]
 
 
+#: The demo merchant in assisted mode: its orders wait for an agent in the console.
+ASSISTED_DEMO_MERCHANT = "m_uk_retail"
+
+
 class LiveDemo:
     """Starts the fakes, the services and the driver; ``stop()`` ends everything it started."""
 
@@ -416,6 +420,9 @@ class LiveDemo:
         self.base_url = f"http://{options.host}:{options.port}"
         self.merchant_ids = list(parse_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))).merchants)
         self.secrets = DemoSecrets.fresh(self.merchant_ids)
+        # The assisted-mode merchant's agent signs in to the console with this (made up per run, printed).
+        self.agent_name = f"agent@{ASSISTED_DEMO_MERCHANT}"
+        self.agent_password = secrets.token_urlsafe(9)
         self.receiver = WebhookReceiver(self.secrets.webhook)
         self.children: list[Child] = []
         self.started = time.monotonic()
@@ -511,12 +518,9 @@ class LiveDemo:
         return child
 
     def start_services(self, endpoints: FakeEndpoints) -> None:
-        """The API (waits until it is ready), then one executor worker.
-
-        The agent console (service/console) joins here once it has a command: spawn it like the API, on the
-        same database and config, and add its address to ``where_to_look``.
-        """
+        """The API (which also serves the agent console; waits until it is ready), then one executor worker."""
         from service.api.store import make_engine
+        from service.console.admin import ensure_demo_agent
         from service.migrations import upgrade
 
         # Migrated here, once: both children then find nothing to do and can start (and load the model) at once.
@@ -525,6 +529,7 @@ class LiveDemo:
             upgrade(engine)
         finally:
             engine.dispose()
+        ensure_demo_agent(self.options.database_url, ASSISTED_DEMO_MERCHANT, self.agent_name, self.agent_password)
         env = self.child_env(endpoints)
         common = ["--config", str(self.config_path), "--tracking-uri", self.options.tracking_uri]
         api = self._spawn(
@@ -693,6 +698,8 @@ class LiveDemo:
     def where_to_look(self, endpoints: FakeEndpoints) -> list[str]:
         """The live part's addresses and files."""
         return [
+            f"  agent console   {self.base_url}/console/  (sign in as {self.agent_name} / {self.agent_password};"
+            f" {ASSISTED_DEMO_MERCHANT} is in assisted mode)",
             f"  live orders     {self.base_url}/v1/orders/<order_id>  (Authorization: Bearer wb_demo_<merchant_id>)",
             f"  captured nudges {endpoints.gupshup_url}/_messages (WhatsApp, SMS)  "
             f"{endpoints.push_url.rsplit('/', 1)[0]}/_messages (push)  e-mail: fake SMTP on port {endpoints.smtp_port}",

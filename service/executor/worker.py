@@ -28,6 +28,7 @@ from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
 from model.policy import PolicyConfig, decide
 from model.requests import Decision, DecisionRequest
+from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
 from service.executor.core import ActionRow, Decider, Executor, Outcome, RetryPolicy, StaleClaimError, Transient
 from service.executor.effects import AdapterFactory, Effects
@@ -252,6 +253,10 @@ def run(
 
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     config = load_config(config_file)
+    # Every merchant's message templates must render (with the payment link) before anything is sent.
+    validate_templates(
+        config, Path(os.environ["WINBACK_TEMPLATES_DIR"]) if "WINBACK_TEMPLATES_DIR" in os.environ else None
+    )
     missing = missing_webhook_secrets(config, os.environ)
     if missing:
         raise ValueError("webhook secrets are not set: " + "; ".join(missing))

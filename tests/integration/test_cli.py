@@ -116,3 +116,15 @@ def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> 
     uri = f"sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}"
     assert get_alias_version("champion", tracking_uri=uri) == "1"
     assert "try a decision" in result.output
+
+
+def test_executor_refuses_to_start_with_a_broken_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "data" / "templates", templates)
+    (templates / "_default" / "sms.en.j2").write_text("Pay {{ amount }} {{ currency }} now: {{ no_such_variable }}")
+    monkeypatch.setenv("WINBACK_TEMPLATES_DIR", str(templates))
+    result = runner.invoke(
+        app, ["executor", "run", "--database-url", f"sqlite:///{tmp_path / 'w.db'}", "--stop-after", "0"]
+    )
+    assert result.exit_code == 2
+    assert "sms.en.j2" in result.output

@@ -407,6 +407,8 @@ EventSource = Callable[[datetime], list[dict[str, Any]]]
 
 #: The demo merchant in assisted mode: its orders wait for an agent in the console.
 ASSISTED_DEMO_MERCHANT = "m_uk_retail"
+#: The demo merchant with the most live orders: its agent sees every chart filled.
+AUTONOMOUS_DEMO_MERCHANT = "m_in_stream"
 
 
 class LiveDemo:
@@ -420,9 +422,12 @@ class LiveDemo:
         self.base_url = f"http://{options.host}:{options.port}"
         self.merchant_ids = list(parse_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))).merchants)
         self.secrets = DemoSecrets.fresh(self.merchant_ids)
-        # The assisted-mode merchant's agent signs in to the console with this (made up per run, printed).
-        self.agent_name = f"agent@{ASSISTED_DEMO_MERCHANT}"
-        self.agent_password = secrets.token_urlsafe(9)
+        # Console sign-ins (passwords made up per run, printed): the assisted merchant's agent works the queue;
+        # the busiest autonomous merchant's agent watches recommendations and the charts fill from its orders.
+        self.agents = {
+            merchant: (f"agent@{merchant}", secrets.token_urlsafe(9))
+            for merchant in (ASSISTED_DEMO_MERCHANT, AUTONOMOUS_DEMO_MERCHANT)
+        }
         self.receiver = WebhookReceiver(self.secrets.webhook)
         self.children: list[Child] = []
         self.started = time.monotonic()
@@ -529,7 +534,8 @@ class LiveDemo:
             upgrade(engine)
         finally:
             engine.dispose()
-        ensure_demo_agent(self.options.database_url, ASSISTED_DEMO_MERCHANT, self.agent_name, self.agent_password)
+        for merchant, (name, password) in self.agents.items():
+            ensure_demo_agent(self.options.database_url, merchant, name, password)
         env = self.child_env(endpoints)
         common = ["--config", str(self.config_path), "--tracking-uri", self.options.tracking_uri]
         api = self._spawn(
@@ -698,8 +704,9 @@ class LiveDemo:
     def where_to_look(self, endpoints: FakeEndpoints) -> list[str]:
         """The live part's addresses and files."""
         return [
-            f"  agent console   {self.base_url}/console/  (sign in as {self.agent_name} / {self.agent_password};"
-            f" {ASSISTED_DEMO_MERCHANT} is in assisted mode)",
+            f"  agent console   {self.base_url}/console/  sign in as "
+            + " or ".join(f"{name} / {password}" for name, password in self.agents.values())
+            + f"  ({ASSISTED_DEMO_MERCHANT} is in assisted mode)",
             f"  live orders     {self.base_url}/v1/orders/<order_id>  (Authorization: Bearer wb_demo_<merchant_id>)",
             f"  captured nudges {endpoints.gupshup_url}/_messages (WhatsApp, SMS)  "
             f"{endpoints.push_url.rsplit('/', 1)[0]}/_messages (push)  e-mail: fake SMTP on port {endpoints.smtp_port}",

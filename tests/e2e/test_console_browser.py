@@ -226,8 +226,14 @@ def _sign_in(page: Any, name: str, password: str = PASSWORD) -> None:
     page.get_by_role("button", name="Sign in").click()
 
 
+#: Screenshots are kept as test artefacts here (ignored by git; CI can collect the folder).
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
+
+
 def _shot(page: Any, folder: Path, name: str, full_page: bool = True) -> Path:
     path = folder / f"console-{name}.png"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / path.name), full_page=full_page)
     page.screenshot(path=str(path), full_page=full_page)
     return path
 

@@ -548,7 +548,7 @@ class LiveDemo:
             "executor",
             ["executor", "run", "--workers", "1", "--database-url", self.options.database_url, *common],
             env,
-            signal.SIGINT,  # the executor's parent stops its workers with SIGTERM on KeyboardInterrupt
+            signal.SIGTERM,  # the executor's parent stops its workers on SIGTERM (SIGINT may be ignored here)
         )
         self._wait_ready(api)
 

@@ -286,6 +286,12 @@ def run(
     ]
     for process in processes:
         process.start()
+
+    def _terminate(*_: object) -> None:
+        # SIGTERM (systemd, kill, a supervisor) stops the workers as gracefully as Ctrl-C, never orphaning them.
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         for process in processes:
             process.join()
@@ -295,6 +301,8 @@ def run(
                 os.kill(process.pid, signal.SIGTERM)
         for process in processes:
             process.join(timeout=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         raise RuntimeError(f"executor workers exited with an error: {', '.join(failed)}")

@@ -24,52 +24,10 @@ from typing import Any
 import httpx
 import orjson
 
-DEMO_REQUEST: dict[str, Any] = {
-    "merchant_id": "m_demo",
-    "order_id": "ord_8KQ2",
-    "event_time": "2026-11-01T10:15:00Z",
-    "amount": 499.0,
-    "currency": "INR",
-    "customer": {
-        "id": "cus_71",
-        "phone_present": True,
-        "email_present": True,
-        "country": "IN",
-        "opted_out_channels": [],
-    },
-    "payment": {
-        "payment_method": "card",
-        "payment_method_type": "credit",
-        "card_network": "visa",
-        "issuer": "HDFC",
-        "is_recurring": True,
-        "authentication_type": "no_three_ds",
-        "is_network_token": False,
-    },
-    "failure": {
-        "connector": "stripe",
-        "error_code": "card_declined",
-        "error_message": "Your card has insufficient funds.",
-        "network_decline_code": "51",
-        "merchant_advice_code": None,
-        "unified_code": None,
-    },
-    "history": {
-        "attempts": [
-            {
-                "attempt_number": 1,
-                "connector": "stripe",
-                "strategy": "initial",
-                "status": "failure",
-                "error_code": "card_declined",
-                "created_at": "2026-11-01T10:15:00Z",
-            }
-        ],
-        "nudges": [],
-    },
-    "available_connectors": ["stripe", "adyen", "cybersource"],
-}
-BENCH_KEY = "wb_demo_m_demo"
+#: The decision request of the benchmark: the shipped demo request (CONTRACT.md section 2, merchant m_us_saas).
+DEMO_REQUEST_FILE = Path(__file__).resolve().parents[2] / "data" / "demo" / "request.json"
+BENCH_MERCHANT = "m_us_saas"
+BENCH_KEY = f"wb_demo_{BENCH_MERCHANT}"
 
 
 @dataclass
@@ -355,7 +313,7 @@ def _candidate_count() -> int:
     from model.requests import DecisionRequest
     from model.rules import build_context, enumerate_candidates, permitted
 
-    request = DecisionRequest.model_validate(DEMO_REQUEST)
+    request = DecisionRequest.model_validate_json(DEMO_REQUEST_FILE.read_bytes())
     merchant = MerchantConfig(api_key_sha256="0" * 64, connectors=["stripe", "adyen", "cybersource"])
     context = build_context(request, merchant, load_catalog())
     return len(permitted(context, enumerate_candidates(context))) + 1
@@ -380,7 +338,8 @@ def run_bench(
         config = folder / "merchants.yaml"
         digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
         config.write_text(
-            f'merchants:\n  m_demo:\n    api_key_sha256: "{digest}"\n    connectors: [stripe, adyen, cybersource]\n',
+            f'merchants:\n  {BENCH_MERCHANT}:\n    api_key_sha256: "{digest}"\n'
+            "    connectors: [stripe, adyen, cybersource]\n",
             encoding="utf-8",
         )
         reference = _reference_model(folder, size["features"], size["trees"], size["leaves"])
@@ -412,7 +371,7 @@ def run_bench(
             _wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
             _wait_http(f"http://127.0.0.1:{mlflow_port}/ping", serve)
             api_url = f"http://127.0.0.1:{api_port}/v1/decisions"
-            api_body = orjson.dumps(DEMO_REQUEST)
+            api_body = DEMO_REQUEST_FILE.read_bytes()
             api_headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
             ml_url = f"http://127.0.0.1:{mlflow_port}/invocations"
             columns = [f"f{i}" for i in range(size["features"])]

@@ -13,6 +13,7 @@ import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,12 +95,19 @@ class Calibrator:
         """Calibrated probabilities in [0, 1]."""
         p = np.asarray(raw, dtype=np.float64)
         if self.kind == "isotonic":
-            out = np.interp(p, self.x, self.y) + _TIE_BREAK * p
+            x, y = self._thresholds
+            out = np.interp(p, x, y) + _TIE_BREAK * p
         elif self.kind == "platt":
             out = 1.0 / (1.0 + np.exp(-(self.a * _logit(p) + self.b)))
         else:
             out = p
         return np.clip(out, 0.0, 1.0)
+
+    @cached_property
+    def _thresholds(self) -> tuple[FloatArray, FloatArray]:
+        # Converted once: an isotonic fit keeps thousands of thresholds, and np.interp on tuples would convert
+        # them again on every request.
+        return np.asarray(self.x, dtype=np.float64), np.asarray(self.y, dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""

@@ -259,7 +259,7 @@ class ModelBundle:
         if booster is None or candidate.action == Action.STOP:
             return []
         x = self.matrix(request, [candidate])
-        contributions = np.asarray(booster.predict(x, pred_contrib=True, num_threads=1))[0, :-1]
+        contributions = path_contributions(booster, x)[0]
         names = self.spec.columns
         phrases: list[str] = []
         for j in np.argsort(-np.abs(contributions), kind="stable"):
@@ -378,3 +378,55 @@ def bundle_version(bundle: ModelBundle) -> str:
         digest.update(json.dumps(bundle.retarget_calibrator.to_dict()).encode())
     digest.update(repr(bundle.threshold).encode())
     return f"wb-{digest.hexdigest()[:12]}"
+
+
+class _PathTable:
+    """Per tree and leaf, the change in node value each feature makes along the root-to-leaf path."""
+
+    def __init__(self, booster: lgb.Booster) -> None:
+        dump = booster.dump_model()
+        n_features = int(dump["max_feature_idx"]) + 1
+        trees = dump["tree_info"]
+        leaves = max(int(tree["num_leaves"]) for tree in trees)
+        self.table = np.zeros((len(trees), leaves, n_features), dtype=np.float64)
+        self.bias = 0.0
+        for t, tree in enumerate(trees):
+            root = tree["tree_structure"]
+            self.bias += float(root.get("internal_value", root.get("leaf_value", 0.0)))
+            stack: list[tuple[dict[str, Any], npt.NDArray[np.float64]]] = [(root, np.zeros(n_features))]
+            while stack:
+                node, path = stack.pop()
+                if "leaf_index" in node:
+                    self.table[t, int(node["leaf_index"])] = path
+                    continue
+                here = float(node["internal_value"])
+                feature = int(node["split_feature"])
+                for side in ("left_child", "right_child"):
+                    child = node[side]
+                    value = float(child["internal_value"] if "internal_value" in child else child["leaf_value"])
+                    step = path.copy()
+                    step[feature] += value - here
+                    stack.append((child, step))
+
+
+_PATH_LOCK = threading.Lock()
+_PATH_ATTRIBUTE = "_winback_path_table"  # kept on the booster itself: it lives and dies with it
+
+
+def path_contributions(booster: lgb.Booster, x: npt.NDArray[np.float32]) -> FloatArray:
+    """Per-row, per-feature contributions to the raw score along each tree's decision path (Saabas).
+
+    Bias plus the row's contributions equals the booster's raw score. LightGBM itself routes the rows
+    (``pred_leaf``: categorical splits and missing values as in predict); the path table is built once per
+    booster, so a row costs one leaf lookup per tree instead of TreeSHAP's ~250 µs per row on this box.
+    """
+    table: _PathTable | None = getattr(booster, _PATH_ATTRIBUTE, None)
+    if table is None:
+        with _PATH_LOCK:
+            table = getattr(booster, _PATH_ATTRIBUTE, None)
+            if table is None:
+                table = _PathTable(booster)
+                setattr(booster, _PATH_ATTRIBUTE, table)
+    leaves = np.asarray(booster.predict(x, pred_leaf=True, num_threads=1), dtype=np.intp).reshape(len(x), -1)
+    trees = np.arange(leaves.shape[1])
+    return np.stack([table.table[trees, row].sum(axis=0) for row in leaves])

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.bundle import Calibrator, ModelBundle
-from model.rules import Candidate
+from model.bundle import Calibrator, ModelBundle, path_contributions
+from model.catalog import load_catalog
+from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
     TrainingResult,
     decision_points,
@@ -21,7 +22,7 @@ from model.training import (
     train,
 )
 from model.vocab import Action, Channel, Strategy
-from tests.factories import make_attempts_frame, make_history_frames, make_nudges_frame, make_request
+from tests.factories import make_attempts_frame, make_history_frames, make_merchant, make_nudges_frame, make_request
 
 
 def _utc(text: str) -> pd.Timestamp:
@@ -215,3 +216,18 @@ def test_training_refuses_a_history_without_retries() -> None:
     initial_only = attempts[attempts["attempt_number"] == 1]
     with pytest.raises(ValueError, match="need at least 30 with both outcomes to learn retryability"):
         train(initial_only, nudges.iloc[0:0], seed=0)
+
+
+def test_path_contributions_add_up_to_the_raw_score(trained: TrainingResult) -> None:
+    bundle = trained.bundle
+    request = make_request()
+    context = build_context(request, make_merchant(), load_catalog())
+    candidates = permitted(context, enumerate_candidates(context))
+    retries = [c for c in candidates if c.action == Action.RETRY]
+    x = bundle.matrix(request, retries)
+    contributions = path_contributions(bundle.retry_booster, x)
+    raw = bundle.retry_booster.predict(x, raw_score=True, num_threads=1)
+    bias = bundle.retry_booster._winback_path_table.bias
+    assert contributions.shape == x.shape
+    np.testing.assert_allclose(bias + contributions.sum(axis=1), raw, rtol=0, atol=1e-9)
+    assert bundle.explain(request, retries[0], k=2)  # phrased from the same contributions

@@ -396,8 +396,8 @@ class _PathTable:
             stack: list[tuple[dict[str, Any], npt.NDArray[np.float64]]] = [(root, np.zeros(n_features))]
             while stack:
                 node, path = stack.pop()
-                if "leaf_index" in node:
-                    self.table[t, int(node["leaf_index"])] = path
+                if "split_feature" not in node:  # a leaf (a one-leaf tree's root carries no leaf_index)
+                    self.table[t, int(node.get("leaf_index", 0))] = path
                     continue
                 here = float(node["internal_value"])
                 feature = int(node["split_feature"])
@@ -413,13 +413,7 @@ _PATH_LOCK = threading.Lock()
 _PATH_ATTRIBUTE = "_winback_path_table"  # kept on the booster itself: it lives and dies with it
 
 
-def path_contributions(booster: lgb.Booster, x: npt.NDArray[np.float32]) -> FloatArray:
-    """Per-row, per-feature contributions to the raw score along each tree's decision path (Saabas).
-
-    Bias plus the row's contributions equals the booster's raw score. LightGBM itself routes the rows
-    (``pred_leaf``: categorical splits and missing values as in predict); the path table is built once per
-    booster, so a row costs one leaf lookup per tree instead of TreeSHAP's ~250 µs per row on this box.
-    """
+def _path_table(booster: lgb.Booster) -> _PathTable:
     table: _PathTable | None = getattr(booster, _PATH_ATTRIBUTE, None)
     if table is None:
         with _PATH_LOCK:
@@ -427,6 +421,22 @@ def path_contributions(booster: lgb.Booster, x: npt.NDArray[np.float32]) -> Floa
             if table is None:
                 table = _PathTable(booster)
                 setattr(booster, _PATH_ATTRIBUTE, table)
+    return table
+
+
+def path_bias(booster: lgb.Booster) -> float:
+    """The raw score every row starts from (the roots' values summed over the trees)."""
+    return _path_table(booster).bias
+
+
+def path_contributions(booster: lgb.Booster, x: npt.NDArray[np.float32]) -> FloatArray:
+    """Per-row, per-feature contributions to the raw score along each tree's decision path (Saabas).
+
+    Bias plus the row's contributions equals the booster's raw score. LightGBM itself routes the rows
+    (``pred_leaf``: categorical splits and missing values as in predict); the path table is built once per
+    booster, so a row costs one leaf lookup per tree instead of TreeSHAP's ~250 µs per row on this box.
+    """
+    table = _path_table(booster)
     leaves = np.asarray(booster.predict(x, pred_leaf=True, num_threads=1), dtype=np.intp).reshape(len(x), -1)
     trees = np.arange(leaves.shape[1])
     return np.stack([table.table[trees, row].sum(axis=0) for row in leaves])

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.bundle import Calibrator, ModelBundle, path_contributions
+from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
 from model.catalog import load_catalog
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
@@ -227,7 +227,22 @@ def test_path_contributions_add_up_to_the_raw_score(trained: TrainingResult) -> 
     x = bundle.matrix(request, retries)
     contributions = path_contributions(bundle.retry_booster, x)
     raw = bundle.retry_booster.predict(x, raw_score=True, num_threads=1)
-    bias = bundle.retry_booster._winback_path_table.bias
+    bias = path_bias(bundle.retry_booster)
     assert contributions.shape == x.shape
     np.testing.assert_allclose(bias + contributions.sum(axis=1), raw, rtol=0, atol=1e-9)
     assert bundle.explain(request, retries[0], k=2)  # phrased from the same contributions
+
+
+def test_path_contributions_handle_one_leaf_trees() -> None:
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 3))
+    y = np.zeros(50)
+    y[:2] = 1.0  # too few positives to split: every tree is a single leaf
+    params = {"objective": "binary", "verbose": -1, "min_data_in_leaf": 40, "num_leaves": 4}
+    booster = lgb.train(params, lgb.Dataset(x, y), num_boost_round=3)
+    contributions = path_contributions(booster, x[:5].astype(np.float32))
+    assert np.all(contributions == 0.0)
+    bias = path_bias(booster)
+    np.testing.assert_allclose(bias + contributions.sum(axis=1), booster.predict(x[:5], raw_score=True), atol=1e-9)

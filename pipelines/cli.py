@@ -164,11 +164,14 @@ def executor_run(
     import os
 
     from model.merchant_config import ConfigError
+    from service.api.settings import default_tracking_uri
     from service.executor.worker import run
 
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    # The same default as `winback serve` (CONTRACT.md section 1): the executor decides with the champion too.
+    uri = tracking_uri or default_tracking_uri()
     try:
-        run(url, workers=workers, config_path=config, tracking_uri=tracking_uri, stop_after=stop_after)
+        run(url, workers=workers, config_path=config, tracking_uri=uri, stop_after=stop_after)
     except (ConfigError, ValueError) as exc:
         raise fail(str(exc)) from None
 

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -45,6 +45,32 @@ from model.vocab import NUDGE_FOLLOW_UP_HOURS, RETRY_STRATEGIES, Action, Channel
 FloatArray = npt.NDArray[np.float64]
 Progress = Callable[[str, float], None]
 
+
+class BoosterFitter(Protocol):
+    """Fits one outcome booster; :func:`train` calls it for the retry and the retarget model.
+
+    The default is the in-process LightGBM fit; ``pipelines.dask_train`` provides one on a Dask cluster. The
+    validation arrays (all three, or all None) are for early stopping: 50 rounds without a better weighted
+    log loss.
+    """
+
+    def __call__(
+        self,
+        x: npt.NDArray[np.float32],
+        y: FloatArray,
+        w: FloatArray,
+        x_valid: npt.NDArray[np.float32] | None,
+        y_valid: FloatArray | None,
+        w_valid: FloatArray | None,
+        *,
+        categorical: list[int],
+        names: list[str],
+        seed: int,
+        max_rounds: int,
+        num_threads: int = 1,
+    ) -> lgb.Booster: ...
+
+
 #: Inverse-propensity weights are clipped here (1/propensity <= MAX_IPS_WEIGHT) to bound their variance.
 MAX_IPS_WEIGHT = 20.0
 #: Below this many calibration examples, Platt scaling replaces isotonic regression.
@@ -64,7 +90,7 @@ _CATALOG_INPUTS = (
     "connector", "error_code", "error_message", "network_decline_code", "merchant_advice_code", "unified_code",
     "card_network", "payment_method",
 )  # fmt: skip
-_LGB_BASE: dict[str, Any] = {
+LGB_BASE_PARAMS: dict[str, Any] = {
     "objective": "binary",
     "learning_rate": 0.05,
     "num_leaves": 31,
@@ -582,7 +608,7 @@ def _fit_booster(
     max_rounds: int,
     num_threads: int = 1,
 ) -> lgb.Booster:
-    params = {**_LGB_BASE, "seed": seed, "num_threads": num_threads}
+    params = {**LGB_BASE_PARAMS, "seed": seed, "num_threads": num_threads}
     train_set = lgb.Dataset(
         x, label=y, weight=w, categorical_feature=categorical, feature_name=names, free_raw_data=False
     )
@@ -707,6 +733,7 @@ def train(
     max_rounds: int = 1000,
     evaluate_unseen_codes: bool = True,
     num_threads: int = 1,
+    fit_booster: BoosterFitter | None = None,
 ) -> TrainingResult:
     """Train the retry and retarget outcome models on a history (CONTRACT.md section 3 frames).
 
@@ -714,8 +741,10 @@ def train(
     IPS-weighted LightGBM with early stopping on a later time slice -> calibration on the next slice -> metrics
     on the latest ``time_holdout_fraction`` of decision points. ``progress(stage, fraction_done)`` is called
     between stages. LightGBM runs deterministic with ``num_threads`` pinned (1 by default: on a shared 2-core box
-    OpenMP threads competing with other processes were ~15x slower than one thread).
+    OpenMP threads competing with other processes were ~15x slower than one thread). ``fit_booster`` replaces
+    the in-process fit of the retry and retarget boosters (e.g. on a Dask cluster); everything else is the same.
     """
+    fit = _fit_booster if fit_booster is None else fit_booster
     if not 0.0 < time_holdout_fraction < 0.9:
         raise ValueError(f"time_holdout_fraction must be in (0, 0.9), got {time_holdout_fraction}")
     started = time.perf_counter()
@@ -790,7 +819,7 @@ def train(
         def weights(mask: npt.NDArray[np.bool_]) -> FloatArray:
             return ips_weights(propensity[mask])
 
-        booster = _fit_booster(
+        booster = fit(
             x[part["train"]], y[part["train"]], weights(part["train"]),
             x[part["valid"]], y[part["valid"]], weights(part["valid"]),
             categorical=spec.categorical_indices, names=spec.columns, seed=seed, max_rounds=max_rounds,

@@ -91,6 +91,14 @@ def train(
         int | None,
         typer.Option("--episodes", min=0, help="Simulator orders per policy in the evaluation (default: 2000)."),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="Where to fit the boosters: local (this process) or dask (lightgbm.dask)."),
+    ] = "local",
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", help="Dask scheduler address for --engine dask, e.g. tcp://10.0.0.5:8786."),
+    ] = None,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
@@ -103,6 +111,8 @@ def train(
         seed=seed,
         config=config,
         episodes=episodes,
+        engine=engine,
+        scheduler=scheduler,
         console=console,
         err_console=err_console,
     )

@@ -37,6 +37,8 @@ __all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_train
 
 #: Steps of the job, as shown in the progress bar.
 _STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
+#: Where the boosters are fitted: in this process, or with lightgbm.dask on a Dask cluster (``pipelines.dask_train``).
+ENGINES = ("local", "dask")
 _DEMO_CONFIG = Path(__file__).resolve().parents[1] / "data" / "demo" / "merchants.yaml"
 
 
@@ -383,6 +385,8 @@ def run_training(
     console: Console | None = None,
     show_progress: bool = True,
     gate_metrics: tuple[GateMetric, ...] = GATE_METRICS,
+    engine: str = "local",
+    scheduler: str | None = None,
 ) -> TrainSummary:
     """Run the whole training job (see the module docstring) and return what it did.
 
@@ -391,10 +395,18 @@ def run_training(
     permissive default for merchants it lacks). ``train_options`` go to `model.training.train` (e.g.
     ``max_rounds``), ``evaluation_options`` to `pipelines.evaluate.evaluate` (e.g. ``max_points``).
     ``gate_metrics`` are the promotion gate's checks (default: all of ``pipelines.gate.GATE_METRICS``).
+    ``engine="dask"`` fits the boosters with ``lightgbm.dask`` on the Dask scheduler at ``scheduler``
+    (``pipelines.dask_train``); everything else runs here as with ``engine="local"``.
     """
     from model import registry
     from model.training import train
 
+    if engine not in ENGINES:
+        raise TrainInputError(f"unknown training engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "dask" and not scheduler:
+        raise TrainInputError("--engine dask needs --scheduler, the address of a Dask scheduler (tcp://host:8786)")
+    if engine == "local" and scheduler:
+        raise TrainInputError("--scheduler is only used with --engine dask")
     out = console or Console()
     options = dict(train_options or {})
     with _progress(out, show_progress) as steps, tempfile.TemporaryDirectory(prefix="winback-train-") as tmp:
@@ -407,7 +419,18 @@ def run_training(
         steps.done()
 
         steps.start("train")
-        result = train(history.attempts, history.nudges, seed=seed, **options)
+        if engine == "dask":
+            from pipelines.dask_train import DaskBoosterFitter, DaskUnavailableError, connect
+
+            assert scheduler is not None  # checked above
+            try:
+                with connect(scheduler) as client:
+                    fitter = DaskBoosterFitter(client)
+                    result = train(history.attempts, history.nudges, seed=seed, fit_booster=fitter, **options)
+            except DaskUnavailableError as exc:
+                raise TrainInputError(str(exc)) from exc
+        else:
+            result = train(history.attempts, history.nudges, seed=seed, **options)
         steps.done()
 
         steps.start("evaluate")
@@ -451,6 +474,8 @@ def run_training(
                 "nudges_rows": len(history.nudges),
                 "seed": seed,
                 "promote": promote,
+                "engine": engine,
+                **({"scheduler": scheduler} if scheduler else {}),
                 **{f"train.{key}": value for key, value in options.items()},
                 **{f"evaluate.{key}": value for key, value in (evaluation_options or {}).items()},
             },
@@ -498,6 +523,8 @@ def train_command(
     seed: int = 0,
     config: Path | None = None,
     episodes: int | None = None,
+    engine: str = "local",
+    scheduler: str | None = None,
     console: Console | None = None,
     err_console: Console | None = None,
 ) -> int:
@@ -517,6 +544,8 @@ def train_command(
             config=config,
             evaluation_options=None if episodes is None else {"episode_orders": episodes},
             console=out,
+            engine=engine,
+            scheduler=scheduler,
         )
     except TrainInputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

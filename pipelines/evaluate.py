@@ -46,6 +46,11 @@ class EvaluationSummary:
     episodes: pd.DataFrame | None
     files: list[Path] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # Per scored model, its prediction for each logged (non-stop) holdout action, with those actions' labels and
+    # kinds: what a paired comparison of two models on the same points needs (the promotion gate's noise).
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: np.ndarray = field(default_factory=lambda: np.empty(0))
+    logged_actions: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
 
     def __str__(self) -> str:
         lines = [
@@ -193,7 +198,8 @@ def evaluate(
         frame.to_csv(path, index=index)
         files.append(path)
 
-    classification, reliability, _ = _classification(holdout, scorers)
+    classification, reliability, predictions = _classification(holdout, scorers)
+    acted = holdout[holdout["action"] != "stop"]
     save_csv(classification, "classification.csv")
     for row in _records(classification[classification["group"] == "overall"]):
         for metric in ("auc", "log_loss", "ece", "brier"):
@@ -288,4 +294,7 @@ def evaluate(
         episodes=episodes,
         files=files,
         metrics=metrics,
+        predictions=predictions,
+        labels=acted["label"].to_numpy(dtype=np.float64),
+        logged_actions=acted["action"].to_numpy(dtype=object),
     )

@@ -12,9 +12,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from rich.table import Table
 
-__all__ = ["GATE_METRICS", "GateCheck", "GateMetric", "GateResult", "compare", "gate_table"]
+__all__ = ["GATE_METRICS", "GateCheck", "GateMetric", "GateResult", "compare", "gate_table", "paired_noise"]
+
+#: A challenger may be worse than the champion by this many standard errors of the paired difference (or by the
+#: metric's fixed tolerance, whichever is larger): differences inside the holdout's own noise do not block.
+NOISE_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class GateCheck:
     champion: float
     passed: bool
     reason: str
+    allowed: float = math.nan  # how much worse the challenger could be on this holdout (NaN: not compared)
 
     @property
     def delta(self) -> float:
@@ -89,23 +95,71 @@ class GateResult:
         )
 
 
-def _check(metric: GateMetric, challenger: float, champion: float) -> GateCheck:
+def _check(metric: GateMetric, challenger: float, champion: float, noise: float = math.nan) -> GateCheck:
     if math.isnan(challenger):
         return GateCheck(metric, challenger, champion, False, f"{metric.label} of the challenger is undefined")
     if math.isnan(champion):
         return GateCheck(metric, challenger, champion, True, f"{metric.label} of the champion is undefined")
     worse_by = (champion - challenger) if metric.higher_is_better else (challenger - champion)
-    if worse_by > metric.allowed(champion):
+    allowed = metric.allowed(champion)
+    tolerance = metric.describe_tolerance()
+    if math.isfinite(noise) and NOISE_Z * noise > allowed:
+        allowed = NOISE_Z * noise
+        tolerance = f"{allowed:.4f} = {NOISE_Z:g} x the paired standard error on this holdout"
+    if worse_by > allowed:
         return GateCheck(
             metric,
             challenger,
             champion,
             False,
-            f"{metric.label} worse by {worse_by:.4f} ({challenger:.4f} vs {champion:.4f}; "
-            f"tolerance {metric.describe_tolerance()})",
+            f"{metric.label} worse by {worse_by:.4f} ({challenger:.4f} vs {champion:.4f}; tolerance {tolerance})",
+            allowed,
         )
     word = "better" if worse_by < 0 else "within tolerance"
-    return GateCheck(metric, challenger, champion, True, f"{metric.label} {word} ({challenger:.4f} vs {champion:.4f})")
+    return GateCheck(
+        metric, challenger, champion, True, f"{metric.label} {word} ({challenger:.4f} vs {champion:.4f})", allowed
+    )
+
+
+def paired_noise(
+    labels: np.ndarray,
+    actions: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray,
+    *,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Standard errors of the challenger-minus-champion difference of each model metric on the same points.
+
+    Log loss: the standard error of the mean per-point loss difference. AUC: a paired bootstrap (both models
+    resampled on the same rows). ``actions`` tells retry rows from retarget rows. Missing groups give NaN.
+    """
+    from model.evaluation import roc_auc
+
+    y = np.asarray(labels, dtype=np.float64)
+    kinds = np.asarray(actions, dtype=object)
+    a = np.clip(np.asarray(challenger, dtype=np.float64), 1e-12, 1 - 1e-12)
+    b = np.clip(np.asarray(champion, dtype=np.float64), 1e-12, 1 - 1e-12)
+    rng = np.random.default_rng(seed)
+    out: dict[str, float] = {}
+    for kind in ("retry", "retarget"):
+        rows = np.flatnonzero(kinds == kind)
+        out[f"{kind}_log_loss"] = out[f"{kind}_auc"] = math.nan
+        if len(rows) < 2:
+            continue
+        yk, ak, bk = y[rows], a[rows], b[rows]
+        diff = -(yk * np.log(ak) + (1 - yk) * np.log(1 - ak)) + (yk * np.log(bk) + (1 - yk) * np.log(1 - bk))
+        out[f"{kind}_log_loss"] = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+        if 0 < yk.sum() < len(yk):
+            deltas = []
+            for _ in range(n_bootstrap):
+                pick = rng.integers(0, len(yk), len(yk))
+                if 0 < yk[pick].sum() < len(pick):
+                    deltas.append(roc_auc(yk[pick], ak[pick]) - roc_auc(yk[pick], bk[pick]))
+            if len(deltas) > 1:
+                out[f"{kind}_auc"] = float(np.std(deltas, ddof=1))
+    return out
 
 
 def compare(
@@ -115,15 +169,25 @@ def compare(
     challenger_version: str,
     champion_version: str | None,
     metrics: tuple[GateMetric, ...] = GATE_METRICS,
+    noise: Mapping[str, float] | None = None,
 ) -> GateResult:
     """Judge a challenger against the champion on holdout metrics measured on the same holdout.
 
     ``champion=None`` (nothing promoted yet) promotes. A metric missing from a mapping counts as NaN.
+    ``noise`` (metric -> standard error of the paired difference, see `paired_noise`) widens a metric's
+    tolerance to ``NOISE_Z`` standard errors where that is larger: a small holdout cannot fail a challenger on
+    differences it cannot resolve.
     """
     if champion is None or champion_version is None:
         return GateResult(True, challenger_version, None, (), ("there was no champion yet",))
+    noise = noise or {}
     checks = tuple(
-        _check(metric, float(challenger.get(metric.name, math.nan)), float(champion.get(metric.name, math.nan)))
+        _check(
+            metric,
+            float(challenger.get(metric.name, math.nan)),
+            float(champion.get(metric.name, math.nan)),
+            float(noise.get(metric.name, math.nan)),
+        )
         for metric in metrics
     )
     failed = tuple(check.reason for check in checks if not check.passed)
@@ -160,7 +224,7 @@ def gate_table(result: GateResult) -> Table:
             _fmt(check.challenger),
             _fmt(check.champion),
             _fmt(check.delta),
-            check.metric.describe_tolerance(),
+            check.metric.describe_tolerance() if math.isnan(check.allowed) else f"{check.allowed:.4f}",
             "[green]yes[/]" if check.passed else "[red]no[/]",
         )
     return table

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from model.history import HistoryError, read_history
 from model.merchant_config import MerchantConfig
-from pipelines.gate import GATE_METRICS, GateMetric, GateResult, compare, gate_table
+from pipelines.gate import GATE_METRICS, GateMetric, GateResult, compare, gate_table, paired_noise
 
 __all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_training", "train_command"]
 
@@ -279,10 +279,20 @@ def _evaluate(
     tables = {f"training_{name}": table for name, table in result.tables.items()}
     tables["feature_importance"] = importance
     examples = tuple(_example_requests(history, limit=2))
+    noise = None
+    if champion is not None and {CHALLENGER_NAME, CHAMPION_NAME} <= set(summary.predictions):
+        noise = paired_noise(
+            summary.labels,
+            summary.logged_actions,
+            summary.predictions[CHALLENGER_NAME],
+            summary.predictions[CHAMPION_NAME],
+            seed=seed,
+        )
     return _Evaluation(
         metrics=metrics,
         gate_metrics=challenger_gate,
         champion_gate_metrics=None if champion is None else gate_metrics(summary, CHAMPION_NAME),
+        gate_noise=noise,
         tables=tables,
         files=tuple(summary.files),
         example_requests=examples,
@@ -311,6 +321,7 @@ class _Evaluation:
     metrics: dict[str, float]
     gate_metrics: dict[str, float]
     champion_gate_metrics: dict[str, float] | None
+    gate_noise: dict[str, float] | None  # standard errors of the paired challenger-champion differences
     tables: dict[str, pd.DataFrame]
     files: tuple[Path, ...]  # written by the evaluation: report, CSVs, PNGs
     example_requests: tuple[str, ...]  # decision request JSON, for the pyfunc's input example
@@ -456,6 +467,7 @@ def run_training(
                 challenger_version="new",
                 champion_version=None if champion is None else champion[1],
                 metrics=gate_metrics,
+                noise=evaluation.gate_noise,
             )
         steps.done()
 

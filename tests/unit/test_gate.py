@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from rich.console import Console
 
-from pipelines.gate import GATE_METRICS, compare, gate_table
+from pipelines.gate import GATE_METRICS, compare, gate_table, paired_noise
 
 CHAMPION = {
     "retry_log_loss": 0.50,
@@ -91,3 +92,45 @@ def test_policy_value_tolerance_is_relative_to_the_champion() -> None:
     kept = compare({**big, "policy_value_dr": 97.0}, big, challenger_version="2", champion_version="1")
     assert not kept.promote
     assert "policy value (DR) worse by 3.0000 (97.0000 vs 100.0000; tolerance 2%)" in kept.reasons
+
+
+def test_noise_widens_a_tolerance_but_never_narrows_it() -> None:
+    challenger = {**CHAMPION, "retry_auc": 0.67}  # worse by 0.03: beyond the fixed 0.01
+    assert not compare(challenger, CHAMPION, challenger_version="2", champion_version="1").promote
+    noisy = compare(
+        challenger, CHAMPION, challenger_version="2", champion_version="1", noise={"retry_auc": 0.02}
+    )  # 2 standard errors = 0.04 > 0.03: the holdout cannot tell the two apart
+    assert noisy.promote
+    assert next(c for c in noisy.checks if c.metric.name == "retry_auc").allowed == pytest.approx(0.04)
+    assert "0.0400" in _render(noisy)
+    quiet = compare(
+        {**CHAMPION, "retry_auc": 0.685},
+        CHAMPION,
+        challenger_version="2",
+        champion_version="1",
+        noise={"retry_auc": 0.001},
+    )  # a tiny standard error keeps the fixed tolerance: 0.015 worse still fails
+    assert not quiet.promote
+    assert "tolerance 0.01" in quiet.verdict
+
+
+def test_paired_noise_is_zero_for_identical_models_and_shrinks_with_more_points() -> None:
+    rng = np.random.default_rng(3)
+
+    def sample(n: int) -> tuple[np.ndarray, ...]:
+        p = rng.uniform(0.05, 0.95, n)
+        y = (rng.uniform(size=n) < p).astype(float)
+        other = np.clip(p + rng.normal(0, 0.1, n), 0.01, 0.99)
+        return y, np.array(["retry"] * n, dtype=object), p, other
+
+    y, actions, p, other = sample(400)
+    same = paired_noise(y, actions, p, p)
+    assert same["retry_log_loss"] == 0.0
+    assert same["retry_auc"] == 0.0
+    assert math.isnan(same["retarget_log_loss"])  # no retarget rows
+    small = paired_noise(y, actions, p, other)
+    large = paired_noise(*sample(6400))
+    assert small["retry_log_loss"] > 0.0
+    assert small["retry_auc"] > 0.0
+    assert large["retry_log_loss"] < small["retry_log_loss"] / 2
+    assert large["retry_auc"] < small["retry_auc"] / 2

@@ -52,6 +52,30 @@ _CATALOG_CACHE_SIZE = 4096
 _TIE_BREAK = 1e-6
 
 
+def _platt_beats_identity(logit: FloatArray, labels: FloatArray, weights: FloatArray | None, folds: int = 5) -> bool:
+    """Whether Platt scaling has a lower out-of-fold (weighted) log loss than the booster's own probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    if min(int(labels.sum()), int(len(labels) - labels.sum())) < folds:
+        return False
+    raw = 1.0 / (1.0 + np.exp(-logit[:, 0]))
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    platt_loss = identity_loss = 0.0
+    for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=0).split(logit, labels):
+        model = LogisticRegression(C=1e4, max_iter=1000)
+        model.fit(logit[train], labels[train], sample_weight=w[train])
+        y = labels[test]
+        for p, which in ((model.predict_proba(logit[test])[:, 1], "platt"), (raw[test], "identity")):
+            q = np.clip(p, 1e-6, 1 - 1e-6)
+            loss = float(-(w[test] * (y * np.log(q) + (1 - y) * np.log(1 - q))).sum())
+            if which == "platt":
+                platt_loss += loss
+            else:
+                identity_loss += loss
+    return platt_loss < identity_loss
+
+
 @dataclass(frozen=True)
 class Calibrator:
     """Maps a booster's raw probability to a calibrated one: isotonic (piecewise linear) or Platt (logistic)."""
@@ -88,6 +112,10 @@ class Calibrator:
         if platt.coef_[0, 0] <= 0.0:
             # A calibrator must never reverse the booster's ranking: a non-positive slope means the calibration
             # slice holds no usable signal (seen on small histories), so the booster's own probabilities stand.
+            return cls("identity")
+        if not _platt_beats_identity(logit, labels, weights):
+            # On a small slice an unregularised Platt fit can land on extreme slopes (seen: a = 8.5, which
+            # turned a 27% base rate into a 5% mean prediction); keep it only where it wins out of sample.
             return cls("identity")
         return cls("platt", a=float(platt.coef_[0, 0]), b=float(platt.intercept_[0]))
 

@@ -24,8 +24,10 @@ distributed = pytest.importorskip("distributed")
 TRAIN_OPTIONS: dict[str, Any] = {"max_rounds": 200, "evaluate_unseen_codes": False}
 # Two workers in two processes: LightGBM's network is per process, so processes=False cannot run two machines.
 CLUSTER_OPTIONS: dict[str, Any] = {
-    "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None, "memory_limit": "1GiB",
+    "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0", "memory_limit": "1GiB",
 }  # fmt: skip
+# One cluster at a time: xdist keeps this module's tests on one worker (two clusters would race for ports).
+pytestmark = pytest.mark.xdist_group("dask")
 
 
 @pytest.fixture(scope="module")

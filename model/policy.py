@@ -228,16 +228,7 @@ def decide(
     if values[best] <= 0.0:
         best = next(i for i, c in enumerate(allowed) if c.action == Action.STOP)
 
-    error = catalog.normalise(
-        request.failure.connector,
-        request.failure.error_code,
-        request.failure.error_message,
-        request.failure.network_decline_code,
-        request.failure.merchant_advice_code,
-        request.failure.unified_code,
-        request.payment.card_network,
-        request.payment.payment_method,
-    )
+    error = context.error
     support = code_support(active, request.failure.connector, request.failure.error_code)
     epsilon = exploration_rate(config, error.known_code, support)
     generator = rng if rng is not None else np.random.default_rng()

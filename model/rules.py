@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
-from model.catalog import ErrorCatalog
+from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
 from model.vocab import (
@@ -305,6 +305,7 @@ class RuleContext:
     day0: date  # local date of the first failure in the merchant's timezone
     first_allowed_day: int  # nudge i may not go before Day i * (skip_days + 1)
     nudged_days: frozenset[date]  # local dates that already had a nudge
+    error: NormalisedError  # the failure as the catalog normalised it (policy reasons and exploration reuse it)
 
 
 # ------------------------------------------------------------------------------------------------ build_context
@@ -497,6 +498,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         applied.append(f"skip_days:{retarget.skip_days}")
 
     return RuleContext(
+        error=normalised,
         request=request,
         merchant=merchant,
         rules_applied=tuple(dict.fromkeys(applied)),

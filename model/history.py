@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,24 +36,32 @@ from typing import Any, Final, NoReturn
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
+import pyarrow
+import pyarrow.parquet as pq
 
 from model.vocab import RETRY_STRATEGIES, AttemptStatus, AuthenticationType, Channel, Strategy
 
 __all__ = [
     "ATTEMPT_COLUMNS",
     "DEFAULT_CAP",
+    "DEFAULT_PARTITION_ROWS",
     "NUDGE_COLUMNS",
     "ORDER_COLUMNS",
     "AttemptsSchema",
     "History",
     "HistoryError",
+    "HistoryWriter",
     "NudgesSchema",
+    "PartitionedHistory",
     "Problem",
     "ValidationReport",
+    "attempts_writer",
+    "nudges_writer",
     "read_attempts",
     "read_history",
     "read_nudges",
     "reconstruct_orders",
+    "split_history",
     "write_attempts",
     "write_nudges",
 ]
@@ -334,6 +342,14 @@ class _Collector:
         self._kept: list[Problem] = []
         self._files: dict[str, int] = {}
         self._columns = {c: i for i, c in enumerate(column_order)}
+        self._file_level: set[Problem] = set()
+        #: Per file: the file row of each position of the frame being checked (a partition of the file).
+        self.row_maps: dict[str, np.ndarray[Any, Any]] = {}
+
+    def number(self, file: str, position: int) -> int:
+        """The 1-based file row of a 0-based position in the frame being checked."""
+        rows = self.row_maps.get(file)
+        return int(position if rows is None else rows[position]) + 1
 
     def register(self, file: str) -> None:
         """Fix the place of ``file`` in the report (files are listed in the order they were registered)."""
@@ -341,8 +357,13 @@ class _Collector:
 
     def add(self, file: str, row: int | None, column: str | None, reason: str) -> None:
         self.register(file)
+        problem = Problem(file, row, column, reason)
+        if row is None:
+            if problem in self._file_level:
+                return  # a whole-file problem, seen again in another partition of the same file
+            self._file_level.add(problem)
         self.total += 1
-        self._kept.append(Problem(file, row, column, reason))
+        self._kept.append(problem)
 
     def add_rows(
         self, file: str, column: str | None, positions: np.ndarray[Any, Any], reason: Callable[[int], str]
@@ -350,7 +371,7 @@ class _Collector:
         """Report the rows at 0-based ``positions``; ``reason(position)`` is only called for those kept."""
         positions = np.sort(np.asarray(positions, dtype=np.int64))
         for pos in positions[: self.cap]:
-            self.add(file, int(pos) + 1, column, reason(int(pos)))
+            self.add(file, self.number(file, int(pos)), column, reason(int(pos)))
         self.total += max(0, len(positions) - self.cap)
 
     def report(self) -> ValidationReport:
@@ -615,7 +636,7 @@ def _report_schema_errors(cases: pd.DataFrame, frame: pd.DataFrame, label: str, 
                 label,
                 "attempt_number",
                 rows,
-                partial(_duplicate_attempt, pair, where_pairs),
+                partial(_duplicate_attempt, pair, where_pairs, partial(out.number, label)),
             )
         else:
             out.add_rows(label, _FRAME_CHECK_COLUMN[str(check)], rows, partial(_constant, str(check)))
@@ -633,15 +654,24 @@ def _duplicate_at(column: str, values: dict[int, Any], where: dict[Any, list[int
     return _duplicate(column, values[position], where[values[position]])
 
 
-def _duplicate_attempt(pair: dict[int, tuple[Any, Any]], where: dict[tuple[Any, Any], list[int]], position: int) -> str:
+def _duplicate_attempt(
+    pair: dict[int, tuple[Any, Any]],
+    where: dict[tuple[Any, Any], list[int]],
+    row_number: Callable[[int], int],
+    position: int,
+) -> str:
     order_id, number = pair[position]
-    return f"duplicate attempt_number {number} in order {order_id!r} (rows {_row_list(where[pair[position]])})"
+    rows = [row_number(r) - 1 for r in where[pair[position]]]
+    return f"duplicate attempt_number {number} in order {order_id!r} (rows {_row_list(rows)})"
 
 
-def _not_constant(values: np.ndarray[Any, Any], first_of: np.ndarray[Any, Any], position: int) -> str:
+def _not_constant(
+    values: np.ndarray[Any, Any], first_of: np.ndarray[Any, Any], row_number: Callable[[int], int], position: int
+) -> str:
     first = first_of[position]
     return (
-        f"{values[position]!r} differs from {values[first]!r} on attempt 1 of the same order (row {first + 1}); "
+        f"{values[position]!r} differs from {values[first]!r} on attempt 1 of the same order "
+        f"(row {row_number(first)}); "
         "it must be constant per order"
     )
 
@@ -750,7 +780,7 @@ def _check_orders(a: pd.DataFrame, label: str, out: _Collector) -> None:
         order[earlier],
         lambda i: (
             f"created_at {pd.Timestamp(created[i], tz='UTC').isoformat()} is earlier than that of "
-            f"attempt {num[prev[i]]} of order {oid(i)} (row {prev[i] + 1})"
+            f"attempt {num[prev[i]]} of order {oid(i)} (row {out.number(label, prev[i])})"
         ),
     )
 
@@ -780,7 +810,7 @@ def _check_orders(a: pd.DataFrame, label: str, out: _Collector) -> None:
             label,
             column,
             np.flatnonzero(differs),
-            partial(_not_constant, values, first_of),
+            partial(_not_constant, values, first_of, partial(out.number, label)),
         )
 
     success = (a["status"].to_numpy(dtype=object) == _SUCCESS)[order].astype(np.int64)
@@ -794,7 +824,14 @@ def _check_orders(a: pd.DataFrame, label: str, out: _Collector) -> None:
     )
 
 
-def _check_links(a: pd.DataFrame, nudges: pd.DataFrame, a_label: str, n_label: str, out: _Collector) -> None:
+def _check_links(
+    a: pd.DataFrame,
+    nudges: pd.DataFrame,
+    a_label: str,
+    n_label: str,
+    out: _Collector,
+    elsewhere: Callable[[np.ndarray[Any, Any]], list[Any]] | None = None,
+) -> None:
     orders = a.drop_duplicates("order_id").set_index("order_id")["merchant_id"]
     n_order = nudges["order_id"].to_numpy(dtype=object)
     known = nudges["order_id"].isin(orders.index).to_numpy()
@@ -823,10 +860,23 @@ def _check_links(a: pd.DataFrame, nudges: pd.DataFrame, a_label: str, n_label: s
     a_order = a["order_id"].to_numpy(dtype=object)
     at = pd.Index(nudges["nudge_id"]).get_indexer(a_nudge[links])
     missing = links[at < 0]
+    nudge_order: dict[int, Any] = {}
+    if elsewhere is not None and len(missing):
+        # Checking one partition of a file: the nudge may be in another partition (so of another order).
+        owner = elsewhere(a_nudge[missing])
+        in_other = np.array([o is not None for o in owner], dtype=bool)
+        nudge_order.update(zip(missing[in_other].tolist(), np.asarray(owner, dtype=object)[in_other], strict=True))
+        out.add_rows(
+            a_label,
+            "nudge_id",
+            missing[in_other],
+            lambda i: f"nudge {a_nudge[i]!r} belongs to order {nudge_order[i]!r}, not to {a_order[i]!r}",
+        )
+        missing = missing[~in_other]
     out.add_rows(a_label, "nudge_id", missing, lambda i: f"nudge_id {a_nudge[i]!r} is not in the nudges file")
     found, at = links[at >= 0], at[at >= 0]
     other = n_order[at] != a_order[found]
-    nudge_order = dict(zip(found, n_order[at], strict=True))
+    nudge_order.update(zip(found.tolist(), n_order[at], strict=True))
     out.add_rows(
         a_label,
         "nudge_id",
@@ -865,6 +915,173 @@ def read_history(attempts_path: str | Path, nudges_path: str | Path, *, cap: int
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Histories larger than one pandas frame
+
+#: Attempts per partition when a history is split into parts of whole orders (a few GB of pandas each).
+DEFAULT_PARTITION_ROWS: Final = 500_000
+_UNIQUE_IDS: Final = (("txn_id", "attempts"), ("nudge_id", "nudges"))
+
+
+@dataclass(frozen=True)
+class PartitionedHistory:
+    """A validated history stored as typed Parquet partitions of whole orders (see :func:`split_history`).
+
+    Every order's attempts and nudges are in the same partition, so anything computed per order (decision
+    points, features) can run one partition at a time; iterating yields each partition as a `History`.
+    """
+
+    folder: Path
+    partitions: int
+    attempt_rows: int
+    nudge_rows: int
+    merchant_ids: tuple[str, ...]
+
+    def _files(self, index: int) -> tuple[Path, Path]:
+        return self.folder / f"attempts-{index:05d}.parquet", self.folder / f"nudges-{index:05d}.parquet"
+
+    def part(self, index: int) -> History:
+        """Partition ``index`` (0-based) as validated frames."""
+        attempts, nudges = self._files(index)
+        return History(attempts=pd.read_parquet(attempts), nudges=pd.read_parquet(nudges))
+
+    def __iter__(self) -> Iterator[History]:
+        return (self.part(index) for index in range(self.partitions))
+
+    def orders(self, order_ids: Iterable[str]) -> History:
+        """The attempts and nudges of ``order_ids`` only (e.g. a sample for an evaluation)."""
+        wanted = sorted(set(order_ids))
+        filters = [("order_id", "in", wanted)]
+        parts = [self._files(index) for index in range(self.partitions)]
+        attempts = [pd.read_parquet(a, filters=filters) for a, _ in parts]
+        nudges = [pd.read_parquet(n, filters=filters) for _, n in parts]
+        return History(attempts=pd.concat(attempts, ignore_index=True), nudges=pd.concat(nudges, ignore_index=True))
+
+
+def _read_arrow(path: Path, label: str) -> pyarrow.Table:
+    """A history file as an Arrow table (CSV: every column as text, empty fields null, as ``_read_raw``)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
+    try:
+        if suffix == ".csv":
+            import csv
+
+            import pyarrow.csv as pacsv
+
+            with path.open(newline="") as handle:
+                header = next(csv.reader(handle), [])
+            options = pacsv.ConvertOptions(
+                column_types={name: pyarrow.string() for name in header},
+                null_values=[""],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=True,
+            )
+            return pacsv.read_csv(path, convert_options=options)
+        return pq.read_table(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        _fail(label, f"cannot read the file: {exc}")
+
+
+def _partition_of(attempts: pyarrow.Table, nudges: pyarrow.Table, partitions: int) -> tuple[Any, Any]:
+    """Partition number of every attempt and nudge row: all rows of an order share one (by order_id)."""
+    if "order_id" not in attempts.column_names:
+        return np.zeros(attempts.num_rows, dtype=np.int64), np.zeros(nudges.num_rows, dtype=np.int64)
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(attempts.column("order_id").cast(pyarrow.string())).combine_chunks()
+    a_part = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) % partitions
+    if "order_id" not in nudges.column_names:
+        return a_part, np.zeros(nudges.num_rows, dtype=np.int64)
+    at = pc.index_in(nudges.column("order_id").cast(pyarrow.string()), value_set=encoded.dictionary)
+    n_part = at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) % partitions
+    return a_part, n_part
+
+
+def _check_unique(table: pyarrow.Table, column: str, label: str, out: _Collector) -> None:
+    """``column`` unique over the whole file (partitions cannot see duplicates in other partitions)."""
+    if column not in table.column_names or not pyarrow.types.is_string(table.schema.field(column).type):
+        return  # a missing or mistyped column is reported by the type checks
+    values = table.column(column).to_pandas()
+    rows = np.flatnonzero((values.duplicated(keep=False) & values.notna()).to_numpy())
+    where = _rows_by_value(values, rows)
+    out.add_rows(label, column, rows, lambda i: _duplicate(column, values[i], where[values[i]]))
+
+
+def split_history(
+    attempts_path: str | Path,
+    nudges_path: str | Path,
+    folder: str | Path,
+    *,
+    partition_rows: int = DEFAULT_PARTITION_ROWS,
+    cap: int = DEFAULT_CAP,
+) -> PartitionedHistory:
+    """Validate a history like :func:`read_history` and store it in ``folder`` as partitions of whole orders.
+
+    For histories larger than memory allows as one pandas frame: the files are read as Arrow tables (a few
+    times smaller than pandas), cut into ``ceil(attempts / partition_rows)`` partitions by order, and each
+    partition is coerced and checked with the same rules; ids that must be unique are checked over the whole
+    file. Raises ``HistoryError`` with the same report ``read_history`` gives (file row numbers, all problems
+    counted); then nothing usable is left in ``folder``.
+    """
+    if partition_rows < 1:
+        raise ValueError(f"partition_rows must be at least 1, got {partition_rows}")
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    a_label, n_label = str(attempts_path), str(nudges_path)
+    out = _Collector(cap, (*ATTEMPT_COLUMNS, *(c for c in NUDGE_COLUMNS if c not in ATTEMPT_COLUMNS)))
+    out.register(a_label)
+    out.register(n_label)
+    tables = {"attempts": _read_arrow(Path(attempts_path), a_label), "nudges": _read_arrow(Path(nudges_path), n_label)}
+    count = max(1, -(-tables["attempts"].num_rows // partition_rows))
+    a_part, n_part = _partition_of(tables["attempts"], tables["nudges"], count)
+    rows_of = {
+        "attempts": [np.flatnonzero(a_part == index) for index in range(count)],
+        "nudges": [np.flatnonzero(n_part == index) for index in range(count)],
+    }
+    labels = {"attempts": a_label, "nudges": n_label}
+    # Uniqueness over the whole file replaces the per-frame check (a partition sees only its own rows).
+    schemas = {
+        "attempts": AttemptsSchema.update_column("txn_id", unique=False),
+        "nudges": NudgesSchema.update_column("nudge_id", unique=False),
+    }
+    files = PartitionedHistory(target, count, 0, 0, ())
+    for index in range(count):
+        for name in ("attempts", "nudges"):
+            label, rows = labels[name], rows_of[name][index]
+            out.row_maps[label] = rows
+            frame, unchecked = _coerce(tables[name].take(rows).to_pandas(), schemas[name], label, out)
+            _validate(frame, schemas[name], label, unchecked, out)
+            if not out.total:
+                frame.to_parquet(files._files(index)[0 if name == "attempts" else 1], index=False)
+    out.row_maps.clear()
+    for column, name in _UNIQUE_IDS:
+        _check_unique(tables[name], column, labels[name], out)
+    out.raise_if_any()
+
+    owners = tables["nudges"].select(["nudge_id", "order_id"])
+
+    def owner_of(nudge_ids: np.ndarray[Any, Any]) -> list[Any]:
+        import pyarrow.compute as pc
+
+        wanted = pyarrow.array([str(v) for v in nudge_ids], type=pyarrow.string())
+        found = owners.filter(pc.is_in(owners.column("nudge_id"), value_set=wanted)).to_pandas()
+        owner = dict(zip(found["nudge_id"], found["order_id"], strict=True))
+        return [owner.get(str(v)) for v in nudge_ids]
+
+    merchants = sorted({str(m) for m in tables["attempts"].column("merchant_id").unique().to_pylist()})
+    attempt_rows, nudge_rows = tables["attempts"].num_rows, tables["nudges"].num_rows
+    del tables
+    for index in range(count):
+        part = files.part(index)
+        out.row_maps.update({a_label: rows_of["attempts"][index], n_label: rows_of["nudges"][index]})
+        _check_orders(part.attempts, a_label, out)
+        _check_links(part.attempts, part.nudges, a_label, n_label, out, elsewhere=owner_of if count > 1 else None)
+    out.row_maps.clear()
+    out.raise_if_any()
+    return PartitionedHistory(target, count, attempt_rows, nudge_rows, tuple(merchants))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -882,36 +1099,124 @@ def _format_timestamps(s: pd.Series) -> pd.Series:
     return pd.Series(text, index=s.index, dtype=object)
 
 
-def _write(df: pd.DataFrame, path: str | Path, schema: pa.DataFrameSchema, columns: tuple[str, ...]) -> None:
-    target = Path(path)
-    label = f"{path} (writing)"
-    suffix = target.suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        _fail(label, f"unsupported file extension {target.suffix or '(none)'!r}: use .parquet or .csv")
-    out = _Collector(DEFAULT_CAP, columns)
-    frame, unchecked = _coerce(df, schema, label, out)
-    _validate(frame, schema, label, unchecked, out)
-    out.raise_if_any()
-    if suffix == ".parquet":
-        frame.to_parquet(target, index=False)
-        return
-    text = frame.copy()
-    for name, col in schema.columns.items():
-        if _kind(col) == _TS:
-            text[name] = _format_timestamps(frame[name])
-        elif _kind(col) == "bool":
-            text[name] = np.where(frame[name].to_numpy(), "true", "false")
-    text.to_csv(target, index=False, na_rep="")
+_ARROW_TYPES: Final[dict[str, Any]] = {
+    "string": pyarrow.string(),
+    "float64": pyarrow.float64(),
+    "int64": pyarrow.int64(),
+    "bool": pyarrow.bool_(),
+    _TS: pyarrow.timestamp("ns", tz="UTC"),
+}
+
+
+class HistoryWriter:
+    """Writes one history table in parts, so a history larger than memory can be written as it is produced.
+
+    Every part is coerced and validated like a whole file (``write_attempts``) before anything of it is
+    written; Parquet gets one row group per part, CSV one block of lines. The file appears at ``path`` only
+    when :meth:`close` succeeds (it is written beside it and renamed), so a failed run never leaves a
+    half-written history behind. Rules across parts (ids unique over the whole file) are the producer's to
+    keep; ``read_history`` checks them on read.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.DataFrameSchema, columns: tuple[str, ...]) -> None:
+        self.path = Path(path)
+        self._schema = schema
+        self._columns = columns
+        self._label = f"{path} (writing)"
+        self._suffix = self.path.suffix.lower()
+        if self._suffix not in (".parquet", ".csv"):
+            _fail(self._label, f"unsupported file extension {self.path.suffix or '(none)'!r}: use .parquet or .csv")
+        self._partial = self.path.with_name(f".{self.path.name}.partial")
+        self._parquet: pq.ParquetWriter | None = None
+        self._arrow_schema: pyarrow.Schema | None = None
+        self._csv_started = False
+        self.rows = 0
+
+    def __enter__(self) -> HistoryWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, df: pd.DataFrame) -> None:
+        """Validate ``df`` and append it; raises ``HistoryError`` (and writes nothing of it) when it is bad."""
+        out = _Collector(DEFAULT_CAP, self._columns)
+        frame, unchecked = _coerce(df, self._schema, self._label, out)
+        _validate(frame, self._schema, self._label, unchecked, out)
+        out.raise_if_any()
+        if self._suffix == ".parquet":
+            self._write_parquet(frame)
+        else:
+            self._write_csv(frame)
+        self.rows += len(frame)
+
+    def _write_parquet(self, frame: pd.DataFrame) -> None:
+        table = pyarrow.Table.from_pandas(frame, preserve_index=False)
+        if self._arrow_schema is None:
+            # Contract columns get their declared type, so a part where one is all null still fits the next.
+            fields = [
+                pyarrow.field(f.name, _ARROW_TYPES[_kind(self._schema.columns[f.name])])
+                if f.name in self._schema.columns
+                else (pyarrow.field(f.name, pyarrow.string()) if pyarrow.types.is_null(f.type) else f)
+                for f in table.schema
+            ]
+            self._arrow_schema = pyarrow.schema(fields, metadata=table.schema.metadata)
+            self._parquet = pq.ParquetWriter(self._partial, self._arrow_schema)
+        assert self._parquet is not None
+        self._parquet.write_table(table.select(self._arrow_schema.names).cast(self._arrow_schema))
+
+    def _write_csv(self, frame: pd.DataFrame) -> None:
+        text = frame.copy()
+        for name, col in self._schema.columns.items():
+            if _kind(col) == _TS:
+                text[name] = _format_timestamps(frame[name])
+            elif _kind(col) == "bool":
+                text[name] = np.where(frame[name].to_numpy(), "true", "false")
+        text.to_csv(self._partial, index=False, na_rep="", mode="a" if self._csv_started else "w",
+                    header=not self._csv_started)  # fmt: skip
+        self._csv_started = True
+
+    def close(self) -> None:
+        """Finish the file and move it into place (an empty table when nothing was written)."""
+        if self._suffix == ".parquet":
+            if self._parquet is None:
+                self._write_parquet(pd.DataFrame({c: pd.Series(dtype=object) for c in self._columns}))
+            assert self._parquet is not None
+            self._parquet.close()
+        elif not self._csv_started:
+            pd.DataFrame(columns=list(self._columns)).to_csv(self._partial, index=False)
+        self._partial.replace(self.path)
+
+    def abort(self) -> None:
+        """Drop what was written so far."""
+        if self._parquet is not None:
+            self._parquet.close()
+        self._partial.unlink(missing_ok=True)
+
+
+def attempts_writer(path: str | Path) -> HistoryWriter:
+    """A :class:`HistoryWriter` for an attempts file."""
+    return HistoryWriter(path, AttemptsSchema, ATTEMPT_COLUMNS)
+
+
+def nudges_writer(path: str | Path) -> HistoryWriter:
+    """A :class:`HistoryWriter` for a nudges file."""
+    return HistoryWriter(path, NudgesSchema, NUDGE_COLUMNS)
 
 
 def write_attempts(df: pd.DataFrame, path: str | Path) -> None:
     """Validate ``df`` as attempts and write it to .parquet or .csv so that ``read_attempts`` gives it back."""
-    _write(df, path, AttemptsSchema, ATTEMPT_COLUMNS)
+    with attempts_writer(path) as writer:
+        writer.write(df)
 
 
 def write_nudges(df: pd.DataFrame, path: str | Path) -> None:
     """Validate ``df`` as nudges and write it to .parquet or .csv so that ``read_nudges`` gives it back."""
-    _write(df, path, NudgesSchema, NUDGE_COLUMNS)
+    with nudges_writer(path) as writer:
+        writer.write(df)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,16 +7,24 @@ failures); the logging policy (the static retry-then-retarget rule with epsilon 
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from model.history import write_attempts, write_nudges
-from model.simulation import DEFAULT_EPSILON, generate_history
+from model.history import HistoryWriter, attempts_writer, nudges_writer
+from model.simulation import DEFAULT_EPSILON, HistoryPart, iter_history_parts
+from model.simulation.episodes import totals_of
 
 #: Below this many orders a second process costs more than it saves.
 _PARALLEL_FROM = 20_000
+#: Simulated parts (5,000 orders each) per written row group.
+_PARTS_PER_ROW_GROUP = 20
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,33 @@ class SimulationSummary:
     orders_per_second: float
     attempts_path: Path
     nudges_path: Path
+    failure_mix: pd.DataFrame  # recovery_by_error_class of what was written
+
+
+def _flush(
+    parts: list[HistoryPart], attempts_out: HistoryWriter, nudges_out: HistoryWriter, mix: list[pd.DataFrame]
+) -> None:
+    """Write buffered parts as one row group per file (row groups of ~100k orders read back fast)."""
+    if parts:
+        attempts = pd.concat([p.attempts for p in parts], ignore_index=True)
+        nudges = pd.concat([p.nudges for p in parts], ignore_index=True)
+        attempts_out.write(attempts)
+        nudges_out.write(nudges)
+        mix.append(class_counts(attempts, nudges))
+        parts.clear()
+
+
+@contextmanager
+def _bar(show: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar over orders (or nothing); yields ``advance(orders_done_in_this_step)``."""
+    if not show:
+        yield lambda _done: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("simulating orders"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("simulate", total=total)
+        yield lambda done: bar.advance(task, done)
 
 
 def simulate(
@@ -57,47 +92,49 @@ def simulate(
         workers = min(2, os.cpu_count() or 1) if orders >= _PARALLEL_FROM else 1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("simulating orders"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-            task = bar.add_task("simulate", total=orders)
-            history = generate_history(
-                orders,
-                seed,
-                epsilon=epsilon,
-                workers=workers,
-                on_progress=lambda done: bar.update(task, completed=done),
-            )
-    else:
-        history = generate_history(orders, seed, epsilon=epsilon, workers=workers)
     attempts_path = out_dir / "attempts.parquet"
     nudges_path = out_dir / "nudges.parquet"
-    write_attempts(history.attempts, attempts_path)
-    write_nudges(history.nudges, nudges_path)
-    totals = history.totals
+    started = time.perf_counter()
+    parts = iter_history_parts(orders, seed, epsilon=epsilon, workers=workers)
+    per_order: list[pd.DataFrame] = []
+    violations: Counter[str] = Counter()
+    mix: list[pd.DataFrame] = []
+    # Parts go to disk as they are played: memory holds a few parts, not the history (10M attempts and more).
+    with (
+        attempts_writer(attempts_path) as attempts_out,
+        nudges_writer(nudges_path) as nudges_out,
+        _bar(progress, orders) as advance,
+    ):
+        buffered: list[HistoryPart] = []
+        for part in parts:
+            buffered.append(part)
+            per_order.append(part.per_order)
+            violations.update(part.violations)
+            advance(len(part.per_order))
+            if len(buffered) == _PARTS_PER_ROW_GROUP:
+                _flush(buffered, attempts_out, nudges_out, mix)
+        _flush(buffered, attempts_out, nudges_out, mix)
+    seconds = time.perf_counter() - started
+    totals = totals_of(pd.concat(per_order, ignore_index=True), violations)
     return SimulationSummary(
         orders=totals.orders,
-        attempts=len(history.attempts),
-        nudges=len(history.nudges),
+        attempts=attempts_out.rows,
+        nudges=nudges_out.rows,
         recovered_orders=totals.recovered_orders,
         recovery_rate=totals.recovery_rate,
         recovered_gmv_usd=totals.recovered_gmv_usd,
         seed=seed,
         epsilon=epsilon,
-        seconds=history.seconds,
-        orders_per_second=history.orders_per_second,
+        seconds=seconds,
+        orders_per_second=orders / seconds if seconds > 0 else float("inf"),
         attempts_path=attempts_path,
         nudges_path=nudges_path,
+        failure_mix=combine_class_counts(mix),
     )
 
 
-def recovery_by_error_class(attempts: pd.DataFrame, nudges: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Failure mix and the logging policy's recovery by the normalised class of each order's first failure.
-
-    Works on any contract history: one row per class with orders, share of first failures, recovered orders,
-    recovery rate and mean time to recovery (hours).
-    """
+def class_counts(attempts: pd.DataFrame, nudges: pd.DataFrame | None) -> pd.DataFrame:
+    """Per class of each order's first failure: orders, recovered orders, and the sum and count of recovery hours."""
     from model.catalog import normalise_frame
     from model.history import reconstruct_orders
 
@@ -106,24 +143,47 @@ def recovery_by_error_class(attempts: pd.DataFrame, nudges: pd.DataFrame | None 
     firsts = attempts[attempts["attempt_number"] == 1].set_index("order_id")
     classes = normalise_frame(firsts.reset_index())["error_class"]
     classes.index = firsts.index
-    frame = orders.assign(error_class=orders["order_id"].map(classes).fillna("unknown"))
-    hours = frame["time_to_recovery"].dt.total_seconds() / 3600.0
-    table = (
-        frame.assign(hours=hours)
-        .groupby("error_class")
-        .agg(orders=("order_id", "size"), recovered=("recovered", "sum"), hours_to_recovery=("hours", "mean"))
-        .sort_values("orders", ascending=False)
-    )
-    table.insert(1, "share", table["orders"] / table["orders"].sum())
-    table["recovery_rate"] = table["recovered"] / table["orders"]
-    total = pd.DataFrame(
+    hours = orders["time_to_recovery"].dt.total_seconds() / 3600.0
+    frame = pd.DataFrame(
         {
-            "orders": [int(table["orders"].sum())],
-            "share": [1.0],
-            "recovered": [int(table["recovered"].sum())],
-            "hours_to_recovery": [float(hours.mean())],
-            "recovery_rate": [float(table["recovered"].sum() / max(table["orders"].sum(), 1))],
-        },
-        index=pd.Index(["all"], name="error_class"),
+            "error_class": orders["order_id"].map(classes).fillna("unknown").to_numpy(),
+            "recovered": orders["recovered"].to_numpy(dtype=np.int64),
+            "hours_sum": hours.fillna(0.0).to_numpy(),
+            "hours_n": hours.notna().to_numpy(dtype=np.int64),
+        }
     )
-    return pd.concat([table, total])
+    return frame.groupby("error_class").agg(
+        orders=("recovered", "size"), recovered=("recovered", "sum"), hours_sum=("hours_sum", "sum"),
+        hours_n=("hours_n", "sum"),
+    )  # fmt: skip
+
+
+def _class_table(counts: pd.DataFrame) -> pd.DataFrame:
+    table = counts.sort_values("orders", ascending=False)
+    total = table.sum()
+    table.loc["all"] = total
+    table.index.name = "error_class"
+    out = pd.DataFrame(
+        {
+            "orders": table["orders"].astype(np.int64),
+            "share": table["orders"] / max(int(total["orders"]), 1),
+            "recovered": table["recovered"].astype(np.int64),
+            "hours_to_recovery": table["hours_sum"] / table["hours_n"].where(table["hours_n"] > 0),
+            "recovery_rate": table["recovered"] / table["orders"].clip(lower=1),
+        }
+    )
+    return out
+
+
+def recovery_by_error_class(attempts: pd.DataFrame, nudges: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Failure mix and the logging policy's recovery by the normalised class of each order's first failure.
+
+    Works on any contract history: one row per class with orders, share of first failures, recovered orders,
+    mean time to recovery (hours) and recovery rate, and a last row ``all``.
+    """
+    return _class_table(class_counts(attempts, nudges))
+
+
+def combine_class_counts(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The failure-mix table of histories of disjoint orders, from the :func:`class_counts` of each."""
+    return _class_table(pd.concat(parts).groupby(level=0).sum())

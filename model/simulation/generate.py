@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import pandas as pd
@@ -53,18 +53,75 @@ class _Job:
     merchants: Mapping[str, MerchantConfig] | None
 
 
-def _play_chunk(job: _Job) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Counter[str]]:
+@dataclass(frozen=True)
+class HistoryPart:
+    """Consecutive orders of a generated history: their attempts and nudges, per-order truth and rule audit."""
+
+    attempts: pd.DataFrame
+    nudges: pd.DataFrame
+    per_order: pd.DataFrame
+    violations: Counter[str]
+
+
+def _play_chunk(job: _Job) -> HistoryPart:
     world = World(job.seed, job.params, job.merchants, expected_orders=job.n_total)
     return _play(world, job)
 
 
-def _play(world: World, job: _Job) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Counter[str]]:
+def _play(world: World, job: _Job) -> HistoryPart:
     rulebook = RuleBook(world.configs, world.catalog)
     policy = EpsilonGreedyLoggingPolicy(rulebook, epsilon=job.epsilon, seed=job.seed)
     result = run_episodes(world, policy, job.count, first_order=job.first, record=True, rulebook=rulebook)
     assert result.attempts is not None
     assert result.nudges is not None
-    return result.attempts, result.nudges, result.per_order, Counter(result.totals.violations_by_rule)
+    return HistoryPart(result.attempts, result.nudges, result.per_order, Counter(result.totals.violations_by_rule))
+
+
+def _check(n_orders: int, epsilon: float) -> None:
+    if n_orders < 1:
+        raise ValueError(f"the number of orders must be at least 1, got {n_orders}")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+
+
+def iter_history_parts(
+    n_orders: int,
+    seed: int,
+    *,
+    epsilon: float = DEFAULT_EPSILON,
+    workers: int = 1,
+    params: WorldParams | None = None,
+    merchants: Mapping[str, MerchantConfig] | None = None,
+) -> Iterator[HistoryPart]:
+    """The history of :func:`generate_history` as consecutive parts of up to 5,000 orders, in order.
+
+    Only the parts being played and not yet consumed are in memory, so a history larger than memory can be
+    written as it is produced (``pipelines.simulate``).
+    """
+    _check(n_orders, epsilon)
+    jobs = [
+        _Job(seed, n_orders, first, min(_CHUNK, n_orders - first), epsilon, params, merchants)
+        for first in range(0, n_orders, _CHUNK)
+    ]
+    if workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            pending: deque[Future[HistoryPart]] = deque()
+            queued = iter(jobs)
+            for job in queued:  # keep a few parts ahead of the consumer, not the whole history
+                pending.append(pool.submit(_play_chunk, job))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                part = pending.popleft().result()
+                next_job = next(queued, None)
+                if next_job is not None:
+                    pending.append(pool.submit(_play_chunk, next_job))
+                yield part
+    else:
+        world = World(seed, params, merchants, expected_orders=n_orders)
+        for job in jobs:
+            yield _play(world, job)
 
 
 def generate_history(
@@ -82,38 +139,23 @@ def generate_history(
     ``workers > 1`` plays chunks of orders in that many processes; the result is identical to one process.
     ``on_progress`` gets the number of orders done so far.
     """
-    if n_orders < 1:
-        raise ValueError(f"the number of orders must be at least 1, got {n_orders}")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+    _check(n_orders, epsilon)
     started = time.perf_counter()
-    jobs = [
-        _Job(seed, n_orders, first, min(_CHUNK, n_orders - first), epsilon, params, merchants)
-        for first in range(0, n_orders, _CHUNK)
-    ]
-    parts: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Counter[str]]] = []
+    parts: list[HistoryPart] = []
     done = 0
-    if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            for job, part in zip(jobs, pool.map(_play_chunk, jobs), strict=True):
-                parts.append(part)
-                done += job.count
-                if on_progress is not None:
-                    on_progress(done)
-    else:
-        world = World(seed, params, merchants, expected_orders=n_orders)
-        for job in jobs:
-            parts.append(_play(world, job))
-            done += job.count
-            if on_progress is not None:
-                on_progress(done)
-    attempts = pd.concat([p[0] for p in parts], ignore_index=True)
-    nudges = pd.concat([p[1] for p in parts], ignore_index=True)
-    orders = pd.concat([p[2] for p in parts], ignore_index=True)
+    for part in iter_history_parts(
+        n_orders, seed, epsilon=epsilon, workers=workers, params=params, merchants=merchants
+    ):
+        parts.append(part)
+        done += len(part.per_order)
+        if on_progress is not None:
+            on_progress(done)
+    attempts = pd.concat([p.attempts for p in parts], ignore_index=True)
+    nudges = pd.concat([p.nudges for p in parts], ignore_index=True)
+    orders = pd.concat([p.per_order for p in parts], ignore_index=True)
     violations: Counter[str] = Counter()
     for part in parts:
-        violations.update(part[3])
+        violations.update(part.violations)
     return GeneratedHistory(
         attempts=attempts,
         nudges=nudges,

@@ -72,45 +72,56 @@ def code_inventory(
     labels: npt.ArrayLike,
     *,
     limit: int = MAX_INVENTORY,
+    weights: tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike] | None = None,
 ) -> list[list[Any]]:
     """Per (connector, error code) of the decision points a model is trained on: retries, successes, a message.
 
     Arguments are aligned per decision point (the failure's connector, code and message, whether the action was
     a silent retry, and its label). Codes with no retry are kept with support 0 (their text is still known).
+    ``weights`` = (retries, successes, points) per row instead of one point each: rows that stand for counts
+    (e.g. one row per distinct error of a large history; ``is_retry`` and ``labels`` are then ignored).
     Returns :meth:`KnownCode.as_list` rows, most-supported first, at most ``limit``.
     """
+    retries: npt.ArrayLike
+    successes: npt.ArrayLike
+    points: npt.ArrayLike
+    if weights is None:
+        retry = np.asarray(is_retry, dtype=bool)
+        retries, successes, points = retry, retry & np.asarray(labels, dtype=bool), np.ones(len(retry))
+    else:
+        retries, successes, points = weights
     frame = pd.DataFrame(
         {
             "connector": np.asarray(connectors, dtype=object),
             "code": np.asarray(codes, dtype=object),
             "message": np.asarray(messages, dtype=object),
-            "retry": np.asarray(is_retry, dtype=bool),
-            "label": np.asarray(labels, dtype=bool),
+            "retry": np.asarray(retries, dtype=np.float64),
+            "success": np.asarray(successes, dtype=np.float64),
+            "points": np.asarray(points, dtype=np.float64),
         }
     )
     frame = frame[frame["code"].notna() & frame["connector"].notna()]
     if frame.empty:
         return []
     frame["key"] = [code_key(c, k) for c, k in zip(frame["connector"], frame["code"], strict=True)]
-    frame["success"] = frame["retry"] & frame["label"]
-    grouped = frame.groupby("key", sort=True)
-    table = grouped.agg(
+    table = frame.groupby("key", sort=True).agg(
         connector=("connector", "first"),
         code=("code", "first"),
         support=("retry", "sum"),
         successes=("success", "sum"),
-        points=("retry", "size"),
+        points=("points", "sum"),
     )
-    with_message = frame.dropna(subset=["message"])
-    most_common = with_message.groupby("key")["message"].agg(lambda s: s.value_counts().index[0])
-    table["message"] = most_common.reindex(table.index)
+    # The most frequent message of each code (ties: the first seen).
+    counted = frame.dropna(subset=["message"]).groupby(["key", "message"], sort=False)["points"].sum()
+    by_message = counted.reset_index().sort_values("points", ascending=False, kind="mergesort")
+    table["message"] = by_message.drop_duplicates("key").set_index("key")["message"].reindex(table.index)
     table = table.sort_values(["support", "points"], ascending=False, kind="mergesort").head(limit)
     out: list[list[Any]] = []
-    for connector, code, message, support, successes in zip(
+    for connector, code, message, support, won in zip(
         table["connector"], table["code"], table["message"], table["support"], table["successes"], strict=True
     ):
         text = None if message is None or (isinstance(message, float) and math.isnan(message)) else str(message)
-        out.append(KnownCode(str(connector), str(code), text, int(support), int(successes)).as_list())
+        out.append(KnownCode(str(connector), str(code), text, int(support), int(won)).as_list())
     return out
 
 

@@ -1010,6 +1010,19 @@ def _order_points(
     return points
 
 
+def orders_active_since(
+    attempts: pd.DataFrame, nudges: pd.DataFrame, cut: pd.Timestamp, follow_up: pd.Timedelta
+) -> set[str]:
+    """Orders that can have a decision point at or after ``cut``: their last attempt, or their last nudge's
+    follow-up time, is not before it (the others end before the cut). Needs only ``order_id``,
+    ``created_at`` and ``sent_at``."""
+    last = attempts.groupby("order_id", sort=False)["created_at"].max()
+    if len(nudges):
+        last_nudge = nudges.groupby("order_id", sort=False)["sent_at"].max() + follow_up
+        last = pd.concat([last, last_nudge]).groupby(level=0).max()
+    return set(last.index[last >= cut].astype(str))
+
+
 def logged_decisions(
     attempts: pd.DataFrame,
     nudges: pd.DataFrame,
@@ -1043,12 +1056,7 @@ def logged_decisions(
     follow_up = pd.Timedelta(hours=NUDGE_FOLLOW_UP_HOURS if follow_up_hours is None else follow_up_hours)
     cut = None if since is None else _ts(since)
     if cut is not None:
-        # An order whose last event (or last nudge's follow-up time) is before the cut has no point after it.
-        last = attempts.groupby("order_id", sort=False)["created_at"].max()
-        if len(nudges):
-            last_nudge = nudges.groupby("order_id", sort=False)["sent_at"].max() + follow_up
-            last = pd.concat([last, last_nudge]).groupby(level=0).max()
-        keep = set(last.index[last >= cut].astype(str))
+        keep = orders_active_since(attempts, nudges, cut, follow_up)
         attempts = attempts[attempts["order_id"].astype(str).isin(keep)]
         nudges = nudges[nudges["order_id"].astype(str).isin(keep)]
     if max_orders is not None:

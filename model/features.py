@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -289,15 +290,40 @@ class FeatureSpec:
         into the spec so later edits of that table cannot shift a trained model's inputs.
         """
         fx = dict(load_economics().fx_to_usd if fx_to_usd is None else fx_to_usd)
-        derived = derive(columns, fx)
-        dropped = set(exclude)
-        vocabularies: dict[str, list[str]] = {}
+        derive(columns, fx)  # the raw columns must be complete, as for transform
+        return cls.from_counts(cls.count_tokens(columns), min_count=min_count, exclude=exclude, fx_to_usd=fx)
+
+    @staticmethod
+    def count_tokens(
+        columns: Mapping[str, np.ndarray], counts: dict[str, Counter[str]] | None = None
+    ) -> dict[str, Counter[str]]:
+        """Occurrences of each categorical feature's values in raw columns (added to ``counts`` when given).
+
+        Counting part by part and then :meth:`from_counts` gives the spec :meth:`fit` gives on all parts at once.
+        """
+        out = {name: Counter() for name in CATEGORICAL_FEATURES} if counts is None else counts
         for name in CATEGORICAL_FEATURES:
-            if name in dropped:
-                continue
-            values, counts = np.unique(np.array(_tokens(derived[name]), dtype=object), return_counts=True)
-            keep = sorted(str(v) for v, n in zip(values, counts, strict=True) if n >= min_count)
-            vocabularies[name] = keep
+            if name in columns:
+                out[name].update(_tokens(np.asarray(columns[name], dtype=object)))
+        return out
+
+    @classmethod
+    def from_counts(
+        cls,
+        counts: Mapping[str, Counter[str]],
+        *,
+        min_count: int = 20,
+        exclude: Iterable[str] = (),
+        fx_to_usd: Mapping[str, float] | None = None,
+    ) -> FeatureSpec:
+        """The spec whose vocabularies keep the values counted at least ``min_count`` times."""
+        fx = dict(load_economics().fx_to_usd if fx_to_usd is None else fx_to_usd)
+        dropped = set(exclude)
+        vocabularies = {
+            name: sorted(str(value) for value, n in counts[name].items() if n >= min_count)
+            for name in CATEGORICAL_FEATURES
+            if name not in dropped
+        }
         numeric = [name for name in NUMERIC_FEATURES if name not in dropped]
         return cls(numeric=numeric, vocabularies=vocabularies, fx_to_usd=fx, min_count=min_count)
 

@@ -947,6 +947,25 @@ class PartitionedHistory:
     def __iter__(self) -> Iterator[History]:
         return (self.part(index) for index in range(self.partitions))
 
+    def __len__(self) -> int:
+        return self.partitions
+
+    def columns(
+        self, index: int, attempt_columns: Sequence[str], nudge_columns: Sequence[str]
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Some columns of partition ``index`` (cheaper than :meth:`part` when only a few are needed)."""
+        attempts, nudges = self._files(index)
+        return pd.read_parquet(attempts, columns=list(attempt_columns)), pd.read_parquet(
+            nudges, columns=list(nudge_columns)
+        )
+
+    def orders_count(self) -> int:
+        """Distinct orders of the history (an order lies in one partition)."""
+        return sum(
+            int(self.columns(index, ("order_id",), ("order_id",))[0]["order_id"].nunique())
+            for index in range(self.partitions)
+        )
+
     def orders(self, order_ids: Iterable[str]) -> History:
         """The attempts and nudges of ``order_ids`` only (e.g. a sample for an evaluation)."""
         wanted = sorted(set(order_ids))

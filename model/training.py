@@ -10,17 +10,23 @@ decision time into train / early-stopping / calibration / holdout, and scored on
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
@@ -75,6 +81,8 @@ class BoosterFitter(Protocol):
 MAX_IPS_WEIGHT = 20.0
 #: Below this many calibration examples, Platt scaling replaces isotonic regression.
 MIN_ISOTONIC = 1000
+#: The never-seen-code check refits on at most this many silent retries (a seeded sample beyond it).
+UNSEEN_CODE_MAX_ROWS = 300_000
 #: Fewest examples (and of each outcome) a model needs; with fewer the retarget model is left out.
 MIN_EXAMPLES = 30
 #: Columns of :func:`decision_points` beyond the raw feature columns.
@@ -548,45 +556,10 @@ def _error_texts(
     cols: Mapping[str, np.ndarray], labels: npt.NDArray[np.bool_], rows: npt.NDArray[np.intp]
 ) -> tuple[ErrorTexts, npt.NDArray[np.intp]]:
     """Distinct (connector, code, message) among ``rows`` with retry outcomes, and each row's index into it."""
-    frame = pd.DataFrame(
-        {
-            "connector": cols["connector"][rows],
-            "code": cols["error_code"][rows],
-            "message": cols["error_message"][rows],
-            "cls": cols["error_class"][rows],
-            "success": labels[rows].astype(np.float64),
-            "retry": (cols["action"][rows] == Action.RETRY.value).astype(np.float64),
-        }
-    )
-    keys = ["connector", "code", "message"]
-    group_ids = frame.groupby(keys, dropna=False, sort=True).ngroup().to_numpy()
-    frame["success"] = frame["success"] * frame["retry"]
-    table = (
-        frame.assign(g=group_ids)
-        .groupby("g", sort=True)
-        .agg(
-            connector=("connector", "first"),
-            code=("code", "first"),
-            message=("message", "first"),
-            cls=("cls", "first"),
-            success=("success", "sum"),
-            trials=("retry", "sum"),
-        )
-    )
-
-    def opt(values: pd.Series) -> list[str | None]:
-        return [v if isinstance(v, str) else None for v in values.astype(object)]
-
-    classes = [None if k == "unknown" else k for k in opt(table["cls"])]
-    texts = ErrorTexts(
-        opt(table["connector"]),
-        opt(table["code"]),
-        opt(table["message"]),
-        table["success"].to_numpy(dtype=np.float64),
-        table["trials"].to_numpy(dtype=np.float64),
-        classes,
-    )
-    return texts, group_ids.astype(np.intp)
+    texts, table = _merge_error_texts([_error_text_counts(cols, labels, rows)])
+    at = {key: i for i, key in enumerate(_table_keys(table))}
+    index = np.fromiter((at[key] for key in _text_keys(cols, rows)), dtype=np.intp, count=len(rows))
+    return texts, index
 
 
 def _set_text(cols: dict[str, np.ndarray], rows: npt.NDArray[np.intp], values: Mapping[str, FloatArray]) -> None:
@@ -722,9 +695,169 @@ def unseen_code_auc(
     return out
 
 
+class _RawColumns:
+    """The raw decision columns of each partition: kept in memory for one, else in Parquet files in a folder."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self._folder = folder
+        self._memory: list[dict[str, np.ndarray]] = []
+        self._count = 0
+
+    def add(self, cols: dict[str, np.ndarray]) -> None:
+        if self._folder is None:
+            self._memory.append(cols)
+        else:
+            arrays = {name: pa.array(values, from_pandas=values.dtype == object) for name, values in cols.items()}
+            pq.write_table(pa.table(arrays), self._folder / f"columns-{self._count:05d}.parquet")
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if self._folder is None:
+            return self._memory[index]
+        table = pq.read_table(self._folder / f"columns-{index:05d}.parquet")
+        out: dict[str, np.ndarray] = {}
+        for name, column in zip(table.column_names, table.columns, strict=True):
+            values = column.to_numpy(zero_copy_only=False)
+            out[name] = values.astype(object) if not pa.types.is_floating(column.type) else values.astype(np.float64)
+        return out
+
+
+def _error_text_counts(
+    cols: Mapping[str, np.ndarray], labels: npt.NDArray[np.bool_], rows: npt.NDArray[np.intp]
+) -> pd.DataFrame:
+    """Per distinct (connector, code, message) among ``rows``: the catalog class, retry successes and trials."""
+    frame = pd.DataFrame(
+        {
+            "connector": cols["connector"][rows],
+            "code": cols["error_code"][rows],
+            "message": cols["error_message"][rows],
+            "cls": cols["error_class"][rows],
+            "retry": (cols["action"][rows] == Action.RETRY.value).astype(np.float64),
+            "points": np.ones(len(rows)),
+        }
+    )
+    frame["success"] = labels[rows].astype(np.float64) * frame["retry"]
+    # Per class too: the same error text can be classed differently (network codes, card network); the table
+    # keeps its most frequent class, whatever the order or partitioning of the rows.
+    return (
+        frame.groupby(["connector", "code", "message", "cls"], dropna=False, sort=True)
+        .agg(success=("success", "sum"), trials=("retry", "sum"), points=("points", "sum"))
+        .reset_index()
+    )
+
+
+def _merge_error_texts(parts: list[pd.DataFrame]) -> tuple[ErrorTexts, pd.DataFrame]:
+    """The text model's table from per-partition counts, and that table as a frame (row i = ErrorTexts row i)."""
+    keys = ["connector", "code", "message"]
+    by_class = (
+        pd.concat(parts, ignore_index=True)
+        .groupby([*keys, "cls"], dropna=False, sort=True)[["success", "trials", "points"]]
+        .sum()
+        .reset_index()
+    )
+    most = by_class.sort_values("points", ascending=False, kind="mergesort").drop_duplicates(keys)
+    table = (
+        by_class.groupby(keys, dropna=False, sort=True)[["success", "trials", "points"]]
+        .sum()
+        .reset_index()
+        .merge(most[[*keys, "cls"]], on=keys, how="left")
+    )
+
+    def opt(values: pd.Series) -> list[str | None]:
+        return [v if isinstance(v, str) else None for v in values.astype(object)]
+
+    texts = ErrorTexts(
+        opt(table["connector"]),
+        opt(table["code"]),
+        opt(table["message"]),
+        table["success"].to_numpy(dtype=np.float64),
+        table["trials"].to_numpy(dtype=np.float64),
+        [None if k == "unknown" else k for k in opt(table["cls"])],
+    )
+    return texts, table
+
+
+_TEXT_KEY_COLUMNS = {"connector": "connector", "error_code": "code", "error_message": "message"}
+
+
+def _text_keys(cols: Mapping[str, np.ndarray], rows: npt.NDArray[np.intp]) -> list[tuple[Any, Any, Any]]:
+    def key(value: Any) -> Any:
+        return value if isinstance(value, str) else None
+
+    return [
+        (key(c), key(k), key(m))
+        for c, k, m in zip(cols["connector"][rows], cols["error_code"][rows], cols["error_message"][rows], strict=True)
+    ]
+
+
+def _table_keys(table: pd.DataFrame) -> list[tuple[Any, Any, Any]]:
+    """The (connector, code, message) of each row of a :func:`_merge_error_texts` frame."""
+    cols = {name: table[column].to_numpy(dtype=object) for name, column in _TEXT_KEY_COLUMNS.items()}
+    return _text_keys(cols, np.arange(len(table)))
+
+
+def _predict_text(model: TextModel, keys: list[tuple[Any, Any, Any]]) -> dict[str, FloatArray]:
+    """``model.predict`` for rows given by their (connector, code, message), each distinct error predicted once."""
+    distinct = list(dict.fromkeys(keys))
+    at = {k: i for i, k in enumerate(distinct)}
+    index = np.fromiter((at[k] for k in keys), dtype=np.intp, count=len(keys))
+    values = model.predict([k[0] for k in distinct], [k[1] for k in distinct], [k[2] for k in distinct])
+    return {name: column[index] for name, column in values.items()}
+
+
+def _inventory(table: pd.DataFrame) -> list[list[Any]]:
+    """``code_inventory`` of the fitted rows, from the merged per-error counts (one row per distinct error)."""
+    return code_inventory(
+        table["connector"].astype(object).to_numpy(),
+        table["code"].astype(object).to_numpy(),
+        table["message"].astype(object).to_numpy(),
+        np.ones(len(table), dtype=bool),
+        np.zeros(len(table), dtype=bool),
+        weights=(table["trials"].to_numpy(), table["success"].to_numpy(), table["points"].to_numpy()),
+    )
+
+
 def train(
     attempts: pd.DataFrame,
     nudges: pd.DataFrame,
+    **options: Any,
+) -> TrainingResult:
+    """Train the retry and retarget outcome models on a history (CONTRACT.md section 3 frames).
+
+    The whole history as one partition; see :func:`train_partitions` for the steps and ``options``.
+    """
+    return train_partitions([_Frames(attempts, nudges)], **options)
+
+
+@dataclass(frozen=True)
+class _Frames:
+    attempts: pd.DataFrame
+    nudges: pd.DataFrame
+
+
+class HistoryFrames(Protocol):
+    """A history's two tables (e.g. `model.history.History`)."""
+
+    @property
+    def attempts(self) -> pd.DataFrame: ...
+
+    @property
+    def nudges(self) -> pd.DataFrame: ...
+
+
+class Partitions(Protocol):
+    """Partitions of whole orders, each a `HistoryFrames`, read in turn (e.g. `model.history.PartitionedHistory`)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[HistoryFrames]: ...
+
+
+def train_partitions(
+    partitions: Partitions | Sequence[HistoryFrames],
     *,
     seed: int,
     time_holdout_fraction: float = 0.2,
@@ -734,8 +867,15 @@ def train(
     evaluate_unseen_codes: bool = True,
     num_threads: int = 1,
     fit_booster: BoosterFitter | None = None,
+    unseen_code_rows: int = UNSEEN_CODE_MAX_ROWS,
 ) -> TrainingResult:
-    """Train the retry and retarget outcome models on a history (CONTRACT.md section 3 frames).
+    """Train the retry and retarget outcome models on a history given as partitions of whole orders.
+
+    ``partitions`` yields each partition's (attempts, nudges) frames; every order lies in one partition (e.g. a
+    ``model.history.PartitionedHistory``), so memory holds one partition's frames at a time, the raw columns of
+    the others waiting in Parquet files, plus the float32 model matrix. The result does not depend on how the
+    orders were partitioned, except for the never-seen-code check, which uses a seeded sample of at most
+    ``unseen_code_rows`` retries.
 
     Steps: decision points -> raw columns (catalog verdicts) -> out-of-fold text features -> feature spec ->
     IPS-weighted LightGBM with early stopping on a later time slice -> calibration on the next slice -> metrics
@@ -755,58 +895,194 @@ def train(
 
     report("decision points", 0.0)
     normaliser: Normaliser = load_catalog() if catalog is None else catalog
-    points = decision_points(attempts, nudges)
-    is_retry = (points["kind"] == "retry").to_numpy()
+    with tempfile.TemporaryDirectory(prefix="winback-columns-") as spill:
+        store = _RawColumns(None if len(partitions) <= 1 else Path(spill))
+        labels_of, propensity_of, ts_of, retry_of, orders_of, execute_of = [], [], [], [], [], []
+        dropped: Counter[str] = Counter()
+        for frames in partitions:
+            points = decision_points(frames.attempts, frames.nudges)
+            dropped.update(points.attrs["dropped"])
+            if len(points) == 0:
+                continue
+            cols = raw_columns(points, normaliser)
+            labels_of.append(points["label"].to_numpy(dtype=bool))
+            propensity_of.append(points["propensity"].to_numpy(dtype=np.float64))
+            retry_of.append((points["kind"] == "retry").to_numpy())
+            ts_of.append(cols["event_ts"])
+            orders_of.append(pa.array(points["order_id"].to_numpy(dtype=object), type=pa.string()))
+            execute_of.append(points["execute_ts"].to_numpy(dtype=np.float64))
+            store.add(cols)
+            del points, cols
+        # Rows in the order one partition would have them (decision_points' sort): the fit does not depend on
+        # how the orders were partitioned.
+        rank = np.zeros(0, dtype=np.int64)
+        if len(store) > 1:
+            sort_keys = pa.table(
+                {
+                    "ts": np.concatenate(ts_of),
+                    "order": pa.chunked_array(orders_of),
+                    "execute": np.concatenate(execute_of),
+                }
+            )
+            in_order = pc.sort_indices(
+                sort_keys, [("ts", "ascending"), ("order", "ascending"), ("execute", "ascending")]
+            )
+            rank = np.empty(len(sort_keys), dtype=np.int64)
+            rank[in_order.to_numpy()] = np.arange(len(sort_keys))
+            del sort_keys, in_order
+        del orders_of, execute_of
+        return _train_on_columns(
+            store,
+            rank=rank,
+            labels=np.concatenate(labels_of) if labels_of else np.zeros(0, dtype=bool),
+            propensity=np.concatenate(propensity_of) if propensity_of else np.zeros(0),
+            decision_ts=np.concatenate(ts_of) if ts_of else np.zeros(0),
+            is_retry=np.concatenate(retry_of) if retry_of else np.zeros(0, dtype=bool),
+            dropped={key: int(value) for key, value in dropped.items()},
+            normaliser=normaliser,
+            seed=seed,
+            time_holdout_fraction=time_holdout_fraction,
+            report=report,
+            fit=fit,
+            max_rounds=max_rounds,
+            evaluate_unseen_codes=evaluate_unseen_codes,
+            num_threads=num_threads,
+            unseen_code_rows=unseen_code_rows,
+            started=started,
+        )
+
+
+def _train_on_columns(
+    store: _RawColumns,
+    *,
+    rank: npt.NDArray[np.int64],
+    labels: npt.NDArray[np.bool_],
+    propensity: FloatArray,
+    decision_ts: FloatArray,
+    is_retry: npt.NDArray[np.bool_],
+    dropped: dict[str, int],
+    normaliser: Normaliser,
+    seed: int,
+    time_holdout_fraction: float,
+    report: Progress,
+    fit: BoosterFitter,
+    max_rounds: int,
+    evaluate_unseen_codes: bool,
+    num_threads: int,
+    unseen_code_rows: int,
+    started: float,
+) -> TrainingResult:
     retry_rows, retarget_rows = np.flatnonzero(is_retry), np.flatnonzero(~is_retry)
-    if len(retry_rows) < MIN_EXAMPLES or len(np.unique(points["label"].to_numpy()[retry_rows])) < 2:
+    if len(retry_rows) < MIN_EXAMPLES or len(np.unique(labels[retry_rows])) < 2:
         raise ValueError(
             f"history has {len(retry_rows)} silent retries after a failure (of which "
-            f"{int(points['label'].to_numpy()[retry_rows].sum())} succeeded): need at least {MIN_EXAMPLES} with "
+            f"{int(labels[retry_rows].sum())} succeeded): need at least {MIN_EXAMPLES} with "
             "both outcomes to learn retryability"
         )
-    report("catalog", 0.1)
-    cols = raw_columns(points, normaliser)
-    labels = points["label"].to_numpy(dtype=bool)
-    decision_ts = cols["event_ts"]
     masks = _split_masks(decision_ts, time_holdout_fraction)
+    fitted = masks["train"] | masks["valid"] | masks["calibration"]
+    sizes: list[int] = []
 
     report("text model", 0.2)
-    fit_rows = np.flatnonzero(masks["train"] | masks["valid"] | masks["calibration"])
-    texts, index = _error_texts(cols, labels, fit_rows)
-    _set_text(cols, fit_rows, {k: v[index] for k, v in out_of_fold(texts, seed=seed).items()})
+    # Pass over the partitions: the text model's table (fitted rows) and the vocabularies (training rows).
+    text_parts: list[pd.DataFrame] = []
+    token_counts: dict[str, Counter[str]] | None = None
+    offset = 0
+    for index in range(len(store)):
+        cols = store[index]
+        n = len(cols["event_ts"])
+        sizes.append(n)
+        local = slice(offset, offset + n)
+        text_parts.append(_error_text_counts(cols, labels[local], np.flatnonzero(fitted[local])))
+        train_cols = {name: values[masks["train"][local]] for name, values in cols.items()}
+        token_counts = FeatureSpec.count_tokens(train_cols, token_counts)
+        offset += n
+        del cols, train_cols
+    texts, text_table = _merge_error_texts(text_parts)
+    oof = out_of_fold(texts, seed=seed)
     text_model = TextModel.fit(texts, seed=seed)
-    holdout_rows = np.flatnonzero(masks["holdout"])
-    _set_text(
-        cols,
-        holdout_rows,
-        text_model.predict(list(cols["connector"][holdout_rows]), list(cols["error_code"][holdout_rows]),
-                           list(cols["error_message"][holdout_rows])),
-    )  # fmt: skip
+    text_row = {key: i for i, key in enumerate(_table_keys(text_table))}
+    spec = FeatureSpec.from_counts(token_counts or FeatureSpec.count_tokens({}))
 
     report("features", 0.3)
-    spec = FeatureSpec.fit({k: v[masks["train"]] for k, v in cols.items()})
-    x = spec.transform(cols)
-    y = labels.astype(np.float64)
-    propensity = points["propensity"].to_numpy(dtype=np.float64)
+    groups = {
+        (kind, split): (kind_mask & mask)
+        for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry))
+        for split, mask in masks.items()
+    }
+    pieces: dict[tuple[str, str], list[npt.NDArray[np.float32]]] = {key: [] for key in groups}
+    holdout_classes: dict[str, list[np.ndarray]] = {"retry": [], "retarget": []}
+    sample_rate = min(1.0, unseen_code_rows / max(len(retry_rows), 1))
+    sampler = np.random.default_rng(seed)
+    unseen_cols: list[dict[str, np.ndarray]] = []
+    unseen_labels: list[npt.NDArray[np.bool_]] = []
+    unseen_rank: list[npt.NDArray[np.int64]] = []
+    offset = 0
+    for index, n in enumerate(sizes):
+        cols = store[index]
+        local = slice(offset, offset + n)
+        fit_rows = np.flatnonzero(fitted[local])
+        index_of = np.fromiter((text_row[k] for k in _text_keys(cols, fit_rows)), dtype=np.intp, count=len(fit_rows))
+        _set_text(cols, fit_rows, {name: values[index_of] for name, values in oof.items()})
+        holdout_rows = np.flatnonzero(masks["holdout"][local])
+        _set_text(cols, holdout_rows, _predict_text(text_model, _text_keys(cols, holdout_rows)))
+        rows_matrix = spec.transform(cols)
+        for key, mask in groups.items():
+            pieces[key].append(rows_matrix[mask[local]])
+        for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry)):
+            holdout_classes[kind].append(cols["error_class"][(kind_mask & masks["holdout"])[local]])
+        if evaluate_unseen_codes:
+            retry_here = np.flatnonzero(is_retry[local])
+            if sample_rate < 1.0:
+                retry_here = retry_here[sampler.random(len(retry_here)) < sample_rate]
+            unseen_cols.append({name: values[retry_here] for name, values in cols.items()})
+            unseen_labels.append(labels[local][retry_here])
+            unseen_rank.append(rank[local][retry_here] if len(rank) else retry_here)
+        offset += n
+        del cols, rows_matrix
+
     metrics: dict[str, float] = {
-        "n_points": float(len(points)),
+        "n_points": float(len(labels)),
         "n_retry_points": float(len(retry_rows)),
         "n_retarget_points": float(len(retarget_rows)),
-        "share_unknown_propensity": float(np.mean(~np.isfinite(propensity))) if len(points) else math.nan,
-        **{f"dropped_{k}": float(v) for k, v in points.attrs["dropped"].items()},
+        "share_unknown_propensity": float(np.mean(~np.isfinite(propensity))) if len(labels) else math.nan,
+        "n_partitions": float(len(sizes)),
+        **{f"dropped_{k}": float(v) for k, v in dropped.items()},
     }
+    y_all = labels.astype(np.float64)
     tables: dict[str, pd.DataFrame] = {}
     boosters: dict[str, lgb.Booster | None] = {}
     calibrators: dict[str, Calibrator] = {}
     threshold = 0.1
-    holdout_probability = np.full(len(points), np.nan)
     class_tables = []
 
-    for stage, (kind, rows_of_kind) in enumerate((("retry", is_retry), ("retarget", ~is_retry))):
+    def matrix(key: tuple[str, str]) -> npt.NDArray[np.float32]:
+        parts = pieces.pop(key)
+        out = np.concatenate(parts) if parts else np.zeros((0, len(spec.columns)), dtype=np.float32)
+        parts.clear()
+        return out
+
+    def by_time(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp] | None:
+        """Rows of several partitions into one partition's order (``rank``); one partition's already are."""
+        return np.argsort(rank[mask]) if len(rank) else None
+
+    for stage, kind in enumerate(("retry", "retarget")):
         report(f"{kind} model", 0.4 + 0.25 * stage)
-        part = {name: rows_of_kind & mask for name, mask in masks.items()}
-        n_train = int(part["train"].sum())
-        if n_train < MIN_EXAMPLES or len(np.unique(y[part["train"]])) < 2:
+        part = {split: groups[(kind, split)] for split in masks}
+        order = {split: by_time(mask) for split, mask in part.items()}
+        x = {split: matrix((kind, split)) for split in masks}
+        y = {split: y_all[mask] for split, mask in part.items()}
+        logged = {split: propensity[mask] for split, mask in part.items()}
+        holdout_class = np.concatenate(holdout_classes[kind])
+        for split, permutation in order.items():
+            if permutation is not None:
+                x[split], y[split] = x[split][permutation], y[split][permutation]
+                logged[split] = logged[split][permutation]
+                if split == "holdout":
+                    holdout_class = holdout_class[permutation]
+        w = {split: ips_weights(values) for split, values in logged.items()}
+        n_train = len(y["train"])
+        if n_train < MIN_EXAMPLES or len(np.unique(y["train"])) < 2:
             if kind == "retry":
                 raise ValueError(
                     f"only {n_train} silent retries fall in the training time slice: the history is too short "
@@ -816,32 +1092,28 @@ def train(
             metrics["retarget_model_trained"] = 0.0
             continue
 
-        def weights(mask: npt.NDArray[np.bool_]) -> FloatArray:
-            return ips_weights(propensity[mask])
-
         booster = fit(
-            x[part["train"]], y[part["train"]], weights(part["train"]),
-            x[part["valid"]], y[part["valid"]], weights(part["valid"]),
+            x["train"], y["train"], w["train"], x["valid"], y["valid"], w["valid"],
             categorical=spec.categorical_indices, names=spec.columns, seed=seed, max_rounds=max_rounds,
             num_threads=num_threads,
         )  # fmt: skip
         boosters[kind] = booster
         metrics[f"{kind}_rounds"] = float(booster.num_trees())
-        calibration_rows = part["calibration"] if part["calibration"].sum() >= MIN_EXAMPLES else part["valid"]
-        raw_cal = np.asarray(booster.predict(x[calibration_rows], num_threads=num_threads), dtype=np.float64)
-        calibrator = Calibrator.fit(raw_cal, y[calibration_rows], weights(calibration_rows), min_isotonic=MIN_ISOTONIC)
+        calibration = "calibration" if len(y["calibration"]) >= MIN_EXAMPLES else "valid"
+        raw_cal = np.asarray(booster.predict(x[calibration], num_threads=num_threads), dtype=np.float64)
+        calibrator = Calibrator.fit(raw_cal, y[calibration], w[calibration], min_isotonic=MIN_ISOTONIC)
         calibrators[kind] = calibrator
         metrics[f"{kind}_calibration"] = 1.0 if calibrator.kind == "isotonic" else 0.0
         if kind == "retry":
-            threshold = _choose_threshold(y[calibration_rows], calibrator(raw_cal))
-        if part["holdout"].any():
-            p = calibrator(np.asarray(booster.predict(x[part["holdout"]], num_threads=num_threads), dtype=np.float64))
-            holdout_probability[part["holdout"]] = p
-            for name, value in binary_metrics(y[part["holdout"]], p).items():
+            threshold = _choose_threshold(y[calibration], calibrator(raw_cal))
+        if len(y["holdout"]):
+            p = calibrator(np.asarray(booster.predict(x["holdout"], num_threads=num_threads), dtype=np.float64))
+            for name, value in binary_metrics(y["holdout"], p).items():
                 metrics[f"{kind}_holdout_{name}"] = value
-            class_tables.append(_per_class_table(kind, cols["error_class"][part["holdout"]], y[part["holdout"]], p))
+            class_tables.append(_per_class_table(kind, holdout_class, y["holdout"], p))
         if kind == "retarget":
             metrics["retarget_model_trained"] = 1.0
+        del x
     if class_tables:
         tables["per_error_class"] = pd.concat(class_tables, ignore_index=True)
     tables["splits"] = pd.DataFrame(
@@ -856,9 +1128,15 @@ def train(
 
     if evaluate_unseen_codes:
         report("never-seen codes", 0.9)
+        in_time = np.argsort(np.concatenate(unseen_rank), kind="stable")
+        sample = {name: np.concatenate([part[name] for part in unseen_cols])[in_time] for name in unseen_cols[0]}
+        sample_labels = np.concatenate(unseen_labels)[in_time]
         metrics.update(
-            unseen_code_auc(cols, labels, retry_rows, seed=seed, rounds=min(150, max_rounds), num_threads=num_threads)
-        )
+            unseen_code_auc(
+                sample, sample_labels, np.arange(len(sample_labels)), seed=seed, rounds=min(150, max_rounds),
+                num_threads=num_threads,
+            )
+        )  # fmt: skip
 
     metrics["train_seconds"] = time.perf_counter() - started
     retry_booster = boosters["retry"]
@@ -870,15 +1148,9 @@ def train(
         "trained_from": str(pd.to_datetime(decision_ts.min(), unit="s", utc=True)),
         "trained_to": str(pd.to_datetime(decision_ts.max(), unit="s", utc=True)),
         "lightgbm": lgb.__version__,
-        "dropped": points.attrs["dropped"],
+        "dropped": dropped,
         # Per-code evidence of the fitted rows: decide() explores more where it is thin (model.codewatch).
-        KNOWN_CODES_KEY: code_inventory(
-            cols["connector"][fit_rows],
-            cols["error_code"][fit_rows],
-            cols["error_message"][fit_rows],
-            is_retry[fit_rows],
-            labels[fit_rows],
-        ),
+        KNOWN_CODES_KEY: _inventory(text_table),
     }
     bundle = ModelBundle(
         spec=spec,

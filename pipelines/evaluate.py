@@ -143,6 +143,8 @@ def evaluate(
     max_weight: float | None = ev.DEFAULT_MAX_WEIGHT,
     n_bootstrap: int = ev.DEFAULT_BOOTSTRAP,
     seed: int = 0,
+    history: Any | None = None,
+    history_orders: int | None = None,
 ) -> EvaluationSummary:
     """Evaluate ``policies`` (name -> ``policy(request) -> Decision``) on a history and write the report.
 
@@ -151,7 +153,9 @@ def evaluate(
     holdout is the decision points from ``holdout_start`` on, else the latest ``holdout_fraction`` of them by
     time; at most ``max_points`` of it (a seeded sample) are replayed. Episodes run when ``simulated`` (by
     default: when every merchant of the history is a simulator demo merchant), in ``world`` or a fresh
-    simulated world of seed ``seed``.
+    simulated world of seed ``seed``. ``history`` is the files' content when the caller has already read and
+    validated it (`model.history.History`; then the files are not read again): all of it, or a sample of
+    whole orders that holds the holdout's, with ``history_orders`` the number of orders of the whole.
     """
     from model.catalog import load_catalog
     from model.history import read_history
@@ -163,7 +167,9 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     scorers = dict(scorers or {})
     economics = load_economics()
-    history = read_history(attempts_path, nudges_path)
+    if history is None:
+        history = read_history(attempts_path, nudges_path)
+    orders_in_history = int(history.attempts["order_id"].nunique()) if history_orders is None else history_orders
     cut = None
     if holdout_start is not None:
         cut = pd.Timestamp(holdout_start)
@@ -251,7 +257,7 @@ def evaluate(
         "",
         f"Holdout: {len(holdout)} decision points from {first_time} on "
         f"({len(points)} decision points {'of sampled orders from then on' if cut is not None else 'in the history'}, "
-        f"{history.attempts['order_id'].nunique()} orders in the history). "
+        f"{orders_in_history} orders in the history). "
         f"Reward: {reward}.",
         "",
         "## Classification (logged actions, holdout)",
@@ -283,7 +289,7 @@ def evaluate(
 
     return EvaluationSummary(
         out_dir=out,
-        n_orders=int(history.attempts["order_id"].nunique()),
+        n_orders=orders_in_history,
         n_points=len(points),
         n_holdout_points=len(holdout),
         n_points_without_propensity=missing_propensity,

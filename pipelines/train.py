@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from model.history import HistoryError, read_history
+from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
 from pipelines.gate import GATE_METRICS, GateMetric, GateResult, compare, gate_table, paired_noise
 
@@ -39,6 +39,8 @@ __all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_train
 _STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
 #: Where the boosters are fitted: in this process, or with lightgbm.dask on a Dask cluster (``pipelines.dask_train``).
 ENGINES = ("local", "dask")
+#: pipelines.evaluate's default sample of holdout orders, replayed by every policy.
+_EVALUATION_MAX_POINTS = 5_000
 _DEMO_CONFIG = Path(__file__).resolve().parents[1] / "data" / "demo" / "merchants.yaml"
 
 
@@ -156,19 +158,31 @@ CHAMPION_NAME = "champion"
 def merchants_for(attempts: pd.DataFrame, config_path: str | Path | None = None) -> dict[str, MerchantConfig]:
     """Merchant configs for replaying policies over a history: from the config file (default: the shipped
     demo config, when present), and for any other merchant of the history a permissive default whose
-    pecking order is its connectors by number of attempts."""
+    pecking order is its connectors by number of attempts. ``attempts`` is the attempts frame, or its
+    :func:`connector_counts`."""
     from model.merchant_config import load_config
 
     path = Path(config_path) if config_path is not None else _DEMO_CONFIG
     merchants: dict[str, MerchantConfig] = {}
     if config_path is not None or path.is_file():
         merchants.update(load_config(path).merchants)
-    for merchant_id, part in attempts.groupby("merchant_id", sort=True):
+    counts = attempts if "attempts" in attempts.columns else connector_counts(attempts)
+    for merchant_id, part in counts.groupby("merchant_id", sort=True, observed=True):
         if str(merchant_id) in merchants:
             continue
-        connectors = part["connector"].astype(str).value_counts().index.tolist()
-        merchants[str(merchant_id)] = MerchantConfig(api_key_sha256="0" * 64, connectors=connectors)
+        ranked = part.groupby("connector", observed=True)["attempts"].sum().sort_values(ascending=False, kind="stable")
+        merchants[str(merchant_id)] = MerchantConfig(api_key_sha256="0" * 64, connectors=[str(c) for c in ranked.index])
     return merchants
+
+
+def connector_counts(attempts: pd.DataFrame) -> pd.DataFrame:
+    """Attempts per (merchant_id, connector) of an attempts frame: columns merchant_id, connector, attempts."""
+    return (
+        attempts.groupby(["merchant_id", "connector"], sort=False, observed=True)
+        .size()
+        .rename("attempts")
+        .reset_index()
+    )
 
 
 def feature_importance(bundle: Any) -> pd.DataFrame:
@@ -241,6 +255,42 @@ def comparison_policies(
     return policies, scorers
 
 
+def _partition_counts(parts: PartitionedHistory) -> pd.DataFrame:
+    frames = [
+        connector_counts(parts.columns(index, ("merchant_id", "connector"), ("order_id",))[0])
+        for index in range(len(parts))
+    ]
+    counts: pd.DataFrame = (
+        pd.concat(frames, ignore_index=True).groupby(["merchant_id", "connector"])["attempts"].sum().reset_index()
+    )
+    return counts
+
+
+def holdout_sample(parts: PartitionedHistory, holdout_start: datetime | None, size: int | None, seed: int) -> History:
+    """A seeded sample of ``size`` orders that can have decision points in the holdout, as frames.
+
+    What the evaluation replays of a partitioned history (it replays at most ``size`` orders anyway); all
+    orders when ``size`` is None, every order when the holdout start is unknown.
+    """
+    from model.evaluation import orders_active_since
+    from model.vocab import NUDGE_FOLLOW_UP_HOURS
+
+    follow_up = pd.Timedelta(hours=NUDGE_FOLLOW_UP_HOURS)
+    eligible: list[str] = []
+    for index in range(len(parts)):
+        attempts, nudges = parts.columns(index, ("order_id", "created_at"), ("order_id", "sent_at"))
+        if holdout_start is None:
+            eligible.extend(attempts["order_id"].astype(str).unique().tolist())
+        else:
+            cut = pd.Timestamp(holdout_start)
+            cut = cut.tz_localize("UTC") if cut.tzinfo is None else cut.tz_convert("UTC")
+            eligible.extend(orders_active_since(attempts, nudges, cut, follow_up))
+    chosen = pd.Series(sorted(eligible), dtype=object)
+    if size is not None and len(chosen) > size:
+        chosen = chosen.sample(n=size, random_state=seed)
+    return parts.orders(chosen.tolist())
+
+
 def _evaluate(
     attempts: str | Path,
     nudges: str | Path,
@@ -248,6 +298,7 @@ def _evaluate(
     *,
     result: Any,
     history: Any,
+    history_orders: int | None,
     champion: tuple[Any, str] | None,
     merchants: Mapping[str, MerchantConfig],
     seed: int,
@@ -270,6 +321,8 @@ def _evaluate(
         feature_importance=importance,
         holdout_start=_holdout_start(result),
         seed=seed,
+        history=history,
+        history_orders=history_orders,
         **dict(options),
     )
     metrics = _scalar_metrics(result.metrics)
@@ -398,6 +451,7 @@ def run_training(
     gate_metrics: tuple[GateMetric, ...] = GATE_METRICS,
     engine: str = "local",
     scheduler: str | None = None,
+    partition_rows: int = DEFAULT_PARTITION_ROWS,
 ) -> TrainSummary:
     """Run the whole training job (see the module docstring) and return what it did.
 
@@ -406,11 +460,14 @@ def run_training(
     permissive default for merchants it lacks). ``train_options`` go to `model.training.train` (e.g.
     ``max_rounds``), ``evaluation_options`` to `pipelines.evaluate.evaluate` (e.g. ``max_points``).
     ``gate_metrics`` are the promotion gate's checks (default: all of ``pipelines.gate.GATE_METRICS``).
+    Histories of more than ``partition_rows`` attempts are validated and trained on in partitions of whole
+    orders (`model.history.split_history`, `model.training.train_partitions`), so memory grows with the model
+    matrix, not with the history's text; the evaluation then replays a seeded sample of the holdout's orders.
     ``engine="dask"`` fits the boosters with ``lightgbm.dask`` on the Dask scheduler at ``scheduler``
     (``pipelines.dask_train``); everything else runs here as with ``engine="local"``.
     """
     from model import registry
-    from model.training import train
+    from model.training import train_partitions
 
     if engine not in ENGINES:
         raise TrainInputError(f"unknown training engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -424,9 +481,12 @@ def run_training(
         work = Path(tmp)
         steps.start("validate history")
         try:
-            history = read_history(attempts, nudges)
+            parts = split_history(attempts, nudges, work / "history", partition_rows=partition_rows)
         except HistoryError as exc:
             raise TrainInputError(format_history_error(exc)) from exc
+        # One partition stays in memory as frames; more are read back one at a time.
+        whole = parts.part(0) if len(parts) == 1 else None
+        frames: PartitionedHistory | list[History] = [whole] if whole is not None else parts
         steps.done()
 
         steps.start("train")
@@ -437,24 +497,29 @@ def run_training(
             try:
                 with connect(scheduler) as client:
                     fitter = DaskBoosterFitter(client)
-                    result = train(history.attempts, history.nudges, seed=seed, fit_booster=fitter, **options)
+                    result = train_partitions(frames, seed=seed, fit_booster=fitter, **options)
             except DaskUnavailableError as exc:
                 raise TrainInputError(str(exc)) from exc
         else:
-            result = train(history.attempts, history.nudges, seed=seed, **options)
+            result = train_partitions(frames, seed=seed, **options)
         steps.done()
 
         steps.start("evaluate")
         uri = registry.resolve_tracking_uri(tracking_uri)
         champion = registry.load_champion(uri) if promote else None
+        sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)
+        history = whole if whole is not None else holdout_sample(parts, _holdout_start(result), sample_size, seed)
         evaluation = _evaluate(
             attempts,
             nudges,
             work / "evaluation",
             result=result,
             history=history,
+            history_orders=None if whole is not None else parts.orders_count(),
             champion=champion,
-            merchants=merchants_for(history.attempts, config),
+            merchants=merchants_for(
+                connector_counts(whole.attempts) if whole is not None else _partition_counts(parts), config
+            ),
             seed=seed,
             options=evaluation_options or {},
         )
@@ -482,8 +547,9 @@ def run_training(
             params={
                 "attempts_path": str(attempts),
                 "nudges_path": str(nudges),
-                "attempts_rows": len(history.attempts),
-                "nudges_rows": len(history.nudges),
+                "attempts_rows": parts.attempt_rows,
+                "nudges_rows": parts.nudge_rows,
+                "history_partitions": len(parts),
                 "seed": seed,
                 "promote": promote,
                 "engine": engine,

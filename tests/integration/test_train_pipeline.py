@@ -132,3 +132,25 @@ def test_missing_file_exits_non_zero_and_registers_nothing(tmp_path: Path, mlflo
     assert result.stderr.startswith("error: invalid history")
     assert "nope.parquet" in result.stderr
     assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=mlflow_store) is None
+
+
+def test_a_partitioned_history_trains_the_same_model(tmp_path: Path) -> None:
+    """Above ``partition_rows`` the job validates and trains one partition of whole orders at a time."""
+    history = _write_history(tmp_path / "history", 1_200, seed=8)
+    runs = {}
+    for rows in (10**9, 700):
+        runs[rows] = run_training(
+            *history,
+            tracking_uri=f"sqlite:///{tmp_path / f'store-{rows}' / 'mlflow.db'}",
+            train_options=TRAIN_OPTIONS,
+            evaluation_options=EVALUATION_OPTIONS,
+            console=Console(quiet=True),
+            show_progress=False,
+            partition_rows=rows,
+        )
+    whole, parts = runs[10**9], runs[700]
+    assert whole.metrics["n_partitions"] == 1.0
+    assert parts.metrics["n_partitions"] > 2.0
+    for name in ("n_points", "retry_holdout_auc", "retry_holdout_log_loss", "retarget_holdout_auc", "retry_rounds"):
+        assert parts.metrics[name] == whole.metrics[name], name
+    assert any(name.startswith("holdout.ope.") for name in parts.metrics)  # the sample of holdout orders replays

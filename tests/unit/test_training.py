@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from model.training import (
     grouped_code_split,
     ips_weights,
     train,
+    train_partitions,
 )
 from model.vocab import Action, Channel, Strategy
 from tests.factories import make_attempts_frame, make_history_frames, make_merchant, make_nudges_frame, make_request
@@ -246,3 +248,21 @@ def test_path_contributions_handle_one_leaf_trees() -> None:
     assert np.all(contributions == 0.0)
     bias = path_bias(booster)
     np.testing.assert_allclose(bias + contributions.sum(axis=1), booster.predict(x[:5], raw_score=True), atol=1e-9)
+
+
+def test_partitions_of_whole_orders_train_the_same_bundle() -> None:
+    attempts, nudges = make_history_frames(1_500, seed=4)
+    whole = train(attempts, nudges, seed=0, max_rounds=40)
+    orders = attempts["order_id"].drop_duplicates().to_numpy()
+    parts = [
+        SimpleNamespace(attempts=attempts[attempts["order_id"].isin(orders[i::3])],
+                        nudges=nudges[nudges["order_id"].isin(orders[i::3])])
+        for i in range(3)
+    ]  # fmt: skip
+    split = train_partitions(parts, seed=0, max_rounds=40)
+    assert split.metrics["n_partitions"] == 3.0
+    assert split.bundle.retry_booster.model_to_string() == whole.bundle.retry_booster.model_to_string()
+    assert split.bundle.spec == whole.bundle.spec
+    assert split.bundle.metadata["known_codes"] == whole.bundle.metadata["known_codes"]
+    same = {k: v for k, v in whole.metrics.items() if k not in ("train_seconds", "n_partitions")}
+    assert {k: split.metrics[k] for k in same} == pytest.approx(same, nan_ok=True)

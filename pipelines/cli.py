@@ -96,6 +96,18 @@ def train(
         str | None,
         typer.Option("--scheduler", help="Dask scheduler address for --engine dask, e.g. tcp://10.0.0.5:8786."),
     ] = None,
+    partition_rows: Annotated[
+        int,
+        typer.Option(
+            "--partition-rows",
+            min=1,
+            help="Attempts per partition of whole orders: larger histories are validated and trained on one "
+            "partition at a time (memory per partition: a few GB per 500,000 attempts).",
+        ),
+    ] = 500_000,
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="LightGBM threads (1 is safest on a busy machine).")
+    ] = 1,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
@@ -110,6 +122,8 @@ def train(
         episodes=episodes,
         engine=engine,
         scheduler=scheduler,
+        partition_rows=partition_rows,
+        threads=threads,
         console=console,
         err_console=err_console,
     )

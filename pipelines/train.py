@@ -603,6 +603,8 @@ def train_command(
     episodes: int | None = None,
     engine: str = "local",
     scheduler: str | None = None,
+    partition_rows: int = DEFAULT_PARTITION_ROWS,
+    threads: int = 1,
     console: Console | None = None,
     err_console: Console | None = None,
 ) -> int:
@@ -620,10 +622,12 @@ def train_command(
             promote=promote,
             seed=seed,
             config=config,
+            train_options={"num_threads": threads},
             evaluation_options=None if episodes is None else {"episode_orders": episodes},
             console=out,
             engine=engine,
             scheduler=scheduler,
+            partition_rows=partition_rows,
         )
     except TrainInputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

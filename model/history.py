@@ -950,6 +950,9 @@ class PartitionedHistory:
     def __len__(self) -> int:
         return self.partitions
 
+    def __getitem__(self, index: int) -> History:
+        return self.part(index)
+
     def columns(
         self, index: int, attempt_columns: Sequence[str], nudge_columns: Sequence[str]
     ) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -10,11 +10,13 @@ decision time into train / early-stopping / calibration / holdout, and scored on
 from __future__ import annotations
 
 import math
+import multiprocessing
 import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -701,23 +703,33 @@ class _RawColumns:
     def __init__(self, folder: Path | None) -> None:
         self._folder = folder
         self._memory: list[dict[str, np.ndarray]] = []
-        self._count = 0
+        self._files: list[Path] = []
+
+    @staticmethod
+    def write(folder: Path, index: int, cols: Mapping[str, np.ndarray]) -> Path:
+        """Write one partition's columns to ``folder`` (also from a worker process); returns the file."""
+        path = folder / f"columns-{index:05d}.parquet"
+        arrays = {name: pa.array(values, from_pandas=values.dtype == object) for name, values in cols.items()}
+        pq.write_table(pa.table(arrays), path)
+        return path
 
     def add(self, cols: dict[str, np.ndarray]) -> None:
         if self._folder is None:
             self._memory.append(cols)
         else:
-            arrays = {name: pa.array(values, from_pandas=values.dtype == object) for name, values in cols.items()}
-            pq.write_table(pa.table(arrays), self._folder / f"columns-{self._count:05d}.parquet")
-        self._count += 1
+            self._files.append(self.write(self._folder, len(self), cols))
+
+    def adopt(self, path: Path) -> None:
+        """Take a file :meth:`write` made as the next partition."""
+        self._files.append(path)
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._memory) + len(self._files)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if self._folder is None:
             return self._memory[index]
-        table = pq.read_table(self._folder / f"columns-{index:05d}.parquet")
+        table = pq.read_table(self._files[index])
         out: dict[str, np.ndarray] = {}
         for name, column in zip(table.column_names, table.columns, strict=True):
             values = column.to_numpy(zero_copy_only=False)
@@ -820,6 +832,69 @@ def _inventory(table: pd.DataFrame) -> list[list[Any]]:
     )
 
 
+@dataclass(frozen=True)
+class _PartitionPoints:
+    """What training keeps in memory of one partition's decision points (the raw columns go to a file)."""
+
+    labels: npt.NDArray[np.bool_]
+    propensity: FloatArray
+    is_retry: npt.NDArray[np.bool_]
+    event_ts: FloatArray
+    order_ids: pa.Array
+    execute_ts: FloatArray
+    dropped: dict[str, int]
+
+
+def _points_of(frames: HistoryFrames, normaliser: Normaliser) -> tuple[_PartitionPoints, dict[str, np.ndarray] | None]:
+    points = decision_points(frames.attempts, frames.nudges)
+    dropped = {str(k): int(v) for k, v in points.attrs["dropped"].items()}
+    if len(points) == 0:
+        empty = np.zeros(0)
+        return _PartitionPoints(empty.astype(bool), empty, empty.astype(bool), empty, pa.array([], pa.string()),
+                                empty, dropped), None  # fmt: skip
+    cols = raw_columns(points, normaliser)
+    summary = _PartitionPoints(
+        labels=points["label"].to_numpy(dtype=bool),
+        propensity=points["propensity"].to_numpy(dtype=np.float64),
+        is_retry=(points["kind"] == "retry").to_numpy(),
+        event_ts=cols["event_ts"],
+        order_ids=pa.array(points["order_id"].to_numpy(dtype=object), type=pa.string()),
+        execute_ts=points["execute_ts"].to_numpy(dtype=np.float64),
+        dropped=dropped,
+    )
+    return summary, cols
+
+
+#: What forked workers of :func:`_decision_points_of` inherit (partitions, catalog, spill folder).
+_FORKED: dict[str, Any] = {}
+
+
+def _points_in_worker(index: int) -> tuple[_PartitionPoints, Path | None]:
+    summary, cols = _points_of(_FORKED["partitions"][index], _FORKED["normaliser"])
+    return summary, None if cols is None else _RawColumns.write(_FORKED["folder"], index, cols)
+
+
+def _decision_points_of(
+    partitions: Partitions | Sequence[HistoryFrames],
+    normaliser: Normaliser,
+    folder: Path,
+    workers: int,
+) -> Iterator[tuple[_PartitionPoints, dict[str, np.ndarray] | Path | None]]:
+    """Each partition's decision points and raw columns, in partition order; ``workers`` processes build them
+    side by side when there are several partitions (each writes its columns to ``folder`` itself)."""
+    if workers <= 1 or len(partitions) <= 1:
+        for frames in partitions:
+            yield _points_of(frames, normaliser)
+        return
+    _FORKED.update(partitions=partitions, normaliser=normaliser, folder=folder)
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            yield from pool.map(_points_in_worker, range(len(partitions)))
+    finally:
+        _FORKED.clear()
+
+
 def train(
     attempts: pd.DataFrame,
     nudges: pd.DataFrame,
@@ -855,6 +930,8 @@ class Partitions(Protocol):
 
     def __iter__(self) -> Iterator[HistoryFrames]: ...
 
+    def __getitem__(self, index: int) -> HistoryFrames: ...
+
 
 def train_partitions(
     partitions: Partitions | Sequence[HistoryFrames],
@@ -868,6 +945,7 @@ def train_partitions(
     num_threads: int = 1,
     fit_booster: BoosterFitter | None = None,
     unseen_code_rows: int = UNSEEN_CODE_MAX_ROWS,
+    workers: int = 1,
 ) -> TrainingResult:
     """Train the retry and retarget outcome models on a history given as partitions of whole orders.
 
@@ -883,6 +961,7 @@ def train_partitions(
     between stages. LightGBM runs deterministic with ``num_threads`` pinned (1 by default: on a shared 2-core box
     OpenMP threads competing with other processes were ~15x slower than one thread). ``fit_booster`` replaces
     the in-process fit of the retry and retarget boosters (e.g. on a Dask cluster); everything else is the same.
+    ``workers`` processes build the partitions' decision points side by side (same result as one).
     """
     fit = _fit_booster if fit_booster is None else fit_booster
     if not 0.0 < time_holdout_fraction < 0.9:
@@ -899,20 +978,21 @@ def train_partitions(
         store = _RawColumns(None if len(partitions) <= 1 else Path(spill))
         labels_of, propensity_of, ts_of, retry_of, orders_of, execute_of = [], [], [], [], [], []
         dropped: Counter[str] = Counter()
-        for frames in partitions:
-            points = decision_points(frames.attempts, frames.nudges)
-            dropped.update(points.attrs["dropped"])
-            if len(points) == 0:
+        for summary, cols_or_file in _decision_points_of(partitions, normaliser, Path(spill), workers):
+            dropped.update(summary.dropped)
+            if cols_or_file is None:
                 continue
-            cols = raw_columns(points, normaliser)
-            labels_of.append(points["label"].to_numpy(dtype=bool))
-            propensity_of.append(points["propensity"].to_numpy(dtype=np.float64))
-            retry_of.append((points["kind"] == "retry").to_numpy())
-            ts_of.append(cols["event_ts"])
-            orders_of.append(pa.array(points["order_id"].to_numpy(dtype=object), type=pa.string()))
-            execute_of.append(points["execute_ts"].to_numpy(dtype=np.float64))
-            store.add(cols)
-            del points, cols
+            if isinstance(cols_or_file, Path):
+                store.adopt(cols_or_file)
+            else:
+                store.add(cols_or_file)
+            labels_of.append(summary.labels)
+            propensity_of.append(summary.propensity)
+            retry_of.append(summary.is_retry)
+            ts_of.append(summary.event_ts)
+            orders_of.append(summary.order_ids)
+            execute_of.append(summary.execute_ts)
+            del cols_or_file
         # Rows in the order one partition would have them (decision_points' sort): the fit does not depend on
         # how the orders were partitioned.
         rank = np.zeros(0, dtype=np.int64)

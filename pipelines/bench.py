@@ -122,7 +122,7 @@ def _job_train(attempts: str, nudges: str, tracking_uri: str, episodes: str, thr
         nudges,
         tracking_uri=tracking_uri,
         promote=True,
-        train_options={"num_threads": int(threads)},
+        train_options={"num_threads": int(threads), "workers": int(threads)},
         evaluation_options={"episode_orders": int(episodes)},
         console=Console(quiet=True),
         show_progress=False,

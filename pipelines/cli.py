@@ -106,7 +106,13 @@ def train(
         ),
     ] = 500_000,
     threads: Annotated[
-        int, typer.Option("--threads", min=1, help="LightGBM threads (1 is safest on a busy machine).")
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="LightGBM threads, and processes building the partitions' decision points (1 is safest on a "
+            "machine shared with other jobs).",
+        ),
     ] = 1,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""

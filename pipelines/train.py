@@ -622,7 +622,7 @@ def train_command(
             promote=promote,
             seed=seed,
             config=config,
-            train_options={"num_threads": threads},
+            train_options={"num_threads": threads, "workers": threads},
             evaluation_options=None if episodes is None else {"episode_orders": episodes},
             console=out,
             engine=engine,

@@ -388,6 +388,20 @@ class _Collector:
         if self.total:
             raise HistoryError(self.report())
 
+    def absorb(self, other: _Collector) -> None:
+        """Add what another collector (of another partition of the same files) found."""
+        for file in other._files:
+            self.register(file)
+        repeated = 0
+        for problem in other._kept:
+            if problem.row is None:
+                if problem in self._file_level:
+                    repeated += 1
+                    continue
+                self._file_level.add(problem)
+            self._kept.append(problem)
+        self.total += other.total - repeated
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading and coercion
@@ -1029,6 +1043,67 @@ def _check_unique(table: pyarrow.Table, column: str, label: str, out: _Collector
     out.add_rows(label, column, rows, lambda i: _duplicate(column, values[i], where[values[i]]))
 
 
+#: What the partition checks of :func:`split_history` work on (forked worker processes inherit it).
+_SPLIT: dict[str, Any] = {}
+
+
+def _partition_collector() -> _Collector:
+    out = _Collector(_SPLIT["cap"], list(_SPLIT["columns"]))
+    for name in ("attempts", "nudges"):
+        out.register(_SPLIT["labels"][name])
+    return out
+
+
+def _check_types(index: int) -> _Collector:
+    """Coerce and check one partition's rows (types and per-row rules); write it when clean."""
+    out = _partition_collector()
+    for position, name in enumerate(("attempts", "nudges")):
+        label, rows, schema = _SPLIT["labels"][name], _SPLIT["rows_of"][name][index], _SPLIT["schemas"][name]
+        out.row_maps[label] = rows
+        frame, unchecked = _coerce(_SPLIT["tables"][name].take(rows).to_pandas(), schema, label, out)
+        _validate(frame, schema, label, unchecked, out)
+        if not out.total:
+            frame.to_parquet(_SPLIT["files"]._files(index)[position], index=False)
+    out.row_maps.clear()
+    return out
+
+
+def _owner_of(nudge_ids: np.ndarray[Any, Any]) -> list[Any]:
+    """The order of each nudge id anywhere in the nudges file (None when it is in none)."""
+    import pyarrow.compute as pc
+
+    owners = _SPLIT["owners"]
+    wanted = pyarrow.array([str(v) for v in nudge_ids], type=pyarrow.string())
+    found = owners.filter(pc.is_in(owners.column("nudge_id"), value_set=wanted)).to_pandas()
+    owner = dict(zip(found["nudge_id"], found["order_id"], strict=True))
+    return [owner.get(str(v)) for v in nudge_ids]
+
+
+def _check_across_rows(index: int) -> _Collector:
+    """The rules across rows and files, within one partition (an order's rows are all in one)."""
+    out = _partition_collector()
+    a_label, n_label = _SPLIT["labels"]["attempts"], _SPLIT["labels"]["nudges"]
+    part = _SPLIT["files"].part(index)
+    out.row_maps.update({a_label: _SPLIT["rows_of"]["attempts"][index], n_label: _SPLIT["rows_of"]["nudges"][index]})
+    several = _SPLIT["files"].partitions > 1
+    _check_orders(part.attempts, a_label, out)
+    _check_links(part.attempts, part.nudges, a_label, n_label, out, elsewhere=_owner_of if several else None)
+    out.row_maps.clear()
+    return out
+
+
+def _each_partition(check: Callable[[int], _Collector], count: int, workers: int) -> Iterator[_Collector]:
+    """``check`` of every partition, in order; in ``workers`` forked processes when there are several."""
+    if workers <= 1 or count <= 1:
+        yield from (check(index) for index in range(count))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(check, range(count))
+
+
 def split_history(
     attempts_path: str | Path,
     nudges_path: str | Path,
@@ -1036,6 +1111,7 @@ def split_history(
     *,
     partition_rows: int = DEFAULT_PARTITION_ROWS,
     cap: int = DEFAULT_CAP,
+    workers: int = 1,
 ) -> PartitionedHistory:
     """Validate a history like :func:`read_history` and store it in ``folder`` as partitions of whole orders.
 
@@ -1043,7 +1119,7 @@ def split_history(
     times smaller than pandas), cut into ``ceil(attempts / partition_rows)`` partitions by order, and each
     partition is coerced and checked with the same rules; ids that must be unique are checked over the whole
     file. Raises ``HistoryError`` with the same report ``read_history`` gives (file row numbers, all problems
-    counted); then nothing usable is left in ``folder``.
+    counted); then nothing usable is left in ``folder``. ``workers`` processes check partitions side by side.
     """
     if partition_rows < 1:
         raise ValueError(f"partition_rows must be at least 1, got {partition_rows}")
@@ -1067,38 +1143,23 @@ def split_history(
         "nudges": NudgesSchema.update_column("nudge_id", unique=False),
     }
     files = PartitionedHistory(target, count, 0, 0, ())
-    for index in range(count):
-        for name in ("attempts", "nudges"):
-            label, rows = labels[name], rows_of[name][index]
-            out.row_maps[label] = rows
-            frame, unchecked = _coerce(tables[name].take(rows).to_pandas(), schemas[name], label, out)
-            _validate(frame, schemas[name], label, unchecked, out)
-            if not out.total:
-                frame.to_parquet(files._files(index)[0 if name == "attempts" else 1], index=False)
-    out.row_maps.clear()
-    for column, name in _UNIQUE_IDS:
-        _check_unique(tables[name], column, labels[name], out)
-    out.raise_if_any()
-
-    owners = tables["nudges"].select(["nudge_id", "order_id"])
-
-    def owner_of(nudge_ids: np.ndarray[Any, Any]) -> list[Any]:
-        import pyarrow.compute as pc
-
-        wanted = pyarrow.array([str(v) for v in nudge_ids], type=pyarrow.string())
-        found = owners.filter(pc.is_in(owners.column("nudge_id"), value_set=wanted)).to_pandas()
-        owner = dict(zip(found["nudge_id"], found["order_id"], strict=True))
-        return [owner.get(str(v)) for v in nudge_ids]
-
-    merchants = sorted({str(m) for m in tables["attempts"].column("merchant_id").unique().to_pylist()})
-    attempt_rows, nudge_rows = tables["attempts"].num_rows, tables["nudges"].num_rows
-    del tables
-    for index in range(count):
-        part = files.part(index)
-        out.row_maps.update({a_label: rows_of["attempts"][index], n_label: rows_of["nudges"][index]})
-        _check_orders(part.attempts, a_label, out)
-        _check_links(part.attempts, part.nudges, a_label, n_label, out, elsewhere=owner_of if count > 1 else None)
-    out.row_maps.clear()
+    _SPLIT.update(tables=tables, rows_of=rows_of, labels=labels, schemas=schemas, files=files, cap=cap,
+                  columns=out._columns)  # fmt: skip
+    try:
+        for found in _each_partition(_check_types, count, workers):
+            out.absorb(found)
+        for column, name in _UNIQUE_IDS:
+            _check_unique(tables[name], column, labels[name], out)
+        out.raise_if_any()
+        _SPLIT["owners"] = tables["nudges"].select(["nudge_id", "order_id"])
+        merchants = sorted({str(m) for m in tables["attempts"].column("merchant_id").unique().to_pylist()})
+        attempt_rows, nudge_rows = tables["attempts"].num_rows, tables["nudges"].num_rows
+        del tables
+        _SPLIT.pop("tables")
+        for found in _each_partition(_check_across_rows, count, workers):
+            out.absorb(found)
+    finally:
+        _SPLIT.clear()
     out.raise_if_any()
     return PartitionedHistory(target, count, attempt_rows, nudge_rows, tuple(merchants))
 

@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import lightgbm as lgb
 import numpy as np
@@ -51,6 +51,7 @@ from model.textmodel import ErrorTexts, TextModel, out_of_fold
 from model.vocab import NUDGE_FOLLOW_UP_HOURS, RETRY_STRATEGIES, Action, Channel, Strategy
 
 FloatArray = npt.NDArray[np.float64]
+_T = TypeVar("_T")
 Progress = Callable[[str, float], None]
 
 
@@ -895,6 +896,70 @@ def _decision_points_of(
         _FORKED.clear()
 
 
+def _map_partitions(job: Callable[[int], _T], count: int, workers: int) -> Iterator[_T]:
+    """``job(index)`` for each partition, in order; in ``workers`` forked processes when there are several
+    (they inherit ``_FORKED``)."""
+    if workers <= 1 or count <= 1:
+        yield from (job(index) for index in range(count))
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(job, range(count))
+
+
+def _partition_rows(index: int) -> tuple[dict[str, np.ndarray], slice]:
+    start = int(_FORKED["offsets"][index])
+    return _FORKED["store"][index], slice(start, int(_FORKED["offsets"][index + 1]))
+
+
+def _text_and_tokens(index: int) -> tuple[pd.DataFrame, dict[str, Counter[str]]]:
+    """One partition's share of the text model's table (fitted rows) and of the vocabularies (training rows)."""
+    cols, local = _partition_rows(index)
+    counts = _error_text_counts(cols, _FORKED["labels"][local], np.flatnonzero(_FORKED["fitted"][local]))
+    train_rows = _FORKED["masks"]["train"][local]
+    return counts, FeatureSpec.count_tokens({name: values[train_rows] for name, values in cols.items()})
+
+
+@dataclass
+class _PartitionFeatures:
+    """One partition's model matrix, cut by (kind, split), and what the metrics and the unseen-code check need."""
+
+    pieces: dict[tuple[str, str], npt.NDArray[np.float32]]
+    holdout_classes: dict[str, np.ndarray]
+    unseen_cols: dict[str, np.ndarray]
+    unseen_labels: npt.NDArray[np.bool_]
+    unseen_rank: npt.NDArray[np.int64]
+
+
+def _features_of(index: int) -> _PartitionFeatures:
+    state = _FORKED
+    cols, local = _partition_rows(index)
+    masks, is_retry = state["masks"], state["is_retry"]
+    fit_rows = np.flatnonzero(state["fitted"][local])
+    text_row = state["text_row"]
+    index_of = np.fromiter((text_row[k] for k in _text_keys(cols, fit_rows)), dtype=np.intp, count=len(fit_rows))
+    _set_text(cols, fit_rows, {name: values[index_of] for name, values in state["oof"].items()})
+    holdout_rows = np.flatnonzero(masks["holdout"][local])
+    _set_text(cols, holdout_rows, _predict_text(state["text_model"], _text_keys(cols, holdout_rows)))
+    matrix = state["spec"].transform(cols)
+    pieces = {key: matrix[mask[local]] for key, mask in state["groups"].items()}
+    holdout_classes = {
+        kind: cols["error_class"][(kind_mask & masks["holdout"])[local]]
+        for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry))
+    }
+    retry_here = np.flatnonzero(is_retry[local])
+    rate = state["sample_rate"]
+    if rate < 1.0:  # a seeded sample per partition (none when the check is off)
+        retry_here = retry_here[np.random.default_rng([state["seed"], index]).random(len(retry_here)) < rate]
+    rank = state["rank"]
+    return _PartitionFeatures(
+        pieces=pieces,
+        holdout_classes=holdout_classes,
+        unseen_cols={name: values[retry_here] for name, values in cols.items()},
+        unseen_labels=state["labels"][local][retry_here],
+        unseen_rank=rank[local][retry_here] if len(rank) else retry_here.astype(np.int64),
+    )
+
+
 def train(
     attempts: pd.DataFrame,
     nudges: pd.DataFrame,
@@ -1013,6 +1078,8 @@ def train_partitions(
         del orders_of, execute_of
         return _train_on_columns(
             store,
+            sizes=[len(part) for part in labels_of],
+            workers=workers,
             rank=rank,
             labels=np.concatenate(labels_of) if labels_of else np.zeros(0, dtype=bool),
             propensity=np.concatenate(propensity_of) if propensity_of else np.zeros(0),
@@ -1035,6 +1102,8 @@ def train_partitions(
 def _train_on_columns(
     store: _RawColumns,
     *,
+    sizes: list[int],
+    workers: int,
     rank: npt.NDArray[np.int64],
     labels: npt.NDArray[np.bool_],
     propensity: FloatArray,
@@ -1061,65 +1130,51 @@ def _train_on_columns(
         )
     masks = _split_masks(decision_ts, time_holdout_fraction)
     fitted = masks["train"] | masks["valid"] | masks["calibration"]
-    sizes: list[int] = []
 
     report("text model", 0.2)
-    # Pass over the partitions: the text model's table (fitted rows) and the vocabularies (training rows).
-    text_parts: list[pd.DataFrame] = []
-    token_counts: dict[str, Counter[str]] | None = None
-    offset = 0
-    for index in range(len(store)):
-        cols = store[index]
-        n = len(cols["event_ts"])
-        sizes.append(n)
-        local = slice(offset, offset + n)
-        text_parts.append(_error_text_counts(cols, labels[local], np.flatnonzero(fitted[local])))
-        train_cols = {name: values[masks["train"][local]] for name, values in cols.items()}
-        token_counts = FeatureSpec.count_tokens(train_cols, token_counts)
-        offset += n
-        del cols, train_cols
-    texts, text_table = _merge_error_texts(text_parts)
-    oof = out_of_fold(texts, seed=seed)
-    text_model = TextModel.fit(texts, seed=seed)
-    text_row = {key: i for i, key in enumerate(_table_keys(text_table))}
-    spec = FeatureSpec.from_counts(token_counts or FeatureSpec.count_tokens({}))
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    _FORKED.update(store=store, offsets=offsets, labels=labels, masks=masks, fitted=fitted)
+    try:
+        # Pass over the partitions: the text model's table (fitted rows) and the vocabularies (training rows).
+        text_parts: list[pd.DataFrame] = []
+        token_counts = FeatureSpec.count_tokens({})
+        for counts, tokens in _map_partitions(_text_and_tokens, len(sizes), workers):
+            text_parts.append(counts)
+            for name, counter in tokens.items():
+                token_counts[name].update(counter)
+        texts, text_table = _merge_error_texts(text_parts)
+        oof = out_of_fold(texts, seed=seed)
+        text_model = TextModel.fit(texts, seed=seed)
+        spec = FeatureSpec.from_counts(token_counts)
 
-    report("features", 0.3)
-    groups = {
-        (kind, split): (kind_mask & mask)
-        for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry))
-        for split, mask in masks.items()
-    }
-    pieces: dict[tuple[str, str], list[npt.NDArray[np.float32]]] = {key: [] for key in groups}
-    holdout_classes: dict[str, list[np.ndarray]] = {"retry": [], "retarget": []}
-    sample_rate = min(1.0, unseen_code_rows / max(len(retry_rows), 1))
-    sampler = np.random.default_rng(seed)
-    unseen_cols: list[dict[str, np.ndarray]] = []
-    unseen_labels: list[npt.NDArray[np.bool_]] = []
-    unseen_rank: list[npt.NDArray[np.int64]] = []
-    offset = 0
-    for index, n in enumerate(sizes):
-        cols = store[index]
-        local = slice(offset, offset + n)
-        fit_rows = np.flatnonzero(fitted[local])
-        index_of = np.fromiter((text_row[k] for k in _text_keys(cols, fit_rows)), dtype=np.intp, count=len(fit_rows))
-        _set_text(cols, fit_rows, {name: values[index_of] for name, values in oof.items()})
-        holdout_rows = np.flatnonzero(masks["holdout"][local])
-        _set_text(cols, holdout_rows, _predict_text(text_model, _text_keys(cols, holdout_rows)))
-        rows_matrix = spec.transform(cols)
-        for key, mask in groups.items():
-            pieces[key].append(rows_matrix[mask[local]])
-        for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry)):
-            holdout_classes[kind].append(cols["error_class"][(kind_mask & masks["holdout"])[local]])
-        if evaluate_unseen_codes:
-            retry_here = np.flatnonzero(is_retry[local])
-            if sample_rate < 1.0:
-                retry_here = retry_here[sampler.random(len(retry_here)) < sample_rate]
-            unseen_cols.append({name: values[retry_here] for name, values in cols.items()})
-            unseen_labels.append(labels[local][retry_here])
-            unseen_rank.append(rank[local][retry_here] if len(rank) else retry_here)
-        offset += n
-        del cols, rows_matrix
+        report("features", 0.3)
+        groups = {
+            (kind, split): (kind_mask & mask)
+            for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry))
+            for split, mask in masks.items()
+        }
+        _FORKED.update(
+            text_row={key: i for i, key in enumerate(_table_keys(text_table))}, oof=oof, text_model=text_model,
+            spec=spec, groups=groups, is_retry=is_retry, rank=rank, seed=seed,
+            sample_rate=min(1.0, unseen_code_rows / max(len(retry_rows), 1)) if evaluate_unseen_codes else 0.0,
+        )  # fmt: skip
+        pieces: dict[tuple[str, str], list[npt.NDArray[np.float32]]] = {key: [] for key in groups}
+        holdout_classes: dict[str, list[np.ndarray]] = {"retry": [], "retarget": []}
+        unseen_cols: list[dict[str, np.ndarray]] = []
+        unseen_labels: list[npt.NDArray[np.bool_]] = []
+        unseen_rank: list[npt.NDArray[np.int64]] = []
+        for features in _map_partitions(_features_of, len(sizes), workers):
+            for key, piece in features.pieces.items():
+                pieces[key].append(piece)
+            for kind, classes in features.holdout_classes.items():
+                holdout_classes[kind].append(classes)
+            if evaluate_unseen_codes:
+                unseen_cols.append(features.unseen_cols)
+                unseen_labels.append(features.unseen_labels)
+                unseen_rank.append(features.unseen_rank)
+            del features
+    finally:
+        _FORKED.clear()
 
     metrics: dict[str, float] = {
         "n_points": float(len(labels)),

@@ -13,6 +13,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -59,15 +60,48 @@ def _peak_rss_mb() -> float:
 
 
 def run_child(job: str, *args: str) -> dict[str, Any]:
-    """Run one benchmark job in a fresh interpreter and return what it measured."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "pipelines.bench", job, *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    return dict(json.loads(completed.stdout.strip().splitlines()[-1]))
+    """Run one benchmark job in a fresh interpreter and return what it measured.
+
+    ``peak_rss_mb`` is the larger of the job's own peak RSS (and its largest child's) and the peak of its whole
+    process tree sampled every half second (proportional set size: pages the forked workers share with their
+    parent count once), so worker processes that run side by side are counted together.
+    """
+    command = [sys.executable, "-m", "pipelines.bench", job, *args]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
+        done = threading.Event()
+        tree_peak = [0.0]
+        sampler = threading.Thread(target=_sample_tree, args=(child.pid, done, tree_peak), daemon=True)
+        sampler.start()
+        stdout, stderr = child.communicate()
+        done.set()
+        sampler.join()
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command, stdout, stderr)
+    result = dict(json.loads(stdout.strip().splitlines()[-1]))
+    result["peak_rss_mb"] = max(float(result["peak_rss_mb"]), tree_peak[0] / 2**20)
+    return result
+
+
+def _sample_tree(pid: int, done: threading.Event, peak: list[float]) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return
+    while not done.wait(0.5):
+        total = 0.0
+        try:
+            members = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for member in members:
+            try:
+                total += member.memory_full_info().pss
+            except psutil.Error:
+                continue
+        peak[0] = max(peak[0], total)
 
 
 def _job_simulate(out: str, orders: str, seed: str) -> dict[str, Any]:
@@ -229,18 +263,23 @@ def train_rows(
     """Train end to end (validate -> train -> evaluate -> register -> promote) at each history size.
 
     Each row's reference is the previous (smaller) size of the same run, so the ratio shows how cost grows with
-    data; the smallest is beside reading + validating its history alone.
+    data; the smallest is beside reading + validating its history alone. The largest runs first, so a run cut
+    short still has the figure that takes longest to get.
     """
+    measured: dict[int, dict[str, Any]] = {}
+    for size in sorted(histories, reverse=True):
+        folder = histories[size][0]
+        store = out / f"mlruns-{size}-attempts"
+        tracking_uri = f"sqlite:///{(store / 'mlflow.db').resolve()}"
+        args = (str(folder / "attempts.parquet"), str(folder / "nudges.parquet"))
+        measured[size] = run_child("train", *args, tracking_uri, str(episodes), str(threads))
     rows: list[BenchRow] = []
     previous: tuple[int, dict[str, Any]] | None = None
     for size in sorted(histories):
         folder, attempts, orders = histories[size]
-        store = out / f"mlruns-{size}-attempts"
-        tracking_uri = f"sqlite:///{(store / 'mlflow.db').resolve()}"
-        args = (str(folder / "attempts.parquet"), str(folder / "nudges.parquet"))
-        train = run_child("train", *args, tracking_uri, str(episodes), str(threads))
+        train = measured[size]
         if previous is None:
-            validate = run_child("validate", *args)
+            validate = run_child("validate", str(folder / "attempts.parquet"), str(folder / "nudges.parquet"))
             reference = f"read + validate alone: {validate['seconds']:.1f} s, {validate['peak_rss_mb']:.0f} MB"
             ratio = f"{train['seconds'] / validate['seconds']:.1f}x of validation"
         else:
@@ -255,7 +294,7 @@ def train_rows(
                 benchmark="train",
                 inputs=(
                     f"{attempts:,} attempts ({orders:,} orders, {train['decision_points']:,.0f} decision points, "
-                    f"{train['partitions']:.0f} partitions), LightGBM {threads} threads, episodes {episodes}/policy"
+                    f"{train['partitions']:.0f} partitions), {threads} threads, episodes {episodes}/policy"
                 ),
                 figure=f"{train['seconds']:.0f} s end to end",
                 seconds=round(train["seconds"], 1),

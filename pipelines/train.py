@@ -481,7 +481,9 @@ def run_training(
         work = Path(tmp)
         steps.start("validate history")
         try:
-            parts = split_history(attempts, nudges, work / "history", partition_rows=partition_rows)
+            parts = split_history(
+                attempts, nudges, work / "history", partition_rows=partition_rows, workers=options.get("workers", 1)
+            )
         except HistoryError as exc:
             raise TrainInputError(format_history_error(exc)) from exc
         # One partition stays in memory as frames; more are read back one at a time.

@@ -55,8 +55,10 @@ def _same_report_as_read_history(
     a, n = _write(tmp_path / "files", fmt, attempts, nudges, raw)
     expected = _report(lambda: read_history(a, n))
     for rows in partition_rows:
-        got = _report(lambda rows=rows: split_history(a, n, tmp_path / f"parts-{rows}", partition_rows=rows))
-        assert got == expected, f"partition_rows={rows}"
+        for workers in (1, 2):  # two processes check partitions side by side: the same report
+            folder = tmp_path / f"parts-{rows}-{workers}"
+            got = _report(lambda: split_history(a, n, folder, partition_rows=rows, workers=workers))  # noqa: B023
+            assert got == expected, f"partition_rows={rows}, workers={workers}"
     return expected[0]
 
 
@@ -66,7 +68,7 @@ def test_a_valid_history_splits_into_whole_orders_with_every_row(
     attempts, nudges = simulated
     a, n = _write(tmp_path, "parquet", attempts, nudges, raw=False)
     whole = read_history(a, n)
-    parts = split_history(a, n, tmp_path / "parts", partition_rows=100)
+    parts = split_history(a, n, tmp_path / "parts", partition_rows=100, workers=2)
     assert parts.partitions == -(-len(attempts) // 100)
     assert (parts.attempt_rows, parts.nudge_rows) == (len(attempts), len(nudges))
     assert set(parts.merchant_ids) == set(attempts["merchant_id"])

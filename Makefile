@@ -59,10 +59,11 @@ bench-tools:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get install -y -q wrk || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }; }
 
-## bench: benchmarks on this machine, each with its same-run reference
+## bench: benchmarks on this machine, each with its same-run reference (~2.5 h on 2 cores; BENCH_ARGS to narrow)
+BENCH_ARGS ?=
 .PHONY: bench
 bench: $(STAMP) bench-tools
-	$(BIN)/winback bench --out bench-out
+	$(BIN)/winback bench --out bench-out $(BENCH_ARGS)
 
 ## format: apply ruff fixes and formatting
 .PHONY: format

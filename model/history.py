@@ -39,6 +39,7 @@ import pandera.pandas as pa
 import pyarrow
 import pyarrow.parquet as pq
 
+from model.forked import map_in_order
 from model.vocab import RETRY_STRATEGIES, AttemptStatus, AuthenticationType, Channel, Strategy
 
 __all__ = [
@@ -1092,18 +1093,6 @@ def _check_across_rows(index: int) -> _Collector:
     return out
 
 
-def _each_partition(check: Callable[[int], _Collector], count: int, workers: int) -> Iterator[_Collector]:
-    """``check`` of every partition, in order; in ``workers`` forked processes when there are several."""
-    if workers <= 1 or count <= 1:
-        yield from (check(index) for index in range(count))
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield from pool.map(check, range(count))
-
-
 def split_history(
     attempts_path: str | Path,
     nudges_path: str | Path,
@@ -1146,7 +1135,7 @@ def split_history(
     _SPLIT.update(tables=tables, rows_of=rows_of, labels=labels, schemas=schemas, files=files, cap=cap,
                   columns=out._columns)  # fmt: skip
     try:
-        for found in _each_partition(_check_types, count, workers):
+        for found in map_in_order(_check_types, count, workers):
             out.absorb(found)
         for column, name in _UNIQUE_IDS:
             _check_unique(tables[name], column, labels[name], out)
@@ -1156,7 +1145,7 @@ def split_history(
         attempt_rows, nudge_rows = tables["attempts"].num_rows, tables["nudges"].num_rows
         del tables
         _SPLIT.pop("tables")
-        for found in _each_partition(_check_across_rows, count, workers):
+        for found in map_in_order(_check_across_rows, count, workers):
             out.absorb(found)
     finally:
         _SPLIT.clear()

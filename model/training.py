@@ -10,17 +10,15 @@ decision time into train / early-stopping / calibration / holdout, and scored on
 from __future__ import annotations
 
 import math
-import multiprocessing
 import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -45,13 +43,13 @@ from model.features import (
     Normaliser,
     catalog_columns,
 )
+from model.forked import map_in_order
 from model.requests import Customer, DecisionRequest, Failure, History, HistoryAttempt, HistoryNudge, Payment
 from model.rules import Candidate
 from model.textmodel import ErrorTexts, TextModel, out_of_fold
 from model.vocab import NUDGE_FOLLOW_UP_HOURS, RETRY_STRATEGIES, Action, Channel, Strategy
 
 FloatArray = npt.NDArray[np.float64]
-_T = TypeVar("_T")
 Progress = Callable[[str, float], None]
 
 
@@ -889,21 +887,9 @@ def _decision_points_of(
         return
     _FORKED.update(partitions=partitions, normaliser=normaliser, folder=folder)
     try:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            yield from pool.map(_points_in_worker, range(len(partitions)))
+        yield from map_in_order(_points_in_worker, len(partitions), workers)
     finally:
         _FORKED.clear()
-
-
-def _map_partitions(job: Callable[[int], _T], count: int, workers: int) -> Iterator[_T]:
-    """``job(index)`` for each partition, in order; in ``workers`` forked processes when there are several
-    (they inherit ``_FORKED``)."""
-    if workers <= 1 or count <= 1:
-        yield from (job(index) for index in range(count))
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield from pool.map(job, range(count))
 
 
 def _partition_rows(index: int) -> tuple[dict[str, np.ndarray], slice]:
@@ -1138,7 +1124,7 @@ def _train_on_columns(
         # Pass over the partitions: the text model's table (fitted rows) and the vocabularies (training rows).
         text_parts: list[pd.DataFrame] = []
         token_counts = FeatureSpec.count_tokens({})
-        for counts, tokens in _map_partitions(_text_and_tokens, len(sizes), workers):
+        for counts, tokens in map_in_order(_text_and_tokens, len(sizes), workers):
             text_parts.append(counts)
             for name, counter in tokens.items():
                 token_counts[name].update(counter)
@@ -1163,7 +1149,7 @@ def _train_on_columns(
         unseen_cols: list[dict[str, np.ndarray]] = []
         unseen_labels: list[npt.NDArray[np.bool_]] = []
         unseen_rank: list[npt.NDArray[np.int64]] = []
-        for features in _map_partitions(_features_of, len(sizes), workers):
+        for features in map_in_order(_features_of, len(sizes), workers):
             for key, piece in features.pieces.items():
                 pieces[key].append(piece)
             for kind, classes in features.holdout_classes.items():

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
+import operator
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,10 @@ from model.vocab import (
     Channel,
     Strategy,
 )
+
+# Enum members are read through EnumType.__getattr__ (about 0.1 us a time): the per-candidate code uses these.
+_RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
+_CASCADE, _RETRY_SAME = Strategy.CASCADE, Strategy.RETRY_SAME
 
 RULES_FILE = Path(__file__).resolve().parent.parent / "data" / "rules" / "hard_rules.yaml"
 
@@ -311,11 +317,11 @@ class RuleContext:
 # ------------------------------------------------------------------------------------------------ build_context
 
 
-def _is_retry_strategy(strategy: str) -> bool:
-    return strategy in _RETRY_STRATEGY_VALUES
-
-
-_RETRY_STRATEGY_VALUES = frozenset(strategy.value for strategy in RETRY_STRATEGIES)
+_RETRY_STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.value for strategy in RETRY_STRATEGIES)
+_RETRY_STRATEGY_VALUES = frozenset(_RETRY_STRATEGY_NAMES)
+#: Every channel with its plain value, in the enum's order (``Enum.value`` is a slow property, read once here).
+_CHANNEL_ITEMS: tuple[tuple[Channel, str], ...] = tuple((channel, channel.value) for channel in Channel)
+_CHANNELS: tuple[Channel, ...] = tuple(Channel)
 
 
 def _reported_reattempts(request: DecisionRequest) -> int:
@@ -328,6 +334,7 @@ def _reported_reattempts(request: DecisionRequest) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=2048)
 def _minutes(hhmm: str) -> int:
     hours, minutes = hhmm.split(":")
     return int(hours) * 60 + int(minutes)
@@ -361,7 +368,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     last_failure_at = max(failures) if failures else event_time
 
     connector_order = tuple(dict.fromkeys(request.available_connectors or merchant.connectors))
-    retry_times = tuple(sorted(a.created_at for a in attempts if _is_retry_strategy(a.strategy)))
+    retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy in _RETRY_STRATEGY_VALUES))
     retries_used = len(retry_times)
     nudges_used = len(nudges)
 
@@ -440,21 +447,22 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     # Strategy applicability and the merchant's enabled flows.
     flows = {str(flow) for flow in merchant.retry.flows}
     is_card = method in book.step_up_payment_methods
+    not_applicable: dict[str, str] = {}
+    if not is_card or authentication in book.step_up_not_when_authentication:
+        not_applicable[Strategy.STEP_UP.value] = Rule.STEP_UP_NOT_APPLICABLE
+    if not payment.is_network_token:
+        not_applicable[Strategy.CLEAR_PAN.value] = Rule.CLEAR_PAN_NOT_APPLICABLE
+    if not (
+        method in book.alternate_network_payment_methods and method_type in book.alternate_network_payment_method_types
+    ):
+        not_applicable[Strategy.ALTERNATE_NETWORK.value] = Rule.ALTERNATE_NETWORK_NOT_APPLICABLE
+    flow_disabled = Rule.RETRY_FLOW_DISABLED
     strategy_blocked: dict[str, tuple[str, ...]] = {}
-    for strategy in RETRY_STRATEGIES:
-        reasons: list[str] = []
-        if strategy.value not in flows:
-            reasons.append(Rule.RETRY_FLOW_DISABLED)
-        if strategy is Strategy.STEP_UP and (not is_card or authentication in book.step_up_not_when_authentication):
-            reasons.append(Rule.STEP_UP_NOT_APPLICABLE)
-        elif strategy is Strategy.CLEAR_PAN and not payment.is_network_token:
-            reasons.append(Rule.CLEAR_PAN_NOT_APPLICABLE)
-        elif strategy is Strategy.ALTERNATE_NETWORK and not (
-            method in book.alternate_network_payment_methods
-            and method_type in book.alternate_network_payment_method_types
-        ):
-            reasons.append(Rule.ALTERNATE_NETWORK_NOT_APPLICABLE)
-        strategy_blocked[strategy.value] = tuple(reasons)
+    for name in _RETRY_STRATEGY_NAMES:
+        reasons: list[str] = [] if name in flows else [flow_disabled]
+        if name in not_applicable:
+            reasons.append(not_applicable[name])
+        strategy_blocked[name] = tuple(reasons)
 
     # Retarget: merchant switch, budget, channels.
     retarget = merchant.retarget
@@ -469,17 +477,18 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     enabled_channels = {str(channel) for channel in retarget.channels}
     opted_out = {str(channel) for channel in customer.opted_out_channels}
     channel_blocked: dict[str, tuple[str, ...]] = {}
-    for channel in Channel:
+    reachability = book.channel_reachability
+    for channel, name in _CHANNEL_ITEMS:
         reasons = []
-        if channel.value not in enabled_channels:
+        if name not in enabled_channels:
             reasons.append(Rule.CHANNEL_DISABLED)
-        if channel.value in opted_out:
+        if name in opted_out:
             reasons.append(Rule.CHANNEL_OPTED_OUT)
-        if not bool(getattr(customer, book.channel_reachability[channel], False)):
+        if not bool(getattr(customer, reachability[channel], False)):
             reasons.append(Rule.CHANNEL_UNREACHABLE)
-            if channel.value in enabled_channels:
-                applied.append(f"unreachable:{channel.value}")
-        channel_blocked[channel.value] = tuple(reasons)
+            if name in enabled_channels:
+                applied.append(f"unreachable:{name}")
+        channel_blocked[name] = tuple(reasons)
     applied.extend(f"opted_out:{channel}" for channel in sorted(opted_out))
 
     # Windows, cadence and quiet hours.
@@ -558,13 +567,25 @@ def in_quiet_hours(context: RuleContext, moment: datetime) -> bool:
     """Whether ``moment`` falls inside the merchant's quiet hours (local wall clock, DST-aware)."""
     if context.quiet_minutes is None:
         return False
-    return _in_window(_local_minute(moment, context.merchant_timezone), context.quiet_minutes)
+    return _is_quiet_minute(context, _local_minute(moment, context.merchant_timezone))
+
+
+def _is_quiet_minute(context: RuleContext, minute: int) -> bool:
+    """Whether the merchant-local minute of the day ``minute`` is inside quiet hours."""
+    return context.quiet_minutes is not None and _in_window(minute, context.quiet_minutes)
 
 
 def in_upi_peak_hours(context: RuleContext, moment: datetime) -> bool:
     """Whether ``moment`` falls inside NPCI's peak hours for UPI AutoPay execution (IST)."""
-    minute = _local_minute(moment, context.upi_timezone)
-    return any(_in_window(minute, window) for window in context.upi_peak_minutes)
+    return _upi_peak_window(context, _local_minute(moment, context.upi_timezone)) is not None
+
+
+def _upi_peak_window(context: RuleContext, minute: int) -> tuple[int, int] | None:
+    """The first NPCI peak window holding the IST minute of the day ``minute``, if any."""
+    for window in context.upi_peak_minutes:
+        if _in_window(minute, window):
+            return window
+    return None
 
 
 def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
@@ -578,31 +599,59 @@ def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
 
 
 def _broken(context: RuleContext, candidate: Candidate) -> list[str]:
-    at = candidate.execute_at
+    action = candidate.action
+    kind = _broken_kind(context, action, candidate.strategy, candidate.connector, candidate.channel)
+    timing = _broken_at(context, _timed_action(action, kind), candidate.execute_at)
+    # Report before_event_time first, then the kind's rules, then the other time rules (the historical order).
+    if timing and timing[0] == Rule.BEFORE_EVENT_TIME:
+        return [timing[0], *kind, *timing[1:]]
+    return [*kind, *timing]
+
+
+_MALFORMED: tuple[str, ...] = (Rule.MALFORMED_CANDIDATE,)
+
+
+def _broken_kind(
+    context: RuleContext, action: str, strategy: str | None, connector: str | None, channel: str | None
+) -> tuple[str, ...]:
+    """The rules a candidate breaks whatever its ``execute_at``: those of its action and strategy/connector/channel."""
+    if action == _STOP:
+        return ()
+    if action == _RETRY:
+        blocked = context.strategy_blocked_by.get(strategy) if strategy is not None else None
+        if blocked is None or connector is None or channel is not None:
+            return _MALFORMED
+        broken = [*context.retry_blocked_by, *blocked]
+        if connector not in context.connector_order:
+            broken.append(Rule.CONNECTOR_UNAVAILABLE)
+        if strategy == _CASCADE:
+            if connector == context.failed_connector:
+                broken.append(Rule.CASCADE_SAME_CONNECTOR)
+        elif strategy == _RETRY_SAME and connector != context.failed_connector:
+            broken.append(Rule.RETRY_SAME_OTHER_CONNECTOR)
+        return tuple(broken)
+    if action == _RETARGET:
+        channel_blocked = context.channel_blocked_by.get(channel) if channel is not None else None
+        if channel_blocked is None or strategy is not None or connector is not None:
+            return _MALFORMED
+        return (*context.retarget_blocked_by, *channel_blocked)
+    return _MALFORMED
+
+
+def _timed_action(action: str, kind: tuple[str, ...]) -> str | None:
+    """The action whose time rules apply: none but the universal ones for a malformed candidate."""
+    return None if kind == _MALFORMED else action
+
+
+def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[str, ...]:
+    """The rules a well-formed ``action`` breaks by executing at ``at`` (``None``: the rules of every candidate)."""
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"candidate.execute_at must carry a timezone, got {at.isoformat()}")
     broken: list[str] = []
     if at < context.event_time:
         broken.append(Rule.BEFORE_EVENT_TIME)
-    action = candidate.action
-    if action == Action.STOP:
-        return broken
 
-    if action == Action.RETRY:
-        strategy, connector = candidate.strategy, candidate.connector
-        blocked = context.strategy_blocked_by.get(strategy) if strategy is not None else None
-        if blocked is None or connector is None or candidate.channel is not None:
-            broken.append(Rule.MALFORMED_CANDIDATE)
-            return broken
-        broken.extend(context.retry_blocked_by)
-        broken.extend(blocked)
-        if connector not in context.connector_order:
-            broken.append(Rule.CONNECTOR_UNAVAILABLE)
-        if strategy == Strategy.CASCADE:
-            if connector == context.failed_connector:
-                broken.append(Rule.CASCADE_SAME_CONNECTOR)
-        elif strategy == Strategy.RETRY_SAME and connector != context.failed_connector:
-            broken.append(Rule.RETRY_SAME_OTHER_CONNECTOR)
+    if action == _RETRY:
         if at > context.window_end:
             broken.append(Rule.RETRY_WINDOW)
         if context.earliest_retry_at is not None and at < context.earliest_retry_at:
@@ -617,30 +666,19 @@ def _broken(context: RuleContext, candidate: Candidate) -> list[str]:
                 broken.append(Rule.UPI_AUTOPAY_RETRY_WINDOW)
             if in_upi_peak_hours(context, at):
                 broken.append(Rule.UPI_AUTOPAY_PEAK_HOURS)
-        return broken
 
-    if action == Action.RETARGET:
-        channel = candidate.channel
-        channel_blocked = context.channel_blocked_by.get(channel) if channel is not None else None
-        if channel_blocked is None or candidate.strategy is not None or candidate.connector is not None:
-            broken.append(Rule.MALFORMED_CANDIDATE)
-            return broken
-        broken.extend(context.retarget_blocked_by)
-        broken.extend(channel_blocked)
+    elif action == _RETARGET:
         if at > context.window_end:
             broken.append(Rule.RETRY_WINDOW)
         local = at.astimezone(context.merchant_timezone)
-        if context.quiet_minutes is not None and _in_window(local.hour * 60 + local.minute, context.quiet_minutes):
+        if _is_quiet_minute(context, local.hour * 60 + local.minute):
             broken.append(Rule.QUIET_HOURS)
         local_day = local.date()
         if (local_day - context.day0).days < context.first_allowed_day:
             broken.append(Rule.SKIP_DAYS)
         if local_day in context.nudged_days:
             broken.append(Rule.ONE_NUDGE_PER_DAY)
-        return broken
-
-    broken.append(Rule.MALFORMED_CANDIDATE)
-    return broken
+    return tuple(broken)
 
 
 def judge(context: RuleContext, candidates: Iterable[Candidate]) -> list[RuleVerdict]:
@@ -651,12 +689,62 @@ def judge(context: RuleContext, candidates: Iterable[Candidate]) -> list[RuleVer
 def permitted(context: RuleContext, candidates: list[Candidate]) -> list[Candidate]:
     """The candidates no hard rule forbids; ``stop`` is always among them.
 
-    When the input holds no permitted stop, a stop at ``event_time`` is appended.
+    When the input holds no permitted stop, a stop at ``event_time`` is appended. The answer is that of keeping
+    the candidates ``check`` allows, but each kind (action, strategy, connector, channel) is judged once, and
+    each distinct ``execute_at`` once per action.
     """
-    allowed = [candidate for candidate in candidates if not _broken(context, candidate)]
-    if not any(candidate.action == Action.STOP for candidate in allowed):
+    # Moments are keyed by identity, not equality: equal instants in different zones are different inputs to
+    # the rules (the Visa window subtracts wall-clock days), and a grid shares its datetime objects anyway.
+    # Each entry keeps its moment alive, so no id can be reused while the cache exists.
+    kinds: dict[tuple[Any, ...], _KindVerdict] = {}
+    moments_by_action: dict[str | None, dict[int, tuple[bool, datetime]]] = {}
+    allowed: list[Candidate] = []
+    kind_ok, timed_action = False, None
+    moments: dict[int, tuple[bool, datetime]] = {}
+    action: Any = _NO_KIND
+    strategy = connector = channel = _NO_KIND
+    for candidate in candidates:
+        # A grid lists each kind's candidates together: look the kind up again only when it changes.
+        if not (
+            candidate.action is action
+            and candidate.strategy is strategy
+            and candidate.connector is connector
+            and candidate.channel is channel
+        ):
+            kind = action, strategy, connector, channel = _KIND_OF(candidate)
+            try:
+                known = kinds.get(kind)
+                if known is None:
+                    known = kinds[kind] = _kind_verdict(context, kind, moments_by_action)
+            except TypeError:  # an unhashable field: no valid Candidate has one, but judge it as check() would
+                known = _kind_verdict(context, kind, moments_by_action)
+            kind_ok, timed_action, moments = known
+        at = candidate.execute_at
+        timing = moments.get(id(at))
+        if timing is None:
+            timing = moments[id(at)] = (not _broken_at(context, timed_action, at), at)
+        if kind_ok and timing[0]:
+            allowed.append(candidate)
+    if _STOP not in map(_ACTION_OF, allowed):
         allowed.append(Candidate(Action.STOP, context.event_time))
     return allowed
+
+
+_NO_KIND: Any = object()
+_KindVerdict = tuple[bool, str | None, dict[int, tuple[bool, datetime]]]
+
+
+def _kind_verdict(
+    context: RuleContext, kind: tuple[Any, ...], moments_by_action: dict[str | None, dict[int, tuple[bool, datetime]]]
+) -> _KindVerdict:
+    """Whether ``kind`` breaks no rule, the action whose time rules apply to it, and that action's moment cache."""
+    broken = _broken_kind(context, *kind)
+    timed_action = _timed_action(kind[0], broken)
+    return not broken, timed_action, moments_by_action.setdefault(timed_action, {})
+
+
+_KIND_OF = operator.attrgetter("action", "strategy", "connector", "channel")
+_ACTION_OF = operator.attrgetter("action")
 
 
 def explain(context: RuleContext, verdicts: Iterable[RuleVerdict]) -> list[str]:
@@ -677,20 +765,45 @@ def explain(context: RuleContext, verdicts: Iterable[RuleVerdict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ grid
 
 
+_MIDNIGHT = time(0, 0)
+
+
 def _local_instant(day: date, clock: time, zone: ZoneInfo) -> datetime:
     """The UTC instant of a local wall-clock time (a time skipped by DST maps to just after the gap)."""
     return datetime.combine(day, clock, tzinfo=zone).astimezone(UTC)
 
 
-def _next_payday(event_time: datetime, zone: ZoneInfo, day_of_month: int) -> datetime:
-    local = event_time.astimezone(zone)
+def _next_payday(event_time: datetime, local: datetime, zone: ZoneInfo, day_of_month: int) -> datetime:
+    """The first payday instant after ``event_time``; ``local`` is ``event_time`` in ``zone``."""
     year, month = local.year, local.month
     for _ in range(3):
-        moment = _local_instant(date(year, month, day_of_month), PAYDAY_LOCAL_TIME, zone)
+        moment = _payday_instant(year, month, day_of_month, zone)
         if moment > event_time:
             return moment
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     raise AssertionError("unreachable: a payday always falls within three months")  # pragma: no cover
+
+
+# Pure functions of a calendar day and a zone: the same few days serve every request, so they are memoised.
+@functools.lru_cache(maxsize=1024)
+def _payday_instant(year: int, month: int, day_of_month: int, zone: ZoneInfo) -> datetime:
+    return _local_instant(date(year, month, day_of_month), PAYDAY_LOCAL_TIME, zone)
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_minute_instant(day: date, minute: int, zone: ZoneInfo) -> datetime:
+    return _local_instant(day, time(minute // 60, minute % 60), zone)
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_send_slots(day: date, zone: ZoneInfo) -> tuple[datetime, tuple[tuple[datetime, int], ...]]:
+    """Local midnight of ``day`` as a UTC instant, and each of ``SEND_LOCAL_TIMES`` as (UTC instant, local minute
+    of the day) -- the minute differs from the clock's when DST skips that clock."""
+    slots = []
+    for clock in SEND_LOCAL_TIMES:
+        moment = _local_instant(day, clock, zone)
+        slots.append((moment, _local_minute(moment, zone)))
+    return _local_instant(day, _MIDNIGHT, zone), tuple(slots)
 
 
 def _snap_out_of_upi_peak(context: RuleContext, moment: datetime) -> datetime:
@@ -698,11 +811,11 @@ def _snap_out_of_upi_peak(context: RuleContext, moment: datetime) -> datetime:
     for _ in range(len(context.upi_peak_minutes) + 1):
         local = moment.astimezone(zone)
         minute = local.hour * 60 + local.minute
-        window = next((w for w in context.upi_peak_minutes if _in_window(minute, w)), None)
+        window = _upi_peak_window(context, minute)
         if window is None:
             return moment
         end_day = local.date() if window[1] > minute else local.date() + timedelta(days=1)
-        moment = _local_instant(end_day, time(window[1] // 60, window[1] % 60), zone)
+        moment = _local_minute_instant(end_day, window[1], zone)
     return moment
 
 
@@ -717,42 +830,81 @@ def _end_of_quiet(context: RuleContext, moment: datetime) -> datetime:
     if not _in_window(minute, context.quiet_minutes):
         return moment
     end_day = local.date() if (start < end or minute < end) else local.date() + timedelta(days=1)
-    return _local_instant(end_day, time(end // 60, end % 60), zone)
+    return _local_minute_instant(end_day, end, zone)
+
+
+def _sorted_unique(moments: list[datetime]) -> list[datetime]:
+    """``sorted(set(moments))``; the grid's times are nearly always distinct, so sort first and dedupe only if not."""
+    ordered = sorted(moments)
+    if all(map(operator.lt, ordered, itertools.islice(ordered, 1, None))):
+        return ordered
+    return sorted(set(moments))
 
 
 def _retry_times(context: RuleContext) -> list[datetime]:
-    event_time = context.event_time
+    event_time, zone = context.event_time, context.merchant_timezone
+    local = event_time.astimezone(zone)
     times = [event_time + delay for delay in RETRY_DELAYS]
-    times.extend(_next_payday(event_time, context.merchant_timezone, day) for day in PAYDAY_DAYS)
+    times.extend(_next_payday(event_time, local, zone, day) for day in PAYDAY_DAYS)
     if context.is_upi_autopay:
         times = [_snap_out_of_upi_peak(context, moment) for moment in times]
-    return sorted(set(times))
+    return _sorted_unique(times)
 
 
 def _send_times(context: RuleContext) -> list[datetime]:
     """As soon as allowed, then local 10:00, 13:00 and 19:00 of the following allowed days, within the window."""
-    zone, event_time = context.merchant_timezone, context.event_time
-    today = (event_time.astimezone(zone).date() - context.day0).days
+    zone, event_time, window_end = context.merchant_timezone, context.event_time, context.window_end
+    day0, nudged_days = context.day0, context.nudged_days
+    today = (event_time.astimezone(zone).date() - day0).days
     first_day = max(today, context.first_allowed_day)
     times: list[datetime] = []
     asap: datetime | None = None
-    for offset in range(first_day, first_day + (context.window_end - event_time).days + 2):
-        day = context.day0 + timedelta(days=offset)
-        if day in context.nudged_days:
+    for offset in range(first_day, first_day + (window_end - event_time).days + 2):
+        day = day0 + timedelta(days=offset)
+        if day in nudged_days:
             continue
-        day_start = max(event_time, _local_instant(day, time(0, 0), zone))
-        if day_start > context.window_end:
+        midnight, slots = _day_send_slots(day, zone)
+        day_start = max(event_time, midnight)
+        if day_start > window_end:
             break
         if asap is None:
             asap = _end_of_quiet(context, day_start)
             times.append(asap)
-        for clock in SEND_LOCAL_TIMES:
-            moment = _local_instant(day, clock, zone)
-            if asap < moment <= context.window_end and not in_quiet_hours(context, moment):
+        for moment, minute in slots:
+            if asap < moment <= window_end and not _is_quiet_minute(context, minute):
                 times.append(moment)
         if len(times) >= MAX_SEND_TIMES_PER_CHANNEL:
             break
-    return sorted(set(times))[:MAX_SEND_TIMES_PER_CHANNEL]
+    return _sorted_unique(times)[:MAX_SEND_TIMES_PER_CHANNEL]
+
+
+# The frozen dataclass's __init__ sets each field through object.__setattr__; the grid builds ~80 candidates per
+# request, so it writes the slots directly (same objects, about half the cost). _CANDIDATE_FIELDS must list
+# every field of Candidate: tests/unit/test_rules.py checks it.
+_CANDIDATE_FIELDS = ("action", "execute_at", "strategy", "connector", "channel")
+_SET_ACTION, _SET_EXECUTE_AT, _SET_STRATEGY, _SET_CONNECTOR, _SET_CHANNEL = (
+    Candidate.__dict__[name].__set__ for name in _CANDIDATE_FIELDS
+)
+
+
+def _candidates_at(
+    moments: Iterable[datetime],
+    action: Action,
+    strategy: Strategy | None,
+    connector: str | None,
+    channel: Channel | None,
+) -> list[Candidate]:
+    """``[Candidate(action, at, strategy, connector, channel) for at in moments]``."""
+    candidates: list[Candidate] = []
+    for at in moments:
+        candidate = object.__new__(Candidate)
+        _SET_ACTION(candidate, action)
+        _SET_EXECUTE_AT(candidate, at)
+        _SET_STRATEGY(candidate, strategy)
+        _SET_CONNECTOR(candidate, connector)
+        _SET_CHANNEL(candidate, channel)
+        candidates.append(candidate)
+    return candidates
 
 
 def enumerate_candidates(context: RuleContext) -> list[Candidate]:
@@ -764,18 +916,20 @@ def enumerate_candidates(context: RuleContext) -> list[Candidate]:
     yet filtered: pass them to ``permitted``.
     """
     failed = context.failed_connector
-    others = [connector for connector in context.connector_order if connector != failed]
     retry_times = _retry_times(context)
-    grid: dict[Candidate, None] = {}
+    # Strategies, connectors (deduplicated in connector_order), channels and times are each distinct, so every
+    # candidate below is: there is nothing to deduplicate.
+    grid: list[Candidate] = []
     for strategy in RETRY_STRATEGIES:
-        connectors = others[:MAX_CASCADE_TARGETS] if strategy is Strategy.CASCADE else [failed]
+        if strategy is _CASCADE:
+            connectors = [connector for connector in context.connector_order if connector != failed]
+            connectors = connectors[:MAX_CASCADE_TARGETS]
+        else:
+            connectors = [failed]
         for connector in connectors:
-            for moment in retry_times:
-                grid[Candidate(Action.RETRY, moment, strategy=strategy, connector=connector)] = None
+            grid += _candidates_at(retry_times, _RETRY, strategy, connector, None)
     send_times = _send_times(context)
-    channels = dict.fromkeys([*context.merchant.retarget.channels, *Channel])
-    for channel in channels:
-        for moment in send_times:
-            grid[Candidate(Action.RETARGET, moment, channel=channel)] = None
-    grid[Candidate(Action.STOP, context.event_time)] = None
-    return list(grid)
+    for channel in dict.fromkeys([*context.merchant.retarget.channels, *_CHANNELS]):
+        grid += _candidates_at(send_times, _RETARGET, None, None, channel)
+    grid += _candidates_at((context.event_time,), _STOP, None, None, None)
+    return grid

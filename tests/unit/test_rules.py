@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
@@ -1077,3 +1078,336 @@ def test_visa_category_1_is_honoured_whatever_the_payment_method_says() -> None:
         failure={"network_decline_code": "04"},
     )
     assert Rule.VISA_CATEGORY_1 in broken(context, retry(at=ist(4, 0, day=2)))
+
+
+# ----------------------------------------------------------------------- permitted() is check() filtered, fast
+
+
+def _checked(context: RuleContext, candidates: list[Candidate]) -> list[Candidate]:
+    """The definition ``permitted`` must match: the candidates ``check`` allows, plus a stop if none is."""
+    allowed = [candidate for candidate in candidates if check(context, candidate).allowed]
+    if not any(candidate.action == Action.STOP for candidate in allowed):
+        allowed.append(Candidate(Action.STOP, context.event_time))
+    return allowed
+
+
+def _assert_permitted_is_checked(context: RuleContext, candidates: list[Candidate]) -> None:
+    expected = _checked(context, candidates)
+    got = permitted(context, candidates)
+    assert got == expected
+    kept = [candidate for candidate in candidates if check(context, candidate).allowed]
+    assert [id(c) for c in got[: len(kept)]] == [id(c) for c in kept], "permitted must return the input objects"
+
+
+OTHER_ZONES = [UTC, ZoneInfo("America/New_York"), IST, ZoneInfo("Australia/Lord_Howe"), timezone(timedelta(hours=-3))]
+
+
+@st.composite
+def any_candidates(draw: st.DrawFn) -> list[tuple[Any, int, Any, Any, Any, int, int]]:
+    """Candidates of any shape: (action, minutes after event_time, strategy, connector, channel, zone, fold).
+
+    Malformed ones (a retry with a channel, an unknown action, ...) and times before the event are welcome.
+    """
+    row = st.tuples(
+        st.sampled_from([Action.RETRY, Action.RETARGET, Action.STOP, "retry", "unknown"]),
+        st.integers(-600, 12 * 24 * 60),
+        st.sampled_from([*Strategy, None]),
+        st.sampled_from([*CONNECTORS, None]),
+        st.sampled_from([*Channel, None]),
+        st.integers(0, len(OTHER_ZONES) - 1),
+        st.integers(0, 1),
+    )
+    return draw(st.lists(row, max_size=30))
+
+
+@pytest.mark.parametrize("catalog_kind", ["fake", "real"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.none() | st.integers(0, 20), any_candidates(), st.randoms(use_true_random=False))
+def test_permitted_is_exactly_the_candidates_check_allows(
+    catalog_kind: str,
+    scenario: tuple[dict[str, Any], dict[str, Any]],
+    reattempts: int | None,
+    extra: list[tuple[Any, int, Any, Any, Any, int, int]],
+    rnd: Any,
+) -> None:
+    # Random requests and merchants (UPI AutoPay, Visa, Mastercard MACs, quiet hours in several zones, nudges,
+    # opt-outs, ...): the grid, odd candidates, equal instants in other zones, in grid order and shuffled.
+    request_data, merchant_data = scenario
+    if reattempts is not None:
+        request_data = {**request_data, "card_reattempts_30d": reattempts}
+    catalog = cast(ErrorCatalog, FakeCatalog()) if catalog_kind == "fake" else load_catalog()
+    context = build_context(make_request(**request_data), make_merchant(**merchant_data), catalog)
+    grid = rules.enumerate_candidates(context)
+    odd = [
+        Candidate(
+            cast(Action, action),
+            (context.event_time + timedelta(minutes=minutes)).astimezone(OTHER_ZONES[zone]).replace(fold=fold),
+            strategy,
+            connector,
+            channel,
+        )
+        for action, minutes, strategy, connector, channel, zone, fold in extra
+    ]
+    # Equal to grid candidates, but their times are distinct objects in other zones.
+    twins = [
+        replace(candidate, execute_at=candidate.execute_at.astimezone(OTHER_ZONES[i % len(OTHER_ZONES)]))
+        for i, candidate in enumerate(grid[::7])
+    ]
+    candidates = grid + odd + twins
+    _assert_permitted_is_checked(context, grid)
+    _assert_permitted_is_checked(context, candidates)
+    rnd.shuffle(candidates)
+    _assert_permitted_is_checked(context, candidates)
+
+
+def test_equal_instants_in_other_zones_are_judged_apart() -> None:
+    # The Visa window subtracts 30 wall-clock days: from New York time that crosses the DST change, so the same
+    # instant sees one more re-attempt in its window than from UTC. permitted must not reuse one's verdict.
+    event = datetime(2026, 11, 5, 10, 0, tzinfo=UTC)
+    start = datetime(2026, 10, 6, 11, 30, tzinfo=UTC)
+    attempts = [attempt(1, "initial", start - timedelta(minutes=1))]
+    attempts += [attempt(i + 2, "retry_same", start + i * HOUR) for i in range(15)]
+    context = ctx(
+        merchant=LENIENT,
+        event_time=event.isoformat(),
+        history={"attempts": attempts, "nudges": []},
+        failure={"network_decline_code": "51"},
+    )
+    at = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)
+    in_utc, in_new_york = retry(at=at), retry(at=at.astimezone(ZoneInfo("America/New_York")))
+    assert in_utc == in_new_york
+    assert broken(context, in_utc) == ()
+    assert broken(context, in_new_york) == (Rule.VISA_REATTEMPT_CAP,)
+    assert permitted(context, [in_utc, in_new_york]) == [in_utc, Candidate(Action.STOP, event)]
+    assert permitted(context, [in_new_york, in_utc]) == [in_utc, Candidate(Action.STOP, event)]
+
+
+def test_permitted_refuses_a_naive_time_like_check_even_on_a_forbidden_candidate() -> None:
+    naive = datetime(2026, 11, 1, 12, 0)
+    for candidate in [
+        Candidate(Action.RETRY, naive, strategy=Strategy.RETRY_SAME),  # malformed: no connector
+        Candidate(Action.RETARGET, naive, channel=Channel.PUSH),  # channel disabled
+        Candidate(Action.STOP, naive),
+    ]:
+        with pytest.raises(ValueError, match=r"candidate\.execute_at must carry a timezone"):
+            permitted(ctx(), [retry(), candidate])
+
+
+def test_check_names_broken_rules_in_a_stable_order() -> None:
+    # before_event_time first, then the rules of the candidate's kind, then its other time rules.
+    strict = make_merchant(retry={"flows": ["cascade"]}, retarget={"channels": ["sms"], "max_nudges": 0})
+    context = ctx(merchant=strict, payment={"card_network": "mastercard"}, failure={"merchant_advice_code": "01"})
+    early, late = T0 - 8 * HOUR, T0 + timedelta(days=30)  # 07:45 IST: in quiet hours
+    assert broken(context, retry(at=early)) == (
+        Rule.BEFORE_EVENT_TIME,
+        Rule.MAC_CARD_UPDATE,
+        Rule.RETRY_FLOW_DISABLED,
+    )
+    assert broken(context, retry(at=late, strategy="cascade", connector="stripe")) == (
+        Rule.MAC_CARD_UPDATE,
+        Rule.CASCADE_SAME_CONNECTOR,
+        Rule.RETRY_WINDOW,
+    )
+    assert broken(context, retarget(at=early, channel="whatsapp")) == (
+        Rule.BEFORE_EVENT_TIME,
+        Rule.MAX_NUDGES,
+        Rule.CHANNEL_DISABLED,
+        Rule.QUIET_HOURS,
+    )
+    assert broken(context, Candidate(Action.RETRY, early, strategy=Strategy.CASCADE)) == (
+        Rule.BEFORE_EVENT_TIME,
+        Rule.MALFORMED_CANDIDATE,
+    )
+
+
+def test_permitted_judges_each_kind_and_each_time_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    context = ctx()
+    grid = rules.enumerate_candidates(context)
+    calls: Counter[str] = Counter()
+
+    def counted(name: str) -> Any:
+        judge = getattr(rules, name)
+
+        def wrapper(*args: Any) -> Any:
+            calls[name] += 1
+            return judge(*args)
+
+        return wrapper
+
+    expected = permitted(context, grid)
+    monkeypatch.setattr(rules, "_broken_kind", counted("_broken_kind"))
+    monkeypatch.setattr(rules, "_broken_at", counted("_broken_at"))
+    assert permitted(context, grid) == expected
+    kinds = {(c.action, c.strategy, c.connector, c.channel) for c in grid}
+    moments = {(c.action, id(c.execute_at)) for c in grid}
+    assert calls == {"_broken_kind": len(kinds), "_broken_at": len(moments)}
+
+
+def test_grid_builds_candidates_the_dataclass_way() -> None:
+    assert tuple(f.name for f in fields(Candidate)) == rules._CANDIDATE_FIELDS
+    built = rules._candidates_at([T0, T0 + HOUR], Action.RETRY, Strategy.CASCADE, "adyen", None)
+    plain = [Candidate(Action.RETRY, at, strategy=Strategy.CASCADE, connector="adyen") for at in (T0, T0 + HOUR)]
+    assert built == plain
+    assert [hash(c) for c in built] == [hash(c) for c in plain]
+    assert [repr(c) for c in built] == [repr(c) for c in plain]
+
+
+def _grid(
+    retry_times: list[str],
+    pairs: list[tuple[str, str]],
+    send_times: list[str],
+    channels: list[str],
+    stop_at: datetime,
+) -> list[Candidate]:
+    """A grid written out: every (strategy, connector) at every retry time, every channel at every send time."""
+    grid = [
+        Candidate(Action.RETRY, datetime.fromisoformat(at), strategy=Strategy(strategy), connector=connector)
+        for strategy, connector in pairs
+        for at in retry_times
+    ]
+    grid += [
+        Candidate(Action.RETARGET, datetime.fromisoformat(at), channel=Channel(channel))
+        for channel in channels
+        for at in send_times
+    ]
+    return [*grid, Candidate(Action.STOP, stop_at)]
+
+
+def _typical_context() -> RuleContext:
+    return ctx()
+
+
+def _upi_in_peak_hours_context() -> RuleContext:
+    return upi_ctx(
+        event_time=ist(10, 15).isoformat(),
+        history={"attempts": [attempt(1, "initial", ist(10, 15), connector="razorpay")]},
+    )
+
+
+def _nudged_before_a_dst_change_context() -> RuleContext:
+    # London, the evening before the clocks go back; a nudge went today and the customer opted out of SMS.
+    event = datetime(2026, 10, 24, 20, 0, tzinfo=UTC)
+    merchant = make_merchant(
+        retarget={
+            "quiet_hours": {"start": "21:00", "end": "08:00", "timezone": "Europe/London"},
+            "skip_days": 0,
+            "channels": ["email", "sms"],
+        }
+    )
+    return ctx(
+        merchant=merchant,
+        event_time=event.isoformat(),
+        customer={"opted_out_channels": ["sms"]},
+        history={
+            "attempts": [attempt(1, "initial", event - 3 * HOUR)],
+            "nudges": [{"channel": "sms", "sent_at": (event - HOUR).isoformat()}],
+        },
+    )
+
+
+CARD_PAIRS = [
+    ("retry_same", "stripe"),
+    ("cascade", "adyen"),
+    ("cascade", "cybersource"),
+    ("step_up", "stripe"),
+    ("clear_pan", "stripe"),
+    ("alternate_network", "stripe"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_context", "expected", "allowed"),
+    [
+        (
+            _typical_context,
+            _grid(
+                [
+                    "2026-11-01T10:15:02+00:00",
+                    "2026-11-01T10:30:00+00:00",
+                    "2026-11-01T11:15:00+00:00",
+                    "2026-11-01T16:15:00+00:00",
+                    "2026-11-02T10:15:00+00:00",
+                    "2026-11-04T10:15:00+00:00",
+                    "2026-11-26T00:30:00+00:00",  # paydays: 06:00 IST
+                    "2026-12-01T00:30:00+00:00",
+                ],
+                CARD_PAIRS,
+                [
+                    "2026-11-01T10:15:00+00:00",
+                    "2026-11-01T13:30:00+00:00",
+                    "2026-11-02T04:30:00+00:00",
+                    "2026-11-02T07:30:00+00:00",
+                    "2026-11-02T13:30:00+00:00",
+                    "2026-11-03T04:30:00+00:00",
+                ],
+                ["whatsapp", "sms", "email", "push"],
+                T0,
+            ),
+            43,
+        ),
+        (
+            _upi_in_peak_hours_context,
+            _grid(
+                [
+                    "2026-11-01T07:30:00+00:00",  # now, +15 min and +1 h all wait for 13:00 IST
+                    "2026-11-01T10:45:00+00:00",
+                    "2026-11-02T07:30:00+00:00",
+                    "2026-11-04T07:30:00+00:00",
+                    "2026-11-26T00:30:00+00:00",
+                    "2026-12-01T00:30:00+00:00",
+                ],
+                [
+                    ("retry_same", "razorpay"),
+                    ("cascade", "cashfree"),
+                    ("step_up", "razorpay"),
+                    ("clear_pan", "razorpay"),
+                    ("alternate_network", "razorpay"),
+                ],
+                [
+                    "2026-11-01T04:45:00+00:00",
+                    "2026-11-01T07:30:00+00:00",
+                    "2026-11-01T13:30:00+00:00",
+                    "2026-11-02T04:30:00+00:00",
+                    "2026-11-02T07:30:00+00:00",
+                    "2026-11-02T13:30:00+00:00",
+                ],
+                ["whatsapp", "sms", "email", "push"],
+                ist(10, 15),
+            ),
+            25,
+        ),
+        (
+            _nudged_before_a_dst_change_context,
+            _grid(
+                [
+                    "2026-10-24T20:00:02+00:00",
+                    "2026-10-24T20:15:00+00:00",
+                    "2026-10-24T21:00:00+00:00",
+                    "2026-10-25T02:00:00+00:00",
+                    "2026-10-25T20:00:00+00:00",
+                    "2026-10-26T06:00:00+00:00",  # paydays: 06:00 GMT
+                    "2026-10-27T20:00:00+00:00",
+                    "2026-11-01T06:00:00+00:00",
+                ],
+                CARD_PAIRS,
+                [
+                    "2026-10-25T08:00:00+00:00",  # the next day (today had a nudge), when quiet hours end
+                    "2026-10-25T10:00:00+00:00",
+                    "2026-10-25T13:00:00+00:00",
+                    "2026-10-25T19:00:00+00:00",
+                    "2026-10-26T10:00:00+00:00",
+                    "2026-10-26T13:00:00+00:00",
+                ],
+                ["email", "sms", "whatsapp", "push"],
+                datetime(2026, 10, 24, 20, 0, tzinfo=UTC),
+            ),
+            35,
+        ),
+    ],
+)
+def test_grid_of_fixed_requests(make_context: Any, expected: list[Candidate], allowed: int) -> None:
+    context = make_context()
+    grid = rules.enumerate_candidates(context)
+    assert grid == expected
+    assert len(permitted(context, grid)) == allowed
+    _assert_permitted_is_checked(context, grid)

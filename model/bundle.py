@@ -24,12 +24,12 @@ import numpy.typing as npt
 
 from model.catalog import NormalisedError, load_catalog
 from model.codewatch import code_key, inventory_of, support_table
+from model.fastpredict import fast_predictor, kept_on_booster
 from model.features import (
     TEXT_CLASSES,
     FeatureSpec,
     Normaliser,
     context_from_request,
-    expand_candidates,
 )
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -129,7 +129,7 @@ class Calibrator:
             out = 1.0 / (1.0 + np.exp(-(self.a * _logit(p) + self.b)))
         else:
             out = p
-        return np.clip(out, 0.0, 1.0)
+        return np.minimum(np.maximum(out, 0.0), 1.0)  # np.clip's dispatch costs more than the two ufuncs
 
     @cached_property
     def _thresholds(self) -> tuple[FloatArray, FloatArray]:
@@ -228,13 +228,14 @@ class ModelBundle:
         """
         memo = getattr(self._memo, "last", None)
         if memo is not None and memo[0] is request:
+            # The memo holds the candidates, so their ids cannot be reused while it lives.
             rows = memo[1]
-            found = [rows.get(candidate) for candidate in candidates]
+            found = [rows.get(id(candidate)) for candidate in candidates]
             if all(row is not None for row in found):
-                cached: npt.NDArray[np.float32] = memo[2][np.asarray(found, dtype=np.intp)]
+                cached: npt.NDArray[np.float32] = memo[3][np.asarray(found, dtype=np.intp)]
                 return cached
-        x = self.spec.transform(expand_candidates(self.context(request), candidates))
-        self._memo.last = (request, {c: i for i, c in enumerate(candidates)}, x)
+        x = self.spec.transform_request(self.context(request), candidates)
+        self._memo.last = (request, {id(c): i for i, c in enumerate(candidates)}, list(candidates), x)
         return x
 
     def score(self, request: DecisionRequest, candidates: Sequence[Candidate]) -> FloatArray:
@@ -242,21 +243,22 @@ class ModelBundle:
 
         Without a retarget model (a history with no nudges) retarget candidates score 0.
         """
-        out = np.zeros(len(candidates), dtype=np.float64)
-        if not candidates:
-            return out
-        actions = np.array([c.action for c in candidates], dtype=object)
-        retry = actions == Action.RETRY
-        retarget = (actions == Action.RETARGET) & (self.retarget_booster is not None)
+        n = len(candidates)
+        out = np.zeros(n, dtype=np.float64)
+        actions = [c.action for c in candidates]
+        retry = np.array([a is Action.RETRY for a in actions], dtype=np.bool_).reshape(n)
+        retarget = np.array([a is Action.RETARGET for a in actions], dtype=np.bool_).reshape(n)
+        if self.retarget_booster is None:
+            retarget[:] = False
         if not (retry.any() or retarget.any()):
             return out
         x = self.matrix(request, candidates)
         if retry.any():
-            raw = self.retry_booster.predict(x[retry], num_threads=1)
-            out[retry] = self.retry_calibrator(np.asarray(raw, dtype=np.float64))
+            raw = fast_predictor(self.retry_booster).predict(x[retry])
+            out[retry] = self.retry_calibrator(raw)
         if retarget.any() and self.retarget_booster is not None and self.retarget_calibrator is not None:
-            raw = self.retarget_booster.predict(x[retarget], num_threads=1)
-            out[retarget] = self.retarget_calibrator(np.asarray(raw, dtype=np.float64))
+            raw = fast_predictor(self.retarget_booster).predict(x[retarget])
+            out[retarget] = self.retarget_calibrator(raw)
         return out
 
     def code_support(self, connector: str, code: str | None) -> int | None:
@@ -437,19 +439,8 @@ class _PathTable:
                     stack.append((child, step))
 
 
-_PATH_LOCK = threading.Lock()
-_PATH_ATTRIBUTE = "_winback_path_table"  # kept on the booster itself: it lives and dies with it
-
-
 def _path_table(booster: lgb.Booster) -> _PathTable:
-    table: _PathTable | None = getattr(booster, _PATH_ATTRIBUTE, None)
-    if table is None:
-        with _PATH_LOCK:
-            table = getattr(booster, _PATH_ATTRIBUTE, None)
-            if table is None:
-                table = _PathTable(booster)
-                setattr(booster, _PATH_ATTRIBUTE, table)
-    return table
+    return kept_on_booster(booster, "_winback_path_table", _PathTable)
 
 
 def path_bias(booster: lgb.Booster) -> float:
@@ -465,6 +456,7 @@ def path_contributions(booster: lgb.Booster, x: npt.NDArray[np.float32]) -> Floa
     booster, so a row costs one leaf lookup per tree instead of TreeSHAP's ~250 µs per row on this box.
     """
     table = _path_table(booster)
-    leaves = np.asarray(booster.predict(x, pred_leaf=True, num_threads=1), dtype=np.intp).reshape(len(x), -1)
+    leaves = fast_predictor(booster).leaves(x)
     trees = np.arange(leaves.shape[1])
-    return np.stack([table.table[trees, row].sum(axis=0) for row in leaves])
+    contributions: FloatArray = table.table[trees[np.newaxis, :], leaves].sum(axis=1)
+    return contributions

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, lru_cache
@@ -99,6 +99,15 @@ NUMERIC_FEATURES: tuple[str, ...] = (
 
 _SECONDS_PER_DAY = 86400.0
 
+_CODES_MEMO_SIZE = 4096
+#: How each candidate column's value is read off a Candidate (as ``expand_candidates`` writes it).
+_CANDIDATE_VALUE: dict[str, Callable[[Candidate], str | None]] = {
+    "action": lambda c: c.action.value,
+    "strategy": lambda c: None if c.strategy is None else c.strategy.value,
+    "target_connector": lambda c: c.connector,
+    "channel": lambda c: None if c.channel is None else c.channel.value,
+}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Time and money, vectorised (shared by training and serving, so both compute bit-identical values)
@@ -121,6 +130,11 @@ def _hour_offset(zone_name: str, utc_hour: float) -> float:
     """UTC offset in seconds of ``zone_name`` during the UTC hour ``utc_hour`` (hours since the epoch)."""
     offset = datetime.fromtimestamp(utc_hour * 3600.0, UTC).astimezone(_zone(zone_name)).utcoffset()
     return 0.0 if offset is None else offset.total_seconds()
+
+
+def _offset_at(zone_name: str, ts: float) -> float:
+    """One time's offset, as :func:`_utc_offsets` computes it (NaN for an unknown time)."""
+    return _hour_offset(zone_name, float(math.floor(ts / 3600.0))) if math.isfinite(ts) else math.nan
 
 
 def _utc_offsets(ts: FloatArray, countries: ObjArray) -> FloatArray:
@@ -175,6 +189,24 @@ def _days_to_payday(local: _LocalTime) -> FloatArray:
     return np.where(local.day == 1.0, 0.0, local.days_in_month - local.day + 1.0)
 
 
+def _is_month_end(local: _LocalTime) -> FloatArray:
+    # The last three days of the month; NaN where the time is unknown.
+    return np.asarray(
+        (local.day > local.days_in_month - 3.0).astype(np.float64) + np.where(np.isfinite(local.day), 0.0, np.nan),
+        dtype=np.float64,
+    )
+
+
+def _log1p_nonnegative(values: FloatArray) -> FloatArray:
+    # A negative amount is bad data, not a number to take the log of.
+    with np.errstate(invalid="ignore"):
+        return np.asarray(np.log1p(np.where(values >= 0.0, values, np.nan)), dtype=np.float64)
+
+
+def _float_or_nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _str_or_none(values: ObjArray) -> list[str | None]:
     return [v if isinstance(v, str) else None for v in values]
 
@@ -207,8 +239,7 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out["is_three_ds"] = np.array([isinstance(a, str) and a.startswith("three_ds") for a in auth], dtype=np.float64)
     usd = amount_in_usd(num["amount"], np.asarray(columns["currency"], dtype=object), fx_to_usd)
     out["amount_usd"] = usd
-    with np.errstate(invalid="ignore"):
-        out["log_amount_usd"] = np.log1p(np.where(usd >= 0.0, usd, np.nan))
+    out["log_amount_usd"] = _log1p_nonnegative(usd)
 
     event = num["event_ts"]
     offsets = _utc_offsets(event, np.asarray(columns["customer_country"], dtype=object))
@@ -217,9 +248,7 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out["local_weekday"] = now.weekday
     out["local_day"] = now.day
     out["days_to_payday"] = _days_to_payday(now)
-    out["is_month_end"] = (now.day > now.days_in_month - 3.0).astype(np.float64) + np.where(
-        np.isfinite(now.day), 0.0, np.nan
-    )
+    out["is_month_end"] = _is_month_end(now)
     out["days_since_first_failure"] = (event - num["first_failure_ts"]) / _SECONDS_PER_DAY
     out["hours_since_last_nudge"] = (event - num["last_nudge_ts"]) / 3600.0
 
@@ -233,9 +262,7 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out["exec_weekday"] = later.weekday
     out["exec_day"] = later.day
     out["exec_days_to_payday"] = _days_to_payday(later)
-    out["exec_is_month_end"] = (later.day > later.days_in_month - 3.0).astype(np.float64) + np.where(
-        np.isfinite(later.day), 0.0, np.nan
-    )
+    out["exec_is_month_end"] = _is_month_end(later)
     out["payday_before_exec"] = (later.month_index > now.month_index).astype(np.float64)
 
     target = _str_or_none(np.asarray(columns["target_connector"], dtype=object))
@@ -251,6 +278,19 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
 # The feature spec: column order + vocabularies, learned once, serialisable
 
 
+@dataclass(frozen=True)
+class _RequestPlan:
+    """Column positions for FeatureSpec.transform_request, grouped by where their values come from."""
+
+    width: int
+    context_numbers: tuple[str, ...]  # raw numeric context values copied as they are
+    numbers: tuple[tuple[int, str], ...]  # numeric features constant across a request's rows
+    categories: tuple[tuple[int, str, dict[str | None, int]], ...]  # context categoricals and their codes
+    candidate_numbers: tuple[tuple[int, str], ...]  # numeric features of the candidate's execution time
+    same_connector: int | None
+    candidate_categories: tuple[tuple[int, int], ...]  # (matrix column, position in _CANDIDATE_VALUE)
+
+
 @dataclass
 class FeatureSpec:
     """Column order and categorical vocabularies of the model matrix (learned at training time, JSON-serialisable).
@@ -264,6 +304,8 @@ class FeatureSpec:
     fx_to_usd: dict[str, float]
     min_count: int = 20
     _index: dict[str, dict[str | None, int]] = field(default_factory=dict, repr=False, compare=False)
+    _plan: _RequestPlan | None = field(default=None, repr=False, compare=False)
+    _codes_memo: dict[tuple[Any, ...], tuple[float, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def columns(self) -> list[str]:
@@ -357,6 +399,139 @@ class FeatureSpec:
         for j, name in enumerate(self.vocabularies):
             matrix[:, offset + j] = self.encode(name, derived[name])
         return matrix
+
+    def transform_request(self, context: Mapping[str, Any], candidates: Sequence[Candidate]) -> npt.NDArray[np.float32]:
+        """``transform(expand_candidates(context, candidates))`` for one live request, without the decision frame.
+
+        The request path's form of :meth:`transform`: a request's rows share one context, so its features are
+        derived once (as scalars, with numpy's own functions wherever rounding could differ) and broadcast, and
+        only the candidate columns are derived per row. Byte-identical to :meth:`transform` (tested on random
+        requests), at a fraction of its cost: :func:`derive` pays numpy's per-call overhead ~60 times per frame.
+        """
+        plan = self._request_plan()
+        n = len(candidates)
+        event = _float_or_nan(context.get("event_ts"))
+        country = context.get("customer_country")
+        zone_name = timezone_of(country if isinstance(country, str) else None)
+        # Event time first, then every candidate's execution time: one pass of the shared local-time helpers.
+        times = [event, *(c.execute_at.timestamp() for c in candidates)]
+        if zone_name == "UTC":
+            offsets = [0.0 if math.isfinite(t) else math.nan for t in times]
+        else:
+            per_hour: dict[int, float] = {}  # a request's times fall in a few distinct UTC hours
+            offsets = []
+            for t in times:
+                if not math.isfinite(t):
+                    offsets.append(math.nan)
+                    continue
+                hour = math.floor(t / 3600.0)
+                offset = per_hour.get(hour)
+                if offset is None:
+                    offset = per_hour[hour] = _hour_offset(zone_name, float(hour))
+                offsets.append(offset)
+        ts = np.array(times, dtype=np.float64)
+        local = _local_time(ts, np.array(offsets, dtype=np.float64))
+        days_to_payday = _days_to_payday(local)
+        month_end = _is_month_end(local)
+
+        auth = context.get("authentication_type")
+        currency = context.get("currency")
+        rate = self.fx_to_usd.get(currency.upper(), math.nan) if isinstance(currency, str) else math.nan
+        usd = _float_or_nan(context.get("amount")) * rate
+        delay = np.maximum(ts[1:] - event, 0.0) / 3600.0
+        scalars = {name: _float_or_nan(context.get(name, math.nan)) for name in plan.context_numbers}
+        scalars |= {
+            "is_three_ds": float(isinstance(auth, str) and auth.startswith("three_ds")),
+            "amount_usd": usd,
+            "log_amount_usd": float(_log1p_nonnegative(np.array([usd]))[0]),
+            "local_hour": float(local.hour[0]),
+            "local_weekday": float(local.weekday[0]),
+            "local_day": float(local.day[0]),
+            "days_to_payday": float(days_to_payday[0]),
+            "is_month_end": float(month_end[0]),
+            "days_since_first_failure": (event - _float_or_nan(context.get("first_failure_ts"))) / _SECONDS_PER_DAY,
+            "hours_since_last_nudge": (event - _float_or_nan(context.get("last_nudge_ts"))) / 3600.0,
+        }
+        row = [math.nan] * plan.width
+        for j, name in plan.numbers:
+            row[j] = scalars.get(name, math.nan)
+        for j, name, codes in plan.categories:
+            value = context.get(name)
+            row[j] = codes.get(value if isinstance(value, str) else None, OTHER_CODE)
+        matrix = np.repeat(np.array(row, dtype=np.float32)[np.newaxis, :], n, axis=0)
+
+        connector = context.get("connector")
+        connector = connector if isinstance(connector, str) else None
+        per_candidate: dict[str, Any] = {
+            "delay_hours": delay,
+            "log_delay_hours": np.log1p(delay),
+            "exec_local_hour": local.hour[1:],
+            "exec_weekday": local.weekday[1:],
+            "exec_day": local.day[1:],
+            "exec_days_to_payday": days_to_payday[1:],
+            "exec_is_month_end": month_end[1:],
+            "payday_before_exec": (local.month_index[1:] > local.month_index[0]).astype(np.float64),
+        }
+        if plan.same_connector is not None:
+            matrix[:, plan.same_connector] = [
+                math.nan if c.connector is None else float(c.connector == connector) for c in candidates
+            ]
+        for j, name in plan.candidate_numbers:
+            matrix[:, j] = per_candidate[name]
+        if plan.candidate_categories:
+            columns = list(zip(*self._candidate_codes(candidates), strict=True))
+            for j, k in plan.candidate_categories:
+                matrix[:, j] = columns[k]
+        return matrix
+
+    def _candidate_codes(self, candidates: Sequence[Candidate]) -> list[tuple[float, ...]]:
+        """Codes of the candidate columns (``_CANDIDATE_VALUE`` order), one tuple per candidate.
+
+        A merchant's grid repeats the same few (action, strategy, connector, channel) combinations, so each is
+        encoded once and remembered.
+        """
+        memo = self._codes_memo
+        rows = []
+        for c in candidates:
+            key = (c.action, c.strategy, c.connector, c.channel)
+            codes = memo.get(key)
+            if codes is None:
+                codes = tuple(
+                    float(self._lookup(name).get(value_of(c), OTHER_CODE)) if name in self.vocabularies else math.nan
+                    for name, value_of in _CANDIDATE_VALUE.items()
+                )
+                if len(memo) >= _CODES_MEMO_SIZE:
+                    memo.clear()
+                memo[key] = codes
+            rows.append(codes)
+        return rows
+
+    def _request_plan(self) -> _RequestPlan:
+        """Where each feature goes in the matrix, split by what transform_request derives it from (made once)."""
+        if self._plan is None:
+            positions = {name: j for j, name in enumerate(self.columns)}
+            candidate_numbers = ("delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
+                                 "exec_days_to_payday", "exec_is_month_end", "payday_before_exec")  # fmt: skip
+            self._plan = _RequestPlan(
+                width=len(positions),
+                context_numbers=tuple(
+                    name
+                    for name in CONTEXT_NUM
+                    if name not in ("amount", "event_ts", "first_failure_ts", "last_nudge_ts")
+                ),
+                numbers=tuple((positions[name], name) for name in self.numeric if name not in candidate_numbers),
+                categories=tuple(
+                    (positions[name], name, self._lookup(name))
+                    for name in self.vocabularies
+                    if name not in _CANDIDATE_VALUE
+                ),
+                candidate_numbers=tuple((positions[name], name) for name in self.numeric if name in candidate_numbers),
+                same_connector=positions.get("is_same_connector"),
+                candidate_categories=tuple(
+                    (positions[name], k) for k, name in enumerate(_CANDIDATE_VALUE) if name in positions
+                ),
+            )
+        return self._plan
 
     def decode(self, name: str, code: float) -> str:
         """The category a code stands for (``"other"`` for the shared code)."""
@@ -509,10 +684,10 @@ def expand_candidates(context: Mapping[str, Any], candidates: Sequence[Candidate
     for name in CONTEXT_NUM:
         value = context.get(name, math.nan)
         frame[name] = np.full(n, math.nan if value is None else float(value), dtype=np.float64)
-    frame["action"] = np.array([c.action.value for c in candidates], dtype=object)
-    frame["strategy"] = np.array([None if c.strategy is None else c.strategy.value for c in candidates], dtype=object)
-    frame["target_connector"] = np.array([c.connector for c in candidates], dtype=object)
-    frame["channel"] = np.array([None if c.channel is None else c.channel.value for c in candidates], dtype=object)
+    for name, value_of in _CANDIDATE_VALUE.items():
+        column = np.empty(n, dtype=object)
+        column[:] = [value_of(c) for c in candidates]
+        frame[name] = column
     frame["execute_ts"] = np.array([_ts(c.execute_at) for c in candidates], dtype=np.float64)
     return frame
 

@@ -22,7 +22,7 @@ from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
 from model.requests import Alternative, Decision, DecisionRequest
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
-from model.vocab import Action, ErrorClass
+from model.vocab import Action, Channel, ErrorClass, Strategy
 
 PRIORS_FILE = Path(__file__).resolve().parent.parent / "data" / "policy" / "priors.yaml"
 RULES_ONLY_VERSION = "rules-only"
@@ -149,36 +149,41 @@ class RulesOnlyScorer:
         return [f"rules-only prior for {self._error(request).error_class.value}"][:k]
 
 
-def _delay_days(request: DecisionRequest, candidate: Candidate) -> float:
-    return max((candidate.execute_at - request.event_time).total_seconds(), 0.0) / 86_400.0
-
-
 def expected_values(
     request: DecisionRequest, candidates: list[Candidate], p_success: np.ndarray, economics: Economics
 ) -> np.ndarray:
-    """Expected recovered value in USD net of the action's cost, discounted for waiting."""
+    """Expected recovered value in USD net of the action's cost, discounted for waiting; 0 for stop."""
     amount_usd = economics.to_usd(request.amount, request.currency)
     country = request.customer.country
-    values = np.zeros(len(candidates), dtype=np.float64)
+    n = len(candidates)
+    costs = np.zeros(n, dtype=np.float64)
+    delay_seconds = np.zeros(n, dtype=np.float64)
+    acting = np.ones(n, dtype=np.bool_)
+    event_time = request.event_time
+    cost_of: dict[tuple[Action, str | None], float] = {}  # a grid repeats few (action, strategy/channel) pairs
     for index, candidate in enumerate(candidates):
-        if candidate.action == Action.STOP:
+        action = candidate.action
+        if action is Action.STOP:
+            acting[index] = False
             continue
-        if candidate.action == Action.RETRY:
-            cost = economics.retry_cost(candidate.strategy)
-        else:
-            cost = economics.message_cost(candidate.channel or "", country)
-        discount = DAILY_DISCOUNT ** _delay_days(request, candidate)
-        values[index] = float(p_success[index]) * amount_usd * discount - cost
+        key = (action, candidate.strategy if action is Action.RETRY else candidate.channel)
+        cost = cost_of.get(key)
+        if cost is None:
+            if action is Action.RETRY:
+                cost = economics.retry_cost(candidate.strategy)
+            else:
+                cost = economics.message_cost(candidate.channel or "", country)
+            cost_of[key] = cost
+        costs[index] = cost
+        delay_seconds[index] = (candidate.execute_at - event_time).total_seconds()
+    discount = DAILY_DISCOUNT ** (np.maximum(delay_seconds, 0.0) / 86_400.0)
+    values = np.asarray(p_success, dtype=np.float64) * amount_usd * discount - costs
+    values[~acting] = 0.0
     return values
 
 
-def _group(candidate: Candidate) -> tuple[str, str, str, str]:
-    return (
-        candidate.action.value,
-        candidate.strategy.value if candidate.strategy else "",
-        candidate.connector or "",
-        candidate.channel.value if candidate.channel else "",
-    )
+def _group(candidate: Candidate) -> tuple[Action, Strategy | None, str | None, Channel | None]:
+    return (candidate.action, candidate.strategy, candidate.connector, candidate.channel)
 
 
 def new_decision_id(rng: np.random.Generator | None) -> str:
@@ -218,7 +223,7 @@ def decide(
     if not any(candidate.action == Action.STOP for candidate in allowed):
         allowed.append(Candidate(action=Action.STOP, execute_at=request.event_time))
 
-    p_success = np.clip(np.asarray(active.score(request, allowed), dtype=np.float64), 0.0, 1.0)
+    p_success = np.minimum(np.maximum(np.asarray(active.score(request, allowed), dtype=np.float64), 0.0), 1.0)
     for index, candidate in enumerate(allowed):
         if candidate.action == Action.STOP:
             p_success[index] = 0.0
@@ -278,7 +283,7 @@ def _alternatives(
     values: np.ndarray,
     p_success: np.ndarray,
     *,
-    exclude: tuple[str, str, str, str],
+    exclude: tuple[Action, Strategy | None, str | None, Channel | None],
     limit: int,
 ) -> list[Alternative]:
     """The best candidate of every other action group, best first."""

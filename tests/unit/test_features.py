@@ -7,9 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.catalog import load_catalog
 from model.features import (
+    CATEGORICAL_FEATURES,
+    NUMERIC_FEATURES,
     OTHER_CODE,
     RAW_COLUMNS,
     TEXT_COLUMNS,
@@ -18,11 +22,11 @@ from model.features import (
     derive,
     expand_candidates,
 )
-from model.rules import Candidate
+from model.rules import Candidate, build_context, enumerate_candidates
 from model.textmodel import TextModel, code_words
 from model.training import _error_texts, decision_points, raw_columns, request_at
 from model.vocab import Action, Channel, Strategy
-from tests.factories import make_history_frames, make_request
+from tests.factories import make_history_frames, make_merchant, make_request
 
 FX = {"USD": 1.0, "INR": 0.012}
 
@@ -177,3 +181,75 @@ def test_code_words_split_codes_into_words() -> None:
     assert code_words("cardDeclinedByIssuer") == "card declined by issuer"
     assert code_words("Acquirer Error-91") == "acquirer error 91"
     assert code_words(None) == ""
+
+
+# --- the request path's transform_request is transform(expand_candidates(...)), byte for byte -------------------
+
+_SERVING_SPEC = FeatureSpec(
+    numeric=list(NUMERIC_FEATURES),
+    vocabularies={
+        name: ["__missing__", "adyen", "card", "credit", "do_not_honor", "email", "retry", "retry_same", "stripe",
+               "three_ds", "visa", "whatsapp", "2", "51", "IN", "US", "INR", "USD", "cascade", "retarget", "sms"]
+        for name in CATEGORICAL_FEATURES
+    },
+    fx_to_usd=FX,
+)  # fmt: skip
+
+
+#: Around the US and New Zealand DST changes, a month end and a plain day.
+_EVENT_TIMES = ["2026-11-01T05:30:00Z", "2026-11-01T06:15:00Z", "2026-04-04T13:59:00Z", "2026-11-30T23:10:00Z",
+                "2026-03-08T06:59:59Z", "2026-07-14T10:00:00Z"]  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    country=st.sampled_from(["IN", "US", "GB", "AU", "NZ", "ZZ", None]),
+    currency=st.sampled_from(["INR", "USD", "XYZ"]),
+    amount=st.sampled_from([0.0, 0.01, 49.0, 499.0, 123456.78]),
+    event_time=st.sampled_from(_EVENT_TIMES),
+    authentication=st.sampled_from(["no_three_ds", "three_ds", "three_ds_challenge", "SCA"]),
+    connector=st.sampled_from(["stripe", "adyen", "brand_new_psp"]),
+    error_code=st.sampled_from(["card_declined", "do_not_honor", None]),
+    nudged=st.booleans(),
+    text=st.floats(0.0, 1.0),
+)
+def test_transform_request_equals_transform_of_the_expanded_frame(
+    country: str | None,
+    currency: str,
+    amount: float,
+    event_time: str,
+    authentication: str,
+    connector: str,
+    error_code: str | None,
+    nudged: bool,
+    text: float,
+) -> None:
+    nudges = [{"channel": "whatsapp", "sent_at": "2026-02-01T09:00:00Z", "clicked_at": None}] if nudged else []
+    request = make_request(
+        event_time=event_time,
+        amount=amount,
+        currency=currency,
+        customer={"country": country},
+        payment={"authentication_type": authentication},
+        failure={"connector": connector, "error_code": error_code},
+        history={"attempts": [], "nudges": nudges},
+    )
+    context = context_from_request(request, load_catalog())
+    context.update(dict.fromkeys(TEXT_COLUMNS, text))
+    rule_context = build_context(request, make_merchant(connectors=["stripe", "adyen", "cybersource"]), load_catalog())
+    candidates = enumerate_candidates(rule_context)
+    expected = _SERVING_SPEC.transform(expand_candidates(context, candidates))
+    served = _SERVING_SPEC.transform_request(context, candidates)
+    assert served.dtype == np.float32
+    assert served.tobytes() == expected.tobytes()
+
+
+def test_transform_request_leaves_out_features_the_spec_excludes() -> None:
+    request = make_request()
+    context = context_from_request(request, load_catalog())
+    context.update(dict.fromkeys(TEXT_COLUMNS, 0.5))
+    spec = FeatureSpec(numeric=["delay_hours", "local_hour"], vocabularies={"channel": ["sms"]}, fx_to_usd=FX)
+    candidates = [_retry(request.event_time + timedelta(hours=2)), Candidate(Action.STOP, request.event_time)]
+    served = spec.transform_request(context, candidates)
+    assert served.tobytes() == spec.transform(expand_candidates(context, candidates)).tobytes()
+    assert served.shape == (2, 3)

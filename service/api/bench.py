@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ class LoadFigures:
     rps: float
     p50_ms: float
     p99_ms: float
+    #: CPU time the server's whole process tree spent per answered request (user + system), or NaN if unknown.
+    #: Unlike req/s it does not depend on how much of the machine the load generator takes.
+    cpu_ms_per_request: float = float("nan")
 
 
 @dataclass
@@ -62,9 +66,14 @@ class BenchResult:
             "each worker < 400 MB RSS": bool(self.worker_rss_mb) and max(self.worker_rss_mb) < 400,
         }
 
+    def cpu_ratio(self) -> float:
+        """Server CPU per mlflow request over server CPU per decision (NaN when either is unknown)."""
+        api, reference = self.api.cpu_ms_per_request, self.mlflow.cpu_ms_per_request
+        return round(reference / api, 2) if api > 0 and reference > 0 else float("nan")
+
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able figures."""
-        return asdict(self) | {"targets": self.targets()}
+        return asdict(self) | {"targets": self.targets(), "cpu_ratio": self.cpu_ratio()}
 
 
 def _free_port() -> int:
@@ -240,6 +249,32 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for parent in frontier for child in _children(parent)]
+        found += children
+        frontier = children
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it, so far (live processes only)."""
+    ticks = 0
+    for member in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _with_cpu(figures: LoadFigures, cpu_seconds: float) -> LoadFigures:
+    per_request = cpu_seconds / figures.requests * 1e3 if figures.requests else float("nan")
+    return replace(figures, cpu_ms_per_request=round(per_request, 3))
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -393,10 +428,14 @@ def run_bench(
                     closed_loop(url, body, headers, concurrency=concurrency, seconds=seconds, max_requests=max_requests)
                 )
 
+            cpu_before = tree_cpu_seconds(api.pid)
             api_figures = closed(api_url, api_body, api_headers)
+            api_figures = _with_cpu(api_figures, tree_cpu_seconds(api.pid) - cpu_before)
             api_rate = asyncio.run(fixed_rate(api_url, api_body, api_headers, rate=rate, seconds=rate_seconds))
             rss = _worker_rss(api.pid)
+            cpu_before = tree_cpu_seconds(serve.pid)
             ml_figures = closed(ml_url, ml_body, ml_headers)
+            ml_figures = _with_cpu(ml_figures, tree_cpu_seconds(serve.pid) - cpu_before)
             ml_rate = None
             if ml_figures.rps >= rate:  # a fixed rate above what it sustains only measures its queue
                 ml_rate = asyncio.run(fixed_rate(ml_url, ml_body, ml_headers, rate=rate, seconds=rate_seconds))
@@ -430,7 +469,7 @@ def _print(result: BenchResult) -> None:
     from rich.table import Table
 
     table = Table(title=f"decision API (model {result.model_version}) vs mlflow models serve")
-    for column in ("server", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms"):
+    for column in ("server", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "CPU ms/request"):
         table.add_column(column)
     rows = [
         ("winback API", "closed loop", result.api),
@@ -440,11 +479,12 @@ def _print(result: BenchResult) -> None:
     ]
     for server, mode, figures in rows:
         if figures is None:
-            table.add_row(server, mode, "-", "-", "not run: below the rate in closed loop", "-", "-")
+            table.add_row(server, mode, "-", "-", "not run: below the rate in closed loop", "-", "-", "-")
             continue
         table.add_row(
             server, mode, str(figures.requests), str(figures.errors), f"{figures.rps:.0f}",
             f"{figures.p50_ms:.2f}", f"{figures.p99_ms:.2f}",
+            "-" if math.isnan(figures.cpu_ms_per_request) else f"{figures.cpu_ms_per_request:.2f}",
         )  # fmt: skip
     console = Console()
     console.print(table)
@@ -452,6 +492,8 @@ def _print(result: BenchResult) -> None:
         f"throughput ratio API/mlflow: {result.ratio:.1f}x; candidates scored per request: "
         f"{result.candidates_per_request}; reference model {result.reference_model}"
     )
+    if not math.isnan(result.cpu_ratio()):
+        console.print(f"server CPU per request, mlflow/API: {result.cpu_ratio():.1f}x (closed loop, process trees)")
     console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
     for target, met in result.targets().items():
         console.print(f"{'met ' if met else 'MISSED'} {target}")

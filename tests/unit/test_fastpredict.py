@@ -6,7 +6,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from model.fastpredict import FastPredictor, fast_predictor
+from model.fastpredict import SINGLE_ROW_LIMIT, FastPredictor, fast_predictor
 
 
 def _booster(*, categorical: bool = True, rounds: int = 30, objective: str = "binary") -> lgb.Booster:
@@ -31,7 +31,7 @@ def _rows(n: int) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("rows", [1, 2, 44, 500])
+@pytest.mark.parametrize("rows", [1, 2, SINGLE_ROW_LIMIT, SINGLE_ROW_LIMIT + 1, 44, 500])
 def test_predictions_and_leaves_equal_booster_predict(rows: int) -> None:
     booster = _booster()
     x = _rows(rows)
@@ -46,8 +46,9 @@ def test_an_early_stopped_booster_predicts_with_its_best_iteration_as_booster_pr
     booster.best_iteration = 12
     x = _rows(20)
     predictor = FastPredictor(booster)
-    np.testing.assert_array_equal(predictor.predict(x), booster.predict(x, num_threads=1))
-    assert predictor.leaves(x).shape == (20, 12)
+    for rows in (x, x[:SINGLE_ROW_LIMIT]):  # a batch call, and one call per row
+        np.testing.assert_array_equal(predictor.predict(rows), booster.predict(rows, num_threads=1))
+        assert predictor.leaves(rows).shape == (len(rows), 12)
 
 
 def test_a_float64_or_strided_matrix_is_accepted_and_an_empty_one_gives_nothing() -> None:

@@ -6,7 +6,8 @@ With several uvicorn workers each process exposes its own figures; Prometheus sc
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -17,6 +18,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from model.requests import Decision
@@ -29,6 +31,34 @@ MAX_NEW_PAIRS = 10_000
 OTHER_CONNECTOR = "other"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class CountsByLabel:
+    """A counter with one label, registered as a collector: ``inc_each`` counts several label values under one
+    lock. A decision fires about ten rules; a ``Counter`` child per rule would take a lock per rule."""
+
+    def __init__(self, name: str, documentation: str, label: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._lock = threading.Lock()
+        self._counts: dict[str, float] = {}
+        registry.register(self)
+
+    def inc_each(self, values: Iterable[str]) -> None:
+        """Add 1 to the count of each of ``values``."""
+        with self._lock:
+            for value in values:
+                self._counts[value] = self._counts.get(value, 0.0) + 1.0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The counts, as ``<name>_total{<label>="..."}`` samples."""
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        with self._lock:
+            counts = list(self._counts.items())
+        for value, count in counts:
+            family.add_metric([value], count)
+        yield family
 
 
 class ApiMetrics:
@@ -51,10 +81,10 @@ class ApiMetrics:
             ["action", "strategy", "channel", "model_version"],
             registry=self.registry,
         )
-        self.rule_firings = Counter(
+        self.rule_firings = CountsByLabel(
             "winback_rule_firings",
             "Hard rules that constrained a decision, by rule name.",
-            ["rule"],
+            "rule",
             registry=self.registry,
         )
         self.unknown_error_codes = Counter(
@@ -91,7 +121,18 @@ class ApiMetrics:
         self._new_pairs: set[tuple[str, str]] = set()
         # labels() takes a lock and builds a key on every call; the children are cached here instead.
         self._decision_children: dict[tuple[str, str, str, str], Any] = {}
-        self._rule_children: dict[str, Any] = {}
+        self._rule_names: dict[str, str] = {}
+        self._latency_children: dict[tuple[str, str, int], Any] = {}
+        self._unknown_children: dict[str, Any] = {}
+        self._new_children: dict[str, Any] = {}
+
+    def observe_latency(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Time one HTTP request, by method, route template and status code."""
+        key = (method, route, status)
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children[key] = self.latency.labels(method, route, str(status))
+        child.observe(seconds)
 
     def observe_decision(self, decision: Decision) -> None:
         """Count one decision and the rules that constrained it."""
@@ -105,12 +146,14 @@ class ApiMetrics:
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
+        names = []
         for rule in decision.rules_applied:
-            rule_child = self._rule_children.get(rule)
-            if rule_child is None:
+            name = self._rule_names.get(rule)
+            if name is None:
                 # "max_retries:3" -> "max_retries": the rule's name, not its parameter, bounds the cardinality.
-                rule_child = self._rule_children[rule] = self.rule_firings.labels(rule.split(":", 1)[0])
-            rule_child.inc()
+                name = self._rule_names[rule] = rule.split(":", 1)[0]
+            names.append(name)
+        self.rule_firings.inc_each(names)
 
     def connector_label(self, connector: str) -> str:
         """``connector`` when it is one the config or catalog knows (bounded cardinality), else ``"other"``."""
@@ -123,13 +166,21 @@ class ApiMetrics:
         ``support`` is the serving model's training support for the code (None: no model, or it does not say;
         then a code is new when the catalog does not know it).
         """
+        new = (support == 0) if support is not None else not known_code
+        if known_code and not new:
+            return
         label = self.connector_label(connector)
         if not known_code:
-            self.unknown_error_codes.labels(label).inc()
-        new = (support == 0) if support is not None else not known_code
+            child = self._unknown_children.get(label)
+            if child is None:
+                child = self._unknown_children[label] = self.unknown_error_codes.labels(label)
+            child.inc()
         if not new:
             return
-        self.new_error_codes.labels(label).inc()
+        child = self._new_children.get(label)
+        if child is None:
+            child = self._new_children[label] = self.new_error_codes.labels(label)
+        child.inc()
         pair = (connector.casefold(), (code or "").casefold())
         if pair not in self._new_pairs and len(self._new_pairs) < MAX_NEW_PAIRS:
             self._new_pairs.add(pair)

@@ -106,8 +106,10 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
-def decision_row(request: DecisionRequest, decision: Decision, created_at: datetime | None = None) -> dict[str, Any]:
-    """The ``decisions`` row of one decision served."""
+def decision_row(
+    request: DecisionRequest, decision: Decision, created_at: datetime | None = None, answer_json: str | None = None
+) -> dict[str, Any]:
+    """The ``decisions`` row of one decision served; ``answer_json`` is the decision already serialised, if it is."""
     return {
         "decision_id": decision.decision_id,
         "merchant_id": request.merchant_id,
@@ -121,7 +123,7 @@ def decision_row(request: DecisionRequest, decision: Decision, created_at: datet
         "execute_at": decision.execute_at,
         "propensity": decision.propensity,
         "request_json": request.model_dump_json(),
-        "answer_json": decision.model_dump_json(),
+        "answer_json": decision.model_dump_json() if answer_json is None else answer_json,
         "created_at": created_at or datetime.now(UTC),
     }
 

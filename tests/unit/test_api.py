@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
+from service.api.schemas import MAX_BATCH
 from service.api.settings import Settings
 from tests.factories import make_request, write_merchant_config
 
@@ -94,6 +97,9 @@ class Api:
     def post(self, path: str, body: Any, key: str | None = DEMO_KEY) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return self.loop.run_until_complete(self.client.post(path, json=body, headers=headers))
+
+    def post_raw(self, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+        return self.loop.run_until_complete(self.client.post(path, content=content, headers=headers))
 
     def get(self, path: str) -> httpx.Response:
         return self.loop.run_until_complete(self.client.get(path))
@@ -210,6 +216,93 @@ def test_body_that_is_not_json_gets_422(api: Api) -> None:
     )
     assert response.status_code == 422
     assert response.json()["message"].startswith("body: body is not valid JSON")
+
+
+def test_stored_answer_is_the_answer_served(api: Api, tmp_path: Path) -> None:
+    one = api.post("/v1/decisions", request_body())
+    batch = api.post("/v1/decisions:batch", [request_body(order_id="ord_a"), request_body(order_id="ord_b")])
+    assert one.status_code == batch.status_code == 200
+    api.flush()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'winback.db'}")
+    with engine.connect() as conn:
+        stored = {row[0]: row[1] for row in conn.execute(sa.text("SELECT decision_id, answer_json FROM decisions"))}
+    engine.dispose()
+    served = [one.json(), *batch.json()]
+    assert set(stored) == {answer["decision_id"] for answer in served}
+    # The text stored is the text served, byte for byte (serialised once).
+    assert stored[one.json()["decision_id"]] == one.text
+    assert batch.text == "[" + ",".join(stored[answer["decision_id"]] for answer in batch.json()) + "]"
+
+
+JSON_CONTENT = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize("path", ["/v1/decisions", "/v1/decisions:batch"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{not json", "body: body is not valid JSON: Expecting property name enclosed in double quotes"),
+        (b'{"merchant_id": "m_demo"} trailing', "body: body is not valid JSON: Extra data"),
+        (b"", "body: Field required"),
+    ],
+)
+def test_body_that_is_not_json_gets_422_on_both_decision_routes(
+    api: Api, path: str, content: bytes, message: str
+) -> None:
+    response = api.post_raw(path, content, AUTH | JSON_CONTENT)
+    assert response.status_code == 422
+    assert response.json()["message"] == message
+    assert response.json()["detail"] == [
+        {
+            "field": "body",
+            "msg": message.removeprefix("body: "),
+            "type": response.json()["detail"][0]["type"],
+            "loc": ["body"],
+        }
+    ]
+
+
+def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
+    good = request_body()
+    response = api.post("/v1/decisions:batch", [{**good, "amount": "lots"}, 5, {**good, "currency": "RUPEES"}])
+    assert response.status_code == 422
+    assert [(d["field"], d["loc"]) for d in response.json()["detail"]] == [
+        ("[0].amount", ["body", 0, "amount"]),
+        ("[1]", ["body", 1]),
+        ("[2].currency", ["body", 2, "currency"]),
+    ]
+    assert api.post("/v1/decisions:batch", good).json()["message"] == "body: Input should be a valid list"
+    too_many = api.post("/v1/decisions:batch", [good] * (MAX_BATCH + 1)).json()
+    assert too_many["detail"][0]["field"] == "body"
+    assert too_many["detail"][0]["type"] == "too_long"
+
+
+def test_body_not_declared_json_is_refused_as_before(api: Api) -> None:
+    body = json.dumps(request_body()).encode()
+    for headers in (AUTH, AUTH | {"content-type": "text/plain"}):
+        response = api.post_raw("/v1/decisions", body, headers)
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["field"] == "body"
+    assert api.post_raw("/v1/decisions", body, AUTH | {"content-type": "application/vnd.api+json"}).status_code == 200
+
+
+def test_json_only_the_standard_library_reads_is_still_accepted(api: Api) -> None:
+    body = json.dumps(request_body()).encode()
+    assert api.post_raw("/v1/decisions", b"\xef\xbb\xbf" + body, AUTH | JSON_CONTENT).status_code == 200
+    not_text = body.replace(b"cus_71", b"cus_\xff")
+    response = api.post_raw("/v1/decisions", not_text, AUTH | JSON_CONTENT)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "There was an error parsing the body"}
+
+
+def test_a_body_that_is_not_json_is_refused_before_the_key_and_a_bad_field_after(api: Api) -> None:
+    # FastAPI's order for a body parameter, kept: JSON syntax, then the key, then the fields, then the merchant.
+    assert api.post_raw("/v1/decisions", b"{not json", JSON_CONTENT).status_code == 422
+    bad_field = json.dumps({**request_body(), "amount": "lots"}).encode()
+    assert api.post_raw("/v1/decisions", bad_field, JSON_CONTENT).status_code == 401
+    foreign = {"Authorization": f"Bearer {OTHER_KEY}"} | JSON_CONTENT
+    assert api.post_raw("/v1/decisions", bad_field, foreign).status_code == 422
+    assert api.post_raw("/v1/decisions", json.dumps(request_body()).encode(), foreign).status_code == 403
 
 
 def test_no_key_is_401_and_an_unknown_key_is_401(api: Api) -> None:
@@ -388,12 +481,57 @@ def test_openapi_lists_every_endpoint(api: Api) -> None:
     )
 
 
+def test_openapi_describes_the_decision_bodies_and_the_key(api: Api) -> None:
+    document = api.get("/openapi.json").json()
+    paths, schemas = document["paths"], document["components"]["schemas"]
+    one = paths["/v1/decisions"]["post"]
+    batch = paths["/v1/decisions:batch"]["post"]
+    assert one["requestBody"] == {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DecisionRequest"}}},
+        "required": True,
+    }
+    batch_schema = batch["requestBody"]["content"]["application/json"]["schema"]
+    assert batch_schema["type"] == "array"
+    assert batch_schema["maxItems"] == MAX_BATCH
+    assert batch_schema["items"] == {"$ref": "#/components/schemas/DecisionRequest"}
+    assert batch["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"].endswith("/Decision")
+    for operation in (one, batch):
+        assert set(operation["responses"]) >= {"200", "401", "403", "422"}
+        assert operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ValidationErrorBody"
+        )
+    assert set(schemas["DecisionRequest"]["required"]) >= {"merchant_id", "order_id", "event_time", "failure"}
+    assert schemas["DecisionRequest"]["properties"]["failure"] == {"$ref": "#/components/schemas/Failure"}
+    assert {"Customer", "Payment", "Failure", "History", "HistoryAttempt", "HistoryNudge"} <= set(schemas)
+    # Every route that needs the merchant's key says so; the others do not.
+    assert document["components"]["securitySchemes"]["MerchantKey"]["scheme"] == "bearer"
+    for path, method in [
+        ("/v1/decisions", "post"),
+        ("/v1/decisions:batch", "post"),
+        ("/v1/outcomes", "post"),
+        ("/v1/events/payment-failed", "post"),
+        ("/v1/orders/{order_id}", "get"),
+    ]:
+        assert paths[path][method]["security"] == [{"MerchantKey": []}], path
+    assert "security" not in paths["/healthz"]["get"]
+    assert api.get("/openapi.json").json() == document
+
+
 def test_metrics_count_decisions_rules_and_latency(api: Api) -> None:
     decision = api.post("/v1/decisions", request_body()).json()
     text = api.get("/metrics").text
     assert f'winback_decisions_total{{action="{decision["action"]}"' in text
     assert "winback_rule_firings_total{rule=" in text
+    assert "# TYPE winback_rule_firings_total counter" in text
+    fired = collections.Counter(rule.split(":", 1)[0] for rule in decision["rules_applied"])
+    for name, count in fired.items():
+        assert f'winback_rule_firings_total{{rule="{name}"}} {float(count)}' in text
     assert 'winback_http_request_duration_seconds_count{method="POST",route="/v1/decisions",status="200"} 1.0' in text
+    api.post("/v1/decisions", request_body())
+    api.post("/v1/decisions", request_body(), key=None)
+    text = api.get("/metrics").text
+    assert 'winback_http_request_duration_seconds_count{method="POST",route="/v1/decisions",status="200"} 2.0' in text
+    assert 'winback_http_request_duration_seconds_count{method="POST",route="/v1/decisions",status="401"} 1.0' in text
 
 
 def test_logs_are_json_with_decision_id_and_no_secrets(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
@@ -430,6 +568,10 @@ class _ListStream:
         ("mail priya@example.com now", "mail [redacted-email] now"),
         ("call +91 98765 43210 today", "call [redacted-phone] today"),
         ("order ord_8KQ2 amount 499.0", "order ord_8KQ2 amount 499.0"),
+        ("BEARER abc and bearer def", "Bearer [redacted] and Bearer [redacted]"),
+        ("call +1 (022) 2345-6789", "call [redacted-phone]"),
+        ("dec_956a26afbccdafe562f90a94", "dec_956a26afbccdafe562f90a94"),
+        ("ord_wb_x", "ord_wb_x"),
     ],
 )
 def test_scrub_masks_keys_emails_and_phones(text: str, expected: str) -> None:
@@ -443,6 +585,16 @@ def test_json_formatter_redacts_secret_fields() -> None:
     payload = json.loads(JsonFormatter().format(record))
     assert payload["authorization"] == "[redacted]"
     assert payload["decision_id"] == "dec_1"
+
+
+@pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.9994, 1_700_000_059.5, 1_762_000_000.123456])
+def test_json_formatter_time_is_utc_iso_to_the_millisecond(created: float) -> None:
+    record = logging.LogRecord("winback.api", logging.INFO, __file__, 1, "hello", None, None)
+    record.created = created
+    formatter = JsonFormatter()
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert json.loads(formatter.format(record))["time"] == expected
+    assert json.loads(formatter.format(record))["time"] == expected  # the cached second gives the same
 
 
 def test_key_digest_in_config_is_sha256_of_the_key(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from service.api.deps import (
     Runtime,
     RuntimeDep,
 )
+from service.api.fastpath import DecisionFastPath
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from service.api.model_holder import MlflowSource, ModelHolder
@@ -214,6 +215,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.runtime = runtime
     app.add_middleware(LatencyMiddleware, metrics=runtime.metrics)
+    # Added last, so it runs first: valid decision requests never enter FastAPI's routing (see fastpath.py).
+    app.add_middleware(DecisionFastPath, fastapi_app=app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)

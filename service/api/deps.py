@@ -214,15 +214,21 @@ class MerchantKey(SecurityBase):
                 detail="Authorization header must be 'Bearer <api key>'",
                 headers=_UNAUTHORIZED_HEADERS,
             )
-        digest = hashlib.sha256(key.encode()).hexdigest().encode()
-        found: Caller | None = None
-        # Compare against every merchant, not stopping at a match, so timing says nothing about which one matched.
-        for expected, caller in runtime.key_digests():
-            if hmac.compare_digest(digest, expected) and found is None:
-                found = caller
+        found = caller_for_key(runtime, key)
         if found is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="unknown API key", headers=_UNAUTHORIZED_HEADERS)
         return found
+
+
+def caller_for_key(runtime: Runtime, key: str) -> Caller | None:
+    """The merchant whose API key is ``key``: its SHA-256 against every merchant's digest, in constant time."""
+    digest = hashlib.sha256(key.encode()).hexdigest().encode()
+    found: Caller | None = None
+    # Compare against every merchant, not stopping at a match, so timing says nothing about which one matched.
+    for expected, caller in runtime.key_digests():
+        if hmac.compare_digest(digest, expected) and found is None:
+            found = caller
+    return found
 
 
 get_caller = MerchantKey()

@@ -1,0 +1,93 @@
+"""The decision route's fast path answers exactly as the documented FastAPI route, and hands everything else on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.api.fastpath import MAX_FAST_BODY
+from tests.unit.test_api import DEMO_KEY, Api, request_body, start
+
+FAST = {"Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json"}
+# Any other spelling of the JSON content type goes the documented way (FastAPI's route).
+DOCUMENTED = {"Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json; charset=utf-8"}
+
+
+@pytest.fixture
+def two_apps(tmp_path: Path) -> Iterator[tuple[Api, Api]]:
+    # Same seed: the same sequence of decision ids and exploration draws in both.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = start(tmp_path / "a"), start(tmp_path / "b")
+    yield first, second
+    first.close()
+    second.close()
+
+
+def _body(**overrides: object) -> bytes:
+    return json.dumps(request_body(**overrides), separators=(",", ":")).encode()
+
+
+def test_fast_path_answers_byte_for_byte_as_the_documented_route(two_apps: tuple[Api, Api]) -> None:
+    fast_api, documented_api = two_apps
+    for body in (_body(), _body(amount=12.5, currency="USD"), _body(history={"attempts": [], "nudges": []})):
+        fast = fast_api.post_raw("/v1/decisions", body, FAST)
+        documented = documented_api.post_raw("/v1/decisions", body, DOCUMENTED)
+        assert fast.status_code == documented.status_code == 200
+        assert fast.content == documented.content
+        assert fast.headers["content-type"] == documented.headers["content-type"] == "application/json"
+        assert fast.headers["content-length"] == documented.headers["content-length"]
+
+
+def test_fast_path_stores_and_counts_the_decision(tmp_path: Path) -> None:
+    api = start(tmp_path)
+    try:
+        answer = api.post_raw("/v1/decisions", _body(), FAST)
+        api.flush()
+        assert api.runtime.store is not None
+        stored = api.runtime.store.get_decision(answer.json()["decision_id"])
+        assert stored is not None
+        assert stored["answer"] == json.loads(answer.content)
+        metrics = api.get("/metrics").text
+        assert 'winback_http_request_duration_seconds_count{method="POST",route="/v1/decisions",status="200"} 1.0' in (
+            metrics
+        )
+        assert "winback_decisions_total{" in metrics
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({"Content-Type": "application/json"}, _body(), 401),  # no key
+        ({"Authorization": "Bearer wb_unknown_key", "Content-Type": "application/json"}, _body(), 401),
+        ({"Authorization": "Basic abc", "Content-Type": "application/json"}, _body(), 401),
+        (FAST, _body(merchant_id="m_other"), 403),  # another merchant's id
+        (FAST, b'{"merchant_id": "m_demo"', 422),  # not JSON
+        (FAST, _body().replace(b'"amount":499.0', b'"amount":"lots"'), 422),
+    ],
+)
+def test_what_the_fast_path_refuses_gets_the_documented_routes_error(
+    two_apps: tuple[Api, Api], headers: dict[str, str], body: bytes, status: int
+) -> None:
+    fast_api, documented_api = two_apps
+    through_middleware = fast_api.post_raw("/v1/decisions", body, headers)
+    documented_headers = headers | {"Content-Type": "application/json; charset=utf-8"}
+    documented = documented_api.post_raw("/v1/decisions", body, documented_headers)
+    assert through_middleware.status_code == documented.status_code == status
+    assert through_middleware.json() == documented.json()
+
+
+def test_a_body_above_the_fast_paths_limit_is_answered_by_the_documented_route(tmp_path: Path) -> None:
+    api = start(tmp_path)
+    try:
+        padding = "x" * (MAX_FAST_BODY + 1)
+        answer = api.post_raw("/v1/decisions", _body(note=padding), FAST)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["decision_id"].startswith("dec_")
+    finally:
+        api.close()

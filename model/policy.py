@@ -262,7 +262,10 @@ def decide(
     if not retry_indices:
         reasons.append("no silent retry permitted")
 
-    return Decision(
+    # Built from values decide() itself typed above, so pydantic's validation is skipped (model_construct): it
+    # cost more than the whole choice. Serialising a wrongly typed field warns, and the tests turn warnings
+    # into errors.
+    return Decision.model_construct(
         decision_id=new_decision_id(rng),
         model_version=active.version,
         action=choice.action,
@@ -298,7 +301,7 @@ def _alternatives(
             continue
         seen.add(group)
         result.append(
-            Alternative(
+            Alternative.model_construct(
                 action=candidate.action,
                 strategy=candidate.strategy,
                 connector=candidate.connector,

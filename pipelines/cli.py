@@ -380,13 +380,14 @@ def bench(
                 BenchRow(
                     benchmark=name,
                     inputs=f"{api.candidates_per_request} candidates/request, 2 workers, model {api.model_version}",
-                    figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms",
+                    figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms, "
+                    f"server CPU {figures.cpu_ms_per_request} ms/request",
                     seconds=figures.seconds,
                     peak_rss_mb=max(api.worker_rss_mb)
                     if name.startswith("API") and api.worker_rss_mb
                     else float("nan"),
                     reference="mlflow models serve, same load generator, same run",
-                    ratio=f"{api.ratio}x" if name.startswith("API") else "1.0x",
+                    ratio=f"{api.ratio}x req/s, {api.cpu_ratio()}x CPU" if name.startswith("API") else "1.0x",
                 )
             )
     if not skip_executor:

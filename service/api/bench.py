@@ -1,8 +1,9 @@
 """Benchmark: the decision API (2 uvicorn workers) against ``mlflow models serve`` on a LightGBM model of similar
-size, driven by the same asyncio httpx load generator on loopback, in one run.
+size, driven by the same load generators on loopback, in one run.
 
-Figures: closed-loop throughput (req/s, p50, p99) for each server and their ratio, p99 at a fixed open-loop rate
-(300 req/s by default, latency counted from each request's scheduled send time), and each API worker's RSS.
+Figures: closed-loop throughput (req/s, p50, p99; wrk when installed, else an httpx client) and each server's
+CPU time per request (its whole process tree), their ratios, p99 at a fixed open-loop rate (300 req/s by
+default, latency counted from each request's scheduled send time), and each API worker's RSS.
 Targets (ISSUE): >= 1,000 decisions/s, p99 < 10 ms at 300 req/s, >= 7x mlflow serve, each worker < 400 MB.
 """
 

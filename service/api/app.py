@@ -215,8 +215,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.runtime = runtime
     app.add_middleware(LatencyMiddleware, metrics=runtime.metrics)
-    # Added last, so it runs first: valid decision requests never enter FastAPI's routing (see fastpath.py).
-    app.add_middleware(DecisionFastPath, fastapi_app=app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
@@ -302,6 +300,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     return app
 
 
-def app_from_env() -> FastAPI:
+def serving_app(app: FastAPI) -> DecisionFastPath:
+    """What the server runs: ``app`` behind the decision fast path, in front of all of FastAPI's own middleware,
+    so a valid decision request never enters its stack (see fastpath.py); everything else goes to ``app``."""
+    return DecisionFastPath(app, fastapi_app=app)
+
+
+def app_from_env() -> DecisionFastPath:
     """Factory for ``uvicorn --factory``: settings from ``WINBACK_*`` variables (each worker builds its own)."""
-    return create_app(Settings())
+    return serving_app(create_app(Settings()))

@@ -31,7 +31,8 @@ _RESPONSE_HEADERS = [(b"content-type", b"application/json")]
 
 
 class DecisionFastPath:
-    """ASGI middleware: answers valid, authenticated ``POST /v1/decisions`` itself; passes on everything else."""
+    """ASGI wrapper of the app (``app.serving_app``): answers valid, authenticated ``POST /v1/decisions`` itself
+    and passes everything else (lifespan included) to the app. The app's latency histogram counts both."""
 
     def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
         self.app = app

@@ -22,7 +22,7 @@ from model.history import read_attempts, read_nudges
 from model.merchant_config import ConfigError
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
-from service.api.app import create_app
+from service.api.app import create_app, serving_app
 from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
@@ -87,7 +87,8 @@ class Api:
         self.loop = asyncio.new_event_loop()
         self._lifespan = app.router.lifespan_context(app)
         self.loop.run_until_complete(self._lifespan.__aenter__())
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
+        # What the server runs: the app behind the decision fast path.
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=serving_app(app)), base_url="http://api")
 
     @property
     def runtime(self) -> Runtime:

@@ -98,6 +98,12 @@ NUMERIC_FEATURES: tuple[str, ...] = (
 )  # fmt: skip
 
 _SECONDS_PER_DAY = 86400.0
+#: Raw numeric context columns that are only inputs of derived features, never features themselves.
+_RAW_ONLY_NUMBERS = frozenset({"amount", "event_ts", "first_failure_ts", "last_nudge_ts"})
+#: Numeric features of a candidate's execution time (the rest of NUMERIC_FEATURES is constant within a request,
+#: but for is_same_connector).
+_EXECUTION_TIME_FEATURES = frozenset({"delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
+                                      "exec_days_to_payday", "exec_is_month_end", "payday_before_exec"})  # fmt: skip
 
 _CODES_MEMO_SIZE = 4096
 #: How each candidate column's value is read off a Candidate (as ``expand_candidates`` writes it).
@@ -130,11 +136,6 @@ def _hour_offset(zone_name: str, utc_hour: float) -> float:
     """UTC offset in seconds of ``zone_name`` during the UTC hour ``utc_hour`` (hours since the epoch)."""
     offset = datetime.fromtimestamp(utc_hour * 3600.0, UTC).astimezone(_zone(zone_name)).utcoffset()
     return 0.0 if offset is None else offset.total_seconds()
-
-
-def _offset_at(zone_name: str, ts: float) -> float:
-    """One time's offset, as :func:`_utc_offsets` computes it (NaN for an unknown time)."""
-    return _hour_offset(zone_name, float(math.floor(ts / 3600.0))) if math.isfinite(ts) else math.nan
 
 
 def _utc_offsets(ts: FloatArray, countries: ObjArray) -> FloatArray:
@@ -232,7 +233,7 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out: dict[str, np.ndarray] = {name: np.asarray(columns[name], dtype=object) for name in CATEGORICAL_FEATURES
                                   if name in columns}  # fmt: skip
     for name in CONTEXT_NUM:
-        if name not in ("amount", "event_ts", "first_failure_ts", "last_nudge_ts"):
+        if name not in _RAW_ONLY_NUMBERS:
             out[name] = num[name]
 
     auth = np.asarray(columns["authentication_type"], dtype=object)
@@ -510,22 +511,18 @@ class FeatureSpec:
         """Where each feature goes in the matrix, split by what transform_request derives it from (made once)."""
         if self._plan is None:
             positions = {name: j for j, name in enumerate(self.columns)}
-            candidate_numbers = ("delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
-                                 "exec_days_to_payday", "exec_is_month_end", "payday_before_exec")  # fmt: skip
             self._plan = _RequestPlan(
                 width=len(positions),
-                context_numbers=tuple(
-                    name
-                    for name in CONTEXT_NUM
-                    if name not in ("amount", "event_ts", "first_failure_ts", "last_nudge_ts")
-                ),
-                numbers=tuple((positions[name], name) for name in self.numeric if name not in candidate_numbers),
+                context_numbers=tuple(name for name in CONTEXT_NUM if name not in _RAW_ONLY_NUMBERS),
+                numbers=tuple((positions[name], name) for name in self.numeric if name not in _EXECUTION_TIME_FEATURES),
                 categories=tuple(
                     (positions[name], name, self._lookup(name))
                     for name in self.vocabularies
                     if name not in _CANDIDATE_VALUE
                 ),
-                candidate_numbers=tuple((positions[name], name) for name in self.numeric if name in candidate_numbers),
+                candidate_numbers=tuple(
+                    (positions[name], name) for name in self.numeric if name in _EXECUTION_TIME_FEATURES
+                ),
                 same_connector=positions.get("is_same_connector"),
                 candidate_categories=tuple(
                     (positions[name], k) for k, name in enumerate(_CANDIDATE_VALUE) if name in positions

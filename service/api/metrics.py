@@ -6,8 +6,7 @@ With several uvicorn workers each process exposes its own figures; Prometheus sc
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -18,7 +17,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from model.requests import Decision
@@ -33,32 +31,19 @@ OTHER_CONNECTOR = "other"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-class CountsByLabel:
-    """A counter with one label, registered as a collector: ``inc_each`` counts several label values under one
-    lock. A decision fires about ten rules; a ``Counter`` child per rule would take a lock per rule."""
+class _Children:
+    """A labelled metric's children by label values, each looked up once: ``labels()`` takes a lock and builds
+    its key on every call, and the request path counts several series per decision."""
 
-    def __init__(self, name: str, documentation: str, label: str, registry: CollectorRegistry) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._label = label
-        self._lock = threading.Lock()
-        self._counts: dict[str, float] = {}
-        registry.register(self)
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._by_labels: dict[tuple[str, ...], Any] = {}
 
-    def inc_each(self, values: Iterable[str]) -> None:
-        """Add 1 to the count of each of ``values``."""
-        with self._lock:
-            for value in values:
-                self._counts[value] = self._counts.get(value, 0.0) + 1.0
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        """The counts, as ``<name>_total{<label>="..."}`` samples."""
-        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
-        with self._lock:
-            counts = list(self._counts.items())
-        for value, count in counts:
-            family.add_metric([value], count)
-        yield family
+    def __call__(self, *labels: str) -> Any:
+        child = self._by_labels.get(labels)
+        if child is None:
+            child = self._by_labels[labels] = self._metric.labels(*labels)
+        return child
 
 
 class ApiMetrics:
@@ -81,10 +66,10 @@ class ApiMetrics:
             ["action", "strategy", "channel", "model_version"],
             registry=self.registry,
         )
-        self.rule_firings = CountsByLabel(
+        self.rule_firings = Counter(
             "winback_rule_firings",
             "Hard rules that constrained a decision, by rule name.",
-            "rule",
+            ["rule"],
             registry=self.registry,
         )
         self.unknown_error_codes = Counter(
@@ -119,41 +104,27 @@ class ApiMetrics:
         # Connector labels are bounded: a caller may send any connector name, the metrics only know these.
         self._connectors = frozenset(c.casefold() for c in connectors)
         self._new_pairs: set[tuple[str, str]] = set()
-        # labels() takes a lock and builds a key on every call; the children are cached here instead.
-        self._decision_children: dict[tuple[str, str, str, str], Any] = {}
-        self._rule_names: dict[str, str] = {}
-        self._latency_children: dict[tuple[str, str, int], Any] = {}
-        self._unknown_children: dict[str, Any] = {}
-        self._new_children: dict[str, Any] = {}
+        self._latency_of = _Children(self.latency)
+        self._decisions_of = _Children(self.decisions)
+        self._rule_firings_of = _Children(self.rule_firings)
+        self._unknown_codes_of = _Children(self.unknown_error_codes)
+        self._new_codes_of = _Children(self.new_error_codes)
 
     def observe_latency(self, method: str, route: str, status: int, seconds: float) -> None:
         """Time one HTTP request, by method, route template and status code."""
-        key = (method, route, status)
-        child = self._latency_children.get(key)
-        if child is None:
-            child = self._latency_children[key] = self.latency.labels(method, route, str(status))
-        child.observe(seconds)
+        self._latency_of(method, route, str(status)).observe(seconds)
 
     def observe_decision(self, decision: Decision) -> None:
         """Count one decision and the rules that constrained it."""
-        key = (
+        self._decisions_of(
             decision.action.value,
             decision.strategy.value if decision.strategy else "",
             decision.channel.value if decision.channel else "",
             decision.model_version,
-        )
-        child = self._decision_children.get(key)
-        if child is None:
-            child = self._decision_children[key] = self.decisions.labels(*key)
-        child.inc()
-        names = []
+        ).inc()
         for rule in decision.rules_applied:
-            name = self._rule_names.get(rule)
-            if name is None:
-                # "max_retries:3" -> "max_retries": the rule's name, not its parameter, bounds the cardinality.
-                name = self._rule_names[rule] = rule.split(":", 1)[0]
-            names.append(name)
-        self.rule_firings.inc_each(names)
+            # "max_retries:3" -> "max_retries": the rule's name, not its parameter, bounds the cardinality.
+            self._rule_firings_of(rule.split(":", 1)[0]).inc()
 
     def connector_label(self, connector: str) -> str:
         """``connector`` when it is one the config or catalog knows (bounded cardinality), else ``"other"``."""
@@ -171,16 +142,10 @@ class ApiMetrics:
             return
         label = self.connector_label(connector)
         if not known_code:
-            child = self._unknown_children.get(label)
-            if child is None:
-                child = self._unknown_children[label] = self.unknown_error_codes.labels(label)
-            child.inc()
+            self._unknown_codes_of(label).inc()
         if not new:
             return
-        child = self._new_children.get(label)
-        if child is None:
-            child = self._new_children[label] = self.new_error_codes.labels(label)
-        child.inc()
+        self._new_codes_of(label).inc()
         pair = (connector.casefold(), (code or "").casefold())
         if pair not in self._new_pairs and len(self._new_pairs) < MAX_NEW_PAIRS:
             self._new_pairs.add(pair)

@@ -9,16 +9,13 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import Body, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.models import OpenAPI
 from fastapi.responses import JSONResponse, Response
-from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.catalog import load_catalog
@@ -28,14 +25,7 @@ from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import load_rulebook
-from service.api.deps import (
-    CallerDep,
-    DecisionRequestBody,
-    DecisionRequestsBody,
-    MemoCatalog,
-    Runtime,
-    RuntimeDep,
-)
+from service.api.deps import CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
@@ -62,23 +52,6 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or unknown API key"},
     403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
     422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
-}
-_SCHEMAS = "#/components/schemas/"
-# The decision routes read their bodies themselves (see deps.JsonBody), so the OpenAPI document is told
-# what they accept here, as FastAPI would have written it for a body parameter.
-_DECISION_REQUEST_SCHEMA = {"$ref": f"{_SCHEMAS}DecisionRequest"}
-_DECISION_BODY = {
-    "requestBody": {"content": {_JSON: {"schema": _DECISION_REQUEST_SCHEMA}}, "required": True},
-}
-_DECISIONS_BODY = {
-    "requestBody": {
-        "content": {
-            _JSON: {
-                "schema": {"items": _DECISION_REQUEST_SCHEMA, "maxItems": MAX_BATCH, "title": "Body", "type": "array"}
-            }
-        },
-        "required": True,
-    },
 }
 
 
@@ -190,18 +163,6 @@ def _json(content: bytes | str, status_code: int = 200) -> Response:
     return Response(content=content, status_code=status_code, media_type=_JSON)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's OpenAPI document, plus the schemas of the bodies the decision routes read themselves."""
-    document = FastAPI.openapi(app)  # cached by FastAPI until the routes change
-    if "DecisionRequest" not in document.get("components", {}).get("schemas", {}):
-        _, extra = models_json_schema([(DecisionRequest, "validation")], ref_template=_SCHEMAS + "{model}")
-        components = document.setdefault("components", {})
-        components["schemas"] = dict(sorted((extra.get("$defs", {}) | components.get("schemas", {})).items()))
-        # Normalised as FastAPI's get_openapi does with its own part (which this leaves as it was).
-        app.openapi_schema = document = jsonable_encoder(OpenAPI(**document), by_alias=True, exclude_none=True)
-    return document
-
-
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     """The decision API. ``settings`` default to the environment (``WINBACK_*``); ``runtime`` is for tests."""
     settings = settings or Settings()
@@ -215,38 +176,27 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.runtime = runtime
     app.add_middleware(LatencyMiddleware, metrics=runtime.metrics)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
 
-    @app.post(
-        "/v1/decisions",
-        response_model=Decision,
-        responses=_AUTH_ERRORS,
-        tags=["decisions"],
-        openapi_extra=_DECISION_BODY,
-    )
-    async def create_decision(body: DecisionRequestBody, caller: CallerDep, runtime: RuntimeDep) -> Response:
-        """Decide what to do about one failed payment."""
-        request = body.value()  # the body is declared first: see JsonBody for the order of 422 and 401
-        caller.require(request.merchant_id)
-        return _json(runtime.decide_json(request, caller.merchant))
+    @app.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
+    async def create_decision(body: DecisionRequest, caller: CallerDep, runtime: RuntimeDep) -> Response:
+        """Decide what to do about one failed payment (a valid request is answered by fastpath.py, same call)."""
+        caller.require(body.merchant_id)
+        return _json(runtime.decide_json(body, caller.merchant))
 
-    @app.post(
-        "/v1/decisions:batch",
-        response_model=list[Decision],
-        responses=_AUTH_ERRORS,
-        tags=["decisions"],
-        openapi_extra=_DECISIONS_BODY,
-    )
-    async def create_decisions(body: DecisionRequestsBody, caller: CallerDep, runtime: RuntimeDep) -> Response:
+    @app.post("/v1/decisions:batch", response_model=list[Decision], responses=_AUTH_ERRORS, tags=["decisions"])
+    async def create_decisions(
+        body: Annotated[list[DecisionRequest], Body(max_length=MAX_BATCH)],
+        caller: CallerDep,
+        runtime: RuntimeDep,
+    ) -> Response:
         """Decide for a list of failed payments; the answers come in the same order."""
-        requests = body.value()
-        for index, item in enumerate(requests):
+        for index, item in enumerate(body):
             caller.require(item.merchant_id, where=f"[{index}].merchant_id")
-        return _json("[" + ",".join([runtime.decide_json(item, caller.merchant) for item in requests]) + "]")
+        return _json("[" + ",".join([runtime.decide_json(item, caller.merchant) for item in body]) + "]")
 
     @app.post(
         "/v1/outcomes",

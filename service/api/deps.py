@@ -1,27 +1,22 @@
-"""Typed dependencies of the API: the runtime (config, catalog, model, store, metrics), the caller's identity and
-the decision routes' request bodies.
+"""Typed dependencies of the API: the runtime (config, catalog, model, store, metrics) and the caller's identity.
 
 Tests swap any of them with ``app.dependency_overrides``.
 """
 
 from __future__ import annotations
 
-import email.message
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
-from pydantic import Field, TypeAdapter, ValidationError
 
 from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig, WinbackConfig
@@ -29,7 +24,6 @@ from model.policy import PolicyConfig, code_support, decide
 from model.requests import Decision, DecisionRequest
 from service.api.metrics import ApiMetrics
 from service.api.model_holder import ModelHolder
-from service.api.schemas import MAX_BATCH
 from service.api.settings import Settings
 from service.api.store import DecisionWriter, Store, decision_row
 
@@ -233,106 +227,3 @@ def caller_for_key(runtime: Runtime, key: str) -> Caller | None:
 
 get_caller = MerchantKey()
 CallerDep = Annotated[Caller, Depends(get_caller)]
-
-
-# ------------------------------------------------------------------------------------------- request bodies
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class JsonBody(Generic[T]):
-    """A JSON request body, parsed and validated in one pass by pydantic-core (not ``json.loads`` and then a
-    validation of the dict, as a body parameter would be).
-
-    Failures come in FastAPI's order for a body parameter: a body that is not JSON at all is refused when it
-    is read (the routes declare their body first, so before authentication); a JSON body that breaks the
-    schema is refused by ``value()``, called by the handler once the other dependencies have run (an unknown
-    caller gets 401 first). The errors are FastAPI's own (``loc`` starting with ``"body"``), so the app's 422
-    handler formats them as before.
-    """
-
-    _value: T | None
-    _errors: list[dict[str, Any]] | None = None
-
-    def value(self) -> T:
-        """The validated body; RequestValidationError (HTTP 422) when it breaks the schema."""
-        if self._errors is not None:
-            raise RequestValidationError(self._errors)
-        return self._value  # type: ignore[return-value]
-
-
-def _unparsable() -> HTTPException:
-    return HTTPException(status.HTTP_400_BAD_REQUEST, detail="There was an error parsing the body")
-
-
-_MISSING_BODY = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
-
-
-def _is_json(content_type: str | None) -> bool:
-    """FastAPI's test: ``application/json`` or ``application/*+json``; without a content type, not JSON."""
-    if content_type == "application/json":
-        return True
-    if not content_type:
-        return False
-    message = email.message.Message()
-    message["content-type"] = content_type
-    subtype = message.get_content_subtype()
-    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
-
-
-def _as_fastapi_reads_it(adapter: TypeAdapter[T], body: bytes, is_json: bool) -> JsonBody[T]:
-    """The body read the way FastAPI reads a body parameter: ``json.loads`` when declared JSON, then validated
-    as Python data. Only for a body the fast path refused, so that every error (and every message) is the one
-    FastAPI gives; JSON only the standard library reads (UTF-16, a byte-order mark) is accepted, as before."""
-    data: Any = body
-    if is_json:
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError as exc:
-            error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {}}
-            raise RequestValidationError([error | {"ctx": {"error": exc.msg}}]) from None
-        except Exception:  # not text (UnicodeDecodeError), nested too deep (RecursionError), ...
-            raise _unparsable() from None
-    try:
-        return JsonBody(adapter.validate_python(data, from_attributes=True))
-    except ValidationError as exc:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        return JsonBody(None, errors)
-
-
-async def read_json_body(request: Request, adapter: TypeAdapter[T]) -> JsonBody[T]:
-    """The request body validated against ``adapter``'s type (see :class:`JsonBody`)."""
-    try:
-        body = await request.body()
-    except Exception:  # the client went away mid-body
-        raise _unparsable() from None
-    if not body:
-        return JsonBody(None, [dict(_MISSING_BODY)])
-    is_json = _is_json(request.headers.get("content-type"))
-    if is_json:
-        try:
-            return JsonBody(adapter.validate_json(body))
-        except ValidationError:
-            pass
-    return _as_fastapi_reads_it(adapter, body, is_json)
-
-
-_DECISION_REQUEST: TypeAdapter[DecisionRequest] = TypeAdapter(DecisionRequest)
-_DECISION_REQUESTS: TypeAdapter[list[DecisionRequest]] = TypeAdapter(
-    Annotated[list[DecisionRequest], Field(max_length=MAX_BATCH)]
-)
-
-
-async def decision_request(request: Request) -> JsonBody[DecisionRequest]:
-    """The body of ``POST /v1/decisions``."""
-    return await read_json_body(request, _DECISION_REQUEST)
-
-
-async def decision_requests(request: Request) -> JsonBody[list[DecisionRequest]]:
-    """The body of ``POST /v1/decisions:batch``: at most MAX_BATCH decision requests."""
-    return await read_json_body(request, _DECISION_REQUESTS)
-
-
-DecisionRequestBody = Annotated[JsonBody[DecisionRequest], Depends(decision_request)]
-DecisionRequestsBody = Annotated[JsonBody[list[DecisionRequest]], Depends(decision_requests)]

@@ -115,6 +115,10 @@ class RulesDataError(ValueError):
 class RuleInputError(ValueError):
     """A request field the rules read is present but unusable; the message names the field."""
 
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field  # the request field at fault, for an API's 422
+
 
 # --------------------------------------------------------------------------------------------------- the data
 
@@ -330,7 +334,9 @@ def _reported_reattempts(request: DecisionRequest) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RuleInputError(f"{CARD_REATTEMPTS_FIELD} must be a non-negative integer, got {value!r}")
+        raise RuleInputError(
+            f"{CARD_REATTEMPTS_FIELD} must be a non-negative integer, got {value!r}", CARD_REATTEMPTS_FIELD
+        )
     return value
 
 

@@ -24,7 +24,7 @@ from model.merchant_config import load_config
 from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
 from model.requests import Decision, DecisionRequest
-from model.rules import load_rulebook
+from model.rules import RuleInputError, load_rulebook
 from service.api.deps import CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.logging import configure_logging
@@ -180,6 +180,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
+
+    @app.exception_handler(RuleInputError)
+    async def _on_rule_input_error(_request: Request, exc: RuleInputError) -> JSONResponse:
+        # A field pydantic accepted (an extra the contract allows) but the hard rules cannot use: malformed input.
+        return _validation_response(
+            RequestValidationError([{"type": "value_error", "loc": ("body", exc.field), "msg": str(exc)}])
+        )
 
     @app.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
     async def create_decision(body: DecisionRequest, caller: CallerDep, runtime: RuntimeDep) -> Response:

@@ -91,3 +91,19 @@ def test_a_body_above_the_fast_paths_limit_is_answered_by_the_documented_route(t
         assert answer.json()["decision_id"].startswith("dec_")
     finally:
         api.close()
+
+
+@pytest.mark.parametrize("bad", [-1, "3", 2.5])
+def test_an_extra_field_the_rules_cannot_use_is_a_422_naming_it_not_a_500(tmp_path: Path, bad: object) -> None:
+    api = start(tmp_path)
+    try:
+        answer = api.post_raw("/v1/decisions", _body(card_reattempts_30d=0).replace(b'"card_reattempts_30d":0',
+                              f'"card_reattempts_30d":{json.dumps(bad)}'.encode()), FAST)  # fmt: skip
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"][0]["field"] == "card_reattempts_30d"
+        assert answer.json()["message"].startswith("card_reattempts_30d: card_reattempts_30d must be a non-negative")
+        api.flush()
+        assert api.runtime.store is not None
+        assert api.runtime.store.decisions_for_order("m_demo", "ord_8KQ2") == []  # nothing stored for it
+    finally:
+        api.close()

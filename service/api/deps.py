@@ -200,9 +200,8 @@ class MerchantKey(SecurityBase):
                 detail="missing Authorization: Bearer <api key>",
                 headers=_UNAUTHORIZED_HEADERS,
             )
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
+        key = bearer_key(authorization)
+        if key is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 detail="Authorization header must be 'Bearer <api key>'",
@@ -212,6 +211,13 @@ class MerchantKey(SecurityBase):
         if found is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="unknown API key", headers=_UNAUTHORIZED_HEADERS)
         return found
+
+
+def bearer_key(authorization: str) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header value; None for another scheme or an empty key."""
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
 
 
 def caller_for_key(runtime: Runtime, key: str) -> Caller | None:

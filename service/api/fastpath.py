@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.requests import DecisionRequest
-from service.api.deps import Runtime, caller_for_key
+from service.api.deps import Runtime, bearer_key, caller_for_key
 
 DECISIONS_PATH = "/v1/decisions"
 #: Larger bodies go the documented way (a decision request is a few kilobytes).
@@ -67,11 +67,8 @@ class DecisionFastPath:
                 content_type = value
         if content_type != b"application/json" or authorization is None:
             return None
-        scheme, _, key = authorization.decode("latin-1").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            return None
-        caller = caller_for_key(runtime, key)
+        key = bearer_key(authorization.decode("latin-1"))
+        caller = None if key is None else caller_for_key(runtime, key)
         if caller is None:
             return None
         try:

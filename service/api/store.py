@@ -135,8 +135,11 @@ class Store:
         self.engine = engine
 
     def insert_decisions(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Insert decision rows; a row whose decision_id is already stored is skipped."""
-        batch = list(rows)
+        """Insert decision rows; a row whose decision_id is already stored (or earlier in ``rows``) is skipped."""
+        unique: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            unique.setdefault(row["decision_id"], row)
+        batch = list(unique.values())
         if not batch:
             return 0
         with self.engine.begin() as conn:
@@ -236,10 +239,11 @@ class DecisionWriter:
     ``flush()`` blocks until everything queued so far is stored; ``close()`` flushes and stops the thread.
     """
 
-    def __init__(self, store: Store, interval: float = 0.2, max_batch: int = 500) -> None:
+    def __init__(self, store: Store, interval: float = 0.2, max_batch: int = 500, retries: int = 3) -> None:
         self.store = store
         self.interval = interval
         self.max_batch = max_batch
+        self.retries = retries
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="winback-decision-writer", daemon=True)
         self._thread.start()
@@ -275,12 +279,29 @@ class DecisionWriter:
                 time.sleep(self.interval)  # let a batch gather: one transaction per interval, not per decision
             rows, taken, stop = self._take(first)
             try:
-                self.store.insert_decisions(rows)
-            except Exception:
-                log.exception("could not store %d decisions; they are lost", len(rows))
+                self._store(rows)
             finally:
                 for _ in range(taken):
                     self._queue.task_done()
+
+    def _store(self, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` in one transaction, retried with backoff (the database may be briefly away); if it
+        still fails, row by row, so one bad row costs only itself. What cannot be stored is logged by id."""
+        for attempt in range(self.retries + 1):
+            try:
+                self.store.insert_decisions(rows)
+                return
+            except Exception as error:
+                if attempt == self.retries:
+                    log.warning("could not store a batch of %d decisions (%s); storing them one by one",
+                                len(rows), type(error).__name__)  # fmt: skip
+                else:
+                    time.sleep(self.interval * 2**attempt)
+        for row in rows:
+            try:
+                self.store.insert_decisions([row])
+            except Exception:
+                log.exception("could not store decision %s; it is lost", row.get("decision_id"))
 
     def flush(self) -> None:
         """Block until every row queued before this call is stored."""

@@ -23,7 +23,13 @@ _STANDARD_ATTRS = frozenset(
 _BEARER = re.compile(r"(?i)bearer\s+\S+")
 _API_KEY = re.compile(r"\bwb_[A-Za-z0-9_\-]{4,}")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-_PHONE = re.compile(r"(?<![\w.])\+?\d[\d \-()]{7,}\d(?![\w.])")
+_PHONE = r"(?<![\w.])\+?\d[\d \-()]{7,}\d(?![\w.])"
+# A date or timestamp (ISO 8601, or as SQLAlchemy prints parameters) is digits and dashes too: it is matched
+# first and kept, so a phone number is looked for only outside it.
+_TIMESTAMP_OR_PHONE = re.compile(
+    r"(?P<timestamp>(?<!\d)(?:19|20)\d\d-[01]\d-[0-3]\d(?:[ T][0-2]\d:[0-5]\d(?::[0-5]\d(?:\.\d+)?)?)?"
+    r"(?:Z|[+\-][0-2]\d:?[0-5]\d)?(?!\d))|" + _PHONE
+)
 # Something each pattern above needs: text without any of these matches none of them, and is left as it is
 # (one search instead of four substitutions; most values logged are ids and names).
 _SUSPECT = re.compile(r"(?i)bearer|wb_|@|\d[\d \-()]{7,}\d")
@@ -37,7 +43,11 @@ def scrub(text: str) -> str:
     text = _BEARER.sub("Bearer [redacted]", text)
     text = _API_KEY.sub("[redacted-key]", text)
     text = _EMAIL.sub("[redacted-email]", text)
-    return _PHONE.sub("[redacted-phone]", text)
+    return _TIMESTAMP_OR_PHONE.sub(_mask_phone, text)
+
+
+def _mask_phone(match: re.Match[str]) -> str:
+    return match.group() if match.group("timestamp") is not None else "[redacted-phone]"
 
 
 def _clean(key: str, value: Any) -> Any:

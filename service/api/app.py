@@ -25,7 +25,7 @@ from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
-from service.api.deps import CallerDep, MemoCatalog, Runtime, RuntimeDep
+from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
@@ -188,6 +188,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             RequestValidationError([{"type": "value_error", "loc": ("body", exc.field), "msg": str(exc)}])
         )
 
+    @app.exception_handler(BatchItemError)
+    async def _on_batch_item_error(_request: Request, exc: BatchItemError) -> JSONResponse:
+        return _validation_response(
+            RequestValidationError([{"type": "value_error", "loc": ("body", exc.index, exc.field), "msg": str(exc)}])
+        )
+
     @app.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
     async def create_decision(body: DecisionRequest, caller: CallerDep, runtime: RuntimeDep) -> Response:
         """Decide what to do about one failed payment (a valid request is answered by fastpath.py, same call)."""
@@ -203,7 +209,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         """Decide for a list of failed payments; the answers come in the same order."""
         for index, item in enumerate(body):
             caller.require(item.merchant_id, where=f"[{index}].merchant_id")
-        return _json("[" + ",".join([runtime.decide_json(item, caller.merchant) for item in body]) + "]")
+        return _json(runtime.decide_batch_json(body, caller.merchant))
 
     @app.post(
         "/v1/outcomes",

@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request, status
@@ -22,6 +22,7 @@ from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.policy import PolicyConfig, code_support, decide
 from model.requests import Decision, DecisionRequest
+from model.rules import RuleInputError
 from service.api.metrics import ApiMetrics
 from service.api.model_holder import ModelHolder
 from service.api.settings import Settings
@@ -64,6 +65,26 @@ class MemoCatalog(ErrorCatalog):
         return result
 
 
+class Served(NamedTuple):
+    """One decision served and not yet recorded: its request, the decision, its JSON, the time decide() took and
+    the scorer that answered."""
+
+    request: DecisionRequest
+    decision: Decision
+    answer: str
+    seconds: float
+    scorer: object
+
+
+class BatchItemError(ValueError):
+    """An item of a batch the hard rules cannot use (``RuleInputError``), with its index in the batch."""
+
+    def __init__(self, index: int, error: RuleInputError) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.field = error.field
+
+
 @dataclass
 class Runtime:
     """Everything a request needs, built by the app factory and the lifespan."""
@@ -80,12 +101,33 @@ class Runtime:
     _keys: tuple[WinbackConfig, tuple[tuple[bytes, Caller], ...]] | None = field(default=None, init=False, repr=False)
 
     def decide_json(self, request: DecisionRequest, merchant: MerchantConfig) -> str:
-        """decide() with the serving model, as the answer's JSON; if the model fails on this request, the
-        rules-only policy answers. The answer is serialised once: the same text is the response and is stored."""
+        """decide() with the serving model, as the answer's JSON, then stored, counted and logged (``record``)."""
+        served = self.decide(request, merchant)
+        self.record(served)
+        return served.answer
+
+    def decide_batch_json(self, requests: list[DecisionRequest], merchant: MerchantConfig) -> str:
+        """The answers to ``requests`` as one JSON array, in order. Every item is decided before any is recorded,
+        so an item the rules cannot use (BatchItemError, naming its index) leaves nothing stored."""
+        served: list[Served] = []
+        for index, request in enumerate(requests):
+            try:
+                served.append(self.decide(request, merchant))
+            except RuleInputError as error:
+                raise BatchItemError(index, error) from error
+        for one in served:
+            self.record(one)
+        return "[" + ",".join([one.answer for one in served]) + "]"
+
+    def decide(self, request: DecisionRequest, merchant: MerchantConfig) -> Served:
+        """decide() with the serving model, serialised once (the same text is the response and is stored); if
+        the model fails on this request, the rules-only policy answers. Nothing is recorded yet."""
         served = self.holder.current  # read once: a swap mid-request does not change this request's model
         started = time.perf_counter()
         try:
             decision = decide(request, merchant, served.scorer, catalog=self.catalog, config=self.policy, rng=self.rng)
+        except RuleInputError:
+            raise  # malformed input: a 422 whatever the model
         except Exception:
             if served.scorer is None:
                 raise
@@ -96,15 +138,21 @@ class Runtime:
             )
             decision = decide(request, merchant, None, catalog=self.catalog, config=self.policy, rng=self.rng)
         seconds = time.perf_counter() - started
-        answer = decision.model_dump_json()
-        self._record(request, decision, answer, seconds, served.scorer)
-        return answer
+        return Served(request, decision, decision.model_dump_json(), seconds, served.scorer)
 
-    def _record(
-        self, request: DecisionRequest, decision: Decision, answer: str, seconds: float, scorer: object = None
-    ) -> None:
+    def record(self, served: Served) -> None:
+        """Queue the decision's row for the store, then count and log it. The row is queued first and a failure
+        after it is logged, not raised: the answer is already on its way, so nothing may decide it again."""
+        request, decision = served.request, served.decision
         if self.writer is not None:
-            self.writer.put(decision_row(request, decision, answer_json=answer))
+            self.writer.put(decision_row(request, decision, answer_json=served.answer))
+        try:
+            self._observe(served)
+        except Exception:
+            log.exception("could not count or log decision %s", decision.decision_id)
+
+    def _observe(self, served: Served) -> None:
+        request, decision = served.request, served.decision
         self.metrics.observe_decision(decision)
         failure = request.failure
         error = self.catalog.normalise(
@@ -117,7 +165,7 @@ class Runtime:
             request.payment.card_network,
             request.payment.payment_method,
         )
-        support = code_support(scorer, failure.connector, failure.error_code)
+        support = code_support(served.scorer, failure.connector, failure.error_code)
         self.metrics.observe_error_code(failure.connector, failure.error_code, error.known_code, support)
         if self.settings.log_decisions:
             log.info(
@@ -132,7 +180,7 @@ class Runtime:
                     "model_version": decision.model_version,
                     "known_code": error.known_code,
                     "code_support": support,
-                    "decide_ms": round(seconds * 1e3, 3),
+                    "decide_ms": round(served.seconds * 1e3, 3),
                 },
             )
 

@@ -4,8 +4,8 @@ A decision sits in a payment's failure path, and FastAPI's machinery around it (
 every route of the app, dependency solving, the Response object) costs about as much CPU as the decision
 itself. This middleware answers the one request that matters for throughput directly: it reads the body,
 checks the bearer key (the same constant-time check as ``deps.MerchantKey``), validates the body in one pass
-with pydantic-core and calls ``Runtime.decide_json`` — the same call the FastAPI route makes, so the answer,
-the stored row, the metrics and the log line are the same.
+with pydantic-core and calls ``Runtime.decide`` and ``Runtime.record`` — what the FastAPI route's
+``decide_json`` calls, so the answer, the stored row, the metrics and the log line are the same.
 
 Anything else — another route, a missing or unknown key, another merchant's id, a body that is not valid,
 a body larger than ``MAX_FAST_BODY``, dependency overrides (tests), an error while deciding — is handed to the
@@ -78,9 +78,11 @@ class DecisionFastPath:
         if request.merchant_id != caller.merchant_id:
             return None
         try:
-            return runtime.decide_json(request, caller.merchant).encode()
+            served = runtime.decide(request, caller.merchant)
         except Exception:  # the documented route answers (and reports) whatever went wrong, as it always has
             return None
+        runtime.record(served)  # outside the fallback: a decision recorded is never decided a second time
+        return served.answer.encode()
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:

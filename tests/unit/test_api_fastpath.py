@@ -107,3 +107,40 @@ def test_an_extra_field_the_rules_cannot_use_is_a_422_naming_it_not_a_500(tmp_pa
         assert api.runtime.store.decisions_for_order("m_demo", "ord_8KQ2") == []  # nothing stored for it
     finally:
         api.close()
+
+
+def test_a_batch_item_the_rules_cannot_use_is_a_422_naming_its_index_and_nothing_of_the_batch_is_stored(
+    tmp_path: Path,
+) -> None:
+    api = start(tmp_path)
+    try:
+        good = json.loads(_body())
+        bad = {**good, "order_id": "ord_bad", "card_reattempts_30d": -1}
+        answer = api.post("/v1/decisions:batch", [good, bad])
+        assert answer.status_code == 422, answer.text
+        assert [(d["field"], d["loc"]) for d in answer.json()["detail"]] == [
+            ("[1].card_reattempts_30d", ["body", 1, "card_reattempts_30d"])
+        ]
+        api.flush()
+        assert api.runtime.store is not None
+        assert api.runtime.store.decisions_for_order("m_demo", good["order_id"]) == []  # item 0 was not kept
+    finally:
+        api.close()
+
+
+def test_a_failure_after_a_decision_is_queued_neither_fails_the_request_nor_stores_it_twice(tmp_path: Path) -> None:
+    api = start(tmp_path)
+    try:
+
+        def broken(*_: object, **__: object) -> None:
+            raise RuntimeError("metrics backend broke")
+
+        api.runtime.metrics.observe_decision = broken  # type: ignore[method-assign]
+        answer = api.post_raw("/v1/decisions", _body(), FAST)
+        assert answer.status_code == 200, answer.text
+        api.flush()
+        assert api.runtime.store is not None
+        stored = api.runtime.store.decisions_for_order("m_demo", json.loads(_body())["order_id"])
+        assert [row["decision_id"] for row in stored] == [answer.json()["decision_id"]]
+    finally:
+        api.close()

@@ -101,7 +101,10 @@ def history_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(attempts, nudges) frames built from the stored decisions that have an outcome."""
     query = (
         sa.select(decisions.c.decision_id, decisions.c.request_json, decisions.c.answer_json, outcomes.c.body_json)
-        .join(outcomes, outcomes.c.decision_id == decisions.c.decision_id)
+        .join(
+            outcomes,
+            (outcomes.c.decision_id == decisions.c.decision_id) & (outcomes.c.merchant_id == decisions.c.merchant_id),
+        )
         .order_by(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time, decisions.c.created_at)
     )
     attempts: dict[tuple[str, str, int], dict[str, Any]] = {}

@@ -45,11 +45,13 @@ decisions = sa.Table(
     sa.Index("ix_decisions_merchant_order", "merchant_id", "order_id"),
 )
 
+# An outcome is a merchant's statement about its own decision: keyed per merchant, so an outcome that arrives before
+# its decision is stored (the writer batches them) cannot take the place of the decision's own merchant's outcome.
 outcomes = sa.Table(
     "outcomes",
     metadata,
     sa.Column("decision_id", sa.String(64), primary_key=True),
-    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
     sa.Column("order_id", sa.String(256), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
@@ -176,8 +178,14 @@ class Store:
         with self.engine.connect() as conn:
             return [orjson.loads(text) for text in conn.scalars(query)]
 
-    def _outcome(self, conn: sa.Connection, decision_id: str) -> StoredOutcome | None:
-        row = conn.execute(sa.select(outcomes).where(outcomes.c.decision_id == decision_id)).mappings().first()
+    def _outcome(self, conn: sa.Connection, merchant_id: str, decision_id: str) -> StoredOutcome | None:
+        row = (
+            conn.execute(
+                sa.select(outcomes).where(outcomes.c.merchant_id == merchant_id, outcomes.c.decision_id == decision_id)
+            )
+            .mappings()
+            .first()
+        )
         if row is None:
             return None
         return StoredOutcome(
@@ -191,11 +199,12 @@ class Store:
         )
 
     def record_outcome(self, merchant_id: str, body: Mapping[str, Any]) -> StoredOutcome:
-        """Store an outcome once per decision_id; the same body again returns the stored one unchanged.
+        """Store a merchant's outcome once per decision_id; the same body again returns the stored one unchanged.
 
         ``body`` is the outcome as JSON-ready values with at least decision_id, order_id, status and occurred_at
         (an ISO timestamp). Raises OutcomeConflictError for a different body under a stored decision_id, and
-        ForeignDecisionError when the decision or its outcome belongs to another merchant.
+        ForeignDecisionError when the decision is stored as another merchant's. An outcome for a decision not
+        stored (yet) is kept under the merchant that sent it, and never stands in for another merchant's.
         """
         decision_id = str(body["decision_id"])
         with self.engine.connect() as conn:
@@ -220,11 +229,9 @@ class Store:
 
     def _same_or_conflict(self, merchant_id: str, body: Mapping[str, Any]) -> StoredOutcome:
         with self.engine.connect() as conn:
-            stored = self._outcome(conn, str(body["decision_id"]))
+            stored = self._outcome(conn, merchant_id, str(body["decision_id"]))
         if stored is None:  # pragma: no cover - an insert failed for a reason other than the key
             raise RuntimeError(f"could not store the outcome of decision {body['decision_id']!r}")
-        if stored.merchant_id != merchant_id:
-            raise ForeignDecisionError(f"decision {stored.decision_id!r} was not served to merchant {merchant_id!r}")
         if _canonical(stored.body) != _canonical(body):
             raise OutcomeConflictError(
                 f"decision {stored.decision_id!r} already has a different outcome "

@@ -11,18 +11,14 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from service.executor.bench import (
-    DEFAULT_POSTGRES_URL,
     calls_in,
     counting_connectors,
-    drop_postgres,
-    fresh_postgres,
     seed_retry_actions,
     write_bench_config,
 )
@@ -32,30 +28,6 @@ from service.migrations import upgrade
 
 # One xdist worker runs these one after another: each already keeps both cores busy with worker processes.
 pytestmark = pytest.mark.xdist_group("executor-durability")
-
-
-@pytest.fixture(scope="module")
-def postgres_admin_url() -> str:
-    url = os.environ.get("WINBACK_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-    try:
-        engine = sa.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except sa.exc.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {url} is unreachable in CI: {exc.orig}")
-        pytest.skip(f"PostgreSQL at {url} is unreachable: {exc.orig}")
-    return url
-
-
-@pytest.fixture
-def postgres_url(postgres_admin_url: str) -> Iterator[str]:
-    url, admin = fresh_postgres(postgres_admin_url)
-    try:
-        yield url
-    finally:
-        drop_postgres(admin, url)
 
 
 def prepare(url: str, count: int) -> None:

@@ -2,42 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from model import registry
 from model.training import train
-from service.executor.bench import DEFAULT_POSTGRES_URL, drop_postgres, fresh_postgres
 from tests.factories import make_history_frames
 from tests.integration.test_api_server import AUTH, Server, _body
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-
-@pytest.fixture
-def mlflow_postgres() -> Iterator[str]:
-    """The URL of a fresh PostgreSQL database for MLflow's backend store, dropped afterwards."""
-    admin_url = os.environ.get("WINBACK_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-    try:
-        engine = sa.create_engine(admin_url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except sa.exc.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {admin_url} is unreachable in CI: {exc.orig}")
-        pytest.skip(f"PostgreSQL at {admin_url} is unreachable: {exc.orig}")
-    url, admin = fresh_postgres(admin_url)
-    try:
-        yield url
-    finally:
-        drop_postgres(admin, url)
 
 
 def _register_twice(store: str, artifacts: Path, bundle_dir: Path) -> list[str]:
@@ -76,8 +52,8 @@ def _wait_for_version(servers: list[Server], version: str, timeout: float = 30.0
     raise AssertionError(f"scorers serve {served} after {timeout} s, expected version {version} everywhere")
 
 
-def test_two_scorers_on_a_postgres_registry_follow_the_champion(mlflow_postgres: str, tmp_path: Path) -> None:
-    store = mlflow_postgres
+def test_two_scorers_on_a_postgres_registry_follow_the_champion(postgres_url: str, tmp_path: Path) -> None:
+    store = postgres_url
     attempts, nudges = make_history_frames(600, seed=1)
     result = train(attempts, nudges, seed=0, max_rounds=20, evaluate_unseen_codes=False)
     bundle_dir = result.bundle.save(tmp_path / "bundle")

@@ -376,6 +376,22 @@ def test_outcome_for_another_merchants_decision_is_refused(api: Api) -> None:
     assert response.json()["detail"] == f"decision {decision_id!r} was not served to merchant 'm_other'"
 
 
+def test_an_outcome_sent_before_the_decision_is_stored_cannot_take_the_owners_place(api: Api, tmp_path: Path) -> None:
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    # Another merchant reports on the decision before the writer has stored it (no flush): kept under its sender.
+    early = api.post("/v1/outcomes", _outcome(decision_id, status="failure", error_code="card_declined"), key=OTHER_KEY)
+    assert early.status_code == 200, early.text
+    api.flush()
+    assert api.post("/v1/outcomes", _outcome(decision_id), key=OTHER_KEY).status_code == 403  # now it is known
+    own = api.post("/v1/outcomes", _outcome(decision_id))
+    assert own.status_code == 200, own.text
+    assert own.json()["status"] == "success"
+    # The feedback loop learns the owner's outcome only.
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "export")
+    follow_up = read_attempts(summary.attempts_path).query("attempt_number == 2")
+    assert follow_up[["decision_id", "status"]].values.tolist() == [[decision_id, "success"]]
+
+
 def test_outcome_with_a_bad_status_names_the_field(api: Api) -> None:
     response = api.post("/v1/outcomes", _outcome("dec_x", status="maybe"))
     assert response.status_code == 422

@@ -1,0 +1,56 @@
+"""Schema migrations on a database that already holds data, on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service.migrations import downgrade, upgrade
+
+
+def _outcome(decision_id: str, merchant_id: str, status: str) -> dict[str, object]:
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+    return {
+        "decision_id": decision_id, "merchant_id": merchant_id, "order_id": "ord_1", "status": status,
+        "occurred_at": moment, "body_json": "{}", "recorded_at": moment,
+    }  # fmt: skip
+
+
+def _outcomes(engine: sa.Engine) -> list[tuple[str, str, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT merchant_id, decision_id, status FROM outcomes ORDER BY merchant_id"))
+        return [tuple(row) for row in rows]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'winback.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def test_outcomes_keyed_per_merchant_keep_the_stored_rows_and_downgrade_back(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine, "0003")
+        table = sa.table("outcomes", *(sa.column(name) for name in _outcome("", "", "")))
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table), [_outcome("dec_1", "m_a", "success")])
+        upgrade(engine)
+        with engine.begin() as conn:  # the same decision_id from another merchant is its own row now
+            conn.execute(sa.insert(table), [_outcome("dec_1", "m_b", "failure")])
+        assert _outcomes(engine) == [("m_a", "dec_1", "success"), ("m_b", "dec_1", "failure")]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.insert(table), [_outcome("dec_1", "m_a", "failure")])
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM outcomes WHERE merchant_id = 'm_b'"))
+        downgrade(engine, "0003")
+        assert _outcomes(engine) == [("m_a", "dec_1", "success")]
+        indexes = {index["name"] for index in sa.inspect(engine).get_indexes("outcomes")}
+        assert "ix_outcomes_merchant_order" in indexes
+    finally:
+        engine.dispose()

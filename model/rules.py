@@ -43,6 +43,7 @@ from model.vocab import (
     USER_CONSENT_METHODS,
     Action,
     Channel,
+    ErrorClass,
     Strategy,
 )
 
@@ -143,6 +144,9 @@ class RuleBook:
     consent_payment_methods: frozenset[str]
     consent_approval_methods: frozenset[str]
     consent_authentication: frozenset[str]
+    # A failure in the 3DS challenge itself: the authentication type and the error classes that mean it.
+    challenge_authentication: frozenset[str]
+    challenge_error_classes: frozenset[str]
     step_up_payment_methods: frozenset[str]
     step_up_not_when_authentication: frozenset[str]
     alternate_network_payment_methods: frozenset[str]
@@ -165,6 +169,14 @@ def _strings(node: Any, path: str) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise RulesDataError(f"{RULES_FILE.name}: {path!r} must be a list of strings")
     return frozenset(item.strip().lower() for item in value)
+
+
+def _error_classes(node: Any, path: str) -> frozenset[str]:
+    names = _strings(node, path)
+    unknown = sorted(names - {error_class.value for error_class in ErrorClass})
+    if unknown:
+        raise RulesDataError(f"{RULES_FILE.name}: '{path}' names unknown error classes {unknown}")
+    return names
 
 
 def _number(node: Any, path: str) -> float:
@@ -227,6 +239,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         consent_payment_methods=_strings(raw, "user_consent.payment_methods") | USER_CONSENT_METHODS,
         consent_approval_methods=_strings(raw, "user_consent.approval_payment_methods"),
         consent_authentication=_strings(raw, "user_consent.authentication_types") | USER_CONSENT_AUTHENTICATION,
+        challenge_authentication=_strings(raw, "user_consent.challenge_failure.authentication_types"),
+        challenge_error_classes=_error_classes(raw, "user_consent.challenge_failure.error_classes"),
         step_up_payment_methods=_strings(raw, "strategies.step_up.payment_methods"),
         step_up_not_when_authentication=_strings(raw, "strategies.step_up.not_when_authentication"),
         alternate_network_payment_methods=_strings(raw, "strategies.alternate_network.payment_methods"),
@@ -441,6 +455,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         or method_type in book.consent_payment_methods
         or (method in book.consent_approval_methods and not is_upi_autopay)
         or authentication in book.consent_authentication
+        # A 3DS payment that failed in its challenge (not passed, abandoned): the contract's authentication_type
+        # cannot say "challenge", the error class can.
+        or (
+            authentication in book.challenge_authentication
+            and normalised.error_class.value in book.challenge_error_classes
+        )
     )
     if is_consent:
         applied.append("user_consent_flow")

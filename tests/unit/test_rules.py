@@ -350,6 +350,38 @@ def test_user_consent_flows_never_get_a_silent_retry(
     assert ("user_consent_flow" in context.rules_applied) is consent
 
 
+@pytest.mark.parametrize(
+    ("authentication", "failure", "consent"),
+    [
+        # The contract's only 3DS value: a failure of the authentication itself is a 3DS challenge flow ...
+        ("three_ds", {"error_code": "authentication_failed", "error_message": "3D Secure authentication failed"}, True),
+        ("three_ds", {"error_code": "authentication_required", "network_decline_code": "1A"}, True),
+        # ... a decline after the customer authenticated is not (other strategies than step_up may re-attempt it).
+        ("three_ds", {"error_code": "processing_error", "error_message": "Issuer unavailable",
+                      "network_decline_code": "91"}, False),
+        # Without 3DS, "authentication required" asks for a step-up, which is a silent retry.
+        ("no_three_ds", {"error_code": "authentication_required", "network_decline_code": "1A"}, False),
+    ],
+)  # fmt: skip
+def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
+    authentication: str, failure: dict[str, str], consent: bool
+) -> None:
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"payment_method": "card", "payment_method_type": "credit", "authentication_type": authentication},
+        failure={
+            "connector": "stripe",
+            "error_code": None,
+            "error_message": None,
+            "network_decline_code": None,
+            **failure,
+        },
+    )
+    assert ("user_consent_flow" in context.rules_applied) is consent
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert (retries == []) is consent
+
+
 # ---------------------------------------------------------------------------------- strategies and connectors
 
 

@@ -639,7 +639,7 @@ def context_from_request(request: DecisionRequest, catalog: Normaliser | None = 
         "currency": request.currency,
         "customer_country": customer.country,
         "authentication_type": payment.authentication_type,
-        "last_channel": nudges[-1].channel.value if nudges else None,
+        "last_channel": str(nudges[-1].channel) if nudges else None,
         "amount": float(request.amount),
         "event_ts": event_ts,
         "first_failure_ts": _ts(failed[0].created_at) if failed else event_ts,

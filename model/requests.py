@@ -26,6 +26,33 @@ AwareDatetime = Annotated[datetime, AfterValidator(_require_timezone)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
+def _channel_if_known(name: str) -> str:
+    return Channel(name) if name in _CHANNEL_NAMES else name
+
+
+def _strategy_if_known(name: str) -> str:
+    return Strategy(name) if name in _STRATEGY_NAMES else name
+
+
+_CHANNEL_NAMES = frozenset(channel.value for channel in Channel)
+_STRATEGY_NAMES = frozenset(strategy.value for strategy in Strategy)
+
+# Input vocabularies are open (CONTRACT.md section 2: unknown enum values are valid input and get a decision): a
+# known value becomes its enum member (a str), a value never seen stays a plain string.
+#: A channel as input: one of Channel's values, or the name of one winback does not know.
+ChannelName = Annotated[
+    NonEmptyStr,
+    AfterValidator(_channel_if_known),
+    Field(description=f"{', '.join(sorted(_CHANNEL_NAMES))}, or a channel winback does not know"),
+]
+#: An attempt's strategy as input: one of Strategy's values, or the name of one winback does not know.
+StrategyName = Annotated[
+    NonEmptyStr,
+    AfterValidator(_strategy_if_known),
+    Field(description=f"{', '.join(sorted(_STRATEGY_NAMES))}, or a strategy winback does not know"),
+]
+
+
 class _Model(BaseModel):
     # Extra fields are welcome in the contract: keep them, never fail on them.
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -37,7 +64,7 @@ class Customer(_Model):
     email_present: bool = False
     app_present: bool = False
     country: str | None = Field(default=None, min_length=2, max_length=2)
-    opted_out_channels: list[Channel] = Field(default_factory=list)
+    opted_out_channels: list[ChannelName] = Field(default_factory=list)
 
 
 class Payment(_Model):
@@ -62,14 +89,14 @@ class Failure(_Model):
 class HistoryAttempt(_Model):
     attempt_number: int = Field(ge=1)
     connector: NonEmptyStr
-    strategy: Strategy
+    strategy: StrategyName
     status: str
     error_code: str | None = None
     created_at: AwareDatetime
 
 
 class HistoryNudge(_Model):
-    channel: Channel
+    channel: ChannelName
     sent_at: AwareDatetime
     delivered: bool = True
     clicked_at: AwareDatetime | None = None

@@ -336,7 +336,8 @@ class RuleContext:
 
 
 _RETRY_STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.value for strategy in RETRY_STRATEGIES)
-_RETRY_STRATEGY_VALUES = frozenset(_RETRY_STRATEGY_NAMES)
+#: History strategies that are not a silent re-attempt: the original payment and a payment through a link.
+_NOT_SILENT_RETRIES = frozenset({Strategy.INITIAL.value, Strategy.RETARGET_LINK.value})
 #: Every channel with its plain value, in the enum's order (``Enum.value`` is a slow property, read once here).
 _CHANNEL_ITEMS: tuple[tuple[Channel, str], ...] = tuple((channel, channel.value) for channel in Channel)
 _CHANNELS: tuple[Channel, ...] = tuple(Channel)
@@ -388,7 +389,8 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     last_failure_at = max(failures) if failures else event_time
 
     connector_order = tuple(dict.fromkeys(request.available_connectors or merchant.connectors))
-    retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy in _RETRY_STRATEGY_VALUES))
+    # Every re-attempt counts against the budgets, one with a strategy winback does not know included.
+    retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in _NOT_SILENT_RETRIES))
     retries_used = len(retry_times)
     nudges_used = len(nudges)
 

@@ -480,7 +480,7 @@ class OutcomeModel:
             phone_present=request.customer.phone_present,
             email_present=request.customer.email_present,
             app_present=request.customer.app_present,
-            opted_out=tuple(request.customer.opted_out_channels),
+            opted_out=tuple(c for c in request.customer.opted_out_channels if isinstance(c, Channel)),
             payday_kind=pick(rng_latent, (("day_1", 0.4), ("last_working", 0.4), ("day_15", 0.2))),
             payday_phase=0,
             responsiveness=1.0,

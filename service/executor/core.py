@@ -444,7 +444,7 @@ class Executor:
                         or "txn_" + _short_hash(merchant_id, request.order_id, attempt.attempt_number)
                     ),
                     "attempt_number": attempt.attempt_number,
-                    "strategy": attempt.strategy.value,
+                    "strategy": str(attempt.strategy),
                     "connector": attempt.connector,
                     "status": attempt.status,
                     "error_code": attempt.error_code,
@@ -510,7 +510,7 @@ class Executor:
                     nudge_id="ndg_" + _short_hash(merchant_id, request.order_id, "history", index),
                     merchant_id=merchant_id,
                     order_id=request.order_id,
-                    channel=nudge.channel.value,
+                    channel=str(nudge.channel),
                     template_id="external",
                     sent_at=nudge.sent_at,
                     status="accepted",

@@ -190,13 +190,45 @@ def test_never_seen_connector_payment_method_and_error_code_get_a_decision(api: 
     assert "winback_new_error_code_pairs 1.0" in metrics
 
 
+def test_never_seen_channels_and_strategies_in_the_request_get_a_decision(api: Api, tmp_path: Path) -> None:
+    body = request_body()
+    body["customer"]["opted_out_channels"] = ["telegram", "sms"]
+    body["history"]["nudges"] = [{"channel": "carrier_pigeon", "sent_at": "2026-11-01T09:00:00Z"}]
+    response = api.post("/v1/decisions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["channel"] != "sms"
+    assert all(alternative["channel"] != "sms" for alternative in response.json()["alternatives"])
+    api.flush()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'winback.db'}")
+    with engine.connect() as conn:
+        stored = json.loads(conn.execute(sa.text("SELECT request_json FROM decisions")).scalar_one())
+    engine.dispose()
+    assert stored["customer"]["opted_out_channels"] == ["telegram", "sms"]  # kept as sent
+    assert stored["history"]["nudges"][0]["channel"] == "carrier_pigeon"
+
+
+def test_a_re_attempt_with_a_strategy_winback_does_not_know_counts_against_the_retry_budget(api: Api) -> None:
+    body = request_body()
+    first = body["history"]["attempts"][0]
+    body["history"]["attempts"] = [first] + [
+        {**first, "attempt_number": n, "strategy": "smart_magic", "created_at": f"2026-11-01T10:1{n}:00Z"}
+        for n in (2, 3, 4)
+    ]
+    body["event_time"] = "2026-11-01T10:15:00Z"
+    response = api.post("/v1/decisions", body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["action"] != "retry"
+    assert "retries_left:0" in answer["rules_applied"]
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
         (lambda b: b["failure"].pop("connector"), "failure.connector"),
         (lambda b: b.update(event_time="2026-11-01T10:15:00"), "event_time"),
         (lambda b: b.update(amount="lots"), "amount"),
-        (lambda b: b["customer"].update(opted_out_channels=["pigeon"]), "customer.opted_out_channels[0]"),
+        (lambda b: b["customer"].update(opted_out_channels=[""]), "customer.opted_out_channels[0]"),
         (
             lambda b: b["history"]["attempts"][0].update(attempt_number=0),
             "history.attempts[0].attempt_number",

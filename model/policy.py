@@ -21,7 +21,15 @@ from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
 from model.requests import Alternative, Decision, DecisionRequest
-from model.rules import Candidate, build_context, enumerate_candidates, permitted
+from model.rules import (
+    SITUATIONAL_RETRY_RULES,
+    Candidate,
+    RuleContext,
+    build_context,
+    check,
+    enumerate_candidates,
+    permitted,
+)
 from model.vocab import Action, Channel, ErrorClass, Strategy
 
 PRIORS_FILE = Path(__file__).resolve().parent.parent / "data" / "policy" / "priors.yaml"
@@ -221,7 +229,8 @@ def decide(
     economics = economics or load_economics()
     active: Scorer = scorer if scorer is not None else RulesOnlyScorer(catalog)
     context = build_context(request, merchant, catalog)
-    allowed = permitted(context, enumerate_candidates(context))
+    grid = enumerate_candidates(context)
+    allowed = permitted(context, grid)
     if not any(candidate.action == Action.STOP for candidate in allowed):
         allowed.append(Candidate(action=Action.STOP, execute_at=request.event_time))
 
@@ -248,8 +257,6 @@ def decide(
 
     retry_indices = [i for i, c in enumerate(allowed) if c.action == Action.RETRY]
     retry_probability = float(max((p_success[i] for i in retry_indices), default=0.0))
-    threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))
-    retryable = bool(retry_indices) and retry_probability >= threshold
 
     alternatives = _alternatives(allowed, values, p_success, exclude=_group(choice), limit=config.max_alternatives)
     reasons = [f"{error.error_class.value} ({error.matched_by})", _describe(choice, float(p_success[chosen]))]
@@ -261,6 +268,12 @@ def decide(
         reasons.append(f"thin evidence: the model saw {support} retries after this code")
     if not retry_indices:
         reasons.append("no silent retry permitted")
+    # The error-code verdict: with no retry permitted, the best retry that only the order's situation forbids.
+    threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))
+    verdict_probability = (
+        retry_probability if retry_indices else _situation_blocked_retry_probability(request, context, grid, active)
+    )
+    retryable = verdict_probability >= threshold
 
     # Built from values decide() itself typed above, so pydantic's validation is skipped (model_construct): it
     # cost more than the whole choice. Serialising a wrongly typed field warns, and the tests turn warnings
@@ -281,6 +294,22 @@ def decide(
         reasons=reasons,
         rules_applied=list(context.rules_applied),
     )
+
+
+def _situation_blocked_retry_probability(
+    request: DecisionRequest, context: RuleContext, grid: list[Candidate], scorer: Scorer
+) -> float:
+    """P(success) of the best retry on the grid that breaks only situational rules (budgets, windows, the flow):
+    whether the error itself is worth a retry when this order may not have one. 0 when the error forbids it."""
+    blocked = [
+        candidate
+        for candidate in grid
+        if candidate.action == Action.RETRY and SITUATIONAL_RETRY_RULES.issuperset(check(context, candidate).broken)
+    ]
+    if not blocked:
+        return 0.0
+    scores = np.asarray(scorer.score(request, blocked), dtype=np.float64)
+    return float(np.clip(scores, 0.0, 1.0).max())
 
 
 def _alternatives(

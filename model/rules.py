@@ -109,6 +109,23 @@ class Rule(StrEnum):
     QUIET_HOURS = "quiet_hours"
 
 
+#: Rules about the order's situation (budgets, windows, the payment flow, the merchant's switches, when), not about
+#: the error: a failure whose retries only these forbid still carries a retryable error (``Decision.retryable``).
+SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
+    {
+        Rule.VISA_REATTEMPT_CAP,
+        Rule.MAC_WAIT,
+        Rule.UPI_AUTOPAY_PEAK_HOURS,
+        Rule.UPI_AUTOPAY_MAX_RETRIES,
+        Rule.UPI_AUTOPAY_RETRY_WINDOW,
+        Rule.USER_CONSENT_FLOW,
+        Rule.RETRY_FLOW_DISABLED,
+        Rule.MAX_RETRIES,
+        Rule.RETRY_WINDOW,
+    }
+)
+
+
 class RulesDataError(ValueError):
     """``data/rules/hard_rules.yaml`` is missing or malformed; the message names the key."""
 

@@ -109,3 +109,30 @@ def test_a_hard_decline_is_not_retryable_and_a_technical_one_is(bundle: ModelBun
     for scorer in (bundle, None):
         assert not decide(stolen, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY).retryable
         assert decide(technical, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY).retryable
+
+
+def _spent_budget_request(failure: dict[str, Any], payment: dict[str, Any] | None = None) -> Any:
+    first = make_request().history.attempts[0].model_dump(mode="json")
+    retries = [{**first, "attempt_number": n, "strategy": "retry_same", "created_at": "2026-11-01T10:14:00Z"}
+               for n in (2, 3, 4)]  # fmt: skip
+    return make_request(failure=failure, payment=payment or {}, history={"attempts": [first, *retries]})
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_retryable_is_the_errors_verdict_even_when_the_order_may_not_retry(
+    with_model: bool, bundle: ModelBundle
+) -> None:
+    scorer = bundle if with_model else None
+    technical = {"error_code": "processing_error", "error_message": "An error occurred while processing your card.",
+                 "network_decline_code": "96"}  # fmt: skip
+    for request in (
+        _spent_budget_request(technical),  # max_retries used up
+        _spent_budget_request(technical, {"payment_method": "wallet", "payment_method_type": "apple_pay"}),
+    ):
+        decision = decide(request, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+        assert decision.action != Action.RETRY
+        assert decision.retry_probability == 0.0  # no permitted retry to succeed
+        assert decision.retryable  # but the error itself is worth a retry
+    category_1 = {"error_code": "card_declined", "error_message": None, "network_decline_code": "04"}
+    decision = decide(_spent_budget_request(category_1), make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+    assert not decision.retryable  # Visa category 1: the error forbids every re-attempt

@@ -28,7 +28,7 @@ from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
 from service.api.schemas import MAX_BATCH
-from service.api.settings import Settings
+from service.api.settings import DEMO_CONFIG, Settings
 from service.api.store import DecisionWriter, Store, decision_row, make_engine
 from service.migrations import upgrade
 from tests.factories import make_request, write_merchant_config
@@ -188,6 +188,33 @@ def test_never_seen_connector_payment_method_and_error_code_get_a_decision(api: 
     assert 'winback_unknown_error_codes_total{connector="other"} 1.0' in metrics
     assert 'winback_new_error_codes_total{connector="other"} 1.0' in metrics
     assert "winback_new_error_code_pairs 1.0" in metrics
+
+
+#: CONTRACT.md section 2's example request, as printed there.
+CONTRACT_EXAMPLE = {
+    "merchant_id": "m_demo", "order_id": "ord_8KQ2", "event_time": "2026-11-01T10:15:00Z", "amount": 499.0,
+    "currency": "INR",
+    "customer": {"id": "cus_71", "phone_present": True, "email_present": True, "country": "IN",
+                 "opted_out_channels": []},
+    "payment": {"payment_method": "card", "payment_method_type": "credit", "card_network": "visa", "issuer": "HDFC",
+                "is_recurring": True, "authentication_type": "no_three_ds", "is_network_token": False},
+    "failure": {"connector": "stripe", "error_code": "card_declined",
+                "error_message": "Your card has insufficient funds.", "network_decline_code": "51",
+                "merchant_advice_code": None, "unified_code": None},
+    "history": {"attempts": [{"attempt_number": 1, "connector": "stripe", "strategy": "initial", "status": "failure",
+                              "error_code": "card_declined", "created_at": "2026-11-01T10:15:00Z"}], "nudges": []},
+    "available_connectors": ["stripe", "adyen", "cybersource"],
+}  # fmt: skip
+
+
+def test_the_contracts_example_request_is_answered_with_the_shipped_demo_config(tmp_path: Path) -> None:
+    api = start(tmp_path, config_path=DEMO_CONFIG)
+    try:
+        response = api.post("/v1/decisions", CONTRACT_EXAMPLE, key="wb_demo_m_demo")
+        assert response.status_code == 200, response.text
+        assert response.json()["decision_id"].startswith("dec_")
+    finally:
+        api.close()
 
 
 def test_never_seen_channels_and_strategies_in_the_request_get_a_decision(api: Api, tmp_path: Path) -> None:

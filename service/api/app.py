@@ -41,7 +41,14 @@ from service.api.schemas import (
     ValidationErrorBody,
 )
 from service.api.settings import Settings
-from service.api.store import DecisionWriter, ForeignDecisionError, OutcomeConflictError, Store, make_engine
+from service.api.store import (
+    DecisionWriter,
+    ForeignDecisionError,
+    OutcomeConflictError,
+    OutcomeOrderMismatchError,
+    Store,
+    make_engine,
+)
 from service.console.routes import mount_console
 from service.executor.routes import router as executor_router
 
@@ -229,6 +236,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
         except ForeignDecisionError as exc:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from None
+        except OutcomeOrderMismatchError as exc:
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("body", "order_id"), "msg": str(exc).removeprefix("order_id: ")}]
+            ) from None
         return OutcomeOut(
             decision_id=stored.decision_id,
             order_id=stored.order_id,

@@ -451,6 +451,16 @@ def test_an_outcome_sent_before_the_decision_is_stored_cannot_take_the_owners_pl
     assert follow_up[["decision_id", "status"]].values.tolist() == [[decision_id, "success"]]
 
 
+def test_an_outcome_naming_another_order_than_its_decision_is_a_422_naming_order_id(api: Api) -> None:
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    api.flush()
+    response = api.post("/v1/outcomes", _outcome(decision_id, order_id="ord_other"))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "order_id"
+    assert "served for order 'ord_8KQ2', not 'ord_other'" in response.json()["message"]
+    assert api.post("/v1/outcomes", _outcome(decision_id)).status_code == 200  # nothing was stored for it
+
+
 def test_outcome_with_a_bad_status_names_the_field(api: Api) -> None:
     response = api.post("/v1/outcomes", _outcome("dec_x", status="maybe"))
     assert response.status_code == 422

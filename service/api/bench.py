@@ -553,6 +553,10 @@ def _print(result: BenchResult) -> None:
     )
     if not math.isnan(result.cpu_ratio()):
         console.print(f"server CPU per request, mlflow/API: {result.cpu_ratio():.1f}x (closed loop, process trees)")
+        console.print(
+            f"7x mlflow serve needs at most {result.mlflow.cpu_ms_per_request / 7:.2f} ms of server CPU per decision "
+            f"(mlflow's {result.mlflow.cpu_ms_per_request:.2f} / 7); measured {result.api.cpu_ms_per_request:.2f}"
+        )
     console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
     for target, met in result.targets().items():
         console.print(f"{'met ' if met else 'MISSED'} {target}")

@@ -34,11 +34,20 @@ def _strategy_if_known(name: str) -> str:
     return Strategy(name) if name in _STRATEGY_NAMES else name
 
 
+def _attempt_status(value: str) -> str:
+    status = value.strip().lower()
+    if status not in ("success", "failure"):
+        raise ValueError("status must be 'success' or 'failure'")
+    return status
+
+
 _CHANNEL_NAMES = frozenset(channel.value for channel in Channel)
 _STRATEGY_NAMES = frozenset(strategy.value for strategy in Strategy)
 
 # Input vocabularies are open (CONTRACT.md section 2: unknown enum values are valid input and get a decision): a
 # known value becomes its enum member (a str), a value never seen stays a plain string.
+#: An attempt's status: a closed pair (CONTRACT.md section 3), unlike the vocabularies of connectors and codes.
+AttemptStatus = Annotated[str, AfterValidator(_attempt_status), Field(description="success or failure")]
 #: A channel as input: one of Channel's values, or the name of one winback does not know.
 ChannelName = Annotated[
     NonEmptyStr,
@@ -90,7 +99,7 @@ class HistoryAttempt(_Model):
     attempt_number: int = Field(ge=1)
     connector: NonEmptyStr
     strategy: StrategyName
-    status: str
+    status: AttemptStatus
     error_code: str | None = None
     created_at: AwareDatetime
 

@@ -402,7 +402,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     if first_attempt is None and attempts:
         first_attempt = min(attempts, key=lambda a: a.created_at)
     first_failure_at = min(first_attempt.created_at, event_time) if first_attempt else event_time
-    failures = [a.created_at for a in attempts if a.status.strip().lower() == "failure"]
+    failures = [a.created_at for a in attempts if a.status == "failure"]
     last_failure_at = max(failures) if failures else event_time
 
     connector_order = tuple(dict.fromkeys(request.available_connectors or merchant.connectors))

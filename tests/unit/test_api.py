@@ -256,6 +256,7 @@ def test_a_re_attempt_with_a_strategy_winback_does_not_know_counts_against_the_r
         (lambda b: b.update(event_time="2026-11-01T10:15:00"), "event_time"),
         (lambda b: b.update(amount="lots"), "amount"),
         (lambda b: b["customer"].update(opted_out_channels=[""]), "customer.opted_out_channels[0]"),
+        (lambda b: b["history"]["attempts"][0].update(status="exploded"), "history.attempts[0].status"),
         (
             lambda b: b["history"]["attempts"][0].update(attempt_number=0),
             "history.attempts[0].attempt_number",

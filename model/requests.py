@@ -27,11 +27,14 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 def _channel_if_known(name: str) -> str:
-    return Channel(name) if name in _CHANNEL_NAMES else name
+    # Matched like the contract's other vocabularies are read: "WhatsApp " is whatsapp (an opt-out must hold).
+    key = name.strip().lower()
+    return Channel(key) if key in _CHANNEL_NAMES else name
 
 
 def _strategy_if_known(name: str) -> str:
-    return Strategy(name) if name in _STRATEGY_NAMES else name
+    key = name.strip().lower()
+    return Strategy(key) if key in _STRATEGY_NAMES else name
 
 
 def _attempt_status(value: str) -> str:
@@ -50,13 +53,13 @@ _STRATEGY_NAMES = frozenset(strategy.value for strategy in Strategy)
 AttemptStatus = Annotated[str, AfterValidator(_attempt_status), Field(description="success or failure")]
 #: A channel as input: one of Channel's values, or the name of one winback does not know.
 ChannelName = Annotated[
-    NonEmptyStr,
+    Annotated[str, Field(min_length=1, max_length=16)],  # the width of the stores' channel columns
     AfterValidator(_channel_if_known),
     Field(description=f"{', '.join(sorted(_CHANNEL_NAMES))}, or a channel winback does not know"),
 ]
 #: An attempt's strategy as input: one of Strategy's values, or the name of one winback does not know.
 StrategyName = Annotated[
-    NonEmptyStr,
+    Annotated[str, Field(min_length=1, max_length=32)],  # the width of the stores' strategy columns
     AfterValidator(_strategy_if_known),
     Field(description=f"{', '.join(sorted(_STRATEGY_NAMES))}, or a strategy winback does not know"),
 ]

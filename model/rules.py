@@ -357,6 +357,7 @@ _RETRY_STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.value for strategy in RE
 _NOT_SILENT_RETRIES = frozenset({Strategy.INITIAL.value, Strategy.RETARGET_LINK.value})
 #: Every channel with its plain value, in the enum's order (``Enum.value`` is a slow property, read once here).
 _CHANNEL_ITEMS: tuple[tuple[Channel, str], ...] = tuple((channel, channel.value) for channel in Channel)
+_CHANNEL_VALUES = frozenset(name for _, name in _CHANNEL_ITEMS)
 _CHANNELS: tuple[Channel, ...] = tuple(Channel)
 
 
@@ -534,7 +535,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
             if name in enabled_channels:
                 applied.append(f"unreachable:{name}")
         channel_blocked[name] = tuple(reasons)
-    applied.extend(f"opted_out:{channel}" for channel in sorted(opted_out))
+    applied.extend(f"opted_out:{channel}" for channel in sorted(opted_out & _CHANNEL_VALUES))
 
     # Windows, cadence and quiet hours.
     window_end = first_failure_at + timedelta(days=retarget.retry_window_days)

@@ -219,18 +219,21 @@ def test_the_contracts_example_request_is_answered_with_the_shipped_demo_config(
 
 def test_never_seen_channels_and_strategies_in_the_request_get_a_decision(api: Api, tmp_path: Path) -> None:
     body = request_body()
-    body["customer"]["opted_out_channels"] = ["telegram", "sms"]
+    # Known channels however they are written are opted out; one winback does not know is kept and constrains nothing.
+    body["customer"]["opted_out_channels"] = ["telegram", " SMS", "WhatsApp"]
     body["history"]["nudges"] = [{"channel": "carrier_pigeon", "sent_at": "2026-11-01T09:00:00Z"}]
     response = api.post("/v1/decisions", body)
     assert response.status_code == 200, response.text
-    assert response.json()["channel"] != "sms"
-    assert all(alternative["channel"] != "sms" for alternative in response.json()["alternatives"])
+    answer = response.json()
+    assert {"opted_out:sms", "opted_out:whatsapp"} <= set(answer["rules_applied"])
+    assert "opted_out:telegram" not in answer["rules_applied"]
+    assert {answer["channel"], *(a["channel"] for a in answer["alternatives"])}.isdisjoint({"sms", "whatsapp"})
     api.flush()
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'winback.db'}")
     with engine.connect() as conn:
         stored = json.loads(conn.execute(sa.text("SELECT request_json FROM decisions")).scalar_one())
     engine.dispose()
-    assert stored["customer"]["opted_out_channels"] == ["telegram", "sms"]  # kept as sent
+    assert stored["customer"]["opted_out_channels"] == ["telegram", "sms", "whatsapp"]
     assert stored["history"]["nudges"][0]["channel"] == "carrier_pigeon"
 
 
@@ -256,6 +259,7 @@ def test_a_re_attempt_with_a_strategy_winback_does_not_know_counts_against_the_r
         (lambda b: b.update(event_time="2026-11-01T10:15:00"), "event_time"),
         (lambda b: b.update(amount="lots"), "amount"),
         (lambda b: b["customer"].update(opted_out_channels=[""]), "customer.opted_out_channels[0]"),
+        (lambda b: b["customer"].update(opted_out_channels=["x" * 17]), "customer.opted_out_channels[0]"),
         (lambda b: b["history"]["attempts"][0].update(status="exploded"), "history.attempts[0].status"),
         (
             lambda b: b["history"]["attempts"][0].update(attempt_number=0),
@@ -739,12 +743,12 @@ class _FlakyStore(Store):
         return super().insert_decisions(rows)
 
 
-def test_the_decision_writer_outlasts_an_outage_and_loses_only_a_row_the_database_refuses(
+def test_the_decision_writer_waits_out_an_outage_and_loses_only_a_row_the_database_refuses(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
     upgrade(engine)
-    writer = DecisionWriter(_FlakyStore(engine, outages=2, bad_id="dec_bad"), interval=0.01, retries=3)
+    writer = DecisionWriter(_FlakyStore(engine, outages=12, bad_id="dec_bad"), interval=0.01, max_backoff=0.02)
     with caplog.at_level(logging.WARNING, logger="winback.api"):
         for decision_id in ("dec_1", "dec_bad", "dec_2"):
             writer.put(_stored_row(decision_id))

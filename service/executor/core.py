@@ -56,6 +56,13 @@ log = logging.getLogger("winback.executor")
 Decider = Callable[[DecisionRequest, MerchantConfig], Decision]
 
 
+def _attempt_status(stored: str) -> str:
+    """A stored attempt's status as a request carries it: ``success`` or ``failure``. Rows written before requests
+    were held to that pair may hold what a caller sent (``"FAILURE "``, ``"failed"``); anything but a success was
+    a failure to the model then, and stays one."""
+    return "success" if stored.strip().lower() == "success" else "failure"
+
+
 class IdempotencyConflictError(ValueError):
     """The idempotency key was used before with a different body."""
 
@@ -333,7 +340,7 @@ class Executor:
                 "attempt_number": row.attempt_number,
                 "connector": row.connector,
                 "strategy": row.strategy,
-                "status": row.status,
+                "status": _attempt_status(row.status),
                 "error_code": row.error_code,
                 "created_at": as_utc(row.created_at).isoformat(),
                 "txn_id": row.txn_id,

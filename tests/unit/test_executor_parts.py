@@ -161,3 +161,16 @@ def test_http_connector_gives_up_transiently_and_refuses_4xx() -> None:
     )
     with pytest.raises(PermanentError, match="HTTP 401"):
         refused.charge(_charge_request())
+
+
+@pytest.mark.parametrize(
+    ("stored", "status"),
+    [("success", "success"), (" SUCCESS", "success"), ("failure", "failure"), ("FAILURE ", "failure"),
+     ("failed", "failure")],
+)  # fmt: skip
+def test_a_stored_attempt_status_from_before_the_strict_pair_still_makes_a_valid_request(
+    stored: str, status: str
+) -> None:
+    from service.executor.core import _attempt_status
+
+    assert _attempt_status(stored) == status

@@ -257,11 +257,12 @@ class DecisionWriter:
     ``flush()`` blocks until everything queued so far is stored; ``close()`` flushes and stops the thread.
     """
 
-    def __init__(self, store: Store, interval: float = 0.2, max_batch: int = 500, retries: int = 3) -> None:
+    def __init__(self, store: Store, interval: float = 0.2, max_batch: int = 500, max_backoff: float = 5.0) -> None:
         self.store = store
         self.interval = interval
         self.max_batch = max_batch
-        self.retries = retries
+        self.max_backoff = max_backoff
+        self._in_hand = 0  # rows taken off the queue and not yet stored (for the shutdown report)
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="winback-decision-writer", daemon=True)
         self._thread.start()
@@ -303,30 +304,50 @@ class DecisionWriter:
                     self._queue.task_done()
 
     def _store(self, rows: list[dict[str, Any]]) -> None:
-        """Insert ``rows`` in one transaction, retried with backoff (the database may be briefly away); if it
-        still fails, row by row, so one bad row costs only itself. What cannot be stored is logged by id."""
-        for attempt in range(self.retries + 1):
+        """Insert ``rows`` in one transaction, waiting out database outages; if the database refuses the batch
+        itself, row by row, so one bad row costs only itself. A row that cannot be stored is logged by id."""
+        self._in_hand = len(rows)
+        try:
+            self._insert_through_outages(rows)
+        except Exception as error:
+            log.warning("could not store a batch of %d decisions (%s); storing them one by one",
+                        len(rows), type(error).__name__)  # fmt: skip
+            for row in rows:
+                try:
+                    self._insert_through_outages([row])
+                except Exception:
+                    log.exception("could not store decision %s; it is lost", row.get("decision_id"))
+        finally:
+            self._in_hand = 0
+
+    def _insert_through_outages(self, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows``; while the database is away (an OperationalError: down, unreachable, locked), wait and
+        try again, doubling the wait up to ``max_backoff``. Any other error is the rows' own and is raised."""
+        wait, outages = self.interval, 0
+        while True:
             try:
                 self.store.insert_decisions(rows)
-                return
-            except Exception as error:
-                if attempt == self.retries:
-                    log.warning("could not store a batch of %d decisions (%s); storing them one by one",
-                                len(rows), type(error).__name__)  # fmt: skip
-                else:
-                    time.sleep(self.interval * 2**attempt)
-        for row in rows:
-            try:
-                self.store.insert_decisions([row])
-            except Exception:
-                log.exception("could not store decision %s; it is lost", row.get("decision_id"))
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+                outages += 1
+                if outages == 1 or outages % 20 == 0:
+                    log.warning("database unavailable (%s); %d decisions wait, trying again every %.1f s at most",
+                                type(error).__name__, len(rows) + self._queue.qsize(), self.max_backoff)  # fmt: skip
+                time.sleep(wait)
+                wait = min(wait * 2, self.max_backoff)
+                continue
+            if outages:
+                log.warning("database back after %d failed tries; %d decisions stored", outages, len(rows))
+            return
 
     def flush(self) -> None:
         """Block until every row queued before this call is stored."""
         self._queue.join()
 
-    def close(self) -> None:
-        """Flush and stop the writer thread."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush and stop the writer thread; what it could not store within ``timeout`` seconds is reported lost."""
         if self._thread.is_alive():
             self._queue.put(None)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                log.error("the database stayed unavailable: %d decisions not stored at shutdown are lost",
+                          self._in_hand + max(self._queue.qsize() - 1, 0))  # fmt: skip

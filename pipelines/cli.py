@@ -469,6 +469,14 @@ def history_export(
         ),
         highlight=False,
     )
+    if summary.left_out_orders:
+        shown = summary.left_out_orders[:10]
+        more = len(summary.left_out_orders) - len(shown)
+        console.print(
+            f"left out {len(summary.left_out_orders)} orders whose history holds a value the history files cannot "
+            "carry: " + "; ".join(shown) + (f"; and {more} more" if more else ""),
+            highlight=False,
+        )
 
 
 codes_app = typer.Typer(help="Error codes: which ones the model has not learned yet, and cold-start priors.")

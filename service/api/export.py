@@ -26,7 +26,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from model.history import ATTEMPT_COLUMNS, NUDGE_COLUMNS, read_history, write_attempts, write_nudges
-from model.vocab import Action, Strategy
+from model.vocab import Action, Channel, Strategy
 from service.api.store import decisions, make_engine, outcomes
 from service.executor.store import nudges as nudge_table
 from service.executor.store import orders, transactions
@@ -48,6 +48,9 @@ class ExportSummary:
     nudges: int
     orders: int
     dropped_after_success: int = 0  # executor attempts after an order's success, left out (see executor_frames)
+    #: Orders left out whole because their history holds a strategy or channel the history files cannot carry,
+    #: one line each ("merchant/order: strategy 'x'").
+    left_out_orders: tuple[str, ...] = ()
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -276,6 +279,20 @@ def _only(frame: pd.DataFrame, keep: set[tuple[str, str]]) -> pd.DataFrame:
     return frame.loc[mask]
 
 
+def _unwritable_orders(attempts: pd.DataFrame, nudges: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Orders whose history holds a strategy or channel outside the history contract's lists (a decision request
+    may carry one: CONTRACT.md section 2), each with the first such value."""
+    found: dict[tuple[str, str], str] = {}
+    for frame, column, allowed in (
+        (attempts, "strategy", {strategy.value for strategy in Strategy}),
+        (nudges, "channel", {channel.value for channel in Channel}),
+    ):
+        for merchant_id, order_id, value in frame[["merchant_id", "order_id", column]].itertuples(index=False):
+            if value not in allowed:
+                found.setdefault((str(merchant_id), str(order_id)), f"{column} {value!r}")
+    return found
+
+
 def all_history_frames(engine: sa.Engine, since: datetime | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """(attempts, nudges, dropped) from the executor and the decision store (see the module docstring)."""
     exec_attempts, exec_nudges, dropped = executor_frames(engine)
@@ -316,6 +333,12 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         attempts_frame, nudges_frame, dropped = all_history_frames(engine, since)
     finally:
         engine.dispose()
+    # One order with a value the files cannot hold must not block every other order's feedback: it is left out
+    # whole, and named in the summary.
+    unwritable = _unwritable_orders(attempts_frame, nudges_frame)
+    if unwritable:
+        keep = (_orders_of(attempts_frame) | _orders_of(nudges_frame)) - set(unwritable)
+        attempts_frame, nudges_frame = _only(attempts_frame, keep), _only(nudges_frame, keep)
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
     write_attempts(attempts_frame, attempts_path)
     write_nudges(nudges_frame, nudges_path)
@@ -327,4 +350,5 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         nudges=len(nudges_frame),
         orders=attempts_frame[["merchant_id", "order_id"]].drop_duplicates().shape[0],
         dropped_after_success=dropped,
+        left_out_orders=tuple(f"{m}/{o}: {why}" for (m, o), why in sorted(unwritable.items())),
     )

@@ -488,6 +488,22 @@ def test_export_writes_valid_history_files(api: Api, tmp_path: Path) -> None:
     assert len(attempts) + len(nudges) >= 8  # plus one follow-up (attempt or nudge) per decided order
 
 
+def test_an_order_with_a_strategy_the_history_files_cannot_carry_is_left_out_and_named(
+    api: Api, tmp_path: Path
+) -> None:
+    odd = request_body(order_id="ord_odd")
+    first = odd["history"]["attempts"][0]
+    odd["history"]["attempts"] = [first, {**first, "attempt_number": 2, "strategy": "network_token_retry"}]
+    for body in (odd, request_body(order_id="ord_plain")):
+        answer = api.post("/v1/decisions", body).json()
+        outcome = _outcome(answer["decision_id"], order_id=body["order_id"], txn_id=f"{body['order_id']}_3")
+        assert api.post("/v1/outcomes", outcome).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    assert set(read_attempts(summary.attempts_path)["order_id"]) == {"ord_plain"}
+    assert summary.left_out_orders == ("m_demo/ord_odd: strategy 'network_token_retry'",)
+
+
 # ----------------------------------------------------------------------------------------- model lifecycle
 
 

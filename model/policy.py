@@ -21,15 +21,7 @@ from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
 from model.requests import Alternative, Decision, DecisionRequest
-from model.rules import (
-    SITUATIONAL_RETRY_RULES,
-    Candidate,
-    RuleContext,
-    build_context,
-    check,
-    enumerate_candidates,
-    permitted,
-)
+from model.rules import Candidate, build_context, enumerate_candidates, permitted, situation_blocked_retries
 from model.vocab import Action, Channel, ErrorClass, Strategy
 
 PRIORS_FILE = Path(__file__).resolve().parent.parent / "data" / "policy" / "priors.yaml"
@@ -234,7 +226,11 @@ def decide(
     if not any(candidate.action == Action.STOP for candidate in allowed):
         allowed.append(Candidate(action=Action.STOP, execute_at=request.event_time))
 
-    p_success = np.minimum(np.maximum(np.asarray(active.score(request, allowed), dtype=np.float64), 0.0), 1.0)
+    # Retries only the order's situation forbids (budget, window, flow) are scored in the same model call: the
+    # error-code verdict (``retryable``) is the best retry the error itself allows, whatever the merchant permits.
+    blocked = situation_blocked_retries(context, grid, allowed)
+    scores = np.minimum(np.maximum(np.asarray(active.score(request, allowed + blocked), dtype=np.float64), 0.0), 1.0)
+    p_success, p_blocked = scores[: len(allowed)].copy(), scores[len(allowed) :]
     for index, candidate in enumerate(allowed):
         if candidate.action == Action.STOP:
             p_success[index] = 0.0
@@ -268,12 +264,8 @@ def decide(
         reasons.append(f"thin evidence: the model saw {support} retries after this code")
     if not retry_indices:
         reasons.append("no silent retry permitted")
-    # The error-code verdict: with no retry permitted, the best retry that only the order's situation forbids.
     threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))
-    verdict_probability = (
-        retry_probability if retry_indices else _situation_blocked_retry_probability(request, context, grid, active)
-    )
-    retryable = verdict_probability >= threshold
+    retryable = max(retry_probability, float(p_blocked.max(initial=0.0))) >= threshold
 
     # Built from values decide() itself typed above, so pydantic's validation is skipped (model_construct): it
     # cost more than the whole choice. Serialising a wrongly typed field warns, and the tests turn warnings
@@ -294,22 +286,6 @@ def decide(
         reasons=reasons,
         rules_applied=list(context.rules_applied),
     )
-
-
-def _situation_blocked_retry_probability(
-    request: DecisionRequest, context: RuleContext, grid: list[Candidate], scorer: Scorer
-) -> float:
-    """P(success) of the best retry on the grid that breaks only situational rules (budgets, windows, the flow):
-    whether the error itself is worth a retry when this order may not have one. 0 when the error forbids it."""
-    blocked = [
-        candidate
-        for candidate in grid
-        if candidate.action == Action.RETRY and SITUATIONAL_RETRY_RULES.issuperset(check(context, candidate).broken)
-    ]
-    if not blocked:
-        return 0.0
-    scores = np.asarray(scorer.score(request, blocked), dtype=np.float64)
-    return float(np.clip(scores, 0.0, 1.0).max())
 
 
 def _alternatives(

@@ -776,6 +776,39 @@ def permitted(context: RuleContext, candidates: list[Candidate]) -> list[Candida
     return allowed
 
 
+def situation_blocked_retries(
+    context: RuleContext, candidates: list[Candidate], allowed: list[Candidate]
+) -> list[Candidate]:
+    """The retries among ``candidates`` that ``permitted`` left out of ``allowed`` only for the order's situation
+    (every rule they break is in SITUATIONAL_RETRY_RULES): what the error itself would still allow.
+
+    The answer is that of keeping the retries whose ``check`` breaks only situational rules, judged like
+    ``permitted``: each kind once, and each distinct ``execute_at`` once per action.
+    """
+    kept = {id(candidate) for candidate in allowed}
+    kinds: dict[tuple[Any, ...], tuple[bool, str | None]] = {}
+    moments: dict[tuple[str | None, int], bool] = {}
+    blocked: list[Candidate] = []
+    for candidate in candidates:
+        if candidate.action != _RETRY or id(candidate) in kept:
+            continue
+        kind = _KIND_OF(candidate)
+        verdict = kinds.get(kind)
+        if verdict is None:
+            broken = _broken_kind(context, *kind)
+            verdict = kinds[kind] = (SITUATIONAL_RETRY_RULES.issuperset(broken), _timed_action(kind[0], broken))
+        if not verdict[0]:
+            continue
+        at = candidate.execute_at
+        key = (verdict[1], id(at))  # the grid shares its datetime objects, which outlive this call
+        timing = moments.get(key)
+        if timing is None:
+            timing = moments[key] = SITUATIONAL_RETRY_RULES.issuperset(_broken_at(context, verdict[1], at))
+        if timing:
+            blocked.append(candidate)
+    return blocked
+
+
 _NO_KIND: Any = object()
 _KindVerdict = tuple[bool, str | None, dict[int, tuple[bool, datetime]]]
 

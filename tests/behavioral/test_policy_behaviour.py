@@ -136,3 +136,28 @@ def test_retryable_is_the_errors_verdict_even_when_the_order_may_not_retry(
     category_1 = {"error_code": "card_declined", "error_message": None, "network_decline_code": "04"}
     decision = decide(_spent_budget_request(category_1), make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
     assert not decision.retryable  # Visa category 1: the error forbids every re-attempt
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"error_code": "card_declined", "error_message": None, "network_decline_code": code}
+        for code in ("96", "51", "05", "91")
+    ]
+    # A configuration error: retry_same is weak, a cascade strong (the retry that made it flow-dependent).
+    + [{"error_code": "weird_x", "error_message": "Issue with configurations", "network_decline_code": None,
+        "unified_code": "UE_2000"}],
+)  # fmt: skip
+def test_retryable_does_not_depend_on_which_retry_flows_the_merchant_enabled(
+    with_model: bool, failure: dict[str, Any], bundle: ModelBundle
+) -> None:
+    scorer = bundle if with_model else None
+    request = make_request(payment={"card_network": "mastercard"}, failure=failure)
+    verdicts = {
+        tuple(flows): decide(
+            request, make_merchant(retry={"flows": flows}), scorer, catalog=load_catalog(), config=GREEDY
+        ).retryable
+        for flows in (["retry_same", "cascade", "step_up", "clear_pan", "alternate_network"], ["retry_same"], [])
+    }
+    assert len(set(verdicts.values())) == 1, verdicts

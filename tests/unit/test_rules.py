@@ -1129,6 +1129,16 @@ def _assert_permitted_is_checked(context: RuleContext, candidates: list[Candidat
     assert got == expected
     kept = [candidate for candidate in candidates if check(context, candidate).allowed]
     assert [id(c) for c in got[: len(kept)]] == [id(c) for c in kept], "permitted must return the input objects"
+    # The retries left out only for the order's situation: those whose check breaks situational rules alone.
+    situational = [
+        candidate
+        for candidate in candidates
+        if candidate.action == Action.RETRY
+        and not check(context, candidate).allowed
+        and rules.SITUATIONAL_RETRY_RULES.issuperset(check(context, candidate).broken)
+    ]
+    blocked = rules.situation_blocked_retries(context, candidates, got)
+    assert [id(c) for c in blocked] == [id(c) for c in situational]
 
 
 OTHER_ZONES = [UTC, ZoneInfo("America/New_York"), IST, ZoneInfo("Australia/Lord_Howe"), timezone(timedelta(hours=-3))]

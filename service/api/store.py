@@ -50,14 +50,15 @@ decisions = sa.Table(
 outcomes = sa.Table(
     "outcomes",
     metadata,
-    sa.Column("decision_id", sa.String(64), primary_key=True),
-    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("decision_id", sa.String(64), nullable=False),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
     sa.Column("order_id", sa.String(256), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("body_json", sa.Text, nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_outcomes_merchant_order", "merchant_id", "order_id"),
+    sa.PrimaryKeyConstraint("merchant_id", "decision_id", name="pk_outcomes_merchant_id_decision_id"),  # as 0004
 )
 
 log = logging.getLogger("winback.api")

@@ -28,7 +28,7 @@ from model.catalog import NormalisedError, load_catalog
 from model.money import load_economics
 from model.requests import DecisionRequest
 from model.rules import Candidate
-from model.vocab import RETRY_STRATEGIES, Action, ErrorClass
+from model.vocab import NOT_SILENT_RETRY_STRATEGIES, RETRY_STRATEGIES, Action, ErrorClass
 
 FloatArray = npt.NDArray[np.float64]
 ObjArray = npt.NDArray[np.object_]
@@ -649,7 +649,8 @@ def context_from_request(request: DecisionRequest, catalog: Normaliser | None = 
         "phone_present": float(customer.phone_present),
         "email_present": float(customer.email_present),
         "n_attempts": float(max(len(attempts), 1)),
-        "n_silent_retries": float(sum(a.strategy in RETRY_STRATEGIES for a in attempts)),
+        # Every re-attempt, one with a strategy winback does not know included (as the hard rules count them).
+        "n_silent_retries": float(sum(a.strategy not in NOT_SILENT_RETRY_STRATEGIES for a in attempts)),
         **{f"tried_{s.value}": float(s in strategies) for s in RETRY_STRATEGIES},
         "n_connectors_tried": float(len({a.connector for a in attempts}) or 1),
         "n_nudges": float(len(nudges)),

@@ -38,6 +38,7 @@ from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
 from model.vocab import (
+    NOT_SILENT_RETRY_STRATEGIES,
     RETRY_STRATEGIES,
     USER_CONSENT_AUTHENTICATION,
     USER_CONSENT_METHODS,
@@ -353,8 +354,6 @@ class RuleContext:
 
 
 _RETRY_STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.value for strategy in RETRY_STRATEGIES)
-#: History strategies that are not a silent re-attempt: the original payment and a payment through a link.
-_NOT_SILENT_RETRIES = frozenset({Strategy.INITIAL.value, Strategy.RETARGET_LINK.value})
 #: Every channel with its plain value, in the enum's order (``Enum.value`` is a slow property, read once here).
 _CHANNEL_ITEMS: tuple[tuple[Channel, str], ...] = tuple((channel, channel.value) for channel in Channel)
 _CHANNEL_VALUES = frozenset(name for _, name in _CHANNEL_ITEMS)
@@ -408,7 +407,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     connector_order = tuple(dict.fromkeys(request.available_connectors or merchant.connectors))
     # Every re-attempt counts against the budgets, one with a strategy winback does not know included.
-    retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in _NOT_SILENT_RETRIES))
+    retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in NOT_SILENT_RETRY_STRATEGIES))
     retries_used = len(retry_times)
     nudges_used = len(nudges)
 

@@ -29,6 +29,9 @@ RETRY_STRATEGIES: tuple[Strategy, ...] = (
     Strategy.CLEAR_PAN,
     Strategy.ALTERNATE_NETWORK,
 )
+#: History strategies that are not a silent re-attempt: the original payment and a payment through a link.
+#: Any other, one winback does not know included, is a re-attempt (retry budgets count it).
+NOT_SILENT_RETRY_STRATEGIES: frozenset[str] = frozenset({Strategy.INITIAL.value, Strategy.RETARGET_LINK.value})
 
 
 class Channel(StrEnum):

@@ -738,12 +738,38 @@ def permitted(context: RuleContext, candidates: list[Candidate]) -> list[Candida
     the candidates ``check`` allows, but each kind (action, strategy, connector, channel) is judged once, and
     each distinct ``execute_at`` once per action.
     """
+    allowed = _breaking_only(context, candidates, frozenset())
+    if _STOP not in map(_ACTION_OF, allowed):
+        allowed.append(Candidate(Action.STOP, context.event_time))
+    return allowed
+
+
+def situation_blocked_retries(
+    context: RuleContext, candidates: list[Candidate], allowed: list[Candidate]
+) -> list[Candidate]:
+    """The retries among ``candidates`` that ``permitted`` left out of ``allowed`` only for the order's situation
+    (every rule they break is in SITUATIONAL_RETRY_RULES): what the error itself would still allow.
+
+    The answer is that of keeping the retries whose ``check`` breaks only situational rules, judged like
+    ``permitted``.
+    """
+    kept = {id(candidate) for candidate in allowed}
+    left_out = [c for c in candidates if c.action == _RETRY and id(c) not in kept]
+    return _breaking_only(context, left_out, SITUATIONAL_RETRY_RULES)
+
+
+def _breaking_only(context: RuleContext, candidates: list[Candidate], tolerated: frozenset[str]) -> list[Candidate]:
+    """The candidates whose ``check`` breaks no rule outside ``tolerated``, in order (the input objects).
+
+    Each kind (action, strategy, connector, channel) is judged once, and each distinct ``execute_at`` once per
+    action whose time rules apply.
+    """
     # Moments are keyed by identity, not equality: equal instants in different zones are different inputs to
     # the rules (the Visa window subtracts wall-clock days), and a grid shares its datetime objects anyway.
     # Each entry keeps its moment alive, so no id can be reused while the cache exists.
     kinds: dict[tuple[Any, ...], _KindVerdict] = {}
     moments_by_action: dict[str | None, dict[int, tuple[bool, datetime]]] = {}
-    allowed: list[Candidate] = []
+    kept: list[Candidate] = []
     kind_ok, timed_action = False, None
     moments: dict[int, tuple[bool, datetime]] = {}
     action: Any = _NO_KIND
@@ -760,52 +786,17 @@ def permitted(context: RuleContext, candidates: list[Candidate]) -> list[Candida
             try:
                 known = kinds.get(kind)
                 if known is None:
-                    known = kinds[kind] = _kind_verdict(context, kind, moments_by_action)
+                    known = kinds[kind] = _kind_verdict(context, kind, tolerated, moments_by_action)
             except TypeError:  # an unhashable field: no valid Candidate has one, but judge it as check() would
-                known = _kind_verdict(context, kind, moments_by_action)
+                known = _kind_verdict(context, kind, tolerated, moments_by_action)
             kind_ok, timed_action, moments = known
         at = candidate.execute_at
         timing = moments.get(id(at))
         if timing is None:
-            timing = moments[id(at)] = (not _broken_at(context, timed_action, at), at)
+            timing = moments[id(at)] = (tolerated.issuperset(_broken_at(context, timed_action, at)), at)
         if kind_ok and timing[0]:
-            allowed.append(candidate)
-    if _STOP not in map(_ACTION_OF, allowed):
-        allowed.append(Candidate(Action.STOP, context.event_time))
-    return allowed
-
-
-def situation_blocked_retries(
-    context: RuleContext, candidates: list[Candidate], allowed: list[Candidate]
-) -> list[Candidate]:
-    """The retries among ``candidates`` that ``permitted`` left out of ``allowed`` only for the order's situation
-    (every rule they break is in SITUATIONAL_RETRY_RULES): what the error itself would still allow.
-
-    The answer is that of keeping the retries whose ``check`` breaks only situational rules, judged like
-    ``permitted``: each kind once, and each distinct ``execute_at`` once per action.
-    """
-    kept = {id(candidate) for candidate in allowed}
-    kinds: dict[tuple[Any, ...], tuple[bool, str | None]] = {}
-    moments: dict[tuple[str | None, int], bool] = {}
-    blocked: list[Candidate] = []
-    for candidate in candidates:
-        if candidate.action != _RETRY or id(candidate) in kept:
-            continue
-        kind = _KIND_OF(candidate)
-        verdict = kinds.get(kind)
-        if verdict is None:
-            broken = _broken_kind(context, *kind)
-            verdict = kinds[kind] = (SITUATIONAL_RETRY_RULES.issuperset(broken), _timed_action(kind[0], broken))
-        if not verdict[0]:
-            continue
-        at = candidate.execute_at
-        key = (verdict[1], id(at))  # the grid shares its datetime objects, which outlive this call
-        timing = moments.get(key)
-        if timing is None:
-            timing = moments[key] = SITUATIONAL_RETRY_RULES.issuperset(_broken_at(context, verdict[1], at))
-        if timing:
-            blocked.append(candidate)
-    return blocked
+            kept.append(candidate)
+    return kept
 
 
 _NO_KIND: Any = object()
@@ -813,12 +804,16 @@ _KindVerdict = tuple[bool, str | None, dict[int, tuple[bool, datetime]]]
 
 
 def _kind_verdict(
-    context: RuleContext, kind: tuple[Any, ...], moments_by_action: dict[str | None, dict[int, tuple[bool, datetime]]]
+    context: RuleContext,
+    kind: tuple[Any, ...],
+    tolerated: frozenset[str],
+    moments_by_action: dict[str | None, dict[int, tuple[bool, datetime]]],
 ) -> _KindVerdict:
-    """Whether ``kind`` breaks no rule, the action whose time rules apply to it, and that action's moment cache."""
+    """Whether ``kind`` breaks no rule outside ``tolerated``, the action whose time rules apply to it, and that
+    action's moment cache."""
     broken = _broken_kind(context, *kind)
     timed_action = _timed_action(kind[0], broken)
-    return not broken, timed_action, moments_by_action.setdefault(timed_action, {})
+    return tolerated.issuperset(broken), timed_action, moments_by_action.setdefault(timed_action, {})
 
 
 _KIND_OF = operator.attrgetter("action", "strategy", "connector", "channel")

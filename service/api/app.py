@@ -70,6 +70,11 @@ def _field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return text or "body"
 
 
+def _field_error(*loc: int | str, msg: str) -> RequestValidationError:
+    """A 422 for one value pydantic accepted but winback cannot use; ``loc`` is its path in the body."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg}])
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     details = []
     for error in exc.errors():
@@ -191,15 +196,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.exception_handler(RuleInputError)
     async def _on_rule_input_error(_request: Request, exc: RuleInputError) -> JSONResponse:
         # A field pydantic accepted (an extra the contract allows) but the hard rules cannot use: malformed input.
-        return _validation_response(
-            RequestValidationError([{"type": "value_error", "loc": ("body", exc.field), "msg": str(exc)}])
-        )
+        return _validation_response(_field_error(exc.field, msg=str(exc)))
 
     @app.exception_handler(BatchItemError)
     async def _on_batch_item_error(_request: Request, exc: BatchItemError) -> JSONResponse:
-        return _validation_response(
-            RequestValidationError([{"type": "value_error", "loc": ("body", exc.index, exc.field), "msg": str(exc)}])
-        )
+        return _validation_response(_field_error(exc.index, exc.field, msg=str(exc)))
 
     @app.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
     async def create_decision(body: DecisionRequest, caller: CallerDep, runtime: RuntimeDep) -> Response:
@@ -237,9 +238,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         except ForeignDecisionError as exc:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from None
         except OutcomeOrderMismatchError as exc:
-            raise RequestValidationError(
-                [{"type": "value_error", "loc": ("body", "order_id"), "msg": str(exc).removeprefix("order_id: ")}]
-            ) from None
+            raise _field_error("order_id", msg=str(exc)) from None
         return OutcomeOut(
             decision_id=stored.decision_id,
             order_id=stored.order_id,
@@ -277,7 +276,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 def serving_app(app: FastAPI) -> DecisionFastPath:
     """What the server runs: ``app`` behind the decision fast path, in front of all of FastAPI's own middleware,
     so a valid decision request never enters its stack (see fastpath.py); everything else goes to ``app``."""
-    return DecisionFastPath(app, fastapi_app=app)
+    return DecisionFastPath(app)
 
 
 def app_from_env() -> DecisionFastPath:

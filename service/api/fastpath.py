@@ -19,7 +19,7 @@ import time
 
 from fastapi import FastAPI
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from model.requests import DecisionRequest
 from service.api.deps import Runtime, bearer_key, caller_for_key
@@ -34,9 +34,8 @@ class DecisionFastPath:
     """ASGI wrapper of the app (``app.serving_app``): answers valid, authenticated ``POST /v1/decisions`` itself
     and passes everything else (lifespan included) to the app. The app's latency histogram counts both."""
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
-        self.fastapi_app = fastapi_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != DECISIONS_PATH:
@@ -51,14 +50,14 @@ class DecisionFastPath:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_RESPONSE_HEADERS, (b"content-length", str(len(answer)).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": answer})
-        runtime: Runtime = self.fastapi_app.state.runtime
+        runtime: Runtime = self.app.state.runtime
         runtime.metrics.observe_latency("POST", DECISIONS_PATH, 200, time.perf_counter() - started)
 
     def _answer(self, scope: Scope, body: bytes) -> bytes | None:
         """The answer's JSON, or None when the documented route must answer (errors keep its exact form)."""
-        if self.fastapi_app.dependency_overrides:
+        if self.app.dependency_overrides:
             return None
-        runtime: Runtime = self.fastapi_app.state.runtime
+        runtime: Runtime = self.app.state.runtime
         authorization = content_type = None
         for name, value in scope["headers"]:
             if name == b"authorization":

@@ -209,8 +209,8 @@ class Store:
         ``body`` is the outcome as JSON-ready values with at least decision_id, order_id, status and occurred_at
         (an ISO timestamp). Raises OutcomeConflictError for a different body under a stored decision_id, and
         ForeignDecisionError when the decision is stored as another merchant's, OutcomeOrderMismatchError when it was
-        served for another order. An outcome for a decision not
-        stored (yet) is kept under the merchant that sent it, and never stands in for another merchant's.
+        served for another order. An outcome for a decision not stored (yet) is kept under the merchant that sent
+        it, and never stands in for another merchant's.
         """
         decision_id = str(body["decision_id"])
         with self.engine.connect() as conn:
@@ -221,7 +221,7 @@ class Store:
             raise ForeignDecisionError(f"decision {decision_id!r} was not served to merchant {merchant_id!r}")
         if served is not None and served.order_id != str(body["order_id"]):
             raise OutcomeOrderMismatchError(
-                f"order_id: decision {decision_id!r} was served for order {served.order_id!r}, not {body['order_id']!r}"
+                f"decision {decision_id!r} was served for order {served.order_id!r}, not {body['order_id']!r}"
             )
         row = {
             "decision_id": decision_id,

@@ -6,7 +6,9 @@ payment method, error code) are plain strings so never-seen values are valid inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -26,17 +28,6 @@ AwareDatetime = Annotated[datetime, AfterValidator(_require_timezone)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-def _channel_if_known(name: str) -> str:
-    # Matched like the contract's other vocabularies are read: "WhatsApp " is whatsapp (an opt-out must hold).
-    key = name.strip().lower()
-    return Channel(key) if key in _CHANNEL_NAMES else name
-
-
-def _strategy_if_known(name: str) -> str:
-    key = name.strip().lower()
-    return Strategy(key) if key in _STRATEGY_NAMES else name
-
-
 def _attempt_status(value: str) -> str:
     status = value.strip().lower()
     if status not in ("success", "failure"):
@@ -44,24 +35,35 @@ def _attempt_status(value: str) -> str:
     return status
 
 
-_CHANNEL_NAMES = frozenset(channel.value for channel in Channel)
-_STRATEGY_NAMES = frozenset(strategy.value for strategy in Strategy)
+def _known_or_sent(vocabulary: type[StrEnum]) -> Callable[[str], str]:
+    """The validator of an open vocabulary (CONTRACT.md section 2: unknown enum values are valid input and get a
+    decision): a known value, matched trimmed and in any case ("WhatsApp " is whatsapp: an opt-out must hold),
+    becomes its enum member (a str); a value never seen stays the string sent."""
+    members = {member.value: member for member in vocabulary}
 
-# Input vocabularies are open (CONTRACT.md section 2: unknown enum values are valid input and get a decision): a
-# known value becomes its enum member (a str), a value never seen stays a plain string.
+    def known_or_sent(name: str) -> str:
+        return members.get(name.strip().lower(), name)
+
+    return known_or_sent
+
+
+def _names(vocabulary: type[StrEnum], noun: str) -> str:
+    return f"{', '.join(sorted(member.value for member in vocabulary))}, or a {noun} winback does not know"
+
+
 #: An attempt's status: a closed pair (CONTRACT.md section 3), unlike the vocabularies of connectors and codes.
 AttemptStatus = Annotated[str, AfterValidator(_attempt_status), Field(description="success or failure")]
 #: A channel as input: one of Channel's values, or the name of one winback does not know.
 ChannelName = Annotated[
     Annotated[str, Field(min_length=1, max_length=16)],  # the width of the stores' channel columns
-    AfterValidator(_channel_if_known),
-    Field(description=f"{', '.join(sorted(_CHANNEL_NAMES))}, or a channel winback does not know"),
+    AfterValidator(_known_or_sent(Channel)),
+    Field(description=_names(Channel, "channel")),
 ]
 #: An attempt's strategy as input: one of Strategy's values, or the name of one winback does not know.
 StrategyName = Annotated[
     Annotated[str, Field(min_length=1, max_length=32)],  # the width of the stores' strategy columns
-    AfterValidator(_strategy_if_known),
-    Field(description=f"{', '.join(sorted(_STRATEGY_NAMES))}, or a strategy winback does not know"),
+    AfterValidator(_known_or_sent(Strategy)),
+    Field(description=_names(Strategy, "strategy")),
 ]
 
 

@@ -222,15 +222,13 @@ def decide(
     active: Scorer = scorer if scorer is not None else RulesOnlyScorer(catalog)
     context = build_context(request, merchant, catalog)
     grid = enumerate_candidates(context)
-    allowed = permitted(context, grid)
-    if not any(candidate.action == Action.STOP for candidate in allowed):
-        allowed.append(Candidate(action=Action.STOP, execute_at=request.event_time))
+    allowed = permitted(context, grid)  # stop is always among them
 
     # Retries only the order's situation forbids (budget, window, flow) are scored in the same model call: the
     # error-code verdict (``retryable``) is the best retry the error itself allows, whatever the merchant permits.
     blocked = situation_blocked_retries(context, grid, allowed)
     scores = np.minimum(np.maximum(np.asarray(active.score(request, allowed + blocked), dtype=np.float64), 0.0), 1.0)
-    p_success, p_blocked = scores[: len(allowed)].copy(), scores[len(allowed) :]
+    p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for index, candidate in enumerate(allowed):
         if candidate.action == Action.STOP:
             p_success[index] = 0.0

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model.datafiles import DATA_DIR
 from model.vocab import ErrorClass
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: Where the shipped tables live, relative to the repository.
-CATALOG_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "catalog"
+CATALOG_DIR: Path = DATA_DIR / "catalog"
 
 ISO8583 = "iso8583"
 NPCI_UPI = "npci_upi"

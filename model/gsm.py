@@ -4,9 +4,9 @@ A merchant moving to winback from Hyperswitch already has a table saying, per co
 retries it. :func:`read_gsm` reads its CSV export (the table's own column names), :func:`to_overlay` turns each
 row into winback's terms (an error class, a retryability prior, whether step-up / clear-PAN / alternate network
 is worth trying) and :func:`write_overlay` / :func:`load_overlay` keep that as a small CSV (by default under
-``data/generated/``). :func:`with_overlay` extends an error catalog with the overlay's codes that the catalog does
-not know, so the rules and the rules-only priors treat a code no history has shown yet the way the switch did.
-The shipped catalog always wins over the overlay for codes it knows.
+``data/generated/`` of a checkout, ``./generated/`` when installed). :func:`with_overlay` extends an error catalog
+with the overlay's codes that the catalog does not know, so the rules and the rules-only priors treat a code no
+history has shown yet the way the switch did. The shipped catalog always wins over the overlay for codes it knows.
 
 How a row becomes a class, first match wins: its ``unified_code`` in the catalog's unified table; its
 ``error_category``; the catalog's keyword rules on its message (and ``unified_message``); then its flags and
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.catalog import CatalogCode, ErrorCatalog, load_catalog
+from model.datafiles import GENERATED_DIR
 from model.vocab import ErrorClass
 
-#: Default place of the imported overlay (ignored by git: generated data).
-DEFAULT_OVERLAY = Path(__file__).resolve().parent.parent / "data" / "generated" / "gsm_overlay.csv"
+#: Default place of the imported overlay: generated data, outside the package (``model.datafiles.GENERATED_DIR``).
+DEFAULT_OVERLAY = GENERATED_DIR / "gsm_overlay.csv"
 
 #: Columns of Hyperswitch's ``gateway_status_map`` table; the first four must be present in an import.
 GSM_COLUMNS: tuple[str, ...] = (

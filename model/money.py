@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from model.datafiles import DATA_DIR
 from model.vocab import Channel, Strategy
 
-COSTS_FILE = Path(__file__).resolve().parent.parent / "data" / "economics" / "costs.yaml"
+COSTS_FILE = DATA_DIR / "economics" / "costs.yaml"
 
 
 @dataclass(frozen=True)

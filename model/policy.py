@@ -18,13 +18,14 @@ import numpy as np
 import yaml
 
 from model.catalog import ErrorCatalog, NormalisedError
+from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
 from model.requests import Alternative, Decision, DecisionRequest
 from model.rules import Candidate, build_context, enumerate_candidates, permitted, situation_blocked_retries
 from model.vocab import Action, Channel, ErrorClass, Strategy
 
-PRIORS_FILE = Path(__file__).resolve().parent.parent / "data" / "policy" / "priors.yaml"
+PRIORS_FILE = DATA_DIR / "policy" / "priors.yaml"
 RULES_ONLY_VERSION = "rules-only"
 #: A retry this many hours or more after the decision point counts as "later" in the priors table.
 LATER_HOURS = 20.0

@@ -28,13 +28,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import yaml
 
 from model.catalog import ErrorCatalog, NormalisedError
+from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
 from model.vocab import (
@@ -52,7 +52,7 @@ from model.vocab import (
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
 _CASCADE, _RETRY_SAME = Strategy.CASCADE, Strategy.RETRY_SAME
 
-RULES_FILE = Path(__file__).resolve().parent.parent / "data" / "rules" / "hard_rules.yaml"
+RULES_FILE = DATA_DIR / "rules" / "hard_rules.yaml"
 
 #: Extra request field a caller may send: silent re-attempts on this card in the last 30 days, all orders.
 CARD_REATTEMPTS_FIELD = "card_reattempts_30d"

@@ -533,7 +533,8 @@ def codes_report(
 def codes_import_gsm(
     file: Annotated[Path, typer.Argument(help="CSV export of Hyperswitch's gateway_status_map table.")],
     out: Annotated[
-        Path | None, typer.Option("--out", help="Overlay file (default: data/generated/gsm_overlay.csv).")
+        Path | None,
+        typer.Option("--out", help="Overlay file (default: data/generated/gsm_overlay.csv, installed: ./generated/)."),
     ] = None,
 ) -> None:
     """Import a gateway status map as priors and rules for codes no history has shown yet.

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from model.datafiles import DEMO_REQUEST_FILE
 from model.registry import get_alias_version
 from pipelines.simulate import simulate
 from pipelines.train import run_training
@@ -83,7 +84,7 @@ def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
             f"  evaluation      {paths.workdir / 'mlruns'} (artifacts of the training run: evaluation/evaluation.md)",
             "  try a decision:",
             f"    curl -s {base}/v1/decisions -H 'Authorization: Bearer wb_demo_{DEMO_MERCHANT}' \\",
-            "      -H 'content-type: application/json' -d @data/demo/request.json",
+            f"      -H 'content-type: application/json' -d @{DEMO_REQUEST_FILE}",
         ]
     )
 

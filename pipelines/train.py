@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from model.datafiles import DEMO_MERCHANTS_FILE
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
 from pipelines.gate import GATE_METRICS, GateMetric, GateResult, compare, gate_table, paired_noise
@@ -41,7 +42,7 @@ _STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
 ENGINES = ("local", "dask")
 #: pipelines.evaluate's default sample of holdout orders, replayed by every policy.
 _EVALUATION_MAX_POINTS = 5_000
-_DEMO_CONFIG = Path(__file__).resolve().parents[1] / "data" / "demo" / "merchants.yaml"
+_DEMO_CONFIG = DEMO_MERCHANTS_FILE
 
 
 class TrainInputError(ValueError):

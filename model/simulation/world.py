@@ -17,11 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
-from pathlib import Path
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from model.catalog import ErrorCatalog, load_catalog
+
+# The demo merchant config describes the simulated merchants (one source of truth for their rules).
+from model.datafiles import DEMO_MERCHANTS_FILE
 from model.merchant_config import MerchantConfig, load_config
 from model.money import Economics, load_economics
 from model.simulation.params import (
@@ -33,9 +35,6 @@ from model.simulation.params import (
 )
 from model.vocab import Channel, Strategy
 from model.vocab import ErrorClass as E
-
-#: The demo merchant config that describes the simulated merchants (one source of truth for their rules).
-DEMO_MERCHANTS_FILE = Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml"
 
 _DAY = 86400.0
 T = TypeVar("T")

@@ -28,8 +28,10 @@ from typing import Any
 import httpx
 import orjson
 
+from model import datafiles
+
 #: The decision request of the benchmark: the shipped demo request (CONTRACT.md section 2, merchant m_us_saas).
-DEMO_REQUEST_FILE = Path(__file__).resolve().parents[2] / "data" / "demo" / "request.json"
+DEMO_REQUEST_FILE = datafiles.DEMO_REQUEST_FILE
 BENCH_MERCHANT = "m_us_saas"
 BENCH_KEY = f"wb_demo_{BENCH_MERCHANT}"
 

@@ -9,8 +9,10 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.datafiles import DEMO_MERCHANTS_FILE
+
 #: The shipped demo merchant config (CONTRACT.md section 1: ``--config`` defaults to it).
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml"
+DEMO_CONFIG = DEMO_MERCHANTS_FILE
 DEFAULT_DATABASE_URL = "sqlite:///winback.db"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 

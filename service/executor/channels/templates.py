@@ -23,10 +23,11 @@ from pathlib import Path
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, Undefined
 from jinja2.sandbox import SandboxedEnvironment
 
+from model.datafiles import DATA_DIR
 from model.merchant_config import WinbackConfig
 from model.vocab import Channel
 
-DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "data" / "templates"
+DEFAULT_TEMPLATES_DIR = DATA_DIR / "templates"
 DEFAULT_DIR_NAME = "_default"
 FALLBACK_LOCALE = "en"
 

@@ -47,6 +47,7 @@ from service.api.store import (
     OutcomeConflictError,
     OutcomeOrderMismatchError,
     Store,
+    decision_spool,
     make_engine,
 )
 from service.console.routes import mount_console
@@ -157,7 +158,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         await run_in_threadpool(upgrade, engine)
     runtime.store = Store(engine)
-    runtime.writer = DecisionWriter(runtime.store, interval=settings.decision_flush_seconds)
+    runtime.writer = DecisionWriter(
+        runtime.store, interval=settings.decision_flush_seconds, spool=decision_spool(settings.spool_dir)
+    )
     await run_in_threadpool(runtime.holder.start)
     log.info(
         "decision API ready",

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_decisions: bool = Field(default=True, description="One JSON log line per decision served.")
     decision_flush_seconds: float = Field(default=0.2, gt=0, description="Write-behind interval of decisions.")
+    spool_dir: Path = Field(
+        default=Path("winback-spool"),
+        description="Where decisions wait on disk while the database is away (stored when it is back).",
+    )
     max_batch: int = Field(default=500, ge=1, description="Most requests accepted by /v1/decisions:batch.")
     seed: int | None = Field(default=None, description="Seed of the exploration RNG (None: fresh entropy).")
     gsm_overlay: Path | None = Field(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from model.requests import Decision, DecisionRequest
+from service.api.spool import DecisionSpool
 
 metadata = sa.MetaData()
 
@@ -62,6 +64,12 @@ outcomes = sa.Table(
 )
 
 log = logging.getLogger("winback.api")
+
+
+def decision_spool(directory: str | Path) -> DecisionSpool:
+    """A spool in ``directory`` for ``decisions`` rows (their datetime columns read back as datetimes)."""
+    columns = tuple(column.name for column in decisions.columns if isinstance(column.type, sa.DateTime))
+    return DecisionSpool(directory, columns)
 
 
 class OutcomeConflictError(ValueError):
@@ -162,6 +170,15 @@ class Store:
                 conn.execute(decisions.insert(), fresh)
         return len(fresh)
 
+    def ping(self) -> bool:
+        """Whether the database answers a trivial query now."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            return False
+        return True
+
     def get_decision(self, decision_id: str) -> dict[str, Any] | None:
         """The stored decision row (request and answer as parsed JSON), or None."""
         with self.engine.connect() as conn:
@@ -255,75 +272,158 @@ class Store:
 class DecisionWriter:
     """Writes decision rows behind the requests: a daemon thread inserts whatever queued, every ``interval`` s.
 
-    ``flush()`` blocks until everything queued so far is stored; ``close()`` flushes and stops the thread.
+    While the database is away the writer waits, doubling the wait up to ``max_backoff``. With a ``spool``, rows
+    never pile up in memory beyond ``max_queued`` and are never lost: past that backlog, or at shutdown during an
+    outage, they move to the spool on disk and are stored when the database is back (or at the next start); rows
+    the database refuses are kept in the spool's rejected file. Without one, they wait in memory and whatever is
+    unstored at shutdown is reported lost.
+
+    ``flush()`` blocks until everything queued so far is stored (or spooled); ``close()`` flushes and stops the
+    thread.
     """
 
-    def __init__(self, store: Store, interval: float = 0.2, max_batch: int = 500, max_backoff: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        interval: float = 0.2,
+        max_batch: int = 500,
+        max_backoff: float = 5.0,
+        *,
+        spool: DecisionSpool | None = None,
+        max_queued: int = 10_000,
+    ) -> None:
         self.store = store
         self.interval = interval
         self.max_batch = max_batch
         self.max_backoff = max_backoff
+        self.spool = spool
+        self.max_queued = max_queued
         self._in_hand = 0  # rows taken off the queue and not yet stored (for the shutdown report)
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._closing = threading.Event()
+        self._wake = threading.Event()  # ends an outage wait early: the backlog passed the bound, or closing
+        self._stop = False
+        self._next_probe = 0.0  # when an idle writer holding spooled rows may next ask whether the database is back
         self._thread = threading.Thread(target=self._run, name="winback-decision-writer", daemon=True)
         self._thread.start()
 
     def put(self, row: dict[str, Any]) -> None:
         """Queue one decision row (never blocks)."""
         self._queue.put_nowait(row)
+        if self.spool is not None and self._queue.qsize() >= self.max_queued:
+            self._wake.set()
 
-    def _take(self, first: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int, bool]:
-        """``first`` and whatever else is queued: (rows, items taken, stop requested)."""
-        rows = [first] if first is not None else []
-        taken, stop = 1, first is None
-        while len(rows) < self.max_batch:
+    def _take(self, first: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int]:
+        """``first`` (taken off the queue; None is the stop request) and whatever else is queued, up to
+        ``max_batch`` rows: (rows, items taken)."""
+        self._stop |= first is None
+        rows, taken = self._drain(self.max_batch - (first is not None))
+        return ([first, *rows] if first is not None else rows), taken + 1
+
+    def _drain(self, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Up to ``limit`` (default: all) queued rows, and how many items were taken; taking the stop request
+        sets ``_stop``."""
+        rows: list[dict[str, Any]] = []
+        taken = 0
+        while limit is None or len(rows) < limit:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             taken += 1
             if item is None:
-                stop = True
+                self._stop = True
             else:
                 rows.append(item)
-        return rows, taken, stop
+        return rows, taken
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
+        self._replay_spool()
+        while not self._stop:
             try:
                 first = self._queue.get(timeout=self.interval)
             except queue.Empty:
+                if self.spool is not None and self.spool.holds_rows and self._database_back():
+                    self._replay_spool()  # idle, and the database is back for what was spooled
                 continue
             if first is not None:
                 time.sleep(self.interval)  # let a batch gather: one transaction per interval, not per decision
-            rows, taken, stop = self._take(first)
+            rows, taken = self._take(first)
             try:
-                self._store(rows)
+                stored = self._store(rows)
             finally:
-                for _ in range(taken):
-                    self._queue.task_done()
+                self._finish(taken)
+            if stored and self.spool is not None and self.spool.holds_rows:
+                self._replay_spool()  # the database took this batch: it is back for what was spooled too
 
-    def _store(self, rows: list[dict[str, Any]]) -> None:
+    def _database_back(self) -> bool:
+        """Whether the database answers (asked at most every ``max_backoff`` seconds)."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + self.max_backoff
+        return self.store.ping()
+
+    def _replay_spool(self) -> None:
+        """Store the rows waiting in the spool (this process's and any left by a process that is gone)."""
+        if self.spool is None:
+            return
+        try:
+            for path in self.spool.claim():
+                count, all_stored = 0, True
+                for rows in self.spool.read(path, self.max_batch):
+                    count += len(rows)
+                    all_stored &= self._store(rows)
+                self.spool.release(path)
+                if all_stored:
+                    log.warning("stored %d decisions kept in the spool file %s", count, path.name)
+                else:
+                    log.warning("the database went away again while storing the spool file %s; its %d decisions "
+                                "are back in the spool", path.name, count)  # fmt: skip
+        except OSError:
+            log.exception("could not read the decision spool in %s; its files stay for the next try",
+                          self.spool.directory)  # fmt: skip
+
+    def _store(self, rows: list[dict[str, Any]]) -> bool:
         """Insert ``rows`` in one transaction, waiting out database outages; if the database refuses the batch
-        itself, row by row, so one bad row costs only itself. A row that cannot be stored is logged by id."""
+        itself, row by row, so one bad row costs only itself. A row that cannot be stored is kept in the spool's
+        rejected file, or without a spool logged as lost, by id. False when rows went to the spool instead."""
         self._in_hand = len(rows)
         try:
-            self._insert_through_outages(rows)
+            return self._insert_through_outages(rows)
         except Exception as error:
             log.warning("could not store a batch of %d decisions (%s); storing them one by one",
                         len(rows), type(error).__name__)  # fmt: skip
+            all_stored = True
             for row in rows:
+                single = [row]
                 try:
-                    self._insert_through_outages([row])
-                except Exception:
-                    log.exception("could not store decision %s; it is lost", row.get("decision_id"))
+                    all_stored &= self._insert_through_outages(single)
+                except Exception as row_error:
+                    if len(single) == 1:
+                        self._refused(row, row_error)
+                    else:  # the backlog joined it during an outage the spool could not take
+                        all_stored &= self._store(single)
+            return all_stored
         finally:
             self._in_hand = 0
 
-    def _insert_through_outages(self, rows: list[dict[str, Any]]) -> None:
+    def _refused(self, row: dict[str, Any], error: Exception) -> None:
+        decision_id = row.get("decision_id")
+        if self.spool is None:
+            log.error("could not store decision %s; it is lost", decision_id, exc_info=error)
+            return
+        try:
+            kept = self.spool.reject(row, f"{type(error).__name__}: {error}")
+        except OSError:
+            log.exception("could not store decision %s nor keep it in the spool; it is lost", decision_id)
+            return
+        log.error("the database refused decision %s; kept in %s", decision_id, kept, exc_info=error)
+
+    def _insert_through_outages(self, rows: list[dict[str, Any]]) -> bool:
         """Insert ``rows``; while the database is away (an OperationalError: down, unreachable, locked), wait and
-        try again, doubling the wait up to ``max_backoff``. Any other error is the rows' own and is raised."""
+        try again, doubling the wait up to ``max_backoff``, or move the rows to the spool (``_spill``: False).
+        Any other error is the rows' own and is raised."""
         wait, outages = self.interval, 0
         while True:
             try:
@@ -333,21 +433,50 @@ class DecisionWriter:
                 if outages == 1 or outages % 20 == 0:
                     log.warning("database unavailable (%s); %d decisions wait, trying again every %.1f s at most",
                                 type(error).__name__, len(rows) + self._queue.qsize(), self.max_backoff)  # fmt: skip
-                time.sleep(wait)
+                if self._spill(rows):
+                    return False
+                self._wake.wait(wait)
+                self._wake.clear()
                 wait = min(wait * 2, self.max_backoff)
                 continue
             if outages:
                 log.warning("database back after %d failed tries; %d decisions stored", outages, len(rows))
-            return
+            return True
+
+    def _spill(self, rows: list[dict[str, Any]]) -> bool:
+        """During an outage, once the backlog passed ``max_queued`` or the writer is closing, move ``rows`` and
+        the whole backlog to the spool; whether they moved. The backlog joins ``rows`` (in place: the caller
+        stores what it holds), so a spool that cannot be written leaves every row waiting in hand."""
+        if self.spool is None or not (self._closing.is_set() or self._queue.qsize() >= self.max_queued):
+            return False
+        backlog, taken = self._drain()
+        rows.extend(backlog)
+        self._in_hand = len(rows)
+        self._finish(taken)
+        try:
+            self.spool.append(rows)
+        except OSError:
+            log.exception("could not write the decision spool; %d decisions keep waiting in memory", len(rows))
+            return False
+        log.warning("database unavailable: %d decisions moved to the spool %s", len(rows), self.spool.pending_path)
+        return True
+
+    def _finish(self, taken: int) -> None:
+        for _ in range(taken):
+            self._queue.task_done()
 
     def flush(self) -> None:
-        """Block until every row queued before this call is stored."""
+        """Block until every row queued before this call is stored (or spooled)."""
         self._queue.join()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush and stop the writer thread; what it could not store within ``timeout`` seconds is reported lost."""
+        """Flush and stop the writer thread. With a spool, what the database cannot take now is spooled at
+        once; without one, what could not be stored within ``timeout`` seconds is reported lost."""
         if self._thread.is_alive():
             self._queue.put(None)
+            if self.spool is not None:
+                self._closing.set()
+                self._wake.set()
             self._thread.join(timeout=timeout)
             if self._thread.is_alive():
                 log.error("the database stayed unavailable: %d decisions not stored at shutdown are lost",

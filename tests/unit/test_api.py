@@ -29,8 +29,6 @@ from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
 from service.api.schemas import MAX_BATCH
 from service.api.settings import DEMO_CONFIG, Settings
-from service.api.store import DecisionWriter, Store, decision_row, make_engine
-from service.migrations import upgrade
 from tests.factories import make_request, write_merchant_config
 
 DEMO_KEY = "wb_demo_m_demo"
@@ -713,63 +711,3 @@ def test_json_formatter_time_is_utc_iso_to_the_millisecond(created: float) -> No
 def test_key_digest_in_config_is_sha256_of_the_key(tmp_path: Path) -> None:
     config = write_merchant_config(tmp_path / "m.yaml", ["m_x"])
     assert hashlib.sha256(b"wb_demo_m_x").hexdigest() in config.read_text(encoding="utf-8")
-
-
-def _stored_row(decision_id: str) -> dict[str, Any]:
-    request = make_request()
-    decision = Decision.model_validate(
-        {
-            "decision_id": decision_id, "model_version": "rules-only", "action": "stop",
-            "execute_at": request.event_time, "retryable": False, "retry_probability": 0.0,
-            "expected_success": 0.0, "propensity": 1.0, "alternatives": [], "reasons": [], "rules_applied": [],
-        }
-    )  # fmt: skip
-    return decision_row(request, decision)
-
-
-def _stored_ids(engine: sa.Engine) -> list[str]:
-    with engine.connect() as conn:
-        return sorted(conn.scalars(sa.text("SELECT decision_id FROM decisions")))
-
-
-def test_a_duplicate_id_in_one_batch_is_stored_once_and_the_rest_of_the_batch_with_it(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-    upgrade(engine)
-    store = Store(engine)
-    assert store.insert_decisions([_stored_row("dec_a"), _stored_row("dec_b"), _stored_row("dec_a")]) == 2
-    assert _stored_ids(engine) == ["dec_a", "dec_b"]
-    engine.dispose()
-
-
-class _FlakyStore(Store):
-    """Fails the first ``outages`` inserts (a database briefly away), and always refuses the row ``bad_id``."""
-
-    def __init__(self, engine: sa.Engine, outages: int, bad_id: str) -> None:
-        super().__init__(engine)
-        self.outages = outages
-        self.bad_id = bad_id
-
-    def insert_decisions(self, rows: Any) -> int:
-        rows = list(rows)
-        if self.outages > 0:
-            self.outages -= 1
-            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
-        if any(row["decision_id"] == self.bad_id for row in rows):
-            raise ValueError("row refused")
-        return super().insert_decisions(rows)
-
-
-def test_the_decision_writer_waits_out_an_outage_and_loses_only_a_row_the_database_refuses(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-    upgrade(engine)
-    writer = DecisionWriter(_FlakyStore(engine, outages=12, bad_id="dec_bad"), interval=0.01, max_backoff=0.02)
-    with caplog.at_level(logging.WARNING, logger="winback.api"):
-        for decision_id in ("dec_1", "dec_bad", "dec_2"):
-            writer.put(_stored_row(decision_id))
-        writer.close()
-    assert _stored_ids(engine) == ["dec_1", "dec_2"]
-    lost = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert lost == ["could not store decision dec_bad; it is lost"]
-    engine.dispose()

@@ -1,0 +1,228 @@
+"""The decision writer: batches behind the requests, outages waited out, and with a spool nothing lost and memory
+bounded during a long one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from model.requests import Decision
+from service.api.spool import DecisionSpool
+from service.api.store import DecisionWriter, Store, decision_row, decision_spool, make_engine
+from service.migrations import upgrade
+from tests.factories import make_request
+
+
+def _stored_row(decision_id: str) -> dict[str, Any]:
+    request = make_request()
+    decision = Decision.model_validate(
+        {
+            "decision_id": decision_id, "model_version": "rules-only", "action": "stop",
+            "execute_at": request.event_time, "retryable": False, "retry_probability": 0.0,
+            "expected_success": 0.0, "propensity": 1.0, "alternatives": [], "reasons": [], "rules_applied": [],
+        }
+    )  # fmt: skip
+    return decision_row(request, decision)
+
+
+def _stored_ids(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.scalars(sa.text("SELECT decision_id FROM decisions")))
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Any:
+    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def _unavailable() -> sa.exc.OperationalError:
+    return sa.exc.OperationalError("INSERT", {}, Exception("could not connect to server"))
+
+
+class _FlakyStore(Store):
+    """Fails the first ``outages`` inserts (a database briefly away), and always refuses the row ``bad_id``."""
+
+    def __init__(self, engine: sa.Engine, outages: int, bad_id: str) -> None:
+        super().__init__(engine)
+        self.outages = outages
+        self.bad_id = bad_id
+
+    def insert_decisions(self, rows: Any) -> int:
+        rows = list(rows)
+        if self.outages > 0:
+            self.outages -= 1
+            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        if any(row["decision_id"] == self.bad_id for row in rows):
+            raise ValueError("row refused")
+        return super().insert_decisions(rows)
+
+
+class _SwitchedStore(Store):
+    """A database that is away while ``down`` is set."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.down = threading.Event()
+
+    def insert_decisions(self, rows: Any) -> int:
+        if self.down.is_set():
+            raise _unavailable()
+        return super().insert_decisions(rows)
+
+
+def _wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _spooled_rows(directory: Path, prefix: str = "pending") -> list[dict[str, Any]]:
+    return [
+        orjson.loads(line) for path in directory.glob(f"{prefix}-*.jsonl") for line in path.read_bytes().splitlines()
+    ]
+
+
+def test_a_duplicate_id_in_one_batch_is_stored_once_and_the_rest_of_the_batch_with_it(engine: sa.Engine) -> None:
+    store = Store(engine)
+    assert store.insert_decisions([_stored_row("dec_a"), _stored_row("dec_b"), _stored_row("dec_a")]) == 2
+    assert _stored_ids(engine) == ["dec_a", "dec_b"]
+
+
+def test_the_decision_writer_waits_out_an_outage_and_loses_only_a_row_the_database_refuses(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = DecisionWriter(_FlakyStore(engine, outages=12, bad_id="dec_bad"), interval=0.01, max_backoff=0.02)
+    with caplog.at_level(logging.WARNING, logger="winback.api"):
+        for decision_id in ("dec_1", "dec_bad", "dec_2"):
+            writer.put(_stored_row(decision_id))
+        writer.close()
+    assert _stored_ids(engine) == ["dec_1", "dec_2"]
+    lost = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert lost == ["could not store decision dec_bad; it is lost"]
+
+
+def test_with_a_spool_a_row_the_database_refuses_is_kept_with_its_reason(
+    engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = decision_spool(tmp_path / "spool")
+    writer = DecisionWriter(_FlakyStore(engine, outages=2, bad_id="dec_bad"), interval=0.01, spool=spool)
+    with caplog.at_level(logging.WARNING, logger="winback.api"):
+        for decision_id in ("dec_1", "dec_bad", "dec_2"):
+            writer.put(_stored_row(decision_id))
+        writer.flush()
+        writer.close()
+    assert _stored_ids(engine) == ["dec_1", "dec_2"]
+    (kept,) = _spooled_rows(tmp_path / "spool", "rejected")
+    assert kept["row"]["decision_id"] == "dec_bad"
+    assert kept["reason"] == "ValueError: row refused"
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [f"the database refused decision dec_bad; kept in {spool.rejected_path}"]
+
+
+def test_a_long_outage_moves_the_backlog_to_disk_and_stores_it_when_the_database_is_back(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = _SwitchedStore(engine)
+    store.down.set()
+    spool_dir = tmp_path / "spool"
+    spool = decision_spool(spool_dir)
+    writer = DecisionWriter(store, interval=0.01, max_backoff=0.05, max_batch=5, spool=spool, max_queued=5)
+    rows = {decision_id: _stored_row(decision_id) for decision_id in (f"dec_{i:03d}" for i in range(60))}
+    ids = list(rows)
+    for row in rows.values():
+        writer.put(row)
+        time.sleep(0.001)
+
+    # Memory holds at most one batch in hand and the bound in the queue; the rest is on disk.
+    def spooled() -> bool:
+        on_disk = {
+            row["decision_id"] for prefix in ("pending", "replaying") for row in _spooled_rows(spool_dir, prefix)
+        }
+        return len(on_disk) >= len(ids) - 10 and writer._queue.qsize() <= 5
+
+    _wait_for(spooled)
+    assert _stored_ids(engine) == []
+
+    store.down.clear()
+    writer.flush()
+    _wait_for(lambda: _stored_ids(engine) == ids)
+    writer.close()
+    assert list((tmp_path / "spool").iterdir()) == []
+    # The rows came back from disk as they went in: the same timestamps, request and answer.
+    stored, expected = store.get_decision("dec_000"), rows["dec_000"]
+    assert stored is not None
+    for column in ("event_time", "execute_at", "created_at"):  # SQLite hands datetimes back naive (UTC)
+        assert stored[column] == expected[column].replace(tzinfo=None)
+    assert stored["request"] == orjson.loads(expected["request_json"])
+    assert stored["answer"] == orjson.loads(expected["answer_json"])
+
+
+def test_shutdown_during_an_outage_spools_at_once_and_the_next_start_stores_the_rows(
+    engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _SwitchedStore(engine)
+    store.down.set()
+    writer = DecisionWriter(store, interval=0.01, max_backoff=0.05, spool=decision_spool(tmp_path / "spool"))
+    for decision_id in ("dec_1", "dec_2", "dec_3"):
+        writer.put(_stored_row(decision_id))
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="winback.api"):
+        writer.close(timeout=30.0)
+    assert time.monotonic() - started < 5.0  # no waiting out the outage: the rows are safe on disk
+    assert not [record for record in caplog.records if "lost" in record.getMessage()]
+    assert sorted(row["decision_id"] for row in _spooled_rows(tmp_path / "spool")) == ["dec_1", "dec_2", "dec_3"]
+
+    store.down.clear()
+    restarted = DecisionWriter(store, interval=0.01, spool=decision_spool(tmp_path / "spool"))
+    _wait_for(lambda: _stored_ids(engine) == ["dec_1", "dec_2", "dec_3"])
+    restarted.close()
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_spool_file_is_claimed_once_and_another_live_process_s_files_are_left_alone(tmp_path: Path) -> None:
+    columns = ("created_at",)
+    first, second = DecisionSpool(tmp_path, columns), DecisionSpool(tmp_path, columns)
+    first.append([{"decision_id": "dec_1", "created_at": "2026-12-03T10:00:00+00:00"}])
+    (tmp_path / "replaying-999999999-dead-0.jsonl").write_bytes(b'{"decision_id": "dec_2"}\n')  # its process died
+    (tmp_path / f"replaying-{os.getppid()}-live-0.jsonl").write_bytes(b'{"decision_id": "dec_3"}\n')
+    (tmp_path / "pending-999999999-dead.jsonl").write_bytes(b'{"decision_id": "dec_4"}\n')
+    (tmp_path / f"pending-{os.getppid()}-live.jsonl").write_bytes(b'{"decision_id": "dec_5"}\n')  # still writing
+    claimed = second.claim()
+    assert second.claim() == []
+    assert first.claim() == []
+    rows = [row for path in claimed for batch in second.read(path, 10) for row in batch]
+    assert sorted(row["decision_id"] for row in rows) == ["dec_1", "dec_2", "dec_4"]
+    (first_row,) = [row for row in rows if row["decision_id"] == "dec_1"]
+    assert first_row["created_at"].isoformat() == "2026-12-03T10:00:00+00:00"
+    for path in claimed:
+        second.release(path)
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left == [f"pending-{os.getppid()}-live.jsonl", f"replaying-{os.getppid()}-live-0.jsonl"]
+
+
+def test_a_line_cut_short_by_a_crash_is_kept_aside_and_the_rest_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = DecisionSpool(tmp_path, ())
+    spool.append([{"decision_id": "dec_1"}])
+    with spool.pending_path.open("ab") as handle:
+        handle.write(b'{"decision_id": "dec_2", "answ')
+    (path,) = spool.claim()
+    with caplog.at_level(logging.ERROR, logger="winback.api"):
+        rows = [row for batch in spool.read(path, 10) for row in batch]
+    assert rows == [{"decision_id": "dec_1"}]
+    (kept,) = _spooled_rows(tmp_path, "rejected")
+    assert kept["row"] == {"line": '{"decision_id": "dec_2", "answ'}
+    assert "is not a decision row" in caplog.records[0].getMessage()

@@ -346,6 +346,7 @@ class RuleContext:
     quiet_minutes: tuple[int, int] | None  # [start, end) minutes of the local day, may wrap midnight
     day0: date  # local date of the first failure in the merchant's timezone
     first_allowed_day: int  # nudge i may not go before Day i * (skip_days + 1)
+    cadence_days: int  # skip_days + 1: nudges go only on Days that are multiples of it (0, k+1, 2(k+1), ...)
     nudged_days: frozenset[date]  # local dates that already had a nudge
     error: NormalisedError  # the failure as the catalog normalised it (policy reasons and exploration reuse it)
 
@@ -584,6 +585,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         quiet_minutes=quiet_minutes_or_none,
         day0=first_failure_at.astimezone(merchant_tz).date(),
         first_allowed_day=nudges_used * (retarget.skip_days + 1),
+        cadence_days=retarget.skip_days + 1,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
 
@@ -719,7 +721,8 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
         if _is_quiet_minute(context, local.hour * 60 + local.minute):
             broken.append(Rule.QUIET_HOURS)
         local_day = local.date()
-        if (local_day - context.day0).days < context.first_allowed_day:
+        day = (local_day - context.day0).days
+        if day < context.first_allowed_day or day % context.cadence_days:
             broken.append(Rule.SKIP_DAYS)
         if local_day in context.nudged_days:
             broken.append(Rule.ONE_NUDGE_PER_DAY)
@@ -925,14 +928,16 @@ def _retry_times(context: RuleContext) -> list[datetime]:
 
 
 def _send_times(context: RuleContext) -> list[datetime]:
-    """As soon as allowed, then local 10:00, 13:00 and 19:00 of the following allowed days, within the window."""
+    """As soon as allowed, then local 10:00, 13:00 and 19:00 of the following allowed days (the skip-days cadence:
+    Days 0, k+1, 2(k+1), ...), within the window."""
     zone, event_time, window_end = context.merchant_timezone, context.event_time, context.window_end
-    day0, nudged_days = context.day0, context.nudged_days
+    day0, nudged_days, cadence = context.day0, context.nudged_days, context.cadence_days
     today = (event_time.astimezone(zone).date() - day0).days
     first_day = max(today, context.first_allowed_day)
+    first_day += -first_day % cadence  # the first cadence day from there
     times: list[datetime] = []
     asap: datetime | None = None
-    for offset in range(first_day, first_day + (window_end - event_time).days + 2):
+    for offset in range(first_day, first_day + (window_end - event_time).days + 2, cadence):
         day = day0 + timedelta(days=offset)
         if day in nudged_days:
             continue

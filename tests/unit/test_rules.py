@@ -624,16 +624,22 @@ DAY0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
         (0, [0, 1], 1, (Rule.SKIP_DAYS, Rule.ONE_NUDGE_PER_DAY)),
         (0, [0, 1], 2, None),
         (1, [], 0, None),
-        (1, [], 1, None),
+        (1, [], 1, Rule.SKIP_DAYS),  # Day 0 missed (quiet hours, say): the first nudge waits for Day 2
+        (1, [], 2, None),
         (1, [0], 1, Rule.SKIP_DAYS),
         (1, [0], 2, None),
+        (1, [0], 3, Rule.SKIP_DAYS),  # off the cadence (Days 0, 2, 4, ...) even though two days have passed
         (1, [0, 2], 3, Rule.SKIP_DAYS),
         (1, [0, 2], 4, None),
         (1, [1], 2, None),  # nudge 1 may go on day 2 (= 1 * 2) even if nudge 0 went late, on day 1
-        (1, [3], 3, Rule.ONE_NUDGE_PER_DAY),
+        (1, [2], 3, (Rule.SKIP_DAYS,)),
+        (1, [2], 2, Rule.ONE_NUDGE_PER_DAY),
+        (1, [3], 3, (Rule.SKIP_DAYS, Rule.ONE_NUDGE_PER_DAY)),
         (2, [0], 1, Rule.SKIP_DAYS),
         (2, [0], 2, Rule.SKIP_DAYS),
         (2, [0], 3, None),
+        (2, [0], 4, Rule.SKIP_DAYS),
+        (2, [0], 5, Rule.SKIP_DAYS),
         (2, [0, 3], 5, Rule.SKIP_DAYS),
         (2, [0, 3], 6, None),
         (2, [0, 3, 6], 8, Rule.SKIP_DAYS),
@@ -1072,6 +1078,13 @@ def _contract_violations(request: Any, merchant: Any, candidate: Candidate) -> l
             problems.append("message in quiet hours")
         if len(request.history.nudges) + 1 > retarget_cfg.max_nudges:
             problems.append("nudge budget exceeded")
+        # skip_days k: Day 0 is the first failure (local calendar day); nudges go on Days 0, k+1, 2(k+1), ...
+        zone = ZoneInfo(quiet.timezone)
+        attempts = request.history.attempts
+        first_failure = min([request.event_time, *(a.created_at for a in attempts)])
+        day = (candidate.execute_at.astimezone(zone).date() - first_failure.astimezone(zone).date()).days
+        if day % (retarget_cfg.skip_days + 1):
+            problems.append(f"nudge off the skip-days cadence (Day {day})")
         if (fail.merchant_advice_code or "").zfill(2) == "21":
             problems.append("retarget after a cancelled recurring payment")
     return problems
@@ -1374,13 +1387,13 @@ CARD_PAIRS = [
                     "2026-12-01T00:30:00+00:00",
                 ],
                 CARD_PAIRS,
-                [
+                [  # skip_days 1: Days 0, 2 and 4 (1, 3 and 5 Nov in India)
                     "2026-11-01T10:15:00+00:00",
                     "2026-11-01T13:30:00+00:00",
-                    "2026-11-02T04:30:00+00:00",
-                    "2026-11-02T07:30:00+00:00",
-                    "2026-11-02T13:30:00+00:00",
                     "2026-11-03T04:30:00+00:00",
+                    "2026-11-03T07:30:00+00:00",
+                    "2026-11-03T13:30:00+00:00",
+                    "2026-11-05T04:30:00+00:00",
                 ],
                 ["whatsapp", "sms", "email", "push"],
                 T0,
@@ -1405,13 +1418,13 @@ CARD_PAIRS = [
                     ("clear_pan", "razorpay"),
                     ("alternate_network", "razorpay"),
                 ],
-                [
+                [  # skip_days 1: Days 0 and 2
                     "2026-11-01T04:45:00+00:00",
                     "2026-11-01T07:30:00+00:00",
                     "2026-11-01T13:30:00+00:00",
-                    "2026-11-02T04:30:00+00:00",
-                    "2026-11-02T07:30:00+00:00",
-                    "2026-11-02T13:30:00+00:00",
+                    "2026-11-03T04:30:00+00:00",
+                    "2026-11-03T07:30:00+00:00",
+                    "2026-11-03T13:30:00+00:00",
                 ],
                 ["whatsapp", "sms", "email", "push"],
                 ist(10, 15),

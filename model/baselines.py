@@ -220,7 +220,8 @@ class StaticRetryPolicy:
 
     def _cascade(self, request: DecisionRequest, context: RuleContext, candidates: list[Candidate]) -> Candidate | None:
         tried = {a.connector for a in request.history.attempts} | {request.failure.connector}
-        pecking = request.available_connectors or self.rulebook.merchant(request).connectors
+        offered = request.available_connectors
+        pecking = self.rulebook.merchant(request).connectors if offered is None else offered
         for connector in pecking:
             if connector in tried:
                 continue

@@ -406,7 +406,9 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     failures = [a.created_at for a in attempts if a.status == "failure"]
     last_failure_at = max(failures) if failures else event_time
 
-    connector_order = tuple(dict.fromkeys(request.available_connectors or merchant.connectors))
+    # An empty list is the caller saying no connector is available now (no retry), not that it sent none.
+    offered = request.available_connectors
+    connector_order = tuple(dict.fromkeys(merchant.connectors if offered is None else offered))
     # Every re-attempt counts against the budgets, one with a strategy winback does not know included.
     retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in NOT_SILENT_RETRY_STRATEGIES))
     retries_used = len(retry_times)

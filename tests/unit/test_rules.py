@@ -424,6 +424,9 @@ def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
         ),
         ({}, ["stripe", "worldpay"], retry(strategy="cascade", connector="adyen"), Rule.CONNECTOR_UNAVAILABLE, True),
         ({}, ["adyen"], retry(strategy="retry_same", connector="stripe"), Rule.CONNECTOR_UNAVAILABLE, True),
+        # an empty list is "none available now", not "absent": no connector may be retried
+        ({}, [], retry(strategy="retry_same", connector="stripe"), Rule.CONNECTOR_UNAVAILABLE, True),
+        ({}, [], retry(strategy="cascade", connector="adyen"), Rule.CONNECTOR_UNAVAILABLE, True),
     ],
 )
 def test_strategy_and_connector_rules(

@@ -11,21 +11,42 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from model.vocab import Action, Channel, Strategy
+
+#: Timestamps outside these years are refused: the rules add and subtract weeks and months around them, and no
+#: payment happens there.
+EARLIEST_YEAR, LATEST_YEAR = 1970, 9000
+
+
+def _iso_timestamp_only(value: object) -> object:
+    if isinstance(value, int | float):  # pydantic would read a number as seconds since the epoch
+        raise ValueError("timestamp must be an ISO 8601 string with a timezone (e.g. 2026-11-01T10:15:00Z)")
+    return value
 
 
 def _require_timezone(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must carry a timezone (e.g. 2026-11-01T10:15:00Z)")
+    if not EARLIEST_YEAR <= value.year < LATEST_YEAR:
+        raise ValueError(f"timestamp must lie between the years {EARLIEST_YEAR} and {LATEST_YEAR - 1}")
     return value.astimezone(UTC)
 
 
-#: A timestamp that must carry a timezone; normalised to UTC.
-AwareDatetime = Annotated[datetime, AfterValidator(_require_timezone)]
+#: A timestamp that must carry a timezone, given as an ISO 8601 string; normalised to UTC.
+AwareDatetime = Annotated[datetime, BeforeValidator(_iso_timestamp_only), AfterValidator(_require_timezone)]
 
-NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+#: JSON true or false only: "yes" or 1 is not read as true (a recurring flag changes which rules apply).
+StrictBool = Annotated[bool, Field(strict=True)]
 
 
 def _attempt_status(value: str) -> str:
@@ -67,31 +88,59 @@ StrategyName = Annotated[
 ]
 
 
-class _Model(BaseModel):
-    # Extra fields are welcome in the contract: keep them, never fail on them.
+#: Extra fields nested deeper than this are refused: they are stored with the request and serialised again.
+MAX_EXTRA_DEPTH = 32
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether a JSON value nests objects or arrays more than ``limit`` levels deep."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return False
+    return any(isinstance(node, dict | list) for node in level)
+
+
+class ContractModel(BaseModel):
+    """A body of the contract: extra fields are welcome, kept and stored, never failed on (unless too deep to
+    store)."""
+
     model_config = ConfigDict(extra="allow", frozen=True)
 
+    @model_validator(mode="after")
+    def _extras_not_too_deep(self) -> ContractModel:
+        for name, value in (self.__pydantic_extra__ or {}).items():
+            if _too_deep(value, MAX_EXTRA_DEPTH):
+                raise ValueError(f"extra field {name!r} is nested deeper than {MAX_EXTRA_DEPTH} levels")
+        return self
 
-class Customer(_Model):
+
+class Customer(ContractModel):
     id: NonEmptyStr
-    phone_present: bool = False
-    email_present: bool = False
-    app_present: bool = False
+    phone_present: StrictBool = False
+    email_present: StrictBool = False
+    app_present: StrictBool = False
     country: str | None = Field(default=None, min_length=2, max_length=2)
     opted_out_channels: list[ChannelName] = Field(default_factory=list)
 
 
-class Payment(_Model):
+class Payment(ContractModel):
     payment_method: NonEmptyStr
     payment_method_type: str | None = None
     card_network: str | None = None
     issuer: str | None = None
-    is_recurring: bool = False
+    is_recurring: StrictBool = False
     authentication_type: str = "no_three_ds"
-    is_network_token: bool = False
+    is_network_token: StrictBool = False
 
 
-class Failure(_Model):
+class Failure(ContractModel):
     connector: NonEmptyStr
     error_code: str | None = None
     error_message: str | None = None
@@ -100,8 +149,8 @@ class Failure(_Model):
     unified_code: str | None = None
 
 
-class HistoryAttempt(_Model):
-    attempt_number: int = Field(ge=1)
+class HistoryAttempt(ContractModel):
+    attempt_number: int = Field(ge=1, strict=True)
     connector: NonEmptyStr
     strategy: StrategyName
     status: AttemptStatus
@@ -109,34 +158,38 @@ class HistoryAttempt(_Model):
     created_at: AwareDatetime
 
 
-class HistoryNudge(_Model):
+class HistoryNudge(ContractModel):
     channel: ChannelName
     sent_at: AwareDatetime
-    delivered: bool = True
+    delivered: StrictBool = True
     clicked_at: AwareDatetime | None = None
 
 
-class History(_Model):
+def _null_is_empty(value: object) -> object:
+    return {} if value is None else value  # "history": null says what an absent history says
+
+
+class History(ContractModel):
     attempts: list[HistoryAttempt] = Field(default_factory=list)
     nudges: list[HistoryNudge] = Field(default_factory=list)
 
 
-class DecisionRequest(_Model):
+class DecisionRequest(ContractModel):
     """What a caller knows at a decision point (the failure, or a follow-up after an unanswered nudge)."""
 
     merchant_id: NonEmptyStr
     order_id: NonEmptyStr
     event_time: AwareDatetime
-    amount: float = Field(ge=0, allow_inf_nan=False)
-    currency: str = Field(min_length=3, max_length=3)
+    amount: float = Field(ge=0, allow_inf_nan=False, strict=True)  # a JSON number: not "49.0", not true
+    currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code (three letters)")
     customer: Customer
     payment: Payment
     failure: Failure
-    history: History = Field(default_factory=History)
+    history: Annotated[History, BeforeValidator(_null_is_empty)] = Field(default_factory=History)
     available_connectors: list[NonEmptyStr] | None = None
 
 
-class Alternative(_Model):
+class Alternative(ContractModel):
     action: Action
     strategy: Strategy | None = None
     connector: str | None = None
@@ -145,7 +198,7 @@ class Alternative(_Model):
     p_success: float
 
 
-class Decision(_Model):
+class Decision(ContractModel):
     """The scorer's answer (CONTRACT.md section 2, response 200)."""
 
     decision_id: str

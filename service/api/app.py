@@ -14,8 +14,10 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Body, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.catalog import load_catalog
@@ -195,6 +197,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body its JSON parser gives up on (nested thousands of levels deep: RecursionError)
+        # with a bare 400; it is malformed input, so it gets the contract's 422 naming the body.
+        if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RecursionError):
+            return _validation_response(_field_error(msg="body is nested too deeply to be parsed"))
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RuleInputError)
     async def _on_rule_input_error(_request: Request, exc: RuleInputError) -> JSONResponse:

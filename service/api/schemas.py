@@ -5,23 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from model.requests import AwareDatetime
+from model.requests import AwareDatetime, ContractModel
 
 #: Most decision requests one ``POST /v1/decisions:batch`` may carry.
 MAX_BATCH = 1000
 
 
-class OutcomeIn(BaseModel):
+class OutcomeIn(ContractModel):
     """What happened after a decision (CONTRACT.md section 2). Extra fields are kept and stored.
 
     Useful extras for the feedback loop: ``txn_id``, ``connector``, ``error_code``, ``error_message``,
     ``network_decline_code``, ``merchant_advice_code``, ``unified_code``; for a retarget ``nudge_id``,
     ``sent_at``, ``delivered``, ``clicked_at``, ``template_id``.
     """
-
-    model_config = ConfigDict(extra="allow", frozen=True)
 
     decision_id: str = Field(min_length=1, max_length=64)
     order_id: str = Field(min_length=1, max_length=256)

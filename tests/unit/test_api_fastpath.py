@@ -144,3 +144,69 @@ def test_a_failure_after_a_decision_is_queued_neither_fails_the_request_nor_stor
         assert [row["decision_id"] for row in stored] == [answer.json()["decision_id"]]
     finally:
         api.close()
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _with(body: bytes, **fields: object) -> bytes:
+    data = json.loads(body)
+    for path, value in fields.items():
+        *parents, last = path.split("__")
+        node = data
+        for parent in parents:
+            node = node[parent]
+        node[last] = value
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+# Found by a black-box probe written from CONTRACT.md: each used to be a 500, or was read as something else.
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_with(_body(), event_time="9999-12-31T23:59:59Z"), "event_time"),  # used to overflow: a 500
+        (_with(_body(), event_time="0001-01-01T00:00:00+14:00"), "event_time"),
+        (_with(_body(), event_time=1793528100), "event_time"),  # an epoch number, not an ISO timestamp
+        (_with(_body(), amount=True), "amount"),  # read as 1.0
+        (_with(_body(), amount="49.0"), "amount"),
+        (_with(_body(), payment__is_recurring="yes"), "payment.is_recurring"),  # read as true
+        (_with(_body(), customer__phone_present=1), "customer.phone_present"),
+        (_with(_body(), order_id="   "), "order_id"),
+        (_with(_body(), currency="   "), "currency"),
+        (_with(_body(), note=_nested(300)), "body"),  # too deep to store: used to be a 500
+        (_body()[:-1] + b',"note":' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),  # too deep to parse: was a 400
+    ],
+)
+def test_input_pydantic_would_coerce_or_cannot_store_is_a_422_naming_the_field(
+    two_apps: tuple[Api, Api], body: bytes, field: str
+) -> None:
+    for api, headers in zip(two_apps, (FAST, DOCUMENTED), strict=True):
+        answer = api.post_raw("/v1/decisions", body, headers)
+        assert answer.status_code == 422, answer.text
+        assert [detail["field"] for detail in answer.json()["detail"]] == [field], answer.text
+
+
+def test_a_null_history_is_an_empty_one(tmp_path: Path) -> None:
+    api = start(tmp_path)
+    try:
+        answer = api.post_raw("/v1/decisions", _with(_body(), history=None), FAST)
+        assert answer.status_code == 200, answer.text
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("depth", [300, 5000])
+def test_an_outcome_with_an_extra_too_deep_to_store_is_a_422(tmp_path: Path, depth: int) -> None:
+    api = start(tmp_path)
+    try:
+        outcome = {"decision_id": "dec_x", "order_id": "o", "status": "success", "occurred_at": "2026-11-01T12:00:00Z"}
+        body = json.dumps(outcome).encode()[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+        answer = api.post_raw("/v1/outcomes", body, FAST)
+        assert answer.status_code == 422, answer.text
+        assert [detail["field"] for detail in answer.json()["detail"]] == ["body"]
+    finally:
+        api.close()

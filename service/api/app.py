@@ -235,11 +235,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @app.post(
         "/v1/outcomes",
         response_model=OutcomeOut,
-        responses={**_AUTH_ERRORS, 409: {"model": ErrorBody, "description": "a different outcome is stored"}},
+        responses={
+            **_AUTH_ERRORS,
+            409: {"model": ErrorBody, "description": "an outcome with another status or instant is stored"},
+        },
         tags=["outcomes"],
     )
     async def record_outcome(body: OutcomeIn, caller: CallerDep, runtime: RuntimeDep) -> OutcomeOut:
-        """Record what happened after a decision; the same decision_id again answers the same, changing nothing."""
+        """Record what happened after a decision. The same outcome again (decision_id, order_id, status and
+        occurred_at; extras may differ) answers the stored one, changing nothing; another status or instant is 409."""
         if runtime.store is None:  # pragma: no cover - the lifespan always opens the store
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="store not open yet")
         try:

@@ -221,10 +221,11 @@ class Store:
         )
 
     def record_outcome(self, merchant_id: str, body: Mapping[str, Any]) -> StoredOutcome:
-        """Store a merchant's outcome once per decision_id; the same body again returns the stored one unchanged.
+        """Store a merchant's outcome once per decision_id; the same outcome again (order_id, status, occurred_at;
+        extras may differ) returns the stored one unchanged.
 
         ``body`` is the outcome as JSON-ready values with at least decision_id, order_id, status and occurred_at
-        (an ISO timestamp). Raises OutcomeConflictError for a different body under a stored decision_id, and
+        (an ISO timestamp). Raises OutcomeConflictError for another status or instant under a stored decision_id, and
         ForeignDecisionError when the decision is stored as another merchant's, OutcomeOrderMismatchError when it was
         served for another order. An outcome for a decision not stored (yet) is kept under the merchant that sent
         it, and never stands in for another merchant's.
@@ -261,9 +262,14 @@ class Store:
             stored = self._outcome(conn, merchant_id, str(body["decision_id"]))
         if stored is None:  # pragma: no cover - an insert failed for a reason other than the key
             raise RuntimeError(f"could not store the outcome of decision {body['decision_id']!r}")
-        if _canonical(stored.body) != _canonical(body):
+        # The same outcome is the same order, status and instant; extras (txn_id, amounts, ...) may differ between
+        # a client's retries, and the first post's are the ones kept.
+        differing = [name for name in ("order_id", "status") if str(body[name]) != str(stored.body.get(name))]
+        if _utc(datetime.fromisoformat(str(body["occurred_at"]))) != stored.occurred_at:
+            differing.append("occurred_at")
+        if differing:
             raise OutcomeConflictError(
-                f"decision {stored.decision_id!r} already has a different outcome "
+                f"decision {stored.decision_id!r} already has an outcome with another {' and '.join(differing)} "
                 f"(status {stored.status!r} at {stored.occurred_at.isoformat()})"
             )
         return stored

@@ -425,9 +425,16 @@ def test_outcome_is_idempotent_and_a_different_body_conflicts(api: Api) -> None:
     assert first.status_code == 200, first.text
     again = api.post("/v1/outcomes", _outcome(decision_id, occurred_at="2026-11-02T15:45:05+05:30"))
     assert again.json() == first.json()  # same instant, other offset: the same outcome
+    # A client's retry may carry other extras (here another txn_id and an amount): still the same outcome.
+    retried = api.post("/v1/outcomes", _outcome(decision_id, txn_id="t_retry", amount=49))
+    assert retried.status_code == 200, retried.text
+    assert retried.json() == first.json()
     conflict = api.post("/v1/outcomes", _outcome(decision_id, status="failure"))
     assert conflict.status_code == 409
-    assert "already has a different outcome (status 'success'" in conflict.json()["detail"]
+    assert "already has an outcome with another status (status 'success'" in conflict.json()["detail"]
+    later = api.post("/v1/outcomes", _outcome(decision_id, occurred_at="2026-11-02T10:15:06Z"))
+    assert later.status_code == 409
+    assert "another occurred_at" in later.json()["detail"]
 
 
 def test_outcome_for_another_merchants_decision_is_refused(api: Api) -> None:

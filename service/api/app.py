@@ -237,7 +237,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         response_model=OutcomeOut,
         responses={
             **_AUTH_ERRORS,
-            409: {"model": ErrorBody, "description": "an outcome with another status or instant is stored"},
+            409: {"model": ErrorBody, "description": "another status or instant is stored"},
         },
         tags=["outcomes"],
     )

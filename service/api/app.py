@@ -198,6 +198,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
 
+    @app.exception_handler(Exception)
+    async def _on_unexpected_error(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette sends this and re-raises (uvicorn logs the traceback, then drops the connection): say so in
+        # the answer, so a pooling client opens a fresh connection instead of sending its next request into it.
+        return JSONResponse(
+            ErrorBody(detail="internal error; the request was not decided").model_dump(),
+            status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+            headers={"Connection": "close"},
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # FastAPI answers a body its JSON parser gives up on (nested thousands of levels deep: RecursionError)

@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from service.api.app import serving_app
 from service.api.fastpath import MAX_FAST_BODY
 from tests.unit.test_api import DEMO_KEY, Api, request_body, start
 
@@ -208,5 +210,26 @@ def test_an_outcome_with_an_extra_too_deep_to_store_is_a_422(tmp_path: Path, dep
         answer = api.post_raw("/v1/outcomes", body, FAST)
         assert answer.status_code == 422, answer.text
         assert [detail["field"] for detail in answer.json()["detail"]] == ["body"]
+    finally:
+        api.close()
+
+
+def test_an_unexpected_error_is_a_json_500_that_closes_the_connection(tmp_path: Path) -> None:
+    api = start(tmp_path)
+    try:
+
+        def broken(*_args: object) -> str:
+            raise RuntimeError("a bug")
+
+        api.runtime.decide_json = broken  # type: ignore[method-assign]
+        api.runtime.decide = broken  # type: ignore[method-assign]  # the fast path hands over to the route
+        transport = httpx.ASGITransport(app=serving_app(api.app), raise_app_exceptions=False)
+        client = httpx.AsyncClient(transport=transport, base_url="http://api")
+        answer = api.loop.run_until_complete(client.post("/v1/decisions", content=_body(), headers=FAST))
+        api.loop.run_until_complete(client.aclose())
+        assert answer.status_code == 500
+        assert answer.json() == {"detail": "internal error; the request was not decided"}
+        # uvicorn drops the connection after an unhandled error: a pooling client must not reuse it.
+        assert answer.headers["connection"] == "close"
     finally:
         api.close()

@@ -408,7 +408,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     # An empty list is the caller saying no connector is available now (no retry), not that it sent none.
     offered = request.available_connectors
-    connector_order = tuple(dict.fromkeys(merchant.connectors if offered is None else offered))
+    # Connector names are matched trimmed and in any case ("Stripe" is stripe: a cascade must leave the PSP that
+    # failed), and spelled as the pecking order spells them.
+    spelled: dict[str, str] = {}
+    for name in merchant.connectors if offered is None else offered:
+        spelled.setdefault(name.strip().lower(), name)
+    connector_order = tuple(spelled.values())
+    failed_connector = spelled.get(failure.connector.strip().lower(), failure.connector)
     # Every re-attempt counts against the budgets, one with a strategy winback does not know included.
     retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in NOT_SILENT_RETRY_STRATEGIES))
     retries_used = len(retry_times)
@@ -562,7 +568,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         event_time=event_time,
         first_failure_at=first_failure_at,
         last_failure_at=last_failure_at,
-        failed_connector=failure.connector,
+        failed_connector=failed_connector,
         connector_order=connector_order,
         visa_category=visa_category,
         merchant_advice_code=mac,

@@ -436,6 +436,19 @@ def test_strategy_and_connector_rules(
     assert (rule in broken(context, candidate)) is fires
 
 
+def test_connector_names_match_trimmed_and_in_any_case() -> None:
+    # "Stripe " failed and stripe is in the pecking order: the same PSP, so no cascade to it, and retry_same uses
+    # the order's spelling.
+    context = ctx(failure={"connector": "Stripe ", "error_code": "card_declined"}, available_connectors=None)
+    assert context.failed_connector == "stripe"
+    assert Rule.CASCADE_SAME_CONNECTOR in broken(context, retry(strategy="cascade", connector="stripe"))
+    grid = rules.enumerate_candidates(context)
+    assert {c.connector for c in grid if c.strategy == Strategy.CASCADE} == {"adyen", "cybersource"}
+    assert {c.connector for c in grid if c.strategy == Strategy.RETRY_SAME} == {"stripe"}
+    listed = ctx(available_connectors=["Stripe", "ADYEN", "adyen"])
+    assert listed.connector_order == ("Stripe", "ADYEN")
+
+
 # ------------------------------------------------------------------------------------------ merchant config
 
 SMS_ONLY = make_merchant(retarget={"channels": ["sms"]})

@@ -334,7 +334,15 @@ def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
         ("card", "debit", "three_ds", False),
         ("upi_autopay", "mandate", "no_three_ds", False),
         ("upi", "mandate", "no_three_ds", False),
-        ("crypto", None, "no_three_ds", False),  # never-seen method: no rule of ours stops it
+        ("open_banking", "open_banking_pis", "no_three_ds", True),  # a redirect to the customer's bank
+        ("card_redirect", "knet", "no_three_ds", True),
+        ("bank_transfer", "sepa", "no_three_ds", True),  # money the customer pushes
+        ("real_time_payment", "duit_now", "no_three_ds", True),
+        ("crypto", "crypto_currency", "no_three_ds", True),
+        ("voucher", "boleto", "no_three_ds", True),
+        ("bank_debit", "sepa", "no_three_ds", False),  # a mandate the merchant may collect again
+        ("gift_card", "givex", "no_three_ds", False),
+        ("store_credit", None, "no_three_ds", False),  # never-seen method: no rule of ours stops it
     ],
 )
 def test_user_consent_flows_never_get_a_silent_retry(
@@ -1062,8 +1070,10 @@ def _contract_violations(request: Any, merchant: Any, candidate: Candidate) -> l
         autopay = pay.payment_method == "upi_autopay" or (
             pay.payment_method_type == "mandate" and "upi" in pay.payment_method
         )
+        customer_completed = {"wallet", "bank_redirect", "pay_later", "card_redirect", "open_banking", "bank_transfer",
+                              "real_time_payment", "crypto", "voucher", "mobile_payment", "reward"}  # fmt: skip
         consent = (
-            pay.payment_method in {"wallet", "bank_redirect", "pay_later"}
+            pay.payment_method in customer_completed
             or (pay.payment_method == "upi" and not autopay)
             or pay.authentication_type == "three_ds_challenge"
         )

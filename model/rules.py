@@ -417,7 +417,11 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     failed_connector = spelled.get(failure.connector.strip().lower(), failure.connector)
     # Every re-attempt counts against the budgets, one with a strategy winback does not know included.
     retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in NOT_SILENT_RETRY_STRATEGIES))
-    retries_used = len(retry_times)
+    # A history that skips attempt numbers (only attempt 3 sent, say) is partial: every attempt it leaves out
+    # after the first counts as a retry, so a budget can never look larger than it is.
+    numbers = {a.attempt_number for a in attempts}
+    unlisted_retries = max(numbers, default=1) - len(numbers) - (1 not in numbers)
+    retries_used = len(retry_times) + max(unlisted_retries, 0)
     nudges_used = len(nudges)
 
     method = payment.payment_method.strip().lower()

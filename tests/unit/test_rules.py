@@ -484,6 +484,21 @@ ONE_DAY = make_merchant(retarget={"retry_window_days": 1})
             True,
         ),
         (make_merchant(retry={"max_retries": 0}), None, retry(), Rule.MAX_RETRIES, True),
+        # a partial history: only attempt 3 is listed, so attempt 2 was a retry too (2 of 2 used)
+        (
+            make_merchant(retry={"max_retries": 2}),
+            {"attempts": [attempt(3, "retry_same", T0 - timedelta(hours=1))], "nudges": []},
+            retry(),
+            Rule.MAX_RETRIES,
+            True,
+        ),
+        (
+            make_merchant(retry={"max_retries": 3}),
+            {"attempts": [attempt(3, "retry_same", T0 - timedelta(hours=1))], "nudges": []},
+            retry(),
+            Rule.MAX_RETRIES,
+            False,
+        ),
         (make_merchant(retry={"max_retries": 0}), None, retarget(), Rule.MAX_RETRIES, False),
         (make_merchant(retarget={"enabled": False}), None, retarget(), Rule.RETARGET_DISABLED, True),
         (make_merchant(retarget={"enabled": False}), None, retry(), Rule.RETARGET_DISABLED, False),

@@ -6,7 +6,7 @@ payment method, error code) are plain strings so never-seen values are valid inp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
@@ -21,9 +21,18 @@ EARLIEST_YEAR, LATEST_YEAR = 1970, 9000
 
 
 def _iso_timestamp_only(value: object) -> object:
-    if isinstance(value, int | float):  # pydantic would read a number as seconds since the epoch
+    # pydantic would read a number, or a string holding one, as seconds since the epoch
+    if isinstance(value, int | float) or (isinstance(value, str) and _is_number(value)):
         raise ValueError("timestamp must be an ISO 8601 string with a timezone (e.g. 2026-11-01T10:15:00Z)")
     return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _require_timezone(value: datetime) -> datetime:
@@ -86,6 +95,31 @@ StrategyName = Annotated[
     AfterValidator(_known_or_sent(Strategy)),
     Field(description=_names(Strategy, "strategy")),
 ]
+
+
+def invalid_text_field(model: BaseModel) -> str | None:
+    """The path (``failure.error_message``) of the first string or key in ``model`` that is not valid Unicode: a
+    lone UTF-16 surrogate, which a JSON escape can carry but UTF-8 cannot store. None when every string is valid."""
+    stack: list[tuple[str, object]] = [("", model.model_dump())]
+    while stack:
+        path, value = stack.pop()
+        items: Iterable[tuple[object, object]] = (
+            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        )
+        for key, child in items:
+            here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+            if any(isinstance(text, str) and not _encodes(text) for text in (key, child)):
+                return here
+            stack.append((here, child))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: Extra fields nested deeper than this are refused: they are stored with the request and serialised again.

@@ -26,7 +26,7 @@ from model.rules import RuleInputError
 from service.api.metrics import ApiMetrics
 from service.api.model_holder import ModelHolder
 from service.api.settings import Settings
-from service.api.store import DecisionWriter, Store, decision_row
+from service.api.store import DecisionWriter, Store, decision_row, stored_request_json
 
 log = logging.getLogger("winback.api")
 
@@ -66,10 +66,11 @@ class MemoCatalog(ErrorCatalog):
 
 
 class Served(NamedTuple):
-    """One decision served and not yet recorded: its request, the decision, its JSON, the time decide() took and
-    the scorer that answered."""
+    """One decision served and not yet recorded: its request (and the request's JSON, as stored), the decision,
+    its JSON, the time decide() took and the scorer that answered."""
 
     request: DecisionRequest
+    request_json: str
     decision: Decision
     answer: str
     seconds: float
@@ -122,6 +123,7 @@ class Runtime:
     def decide(self, request: DecisionRequest, merchant: MerchantConfig) -> Served:
         """decide() with the serving model, serialised once (the same text is the response and is stored); if
         the model fails on this request, the rules-only policy answers. Nothing is recorded yet."""
+        request_json = stored_request_json(request)
         served = self.holder.current  # read once: a swap mid-request does not change this request's model
         started = time.perf_counter()
         try:
@@ -138,14 +140,16 @@ class Runtime:
             )
             decision = decide(request, merchant, None, catalog=self.catalog, config=self.policy, rng=self.rng)
         seconds = time.perf_counter() - started
-        return Served(request, decision, decision.model_dump_json(), seconds, served.scorer)
+        return Served(request, request_json, decision, decision.model_dump_json(), seconds, served.scorer)
 
     def record(self, served: Served) -> None:
         """Queue the decision's row for the store, then count and log it. The row is queued first and a failure
         after it is logged, not raised: the answer is already on its way, so nothing may decide it again."""
         request, decision = served.request, served.decision
         if self.writer is not None:
-            self.writer.put(decision_row(request, decision, answer_json=served.answer))
+            self.writer.put(
+                decision_row(request, decision, answer_json=served.answer, request_json=served.request_json)
+            )
         try:
             self._observe(served)
         except Exception:

@@ -16,6 +16,7 @@ not known yet.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -118,7 +119,7 @@ def history_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
             request, answer, body = (
                 orjson.loads(request_json),
                 orjson.loads(answer_json),
-                orjson.loads(body_json),
+                json.loads(body_json),  # not orjson: an extra may hold an integer beyond 64 bits
             )
             order = (request["merchant_id"], request["order_id"])
             for row in _earlier_attempts(request):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from model.requests import AwareDatetime, ContractModel
+from model.requests import AwareDatetime, ContractModel, NonEmptyStr
 
 #: Most decision requests one ``POST /v1/decisions:batch`` may carry.
 MAX_BATCH = 1000
@@ -21,8 +21,8 @@ class OutcomeIn(ContractModel):
     ``sent_at``, ``delivered``, ``clicked_at``, ``template_id``.
     """
 
-    decision_id: str = Field(min_length=1, max_length=64)
-    order_id: str = Field(min_length=1, max_length=256)
+    decision_id: NonEmptyStr = Field(max_length=64)
+    order_id: NonEmptyStr = Field(max_length=256)
     status: Literal["success", "failure"]
     occurred_at: AwareDatetime
 

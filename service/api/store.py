@@ -7,6 +7,7 @@ request no database round trip); outcomes are written before the answer, idempot
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -19,10 +20,12 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from pydantic_core import PydanticSerializationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from model.requests import Decision, DecisionRequest
+from model.requests import Decision, DecisionRequest, invalid_text_field
+from model.rules import RuleInputError
 from service.api.spool import DecisionSpool
 
 metadata = sa.MetaData()
@@ -100,8 +103,9 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _canonical(body: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+def _body_json(body: Mapping[str, Any]) -> str:
+    # The standard library's encoder, not orjson: an extra may hold an integer beyond 64 bits.
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def make_engine(url: str) -> Engine:
@@ -121,10 +125,25 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def stored_request_json(request: DecisionRequest) -> str:
+    """The request as it is stored; RuleInputError naming the field when a string in it is not valid Unicode (a
+    lone surrogate: JSON can escape one, UTF-8 cannot hold it), so it is a 422 before anything is decided."""
+    try:
+        return request.model_dump_json()
+    except PydanticSerializationError as error:
+        field = invalid_text_field(request) or "body"
+        raise RuleInputError(f"{field} is not valid Unicode (it holds a lone UTF-16 surrogate)", field) from error
+
+
 def decision_row(
-    request: DecisionRequest, decision: Decision, created_at: datetime | None = None, answer_json: str | None = None
+    request: DecisionRequest,
+    decision: Decision,
+    created_at: datetime | None = None,
+    answer_json: str | None = None,
+    request_json: str | None = None,
 ) -> dict[str, Any]:
-    """The ``decisions`` row of one decision served; ``answer_json`` is the decision already serialised, if it is."""
+    """The ``decisions`` row of one decision served; ``answer_json`` and ``request_json`` are the decision and the
+    request already serialised, if they are."""
     return {
         "decision_id": decision.decision_id,
         "merchant_id": request.merchant_id,
@@ -137,7 +156,7 @@ def decision_row(
         "channel": decision.channel.value if decision.channel else None,
         "execute_at": decision.execute_at,
         "propensity": decision.propensity,
-        "request_json": request.model_dump_json(),
+        "request_json": stored_request_json(request) if request_json is None else request_json,
         "answer_json": decision.model_dump_json() if answer_json is None else answer_json,
         "created_at": created_at or datetime.now(UTC),
     }
@@ -216,7 +235,7 @@ class Store:
             order_id=row["order_id"],
             status=row["status"],
             occurred_at=_utc(row["occurred_at"]),
-            body=orjson.loads(row["body_json"]),
+            body=json.loads(row["body_json"]),
             recorded_at=_utc(row["recorded_at"]),
         )
 
@@ -247,7 +266,7 @@ class Store:
             "order_id": str(body["order_id"]),
             "status": str(body["status"]),
             "occurred_at": _utc(datetime.fromisoformat(str(body["occurred_at"]))),
-            "body_json": _canonical(body).decode(),
+            "body_json": _body_json(body),
             "recorded_at": datetime.now(UTC),
         }
         try:

@@ -181,6 +181,10 @@ def _with(body: bytes, **fields: object) -> bytes:
         (_with(_body(), currency="   "), "currency"),
         (_with(_body(), note=_nested(300)), "body"),  # too deep to store: used to be a 500
         (_body()[:-1] + b',"note":' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),  # too deep to parse: was a 400
+        (_with(_body(), event_time="1793528100"), "event_time"),  # an epoch in a string: still not ISO 8601
+        # a lone UTF-16 surrogate: valid JSON escape, not storable Unicode (was a 500)
+        (_body().replace(b'"error_message":"', b'"error_message":"\\udc00', 1), "failure.error_message"),
+        (_body()[:-1] + b',"note":{"deep":["\\ud800"]}}', "note.deep[0]"),
     ],
 )
 def test_input_pydantic_would_coerce_or_cannot_store_is_a_422_naming_the_field(
@@ -231,5 +235,29 @@ def test_an_unexpected_error_is_a_json_500_that_closes_the_connection(tmp_path: 
         assert answer.json() == {"detail": "internal error; the request was not decided"}
         # uvicorn drops the connection after an unhandled error: a pooling client must not reuse it.
         assert answer.headers["connection"] == "close"
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "field"),
+    [
+        (b',"x":18446744073709551616', 200, None),  # an integer beyond 64 bits is valid JSON: stored as sent
+        (b',"x":"\\ud800"', 422, "x"),
+        (b',"order_id":"   "', 422, "order_id"),
+        (b',"decision_id":"  "', 422, "decision_id"),
+        (b',"occurred_at":"1793528100"', 422, "occurred_at"),
+    ],
+)
+def test_outcome_input_that_used_to_be_a_500_or_stored_blank(
+    tmp_path: Path, extra: bytes, status: int, field: str | None
+) -> None:
+    api = start(tmp_path)
+    try:
+        outcome = {"decision_id": "dec_x", "order_id": "o", "status": "success", "occurred_at": "2026-11-01T12:00:00Z"}
+        answer = api.post_raw("/v1/outcomes", json.dumps(outcome).encode()[:-1] + extra + b"}", FAST)
+        assert answer.status_code == status, answer.text
+        if field is not None:
+            assert [detail["field"] for detail in answer.json()["detail"]] == [field]
     finally:
         api.close()

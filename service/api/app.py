@@ -260,8 +260,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         if unstorable is not None:
             raise _field_error(*unstorable.split("."), msg="not valid Unicode (it holds a lone UTF-16 surrogate)")
         try:
+            # A decision answered a moment ago may still be on its way to the store (any worker's writer).
+            grace = 3 * runtime.settings.decision_flush_seconds
             stored = await run_in_threadpool(
-                runtime.store.record_outcome, caller.merchant_id, body.model_dump(mode="json")
+                runtime.store.record_outcome, caller.merchant_id, body.model_dump(mode="json"), grace
             )
         except OutcomeConflictError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None

@@ -239,21 +239,27 @@ class Store:
             recorded_at=_utc(row["recorded_at"]),
         )
 
-    def record_outcome(self, merchant_id: str, body: Mapping[str, Any]) -> StoredOutcome:
+    def record_outcome(self, merchant_id: str, body: Mapping[str, Any], decision_grace: float = 0.0) -> StoredOutcome:
         """Store a merchant's outcome once per decision_id; the same outcome again (order_id, status, occurred_at;
         extras may differ) returns the stored one unchanged.
 
         ``body`` is the outcome as JSON-ready values with at least decision_id, order_id, status and occurred_at
         (an ISO timestamp). Raises OutcomeConflictError for another status or instant under a stored decision_id, and
         ForeignDecisionError when the decision is stored as another merchant's, OutcomeOrderMismatchError when it was
-        served for another order. An outcome for a decision not stored (yet) is kept under the merchant that sent
+        served for another order. Decisions are stored a moment behind their answers: a decision not stored yet is
+        waited for up to ``decision_grace`` seconds, so an outcome posted right after it is checked all the same.
+        One still not stored (a decision_id never served, or a database outage) is kept under the merchant that sent
         it, and never stands in for another merchant's.
         """
         decision_id = str(body["decision_id"])
-        with self.engine.connect() as conn:
-            served = conn.execute(
-                sa.select(decisions.c.merchant_id, decisions.c.order_id).where(decisions.c.decision_id == decision_id)
-            ).first()
+        query = sa.select(decisions.c.merchant_id, decisions.c.order_id).where(decisions.c.decision_id == decision_id)
+        deadline = time.monotonic() + decision_grace
+        while True:
+            with self.engine.connect() as conn:
+                served = conn.execute(query).first()
+            if served is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
         if served is not None and served.merchant_id != merchant_id:
             raise ForeignDecisionError(f"decision {decision_id!r} was not served to merchant {merchant_id!r}")
         if served is not None and served.order_id != str(body["order_id"]):

@@ -445,11 +445,27 @@ def test_outcome_for_another_merchants_decision_is_refused(api: Api) -> None:
     assert response.json()["detail"] == f"decision {decision_id!r} was not served to merchant 'm_other'"
 
 
-def test_an_outcome_sent_before_the_decision_is_stored_cannot_take_the_owners_place(api: Api, tmp_path: Path) -> None:
+def test_an_outcome_posted_right_after_its_decision_is_checked_against_it(api: Api) -> None:
+    # No flush: the decision is still on its way to the store when the outcomes arrive, and is waited for.
     decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
-    # Another merchant reports on the decision before the writer has stored it (no flush): kept under its sender.
+    wrong_order = api.post("/v1/outcomes", _outcome(decision_id, order_id="ord_wrong"))
+    assert wrong_order.status_code == 422, wrong_order.text
+    assert api.post("/v1/outcomes", _outcome(decision_id), key=OTHER_KEY).status_code == 403
+    assert api.post("/v1/outcomes", _outcome(decision_id)).status_code == 200
+
+
+def test_an_outcome_sent_before_the_decision_is_stored_cannot_take_the_owners_place(api: Api, tmp_path: Path) -> None:
+    writer = api.runtime.writer
+    assert writer is not None
+    held: list[dict[str, Any]] = []
+    writer.put = held.append  # type: ignore[method-assign]  # the decision stays unstored past the grace wait
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    # Another merchant reports on the decision before the writer has stored it: kept under its sender.
     early = api.post("/v1/outcomes", _outcome(decision_id, status="failure", error_code="card_declined"), key=OTHER_KEY)
     assert early.status_code == 200, early.text
+    del writer.put
+    for row in held:
+        writer.put(row)
     api.flush()
     assert api.post("/v1/outcomes", _outcome(decision_id), key=OTHER_KEY).status_code == 403  # now it is known
     own = api.post("/v1/outcomes", _outcome(decision_id))

@@ -40,9 +40,15 @@ def code_words(code: str | None) -> str:
     return " ".join(w for w in _SEPARATORS.split(_CAMEL.sub(" ", code)) if w).lower()
 
 
+#: The model reads at most this many characters of each part of an error (providers' messages are a sentence or
+#: two; char n-grams of a megabyte-long one took seconds of a worker's time).
+MAX_PART_CHARS = 1000
+
+
 def document(connector: str | None, code: str | None, message: str | None) -> str:
-    """The text the model reads for one error."""
-    parts = (connector or "", code or "", code_words(code), message or "")
+    """The text the model reads for one error (each part cut at ``MAX_PART_CHARS``), in training and serving."""
+    code = (code or "")[:MAX_PART_CHARS]
+    parts = ((connector or "")[:MAX_PART_CHARS], code, code_words(code), (message or "")[:MAX_PART_CHARS])
     return " ".join(p for p in parts if p).lower()
 
 

@@ -23,7 +23,7 @@ from model.features import (
     expand_candidates,
 )
 from model.rules import Candidate, build_context, enumerate_candidates
-from model.textmodel import TextModel, code_words
+from model.textmodel import MAX_PART_CHARS, TextModel, code_words, document
 from model.training import _error_texts, decision_points, raw_columns, request_at
 from model.vocab import Action, Channel, Strategy
 from tests.factories import make_history_frames, make_merchant, make_request
@@ -253,3 +253,12 @@ def test_transform_request_leaves_out_features_the_spec_excludes() -> None:
     served = spec.transform_request(context, candidates)
     assert served.tobytes() == spec.transform(expand_candidates(context, candidates)).tobytes()
     assert served.shape == (2, 3)
+
+
+def test_the_text_model_reads_a_bounded_prefix_of_each_part() -> None:
+    # A megabyte-long message used to cost seconds of char n-grams on the request path.
+    long_message = "Card declined by issuer. " * 40_000
+    assert document("stripe", "card_declined", long_message) == document(
+        "stripe", "card_declined", long_message[:MAX_PART_CHARS]
+    )
+    assert len(document("stripe", "x" * 10 * MAX_PART_CHARS, long_message)) < 5 * MAX_PART_CHARS

@@ -23,6 +23,7 @@ import bisect
 import functools
 import itertools
 import operator
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -361,6 +362,17 @@ _CHANNEL_VALUES = frozenset(name for _, name in _CHANNEL_ITEMS)
 _CHANNELS: tuple[Channel, ...] = tuple(Channel)
 
 
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SEPARATOR_RUN = re.compile(r"[\s\-.]+")
+
+
+@functools.lru_cache(maxsize=1024)
+def method_name(text: str) -> str:
+    """A payment method (or type) as the rules spell them: ``"OpenBanking"``, ``"open-banking"`` and
+    ``" Open Banking "`` are all ``open_banking``."""
+    return _SEPARATOR_RUN.sub("_", _CAMEL_BOUNDARY.sub("_", text.strip())).lower()
+
+
 def _reported_reattempts(request: DecisionRequest) -> int:
     extra = request.model_extra or {}
     value = extra.get(CARD_REATTEMPTS_FIELD)
@@ -424,8 +436,8 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     retries_used = len(retry_times) + max(unlisted_retries, 0)
     nudges_used = len(nudges)
 
-    method = payment.payment_method.strip().lower()
-    method_type = (payment.payment_method_type or "").strip().lower()
+    method = method_name(payment.payment_method)
+    method_type = method_name(payment.payment_method_type or "")
     authentication = payment.authentication_type.strip().lower()
     network = (payment.card_network or "").strip().lower()
 

@@ -335,6 +335,10 @@ def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
         ("upi_autopay", "mandate", "no_three_ds", False),
         ("upi", "mandate", "no_three_ds", False),
         ("open_banking", "open_banking_pis", "no_three_ds", True),  # a redirect to the customer's bank
+        ("OpenBanking", None, "no_three_ds", True),  # other spellings of the same method
+        ("open-banking", None, "no_three_ds", True),
+        ("Bank Redirect", "iDEAL", "no_three_ds", True),
+        ("UPI", "Mandate", "no_three_ds", False),
         ("card_redirect", "knet", "no_three_ds", True),
         ("bank_transfer", "sepa", "no_three_ds", True),  # money the customer pushes
         ("real_time_payment", "duit_now", "no_three_ds", True),

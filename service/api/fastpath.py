@@ -7,7 +7,8 @@ checks the bearer key (the same constant-time check as ``deps.MerchantKey``), va
 with pydantic-core and calls ``Runtime.decide`` and ``Runtime.record`` — what the FastAPI route's
 ``decide_json`` calls, so the answer, the stored row, the metrics and the log line are the same.
 
-Anything else — another route, a missing or unknown key, another merchant's id, a body that is not valid,
+A request declaring a body over ``MAX_REQUEST_BODY`` gets 413 on any route. Anything else — another route, a
+missing or unknown key, another merchant's id, a body that is not valid,
 a body larger than ``MAX_FAST_BODY``, dependency overrides (tests), an error while deciding — is handed to the
 FastAPI app with the body replayed, so every error keeps exactly the status and message the documented route
 gives. The FastAPI route stays the documented one (OpenAPI) and the reference for behaviour.
@@ -28,6 +29,9 @@ DECISIONS_PATH = "/v1/decisions"
 #: Larger bodies go the documented way (a decision request is a few kilobytes).
 MAX_FAST_BODY = 256 * 1024
 _RESPONSE_HEADERS = [(b"content-type", b"application/json")]
+#: Larger requests are refused (413) before a byte of the body is read: a full batch of 1,000 decision requests
+#: is a few megabytes.
+MAX_REQUEST_BODY = 32 * 1024 * 1024
 
 
 class DecisionFastPath:
@@ -38,6 +42,9 @@ class DecisionFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _declared_length(scope) > MAX_REQUEST_BODY:
+            await _too_large(send)
+            return
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != DECISIONS_PATH:
             await self.app(scope, receive, send)
             return
@@ -82,6 +89,22 @@ class DecisionFastPath:
             return None
         runtime.record(served)  # outside the fallback: a decision recorded is never decided a second time
         return served.answer.encode()
+
+
+def _declared_length(scope: Scope) -> int:
+    """The request's Content-Length (0 when absent or unreadable: the body is then bounded by the server)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+async def _too_large(send: Send) -> None:
+    body = b'{"detail":"request body larger than %d bytes"}' % MAX_REQUEST_BODY
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [*_RESPONSE_HEADERS, (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.api.app import serving_app
-from service.api.fastpath import MAX_FAST_BODY
+from service.api.fastpath import MAX_FAST_BODY, MAX_REQUEST_BODY
 from tests.unit.test_api import DEMO_KEY, Api, request_body, start
 
 FAST = {"Authorization": f"Bearer {DEMO_KEY}", "Content-Type": "application/json"}
@@ -259,5 +259,27 @@ def test_outcome_input_that_used_to_be_a_500_or_stored_blank(
         assert answer.status_code == status, answer.text
         if field is not None:
             assert [detail["field"] for detail in answer.json()["detail"]] == [field]
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/decisions", "/v1/decisions:batch", "/v1/outcomes"])
+def test_a_body_declared_larger_than_the_limit_is_refused_before_it_is_read(tmp_path: Path, path: str) -> None:
+    api = start(tmp_path)
+    try:
+        headers = FAST | {"Content-Length": str(MAX_REQUEST_BODY + 1)}
+        scope = {"type": "http", "method": "POST", "path": path,
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            raise AssertionError("the body must not be read")
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        api.loop.run_until_complete(serving_app(api.app)(scope, receive, send))
+        assert sent[0]["status"] == 413
+        assert json.loads(sent[1]["body"]) == {"detail": f"request body larger than {MAX_REQUEST_BODY} bytes"}  # type: ignore[arg-type]
     finally:
         api.close()

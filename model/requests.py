@@ -203,9 +203,13 @@ def _null_is_empty(value: object) -> object:
     return {} if value is None else value  # "history": null says what an absent history says
 
 
+def _null_is_none_yet(value: object) -> object:
+    return [] if value is None else value  # "attempts": null says what an absent or empty list says
+
+
 class History(ContractModel):
-    attempts: list[HistoryAttempt] = Field(default_factory=list)
-    nudges: list[HistoryNudge] = Field(default_factory=list)
+    attempts: Annotated[list[HistoryAttempt], BeforeValidator(_null_is_none_yet)] = Field(default_factory=list)
+    nudges: Annotated[list[HistoryNudge], BeforeValidator(_null_is_none_yet)] = Field(default_factory=list)
 
 
 class DecisionRequest(ContractModel):

@@ -196,10 +196,11 @@ def test_input_pydantic_would_coerce_or_cannot_store_is_a_422_naming_the_field(
         assert [detail["field"] for detail in answer.json()["detail"]] == [field], answer.text
 
 
-def test_a_null_history_is_an_empty_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("history", [None, {"attempts": None, "nudges": None}])
+def test_a_null_history_or_list_is_an_empty_one(tmp_path: Path, history: object) -> None:
     api = start(tmp_path)
     try:
-        answer = api.post_raw("/v1/decisions", _with(_body(), history=None), FAST)
+        answer = api.post_raw("/v1/decisions", _with(_body(), history=history), FAST)
         assert answer.status_code == 200, answer.text
     finally:
         api.close()

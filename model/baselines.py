@@ -220,9 +220,7 @@ class StaticRetryPolicy:
 
     def _cascade(self, request: DecisionRequest, context: RuleContext, candidates: list[Candidate]) -> Candidate | None:
         tried = {a.connector for a in request.history.attempts} | {request.failure.connector}
-        offered = request.available_connectors
-        pecking = self.rulebook.merchant(request).connectors if offered is None else offered
-        for connector in pecking:
+        for connector in context.connector_order:  # available_connectors, else the merchant's pecking order
             if connector in tried:
                 continue
             options = [

@@ -199,17 +199,14 @@ class HistoryNudge(ContractModel):
     clicked_at: AwareDatetime | None = None
 
 
-def _null_is_empty(value: object) -> object:
-    return {} if value is None else value  # "history": null says what an absent history says
-
-
-def _null_is_none_yet(value: object) -> object:
-    return [] if value is None else value  # "attempts": null says what an absent or empty list says
+def _null_as(empty: Callable[[], object]) -> BeforeValidator:
+    """Reads JSON null as ``empty()``: ``"history": null`` (or ``"attempts": null``) says what an absent one says."""
+    return BeforeValidator(lambda value: empty() if value is None else value)
 
 
 class History(ContractModel):
-    attempts: Annotated[list[HistoryAttempt], BeforeValidator(_null_is_none_yet)] = Field(default_factory=list)
-    nudges: Annotated[list[HistoryNudge], BeforeValidator(_null_is_none_yet)] = Field(default_factory=list)
+    attempts: Annotated[list[HistoryAttempt], _null_as(list)] = Field(default_factory=list)
+    nudges: Annotated[list[HistoryNudge], _null_as(list)] = Field(default_factory=list)
 
 
 class DecisionRequest(ContractModel):
@@ -223,7 +220,7 @@ class DecisionRequest(ContractModel):
     customer: Customer
     payment: Payment
     failure: Failure
-    history: Annotated[History, BeforeValidator(_null_is_empty)] = Field(default_factory=History)
+    history: Annotated[History, _null_as(dict)] = Field(default_factory=History)
     available_connectors: list[NonEmptyStr] | None = None
 
 

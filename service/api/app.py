@@ -25,7 +25,7 @@ from model.gsm import load_overlay, with_overlay
 from model.merchant_config import load_config
 from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
-from model.requests import Decision, DecisionRequest, invalid_text_field
+from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
 from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
@@ -51,6 +51,7 @@ from service.api.store import (
     Store,
     decision_spool,
     make_engine,
+    stored_json,
 )
 from service.console.routes import mount_console
 from service.executor.routes import router as executor_router
@@ -256,9 +257,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         occurred_at; extras may differ) answers the stored one, changing nothing; another status or instant is 409."""
         if runtime.store is None:  # pragma: no cover - the lifespan always opens the store
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="store not open yet")
-        unstorable = invalid_text_field(body)
-        if unstorable is not None:
-            raise _field_error(*unstorable.split("."), msg="not valid Unicode (it holds a lone UTF-16 surrogate)")
+        stored_json(body)  # a 422 (RuleInputError) naming a string the store cannot hold
         try:
             # A decision answered a moment ago may still be on its way to the store (any worker's writer).
             grace = 3 * runtime.settings.decision_flush_seconds

@@ -26,7 +26,7 @@ from model.rules import RuleInputError
 from service.api.metrics import ApiMetrics
 from service.api.model_holder import ModelHolder
 from service.api.settings import Settings
-from service.api.store import DecisionWriter, Store, decision_row, stored_request_json
+from service.api.store import DecisionWriter, Store, decision_row, stored_json
 
 log = logging.getLogger("winback.api")
 
@@ -123,7 +123,7 @@ class Runtime:
     def decide(self, request: DecisionRequest, merchant: MerchantConfig) -> Served:
         """decide() with the serving model, serialised once (the same text is the response and is stored); if
         the model fails on this request, the rules-only policy answers. Nothing is recorded yet."""
-        request_json = stored_request_json(request)
+        request_json = stored_json(request)
         served = self.holder.current  # read once: a swap mid-request does not change this request's model
         started = time.perf_counter()
         try:

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -76,7 +77,7 @@ def decision_spool(directory: str | Path) -> DecisionSpool:
 
 
 class OutcomeConflictError(ValueError):
-    """The decision already has an outcome with a different body."""
+    """The decision already has an outcome with another order, status or instant."""
 
 
 class ForeignDecisionError(PermissionError):
@@ -125,13 +126,14 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
-def stored_request_json(request: DecisionRequest) -> str:
-    """The request as it is stored; RuleInputError naming the field when a string in it is not valid Unicode (a
-    lone surrogate: JSON can escape one, UTF-8 cannot hold it), so it is a 422 before anything is decided."""
+def stored_json(body: BaseModel) -> str:
+    """A request or outcome as JSON, as it is stored; RuleInputError naming the field when a string in it is not
+    valid Unicode (a lone surrogate: JSON can escape one, UTF-8 cannot hold it), so it is a 422 before anything is
+    decided or stored."""
     try:
-        return request.model_dump_json()
+        return body.model_dump_json()
     except PydanticSerializationError as error:
-        field = invalid_text_field(request) or "body"
+        field = invalid_text_field(body) or "body"
         raise RuleInputError(f"{field} is not valid Unicode (it holds a lone UTF-16 surrogate)", field) from error
 
 
@@ -156,7 +158,7 @@ def decision_row(
         "channel": decision.channel.value if decision.channel else None,
         "execute_at": decision.execute_at,
         "propensity": decision.propensity,
-        "request_json": stored_request_json(request) if request_json is None else request_json,
+        "request_json": stored_json(request) if request_json is None else request_json,
         "answer_json": decision.model_dump_json() if answer_json is None else answer_json,
         "created_at": created_at or datetime.now(UTC),
     }

@@ -7,9 +7,10 @@ checks the bearer key (the same constant-time check as ``deps.MerchantKey``), va
 with pydantic-core and calls ``Runtime.decide`` and ``Runtime.record`` — what the FastAPI route's
 ``decide_json`` calls, so the answer, the stored row, the metrics and the log line are the same.
 
-A request declaring a body over ``MAX_REQUEST_BODY`` gets 413 on any route. Anything else — another route, a
-missing or unknown key, another merchant's id, a body that is not valid,
-a body larger than ``MAX_FAST_BODY``, dependency overrides (tests), an error while deciding — is handed to the
+A request whose body is over ``MAX_REQUEST_BODY`` gets 413 on any route: before its body is read when its
+Content-Length says so, or as soon as the limit is passed when it is sent without one (chunked). Anything else —
+another route, a missing or unknown key, another merchant's id, a body that is not valid, a body larger than
+``MAX_FAST_BODY``, dependency overrides (tests), an error while deciding — is handed to the
 FastAPI app with the body replayed, so every error keeps exactly the status and message the documented route
 gives. The FastAPI route stays the documented one (OpenAPI) and the reference for behaviour.
 """
@@ -42,14 +43,26 @@ class DecisionFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _declared_length(scope) > MAX_REQUEST_BODY:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _declared_length(scope)
+        if declared is not None and declared > MAX_REQUEST_BODY:
             await _too_large(send)
             return
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != DECISIONS_PATH:
+        if declared is None:
+            # No Content-Length (a chunked body): nothing bounds it but what is read. It is read here, up to the
+            # limit, and handed on as if it had just arrived.
+            body, complete = await _read_body(receive, MAX_REQUEST_BODY)
+            if len(body) > MAX_REQUEST_BODY:
+                await _too_large(send)
+                return
+            receive = _replay(body, complete, receive)
+        if scope["method"] != "POST" or scope["path"] != DECISIONS_PATH:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        body, complete = await _read_body(receive)
+        body, complete = await _read_body(receive, MAX_FAST_BODY)
         answer = self._answer(scope, body) if complete and len(body) <= MAX_FAST_BODY else None
         if answer is None:
             await self.app(scope, _replay(body, complete, receive), send)
@@ -91,12 +104,12 @@ class DecisionFastPath:
         return served.answer.encode()
 
 
-def _declared_length(scope: Scope) -> int:
-    """The request's Content-Length (0 when absent or unreadable: the body is then bounded by the server)."""
+def _declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, None without one (the server's HTTP parser refuses an unreadable one)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             return int(value) if value.isdigit() else 0
-    return 0
+    return None
 
 
 async def _too_large(send: Send) -> None:
@@ -107,8 +120,8 @@ async def _too_large(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request body, and whether it is complete (False: larger than MAX_FAST_BODY, or the client left)."""
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    """The request body, and whether it is complete (False: larger than ``limit``, or the client left)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -120,7 +133,7 @@ async def _read_body(receive: Receive) -> tuple[bytes, bool]:
         size += len(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks), True
-        if size > MAX_FAST_BODY:
+        if size > limit:
             return b"".join(chunks), False
 
 

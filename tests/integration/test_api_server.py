@@ -18,6 +18,7 @@ import pytest
 from model import registry
 from model.requests import Decision
 from model.training import train
+from service.api.fastpath import MAX_REQUEST_BODY
 from tests.factories import make_history_frames, make_request, write_merchant_config
 
 pytestmark = pytest.mark.slow
@@ -201,3 +202,16 @@ def test_empty_registry_answers_rules_only_and_is_not_ready(mlflow_store: str, s
         assert client.post("/v1/outcomes", json=outcome).status_code == 200
         assert client.post("/v1/outcomes", json=outcome).json() == client.post("/v1/outcomes", json=outcome).json()
         assert "winback_decisions_total" in client.get("/metrics").text
+        # A body sent without Content-Length (chunked) is bounded as it arrives: within the limit it is an
+        # ordinary request, past it a 413 once the limit is passed, not a body read whole into the worker.
+        small = json.dumps(_body()).encode()
+        json_type = {"Content-Type": "application/json"}
+        chunked = client.post("/v1/decisions", content=iter([small[:40], small[40:]]), headers=json_type)
+        assert chunked.status_code == 200, chunked.text
+        megabyte = b" " * (1024 * 1024)
+        oversized = client.post(
+            "/v1/outcomes",
+            content=iter([b"{", *([megabyte] * (MAX_REQUEST_BODY // len(megabyte))), b"}"]),
+            headers=json_type,
+        )
+        assert oversized.status_code == 413, oversized.text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -282,5 +282,56 @@ def test_a_body_declared_larger_than_the_limit_is_refused_before_it_is_read(tmp_
         api.loop.run_until_complete(serving_app(api.app)(scope, receive, send))
         assert sent[0]["status"] == 413
         assert json.loads(sent[1]["body"]) == {"detail": f"request body larger than {MAX_REQUEST_BODY} bytes"}  # type: ignore[arg-type]
+    finally:
+        api.close()
+
+
+def _chunked(body: bytes, chunk: int, sent: list[int]) -> AsyncIterator[bytes]:
+    """``body`` as a stream without Content-Length (httpx sends it chunked), counting the bytes handed out."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        for offset in range(0, len(body), chunk):
+            sent.append(len(body[offset : offset + chunk]))
+            yield body[offset : offset + chunk]
+
+    return stream()
+
+
+@pytest.mark.parametrize("path", ["/v1/decisions", "/v1/decisions:batch", "/v1/outcomes"])
+def test_a_chunked_body_past_the_limit_is_refused_once_the_limit_is_passed(tmp_path: Path, path: str) -> None:
+    # Without Content-Length nothing announced the size: the body used to be read whole, however large.
+    api = start(tmp_path)
+    try:
+        chunk = 4 * 1024 * 1024
+        sent: list[int] = []
+        oversized = b"[" + b" " * (MAX_REQUEST_BODY + 2 * chunk) + b"]"
+        answer = api.loop.run_until_complete(
+            api.client.post(path, content=_chunked(oversized, chunk, sent), headers=FAST)
+        )
+        assert answer.status_code == 413
+        assert answer.json() == {"detail": f"request body larger than {MAX_REQUEST_BODY} bytes"}
+        assert answer.headers["connection"] == "close"
+        assert sum(sent) <= MAX_REQUEST_BODY + chunk  # reading stopped at the first chunk past the limit
+    finally:
+        api.close()
+
+
+def test_a_chunked_request_within_the_limit_is_answered_as_if_it_had_a_content_length(tmp_path: Path) -> None:
+    api = start(tmp_path)
+    try:
+        body = _body()
+        chunked = api.loop.run_until_complete(
+            api.client.post("/v1/decisions", content=_chunked(body, 100, []), headers=FAST)
+        )
+        assert chunked.status_code == 200, chunked.text
+        plain = api.post_raw("/v1/decisions", body, FAST)
+        assert chunked.json().keys() == plain.json().keys()
+        assert chunked.json()["action"] == plain.json()["action"]
+        negative = _body().replace(b'"amount":', b'"amount":-')
+        bad = api.loop.run_until_complete(
+            api.client.post("/v1/decisions", content=_chunked(negative, 100, []), headers=FAST)
+        )
+        assert bad.status_code == 422
+        assert [detail["field"] for detail in bad.json()["detail"]] == ["amount"]
     finally:
         api.close()

@@ -105,6 +105,12 @@ _RAW_ONLY_NUMBERS = frozenset({"amount", "event_ts", "first_failure_ts", "last_n
 _EXECUTION_TIME_FEATURES = frozenset({"delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
                                       "exec_days_to_payday", "exec_is_month_end", "payday_before_exec"})  # fmt: skip
 
+#: Numeric features transform_request derives from the request's context (constant across its rows).
+_REQUEST_DERIVED = frozenset({"is_three_ds", "amount_usd", "log_amount_usd", "local_hour", "local_weekday",
+                              "local_day", "days_to_payday", "is_month_end", "days_since_first_failure",
+                              "hours_since_last_nudge"})  # fmt: skip
+_NO_CANDIDATE: Any = object()
+
 _CODES_MEMO_SIZE = 4096
 #: How each candidate column's value is read off a Candidate (as ``expand_candidates`` writes it).
 _CANDIDATE_VALUE: dict[str, Callable[[Candidate], str | None]] = {
@@ -284,8 +290,8 @@ class _RequestPlan:
     """Column positions for FeatureSpec.transform_request, grouped by where their values come from."""
 
     width: int
-    context_numbers: tuple[str, ...]  # raw numeric context values copied as they are
-    numbers: tuple[tuple[int, str], ...]  # numeric features constant across a request's rows
+    context_numbers: tuple[tuple[int, str], ...]  # raw numeric context values copied as they are
+    derived_numbers: tuple[tuple[int, str], ...]  # numeric features derived from the context (_REQUEST_DERIVED)
     categories: tuple[tuple[int, str, dict[str | None, int]], ...]  # context categoricals and their codes
     candidate_numbers: tuple[tuple[int, str], ...]  # numeric features of the candidate's execution time
     same_connector: int | None
@@ -405,8 +411,9 @@ class FeatureSpec:
         """``transform(expand_candidates(context, candidates))`` for one live request, without the decision frame.
 
         The request path's form of :meth:`transform`: a request's rows share one context, so its features are
-        derived once (as scalars, with numpy's own functions wherever rounding could differ) and broadcast, and
-        only the candidate columns are derived per row. Byte-identical to :meth:`transform` (tested on random
+        derived once (as scalars, with numpy's own functions wherever rounding could differ) and broadcast. The
+        candidate columns are derived once per distinct execution moment (a grid shares each moment between its
+        kinds) and once per run of same-kind candidates. Byte-identical to :meth:`transform` (tested on random
         requests), at a fraction of its cost: :func:`derive` pays numpy's per-call overhead ~60 times per frame.
         """
         plan = self._request_plan()
@@ -414,23 +421,25 @@ class FeatureSpec:
         event = _float_or_nan(context.get("event_ts"))
         country = context.get("customer_country")
         zone_name = timezone_of(country if isinstance(country, str) else None)
-        # Event time first, then every candidate's execution time: one pass of the shared local-time helpers.
-        times = [event, *(c.execute_at.timestamp() for c in candidates)]
+        # The event time first, then each distinct execution moment; ``slots`` maps a row to its moment. Keyed by
+        # identity: the candidates keep their datetimes alive, so no id is reused during the loop.
+        moments = [event]
+        slot_of: dict[int, int] = {}
+        slots: list[int] = []
+        for candidate in candidates:
+            at = candidate.execute_at
+            slot = slot_of.get(id(at))
+            if slot is None:
+                slot = slot_of[id(at)] = len(moments)
+                moments.append(at.timestamp())
+            slots.append(slot)
         if zone_name == "UTC":
-            offsets = [0.0 if math.isfinite(t) else math.nan for t in times]
+            offsets = [0.0 if math.isfinite(t) else math.nan for t in moments]
         else:
-            per_hour: dict[int, float] = {}  # a request's times fall in a few distinct UTC hours
-            offsets = []
-            for t in times:
-                if not math.isfinite(t):
-                    offsets.append(math.nan)
-                    continue
-                hour = math.floor(t / 3600.0)
-                offset = per_hour.get(hour)
-                if offset is None:
-                    offset = per_hour[hour] = _hour_offset(zone_name, float(hour))
-                offsets.append(offset)
-        ts = np.array(times, dtype=np.float64)
+            offsets = [
+                math.nan if not math.isfinite(t) else _hour_offset(zone_name, math.floor(t / 3600.0)) for t in moments
+            ]
+        ts = np.array(moments, dtype=np.float64)
         local = _local_time(ts, np.array(offsets, dtype=np.float64))
         days_to_payday = _days_to_payday(local)
         month_end = _is_month_end(local)
@@ -439,12 +448,11 @@ class FeatureSpec:
         currency = context.get("currency")
         rate = self.fx_to_usd.get(currency.upper(), math.nan) if isinstance(currency, str) else math.nan
         usd = _float_or_nan(context.get("amount")) * rate
-        delay = np.maximum(ts[1:] - event, 0.0) / 3600.0
-        scalars = {name: _float_or_nan(context.get(name, math.nan)) for name in plan.context_numbers}
-        scalars |= {
+        derived = {
             "is_three_ds": float(isinstance(auth, str) and auth.startswith("three_ds")),
             "amount_usd": usd,
-            "log_amount_usd": float(_log1p_nonnegative(np.array([usd]))[0]),
+            # A negative amount is bad data, not a number to take the log of (as _log1p_nonnegative).
+            "log_amount_usd": float(np.log1p(usd)) if usd >= 0.0 else math.nan,
             "local_hour": float(local.hour[0]),
             "local_weekday": float(local.weekday[0]),
             "local_day": float(local.day[0]),
@@ -454,56 +462,71 @@ class FeatureSpec:
             "hours_since_last_nudge": (event - _float_or_nan(context.get("last_nudge_ts"))) / 3600.0,
         }
         row = [math.nan] * plan.width
-        for j, name in plan.numbers:
-            row[j] = scalars.get(name, math.nan)
+        for j, name in plan.context_numbers:
+            value = context.get(name)
+            row[j] = math.nan if value is None else float(value)
+        for j, name in plan.derived_numbers:
+            row[j] = derived[name]
         for j, name, codes in plan.categories:
             value = context.get(name)
             row[j] = codes.get(value if isinstance(value, str) else None, OTHER_CODE)
         matrix = np.repeat(np.array(row, dtype=np.float32)[np.newaxis, :], n, axis=0)
 
-        connector = context.get("connector")
-        connector = connector if isinstance(connector, str) else None
-        per_candidate: dict[str, Any] = {
-            "delay_hours": delay,
-            "log_delay_hours": np.log1p(delay),
-            "exec_local_hour": local.hour[1:],
-            "exec_weekday": local.weekday[1:],
-            "exec_day": local.day[1:],
-            "exec_days_to_payday": days_to_payday[1:],
-            "exec_is_month_end": month_end[1:],
-            "payday_before_exec": (local.month_index[1:] > local.month_index[0]).astype(np.float64),
-        }
-        if plan.same_connector is not None:
-            matrix[:, plan.same_connector] = [
-                math.nan if c.connector is None else float(c.connector == connector) for c in candidates
-            ]
-        for j, name in plan.candidate_numbers:
-            matrix[:, j] = per_candidate[name]
-        if plan.candidate_categories:
-            columns = list(zip(*self._candidate_codes(candidates), strict=True))
+        if plan.candidate_numbers:
+            pick = np.array(slots, dtype=np.intp)
+            delay = np.maximum(ts - event, 0.0) / 3600.0
+            per_moment: dict[str, FloatArray] = {
+                "delay_hours": delay,
+                "log_delay_hours": np.log1p(delay),
+                "exec_local_hour": local.hour,
+                "exec_weekday": local.weekday,
+                "exec_day": local.day,
+                "exec_days_to_payday": days_to_payday,
+                "exec_is_month_end": month_end,
+                "payday_before_exec": (local.month_index > local.month_index[0]).astype(np.float64),
+            }
+            for j, name in plan.candidate_numbers:
+                matrix[:, j] = per_moment[name][pick]
+        if plan.same_connector is not None or plan.candidate_categories:
+            connector = context.get("connector")
+            per_row = self._candidate_codes(candidates, connector if isinstance(connector, str) else None)
+            kinds = np.array(per_row, dtype=np.float64).reshape(n, 1 + len(_CANDIDATE_VALUE))
+            if plan.same_connector is not None:
+                matrix[:, plan.same_connector] = kinds[:, 0]
             for j, k in plan.candidate_categories:
-                matrix[:, j] = columns[k]
+                matrix[:, j] = kinds[:, k + 1]
         return matrix
 
-    def _candidate_codes(self, candidates: Sequence[Candidate]) -> list[tuple[float, ...]]:
-        """Codes of the candidate columns (``_CANDIDATE_VALUE`` order), one tuple per candidate.
+    def _candidate_codes(self, candidates: Sequence[Candidate], connector: str | None) -> list[tuple[float, ...]]:
+        """Per candidate, ``is_same_connector`` (against the failed ``connector``) and the codes of the candidate
+        columns (``_CANDIDATE_VALUE`` order).
 
-        A merchant's grid repeats the same few (action, strategy, connector, channel) combinations, so each is
-        encoded once and remembered.
+        A grid lists each kind's candidates together and repeats the same few (action, strategy, connector,
+        channel) kinds across requests: a kind is looked up once per run, and encoded once per process.
         """
         memo = self._codes_memo
-        rows = []
+        rows: list[tuple[float, ...]] = []
+        codes: tuple[float, ...] = ()
+        action: Any = _NO_CANDIDATE
+        strategy: Any = _NO_CANDIDATE
+        target: Any = _NO_CANDIDATE
+        channel: Any = _NO_CANDIDATE
         for c in candidates:
-            key = (c.action, c.strategy, c.connector, c.channel)
-            codes = memo.get(key)
-            if codes is None:
-                codes = tuple(
-                    float(self._lookup(name).get(value_of(c), OTHER_CODE)) if name in self.vocabularies else math.nan
-                    for name, value_of in _CANDIDATE_VALUE.items()
-                )
-                if len(memo) >= _CODES_MEMO_SIZE:
-                    memo.clear()
-                memo[key] = codes
+            if not (c.action is action and c.strategy is strategy and c.connector is target and c.channel is channel):
+                action, strategy, target, channel = c.action, c.strategy, c.connector, c.channel
+                key = (action, strategy, target, channel)
+                encoded = memo.get(key)
+                if encoded is None:
+                    encoded = tuple(
+                        float(self._lookup(name).get(value_of(c), OTHER_CODE))
+                        if name in self.vocabularies
+                        else math.nan
+                        for name, value_of in _CANDIDATE_VALUE.items()
+                    )
+                    if len(memo) >= _CODES_MEMO_SIZE:
+                        memo.clear()
+                    memo[key] = encoded
+                codes = (math.nan if target is None else float(target == connector), *encoded)
             rows.append(codes)
         return rows
 
@@ -511,10 +534,11 @@ class FeatureSpec:
         """Where each feature goes in the matrix, split by what transform_request derives it from (made once)."""
         if self._plan is None:
             positions = {name: j for j, name in enumerate(self.columns)}
+            context_numbers = frozenset(CONTEXT_NUM) - _RAW_ONLY_NUMBERS - _REQUEST_DERIVED
             self._plan = _RequestPlan(
                 width=len(positions),
-                context_numbers=tuple(name for name in CONTEXT_NUM if name not in _RAW_ONLY_NUMBERS),
-                numbers=tuple((positions[name], name) for name in self.numeric if name not in _EXECUTION_TIME_FEATURES),
+                context_numbers=tuple((positions[name], name) for name in self.numeric if name in context_numbers),
+                derived_numbers=tuple((positions[name], name) for name in self.numeric if name in _REQUEST_DERIVED),
                 categories=tuple(
                     (positions[name], name, self._lookup(name))
                     for name in self.vocabularies

@@ -8,7 +8,9 @@ with pydantic-core and calls ``Runtime.decide`` and ``Runtime.record`` — what 
 ``decide_json`` calls, so the answer, the stored row, the metrics and the log line are the same.
 
 A request whose body is over ``MAX_REQUEST_BODY`` gets 413 on any route: before its body is read when its
-Content-Length says so, or as soon as the limit is passed when it is sent without one (chunked). Anything else —
+Content-Length says so, or as soon as the limit is passed when it is sent without one (chunked). A gzip or deflate
+body (``Content-Encoding``) is decoded here, bounded by the same limit, and handed on as a plain one; another
+coding gets 415, and data that does not decode 400 naming the coding. Anything else —
 another route, a missing or unknown key, another merchant's id, a body that is not valid, a body larger than
 ``MAX_FAST_BODY``, dependency overrides (tests), an error while deciding — is handed to the
 FastAPI app with the body replayed, so every error keeps exactly the status and message the documented route
@@ -18,7 +20,9 @@ gives. The FastAPI route stays the documented one (OpenAPI) and the reference fo
 from __future__ import annotations
 
 import time
+import zlib
 
+import orjson
 from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope, Send
@@ -48,15 +52,28 @@ class DecisionFastPath:
             return
         declared = _declared_length(scope)
         if declared is not None and declared > MAX_REQUEST_BODY:
-            await _too_large(send)
+            await _refuse(send, 413, _TOO_LARGE)
             return
-        if declared is None:
-            # No Content-Length (a chunked body): nothing bounds it but what is read. It is read here, up to the
-            # limit, and handed on as if it had just arrived.
+        codings = _content_codings(scope)
+        unsupported = [coding for coding in codings if coding not in _DECODERS]
+        if unsupported:
+            await _refuse(send, 415, _UNSUPPORTED.format(coding=unsupported[0]))
+            return
+        if declared is None or codings:
+            # Without Content-Length (a chunked body) nothing bounds the body but what is read, and a compressed
+            # body is bounded again once decoded: either is read here, up to the limit, and handed on as if it
+            # had just arrived (decoded, its Content-Encoding gone).
             body, complete = await _read_body(receive, MAX_REQUEST_BODY)
             if len(body) > MAX_REQUEST_BODY:
-                await _too_large(send)
+                await _refuse(send, 413, _TOO_LARGE)
                 return
+            if codings and complete:
+                try:
+                    body = _decoded(body, codings)
+                except _UndecodableBodyError as exc:
+                    await _refuse(send, exc.status, exc.detail)
+                    return
+                scope = _as_plain_body(scope, len(body))
             receive = _replay(body, complete, receive)
         if scope["method"] != "POST" or scope["path"] != DECISIONS_PATH:
             await self.app(scope, receive, send)
@@ -112,9 +129,56 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-async def _too_large(send: Send) -> None:
-    body = b'{"detail":"request body larger than %d bytes"}' % MAX_REQUEST_BODY
-    await send({"type": "http.response.start", "status": 413,
+_TOO_LARGE = f"request body larger than {MAX_REQUEST_BODY} bytes"
+_UNSUPPORTED = "Content-Encoding {coding!r} is not supported: send the body uncompressed, gzip or deflate"
+#: zlib's ``wbits`` per supported content coding (RFC 9110 section 8.4.1): gzip, and deflate in its zlib wrapper.
+_DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+class _UndecodableBodyError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _content_codings(scope: Scope) -> list[str]:
+    """The request's content codings in the order applied (``identity`` left out), lower-cased."""
+    codings: list[str] = []
+    for name, value in scope["headers"]:
+        if name == b"content-encoding":
+            codings.extend(part.strip().lower() for part in value.decode("latin-1").split(","))
+    return [coding for coding in codings if coding and coding != "identity"]
+
+
+def _decoded(body: bytes, codings: list[str]) -> bytes:
+    """``body`` with its content codings undone (last applied first), never more than MAX_REQUEST_BODY bytes."""
+    for coding in reversed(codings):
+        decoder = zlib.decompressobj(_DECODERS[coding])
+        try:
+            decoded = decoder.decompress(body, MAX_REQUEST_BODY + 1)
+        except zlib.error as exc:
+            raise _UndecodableBodyError(400, f"request body is not valid {coding} data: {exc}") from None
+        if len(decoded) > MAX_REQUEST_BODY:  # a small body can inflate a thousandfold: stop at the limit
+            raise _UndecodableBodyError(413, f"{_TOO_LARGE} once decoded ({coding})")
+        if not decoder.eof or decoder.unused_data:
+            raise _UndecodableBodyError(400, f"request body is not one complete {coding} stream")
+        body = decoded
+    return body
+
+
+def _as_plain_body(scope: Scope, length: int) -> Scope:
+    """``scope`` for the decoded body: no Content-Encoding, and its Content-Length."""
+    headers = [
+        (name, value) for name, value in scope["headers"] if name not in (b"content-encoding", b"content-length")
+    ]
+    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
+
+
+async def _refuse(send: Send, status: int, detail: str) -> None:
+    """Answer ``status`` with ``{"detail": ...}`` and close the connection (the body may be unread)."""
+    body = orjson.dumps({"detail": detail})
+    await send({"type": "http.response.start", "status": status,
                 "headers": [*_RESPONSE_HEADERS, (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})

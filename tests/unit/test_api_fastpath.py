@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -333,5 +335,57 @@ def test_a_chunked_request_within_the_limit_is_answered_as_if_it_had_a_content_l
         )
         assert bad.status_code == 422
         assert [detail["field"] for detail in bad.json()["detail"]] == ["amount"]
+    finally:
+        api.close()
+
+
+def _deflated(data: bytes) -> bytes:
+    return zlib.compress(data)
+
+
+@pytest.mark.parametrize(("coding", "encode"), [("gzip", gzip.compress), ("deflate", _deflated)])
+def test_a_compressed_body_is_decoded_and_answered_as_the_plain_one(
+    tmp_path: Path, coding: str, encode: Callable[[bytes], bytes]
+) -> None:
+    # Compressed bodies used to get FastAPI's bare 400 "There was an error parsing the body".
+    api = start(tmp_path)
+    try:
+        plain = api.post_raw("/v1/decisions", _body(), FAST)
+        compressed = api.post_raw("/v1/decisions", encode(_body()), FAST | {"Content-Encoding": coding})
+        assert compressed.status_code == plain.status_code == 200, compressed.text
+        assert {k: v for k, v in compressed.json().items() if k != "decision_id"} == {
+            k: v for k, v in plain.json().items() if k != "decision_id"
+        }
+        batch = json.dumps([request_body(), request_body()]).encode()
+        answer = api.post_raw("/v1/decisions:batch", encode(batch), FAST | {"Content-Encoding": coding.upper()})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()) == 2
+        wrong = api.post_raw("/v1/outcomes", encode(b'{"order_id": "o"}'), FAST | {"Content-Encoding": coding})
+        assert wrong.status_code == 422  # decoded, then validated as any body
+        assert "decision_id" in {detail["field"] for detail in wrong.json()["detail"]}
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize(
+    ("coding", "content", "status", "detail"),
+    [
+        ("br", b"\x0b\x02\x80{}\x03", 415, "Content-Encoding 'br' is not supported"),
+        ("gzip, br", b"{}", 415, "Content-Encoding 'br' is not supported"),
+        ("gzip", b'{"not": "gzip"}', 400, "request body is not valid gzip data"),
+        ("gzip", gzip.compress(b"{}" * 1000)[:-12], 400, "request body is not one complete gzip stream"),
+        ("deflate", b"\x00\x01", 400, "request body is not valid deflate data"),
+        ("gzip", gzip.compress(b" " * (MAX_REQUEST_BODY + 1)), 413, "once decoded (gzip)"),
+    ],
+)
+def test_a_body_that_cannot_be_decoded_is_refused_naming_why(
+    tmp_path: Path, coding: str, content: bytes, status: int, detail: str
+) -> None:
+    api = start(tmp_path)
+    try:
+        for path in ("/v1/decisions", "/v1/outcomes"):
+            answer = api.post_raw(path, content, FAST | {"Content-Encoding": coding})
+            assert answer.status_code == status, answer.text
+            assert detail in answer.json()["detail"]
     finally:
         api.close()

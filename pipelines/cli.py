@@ -226,7 +226,7 @@ def evaluate(
     from model.merchant_config import ConfigError
     from model.registry import load_alias, resolve_tracking_uri
     from pipelines.evaluate import evaluate as run_evaluation
-    from pipelines.train import comparison_policies, merchants_for
+    from pipelines.train import comparison_policies, format_history_error, merchants_for
 
     try:
         from model.history import read_attempts
@@ -247,7 +247,7 @@ def evaluate(
             seed=seed,
         )
     except (HistoryError, ConfigError, FileNotFoundError, ValueError) as exc:
-        raise fail(str(exc).splitlines()[0] if isinstance(exc, HistoryError) else str(exc)) from None
+        raise fail(format_history_error(exc) if isinstance(exc, HistoryError) else str(exc)) from None
     console.print(f"evaluation of {name} written to {summary.out_dir / 'evaluation.md'}")
     if summary.episodes is not None:
         console.print(summary.episodes.to_string(index=False))
@@ -445,6 +445,7 @@ def history_export(
     from datetime import UTC, datetime
 
     from model.history import HistoryError
+    from pipelines.train import format_history_error
     from service.api.export import export_history
 
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
@@ -458,7 +459,7 @@ def history_export(
     try:
         summary = export_history(url, out, since=start)
     except HistoryError as exc:
-        raise fail(f"the stored history breaks the contract: {str(exc).splitlines()[0]}") from None
+        raise fail(f"the stored history breaks the contract: {format_history_error(exc)}") from None
     console.print(
         f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
         f"({summary.nudges:,} nudges) for {summary.orders:,} orders"
@@ -469,12 +470,19 @@ def history_export(
         ),
         highlight=False,
     )
+    if summary.renamed_orders:
+        console.print(
+            f"{len(summary.renamed_orders)} orders use an order_id another merchant uses too, written as "
+            "merchant_id/order_id: " + "; ".join(summary.renamed_orders[:10]),
+            highlight=False,
+        )
     if summary.left_out_orders:
         shown = summary.left_out_orders[:10]
         more = len(summary.left_out_orders) - len(shown)
         console.print(
-            f"left out {len(summary.left_out_orders)} orders whose history holds a value the history files cannot "
-            "carry: " + "; ".join(shown) + (f"; and {more} more" if more else ""),
+            f"left out {len(summary.left_out_orders)} orders whose history the history files cannot carry: "
+            + "; ".join(shown)
+            + (f"; and {more} more" if more else ""),
             highlight=False,
         )
 

@@ -46,6 +46,7 @@ from service.api.settings import Settings
 from service.api.store import (
     DecisionWriter,
     ForeignDecisionError,
+    OutcomeBeforeFailureError,
     OutcomeConflictError,
     OutcomeOrderMismatchError,
     Store,
@@ -262,7 +263,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             # A decision answered a moment ago may still be on its way to the store (any worker's writer).
             grace = 3 * runtime.settings.decision_flush_seconds
             stored = await run_in_threadpool(
-                runtime.store.record_outcome, caller.merchant_id, body.model_dump(mode="json"), grace
+                runtime.store.record_outcome,
+                caller.merchant_id,
+                body.model_dump(mode="json", exclude_unset=True),
+                grace,
             )
         except OutcomeConflictError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
@@ -270,6 +274,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from None
         except OutcomeOrderMismatchError as exc:
             raise _field_error("order_id", msg=str(exc)) from None
+        except OutcomeBeforeFailureError as exc:
+            raise _field_error("occurred_at", msg=str(exc)) from None
         return OutcomeOut(
             decision_id=stored.decision_id,
             order_id=stored.order_id,

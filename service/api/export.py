@@ -7,11 +7,12 @@ an action that never ran leaves no gap). Orders whose caller acted itself and re
 ``/v1/outcomes`` are rebuilt from the decision store as below. An order the executor knows is taken from the
 executor only. ``since`` keeps whole orders whose first attempt is at or after it, so every order stays complete.
 
-Each order's failed attempts come from the request of its first stored decision (``history.attempts``, with the
+Each order's failed attempts come from the requests of its stored decisions (``history.attempts``, with the
 ``failure`` block filling the last one's error fields). A decided ``retry`` with an outcome becomes one more
-attempt; a decided ``retarget`` becomes a nudge, plus a ``retarget_link`` attempt when the outcome says the
-customer paid (or failed to pay) through the link. Decisions without an outcome are left out: their result is
-not known yet.
+attempt, created when the outcome occurred; a decided ``retarget`` becomes a nudge, plus a ``retarget_link``
+attempt when the customer paid through the link (a success) or a payment through it failed (a failure with a
+``txn_id``). Attempts the caller gave no ``txn_id`` get ``<order_id>_<n>``, never one used elsewhere in the files.
+Decisions without an outcome are left out: their result is not known yet.
 """
 
 from __future__ import annotations
@@ -25,12 +26,25 @@ from typing import Any
 import orjson
 import pandas as pd
 import sqlalchemy as sa
+from pydantic import ValidationError
 
-from model.history import ATTEMPT_COLUMNS, NUDGE_COLUMNS, read_history, write_attempts, write_nudges
+from model.history import (
+    ATTEMPT_COLUMNS,
+    NUDGE_COLUMNS,
+    HistoryError,
+    read_history,
+    write_attempts,
+    write_nudges,
+)
 from model.vocab import Action, Channel, Strategy
+from service.api.schemas import OutcomeIn
 from service.api.store import decisions, make_engine, outcomes
 from service.executor.store import nudges as nudge_table
 from service.executor.store import orders, transactions
+
+#: Validation rounds of an export: each leaves out the orders the last one found at fault (a dropped order can
+#: only remove problems, so a second round normally passes).
+_MAX_VALIDATION_ROUNDS = 5
 
 _FAILURE_FIELDS = (
     "error_code",
@@ -49,9 +63,11 @@ class ExportSummary:
     nudges: int
     orders: int
     dropped_after_success: int = 0  # executor attempts after an order's success, left out (see executor_frames)
-    #: Orders left out whole because their history holds a strategy or channel the history files cannot carry,
-    #: one line each ("merchant/order: strategy 'x'").
+    #: Orders left out whole because the history files cannot carry their history (a strategy or channel outside
+    #: the contract's lists, or rows that break a rule of the files), one line each ("merchant/order: why").
     left_out_orders: tuple[str, ...] = ()
+    #: Orders whose order_id several merchants use, written as ``merchant/order``, one line each.
+    renamed_orders: tuple[str, ...] = ()
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +91,19 @@ def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _fresh_txn_id(order_id: str, number: int, taken: set[str]) -> str:
+    """``<order_id>_<number>`` (the processor-side suffix convention), or with a further ``_k`` when a reported
+    or another order's id already has it: txn_id is unique across the history files."""
+    candidate, k = f"{order_id}_{number}", 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{order_id}_{number}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
 def _earlier_attempts(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts the request's history reports, without txn_id (the caller's history does not carry one)."""
     base = _order_fields(request)
     history = request.get("history", {}).get("attempts", [])
     rows = []
@@ -84,7 +112,7 @@ def _earlier_attempts(request: dict[str, Any]) -> list[dict[str, Any]]:
         failure = request["failure"] if last else {}
         row = {
             **base,
-            "txn_id": f"{request['order_id']}_{attempt['attempt_number']}",
+            "txn_id": None,
             "attempt_number": int(attempt["attempt_number"]),
             "created_at": attempt["created_at"],
             "connector": attempt["connector"],
@@ -101,8 +129,15 @@ def _earlier_attempts(request: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def history_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(attempts, nudges) frames built from the stored decisions that have an outcome."""
+def history_frames(
+    engine: sa.Engine, taken: set[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, str], str]]:
+    """(attempts, nudges, unusable) built from the stored decisions that have an outcome.
+
+    ``taken``: txn_ids already used elsewhere in the export (the executor's); ids made up here avoid them.
+    ``unusable``: orders with a stored outcome the feedback fields of which do not validate (stored before they
+    were checked at the API), each with the reason; the caller leaves them out whole.
+    """
     query = (
         sa.select(decisions.c.decision_id, decisions.c.request_json, decisions.c.answer_json, outcomes.c.body_json)
         .join(
@@ -111,77 +146,109 @@ def history_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
         .order_by(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time, decisions.c.created_at)
     )
-    attempts: dict[tuple[str, str, int], dict[str, Any]] = {}
-    nudges: list[dict[str, Any]] = []
-    next_number: dict[tuple[str, str], int] = {}
     with engine.connect() as conn:
-        for _decision_id, request_json, answer_json, body_json in conn.execute(query):
-            request, answer, body = (
+        stored = [
+            (
                 orjson.loads(request_json),
                 orjson.loads(answer_json),
                 json.loads(body_json),  # not orjson: an extra may hold an integer beyond 64 bits
             )
+            for _decision_id, request_json, answer_json, body_json in conn.execute(query)
+        ]
+    unusable: dict[tuple[str, str], str] = {}
+    usable = []
+    for request, answer, body in stored:
+        try:
+            OutcomeIn.model_validate(body)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
             order = (request["merchant_id"], request["order_id"])
-            for row in _earlier_attempts(request):
-                attempts.setdefault((*order, row["attempt_number"]), row)
-                next_number[order] = max(next_number.get(order, 1), row["attempt_number"] + 1)
-            number = next_number.get(order, 1)
-            base = _order_fields(request)
-            common = {"decision_id": answer["decision_id"], "propensity": answer["propensity"]}
-            failure = {field: body.get(field) for field in _FAILURE_FIELDS}
-            if body["status"] == "failure" and not any(failure.values()):
-                failure["error_code"] = "unknown"
-            if body["status"] == "success":
-                failure = dict.fromkeys(_FAILURE_FIELDS)
-            if answer["action"] == Action.RETRY:
+            unusable.setdefault(order, f"outcome of {answer['decision_id']}: {field}: {error['msg']}")
+            continue
+        usable.append((request, answer, body))
+    # Reported txn_ids first, so an id made up for an attempt the caller did not name never takes one of them.
+    taken = set(taken or ()) | {str(body["txn_id"]) for _, _, body in usable if body.get("txn_id")}
+    attempts: dict[tuple[str, str, int], dict[str, Any]] = {}
+    nudges: list[dict[str, Any]] = []
+    next_number: dict[tuple[str, str], int] = {}
+    for request, answer, body in usable:
+        order = (request["merchant_id"], request["order_id"])
+        if order in unusable:
+            continue
+        for row in _earlier_attempts(request):  # a later decision's request may report attempts an earlier one did not
+            key = (*order, row["attempt_number"])
+            if key not in attempts:
+                attempts[key] = row | {"txn_id": _fresh_txn_id(request["order_id"], row["attempt_number"], taken)}
+            next_number[order] = max(next_number.get(order, 1), row["attempt_number"] + 1)
+        number = next_number.get(order, 1)
+        base = _order_fields(request)
+        common = {"decision_id": answer["decision_id"], "propensity": answer["propensity"]}
+        failure = {field: body.get(field) for field in _FAILURE_FIELDS}
+        if body["status"] == "failure" and not any(failure.values()):
+            failure["error_code"] = "unknown"
+        if body["status"] == "success":
+            failure = dict.fromkeys(_FAILURE_FIELDS)
+        if answer["action"] == Action.RETRY:
+            attempts[(*order, number)] = {
+                **base,
+                **common,
+                **failure,
+                "txn_id": body.get("txn_id") or _fresh_txn_id(request["order_id"], number, taken),
+                "attempt_number": number,
+                # When the outcome happened: the caller may have retried later than the decision's execute_at.
+                "created_at": body["occurred_at"],
+                "connector": body.get("connector") or answer["connector"],
+                "strategy": answer["strategy"],
+                "nudge_id": None,
+                "status": body["status"],
+            }
+            next_number[order] = number + 1
+        elif answer["action"] == Action.RETARGET:
+            nudge_id = body.get("nudge_id") or f"nud_{answer['decision_id'].removeprefix('dec_')}"
+            # The customer paid through the link (success), or a payment through it failed (a txn_id says so):
+            # that payment is an attempt of the order, made after the message was sent and clicked.
+            paid_through_link = body["status"] == "success" or bool(body.get("txn_id"))
+            sent_at = body.get("sent_at") or answer["execute_at"]
+            if paid_through_link and not body.get("sent_at"):
+                sent_at = min(answer["execute_at"], body["occurred_at"], key=_instant)
+            nudges.append(
+                {
+                    **common,
+                    "merchant_id": base["merchant_id"],
+                    "order_id": base["order_id"],
+                    "nudge_id": nudge_id,
+                    "sent_at": sent_at,
+                    "channel": answer["channel"],
+                    "template_id": body.get("template_id") or "winback_payment_link",
+                    "delivered": bool(body.get("delivered", True)),
+                    "clicked_at": body.get("clicked_at") or (body["occurred_at"] if paid_through_link else None),
+                }
+            )
+            if paid_through_link:
                 attempts[(*order, number)] = {
                     **base,
                     **common,
                     **failure,
-                    "txn_id": body.get("txn_id") or f"{request['order_id']}_{number}",
+                    "txn_id": body.get("txn_id") or _fresh_txn_id(request["order_id"], number, taken),
                     "attempt_number": number,
-                    "created_at": answer["execute_at"],
-                    "connector": body.get("connector") or answer["connector"],
-                    "strategy": answer["strategy"],
-                    "nudge_id": None,
+                    "created_at": body["occurred_at"],
+                    "connector": body.get("connector") or request["failure"]["connector"],
+                    "strategy": Strategy.RETARGET_LINK.value,
+                    "nudge_id": nudge_id,
                     "status": body["status"],
                 }
                 next_number[order] = number + 1
-            elif answer["action"] == Action.RETARGET:
-                nudge_id = body.get("nudge_id") or f"nud_{answer['decision_id'].removeprefix('dec_')}"
-                nudges.append(
-                    {
-                        **common,
-                        "merchant_id": base["merchant_id"],
-                        "order_id": base["order_id"],
-                        "nudge_id": nudge_id,
-                        "sent_at": body.get("sent_at") or answer["execute_at"],
-                        "channel": answer["channel"],
-                        "template_id": body.get("template_id") or "winback_payment_link",
-                        "delivered": bool(body.get("delivered", True)),
-                        "clicked_at": body.get("clicked_at") or (body["occurred_at"] if body.get("txn_id") else None),
-                    }
-                )
-                if body.get("txn_id"):  # the customer used the link: that payment is an attempt of the order
-                    attempts[(*order, number)] = {
-                        **base,
-                        **common,
-                        **failure,
-                        "txn_id": body["txn_id"],
-                        "attempt_number": number,
-                        "created_at": body["occurred_at"],
-                        "connector": body.get("connector") or request["failure"]["connector"],
-                        "strategy": Strategy.RETARGET_LINK.value,
-                        "nudge_id": nudge_id,
-                        "status": body["status"],
-                    }
-                    next_number[order] = number + 1
     attempts_frame = pd.DataFrame(list(attempts.values()), columns=list(ATTEMPT_COLUMNS))
     nudges_frame = pd.DataFrame(nudges, columns=list(NUDGE_COLUMNS))
     for frame, columns in ((attempts_frame, ("created_at",)), (nudges_frame, ("sent_at", "clicked_at"))):
         for column in columns:
             frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
-    return attempts_frame, nudges_frame
+    return attempts_frame, nudges_frame, unusable
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def _utc(value: Any) -> Any:
@@ -294,10 +361,13 @@ def _unwritable_orders(attempts: pd.DataFrame, nudges: pd.DataFrame) -> dict[tup
     return found
 
 
-def all_history_frames(engine: sa.Engine, since: datetime | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """(attempts, nudges, dropped) from the executor and the decision store (see the module docstring)."""
+def all_history_frames(
+    engine: sa.Engine, since: datetime | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, int, dict[tuple[str, str], str]]:
+    """(attempts, nudges, dropped, unusable) from the executor and the decision store (see the module docstring
+    and ``history_frames``)."""
     exec_attempts, exec_nudges, dropped = executor_frames(engine)
-    api_attempts, api_nudges = history_frames(engine)
+    api_attempts, api_nudges, unusable = history_frames(engine, taken=set(exec_attempts["txn_id"].astype(str)))
     executed = _orders_of(exec_attempts)
     api_orders = _orders_of(api_attempts) - executed
     attempts = pd.concat(
@@ -315,15 +385,52 @@ def all_history_frames(engine: sa.Engine, since: datetime | None = None) -> tupl
         attempts, nudges = _only(attempts, keep), _only(nudges, keep)
     attempts = attempts.sort_values(["merchant_id", "order_id", "attempt_number"], kind="mergesort")
     nudges = nudges.sort_values(["merchant_id", "order_id", "sent_at"], kind="mergesort")
-    return attempts.reset_index(drop=True), nudges.reset_index(drop=True), dropped
+    return attempts.reset_index(drop=True), nudges.reset_index(drop=True), dropped, unusable
+
+
+def _shared_order_ids(attempts: pd.DataFrame, nudges: pd.DataFrame) -> set[str]:
+    """order_ids that more than one merchant uses (the API keys orders by merchant, the history files by order_id)."""
+    pairs = pd.concat([attempts[["merchant_id", "order_id"]], nudges[["merchant_id", "order_id"]]]).drop_duplicates()
+    counts = pairs["order_id"].value_counts()
+    return set(counts[counts > 1].index.astype(str))
+
+
+def _qualify(frame: pd.DataFrame, shared: set[str]) -> pd.DataFrame:
+    """``frame`` with each shared order_id written as ``<merchant_id>/<order_id>``."""
+    if not shared or not len(frame):
+        return frame
+    frame = frame.copy()
+    mask = frame["order_id"].isin(shared)
+    frame.loc[mask, "order_id"] = frame.loc[mask, "merchant_id"] + "/" + frame.loc[mask, "order_id"]
+    return frame
+
+
+def _orders_at_fault(
+    error: HistoryError, attempts: pd.DataFrame, nudges: pd.DataFrame, files: tuple[Path, Path]
+) -> dict[tuple[str, str], str] | None:
+    """The orders the problems of ``error`` are in, each with its first problem; None when one is not in a row."""
+    found: dict[tuple[str, str], str] = {}
+    for problem in error.report.problems:
+        frame = attempts if problem.file == str(files[0]) else nudges if problem.file == str(files[1]) else None
+        if frame is None or problem.row is None or not 1 <= problem.row <= len(frame):
+            return None
+        merchant_id, order_id = frame.iloc[problem.row - 1][["merchant_id", "order_id"]]
+        where = "" if problem.column is None else f"{problem.column}: "
+        found.setdefault((str(merchant_id), str(order_id)), f"{where}{problem.reason}")
+    return found if len(error.report.problems) == error.report.total else None
 
 
 def export_history(database_url: str, out_dir: str | Path, since: datetime | None = None) -> ExportSummary:
     """Write ``out_dir/attempts.parquet`` and ``out_dir/nudges.parquet`` from the executor and decision store.
 
     Both files are validated on the way out (row schema on write, then the cross-row and cross-file rules by
-    reading them back with ``model.history.read_history``); a HistoryError means the stores hold something the
-    contract does not allow, and names it. ``since`` (aware) keeps orders whose first attempt is at or after it.
+    reading them back with ``model.history.read_history``). One order the files cannot carry must not block every
+    other order's feedback: an order with a value outside the contract's lists, or whose rows break a rule of
+    the files, is left out whole and named in the summary (``left_out_orders``); nothing is left out silently. An
+    order_id that several merchants use is written ``<merchant_id>/<order_id>`` (the files key orders by
+    order_id) and named too. Both files are written beside the targets and moved into place only once valid, so
+    a failed export leaves an earlier export as it was. ``since`` (aware) keeps orders whose first attempt is at
+    or after it.
     """
     if since is not None and since.tzinfo is None:
         raise ValueError(f"since must carry a timezone (e.g. 2026-11-01T00:00:00Z), got {since.isoformat()}")
@@ -331,19 +438,40 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     target.mkdir(parents=True, exist_ok=True)
     engine = make_engine(database_url)
     try:
-        attempts_frame, nudges_frame, dropped = all_history_frames(engine, since)
+        attempts_frame, nudges_frame, dropped, unusable = all_history_frames(engine, since)
     finally:
         engine.dispose()
-    # One order with a value the files cannot hold must not block every other order's feedback: it is left out
-    # whole, and named in the summary.
-    unwritable = _unwritable_orders(attempts_frame, nudges_frame)
-    if unwritable:
-        keep = (_orders_of(attempts_frame) | _orders_of(nudges_frame)) - set(unwritable)
-        attempts_frame, nudges_frame = _only(attempts_frame, keep), _only(nudges_frame, keep)
+    left_out = unusable | _unwritable_orders(attempts_frame, nudges_frame)
+    shared = _shared_order_ids(attempts_frame, nudges_frame)
+    renamed = sorted(
+        f"{m}/{o}: order_id {o!r} is used by several merchants, written as {m + '/' + o!r}"
+        for m, o in _orders_of(attempts_frame) | _orders_of(nudges_frame)
+        if o in shared and (m, o) not in left_out
+    )
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
-    write_attempts(attempts_frame, attempts_path)
-    write_nudges(nudges_frame, nudges_path)
-    read_history(attempts_path, nudges_path)
+    staged = (target / ".partial-attempts.parquet", target / ".partial-nudges.parquet")
+    try:
+        for _ in range(_MAX_VALIDATION_ROUNDS):
+            keep = (_orders_of(attempts_frame) | _orders_of(nudges_frame)) - set(left_out)
+            attempts_frame = _only(attempts_frame, keep).reset_index(drop=True)
+            nudges_frame = _only(nudges_frame, keep).reset_index(drop=True)
+            try:
+                write_attempts(_qualify(attempts_frame, shared), staged[0])
+                write_nudges(_qualify(nudges_frame, shared), staged[1])
+                read_history(*staged, cap=len(attempts_frame) + len(nudges_frame) + 1)
+                break
+            except HistoryError as exc:
+                at_fault = _orders_at_fault(exc, attempts_frame, nudges_frame, staged)
+                if not at_fault:
+                    raise
+                left_out.update(at_fault)
+        else:
+            raise RuntimeError(f"history export did not validate after {_MAX_VALIDATION_ROUNDS} rounds")
+        staged[0].replace(attempts_path)
+        staged[1].replace(nudges_path)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
     return ExportSummary(
         attempts_path=attempts_path,
         nudges_path=nudges_path,
@@ -351,5 +479,6 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         nudges=len(nudges_frame),
         orders=attempts_frame[["merchant_id", "order_id"]].drop_duplicates().shape[0],
         dropped_after_success=dropped,
-        left_out_orders=tuple(f"{m}/{o}: {why}" for (m, o), why in sorted(unwritable.items())),
+        left_out_orders=tuple(f"{m}/{o}: {why}" for (m, o), why in sorted(left_out.items())),
+        renamed_orders=tuple(renamed),
     )

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from model.requests import AwareDatetime, ContractModel, NonEmptyStr
+from model.requests import AwareDatetime, ContractModel, NonEmptyStr, StrictBool
 
 #: Most decision requests one ``POST /v1/decisions:batch`` may carry.
 MAX_BATCH = 1000
@@ -16,15 +16,28 @@ MAX_BATCH = 1000
 class OutcomeIn(ContractModel):
     """What happened after a decision (CONTRACT.md section 2). Extra fields are kept and stored.
 
-    Useful extras for the feedback loop: ``txn_id``, ``connector``, ``error_code``, ``error_message``,
-    ``network_decline_code``, ``merchant_advice_code``, ``unified_code``; for a retarget ``nudge_id``,
-    ``sent_at``, ``delivered``, ``clicked_at``, ``template_id``.
+    The optional fields below are what the feedback loop exports to the history files (CONTRACT.md section 3):
+    ``txn_id`` and ``connector`` of the attempt, its error fields on a failure; for a retarget ``nudge_id``,
+    ``sent_at``, ``delivered``, ``clicked_at`` and ``template_id``. They are typed here, so a wrong one is a 422
+    naming it instead of an export that fails later, for every merchant.
     """
 
     decision_id: NonEmptyStr = Field(max_length=64)
     order_id: NonEmptyStr = Field(max_length=256)
     status: Literal["success", "failure"]
     occurred_at: AwareDatetime
+    txn_id: NonEmptyStr | None = Field(default=None, max_length=256)
+    connector: NonEmptyStr | None = Field(default=None, max_length=256)
+    error_code: str | None = None
+    error_message: str | None = None
+    network_decline_code: str | None = None
+    merchant_advice_code: str | None = None
+    unified_code: str | None = None
+    nudge_id: NonEmptyStr | None = Field(default=None, max_length=256)
+    sent_at: AwareDatetime | None = None
+    delivered: StrictBool | None = None
+    clicked_at: AwareDatetime | None = None
+    template_id: NonEmptyStr | None = Field(default=None, max_length=256)
 
 
 class OutcomeOut(BaseModel):

@@ -88,6 +88,10 @@ class OutcomeOrderMismatchError(ValueError):
     """The outcome names another order than the decision it reports on."""
 
 
+class OutcomeBeforeFailureError(ValueError):
+    """The outcome's occurred_at is before the failure its decision was made for."""
+
+
 @dataclass(frozen=True)
 class StoredOutcome:
     decision_id: str
@@ -248,13 +252,16 @@ class Store:
         ``body`` is the outcome as JSON-ready values with at least decision_id, order_id, status and occurred_at
         (an ISO timestamp). Raises OutcomeConflictError for another status or instant under a stored decision_id, and
         ForeignDecisionError when the decision is stored as another merchant's, OutcomeOrderMismatchError when it was
-        served for another order. Decisions are stored a moment behind their answers: a decision not stored yet is
+        served for another order, OutcomeBeforeFailureError when it occurred before that decision's failure. Decisions
+        are stored a moment behind their answers: a decision not stored yet is
         waited for up to ``decision_grace`` seconds, so an outcome posted right after it is checked all the same.
         One still not stored (a decision_id never served, or a database outage) is kept under the merchant that sent
         it, and never stands in for another merchant's.
         """
         decision_id = str(body["decision_id"])
-        query = sa.select(decisions.c.merchant_id, decisions.c.order_id).where(decisions.c.decision_id == decision_id)
+        query = sa.select(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time).where(
+            decisions.c.decision_id == decision_id
+        )
         deadline = time.monotonic() + decision_grace
         while True:
             with self.engine.connect() as conn:
@@ -268,12 +275,18 @@ class Store:
             raise OutcomeOrderMismatchError(
                 f"decision {decision_id!r} was served for order {served.order_id!r}, not {body['order_id']!r}"
             )
+        occurred_at = _utc(datetime.fromisoformat(str(body["occurred_at"])))
+        if served is not None and occurred_at < _utc(served.event_time):
+            raise OutcomeBeforeFailureError(
+                f"occurred_at {occurred_at.isoformat()} is before the failure decision {decision_id!r} was made for "
+                f"({_utc(served.event_time).isoformat()})"
+            )
         row = {
             "decision_id": decision_id,
             "merchant_id": merchant_id,
             "order_id": str(body["order_id"]),
             "status": str(body["status"]),
-            "occurred_at": _utc(datetime.fromisoformat(str(body["occurred_at"]))),
+            "occurred_at": occurred_at,
             "body_json": _body_json(body),
             "recorded_at": datetime.now(UTC),
         }

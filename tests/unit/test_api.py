@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -22,6 +23,7 @@ from model.history import read_attempts, read_nudges
 from model.merchant_config import ConfigError
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
+from service.api import export as export_module
 from service.api.app import create_app, serving_app
 from service.api.deps import Runtime
 from service.api.export import export_history
@@ -29,6 +31,7 @@ from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
 from service.api.schemas import MAX_BATCH
 from service.api.settings import DEMO_CONFIG, Settings
+from service.api.store import decisions as decisions_table
 from tests.factories import make_request, write_merchant_config
 
 DEMO_KEY = "wb_demo_m_demo"
@@ -734,3 +737,124 @@ def test_json_formatter_time_is_utc_iso_to_the_millisecond(created: float) -> No
 def test_key_digest_in_config_is_sha256_of_the_key(tmp_path: Path) -> None:
     config = write_merchant_config(tmp_path / "m.yaml", ["m_x"])
     assert hashlib.sha256(b"wb_demo_m_x").hexdigest() in config.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ the export
+
+
+def _retarget(api: Api, order_id: str, key: str = DEMO_KEY) -> dict[str, Any]:
+    """A stored retarget decision for ``order_id`` (decided through the API, stored as a link by WhatsApp)."""
+    answer = api.post("/v1/decisions", request_body(order_id=order_id, merchant_id=_merchant_of(key)), key=key).json()
+    api.flush()
+    assert api.runtime.store is not None
+    with api.runtime.store.engine.begin() as conn:
+        link = {**answer, "action": "retarget", "strategy": None, "connector": None, "channel": "whatsapp"}
+        conn.execute(
+            sa.update(decisions_table)
+            .where(decisions_table.c.decision_id == answer["decision_id"])
+            .values(action="retarget", strategy=None, connector=None, channel="whatsapp", answer_json=json.dumps(link))
+        )
+    return link
+
+
+def _merchant_of(key: str) -> str:
+    return key.removeprefix("wb_demo_")
+
+
+def test_a_payment_through_the_link_is_the_orders_recovery_in_the_export_without_a_txn_id(
+    api: Api, tmp_path: Path
+) -> None:
+    # The contract's outcome body (no txn_id) used to export the nudge only: the recovery was lost.
+    link = _retarget(api, "ord_link")
+    paid_at = "2026-11-02T08:00:00Z"  # before the decision's send time: the message went out by then
+    outcome = {"decision_id": link["decision_id"], "order_id": "ord_link", "status": "success", "occurred_at": paid_at}
+    assert api.post("/v1/outcomes", outcome).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    attempts, nudges = read_attempts(summary.attempts_path), read_nudges(summary.nudges_path)
+    recovery = attempts[attempts["strategy"] == "retarget_link"]
+    assert recovery["status"].tolist() == ["success"]
+    assert recovery["nudge_id"].tolist() == nudges["nudge_id"].tolist()
+    assert recovery["created_at"].tolist() == [pd.Timestamp(paid_at)]
+    assert nudges["clicked_at"].tolist() == [pd.Timestamp(paid_at)]
+    assert nudges["sent_at"].iloc[0] <= pd.Timestamp(paid_at)
+    assert recovery["txn_id"].iloc[0] not in set(attempts[attempts["strategy"] != "retarget_link"]["txn_id"])
+
+
+def test_an_order_id_two_merchants_use_is_exported_for_both_and_named(api: Api, tmp_path: Path) -> None:
+    # The history files key orders by order_id; the API by merchant. The export used to fail for everyone.
+    for key in (DEMO_KEY, OTHER_KEY):
+        answer = api.post("/v1/decisions", request_body(order_id="ord_same", merchant_id=_merchant_of(key)), key=key)
+        outcome = _outcome(answer.json()["decision_id"], order_id="ord_same", txn_id=None)
+        assert api.post("/v1/outcomes", outcome, key=key).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    attempts = read_attempts(summary.attempts_path)
+    assert set(attempts["order_id"]) == {"m_demo/ord_same", "m_other/ord_same"}
+    assert attempts["txn_id"].is_unique
+    assert [line.split(":")[0] for line in summary.renamed_orders] == ["m_demo/ord_same", "m_other/ord_same"]
+
+
+def test_an_outcome_field_the_files_cannot_carry_is_a_422_naming_it(api: Api) -> None:
+    answer = api.post("/v1/decisions", request_body()).json()
+    for field, value in [("sent_at", 5), ("clicked_at", "not a time"), ("nudge_id", ["x"]), ("template_id", 7),
+                         ("connector", 5), ("delivered", "yes"), ("txn_id", " ")]:  # fmt: skip
+        response = api.post("/v1/outcomes", _outcome(answer["decision_id"]) | {field: value})
+        assert response.status_code == 422, (field, response.text)
+        assert [detail["field"] for detail in response.json()["detail"]] == [field]
+
+
+def test_an_outcome_before_its_failure_is_a_422_naming_occurred_at(api: Api) -> None:
+    answer = api.post("/v1/decisions", request_body()).json()
+    api.flush()
+    response = api.post("/v1/outcomes", _outcome(answer["decision_id"], occurred_at="2026-10-01T00:00:00Z"))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "occurred_at"
+    assert "before the failure" in response.json()["detail"][0]["msg"]
+
+
+def test_an_order_the_files_cannot_carry_is_left_out_named_and_the_rest_is_exported(api: Api, tmp_path: Path) -> None:
+    # One bad stored outcome (stored before the API checked its fields) used to stop every merchant's export, and
+    # a reported txn_id equal to an id the export makes up for an earlier attempt made two attempts share it.
+    for index in range(3):
+        answer = api.post("/v1/decisions", request_body(order_id=f"ord_{index}")).json()
+        assert api.post("/v1/outcomes", _outcome(answer["decision_id"], order_id=f"ord_{index}", txn_id="ord_0_1")
+                        if index == 0 else _outcome(answer["decision_id"], order_id=f"ord_{index}", txn_id=None)
+                        ).status_code == 200  # fmt: skip
+    link = _retarget(api, "ord_bad")
+    assert api.runtime.store is not None
+    api.runtime.store.record_outcome(
+        "m_demo", _outcome(link["decision_id"], order_id="ord_bad", status="failure", txn_id=None, sent_at=5)
+    )
+    history = tmp_path / "history"
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", history)
+    attempts = read_attempts(summary.attempts_path)
+    assert set(attempts["order_id"]) == {"ord_0", "ord_1", "ord_2"}
+    assert attempts["txn_id"].is_unique
+    assert "ord_0_1" in set(attempts["txn_id"])
+    assert summary.left_out_orders == (
+        f"m_demo/ord_bad: outcome of {link['decision_id']}: sent_at: Value error, timestamp must be an ISO 8601 "
+        "string with a timezone (e.g. 2026-11-01T10:15:00Z)",
+    )
+    assert sorted(path.name for path in history.iterdir()) == ["attempts.parquet", "nudges.parquet"]
+
+
+def test_a_failed_export_leaves_the_previous_files_as_they_were(api: Api, tmp_path: Path, monkeypatch: Any) -> None:
+    answer = api.post("/v1/decisions", request_body(order_id="ord_kept")).json()
+    api.post("/v1/outcomes", _outcome(answer["decision_id"], order_id="ord_kept", txn_id=None))
+    api.flush()
+    history = tmp_path / "history"
+    first = export_history(f"sqlite:///{tmp_path / 'winback.db'}", history)
+    before = {path.name: path.read_bytes() for path in history.iterdir()}
+    answer = api.post("/v1/decisions", request_body(order_id="ord_new")).json()
+    api.post("/v1/outcomes", _outcome(answer["decision_id"], order_id="ord_new", txn_id=None))
+    api.flush()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(export_module, "write_nudges", broken)
+    with pytest.raises(RuntimeError):
+        export_history(f"sqlite:///{tmp_path / 'winback.db'}", history)
+    assert {path.name: path.read_bytes() for path in history.iterdir()} == before
+    assert first.orders == 1

@@ -130,7 +130,7 @@ def _error_path(location: tuple[int | str, ...]) -> str:
 def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
     """Validate an already-loaded YAML document; raise ConfigError naming every bad key's path."""
     try:
-        return WinbackConfig.model_validate(raw)
+        config = WinbackConfig.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -140,15 +140,44 @@ def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
             else:
                 problems.append(f"{path}: {error['msg']}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+    # A key answers for one merchant only (CONTRACT.md section 2): two merchants sharing one could act for each
+    # other, whichever the server happened to match first.
+    owner: dict[str, str] = {}
+    shared = []
+    for merchant_id, merchant in config.merchants.items():
+        first = owner.setdefault(merchant.api_key_sha256, merchant_id)
+        if first != merchant_id:
+            shared.append(f"merchants.{merchant_id}.api_key_sha256: the same key as merchant {first!r}")
+    if shared:
+        raise ConfigError(f"{source}: " + "; ".join(shared) + " (each merchant needs its own API key)")
+    return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key repeated in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str | int | float | bool) or key is None:
+                continue  # an unhashable or odd key: SafeLoader's own check names it
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} on line {line} (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> WinbackConfig:
     """Read and validate a merchant config YAML file."""
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
     return parse_config(raw, source=str(file))

@@ -89,3 +89,36 @@ def test_top_level_unknown_key_and_missing_file(tmp_path: Path) -> None:
     broken.write_text("merchants: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
+
+
+_KEY_A = "a" * 64
+_KEY_B = "b" * 64
+
+
+def test_a_merchant_listed_twice_is_refused_naming_the_key_and_both_lines(tmp_path: Path) -> None:
+    # YAML keeps the last of two equal keys silently: the second block replaced the first without a word.
+    config = tmp_path / "merchants.yaml"
+    config.write_text(
+        "merchants:\n"
+        f"  m_demo:\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n"
+        f"  m_demo:\n    api_key_sha256: {_KEY_B}\n    connectors: [adyen]\n    retry: {{max_retries: 1}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"merchants.yaml: duplicate key 'm_demo' on line 5 \(first on line 2\)"):
+        load_config(config)
+    config.write_text(
+        f"merchants:\n  m_demo:\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n"
+        "    retry: {max_retries: 1, max_retries: 3}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match="duplicate key 'max_retries' on line 5"):
+        load_config(config)
+
+
+def test_two_merchants_with_one_api_key_are_refused(tmp_path: Path) -> None:
+    # The key would answer for whichever merchant the server matched first, and lock the other out.
+    raw = {"merchants": {name: {"api_key_sha256": _KEY_A, "connectors": ["stripe"]} for name in ("m_a", "m_b")}}
+    with pytest.raises(ConfigError, match=r"merchants\.m_b\.api_key_sha256: the same key as merchant 'm_a'"):
+        parse_config(raw)
+    raw["merchants"]["m_b"]["api_key_sha256"] = _KEY_B
+    assert set(parse_config(raw).merchants) == {"m_a", "m_b"}

@@ -245,7 +245,14 @@ class MerchantKey(SecurityBase):
 
     async def __call__(self, request: Request, runtime: RuntimeDep) -> Caller:
         """The merchant whose key came with ``request``."""
-        authorization = request.headers.get("authorization")
+        sent = request.headers.getlist("authorization")
+        if len(sent) > 1:  # which one would count is up to each proxy and framework: none does
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="more than one Authorization header: send exactly one",
+                headers=_UNAUTHORIZED_HEADERS,
+            )
+        authorization = sent[0] if sent else None
         if not authorization:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,

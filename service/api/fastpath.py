@@ -98,6 +98,8 @@ class DecisionFastPath:
         authorization = content_type = None
         for name, value in scope["headers"]:
             if name == b"authorization":
+                if authorization is not None:
+                    return None  # two keys: the documented route refuses them
                 authorization = value
             elif name == b"content-type":
                 content_type = value

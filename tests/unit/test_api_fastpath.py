@@ -389,3 +389,19 @@ def test_a_body_that_cannot_be_decoded_is_refused_naming_why(
             assert detail in answer.json()["detail"]
     finally:
         api.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/decisions", "/v1/decisions:batch", "/v1/outcomes"])
+def test_two_authorization_headers_are_refused_on_every_route(tmp_path: Path, path: str) -> None:
+    # The fast path used to take the last header and the documented routes the first: "Bearer wrong" plus a valid
+    # key passed on one route and not on another, and two merchants' keys let either merchant's body through.
+    api = start(tmp_path)
+    try:
+        body = {"/v1/decisions": _body(), "/v1/decisions:batch": b"[" + _body() + b"]"}.get(path, b"{}")
+        for pair in ((DEMO_KEY, "wrong"), ("wrong", DEMO_KEY), (DEMO_KEY, DEMO_KEY)):
+            headers = [("Content-Type", "application/json"), *(("Authorization", f"Bearer {key}") for key in pair)]
+            answer = api.loop.run_until_complete(api.client.post(path, content=body, headers=headers))
+            assert answer.status_code == 401, (pair, answer.text)
+            assert answer.json()["detail"] == "more than one Authorization header: send exactly one"
+    finally:
+        api.close()

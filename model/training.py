@@ -86,6 +86,12 @@ MIN_ISOTONIC = 1000
 UNSEEN_CODE_MAX_ROWS = 300_000
 #: Fewest examples (and of each outcome) a model needs; with fewer the retarget model is left out.
 MIN_EXAMPLES = 30
+
+
+class InsufficientHistoryError(ValueError):
+    """The history is valid but too small to learn from (too few silent retries, or only one outcome)."""
+
+
 #: Columns of :func:`decision_points` beyond the raw feature columns.
 POINT_COLUMNS: tuple[str, ...] = (
     "kind", "merchant_id", "order_id", "customer_id", "decision_time", "action_time", "label", "propensity",
@@ -1109,7 +1115,7 @@ def _train_on_columns(
 ) -> TrainingResult:
     retry_rows, retarget_rows = np.flatnonzero(is_retry), np.flatnonzero(~is_retry)
     if len(retry_rows) < MIN_EXAMPLES or len(np.unique(labels[retry_rows])) < 2:
-        raise ValueError(
+        raise InsufficientHistoryError(
             f"history has {len(retry_rows)} silent retries after a failure (of which "
             f"{int(labels[retry_rows].sum())} succeeded): need at least {MIN_EXAMPLES} with "
             "both outcomes to learn retryability"

@@ -444,6 +444,8 @@ def history_export(
     import os
     from datetime import UTC, datetime
 
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
     from model.history import HistoryError
     from pipelines.train import format_history_error
     from service.api.export import export_history
@@ -460,6 +462,10 @@ def history_export(
         summary = export_history(url, out, since=start)
     except HistoryError as exc:
         raise fail(f"the stored history breaks the contract: {format_history_error(exc)}") from None
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+    except (ArgumentError, OperationalError) as exc:
+        raise fail(f"cannot read the database at --database-url {url!r}: {str(exc).splitlines()[0]}") from None
     console.print(
         f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
         f"({summary.nudges:,} nudges) for {summary.orders:,} orders"

@@ -468,7 +468,7 @@ def run_training(
     (``pipelines.dask_train``); everything else runs here as with ``engine="local"``.
     """
     from model import registry
-    from model.training import train_partitions
+    from model.training import InsufficientHistoryError, train_partitions
 
     if engine not in ENGINES:
         raise TrainInputError(f"unknown training engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -476,6 +476,13 @@ def run_training(
         raise TrainInputError("--engine dask needs --scheduler, the address of a Dask scheduler (tcp://host:8786)")
     if engine == "local" and scheduler:
         raise TrainInputError("--scheduler is only used with --engine dask")
+    if config is not None:  # checked before any work: a bad config used to fail after training, with a traceback
+        from model.merchant_config import ConfigError, load_config
+
+        try:
+            load_config(config)
+        except ConfigError as exc:
+            raise TrainInputError(str(exc)) from exc
     out = console or Console()
     options = dict(train_options or {})
     with _progress(out, show_progress) as steps, tempfile.TemporaryDirectory(prefix="winback-train-") as tmp:
@@ -501,10 +508,13 @@ def run_training(
                 with connect(scheduler) as client:
                     fitter = DaskBoosterFitter(client)
                     result = train_partitions(frames, seed=seed, fit_booster=fitter, **options)
-            except DaskUnavailableError as exc:
+            except (DaskUnavailableError, InsufficientHistoryError) as exc:
                 raise TrainInputError(str(exc)) from exc
         else:
-            result = train_partitions(frames, seed=seed, **options)
+            try:
+                result = train_partitions(frames, seed=seed, **options)
+            except InsufficientHistoryError as exc:
+                raise TrainInputError(str(exc)) from exc
         steps.done()
 
         steps.start("evaluate")

@@ -434,10 +434,19 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     """
     if since is not None and since.tzinfo is None:
         raise ValueError(f"since must carry a timezone (e.g. 2026-11-01T00:00:00Z), got {since.isoformat()}")
-    target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
+    url = sa.make_url(database_url)  # ArgumentError names a URL it cannot read
+    database = url.database if url.get_backend_name() == "sqlite" else None
+    if database not in (None, "", ":memory:") and not Path(str(database)).is_file():
+        # Connecting would create an empty database file.
+        raise FileNotFoundError(f"no winback database at {database} (from {database_url})")
     engine = make_engine(database_url)
     try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(decisions.name):
+                raise FileNotFoundError(
+                    f"{url.render_as_string(hide_password=True)} holds no winback tables: a scorer or executor "
+                    "started on it creates them"
+                )
         attempts_frame, nudges_frame, dropped, unusable = all_history_frames(engine, since)
     finally:
         engine.dispose()
@@ -448,6 +457,8 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         for m, o in _orders_of(attempts_frame) | _orders_of(nudges_frame)
         if o in shared and (m, o) not in left_out
     )
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
     staged = (target / ".partial-attempts.parquet", target / ".partial-nudges.parquet")
     try:

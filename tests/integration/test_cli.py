@@ -84,6 +84,50 @@ def test_evaluate_bad_history_exits_with_one_line(tmp_path: Path, small_history:
     )
     assert result.exit_code == 2
     assert "invalid history" in result.output
+    assert "row 3: column amount" in result.output  # which row and column, not only how many problems
+
+
+def test_train_on_input_it_cannot_use_exits_with_one_line(tmp_path: Path, small_history: Path) -> None:
+    # Both used to end in a traceback of 60-70 lines with exit code 1.
+    attempts = pd.read_parquet(small_history / "attempts.parquet")
+    orders = attempts["order_id"].drop_duplicates().head(5)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    attempts[attempts["order_id"].isin(orders)].to_parquet(tiny / "attempts.parquet")
+    nudges = pd.read_parquet(small_history / "nudges.parquet")
+    nudges[nudges["order_id"].isin(orders)].to_parquet(tiny / "nudges.parquet")
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    small = runner.invoke(app, ["train", "--attempts", str(tiny / "attempts.parquet"),
+                                "--nudges", str(tiny / "nudges.parquet"), "--tracking-uri", store])  # fmt: skip
+    assert small.exit_code == 2, small.output
+    assert "need at least 30" in small.output
+    assert "Traceback" not in small.output
+    config = tmp_path / "merchants.yaml"
+    config.write_text(
+        (Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml")
+        .read_text()
+        .replace('timezone: "Asia/Kolkata"', 'timezone: "Mars/Olympus"', 1)
+    )
+    bad_config = runner.invoke(app, ["train", "--attempts", str(small_history / "attempts.parquet"),
+                                     "--nudges", str(small_history / "nudges.parquet"), "--tracking-uri", store,
+                                     "--config", str(config)])  # fmt: skip
+    assert bad_config.exit_code == 2, bad_config.output
+    assert "Mars/Olympus" in bad_config.output
+    assert "Traceback" not in bad_config.output
+
+
+def test_history_export_from_a_database_it_cannot_read_exits_with_one_line(tmp_path: Path) -> None:
+    absent = tmp_path / "absent.db"
+    for url, reason in [
+        (f"sqlite:///{absent}", f"no winback database at {absent}"),
+        ("foo://bar", "cannot read the database at --database-url 'foo://bar'"),
+        ("postgresql://127.0.0.1:1/none", "cannot read the database at --database-url"),
+    ]:
+        result = runner.invoke(app, ["history", "export", "--out", str(tmp_path / "out"), "--database-url", url])
+        assert result.exit_code == 2, result.output
+        assert reason in result.output
+    assert not absent.exists()  # an empty database file used to be left behind
+    assert not (tmp_path / "out").exists()
 
 
 def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:

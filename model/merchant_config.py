@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.vocab import RETRY_STRATEGIES, Channel, Strategy
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+#: Counts and switches are taken as written: YAML's ``true`` is not 1, nor ``"3"`` or ``3.0`` a count.
+StrictInt = Annotated[int, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+
+
+def _http_url(value: str | None) -> str | None:
+    """``value`` when it is an absolute http(s) URL (or None)."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL like https://host/path, got {value!r}")
+    return value
+
+
+HttpUrlText = Annotated[str, AfterValidator(_http_url)]
 
 
 class ConfigError(ValueError):
@@ -57,7 +74,7 @@ class QuietHours(_Strict):
 
 class RetryConfig(_Strict):
     flows: list[Strategy] = Field(default_factory=lambda: list(RETRY_STRATEGIES))
-    max_retries: int = Field(default=3, ge=0, le=20)
+    max_retries: StrictInt = Field(default=3, ge=0, le=20)
 
     @field_validator("flows")
     @classmethod
@@ -69,27 +86,27 @@ class RetryConfig(_Strict):
 
 
 class RetargetConfig(_Strict):
-    enabled: bool = True
+    enabled: StrictBool = True
     channels: list[Channel] = Field(default_factory=lambda: [Channel.WHATSAPP, Channel.SMS, Channel.EMAIL])
-    skip_days: int = Field(default=1, ge=0, le=30)
-    retry_window_days: int = Field(default=7, ge=1, le=90)
-    max_nudges: int = Field(default=4, ge=0, le=50)
+    skip_days: StrictInt = Field(default=1, ge=0, le=30)
+    retry_window_days: StrictInt = Field(default=7, ge=1, le=90)
+    max_nudges: StrictInt = Field(default=4, ge=0, le=50)
     quiet_hours: QuietHours = Field(default_factory=lambda: QuietHours(start="21:00", end="09:00", timezone="UTC"))
-    link_ttl_hours: int = Field(default=48, ge=1, le=24 * 90)
+    link_ttl_hours: StrictInt = Field(default=48, ge=1, le=24 * 90)
 
 
 class WebhookConfig(_Strict):
-    url: str
+    url: HttpUrlText
     secret_env: str
 
 
 class ProviderConfig(_Strict):
     kind: Literal["gupshup", "interakt", "karix", "smtp", "push_webhook", "fake"]
-    base_url: str | None = None
+    base_url: HttpUrlText | None = None
     api_key_env: str | None = None
     source: str | None = None
     host: str | None = None
-    port: int | None = None
+    port: StrictInt | None = Field(default=None, ge=1, le=65535)
     sender: str | None = None
     username_env: str | None = None
     password_env: str | None = None
@@ -97,7 +114,7 @@ class ProviderConfig(_Strict):
 
 class ConnectorEndpoint(_Strict):
     kind: Literal["sandbox", "http"]
-    base_url: str | None = None
+    base_url: HttpUrlText | None = None
     api_key_env: str | None = None
     timeout_seconds: float = Field(default=10.0, gt=0)
 
@@ -118,9 +135,23 @@ class MerchantConfig(_Strict):
     providers: dict[Channel, ProviderConfig] = Field(default_factory=dict)
     connector_endpoints: dict[str, ConnectorEndpoint] = Field(default_factory=dict)
 
+    @field_validator("connectors")
+    @classmethod
+    def _one_place_each(cls, value: list[str]) -> list[str]:
+        # The rules match connector names trimmed and in any case: "Stripe" and "stripe " are one connector.
+        seen: dict[str, str] = {}
+        for name in value:
+            key = name.strip().casefold()
+            if not key:
+                raise ValueError("a connector name is empty")
+            if key in seen:
+                raise ValueError(f"{name!r} is listed twice (as {seen[key]!r} before): a pecking order names each once")
+            seen[key] = name
+        return value
+
 
 class WinbackConfig(_Strict):
-    merchants: dict[str, MerchantConfig]
+    merchants: dict[str, MerchantConfig] = Field(min_length=1)
 
 
 def _error_path(location: tuple[int | str, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,30 @@ def test_two_merchants_with_one_api_key_are_refused(tmp_path: Path) -> None:
         parse_config(raw)
     raw["merchants"]["m_b"]["api_key_sha256"] = _KEY_B
     assert set(parse_config(raw).merchants) == {"m_a", "m_b"}
+
+
+@pytest.mark.parametrize(
+    ("block", "path", "reason"),
+    [
+        ({"retry": {"max_retries": True}}, "retry.max_retries", "valid integer"),
+        ({"retarget": {"skip_days": 2.0}}, "retarget.skip_days", "valid integer"),
+        ({"retarget": {"enabled": "yes"}}, "retarget.enabled", "valid boolean"),
+        ({"connectors": ["stripe", " Stripe"]}, "connectors", "listed twice"),
+        ({"connectors": ["stripe", "  "]}, "connectors", "empty"),
+        ({"webhook": {"url": "not a url", "secret_env": "X"}}, "webhook.url", "http(s) URL"),
+        ({"providers": {"sms": {"kind": "gupshup", "base_url": "api.gupshup.io"}}}, "providers.sms.base_url", "URL"),
+        ({"providers": {"email": {"kind": "smtp", "port": 70000}}}, "providers.email.port", "65535"),
+    ],
+)
+def test_values_yaml_or_pydantic_would_bend_are_refused_naming_the_key(
+    block: dict[str, Any], path: str, reason: str
+) -> None:
+    # Each used to start: max_retries true as 1, a connector twice in the pecking order, a webhook to "not a url".
+    merchant = {"api_key_sha256": _KEY_A, "connectors": ["stripe"]} | block
+    with pytest.raises(ConfigError, match=rf"merchants\.m\.{re.escape(path)}: .*{re.escape(reason)}"):
+        parse_config({"merchants": {"m": merchant}})
+
+
+def test_a_config_without_merchants_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"merchants: .*at least 1 item"):
+        parse_config({"merchants": {}})

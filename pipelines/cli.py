@@ -180,7 +180,9 @@ def executor_run(
         str | None,
         typer.Option(
             "--database-url",
-            help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db here); PostgreSQL for N>1.",
+            help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db here). SQLite serves one "
+            "machine (its workers take turns on the write lock); PostgreSQL lets workers on several machines claim "
+            "in parallel.",
         ),
     ] = None,
     stop_after: Annotated[

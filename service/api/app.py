@@ -139,6 +139,7 @@ def build_runtime(settings: Settings) -> Runtime:
         source,
         poll_seconds=settings.model_poll_seconds,
         on_change=lambda served: metrics.set_model_version(served.version),
+        on_error=lambda _reason: metrics.registry_errors.inc(),
     )
     return Runtime(
         settings=settings,
@@ -291,12 +292,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
     async def readyz(runtime: RuntimeDep) -> JSONResponse:
-        """Ready only when a registered model serves (decisions are answered rules-only before that)."""
+        """Ready only when a registered model serves (decisions are answered rules-only before that). ``reason``
+        says why not, or, while ready, why the last check of the champion failed (e.g. a champion version that
+        could not be loaded, while the previous one serves)."""
         holder = runtime.holder
         body = Readiness(
             ready=holder.ready,
             model_version=holder.current.version,
-            reason=None if holder.ready else (holder.last_error or "no model loaded"),
+            reason=holder.last_error if holder.ready else (holder.last_error or "no model loaded"),
         )
         return JSONResponse(body.model_dump(), status_code=200 if holder.ready else 503)
 

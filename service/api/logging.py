@@ -8,6 +8,7 @@ in the message and the extra fields, as a second line of defence: the code never
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime", "taskName", "color_message"}
 )
 _BEARER = re.compile(r"(?i)bearer\s+\S+")
-_API_KEY = re.compile(r"\bwb_[A-Za-z0-9_\-]{4,}")
+_API_KEY = re.compile(r"(?<![A-Za-z0-9])wb_[A-Za-z0-9_\-]{4,}")  # also after "_": "ord_wb_live_..."
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 _PHONE = r"(?<![\w.])\+?\d[\d \-()]{7,}\d(?![\w.])"
 # A date or timestamp (ISO 8601, or as SQLAlchemy prints parameters) is digits and dashes too: it is matched
@@ -89,14 +90,21 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO") -> logging.Logger:
-    """Route winback's and uvicorn's loggers to stderr as JSON; idempotent (safe in every worker and test)."""
+    """Route winback's, uvicorn's and MLflow's loggers to stderr as JSON; idempotent (safe in every worker and
+    test)."""
+    # MLflow installs its own plain-text handlers when it is first imported unless told not to (mlflow/__init__.py):
+    # set before any import of it here, and by `winback serve` for its workers.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in (LOGGER_NAME, "uvicorn", "uvicorn.error"):
+    for name in (LOGGER_NAME, "uvicorn", "uvicorn.error", "mlflow", "alembic"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    # MLflow's own lines (it prints plain text to stderr otherwise, unscrubbed, a traceback per failed registry
+    # check) come as JSON too; its routine INFO lines are left out, the scorer logs what it did with the model.
+    logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # Access logs repeat what the decision log line says, slower; keep them at warnings only.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return logging.getLogger(LOGGER_NAME)

@@ -93,10 +93,12 @@ class ModelHolder:
         source: ModelSource | None,
         poll_seconds: float = 10.0,
         on_change: Callable[[Served], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.source = source
         self.poll_seconds = poll_seconds
         self.on_change = on_change
+        self.on_error = on_error  # called with the reason of every failed check (a metric counts them)
         self.current = Served(scorer=None, version=RULES_ONLY_VERSION, since=datetime.now(UTC))
         self.last_error: str | None = None
         self.last_check: datetime | None = None
@@ -122,22 +124,22 @@ class ModelHolder:
             self.last_check = datetime.now(UTC)
             try:
                 version = self.source.champion_version()
-                if version is None:
-                    self.last_error = "no model registered as winback@champion yet"
-                    return False
-                if version == self.current.version and self.current.scorer is not None:
-                    self.last_error = None
-                    return False
-                started = time.perf_counter()
+            except Exception as exc:
+                return self._failed(f"model registry unavailable: {_first_line(exc)}")
+            if version is None:
+                self.last_error = "no model registered as winback@champion yet"
+                return False
+            if version == self.current.version and self.current.scorer is not None:
+                self.last_error = None
+                return False
+            started = time.perf_counter()
+            try:
                 scorer = self.source.load(version)
             except Exception as exc:
-                self.last_error = f"model registry unavailable: {type(exc).__name__}: {exc}"
-                log.warning(
-                    "could not refresh the champion; still serving %s",
-                    self.current.version,
-                    extra={"error": self.last_error},
+                return self._failed(
+                    f"champion version {version} could not be loaded ({_first_line(exc)}); "
+                    f"serving {self.current.version}"
                 )
-                return False
             previous = self.current.version
             self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
             self.last_error = None
@@ -148,6 +150,14 @@ class ModelHolder:
                 extra={"model_version": version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
             )
             return True
+
+    def _failed(self, reason: str) -> bool:
+        """Record a failed check (the serving model stays); always False: nothing changed."""
+        self.last_error = reason
+        log.warning("could not refresh the champion; still serving %s", self.current.version, extra={"error": reason})
+        if self.on_error is not None:
+            self.on_error(reason)
+        return False
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -168,3 +178,9 @@ class ModelHolder:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+
+def _first_line(exc: Exception) -> str:
+    """``Type: first line of the message`` (a database error goes on with its SQL and parameters)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

@@ -21,6 +21,8 @@ def server_env(config_path: str | Path, tracking_uri: str, database_url: str | N
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
+        # MLflow would print its own plain-text lines to stderr; the workers log it as JSON (api/logging.py).
+        "MLFLOW_CONFIGURE_LOGGING": "false",
     }
     if database_url:
         env["WINBACK_DATABASE_URL"] = database_url

@@ -7,6 +7,9 @@ import collections
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +74,7 @@ class FakeSource:
         self.down = False
         self.fail_scoring = fail_scoring
         self.loads: list[str] = []
+        self.unloadable: set[str] = set()  # versions whose artifacts are broken
 
     def champion_version(self) -> str | None:
         if self.down:
@@ -79,6 +83,8 @@ class FakeSource:
 
     def load(self, version: str) -> FakeScorer:
         self.loads.append(version)
+        if version in self.unloadable:
+            raise UnicodeDecodeError("utf-8", b"\x85", 0, 1, "invalid start byte")
         return FakeScorer(version, fail=self.fail_scoring)
 
 
@@ -134,7 +140,9 @@ def start(tmp_path: Path, source: FakeSource | None = None, **overrides: Any) ->
     app = create_app(settings_for(tmp_path, **overrides))
     if source is not None:
         runtime: Runtime = app.state.runtime
-        runtime.holder = ModelHolder(source, poll_seconds=30, on_change=runtime.holder.on_change)
+        runtime.holder = ModelHolder(
+            source, poll_seconds=30, on_change=runtime.holder.on_change, on_error=runtime.holder.on_error
+        )
     return Api(app)
 
 
@@ -565,6 +573,35 @@ def test_registry_down_keeps_serving_the_current_model(tmp_path: Path) -> None:
     holder.stop()
 
 
+def test_a_champion_that_cannot_be_loaded_is_named_counted_and_the_last_model_serves(tmp_path: Path) -> None:
+    # It used to show only in a log line blaming the registry ("model registry unavailable: UnicodeDecodeError"),
+    # with /readyz silent and winback_registry_errors_total never counting.
+    source = FakeSource("3")
+    api = start(tmp_path, source)
+    try:
+        source.version, source.unloadable = "4", {"4"}
+        assert api.runtime.holder.refresh() is False
+        source.down = True
+        assert api.runtime.holder.refresh() is False
+        source.down = False
+        assert api.runtime.holder.refresh() is False
+        readiness = api.get("/readyz")
+        assert readiness.status_code == 200
+        assert readiness.json() == {
+            "ready": True,
+            "model_version": "3",
+            "reason": "champion version 4 could not be loaded (UnicodeDecodeError: 'utf-8' codec can't decode byte "
+            "0x85 in position 0: invalid start byte); serving 3",
+        }
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
+        assert "winback_registry_errors_total 3.0" in api.get("/metrics").text
+        source.unloadable = set()
+        assert api.runtime.holder.refresh() is True
+        assert api.get("/readyz").json() == {"ready": True, "model_version": "4", "reason": None}
+    finally:
+        api.close()
+
+
 def test_no_model_or_registry_down_at_start_answers_rules_only(tmp_path: Path) -> None:
     source = FakeSource(None)
     api = start(tmp_path, source)
@@ -705,6 +742,7 @@ class _ListStream:
         ("call +1 (022) 2345-6789", "call [redacted-phone]"),
         ("dec_956a26afbccdafe562f90a94", "dec_956a26afbccdafe562f90a94"),
         ("ord_wb_x", "ord_wb_x"),
+        ("ord_wb_live_probe_secret_123", "ord_[redacted-key]"),  # a key after an underscore was left as it was
         ("at '2026-11-01 10:15:00.000000', '1'", "at '2026-11-01 10:15:00.000000', '1'"),
         ("from 2026-11-01T10:15:00+05:30 on", "from 2026-11-01T10:15:00+05:30 on"),
         ("on 2026-11-01 call +91 98765 43210", "on 2026-11-01 call [redacted-phone]"),
@@ -713,6 +751,27 @@ class _ListStream:
 )
 def test_scrub_masks_keys_emails_and_phones(text: str, expected: str) -> None:
     assert scrub(text) == expected
+
+
+def test_mlflow_logs_as_json_lines_and_only_its_warnings(tmp_path: Path) -> None:
+    # MLflow installed its own plain-text handler when imported: its lines (a traceback per failed registry
+    # check, with SQL parameters) broke JSON-lines shipping and bypassed the scrubber.
+    code = (
+        "import logging\n"
+        "from service.api.logging import configure_logging\n"
+        "configure_logging()\n"
+        "import mlflow\n"
+        "logging.getLogger('mlflow.store.db.utils').info('Creating initial MLflow database tables...')\n"
+        "logging.getLogger('mlflow.store.db.utils').warning('registry of alice@example.com is down')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_CONFIGURE_LOGGING"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert [(line["logger"], line["level"], line["message"]) for line in lines] == [
+        ("mlflow.store.db.utils", "WARNING", "registry of [redacted-email] is down")
+    ]
 
 
 def test_json_formatter_redacts_secret_fields() -> None:

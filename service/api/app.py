@@ -61,8 +61,11 @@ log = logging.getLogger("winback.api")
 
 _JSON = "application/json"
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    400: {"model": ErrorBody, "description": "a compressed body that does not decode (gzip, deflate)"},
+    401: {"model": ErrorBody, "description": "missing or unknown API key, or more than one Authorization header"},
     403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
+    413: {"model": ErrorBody, "description": "a body over 32 MiB, sent or once decoded"},
+    415: {"model": ErrorBody, "description": "a Content-Encoding other than gzip or deflate"},
     422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
 }
 

@@ -19,6 +19,7 @@ from model.merchant_config import MerchantConfig
 from model.policy import decide
 from model.requests import Decision, DecisionRequest
 from service.api.deps import CallerDep, Runtime, RuntimeDep
+from service.api.schemas import ErrorBody, ValidationErrorBody
 from service.executor.core import (
     Charged,
     Decider,
@@ -89,10 +90,20 @@ def get_executor(request: Request, runtime: RuntimeDep) -> ExecutorRuntime:
 
 ExecutorDep = Annotated[ExecutorRuntime, Depends(get_executor)]
 
+_CALLER_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or unknown API key, or more than one Authorization header"},
+    403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
+}
 _EVENT_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing or unknown API key"},
-    403: {"description": "the key belongs to another merchant"},
-    409: {"description": "the idempotency key was used with a different body"},
+    **_CALLER_ERRORS,
+    409: {"model": ErrorBody, "description": "the idempotency key was used with a different body"},
+    413: {"model": ErrorBody, "description": "a body over 32 MiB, sent or once decoded"},
+    422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
+}
+_LINK_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a link whose token does not check out (an HTML page says so)"},
+    409: {"description": "the order is already paid or the link was used (an HTML page says so)"},
+    410: {"description": "the link has expired (an HTML page says so)"},
 }
 
 
@@ -135,7 +146,12 @@ async def payment_succeeded(body: PaymentSucceededEvent, caller: CallerDep, runt
     return EventOut(order_id=answer.order_id, state=answer.state)  # type: ignore[arg-type]
 
 
-@router.get("/v1/orders/{order_id}", response_model=OrderOut, responses=_EVENT_ERRORS, tags=["executor"])
+@router.get(
+    "/v1/orders/{order_id}",
+    response_model=OrderOut,
+    responses={**_CALLER_ERRORS, 404: {"model": ErrorBody, "description": "unknown order"}},
+    tags=["executor"],
+)
 async def get_order(order_id: str, caller: CallerDep, runtime: ExecutorDep) -> OrderOut:
     """An order with its attempts, nudges, decisions, scheduled actions and webhook."""
     view = await run_in_threadpool(order_view, runtime.executor.engine, caller.merchant_id, order_id)
@@ -148,7 +164,7 @@ def _message(status_code: int, title: str, message: str) -> HTMLResponse:
     return HTMLResponse(render("message.html", title=title, message=message), status_code=status_code)
 
 
-@router.get("/pay/{token}", response_class=HTMLResponse, tags=["payment links"])
+@router.get("/pay/{token}", response_class=HTMLResponse, responses=_LINK_ERRORS, tags=["payment links"])
 async def pay_page(token: str, runtime: ExecutorDep) -> HTMLResponse:
     """The customer's payment page: the order and a pay button."""
     try:
@@ -193,7 +209,7 @@ def _pay(runtime: ExecutorRuntime, token: str) -> tuple[int, str, str]:
     return 502, "Payment not possible", "We could not process this payment. Please contact the merchant."
 
 
-@router.post("/pay/{token}", response_class=HTMLResponse, tags=["payment links"])
+@router.post("/pay/{token}", response_class=HTMLResponse, responses=_LINK_ERRORS, tags=["payment links"])
 async def pay(token: str, runtime: ExecutorDep) -> HTMLResponse:
     """Pay again: a new attempt on the same order through the connector; the link is used up."""
     try:

@@ -246,8 +246,9 @@ class ModelBundle:
         n = len(candidates)
         out = np.zeros(n, dtype=np.float64)
         actions = [c.action for c in candidates]
-        retry = np.array([a is Action.RETRY for a in actions], dtype=np.bool_).reshape(n)
-        retarget = np.array([a is Action.RETARGET for a in actions], dtype=np.bool_).reshape(n)
+        retry_action, retarget_action = Action.RETRY, Action.RETARGET  # one enum lookup each, not one per row
+        retry = np.array([a is retry_action for a in actions], dtype=np.bool_).reshape(n)
+        retarget = np.array([a is retarget_action for a in actions], dtype=np.bool_).reshape(n)
         if self.retarget_booster is None:
             retarget[:] = False
         if not (retry.any() or retarget.any()):

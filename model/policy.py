@@ -27,6 +27,9 @@ from model.vocab import Action, Channel, ErrorClass, Strategy
 
 PRIORS_FILE = DATA_DIR / "policy" / "priors.yaml"
 RULES_ONLY_VERSION = "rules-only"
+# Enum members read once: ``Action.RETRY`` is a class-attribute lookup through the enum's metaclass, ~0.16 us
+# each on Python 3.11, and the loops below compare every candidate.
+_RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
 #: A retry this many hours or more after the decision point counts as "later" in the priors table.
 LATER_HOURS = 20.0
 #: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits).
@@ -137,11 +140,11 @@ class RulesOnlyScorer:
         retarget_base = self.priors.retarget.get(error_class, self.priors.retarget[ErrorClass.UNKNOWN.value])
         scores = np.zeros(len(candidates), dtype=np.float64)
         for index, candidate in enumerate(candidates):
-            if candidate.action == Action.RETRY and candidate.strategy is not None:
+            if candidate.action == _RETRY and candidate.strategy is not None:
                 soon, later = retry_table.get(candidate.strategy.value, (0.0, 0.0))
                 hours = (candidate.execute_at - request.event_time).total_seconds() / 3600.0
                 scores[index] = later if hours >= LATER_HOURS else soon
-            elif candidate.action == Action.RETARGET and candidate.channel is not None:
+            elif candidate.action == _RETARGET and candidate.channel is not None:
                 factor = self.priors.channel_factor.get(candidate.channel.value, 0.5)
                 scores[index] = retarget_base * factor * nudge_decay
         return scores
@@ -164,13 +167,13 @@ def expected_values(
     cost_of: dict[tuple[Action, str | None], float] = {}  # a grid repeats few (action, strategy/channel) pairs
     for index, candidate in enumerate(candidates):
         action = candidate.action
-        if action is Action.STOP:
+        if action is _STOP:
             acting[index] = False
             continue
-        key = (action, candidate.strategy if action is Action.RETRY else candidate.channel)
+        key = (action, candidate.strategy if action is _RETRY else candidate.channel)
         cost = cost_of.get(key)
         if cost is None:
-            if action is Action.RETRY:
+            if action is _RETRY:
                 cost = economics.retry_cost(candidate.strategy)
             else:
                 cost = economics.message_cost(candidate.channel or "", country)
@@ -231,13 +234,13 @@ def decide(
     scores = np.minimum(np.maximum(np.asarray(active.score(request, allowed + blocked), dtype=np.float64), 0.0), 1.0)
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for index, candidate in enumerate(allowed):
-        if candidate.action == Action.STOP:
+        if candidate.action == _STOP:
             p_success[index] = 0.0
     values = expected_values(request, allowed, p_success, economics)
     # Ties (e.g. equal values at several send times) go to the earliest candidate in grid order.
     best = int(np.argmax(values))
     if values[best] <= 0.0:
-        best = next(i for i, c in enumerate(allowed) if c.action == Action.STOP)
+        best = next(i for i, c in enumerate(allowed) if c.action == _STOP)
 
     error = context.error
     support = code_support(active, request.failure.connector, request.failure.error_code)
@@ -250,7 +253,7 @@ def decide(
     propensity = (1.0 - epsilon if len(allowed) > 1 else 1.0) * (chosen == best) + uniform
     choice = allowed[chosen]
 
-    retry_indices = [i for i, c in enumerate(allowed) if c.action == Action.RETRY]
+    retry_indices = [i for i, c in enumerate(allowed) if c.action == _RETRY]
     retry_probability = float(max((p_success[i] for i in retry_indices), default=0.0))
 
     alternatives = _alternatives(allowed, values, p_success, exclude=_group(choice), limit=config.max_alternatives)

@@ -42,9 +42,9 @@ from service.api.store import decisions, make_engine, outcomes
 from service.executor.store import nudges as nudge_table
 from service.executor.store import orders, transactions
 
-#: Validation rounds of an export: each leaves out the orders the last one found at fault (a dropped order can
-#: only remove problems, so a second round normally passes).
-_MAX_VALIDATION_ROUNDS = 5
+#: Validation rounds of an export: each leaves out the orders the last one found at fault (at most the 50 problems
+#: a report shows; a dropped order can only remove problems, so a second round normally passes).
+_MAX_VALIDATION_ROUNDS = 50
 
 _FAILURE_FIELDS = (
     "error_code",
@@ -76,11 +76,11 @@ def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
         "merchant_id": request["merchant_id"],
         "order_id": request["order_id"],
         "amount": float(request["amount"]),
-        "currency": request["currency"],
+        "currency": str(request["currency"]).upper(),  # ISO 4217; the request accepts any case, the files not
         "customer_id": customer["id"],
         "phone_present": bool(customer.get("phone_present", False)),
         "email_present": bool(customer.get("email_present", False)),
-        "customer_country": customer.get("country"),
+        "customer_country": customer["country"].upper() if customer.get("country") else None,
         "payment_method": payment["payment_method"],
         "payment_method_type": payment.get("payment_method_type"),
         "card_network": payment.get("card_network"),
@@ -184,7 +184,7 @@ def history_frames(
         number = next_number.get(order, 1)
         base = _order_fields(request)
         common = {"decision_id": answer["decision_id"], "propensity": answer["propensity"]}
-        failure = {field: body.get(field) for field in _FAILURE_FIELDS}
+        failure = {field: body.get(field) or None for field in _FAILURE_FIELDS}  # "" is no value in the files
         if body["status"] == "failure" and not any(failure.values()):
             failure["error_code"] = "unknown"
         if body["status"] == "success":
@@ -209,9 +209,12 @@ def history_frames(
             # The customer paid through the link (success), or a payment through it failed (a txn_id says so):
             # that payment is an attempt of the order, made after the message was sent and clicked.
             paid_through_link = body["status"] == "success" or bool(body.get("txn_id"))
-            sent_at = body.get("sent_at") or answer["execute_at"]
-            if paid_through_link and not body.get("sent_at"):
-                sent_at = min(answer["execute_at"], body["occurred_at"], key=_instant)
+            sent_at = body.get("sent_at")
+            if not sent_at:  # not reported: when it was due, but never after the customer clicked or paid
+                happened = [body[key] for key in ("clicked_at",) if body.get(key)]
+                if paid_through_link:
+                    happened.append(body["occurred_at"])
+                sent_at = min([answer["execute_at"], *happened], key=_instant)
             nudges.append(
                 {
                     **common,
@@ -370,6 +373,9 @@ def all_history_frames(
     api_attempts, api_nudges, unusable = history_frames(engine, taken=set(exec_attempts["txn_id"].astype(str)))
     executed = _orders_of(exec_attempts)
     api_orders = _orders_of(api_attempts) - executed
+    # An order the executor carried out is exported from its own records: a bad outcome posted for it as well
+    # does not take it out.
+    unusable = {order: why for order, why in unusable.items() if order not in executed}
     attempts = pd.concat(
         [frame for frame in (exec_attempts, _only(api_attempts, api_orders)) if len(frame)] or [exec_attempts],
         ignore_index=True,
@@ -408,16 +414,19 @@ def _qualify(frame: pd.DataFrame, shared: set[str]) -> pd.DataFrame:
 def _orders_at_fault(
     error: HistoryError, attempts: pd.DataFrame, nudges: pd.DataFrame, files: tuple[Path, Path]
 ) -> dict[tuple[str, str], str] | None:
-    """The orders the problems of ``error`` are in, each with its first problem; None when one is not in a row."""
+    """The orders the shown problems of ``error`` are in, each with its first problem; None when one is not in a
+    row of either file. Problems come from writing a file (labelled ``<path> (writing)``, rows of the frame) or
+    from reading both back (labelled ``<path>``, rows of the file, written in the frame's order)."""
     found: dict[tuple[str, str], str] = {}
     for problem in error.report.problems:
-        frame = attempts if problem.file == str(files[0]) else nudges if problem.file == str(files[1]) else None
+        label = problem.file.removesuffix(" (writing)")
+        frame = attempts if label == str(files[0]) else nudges if label == str(files[1]) else None
         if frame is None or problem.row is None or not 1 <= problem.row <= len(frame):
             return None
         merchant_id, order_id = frame.iloc[problem.row - 1][["merchant_id", "order_id"]]
         where = "" if problem.column is None else f"{problem.column}: "
         found.setdefault((str(merchant_id), str(order_id)), f"{where}{problem.reason}")
-    return found if len(error.report.problems) == error.report.total else None
+    return found or None
 
 
 def export_history(database_url: str, out_dir: str | Path, since: datetime | None = None) -> ExportSummary:
@@ -452,11 +461,6 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         engine.dispose()
     left_out = unusable | _unwritable_orders(attempts_frame, nudges_frame)
     shared = _shared_order_ids(attempts_frame, nudges_frame)
-    renamed = sorted(
-        f"{m}/{o}: order_id {o!r} is used by several merchants, written as {m + '/' + o!r}"
-        for m, o in _orders_of(attempts_frame) | _orders_of(nudges_frame)
-        if o in shared and (m, o) not in left_out
-    )
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
@@ -483,6 +487,11 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     finally:
         for path in staged:
             path.unlink(missing_ok=True)
+    renamed = sorted(
+        f"{m}/{o}: order_id {o!r} is used by several merchants, written as {m + '/' + o!r}"
+        for m, o in _orders_of(attempts_frame) | _orders_of(nudges_frame)
+        if o in shared
+    )
     return ExportSummary(
         attempts_path=attempts_path,
         nudges_path=nudges_path,

@@ -67,7 +67,7 @@ class DecisionFastPath:
             if len(body) > MAX_REQUEST_BODY:
                 await _refuse(send, 413, _TOO_LARGE)
                 return
-            if codings and complete:
+            if codings and complete and body:
                 try:
                     body = _decoded(body, codings)
                 except _UndecodableBodyError as exc:
@@ -134,7 +134,8 @@ def _declared_length(scope: Scope) -> int | None:
 _TOO_LARGE = f"request body larger than {MAX_REQUEST_BODY} bytes"
 _UNSUPPORTED = "Content-Encoding {coding!r} is not supported: send the body uncompressed, gzip or deflate"
 #: zlib's ``wbits`` per supported content coding (RFC 9110 section 8.4.1): gzip, and deflate in its zlib wrapper.
-_DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_GZIP_WBITS = 31
+_DECODERS = {"gzip": _GZIP_WBITS, "x-gzip": _GZIP_WBITS, "deflate": 15}
 
 
 class _UndecodableBodyError(Exception):
@@ -154,18 +155,29 @@ def _content_codings(scope: Scope) -> list[str]:
 
 
 def _decoded(body: bytes, codings: list[str]) -> bytes:
-    """``body`` with its content codings undone (last applied first), never more than MAX_REQUEST_BODY bytes."""
+    """``body`` with its content codings undone (last applied first), never more than MAX_REQUEST_BODY bytes.
+
+    A gzip body may hold several members one after another (RFC 1952): each is decoded in turn."""
     for coding in reversed(codings):
-        decoder = zlib.decompressobj(_DECODERS[coding])
-        try:
-            decoded = decoder.decompress(body, MAX_REQUEST_BODY + 1)
-        except zlib.error as exc:
-            raise _UndecodableBodyError(400, f"request body is not valid {coding} data: {exc}") from None
-        if len(decoded) > MAX_REQUEST_BODY:  # a small body can inflate a thousandfold: stop at the limit
-            raise _UndecodableBodyError(413, f"{_TOO_LARGE} once decoded ({coding})")
-        if not decoder.eof or decoder.unused_data:
-            raise _UndecodableBodyError(400, f"request body is not one complete {coding} stream")
-        body = decoded
+        parts: list[bytes] = []
+        size = 0
+        rest = body
+        while rest:
+            decoder = zlib.decompressobj(_DECODERS[coding])
+            try:
+                part = decoder.decompress(rest, MAX_REQUEST_BODY + 1 - size)
+            except zlib.error as exc:
+                raise _UndecodableBodyError(400, f"request body is not valid {coding} data: {exc}") from None
+            size += len(part)
+            if size > MAX_REQUEST_BODY:  # a small body can inflate a thousandfold: stop at the limit
+                raise _UndecodableBodyError(413, f"{_TOO_LARGE} once decoded ({coding})")
+            if not decoder.eof:
+                raise _UndecodableBodyError(400, f"request body is not one complete {coding} stream")
+            parts.append(part)
+            rest = decoder.unused_data
+            if rest and _DECODERS[coding] != _GZIP_WBITS:
+                raise _UndecodableBodyError(400, f"request body has data after its {coding} stream")
+        body = b"".join(parts)
     return body
 
 

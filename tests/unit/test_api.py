@@ -34,6 +34,7 @@ from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
 from service.api.schemas import MAX_BATCH
 from service.api.settings import DEMO_CONFIG, Settings
+from service.api.store import decision_row
 from service.api.store import decisions as decisions_table
 from tests.factories import make_request, write_merchant_config
 
@@ -932,3 +933,57 @@ def test_openapi_documents_the_errors_each_route_answers(api: Api) -> None:
         assert set(paths["/pay/{token}"][method]["responses"]) >= {"200", "400", "409", "410"}
     event = paths["/v1/events/payment-failed"]["post"]["responses"]
     assert event["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ValidationErrorBody")
+
+
+def test_an_export_leaves_out_only_what_the_files_refuse_on_write_and_normalises_codes(
+    api: Api, tmp_path: Path
+) -> None:
+    # Found in review: problems the file writer reports (not the read-back) still stopped the whole export.
+    bodies = {
+        "ord_ok": request_body(order_id="ord_ok"),
+        "ord_lower": request_body(order_id="ord_lower", currency="inr"),  # the files want ISO upper case
+        "ord_dup_a": request_body(order_id="ord_dup_a"),
+        "ord_dup_b": request_body(order_id="ord_dup_b"),
+    }
+    for order_id, body in bodies.items():
+        answer = api.post("/v1/decisions", body).json()
+        txn = "txn_same" if order_id.startswith("ord_dup") else None
+        extra = {"error_message": ""} if order_id == "ord_ok" else {}
+        outcome = _outcome(answer["decision_id"], order_id=order_id, status="failure", txn_id=txn) | extra
+        assert api.post("/v1/outcomes", outcome).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    attempts = read_attempts(summary.attempts_path)
+    assert {"ord_ok", "ord_lower"} <= set(attempts["order_id"])
+    assert set(attempts.loc[attempts["order_id"] == "ord_lower", "currency"]) == {"INR"}
+    # Two orders claiming one txn_id: which one it was is unknown, so both are left out, and named.
+    assert not {"ord_dup_a", "ord_dup_b"} & set(attempts["order_id"])
+    assert [line.split(":")[0] for line in summary.left_out_orders] == ["m_demo/ord_dup_a", "m_demo/ord_dup_b"]
+    assert all("txn_same" in line for line in summary.left_out_orders)
+
+
+def test_a_nudge_clicked_before_its_planned_send_time_is_exported_as_sent_by_then(api: Api, tmp_path: Path) -> None:
+    link = _retarget(api, "ord_clicked")
+    outcome = {"decision_id": link["decision_id"], "order_id": "ord_clicked", "status": "failure",
+               "occurred_at": "2026-11-02T09:00:00Z", "clicked_at": "2026-11-02T08:30:00Z"}  # fmt: skip
+    assert api.post("/v1/outcomes", outcome).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    nudges = read_nudges(summary.nudges_path)
+    assert nudges["sent_at"].tolist() == [pd.Timestamp("2026-11-02T08:30:00Z")]
+    assert summary.left_out_orders == ()
+
+
+def test_the_same_outcome_again_answers_the_stored_one_even_if_stored_before_its_decision(api: Api) -> None:
+    # An outcome stored while its decision was still on its way is not checked against the failure time; posting
+    # it again, once the decision is stored, must answer the stored outcome, not a 422.
+    assert api.runtime.store is not None
+    early = _outcome("dec_early", occurred_at="2026-10-01T00:00:00Z")
+    api.runtime.store.record_outcome("m_demo", early)
+    request = DecisionRequest.model_validate(request_body())
+    answer = api.post("/v1/decisions", request_body()).json()
+    decision = Decision.model_validate(answer | {"decision_id": "dec_early"})
+    api.runtime.store.insert_decisions([decision_row(request, decision)])
+    again = api.post("/v1/outcomes", early)
+    assert again.status_code == 200, again.text
+    assert again.json()["occurred_at"].startswith("2026-10-01T00:00:00")

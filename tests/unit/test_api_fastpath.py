@@ -405,3 +405,20 @@ def test_two_authorization_headers_are_refused_on_every_route(tmp_path: Path, pa
             assert answer.json()["detail"] == "more than one Authorization header: send exactly one"
     finally:
         api.close()
+
+
+def test_a_gzip_body_of_several_members_and_a_bodiless_get_with_an_encoding_are_answered(tmp_path: Path) -> None:
+    # RFC 1952 allows members one after another (what `cat a.gz b.gz` makes); both used to be a 400.
+    api = start(tmp_path)
+    try:
+        body = _body()
+        members = gzip.compress(body[:50]) + gzip.compress(body[50:])
+        answer = api.post_raw("/v1/decisions", members, FAST | {"Content-Encoding": "gzip"})
+        assert answer.status_code == 200, answer.text
+        health = api.loop.run_until_complete(api.client.get("/healthz", headers={"Content-Encoding": "gzip"}))
+        assert health.status_code == 200
+        trailing = api.post_raw("/v1/decisions", zlib.compress(body) + b"junk", FAST | {"Content-Encoding": "deflate"})
+        assert trailing.status_code == 400
+        assert "data after its deflate stream" in trailing.json()["detail"]
+    finally:
+        api.close()

@@ -150,3 +150,18 @@ def test_values_yaml_or_pydantic_would_bend_are_refused_naming_the_key(
 def test_a_config_without_merchants_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"merchants: .*at least 1 item"):
         parse_config({"merchants": {}})
+
+
+def test_yaml_merge_keys_still_load_and_may_be_overridden(tmp_path: Path) -> None:
+    # The duplicate-key check must not take "<<: *base" for a key, nor a key overriding the merged one for a repeat.
+    config = tmp_path / "merchants.yaml"
+    config.write_text(
+        f"merchants:\n  m_a: &base\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n"
+        "    retry: {max_retries: 2}\n"
+        f"  m_b:\n    <<: *base\n    api_key_sha256: {_KEY_B}\n    retry: {{max_retries: 1}}\n",
+        encoding="utf-8",
+    )
+    merchants = load_config(config).merchants
+    assert merchants["m_b"].connectors == ["stripe"]
+    assert (merchants["m_a"].retry.max_retries, merchants["m_b"].retry.max_retries) == (2, 1)
+    assert merchants["m_b"].api_key_sha256 == _KEY_B

@@ -9,14 +9,21 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model.vocab import RETRY_STRATEGIES, Channel, Strategy
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
-#: Counts and switches are taken as written: YAML's ``true`` is not 1, nor ``"3"`` or ``3.0`` a count.
-StrictInt = Annotated[int, Field(strict=True)]
-StrictBool = Annotated[bool, Field(strict=True)]
 
 
 def _http_url(value: str | None) -> str | None:
@@ -72,6 +79,8 @@ class QuietHours(_Strict):
         return int(hours) * 60 + int(minutes)
 
 
+# Counts and switches are StrictInt and StrictBool: taken as written, YAML's ``true`` is not 1, nor ``"3"`` or ``3.0``
+# a count.
 class RetryConfig(_Strict):
     flows: list[Strategy] = Field(default_factory=lambda: list(RETRY_STRATEGIES))
     max_retries: StrictInt = Field(default=3, ge=0, le=20)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from model.vocab import Action, Channel, Strategy
 
@@ -54,8 +54,6 @@ def _not_blank(value: str) -> str:
 
 
 NonEmptyStr = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
-#: JSON true or false only: "yes" or 1 is not read as true (a recurring flag changes which rules apply).
-StrictBool = Annotated[bool, Field(strict=True)]
 
 
 def _attempt_status(value: str) -> str:
@@ -157,6 +155,7 @@ class ContractModel(BaseModel):
 
 class Customer(ContractModel):
     id: NonEmptyStr
+    # Flags are StrictBool: JSON true or false only, "yes" or 1 is not read as true (a flag changes which rules apply).
     phone_present: StrictBool = False
     email_present: StrictBool = False
     app_present: StrictBool = False

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
-from model.requests import AwareDatetime, ContractModel, NonEmptyStr, StrictBool
+from model.requests import AwareDatetime, ContractModel, NonEmptyStr
 
 #: Most decision requests one ``POST /v1/decisions:batch`` may carry.
 MAX_BATCH = 1000

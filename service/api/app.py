@@ -33,6 +33,8 @@ from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from service.api.model_holder import MlflowSource, ModelHolder
 from service.api.schemas import (
+    BODY_ERRORS,
+    CALLER_ERRORS,
     MAX_BATCH,
     ErrorBody,
     FieldError,
@@ -60,14 +62,7 @@ from service.executor.routes import router as executor_router
 log = logging.getLogger("winback.api")
 
 _JSON = "application/json"
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "a compressed body that does not decode (gzip, deflate)"},
-    401: {"model": ErrorBody, "description": "missing or unknown API key, or more than one Authorization header"},
-    403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
-    413: {"model": ErrorBody, "description": "a body over 32 MiB, sent or once decoded"},
-    415: {"model": ErrorBody, "description": "a Content-Encoding other than gzip or deflate"},
-    422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
-}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {**CALLER_ERRORS, **BODY_ERRORS}
 
 
 def _field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool
 
@@ -74,3 +74,17 @@ class Readiness(BaseModel):
     ready: bool
     model_version: str
     reason: str | None = None
+
+
+#: OpenAPI ``responses`` of a route that authenticates its caller by API key (service.api.deps.MerchantKey).
+CALLER_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or unknown API key, or more than one Authorization header"},
+    403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
+}
+#: OpenAPI ``responses`` of a route that reads a JSON body (limits and encodings: service.api.fastpath).
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a compressed body that does not decode (gzip, deflate)"},
+    413: {"model": ErrorBody, "description": "a body over 32 MiB, sent or once decoded"},
+    415: {"model": ErrorBody, "description": "a Content-Encoding other than gzip or deflate"},
+    422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
+}

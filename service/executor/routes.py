@@ -19,7 +19,7 @@ from model.merchant_config import MerchantConfig
 from model.policy import decide
 from model.requests import Decision, DecisionRequest
 from service.api.deps import CallerDep, Runtime, RuntimeDep
-from service.api.schemas import ErrorBody, ValidationErrorBody
+from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
 from service.executor.core import (
     Charged,
     Decider,
@@ -90,15 +90,10 @@ def get_executor(request: Request, runtime: RuntimeDep) -> ExecutorRuntime:
 
 ExecutorDep = Annotated[ExecutorRuntime, Depends(get_executor)]
 
-_CALLER_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "missing or unknown API key, or more than one Authorization header"},
-    403: {"model": ErrorBody, "description": "the key belongs to another merchant"},
-}
 _EVENT_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_CALLER_ERRORS,
+    **CALLER_ERRORS,
+    **BODY_ERRORS,
     409: {"model": ErrorBody, "description": "the idempotency key was used with a different body"},
-    413: {"model": ErrorBody, "description": "a body over 32 MiB, sent or once decoded"},
-    422: {"model": ValidationErrorBody, "description": "malformed input; each problem names its field"},
 }
 _LINK_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "a link whose token does not check out (an HTML page says so)"},
@@ -149,7 +144,7 @@ async def payment_succeeded(body: PaymentSucceededEvent, caller: CallerDep, runt
 @router.get(
     "/v1/orders/{order_id}",
     response_model=OrderOut,
-    responses={**_CALLER_ERRORS, 404: {"model": ErrorBody, "description": "unknown order"}},
+    responses={**CALLER_ERRORS, 404: {"model": ErrorBody, "description": "unknown order"}},
     tags=["executor"],
 )
 async def get_order(order_id: str, caller: CallerDep, runtime: ExecutorDep) -> OrderOut:

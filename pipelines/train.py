@@ -469,6 +469,7 @@ def run_training(
     """
     from model import registry
     from model.training import InsufficientHistoryError, train_partitions
+    from pipelines.dask_train import DaskUnavailableError  # dask itself is imported only to connect
 
     if engine not in ENGINES:
         raise TrainInputError(f"unknown training engine {engine!r}: use one of {', '.join(ENGINES)}")
@@ -500,21 +501,18 @@ def run_training(
         steps.done()
 
         steps.start("train")
-        if engine == "dask":
-            from pipelines.dask_train import DaskBoosterFitter, DaskUnavailableError, connect
+        try:
+            if engine == "dask":
+                from pipelines.dask_train import DaskBoosterFitter, connect
 
-            assert scheduler is not None  # checked above
-            try:
+                assert scheduler is not None  # checked above
                 with connect(scheduler) as client:
                     fitter = DaskBoosterFitter(client)
                     result = train_partitions(frames, seed=seed, fit_booster=fitter, **options)
-            except (DaskUnavailableError, InsufficientHistoryError) as exc:
-                raise TrainInputError(str(exc)) from exc
-        else:
-            try:
+            else:
                 result = train_partitions(frames, seed=seed, **options)
-            except InsufficientHistoryError as exc:
-                raise TrainInputError(str(exc)) from exc
+        except (InsufficientHistoryError, DaskUnavailableError) as exc:
+            raise TrainInputError(str(exc)) from exc
         steps.done()
 
         steps.start("evaluate")

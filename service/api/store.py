@@ -276,11 +276,11 @@ class Store:
                 f"decision {decision_id!r} was served for order {served.order_id!r}, not {body['order_id']!r}"
             )
         occurred_at = _utc(datetime.fromisoformat(str(body["occurred_at"])))
-        with self.engine.connect() as conn:
-            already = self._outcome(conn, merchant_id, decision_id) is not None
-        if already:  # the same outcome again answers the stored one, whatever was checked when it was stored
-            return self._same_or_conflict(merchant_id, body)
         if served is not None and occurred_at < _utc(served.event_time):
+            with self.engine.connect() as conn:
+                if self._outcome(conn, merchant_id, decision_id) is not None:
+                    # Stored while its decision was on its way (unchecked then): the same outcome again answers it.
+                    return self._same_or_conflict(merchant_id, body)
             raise OutcomeBeforeFailureError(
                 f"occurred_at {occurred_at.isoformat()} is before the failure decision {decision_id!r} was made for "
                 f"({_utc(served.event_time).isoformat()})"

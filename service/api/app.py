@@ -297,7 +297,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         body = Readiness(
             ready=holder.ready,
             model_version=holder.current.version,
-            reason=holder.last_error if holder.ready else (holder.last_error or "no model loaded"),
+            reason=holder.last_error or (None if holder.ready else "no model loaded"),
         )
         return JSONResponse(body.model_dump(), status_code=200 if holder.ready else 503)
 

@@ -211,10 +211,10 @@ def history_frames(
             paid_through_link = body["status"] == "success" or bool(body.get("txn_id"))
             sent_at = body.get("sent_at")
             if not sent_at:  # not reported: when it was due, but never after the customer clicked or paid
-                happened = [body[key] for key in ("clicked_at",) if body.get(key)]
+                happened = [answer["execute_at"], body.get("clicked_at")]
                 if paid_through_link:
                     happened.append(body["occurred_at"])
-                sent_at = min([answer["execute_at"], *happened], key=_instant)
+                sent_at = min((moment for moment in happened if moment), key=datetime.fromisoformat)
             nudges.append(
                 {
                     **common,
@@ -248,10 +248,6 @@ def history_frames(
         for column in columns:
             frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
     return attempts_frame, nudges_frame, unusable
-
-
-def _instant(text: str) -> datetime:
-    return datetime.fromisoformat(text)
 
 
 def _utc(value: Any) -> Any:

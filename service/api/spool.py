@@ -70,6 +70,19 @@ class DecisionSpool:
         """Whether this process spooled rows it has not claimed back yet."""
         return self._spooled > 0
 
+    def check_writable(self) -> None:
+        """Create the directory and write and remove a probe file there: a spool that cannot be written is found
+        at start, not in the middle of an outage. OSError naming the directory otherwise."""
+        probe = self.directory / f".probe-{self._token}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise OSError(
+                f"the decision spool directory {self.directory} (WINBACK_SPOOL_DIR) cannot be written: {error}"
+            ) from error
+
     def append(self, rows: list[dict[str, Any]]) -> None:
         """Write ``rows`` to the pending file and fsync it: when this returns, they survive a crash."""
         if rows:
@@ -147,6 +160,13 @@ class DecisionSpool:
             if isinstance(value.get(column), str):
                 value[column] = datetime.fromisoformat(value[column])
         return value
+
+    def unclaim(self, path: Path) -> Path:
+        """Put a claimed file back among those waiting to be stored (its replay stopped part-way); returns its name
+        now. Its rows already stored are skipped when it is stored again."""
+        target = self.directory / f"{_PENDING}-{self._token}-{uuid.uuid4().hex[:8]}.jsonl"
+        path.rename(target)
+        return target
 
     @staticmethod
     def release(path: Path) -> None:

@@ -69,6 +69,17 @@ outcomes = sa.Table(
 
 log = logging.getLogger("winback.api")
 
+#: libpq connection parameters of every PostgreSQL engine: seconds to connect, TCP keepalives (idle, interval,
+#: count) and milliseconds unacknowledged data may wait (tcp_user_timeout).
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,
+}
+
 
 def decision_spool(directory: str | Path) -> DecisionSpool:
     """A spool in ``directory`` for ``decisions`` rows (their datetime columns read back as datetimes)."""
@@ -127,6 +138,11 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    if sa.make_url(url).get_backend_name() == "postgresql":
+        # libpq's own bounds (psycopg passes them on): a server that does not answer the connect, or a link that
+        # dies under an open connection (a partition: the kernel would retry for ~15 minutes), fails within
+        # seconds as an OperationalError, which the writer treats as an outage (spool) and an outcome as a 503.
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=dict(POSTGRES_CONNECT_ARGS))
     return sa.create_engine(url, pool_pre_ping=True)
 
 
@@ -328,6 +344,13 @@ class DecisionWriter:
     the database refuses are kept in the spool's rejected file. Without one, they wait in memory and whatever is
     unstored at shutdown is reported lost.
 
+    A database that hangs instead of refusing (a network partition, a table locked for maintenance) holds the
+    writer inside one insert, where it cannot act: once an insert has not returned for ``stall_seconds``, the
+    backlog past ``max_queued`` is spooled beside it by the thread that queues, and ``close`` spools whatever the
+    writer still holds. Spooled rows may be stored twice over (a hung insert can still commit): storing skips a
+    decision_id already stored. A long spool replay yields to new decisions after every batch and stops at
+    shutdown (the rest of the file stays for the next start).
+
     ``flush()`` blocks until everything queued so far is stored (or spooled); ``close()`` flushes and stops the
     thread.
     """
@@ -341,6 +364,7 @@ class DecisionWriter:
         *,
         spool: DecisionSpool | None = None,
         max_queued: int = 10_000,
+        stall_seconds: float = 10.0,
     ) -> None:
         self.store = store
         self.interval = interval
@@ -348,7 +372,10 @@ class DecisionWriter:
         self.max_backoff = max_backoff
         self.spool = spool
         self.max_queued = max_queued
-        self._in_hand = 0  # rows taken off the queue and not yet stored (for the shutdown report)
+        self.stall_seconds = stall_seconds
+        self._in_hand: list[dict[str, Any]] = []  # rows taken off the queue and not yet stored or spooled
+        self._busy_since: float | None = None  # when the insert in progress started (None: none is)
+        self._spilling_aside = threading.Lock()  # one spill beside a hung writer at a time
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._closing = threading.Event()
         self._wake = threading.Event()  # ends an outage wait early: the backlog passed the bound, or closing
@@ -362,6 +389,49 @@ class DecisionWriter:
         self._queue.put_nowait(row)
         if self.spool is not None and self._queue.qsize() >= self.max_queued:
             self._wake.set()
+            if self._stalled() and not self._spilling_aside.locked():
+                # The writer is stuck inside an insert and cannot spill: a helper thread does (disk, not here).
+                threading.Thread(target=self._spill_aside, name="winback-decision-spill", daemon=True).start()
+
+    def _stalled(self) -> bool:
+        """Whether the insert in progress has not returned for ``stall_seconds``."""
+        since = self._busy_since
+        return since is not None and time.monotonic() - since >= self.stall_seconds
+
+    def _spill_aside(self) -> None:
+        """Move the backlog to the spool while the writer is held by a hung insert (its own rows stay in hand)."""
+        if self.spool is None or not self._spilling_aside.acquire(blocking=False):
+            return
+        try:
+            # Until the backlog is under the bound: rows queued while this one spilled would wait for the next put.
+            while self._queue.qsize() >= self.max_queued and self._stalled():
+                if not self._spill_backlog_aside():
+                    break
+        finally:
+            self._spilling_aside.release()
+
+    def _spill_backlog_aside(self) -> bool:
+        stop_requested = self._stop
+        rows, taken = self._drain()
+        took_stop, self._stop = self._stop and not stop_requested, stop_requested
+        moved = False
+        try:
+            assert self.spool is not None  # for mypy: only called with one
+            self.spool.append(rows)
+            moved = True
+        except OSError:
+            log.exception("could not write the decision spool; %d decisions keep waiting in memory", len(rows))
+            for row in rows:
+                self._queue.put_nowait(row)
+        else:
+            since = self._busy_since
+            waited = 0.0 if since is None else time.monotonic() - since
+            log.warning("the database has not answered for %.1f s: %d decisions moved to the spool %s",
+                        waited, len(rows), self.spool.pending_path)  # fmt: skip
+        if took_stop:  # the stop request was among them: it is the writer's, handed back
+            self._queue.put_nowait(None)
+        self._finish(taken)
+        return moved
 
     def _take(self, first: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int]:
         """``first`` (taken off the queue; None is the stop request) and whatever else is queued, up to
@@ -416,14 +486,22 @@ class DecisionWriter:
 
     def _replay_spool(self) -> None:
         """Store the rows waiting in the spool (this process's and any left by a process that is gone)."""
-        if self.spool is None:
+        if self.spool is None or self._closing.is_set():  # at shutdown the spool waits for the next start
             return
         try:
             for path in self.spool.claim():
                 count, all_stored = 0, True
                 for rows in self.spool.read(path, self.max_batch):
+                    if self._closing.is_set():
+                        # Shutting down: the file goes back to waiting, so the next start on this folder stores
+                        # the rest; the rows already stored are skipped then.
+                        kept = self.spool.unclaim(path)
+                        log.warning("shutting down: %d decisions of the spool file %s stored, the rest wait in %s "
+                                    "for the next start", count, path.name, kept.name)  # fmt: skip
+                        return
                     count += len(rows)
                     all_stored &= self._store(rows)
+                    all_stored &= self._store_queued()  # new decisions do not wait for the whole file
                 self.spool.release(path)
                 if all_stored:
                     log.warning("stored %d decisions kept in the spool file %s", count, path.name)
@@ -434,11 +512,19 @@ class DecisionWriter:
             log.exception("could not read the decision spool in %s; its files stay for the next try",
                           self.spool.directory)  # fmt: skip
 
+    def _store_queued(self) -> bool:
+        """Store up to ``max_batch`` rows queued now (between two batches of a spool replay); as ``_store``."""
+        rows, taken = self._drain(self.max_batch)
+        try:
+            return self._store(rows) if rows else True
+        finally:
+            self._finish(taken)
+
     def _store(self, rows: list[dict[str, Any]]) -> bool:
         """Insert ``rows`` in one transaction, waiting out database outages; if the database refuses the batch
         itself, row by row, so one bad row costs only itself. A row that cannot be stored is kept in the spool's
         rejected file, or without a spool logged as lost, by id. False when rows went to the spool instead."""
-        self._in_hand = len(rows)
+        self._in_hand = rows
         try:
             return self._insert_through_outages(rows)
         except Exception as error:
@@ -456,7 +542,7 @@ class DecisionWriter:
                         all_stored &= self._store(single)
             return all_stored
         finally:
-            self._in_hand = 0
+            self._in_hand = []
 
     def _refused(self, row: dict[str, Any], error: Exception) -> None:
         decision_id = row.get("decision_id")
@@ -476,6 +562,7 @@ class DecisionWriter:
         Any other error is the rows' own and is raised."""
         wait, outages = self.interval, 0
         while True:
+            self._busy_since = time.monotonic()
             try:
                 self.store.insert_decisions(rows)
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
@@ -483,12 +570,15 @@ class DecisionWriter:
                 if outages == 1 or outages % 20 == 0:
                     log.warning("database unavailable (%s); %d decisions wait, trying again every %.1f s at most",
                                 type(error).__name__, len(rows) + self._queue.qsize(), self.max_backoff)  # fmt: skip
+                self._busy_since = None
                 if self._spill(rows):
                     return False
                 self._wake.wait(wait)
                 self._wake.clear()
                 wait = min(wait * 2, self.max_backoff)
                 continue
+            finally:
+                self._busy_since = None
             if outages:
                 log.warning("database back after %d failed tries; %d decisions stored", outages, len(rows))
             return True
@@ -501,7 +591,8 @@ class DecisionWriter:
             return False
         backlog, taken = self._drain()
         rows.extend(backlog)
-        self._in_hand = len(rows)
+        if rows is not self._in_hand:  # one row of a refused batch: the backlog is in hand too
+            self._in_hand.extend(backlog)
         self._finish(taken)
         try:
             self.spool.append(rows)
@@ -521,13 +612,30 @@ class DecisionWriter:
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush and stop the writer thread. With a spool, what the database cannot take now is spooled at
-        once; without one, what could not be stored within ``timeout`` seconds is reported lost."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            if self.spool is not None:
-                self._closing.set()
-                self._wake.set()
+        once, and what the writer still holds after ``stall_seconds`` (an insert that hangs) is spooled from
+        here; without one, what could not be stored within ``timeout`` seconds is reported lost."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        if self.spool is None:
             self._thread.join(timeout=timeout)
             if self._thread.is_alive():
-                log.error("the database stayed unavailable: %d decisions not stored at shutdown are lost",
-                          self._in_hand + max(self._queue.qsize() - 1, 0))  # fmt: skip
+                log.error("the database did not take them within %.0f s: %d decisions not stored at shutdown are "
+                          "lost", timeout, len(self._in_hand) + max(self._queue.qsize() - 1, 0))  # fmt: skip
+            return
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout=min(timeout, self.stall_seconds))
+        if not self._thread.is_alive():
+            return
+        with self._spilling_aside:
+            rows, _ = self._drain()
+            rows = [*self._in_hand, *rows]
+            try:
+                self.spool.append(rows)
+            except OSError:
+                log.exception("the database did not answer at shutdown and the spool cannot be written: %d "
+                              "decisions not stored are lost", len(rows))  # fmt: skip
+                return
+        log.warning("the database did not answer within %.1f s at shutdown: %d decisions moved to the spool %s",
+                    self.stall_seconds, len(rows), self.spool.pending_path)  # fmt: skip

@@ -191,6 +191,93 @@ def test_shutdown_during_an_outage_spools_at_once_and_the_next_start_stores_the_
     assert list((tmp_path / "spool").iterdir()) == []
 
 
+class _HungStore(Store):
+    """A database that hangs while ``hung`` is set (a network partition, a locked table): inserts neither return
+    nor fail until it is cleared."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.hung = threading.Event()
+        self.released = threading.Event()
+
+    def insert_decisions(self, rows: Any) -> int:
+        if self.hung.is_set():
+            self.released.wait()
+        return super().insert_decisions(rows)
+
+
+def test_a_hung_database_moves_the_backlog_and_at_shutdown_everything_held_to_the_spool(
+    engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _HungStore(engine)
+    store.hung.set()
+    spool_dir = tmp_path / "spool"
+    writer = DecisionWriter(
+        store, interval=0.01, max_batch=5, spool=decision_spool(spool_dir), max_queued=10, stall_seconds=0.2
+    )
+    ids = [f"dec_{i:03d}" for i in range(40)]
+    with caplog.at_level(logging.WARNING, logger="winback.api"):
+        for decision_id in ids[:5]:
+            writer.put(_stored_row(decision_id))
+        _wait_for(lambda: writer._busy_since is not None)  # the writer is inside its insert, held there
+        time.sleep(0.3)
+        for decision_id in ids[5:30]:
+            writer.put(_stored_row(decision_id))
+        # The writer cannot act; the backlog past the bound went to disk all the same.
+        _wait_for(lambda: len(_spooled_rows(spool_dir)) >= 10 and writer._queue.qsize() < 10)
+        for decision_id in ids[30:]:
+            writer.put(_stored_row(decision_id))
+        started = time.monotonic()
+        writer.close(timeout=30.0)
+        assert time.monotonic() - started < 5.0
+    assert not [record for record in caplog.records if "lost" in record.getMessage()]
+    assert {row["decision_id"] for row in _spooled_rows(spool_dir)} == set(ids)
+
+    # The hung insert finally commits its rows, and the next start stores the spool: each decision once.
+    store.released.set()
+    _wait_for(lambda: not writer._thread.is_alive())
+    store.hung.clear()
+    restarted = DecisionWriter(store, interval=0.01, spool=decision_spool(spool_dir))
+    _wait_for(lambda: _stored_ids(engine) == ids)
+    restarted.close()
+
+
+class _SlowStore(Store):
+    """A healthy database taking ``delay`` seconds per insert."""
+
+    def __init__(self, engine: sa.Engine, delay: float) -> None:
+        super().__init__(engine)
+        self.delay = delay
+
+    def insert_decisions(self, rows: Any) -> int:
+        time.sleep(self.delay)
+        return super().insert_decisions(rows)
+
+
+def test_new_decisions_are_stored_during_a_long_spool_replay_and_shutdown_leaves_its_rest_for_the_next_start(
+    engine: sa.Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool_dir = tmp_path / "spool"
+    old_ids = [f"dec_old_{i:04d}" for i in range(1000)]
+    left = decision_spool(spool_dir)
+    left.append([_stored_row(decision_id) for decision_id in old_ids])
+    (path,) = spool_dir.iterdir()
+    path.rename(spool_dir / "pending-999999999-gone.jsonl")  # left by a process that is gone
+    writer = DecisionWriter(_SlowStore(engine, 0.02), interval=0.01, max_batch=5, spool=decision_spool(spool_dir))
+    _wait_for(lambda: len(_stored_ids(engine)) >= 5)
+    writer.put(_stored_row("dec_new"))
+    _wait_for(lambda: "dec_new" in _stored_ids(engine), timeout=2.0)  # a batch of the file, not the whole file
+    with caplog.at_level(logging.WARNING, logger="winback.api"):
+        writer.close()
+    assert not [record for record in caplog.records if "lost" in record.getMessage()]
+    assert len(_stored_ids(engine)) < len(old_ids) + 1  # the replay stopped at shutdown
+
+    restarted = DecisionWriter(Store(engine), interval=0.01, max_batch=500, spool=decision_spool(spool_dir))
+    _wait_for(lambda: _stored_ids(engine) == sorted([*old_ids, "dec_new"]))
+    restarted.close()
+    assert list(spool_dir.iterdir()) == []
+
+
 def test_a_spool_file_is_claimed_once_and_another_live_process_s_files_are_left_alone(tmp_path: Path) -> None:
     columns = ("created_at",)
     first, second = DecisionSpool(tmp_path, columns), DecisionSpool(tmp_path, columns)

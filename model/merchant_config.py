@@ -137,7 +137,8 @@ class ConnectorEndpoint(_Strict):
 class MerchantConfig(_Strict):
     api_key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     mode: Literal["autonomous", "assisted"] = "autonomous"
-    connectors: list[str] = Field(min_length=1)
+    # 128 characters: the width of the stores' connector columns (as the decision request's connector names).
+    connectors: list[Annotated[str, Field(max_length=128)]] = Field(min_length=1)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     retarget: RetargetConfig = Field(default_factory=RetargetConfig)
     webhook: WebhookConfig | None = None

@@ -54,6 +54,11 @@ def _not_blank(value: str) -> str:
 
 
 NonEmptyStr = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+# Bounded by the width of the stores' columns (service/api/store.py, service/executor/store.py): a longer value is
+# a 422 naming its field, not a decision answered and then refused by the database.
+MerchantIdStr = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_not_blank)]
+OrderIdStr = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_not_blank)]
+ConnectorStr = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_not_blank)]
 
 
 def _attempt_status(value: str) -> str:
@@ -174,7 +179,7 @@ class Payment(ContractModel):
 
 
 class Failure(ContractModel):
-    connector: NonEmptyStr
+    connector: ConnectorStr
     error_code: str | None = None
     error_message: str | None = None
     network_decline_code: str | None = None
@@ -184,7 +189,7 @@ class Failure(ContractModel):
 
 class HistoryAttempt(ContractModel):
     attempt_number: int = Field(ge=1, strict=True)
-    connector: NonEmptyStr
+    connector: ConnectorStr
     strategy: StrategyName
     status: AttemptStatus
     error_code: str | None = None
@@ -211,8 +216,8 @@ class History(ContractModel):
 class DecisionRequest(ContractModel):
     """What a caller knows at a decision point (the failure, or a follow-up after an unanswered nudge)."""
 
-    merchant_id: NonEmptyStr
-    order_id: NonEmptyStr
+    merchant_id: MerchantIdStr
+    order_id: OrderIdStr
     event_time: AwareDatetime
     amount: float = Field(ge=0, allow_inf_nan=False, strict=True)  # a JSON number: not "49.0", not true
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code (three letters)")
@@ -220,7 +225,7 @@ class DecisionRequest(ContractModel):
     payment: Payment
     failure: Failure
     history: Annotated[History, _null_as(dict)] = Field(default_factory=History)
-    available_connectors: list[NonEmptyStr] | None = None
+    available_connectors: list[ConnectorStr] | None = None
 
 
 class Alternative(ContractModel):

@@ -133,6 +133,7 @@ def test_two_merchants_with_one_api_key_are_refused(tmp_path: Path) -> None:
         ({"retarget": {"enabled": "yes"}}, "retarget.enabled", "valid boolean"),
         ({"connectors": ["stripe", " Stripe"]}, "connectors", "listed twice"),
         ({"connectors": ["stripe", "  "]}, "connectors", "empty"),
+        ({"connectors": ["stripe", "c" * 129]}, "connectors.1", "at most 128 characters"),
         ({"webhook": {"url": "not a url", "secret_env": "X"}}, "webhook.url", "http(s) URL"),
         ({"providers": {"sms": {"kind": "gupshup", "base_url": "api.gupshup.io"}}}, "providers.sms.base_url", "URL"),
         ({"providers": {"email": {"kind": "smtp", "port": 70000}}}, "providers.email.port", "65535"),

@@ -215,11 +215,14 @@ def decide(
     config: PolicyConfig | None = None,
     rng: np.random.Generator | None = None,
     economics: Economics | None = None,
+    decision_id: str | None = None,
 ) -> Decision:
     """Enumerate permitted candidates, score them, choose by expected recovered value net of cost.
 
     ``scorer=None`` gives the rules-only policy (``model_version == "rules-only"``). Pure apart from ``rng``
-    (exploration and the decision id): the same request, scorer and rng state give the same decision.
+    (exploration, and the decision id unless ``decision_id`` is given): the same request, scorer and rng state
+    give the same decision. Services pass a fresh ``decision_id`` (``new_decision_id(None)``): a seeded rng
+    would give every worker and every restart the same ids.
     """
     config = config or PolicyConfig()
     economics = economics or load_economics()
@@ -273,7 +276,7 @@ def decide(
     # cost more than the whole choice. Serialising a wrongly typed field warns, and the tests turn warnings
     # into errors.
     return Decision.model_construct(
-        decision_id=new_decision_id(rng),
+        decision_id=decision_id or new_decision_id(rng),
         model_version=active.version,
         action=choice.action,
         strategy=choice.strategy if choice.action == Action.RETRY else None,

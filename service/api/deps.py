@@ -20,7 +20,7 @@ from fastapi.security.base import SecurityBase
 
 from model.catalog import ErrorCatalog, NormalisedError
 from model.merchant_config import MerchantConfig, WinbackConfig
-from model.policy import PolicyConfig, code_support, decide
+from model.policy import PolicyConfig, Scorer, code_support, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError
 from service.api.metrics import ApiMetrics
@@ -127,7 +127,7 @@ class Runtime:
         served = self.holder.current  # read once: a swap mid-request does not change this request's model
         started = time.perf_counter()
         try:
-            decision = decide(request, merchant, served.scorer, catalog=self.catalog, config=self.policy, rng=self.rng)
+            decision = self._decide(request, merchant, served.scorer)
         except RuleInputError:
             raise  # malformed input: a 422 whatever the model
         except Exception:
@@ -138,9 +138,16 @@ class Runtime:
                 served.version,
                 extra={"merchant_id": request.merchant_id, "order_id": request.order_id},
             )
-            decision = decide(request, merchant, None, catalog=self.catalog, config=self.policy, rng=self.rng)
+            decision = self._decide(request, merchant, None)
         seconds = time.perf_counter() - started
         return Served(request, request_json, decision, decision.model_dump_json(), seconds, served.scorer)
+
+    def _decide(self, request: DecisionRequest, merchant: MerchantConfig, scorer: Scorer | None) -> Decision:
+        # A fresh decision id every time, whatever the seed: a seeded rng repeats ids across workers and restarts.
+        return decide(
+            request, merchant, scorer, catalog=self.catalog, config=self.policy, rng=self.rng,
+            decision_id=new_decision_id(None),
+        )  # fmt: skip
 
     def record(self, served: Served) -> None:
         """Queue the decision's row for the store, then count and log it. The row is queued first and a failure

@@ -6,6 +6,7 @@ for customers and need only the signed token. Handlers validate and hand over to
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
 from model.merchant_config import MerchantConfig
-from model.policy import decide
+from model.policy import decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from service.api.deps import CallerDep, Runtime, RuntimeDep
 from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
@@ -55,15 +56,16 @@ def api_decider(runtime: Runtime) -> Decider:
 
     def decider(request: DecisionRequest, merchant: MerchantConfig) -> Decision:
         served = runtime.holder.current
+        policy = functools.partial(
+            decide, catalog=runtime.catalog, config=runtime.policy, rng=runtime.rng, decision_id=new_decision_id(None)
+        )
         try:
-            decision = decide(
-                request, merchant, served.scorer, catalog=runtime.catalog, config=runtime.policy, rng=runtime.rng
-            )
+            decision = policy(request, merchant, served.scorer)
         except Exception:
             if served.scorer is None:
                 raise
             log.exception("model %s failed on a request; answered rules-only", served.version)
-            decision = decide(request, merchant, None, catalog=runtime.catalog, config=runtime.policy, rng=runtime.rng)
+            decision = policy(request, merchant, None)
         runtime.metrics.observe_decision(decision)
         return decision
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
-from model.policy import PolicyConfig, decide
+from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
@@ -53,17 +53,21 @@ def make_decider(
     holder.start()
     memo = MemoCatalog(catalog)
     policy = PolicyConfig()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # exploration only: decision ids are fresh, workers and restarts never repeat one
 
     def decider(request: DecisionRequest, merchant: MerchantConfig) -> Decision:
         scorer = holder.current.scorer
         try:
-            return decide(request, merchant, scorer, catalog=memo, config=policy, rng=rng)
+            return decide(
+                request, merchant, scorer, catalog=memo, config=policy, rng=rng, decision_id=new_decision_id(None)
+            )
         except Exception:
             if scorer is None:
                 raise
             log.exception("model failed on a request; answered rules-only")
-            return decide(request, merchant, None, catalog=memo, config=policy, rng=rng)
+            return decide(
+                request, merchant, None, catalog=memo, config=policy, rng=rng, decision_id=new_decision_id(None)
+            )
 
     return decider, holder.stop
 

@@ -9,9 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 from fastapi import Body, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
@@ -27,6 +28,7 @@ from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
+from service.api.deadline import within_deadline
 from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.logging import configure_logging
@@ -35,7 +37,6 @@ from service.api.model_holder import MlflowSource, ModelHolder
 from service.api.schemas import (
     BODY_ERRORS,
     CALLER_ERRORS,
-    MAX_BATCH,
     ErrorBody,
     FieldError,
     Health,
@@ -62,6 +63,8 @@ from service.executor.routes import router as executor_router
 log = logging.getLogger("winback.api")
 
 _JSON = "application/json"
+#: Longest an outcome waits for the database (its decision's grace included) before a 503 says to send it again.
+OUTCOME_DEADLINE_SECONDS = 10.0
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {**CALLER_ERRORS, **BODY_ERRORS}
 
 
@@ -155,15 +158,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Migrate and open the store, start the decision writer, load the champion and poll it; undo on exit."""
     runtime: Runtime = app.state.runtime
     settings = runtime.settings
+    spool = decision_spool(settings.spool_dir)
+    spool.check_writable()  # found now, not in the middle of an outage
     engine = make_engine(settings.database_url)
     if settings.run_migrations:
         from service.migrations import upgrade
 
         await run_in_threadpool(upgrade, engine)
     runtime.store = Store(engine)
-    runtime.writer = DecisionWriter(
-        runtime.store, interval=settings.decision_flush_seconds, spool=decision_spool(settings.spool_dir)
-    )
+    runtime.writer = DecisionWriter(runtime.store, interval=settings.decision_flush_seconds, spool=spool)
     await run_in_threadpool(runtime.holder.start)
     log.info(
         "decision API ready",
@@ -200,11 +203,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return _validation_response(exc)
 
     @app.exception_handler(Exception)
-    async def _on_unexpected_error(_request: Request, _exc: Exception) -> JSONResponse:
+    async def _on_unexpected_error(request: Request, _exc: Exception) -> JSONResponse:
         # Starlette sends this and re-raises (uvicorn logs the traceback, then drops the connection): say so in
         # the answer, so a pooling client opens a fresh connection instead of sending its next request into it.
+        deciding = request.url.path.startswith("/v1/decisions")
+        detail = "internal error; the request was not decided" if deciding else "internal error"
         return JSONResponse(
-            ErrorBody(detail="internal error; the request was not decided").model_dump(),
+            ErrorBody(detail=detail).model_dump(),
             status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
             headers={"Connection": "close"},
         )
@@ -232,11 +237,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         caller.require(body.merchant_id)
         return _json(runtime.decide_json(body, caller.merchant))
 
+    # The body's limit is a default, not Annotated metadata: annotations are strings here (PEP 563), resolved in the
+    # module's namespace, where ``settings`` is not.
+    batch_body = Body(max_length=settings.max_batch)
+
     @app.post("/v1/decisions:batch", response_model=list[Decision], responses=_AUTH_ERRORS, tags=["decisions"])
     async def create_decisions(
-        body: Annotated[list[DecisionRequest], Body(max_length=MAX_BATCH)],
-        caller: CallerDep,
-        runtime: RuntimeDep,
+        caller: CallerDep, runtime: RuntimeDep, body: list[DecisionRequest] = batch_body
     ) -> Response:
         """Decide for a list of failed payments; the answers come in the same order."""
         for index, item in enumerate(body):
@@ -249,6 +256,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         responses={
             **_AUTH_ERRORS,
             409: {"model": ErrorBody, "description": "another status or instant is stored"},
+            503: {"model": ErrorBody, "description": "the database is unavailable or did not answer: send it again"},
         },
         tags=["outcomes"],
     )
@@ -261,12 +269,25 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         try:
             # A decision answered a moment ago may still be on its way to the store (any worker's writer).
             grace = 3 * runtime.settings.decision_flush_seconds
-            stored = await run_in_threadpool(
+            stored = await within_deadline(
+                OUTCOME_DEADLINE_SECONDS,
                 runtime.store.record_outcome,
                 caller.merchant_id,
                 body.model_dump(mode="json", exclude_unset=True),
                 grace,
             )
+        except TimeoutError:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail=f"the database did not answer within {OUTCOME_DEADLINE_SECONDS:g} s; the outcome may not be "
+                "stored: send it again (the same outcome is stored once)",
+            ) from None
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail=f"the database is unavailable ({type(exc.orig or exc).__name__}); the outcome was not stored: "
+                "send it again",
+            ) from None
         except OutcomeConflictError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
         except ForeignDecisionError as exc:

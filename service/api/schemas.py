@@ -9,9 +9,6 @@ from pydantic import BaseModel, Field, StrictBool
 
 from model.requests import AwareDatetime, ContractModel, NonEmptyStr
 
-#: Most decision requests one ``POST /v1/decisions:batch`` may carry.
-MAX_BATCH = 1000
-
 
 class OutcomeIn(ContractModel):
     """What happened after a decision (CONTRACT.md section 2). Extra fields are kept and stored.

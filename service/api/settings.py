@@ -22,6 +22,10 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+#: Most decision requests one ``POST /v1/decisions:batch`` may carry, unless ``WINBACK_MAX_BATCH`` says otherwise.
+MAX_BATCH = 1000
+
+
 class Settings(BaseSettings):
     """Everything the API process needs to start; built once in the app factory, never at import."""
 
@@ -40,7 +44,7 @@ class Settings(BaseSettings):
         default=Path("winback-spool"),
         description="Where decisions wait on disk while the database is away (stored when it is back).",
     )
-    max_batch: int = Field(default=500, ge=1, description="Most requests accepted by /v1/decisions:batch.")
+    max_batch: int = Field(default=MAX_BATCH, ge=1, description="Most requests accepted by /v1/decisions:batch.")
     seed: int | None = Field(default=None, description="Seed of the exploration RNG (None: fresh entropy).")
     gsm_overlay: Path | None = Field(
         default=None, description="Gateway status map overlay (winback codes import-gsm) for codes the catalog lacks."

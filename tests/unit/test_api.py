@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,14 +27,14 @@ from model.history import read_attempts, read_nudges
 from model.merchant_config import ConfigError
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
+from service.api import app as app_module
 from service.api import export as export_module
 from service.api.app import create_app, serving_app
 from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
-from service.api.schemas import MAX_BATCH
-from service.api.settings import DEMO_CONFIG, Settings
+from service.api.settings import DEMO_CONFIG, MAX_BATCH, Settings
 from service.api.store import decision_row
 from service.api.store import decisions as decisions_table
 from tests.factories import make_request, write_merchant_config
@@ -130,6 +131,7 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "config_path": config,
         "database_url": f"sqlite:///{tmp_path / 'winback.db'}",
+        "spool_dir": tmp_path / "spool",
         "load_model": False,
         "decision_flush_seconds": 0.01,
         "seed": 7,
@@ -275,6 +277,10 @@ def test_a_re_attempt_with_a_strategy_winback_does_not_know_counts_against_the_r
             lambda b: b["history"]["attempts"][0].update(attempt_number=0),
             "history.attempts[0].attempt_number",
         ),
+        # Longer than the stores' columns: refused here, not answered and then refused by the database.
+        (lambda b: b.update(order_id="o" * 257), "order_id"),
+        (lambda b: b.update(available_connectors=["stripe", "c" * 129]), "available_connectors[1]"),
+        (lambda b: b["failure"].update(connector="c" * 129), "failure.connector"),
     ],
 )
 def test_malformed_input_gets_422_naming_the_field(api: Api, mutate: Any, field: str) -> None:
@@ -352,6 +358,31 @@ def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
     too_many = api.post("/v1/decisions:batch", [good] * (MAX_BATCH + 1)).json()
     assert too_many["detail"][0]["field"] == "body"
     assert too_many["detail"][0]["type"] == "too_long"
+
+
+def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    app = create_app(settings_for(tmp_path, spool_dir=blocked / "spool"))
+
+    async def start_up() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(OSError, match=r"decision spool directory .*a-file/spool \(WINBACK_SPOOL_DIR\) cannot be"):
+        asyncio.run(start_up())
+
+
+def test_the_batch_limit_follows_the_setting(tmp_path: Path) -> None:
+    harness = start(tmp_path, max_batch=2)
+    try:
+        good = request_body()
+        assert harness.post("/v1/decisions:batch", [good, good]).status_code == 200
+        too_many = harness.post("/v1/decisions:batch", [good] * 3)
+        assert too_many.status_code == 422
+        assert too_many.json()["detail"][0]["msg"] == "List should have at most 2 items after validation, not 3"
+    finally:
+        harness.close()
 
 
 def test_body_not_declared_json_is_refused_as_before(api: Api) -> None:
@@ -447,6 +478,37 @@ def test_outcome_is_idempotent_and_a_different_body_conflicts(api: Api) -> None:
     later = api.post("/v1/outcomes", _outcome(decision_id, occurred_at="2026-11-02T10:15:06Z"))
     assert later.status_code == 409
     assert "another occurred_at" in later.json()["detail"]
+
+
+def test_an_outcome_the_database_cannot_take_is_a_503_saying_to_send_it_again(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    api.flush()
+    store = api.runtime.store
+    assert store is not None
+
+    def unavailable(*_args: Any) -> Any:
+        raise sa.exc.OperationalError("SELECT", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(store, "record_outcome", unavailable)
+    refused = api.post("/v1/outcomes", _outcome(decision_id))
+    assert refused.status_code == 503
+    assert refused.json()["detail"] == (
+        "the database is unavailable (ConnectionRefusedError); the outcome was not stored: send it again"
+    )
+
+    # A database that hangs (a partition, a locked table) is answered at the deadline, not never.
+    released = threading.Event()
+    monkeypatch.setattr(store, "record_outcome", lambda *_args: released.wait())
+    monkeypatch.setattr(app_module, "OUTCOME_DEADLINE_SECONDS", 0.2)
+    hung = api.post("/v1/outcomes", _outcome(decision_id))
+    released.set()
+    assert hung.status_code == 503
+    assert hung.json()["detail"].startswith("the database did not answer within 0.2 s; the outcome may not be stored")
+
+    monkeypatch.undo()
+    assert api.post("/v1/outcomes", _outcome(decision_id)).status_code == 200
 
 
 def test_outcome_for_another_merchants_decision_is_refused(api: Api) -> None:

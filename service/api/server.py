@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from model.merchant_config import load_config
 from service.api.settings import DEMO_CONFIG, default_tracking_uri
 
@@ -29,6 +31,10 @@ def server_env(config_path: str | Path, tracking_uri: str, database_url: str | N
     return env
 
 
+class DatabaseUnavailableError(RuntimeError):
+    """The database did not answer when the server started (its schema could not be checked)."""
+
+
 def run(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -51,9 +57,17 @@ def run(
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
-    engine = make_engine(Settings().database_url)
+    database_url = Settings().database_url
+    engine = make_engine(database_url)
     try:
         upgrade(engine)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+        where = sa.make_url(database_url).render_as_string(hide_password=True)
+        cause = str(error.orig or error).strip().splitlines()[0]
+        raise DatabaseUnavailableError(
+            f"the database {where} is unavailable ({cause}): a scorer needs it once at start to bring its tables up "
+            "to date; start it again when the database answers (once started, it keeps answering through outages)"
+        ) from None
     finally:
         engine.dispose()
     os.environ["WINBACK_RUN_MIGRATIONS"] = "false"

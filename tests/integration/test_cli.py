@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from model.history import read_history, write_attempts, write_nudges
 from model.registry import get_alias_version
 from pipelines.cli import app
+from service.api.server import server_env
 
 runner = CliRunner()
 
@@ -137,6 +138,19 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--config", str(config), "--port", "8799"])
     assert result.exit_code == 2
     assert "retry.retry_budget: unknown key" in result.output
+
+
+def test_serve_without_its_database_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # serve sets these for its workers: restored after the test
+    for name in (*server_env(tmp_path, "sqlite://"), "WINBACK_RUN_MIGRATIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback:secret@127.0.0.1:1/winback")
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "the database postgresql+psycopg://winback:***@127.0.0.1:1/winback is unavailable (" in result.output
+    assert "start it again when the database answers" in result.output
+    assert "secret" not in result.output
+    assert "Traceback" not in result.output
 
 
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:

@@ -275,6 +275,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 caller.merchant_id,
                 body.model_dump(mode="json", exclude_unset=True),
                 grace,
+                None if runtime.writer is None else runtime.writer.in_flight,
             )
         except TimeoutError:
             raise HTTPException(

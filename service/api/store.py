@@ -12,11 +12,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import sqlalchemy as sa
@@ -101,6 +101,14 @@ class OutcomeOrderMismatchError(ValueError):
 
 class OutcomeBeforeFailureError(ValueError):
     """The outcome's occurred_at is before the failure its decision was made for."""
+
+
+class _ServedDecision(NamedTuple):
+    """What an outcome is checked against: the decision's merchant, order and failure time."""
+
+    merchant_id: str
+    order_id: str
+    event_time: datetime
 
 
 @dataclass(frozen=True)
@@ -261,7 +269,13 @@ class Store:
             recorded_at=_utc(row["recorded_at"]),
         )
 
-    def record_outcome(self, merchant_id: str, body: Mapping[str, Any], decision_grace: float = 0.0) -> StoredOutcome:
+    def record_outcome(
+        self,
+        merchant_id: str,
+        body: Mapping[str, Any],
+        decision_grace: float = 0.0,
+        in_flight: Callable[[str], Mapping[str, Any] | None] | None = None,
+    ) -> StoredOutcome:
         """Store a merchant's outcome once per decision_id; the same outcome again (order_id, status, occurred_at;
         extras may differ) returns the stored one unchanged.
 
@@ -271,20 +285,27 @@ class Store:
         served for another order, OutcomeBeforeFailureError when it occurred before that decision's failure. Decisions
         are stored a moment behind their answers: a decision not stored yet is
         waited for up to ``decision_grace`` seconds, so an outcome posted right after it is checked all the same.
-        One still not stored (a decision_id never served, or a database outage) is kept under the merchant that sent
-        it, and never stands in for another merchant's.
+        One still not stored is looked up among the rows still on their way (``in_flight``: this process's decision
+        writer, which may be waiting out a database blip); one found nowhere (a decision_id never served, or one
+        another process holds) is kept under the merchant that sent it, and never stands in for another merchant's.
         """
         decision_id = str(body["decision_id"])
         query = sa.select(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time).where(
             decisions.c.decision_id == decision_id
         )
         deadline = time.monotonic() + decision_grace
+        served: _ServedDecision | None
         while True:
             with self.engine.connect() as conn:
-                served = conn.execute(query).first()
+                found = conn.execute(query).first()
+            served = None if found is None else _ServedDecision(found.merchant_id, found.order_id, found.event_time)
             if served is not None or time.monotonic() >= deadline:
                 break
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+        if served is None and in_flight is not None:
+            row = in_flight(decision_id)
+            if row is not None:
+                served = _ServedDecision(str(row["merchant_id"]), str(row["order_id"]), row["event_time"])
         if served is not None and served.merchant_id != merchant_id:
             raise ForeignDecisionError(f"decision {decision_id!r} was not served to merchant {merchant_id!r}")
         if served is not None and served.order_id != str(body["order_id"]):
@@ -432,6 +453,15 @@ class DecisionWriter:
             self._queue.put_nowait(None)
         self._finish(taken)
         return moved
+
+    def in_flight(self, decision_id: str) -> dict[str, Any] | None:
+        """The row of ``decision_id`` if it is queued or in hand here, not stored yet (None otherwise)."""
+        for row in list(self._in_hand):
+            if row["decision_id"] == decision_id:
+                return row
+        with self._queue.mutex:  # a consistent view of the queue's deque (put and get take the same lock)
+            queued = list(self._queue.queue)
+        return next((row for row in queued if row is not None and row["decision_id"] == decision_id), None)
 
     def _take(self, first: dict[str, Any] | None) -> tuple[list[dict[str, Any]], int]:
         """``first`` (taken off the queue; None is the stop request) and whatever else is queued, up to

@@ -511,6 +511,27 @@ def test_an_outcome_the_database_cannot_take_is_a_503_saying_to_send_it_again(
     assert api.post("/v1/outcomes", _outcome(decision_id)).status_code == 200
 
 
+def test_an_outcome_whose_decision_waits_out_a_database_blip_is_checked_against_it(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = api.runtime.store
+    assert store is not None
+
+    def unavailable(*_args: Any) -> Any:
+        raise sa.exc.OperationalError("INSERT", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(store, "insert_decisions", unavailable)  # the writer backs off; the decision waits in it
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    wrong_order = api.post("/v1/outcomes", _outcome(decision_id, order_id="ord_wrong"))
+    assert wrong_order.status_code == 422, wrong_order.text  # was stored unchecked, and then the right one was a 409
+    assert api.post("/v1/outcomes", _outcome(decision_id), key=OTHER_KEY).status_code == 403
+    assert api.post("/v1/outcomes", _outcome(decision_id)).status_code == 200
+    monkeypatch.undo()
+    api.flush()
+    again = api.post("/v1/outcomes", _outcome(decision_id))
+    assert again.status_code == 200, again.text
+
+
 def test_outcome_for_another_merchants_decision_is_refused(api: Api) -> None:
     decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
     api.flush()

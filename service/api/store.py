@@ -432,9 +432,7 @@ class DecisionWriter:
             self._spilling_aside.release()
 
     def _spill_backlog_aside(self) -> bool:
-        stop_requested = self._stop
-        rows, taken = self._drain()
-        took_stop, self._stop = self._stop and not stop_requested, stop_requested
+        rows, taken = self._drain(keep_stop=True)  # the stop request, if queued, stays the writer's own
         moved = False
         try:
             assert self.spool is not None  # for mypy: only called with one
@@ -449,8 +447,6 @@ class DecisionWriter:
             waited = 0.0 if since is None else time.monotonic() - since
             log.warning("the database has not answered for %.1f s: %d decisions moved to the spool %s",
                         waited, len(rows), self.spool.pending_path)  # fmt: skip
-        if took_stop:  # the stop request was among them: it is the writer's, handed back
-            self._queue.put_nowait(None)
         self._finish(taken)
         return moved
 
@@ -470,11 +466,12 @@ class DecisionWriter:
         rows, taken = self._drain(self.max_batch - (first is not None))
         return ([first, *rows] if first is not None else rows), taken + 1
 
-    def _drain(self, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    def _drain(self, limit: int | None = None, *, keep_stop: bool = False) -> tuple[list[dict[str, Any]], int]:
         """Up to ``limit`` (default: all) queued rows, and how many items were taken; taking the stop request
-        sets ``_stop``."""
+        sets ``_stop``, or with ``keep_stop`` (another thread draining) queues it again for the writer."""
         rows: list[dict[str, Any]] = []
         taken = 0
+        stop_seen = False
         while limit is None or len(rows) < limit:
             try:
                 item = self._queue.get_nowait()
@@ -482,9 +479,13 @@ class DecisionWriter:
                 break
             taken += 1
             if item is None:
-                self._stop = True
+                stop_seen = True
             else:
                 rows.append(item)
+        if stop_seen and keep_stop:
+            self._queue.put_nowait(None)
+        elif stop_seen:
+            self._stop = True
         return rows, taken
 
     def _run(self) -> None:
@@ -659,8 +660,9 @@ class DecisionWriter:
         if not self._thread.is_alive():
             return
         with self._spilling_aside:
-            rows, _ = self._drain()
-            rows = [*self._in_hand, *rows]
+            queued, taken = self._drain(keep_stop=True)
+            self._finish(taken)
+            rows = [*self._in_hand, *queued]
             try:
                 self.spool.append(rows)
             except OSError:

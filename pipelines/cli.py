@@ -159,11 +159,11 @@ def serve(
 ) -> None:
     """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
     from model.merchant_config import ConfigError
-    from service.api.server import DatabaseUnavailableError, run
+    from service.api.server import DatabaseUnavailableError, SpoolUnwritableError, run
 
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
-    except (ConfigError, DatabaseUnavailableError) as exc:
+    except (ConfigError, DatabaseUnavailableError, SpoolUnwritableError) as exc:
         raise fail(str(exc)) from None
 
 

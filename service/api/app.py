@@ -286,8 +286,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                detail=f"the database is unavailable ({type(exc.orig or exc).__name__}); the outcome was not stored: "
-                "send it again",
+                detail=f"the database is unavailable ({type(exc.orig or exc).__name__}); the outcome may not be "
+                "stored: send it again (the same outcome is stored once)",
             ) from None
         except OutcomeConflictError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None

@@ -38,7 +38,7 @@ from model.history import (
 )
 from model.vocab import Action, Channel, Strategy
 from service.api.schemas import OutcomeIn
-from service.api.store import decisions, make_engine, outcomes
+from service.api.store import decisions, make_engine, outcomes, shown_url
 from service.executor.store import nudges as nudge_table
 from service.executor.store import orders, transactions
 
@@ -449,8 +449,7 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(decisions.name):
                 raise FileNotFoundError(
-                    f"{url.render_as_string(hide_password=True)} holds no winback tables: a scorer or executor "
-                    "started on it creates them"
+                    f"{shown_url(url)} holds no winback tables: a scorer or executor started on it creates them"
                 )
         attempts_frame, nudges_frame, dropped, unusable = all_history_frames(engine, since)
     finally:

@@ -35,6 +35,10 @@ class DatabaseUnavailableError(RuntimeError):
     """The database did not answer when the server started (its schema could not be checked)."""
 
 
+class SpoolUnwritableError(RuntimeError):
+    """WINBACK_SPOOL_DIR cannot be written (decisions could not be kept through a database outage)."""
+
+
 def run(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -51,18 +55,23 @@ def run(
     import uvicorn
 
     from service.api.settings import Settings
-    from service.api.store import make_engine
+    from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
-    database_url = Settings().database_url
+    settings = Settings()
+    try:
+        decision_spool(settings.spool_dir).check_writable()  # each worker checks again; this one says it in one line
+    except OSError as error:
+        raise SpoolUnwritableError(str(error)) from None
+    database_url = settings.database_url
     engine = make_engine(database_url)
     try:
         upgrade(engine)
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
-        where = sa.make_url(database_url).render_as_string(hide_password=True)
+        where = shown_url(database_url)
         cause = str(error.orig or error).strip().splitlines()[0]
         raise DatabaseUnavailableError(
             f"the database {where} is unavailable ({cause}): a scorer needs it once at start to bring its tables up "

@@ -132,6 +132,16 @@ def _body_json(body: Mapping[str, Any]) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "sslpassword"})
+
+
+def shown_url(url: str | sa.URL) -> str:
+    """A database URL fit for a message or a log line: its password hidden, in ``user:pw@`` and in the query."""
+    parsed = sa.make_url(url)
+    query = {key: ("***" if key.lower() in _SECRET_QUERY_KEYS else value) for key, value in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")  # unquoted
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and cross-thread use (the writer thread)."""
     if url.startswith("sqlite"):
@@ -598,6 +608,9 @@ class DecisionWriter:
                 self.store.insert_decisions(rows)
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
                 outages += 1
+                # Pooled connections opened during the outage may stay unusable after it (seen: SQLite connections
+                # opened while the file was read-only kept failing every other insert): start afresh.
+                self.store.engine.dispose()
                 if outages == 1 or outages % 20 == 0:
                     log.warning("database unavailable (%s); %d decisions wait, trying again every %.1f s at most",
                                 type(error).__name__, len(rows) + self._queue.qsize(), self.max_backoff)  # fmt: skip

@@ -151,6 +151,25 @@ def test_serve_without_its_database_says_so_in_one_line(tmp_path: Path, monkeypa
     assert "start it again when the database answers" in result.output
     assert "secret" not in result.output
     assert "Traceback" not in result.output
+    # A password given in the query string is hidden too.
+    monkeypatch.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback@127.0.0.1:1/winback?password=qsecret")
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "password=***" in result.output
+    assert "qsecret" not in result.output
+
+
+def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (*server_env(tmp_path, "sqlite://"), "WINBACK_RUN_MIGRATIONS"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "a-file" / "spool"))
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "(WINBACK_SPOOL_DIR) cannot be written" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:

@@ -495,7 +495,8 @@ def test_an_outcome_the_database_cannot_take_is_a_503_saying_to_send_it_again(
     refused = api.post("/v1/outcomes", _outcome(decision_id))
     assert refused.status_code == 503
     assert refused.json()["detail"] == (
-        "the database is unavailable (ConnectionRefusedError); the outcome was not stored: send it again"
+        "the database is unavailable (ConnectionRefusedError); the outcome may not be stored: send it again (the same "
+        "outcome is stored once)"
     )
 
     # A database that hangs (a partition, a locked table) is answered at the deadline, not never.

@@ -22,7 +22,7 @@ from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
 from model.requests import Alternative, Decision, DecisionRequest
-from model.rules import Candidate, build_context, enumerate_candidates, permitted, situation_blocked_retries
+from model.rules import Candidate, build_context, permitted_grid
 from model.vocab import Action, Channel, ErrorClass, Strategy
 
 PRIORS_FILE = DATA_DIR / "policy" / "priors.yaml"
@@ -228,12 +228,9 @@ def decide(
     economics = economics or load_economics()
     active: Scorer = scorer if scorer is not None else RulesOnlyScorer(catalog)
     context = build_context(request, merchant, catalog)
-    grid = enumerate_candidates(context)
-    allowed = permitted(context, grid)  # stop is always among them
-
     # Retries only the order's situation forbids (budget, window, flow) are scored in the same model call: the
     # error-code verdict (``retryable``) is the best retry the error itself allows, whatever the merchant permits.
-    blocked = situation_blocked_retries(context, grid, allowed)
+    allowed, blocked = permitted_grid(context)  # stop is always among the allowed
     scores = np.minimum(np.maximum(np.asarray(active.score(request, allowed + blocked), dtype=np.float64), 0.0), 1.0)
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for index, candidate in enumerate(allowed):

@@ -1009,6 +1009,32 @@ def _candidates_at(
     return candidates
 
 
+#: One block of the grid: a kind (action, strategy, connector, channel) and its execution moments, in grid order.
+_GridBlock = tuple[Action, Strategy | None, str | None, Channel | None, list[datetime] | tuple[datetime, ...]]
+
+
+def _grid_blocks(context: RuleContext) -> list[_GridBlock]:
+    """The grid of ``enumerate_candidates`` as blocks: each kind once, with the moments it is offered at."""
+    failed = context.failed_connector
+    retry_times = _retry_times(context)
+    # Strategies, connectors (deduplicated in connector_order), channels and times are each distinct, so every
+    # candidate below is: there is nothing to deduplicate.
+    blocks: list[_GridBlock] = []
+    for strategy in RETRY_STRATEGIES:
+        if strategy is _CASCADE:
+            connectors = [connector for connector in context.connector_order if connector != failed]
+            connectors = connectors[:MAX_CASCADE_TARGETS]
+        else:
+            connectors = [failed]
+        for connector in connectors:
+            blocks.append((_RETRY, strategy, connector, None, retry_times))
+    send_times = _send_times(context)
+    for channel in dict.fromkeys([*context.merchant.retarget.channels, *_CHANNELS]):
+        blocks.append((_RETARGET, None, None, channel, send_times))
+    blocks.append((_STOP, None, None, None, (context.event_time,)))
+    return blocks
+
+
 def enumerate_candidates(context: RuleContext) -> list[Candidate]:
     """All concrete candidates on winback's grids (strategy x connector x delay, channel x send time, stop).
 
@@ -1017,21 +1043,47 @@ def enumerate_candidates(context: RuleContext) -> list[Candidate]:
     connector. UPI AutoPay retry times are moved out of NPCI peak hours rather than dropped. Candidates are not
     yet filtered: pass them to ``permitted``.
     """
-    failed = context.failed_connector
-    retry_times = _retry_times(context)
-    # Strategies, connectors (deduplicated in connector_order), channels and times are each distinct, so every
-    # candidate below is: there is nothing to deduplicate.
     grid: list[Candidate] = []
-    for strategy in RETRY_STRATEGIES:
-        if strategy is _CASCADE:
-            connectors = [connector for connector in context.connector_order if connector != failed]
-            connectors = connectors[:MAX_CASCADE_TARGETS]
-        else:
-            connectors = [failed]
-        for connector in connectors:
-            grid += _candidates_at(retry_times, _RETRY, strategy, connector, None)
-    send_times = _send_times(context)
-    for channel in dict.fromkeys([*context.merchant.retarget.channels, *_CHANNELS]):
-        grid += _candidates_at(send_times, _RETARGET, None, None, channel)
-    grid += _candidates_at((context.event_time,), _STOP, None, None, None)
+    for action, strategy, connector, channel, moments in _grid_blocks(context):
+        grid += _candidates_at(moments, action, strategy, connector, channel)
     return grid
+
+
+def permitted_grid(context: RuleContext) -> tuple[list[Candidate], list[Candidate]]:
+    """``(allowed, blocked)``: ``permitted`` and ``situation_blocked_retries`` of ``enumerate_candidates(context)``.
+
+    The same candidates in the same order, but judged kind by kind and moment by moment on the grid's blocks, so
+    only the candidates returned are built (decide() needs no others).
+    """
+    allowed: list[Candidate] = []
+    blocked: list[Candidate] = []
+    # (strictly allowed, allowed but for situational rules) per action and moment; the blocks of one action
+    # share their moments' objects.
+    timings: dict[str | None, dict[int, tuple[bool, bool]]] = {}
+    situational = SITUATIONAL_RETRY_RULES
+    for action, strategy, connector, channel, moments in _grid_blocks(context):
+        broken = _broken_kind(context, action, strategy, connector, channel)
+        kind_ok = not broken
+        kind_tolerated = action == _RETRY and situational.issuperset(broken)
+        if not (kind_ok or kind_tolerated):
+            continue
+        timed_action = _timed_action(action, broken)
+        timing = timings.setdefault(timed_action, {})
+        allowed_at: list[datetime] = []
+        blocked_at: list[datetime] = []
+        for at in moments:
+            verdict = timing.get(id(at))
+            if verdict is None:
+                broken_at = _broken_at(context, timed_action, at)
+                verdict = timing[id(at)] = (not broken_at, situational.issuperset(broken_at))
+            if kind_ok and verdict[0]:
+                allowed_at.append(at)
+            elif kind_tolerated and verdict[1]:
+                blocked_at.append(at)
+        if allowed_at:
+            allowed += _candidates_at(allowed_at, action, strategy, connector, channel)
+        if blocked_at:
+            blocked += _candidates_at(blocked_at, action, strategy, connector, channel)
+    if _STOP not in map(_ACTION_OF, allowed):
+        allowed.append(Candidate(Action.STOP, context.event_time))
+    return allowed, blocked

@@ -1260,6 +1260,23 @@ def test_permitted_is_exactly_the_candidates_check_allows(
     _assert_permitted_is_checked(context, candidates)
 
 
+@pytest.mark.parametrize("catalog_kind", ["fake", "real"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.none() | st.integers(0, 20))
+def test_permitted_grid_is_permitted_and_blocked_of_the_grid(
+    catalog_kind: str, scenario: tuple[dict[str, Any], dict[str, Any]], reattempts: int | None
+) -> None:
+    request_data, merchant_data = scenario
+    if reattempts is not None:
+        request_data = {**request_data, "card_reattempts_30d": reattempts}
+    catalog = cast(ErrorCatalog, FakeCatalog()) if catalog_kind == "fake" else load_catalog()
+    context = build_context(make_request(**request_data), make_merchant(**merchant_data), catalog)
+    grid = rules.enumerate_candidates(context)
+    expected_allowed = permitted(context, grid)
+    expected_blocked = rules.situation_blocked_retries(context, grid, expected_allowed)
+    assert rules.permitted_grid(context) == (expected_allowed, expected_blocked)
+
+
 def test_equal_instants_in_other_zones_are_judged_apart() -> None:
     # The Visa window subtracts 30 wall-clock days: from New York time that crosses the DST change, so the same
     # instant sees one more re-attempt in its window than from UTC. permitted must not reuse one's verdict.

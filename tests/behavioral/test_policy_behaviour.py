@@ -161,3 +161,20 @@ def test_retryable_does_not_depend_on_which_retry_flows_the_merchant_enabled(
         for flows in (["retry_same", "cascade", "step_up", "clear_pan", "alternate_network"], ["retry_same"], [])
     }
     assert len(set(verdicts.values())) == 1, verdicts
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_decisions_are_built_as_model_construct_builds_them(with_model: bool, bundle: ModelBundle) -> None:
+    # decide() builds its answer without model_construct (policy._constructed): the same state, field by field.
+    decision = decide(
+        make_request(), make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING
+    )
+    assert decision.alternatives
+    for built in [decision, *decision.alternatives]:
+        reference = type(built).model_construct(**dict(built))
+        assert list(built.__dict__.items()) == list(reference.__dict__.items())
+        assert built.__pydantic_fields_set__ == reference.__pydantic_fields_set__
+        assert built.__pydantic_extra__ == reference.__pydantic_extra__
+        assert built.__pydantic_private__ == reference.__pydantic_private__
+        assert built == reference
+        assert built.model_dump_json() == reference.model_dump_json()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ _NO_CANDIDATE: Any = object()
 
 _CODES_MEMO_SIZE = 4096
 #: How each candidate column's value is read off a Candidate (as ``expand_candidates`` writes it).
+_KIND_OF = operator.attrgetter("action", "strategy", "connector", "channel")
 _CANDIDATE_VALUE: dict[str, Callable[[Candidate], str | None]] = {
     "action": lambda c: c.action.value,
     "strategy": lambda c: None if c.strategy is None else c.strategy.value,
@@ -285,17 +287,30 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
 # The feature spec: column order + vocabularies, learned once, serialisable
 
 
+IntpArray = npt.NDArray[np.intp]
+
+
 @dataclass(frozen=True)
 class _RequestPlan:
     """Column positions for FeatureSpec.transform_request, grouped by where their values come from."""
 
     width: int
-    context_numbers: tuple[tuple[int, str], ...]  # raw numeric context values copied as they are
-    derived_numbers: tuple[tuple[int, str], ...]  # numeric features derived from the context (_REQUEST_DERIVED)
-    categories: tuple[tuple[int, str, dict[str | None, int]], ...]  # context categoricals and their codes
-    candidate_numbers: tuple[tuple[int, str], ...]  # numeric features of the candidate's execution time
-    same_connector: int | None
-    candidate_categories: tuple[tuple[int, int], ...]  # (matrix column, position in _CANDIDATE_VALUE)
+    context_numbers: tuple[str, ...]  # raw numeric context values copied as they are ...
+    context_number_columns: IntpArray  # ... into these columns
+    derived_numbers: tuple[str, ...]  # numeric features derived from the context (_REQUEST_DERIVED) ...
+    derived_number_columns: IntpArray
+    categories: tuple[tuple[str, dict[str | None, int]], ...]  # context categoricals and their codes ...
+    category_columns: IntpArray
+    candidate_numbers: tuple[str, ...]  # numeric features of the candidate's execution time ...
+    candidate_number_columns: IntpArray
+    # Columns of is_same_connector and the candidate categoricals, and where each one's value sits in a kind's
+    # codes (0: is_same_connector, 1 + position in _CANDIDATE_VALUE).
+    kind_columns: IntpArray
+    kind_positions: IntpArray
+
+
+def _columns(positions: Iterable[int]) -> IntpArray:
+    return np.fromiter(positions, dtype=np.intp)
 
 
 @dataclass
@@ -421,11 +436,23 @@ class FeatureSpec:
         event = _float_or_nan(context.get("event_ts"))
         country = context.get("customer_country")
         zone_name = timezone_of(country if isinstance(country, str) else None)
-        # The event time first, then each distinct execution moment; ``slots`` maps a row to its moment. Keyed by
-        # identity: the candidates keep their datetimes alive, so no id is reused during the loop.
+        connector = context.get("connector")
+        failed = connector if isinstance(connector, str) else None
+        # One pass over the candidates. The event time first, then each distinct execution moment; ``slots`` maps
+        # a row to its moment. Keyed by identity: the candidates keep their datetimes alive, so no id is reused
+        # during the loop. A grid lists each kind's candidates together and repeats the same few (action,
+        # strategy, connector, channel) kinds across requests: a kind is looked up once per run, and encoded once
+        # per process.
         moments = [event]
         slot_of: dict[int, int] = {}
         slots: list[int] = []
+        kind_rows: list[tuple[float, ...]] = []
+        memo = self._codes_memo
+        codes: tuple[float, ...] = ()
+        action: Any = _NO_CANDIDATE
+        strategy: Any = _NO_CANDIDATE
+        target: Any = _NO_CANDIDATE
+        channel: Any = _NO_CANDIDATE
         for candidate in candidates:
             at = candidate.execute_at
             slot = slot_of.get(id(at))
@@ -433,6 +460,21 @@ class FeatureSpec:
                 slot = slot_of[id(at)] = len(moments)
                 moments.append(at.timestamp())
             slots.append(slot)
+            if not (
+                candidate.action is action
+                and candidate.strategy is strategy
+                and candidate.connector is target
+                and candidate.channel is channel
+            ):
+                action, strategy, target, channel = key = _KIND_OF(candidate)
+                encoded = memo.get(key)
+                if encoded is None:
+                    encoded = self._kind_codes(candidate)
+                    if len(memo) >= _CODES_MEMO_SIZE:
+                        memo.clear()
+                    memo[key] = encoded
+                codes = (math.nan if target is None else float(target == failed), *encoded)
+            kind_rows.append(codes)
         if zone_name == "UTC":
             offsets = [0.0 if math.isfinite(t) else math.nan for t in moments]
         else:
@@ -461,19 +503,20 @@ class FeatureSpec:
             "days_since_first_failure": (event - _float_or_nan(context.get("first_failure_ts"))) / _SECONDS_PER_DAY,
             "hours_since_last_nudge": (event - _float_or_nan(context.get("last_nudge_ts"))) / 3600.0,
         }
-        row = [math.nan] * plan.width
-        for j, name in plan.context_numbers:
-            value = context.get(name)
-            row[j] = math.nan if value is None else float(value)
-        for j, name in plan.derived_numbers:
-            row[j] = derived[name]
-        for j, name, codes in plan.categories:
-            value = context.get(name)
-            row[j] = codes.get(value if isinstance(value, str) else None, OTHER_CODE)
-        matrix = np.repeat(np.array(row, dtype=np.float32)[np.newaxis, :], n, axis=0)
+        # The row in float64 first, then float32 once: the same rounding as converting each value on its own.
+        # A None among the raw numbers becomes NaN, as float() of the value or NaN would.
+        row = np.full(plan.width, math.nan, dtype=np.float64)
+        row[plan.context_number_columns] = np.array(
+            [context.get(name) for name in plan.context_numbers], dtype=np.float64
+        )
+        row[plan.derived_number_columns] = [derived[name] for name in plan.derived_numbers]
+        row[plan.category_columns] = [
+            codes_of.get(value if isinstance(value := context.get(name), str) else None, OTHER_CODE)
+            for name, codes_of in plan.categories
+        ]
+        matrix = np.repeat(row.astype(np.float32)[np.newaxis, :], n, axis=0)
 
-        if plan.candidate_numbers:
-            pick = np.array(slots, dtype=np.intp)
+        if len(plan.candidate_number_columns):
             delay = np.maximum(ts - event, 0.0) / 3600.0
             per_moment: dict[str, FloatArray] = {
                 "delay_hours": delay,
@@ -485,72 +528,44 @@ class FeatureSpec:
                 "exec_is_month_end": month_end,
                 "payday_before_exec": (local.month_index > local.month_index[0]).astype(np.float64),
             }
-            for j, name in plan.candidate_numbers:
-                matrix[:, j] = per_moment[name][pick]
-        if plan.same_connector is not None or plan.candidate_categories:
-            connector = context.get("connector")
-            per_row = self._candidate_codes(candidates, connector if isinstance(connector, str) else None)
-            kinds = np.array(per_row, dtype=np.float64).reshape(n, 1 + len(_CANDIDATE_VALUE))
-            if plan.same_connector is not None:
-                matrix[:, plan.same_connector] = kinds[:, 0]
-            for j, k in plan.candidate_categories:
-                matrix[:, j] = kinds[:, k + 1]
+            by_moment = np.array([per_moment[name] for name in plan.candidate_numbers], dtype=np.float64)
+            matrix[:, plan.candidate_number_columns] = by_moment.T[np.array(slots, dtype=np.intp)]
+        if len(plan.kind_columns):
+            kinds = np.array(kind_rows, dtype=np.float64).reshape(n, 1 + len(_CANDIDATE_VALUE))
+            matrix[:, plan.kind_columns] = kinds[:, plan.kind_positions]
         return matrix
 
-    def _candidate_codes(self, candidates: Sequence[Candidate], connector: str | None) -> list[tuple[float, ...]]:
-        """Per candidate, ``is_same_connector`` (against the failed ``connector``) and the codes of the candidate
-        columns (``_CANDIDATE_VALUE`` order).
-
-        A grid lists each kind's candidates together and repeats the same few (action, strategy, connector,
-        channel) kinds across requests: a kind is looked up once per run, and encoded once per process.
-        """
-        memo = self._codes_memo
-        rows: list[tuple[float, ...]] = []
-        codes: tuple[float, ...] = ()
-        action: Any = _NO_CANDIDATE
-        strategy: Any = _NO_CANDIDATE
-        target: Any = _NO_CANDIDATE
-        channel: Any = _NO_CANDIDATE
-        for c in candidates:
-            if not (c.action is action and c.strategy is strategy and c.connector is target and c.channel is channel):
-                action, strategy, target, channel = c.action, c.strategy, c.connector, c.channel
-                key = (action, strategy, target, channel)
-                encoded = memo.get(key)
-                if encoded is None:
-                    encoded = tuple(
-                        float(self._lookup(name).get(value_of(c), OTHER_CODE))
-                        if name in self.vocabularies
-                        else math.nan
-                        for name, value_of in _CANDIDATE_VALUE.items()
-                    )
-                    if len(memo) >= _CODES_MEMO_SIZE:
-                        memo.clear()
-                    memo[key] = encoded
-                codes = (math.nan if target is None else float(target == connector), *encoded)
-            rows.append(codes)
-        return rows
+    def _kind_codes(self, candidate: Candidate) -> tuple[float, ...]:
+        """The codes of a candidate's columns (``_CANDIDATE_VALUE`` order; NaN for a column the spec lacks)."""
+        return tuple(
+            float(self._lookup(name).get(value_of(candidate), OTHER_CODE)) if name in self.vocabularies else math.nan
+            for name, value_of in _CANDIDATE_VALUE.items()
+        )
 
     def _request_plan(self) -> _RequestPlan:
         """Where each feature goes in the matrix, split by what transform_request derives it from (made once)."""
         if self._plan is None:
             positions = {name: j for j, name in enumerate(self.columns)}
             context_numbers = frozenset(CONTEXT_NUM) - _RAW_ONLY_NUMBERS - _REQUEST_DERIVED
+            copied = tuple(name for name in self.numeric if name in context_numbers)
+            derived = tuple(name for name in self.numeric if name in _REQUEST_DERIVED)
+            categories = tuple(name for name in self.vocabularies if name not in _CANDIDATE_VALUE)
+            timed = tuple(name for name in self.numeric if name in _EXECUTION_TIME_FEATURES)
+            kinds = [(positions[name], k + 1) for k, name in enumerate(_CANDIDATE_VALUE) if name in positions]
+            if "is_same_connector" in positions:
+                kinds.insert(0, (positions["is_same_connector"], 0))
             self._plan = _RequestPlan(
                 width=len(positions),
-                context_numbers=tuple((positions[name], name) for name in self.numeric if name in context_numbers),
-                derived_numbers=tuple((positions[name], name) for name in self.numeric if name in _REQUEST_DERIVED),
-                categories=tuple(
-                    (positions[name], name, self._lookup(name))
-                    for name in self.vocabularies
-                    if name not in _CANDIDATE_VALUE
-                ),
-                candidate_numbers=tuple(
-                    (positions[name], name) for name in self.numeric if name in _EXECUTION_TIME_FEATURES
-                ),
-                same_connector=positions.get("is_same_connector"),
-                candidate_categories=tuple(
-                    (positions[name], k) for k, name in enumerate(_CANDIDATE_VALUE) if name in positions
-                ),
+                context_numbers=copied,
+                context_number_columns=_columns(positions[name] for name in copied),
+                derived_numbers=derived,
+                derived_number_columns=_columns(positions[name] for name in derived),
+                categories=tuple((name, self._lookup(name)) for name in categories),
+                category_columns=_columns(positions[name] for name in categories),
+                candidate_numbers=timed,
+                candidate_number_columns=_columns(positions[name] for name in timed),
+                kind_columns=_columns(column for column, _ in kinds),
+                kind_positions=_columns(position for _, position in kinds),
             )
         return self._plan
 

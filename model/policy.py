@@ -157,33 +157,70 @@ def expected_values(
     request: DecisionRequest, candidates: list[Candidate], p_success: np.ndarray, economics: Economics
 ) -> np.ndarray:
     """Expected recovered value in USD net of the action's cost, discounted for waiting; 0 for stop."""
+    return _expected_values(request, candidates, _kind_runs(candidates), p_success, economics)
+
+
+def _expected_values(
+    request: DecisionRequest,
+    candidates: list[Candidate],
+    runs: list[_Run],
+    p_success: np.ndarray,
+    economics: Economics,
+) -> np.ndarray:
+    """expected_values() given the candidates' runs of one kind: the cost is looked up once per run."""
     amount_usd = economics.to_usd(request.amount, request.currency)
     country = request.customer.country
-    n = len(candidates)
-    costs = np.zeros(n, dtype=np.float64)
-    delay_seconds = np.zeros(n, dtype=np.float64)
-    acting = np.ones(n, dtype=np.bool_)
     event_time = request.event_time
-    cost_of: dict[tuple[Action, str | None], float] = {}  # a grid repeats few (action, strategy/channel) pairs
-    for index, candidate in enumerate(candidates):
-        action = candidate.action
+    costs: list[float] = []
+    delay_seconds: list[float] = []
+    acting: list[bool] = []
+    for start, stop, first in runs:
+        action = first.action
         if action is _STOP:
-            acting[index] = False
+            costs += [0.0] * (stop - start)
+            delay_seconds += [0.0] * (stop - start)
+            acting += [False] * (stop - start)
             continue
-        key = (action, candidate.strategy if action is _RETRY else candidate.channel)
-        cost = cost_of.get(key)
-        if cost is None:
-            if action is _RETRY:
-                cost = economics.retry_cost(candidate.strategy)
-            else:
-                cost = economics.message_cost(candidate.channel or "", country)
-            cost_of[key] = cost
-        costs[index] = cost
-        delay_seconds[index] = (candidate.execute_at - event_time).total_seconds()
-    discount = DAILY_DISCOUNT ** (np.maximum(delay_seconds, 0.0) / 86_400.0)
-    values = np.asarray(p_success, dtype=np.float64) * amount_usd * discount - costs
-    values[~acting] = 0.0
+        if action is _RETRY:
+            cost = economics.retry_cost(first.strategy)
+        else:
+            cost = economics.message_cost(first.channel or "", country)
+        costs += [cost] * (stop - start)
+        delay_seconds += [(candidate.execute_at - event_time).total_seconds() for candidate in candidates[start:stop]]
+        acting += [True] * (stop - start)
+    discount = DAILY_DISCOUNT ** (np.maximum(np.array(delay_seconds, dtype=np.float64), 0.0) / 86_400.0)
+    values = np.asarray(p_success, dtype=np.float64) * amount_usd * discount - np.array(costs, dtype=np.float64)
+    values[~np.array(acting, dtype=np.bool_)] = 0.0
     return values
+
+
+#: Consecutive candidates of one kind: (start, stop, the first of them).
+_Run = tuple[int, int, Candidate]
+
+
+def _kind_runs(candidates: list[Candidate]) -> list[_Run]:
+    """The candidates split into runs of one kind (action, strategy, connector, channel, the same objects).
+
+    A grid lists each kind's candidates together, so what depends on the kind alone (cost, group, action) is
+    worked out once per run instead of once per candidate; every candidate of a run holds the first one's
+    objects, so a test on the first one is the test on each of them.
+    """
+    runs: list[_Run] = []
+    start = 0
+    first: Candidate | None = None
+    for index, candidate in enumerate(candidates):
+        if first is None or not (
+            candidate.action is first.action
+            and candidate.strategy is first.strategy
+            and candidate.connector is first.connector
+            and candidate.channel is first.channel
+        ):
+            if first is not None:
+                runs.append((start, index, first))
+            start, first = index, candidate
+    if first is not None:
+        runs.append((start, len(candidates), first))
+    return runs
 
 
 def _group(candidate: Candidate) -> tuple[Action, Strategy | None, str | None, Channel | None]:
@@ -252,14 +289,15 @@ def decide(
     allowed, blocked = permitted_grid(context)  # stop is always among the allowed
     scores = np.minimum(np.maximum(np.asarray(active.score(request, allowed + blocked), dtype=np.float64), 0.0), 1.0)
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
-    for index, candidate in enumerate(allowed):
-        if candidate.action == _STOP:
-            p_success[index] = 0.0
-    values = expected_values(request, allowed, p_success, economics)
+    runs = _kind_runs(allowed)
+    for start, stop, first in runs:
+        if first.action == _STOP:
+            p_success[start:stop] = 0.0
+    values = _expected_values(request, allowed, runs, p_success, economics)
     # Ties (e.g. equal values at several send times) go to the earliest candidate in grid order.
     best = int(np.argmax(values))
     if values[best] <= 0.0:
-        best = next(i for i, c in enumerate(allowed) if c.action == _STOP)
+        best = next(start for start, _, first in runs if first.action == _STOP)
 
     error = context.error
     support = code_support(active, request.failure.connector, request.failure.error_code)
@@ -272,10 +310,12 @@ def decide(
     propensity = (1.0 - epsilon if len(allowed) > 1 else 1.0) * (chosen == best) + uniform
     choice = allowed[chosen]
 
-    retry_indices = [i for i, c in enumerate(allowed) if c.action == _RETRY]
-    retry_probability = float(max((p_success[i] for i in retry_indices), default=0.0))
+    retry_indices = [i for start, stop, first in runs if first.action == _RETRY for i in range(start, stop)]
+    retry_probability = float(max(p_success[retry_indices].tolist(), default=0.0))
 
-    alternatives = _alternatives(allowed, values, p_success, exclude=_group(choice), limit=config.max_alternatives)
+    alternatives = _alternatives(
+        allowed, runs, values, p_success, exclude=_group(choice), limit=config.max_alternatives
+    )
     reasons = [f"{error.error_class.value} ({error.matched_by})", _describe(choice, float(p_success[chosen]))]
     if choice.action != Action.STOP:
         reasons.extend(active.explain(request, choice, k=2))
@@ -314,6 +354,7 @@ def decide(
 
 def _alternatives(
     allowed: list[Candidate],
+    runs: list[_Run],
     values: np.ndarray,
     p_success: np.ndarray,
     *,
@@ -321,14 +362,19 @@ def _alternatives(
     limit: int,
 ) -> list[Alternative]:
     """The best candidate of every other action group, best first."""
-    seen = {exclude}
+    # Each candidate's group as a number, found once per run: hashing a group hashes its enum members in Python.
+    numbers: dict[tuple[Action, Strategy | None, str | None, Channel | None], int] = {}
+    group_of: list[int] = []
+    for start, stop, first in runs:
+        group_of += [numbers.setdefault(_group(first), len(numbers))] * (stop - start)
+    seen = {numbers.get(exclude, -1)}
     result: list[Alternative] = []
-    for index in np.argsort(-values, kind="stable"):
-        candidate = allowed[int(index)]
-        group = _group(candidate)
+    for index in np.argsort(-values, kind="stable").tolist():
+        group = group_of[index]
         if group in seen:
             continue
         seen.add(group)
+        candidate = allowed[index]
         result.append(
             _constructed(
                 Alternative,
@@ -338,7 +384,7 @@ def _alternatives(
                     "connector": candidate.connector,
                     "channel": candidate.channel,
                     "execute_at": candidate.execute_at,
-                    "p_success": round(float(p_success[int(index)]), 6),
+                    "p_success": round(float(p_success[index]), 6),
                 },
             )
         )

@@ -262,3 +262,28 @@ def test_the_text_model_reads_a_bounded_prefix_of_each_part() -> None:
         "stripe", "card_declined", long_message[:MAX_PART_CHARS]
     )
     assert len(document("stripe", "x" * 10 * MAX_PART_CHARS, long_message)) < 5 * MAX_PART_CHARS
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ts=st.lists(
+        st.one_of(
+            st.floats(-3e9, 2e11, allow_nan=False),
+            st.integers(-1000, 1000).map(lambda days: days * 86400.0),  # midnights and month ends
+            st.sampled_from([math.nan, math.inf, -1e13, 1e13]),  # beyond Python's calendar: the numpy fallback
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    offset=st.sampled_from([0.0, 3600.0, -18000.0, 19800.0, 45900.0, math.nan]),
+)
+def test_local_moments_are_local_time_on_floats(ts: list[float], offset: float) -> None:
+    from model.features import _days_to_payday, _is_month_end, _local_moments, _local_time
+
+    offsets = [offset] * len(ts)
+    with np.errstate(invalid="ignore", over="ignore"):
+        local = _local_time(np.array(ts), np.array(offsets))
+        columns = [local.hour, local.weekday, local.day, _days_to_payday(local), _is_month_end(local)]
+    expected = np.array([*columns, local.month_index]).T
+    got = np.array(_local_moments(ts, offsets), dtype=np.float64)
+    assert got.tobytes() == expected.tobytes()

@@ -292,11 +292,14 @@ class ModelBundle:
         x = self.matrix(request, [candidate])
         contributions = path_contributions(booster, x)[0]
         names = self.spec.columns
+        # Walked as Python floats (the same values): numpy's scalar indexing costs more than the lists.
+        order = np.argsort(-np.abs(contributions), kind="stable").tolist()
+        by_feature, row = contributions.tolist(), x[0].tolist()
         phrases: list[str] = []
-        for j in np.argsort(-np.abs(contributions), kind="stable"):
-            if contributions[j] == 0.0:
+        for j in order:
+            if by_feature[j] == 0.0:
                 break
-            phrase = f"{self._phrase(names[j], float(x[0, j]))} ({'+' if contributions[j] > 0 else '-'})"
+            phrase = f"{self._phrase(names[j], row[j])} ({'+' if by_feature[j] > 0 else '-'})"
             if phrase not in phrases:
                 phrases.append(phrase)
             if len(phrases) == k:
@@ -420,6 +423,7 @@ class _PathTable:
         trees = dump["tree_info"]
         leaves = max(int(tree["num_leaves"]) for tree in trees)
         self.table = np.zeros((len(trees), leaves, n_features), dtype=np.float64)
+        self.trees = np.arange(len(trees))[np.newaxis, :]  # indexes the table's trees, against a row's leaves
         self.bias = 0.0
         for t, tree in enumerate(trees):
             root = tree["tree_structure"]
@@ -458,6 +462,5 @@ def path_contributions(booster: lgb.Booster, x: npt.NDArray[np.float32]) -> Floa
     """
     table = _path_table(booster)
     leaves = fast_predictor(booster).leaves(x)
-    trees = np.arange(leaves.shape[1])
-    contributions: FloatArray = table.table[trees[np.newaxis, :], leaves].sum(axis=1)
+    contributions: FloatArray = table.table[table.trees[:, : leaves.shape[1]], leaves].sum(axis=1)
     return contributions

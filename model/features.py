@@ -11,7 +11,6 @@ encodes categoricals through vocabularies learned at training time.
 
 from __future__ import annotations
 
-import calendar
 import itertools
 import json
 import math
@@ -31,7 +30,7 @@ from model.catalog import NormalisedError, load_catalog
 from model.money import load_economics
 from model.requests import DecisionRequest
 from model.rules import Candidate
-from model.vocab import NOT_SILENT_RETRY_STRATEGIES, RETRY_STRATEGIES, Action, ErrorClass
+from model.vocab import NOT_SILENT_RETRY_STRATEGIES, RETRY_STRATEGIES, Action, ErrorClass, Strategy
 
 FloatArray = npt.NDArray[np.float64]
 ObjArray = npt.NDArray[np.object_]
@@ -217,6 +216,14 @@ _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 #: Days since the epoch that Python's dates can hold (years 1 to 9999).
 _FIRST_DAY, _LAST_DAY = date.min.toordinal() - _EPOCH_ORDINAL, date.max.toordinal() - _EPOCH_ORDINAL
 _LocalMoment = tuple[float, float, float, float, float, float]
+_MONTH_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _days_in_month(year: int, month: int) -> int:
+    # calendar.monthrange's answer without the weekday it also works out (in Python, on every call).
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        return 29
+    return _MONTH_DAYS[month]
 
 
 def _local_moments(ts: Sequence[float], offsets: Sequence[float]) -> list[_LocalMoment]:
@@ -251,7 +258,7 @@ def _local_moments(ts: Sequence[float], offsets: Sequence[float]) -> list[_Local
         weekday = (days + 3.0) % 7.0 + 0.0
         stamp = date.fromordinal(_EPOCH_ORDINAL + days)
         day = float(stamp.day)
-        days_in_month = float(calendar.monthrange(stamp.year, stamp.month)[1])
+        days_in_month = float(_days_in_month(stamp.year, stamp.month))
         month_index = float((stamp.year - 1970) * 12 + stamp.month - 1)
         to_payday = 0.0 if day == 1.0 else days_in_month - day + 1.0
         out.append((float(hour), weekday, day, to_payday, float(day > days_in_month - 3.0), month_index))
@@ -704,6 +711,10 @@ class Normaliser(Protocol):
         ...
 
 
+#: (strategy, its ``tried_`` column): read once, as ``Enum.value`` is a Python-level property.
+_TRIED_COLUMNS: tuple[tuple[Strategy, str], ...] = tuple((s, f"tried_{s.value}") for s in RETRY_STRATEGIES)
+
+
 def context_from_request(request: DecisionRequest, catalog: Normaliser | None = None) -> dict[str, Any]:
     """The raw context columns (one scalar each) of a live decision request, except the text model's outputs.
 
@@ -742,7 +753,7 @@ def context_from_request(request: DecisionRequest, catalog: Normaliser | None = 
         "n_attempts": float(max(len(attempts), 1)),
         # Every re-attempt, one with a strategy winback does not know included (as the hard rules count them).
         "n_silent_retries": float(sum(a.strategy not in NOT_SILENT_RETRY_STRATEGIES for a in attempts)),
-        **{f"tried_{s.value}": float(s in strategies) for s in RETRY_STRATEGIES},
+        **{name: float(strategy in strategies) for strategy, name in _TRIED_COLUMNS},
         "n_connectors_tried": float(len({a.connector for a in attempts}) or 1),
         "n_nudges": float(len(nudges)),
         "last_nudge_clicked": _clicked_by(nudges[-1].clicked_at, request.event_time) if nudges else math.nan,

@@ -28,6 +28,8 @@ def _iso_timestamp_only(value: object) -> object:
 
 
 def _is_number(text: str) -> bool:
+    if ":" in text:  # no number float() reads holds a colon, and every ISO time does: no exception to raise
+        return False
     try:
         float(text)
     except ValueError:

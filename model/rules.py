@@ -1049,6 +1049,25 @@ def enumerate_candidates(context: RuleContext) -> list[Candidate]:
     return grid
 
 
+def _judge_moments(
+    context: RuleContext, action: str | None, moments: Iterable[datetime]
+) -> tuple[list[datetime], list[datetime], list[datetime]]:
+    """The ``moments`` at which ``action`` breaks no time rule, breaks situational ones at most, and breaks some
+    but only situational ones (each in order)."""
+    strict: list[datetime] = []
+    tolerated: list[datetime] = []
+    only_tolerated: list[datetime] = []
+    for at in moments:
+        broken = _broken_at(context, action, at)
+        if not broken:
+            strict.append(at)
+            tolerated.append(at)
+        elif SITUATIONAL_RETRY_RULES.issuperset(broken):
+            tolerated.append(at)
+            only_tolerated.append(at)
+    return strict, tolerated, only_tolerated
+
+
 def permitted_grid(context: RuleContext) -> tuple[list[Candidate], list[Candidate]]:
     """``(allowed, blocked)``: ``permitted`` and ``situation_blocked_retries`` of ``enumerate_candidates(context)``.
 
@@ -1057,9 +1076,9 @@ def permitted_grid(context: RuleContext) -> tuple[list[Candidate], list[Candidat
     """
     allowed: list[Candidate] = []
     blocked: list[Candidate] = []
-    # (strictly allowed, allowed but for situational rules) per action and moment; the blocks of one action
-    # share their moments' objects.
-    timings: dict[str | None, dict[int, tuple[bool, bool]]] = {}
+    # Per action and moment list (the blocks of one action share theirs): the moments no time rule forbids, the
+    # moments only situational ones forbid or none, and those only situational ones forbid.
+    by_moments: dict[tuple[str | None, int], tuple[list[datetime], list[datetime], list[datetime]]] = {}
     situational = SITUATIONAL_RETRY_RULES
     for action, strategy, connector, channel, moments in _grid_blocks(context):
         broken = _broken_kind(context, action, strategy, connector, channel)
@@ -1068,20 +1087,13 @@ def permitted_grid(context: RuleContext) -> tuple[list[Candidate], list[Candidat
         if not (kind_ok or kind_tolerated):
             continue
         timed_action = _timed_action(action, broken)
-        timing = timings.setdefault(timed_action, {})
-        allowed_at: list[datetime] = []
-        blocked_at: list[datetime] = []
-        for at in moments:
-            verdict = timing.get(id(at))
-            if verdict is None:
-                broken_at = _broken_at(context, timed_action, at)
-                verdict = timing[id(at)] = (not broken_at, situational.issuperset(broken_at))
-            if kind_ok and verdict[0]:
-                allowed_at.append(at)
-            elif kind_tolerated and verdict[1]:
-                blocked_at.append(at)
-        if allowed_at:
-            allowed += _candidates_at(allowed_at, action, strategy, connector, channel)
+        judged = by_moments.get((timed_action, id(moments)))
+        if judged is None:
+            judged = by_moments[timed_action, id(moments)] = _judge_moments(context, timed_action, moments)
+        strict, tolerated, only_tolerated = judged
+        if kind_ok and strict:
+            allowed += _candidates_at(strict, action, strategy, connector, channel)
+        blocked_at = (only_tolerated if kind_ok else tolerated) if kind_tolerated else None
         if blocked_at:
             blocked += _candidates_at(blocked_at, action, strategy, connector, channel)
     if _STOP not in map(_ACTION_OF, allowed):

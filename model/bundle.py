@@ -243,21 +243,20 @@ class ModelBundle:
 
         Without a retarget model (a history with no nudges) retarget candidates score 0.
         """
-        n = len(candidates)
-        out = np.zeros(n, dtype=np.float64)
-        actions = [c.action for c in candidates]
+        out = np.zeros(len(candidates), dtype=np.float64)
         retry_action, retarget_action = Action.RETRY, Action.RETARGET  # one enum lookup each, not one per row
-        retry = np.array([a is retry_action for a in actions], dtype=np.bool_).reshape(n)
-        retarget = np.array([a is retarget_action for a in actions], dtype=np.bool_).reshape(n)
-        if self.retarget_booster is None:
-            retarget[:] = False
-        if not (retry.any() or retarget.any()):
+        # Row numbers as lists: masks would cost a numpy call per test of them.
+        retry = [i for i, c in enumerate(candidates) if c.action is retry_action]
+        retarget = [i for i, c in enumerate(candidates) if c.action is retarget_action]
+        if self.retarget_booster is None or self.retarget_calibrator is None:
+            retarget = []
+        if not (retry or retarget):
             return out
         x = self.matrix(request, candidates)
-        if retry.any():
+        if retry:
             raw = fast_predictor(self.retry_booster).predict(x[retry])
             out[retry] = self.retry_calibrator(raw)
-        if retarget.any() and self.retarget_booster is not None and self.retarget_calibrator is not None:
+        if retarget and self.retarget_booster is not None and self.retarget_calibrator is not None:
             raw = fast_predictor(self.retarget_booster).predict(x[retarget])
             out[retarget] = self.retarget_calibrator(raw)
         return out

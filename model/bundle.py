@@ -186,6 +186,29 @@ class _CachedNormaliser:
         return hit
 
 
+class _MatrixMemo:
+    """The last request's matrix and its candidates (held, so their ids cannot be reused while it lives)."""
+
+    __slots__ = ("_rows", "candidates", "request", "x")
+
+    def __init__(self, request: DecisionRequest, candidates: list[Candidate], x: npt.NDArray[np.float32]) -> None:
+        self.request = request
+        self.candidates = candidates
+        self.x = x
+        self._rows: dict[int, int] | None = None
+
+    def rows_of(self, wanted: Sequence[Candidate]) -> list[int] | None:
+        """The rows of ``wanted`` (the same objects), or None when one of them is not among the candidates."""
+        if len(wanted) == 1:
+            # explain()'s one candidate: a scan, instead of indexing every candidate of every request by id.
+            target = wanted[0]
+            return next(([row] for row, candidate in enumerate(self.candidates) if candidate is target), None)
+        if self._rows is None:
+            self._rows = {id(candidate): row for row, candidate in enumerate(self.candidates)}
+        found = [self._rows.get(id(candidate)) for candidate in wanted]
+        return None if any(row is None for row in found) else [row for row in found if row is not None]
+
+
 @dataclass
 class ModelBundle:
     """A trained winback model: feature spec, text model, boosters, calibrators, threshold and metadata."""
@@ -226,16 +249,14 @@ class ModelBundle:
         The last request's matrix is remembered (per thread), so `explain` after `score` on the same request
         reuses its rows instead of building them again on the request path.
         """
-        memo = getattr(self._memo, "last", None)
-        if memo is not None and memo[0] is request:
-            # The memo holds the candidates, so their ids cannot be reused while it lives.
-            rows = memo[1]
-            found = [rows.get(id(candidate)) for candidate in candidates]
-            if all(row is not None for row in found):
-                cached: npt.NDArray[np.float32] = memo[3][np.asarray(found, dtype=np.intp)]
+        memo: _MatrixMemo | None = getattr(self._memo, "last", None)
+        if memo is not None and memo.request is request:
+            found = memo.rows_of(candidates)
+            if found is not None:
+                cached: npt.NDArray[np.float32] = memo.x[np.asarray(found, dtype=np.intp)]
                 return cached
         x = self.spec.transform_request(self.context(request), candidates)
-        self._memo.last = (request, {id(c): i for i, c in enumerate(candidates)}, list(candidates), x)
+        self._memo.last = _MatrixMemo(request, list(candidates), x)
         return x
 
     def score(self, request: DecisionRequest, candidates: Sequence[Candidate]) -> FloatArray:

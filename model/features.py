@@ -11,7 +11,6 @@ encodes categoricals through vocabularies learned at training time.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import operator
@@ -346,9 +345,6 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
 # The feature spec: column order + vocabularies, learned once, serialisable
 
 
-IntpArray = npt.NDArray[np.intp]
-
-
 @dataclass(frozen=True)
 class _RequestPlan:
     """Column positions for FeatureSpec.transform_request, grouped by where their values come from."""
@@ -357,17 +353,23 @@ class _RequestPlan:
     context_numbers: tuple[tuple[int, str], ...]  # raw numeric context values copied as they are
     derived_numbers: tuple[tuple[int, str], ...]  # numeric features derived from the context (_REQUEST_DERIVED)
     categories: tuple[tuple[int, str, dict[str | None, int]], ...]  # context categoricals and their codes
-    # Numeric features of the candidate's execution time (their positions in _MOMENT_FEATURES), and their columns.
-    moment_features: IntpArray
-    moment_columns: IntpArray
-    # Columns of is_same_connector and the candidate categoricals, and where each one's value sits in a kind's
-    # codes (0: is_same_connector, 1 + position in _CANDIDATE_VALUE).
-    kind_columns: IntpArray
-    kind_positions: IntpArray
+    # Where the per-moment and per-kind tables go: (first column, end column, first source, end source) runs of
+    # adjacent columns fed by adjacent table columns, each one a plain slice assignment (a standard spec has
+    # one run of moment features and two of kind codes).
+    moment_runs: tuple[tuple[int, int, int, int], ...]
+    kind_runs: tuple[tuple[int, int, int, int], ...]
 
 
-def _columns(positions: Iterable[int]) -> IntpArray:
-    return np.fromiter(positions, dtype=np.intp)
+def _column_runs(pairs: Iterable[tuple[int, int]]) -> tuple[tuple[int, int, int, int], ...]:
+    """(column, source) pairs merged into runs where both go up by one at a time."""
+    runs: list[list[int]] = []
+    for column, source in sorted(pairs):
+        if runs and runs[-1][1] == column and runs[-1][3] == source:
+            runs[-1][1] += 1
+            runs[-1][3] += 1
+        else:
+            runs.append([column, column + 1, source, source + 1])
+    return tuple((a, b, c, d) for a, b, c, d in runs)
 
 
 @dataclass
@@ -499,12 +501,12 @@ class FeatureSpec:
         # a row to its moment. Keyed by identity: the candidates keep their datetimes alive, so no id is reused
         # during the loop. A grid lists each kind's candidates together and repeats the same few (action,
         # strategy, connector, channel) kinds across requests: a kind is looked up once per run, and encoded once
-        # per process; ``kind_slots`` maps a row to its run's codes.
+        # per process; ``run_lengths`` counts the rows of each run.
         moments = [event]
         slot_of: dict[int, int] = {}
         slots: list[int] = []
-        kinds: list[tuple[float, ...]] = []
-        kind_slots: list[int] = []
+        kind_codes: list[float] = []  # per run of one kind: is_same_connector, then the codes
+        run_lengths: list[int] = []
         memo = self._codes_memo
         action: Any = _NO_CANDIDATE
         strategy: Any = _NO_CANDIDATE
@@ -530,8 +532,10 @@ class FeatureSpec:
                     if len(memo) >= _CODES_MEMO_SIZE:
                         memo.clear()
                     memo[key] = encoded
-                kinds.append((math.nan if target is None else float(target == failed), *encoded))
-            kind_slots.append(len(kinds) - 1)
+                kind_codes += (math.nan if target is None else float(target == failed), *encoded)
+                run_lengths.append(1)
+            else:
+                run_lengths[-1] += 1
         if zone_name == "UTC":
             offsets = [0.0 if math.isfinite(t) else math.nan for t in moments]
         else:
@@ -569,31 +573,32 @@ class FeatureSpec:
         for j, name, codes in plan.categories:
             value = context.get(name)
             row[j] = codes.get(value if isinstance(value, str) else None, OTHER_CODE)
-        matrix = np.repeat(np.array(row, dtype=np.float32)[np.newaxis, :], n, axis=0)
+        matrix = np.array(row, dtype=np.float32).reshape(1, plan.width).repeat(n, axis=0)
 
-        if len(plan.moment_columns):
+        if plan.moment_runs:
             # np.maximum's answer (NaN stays NaN); log1p stays numpy's, whose rounding may differ from math's.
             delays = [
                 (delay if delay >= 0.0 or delay != delay else 0.0) / 3600.0 for delay in (t - event for t in moments)
             ]
             log_delays = np.log1p(np.array(delays, dtype=np.float64)).tolist()
             month_now = now[5]
-            table = np.fromiter(
-                itertools.chain.from_iterable(
-                    (delay, log_delay, hour, weekday, day, to_payday, month_end, float(month > month_now))
-                    for delay, log_delay, (hour, weekday, day, to_payday, month_end, month) in zip(
-                        delays, log_delays, local, strict=True
-                    )
-                ),
-                dtype=np.float64,
-                count=len(moments) * len(_MOMENT_FEATURES),
-            ).reshape(len(moments), len(_MOMENT_FEATURES))
-            matrix[:, plan.moment_columns] = table[np.array(slots, dtype=np.intp)[:, np.newaxis], plan.moment_features]
-        if len(plan.kind_columns) and n:
-            codes_table = np.array(kinds, dtype=np.float64)
-            matrix[:, plan.kind_columns] = codes_table[
-                np.array(kind_slots, dtype=np.intp)[:, np.newaxis], plan.kind_positions
-            ]
+            by_moment: list[float] = []
+            for delay, log_delay, (hour, weekday, day, to_payday, month_end, month) in zip(
+                delays, log_delays, local, strict=True
+            ):
+                by_moment += (delay, log_delay, hour, weekday, day, to_payday, month_end, float(month > month_now))
+            table = np.array(by_moment, dtype=np.float64).reshape(len(moments), len(_MOMENT_FEATURES))
+            per_row = table[np.array(slots, dtype=np.intp)]
+            for first_column, end_column, first_source, end_source in plan.moment_runs:
+                matrix[:, first_column:end_column] = per_row[:, first_source:end_source]
+        if plan.kind_runs and n:
+            per_row = (
+                np.array(kind_codes, dtype=np.float64)
+                .reshape(len(run_lengths), 1 + len(_CANDIDATE_VALUE))
+                .repeat(run_lengths, axis=0)
+            )
+            for first_column, end_column, first_source, end_source in plan.kind_runs:
+                matrix[:, first_column:end_column] = per_row[:, first_source:end_source]
         return matrix
 
     def _kind_codes(self, candidate: Candidate) -> tuple[float, ...]:
@@ -608,10 +613,9 @@ class FeatureSpec:
         if self._plan is None:
             positions = {name: j for j, name in enumerate(self.columns)}
             context_numbers = frozenset(CONTEXT_NUM) - _RAW_ONLY_NUMBERS - _REQUEST_DERIVED
-            timed = [name for name in self.numeric if name in _EXECUTION_TIME_FEATURES]
             kinds = [(positions[name], k + 1) for k, name in enumerate(_CANDIDATE_VALUE) if name in positions]
             if "is_same_connector" in positions:
-                kinds.insert(0, (positions["is_same_connector"], 0))
+                kinds.append((positions["is_same_connector"], 0))
             self._plan = _RequestPlan(
                 width=len(positions),
                 context_numbers=tuple((positions[name], name) for name in self.numeric if name in context_numbers),
@@ -621,10 +625,10 @@ class FeatureSpec:
                     for name in self.vocabularies
                     if name not in _CANDIDATE_VALUE
                 ),
-                moment_features=_columns(_MOMENT_FEATURES.index(name) for name in timed),
-                moment_columns=_columns(positions[name] for name in timed),
-                kind_columns=_columns(column for column, _ in kinds),
-                kind_positions=_columns(position for _, position in kinds),
+                moment_runs=_column_runs(
+                    (positions[name], k) for k, name in enumerate(_MOMENT_FEATURES) if name in positions
+                ),
+                kind_runs=_column_runs(kinds),
             )
         return self._plan
 

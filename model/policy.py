@@ -244,7 +244,7 @@ def _constructed(model: type[ModelT], values: dict[str, Any]) -> ModelT:
 
     model_construct walks the model's fields looking for aliases and defaults on every call (~4 us each, six
     calls a decision); with every field given, what it builds is this: the values as ``__dict__``, every field
-    set, no extra fields, no private attributes (tests/unit/test_policy.py compares the two).
+    set, no extra fields, no private attributes (tests/behavioral/test_policy_behaviour.py compares the two).
     """
     instance = model.__new__(model)
     _set_attribute(instance, "__dict__", values)

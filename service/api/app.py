@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 from fastapi import Body, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
@@ -28,7 +27,7 @@ from model.money import load_economics
 from model.policy import PolicyConfig, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
-from service.api.deadline import within_deadline
+from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
 from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.logging import configure_logging
@@ -47,6 +46,7 @@ from service.api.schemas import (
 )
 from service.api.settings import Settings
 from service.api.store import (
+    DATABASE_AWAY,
     DecisionWriter,
     ForeignDecisionError,
     OutcomeBeforeFailureError,
@@ -166,7 +166,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         await run_in_threadpool(upgrade, engine)
     runtime.store = Store(engine)
-    runtime.writer = DecisionWriter(runtime.store, interval=settings.decision_flush_seconds, spool=spool)
+    # The writer has a pool of its own: requests holding connections (an outcome waiting out a hung database)
+    # cannot starve it, so decisions are never refused for a pool that ran dry.
+    writer_engine = make_engine(settings.database_url)
+    runtime.writer = DecisionWriter(Store(writer_engine), interval=settings.decision_flush_seconds, spool=spool)
     await run_in_threadpool(runtime.holder.start)
     log.info(
         "decision API ready",
@@ -177,6 +180,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         runtime.holder.stop()
         runtime.writer.close()
+        writer_engine.dispose()
         engine.dispose()
 
 
@@ -268,7 +272,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         stored_json(body)  # a 422 (RuleInputError) naming a string the store cannot hold
         try:
             # A decision answered a moment ago may still be on its way to the store (any worker's writer).
-            grace = 3 * runtime.settings.decision_flush_seconds
+            # Capped well inside the deadline, so a healthy database always answers before it.
+            grace = min(3 * runtime.settings.decision_flush_seconds, OUTCOME_DEADLINE_SECONDS / 2)
             stored = await within_deadline(
                 OUTCOME_DEADLINE_SECONDS,
                 runtime.store.record_outcome,
@@ -283,10 +288,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 detail=f"the database did not answer within {OUTCOME_DEADLINE_SECONDS:g} s; the outcome may not be "
                 "stored: send it again (the same outcome is stored once)",
             ) from None
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        except DeadlineCallsExhaustedError:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                detail=f"the database is unavailable ({type(exc.orig or exc).__name__}); the outcome may not be "
+                detail="too many outcomes are waiting for the database; the outcome was not stored: send it again",
+            ) from None
+        except DATABASE_AWAY as exc:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail=f"the database is unavailable ({type(getattr(exc, 'orig', None) or exc).__name__}); the "
+                "outcome may not be "
                 "stored: send it again (the same outcome is stored once)",
             ) from None
         except OutcomeConflictError as exc:

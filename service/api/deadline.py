@@ -18,11 +18,21 @@ from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
+#: Most calls running at once, stuck ones included: a hung database must not cost a thread per retried request.
+MAX_RUNNING_CALLS = 32
+_running = threading.BoundedSemaphore(MAX_RUNNING_CALLS)
+
+
+class DeadlineCallsExhaustedError(RuntimeError):
+    """MAX_RUNNING_CALLS calls are running (or stuck) already: the call was not started."""
 
 
 async def within_deadline(seconds: float, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``call(*args, **kwargs)`` run in a daemon thread; its result, or its exception, or TimeoutError once
-    ``seconds`` have passed without either (the call keeps running on its own)."""
+    ``seconds`` have passed without either (the call keeps running on its own). DeadlineCallsExhaustedError,
+    without starting it, while MAX_RUNNING_CALLS calls are running."""
+    if not _running.acquire(blocking=False):
+        raise DeadlineCallsExhaustedError(f"{MAX_RUNNING_CALLS} calls are waiting for the database already")
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[T] = loop.create_future()
 
@@ -40,8 +50,14 @@ async def within_deadline(seconds: float, call: Callable[P, T], *args: P.args, *
             error: BaseException | None = None
         except BaseException as raised:  # handed to the awaiting request, which decides what to answer
             result, error = None, raised
+        finally:
+            _running.release()
         with contextlib.suppress(RuntimeError):  # a closed loop: the process is shutting down, nobody waits
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="winback-deadline-call", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="winback-deadline-call", daemon=True).start()
+    except BaseException:
+        _running.release()
+        raise
     return await asyncio.wait_for(answer, seconds)

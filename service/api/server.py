@@ -72,7 +72,7 @@ def run(
         upgrade(engine)
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
         where = shown_url(database_url)
-        cause = str(error.orig or error).strip().splitlines()[0]
+        cause = (str(error.orig or error).strip().splitlines() or [type(error.orig or error).__name__])[0]
         raise DatabaseUnavailableError(
             f"the database {where} is unavailable ({cause}): a scorer needs it once at start to bring its tables up "
             "to date; start it again when the database answers (once started, it keeps answering through outages)"

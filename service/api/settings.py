@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     run_migrations: bool = Field(default=True, description="Upgrade the database schema at start-up.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_decisions: bool = Field(default=True, description="One JSON log line per decision served.")
-    decision_flush_seconds: float = Field(default=0.2, gt=0, description="Write-behind interval of decisions.")
+    decision_flush_seconds: float = Field(
+        default=0.2, gt=0, le=2, description="Write-behind interval of decisions (stored at most this far behind)."
+    )
     spool_dir: Path = Field(
         default=Path("winback-spool"),
         description="Where decisions wait on disk while the database is away (stored when it is back).",

@@ -69,6 +69,10 @@ outcomes = sa.Table(
 
 log = logging.getLogger("winback.api")
 
+#: What a database that is away (down, unreachable, locked, or every pooled connection held) raises: an outage to
+#: wait out or spool, never a row's own fault.
+DATABASE_AWAY = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
 #: libpq connection parameters of every PostgreSQL engine: seconds to connect, TCP keepalives (idle, interval,
 #: count) and milliseconds unacknowledged data may wait (tcp_user_timeout).
 POSTGRES_CONNECT_ARGS = {
@@ -156,7 +160,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    if sa.make_url(url).get_backend_name() == "postgresql":
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
         # libpq's own bounds (psycopg passes them on): a server that does not answer the connect, or a link that
         # dies under an open connection (a partition: the kernel would retry for ~15 minutes), fails within
         # seconds as an OperationalError, which the writer treats as an outage (spool) and an outcome as a 503.
@@ -234,7 +239,7 @@ class Store:
         try:
             with self.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
-        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        except DATABASE_AWAY:
             return False
         return True
 
@@ -407,6 +412,7 @@ class DecisionWriter:
         self._in_hand: list[dict[str, Any]] = []  # rows taken off the queue and not yet stored or spooled
         self._busy_since: float | None = None  # when the insert in progress started (None: none is)
         self._spilling_aside = threading.Lock()  # one spill beside a hung writer at a time
+        self._next_aside = 0.0  # after a spool that could not be written, no spill beside the writer before this
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._closing = threading.Event()
         self._wake = threading.Event()  # ends an outage wait early: the backlog passed the bound, or closing
@@ -420,7 +426,7 @@ class DecisionWriter:
         self._queue.put_nowait(row)
         if self.spool is not None and self._queue.qsize() >= self.max_queued:
             self._wake.set()
-            if self._stalled() and not self._spilling_aside.locked():
+            if self._stalled() and not self._spilling_aside.locked() and time.monotonic() >= self._next_aside:
                 # The writer is stuck inside an insert and cannot spill: a helper thread does (disk, not here).
                 threading.Thread(target=self._spill_aside, name="winback-decision-spill", daemon=True).start()
 
@@ -442,13 +448,14 @@ class DecisionWriter:
             self._spilling_aside.release()
 
     def _spill_backlog_aside(self) -> bool:
-        rows, taken = self._drain(keep_stop=True)  # the stop request, if queued, stays the writer's own
+        rows, taken, stop_requested = self._drain_aside()
         moved = False
         try:
             assert self.spool is not None  # for mypy: only called with one
             self.spool.append(rows)
             moved = True
         except OSError:
+            self._next_aside = time.monotonic() + self.max_backoff  # not again on every put: once per backoff
             log.exception("could not write the decision spool; %d decisions keep waiting in memory", len(rows))
             for row in rows:
                 self._queue.put_nowait(row)
@@ -457,8 +464,26 @@ class DecisionWriter:
             waited = 0.0 if since is None else time.monotonic() - since
             log.warning("the database has not answered for %.1f s: %d decisions moved to the spool %s",
                         waited, len(rows), self.spool.pending_path)  # fmt: skip
+        if stop_requested:  # behind the rows queued again: the writer stores them before it stops
+            self._queue.put_nowait(None)
         self._finish(taken)
         return moved
+
+    def _drain_aside(self) -> tuple[list[dict[str, Any]], int, bool]:
+        """Every queued row, taken by a thread other than the writer: (rows, items taken, whether the stop
+        request was among them). The writer's stop flag is left alone; the caller queues the request again."""
+        rows: list[dict[str, Any]] = []
+        taken, stop_requested = 0, False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return rows, taken, stop_requested
+            taken += 1
+            if item is None:
+                stop_requested = True
+            else:
+                rows.append(item)
 
     def in_flight(self, decision_id: str) -> dict[str, Any] | None:
         """The row of ``decision_id`` if it is queued or in hand here, not stored yet (None otherwise)."""
@@ -476,12 +501,11 @@ class DecisionWriter:
         rows, taken = self._drain(self.max_batch - (first is not None))
         return ([first, *rows] if first is not None else rows), taken + 1
 
-    def _drain(self, limit: int | None = None, *, keep_stop: bool = False) -> tuple[list[dict[str, Any]], int]:
+    def _drain(self, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
         """Up to ``limit`` (default: all) queued rows, and how many items were taken; taking the stop request
-        sets ``_stop``, or with ``keep_stop`` (another thread draining) queues it again for the writer."""
+        sets ``_stop`` (the writer thread only)."""
         rows: list[dict[str, Any]] = []
         taken = 0
-        stop_seen = False
         while limit is None or len(rows) < limit:
             try:
                 item = self._queue.get_nowait()
@@ -489,13 +513,9 @@ class DecisionWriter:
                 break
             taken += 1
             if item is None:
-                stop_seen = True
+                self._stop = True
             else:
                 rows.append(item)
-        if stop_seen and keep_stop:
-            self._queue.put_nowait(None)
-        elif stop_seen:
-            self._stop = True
         return rows, taken
 
     def _run(self) -> None:
@@ -508,6 +528,7 @@ class DecisionWriter:
                     self._replay_spool()  # idle, and the database is back for what was spooled
                 continue
             if first is not None:
+                self._in_hand = [first]  # in hand while the batch gathers (close() spools what is in hand)
                 time.sleep(self.interval)  # let a batch gather: one transaction per interval, not per decision
             rows, taken = self._take(first)
             try:
@@ -530,15 +551,18 @@ class DecisionWriter:
         if self.spool is None or self._closing.is_set():  # at shutdown the spool waits for the next start
             return
         try:
-            for path in self.spool.claim():
+            claimed = self.spool.claim()
+            for index, path in enumerate(claimed):
                 count, all_stored = 0, True
                 for rows in self.spool.read(path, self.max_batch):
                     if self._closing.is_set():
-                        # Shutting down: the file goes back to waiting, so the next start on this folder stores
-                        # the rest; the rows already stored are skipped then.
-                        kept = self.spool.unclaim(path)
-                        log.warning("shutting down: %d decisions of the spool file %s stored, the rest wait in %s "
-                                    "for the next start", count, path.name, kept.name)  # fmt: skip
+                        # Shutting down: this file and the ones not started go back to waiting, so the next start
+                        # on this folder stores them; the rows already stored are skipped then.
+                        for waiting in claimed[index:]:
+                            self.spool.unclaim(waiting)
+                        log.warning("shutting down: %d decisions of the spool file %s stored; it and %d more spool "
+                                    "files wait for the next start", count, path.name,
+                                    len(claimed) - index - 1)  # fmt: skip
                         return
                     count += len(rows)
                     all_stored &= self._store(rows)
@@ -561,18 +585,20 @@ class DecisionWriter:
         finally:
             self._finish(taken)
 
-    def _store(self, rows: list[dict[str, Any]]) -> bool:
+    def _store(self, rows: list[dict[str, Any]], *, nested: bool = False) -> bool:
         """Insert ``rows`` in one transaction, waiting out database outages; if the database refuses the batch
         itself, row by row, so one bad row costs only itself. A row that cannot be stored is kept in the spool's
-        rejected file, or without a spool logged as lost, by id. False when rows went to the spool instead."""
-        self._in_hand = rows
+        rejected file, or without a spool logged as lost, by id. False when rows went to the spool instead.
+        ``nested``: one row of a batch being stored one by one (the batch stays in hand)."""
+        if not nested:
+            self._in_hand = rows
         try:
             return self._insert_through_outages(rows)
         except Exception as error:
             log.warning("could not store a batch of %d decisions (%s); storing them one by one",
                         len(rows), type(error).__name__)  # fmt: skip
             all_stored = True
-            for row in rows:
+            for row in list(rows):  # as it was: rows spilled meanwhile join ``rows`` only while in memory
                 single = [row]
                 try:
                     all_stored &= self._insert_through_outages(single)
@@ -580,10 +606,11 @@ class DecisionWriter:
                     if len(single) == 1:
                         self._refused(row, row_error)
                     else:  # the backlog joined it during an outage the spool could not take
-                        all_stored &= self._store(single)
+                        all_stored &= self._store(single, nested=True)
             return all_stored
         finally:
-            self._in_hand = []
+            if not nested:
+                self._in_hand = []
 
     def _refused(self, row: dict[str, Any], error: Exception) -> None:
         decision_id = row.get("decision_id")
@@ -606,7 +633,7 @@ class DecisionWriter:
             self._busy_since = time.monotonic()
             try:
                 self.store.insert_decisions(rows)
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+            except DATABASE_AWAY as error:
                 outages += 1
                 # Pooled connections opened during the outage may stay unusable after it (seen: SQLite connections
                 # opened while the file was read-only kept failing every other insert): start afresh.
@@ -635,12 +662,12 @@ class DecisionWriter:
             return False
         backlog, taken = self._drain()
         rows.extend(backlog)
-        if rows is not self._in_hand:  # one row of a refused batch: the backlog is in hand too
-            self._in_hand.extend(backlog)
         self._finish(taken)
         try:
             self.spool.append(rows)
         except OSError:
+            if rows is not self._in_hand:  # one row of a refused batch: the backlog waits in hand with it
+                self._in_hand.extend(backlog)
             log.exception("could not write the decision spool; %d decisions keep waiting in memory", len(rows))
             return False
         log.warning("database unavailable: %d decisions moved to the spool %s", len(rows), self.spool.pending_path)
@@ -669,18 +696,25 @@ class DecisionWriter:
             return
         self._closing.set()
         self._wake.set()
-        self._thread.join(timeout=min(timeout, self.stall_seconds))
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and not self._stalled() and time.monotonic() < deadline:
+            self._thread.join(timeout=min(0.2, max(deadline - time.monotonic(), 0.0)))
         if not self._thread.is_alive():
             return
+        # Held by an insert that hangs (or, failing that, not done within ``timeout``): what it holds and what
+        # waits behind it go to the spool from here; should the insert still commit, storing skips those ids.
+        stalled = self._stalled()
         with self._spilling_aside:
-            queued, taken = self._drain(keep_stop=True)
+            queued, taken, _ = self._drain_aside()
+            self._queue.put_nowait(None)  # the writer's stop request stays queued for it
             self._finish(taken)
             rows = [*self._in_hand, *queued]
             try:
                 self.spool.append(rows)
             except OSError:
-                log.exception("the database did not answer at shutdown and the spool cannot be written: %d "
+                log.exception("the decision writer did not finish at shutdown and the spool cannot be written: %d "
                               "decisions not stored are lost", len(rows))  # fmt: skip
                 return
-        log.warning("the database did not answer within %.1f s at shutdown: %d decisions moved to the spool %s",
-                    self.stall_seconds, len(rows), self.spool.pending_path)  # fmt: skip
+        cause = "the database did not answer" if stalled else "the decision writer did not finish"
+        log.warning("%s within %.1f s at shutdown: %d decisions moved to the spool %s",
+                    cause, self.stall_seconds if stalled else timeout, len(rows), self.spool.pending_path)  # fmt: skip

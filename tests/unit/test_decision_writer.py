@@ -278,6 +278,62 @@ def test_new_decisions_are_stored_during_a_long_spool_replay_and_shutdown_leaves
     assert list(spool_dir.iterdir()) == []
 
 
+class _PoolDryStore(Store):
+    """Every pooled connection held elsewhere while ``dry`` is set: SQLAlchemy's pool timeout, not a row's fault."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.dry = threading.Event()
+
+    def insert_decisions(self, rows: Any) -> int:
+        if self.dry.is_set():
+            raise sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out")
+        return super().insert_decisions(rows)
+
+
+def test_a_pool_that_ran_dry_is_an_outage_not_a_refusal(engine: sa.Engine, tmp_path: Path) -> None:
+    store = _PoolDryStore(engine)
+    store.dry.set()
+    writer = DecisionWriter(store, interval=0.01, max_backoff=0.05, spool=decision_spool(tmp_path / "spool"))
+    writer.put(_stored_row("dec_1"))
+    time.sleep(0.2)
+    store.dry.clear()
+    writer.flush()
+    writer.close()
+    assert _stored_ids(engine) == ["dec_1"]
+    assert not list((tmp_path / "spool").glob("rejected-*"))
+
+
+def test_shutdown_mid_replay_puts_every_claimed_file_back(engine: sa.Engine, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    for name in ("a", "b", "c"):
+        left = decision_spool(spool_dir)
+        left.append([_stored_row(f"dec_{name}{i}") for i in range(20)])
+        left.pending_path.rename(spool_dir / f"pending-999999999-{name}.jsonl")  # left by processes that are gone
+    writer = DecisionWriter(_SlowStore(engine, 0.05), interval=0.01, max_batch=5, spool=decision_spool(spool_dir))
+    _wait_for(lambda: len(_stored_ids(engine)) >= 5)
+    writer.close()
+    waiting = sorted(path.name.split("-")[0] for path in spool_dir.iterdir())
+    assert waiting == ["pending", "pending", "pending"]  # none left as this live process's "replaying" file
+    restarted = DecisionWriter(Store(engine), interval=0.01, spool=decision_spool(spool_dir))
+    _wait_for(lambda: len(_stored_ids(engine)) == 60)
+    restarted.close()
+
+
+def test_shutdown_spools_the_row_a_batch_is_gathering_around_when_the_writer_does_not_finish(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    # A long gather interval stands for a writer that is busy but not inside an insert at shutdown.
+    spool_dir = tmp_path / "spool"
+    writer = DecisionWriter(_HungStore(engine), interval=1.5, spool=decision_spool(spool_dir), stall_seconds=5.0)
+    writer.put(_stored_row("dec_first"))
+    _wait_for(lambda: writer._in_hand != [])
+    writer.put(_stored_row("dec_second"))
+    writer.close(timeout=0.3)
+    assert sorted(row["decision_id"] for row in _spooled_rows(spool_dir)) == ["dec_first", "dec_second"]
+    _wait_for(lambda: not writer._thread.is_alive())  # it then stores them too: storing skips ids stored twice
+
+
 def test_a_spool_file_is_claimed_once_and_another_live_process_s_files_are_left_alone(tmp_path: Path) -> None:
     columns = ("created_at",)
     first, second = DecisionSpool(tmp_path, columns), DecisionSpool(tmp_path, columns)

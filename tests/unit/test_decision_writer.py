@@ -69,15 +69,16 @@ class _FlakyStore(Store):
 
 
 class _SwitchedStore(Store):
-    """A database that is away while ``down`` is set."""
+    """A database that is away while ``down`` is set, raising what ``away`` makes."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, away: Any = _unavailable) -> None:
         super().__init__(engine)
         self.down = threading.Event()
+        self.away = away
 
     def insert_decisions(self, rows: Any) -> int:
         if self.down.is_set():
-            raise _unavailable()
+            raise self.away()
         return super().insert_decisions(rows)
 
 
@@ -278,26 +279,18 @@ def test_new_decisions_are_stored_during_a_long_spool_replay_and_shutdown_leaves
     assert list(spool_dir.iterdir()) == []
 
 
-class _PoolDryStore(Store):
-    """Every pooled connection held elsewhere while ``dry`` is set: SQLAlchemy's pool timeout, not a row's fault."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        super().__init__(engine)
-        self.dry = threading.Event()
-
-    def insert_decisions(self, rows: Any) -> int:
-        if self.dry.is_set():
-            raise sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out")
-        return super().insert_decisions(rows)
+def _pool_ran_dry() -> sa.exc.TimeoutError:
+    # Every pooled connection held elsewhere: SQLAlchemy's pool timeout, not a row's fault.
+    return sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out")
 
 
 def test_a_pool_that_ran_dry_is_an_outage_not_a_refusal(engine: sa.Engine, tmp_path: Path) -> None:
-    store = _PoolDryStore(engine)
-    store.dry.set()
+    store = _SwitchedStore(engine, away=_pool_ran_dry)
+    store.down.set()
     writer = DecisionWriter(store, interval=0.01, max_backoff=0.05, spool=decision_spool(tmp_path / "spool"))
     writer.put(_stored_row("dec_1"))
     time.sleep(0.2)
-    store.dry.clear()
+    store.down.clear()
     writer.flush()
     writer.close()
     assert _stored_ids(engine) == ["dec_1"]

@@ -1220,6 +1220,17 @@ def any_candidates(draw: st.DrawFn) -> list[tuple[Any, int, Any, Any, Any, int, 
     return draw(st.lists(row, max_size=30))
 
 
+def _scenario_context(
+    catalog_kind: str, scenario: tuple[dict[str, Any], dict[str, Any]], reattempts: int | None
+) -> RuleContext:
+    """The rule context of a drawn (request, merchant) scenario, on the fake or the shipped catalog."""
+    request_data, merchant_data = scenario
+    if reattempts is not None:
+        request_data = {**request_data, "card_reattempts_30d": reattempts}
+    catalog = cast(ErrorCatalog, FakeCatalog()) if catalog_kind == "fake" else load_catalog()
+    return build_context(make_request(**request_data), make_merchant(**merchant_data), catalog)
+
+
 @pytest.mark.parametrize("catalog_kind", ["fake", "real"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.none() | st.integers(0, 20), any_candidates(), st.randoms(use_true_random=False))
@@ -1232,11 +1243,7 @@ def test_permitted_is_exactly_the_candidates_check_allows(
 ) -> None:
     # Random requests and merchants (UPI AutoPay, Visa, Mastercard MACs, quiet hours in several zones, nudges,
     # opt-outs, ...): the grid, odd candidates, equal instants in other zones, in grid order and shuffled.
-    request_data, merchant_data = scenario
-    if reattempts is not None:
-        request_data = {**request_data, "card_reattempts_30d": reattempts}
-    catalog = cast(ErrorCatalog, FakeCatalog()) if catalog_kind == "fake" else load_catalog()
-    context = build_context(make_request(**request_data), make_merchant(**merchant_data), catalog)
+    context = _scenario_context(catalog_kind, scenario, reattempts)
     grid = rules.enumerate_candidates(context)
     odd = [
         Candidate(
@@ -1266,11 +1273,7 @@ def test_permitted_is_exactly_the_candidates_check_allows(
 def test_permitted_grid_is_permitted_and_blocked_of_the_grid(
     catalog_kind: str, scenario: tuple[dict[str, Any], dict[str, Any]], reattempts: int | None
 ) -> None:
-    request_data, merchant_data = scenario
-    if reattempts is not None:
-        request_data = {**request_data, "card_reattempts_30d": reattempts}
-    catalog = cast(ErrorCatalog, FakeCatalog()) if catalog_kind == "fake" else load_catalog()
-    context = build_context(make_request(**request_data), make_merchant(**merchant_data), catalog)
+    context = _scenario_context(catalog_kind, scenario, reattempts)
     grid = rules.enumerate_candidates(context)
     expected_allowed = permitted(context, grid)
     expected_blocked = rules.situation_blocked_retries(context, grid, expected_allowed)

@@ -66,6 +66,8 @@ _JSON = "application/json"
 #: Longest an outcome waits for the database (its decision's grace included) before a 503 says to send it again.
 OUTCOME_DEADLINE_SECONDS = 10.0
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {**CALLER_ERRORS, **BODY_ERRORS}
+#: How a 503 for an outcome ends: the database may have committed it, and a repeat is stored once.
+_SEND_AGAIN = "the outcome may not be stored: send it again (the same outcome is stored once)"
 
 
 def _field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
@@ -285,8 +287,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         except TimeoutError:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                detail=f"the database did not answer within {OUTCOME_DEADLINE_SECONDS:g} s; the outcome may not be "
-                "stored: send it again (the same outcome is stored once)",
+                detail=f"the database did not answer within {OUTCOME_DEADLINE_SECONDS:g} s; {_SEND_AGAIN}",
             ) from None
         except DeadlineCallsExhaustedError:
             raise HTTPException(
@@ -296,9 +297,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         except DATABASE_AWAY as exc:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                detail=f"the database is unavailable ({type(getattr(exc, 'orig', None) or exc).__name__}); the "
-                "outcome may not be "
-                "stored: send it again (the same outcome is stored once)",
+                detail=f"the database is unavailable ({type(getattr(exc, 'orig', None) or exc).__name__}); "
+                f"{_SEND_AGAIN}",
             ) from None
         except OutcomeConflictError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None

@@ -371,27 +371,29 @@ def bench(
             console.print(row)
     extra: dict[str, object] = {}
     if not skip_api:
-        from service.api.bench import run_bench
+        from service.api.bench import TRAFFIC, run_bench
 
         store = out / f"mlruns-{sizes[-1] if len(sizes) < 2 else sizes[1]}-attempts" if sizes else None
         tracking_uri = f"sqlite:///{(store / 'mlflow.db').resolve()}" if store else None
-        api = run_bench(tracking_uri=tracking_uri, seconds=api_seconds, print_table=True)
-        extra["api"] = api.as_dict()
-        for name, figures in (("API closed loop", api.api), ("mlflow serve closed loop", api.mlflow)):
-            rows.append(
-                BenchRow(
-                    benchmark=name,
-                    inputs=f"{api.candidates_per_request} candidates/request, 2 workers, model {api.model_version}",
-                    figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms, "
-                    f"server CPU {figures.cpu_ms_per_request} ms/request",
-                    seconds=figures.seconds,
-                    peak_rss_mb=max(api.worker_rss_mb)
-                    if name.startswith("API") and api.worker_rss_mb
-                    else float("nan"),
-                    reference="mlflow models serve, same load generator, same run",
-                    ratio=f"{api.ratio}x req/s, {api.cpu_ratio()}x CPU" if name.startswith("API") else "1.0x",
+        for traffic in TRAFFIC:
+            api = run_bench(tracking_uri=tracking_uri, seconds=api_seconds, traffic=traffic, print_table=True)
+            extra[f"api_{traffic}"] = api.as_dict()
+            for name, figures in (("API closed loop", api.api), ("mlflow serve closed loop", api.mlflow)):
+                rows.append(
+                    BenchRow(
+                        benchmark=f"{name}, {traffic} traffic",
+                        inputs=f"{api.distinct_requests} distinct requests, {api.candidates_per_request} "
+                        f"candidates/request, 2 workers, model {api.model_version}",
+                        figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms, "
+                        f"server CPU {figures.cpu_ms_per_request} ms/request",
+                        seconds=figures.seconds,
+                        peak_rss_mb=max(api.worker_rss_mb)
+                        if name.startswith("API") and api.worker_rss_mb
+                        else float("nan"),
+                        reference="mlflow models serve, same load generator, same run",
+                        ratio=f"{api.ratio}x req/s, {api.cpu_ratio()}x CPU" if name.startswith("API") else "1.0x",
+                    )
                 )
-            )
     if not skip_executor:
         from service.executor.bench import run_bench as run_executor_bench
 

@@ -4,6 +4,12 @@ size, driven by the same load generators on loopback, in one run.
 Figures: closed-loop throughput (req/s, p50, p99; wrk when installed, else an httpx client) and each server's
 CPU time per request (its whole process tree), their ratios, p99 at a fixed open-loop rate (300 req/s by
 default, latency counted from each request's scheduled send time), and each API worker's RSS.
+
+Two kinds of traffic (``TRAFFIC``): ``demo``, the shipped demo request sent again and again (comparable across
+runs), and ``mixed``, the requests a caller would have sent at the decision points of a small simulated history:
+every merchant of the demo config, cards, UPI, wallets and bank redirects, codes seen and never seen, first
+failures and later ones, each order once. A repeated request finds every per-error cache warm; the mix shows what
+varied traffic costs. The mlflow reference scores as many rows per request as the traffic averages candidates.
 Targets (ISSUE): >= 1,000 decisions/s, p99 < 10 ms at 300 req/s, >= 7x mlflow serve, each worker < 400 MB.
 """
 
@@ -11,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -20,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,35 @@ from model import datafiles
 #: The decision request of the benchmark: the shipped demo request (CONTRACT.md section 2, merchant m_us_saas).
 DEMO_REQUEST_FILE = datafiles.DEMO_REQUEST_FILE
 BENCH_MERCHANT = "m_us_saas"
-BENCH_KEY = f"wb_demo_{BENCH_MERCHANT}"
+#: The merchant config both kinds of traffic are answered under: the demo config, whose API keys are
+#: ``wb_demo_<merchant_id>`` (its header says so).
+BENCH_CONFIG = datafiles.DEMO_MERCHANTS_FILE
+TRAFFIC = ("demo", "mixed")
+#: Requests in the mixed traffic (each a different order), and the seed of the history they come from.
+MIXED_REQUESTS = 400
+MIXED_SEED = 7
+
+
+def bench_key(merchant_id: str) -> str:
+    """The demo config's API key of ``merchant_id``."""
+    return f"wb_demo_{merchant_id}"
+
+
+BENCH_KEY = bench_key(BENCH_MERCHANT)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a load generator sends, in turn: (body, headers) per request; and the candidates a request has on
+    average (the reference model scores as many rows)."""
+
+    name: str
+    requests: tuple[tuple[bytes, dict[str, str]], ...]
+    candidates_per_request: float
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            raise ValueError(f"traffic {self.name!r} holds no request")
 
 
 @dataclass
@@ -58,7 +92,10 @@ class BenchResult:
     ratio: float
     fixed_rate: float
     model_version: str
-    candidates_per_request: int
+    traffic: str
+    distinct_requests: int
+    #: Candidates decide() scored per request, on average over the traffic; the reference scores as many rows.
+    candidates_per_request: float
     reference_model: dict[str, int]
     worker_rss_mb: list[float] = field(default_factory=list)
 
@@ -106,25 +143,32 @@ def _figures(latencies: list[float], errors: int, seconds: float) -> LoadFigures
     )
 
 
+RequestList = Sequence[tuple[bytes, dict[str, str]]]
+
+
 async def closed_loop(
-    url: str, body: bytes, headers: dict[str, str], *, concurrency: int, seconds: float, max_requests: int
+    url: str, requests: RequestList, *, concurrency: int, seconds: float, max_requests: int
 ) -> LoadFigures:
-    """``concurrency`` clients sending back to back for ``seconds`` (at most ``max_requests`` in all)."""
+    """``concurrency`` clients sending ``requests`` in turn, back to back, for ``seconds`` (at most
+    ``max_requests`` in all)."""
     latencies: list[float] = []
     errors = 0
+    turn = itertools.cycle(requests)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, headers=headers, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         for _ in range(min(concurrency, 50)):  # warm the connections and the server's caches
-            await client.post(url, content=body)
+            body, headers = next(turn)
+            await client.post(url, content=body, headers=headers)
         started = time.perf_counter()
         deadline = started + seconds
 
         async def worker() -> None:
             nonlocal errors
             while time.perf_counter() < deadline and len(latencies) + errors < max_requests:
+                body, headers = next(turn)
                 sent = time.perf_counter()
                 try:
-                    response = await client.post(url, content=body)
+                    response = await client.post(url, content=body, headers=headers)
                     ok = response.status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -142,17 +186,15 @@ _WRK_LATENCY = {"50%": "p50", "99%": "p99"}
 _WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk_closed_loop(
-    url: str, body: bytes, headers: dict[str, str], *, connections: int, seconds: float, folder: Path
-) -> LoadFigures:
+def wrk_closed_loop(url: str, requests: RequestList, *, connections: int, seconds: float, folder: Path) -> LoadFigures:
     """Closed loop with wrk (C, one thread): a load generator that leaves the CPU to the servers under test.
 
     The Python generator above tops out near 700 req/s on this 2-core box, below what the servers answer.
+    ``requests`` are sent in turn (each connection walks the list from its own start), formatted once by the
+    script's ``init``.
     """
     script = folder / "post.lua"
-    lines = ['wrk.method = "POST"', f"wrk.body = {_lua_string(body.decode())}"]
-    lines += [f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()]
-    script.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    script.write_text(wrk_script(requests), encoding="utf-8")
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(int(seconds), 1)}s", "--latency", "-s", str(script), url],
         check=True,
@@ -161,7 +203,7 @@ def wrk_closed_loop(
         timeout=seconds + 60,
     ).stdout
     values: dict[str, float] = {}
-    requests = errors = 0
+    sent = errors = 0
     for raw in out.splitlines():
         line = raw.strip()
         parts = line.split()
@@ -170,7 +212,7 @@ def wrk_closed_loop(
             unit = parts[1][len(number) :]
             values[_WRK_LATENCY[parts[0]]] = float(number) * _WRK_UNITS.get(unit, 1.0)
         elif "requests in" in line:
-            requests = int(parts[0])
+            sent = int(parts[0])
         elif line.startswith("Non-2xx or 3xx responses:"):
             errors += int(parts[-1])
         elif line.startswith("Socket errors:"):
@@ -178,13 +220,33 @@ def wrk_closed_loop(
         elif line.startswith("Requests/sec:"):
             values["rps"] = float(parts[-1])
     return LoadFigures(
-        requests=requests,
+        requests=sent,
         errors=errors,
         seconds=round(seconds, 2),
         rps=round(values.get("rps", 0.0), 1),
         p50_ms=round(values.get("p50", float("nan")), 3),
         p99_ms=round(values.get("p99", float("nan")), 3),
     )
+
+
+def wrk_script(requests: RequestList) -> str:
+    """A wrk script that POSTs ``requests`` in turn (bodies and headers as given)."""
+    lines = ['wrk.method = "POST"', "local bodies = {}"]
+    for body, headers in requests:
+        fields = ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items())
+        lines.append(f"bodies[#bodies + 1] = {{{_lua_string(body.decode())}, {{{fields}}}}}")
+    lines += [
+        "local formatted, turn = {}, 0",
+        "function init(args)",
+        "  for i, request in ipairs(bodies) do formatted[i] = wrk.format(nil, nil, request[2], request[1]) end",
+        "  turn = math.random(#formatted) - 1",
+        "end",
+        "function request()",
+        "  turn = turn % #formatted + 1",
+        "  return formatted[turn]",
+        "end",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _lua_string(text: str) -> str:
@@ -195,27 +257,30 @@ class _KeepAlivePool:
     """Pre-serialised HTTP/1.1 POSTs over keep-alive loopback connections, for the open-loop generator.
 
     httpx spends ~1 ms of Python per request; at a fixed rate on a 2-core box that CPU is taken from the
-    server under test and its own queueing shows up as server latency. This pool writes the same request bytes
-    each time and reads the status line, the headers and ``Content-Length`` bytes: tens of microseconds.
+    server under test and its own queueing shows up as server latency. This pool writes requests serialised once,
+    in turn, and reads the status line, the headers and ``Content-Length`` bytes: tens of microseconds.
     """
 
-    def __init__(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, requests: RequestList) -> None:
         parts = httpx.URL(url)
         self.host, self.port = parts.host, parts.port or 80
-        lines = [f"POST {parts.raw_path.decode()} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
-        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        serialised = []
+        for body, headers in requests:
+            lines = [f"POST {parts.raw_path.decode()} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                     f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+            serialised.append(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        self.requests = itertools.cycle(serialised)
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.opened: list[asyncio.StreamWriter] = []
 
     async def post(self) -> int:
-        """Send the request on an idle connection (a new one if none is idle); the response's status code."""
+        """Send the next request on an idle connection (a new one if none is idle); the response's status code."""
         if self.idle:
             reader, writer = self.idle.pop()
         else:
             reader, writer = await asyncio.open_connection(self.host, self.port)
             self.opened.append(writer)
-        writer.write(self.request)
+        writer.write(next(self.requests))
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
@@ -235,12 +300,13 @@ class _KeepAlivePool:
                 await writer.wait_closed()
 
 
-async def fixed_rate(url: str, body: bytes, headers: dict[str, str], *, rate: float, seconds: float) -> LoadFigures:
-    """Open loop: one request every 1/rate s whatever the answers do; latency from the scheduled send time."""
+async def fixed_rate(url: str, requests: RequestList, *, rate: float, seconds: float) -> LoadFigures:
+    """Open loop: one of ``requests`` (in turn) every 1/rate s whatever the answers do; latency from the scheduled
+    send time."""
     latencies: list[float] = []
     errors = 0
     total = int(rate * seconds)
-    pool = _KeepAlivePool(url, body, headers)
+    pool = _KeepAlivePool(url, requests)
     try:
         for _ in range(20):
             await pool.post()
@@ -403,16 +469,85 @@ def _model_size(tracking_uri: str | None) -> tuple[str, dict[str, int]]:
     }
 
 
-def _candidate_count() -> int:
+def _headers(merchant_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {bench_key(merchant_id)}", "Content-Type": "application/json"}
+
+
+def _candidates_of(requests: list[Any]) -> float:
+    """Candidates decide() scores per request on average (the permitted ones and stop), under BENCH_CONFIG."""
     from model.catalog import load_catalog
-    from model.merchant_config import MerchantConfig
-    from model.requests import DecisionRequest
+    from model.merchant_config import load_config
     from model.rules import build_context, enumerate_candidates, permitted
 
-    request = DecisionRequest.model_validate_json(DEMO_REQUEST_FILE.read_bytes())
-    merchant = MerchantConfig(api_key_sha256="0" * 64, connectors=["stripe", "adyen", "cybersource"])
-    context = build_context(request, merchant, load_catalog())
-    return len(permitted(context, enumerate_candidates(context))) + 1
+    config, catalog = load_config(BENCH_CONFIG), load_catalog()
+    counts = []
+    for request in requests:
+        context = build_context(request, config.merchants[request.merchant_id], catalog)
+        counts.append(len(permitted(context, enumerate_candidates(context))) + 1)
+    return sum(counts) / len(counts)
+
+
+def demo_traffic() -> Traffic:
+    """The shipped demo request, again and again."""
+    from model.requests import DecisionRequest
+
+    body = DEMO_REQUEST_FILE.read_bytes()
+    request = DecisionRequest.model_validate_json(body)
+    return Traffic("demo", ((body, _headers(request.merchant_id)),), _candidates_of([request]))
+
+
+def mixed_traffic(count: int = MIXED_REQUESTS, seed: int = MIXED_SEED) -> Traffic:
+    """``count`` requests of ``count`` simulated orders, each at one of its decision points (drawn with ``seed``):
+    the JSON a caller would have sent then (``model.training.request_at``), with its merchant's key."""
+    from model.merchant_config import load_config
+    from model.simulation.generate import generate_history
+    from model.training import decision_points, request_at
+
+    merchants = load_config(BENCH_CONFIG).merchants
+    history = generate_history(count, seed)
+    points = decision_points(history.attempts, history.nudges)
+    chosen = points.groupby("order_id", sort=True).sample(n=1, random_state=seed).head(count)
+    attempts = dict(list(history.attempts.groupby("order_id", sort=False)))
+    nudges = dict(list(history.nudges.groupby("order_id", sort=False)))
+    no_nudges = history.nudges.iloc[:0]
+    requests = []
+    for record in chosen.to_dict("records"):
+        point = {str(name): value for name, value in record.items()}
+        order = point["order_id"]
+        request, _ = request_at(attempts[order], nudges.get(order, no_nudges), point)
+        if request.merchant_id not in merchants:
+            raise ValueError(f"simulated merchant {request.merchant_id!r} is not in {BENCH_CONFIG}")
+        requests.append(request)
+    if not requests:
+        raise ValueError(f"a simulated history of {count} orders (seed {seed}) has no decision point")
+    bodies = tuple((request.model_dump_json().encode(), _headers(request.merchant_id)) for request in requests)
+    return Traffic("mixed", bodies, _candidates_of(requests))
+
+
+class UnansweredRequestError(RuntimeError):
+    """A request of the traffic was not answered 200: the figures would count errors, not decisions."""
+
+
+def _check_answered(url: str, traffic: Traffic) -> None:
+    """Send every request of ``traffic`` once (it also warms the server); UnansweredRequestError naming the first
+    one not answered 200."""
+    with httpx.Client(timeout=30) as client:
+        for index, (body, headers) in enumerate(traffic.requests):
+            response = client.post(url, content=body, headers=headers)
+            if response.status_code != 200:
+                raise UnansweredRequestError(
+                    f"{traffic.name} request {index} got {response.status_code}: {response.text[:300]} "
+                    f"(request: {body[:200].decode(errors='replace')}...)"
+                )
+
+
+def traffic_named(name: str) -> Traffic:
+    """One of ``TRAFFIC``."""
+    if name == "demo":
+        return demo_traffic()
+    if name == "mixed":
+        return mixed_traffic()
+    raise ValueError(f"unknown traffic {name!r}: expected one of {', '.join(TRAFFIC)}")
 
 
 def run_bench(
@@ -424,20 +559,17 @@ def run_bench(
     max_requests: int = 50_000,
     rate: float = 300.0,
     rate_seconds: float = 5.0,
+    traffic: str | Traffic = "demo",
     print_table: bool = True,
 ) -> BenchResult:
-    """Run the whole benchmark (both servers started and stopped here) and return the figures."""
+    """Run the whole benchmark on one kind of traffic (``TRAFFIC``; both servers started and stopped here) and
+    return the figures."""
     model_version, size = _model_size(tracking_uri)
-    rows = _candidate_count()
+    load = traffic if isinstance(traffic, Traffic) else traffic_named(traffic)
+    rows = max(1, round(load.candidates_per_request))
+    config = BENCH_CONFIG
     with tempfile.TemporaryDirectory(prefix="winback-bench-") as tmp:
         folder = Path(tmp)
-        config = folder / "merchants.yaml"
-        digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
-        config.write_text(
-            f'merchants:\n  {BENCH_MERCHANT}:\n    api_key_sha256: "{digest}"\n'
-            "    connectors: [stripe, adyen, cybersource]\n",
-            encoding="utf-8",
-        )
         reference = _reference_model(folder, size["features"], size["trees"], size["leaves"])
         api_port, mlflow_port = _free_port(), _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")}
@@ -467,8 +599,7 @@ def run_bench(
             _wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
             _wait_http(f"http://127.0.0.1:{mlflow_port}/ping", serve)
             api_url = f"http://127.0.0.1:{api_port}/v1/decisions"
-            api_body = DEMO_REQUEST_FILE.read_bytes()
-            api_headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+            _check_answered(api_url, load)
             ml_url = f"http://127.0.0.1:{mlflow_port}/invocations"
             columns = [f"f{i}" for i in range(size["features"])]
             ml_body = orjson.dumps(
@@ -479,27 +610,27 @@ def run_bench(
                     }
                 }
             )
-            ml_headers = {"Content-Type": "application/json"}
+            ml_requests = [(ml_body, {"Content-Type": "application/json"})]
             use_wrk = shutil.which("wrk") is not None
 
-            def closed(url: str, body: bytes, headers: dict[str, str]) -> LoadFigures:
+            def closed(url: str, requests: RequestList) -> LoadFigures:
                 if use_wrk:
-                    return wrk_closed_loop(url, body, headers, connections=concurrency, seconds=seconds, folder=folder)
+                    return wrk_closed_loop(url, requests, connections=concurrency, seconds=seconds, folder=folder)
                 return asyncio.run(
-                    closed_loop(url, body, headers, concurrency=concurrency, seconds=seconds, max_requests=max_requests)
+                    closed_loop(url, requests, concurrency=concurrency, seconds=seconds, max_requests=max_requests)
                 )
 
             cpu_before = tree_cpu_seconds(api.pid)
-            api_figures = closed(api_url, api_body, api_headers)
+            api_figures = closed(api_url, load.requests)
             api_figures = _with_cpu(api_figures, tree_cpu_seconds(api.pid) - cpu_before)
-            api_rate = _run_timed(fixed_rate(api_url, api_body, api_headers, rate=rate, seconds=rate_seconds))
+            api_rate = _run_timed(fixed_rate(api_url, load.requests, rate=rate, seconds=rate_seconds))
             rss = _worker_rss(api.pid)
             cpu_before = tree_cpu_seconds(serve.pid)
-            ml_figures = closed(ml_url, ml_body, ml_headers)
+            ml_figures = closed(ml_url, ml_requests)
             ml_figures = _with_cpu(ml_figures, tree_cpu_seconds(serve.pid) - cpu_before)
             ml_rate = None
             if ml_figures.rps >= rate:  # a fixed rate above what it sustains only measures its queue
-                ml_rate = _run_timed(fixed_rate(ml_url, ml_body, ml_headers, rate=rate, seconds=rate_seconds))
+                ml_rate = _run_timed(fixed_rate(ml_url, ml_requests, rate=rate, seconds=rate_seconds))
         finally:
             for process in (api, serve):
                 process.terminate()
@@ -516,7 +647,9 @@ def run_bench(
         ratio=round(api_figures.rps / ml_figures.rps, 2) if ml_figures.rps else float("inf"),
         fixed_rate=rate,
         model_version=model_version,
-        candidates_per_request=rows,
+        traffic=load.name,
+        distinct_requests=len(load.requests),
+        candidates_per_request=round(load.candidates_per_request, 1),
         reference_model=size,
         worker_rss_mb=rss,
     )
@@ -529,7 +662,10 @@ def _print(result: BenchResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"decision API (model {result.model_version}) vs mlflow models serve")
+    table = Table(
+        title=f"decision API (model {result.model_version}) vs mlflow models serve, {result.traffic} traffic "
+        f"({result.distinct_requests} distinct request{'s' if result.distinct_requests != 1 else ''})"
+    )
     for column in ("server", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "CPU ms/request"):
         table.add_column(column)
     rows = [
@@ -551,7 +687,8 @@ def _print(result: BenchResult) -> None:
     console.print(table)
     console.print(
         f"throughput ratio API/mlflow: {result.ratio:.1f}x; candidates scored per request: "
-        f"{result.candidates_per_request}; reference model {result.reference_model}"
+        f"{result.candidates_per_request:g} (mean; the reference scores that many rows); reference model "
+        f"{result.reference_model}"
     )
     if not math.isnan(result.cpu_ratio()):
         console.print(f"server CPU per request, mlflow/API: {result.cpu_ratio():.1f}x (closed loop, process trees)")
@@ -565,4 +702,5 @@ def _print(result: BenchResult) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `make bench` calls run_bench
-    run_bench(tracking_uri=sys.argv[1] if len(sys.argv) > 1 else None)
+    for kind in sys.argv[2:] or TRAFFIC:
+        run_bench(tracking_uri=sys.argv[1] if len(sys.argv) > 1 else None, traffic=kind)

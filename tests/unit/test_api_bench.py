@@ -1,17 +1,38 @@
-"""The API benchmark's own arithmetic: CPU per request of a server's process tree."""
+"""The API benchmark's own parts: CPU per request of a server's process tree, the traffic and its load generators."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from service.api.bench import BenchResult, LoadFigures, fixed_rate, tree_cpu_seconds
+from model.merchant_config import load_config
+from model.requests import DecisionRequest
+from service.api.bench import (
+    BENCH_CONFIG,
+    BenchResult,
+    LoadFigures,
+    Traffic,
+    UnansweredRequestError,
+    _check_answered,
+    bench_key,
+    fixed_rate,
+    mixed_traffic,
+    tree_cpu_seconds,
+    wrk_closed_loop,
+)
 
 
 def _figures(requests: int, cpu_ms: float = math.nan) -> LoadFigures:
@@ -44,6 +65,8 @@ def test_cpu_ratio_compares_cpu_per_request_and_is_nan_when_unknown() -> None:
         ratio=5.0,
         fixed_rate=300.0,
         model_version="1",
+        traffic="demo",
+        distinct_requests=1,
         candidates_per_request=44,
         reference_model={"features": 69, "trees": 82, "leaves": 31},
     )
@@ -80,10 +103,100 @@ def test_fixed_rate_sends_on_schedule_over_keep_alive_connections(status: int, o
         server = await _serve_http(status, seen)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            return await fixed_rate(f"http://127.0.0.1:{port}/v1/decisions", b'{"a":1}', {"X-Key": "k"},
+            return await fixed_rate(f"http://127.0.0.1:{port}/v1/decisions", [(b'{"a":1}', {"X-Key": "k"})],
                                     rate=200, seconds=0.5)  # fmt: skip
 
     figures = asyncio.run(scenario())
     assert (figures.requests, figures.errors) == ((100, 0) if ok else (0, 100))
     assert seen == [b'{"a":1}'] * 120  # 20 warm-up requests first
     assert figures.seconds < 5
+
+
+def test_fixed_rate_sends_the_requests_in_turn() -> None:
+    seen: list[bytes] = []
+    requests = [(b'{"n":1}', {"X-Key": "a"}), (b'{"n":22}', {"X-Key": "b"}), (b'{"n":333}', {"X-Key": "c"})]
+
+    async def scenario() -> LoadFigures:
+        server = await _serve_http(200, seen)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await fixed_rate(f"http://127.0.0.1:{port}/v1/decisions", requests, rate=200, seconds=0.2)
+
+    figures = asyncio.run(scenario())
+    assert figures.requests == 40
+    assert seen == [body for body, _ in requests] * 20  # 20 warm-up requests, then 40, one after the other
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers every POST with 200, or with 422 when the body says ``"refuse"``; keeps (Authorization, body)."""
+
+    seen: list[tuple[str, bytes]]
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.headers.get("Authorization", ""), body))
+        status = 422 if b"refuse" in body else 200
+        answer = b'{"detail":"refused"}' if status == 422 else b'{"ok":true}'
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    seen: list[tuple[str, bytes]] = []
+    handler = type("Recorder", (_Recorder,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/decisions", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make bench-tools installs it)")
+def test_wrk_sends_every_request_with_its_own_headers(
+    recorder: tuple[str, list[tuple[str, bytes]]], tmp_path: Path
+) -> None:
+    url, seen = recorder
+    requests = [(json.dumps({"n": n, "text": 'quote " and \\ slash'}).encode(), {"Authorization": f"Bearer k{n}"})
+                for n in range(3)]  # fmt: skip
+    figures = wrk_closed_loop(url, requests, connections=2, seconds=1, folder=tmp_path)
+    assert figures.requests > 0
+    assert figures.errors == 0
+    assert {auth for auth, _ in seen} == {"Bearer k0", "Bearer k1", "Bearer k2"}
+    assert {(auth, body) for auth, body in seen} == {(headers["Authorization"], body) for body, headers in requests}
+
+
+def test_a_request_not_answered_200_stops_the_bench_naming_it(recorder: tuple[str, list[tuple[str, bytes]]]) -> None:
+    url, seen = recorder
+    traffic = Traffic("mixed", ((b'{"ok":1}', {}), (b'{"refuse":1}', {})), candidates_per_request=2.0)
+    with pytest.raises(UnansweredRequestError, match=r"mixed request 1 got 422: .*refused"):
+        _check_answered(url, traffic)
+    _check_answered(url, Traffic("demo", ((b'{"ok":1}', {}),), candidates_per_request=2.0))
+    assert len(seen) == 3
+
+
+def test_mixed_traffic_is_valid_varied_requests_with_their_merchants_keys() -> None:
+    traffic = mixed_traffic(count=60, seed=3)
+    merchants = load_config(BENCH_CONFIG).merchants
+    requests = [DecisionRequest.model_validate_json(body) for body, _ in traffic.requests]
+    assert 30 <= len(requests) <= 60
+    assert len({request.order_id for request in requests}) == len(requests)
+    for request, (_, headers) in zip(requests, traffic.requests, strict=True):
+        assert request.merchant_id in merchants
+        assert headers["Authorization"] == f"Bearer {bench_key(request.merchant_id)}"
+        assert hashlib.sha256(bench_key(request.merchant_id).encode()).hexdigest() == (
+            merchants[request.merchant_id].api_key_sha256
+        )
+    assert len({request.merchant_id for request in requests}) >= 3
+    assert len({request.payment.payment_method for request in requests}) >= 2
+    assert any(len(request.history.attempts) > 1 for request in requests)
+    assert traffic.candidates_per_request > 1

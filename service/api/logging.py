@@ -24,7 +24,9 @@ _STANDARD_ATTRS = frozenset(
 _BEARER = re.compile(r"(?i)bearer\s+\S+")
 _API_KEY = re.compile(r"(?<![A-Za-z0-9])wb_[A-Za-z0-9_\-]{4,}")  # also after "_": "ord_wb_live_..."
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-_PHONE = r"(?<![\w.])\+?\d[\d \-()]{7,}\d(?![\w.])"
+# Bounded by anything but a letter, a digit or a dot: a number glued after "_" ("ord_919876543210", an order id
+# built from the customer's phone) is masked too; one inside a word or a hex id ("dec_9a1234567890b...") is not.
+_PHONE = r"(?<![A-Za-z0-9.])\+?\d[\d \-()]{7,}\d(?![A-Za-z0-9.])"
 # A date or timestamp (ISO 8601, or as SQLAlchemy prints parameters) is digits and dashes too: it is matched
 # first and kept, so a phone number is looked for only outside it.
 _TIMESTAMP_OR_PHONE = re.compile(

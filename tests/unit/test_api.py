@@ -832,6 +832,12 @@ class _ListStream:
         ("from 2026-11-01T10:15:00+05:30 on", "from 2026-11-01T10:15:00+05:30 on"),
         ("on 2026-11-01 call +91 98765 43210", "on 2026-11-01 call [redacted-phone]"),
         ("phone 98765 43210 at 2026-11-01T10:15:00Z", "phone [redacted-phone] at 2026-11-01T10:15:00Z"),
+        # An id built from a phone number: the number after "_" was left as it was.
+        ("ord_919876543210", "ord_[redacted-phone]"),
+        ("ord_+919876543210_2", "ord_[redacted-phone]_2"),
+        ("dec_123456789a0b1c2d3e4f5a6b", "dec_123456789a0b1c2d3e4f5a6b"),
+        ("dec_9a0b1c2d3e4f5a6b12345678", "dec_9a0b1c2d3e4f5a6b12345678"),
+        ("pay_x_1 and pay_x_12", "pay_x_1 and pay_x_12"),
     ],
 )
 def test_scrub_masks_keys_emails_and_phones(text: str, expected: str) -> None:

@@ -62,10 +62,13 @@ def run(
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
     settings = Settings()
+    spool = decision_spool(settings.spool_dir)
     try:
-        decision_spool(settings.spool_dir).check_writable()  # each worker checks again; this one says it in one line
+        spool.check_writable()  # each worker checks again; this one says it in one line
     except OSError as error:
         raise SpoolUnwritableError(str(error)) from None
+    finally:
+        spool.close()  # this process owns no spool files: the workers' spools do
     database_url = settings.database_url
     engine = make_engine(database_url)
     try:

@@ -684,7 +684,16 @@ class DecisionWriter:
     def close(self, timeout: float = 30.0) -> None:
         """Flush and stop the writer thread. With a spool, what the database cannot take now is spooled at
         once, and what the writer still holds after ``stall_seconds`` (an insert that hangs) is spooled from
-        here; without one, what could not be stored within ``timeout`` seconds is reported lost."""
+        here; without one, what could not be stored within ``timeout`` seconds is reported lost. Then the spool
+        gives up its files (:meth:`DecisionSpool.close`): whatever this process left there is any scorer's to
+        store."""
+        try:
+            self._shut_down(timeout)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
+
+    def _shut_down(self, timeout: float) -> None:
         if not self._thread.is_alive():
             return
         self._queue.put(None)

@@ -4,7 +4,6 @@ bounded during a long one."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -262,8 +261,7 @@ def test_new_decisions_are_stored_during_a_long_spool_replay_and_shutdown_leaves
     old_ids = [f"dec_old_{i:04d}" for i in range(1000)]
     left = decision_spool(spool_dir)
     left.append([_stored_row(decision_id) for decision_id in old_ids])
-    (path,) = spool_dir.iterdir()
-    path.rename(spool_dir / "pending-999999999-gone.jsonl")  # left by a process that is gone
+    left.close()  # left by a spool that is gone
     writer = DecisionWriter(_SlowStore(engine, 0.02), interval=0.01, max_batch=5, spool=decision_spool(spool_dir))
     _wait_for(lambda: len(_stored_ids(engine)) >= 5)
     writer.put(_stored_row("dec_new"))
@@ -302,7 +300,7 @@ def test_shutdown_mid_replay_puts_every_claimed_file_back(engine: sa.Engine, tmp
     for name in ("a", "b", "c"):
         left = decision_spool(spool_dir)
         left.append([_stored_row(f"dec_{name}{i}") for i in range(20)])
-        left.pending_path.rename(spool_dir / f"pending-999999999-{name}.jsonl")  # left by processes that are gone
+        left.close()  # left by spools that are gone
     writer = DecisionWriter(_SlowStore(engine, 0.05), interval=0.01, max_batch=5, spool=decision_spool(spool_dir))
     _wait_for(lambda: len(_stored_ids(engine)) >= 5)
     writer.close()
@@ -327,25 +325,30 @@ def test_shutdown_spools_the_row_a_batch_is_gathering_around_when_the_writer_doe
     _wait_for(lambda: not writer._thread.is_alive())  # it then stores them too: storing skips ids stored twice
 
 
-def test_a_spool_file_is_claimed_once_and_another_live_process_s_files_are_left_alone(tmp_path: Path) -> None:
+def test_a_spool_file_is_claimed_once_and_another_live_spool_s_files_are_left_alone(tmp_path: Path) -> None:
     columns = ("created_at",)
     first, second = DecisionSpool(tmp_path, columns), DecisionSpool(tmp_path, columns)
     first.append([{"decision_id": "dec_1", "created_at": "2026-12-03T10:00:00+00:00"}])
-    (tmp_path / "replaying-999999999-dead-0.jsonl").write_bytes(b'{"decision_id": "dec_2"}\n')  # its process died
-    (tmp_path / f"replaying-{os.getppid()}-live-0.jsonl").write_bytes(b'{"decision_id": "dec_3"}\n')
+    gone = DecisionSpool(tmp_path, columns)
+    gone.append([{"decision_id": "dec_0"}])
+    gone.close()  # its owner is gone: its file is anyone's
+    # Files without an owner lock file (written before owner locks existed): their owner is taken to be gone.
+    (tmp_path / "replaying-999999999-dead-0.jsonl").write_bytes(b'{"decision_id": "dec_2"}\n')
     (tmp_path / "pending-999999999-dead.jsonl").write_bytes(b'{"decision_id": "dec_4"}\n')
-    (tmp_path / f"pending-{os.getppid()}-live.jsonl").write_bytes(b'{"decision_id": "dec_5"}\n')  # still writing
     claimed = second.claim()
     assert second.claim() == []
-    assert first.claim() == []
     rows = [row for path in claimed for batch in second.read(path, 10) for row in batch]
-    assert sorted(row["decision_id"] for row in rows) == ["dec_1", "dec_2", "dec_4"]
-    (first_row,) = [row for row in rows if row["decision_id"] == "dec_1"]
+    assert sorted(row["decision_id"] for row in rows) == ["dec_0", "dec_2", "dec_4"]
+    # The first spool's file stayed its own, though it is in the same process; and the second's are left to it.
+    (mine,) = first.claim()
+    ((first_row,),) = first.read(mine, 10)
+    assert first_row["decision_id"] == "dec_1"
     assert first_row["created_at"].isoformat() == "2026-12-03T10:00:00+00:00"
-    for path in claimed:
-        second.release(path)
-    left = sorted(path.name for path in tmp_path.iterdir())
-    assert left == [f"pending-{os.getppid()}-live.jsonl", f"replaying-{os.getppid()}-live-0.jsonl"]
+    for path in [*claimed, mine]:
+        DecisionSpool.release(path)
+    first.close()
+    second.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_line_cut_short_by_a_crash_is_kept_aside_and_the_rest_is_read(

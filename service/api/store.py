@@ -91,6 +91,29 @@ def decision_spool(directory: str | Path) -> DecisionSpool:
     return DecisionSpool(directory, columns)
 
 
+class DatabaseFileGoneError(RuntimeError):
+    """The SQLite database file the writer started with was deleted or replaced under it."""
+
+
+def sqlite_file(url: str | sa.URL) -> Path | None:
+    """The absolute path of a file-based SQLite database URL; None for another database or an in-memory one."""
+    parsed = sa.make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or str(parsed.query.get("uri", "")).lower() in ("true", "1"):
+        return None  # a URI filename (maybe a shared in-memory one): not a plain path
+    return Path(database).absolute()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 class OutcomeConflictError(ValueError):
     """The decision already has an outcome with another order, status or instant."""
 
@@ -387,6 +410,12 @@ class DecisionWriter:
     decision_id already stored. A long spool replay yields to new decisions after every batch and stops at
     shutdown (the rest of the file stays for the next start).
 
+    A file-based SQLite database whose file is deleted or replaced while the writer runs would go on taking rows
+    into the unlinked file, where they are lost: the writer looks at the path after every insert, and once it
+    names another file (or none) it logs so, stores nothing more until the process restarts (it neither writes
+    to the old file nor creates an empty one) and moves every row since, the batch that found it included, to the
+    spool (without one, they wait in memory).
+
     ``flush()`` blocks until everything queued so far is stored (or spooled); ``close()`` flushes and stops the
     thread.
     """
@@ -418,6 +447,10 @@ class DecisionWriter:
         self._wake = threading.Event()  # ends an outage wait early: the backlog passed the bound, or closing
         self._stop = False
         self._next_probe = 0.0  # when an idle writer holding spooled rows may next ask whether the database is back
+        # A SQLite file: the file it is now (or, if there is none yet, once the engine creates it), to find it gone.
+        self._database_file = sqlite_file(store.engine.url)
+        self._database_identity = None if self._database_file is None else _file_identity(self._database_file)
+        self._database_file_gone = False
         self._thread = threading.Thread(target=self._run, name="winback-decision-writer", daemon=True)
         self._thread.start()
 
@@ -540,6 +573,8 @@ class DecisionWriter:
 
     def _database_back(self) -> bool:
         """Whether the database answers (asked at most every ``max_backoff`` seconds)."""
+        if self._database_file_gone:
+            return False  # not asked: connecting would create an empty file in its place
         now = time.monotonic()
         if now < self._next_probe:
             return False
@@ -632,8 +667,10 @@ class DecisionWriter:
         while True:
             self._busy_since = time.monotonic()
             try:
+                self._check_database_file()
                 self.store.insert_decisions(rows)
-            except DATABASE_AWAY as error:
+                self._check_database_file()  # gone before this commit: the rows went with it
+            except (*DATABASE_AWAY, DatabaseFileGoneError) as error:
                 outages += 1
                 # Pooled connections opened during the outage may stay unusable after it (seen: SQLite connections
                 # opened while the file was read-only kept failing every other insert): start afresh.
@@ -654,11 +691,33 @@ class DecisionWriter:
                 log.warning("database back after %d failed tries; %d decisions stored", outages, len(rows))
             return True
 
+    def _check_database_file(self) -> None:
+        """DatabaseFileGoneError once the SQLite file the writer started with is deleted or replaced (logged once;
+        the engine is disposed, and never connected again: that would create an empty file there)."""
+        if self._database_file is None:
+            return
+        if not self._database_file_gone:
+            now = _file_identity(self._database_file)
+            if self._database_identity is None:
+                self._database_identity = now  # created by the engine since the writer started
+                return
+            if now == self._database_identity:
+                return
+            self._database_file_gone = True
+            self.store.engine.dispose()
+            where = "to the spool " + str(self.spool.directory) if self.spool is not None else "in memory"
+            log.error("the SQLite database file %s was deleted or replaced while this process ran: nothing more is "
+                      "written to it, decisions since go %s; restore the database there (or migrate a new one) and "
+                      "restart, the next start stores them", self._database_file, where)  # fmt: skip
+        raise DatabaseFileGoneError(f"the SQLite database file {self._database_file} was deleted or replaced")
+
     def _spill(self, rows: list[dict[str, Any]]) -> bool:
         """During an outage, once the backlog passed ``max_queued`` or the writer is closing, move ``rows`` and
         the whole backlog to the spool; whether they moved. The backlog joins ``rows`` (in place: the caller
         stores what it holds), so a spool that cannot be written leaves every row waiting in hand."""
-        if self.spool is None or not (self._closing.is_set() or self._queue.qsize() >= self.max_queued):
+        if self.spool is None:
+            return False
+        if not (self._closing.is_set() or self._database_file_gone or self._queue.qsize() >= self.max_queued):
             return False
         backlog, taken = self._drain()
         rows.extend(backlog)

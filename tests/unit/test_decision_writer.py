@@ -4,6 +4,7 @@ bounded during a long one."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 from model.requests import Decision
 from service.api.spool import DecisionSpool
-from service.api.store import DecisionWriter, Store, decision_row, decision_spool, make_engine
+from service.api.store import DecisionWriter, Store, decision_row, decision_spool, make_engine, sqlite_file
 from service.migrations import upgrade
 from tests.factories import make_request
 
@@ -365,3 +366,55 @@ def test_a_line_cut_short_by_a_crash_is_kept_aside_and_the_rest_is_read(
     (kept,) = _spooled_rows(tmp_path, "rejected")
     assert kept["row"] == {"line": '{"decision_id": "dec_2", "answ'}
     assert "is not a decision row" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("fate", ["deleted", "replaced"])
+def test_a_sqlite_file_deleted_or_replaced_under_the_writer_sends_every_decision_since_to_the_spool(
+    fate: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, spool_dir = tmp_path / "w.db", tmp_path / "spool"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    writer = DecisionWriter(Store(engine), interval=0.01, max_backoff=0.05, spool=decision_spool(spool_dir))
+    writer.put(_stored_row("dec_1"))
+    writer.flush()
+    if fate == "deleted":
+        path.unlink()  # SQLite would go on writing into the unlinked file
+    else:
+        other = make_engine(f"sqlite:///{tmp_path / 'other.db'}")
+        upgrade(other)
+        other.dispose()
+        os.replace(tmp_path / "other.db", path)
+    with caplog.at_level(logging.ERROR, logger="winback.api"):
+        for decision_id in ("dec_2", "dec_3"):
+            writer.put(_stored_row(decision_id))
+            writer.flush()
+        writer.close()
+    assert sorted(row["decision_id"] for row in _spooled_rows(spool_dir)) == ["dec_2", "dec_3"]
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert f"the SQLite database file {path} was deleted or replaced" in errors[0]
+    if fate == "deleted":
+        assert not path.exists()  # no empty database made in its place
+    else:
+        replacement = make_engine(f"sqlite:///{path}")
+        assert not {"dec_2", "dec_3"} & set(_stored_ids(replacement))  # nor rows put into another one
+        replacement.dispose()
+
+    # The database restored (here: a new one migrated) and the scorer restarted: the spooled decisions are stored.
+    restored = make_engine(f"sqlite:///{path}")
+    upgrade(restored)
+    restarted = DecisionWriter(Store(restored), interval=0.01, spool=decision_spool(spool_dir))
+    # (A file replaced beside the old one's -wal file takes that log's pages with it, dec_1 here: SQLite's hazard.)
+    _wait_for(lambda: {"dec_2", "dec_3"} <= set(_stored_ids(restored)))
+    restarted.close()
+    restored.dispose()
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_the_writer_watches_only_a_file_based_sqlite_database(tmp_path: Path) -> None:
+    assert sqlite_file(f"sqlite:///{tmp_path / 'w.db'}") == tmp_path / "w.db"
+    assert sqlite_file("sqlite:///relative.db") == Path.cwd() / "relative.db"
+    for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:shared?mode=memory&uri=true",
+                "postgresql+psycopg://u:p@db/winback"):  # fmt: skip
+        assert sqlite_file(url) is None

@@ -47,6 +47,7 @@ from service.api.schemas import (
 from service.api.settings import Settings
 from service.api.store import (
     DATABASE_AWAY,
+    DatabaseFileGoneError,
     DecisionWriter,
     ForeignDecisionError,
     OutcomeBeforeFailureError,
@@ -293,6 +294,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 detail="too many outcomes are waiting for the database; the outcome was not stored: send it again",
+            ) from None
+        except DatabaseFileGoneError as exc:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                detail=f"{exc}; the outcome was not stored: restore the database and restart the scorer, then "
+                "send it again",
             ) from None
         except DATABASE_AWAY as exc:
             raise HTTPException(

@@ -92,7 +92,7 @@ def decision_spool(directory: str | Path) -> DecisionSpool:
 
 
 class DatabaseFileGoneError(RuntimeError):
-    """The SQLite database file the writer started with was deleted or replaced under it."""
+    """The SQLite database file a process started with was deleted or replaced under it."""
 
 
 def sqlite_file(url: str | sa.URL) -> Path | None:
@@ -112,6 +112,32 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return found.st_dev, found.st_ino
+
+
+class SqliteFileWatch:
+    """Whether a file-based SQLite database's file is still the one this process started with.
+
+    SQLite goes on writing into a file deleted (or replaced) under it, where every row is lost. :meth:`check`
+    compares the path's device and inode with the file's when the watch began (or, when there was no file yet,
+    when it first saw one); once they differ, the file is taken as gone for good, until the process restarts
+    (connecting again would create an empty file in its place). A URL that is not a SQLite file is never gone.
+    """
+
+    def __init__(self, url: str | sa.URL) -> None:
+        self.path = sqlite_file(url)
+        self._identity = None if self.path is None else _file_identity(self.path)
+        self.gone = False
+
+    def check(self) -> bool:
+        """Whether the file is gone (deleted or replaced); True from then on."""
+        if self.path is None or self.gone:
+            return self.gone
+        now = _file_identity(self.path)
+        if self._identity is None:
+            self._identity = now  # created by the engine since the watch began
+        elif now != self._identity:
+            self.gone = True
+        return self.gone
 
 
 class OutcomeConflictError(ValueError):
@@ -235,6 +261,7 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.file_watch = SqliteFileWatch(engine.url)
 
     def insert_decisions(self, rows: Iterable[dict[str, Any]]) -> int:
         """Insert decision rows; a row whose decision_id is already stored (or earlier in ``rows``) is skipped."""
@@ -327,6 +354,7 @@ class Store:
         writer, which may be waiting out a database blip); one found nowhere (a decision_id never served, or one
         another process holds) is kept under the merchant that sent it, and never stands in for another merchant's.
         """
+        self._check_file()  # before connecting: that would create an empty file in its place
         decision_id = str(body["decision_id"])
         query = sa.select(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time).where(
             decisions.c.decision_id == decision_id
@@ -374,7 +402,15 @@ class Store:
                 conn.execute(outcomes.insert().values(**row))
         except IntegrityError:
             pass  # already stored (maybe by a concurrent request): compare below
+        self._check_file()  # gone before the commit: the outcome went with it, the caller must send it again
         return self._same_or_conflict(merchant_id, body)
+
+    def _check_file(self) -> None:
+        """DatabaseFileGoneError when the SQLite file this store started with was deleted or replaced."""
+        if self.file_watch.check():
+            raise DatabaseFileGoneError(
+                f"the SQLite database file {self.file_watch.path} was deleted or replaced while this process ran"
+            )
 
     def _same_or_conflict(self, merchant_id: str, body: Mapping[str, Any]) -> StoredOutcome:
         with self.engine.connect() as conn:
@@ -447,10 +483,7 @@ class DecisionWriter:
         self._wake = threading.Event()  # ends an outage wait early: the backlog passed the bound, or closing
         self._stop = False
         self._next_probe = 0.0  # when an idle writer holding spooled rows may next ask whether the database is back
-        # A SQLite file: the file it is now (or, if there is none yet, once the engine creates it), to find it gone.
-        self._database_file = sqlite_file(store.engine.url)
-        self._database_identity = None if self._database_file is None else _file_identity(self._database_file)
-        self._database_file_gone = False
+        self._file_gone_reported = False  # the SQLite file gone (store.file_watch) is logged once
         self._thread = threading.Thread(target=self._run, name="winback-decision-writer", daemon=True)
         self._thread.start()
 
@@ -573,7 +606,7 @@ class DecisionWriter:
 
     def _database_back(self) -> bool:
         """Whether the database answers (asked at most every ``max_backoff`` seconds)."""
-        if self._database_file_gone:
+        if self.store.file_watch.gone:
             return False  # not asked: connecting would create an empty file in its place
         now = time.monotonic()
         if now < self._next_probe:
@@ -694,22 +727,17 @@ class DecisionWriter:
     def _check_database_file(self) -> None:
         """DatabaseFileGoneError once the SQLite file the writer started with is deleted or replaced (logged once;
         the engine is disposed, and never connected again: that would create an empty file there)."""
-        if self._database_file is None:
+        watch = self.store.file_watch
+        if not watch.check():
             return
-        if not self._database_file_gone:
-            now = _file_identity(self._database_file)
-            if self._database_identity is None:
-                self._database_identity = now  # created by the engine since the writer started
-                return
-            if now == self._database_identity:
-                return
-            self._database_file_gone = True
+        if not self._file_gone_reported:
+            self._file_gone_reported = True
             self.store.engine.dispose()
             where = "to the spool " + str(self.spool.directory) if self.spool is not None else "in memory"
             log.error("the SQLite database file %s was deleted or replaced while this process ran: nothing more is "
                       "written to it, decisions since go %s; restore the database there (or migrate a new one) and "
-                      "restart, the next start stores them", self._database_file, where)  # fmt: skip
-        raise DatabaseFileGoneError(f"the SQLite database file {self._database_file} was deleted or replaced")
+                      "restart, the next start stores them", watch.path, where)  # fmt: skip
+        raise DatabaseFileGoneError(f"the SQLite database file {watch.path} was deleted or replaced")
 
     def _spill(self, rows: list[dict[str, Any]]) -> bool:
         """During an outage, once the backlog passed ``max_queued`` or the writer is closing, move ``rows`` and
@@ -717,7 +745,7 @@ class DecisionWriter:
         stores what it holds), so a spool that cannot be written leaves every row waiting in hand."""
         if self.spool is None:
             return False
-        if not (self._closing.is_set() or self._database_file_gone or self._queue.qsize() >= self.max_queued):
+        if not (self._closing.is_set() or self.store.file_watch.gone or self._queue.qsize() >= self.max_queued):
             return False
         backlog, taken = self._drain()
         rows.extend(backlog)

@@ -512,6 +512,22 @@ def test_an_outcome_the_database_cannot_take_is_a_503_saying_to_send_it_again(
     assert api.post("/v1/outcomes", _outcome(decision_id)).status_code == 200
 
 
+def test_an_outcome_after_the_sqlite_file_was_deleted_is_a_503_not_a_row_in_the_deleted_file(
+    api: Api, tmp_path: Path
+) -> None:
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    api.flush()
+    database = tmp_path / "winback.db"
+    database.unlink()  # SQLite would go on writing into the unlinked file
+    refused = api.post("/v1/outcomes", _outcome(decision_id))
+    assert refused.status_code == 503
+    assert refused.json()["detail"] == (
+        f"the SQLite database file {database} was deleted or replaced while this process ran; the outcome was not "
+        "stored: restore the database and restart the scorer, then send it again"
+    )
+    assert not database.exists()  # no empty database made in its place
+
+
 def test_an_outcome_whose_decision_waits_out_a_database_blip_is_checked_against_it(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

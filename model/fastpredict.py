@@ -49,8 +49,12 @@ _FAST_FREE.argtypes = [ctypes.c_void_p]
 class FastPredictor:
     """``booster.predict(x, num_threads=1)`` and ``pred_leaf=True`` for float32 row-major matrices."""
 
-    def __init__(self, booster: lgb.Booster) -> None:
-        self._booster = booster  # keeps the handle alive
+    def __init__(self, booster: lgb.Booster, *, hold_booster: bool = True) -> None:
+        # A predictor of its own holds the booster, whose handle it calls. The one kept on the booster itself
+        # (fast_predictor) holds none: a reference back would make a cycle, which only the cyclic collector frees,
+        # and the scorer moves what it holds after start-up out of that collector's reach (gc.freeze in
+        # service/api/app.py), so a swapped-out model would never be freed.
+        self._booster = booster if hold_booster else None
         self._handle = booster._handle
         self.num_features = booster.num_feature()
         per_iteration = booster.num_model_per_iteration()
@@ -178,4 +182,4 @@ def kept_on_booster(booster: lgb.Booster, attribute: str, make: Callable[[lgb.Bo
 
 def fast_predictor(booster: lgb.Booster) -> FastPredictor:
     """The booster's FastPredictor, made on first use."""
-    return kept_on_booster(booster, "_winback_fast_predictor", FastPredictor)
+    return kept_on_booster(booster, "_winback_fast_predictor", lambda kept: FastPredictor(kept, hold_booster=False))

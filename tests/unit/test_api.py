@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,6 +137,9 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
         "load_model": False,
         "decision_flush_seconds": 0.01,
         "seed": 7,
+        # Tests start hundreds of apps in one process: freezing each one's objects would keep every later cycle
+        # among them forever (test_the_scorer_freezes_its_start_up_objects covers the setting).
+        "gc_freeze": False,
     }
     return Settings(**(values | overrides))
 
@@ -661,6 +666,25 @@ def test_registered_champion_serves_and_a_new_version_is_swapped_in(tmp_path: Pa
         assert 'winback_model_info{version="3"}' not in api.get("/metrics").text
     finally:
         api.close()
+
+
+def test_the_scorer_freezes_its_start_up_objects_and_still_frees_a_swapped_out_model(tmp_path: Path) -> None:
+    source = FakeSource("3")
+    frozen_before = gc.get_freeze_count()
+    api = start(tmp_path, source, gc_freeze=True)
+    try:
+        assert gc.get_freeze_count() > frozen_before  # the start-up objects are out of the collector's passes
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
+        first = weakref.ref(api.runtime.holder.current.scorer)
+        source.version = "4"
+        assert api.runtime.holder.refresh() is True
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "4"
+        # Frozen, the first model can only be freed by refcounting: nothing of the serving path may hold it in a
+        # reference cycle (a swapped-out model would stay in memory for good).
+        assert first() is None
+    finally:
+        api.close()
+        gc.unfreeze()
 
 
 def test_registry_down_keeps_serving_the_current_model(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import lightgbm as lgb
 import numpy as np
 import pytest
@@ -74,3 +77,25 @@ def test_one_predictor_per_booster() -> None:
     booster = _booster(rounds=3)
     assert fast_predictor(booster) is fast_predictor(booster)
     assert fast_predictor(booster) is not fast_predictor(_booster(rounds=3))
+
+
+def test_a_booster_whose_predictor_is_kept_on_it_is_freed_without_the_cyclic_collector() -> None:
+    # The scorer freezes what it holds after start-up (gc.freeze): a model swapped out later is freed only if
+    # nothing of it sits in a reference cycle, which the kept predictor pointing back at its booster would make.
+    booster = _booster(rounds=5)
+    fast_predictor(booster).predict(_rows(SINGLE_ROW_LIMIT))  # a fast config too
+    fast_predictor(booster).predict(_rows(20))
+    gone = weakref.ref(booster)
+    gc.collect()
+    gc.freeze()
+    try:
+        del booster
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_a_predictor_of_its_own_keeps_its_booster_alive() -> None:
+    predictor = FastPredictor(_booster(rounds=5))  # nothing else holds the booster
+    gc.collect()
+    assert predictor.predict(_rows(3)).shape == (3,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import math
@@ -200,3 +201,17 @@ def test_mixed_traffic_is_valid_varied_requests_with_their_merchants_keys() -> N
     assert len({request.payment.payment_method for request in requests}) >= 2
     assert any(len(request.history.attempts) > 1 for request in requests)
     assert traffic.candidates_per_request > 1
+
+
+def test_the_generators_collector_is_off_while_it_measures_and_on_again_after() -> None:
+    from service.api.bench import _collector_paused, _run_timed
+
+    async def measured() -> LoadFigures:
+        assert not gc.isenabled()  # a pass over the bench's own objects would count as server latency
+        return _figures(1)
+
+    assert _run_timed(measured()).requests == 1
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _collector_paused():
+        raise RuntimeError("the generator failed")
+    assert gc.isenabled()

@@ -382,7 +382,8 @@ def bench(
                 rows.append(
                     BenchRow(
                         benchmark=f"{name}, {traffic} traffic",
-                        inputs=f"{api.distinct_requests} distinct requests, {api.candidates_per_request} "
+                        inputs=f"{api.distinct_requests} distinct request{'s' if api.distinct_requests != 1 else ''}, "
+                        f"{api.candidates_per_request} "
                         f"candidates/request, 2 workers, model {api.model_version}",
                         figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms, "
                         f"server CPU {figures.cpu_ms_per_request} ms/request",

@@ -99,15 +99,21 @@ class DecisionSpool:
             ) from error
 
     def _own(self) -> None:
-        """Take an owner lock if this spool holds none (the caller holds ``_lock``).
+        """Take an owner lock if this spool holds none, or holds one whose lock file is gone (the caller holds
+        ``_lock``).
 
         The lock file is created under a fresh token: files written under an earlier token of this spool (before a
         :meth:`close`) are nobody's now, and stay so. A claimer may be probing the new file in the instant between
         its creation and the lock (it then removes it as stale): the lock is kept only when the name still leads to
-        the locked file, and otherwise taken again under another token.
+        the locked file, and otherwise taken again under another token. A lock whose file was removed under it (the
+        directory deleted and made again) guards nothing: a file written beside no lock file is any claimer's, so
+        it is given up and a new one taken, in a directory made again if need be.
         """
         if self._owner_fd is not None:
-            return
+            if _names(self._owner_fd, self.owner_lock_path):
+                return
+            os.close(self._owner_fd)  # a lock on a removed file: nobody can see it
+            self._owner_fd = None
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             token = _new_token()

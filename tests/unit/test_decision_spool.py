@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,4 +223,21 @@ def test_the_owner_lock_is_flock_not_a_record_lock(tmp_path: Path) -> None:
     assert other.claim() == []
     spool.close()
     assert _ids(other, other.claim()) == ["dec_1"]
+    other.close()
+
+
+def test_a_spool_whose_directory_was_deleted_keeps_writing_and_keeps_its_files_its_own(tmp_path: Path) -> None:
+    # Its lock on the removed lock file guarded nothing: appends failed (the directory was made only with the first
+    # lock), and once another scorer made the directory again, this spool's new file lay beside no lock file and
+    # was claimed from under it while it still appended to it.
+    directory = tmp_path / "spool"
+    spool = DecisionSpool(directory, ())
+    spool.append([{"decision_id": "dec_1"}])
+    shutil.rmtree(directory)
+    spool.append([{"decision_id": "dec_2"}])
+    assert spool.owner_lock_path.exists()
+    other = DecisionSpool(directory, ())
+    assert other.claim() == []
+    assert _ids(spool, spool.claim()) == ["dec_2"]
+    spool.close()
     other.close()

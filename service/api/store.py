@@ -107,10 +107,14 @@ def sqlite_file(url: str | sa.URL) -> Path | None:
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The file's (device, inode); None when there is none. A path that cannot be examined (permissions, a stale
+    network handle) is the database being unavailable, as SQLite would report it: an outage, never a refusal."""
     try:
         found = path.stat()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise sa.exc.OperationalError(f"stat {path}", None, error) from error
     return found.st_dev, found.st_ino
 
 

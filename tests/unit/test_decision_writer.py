@@ -418,3 +418,35 @@ def test_the_writer_watches_only_a_file_based_sqlite_database(tmp_path: Path) ->
     for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:shared?mode=memory&uri=true",
                 "postgresql+psycopg://u:p@db/winback"):  # fmt: skip
         assert sqlite_file(url) is None
+
+
+def test_a_database_file_that_cannot_be_examined_is_an_outage_not_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # stat() failing otherwise than "no such file" (permissions, a stale handle) sent every row to rejected-*.jsonl,
+    # which is never retried: the rows are kept for a replay like any outage's.
+    path, spool_dir = tmp_path / "w.db", tmp_path / "spool"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    writer = DecisionWriter(Store(engine), interval=0.01, max_backoff=0.05, spool=decision_spool(spool_dir))
+    real_stat = Path.stat
+    looked = threading.Event()
+
+    def stat(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        if self == path:
+            looked.set()
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with caplog.at_level(logging.WARNING, logger="winback.api"):
+        writer.put(_stored_row("dec_1"))
+        writer.put(_stored_row("dec_2"))
+        assert looked.wait(10)
+        _wait_for(lambda: any("database unavailable" in record.getMessage() for record in caplog.records))
+    monkeypatch.undo()  # the path can be examined again: the outage is over
+    writer.flush()
+    assert {"dec_1", "dec_2"} <= set(_stored_ids(engine))
+    assert _spooled_rows(spool_dir, prefix="rejected") == []
+    writer.close()
+    engine.dispose()

@@ -878,6 +878,15 @@ class _ListStream:
         ("dec_123456789a0b1c2d3e4f5a6b", "dec_123456789a0b1c2d3e4f5a6b"),
         ("dec_9a0b1c2d3e4f5a6b12345678", "dec_9a0b1c2d3e4f5a6b12345678"),
         ("pay_x_1 and pay_x_12", "pay_x_1 and pay_x_12"),
+        # winback's own ids stay readable even when all their hex digits happen to be decimal ones.
+        ("decision dec_123456789012345678901234 served", "decision dec_123456789012345678901234 served"),
+        ("nud_123456789012345678901234", "nud_123456789012345678901234"),
+        ("dec_1234567890123456789012345", "dec_[redacted-phone]"),  # not one of winback's ids (25 digits)
+        # A number ending a sentence, or after a dot that ends a word, is a phone number too; a decimal is not.
+        ("call 9876543210.", "call [redacted-phone]."),
+        ("call +91 98765 43210. Thanks", "call [redacted-phone]. Thanks"),
+        ("tel.9876543210", "tel.[redacted-phone]"),
+        ("ratio 1.123456789 and 123456789.50", "ratio 1.123456789 and 123456789.50"),
     ],
 )
 def test_scrub_masks_keys_emails_and_phones(text: str, expected: str) -> None:

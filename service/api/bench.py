@@ -240,7 +240,6 @@ def wrk_script(requests: RequestList) -> str:
         "local formatted, turn = {}, 0",
         "function init(args)",
         "  for i, request in ipairs(bodies) do formatted[i] = wrk.format(nil, nil, request[2], request[1]) end",
-        "  turn = math.random(#formatted) - 1",
         "end",
         "function request()",
         "  turn = turn % #formatted + 1",

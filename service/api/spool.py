@@ -42,7 +42,7 @@ log = logging.getLogger("winback.api")
 
 _PENDING, _REPLAYING, _REJECTED, _OWNER = "pending", "replaying", "rejected", "owner"
 
-#: Every spool of this process, so a forked child can drop the owner locks it inherited (see ``_after_fork``).
+#: Every spool of this process, so a forked child can drop the owner locks it inherited (see ``_before_fork``).
 _SPOOLS: weakref.WeakSet[DecisionSpool] = weakref.WeakSet()
 
 
@@ -148,7 +148,7 @@ class DecisionSpool:
         """In a forked child: the owner lock belongs to the parent (the child shares its open file description).
         Close the child's descriptor without unlocking (``LOCK_UN`` would unlock the parent's too); the child
         owns new files under a token of its own once it uses the spool."""
-        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._lock = threading.Lock()  # the forking thread held it across the fork (_before_fork)
         if self._owner_fd is not None:
             os.close(self._owner_fd)
             self._owner_fd = None
@@ -355,9 +355,29 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def _after_fork() -> None:
-    for spool in list(_SPOOLS):
+#: The spools whose locks the forking thread holds, from just before a fork to just after it.
+_HELD_FOR_FORK: list[DecisionSpool] = []
+
+
+def _before_fork() -> None:
+    # No spool may be between opening and recording a lock descriptor, or probing others' locks, when the process
+    # forks: the child would keep that descriptor, and with it a lock its dead parent's files could not be claimed
+    # past for as long as the child lives.
+    _HELD_FOR_FORK[:] = list(_SPOOLS)
+    for spool in _HELD_FOR_FORK:
+        spool._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for spool in _HELD_FOR_FORK:
+        spool._lock.release()
+    _HELD_FOR_FORK.clear()
+
+
+def _after_fork_in_child() -> None:
+    for spool in _HELD_FOR_FORK:
         spool._forget_inherited_lock()
+    _HELD_FOR_FORK.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

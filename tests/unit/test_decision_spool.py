@@ -173,6 +173,38 @@ os.read(0, 1)
         os.kill(int(child_pid), signal.SIGKILL)  # not the test's child: it cannot be waited for here
 
 
+def test_a_fork_waits_until_no_spool_is_half_way_through_taking_or_probing_a_lock(
+    tmp_path: Path, children: list[subprocess.Popen[str]]
+) -> None:
+    # A fork while another thread held a spool's lock (between opening a lock descriptor and recording it, or
+    # probing others' locks) left the child a descriptor, and a dead parent's files unclaimable while it lived.
+    parent = _python(
+        f"""
+import os, threading, time
+from service.api.spool import DecisionSpool
+spool = DecisionSpool({str(tmp_path)!r}, ())
+spool.check_writable()
+spool._lock.acquire()  # as a thread inside _own() or claim() holds it
+released = []
+
+def release_later():
+    time.sleep(0.3)
+    released.append(True)
+    spool._lock.release()
+
+threading.Thread(target=release_later).start()
+pid = os.fork()
+if pid == 0:
+    os.write(1, f"released before the fork: {{bool(released)}}\\n".encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+    )
+    children.append(parent)
+    assert _line(parent) == "released before the fork: True"
+    assert parent.wait(timeout=30) == 0
+
+
 _CLAIMER = """
 import json, sys
 from service.api.spool import DecisionSpool

@@ -8,8 +8,10 @@ default, latency counted from each request's scheduled send time), and each API 
 Two kinds of traffic (``TRAFFIC``): ``demo``, the shipped demo request sent again and again (comparable across
 runs), and ``mixed``, the requests a caller would have sent at the decision points of a small simulated history:
 every merchant of the demo config, cards, UPI, wallets and bank redirects, codes seen and never seen, first
-failures and later ones, each order once. A repeated request finds every per-error cache warm; the mix shows what
-varied traffic costs. The mlflow reference scores as many rows per request as the traffic averages candidates.
+failures and later ones, each order once. Every request is sent once before the clock starts (to check it is
+answered), so both measure warm caches, as steady traffic keeps its common errors' entries warm; the mix shows
+what varied requests cost (their grids, histories, merchants), not what a cache miss does. The mlflow reference
+scores as many rows per request as the traffic averages candidates.
 Targets (ISSUE): >= 1,000 decisions/s, p99 < 10 ms at 300 req/s, >= 7x mlflow serve, each worker < 400 MB.
 """
 
@@ -191,8 +193,8 @@ def wrk_closed_loop(url: str, requests: RequestList, *, connections: int, second
     """Closed loop with wrk (C, one thread): a load generator that leaves the CPU to the servers under test.
 
     The Python generator above tops out near 700 req/s on this 2-core box, below what the servers answer.
-    ``requests`` are sent in turn (each connection walks the list from its own start), formatted once by the
-    script's ``init``.
+    ``requests`` are sent in turn (one list walked by all connections: wrk's one thread has one Lua state),
+    formatted once by the script's ``init``.
     """
     script = folder / "post.lua"
     script.write_text(wrk_script(requests), encoding="utf-8")

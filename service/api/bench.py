@@ -414,6 +414,19 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def wait_idle(pid: int, *, busy_share: float = 0.05, interval: float = 0.5, timeout: float = 60.0) -> bool:
+    """Wait until ``pid``'s process tree uses under ``busy_share`` of one core over ``interval`` s; whether it did
+    within ``timeout``. A fixed-rate run measures a server at that rate: after a closed loop, the API's writer is
+    still storing the ~10,000 decisions it answered, and that backlog is not the fixed rate's latency."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(pid)
+        time.sleep(interval)
+        if tree_cpu_seconds(pid) - before < busy_share * interval:
+            return True
+    return False
+
+
 def _with_cpu(figures: LoadFigures, cpu_seconds: float) -> LoadFigures:
     per_request = cpu_seconds / figures.requests * 1e3 if figures.requests else float("nan")
     return replace(figures, cpu_ms_per_request=round(per_request, 3))
@@ -575,7 +588,7 @@ def run_bench(
     concurrency: int = 32,
     max_requests: int = 50_000,
     rate: float = 300.0,
-    rate_seconds: float = 5.0,
+    rate_seconds: float = 10.0,
     traffic: str | Traffic = "demo",
     print_table: bool = True,
 ) -> BenchResult:
@@ -641,6 +654,7 @@ def run_bench(
             cpu_before = tree_cpu_seconds(api.pid)
             api_figures = closed(api_url, load.requests)
             api_figures = _with_cpu(api_figures, tree_cpu_seconds(api.pid) - cpu_before)
+            wait_idle(api.pid)
             api_rate = _run_timed(fixed_rate(api_url, load.requests, rate=rate, seconds=rate_seconds))
             rss = _worker_rss(api.pid)
             cpu_before = tree_cpu_seconds(serve.pid)
@@ -648,6 +662,7 @@ def run_bench(
             ml_figures = _with_cpu(ml_figures, tree_cpu_seconds(serve.pid) - cpu_before)
             ml_rate = None
             if ml_figures.rps >= rate:  # a fixed rate above what it sustains only measures its queue
+                wait_idle(serve.pid)
                 ml_rate = _run_timed(fixed_rate(ml_url, ml_requests, rate=rate, seconds=rate_seconds))
         finally:
             for process in (api, serve):

@@ -215,3 +215,19 @@ def test_the_generators_collector_is_off_while_it_measures_and_on_again_after() 
     with pytest.raises(RuntimeError), _collector_paused():
         raise RuntimeError("the generator failed")
     assert gc.isenabled()
+
+
+def test_wait_idle_waits_for_a_busy_process_tree_to_settle() -> None:
+    from service.api.bench import wait_idle
+
+    burn = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    busy = subprocess.Popen([sys.executable, "-c", burn.format(seconds=60)])
+    settling = subprocess.Popen([sys.executable, "-c", burn.format(seconds=0.6)])
+    try:
+        assert not wait_idle(busy.pid, interval=0.2, timeout=1.0)
+        assert wait_idle(settling.pid, interval=0.2, timeout=20.0)
+        assert tree_cpu_seconds(settling.pid) >= 0.5  # it returned only once the burn was over
+    finally:
+        for child in (busy, settling):
+            child.kill()
+            child.wait()

@@ -231,3 +231,37 @@ def test_wait_idle_waits_for_a_busy_process_tree_to_settle() -> None:
         for child in (busy, settling):
             child.kill()
             child.wait()
+
+
+def test_the_fixed_rate_pool_does_not_reuse_a_connection_the_server_may_have_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.api import bench
+
+    monkeypatch.setattr(bench, "IDLE_REUSE_SECONDS", 0.1)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # answer, and close a connection idle for 0.3 s (as uvicorn does after 5 s)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.3)
+                length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+                             .split(b":")[1])  # fmt: skip
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def scenario() -> list[int]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            pool = bench._KeepAlivePool(f"http://127.0.0.1:{port}/v1/decisions", [(b"{}", {})])
+            try:
+                first = await pool.post()
+                await asyncio.sleep(0.5)  # the server has closed the connection by now
+                return [first, await pool.post()]
+            finally:
+                await pool.close()
+
+    assert asyncio.run(scenario()) == [200, 200]

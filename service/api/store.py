@@ -518,7 +518,7 @@ class DecisionWriter:
             self._spilling_aside.release()
 
     def _spill_backlog_aside(self) -> bool:
-        rows, taken, stop_requested = self._drain_aside()
+        rows, taken, stop_requested = self._queued()
         moved = False
         try:
             assert self.spool is not None  # for mypy: only called with one
@@ -539,21 +539,22 @@ class DecisionWriter:
         self._finish(taken)
         return moved
 
-    def _drain_aside(self) -> tuple[list[dict[str, Any]], int, bool]:
-        """Every queued row, taken by a thread other than the writer: (rows, items taken, whether the stop
-        request was among them). The writer's stop flag is left alone; the caller queues the request again."""
+    def _queued(self, limit: int | None = None) -> tuple[list[dict[str, Any]], int, bool]:
+        """Up to ``limit`` (default: all) queued rows: (rows, items taken, whether the stop request was among
+        them). Any thread may take them; the writer's stop flag is left to the caller."""
         rows: list[dict[str, Any]] = []
         taken, stop_requested = 0, False
-        while True:
+        while limit is None or len(rows) < limit:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return rows, taken, stop_requested
+                break
             taken += 1
             if item is None:
                 stop_requested = True
             else:
                 rows.append(item)
+        return rows, taken, stop_requested
 
     def in_flight(self, decision_id: str) -> dict[str, Any] | None:
         """The row of ``decision_id`` if it is queued or in hand here, not stored yet (None otherwise)."""
@@ -574,18 +575,9 @@ class DecisionWriter:
     def _drain(self, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
         """Up to ``limit`` (default: all) queued rows, and how many items were taken; taking the stop request
         sets ``_stop`` (the writer thread only)."""
-        rows: list[dict[str, Any]] = []
-        taken = 0
-        while limit is None or len(rows) < limit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            taken += 1
-            if item is None:
-                self._stop = True
-            else:
-                rows.append(item)
+        rows, taken, stop_requested = self._queued(limit)
+        if stop_requested:
+            self._stop = True
         return rows, taken
 
     def _run(self) -> None:
@@ -805,7 +797,7 @@ class DecisionWriter:
         # waits behind it go to the spool from here; should the insert still commit, storing skips those ids.
         stalled = self._stalled()
         with self._spilling_aside:
-            queued, taken, _ = self._drain_aside()
+            queued, taken, _ = self._queued()
             self._queue.put_nowait(None)  # the writer's stop request stays queued for it
             self._finish(taken)
             rows = [*self._in_hand, *queued]

@@ -358,7 +358,7 @@ class Store:
         writer, which may be waiting out a database blip); one found nowhere (a decision_id never served, or one
         another process holds) is kept under the merchant that sent it, and never stands in for another merchant's.
         """
-        self._check_file()  # before connecting: that would create an empty file in its place
+        self.check_file()  # before connecting: that would create an empty file in its place
         decision_id = str(body["decision_id"])
         query = sa.select(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time).where(
             decisions.c.decision_id == decision_id
@@ -406,10 +406,10 @@ class Store:
                 conn.execute(outcomes.insert().values(**row))
         except IntegrityError:
             pass  # already stored (maybe by a concurrent request): compare below
-        self._check_file()  # gone before the commit: the outcome went with it, the caller must send it again
+        self.check_file()  # gone before the commit: the outcome went with it, the caller must send it again
         return self._same_or_conflict(merchant_id, body)
 
-    def _check_file(self) -> None:
+    def check_file(self) -> None:
         """DatabaseFileGoneError when the SQLite file this store started with was deleted or replaced."""
         if self.file_watch.check():
             raise DatabaseFileGoneError(
@@ -721,19 +721,20 @@ class DecisionWriter:
             return True
 
     def _check_database_file(self) -> None:
-        """DatabaseFileGoneError once the SQLite file the writer started with is deleted or replaced (logged once;
-        the engine is disposed, and never connected again: that would create an empty file there)."""
-        watch = self.store.file_watch
-        if not watch.check():
-            return
-        if not self._file_gone_reported:
-            self._file_gone_reported = True
-            self.store.engine.dispose()
-            where = "to the spool " + str(self.spool.directory) if self.spool is not None else "in memory"
-            log.error("the SQLite database file %s was deleted or replaced while this process ran: nothing more is "
-                      "written to it, decisions since go %s; restore the database there (or migrate a new one) and "
-                      "restart, the next start stores them", watch.path, where)  # fmt: skip
-        raise DatabaseFileGoneError(f"the SQLite database file {watch.path} was deleted or replaced")
+        """``Store.check_file``; the first time the file is found gone, logged and the engine disposed (it is never
+        connected again: that would create an empty file there)."""
+        try:
+            self.store.check_file()
+        except DatabaseFileGoneError:
+            if not self._file_gone_reported:
+                self._file_gone_reported = True
+                self.store.engine.dispose()
+                where = "to the spool " + str(self.spool.directory) if self.spool is not None else "in memory"
+                log.error("the SQLite database file %s was deleted or replaced while this process ran: nothing more "
+                          "is written to it, decisions since go %s; restore the database there (or migrate a new "
+                          "one) and restart, the next start stores them", self.store.file_watch.path,
+                          where)  # fmt: skip
+            raise
 
     def _spill(self, rows: list[dict[str, Any]]) -> bool:
         """During an outage, once the backlog passed ``max_queued`` or the writer is closing, move ``rows`` and

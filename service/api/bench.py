@@ -519,16 +519,19 @@ def _headers(merchant_id: str) -> dict[str, str]:
 
 
 def _candidates_of(requests: list[Any]) -> float:
-    """Candidates decide() scores per request on average (the permitted ones and stop), under BENCH_CONFIG."""
+    """Rows decide()'s model scores per request on average, under BENCH_CONFIG: every candidate of the grid
+    (``permitted_grid``: the permitted ones and the retries only the order's situation blocks, both scored in one
+    call) but stop, which no model scores."""
     from model.catalog import load_catalog
     from model.merchant_config import load_config
-    from model.rules import build_context, enumerate_candidates, permitted
+    from model.rules import build_context, permitted_grid
+    from model.vocab import Action
 
     config, catalog = load_config(BENCH_CONFIG), load_catalog()
     counts = []
     for request in requests:
-        context = build_context(request, config.merchants[request.merchant_id], catalog)
-        counts.append(len(permitted(context, enumerate_candidates(context))) + 1)
+        allowed, blocked = permitted_grid(build_context(request, config.merchants[request.merchant_id], catalog))
+        counts.append(sum(candidate.action is not Action.STOP for candidate in (*allowed, *blocked)))
     return sum(counts) / len(counts)
 
 

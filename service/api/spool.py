@@ -65,12 +65,15 @@ class DecisionSpool:
     @property
     def pending_path(self) -> Path:
         """This spool's file of rows waiting to be stored."""
-        return self.directory / f"{_PENDING}-{self._token}.jsonl"
+        return self._file(_PENDING)
 
     @property
     def rejected_path(self) -> Path:
         """This spool's file of rows the database refused."""
-        return self.directory / f"{_REJECTED}-{self._token}.jsonl"
+        return self._file(_REJECTED)
+
+    def _file(self, kind: str) -> Path:
+        return self.directory / f"{kind}-{self._token}.jsonl"
 
     @property
     def owner_lock_path(self) -> Path:
@@ -168,7 +171,7 @@ class DecisionSpool:
     def _write(self, kind: str, lines: list[bytes]) -> Path:
         with self._lock:
             self._own()  # before the file exists: a file under this token is never without its owner's lock
-            path = self.directory / f"{kind}-{self._token}.jsonl"
+            path = self._file(kind)  # under the token _own() may just have renewed
             with path.open("ab") as handle:
                 handle.write(b"\n".join(lines) + b"\n")
                 handle.flush()

@@ -54,14 +54,14 @@ def run(
     """
     import uvicorn
 
-    from service.api.settings import Settings
+    from service.api.settings import load_settings
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
-    settings = Settings()
+    settings = load_settings()
     spool = decision_spool(settings.spool_dir)
     try:
         spool.check_writable()  # each worker checks again; this one says it in one line

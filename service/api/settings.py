@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.datafiles import DEMO_MERCHANTS_FILE
@@ -63,3 +63,19 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+
+class SettingsError(ValueError):
+    """A ``WINBACK_*`` variable (or .env entry) the API's settings cannot take, named with its value."""
+
+
+def load_settings() -> Settings:
+    """``Settings()`` from the environment; SettingsError naming each variable it refuses, with the reason."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = [
+            f"WINBACK_{'_'.join(str(part) for part in problem['loc']).upper()}={problem['input']!r}: {problem['msg']}"
+            for problem in error.errors()
+        ]
+        raise SettingsError("; ".join(problems)) from None

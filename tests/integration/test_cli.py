@@ -172,6 +172,20 @@ def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
     assert "Traceback" not in result.output
 
 
+def test_serve_with_a_setting_it_cannot_take_names_each_variable_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (*server_env(tmp_path, "sqlite://"), "WINBACK_RUN_MIGRATIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WINBACK_GC_FREEZE", "maybe")
+    monkeypatch.setenv("WINBACK_MAX_BATCH", "0")
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "WINBACK_GC_FREEZE='maybe': Input should be a valid boolean" in result.output
+    assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:
     result = runner.invoke(
         app,

@@ -140,11 +140,16 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     assert "retry.retry_budget: unknown key" in result.output
 
 
-def test_serve_without_its_database_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # serve sets these for its workers: restored after the test
+@pytest.fixture
+def serve_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The environment as before any serve: serve sets these for its workers (restored after the test)."""
     for name in (*server_env(tmp_path, "sqlite://"), "WINBACK_RUN_MIGRATIONS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback:secret@127.0.0.1:1/winback")
+    return monkeypatch
+
+
+def test_serve_without_its_database_says_so_in_one_line(serve_env: pytest.MonkeyPatch) -> None:
+    serve_env.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback:secret@127.0.0.1:1/winback")
     result = runner.invoke(app, ["serve", "--port", "8799"])
     assert result.exit_code == 2, result.output
     assert "the database postgresql+psycopg://winback:***@127.0.0.1:1/winback is unavailable (" in result.output
@@ -152,7 +157,7 @@ def test_serve_without_its_database_says_so_in_one_line(tmp_path: Path, monkeypa
     assert "secret" not in result.output
     assert "Traceback" not in result.output
     # A password given in the query string is hidden too.
-    monkeypatch.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback@127.0.0.1:1/winback?password=qsecret")
+    serve_env.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback@127.0.0.1:1/winback?password=qsecret")
     result = runner.invoke(app, ["serve", "--port", "8799"])
     assert result.exit_code == 2, result.output
     assert "password=***" in result.output
@@ -160,25 +165,19 @@ def test_serve_without_its_database_says_so_in_one_line(tmp_path: Path, monkeypa
 
 
 def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, serve_env: pytest.MonkeyPatch
 ) -> None:
-    for name in (*server_env(tmp_path, "sqlite://"), "WINBACK_RUN_MIGRATIONS"):
-        monkeypatch.delenv(name, raising=False)
     (tmp_path / "a-file").write_text("not a folder")
-    monkeypatch.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "a-file" / "spool"))
+    serve_env.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "a-file" / "spool"))
     result = runner.invoke(app, ["serve", "--port", "8799"])
     assert result.exit_code == 2, result.output
     assert "(WINBACK_SPOOL_DIR) cannot be written" in result.output
     assert "Traceback" not in result.output
 
 
-def test_serve_with_a_setting_it_cannot_take_names_each_variable_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in (*server_env(tmp_path, "sqlite://"), "WINBACK_RUN_MIGRATIONS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WINBACK_GC_FREEZE", "maybe")
-    monkeypatch.setenv("WINBACK_MAX_BATCH", "0")
+def test_serve_with_a_setting_it_cannot_take_names_each_variable_in_one_line(serve_env: pytest.MonkeyPatch) -> None:
+    serve_env.setenv("WINBACK_GC_FREEZE", "maybe")
+    serve_env.setenv("WINBACK_MAX_BATCH", "0")
     result = runner.invoke(app, ["serve", "--port", "8799"])
     assert result.exit_code == 2, result.output
     assert "WINBACK_GC_FREEZE='maybe': Input should be a valid boolean" in result.output

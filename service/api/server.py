@@ -39,6 +39,25 @@ class SpoolUnwritableError(RuntimeError):
     """WINBACK_SPOOL_DIR cannot be written (decisions could not be kept through a database outage)."""
 
 
+def check_served_settings(database_url: str) -> None:
+    """The settings of what the scorer serves besides decisions, checked before any worker starts: the executor's
+    routes and pay links (``ExecutorSettings``) and the agent console (``ConsoleSettings``) read theirs on first
+    use, so a bad value (a placeholder secret outside dev) would otherwise be a 500 on every such request.
+    SettingsError names each variable refused, once."""
+    from service.api.settings import SettingsError, settings_from_env
+    from service.console.settings import ConsoleSettings
+    from service.executor.settings import ExecutorSettings
+
+    problems: list[str] = []
+    for settings_class, values in ((ExecutorSettings, {"database_url": database_url}), (ConsoleSettings, {})):
+        try:
+            settings_from_env(settings_class, **values)
+        except SettingsError as error:
+            problems += [problem for problem in error.problems if problem not in problems]
+    if problems:
+        raise SettingsError(problems)
+
+
 def run(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -62,6 +81,7 @@ def run(
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
     settings = load_settings()
+    check_served_settings(settings.database_url)
     spool = decision_spool(settings.spool_dir)
     try:
         spool.check_writable()  # each worker checks again; this one says it in one line

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,16 +67,35 @@ class Settings(BaseSettings):
 
 
 class SettingsError(ValueError):
-    """A ``WINBACK_*`` variable (or .env entry) the API's settings cannot take, named with its value."""
+    """``WINBACK_*`` variables (or .env entries) a process's settings cannot take: ``problems`` names each with its
+    value and the reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_from_env(settings_class: type[SettingsT], **values: Any) -> SettingsT:
+    """``settings_class(**values)``, the rest from ``WINBACK_*`` variables; SettingsError naming each variable it
+    refuses with its value and the reason, in one line (pydantic's own message spans lines and names fields, not
+    variables). A rule over several variables (a placeholder secret outside dev) gives its own sentence."""
+    try:
+        return settings_class(**values)
+    except ValidationError as error:
+        raise SettingsError([_problem(problem) for problem in error.errors()]) from None
+
+
+def _problem(problem: Mapping[str, Any]) -> str:
+    if not problem["loc"]:  # a model validator's own message, which names the variables
+        return str(problem["msg"]).removeprefix("Value error, ")
+    variable = "WINBACK_" + "_".join(str(part) for part in problem["loc"]).upper()
+    shown = "'***'" if "SECRET" in variable else repr(problem["input"])  # a secret is never printed
+    return f"{variable}={shown}: {problem['msg']}"
 
 
 def load_settings() -> Settings:
-    """``Settings()`` from the environment; SettingsError naming each variable it refuses, with the reason."""
-    try:
-        return Settings()
-    except ValidationError as error:
-        problems = [
-            f"WINBACK_{'_'.join(str(part) for part in problem['loc']).upper()}={problem['input']!r}: {problem['msg']}"
-            for problem in error.errors()
-        ]
-        raise SettingsError("; ".join(problems)) from None
+    """The API's ``Settings`` from the environment (``settings_from_env``)."""
+    return settings_from_env(Settings)

@@ -28,6 +28,7 @@ from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
 from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
+from service.api.settings import settings_from_env
 from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
 from service.executor.core import ActionRow, Decider, Executor, Outcome, RetryPolicy, StaleClaimError, Transient
@@ -204,7 +205,7 @@ def worker_main(
     adapters: AdapterFactory | None = None,
 ) -> int:
     """One worker process: build everything from the environment and the arguments, then loop."""
-    settings = ExecutorSettings(database_url=database_url, config_path=Path(config_path))
+    settings = settings_from_env(ExecutorSettings, database_url=database_url, config_path=Path(config_path))
     config = load_config(config_path)
     catalog = load_catalog()
     decider, stop_model = make_decider(catalog, tracking_uri)
@@ -264,7 +265,9 @@ def run(
     missing = missing_webhook_secrets(config, os.environ)
     if missing:
         raise ValueError("webhook secrets are not set: " + "; ".join(missing))
-    ExecutorSettings(database_url=database_url)  # refuses a placeholder link secret outside dev, before any fork
+    # Every WINBACK_* value is checked before any fork (SettingsError names each variable it refuses, and a
+    # placeholder link secret outside dev), so a bad one is one line here, not a traceback in every worker.
+    settings_from_env(ExecutorSettings, database_url=database_url)
     engine = make_executor_engine(database_url)
     try:
         upgrade(engine)

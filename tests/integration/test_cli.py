@@ -185,6 +185,26 @@ def test_serve_with_a_setting_it_cannot_take_names_each_variable_in_one_line(ser
     assert "Traceback" not in result.output
 
 
+def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_env: pytest.MonkeyPatch) -> None:
+    # The executor's routes and the console live in the scorer and read their settings on first use: checked at
+    # start, a placeholder secret is one line naming the variable, not a 500 on every pay link or sign-in.
+    serve_env.setenv("WINBACK_ENV", "prod")
+    serve_env.delenv("WINBACK_LINK_SECRET", raising=False)
+    serve_env.setenv("WINBACK_CONSOLE_SECRET", "short-secret-value")
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "WINBACK_LINK_SECRET must be set to a random string of at least 32 characters" in result.output
+    assert "WINBACK_CONSOLE_SECRET must be set" in result.output
+    assert "short-secret-value" not in result.output
+    assert "Traceback" not in result.output
+    assert "validation error" not in result.output  # pydantic's own multi-line message
+    # An executor setting out of range is named too (a rule over several variables waits for valid values).
+    serve_env.setenv("WINBACK_BATCH_SIZE", "0")
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "WINBACK_BATCH_SIZE='0': Input should be greater than or equal to 1" in result.output
+
+
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
@@ -218,3 +238,18 @@ def test_executor_refuses_to_start_with_a_broken_template(tmp_path: Path, monkey
     )
     assert result.exit_code == 2
     assert "sms.en.j2" in result.output
+
+
+def test_executor_with_a_setting_it_cannot_take_names_the_variable_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WINBACK_BATCH_SIZE", "0")
+    monkeypatch.setenv("WINBACK_LEASE_SECONDS", "soon")
+    result = runner.invoke(
+        app, ["executor", "run", "--database-url", f"sqlite:///{tmp_path / 'w.db'}", "--stop-after", "0"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "WINBACK_BATCH_SIZE='0': Input should be greater than or equal to 1" in result.output
+    assert "WINBACK_LEASE_SECONDS='soon': Input should be a valid number" in result.output
+    assert "validation error" not in result.output
+    assert not (tmp_path / "w.db").exists()  # refused before the database is touched

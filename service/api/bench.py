@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import json
 import math
 import os
 import shutil
@@ -84,6 +85,15 @@ class LoadFigures:
     #: CPU time the server's whole process tree spent per answered request (user + system), or NaN if unknown.
     #: Unlike req/s it does not depend on how much of the machine the load generator takes.
     cpu_ms_per_request: float = float("nan")
+    #: Cores each busy process of the server kept busy (CPU seconds per second, busiest first): two workers at 0.95
+    #: and 0.05 shared the connections unevenly, which caps req/s below what the CPU per request allows.
+    process_cores: list[float] = field(default_factory=list)
+
+    def cores_busy(self) -> float:
+        """Cores the server's process tree kept busy on average (CPU seconds per second; NaN if unknown): a server
+        below the machine's core count in a closed loop was held back by something else than CPU (its workers
+        sharing the connections unevenly, say), and its req/s understates what it can do."""
+        return round(self.cpu_ms_per_request * self.rps / 1e3, 2)
 
 
 @dataclass
@@ -101,6 +111,8 @@ class BenchResult:
     candidates_per_request: float
     reference_model: dict[str, int]
     worker_rss_mb: list[float] = field(default_factory=list)
+    #: The machine's own stalls while the API ran at the fixed rate (None: not measured).
+    api_fixed_rate_stalls: MachineStalls | None = None
 
     def targets(self) -> dict[str, bool]:
         """Each ISSUE target and whether this run met it."""
@@ -118,7 +130,8 @@ class BenchResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able figures."""
-        return asdict(self) | {"targets": self.targets(), "cpu_ratio": self.cpu_ratio()}
+        cores = {"api": self.api.cores_busy(), "mlflow": self.mlflow.cores_busy()}
+        return asdict(self) | {"targets": self.targets(), "cpu_ratio": self.cpu_ratio(), "cores_busy": cores}
 
 
 def _free_port() -> int:
@@ -144,6 +157,54 @@ def _figures(latencies: list[float], errors: int, seconds: float) -> LoadFigures
         p50_ms=round(_percentile(latencies, 0.50), 3),
         p99_ms=round(_percentile(latencies, 0.99), 3),
     )
+
+
+@dataclass(frozen=True)
+class MachineStalls:
+    """How late a process that does nothing but sleep 1 ms at a time woke up, while a fixed-rate run went on.
+
+    The probe holds no work and no big heap, so what delays it is the machine (another process holding both cores,
+    the hypervisor taking the virtual CPU away), not the server under test: a server's p99 far above the probe's
+    worst wake-up is the server's own; one close to it may be the machine's."""
+
+    wakeups: int
+    max_ms: float
+    over_5_ms: int
+    over_10_ms: int
+
+
+#: The probe's program (standard library only, no site packages: a small process): sleep 1 ms, note the lateness.
+_STALL_PROBE = """
+import json, sys, time
+end = time.perf_counter() + float(sys.argv[1])
+late = []
+while (before := time.perf_counter()) < end:
+    time.sleep(0.001)
+    late.append((time.perf_counter() - before - 0.001) * 1e3)
+print(json.dumps({"wakeups": len(late), "max_ms": round(max(late, default=0.0), 3),
+                  "over_5_ms": sum(x > 5 for x in late), "over_10_ms": sum(x > 10 for x in late)}))
+"""
+
+
+class StallProbe:
+    """``MachineStalls`` over ``seconds``, measured by a process of its own started now; ``result()`` waits for it."""
+
+    def __init__(self, seconds: float) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _STALL_PROBE, str(seconds)], stdout=subprocess.PIPE, text=True
+        )
+        self._timeout = seconds + 30
+
+    def result(self) -> MachineStalls:
+        output, _ = self._process.communicate(timeout=self._timeout)
+        if self._process.returncode != 0:
+            raise RuntimeError(f"the stall probe failed (exit {self._process.returncode})")
+        return MachineStalls(**json.loads(output))
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.communicate()
 
 
 RequestList = Sequence[tuple[bytes, dict[str, str]]]
@@ -417,16 +478,21 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and every process below it, so far (live processes only)."""
-    ticks = 0
+def process_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds so far of ``pid`` and of every live process below it, each its own."""
+    seconds: dict[int, float] = {}
     for member in [pid, *_descendants(pid)]:
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return ticks / os.sysconf("SC_CLK_TCK")
+        seconds[member] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return seconds
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it, so far (live processes only)."""
+    return sum(process_cpu_seconds(pid).values())
 
 
 def wait_idle(pid: int, *, busy_share: float = 0.05, interval: float = 0.5, timeout: float = 60.0) -> bool:
@@ -442,9 +508,13 @@ def wait_idle(pid: int, *, busy_share: float = 0.05, interval: float = 0.5, time
     return False
 
 
-def _with_cpu(figures: LoadFigures, cpu_seconds: float) -> LoadFigures:
-    per_request = cpu_seconds / figures.requests * 1e3 if figures.requests else float("nan")
-    return replace(figures, cpu_ms_per_request=round(per_request, 3))
+def _with_cpu(figures: LoadFigures, before: dict[int, float], after: dict[int, float]) -> LoadFigures:
+    """``figures`` with the server's CPU per request and each of its busy processes' cores, from
+    ``process_cpu_seconds`` before and after the run."""
+    spent = {pid: seconds - before.get(pid, 0.0) for pid, seconds in after.items()}
+    per_request = sum(spent.values()) / figures.requests * 1e3 if figures.requests else float("nan")
+    cores = sorted((round(seconds / figures.seconds, 2) for seconds in spent.values()), reverse=True)
+    return replace(figures, cpu_ms_per_request=round(per_request, 3), process_cores=[c for c in cores if c >= 0.01])
 
 
 def _rss_mb(pid: int) -> float:
@@ -669,15 +739,20 @@ def run_bench(
                         closed_loop(url, requests, concurrency=concurrency, seconds=seconds, max_requests=max_requests)
                     )
 
-            cpu_before = tree_cpu_seconds(api.pid)
+            cpu_before = process_cpu_seconds(api.pid)
             api_figures = closed(api_url, load.requests)
-            api_figures = _with_cpu(api_figures, tree_cpu_seconds(api.pid) - cpu_before)
+            api_figures = _with_cpu(api_figures, cpu_before, process_cpu_seconds(api.pid))
             wait_idle(api.pid)
-            api_rate = _run_timed(fixed_rate(api_url, load.requests, rate=rate, seconds=rate_seconds))
+            probe = StallProbe(rate_seconds)
+            try:
+                api_rate = _run_timed(fixed_rate(api_url, load.requests, rate=rate, seconds=rate_seconds))
+                stalls = probe.result()
+            finally:
+                probe.stop()
             rss = _worker_rss(api.pid)
-            cpu_before = tree_cpu_seconds(serve.pid)
+            cpu_before = process_cpu_seconds(serve.pid)
             ml_figures = closed(ml_url, ml_requests)
-            ml_figures = _with_cpu(ml_figures, tree_cpu_seconds(serve.pid) - cpu_before)
+            ml_figures = _with_cpu(ml_figures, cpu_before, process_cpu_seconds(serve.pid))
             ml_rate = None
             if ml_figures.rps >= rate:  # a fixed rate above what it sustains only measures its queue
                 wait_idle(serve.pid)
@@ -703,10 +778,15 @@ def run_bench(
         candidates_per_request=round(load.candidates_per_request, 1),
         reference_model=size,
         worker_rss_mb=rss,
+        api_fixed_rate_stalls=stalls,
     )
     if print_table:
         _print(result)
     return result
+
+
+def _listed(values: list[float]) -> str:
+    return ", ".join(f"{value:.2f}" for value in values) or "-"
 
 
 def _print(result: BenchResult) -> None:
@@ -744,10 +824,23 @@ def _print(result: BenchResult) -> None:
     if not math.isnan(result.cpu_ratio()):
         console.print(f"server CPU per request, mlflow/API: {result.cpu_ratio():.1f}x (closed loop, process trees)")
         console.print(
+            f"cores busy in the closed loop: API {result.api.cores_busy():.2f} (by process: "
+            f"{_listed(result.api.process_cores)}), mlflow {result.mlflow.cores_busy():.2f} (by process: "
+            f"{_listed(result.mlflow.process_cores)}), of {os.cpu_count()}; where one server kept fewer busy, its "
+            "req/s ratio is not its CPU's"
+        )
+        console.print(
             f"7x mlflow serve needs at most {result.mlflow.cpu_ms_per_request / 7:.2f} ms of server CPU per decision "
             f"(mlflow's {result.mlflow.cpu_ms_per_request:.2f} / 7); measured {result.api.cpu_ms_per_request:.2f}"
         )
     console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
+    stalls = result.api_fixed_rate_stalls
+    if stalls is not None:
+        console.print(
+            f"machine stalls during the API's fixed-rate run (an idle probe process waking every 1 ms): worst "
+            f"{stalls.max_ms:.1f} ms late, {stalls.over_5_ms} wake-ups over 5 ms and {stalls.over_10_ms} over 10 ms "
+            f"of {stalls.wakeups}"
+        )
     for target, met in result.targets().items():
         console.print(f"{'met ' if met else 'MISSED'} {target}")
 

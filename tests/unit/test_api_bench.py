@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,9 +26,11 @@ from service.api.bench import (
     BENCH_CONFIG,
     BenchResult,
     LoadFigures,
+    StallProbe,
     Traffic,
     UnansweredRequestError,
     _check_answered,
+    _with_cpu,
     bench_key,
     fixed_rate,
     mixed_traffic,
@@ -73,8 +76,36 @@ def test_cpu_ratio_compares_cpu_per_request_and_is_nan_when_unknown() -> None:
     )
     assert result.cpu_ratio() == 4.0
     assert result.as_dict()["cpu_ratio"] == 4.0
+    # 1,000 req/s at 0.5 ms each keeps half a core busy; 200 at 2 ms, 0.4 of one.
+    assert result.as_dict()["cores_busy"] == {"api": 0.5, "mlflow": 0.4}
     result.mlflow = _figures(200)
     assert math.isnan(result.cpu_ratio())
+
+
+def test_cpu_figures_count_every_process_and_show_each_ones_cores() -> None:
+    # Worker 2 barely worked (it got few connections); process 3 started during the run.
+    figures = LoadFigures(requests=1000, errors=0, seconds=2.0, rps=500.0, p50_ms=1.0, p99_ms=2.0)
+    with_cpu = _with_cpu(figures, {1: 1.0, 2: 2.0, 4: 7.0}, {1: 3.0, 2: 2.1, 3: 0.5, 4: 7.0})
+    assert with_cpu.cpu_ms_per_request == pytest.approx(2.6)
+    assert with_cpu.process_cores == [1.0, 0.25, 0.05]  # busiest first; the idle process 4 left out
+    assert with_cpu.cores_busy() == pytest.approx(1.3)
+
+
+def test_stall_probe_sees_a_process_held_off_the_cpu() -> None:
+    # SIGSTOP holds the probe off the CPU as a busy machine or a hypervisor would: its next wake-up is that late.
+    probe = StallProbe(1.5)
+    try:
+        time.sleep(0.5)
+        os.kill(probe._process.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        os.kill(probe._process.pid, signal.SIGCONT)
+        stalls = probe.result()
+    finally:
+        probe.stop()
+    assert stalls.max_ms >= 150
+    assert stalls.over_10_ms >= 1
+    assert stalls.over_5_ms >= stalls.over_10_ms
+    assert stalls.wakeups > 100  # it woke about every millisecond the rest of the time
 
 
 async def _serve_http(status: int, seen: list[bytes]) -> asyncio.Server:

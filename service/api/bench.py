@@ -176,6 +176,7 @@ class MachineStalls:
 #: The probe's program (standard library only, no site packages: a small process): sleep 1 ms, note the lateness.
 _STALL_PROBE = """
 import json, sys, time
+print("started", flush=True)
 end = time.perf_counter() + float(sys.argv[1])
 late = []
 while (before := time.perf_counter()) < end:
@@ -187,12 +188,17 @@ print(json.dumps({"wakeups": len(late), "max_ms": round(max(late, default=0.0), 
 
 
 class StallProbe:
-    """``MachineStalls`` over ``seconds``, measured by a process of its own started now; ``result()`` waits for it."""
+    """``MachineStalls`` over the next ``seconds``, measured by a process of its own (it is measuring when this
+    returns); ``result()`` waits for it."""
 
     def __init__(self, seconds: float) -> None:
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _STALL_PROBE, str(seconds)], stdout=subprocess.PIPE, text=True
         )
+        assert self._process.stdout is not None  # for mypy: PIPE
+        if self._process.stdout.readline().strip() != "started":
+            self.stop()
+            raise RuntimeError(f"the stall probe did not start (exit {self._process.returncode})")
         self._timeout = seconds + 30
 
     def result(self) -> MachineStalls:

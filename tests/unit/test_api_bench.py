@@ -93,9 +93,9 @@ def test_cpu_figures_count_every_process_and_show_each_ones_cores() -> None:
 
 def test_stall_probe_sees_a_process_held_off_the_cpu() -> None:
     # SIGSTOP holds the probe off the CPU as a busy machine or a hypervisor would: its next wake-up is that late.
-    probe = StallProbe(1.5)
+    probe = StallProbe(1.5)  # measuring once it returns
     try:
-        time.sleep(0.5)
+        time.sleep(0.3)
         os.kill(probe._process.pid, signal.SIGSTOP)
         time.sleep(0.2)
         os.kill(probe._process.pid, signal.SIGCONT)

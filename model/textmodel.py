@@ -176,6 +176,25 @@ class TextModel:
         self._cache[key] = row
         return row
 
+    def cached_errors(self) -> list[tuple[str | None, str | None, str | None]]:
+        """The (connector, code, message) of every error whose features are cached, oldest first."""
+        return list(self._cache.copy())  # one C call: requests on other threads may be adding to it
+
+    def warm(self, errors: Sequence[tuple[str | None, str | None, str | None]]) -> None:
+        """Cache the features of ``errors`` now, in one vectoriser call (up to ``CACHE_SIZE`` of them, the last
+        ones), so requests carrying them do not pay for it. With none, one error without code or message still
+        goes through, so the vectoriser's and the classifiers' own first-call set-up is paid here, not by a
+        request."""
+        wanted = [error for error in dict.fromkeys(errors) if error not in self._cache][-CACHE_SIZE:] or [
+            (None, None, None)
+        ]
+        connectors, codes, messages = (list(column) for column in zip(*wanted, strict=True))
+        predicted = self.predict(connectors, codes, messages)
+        if len(self._cache) + len(wanted) > CACHE_SIZE:
+            self._cache.clear()
+        for row, key in enumerate(wanted):
+            self._cache[key] = {name: float(values[row]) for name, values in predicted.items()}
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_cache"] = {}

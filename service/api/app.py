@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,11 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.catalog import load_catalog
+from model.catalog import ErrorCatalog, load_catalog
+from model.datafiles import DEMO_REQUEST_FILE
 from model.gsm import load_overlay, with_overlay
-from model.merchant_config import load_config
+from model.merchant_config import WinbackConfig, load_config
 from model.money import load_economics
-from model.policy import PolicyConfig, load_priors
+from model.policy import PolicyConfig, Scorer, decide, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
 from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
@@ -127,6 +128,25 @@ class LatencyMiddleware:
             self.metrics.observe_latency(scope["method"], template, status_code, time.perf_counter() - started)
 
 
+def canary_check(config: WinbackConfig, catalog: ErrorCatalog, policy: PolicyConfig) -> Callable[[Scorer], None]:
+    """A check for ``ModelHolder``: a loaded version decides the shipped demo request (CONTRACT.md section 2) under
+    each merchant of the config before it serves, and whatever it raises keeps the serving model. A merchant the
+    request does not fit (the rules-only policy refuses it too: RuleInputError) says nothing about the model."""
+    request = DecisionRequest.model_validate_json(DEMO_REQUEST_FILE.read_bytes())
+
+    def check(scorer: Scorer) -> None:
+        for merchant_id, merchant in config.merchants.items():
+            canary = request.model_copy(update={"merchant_id": merchant_id})
+            options: dict[str, Any] = {"catalog": catalog, "config": policy, "decision_id": "dec_canary"}
+            try:
+                decide(canary, merchant, None, rng=np.random.default_rng(0), **options)
+            except RuleInputError:
+                continue
+            decide(canary, merchant, scorer, rng=np.random.default_rng(0), **options)
+
+    return check
+
+
 def build_runtime(settings: Settings) -> Runtime:
     """Load the merchant config (ConfigError names the bad key's path) and the catalog; nothing is started."""
     config = load_config(settings.config_path)
@@ -140,11 +160,13 @@ def build_runtime(settings: Settings) -> Runtime:
     known = {c for merchant in config.merchants.values() for c in merchant.connectors}
     metrics = ApiMetrics(connectors=known | set(catalog.connectors()))
     source = MlflowSource(settings.tracking_uri) if settings.load_model else None
+    policy = PolicyConfig()
     holder = ModelHolder(
         source,
         poll_seconds=settings.model_poll_seconds,
         on_change=lambda served: metrics.set_model_version(served.version),
         on_error=lambda _reason: metrics.registry_errors.inc(),
+        check=canary_check(config, catalog, policy),
     )
     return Runtime(
         settings=settings,
@@ -152,7 +174,7 @@ def build_runtime(settings: Settings) -> Runtime:
         catalog=MemoCatalog(catalog),
         holder=holder,
         metrics=metrics,
-        policy=PolicyConfig(),
+        policy=policy,
         rng=np.random.default_rng(settings.seed),
     )
 

@@ -1,8 +1,9 @@
 """The serving model and its hot swap: follow ``models:/winback@champion`` without disturbing requests.
 
 A background thread asks the registry which version ``champion`` points at every ``poll_seconds``. When it
-moved, the new version is loaded beside the old one, and only then does one attribute assignment make it the
-serving model (atomic in CPython): a request reads ``holder.current`` once and keeps that model to the end, so
+moved, the new version is loaded beside the old one, warmed up on the errors the old one has seen and tried with a
+canary decision (``check``), and only then does one attribute assignment make it the serving model (atomic in
+CPython): a request reads ``holder.current`` once and keeps that model to the end, so
 no request fails or waits during a swap. While no model is registered or the registry is down, decisions come
 from the rules-only policy (``scorer is None``) and the holder keeps trying.
 """
@@ -94,8 +95,11 @@ class ModelHolder:
         poll_seconds: float = 10.0,
         on_change: Callable[[Served], None] | None = None,
         on_error: Callable[[str], None] | None = None,
+        check: Callable[[Scorer], None] | None = None,
     ) -> None:
         self.source = source
+        # Tries a loaded version before it serves (e.g. a canary decision); raising keeps the serving model.
+        self.check = check
         self.poll_seconds = poll_seconds
         self.on_change = on_change
         self.on_error = on_error  # called with the reason of every failed check (a metric counts them)
@@ -140,6 +144,13 @@ class ModelHolder:
                     f"champion version {version} could not be loaded ({_first_line(exc)}); "
                     f"serving {self.current.version}"
                 )
+            try:
+                self._prepare(scorer)
+            except Exception as exc:
+                return self._failed(
+                    f"champion version {version} failed before serving ({_first_line(exc)}); "
+                    f"serving {self.current.version}"
+                )
             previous = self.current.version
             self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
             self.last_error = None
@@ -150,6 +161,17 @@ class ModelHolder:
                 extra={"model_version": version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
             )
             return True
+
+    def _prepare(self, scorer: Scorer) -> None:
+        """Warm a loaded version up on the errors the serving one has seen (``warm_up`` and ``seen_errors``, when
+        the scorers have them), then ``check`` it: what a first request would build is built here, beside the
+        serving model, so no request waits for it after the swap."""
+        warm_up = getattr(scorer, "warm_up", None)
+        if warm_up is not None:
+            seen = getattr(self.current.scorer, "seen_errors", None)
+            warm_up(seen() if seen is not None else [])
+        if self.check is not None:
+            self.check(scorer)
 
     def _failed(self, reason: str) -> bool:
         """Record a failed check (the serving model stays); always False: nothing changed."""

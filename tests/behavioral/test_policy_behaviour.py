@@ -6,6 +6,8 @@ property test: random requests never get a forbidden action, whatever the model 
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -178,3 +180,40 @@ def test_decisions_are_built_as_model_construct_builds_them(with_model: bool, bu
         assert built.__pydantic_private__ == reference.__pydantic_private__
         assert built == reference
         assert built.model_dump_json() == reference.model_dump_json()
+
+
+def test_text_warm_up_caches_exactly_what_one_error_at_a_time_would_compute(bundle: ModelBundle) -> None:
+    errors = [
+        ("stripe", "card_declined", "Your card was declined."),
+        ("adyen", "Refused", None),
+        ("razorpay", "BAD_REQUEST_ERROR", "Payment processing failed due to error at bank or wallet gateway"),
+        (None, None, None),
+    ]
+    one_by_one = dataclasses.replace(bundle.text_model)  # same fitted parts, an empty cache
+    expected = [one_by_one.features_for(*error) for error in errors]
+    warmed = dataclasses.replace(bundle.text_model)
+    warmed.warm([*errors, errors[0]])  # a repeat is computed once
+    assert warmed.cached_errors() == errors
+    assert [warmed.features_for(*error) for error in errors] == expected  # from the cache, the same floats
+
+
+def test_a_loaded_bundle_warmed_up_decides_as_a_cold_one_does(bundle: ModelBundle, tmp_path: Path) -> None:
+    request, merchant = make_request(), make_merchant()
+    decide(request, merchant, bundle, catalog=load_catalog())  # the serving model has now seen this error
+    assert (request.failure.connector, request.failure.error_code, request.failure.error_message) in (
+        bundle.seen_errors()
+    )
+    bundle.save(tmp_path / "bundle")
+    cold, warm = ModelBundle.load(tmp_path / "bundle"), ModelBundle.load(tmp_path / "bundle")
+    assert getattr(warm.retry_booster, "_winback_path_table", None) is None
+    warm.warm_up(bundle.seen_errors())
+    # What the first request would have built is there: predictors, explanation tables, the errors' text features.
+    for booster in (warm.retry_booster, warm.retarget_booster):
+        assert booster is not None
+        assert getattr(booster, "_winback_fast_predictor", None) is not None
+        assert getattr(booster, "_winback_path_table", None) is not None
+    assert set(bundle.seen_errors()) <= set(warm.seen_errors())
+    for config in (GREEDY, EXPLORING):
+        options: dict[str, Any] = {"catalog": load_catalog(), "config": config, "decision_id": "dec_same"}
+        decisions = [decide(request, merchant, one, rng=np.random.default_rng(3), **options) for one in (cold, warm)]
+        assert decisions[0] == decisions[1]

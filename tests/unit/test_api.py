@@ -148,8 +148,9 @@ def start(tmp_path: Path, source: FakeSource | None = None, **overrides: Any) ->
     app = create_app(settings_for(tmp_path, **overrides))
     if source is not None:
         runtime: Runtime = app.state.runtime
+        holder = runtime.holder
         runtime.holder = ModelHolder(
-            source, poll_seconds=30, on_change=runtime.holder.on_change, on_error=runtime.holder.on_error
+            source, poll_seconds=30, on_change=holder.on_change, on_error=holder.on_error, check=holder.check
         )
     return Api(app)
 
@@ -737,14 +738,57 @@ def test_no_model_or_registry_down_at_start_answers_rules_only(tmp_path: Path) -
         api.close()
 
 
-def test_a_failing_model_falls_back_to_rules_only_instead_of_a_5xx(tmp_path: Path) -> None:
-    api = start(tmp_path, FakeSource("5", fail_scoring=True))
+def test_a_model_failing_on_a_request_falls_back_to_rules_only_instead_of_a_5xx(tmp_path: Path) -> None:
+    api = start(tmp_path, FakeSource("5"))
     try:
+        api.runtime.holder.current.scorer.fail = True  # it passed its canary, then fails on this request
         response = api.post("/v1/decisions", request_body())
         assert response.status_code == 200
         assert response.json()["model_version"] == "rules-only"
     finally:
         api.close()
+
+
+def test_a_champion_failing_its_canary_decision_never_serves(tmp_path: Path) -> None:
+    source = FakeSource("3")
+    api = start(tmp_path, source)
+    try:
+        source.version, source.fail_scoring = "4", True
+        assert api.runtime.holder.refresh() is False
+        reason = "champion version 4 failed before serving (RuntimeError: model exploded); serving 3"
+        assert api.get("/readyz").json() == {"ready": True, "model_version": "3", "reason": reason}
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
+        assert "winback_registry_errors_total 1.0" in api.get("/metrics").text
+        source.fail_scoring = False  # a fixed version 4 is taken at the next check
+        assert api.runtime.holder.refresh() is True
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "4"
+    finally:
+        api.close()
+
+
+def test_a_new_version_is_warmed_on_the_errors_the_serving_one_has_seen(tmp_path: Path) -> None:
+    warmed: list[list[Any]] = []
+
+    class WarmableScorer(FakeScorer):
+        def seen_errors(self) -> list[Any]:
+            return [("stripe", f"code_of_{self.version}", None)]
+
+        def warm_up(self, errors: list[Any]) -> None:
+            warmed.append([self.version, errors])
+
+    class WarmableSource(FakeSource):
+        def load(self, version: str) -> FakeScorer:
+            self.loads.append(version)
+            return WarmableScorer(version)
+
+    source = WarmableSource("3")
+    holder = ModelHolder(source)
+    holder.start()
+    source.version = "4"
+    assert holder.refresh() is True
+    # The first version had no one before it; the second is warmed on what the first had seen, before it serves.
+    assert warmed == [["3", []], ["4", [("stripe", "code_of_3", None)]]]
+    holder.stop()
 
 
 # ------------------------------------------------------------------------------ config, docs, metrics, logs

@@ -189,9 +189,9 @@ def test_text_warm_up_caches_exactly_what_one_error_at_a_time_would_compute(bund
         ("razorpay", "BAD_REQUEST_ERROR", "Payment processing failed due to error at bank or wallet gateway"),
         (None, None, None),
     ]
-    one_by_one = dataclasses.replace(bundle.text_model)  # same fitted parts, an empty cache
+    one_by_one = dataclasses.replace(bundle.text_model, _cache={})  # same fitted parts, an empty cache
     expected = [one_by_one.features_for(*error) for error in errors]
-    warmed = dataclasses.replace(bundle.text_model)
+    warmed = dataclasses.replace(bundle.text_model, _cache={})
     warmed.warm([*errors, errors[0]])  # a repeat is computed once
     assert warmed.cached_errors() == errors
     assert [warmed.features_for(*error) for error in errors] == expected  # from the cache, the same floats

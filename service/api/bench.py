@@ -119,9 +119,16 @@ class BenchResult:
         return {
             ">= 1000 decisions/s": self.api.rps >= 1000,
             "p99 < 10 ms at fixed rate": self.api_fixed_rate.p99_ms < 10.0,
-            ">= 7x mlflow serve": self.ratio >= 7.0,
+            ">= 7x mlflow serve (req/s and server CPU per request)": self.judged_ratio() >= 7.0,
             "each worker < 400 MB RSS": bool(self.worker_rss_mb) and max(self.worker_rss_mb) < 400,
         }
+
+    def judged_ratio(self) -> float:
+        """The ratio the 7x target is judged on: req/s, or the CPU ratio when that is lower. A closed loop's req/s
+        overstates the API whenever the reference kept fewer cores busy (seen: all 32 of wrk's connections on one
+        of mlflow serve's two workers, 7.6x by req/s for 4.2x by CPU per request in the same run)."""
+        cpu = self.cpu_ratio()
+        return self.ratio if math.isnan(cpu) else min(self.ratio, cpu)
 
     def cpu_ratio(self) -> float:
         """Server CPU per mlflow request over server CPU per decision (NaN when either is unknown)."""
@@ -828,7 +835,10 @@ def _print(result: BenchResult) -> None:
         f"{result.reference_model}"
     )
     if not math.isnan(result.cpu_ratio()):
-        console.print(f"server CPU per request, mlflow/API: {result.cpu_ratio():.1f}x (closed loop, process trees)")
+        console.print(
+            f"server CPU per request, mlflow/API: {result.cpu_ratio():.1f}x (closed loop, process trees); the 7x "
+            f"target is judged on the lower of the two ratios: {result.judged_ratio():.1f}x"
+        )
         console.print(
             f"cores busy in the closed loop: API {result.api.cores_busy():.2f} (by process: "
             f"{_listed(result.api.process_cores)}), mlflow {result.mlflow.cores_busy():.2f} (by process: "

@@ -76,10 +76,15 @@ def test_cpu_ratio_compares_cpu_per_request_and_is_nan_when_unknown() -> None:
     )
     assert result.cpu_ratio() == 4.0
     assert result.as_dict()["cpu_ratio"] == 4.0
+    # 7x is judged on the lower of the two ratios: 8x by req/s from a reference held to one core is 4x by CPU.
+    result.ratio = 8.0
+    assert result.judged_ratio() == 4.0
+    assert result.targets()[">= 7x mlflow serve (req/s and server CPU per request)"] is False
     # 1,000 req/s at 0.5 ms each keeps half a core busy; 200 at 2 ms, 0.4 of one.
     assert result.as_dict()["cores_busy"] == {"api": 0.5, "mlflow": 0.4}
     result.mlflow = _figures(200)
     assert math.isnan(result.cpu_ratio())
+    assert result.judged_ratio() == 8.0  # CPU unknown: req/s alone
 
 
 def test_cpu_figures_count_every_process_and_show_each_ones_cores() -> None:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
-import sys
 from pathlib import Path
-from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -41,76 +37,6 @@ class DatabaseUnavailableError(RuntimeError):
 
 class SpoolUnwritableError(RuntimeError):
     """WINBACK_SPOOL_DIR cannot be written (decisions could not be kept through a database outage)."""
-
-
-class AddressUnavailableError(RuntimeError):
-    """The address to listen on cannot be bound (another server holds the port, or no such local address)."""
-
-
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with SO_REUSEPORT, not listening yet (the server listens on it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-class _OwnListener:
-    """What uvicorn's supervisor hands every worker it starts (or restarts) in place of the one listening socket
-    they would share: unpickled in the worker (workers are spawned), it is a socket of the worker's own, bound to
-    the same address with SO_REUSEPORT. The kernel then spreads new connections over the workers' sockets by their
-    addresses' hash. On one shared socket it wakes the most recently idle worker first, so a burst of keep-alive
-    connections (a caller's pool, a load generator) can all land on one worker while the others idle: seen as one
-    of two workers doing all the work in closed-loop runs (winback's bench, mlflow serve's, which shares uvicorn's
-    supervisor)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-
-    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
-        return reuse_port_socket, (self.host, self.port)
-
-
-def spreads_connections(workers: int) -> bool:
-    """Whether ``workers`` processes get a listening socket each (SO_REUSEPORT balances them on Linux only)."""
-    return workers > 1 and sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
-
-
-def _serve_workers(config: Any, host: str, port: int) -> None:
-    """uvicorn's multi-process supervisor (health checks, restarts, signals) with a listening socket per worker.
-
-    This process binds the address first, without listening: a port already taken is refused here in one line,
-    port 0 becomes one port every worker shares, and the address stays this server's while workers restart. It
-    binds once without SO_REUSEPORT before: a second server started on the port by mistake (the same user may join
-    a SO_REUSEPORT group) is refused as "address in use" instead of silently taking half the connections."""
-    from uvicorn.supervisors import Multiprocess
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-            port = probe.getsockname()[1]
-        reservation = reuse_port_socket(host, port)
-    except OSError as error:
-        raise AddressUnavailableError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-    try:
-        bound = reservation.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        logging.getLogger("uvicorn.error").info(
-            "Uvicorn running on http://%s:%d with a listening socket per worker (SO_REUSEPORT)", shown, bound
-        )
-        Multiprocess(config, sockets=[cast(socket.socket, _OwnListener(host, bound))]).run()
-    finally:
-        reservation.close()
 
 
 def check_served_settings(database_url: str) -> None:
@@ -177,9 +103,13 @@ def run(
     finally:
         engine.dispose()
     os.environ["WINBACK_RUN_MIGRATIONS"] = "false"
-    options: dict[str, Any] = {"factory": True, "host": host, "port": port, "workers": workers, "log_config": None,
-                               "access_log": False, "lifespan": "on"}  # fmt: skip
-    if spreads_connections(workers):
-        _serve_workers(uvicorn.Config(APP_FACTORY, **options), host, port)
-    else:
-        uvicorn.run(APP_FACTORY, **options)
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )

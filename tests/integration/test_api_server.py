@@ -184,26 +184,6 @@ def test_real_server_serves_the_champion_and_follows_it_under_load(
     assert set(versions) == {"1", "2"}
 
 
-def _listening_sockets(port: int) -> int:
-    """Listening IPv4 TCP sockets on ``port`` (/proc/net/tcp: state 0A is LISTEN)."""
-    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
-    return sum(1 for row in rows if row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="workers get a socket each (SO_REUSEPORT) on Linux only")
-def test_each_worker_listens_on_a_socket_of_its_own(mlflow_store: str, server_factory: object) -> None:
-    server = server_factory(mlflow_store, 2)  # type: ignore[operator]
-    # One per worker: the kernel spreads new connections over them. The serving process holds the port without
-    # listening, so no connection lands on a socket nobody accepts from: each of these new ones is answered.
-    deadline = time.monotonic() + 60  # /healthz answers once one worker is up; the other may still be starting
-    while _listening_sockets(server.port) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _listening_sockets(server.port) == 2, server.output()
-    for _ in range(40):
-        with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
-            assert client.post("/v1/decisions", json=_body()).status_code == 200
-
-
 def test_empty_registry_answers_rules_only_and_is_not_ready(mlflow_store: str, server_factory: object) -> None:
     server = server_factory(mlflow_store, 1)  # type: ignore[operator]
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:

@@ -8,7 +8,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from model.merchant_config import load_config
-from service.api.settings import DEMO_CONFIG, default_tracking_uri
+from service.api.settings import DEMO_CONFIG, Settings, default_tracking_uri
 
 APP_FACTORY = "service.api.app:app_from_env"
 
@@ -39,23 +39,29 @@ class SpoolUnwritableError(RuntimeError):
     """WINBACK_SPOOL_DIR cannot be written (decisions could not be kept through a database outage)."""
 
 
-def check_served_settings(database_url: str) -> None:
-    """The settings of what the scorer serves besides decisions, checked before any worker starts: the executor's
+def load_served_settings() -> Settings:
+    """The API's ``Settings``, after checking the settings of everything else the scorer serves: the executor's
     routes and pay links (``ExecutorSettings``) and the agent console (``ConsoleSettings``) read theirs on first
     use, so a bad value (a placeholder secret outside dev) would otherwise be a 500 on every such request.
-    SettingsError names each variable refused, once."""
-    from service.api.settings import SettingsError, settings_from_env
+    SettingsError names every variable refused by any of the three, each once."""
+    from service.api.settings import SettingsError, load_settings, settings_from_env
     from service.console.settings import ConsoleSettings
     from service.executor.settings import ExecutorSettings
 
     problems: list[str] = []
-    for settings_class, values in ((ExecutorSettings, {"database_url": database_url}), (ConsoleSettings, {})):
+    settings: Settings | None = None
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        problems += error.problems
+    for served in (ExecutorSettings, ConsoleSettings):
         try:
-            settings_from_env(settings_class, **values)
+            settings_from_env(served)
         except SettingsError as error:
             problems += [problem for problem in error.problems if problem not in problems]
-    if problems:
+    if settings is None or problems:
         raise SettingsError(problems)
+    return settings
 
 
 def run(
@@ -73,15 +79,13 @@ def run(
     """
     import uvicorn
 
-    from service.api.settings import load_settings
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
-    settings = load_settings()
-    check_served_settings(settings.database_url)
+    settings = load_served_settings()
     spool = decision_spool(settings.spool_dir)
     try:
         spool.check_writable()  # each worker checks again; this one says it in one line

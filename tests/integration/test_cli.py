@@ -198,11 +198,14 @@ def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_e
     assert "short-secret-value" not in result.output
     assert "Traceback" not in result.output
     assert "validation error" not in result.output  # pydantic's own multi-line message
-    # An executor setting out of range is named too (a rule over several variables waits for valid values).
+    # An executor setting out of range is named too (a rule over several variables waits for valid values), beside
+    # one of the API's own.
     serve_env.setenv("WINBACK_BATCH_SIZE", "0")
+    serve_env.setenv("WINBACK_MAX_BATCH", "0")
     result = runner.invoke(app, ["serve", "--port", "8799"])
     assert result.exit_code == 2, result.output
     assert "WINBACK_BATCH_SIZE='0': Input should be greater than or equal to 1" in result.output
+    assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in result.output
 
 
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:

@@ -25,13 +25,15 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 
+from model.catalog import load_catalog
 from model.history import read_attempts, read_nudges
-from model.merchant_config import ConfigError
+from model.merchant_config import ConfigError, load_config
+from model.policy import PolicyConfig
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
 from service.api import app as app_module
 from service.api import export as export_module
-from service.api.app import create_app, serving_app
+from service.api.app import CANARY_MERCHANTS, canary_check, create_app, serving_app
 from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
@@ -766,6 +768,19 @@ def test_a_champion_failing_its_canary_decision_never_serves(tmp_path: Path) -> 
         api.close()
 
 
+def test_the_canary_decides_for_a_bounded_number_of_merchants(tmp_path: Path) -> None:
+    # It runs on every worker's poller thread beside the requests: a config of many merchants must not make a swap
+    # cost a decision per merchant.
+    config = load_config(
+        write_merchant_config(tmp_path / "m.yaml", [f"m_{i:02d}" for i in range(CANARY_MERCHANTS + 5)])
+    )
+    scorer = FakeScorer("7")
+    canary_check(config, load_catalog(), PolicyConfig())(scorer)
+    assert scorer.calls == CANARY_MERCHANTS
+    with pytest.raises(RuntimeError, match="model exploded"):
+        canary_check(config, load_catalog(), PolicyConfig())(FakeScorer("8", fail=True))
+
+
 def test_a_new_version_is_warmed_on_the_errors_the_serving_one_has_seen(tmp_path: Path) -> None:
     warmed: list[list[Any]] = []
 
@@ -784,11 +799,13 @@ def test_a_new_version_is_warmed_on_the_errors_the_serving_one_has_seen(tmp_path
     source = WarmableSource("3")
     holder = ModelHolder(source)
     holder.start()
-    source.version = "4"
-    assert holder.refresh() is True
-    # The first version had no one before it; the second is warmed on what the first had seen, before it serves.
-    assert warmed == [["3", []], ["4", [("stripe", "code_of_3", None)]]]
-    holder.stop()
+    try:
+        source.version = "4"
+        assert holder.refresh() is True
+        # The first version had no one before it; the second is warmed on what the first had seen, before it serves.
+        assert warmed == [["3", []], ["4", [("stripe", "code_of_3", None)]]]
+    finally:
+        holder.stop()
 
 
 # ------------------------------------------------------------------------------ config, docs, metrics, logs

@@ -756,7 +756,9 @@ def run_bench(
             api_figures = closed(api_url, load.requests)
             api_figures = _with_cpu(api_figures, cpu_before, process_cpu_seconds(api.pid))
             wait_idle(api.pid)
-            probe = StallProbe(rate_seconds)
+            # Longer than the run: it starts before the generator's own set-up (a garbage collection, 20 warm-up
+            # requests) and must see the run's last requests answered.
+            probe = StallProbe(rate_seconds + 2)
             try:
                 api_rate = _run_timed(fixed_rate(api_url, load.requests, rate=rate, seconds=rate_seconds))
                 stalls = probe.result()

@@ -25,6 +25,8 @@ from model.requests import DecisionRequest
 from model.rules import Candidate
 
 log = logging.getLogger("winback.api")
+#: Longest wait before a refused champion version is downloaded and tried again.
+MAX_RETRY_SECONDS = 300.0
 
 
 class ModelSource(Protocol):
@@ -106,6 +108,10 @@ class ModelHolder:
         self.current = Served(scorer=None, version=RULES_ONLY_VERSION, since=datetime.now(UTC))
         self.last_error: str | None = None
         self.last_check: datetime | None = None
+        self._refused_version: str | None = None  # the last version refused (unloadable or failed before serving)
+        self._refusals = 0  # how many times in a row it was
+        self._refusal: str | None = None  # why
+        self._retry_at = 0.0  # it is not tried again before this (time.monotonic)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -136,24 +142,30 @@ class ModelHolder:
             if version == self.current.version and self.current.scorer is not None:
                 self.last_error = None
                 return False
+            if version == self._refused_version and time.monotonic() < self._retry_at:
+                self.last_error = self._refusal  # refused lately: not downloaded again before the wait is over
+                return False
             started = time.perf_counter()
             try:
                 scorer = self.source.load(version)
             except Exception as exc:
-                return self._failed(
+                return self._refused(
+                    version,
                     f"champion version {version} could not be loaded ({_first_line(exc)}); "
-                    f"serving {self.current.version}"
+                    f"serving {self.current.version}",
                 )
             try:
                 self._prepare(scorer)
             except Exception as exc:
-                return self._failed(
+                return self._refused(
+                    version,
                     f"champion version {version} failed before serving ({_first_line(exc)}); "
-                    f"serving {self.current.version}"
+                    f"serving {self.current.version}",
                 )
             previous = self.current.version
             self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
             self.last_error = None
+            self._refused_version, self._refusals = None, 0
             log.info(
                 "serving model version %s (was %s)",
                 version,
@@ -172,6 +184,17 @@ class ModelHolder:
             warm_up(seen() if seen is not None else [])
         if self.check is not None:
             self.check(scorer)
+
+    def _refused(self, version: str, reason: str) -> bool:
+        """A version that could not be loaded or failed before serving: ``_failed``, and the same version is not
+        downloaded again for ``poll_seconds`` times 2, 4, 8... (at most ``MAX_RETRY_SECONDS``). Registry versions do
+        not change, so what failed will most likely fail again, and each try costs a download and a load (seconds of
+        CPU beside the requests) in every worker; a new version, or a restart, is tried at once."""
+        self._refusals = self._refusals + 1 if version == self._refused_version else 1
+        self._refused_version, self._refusal = version, reason
+        wait = min(self.poll_seconds * 2.0**self._refusals, MAX_RETRY_SECONDS)
+        self._retry_at = time.monotonic() + wait
+        return self._failed(reason)
 
     def _failed(self, reason: str) -> bool:
         """Record a failed check (the serving model stays); always False: nothing changed."""

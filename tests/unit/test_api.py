@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -713,6 +714,7 @@ def test_a_champion_that_cannot_be_loaded_is_named_counted_and_the_last_model_se
         assert api.runtime.holder.refresh() is False
         source.down = False
         assert api.runtime.holder.refresh() is False
+        assert source.loads.count("4") == 1  # refused a moment ago: not downloaded again yet
         readiness = api.get("/readyz")
         assert readiness.status_code == 200
         assert readiness.json() == {
@@ -722,10 +724,10 @@ def test_a_champion_that_cannot_be_loaded_is_named_counted_and_the_last_model_se
             "0x85 in position 0: invalid start byte); serving 3",
         }
         assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
-        assert "winback_registry_errors_total 3.0" in api.get("/metrics").text
-        source.unloadable = set()
+        assert "winback_registry_errors_total 2.0" in api.get("/metrics").text
+        source.version = "5"  # a new version is tried at once
         assert api.runtime.holder.refresh() is True
-        assert api.get("/readyz").json() == {"ready": True, "model_version": "4", "reason": None}
+        assert api.get("/readyz").json() == {"ready": True, "model_version": "5", "reason": None}
     finally:
         api.close()
 
@@ -761,11 +763,33 @@ def test_a_champion_failing_its_canary_decision_never_serves(tmp_path: Path) -> 
         assert api.get("/readyz").json() == {"ready": True, "model_version": "3", "reason": reason}
         assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
         assert "winback_registry_errors_total 1.0" in api.get("/metrics").text
-        source.fail_scoring = False  # a fixed version 4 is taken at the next check
+        assert api.runtime.holder.refresh() is False
+        assert source.loads.count("4") == 1  # not downloaded and tried again at every check
+        source.version, source.fail_scoring = "5", False  # a fixed model is a new version: taken at once
         assert api.runtime.holder.refresh() is True
-        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "4"
+        assert api.post("/v1/decisions", request_body()).json()["model_version"] == "5"
     finally:
         api.close()
+
+
+def test_a_refused_version_is_tried_again_after_a_wait_that_doubles() -> None:
+    source = FakeSource("3")
+    holder = ModelHolder(source, poll_seconds=0.2)  # refreshed by hand here: no poller thread
+    assert holder.refresh() is True
+    source.version, source.unloadable = "4", {"4"}
+    assert holder.refresh() is False
+    assert holder.refresh() is False
+    assert source.loads == ["3", "4"]  # the second check waits: 0.4 s (2 polls) after the first refusal
+    assert holder.last_error is not None
+    assert holder.last_error.startswith("champion version 4 could not be loaded")
+    time.sleep(0.5)
+    assert holder.refresh() is False
+    assert holder.refresh() is False
+    assert source.loads == ["3", "4", "4"]  # tried again once the wait was over; now it waits 0.8 s
+    source.unloadable = set()
+    time.sleep(0.9)
+    assert holder.refresh() is True
+    assert holder.current.version == "4"
 
 
 def test_the_canary_decides_for_a_bounded_number_of_merchants(tmp_path: Path) -> None:

@@ -265,6 +265,15 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             return _validation_response(_field_error(msg="body is nested too deeply to be parsed"))
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(DatabaseFileGoneError)
+    async def _on_database_file_gone(request: Request, exc: DatabaseFileGoneError) -> JSONResponse:
+        # The executor's routes and the console: nothing is written into a deleted SQLite file, nothing succeeds.
+        log.error("database file gone; %s %s refused", request.method, request.url.path, extra={"error": str(exc)})
+        return JSONResponse(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            content={"detail": f"{exc}; nothing was stored: restore the database and restart the scorer"},
+        )
+
     @app.exception_handler(RuleInputError)
     async def _on_rule_input_error(_request: Request, exc: RuleInputError) -> JSONResponse:
         # A field pydantic accepted (an extra the contract allows) but the hard rules cannot use: malformed input.

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.api.store import make_engine, metadata
+from service.api.store import DatabaseFileGoneError, SqliteFileWatch, make_engine, metadata
 
 #: Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -228,6 +228,20 @@ def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
     if not url.startswith("sqlite"):
         return sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
     engine = make_engine(url)
+    # SQLite goes on writing into a file deleted or replaced under it, where every row is lost: every transaction
+    # (and every new connection, before it would create an empty file in its place) checks the file first and
+    # raises DatabaseFileGoneError once it is not the one this process started with.
+    watch = SqliteFileWatch(engine.url)
+
+    def _check_file() -> None:
+        if watch.check():
+            raise DatabaseFileGoneError(
+                f"the SQLite database file {watch.path} was deleted or replaced while this process ran"
+            )
+
+    @sa.event.listens_for(engine, "do_connect")
+    def _file_still_there(*_args: Any) -> None:
+        _check_file()
 
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
@@ -236,6 +250,7 @@ def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin_immediate(conn: sa.Connection) -> None:
+        _check_file()
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

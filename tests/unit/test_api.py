@@ -537,6 +537,23 @@ def test_an_outcome_after_the_sqlite_file_was_deleted_is_a_503_not_a_row_in_the_
     assert not database.exists()  # no empty database made in its place
 
 
+def test_executor_routes_after_the_sqlite_file_was_deleted_are_503s_and_write_nothing(api: Api, tmp_path: Path) -> None:
+    event = {**request_body(), "idempotency_key": "evt_1"}
+    assert api.post("/v1/events/payment-failed", event).status_code == 202  # the executor's engine is up
+    database = tmp_path / "winback.db"
+    database.unlink()  # SQLite would go on writing into the unlinked file, through the pooled connections
+    for response in (
+        api.post("/v1/events/payment-failed", {**event, "order_id": "ord_new", "idempotency_key": "evt_2"}),
+        api.loop.run_until_complete(api.client.get("/v1/orders/ord_8KQ2", headers=AUTH)),
+    ):
+        assert response.status_code == 503
+        assert response.json()["detail"] == (
+            f"the SQLite database file {database} was deleted or replaced while this process ran; nothing was "
+            "stored: restore the database and restart the scorer"
+        )
+    assert not database.exists()  # no empty database made in its place
+
+
 def test_an_outcome_whose_decision_waits_out_a_database_blip_is_checked_against_it(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

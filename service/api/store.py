@@ -143,6 +143,13 @@ class SqliteFileWatch:
             self.gone = True
         return self.gone
 
+    def ensure_present(self) -> None:
+        """DatabaseFileGoneError when :meth:`check` finds the file gone."""
+        if self.check():
+            raise DatabaseFileGoneError(
+                f"the SQLite database file {self.path} was deleted or replaced while this process ran"
+            )
+
 
 class OutcomeConflictError(ValueError):
     """The decision already has an outcome with another order, status or instant."""
@@ -411,10 +418,7 @@ class Store:
 
     def check_file(self) -> None:
         """DatabaseFileGoneError when the SQLite file this store started with was deleted or replaced."""
-        if self.file_watch.check():
-            raise DatabaseFileGoneError(
-                f"the SQLite database file {self.file_watch.path} was deleted or replaced while this process ran"
-            )
+        self.file_watch.ensure_present()
 
     def _same_or_conflict(self, merchant_id: str, body: Mapping[str, Any]) -> StoredOutcome:
         with self.engine.connect() as conn:

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.api.store import DatabaseFileGoneError, SqliteFileWatch, make_engine, metadata
+from service.api.store import SqliteFileWatch, make_engine, metadata
 
 #: Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -233,15 +233,9 @@ def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
     # raises DatabaseFileGoneError once it is not the one this process started with.
     watch = SqliteFileWatch(engine.url)
 
-    def _check_file() -> None:
-        if watch.check():
-            raise DatabaseFileGoneError(
-                f"the SQLite database file {watch.path} was deleted or replaced while this process ran"
-            )
-
     @sa.event.listens_for(engine, "do_connect")
     def _file_still_there(*_args: Any) -> None:
-        _check_file()
+        watch.ensure_present()
 
     @sa.event.listens_for(engine, "connect")
     def _autocommit_driver(dbapi_connection: Any, _record: Any) -> None:
@@ -250,7 +244,7 @@ def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin_immediate(conn: sa.Connection) -> None:
-        _check_file()
+        watch.ensure_present()
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

@@ -148,20 +148,25 @@ def serve_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyP
     return monkeypatch
 
 
+def _serve_refused() -> str:
+    """``winback serve``'s output, once it has refused to start: exit 2 and one line, no traceback."""
+    result = runner.invoke(app, ["serve", "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
 def test_serve_without_its_database_says_so_in_one_line(serve_env: pytest.MonkeyPatch) -> None:
     serve_env.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback:secret@127.0.0.1:1/winback")
-    result = runner.invoke(app, ["serve", "--port", "8799"])
-    assert result.exit_code == 2, result.output
-    assert "the database postgresql+psycopg://winback:***@127.0.0.1:1/winback is unavailable (" in result.output
-    assert "start it again when the database answers" in result.output
-    assert "secret" not in result.output
-    assert "Traceback" not in result.output
+    output = _serve_refused()
+    assert "the database postgresql+psycopg://winback:***@127.0.0.1:1/winback is unavailable (" in output
+    assert "start it again when the database answers" in output
+    assert "secret" not in output
     # A password given in the query string is hidden too.
     serve_env.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback@127.0.0.1:1/winback?password=qsecret")
-    result = runner.invoke(app, ["serve", "--port", "8799"])
-    assert result.exit_code == 2, result.output
-    assert "password=***" in result.output
-    assert "qsecret" not in result.output
+    output = _serve_refused()
+    assert "password=***" in output
+    assert "qsecret" not in output
 
 
 def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
@@ -169,20 +174,16 @@ def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
 ) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     serve_env.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "a-file" / "spool"))
-    result = runner.invoke(app, ["serve", "--port", "8799"])
-    assert result.exit_code == 2, result.output
-    assert "(WINBACK_SPOOL_DIR) cannot be written" in result.output
-    assert "Traceback" not in result.output
+    output = _serve_refused()
+    assert "(WINBACK_SPOOL_DIR) cannot be written" in output
 
 
 def test_serve_with_a_setting_it_cannot_take_names_each_variable_in_one_line(serve_env: pytest.MonkeyPatch) -> None:
     serve_env.setenv("WINBACK_GC_FREEZE", "maybe")
     serve_env.setenv("WINBACK_MAX_BATCH", "0")
-    result = runner.invoke(app, ["serve", "--port", "8799"])
-    assert result.exit_code == 2, result.output
-    assert "WINBACK_GC_FREEZE='maybe': Input should be a valid boolean" in result.output
-    assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in result.output
-    assert "Traceback" not in result.output
+    output = _serve_refused()
+    assert "WINBACK_GC_FREEZE='maybe': Input should be a valid boolean" in output
+    assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in output
 
 
 def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_env: pytest.MonkeyPatch) -> None:
@@ -191,21 +192,18 @@ def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_e
     serve_env.setenv("WINBACK_ENV", "prod")
     serve_env.delenv("WINBACK_LINK_SECRET", raising=False)
     serve_env.setenv("WINBACK_CONSOLE_SECRET", "short-secret-value")
-    result = runner.invoke(app, ["serve", "--port", "8799"])
-    assert result.exit_code == 2, result.output
-    assert "WINBACK_LINK_SECRET must be set to a random string of at least 32 characters" in result.output
-    assert "WINBACK_CONSOLE_SECRET must be set" in result.output
-    assert "short-secret-value" not in result.output
-    assert "Traceback" not in result.output
-    assert "validation error" not in result.output  # pydantic's own multi-line message
+    output = _serve_refused()
+    assert "WINBACK_LINK_SECRET must be set to a random string of at least 32 characters" in output
+    assert "WINBACK_CONSOLE_SECRET must be set" in output
+    assert "short-secret-value" not in output
+    assert "validation error" not in output  # pydantic's own multi-line message
     # An executor setting out of range is named too (a rule over several variables waits for valid values), beside
     # one of the API's own.
     serve_env.setenv("WINBACK_BATCH_SIZE", "0")
     serve_env.setenv("WINBACK_MAX_BATCH", "0")
-    result = runner.invoke(app, ["serve", "--port", "8799"])
-    assert result.exit_code == 2, result.output
-    assert "WINBACK_BATCH_SIZE='0': Input should be greater than or equal to 1" in result.output
-    assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in result.output
+    output = _serve_refused()
+    assert "WINBACK_BATCH_SIZE='0': Input should be greater than or equal to 1" in output
+    assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in output
 
 
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:

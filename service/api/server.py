@@ -79,6 +79,7 @@ def run(
     """
     import uvicorn
 
+    from service.api.accept import BALANCED_LOOP, connection_board
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
@@ -107,13 +108,20 @@ def run(
     finally:
         engine.dispose()
     os.environ["WINBACK_RUN_MIGRATIONS"] = "false"
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-    )
+    with connection_board(workers) as board_env:  # new connections spread evenly over the workers (api/accept.py)
+        os.environ.update(board_env)
+        try:
+            uvicorn.run(
+                APP_FACTORY,
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                loop=BALANCED_LOOP,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+            )
+        finally:
+            for name in board_env:
+                os.environ.pop(name, None)

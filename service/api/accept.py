@@ -1,0 +1,354 @@
+"""Spread new connections evenly over the workers that share one listening socket.
+
+With ``winback serve --workers N`` uvicorn binds one socket and every worker listens on it. Whichever worker the
+kernel schedules first takes the pending connections, so a burst of new connections (a client pool opening 32
+keep-alive connections at once) often lands entirely on one worker, and the others sit idle for the life of
+those connections. Measured on 2 workers, 2 cores, with wrk opening 32 connections: in 1-2 of 14 runs every
+connection was on one worker, at about half the throughput of an even spread. Accepting one connection per
+wake-up (nginx's ``multi_accept off``) did not change that: the second worker is not running when the burst
+arrives, because the load generator and the first worker hold both cores.
+
+So the workers accept least-connections first. Each writes its open-connection count and a heartbeat into a
+small shared file in memory (``ConnectionBoard``, one slot per worker). A worker woken by pending connections
+takes them while it holds at most ``SLACK`` more than its least-loaded live sibling, then looks again 1 ms later,
+which leaves the core to that sibling. A sibling whose heartbeat stopped (hung, paused or dead) does not count,
+and no connection waits more than ``MAX_DEFER_SECONDS`` for a sibling that does not take it. Unlike per-worker
+``SO_REUSEPORT`` sockets (which also spread bursts evenly: 14 of 14 runs), a worker that hangs gets no new
+connections and a worker that restarts drops no queued ones: the socket and its queue stay shared.
+
+``BalancedAcceptLoop`` is uvloop's loop with that one change, for servers on an already-bound TCP socket (the
+multi-worker case); transports, the HTTP protocol, TLS and single-worker servers are uvloop's own. uvicorn takes
+the class as its loop factory (``uvicorn.run(..., loop=BALANCED_LOOP)``); the board's path reaches the workers
+in ``WINBACK_ACCEPT_BOARD`` (``connection_board``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+BALANCED_LOOP = "service.api.accept:BalancedAcceptLoop"
+BOARD_ENV = "WINBACK_ACCEPT_BOARD"
+
+#: How often a worker writes its count and heartbeat; a sibling silent for STALE_SECONDS is left out.
+HEARTBEAT_SECONDS = 0.1
+STALE_SECONDS = 0.5
+#: How long a pending connection is left for a less-loaded sibling, at most (looked at again every RECHECK).
+MAX_DEFER_SECONDS = 0.02
+RECHECK_SECONDS = 0.001
+#: A worker accepts while it holds at most SLACK more connections than its least-loaded live sibling.
+SLACK = 1
+ACCEPT_BATCH = 16
+# accept() errors that say "out of descriptors or memory for now": stop accepting for a moment rather than spin
+# on a socket that stays readable (the pending connections wait in the backlog, or go to another worker).
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_PAUSE_SECONDS = 1.0
+
+logger = logging.getLogger("winback.api")
+
+_SLOT = struct.Struct("<qqd")  # pid, open connections, heartbeat (time.monotonic(): one clock for the machine)
+
+
+class ConnectionBoard:
+    """Open-connection counts and heartbeats of the workers, in a file each worker maps into memory.
+
+    A worker owns a slot while it holds a lock on the slot's bytes (``claim``); the kernel releases the lock
+    when the worker exits, so a restarted worker reuses a dead one's slot.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = open(path, "r+b")  # noqa: SIM115 (kept open for the worker's life: it holds the lock)
+        self.slots = os.fstat(self._file.fileno()).st_size // _SLOT.size
+        if self.slots < 1:
+            self._file.close()
+            raise ValueError(f"{path} is not a connection board (it is {self.slots * _SLOT.size} bytes)")
+        self._map = mmap.mmap(self._file.fileno(), self.slots * _SLOT.size)
+        self.slot: int | None = None
+
+    @staticmethod
+    def create(path: str | Path, slots: int) -> Path:
+        """Write an empty board of ``slots`` slots at ``path``."""
+        Path(path).write_bytes(bytes(slots * _SLOT.size))
+        return Path(path)
+
+    def claim(self) -> int:
+        """Take the first slot no live process holds; raise OSError if every slot is held."""
+        for slot in range(self.slots):
+            try:
+                fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB, _SLOT.size, slot * _SLOT.size)
+            except OSError:
+                continue
+            self.slot = slot
+            self.write(0)
+            return slot
+        raise OSError(errno.EBUSY, f"all {self.slots} slots of the connection board are held")
+
+    def write(self, open_connections: int, now: float | None = None) -> None:
+        if self.slot is None:
+            raise RuntimeError("write() before claim()")
+        heartbeat = time.monotonic() if now is None else now
+        _SLOT.pack_into(self._map, self.slot * _SLOT.size, os.getpid(), open_connections, heartbeat)
+
+    def read(self, slot: int) -> tuple[int, int, float]:
+        """(pid, open connections, heartbeat) of ``slot``; pid 0 if it was never claimed."""
+        pid, connections, heartbeat = _SLOT.unpack_from(self._map, slot * _SLOT.size)
+        return int(pid), int(connections), float(heartbeat)
+
+    def least_loaded(self, open_connections: int, now: float | None = None) -> bool:
+        """True if no live sibling (heartbeat within STALE_SECONDS) holds fewer than ``open_connections``
+        connections."""
+        moment = time.monotonic() if now is None else now
+        for slot in range(self.slots):
+            if slot == self.slot:
+                continue
+            pid, connections, heartbeat = self.read(slot)
+            if pid and moment - heartbeat <= STALE_SECONDS and connections < open_connections:
+                return False
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._map.close()
+        self._file.close()  # releases the slot's lock
+
+
+@contextlib.contextmanager
+def connection_board(workers: int) -> Iterator[dict[str, str]]:
+    """A board for ``workers`` workers in a private temporary folder, for as long as the block runs; yields the
+    environment variable that tells the workers where it is."""
+    # In memory (tmpfs) where there is one: on a disk-backed file, writing a page the kernel is writing back can
+    # stall the worker's loop (seen: p99 from 45 to 100-300 ms under load with the board in ext4's /tmp).
+    memory = Path("/dev/shm")
+    parent = str(memory) if memory.is_dir() and os.access(memory, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="winback-accept-", dir=parent) as folder:
+        # Twice the workers: a worker being replaced may still hold its slot while its successor starts.
+        path = ConnectionBoard.create(Path(folder) / "board", max(2 * workers, 2))
+        yield {BOARD_ENV: str(path)}
+
+
+def _board_from_env() -> ConnectionBoard | None:
+    path = os.environ.get(BOARD_ENV)
+    if not path:
+        return None
+    try:
+        board = ConnectionBoard(path)
+        board.claim()
+    except (OSError, ValueError) as error:
+        logger.warning(
+            "connections are accepted first come, first served: the connection board is unusable (%s)",
+            error,
+            extra={"event": "accept_board_unusable"},
+        )
+        return None
+    return board
+
+
+class LeastConnectionsServer(asyncio.AbstractServer):
+    """A server on a listening TCP socket shared with sibling workers: it accepts one connection per wake-up,
+    and only while no live sibling on ``board`` holds fewer connections (see the module's docstring).
+
+    Connections go to the loop's own transport (``connect_accepted_socket``). ``close()`` stops accepting and
+    closes this process's copy of the socket; the siblings keep theirs.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        backlog: int,
+        board: ConnectionBoard | None,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._protocol_factory = protocol_factory
+        self._board = board
+        self._serving = False
+        self._closed = False
+        self._reading = False
+        self._transports: list[asyncio.BaseTransport] = []
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._wake: asyncio.TimerHandle | None = None
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._deferred_since: float | None = None
+        self.deferred = 0  # pending connections left for a sibling, counted once each (for tests and debugging)
+        sock.setblocking(False)
+        sock.listen(backlog)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections this server accepted that are still open (or being set up)."""
+        self._transports = [transport for transport in self._transports if not transport.is_closing()]
+        return len(self._transports) + len(self._handshakes)
+
+    # -- accepting ---------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._serving or self._closed:
+            return
+        self._serving = True
+        self._read()
+        if self._board is not None:
+            self._beat()
+
+    def _read(self) -> None:
+        if self._serving and not self._reading:
+            self._reading = True
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+
+    def _unread(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _later(self, delay: float) -> None:
+        """Stop watching the socket for ``delay`` seconds."""
+        self._unread()
+        self._wake = self._loop.call_later(delay, self._wake_up)
+
+    def _wake_up(self) -> None:
+        self._wake = None
+        if self._deferred_since is not None and not select.select([self._sock], [], [], 0)[0]:
+            self._deferred_since = None  # what was left for a sibling was taken: the next wait starts afresh
+        self._read()
+
+    def _beat(self) -> None:
+        assert self._board is not None
+        self._board.write(self.open_connections)
+        self._heartbeat = self._loop.call_later(HEARTBEAT_SECONDS, self._beat)
+
+    def _accept_ready(self) -> None:
+        """Accept pending connections while no live sibling holds SLACK or more fewer than this worker, up to
+        ACCEPT_BATCH per wake-up (a burst is taken in a few loop iterations, not one per iteration)."""
+        for _ in range(ACCEPT_BATCH):
+            if self._board is not None and not self._board.least_loaded(self.open_connections - SLACK):
+                now = time.monotonic()
+                if self._deferred_since is None:
+                    self._deferred_since = now
+                    self.deferred += 1
+                if now - self._deferred_since < MAX_DEFER_SECONDS:
+                    self._later(RECHECK_SECONDS)
+                    return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # none left: a sibling took it, or the client gave up before it was accepted
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRORS:
+                    logger.error(
+                        "not accepting connections for %g s: %s",
+                        RESOURCE_PAUSE_SECONDS,
+                        error.strerror,
+                        extra={"event": "accept_paused"},
+                    )
+                    self._later(RESOURCE_PAUSE_SECONDS)
+                    return
+                # a network error on that one pending connection (accept(2) lists them): the next may be fine
+                logger.warning("could not accept a connection: %s", error, extra={"event": "accept_failed"})
+                continue
+            self._deferred_since = None
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handshake = self._loop.create_task(self._hand_over(conn))
+            self._handshakes.add(handshake)
+            handshake.add_done_callback(self._handshakes.discard)
+            if self._board is not None:
+                self._board.write(self.open_connections)
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(self._protocol_factory, conn)
+        except Exception:
+            conn.close()
+            logger.exception("could not set up an accepted connection", extra={"event": "accept_failed"})
+            return
+        self._transports.append(transport)
+
+    # -- asyncio.AbstractServer --------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for timer in (self._wake, self._heartbeat):
+            if timer is not None:
+                timer.cancel()
+        self._unread()
+        self._serving = False
+        self._sock.close()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
+    async def wait_closed(self) -> None:
+        """Returns once no connection is still being handed over (the connections themselves are the caller's:
+        uvicorn closes them before it waits here)."""
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        self._start()
+
+    async def serve_forever(self) -> None:
+        self._start()
+        await asyncio.Future()  # until cancelled, as asyncio's Server.serve_forever
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed else (self._sock,)
+
+    async def __aenter__(self) -> LeastConnectionsServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class BalancedAcceptLoop(uvloop.Loop):
+    """uvloop's event loop, whose servers on an already-bound TCP socket accept least-connections first."""
+
+    async def create_server(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        host: str | Iterable[str] | None = None,
+        port: int | None = None,
+        *,
+        sock: socket.socket | None = None,
+        ssl: Any = None,
+        backlog: int = 100,
+        start_serving: bool = True,
+        **options: Any,
+    ) -> asyncio.AbstractServer:
+        if (
+            sock is None
+            or ssl is not None
+            or options
+            or sock.type != socket.SOCK_STREAM
+            or sock.family not in (socket.AF_INET, socket.AF_INET6)
+        ):
+            options |= {"host": host, "port": port, "sock": sock, "ssl": ssl, "backlog": backlog}
+            return await super().create_server(protocol_factory, start_serving=start_serving, **options)
+        server = LeastConnectionsServer(self, sock, protocol_factory, backlog, _board_from_env())
+        if start_serving:
+            server._start()
+        return server

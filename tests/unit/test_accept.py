@@ -116,6 +116,8 @@ def test_connection_board_lives_in_memory_for_the_block_and_names_itself_to_the_
         if Path("/dev/shm").is_dir():
             assert path.is_relative_to("/dev/shm")
     assert not path.exists()
+    with connection_board(workers=1) as env:
+        assert env == {}
 
 
 class _Echo(asyncio.Protocol):

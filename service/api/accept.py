@@ -12,7 +12,8 @@ So the workers accept least-connections first. Each writes its open-connection c
 small shared file in memory (``ConnectionBoard``, one slot per worker). A worker woken by pending connections
 takes them while it holds at most ``SLACK`` more than its least-loaded live sibling, then looks again 1 ms later,
 which leaves the core to that sibling. A sibling whose heartbeat stopped (hung, paused or dead) does not count,
-and no connection waits more than ``MAX_DEFER_SECONDS`` for a sibling that does not take it. Unlike per-worker
+and a burst of connections waits at most ``MAX_DEFER_SECONDS`` for a sibling that does not take it (one out
+of descriptors advertises that it accepts nothing meanwhile; one that stops serving clears its slot). Unlike per-worker
 ``SO_REUSEPORT`` sockets (which also spread bursts evenly: 14 of 14 runs), a worker that hangs gets no new
 connections and a worker that restarts drops no queued ones: the socket and its queue stay shared.
 
@@ -32,6 +33,7 @@ import logging
 import mmap
 import os
 import select
+import shutil
 import socket
 import struct
 import tempfile
@@ -62,23 +64,42 @@ RESOURCE_PAUSE_SECONDS = 1.0
 logger = logging.getLogger("winback.api")
 
 _SLOT = struct.Struct("<qqd")  # pid, open connections, heartbeat (time.monotonic(): one clock for the machine)
+#: The count a worker advertises while it cannot accept (out of descriptors): no sibling waits for it.
+NOT_ACCEPTING = 2**62
+_BOARD_PREFIX = "winback-accept-"
+_SERVE_LOCK = "serve.lock"
+ABANDONED_SETUP_SECONDS = 60.0
+
+
+def _try_flock(path: Path, *, create: bool) -> int | None:
+    """An open descriptor holding an exclusive ``flock`` on ``path``, or None if another holds it."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class ConnectionBoard:
     """Open-connection counts and heartbeats of the workers, in a file each worker maps into memory.
 
-    A worker owns a slot while it holds a lock on the slot's bytes (``claim``); the kernel releases the lock
-    when the worker exits, so a restarted worker reuses a dead one's slot.
+    A worker owns slot *i* while it holds the ``flock`` of ``<board>.<i>.lock`` (``claim``). ``flock`` locks
+    belong to the open file, not the process: opening and closing the board elsewhere in the process leaves them
+    alone, and the kernel drops them when the worker exits, so a restarted worker reuses a dead one's slot.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self._file = open(path, "r+b")  # noqa: SIM115 (kept open for the worker's life: it holds the lock)
+        self.path = Path(path)
+        self._file = open(self.path, "r+b")  # noqa: SIM115 (kept open: the map is read for the worker's life)
         self.slots = os.fstat(self._file.fileno()).st_size // _SLOT.size
         if self.slots < 1:
             self._file.close()
             raise ValueError(f"{path} is not a connection board (it is {self.slots * _SLOT.size} bytes)")
         self._map = mmap.mmap(self._file.fileno(), self.slots * _SLOT.size)
         self.slot: int | None = None
+        self._slot_lock: int | None = None
 
     @staticmethod
     def create(path: str | Path, slots: int) -> Path:
@@ -89,11 +110,10 @@ class ConnectionBoard:
     def claim(self) -> int:
         """Take the first slot no live process holds; raise OSError if every slot is held."""
         for slot in range(self.slots):
-            try:
-                fcntl.lockf(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB, _SLOT.size, slot * _SLOT.size)
-            except OSError:
+            fd = _try_flock(self.path.with_name(f"{self.path.name}.{slot}.lock"), create=True)
+            if fd is None:
                 continue
-            self.slot = slot
+            self.slot, self._slot_lock = slot, fd
             self.write(0)
             return slot
         raise OSError(errno.EBUSY, f"all {self.slots} slots of the connection board are held")
@@ -105,7 +125,7 @@ class ConnectionBoard:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, os.getpid(), open_connections, heartbeat)
 
     def read(self, slot: int) -> tuple[int, int, float]:
-        """(pid, open connections, heartbeat) of ``slot``; pid 0 if it was never claimed."""
+        """(pid, open connections, heartbeat) of ``slot``; pid 0 if no worker holds it."""
         pid, connections, heartbeat = _SLOT.unpack_from(self._map, slot * _SLOT.size)
         return int(pid), int(connections), float(heartbeat)
 
@@ -122,26 +142,69 @@ class ConnectionBoard:
         return True
 
     def close(self) -> None:
+        """Leave the board: the slot is cleared first (no sibling waits for a worker that stopped accepting),
+        then given up."""
+        if self.slot is not None:
+            with contextlib.suppress(ValueError):
+                _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0, 0, 0.0)
         with contextlib.suppress(ValueError, OSError):
             self._map.close()
-        self._file.close()  # releases the slot's lock
+        self._file.close()
+        if self._slot_lock is not None:
+            os.close(self._slot_lock)
+            self._slot_lock = None
+        self.slot = None
+
+
+def _boards_folder() -> Path:
+    # In memory (tmpfs) where there is one: on a disk-backed file, writing a page the kernel is writing back can
+    # stall the worker's loop (seen: p99 from 45 to 100-300 ms under load with the board in ext4's /tmp).
+    memory = Path("/dev/shm")
+    return memory if memory.is_dir() and os.access(memory, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _sweep_abandoned_boards(folder: Path) -> None:
+    """Remove the board folders of ``winback serve`` processes that are gone (killed before they could clean up):
+    a live one holds the flock of its folder's serve.lock."""
+    for board_folder in folder.glob(f"{_BOARD_PREFIX}*"):
+        try:
+            fd = _try_flock(board_folder / _SERVE_LOCK, create=False)
+        except FileNotFoundError:
+            # Being set up this very moment (the lock comes right after the folder), unless it is old: a serve
+            # killed in between.
+            with contextlib.suppress(OSError):
+                if time.time() - board_folder.stat().st_mtime > ABANDONED_SETUP_SECONDS:
+                    shutil.rmtree(board_folder, ignore_errors=True)
+            continue
+        except OSError:
+            continue  # another user's, say
+        if fd is not None:
+            shutil.rmtree(board_folder, ignore_errors=True)
+            os.close(fd)
 
 
 @contextlib.contextmanager
 def connection_board(workers: int) -> Iterator[dict[str, str]]:
     """A board for ``workers`` workers in a private temporary folder, for as long as the block runs; yields the
-    environment variable that tells the workers where it is (none for one worker: it has no sibling)."""
+    environment variable that tells the workers where it is (none for one worker: it has no sibling). Folders
+    left by a serve that was killed are removed first."""
     if workers < 2:
         yield {}
         return
-    # In memory (tmpfs) where there is one: on a disk-backed file, writing a page the kernel is writing back can
-    # stall the worker's loop (seen: p99 from 45 to 100-300 ms under load with the board in ext4's /tmp).
-    memory = Path("/dev/shm")
-    parent = str(memory) if memory.is_dir() and os.access(memory, os.W_OK) else None
-    with tempfile.TemporaryDirectory(prefix="winback-accept-", dir=parent) as folder:
+    parent = _boards_folder()
+    _sweep_abandoned_boards(parent)
+    folder = Path(tempfile.mkdtemp(prefix=_BOARD_PREFIX, dir=parent))
+    # Locked before it has its name, so a sweeper never finds it unlocked.
+    serve_lock = _try_flock(folder / f".{_SERVE_LOCK}", create=True)
+    os.rename(folder / f".{_SERVE_LOCK}", folder / _SERVE_LOCK)
+    try:
         # Twice the workers: a worker being replaced may still hold its slot while its successor starts.
-        path = ConnectionBoard.create(Path(folder) / "board", max(2 * workers, 2))
+        path = ConnectionBoard.create(folder / "board", max(2 * workers, 2))
         yield {BOARD_ENV: str(path)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if serve_lock is not None:
+            os.close(serve_lock)
 
 
 def _board_from_env() -> ConnectionBoard | None:
@@ -162,8 +225,8 @@ def _board_from_env() -> ConnectionBoard | None:
 
 
 class LeastConnectionsServer(asyncio.AbstractServer):
-    """A server on a listening TCP socket shared with sibling workers: it accepts one connection per wake-up,
-    and only while no live sibling on ``board`` holds fewer connections (see the module's docstring).
+    """A server on a listening TCP socket shared with sibling workers: it accepts pending connections while no
+    live sibling on ``board`` holds SLACK or more fewer connections than it does (see the module's docstring).
 
     Connections go to the loop's own transport (``connect_accepted_socket``). ``close()`` stops accepting and
     closes this process's copy of the socket; the siblings keep theirs.
@@ -189,6 +252,7 @@ class LeastConnectionsServer(asyncio.AbstractServer):
         self._wake: asyncio.TimerHandle | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._deferred_since: float | None = None
+        self._paused = False  # out of descriptors: not accepting for RESOURCE_PAUSE_SECONDS
         self.deferred = 0  # pending connections left for a sibling, counted once each (for tests and debugging)
         sock.setblocking(False)
         sock.listen(backlog)
@@ -225,20 +289,39 @@ class LeastConnectionsServer(asyncio.AbstractServer):
 
     def _wake_up(self) -> None:
         self._wake = None
-        if self._deferred_since is not None and not select.select([self._sock], [], [], 0)[0]:
+        if self._paused:
+            self._paused = False
+            self._advertise()
+        if self._deferred_since is not None and not self._pending():
             self._deferred_since = None  # what was left for a sibling was taken: the next wait starts afresh
         self._read()
 
+    def _pending(self) -> bool:
+        """Whether a connection waits to be accepted (the socket is readable now)."""
+        return bool(select.select([self._sock], [], [], 0)[0])
+
+    def _advertise(self) -> None:
+        if self._board is not None:
+            self._board.write(NOT_ACCEPTING if self._paused else self.open_connections)
+
     def _beat(self) -> None:
-        assert self._board is not None
-        self._board.write(self.open_connections)
+        self._advertise()
         self._heartbeat = self._loop.call_later(HEARTBEAT_SECONDS, self._beat)
 
     def _accept_ready(self) -> None:
         """Accept pending connections while no live sibling holds SLACK or more fewer than this worker, up to
-        ACCEPT_BATCH per wake-up (a burst is taken in a few loop iterations, not one per iteration)."""
-        for _ in range(ACCEPT_BATCH):
+        ACCEPT_BATCH per wake-up (a burst is taken in a few loop iterations, not one per iteration).
+
+        Left for a sibling, pending connections are looked at again every RECHECK_SECONDS. Once they have waited
+        MAX_DEFER_SECONDS (the sibling looks live but does not take them), this worker takes one per recheck
+        until none is left: the wait is paid once per burst, not once per connection, and a sibling that was only
+        slow to run still gets its share."""
+        for attempt in range(ACCEPT_BATCH):
+            overdue = False
             if self._board is not None and not self._board.least_loaded(self.open_connections - SLACK):
+                if attempt and not self._pending():
+                    self._deferred_since = None
+                    return  # nothing left to leave to anyone
                 now = time.monotonic()
                 if self._deferred_since is None:
                     self._deferred_since = now
@@ -246,10 +329,14 @@ class LeastConnectionsServer(asyncio.AbstractServer):
                 if now - self._deferred_since < MAX_DEFER_SECONDS:
                     self._later(RECHECK_SECONDS)
                     return
+                overdue = True
+            else:
+                self._deferred_since = None
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return  # none left: a sibling took it, or the client gave up before it was accepted
+                self._deferred_since = None  # none left: a sibling took it, or the client gave up
+                return
             except OSError as error:
                 if error.errno in _RESOURCE_ERRORS:
                     logger.error(
@@ -258,19 +345,21 @@ class LeastConnectionsServer(asyncio.AbstractServer):
                         error.strerror,
                         extra={"event": "accept_paused"},
                     )
+                    self._paused = True  # advertised, so no sibling leaves connections to this worker meanwhile
+                    self._advertise()
                     self._later(RESOURCE_PAUSE_SECONDS)
                     return
                 # a network error on that one pending connection (accept(2) lists them): the next may be fine
                 logger.warning("could not accept a connection: %s", error, extra={"event": "accept_failed"})
                 continue
-            self._deferred_since = None
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handshake = self._loop.create_task(self._hand_over(conn))
             self._handshakes.add(handshake)
             handshake.add_done_callback(self._handshakes.discard)
-            if self._board is not None:
-                self._board.write(self.open_connections)
+            self._advertise()
+            if overdue:
+                self._later(RECHECK_SECONDS)  # the next one a recheck later: the sibling may be about to run
+                return
 
     async def _hand_over(self, conn: socket.socket) -> None:
         try:
@@ -278,6 +367,11 @@ class LeastConnectionsServer(asyncio.AbstractServer):
         except Exception:
             conn.close()
             logger.exception("could not set up an accepted connection", extra={"event": "accept_failed"})
+            return
+        if self._closed:
+            # Accepted just before close(): the server (uvicorn) has already told the connections it knew of to
+            # finish, and would wait for this one's client to leave. Closed now, as it closes an idle connection.
+            transport.close()
             return
         self._transports.append(transport)
 

@@ -76,20 +76,34 @@ def test_each_live_process_holds_its_own_slot_and_a_dead_ones_slot_is_reused(tmp
         board.close()
 
 
+def test_slots_are_held_per_open_board_not_per_process(tmp_path: Path) -> None:
+    """flock locks belong to the open file: a second board in one process takes another slot, and opening and
+    closing the board file elsewhere in the process (as POSIX record locks would) releases nothing."""
+    path = ConnectionBoard.create(tmp_path / "board", 2)
+    first, second = ConnectionBoard(path), ConnectionBoard(path)
+    assert (first.claim(), second.claim()) == (0, 1)
+    path.read_bytes()  # another open and close of the file
+    third = ConnectionBoard(path)
+    with pytest.raises(OSError, match="all 2 slots"):
+        third.claim()
+    second.close()
+    assert third.claim() == 1
+    for board in (first, third):
+        board.close()
+
+
 def test_a_board_of_the_wrong_size_is_refused_with_its_path(tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(ValueError, match="empty is not a connection board"):
         ConnectionBoard(tmp_path / "empty")
 
 
-def _sibling(path: Path, slot: int, connections: int, heartbeat: float, pid: int = 1) -> None:
-    """Write a sibling's row as that sibling would (rows of other processes are plain data to this one)."""
-    row = ConnectionBoard(path)
-    row.slot = slot
-    row.write(connections, now=heartbeat)
-    if pid != os.getpid():
-        accept._SLOT.pack_into(row._map, slot * accept._SLOT.size, pid, connections, heartbeat)
-    row.close()
+def _sibling(path: Path, connections: int, heartbeat: float) -> ConnectionBoard:
+    """A sibling worker's slot on the board at ``path`` (the caller closes it)."""
+    sibling = ConnectionBoard(path)
+    sibling.claim()
+    sibling.write(connections, now=heartbeat)
+    return sibling
 
 
 def test_least_loaded_counts_only_live_siblings(tmp_path: Path) -> None:
@@ -97,16 +111,25 @@ def test_least_loaded_counts_only_live_siblings(tmp_path: Path) -> None:
     board = ConnectionBoard(path)
     board.claim()
     now = time.monotonic()
-    assert board.least_loaded(5, now=now)  # no sibling ever claimed a slot
-    _sibling(path, 1, connections=3, heartbeat=now)
+    assert board.least_loaded(5, now=now)  # no sibling holds a slot
+    busy = _sibling(path, connections=3, heartbeat=now)
     assert board.least_loaded(3, now=now)  # as many as the sibling: still least-loaded
     assert not board.least_loaded(4, now=now)
     # A sibling silent for longer than STALE_SECONDS is hung, paused or dead: new connections do not wait for it.
     assert board.least_loaded(4, now=now + accept.STALE_SECONDS + 0.01)
-    _sibling(path, 2, connections=0, heartbeat=now - 60)
-    assert not board.least_loaded(4, now=now)
-    assert board.read(1)[:2] == (1, 3)
-    board.close()
+    silent = _sibling(path, connections=0, heartbeat=now - 60)
+    assert board.least_loaded(1, now=now)
+    # One out of descriptors advertises NOT_ACCEPTING: nobody waits for it either.
+    silent.write(accept.NOT_ACCEPTING, now=now)
+    assert board.least_loaded(3, now=now)
+    # A sibling that leaves clears its slot first.
+    assert board.read(busy.slot or 0)[:2] == (os.getpid(), 3)
+    slot = busy.slot
+    busy.close()
+    assert board.read(slot or 0) == (0, 0, 0.0)
+    assert board.least_loaded(5, now=now)
+    for left in (silent, board):
+        left.close()
 
 
 def test_connection_board_lives_in_memory_for_the_block_and_names_itself_to_the_workers() -> None:
@@ -204,30 +227,102 @@ def test_a_busier_worker_leaves_a_new_connection_to_a_live_sibling_but_never_str
     path = ConnectionBoard.create(tmp_path / "board", 2)
     monkeypatch.setenv(BOARD_ENV, str(path))
 
-    async def scenario() -> int:
+    async def scenario() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
         sock = _bound_socket()
         port = sock.getsockname()[1]
         server = await loop.create_server(_Echo, sock=sock)
         assert isinstance(server, LeastConnectionsServer)
-        fresh = time.monotonic() + (3600 if sibling_alive else -3600)
-        _sibling(path, 1, connections=0, heartbeat=fresh, pid=os.getppid())
+        sibling = _sibling(path, connections=0, heartbeat=time.monotonic() + (3600 if sibling_alive else -3600))
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         for _, writer in held:
             writer.write(b"x")
         for reader, _ in held:
             assert await asyncio.wait_for(reader.readexactly(1), timeout=10) == b"x"
         assert server.open_connections == 2
-        deferred_before = server.deferred
+        left_for_sibling = server.deferred  # none: no connection was pending while this worker was the busier
         assert await _echo_through(port, b"third") == b"third"
-        deferred = server.deferred - deferred_before
+        deferred = server.deferred - left_for_sibling
         for _, writer in held:
             writer.close()
         server.close()
         await server.wait_closed()
-        return deferred
+        sibling.close()
+        return left_for_sibling, deferred
 
-    assert _run_in_balanced_loop(scenario()) == (1 if sibling_alive else 0)
+    assert _run_in_balanced_loop(scenario()) == (0, 1 if sibling_alive else 0)
+
+
+def test_a_burst_waits_for_an_unresponsive_sibling_once_not_once_per_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = ConnectionBoard.create(tmp_path / "board", 2)
+    monkeypatch.setenv(BOARD_ENV, str(path))
+
+    async def scenario() -> int:
+        sock = _bound_socket()
+        port = sock.getsockname()[1]
+        server = await asyncio.get_running_loop().create_server(_Echo, sock=sock)
+        assert isinstance(server, LeastConnectionsServer)
+        sibling = _sibling(path, connections=0, heartbeat=time.monotonic() + 3600)  # looks live, never accepts
+        burst = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]  # all pending before any accept
+        for index, client in enumerate(burst):
+            client.sendall(b"%d" % index)
+        for index, client in enumerate(burst):  # each stays open: a closed one would no longer count
+            client.settimeout(10)
+            assert await asyncio.to_thread(client.recv, 1) == b"%d" % index
+        for client in burst:
+            client.close()
+        server.close()
+        await server.wait_closed()
+        sibling.close()
+        return server.deferred
+
+    # The first two are taken at once (SLACK); the four others waited for the sibling together, once.
+    assert _run_in_balanced_loop(scenario()) == 1
+
+
+def test_a_connection_accepted_as_the_server_closes_is_closed_not_left_open() -> None:
+    """uvicorn tells the connections it knows of to finish, then waits for all of them: one still being handed
+    over when the server closed would keep it waiting for as long as its client stayed."""
+
+    async def scenario() -> bytes:
+        sock = _bound_socket()
+        server = await asyncio.get_running_loop().create_server(_Echo, sock=sock, start_serving=False)
+        assert isinstance(server, LeastConnectionsServer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        server._accept_ready()  # accepted; its hand-over has not run yet
+        server.close()
+        await server.wait_closed()
+        left = await asyncio.wait_for(reader.read(), timeout=10)
+        writer.close()
+        return left
+
+    assert _run_in_balanced_loop(scenario()) == b""  # the server closed it
+
+
+def test_folders_of_serves_that_are_gone_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    gone, live, unborn, stillborn, other = (
+        tmp_path / f"{accept._BOARD_PREFIX}{name}" for name in ("gone", "live", "new", "old", "x")
+    )
+    for folder in (gone, live, unborn, stillborn):
+        folder.mkdir()
+    long_ago = time.time() - accept.ABANDONED_SETUP_SECONDS - 1
+    os.utime(stillborn, (long_ago, long_ago))
+    (gone / "serve.lock").touch()
+    (tmp_path / "other-folder").mkdir()
+    held = accept._try_flock(live / "serve.lock", create=True)
+    assert held is not None
+    try:
+        accept._sweep_abandoned_boards(tmp_path)
+    finally:
+        os.close(held)
+    assert not gone.exists()
+    assert live.exists()
+    assert unborn.exists()  # no lock yet: being set up
+    assert not stillborn.exists()  # no lock a minute on: its serve died setting it up
+    assert not other.exists()
+    assert (tmp_path / "other-folder").exists()
 
 
 class _FlakySocket(socket.socket):
@@ -242,24 +337,38 @@ class _FlakySocket(socket.socket):
         return super().accept()
 
 
-def test_out_of_descriptors_pauses_accepting_instead_of_spinning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_out_of_descriptors_pauses_accepting_and_says_so_on_the_board(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(accept, "RESOURCE_PAUSE_SECONDS", 0.05)
-    monkeypatch.delenv(BOARD_ENV, raising=False)
+    monkeypatch.setattr(accept, "RESOURCE_PAUSE_SECONDS", 0.3)
+    path = ConnectionBoard.create(tmp_path / "board", 2)
+    monkeypatch.setenv(BOARD_ENV, str(path))
 
-    async def scenario() -> None:
+    async def scenario() -> tuple[int, int]:
         sock = _bound_socket(_FlakySocket)
         port = sock.getsockname()[1]
         server = await asyncio.get_running_loop().create_server(_Echo, sock=sock)
-        assert await _echo_through(port, b"after the pause") == b"after the pause"
+        watcher = ConnectionBoard(path)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"after the pause")
+        while server.sockets and not caplog.records:
+            await asyncio.sleep(0.01)
+        during = watcher.read(0)[1]
+        assert await asyncio.wait_for(reader.readexactly(15), timeout=10) == b"after the pause"
+        after = watcher.read(0)[1]
+        writer.close()
         server.close()
         await server.wait_closed()
+        watcher.close()
+        return during, after
 
     with caplog.at_level(logging.ERROR, logger="winback.api"):
-        _run_in_balanced_loop(scenario())
-    paused = ["not accepting connections for 0.05 s: Too many open files"]
-    assert [record.getMessage() for record in caplog.records] == paused
+        during, after = _run_in_balanced_loop(scenario())
+    assert [record.getMessage() for record in caplog.records] == [
+        "not accepting connections for 0.3 s: Too many open files"
+    ]
+    assert during == accept.NOT_ACCEPTING
+    assert after == 1
 
 
 def test_an_unusable_board_falls_back_to_first_come_first_served(

@@ -69,6 +69,7 @@ NOT_ACCEPTING = 2**62
 _BOARD_PREFIX = "winback-accept-"
 _SERVE_LOCK = "serve.lock"
 ABANDONED_SETUP_SECONDS = 60.0
+SPARE_SLOTS = 16
 
 
 def _try_flock(path: Path, *, create: bool) -> int | None:
@@ -198,8 +199,9 @@ def connection_board(workers: int) -> Iterator[dict[str, str]]:
     serve_lock = _try_flock(folder / f".{_SERVE_LOCK}", create=True)
     os.rename(folder / f".{_SERVE_LOCK}", folder / _SERVE_LOCK)
     try:
-        # Twice the workers: a worker being replaced may still hold its slot while its successor starts.
-        path = ConnectionBoard.create(folder / "board", max(2 * workers, 2))
+        # Room beyond the workers: one being replaced may still hold its slot while its successor starts, and
+        # uvicorn adds a worker on each SIGTTIN. A worker finding no free slot accepts first come, first served.
+        path = ConnectionBoard.create(folder / "board", 2 * workers + SPARE_SLOTS)
         yield {BOARD_ENV: str(path)}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

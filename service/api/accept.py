@@ -254,6 +254,7 @@ class LeastConnectionsServer(asyncio.AbstractServer):
         self._wake: asyncio.TimerHandle | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
         self._deferred_since: float | None = None
+        self._poll: select.poll | None = None
         self._paused = False  # out of descriptors: not accepting for RESOURCE_PAUSE_SECONDS
         self.deferred = 0  # pending connections left for a sibling, counted once each (for tests and debugging)
         sock.setblocking(False)
@@ -299,8 +300,12 @@ class LeastConnectionsServer(asyncio.AbstractServer):
         self._read()
 
     def _pending(self) -> bool:
-        """Whether a connection waits to be accepted (the socket is readable now)."""
-        return bool(select.select([self._sock], [], [], 0)[0])
+        """Whether a connection waits to be accepted (the socket is readable now). poll, not select: select
+        cannot watch a descriptor numbered 1024 or more, which a busy worker's socket may be."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._sock.fileno(), select.POLLIN)
+        return bool(self._poll.poll(0))
 
     def _advertise(self) -> None:
         if self._board is not None:

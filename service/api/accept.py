@@ -256,7 +256,7 @@ class LeastConnectionsServer(asyncio.AbstractServer):
         self._deferred_since: float | None = None
         self._poll: select.poll | None = None
         self._paused = False  # out of descriptors: not accepting for RESOURCE_PAUSE_SECONDS
-        self.deferred = 0  # pending connections left for a sibling, counted once each (for tests and debugging)
+        self.deferred = 0  # waits that left pending connections to a sibling (for tests and debugging)
         sock.setblocking(False)
         sock.listen(backlog)
 

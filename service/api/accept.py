@@ -166,45 +166,64 @@ def _boards_folder() -> Path:
 
 def _sweep_abandoned_boards(folder: Path) -> None:
     """Remove the board folders of ``winback serve`` processes that are gone (killed before they could clean up):
-    a live one holds the flock of its folder's serve.lock."""
+    a live one holds the flock of its folder's serve.lock (``.serve.lock`` while it sets the folder up). A folder
+    with neither is not one this code made, and is left alone."""
     for board_folder in folder.glob(f"{_BOARD_PREFIX}*"):
-        try:
-            fd = _try_flock(board_folder / _SERVE_LOCK, create=False)
-        except FileNotFoundError:
-            # Being set up this very moment (the lock comes right after the folder), unless it is old: a serve
-            # killed in between.
+        fd = _unheld_lock(board_folder / _SERVE_LOCK)
+        if fd is None:
+            # Killed while setting up (the lock taken, not yet renamed), if that was long enough ago.
+            fd = _unheld_lock(board_folder / f".{_SERVE_LOCK}")
             with contextlib.suppress(OSError):
-                if time.time() - board_folder.stat().st_mtime > ABANDONED_SETUP_SECONDS:
-                    shutil.rmtree(board_folder, ignore_errors=True)
-            continue
-        except OSError:
-            continue  # another user's, say
+                if fd is not None and time.time() - board_folder.stat().st_mtime <= ABANDONED_SETUP_SECONDS:
+                    os.close(fd)
+                    fd = None
         if fd is not None:
             shutil.rmtree(board_folder, ignore_errors=True)
             os.close(fd)
 
 
+def _unheld_lock(path: Path) -> int | None:
+    """A descriptor holding ``path``'s flock if the file exists and no one holds it, else None."""
+    try:
+        return _try_flock(path, create=False)
+    except OSError:  # missing, or another user's
+        return None
+
+
 @contextlib.contextmanager
 def connection_board(workers: int) -> Iterator[dict[str, str]]:
     """A board for ``workers`` workers in a private temporary folder, for as long as the block runs; yields the
-    environment variable that tells the workers where it is (none for one worker: it has no sibling). Folders
-    left by a serve that was killed are removed first."""
+    environment variable that tells the workers where it is (none for one worker: it has no sibling, and none if
+    the board cannot be made: the workers then accept first come, first served). Folders left by a serve that
+    was killed are removed first."""
     if workers < 2:
         yield {}
         return
     parent = _boards_folder()
-    _sweep_abandoned_boards(parent)
-    folder = Path(tempfile.mkdtemp(prefix=_BOARD_PREFIX, dir=parent))
-    # Locked before it has its name, so a sweeper never finds it unlocked.
-    serve_lock = _try_flock(folder / f".{_SERVE_LOCK}", create=True)
-    os.rename(folder / f".{_SERVE_LOCK}", folder / _SERVE_LOCK)
+    folder: Path | None = None
+    serve_lock: int | None = None
+    env: dict[str, str] = {}
     try:
+        _sweep_abandoned_boards(parent)
+        folder = Path(tempfile.mkdtemp(prefix=_BOARD_PREFIX, dir=parent))
+        # Locked before it has its name, so a sweeper never finds it unlocked.
+        serve_lock = _try_flock(folder / f".{_SERVE_LOCK}", create=True)
+        os.rename(folder / f".{_SERVE_LOCK}", folder / _SERVE_LOCK)
         # Room beyond the workers: one being replaced may still hold its slot while its successor starts, and
         # uvicorn adds a worker on each SIGTTIN. A worker finding no free slot accepts first come, first served.
-        path = ConnectionBoard.create(folder / "board", 2 * workers + SPARE_SLOTS)
-        yield {BOARD_ENV: str(path)}
+        env = {BOARD_ENV: str(ConnectionBoard.create(folder / "board", 2 * workers + SPARE_SLOTS))}
+    except OSError as error:
+        logger.warning(
+            "connections are accepted first come, first served: no connection board could be made in %s (%s)",
+            parent,
+            error,
+            extra={"event": "accept_board_unusable"},
+        )
+    try:
+        yield env
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         if serve_lock is not None:
             os.close(serve_lock)
 
@@ -213,10 +232,13 @@ def _board_from_env() -> ConnectionBoard | None:
     path = os.environ.get(BOARD_ENV)
     if not path:
         return None
+    board: ConnectionBoard | None = None
     try:
         board = ConnectionBoard(path)
         board.claim()
     except (OSError, ValueError) as error:
+        if board is not None:
+            board.close()
         logger.warning(
             "connections are accepted first come, first served: the connection board is unusable (%s)",
             error,
@@ -323,12 +345,12 @@ class LeastConnectionsServer(asyncio.AbstractServer):
         MAX_DEFER_SECONDS (the sibling looks live but does not take them), this worker takes one per recheck
         until none is left: the wait is paid once per burst, not once per connection, and a sibling that was only
         slow to run still gets its share."""
-        for attempt in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             overdue = False
             if self._board is not None and not self._board.least_loaded(self.open_connections - SLACK):
-                if attempt and not self._pending():
+                if not self._pending():
                     self._deferred_since = None
-                    return  # nothing left to leave to anyone
+                    return  # nothing left to leave to anyone (a sibling took what woke this worker)
                 now = time.monotonic()
                 if self._deferred_since is None:
                     self._deferred_since = now

@@ -302,14 +302,17 @@ def test_a_connection_accepted_as_the_server_closes_is_closed_not_left_open() ->
 
 
 def test_folders_of_serves_that_are_gone_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
-    gone, live, unborn, stillborn, other = (
-        tmp_path / f"{accept._BOARD_PREFIX}{name}" for name in ("gone", "live", "new", "old", "x")
-    )
-    for folder in (gone, live, unborn, stillborn):
+    names = ("gone", "live", "setting-up", "died-setting-up", "not-ours")
+    gone, live, setting_up, died_setting_up, not_ours = (tmp_path / f"{accept._BOARD_PREFIX}{name}" for name in names)
+    for folder in (gone, live, setting_up, died_setting_up, not_ours):
         folder.mkdir()
-    long_ago = time.time() - accept.ABANDONED_SETUP_SECONDS - 1
-    os.utime(stillborn, (long_ago, long_ago))
     (gone / "serve.lock").touch()
+    (setting_up / ".serve.lock").touch()
+    (died_setting_up / ".serve.lock").touch()
+    (not_ours / "board").touch()  # no lock file at all: not made by this code (or by an older build, still live)
+    long_ago = time.time() - accept.ABANDONED_SETUP_SECONDS - 1
+    for folder in (died_setting_up, not_ours):
+        os.utime(folder, (long_ago, long_ago))
     (tmp_path / "other-folder").mkdir()
     held = accept._try_flock(live / "serve.lock", create=True)
     assert held is not None
@@ -319,10 +322,19 @@ def test_folders_of_serves_that_are_gone_are_swept_and_live_ones_kept(tmp_path: 
         os.close(held)
     assert not gone.exists()
     assert live.exists()
-    assert unborn.exists()  # no lock yet: being set up
-    assert not stillborn.exists()  # no lock a minute on: its serve died setting it up
-    assert not other.exists()
+    assert setting_up.exists()  # its serve may be between taking the lock and renaming it
+    assert not died_setting_up.exists()
+    assert not_ours.exists()
     assert (tmp_path / "other-folder").exists()
+
+
+def test_a_board_that_cannot_be_made_leaves_the_workers_first_come_first_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accept, "_boards_folder", lambda: tmp_path / "missing")
+    with caplog.at_level(logging.WARNING, logger="winback.api"), connection_board(workers=2) as env:
+        assert env == {}
+    assert "no connection board could be made in" in caplog.text
 
 
 class _FlakySocket(socket.socket):

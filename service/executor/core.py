@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -870,7 +870,12 @@ class Executor:
         if isinstance(outcome, Skip):
             self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
             return
-        self._release(conn, action, ActionState.DONE, now)
+        try:
+            self._release(conn, action, ActionState.DONE, now)
+        except StaleClaimError:
+            if not self._record_settled_meanwhile(conn, action, outcome, now):
+                raise
+            return
         order = self._lock_order(conn, action.merchant_id, action.order_id)
         if order is None:
             return
@@ -879,9 +884,7 @@ class Executor:
         elif isinstance(outcome, Sent):
             self._record_nudge(conn, order, action, outcome, now)
         elif isinstance(outcome, NotSent):
-            self._record_unsent(
-                conn, order, action, outcome.nudge_id, outcome.channel, outcome.template_id, outcome.error, now
-            )
+            self._record_unsent(conn, order, action, outcome, now)
         elif isinstance(outcome, Delivered):
             conn.execute(
                 webhook_deliveries.update()
@@ -900,6 +903,45 @@ class Executor:
             self._decision_point(conn, order, now)
         elif action.kind == ActionKind.CLOSE:
             self._on_close(conn, order, action, now)
+
+    def _record_settled_meanwhile(
+        self, conn: sa.Connection, action: ActionRow, outcome: Outcome, now: datetime
+    ) -> bool:
+        """Record what a charge or a message did when the order was settled while it ran; False when the action
+        was not cancelled that way (another worker's claim holds it and records the same answer).
+
+        Settling an order (paid elsewhere, failed, an agent's reject) cancels its open actions, the claimed ones
+        too, but a charge already sent to the connector may still have taken the money, and a message may have
+        gone out. That is history the files and the merchant need: the attempt or the nudge is stored (once,
+        whoever records it first), a success on a settled order is logged as needing a refund, and nothing is
+        scheduled for the settled order.
+        """
+        state = conn.scalar(sa.select(actions.c.state).where(actions.c.action_id == action.action_id))
+        if state != ActionState.CANCELLED.value or not isinstance(outcome, Charged | Sent | NotSent):
+            return False
+        order = self._lock_order(conn, action.merchant_id, action.order_id)
+        if order is None:
+            return True
+        log.warning(
+            "%s action %s ran while its order was settled (%s); its outcome is recorded",
+            action.kind,
+            action.action_id,
+            order["state"],
+            extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+        )
+        if isinstance(outcome, Charged):
+            recorded = conn.scalar(
+                sa.select(transactions.c.txn_id).where(transactions.c.idempotency_key == action.idempotency_key)
+            )
+            if recorded is None:
+                self._record_attempt(conn, order, action, outcome.result, now)
+            return True
+        recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
+        if recorded is None and isinstance(outcome, Sent):
+            self._insert_sent_nudge(conn, action, outcome, now)
+        elif recorded is None and isinstance(outcome, NotSent):
+            self._insert_unsent_nudge(conn, action, outcome, now)
+        return True
 
     def _release(
         self,
@@ -967,7 +1009,7 @@ class Executor:
             if order is not None:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
-                self._record_unsent(conn, order, action, nudge_id, channel, "payment_link", error, now)
+                self._record_unsent(conn, order, action, NotSent(nudge_id, channel, "payment_link", error), now)
         # A dead retry or link payment leaves its order open: whether the charge happened is unknown, so no
         # new attempt is made on top of it; the order's window-end CLOSE fails it unless an operator acts.
 
@@ -1038,6 +1080,26 @@ class Executor:
     def _record_nudge(
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, sent: Sent, now: datetime
     ) -> None:
+        self._insert_sent_nudge(conn, action, sent, now)
+        conn.execute(
+            orders.update()
+            .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
+            .values(nudge_count=orders.c.nudge_count + 1, updated_at=now)
+        )
+        follow_up = now + timedelta(hours=NUDGE_FOLLOW_UP_HOURS)
+        self._schedule(
+            conn,
+            action.merchant_id,
+            action.order_id,
+            ActionKind.FOLLOW_UP,
+            follow_up,
+            f"{action.merchant_id}:{action.order_id}:follow_up:{sent.nudge_id}",
+            now,
+            payload={"nudge_id": sent.nudge_id},
+        )
+
+    def _insert_sent_nudge(self, conn: sa.Connection, action: ActionRow, sent: Sent, now: datetime) -> None:
+        """The nudge that went out, and its payment link."""
         conn.execute(
             nudges.insert().values(
                 nudge_id=sent.nudge_id,
@@ -1064,66 +1126,64 @@ class Executor:
                 created_at=now,
             )
         )
-        conn.execute(
-            orders.update()
-            .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
-            .values(nudge_count=orders.c.nudge_count + 1, updated_at=now)
-        )
-        follow_up = now + timedelta(hours=NUDGE_FOLLOW_UP_HOURS)
-        self._schedule(
-            conn,
-            action.merchant_id,
-            action.order_id,
-            ActionKind.FOLLOW_UP,
-            follow_up,
-            f"{action.merchant_id}:{action.order_id}:follow_up:{sent.nudge_id}",
-            now,
-            payload={"nudge_id": sent.nudge_id},
-        )
 
     def _record_unsent(
-        self,
-        conn: sa.Connection,
-        order: RowMapping,
-        action: ActionRow,
-        nudge_id: str,
-        channel: str,
-        template_id: str,
-        error: str,
-        now: datetime,
+        self, conn: sa.Connection, order: RowMapping, action: ActionRow, unsent: NotSent, now: datetime
     ) -> None:
+        self._insert_unsent_nudge(conn, action, unsent, now)
+        # The undelivered nudge is in the history now (it counts against max_nudges): decide again.
+        self._decision_point(conn, order, now)
+
+    def _insert_unsent_nudge(self, conn: sa.Connection, action: ActionRow, unsent: NotSent, now: datetime) -> None:
+        """The nudge that could not be sent (it counts against max_nudges all the same)."""
         conn.execute(
             nudges.insert().values(
-                nudge_id=nudge_id,
+                nudge_id=unsent.nudge_id,
                 merchant_id=action.merchant_id,
                 order_id=action.order_id,
-                channel=channel,
-                template_id=template_id,
+                channel=unsent.channel,
+                template_id=unsent.template_id,
                 sent_at=now,
                 status="rejected",
                 delivered=False,
-                error=error[:2000],
+                error=unsent.error[:2000],
                 decision_id=action.decision_id,
                 propensity=action.payload.get("propensity"),
                 idempotency_key=action.idempotency_key,
             )
         )
-        # The undelivered nudge is in the history now (it counts against max_nudges): decide again.
-        self._decision_point(conn, order, now)
+
+    def charge_in_flight(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        kinds: Iterable[ActionKind],
+        *,
+        live_at: datetime | None = None,
+        excluding: int | None = None,
+    ) -> datetime | None:
+        """When the first claim on a charge of ``order`` (of ``kinds``) ends: a charge that may be with its connector
+        now. None when there is none; ``live_at`` leaves out claims whose lease has ended by then."""
+        query = sa.select(sa.func.min(actions.c.due_at)).where(
+            actions.c.merchant_id == order["merchant_id"],
+            actions.c.order_id == order["order_id"],
+            actions.c.state == ActionState.CLAIMED.value,
+            actions.c.kind.in_([kind.value for kind in kinds]),
+        )
+        if live_at is not None:
+            query = query.where(actions.c.due_at > live_at)
+        if excluding is not None:
+            query = query.where(actions.c.action_id != excluding)
+        until = conn.scalar(query)
+        return None if until is None else as_utc(until)
 
     def _on_close(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> None:
         if order["state"] not in OPEN_ORDER_STATES:
             return
-        in_flight = conn.scalar(
-            sa.select(sa.func.min(actions.c.due_at)).where(
-                actions.c.merchant_id == order["merchant_id"],
-                actions.c.order_id == order["order_id"],
-                actions.c.state == ActionState.CLAIMED.value,
-                actions.c.kind.in_([ActionKind.RETRY.value, ActionKind.LINK_PAYMENT.value]),
-                actions.c.action_id != action.action_id,
-            )
+        in_flight = self.charge_in_flight(
+            conn, order, (ActionKind.RETRY, ActionKind.LINK_PAYMENT), excluding=action.action_id
         )
-        wait_until = as_utc(in_flight) if in_flight is not None else self._live_link_expiry(conn, order, now)
+        wait_until = in_flight if in_flight is not None else self._live_link_expiry(conn, order, now)
         if wait_until is not None:
             key = f"{order['merchant_id']}:{order['order_id']}:close:{wait_until.isoformat()}"
             self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, wait_until, key, now)
@@ -1205,6 +1265,13 @@ class Executor:
         with self.engine.begin() as conn:
             link = self._link(conn, claims)
             order = self._link_order(conn, claims)
+            # One charge at a time per order: a silent retry with its connector now may take the money too.
+            if self.charge_in_flight(conn, order, (ActionKind.RETRY,), live_at=now) is not None:
+                raise LinkError(
+                    409,
+                    "A payment is being processed",
+                    f"a payment for order {claims.order_id} is being processed; try this link again in a minute",
+                )
             conn.execute(payment_links.update().where(payment_links.c.token_id == claims.token_id).values(used_at=now))
             if link["opened_at"] is None:
                 conn.execute(

@@ -178,6 +178,12 @@ class Effects:
 
     def _charge(self, action: ActionRow, order: RowMapping) -> Outcome:
         now = self.executor.clock()
+        if action.kind == ActionKind.RETRY:
+            # One charge at a time per order: the customer may be paying a link of the order right now.
+            with self.executor.engine.connect() as conn:
+                busy_until = self.executor.charge_in_flight(conn, order, (ActionKind.LINK_PAYMENT,), live_at=now)
+            if busy_until is not None:
+                return Defer(busy_until, "a payment link of the order is being paid")
         try:
             connector = self.connector(action.merchant_id, str(action.payload["connector"]))
         except PermanentError as exc:

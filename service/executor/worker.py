@@ -164,7 +164,12 @@ class Worker:
                 self.executor.complete(conn, action, outcome)
             return
         except StaleClaimError:
-            log.warning("action %s was taken over by another worker; its outcome is dropped", action.action_id)
+            log.warning(
+                "action %s is no longer this worker's (another took it over after the lease, or its order was "
+                "settled); its outcome (%s) is dropped",
+                action.action_id,
+                type(outcome).__name__,
+            )
             return
         except Exception as exc:
             log.exception("recording action %s failed", action.action_id)

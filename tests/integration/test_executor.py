@@ -562,3 +562,115 @@ def test_a_send_the_rules_forbid_now_is_decided_again_not_sent(make_harness: Any
     assert h.view().nudges == []
     assert h.view().state == "FAILED"
     assert len(h.executor.decider.requests) == 2  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------ an order settled mid-charge
+
+
+def _claim_due(h: Harness, kind: str) -> Any:
+    claimed = h.executor.claim(10, 30, "w1", f"claim-{kind}")
+    return next(action for action in claimed if action.kind == kind)
+
+
+def test_a_charge_made_while_the_order_was_settled_elsewhere_is_recorded_and_flagged(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=FakeConnector(results=["success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    retry = _claim_due(h, "retry")
+    outcome = h.effects.perform(retry, _order_row(h))  # the connector charges the customer ...
+    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+    assert (
+        h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    )  # ... as the merchant reports a payment
+    with caplog.at_level("WARNING", logger="winback.executor"):
+        h.worker.record([(retry, outcome)])
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert view.success_txn_id == "txn_ext"  # the merchant's payment stays the order's
+    charged = [a for a in view.attempts if a.strategy == "cascade"]
+    assert [(a.status, a.connector) for a in charged] == [("success", "adyen")]  # the money taken is on record
+    assert any("a refund may be needed" in record.getMessage() for record in caplog.records)
+    assert not any("outcome is dropped" in record.getMessage() for record in caplog.records)
+    h.worker.record([(retry, outcome)])  # recorded once, however often the worker retries
+    assert len([a for a in h.view().attempts if a.strategy == "cascade"]) == 1
+    h.drain()
+    assert len(h.receiver.received) == 1  # one webhook, for the merchant's payment
+
+
+def _link_and_due_retry(h: Harness) -> str:
+    """An order with a live payment link (sent by SMS) and, a day later, a silent retry due now; the link's token."""
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    token: str = h.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    h.clock.advance(hours=24)
+    follow_up = _claim_due(h, "follow_up")
+    h.worker.record([(follow_up, h.effects.perform(follow_up, _order_row(h)))])
+    return token
+
+
+def test_a_link_is_not_paid_while_a_silent_retry_of_its_order_is_with_the_connector(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=FakeConnector(results=["failure", "success"]),
+    )
+    token = _link_and_due_retry(h)
+    retry = _claim_due(h, "retry")
+    with pytest.raises(LinkError) as busy:
+        h.executor.start_link_payment(token, 30, "api", "claim-link")
+    assert busy.value.status_code == 409
+    assert "being processed" in str(busy.value)
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])  # the retry is declined
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")  # the link was not used up
+    h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert [(a.strategy, a.status) for a in view.attempts[1:]] == [
+        ("retry_same", "failure"),
+        ("retarget_link", "success"),
+    ]
+
+
+def test_a_silent_retry_waits_while_a_link_payment_of_its_order_is_with_the_connector(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=FakeConnector(results=["success"]),
+    )
+    token = _link_and_due_retry(h)
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")
+    retry = _claim_due(h, "retry")
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])
+    assert h.connector.calls == []  # the retry did not charge beside the link payment
+    waiting = next(a for a in h.view().actions if a.kind == "retry")
+    assert waiting.state == "scheduled"
+    assert waiting.due_at == payment.action.due_at  # it looks again when the link payment's lease ends
+    h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])
+    h.clock.advance(seconds=31)
+    h.drain()
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert len(h.connector.calls) == 1  # the link payment only
+    assert next(a for a in view.actions if a.kind == "retry").state == "cancelled"
+
+
+def test_a_message_sent_while_the_order_was_settled_elsewhere_is_recorded_once(make_harness: Any) -> None:
+    h = make_harness({"action": "retarget", "channel": "sms"})
+    h.executor.payment_failed("m_demo", event())
+    nudge = _claim_due(h, "nudge")
+    outcome = h.effects.perform(nudge, _order_row(h))  # the SMS goes out ...
+    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+    assert (
+        h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    )  # ... as the merchant reports a payment
+    h.worker.record([(nudge, outcome)])
+    h.worker.record([(nudge, outcome)])
+    view = h.view()
+    assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]
+    assert len(h.outbox) == 1
+    assert not [a for a in view.actions if a.kind == "follow_up"]  # nothing more for a settled order
+    assert view.state == "SUCCEEDED"

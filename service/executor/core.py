@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 import sqlalchemy as sa
@@ -51,6 +51,20 @@ from service.executor.store import (
 )
 
 log = logging.getLogger("winback.executor")
+#: The actions that charge the customer through a connector.
+CHARGE_KINDS: Final = (ActionKind.RETRY, ActionKind.LINK_PAYMENT)
+#: How soon a stop waiting for a charge whose lease has already ended looks again.
+RECHECK: Final = timedelta(seconds=5)
+
+
+def _maybe_with_connector() -> sa.ColumnElement[bool]:
+    """An open charge action that may have reached its connector: claimed now, or claimed before (a re-send after
+    a lost answer). A charge never claimed has not been sent."""
+    return sa.and_(
+        actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+        sa.or_(actions.c.state == ActionState.CLAIMED.value, actions.c.attempts > 0),
+    )
+
 
 #: ``decide()`` bound to a scorer and catalog: the executor's only way to choose what to do.
 Decider = Callable[[DecisionRequest, MerchantConfig], Decision]
@@ -643,18 +657,23 @@ class Executor:
         )
         return as_utc_or_none(latest)
 
-    def _close(self, conn: sa.Connection, order: RowMapping, now: datetime) -> None:
-        """Stop: fail the order now, or when the last live payment link expires (the customer may still pay)."""
-        expiry = self._live_link_expiry(conn, order, now)
-        if expiry is not None:
-            key = f"{order['merchant_id']}:{order['order_id']}:close:{expiry.isoformat()}"
-            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, expiry, key, now)
+    def _close(self, conn: sa.Connection, order: RowMapping, now: datetime, *, excluding: int | None = None) -> None:
+        """Stop: fail the order now, or once no charge of it may be with a connector and its last live payment
+        link has expired (the customer may still pay); ``excluding``: the close action doing this."""
+        in_flight = self.charge_in_flight(conn, order, excluding=excluding)
+        wait_until = self._live_link_expiry(conn, order, now) if in_flight is None else max(in_flight, now + RECHECK)
+        if wait_until is not None:
+            key = f"{order['merchant_id']}:{order['order_id']}:close:{wait_until.isoformat()}"
+            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, wait_until, key, now)
             return
         self._fail(conn, order, now)
 
     # ------------------------------------------------------------------------------- terminal states
 
     def _cancel_open(self, conn: sa.Connection, order: RowMapping, now: datetime) -> None:
+        # A charge that may have reached its connector (claimed now, or sent before without an answer) is not
+        # cancelled: its worker records what it did, or a re-send with the same key asks the switch, and the
+        # attempt is stored either way (a success on the settled order logs that a refund may be needed).
         conn.execute(
             actions.update()
             .where(
@@ -662,6 +681,7 @@ class Executor:
                 actions.c.order_id == order["order_id"],
                 actions.c.state.in_(OPEN_ACTION_STATES),
                 actions.c.kind != ActionKind.WEBHOOK.value,
+                sa.not_(_maybe_with_connector()),
             )
             .values(state=ActionState.CANCELLED.value, claim_token=None, updated_at=now)
         )
@@ -907,35 +927,23 @@ class Executor:
     def _record_settled_meanwhile(
         self, conn: sa.Connection, action: ActionRow, outcome: Outcome, now: datetime
     ) -> bool:
-        """Record what a charge or a message did when the order was settled while it ran; False when the action
-        was not cancelled that way (another worker's claim holds it and records the same answer).
+        """Record a message that went out while its order was settled; False when the action was not cancelled
+        that way (another worker's claim holds it and records the same answer).
 
-        Settling an order (paid elsewhere, failed, an agent's reject) cancels its open actions, the claimed ones
-        too, but a charge already sent to the connector may still have taken the money, and a message may have
-        gone out. That is history the files and the merchant need: the attempt or the nudge is stored (once,
-        whoever records it first), a success on a settled order is logged as needing a refund, and nothing is
-        scheduled for the settled order.
+        Settling an order (paid elsewhere, failed, an agent's reject) cancels its open actions, claimed nudges
+        too (charges that may be with a connector are left to finish: ``_cancel_open``), but the message may
+        have gone out. That is history the files need: the nudge is stored (once, whoever records it first) and
+        nothing is scheduled for the settled order.
         """
         state = conn.scalar(sa.select(actions.c.state).where(actions.c.action_id == action.action_id))
-        if state != ActionState.CANCELLED.value or not isinstance(outcome, Charged | Sent | NotSent):
+        if state != ActionState.CANCELLED.value or not isinstance(outcome, Sent | NotSent):
             return False
-        order = self._lock_order(conn, action.merchant_id, action.order_id)
-        if order is None:
-            return True
         log.warning(
-            "%s action %s ran while its order was settled (%s); its outcome is recorded",
+            "%s action %s ran while its order was settled; its outcome is recorded",
             action.kind,
             action.action_id,
-            order["state"],
             extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
         )
-        if isinstance(outcome, Charged):
-            recorded = conn.scalar(
-                sa.select(transactions.c.txn_id).where(transactions.c.idempotency_key == action.idempotency_key)
-            )
-            if recorded is None:
-                self._record_attempt(conn, order, action, outcome.result, now)
-            return True
         recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
         if recorded is None and isinstance(outcome, Sent):
             self._insert_sent_nudge(conn, action, outcome, now)
@@ -1157,21 +1165,20 @@ class Executor:
         self,
         conn: sa.Connection,
         order: RowMapping,
-        kinds: Iterable[ActionKind],
+        kinds: Iterable[ActionKind] = CHARGE_KINDS,
         *,
-        live_at: datetime | None = None,
         excluding: int | None = None,
     ) -> datetime | None:
-        """When the first claim on a charge of ``order`` (of ``kinds``) ends: a charge that may be with its connector
-        now. None when there is none; ``live_at`` leaves out claims whose lease has ended by then."""
+        """When to look again at a charge of ``order`` (of ``kinds``) that may be with its connector: claimed now
+        (its lease's end, which a slow connector can outlast, so an ended lease still counts until the charge is
+        recorded), or sent before without an answer (its re-send). None when there is none."""
         query = sa.select(sa.func.min(actions.c.due_at)).where(
             actions.c.merchant_id == order["merchant_id"],
             actions.c.order_id == order["order_id"],
-            actions.c.state == ActionState.CLAIMED.value,
+            actions.c.state.in_(OPEN_ACTION_STATES),
             actions.c.kind.in_([kind.value for kind in kinds]),
+            _maybe_with_connector(),
         )
-        if live_at is not None:
-            query = query.where(actions.c.due_at > live_at)
         if excluding is not None:
             query = query.where(actions.c.action_id != excluding)
         until = conn.scalar(query)
@@ -1180,15 +1187,7 @@ class Executor:
     def _on_close(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> None:
         if order["state"] not in OPEN_ORDER_STATES:
             return
-        in_flight = self.charge_in_flight(
-            conn, order, (ActionKind.RETRY, ActionKind.LINK_PAYMENT), excluding=action.action_id
-        )
-        wait_until = in_flight if in_flight is not None else self._live_link_expiry(conn, order, now)
-        if wait_until is not None:
-            key = f"{order['merchant_id']}:{order['order_id']}:close:{wait_until.isoformat()}"
-            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, wait_until, key, now)
-            return
-        self._fail(conn, order, now)
+        self._close(conn, order, now, excluding=action.action_id)
 
     # ----------------------------------------------------------------------------------- payment links
 
@@ -1266,7 +1265,7 @@ class Executor:
             link = self._link(conn, claims)
             order = self._link_order(conn, claims)
             # One charge at a time per order: a silent retry with its connector now may take the money too.
-            if self.charge_in_flight(conn, order, (ActionKind.RETRY,), live_at=now) is not None:
+            if self.charge_in_flight(conn, order, (ActionKind.RETRY,)) is not None:
                 raise LinkError(
                     409,
                     "A payment is being processed",

@@ -25,6 +25,8 @@ from model.vocab import Action, Channel
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.connectors import ChargeRequest, Connector, ConnectorRegistry, PermanentError, TransientError
 from service.executor.core import (
+    CHARGE_KINDS,
+    RECHECK,
     ActionRow,
     Charged,
     Defer,
@@ -157,12 +159,10 @@ class Effects:
                 return Skip(f"order {action.order_id!r} is not known")
             if action.kind in (ActionKind.FOLLOW_UP, ActionKind.CLOSE):
                 return NoEffect()
-            if order["state"] != OrderState.PENDING and not (
-                action.kind == ActionKind.LINK_PAYMENT and order["state"] in OPEN_ORDER_STATES
-            ):
+            if action.kind in CHARGE_KINDS:
+                return self._charge(action)
+            if order["state"] != OrderState.PENDING:
                 return Skip(f"order is {order['state']}")
-            if action.kind in (ActionKind.RETRY, ActionKind.LINK_PAYMENT):
-                return self._charge(action, order)
             if action.kind == ActionKind.NUDGE:
                 return self._nudge(action, order)
             return Permanent(f"unknown action kind {action.kind!r}")
@@ -176,14 +176,32 @@ class Effects:
         """The connector for a merchant's connector name."""
         return self.connectors.get(merchant_id, name)
 
-    def _charge(self, action: ActionRow, order: RowMapping) -> Outcome:
+    def _charge(self, action: ActionRow) -> Outcome:
         now = self.executor.clock()
-        if action.kind == ActionKind.RETRY:
+        # The order as it is now, not as the batch found it: it may have been paid while earlier actions ran.
+        with self.executor.engine.connect() as conn:
+            order = self.executor.orders_of(conn, [action]).get((action.merchant_id, action.order_id))
+            if order is None:
+                return Skip(f"order {action.order_id!r} is not known")
             # One charge at a time per order: the customer may be paying a link of the order right now.
-            with self.executor.engine.connect() as conn:
-                busy_until = self.executor.charge_in_flight(conn, order, (ActionKind.LINK_PAYMENT,), live_at=now)
-            if busy_until is not None:
-                return Defer(busy_until, "a payment link of the order is being paid")
+            busy_until = (
+                self.executor.charge_in_flight(conn, order, (ActionKind.LINK_PAYMENT,))
+                if action.kind == ActionKind.RETRY and order["state"] == OrderState.PENDING
+                else None
+            )
+        payable = OPEN_ORDER_STATES if action.kind == ActionKind.LINK_PAYMENT else (OrderState.PENDING,)
+        if order["state"] not in payable:
+            if action.attempts > 1:
+                # An earlier send may have reached the switch and its answer was lost. Sending again would charge
+                # a settled order if it did not; not asking leaves a charge unknown: an operator asks the switch.
+                return Permanent(
+                    f"order became {order['state']} while the answer to an earlier send of this charge was lost: "
+                    f"ask connector {action.payload.get('connector')!r} about payment "
+                    f"{action.order_id}_{action.payload.get('attempt_number')}; a refund may be needed"
+                )
+            return Skip(f"order is {order['state']}")
+        if busy_until is not None:
+            return Defer(max(busy_until, now + RECHECK), "a payment link of the order is being paid")
         try:
             connector = self.connector(action.merchant_id, str(action.payload["connector"]))
         except PermanentError as exc:
@@ -201,7 +219,9 @@ class Effects:
             currency=str(order["currency"]),
             strategy=str(action.payload["strategy"]),
             connector=str(action.payload["connector"]),
-            execute_at=now,
+            # The planned time, not the clock: a re-send after a lost answer must be the same request, or the
+            # switch refuses the reused key (409) and the first charge is never recorded.
+            execute_at=action.planned_at,
             context=context,
         )
         try:

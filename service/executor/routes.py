@@ -197,6 +197,10 @@ def _pay(runtime: ExecutorRuntime, token: str) -> tuple[int, str, str]:
             runtime.executor.complete(conn, action, outcome)
     except StaleClaimError:
         pass  # a worker took the attempt over after our lease; it records the same answer
+    except Exception:
+        # The customer hears what the switch answered, not that the database failed: the action stays claimed,
+        # and once its lease ends a worker sends it again with the same key and records the stored answer.
+        log.exception("recording link payment %s failed; a worker records it after the lease", action.action_id)
     if isinstance(outcome, Charged) and outcome.result.status == "success":
         return 200, "Payment received", f"Thank you: order {action.order_id} is paid."
     if isinstance(outcome, Charged):

@@ -29,6 +29,7 @@ from service.executor.connectors import ChargeRequest, ChargeResult, TransientEr
 from service.executor.core import AgentQueueError, Executor, IdempotencyConflictError
 from service.executor.effects import Effects
 from service.executor.links import LinkError
+from service.executor.routes import ExecutorRuntime, _pay
 from service.executor.sandbox import start_sandbox
 from service.executor.settings import ExecutorSettings
 from service.executor.store import actions, make_executor_engine, nudges, transactions, webhook_deliveries
@@ -674,3 +675,327 @@ def test_a_message_sent_while_the_order_was_settled_elsewhere_is_recorded_once(m
     assert len(h.outbox) == 1
     assert not [a for a in view.actions if a.kind == "follow_up"]  # nothing more for a settled order
     assert view.state == "SUCCEEDED"
+
+
+# ---------------------------------------------------------------- charges racing settlement (review)
+
+
+@dataclass
+class HookConnector(FakeConnector):
+    """FakeConnector that runs ``during[key_part]()`` while a charge whose key contains ``key_part`` is with it
+    (a slow connector), and can 'lose the answer' of the first call for a key (charged, then TransientError)."""
+
+    during: dict[str, Callable[[], None]] = field(default_factory=dict)
+    lose_answer: set[str] = field(default_factory=set)
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        for part, hook in list(self.during.items()):
+            if part in request.idempotency_key:
+                del self.during[part]
+                hook()
+        result = super().charge(request)
+        for part in list(self.lose_answer):
+            if part in request.idempotency_key:
+                self.lose_answer.discard(part)
+                raise TransientError("timeout calling connector 'adyen': ReadTimeout")  # money taken, answer lost
+        return result
+
+
+def successes(h: Harness) -> list[str]:
+    return [key for key, result in h.connector.charged.items() if result.status == "success"]
+
+
+def webhook_events(h: Harness) -> list[str]:
+    return [json.loads(r.content)["event"] for r in h.receiver.received]
+
+
+def runtime(h: Harness) -> ExecutorRuntime:
+    return ExecutorRuntime(h.executor, h.effects, ExecutorSettings(database_url="sqlite://", lease_seconds=30))
+
+
+def token_of(h: Harness, index: int = 0) -> str:
+    return h.outbox[index].variables["link_url"].rsplit("/pay/", 1)[1]
+
+
+# --------------------------------------------------------------------- 1. stop / reject while a link pays
+
+
+def test_a_stop_waits_for_a_link_payment_that_is_with_the_connector(make_harness: Any) -> None:
+    """The follow-up decides 'stop' while the customer's link payment is with the connector: the order is failed
+    only once no charge of it is out, so the paid order gets order.succeeded, not order.failed."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, {"action": "stop"}, connector=HookConnector(results=["success"])
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with the link goes out
+    h.clock.advance(hours=24)  # the follow-up is due
+    h.connector.during["link"] = h.drain  # while the link charge is with the connector, the worker runs
+
+    code, _title, message = _pay(runtime(h), token_of(h))
+    h.drain()
+    assert code == 200
+    assert "is paid" in message
+    assert successes(h)  # money taken
+    assert webhook_events(h) == ["order.succeeded"], h.view().state
+
+
+def test_an_agent_reject_waits_for_a_link_payment_that_is_with_the_connector(make_harness: Any) -> None:
+    """Assisted mode: an agent rejects while the customer's link payment is with the connector; the reject's close
+    waits for the charge, and the paid order gets order.succeeded."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+        connector=HookConnector(results=["success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.executor.act_on_queued("ord_1", "approve", "ana", "send the link")
+    h.drain()  # SMS sent
+    h.clock.advance(hours=24)
+    h.drain()  # follow-up: the next decision is queued for an agent
+    assert h.view().state == "AWAITING_AGENT"
+    h.connector.during["link"] = lambda: h.executor.act_on_queued("ord_1", "reject", "ana", "stop it")
+
+    code, _title, _message = _pay(runtime(h), token_of(h))
+    h.drain()
+    assert code == 200
+    assert successes(h)
+    assert webhook_events(h) == ["order.succeeded"], h.view().state
+
+
+# ------------------------------------------------------------- 2. a lease that ends while the charge is out
+
+
+def test_a_link_is_refused_while_a_retry_outlasts_its_lease_at_the_connector(make_harness: Any) -> None:
+    """A slow connector can outlast the 30 s lease: a claimed retry blocks the order's links (409) until it is
+    recorded, whatever its lease says, so the customer is not charged twice."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=HookConnector(results=["success", "success"]),
+    )
+    token = _link_and_due_retry(h)
+    answers: list[tuple[int, str, str]] = []
+
+    def customer_pays_after_the_lease() -> None:
+        h.clock.advance(seconds=31)
+        try:
+            answers.append(_pay(runtime(h), token))
+        except LinkError as refused:
+            answers.append((refused.status_code, refused.title, str(refused)))
+
+    h.connector.during["retry"] = customer_pays_after_the_lease
+    h.worker.run_once()
+    assert answers[0][0] == 409, answers
+    assert len(successes(h)) == 1, successes(h)
+
+
+def test_a_retry_waits_for_a_link_payment_left_unrecorded_by_a_dead_api_process(
+    make_harness: Any,
+) -> None:
+    """The API process charged a link payment and died before recording it: the due retry waits, a worker re-sends
+    the link payment with its key once its lease ends and records it; one charge, on record."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=HookConnector(results=["success", "success"]),
+    )
+    token = _link_and_due_retry(h)
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")
+    h.effects.perform(payment.action, _order_row(h))  # the customer is charged ... and the API process dies
+    h.clock.advance(seconds=29)
+    retry = _claim_due(h, "retry")
+    h.clock.advance(seconds=2)
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])
+    h.clock.advance(minutes=5)
+    h.drain()
+    recorded = h.count(transactions, transactions.c.status == "success")
+
+    assert (len(successes(h)), recorded) == (1, 1), h.view().actions
+
+
+# ------------------------------------------------------------- 3. a stale order snapshot inside a batch
+
+
+def test_a_worker_does_not_charge_an_order_paid_by_link_while_its_batch_ran(make_harness: Any) -> None:
+    """A worker's batch holds two retries; while it charges the first order, the second is paid by link. The
+    worker reads the order again right before charging and does not charge it."""
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen", "delay": timedelta(hours=24, minutes=1)},
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen", "delay": timedelta(minutes=1)},
+        connector=HookConnector(results=["success", "failure", "success"]),
+    )
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()  # ord_1's SMS
+    token = token_of(h)
+    h.clock.advance(hours=24)
+    h.drain()  # ord_1's follow-up decides a retry in a minute
+    h.clock.advance(minutes=1)
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")  # the customer clicks pay
+
+    def link_payment_finishes() -> None:
+        with h.executor.engine.connect() as conn:
+            order = h.executor.orders_of(conn, [payment.action])[("m_demo", "ord_1")]
+        outcome = h.effects.perform(payment.action, order)
+        with h.executor.engine.begin() as conn:
+            h.executor.complete(conn, payment.action, outcome)
+
+    h.connector.during["ord_2:retry"] = link_payment_finishes
+    assert h.worker.run_once() == 2
+    ord_1 = [k for k in successes(h) if ":ord_1:" in k]
+    assert h.view("ord_1").state == "SUCCEEDED"
+    assert len(ord_1) == 1, ord_1
+
+
+# ------------------------------------------------------------- 4. a charge whose answer was lost (Transient)
+
+
+def test_a_link_payment_whose_answer_was_lost_holds_back_the_retry_until_its_re_send(
+    make_harness: Any,
+) -> None:
+    """The connector took the link payment's money but the answer was lost: the charge counts as out, so the due
+    retry waits, and the link payment's re-send (same key) gets the stored answer and is recorded."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=HookConnector(results=["success", "success"], lose_answer={":link:"}),
+    )
+    token = _link_and_due_retry(h)  # a retry of the order is due now
+    code, _title, message = _pay(runtime(h), token)
+    assert code == 202
+    assert "processing" in message
+    for _ in range(5):
+        h.drain()
+        h.clock.advance(seconds=10)
+    recorded = h.count(transactions, transactions.c.status == "success")
+    link = next(a for a in h.view().actions if a.kind == "link_payment")
+
+    assert (len(successes(h)), recorded, link.state) == (1, 1, "done")
+
+
+def test_the_window_end_waits_for_a_link_payment_whose_answer_was_lost(make_harness: Any) -> None:
+    """The customer pays a link just before the window-end close and the answer is lost: the close waits for the
+    re-send, which records the success; the merchant gets order.succeeded."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms", "delay": timedelta(days=6)},
+        connector=HookConnector(results=["success"], lose_answer={":link:"}),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.clock.advance(days=6)
+    h.drain()  # the SMS with the link (live 48 h: the window-end close waits for it, until START + 8 days)
+    h.clock.advance(days=1)
+    h.drain()  # window end and follow-up ('stop'): the order stays open while the link is live
+    h.clock.now = START + timedelta(days=8) - timedelta(seconds=0.5)  # the re-send is due 1 s later (backoff)
+    code, _title, message = _pay(runtime(h), token_of(h))
+    assert code == 202
+    assert "will confirm" in message
+    h.clock.advance(seconds=0.5)
+    h.drain()  # the link's expiry: the close is due; the link payment's re-send is not yet
+    for _ in range(5):
+        h.clock.advance(seconds=1)
+        h.drain()
+    assert successes(h)  # the customer's money was taken
+
+    assert (webhook_events(h), h.count(transactions, transactions.c.status == "success")) == (["order.succeeded"], 1)
+
+
+def test_a_worker_does_not_charge_an_order_the_merchant_reported_paid_while_its_batch_ran(make_harness: Any) -> None:
+    """While a worker charges one order of its batch, the merchant reports another paid: that order's retry, not
+    yet sent, is skipped."""
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=HookConnector(results=["failure", "success"]),
+    )
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+    h.connector.during["ord_2:retry"] = lambda: h.executor.payment_succeeded("m_demo", paid)
+    h.worker.run_once()
+    assert h.view("ord_1").success_txn_id == "txn_ext"
+    assert [k for k in h.connector.calls if ":ord_1:" in k] == []
+
+
+# ------------------------------------------------------------- 5. a re-send is not the same request
+
+
+def test_a_re_send_after_a_lost_answer_is_the_same_request_and_gets_the_stored_answer(
+    make_harness: Any,
+) -> None:
+    """Against the sandbox switch, which refuses a used key with another body (409): the first send charges and
+    its answer is lost (503 after charging); the re-send is the same request, gets the stored answer, and the
+    charge is recorded."""
+    from service.executor.sandbox import start_sandbox
+
+    sandbox = start_sandbox(seed=3, error_rate=1.0)  # 503 after charging: the answer is lost
+    try:
+        h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen"})
+        h.effects.connectors.sandbox_url = sandbox.url
+        h.effects.connectors.overrides = {}
+        state = sandbox.server.config.app.state.sandbox
+        h.executor.payment_failed("m_demo", event())
+        h.drain()  # 3 tries, all 503: Transient, re-send scheduled
+        state.error_rate = 0.0  # the switch answers again
+        h.clock.advance(seconds=10)
+        h.drain()
+        charges = state.answers
+    finally:
+        sandbox.stop()
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert len(charges) == 1  # the customer was charged once
+
+    assert (retry.state, h.count(transactions)) == ("done", 2), retry.last_error
+
+
+# ------------------------------------------------------------- 6. what the customer is told
+
+
+def test_pay_tells_a_charged_customer_the_truth_when_recording_fails(
+    make_harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connector charged the link payment and recording it fails (database busy): the customer hears what the
+    switch answered, and the still-claimed action is left for a worker's re-send."""
+    import asyncio
+
+    from service.executor import routes
+
+    h = make_harness({"action": "retarget", "channel": "sms"}, connector=HookConnector(results=["success"]))
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+
+    def broken_complete(*_args: Any, **_kw: Any) -> None:
+        raise sa.exc.OperationalError("UPDATE actions", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(h.executor, "complete", broken_complete)
+    response = asyncio.run(routes.pay(token_of(h), runtime(h)))
+    assert successes(h)  # charged
+
+    assert response.status_code in (200, 202), response.body.decode()[:300]
+
+
+def test_a_charge_with_a_lost_answer_on_an_order_settled_since_is_left_to_an_operator_not_re_sent(
+    make_harness: Any,
+) -> None:
+    """A retry's answer is lost, then the merchant reports the order paid. Sending the retry again would charge a
+    settled order if the first send never reached the switch, and not asking would hide it if it did: the retry
+    is dead-lettered naming the payment to ask the connector about, not re-sent and not silently cancelled."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=HookConnector(results=["success"], lose_answer={":retry:"}),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # charged, answer lost: a re-send is scheduled
+    assert len(h.connector.calls) == 1
+    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert retry.state == "scheduled"  # not cancelled: it may have taken the money
+    h.clock.advance(minutes=1)
+    h.drain()
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert retry.state == "dead"
+    assert "ask connector 'adyen' about payment ord_1_2" in (retry.last_error or "")
+    assert len(h.connector.calls) == 1  # not sent again
+    assert webhook_events(h) == ["order.succeeded"]

@@ -303,7 +303,7 @@ class Executor:
             raise KeyError(f"unknown merchant_id {merchant_id!r}: not in the merchant config")
         return found
 
-    def _lock_order(self, conn: sa.Connection, merchant_id: str, order_id: str) -> RowMapping | None:
+    def lock_order(self, conn: sa.Connection, merchant_id: str, order_id: str) -> RowMapping | None:
         query = sa.select(orders).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
         if is_postgres(self.engine):
             query = query.with_for_update()
@@ -433,11 +433,11 @@ class Executor:
         merchant = self.merchant(merchant_id)
 
         def apply(conn: sa.Connection, now: datetime) -> EventAnswer:
-            existing = self._lock_order(conn, merchant_id, request.order_id)
+            existing = self.lock_order(conn, merchant_id, request.order_id)
             if existing is not None:
                 return EventAnswer(order_id=request.order_id, state=existing["state"])
             self._create_order(conn, merchant_id, merchant, request, now)
-            order = self._lock_order(conn, merchant_id, request.order_id)
+            order = self.lock_order(conn, merchant_id, request.order_id)
             assert order is not None
             self._decision_point(conn, order, now)
             state = conn.scalar(
@@ -555,7 +555,7 @@ class Executor:
         order_id = str(body["order_id"])
 
         def apply(conn: sa.Connection, now: datetime) -> EventAnswer:
-            order = self._lock_order(conn, merchant_id, order_id)
+            order = self.lock_order(conn, merchant_id, order_id)
             if order is None:
                 raise OrderNotFoundError(f"order {order_id!r} is not known for merchant {merchant_id!r}")
             if order["state"] in OPEN_ORDER_STATES:
@@ -608,6 +608,19 @@ class Executor:
 
     def _carry_out(self, conn: sa.Connection, order: RowMapping, decision: Decision, now: datetime) -> None:
         merchant_id, order_id = order["merchant_id"], order["order_id"]
+        # This decision replaces what an earlier one planned and never sent (a retry that waited for a link
+        # payment, which was then declined, is decided again here): two plans would charge twice.
+        conn.execute(
+            actions.update()
+            .where(
+                actions.c.merchant_id == merchant_id,
+                actions.c.order_id == order_id,
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+                actions.c.state == ActionState.SCHEDULED.value,
+                actions.c.attempts == 0,
+            )
+            .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
+        )
         due = max(as_utc(decision.execute_at), now)
         meta: dict[str, Any] = {"propensity": decision.propensity}
         if decision.action == Action.RETRY:
@@ -896,7 +909,7 @@ class Executor:
             if not self._record_settled_meanwhile(conn, action, outcome, now):
                 raise
             return
-        order = self._lock_order(conn, action.merchant_id, action.order_id)
+        order = self.lock_order(conn, action.merchant_id, action.order_id)
         if order is None:
             return
         if isinstance(outcome, Charged):
@@ -1013,7 +1026,7 @@ class Executor:
                 .values(status="dead", last_error=error, attempts=webhook_deliveries.c.attempts + 1)
             )
         elif action.kind == ActionKind.NUDGE:
-            order = self._lock_order(conn, action.merchant_id, action.order_id)
+            order = self.lock_order(conn, action.merchant_id, action.order_id)
             if order is not None:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
@@ -1081,7 +1094,7 @@ class Executor:
             .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
             .values(failure_json=_dump(failure), updated_at=now)
         )
-        fresh = self._lock_order(conn, action.merchant_id, action.order_id)
+        fresh = self.lock_order(conn, action.merchant_id, action.order_id)
         if fresh is not None and fresh["state"] == OrderState.PENDING:
             self._decision_point(conn, fresh, now)
 
@@ -1215,7 +1228,7 @@ class Executor:
         return link
 
     def _link_order(self, conn: sa.Connection, claims: LinkClaims) -> RowMapping:
-        order = self._lock_order(conn, claims.merchant_id, claims.order_id)
+        order = self.lock_order(conn, claims.merchant_id, claims.order_id)
         if order is None:
             raise tampered()
         if order["state"] == OrderState.SUCCEEDED:
@@ -1264,8 +1277,8 @@ class Executor:
         with self.engine.begin() as conn:
             link = self._link(conn, claims)
             order = self._link_order(conn, claims)
-            # One charge at a time per order: a silent retry with its connector now may take the money too.
-            if self.charge_in_flight(conn, order, (ActionKind.RETRY,)) is not None:
+            # One charge at a time per order: a retry or an earlier link payment that may be out may take it too.
+            if self.charge_in_flight(conn, order) is not None:
                 raise LinkError(
                     409,
                     "A payment is being processed",
@@ -1338,7 +1351,7 @@ class Executor:
             item = conn.execute(query.order_by(agent_queue.c.item_id.desc()).limit(1)).mappings().first()
             if item is None:
                 raise AgentQueueError(f"order {order_id!r} has no decision waiting for an agent")
-            order = self._lock_order(conn, item["merchant_id"], order_id)
+            order = self.lock_order(conn, item["merchant_id"], order_id)
             if order is None:
                 raise OrderNotFoundError(f"order {order_id!r} is not known")
             conn.execute(
@@ -1350,7 +1363,7 @@ class Executor:
             )
             if order["state"] == OrderState.AWAITING_AGENT:
                 self._set_state(conn, order, OrderState.PENDING, now)
-                order = self._lock_order(conn, item["merchant_id"], order_id)
+                order = self.lock_order(conn, item["merchant_id"], order_id)
                 assert order is not None
                 if action == "approve":
                     self._carry_out(conn, order, Decision.model_validate_json(item["decision_json"]), now)
@@ -1407,7 +1420,7 @@ class Executor:
                             .where(actions.c.action_id == action_id)
                             .values(state=ActionState.CANCELLED.value, last_error="customer opted out", updated_at=now)
                         )
-                        fresh = self._lock_order(conn, merchant_id, order["order_id"])
+                        fresh = self.lock_order(conn, merchant_id, order["order_id"])
                         if fresh is not None:
                             self._decision_point(conn, fresh, now)
                 touched += 1

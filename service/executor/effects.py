@@ -23,7 +23,14 @@ from model.merchant_config import MerchantConfig, QuietHours
 from model.rules import Candidate, Rule, build_context, check
 from model.vocab import Action, Channel
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
-from service.executor.connectors import ChargeRequest, Connector, ConnectorRegistry, PermanentError, TransientError
+from service.executor.connectors import (
+    ChargeRequest,
+    CircuitOpenError,
+    Connector,
+    ConnectorRegistry,
+    PermanentError,
+    TransientError,
+)
 from service.executor.core import (
     CHARGE_KINDS,
     RECHECK,
@@ -45,6 +52,8 @@ from service.executor.core import (
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
+#: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
+CIRCUIT_WAIT = timedelta(seconds=30)
 log = logging.getLogger("winback.executor")
 
 T = TypeVar("T")
@@ -178,22 +187,26 @@ class Effects:
 
     def _charge(self, action: ActionRow) -> Outcome:
         now = self.executor.clock()
-        # The order as it is now, not as the batch found it: it may have been paid while earlier actions ran.
-        with self.executor.engine.connect() as conn:
-            order = self.executor.orders_of(conn, [action]).get((action.merchant_id, action.order_id))
+        resend = action.attempts > 1  # an earlier send of this charge may have reached the switch
+        # The order as it is now, not as the batch found it (it may have been paid while earlier actions ran), read
+        # under the order's lock, which a link payment's start also takes: the two cannot both see no charge out.
+        with self.executor.engine.begin() as conn:
+            order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
             if order is None:
                 return Skip(f"order {action.order_id!r} is not known")
-            # One charge at a time per order: the customer may be paying a link of the order right now.
+            # One charge at a time per order: a first send waits for any other charge that may be out (the
+            # customer paying a link, an earlier retry whose answer was lost). A re-send goes ahead: it asks the
+            # switch about a charge already made, and waiting would hold the others back in turn.
             busy_until = (
-                self.executor.charge_in_flight(conn, order, (ActionKind.LINK_PAYMENT,))
-                if action.kind == ActionKind.RETRY and order["state"] == OrderState.PENDING
+                self.executor.charge_in_flight(conn, order, excluding=action.action_id)
+                if action.kind == ActionKind.RETRY and not resend and order["state"] == OrderState.PENDING
                 else None
             )
-        payable = OPEN_ORDER_STATES if action.kind == ActionKind.LINK_PAYMENT else (OrderState.PENDING,)
+        payable = OPEN_ORDER_STATES if resend or action.kind == ActionKind.LINK_PAYMENT else (OrderState.PENDING,)
         if order["state"] not in payable:
-            if action.attempts > 1:
-                # An earlier send may have reached the switch and its answer was lost. Sending again would charge
-                # a settled order if it did not; not asking leaves a charge unknown: an operator asks the switch.
+            if resend:
+                # The earlier send's answer was lost and the order is settled since. Sending again would charge a
+                # settled order if that send never arrived; not asking would hide it if it did: an operator asks.
                 return Permanent(
                     f"order became {order['state']} while the answer to an earlier send of this charge was lost: "
                     f"ask connector {action.payload.get('connector')!r} about payment "
@@ -201,7 +214,7 @@ class Effects:
                 )
             return Skip(f"order is {order['state']}")
         if busy_until is not None:
-            return Defer(max(busy_until, now + RECHECK), "a payment link of the order is being paid")
+            return Defer(max(busy_until, now + RECHECK), "another charge of the order may be with its connector")
         try:
             connector = self.connector(action.merchant_id, str(action.payload["connector"]))
         except PermanentError as exc:
@@ -226,6 +239,9 @@ class Effects:
         )
         try:
             result = connector.charge(request)
+        except CircuitOpenError as exc:
+            # Nothing was sent: wait without counting a try (a postponed charge is not one that may be out).
+            return Defer(now + CIRCUIT_WAIT, str(exc))
         except TransientError as exc:
             return Transient(str(exc))
         except PermanentError as exc:

@@ -25,7 +25,7 @@ from model.merchant_config import MerchantConfig, WinbackConfig, parse_config
 from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
-from service.executor.connectors import ChargeRequest, ChargeResult, TransientError
+from service.executor.connectors import ChargeRequest, ChargeResult, CircuitOpenError, TransientError
 from service.executor.core import AgentQueueError, Executor, IdempotencyConflictError
 from service.executor.effects import Effects
 from service.executor.links import LinkError
@@ -999,3 +999,167 @@ def test_a_charge_with_a_lost_answer_on_an_order_settled_since_is_left_to_an_ope
     assert "ask connector 'adyen' about payment ord_1_2" in (retry.last_error or "")
     assert len(h.connector.calls) == 1  # not sent again
     assert webhook_events(h) == ["order.succeeded"]
+
+
+# ------------------------------------------------------------- charges racing each other (second review)
+
+
+PAID_BY_MERCHANT = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+
+
+# A retry that waited for a link payment is replaced by the decision taken after the link was declined.
+def test_a_later_decision_replaces_a_retry_that_waited_for_a_declined_link(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},  # follow-up: retry 1
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # after the link's decline: retry 2
+        connector=FakeConnector(results=["failure", "success", "success"]),
+    )
+    token = _link_and_due_retry(h)
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")
+    retry = _claim_due(h, "retry")
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])  # deferred behind the link
+    h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])  # link declined
+    for _ in range(4):
+        h.clock.advance(seconds=31)
+        h.drain()
+    assert len(successes(h)) == 1, (successes(h), [(a.kind, a.state) for a in h.view().actions])
+
+
+# A retry's first send waits while an earlier retry's answer is lost (its re-send asks the switch).
+def test_a_new_retry_waits_for_an_earlier_retry_whose_answer_was_lost(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},  # link L1, follow-up in 24 h
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},  # after L1 is declined: retry A
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # at the follow-up: retry B
+        connector=HookConnector(results=["failure", "success", "success"], lose_answer={":retry:dec_2"}),
+    )
+    h.executor.retry_policy.backoff_base_seconds = 60.0
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    h.clock.advance(hours=24, seconds=-10)
+    code, _t, _m = _pay(runtime(h), token_of(h))  # declined -> retry A now
+    assert code == 402
+    h.drain()  # retry A charged, answer lost; re-send in 60 s
+    h.clock.advance(seconds=10)
+    h.drain()  # follow-up -> retry B
+    for _ in range(5):
+        h.clock.advance(minutes=1)
+        h.drain()
+    assert len(successes(h)) == 1, successes(h)
+
+
+# A second link of the order is refused while the first link payment's answer is lost.
+def test_a_second_link_is_refused_while_the_first_links_answer_is_lost(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "email", "delay": timedelta(hours=24)},
+        merchants={"m_demo": demo_merchant(retarget={"link_ttl_hours": 96})},
+        connector=HookConnector(results=["success", "success"], lose_answer={":link:"}),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    h.clock.advance(hours=24)
+    h.drain()  # follow-up -> an email with a second link, in 3 h
+    while len(h.outbox) < 2 and h.clock.now < START + timedelta(hours=90):
+        h.clock.advance(minutes=30)
+        h.drain()
+    print("second link at", h.clock.now)
+    assert len(h.outbox) == 2
+    code, _t, _m = _pay(runtime(h), token_of(h, 0))
+    assert code == 202  # "processing": money taken, answer lost
+    try:
+        code2, _t, _m = _pay(runtime(h), token_of(h, 1))
+    except LinkError as refused:
+        code2 = refused.status_code
+    for _ in range(4):
+        h.clock.advance(seconds=10)
+        h.drain()
+    assert (code2, len(successes(h))) == (409, 1), (code2, successes(h))
+
+
+# A retry held back by an open circuit was never sent: it neither blocks links nor outlives a settled order.
+@dataclass
+class OpenCircuit(FakeConnector):
+    open: bool = True
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        if self.open:
+            raise CircuitOpenError("circuit of connector 'adyen' is open after 5 failures")
+        return super().charge(request)
+
+
+def test_a_retry_held_by_an_open_circuit_is_not_a_possible_charge_when_the_order_is_paid(
+    make_harness: Any,
+) -> None:
+    h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen"}, connector=OpenCircuit())
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # circuit open: nothing sent
+    assert h.connector.charged == {}
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    h.clock.advance(minutes=1)
+    h.drain()
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert retry.state == "cancelled", (retry.state, retry.last_error)
+
+
+def test_a_link_is_not_held_back_by_a_retry_waiting_out_an_open_circuit(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=OpenCircuit(results=["success"]),
+    )
+    token = _link_and_due_retry(h)
+    h.drain()  # the retry meets the open circuit: never sent
+    assert h.connector.charged == {}
+    try:
+        code, *_ = _pay(runtime(h), token)
+    except LinkError as refused:
+        code = refused.status_code
+    assert code != 409
+
+
+# Assisted mode: a retry whose answer was lost is re-sent (and recorded) while its order waits for an agent.
+def test_assisted_a_lost_answer_retry_is_re_sent_while_the_order_awaits_its_agent(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+        connector=HookConnector(results=["failure", "success"], lose_answer={":retry:"}),
+    )
+    h.executor.retry_policy.backoff_base_seconds = 60.0
+    h.executor.payment_failed("m_demo", event())
+    h.executor.act_on_queued("ord_1", "approve", "ana", "send the link")
+    h.drain()  # SMS; its follow-up is due in 24 h
+    h.clock.advance(hours=24, seconds=-10)
+    assert _pay(runtime(h), token_of(h))[0] == 402  # declined: the next decision waits for an agent
+    h.executor.act_on_queued("ord_1", "approve", "ana", "retry")
+    h.drain()  # the retry charges the customer; the answer is lost (re-send in 60 s)
+    h.clock.advance(seconds=10)
+    h.drain()  # the follow-up: a decision for the agent, AWAITING_AGENT
+    assert h.view().state == "AWAITING_AGENT"
+    h.clock.advance(minutes=2)
+    h.drain()  # the re-send is due
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert (retry.state, h.count(transactions, transactions.c.status == "success")) == ("done", 1), retry.last_error
+
+
+# The API died mid link payment, then the merchant reports the order paid: dead-lettered, one webhook.
+def test_a_link_payment_left_by_a_dead_api_on_an_order_paid_since_is_dead_lettered_with_one_webhook(
+    make_harness: Any,
+) -> None:
+    h = make_harness({"action": "retarget", "channel": "sms"}, connector=HookConnector(results=["success"]))
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    payment = h.executor.start_link_payment(token_of(h), 30, "api", "claim-link")
+    h.effects.perform(payment.action, _order_row(h))  # charged; the API process dies
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    for _ in range(5):
+        h.clock.advance(seconds=31)
+        h.drain()
+    link = next(a for a in h.view().actions if a.kind == "link_payment")
+    assert link.state == "dead"
+    assert "ask connector" in (link.last_error or "")
+    assert webhook_events(h) == ["order.succeeded"]
+    assert h.view().state == "SUCCEEDED"

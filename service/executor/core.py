@@ -58,11 +58,11 @@ RECHECK: Final = timedelta(seconds=5)
 
 
 def _maybe_with_connector() -> sa.ColumnElement[bool]:
-    """An open charge action that may have reached its connector: claimed now, or claimed before (a re-send after
-    a lost answer). A charge never claimed has not been sent."""
+    """A charge action that may be with its connector: claimed now (about to be sent, or sent), or sent before
+    and not answered (its re-send is due)."""
     return sa.and_(
         actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-        sa.or_(actions.c.state == ActionState.CLAIMED.value, actions.c.attempts > 0),
+        sa.or_(actions.c.state == ActionState.CLAIMED.value, actions.c.unanswered_since.is_not(None)),
     )
 
 
@@ -617,7 +617,7 @@ class Executor:
                 actions.c.order_id == order_id,
                 actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
                 actions.c.state == ActionState.SCHEDULED.value,
-                actions.c.attempts == 0,
+                actions.c.unanswered_since.is_(None),
             )
             .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
         )
@@ -913,6 +913,7 @@ class Executor:
         if order is None:
             return
         if isinstance(outcome, Charged):
+            conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
             self._record_attempt(conn, order, action, outcome.result, now)
         elif isinstance(outcome, Sent):
             self._record_nudge(conn, order, action, outcome, now)
@@ -1184,7 +1185,7 @@ class Executor:
     ) -> datetime | None:
         """When to look again at a charge of ``order`` (of ``kinds``) that may be with its connector: claimed now
         (its lease's end, which a slow connector can outlast, so an ended lease still counts until the charge is
-        recorded), or sent before without an answer (its re-send). None when there is none."""
+        recorded), or sent and not answered (its re-send). None when there is none."""
         query = sa.select(sa.func.min(actions.c.due_at)).where(
             actions.c.merchant_id == order["merchant_id"],
             actions.c.order_id == order["order_id"],
@@ -1196,6 +1197,86 @@ class Executor:
             query = query.where(actions.c.action_id != excluding)
         until = conn.scalar(query)
         return None if until is None else as_utc(until)
+
+    def charge_ahead_of(self, conn: sa.Connection, order: RowMapping, action: ActionRow) -> datetime | None:
+        """When to look again, for a retry's first send, at another charge of the order that goes first: one sent
+        and not answered, a link payment claimed now, or an older retry claimed now. A newer claimed retry waits
+        for this one in turn (two first sends never wait for each other). None when nothing goes first."""
+        until = conn.scalar(
+            sa.select(sa.func.min(actions.c.due_at)).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.action_id != action.action_id,
+                actions.c.state.in_(OPEN_ACTION_STATES),
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+                sa.or_(
+                    actions.c.unanswered_since.is_not(None),
+                    sa.and_(
+                        actions.c.state == ActionState.CLAIMED.value,
+                        sa.or_(actions.c.kind == ActionKind.LINK_PAYMENT.value, actions.c.action_id < action.action_id),
+                    ),
+                ),
+            )
+        )
+        return None if until is None else as_utc(until)
+
+    def unknown_charge(self, conn: sa.Connection, order: RowMapping) -> int | None:
+        """A dead-lettered charge of the order that was sent and never answered (whether it took the money is
+        for an operator to find out): no new charge goes on top of it. Its action id, or None."""
+        found = conn.scalar(
+            sa.select(sa.func.min(actions.c.action_id)).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.state == ActionState.DEAD.value,
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+                actions.c.unanswered_since.is_not(None),
+            )
+        )
+        return None if found is None else int(found)
+
+    def mark_sent(self, conn: sa.Connection, action: ActionRow, now: datetime) -> None:
+        """Note that ``action``'s charge goes to its connector now (kept until the answer is recorded)."""
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == action.action_id, actions.c.unanswered_since.is_(None))
+            .values(unanswered_since=now)
+        )
+
+    def unmark_sent(self, action: ActionRow) -> None:
+        """Take back ``mark_sent`` for a send the connector refused before it reached the switch."""
+        with self.engine.begin() as conn:
+            conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
+
+    def withdraw_link_payment(self, action: ActionRow) -> bool:
+        """Take back a link payment that was never sent (its connector would not take it now): the attempt never
+        happened, so its action and its number go and the customer's link works again. False when the claim is no
+        longer ``action``'s or the charge was sent."""
+        with self.engine.begin() as conn:
+            removed = conn.execute(
+                actions.delete().where(
+                    actions.c.action_id == action.action_id,
+                    actions.c.state == ActionState.CLAIMED.value,
+                    actions.c.claim_token == action.claim_token,
+                    actions.c.unanswered_since.is_(None),
+                )
+            ).rowcount
+            if removed != 1:
+                return False
+            conn.execute(
+                orders.update()
+                .where(
+                    orders.c.merchant_id == action.merchant_id,
+                    orders.c.order_id == action.order_id,
+                    orders.c.attempt_count == int(action.payload["attempt_number"]),
+                )
+                .values(attempt_count=orders.c.attempt_count - 1, updated_at=self.clock())
+            )
+            conn.execute(
+                payment_links.update()
+                .where(payment_links.c.token_id == action.payload["token_id"])
+                .values(used_at=None)
+            )
+        return True
 
     def _on_close(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> None:
         if order["state"] not in OPEN_ORDER_STATES:
@@ -1278,6 +1359,12 @@ class Executor:
             link = self._link(conn, claims)
             order = self._link_order(conn, claims)
             # One charge at a time per order: a retry or an earlier link payment that may be out may take it too.
+            if self.unknown_charge(conn, order) is not None:
+                raise LinkError(
+                    409,
+                    "This payment cannot be taken online",
+                    f"an earlier payment for order {claims.order_id} is being checked; the merchant will be in touch",
+                )
             if self.charge_in_flight(conn, order) is not None:
                 raise LinkError(
                     409,

@@ -49,7 +49,7 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, webhook_deliveries
+from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
 #: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
@@ -187,37 +187,55 @@ class Effects:
 
     def _charge(self, action: ActionRow) -> Outcome:
         now = self.executor.clock()
-        resend = action.attempts > 1  # an earlier send of this charge may have reached the switch
-        # The order as it is now, not as the batch found it (it may have been paid while earlier actions ran), read
-        # under the order's lock, which a link payment's start also takes: the two cannot both see no charge out.
+        # The order and this action as they are now, not as the batch found them (the order may have been paid
+        # while earlier actions ran), read under the order's lock, which a link payment's start also takes: the
+        # two cannot both see no charge out. The action is marked sent in the same transaction.
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
+            held = conn.execute(
+                sa.select(actions.c.claim_token, actions.c.unanswered_since).where(
+                    actions.c.action_id == action.action_id
+                )
+            ).first()
             if order is None:
                 return Skip(f"order {action.order_id!r} is not known")
-            # One charge at a time per order: a first send waits for any other charge that may be out (the
-            # customer paying a link, an earlier retry whose answer was lost). A re-send goes ahead: it asks the
-            # switch about a charge already made, and waiting would hold the others back in turn.
-            busy_until = (
-                self.executor.charge_in_flight(conn, order, excluding=action.action_id)
-                if action.kind == ActionKind.RETRY and not resend and order["state"] == OrderState.PENDING
-                else None
-            )
-        payable = OPEN_ORDER_STATES if resend or action.kind == ActionKind.LINK_PAYMENT else (OrderState.PENDING,)
-        if order["state"] not in payable:
-            if resend:
-                # The earlier send's answer was lost and the order is settled since. Sending again would charge a
-                # settled order if that send never arrived; not asking would hide it if it did: an operator asks.
-                return Permanent(
-                    f"order became {order['state']} while the answer to an earlier send of this charge was lost: "
-                    f"ask connector {action.payload.get('connector')!r} about payment "
-                    f"{action.order_id}_{action.payload.get('attempt_number')}; a refund may be needed"
-                )
-            return Skip(f"order is {order['state']}")
-        if busy_until is not None:
-            return Defer(max(busy_until, now + RECHECK), "another charge of the order may be with its connector")
+            if held is None or held.claim_token != action.claim_token:
+                return Skip("the claim is no longer this worker's")
+            # A re-send asks the switch about a charge already sent (same key, same body): it goes ahead on any
+            # open order, and never waits, so the charges it holds back cannot hold it back in turn.
+            resend = held.unanswered_since is not None
+            payable = OPEN_ORDER_STATES if resend or action.kind == ActionKind.LINK_PAYMENT else (OrderState.PENDING,)
+            if order["state"] not in payable:
+                if resend:
+                    # The order is settled since the earlier send, whose answer was lost. Sending again would
+                    # charge a settled order if that send never arrived; not asking would hide it if it did.
+                    return Permanent(
+                        f"order became {order['state']} while the answer to an earlier send of this charge was "
+                        f"lost: ask connector {action.payload.get('connector')!r} about payment "
+                        f"{action.order_id}_{action.payload.get('attempt_number')}; a refund may be needed"
+                    )
+                return Skip(f"order is {order['state']}")
+            if not resend and action.kind == ActionKind.RETRY:
+                unknown = self.executor.unknown_charge(conn, order)
+                if unknown is not None:
+                    return Permanent(
+                        f"charge action {unknown} of the order was sent and never answered: no new charge goes on "
+                        "top of it until an operator has asked its connector"
+                    )
+                # One charge at a time per order: wait for one that goes first (a link being paid, an earlier
+                # retry whose answer was lost, an older retry claimed now).
+                busy_until = self.executor.charge_ahead_of(conn, order, action)
+                if busy_until is not None:
+                    return Defer(
+                        max(busy_until, now + RECHECK), "another charge of the order may be with its connector"
+                    )
+            if not resend:
+                self.executor.mark_sent(conn, action, now)
         try:
             connector = self.connector(action.merchant_id, str(action.payload["connector"]))
         except PermanentError as exc:
+            if not resend:
+                self.executor.unmark_sent(action)
             return Permanent(str(exc))
         context = None
         if getattr(connector, "wants_context", False):
@@ -240,11 +258,15 @@ class Effects:
         try:
             result = connector.charge(request)
         except CircuitOpenError as exc:
-            # Nothing was sent: wait without counting a try (a postponed charge is not one that may be out).
+            # Nothing was sent: wait without counting a try, and it is not a charge that may be out.
+            if not resend:
+                self.executor.unmark_sent(action)
             return Defer(now + CIRCUIT_WAIT, str(exc))
         except TransientError as exc:
             return Transient(str(exc))
         except PermanentError as exc:
+            if not resend:  # the switch refused it: nothing was charged
+                self.executor.unmark_sent(action)
             return Permanent(str(exc))
         return Charged(result)
 

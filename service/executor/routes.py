@@ -24,6 +24,7 @@ from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
 from service.executor.core import (
     Charged,
     Decider,
+    Defer,
     Executor,
     IdempotencyConflictError,
     OrderNotFoundError,
@@ -192,6 +193,9 @@ def _pay(runtime: ExecutorRuntime, token: str) -> tuple[int, str, str]:
     with runtime.executor.engine.connect() as conn:
         order = runtime.executor.orders_of(conn, [action]).get((action.merchant_id, action.order_id))
     outcome = runtime.effects.perform(action, order)
+    if isinstance(outcome, Defer) and runtime.executor.withdraw_link_payment(action):
+        # Nothing was sent (the connector would not take it now): the customer keeps the link and tries later.
+        return 503, "Please try again shortly", "We could not reach the payment service. Your link still works."
     try:
         with runtime.executor.engine.begin() as conn:
             runtime.executor.complete(conn, action, outcome)

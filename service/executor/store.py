@@ -138,6 +138,9 @@ actions = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # A charge sent to its connector and not answered yet (set just before each first send, cleared by the
+    # answer): whether it took the money is unknown until then. Migration 0005.
+    sa.Column("unanswered_since", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_actions_due", "state", "due_at"),
     sa.Index("ix_actions_order", "merchant_id", "order_id"),
 )

@@ -1081,6 +1081,8 @@ def test_a_second_link_is_refused_while_the_first_links_answer_is_lost(make_harn
 # A retry held back by an open circuit was never sent: it neither blocks links nor outlives a settled order.
 @dataclass
 class OpenCircuit(FakeConnector):
+    """A connector whose circuit is open while ``open`` (nothing is sent); otherwise a FakeConnector."""
+
     open: bool = True
 
     def charge(self, request: ChargeRequest) -> ChargeResult:
@@ -1163,3 +1165,102 @@ def test_a_link_payment_left_by_a_dead_api_on_an_order_paid_since_is_dead_letter
     assert "ask connector" in (link.last_error or "")
     assert webhook_events(h) == ["order.succeeded"]
     assert h.view().state == "SUCCEEDED"
+
+
+# ------------------------------------------------------------- sends, not claims (third review)
+
+
+
+def actions_of(h: Any) -> list[tuple[str, str, int]]:
+    return [(a.kind, a.state, a.attempts) for a in h.view().actions]
+
+
+def test_pay_during_an_open_circuit_gives_the_link_back_and_charges_nothing(make_harness: Any) -> None:
+    h = make_harness({"action": "retarget", "channel": "sms"}, connector=OpenCircuit(results=["success"]))
+    h.executor.payment_failed("m_demo", event())
+    h.connector.open = False
+    h.drain()  # SMS with the link
+    h.connector.open = True
+    code, _title, message = _pay(runtime(h), token_of(h))
+    h.connector.open = False  # the circuit closes again 30 s later
+    h.clock.advance(seconds=31)
+    h.drain()
+    assert code == 503
+    assert "Your link still works" in message
+    assert successes(h) == []  # nothing charged behind the customer's back
+    assert _pay(runtime(h), token_of(h))[0] == 200  # the link pays once the connector takes charges again
+    assert len(successes(h)) == 1
+
+
+def test_two_first_send_retries_claimed_together_do_not_wait_for_each_other(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},  # link; follow-up F in 24 h
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen", "delay": timedelta(hours=24)},  # A
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # F's decision: B, now
+        connector=OpenCircuit(results=["failure", "success", "success"], open=False),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert _pay(runtime(h), token_of(h))[0] == 402  # declined -> retry A due with the follow-up
+    h.clock.advance(hours=24)
+    h.connector.open = True
+    h.drain()  # F and A in one batch: A meets the open circuit while F's decision plans B (A is CLAIMED: kept)
+    h.connector.open = False  # the connector is healthy again
+    for _ in range(20):  # ten minutes
+        h.clock.advance(seconds=31)
+        h.drain()
+    retries = [(a.decision_id, a.state, a.attempts, a.last_error) for a in h.view().actions if a.kind == "retry"]
+    assert h.view().state == "SUCCEEDED", (retries, h.connector.calls)
+
+
+def test_a_waiting_first_send_reclaimed_after_its_lease_still_waits_for_the_link_payment(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=FakeConnector(results=["success", "success"]),
+    )
+    token = _link_and_due_retry(h)
+    payment = h.executor.start_link_payment(token, 60, "api", "claim-link")  # slow connector: 60 s lease
+    retry = _claim_due(h, "retry")
+    outcome = h.effects.perform(retry, _order_row(h))  # Defer: the link payment is out ...
+    assert type(outcome).__name__ == "Defer"
+    h.clock.advance(seconds=31)  # ... but this worker's batch outlasts the 30 s lease before recording it
+    again = _claim_due(h, "retry")
+    assert again.attempts == 2
+    h.effects.perform(again, _order_row(h))  # another worker: "re-send", no wait
+    h.effects.perform(payment.action, _order_row(h))  # the link payment
+    assert len(successes(h)) == 1, successes(h)
+
+
+@dataclass
+class LinkAnswersLost(FakeConnector):
+    """Charges link payments but never gets their answer back (timeouts)."""
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        result = super().charge(request)
+        if ":link:" in request.idempotency_key:
+            raise TransientError("timeout calling connector 'adyen': ReadTimeout")
+        return result
+
+
+def test_no_retry_charges_on_top_of_a_dead_lettered_link_payment_of_unknown_outcome(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=LinkAnswersLost(results=["success", "success"]),
+        max_attempts=3,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert _pay(runtime(h), token_of(h))[0] == 202  # "processing": charged, answer lost
+    for _ in range(10):
+        h.clock.advance(seconds=30)
+        h.drain()
+    link = next(a for a in h.view().actions if a.kind == "link_payment")
+    assert link.state == "dead"
+    h.clock.advance(hours=24)
+    h.drain()  # the follow-up decides a retry
+    assert len(successes(h)) == 1, successes(h)
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert retry.state == "dead"
+    assert "sent and never answered" in (retry.last_error or "")

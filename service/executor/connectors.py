@@ -125,6 +125,10 @@ class Connector(Protocol):
     def charge(self, request: ChargeRequest) -> ChargeResult: ...
 
 
+class RefusedError(PermanentError):
+    """The switch refused the attempt outright (a 4xx other than 409): nothing was charged."""
+
+
 class CircuitOpenError(TransientError):
     """Calls to this connector are paused after repeated failures."""
 
@@ -219,7 +223,13 @@ class HttpConnector:
         payload = request.payload(self.send_context)
         last_error = "no try made"
         for attempt in range(1, self.tries + 1):
-            self.breaker.before_call()
+            try:
+                self.breaker.before_call()
+            except CircuitOpenError as exc:
+                if attempt == 1:
+                    raise  # nothing was sent
+                # An earlier try may have reached the switch: this is a lost answer, not a charge never sent.
+                raise TransientError(f"{last_error}; then {exc}") from None
             try:
                 response = self.client.post(self.url, json=payload, headers=self._headers(request))
             except httpx.TimeoutException as exc:
@@ -245,7 +255,10 @@ class HttpConnector:
             if not isinstance(body, dict):
                 raise PermanentError(f"connector {self.name!r} answered JSON that is not an object")
             return ChargeResult.from_json(body, request.connector)
-        raise PermanentError(
+        if response.status_code == 409:
+            # The key is the switch's already (another body): whatever it charged under it is not known here.
+            raise PermanentError(f"connector {self.name!r} refused the request with HTTP 409: {response.text[:200]}")
+        raise RefusedError(
             f"connector {self.name!r} refused the request with HTTP {response.status_code}: {response.text[:200]}"
         )
 

@@ -1243,14 +1243,23 @@ class Executor:
         )
 
     def unmark_sent(self, action: ActionRow) -> None:
-        """Take back ``mark_sent`` for a send the connector refused before it reached the switch."""
+        """Take back ``mark_sent`` for a send that charged nothing (never sent, or refused outright), while the
+        claim is still ``action``'s: another worker may have sent it since."""
         with self.engine.begin() as conn:
-            conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
+            conn.execute(
+                actions.update()
+                .where(
+                    actions.c.action_id == action.action_id,
+                    actions.c.state == ActionState.CLAIMED.value,
+                    actions.c.claim_token == action.claim_token,
+                )
+                .values(unanswered_since=None)
+            )
 
     def withdraw_link_payment(self, action: ActionRow) -> bool:
         """Take back a link payment that was never sent (its connector would not take it now): the attempt never
-        happened, so its action and its number go and the customer's link works again. False when the claim is no
-        longer ``action``'s or the charge was sent."""
+        happened, so its action goes (its number stays used) and the customer's link works again. False when the
+        claim is no longer ``action``'s or the charge was sent."""
         with self.engine.begin() as conn:
             removed = conn.execute(
                 actions.delete().where(
@@ -1262,15 +1271,7 @@ class Executor:
             ).rowcount
             if removed != 1:
                 return False
-            conn.execute(
-                orders.update()
-                .where(
-                    orders.c.merchant_id == action.merchant_id,
-                    orders.c.order_id == action.order_id,
-                    orders.c.attempt_count == int(action.payload["attempt_number"]),
-                )
-                .values(attempt_count=orders.c.attempt_count - 1, updated_at=self.clock())
-            )
+            # Its attempt number is not given back: a payment id <order_id>_<n> is never used for two charges.
             conn.execute(
                 payment_links.update()
                 .where(payment_links.c.token_id == action.payload["token_id"])

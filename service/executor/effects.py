@@ -29,6 +29,7 @@ from service.executor.connectors import (
     Connector,
     ConnectorRegistry,
     PermanentError,
+    RefusedError,
     TransientError,
 )
 from service.executor.core import (
@@ -264,9 +265,11 @@ class Effects:
             return Defer(now + CIRCUIT_WAIT, str(exc))
         except TransientError as exc:
             return Transient(str(exc))
-        except PermanentError as exc:
-            if not resend:  # the switch refused it: nothing was charged
+        except RefusedError as exc:
+            if not resend:  # the switch refused it outright: nothing was charged
                 self.executor.unmark_sent(action)
+            return Permanent(str(exc))
+        except PermanentError as exc:  # an answer that cannot be read, or a reused key: the charge is unknown
             return Permanent(str(exc))
         return Charged(result)
 

@@ -77,6 +77,8 @@ class ActionOut(BaseModel):
     attempts: int
     decision_id: str | None
     last_error: str | None
+    # A charge sent to its connector and not answered since this moment: whether it took the money is unknown.
+    unanswered_since: datetime | None = None
 
 
 class WebhookOut(BaseModel):

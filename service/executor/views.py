@@ -46,7 +46,14 @@ def order_view(engine: Engine, merchant_id: str, order_id: str) -> OrderOut | No
             for row in rows(nudges, nudges.c.sent_at)
         ]
         scheduled = [
-            ActionOut.model_validate({**row, "planned_at": as_utc(row["planned_at"]), "due_at": as_utc(row["due_at"])})
+            ActionOut.model_validate(
+                {
+                    **row,
+                    "planned_at": as_utc(row["planned_at"]),
+                    "due_at": as_utc(row["due_at"]),
+                    "unanswered_since": as_utc_or_none(row["unanswered_since"]),
+                }
+            )
             for row in rows(actions, actions.c.action_id)
         ]
         queue = [

@@ -25,17 +25,24 @@ from model.merchant_config import MerchantConfig, WinbackConfig, parse_config
 from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
-from service.executor.connectors import ChargeRequest, ChargeResult, CircuitOpenError, TransientError
+from service.executor.connectors import (
+    ChargeRequest,
+    ChargeResult,
+    CircuitBreaker,
+    CircuitOpenError,
+    HttpConnector,
+    TransientError,
+)
 from service.executor.core import AgentQueueError, Executor, IdempotencyConflictError
 from service.executor.effects import Effects
 from service.executor.links import LinkError
 from service.executor.routes import ExecutorRuntime, _pay
 from service.executor.sandbox import start_sandbox
 from service.executor.settings import ExecutorSettings
-from service.executor.store import actions, make_executor_engine, nudges, transactions, webhook_deliveries
+from service.executor.store import actions, make_executor_engine, nudges, orders, transactions, webhook_deliveries
 from service.executor.views import order_view
 from service.executor.worker import Worker, build_effects, build_executor, make_decider
-from service.migrations import upgrade
+from service.migrations import downgrade, upgrade
 from tests.factories import make_merchant, make_request
 
 START = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)  # 11:30 in Kolkata: outside the demo quiet hours
@@ -439,7 +446,6 @@ def nudge_action_key(h: Harness) -> str:
 
 
 def _order_row(h: Harness) -> Any:
-    from service.executor.store import orders
 
     with h.executor.engine.connect() as conn:
         return conn.execute(sa.select(orders)).mappings().first()
@@ -1170,7 +1176,6 @@ def test_a_link_payment_left_by_a_dead_api_on_an_order_paid_since_is_dead_letter
 # ------------------------------------------------------------- sends, not claims (third review)
 
 
-
 def actions_of(h: Any) -> list[tuple[str, str, int]]:
     return [(a.kind, a.state, a.attempts) for a in h.view().actions]
 
@@ -1264,3 +1269,178 @@ def test_no_retry_charges_on_top_of_a_dead_lettered_link_payment_of_unknown_outc
     retry = next(a for a in h.view().actions if a.kind == "retry")
     assert retry.state == "dead"
     assert "sent and never answered" in (retry.last_error or "")
+
+
+# ----------------------------------------------------------- what counts as sent (fourth review)
+
+
+class Switch:
+    """A payment switch behind HTTP: charges once per key; while ``outage``, the answer never comes back
+    (the request reached it and was charged, the response timed out)."""
+
+    def __init__(self, status: str = "succeeded") -> None:
+        self.status = status
+        self.outage = False
+        self.charged: dict[str, str] = {}
+        self.ids: dict[str, str] = {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        import json
+
+        key = request.headers["Idempotency-Key"]
+        body = json.loads(request.content)
+        if key not in self.charged:
+            self.charged[key] = self.status
+            self.ids[key] = body["payment_id"]
+        if self.outage:
+            raise httpx.ReadTimeout("read timed out", request=request)
+        return httpx.Response(200, json={"status": self.charged[key], "connector": body["connector"]})
+
+
+def http_connector(switch: Switch, breaker: CircuitBreaker | None = None) -> HttpConnector:
+    return HttpConnector(
+        "adyen",
+        "http://switch.test",
+        None,
+        breaker=breaker,
+        client=httpx.Client(transport=httpx.MockTransport(switch)),
+        sleep=lambda _s: None,
+    )
+
+
+def action_rows(h: Any, kind: str) -> list[Any]:
+    with h.executor.engine.connect() as conn:
+        return list(conn.execute(sa.select(actions).where(actions.c.kind == kind).order_by(actions.c.action_id)))
+
+
+def test_circuit_opening_mid_call_after_a_sent_try_keeps_the_charge_marked_sent(make_harness: Any) -> None:
+    switch = Switch()
+    switch.outage = True
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # ord_1
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # ord_2
+        connector=http_connector(switch),  # default breaker: 5 failures, 3 tries per call
+    )
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    h.drain()  # ord_1: 3 timed-out tries (failures 1-3); ord_2: tries 1, 2 time out (4, 5: open), try 3 refused
+    assert set(switch.ids.values()) == {"ord_1_2", "ord_2_2"}  # both charges reached the switch
+    ord_2 = next(r for r in action_rows(h, "retry") if r.order_id == "ord_2")
+    assert ord_2.unanswered_since is not None, (ord_2.state, ord_2.last_error)
+    # consequence: the merchant reports ord_2 paid; the possibly-charged retry is silently cancelled
+    paid = PAID_BY_MERCHANT | {"order_id": "ord_2"}
+    h.executor.payment_succeeded("m_demo", paid)
+    ord_2 = next(r for r in action_rows(h, "retry") if r.order_id == "ord_2")
+    assert ord_2.state != "cancelled"
+
+
+def test_a_link_payment_sent_before_the_circuit_opened_is_not_withdrawn(make_harness: Any) -> None:
+    switch = Switch()
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=http_connector(switch, CircuitBreaker("adyen", threshold=2)),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with the link
+    switch.outage = True
+    code, _title, _message = _pay(runtime(h), token_of(h))  # try 1 reaches the switch, try 2: circuit open
+    switch.outage = False
+    h.connector.breaker.success()
+    h.clock.advance(hours=24)
+    h.drain()  # the follow-up decides a retry
+    succeeded = [switch.ids[k] for k, s in switch.charged.items() if s == "succeeded"]
+    assert code != 503, succeeded
+    assert len(succeeded) == 1, succeeded  # one charge, under one payment id
+
+
+def test_an_unparseable_answer_from_the_switch_is_not_taken_for_a_refusal(make_harness: Any) -> None:
+    switch = Switch(status="pending")
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=http_connector(switch),
+    )
+    token = _link_and_due_retry(h)
+    h.drain()  # the retry: HTTP 200 {"status": "pending"} -> PermanentError
+    retry = action_rows(h, "retry")[0]
+    assert retry.state == "dead"
+    assert "unknown status" in retry.last_error
+    switch.status = "succeeded"
+    try:
+        code = _pay(runtime(h), token)[0]
+    except LinkError as refused:
+        code = refused.status_code
+    assert code == 409, switch.charged
+
+
+def test_upgrading_to_0005_keeps_a_charge_whose_answer_was_lost_as_sent(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=HookConnector(results=["success"], lose_answer={":retry:"}),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # charged, answer lost: scheduled re-send (attempts 1, last_error set)
+    downgrade(h.executor.engine, "0004")  # the database as 0004 left it ...
+    upgrade(h.executor.engine)  # ... upgraded to 0005
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    retry = action_rows(h, "retry")[0]
+    assert retry.state == "scheduled", (retry.state, retry.last_error)
+
+
+@dataclass
+class SlowThenOpen(FakeConnector):
+    during: Any = None
+    first: bool = True
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        if self.first:
+            self.first = False
+            self.during()
+            raise CircuitOpenError("circuit of connector 'adyen' is open after 5 failures")
+        super().charge(request)
+        raise TransientError("timeout calling connector 'adyen': ReadTimeout")  # charged, answer lost
+
+
+def test_a_stale_worker_does_not_unmark_a_charge_another_worker_sent(make_harness: Any) -> None:
+    conn = SlowThenOpen(results=["success", "success"])
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=conn,
+    )
+    token = _link_and_due_retry(h)
+    a = _claim_due(h, "retry")
+
+    def other_worker() -> None:
+        h.clock.advance(seconds=31)
+        b = _claim_due(h, "retry")
+        h.worker.record([(b, h.effects.perform(b, _order_row(h)))])  # re-send reaches the switch, answer lost
+
+    conn.during = other_worker
+    h.worker.record([(a, h.effects.perform(a, _order_row(h)))])  # A: CircuitOpenError -> unmark_sent
+    assert len(conn.charged) == 1
+    retry = action_rows(h, "retry")[0]
+    assert retry.unanswered_since is not None  # FAILS
+    try:
+        code = _pay(runtime(h), token)[0]
+    except LinkError as refused:
+        code = refused.status_code
+    assert code == 409
+
+
+def test_the_order_view_shows_which_charge_was_sent_and_never_answered(make_harness: Any) -> None:
+    from tests.integration.test_executor import LinkAnswersLost
+
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert _pay(runtime(h), token_of(h))[0] == 202
+    for _ in range(5):
+        h.clock.advance(seconds=31)
+        h.drain()
+    link = next(a for a in h.view().actions if a.kind == "link_payment")
+    assert link.state == "dead"
+    assert getattr(link, "unanswered_since", None) is not None, link

@@ -21,8 +21,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add actions.unanswered_since (null: not sent, or answered)."""
+    """Add actions.unanswered_since (null: not sent, or answered), and mark the charges already out.
+
+    Before this revision a charge whose answer was lost went back to ``scheduled`` (or stayed ``claimed``) with
+    its try counted, and one that ran out of tries was dead-lettered with "gave up after ...": those may have
+    taken the money, so they start marked (since their last change).
+    """
     op.add_column("actions", sa.Column("unanswered_since", sa.DateTime(timezone=True), nullable=True))
+    op.execute(
+        "UPDATE actions SET unanswered_since = updated_at"
+        " WHERE kind IN ('retry', 'link_payment') AND attempts > 0"
+        " AND (state IN ('scheduled', 'claimed') OR (state = 'dead' AND last_error LIKE 'gave up after%'))"
+    )
 
 
 def downgrade() -> None:

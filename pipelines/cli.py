@@ -206,6 +206,39 @@ def executor_run(
         raise fail(str(exc)) from None
 
 
+@executor_app.command("resolve-charge")
+def executor_resolve_charge(
+    action_id: Annotated[int, typer.Argument(help="The dead-lettered charge action (unanswered_since is set).")],
+    charged: Annotated[
+        bool,
+        typer.Option(
+            "--charged/--not-charged", help="What the connector says it did with this payment id (ask it first)."
+        ),
+    ],
+    config: ConfigOption = None,
+    tracking_uri: TrackingUriOption = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db)."),
+    ] = None,
+) -> None:
+    """Record an operator's answer for a charge that was sent and never answered, which holds its order's other
+    charges back: --charged records the attempt as a success, --not-charged frees the order to be charged again."""
+    import os
+
+    from model.merchant_config import ConfigError
+    from service.api.settings import default_tracking_uri
+    from service.executor.core import ChargeResolutionError
+    from service.executor.worker import resolve_charge
+
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    try:
+        state = resolve_charge(url, action_id, charged, config, tracking_uri or default_tracking_uri())
+    except (ConfigError, ChargeResolutionError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"action {action_id}: {'charged' if charged else 'not charged'}; the order is {state}")
+
+
 @app.command()
 def evaluate(
     attempts: Annotated[Path, typer.Option("--attempts", help="Attempts history (.parquet or .csv).")],

@@ -89,6 +89,10 @@ class StaleClaimError(RuntimeError):
     """The action is no longer this worker's (its lease ran out and someone else took it, or it was cancelled)."""
 
 
+class ChargeResolutionError(ValueError):
+    """An operator's answer names an action that is not a charge waiting for its answer."""
+
+
 class AgentQueueError(ValueError):
     """The agent's action cannot be applied (nothing queued, or an unknown action)."""
 
@@ -1255,6 +1259,58 @@ class Executor:
                 )
                 .values(unanswered_since=None)
             )
+
+    def resolve_charge(self, action_id: int, charged: bool) -> str:
+        """An operator's answer for a dead-lettered charge that was sent and never answered (the switch was asked
+        by hand): ``charged`` records the attempt as a success (the order succeeds, or, when already settled,
+        the refund error is logged); otherwise the charge is known to have taken nothing. Either way the mark
+        goes, so the order can be charged again, and an open order is decided again. Returns the order's state;
+        ChargeResolutionError when the action is not such a charge."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(actions).where(actions.c.action_id == action_id)).mappings().first()
+            if (
+                row is None
+                or row["kind"] not in [kind.value for kind in CHARGE_KINDS]
+                or row["state"] != ActionState.DEAD.value
+                or row["unanswered_since"] is None
+            ):
+                raise ChargeResolutionError(
+                    f"action {action_id} is not a dead-lettered charge waiting for its answer "
+                    "(see unanswered_since in GET /v1/orders/<order_id>)"
+                )
+            action = ActionRow.of(row)
+            order = self.lock_order(conn, action.merchant_id, action.order_id)
+            if order is None:
+                raise ChargeResolutionError(f"the order of action {action_id} is not known")
+            verdict = "charged" if charged else "not charged"
+            conn.execute(
+                actions.update()
+                .where(actions.c.action_id == action_id)
+                .values(
+                    state=ActionState.DONE.value if charged else ActionState.DEAD.value,
+                    unanswered_since=None,
+                    updated_at=now,
+                    last_error=f"{row['last_error'] or ''}; resolved by an operator: {verdict}".lstrip("; "),
+                )
+            )
+            log.warning(
+                "charge action %s resolved by an operator: %s",
+                action_id,
+                verdict,
+                extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+            )
+            if charged:
+                connector = str(action.payload.get("connector") or "unknown")
+                self._record_attempt(conn, order, action, ChargeResult(status="success", connector=connector), now)
+            elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
+                self._decision_point(conn, order, now)
+            state = conn.scalar(
+                sa.select(orders.c.state).where(
+                    orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id
+                )
+            )
+        return str(state)
 
     def withdraw_link_payment(self, action: ActionRow) -> bool:
         """Take back a link payment that was never sent (its connector would not take it now): the attempt never

@@ -240,6 +240,29 @@ def _child(*args: Any) -> None:
     worker_main(*args)
 
 
+def resolve_charge(
+    database_url: str,
+    action_id: int,
+    charged: bool,
+    config_path: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """``winback executor resolve-charge``: an operator's answer for a charge sent and never answered (see
+    ``Executor.resolve_charge``); the order's state after it."""
+    from service.api.settings import DEMO_CONFIG
+
+    config = load_config(Path(config_path) if config_path else DEMO_CONFIG)
+    settings = settings_from_env(ExecutorSettings, database_url=database_url)
+    catalog = load_catalog()
+    decider, stop = make_decider(catalog, tracking_uri)
+    executor = build_executor(settings, config, decider)
+    try:
+        return executor.resolve_charge(action_id, charged)
+    finally:
+        stop()
+        executor.engine.dispose()
+
+
 def run(
     database_url: str,
     workers: int = 1,

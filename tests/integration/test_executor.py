@@ -33,7 +33,7 @@ from service.executor.connectors import (
     HttpConnector,
     TransientError,
 )
-from service.executor.core import AgentQueueError, Executor, IdempotencyConflictError
+from service.executor.core import AgentQueueError, ChargeResolutionError, Executor, IdempotencyConflictError
 from service.executor.effects import Effects
 from service.executor.links import LinkError
 from service.executor.routes import ExecutorRuntime, _pay
@@ -1429,12 +1429,8 @@ def test_a_stale_worker_does_not_unmark_a_charge_another_worker_sent(make_harnes
     assert code == 409
 
 
-def test_the_order_view_shows_which_charge_was_sent_and_never_answered(make_harness: Any) -> None:
-    from tests.integration.test_executor import LinkAnswersLost
-
-    h = make_harness(
-        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
-    )
+def _dead_unanswered_link_payment(h: Harness) -> int:
+    """A link payment charged whose answers were all lost, dead-lettered after its tries; its action id."""
     h.executor.payment_failed("m_demo", event())
     h.drain()
     assert _pay(runtime(h), token_of(h))[0] == 202
@@ -1443,4 +1439,63 @@ def test_the_order_view_shows_which_charge_was_sent_and_never_answered(make_harn
         h.drain()
     link = next(a for a in h.view().actions if a.kind == "link_payment")
     assert link.state == "dead"
-    assert getattr(link, "unanswered_since", None) is not None, link
+    return link.action_id
+
+
+def test_the_order_view_shows_which_charge_was_sent_and_never_answered(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    link = next(a for a in h.view().actions if a.action_id == action_id)
+    assert link.unanswered_since is not None, link
+
+
+def test_an_operator_who_finds_the_charge_taken_settles_the_order_with_its_attempt(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    assert h.executor.resolve_charge(action_id, charged=True) == "SUCCEEDED"
+    view = h.view()
+    assert [(a.strategy, a.status) for a in view.attempts[1:]] == [("retarget_link", "success")]
+    link = next(a for a in view.actions if a.kind == "link_payment")
+    assert (link.state, link.unanswered_since) == ("done", None)
+    assert "resolved by an operator: charged" in (link.last_error or "")
+    h.drain()
+    assert webhook_events(h) == ["order.succeeded"]
+    with pytest.raises(ChargeResolutionError, match=f"action {action_id} is not a dead-lettered charge"):
+        h.executor.resolve_charge(action_id, charged=True)  # answered once
+
+
+def test_an_operator_who_finds_nothing_charged_frees_the_order_to_be_decided_again(make_harness: Any) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=LinkAnswersLost(results=["success"]),
+        max_attempts=2,
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    h.connector.charged.clear()  # the switch says it never took that payment ...
+    h.connector.results.append("success")  # ... and takes the next one
+    assert h.executor.resolve_charge(action_id, charged=False) == "PENDING"
+    h.drain()  # decided again: the retry charges
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert [(a.strategy, a.status) for a in view.attempts[1:]] == [("cascade", "success")]
+    link = next(a for a in view.actions if a.kind == "link_payment")
+    assert (link.state, link.unanswered_since) == ("dead", None)
+
+
+def test_resolve_charge_refuses_an_action_that_is_not_waiting_for_its_answer(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    url = f"sqlite:///{tmp_path / 'winback.db'}"
+    upgrade(make_executor_engine(url))
+    result = CliRunner().invoke(
+        app, ["executor", "resolve-charge", "42", "--not-charged", "--database-url", url, "--tracking-uri", url]
+    )
+    assert result.exit_code != 0
+    assert "action 42 is not a dead-lettered charge waiting for its answer" in result.output

@@ -222,31 +222,39 @@ class HttpConnector:
         """POST the attempt; the same idempotency key on every try, so the switch charges at most once."""
         payload = request.payload(self.send_context)
         last_error = "no try made"
+        reached = False  # whether an earlier try may have reached the switch (and charged)
         for attempt in range(1, self.tries + 1):
             try:
                 self.breaker.before_call()
             except CircuitOpenError as exc:
-                if attempt == 1:
+                if not reached:
                     raise  # nothing was sent
                 # An earlier try may have reached the switch: this is a lost answer, not a charge never sent.
                 raise TransientError(f"{last_error}; then {exc}") from None
             try:
                 response = self.client.post(self.url, json=payload, headers=self._headers(request))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no connection: nothing was sent
+                last_error = f"cannot reach connector {self.name!r} at {self.url}: {type(exc).__name__}: {exc}"
             except httpx.TimeoutException as exc:
+                reached = True
                 last_error = f"timeout calling connector {self.name!r}: {type(exc).__name__}"
             except httpx.TransportError as exc:
+                reached = True
                 last_error = f"cannot reach connector {self.name!r} at {self.url}: {type(exc).__name__}: {exc}"
             else:
                 if response.status_code < 500 and response.status_code != 429:
                     self.breaker.success()
-                    return self._parse(response, request)
+                    return self._parse(response, request, after_lost_answer=reached)
+                reached = reached or response.status_code >= 500  # a 5xx may come after the charge
                 last_error = f"connector {self.name!r} answered HTTP {response.status_code}"
             self.breaker.failure()
             if attempt < self.tries:
                 self.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_cap))
         raise TransientError(last_error)
 
-    def _parse(self, response: httpx.Response, request: ChargeRequest) -> ChargeResult:
+    def _parse(
+        self, response: httpx.Response, request: ChargeRequest, *, after_lost_answer: bool = False
+    ) -> ChargeResult:
         if response.status_code in (200, 201, 402):
             try:
                 body = response.json()
@@ -255,9 +263,13 @@ class HttpConnector:
             if not isinstance(body, dict):
                 raise PermanentError(f"connector {self.name!r} answered JSON that is not an object")
             return ChargeResult.from_json(body, request.connector)
-        if response.status_code == 409:
-            # The key is the switch's already (another body): whatever it charged under it is not known here.
-            raise PermanentError(f"connector {self.name!r} refused the request with HTTP 409: {response.text[:200]}")
+        if response.status_code == 409 or after_lost_answer:
+            # A 409: the key is the switch's already, under another body. After a try whose answer was lost: this
+            # refusal may be of the re-try only. Either way, whatever was charged under the key is not known here.
+            raise PermanentError(
+                f"connector {self.name!r} refused the request with HTTP {response.status_code} "
+                f"(what was charged under the key is unknown): {response.text[:200]}"
+            )
         raise RefusedError(
             f"connector {self.name!r} refused the request with HTTP {response.status_code}: {response.text[:200]}"
         )

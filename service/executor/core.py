@@ -55,6 +55,8 @@ log = logging.getLogger("winback.executor")
 CHARGE_KINDS: Final = (ActionKind.RETRY, ActionKind.LINK_PAYMENT)
 #: How soon a stop waiting for a charge whose lease has already ended looks again.
 RECHECK: Final = timedelta(seconds=5)
+#: How often a stop waiting for an operator's answer about a charge of unknown outcome looks again.
+UNKNOWN_RECHECK: Final = timedelta(hours=1)
 
 
 def _maybe_with_connector() -> sa.ColumnElement[bool]:
@@ -676,7 +678,22 @@ class Executor:
 
     def _close(self, conn: sa.Connection, order: RowMapping, now: datetime, *, excluding: int | None = None) -> None:
         """Stop: fail the order now, or once no charge of it may be with a connector and its last live payment
-        link has expired (the customer may still pay); ``excluding``: the close action doing this."""
+        link has expired (the customer may still pay); ``excluding``: the close action doing this. An order with a
+        dead-lettered charge whose answer never came is not failed (the customer may have paid): it waits for an
+        operator's ``resolve-charge``, looked at again every UNKNOWN_RECHECK."""
+        unknown = self.unknown_charge(conn, order)
+        if unknown is not None:
+            recheck = now + UNKNOWN_RECHECK
+            log.error(
+                "order not failed: its charge action %s was sent and never answered; an operator must ask the "
+                "connector and run `winback executor resolve-charge %s --charged|--not-charged`",
+                unknown,
+                unknown,
+                extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
+            )
+            key = f"{order['merchant_id']}:{order['order_id']}:close:{recheck.isoformat()}"
+            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, recheck, key, now)
+            return
         in_flight = self.charge_in_flight(conn, order, excluding=excluding)
         wait_until = self._live_link_expiry(conn, order, now) if in_flight is None else max(in_flight, now + RECHECK)
         if wait_until is not None:
@@ -1284,16 +1301,22 @@ class Executor:
             if order is None:
                 raise ChargeResolutionError(f"the order of action {action_id} is not known")
             verdict = "charged" if charged else "not charged"
-            conn.execute(
+            changed = conn.execute(
                 actions.update()
-                .where(actions.c.action_id == action_id)
+                .where(
+                    actions.c.action_id == action_id,
+                    actions.c.state == ActionState.DEAD.value,
+                    actions.c.unanswered_since.is_not(None),
+                )
                 .values(
                     state=ActionState.DONE.value if charged else ActionState.DEAD.value,
                     unanswered_since=None,
                     updated_at=now,
                     last_error=f"{row['last_error'] or ''}; resolved by an operator: {verdict}".lstrip("; "),
                 )
-            )
+            ).rowcount
+            if changed != 1:
+                raise ChargeResolutionError(f"action {action_id} was resolved by someone else meanwhile")
             log.warning(
                 "charge action %s resolved by an operator: %s",
                 action_id,

@@ -23,15 +23,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 
 from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
 from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from service.api.settings import settings_from_env
+from service.api.store import shown_url
 from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
-from service.executor.core import ActionRow, Decider, Executor, Outcome, RetryPolicy, StaleClaimError, Transient
+from service.executor.core import (
+    ActionRow,
+    ChargeResolutionError,
+    Decider,
+    Executor,
+    Outcome,
+    RetryPolicy,
+    StaleClaimError,
+    Transient,
+)
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
 from service.executor.settings import ExecutorSettings
@@ -253,14 +264,30 @@ def resolve_charge(
 
     config = load_config(Path(config_path) if config_path else DEMO_CONFIG)
     settings = settings_from_env(ExecutorSettings, database_url=database_url)
-    catalog = load_catalog()
-    decider, stop = make_decider(catalog, tracking_uri)
-    executor = build_executor(settings, config, decider)
+    url = sa.make_url(database_url)
+    on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    if on_disk and not Path(str(url.database)).is_file():  # connecting would create an empty database file
+        raise ChargeResolutionError(f"no winback database at {url.database} (from --database-url)")
+    engine = make_executor_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            if "unanswered_since" not in {c["name"] for c in sa.inspect(conn).get_columns("actions")}:
+                raise ChargeResolutionError("the database is not at the current schema: run `winback executor run`")
+    except sa.exc.NoSuchTableError:
+        engine.dispose()
+        raise ChargeResolutionError(f"{shown_url(url)} holds no executor tables") from None
+    except Exception:
+        engine.dispose()
+        raise
+    decider, stop = make_decider(load_catalog(), tracking_uri)
+    executor = build_executor(settings, config, decider, engine=engine)
     try:
         return executor.resolve_charge(action_id, charged)
+    except KeyError as exc:  # the order's merchant is not in this config
+        raise ChargeResolutionError(f"{exc.args[0]} (pass the config the executor runs with: --config)") from None
     finally:
         stop()
-        executor.engine.dispose()
+        engine.dispose()
 
 
 def run(

@@ -1499,3 +1499,118 @@ def test_resolve_charge_refuses_an_action_that_is_not_waiting_for_its_answer(tmp
     )
     assert result.exit_code != 0
     assert "action 42 is not a dead-lettered charge waiting for its answer" in result.output
+
+
+# ------------------------------------------------------ unknown charges and the operator (fifth review)
+
+
+def test_window_end_waits_for_an_operator_when_a_charge_is_unknown(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The switch took a link payment's money and every answer was lost: the window's end does not fail the order
+    (the customer may have paid); it waits for the operator, whose --charged settles it with one order.succeeded."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "sms", "delay": timedelta(days=30)},  # nothing more before the window end
+        connector=LinkAnswersLost(results=["success"]),
+        max_attempts=2,
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    h.clock.advance(days=8)
+    with caplog.at_level("ERROR", logger="winback.executor"):
+        h.drain()
+        h.drain()
+    assert h.view().state == "PENDING"
+    assert webhook_events(h) == []
+    assert any(f"resolve-charge {action_id}" in record.getMessage() for record in caplog.records)
+    assert h.executor.resolve_charge(action_id, charged=True) == "SUCCEEDED"
+    h.drain()
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+class TimeoutThen4xx:
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.charged: dict[str, str] = {}
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        key = request.headers["Idempotency-Key"]
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if key not in self.charged:
+            self.charged[key] = "succeeded"
+            raise httpx.ReadTimeout("read timed out", request=request)  # charged, answer lost
+        if ":retry:" in key and self.seen[key] == 2:
+            return httpx.Response(self.status, json={"error": "gateway says no"})  # e.g. a WAF / gateway 4xx
+        import json
+
+        return httpx.Response(200, json={"status": "succeeded", "connector": json.loads(request.content)["connector"]})
+
+
+@pytest.mark.parametrize("status", [400, 403])
+def test_a_4xx_after_a_timed_out_try_is_not_taken_for_nothing_charged(make_harness: Any, status: int) -> None:
+    switch = TimeoutThen4xx(status)
+    connector = HttpConnector(
+        "adyen",
+        "http://switch.test",
+        None,
+        breaker=CircuitBreaker("adyen", threshold=100),
+        client=httpx.Client(transport=httpx.MockTransport(switch)),
+        sleep=lambda _s: None,
+    )
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=connector,
+    )
+    token = _link_and_due_retry(h)
+    h.drain()  # the retry: try 1 times out (charged), try 2 -> 4xx -> RefusedError -> unmarked
+    retry = action_rows(h, "retry")[0]
+    assert retry.state == "dead"
+    try:
+        code = _pay(runtime(h), token)[0]
+    except LinkError as refused:
+        code = refused.status_code
+
+    assert code == 409, (retry.unanswered_since, switch.charged)
+
+
+def test_cli_resolve_charge_names_a_merchant_missing_from_the_config_in_one_line(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    with h.executor.engine.begin() as conn:  # a production merchant, not in the shipped demo config
+        from service.executor.store import actions
+
+        conn.execute(orders.update().values(merchant_id="m_prod_zz"))
+        conn.execute(actions.update().values(merchant_id="m_prod_zz"))
+    url = str(h.executor.engine.url)
+    result = CliRunner().invoke(
+        app, ["executor", "resolve-charge", str(action_id), "--charged", "--database-url", url, "--tracking-uri", url]
+    )
+
+    assert result.exit_code == 2, (result.exit_code, repr(result.exception))
+    assert "Traceback" not in result.output
+
+
+def test_cli_resolve_charge_refuses_a_database_that_does_not_exist_without_making_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    typo = tmp_path / "typo.db"
+    url = f"sqlite:///{typo}"
+    result = CliRunner().invoke(
+        app, ["executor", "resolve-charge", "7", "--not-charged", "--database-url", url, "--tracking-uri", url]
+    )
+
+    assert result.exit_code == 2, (result.exit_code, repr(result.exception))
+    assert "Traceback" not in result.output
+    assert not typo.exists()

@@ -24,14 +24,17 @@ def upgrade() -> None:
     """Add actions.unanswered_since (null: not sent, or answered), and mark the charges already out.
 
     Before this revision a charge whose answer was lost went back to ``scheduled`` (or stayed ``claimed``) with
-    its try counted, and one that ran out of tries was dead-lettered with "gave up after ...": those may have
-    taken the money, so they start marked (since their last change).
+    its try counted, and one dead-lettered after its tries ("gave up after ...") or on an answer that could not be
+    read (a 409 on its key, a body that is not a payment) may have taken the money: those start marked (since
+    their last change).
     """
     op.add_column("actions", sa.Column("unanswered_since", sa.DateTime(timezone=True), nullable=True))
     op.execute(
         "UPDATE actions SET unanswered_since = updated_at"
         " WHERE kind IN ('retry', 'link_payment') AND attempts > 0"
-        " AND (state IN ('scheduled', 'claimed') OR (state = 'dead' AND last_error LIKE 'gave up after%'))"
+        " AND (state IN ('scheduled', 'claimed') OR (state = 'dead' AND ("
+        "last_error LIKE 'gave up after%' OR last_error LIKE '%HTTP 409%' OR last_error LIKE '%answered a body%'"
+        " OR last_error LIKE '%answered JSON%' OR last_error LIKE '%unknown status%')))"
     )
 
 

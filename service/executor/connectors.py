@@ -222,7 +222,7 @@ class HttpConnector:
         """POST the attempt; the same idempotency key on every try, so the switch charges at most once."""
         payload = request.payload(self.send_context)
         last_error = "no try made"
-        reached = False  # whether an earlier try may have reached the switch (and charged)
+        reached = ""  # why an earlier try may have reached the switch (and charged); empty: none may have
         for attempt in range(1, self.tries + 1):
             try:
                 self.breaker.before_call()
@@ -230,27 +230,31 @@ class HttpConnector:
                 if not reached:
                     raise  # nothing was sent
                 # An earlier try may have reached the switch: this is a lost answer, not a charge never sent.
-                raise TransientError(f"{last_error}; then {exc}") from None
+                raise TransientError(_lost_answer(f"{last_error}; then {exc}", reached)) from None
             try:
                 response = self.client.post(self.url, json=payload, headers=self._headers(request))
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no connection: nothing was sent
                 last_error = f"cannot reach connector {self.name!r} at {self.url}: {type(exc).__name__}: {exc}"
             except httpx.TimeoutException as exc:
-                reached = True
-                last_error = f"timeout calling connector {self.name!r}: {type(exc).__name__}"
+                last_error = reached = f"timeout calling connector {self.name!r}: {type(exc).__name__}"
             except httpx.TransportError as exc:
-                reached = True
                 last_error = f"cannot reach connector {self.name!r} at {self.url}: {type(exc).__name__}: {exc}"
+                reached = last_error
+            except BaseException:
+                # Anything else (a garbled body, a bug) still ends the breaker's trial, or it would stay half-open.
+                self.breaker.failure()
+                raise
             else:
                 if response.status_code < 500 and response.status_code != 429:
                     self.breaker.success()
-                    return self._parse(response, request, after_lost_answer=reached)
-                reached = reached or response.status_code >= 500  # a 5xx may come after the charge
+                    return self._parse(response, request, after_lost_answer=bool(reached))
                 last_error = f"connector {self.name!r} answered HTTP {response.status_code}"
+                if response.status_code >= 500 and not reached:  # a 5xx may come after the charge
+                    reached = last_error
             self.breaker.failure()
             if attempt < self.tries:
                 self.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_cap))
-        raise TransientError(last_error)
+        raise TransientError(_lost_answer(last_error, reached) if reached else last_error)
 
     def _parse(
         self, response: httpx.Response, request: ChargeRequest, *, after_lost_answer: bool = False
@@ -277,6 +281,14 @@ class HttpConnector:
     def close(self) -> None:
         """Close the HTTP client."""
         self.client.close()
+
+
+def _lost_answer(last_error: str, reached: str) -> str:
+    """The error of a send whose answer was lost after a try that may have charged: it must not read as never sent
+    (an operator answering for the charge reads it)."""
+    if last_error == reached:
+        return f"{last_error} (the payment may have been charged)"
+    return f"{last_error}; an earlier try may have been charged ({reached})"
 
 
 class ConnectorRegistry:

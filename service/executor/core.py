@@ -580,6 +580,18 @@ class Executor:
         """Ask decide() what to do next for an open order, record the decision and act on it (or queue it)."""
         if order["state"] not in OPEN_ORDER_STATES:
             return None
+        unknown = self.unknown_charge(conn, order)
+        if unknown is not None:
+            # The customer may have paid already: no retry and no message asking them to pay, until an operator
+            # has answered for that charge (resolve-charge decides the order again when nothing was taken).
+            log.error(
+                "order not decided: its charge action %s was sent and never answered; ask the connector and run "
+                "`winback executor resolve-charge %s --charged|--not-charged`",
+                unknown,
+                unknown,
+                extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
+            )
+            return None
         merchant = self.merchant(order["merchant_id"])
         request = self.request_for(conn, order, now)
         decision = self.decider(request, merchant)
@@ -755,6 +767,16 @@ class Executor:
         ).rowcount
         if changed != 1:
             return False
+        unknown = self.unknown_charge(conn, order)
+        if unknown is not None:
+            log.error(
+                "order %s while its charge action %s was sent and never answered: a refund may be needed; ask the "
+                "connector and run `winback executor resolve-charge %s --charged|--not-charged`",
+                state.value.lower(),
+                unknown,
+                unknown,
+                extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
+            )
         self._cancel_open(conn, order, now)
         self._enqueue_webhook(conn, order, state, txn_id, occurred_at, now)
         log.info(
@@ -1324,8 +1346,10 @@ class Executor:
                 extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
             )
             if charged:
+                # Dated when it was sent, not when the operator answered: the history credits what came before.
+                sent_at = as_utc(row["unanswered_since"])
                 connector = str(action.payload.get("connector") or "unknown")
-                self._record_attempt(conn, order, action, ChargeResult(status="success", connector=connector), now)
+                self._record_attempt(conn, order, action, ChargeResult(status="success", connector=connector), sent_at)
             elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
                 self._decision_point(conn, order, now)
             state = conn.scalar(

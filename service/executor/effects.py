@@ -280,6 +280,9 @@ class Effects:
         merchant = self.executor.merchant(action.merchant_id)
         channel = Channel(str(action.payload["channel"]))
         with self.executor.engine.connect() as conn:
+            unknown = self.executor.unknown_charge(conn, order)
+            if unknown is not None:  # the customer may have paid: no message asking them to pay
+                return Skip(f"charge action {unknown} of the order was sent and never answered")
             request = self.executor.request_for(conn, order, now)
         # The hard rules again, at the moment of sending: the decision may be hours old.
         verdict = check(

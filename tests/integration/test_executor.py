@@ -1264,11 +1264,10 @@ def test_no_retry_charges_on_top_of_a_dead_lettered_link_payment_of_unknown_outc
     link = next(a for a in h.view().actions if a.kind == "link_payment")
     assert link.state == "dead"
     h.clock.advance(hours=24)
-    h.drain()  # the follow-up decides a retry
+    h.drain()  # the follow-up is not decided while the link payment's outcome is unknown
     assert len(successes(h)) == 1, successes(h)
-    retry = next(a for a in h.view().actions if a.kind == "retry")
-    assert retry.state == "dead"
-    assert "sent and never answered" in (retry.last_error or "")
+    assert [a for a in h.view().actions if a.kind == "retry"] == []
+    assert len(h.outbox) == 1  # and no second message asks the customer to pay
 
 
 # ----------------------------------------------------------- what counts as sent (fourth review)
@@ -1297,7 +1296,9 @@ class Switch:
         return httpx.Response(200, json={"status": self.charged[key], "connector": body["connector"]})
 
 
-def http_connector(switch: Switch, breaker: CircuitBreaker | None = None) -> HttpConnector:
+def http_connector(
+    switch: Callable[[httpx.Request], httpx.Response], breaker: CircuitBreaker | None = None
+) -> HttpConnector:
     return HttpConnector(
         "adyen",
         "http://switch.test",
@@ -1550,14 +1551,7 @@ class TimeoutThen4xx:
 @pytest.mark.parametrize("status", [400, 403])
 def test_a_4xx_after_a_timed_out_try_is_not_taken_for_nothing_charged(make_harness: Any, status: int) -> None:
     switch = TimeoutThen4xx(status)
-    connector = HttpConnector(
-        "adyen",
-        "http://switch.test",
-        None,
-        breaker=CircuitBreaker("adyen", threshold=100),
-        client=httpx.Client(transport=httpx.MockTransport(switch)),
-        sleep=lambda _s: None,
-    )
+    connector = http_connector(switch, CircuitBreaker("adyen", threshold=100))
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
         {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
@@ -1614,3 +1608,121 @@ def test_cli_resolve_charge_refuses_a_database_that_does_not_exist_without_makin
     assert result.exit_code == 2, (result.exit_code, repr(result.exception))
     assert "Traceback" not in result.output
     assert not typo.exists()
+
+
+# ---------------------------------------------------- an unknown charge holds its order (sixth review)
+
+
+def test_no_payment_link_is_sent_to_a_customer_whose_charge_is_unknown(make_harness: Any) -> None:
+    """While a link payment that took the money has no answer, the nudge's follow-up decides nothing: no new "please
+    pay" message goes to a customer who may have paid."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "sms", "delay": timedelta(days=1)},  # day 2: the cadence allows it
+        connector=LinkAnswersLost(results=["success"]),
+        max_attempts=2,
+    )
+    _dead_unanswered_link_payment(h)
+    assert len(h.outbox) == 1  # the first SMS
+    h.clock.advance(hours=24)
+    h.drain()  # the follow-up of the SMS: a decision point decides another SMS for day 2
+    h.clock.advance(days=1)
+    h.drain()
+    sent = [(m.channel.value, m.template_id) for m in h.outbox[1:]]
+    assert sent == [], sent
+
+
+def test_a_merchant_payment_on_an_order_with_an_unknown_charge_is_flagged(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The merchant reports a payment for an order whose charge is unknown: settling it logs an error naming the
+    action and resolve-charge (a refund may be needed)."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    with caplog.at_level("WARNING", logger="winback.executor"):
+        assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+        h.clock.advance(days=10)
+        h.drain()
+    flagged = [r.getMessage() for r in caplog.records if str(action_id) in r.getMessage()]
+    assert flagged, [r.getMessage() for r in caplog.records]
+
+
+class MonotonicClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _req() -> ChargeRequest:
+    return ChargeRequest("k1", "m", "o", 2, 10.0, "INR", "retry_same", "adyen", START)
+
+
+def test_an_unexpected_error_in_the_half_open_trial_does_not_keep_the_circuit_open_forever() -> None:
+    clock = MonotonicClock()
+    breaker = CircuitBreaker("adyen", threshold=1, cooldown_seconds=30, clock=clock)
+    mode = {"v": "503"}
+
+    def switch(request: httpx.Request) -> httpx.Response:
+        if mode["v"] == "503":
+            return httpx.Response(503)
+        if mode["v"] == "bad-gzip":  # a proxy mangles one answer: httpx.DecodingError (not a TransportError)
+            return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"not gzip")
+        return httpx.Response(200, json={"status": "failed", "connector": "adyen"})
+
+    conn = HttpConnector(
+        "adyen",
+        "http://switch.test",
+        None,
+        tries=1,
+        breaker=breaker,
+        client=httpx.Client(transport=httpx.MockTransport(switch)),
+        sleep=lambda _s: None,
+    )
+    with pytest.raises(TransientError):
+        conn.charge(_req())  # opens the circuit
+    clock.t += 31
+    mode["v"] = "bad-gzip"
+    with pytest.raises(httpx.DecodingError):
+        conn.charge(_req())  # the half-open trial fails in an unexpected way
+    mode["v"] = "ok"
+    clock.t += 3600  # an hour later, the switch is fine
+    try:
+        result = conn.charge(_req())
+    except CircuitOpenError as exc:
+        pytest.fail(f"circuit stuck open an hour after the trial: {exc} (state {breaker.state})")
+    assert result.status == "failure"
+
+
+def test_the_error_of_a_charge_that_reached_the_switch_does_not_read_as_never_sent() -> None:
+    """A send whose first try timed out (it may have charged) and whose later tries could not connect keeps saying
+    that it may have been charged: an operator reads this error before answering for the charge."""
+    calls = {"n": 0}
+
+    def switch(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise httpx.ReadTimeout("read timed out", request=request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    conn = http_connector(switch, CircuitBreaker("adyen", threshold=100))
+    with pytest.raises(TransientError) as err:
+        conn.charge(_req())
+    assert "timeout" in str(err.value).lower(), str(err.value)
+
+
+def test_an_operator_confirmed_charge_is_dated_when_it_was_made_not_when_it_was_resolved(make_harness: Any) -> None:
+    """A charge an operator confirms days later is dated when it was sent: the attempt, the order's close and the
+    webhook all carry that time."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    sent_at = next(a for a in h.view().actions if a.action_id == action_id).unanswered_since
+    h.clock.advance(days=8)
+    assert h.executor.resolve_charge(action_id, charged=True) == "SUCCEEDED"
+    paid = h.view().attempts[-1]
+    assert paid.created_at <= sent_at + timedelta(minutes=5), (paid.created_at, sent_at)

@@ -1079,8 +1079,17 @@ class Executor:
         # new attempt is made on top of it; the order's window-end CLOSE fails it unless an operator acts.
 
     def _record_attempt(
-        self, conn: sa.Connection, order: RowMapping, action: ActionRow, result: ChargeResult, now: datetime
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        action: ActionRow,
+        result: ChargeResult,
+        now: datetime,
+        *,
+        attempted_at: datetime | None = None,
     ) -> None:
+        """Store a charge's answer and settle or decide the order; ``attempted_at``: when the charge was made, when
+        that is not now (an operator's answer days later); the attempt and the order's success carry it."""
         number = int(action.payload["attempt_number"])
         txn_id = txn_id_for(action.idempotency_key)
         strategy = (
@@ -1105,7 +1114,7 @@ class Executor:
                 propensity=action.payload.get("propensity"),
                 nudge_id=action.payload.get("nudge_id"),
                 idempotency_key=action.idempotency_key,
-                created_at=now,
+                created_at=attempted_at or now,
             )
         )
         if action.kind == ActionKind.LINK_PAYMENT:
@@ -1123,7 +1132,7 @@ class Executor:
                     extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
                 )
                 return
-            self._succeed(conn, order, txn_id, now, now)
+            self._succeed(conn, order, txn_id, attempted_at or now, now)
             return
         failure = {
             "connector": result.connector,
@@ -1349,7 +1358,8 @@ class Executor:
                 # Dated when it was sent, not when the operator answered: the history credits what came before.
                 sent_at = as_utc(row["unanswered_since"])
                 connector = str(action.payload.get("connector") or "unknown")
-                self._record_attempt(conn, order, action, ChargeResult(status="success", connector=connector), sent_at)
+                result = ChargeResult(status="success", connector=connector)
+                self._record_attempt(conn, order, action, result, now, attempted_at=sent_at)
             elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
                 self._decision_point(conn, order, now)
             state = conn.scalar(

@@ -39,7 +39,15 @@ from service.executor.links import LinkError
 from service.executor.routes import ExecutorRuntime, _pay
 from service.executor.sandbox import start_sandbox
 from service.executor.settings import ExecutorSettings
-from service.executor.store import actions, make_executor_engine, nudges, orders, transactions, webhook_deliveries
+from service.executor.store import (
+    actions,
+    as_utc,
+    make_executor_engine,
+    nudges,
+    orders,
+    transactions,
+    webhook_deliveries,
+)
 from service.executor.views import order_view
 from service.executor.worker import Worker, build_effects, build_executor, make_decider
 from service.migrations import downgrade, upgrade
@@ -1726,3 +1734,20 @@ def test_an_operator_confirmed_charge_is_dated_when_it_was_made_not_when_it_was_
     assert h.executor.resolve_charge(action_id, charged=True) == "SUCCEEDED"
     paid = h.view().attempts[-1]
     assert paid.created_at <= sent_at + timedelta(minutes=5), (paid.created_at, sent_at)
+
+
+def test_an_operator_confirmed_charge_keeps_its_bookkeeping_at_the_time_of_the_answer(make_harness: Any) -> None:
+    """Only the attempt and the order's success carry the charge's time; the rows written because of the
+    operator's answer (the order's update, the webhook to deliver) carry the time they were written."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"}, connector=LinkAnswersLost(results=["success"]), max_attempts=2
+    )
+    action_id = _dead_unanswered_link_payment(h)
+    h.clock.advance(days=3)
+    resolved_at = h.executor.clock()
+    assert h.executor.resolve_charge(action_id, charged=True) == "SUCCEEDED"
+    with h.executor.engine.connect() as conn:
+        order_updated = conn.execute(sa.select(orders.c.updated_at)).scalar_one()
+        delivery_created = conn.execute(sa.select(webhook_deliveries.c.created_at)).scalar_one()
+    assert as_utc(order_updated) == resolved_at
+    assert as_utc(delivery_created) == resolved_at

@@ -1751,3 +1751,27 @@ def test_an_operator_confirmed_charge_keeps_its_bookkeeping_at_the_time_of_the_a
         delivery_created = conn.execute(sa.select(webhook_deliveries.c.created_at)).scalar_one()
     assert as_utc(order_updated) == resolved_at
     assert as_utc(delivery_created) == resolved_at
+
+
+def test_a_retry_waiting_behind_a_link_payment_that_dies_unanswered_is_not_sent(make_harness: Any) -> None:
+    """A retry due while the customer's link payment is out waits; the link payment's answers are all lost and it
+    is dead-lettered. The retry, already planned, is not sent on top of it: it is dead-lettered naming that
+    charge, and the customer is charged once."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=LinkAnswersLost(results=["success", "success"]),
+        max_attempts=2,
+    )
+    token = _link_and_due_retry(h)
+    assert _pay(runtime(h), token)[0] == 202  # charged, answer lost
+    for _ in range(10):
+        h.clock.advance(seconds=31)
+        h.drain()
+    link = next(a for a in h.view().actions if a.kind == "link_payment")
+    retry = next(a for a in h.view().actions if a.kind == "retry")
+    assert link.state == "dead"
+    assert retry.state == "dead"
+    assert f"charge action {link.action_id} of the order was sent and never answered" in (retry.last_error or "")
+    assert len(successes(h)) == 1
+    assert [key for key in h.connector.calls if ":retry:" in key] == []

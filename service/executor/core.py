@@ -695,7 +695,6 @@ class Executor:
         operator's ``resolve-charge``, looked at again every UNKNOWN_RECHECK."""
         unknown = self.unknown_charge(conn, order)
         if unknown is not None:
-            recheck = now + UNKNOWN_RECHECK
             log.error(
                 "order not failed: its charge action %s was sent and never answered; an operator must ask the "
                 "connector and run `winback executor resolve-charge %s --charged|--not-charged`",
@@ -703,16 +702,29 @@ class Executor:
                 unknown,
                 extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
             )
-            key = f"{order['merchant_id']}:{order['order_id']}:close:{recheck.isoformat()}"
-            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, recheck, key, now)
+            self._close_later(conn, order, now + UNKNOWN_RECHECK, now, excluding)
             return
         in_flight = self.charge_in_flight(conn, order, excluding=excluding)
         wait_until = self._live_link_expiry(conn, order, now) if in_flight is None else max(in_flight, now + RECHECK)
         if wait_until is not None:
-            key = f"{order['merchant_id']}:{order['order_id']}:close:{wait_until.isoformat()}"
-            self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, wait_until, key, now)
+            self._close_later(conn, order, wait_until, now, excluding)
             return
         self._fail(conn, order, now)
+
+    def _close_later(
+        self, conn: sa.Connection, order: RowMapping, when: datetime, now: datetime, close_action: int | None
+    ) -> None:
+        """Look at closing ``order`` again at ``when``: the close action doing this waits itself (one row however
+        often it looks again), or a new close action is planned."""
+        if close_action is not None:
+            conn.execute(
+                actions.update()
+                .where(actions.c.action_id == close_action)
+                .values(state=ActionState.SCHEDULED.value, due_at=when, claim_token=None, updated_at=now)
+            )
+            return
+        key = f"{order['merchant_id']}:{order['order_id']}:close:{when.isoformat()}"
+        self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, when, key, now)
 
     # ------------------------------------------------------------------------------- terminal states
 

@@ -1532,6 +1532,11 @@ def test_window_end_waits_for_an_operator_when_a_charge_is_unknown(
     assert h.view().state == "PENDING"
     assert webhook_events(h) == []
     assert any(f"resolve-charge {action_id}" in record.getMessage() for record in caplog.records)
+    for _ in range(5):  # hours go by: the close looks again each hour, as one action
+        h.clock.advance(hours=1)
+        h.drain()
+    assert h.view().state == "PENDING"
+    assert len([a for a in h.view().actions if a.kind == "close"]) == 1
     assert h.executor.resolve_charge(action_id, charged=True) == "SUCCEEDED"
     h.drain()
     assert webhook_events(h) == ["order.succeeded"]

@@ -133,6 +133,11 @@ class CircuitOpenError(TransientError):
     """Calls to this connector are paused after repeated failures."""
 
 
+class UnreachedError(TransientError):
+    """No try of the send reached the switch (no connection could be made, or 429 Too Many Requests, which the
+    switch answers before processing): nothing was charged, so the charge is not one that may be out."""
+
+
 @dataclass
 class CircuitBreaker:
     """Closed -> open after ``threshold`` consecutive failures; half-open (one trial call) after ``cooldown``."""
@@ -254,7 +259,9 @@ class HttpConnector:
             self.breaker.failure()
             if attempt < self.tries:
                 self.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_cap))
-        raise TransientError(_lost_answer(last_error, reached) if reached else last_error)
+        if reached:
+            raise TransientError(_lost_answer(last_error, reached))
+        raise UnreachedError(last_error)
 
     def _parse(
         self, response: httpx.Response, request: ChargeRequest, *, after_lost_answer: bool = False

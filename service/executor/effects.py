@@ -31,6 +31,7 @@ from service.executor.connectors import (
     PermanentError,
     RefusedError,
     TransientError,
+    UnreachedError,
 )
 from service.executor.core import (
     CHARGE_KINDS,
@@ -263,6 +264,12 @@ class Effects:
             if not resend:
                 self.executor.unmark_sent(action)
             return Defer(now + CIRCUIT_WAIT, str(exc))
+        except UnreachedError as exc:
+            # No try reached the switch (no connection, 429): a try is counted, but it is not a charge that may
+            # be out, so a connector outage does not leave charges for an operator to answer for.
+            if not resend:
+                self.executor.unmark_sent(action)
+            return Transient(str(exc))
         except TransientError as exc:
             return Transient(str(exc))
         except RefusedError as exc:

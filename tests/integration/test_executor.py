@@ -32,6 +32,7 @@ from service.executor.connectors import (
     CircuitOpenError,
     HttpConnector,
     TransientError,
+    UnreachedError,
 )
 from service.executor.core import AgentQueueError, ChargeResolutionError, Executor, IdempotencyConflictError
 from service.executor.effects import Effects
@@ -1582,6 +1583,55 @@ def test_a_4xx_after_a_timed_out_try_is_not_taken_for_nothing_charged(make_harne
     assert code == 409, (retry.unanswered_since, switch.charged)
 
 
+class UnreachableSwitch(Switch):
+    """A switch that, while ``down``, cannot be connected to (``refuse="connect"``) or answers 429 before
+    processing (``refuse="429"``): no try reaches it."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.down = True
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not self.down:
+            return super().__call__(request)
+        if self.refuse == "connect":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(429, json={"error": "too many requests"})
+
+
+@pytest.mark.parametrize("refuse", ["connect", "429"])
+def test_a_charge_that_never_reached_its_connector_does_not_wait_for_an_operator(
+    make_harness: Any, refuse: str
+) -> None:
+    """A connector outage in which no try of a charge reached the switch leaves nothing to answer for: the dead
+    charge is not one that may be out, and the customer can still pay by the link once the switch is back."""
+    switch = UnreachableSwitch(refuse)
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=http_connector(switch, CircuitBreaker("adyen", threshold=100)),
+        max_attempts=2,
+    )
+    token = _link_and_due_retry(h)
+    for _ in range(4):  # the retry's two tries, each of three calls, none of which reaches the switch
+        h.drain()
+        h.clock.advance(minutes=10)
+    retry = action_rows(h, "retry")[0]
+    assert retry.state == "dead", retry.last_error
+    assert retry.unanswered_since is None, retry.last_error
+    assert "cannot reach" in retry.last_error or "429" in retry.last_error
+    with h.executor.engine.connect() as conn:
+        assert h.executor.unknown_charge(conn, _order_row(h)) is None
+    switch.down = False
+    code = _pay(runtime(h), token)[0]
+    assert code == 200
+    assert list(switch.charged.values()) == ["succeeded"]  # one charge: the link's
+    h.drain()
+    assert h.view().state == "SUCCEEDED"
+    assert webhook_events(h) == ["order.succeeded"]
+
+
 def test_cli_resolve_charge_names_a_merchant_missing_from_the_config_in_one_line(
     make_harness: Any, tmp_path: Path
 ) -> None:
@@ -1725,6 +1775,7 @@ def test_the_error_of_a_charge_that_reached_the_switch_does_not_read_as_never_se
     with pytest.raises(TransientError) as err:
         conn.charge(_req())
     assert "timeout" in str(err.value).lower(), str(err.value)
+    assert not isinstance(err.value, UnreachedError)  # it stays a charge that may be out
 
 
 def test_an_operator_confirmed_charge_is_dated_when_it_was_made_not_when_it_was_resolved(make_harness: Any) -> None:

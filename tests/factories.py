@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -521,3 +522,33 @@ def make_new_code_history(n_orders: int = 1500, seed: int = 0) -> tuple[pd.DataF
     for column in ("sent_at", "clicked_at"):
         nudges[column] = nudges[column].dt.floor("us")
     return attempts, nudges
+
+
+def insert_lost_charge(engine: Any, merchant_id: str, order_id: str, sent_at: datetime) -> int:
+    """What the executor leaves when a retry (payment ``<order_id>_2`` via adyen) was sent to its connector and no
+    answer ever came back: a dead-lettered charge still marked sent (``actions.unanswered_since``). Its action id."""
+    import json
+
+    from service.executor.store import actions
+
+    with engine.begin() as conn:
+        inserted = conn.execute(
+            actions.insert().values(
+                merchant_id=merchant_id,
+                order_id=order_id,
+                kind="retry",
+                state="dead",
+                due_at=sent_at,
+                planned_at=sent_at,
+                attempts=8,
+                idempotency_key=f"{merchant_id}:{order_id}:retry:lost",
+                payload_json=json.dumps({"strategy": "retry_same", "connector": "adyen", "attempt_number": 2}),
+                last_error="timeout calling connector 'adyen': ReadTimeout (the payment may have been charged)",
+                created_at=sent_at,
+                updated_at=sent_at,
+                unanswered_since=sent_at,
+            )
+        )
+        key = inserted.inserted_primary_key
+        assert key is not None
+        return int(key[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
+import orjson
 import sqlalchemy as sa
 
 from model.catalog import ErrorCatalog
@@ -27,13 +28,21 @@ from service.api.store import decision_row, decisions
 from service.console.auth import Agent
 from service.console.store import audit_log
 from service.console.views import channel_name, describe_decision
-from service.executor.core import AgentQueueError, Executor, OrderNotFoundError
-from service.executor.store import OrderState, agent_queue, orders
+from service.executor.core import (
+    CHARGE_KINDS,
+    AgentQueueError,
+    ChargeResolutionError,
+    Executor,
+    OrderNotFoundError,
+)
+from service.executor.store import ActionState, OrderState, actions, agent_queue, orders
 
 log = logging.getLogger("winback.console")
 
 AgentAction = Literal["approve", "send_link", "retry", "stop", "override"]
 AGENT_ACTIONS: tuple[str, ...] = ("approve", "send_link", "retry", "stop", "override")
+#: Recorded in the audit log when an agent answers for a charge that was sent and never answered.
+RESOLVE_CHARGE = "resolve_charge"
 AGENT_MODEL_VERSION = "agent"
 MAX_REASON_LENGTH = 1000
 
@@ -181,7 +190,7 @@ class AgentDesk:
                 order_id=order_id,
                 agent_id=agent.agent_id,
                 agent_name=agent.name,
-                action=ask.action if ask.action in AGENT_ACTIONS else "unknown",
+                action=ask.action if ask.action in (*AGENT_ACTIONS, RESOLVE_CHARGE) else "unknown",
                 detail=detail[:2000],
                 reason=ask.reason.strip()[:MAX_REASON_LENGTH] or None,
                 result=result,
@@ -226,11 +235,9 @@ class AgentDesk:
                 .mappings()
                 .first()
             )
-            if order["state"] != OrderState.AWAITING_AGENT or item is None:
-                message = (
-                    f"order {order_id} is {order['state']}: agents act only on orders waiting for them "
-                    "(assisted mode); winback runs this one by itself"
-                )
+            held = self._held(conn, order, waiting=item is not None)
+            if held is not None or item is None:
+                message = held or "no recommendation is waiting for an agent"
                 self._audit(
                     conn, agent, order_id, ask, f"{ask.action} (not possible now)", "refused", now, message=message
                 )
@@ -292,6 +299,80 @@ class AgentDesk:
         log.info(
             "agent action",
             extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name, "action": ask.action},
+        )
+        return ActionResult("done", message, state=state)
+
+    def _held(self, conn: sa.Connection, order: sa.RowMapping, *, waiting: bool) -> str | None:
+        """Why an agent cannot act on ``order`` now (None: they can); ``waiting``: a recommendation waits."""
+        if order["state"] != OrderState.AWAITING_AGENT or not waiting:
+            return (
+                f"order {order['order_id']} is {order['state']}: agents act only on orders waiting for them "
+                "(assisted mode); winback runs this one by itself"
+            )
+        unknown = self.executor.unknown_charge(conn, order)
+        if unknown is not None:
+            return (
+                f"a charge of order {order['order_id']} (action {unknown}) was sent and never answered: record what "
+                "its connector says first; until then nothing else is done to the order"
+            )
+        return None
+
+    def resolve_charge(self, agent: Agent, order_id: str, action_id: int, charged: bool, reason: str) -> ActionResult:
+        """Record what the connector says about a charge of ``order_id`` that was sent and never answered
+        (``Executor.resolve_charge``): ``charged`` makes it the order's success (one webhook); otherwise the order
+        is decided again. The agent must say how they know (``reason``: who at the connector, which reference).
+        Refused, with an audit row, when the action is not such a charge of this order; UnknownOrderError when the
+        agent's merchant has no such order."""
+        now = self.clock()
+        verdict = "charged" if charged else "not charged"
+        ask = ActionRequest(action=RESOLVE_CHARGE, reason=reason)
+        with self.executor.engine.begin() as conn:
+            order = conn.scalar(
+                sa.select(orders.c.state).where(
+                    orders.c.merchant_id == agent.merchant_id, orders.c.order_id == order_id
+                )
+            )
+            if order is None:
+                raise UnknownOrderError(f"order {order_id!r} is not known")
+            row = conn.execute(
+                sa.select(actions.c.kind, actions.c.payload_json, actions.c.state, actions.c.unanswered_since).where(
+                    actions.c.action_id == action_id,
+                    actions.c.merchant_id == agent.merchant_id,
+                    actions.c.order_id == order_id,
+                )
+            ).first()
+            payload = orjson.loads(row.payload_json or "{}") if row is not None else {}
+            detail = (
+                f"charge {order_id}_{payload.get('attempt_number')} via {payload.get('connector') or 'unknown'} "
+                f"(action {action_id}): the connector says {verdict}"
+            )
+            message = None
+            if (
+                row is None
+                or row.kind not in [kind.value for kind in CHARGE_KINDS]
+                or row.state != ActionState.DEAD.value
+                or row.unanswered_since is None
+            ):
+                message = (
+                    f"action {action_id} of order {order_id} is not a charge waiting for an answer from its connector"
+                )
+            elif not ask.reason.strip():
+                message = "say how you know (who at the connector answered, or its reference for the payment)"
+            if message is not None:
+                self._audit(conn, agent, order_id, ask, detail, "refused", now, message=message)
+                return ActionResult("refused", message, state=order)
+            audit_id = self._audit(conn, agent, order_id, ask, detail, "requested", now)
+        try:
+            state = self.executor.resolve_charge(action_id, charged)
+        except ChargeResolutionError as exc:
+            message = f"the charge changed meanwhile: {exc}"
+            self._settle(audit_id, "failed", message)
+            return ActionResult("failed", message)
+        message = f"Recorded: the connector says {verdict}; the order is {state}"
+        self._settle(audit_id, "done", message)
+        log.warning(
+            "agent answered for a charge",
+            extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name, "action": verdict},
         )
         return ActionResult("done", message, state=state)
 

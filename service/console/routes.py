@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from service.api.deps import Runtime, RuntimeDep
-from service.console.actions import ActionRequest, AgentDesk, UnknownOrderError
+from service.console.actions import ActionRequest, ActionResult, AgentDesk, UnknownOrderError
 from service.console.auth import LoginLimiter, Session, SessionStore, Signer, authenticate, csrf_matches
 from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
 from service.console.settings import ConsoleSettings
@@ -190,6 +190,20 @@ def _to_login(request: Request) -> Response:
 
 def _csrf_ok(session: Session, request: Request, form: Mapping[str, str]) -> bool:
     return csrf_matches(session.csrf_token, form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER))
+
+
+async def _signed_post(
+    request: Request, console: ConsoleRuntime, executor: ExecutorRuntime
+) -> tuple[Session, dict[str, str]] | Response:
+    """The session and form of a POST, or the answer to give instead: the sign-in page without a session, 403
+    without the session's CSRF token."""
+    session = await _session(request, console, executor)
+    if session is None:
+        return _to_login(request)
+    form = await _form(request)
+    if not _csrf_ok(session, request, form):
+        return _forbidden()
+    return session, form
 
 
 def _forbidden() -> HTMLResponse:
@@ -381,12 +395,10 @@ async def order_action(
     order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
 ) -> Response:
     """Carry out an agent's action through the executor (refused with the rule's name when a hard rule forbids it)."""
-    session = await _session(request, console, executor)
-    if session is None:
-        return _to_login(request)
-    form = await _form(request)
-    if not _csrf_ok(session, request, form):
-        return _forbidden()
+    signed = await _signed_post(request, console, executor)
+    if isinstance(signed, Response):
+        return signed
+    session, form = signed
     alternative = form.get("alternative", "")
     ask = ActionRequest(
         action=form.get("action", ""),
@@ -399,6 +411,19 @@ async def order_action(
         result = await run_in_threadpool(desk.perform, session.agent, order_id, ask)
     except UnknownOrderError:
         return _not_found(session, runtime, order_id)
+    return await _order_result(console, executor, runtime, session, order_id, request, result)
+
+
+async def _order_result(
+    console: ConsoleRuntime,
+    executor: ExecutorRuntime,
+    runtime: Runtime,
+    session: Session,
+    order_id: str,
+    request: Request,
+    result: ActionResult,
+) -> Response:
+    """The order page again, with how the agent's action went."""
     context = await _order_context(console, executor, runtime, session, order_id)
     if context is None:  # pragma: no cover - the order existed a moment ago and orders are never deleted
         return _not_found(session, runtime, order_id)
@@ -408,6 +433,35 @@ async def order_action(
         # htmx swaps 2xx answers only: a refusal is still shown, with its reason, in the same place.
         return _page("order_body.html", **context)
     return _page("order.html", status_code=status_code, **context)
+
+
+@router.post("/orders/{order_id}/charges/{action_id}", response_class=HTMLResponse)
+async def charge_answer(
+    order_id: str, action_id: int, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
+) -> Response:
+    """Record what the connector says about a charge of the order that was sent and never answered
+    (form: ``answer`` ``charged`` or ``not_charged``, and ``reason``, how the agent knows)."""
+    signed = await _signed_post(request, console, executor)
+    if isinstance(signed, Response):
+        return signed
+    session, form = signed
+    answer = form.get("answer", "")
+    desk = AgentDesk(executor.executor, runtime.catalog, clock=console.clock)
+    if answer not in ("charged", "not_charged"):
+        result = ActionResult("refused", f"unknown answer {answer!r}: use charged or not_charged")
+    else:
+        try:
+            result = await run_in_threadpool(
+                desk.resolve_charge,
+                session.agent,
+                order_id,
+                action_id,
+                answer == "charged",
+                form.get("reason", "")[:1000],
+            )
+        except UnknownOrderError:
+            return _not_found(session, runtime, order_id)
+    return await _order_result(console, executor, runtime, session, order_id, request, result)
 
 
 @router.get("/performance", response_class=HTMLResponse)

@@ -46,7 +46,8 @@ audit_log = sa.Table(
     sa.Column("order_id", sa.String(256), nullable=False),
     sa.Column("agent_id", BigId, nullable=False),
     sa.Column("agent_name", sa.String(128), nullable=False),
-    sa.Column("action", sa.String(32), nullable=False),  # send_link | approve | retry | stop | override
+    # send_link | approve | retry | stop | override | resolve_charge
+    sa.Column("action", sa.String(32), nullable=False),
     sa.Column("detail", sa.Text, nullable=False),  # what was asked, in words
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("result", sa.String(16), nullable=False),  # requested | done | refused | failed

@@ -21,8 +21,18 @@ from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
+from service.executor.core import CHARGE_KINDS
 from service.executor.schemas import OrderOut
-from service.executor.store import OPEN_ORDER_STATES, OrderState, agent_queue, as_utc, orders, transactions
+from service.executor.store import (
+    OPEN_ORDER_STATES,
+    ActionState,
+    OrderState,
+    actions,
+    agent_queue,
+    as_utc,
+    orders,
+    transactions,
+)
 from service.executor.views import order_view
 
 _SYMBOLS = {"INR": "₹", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "AUD": "A$", "CAD": "C$", "SGD": "S$"}
@@ -149,6 +159,8 @@ class QueueRow:
     nudges: int
     error_class: str
     decision: Decision | None
+    # A charge of the order was sent and never answered: it waits for someone to ask the connector.
+    charge_unknown: bool = False
 
     @property
     def p_success(self) -> float | None:
@@ -170,6 +182,7 @@ class Queue:
     total_open: int
     error_classes: list[str]
     awaiting: int
+    charges_unknown: int = 0
 
 
 def _latest_decisions(conn: sa.Connection, merchant_id: str, order_ids: Sequence[str]) -> dict[str, Decision]:
@@ -184,6 +197,17 @@ def _latest_decisions(conn: sa.Connection, merchant_id: str, order_ids: Sequence
             if order_id not in found or when >= found[order_id][0]:
                 found[order_id] = (when, Decision.model_validate_json(answer))
     return {order_id: decision for order_id, (_, decision) in found.items()}
+
+
+def _unanswered_charges(merchant_id: str, order_id: str | None = None) -> sa.Select[Any]:
+    """The merchant's (or one order's) dead-lettered charges that were sent and never answered."""
+    query = sa.select(actions).where(
+        actions.c.merchant_id == merchant_id,
+        actions.c.state == ActionState.DEAD.value,
+        actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+        actions.c.unanswered_since.is_not(None),
+    )
+    return query if order_id is None else query.where(actions.c.order_id == order_id)
 
 
 def _pending_decisions(conn: sa.Connection, merchant_id: str) -> dict[str, Decision]:
@@ -222,6 +246,7 @@ def load_queue(
         latest = _latest_decisions(
             conn, merchant_id, [row["order_id"] for row in rows if row["order_id"] not in pending]
         )
+        unknown = {row.order_id for row in conn.execute(_unanswered_charges(merchant_id))}
     everything: list[QueueRow] = []
     for row in rows:
         payment = orjson.loads(row["request_json"]).get("payment") or {}
@@ -236,6 +261,7 @@ def load_queue(
                 nudges=int(row["nudge_count"]),
                 error_class=error_class_of(catalog, orjson.loads(row["failure_json"]), payment),
                 decision=pending.get(row["order_id"]) or latest.get(row["order_id"]),
+                charge_unknown=row["order_id"] in unknown,
             )
         )
     classes = sorted({row.error_class for row in everything})
@@ -256,11 +282,17 @@ def load_queue(
 
     shown.sort(key=lambda row: row.order_id)
     shown.sort(key=value, reverse=chosen.descending)
-    # The work queue comes first whatever the sort: orders an agent must decide on, then the ones winback runs.
-    shown.sort(key=lambda row: row.state != OrderState.AWAITING_AGENT)
+    # The work queue comes first whatever the sort: orders whose charge someone must ask the connector about
+    # (nothing else happens to them until then), orders an agent must decide on, then the ones winback runs.
+    shown.sort(key=lambda row: (not row.charge_unknown, row.state != OrderState.AWAITING_AGENT))
     awaiting = sum(1 for row in everything if row.state == OrderState.AWAITING_AGENT)
     return Queue(
-        rows=shown[:limit], matched=len(shown), total_open=len(everything), error_classes=classes, awaiting=awaiting
+        rows=shown[:limit],
+        matched=len(shown),
+        total_open=len(everything),
+        error_classes=classes,
+        awaiting=awaiting,
+        charges_unknown=sum(1 for row in everything if row.charge_unknown),
     )
 
 
@@ -295,6 +327,19 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class UnansweredCharge:
+    """A charge sent to its connector whose answer never came back: whether it took the money is unknown, and
+    the order is neither charged again, nudged nor closed until someone records what the connector says."""
+
+    action_id: int
+    kind: str  # retry | link_payment
+    connector: str
+    payment_id: str  # what the connector knows the charge by: <order_id>_<attempt number>
+    sent_at: datetime
+    last_error: str | None
+
+
+@dataclass(frozen=True)
 class OrderPage:
     """Everything the order page shows."""
 
@@ -307,6 +352,7 @@ class OrderPage:
     timeline: list[TimelineEvent]
     audit: list[AuditEntry]
     scheduled: list[dict[str, Any]]
+    unanswered: list[UnansweredCharge] = field(default_factory=list)
 
     @property
     def reachable(self) -> list[str]:
@@ -392,6 +438,18 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
             .order_by(agent_queue.c.item_id.desc())
             .limit(1)
         )
+        unanswered = [
+            UnansweredCharge(
+                action_id=int(row.action_id),
+                kind=str(row.kind),
+                connector=str(payload.get("connector") or "unknown"),
+                payment_id=f"{order_id}_{payload.get('attempt_number')}",
+                sent_at=as_utc(row.unanswered_since),
+                last_error=row.last_error,
+            )
+            for row in conn.execute(_unanswered_charges(merchant_id, order_id).order_by(actions.c.action_id))
+            for payload in [orjson.loads(row.payload_json or "{}")]
+        ]
         errors = {
             row.txn_id: row
             for row in conn.execute(
@@ -506,6 +564,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         timeline=events,
         audit=audit,
         scheduled=scheduled,
+        unanswered=unanswered,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import make_request, write_console_config
+from tests.factories import insert_lost_charge, make_request, write_console_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -143,8 +143,9 @@ def seed(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The real API app with the console, on a free port, with two agents and seeded orders."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The real API app with the console, on a free port, with two agents and seeded orders: its URL and its
+    database's."""
     _require_browser()
     from service.console.admin import create_agent
 
@@ -194,7 +195,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 raise AssertionError(f"server did not start:\n{log.read().decode(errors='replace')[-3000:]}")
             time.sleep(0.1)
         seed(url)
-        yield url
+        yield url, database
     finally:
         process.terminate()
         try:
@@ -202,6 +203,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:  # pragma: no cover - only if uvicorn hangs on shutdown
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[str, str]) -> str:
+    """The served app's URL."""
+    return served[0]
 
 
 @pytest.fixture
@@ -315,3 +322,43 @@ def test_wrong_password_is_refused_and_sign_out_ends_the_session(browser_page: A
     page.wait_for_url("**/console/login")
     page.goto("/console/queue")
     page.wait_for_url("**/console/login?next=/console/queue")
+
+
+def test_agent_answers_for_a_charge_that_was_never_answered(
+    browser_page: Any, served: tuple[str, str], tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+
+    url, database = served
+    page = browser_page
+    body = _event("m_a", "ord_lost_e2e", 0.5)
+    answer = httpx.post(
+        f"{url}/v1/events/payment-failed", json=body, headers={"Authorization": "Bearer wb_demo_m_a"}, timeout=20
+    )
+    assert answer.status_code == 202, answer.text
+    engine = sa.create_engine(database)
+    try:
+        insert_lost_charge(engine, "m_a", "ord_lost_e2e", datetime.now(UTC) - timedelta(hours=2))
+    finally:
+        engine.dispose()
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    first = page.get_by_test_id("queue-table").locator("tbody tr[data-order]").first
+    assert first.get_attribute("data-order") == "ord_lost_e2e"
+    assert first.get_by_test_id("charge-unknown").is_visible()
+    first.locator("a.order-link").click()
+    page.wait_for_url("**/console/orders/ord_lost_e2e")
+    card = page.get_by_test_id("unanswered-charge")
+    assert "ord_lost_e2e_2" in card.inner_text()
+    _shot(page, tmp_path, "charge-unknown")
+    page.get_by_test_id("charge-charged").click()  # no reason given: the browser does not send it
+    assert page.get_by_test_id("result").count() == 0
+    page.get_by_test_id("charge-reason-charged").fill("adyen support, psp ref 8816")
+    page.get_by_test_id("charge-charged").click()
+    result = page.get_by_test_id("result")
+    result.wait_for()
+    assert "the connector says charged; the order is SUCCEEDED" in result.inner_text()
+    assert page.get_by_test_id("order-state").inner_text() == "Recovered"
+    assert page.get_by_test_id("unanswered-charge").count() == 0
+    assert "adyen support, psp ref 8816" in page.get_by_test_id("audit").inner_text()
+    _shot(page, tmp_path, "charge-answered")

@@ -24,8 +24,8 @@ from service.console.auth import AgentError, LoginLimiter, add_agent, hash_passw
 from service.console.routes import ConsoleRuntime, build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.console.store import agents, audit_log
-from service.executor.store import actions, agent_queue, orders
-from tests.factories import make_request, write_console_config
+from service.executor.store import actions, agent_queue, as_utc, orders, transactions
+from tests.factories import insert_lost_charge, make_request, write_console_config
 from tests.unit.test_api import Api, settings_for
 
 PASSWORD = "correct horse battery"
@@ -420,6 +420,123 @@ def test_stop_closes_the_order_and_autonomous_orders_are_read_only(console: Cons
             sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason).order_by(audit_log.c.audit_id)
         ).all()
     assert [tuple(e) for e in entries] == [("stop", "done", "customer asked"), ("approve", "refused", None)]
+
+
+# ------------------------------------------------------------------------------------ charges never answered
+
+
+def test_a_charge_never_answered_is_shown_first_and_answered_for_with_a_reason(console: Console) -> None:
+    console.fail_order("m_a", "ord_calm")
+    console.fail_order("m_a", "ord_lost")
+    console.fail_order("m_a", "ord_other")
+    sent_at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3)
+    lost = insert_lost_charge(console.engine, "m_a", "ord_lost", sent_at)
+    console.sign_in("asha@m_a")
+
+    queue = console.get("/console/queue?sort=age&desc=0").text
+    assert next(row[0] for row in _rows(queue)) == "ord_lost"  # first, whatever the sort
+    assert queue.count('data-testid="charge-unknown"') == 1
+    page = console.get("/console/orders/ord_lost").text
+    assert "The customer may have been charged" in page
+    assert "<code>ord_lost_2</code>" in page
+    assert "<strong>adyen</strong>" in page
+    assert "the payment may have been charged" in page  # the last error, as the executor wrote it
+    assert 'data-testid="unanswered-charge"' not in console.get("/console/orders/ord_calm").text
+
+    assert 'data-testid="actions-held"' in page
+    assert 'data-testid="approve"' not in page
+    csrf = console.csrf()
+    held = console.post("/console/orders/ord_lost/actions", {"action": "approve", "csrf_token": csrf})
+    assert held.status_code == 409  # the queued retry would charge on top of a charge that may have been taken
+    assert "was sent and never answered: record what its connector says first" in held.text
+    unexplained = console.post(f"/console/orders/ord_lost/charges/{lost}", {"answer": "charged", "csrf_token": csrf})
+    assert unexplained.status_code == 409
+    assert "say how you know" in unexplained.text
+    elsewhere = console.post(
+        f"/console/orders/ord_other/charges/{lost}",
+        {"answer": "charged", "reason": "adyen support", "csrf_token": csrf},
+    )
+    assert elsewhere.status_code == 409  # the action is not a charge of that order
+    assert "is not a charge waiting for an answer from its connector" in elsewhere.text
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == lost)) is not None
+
+    answered = console.post(
+        f"/console/orders/ord_lost/charges/{lost}",
+        {"answer": "charged", "reason": "adyen support: psp ref 8816 settled", "csrf_token": csrf},
+        headers={"HX-Request": "true"},
+    )
+    assert answered.status_code == 200, answered.text
+    assert "Recorded: the connector says charged; the order is SUCCEEDED" in answered.text
+    assert 'data-testid="unanswered-charge"' not in answered.text
+    again = console.post(
+        f"/console/orders/ord_lost/charges/{lost}",
+        {"answer": "not_charged", "reason": "changed my mind", "csrf_token": csrf},
+    )
+    assert again.status_code == 409  # answered once: the answer stands
+    with console.engine.connect() as conn:
+        state = conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_lost"))
+        paid = conn.execute(
+            sa.select(transactions.c.status, transactions.c.processor_payment_id, transactions.c.created_at).where(
+                transactions.c.order_id == "ord_lost", transactions.c.status == "success"
+            )
+        ).one()
+        audit = conn.execute(
+            sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason, audit_log.c.detail)
+            .where(audit_log.c.order_id == "ord_lost")
+            .order_by(audit_log.c.audit_id)
+        ).all()
+    assert state == "SUCCEEDED"
+    assert paid.processor_payment_id == "ord_lost_2"
+    assert as_utc(paid.created_at) == sent_at  # dated when it was charged, not when it was answered for
+    assert [(a.action, a.result) for a in audit] == [
+        ("approve", "refused"),
+        ("resolve_charge", "refused"),
+        ("resolve_charge", "done"),
+        ("resolve_charge", "refused"),
+    ]
+    assert audit[2].reason == "adyen support: psp ref 8816 settled"
+    assert "charge ord_lost_2 via adyen" in audit[2].detail
+
+
+def test_a_charge_answered_not_taken_lets_the_order_be_decided_again(console: Console) -> None:
+    console.fail_order("m_a", "ord_lost")
+    lost = insert_lost_charge(console.engine, "m_a", "ord_lost", datetime.now(UTC) - timedelta(hours=1))
+    with console.engine.begin() as conn:  # the order waited for the answer instead of for an agent
+        conn.execute(agent_queue.update().where(agent_queue.c.order_id == "ord_lost").values(state="superseded"))
+        conn.execute(orders.update().where(orders.c.order_id == "ord_lost").values(state="PENDING"))
+    console.sign_in("asha@m_a")
+    answered = console.post(
+        f"/console/orders/ord_lost/charges/{lost}",
+        {"answer": "not_charged", "reason": "adyen: no payment under that id", "csrf_token": console.csrf()},
+    )
+    assert answered.status_code == 200, answered.text
+    assert "the connector says not charged" in answered.text
+    with console.engine.connect() as conn:
+        state = conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_lost"))
+        pending = conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(agent_queue)
+            .where(agent_queue.c.order_id == "ord_lost", agent_queue.c.state == "pending")
+        )
+    assert state == "AWAITING_AGENT"
+    assert pending == 1
+
+
+def test_another_merchants_agent_cannot_answer_for_a_charge(console: Console) -> None:
+    console.fail_order("m_a", "ord_lost")
+    lost = insert_lost_charge(console.engine, "m_a", "ord_lost", datetime.now(UTC) - timedelta(hours=1))
+    console.sign_in("bo@m_b")
+    answer = console.post(
+        f"/console/orders/ord_lost/charges/{lost}",
+        {"answer": "charged", "reason": "trust me", "csrf_token": console.csrf()},
+    )
+    assert answer.status_code == 404
+    no_csrf = console.post(f"/console/orders/ord_lost/charges/{lost}", {"answer": "charged", "reason": "x"})
+    assert no_csrf.status_code == 403
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == lost)) is not None
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_lost")) == "AWAITING_AGENT"
 
 
 # ------------------------------------------------------------------------------------------------ performance

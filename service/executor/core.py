@@ -1263,9 +1263,19 @@ class Executor:
         return None if until is None else as_utc(until)
 
     def charge_ahead_of(self, conn: sa.Connection, order: RowMapping, action: ActionRow) -> datetime | None:
-        """When to look again, for a retry's first send, at another charge of the order that goes first: one sent
-        and not answered, a link payment claimed now, or an older retry claimed now. A newer claimed retry waits
-        for this one in turn (two first sends never wait for each other). None when nothing goes first."""
+        """When to look again, for a charge's first send, at another charge of the order that goes first: one
+        sent and not answered; for a retry also a link payment claimed now, or an older retry claimed now. A newer
+        claimed retry waits for this one in turn, and a claimed retry waits for a claimed link payment, so two
+        first sends never wait for each other. None when nothing goes first."""
+        goes_first: sa.ColumnElement[bool] = actions.c.unanswered_since.is_not(None)
+        if action.kind == ActionKind.RETRY:
+            goes_first = sa.or_(
+                goes_first,
+                sa.and_(
+                    actions.c.state == ActionState.CLAIMED.value,
+                    sa.or_(actions.c.kind == ActionKind.LINK_PAYMENT.value, actions.c.action_id < action.action_id),
+                ),
+            )
         until = conn.scalar(
             sa.select(sa.func.min(actions.c.due_at)).where(
                 actions.c.merchant_id == order["merchant_id"],
@@ -1273,13 +1283,7 @@ class Executor:
                 actions.c.action_id != action.action_id,
                 actions.c.state.in_(OPEN_ACTION_STATES),
                 actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-                sa.or_(
-                    actions.c.unanswered_since.is_not(None),
-                    sa.and_(
-                        actions.c.state == ActionState.CLAIMED.value,
-                        sa.or_(actions.c.kind == ActionKind.LINK_PAYMENT.value, actions.c.action_id < action.action_id),
-                    ),
-                ),
+                goes_first,
             )
         )
         return None if until is None else as_utc(until)

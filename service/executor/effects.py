@@ -217,21 +217,21 @@ class Effects:
                         f"{action.order_id}_{action.payload.get('attempt_number')}; a refund may be needed"
                     )
                 return Skip(f"order is {order['state']}")
-            if not resend and action.kind == ActionKind.RETRY:
+            if not resend:
                 unknown = self.executor.unknown_charge(conn, order)
                 if unknown is not None:
                     return Permanent(
                         f"charge action {unknown} of the order was sent and never answered: no new charge goes on "
                         "top of it until an operator has asked its connector"
                     )
-                # One charge at a time per order: wait for one that goes first (a link being paid, an earlier
-                # retry whose answer was lost, an older retry claimed now).
+                # One charge at a time per order: wait for one that goes first (a charge sent and not answered; for
+                # a retry also a link being paid, or an older retry claimed now). A link payment's first send was
+                # checked when the customer clicked; this is for one sent again later by a worker.
                 busy_until = self.executor.charge_ahead_of(conn, order, action)
                 if busy_until is not None:
                     return Defer(
                         max(busy_until, now + RECHECK), "another charge of the order may be with its connector"
                     )
-            if not resend:
                 self.executor.mark_sent(conn, action, now)
         try:
             connector = self.connector(action.merchant_id, str(action.payload["connector"]))
@@ -265,11 +265,15 @@ class Effects:
                 self.executor.unmark_sent(action)
             return Defer(now + CIRCUIT_WAIT, str(exc))
         except UnreachedError as exc:
-            # No try reached the switch (no connection, 429): a try is counted, but it is not a charge that may
-            # be out, so a connector outage does not leave charges for an operator to answer for.
+            # No try reached the switch (no connection, 429): it is not a charge that may be out, so a connector
+            # outage does not leave charges for an operator to answer for.
             if not resend:
                 self.executor.unmark_sent(action)
-            return Transient(str(exc))
+                if action.kind == ActionKind.LINK_PAYMENT:
+                    # As for an open circuit: the customer on the page is told to try again shortly and keeps the
+                    # link (the payment is withdrawn), rather than "processing" with a charge that is not out.
+                    return Defer(now + CIRCUIT_WAIT, str(exc))
+            return Transient(str(exc))  # a retry counts the try
         except TransientError as exc:
             return Transient(str(exc))
         except RefusedError as exc:

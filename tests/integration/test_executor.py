@@ -1632,6 +1632,83 @@ def test_a_charge_that_never_reached_its_connector_does_not_wait_for_an_operator
     assert webhook_events(h) == ["order.succeeded"]
 
 
+class OutageThenLostAnswer(Switch):
+    """While ``down`` no connection can be made. Once up, a retry's first send (its three tries) is charged and
+    its answer lost (ReadTimeout); everything else is answered normally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        key = request.headers["Idempotency-Key"]
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.outage = ":retry:" in key and self.calls[key] <= 3
+        return super().__call__(request)
+
+
+def test_a_link_payment_that_never_reached_the_switch_is_withdrawn_not_left_beside_a_retry(
+    make_harness: Any,
+) -> None:
+    """(Review of the unreached-send change.) The customer pays by link while the connector cannot be reached.
+    Nothing was sent, so the link payment is not a charge that may be out: had it stayed scheduled as 'processing',
+    the due retry would go first (charged, answer lost) and the link payment then charge on top of it. Like an
+    open circuit: the payment is withdrawn, the customer is told to try again, and the link still works."""
+    switch = OutageThenLostAnswer()
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=http_connector(switch, CircuitBreaker("adyen", threshold=100)),
+    )
+    token = _link_and_due_retry(h)
+    code = _pay(runtime(h), token)[0]
+    assert code == 503
+    assert action_rows(h, "link_payment") == []
+    switch.down = False
+    for _ in range(6):
+        h.drain()
+        h.clock.advance(minutes=5)
+    taken = [key for key, status in switch.charged.items() if status == "succeeded"]
+    assert len(taken) == 1, taken
+    with pytest.raises(LinkError) as busy:  # the link works again, but not while the retry's answer is unknown
+        _pay(runtime(h), token)
+    assert busy.value.status_code == 409
+
+
+def test_a_link_payment_sent_later_by_a_worker_waits_for_a_charge_whose_answer_was_lost(make_harness: Any) -> None:
+    """A link payment whose first send is left to a worker (its claim released unsent) is checked like a retry's
+    first send: it does not go out while another charge of the order was sent and not answered."""
+    switch = Switch()
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=http_connector(switch, CircuitBreaker("adyen", threshold=100)),
+    )
+    token = _link_and_due_retry(h)
+    started = h.executor.start_link_payment(token, 30, "api", "claim-link")
+    with h.executor.engine.begin() as conn:  # released unsent, e.g. after an open circuit whose withdrawal lost
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == started.action.action_id)
+            .values(state="scheduled", claim_token=None, due_at=h.clock() + timedelta(minutes=1))
+        )
+    switch.outage = True
+    h.worker.run_once()  # the due retry: charged, its answer lost
+    retry = action_rows(h, "retry")[0]
+    assert retry.unanswered_since is not None
+    h.clock.advance(minutes=1)
+    h.worker.run_once()  # the link payment is due
+    assert len(switch.charged) == 1, switch.ids
+    switch.outage = False
+    for _ in range(6):
+        h.clock.advance(minutes=5)
+        h.drain()
+    assert list(switch.charged.values()) == ["succeeded"], switch.ids
+
+
 def test_cli_resolve_charge_names_a_merchant_missing_from_the_config_in_one_line(
     make_harness: Any, tmp_path: Path
 ) -> None:

@@ -35,7 +35,7 @@ from service.executor.core import (
     Executor,
     OrderNotFoundError,
 )
-from service.executor.store import ActionState, OrderState, actions, agent_queue, orders
+from service.executor.store import OPEN_ORDER_STATES, ActionState, OrderState, actions, agent_queue, orders
 
 log = logging.getLogger("winback.console")
 
@@ -334,16 +334,18 @@ class AgentDesk:
             )
             if order is None:
                 raise UnknownOrderError(f"order {order_id!r} is not known")
+            in_range = 0 < action_id < 2**63  # a larger id is no action (and no database takes it)
             row = conn.execute(
                 sa.select(actions.c.kind, actions.c.payload_json, actions.c.state, actions.c.unanswered_since).where(
-                    actions.c.action_id == action_id,
+                    actions.c.action_id == (action_id if in_range else 0),
                     actions.c.merchant_id == agent.merchant_id,
                     actions.c.order_id == order_id,
                 )
             ).first()
             payload = orjson.loads(row.payload_json or "{}") if row is not None else {}
+            connector = payload.get("connector") or "its connector"
             detail = (
-                f"charge {order_id}_{payload.get('attempt_number')} via {payload.get('connector') or 'unknown'} "
+                f"charge {order_id}_{payload.get('attempt_number')} via {connector} "
                 f"(action {action_id}): the connector says {verdict}"
             )
             message = None
@@ -369,6 +371,8 @@ class AgentDesk:
             self._settle(audit_id, "failed", message)
             return ActionResult("failed", message)
         message = f"Recorded: the connector says {verdict}; the order is {state}"
+        if charged and order not in OPEN_ORDER_STATES:
+            message += f" and was already before: the customer paid twice, refund this payment with {connector}"
         self._settle(audit_id, "done", message)
         log.warning(
             "agent answered for a charge",

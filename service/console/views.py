@@ -222,11 +222,14 @@ def _pending_decisions(conn: sa.Connection, merchant_id: str) -> dict[str, Decis
 def load_queue(
     engine: Engine, catalog: ErrorCatalog, merchant_id: str, chosen: QueueFilter, now: datetime, limit: int = 200
 ) -> Queue:
-    """The merchant's open orders: AWAITING_AGENT first, then PENDING; filtered and sorted as ``chosen`` says.
+    """The merchant's open orders, and settled ones with a charge never answered (the customer may have paid
+    twice): those with such a charge first, then AWAITING_AGENT, then PENDING; filtered and sorted as ``chosen``
+    says.
 
     The recommendation is the decision waiting for an agent (assisted mode), else the order's latest decision.
     """
     with engine.connect() as conn:
+        unknown = {row.order_id for row in conn.execute(_unanswered_charges(merchant_id))}
         rows = list(
             conn.execute(
                 sa.select(
@@ -239,14 +242,16 @@ def load_queue(
                     orders.c.nudge_count,
                     orders.c.failure_json,
                     orders.c.request_json,
-                ).where(orders.c.merchant_id == merchant_id, orders.c.state.in_(OPEN_ORDER_STATES))
+                ).where(
+                    orders.c.merchant_id == merchant_id,
+                    sa.or_(orders.c.state.in_(OPEN_ORDER_STATES), orders.c.order_id.in_(sorted(unknown))),
+                )
             ).mappings()
         )
         pending = _pending_decisions(conn, merchant_id)
         latest = _latest_decisions(
             conn, merchant_id, [row["order_id"] for row in rows if row["order_id"] not in pending]
         )
-        unknown = {row.order_id for row in conn.execute(_unanswered_charges(merchant_id))}
     everything: list[QueueRow] = []
     for row in rows:
         payment = orjson.loads(row["request_json"]).get("payment") or {}
@@ -289,7 +294,7 @@ def load_queue(
     return Queue(
         rows=shown[:limit],
         matched=len(shown),
-        total_open=len(everything),
+        total_open=sum(1 for row in everything if row.state in OPEN_ORDER_STATES),
         error_classes=classes,
         awaiting=awaiting,
         charges_unknown=sum(1 for row in everything if row.charge_unknown),

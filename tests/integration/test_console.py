@@ -539,6 +539,53 @@ def test_another_merchants_agent_cannot_answer_for_a_charge(console: Console) ->
         assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_lost")) == "AWAITING_AGENT"
 
 
+def test_a_settled_order_whose_charge_was_never_answered_is_listed_for_a_refund_check(console: Console) -> None:
+    """(Review.) The merchant reports an order paid while winback's charge of it is unknown: the customer may
+    have paid twice. The queue lists it (open orders alone would hide the one case that needs a refund), the
+    page says so, and a 'charged' answer says to refund."""
+    console.fail_order("m_a", "ord_paid")
+    lost = insert_lost_charge(console.engine, "m_a", "ord_paid", datetime.now(UTC) - timedelta(hours=2))
+    paid = console.api.post(
+        "/v1/events/payment-succeeded",
+        {
+            "order_id": "ord_paid",
+            "txn_id": "txn_merchant",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "idempotency_key": "evt_paid",
+        },
+        key="wb_demo_m_a",
+    )
+    assert paid.status_code == 202, paid.text
+    console.sign_in("asha@m_a")
+    queue = console.get("/console/queue").text
+    assert [row[:2] for row in _rows(queue)] == [("ord_paid", "SUCCEEDED")]
+    assert "Recovered" in queue
+    assert 'data-testid="charge-unknown"' in queue
+    assert "0 open in all" in queue
+    page = console.get("/console/orders/ord_paid").text
+    assert "the customer may have paid twice and needs a refund" in page
+    answered = console.post(
+        f"/console/orders/ord_paid/charges/{lost}",
+        {"answer": "charged", "reason": "adyen: captured", "csrf_token": console.csrf()},
+    )
+    assert answered.status_code == 200, answered.text
+    assert "the customer paid twice, refund this payment with adyen" in answered.text
+    assert "ord_paid" not in [row[0] for row in _rows(console.get("/console/queue").text)]
+
+
+def test_an_action_id_beyond_64_bits_is_refused_not_a_server_error(console: Console) -> None:
+    """(Review.) An id no database column can hold is no action of the order: refused and audited, not a 500."""
+    console.fail_order("m_a", "ord_lost")
+    console.sign_in("asha@m_a")
+    answer = console.post(
+        f"/console/orders/ord_lost/charges/{2**64}",
+        {"answer": "charged", "reason": "adyen support", "csrf_token": console.csrf()},
+    )
+    assert answer.status_code == 409
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(audit_log.c.result).where(audit_log.c.order_id == "ord_lost")) == "refused"
+
+
 # ------------------------------------------------------------------------------------------------ performance
 
 

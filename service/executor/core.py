@@ -996,8 +996,9 @@ class Executor:
     def _record_settled_meanwhile(
         self, conn: sa.Connection, action: ActionRow, outcome: Outcome, now: datetime
     ) -> bool:
-        """Record a message that went out while its order was settled; False when the action was not cancelled
-        that way (another worker's claim holds it and records the same answer).
+        """Record a message that went out while its order was settled (a follow-up or close has nothing to
+        record); False when the action was not cancelled that way (another worker's claim holds it and records the
+        same answer).
 
         Settling an order (paid elsewhere, failed, an agent's reject) cancels its open actions, claimed nudges
         too (charges that may be with a connector are left to finish: ``_cancel_open``), but the message may
@@ -1005,6 +1006,10 @@ class Executor:
         nothing is scheduled for the settled order.
         """
         state = conn.scalar(sa.select(actions.c.state).where(actions.c.action_id == action.action_id))
+        if state == ActionState.CANCELLED.value and isinstance(outcome, NoEffect):
+            # A follow-up or close of an order settled meanwhile: nothing happened outside, nothing to record.
+            log.debug("%s action %s ran while its order was settled", action.kind, action.action_id)
+            return True
         if state != ActionState.CANCELLED.value or not isinstance(outcome, Sent | NotSent):
             return False
         log.warning(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -690,6 +691,28 @@ def test_a_message_sent_while_the_order_was_settled_elsewhere_is_recorded_once(m
     assert len(h.outbox) == 1
     assert not [a for a in view.actions if a.kind == "follow_up"]  # nothing more for a settled order
     assert view.state == "SUCCEEDED"
+
+
+def test_a_follow_up_that_ran_while_its_order_was_settled_is_dropped_quietly(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settling cancels the order's claimed follow-ups and closes; the worker that ran one has nothing to record.
+    That is routine (a link paid between a claim and its recording), not a failed batch or a dropped outcome."""
+    h = make_harness({"action": "retarget", "channel": "sms"})
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    h.clock.advance(hours=24)
+    follow_up = _claim_due(h, "follow_up")
+    outcome = h.effects.perform(follow_up, _order_row(h))
+    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": START.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    with caplog.at_level(logging.WARNING, logger="winback"):
+        h.worker.record([(follow_up, outcome)])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    follow_ups = [a for a in h.view().actions if a.kind == "follow_up"]
+    assert [a.state for a in follow_ups] == ["cancelled"]
+    h.drain()
+    assert webhook_events(h) == ["order.succeeded"]
 
 
 # ---------------------------------------------------------------- charges racing settlement (review)

@@ -1315,6 +1315,18 @@ class Executor:
             .values(unanswered_since=now)
         )
 
+    def hold_claim(self, conn: sa.Connection, action: ActionRow, until: datetime) -> None:
+        """Keep ``action``'s claim at least until ``until`` (its lease ends then, not earlier)."""
+        conn.execute(
+            actions.update()
+            .where(
+                actions.c.action_id == action.action_id,
+                actions.c.claim_token == action.claim_token,
+                actions.c.due_at < until,
+            )
+            .values(due_at=until)
+        )
+
     def unmark_sent(self, action: ActionRow) -> None:
         """Take back ``mark_sent`` for a send that charged nothing (never sent, or refused outright), while the
         claim is still ``action``'s: another worker may have sent it since."""

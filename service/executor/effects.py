@@ -232,13 +232,16 @@ class Effects:
                     return Defer(
                         max(busy_until, now + RECHECK), "another charge of the order may be with its connector"
                     )
-                self.executor.mark_sent(conn, action, now)
-        try:
-            connector = self.connector(action.merchant_id, str(action.payload["connector"]))
-        except PermanentError as exc:
+            try:
+                connector = self.connector(action.merchant_id, str(action.payload["connector"]))
+            except PermanentError as exc:
+                return Permanent(str(exc))  # a first send is not marked yet; a re-send keeps its mark
             if not resend:
-                self.executor.unmark_sent(action)
-            return Permanent(str(exc))
+                self.executor.mark_sent(conn, action, now)
+            # The claim lasts as long as the send can: a worker taking it over mid-send would re-send it as one
+            # that may have charged, and the first worker could no longer take the mark back if nothing had.
+            longest = float(getattr(connector, "longest_call_seconds", 0.0))
+            self.executor.hold_claim(conn, action, now + timedelta(seconds=longest))
         context = None
         if getattr(connector, "wants_context", False):
             with self.executor.engine.connect() as conn:

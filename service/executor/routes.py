@@ -209,7 +209,8 @@ def _pay(runtime: ExecutorRuntime, token: str) -> tuple[int, str, str]:
         return 200, "Payment received", f"Thank you: order {action.order_id} is paid."
     if isinstance(outcome, Charged):
         return 402, "Payment declined", "Your payment did not go through. We will be in touch with another way to pay."
-    if isinstance(outcome, Transient):
+    if isinstance(outcome, Transient | Defer):
+        # A Defer that could not be withdrawn: the payment is a worker's now, which sends it again under its key.
         return 202, "Payment processing", "We are processing your payment and will confirm it shortly."
     return 502, "Payment not possible", "We could not process this payment. Please contact the merchant."
 

@@ -217,14 +217,6 @@ class HttpConnector:
         self.client = client or httpx.Client(timeout=httpx.Timeout(timeout_seconds))
         self.sleep = sleep
 
-    @property
-    def longest_call_seconds(self) -> float:
-        """The longest one ``charge`` can take: every try using up each of its timeouts (pool, connect, write,
-        read), with the longest backoff between tries. The executor holds a charge's claim at least this long."""
-        timeout = self.client.timeout
-        per_try = sum(phase or 0.0 for phase in (timeout.pool, timeout.connect, timeout.write, timeout.read))
-        return self.tries * per_try + (self.tries - 1) * self.backoff_cap
-
     def _headers(self, request: ChargeRequest) -> dict[str, str]:
         headers = {"Idempotency-Key": request.idempotency_key, "User-Agent": "winback-executor/1"}
         if self.api_key:

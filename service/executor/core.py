@@ -289,6 +289,15 @@ def _dump(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _still_claimed(action: ActionRow) -> sa.ColumnElement[bool]:
+    """``action``'s row while its claim (the one this worker holds) is still on it."""
+    return sa.and_(
+        actions.c.action_id == action.action_id,
+        actions.c.state == ActionState.CLAIMED.value,
+        actions.c.claim_token == action.claim_token,
+    )
+
+
 @dataclass
 class Executor:
     """The state machine over one database; shared by the HTTP routes and the workers."""
@@ -1041,15 +1050,7 @@ class Executor:
             values["due_at"] = due_at
         if refund:
             values["attempts"] = actions.c.attempts - 1
-        changed = conn.execute(
-            actions.update()
-            .where(
-                actions.c.action_id == action.action_id,
-                actions.c.state == ActionState.CLAIMED.value,
-                actions.c.claim_token == action.claim_token,
-            )
-            .values(**values)
-        ).rowcount
+        changed = conn.execute(actions.update().where(_still_claimed(action)).values(**values)).rowcount
         if changed != 1:
             raise StaleClaimError(f"action {action.action_id} ({action.kind}) is no longer held by this claim")
 
@@ -1315,31 +1316,23 @@ class Executor:
             .values(unanswered_since=now)
         )
 
-    def hold_claim(self, conn: sa.Connection, action: ActionRow, until: datetime) -> None:
-        """Keep ``action``'s claim at least until ``until`` (its lease ends then, not earlier)."""
-        conn.execute(
-            actions.update()
-            .where(
-                actions.c.action_id == action.action_id,
-                actions.c.claim_token == action.claim_token,
-                actions.c.due_at < until,
-            )
-            .values(due_at=until)
-        )
+    def renew_claim(self, action: ActionRow, lease: timedelta) -> bool:
+        """Extend ``action``'s claim to the clock plus ``lease`` (never shorten it); False when the claim is no
+        longer this one."""
+        until = self.clock() + lease
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                actions.update()
+                .where(_still_claimed(action))
+                .values(due_at=sa.case((actions.c.due_at < until, until), else_=actions.c.due_at))
+            ).rowcount
+        return held == 1
 
     def unmark_sent(self, action: ActionRow) -> None:
         """Take back ``mark_sent`` for a send that charged nothing (never sent, or refused outright), while the
         claim is still ``action``'s: another worker may have sent it since."""
         with self.engine.begin() as conn:
-            conn.execute(
-                actions.update()
-                .where(
-                    actions.c.action_id == action.action_id,
-                    actions.c.state == ActionState.CLAIMED.value,
-                    actions.c.claim_token == action.claim_token,
-                )
-                .values(unanswered_since=None)
-            )
+            conn.execute(actions.update().where(_still_claimed(action)).values(unanswered_since=None))
 
     def resolve_charge(self, action_id: int, charged: bool) -> str:
         """An operator's answer for a dead-lettered charge that was sent and never answered (the switch was asked
@@ -1408,12 +1401,7 @@ class Executor:
         claim is no longer ``action``'s or the charge was sent."""
         with self.engine.begin() as conn:
             removed = conn.execute(
-                actions.delete().where(
-                    actions.c.action_id == action.action_id,
-                    actions.c.state == ActionState.CLAIMED.value,
-                    actions.c.claim_token == action.claim_token,
-                    actions.c.unanswered_since.is_(None),
-                )
+                actions.delete().where(_still_claimed(action), actions.c.unanswered_since.is_(None))
             ).rowcount
             if removed != 1:
                 return False

@@ -6,10 +6,13 @@ the answer comes back as an ``Outcome`` that ``Executor.complete`` records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -51,11 +54,79 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
+from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
 #: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
 CIRCUIT_WAIT = timedelta(seconds=30)
+#: The shortest lease a charge's claim is renewed with (a claim found almost expired still gets this much).
+MIN_LEASE = timedelta(seconds=1)
+
+
+class ClaimKeeper:
+    """Renews the claims of the charges that are out, from one thread per process: each claim every third of its
+    lease (wall-clock time), each time to the executor's clock plus the lease, for as long as it is still this
+    worker's. A process that dies stops renewing, and its claims end one lease later, as any other."""
+
+    @dataclass
+    class _Kept:
+        action: ActionRow
+        lease: timedelta
+        next_at: float  # time.monotonic() of the next renewal
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self._changed = threading.Condition()
+        self._kept: dict[int, ClaimKeeper._Kept] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextlib.contextmanager
+    def keep(self, action: ActionRow, lease: timedelta) -> Iterator[None]:
+        """Renew ``action``'s claim while the block runs."""
+        kept = ClaimKeeper._Kept(action, lease, time.monotonic() + lease.total_seconds() / 3)
+        with self._changed:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._renew, name="claim-keeper", daemon=True)
+                self._thread.start()
+            self._kept[id(kept)] = kept
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._kept.pop(id(kept), None)
+
+    def close(self) -> None:
+        """Stop renewing (the claims still out end one lease later)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _renew(self) -> None:
+        while True:
+            with self._changed:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = [kept for kept in self._kept.values() if kept.next_at <= now]
+                for kept in due:
+                    kept.next_at = now + kept.lease.total_seconds() / 3
+                if not due:
+                    soonest = min((kept.next_at for kept in self._kept.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - now)
+                    continue
+            for kept in due:
+                try:
+                    if not self.executor.renew_claim(kept.action, kept.lease):
+                        with self._changed:  # no longer this worker's: its answer will be refused as stale
+                            self._kept.pop(id(kept), None)
+                except Exception:  # the database is away for a moment: try again at the next beat
+                    log.warning("could not renew the claim of charge action %s", kept.action.action_id, exc_info=True)
+
+
 log = logging.getLogger("winback.executor")
 
 T = TypeVar("T")
@@ -120,6 +191,7 @@ class Effects:
         webhook_client: httpx.Client | None = None,
     ) -> None:
         self.executor = executor
+        self.claims = ClaimKeeper(executor)
         self.connectors = connectors
         self.catalog = catalog
         self.public_base_url = public_base_url.rstrip("/")
@@ -150,7 +222,8 @@ class Effects:
         return found
 
     def close(self) -> None:
-        """Release HTTP clients and the event loop."""
+        """Release HTTP clients and the event loop, and stop renewing claims."""
+        self.claims.close()
         self.webhook_client.close()
         self.connectors.close()
         if self._http is not None:
@@ -195,7 +268,7 @@ class Effects:
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
             held = conn.execute(
-                sa.select(actions.c.claim_token, actions.c.unanswered_since).where(
+                sa.select(actions.c.claim_token, actions.c.unanswered_since, actions.c.due_at).where(
                     actions.c.action_id == action.action_id
                 )
             ).first()
@@ -238,10 +311,7 @@ class Effects:
                 return Permanent(str(exc))  # a first send is not marked yet; a re-send keeps its mark
             if not resend:
                 self.executor.mark_sent(conn, action, now)
-            # The claim lasts as long as the send can: a worker taking it over mid-send would re-send it as one
-            # that may have charged, and the first worker could no longer take the mark back if nothing had.
-            longest = float(getattr(connector, "longest_call_seconds", 0.0))
-            self.executor.hold_claim(conn, action, now + timedelta(seconds=longest))
+            lease = max(as_utc(held.due_at) - now, MIN_LEASE)
         context = None
         if getattr(connector, "wants_context", False):
             with self.executor.engine.connect() as conn:
@@ -261,7 +331,11 @@ class Effects:
             context=context,
         )
         try:
-            result = connector.charge(request)
+            # The claim is renewed while the send is out, however long it takes (a host name with many addresses,
+            # a slow handshake): a worker taking it over would re-send it as one that may have charged, and this
+            # one could no longer take its mark back if nothing had been.
+            with self.claims.keep(action, lease):
+                result = connector.charge(request)
         except CircuitOpenError as exc:
             # Nothing was sent: wait without counting a try, and it is not a charge that may be out.
             if not resend:

@@ -1764,36 +1764,6 @@ def test_a_customer_whose_link_payment_a_worker_took_over_is_told_it_is_processi
     assert code == 202
 
 
-def test_a_connector_outage_that_outlasts_the_lease_leaves_no_charge_for_an_operator(make_harness: Any) -> None:
-    """(Second review.) Three connect timeouts outlast a 30 s lease. The send holds its claim as long as it can
-    take (HttpConnector.longest_call_seconds), so no second worker re-sends it as one that may have charged, and
-    the first worker takes its mark back: nothing reached the switch, so nothing waits for an operator."""
-    from service.executor.worker import Worker
-
-    late: dict[str, Any] = {}
-    taken_over: list[int] = []
-
-    def black_holed(request: httpx.Request) -> httpx.Response:
-        late["h"].clock.advance(seconds=10.5)  # a connect timeout
-        taken_over.append(late["other"].run_once())
-        raise httpx.ConnectTimeout("timed out", request=request)
-
-    connector = http_connector(black_holed, CircuitBreaker("adyen", threshold=100))
-    h = make_harness(
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"}, connector=connector, max_attempts=3
-    )
-    late["h"], late["other"] = h, Worker(h.executor, h.effects, "w2")
-    h.executor.payment_failed("m_demo", event())
-    for _ in range(10):
-        h.drain()
-        h.clock.advance(minutes=10)
-    retry = action_rows(h, "retry")[0]
-    assert retry.state == "dead", retry.last_error
-    assert retry.unanswered_since is None, retry.last_error
-    assert not any(taken_over), "a second worker took a send over while it was out"
-    assert connector.longest_call_seconds >= 3 * 10.0  # the default 10 s timeouts, three tries
-
-
 def test_cli_resolve_charge_names_a_merchant_missing_from_the_config_in_one_line(
     make_harness: Any, tmp_path: Path
 ) -> None:

@@ -1,0 +1,178 @@
+"""A charge's claim is renewed while its send is out, however long the send takes (``effects.ClaimKeeper``).
+
+Real sockets: a switch whose host name has six addresses (e.g. three A and three AAAA records behind a load
+balancer), none of which answers a SYN (local listeners with full accept queues), so every connect times out and
+``socket.create_connection`` tries each address in turn with the full connect timeout. No sum of timeouts bounds
+such a send. Timeouts, backoffs and leases are the defaults scaled by 1/50, so the ratios are production's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from service.executor.connectors import CircuitBreaker, HttpConnector
+from service.executor.routes import ExecutorRuntime, _pay
+from service.executor.settings import ExecutorSettings
+from service.executor.worker import Worker
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    _order_row,
+    action_rows,
+    event,
+    make_harness,
+)
+
+SCALE = 1 / 50  # production defaults, scaled down so the test runs in seconds
+ADDRESSES = 6  # e.g. three A and three AAAA records
+
+
+def _black_hole() -> list[socket.socket]:
+    """A listener that drops every SYN (its accept queue is full): a connect to it times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    held = [listener]
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        held.append(filler)
+    return held
+
+
+@pytest.fixture
+def black_holed_switch(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The base URL of a switch whose host name has ADDRESSES addresses, none of which answers a SYN."""
+    sockets: list[socket.socket] = []
+    addresses = []
+    for _ in range(ADDRESSES):
+        held = _black_hole()
+        sockets += held
+        addresses.append(held[0].getsockname())
+    time.sleep(0.05)
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "switch.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address) for address in addresses]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    # sanity: this machine really black-holes them (a connect times out rather than being refused)
+    probe = socket.socket()
+    probe.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        probe.connect(addresses[0])
+    probe.close()
+    yield "http://switch.test:80"
+    for sock in sockets:
+        sock.close()
+
+
+def _scaled_connector(base_url: str, transport: httpx.BaseTransport | None = None) -> HttpConnector:
+    """HttpConnector with the registry's defaults (10 s timeouts, three tries, backoff 0.2..2 s), scaled."""
+    timeout = httpx.Timeout(10.0 * SCALE)
+    client = httpx.Client(timeout=timeout, transport=transport or httpx.HTTPTransport(), trust_env=False)
+    return HttpConnector(
+        "adyen",
+        base_url,
+        None,
+        tries=3,
+        backoff_base=0.2 * SCALE,
+        backoff_cap=2.0 * SCALE,
+        breaker=CircuitBreaker("adyen", threshold=100),
+        client=client,
+    )
+
+
+class PollAfterCall(httpx.BaseTransport):
+    """A real transport that runs ``after[n]()`` once its n-th call has ended (a second worker polling meanwhile)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.calls = 0
+        self.after: dict[int, Callable[[], None]] = {}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        try:
+            return self.inner.handle_request(request)
+        finally:
+            hook = self.after.pop(self.calls, None)
+            if hook is not None:
+                hook()
+
+
+def _wall_clock(h: Any) -> None:
+    """The executor's clock runs with real time from the harness's start (the claims' leases are real seconds)."""
+    base, started = h.clock(), time.monotonic()
+    h.executor.clock = lambda: base + timedelta(seconds=time.monotonic() - started)
+
+
+def test_an_outage_of_a_switch_with_several_addresses_leaves_no_charge_for_an_operator(
+    make_harness: Any,  # noqa: F811 - the fixture
+    black_holed_switch: str,
+) -> None:
+    """As test_a_connector_outage_that_outlasts_the_lease_leaves_no_charge_for_an_operator, with a switch whose
+    name has six addresses. Worker 1's send outlasts its hold; worker 2, polling, takes it over (it reads as sent:
+    a re-send), re-sends it (nothing reaches the switch either) and keeps the mark; worker 1's send ends with
+    nothing reached, but it can no longer take its mark back. The retry is dead-lettered as a charge that may have
+    been taken, for an operator, although no try of it ever reached the switch."""
+    transport = PollAfterCall()
+    connector = _scaled_connector(black_holed_switch, transport)
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"}, connector=connector, max_attempts=2
+    )
+    _wall_clock(h)
+    lease = 30.0 * SCALE
+    first = Worker(h.executor, h.effects, "w1", lease_seconds=lease)
+    second = Worker(h.executor, h.effects, "w2", lease_seconds=lease)
+    taken_over: list[int] = []
+    # worker 2 polls once worker 1's third try has run (by then the send has lasted ~3.6 s > its 2.48 s hold)
+    transport.after[3] = lambda: taken_over.append(second.run_once())
+    h.executor.payment_failed("m_demo", event())
+    first.run_once()
+
+    retry = action_rows(h, "retry")[0]
+    with h.executor.engine.connect() as conn:
+        unknown = h.executor.unknown_charge(conn, _order_row(h))
+    assert (any(taken_over), retry.unanswered_since, unknown) == (False, None, None), (
+        f"a second worker took the send over while it was out (claimed {taken_over}); the retry, which never "
+        f"reached the switch, is {retry.state} with unanswered_since={retry.unanswered_since} "
+        f"(unknown charge for an operator: {unknown}); last_error={retry.last_error!r}"
+    )
+
+
+def test_a_link_paid_during_an_outage_of_a_switch_with_several_addresses_keeps_the_link(
+    make_harness: Any,  # noqa: F811 - the fixture
+    black_holed_switch: str,
+) -> None:
+    """README: a link clicked while no try can reach the switch answers 'try again shortly' (503) and keeps the
+    link. With a six-address black-holed switch the API's send outlasts its hold, a worker takes the link payment
+    over as a re-send, the API cannot withdraw it and answers 202 'processing' for a payment that never reached
+    the switch (the link is used up; the worker's re-sends keep the mark and end with an operator)."""
+    transport = PollAfterCall()
+    connector = _scaled_connector(black_holed_switch, transport)
+    h = make_harness({"action": "retarget", "channel": "sms"}, connector=connector, max_attempts=2)
+    _wall_clock(h)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with the link (no connector call)
+    token = h.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    worker = Worker(h.executor, h.effects, "w2", lease_seconds=30.0 * SCALE)
+    taken_over: list[int] = []
+    transport.after[3] = lambda: taken_over.append(worker.run_once())
+    rt = ExecutorRuntime(h.executor, h.effects, ExecutorSettings(database_url="sqlite://", lease_seconds=30.0 * SCALE))
+    code, title, _message = _pay(rt, token)
+    links = action_rows(h, "link_payment")
+    assert code == 503, (
+        f"answered {code} {title!r} for a payment no try of which reached the switch; taken over: {taken_over}; "
+        f"link payment: {[(r.state, r.unanswered_since, r.last_error) for r in links]}"
+    )

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -289,6 +289,9 @@ def _dump(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+SelectT = TypeVar("SelectT", bound=sa.Select[Any])
+
+
 def _still_claimed(action: ActionRow) -> sa.ColumnElement[bool]:
     """``action``'s row while its claim (the one this worker holds) is still on it."""
     return sa.and_(
@@ -318,11 +321,14 @@ class Executor:
             raise KeyError(f"unknown merchant_id {merchant_id!r}: not in the merchant config")
         return found
 
+    def for_update(self, query: SelectT) -> SelectT:
+        """``query`` locking the rows it reads until the transaction ends (PostgreSQL; SQLite's write
+        transactions run one at a time)."""
+        return query.with_for_update() if is_postgres(self.engine) else query
+
     def lock_order(self, conn: sa.Connection, merchant_id: str, order_id: str) -> RowMapping | None:
         query = sa.select(orders).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
-        if is_postgres(self.engine):
-            query = query.with_for_update()
-        return conn.execute(query).mappings().first()
+        return conn.execute(self.for_update(query)).mappings().first()
 
     def _schedule(
         self,
@@ -1308,13 +1314,15 @@ class Executor:
         )
         return None if found is None else int(found)
 
-    def mark_sent(self, conn: sa.Connection, action: ActionRow, now: datetime) -> None:
-        """Note that ``action``'s charge goes to its connector now (kept until the answer is recorded)."""
-        conn.execute(
+    def mark_sent(self, conn: sa.Connection, action: ActionRow, now: datetime) -> bool:
+        """Note that ``action``'s charge goes to its connector now (kept until the answer is recorded); False when
+        the claim is no longer ``action``'s (it must not be sent)."""
+        marked = conn.execute(
             actions.update()
-            .where(actions.c.action_id == action.action_id, actions.c.unanswered_since.is_(None))
+            .where(_still_claimed(action), actions.c.unanswered_since.is_(None))
             .values(unanswered_since=now)
-        )
+        ).rowcount
+        return marked == 1
 
     def renew_claim(self, action: ActionRow, lease: timedelta) -> bool:
         """Extend ``action``'s claim to the clock plus ``lease`` (never shorten it); False when the claim is no

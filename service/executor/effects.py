@@ -267,9 +267,13 @@ class Effects:
         # two cannot both see no charge out. The action is marked sent in the same transaction.
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
+            # The action's row too (PostgreSQL): a worker claiming it after its lease skips it until this
+            # transaction has marked it sent, and then sees a re-send.
             held = conn.execute(
-                sa.select(actions.c.claim_token, actions.c.unanswered_since, actions.c.due_at).where(
-                    actions.c.action_id == action.action_id
+                self.executor.for_update(
+                    sa.select(actions.c.claim_token, actions.c.unanswered_since, actions.c.due_at).where(
+                        actions.c.action_id == action.action_id
+                    )
                 )
             ).first()
             if order is None:
@@ -309,8 +313,8 @@ class Effects:
                 connector = self.connector(action.merchant_id, str(action.payload["connector"]))
             except PermanentError as exc:
                 return Permanent(str(exc))  # a first send is not marked yet; a re-send keeps its mark
-            if not resend:
-                self.executor.mark_sent(conn, action, now)
+            if not resend and not self.executor.mark_sent(conn, action, now):
+                return Skip("the claim is no longer this worker's")
             lease = max(as_utc(held.due_at) - now, MIN_LEASE)
         context = None
         if getattr(connector, "wants_context", False):

@@ -1963,3 +1963,16 @@ def test_a_retry_waiting_behind_a_link_payment_that_dies_unanswered_is_not_sent(
     assert f"charge action {link.action_id} of the order was sent and never answered" in (retry.last_error or "")
     assert len(successes(h)) == 1
     assert [key for key in h.connector.calls if ":retry:" in key] == []
+
+
+def test_a_charge_is_marked_sent_only_under_its_own_claim(make_harness: Any) -> None:
+    """A worker whose lease ended and whose action another worker claimed since cannot mark it sent (and so does
+    not send it): on PostgreSQL the two could otherwise interleave between reading the claim and marking."""
+    h = make_harness({"action": "retry", "strategy": "retry_same", "connector": "stripe"})
+    h.executor.payment_failed("m_demo", event())
+    stale = next(a for a in h.executor.claim(10, 30, "w1", "claim-w1") if a.kind == "retry")
+    h.clock.advance(seconds=31)
+    fresh = next(a for a in h.executor.claim(10, 30, "w2", "claim-w2") if a.kind == "retry")
+    with h.executor.engine.begin() as conn:
+        assert h.executor.mark_sent(conn, stale, h.clock()) is False
+        assert h.executor.mark_sent(conn, fresh, h.clock()) is True

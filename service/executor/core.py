@@ -1325,16 +1325,19 @@ class Executor:
         return marked == 1
 
     def renew_claim(self, action: ActionRow, lease: timedelta) -> bool:
-        """Extend ``action``'s claim to the clock plus ``lease`` (never shorten it); False when the claim is no
-        longer this one."""
-        until = self.clock() + lease
+        """Extend ``action``'s claim to the clock plus ``lease``, in a transaction of its own; False when the claim
+        is no longer this one."""
         with self.engine.begin() as conn:
-            held = conn.execute(
-                actions.update()
-                .where(_still_claimed(action))
-                .values(due_at=sa.case((actions.c.due_at < until, until), else_=actions.c.due_at))
-            ).rowcount
-        return held == 1
+            return self.extend_claim(conn, action, self.clock() + lease)
+
+    def extend_claim(self, conn: sa.Connection, action: ActionRow, until: datetime) -> bool:
+        """Extend ``action``'s claim to ``until`` (never shorten it); False when the claim is no longer this one."""
+        held = conn.execute(
+            actions.update()
+            .where(_still_claimed(action))
+            .values(due_at=sa.case((actions.c.due_at < until, until), else_=actions.c.due_at))
+        ).rowcount
+        return bool(held == 1)
 
     def unmark_sent(self, action: ActionRow) -> None:
         """Take back ``mark_sent`` for a send that charged nothing (never sent, or refused outright), while the

@@ -54,13 +54,13 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
+from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
 #: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
 CIRCUIT_WAIT = timedelta(seconds=30)
-#: The shortest lease a charge's claim is renewed with (a claim found almost expired still gets this much).
-MIN_LEASE = timedelta(seconds=1)
+#: A charge's lease when none is configured (the executor's ``WINBACK_LEASE_SECONDS`` default).
+DEFAULT_LEASE = timedelta(seconds=30)
 
 
 class ClaimKeeper:
@@ -189,8 +189,11 @@ class Effects:
         env: Mapping[str, str] | None = None,
         adapters: AdapterFactory | None = None,
         webhook_client: httpx.Client | None = None,
+        lease: timedelta = DEFAULT_LEASE,
     ) -> None:
         self.executor = executor
+        #: How long a charge's claim lasts from its send on, renewed every third of it while the send is out.
+        self.lease = lease
         self.claims = ClaimKeeper(executor)
         self.connectors = connectors
         self.catalog = catalog
@@ -271,7 +274,7 @@ class Effects:
             # transaction has marked it sent, and then sees a re-send.
             held = conn.execute(
                 self.executor.for_update(
-                    sa.select(actions.c.claim_token, actions.c.unanswered_since, actions.c.due_at).where(
+                    sa.select(actions.c.claim_token, actions.c.unanswered_since).where(
                         actions.c.action_id == action.action_id
                     )
                 )
@@ -315,7 +318,8 @@ class Effects:
                 return Permanent(str(exc))  # a first send is not marked yet; a re-send keeps its mark
             if not resend and not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")
-            lease = max(as_utc(held.due_at) - now, MIN_LEASE)
+            # A whole lease from the send on, whatever was left of the batch's (the row is locked here).
+            self.executor.extend_claim(conn, action, now + self.lease)
         context = None
         if getattr(connector, "wants_context", False):
             with self.executor.engine.connect() as conn:
@@ -338,7 +342,7 @@ class Effects:
             # The claim is renewed while the send is out, however long it takes (a host name with many addresses,
             # a slow handshake): a worker taking it over would re-send it as one that may have charged, and this
             # one could no longer take its mark back if nothing had been.
-            with self.claims.keep(action, lease):
+            with self.claims.keep(action, self.lease):
                 result = connector.charge(request)
         except CircuitOpenError as exc:
             # Nothing was sent: wait without counting a try, and it is not a charge that may be out.

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from service.api.store import shown_url
 from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
 from service.executor.core import (
+    CHARGE_KINDS,
     ActionRow,
     ChargeResolutionError,
     Decider,
@@ -121,7 +123,15 @@ def build_effects(
         settings.sandbox_url,
         overrides=connectors,
     )
-    return Effects(executor, registry, catalog, settings.public_base_url, env=environment, adapters=adapters)
+    return Effects(
+        executor,
+        registry,
+        catalog,
+        settings.public_base_url,
+        env=environment,
+        adapters=adapters,
+        lease=timedelta(seconds=settings.lease_seconds),
+    )
 
 
 def missing_webhook_secrets(config: WinbackConfig, env: Mapping[str, str]) -> list[str]:
@@ -151,10 +161,17 @@ class Worker:
             return 0
         with self.executor.engine.connect() as conn:
             found = self.executor.orders_of(conn, batch)
-        performed: list[tuple[ActionRow, Outcome]] = [
-            (action, self.effects.perform(action, found.get((action.merchant_id, action.order_id)))) for action in batch
-        ]
-        self.record(performed)
+        performed: list[tuple[ActionRow, Outcome]] = []
+        for action in batch:
+            outcome = self.effects.perform(action, found.get((action.merchant_id, action.order_id)))
+            if action.kind in CHARGE_KINDS:
+                # A charge's answer is recorded at once: its claim is renewed only while it is out, and the rest
+                # of the batch may take longer than a lease.
+                self.record([(action, outcome)])
+            else:
+                performed.append((action, outcome))
+        if performed:
+            self.record(performed)
         return len(batch)
 
     def record(self, performed: list[tuple[ActionRow, Outcome]]) -> None:

@@ -12,17 +12,22 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
-from service.executor.connectors import CircuitBreaker, HttpConnector
+from service.executor.connectors import ChargeRequest, ChargeResult, CircuitBreaker, HttpConnector, TransientError
 from service.executor.routes import ExecutorRuntime, _pay
 from service.executor.settings import ExecutorSettings
+from service.executor.store import actions, transactions
 from service.executor.worker import Worker
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    HookConnector,
+    _claim_due,
     _order_row,
     action_rows,
     event,
@@ -112,9 +117,11 @@ class PollAfterCall(httpx.BaseTransport):
 
 
 def _wall_clock(h: Any) -> None:
-    """The executor's clock runs with real time from the harness's start (the claims' leases are real seconds)."""
+    """The executor's clock runs with real time from the harness's start, and a charge's lease is the default
+    scaled (0.6 s, renewed every 0.2 s): the sends below outlast it many times over."""
     base, started = h.clock(), time.monotonic()
     h.executor.clock = lambda: base + timedelta(seconds=time.monotonic() - started)
+    h.effects.lease = timedelta(seconds=30.0 * SCALE)
 
 
 def test_an_outage_of_a_switch_with_several_addresses_leaves_no_charge_for_an_operator(
@@ -175,4 +182,105 @@ def test_a_link_paid_during_an_outage_of_a_switch_with_several_addresses_keeps_t
     assert code == 503, (
         f"answered {code} {title!r} for a payment no try of which reached the switch; taken over: {taken_over}; "
         f"link payment: {[(r.state, r.unanswered_since, r.last_error) for r in links]}"
+    )
+
+
+# ----------------------------------------------------------- claims of charges in a batch (fourth review)
+
+
+def _row(h: Any, action_id: int) -> Any:
+    with h.executor.engine.connect() as conn:
+        return conn.execute(sa.select(actions).where(actions.c.action_id == action_id)).one()
+
+
+def test_a_charge_sent_after_its_lease_ended_is_not_claimable_while_it_is_out(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """A worker reaches a retry of its batch after the batch's lease ended (earlier sends of the batch took long,
+    which f0c2e2a allows: a send lasts 'however long it takes'); nobody has re-claimed it, so its token is still
+    on the row and ``_charge`` marks and sends it. The lease taken for renewals is max(due_at - now, 1 s) = 1 s,
+    and the first renewal comes a third of that later: until then the claim's due_at is in the past, and a second
+    worker polling meanwhile claims the charge that is out, as a re-send (two sends of one charge at once)."""
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=HookConnector(results=["success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    retry = _claim_due(h, "retry")  # worker 1's batch, lease 30 s
+    h.clock.advance(seconds=31)  # the batch ran long: the lease has ended, nobody re-claimed yet
+    seen: dict[str, Any] = {}
+
+    def second_worker_polls() -> None:  # right after the send started
+        seen["due_at"] = _row(h, retry.action_id).due_at
+        seen["claimed"] = [(a.action_id, a.kind) for a in h.executor.claim(10, 30, "w2", "claim-w2")]
+
+    h.connector.during["retry"] = second_worker_polls
+    h.effects.perform(retry, _order_row(h))
+
+    assert seen["claimed"] == [], (
+        f"while worker 1's send was out (claim due_at {seen['due_at']}, clock {h.clock()}), worker 2 claimed "
+        f"{seen['claimed']}: the charge is taken over and re-sent while its first send is out"
+    )
+
+
+@dataclass
+class SlowSecondOrder:
+    """ord_1's first send charges at once; ord_2's send takes ``slow`` seconds and runs ``during()`` meanwhile; a
+    later send of ord_1 finds the switch not answering (TransientError)."""
+
+    slow: float
+    during: Callable[[], None] | None = None
+    calls: list[str] = field(default_factory=list)
+    charged: dict[str, ChargeResult] = field(default_factory=dict)
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.calls.append(request.idempotency_key)
+        if ":ord_1:" in request.idempotency_key and request.idempotency_key in self.charged:
+            raise TransientError("timeout calling connector 'adyen': ReadTimeout")
+        if ":ord_2:" in request.idempotency_key:
+            time.sleep(self.slow)
+            hook, self.during = self.during, None
+            if hook is not None:
+                hook()
+        result = ChargeResult(status="success", connector=request.connector)
+        self.charged[request.idempotency_key] = result
+        return result
+
+
+def test_a_charge_answered_early_in_a_batch_keeps_its_claim_until_recorded(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """A batch of two retries: ord_1's is charged at once, ord_2's send is slow (renewed by the ClaimKeeper, as
+    f0c2e2a intends). ord_1's answer waits for the batch to be recorded, but its claim is no longer renewed (nor
+    held, as f810337's hold did): it ends with the batch's lease, a second worker takes ord_1's charge over as a
+    re-send (the switch does not answer it), and worker 1's answer 'success' is dropped as stale. The customer's
+    money was taken and nothing records it; the order stays PENDING with a charge that 'may have' gone through."""
+    connector = SlowSecondOrder(slow=1.6)
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        connector=connector,  # type: ignore[arg-type]
+    )
+    base, started = h.clock(), time.monotonic()
+    h.executor.clock = lambda: base + timedelta(seconds=time.monotonic() - started)  # real seconds
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    first = Worker(h.executor, h.effects, "w1", lease_seconds=1.0)
+    second = Worker(h.executor, h.effects, "w2", lease_seconds=30.0)
+    taken: list[int] = []
+    connector.during = lambda: taken.append(second.run_once())  # worker 2 polls while ord_2's send is out
+
+    assert first.run_once() == 2
+    with h.executor.engine.connect() as conn:
+        recorded = conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(transactions)
+            .where(transactions.c.order_id == "ord_1", transactions.c.status == "success")
+        )
+    ord_1_charged = [k for k, r in connector.charged.items() if ":ord_1:" in k and r.status == "success"]
+    assert ord_1_charged  # the money was taken by worker 1's send
+
+    assert (recorded, h.view("ord_1").state) == (1, "SUCCEEDED"), (
+        f"ord_1 was charged ({ord_1_charged}) but its success is not on record (state {h.view('ord_1').state}); "
+        f"worker 2 claimed {taken} while ord_2's send was out and re-sent ord_1 (calls {connector.calls})"
     )

@@ -89,13 +89,15 @@ def test_four_workers_over_10000_due_actions_postgres(
 
 
 def slow_counting_connectors(path: str) -> dict[str, object]:
-    """Counting connectors that take 2 ms per call, so a SIGKILL lands mid-batch."""
+    """Counting connectors whose answer takes 2 ms after the call is made (and counted), so a SIGKILL lands
+    between a charge's send and its recording."""
     inner = counting_connectors(path)["*"]
 
     class Slow:
         def charge(self, request: object) -> object:
+            answer = inner.charge(request)  # type: ignore[arg-type]
             time.sleep(0.002)
-            return inner.charge(request)  # type: ignore[arg-type]
+            return answer
 
     return {"*": Slow()}
 
@@ -124,7 +126,7 @@ def sigkill_loses_and_repeats_nothing(url: str, tmp_path: Path, monkeypatch: pyt
     per_key_before, _, _ = recorded(url)
     assert 0 < len(per_key_before) < count
     in_flight = set(sent_before) - set(per_key_before)
-    assert in_flight, "the kill did not land mid-batch (nothing sent but unrecorded)"
+    assert in_flight, "the kill did not land between a send and its recording"
 
     time.sleep(1.1)  # the victim's lease runs out
     monkeypatch.setenv("WINBACK_LEASE_SECONDS", "30")

@@ -974,7 +974,10 @@ class Executor:
             self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
             return
         try:
-            self._release(conn, action, ActionState.DONE, now)
+            # A replanned action keeps why it was not carried out (the order view shows it).
+            self._release(
+                conn, action, ActionState.DONE, now, error=outcome.reason if isinstance(outcome, Replan) else None
+            )
         except StaleClaimError:
             if not self._record_settled_meanwhile(conn, action, outcome, now):
                 raise

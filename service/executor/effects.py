@@ -24,7 +24,7 @@ from sqlalchemy import RowMapping
 from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig, QuietHours
 from model.rules import Candidate, Rule, build_context, check
-from model.vocab import Action, Channel
+from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.connectors import (
     ChargeRequest,
@@ -312,6 +312,10 @@ class Effects:
                     return Defer(
                         max(busy_until, now + RECHECK), "another charge of the order may be with its connector"
                     )
+                if action.kind == ActionKind.RETRY:
+                    broken = self._retry_forbidden(conn, order, action, now)
+                    if broken:
+                        return Replan("not allowed now: " + ", ".join(broken))
             try:
                 connector = self.connector(action.merchant_id, str(action.payload["connector"]))
             except PermanentError as exc:
@@ -368,6 +372,22 @@ class Effects:
         except PermanentError as exc:  # an answer that cannot be read, or a reused key: the charge is unknown
             return Permanent(str(exc))
         return Charged(result)
+
+    def _retry_forbidden(
+        self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime
+    ) -> tuple[str, ...]:
+        """The hard rules the retry breaks if sent now (none: it may go). Checked again at the moment of sending,
+        as for messages: the decision may be hours old, and the merchant's config may have changed since (a flow
+        switched off, fewer retries allowed)."""
+        request = self.executor.request_for(conn, order, now)
+        candidate = Candidate(
+            action=Action.RETRY,
+            execute_at=now,
+            strategy=Strategy(str(action.payload["strategy"])),
+            connector=str(action.payload["connector"]),
+        )
+        verdict = check(build_context(request, self.executor.merchant(action.merchant_id), self.catalog), candidate)
+        return () if verdict.allowed else verdict.broken
 
     # ----------------------------------------------------------------------------------------- nudges
 

@@ -632,7 +632,7 @@ def _link_and_due_retry(h: Harness) -> str:
 def test_a_link_is_not_paid_while_a_silent_retry_of_its_order_is_with_the_connector(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=FakeConnector(results=["failure", "success"]),
     )
     token = _link_and_due_retry(h)
@@ -647,7 +647,7 @@ def test_a_link_is_not_paid_while_a_silent_retry_of_its_order_is_with_the_connec
     view = h.view()
     assert view.state == "SUCCEEDED"
     assert [(a.strategy, a.status) for a in view.attempts[1:]] == [
-        ("retry_same", "failure"),
+        ("cascade", "failure"),
         ("retarget_link", "success"),
     ]
 
@@ -655,7 +655,7 @@ def test_a_link_is_not_paid_while_a_silent_retry_of_its_order_is_with_the_connec
 def test_a_silent_retry_waits_while_a_link_payment_of_its_order_is_with_the_connector(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=FakeConnector(results=["success"]),
     )
     token = _link_and_due_retry(h)
@@ -809,7 +809,7 @@ def test_a_link_is_refused_while_a_retry_outlasts_its_lease_at_the_connector(mak
     recorded, whatever its lease says, so the customer is not charged twice."""
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=HookConnector(results=["success", "success"]),
     )
     token = _link_and_due_retry(h)
@@ -835,7 +835,7 @@ def test_a_retry_waits_for_a_link_payment_left_unrecorded_by_a_dead_api_process(
     the link payment with its key once its lease ends and records it; one charge, on record."""
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=HookConnector(results=["success", "success"]),
     )
     token = _link_and_due_retry(h)
@@ -859,9 +859,9 @@ def test_a_worker_does_not_charge_an_order_paid_by_link_while_its_batch_ran(make
     """A worker's batch holds two retries; while it charges the first order, the second is paid by link. The
     worker reads the order again right before charging and does not charge it."""
     h = make_harness(
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen", "delay": timedelta(hours=24, minutes=1)},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=24, minutes=1)},
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen", "delay": timedelta(minutes=1)},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(minutes=1)},
         connector=HookConnector(results=["success", "failure", "success"]),
     )
     h.executor.payment_failed("m_demo", event("ord_2"))
@@ -897,7 +897,7 @@ def test_a_link_payment_whose_answer_was_lost_holds_back_the_retry_until_its_re_
     retry waits, and the link payment's re-send (same key) gets the stored answer and is recorded."""
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=HookConnector(results=["success", "success"], lose_answer={":link:"}),
     )
     token = _link_and_due_retry(h)  # a retry of the order is due now
@@ -943,8 +943,8 @@ def test_a_worker_does_not_charge_an_order_the_merchant_reported_paid_while_its_
     """While a worker charges one order of its batch, the merchant reports another paid: that order's retry, not
     yet sent, is skipped."""
     h = make_harness(
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=HookConnector(results=["failure", "success"]),
     )
     h.executor.payment_failed("m_demo", event("ord_2"))
@@ -1049,7 +1049,7 @@ PAID_BY_MERCHANT = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": STA
 def test_a_later_decision_replaces_a_retry_that_waited_for_a_declined_link(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},  # follow-up: retry 1
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # follow-up: retry 1
         {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # after the link's decline: retry 2
         connector=FakeConnector(results=["failure", "success", "success"]),
     )
@@ -1068,7 +1068,7 @@ def test_a_later_decision_replaces_a_retry_that_waited_for_a_declined_link(make_
 def test_a_new_retry_waits_for_an_earlier_retry_whose_answer_was_lost(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},  # link L1, follow-up in 24 h
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},  # after L1 is declined: retry A
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # after L1 is declined: retry A
         {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # at the follow-up: retry B
         connector=HookConnector(results=["failure", "success", "success"], lose_answer={":retry:dec_2"}),
     )
@@ -1146,7 +1146,7 @@ def test_a_retry_held_by_an_open_circuit_is_not_a_possible_charge_when_the_order
 def test_a_link_is_not_held_back_by_a_retry_waiting_out_an_open_circuit(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=OpenCircuit(results=["success"]),
     )
     token = _link_and_due_retry(h)
@@ -1163,7 +1163,7 @@ def test_a_link_is_not_held_back_by_a_retry_waiting_out_an_open_circuit(make_har
 def test_assisted_a_lost_answer_retry_is_re_sent_while_the_order_awaits_its_agent(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         merchants={"m_demo": demo_merchant(mode="assisted")},
         connector=HookConnector(results=["failure", "success"], lose_answer={":retry:"}),
@@ -1232,7 +1232,7 @@ def test_pay_during_an_open_circuit_gives_the_link_back_and_charges_nothing(make
 def test_two_first_send_retries_claimed_together_do_not_wait_for_each_other(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},  # link; follow-up F in 24 h
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen", "delay": timedelta(hours=24)},  # A
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=24)},  # A
         {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # F's decision: B, now
         connector=OpenCircuit(results=["failure", "success", "success"], open=False),
     )
@@ -1253,7 +1253,7 @@ def test_two_first_send_retries_claimed_together_do_not_wait_for_each_other(make
 def test_a_waiting_first_send_reclaimed_after_its_lease_still_waits_for_the_link_payment(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=FakeConnector(results=["success", "success"]),
     )
     token = _link_and_due_retry(h)
@@ -1283,7 +1283,7 @@ class LinkAnswersLost(FakeConnector):
 def test_no_retry_charges_on_top_of_a_dead_lettered_link_payment_of_unknown_outcome(make_harness: Any) -> None:
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=LinkAnswersLost(results=["success", "success"]),
         max_attempts=3,
     )
@@ -1371,7 +1371,7 @@ def test_a_link_payment_sent_before_the_circuit_opened_is_not_withdrawn(make_har
     switch = Switch()
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=http_connector(switch, CircuitBreaker("adyen", threshold=2)),
     )
     h.executor.payment_failed("m_demo", event())
@@ -1391,7 +1391,7 @@ def test_an_unparseable_answer_from_the_switch_is_not_taken_for_a_refusal(make_h
     switch = Switch(status="pending")
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=http_connector(switch),
     )
     token = _link_and_due_retry(h)
@@ -1439,7 +1439,7 @@ def test_a_stale_worker_does_not_unmark_a_charge_another_worker_sent(make_harnes
     conn = SlowThenOpen(results=["success", "success"])
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=conn,
     )
     token = _link_and_due_retry(h)
@@ -1591,7 +1591,7 @@ def test_a_4xx_after_a_timed_out_try_is_not_taken_for_nothing_charged(make_harne
     connector = http_connector(switch, CircuitBreaker("adyen", threshold=100))
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=connector,
     )
     token = _link_and_due_retry(h)
@@ -1632,7 +1632,7 @@ def test_a_charge_that_never_reached_its_connector_does_not_wait_for_an_operator
     switch = UnreachableSwitch(refuse)
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=http_connector(switch, CircuitBreaker("adyen", threshold=100)),
         max_attempts=2,
     )
@@ -1683,7 +1683,7 @@ def test_a_link_payment_that_never_reached_the_switch_is_withdrawn_not_left_besi
     switch = OutageThenLostAnswer()
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=http_connector(switch, CircuitBreaker("adyen", threshold=100)),
     )
     token = _link_and_due_retry(h)
@@ -1707,7 +1707,7 @@ def test_a_link_payment_sent_later_by_a_worker_waits_for_a_charge_whose_answer_w
     switch = Switch()
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=http_connector(switch, CircuitBreaker("adyen", threshold=100)),
     )
     token = _link_and_due_retry(h)
@@ -1947,7 +1947,7 @@ def test_a_retry_waiting_behind_a_link_payment_that_dies_unanswered_is_not_sent(
     charge, and the customer is charged once."""
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=LinkAnswersLost(results=["success", "success"]),
         max_attempts=2,
     )
@@ -1976,3 +1976,25 @@ def test_a_charge_is_marked_sent_only_under_its_own_claim(make_harness: Any) -> 
     with h.executor.engine.begin() as conn:
         assert h.executor.mark_sent(conn, stale, h.clock()) is False
         assert h.executor.mark_sent(conn, fresh, h.clock()) is True
+
+
+def test_a_planned_retry_is_not_sent_once_the_merchant_switched_its_flow_off(make_harness: Any) -> None:
+    """The hard rules are checked again when a retry is sent, as for messages: a retry planned for tomorrow does
+    not go out if the merchant turns that flow off meanwhile; the order is decided again under the new config."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=20)},
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe"},
+        connector=FakeConnector(results=["success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.connector.calls == []  # planned for later
+    h.executor.config = config_for(m_demo=demo_merchant(retry={"flows": ["retry_same"]}))
+    h.clock.advance(hours=21)
+    h.drain()
+    assert [key.split(":")[2:3] for key in h.connector.calls] == [["retry"]]
+    view = h.view()
+    assert [(a.strategy, a.connector, a.status) for a in view.attempts[1:]] == [("retry_same", "stripe", "success")]
+    cascade = next(a for a in view.actions if a.kind == "retry" and a.decision_id == "dec_1_ord_1")
+    assert "retry_flow_disabled" in (cascade.last_error or ""), cascade
+    assert view.state == "SUCCEEDED"

@@ -136,7 +136,7 @@ def test_an_outage_of_a_switch_with_several_addresses_leaves_no_charge_for_an_op
     transport = PollAfterCall()
     connector = _scaled_connector(black_holed_switch, transport)
     h = make_harness(
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"}, connector=connector, max_attempts=2
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"}, connector=connector, max_attempts=2
     )
     _wall_clock(h)
     lease = 30.0 * SCALE
@@ -202,7 +202,7 @@ def test_a_charge_sent_after_its_lease_ended_is_not_claimable_while_it_is_out(
     and the first renewal comes a third of that later: until then the claim's due_at is in the past, and a second
     worker polling meanwhile claims the charge that is out, as a re-send (two sends of one charge at once)."""
     h = make_harness(
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=HookConnector(results=["success"]),
     )
     h.executor.payment_failed("m_demo", event())
@@ -257,8 +257,8 @@ def test_a_charge_answered_early_in_a_batch_keeps_its_claim_until_recorded(
     money was taken and nothing records it; the order stays PENDING with a charge that 'may have' gone through."""
     connector = SlowSecondOrder(slow=1.6)
     h = make_harness(
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
-        {"action": "retry", "strategy": "retry_same", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
         connector=connector,  # type: ignore[arg-type]
     )
     base, started = h.clock(), time.monotonic()

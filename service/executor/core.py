@@ -382,6 +382,12 @@ class Executor:
             }
             for row in conn.execute(sa.select(transactions).where(*key).order_by(transactions.c.attempt_number))
         ]
+        # Numbers reserved for charges that certainly never went out (replaced by a later decision, or refused
+        # by the rules at their send) are not attempts: the rules would count each gap as a retry made.
+        skipped = self._numbers_never_used(conn, order, {attempt["attempt_number"] for attempt in attempts})
+        if skipped:
+            for attempt in attempts:
+                attempt["attempt_number"] -= sum(1 for number in skipped if number < attempt["attempt_number"])
         sent = [
             {
                 "channel": row.channel,
@@ -398,6 +404,21 @@ class Executor:
         ]
         base["history"] = {"attempts": attempts, "nudges": sent}
         return DecisionRequest.model_validate(base)
+
+    def _numbers_never_used(self, conn: sa.Connection, order: RowMapping, recorded: set[int]) -> set[int]:
+        """The attempt numbers the order's charge actions reserved and never used: cancelled or done without an
+        attempt on record, and never marked sent (so no processor has seen ``<order_id>_<n>``)."""
+        payloads = conn.scalars(
+            sa.select(actions.c.payload_json).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+                actions.c.state.in_([ActionState.CANCELLED.value, ActionState.DONE.value]),
+                actions.c.unanswered_since.is_(None),
+            )
+        )
+        numbers = {orjson.loads(payload or "{}").get("attempt_number") for payload in payloads}
+        return {int(number) for number in numbers if isinstance(number, int) and number not in recorded}
 
     # ----------------------------------------------------------------------------------------- events
 
@@ -921,7 +942,9 @@ class Executor:
                 rows = conn.execute(sa.select(actions).where(actions.c.action_id.in_(ids))).mappings().all()
             claimed = [ActionRow.of(row) for row in rows]
             self._reserve_attempt_numbers(conn, claimed)
-        return sorted(claimed, key=lambda a: (a.due_at, a.action_id))
+        # In the order they were planned (every due_at is now the lease's end): a retry due a minute before a
+        # message of the same order goes first, and a success it brings cancels the message before it is sent.
+        return sorted(claimed, key=lambda a: (a.planned_at, a.action_id))
 
     def _reserve_attempt_numbers(self, conn: sa.Connection, claimed: list[ActionRow]) -> None:
         # The processor payment id <order_id>_<n> must not change when an action is re-sent after a crash, so

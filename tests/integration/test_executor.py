@@ -24,6 +24,7 @@ import yaml
 from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, parse_config
 from model.requests import Decision, DecisionRequest
+from model.rules import build_context
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
 from service.executor.connectors import (
@@ -1998,3 +1999,72 @@ def test_a_planned_retry_is_not_sent_once_the_merchant_switched_its_flow_off(mak
     cascade = next(a for a in view.actions if a.kind == "retry" and a.decision_id == "dec_1_ord_1")
     assert "retry_flow_disabled" in (cascade.last_error or ""), cascade
     assert view.state == "SUCCEEDED"
+
+
+def test_a_replanned_retry_does_not_use_up_a_retry_of_the_budget(make_harness: Any) -> None:
+    """(Fifth review.) A retry the rules refuse at its send keeps the attempt number reserved when it was
+    planned (#2), so the next retry is #3 and the history reads attempts {1, 3}. That gap is not a retry made:
+    with max_retries 2, the second retry allowed must still go out, and the budget used is the retries made."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=20)},  # #2
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe"},  # after the replan: #3, declined
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe"},  # the second retry of two allowed
+        merchants={"m_demo": demo_merchant(retry={"max_retries": 2})},
+        connector=FakeConnector(results=["failure", "success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.connector.calls == []  # the cascade is planned for tomorrow
+    # The merchant switches cascades off meanwhile: the cascade is refused at its send and the order decided again.
+    h.executor.config = config_for(m_demo=demo_merchant(retry={"max_retries": 2, "flows": ["retry_same"]}))
+    h.clock.advance(hours=21)
+    h.drain()
+
+    view = h.view()
+    made = [a for a in view.attempts if a.strategy not in ("initial", "retarget_link")]
+    # The retry budget as the rules see it now, from the order's recorded history.
+    with h.executor.engine.connect() as conn:
+        order = conn.execute(orders.select()).mappings().one()
+        request = h.executor.request_for(conn, order, h.clock())
+    used = build_context(request, h.executor.merchant("m_demo"), h.effects.catalog).retries_used
+    refused = [a.last_error for a in view.actions if a.kind == "retry" and "max_retries" in (a.last_error or "")]
+    assert used == len(made), f"{len(made)} retry made, but the rules count {used} used"
+    assert not refused, f"a retry within the budget was refused at its send: {refused}"
+    assert len(h.connector.calls) == 2
+    assert view.state == "SUCCEEDED"
+
+
+def test_a_payment_link_is_not_sent_for_an_order_its_own_batch_just_charged(make_harness: Any) -> None:
+    """(Fifth review.) A batch holds a retry and, planned after it, a message of the same order. The retry
+    succeeds and is recorded at once; the message must then not go out asking a customer who has just paid to pay:
+    the batch runs in planned order, and a message reads its order as it is now, not as the batch found it."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},  # N1 now; its follow-up in 24 h
+        {"action": "retarget", "channel": "sms", "delay": timedelta(hours=24)},  # at the follow-up: N2, on Day 2
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=22, minutes=59)},
+        connector=FakeConnector(results=["failure", "success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # N1 goes out
+    assert len(h.outbox) == 1
+    token = token_of(h)
+    h.clock.advance(hours=24)
+    h.drain()  # N1's follow-up plans N2 for tomorrow
+    h.clock.advance(hours=1)
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")  # the customer pays N1's link ...
+    with h.executor.engine.connect() as conn:
+        order = h.executor.orders_of(conn, [payment.action])[("m_demo", "ord_1")]
+    h.worker.record([(payment.action, h.effects.perform(payment.action, order))])  # ... declined: a retry is planned
+    h.clock.advance(hours=23, minutes=1)  # the retry (due a minute ago) and N2 (due now) are claimed together
+    import sys
+
+    sys.path.insert(0, "/tmp")
+    import peek
+
+    peek.peek(h)
+    print("NOW", h.clock())
+    assert h.worker.run_once() == 2
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert [(a.strategy, a.status) for a in view.attempts[1:]] == [("retarget_link", "failure"), ("cascade", "success")]
+    assert len(h.outbox) == 1, [m.variables["link_url"] for m in h.outbox]

@@ -214,17 +214,36 @@ class Worker:
         """Loop until ``stop`` is set, ``stop_after`` seconds passed, or (``until_idle``) nothing is due."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
         total = 0
+        backoff = self.poll_seconds
         while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
-            claimed = self.run_once()
+            try:
+                claimed = self.run_once()
+            except sa.exc.DBAPIError:
+                # The database went away or chose this transaction as a deadlock's victim: what was claimed and not
+                # recorded is claimed again when its lease ends (a charge marked sent as a re-send), so the worker
+                # waits and goes on rather than exit.
+                log.exception("a batch failed on the database; trying again in %.3g s", backoff)
+                self._wait(stop, backoff)
+                backoff = min(backoff * 2, MAX_DATABASE_BACKOFF)
+                continue
+            backoff = self.poll_seconds
             total += claimed
             if claimed == 0:
                 if until_idle:
                     break
-                if stop is not None:
-                    stop.wait(self.poll_seconds)
-                else:
-                    time.sleep(self.poll_seconds)
+                self._wait(stop, self.poll_seconds)
         return total
+
+    @staticmethod
+    def _wait(stop: threading.Event | None, seconds: float) -> None:
+        if stop is not None:
+            stop.wait(seconds)
+        else:
+            time.sleep(seconds)
+
+
+#: The longest a worker waits between tries while its database fails.
+MAX_DATABASE_BACKOFF = 30.0
 
 
 def worker_main(

@@ -2068,3 +2068,34 @@ def test_a_payment_link_is_not_sent_for_an_order_its_own_batch_just_charged(make
     assert view.state == "SUCCEEDED"
     assert [(a.strategy, a.status) for a in view.attempts[1:]] == [("retarget_link", "failure"), ("cascade", "success")]
     assert len(h.outbox) == 1, [m.variables["link_url"] for m in h.outbox]
+
+
+def test_a_worker_goes_on_after_its_database_fails_a_batch(
+    make_harness: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that fails on the database (a restart, a deadlock's victim on PostgreSQL) does not end the worker:
+    it logs, waits and claims again, and what was due is carried out."""
+    h = make_harness(
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe"},
+        connector=FakeConnector(results=["success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    real_claim = h.executor.claim
+    failures = {"left": 2}
+
+    def flaky_claim(*args: Any, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sa.exc.OperationalError("UPDATE actions ...", {}, Exception("server closed the connection"))
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(h.executor, "claim", flaky_claim)
+    h.worker.poll_seconds = 0.01
+    with caplog.at_level(logging.ERROR, logger="winback"):
+        assert h.worker.run(until_idle=True) >= 1
+    assert failures["left"] == 0
+    assert [r.getMessage() for r in caplog.records if "failed on the database" in r.getMessage()] == [
+        "a batch failed on the database; trying again in 0.01 s",
+        "a batch failed on the database; trying again in 0.02 s",  # backing off
+    ]
+    assert [(a.strategy, a.status) for a in h.view().attempts[1:]] == [("retry_same", "success")]

@@ -88,15 +88,22 @@ def test_four_workers_over_10000_due_actions_postgres(
     four_workers_exactly_once(postgres_url, tmp_path)
 
 
+#: The victim's call after which its connector stops answering: the SIGKILL lands between that send and its record.
+KILL_AFTER_CALLS = 450
+
+
 def slow_counting_connectors(path: str) -> dict[str, object]:
-    """Counting connectors whose answer takes 2 ms after the call is made (and counted), so a SIGKILL lands
-    between a charge's send and its recording."""
+    """Counting connectors taking 2 ms a call; the KILL_AFTER_CALLS-th call is made (and counted) and its answer
+    never comes back before the process is killed, so the kill lands between a charge's send and its recording."""
     inner = counting_connectors(path)["*"]
 
     class Slow:
+        calls = 0
+
         def charge(self, request: object) -> object:
             answer = inner.charge(request)  # type: ignore[arg-type]
-            time.sleep(0.002)
+            Slow.calls += 1
+            time.sleep(60 if Slow.calls == KILL_AFTER_CALLS else 0.002)
             return answer
 
     return {"*": Slow()}
@@ -116,7 +123,7 @@ def sigkill_loses_and_repeats_nothing(url: str, tmp_path: Path, monkeypatch: pyt
     )
     victim.start()
     deadline = time.monotonic() + 30
-    while len(calls_in(calls)) < 450 and time.monotonic() < deadline:
+    while len(calls_in(calls)) < KILL_AFTER_CALLS and time.monotonic() < deadline:
         time.sleep(0.01)
     assert victim.pid is not None
     os.kill(victim.pid, signal.SIGKILL)

@@ -214,19 +214,25 @@ class Worker:
         """Loop until ``stop`` is set, ``stop_after`` seconds passed, or (``until_idle``) nothing is due."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
         total = 0
-        backoff = self.poll_seconds
+        backoff, failures = self.poll_seconds, 0
+        give_up_after = UNTIL_IDLE_DATABASE_FAILURES if until_idle else MAX_DATABASE_FAILURES
         while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
             try:
                 claimed = self.run_once()
             except sa.exc.DBAPIError:
                 # The database went away or chose this transaction as a deadlock's victim: what was claimed and not
                 # recorded is claimed again when its lease ends (a charge marked sent as a re-send), so the worker
-                # waits and goes on rather than exit.
+                # waits and goes on. An error that lasts (a missing schema, a database that does not come back)
+                # ends the run, so its supervisor sees it.
+                failures += 1
+                if failures >= give_up_after:
+                    log.error("the database failed %d batches in a row; the worker stops", failures)
+                    raise
                 log.exception("a batch failed on the database; trying again in %.3g s", backoff)
                 self._wait(stop, backoff)
                 backoff = min(backoff * 2, MAX_DATABASE_BACKOFF)
                 continue
-            backoff = self.poll_seconds
+            backoff, failures = self.poll_seconds, 0
             total += claimed
             if claimed == 0:
                 if until_idle:
@@ -244,6 +250,10 @@ class Worker:
 
 #: The longest a worker waits between tries while its database fails.
 MAX_DATABASE_BACKOFF = 30.0
+#: Batches failing on the database in a row after which a worker stops (about 2.5 min of backing off from 0.5 s),
+#: and after which a run until idle (the CLI, tests) stops.
+MAX_DATABASE_FAILURES = 10
+UNTIL_IDLE_DATABASE_FAILURES = 3
 
 
 def worker_main(

@@ -2099,3 +2099,29 @@ def test_a_worker_goes_on_after_its_database_fails_a_batch(
         "a batch failed on the database; trying again in 0.02 s",  # backing off
     ]
     assert [(a.strategy, a.status) for a in h.view().attempts[1:]] == [("retry_same", "success")]
+
+
+@pytest.mark.parametrize("until_idle", [True, False])
+def test_a_worker_stops_when_its_database_keeps_failing(make_harness: Any, until_idle: bool) -> None:
+    """(Sixth review.) An error that lasts (the schema is missing: a wrong database URL, migrations not run) ends
+    the run after a few batches in a row, so the CLI returns and a supervisor sees the worker stop, instead of a
+    retry every 30 s for ever."""
+    from service.executor import worker as worker_module
+
+    h = make_harness({"action": "retry", "strategy": "retry_same", "connector": "stripe"})
+    h.executor.payment_failed("m_demo", event())
+    with h.executor.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE actions"))
+    h.worker.poll_seconds = 0.001
+    calls = {"n": 0}
+    real_run_once = h.worker.run_once
+
+    def counted() -> int:
+        calls["n"] += 1
+        return real_run_once()
+
+    h.worker.run_once = counted  # type: ignore[method-assign]
+    with pytest.raises(sa.exc.OperationalError, match="no such table"):
+        h.worker.run(until_idle=until_idle, stop_after=60)
+    expected = worker_module.UNTIL_IDLE_DATABASE_FAILURES if until_idle else worker_module.MAX_DATABASE_FAILURES
+    assert calls["n"] == expected

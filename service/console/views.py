@@ -21,11 +21,10 @@ from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
-from service.executor.core import CHARGE_KINDS
+from service.executor.core import UNKNOWN_CHARGE
 from service.executor.schemas import OrderOut
 from service.executor.store import (
     OPEN_ORDER_STATES,
-    ActionState,
     OrderState,
     actions,
     agent_queue,
@@ -201,12 +200,7 @@ def _latest_decisions(conn: sa.Connection, merchant_id: str, order_ids: Sequence
 
 def _unanswered_charges(merchant_id: str, order_id: str | None = None) -> sa.Select[Any]:
     """The merchant's (or one order's) dead-lettered charges that were sent and never answered."""
-    query = sa.select(actions).where(
-        actions.c.merchant_id == merchant_id,
-        actions.c.state == ActionState.DEAD.value,
-        actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-        actions.c.unanswered_since.is_not(None),
-    )
+    query = sa.select(actions).where(actions.c.merchant_id == merchant_id, UNKNOWN_CHARGE)
     return query if order_id is None else query.where(actions.c.order_id == order_id)
 
 

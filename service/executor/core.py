@@ -292,6 +292,26 @@ def _dump(value: Any) -> str:
 SelectT = TypeVar("SelectT", bound=sa.Select[Any])
 
 
+#: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
+UNKNOWN_CHARGE = sa.and_(
+    actions.c.state == ActionState.DEAD.value,
+    actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+    actions.c.unanswered_since.is_not(None),
+)
+
+
+def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
+    """Tell the operator that ``order`` has a charge sent and never answered, and how to answer for it."""
+    log.error(
+        "%s: its charge action %s was sent and never answered; ask the connector and run "
+        "`winback executor resolve-charge %s --charged|--not-charged`",
+        what,
+        action_id,
+        action_id,
+        extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
+    )
+
+
 def _still_claimed(action: ActionRow) -> sa.ColumnElement[bool]:
     """``action``'s row while its claim (the one this worker holds) is still on it."""
     return sa.and_(
@@ -620,13 +640,7 @@ class Executor:
         if unknown is not None:
             # The customer may have paid already: no retry and no message asking them to pay, until an operator
             # has answered for that charge (resolve-charge decides the order again when nothing was taken).
-            log.error(
-                "order not decided: its charge action %s was sent and never answered; ask the connector and run "
-                "`winback executor resolve-charge %s --charged|--not-charged`",
-                unknown,
-                unknown,
-                extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
-            )
+            _log_unknown_charge(order, unknown, "order not decided")
             return None
         merchant = self.merchant(order["merchant_id"])
         request = self.request_for(conn, order, now)
@@ -731,13 +745,7 @@ class Executor:
         operator's ``resolve-charge``, looked at again every UNKNOWN_RECHECK."""
         unknown = self.unknown_charge(conn, order)
         if unknown is not None:
-            log.error(
-                "order not failed: its charge action %s was sent and never answered; an operator must ask the "
-                "connector and run `winback executor resolve-charge %s --charged|--not-charged`",
-                unknown,
-                unknown,
-                extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
-            )
+            _log_unknown_charge(order, unknown, "order not failed")
             self._close_later(conn, order, now + UNKNOWN_RECHECK, now, excluding)
             return
         in_flight = self.charge_in_flight(conn, order, excluding=excluding)
@@ -817,14 +825,7 @@ class Executor:
             return False
         unknown = self.unknown_charge(conn, order)
         if unknown is not None:
-            log.error(
-                "order %s while its charge action %s was sent and never answered: a refund may be needed; ask the "
-                "connector and run `winback executor resolve-charge %s --charged|--not-charged`",
-                state.value.lower(),
-                unknown,
-                unknown,
-                extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
-            )
+            _log_unknown_charge(order, unknown, f"order {state.value.lower()}, a refund may be needed")
         self._cancel_open(conn, order, now)
         self._enqueue_webhook(conn, order, state, txn_id, occurred_at, now)
         log.info(
@@ -1333,9 +1334,7 @@ class Executor:
             sa.select(sa.func.min(actions.c.action_id)).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
-                actions.c.state == ActionState.DEAD.value,
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-                actions.c.unanswered_since.is_not(None),
+                UNKNOWN_CHARGE,
             )
         )
         return None if found is None else int(found)
@@ -1397,11 +1396,7 @@ class Executor:
             verdict = "charged" if charged else "not charged"
             changed = conn.execute(
                 actions.update()
-                .where(
-                    actions.c.action_id == action_id,
-                    actions.c.state == ActionState.DEAD.value,
-                    actions.c.unanswered_since.is_not(None),
-                )
+                .where(actions.c.action_id == action_id, UNKNOWN_CHARGE)
                 .values(
                     state=ActionState.DONE.value if charged else ActionState.DEAD.value,
                     unanswered_since=None,

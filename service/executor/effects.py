@@ -54,7 +54,7 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, orders, webhook_deliveries
+from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
 #: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
@@ -398,15 +398,7 @@ class Effects:
         with self.executor.engine.connect() as conn:
             # The order as it is now: a charge of its own batch may have settled it, or failed it again, since
             # the batch read it.
-            order = (
-                conn.execute(
-                    sa.select(orders).where(
-                        orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id
-                    )
-                )
-                .mappings()
-                .one()
-            )
+            order = self.executor.orders_of(conn, [action])[(action.merchant_id, action.order_id)]
             if order["state"] != OrderState.PENDING:
                 return Skip(f"order is {order['state']}")
             unknown = self.executor.unknown_charge(conn, order)

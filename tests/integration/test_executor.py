@@ -2056,13 +2056,6 @@ def test_a_payment_link_is_not_sent_for_an_order_its_own_batch_just_charged(make
         order = h.executor.orders_of(conn, [payment.action])[("m_demo", "ord_1")]
     h.worker.record([(payment.action, h.effects.perform(payment.action, order))])  # ... declined: a retry is planned
     h.clock.advance(hours=23, minutes=1)  # the retry (due a minute ago) and N2 (due now) are claimed together
-    import sys
-
-    sys.path.insert(0, "/tmp")
-    import peek
-
-    peek.peek(h)
-    print("NOW", h.clock())
     assert h.worker.run_once() == 2
     view = h.view()
     assert view.state == "SUCCEEDED"

@@ -1349,11 +1349,12 @@ class Executor:
         ).rowcount
         return marked == 1
 
-    def renew_claim(self, action: ActionRow, lease: timedelta) -> bool:
-        """Extend ``action``'s claim to the clock plus ``lease``, in a transaction of its own; False when the claim
-        is no longer this one."""
+    def renew_claims(self, claims: Sequence[tuple[ActionRow, timedelta]]) -> set[int]:
+        """Extend each action's claim to the clock plus its lease, all in one transaction (one commit however many
+        charges are out); the ids of the actions whose claim is no longer this one."""
+        now = self.clock()
         with self.engine.begin() as conn:
-            return self.extend_claim(conn, action, self.clock() + lease)
+            return {action.action_id for action, lease in claims if not self.extend_claim(conn, action, now + lease)}
 
     def extend_claim(self, conn: sa.Connection, action: ActionRow, until: datetime) -> bool:
         """Extend ``action``'s claim to ``until`` (never shorten it); False when the claim is no longer this one."""

@@ -66,13 +66,17 @@ DEFAULT_LEASE = timedelta(seconds=30)
 class ClaimKeeper:
     """Renews the claims of the charges that are out, from one thread per process: each claim every third of its
     lease (wall-clock time), each time to the executor's clock plus the lease, for as long as it is still this
-    worker's. A process that dies stops renewing, and its claims end one lease later, as any other."""
+    worker's. The claims due together are renewed in one transaction. A renewal that fails (the database away for
+    a moment) is tried again after a thirtieth of the lease (at most a second), not a third, so a short outage
+    does not let a claim lapse. A process that dies stops renewing, and its claims end one lease later, as any
+    other."""
 
     @dataclass
     class _Kept:
         action: ActionRow
         lease: timedelta
         next_at: float  # time.monotonic() of the next renewal
+        failing: bool = False  # the last renewal failed
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
@@ -84,7 +88,7 @@ class ClaimKeeper:
     @contextlib.contextmanager
     def keep(self, action: ActionRow, lease: timedelta) -> Iterator[None]:
         """Renew ``action``'s claim while the block runs."""
-        kept = ClaimKeeper._Kept(action, lease, time.monotonic() + lease.total_seconds() / 3)
+        kept = ClaimKeeper._Kept(action, lease, time.monotonic() + _renewal_beat(lease))
         with self._changed:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._renew, name="claim-keeper", daemon=True)
@@ -112,19 +116,44 @@ class ClaimKeeper:
                     return
                 now = time.monotonic()
                 due = [kept for kept in self._kept.values() if kept.next_at <= now]
-                for kept in due:
-                    kept.next_at = now + kept.lease.total_seconds() / 3
                 if not due:
                     soonest = min((kept.next_at for kept in self._kept.values()), default=None)
                     self._changed.wait(None if soonest is None else soonest - now)
                     continue
-            for kept in due:
-                try:
-                    if not self.executor.renew_claim(kept.action, kept.lease):
-                        with self._changed:  # no longer this worker's: its answer will be refused as stale
-                            self._kept.pop(id(kept), None)
-                except Exception:  # the database is away for a moment: try again at the next beat
-                    log.warning("could not renew the claim of charge action %s", kept.action.action_id, exc_info=True)
+            try:
+                lost = self.executor.renew_claims([(kept.action, kept.lease) for kept in due])
+            except Exception:
+                retry_at = time.monotonic()
+                for kept in due:
+                    if not kept.failing:
+                        log.warning(
+                            "could not renew the claim of charge action %s; trying again shortly",
+                            kept.action.action_id,
+                            exc_info=True,
+                        )
+                    kept.failing = True
+                    kept.next_at = retry_at + _renewal_retry(kept.lease)
+                continue
+            renewed_at = time.monotonic()
+            with self._changed:
+                for kept in due:
+                    if kept.action.action_id in lost:  # no longer this worker's: its answer will be refused as stale
+                        self._kept.pop(id(kept), None)
+                        continue
+                    if kept.failing:
+                        log.info("renewed the claim of charge action %s again", kept.action.action_id)
+                    kept.failing = False
+                    kept.next_at = renewed_at + _renewal_beat(kept.lease)
+
+
+def _renewal_beat(lease: timedelta) -> float:
+    """Seconds between two renewals of a claim held for ``lease``."""
+    return lease.total_seconds() / 3
+
+
+def _renewal_retry(lease: timedelta) -> float:
+    """Seconds before a failed renewal of a claim held for ``lease`` is tried again."""
+    return min(lease.total_seconds() / 30, 1.0)
 
 
 log = logging.getLogger("winback.executor")

@@ -284,3 +284,47 @@ def test_a_charge_answered_early_in_a_batch_keeps_its_claim_until_recorded(
         f"ord_1 was charged ({ord_1_charged}) but its success is not on record (state {h.view('ord_1').state}); "
         f"worker 2 claimed {taken} while ord_2's send was out and re-sent ord_1 (calls {connector.calls})"
     )
+
+
+def test_a_claim_outlives_a_short_database_outage_while_its_charge_is_out(
+    make_harness: Any,  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database refuses the first three renewals of a charge that is out (a restart, a failover). A renewal
+    that failed used to be tried again only a third of the lease later, so three failures in a row ran past the
+    lease, and a second worker polling then took the charge over as a re-send while its first send was out. A
+    failed renewal is now tried again after a thirtieth of the lease, and the claim never lapses."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=HookConnector(results=["success"]),
+    )
+    base, started = h.clock(), time.monotonic()
+    h.executor.clock = lambda: base + timedelta(seconds=time.monotonic() - started)  # real seconds
+    lease = 3.0  # renewed every 1 s; a failed renewal tried again 0.1 s later
+    h.effects.lease = timedelta(seconds=lease)
+    real_renew = h.executor.renew_claims
+    refusals = iter(range(3))
+
+    def renew_claims(claims: Any) -> set[int]:
+        if next(refusals, None) is not None:
+            raise sa.exc.OperationalError("UPDATE actions", {}, Exception("the database is restarting"))
+        return real_renew(claims)
+
+    monkeypatch.setattr(h.executor, "renew_claims", renew_claims)
+    h.executor.payment_failed("m_demo", event())
+    (retry,) = h.executor.claim(10, lease, "w1", "claim-w1")  # worker 1 claims it with the same lease
+    seen: dict[str, Any] = {}
+
+    def second_worker_polls_after_the_lease() -> None:
+        time.sleep(lease + 0.5)
+        seen["due_at"], seen["clock"] = _row(h, retry.action_id).due_at, h.executor.clock()
+        seen["claimed"] = [(a.action_id, a.kind) for a in h.executor.claim(10, 30, "w2", "claim-w2")]
+
+    h.connector.during["retry"] = second_worker_polls_after_the_lease
+    h.effects.perform(retry, _order_row(h))
+
+    assert next(refusals, None) is None  # all three refusals were met
+    assert seen["claimed"] == [], (
+        f"{lease + 0.5} s into the send (claim due_at {seen['due_at']}, clock {seen['clock']}), worker 2 claimed "
+        f"{seen['claimed']}: the claim lapsed while the database refused renewals, and the charge is re-sent"
+    )

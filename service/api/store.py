@@ -220,13 +220,19 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
+    # The writer treats a database that fails within libpq's bounds as an outage (spool), an outcome as a 503.
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=server_connect_args(url))
+
+
+def server_connect_args(url: str) -> dict[str, Any]:
+    """Driver arguments for a database server's ``url``: libpq's own bounds for PostgreSQL through psycopg (which
+    passes them on), so a server that does not answer the connect, or a link that dies under an open connection
+    (a partition: the kernel would retry for ~15 minutes), fails within seconds as an OperationalError; none
+    for another driver."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
-        # libpq's own bounds (psycopg passes them on): a server that does not answer the connect, or a link that
-        # dies under an open connection (a partition: the kernel would retry for ~15 minutes), fails within
-        # seconds as an OperationalError, which the writer treats as an outage (spool) and an outcome as a 503.
-        return sa.create_engine(url, pool_pre_ping=True, connect_args=dict(POSTGRES_CONNECT_ARGS))
-    return sa.create_engine(url, pool_pre_ping=True)
+        return dict(POSTGRES_CONNECT_ARGS)
+    return {}
 
 
 def stored_json(body: BaseModel) -> str:

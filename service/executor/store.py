@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from service.api.store import SqliteFileWatch, make_engine, metadata
+from service.api.store import SqliteFileWatch, make_engine, metadata, server_connect_args
 
 #: Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -229,7 +229,15 @@ def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
     READ COMMITTED with row locks; claiming uses ``FOR UPDATE SKIP LOCKED``.
     """
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+        # A server that accepts and never answers, or a link that dies under an open connection, fails a batch
+        # within seconds (the worker backs off, and a stop is honoured), not after psycopg's 130 s connect.
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            connect_args=server_connect_args(url),
+        )
     engine = make_engine(url)
     # SQLite goes on writing into a file deleted or replaced under it, where every row is lost: every transaction
     # (and every new connection, before it would create an empty file in its place) checks the file first and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,15 @@ class Worker:
     lease_seconds: float = 30.0
     poll_seconds: float = 0.5
 
+    #: Actions of the batch being run (claimed, not all recorded): a batch that fails leaves them leased.
+    _unfinished: int = field(default=0, init=False, repr=False)
+
     def run_once(self) -> int:
         """Claim, perform and record one batch; the number of actions claimed."""
         batch = self.executor.claim(self.batch_size, self.lease_seconds, self.worker_id, uuid.uuid4().hex)
         if not batch:
             return 0
+        self._unfinished = len(batch)
         with self.executor.engine.connect() as conn:
             found = self.executor.orders_of(conn, batch)
         performed: list[tuple[ActionRow, Outcome]] = []
@@ -172,6 +177,7 @@ class Worker:
                 performed.append((action, outcome))
         if performed:
             self.record(performed)
+        self._unfinished = 0
         return len(batch)
 
     def record(self, performed: list[tuple[ActionRow, Outcome]]) -> None:
@@ -211,37 +217,58 @@ class Worker:
     def run(
         self, stop: threading.Event | None = None, stop_after: float | None = None, until_idle: bool = False
     ) -> int:
-        """Loop until ``stop`` is set, ``stop_after`` seconds passed, or (``until_idle``) nothing is due."""
+        """Loop until ``stop`` is set, ``stop_after`` seconds passed, or (``until_idle``) nothing is due.
+
+        A batch that fails on the database (it went away, or chose this transaction as a deadlock's victim) is
+        logged, and the worker waits (the poll interval, doubling up to MAX_DATABASE_BACKOFF) and goes on: what
+        was claimed and not recorded is claimed again when its lease ends (a charge marked sent as a re-send).
+        An error that lasts (a missing schema or column, a database that does not come back) ends the run with
+        that error, so its supervisor sees it: after MAX_DATABASE_FAILURES failed batches in a row
+        (UNTIL_IDLE_DATABASE_FAILURES until idle). In a row: no batch with actions done between them, and each
+        within the failure window (DATABASE_FAILURE_WINDOW_LEASES leases plus the longest backoff) of the one
+        before; the empty polls while a failed batch's lease runs are not batches done. A run until idle whose
+        failed batch is still leased to it does not end as idle: it raises that batch's error."""
         deadline = None if stop_after is None else time.monotonic() + stop_after
         total = 0
         backoff, failures = self.poll_seconds, 0
+        last_failure_at: float | None = None
+        left_leased: sa.exc.DBAPIError | None = None  # the error of a batch whose actions are still leased to us
         give_up_after = UNTIL_IDLE_DATABASE_FAILURES if until_idle else MAX_DATABASE_FAILURES
+        window = DATABASE_FAILURE_WINDOW_LEASES * self.lease_seconds + MAX_DATABASE_BACKOFF
         while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
             try:
                 claimed = self.run_once()
-            except sa.exc.DBAPIError:
-                # The database went away or chose this transaction as a deadlock's victim: what was claimed and not
-                # recorded is claimed again when its lease ends (a charge marked sent as a re-send), so the worker
-                # waits and goes on. An error that lasts (a missing schema, a database that does not come back)
-                # ends the run, so its supervisor sees it.
-                failures += 1
+            except sa.exc.DBAPIError as error:
+                now = time.monotonic()
+                if last_failure_at is not None and now - last_failure_at > window:
+                    failures = 0  # the failure before was another outage
+                failures, last_failure_at = failures + 1, now
+                if self._unfinished:
+                    left_leased, self._unfinished = error, 0
                 if failures >= give_up_after:
                     log.error("the database failed %d batches in a row; the worker stops", failures)
                     raise
                 log.exception("a batch failed on the database; trying again in %.3g s", backoff)
-                self._wait(stop, backoff)
+                self._wait(stop, backoff, deadline)
                 backoff = min(backoff * 2, MAX_DATABASE_BACKOFF)
                 continue
-            backoff, failures = self.poll_seconds, 0
+            backoff = self.poll_seconds
             total += claimed
-            if claimed == 0:
-                if until_idle:
-                    break
-                self._wait(stop, self.poll_seconds)
+            if claimed:
+                failures, left_leased = 0, None
+            elif until_idle:
+                if left_leased is not None:  # nothing is due because the failed batch is still ours
+                    log.error("a batch failed on the database and is still leased to this worker; the run stops")
+                    raise left_leased
+                break
+            else:
+                self._wait(stop, self.poll_seconds, deadline)
         return total
 
     @staticmethod
-    def _wait(stop: threading.Event | None, seconds: float) -> None:
+    def _wait(stop: threading.Event | None, seconds: float, deadline: float | None = None) -> None:
+        if deadline is not None:
+            seconds = max(min(seconds, deadline - time.monotonic()), 0.0)
         if stop is not None:
             stop.wait(seconds)
         else:
@@ -250,10 +277,14 @@ class Worker:
 
 #: The longest a worker waits between tries while its database fails.
 MAX_DATABASE_BACKOFF = 30.0
-#: Batches failing on the database in a row after which a worker stops (about 2.5 min of backing off from 0.5 s),
-#: and after which a run until idle (the CLI, tests) stops.
+#: Batches failing on the database in a row after which a worker stops (about 2.5 min of backing off from 0.5 s
+#: when claiming fails; about ten leases when what fails comes after the claim), and after which a run until idle
+#: (the CLI, tests) stops.
 MAX_DATABASE_FAILURES = 10
 UNTIL_IDLE_DATABASE_FAILURES = 3
+#: Two failed batches are "in a row" when the second comes within this many leases (plus the longest backoff) of
+#: the first: a failure after the claim comes back each time the failed batch's lease ends.
+DATABASE_FAILURE_WINDOW_LEASES = 2
 
 
 def worker_main(
@@ -401,8 +432,15 @@ def run(
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        for process in processes:
-            process.join()
+        running = list(processes)
+        while running:
+            multiprocessing.connection.wait([process.sentinel for process in running])
+            running = [process for process in running if process.is_alive()]
+            if any(process.exitcode not in (None, 0) for process in processes):
+                # A worker that stopped on an error (its database kept failing) stops the others, so the command
+                # exits with the error and its supervisor restarts the whole set, rather than running on short.
+                log.error("an executor worker exited with an error; stopping the others")
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         for process in processes:
             if process.pid is not None and process.is_alive():

@@ -1302,10 +1302,10 @@ class Executor:
         return None if until is None else as_utc(until)
 
     def charge_ahead_of(self, conn: sa.Connection, order: RowMapping, action: ActionRow) -> datetime | None:
-        """When to look again, for a charge's first send, at another charge of the order that goes first: one
-        sent and not answered; for a retry also a link payment claimed now, or an older retry claimed now. A newer
-        claimed retry waits for this one in turn, and a claimed retry waits for a claimed link payment, so two
-        first sends never wait for each other. None when nothing goes first."""
+        """When to look again, for a message or a charge's first send, at another charge of the order that goes
+        first: one sent and not answered; for a retry also a link payment claimed now, or an older retry claimed
+        now. A newer claimed retry waits for this one in turn, and a claimed retry waits for a claimed link
+        payment, so two first sends never wait for each other. None when nothing goes first."""
         goes_first: sa.ColumnElement[bool] = actions.c.unanswered_since.is_not(None)
         if action.kind == ActionKind.RETRY:
             goes_first = sa.or_(

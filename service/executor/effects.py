@@ -433,6 +433,9 @@ class Effects:
             unknown = self.executor.unknown_charge(conn, order)
             if unknown is not None:  # the customer may have paid: no message asking them to pay
                 return Skip(f"charge action {unknown} of the order was sent and never answered")
+            busy_until = self.executor.charge_ahead_of(conn, order, action)
+            if busy_until is not None:  # a charge is with its connector now: its answer may settle the order
+                return Defer(max(busy_until, now + RECHECK), "a charge of the order may be with its connector")
             request = self.executor.request_for(conn, order, now)
         # The hard rules again, at the moment of sending: the decision may be hours old.
         verdict = check(

@@ -2034,33 +2034,64 @@ def test_a_replanned_retry_does_not_use_up_a_retry_of_the_budget(make_harness: A
     assert view.state == "SUCCEEDED"
 
 
-def test_a_payment_link_is_not_sent_for_an_order_its_own_batch_just_charged(make_harness: Any) -> None:
-    """(Fifth review.) A batch holds a retry and, planned after it, a message of the same order. The retry
-    succeeds and is recorded at once; the message must then not go out asking a customer who has just paid to pay:
-    the batch runs in planned order, and a message reads its order as it is now, not as the batch found it."""
-    h = make_harness(
+def _retry_and_message_due_together(make_harness: Any, connector: FakeConnector) -> Harness:
+    """An order whose payment link (N1) was paid and declined, with the silent retry that followed due a minute
+    ago and the follow-up's second message (N2) due now; ``connector`` declines the first charge."""
+    h: Harness = make_harness(
         {"action": "retarget", "channel": "sms"},  # N1 now; its follow-up in 24 h
         {"action": "retarget", "channel": "sms", "delay": timedelta(hours=24)},  # at the follow-up: N2, on Day 2
         {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=22, minutes=59)},
-        connector=FakeConnector(results=["failure", "success"]),
+        connector=connector,
     )
     h.executor.payment_failed("m_demo", event())
     h.drain()  # N1 goes out
     assert len(h.outbox) == 1
-    token = token_of(h)
     h.clock.advance(hours=24)
     h.drain()  # N1's follow-up plans N2 for tomorrow
     h.clock.advance(hours=1)
-    payment = h.executor.start_link_payment(token, 30, "api", "claim-link")  # the customer pays N1's link ...
-    with h.executor.engine.connect() as conn:
-        order = h.executor.orders_of(conn, [payment.action])[("m_demo", "ord_1")]
-    h.worker.record([(payment.action, h.effects.perform(payment.action, order))])  # ... declined: a retry is planned
-    h.clock.advance(hours=23, minutes=1)  # the retry (due a minute ago) and N2 (due now) are claimed together
-    assert h.worker.run_once() == 2
+    payment = h.executor.start_link_payment(token_of(h), 30, "api", "claim-link")  # the customer pays N1's link ...
+    h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])  # ... declined: a retry
+    h.clock.advance(hours=23, minutes=1)  # the retry (due a minute ago) and N2 (due now)
+    return h
+
+
+def test_a_payment_link_is_not_sent_for_an_order_its_own_batch_just_charged(make_harness: Any) -> None:
+    """(Fifth review.) A batch holds a retry and, planned after it, a message of the same order. The retry
+    succeeds and is recorded at once; the message must then not go out asking a customer who has just paid to pay:
+    the batch runs in planned order, and a message reads its order as it is now, not as the batch found it."""
+    h = _retry_and_message_due_together(make_harness, FakeConnector(results=["failure", "success"]))
+    assert h.worker.run_once() == 2  # the retry and N2, in one batch
     view = h.view()
     assert view.state == "SUCCEEDED"
     assert [(a.strategy, a.status) for a in view.attempts[1:]] == [("retarget_link", "failure"), ("cascade", "success")]
     assert len(h.outbox) == 1, [m.variables["link_url"] for m in h.outbox]
+
+
+def test_a_payment_link_waits_while_another_worker_has_a_charge_of_its_order_out(make_harness: Any) -> None:
+    """(Seventh review.) A retry and a payment-link message of one order fall due together and go to two workers.
+    The message used to check only for a charge left unanswered for an operator, not for one with its connector
+    now: the customer was asked to pay while the retry charged them. It now waits for the charge's answer (and is
+    then skipped, the order being paid)."""
+    h = _retry_and_message_due_together(make_harness, HookConnector(results=["failure", "success"]))
+    (retry,) = h.executor.claim(1, 30, "w1", "claim-w1")  # worker 1 takes the retry ...
+    assert retry.kind == "retry"
+    seen: list[tuple[str, str]] = []
+
+    def second_worker_takes_the_message() -> None:  # ... worker 2 takes N2 while the retry is with the connector
+        batch = h.executor.claim(10, 30, "w2", "claim-w2")
+        performed = [(action, h.effects.perform(action, _order_row(h))) for action in batch]
+        seen.extend((action.kind, type(outcome).__name__) for action, outcome in performed)
+        h.worker.record(performed)
+
+    h.connector.during["retry"] = second_worker_takes_the_message
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])  # charged
+
+    assert seen == [("nudge", "Defer")]
+    assert len(h.outbox) == 1, [m.variables["link_url"] for m in h.outbox]  # N1 only
+    h.clock.advance(minutes=5)
+    h.drain()
+    assert h.view().state == "SUCCEEDED"
+    assert len(h.outbox) == 1
 
 
 def test_a_worker_goes_on_after_its_database_fails_a_batch(

@@ -109,6 +109,7 @@ class Rule(StrEnum):
     SKIP_DAYS = "skip_days"
     ONE_NUDGE_PER_DAY = "one_nudge_per_day"
     QUIET_HOURS = "quiet_hours"
+    ORDER_ALREADY_PAID = "order_already_paid"
 
 
 #: Rules about the order's situation (budgets, windows, the payment flow, the merchant's switches, when), not about
@@ -124,6 +125,7 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.RETRY_FLOW_DISABLED,
         Rule.MAX_RETRIES,
         Rule.RETRY_WINDOW,
+        Rule.ORDER_ALREADY_PAID,
     }
 )
 
@@ -443,6 +445,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     retry_blocked: list[str] = []
     retarget_blocked: list[str] = []
+    # An attempt of the order that succeeded means it is paid: no charge and no payment link can follow, whatever
+    # the failure after it says (a caller's race, or a history sent out of order). Stop is all that is left.
+    if any(a.status == "success" for a in attempts):
+        applied.append(Rule.ORDER_ALREADY_PAID.value)
+        retry_blocked.append(Rule.ORDER_ALREADY_PAID)
+        retarget_blocked.append(Rule.ORDER_ALREADY_PAID)
     retries_left = [merchant.retry.max_retries - retries_used]
     applied.append(f"max_retries:{merchant.retry.max_retries}")
 

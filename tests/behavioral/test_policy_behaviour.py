@@ -217,3 +217,24 @@ def test_a_loaded_bundle_warmed_up_decides_as_a_cold_one_does(bundle: ModelBundl
         options: dict[str, Any] = {"catalog": load_catalog(), "config": config, "decision_id": "dec_same"}
         decisions = [decide(request, merchant, one, rng=np.random.default_rng(3), **options) for one in (cold, warm)]
         assert decisions[0] == decisions[1]
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_an_order_already_paid_gets_stop(with_model: bool, bundle: ModelBundle) -> None:
+    """A history whose later attempt succeeded (the caller asks about a failure it has since recovered, or sent
+    the history out of order): the answer is stop, never a charge or a payment link."""
+    history = {
+        "attempts": [
+            {"attempt_number": 1, "connector": "stripe", "strategy": "initial", "status": "failure",
+             "error_code": "card_declined", "created_at": "2026-11-01T10:15:00Z"},
+            {"attempt_number": 2, "connector": "adyen", "strategy": "cascade", "status": "success",
+             "created_at": "2026-11-01T11:00:00Z"},
+        ],
+        "nudges": [],
+    }  # fmt: skip
+    request = make_request(event_time="2026-11-01T11:15:00Z", history=history)
+    decision = decide(
+        request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING
+    )
+    assert (decision.action, decision.alternatives) == (Action.STOP, [])
+    assert "order_already_paid" in decision.rules_applied

@@ -553,6 +553,21 @@ def test_only_silent_retries_count_against_max_retries() -> None:
     assert "retries_left:1" in context.rules_applied
 
 
+@pytest.mark.parametrize("earlier", [True, False], ids=["an-earlier-attempt", "the-only-attempt"])
+def test_an_order_with_a_successful_attempt_gets_neither_a_retry_nor_a_payment_link(earlier: bool) -> None:
+    """(A caller's race, or a history sent out of order.) The order is paid: charging it again, or asking the
+    customer to pay, is what a recovery service must never do."""
+    paid = [attempt(1, "initial", T0 - 2 * HOUR, status="success")]
+    if earlier:
+        paid = [attempt(1, "initial", T0 - 2 * HOUR), attempt(2, "cascade", T0 - HOUR, status="SUCCESS")]
+    context = ctx(history={"attempts": paid, "nudges": []})
+    for candidate in (retry(), retry(strategy="cascade", connector="adyen"), retarget(at=T0 + 2 * HOUR)):
+        assert Rule.ORDER_ALREADY_PAID in broken(context, candidate)
+    assert Rule.ORDER_ALREADY_PAID not in broken(context, Candidate(Action.STOP, T0))
+    assert "order_already_paid" in context.rules_applied
+    assert [c.action for c in permitted(context, rules.enumerate_candidates(context))] == [Action.STOP]
+
+
 @pytest.mark.parametrize(("sent", "fires"), [(3, False), (4, True)])
 def test_max_nudges(sent: int, fires: bool) -> None:
     nudges = [{"channel": "sms", "sent_at": (T0 - timedelta(days=9 - 2 * i)).isoformat()} for i in range(sent)]
@@ -1080,6 +1095,8 @@ def _contract_violations(request: Any, merchant: Any, candidate: Candidate) -> l
     pay, fail, cust = request.payment, request.failure, request.customer
     if candidate.execute_at < request.event_time:
         problems.append("before event_time")
+    if candidate.action != Action.STOP and any(a.status == "success" for a in request.history.attempts):
+        problems.append("an order already paid is charged or asked to pay again")
     if candidate.action == Action.RETRY:
         mac = (fail.merchant_advice_code or "").zfill(2)
         if pay.card_network == "visa" and fail.network_decline_code in VISA_CATEGORY_1_CODES:

@@ -27,6 +27,8 @@ from model.rules import Candidate
 log = logging.getLogger("winback.api")
 #: Longest wait before a refused champion version is downloaded and tried again.
 MAX_RETRY_SECONDS = 300.0
+#: Longest a start waits for the first load of the champion before it serves rules-only meanwhile.
+START_WAIT_SECONDS = 20.0
 
 
 class ModelSource(Protocol):
@@ -204,18 +206,33 @@ class ModelHolder:
             self.on_error(reason)
         return False
 
-    def _run(self) -> None:
+    def _run(self, first_done: threading.Event) -> None:
+        try:
+            self.refresh()
+        finally:
+            first_done.set()
         while not self._stop.wait(self.poll_seconds):
             self.refresh()
 
-    def start(self) -> None:
-        """Load the champion now (rules-only if there is none), then keep polling in a daemon thread."""
+    def start(self, wait_seconds: float | None = None) -> None:
+        """Load the champion (rules-only if there is none), then keep polling, in a daemon thread.
+
+        Waits up to ``wait_seconds`` (START_WAIT_SECONDS by default) for the first load, so a healthy registry's
+        champion serves the first request. A registry that does not answer by then (down, black-holed, or
+        retrying inside the MLflow client) does not hold the server's start: it answers rules-only, with
+        ``/readyz`` false, until the load completes in the poller."""
         if self.on_change is not None:
             self.on_change(self.current)
-        self.refresh()
-        if self.source is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="winback-champion-poller", daemon=True)
-            self._thread.start()
+        if self.source is None or self._thread is not None:
+            return
+        first_done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(first_done,), name="winback-champion-poller", daemon=True
+        )
+        self._thread.start()
+        wait = START_WAIT_SECONDS if wait_seconds is None else wait_seconds
+        if not first_done.wait(wait):  # /readyz says "no model loaded" until the poller's first load ends
+            log.warning("the model registry has not answered in %g s; serving rules-only meanwhile", wait)
 
     def stop(self) -> None:
         """Stop polling (the serving model stays as it is)."""

@@ -719,6 +719,33 @@ def test_registry_down_keeps_serving_the_current_model(tmp_path: Path) -> None:
     holder.stop()
 
 
+def test_a_registry_that_does_not_answer_does_not_hold_the_start(tmp_path: Path) -> None:
+    """(Contract check.) A registry that is down at start kept the server from listening for ~4 minutes: the first
+    load ran before serving, and the MLflow client retries a refused connection 7 times with backoff. The start
+    now waits a bounded time for the first load, then answers rules-only (not ready) until the poller's load
+    completes."""
+    answered = threading.Event()
+
+    class HangingSource(FakeSource):
+        def champion_version(self) -> str | None:
+            answered.wait(30)  # the MLflow client retrying a registry that does not answer
+            return super().champion_version()
+
+    holder = ModelHolder(HangingSource("3"), poll_seconds=0.05)
+    try:
+        holder.start(wait_seconds=0.1)
+        assert (holder.ready, holder.current.version) == (False, "rules-only")  # serving, rules-only
+        answered.set()  # the registry answers: the load completes in the poller
+        for _ in range(200):
+            if holder.ready:
+                break
+            time.sleep(0.05)
+        assert holder.current.version == "3"
+    finally:
+        answered.set()
+        holder.stop()
+
+
 def test_a_champion_that_cannot_be_loaded_is_named_counted_and_the_last_model_serves(tmp_path: Path) -> None:
     # It used to show only in a log line blaming the registry ("model registry unavailable: UnicodeDecodeError"),
     # with /readyz silent and winback_registry_errors_total never counting.

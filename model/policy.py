@@ -50,7 +50,7 @@ class Scorer(Protocol):
 class PolicyConfig:
     exploration: float = 0.05  # share of decisions that explore among permitted candidates
     exploration_rare_code: float = 0.15  # exploration for codes the model never trained on (or the catalog lacks)
-    max_alternatives: int = 5
+    max_alternatives: int | None = None  # None: every other permitted action (CONTRACT.md section 2)
     retryable_threshold: float = 0.10  # P(best silent retry succeeds) at or above which a failure is retryable
     # Training support (silent retries after the code) at which exploration is halfway from rare to base: thin
     # evidence keeps a code explorable, so a code judged non-retryable can still be found retryable later.
@@ -359,7 +359,7 @@ def _alternatives(
     p_success: np.ndarray,
     *,
     exclude: tuple[Action, Strategy | None, str | None, Channel | None],
-    limit: int,
+    limit: int | None,
 ) -> list[Alternative]:
     """The best candidate of every other action group, best first."""
     # Each candidate's group as a number, found once per run: hashing a group hashes its enum members in Python.
@@ -388,7 +388,7 @@ def _alternatives(
                 },
             )
         )
-        if len(result) >= limit:
+        if limit is not None and len(result) >= limit:
             break
     return result
 

@@ -18,7 +18,7 @@ from model.bundle import ModelBundle
 from model.catalog import load_catalog
 from model.policy import PolicyConfig, decide
 from model.requests import Decision
-from model.rules import Candidate
+from model.rules import Candidate, build_context, permitted_grid
 from model.training import train
 from model.vocab import Action
 from tests.factories import make_history_frames, make_merchant, make_request
@@ -238,3 +238,19 @@ def test_an_order_already_paid_gets_stop(with_model: bool, bundle: ModelBundle) 
     )
     assert (decision.action, decision.alternatives) == (Action.STOP, [])
     assert "order_already_paid" in decision.rules_applied
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_alternatives_are_every_other_permitted_action(with_model: bool, bundle: ModelBundle) -> None:
+    """CONTRACT.md section 2: 'the other permitted actions, best first'. They were cut to five, so a permitted
+    stop or channel could be missing from what an agent sees (seen in a black-box check of the demo request)."""
+    request, merchant = make_request(), make_merchant()
+    decision = decide(request, merchant, bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    context = build_context(request, merchant, load_catalog())
+    allowed, _ = permitted_grid(context)
+    groups = {(c.action, c.strategy, c.connector, c.channel) for c in allowed}
+    listed = [(a.action, a.strategy, a.connector, a.channel) for a in decision.alternatives]
+    chosen = (decision.action, decision.strategy, decision.connector, decision.channel)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == groups - {chosen}
+    assert len(listed) > 5  # the demo request has more than the old cut

@@ -126,6 +126,7 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.MAX_RETRIES,
         Rule.RETRY_WINDOW,
         Rule.ORDER_ALREADY_PAID,
+        Rule.CONNECTOR_UNAVAILABLE,  # which connectors the caller offers now (available_connectors)
     }
 )
 

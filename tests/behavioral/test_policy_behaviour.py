@@ -166,6 +166,26 @@ def test_retryable_does_not_depend_on_which_retry_flows_the_merchant_enabled(
 
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize("offered", [[], ["adyen"], ["stripe"]])
+def test_retryable_does_not_depend_on_which_connectors_are_offered_now(
+    with_model: bool, offered: list[str], bundle: ModelBundle
+) -> None:
+    """(Contract check.) With ``available_connectors: []`` the same error was judged not retryable: retries on a
+    connector not offered now were neither permitted nor counted as blocked by the order's situation."""
+    scorer = bundle if with_model else None
+    technical = {"error_code": "processing_error", "error_message": "An error occurred while processing your card.",
+                 "network_decline_code": "96"}  # fmt: skip
+    base = decide(make_request(failure=technical), make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+    request = make_request(failure=technical, available_connectors=offered)
+    decision = decide(request, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+    assert base.retryable
+    assert decision.retryable == base.retryable
+    if not offered:
+        assert decision.action != Action.RETRY
+        assert decision.retry_probability == 0.0
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 def test_decisions_are_built_as_model_construct_builds_them(with_model: bool, bundle: ModelBundle) -> None:
     # decide() builds its answer without model_construct (policy._constructed): the same state, field by field.
     decision = decide(

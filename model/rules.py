@@ -126,17 +126,11 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.MAX_RETRIES,
         Rule.RETRY_WINDOW,
         Rule.ORDER_ALREADY_PAID,
+        # Which connectors the caller offers now: a retry that must stay on the connector that failed (retry_same,
+        # step_up, clear_pan, alternate_network) still carries the error's verdict when that one is not offered.
+        Rule.CONNECTOR_UNAVAILABLE,
     }
 )
-#: ... and, when the caller offers no connector at all now (``available_connectors: []``), connector_unavailable:
-#: the error's verdict is then that of the retries on the connector that failed. (With some offered, the retries
-#: on those carry it; scoring every strategy on one not offered too would cost each such request a fifth more.)
-_SITUATIONAL_WITHOUT_CONNECTORS: frozenset[str] = SITUATIONAL_RETRY_RULES | {Rule.CONNECTOR_UNAVAILABLE}
-
-
-def _situational_rules(context: RuleContext) -> frozenset[str]:
-    """The rules that only say the order's situation forbids a retry, for this request."""
-    return SITUATIONAL_RETRY_RULES if context.connector_order else _SITUATIONAL_WITHOUT_CONNECTORS
 
 
 class RulesDataError(ValueError):
@@ -799,7 +793,7 @@ def situation_blocked_retries(
     """
     kept = {id(candidate) for candidate in allowed}
     left_out = [c for c in candidates if c.action == _RETRY and id(c) not in kept]
-    return _breaking_only(context, left_out, _situational_rules(context))
+    return _breaking_only(context, left_out, SITUATIONAL_RETRY_RULES)
 
 
 def _breaking_only(context: RuleContext, candidates: list[Candidate], tolerated: frozenset[str]) -> list[Candidate]:
@@ -1096,7 +1090,7 @@ def permitted_grid(context: RuleContext) -> tuple[list[Candidate], list[Candidat
     # Per action and moment list (the blocks of one action share theirs): the moments no time rule forbids, the
     # moments only situational ones forbid or none, and those only situational ones forbid.
     by_moments: dict[tuple[str | None, int], tuple[list[datetime], list[datetime], list[datetime]]] = {}
-    situational = _situational_rules(context)
+    situational = SITUATIONAL_RETRY_RULES
     for action, strategy, connector, channel, moments in _grid_blocks(context):
         broken = _broken_kind(context, action, strategy, connector, channel)
         kind_ok = not broken

@@ -274,3 +274,21 @@ def test_alternatives_are_every_other_permitted_action(with_model: bool, bundle:
     assert len(listed) == len(set(listed))
     assert set(listed) == groups - {chosen}
     assert len(listed) > 5  # the demo request has more than the old cut
+
+
+SCA_SOFT_DECLINE = {"error_code": "authentication_required", "error_message": "auth required",
+                    "network_decline_code": "1A"}  # fmt: skip
+
+
+@pytest.mark.parametrize("offered", [["adyen"], ["cybersource"], ["adyen", "cybersource"]])
+def test_retryable_of_an_error_retried_on_its_own_connector_does_not_depend_on_the_offered_connectors(
+    offered: list[str],
+) -> None:
+    """(Eighth review.) An SCA soft decline is recovered by step_up on the connector that failed. Offered only
+    other connectors, it was judged not retryable: only cascades were scored for the verdict."""
+    catalog, merchant = load_catalog(), make_merchant()
+    base = decide(make_request(failure=SCA_SOFT_DECLINE), merchant, None, catalog=catalog, config=GREEDY)
+    request = make_request(failure=SCA_SOFT_DECLINE, available_connectors=offered)
+    decision = decide(request, merchant, None, catalog=catalog, config=GREEDY)
+    assert base.retryable
+    assert decision.retryable == base.retryable, (decision.retry_probability, base.retry_probability)

@@ -1210,7 +1210,7 @@ def _assert_permitted_is_checked(context: RuleContext, candidates: list[Candidat
         for candidate in candidates
         if candidate.action == Action.RETRY
         and not check(context, candidate).allowed
-        and rules._situational_rules(context).issuperset(check(context, candidate).broken)
+        and rules.SITUATIONAL_RETRY_RULES.issuperset(check(context, candidate).broken)
     ]
     blocked = rules.situation_blocked_retries(context, candidates, got)
     assert [id(c) for c in blocked] == [id(c) for c in situational]

@@ -1349,6 +1349,16 @@ class Executor:
         ).rowcount
         return marked == 1
 
+    def claims_held(self, tokens: Sequence[str]) -> set[str]:
+        """Which of the claim ``tokens`` still hold an action (claimed, not yet completed or taken over)."""
+        with self.engine.connect() as conn:
+            found = conn.scalars(
+                sa.select(actions.c.claim_token)
+                .where(actions.c.claim_token.in_(tokens), actions.c.state == ActionState.CLAIMED.value)
+                .distinct()
+            )
+            return {str(token) for token in found}
+
     def renew_claims(self, claims: Sequence[tuple[ActionRow, timedelta]]) -> set[int]:
         """Extend each action's claim to the clock plus its lease, all in one transaction (one commit however many
         charges are out); the ids of the actions whose claim is no longer this one."""

@@ -155,15 +155,17 @@ class Worker:
     lease_seconds: float = 30.0
     poll_seconds: float = 0.5
 
-    #: Actions of the batch being run (claimed, not all recorded): a batch that fails leaves them leased.
-    _unfinished: int = field(default=0, init=False, repr=False)
+    #: The claim token of the batch being run (claimed, not all recorded): a batch that fails leaves its actions
+    #: leased under it.
+    _unfinished: str | None = field(default=None, init=False, repr=False)
 
     def run_once(self) -> int:
         """Claim, perform and record one batch; the number of actions claimed."""
-        batch = self.executor.claim(self.batch_size, self.lease_seconds, self.worker_id, uuid.uuid4().hex)
+        token = uuid.uuid4().hex
+        batch = self.executor.claim(self.batch_size, self.lease_seconds, self.worker_id, token)
         if not batch:
             return 0
-        self._unfinished = len(batch)
+        self._unfinished = token
         with self.executor.engine.connect() as conn:
             found = self.executor.orders_of(conn, batch)
         performed: list[tuple[ActionRow, Outcome]] = []
@@ -177,7 +179,7 @@ class Worker:
                 performed.append((action, outcome))
         if performed:
             self.record(performed)
-        self._unfinished = 0
+        self._unfinished = None
         return len(batch)
 
     def record(self, performed: list[tuple[ActionRow, Outcome]]) -> None:
@@ -224,27 +226,26 @@ class Worker:
         was claimed and not recorded is claimed again when its lease ends (a charge marked sent as a re-send).
         An error that lasts (a missing schema or column, a database that does not come back) ends the run with
         that error, so its supervisor sees it: after MAX_DATABASE_FAILURES failed batches in a row
-        (UNTIL_IDLE_DATABASE_FAILURES until idle). In a row: no batch with actions done between them, and each
-        within the failure window (DATABASE_FAILURE_WINDOW_LEASES leases plus the longest backoff) of the one
-        before; the empty polls while a failed batch's lease runs are not batches done. A run until idle whose
-        failed batch is still leased to it does not end as idle: it raises that batch's error."""
+        (UNTIL_IDLE_DATABASE_FAILURES until idle). In a row: no poll between them answered while no failed
+        batch's action was still leased to this worker (a failure after the claim leaves its batch leased, and the
+        polls that find nothing due meanwhile say nothing of the database's health). A run until idle that finds
+        nothing due while such an action is still leased to it raises that batch's error rather than end as idle.
+        """
         deadline = None if stop_after is None else time.monotonic() + stop_after
         total = 0
         backoff, failures = self.poll_seconds, 0
-        last_failure_at: float | None = None
-        left_leased: sa.exc.DBAPIError | None = None  # the error of a batch whose actions are still leased to us
+        leased: dict[str, sa.exc.DBAPIError] = {}  # claim tokens of failed batches that may still hold actions
         give_up_after = UNTIL_IDLE_DATABASE_FAILURES if until_idle else MAX_DATABASE_FAILURES
-        window = DATABASE_FAILURE_WINDOW_LEASES * self.lease_seconds + MAX_DATABASE_BACKOFF
         while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
             try:
                 claimed = self.run_once()
+                if leased:
+                    held = self.executor.claims_held(list(leased))
+                    leased = {token: error for token, error in leased.items() if token in held}
             except sa.exc.DBAPIError as error:
-                now = time.monotonic()
-                if last_failure_at is not None and now - last_failure_at > window:
-                    failures = 0  # the failure before was another outage
-                failures, last_failure_at = failures + 1, now
-                if self._unfinished:
-                    left_leased, self._unfinished = error, 0
+                failures += 1
+                if self._unfinished is not None:
+                    leased[self._unfinished], self._unfinished = error, None
                 if failures >= give_up_after:
                     log.error("the database failed %d batches in a row; the worker stops", failures)
                     raise
@@ -254,15 +255,16 @@ class Worker:
                 continue
             backoff = self.poll_seconds
             total += claimed
+            if not leased:
+                failures = 0
             if claimed:
-                failures, left_leased = 0, None
-            elif until_idle:
-                if left_leased is not None:  # nothing is due because the failed batch is still ours
-                    log.error("a batch failed on the database and is still leased to this worker; the run stops")
-                    raise left_leased
+                continue
+            if until_idle:
+                if leased:  # nothing is due because a failed batch is still this worker's
+                    log.error("a batch that failed on the database is still leased to this worker; the run stops")
+                    raise next(iter(leased.values()))
                 break
-            else:
-                self._wait(stop, self.poll_seconds, deadline)
+            self._wait(stop, self.poll_seconds, deadline)
         return total
 
     @staticmethod
@@ -282,9 +284,6 @@ MAX_DATABASE_BACKOFF = 30.0
 #: (the CLI, tests) stops.
 MAX_DATABASE_FAILURES = 10
 UNTIL_IDLE_DATABASE_FAILURES = 3
-#: Two failed batches are "in a row" when the second comes within this many leases (plus the longest backoff) of
-#: the first: a failure after the claim comes back each time the failed batch's lease ends.
-DATABASE_FAILURE_WINDOW_LEASES = 2
 
 
 def worker_main(
@@ -308,6 +307,7 @@ def worker_main(
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log.info("executor worker %s is running", worker_id)
     worker = Worker(
         executor,
         effects,
@@ -325,6 +325,9 @@ def worker_main(
 
 
 def _child(*args: Any) -> None:
+    # Ctrl-C reaches the whole process group: the parent turns it into a SIGTERM to each worker, which finishes
+    # its batch and exits 0, instead of a KeyboardInterrupt mid-batch (a traceback, exit 1, the command failing).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_main(*args)
 
 
@@ -430,25 +433,34 @@ def run(
         # SIGTERM (systemd, kill, a supervisor) stops the workers as gracefully as Ctrl-C, never orphaning them.
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        running = list(processes)
-        while running:
-            multiprocessing.connection.wait([process.sentinel for process in running])
-            running = [process for process in running if process.is_alive()]
-            if any(process.exitcode not in (None, 0) for process in processes):
-                # A worker that stopped on an error (its database kept failing) stops the others, so the command
-                # exits with the error and its supervisor restarts the whole set, rather than running on short.
-                log.error("an executor worker exited with an error; stopping the others")
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    def _stop_all() -> None:
         for process in processes:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
         for process in processes:
             process.join(timeout=30)
+
+    # Workers that ended with anything but 0 while the command was not stopping (an error, such as a database that
+    # kept failing, or a signal sent to that worker alone): the others are stopped at once and the command fails,
+    # so its supervisor restarts the whole set rather than the command running on short.
+    ended_alone: list[str] = []
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        running = list(processes)
+        while running:
+            multiprocessing.connection.wait([process.sentinel for process in running])
+            ended_alone += [p.name for p in running if not p.is_alive() and p.exitcode != 0]
+            running = [process for process in running if process.is_alive()]
+            if ended_alone:
+                log.error("executor worker %s exited with an error; stopping the others", ", ".join(ended_alone))
+                _stop_all()
+                break
+    except KeyboardInterrupt:
+        _stop_all()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
+    failed = ended_alone + [
+        p.name for p in processes if p.name not in ended_alone and p.exitcode not in (0, -signal.SIGTERM)
+    ]
     if failed:
         raise RuntimeError(f"executor workers exited with an error: {', '.join(failed)}")

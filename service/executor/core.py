@@ -1302,26 +1302,33 @@ class Executor:
         return None if until is None else as_utc(until)
 
     def charge_ahead_of(self, conn: sa.Connection, order: RowMapping, action: ActionRow) -> datetime | None:
-        """When to look again, for a message or a charge's first send, at another charge of the order that goes
-        first: one sent and not answered; for a retry also a link payment claimed now, or an older retry claimed
-        now. A newer claimed retry waits for this one in turn, and a claimed retry waits for a claimed link
-        payment, so two first sends never wait for each other. None when nothing goes first."""
-        goes_first: sa.ColumnElement[bool] = actions.c.unanswered_since.is_not(None)
+        """When to look again, for a charge's first send or a payment-link message, at another action of the order
+        that goes first. For a charge: a charge sent and not answered; for a retry also a link payment claimed
+        now, an older retry claimed now, or a message on its way to its provider. A newer claimed retry waits for
+        this one in turn, a claimed retry waits for a claimed link payment, and a message marks itself only when
+        no charge is claimed, so two never wait for each other. For a message: any charge claimed now or sent
+        and not answered. None when nothing goes first."""
+        is_charge = actions.c.kind.in_([kind.value for kind in CHARGE_KINDS])
+        goes_first: sa.ColumnElement[bool] = sa.and_(is_charge, actions.c.unanswered_since.is_not(None))
         if action.kind == ActionKind.RETRY:
             goes_first = sa.or_(
                 goes_first,
                 sa.and_(
+                    is_charge,
                     actions.c.state == ActionState.CLAIMED.value,
                     sa.or_(actions.c.kind == ActionKind.LINK_PAYMENT.value, actions.c.action_id < action.action_id),
                 ),
+                # a payment-link message on its way to the provider (Effects._mark_message_sending)
+                sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.unanswered_since.is_not(None)),
             )
+        elif action.kind == ActionKind.NUDGE:
+            goes_first = _maybe_with_connector()  # a charge claimed now, about to be sent, goes first too
         until = conn.scalar(
             sa.select(sa.func.min(actions.c.due_at)).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
                 actions.c.action_id != action.action_id,
                 actions.c.state.in_(OPEN_ACTION_STATES),
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
                 goes_first,
             )
         )

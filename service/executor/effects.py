@@ -484,7 +484,13 @@ class Effects:
                 "expires_at": expires_at.isoformat(),
             },
         )
-        result = self._run(adapter.send(message))
+        held = self._mark_message_sending(action)
+        if held is not None:
+            return held
+        try:
+            result = self._run(adapter.send(message))
+        finally:
+            self.executor.unmark_sent(action)
         if result.status == "accepted":
             return Sent(
                 nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.provider_message_id, token_id, expires_at
@@ -492,6 +498,33 @@ class Effects:
         if result.status == "retryable":
             return Transient(result.error or f"{channel.value} provider asked to try again")
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
+
+    def _mark_message_sending(self, action: ActionRow) -> Outcome | None:
+        """Mark a payment-link message as going to its provider now, under its order's lock, unless the order was
+        settled or a charge of it is claimed or with its connector meanwhile (then the outcome to record). A
+        retry's first send waits for a message so marked (``charge_ahead_of``), and takes the same lock, so the
+        customer is never asked to pay while a charge of theirs is out, nor after it succeeded. A message sent
+        before by a worker that died (its mark still on it) goes again: the provider's idempotency key holds it."""
+        now = self.executor.clock()
+        with self.executor.engine.begin() as conn:
+            order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
+            if order is None or order["state"] != OrderState.PENDING:
+                return Skip(f"order is {None if order is None else order['state']}")
+            busy_until = self.executor.charge_ahead_of(conn, order, action)
+            if busy_until is not None:
+                return Defer(max(busy_until, now + RECHECK), "a charge of the order may be with its connector")
+            held = conn.execute(
+                self.executor.for_update(
+                    sa.select(actions.c.claim_token, actions.c.unanswered_since).where(
+                        actions.c.action_id == action.action_id
+                    )
+                )
+            ).first()
+            if held is None or held.claim_token != action.claim_token:
+                return Skip("the claim is no longer this worker's")
+            if held.unanswered_since is None and not self.executor.mark_sent(conn, action, now):
+                return Skip("the claim is no longer this worker's")
+        return None
 
     @staticmethod
     def _address(customer: Mapping[str, Any], channel: Channel) -> str | None:

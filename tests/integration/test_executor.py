@@ -2094,6 +2094,92 @@ def test_a_payment_link_waits_while_another_worker_has_a_charge_of_its_order_out
     assert len(h.outbox) == 1
 
 
+@pytest.mark.parametrize("retry_claimed", ["before-the-message-check", "after-the-message-check"])
+def test_a_message_is_not_sent_while_a_retry_of_its_order_may_charge_or_after_it_did(
+    make_harness: Any, retry_claimed: str
+) -> None:
+    """(Eighth review.) The message's checks and its send were not atomic with a retry on another worker: a retry
+    claimed before the message's check (not yet marked sent), or claimed just after it, charged the customer
+    while the message was on its way, and the customer who had just paid was asked to pay. The message now marks
+    itself under the order's lock right before the send, and a retry's first send waits for such a message."""
+    h = _retry_and_message_due_together(make_harness, HookConnector(results=["failure", "success"]))
+    if retry_claimed == "before-the-message-check":
+        (retry,) = h.executor.claim(1, 30, "w1", "claim-w1")  # worker 1 has claimed the retry (not marked yet)
+        assert retry.kind == "retry"
+    else:  # the retry falls due a second after the message
+        with h.executor.engine.begin() as conn:
+            conn.execute(
+                actions.update().where(actions.c.kind == "retry", actions.c.state == "scheduled")
+                .values(due_at=h.clock() + timedelta(seconds=1))
+            )  # fmt: skip
+    (message,) = h.executor.claim(1, 30, "w2", "claim-w2")  # worker 2 has claimed N2
+    assert message.kind == "nudge"
+
+    # Worker 2's checks pass; between them and the provider call (here: while the link is minted) worker 1 sends
+    # the retry, which succeeds and is recorded.
+    real_new_link = h.executor.new_link
+    interleaved: list[str] = []
+
+    def new_link(*args: Any, **kwargs: Any) -> Any:
+        if not interleaved:
+            if retry_claimed == "before-the-message-check":
+                batch = [retry]
+            else:
+                h.clock.advance(seconds=1)
+                batch = h.executor.claim(1, 30, "w1", "claim-w1")
+                assert [a.kind for a in batch] == ["retry"]
+            h.worker.record([(batch[0], h.effects.perform(batch[0], _order_row(h)))])
+            interleaved.append(h.view().state)
+        return real_new_link(*args, **kwargs)
+
+    h.executor.new_link = new_link  # type: ignore[method-assign]
+    outcome = h.effects.perform(message, _order_row(h))
+    h.worker.record([(message, outcome)])
+
+    assert type(outcome).__name__ in ("Defer", "Skip")
+    h.clock.advance(minutes=1)
+    h.drain()
+    assert h.view().state == "SUCCEEDED"
+    with h.executor.engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(actions).where(actions.c.kind == "retry")) == 1
+    # N1 only: N2 must not ask a customer who has just paid to pay
+    assert len(h.outbox) == 1, (type(outcome).__name__, [m.variables["link_url"][-12:] for m in h.outbox])
+
+
+def test_a_retry_waits_while_a_message_of_its_order_is_on_its_way(make_harness: Any) -> None:
+    """(Eighth review, the other side.) A message already handed to its provider when a retry of the order
+    comes up: the retry waits for the message to be recorded, then charges; the message went out while nothing
+    was being charged."""
+    h = _retry_and_message_due_together(make_harness, HookConnector(results=["failure", "success"]))
+    with h.executor.engine.begin() as conn:  # the retry falls due a second after the message
+        conn.execute(
+            actions.update().where(actions.c.kind == "retry", actions.c.state == "scheduled")
+            .values(due_at=h.clock() + timedelta(seconds=1))
+        )  # fmt: skip
+    (message,) = h.executor.claim(1, 30, "w2", "claim-w2")
+    assert message.kind == "nudge"
+    real_run = h.effects._run
+    seen: list[str] = []
+
+    def provider_call(call: Any) -> Any:  # worker 1 takes the retry while the message is with its provider
+        if not seen:
+            h.clock.advance(seconds=1)
+            (retry,) = h.executor.claim(1, 30, "w1", "claim-w1")
+            outcome = h.effects.perform(retry, _order_row(h))
+            h.worker.record([(retry, outcome)])
+            seen.append(type(outcome).__name__)
+        return real_run(call)
+
+    h.effects._run = provider_call  # type: ignore[method-assign]
+    outcome = h.effects.perform(message, _order_row(h))
+    h.worker.record([(message, outcome)])
+    assert (seen, type(outcome).__name__, len(h.outbox)) == (["Defer"], "Sent", 2)
+    h.clock.advance(minutes=1)
+    h.drain()
+    assert h.view().state == "SUCCEEDED"
+    assert len(h.outbox) == 2
+
+
 def test_a_worker_goes_on_after_its_database_fails_a_batch(
     make_harness: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -916,6 +916,11 @@ class Executor:
             "claimed_by": worker_id,
             "attempts": actions.c.attempts + 1,
             "updated_at": now,
+            # A message's 'being sent' mark belongs to the claim that set it: one left by a worker that died
+            # (or whose unmark failed) must not hold a retry back once the message is claimed again.
+            "unanswered_since": sa.case(
+                (actions.c.kind == ActionKind.NUDGE.value, sa.null()), else_=actions.c.unanswered_since
+            ),
         }
         with self.engine.begin() as conn:
             if is_postgres(self.engine):
@@ -1318,8 +1323,13 @@ class Executor:
                     actions.c.state == ActionState.CLAIMED.value,
                     sa.or_(actions.c.kind == ActionKind.LINK_PAYMENT.value, actions.c.action_id < action.action_id),
                 ),
-                # a payment-link message on its way to the provider (Effects._mark_message_sending)
-                sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.unanswered_since.is_not(None)),
+                # a payment-link message on its way to the provider (Effects._mark_message_sending); a mark left
+                # on one that is not claimed (its unmark failed) holds nothing, and a claim clears it
+                sa.and_(
+                    actions.c.kind == ActionKind.NUDGE.value,
+                    actions.c.state == ActionState.CLAIMED.value,
+                    actions.c.unanswered_since.is_not(None),
+                ),
             )
         elif action.kind == ActionKind.NUDGE:
             goes_first = _maybe_with_connector()  # a charge claimed now, about to be sent, goes first too

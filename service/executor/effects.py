@@ -488,9 +488,13 @@ class Effects:
         if held is not None:
             return held
         try:
-            result = self._run(adapter.send(message))
+            with self.claims.keep(action, self.lease):  # the claim outlives the provider call, as a charge's does
+                result = self._run(adapter.send(message))
         finally:
-            self.executor.unmark_sent(action)
+            try:
+                self.executor.unmark_sent(action)
+            except Exception:  # the provider's answer still gets recorded; the next claim clears the mark
+                log.warning("could not clear the sending mark of message action %s", action.action_id, exc_info=True)
         if result.status == "accepted":
             return Sent(
                 nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.provider_message_id, token_id, expires_at
@@ -503,8 +507,8 @@ class Effects:
         """Mark a payment-link message as going to its provider now, under its order's lock, unless the order was
         settled or a charge of it is claimed or with its connector meanwhile (then the outcome to record). A
         retry's first send waits for a message so marked (``charge_ahead_of``), and takes the same lock, so the
-        customer is never asked to pay while a charge of theirs is out, nor after it succeeded. A message sent
-        before by a worker that died (its mark still on it) goes again: the provider's idempotency key holds it."""
+        customer is never asked to pay while a charge of theirs is out, nor after it succeeded. The mark is
+        cleared when the provider answers, and by the next claim of the message if its worker died."""
         now = self.executor.clock()
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
@@ -524,6 +528,8 @@ class Effects:
                 return Skip("the claim is no longer this worker's")
             if held.unanswered_since is None and not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")
+            # A whole lease from the send on (the ClaimKeeper renews it while the provider call is out).
+            self.executor.extend_claim(conn, action, now + self.lease)
         return None
 
     @staticmethod

@@ -1,0 +1,120 @@
+"""A payment-link message's 'being sent' mark (fef3250) that outlives its send must not hold a retry back.
+
+Ninth review: a mark left by a worker killed during the provider call, or by an unmark that hit a database
+blip, made the message and the retry of one order wait for each other for good (the order never charged again),
+and an unmark that failed lost the provider's 'accepted' (the message was sent again).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.executor.store import actions
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    HookConnector,
+    _order_row,
+    _retry_and_message_due_together,
+    make_harness,
+)
+
+
+def _leave_a_mark_behind(make_harness: Any, how: str) -> tuple[Any, Any]:  # noqa: F811 - the fixture
+    """The retry and the message of one order; the retry planned (and due) a second after the message. Worker 2
+    takes the message and its mark outlives the send."""
+    h = _retry_and_message_due_together(make_harness, HookConnector(results=["failure", "success"]))
+    later = h.clock() + timedelta(seconds=1)
+    with h.executor.engine.begin() as conn:
+        conn.execute(
+            actions.update()
+            .where(actions.c.kind == "retry", actions.c.state == "scheduled")
+            .values(due_at=later, planned_at=later)
+        )
+    (message,) = h.executor.claim(1, 30, "w2", "claim-w2")
+    assert message.kind == "nudge"
+    if how == "worker-killed-mid-send":
+        # worker 2 gets as far as the provider call (its mark is set), then the process is killed: no finally runs
+        assert h.effects._mark_message_sending(message) is None
+    else:  # the message is sent; the executor's unmark right after hits a database blip
+        real_unmark = h.executor.unmark_sent
+
+        def unmark(action: Any) -> None:
+            h.executor.unmark_sent = real_unmark  # type: ignore[method-assign]
+            raise sa.exc.OperationalError("UPDATE actions ...", {}, Exception("database is locked"))
+
+        h.executor.unmark_sent = unmark  # type: ignore[method-assign]
+        outcome = h.effects.perform(message, _order_row(h))
+        h.worker.record([(message, outcome)])
+    with h.executor.engine.connect() as conn:
+        mark = conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == message.action_id))
+    assert mark is not None  # the message's mark is left behind
+    return h, message
+
+
+def _actions(h: Any) -> list[tuple[str, str, str | None]]:
+    with h.executor.engine.connect() as conn:
+        return [
+            (row.kind, row.state, row.last_error)
+            for row in conn.execute(
+                sa.select(actions.c.kind, actions.c.state, actions.c.last_error).where(
+                    actions.c.kind.in_(["retry", "nudge"]), actions.c.state.in_(["scheduled", "claimed"])
+                )
+            )
+        ]
+
+
+@pytest.mark.parametrize("how", ["worker-killed-mid-send", "unmark-hits-a-database-blip"])
+def test_one_worker_a_message_mark_left_behind_does_not_hold_the_retry_back_for_good(
+    make_harness: Any,  # noqa: F811 - the fixture
+    how: str,
+) -> None:
+    """One worker, one batch holding the message (planned first) and the retry: the message defers for the claimed
+    retry, the retry (recorded at once) defers for the marked message, which is still claimed by the batch. Both
+    come back at the same lease end, together in a batch again: the order is never charged again."""
+    h, _ = _leave_a_mark_behind(make_harness, how)
+    for _ in range(60):  # an hour of a worker running
+        h.clock.advance(minutes=1)
+        h.drain()
+        if h.view().state != "PENDING":
+            break
+    assert h.view().state == "SUCCEEDED", (h.view().state, _actions(h), len(h.outbox))
+
+
+@pytest.mark.parametrize("how", ["worker-killed-mid-send", "unmark-hits-a-database-blip"])
+def test_two_workers_a_message_mark_left_behind_does_not_hold_the_retry_back_for_good(
+    make_harness: Any,  # noqa: F811 - the fixture
+    how: str,
+) -> None:
+    """Two workers poll at the same moment, one takes the retry, the other the message: each sees the other
+    (the marked message, the claimed retry) and defers to the other's lease end, where the same happens again."""
+    h, _ = _leave_a_mark_behind(make_harness, how)
+    for round_ in range(60):
+        h.clock.advance(minutes=1)
+        first = h.executor.claim(1, 30, "w1", f"w1-{round_}")
+        second = h.executor.claim(1, 30, "w3", f"w3-{round_}")
+        batch = first + second
+        outcomes = [(action, h.effects.perform(action, _order_row(h))) for action in batch]
+        for action, outcome in outcomes:
+            h.worker.record([(action, outcome)])
+        h.drain()
+        if h.view().state != "PENDING":
+            break
+    assert h.view().state == "SUCCEEDED", (h.view().state, _actions(h), len(h.outbox))
+
+
+def test_a_message_the_provider_accepted_is_recorded_as_sent_when_the_unmark_hits_a_blip(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """fef3250 takes the mark back in a ``finally`` after the provider call. When that UPDATE fails on a database
+    blip, its exception replaces the provider's answer: ``perform`` turns it into a Transient, the accepted message
+    is not recorded (no nudge row, no link row), and it is sent to the customer again later."""
+    h, message = _leave_a_mark_behind(make_harness, "unmark-hits-a-database-blip")
+    assert len(h.outbox) == 2  # N1, and N2 accepted by the provider
+    with h.executor.engine.connect() as conn:
+        state, error = conn.execute(
+            sa.select(actions.c.state, actions.c.last_error).where(actions.c.action_id == message.action_id)
+        ).one()
+    assert (state, error) == ("done", None), (state, error)

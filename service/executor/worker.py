@@ -328,7 +328,17 @@ def _child(*args: Any) -> None:
     # Ctrl-C reaches the whole process group: the parent turns it into a SIGTERM to each worker, which finishes
     # its batch and exits 0, instead of a KeyboardInterrupt mid-batch (a traceback, exit 1, the command failing).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent that is gone (killed outright) can no longer stop this worker: it stops itself, as on SIGTERM.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_stop_with, args=(parent.sentinel,), name="winback-parent-watch", daemon=True).start()
     worker_main(*args)
+
+
+def _stop_with(sentinel: int) -> None:
+    """Send this process SIGTERM (a worker's graceful stop) once ``sentinel`` (its parent's) is ready."""
+    multiprocessing.connection.wait([sentinel])
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def resolve_charge(
@@ -426,8 +436,14 @@ def run(
         )
         for index in range(workers)
     ]
-    for process in processes:
-        process.start()
+    # The workers start with SIGINT ignored (a spawned interpreter keeps an ignored signal): a Ctrl-C while they
+    # import is the parent's to handle, which turns it into a SIGTERM to each.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
     def _terminate(*_: object) -> None:
         # SIGTERM (systemd, kill, a supervisor) stops the workers as gracefully as Ctrl-C, never orphaning them.

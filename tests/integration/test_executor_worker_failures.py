@@ -208,23 +208,40 @@ def _ignores_sigint(pid: int) -> bool:
     return bool(mask & (1 << (signal.SIGINT - 1)))
 
 
-def test_ctrl_c_stops_the_executor_cleanly(tmp_path: Path) -> None:
-    """Ctrl-C reaches the whole process group. Each worker took it as a KeyboardInterrupt mid-batch (a traceback,
-    exit 1), so 'winback executor run' failed with 'executor workers exited with an error' on a plain Ctrl-C. The
-    parent now turns it into a SIGTERM to each worker, which stops after its batch."""
+def _start_executor(tmp_path: Path) -> subprocess.Popen[str]:
+    """'winback executor run --workers 2' in a process group of its own (as a terminal runs it)."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     config = write_bench_config(tmp_path / "merchants.yaml")
     command = [sys.executable, "-m", "pipelines.cli", "executor", "run", "--workers", "2", "--database-url", url,
                "--config", str(config), "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _workers_of(process: subprocess.Popen[str], *, ready: bool) -> list[int]:
+    """The executor's worker processes once both run (``ready``: past their start, ignoring SIGINT)."""
+    started = time.monotonic()
+    workers: list[int] = []
+    while time.monotonic() - started < 60:
+        try:
+            children = psutil.Process(process.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        workers = [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+        if len(workers) == 2 and (not ready or all(_ignores_sigint(pid) for pid in workers)):
+            break
+        time.sleep(0.02)
+    return workers
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_ctrl_c_stops_the_executor_cleanly(tmp_path: Path, when: str) -> None:
+    """Ctrl-C reaches the whole process group. Each worker took it as a KeyboardInterrupt (a traceback, exit 1),
+    so 'winback executor run' failed with 'executor workers exited with an error' on a plain Ctrl-C, also while
+    the workers were still importing (ninth review). The workers start with SIGINT ignored, and the parent turns
+    a Ctrl-C into a SIGTERM to each, which stops after its batch."""
+    process = _start_executor(tmp_path)
     try:
-        started = time.monotonic()
-        while time.monotonic() - started < 60:  # both workers up (they ignore SIGINT from their first line)
-            workers = [c.pid for c in psutil.Process(process.pid).children() if "spawn_main" in " ".join(c.cmdline())]
-            if len(workers) == 2 and all(_ignores_sigint(pid) for pid in workers):
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)
+        assert len(_workers_of(process, ready=when == "running")) == 2
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -232,6 +249,28 @@ def test_ctrl_c_stops_the_executor_cleanly(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """(Ninth review.) The parent killed outright (the OOM killer, kill -9) can no longer stop its workers, and
+    since they ignore SIGINT not even a Ctrl-C did: orphans claiming and charging with no supervisor. Each worker
+    now watches its parent and stops, as on SIGTERM, when it is gone."""
+    process = _start_executor(tmp_path)
+    workers = _workers_of(process, ready=True)
+    try:
+        assert len(workers) == 2
+        os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        deadline = time.monotonic() + 30
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+            time.sleep(0.2)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert alive == [], f"workers {alive} outlive their parent"
 
 
 # Eighth review (of a27b23e): which failed batch is still leased, and what a healthy empty poll says.

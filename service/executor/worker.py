@@ -49,7 +49,7 @@ from service.executor.core import (
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
 from service.executor.settings import ExecutorSettings
-from service.executor.store import make_executor_engine
+from service.executor.store import ActionKind, make_executor_engine
 
 log = logging.getLogger("winback.executor")
 
@@ -171,9 +171,10 @@ class Worker:
         performed: list[tuple[ActionRow, Outcome]] = []
         for action in batch:
             outcome = self.effects.perform(action, found.get((action.merchant_id, action.order_id)))
-            if action.kind in CHARGE_KINDS:
-                # A charge's answer is recorded at once: its claim is renewed only while it is out, and the rest
-                # of the batch may take longer than a lease.
+            if action.kind in CHARGE_KINDS or action.kind == ActionKind.NUDGE:
+                # A charge's or a message's answer is recorded at once: its claim is renewed only while it is out,
+                # and the rest of the batch may take longer than a lease (another worker would then take it over,
+                # and the answer would be refused as stale: a message the customer got, with no record of it).
                 self.record([(action, outcome)])
             else:
                 performed.append((action, outcome))
@@ -437,13 +438,14 @@ def run(
         for index in range(workers)
     ]
     # The workers start with SIGINT ignored (a spawned interpreter keeps an ignored signal): a Ctrl-C while they
-    # import is the parent's to handle, which turns it into a SIGTERM to each.
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # import is the parent's to handle, which turns it into a SIGTERM to each. (A Ctrl-C in the few milliseconds
+    # of the start itself is ignored by the parent too; press it again.)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for process in processes:
             process.start()
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, previous_int)
 
     def _terminate(*_: object) -> None:
         # SIGTERM (systemd, kill, a supervisor) stops the workers as gracefully as Ctrl-C, never orphaning them.
@@ -475,8 +477,10 @@ def run(
         _stop_all()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    failed = ended_alone + [
-        p.name for p in processes if p.name not in ended_alone and p.exitcode not in (0, -signal.SIGTERM)
+    failed = [
+        f"{p.name} (exit code {p.exitcode})"
+        for p in processes
+        if p.name in ended_alone or p.exitcode not in (0, -signal.SIGTERM)
     ]
     if failed:
         raise RuntimeError(f"executor workers exited with an error: {', '.join(failed)}")

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from service.executor.store import actions
+from service.executor.store import actions, nudges
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     HookConnector,
     _order_row,
     _retry_and_message_due_together,
+    event,
     make_harness,
 )
 
@@ -118,3 +119,36 @@ def test_a_message_the_provider_accepted_is_recorded_as_sent_when_the_unmark_hit
             sa.select(actions.c.state, actions.c.last_error).where(actions.c.action_id == message.action_id)
         ).one()
     assert (state, error) == ("done", None), (state, error)
+
+
+def test_a_message_is_recorded_before_the_rest_of_its_batch_runs(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """(Tenth review.) A message's answer was recorded at the end of its batch, after its claim stopped being
+    renewed. A slow charge of another order later in the batch let the message's lease end, and another worker
+    took the message over: the customer got it twice (or, had that worker deferred, the provider's 'accepted'
+    was refused as stale and the message was nowhere on record). A message's answer is now recorded at once, as
+    a charge's is."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},  # ord_1: a payment link now
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},  # ord_2: a retry now
+        connector=HookConnector(results=["failure"]),
+    )
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    taken: list[tuple[str, str]] = []
+
+    def slow_charge() -> None:  # ord_2's send outlasts a lease; worker 4 polls meanwhile
+        h.clock.advance(seconds=31)
+        for action in h.executor.claim(10, 30, "w4", "claim-w4"):
+            taken.append((action.order_id, action.kind))
+            with h.executor.engine.connect() as conn:
+                order = h.executor.orders_of(conn, [action])[(action.merchant_id, action.order_id)]
+            h.worker.record([(action, h.effects.perform(action, order))])
+
+    h.connector.during["retry"] = slow_charge
+    assert h.worker.run_once() == 2  # ord_1's message, then ord_2's retry
+    with h.executor.engine.connect() as conn:
+        recorded = conn.scalar(sa.select(sa.func.count()).select_from(nudges).where(nudges.c.order_id == "ord_1"))
+    # (ord_2's retry is taken as a re-send: this clock jumps past its lease with no renewal beat in between)
+    assert (len(h.outbox), recorded, [kind for order, kind in taken if order == "ord_1"]) == (1, 1, [])

@@ -214,10 +214,10 @@ class ModelHolder:
         while not self._stop.wait(self.poll_seconds):
             self.refresh()
 
-    def start(self, wait_seconds: float | None = None) -> None:
+    def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Load the champion (rules-only if there is none), then keep polling, in a daemon thread.
 
-        Waits up to ``wait_seconds`` (START_WAIT_SECONDS by default) for the first load, so a healthy registry's
+        Waits up to ``wait_seconds`` for the first load, so a healthy registry's
         champion serves the first request. A registry that does not answer by then (down, black-holed, or
         retrying inside the MLflow client) does not hold the server's start: it answers rules-only, with
         ``/readyz`` false, until the load completes in the poller."""
@@ -230,9 +230,8 @@ class ModelHolder:
             target=self._run, args=(first_done,), name="winback-champion-poller", daemon=True
         )
         self._thread.start()
-        wait = START_WAIT_SECONDS if wait_seconds is None else wait_seconds
-        if not first_done.wait(wait):  # /readyz says "no model loaded" until the poller's first load ends
-            log.warning("the model registry has not answered in %g s; serving rules-only meanwhile", wait)
+        if not first_done.wait(wait_seconds):  # /readyz says "no model loaded" until the poller's first load ends
+            log.warning("the model registry has not answered in %g s; serving rules-only meanwhile", wait_seconds)
 
     def stop(self) -> None:
         """Stop polling (the serving model stays as it is)."""

@@ -1357,8 +1357,9 @@ class Executor:
         return None if found is None else int(found)
 
     def mark_sent(self, conn: sa.Connection, action: ActionRow, now: datetime) -> bool:
-        """Note that ``action``'s charge goes to its connector now (kept until the answer is recorded); False when
-        the claim is no longer ``action``'s (it must not be sent)."""
+        """Note that ``action`` goes out now, a charge to its connector or a message to its provider (kept until
+        the answer is recorded); False when the claim is no longer ``action``'s or the mark is already on it (it
+        must not be sent as a first send)."""
         marked = conn.execute(
             actions.update()
             .where(_still_claimed(action), actions.c.unanswered_since.is_(None))
@@ -1393,8 +1394,8 @@ class Executor:
         return bool(held == 1)
 
     def unmark_sent(self, action: ActionRow) -> None:
-        """Take back ``mark_sent`` for a send that charged nothing (never sent, or refused outright), while the
-        claim is still ``action``'s: another worker may have sent it since."""
+        """Take back ``mark_sent`` for a charge that charged nothing (never sent, or refused outright), or a message
+        its provider answered, while the claim is still ``action``'s: another worker may have sent it since."""
         with self.engine.begin() as conn:
             conn.execute(actions.update().where(_still_claimed(action)).values(unanswered_since=None))
 

@@ -433,9 +433,9 @@ class Effects:
             unknown = self.executor.unknown_charge(conn, order)
             if unknown is not None:  # the customer may have paid: no message asking them to pay
                 return Skip(f"charge action {unknown} of the order was sent and never answered")
-            busy_until = self.executor.charge_ahead_of(conn, order, action)
-            if busy_until is not None:  # a charge is with its connector now: its answer may settle the order
-                return Defer(max(busy_until, now + RECHECK), "a charge of the order may be with its connector")
+            waiting = self._message_waits(conn, order, action, now)  # before a link is minted for nothing
+            if waiting is not None:
+                return waiting
             request = self.executor.request_for(conn, order, now)
         # The hard rules again, at the moment of sending: the decision may be hours old.
         verdict = check(
@@ -514,23 +514,23 @@ class Effects:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
             if order is None or order["state"] != OrderState.PENDING:
                 return Skip(f"order is {None if order is None else order['state']}")
-            busy_until = self.executor.charge_ahead_of(conn, order, action)
-            if busy_until is not None:
-                return Defer(max(busy_until, now + RECHECK), "a charge of the order may be with its connector")
-            held = conn.execute(
-                self.executor.for_update(
-                    sa.select(actions.c.claim_token, actions.c.unanswered_since).where(
-                        actions.c.action_id == action.action_id
-                    )
-                )
-            ).first()
-            if held is None or held.claim_token != action.claim_token:
-                return Skip("the claim is no longer this worker's")
-            if held.unanswered_since is None and not self.executor.mark_sent(conn, action, now):
+            waiting = self._message_waits(conn, order, action, now)
+            if waiting is not None:
+                return waiting
+            # The claim cleared any earlier mark, so this fails only when the claim is no longer ours.
+            if not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")
             # A whole lease from the send on (the ClaimKeeper renews it while the provider call is out).
             self.executor.extend_claim(conn, action, now + self.lease)
         return None
+
+    def _message_waits(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
+        """A Defer while a charge of the order is claimed or with its connector (its answer may settle the order),
+        else None."""
+        busy_until = self.executor.charge_ahead_of(conn, order, action)
+        if busy_until is None:
+            return None
+        return Defer(max(busy_until, now + RECHECK), "a charge of the order may be with its connector")
 
     @staticmethod
     def _address(customer: Mapping[str, Any], channel: Channel) -> str | None:

@@ -18,9 +18,10 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +382,31 @@ def resolve_charge(
         engine.dispose()
 
 
+#: How long the parent waits for a worker whose sentinel closed to become reapable (it is exiting: milliseconds).
+EXITING_JOIN_SECONDS = 5.0
+
+
+def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
+    """Wait until every process has ended, or until some ended with an exit code other than 0; the names of those.
+
+    A process's sentinel closes as it exits, a moment before the kernel lets it be reaped. Each exit is read once,
+    after a join: polled in that moment, a worker that had failed read as alive, then as ended on the next poll,
+    and was dropped from the watch unreported, so the command ran on short of it (seen: 120 s, until the healthy
+    worker's own deadline)."""
+    running = list(processes)
+    while running:
+        ready = set(multiprocessing.connection.wait([process.sentinel for process in running]))
+        for process in running:
+            if process.sentinel in ready:
+                process.join(timeout=EXITING_JOIN_SECONDS)
+        exit_codes = [(process, process.exitcode) for process in running]  # one read each: a later one may differ
+        failed = [process.name for process, code in exit_codes if code not in (None, 0)]
+        if failed:
+            return failed
+        running = [process for process, code in exit_codes if code is None]
+    return []
+
+
 def run(
     database_url: str,
     workers: int = 1,
@@ -464,15 +490,10 @@ def run(
     ended_alone: list[str] = []
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        running = list(processes)
-        while running:
-            multiprocessing.connection.wait([process.sentinel for process in running])
-            ended_alone += [p.name for p in running if not p.is_alive() and p.exitcode != 0]
-            running = [process for process in running if process.is_alive()]
-            if ended_alone:
-                log.error("executor worker %s exited with an error; stopping the others", ", ".join(ended_alone))
-                _stop_all()
-                break
+        ended_alone = _wait_for_an_error(processes)
+        if ended_alone:
+            log.error("executor worker %s exited with an error; stopping the others", ", ".join(ended_alone))
+            _stop_all()
     except KeyboardInterrupt:
         _stop_all()
     finally:

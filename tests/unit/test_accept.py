@@ -423,15 +423,14 @@ def test_two_worker_processes_on_one_socket_share_a_burst_of_connections(tmp_pat
     20 connections opened at once is shared (each worker's share within SLACK of even, give or take what a
     loaded test machine's scheduling allows)."""
     context = multiprocessing.get_context("spawn")
-    sock = _bound_socket()
-    port = sock.getsockname()[1]
-    with connection_board(workers=2) as env:
+    with _bound_socket() as sock, connection_board(workers=2) as env:
+        port = sock.getsockname()[1]
         board_path = env[BOARD_ENV]
         stop = context.Event()
         workers = [context.Process(target=_pid_worker, args=(sock, board_path, stop)) for _ in range(2)]
-        for worker in workers:
-            worker.start()
         try:
+            for worker in workers:
+                worker.start()
             watcher = ConnectionBoard(board_path)
             deadline = time.monotonic() + 60
             while {watcher.read(slot)[0] for slot in range(watcher.slots)} - {0} != {w.pid for w in workers}:
@@ -445,10 +444,11 @@ def test_two_worker_processes_on_one_socket_share_a_burst_of_connections(tmp_pat
         finally:
             stop.set()
             for worker in workers:
+                if worker.pid is None:
+                    continue  # not started
                 worker.join(timeout=30)
                 if worker.is_alive():
                     worker.kill()
-        sock.close()
     assert sum(served_by.values()) == 20
     assert set(served_by) == {w.pid for w in workers}
     assert min(served_by.values()) >= 5, served_by

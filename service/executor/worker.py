@@ -9,6 +9,7 @@ actions and re-sends them with the same keys, which the connectors and providers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -18,9 +19,10 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -326,10 +328,39 @@ def worker_main(
         executor.engine.dispose()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Start the workers with a Ctrl-C or SIGTERM held until the block ends, then acted on as usual.
+
+    The workers inherit the block (a signal mask survives the spawn's exec): a Ctrl-C that reaches one while it
+    imports waits until ``_child`` ignores it, where it is dropped (the parent turns a Ctrl-C into a SIGTERM to
+    each). The parent holds the signals with handlers that only note them, because a thread of a native library
+    that does not block them may be the one the kernel gives them to. (The parent used to ignore SIGINT for the
+    start, so that the workers inherit the ignore, and lost a Ctrl-C that came then: the workers had started, and
+    nothing stopped them; seen in CI. A SIGTERM then killed the parent before its handler was set.)
+    """
+    resource_tracker.ensure_running()  # its first start would lift the parent's block, mid-way
+    noted: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: noted.append(signum)) for signum in _STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one still held by the kernel goes to its handler now
+    for noted_signal in dict.fromkeys(noted):
+        signal.raise_signal(noted_signal)  # one noted meanwhile: sent again, to its own handler
+
+
 def _child(*args: Any) -> None:
     # Ctrl-C reaches the whole process group: the parent turns it into a SIGTERM to each worker, which finishes
     # its batch and exits 0, instead of a KeyboardInterrupt mid-batch (a traceback, exit 1, the command failing).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also drops a Ctrl-C held since the start (see run())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a SIGTERM held since the start ends it now
     # A parent that is gone (killed outright) can no longer stop this worker: it stops itself, as on SIGTERM.
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -463,33 +494,30 @@ def run(
         )
         for index in range(workers)
     ]
-    # The workers start with SIGINT ignored (a spawned interpreter keeps an ignored signal): a Ctrl-C while they
-    # import is the parent's to handle, which turns it into a SIGTERM to each. (A Ctrl-C in the few milliseconds
-    # of the start itself is ignored by the parent too; press it again.)
-    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for process in processes:
-            process.start()
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
 
     def _terminate(*_: object) -> None:
         # SIGTERM (systemd, kill, a supervisor) stops the workers as gracefully as Ctrl-C, never orphaning them.
         raise KeyboardInterrupt
 
     def _stop_all() -> None:
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
-        for process in processes:
+        started = [process for process in processes if process.pid is not None]
+        for process in started:
+            pid = process.pid
+            if pid is not None and process.is_alive():
+                os.kill(pid, signal.SIGTERM)
+        for process in started:
             process.join(timeout=30)
 
     # Workers that ended with anything but 0 while the command was not stopping (an error, such as a database that
     # kept failing, or a signal sent to that worker alone): the others are stopped at once and the command fails,
     # so its supervisor restarts the whole set rather than the command running on short.
     ended_alone: list[str] = []
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
+        with _stop_signals_held():
+            for process in processes:
+                process.start()
+        # A Ctrl-C or SIGTERM that came during the start is raised here, once the workers exist to be stopped.
         ended_alone = _wait_for_an_error(processes)
         if ended_alone:
             log.error("executor worker %s exited with an error; stopping the others", ", ".join(ended_alone))
@@ -497,11 +525,11 @@ def run(
     except KeyboardInterrupt:
         _stop_all()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     failed = [
         f"{p.name} (exit code {p.exitcode})"
         for p in processes
-        if p.name in ended_alone or p.exitcode not in (0, -signal.SIGTERM)
+        if p.pid is not None and (p.name in ended_alone or p.exitcode not in (0, -signal.SIGTERM))
     ]
     if failed:
         raise RuntimeError(f"executor workers exited with an error: {', '.join(failed)}")

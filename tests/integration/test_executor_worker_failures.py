@@ -346,6 +346,51 @@ def test_ctrl_c_stops_the_executor_cleanly(tmp_path: Path, when: str) -> None:
     assert "Traceback" not in stderr, stderr[-2000:]
 
 
+#: ``winback executor run`` whose start of each worker takes a second longer, saying when one has started.
+_SLOW_START = """
+import multiprocessing.process, runpy, sys, time
+real_start = multiprocessing.process.BaseProcess.start
+def slow_start(self):
+    real_start(self)
+    print("started", self.name, flush=True)
+    time.sleep(1.0)
+multiprocessing.process.BaseProcess.start = slow_start
+sys.argv = ["winback"] + sys.argv[1:]
+runpy.run_module("pipelines.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_workers_are_being_started_is_not_lost(tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """The parent ignored SIGINT while it started the workers (so that they start ignoring it), and with it a
+    Ctrl-C that came then: the workers had started, and nothing stopped them (CI: 60 s, then killed); a SIGTERM
+    then killed the parent before its handler was set, leaving the workers to their parent watch. Both are now
+    held during the start and acted on once it is over: every started worker is stopped, and the command ends 0."""
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    config = write_bench_config(tmp_path / "merchants.yaml")
+    arguments = ["executor", "run", "--workers", "2", "--database-url", url, "--config", str(config),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_START, *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None  # for mypy: PIPE
+        assert process.stdout.readline().strip() == "started winback-executor-0"
+        os.killpg(process.pid, stop_signal)  # the parent is still in its start (a second per worker)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "started winback-executor-1" in stdout  # the start was finished, then both workers were stopped
+
+
 def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
     """(Ninth review.) The parent killed outright (the OOM killer, kill -9) can no longer stop its workers, and
     since they ignore SIGINT not even a Ctrl-C did: orphans claiming and charging with no supervisor. Each worker

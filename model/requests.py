@@ -11,9 +11,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    WithJsonSchema,
+    model_validator,
+)
 
-from model.vocab import Action, Channel, Strategy
+from model.vocab import RETRY_STRATEGIES, Action, Channel, Strategy
 
 #: Timestamps outside these years are refused: the rules add and subtract weeks and months around them, and no
 #: payment happens there.
@@ -230,9 +239,28 @@ class DecisionRequest(ContractModel):
     available_connectors: list[ConnectorStr] | None = None
 
 
+#: An answer's ``strategy`` as its OpenAPI schema shows it: a retry's strategy or null (CONTRACT.md section 2). The
+#: type stays ``Strategy``, whose ``initial`` and ``retarget_link`` name history attempts, never an answer.
+AnswerStrategy = Annotated[
+    Strategy | None,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "enum": [str(strategy) for strategy in RETRY_STRATEGIES]}, {"type": "null"}],
+            "title": "Strategy",
+            "description": "for action retry, how to retry; else null",
+        }
+    ),
+]
+
+#: An answer always carries every field (null where it has no value): its OpenAPI schema lists them all as required.
+_ANSWER_CONFIG = ConfigDict(extra="allow", frozen=True, json_schema_serialization_defaults_required=True)
+
+
 class Alternative(ContractModel):
+    model_config = _ANSWER_CONFIG
+
     action: Action
-    strategy: Strategy | None = None
+    strategy: AnswerStrategy = None
     connector: str | None = None
     channel: Channel | None = None
     execute_at: datetime
@@ -242,10 +270,12 @@ class Alternative(ContractModel):
 class Decision(ContractModel):
     """The scorer's answer (CONTRACT.md section 2, response 200)."""
 
+    model_config = _ANSWER_CONFIG
+
     decision_id: str
     model_version: str
     action: Action
-    strategy: Strategy | None = None
+    strategy: AnswerStrategy = None
     connector: str | None = None
     channel: Channel | None = None
     execute_at: datetime

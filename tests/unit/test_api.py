@@ -30,7 +30,7 @@ from model.catalog import load_catalog
 from model.history import read_attempts, read_nudges
 from model.merchant_config import ConfigError, load_config
 from model.policy import PolicyConfig
-from model.requests import Decision, DecisionRequest
+from model.requests import Alternative, Decision, DecisionRequest
 from model.rules import Candidate
 from service.api import app as app_module
 from service.api import export as export_module
@@ -927,6 +927,13 @@ def test_openapi_describes_the_decision_bodies_and_the_key(api: Api) -> None:
     assert set(schemas["DecisionRequest"]["required"]) >= {"merchant_id", "order_id", "event_time", "failure"}
     assert schemas["DecisionRequest"]["properties"]["failure"] == {"$ref": "#/components/schemas/Failure"}
     assert {"Customer", "Payment", "Failure", "History", "HistoryAttempt", "HistoryNudge"} <= set(schemas)
+    # An answer carries every field, null where it has none, and its strategy is a retry's (CONTRACT.md section 2):
+    # a client generated from this document neither makes them optional nor expects "initial" or "retarget_link".
+    retry_strategies = ["retry_same", "cascade", "step_up", "clear_pan", "alternate_network"]
+    for name, fields in (("Decision", Decision.model_fields), ("Alternative", Alternative.model_fields)):
+        assert set(schemas[name]["required"]) == set(fields), name
+        strategy = schemas[name]["properties"]["strategy"]
+        assert strategy["anyOf"] == [{"type": "string", "enum": retry_strategies}, {"type": "null"}], name
     # Every route that needs the merchant's key says so; the others do not.
     assert document["components"]["securitySchemes"]["MerchantKey"]["scheme"] == "bearer"
     for path, method in [

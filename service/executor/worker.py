@@ -328,39 +328,76 @@ def worker_main(
         executor.engine.dispose()
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM in the parent of the workers, for as long as ``run()`` supervises them: either
+    stops every worker after its batch (a KeyboardInterrupt in ``run()``, which sends each a SIGTERM).
 
-
-@contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """Start the workers with a Ctrl-C or SIGTERM held until the block ends, then acted on as usual.
-
-    The workers inherit the block (a signal mask survives the spawn's exec): a Ctrl-C that reaches one while it
-    imports waits until ``_child`` ignores it, where it is dropped (the parent turns a Ctrl-C into a SIGTERM to
-    each). The parent holds the signals with handlers that only note them, because a thread of a native library
-    that does not block them may be the one the kernel gives them to. (The parent used to ignore SIGINT for the
-    start, so that the workers inherit the ignore, and lost a Ctrl-C that came then: the workers had started, and
-    nothing stopped them; seen in CI. A SIGTERM then killed the parent before its handler was set.)
+    - While the workers start (:meth:`held`), a signal is noted and acted on once the start is over. The workers
+      start with SIGINT blocked: a Ctrl-C that reaches one while it imports waits until ``_child`` ignores it,
+      where it is dropped. (A blocked mask survives the spawn's exec; a Python handler does not.) The parent used
+      to ignore SIGINT for the start instead, so that the workers inherit the ignore, and lost a Ctrl-C that came
+      then: nothing stopped the started workers (seen in CI). A SIGTERM then killed the parent before its handler
+      was set.
+    - The handler notes rather than raises while the start is held (a native library's thread that does not block
+      the signal may be the one the kernel gives it to) and once the workers are being stopped (a second Ctrl-C
+      raised inside the stop left workers never told to stop, and the exit waiting on them for good).
+    - One handler for the whole run, never swapped at the end of the start: a signal in the middle of a swap
+      left the signals blocked and the noting handler in place (review).
+    - A signal that the caller ignores (a background job's SIGINT) stays ignored.
     """
-    resource_tracker.ensure_running()  # its first start would lift the parent's block, mid-way
-    noted: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, _: noted.append(signum)) for signum in _STOP_SIGNALS}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.stopping = False
+        self.noted: list[int] = []
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # A signal during the restore is noted, then sent again to its own handler: one raised half-way would
+        # leave a handler of this run in place (seen at 1 in 3,000 under load). SIGINT's goes back last, so that
+        # even a KeyboardInterrupt from its own handler comes after every handler is back.
+        self.stopping = True
+        restoring_from = len(self.noted)
+        for signum, handler in reversed(self._previous.items()):
             signal.signal(signum, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one still held by the kernel goes to its handler now
-    for noted_signal in dict.fromkeys(noted):
-        signal.raise_signal(noted_signal)  # one noted meanwhile: sent again, to its own handler
+        for noted_signal in dict.fromkeys(self.noted[restoring_from:]):
+            signal.raise_signal(noted_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.holding or self.stopping:
+            self.noted.append(signum)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Start the workers in this block: a stop signal that comes meanwhile raises KeyboardInterrupt after it."""
+        resource_tracker.ensure_running()  # its first start would lift this thread's block, mid-way
+        self.holding = True
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            # A Ctrl-C the kernel holds for this thread is taken here, so that the unblock delivers nothing.
+            while (pending := signal.sigtimedwait({signal.SIGINT}, 0)) is not None:
+                self.noted.append(pending.si_signo)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            self.holding = False
+        if self.noted:
+            raise KeyboardInterrupt
 
 
 def _child(*args: Any) -> None:
     # Ctrl-C reaches the whole process group: the parent turns it into a SIGTERM to each worker, which finishes
     # its batch and exits 0, instead of a KeyboardInterrupt mid-batch (a traceback, exit 1, the command failing).
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # also drops a Ctrl-C held since the start (see run())
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a SIGTERM held since the start ends it now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked for the start (see _StopSignals)
     # A parent that is gone (killed outright) can no longer stop this worker: it stops itself, as on SIGTERM.
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -495,11 +532,10 @@ def run(
         for index in range(workers)
     ]
 
-    def _terminate(*_: object) -> None:
-        # SIGTERM (systemd, kill, a supervisor) stops the workers as gracefully as Ctrl-C, never orphaning them.
-        raise KeyboardInterrupt
+    signals = _StopSignals()
 
     def _stop_all() -> None:
+        signals.stopping = True  # a second Ctrl-C changes nothing: each worker still finishes its batch
         started = [process for process in processes if process.pid is not None]
         for process in started:
             pid = process.pid
@@ -512,20 +548,20 @@ def run(
     # kept failing, or a signal sent to that worker alone): the others are stopped at once and the command fails,
     # so its supervisor restarts the whole set rather than the command running on short.
     ended_alone: list[str] = []
-    previous_term = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with _stop_signals_held():
-            for process in processes:
-                process.start()
-        # A Ctrl-C or SIGTERM that came during the start is raised here, once the workers exist to be stopped.
-        ended_alone = _wait_for_an_error(processes)
-        if ended_alone:
-            log.error("executor worker %s exited with an error; stopping the others", ", ".join(ended_alone))
+    with signals:
+        try:
+            with signals.held():
+                for process in processes:
+                    process.start()
+            ended_alone = _wait_for_an_error(processes)
+            if ended_alone:
+                log.error("executor worker %s exited with an error; stopping the others", ", ".join(ended_alone))
+                _stop_all()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
             _stop_all()
-    except KeyboardInterrupt:
-        _stop_all()
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        except BaseException:  # a worker that could not be started, say: those that were are not left running
+            _stop_all()
+            raise
     failed = [
         f"{p.name} (exit code {p.exitcode})"
         for p in processes

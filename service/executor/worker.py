@@ -353,26 +353,34 @@ class _StopSignals:
         self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> _StopSignals:
+        self.holding = True  # a signal while the handlers go in is noted, and acted on after the start (held())
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        # A signal during the restore is noted, then sent again to its own handler: one raised half-way would
-        # leave a handler of this run in place (seen at 1 in 3,000 under load). SIGINT's goes back last, so that
-        # even a KeyboardInterrupt from its own handler comes after every handler is back.
+        # A signal during the restore is noted, then sent again to its own handler once all are back: one raised
+        # half-way left a handler of this run in place (seen at 1 in 3,000 under load). A handler put back that
+        # raises (the caller's own) does not keep the others from going back.
         self.stopping = True
         restoring_from = len(self.noted)
-        for signum, handler in reversed(self._previous.items()):
-            signal.signal(signum, handler)
-        for noted_signal in dict.fromkeys(self.noted[restoring_from:]):
-            signal.raise_signal(noted_signal)
+        try:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        finally:
+            for signum, handler in self._previous.items():
+                if signal.getsignal(signum) is not handler:
+                    signal.signal(signum, handler)
+        noted = dict.fromkeys(self.noted[restoring_from:])
+        for noted_signal in sorted(noted, key=lambda signum: signum != signal.SIGTERM):
+            signal.raise_signal(noted_signal)  # SIGTERM first: a KeyboardInterrupt from SIGINT's would end the loop
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.holding or self.stopping:
             self.noted.append(signum)
             return
+        self.stopping = True  # one stop: a second signal right behind this one only notes (review)
         raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -380,14 +388,18 @@ class _StopSignals:
         """Start the workers in this block: a stop signal that comes meanwhile raises KeyboardInterrupt after it."""
         resource_tracker.ensure_running()  # its first start would lift this thread's block, mid-way
         self.holding = True
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # An ignored SIGINT is not blocked: blocked, the kernel keeps even an ignored signal, and it was taken
+        # below as a stop (review). The workers inherit the ignore itself.
+        blocked = {signal.SIGINT} if signal.SIGINT in self._previous else set()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             yield
         finally:
             # A Ctrl-C the kernel holds for this thread is taken here, so that the unblock delivers nothing.
-            while (pending := signal.sigtimedwait({signal.SIGINT}, 0)) is not None:
+            while blocked and (pending := signal.sigtimedwait(blocked, 0)) is not None:
                 self.noted.append(pending.si_signo)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            self.stopping = bool(self.noted)  # set before holding ends: a signal from here on only notes
             self.holding = False
         if self.noted:
             raise KeyboardInterrupt
@@ -562,6 +574,8 @@ def run(
         except BaseException:  # a worker that could not be started, say: those that were are not left running
             _stop_all()
             raise
+        finally:
+            signals.stopping = True  # no handler can run between this and the restore: none is left raising
     failed = [
         f"{p.name} (exit code {p.exitcode})"
         for p in processes

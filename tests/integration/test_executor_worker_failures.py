@@ -366,8 +366,9 @@ runpy.run_module("pipelines.cli", run_name="__main__")
 """
 
 
-def _start_slowly(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
-    """``winback executor run --workers 2`` (in a session of its own) whose every worker start is slow."""
+def _start_slowly(tmp_path: Path, *, sigint_ignored: bool = False, **env: str) -> subprocess.Popen[str]:
+    """``winback executor run --workers 2`` (in a session of its own) whose every worker start is slow; with
+    ``sigint_ignored``, started with SIGINT ignored (as a shell starts a background job)."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     config = write_bench_config(tmp_path / "merchants.yaml")
     arguments = ["executor", "run", "--workers", "2", "--database-url", url, "--config", str(config),
@@ -379,6 +380,7 @@ def _start_slowly(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
         env=os.environ | env,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 
@@ -416,6 +418,23 @@ def test_a_stop_while_the_workers_are_being_started_is_not_lost(
     assert process.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
     assert "started winback-executor-1" in stdout  # the start was finished, then both workers were stopped
+
+
+def test_a_ctrl_c_the_command_ignores_is_ignored_while_the_workers_start_too(tmp_path: Path) -> None:
+    """(Review.) Blocked for the start, an ignored SIGINT was still kept by the kernel, taken as a stop, and the
+    background job stopped, when no native thread took the signal first."""
+    process = _start_slowly(tmp_path, sigint_ignored=True, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    try:
+        assert process.stdout is not None  # for mypy: PIPE
+        assert process.stdout.readline().strip() == "started winback-executor-0"
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.stdout.readline().strip() == "started winback-executor-1"
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=3)  # still running
+        os.killpg(process.pid, signal.SIGTERM)
+    finally:
+        _, stderr = _ended(process)
+    assert process.returncode == 0, stderr[-2000:]
 
 
 def test_a_worker_that_cannot_be_started_fails_the_command_and_stops_those_that_were(tmp_path: Path) -> None:

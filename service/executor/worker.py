@@ -408,7 +408,7 @@ class _StopSignals:
 def _child(*args: Any) -> None:
     # Ctrl-C reaches the whole process group: the parent turns it into a SIGTERM to each worker, which finishes
     # its batch and exits 0, instead of a KeyboardInterrupt mid-batch (a traceback, exit 1, the command failing).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also drops a Ctrl-C held since the start (see run())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also drops a Ctrl-C held since the start (_StopSignals)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked for the start (see _StopSignals)
     # A parent that is gone (killed outright) can no longer stop this worker: it stops itself, as on SIGTERM.
     parent = multiprocessing.parent_process()
@@ -462,10 +462,6 @@ def resolve_charge(
         engine.dispose()
 
 
-#: How long the parent waits for a worker whose sentinel closed to become reapable (it is exiting: milliseconds).
-EXITING_JOIN_SECONDS = 5.0
-
-
 def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
     """Wait until every process has ended, or until some ended with an exit code other than 0; the names of those.
 
@@ -478,7 +474,7 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
         ready = set(multiprocessing.connection.wait([process.sentinel for process in running]))
         for process in running:
             if process.sentinel in ready:
-                process.join(timeout=EXITING_JOIN_SECONDS)
+                process.join()  # it is exiting: reapable within moments
         exit_codes = [(process, process.exitcode) for process in running]  # one read each: a later one may differ
         failed = [process.name for process, code in exit_codes if code not in (None, 0)]
         if failed:

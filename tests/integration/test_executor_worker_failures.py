@@ -305,12 +305,17 @@ def _ignores_sigint(pid: int) -> bool:
     return bool(mask & (1 << (signal.SIGINT - 1)))
 
 
-def _start_executor(tmp_path: Path) -> subprocess.Popen[str]:
-    """'winback executor run --workers 2' in a process group of its own (as a terminal runs it)."""
+def _executor_arguments(tmp_path: Path) -> list[str]:
+    """The arguments of 'winback executor run --workers 2' on a SQLite database and a config in ``tmp_path``."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     config = write_bench_config(tmp_path / "merchants.yaml")
-    command = [sys.executable, "-m", "pipelines.cli", "executor", "run", "--workers", "2", "--database-url", url,
-               "--config", str(config), "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]  # fmt: skip
+    return ["executor", "run", "--workers", "2", "--database-url", url, "--config", str(config),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]  # fmt: skip
+
+
+def _start_executor(tmp_path: Path) -> subprocess.Popen[str]:
+    """'winback executor run --workers 2' in a process group of its own (as a terminal runs it)."""
+    command = [sys.executable, "-m", "pipelines.cli", *_executor_arguments(tmp_path)]
     return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -340,11 +345,8 @@ def test_ctrl_c_stops_the_executor_cleanly(tmp_path: Path, when: str) -> None:
     try:
         assert len(_workers_of(process, ready=when == "running")) == 2
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        _, stderr = process.communicate(timeout=60)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()  # its pipes closed here, not left to warn in a later test
+        _, stderr = _ended(process)
     assert process.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
 
@@ -369,12 +371,8 @@ runpy.run_module("pipelines.cli", run_name="__main__")
 def _start_slowly(tmp_path: Path, *, sigint_ignored: bool = False, **env: str) -> subprocess.Popen[str]:
     """``winback executor run --workers 2`` (in a session of its own) whose every worker start is slow; with
     ``sigint_ignored``, started with SIGINT ignored (as a shell starts a background job)."""
-    url = f"sqlite:///{tmp_path / 'w.db'}"
-    config = write_bench_config(tmp_path / "merchants.yaml")
-    arguments = ["executor", "run", "--workers", "2", "--database-url", url, "--config", str(config),
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]  # fmt: skip
     return subprocess.Popen(
-        [sys.executable, "-c", _SLOW_START, *arguments],
+        [sys.executable, "-c", _SLOW_START, *_executor_arguments(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,6 +1,7 @@
 """The MLflow model registry of winback: the pyfunc wrapper of a model bundle, registration and aliases.
 
-This is the only module of ``model/`` that imports MLflow. A trained bundle travels as one registered model
+This module and ``model.registry_client`` (what following an alias and downloading need, re-exported here) are the
+only modules of ``model/`` that import MLflow. A trained bundle travels as one registered model
 version of ``winback`` (a pyfunc whose ``artifacts/bundle`` folder is the saved `ModelBundle`); serving follows
 the ``champion`` alias and a fresh training run gets ``challenger``. Aliases only: MLflow's stages are
 deprecated.
@@ -21,16 +22,11 @@ flattened key fields ``action``, ``strategy``, ``connector``, ``channel``, ``exe
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -39,37 +35,28 @@ from model.bundle import ModelBundle
 from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig
 from model.policy import PolicyConfig, decide
-from model.requests import Decision, DecisionRequest
-
-# MLflow's usage telemetry starts a network thread when mlflow is imported; winback never phones home, so it
-# is switched off before the import (an explicit MLFLOW_DISABLE_TELEMETRY=false from the caller still wins).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-# Named warnings MLflow raises about its own internals while being imported (its ResponsesAgent type hints,
-# SQLAlchemy 2.1's deprecation of a loader strategy in its store) and about PythonModel subclasses without
-# list-style type hints, or logged without an input example (the signature is explicit): nothing a caller can
-# act on, so they are silenced here and only here.
-_MLFLOW_NOISE: Final[tuple[tuple[str, type[Warning]], ...]] = (
-    (r".*Any type hint is inferred as AnyType", UserWarning),
-    (r".*Add type hints to the `predict` method", UserWarning),
-    (r".*An input example was not provided when logging the model", UserWarning),
-    (r"The ``noload`` loader strategy is deprecated", DeprecationWarning),
+from model.registry_client import (
+    BUNDLE_ARTIFACT,
+    CHALLENGER,
+    CHAMPION,
+    DEFAULT_TRACKING_URI,
+    EXPERIMENT_NAME,
+    MODEL_NAME,
+    RegistryError,
+    _quiet_mlflow,
+    artifact_location_for,
+    download_bundle,
+    ensure_experiment,
+    get_alias_version,
+    resolve_tracking_uri,
+    set_alias,
+    tracking,
 )
-
-
-@contextmanager
-def _quiet_mlflow() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for message, category in _MLFLOW_NOISE:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
-
+from model.requests import Decision, DecisionRequest
 
 with _quiet_mlflow():
     import mlflow
     import mlflow.pyfunc
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
     from mlflow.pyfunc.model import PythonModel
     from mlflow.types import ColSpec, Schema
@@ -94,15 +81,6 @@ __all__ = [
     "tracking",
 ]
 
-MODEL_NAME: Final = "winback"
-EXPERIMENT_NAME: Final = "winback"
-CHAMPION: Final = "champion"
-CHALLENGER: Final = "challenger"
-#: Relative to the working directory; `resolve_tracking_uri` makes it absolute.
-DEFAULT_TRACKING_URI: Final = "sqlite:///mlruns/mlflow.db"
-#: Name of the pyfunc artifact that holds the saved bundle (``<model>/artifacts/bundle``).
-BUNDLE_ARTIFACT: Final = "bundle"
-
 _OUTPUT_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("decision", "string"),
     ("action", "string"),
@@ -116,12 +94,7 @@ _OUTPUT_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("propensity", "double"),
     ("model_version", "string"),
 )
-_NOT_FOUND_CODES: Final = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
 _DEFAULT_API_KEY_SHA256: Final = "0" * 64
-
-
-class RegistryError(RuntimeError):
-    """The MLflow registry answered something winback cannot use; the message says what."""
 
 
 @dataclass(frozen=True)
@@ -131,102 +104,6 @@ class RegisteredVersion:
     version: str
     model_uri: str
     run_id: str
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tracking URI and experiment
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The tracking URI to use: the given one, else ``$MLFLOW_TRACKING_URI``, else ``./mlruns/mlflow.db``.
-
-    A relative SQLite path is made absolute against the working directory and its folder is created, so
-    the store (and, by `artifact_location_for`, its artifacts) lands where the caller expects.
-    """
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    db_path = _sqlite_path(uri)
-    if db_path is None:
-        return uri
-    if str(db_path) != ":memory:":
-        db_path = db_path if db_path.is_absolute() else Path.cwd() / db_path
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db_path}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    parsed = urlparse(uri)
-    if not parsed.scheme.startswith("sqlite"):
-        return None
-    # sqlite:///relative.db has path "/relative.db"; sqlite:////abs.db has path "//abs.db".
-    return Path(unquote(parsed.path)[1:])
-
-
-def artifact_location_for(tracking_uri: str) -> str | None:
-    """Where artifacts go for a store: next to a SQLite file (``<db folder>/artifacts``), else the server's.
-
-    For a ``file:`` store MLflow already keeps artifacts inside it; for a tracking server the server decides.
-    """
-    db_path = _sqlite_path(tracking_uri)
-    if db_path is None or str(db_path) == ":memory:":
-        return None
-    return (db_path.parent / "artifacts").resolve().as_uri()
-
-
-@contextmanager
-def tracking(tracking_uri: str | None = None) -> Iterator[str]:
-    """Point MLflow's fluent API (runs, logging) at one store for the duration; yields the resolved URI."""
-    uri = resolve_tracking_uri(tracking_uri)
-    previous_tracking = mlflow.get_tracking_uri() if _tracking_uri_is_set() else None
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    _disable_telemetry()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        with _quiet_mlflow():
-            yield uri
-    finally:
-        # None is how MLflow spells "not set" (back to its default), though its annotations omit it.
-        mlflow.set_tracking_uri(previous_tracking)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(previous_tracking)  # type: ignore[arg-type]
-        # set_tracking_uri exports the URI for subprocesses; do not leak it past this block.
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
-
-
-def _tracking_uri_is_set() -> bool:
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    return tracking_utils._tracking_uri is not None
-
-
-@cache
-def _disable_telemetry() -> None:
-    from mlflow.telemetry import set_telemetry_client
-
-    # A no-op when telemetry was already off at import; drops a client some earlier import of mlflow started.
-    set_telemetry_client()  # type: ignore[no-untyped-call]
-
-
-def _client(tracking_uri: str | None) -> MlflowClient:
-    uri = resolve_tracking_uri(tracking_uri)
-    _disable_telemetry()
-    with _quiet_mlflow():
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def ensure_experiment(tracking_uri: str | None = None, name: str = EXPERIMENT_NAME) -> str:
-    """The id of experiment ``name``, created with its artifacts next to a SQLite store when new."""
-    uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
-    with _quiet_mlflow():
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                client.restore_experiment(experiment.experiment_id)
-            return str(experiment.experiment_id)
-        return str(client.create_experiment(name, artifact_location=artifact_location_for(uri)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,54 +284,6 @@ def register_bundle_details(
         if alias:
             set_alias(alias, str(version), tracking_uri=uri)
     return RegisteredVersion(version=str(version), model_uri=info.model_uri, run_id=run_id)
-
-
-def set_alias(alias: str, version: str, *, tracking_uri: str | None = None) -> None:
-    """Point ``winback@alias`` at ``version`` (moving it if it pointed elsewhere)."""
-    client = _client(tracking_uri)
-    with _quiet_mlflow():
-        client.set_registered_model_alias(MODEL_NAME, alias, str(version))
-
-
-def get_alias_version(alias: str, *, tracking_uri: str | None = None) -> str | None:
-    """The version ``winback@alias`` points at, or None when there is no such model or alias."""
-    client = _client(tracking_uri)
-    with _quiet_mlflow():
-        try:
-            registered = client.get_registered_model(MODEL_NAME)
-        except MlflowException as exc:
-            if exc.error_code in _NOT_FOUND_CODES:
-                return None
-            raise
-    version = registered.aliases.get(alias)
-    return None if version is None else str(version)
-
-
-def model_version_info(version: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Run id, source and aliases of one version of ``winback`` (for reports)."""
-    client = _client(tracking_uri)
-    with _quiet_mlflow():
-        mv = client.get_model_version(MODEL_NAME, str(version))
-    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "aliases": list(mv.aliases)}
-
-
-def download_bundle(version: str, dst: str | Path, *, tracking_uri: str | None = None) -> Path:
-    """Download version ``version`` of ``winback`` into ``dst`` and return the path of its bundle folder."""
-    target = Path(dst)
-    target.mkdir(parents=True, exist_ok=True)
-    # A version's source is a logged model (models:/m-...), which MLflow resolves against the global tracking
-    # URI whatever is passed here: without `tracking` it would open ./mlflow.db in the working directory.
-    with tracking(tracking_uri) as uri:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{MODEL_NAME}/{version}",
-            dst_path=str(target),
-            tracking_uri=uri,
-            registry_uri=uri,
-        )
-    bundle = Path(local) / "artifacts" / BUNDLE_ARTIFACT
-    if not bundle.is_dir():
-        raise RegistryError(f"version {version} of {MODEL_NAME!r} has no {BUNDLE_ARTIFACT!r} artifact")
-    return bundle
 
 
 def load_version(version: str, *, tracking_uri: str | None = None) -> ModelBundle:

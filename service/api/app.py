@@ -32,6 +32,7 @@ from model.rules import RuleInputError, load_rulebook
 from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
 from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
+from service.api.heap import release_free_memory
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from service.api.model_holder import MlflowSource, ModelHolder
@@ -210,6 +211,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # later is collected as before; the model holds no reference cycle, so a swapped-out one is freed.
         gc.collect()
         gc.freeze()
+    release_free_memory()  # what the load and the start-up freed stays in malloc's heaps otherwise (api/heap.py)
     log.info(
         "decision API ready",
         extra={"model_version": runtime.holder.current.version, "merchants": len(runtime.config.merchants)},

@@ -23,6 +23,7 @@ import numpy as np
 from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
+from service.api.heap import release_free_memory
 
 log = logging.getLogger("winback.api")
 #: Longest wait before a refused champion version is downloaded and tried again.
@@ -168,6 +169,9 @@ class ModelHolder:
             self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
             self.last_error = None
             self._refused_version, self._refusals = None, 0
+            # The swapped-out model is freed with its last reference (a request may still hold it for a moment),
+            # and what the load freed goes back to the OS: it would otherwise stay in the worker's RSS (api/heap.py).
+            release_free_memory()
             log.info(
                 "serving model version %s (was %s)",
                 version,

@@ -35,7 +35,9 @@ from service.api.fastpath import DecisionFastPath
 from service.api.heap import release_free_memory
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
-from service.api.model_holder import MlflowSource, ModelHolder
+from service.api.mirror import READ_SECONDS as MIRROR_READ_SECONDS
+from service.api.mirror import MirrorSource
+from service.api.model_holder import MlflowSource, ModelHolder, ModelSource
 from service.api.schemas import (
     BODY_ERRORS,
     CALLER_ERRORS,
@@ -166,11 +168,17 @@ def build_runtime(settings: Settings) -> Runtime:
         catalog = with_overlay(catalog, load_overlay(settings.gsm_overlay))
     known = {c for merchant in config.merchants.values() for c in merchant.connectors}
     metrics = ApiMetrics(connectors=known | set(catalog.connectors()))
-    source = MlflowSource(settings.tracking_uri) if settings.load_model else None
+    source: ModelSource | None = None
+    poll_seconds = settings.model_poll_seconds
+    if settings.load_model and settings.model_mirror_dir is not None:
+        source = MirrorSource(settings.model_mirror_dir, settings.model_poll_seconds)
+        poll_seconds = min(poll_seconds, MIRROR_READ_SECONDS)  # a file read: the swap waits on the mirror's poll
+    elif settings.load_model:
+        source = MlflowSource(settings.tracking_uri)
     policy = PolicyConfig()
     holder = ModelHolder(
         source,
-        poll_seconds=settings.model_poll_seconds,
+        poll_seconds=poll_seconds,
         on_change=lambda served: metrics.set_model_version(served.version),
         on_error=lambda _reason: metrics.registry_errors.inc(),
         check=canary_check(config, catalog, policy),

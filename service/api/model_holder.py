@@ -24,6 +24,7 @@ from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
 from service.api.heap import release_free_memory
+from service.api.poller import Poller
 
 log = logging.getLogger("winback.api")
 #: Longest wait before a refused champion version is downloaded and tried again.
@@ -33,7 +34,8 @@ START_WAIT_SECONDS = 20.0
 
 
 class ModelSource(Protocol):
-    """Where models come from: the registry's champion version, and a way to load one version."""
+    """Where models come from: the registry's champion version, and a way to load one version. A source may also
+    have ``has_news() -> bool``: False skips a poll (nothing could have changed since the last one)."""
 
     def champion_version(self) -> str | None: ...
 
@@ -115,8 +117,7 @@ class ModelHolder:
         self._refusals = 0  # how many times in a row it was
         self._refusal: str | None = None  # why
         self._retry_at = 0.0  # it is not tried again before this (time.monotonic)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller: Poller | None = None
         self._lock = threading.Lock()
 
     @property
@@ -132,6 +133,9 @@ class ModelHolder:
     def refresh(self) -> bool:
         """Check the champion once and swap if it moved; True when the serving model changed. Never raises."""
         if self.source is None:
+            return False
+        has_news = getattr(self.source, "has_news", None)  # a source that knows when asking again tells nothing
+        if has_news is not None and not has_news():
             return False
         with self._lock:
             self.last_check = datetime.now(UTC)
@@ -210,14 +214,6 @@ class ModelHolder:
             self.on_error(reason)
         return False
 
-    def _run(self, first_done: threading.Event) -> None:
-        try:
-            self.refresh()
-        finally:
-            first_done.set()
-        while not self._stop.wait(self.poll_seconds):
-            self.refresh()
-
     def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Load the champion (rules-only if there is none), then keep polling, in a daemon thread.
 
@@ -227,22 +223,17 @@ class ModelHolder:
         ``/readyz`` false, until the load completes in the poller."""
         if self.on_change is not None:
             self.on_change(self.current)
-        if self.source is None or self._thread is not None:
+        if self.source is None or self._poller is not None:
             return
-        first_done = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(first_done,), name="winback-champion-poller", daemon=True
-        )
-        self._thread.start()
-        if not first_done.wait(wait_seconds):  # /readyz says "no model loaded" until the poller's first load ends
+        self._poller = Poller(self.refresh, self.poll_seconds, name="winback-champion-poller")
+        if not self._poller.start(wait_seconds):  # /readyz says "no model loaded" until the poller's first load ends
             log.warning("the model registry has not answered in %g s; serving rules-only meanwhile", wait_seconds)
 
     def stop(self) -> None:
         """Stop polling (the serving model stays as it is)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self._poller is not None:
+            self._poller.stop(30)
+            self._poller = None
 
 
 def _first_line(exc: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def run(
     import uvicorn
 
     from service.api.accept import BALANCED_LOOP, connection_board
+    from service.api.logging import configure_logging
+    from service.api.mirror import mirrored_registry
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
@@ -108,7 +111,14 @@ def run(
     finally:
         engine.dispose()
     os.environ["WINBACK_RUN_MIGRATIONS"] = "false"
-    with connection_board(workers) as board_env:  # new connections spread evenly over the workers (api/accept.py)
+    with contextlib.ExitStack() as stack:
+        if settings.load_model:
+            configure_logging(settings.log_level)  # the mirror's lines, as the workers' (JSON on stderr)
+            # One registry client for all the workers, in this process (api/mirror.py).
+            folder = stack.enter_context(mirrored_registry(settings.tracking_uri, settings.model_poll_seconds))
+            stack.callback(os.environ.pop, "WINBACK_MODEL_MIRROR_DIR", None)
+            os.environ["WINBACK_MODEL_MIRROR_DIR"] = str(folder)
+        board_env = stack.enter_context(connection_board(workers))  # connections spread evenly (api/accept.py)
         os.environ.update(board_env)
         try:
             uvicorn.run(

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     database_url: str = Field(default=DEFAULT_DATABASE_URL, description="SQLAlchemy URL for decisions/outcomes.")
     model_poll_seconds: float = Field(default=10.0, gt=0, le=30, description="How often to check @champion.")
     load_model: bool = Field(default=True, description="False: never touch MLflow, serve rules-only.")
+    model_mirror_dir: Path | None = Field(
+        default=None,
+        description="Read the champion from this folder, mirrored by the serving command (api/mirror.py), instead "
+        "of asking MLflow: `winback serve` sets it for its workers.",
+    )
     run_migrations: bool = Field(default=True, description="Upgrade the database schema at start-up.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_decisions: bool = Field(default=True, description="One JSON log line per decision served.")

@@ -19,6 +19,7 @@ from model import registry
 from model.requests import Decision
 from model.training import train
 from service.api.fastpath import MAX_REQUEST_BODY
+from service.api.mirror import STATE_FILE, MirrorError, MirrorSource, RegistryMirror, version_folder
 from tests.factories import make_history_frames, make_request, write_merchant_config
 
 pytestmark = pytest.mark.slow
@@ -215,3 +216,86 @@ def test_empty_registry_answers_rules_only_and_is_not_ready(mlflow_store: str, s
             headers=json_type,
         )
         assert oversized.status_code == 413, oversized.text
+
+
+# The registry mirror of `winback serve` (service/api/mirror.py): one MLflow client per server, workers read files.
+
+
+def test_the_mirror_follows_the_champion_and_a_worker_loads_it_without_mlflow(
+    two_versions: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, _ = two_versions
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    mirror = RegistryMirror(folder, store, poll_seconds=1.0)
+    source = MirrorSource(folder, poll_seconds=1.0)
+    with pytest.raises(MirrorError, match="has not answered yet"):
+        source.champion_version()
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    mirror.check()
+    assert source.champion_version() == "1"
+    registry.set_alias(registry.CHAMPION, "2", tracking_uri=store)
+    mirror.check()
+    assert source.champion_version() == "2"
+    assert sorted(path.name for path in folder.iterdir()) == [STATE_FILE, "version-1", "version-2"]
+    # A worker's load reads the bundle alone: MLflow (and its tracking store) stays out of the worker's memory.
+    code = (
+        "import sys; from pathlib import Path; from service.api.mirror import MirrorSource; "
+        f"scorer = MirrorSource(Path({str(folder)!r}), 1.0).load('2'); "
+        "print(scorer.version, sorted(name for name in sys.modules if name.split('.')[0] == 'mlflow'))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["2", "[]"]
+
+
+def test_a_registry_that_fails_keeps_the_last_version_and_says_why(
+    two_versions: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = two_versions
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    mirror = RegistryMirror(folder, store, poll_seconds=1.0)
+    mirror.check()
+    # The registry goes away: a tracking server that refuses connections (no retries, so the test is quick).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mirror.tracking_uri = f"http://127.0.0.1:{_free_port()}"
+    mirror.check()
+    state = json.loads((folder / STATE_FILE).read_text())
+    assert state["version"] == "1"
+    assert "Connection refused" in state["error"] or "ConnectionError" in state["error"], state
+    with pytest.raises(MirrorError) as refused:
+        MirrorSource(folder, poll_seconds=1.0).champion_version()
+    assert str(refused.value) == state["error"]
+    assert (folder / "version-1").is_dir()  # what the workers serve stays loadable
+    # The registry is back: the same mirror answers again.
+    mirror.tracking_uri = store
+    mirror.check()
+    assert MirrorSource(folder, poll_seconds=1.0).champion_version() == "1"
+
+
+def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(tmp_path: Path) -> None:
+    source = MirrorSource(tmp_path, poll_seconds=10.0)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"version": "4", "checked_at": time.time() - 100, "error": None}))
+    with pytest.raises(MirrorError, match=r"last check was 100 s ago; it checks every 10 s"):
+        source.champion_version()
+    (tmp_path / STATE_FILE).write_text(json.dumps({"version": None, "checked_at": time.time(), "error": None}))
+    assert source.has_news()
+    assert source.champion_version() is None
+    assert not source.has_news()  # read every second, acted on once per check of the mirror (or poll)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"version": "5", "checked_at": time.time() + 1, "error": None}))
+    assert source.has_news()
+    assert source.champion_version() == "5"
+    every_time = MirrorSource(tmp_path, poll_seconds=0.0)  # its poll is over at once: it asks again every time
+    every_time.champion_version()
+    assert every_time.has_news()
+    mirror = RegistryMirror(tmp_path, "unused", poll_seconds=10.0)
+    for number in range(1, 6):
+        version_folder(tmp_path, str(number)).mkdir()
+        os.utime(version_folder(tmp_path, str(number)), (1_000_000 + number, 1_000_000 + number))
+    os.utime(version_folder(tmp_path, "1"), (2_000_000, 2_000_000))  # the newest download may be an old version
+    mirror._forget_old(keep="2")
+    assert sorted(path.name for path in tmp_path.glob("version-*")) == ["version-1", "version-2", "version-5"]

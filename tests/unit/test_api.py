@@ -719,6 +719,26 @@ def test_registry_down_keeps_serving_the_current_model(tmp_path: Path) -> None:
     holder.stop()
 
 
+def test_a_source_without_news_is_not_asked() -> None:
+    """A source with ``has_news`` (the workers' registry mirror) is asked only when it says something changed."""
+
+    class QuietSource(FakeSource):
+        news = True
+
+        def has_news(self) -> bool:
+            return self.news
+
+    source = QuietSource("3")
+    holder = ModelHolder(source)
+    assert holder.refresh() is True
+    source.version, source.news = "4", False
+    assert holder.refresh() is False
+    assert (holder.current.version, source.loads) == ("3", ["3"])
+    source.news = True
+    assert holder.refresh() is True
+    assert (holder.current.version, source.loads) == ("4", ["3", "4"])
+
+
 def test_a_registry_that_does_not_answer_does_not_hold_the_start(tmp_path: Path) -> None:
     """(Contract check.) A registry that is down at start kept the server from listening for ~4 minutes: the first
     load ran before serving, and the MLflow client retries a refused connection 7 times with backoff. The start

@@ -1,0 +1,194 @@
+"""One registry client per server: the champion mirrored to a local folder that the workers read.
+
+``winback serve`` with several workers used to have every worker ask MLflow for ``winback@champion`` and
+download each new version itself. Each worker then held MLflow's client, its tracking store (SQLAlchemy, Alembic,
+a few hundred modules) and the download's leftovers: about 70 MB of a worker's RSS, times the workers, and one
+registry poll and one download per worker and version.
+
+Now the serving command runs one ``RegistryMirror`` (a thread of the process that starts uvicorn): it polls the
+alias, downloads each new champion once into ``folder/version-N`` (complete before it is renamed into place), and
+publishes what it found in ``folder/champion.json`` (replaced atomically): the version, when it checked, and
+the error of its last check, if any. Each worker's ``ModelHolder`` reads that file through ``MirrorSource`` —
+a small read every second — and loads the version from the folder with the bundle reader alone: MLflow is never
+imported by a worker.
+
+What a worker sees is what it saw when it asked the registry itself:
+
+- no champion yet: rules-only, ``/readyz`` false;
+- the registry down, or a version that cannot be downloaded: the error, while the serving model stays (the mirror
+  keeps the last version it published);
+- the mirror itself silent for longer than ``STALE_AFTER_POLLS`` polls (its thread hung or gone): an error naming
+  how long ago its last check was, and the serving model stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from model.policy import Scorer
+from service.api.model_holder import START_WAIT_SECONDS, VersionedScorer
+from service.api.poller import Poller
+
+log = logging.getLogger("winback.api")
+
+STATE_FILE = "champion.json"
+#: A worker reads the mirror's state this often at most: a file read, so the swap waits on the mirror's poll.
+READ_SECONDS = 1.0
+#: The mirror's state is stale (its thread hung or gone) after this many of its polls without a check.
+STALE_AFTER_POLLS = 3
+#: ... and never before this many seconds: a slow registry answer (the MLflow client retries) is not a hang.
+STALE_AFTER_SECONDS = 60.0
+#: Longest a stopping server waits for a check in progress.
+STOP_WAIT_SECONDS = 2.0
+#: Versions kept in the folder: the champion and the ones before it, which a worker may still be loading.
+KEEP_VERSIONS = 3
+
+
+class MirrorError(RuntimeError):
+    """The mirror has no fresh answer: the registry's error, or the mirror's own silence."""
+
+
+def version_folder(folder: Path, version: str) -> Path:
+    """Where the mirror puts the bundle of ``version``."""
+    return folder / f"version-{version}"
+
+
+class RegistryMirror:
+    """Polls ``winback@champion`` every ``poll_seconds`` and mirrors it into ``folder`` (see the module's text)."""
+
+    def __init__(self, folder: Path, tracking_uri: str, poll_seconds: float) -> None:
+        self.folder = folder
+        self.tracking_uri = tracking_uri
+        self.poll_seconds = poll_seconds
+        self.version: str | None = None  # the version published (downloaded and in place)
+        self._poller = Poller(self.check, poll_seconds, name="winback-registry-mirror")
+
+    def check(self) -> None:
+        """Ask the registry once, download a new champion, publish the state. Never raises."""
+        checked_at = time.time()
+        try:
+            from model import registry_client as registry  # MLflow alone (not the bundle), in the mirror only
+
+            version = registry.get_alias_version(registry.CHAMPION, tracking_uri=self.tracking_uri)
+            if version is not None and version != self.version:
+                self._download(version, registry)
+            self.version = version
+            self._publish(checked_at, error=None)
+        except Exception as exc:  # the registry down, a failed download: the workers keep what they serve
+            lines = str(exc).splitlines()
+            error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+            log.warning("could not mirror the champion; workers keep their model", extra={"error": error})
+            self._publish(checked_at, error=error)
+
+    def _download(self, version: str, registry: Any) -> None:
+        target = version_folder(self.folder, version)
+        if not target.is_dir():
+            with tempfile.TemporaryDirectory(prefix=".incoming-", dir=self.folder) as incoming:
+                bundle = registry.download_bundle(version, incoming, tracking_uri=self.tracking_uri)
+                os.rename(bundle, target)  # complete, then in place: a worker never sees half a version
+        self._forget_old(keep=version)
+
+    def _forget_old(self, keep: str) -> None:
+        """Keep ``keep`` and the newest others, ``KEEP_VERSIONS`` in all; remove the rest."""
+        champion = version_folder(self.folder, keep)
+        others = [path for path in self.folder.glob("version-*") if path != champion]
+        others.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+        for old in others[KEEP_VERSIONS - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _publish(self, checked_at: float, *, error: str | None) -> None:
+        if self._poller.stopping:  # the server is stopping and the folder going: nothing is left to tell
+            return
+        state = {"version": self.version, "checked_at": checked_at, "error": error}
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".state-", delete=False) as pending:
+                json.dump(state, pending)
+            os.replace(pending.name, self.folder / STATE_FILE)
+        except OSError as exc:  # a full disk: the workers see a stale state, then an error, and keep their model
+            log.error("could not publish the mirrored champion", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+    def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
+        """Check once (waiting up to ``wait_seconds``, so the workers start with the champion in place), then
+        keep polling in a daemon thread."""
+        if not self._poller.start(wait_seconds):
+            log.warning("the model registry has not answered in %g s; workers serve rules-only meanwhile", wait_seconds)
+
+    def stop(self) -> None:
+        """Stop polling. A check still waiting on the registry (its client retries for minutes) is not waited
+        for long: the thread is a daemon and publishes nothing once stopped."""
+        self._poller.stop(STOP_WAIT_SECONDS)
+
+
+@contextlib.contextmanager
+def mirrored_registry(tracking_uri: str, poll_seconds: float) -> Iterator[Path]:
+    """A running mirror of ``tracking_uri``'s champion in a fresh folder (removed at the end); yields the folder."""
+    folder = Path(tempfile.mkdtemp(prefix="winback-models-"))
+    mirror = RegistryMirror(folder, tracking_uri, poll_seconds)
+    try:
+        mirror.start()
+        yield folder
+    finally:
+        mirror.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class MirrorSource:
+    """A worker's ``ModelSource``: the champion as the mirror in ``folder`` last published it.
+
+    The worker's holder looks every ``READ_SECONDS`` but acts (``has_news``) only on a check the mirror made since
+    its last look, and otherwise every ``poll_seconds``, as when it asked the registry itself: a registry that is
+    down is reported once per check, not once a second."""
+
+    def __init__(self, folder: Path, poll_seconds: float) -> None:
+        self.folder = folder
+        self.poll_seconds = poll_seconds
+        self.stale_after = max(STALE_AFTER_POLLS * poll_seconds, STALE_AFTER_SECONDS)
+        self._seen_check: float | None = None  # ``checked_at`` of the state last read by champion_version
+        self._read_at = -math.inf  # when that was (time.monotonic)
+
+    def _state(self) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = json.loads((self.folder / STATE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return state
+
+    def has_news(self) -> bool:
+        """True when the mirror checked since the last ``champion_version``, or ``poll_seconds`` have passed."""
+        state = self._state()
+        checked_at = None if state is None else float(state["checked_at"])
+        return checked_at != self._seen_check or time.monotonic() - self._read_at >= self.poll_seconds
+
+    def champion_version(self) -> str | None:
+        """The mirrored champion's version, None when nothing is promoted; MirrorError when the mirror has no
+        fresh answer (its error, or its silence)."""
+        self._read_at = time.monotonic()
+        state = self._state()
+        self._seen_check = None if state is None else float(state["checked_at"])
+        if state is None:
+            raise MirrorError("the model registry has not answered yet")
+        age = time.time() - float(state["checked_at"])
+        if age > self.stale_after:
+            raise MirrorError(
+                f"the registry mirror's last check was {age:.0f} s ago; it checks every {self.poll_seconds:g} s"
+            )
+        if state["error"] is not None:
+            raise MirrorError(state["error"])
+        version = state["version"]
+        return None if version is None else str(version)
+
+    def load(self, version: str) -> Scorer:
+        """Load the mirrored bundle of ``version``."""
+        from model.bundle import ModelBundle
+
+        return VersionedScorer(ModelBundle.load(version_folder(self.folder, version)), version)

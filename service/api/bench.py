@@ -111,6 +111,10 @@ class BenchResult:
     candidates_per_request: float
     reference_model: dict[str, int]
     worker_rss_mb: list[float] = field(default_factory=list)
+    #: Each server's whole process tree (parent, workers, helpers): proportional set size (shared pages split
+    #: between the processes that map them), so the sum is the memory the server takes, not a count of RSS twice.
+    api_tree_pss_mb: float = float("nan")
+    mlflow_tree_pss_mb: float = float("nan")
     #: The machine's own stalls while the API ran at the fixed rate (None: not measured).
     api_fixed_rate_stalls: MachineStalls | None = None
 
@@ -537,6 +541,20 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def tree_pss_mb(pid: int) -> float:
+    """Proportional set size of ``pid`` and every process below it, in MB (NaN without smaps_rollup)."""
+    total_kb = 0
+    for member in [pid, *_descendants(pid)]:
+        try:
+            rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
+        except OSError:
+            if member == pid:
+                return float("nan")
+            continue  # a helper that ended meanwhile
+        total_kb += next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return round(total_kb / 1024, 1)
+
+
 def _worker_rss(server_pid: int) -> list[float]:
     """RSS of the uvicorn workers (the server's python children, not its multiprocessing tracker)."""
     rss = []
@@ -765,9 +783,11 @@ def run_bench(
             finally:
                 probe.stop()
             rss = _worker_rss(api.pid)
+            api_pss = tree_pss_mb(api.pid)
             cpu_before = process_cpu_seconds(serve.pid)
             ml_figures = closed(ml_url, ml_requests)
             ml_figures = _with_cpu(ml_figures, cpu_before, process_cpu_seconds(serve.pid))
+            ml_pss = tree_pss_mb(serve.pid)
             ml_rate = None
             if ml_figures.rps >= rate:  # a fixed rate above what it sustains only measures its queue
                 wait_idle(serve.pid)
@@ -793,6 +813,8 @@ def run_bench(
         candidates_per_request=round(load.candidates_per_request, 1),
         reference_model=size,
         worker_rss_mb=rss,
+        api_tree_pss_mb=api_pss,
+        mlflow_tree_pss_mb=ml_pss,
         api_fixed_rate_stalls=stalls,
     )
     if print_table:
@@ -852,6 +874,10 @@ def _print(result: BenchResult) -> None:
             f"(mlflow's {result.mlflow.cpu_ms_per_request:.2f} / 7); measured {result.api.cpu_ms_per_request:.2f}"
         )
     console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
+    console.print(
+        f"memory of each server's whole process tree (PSS, MB): API {result.api_tree_pss_mb:.0f}, mlflow serve "
+        f"{result.mlflow_tree_pss_mb:.0f}"
+    )
     stalls = result.api_fixed_rate_stalls
     if stalls is not None:
         console.print(

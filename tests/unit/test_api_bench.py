@@ -35,6 +35,7 @@ from service.api.bench import (
     fixed_rate,
     mixed_traffic,
     tree_cpu_seconds,
+    tree_pss_mb,
     wrk_closed_loop,
 )
 
@@ -58,6 +59,31 @@ def test_tree_cpu_counts_the_cpu_of_child_processes() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_tree_memory_adds_what_a_child_holds_of_its_own() -> None:
+    """A grandchild that fills 200 MB of its own memory adds about that much to the tree (PSS: pages shared
+    between the processes count once in all)."""
+    parent = "import subprocess, sys\nsubprocess.run([sys.executable, '-c', sys.argv[1]])"
+    hold = "import time\nblock = bytearray({mb} * 1024 * 1024)\nprint('ready', flush=True)\ntime.sleep(30)"
+    trees = [
+        subprocess.Popen(
+            [sys.executable, "-c", parent, hold.format(mb=mb)], stdout=subprocess.PIPE, start_new_session=True
+        )
+        for mb in (0, 200)
+    ]
+    try:
+        for tree in trees:
+            assert tree.stdout is not None
+            assert tree.stdout.readline().strip() == b"ready"
+        light, heavy = (tree_pss_mb(tree.pid) for tree in trees)
+        assert 180 < heavy - light < 230
+    finally:
+        for tree in trees:
+            os.killpg(tree.pid, signal.SIGKILL)
+            tree.wait()
+            assert tree.stdout is not None
+            tree.stdout.close()
 
 
 def test_cpu_ratio_compares_cpu_per_request_and_is_nan_when_unknown() -> None:

@@ -15,6 +15,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import select
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ from datetime import timedelta
 from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import sqlalchemy as sa
@@ -220,9 +221,7 @@ class Worker:
         except StaleClaimError:
             pass
 
-    def run(
-        self, stop: threading.Event | None = None, stop_after: float | None = None, until_idle: bool = False
-    ) -> int:
+    def run(self, stop: StopFlag | None = None, stop_after: float | None = None, until_idle: bool = False) -> int:
         """Loop until ``stop`` is set, ``stop_after`` seconds passed, or (``until_idle``) nothing is due.
 
         A batch that fails on the database (it went away, or chose this transaction as a deadlock's victim) is
@@ -272,13 +271,70 @@ class Worker:
         return total
 
     @staticmethod
-    def _wait(stop: threading.Event | None, seconds: float, deadline: float | None = None) -> None:
+    def _wait(stop: StopFlag | None, seconds: float, deadline: float | None = None) -> None:
         if deadline is not None:
             seconds = max(min(seconds, deadline - time.monotonic()), 0.0)
         if stop is not None:
             stop.wait(seconds)
         else:
             time.sleep(seconds)
+
+
+class StopFlag(Protocol):
+    """What a worker's loop asks of its stop: ``threading.Event``, or ``SignalStop`` in a worker process."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class SignalStop:
+    """A stop set by a signal (``signum``), safe where ``threading.Event`` is not.
+
+    The worker's SIGTERM handler used to call ``Event.set``, which takes the Event's lock. Python runs a handler in
+    the main thread between two bytecodes, and the main thread spends its idle time in ``Event.wait``, which holds
+    that lock around its own bytecodes: a signal landing there made the handler wait for a lock its own thread
+    held, for good, and the worker never stopped (a loop of short waits, signalled once: 1 hung process in 30).
+    Here the handler only sets a flag, and a wait sleeps in ``select`` on a pipe that the interpreter's C-level
+    handler writes to as the signal arrives (``signal.set_wakeup_fd``), so a signal still ends a wait at once.
+    Made in the main thread of a process that has no other wakeup fd (a worker process)."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        self._flag = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._signum = signum
+        self._previous_handler = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self._flag = True  # no lock, no I/O: the wakeup byte is already written
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        """Stop from code rather than a signal (tests)."""
+        self._flag = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"\0")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, less when a signal comes (any handled one); whether the stop is set."""
+        if not self._flag:
+            select.select([self._read], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 512):
+                    pass
+        return self._flag
+
+    def close(self) -> None:
+        """Put the handler and the wakeup fd back, and close the pipe."""
+        signal.signal(self._signum, self._previous_handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._read)
+        os.close(self._write)
 
 
 #: The longest a worker waits between tries while its database fails.
@@ -309,8 +365,7 @@ def worker_main(
     effects = build_effects(
         executor, settings, catalog, connectors=connectors_factory() if connectors_factory else None, adapters=adapters
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = SignalStop(signal.SIGTERM)
     log.info("executor worker %s is running", worker_id)
     worker = Worker(
         executor,
@@ -323,6 +378,7 @@ def worker_main(
     try:
         return worker.run(stop=stop, stop_after=stop_after, until_idle=until_idle)
     finally:
+        stop.close()
         stop_model()
         effects.close()
         executor.engine.dispose()

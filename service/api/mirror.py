@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from model.policy import Scorer
-from service.api.model_holder import START_WAIT_SECONDS, VersionedScorer
+from service.api.model_holder import START_WAIT_SECONDS, VersionedScorer, first_line
 from service.api.poller import Poller
 
 log = logging.getLogger("winback.api")
@@ -80,15 +80,21 @@ class RegistryMirror:
             from model import registry_client as registry  # MLflow alone (not the bundle), in the mirror only
 
             version = registry.get_alias_version(registry.CHAMPION, tracking_uri=self.tracking_uri)
-            if version is not None and version != self.version:
+        except Exception as exc:  # the registry down: the workers keep what they serve
+            self._failed(checked_at, first_line(exc))
+            return
+        if version is not None and version != self.version:
+            try:
                 self._download(version, registry)
-            self.version = version
-            self._publish(checked_at, error=None)
-        except Exception as exc:  # the registry down, a failed download: the workers keep what they serve
-            lines = str(exc).splitlines()
-            error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-            log.warning("could not mirror the champion; workers keep their model", extra={"error": error})
-            self._publish(checked_at, error=error)
+            except Exception as exc:  # the last version published stays, and is still served
+                self._failed(checked_at, f"champion version {version} could not be downloaded ({first_line(exc)})")
+                return
+        self.version = version
+        self._publish(checked_at, error=None)
+
+    def _failed(self, checked_at: float, error: str) -> None:
+        log.warning("could not mirror the champion; workers keep their model", extra={"error": error})
+        self._publish(checked_at, error=error)
 
     def _download(self, version: str, registry: Any) -> None:
         target = version_folder(self.folder, version)

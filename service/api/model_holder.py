@@ -142,7 +142,7 @@ class ModelHolder:
             try:
                 version = self.source.champion_version()
             except Exception as exc:
-                return self._failed(f"model registry unavailable: {_first_line(exc)}")
+                return self._failed(f"model registry unavailable: {first_line(exc)}")
             if version is None:
                 self.last_error = "no model registered as winback@champion yet"
                 return False
@@ -158,7 +158,7 @@ class ModelHolder:
             except Exception as exc:
                 return self._refused(
                     version,
-                    f"champion version {version} could not be loaded ({_first_line(exc)}); "
+                    f"champion version {version} could not be loaded ({first_line(exc)}); "
                     f"serving {self.current.version}",
                 )
             try:
@@ -166,7 +166,7 @@ class ModelHolder:
             except Exception as exc:
                 return self._refused(
                     version,
-                    f"champion version {version} failed before serving ({_first_line(exc)}); "
+                    f"champion version {version} failed before serving ({first_line(exc)}); "
                     f"serving {self.current.version}",
                 )
             previous = self.current.version
@@ -236,7 +236,7 @@ class ModelHolder:
             self._poller = None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """``Type: first line of the message`` (a database error goes on with its SQL and parameters)."""
     lines = str(exc).splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"

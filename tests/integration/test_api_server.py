@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model import registry
+from model import registry, registry_client
 from model.requests import Decision
 from model.training import train
 from service.api.fastpath import MAX_REQUEST_BODY
@@ -299,3 +299,28 @@ def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(tmp_path: Path
     os.utime(version_folder(tmp_path, "1"), (2_000_000, 2_000_000))  # the newest download may be an old version
     mirror._forget_old(keep="2")
     assert sorted(path.name for path in tmp_path.glob("version-*")) == ["version-1", "version-2", "version-5"]
+
+
+def test_a_version_that_cannot_be_downloaded_leaves_the_last_one_served(
+    two_versions: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = two_versions
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    mirror = RegistryMirror(tmp_path, store, poll_seconds=1.0)
+    mirror.check()
+    registry.set_alias(registry.CHAMPION, "2", tracking_uri=store)
+
+    def disk_full(*_args: object, **_kwargs: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(registry_client, "download_bundle", disk_full)
+        mirror.check()
+    with pytest.raises(MirrorError) as refused:
+        MirrorSource(tmp_path, poll_seconds=1.0).champion_version()
+    full = "champion version 2 could not be downloaded (OSError: [Errno 28] No space left on device)"
+    assert str(refused.value) == full
+    assert json.loads((tmp_path / STATE_FILE).read_text())["version"] == "1"
+    assert not list(tmp_path.glob(".incoming-*"))  # nothing half-downloaded is left behind
+    mirror.check()  # the next check downloads it
+    assert MirrorSource(tmp_path, poll_seconds=1.0).champion_version() == "2"

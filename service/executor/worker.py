@@ -295,7 +295,7 @@ class SignalStop:
     the main thread between two bytecodes, and the main thread spends its idle time in ``Event.wait``, which holds
     that lock around its own bytecodes: a signal landing there made the handler wait for a lock its own thread
     held, for good, and the worker never stopped (a loop of short waits, signalled once: 1 hung process in 30).
-    Here the handler only sets a flag, and a wait sleeps in ``select`` on a pipe that the interpreter's C-level
+    Here the handler only sets a flag, and a wait sleeps in ``poll`` on a pipe that the interpreter's C-level
     handler writes to as the signal arrives (``signal.set_wakeup_fd``), so a signal still ends a wait at once.
     Made in the main thread of a process that has no other wakeup fd (a worker process)."""
 
@@ -304,9 +304,10 @@ class SignalStop:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        self._readable = select.poll()  # not select(): no limit on the descriptor's number
+        self._readable.register(self._read, select.POLLIN)
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        self._signum = signum
-        self._previous_handler = signal.signal(signum, self._on_signal)
+        signal.signal(signum, self._on_signal)
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         self._flag = True  # no lock, no I/O: the wakeup byte is already written
@@ -323,15 +324,15 @@ class SignalStop:
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, less when a signal comes (any handled one); whether the stop is set."""
         if not self._flag:
-            select.select([self._read], [], [], timeout)
+            self._readable.poll(None if timeout is None else max(timeout, 0.0) * 1000.0)
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._read, 512):
                     pass
         return self._flag
 
     def close(self) -> None:
-        """Put the handler and the wakeup fd back, and close the pipe."""
-        signal.signal(self._signum, self._previous_handler)
+        """Put the wakeup fd back and close the pipe. The handler stays (it only sets the flag): a signal during
+        the worker's clean-up after this must not end the process before the clean-up does (review)."""
         signal.set_wakeup_fd(self._previous_fd)
         os.close(self._read)
         os.close(self._write)
@@ -378,10 +379,10 @@ def worker_main(
     try:
         return worker.run(stop=stop, stop_after=stop_after, until_idle=until_idle)
     finally:
-        stop.close()
         stop_model()
         effects.close()
         executor.engine.dispose()
+        stop.close()
 
 
 class _StopSignals:

@@ -179,6 +179,7 @@ def build_runtime(settings: Settings) -> Runtime:
     holder = ModelHolder(
         source,
         poll_seconds=poll_seconds,
+        retry_base_seconds=settings.model_poll_seconds,
         on_change=lambda served: metrics.set_model_version(served.version),
         on_error=lambda _reason: metrics.registry_errors.inc(),
         check=canary_check(config, catalog, policy),

@@ -36,12 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from model.policy import Scorer
-from service.api.model_holder import START_WAIT_SECONDS, VersionedScorer, first_line
+from service.api.model_holder import MAX_RETRY_SECONDS, START_WAIT_SECONDS, VersionedScorer, first_line
 from service.api.poller import Poller
 
 log = logging.getLogger("winback.api")
 
 STATE_FILE = "champion.json"
+_STATE_KEYS = frozenset({"version", "checked_at", "error"})
+#: A mirror's folder in the temp folder: ``winback-models-<pid of its process>-<random>``.
+FOLDER_PREFIX = "winback-models-"
 #: A worker reads the mirror's state this often at most: a file read, so the swap waits on the mirror's poll.
 READ_SECONDS = 1.0
 #: The mirror's state is stale (its thread hung or gone) after this many of its polls without a check.
@@ -71,30 +74,46 @@ class RegistryMirror:
         self.tracking_uri = tracking_uri
         self.poll_seconds = poll_seconds
         self.version: str | None = None  # the version published (downloaded and in place)
+        self._failed_version: str | None = None  # the last version whose download failed
+        self._failures = 0  # how many times in a row it did
+        self._failure: str | None = None  # why
+        self._retry_at = 0.0  # it is not downloaded again before this (time.monotonic)
         self._poller = Poller(self.check, poll_seconds, name="winback-registry-mirror")
 
     def check(self) -> None:
         """Ask the registry once, download a new champion, publish the state. Never raises."""
-        checked_at = time.time()
         try:
             from model import registry_client as registry  # MLflow alone (not the bundle), in the mirror only
 
             version = registry.get_alias_version(registry.CHAMPION, tracking_uri=self.tracking_uri)
         except Exception as exc:  # the registry down: the workers keep what they serve
-            self._failed(checked_at, first_line(exc))
+            self._failed(first_line(exc))
             return
-        if version is not None and version != self.version:
+        # A new champion, or one whose folder went (a temp-folder cleaner), is downloaded; one that failed lately is
+        # not downloaded again before its wait is over, as a worker waited for a version it could not load.
+        if version is not None and (version != self.version or not version_folder(self.folder, version).is_dir()):
+            if version == self._failed_version and time.monotonic() < self._retry_at:
+                self._failed(self._failure or "")
+                return
             try:
                 self._download(version, registry)
             except Exception as exc:  # the last version published stays, and is still served
-                self._failed(checked_at, f"champion version {version} could not be downloaded ({first_line(exc)})")
+                why = f"champion version {version} could not be downloaded ({first_line(exc)})"
+                self._download_failed(version, why)
                 return
-        self.version = version
-        self._publish(checked_at, error=None)
+        self.version, self._failed_version, self._failures = version, None, 0
+        self._publish(error=None)
 
-    def _failed(self, checked_at: float, error: str) -> None:
+    def _download_failed(self, version: str, error: str) -> None:
+        """Wait ``poll_seconds`` times 2, 4, 8... (at most ``MAX_RETRY_SECONDS``) before downloading it again."""
+        self._failures = self._failures + 1 if version == self._failed_version else 1
+        self._failed_version, self._failure = version, error
+        self._retry_at = time.monotonic() + min(self.poll_seconds * 2.0**self._failures, MAX_RETRY_SECONDS)
+        self._failed(error)
+
+    def _failed(self, error: str) -> None:
         log.warning("could not mirror the champion; workers keep their model", extra={"error": error})
-        self._publish(checked_at, error=error)
+        self._publish(error=error)
 
     def _download(self, version: str, registry: Any) -> None:
         target = version_folder(self.folder, version)
@@ -112,16 +131,20 @@ class RegistryMirror:
         for old in others[KEEP_VERSIONS - 1 :]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _publish(self, checked_at: float, *, error: str | None) -> None:
+    def _publish(self, *, error: str | None) -> None:
+        """Write the state, stamped now: a check's end, so a long download does not publish a stale state."""
         if self._poller.stopping:  # the server is stopping and the folder going: nothing is left to tell
             return
-        state = {"version": self.version, "checked_at": checked_at, "error": error}
+        state = {"version": self.version, "checked_at": time.time(), "error": error}
+        pending = None
         try:
             with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".state-", delete=False) as pending:
                 json.dump(state, pending)
             os.replace(pending.name, self.folder / STATE_FILE)
         except OSError as exc:  # a full disk: the workers see a stale state, then an error, and keep their model
             log.error("could not publish the mirrored champion", extra={"error": f"{type(exc).__name__}: {exc}"})
+            if pending is not None:
+                Path(pending.name).unlink(missing_ok=True)
 
     def start(self, wait_seconds: float = START_WAIT_SECONDS) -> None:
         """Check once (waiting up to ``wait_seconds``, so the workers start with the champion in place), then
@@ -138,7 +161,8 @@ class RegistryMirror:
 @contextlib.contextmanager
 def mirrored_registry(tracking_uri: str, poll_seconds: float) -> Iterator[Path]:
     """A running mirror of ``tracking_uri``'s champion in a fresh folder (removed at the end); yields the folder."""
-    folder = Path(tempfile.mkdtemp(prefix="winback-models-"))
+    _remove_orphans()
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
     mirror = RegistryMirror(folder, tracking_uri, poll_seconds)
     try:
         mirror.start()
@@ -146,6 +170,20 @@ def mirrored_registry(tracking_uri: str, poll_seconds: float) -> Iterator[Path]:
     finally:
         mirror.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """Remove the folders of mirrors whose process is gone (killed outright, or the machine stopped)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        owner = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 class MirrorSource:
@@ -163,27 +201,38 @@ class MirrorSource:
         self._read_at = -math.inf  # when that was (time.monotonic)
 
     def _state(self) -> dict[str, Any] | None:
+        """The mirror's state; None before its first; MirrorError naming the problem when it cannot be read."""
+        path = self.folder / STATE_FILE
         try:
-            state: dict[str, Any] = json.loads((self.folder / STATE_FILE).read_text(encoding="utf-8"))
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict) or not state.keys() >= _STATE_KEYS:
+                raise ValueError(f"not a mirror state: {str(state)[:80]}")
+            state["checked_at"] = float(state["checked_at"])
         except FileNotFoundError:
             return None
-        return state
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise MirrorError(f"the registry mirror's state {path} cannot be read ({first_line(exc)})") from None
+        return state  # type: ignore[no-any-return]  # a JSON object with the keys checked above
 
     def has_news(self) -> bool:
         """True when the mirror checked since the last ``champion_version``, or ``poll_seconds`` have passed."""
-        state = self._state()
-        checked_at = None if state is None else float(state["checked_at"])
-        return checked_at != self._seen_check or time.monotonic() - self._read_at >= self.poll_seconds
+        poll_due = time.monotonic() - self._read_at >= self.poll_seconds
+        try:
+            state = self._state()
+        except MirrorError:  # champion_version says why, once per poll (not once a second)
+            return poll_due
+        return (None if state is None else state["checked_at"]) != self._seen_check or poll_due
 
     def champion_version(self) -> str | None:
         """The mirrored champion's version, None when nothing is promoted; MirrorError when the mirror has no
         fresh answer (its error, or its silence)."""
         self._read_at = time.monotonic()
+        self._seen_check = None
         state = self._state()
-        self._seen_check = None if state is None else float(state["checked_at"])
+        self._seen_check = None if state is None else state["checked_at"]
         if state is None:
             raise MirrorError("the model registry has not answered yet")
-        age = time.time() - float(state["checked_at"])
+        age = time.time() - state["checked_at"]
         if age > self.stale_after:
             raise MirrorError(
                 f"the registry mirror's last check was {age:.0f} s ago; it checks every {self.poll_seconds:g} s"

@@ -10,6 +10,7 @@ from the rules-only policy (``scorer is None``) and the holder keeps trying.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -103,11 +104,15 @@ class ModelHolder:
         on_change: Callable[[Served], None] | None = None,
         on_error: Callable[[str], None] | None = None,
         check: Callable[[Scorer], None] | None = None,
+        retry_base_seconds: float | None = None,
     ) -> None:
         self.source = source
         # Tries a loaded version before it serves (e.g. a canary decision); raising keeps the serving model.
         self.check = check
         self.poll_seconds = poll_seconds
+        # A refused version waits this times 2, 4, 8... before it is tried again: the registry's poll interval, also
+        # when the holder looks more often (at a mirror's note every second).
+        self.retry_base_seconds = poll_seconds if retry_base_seconds is None else retry_base_seconds
         self.on_change = on_change
         self.on_error = on_error  # called with the reason of every failed check (a metric counts them)
         self.current = Served(scorer=None, version=RULES_ONLY_VERSION, since=datetime.now(UTC))
@@ -135,8 +140,9 @@ class ModelHolder:
         if self.source is None:
             return False
         has_news = getattr(self.source, "has_news", None)  # a source that knows when asking again tells nothing
-        if has_news is not None and not has_news():
-            return False
+        with contextlib.suppress(Exception):  # if it cannot tell, it is asked, and says why below
+            if has_news is not None and not has_news():
+                return False
         with self._lock:
             self.last_check = datetime.now(UTC)
             try:
@@ -197,12 +203,12 @@ class ModelHolder:
 
     def _refused(self, version: str, reason: str) -> bool:
         """A version that could not be loaded or failed before serving: ``_failed``, and the same version is not
-        downloaded again for ``poll_seconds`` times 2, 4, 8... (at most ``MAX_RETRY_SECONDS``). Registry versions do
-        not change, so what failed will most likely fail again, and each try costs a download and a load (seconds of
-        CPU beside the requests) in every worker; a new version, or a restart, is tried at once."""
+        loaded again for ``retry_base_seconds`` times 2, 4, 8... (at most ``MAX_RETRY_SECONDS``). Registry versions
+        do not change, so what failed will most likely fail again, and each try costs a load (seconds of CPU beside
+        the requests) in every worker; a new version, or a restart, is tried at once."""
         self._refusals = self._refusals + 1 if version == self._refused_version else 1
         self._refused_version, self._refusal = version, reason
-        wait = min(self.poll_seconds * 2.0**self._refusals, MAX_RETRY_SECONDS)
+        wait = min(self.retry_base_seconds * 2.0**self._refusals, MAX_RETRY_SECONDS)
         self._retry_at = time.monotonic() + wait
         return self._failed(reason)
 

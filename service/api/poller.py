@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+
+log = logging.getLogger("winback.api")
 
 
 class Poller:
@@ -30,11 +33,17 @@ class Poller:
 
     def _run(self, first_done: threading.Event) -> None:
         try:
-            self.check()
+            self._check()
         finally:
             first_done.set()
         while not self._stop.wait(self.interval):
+            self._check()
+
+    def _check(self) -> None:
+        try:
             self.check()
+        except Exception:  # a check that should not raise did: it is logged, and the polling goes on
+            log.exception("a check of %s failed", self.name)
 
     def stop(self, wait_seconds: float) -> None:
         """Stop polling, waiting up to ``wait_seconds`` for a check in progress."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -78,11 +81,6 @@ def run(
     offending key's path) before any worker starts. The database schema is migrated once here, not by every
     worker at the same time.
     """
-    import uvicorn
-
-    from service.api.accept import BALANCED_LOOP, connection_board
-    from service.api.logging import configure_logging
-    from service.api.mirror import mirrored_registry
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
@@ -111,6 +109,17 @@ def run(
     finally:
         engine.dispose()
     os.environ["WINBACK_RUN_MIGRATIONS"] = "false"
+    with _cleaned_up_on_sigterm():
+        _serve(host, port, workers, settings)
+
+
+def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
+    import uvicorn
+
+    from service.api.accept import BALANCED_LOOP, connection_board
+    from service.api.logging import configure_logging
+    from service.api.mirror import mirrored_registry
+
     with contextlib.ExitStack() as stack:
         if settings.load_model:
             configure_logging(settings.log_level)  # the mirror's lines, as the workers' (JSON on stderr)
@@ -135,3 +144,38 @@ def run(
         finally:
             for name in board_env:
                 os.environ.pop(name, None)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the serving command is, so that what it holds is cleaned up on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_sigterm() -> Iterator[None]:
+    """Run the block with SIGTERM raising ``_Terminated``, then end by that SIGTERM after the block's clean-up.
+
+    With one worker, uvicorn serves in this process and, once it has shut down on a SIGTERM, sends the signal
+    again to the handler it found (to end as the signal means): under the default one the process died there,
+    before the registry mirror's folder was removed, on every stop by docker, systemd or Kubernetes (review).
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    terminated: int | None = None
+    try:
+        yield
+    except _Terminated as stop:
+        terminated = stop.signum
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if terminated is not None:
+        signal.raise_signal(terminated)  # now that everything is cleaned up, end as a SIGTERM means to

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,14 @@ from model import registry, registry_client
 from model.requests import Decision
 from model.training import train
 from service.api.fastpath import MAX_REQUEST_BODY
-from service.api.mirror import STATE_FILE, MirrorError, MirrorSource, RegistryMirror, version_folder
+from service.api.mirror import (
+    STATE_FILE,
+    MirrorError,
+    MirrorSource,
+    RegistryMirror,
+    mirrored_registry,
+    version_folder,
+)
 from tests.factories import make_history_frames, make_request, write_merchant_config
 
 pytestmark = pytest.mark.slow
@@ -301,26 +311,80 @@ def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(tmp_path: Path
     assert sorted(path.name for path in tmp_path.glob("version-*")) == ["version-1", "version-2", "version-5"]
 
 
-def test_a_version_that_cannot_be_downloaded_leaves_the_last_one_served(
+def test_a_stopped_one_worker_server_removes_its_mirror(
+    two_versions: tuple[str, Path], server_factory: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Review.) With one worker uvicorn serves in the command's process and, once stopped by SIGTERM, sends the
+    signal again: the process died before the mirror's folder was removed, on every stop."""
+    store, _ = two_versions
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    server = server_factory(store, 1)  # type: ignore[operator]
+    assert [path.name for path in temp.glob("winback-models-*")] != []
+    server.process.terminate()
+    assert server.process.wait(timeout=30) == -signal.SIGTERM  # it still ends as a SIGTERM means to
+    assert list(temp.glob("winback-models-*")) == [], server.output()
+
+
+def test_a_version_that_cannot_be_downloaded_leaves_the_last_one_served_and_waits(
     two_versions: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, _ = two_versions
     registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
     mirror = RegistryMirror(tmp_path, store, poll_seconds=1.0)
     mirror.check()
+    shutil.rmtree(version_folder(tmp_path, "1"))  # a temp-folder cleaner went by: it is downloaded again
+    mirror.check()
+    assert (version_folder(tmp_path, "1") / "bundle.json").is_file()
     registry.set_alias(registry.CHAMPION, "2", tracking_uri=store)
+    downloads: list[str] = []
 
-    def disk_full(*_args: object, **_kwargs: object) -> Path:
+    def disk_full(version: str, *_args: object, **_kwargs: object) -> Path:
+        downloads.append(version)
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patched:
         patched.setattr(registry_client, "download_bundle", disk_full)
         mirror.check()
-    with pytest.raises(MirrorError) as refused:
-        MirrorSource(tmp_path, poll_seconds=1.0).champion_version()
-    full = "champion version 2 could not be downloaded (OSError: [Errno 28] No space left on device)"
-    assert str(refused.value) == full
-    assert json.loads((tmp_path / STATE_FILE).read_text())["version"] == "1"
-    assert not list(tmp_path.glob(".incoming-*"))  # nothing half-downloaded is left behind
-    mirror.check()  # the next check downloads it
+        mirror.check()  # within the wait (2 s): not downloaded again, the same error said
+        assert downloads == ["2"]
+        with pytest.raises(MirrorError) as refused:
+            MirrorSource(tmp_path, poll_seconds=1.0).champion_version()
+        said = "champion version 2 could not be downloaded (OSError: [Errno 28] No space left on device)"
+        assert str(refused.value) == said
+        assert json.loads((tmp_path / STATE_FILE).read_text())["version"] == "1"  # still served
+        assert not list(tmp_path.glob(".incoming-*"))  # nothing half-downloaded is left behind
+        mirror._retry_at = 0.0  # the wait is over
+        mirror.check()
+        assert downloads == ["2", "2"]
+        assert mirror._retry_at - time.monotonic() > 3.0  # the next wait is twice as long (4 s)
+    mirror._retry_at = 0.0
+    mirror.check()  # the disk has room again
     assert MirrorSource(tmp_path, poll_seconds=1.0).champion_version() == "2"
+
+
+def test_an_unreadable_mirror_state_is_an_error_not_a_dead_poller(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text("{")
+    source = MirrorSource(tmp_path, poll_seconds=10.0)
+    assert source.has_news()  # first look
+    with pytest.raises(MirrorError, match=r"state .* cannot be read \(JSONDecodeError"):
+        source.champion_version()
+    assert not source.has_news()  # said once per poll
+    (tmp_path / STATE_FILE).write_text(json.dumps({"version": "1", "checked_at": time.time(), "error": None}))
+    assert source.has_news()
+    assert source.champion_version() == "1"
+
+
+def test_folders_of_mirrors_whose_process_is_gone_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone, alive = tmp_path / f"winback-models-{ended.stdout.strip()}-abc", tmp_path / f"winback-models-{os.getpid()}-x"
+    for folder in (gone, alive):
+        (folder / "version-1").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with mirrored_registry("sqlite:///" + str(tmp_path / "none.db"), poll_seconds=5.0) as folder:
+        assert folder.name.startswith(f"winback-models-{os.getpid()}-")
+        assert not gone.exists()
+        assert alive.is_dir()
+    assert not folder.exists()

@@ -39,6 +39,7 @@ from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import ModelHolder
+from service.api.poller import Poller
 from service.api.settings import DEMO_CONFIG, MAX_BATCH, Settings
 from service.api.store import decision_row
 from service.api.store import decisions as decisions_table
@@ -737,6 +738,32 @@ def test_a_source_without_news_is_not_asked() -> None:
     source.news = True
     assert holder.refresh() is True
     assert (holder.current.version, source.loads) == ("4", ["3", "4"])
+
+
+def test_a_refused_version_waits_on_the_registry_poll_not_on_the_holder_look() -> None:
+    """(Review.) Behind the registry mirror a holder looks every second; a version it cannot load still waits
+    the registry's poll times 2, 4, 8... before it is loaded again, as when each worker asked the registry."""
+    source = FakeSource("3")
+    source.unloadable.add("3")
+    holder = ModelHolder(source, poll_seconds=1.0, retry_base_seconds=10.0)
+    assert holder.refresh() is False
+    assert 19.0 < holder._retry_at - time.monotonic() <= 20.0
+
+
+def test_a_poller_whose_check_raises_goes_on_polling() -> None:
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        raise RuntimeError("a check that should not raise")
+
+    poller = Poller(check, 0.01, name="test-poller")
+    assert poller.start(5.0)
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    poller.stop(5.0)
+    assert len(calls) >= 3
 
 
 def test_a_registry_that_does_not_answer_does_not_hold_the_start(tmp_path: Path) -> None:

@@ -288,6 +288,9 @@ class StopFlag(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+_LONGEST_POLL_MS = 2**31 - 1
+
+
 class SignalStop:
     """A stop set by a signal (``signum``), safe where ``threading.Event`` is not.
 
@@ -324,7 +327,8 @@ class SignalStop:
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, less when a signal comes (any handled one); whether the stop is set."""
         if not self._flag:
-            self._readable.poll(None if timeout is None else max(timeout, 0.0) * 1000.0)
+            # poll() takes milliseconds as a C int: a longer wait is a shorter one, after which the caller looks again.
+            self._readable.poll(None if timeout is None else min(max(timeout, 0.0) * 1000.0, _LONGEST_POLL_MS))
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._read, 512):
                     pass

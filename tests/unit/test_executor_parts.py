@@ -213,6 +213,24 @@ def test_a_sigterm_always_stops_a_waiting_worker() -> None:
     stop_rounds("signal")
 
 
+def test_a_stop_waits_any_length_and_a_signal_still_ends_the_wait() -> None:
+    """(Review.) poll() takes milliseconds as a C int: a wait of 25 days or more raised OverflowError."""
+    code = (
+        "import os, signal, threading, time; from service.executor.worker import SignalStop\n"
+        "stop = SignalStop(signal.SIGTERM)\n"
+        "threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+        "started = time.monotonic(); print(stop.wait(2.2e6), time.monotonic() - started < 10)"
+    )
+    waited = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert waited.stdout.split() == ["True", "True"], waited.stderr
+
+
 def stop_rounds(stop_kind: str, rounds: int = 400) -> None:
     """Signal a child's idle loop ``rounds`` times, each at a random moment; fails naming a round that hangs."""
     child = subprocess.Popen(

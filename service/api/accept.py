@@ -72,7 +72,7 @@ ABANDONED_SETUP_SECONDS = 60.0
 SPARE_SLOTS = 16
 
 
-def _try_flock(path: Path, *, create: bool) -> int | None:
+def try_flock(path: Path, *, create: bool) -> int | None:
     """An open descriptor holding an exclusive ``flock`` on ``path``, or None if another holds it."""
     fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
     try:
@@ -111,7 +111,7 @@ class ConnectionBoard:
     def claim(self) -> int:
         """Take the first slot no live process holds; raise OSError if every slot is held."""
         for slot in range(self.slots):
-            fd = _try_flock(self.path.with_name(f"{self.path.name}.{slot}.lock"), create=True)
+            fd = try_flock(self.path.with_name(f"{self.path.name}.{slot}.lock"), create=True)
             if fd is None:
                 continue
             self.slot, self._slot_lock = slot, fd
@@ -185,7 +185,7 @@ def _sweep_abandoned_boards(folder: Path) -> None:
 def _unheld_lock(path: Path) -> int | None:
     """A descriptor holding ``path``'s flock if the file exists and no one holds it, else None."""
     try:
-        return _try_flock(path, create=False)
+        return try_flock(path, create=False)
     except OSError:  # missing, or another user's
         return None
 
@@ -207,7 +207,7 @@ def connection_board(workers: int) -> Iterator[dict[str, str]]:
         _sweep_abandoned_boards(parent)
         folder = Path(tempfile.mkdtemp(prefix=_BOARD_PREFIX, dir=parent))
         # Locked before it has its name, so a sweeper never finds it unlocked.
-        serve_lock = _try_flock(folder / f".{_SERVE_LOCK}", create=True)
+        serve_lock = try_flock(folder / f".{_SERVE_LOCK}", create=True)
         os.rename(folder / f".{_SERVE_LOCK}", folder / _SERVE_LOCK)
         # Room beyond the workers: one being replaced may still hold its slot while its successor starts, and
         # uvicorn adds a worker on each SIGTTIN. A worker finding no free slot accepts first come, first served.

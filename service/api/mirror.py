@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from model.policy import Scorer
+from service.api.accept import try_flock
 from service.api.model_holder import MAX_RETRY_SECONDS, START_WAIT_SECONDS, VersionedScorer, first_line
 from service.api.poller import Poller
 
@@ -43,8 +44,9 @@ log = logging.getLogger("winback.api")
 
 STATE_FILE = "champion.json"
 _STATE_KEYS = frozenset({"version", "checked_at", "error"})
-#: A mirror's folder in the temp folder: ``winback-models-<pid of its process>-<random>``.
+#: A mirror's folder in the temp folder: ``winback-models-<random>``, locked by its command through this file.
 FOLDER_PREFIX = "winback-models-"
+OWNER_LOCK = ".owner.lock"
 #: A worker reads the mirror's state this often at most: a file read, so the swap waits on the mirror's poll.
 READ_SECONDS = 1.0
 #: The mirror's state is stale (its thread hung or gone) after this many of its polls without a check.
@@ -160,9 +162,14 @@ class RegistryMirror:
 
 @contextlib.contextmanager
 def mirrored_registry(tracking_uri: str, poll_seconds: float) -> Iterator[Path]:
-    """A running mirror of ``tracking_uri``'s champion in a fresh folder (removed at the end); yields the folder."""
+    """A running mirror of ``tracking_uri``'s champion in a fresh folder (removed at the end); yields the folder.
+
+    The folder's ``OWNER_LOCK`` is locked (``flock``) while the mirror lives: the next start anywhere on the
+    machine removes the folders whose lock nobody holds (a command killed outright). A lock, not a process id,
+    because a temp folder shared between containers sees process ids of other namespaces (review)."""
     _remove_orphans()
-    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
+    owner = try_flock(folder / OWNER_LOCK, create=True)
     mirror = RegistryMirror(folder, tracking_uri, poll_seconds)
     try:
         mirror.start()
@@ -170,20 +177,25 @@ def mirrored_registry(tracking_uri: str, poll_seconds: float) -> Iterator[Path]:
     finally:
         mirror.stop()
         shutil.rmtree(folder, ignore_errors=True)
+        if owner is not None:
+            os.close(owner)
 
 
 def _remove_orphans() -> None:
-    """Remove the folders of mirrors whose process is gone (killed outright, or the machine stopped)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
-        owner = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
-        if not owner.isdigit():
+    """Remove the folders of mirrors whose lock nobody holds (their command killed outright, the machine stopped).
+    A folder without a lock (being made) is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        lock = folder / OWNER_LOCK
+        try:
+            owner = try_flock(lock, create=False)
+        except OSError:  # no lock file: being made, or not a mirror's
+            continue
+        if owner is None:  # its command is alive
             continue
         try:
-            os.kill(int(owner), 0)
-        except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
+        finally:
+            os.close(owner)
 
 
 class MirrorSource:

@@ -154,8 +154,17 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
-def _raise_terminated(signum: int, _frame: object) -> None:
-    raise _Terminated(signum)
+class _RaiseOnce:
+    """A SIGTERM handler that raises ``_Terminated`` the first time and only notes the signal after: a second
+    SIGTERM during the clean-up must not cut it short (it left the mirror's folder behind: review)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise _Terminated(signum)
 
 
 @contextlib.contextmanager
@@ -169,13 +178,13 @@ def _cleaned_up_on_sigterm() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    terminated: int | None = None
+    handler = _RaiseOnce()
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    except _Terminated as stop:
-        terminated = stop.signum
+    except _Terminated:
+        pass  # noted by the handler; the block's clean-up has run
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    if terminated is not None:
-        signal.raise_signal(terminated)  # now that everything is cleaned up, end as a SIGTERM means to
+    if handler.signum is not None:
+        signal.raise_signal(handler.signum)  # now that everything is cleaned up, end as a SIGTERM means to

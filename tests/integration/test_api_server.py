@@ -21,8 +21,10 @@ import pytest
 from model import registry, registry_client
 from model.requests import Decision
 from model.training import train
+from service.api.accept import try_flock
 from service.api.fastpath import MAX_REQUEST_BODY
 from service.api.mirror import (
+    OWNER_LOCK,
     STATE_FILE,
     MirrorError,
     MirrorSource,
@@ -377,14 +379,44 @@ def test_an_unreadable_mirror_state_is_an_error_not_a_dead_poller(tmp_path: Path
     assert source.champion_version() == "1"
 
 
-def test_folders_of_mirrors_whose_process_is_gone_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone, alive = tmp_path / f"winback-models-{ended.stdout.strip()}-abc", tmp_path / f"winback-models-{os.getpid()}-x"
-    for folder in (gone, alive):
+def test_folders_of_mirrors_whose_command_is_gone_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror's folder is its command's while the command holds its lock: another container sharing the temp
+    folder sees process ids of its own namespace, so a process id cannot tell (review)."""
+    gone, alive, unlocked = (tmp_path / f"winback-models-{name}" for name in ("gone", "alive", "being-made"))
+    for folder in (gone, alive, unlocked):
         (folder / "version-1").mkdir(parents=True)
+    (gone / OWNER_LOCK).touch()  # its command was killed: nobody holds the lock
+    held = try_flock(alive / OWNER_LOCK, create=True)  # a live command, here or in another namespace
+    assert held is not None
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with mirrored_registry("sqlite:///" + str(tmp_path / "none.db"), poll_seconds=5.0) as folder:
-        assert folder.name.startswith(f"winback-models-{os.getpid()}-")
-        assert not gone.exists()
-        assert alive.is_dir()
-    assert not folder.exists()
+    try:
+        with mirrored_registry("sqlite:///" + str(tmp_path / "none.db"), poll_seconds=5.0) as folder:
+            assert not gone.exists()
+            assert alive.is_dir()
+            assert unlocked.is_dir()  # no lock yet: left alone
+            assert try_flock(folder / OWNER_LOCK, create=False) is None  # this mirror's own lock is held
+        assert not folder.exists()
+    finally:
+        os.close(held)
+
+
+def test_a_second_sigterm_does_not_cut_the_clean_up_short() -> None:
+    """(Review.) The first SIGTERM unwinds `winback serve`; a second one during the clean-up (removing the mirror's
+    folder) is only noted, and the command still ends as a SIGTERM."""
+    code = (
+        "import os, signal, time\n"
+        "from service.api.server import _cleaned_up_on_sigterm\n"
+        "with _cleaned_up_on_sigterm():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(10)\n"
+        "    finally:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # the second, during the clean-up\n"
+        "        time.sleep(0.1)\n"
+        "        print('cleaned up', flush=True)\n"
+        "print('not reached: the SIGTERM ends the process', flush=True)\n"
+    )
+    ended = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert (ended.returncode, ended.stdout) == (-signal.SIGTERM, "cleaned up\n"), ended.stderr

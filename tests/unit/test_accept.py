@@ -314,7 +314,7 @@ def test_folders_of_serves_that_are_gone_are_swept_and_live_ones_kept(tmp_path: 
     for folder in (died_setting_up, not_ours):
         os.utime(folder, (long_ago, long_ago))
     (tmp_path / "other-folder").mkdir()
-    held = accept._try_flock(live / "serve.lock", create=True)
+    held = accept.try_flock(live / "serve.lock", create=True)
     assert held is not None
     try:
         accept._sweep_abandoned_boards(tmp_path)

@@ -169,10 +169,10 @@ def _sweep_abandoned_boards(folder: Path) -> None:
     a live one holds the flock of its folder's serve.lock (``.serve.lock`` while it sets the folder up). A folder
     with neither is not one this code made, and is left alone."""
     for board_folder in folder.glob(f"{_BOARD_PREFIX}*"):
-        fd = _unheld_lock(board_folder / _SERVE_LOCK)
+        fd = unheld_lock(board_folder / _SERVE_LOCK)
         if fd is None:
             # Killed while setting up (the lock taken, not yet renamed), if that was long enough ago.
-            fd = _unheld_lock(board_folder / f".{_SERVE_LOCK}")
+            fd = unheld_lock(board_folder / f".{_SERVE_LOCK}")
             with contextlib.suppress(OSError):
                 if fd is not None and time.time() - board_folder.stat().st_mtime <= ABANDONED_SETUP_SECONDS:
                     os.close(fd)
@@ -182,7 +182,7 @@ def _sweep_abandoned_boards(folder: Path) -> None:
             os.close(fd)
 
 
-def _unheld_lock(path: Path) -> int | None:
+def unheld_lock(path: Path) -> int | None:
     """A descriptor holding ``path``'s flock if the file exists and no one holds it, else None."""
     try:
         return try_flock(path, create=False)

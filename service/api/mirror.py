@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from model.policy import Scorer
-from service.api.accept import try_flock
-from service.api.model_holder import MAX_RETRY_SECONDS, START_WAIT_SECONDS, VersionedScorer, first_line
-from service.api.poller import Poller
+from service.api.accept import try_flock, unheld_lock
+from service.api.model_holder import START_WAIT_SECONDS, VersionedScorer, first_line
+from service.api.poller import Poller, RetryWait
 
 log = logging.getLogger("winback.api")
 
@@ -76,10 +76,7 @@ class RegistryMirror:
         self.tracking_uri = tracking_uri
         self.poll_seconds = poll_seconds
         self.version: str | None = None  # the version published (downloaded and in place)
-        self._failed_version: str | None = None  # the last version whose download failed
-        self._failures = 0  # how many times in a row it did
-        self._failure: str | None = None  # why
-        self._retry_at = 0.0  # it is not downloaded again before this (time.monotonic)
+        self._failed_downloads = RetryWait(poll_seconds)
         self._poller = Poller(self.check, poll_seconds, name="winback-registry-mirror")
 
     def check(self) -> None:
@@ -94,24 +91,19 @@ class RegistryMirror:
         # A new champion, or one whose folder went (a temp-folder cleaner), is downloaded; one that failed lately is
         # not downloaded again before its wait is over, as a worker waited for a version it could not load.
         if version is not None and (version != self.version or not version_folder(self.folder, version).is_dir()):
-            if version == self._failed_version and time.monotonic() < self._retry_at:
-                self._failed(self._failure or "")
+            if (waiting := self._failed_downloads.waiting(version)) is not None:
+                self._failed(waiting)
                 return
             try:
                 self._download(version, registry)
             except Exception as exc:  # the last version published stays, and is still served
                 why = f"champion version {version} could not be downloaded ({first_line(exc)})"
-                self._download_failed(version, why)
+                self._failed_downloads.failed(version, why)
+                self._failed(why)
                 return
-        self.version, self._failed_version, self._failures = version, None, 0
+        self.version = version
+        self._failed_downloads.succeeded()
         self._publish(error=None)
-
-    def _download_failed(self, version: str, error: str) -> None:
-        """Wait ``poll_seconds`` times 2, 4, 8... (at most ``MAX_RETRY_SECONDS``) before downloading it again."""
-        self._failures = self._failures + 1 if version == self._failed_version else 1
-        self._failed_version, self._failure = version, error
-        self._retry_at = time.monotonic() + min(self.poll_seconds * 2.0**self._failures, MAX_RETRY_SECONDS)
-        self._failed(error)
 
     def _failed(self, error: str) -> None:
         log.warning("could not mirror the champion; workers keep their model", extra={"error": error})
@@ -185,12 +177,8 @@ def _remove_orphans() -> None:
     """Remove the folders of mirrors whose lock nobody holds (their command killed outright, the machine stopped).
     A folder without a lock (being made) is left alone."""
     for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
-        lock = folder / OWNER_LOCK
-        try:
-            owner = try_flock(lock, create=False)
-        except OSError:  # no lock file: being made, or not a mirror's
-            continue
-        if owner is None:  # its command is alive
+        owner = unheld_lock(folder / OWNER_LOCK)
+        if owner is None:  # its command is alive, or it has no lock yet (being made, or not a mirror's)
             continue
         try:
             shutil.rmtree(folder, ignore_errors=True)

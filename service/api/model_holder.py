@@ -25,11 +25,9 @@ from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
 from service.api.heap import release_free_memory
-from service.api.poller import Poller
+from service.api.poller import Poller, RetryWait
 
 log = logging.getLogger("winback.api")
-#: Longest wait before a refused champion version is downloaded and tried again.
-MAX_RETRY_SECONDS = 300.0
 #: Longest a start waits for the first load of the champion before it serves rules-only meanwhile.
 START_WAIT_SECONDS = 20.0
 
@@ -112,16 +110,12 @@ class ModelHolder:
         self.poll_seconds = poll_seconds
         # A refused version waits this times 2, 4, 8... before it is tried again: the registry's poll interval, also
         # when the holder looks more often (at a mirror's note every second).
-        self.retry_base_seconds = poll_seconds if retry_base_seconds is None else retry_base_seconds
+        self._refused = RetryWait(poll_seconds if retry_base_seconds is None else retry_base_seconds)
         self.on_change = on_change
         self.on_error = on_error  # called with the reason of every failed check (a metric counts them)
         self.current = Served(scorer=None, version=RULES_ONLY_VERSION, since=datetime.now(UTC))
         self.last_error: str | None = None
         self.last_check: datetime | None = None
-        self._refused_version: str | None = None  # the last version refused (unloadable or failed before serving)
-        self._refusals = 0  # how many times in a row it was
-        self._refusal: str | None = None  # why
-        self._retry_at = 0.0  # it is not tried again before this (time.monotonic)
         self._poller: Poller | None = None
         self._lock = threading.Lock()
 
@@ -155,14 +149,14 @@ class ModelHolder:
             if version == self.current.version and self.current.scorer is not None:
                 self.last_error = None
                 return False
-            if version == self._refused_version and time.monotonic() < self._retry_at:
-                self.last_error = self._refusal  # refused lately: not downloaded again before the wait is over
+            if (refusal := self._refused.waiting(version)) is not None:
+                self.last_error = refusal  # refused lately: not loaded again before the wait is over
                 return False
             started = time.perf_counter()
             try:
                 scorer = self.source.load(version)
             except Exception as exc:
-                return self._refused(
+                return self._refuse(
                     version,
                     f"champion version {version} could not be loaded ({first_line(exc)}); "
                     f"serving {self.current.version}",
@@ -170,7 +164,7 @@ class ModelHolder:
             try:
                 self._prepare(scorer)
             except Exception as exc:
-                return self._refused(
+                return self._refuse(
                     version,
                     f"champion version {version} failed before serving ({first_line(exc)}); "
                     f"serving {self.current.version}",
@@ -178,7 +172,7 @@ class ModelHolder:
             previous = self.current.version
             self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
             self.last_error = None
-            self._refused_version, self._refusals = None, 0
+            self._refused.succeeded()
             # The swapped-out model is freed with its last reference (a request may still hold it for a moment),
             # and what the load freed goes back to the OS: it would otherwise stay in the worker's RSS (api/heap.py).
             release_free_memory()
@@ -201,15 +195,10 @@ class ModelHolder:
         if self.check is not None:
             self.check(scorer)
 
-    def _refused(self, version: str, reason: str) -> bool:
-        """A version that could not be loaded or failed before serving: ``_failed``, and the same version is not
-        loaded again for ``retry_base_seconds`` times 2, 4, 8... (at most ``MAX_RETRY_SECONDS``). Registry versions
-        do not change, so what failed will most likely fail again, and each try costs a load (seconds of CPU beside
-        the requests) in every worker; a new version, or a restart, is tried at once."""
-        self._refusals = self._refusals + 1 if version == self._refused_version else 1
-        self._refused_version, self._refusal = version, reason
-        wait = min(self.retry_base_seconds * 2.0**self._refusals, MAX_RETRY_SECONDS)
-        self._retry_at = time.monotonic() + wait
+    def _refuse(self, version: str, reason: str) -> bool:
+        """A version that could not be loaded or failed before serving: ``_failed``, and it waits (``RetryWait``)
+        before it is loaded again, a load costing seconds of CPU beside the requests in every worker."""
+        self._refused.failed(version, reason)
         return self._failed(reason)
 
     def _failed(self, reason: str) -> bool:

@@ -358,11 +358,11 @@ def test_a_version_that_cannot_be_downloaded_leaves_the_last_one_served_and_wait
         assert str(refused.value) == said
         assert json.loads((tmp_path / STATE_FILE).read_text())["version"] == "1"  # still served
         assert not list(tmp_path.glob(".incoming-*"))  # nothing half-downloaded is left behind
-        mirror._retry_at = 0.0  # the wait is over
+        mirror._failed_downloads.retry_at = 0.0  # the wait is over
         mirror.check()
         assert downloads == ["2", "2"]
-        assert mirror._retry_at - time.monotonic() > 3.0  # the next wait is twice as long (4 s)
-    mirror._retry_at = 0.0
+        assert mirror._failed_downloads.retry_at - time.monotonic() > 3.0  # the next wait is twice as long (4 s)
+    mirror._failed_downloads.retry_at = 0.0
     mirror.check()  # the disk has room again
     assert MirrorSource(tmp_path, poll_seconds=1.0).champion_version() == "2"
 

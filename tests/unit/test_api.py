@@ -747,7 +747,7 @@ def test_a_refused_version_waits_on_the_registry_poll_not_on_the_holder_look() -
     source.unloadable.add("3")
     holder = ModelHolder(source, poll_seconds=1.0, retry_base_seconds=10.0)
     assert holder.refresh() is False
-    assert 19.0 < holder._retry_at - time.monotonic() <= 20.0
+    assert 19.0 < holder._refused.retry_at - time.monotonic() <= 20.0
 
 
 def test_a_poller_whose_check_raises_goes_on_polling() -> None:

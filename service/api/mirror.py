@@ -19,6 +19,10 @@ What a worker sees is what it saw when it asked the registry itself:
   keeps the last version it published);
 - the mirror itself silent for longer than ``STALE_AFTER_POLLS`` polls (its thread hung or gone): an error naming
   how long ago its last check was, and the serving model stays.
+
+A worker that starts while there is no fresh answer (uvicorn replacing a worker that died during an outage) loads
+the last version the mirror published and still holds (``MirrorSource.last_known_version``), as its siblings
+serve, and reports the same error; it does not answer rules-only beside them.
 """
 
 from __future__ import annotations
@@ -241,6 +245,18 @@ class MirrorSource:
             raise MirrorError(state["error"])
         version = state["version"]
         return None if version is None else str(version)
+
+    def last_known_version(self) -> str | None:
+        """The version the mirror last published and still holds on disk, whatever its error or age: what the
+        other workers serve while the registry (or the mirror) has no answer. None when there is none."""
+        try:
+            state = self._state()
+        except MirrorError:
+            return None
+        if state is None or state["version"] is None:
+            return None
+        version = str(state["version"])
+        return version if version_folder(self.folder, version).is_dir() else None
 
     def load(self, version: str) -> Scorer:
         """Load the mirrored bundle of ``version``."""

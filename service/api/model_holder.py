@@ -34,7 +34,9 @@ START_WAIT_SECONDS = 20.0
 
 class ModelSource(Protocol):
     """Where models come from: the registry's champion version, and a way to load one version. A source may also
-    have ``has_news() -> bool``: False skips a poll (nothing could have changed since the last one)."""
+    have ``has_news() -> bool``: False skips a poll (nothing could have changed since the last one); and
+    ``last_known_version() -> str | None``: the champion it last knew and can still load, which a holder serving
+    nothing yet loads while the registry has no answer (a worker started during an outage)."""
 
     def champion_version(self) -> str | None: ...
 
@@ -142,47 +144,73 @@ class ModelHolder:
             try:
                 version = self.source.champion_version()
             except Exception as exc:
-                return self._failed(f"model registry unavailable: {first_line(exc)}")
+                reason = f"model registry unavailable: {first_line(exc)}"
+                changed = self._serve_last_known(reason)
+                self._failed(reason)
+                return changed
             if version is None:
                 self.last_error = "no model registered as winback@champion yet"
                 return False
             if version == self.current.version and self.current.scorer is not None:
                 self.last_error = None
                 return False
-            if (refusal := self._refused.waiting(version)) is not None:
-                self.last_error = refusal  # refused lately: not loaded again before the wait is over
-                return False
-            started = time.perf_counter()
-            try:
-                scorer = self.source.load(version)
-            except Exception as exc:
-                return self._refuse(
-                    version,
-                    f"champion version {version} could not be loaded ({first_line(exc)}); "
-                    f"serving {self.current.version}",
-                )
-            try:
-                self._prepare(scorer)
-            except Exception as exc:
-                return self._refuse(
-                    version,
-                    f"champion version {version} failed before serving ({first_line(exc)}); "
-                    f"serving {self.current.version}",
-                )
-            previous = self.current.version
-            self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
-            self.last_error = None
-            self._refused.succeeded()
-            # The swapped-out model is freed with its last reference (a request may still hold it for a moment),
-            # and what the load freed goes back to the OS: it would otherwise stay in the worker's RSS (api/heap.py).
-            release_free_memory()
-            log.info(
-                "serving model version %s (was %s)",
+            return self._load(version)
+
+    def _serve_last_known(self, registry_error: str) -> bool:
+        """With nothing served yet and no answer from the registry, load the champion the source last knew (a
+        mirror's last download): the workers that loaded it before the outage serve it, and a worker started
+        during the outage (uvicorn replacing one that died) must not answer rules-only beside them."""
+        last_known = getattr(self.source, "last_known_version", None)
+        if self.current.scorer is not None or last_known is None:
+            return False
+        try:
+            version = last_known()
+        except Exception as exc:  # a source that cannot tell either: rules-only, as before
+            log.warning("no last known champion to serve", extra={"error": first_line(exc)})
+            return False
+        if version is None:
+            return False
+        log.warning("the registry has no answer; loading the last known champion, version %s", version,
+                    extra={"error": registry_error})  # fmt: skip
+        return self._load(version)
+
+    def _load(self, version: str) -> bool:
+        """Load ``version`` beside the serving model, prepare it and swap; True when it serves. Caller holds the
+        lock."""
+        if self.source is None:
+            return False
+        if (refusal := self._refused.waiting(version)) is not None:
+            self.last_error = refusal  # refused lately: not loaded again before the wait is over
+            return False
+        started = time.perf_counter()
+        try:
+            scorer = self.source.load(version)
+        except Exception as exc:
+            return self._refuse(
                 version,
-                previous,
-                extra={"model_version": version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
+                f"champion version {version} could not be loaded ({first_line(exc)}); serving {self.current.version}",
             )
-            return True
+        try:
+            self._prepare(scorer)
+        except Exception as exc:
+            return self._refuse(
+                version,
+                f"champion version {version} failed before serving ({first_line(exc)}); serving {self.current.version}",
+            )
+        previous = self.current.version
+        self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
+        self.last_error = None
+        self._refused.succeeded()
+        # The swapped-out model is freed with its last reference (a request may still hold it for a moment),
+        # and what the load freed goes back to the OS: it would otherwise stay in the worker's RSS (api/heap.py).
+        release_free_memory()
+        log.info(
+            "serving model version %s (was %s)",
+            version,
+            previous,
+            extra={"model_version": version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
+        )
+        return True
 
     def _prepare(self, scorer: Scorer) -> None:
         """Warm a loaded version up on the errors the serving one has seen (``warm_up`` and ``seen_errors``, when

@@ -32,6 +32,7 @@ from service.api.mirror import (
     mirrored_registry,
     version_folder,
 )
+from service.api.model_holder import ModelHolder
 from tests.factories import make_history_frames, make_request, write_merchant_config
 
 pytestmark = pytest.mark.slow
@@ -283,6 +284,13 @@ def test_a_registry_that_fails_keeps_the_last_version_and_says_why(
         MirrorSource(folder, poll_seconds=1.0).champion_version()
     assert str(refused.value) == state["error"]
     assert (folder / "version-1").is_dir()  # what the workers serve stays loadable
+    # A worker started now (uvicorn replacing one that died) serves that version too, and says why it may be old.
+    holder = ModelHolder(MirrorSource(folder, poll_seconds=1.0))
+    assert holder.refresh() is True
+    assert (holder.current.version, holder.last_error) == (
+        "1",
+        f"model registry unavailable: MirrorError: {state['error']}",
+    )
     # The registry is back: the same mirror answers again.
     mirror.tracking_uri = store
     mirror.check()
@@ -294,6 +302,10 @@ def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(tmp_path: Path
     (tmp_path / STATE_FILE).write_text(json.dumps({"version": "4", "checked_at": time.time() - 100, "error": None}))
     with pytest.raises(MirrorError, match=r"last check was 100 s ago; it checks every 10 s"):
         source.champion_version()
+    assert source.last_known_version() is None  # stale, and its folder is not there: nothing to fall back on
+    (tmp_path / "version-4").mkdir()
+    assert source.last_known_version() == "4"  # stale, but what the mirror last published is still on disk
+    (tmp_path / "version-4").rmdir()
     (tmp_path / STATE_FILE).write_text(json.dumps({"version": None, "checked_at": time.time(), "error": None}))
     assert source.has_news()
     assert source.champion_version() is None

@@ -720,6 +720,56 @@ def test_registry_down_keeps_serving_the_current_model(tmp_path: Path) -> None:
     holder.stop()
 
 
+class RememberingSource(FakeSource):
+    """A source that remembers the champion it last answered (as the registry mirror keeps its last download)."""
+
+    def __init__(self, version: str | None, last_known: str | None) -> None:
+        super().__init__(version)
+        self.last_known = last_known
+
+    def last_known_version(self) -> str | None:
+        return self.last_known
+
+
+def test_a_holder_started_during_an_outage_serves_the_last_known_champion(tmp_path: Path) -> None:
+    """A worker started while the registry is down (uvicorn replacing one that died) serves the version its
+    siblings serve, not rules-only, and still says the registry is down."""
+    source = RememberingSource("3", last_known="3")
+    source.down = True
+    errors: list[str] = []
+    holder = ModelHolder(source, on_error=errors.append)
+    assert holder.refresh() is True
+    assert (holder.current.version, holder.ready, source.loads) == ("3", True, ["3"])
+    assert holder.last_error == errors[0] == "model registry unavailable: ConnectionError: registry unreachable"
+    # Serving it, the holder does not load it again at every failed check.
+    assert holder.refresh() is False
+    assert source.loads == ["3"]
+    # The registry back with a new champion: it is followed as usual.
+    source.down, source.version = False, "4"
+    assert holder.refresh() is True
+    assert (holder.current.version, holder.last_error) == ("4", None)
+
+
+def test_a_last_known_champion_that_cannot_be_loaded_leaves_rules_only_and_waits() -> None:
+    source = RememberingSource("3", last_known="3")
+    source.down = True
+    source.unloadable.add("3")
+    holder = ModelHolder(source, poll_seconds=1.0, retry_base_seconds=10.0)
+    assert holder.refresh() is False
+    assert (holder.current.version, holder.ready) == ("rules-only", False)
+    assert holder.last_error == "model registry unavailable: ConnectionError: registry unreachable"
+    assert holder.refresh() is False
+    assert source.loads == ["3"]  # refused: not loaded again before its wait is over
+
+
+def test_without_a_last_known_champion_an_outage_at_start_answers_rules_only() -> None:
+    for source in (RememberingSource("3", last_known=None), FakeSource("3")):
+        source.down = True
+        holder = ModelHolder(source)
+        assert holder.refresh() is False
+        assert (holder.current.version, source.loads) == ("rules-only", [])
+
+
 def test_a_source_without_news_is_not_asked() -> None:
     """A source with ``has_news`` (the workers' registry mirror) is asked only when it says something changed."""
 

@@ -181,9 +181,12 @@ def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
 def test_serve_with_a_setting_it_cannot_take_names_each_variable_in_one_line(serve_env: pytest.MonkeyPatch) -> None:
     serve_env.setenv("WINBACK_GC_FREEZE", "maybe")
     serve_env.setenv("WINBACK_MAX_BATCH", "0")
+    # A poll so slow that a promoted version could not serve within CONTRACT.md's 30 s.
+    serve_env.setenv("WINBACK_MODEL_POLL_SECONDS", "30")
     output = _serve_refused()
     assert "WINBACK_GC_FREEZE='maybe': Input should be a valid boolean" in output
     assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in output
+    assert "WINBACK_MODEL_POLL_SECONDS='30': Input should be less than or equal to 20" in output
 
 
 def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_env: pytest.MonkeyPatch) -> None:

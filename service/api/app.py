@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -89,7 +89,32 @@ def _field_error(*loc: int | str, msg: str) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg}])
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
+#: pydantic's types for a whole body of the wrong kind ("Input should be a valid dictionary or object to extract
+#: fields from" for a form-encoded body says nothing of what to send).
+_WHOLE_BODY_TYPES = {
+    "model_attributes_type": "a JSON object",
+    "dict_type": "a JSON object",
+    "list_type": "a JSON array",
+}
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true or false", list: "an array",
+               dict: "an object", type(None): "null"}  # fmt: skip
+
+
+def _whole_body_message(error: Mapping[str, Any], content_type: str | None) -> str | None:
+    """What to say of a body that is not the kind the route takes at all, naming what was sent (its
+    Content-Type, or its JSON kind): never the input itself."""
+    expected = _WHOLE_BODY_TYPES.get(error.get("type", ""))
+    if expected is None or list(error.get("loc", ())) != ["body"]:
+        return None
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != _JSON and not media_type.endswith("+json"):
+        came = f"came as {media_type}" if media_type else "had none"
+        return f"body must be {expected} sent as Content-Type: {_JSON} (this one {came})"
+    sent = _JSON_KINDS.get(type(error.get("input")))
+    return f"body must be {expected}" + (f", not {sent}" if sent is not None else "")
+
+
+def _validation_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
     details = []
     for error in exc.errors():
         loc = list(error.get("loc", ()))
@@ -97,6 +122,8 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         if error.get("type") == "json_invalid":
             message = f"body is not valid JSON: {error.get('ctx', {}).get('error', message)}"
             loc = ["body"]
+        elif (whole_body := _whole_body_message(error, content_type)) is not None:
+            message = whole_body
         # The offending input is left out on purpose: it may carry personal data.
         details.append(FieldError(field=_field_path(loc), msg=message, type=error.get("type", "invalid"), loc=loc))
     body = ValidationErrorBody(message="; ".join(f"{d.field}: {d.msg}" for d in details), detail=details)
@@ -253,8 +280,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(LatencyMiddleware, metrics=runtime.metrics)
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
+    async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc, request.headers.get("content-type"))
 
     @app.exception_handler(Exception)
     async def _on_unexpected_error(request: Request, _exc: Exception) -> JSONResponse:

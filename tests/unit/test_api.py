@@ -355,6 +355,37 @@ def test_body_that_is_not_json_gets_422_on_both_decision_routes(
     ]
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "content_type", "message"),
+    [
+        # curl's -d without a header: the form's fields are not looked for in it.
+        ("/v1/decisions", b"merchant_id=m_demo&order_id=o1", "application/x-www-form-urlencoded",
+         "body: body must be a JSON object sent as Content-Type: application/json (this one came as "
+         "application/x-www-form-urlencoded)"),
+        ("/v1/decisions", b'{"merchant_id": "m_demo"}', "text/plain; charset=utf-8",
+         "body: body must be a JSON object sent as Content-Type: application/json (this one came as text/plain)"),
+        ("/v1/decisions:batch", b"[]", "text/plain", "body: body must be a JSON array sent as Content-Type: "
+         "application/json (this one came as text/plain)"),
+        ("/v1/decisions", b"[1, 2]", "application/json", "body: body must be a JSON object, not an array"),
+        ("/v1/decisions", b'"a string"', "application/json; charset=utf-8",
+         "body: body must be a JSON object, not a string"),
+        ("/v1/decisions:batch", b'{"merchant_id": "m_demo"}', "application/json",
+         "body: body must be a JSON array, not an object"),
+        ("/v1/decisions", b"[1]", None,
+         "body: body must be a JSON object sent as Content-Type: application/json (this one had none)"),
+    ],
+)  # fmt: skip
+def test_a_body_of_the_wrong_kind_gets_422_saying_what_to_send(
+    api: Api, path: str, content: bytes, content_type: str | None, message: str
+) -> None:
+    headers = AUTH if content_type is None else AUTH | {"content-type": content_type}
+    response = api.post_raw(path, content, headers)
+    assert response.status_code == 422
+    assert response.json()["message"] == message
+    assert [(d["field"], d["loc"]) for d in response.json()["detail"]] == [("body", ["body"])]
+    assert "m_demo" not in response.text  # the input itself is never echoed
+
+
 def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
     good = request_body()
     response = api.post("/v1/decisions:batch", [{**good, "amount": "lots"}, 5, {**good, "currency": "RUPEES"}])
@@ -364,7 +395,7 @@ def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
         ("[1]", ["body", 1]),
         ("[2].currency", ["body", 2, "currency"]),
     ]
-    assert api.post("/v1/decisions:batch", good).json()["message"] == "body: Input should be a valid list"
+    assert api.post("/v1/decisions:batch", good).json()["message"] == "body: body must be a JSON array, not an object"
     too_many = api.post("/v1/decisions:batch", [good] * (MAX_BATCH + 1)).json()
     assert too_many["detail"][0]["field"] == "body"
     assert too_many["detail"][0]["type"] == "too_long"

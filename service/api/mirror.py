@@ -133,7 +133,10 @@ class RegistryMirror:
         """Write the state, stamped now: a check's end, so a long download does not publish a stale state."""
         if self._poller.stopping:  # the server is stopping and the folder going: nothing is left to tell
             return
-        state = {"version": self.version, "checked_at": time.time(), "error": error}
+        # Stamped on both clocks: the wall clock tells a new check apart, the monotonic one (the same for every
+        # process of the machine) tells the state's age, which a step of the wall clock (NTP) would distort.
+        state = {"version": self.version, "checked_at": time.time(), "checked_monotonic": time.monotonic(),
+                 "error": error}  # fmt: skip
         pending = None
         try:
             with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".state-", delete=False) as pending:
@@ -190,6 +193,15 @@ def _remove_orphans() -> None:
             os.close(owner)
 
 
+def _age_seconds(state: dict[str, Any]) -> float:
+    """How long ago the mirror published ``state``: on the monotonic clock when it says (a wall-clock step moves
+    neither stamp's reading), else on the wall clock."""
+    monotonic = state.get("checked_monotonic")
+    if isinstance(monotonic, int | float) and not isinstance(monotonic, bool):
+        return time.monotonic() - monotonic
+    return time.time() - float(state["checked_at"])
+
+
 class MirrorSource:
     """A worker's ``ModelSource``: the champion as the mirror in ``folder`` last published it.
 
@@ -236,7 +248,7 @@ class MirrorSource:
         self._seen_check = None if state is None else state["checked_at"]
         if state is None:
             raise MirrorError("the model registry has not answered yet")
-        age = time.time() - state["checked_at"]
+        age = _age_seconds(state)
         if age > self.stale_after:
             raise MirrorError(
                 f"the registry mirror's last check was {age:.0f} s ago; it checks every {self.poll_seconds:g} s"

@@ -306,6 +306,14 @@ def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(tmp_path: Path
     (tmp_path / "version-4").mkdir()
     assert source.last_known_version() == "4"  # stale, but what the mirror last published is still on disk
     (tmp_path / "version-4").rmdir()
+    # The age is read on the monotonic clock when the state has it: a step of the wall clock changes nothing.
+    stepped = {"version": "4", "checked_at": time.time() - 100, "checked_monotonic": time.monotonic(), "error": None}
+    (tmp_path / STATE_FILE).write_text(json.dumps(stepped))
+    assert source.champion_version() == "4"
+    silent = {"version": "4", "checked_at": time.time(), "checked_monotonic": time.monotonic() - 100, "error": None}
+    (tmp_path / STATE_FILE).write_text(json.dumps(silent))
+    with pytest.raises(MirrorError, match=r"last check was 100 s ago"):
+        source.champion_version()
     (tmp_path / STATE_FILE).write_text(json.dumps({"version": None, "checked_at": time.time(), "error": None}))
     assert source.has_news()
     assert source.champion_version() is None

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -125,25 +125,35 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
             configure_logging(settings.log_level)  # the mirror's lines, as the workers' (JSON on stderr)
             # One registry client for all the workers, in this process (api/mirror.py).
             folder = stack.enter_context(mirrored_registry(settings.tracking_uri, settings.model_poll_seconds))
-            stack.callback(os.environ.pop, "WINBACK_MODEL_MIRROR_DIR", None)
-            os.environ["WINBACK_MODEL_MIRROR_DIR"] = str(folder)
+            stack.enter_context(_environment({"WINBACK_MODEL_MIRROR_DIR": str(folder)}))
         board_env = stack.enter_context(connection_board(workers))  # connections spread evenly (api/accept.py)
-        os.environ.update(board_env)
-        try:
-            uvicorn.run(
-                APP_FACTORY,
-                factory=True,
-                host=host,
-                port=port,
-                workers=workers,
-                loop=BALANCED_LOOP,
-                log_config=None,
-                access_log=False,
-                lifespan="on",
-            )
-        finally:
-            for name in board_env:
+        stack.enter_context(_environment(board_env))
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop=BALANCED_LOOP,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in the environment (the workers read them) for the block; then put back what was there."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
                 os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _Terminated(BaseException):

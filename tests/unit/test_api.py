@@ -1390,3 +1390,15 @@ def test_the_same_outcome_again_answers_the_stored_one_even_if_stored_before_its
     again = api.post("/v1/outcomes", early)
     assert again.status_code == 200, again.text
     assert again.json()["occurred_at"].startswith("2026-10-01T00:00:00")
+
+
+def test_the_serving_command_puts_back_the_environment_it_set_for_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.api.server import _environment
+
+    monkeypatch.setenv("WINBACK_MODEL_MIRROR_DIR", "/a/folder/of/the/caller")
+    monkeypatch.delenv("WINBACK_ACCEPT_BOARD", raising=False)
+    with _environment({"WINBACK_MODEL_MIRROR_DIR": "/tmp/mirror", "WINBACK_ACCEPT_BOARD": "/dev/shm/board"}):
+        assert os.environ["WINBACK_MODEL_MIRROR_DIR"] == "/tmp/mirror"
+        assert os.environ["WINBACK_ACCEPT_BOARD"] == "/dev/shm/board"
+    assert os.environ["WINBACK_MODEL_MIRROR_DIR"] == "/a/folder/of/the/caller"
+    assert "WINBACK_ACCEPT_BOARD" not in os.environ

@@ -283,6 +283,11 @@ class Decision(ContractModel):
     retry_probability: float
     expected_success: float
     propensity: float
-    alternatives: list[Alternative] = Field(default_factory=list)
+    alternatives: list[Alternative] = Field(
+        default_factory=list,
+        description="the best candidate of each other permitted action (strategy and connector, or channel), best "
+        "first by the policy's own measure, expected recovered value net of the action's cost: a cheaper or sooner "
+        "action may come before one with a higher p_success",
+    )
     reasons: list[str] = Field(default_factory=list)
     rules_applied: list[str] = Field(default_factory=list)

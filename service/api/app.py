@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -100,6 +101,9 @@ _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "true 
                dict: "an object", type(None): "null"}  # fmt: skip
 
 
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,30}/[a-z0-9][a-z0-9!#$&^_.+-]{0,40}")
+
+
 def _whole_body_message(error: Mapping[str, Any], content_type: str | None) -> str | None:
     """What to say of a body that is not the kind the route takes at all, naming what was sent (its
     Content-Type, or its JSON kind): never the input itself."""
@@ -107,8 +111,12 @@ def _whole_body_message(error: Mapping[str, Any], content_type: str | None) -> s
     if expected is None or list(error.get("loc", ())) != ["body"]:
         return None
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    if media_type != _JSON and not media_type.endswith("+json"):
-        came = f"came as {media_type}" if media_type else "had none"
+    main_type, _, subtype = media_type.partition("/")
+    if main_type != "application" or not (subtype == "json" or subtype.endswith("+json")):  # as FastAPI reads JSON
+        # The header is the client's own text: named back only when it is a plain, short media type.
+        came = "had none" if not media_type else "came as another type"
+        if _MEDIA_TYPE.fullmatch(media_type):
+            came = f"came as {media_type}"
         return f"body must be {expected} sent as Content-Type: {_JSON} (this one {came})"
     sent = _JSON_KINDS.get(type(error.get("input")))
     return f"body must be {expected}" + (f", not {sent}" if sent is not None else "")

@@ -86,6 +86,14 @@ class MlflowSource:
 
 
 @dataclass(frozen=True)
+class _Refusal:
+    """Why a loaded version does not serve; ``new`` False: it failed before and its wait is not over."""
+
+    reason: str
+    new: bool = True
+
+
+@dataclass(frozen=True)
 class Served:
     """What answers requests right now. ``scorer is None`` means the rules-only policy."""
 
@@ -144,61 +152,70 @@ class ModelHolder:
             try:
                 version = self.source.champion_version()
             except Exception as exc:
-                reason = f"model registry unavailable: {first_line(exc)}"
-                changed = self._serve_last_known(reason)
-                self._failed(reason)
-                return changed
+                return self._serve_last_known(f"model registry unavailable: {first_line(exc)}")
             if version is None:
                 self.last_error = "no model registered as winback@champion yet"
                 return False
             if version == self.current.version and self.current.scorer is not None:
                 self.last_error = None
                 return False
-            return self._load(version)
+            loaded = self._load(version)
+            if isinstance(loaded, _Refusal):
+                return self._refuse(version, loaded) if loaded.new else self._waiting(loaded)
+            return self._serve(loaded)
 
     def _serve_last_known(self, registry_error: str) -> bool:
         """With nothing served yet and no answer from the registry, load the champion the source last knew (a
         mirror's last download): the workers that loaded it before the outage serve it, and a worker started
-        during the outage (uvicorn replacing one that died) must not answer rules-only beside them."""
+        during the outage (uvicorn replacing one that died) must not answer rules-only beside them. Either way the
+        check is reported once (``_failed``): the registry's error, and why the last known version did not serve
+        when it did not."""
         last_known = getattr(self.source, "last_known_version", None)
         if self.current.scorer is not None or last_known is None:
-            return False
+            return self._failed(registry_error)
         try:
             version = last_known()
         except Exception as exc:  # a source that cannot tell either: rules-only, as before
-            log.warning("no last known champion to serve", extra={"error": first_line(exc)})
-            return False
+            return self._failed(f"{registry_error}; no last known champion ({first_line(exc)})")
         if version is None:
-            return False
+            return self._failed(registry_error)
         log.warning("the registry has no answer; loading the last known champion, version %s", version,
                     extra={"error": registry_error})  # fmt: skip
-        return self._load(version)
+        loaded = self._load(version)
+        if isinstance(loaded, _Refusal):
+            if loaded.new:
+                self._refused.failed(version, loaded.reason)
+            return self._failed(f"{registry_error}; the last known champion did not serve: {loaded.reason}")
+        self._serve(loaded)
+        self._failed(registry_error)  # serving again, with the registry still down: /readyz and the counter say so
+        return True
 
-    def _load(self, version: str) -> bool:
-        """Load ``version`` beside the serving model, prepare it and swap; True when it serves. Caller holds the
-        lock."""
-        if self.source is None:
-            return False
+    def _load(self, version: str) -> tuple[Served, float] | _Refusal:
+        """Load ``version`` beside the serving model and prepare it: (what would serve, when the load started), or
+        why it cannot serve (a new failure, or a refusal whose wait is not over). Caller holds the lock."""
         if (refusal := self._refused.waiting(version)) is not None:
-            self.last_error = refusal  # refused lately: not loaded again before the wait is over
-            return False
+            return _Refusal(refusal, new=False)  # refused lately: not loaded again before the wait is over
+        assert self.source is not None  # for mypy: refresh returns before any load without a source
         started = time.perf_counter()
         try:
             scorer = self.source.load(version)
         except Exception as exc:
-            return self._refuse(
-                version,
-                f"champion version {version} could not be loaded ({first_line(exc)}); serving {self.current.version}",
+            return _Refusal(
+                f"champion version {version} could not be loaded ({first_line(exc)}); serving {self.current.version}"
             )
         try:
             self._prepare(scorer)
         except Exception as exc:
-            return self._refuse(
-                version,
-                f"champion version {version} failed before serving ({first_line(exc)}); serving {self.current.version}",
+            return _Refusal(
+                f"champion version {version} failed before serving ({first_line(exc)}); serving {self.current.version}"
             )
+        return Served(scorer=scorer, version=version, since=datetime.now(UTC)), started
+
+    def _serve(self, loaded: tuple[Served, float]) -> bool:
+        """Swap a loaded version in; always True."""
+        served, started = loaded
         previous = self.current.version
-        self._swap(Served(scorer=scorer, version=version, since=datetime.now(UTC)))
+        self._swap(served)
         self.last_error = None
         self._refused.succeeded()
         # The swapped-out model is freed with its last reference (a request may still hold it for a moment),
@@ -206,11 +223,15 @@ class ModelHolder:
         release_free_memory()
         log.info(
             "serving model version %s (was %s)",
-            version,
+            served.version,
             previous,
-            extra={"model_version": version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
+            extra={"model_version": served.version, "load_ms": round((time.perf_counter() - started) * 1e3, 1)},
         )
         return True
+
+    def _waiting(self, refusal: _Refusal) -> bool:
+        self.last_error = refusal.reason  # said when it was refused; not counted again at every check
+        return False
 
     def _prepare(self, scorer: Scorer) -> None:
         """Warm a loaded version up on the errors the serving one has seen (``warm_up`` and ``seen_errors``, when
@@ -223,11 +244,11 @@ class ModelHolder:
         if self.check is not None:
             self.check(scorer)
 
-    def _refuse(self, version: str, reason: str) -> bool:
+    def _refuse(self, version: str, refusal: _Refusal) -> bool:
         """A version that could not be loaded or failed before serving: ``_failed``, and it waits (``RetryWait``)
         before it is loaded again, a load costing seconds of CPU beside the requests in every worker."""
-        self._refused.failed(version, reason)
-        return self._failed(reason)
+        self._refused.failed(version, refusal.reason)
+        return self._failed(refusal.reason)
 
     def _failed(self, reason: str) -> bool:
         """Record a failed check (the serving model stays); always False: nothing changed."""

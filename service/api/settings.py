@@ -26,7 +26,7 @@ def default_tracking_uri() -> str:
 #: Most decision requests one ``POST /v1/decisions:batch`` may carry, unless ``WINBACK_MAX_BATCH`` says otherwise.
 MAX_BATCH = 1000
 #: The slowest champion poll: a version promoted just after a poll serves a poll, a second (a worker's look at the
-#: mirror), a download and a load later (6-10 s at the default 10 s poll); CONTRACT.md gives the switch 30 s.
+#: mirror), a download and a load later (measured at a 20 s poll: 12-21 s); CONTRACT.md gives the switch 30 s.
 MAX_MODEL_POLL_SECONDS = 20.0
 
 

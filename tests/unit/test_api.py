@@ -371,6 +371,11 @@ def test_body_that_is_not_json_gets_422_on_both_decision_routes(
          "body: body must be a JSON object, not a string"),
         ("/v1/decisions:batch", b'{"merchant_id": "m_demo"}', "application/json",
          "body: body must be a JSON array, not an object"),
+        # A media type FastAPI does not read as JSON, and one too long (or odd) to be named back.
+        ("/v1/decisions", b"{}", "text/plain+json",
+         "body: body must be a JSON object sent as Content-Type: application/json (this one came as text/plain+json)"),
+        ("/v1/decisions", b"{}", "text/" + "x" * 200 + "jane.doe@example.com",
+         "body: body must be a JSON object sent as Content-Type: application/json (this one came as another type)"),
         ("/v1/decisions", b"[1]", None,
          "body: body must be a JSON object sent as Content-Type: application/json (this one had none)"),
     ],
@@ -383,7 +388,8 @@ def test_a_body_of_the_wrong_kind_gets_422_saying_what_to_send(
     assert response.status_code == 422
     assert response.json()["message"] == message
     assert [(d["field"], d["loc"]) for d in response.json()["detail"]] == [("body", ["body"])]
-    assert "m_demo" not in response.text  # the input itself is never echoed
+    assert "m_demo" not in response.text  # the input is never echoed
+    assert "jane.doe" not in response.text
 
 
 def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
@@ -771,7 +777,7 @@ def test_a_holder_started_during_an_outage_serves_the_last_known_champion(tmp_pa
     holder = ModelHolder(source, on_error=errors.append)
     assert holder.refresh() is True
     assert (holder.current.version, holder.ready, source.loads) == ("3", True, ["3"])
-    assert holder.last_error == errors[0] == "model registry unavailable: ConnectionError: registry unreachable"
+    assert errors == [holder.last_error] == ["model registry unavailable: ConnectionError: registry unreachable"]
     # Serving it, the holder does not load it again at every failed check.
     assert holder.refresh() is False
     assert source.loads == ["3"]
@@ -785,12 +791,19 @@ def test_a_last_known_champion_that_cannot_be_loaded_leaves_rules_only_and_waits
     source = RememberingSource("3", last_known="3")
     source.down = True
     source.unloadable.add("3")
-    holder = ModelHolder(source, poll_seconds=1.0, retry_base_seconds=10.0)
+    errors: list[str] = []
+    holder = ModelHolder(source, poll_seconds=1.0, retry_base_seconds=10.0, on_error=errors.append)
     assert holder.refresh() is False
     assert (holder.current.version, holder.ready) == ("rules-only", False)
-    assert holder.last_error == "model registry unavailable: ConnectionError: registry unreachable"
+    refused = "champion version 3 could not be loaded (UnicodeDecodeError: 'utf-8' codec can't decode byte 0x85 in "
+    registry_down = "model registry unavailable: ConnectionError: registry unreachable"
+    # One failed check, counted once (review: it was counted twice), and /readyz says both why.
+    assert errors == [holder.last_error]
+    assert holder.last_error.startswith(f"{registry_down}; the last known champion did not serve: {refused}")
     assert holder.refresh() is False
     assert source.loads == ["3"]  # refused: not loaded again before its wait is over
+    assert len(errors) == 2
+    assert holder.last_error.startswith(f"{registry_down}; the last known champion did not")
 
 
 def test_without_a_last_known_champion_an_outage_at_start_answers_rules_only() -> None:
@@ -1055,6 +1068,8 @@ def test_openapi_describes_the_decision_bodies_and_the_key(api: Api) -> None:
     assert set(schemas["DecisionRequest"]["required"]) >= {"merchant_id", "order_id", "event_time", "failure"}
     assert schemas["DecisionRequest"]["properties"]["failure"] == {"$ref": "#/components/schemas/Failure"}
     assert {"Customer", "Payment", "Failure", "History", "HistoryAttempt", "HistoryNudge"} <= set(schemas)
+    # "best first" is the policy's measure, not p_success (a contract-only client read it so: review).
+    assert "expected recovered value" in schemas["Decision"]["properties"]["alternatives"]["description"]
     # An answer carries every field, null where it has none, and its strategy is a retry's (CONTRACT.md section 2):
     # a client generated from this document neither makes them optional nor expects "initial" or "retarget_link".
     retry_strategies = ["retry_same", "cascade", "step_up", "clear_pan", "alternate_network"]

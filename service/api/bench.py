@@ -50,6 +50,8 @@ TRAFFIC = ("demo", "mixed")
 #: Requests in the mixed traffic (each a different order), and the seed of the history they come from.
 MIXED_REQUESTS = 400
 MIXED_SEED = 7
+#: Passes over the traffic of the in-process measurements (``CostBreakdown``): the best one counts.
+IN_PROCESS_PASSES = 8
 
 
 def bench_key(merchant_id: str) -> str:
@@ -96,6 +98,24 @@ class LoadFigures:
         return round(self.cpu_ms_per_request * self.rps / 1e3, 2)
 
 
+@dataclass(frozen=True)
+class CostBreakdown:
+    """Where the API's CPU per request goes, measured beside the servers on the same traffic and machine.
+
+    Read against the 7x target's budget (mlflow serve's CPU per request over 7): the decision alone, and the
+    server answering a constant, show what part of the budget each takes."""
+
+    #: decide() alone, in process, per request: the best of ``passes`` passes over the traffic (warm caches).
+    decide_ms: float
+    #: What the request path does around it, in process: parse the body, decide, write the answer and the stored
+    #: request as JSON, count and log the decision (no HTTP, no decision writer's thread); best pass.
+    handling_ms: float
+    #: Server CPU per request of the same uvicorn set-up (workers, uvloop, httptools, the same load generator)
+    #: answering a constant the size of a decision after parsing the body as JSON: the HTTP server's own share.
+    server_floor_ms: float
+    passes: int
+
+
 @dataclass
 class BenchResult:
     api: LoadFigures
@@ -117,6 +137,8 @@ class BenchResult:
     mlflow_tree_pss_mb: float = float("nan")
     #: The machine's own stalls while the API ran at the fixed rate (None: not measured).
     api_fixed_rate_stalls: MachineStalls | None = None
+    #: Where the API's CPU per request goes (None: not measured).
+    costs: CostBreakdown | None = None
 
     def targets(self) -> dict[str, bool]:
         """Each ISSUE target and whether this run met it."""
@@ -472,6 +494,123 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 120.
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+#: What ``constant_app`` answers: a decision's size (~1.2 kB) of JSON.
+_CONSTANT_ANSWER = orjson.dumps({"decision_id": "dec_" + "0" * 24, "padding": "x" * 1150})
+_CONSTANT_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(_CONSTANT_ANSWER)).encode())]
+
+
+async def constant_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An ASGI app that reads a request's body, parses it as JSON and answers a constant: the HTTP server's own
+    cost per request (``server_floor``)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    if body:
+        orjson.loads(body)
+    await send({"type": "http.response.start", "status": 200, "headers": _CONSTANT_HEADERS})
+    await send({"type": "http.response.body", "body": _CONSTANT_ANSWER})
+
+
+def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[str, str], folder: Path) -> LoadFigures:
+    """``closed`` (the bench's closed loop: url, requests -> figures) against uvicorn serving ``constant_app``
+    with ``workers`` workers, uvloop and httptools, as ``winback serve`` does; with the server's CPU."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "service.api.bench:constant_app", "--host", "127.0.0.1", "--port",
+         str(port), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+         "--log-level", "warning"],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1/decisions"
+        _wait_http(url, server)
+        wait_idle(server.pid)
+        before = process_cpu_seconds(server.pid)
+        figures: LoadFigures = closed(url, requests)
+        return _with_cpu(figures, before, process_cpu_seconds(server.pid))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def in_process_costs(bodies_file: Path, passes: int = 8) -> tuple[float, float]:
+    """(decide() alone, the request path's handling without HTTP) in ms per request: the best of ``passes``
+    passes over the request bodies in ``bodies_file`` (one JSON body a line), decided as the server decides them
+    (its settings from the environment, the champion loaded by the same holder, the log line written)."""
+    from model.requests import DecisionRequest
+    from service.api.app import build_runtime
+    from service.api.logging import configure_logging
+    from service.api.settings import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    runtime = build_runtime(settings)
+    runtime.holder.start()
+    try:
+        bodies = [line for line in bodies_file.read_bytes().splitlines() if line]
+        requests = [DecisionRequest.model_validate_json(body) for body in bodies]
+        merchants = [runtime.config.merchants[request.merchant_id] for request in requests]
+        scorer = runtime.holder.current.scorer
+
+        def decide_only() -> None:
+            for request, merchant in zip(requests, merchants, strict=True):
+                runtime._decide(request, merchant, scorer)
+
+        def handle() -> None:
+            for body, merchant in zip(bodies, merchants, strict=True):
+                served = runtime.decide(DecisionRequest.model_validate_json(body), merchant)
+                runtime.record(served)
+
+        best: list[float] = []
+        for one_pass in (decide_only, handle):
+            one_pass()  # warm: every request once, as the servers are warmed before their clocks start
+            seconds = math.inf
+            for _ in range(passes):
+                started = time.perf_counter()
+                one_pass()
+                seconds = min(seconds, time.perf_counter() - started)
+            best.append(round(seconds / len(bodies) * 1e3, 3))
+        return best[0], best[1]
+    finally:
+        runtime.holder.stop()
+
+
+def _measure_in_process(
+    requests: RequestList, *, env: dict[str, str], folder: Path, passes: int
+) -> tuple[float, float]:
+    """``in_process_costs`` in a fresh process (the bench's own imports and threads stay out of its figures)."""
+    bodies_file = folder / "bodies.jsonl"
+    bodies_file.write_bytes(b"\n".join(body for body, _ in requests) + b"\n")
+    code = (
+        "import json, sys; from pathlib import Path; from service.api.bench import in_process_costs; "
+        "print(json.dumps(in_process_costs(Path(sys.argv[1]), int(sys.argv[2]))))"
+    )
+    log_file = folder / "in-process.log"
+    with log_file.open("wb") as log:  # its log lines go to a file, as the servers' to /dev/null: not to a pipe
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(bodies_file), str(passes)],
+            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=600,
+        )  # fmt: skip
+    if done.returncode != 0:
+        last = log_file.read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"the in-process measurement failed (exit code {done.returncode}): {last}")
+    decide_ms, handling_ms = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(decide_ms), float(handling_ms)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -800,6 +939,18 @@ def run_bench(
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+        # Where the API's CPU goes, with both servers stopped: the HTTP server's own share, then the decision and
+        # the request path around it in process (the same settings, champion and traffic).
+        floor = server_floor(load.requests, workers=workers, closed=closed, env=env, folder=folder)
+        from service.api.server import server_env
+
+        decide_ms, handling_ms = _measure_in_process(
+            load.requests,
+            env=env | server_env(config, tracking_uri or f"sqlite:///{folder}/none.db"),
+            folder=folder,
+            passes=IN_PROCESS_PASSES,
+        )
+        costs = CostBreakdown(decide_ms, handling_ms, floor.cpu_ms_per_request, IN_PROCESS_PASSES)
     result = BenchResult(
         api=api_figures,
         mlflow=ml_figures,
@@ -816,6 +967,7 @@ def run_bench(
         api_tree_pss_mb=api_pss,
         mlflow_tree_pss_mb=ml_pss,
         api_fixed_rate_stalls=stalls,
+        costs=costs,
     )
     if print_table:
         _print(result)
@@ -872,6 +1024,14 @@ def _print(result: BenchResult) -> None:
         console.print(
             f"7x mlflow serve needs at most {result.mlflow.cpu_ms_per_request / 7:.2f} ms of server CPU per decision "
             f"(mlflow's {result.mlflow.cpu_ms_per_request:.2f} / 7); measured {result.api.cpu_ms_per_request:.2f}"
+        )
+    costs = result.costs
+    if costs is not None:
+        console.print(
+            f"where the API's CPU per request goes: decide() alone {costs.decide_ms:.2f} ms and the request path "
+            f"around it (parse, decide, answer, count and log; no HTTP, no writer thread) {costs.handling_ms:.2f} "
+            f"ms, in process, best of {costs.passes} passes; the same uvicorn set-up answering a constant "
+            f"{costs.server_floor_ms:.3f} ms of server CPU per request"
         )
     console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
     console.print(

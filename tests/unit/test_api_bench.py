@@ -30,10 +30,14 @@ from service.api.bench import (
     Traffic,
     UnansweredRequestError,
     _check_answered,
+    _measure_in_process,
     _with_cpu,
     bench_key,
+    closed_loop,
+    constant_app,
     fixed_rate,
     mixed_traffic,
+    server_floor,
     tree_cpu_seconds,
     tree_pss_mb,
     wrk_closed_loop,
@@ -327,3 +331,58 @@ def test_the_fixed_rate_pool_does_not_reuse_a_connection_the_server_may_have_clo
                 await pool.close()
 
     assert asyncio.run(scenario()) == [200, 200]
+
+
+def test_the_constant_app_reads_the_body_and_answers_a_decisions_size() -> None:
+    import httpx
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=constant_app), base_url="http://x") as client:
+            return await client.post("/v1/decisions", content=b'{"merchant_id": "m"}')
+
+    response = asyncio.run(ask())
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert 1_000 < len(response.content) < 1_500  # about a decision's size
+    assert response.json()["decision_id"].startswith("dec_")
+
+
+def test_the_server_floor_is_the_cpu_of_uvicorn_answering_a_constant(tmp_path: Path) -> None:
+    traffic = mixed_traffic(count=10, seed=3)
+
+    def closed(url: str, requests: list[tuple[bytes, dict[str, str]]]) -> LoadFigures:
+        return asyncio.run(closed_loop(url, requests, concurrency=2, seconds=1.0, max_requests=300))
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    figures = server_floor(list(traffic.requests), workers=1, closed=closed, env=env, folder=tmp_path)
+    assert figures.requests > 0
+    assert figures.errors == 0
+    assert 0 < figures.cpu_ms_per_request < 50
+
+
+def test_the_in_process_costs_decide_the_traffic_as_the_server_would(tmp_path: Path) -> None:
+    traffic = mixed_traffic(count=10, seed=3)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")} | {
+        "PYTHONPATH": root,
+        "WINBACK_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}",
+        "WINBACK_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}",  # no champion: rules-only
+        "WINBACK_CONFIG_PATH": str(BENCH_CONFIG),
+    }
+    decide_ms, handling_ms = _measure_in_process(list(traffic.requests), env=env, folder=tmp_path, passes=2)
+    assert 0 < decide_ms < 100
+    assert 0 < handling_ms < 100
+    # Every request was decided and logged as the server logs it (the log goes to a file, as the server's).
+    log_lines = (tmp_path / "in-process.log").read_text().splitlines()
+    decided = [json.loads(line) for line in log_lines if '"message":"decision"' in line]
+    assert len(decided) >= len(traffic.requests) * 3  # warm-up and two passes
+    assert {line["model_version"] for line in decided} == {"rules-only"}
+
+
+def test_a_failed_in_process_measurement_names_its_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")} | {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "WINBACK_CONFIG_PATH": str(tmp_path / "missing.yaml"),
+    }
+    with pytest.raises(RuntimeError, match=r"the in-process measurement failed \(exit code 1\)"):
+        _measure_in_process([(b"{}", {})], env=env, folder=tmp_path, passes=1)

@@ -112,9 +112,10 @@ def _whole_body_message(error: Mapping[str, Any], content_type: str | None) -> s
         return None
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     main_type, _, subtype = media_type.partition("/")
-    if main_type != "application" or not (subtype == "json" or subtype.endswith("+json")):  # as FastAPI reads JSON
+    json_subtype = "/" not in subtype and (subtype == "json" or subtype.endswith("+json"))
+    if main_type != "application" or not json_subtype:  # as FastAPI reads JSON (two slashes: not a media type)
         # The header is the client's own text: named back only when it is a plain, short media type.
-        came = "had none" if not media_type else "came as another type"
+        came = "had none" if content_type is None else "came as another type"
         if _MEDIA_TYPE.fullmatch(media_type):
             came = f"came as {media_type}"
         return f"body must be {expected} sent as Content-Type: {_JSON} (this one {came})"

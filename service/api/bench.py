@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -137,8 +137,9 @@ class BenchResult:
     mlflow_tree_pss_mb: float = float("nan")
     #: The machine's own stalls while the API ran at the fixed rate (None: not measured).
     api_fixed_rate_stalls: MachineStalls | None = None
-    #: Where the API's CPU per request goes (None: not measured).
+    #: Where the API's CPU per request goes (None: not measured, ``costs_error`` says why when it failed).
     costs: CostBreakdown | None = None
+    costs_error: str | None = None
 
     def targets(self) -> dict[str, bool]:
         """Each ISSUE target and whether this run met it."""
@@ -546,10 +547,24 @@ def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[
             server.kill()
 
 
-def in_process_costs(bodies_file: Path, passes: int = 8) -> tuple[float, float]:
-    """(decide() alone, the request path's handling without HTTP) in ms per request: the best of ``passes``
-    passes over the request bodies in ``bodies_file`` (one JSON body a line), decided as the server decides them
-    (its settings from the environment, the champion loaded by the same holder, the log line written)."""
+@dataclass(frozen=True)
+class InProcessCosts:
+    """``in_process_costs``'s figures, in ms of CPU per request, and the model version that decided."""
+
+    decide_ms: float
+    handling_ms: float
+    model_version: str
+
+
+#: How the in-process child marks its error on stdout (its stderr carries the log lines).
+_CHILD_ERROR = "in-process measurement error: "
+
+
+def in_process_costs(bodies_file: Path, passes: int = 8) -> InProcessCosts:
+    """decide() alone, and the request path's handling without HTTP, in ms of CPU per request: the best of
+    ``passes`` passes over the request bodies in ``bodies_file`` (one JSON body a line), decided as the server
+    decides them (its settings from the environment, the champion loaded by the same holder, the log line
+    written)."""
     from model.requests import DecisionRequest
     from service.api.app import build_runtime
     from service.api.logging import configure_logging
@@ -563,52 +578,86 @@ def in_process_costs(bodies_file: Path, passes: int = 8) -> tuple[float, float]:
         bodies = [line for line in bodies_file.read_bytes().splitlines() if line]
         requests = [DecisionRequest.model_validate_json(body) for body in bodies]
         merchants = [runtime.config.merchants[request.merchant_id] for request in requests]
-        scorer = runtime.holder.current.scorer
+        served = runtime.holder.current  # the same model throughout: its version is reported with the figures
 
         def decide_only() -> None:
             for request, merchant in zip(requests, merchants, strict=True):
-                runtime._decide(request, merchant, scorer)
+                runtime._decide(request, merchant, served.scorer)
 
         def handle() -> None:
             for body, merchant in zip(bodies, merchants, strict=True):
-                served = runtime.decide(DecisionRequest.model_validate_json(body), merchant)
-                runtime.record(served)
+                runtime.record(runtime.decide(DecisionRequest.model_validate_json(body), merchant))
 
-        best: list[float] = []
-        for one_pass in (decide_only, handle):
+        def best_ms(one_pass: Callable[[], None]) -> float:
             one_pass()  # warm: every request once, as the servers are warmed before their clocks start
             seconds = math.inf
             for _ in range(passes):
-                started = time.perf_counter()
+                started = time.process_time()  # CPU, as the budget it is read against (another job may run)
                 one_pass()
-                seconds = min(seconds, time.perf_counter() - started)
-            best.append(round(seconds / len(bodies) * 1e3, 3))
-        return best[0], best[1]
+                seconds = min(seconds, time.process_time() - started)
+            return round(seconds / len(bodies) * 1e3, 3)
+
+        return InProcessCosts(best_ms(decide_only), best_ms(handle), served.version)
     finally:
         runtime.holder.stop()
 
 
-def _measure_in_process(
-    requests: RequestList, *, env: dict[str, str], folder: Path, passes: int
-) -> tuple[float, float]:
+def _in_process_child(bodies_file: str, passes: str) -> None:
+    """The child's entry point: the figures as JSON on stdout, or its error's first line, marked."""
+    from service.api.model_holder import first_line
+
+    try:
+        costs = in_process_costs(Path(bodies_file), int(passes))
+    except Exception as exc:
+        print(_CHILD_ERROR + first_line(exc), flush=True)
+        raise SystemExit(1) from None
+    print(json.dumps(asdict(costs)), flush=True)
+
+
+def _measure_in_process(requests: RequestList, *, env: dict[str, str], folder: Path, passes: int) -> InProcessCosts:
     """``in_process_costs`` in a fresh process (the bench's own imports and threads stay out of its figures)."""
     bodies_file = folder / "bodies.jsonl"
     bodies_file.write_bytes(b"\n".join(body for body, _ in requests) + b"\n")
-    code = (
-        "import json, sys; from pathlib import Path; from service.api.bench import in_process_costs; "
-        "print(json.dumps(in_process_costs(Path(sys.argv[1]), int(sys.argv[2]))))"
-    )
+    code = "import sys; from service.api.bench import _in_process_child; _in_process_child(*sys.argv[1:])"
     log_file = folder / "in-process.log"
     with log_file.open("wb") as log:  # its log lines go to a file, as the servers' to /dev/null: not to a pipe
         done = subprocess.run(
             [sys.executable, "-c", code, str(bodies_file), str(passes)],
             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=log, text=True, timeout=600,
         )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
     if done.returncode != 0:
-        last = log_file.read_text(errors="replace").strip().splitlines()[-1:]
-        raise RuntimeError(f"the in-process measurement failed (exit code {done.returncode}): {last}")
-    decide_ms, handling_ms = json.loads(done.stdout.strip().splitlines()[-1])
-    return float(decide_ms), float(handling_ms)
+        marked = [line.removeprefix(_CHILD_ERROR) for line in lines if line.startswith(_CHILD_ERROR)]
+        why = marked[-1] if marked else " / ".join(log_file.read_text(errors="replace").strip().splitlines()[-3:])
+        raise RuntimeError(f"the in-process measurement failed (exit code {done.returncode}): {why}")
+    return InProcessCosts(**json.loads(lines[-1]))
+
+
+def _cost_breakdown(
+    load: Traffic,
+    model_version: str,
+    *,
+    workers: int,
+    closed: Callable[[str, RequestList], LoadFigures],
+    env: dict[str, str],
+    folder: Path,
+    tracking_uri: str,
+) -> CostBreakdown:
+    """The figures of ``CostBreakdown``; RuntimeError when one cannot be trusted (the floor's server answered
+    errors, or the in-process run decided with another model than the API's)."""
+    from service.api.server import server_env
+
+    floor = server_floor(load.requests, workers=workers, closed=closed, env=env, folder=folder)
+    if floor.errors or not floor.requests:
+        raise RuntimeError(f"the constant server answered {floor.errors} errors of {floor.requests} requests")
+    measured = _measure_in_process(
+        load.requests, env=env | server_env(BENCH_CONFIG, tracking_uri), folder=folder, passes=IN_PROCESS_PASSES
+    )
+    if measured.model_version != model_version:
+        raise RuntimeError(
+            f"the in-process run decided with model {measured.model_version}, the API with {model_version}"
+        )
+    return CostBreakdown(measured.decide_ms, measured.handling_ms, floor.cpu_ms_per_request, IN_PROCESS_PASSES)
 
 
 def _children(pid: int) -> list[int]:
@@ -940,17 +989,15 @@ def run_bench(
                 except subprocess.TimeoutExpired:
                     process.kill()
         # Where the API's CPU goes, with both servers stopped: the HTTP server's own share, then the decision and
-        # the request path around it in process (the same settings, champion and traffic).
-        floor = server_floor(load.requests, workers=workers, closed=closed, env=env, folder=folder)
-        from service.api.server import server_env
-
-        decide_ms, handling_ms = _measure_in_process(
-            load.requests,
-            env=env | server_env(config, tracking_uri or f"sqlite:///{folder}/none.db"),
-            folder=folder,
-            passes=IN_PROCESS_PASSES,
-        )
-        costs = CostBreakdown(decide_ms, handling_ms, floor.cpu_ms_per_request, IN_PROCESS_PASSES)
+        # the request path around it in process (the same settings, champion and traffic). A failure here is
+        # reported with the figures above, not instead of them.
+        costs: CostBreakdown | None = None
+        costs_error: str | None = None
+        try:
+            costs = _cost_breakdown(load, model_version, workers=workers, closed=closed, env=env, folder=folder,
+                                    tracking_uri=tracking_uri or f"sqlite:///{folder}/none.db")  # fmt: skip
+        except Exception as exc:  # any failure of the breakdown is printed; the figures above still count
+            costs_error = f"{type(exc).__name__}: {exc}"
     result = BenchResult(
         api=api_figures,
         mlflow=ml_figures,
@@ -968,6 +1015,7 @@ def run_bench(
         mlflow_tree_pss_mb=ml_pss,
         api_fixed_rate_stalls=stalls,
         costs=costs,
+        costs_error=costs_error,
     )
     if print_table:
         _print(result)
@@ -1030,9 +1078,12 @@ def _print(result: BenchResult) -> None:
         console.print(
             f"where the API's CPU per request goes: decide() alone {costs.decide_ms:.2f} ms and the request path "
             f"around it (parse, decide, answer, count and log; no HTTP, no writer thread) {costs.handling_ms:.2f} "
-            f"ms, in process, best of {costs.passes} passes; the same uvicorn set-up answering a constant "
-            f"{costs.server_floor_ms:.3f} ms of server CPU per request"
+            f"ms, in process with model {result.model_version}, best of {costs.passes} passes; uvicorn with the "
+            f"same workers, uvloop and httptools answering a constant {costs.server_floor_ms:.3f} ms of server CPU "
+            "per request"
         )
+    elif result.costs_error is not None:
+        console.print(f"where the API's CPU per request goes: not measured ({result.costs_error})")
     console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
     console.print(
         f"memory of each server's whole process tree (PSS, MB): API {result.api_tree_pss_mb:.0f}, mlflow serve "

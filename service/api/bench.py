@@ -562,7 +562,7 @@ _CHILD_ERROR = "in-process measurement error: "
 
 def in_process_costs(bodies_file: Path, passes: int = 8) -> InProcessCosts:
     """decide() alone, and the request path's handling without HTTP, in ms of CPU per request: the best of
-    ``passes`` passes over the request bodies in ``bodies_file`` (one JSON body a line), decided as the server
+    ``passes`` passes over the request bodies in ``bodies_file`` (a JSON array of their texts), decided as the server
     decides them (its settings from the environment, the champion loaded by the same holder, the log line
     written)."""
     from model.requests import DecisionRequest
@@ -575,7 +575,7 @@ def in_process_costs(bodies_file: Path, passes: int = 8) -> InProcessCosts:
     runtime = build_runtime(settings)
     runtime.holder.start()
     try:
-        bodies = [line for line in bodies_file.read_bytes().splitlines() if line]
+        bodies = [body.encode() for body in json.loads(bodies_file.read_bytes())]
         requests = [DecisionRequest.model_validate_json(body) for body in bodies]
         merchants = [runtime.config.merchants[request.merchant_id] for request in requests]
         served = runtime.holder.current  # the same model throughout: its version is reported with the figures
@@ -616,8 +616,8 @@ def _in_process_child(bodies_file: str, passes: str) -> None:
 
 def _measure_in_process(requests: RequestList, *, env: dict[str, str], folder: Path, passes: int) -> InProcessCosts:
     """``in_process_costs`` in a fresh process (the bench's own imports and threads stay out of its figures)."""
-    bodies_file = folder / "bodies.jsonl"
-    bodies_file.write_bytes(b"\n".join(body for body, _ in requests) + b"\n")
+    bodies_file = folder / "bodies.json"
+    bodies_file.write_bytes(orjson.dumps([body.decode() for body, _ in requests]))  # a body may span lines
     code = "import sys; from service.api.bench import _in_process_child; _in_process_child(*sys.argv[1:])"
     log_file = folder / "in-process.log"
     with log_file.open("wb") as log:  # its log lines go to a file, as the servers' to /dev/null: not to a pipe

@@ -38,7 +38,7 @@ from service.api.app import CANARY_MERCHANTS, canary_check, create_app, serving_
 from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.logging import JsonFormatter, scrub
-from service.api.model_holder import ModelHolder
+from service.api.model_holder import LOAD_SWITCH_INTERVAL, ModelHolder
 from service.api.poller import Poller
 from service.api.settings import DEMO_CONFIG, MAX_BATCH, Settings
 from service.api.store import decision_row
@@ -808,6 +808,28 @@ def test_a_last_known_champion_that_cannot_be_loaded_leaves_rules_only_and_waits
     assert source.loads == ["3"]  # refused: not loaded again before its wait is over
     assert len(errors) == 2
     assert holder.last_error.startswith(f"{registry_down}; the last known champion did not")
+
+
+def test_a_version_loads_with_a_short_switch_interval_and_puts_it_back() -> None:
+    """A load runs mostly in Python beside the requests: while it does, a request's thread waits at most 0.5 ms for
+    the GIL, not the interpreter's 5 ms; the interval is put back after a load, failed or not."""
+    seen: list[float] = []
+
+    class WatchingSource(FakeSource):
+        def load(self, version: str) -> FakeScorer:
+            seen.append(sys.getswitchinterval())
+            return super().load(version)
+
+    default = sys.getswitchinterval()
+    source = WatchingSource("3")
+    source.unloadable.add("4")
+    holder = ModelHolder(source)
+    assert holder.refresh() is True
+    source.version = "4"
+    assert holder.refresh() is False  # refused: the interval comes back all the same
+    assert seen == [LOAD_SWITCH_INTERVAL, LOAD_SWITCH_INTERVAL]
+    assert default > LOAD_SWITCH_INTERVAL
+    assert sys.getswitchinterval() == default
 
 
 def test_without_a_last_known_champion_an_outage_at_start_answers_rules_only() -> None:

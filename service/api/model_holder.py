@@ -288,18 +288,39 @@ class ModelHolder:
 LOAD_SWITCH_INTERVAL = 0.0005
 
 
-@contextlib.contextmanager
-def _requests_first() -> Iterator[None]:
-    """Run a model load (about a second of CPU, most of it in Python) with a short switch interval: a request's
-    thread waiting for the GIL gets it after 0.5 ms of the load, not 5 ms, each time. Measured at 300 req/s with
-    four alias moves a run: the slowest request within 5 s of a move was 18-26 ms with the default interval (three
-    runs), 9-16 ms with this one (five runs), as away from any move (9-16 ms)."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
+class _ShortSwitchInterval:
+    """The switch interval at ``LOAD_SWITCH_INTERVAL`` while at least one load runs in the process, and what it was
+    before once the last one ends (two holders' loads may overlap: each putting back what it found would leave the
+    short interval behind)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._before = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._running == 0:
+                self._before = sys.getswitchinterval()
+                sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    sys.setswitchinterval(self._before)
+
+
+#: Runs a model load with a short switch interval. A load (the bundle, its warm-up on the errors seen, the canary
+#: decisions: ~0.05-0.1 s in a warm process, 1-1.6 s for a worker's first) is mostly Python in the holder's thread;
+#: a request's thread waiting for the GIL got it only after the interpreter's 5 ms, now mostly after 0.5 ms (a few
+#: single calls, such as a booster's JSON dump, still hold it ~4 ms). Measured at 300 req/s with four alias moves a
+#: run: the slowest request within 5 s of a move took 18-26 ms with the default interval (three runs), 9-16 ms with
+#: this one (five runs), as away from any move (9-16 ms).
+_requests_first = _ShortSwitchInterval()
 
 
 def first_line(exc: Exception) -> str:

@@ -186,6 +186,19 @@ def model_version_info(version: str, *, tracking_uri: str | None = None) -> dict
     return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "aliases": list(mv.aliases)}
 
 
+def register_same_model(version: str, *, tracking_uri: str | None = None) -> str:
+    """Register another version of ``winback`` from the same source and run as ``version``; its number. (The same
+    model under a new version number: what a hot-swap drill or benchmark moves the alias to.)"""
+    # The store looks the logged model of ``source`` up through MLflow's fluent tracking URI: pointed at it here.
+    with tracking(tracking_uri) as uri:
+        client = _client(uri)
+        existing = client.get_model_version(MODEL_NAME, str(version))
+        if existing.source is None:
+            raise RegistryError(f"version {version} of {MODEL_NAME} names no source to register again")
+        created = client.create_model_version(MODEL_NAME, existing.source, run_id=existing.run_id)
+    return str(created.version)
+
+
 def download_bundle(version: str, dst: str | Path, *, tracking_uri: str | None = None) -> Path:
     """Download version ``version`` of ``winback`` into ``dst`` and return the path of its bundle folder."""
     target = Path(dst)

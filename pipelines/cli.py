@@ -431,6 +431,28 @@ def bench(
                         else "1.0x",
                     )
                 )
+        if tracking_uri is not None:
+            from dataclasses import asdict
+
+            from service.api.swap_bench import describe, run_swap_bench
+
+            swap = run_swap_bench(tracking_uri)
+            console.print(f"decision API during model swaps: {describe(swap)}")
+            extra["api_swap"] = asdict(swap)
+            rows.append(
+                BenchRow(
+                    benchmark="decision API during model swaps, mixed traffic",
+                    inputs=f"{swap.rate:g} req/s for 40 s, 2 workers, the champion moved {swap.moves} times "
+                    f"(poll {swap.poll_seconds:g} s)",
+                    figure=f"within 5 s of a move: {swap.near_errors} of {swap.near_requests} failed, p99 "
+                    f"{swap.near_p99_ms} ms, slowest {swap.near_max_ms} ms",
+                    seconds=40.0,
+                    peak_rss_mb=float("nan"),
+                    reference=f"same run away from the moves: {swap.away_errors} of {swap.away_requests} failed, "
+                    f"p99 {swap.away_p99_ms} ms, slowest {swap.away_max_ms} ms",
+                    ratio=f"{swap.near_max_ms / swap.away_max_ms:.1f}x slowest" if swap.away_max_ms else "-",
+                )
+            )
     if not skip_executor:
         from service.executor.bench import run_bench as run_executor_bench
 

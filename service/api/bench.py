@@ -420,13 +420,23 @@ class _KeepAlivePool:
                 await writer.wait_closed()
 
 
-async def fixed_rate(url: str, requests: RequestList, *, rate: float, seconds: float) -> LoadFigures:
+async def fixed_rate(
+    url: str,
+    requests: RequestList,
+    *,
+    rate: float,
+    seconds: float,
+    samples: list[tuple[float, float | None]] | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> LoadFigures:
     """Open loop: one of ``requests`` (in turn) every 1/rate s whatever the answers do; latency from the scheduled
-    send time."""
+    send time. ``samples`` receives (when it was scheduled, seconds after the start; its latency, None for an
+    error) for each request; ``on_start`` is called as the clock starts."""
     latencies: list[float] = []
     errors = 0
     total = int(rate * seconds)
     pool = _KeepAlivePool(url, requests)
+    started = math.inf
     try:
         for _ in range(20):
             await pool.post()
@@ -437,12 +447,17 @@ async def fixed_rate(url: str, requests: RequestList, *, rate: float, seconds: f
                 ok = await asyncio.wait_for(pool.post(), timeout=30) == 200
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
                 ok = False
+            latency = time.perf_counter() - scheduled
             if ok:
-                latencies.append(time.perf_counter() - scheduled)
+                latencies.append(latency)
             else:
                 errors += 1
+            if samples is not None:
+                samples.append((scheduled - started, latency if ok else None))
 
         started = time.perf_counter()
+        if on_start is not None:
+            on_start()
         tasks = []
         for index in range(total):
             scheduled = started + index / rate
@@ -542,11 +557,16 @@ def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[
         figures: LoadFigures = closed(url, requests)
         return _with_cpu(figures, before, process_cpu_seconds(server.pid))
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
+
+
+def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
+    server.terminate()
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 @dataclass(frozen=True)

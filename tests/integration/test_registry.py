@@ -113,3 +113,27 @@ def test_pyfunc_names_a_bad_row(store: str, bundle_dir: Path) -> None:
     model._catalog = load_catalog()
     with pytest.raises(ValueError, match=r"row 2: column 'request' is not valid JSON"):
         model.predict(None, pd.DataFrame({"request": [make_request().model_dump_json(), "{oops"]}))
+
+
+def test_the_same_model_registers_again_under_a_new_version_in_a_copy_of_the_store(
+    store: str, bundle_dir: Path, tmp_path: Path
+) -> None:
+    """What the swap benchmark does (service/api/swap_bench.py): copy the store, then register the champion's model
+    again there, so moving the alias swaps models without touching the store it was given."""
+    from model.registry_client import register_same_model
+    from service.api.swap_bench import copied_store
+
+    run_id = _new_run(store)
+    registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    (tmp_path / "copy").mkdir()
+    copy = copied_store(store, tmp_path / "copy")
+    assert register_same_model("1", tracking_uri=copy) == "2"
+    assert register_same_model("1", tracking_uri=copy) == "3"
+    registry.set_alias(registry.CHAMPION, "3", tracking_uri=copy)
+    downloaded = registry.download_bundle("3", tmp_path / "v3", tracking_uri=copy)
+    assert ModelBundle.load(downloaded).version == ModelBundle.load(bundle_dir).version
+    # The store given is as it was: one version, the champion where it was.
+    assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"
+    with pytest.raises(Exception, match="2"):
+        registry.download_bundle("2", tmp_path / "absent", tracking_uri=store)

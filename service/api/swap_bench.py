@@ -1,0 +1,192 @@
+"""Benchmark: the decision API's latency while the champion moves (ISSUE: swap "with no failed or slowed request").
+
+``winback serve`` (2 workers) answers the mixed traffic at a fixed rate while the ``champion`` alias moves
+between versions of the same model, so every move is a real swap: the mirror downloads the version and each worker
+loads, warms up and canary-checks it beside the requests. The requests sent within ``NEAR_SECONDS`` after a move
+are compared with those sent away from any move, in the same run: failures, p99 and the slowest one.
+
+It works on a copy of the tracking store (a file-based SQLite one, as ``make demo`` and ``make bench`` make), in
+which it registers two more versions of the champion's model; the store given is not changed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from service.api.bench import (
+    BENCH_CONFIG,
+    _free_port,
+    _percentile,
+    _run_timed,
+    fixed_rate,
+    mixed_traffic,
+    stop_server,
+)
+
+#: A request sent this long after a move counts as near it (the poll, the worker's look, download, load, warm-up).
+NEAR_SECONDS = 5.0
+#: Requests this long before a move, or up to this long after its near window, count as neither.
+MARGIN_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SwapLatency:
+    """Latency of the requests near the alias moves and away from them, in one run."""
+
+    moves: int
+    swaps_logged: int  # "serving model version" lines of the workers (their first loads included)
+    near_requests: int
+    near_errors: int
+    near_p99_ms: float
+    near_max_ms: float
+    away_requests: int
+    away_errors: int
+    away_p99_ms: float
+    away_max_ms: float
+    rate: float
+    poll_seconds: float
+
+
+def split_by_moves(
+    samples: list[tuple[float, float | None]], moves: list[float]
+) -> tuple[list[float | None], list[float | None]]:
+    """The latencies (None: failed) of the requests sent within ``NEAR_SECONDS`` after a move, and of those sent
+    away from every move (not within ``MARGIN_SECONDS`` before one, nor up to ``MARGIN_SECONDS`` past its near
+    window); ``samples`` as ``fixed_rate`` gives them, ``moves`` in seconds from the same start."""
+    near: list[float | None] = []
+    away: list[float | None] = []
+    for sent, latency in samples:
+        if any(move <= sent <= move + NEAR_SECONDS for move in moves):
+            near.append(latency)
+        elif not any(move - MARGIN_SECONDS <= sent <= move + NEAR_SECONDS + MARGIN_SECONDS for move in moves):
+            away.append(latency)
+    return near, away
+
+
+def _summary(latencies: list[float | None]) -> tuple[int, int, float, float]:
+    """(requests, failed, p99 ms, slowest ms) of answered ones."""
+    answered = sorted(latency for latency in latencies if latency is not None)
+    if not answered:
+        return len(latencies), len(latencies), math.nan, math.nan
+    return (len(latencies), len(latencies) - len(answered), round(_percentile(answered, 0.99), 2),  # ms already
+            round(answered[-1] * 1e3, 2))  # fmt: skip
+
+
+def copied_store(tracking_uri: str, folder: Path) -> str:
+    """A copy of the file-based SQLite tracking store ``tracking_uri`` in ``folder``; its URI. ValueError for any
+    other store (it cannot be copied, and this benchmark must not move the alias of a store in use)."""
+    from model.registry_client import _sqlite_path
+
+    path = _sqlite_path(tracking_uri)
+    if path is None or not path.is_file():
+        raise ValueError(
+            f"the swap benchmark needs a file-based SQLite tracking store to copy, not {tracking_uri!r} "
+            "(`make demo` or `winback train` makes one)"
+        )
+    copy = folder / "mlflow.db"
+    shutil.copyfile(path, copy)
+    return f"sqlite:///{copy}"
+
+
+def run_swap_bench(
+    tracking_uri: str,
+    *,
+    workers: int = 2,
+    rate: float = 300.0,
+    seconds: float = 40.0,
+    moves: int = 4,
+    poll_seconds: float = 2.0,
+) -> SwapLatency:
+    """Serve ``mixed_traffic`` at ``rate`` for ``seconds`` while the champion moves ``moves`` times, evenly spaced
+    (see the module's text)."""
+    from model import registry_client as registry
+
+    with tempfile.TemporaryDirectory(prefix="winback-swap-bench-") as tmp:
+        folder = Path(tmp)
+        store = copied_store(tracking_uri, folder)
+        champion = registry.get_alias_version(registry.CHAMPION, tracking_uri=store)
+        if champion is None:
+            raise ValueError(f"no champion in {tracking_uri}: train and promote a model first")
+        others = [registry.register_same_model(champion, tracking_uri=store) for _ in range(2)]
+        targets = [[*others, champion][index % 3] for index in range(moves)]
+        port = _free_port()
+        root = str(Path(__file__).resolve().parents[2])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")} | {
+            "WINBACK_DATABASE_URL": f"sqlite:///{folder / 'winback.db'}",
+            "WINBACK_MODEL_POLL_SECONDS": str(poll_seconds),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        code = (
+            f"from service.api.server import run; run('127.0.0.1', {port}, {workers}, {str(BENCH_CONFIG)!r}, {store!r})"
+        )
+        log_path = folder / "serve.log"
+        with log_path.open("wb") as log:
+            server = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=log, stderr=log)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/readyz", champion, server)
+            moved_at: list[float] = []
+            clock: list[float] = []
+
+            def move_the_alias() -> None:
+                for index, version in enumerate(targets):
+                    time.sleep(max(0.0, clock[0] + seconds * (index + 1) / (moves + 1) - time.perf_counter()))
+                    registry.set_alias(registry.CHAMPION, version, tracking_uri=store)
+                    moved_at.append(time.perf_counter() - clock[0])
+
+            def start_moving() -> None:
+                clock.append(time.perf_counter())
+                threading.Thread(target=move_the_alias, name="winback-swap-bench-mover", daemon=True).start()
+
+            samples: list[tuple[float, float | None]] = []
+            url = f"http://127.0.0.1:{port}/v1/decisions"
+            _run_timed(fixed_rate(url, mixed_traffic().requests, rate=rate, seconds=seconds, samples=samples,
+                                  on_start=start_moving))  # fmt: skip
+        finally:
+            stop_server(server, timeout=30)
+        swaps = log_path.read_text(errors="replace").count("serving model version")
+    if len(moved_at) < moves:
+        raise RuntimeError(f"the alias moved {len(moved_at)} times of {moves} within the run")
+    near, away = split_by_moves(samples, moved_at)
+    near_figures, away_figures = _summary(near), _summary(away)
+    return SwapLatency(moves, swaps, *near_figures, *away_figures, rate=rate, poll_seconds=poll_seconds)
+
+
+def _wait_ready(url: str, version: str, server: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode} before serving model {version}")
+        try:
+            if httpx.get(url, timeout=2).json().get("model_version") == version:
+                return
+        except (httpx.TransportError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not serve model {version} within {timeout:g} s")
+
+
+def describe(result: SwapLatency) -> str:
+    """One line of figures."""
+    return (
+        f"{result.moves} alias moves at {result.rate:g} req/s (poll {result.poll_seconds:g} s, {result.swaps_logged} "
+        f"loads logged by the workers): within {NEAR_SECONDS:g} s after a move {result.near_requests} requests, "
+        f"{result.near_errors} failed, p99 {result.near_p99_ms} ms, slowest {result.near_max_ms} ms; away from the "
+        f"moves {result.away_requests} requests, {result.away_errors} failed, p99 {result.away_p99_ms} ms, slowest "
+        f"{result.away_max_ms} ms"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover - manual entry point; `winback bench` calls run_swap_bench
+    print(describe(run_swap_bench(sys.argv[1])))

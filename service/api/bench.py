@@ -560,6 +560,29 @@ def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[
         stop_server(server)
 
 
+def bench_env(folder: Path) -> dict[str, str]:
+    """The environment of the servers a bench starts: the caller's without its ``WINBACK_*`` settings, a database
+    in ``folder``, one thread per numeric library, and this checkout and virtualenv first on the paths."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")}
+    env |= {"WINBACK_DATABASE_URL": f"sqlite:///{folder / 'winback.db'}", "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    # mlflow serve execs `uvicorn` by name: the virtualenv's bin folder must be on PATH.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def start_api_server(
+    port: int, workers: int, tracking_uri: str, *, env: dict[str, str], folder: Path, output: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """``winback serve`` (``server.run``) on the bench config, in ``folder``; its output to ``output``."""
+    code = (
+        "from service.api.server import run; "
+        f"run('127.0.0.1', {port}, {workers}, {str(BENCH_CONFIG)!r}, {tracking_uri!r})"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=output, stderr=output)
+
+
 def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
     server.terminate()
@@ -929,28 +952,12 @@ def run_bench(
     model_version, size = _model_size(tracking_uri)
     load = traffic if isinstance(traffic, Traffic) else traffic_named(traffic)
     rows = max(1, round(load.candidates_per_request))
-    config = BENCH_CONFIG
     with tempfile.TemporaryDirectory(prefix="winback-bench-") as tmp:
         folder = Path(tmp)
         reference = _reference_model(folder, size["features"], size["trees"], size["leaves"])
         api_port, mlflow_port = _free_port(), _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")}
-        env |= {"WINBACK_DATABASE_URL": f"sqlite:///{folder / 'winback.db'}", "OMP_NUM_THREADS": "1"}
-        code = (
-            "from service.api.server import run; "
-            f"run('127.0.0.1', {api_port}, {workers}, {str(config)!r}, {tracking_uri or f'sqlite:///{folder}/none.db'!r})"
-        )
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        # mlflow serve execs `uvicorn` by name: the virtualenv's bin folder must be on PATH.
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        api = subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=folder,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        env = bench_env(folder)
+        api = start_api_server(api_port, workers, tracking_uri or f"sqlite:///{folder}/none.db", env=env, folder=folder)
         mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
         serve = subprocess.Popen(
             [mlflow_bin, "models", "serve", "-m", str(reference), "--env-manager", "local", "-h", "127.0.0.1",

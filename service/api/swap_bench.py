@@ -12,7 +12,6 @@ which it registers two more versions of the champion's model; the store given is
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -25,12 +24,13 @@ from pathlib import Path
 import httpx
 
 from service.api.bench import (
-    BENCH_CONFIG,
     _free_port,
     _percentile,
     _run_timed,
+    bench_env,
     fixed_rate,
     mixed_traffic,
+    start_api_server,
     stop_server,
 )
 
@@ -121,19 +121,10 @@ def run_swap_bench(
         others = [registry.register_same_model(champion, tracking_uri=store) for _ in range(2)]
         targets = [[*others, champion][index % 3] for index in range(moves)]
         port = _free_port()
-        root = str(Path(__file__).resolve().parents[2])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WINBACK_")} | {
-            "WINBACK_DATABASE_URL": f"sqlite:///{folder / 'winback.db'}",
-            "WINBACK_MODEL_POLL_SECONDS": str(poll_seconds),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        }
-        code = (
-            f"from service.api.server import run; run('127.0.0.1', {port}, {workers}, {str(BENCH_CONFIG)!r}, {store!r})"
-        )
+        env = bench_env(folder) | {"WINBACK_MODEL_POLL_SECONDS": str(poll_seconds)}
         log_path = folder / "serve.log"
         with log_path.open("wb") as log:
-            server = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=log, stderr=log)
+            server = start_api_server(port, workers, store, env=env, folder=folder, output=log)
         try:
             _wait_ready(f"http://127.0.0.1:{port}/readyz", champion, server)
             moved_at: list[float] = []

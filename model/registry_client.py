@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 from urllib.parse import unquote, urlparse
 
 # MLflow's usage telemetry starts a network thread when mlflow is imported; winback never phones home, so it
@@ -176,14 +176,6 @@ def get_alias_version(alias: str, *, tracking_uri: str | None = None) -> str | N
             raise
     version = registered.aliases.get(alias)
     return None if version is None else str(version)
-
-
-def model_version_info(version: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Run id, source and aliases of one version of ``winback`` (for reports)."""
-    client = _client(tracking_uri)
-    with _quiet_mlflow():
-        mv = client.get_model_version(MODEL_NAME, str(version))
-    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "aliases": list(mv.aliases)}
 
 
 def register_same_model(version: str, *, tracking_uri: str | None = None) -> str:

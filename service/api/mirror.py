@@ -133,10 +133,9 @@ class RegistryMirror:
         """Write the state, stamped now: a check's end, so a long download does not publish a stale state."""
         if self._poller.stopping:  # the server is stopping and the folder going: nothing is left to tell
             return
-        # Stamped on both clocks: the wall clock tells a new check apart, the monotonic one (the same for every
-        # process of the machine) tells the state's age, which a step of the wall clock (NTP) would distort.
-        state = {"version": self.version, "checked_at": time.time(), "checked_monotonic": time.monotonic(),
-                 "error": error}  # fmt: skip
+        # Stamped on the monotonic clock, which every process of the machine reads alike: it tells a new check
+        # apart and the state's age, and a step of the wall clock (NTP) changes neither.
+        state = {"version": self.version, "checked_at": time.monotonic(), "error": error}
         pending = None
         try:
             with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".state-", delete=False) as pending:
@@ -193,15 +192,6 @@ def _remove_orphans() -> None:
             os.close(owner)
 
 
-def _age_seconds(state: dict[str, Any]) -> float:
-    """How long ago the mirror published ``state``: on the monotonic clock when it says (a wall-clock step moves
-    neither stamp's reading), else on the wall clock."""
-    monotonic = state.get("checked_monotonic")
-    if isinstance(monotonic, int | float) and not isinstance(monotonic, bool):
-        return time.monotonic() - monotonic
-    return time.time() - float(state["checked_at"])
-
-
 class MirrorSource:
     """A worker's ``ModelSource``: the champion as the mirror in ``folder`` last published it.
 
@@ -213,7 +203,7 @@ class MirrorSource:
         self.folder = folder
         self.poll_seconds = poll_seconds
         self.stale_after = max(STALE_AFTER_POLLS * poll_seconds, STALE_AFTER_SECONDS)
-        self._seen_check: float | None = None  # ``checked_at`` of the state last read by champion_version
+        self._seen_check: float | None = None  # ``checked_at`` (time.monotonic) of the state champion_version read
         self._read_at = -math.inf  # when that was (time.monotonic)
 
     def _state(self) -> dict[str, Any] | None:
@@ -248,7 +238,7 @@ class MirrorSource:
         self._seen_check = None if state is None else state["checked_at"]
         if state is None:
             raise MirrorError("the model registry has not answered yet")
-        age = _age_seconds(state)
+        age = time.monotonic() - state["checked_at"]
         if age > self.stale_after:
             raise MirrorError(
                 f"the registry mirror's last check was {age:.0f} s ago; it checks every {self.poll_seconds:g} s"

@@ -498,18 +498,27 @@ def _run_timed(generator: Coroutine[Any, Any, LoadFigures]) -> LoadFigures:
     return figures
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def _wait_http(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 120.0,
+    *,
+    ready: Callable[[httpx.Response], bool] = lambda response: response.status_code < 500,
+    waiting_for: str = "answer",
+) -> None:
+    """Return once ``url`` gives an answer that is ``ready``; RuntimeError if ``process`` exits first or ``timeout``
+    seconds pass (the message says it did not ``waiting_for``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server for {url} exited with code {process.returncode}")
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            if ready(httpx.get(url, timeout=1)):
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):  # not listening yet; an answer that is not JSON
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+    raise RuntimeError(f"{url} did not {waiting_for} within {timeout:g} s")
 
 
 #: What ``constant_app`` answers: a decision's size (~1.2 kB) of JSON.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,12 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from service.api.bench import (
     _free_port,
     _percentile,
     _run_timed,
+    _wait_http,
     bench_env,
     fixed_rate,
     mixed_traffic,
@@ -126,7 +124,9 @@ def run_swap_bench(
         with log_path.open("wb") as log:
             server = start_api_server(port, workers, store, env=env, folder=folder, output=log)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}/readyz", champion, server)
+            _wait_http(f"http://127.0.0.1:{port}/readyz", server, 180.0,
+                       ready=lambda answer: answer.json().get("model_version") == champion,
+                       waiting_for=f"serve model {champion}")  # fmt: skip
             moved_at: list[float] = []
             clock: list[float] = []
 
@@ -152,20 +152,6 @@ def run_swap_bench(
     near, away = split_by_moves(samples, moved_at)
     near_figures, away_figures = _summary(near), _summary(away)
     return SwapLatency(moves, swaps, *near_figures, *away_figures, rate=rate, poll_seconds=poll_seconds)
-
-
-def _wait_ready(url: str, version: str, server: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode} before serving model {version}")
-        try:
-            if httpx.get(url, timeout=2).json().get("model_version") == version:
-                return
-        except (httpx.TransportError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not serve model {version} within {timeout:g} s")
 
 
 def describe(result: SwapLatency) -> str:

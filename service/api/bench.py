@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -556,7 +557,7 @@ def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[
         [sys.executable, "-m", "uvicorn", "service.api.bench:constant_app", "--host", "127.0.0.1", "--port",
          str(port), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
          "--log-level", "warning"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/v1/decisions"
@@ -589,16 +590,37 @@ def start_api_server(
         "from service.api.server import run; "
         f"run('127.0.0.1', {port}, {workers}, {str(BENCH_CONFIG)!r}, {tracking_uri!r})"
     )
-    return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=output, stderr=output)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=folder, env=env, stdout=output, stderr=output, start_new_session=True
+    )
 
 
 def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
-    server.terminate()
-    try:
-        server.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    """``stop_servers`` of one server."""
+    stop_servers((server,), timeout)
+
+
+def stop_servers(servers: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """SIGTERM to each server (started in a session of its own), then SIGKILL to the whole process group of any
+    that has not ended within ``timeout`` seconds: its workers too, which a SIGKILL of the main process alone
+    would leave running, holding the port and the CPU the next measurement needs."""
+    for server in servers:
+        server.terminate()
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        try:
+            server.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_group(server)
+    for server in servers:  # a server that ended in time may still leave a worker behind (e.g. one that hung)
+        _kill_group(server)
+
+
+def _kill_group(server: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to ``server``'s process group (its pid: it leads a session of its own), if any of it is left."""
+    with contextlib.suppress(ProcessLookupError):  # the group is gone: every process of it has ended
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 @dataclass(frozen=True)
@@ -971,7 +993,7 @@ def run_bench(
         serve = subprocess.Popen(
             [mlflow_bin, "models", "serve", "-m", str(reference), "--env-manager", "local", "-h", "127.0.0.1",
              "-p", str(mlflow_port), "-w", str(workers)],
-            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         try:
             _wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
@@ -1022,13 +1044,7 @@ def run_bench(
                 wait_idle(serve.pid)
                 ml_rate = _run_timed(fixed_rate(ml_url, ml_requests, rate=rate, seconds=rate_seconds))
         finally:
-            for process in (api, serve):
-                process.terminate()
-            for process in (api, serve):
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_servers((api, serve))
         # Where the API's CPU goes, with both servers stopped: the HTTP server's own share, then the decision and
         # the request path around it in process (the same settings, champion and traffic). A failure here is
         # reported with the figures above, not instead of them.

@@ -19,6 +19,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 
 from model.merchant_config import load_config
@@ -40,6 +41,7 @@ from service.api.bench import (
     fixed_rate,
     mixed_traffic,
     server_floor,
+    stop_servers,
     tree_cpu_seconds,
     tree_pss_mb,
     wrk_closed_loop,
@@ -90,6 +92,54 @@ def test_tree_memory_adds_what_a_child_holds_of_its_own() -> None:
             tree.wait()
             assert tree.stdout is not None
             tree.stdout.close()
+
+
+#: A "server" that starts a worker ignoring SIGTERM, prints the worker's pid, and on SIGTERM ends (``ends``) or
+#: ignores it too: a worker left behind by a server that stopped, and a server that hangs.
+_SERVER_WITH_STUCK_WORKER = """
+import signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"],
+    stdout=subprocess.PIPE)
+worker.stdout.readline()
+if sys.argv[1] == "ends":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+else:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("on_sigterm", ["ends", "hangs"])
+def test_stopping_a_server_leaves_none_of_its_processes(on_sigterm: str) -> None:
+    """A server that ends on SIGTERM but leaves a worker, and one that ignores SIGTERM: neither leaves a process
+    of its group running (the bench's next measurement needs the port and the CPU)."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_WITH_STUCK_WORKER, on_sigterm], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert server.stdout is not None
+    worker = psutil.Process(int(server.stdout.readline()))
+    server.stdout.close()
+    started = time.monotonic()
+    stop_servers((server,), timeout=1.0)
+    assert server.returncode is not None
+    assert server.returncode == (0 if on_sigterm == "ends" else -signal.SIGKILL)
+    assert time.monotonic() - started < 10
+    assert _ended(worker, within=10.0)
+
+
+def _ended(process: psutil.Process, within: float) -> bool:
+    """Whether ``process`` is gone, or a zombie (killed; reaped whenever its adopter does), within ``within`` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_cpu_ratio_compares_cpu_per_request_and_is_nan_when_unknown() -> None:

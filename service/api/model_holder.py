@@ -316,10 +316,10 @@ class _ShortSwitchInterval:
 
 #: Runs a model load with a short switch interval. A load (the bundle, its warm-up on the errors seen, the canary
 #: decisions: ~0.05-0.1 s in a warm process, 1-1.6 s for a worker's first) is mostly Python in the holder's thread;
-#: a request's thread waiting for the GIL got it only after the interpreter's 5 ms, now mostly after 0.5 ms (a few
-#: single calls, such as a booster's JSON dump, still hold it ~4 ms). Measured at 300 req/s with four alias moves a
-#: run: the slowest request within 5 s of a move took 18-26 ms with the default interval (three runs), 9-16 ms with
-#: this one (five runs), as away from any move (9-16 ms).
+#: a request's thread waiting for the GIL got it only after the interpreter's 5 ms, now after 0.5 ms (a booster's
+#: JSON dump, which held it 4-6 ms in one call, is parsed through a Python hook: model/bundle.py). Measured at 300
+#: req/s with four alias moves a run: the slowest request within 5 s of a move took 18-26 ms with the default
+#: interval (three runs), 9-16 ms with this one (five runs), as away from any move (9-16 ms).
 _requests_first = _ShortSwitchInterval()
 
 

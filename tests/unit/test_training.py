@@ -250,6 +250,33 @@ def test_path_contributions_handle_one_leaf_trees() -> None:
     np.testing.assert_allclose(bias + contributions.sum(axis=1), booster.predict(x[:5], raw_score=True), atol=1e-9)
 
 
+def test_the_path_table_parses_the_dump_through_python_once_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing a booster's dump calls Python for each tree node, so a scorer loading a model beside the serving one
+    lets its requests take the GIL between nodes instead of waiting out one long parse (model/bundle.py)."""
+    import lightgbm as lgb
+
+    import model.bundle as bundle_module
+
+    rng = np.random.default_rng(1)
+    x = rng.random((400, 4))
+    y = (x[:, 0] + 0.3 * rng.random(400) > 0.6).astype(float)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 8}, lgb.Dataset(x, y), num_boost_round=5)
+    nodes = sum(2 * tree["num_leaves"] - 1 for tree in booster.dump_model()["tree_info"])
+    seen: list[dict[str, object]] = []
+    as_parsed = bundle_module._each_json_object
+
+    def counting(node: dict[str, object]) -> dict[str, object]:
+        seen.append(node)
+        return as_parsed(node)
+
+    monkeypatch.setattr(bundle_module, "_each_json_object", counting)
+    contributions = path_contributions(booster, x[:5].astype(np.float32))
+    assert len(seen) >= nodes
+    np.testing.assert_allclose(
+        path_bias(booster) + contributions.sum(axis=1), booster.predict(x[:5], raw_score=True), atol=1e-9
+    )
+
+
 def test_partitions_of_whole_orders_train_the_same_bundle() -> None:
     attempts, nudges = make_history_frames(1_500, seed=4)
     whole = train(attempts, nudges, seed=0, max_rounds=40)

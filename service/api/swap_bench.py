@@ -2,8 +2,9 @@
 
 ``winback serve`` (2 workers) answers the mixed traffic at a fixed rate while the ``champion`` alias moves
 between versions of the same model, so every move is a real swap: the mirror downloads the version and each worker
-loads, warms up and canary-checks it beside the requests. The requests sent within ``NEAR_SECONDS`` after a move
-are compared with those sent away from any move, in the same run: failures, p99 and the slowest one.
+loads, warms up and canary-checks it beside the requests. The requests sent within ``NEAR_SECONDS`` after a move,
+and those in flight while a worker was loading (its log line of the swap says when the load began and ended), are
+compared with those sent away from any move, in the same run: failures, p99 and the slowest one.
 
 It works on a copy of the tracking store (a file-based SQLite one, as ``make demo`` and ``make bench`` make), in
 which it registers two more versions of the champion's model; the store given is not changed.
@@ -11,6 +12,7 @@ which it registers two more versions of the champion's model; the store given is
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -18,6 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from service.api.bench import (
@@ -54,6 +57,14 @@ class SwapLatency:
     away_max_ms: float
     rate: float
     poll_seconds: float
+    #: The requests in flight while a worker loaded a moved version (whichever worker answered them), and the
+    #: loads seen in the run: how many, and the shortest and longest in ms.
+    during_requests: int = 0
+    during_errors: int = 0
+    during_p99_ms: float = math.nan
+    during_max_ms: float = math.nan
+    loads_in_run: int = 0
+    load_ms_range: tuple[float, float] = (math.nan, math.nan)
 
 
 def split_by_moves(
@@ -70,6 +81,38 @@ def split_by_moves(
         elif not any(move - MARGIN_SECONDS <= sent <= move + NEAR_SECONDS + MARGIN_SECONDS for move in moves):
             away.append(latency)
     return near, away
+
+
+#: The line a worker logs once a version serves (service/api/model_holder.py), with ``load_ms`` since its load began.
+_SWAP_LINE = "serving model version"
+
+
+def load_windows(log_text: str, started_at: float) -> list[tuple[float, float]]:
+    """(began, ended) of each load the workers logged in ``log_text`` (their JSON log lines), in seconds after
+    ``started_at`` (a wall-clock time, as the lines'): negative for the loads before it."""
+    windows = []
+    for line in log_text.splitlines():
+        if _SWAP_LINE not in line:
+            continue
+        try:
+            record = json.loads(line)
+            ended = datetime.fromisoformat(record["time"]).timestamp() - started_at
+            took = float(record["load_ms"]) / 1e3
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of the holder's JSON lines (e.g. a message quoting it)
+        windows.append((ended - took, ended))
+    return windows
+
+
+def during_loads(samples: list[tuple[float, float | None]], windows: list[tuple[float, float]]) -> list[float | None]:
+    """The latencies (None: failed) of the requests in flight at some moment of a load: sent before it ended and
+    answered after it began (a failed one counts when sent within one); ``samples`` as ``fixed_rate`` gives them."""
+    during: list[float | None] = []
+    for sent, latency in samples:
+        answered = sent + (latency or 0.0)
+        if any(began <= answered and sent <= ended for began, ended in windows):
+            during.append(latency)
+    return during
 
 
 def _summary(latencies: list[float | None]) -> tuple[int, int, float, float]:
@@ -129,6 +172,7 @@ def run_swap_bench(
                        waiting_for=f"serve model {champion}")  # fmt: skip
             moved_at: list[float] = []
             clock: list[float] = []
+            wall_clock: list[float] = []
 
             def move_the_alias() -> None:
                 for index, version in enumerate(targets):
@@ -138,6 +182,7 @@ def run_swap_bench(
 
             def start_moving() -> None:
                 clock.append(time.perf_counter())
+                wall_clock.append(time.time())  # the workers' log lines say when on the wall clock
                 threading.Thread(target=move_the_alias, name="winback-swap-bench-mover", daemon=True).start()
 
             samples: list[tuple[float, float | None]] = []
@@ -146,12 +191,20 @@ def run_swap_bench(
                                   on_start=start_moving))  # fmt: skip
         finally:
             stop_server(server, timeout=30)
-        swaps = log_path.read_text(errors="replace").count("serving model version")
+        log_text = log_path.read_text(errors="replace")
     if len(moved_at) < moves:
         raise RuntimeError(f"the alias moved {len(moved_at)} times of {moves} within the run")
+    windows = [(began, ended) for began, ended in load_windows(log_text, wall_clock[0]) if ended > 0.0]
     near, away = split_by_moves(samples, moved_at)
     near_figures, away_figures = _summary(near), _summary(away)
-    return SwapLatency(moves, swaps, *near_figures, *away_figures, rate=rate, poll_seconds=poll_seconds)
+    took = [round((ended - began) * 1e3, 1) for began, ended in windows]
+    during_requests, during_errors, during_p99_ms, during_max_ms = _summary(during_loads(samples, windows))
+    return SwapLatency(
+        moves, log_text.count(_SWAP_LINE), *near_figures, *away_figures, rate=rate, poll_seconds=poll_seconds,
+        during_requests=during_requests, during_errors=during_errors, during_p99_ms=during_p99_ms,
+        during_max_ms=during_max_ms, loads_in_run=len(windows),
+        load_ms_range=(min(took), max(took)) if took else (math.nan, math.nan),
+    )  # fmt: skip
 
 
 def describe(result: SwapLatency) -> str:
@@ -159,9 +212,11 @@ def describe(result: SwapLatency) -> str:
     return (
         f"{result.moves} alias moves at {result.rate:g} req/s (poll {result.poll_seconds:g} s, {result.swaps_logged} "
         f"loads logged by the workers): within {NEAR_SECONDS:g} s after a move {result.near_requests} requests, "
-        f"{result.near_errors} failed, p99 {result.near_p99_ms} ms, slowest {result.near_max_ms} ms; away from the "
-        f"moves {result.away_requests} requests, {result.away_errors} failed, p99 {result.away_p99_ms} ms, slowest "
-        f"{result.away_max_ms} ms"
+        f"{result.near_errors} failed, p99 {result.near_p99_ms} ms, slowest {result.near_max_ms} ms; in flight "
+        f"during one of the {result.loads_in_run} loads in the run ({result.load_ms_range[0]:g}-"
+        f"{result.load_ms_range[1]:g} ms each) {result.during_requests} requests, {result.during_errors} failed, p99 "
+        f"{result.during_p99_ms} ms, slowest {result.during_max_ms} ms; away from the moves {result.away_requests} "
+        f"requests, {result.away_errors} failed, p99 {result.away_p99_ms} ms, slowest {result.away_max_ms} ms"
     )
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from service.api.swap_bench import _summary, copied_store, split_by_moves
+from service.api.logging import JsonFormatter
+from service.api.model_holder import ModelHolder
+from service.api.swap_bench import _summary, copied_store, during_loads, load_windows, split_by_moves
 
 
 def test_requests_are_near_a_move_away_from_all_or_neither() -> None:
@@ -48,3 +54,63 @@ def test_only_a_sqlite_file_store_is_copied(tmp_path: Path) -> None:
     copy.mkdir()
     assert copied_store(f"sqlite:///{original}", copy) == f"sqlite:///{copy / 'mlflow.db'}"
     assert (copy / "mlflow.db").read_bytes() == b"a store"
+
+
+class _SlowSource:
+    """A registry stand-in whose every load takes ``load_seconds``."""
+
+    def __init__(self, load_seconds: float) -> None:
+        self.version = "1"
+        self.load_seconds = load_seconds
+
+    def champion_version(self) -> str:
+        return self.version
+
+    def load(self, version: str) -> Any:
+        time.sleep(self.load_seconds)
+        return object()
+
+
+def test_load_windows_are_read_from_the_holders_own_log_lines() -> None:
+    """A real holder's swaps, logged by the servers' JSON formatter: each window ends when its line was written and
+    lasts the load; other lines are skipped."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("winback.api")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        started_at = time.time()
+        source = _SlowSource(load_seconds=0.3)
+        holder = ModelHolder(source)
+        assert holder.refresh()  # rules-only -> 1
+        source.version = "2"
+        assert holder.refresh()  # 1 -> 2
+        finished = time.time() - started_at
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    log_text = "not json, serving model version 3\n" + stream.getvalue() + '{"message": "serving model version 4"}\n'
+    windows = load_windows(log_text, started_at)
+    assert len(windows) == 2
+    (first_began, first_ended), (second_began, second_ended) = windows
+    slack = 0.002  # the lines' times are whole milliseconds
+    assert -slack <= first_began < first_ended <= second_began + slack
+    assert second_began < second_ended <= finished + slack
+    assert second_ended - second_began >= 0.3
+
+
+def test_requests_in_flight_at_any_moment_of_a_load_count_as_during_it() -> None:
+    windows = [(10.0, 10.2), (20.0, 20.1)]
+    samples: list[tuple[float, float | None]] = [
+        (9.9, 0.05),  # answered before the load began
+        (9.95, 0.06),  # answered after it began: during
+        (10.1, 0.001),  # sent and answered within it
+        (10.19, 0.02),  # sent before it ended
+        (10.21, 0.001),  # sent after it ended
+        (20.05, None),  # failed, sent within the second
+        (25.0, None),  # failed, away from both
+    ]
+    assert during_loads(samples, windows) == [0.06, 0.001, 0.02, None]

@@ -34,10 +34,11 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
+import psutil
 
 from model import datafiles
 
@@ -253,6 +254,15 @@ class StallProbe:
 RequestList = Sequence[tuple[bytes, dict[str, str]]]
 
 
+class Sample(NamedTuple):
+    """One request of a fixed-rate run: when it was scheduled (seconds after the start), how long until it was
+    answered or failed, and whether it was answered 200."""
+
+    sent: float
+    took: float
+    ok: bool
+
+
 async def closed_loop(
     url: str, requests: RequestList, *, concurrency: int, seconds: float, max_requests: int
 ) -> LoadFigures:
@@ -427,12 +437,11 @@ async def fixed_rate(
     *,
     rate: float,
     seconds: float,
-    samples: list[tuple[float, float | None]] | None = None,
+    samples: list[Sample] | None = None,
     on_start: Callable[[], None] | None = None,
 ) -> LoadFigures:
     """Open loop: one of ``requests`` (in turn) every 1/rate s whatever the answers do; latency from the scheduled
-    send time. ``samples`` receives (when it was scheduled, seconds after the start; its latency, None for an
-    error) for each request; ``on_start`` is called as the clock starts."""
+    send time. ``samples`` receives a ``Sample`` for each request; ``on_start`` is called as the clock starts."""
     latencies: list[float] = []
     errors = 0
     total = int(rate * seconds)
@@ -454,7 +463,7 @@ async def fixed_rate(
             else:
                 errors += 1
             if samples is not None:
-                samples.append((scheduled - started, latency if ok else None))
+                samples.append(Sample(scheduled - started, latency, ok))
 
         started = time.perf_counter()
         if on_start is not None:
@@ -557,7 +566,7 @@ def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[
         [sys.executable, "-m", "uvicorn", "service.api.bench:constant_app", "--host", "127.0.0.1", "--port",
          str(port), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
          "--log-level", "warning"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/v1/decisions"
@@ -590,9 +599,7 @@ def start_api_server(
         "from service.api.server import run; "
         f"run('127.0.0.1', {port}, {workers}, {str(BENCH_CONFIG)!r}, {tracking_uri!r})"
     )
-    return subprocess.Popen(
-        [sys.executable, "-c", code], cwd=folder, env=env, stdout=output, stderr=output, start_new_session=True
-    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=output, stderr=output)
 
 
 def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -600,27 +607,50 @@ def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     stop_servers((server,), timeout)
 
 
-def stop_servers(servers: Sequence[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
-    """SIGTERM to each server (started in a session of its own), then SIGKILL to the whole process group of any
-    that has not ended within ``timeout`` seconds: its workers too, which a SIGKILL of the main process alone
-    would leave running, holding the port and the CPU the next measurement needs."""
-    for server in servers:
-        server.terminate()
-    deadline = time.monotonic() + timeout
-    for server in servers:
-        try:
-            server.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _kill_group(server)
-    for server in servers:  # a server that ended in time may still leave a worker behind (e.g. one that hung)
-        _kill_group(server)
+def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: float = 20.0) -> None:
+    """SIGTERM to each server (None: not started), then SIGKILL to whatever of its process tree, as it was when the
+    stop began, is still running ``timeout`` seconds later: its workers too, which a SIGKILL of its main process
+    alone would leave running, holding the port and the CPU the next measurement needs. Processes are known by pid
+    and start time (psutil), so none that took a pid over is touched. A second Ctrl-C during the wait cuts it
+    short, not the kill. The servers stay in the bench's process group, so a signal to the whole job (the
+    terminal's Ctrl-C, ``timeout``, a CI runner) reaches them as well."""
+    started = [server for server in servers if server is not None]
+    trees = [_process_tree(server.pid) for server in started]
+    try:
+        for server in started:
+            if server.poll() is None:
+                server.terminate()
+        deadline = time.monotonic() + timeout
+        for server in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        for tree in trees:
+            for process in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()  # psutil refuses a pid that now belongs to another process
+        for server in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=5)
 
 
-def _kill_group(server: subprocess.Popen[bytes]) -> None:
-    """SIGKILL to ``server``'s process group (its pid: it leads a session of its own), if any of it is left."""
-    with contextlib.suppress(ProcessLookupError):  # the group is gone: every process of it has ended
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+def _process_tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and every process below it, now (empty when it has ended)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C does, through its ``finally`` blocks, so a bench stopped that way
+    stops the servers it started (Python's default is to exit at once)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @dataclass(frozen=True)
@@ -988,14 +1018,17 @@ def run_bench(
         reference = _reference_model(folder, size["features"], size["trees"], size["leaves"])
         api_port, mlflow_port = _free_port(), _free_port()
         env = bench_env(folder)
-        api = start_api_server(api_port, workers, tracking_uri or f"sqlite:///{folder}/none.db", env=env, folder=folder)
         mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-        serve = subprocess.Popen(
-            [mlflow_bin, "models", "serve", "-m", str(reference), "--env-manager", "local", "-h", "127.0.0.1",
-             "-p", str(mlflow_port), "-w", str(workers)],
-            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        api = serve = None
         try:
+            api = start_api_server(
+                api_port, workers, tracking_uri or f"sqlite:///{folder}/none.db", env=env, folder=folder
+            )
+            serve = subprocess.Popen(
+                [mlflow_bin, "models", "serve", "-m", str(reference), "--env-manager", "local", "-h", "127.0.0.1",
+                 "-p", str(mlflow_port), "-w", str(workers)],
+                cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
             _wait_http(f"http://127.0.0.1:{api_port}/healthz", api)
             _wait_http(f"http://127.0.0.1:{mlflow_port}/ping", serve)
             api_url = f"http://127.0.0.1:{api_port}/v1/decisions"
@@ -1158,5 +1191,6 @@ def _print(result: BenchResult) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `make bench` calls run_bench
+    exit_on_sigterm()
     for kind in sys.argv[2:] or TRAFFIC:
         run_bench(tracking_uri=sys.argv[1] if len(sys.argv) > 1 else None, traffic=kind)

@@ -24,15 +24,17 @@ from datetime import datetime
 from pathlib import Path
 
 from service.api.bench import (
+    Sample,
     _free_port,
     _percentile,
     _run_timed,
     _wait_http,
     bench_env,
+    exit_on_sigterm,
     fixed_rate,
     mixed_traffic,
     start_api_server,
-    stop_server,
+    stop_servers,
 )
 
 #: A request sent this long after a move counts as near it (the poll, the worker's look, download, load, warm-up).
@@ -58,24 +60,25 @@ class SwapLatency:
     rate: float
     poll_seconds: float
     #: The requests in flight while a worker loaded a moved version (whichever worker answered them), and the
-    #: loads seen in the run: how many, and the shortest and longest in ms.
+    #: swaps seen in the run: how many, and the shortest and longest load in ms. A run has a few hundred such
+    #: requests, so their p90 (a p99 would be their second slowest), beside the same run's p90 away from the moves.
     during_requests: int = 0
     during_errors: int = 0
-    during_p99_ms: float = math.nan
+    during_p90_ms: float = math.nan
     during_max_ms: float = math.nan
+    away_p90_ms: float = math.nan
     loads_in_run: int = 0
     load_ms_range: tuple[float, float] = (math.nan, math.nan)
 
 
-def split_by_moves(
-    samples: list[tuple[float, float | None]], moves: list[float]
-) -> tuple[list[float | None], list[float | None]]:
+def split_by_moves(samples: list[Sample], moves: list[float]) -> tuple[list[float | None], list[float | None]]:
     """The latencies (None: failed) of the requests sent within ``NEAR_SECONDS`` after a move, and of those sent
     away from every move (not within ``MARGIN_SECONDS`` before one, nor up to ``MARGIN_SECONDS`` past its near
     window); ``samples`` as ``fixed_rate`` gives them, ``moves`` in seconds from the same start."""
     near: list[float | None] = []
     away: list[float | None] = []
-    for sent, latency in samples:
+    for sent, took, ok in samples:
+        latency = took if ok else None
         if any(move <= sent <= move + NEAR_SECONDS for move in moves):
             near.append(latency)
         elif not any(move - MARGIN_SECONDS <= sent <= move + NEAR_SECONDS + MARGIN_SECONDS for move in moves):
@@ -88,8 +91,9 @@ _SWAP_LINE = "serving model version"
 
 
 def load_windows(log_text: str, started_at: float) -> list[tuple[float, float]]:
-    """(began, ended) of each load the workers logged in ``log_text`` (their JSON log lines), in seconds after
-    ``started_at`` (a wall-clock time, as the lines'): negative for the loads before it."""
+    """(began, ended) of each swap the workers logged in ``log_text`` (their JSON log lines), in seconds after
+    ``started_at`` (a wall-clock time, as the lines'): negative for the ones before it. A worker's first load (from
+    rules-only) is no swap: the run may start while the second worker still does it."""
     windows = []
     for line in log_text.splitlines():
         if _SWAP_LINE not in line:
@@ -98,29 +102,30 @@ def load_windows(log_text: str, started_at: float) -> list[tuple[float, float]]:
             record = json.loads(line)
             ended = datetime.fromisoformat(record["time"]).timestamp() - started_at
             took = float(record["load_ms"]) / 1e3
+            first_load = "(was rules-only)" in record["message"]
         except (ValueError, KeyError, TypeError):
             continue  # not one of the holder's JSON lines (e.g. a message quoting it)
-        windows.append((ended - took, ended))
+        if not first_load:
+            windows.append((ended - took, ended))
     return windows
 
 
-def during_loads(samples: list[tuple[float, float | None]], windows: list[tuple[float, float]]) -> list[float | None]:
+def during_loads(samples: list[Sample], windows: list[tuple[float, float]]) -> list[float | None]:
     """The latencies (None: failed) of the requests in flight at some moment of a load: sent before it ended and
-    answered after it began (a failed one counts when sent within one); ``samples`` as ``fixed_rate`` gives them."""
+    answered, or failed, after it began; ``samples`` as ``fixed_rate`` gives them."""
     during: list[float | None] = []
-    for sent, latency in samples:
-        answered = sent + (latency or 0.0)
-        if any(began <= answered and sent <= ended for began, ended in windows):
-            during.append(latency)
+    for sent, took, ok in samples:
+        if any(began <= sent + took and sent <= ended for began, ended in windows):
+            during.append(took if ok else None)
     return during
 
 
-def _summary(latencies: list[float | None]) -> tuple[int, int, float, float]:
-    """(requests, failed, p99 ms, slowest ms) of answered ones."""
+def _summary(latencies: list[float | None], share: float = 0.99) -> tuple[int, int, float, float]:
+    """(requests, failed, the ``share`` percentile in ms, slowest ms) of answered ones."""
     answered = sorted(latency for latency in latencies if latency is not None)
     if not answered:
-        return len(latencies), len(latencies), math.nan, math.nan
-    return (len(latencies), len(latencies) - len(answered), round(_percentile(answered, 0.99), 2),  # ms already
+        return len(latencies), len(latencies) - len(answered), math.nan, math.nan
+    return (len(latencies), len(latencies) - len(answered), round(_percentile(answered, share), 2),  # ms already
             round(answered[-1] * 1e3, 2))  # fmt: skip
 
 
@@ -164,9 +169,10 @@ def run_swap_bench(
         port = _free_port()
         env = bench_env(folder) | {"WINBACK_MODEL_POLL_SECONDS": str(poll_seconds)}
         log_path = folder / "serve.log"
-        with log_path.open("wb") as log:
-            server = start_api_server(port, workers, store, env=env, folder=folder, output=log)
+        server = None
         try:
+            with log_path.open("wb") as log:
+                server = start_api_server(port, workers, store, env=env, folder=folder, output=log)
             _wait_http(f"http://127.0.0.1:{port}/readyz", server, 180.0,
                        ready=lambda answer: answer.json().get("model_version") == champion,
                        waiting_for=f"serve model {champion}")  # fmt: skip
@@ -185,12 +191,12 @@ def run_swap_bench(
                 wall_clock.append(time.time())  # the workers' log lines say when on the wall clock
                 threading.Thread(target=move_the_alias, name="winback-swap-bench-mover", daemon=True).start()
 
-            samples: list[tuple[float, float | None]] = []
+            samples: list[Sample] = []
             url = f"http://127.0.0.1:{port}/v1/decisions"
             _run_timed(fixed_rate(url, mixed_traffic().requests, rate=rate, seconds=seconds, samples=samples,
                                   on_start=start_moving))  # fmt: skip
         finally:
-            stop_server(server, timeout=30)
+            stop_servers((server,), timeout=30)
         log_text = log_path.read_text(errors="replace")
     if len(moved_at) < moves:
         raise RuntimeError(f"the alias moved {len(moved_at)} times of {moves} within the run")
@@ -198,11 +204,11 @@ def run_swap_bench(
     near, away = split_by_moves(samples, moved_at)
     near_figures, away_figures = _summary(near), _summary(away)
     took = [round((ended - began) * 1e3, 1) for began, ended in windows]
-    during_requests, during_errors, during_p99_ms, during_max_ms = _summary(during_loads(samples, windows))
+    during_requests, during_errors, during_p90_ms, during_max_ms = _summary(during_loads(samples, windows), 0.9)
     return SwapLatency(
         moves, log_text.count(_SWAP_LINE), *near_figures, *away_figures, rate=rate, poll_seconds=poll_seconds,
-        during_requests=during_requests, during_errors=during_errors, during_p99_ms=during_p99_ms,
-        during_max_ms=during_max_ms, loads_in_run=len(windows),
+        during_requests=during_requests, during_errors=during_errors, during_p90_ms=during_p90_ms,
+        during_max_ms=during_max_ms, away_p90_ms=_summary(away, 0.9)[2], loads_in_run=len(windows),
         load_ms_range=(min(took), max(took)) if took else (math.nan, math.nan),
     )  # fmt: skip
 
@@ -212,13 +218,23 @@ def describe(result: SwapLatency) -> str:
     return (
         f"{result.moves} alias moves at {result.rate:g} req/s (poll {result.poll_seconds:g} s, {result.swaps_logged} "
         f"loads logged by the workers): within {NEAR_SECONDS:g} s after a move {result.near_requests} requests, "
-        f"{result.near_errors} failed, p99 {result.near_p99_ms} ms, slowest {result.near_max_ms} ms; in flight "
-        f"during one of the {result.loads_in_run} loads in the run ({result.load_ms_range[0]:g}-"
-        f"{result.load_ms_range[1]:g} ms each) {result.during_requests} requests, {result.during_errors} failed, p99 "
-        f"{result.during_p99_ms} ms, slowest {result.during_max_ms} ms; away from the moves {result.away_requests} "
-        f"requests, {result.away_errors} failed, p99 {result.away_p99_ms} ms, slowest {result.away_max_ms} ms"
+        f"{result.near_errors} failed, p99 {result.near_p99_ms} ms, slowest {result.near_max_ms} ms; "
+        f"{_during(result)}; away from the moves {result.away_requests} requests, {result.away_errors} failed, p90 "
+        f"{result.away_p90_ms} ms, p99 {result.away_p99_ms} ms, slowest {result.away_max_ms} ms"
+    )
+
+
+def _during(result: SwapLatency) -> str:
+    if not result.loads_in_run:
+        return "no swap logged by the workers during the run"
+    shortest, longest = result.load_ms_range
+    return (
+        f"in flight during one of the {result.loads_in_run} swaps in the run ({shortest:g}-{longest:g} ms of loading "
+        f"each) {result.during_requests} requests, {result.during_errors} failed, p90 {result.during_p90_ms} ms, "
+        f"slowest {result.during_max_ms} ms"
     )
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `winback bench` calls run_swap_bench
+    exit_on_sigterm()
     print(describe(run_swap_bench(sys.argv[1])))

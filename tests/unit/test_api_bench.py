@@ -111,21 +111,43 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("on_sigterm", ["ends", "hangs"])
-def test_stopping_a_server_leaves_none_of_its_processes(on_sigterm: str) -> None:
-    """A server that ends on SIGTERM but leaves a worker, and one that ignores SIGTERM: neither leaves a process
-    of its group running (the bench's next measurement needs the port and the CPU)."""
-    server = subprocess.Popen(
-        [sys.executable, "-c", _SERVER_WITH_STUCK_WORKER, on_sigterm], stdout=subprocess.PIPE, start_new_session=True
-    )
+def _server_with_stuck_worker(on_sigterm: str) -> tuple[subprocess.Popen[bytes], psutil.Process]:
+    server = subprocess.Popen([sys.executable, "-c", _SERVER_WITH_STUCK_WORKER, on_sigterm], stdout=subprocess.PIPE)
     assert server.stdout is not None
     worker = psutil.Process(int(server.stdout.readline()))
     server.stdout.close()
+    return server, worker
+
+
+@pytest.mark.parametrize("on_sigterm", ["ends", "hangs"])
+def test_stopping_a_server_leaves_none_of_its_processes(on_sigterm: str) -> None:
+    """A server that ends on SIGTERM but leaves a worker, and one that ignores SIGTERM: neither leaves a process
+    of its tree running (the bench's next measurement needs the port and the CPU)."""
+    server, worker = _server_with_stuck_worker(on_sigterm)
     started = time.monotonic()
-    stop_servers((server,), timeout=1.0)
-    assert server.returncode is not None
+    stop_servers((server, None), timeout=1.0)  # None: a server the bench did not get to start
     assert server.returncode == (0 if on_sigterm == "ends" else -signal.SIGKILL)
     assert time.monotonic() - started < 10
+    assert _ended(worker, within=10.0)
+
+
+def test_a_second_ctrl_c_while_waiting_still_kills_every_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt during the wait for the servers to stop cuts the wait short, not the kill; it is raised after."""
+    server, worker = _server_with_stuck_worker("hangs")
+    waits = 0
+    wait = subprocess.Popen.wait
+
+    def interrupted_once(self: subprocess.Popen[bytes], timeout: float | None = None) -> int:
+        nonlocal waits
+        waits += 1
+        if waits == 1:
+            raise KeyboardInterrupt
+        return wait(self, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        stop_servers((server,), timeout=30.0)
+    assert server.returncode == -signal.SIGKILL
     assert _ended(worker, within=10.0)
 
 

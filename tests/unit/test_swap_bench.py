@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from service.api.bench import Sample
 from service.api.logging import JsonFormatter
 from service.api.model_holder import ModelHolder
 from service.api.swap_bench import _summary, copied_store, during_loads, load_windows, split_by_moves
@@ -18,14 +19,14 @@ from service.api.swap_bench import _summary, copied_store, during_loads, load_wi
 
 def test_requests_are_near_a_move_away_from_all_or_neither() -> None:
     moves = [10.0, 20.0]
-    samples: list[tuple[float, float | None]] = [
-        (9.5, 0.001),  # just before a move: neither
-        (10.2, 0.002),  # near
-        (14.9, None),  # near, and failed
-        (15.5, 0.003),  # just past the near window: neither
-        (17.0, 0.004),  # away
-        (21.0, 0.005),  # near the second move
-        (30.0, 0.006),  # away
+    samples = [
+        Sample(9.5, 0.001, ok=True),  # just before a move: neither
+        Sample(10.2, 0.002, ok=True),  # near
+        Sample(14.9, 30.0, ok=False),  # near, and failed
+        Sample(15.5, 0.003, ok=True),  # just past the near window: neither
+        Sample(17.0, 0.004, ok=True),  # away
+        Sample(21.0, 0.005, ok=True),  # near the second move
+        Sample(30.0, 0.006, ok=True),  # away
     ]
     near, away = split_by_moves(samples, moves)
     assert near == [0.002, None, 0.005]
@@ -73,7 +74,7 @@ class _SlowSource:
 
 def test_load_windows_are_read_from_the_holders_own_log_lines() -> None:
     """A real holder's swaps, logged by the servers' JSON formatter: each window ends when its line was written and
-    lasts the load; other lines are skipped."""
+    lasts the load; a first load (from rules-only) and other lines are skipped."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
@@ -85,32 +86,36 @@ def test_load_windows_are_read_from_the_holders_own_log_lines() -> None:
         started_at = time.time()
         source = _SlowSource(load_seconds=0.3)
         holder = ModelHolder(source)
-        assert holder.refresh()  # rules-only -> 1
-        source.version = "2"
-        assert holder.refresh()  # 1 -> 2
+        assert holder.refresh()  # rules-only -> 1: a first load, no swap
+        for version in ("2", "3"):
+            source.version = version
+            assert holder.refresh()
         finished = time.time() - started_at
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
     log_text = "not json, serving model version 3\n" + stream.getvalue() + '{"message": "serving model version 4"}\n'
+    assert log_text.count("serving model version") == 5
     windows = load_windows(log_text, started_at)
     assert len(windows) == 2
     (first_began, first_ended), (second_began, second_ended) = windows
     slack = 0.002  # the lines' times are whole milliseconds
-    assert -slack <= first_began < first_ended <= second_began + slack
+    assert 0.3 - slack <= first_began < first_ended <= second_began + slack  # after the first load's 0.3 s
     assert second_began < second_ended <= finished + slack
+    assert first_ended - first_began >= 0.3
     assert second_ended - second_began >= 0.3
 
 
 def test_requests_in_flight_at_any_moment_of_a_load_count_as_during_it() -> None:
     windows = [(10.0, 10.2), (20.0, 20.1)]
-    samples: list[tuple[float, float | None]] = [
-        (9.9, 0.05),  # answered before the load began
-        (9.95, 0.06),  # answered after it began: during
-        (10.1, 0.001),  # sent and answered within it
-        (10.19, 0.02),  # sent before it ended
-        (10.21, 0.001),  # sent after it ended
-        (20.05, None),  # failed, sent within the second
-        (25.0, None),  # failed, away from both
+    samples = [
+        Sample(9.9, 0.05, ok=True),  # answered before the load began
+        Sample(9.95, 0.06, ok=True),  # answered after it began: during
+        Sample(10.1, 0.001, ok=True),  # sent and answered within it
+        Sample(10.19, 0.02, ok=True),  # sent before it ended
+        Sample(10.21, 0.001, ok=True),  # sent after it ended
+        Sample(19.9, 0.15, ok=False),  # failed during the second, sent before it began
+        Sample(19.8, 0.05, ok=False),  # failed before it began
+        Sample(25.0, 0.01, ok=False),  # failed, away from both
     ]
     assert during_loads(samples, windows) == [0.06, 0.001, 0.02, None]

@@ -383,7 +383,6 @@ def bench(
 ) -> None:
     """Benchmarks on this machine, each printed beside a reference measured in the same run."""
     import json
-    import math
 
     from rich.table import Table
 
@@ -435,7 +434,7 @@ def bench(
         if tracking_uri is not None:
             from dataclasses import asdict
 
-            from service.api.swap_bench import describe, run_swap_bench
+            from service.api.swap_bench import describe, run_swap_bench, swap_during, swap_ratios
 
             swap = run_swap_bench(tracking_uri)
             console.print(f"decision API during model swaps: {describe(swap)}")
@@ -446,17 +445,12 @@ def bench(
                     inputs=f"{swap.rate:g} req/s for 40 s, 2 workers, the champion moved {swap.moves} times "
                     f"(poll {swap.poll_seconds:g} s)",
                     figure=f"within 5 s of a move: {swap.near_errors} of {swap.near_requests} failed, p99 "
-                    f"{swap.near_p99_ms} ms, slowest {swap.near_max_ms} ms; in flight during a swap's load: "
-                    f"{swap.during_errors} of {swap.during_requests} failed, p90 {swap.during_p90_ms} ms, slowest "
-                    f"{swap.during_max_ms} ms",
+                    f"{swap.near_p99_ms} ms, slowest {swap.near_max_ms} ms; {swap_during(swap)}",
                     seconds=40.0,
                     peak_rss_mb=float("nan"),
                     reference=f"same run away from the moves: {swap.away_errors} of {swap.away_requests} failed, "
                     f"p90 {swap.away_p90_ms} ms, p99 {swap.away_p99_ms} ms, slowest {swap.away_max_ms} ms",
-                    ratio=f"{swap.during_p90_ms / swap.away_p90_ms:.1f}x p90 during a load, "
-                    f"{swap.near_max_ms / swap.away_max_ms:.1f}x slowest near a move"
-                    if all(math.isfinite(v) and v > 0 for v in (swap.during_p90_ms, swap.away_p90_ms, swap.away_max_ms))
-                    else "-",
+                    ratio=swap_ratios(swap),
                 )
             )
     if not skip_executor:

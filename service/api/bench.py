@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -608,30 +609,44 @@ def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 
 def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: float = 20.0) -> None:
-    """SIGTERM to each server (None: not started), then SIGKILL to whatever of its process tree, as it was when the
-    stop began, is still running ``timeout`` seconds later: its workers too, which a SIGKILL of its main process
-    alone would leave running, holding the port and the CPU the next measurement needs. Processes are known by pid
-    and start time (psutil), so none that took a pid over is touched. A second Ctrl-C during the wait cuts it
-    short, not the kill. The servers stay in the bench's process group, so a signal to the whole job (the
-    terminal's Ctrl-C, ``timeout``, a CI runner) reaches them as well."""
-    started = [server for server in servers if server is not None]
-    trees = [_process_tree(server.pid) for server in started]
+    """SIGTERM to each server (None: not started), then SIGKILL to whatever of its process tree is still running
+    ``timeout`` seconds later: its workers too, which a SIGKILL of its main process alone would leave running,
+    holding the port and the CPU the next measurement needs. The tree is taken when the stop begins and again at
+    the kill (a worker started in between). Processes are known by pid and start time (psutil), so none that took a
+    pid over is touched. A second Ctrl-C or SIGTERM during the wait cuts it short; the kill is done with both
+    blocked, and the signal acts after it. The servers stay in the bench's process group, so a signal to the whole
+    job (the terminal's Ctrl-C, ``timeout``, a CI runner) reaches them as well. Not covered: workers a server's
+    main process left behind by dying before the stop (they are no longer in its tree)."""
+    running = [server for server in servers if server is not None and server.returncode is None]  # unreaped: its pid
+    trees = [_process_tree(server.pid) for server in running]  # cannot have been taken over
     try:
-        for server in started:
+        for server in running:
             if server.poll() is None:
                 server.terminate()
         deadline = time.monotonic() + timeout
-        for server in started:
+        for server in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.wait(timeout=max(0.0, deadline - time.monotonic()))
     finally:
-        for tree in trees:
-            for process in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()  # psutil refuses a pid that now belongs to another process
-        for server in started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=5)
+        with _signals_held():
+            for server, tree in zip(running, trees, strict=True):
+                for process in {*tree, *_process_tree(server.pid)}:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()  # psutil refuses a pid that now belongs to another process
+            for server in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (in this thread) until the block ends, then delivered."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _process_tree(pid: int) -> list[psutil.Process]:
@@ -639,18 +654,27 @@ def _process_tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
         return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    except psutil.Error:
         return []
 
 
-def exit_on_sigterm() -> None:
-    """Make SIGTERM end this process as Ctrl-C does, through its ``finally`` blocks, so a bench stopped that way
-    stops the servers it started (Python's default is to exit at once)."""
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM ends this process as Ctrl-C does, through its ``finally`` blocks, until the block ends (Python's
+    default is to exit at once), so a bench stopped that way stops the servers it started. Only in the main thread
+    (the one that receives signals); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @dataclass(frozen=True)
@@ -1013,7 +1037,7 @@ def run_bench(
     model_version, size = _model_size(tracking_uri)
     load = traffic if isinstance(traffic, Traffic) else traffic_named(traffic)
     rows = max(1, round(load.candidates_per_request))
-    with tempfile.TemporaryDirectory(prefix="winback-bench-") as tmp:
+    with sigterm_exits(), tempfile.TemporaryDirectory(prefix="winback-bench-") as tmp:
         folder = Path(tmp)
         reference = _reference_model(folder, size["features"], size["trees"], size["leaves"])
         api_port, mlflow_port = _free_port(), _free_port()
@@ -1191,6 +1215,5 @@ def _print(result: BenchResult) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `make bench` calls run_bench
-    exit_on_sigterm()
     for kind in sys.argv[2:] or TRAFFIC:
         run_bench(tracking_uri=sys.argv[1] if len(sys.argv) > 1 else None, traffic=kind)

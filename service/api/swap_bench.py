@@ -4,7 +4,8 @@
 between versions of the same model, so every move is a real swap: the mirror downloads the version and each worker
 loads, warms up and canary-checks it beside the requests. The requests sent within ``NEAR_SECONDS`` after a move,
 and those in flight while a worker was loading (its log line of the swap says when the load began and ended), are
-compared with those sent away from any move, in the same run: failures, p99 and the slowest one.
+compared with those sent away from any move, in the same run: failures, p99 (p90 for the ~200 in flight during
+loads) and the slowest one.
 
 It works on a copy of the tracking store (a file-based SQLite one, as ``make demo`` and ``make bench`` make), in
 which it registers two more versions of the champion's model; the store given is not changed.
@@ -30,9 +31,9 @@ from service.api.bench import (
     _run_timed,
     _wait_http,
     bench_env,
-    exit_on_sigterm,
     fixed_rate,
     mixed_traffic,
+    sigterm_exits,
     start_api_server,
     stop_servers,
 )
@@ -158,7 +159,7 @@ def run_swap_bench(
     (see the module's text)."""
     from model import registry_client as registry
 
-    with tempfile.TemporaryDirectory(prefix="winback-swap-bench-") as tmp:
+    with sigterm_exits(), tempfile.TemporaryDirectory(prefix="winback-swap-bench-") as tmp:
         folder = Path(tmp)
         store = copied_store(tracking_uri, folder)
         champion = registry.get_alias_version(registry.CHAMPION, tracking_uri=store)
@@ -219,12 +220,13 @@ def describe(result: SwapLatency) -> str:
         f"{result.moves} alias moves at {result.rate:g} req/s (poll {result.poll_seconds:g} s, {result.swaps_logged} "
         f"loads logged by the workers): within {NEAR_SECONDS:g} s after a move {result.near_requests} requests, "
         f"{result.near_errors} failed, p99 {result.near_p99_ms} ms, slowest {result.near_max_ms} ms; "
-        f"{_during(result)}; away from the moves {result.away_requests} requests, {result.away_errors} failed, p90 "
+        f"{swap_during(result)}; away from the moves {result.away_requests} requests, {result.away_errors} failed, p90 "
         f"{result.away_p90_ms} ms, p99 {result.away_p99_ms} ms, slowest {result.away_max_ms} ms"
     )
 
 
-def _during(result: SwapLatency) -> str:
+def swap_during(result: SwapLatency) -> str:
+    """The requests in flight during the run's swaps, in words."""
     if not result.loads_in_run:
         return "no swap logged by the workers during the run"
     shortest, longest = result.load_ms_range
@@ -235,6 +237,20 @@ def _during(result: SwapLatency) -> str:
     )
 
 
+def swap_ratios(result: SwapLatency) -> str:
+    """The in-flight requests' p90 and the slowest near a move, each against the same run away from the moves;
+    a figure that could not be measured (no swap, nothing answered) is left out."""
+
+    def ratio(figure: float, reference: float, what: str) -> str | None:
+        usable = math.isfinite(figure) and math.isfinite(reference) and reference > 0
+        return f"{figure / reference:.1f}x {what}" if usable else None
+
+    parts = [
+        ratio(result.during_p90_ms, result.away_p90_ms, "p90 during a load"),
+        ratio(result.near_max_ms, result.away_max_ms, "slowest near a move"),
+    ]
+    return ", ".join(part for part in parts if part is not None) or "-"
+
+
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `winback bench` calls run_swap_bench
-    exit_on_sigterm()
     print(describe(run_swap_bench(sys.argv[1])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,8 +33,10 @@ from service.api.bench import (
     Traffic,
     UnansweredRequestError,
     _check_answered,
+    _free_port,
     _measure_in_process,
     _with_cpu,
+    bench_env,
     bench_key,
     closed_loop,
     constant_app,
@@ -41,6 +44,8 @@ from service.api.bench import (
     fixed_rate,
     mixed_traffic,
     server_floor,
+    sigterm_exits,
+    start_api_server,
     stop_servers,
     tree_cpu_seconds,
     tree_pss_mb,
@@ -111,19 +116,33 @@ time.sleep(60)
 """
 
 
-def _server_with_stuck_worker(on_sigterm: str) -> tuple[subprocess.Popen[bytes], psutil.Process]:
-    server = subprocess.Popen([sys.executable, "-c", _SERVER_WITH_STUCK_WORKER, on_sigterm], stdout=subprocess.PIPE)
-    assert server.stdout is not None
-    worker = psutil.Process(int(server.stdout.readline()))
-    server.stdout.close()
-    return server, worker
+StuckServerFactory = Callable[[str], tuple[subprocess.Popen[bytes], psutil.Process]]
+
+
+@pytest.fixture
+def stuck_server() -> Iterator[StuckServerFactory]:
+    """Starts ``_SERVER_WITH_STUCK_WORKER``; whatever a failing test leaves of it is killed at teardown."""
+    started: list[psutil.Process] = []
+
+    def start(on_sigterm: str) -> tuple[subprocess.Popen[bytes], psutil.Process]:
+        server = subprocess.Popen([sys.executable, "-c", _SERVER_WITH_STUCK_WORKER, on_sigterm], stdout=subprocess.PIPE)
+        assert server.stdout is not None
+        worker = psutil.Process(int(server.stdout.readline()))
+        server.stdout.close()
+        started.extend([psutil.Process(server.pid), worker])
+        return server, worker
+
+    yield start
+    for process in started:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 @pytest.mark.parametrize("on_sigterm", ["ends", "hangs"])
-def test_stopping_a_server_leaves_none_of_its_processes(on_sigterm: str) -> None:
+def test_stopping_a_server_leaves_none_of_its_processes(on_sigterm: str, stuck_server: StuckServerFactory) -> None:
     """A server that ends on SIGTERM but leaves a worker, and one that ignores SIGTERM: neither leaves a process
     of its tree running (the bench's next measurement needs the port and the CPU)."""
-    server, worker = _server_with_stuck_worker(on_sigterm)
+    server, worker = stuck_server(on_sigterm)
     started = time.monotonic()
     stop_servers((server, None), timeout=1.0)  # None: a server the bench did not get to start
     assert server.returncode == (0 if on_sigterm == "ends" else -signal.SIGKILL)
@@ -131,9 +150,11 @@ def test_stopping_a_server_leaves_none_of_its_processes(on_sigterm: str) -> None
     assert _ended(worker, within=10.0)
 
 
-def test_a_second_ctrl_c_while_waiting_still_kills_every_server(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_ctrl_c_while_waiting_still_kills_every_server(
+    monkeypatch: pytest.MonkeyPatch, stuck_server: StuckServerFactory
+) -> None:
     """An interrupt during the wait for the servers to stop cuts the wait short, not the kill; it is raised after."""
-    server, worker = _server_with_stuck_worker("hangs")
+    server, worker = stuck_server("hangs")
     waits = 0
     wait = subprocess.Popen.wait
 
@@ -149,6 +170,46 @@ def test_a_second_ctrl_c_while_waiting_still_kills_every_server(monkeypatch: pyt
         stop_servers((server,), timeout=30.0)
     assert server.returncode == -signal.SIGKILL
     assert _ended(worker, within=10.0)
+
+
+def test_a_server_stays_in_the_benchs_process_group(tmp_path: Path) -> None:
+    """So a signal to the whole job (the terminal's Ctrl-C, `timeout`, a CI runner) reaches it too (review: a
+    session of its own outlived a bench stopped that way)."""
+    server = start_api_server(_free_port(), 1, f"sqlite:///{tmp_path / 'none.db'}", env=bench_env(tmp_path),
+                              folder=tmp_path)  # fmt: skip
+    try:
+        assert os.getpgid(server.pid) == os.getpgid(0)
+    finally:
+        stop_servers((server,))
+    assert server.returncode is not None
+
+
+_EXITS_ON_SIGTERM = """
+import time
+from service.api.bench import sigterm_exits
+with sigterm_exits():
+    try:
+        print("ready", flush=True)
+        time.sleep(30)
+    finally:
+        print("finally ran", flush=True)
+"""
+
+
+def test_sigterm_runs_the_finally_blocks_while_a_bench_runs() -> None:
+    import signal as signals
+
+    before = signals.getsignal(signals.SIGTERM)
+    with sigterm_exits():
+        assert signals.getsignal(signals.SIGTERM) is not before
+    assert signals.getsignal(signals.SIGTERM) is before
+    child = subprocess.Popen([sys.executable, "-c", _EXITS_ON_SIGTERM], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    child.send_signal(signals.SIGTERM)
+    output, _ = child.communicate(timeout=20)
+    assert "finally ran" in output
+    assert child.returncode == 128 + signals.SIGTERM
 
 
 def _ended(process: psutil.Process, within: float) -> bool:

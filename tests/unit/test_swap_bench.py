@@ -14,7 +14,16 @@ import pytest
 from service.api.bench import Sample
 from service.api.logging import JsonFormatter
 from service.api.model_holder import ModelHolder
-from service.api.swap_bench import _summary, copied_store, during_loads, load_windows, split_by_moves
+from service.api.swap_bench import (
+    SwapLatency,
+    _summary,
+    copied_store,
+    describe,
+    during_loads,
+    load_windows,
+    split_by_moves,
+    swap_ratios,
+)
 
 
 def test_requests_are_near_a_move_away_from_all_or_neither() -> None:
@@ -119,3 +128,17 @@ def test_requests_in_flight_at_any_moment_of_a_load_count_as_during_it() -> None
         Sample(25.0, 0.01, ok=False),  # failed, away from both
     ]
     assert during_loads(samples, windows) == [0.06, 0.001, 0.02, None]
+
+
+def test_a_run_without_a_swap_or_an_answer_says_so_without_nan() -> None:
+    figures = {"moves": 4, "swaps_logged": 2, "near_requests": 6000, "near_errors": 6000, "near_p99_ms": math.nan,
+               "near_max_ms": math.nan, "away_requests": 3600, "away_errors": 0, "away_p99_ms": 4.0,
+               "away_max_ms": 12.0, "rate": 300.0, "poll_seconds": 2.0, "away_p90_ms": 2.0}  # fmt: skip
+    no_swap = SwapLatency(**figures)  # type: ignore[arg-type]
+    assert "no swap logged by the workers during the run" in describe(no_swap)
+    assert swap_ratios(no_swap) == "-"
+    swapped = SwapLatency(**figures, during_requests=190, during_p90_ms=5.0, during_max_ms=9.0, loads_in_run=8,  # type: ignore[arg-type]
+                          load_ms_range=(60.0, 120.0))  # fmt: skip
+    assert "8 swaps in the run (60-120 ms of loading each) 190 requests, 0 failed, p90 5.0 ms" in describe(swapped)
+    assert swap_ratios(swapped) == "2.5x p90 during a load"  # nothing near a move answered: no slowest to compare
+    assert "nan" not in describe(swapped).replace("p99 nan ms, slowest nan ms; in", "")

@@ -630,7 +630,8 @@ def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: flo
     finally:
         with _signals_held():
             for server, tree in zip(running, trees, strict=True):
-                for process in {*tree, *_process_tree(server.pid)}:
+                again = _process_tree(server.pid) if server.returncode is None else []  # a reaped pid may be another's
+                for process in {*tree, *again}:
                     with contextlib.suppress(psutil.Error):
                         process.kill()  # psutil refuses a pid that now belongs to another process
             for server in running:
@@ -640,13 +641,24 @@ def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: flo
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (in this thread) until the block ends, then delivered."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """SIGINT and SIGTERM noted, not acted on, until the block ends; then raised again, once each. In the main
+    thread only (where Python runs signal handlers: a mask would hold them in this thread alone, and the kernel
+    hands a process's signal to any thread not blocking it); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {
+        held_signal: signal.signal(held_signal, lambda signum, frame: noted.append(signum)) for held_signal in held
+    }
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for held_signal, handler in before.items():
+            signal.signal(held_signal, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
 
 
 def _process_tree(pid: int) -> list[psutil.Process]:
@@ -662,9 +674,9 @@ def _process_tree(pid: int) -> list[psutil.Process]:
 def sigterm_exits() -> Iterator[None]:
     """SIGTERM ends this process as Ctrl-C does, through its ``finally`` blocks, until the block ends (Python's
     default is to exit at once), so a bench stopped that way stops the servers it started. Only in the main thread
-    (the one that receives signals); elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    (where Python runs signal handlers), and not when SIGTERM is ignored; otherwise the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield  # a caller ignoring SIGTERM keeps ignoring it
         return
 
     def stop(signum: int, frame: object) -> None:

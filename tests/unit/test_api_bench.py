@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import service.api.bench as bench_module
 from model.merchant_config import load_config
 from model.requests import DecisionRequest
 from service.api.bench import (
@@ -172,6 +173,50 @@ def test_a_second_ctrl_c_while_waiting_still_kills_every_server(
     assert _ended(worker, within=10.0)
 
 
+def test_a_signal_during_the_kill_acts_after_it_once() -> None:
+    """A Ctrl-C or SIGTERM while the servers are being killed is noted, and raised once each after (review: a
+    thread mask held it in one thread only, and the kernel gives a process's signal to any other)."""
+    before = signal.getsignal(signal.SIGINT)
+    steps: list[str] = []
+
+    def killing() -> None:
+        with bench_module._signals_held():
+            for _ in range(2):  # to the process, as Ctrl-C or kill sends it: any thread may take it
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            steps.append("kill loop finished")  # not cut short
+
+    other_thread_running = threading.Event()
+    other_thread = threading.Thread(target=other_thread_running.wait, args=(10,), daemon=True)
+    other_thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            killing()
+    finally:
+        other_thread_running.set()
+    assert steps == ["kill loop finished"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_server_reaped_before_the_kill_is_not_looked_up_again(
+    monkeypatch: pytest.MonkeyPatch, stuck_server: StuckServerFactory
+) -> None:
+    """Once reaped, a server's pid may be another process's: only the tree taken before is killed (review)."""
+    server, worker = stuck_server("ends")
+    looked_up: list[int] = []
+    take_tree = bench_module._process_tree
+
+    def recording(pid: int) -> list[psutil.Process]:
+        looked_up.append(pid)
+        return take_tree(pid)
+
+    monkeypatch.setattr(bench_module, "_process_tree", recording)
+    stop_servers((server,), timeout=5.0)
+    assert server.returncode == 0  # it ended on SIGTERM and was reaped before the kill
+    assert looked_up == [server.pid]  # before the SIGTERM only
+    assert _ended(worker, within=10.0)  # its worker, in that tree, is killed
+
+
 def test_a_server_stays_in_the_benchs_process_group(tmp_path: Path) -> None:
     """So a signal to the whole job (the terminal's Ctrl-C, `timeout`, a CI runner) reaches it too (review: a
     session of its own outlived a bench stopped that way)."""
@@ -203,6 +248,12 @@ def test_sigterm_runs_the_finally_blocks_while_a_bench_runs() -> None:
     with sigterm_exits():
         assert signals.getsignal(signals.SIGTERM) is not before
     assert signals.getsignal(signals.SIGTERM) is before
+    signals.signal(signals.SIGTERM, signals.SIG_IGN)
+    try:
+        with sigterm_exits():  # a caller ignoring SIGTERM keeps ignoring it
+            assert signals.getsignal(signals.SIGTERM) == signals.SIG_IGN
+    finally:
+        signals.signal(signals.SIGTERM, before)
     child = subprocess.Popen([sys.executable, "-c", _EXITS_ON_SIGTERM], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"

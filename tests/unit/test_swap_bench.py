@@ -141,4 +141,10 @@ def test_a_run_without_a_swap_or_an_answer_says_so_without_nan() -> None:
                           load_ms_range=(60.0, 120.0))  # fmt: skip
     assert "8 swaps in the run (60-120 ms of loading each) 190 requests, 0 failed, p90 5.0 ms" in describe(swapped)
     assert swap_ratios(swapped) == "2.5x p90 during a load"  # nothing near a move answered: no slowest to compare
-    assert "nan" not in describe(swapped).replace("p99 nan ms, slowest nan ms; in", "")
+    assert "within 5 s after a move 6000 requests, 6000 failed, p99 none answered, slowest none answered" in (
+        describe(swapped)
+    )
+    none_in_flight = SwapLatency(**figures, during_requests=3, during_errors=3, loads_in_run=8,  # type: ignore[arg-type]
+                                 load_ms_range=(60.0, 120.0))  # fmt: skip
+    assert "3 requests, 3 failed, p90 none answered, slowest none answered" in describe(none_in_flight)
+    assert "nan" not in describe(swapped) + describe(none_in_flight) + describe(no_swap)

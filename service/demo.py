@@ -24,8 +24,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +45,7 @@ from service.executor.channels.fakes import FakeSmtpServer, RunningFake, run_fak
 from service.executor.sandbox import RunningServer, create_sandbox_app, serve_in_thread
 from service.executor.store import orders, payment_links, transactions
 from service.executor.webhooks import SIGNATURE_HEADER, verify_signature
+from service.signals import sigterm_raises
 
 #: Environment variables the demo config names; the demo process makes their values up for each run.
 GUPSHUP_KEY_ENV = "WINBACK_DEMO_GUPSHUP_KEY"
@@ -362,23 +363,6 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    # A SIGTERM to the demo (a supervisor, a test timeout) stops the children as Ctrl-C does.
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ------------------------------------------------------------------------------------------------ the demo
@@ -781,7 +765,8 @@ def run_live(
     _fresh_database(options.database_url)
     summary: LiveSummary | None = None
     try:
-        with _sigterm_as_interrupt():
+        # A SIGTERM to the demo (a supervisor, a test timeout) stops the children as Ctrl-C does.
+        with sigterm_raises(lambda _signum: KeyboardInterrupt()):
             try:
                 endpoints = demo.start_fakes()
                 write_demo_config(demo.config_path, endpoints)

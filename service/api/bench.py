@@ -42,6 +42,7 @@ import orjson
 import psutil
 
 from model import datafiles
+from service.signals import sigterm_raises
 
 #: The decision request of the benchmark: the shipped demo request (CONTRACT.md section 2, merchant m_us_saas).
 DEMO_REQUEST_FILE = datafiles.DEMO_REQUEST_FILE
@@ -670,23 +671,11 @@ def _process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-@contextlib.contextmanager
-def sigterm_exits() -> Iterator[None]:
-    """SIGTERM ends this process as Ctrl-C does, through its ``finally`` blocks, until the block ends (Python's
-    default is to exit at once), so a bench stopped that way stops the servers it started. Only in the main thread
-    (where Python runs signal handlers), and not when SIGTERM is ignored; otherwise the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield  # a caller ignoring SIGTERM keeps ignoring it
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+def sigterm_exits() -> contextlib.AbstractContextManager[None]:
+    """While a bench runs, SIGTERM ends it as Ctrl-C does, through its ``finally`` blocks (exit status 128 +
+    SIGTERM), so a bench stopped that way stops the servers it started; a caller ignoring SIGTERM keeps ignoring
+    it."""
+    return sigterm_raises(lambda signum: SystemExit(128 + signum), keep_ignored=True)
 
 
 @dataclass(frozen=True)

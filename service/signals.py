@@ -1,0 +1,29 @@
+"""Signal handling shared by the service's long-running commands (``winback demo``, the benchmarks)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def sigterm_raises(exception: Callable[[int], BaseException], *, keep_ignored: bool = False) -> Iterator[None]:
+    """Run the block with SIGTERM raising ``exception(signum)``, so the process ends through the block's ``finally``
+    clauses and context exits, which Python's default handling (ending at once) skips; the previous handler is put
+    back after. Off the main thread (where Python runs signal handlers) the block runs as it is, and so it does when
+    SIGTERM is ignored and ``keep_ignored`` says a caller ignoring it keeps ignoring it."""
+    ignored = keep_ignored and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    if ignored or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_it(signum: int, frame: object) -> None:
+        raise exception(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_it)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

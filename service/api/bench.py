@@ -578,7 +578,7 @@ def server_floor(requests: RequestList, *, workers: int, closed: Any, env: dict[
         figures: LoadFigures = closed(url, requests)
         return _with_cpu(figures, before, process_cpu_seconds(server.pid))
     finally:
-        stop_server(server)
+        stop_servers((server,))
 
 
 def bench_env(folder: Path) -> dict[str, str]:
@@ -602,11 +602,6 @@ def start_api_server(
         f"run('127.0.0.1', {port}, {workers}, {str(BENCH_CONFIG)!r}, {tracking_uri!r})"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=output, stderr=output)
-
-
-def stop_server(server: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """``stop_servers`` of one server."""
-    stop_servers((server,), timeout)
 
 
 def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: float = 20.0) -> None:

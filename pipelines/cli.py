@@ -434,7 +434,13 @@ def bench(
         if tracking_uri is not None:
             from dataclasses import asdict
 
-            from service.api.swap_bench import describe, run_swap_bench, swap_during, swap_ratios
+            from service.api.swap_bench import (
+                describe,
+                latency_text,
+                run_swap_bench,
+                swap_during,
+                swap_ratios,
+            )
 
             swap = run_swap_bench(tracking_uri)
             console.print(f"decision API during model swaps: {describe(swap)}")
@@ -445,11 +451,12 @@ def bench(
                     inputs=f"{swap.rate:g} req/s for 40 s, 2 workers, the champion moved {swap.moves} times "
                     f"(poll {swap.poll_seconds:g} s)",
                     figure=f"within 5 s of a move: {swap.near_errors} of {swap.near_requests} failed, p99 "
-                    f"{swap.near_p99_ms} ms, slowest {swap.near_max_ms} ms; {swap_during(swap)}",
+                    f"{latency_text(swap.near_p99_ms)}, slowest {latency_text(swap.near_max_ms)}; {swap_during(swap)}",
                     seconds=40.0,
                     peak_rss_mb=float("nan"),
                     reference=f"same run away from the moves: {swap.away_errors} of {swap.away_requests} failed, "
-                    f"p90 {swap.away_p90_ms} ms, p99 {swap.away_p99_ms} ms, slowest {swap.away_max_ms} ms",
+                    f"p90 {latency_text(swap.away_p90_ms)}, p99 {latency_text(swap.away_p99_ms)}, slowest "
+                    f"{latency_text(swap.away_max_ms)}",
                     ratio=swap_ratios(swap),
                 )
             )

@@ -609,8 +609,8 @@ def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: flo
     ``timeout`` seconds later: its workers too, which a SIGKILL of its main process alone would leave running,
     holding the port and the CPU the next measurement needs. The tree is taken when the stop begins and again at
     the kill (a worker started in between). Processes are known by pid and start time (psutil), so none that took a
-    pid over is touched. A second Ctrl-C or SIGTERM during the wait cuts it short; the kill is done with both
-    blocked, and the signal acts after it. The servers stay in the bench's process group, so a signal to the whole
+    pid over is touched. A second Ctrl-C or SIGTERM during the wait cuts it short; during the kill both are
+    only noted, and act after it. The servers stay in the bench's process group, so a signal to the whole
     job (the terminal's Ctrl-C, ``timeout``, a CI runner) reaches them as well. Not covered: workers a server's
     main process left behind by dying before the stop (they are no longer in its tree)."""
     running = [server for server in servers if server is not None and server.returncode is None]  # unreaped: its pid

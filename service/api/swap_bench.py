@@ -216,12 +216,13 @@ def run_swap_bench(
 
 def describe(result: SwapLatency) -> str:
     """One line of figures."""
+    text = latency_text
     return (
         f"{result.moves} alias moves at {result.rate:g} req/s (poll {result.poll_seconds:g} s, {result.swaps_logged} "
         f"loads logged by the workers): within {NEAR_SECONDS:g} s after a move {result.near_requests} requests, "
-        f"{result.near_errors} failed, p99 {_ms(result.near_p99_ms)}, slowest {_ms(result.near_max_ms)}; "
+        f"{result.near_errors} failed, p99 {text(result.near_p99_ms)}, slowest {text(result.near_max_ms)}; "
         f"{swap_during(result)}; away from the moves {result.away_requests} requests, {result.away_errors} failed, p90 "
-        f"{_ms(result.away_p90_ms)}, p99 {_ms(result.away_p99_ms)}, slowest {_ms(result.away_max_ms)}"
+        f"{text(result.away_p90_ms)}, p99 {text(result.away_p99_ms)}, slowest {text(result.away_max_ms)}"
     )
 
 
@@ -232,12 +233,12 @@ def swap_during(result: SwapLatency) -> str:
     shortest, longest = result.load_ms_range
     return (
         f"in flight during one of the {result.loads_in_run} swaps in the run ({shortest:g}-{longest:g} ms of loading "
-        f"each) {result.during_requests} requests, {result.during_errors} failed, p90 {_ms(result.during_p90_ms)}, "
-        f"slowest {_ms(result.during_max_ms)}"
+        f"each) {result.during_requests} requests, {result.during_errors} failed, p90 "
+        f"{latency_text(result.during_p90_ms)}, slowest {latency_text(result.during_max_ms)}"
     )
 
 
-def _ms(value: float) -> str:
+def latency_text(value: float) -> str:
     """A latency figure, or why there is none."""
     return f"{value} ms" if math.isfinite(value) else "none answered"
 

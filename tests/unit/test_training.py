@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
+from model.bundle import _path_table as path_table_of
 from model.catalog import load_catalog
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
@@ -211,6 +213,84 @@ def test_bundle_round_trip_scores_identically(trained: TrainingResult, tmp_path:
     assert loaded.explain(request, candidates[3]) == []
     with pytest.raises(FileNotFoundError, match=r"lacks bundle\.json"):
         ModelBundle.load(tmp_path / "nowhere")
+
+
+def _retry_rows(bundle: ModelBundle) -> np.ndarray:
+    request = make_request(**_failure("do_not_honor", "The card was declined.", "05"))
+    return bundle.matrix(request, [c for c in _candidates(request.event_time) if c.action == Action.RETRY])
+
+
+def test_a_saved_bundle_ships_its_path_tables_and_a_plain_pickle(
+    trained: TrainingResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loading scorer reads each booster's explanation table (derived at save) instead of building it from the
+    booster's dump, and the text model through pickle, not joblib's pure-Python unpickler (model/bundle.py)."""
+    import model.bundle as bundle_module
+
+    saved = trained.bundle.save(tmp_path / "bundle")
+    assert {"retry_paths.npz", "retarget_paths.npz", "text_model.pkl"} <= {p.name for p in saved.iterdir()}
+    assert not (saved / "text_model.joblib").exists()
+
+    def not_built(_booster: object) -> None:
+        raise AssertionError("the path table was built, not read")
+
+    monkeypatch.setattr(bundle_module._PathTable, "of", not_built)
+    loaded = ModelBundle.load(saved)
+    loaded.warm_up()
+    x = _retry_rows(loaded)
+    raw = loaded.retry_booster.predict(x, raw_score=True, num_threads=1)
+    np.testing.assert_allclose(
+        path_bias(loaded.retry_booster) + path_contributions(loaded.retry_booster, x).sum(axis=1), raw, atol=1e-9
+    )
+    np.testing.assert_array_equal(
+        path_contributions(loaded.retry_booster, x), path_contributions(trained.bundle.retry_booster, x)
+    )
+    assert all(type(column) is int for column in loaded.text_model.vectorizer.vocabulary_.values())  # type: ignore[union-attr]
+
+
+def test_a_bundle_saved_before_path_tables_and_the_pickle_loads_and_explains_the_same(
+    trained: TrainingResult, tmp_path: Path
+) -> None:
+    import joblib
+
+    saved = trained.bundle.save(tmp_path / "bundle")
+    joblib.dump(trained.bundle.text_model, saved / "text_model.joblib")
+    for name in ("text_model.pkl", "retry_paths.npz", "retarget_paths.npz"):
+        (saved / name).unlink()
+    loaded = ModelBundle.load(saved)
+    x = _retry_rows(loaded)
+    np.testing.assert_array_equal(
+        path_contributions(loaded.retry_booster, x), path_contributions(trained.bundle.retry_booster, x)
+    )
+    request = make_request(**_failure("do_not_honor", "The card was declined.", "05"))
+    candidates = _candidates(request.event_time)
+    np.testing.assert_array_equal(loaded.score(request, candidates), trained.bundle.score(request, candidates))
+
+
+def test_a_path_table_of_another_booster_is_built_again_and_a_broken_one_is_named(
+    trained: TrainingResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    saved = trained.bundle.save(tmp_path / "bundle")
+    (saved / "retry_paths.npz").write_bytes((saved / "retarget_paths.npz").read_bytes())  # another booster's table
+    with caplog.at_level("WARNING", logger="winback.model"):
+        loaded = ModelBundle.load(saved)
+    assert "retry_paths.npz was derived from another retry_model.txt" in caplog.text
+    x = _retry_rows(loaded)
+    np.testing.assert_allclose(
+        path_bias(loaded.retry_booster) + path_contributions(loaded.retry_booster, x).sum(axis=1),
+        loaded.retry_booster.predict(x, raw_score=True, num_threads=1),
+        atol=1e-9,
+    )
+    digest = hashlib.sha256((saved / "retry_model.txt").read_bytes()).hexdigest()
+    table = path_table_of(trained.bundle.retry_booster).table
+    np.savez_compressed(
+        saved / "retry_paths.npz", table=table[:-1], bias=np.float64(0.0), booster_sha256=np.str_(digest)
+    )
+    with pytest.raises(ValueError, match=r"retry_paths\.npz holds a float64 table of shape .* trees"):
+        ModelBundle.load(saved)
+    (saved / "retry_paths.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"retry_paths\.npz is not a readable path table"):
+        ModelBundle.load(saved)
 
 
 def test_training_refuses_a_history_without_retries() -> None:

@@ -14,7 +14,7 @@ import math
 import pickle
 import threading
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -292,12 +292,21 @@ class ModelBundle:
             out[retarget] = self.retarget_calibrator(raw)
         return out
 
-    def warm_up(self, errors: Sequence[tuple[str | None, str | None, str | None]] = ()) -> None:
+    def warm_up(
+        self,
+        errors: Sequence[tuple[str | None, str | None, str | None]] = (),
+        *,
+        between_steps: Callable[[], object] | None = None,
+    ) -> None:
         """Build now what a request would otherwise build on first use, on the request path: each booster's
         predictor (its batch, single-row and leaf calls) and explanation table, the feature plan, the catalog, the
         code inventory, and the text model's features of ``errors`` ((connector, code, message), e.g. the
         ``seen_errors`` of the version this one replaces). A swapped-in model then answers its first requests as
-        fast as the one before it (unwarmed: ~60 ms for the first decision, a few ms per new error code)."""
+        fast as the one before it (unwarmed: ~60 ms for the first decision, a few ms per new error code).
+
+        ``between_steps()`` is called after each step (each under ~1 ms in a warm process): a scorer warming a new
+        version up beside its requests lets them go first there (service/api/inflight.py)."""
+        pause = between_steps if between_steps is not None else _no_pause
         for booster in (self.retry_booster, self.retarget_booster):
             if booster is None:
                 continue
@@ -307,10 +316,13 @@ class ModelBundle:
                 predictor.predict(x)
                 predictor.leaves(x)
             _path_table(booster)
+            pause()
         self.spec._request_plan()
         self._catalog()
+        pause()
         self.code_support("", None)
-        self.text_model.warm(errors)
+        pause()
+        self.text_model.warm(errors, between_steps=pause)
 
     def seen_errors(self) -> list[tuple[str | None, str | None, str | None]]:
         """The errors (connector, code, message) whose text features this model has cached, oldest first."""
@@ -410,8 +422,16 @@ class ModelBundle:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path, *, catalog: Normaliser | None = None) -> ModelBundle:
-        """Read a bundle written by :meth:`save`; ``catalog`` defaults to the shipped one (loaded on first use)."""
+    def load(
+        cls,
+        directory: str | Path,
+        *,
+        catalog: Normaliser | None = None,
+        between_steps: Callable[[], object] | None = None,
+    ) -> ModelBundle:
+        """Read a bundle written by :meth:`save`; ``catalog`` defaults to the shipped one (loaded on first use).
+        ``between_steps()`` is called between its files, as by :meth:`warm_up`."""
+        pause = between_steps if between_steps is not None else _no_pause
         path = Path(directory)
         text_file = path / _FILES["text"]
         if not text_file.is_file() and (path / _JOBLIB_TEXT_FILE).is_file():
@@ -430,11 +450,16 @@ class ModelBundle:
         text_model = _read_text_model(text_file)
         if not isinstance(text_model, TextModel):
             raise ValueError(f"{text_file} does not hold a TextModel")
+        pause()
+        retry_booster = _read_booster(path, "retry")
+        pause()
+        retarget_booster = _read_booster(path, "retarget") if (path / _FILES["retarget"]).is_file() else None
+        pause()
         return cls(
             spec=FeatureSpec.from_json((path / _FILES["spec"]).read_text(encoding="utf-8")),
             text_model=text_model,
-            retry_booster=_read_booster(path, "retry"),
-            retarget_booster=_read_booster(path, "retarget") if (path / _FILES["retarget"]).is_file() else None,
+            retry_booster=retry_booster,
+            retarget_booster=retarget_booster,
             retry_calibrator=Calibrator.from_dict(meta["retry_calibrator"]),
             retarget_calibrator=None
             if meta["retarget_calibrator"] is None
@@ -446,6 +471,10 @@ class ModelBundle:
             version=str(meta["version"]),
             catalog=catalog,
         )
+
+
+def _no_pause() -> None:
+    """``between_steps`` when none is given."""
 
 
 def _read_text_model(file: Path) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SEPARATORS = re.compile(r"[^0-9A-Za-z]+")
 #: Distinct documents kept in the serving cache before it is emptied (the vectoriser is slow per call).
 CACHE_SIZE = 4096
+#: Errors per vectoriser call when a cache is warmed: under 1 ms each (0.6 ms a call, 0.04 ms an error).
+WARM_CHUNK = 8
 
 
 def code_words(code: str | None) -> str:
@@ -184,20 +186,34 @@ class TextModel:
         """The (connector, code, message) of every error whose features are cached, oldest first."""
         return list(self._cache.copy())  # one C call: requests on other threads may be adding to it
 
-    def warm(self, errors: Sequence[tuple[str | None, str | None, str | None]]) -> None:
-        """Cache the features of ``errors`` now, in one vectoriser call (up to ``CACHE_SIZE`` of them, the last
-        ones), so requests carrying them do not pay for it. With none, one error without code or message still
-        goes through, so the vectoriser's and the classifiers' own first-call set-up is paid here, not by a
-        request."""
+    def warm(
+        self,
+        errors: Sequence[tuple[str | None, str | None, str | None]],
+        *,
+        between_steps: Callable[[], object] | None = None,
+    ) -> None:
+        """Cache the features of ``errors`` now (up to ``CACHE_SIZE`` of them, the last ones), so requests carrying
+        them do not pay for it. With none, one error without code or message still goes through, so the
+        vectoriser's and the classifiers' own first-call set-up is paid here, not by a request.
+
+        The errors go through the vectoriser ``WARM_CHUNK`` at a time, with ``between_steps()`` after each chunk:
+        a scorer warming a new version up beside its requests lets them go first there (service/api/inflight.py)."""
         wanted = [error for error in dict.fromkeys(errors) if error not in self._cache][-CACHE_SIZE:] or [
             (None, None, None)
         ]
-        connectors, codes, messages = (list(column) for column in zip(*wanted, strict=True))
-        predicted = self.predict(connectors, codes, messages)
+        rows: list[tuple[tuple[str | None, str | None, str | None], dict[str, float]]] = []
+        for start in range(0, len(wanted), WARM_CHUNK):
+            chunk = wanted[start : start + WARM_CHUNK]
+            connectors, codes, messages = (list(column) for column in zip(*chunk, strict=True))
+            predicted = self.predict(connectors, codes, messages)
+            rows.extend(
+                (key, {name: float(values[row]) for name, values in predicted.items()}) for row, key in enumerate(chunk)
+            )
+            if between_steps is not None:
+                between_steps()
         if len(self._cache) + len(wanted) > CACHE_SIZE:
             self._cache.clear()
-        for row, key in enumerate(wanted):
-            self._cache[key] = {name: float(values[row]) for name, values in predicted.items()}
+        self._cache.update(rows)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

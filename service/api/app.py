@@ -34,6 +34,7 @@ from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
 from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.heap import release_free_memory
+from service.api.inflight import RequestsInFlight
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from service.api.mirror import READ_SECONDS as MIRROR_READ_SECONDS
@@ -172,11 +173,16 @@ class LatencyMiddleware:
 CANARY_MERCHANTS = 20
 
 
-def canary_check(config: WinbackConfig, catalog: ErrorCatalog, policy: PolicyConfig) -> Callable[[Scorer], None]:
+def canary_check(
+    config: WinbackConfig,
+    catalog: ErrorCatalog,
+    policy: PolicyConfig,
+    between_steps: Callable[[], object] | None = None,
+) -> Callable[[Scorer], None]:
     """A check for ``ModelHolder``: a loaded version decides the shipped demo request (CONTRACT.md section 2) under
     up to ``CANARY_MERCHANTS`` merchants of the config before it serves, and whatever it raises keeps the serving
     model. A merchant the request does not fit (RuleInputError: the input's fault, raised before any model is
-    asked) says nothing about the model and is skipped."""
+    asked) says nothing about the model and is skipped. ``between_steps()`` is called after each merchant."""
     request = DecisionRequest.model_validate_json(DEMO_REQUEST_FILE.read_bytes())
     merchants = sorted(config.merchants.items())[:CANARY_MERCHANTS]
 
@@ -188,6 +194,9 @@ def canary_check(config: WinbackConfig, catalog: ErrorCatalog, policy: PolicyCon
                        decision_id="dec_canary")  # fmt: skip
             except RuleInputError:
                 continue
+            finally:
+                if between_steps is not None:
+                    between_steps()
 
     return check
 
@@ -206,8 +215,9 @@ def build_runtime(settings: Settings) -> Runtime:
     metrics = ApiMetrics(connectors=known | set(catalog.connectors()))
     source: ModelSource | None = None
     poll_seconds = settings.model_poll_seconds
+    in_flight = RequestsInFlight()  # a load of a new champion gives way to the requests (api/inflight.py)
     if settings.load_model and settings.model_mirror_dir is not None:
-        source = MirrorSource(settings.model_mirror_dir, settings.model_poll_seconds)
+        source = MirrorSource(settings.model_mirror_dir, settings.model_poll_seconds, between_steps=in_flight.give_way)
         poll_seconds = min(poll_seconds, MIRROR_READ_SECONDS)  # a file read: the swap waits on the mirror's poll
     elif settings.load_model:
         source = MlflowSource(settings.tracking_uri)
@@ -218,9 +228,11 @@ def build_runtime(settings: Settings) -> Runtime:
         retry_base_seconds=settings.model_poll_seconds,
         on_change=lambda served: metrics.set_model_version(served.version),
         on_error=lambda _reason: metrics.registry_errors.inc(),
-        check=canary_check(config, catalog, policy),
+        check=canary_check(config, catalog, policy, between_steps=in_flight.give_way),
+        give_way=in_flight.give_way,
     )
     return Runtime(
+        in_flight=in_flight,
         settings=settings,
         config=config,
         catalog=MemoCatalog(catalog),

@@ -23,6 +23,7 @@ from model.merchant_config import MerchantConfig, WinbackConfig
 from model.policy import PolicyConfig, Scorer, code_support, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError
+from service.api.inflight import RequestsInFlight
 from service.api.metrics import ApiMetrics
 from service.api.model_holder import ModelHolder
 from service.api.settings import Settings
@@ -99,6 +100,7 @@ class Runtime:
     rng: np.random.Generator
     store: Store | None = None
     writer: DecisionWriter | None = None
+    in_flight: RequestsInFlight = field(default_factory=RequestsInFlight)
     _keys: tuple[WinbackConfig, tuple[tuple[bytes, Caller], ...]] | None = field(default=None, init=False, repr=False)
 
     def decide_json(self, request: DecisionRequest, merchant: MerchantConfig) -> str:

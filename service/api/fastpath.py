@@ -50,6 +50,15 @@ class DecisionFastPath:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # Counted while answered, so a model load beside the requests runs between them (api/inflight.py).
+        in_flight = self.app.state.runtime.in_flight
+        in_flight.started()
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            in_flight.ended()
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _declared_length(scope)
         if declared is not None and declared > MAX_REQUEST_BODY:
             await _refuse(send, 413, _TOO_LARGE)

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +199,10 @@ class MirrorSource:
     its last look, and otherwise every ``poll_seconds``, as when it asked the registry itself: a registry that is
     down is reported once per check, not once a second."""
 
-    def __init__(self, folder: Path, poll_seconds: float) -> None:
+    def __init__(self, folder: Path, poll_seconds: float, between_steps: Callable[[], object] | None = None) -> None:
         self.folder = folder
         self.poll_seconds = poll_seconds
+        self.between_steps = between_steps  # called between a load's files (ModelBundle.load)
         self.stale_after = max(STALE_AFTER_POLLS * poll_seconds, STALE_AFTER_SECONDS)
         self._seen_check: float | None = None  # ``checked_at`` (time.monotonic) of the state champion_version read
         self._read_at = -math.inf  # when that was (time.monotonic)
@@ -264,4 +265,5 @@ class MirrorSource:
         """Load the mirrored bundle of ``version``."""
         from model.bundle import ModelBundle
 
-        return VersionedScorer(ModelBundle.load(version_folder(self.folder, version)), version)
+        bundle = ModelBundle.load(version_folder(self.folder, version), between_steps=self.between_steps)
+        return VersionedScorer(bundle, version)

@@ -3,9 +3,10 @@
 A background thread asks the registry which version ``champion`` points at every ``poll_seconds``. When it
 moved, the new version is loaded beside the old one, warmed up on the errors the old one has seen and tried with a
 canary decision (``check``), and only then does one attribute assignment make it the serving model (atomic in
-CPython): a request reads ``holder.current`` once and keeps that model to the end, so
-no request fails or waits during a swap. While no model is registered or the registry is down, decisions come
-from the rules-only policy (``scorer is None``) and the holder keeps trying.
+CPython): a request reads ``holder.current`` once and keeps that model to the end, so no request fails or waits
+for a swap. The load runs in the gaps between the worker's requests (``give_way``, api/inflight.py), so the
+requests it overlaps are barely slowed. While no model is registered or the registry is down, decisions come from
+the rules-only policy (``scorer is None``) and the holder keeps trying.
 """
 
 from __future__ import annotations
@@ -114,8 +115,12 @@ class ModelHolder:
         on_error: Callable[[str], None] | None = None,
         check: Callable[[Scorer], None] | None = None,
         retry_base_seconds: float | None = None,
+        give_way: Callable[[], object] | None = None,
     ) -> None:
         self.source = source
+        # Called between the steps of a load, and passed on to the warm-up: returns once the worker answers no
+        # request (service/api/inflight.py), so a load runs in the gaps between requests.
+        self.give_way = give_way
         # Tries a loaded version before it serves (e.g. a canary decision); raising keeps the serving model.
         self.check = check
         self.poll_seconds = poll_seconds
@@ -206,6 +211,7 @@ class ModelHolder:
                     f"champion version {version} could not be loaded ({first_line(exc)}); "
                     f"serving {self.current.version}"
                 )
+            self._between_steps()
             try:
                 self._prepare(scorer)
             except Exception as exc:
@@ -222,6 +228,7 @@ class ModelHolder:
         self._swap(served)
         self.last_error = None
         self._refused.succeeded()
+        self._between_steps()  # malloc_trim below locks malloc's heaps for a few ms: not while requests run
         # The swapped-out model is freed with its last reference (a request may still hold it for a moment),
         # and what the load freed goes back to the OS: it would otherwise stay in the worker's RSS (api/heap.py).
         release_free_memory()
@@ -244,9 +251,14 @@ class ModelHolder:
         warm_up = getattr(scorer, "warm_up", None)
         if warm_up is not None:
             seen = getattr(self.current.scorer, "seen_errors", None)
-            warm_up(seen() if seen is not None else [])
+            warm_up(seen() if seen is not None else [], between_steps=self.give_way)
+            self._between_steps()
         if self.check is not None:
             self.check(scorer)
+
+    def _between_steps(self) -> None:
+        if self.give_way is not None:
+            self.give_way()
 
     def _refuse(self, version: str, refusal: _Refusal) -> bool:
         """A version that could not be loaded or failed before serving: ``_failed``, and it waits (``RetryWait``)
@@ -315,11 +327,11 @@ class _ShortSwitchInterval:
 
 
 #: Runs a model load with a short switch interval. A load (the bundle, its warm-up on the errors seen, the canary
-#: decisions: ~0.05-0.1 s in a warm process, 1-1.6 s for a worker's first) is mostly Python in the holder's thread;
-#: a request's thread waiting for the GIL got it only after the interpreter's 5 ms, now after 0.5 ms (a booster's
-#: JSON dump, which held it 4-6 ms in one call, is parsed through a Python hook: model/bundle.py). Measured at 300
-#: req/s with four alias moves a run: the slowest request within 5 s of a move took 18-26 ms with the default
-#: interval (three runs), 9-16 ms with this one (five runs), as away from any move (9-16 ms).
+#: decisions: ~25 ms of CPU in a warm process, 1-1.6 s for a worker's first) is mostly Python in the holder's
+#: thread. It gives way to the worker's requests between its steps (``give_way``, api/inflight.py); within a step
+#: (~1-3 ms) a request's thread waiting for the GIL gets it after 0.5 ms instead of the interpreter's 5 ms. Measured
+#: at 300 req/s with four alias moves a run: the slowest request within 5 s of a move took 18-26 ms with the
+#: default interval (three runs), 9-16 ms with this one (five runs), as away from any move (9-16 ms).
 _requests_first = _ShortSwitchInterval()
 
 

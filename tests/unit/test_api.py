@@ -154,7 +154,12 @@ def start(tmp_path: Path, source: FakeSource | None = None, **overrides: Any) ->
         runtime: Runtime = app.state.runtime
         holder = runtime.holder
         runtime.holder = ModelHolder(
-            source, poll_seconds=30, on_change=holder.on_change, on_error=holder.on_error, check=holder.check
+            source,
+            poll_seconds=30,
+            on_change=holder.on_change,
+            on_error=holder.on_error,
+            check=holder.check,
+            give_way=holder.give_way,
         )
     return Api(app)
 
@@ -1054,8 +1059,10 @@ def test_the_canary_decides_for_a_bounded_number_of_merchants(tmp_path: Path) ->
         write_merchant_config(tmp_path / "m.yaml", [f"m_{i:02d}" for i in range(CANARY_MERCHANTS + 5)])
     )
     scorer = FakeScorer("7")
-    canary_check(config, load_catalog(), PolicyConfig())(scorer)
+    steps: list[None] = []
+    canary_check(config, load_catalog(), PolicyConfig(), between_steps=lambda: steps.append(None))(scorer)
     assert scorer.calls == CANARY_MERCHANTS
+    assert len(steps) == CANARY_MERCHANTS  # requests in flight go first after each merchant (api/inflight.py)
     with pytest.raises(RuntimeError, match="model exploded"):
         canary_check(config, load_catalog(), PolicyConfig())(FakeScorer("8", fail=True))
 
@@ -1067,7 +1074,7 @@ def test_a_new_version_is_warmed_on_the_errors_the_serving_one_has_seen(tmp_path
         def seen_errors(self) -> list[Any]:
             return [("stripe", f"code_of_{self.version}", None)]
 
-        def warm_up(self, errors: list[Any]) -> None:
+        def warm_up(self, errors: list[Any], between_steps: Any = None) -> None:
             warmed.append([self.version, errors])
 
     class WarmableSource(FakeSource):
@@ -1085,6 +1092,56 @@ def test_a_new_version_is_warmed_on_the_errors_the_serving_one_has_seen(tmp_path
         assert warmed == [["3", []], ["4", [("stripe", "code_of_3", None)]]]
     finally:
         holder.stop()
+
+
+def test_a_load_gives_way_to_the_requests_between_its_steps() -> None:
+    """api/inflight.py: the holder calls ``give_way`` after the load, after the warm-up (to which it is passed too)
+    and before it frees memory, so a new version is prepared in the gaps between the worker's requests."""
+    steps: list[str] = []
+
+    def give_way() -> None:
+        steps.append("give way")
+
+    class StepScorer(FakeScorer):
+        def warm_up(self, errors: list[Any], between_steps: Any = None) -> None:
+            steps.append("warm up")
+            assert between_steps is give_way
+
+    class StepSource(FakeSource):
+        def load(self, version: str) -> FakeScorer:
+            steps.append(f"load {version}")
+            return StepScorer(version)
+
+    holder = ModelHolder(StepSource("3"), check=lambda _scorer: steps.append("check"), give_way=give_way)
+    assert holder.refresh() is True
+    assert steps == ["load 3", "give way", "warm up", "give way", "check", "give way"]
+    assert holder.current.version == "3"
+
+
+def test_the_app_counts_the_requests_it_answers_and_wires_the_load_to_give_way(tmp_path: Path) -> None:
+    harness = start(tmp_path)
+    try:
+        runtime = harness.runtime
+        during: list[int] = []
+        decide = runtime.decide
+
+        def counting_decide(request: DecisionRequest, merchant: Any) -> Any:
+            during.append(runtime.in_flight.count)
+            return decide(request, merchant)
+
+        runtime.decide = counting_decide  # type: ignore[method-assign]
+        assert harness.post("/v1/decisions", request_body()).status_code == 200
+        assert during == [1]
+        assert harness.post("/v1/decisions", request_body(), key="wrong").status_code == 401
+        assert harness.post("/v1/decisions", {"merchant_id": "m_demo"}).status_code == 422
+        assert harness.get("/healthz").status_code == 200
+        assert runtime.in_flight.count == 0  # every route and outcome is counted out again
+    finally:
+        harness.close()
+    mirrored = app_module.build_runtime(settings_for(tmp_path, load_model=True, model_mirror_dir=tmp_path / "mirror"))
+    give_way = mirrored.in_flight.give_way
+    assert mirrored.holder.give_way == give_way
+    assert getattr(mirrored.holder.source, "between_steps", None) == give_way
 
 
 # ------------------------------------------------------------------------------ config, docs, metrics, logs

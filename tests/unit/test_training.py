@@ -248,6 +248,25 @@ def test_a_saved_bundle_ships_its_path_tables_and_a_plain_pickle(
     assert all(type(column) is int for column in loaded.text_model.vectorizer.vocabulary_.values())  # type: ignore[union-attr]
 
 
+def test_loading_and_warming_a_bundle_up_pause_between_short_steps(trained: TrainingResult, tmp_path: Path) -> None:
+    """A scorer loading a new version beside its requests lets them go first between the steps (api/inflight.py):
+    after each file, each booster, and each few errors' text features, which go through the vectoriser in chunks
+    and are cached as one call would have."""
+    from model.textmodel import WARM_CHUNK
+
+    saved = trained.bundle.save(tmp_path / "bundle")
+    pauses: list[None] = []
+    loaded = ModelBundle.load(saved, between_steps=lambda: pauses.append(None))
+    assert len(pauses) == 3  # after the text model and after each booster
+    errors = [("stripe", f"code_{i}", f"The card was declined ({i}).") for i in range(2 * WARM_CHUNK + 1)]
+    pauses.clear()
+    loaded.warm_up(errors, between_steps=lambda: pauses.append(None))
+    assert len(pauses) == 2 + 2 + 3  # the boosters, the tables and inventory, three chunks of errors
+    cold = ModelBundle.load(saved).text_model
+    assert loaded.seen_errors() == errors
+    assert [loaded.text_model.features_for(*error) for error in errors] == [cold.features_for(*e) for e in errors]
+
+
 def test_a_bundle_saved_before_path_tables_and_the_pickle_loads_and_explains_the_same(
     trained: TrainingResult, tmp_path: Path
 ) -> None:

@@ -1,0 +1,40 @@
+"""The requests in flight, and the background thread that gives way to them (service/api/inflight.py)."""
+
+from __future__ import annotations
+
+import threading
+
+from service.api.inflight import RequestsInFlight
+
+
+def test_with_no_request_in_flight_the_way_is_clear() -> None:
+    in_flight = RequestsInFlight()
+    assert in_flight.give_way(longest=60) is False
+    in_flight.started()
+    in_flight.ended()
+    assert in_flight.give_way(longest=60) is False
+
+
+def test_a_background_thread_waits_until_the_last_request_in_flight_is_answered() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()
+    in_flight.started()
+    waited: list[bool] = []
+    worker = threading.Thread(target=lambda: waited.append(in_flight.give_way(longest=60)))
+    worker.start()
+    worker.join(0.2)
+    assert worker.is_alive()  # two requests in flight: still waiting (it would for a minute)
+    in_flight.ended()
+    worker.join(0.2)
+    assert worker.is_alive()  # one left
+    in_flight.ended()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert waited == [True]
+
+
+def test_a_worker_that_is_never_idle_keeps_a_background_thread_waiting_only_so_long() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()  # never answered
+    assert in_flight.give_way(longest=0.01) is True
+    assert in_flight.count == 1

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
-from model.bundle import _path_table as path_table_of
 from model.catalog import load_catalog
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
@@ -286,30 +285,41 @@ def test_a_bundle_saved_before_path_tables_and_the_pickle_loads_and_explains_the
     np.testing.assert_array_equal(loaded.score(request, candidates), trained.bundle.score(request, candidates))
 
 
-def test_a_path_table_of_another_booster_is_built_again_and_a_broken_one_is_named(
+def test_a_path_table_that_cannot_be_used_is_named_and_built_from_the_booster(
     trained: TrainingResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The table is derived data: one derived from another booster file, or one that does not fit the booster or
+    cannot be read, is named in a warning and built from the booster, and the explanations stay right."""
     saved = trained.bundle.save(tmp_path / "bundle")
-    (saved / "retry_paths.npz").write_bytes((saved / "retarget_paths.npz").read_bytes())  # another booster's table
-    with caplog.at_level("WARNING", logger="winback.model"):
-        loaded = ModelBundle.load(saved)
-    assert "retry_paths.npz was derived from another retry_model.txt" in caplog.text
-    x = _retry_rows(loaded)
-    np.testing.assert_allclose(
-        path_bias(loaded.retry_booster) + path_contributions(loaded.retry_booster, x).sum(axis=1),
-        loaded.retry_booster.predict(x, raw_score=True, num_threads=1),
-        atol=1e-9,
-    )
-    digest = hashlib.sha256((saved / "retry_model.txt").read_bytes()).hexdigest()
-    table = path_table_of(trained.bundle.retry_booster).table
-    np.savez_compressed(
-        saved / "retry_paths.npz", table=table[:-1], bias=np.float64(0.0), booster_sha256=np.str_(digest)
-    )
-    with pytest.raises(ValueError, match=r"retry_paths\.npz holds a float64 table of shape .* trees"):
-        ModelBundle.load(saved)
-    (saved / "retry_paths.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match=r"retry_paths\.npz is not a readable path table"):
-        ModelBundle.load(saved)
+    with np.load(saved / "retry_paths.npz") as own:
+        fields = {name: own[name] for name in own.files}
+    assert str(fields["booster_sha256"]) == hashlib.sha256((saved / "retry_model.txt").read_bytes()).hexdigest()
+    trees, leaves, features = (int(n) for n in fields["shape"])
+
+    def rewritten(**changes: object) -> None:
+        np.savez(saved / "retry_paths.npz", **(fields | changes))
+
+    broken = {
+        "it was derived from another retry_model.txt": lambda: (saved / "retry_paths.npz").write_bytes(
+            (saved / "retarget_paths.npz").read_bytes()
+        ),
+        "for a booster of": lambda: rewritten(shape=np.array([trees + 1, leaves, features])),
+        "with 1 cells": lambda: rewritten(index=np.array([-1]), values=np.array([1.0])),
+        "it cannot be read": lambda: (saved / "retry_paths.npz").write_bytes(b"not a zip file"),
+    }
+    for why, breaking in broken.items():
+        breaking()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="winback.model"):
+            loaded = ModelBundle.load(saved)
+        assert "retry_paths.npz is not used: " in caplog.text
+        assert why in caplog.text
+        x = _retry_rows(loaded)
+        np.testing.assert_allclose(
+            path_bias(loaded.retry_booster) + path_contributions(loaded.retry_booster, x).sum(axis=1),
+            loaded.retry_booster.predict(x, raw_score=True, num_threads=1),
+            atol=1e-9,
+        )
 
 
 def test_training_refuses_a_history_without_retries() -> None:

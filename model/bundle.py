@@ -13,13 +13,13 @@ import logging
 import math
 import pickle
 import threading
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import joblib
 import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
@@ -47,8 +47,9 @@ _FILES = {
     "retarget": "retarget_model.txt",
     "text": "text_model.pkl",
 }
-#: The text model of a bundle saved before ``text_model.pkl``: read by joblib's pure-Python unpickler, ~12 ms of
-#: Python in a worker loading it beside its requests, against ~1 ms for the same model through ``pickle``.
+#: The text model as the releases before ``text_model.pkl`` wrote and read it (still written, for a scorer rolled
+#: back): joblib's pure-Python unpickler takes ~12 ms of Python in a worker loading it beside its requests, against
+#: ~1 ms for the same model through ``pickle``; read only from a bundle without ``text_model.pkl``.
 _JOBLIB_TEXT_FILE = "text_model.joblib"
 #: Each booster's explanation path table, derived from it when the bundle is saved, so a loading scorer reads a
 #: few arrays instead of building the table in Python (~20 ms for both). Optional: a bundle saved before them, or
@@ -408,6 +409,9 @@ class ModelBundle:
                 _path_table(booster).save(path / _PATH_FILES[role], booster_file=path / _FILES[role])
         with (path / _FILES["text"]).open("wb") as text_file:
             pickle.dump(self.text_model, text_file, protocol=pickle.HIGHEST_PROTOCOL)
+        # Also in the form the releases before text_model.pkl read, so a scorer rolled back to one of them still
+        # loads a champion trained now (this release reads text_model.pkl).
+        joblib.dump(self.text_model, path / _JOBLIB_TEXT_FILE)
         meta = {
             "format_version": FORMAT_VERSION,
             "version": self.version,
@@ -480,8 +484,6 @@ def _no_pause() -> None:
 def _read_text_model(file: Path) -> Any:
     """The object pickled in ``file``: ``text_model.pkl``, or an older bundle's ``text_model.joblib``."""
     if file.name == _JOBLIB_TEXT_FILE:
-        import joblib  # only for bundles saved before text_model.pkl
-
         return joblib.load(file)
     with file.open("rb") as opened:
         return pickle.load(opened)
@@ -595,7 +597,7 @@ class _PathTable:
                 shape = tuple(int(n) for n in saved["shape"])
                 index, values = saved["index"], saved["values"]
                 bias, digest = float(saved["bias"]), str(saved["booster_sha256"])
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        except Exception as exc:  # whatever the file holds: the booster's own table is built instead
             why = f"it cannot be read ({type(exc).__name__}: {exc})"
         else:
             why = _misfit(shape, index, values, digest, booster_file=booster_file, booster=booster)

@@ -229,7 +229,7 @@ def build_runtime(settings: Settings) -> Runtime:
         on_change=lambda served: metrics.set_model_version(served.version),
         on_error=lambda _reason: metrics.registry_errors.inc(),
         check=canary_check(config, catalog, policy, between_steps=in_flight.give_way),
-        give_way=in_flight.give_way,
+        in_flight=in_flight,
     )
     return Runtime(
         in_flight=in_flight,

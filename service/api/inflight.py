@@ -12,28 +12,34 @@ otherwise blocks (without the GIL) until the last one has been answered. A load 
 requests, and a request that arrives during a step shares the lock only until that step ends (steps are kept
 short: a file, a booster's warm-up, a few errors' text features, one merchant's canary decision).
 
-A worker that is never idle (saturated) would keep a load waiting for ever: ``give_way`` waits at most
-``GIVE_WAY_SECONDS`` each time, so the load still ends, sharing the lock as before.
+A request in flight is not always using the CPU (an outcome waiting on the database, a slow upload), and a worker
+that is never idle would keep a load waiting for ever: each ``give_way`` waits at most ``GIVE_WAY_SECONDS``, and a
+load gives way for at most ``LOAD_GIVE_WAY_SECONDS`` in all (``budget``), after which it runs to its end sharing
+the lock as before. A saturated worker still swaps within about a second of its load's own time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
-#: Longest one ``give_way`` waits for the requests in flight: a load has a few dozen steps, so a worker that is
-#: never idle still swaps within a second or two.
+#: Longest one ``give_way`` waits for the requests in flight.
 GIVE_WAY_SECONDS = 0.02
+#: Longest a whole model load waits for requests, over all its steps (``budget``).
+LOAD_GIVE_WAY_SECONDS = 1.0
 
 
 class RequestsInFlight:
     """How many requests the worker is answering; ``started`` and ``ended`` are called on its event loop around each
-    one, ``give_way`` by a background thread between the steps of its work."""
+    one, ``give_way`` by background threads between the steps of their work."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._gap = threading.Event()  # set when the count falls to 0 while a thread waits for it
-        self._waiting = 0
+        self._gap = threading.Condition()  # notified when the count falls to 0 while a thread waits for it
+        self._waiting = 0  # threads in give_way (changed under the condition's lock)
+        self._budget = threading.local()  # per thread: seconds it may still wait (``budget``)
 
     def started(self) -> None:
         """A request arrived."""
@@ -42,23 +48,38 @@ class RequestsInFlight:
     def ended(self) -> None:
         """A request has been answered (or failed)."""
         self.count -= 1
+        # A waiter counts itself before it tests the count (both under the lock), and the count falls before this
+        # test: either it sees the count at 0, or it is counted here and woken.
         if self.count == 0 and self._waiting:
-            self._gap.set()
+            with self._gap:
+                self._gap.notify_all()
+
+    @contextlib.contextmanager
+    def budget(self, seconds: float = LOAD_GIVE_WAY_SECONDS) -> Iterator[None]:
+        """Within the block, this thread's ``give_way`` calls wait ``seconds`` in all at most."""
+        self._budget.left = seconds
+        try:
+            yield
+        finally:
+            del self._budget.left
 
     def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
-        """Return once no request is in flight, or after ``longest`` seconds; True when it had to wait."""
+        """Return once no request is in flight, or after ``longest`` seconds (or what is left of this thread's
+        ``budget``); True when it waited."""
         if not self.count:
             return False
-        deadline = time.monotonic() + longest
-        self._waiting += 1
-        try:
-            while self.count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._gap.clear()
-                if self.count:  # not answered between the test above and the clear: wait for ``ended``'s set
-                    self._gap.wait(remaining)
-        finally:
-            self._waiting -= 1
+        left: float | None = getattr(self._budget, "left", None)
+        if left is not None:
+            if left <= 0:
+                return False
+            longest = min(longest, left)
+        started = time.monotonic()
+        with self._gap:
+            self._waiting += 1
+            try:
+                self._gap.wait_for(lambda: not self.count, longest)
+            finally:
+                self._waiting -= 1
+        if left is not None:
+            self._budget.left = left - (time.monotonic() - started)
         return True

@@ -4,8 +4,9 @@ A background thread asks the registry which version ``champion`` points at every
 moved, the new version is loaded beside the old one, warmed up on the errors the old one has seen and tried with a
 canary decision (``check``), and only then does one attribute assignment make it the serving model (atomic in
 CPython): a request reads ``holder.current`` once and keeps that model to the end, so no request fails or waits
-for a swap. The load runs in the gaps between the worker's requests (``give_way``, api/inflight.py), so the
-requests it overlaps are barely slowed. While no model is registered or the registry is down, decisions come from
+for a swap. Between the steps of a load (the bundle's files when they come from the serving command's mirror, the
+warm-up's, each canary merchant) it gives way to the worker's requests in flight (api/inflight.py), so the
+requests it overlaps are slowed less. While no model is registered or the registry is down, decisions come from
 the rules-only policy (``scorer is None``) and the holder keeps trying.
 """
 
@@ -27,6 +28,7 @@ from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
 from service.api.heap import release_free_memory
+from service.api.inflight import RequestsInFlight
 from service.api.poller import Poller, RetryWait
 
 log = logging.getLogger("winback.api")
@@ -115,12 +117,12 @@ class ModelHolder:
         on_error: Callable[[str], None] | None = None,
         check: Callable[[Scorer], None] | None = None,
         retry_base_seconds: float | None = None,
-        give_way: Callable[[], object] | None = None,
+        in_flight: RequestsInFlight | None = None,
     ) -> None:
         self.source = source
-        # Called between the steps of a load, and passed on to the warm-up: returns once the worker answers no
-        # request (service/api/inflight.py), so a load runs in the gaps between requests.
-        self.give_way = give_way
+        # The worker's requests: a load gives way to them between its steps, and passes ``give_way`` on to the
+        # warm-up (service/api/inflight.py), so it runs in the gaps between requests.
+        self.in_flight = in_flight
         # Tries a loaded version before it serves (e.g. a canary decision); raising keeps the serving model.
         self.check = check
         self.poll_seconds = poll_seconds
@@ -203,7 +205,8 @@ class ModelHolder:
             return _Refusal(refusal, new=False)  # refused lately: not loaded again before the wait is over
         assert self.source is not None  # for mypy: refresh returns before any load without a source
         started = time.perf_counter()
-        with _requests_first():
+        budget = self.in_flight.budget() if self.in_flight is not None else contextlib.nullcontext()
+        with _requests_first(), budget:
             try:
                 scorer = self.source.load(version)
             except Exception as exc:
@@ -251,14 +254,18 @@ class ModelHolder:
         warm_up = getattr(scorer, "warm_up", None)
         if warm_up is not None:
             seen = getattr(self.current.scorer, "seen_errors", None)
-            warm_up(seen() if seen is not None else [], between_steps=self.give_way)
+            errors = seen() if seen is not None else []
+            if self.in_flight is None:
+                warm_up(errors)
+            else:
+                warm_up(errors, between_steps=self.in_flight.give_way)
             self._between_steps()
         if self.check is not None:
             self.check(scorer)
 
     def _between_steps(self) -> None:
-        if self.give_way is not None:
-            self.give_way()
+        if self.in_flight is not None:
+            self.in_flight.give_way()
 
     def _refuse(self, version: str, refusal: _Refusal) -> bool:
         """A version that could not be loaded or failed before serving: ``_failed``, and it waits (``RetryWait``)

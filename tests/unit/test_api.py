@@ -37,6 +37,7 @@ from service.api import export as export_module
 from service.api.app import CANARY_MERCHANTS, canary_check, create_app, serving_app
 from service.api.deps import Runtime
 from service.api.export import export_history
+from service.api.inflight import RequestsInFlight
 from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import LOAD_SWITCH_INTERVAL, ModelHolder
 from service.api.poller import Poller
@@ -159,7 +160,7 @@ def start(tmp_path: Path, source: FakeSource | None = None, **overrides: Any) ->
             on_change=holder.on_change,
             on_error=holder.on_error,
             check=holder.check,
-            give_way=holder.give_way,
+            in_flight=holder.in_flight,
         )
     return Api(app)
 
@@ -1096,29 +1097,36 @@ def test_a_new_version_is_warmed_on_the_errors_the_serving_one_has_seen(tmp_path
 
 def test_a_load_gives_way_to_the_requests_between_its_steps() -> None:
     """api/inflight.py: the holder calls ``give_way`` after the load, after the warm-up (to which it is passed too)
-    and before it frees memory, so a new version is prepared in the gaps between the worker's requests."""
+    and before it frees memory, within the load's budget, so a new version is prepared in the gaps between the
+    worker's requests."""
     steps: list[str] = []
 
-    def give_way() -> None:
-        steps.append("give way")
+    class StepRequests(RequestsInFlight):
+        def give_way(self, longest: float = 0.02) -> bool:
+            steps.append("give way" if getattr(self._budget, "left", None) is not None else "give way, no budget")
+            return False
+
+    in_flight = StepRequests()
 
     class StepScorer(FakeScorer):
         def warm_up(self, errors: list[Any], between_steps: Any = None) -> None:
             steps.append("warm up")
-            assert between_steps is give_way
+            assert between_steps == in_flight.give_way
 
     class StepSource(FakeSource):
         def load(self, version: str) -> FakeScorer:
             steps.append(f"load {version}")
             return StepScorer(version)
 
-    holder = ModelHolder(StepSource("3"), check=lambda _scorer: steps.append("check"), give_way=give_way)
+    holder = ModelHolder(StepSource("3"), check=lambda _scorer: steps.append("check"), in_flight=in_flight)
     assert holder.refresh() is True
-    assert steps == ["load 3", "give way", "warm up", "give way", "check", "give way"]
+    assert steps == ["load 3", "give way", "warm up", "give way", "check", "give way, no budget"]
     assert holder.current.version == "3"
 
 
-def test_the_app_counts_the_requests_it_answers_and_wires_the_load_to_give_way(tmp_path: Path) -> None:
+def test_the_app_counts_the_requests_it_answers_and_wires_the_load_to_give_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     harness = start(tmp_path)
     try:
         runtime = harness.runtime
@@ -1127,6 +1135,8 @@ def test_the_app_counts_the_requests_it_answers_and_wires_the_load_to_give_way(t
 
         def counting_decide(request: DecisionRequest, merchant: Any) -> Any:
             during.append(runtime.in_flight.count)
+            if request.order_id == "ord_explodes":
+                raise RuntimeError("the app failed")  # the documented route answers 500, still counted out
             return decide(request, merchant)
 
         runtime.decide = counting_decide  # type: ignore[method-assign]
@@ -1135,13 +1145,24 @@ def test_the_app_counts_the_requests_it_answers_and_wires_the_load_to_give_way(t
         assert harness.post("/v1/decisions", request_body(), key="wrong").status_code == 401
         assert harness.post("/v1/decisions", {"merchant_id": "m_demo"}).status_code == 422
         assert harness.get("/healthz").status_code == 200
+        with pytest.raises(RuntimeError, match="the app failed"):
+            harness.post("/v1/decisions", request_body(order_id="ord_explodes"))
         assert runtime.in_flight.count == 0  # every route and outcome is counted out again
     finally:
         harness.close()
+    given_way: list[None] = []
+
+    def counting_give_way(_self: RequestsInFlight, longest: float = 0.02) -> bool:
+        given_way.append(None)
+        return False
+
+    monkeypatch.setattr(RequestsInFlight, "give_way", counting_give_way)
     mirrored = app_module.build_runtime(settings_for(tmp_path, load_model=True, model_mirror_dir=tmp_path / "mirror"))
-    give_way = mirrored.in_flight.give_way
-    assert mirrored.holder.give_way == give_way
-    assert getattr(mirrored.holder.source, "between_steps", None) == give_way
+    assert mirrored.holder.in_flight is mirrored.in_flight
+    assert getattr(mirrored.holder.source, "between_steps", None) == mirrored.in_flight.give_way
+    assert mirrored.holder.check is not None
+    mirrored.holder.check(FakeScorer("5"))
+    assert len(given_way) == 2  # the canary, after each of the config's two merchants
 
 
 # ------------------------------------------------------------------------------ config, docs, metrics, logs

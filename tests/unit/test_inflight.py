@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from service.api.inflight import RequestsInFlight
 
@@ -38,3 +39,35 @@ def test_a_worker_that_is_never_idle_keeps_a_background_thread_waiting_only_so_l
     in_flight.started()  # never answered
     assert in_flight.give_way(longest=0.01) is True
     assert in_flight.count == 1
+
+
+def test_a_waiting_thread_sleeps_and_more_than_one_are_woken() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()
+    cpu: list[float] = []
+
+    def wait() -> None:
+        began = time.thread_time()
+        in_flight.give_way(longest=60)
+        cpu.append(time.thread_time() - began)
+
+    waiters = [threading.Thread(target=wait) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.3)
+    in_flight.ended()
+    for waiter in waiters:
+        waiter.join(30)
+        assert not waiter.is_alive()
+    assert len(cpu) == 2
+    assert max(cpu) < 0.1  # blocked, not spinning, for the 0.3 s the request was in flight
+
+
+def test_a_budget_bounds_what_a_thread_waits_in_all() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()  # never answered
+    with in_flight.budget(0.05):
+        waits = [in_flight.give_way(longest=60) for _ in range(50)]
+    assert waits[0] is True
+    assert waits[-1] is False  # the budget was spent: the rest ran without waiting
+    assert in_flight.give_way(longest=0.01) is True  # outside the block, each call waits again

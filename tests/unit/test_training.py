@@ -227,13 +227,18 @@ def test_a_saved_bundle_ships_its_path_tables_and_a_plain_pickle(
     import model.bundle as bundle_module
 
     saved = trained.bundle.save(tmp_path / "bundle")
-    assert {"retry_paths.npz", "retarget_paths.npz", "text_model.pkl"} <= {p.name for p in saved.iterdir()}
-    assert not (saved / "text_model.joblib").exists()
+    # text_model.joblib too: what a scorer of an earlier release reads, should it be rolled back.
+    files = {"retry_paths.npz", "retarget_paths.npz", "text_model.pkl", "text_model.joblib"}
+    assert files <= {p.name for p in saved.iterdir()}
 
     def not_built(_booster: object) -> None:
         raise AssertionError("the path table was built, not read")
 
+    def not_joblib(_file: object) -> None:
+        raise AssertionError("the text model was read by joblib")
+
     monkeypatch.setattr(bundle_module._PathTable, "of", not_built)
+    monkeypatch.setattr(bundle_module.joblib, "load", not_joblib)
     loaded = ModelBundle.load(saved)
     loaded.warm_up()
     x = _retry_rows(loaded)
@@ -264,6 +269,23 @@ def test_loading_and_warming_a_bundle_up_pause_between_short_steps(trained: Trai
     cold = ModelBundle.load(saved).text_model
     assert loaded.seen_errors() == errors
     assert [loaded.text_model.features_for(*error) for error in errors] == [cold.features_for(*e) for e in errors]
+    # With no steps to pause between (a worker's first load), the errors go through the vectoriser in one call.
+    calls: list[int] = []
+    fresh = ModelBundle.load(saved).text_model
+    predict = fresh.predict
+    fresh.predict = lambda *columns: calls.append(len(columns[0])) or predict(*columns)  # type: ignore[method-assign]
+    fresh.warm(errors)
+    assert calls == [len(errors)]
+
+
+def test_a_mirrored_bundle_is_loaded_pausing_between_its_files(trained: TrainingResult, tmp_path: Path) -> None:
+    from service.api.mirror import MirrorSource, version_folder
+
+    trained.bundle.save(version_folder(tmp_path, "7"))
+    pauses: list[None] = []
+    scorer = MirrorSource(tmp_path, 1.0, between_steps=lambda: pauses.append(None)).load("7")
+    assert scorer.version == "7"
+    assert len(pauses) == 3
 
 
 def test_a_bundle_saved_before_path_tables_and_the_pickle_loads_and_explains_the_same(

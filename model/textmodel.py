@@ -31,8 +31,9 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SEPARATORS = re.compile(r"[^0-9A-Za-z]+")
 #: Distinct documents kept in the serving cache before it is emptied (the vectoriser is slow per call).
 CACHE_SIZE = 4096
-#: Errors per vectoriser call when a cache is warmed between other steps: ~1.2 ms each (0.6 ms a call, 0.04 ms an
-#: error); without steps between, all go through one call (the CPU of a call per chunk is then for nothing).
+#: Errors per vectoriser call when a cache is warmed with pauses between (a scorer loading a new version beside its
+#: requests): ~1.2 ms each (0.6 ms a call, 0.04 ms an error), ~1.8x the CPU of one call for all; without pauses
+#: (a worker's first load, the executor), all go through one call.
 WARM_CHUNK = 16
 
 

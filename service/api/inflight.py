@@ -39,6 +39,7 @@ class RequestsInFlight:
         self.count = 0
         self._gap = threading.Condition()  # notified when the count falls to 0 while a thread waits for it
         self._waiting = 0  # threads in give_way (changed under the condition's lock)
+        self._gaps = 0  # times the count fell to 0: a waiter returns at a gap even if a request came in since
         self._budget = threading.local()  # per thread: seconds it may still wait (``budget``)
 
     def started(self) -> None:
@@ -48,23 +49,32 @@ class RequestsInFlight:
     def ended(self) -> None:
         """A request has been answered (or failed)."""
         self.count -= 1
-        # A waiter counts itself before it tests the count (both under the lock), and the count falls before this
-        # test: either it sees the count at 0, or it is counted here and woken.
-        if self.count == 0 and self._waiting:
-            with self._gap:
-                self._gap.notify_all()
+        if self.count == 0:
+            self._gaps += 1
+            # A waiter counts itself before it tests the gaps (both under the lock), and they change before this
+            # test: either it sees the new gap, or it is counted here and woken.
+            if self._waiting:
+                with self._gap:
+                    self._gap.notify_all()
 
     @contextlib.contextmanager
     def budget(self, seconds: float = LOAD_GIVE_WAY_SECONDS) -> Iterator[None]:
-        """Within the block, this thread's ``give_way`` calls wait ``seconds`` in all at most."""
-        self._budget.left = seconds
+        """Within the block, this thread's ``give_way`` calls wait ``seconds`` in all at most (and no more than an
+        enclosing block has left)."""
+        outer: float | None = getattr(self._budget, "left", None)
+        inner = seconds if outer is None else min(seconds, outer)
+        self._budget.left = inner
         try:
             yield
         finally:
-            del self._budget.left
+            if outer is None:
+                del self._budget.left
+            else:  # what the block waited is spent from the enclosing one too
+                self._budget.left = outer - (inner - self._budget.left)
 
     def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
-        """Return once no request is in flight, or after ``longest`` seconds (or what is left of this thread's
+        """Return once no request is in flight (or the count fell to 0 since the call, even if another request came
+        in before this thread got the GIL back), or after ``longest`` seconds (or what is left of this thread's
         ``budget``); True when it waited."""
         if not self.count:
             return False
@@ -76,8 +86,9 @@ class RequestsInFlight:
         started = time.monotonic()
         with self._gap:
             self._waiting += 1
+            gaps = self._gaps
             try:
-                self._gap.wait_for(lambda: not self.count, longest)
+                self._gap.wait_for(lambda: not self.count or self._gaps != gaps, longest)
             finally:
                 self._waiting -= 1
         if left is not None:

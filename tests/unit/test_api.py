@@ -37,7 +37,7 @@ from service.api import export as export_module
 from service.api.app import CANARY_MERCHANTS, canary_check, create_app, serving_app
 from service.api.deps import Runtime
 from service.api.export import export_history
-from service.api.inflight import RequestsInFlight
+from service.api.inflight import GIVE_WAY_SECONDS, LOAD_GIVE_WAY_SECONDS, RequestsInFlight
 from service.api.logging import JsonFormatter, scrub
 from service.api.model_holder import LOAD_SWITCH_INTERVAL, ModelHolder
 from service.api.poller import Poller
@@ -1122,6 +1122,33 @@ def test_a_load_gives_way_to_the_requests_between_its_steps() -> None:
     assert holder.refresh() is True
     assert steps == ["load 3", "give way", "warm up", "give way", "check", "give way, no budget"]
     assert holder.current.version == "3"
+
+
+def test_a_worker_never_idle_still_swaps_its_load_giving_way_for_a_budget_in_all() -> None:
+    returned: list[bool] = []
+
+    class Counted(RequestsInFlight):
+        def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
+            returned.append(super().give_way(longest))
+            return returned[-1]
+
+    in_flight = Counted()
+    in_flight.started()  # a request never answered (an outcome waiting on a database that hangs)
+
+    class ManyStepScorer(FakeScorer):
+        def warm_up(self, errors: list[Any], between_steps: Any = None) -> None:
+            for _ in range(500):  # ~4,000 errors seen: 250 chunks, and more
+                between_steps()
+
+    class ManyStepSource(FakeSource):
+        def load(self, version: str) -> FakeScorer:
+            return ManyStepScorer(version)
+
+    holder = ModelHolder(ManyStepSource("3"), in_flight=in_flight)
+    assert holder.refresh() is True
+    waits = returned.count(True)
+    assert 0 < waits <= LOAD_GIVE_WAY_SECONDS / GIVE_WAY_SECONDS + 2  # then the budget was spent: no more waits
+    assert returned[-2] is False  # the last step of the load; the very last is the trim's, outside the budget
 
 
 def test_the_app_counts_the_requests_it_answers_and_wires_the_load_to_give_way(

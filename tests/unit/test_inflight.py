@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from service.api.inflight import RequestsInFlight
 
 
@@ -20,15 +22,25 @@ def test_a_background_thread_waits_until_the_last_request_in_flight_is_answered(
     in_flight = RequestsInFlight()
     in_flight.started()
     in_flight.started()
-    waited: list[bool] = []
-    worker = threading.Thread(target=lambda: waited.append(in_flight.give_way(longest=60)))
-    worker.start()
+    worker, waited = _waiting_thread(in_flight)
     worker.join(0.2)
     assert worker.is_alive()  # two requests in flight: still waiting (it would for a minute)
     in_flight.ended()
     worker.join(0.2)
     assert worker.is_alive()  # one left
     in_flight.ended()
+    _returned_after_waiting(worker, waited)
+
+
+def _waiting_thread(in_flight: RequestsInFlight) -> tuple[threading.Thread, list[bool]]:
+    """A thread in ``give_way`` for up to a minute, and where it puts what it returned."""
+    waited: list[bool] = []
+    worker = threading.Thread(target=lambda: waited.append(in_flight.give_way(longest=60)))
+    worker.start()
+    return worker, waited
+
+
+def _returned_after_waiting(worker: threading.Thread, waited: list[bool]) -> None:
     worker.join(30)
     assert not worker.is_alive()
     assert waited == [True]
@@ -71,3 +83,31 @@ def test_a_budget_bounds_what_a_thread_waits_in_all() -> None:
     assert waits[0] is True
     assert waits[-1] is False  # the budget was spent: the rest ran without waiting
     assert in_flight.give_way(longest=0.01) is True  # outside the block, each call waits again
+
+
+def test_a_waiter_returns_at_a_gap_even_when_a_request_came_in_before_it_woke() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()
+    worker, waited = _waiting_thread(in_flight)
+    while not in_flight._waiting:  # the waiter is in its wait
+        time.sleep(0.001)
+    in_flight.ended()  # a gap ...
+    in_flight.started()  # ... closed before the waiter had the GIL back
+    _returned_after_waiting(worker, waited)
+
+
+def test_budgets_are_per_thread_and_nest() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()  # never answered
+    with in_flight.budget(0.05):
+        other: list[bool] = []
+        thread = threading.Thread(target=lambda: other.append(in_flight.give_way(longest=0.2)))
+        thread.start()
+        with in_flight.budget(60):  # an inner block gets no more than the outer one has left
+            assert [in_flight.give_way(longest=60) for _ in range(20)][-1] is False
+        assert in_flight.give_way(longest=60) is False  # what the inner block waited is spent from the outer
+        thread.join(30)
+        assert other == [True]  # another thread waits on its own terms
+    with pytest.raises(RuntimeError, match="the load failed"), in_flight.budget(0.01):
+        raise RuntimeError("the load failed")  # its own error, not one of the budget's
+    assert in_flight.give_way(longest=0.01) is True  # no budget left behind

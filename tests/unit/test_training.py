@@ -269,12 +269,12 @@ def test_loading_and_warming_a_bundle_up_pause_between_short_steps(trained: Trai
     cold = ModelBundle.load(saved).text_model
     assert loaded.seen_errors() == errors
     assert [loaded.text_model.features_for(*error) for error in errors] == [cold.features_for(*e) for e in errors]
-    # With no steps to pause between (a worker's first load), the errors go through the vectoriser in one call.
+    # Without pauses (a worker's first load, the executor), the errors go through the vectoriser in one call.
     calls: list[int] = []
-    fresh = ModelBundle.load(saved).text_model
-    predict = fresh.predict
-    fresh.predict = lambda *columns: calls.append(len(columns[0])) or predict(*columns)  # type: ignore[method-assign]
-    fresh.warm(errors)
+    fresh = ModelBundle.load(saved)
+    predict = fresh.text_model.predict
+    fresh.text_model.predict = lambda *columns: calls.append(len(columns[0])) or predict(*columns)  # type: ignore[method-assign]
+    fresh.warm_up(errors)
     assert calls == [len(errors)]
 
 
@@ -321,15 +321,23 @@ def test_a_path_table_that_cannot_be_used_is_named_and_built_from_the_booster(
     def rewritten(**changes: object) -> None:
         np.savez(saved / "retry_paths.npz", **(fields | changes))
 
-    broken = {
-        "it was derived from another retry_model.txt": lambda: (saved / "retry_paths.npz").write_bytes(
+    no_cells = {"index": np.array([], dtype=np.int64), "values": np.array([])}
+    broken = [
+        ("it was derived from another retry_model.txt", lambda: (saved / "retry_paths.npz").write_bytes(
             (saved / "retarget_paths.npz").read_bytes()
-        ),
-        "for a booster of": lambda: rewritten(shape=np.array([trees + 1, leaves, features])),
-        "with 1 cells": lambda: rewritten(index=np.array([-1]), values=np.array([1.0])),
-        "it cannot be read": lambda: (saved / "retry_paths.npz").write_bytes(b"not a zip file"),
-    }
-    for why, breaking in broken.items():
+        )),
+        ("trees of at most", lambda: rewritten(shape=np.array([trees + 1, leaves, features]))),
+        ("trees of at most", lambda: rewritten(shape=np.array([trees, 1, features]), **no_cells)),
+        ("trees of at most", lambda: rewritten(shape=np.array([trees, 2**40, features]), **no_cells)),
+        ("trees of at most", lambda: rewritten(shape=np.array([trees, -1, features]), **no_cells)),
+        ("with 1 float64 cells", lambda: rewritten(index=np.array([0.0]), values=np.array([1.0]))),
+        ("with 2 int64 cells", lambda: rewritten(index=np.array([0, 1]), values=np.array([1.0]))),
+        ("with 1 int64 cells", lambda: rewritten(index=np.array([0]), values=np.array([1], dtype=np.int64))),
+        ("cells lie outside", lambda: rewritten(index=np.array([-1]), values=np.array([1.0]))),
+        ("cells lie outside", lambda: rewritten(index=np.array([trees * leaves * features]), values=np.array([1.0]))),
+        ("it cannot be read", lambda: (saved / "retry_paths.npz").write_bytes(b"not a zip file")),
+    ]  # fmt: skip
+    for why, breaking in broken:
         breaking()
         caplog.clear()
         with caplog.at_level("WARNING", logger="winback.model"):

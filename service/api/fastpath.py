@@ -19,7 +19,6 @@ gives. The FastAPI route stays the documented one (OpenAPI) and the reference fo
 
 from __future__ import annotations
 
-import asyncio
 import time
 import zlib
 
@@ -51,15 +50,13 @@ class DecisionFastPath:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # Counted while answered, so a model load beside the requests runs between them (api/inflight.py), and
-        # counted out only on the event loop's next turn: uvloop sends what a request wrote at the end of the turn,
-        # which a load resumed at once (its thread taking the GIL) would hold back.
+        # Counted while answered, so a model load beside the requests runs between them (api/inflight.py).
         in_flight = self.app.state.runtime.in_flight
         in_flight.started()
         try:
             await self._http(scope, receive, send)
         finally:
-            asyncio.get_running_loop().call_soon(in_flight.ended)
+            in_flight.ended()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _declared_length(scope)

@@ -575,8 +575,8 @@ class _PathTable:
 
     def save(self, file: Path, *, booster_file: Path) -> None:
         """Write the table to ``file`` with the digest of the booster file it was derived from. Its non-zero cells
-        only (a leaf's path crosses few features: ~8% of the table), uncompressed: read back in ~0.3 ms with the
-        checks, against ~0.6 ms for the whole table compressed."""
+        only (a leaf's path crosses few features: ~8% of the table), uncompressed: read back, checks included, in
+        ~0.4 ms, against ~0.9 ms for the whole table compressed with its digest."""
         flat = self.table.reshape(-1)
         index = np.flatnonzero(flat).astype(np.int64)
         np.savez(
@@ -637,7 +637,7 @@ def _misfit(
 
 
 #: A tree's leaf count in a LightGBM model file.
-_NUM_LEAVES = re.compile(rb"^num_leaves=(\d+)$", re.MULTILINE)
+_NUM_LEAVES = re.compile(rb"\nnum_leaves=(\d+)\n")  # not ^...$ (MULTILINE): that tries a match at every byte
 
 #: Where a booster keeps its path table (``kept_on_booster``), built or read with the bundle.
 _PATH_TABLE_ATTRIBUTE = "_winback_path_table"

@@ -75,7 +75,8 @@ class RequestsInFlight:
     def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
         """Return once no request is in flight (or the count fell to 0 since the call, even if another request came
         in before this thread got the GIL back), or after ``longest`` seconds (or what is left of this thread's
-        ``budget``); True when it waited."""
+        ``budget``); True when a request was in flight at the call."""
+        gaps = self._gaps  # read first: a gap from here on ends the wait
         if not self.count:
             return False
         left: float | None = getattr(self._budget, "left", None)
@@ -86,7 +87,6 @@ class RequestsInFlight:
         started = time.monotonic()
         with self._gap:
             self._waiting += 1
-            gaps = self._gaps
             try:
                 self._gap.wait_for(lambda: not self.count or self._gaps != gaps, longest)
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,34 @@ def test_budgets_are_per_thread_and_nest() -> None:
     with pytest.raises(RuntimeError, match="the load failed"), in_flight.budget(0.01):
         raise RuntimeError("the load failed")  # its own error, not one of the budget's
     assert in_flight.give_way(longest=0.01) is True  # no budget left behind
+
+
+def test_a_gap_between_the_waiters_count_test_and_its_lock_ends_the_wait() -> None:
+    """The event loop may answer the last request and take the next one after ``give_way`` found a request in
+    flight and before it holds its lock: that gap ends the wait too."""
+    in_flight = RequestsInFlight()
+    in_flight.started()
+
+    class GapBeforeTheLock:
+        def __init__(self, condition: threading.Condition) -> None:
+            self.condition = condition
+            self.gapped = False
+
+        def __enter__(self) -> bool:
+            if not self.gapped:  # as if the loop ran here: the last request answered, the next one arrived
+                self.gapped = True
+                in_flight.ended()
+                in_flight.started()
+            return self.condition.__enter__()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.condition.__exit__(*exc)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.condition, name)
+
+    in_flight._gap = GapBeforeTheLock(in_flight._gap)  # type: ignore[assignment]
+    worker, waited = _waiting_thread(in_flight)
+    worker.join(10)  # it would wait its whole minute without the gap
+    _returned_after_waiting(worker, waited)
+    assert in_flight.count == 1

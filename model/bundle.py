@@ -441,9 +441,9 @@ class ModelBundle:
         text_file = path / _FILES["text"]
         if not text_file.is_file() and (path / _JOBLIB_TEXT_FILE).is_file():
             text_file = path / _JOBLIB_TEXT_FILE
-        missing = [
-            name for key, name in _FILES.items() if key not in ("retarget", "text") and not (path / name).is_file()
-        ] + ([] if text_file.is_file() else [_FILES["text"]])
+        missing = [_FILES[key] for key in ("meta", "spec", "retry") if not (path / _FILES[key]).is_file()]
+        if not text_file.is_file():
+            missing.append(_FILES["text"])
         if missing:
             raise FileNotFoundError(f"model bundle at {path} lacks {', '.join(missing)}")
         meta = json.loads((path / _FILES["meta"]).read_text(encoding="utf-8"))

@@ -199,8 +199,8 @@ class TextModel:
         vectoriser's and the classifiers' own first-call set-up is paid here, not by a request.
 
         With ``between_steps``, the errors go through the vectoriser ``WARM_CHUNK`` at a time, and it is called after
-        each chunk:
-        a scorer warming a new version up beside its requests lets them go first there (service/api/inflight.py)."""
+        each chunk: a scorer warming a new version up beside its requests lets them go first there
+        (service/api/inflight.py)."""
         wanted = [error for error in dict.fromkeys(errors) if error not in self._cache][-CACHE_SIZE:] or [
             (None, None, None)
         ]

@@ -483,11 +483,15 @@ def _no_pause() -> None:
 
 
 def _read_text_model(file: Path) -> Any:
-    """The object pickled in ``file``: ``text_model.pkl``, or an older bundle's ``text_model.joblib``."""
-    if file.name == _JOBLIB_TEXT_FILE:
-        return joblib.load(file)
-    with file.open("rb") as opened:
-        return pickle.load(opened)
+    """The object pickled in ``file``: ``text_model.pkl``, or an older bundle's ``text_model.joblib``. ValueError
+    names the file when it cannot be read (pickle's and joblib's own errors name none)."""
+    try:
+        if file.name == _JOBLIB_TEXT_FILE:
+            return joblib.load(file)
+        with file.open("rb") as opened:
+            return pickle.load(opened)
+    except Exception as exc:
+        raise ValueError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_booster(path: Path, role: str) -> lgb.Booster:

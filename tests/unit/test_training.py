@@ -307,6 +307,18 @@ def test_a_bundle_saved_before_path_tables_and_the_pickle_loads_and_explains_the
     np.testing.assert_array_equal(loaded.score(request, candidates), trained.bundle.score(request, candidates))
 
 
+def test_a_text_model_that_cannot_be_read_is_named(trained: TrainingResult, tmp_path: Path) -> None:
+    saved = trained.bundle.save(tmp_path / "bundle")
+    whole = (saved / "text_model.pkl").read_bytes()
+    (saved / "text_model.pkl").write_bytes(whole[:1000])  # cut short: pickle's own error names no file
+    with pytest.raises(ValueError, match=r"text_model\.pkl cannot be read \(UnpicklingError"):
+        ModelBundle.load(saved)
+    (saved / "text_model.pkl").unlink()
+    (saved / "text_model.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"text_model\.joblib cannot be read"):
+        ModelBundle.load(saved)
+
+
 def test_a_path_table_that_cannot_be_used_is_named_and_built_from_the_booster(
     trained: TrainingResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -206,7 +206,8 @@ class ModelHolder:
         assert self.source is not None  # for mypy: refresh returns before any load without a source
         started = time.perf_counter()
         budget = self.in_flight.budget() if self.in_flight is not None else contextlib.nullcontext()
-        with _requests_first(), budget:
+        each_call = self.in_flight.at_each_call() if self.in_flight is not None else contextlib.nullcontext()
+        with _requests_first(), budget, each_call:
             try:
                 scorer = self.source.load(version)
             except Exception as exc:
@@ -335,10 +336,11 @@ class _ShortSwitchInterval:
 
 #: Runs a model load with a short switch interval. A load (the bundle, its warm-up on the errors seen, the canary
 #: decisions: ~25 ms of CPU in a warm process, 1-1.6 s for a worker's first) is mostly Python in the holder's
-#: thread. It gives way to the worker's requests between its steps (``give_way``, api/inflight.py); within a step
-#: (~1-3 ms) a request's thread waiting for the GIL gets it after 0.5 ms instead of the interpreter's 5 ms. Measured
-#: at 300 req/s with four alias moves a run: the slowest request within 5 s of a move took 18-26 ms with the
-#: default interval (three runs), 9-16 ms with this one (five runs), as away from any move (9-16 ms).
+#: thread. It gives way to the worker's requests between its steps and at each Python call within them
+#: (``give_way``, ``at_each_call``: api/inflight.py); a request's thread arriving while the load holds the GIL gets
+#: it after 0.5 ms instead of the interpreter's 5 ms. Measured at 300 req/s with four alias moves a run, before
+#: ``at_each_call``: the slowest request within 5 s of a move took 18-26 ms with the default interval (three runs),
+#: 9-16 ms with this one (five runs), as away from any move (9-16 ms).
 _requests_first = _ShortSwitchInterval()
 
 

@@ -1124,6 +1124,37 @@ def test_a_load_gives_way_to_the_requests_between_its_steps() -> None:
     assert holder.current.version == "3"
 
 
+def test_a_load_gives_way_at_each_python_call_while_a_request_is_in_flight() -> None:
+    """api/inflight.py's ``at_each_call``: within a step too, the load waits for the requests at every Python call
+    it makes (here: in the source's load), and the thread's trace function is its own again afterwards."""
+    steps: list[str] = []
+
+    class EachCall(RequestsInFlight):
+        def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
+            steps.append("give way")
+            return False
+
+    in_flight = EachCall()
+    in_flight.started()
+
+    def parse_a_file() -> None:
+        """A Python function called inside the load."""
+
+    class ParsingSource(FakeSource):
+        def load(self, version: str) -> FakeScorer:
+            steps.append("load starts")
+            parse_a_file()
+            steps.append("load ends")
+            return FakeScorer(version)
+
+    trace_before = sys.gettrace()
+    holder = ModelHolder(ParsingSource("3"), in_flight=in_flight)
+    assert holder.refresh() is True
+    assert steps[steps.index("load starts") + 1 : steps.index("load ends")] == ["give way"]
+    assert sys.gettrace() is trace_before
+    assert holder.current.version == "3"
+
+
 def test_a_worker_never_idle_still_swaps_its_load_giving_way_for_a_budget_in_all() -> None:
     returned: list[bool] = []
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from types import FrameType
 from typing import Any
 
 import pytest
 
-from service.api.inflight import RequestsInFlight
+from service.api.inflight import GIVE_WAY_SECONDS, RequestsInFlight
 
 
 def test_with_no_request_in_flight_the_way_is_clear() -> None:
@@ -144,3 +146,76 @@ def test_a_gap_between_the_waiters_count_test_and_its_lock_ends_the_wait() -> No
     worker.join(10)  # it would wait its whole minute without the gap
     _returned_after_waiting(worker, waited)
     assert in_flight.count == 1
+
+
+def test_within_at_each_call_the_thread_gives_way_at_its_python_calls_while_a_request_is_in_flight() -> None:
+    gave_way: list[int] = []
+
+    class Recorded(RequestsInFlight):
+        def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
+            gave_way.append(threading.get_ident())
+            return False
+
+    in_flight = Recorded()
+    with in_flight.at_each_call():
+        _python_step()
+        _python_step()
+    assert gave_way == []  # no request in flight: nothing to give way to
+    in_flight.started()
+    with in_flight.at_each_call():
+        before = len(gave_way)
+        _python_step()
+        _python_step()
+        assert len(gave_way) == before + 2  # one at each call
+        other = threading.Thread(target=_python_step)
+        other.start()
+        other.join()
+    after = len(gave_way)
+    _python_step()
+    assert len(gave_way) == after  # after the block, calls are not traced
+    assert set(gave_way) == {threading.get_ident()}  # the other thread was never traced
+
+
+def _python_step() -> None:
+    """A Python function: calling it is a call the trace function sees (a C function's would not be)."""
+
+
+def test_at_each_call_puts_back_the_trace_function_the_thread_had_even_after_an_error() -> None:
+    seen: list[str] = []
+
+    def outer(frame: FrameType, event: str, arg: object) -> None:
+        seen.append(frame.f_code.co_name)
+
+    in_flight = RequestsInFlight()
+    previous = sys.gettrace()
+    sys.settrace(outer)
+    try:
+        with pytest.raises(RuntimeError, match="load failed"), in_flight.at_each_call():
+            raise RuntimeError("load failed")
+        assert sys.gettrace() is outer
+        _python_step()
+    finally:
+        sys.settrace(previous)
+    assert "_python_step" in seen  # the thread's own trace function works again
+
+
+def test_a_thread_at_each_call_waits_at_its_next_call_until_the_requests_are_answered() -> None:
+    in_flight = RequestsInFlight()
+    in_flight.started()
+    progress: list[str] = []
+
+    def load() -> None:
+        with in_flight.at_each_call(longest=60):
+            progress.append("before the call")  # list.append is C: no call the trace function sees
+            _python_step()
+            progress.append("after the call")
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    loader.join(0.2)
+    assert loader.is_alive()
+    assert progress == ["before the call"]  # waiting at _python_step's call, without the GIL
+    in_flight.ended()
+    loader.join(30)
+    assert not loader.is_alive()
+    assert progress == ["before the call", "after the call"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -205,8 +204,6 @@ class ModelHolder:
         if (refusal := self._refused.waiting(version)) is not None:
             return _Refusal(refusal, new=False)  # refused lately: not loaded again before the wait is over
         assert self.source is not None  # for mypy: refresh returns before any load without a source
-        if self.current.scorer is not None and self._poller is not None and self._poller.runs_this_thread():
-            lower_this_threads_priority(SWAP_LOAD_NICE)  # a swap, beside the requests: the cores they leave
         started = time.perf_counter()
         budget = self.in_flight.budget() if self.in_flight is not None else contextlib.nullcontext()
         each_call = self.in_flight.at_each_call() if self.in_flight is not None else contextlib.nullcontext()
@@ -345,30 +342,6 @@ class _ShortSwitchInterval:
 #: ``at_each_call``: the slowest request within 5 s of a move took 18-26 ms with the default interval (three runs),
 #: 9-16 ms with this one (five runs), as away from any move (9-16 ms).
 _requests_first = _ShortSwitchInterval()
-
-
-#: The CPU priority (nice value) of the holder's poller thread from its first swap on: a version loaded beside a
-#: serving one takes a core only when the worker's requests, the other workers and the rest of the machine leave
-#: one (a thread at 19 weighs 15 against a default thread's 1,024 in Linux's scheduler). Its first load, which
-#: nothing serves beside, runs at the process's own priority. Measured with ``at_each_call`` on a 2-core machine at
-#: 300 req/s (swap bench, alternating runs): the slowest request in flight during a load took 9.2-12.5 ms at 19
-#: (three runs), 10.3-23.0 ms at the default (eight runs). On a machine whose cores the requests keep busy, a swap
-#: then takes longer (~70 ms of a load's CPU at ~1.5% of a core: about 5 s).
-SWAP_LOAD_NICE = 19
-
-
-def lower_this_threads_priority(nice: int) -> None:
-    """Lower the calling thread's CPU priority to ``nice`` if it is above that (Linux, where each thread has its own
-    nice value; elsewhere nothing). Without privileges it cannot be raised again: for a thread whose work is all in
-    the background. A refusal is logged and changes nothing else."""
-    if not sys.platform.startswith("linux"):
-        return
-    thread_id = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, thread_id) < nice:
-            os.setpriority(os.PRIO_PROCESS, thread_id, nice)
-    except OSError as exc:
-        log.warning("could not lower the model loader's CPU priority (%s); it loads at its own", exc)
 
 
 def first_line(exc: Exception) -> str:

@@ -35,10 +35,6 @@ class Poller:
         self._thread.start()
         return first_done.wait(wait_seconds)
 
-    def runs_this_thread(self) -> bool:
-        """Whether the calling thread is the poller's own."""
-        return self._thread is not None and threading.current_thread() is self._thread
-
     def _run(self, first_done: threading.Event) -> None:
         try:
             self._check()

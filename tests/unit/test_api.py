@@ -39,7 +39,7 @@ from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.inflight import GIVE_WAY_SECONDS, LOAD_GIVE_WAY_SECONDS, RequestsInFlight
 from service.api.logging import JsonFormatter, scrub
-from service.api.model_holder import LOAD_SWITCH_INTERVAL, SWAP_LOAD_NICE, ModelHolder
+from service.api.model_holder import LOAD_SWITCH_INTERVAL, ModelHolder
 from service.api.poller import Poller
 from service.api.settings import DEMO_CONFIG, MAX_BATCH, Settings
 from service.api.store import decision_row
@@ -1153,39 +1153,6 @@ def test_a_load_gives_way_at_each_python_call_while_a_request_is_in_flight() -> 
     assert steps[steps.index("load starts") + 1 : steps.index("load ends")] == ["give way"]
     assert sys.gettrace() is trace_before
     assert holder.current.version == "3"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have nice values of their own on Linux")
-def test_a_swap_loads_at_the_lowest_cpu_priority_in_the_pollers_thread_only() -> None:
-    """The poller's first load runs at the process's priority; from its first swap on, beside a serving model, its
-    thread runs at SWAP_LOAD_NICE. A refresh called from another thread leaves that thread's priority alone."""
-    loaded: list[tuple[str, int]] = []
-
-    def own_priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    class PrioritySource(FakeSource):
-        def load(self, version: str) -> FakeScorer:
-            loaded.append((version, own_priority()))
-            return super().load(version)
-
-    before = own_priority()
-    assert before < SWAP_LOAD_NICE  # else there is nothing to lower
-    source = PrioritySource("3")
-    holder = ModelHolder(source, poll_seconds=0.02)
-    holder.start()
-    try:
-        source.version = "4"
-        deadline = time.monotonic() + 30
-        while holder.current.version != "4" and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        holder.stop()
-    assert loaded == [("3", before), ("4", SWAP_LOAD_NICE)]
-    source.version = "5"
-    assert holder.refresh() is True  # in this thread, a model serving
-    assert loaded[-1] == ("5", before)
-    assert own_priority() == before
 
 
 def test_a_worker_never_idle_still_swaps_its_load_giving_way_for_a_budget_in_all() -> None:

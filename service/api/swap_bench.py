@@ -13,9 +13,12 @@ which it registers two more versions of the champion's model; the store given is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import queue
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -177,25 +180,20 @@ def run_swap_bench(
             _wait_http(f"http://127.0.0.1:{port}/readyz", server, 180.0,
                        ready=lambda answer: answer.json().get("model_version") == champion,
                        waiting_for=f"serve model {champion}")  # fmt: skip
-            moved_at: list[float] = []
-            clock: list[float] = []
             wall_clock: list[float] = []
+            offsets = [seconds * (index + 1) / (moves + 1) for index in range(moves)]
+            with AliasMover(store, targets, offsets, env=env, log_file=folder / "mover.log") as mover:
+                mover.wait_ready(180.0)
 
-            def move_the_alias() -> None:
-                for index, version in enumerate(targets):
-                    time.sleep(max(0.0, clock[0] + seconds * (index + 1) / (moves + 1) - time.perf_counter()))
-                    registry.set_alias(registry.CHAMPION, version, tracking_uri=store)
-                    moved_at.append(time.perf_counter() - clock[0])
+                def start_moving() -> None:
+                    wall_clock.append(time.time())  # the workers' log lines say when on the wall clock
+                    mover.go()
 
-            def start_moving() -> None:
-                clock.append(time.perf_counter())
-                wall_clock.append(time.time())  # the workers' log lines say when on the wall clock
-                threading.Thread(target=move_the_alias, name="winback-swap-bench-mover", daemon=True).start()
-
-            samples: list[Sample] = []
-            url = f"http://127.0.0.1:{port}/v1/decisions"
-            _run_timed(fixed_rate(url, mixed_traffic().requests, rate=rate, seconds=seconds, samples=samples,
-                                  on_start=start_moving))  # fmt: skip
+                samples: list[Sample] = []
+                url = f"http://127.0.0.1:{port}/v1/decisions"
+                _run_timed(fixed_rate(url, mixed_traffic().requests, rate=rate, seconds=seconds, samples=samples,
+                                      on_start=start_moving))  # fmt: skip
+                moved_at = mover.moved_at(timeout=60.0)
         finally:
             stop_servers((server,), timeout=30)
         log_text = log_path.read_text(errors="replace")
@@ -212,6 +210,102 @@ def run_swap_bench(
         during_max_ms=during_max_ms, away_p90_ms=_summary(away, 0.9)[2], loads_in_run=len(windows),
         load_ms_range=(min(took), max(took)) if took else (math.nan, math.nan),
     )  # fmt: skip
+
+
+class AliasMover:
+    """Moves the champion alias to ``targets[i]`` ``offsets[i]`` seconds after ``go``, from a process of its own.
+
+    The MLflow client is Python (~8 ms of CPU a move on a slow machine, and its imports and first connection take
+    a second): in the load generator's process it would hold the generator's GIL at every move, and a request
+    scheduled then would be sent late and counted as the server's latency, in exactly the window this benchmark
+    looks at. The child makes its first connection before it says it is ready, so the run sees only the moves."""
+
+    def __init__(
+        self, store: str, targets: list[str], offsets: list[float], *, env: dict[str, str], log_file: Path
+    ) -> None:
+        self.log_file = log_file
+        code = "from service.api.swap_bench import _move_on_schedule; _move_on_schedule()"
+        with log_file.open("wb") as log:  # MLflow's and alembic's lines; the last one says why the child failed
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code, store, json.dumps(targets), json.dumps(offsets)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+            )  # fmt: skip
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, name="winback-swap-bench-mover-output", daemon=True).start()
+        self._moved: list[float] = []
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.strip())
+        self._lines.put(None)  # end of output: the child is gone
+
+    def _next_line(self, deadline: float) -> str | None:
+        try:
+            return self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"the alias mover did not answer in time (its log: {self.log_file})") from None
+
+    def _failed(self, what: str) -> RuntimeError:
+        self.process.wait(timeout=10)
+        lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else "no output"
+        return RuntimeError(f"the alias mover {what} (exit code {self.process.returncode}): {why}")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once the child has connected to the store; RuntimeError if it failed or took over ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (line := self._next_line(deadline)) != _READY:
+            if line is None:
+                raise self._failed("failed before the run")
+
+    def go(self) -> None:
+        """Start the child's clock (a line on its stdin: microseconds, on the generator's event loop)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+
+    def moved_at(self, timeout: float) -> list[float]:
+        """When each move ended, in seconds after ``go``, once the child has made them all."""
+        deadline = time.monotonic() + timeout
+        while (line := self._next_line(deadline)) is not None:
+            if line.startswith(_MOVED):  # anything else a library printed is not the child's
+                self._moved.append(float(line.removeprefix(_MOVED)))
+        if self.process.wait(timeout=max(0.0, deadline - time.monotonic())) != 0:
+            raise self._failed(f"failed after {len(self._moved)} moves")
+        return self._moved
+
+    def __enter__(self) -> AliasMover:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+_READY = "ready"
+_MOVED = "moved "
+
+
+def _move_on_schedule() -> None:
+    """The alias mover's child process (``AliasMover``): argv is the store, the targets and the offsets (JSON)."""
+    from model import registry_client as registry
+
+    store, targets, offsets = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    registry.get_alias_version(registry.CHAMPION, tracking_uri=store)  # imports and first connection, before the run
+    print(_READY, flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return  # the bench is gone before its run began
+    start = time.perf_counter()
+    for version, offset in zip(targets, offsets, strict=True):
+        time.sleep(max(0.0, start + offset - time.perf_counter()))
+        registry.set_alias(registry.CHAMPION, version, tracking_uri=store)
+        print(f"{_MOVED}{time.perf_counter() - start}", flush=True)
 
 
 def describe(result: SwapLatency) -> str:

@@ -137,3 +137,31 @@ def test_the_same_model_registers_again_under_a_new_version_in_a_copy_of_the_sto
     assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"
     with pytest.raises(Exception, match="2"):
         registry.download_bundle("2", tmp_path / "absent", tracking_uri=store)
+
+
+def test_the_swap_benchmark_moves_the_alias_on_schedule_from_a_process_of_its_own(
+    store: str, bundle_dir: Path, tmp_path: Path
+) -> None:
+    """service/api/swap_bench.py's AliasMover: the MLflow client's work stays out of the load generator's process;
+    the child connects before it says it is ready, moves at the offsets after ``go``, and names why it failed."""
+    from model.registry_client import register_same_model
+    from service.api.bench import bench_env
+    from service.api.swap_bench import AliasMover
+
+    run_id = _new_run(store)
+    registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    assert register_same_model("1", tracking_uri=store) == "2"
+    env = bench_env(tmp_path)
+    with AliasMover(store, ["2", "1"], [0.0, 0.3], env=env, log_file=tmp_path / "mover.log") as mover:
+        mover.wait_ready(120)
+        mover.go()
+        moved_at = mover.moved_at(timeout=120)
+    assert len(moved_at) == 2
+    assert 0.0 <= moved_at[0] < 0.3 <= moved_at[1]
+    assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"
+    with AliasMover(store, ["99"], [0.0], env=env, log_file=tmp_path / "failing.log") as mover:
+        mover.wait_ready(120)
+        mover.go()
+        with pytest.raises(RuntimeError, match=r"the alias mover failed after 0 moves \(exit code 1\): .*99"):
+            mover.moved_at(timeout=120)

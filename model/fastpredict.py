@@ -169,13 +169,18 @@ T = TypeVar("T")
 
 
 def kept_on_booster(booster: lgb.Booster, attribute: str, make: Callable[[lgb.Booster], T]) -> T:
-    """``make(booster)``, computed once and kept on the booster itself, so it lives and dies with the booster."""
+    """``make(booster)``, computed once and kept on the booster itself, so it lives and dies with the booster.
+
+    Two threads asking at once may both compute it; the first one kept is what both return. It is computed outside
+    the module's lock: a model load giving way to the requests in the middle of computing one (service/api/
+    inflight.py) must not hold a lock a request may need for another booster."""
     value: T | None = getattr(booster, attribute, None)
     if value is None:
+        made = make(booster)
         with _LOCK:
             value = getattr(booster, attribute, None)
             if value is None:
-                value = make(booster)
+                value = made
                 setattr(booster, attribute, value)
     return value
 

@@ -11,11 +11,13 @@ thread calls ``give_way`` between the steps of a load: it returns at once when n
 otherwise blocks (without the GIL) until the last one has been answered. A load then runs in the gaps between
 requests. Within a step (a file, a booster's warm-up, a few errors' text features, one merchant's canary
 decision: 1-11 ms), a request that arrived meanwhile got the lock at the switch interval and then shared it with
-the load, at about half its speed, until the step ended. ``at_each_call`` closes that gap: the loading thread
+the load, at about half its speed, until the step ended. ``at_each_call`` closes that gap: a swap's loading thread
 also gives way at every Python function call it makes, its own or a library's (a trace function of that thread
-alone), so a request waits for the lock once, not for the step. The load pays for it in CPU: 35 ms became 50-72 ms
-in a warm process on a slow 2-core machine (no request in flight), run in the requests' gaps. Code that holds the
-lock without calling back into Python (a C parser, numpy, LightGBM) still runs to its end.
+alone, on Python 3.11), so a request waits for the lock once, not for the step; except while the thread holds
+what requests take too (the log handler's lock, the import lock), where they would wait for it. The load pays for
+it in CPU: 35 ms became 50-72 ms in a warm process on a slow 2-core machine (no request in flight), run in the
+requests' gaps. Code that holds the lock without calling back into Python (a C parser, numpy, LightGBM) still runs
+to its end, and threads the load starts (MLflow's download pool, without the registry mirror) do not give way.
 
 A request in flight is not always using the CPU (an outcome waiting on the database, a slow upload), and a worker
 that is never idle would keep a load waiting for ever: each ``give_way`` waits at most ``GIVE_WAY_SECONDS``, and a
@@ -25,6 +27,7 @@ the lock as before. A saturated worker still swaps within about a second of its 
 
 from __future__ import annotations
 
+import _imp
 import contextlib
 import sys
 import threading
@@ -36,6 +39,26 @@ from types import FrameType
 GIVE_WAY_SECONDS = 0.02
 #: Longest a whole model load waits for requests, over all its steps (``budget``).
 LOAD_GIVE_WAY_SECONDS = 1.0
+
+
+#: Whether ``sys.settrace`` traces the calling thread alone: up to Python 3.11 it hooks that thread's frame
+#: evaluation; from 3.12 it is built on ``sys.monitoring``, which instruments the code every thread runs, so the
+#: event loop ran ~3x slower while a load was traced (a review measured 3.1-3.3x on 3.12 and 3.13).
+PER_THREAD_TRACE = sys.version_info < (3, 12)
+
+#: Per thread: how many ``holding_shared`` blocks it is in.
+_shared = threading.local()
+
+
+@contextlib.contextmanager
+def holding_shared() -> Iterator[None]:
+    """Within the block, the thread holds something the requests need too (a lock every thread takes, such as the
+    log handler's): ``at_each_call`` does not give way there."""
+    _shared.held = getattr(_shared, "held", 0) + 1
+    try:
+        yield
+    finally:
+        _shared.held -= 1
 
 
 class RequestsInFlight:
@@ -81,15 +104,39 @@ class RequestsInFlight:
 
     @contextlib.contextmanager
     def at_each_call(self, longest: float = GIVE_WAY_SECONDS) -> Iterator[None]:
-        """Within the block, this thread also gives way (``give_way(longest)``) at each Python function call it makes: a
-        trace function of this thread only, called at each call and at no line (it asks for no local tracing).
-        Whatever trace function the thread had (a debugger's, coverage's) is put back after the block; within it,
-        that one sees nothing of this thread."""
+        """Within the block, this thread also gives way (``give_way(longest)``) at each Python function call it makes:
+        a trace function of this thread only, called at each call and at no line (it asks for no local tracing).
+        Threads it starts are not traced. Whatever trace function the thread had (a debugger's, coverage's) is put
+        back after the block; within it, that one sees no new call of this thread.
+
+        It does not give way while the thread holds something a request may need too (``holding_shared``: the log
+        handler's lock; or Python's import lock), where waiting for the requests would make them wait for it. A
+        wait that runs its full ``longest`` with no gap means a request that is not using the CPU (an upload, a
+        database that hangs) or a worker that is never idle: the thread then stops waiting at calls until the next
+        gap, instead of spending the load's ``budget`` 20 ms at a time. On Python 3.12 and later it does nothing
+        (``PER_THREAD_TRACE``)."""
+        if not PER_THREAD_TRACE:
+            yield
+            return
         previous = sys.gettrace()
+        given_up_at = -1  # the gap count when a wait last ran its full time: no waits at calls before the next gap
+        # A call of give_way (this class's, or an override's) waits itself, and its own calls (the condition's) are
+        # in a ``holding_shared`` block: neither gives way again.
+        give_way_codes = {RequestsInFlight.give_way.__code__, getattr(type(self).give_way, "__code__", None)}
 
         def trace(frame: FrameType, event: str, arg: object) -> None:
-            if self.count:
-                self.give_way(longest)  # calls from inside a trace function are not traced: no recursion
+            nonlocal given_up_at
+            if (
+                self.count
+                and self._gaps != given_up_at
+                and frame.f_code not in give_way_codes
+                and not getattr(_shared, "held", 0)
+                and not _imp.lock_held()
+            ):
+                gaps = self._gaps
+                # Calls from inside a trace function are not traced: no recursion.
+                if self.give_way(longest) and self.count and self._gaps == gaps:
+                    given_up_at = gaps
 
         sys.settrace(trace)
         try:
@@ -110,12 +157,18 @@ class RequestsInFlight:
                 return False
             longest = min(longest, left)
         started = time.monotonic()
-        with self._gap:
-            self._waiting += 1
-            try:
-                self._gap.wait_for(lambda: not self.count or self._gaps != gaps, longest)
-            finally:
-                self._waiting -= 1
+        # The condition's own Python calls do not give way again (``at_each_call``): marked as ``holding_shared``
+        # does, without a Python call before the mark.
+        _shared.held = getattr(_shared, "held", 0) + 1
+        try:
+            with self._gap:
+                self._waiting += 1
+                try:
+                    self._gap.wait_for(lambda: not self.count or self._gaps != gaps, longest)
+                finally:
+                    self._waiting -= 1
+        finally:
+            _shared.held -= 1
         if left is not None:
             self._budget.left = left - (time.monotonic() - started)
         return True

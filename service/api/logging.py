@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from service.api.inflight import holding_shared
+
 LOGGER_NAME = "winback.api"
 
 _STANDARD_ATTRS = frozenset(
@@ -94,13 +96,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]  # its stream's type is not ours to fix
+    """A stream handler whose lock every thread takes, the requests' decision lines included: a model load that logs
+    does not give way to the requests while it holds that lock (``holding_shared``, service/api/inflight.py), where
+    a request's log line would wait for the load."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        with holding_shared():
+            return bool(super().handle(record))
+
+
 def configure_logging(level: str = "INFO") -> logging.Logger:
     """Route winback's, uvicorn's and MLflow's loggers to stderr as JSON; idempotent (safe in every worker and
     test)."""
     # MLflow installs its own plain-text handlers when it is first imported unless told not to (mlflow/__init__.py):
     # set before any import of it here, and by `winback serve` for its workers.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = SharedStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     for name in (LOGGER_NAME, "uvicorn", "uvicorn.error", "mlflow", "alembic"):
         logger = logging.getLogger(name)

@@ -121,7 +121,7 @@ class ModelHolder:
     ) -> None:
         self.source = source
         # The worker's requests: a load gives way to them between its steps, and passes ``give_way`` on to the
-        # warm-up (service/api/inflight.py), so it runs in the gaps between requests.
+        # warm-up; a swap also at each Python call (service/api/inflight.py), so it runs in the gaps between requests.
         self.in_flight = in_flight
         # Tries a loaded version before it serves (e.g. a canary decision); raising keeps the serving model.
         self.check = check
@@ -206,7 +206,11 @@ class ModelHolder:
         assert self.source is not None  # for mypy: refresh returns before any load without a source
         started = time.perf_counter()
         budget = self.in_flight.budget() if self.in_flight is not None else contextlib.nullcontext()
-        each_call = self.in_flight.at_each_call() if self.in_flight is not None else contextlib.nullcontext()
+        # At each call too, once a model serves: a first load imports modules, holding their import locks, which a
+        # request might wait for.
+        each_call: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if self.in_flight is not None and self.current.scorer is not None:
+            each_call = self.in_flight.at_each_call()
         with _requests_first(), budget, each_call:
             try:
                 scorer = self.source.load(version)

@@ -1124,9 +1124,10 @@ def test_a_load_gives_way_to_the_requests_between_its_steps() -> None:
     assert holder.current.version == "3"
 
 
-def test_a_load_gives_way_at_each_python_call_while_a_request_is_in_flight() -> None:
-    """api/inflight.py's ``at_each_call``: within a step too, the load waits for the requests at every Python call
-    it makes (here: in the source's load), and the thread's trace function is its own again afterwards."""
+def test_a_swap_gives_way_at_each_python_call_of_its_load_warm_up_and_check() -> None:
+    """api/inflight.py's ``at_each_call``: within a step too, a swap waits for the requests at every Python call it
+    makes (in the source's load, the warm-up and the canary check), and the thread's trace function is its own
+    again afterwards. A first load, with nothing serving beside it, gives way between its steps only."""
     steps: list[str] = []
 
     class EachCall(RequestsInFlight):
@@ -1135,24 +1136,43 @@ def test_a_load_gives_way_at_each_python_call_while_a_request_is_in_flight() -> 
             return False
 
     in_flight = EachCall()
-    in_flight.started()
+    in_flight.started()  # a request in flight throughout
 
-    def parse_a_file() -> None:
-        """A Python function called inside the load."""
+    def python_work() -> None:
+        """A Python function called inside a step."""
 
-    class ParsingSource(FakeSource):
+    class StepScorer(FakeScorer):
+        def warm_up(self, errors: list[Any], between_steps: Any = None) -> None:
+            steps.append("warm-up starts")
+            python_work()
+            steps.append("warm-up ends")
+
+    class StepSource(FakeSource):
         def load(self, version: str) -> FakeScorer:
             steps.append("load starts")
-            parse_a_file()
+            python_work()
             steps.append("load ends")
-            return FakeScorer(version)
+            return StepScorer(version)
+
+    def check(_scorer: Any) -> None:
+        steps.append("check starts")
+        python_work()
+        steps.append("check ends")
+
+    def within(part: str) -> list[str]:
+        return steps[steps.index(f"{part} starts") + 1 : steps.index(f"{part} ends")]
 
     trace_before = sys.gettrace()
-    holder = ModelHolder(ParsingSource("3"), in_flight=in_flight)
+    source = StepSource("3")
+    holder = ModelHolder(source, check=check, in_flight=in_flight)
     assert holder.refresh() is True
-    assert steps[steps.index("load starts") + 1 : steps.index("load ends")] == ["give way"]
+    assert [within(part) for part in ("load", "warm-up", "check")] == [[], [], []]
+    steps.clear()
+    source.version = "4"
+    assert holder.refresh() is True
+    assert [within(part) for part in ("load", "warm-up", "check")] == [["give way"]] * 3
     assert sys.gettrace() is trace_before
-    assert holder.current.version == "3"
+    assert holder.current.version == "4"
 
 
 def test_a_worker_never_idle_still_swaps_its_load_giving_way_for_a_budget_in_all() -> None:

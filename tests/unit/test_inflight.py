@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import pytest
 
-from service.api.inflight import GIVE_WAY_SECONDS, RequestsInFlight
+from service.api import inflight
+from service.api.inflight import GIVE_WAY_SECONDS, RequestsInFlight, holding_shared
+from service.api.logging import SharedStreamHandler
 
 
 def test_with_no_request_in_flight_the_way_is_clear() -> None:
@@ -212,10 +217,93 @@ def test_a_thread_at_each_call_waits_at_its_next_call_until_the_requests_are_ans
 
     loader = threading.Thread(target=load)
     loader.start()
-    loader.join(0.2)
+    _until(lambda: in_flight._waiting == 1)
     assert loader.is_alive()
     assert progress == ["before the call"]  # waiting at _python_step's call, without the GIL
     in_flight.ended()
     loader.join(30)
     assert not loader.is_alive()
     assert progress == ["before the call", "after the call"]
+
+
+def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.001)
+
+
+class _Counted(RequestsInFlight):
+    """Counts the calls of ``give_way`` and the waits they ask for, then gives way for real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[float] = []
+
+    def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
+        self.calls.append(longest)
+        return super().give_way(longest)
+
+
+def test_at_each_call_waits_as_long_as_it_is_told_and_once_for_an_explicit_give_way() -> None:
+    in_flight = _Counted()
+    in_flight.started()
+    with in_flight.at_each_call(longest=0.001):
+        _python_step()
+        assert in_flight.calls == [0.001]
+        in_flight.ended()
+        in_flight.started()  # a gap: the next request is waited for at calls again (as a fresh one would be)
+        in_flight.give_way(longest=0.002)  # neither its call nor its own calls (the condition's) give way again
+        assert in_flight.calls == [0.001, 0.002]
+
+
+def test_a_request_in_flight_past_a_whole_wait_is_not_waited_for_again_until_the_next_gap() -> None:
+    """An upload, a database that hangs, or a worker never idle: one wait, not the load's whole budget."""
+    in_flight = _Counted()
+    in_flight.started()  # never answered
+    with in_flight.budget(60), in_flight.at_each_call(longest=0.01):
+        for _ in range(50):
+            _python_step()
+        assert len(in_flight.calls) == 1
+        in_flight.ended()
+        in_flight.started()  # a gap: the next request is waited for again
+        for _ in range(50):
+            _python_step()
+        assert len(in_flight.calls) == 2
+
+
+def test_no_way_is_given_while_the_thread_holds_what_requests_need() -> None:
+    """``holding_shared``, and the API's log handler, whose lock the requests' decision lines take."""
+    handler = SharedStreamHandler(io.StringIO())
+    in_the_block = [False]
+    waits: list[tuple[bool, bool]] = []  # per give_way: (the handler's lock held, inside the holding_shared block)
+
+    class Recorded(RequestsInFlight):
+        def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
+            waits.append((bool(handler.lock._is_owned()), in_the_block[0]))  # type: ignore[union-attr]  # an RLock
+            return False
+
+    logger = logging.getLogger("winback.test.inflight")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    in_flight = Recorded()
+    in_flight.started()
+    try:
+        with in_flight.at_each_call():
+            with holding_shared():
+                in_the_block[0] = True  # an assignment: no call
+                _python_step()
+                in_the_block[0] = False
+            logger.warning("a model load says something")
+    finally:
+        logger.handlers.clear()
+    assert set(waits) == {(False, False)}  # it gave way on the way in and out, never inside either
+    assert "a model load says something" in handler.stream.getvalue()
+
+
+def test_from_python_3_12_at_each_call_traces_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """There ``sys.settrace`` would slow every thread, the event loop included."""
+    monkeypatch.setattr(inflight, "PER_THREAD_TRACE", False)
+    previous = sys.gettrace()
+    with RequestsInFlight().at_each_call():
+        assert sys.gettrace() is previous

@@ -247,7 +247,11 @@ class AliasMover:
             raise RuntimeError(f"the alias mover did not answer in time (its log: {self.log_file})") from None
 
     def _failed(self, what: str) -> RuntimeError:
-        self.process.wait(timeout=10)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         lines = self.log_file.read_text(errors="replace").strip().splitlines()
         why = lines[-1] if lines else "no output"
         return RuntimeError(f"the alias mover {what} (exit code {self.process.returncode}): {why}")
@@ -262,8 +266,11 @@ class AliasMover:
     def go(self) -> None:
         """Start the child's clock (a line on its stdin: microseconds, on the generator's event loop)."""
         assert self.process.stdin is not None
-        self.process.stdin.write("go\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write("go\n")
+            self.process.stdin.flush()
+        except OSError:  # a broken pipe: it is gone
+            raise self._failed("died before the run began") from None
 
     def moved_at(self, timeout: float) -> list[float]:
         """When each move ended, in seconds after ``go``, once the child has made them all."""
@@ -271,7 +278,11 @@ class AliasMover:
         while (line := self._next_line(deadline)) is not None:
             if line.startswith(_MOVED):  # anything else a library printed is not the child's
                 self._moved.append(float(line.removeprefix(_MOVED)))
-        if self.process.wait(timeout=max(0.0, deadline - time.monotonic())) != 0:
+        try:
+            returncode = self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the alias mover did not end in time (its log: {self.log_file})") from None
+        if returncode != 0:
             raise self._failed(f"failed after {len(self._moved)} moves")
         return self._moved
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -153,12 +154,14 @@ def test_the_swap_benchmark_moves_the_alias_on_schedule_from_a_process_of_its_ow
     registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
     assert register_same_model("1", tracking_uri=store) == "2"
     env = bench_env(tmp_path)
-    with AliasMover(store, ["2", "1"], [0.0, 0.3], env=env, log_file=tmp_path / "mover.log") as mover:
+    with AliasMover(store, ["2", "1"], [0.0, 1.0], env=env, log_file=tmp_path / "mover.log") as mover:
         mover.wait_ready(120)
+        time.sleep(0.5)
+        assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"  # nothing moves before go
         mover.go()
         moved_at = mover.moved_at(timeout=120)
     assert len(moved_at) == 2
-    assert 0.0 <= moved_at[0] < 0.3 <= moved_at[1]
+    assert 0.0 <= moved_at[0] < 1.0 <= moved_at[1]
     assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"
     with AliasMover(store, ["99"], [0.0], env=env, log_file=tmp_path / "failing.log") as mover:
         mover.wait_ready(120)

@@ -50,15 +50,25 @@ PER_THREAD_TRACE = sys.version_info < (3, 12)
 _shared = threading.local()
 
 
+def hold_shared() -> None:
+    """From now until ``release_shared``, the thread holds something the requests need too (a lock every thread
+    takes, such as the log handler's): ``at_each_call`` does not give way there. Calls nest."""
+    _shared.held = getattr(_shared, "held", 0) + 1
+
+
+def release_shared() -> None:
+    """The end of a ``hold_shared``."""
+    _shared.held -= 1
+
+
 @contextlib.contextmanager
 def holding_shared() -> Iterator[None]:
-    """Within the block, the thread holds something the requests need too (a lock every thread takes, such as the
-    log handler's): ``at_each_call`` does not give way there."""
-    _shared.held = getattr(_shared, "held", 0) + 1
+    """``hold_shared`` for the block."""
+    hold_shared()
     try:
         yield
     finally:
-        _shared.held -= 1
+        release_shared()
 
 
 class RequestsInFlight:

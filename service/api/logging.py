@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from service.api.inflight import holding_shared
+from service.api.inflight import hold_shared, release_shared
 
 LOGGER_NAME = "winback.api"
 
@@ -98,12 +98,15 @@ class JsonFormatter(logging.Formatter):
 
 class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]  # its stream's type is not ours to fix
     """A stream handler whose lock every thread takes, the requests' decision lines included: a model load that logs
-    does not give way to the requests while it holds that lock (``holding_shared``, service/api/inflight.py), where
+    does not give way to the requests while it holds that lock (``hold_shared``, service/api/inflight.py), where
     a request's log line would wait for the load."""
 
     def handle(self, record: logging.LogRecord) -> bool:
-        with holding_shared():
+        hold_shared()  # two calls, not a context manager's five: every decision's log line comes here
+        try:
             return bool(super().handle(record))
+        finally:
+            release_shared()
 
 
 def configure_logging(level: str = "INFO") -> logging.Logger:

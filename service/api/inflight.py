@@ -46,7 +46,7 @@ LOAD_GIVE_WAY_SECONDS = 1.0
 #: event loop ran ~3x slower while a load was traced (a review measured 3.1-3.3x on 3.12 and 3.13).
 PER_THREAD_TRACE = sys.version_info < (3, 12)
 
-#: Per thread: how many ``holding_shared`` blocks it is in.
+#: Per thread: how many ``hold_shared`` calls it has not released yet.
 _shared = threading.local()
 
 
@@ -59,16 +59,6 @@ def hold_shared() -> None:
 def release_shared() -> None:
     """The end of a ``hold_shared``."""
     _shared.held -= 1
-
-
-@contextlib.contextmanager
-def holding_shared() -> Iterator[None]:
-    """``hold_shared`` for the block."""
-    hold_shared()
-    try:
-        yield
-    finally:
-        release_shared()
 
 
 class RequestsInFlight:
@@ -119,7 +109,7 @@ class RequestsInFlight:
         Threads it starts are not traced. Whatever trace function the thread had (a debugger's, coverage's) is put
         back after the block; within it, that one sees no new call of this thread.
 
-        It does not give way while the thread holds something a request may need too (``holding_shared``: the log
+        It does not give way while the thread holds something a request may need too (``hold_shared``: the log
         handler's lock; or Python's import lock), where waiting for the requests would make them wait for it. A
         wait that runs its full ``longest`` with no gap means a request that is not using the CPU (an upload, a
         database that hangs) or a worker that is never idle: the thread then stops waiting at calls until the next
@@ -131,7 +121,7 @@ class RequestsInFlight:
         previous = sys.gettrace()
         given_up_at = -1  # the gap count when a wait last ran its full time: no waits at calls before the next gap
         # A call of give_way (this class's, or an override's) waits itself, and its own calls (the condition's) are
-        # in a ``holding_shared`` block: neither gives way again.
+        # marked as held (``hold_shared``): neither gives way again.
         give_way_codes = {RequestsInFlight.give_way.__code__, getattr(type(self).give_way, "__code__", None)}
 
         def trace(frame: FrameType, event: str, arg: object) -> None:
@@ -167,8 +157,8 @@ class RequestsInFlight:
                 return False
             longest = min(longest, left)
         started = time.monotonic()
-        # The condition's own Python calls do not give way again (``at_each_call``): marked as ``holding_shared``
-        # does, without a Python call before the mark.
+        # The condition's own Python calls do not give way again (``at_each_call``): marked as ``hold_shared`` marks,
+        # inline, since a call of it would be traced before its mark.
         _shared.held = getattr(_shared, "held", 0) + 1
         try:
             with self._gap:

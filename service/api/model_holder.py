@@ -5,9 +5,9 @@ moved, the new version is loaded beside the old one, warmed up on the errors the
 canary decision (``check``), and only then does one attribute assignment make it the serving model (atomic in
 CPython): a request reads ``holder.current`` once and keeps that model to the end, so no request fails or waits
 for a swap. Between the steps of a load (the bundle's files when they come from the serving command's mirror, the
-warm-up's, each canary merchant) it gives way to the worker's requests in flight (api/inflight.py), so the
-requests it overlaps are slowed less. While no model is registered or the registry is down, decisions come from
-the rules-only policy (``scorer is None``) and the holder keeps trying.
+warm-up's, each canary merchant), and in a swap at each Python call too, it gives way to the worker's requests in
+flight (api/inflight.py), so the requests it overlaps are slowed less. While no model is registered or the
+registry is down, decisions come from the rules-only policy (``scorer is None``) and the holder keeps trying.
 """
 
 from __future__ import annotations

@@ -232,7 +232,6 @@ class AliasMover:
             )  # fmt: skip
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, name="winback-swap-bench-mover-output", daemon=True).start()
-        self._moved: list[float] = []
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -275,16 +274,17 @@ class AliasMover:
     def moved_at(self, timeout: float) -> list[float]:
         """When each move ended, in seconds after ``go``, once the child has made them all."""
         deadline = time.monotonic() + timeout
+        moved: list[float] = []
         while (line := self._next_line(deadline)) is not None:
             if line.startswith(_MOVED):  # anything else a library printed is not the child's
-                self._moved.append(float(line.removeprefix(_MOVED)))
+                moved.append(float(line.removeprefix(_MOVED)))
         try:
             returncode = self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"the alias mover did not end in time (its log: {self.log_file})") from None
         if returncode != 0:
-            raise self._failed(f"failed after {len(self._moved)} moves")
-        return self._moved
+            raise self._failed(f"failed after {len(moved)} moves")
+        return moved
 
     def __enter__(self) -> AliasMover:
         return self

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from service.api import inflight
-from service.api.inflight import GIVE_WAY_SECONDS, RequestsInFlight, holding_shared
+from service.api.inflight import GIVE_WAY_SECONDS, RequestsInFlight, hold_shared, release_shared
 from service.api.logging import SharedStreamHandler
 
 
@@ -273,10 +273,12 @@ def test_a_request_in_flight_past_a_whole_wait_is_not_waited_for_again_until_the
 
 
 def test_no_way_is_given_while_the_thread_holds_what_requests_need() -> None:
-    """``holding_shared``, and the API's log handler, whose lock the requests' decision lines take."""
+    """``hold_shared``, and the API's log handler, whose lock the requests' decision lines take."""
     handler = SharedStreamHandler(io.StringIO())
     in_the_block = [False]
-    waits: list[tuple[bool, bool]] = []  # per give_way: (the handler's lock held, inside the holding_shared block)
+    waits: list[
+        tuple[bool, bool]
+    ] = []  # per give_way: (the handler's lock held, between hold_shared and release_shared)
 
     class Recorded(RequestsInFlight):
         def give_way(self, longest: float = GIVE_WAY_SECONDS) -> bool:
@@ -290,10 +292,13 @@ def test_no_way_is_given_while_the_thread_holds_what_requests_need() -> None:
     in_flight.started()
     try:
         with in_flight.at_each_call():
-            with holding_shared():
+            hold_shared()
+            try:
                 in_the_block[0] = True  # an assignment: no call
                 _python_step()
                 in_the_block[0] = False
+            finally:
+                release_shared()
             logger.warning("a model load says something")
     finally:
         logger.handlers.clear()

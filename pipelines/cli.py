@@ -460,6 +460,28 @@ def bench(
                     ratio=swap_ratios(swap),
                 )
             )
+            import time
+
+            from service.api.swap_probe import describe_probe, probe_ratio, run_swap_probe
+
+            probe_started = time.perf_counter()
+            probe = run_swap_probe(tracking_uri)
+            probe_seconds = time.perf_counter() - probe_started
+            console.print(f"a request beside a model swap, in one process: {describe_probe(probe)}")
+            extra["api_swap_probe"] = asdict(probe)
+            rows.append(
+                BenchRow(
+                    benchmark="decision API: a request in the worker loading a new model (in process)",
+                    inputs=f"{probe.swaps} swaps, a request every 1-4 ms from a thread standing in for the event loop",
+                    figure=f"during the loads: GIL wait p90 {probe.during.wait_p90_ms:g} ms, decision p90 "
+                    f"{probe.during.decide_p90_ms:g} ms, both p90 {probe.during.total_p90_ms:g} ms",
+                    seconds=round(probe_seconds, 1),
+                    peak_rss_mb=float("nan"),
+                    reference=f"same run away from the loads: GIL wait p90 {probe.away.wait_p90_ms:g} ms, decision "
+                    f"p90 {probe.away.decide_p90_ms:g} ms, both p90 {probe.away.total_p90_ms:g} ms",
+                    ratio=f"{probe_ratio(probe):.2f}x p90",
+                )
+            )
     if not skip_executor:
         from service.executor.bench import run_bench as run_executor_bench
 

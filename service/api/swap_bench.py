@@ -149,6 +149,19 @@ def copied_store(tracking_uri: str, folder: Path) -> str:
     return f"sqlite:///{copy}"
 
 
+def versions_to_swap(tracking_uri: str, folder: Path) -> tuple[str, list[str]]:
+    """Copy the store at ``tracking_uri`` into ``folder`` and register its champion's model twice more there: (the
+    copy's URI, its three versions to move the alias through, the champion last). ValueError if there is no
+    champion."""
+    from model import registry_client as registry
+
+    store = copied_store(tracking_uri, folder)
+    champion = registry.get_alias_version(registry.CHAMPION, tracking_uri=store)
+    if champion is None:
+        raise ValueError(f"no champion in {tracking_uri}: train and promote a model first")
+    return store, [*(registry.register_same_model(champion, tracking_uri=store) for _ in range(2)), champion]
+
+
 def run_swap_bench(
     tracking_uri: str,
     *,
@@ -160,16 +173,12 @@ def run_swap_bench(
 ) -> SwapLatency:
     """Serve ``mixed_traffic`` at ``rate`` for ``seconds`` while the champion moves ``moves`` times, evenly spaced
     (see the module's text)."""
-    from model import registry_client as registry
 
     with sigterm_exits(), tempfile.TemporaryDirectory(prefix="winback-swap-bench-") as tmp:
         folder = Path(tmp)
-        store = copied_store(tracking_uri, folder)
-        champion = registry.get_alias_version(registry.CHAMPION, tracking_uri=store)
-        if champion is None:
-            raise ValueError(f"no champion in {tracking_uri}: train and promote a model first")
-        others = [registry.register_same_model(champion, tracking_uri=store) for _ in range(2)]
-        targets = [[*others, champion][index % 3] for index in range(moves)]
+        store, versions = versions_to_swap(tracking_uri, folder)
+        champion = versions[-1]
+        targets = [versions[index % len(versions)] for index in range(moves)]
         port = _free_port()
         env = bench_env(folder) | {"WINBACK_MODEL_POLL_SECONDS": str(poll_seconds)}
         log_path = folder / "serve.log"

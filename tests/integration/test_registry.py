@@ -168,3 +168,29 @@ def test_the_swap_benchmark_moves_the_alias_on_schedule_from_a_process_of_its_ow
         mover.go()
         with pytest.raises(RuntimeError, match=r"the alias mover failed after 0 moves \(exit code 1\): .*99"):
             mover.moved_at(timeout=120)
+
+
+def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
+    store: str, bundle_dir: Path, tmp_path: Path
+) -> None:
+    """service/api/swap_probe.py, shortened: the runtime of a worker reads a mirror of a copy of the store, every
+    swap serves the version the alias moved to (it raises otherwise), and requests are timed on both sides."""
+    from service.api.model_holder import LOAD_SWITCH_INTERVAL
+    from service.api.swap_probe import run_swap_probe
+
+    with pytest.raises(ValueError, match="no champion in"):
+        run_swap_probe(store, swaps=1, pause_seconds=0.1)
+    run_id = _new_run(store)
+    registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    result = run_swap_probe(store, swaps=3, pause_seconds=0.3)
+    assert result.swaps == 3
+    assert len(result.load_ms) == 3
+    assert result.away.requests > 20
+    assert result.during.requests > 0
+    assert 0 < result.away.decide_p50_ms <= result.away.decide_p90_ms
+    assert result.switch_interval_ms == LOAD_SWITCH_INTERVAL * 1e3
+    # The store given is as it was: its champion is still version 1, and no version was added to it.
+    assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"
+    with pytest.raises(Exception, match="2"):
+        registry.download_bundle("2", tmp_path / "absent", tracking_uri=store)

@@ -148,3 +148,27 @@ def test_a_run_without_a_swap_or_an_answer_says_so_without_nan() -> None:
                                  load_ms_range=(60.0, 120.0))  # fmt: skip
     assert "3 requests, 3 failed, p90 none answered, slowest none answered" in describe(none_in_flight)
     assert "nan" not in describe(swapped) + describe(none_in_flight) + describe(no_swap)
+
+
+def test_the_swap_probe_splits_its_requests_by_the_loads_and_reads_their_quantiles() -> None:
+    from service.api.swap_probe import ProbeResult, _Sample, describe_probe, phase_figures, probe_ratio
+
+    # Away: waits of 0.1 ms, decisions of 1.0 ms; during: waits of 0.5-1.4 ms, decisions of 2.0 ms.
+    away = [_Sample(False, 0.0001, 0.001) for _ in range(10)]
+    during = [_Sample(True, 0.0005 + index * 0.0001, 0.002) for index in range(10)]
+    samples = [sample for pair in zip(away, during, strict=True) for sample in pair]
+    loaded, quiet = phase_figures(samples, True), phase_figures(samples, False)
+    assert (loaded.requests, quiet.requests) == (10, 10)
+    assert (loaded.wait_p50_ms, loaded.wait_p90_ms) == (1.0, 1.4)
+    assert (quiet.wait_p50_ms, quiet.decide_p90_ms, quiet.total_p90_ms) == (0.1, 1.0, 1.1)
+    assert loaded.total_p90_ms == 3.4
+    result = ProbeResult(swaps=2, load_ms=(80.0, 95.5), during=loaded, away=quiet, switch_interval_ms=0.02)
+    assert probe_ratio(result) == pytest.approx(3.4 / 1.1)
+    text = describe_probe(result)
+    assert "2 swaps in one process (80-95.5 ms each, switch interval 0.02 ms while loading)" in text
+    assert text.endswith("p90 ratio 3.09x")
+    # No request during a load (a load faster than any gap): NaN, said as such, not a ratio of nothing.
+    nothing = phase_figures(away, True)
+    assert nothing.requests == 0
+    assert math.isnan(nothing.total_p90_ms)
+    assert math.isnan(probe_ratio(ProbeResult(1, (1.0,), nothing, quiet, 0.02)))

@@ -1,0 +1,215 @@
+"""How much a model swap slows a request in the worker that loads it, measured in one process (``python -m
+service.api.swap_probe <tracking-uri>``).
+
+The swap bench (``swap_bench.py``) measures what a client sees: a whole server, its two workers, the load generator
+and the alias mover share two cores, so a request in flight during a load is slowed by all of them together, and a
+few hundred such requests a run make its figures move by tens of percent from run to run. This probe takes one of
+those causes apart: the interpreter's lock (GIL) that the loading thread and the requests' thread share.
+
+It builds the worker's runtime as ``winback serve`` does (``build_runtime``: the holder with its give-way, the
+short switch interval, the canary), reading a registry mirror of a copy of the store. A thread stands in for the
+event loop: it sleeps 1-4 ms, as a loop waits for its next request, then marks a request in flight and decides
+one request of the mixed traffic. The main thread moves the champion, lets the mirror publish it, and swaps it in
+(``ModelHolder.refresh``), with a pause of ``PAUSE_SECONDS`` before and after each swap. For each request it
+records how late the thread woke (``wait``: mostly the time it waited for the GIL) and how long its decision took.
+A request counts as during a load if the load ran when it woke or when it ended.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Quiet time before and after each swap: requests then count as away from the loads.
+PAUSE_SECONDS = 1.0
+#: Each sleep of the stand-in request thread is drawn between these (seconds).
+GAP_SECONDS = (0.001, 0.004)
+
+
+@dataclass(frozen=True)
+class PhaseFigures:
+    """The stand-in requests of one phase (during the loads, or away from them), in milliseconds."""
+
+    requests: int
+    wait_p50_ms: float
+    wait_p90_ms: float
+    decide_p50_ms: float
+    decide_p90_ms: float
+    #: The wait and the decision together, per request.
+    total_p90_ms: float
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    swaps: int
+    load_ms: tuple[float, ...]
+    during: PhaseFigures
+    away: PhaseFigures
+    switch_interval_ms: float
+
+
+@dataclass(frozen=True)
+class _Sample:
+    during_load: bool
+    wait: float
+    decide: float
+
+
+def _quantile_ms(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3) if ordered else float("nan")
+
+
+def phase_figures(samples: list[_Sample], during_load: bool) -> PhaseFigures:
+    """The figures of the samples taken during the loads (``during_load``) or away from them."""
+    chosen = [sample for sample in samples if sample.during_load == during_load]
+    waits = [sample.wait for sample in chosen]
+    decides = [sample.decide for sample in chosen]
+    totals = [sample.wait + sample.decide for sample in chosen]
+    return PhaseFigures(
+        requests=len(chosen),
+        wait_p50_ms=_quantile_ms(waits, 0.5),
+        wait_p90_ms=_quantile_ms(waits, 0.9),
+        decide_p50_ms=_quantile_ms(decides, 0.5),
+        decide_p90_ms=_quantile_ms(decides, 0.9),
+        total_p90_ms=_quantile_ms(totals, 0.9),
+    )
+
+
+def run_swap_probe(
+    tracking_uri: str, *, swaps: int = 12, pause_seconds: float = PAUSE_SECONDS, seed: int = 0
+) -> ProbeResult:
+    """Swap the champion ``swaps`` times in this process while a thread decides requests, pausing
+    ``pause_seconds`` before and after each swap (see the module's text). The store at ``tracking_uri`` is copied
+    first (it must be a SQLite file store holding a champion)."""
+    from model import registry_client as registry
+    from model.requests import DecisionRequest
+    from service.api.app import build_runtime
+    from service.api.bench import BENCH_CONFIG, mixed_traffic
+    from service.api.mirror import RegistryMirror
+    from service.api.model_holder import LOAD_SWITCH_INTERVAL
+    from service.api.settings import Settings
+    from service.api.swap_bench import versions_to_swap
+
+    if swaps < 1:
+        raise ValueError(f"swaps must be at least 1, not {swaps}")
+    with tempfile.TemporaryDirectory(prefix="winback-swap-probe-") as tmp:
+        folder = Path(tmp)
+        store, versions = versions_to_swap(tracking_uri, folder)
+        mirror_dir = folder / "mirror"
+        mirror_dir.mkdir()
+        # Checked by hand below (the poll is never reached), so each swap starts when the probe says.
+        mirror = RegistryMirror(mirror_dir, store, poll_seconds=3600)
+        mirror.check()
+        settings = Settings(
+            config_path=BENCH_CONFIG,
+            tracking_uri=store,
+            database_url=f"sqlite:///{folder / 'decisions.db'}",
+            model_mirror_dir=mirror_dir,
+            log_decisions=False,
+            log_level="WARNING",
+        )
+        runtime = build_runtime(settings)
+        runtime.holder.refresh()  # the first load: the champion, before the clock starts
+        requests = [DecisionRequest.model_validate_json(body) for body, _ in mixed_traffic().requests]
+        merchants = [runtime.config.merchants[request.merchant_id] for request in requests]
+        for request, merchant in zip(requests, merchants, strict=True):  # warm, as a server is before its traffic
+            runtime._decide(request, merchant, runtime.holder.current.scorer)
+
+        loading = threading.Event()
+        done = threading.Event()
+        samples: list[_Sample] = []
+        errors: list[BaseException] = []
+        rng = random.Random(seed)
+
+        def stand_in_requests() -> None:
+            index = 0
+            try:
+                while not done.is_set():
+                    gap = rng.uniform(*GAP_SECONDS)
+                    slept_at = time.perf_counter()
+                    time.sleep(gap)
+                    woke = time.perf_counter()
+                    during = loading.is_set()
+                    runtime.in_flight.started()
+                    try:
+                        request, merchant = requests[index % len(requests)], merchants[index % len(requests)]
+                        runtime._decide(request, merchant, runtime.holder.current.scorer)
+                    finally:
+                        runtime.in_flight.ended()
+                    decided = time.perf_counter()
+                    samples.append(_Sample(during or loading.is_set(), woke - slept_at - gap, decided - woke))
+                    index += 1
+            except BaseException as error:  # said by the main thread, which ends the run
+                errors.append(error)
+
+        thread = threading.Thread(target=stand_in_requests, name="winback-swap-probe-requests", daemon=True)
+        thread.start()
+        loads: list[float] = []
+        try:
+            time.sleep(pause_seconds)
+            for index in range(swaps):
+                target = versions[index % len(versions)]
+                registry.set_alias(registry.CHAMPION, target, tracking_uri=store)
+                mirror.check()
+                time.sleep(pause_seconds)
+                loading.set()
+                started = time.perf_counter()
+                runtime.holder.refresh()
+                loads.append(time.perf_counter() - started)
+                loading.clear()
+                if runtime.holder.current.version != target:
+                    raise RuntimeError(
+                        f"swap {index + 1} did not serve version {target} (serving {runtime.holder.current.version}: "
+                        f"{runtime.holder.last_error})"
+                    )
+                time.sleep(pause_seconds)
+                if errors:
+                    break
+        finally:
+            done.set()
+            thread.join(30)
+            mirror.stop()
+        if errors:
+            raise RuntimeError(f"a stand-in request failed: {errors[0]!r}") from errors[0]
+    return ProbeResult(
+        swaps=len(loads),
+        load_ms=tuple(round(seconds * 1e3, 1) for seconds in loads),
+        during=phase_figures(samples, True),
+        away=phase_figures(samples, False),
+        switch_interval_ms=LOAD_SWITCH_INTERVAL * 1e3,
+    )
+
+
+def describe_probe(result: ProbeResult) -> str:
+    """One paragraph of the probe's figures."""
+
+    def phase(figures: PhaseFigures) -> str:
+        return (
+            f"{figures.requests} requests, GIL wait p50 {figures.wait_p50_ms:g} / p90 {figures.wait_p90_ms:g} ms, "
+            f"decision p50 {figures.decide_p50_ms:g} / p90 {figures.decide_p90_ms:g} ms, both p90 "
+            f"{figures.total_p90_ms:g} ms"
+        )
+
+    loads = f"{min(result.load_ms):g}-{max(result.load_ms):g}" if result.load_ms else "-"
+    return (
+        f"{result.swaps} swaps in one process ({loads} ms each, switch interval {result.switch_interval_ms:g} ms "
+        f"while loading): during the loads {phase(result.during)}; away from them {phase(result.away)}; "
+        f"p90 ratio {probe_ratio(result):.2f}x"
+    )
+
+
+def probe_ratio(result: ProbeResult) -> float:
+    """The p90 of a request's wait and decision during the loads, against away from them (NaN if not measured)."""
+    during, away = result.during.total_p90_ms, result.away.total_p90_ms
+    return during / away if math.isfinite(during) and math.isfinite(away) and away > 0 else float("nan")
+
+
+if __name__ == "__main__":  # pragma: no cover (a measurement run by hand)
+    print(describe_probe(run_swap_probe(sys.argv[1])))

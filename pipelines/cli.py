@@ -460,9 +460,10 @@ def bench(
                     ratio=swap_ratios(swap),
                 )
             )
+            import math
             import time
 
-            from service.api.swap_probe import describe_probe, probe_ratio, run_swap_probe
+            from service.api.swap_probe import describe_probe, phase_text, probe_ratio, run_swap_probe
 
             probe_started = time.perf_counter()
             probe = run_swap_probe(tracking_uri)
@@ -472,14 +473,13 @@ def bench(
             rows.append(
                 BenchRow(
                     benchmark="decision API: a request in the worker loading a new model (in process)",
-                    inputs=f"{probe.swaps} swaps, a request every 1-4 ms from a thread standing in for the event loop",
-                    figure=f"during the loads: GIL wait p90 {probe.during.wait_p90_ms:g} ms, decision p90 "
-                    f"{probe.during.decide_p90_ms:g} ms, both p90 {probe.during.total_p90_ms:g} ms",
+                    inputs=f"{probe.swaps} swaps; a thread standing in for the event loop sleeps 1-4 ms, then "
+                    "decides a request of the mixed traffic, again and again",
+                    figure=f"during the loads: {phase_text(probe.during)}",
                     seconds=round(probe_seconds, 1),
                     peak_rss_mb=float("nan"),
-                    reference=f"same run away from the loads: GIL wait p90 {probe.away.wait_p90_ms:g} ms, decision "
-                    f"p90 {probe.away.decide_p90_ms:g} ms, both p90 {probe.away.total_p90_ms:g} ms",
-                    ratio=f"{probe_ratio(probe):.2f}x p90",
+                    reference=f"same run away from the loads: {phase_text(probe.away)}",
+                    ratio=f"{probe_ratio(probe):.2f}x p90" if math.isfinite(probe_ratio(probe)) else "-",
                 )
             )
     if not skip_executor:

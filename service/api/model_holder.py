@@ -341,13 +341,16 @@ class _ShortSwitchInterval:
 #: Runs a model load with a short switch interval. A load (the bundle, its warm-up on the errors seen, the canary
 #: decisions: ~25 ms of CPU in a warm process, 1-1.6 s for a worker's first) is mostly Python in the holder's
 #: thread. It gives way to the worker's requests between its steps and at each Python call within them
-#: (``give_way``, ``at_each_call``: api/inflight.py), so it holds the GIL only while no request is in flight. A
-#: request's thread that wakes meanwhile waits the switch interval before the load is asked to let go: 5 ms by
-#: default. Once the load gives way at its calls, it rarely needs the GIL while a request runs, so the interval can
-#: be short at little cost. Measured in one process (``swap_probe.py``, twelve swaps a run, three runs each way,
-#: alternating): the GIL wait of a request arriving during a load was 1.09-1.13 ms at p90 with 0.5 ms, 0.30-0.38 ms
-#: with 20 us (0.12-0.13 ms away from the loads), and the p90 of wait and decision together 1.67-1.99x the p90 away
-#: from the loads with 0.5 ms, 1.34-1.51x with 20 us; the loads took as long (72-145 ms). 5 us waited no less.
+#: (``give_way``, ``at_each_call``: api/inflight.py; on Python 3.11, in a swap, outside the log handler's and the
+#: import lock). So a request usually finds it holding the GIL, not sharing it: a request's thread that wakes then
+#: waits the switch interval before the load is asked to let go (5 ms by default). Measured in one process
+#: (``swap_probe.py``, twelve swaps a run, three runs each way, alternating, a quiet machine): the GIL wait of a
+#: request arriving during a load was 1.12-1.18 ms at p90 with 0.5 ms, 0.29-0.36 ms with 20 us (0.12 ms away from
+#: the loads), and the p90 of wait and decision together 1.82-2.08x the p90 away from the loads with 0.5 ms,
+#: 1.31-1.43x with 20 us; the loads took as long (72-142 ms). 5 us waited no less: the kernel's timer slack (50 us)
+#: is the floor. Where a load and requests do share the GIL (a first load, which is not traced; a load whose budget
+#: is spent; Python 3.12 and later), a review measured the same throughput untraced and 3-4% fewer decisions a
+#: second with a traced load whose budget was spent, in one process, saturated.
 _requests_first = _ShortSwitchInterval()
 
 

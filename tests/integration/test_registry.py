@@ -171,11 +171,13 @@ def test_the_swap_benchmark_moves_the_alias_on_schedule_from_a_process_of_its_ow
 
 
 def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
-    store: str, bundle_dir: Path, tmp_path: Path
+    store: str, bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """service/api/swap_probe.py, shortened: the runtime of a worker reads a mirror of a copy of the store, every
-    swap serves the version the alias moved to (it raises otherwise), and requests are timed on both sides."""
-    from service.api.model_holder import LOAD_SWITCH_INTERVAL
+    swap loads and serves the version the alias moved to, requests are timed on both sides, and a swap that does not
+    serve its version, or a request that fails, ends the run naming it."""
+    from service.api.mirror import MirrorSource
+    from service.api.swap_bench import versions_to_swap
     from service.api.swap_probe import run_swap_probe
 
     with pytest.raises(ValueError, match="no champion in"):
@@ -183,14 +185,46 @@ def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
     run_id = _new_run(store)
     registry.register_bundle(bundle_dir, run_id, tracking_uri=store)
     registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    # The versions to move through end with the champion, so the first move is a real swap.
+    (tmp_path / "copy").mkdir()
+    _, versions = versions_to_swap(store, tmp_path / "copy")
+    assert versions == ["2", "3", "1"]
     result = run_swap_probe(store, swaps=3, pause_seconds=0.3)
     assert result.swaps == 3
     assert len(result.load_ms) == 3
+    assert min(result.load_ms) > 1.0  # each a real load of a bundle, not a refresh that found nothing new
     assert result.away.requests > 20
     assert result.during.requests > 0
     assert 0 < result.away.decide_p50_ms <= result.away.decide_p90_ms
-    assert result.switch_interval_ms == LOAD_SWITCH_INTERVAL * 1e3
     # The store given is as it was: its champion is still version 1, and no version was added to it.
     assert registry.get_alias_version(registry.CHAMPION, tracking_uri=store) == "1"
     with pytest.raises(Exception, match="2"):
         registry.download_bundle("2", tmp_path / "absent", tracking_uri=store)
+
+    real_load = MirrorSource.load
+
+    def unreadable(self: MirrorSource, version: str) -> object:
+        if version == "2":
+            raise OSError(f"version {version} unreadable")
+        return real_load(self, version)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MirrorSource, "load", unreadable)
+        with pytest.raises(RuntimeError, match=r"swap 1 did not serve version 2 \(serving 1: .*version 2 unreadable"):
+            run_swap_probe(store, swaps=1, pause_seconds=0.1)
+
+    from service.api.deps import Runtime
+
+    real_decide = Runtime._decide
+    calls = {"n": 0}
+
+    def fails_after_warming(self: Runtime, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] > 400:  # the warm-up decides the traffic once (384 requests), then the stand-in thread
+            raise ZeroDivisionError("boom")
+        return real_decide(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Runtime, "_decide", fails_after_warming)
+        with pytest.raises(RuntimeError, match=r"a stand-in request failed: ZeroDivisionError\('boom'\)"):
+            run_swap_probe(store, swaps=2, pause_seconds=0.3)

@@ -150,25 +150,31 @@ def test_a_run_without_a_swap_or_an_answer_says_so_without_nan() -> None:
     assert "nan" not in describe(swapped) + describe(none_in_flight) + describe(no_swap)
 
 
-def test_the_swap_probe_splits_its_requests_by_the_loads_and_reads_their_quantiles() -> None:
-    from service.api.swap_probe import ProbeResult, _Sample, describe_probe, phase_figures, probe_ratio
+def test_the_swap_probe_splits_its_requests_by_phase_and_reads_their_quantiles() -> None:
+    from service.api.swap_probe import Phase, ProbeResult, _Sample, describe_probe, phase_figures, probe_ratio
 
-    # Away: waits of 0.1 ms, decisions of 1.0 ms; during: waits of 0.5-1.4 ms, decisions of 2.0 ms.
-    away = [_Sample(False, 0.0001, 0.001) for _ in range(10)]
-    during = [_Sample(True, 0.0005 + index * 0.0001, 0.002) for index in range(10)]
-    samples = [sample for pair in zip(away, during, strict=True) for sample in pair]
-    loaded, quiet = phase_figures(samples, True), phase_figures(samples, False)
+    # Away: waits of 0.1 ms, decisions of 1.0 ms; during: waits of 0.5-1.4 ms, decisions of 2.0 ms; beside a move:
+    # 9 ms waits, in neither figure.
+    away = [_Sample(Phase.AWAY, 0.0001, 0.001) for _ in range(10)]
+    during = [_Sample(Phase.LOAD, 0.0005 + index * 0.0001, 0.002) for index in range(10)]
+    moving = [_Sample(Phase.MOVE, 0.009, 0.001) for _ in range(3)]
+    samples = [sample for pair in zip(away, during, strict=True) for sample in pair] + moving
+    loaded, quiet = phase_figures(samples, Phase.LOAD), phase_figures(samples, Phase.AWAY)
     assert (loaded.requests, quiet.requests) == (10, 10)
     assert (loaded.wait_p50_ms, loaded.wait_p90_ms) == (1.0, 1.4)
-    assert (quiet.wait_p50_ms, quiet.decide_p90_ms, quiet.total_p90_ms) == (0.1, 1.0, 1.1)
+    assert (quiet.wait_p50_ms, quiet.wait_p90_ms, quiet.decide_p90_ms, quiet.total_p90_ms) == (0.1, 0.1, 1.0, 1.1)
     assert loaded.total_p90_ms == 3.4
-    result = ProbeResult(swaps=2, load_ms=(80.0, 95.5), during=loaded, away=quiet, switch_interval_ms=0.02)
+    result = ProbeResult(swaps=2, load_ms=(80.0, 95.5), during=loaded, away=quiet, moving=3, switch_interval_ms=0.02)
     assert probe_ratio(result) == pytest.approx(3.4 / 1.1)
     text = describe_probe(result)
     assert "2 swaps in one process (80-95.5 ms each, switch interval 0.02 ms while loading)" in text
+    assert "3 beside the alias moves, in neither" in text
     assert text.endswith("p90 ratio 3.09x")
-    # No request during a load (a load faster than any gap): NaN, said as such, not a ratio of nothing.
-    nothing = phase_figures(away, True)
+    # No request during a load (a load faster than any gap): said as such, not a NaN.
+    nothing = phase_figures(away, Phase.LOAD)
     assert nothing.requests == 0
     assert math.isnan(nothing.total_p90_ms)
-    assert math.isnan(probe_ratio(ProbeResult(1, (1.0,), nothing, quiet, 0.02)))
+    empty = ProbeResult(1, (1.0,), nothing, quiet, 0, 0.02)
+    assert math.isnan(probe_ratio(empty))
+    assert "during the loads no request" in describe_probe(empty)
+    assert "nan" not in describe_probe(empty).lower()

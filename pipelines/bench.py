@@ -59,6 +59,10 @@ def _peak_rss_mb() -> float:
     return max(own, children) / 1024.0  # Linux reports KiB
 
 
+#: How long a job has to end once the bench is stopped (Ctrl-C, SIGTERM) before it is killed.
+JOB_STOP_SECONDS = 10.0
+
+
 def run_child(job: str, *args: str) -> dict[str, Any]:
     """Run one benchmark job in a fresh interpreter and return what it measured.
 
@@ -68,22 +72,62 @@ def run_child(job: str, *args: str) -> dict[str, Any]:
     """
     command = [sys.executable, "-m", "pipelines.bench", job, *args]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
-        done = threading.Event()
-        tree_peak = [0.0]
-        sampler = threading.Thread(target=_sample_tree, args=(child.pid, done, tree_peak), daemon=True)
-        sampler.start()
-        stdout, stderr = child.communicate()
-        done.set()
-        sampler.join()
-    if child.returncode:
-        raise subprocess.CalledProcessError(child.returncode, command, stdout, stderr)
-    result = dict(json.loads(stdout.strip().splitlines()[-1]))
+    job_run = run_job(command, env)
+    if job_run.returncode:
+        raise subprocess.CalledProcessError(job_run.returncode, command, job_run.stdout, job_run.stderr)
+    result = dict(json.loads(job_run.stdout.strip().splitlines()[-1]))
     # Linux carries a parent's peak RSS into a child it forks (ru_maxrss survives exec), so the job's own
     # figure can be the bench process's; the sampled tree is the job's.
-    if tree_peak[0] > 0:
-        result["peak_rss_mb"] = tree_peak[0] / 2**20
+    if job_run.peak_pss_bytes > 0:
+        result["peak_rss_mb"] = job_run.peak_pss_bytes / 2**20
     return result
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """What a job printed, how it ended, and the peak PSS of its process tree (0 if never sampled)."""
+
+    stdout: str
+    stderr: str
+    returncode: int
+    peak_pss_bytes: float
+
+
+def run_job(command: list[str], env: dict[str, str], stop_seconds: float = JOB_STOP_SECONDS) -> JobRun:
+    """Run ``command`` to its end, sampling its process tree's memory.
+
+    If the bench is stopped meanwhile (Ctrl-C; a SIGTERM, which ``winback bench`` raises as SystemExit), the job is
+    stopped too before the stop goes on: SIGTERM, then SIGKILL if it has not ended ``stop_seconds`` later.
+    Otherwise a SIGTERM to the bench's pid ended it at once and left a training job running for up to two hours,
+    and a Ctrl-C to it alone waited for the job (``Popen``'s exit waits for its child)."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    done = threading.Event()
+    tree_peak = [0.0]
+    sampler = threading.Thread(target=_sample_tree, args=(child.pid, done, tree_peak), daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = child.communicate()
+    except BaseException:
+        _stop_job(child, stop_seconds)
+        raise
+    finally:
+        done.set()
+        sampler.join()
+    return JobRun(stdout, stderr, child.returncode, tree_peak[0])
+
+
+def _stop_job(child: subprocess.Popen[str], stop_seconds: float) -> None:
+    """SIGTERM, then SIGKILL ``stop_seconds`` later if the job is still running; reaped either way."""
+    child.terminate()
+    try:
+        child.wait(stop_seconds)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    finally:
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _sample_tree(pid: int, done: threading.Event, peak: list[float]) -> None:

@@ -382,6 +382,22 @@ def bench(
     executor_actions: Annotated[int, typer.Option("--executor-actions", min=100, help="Due actions per run.")] = 5_000,
 ) -> None:
     """Benchmarks on this machine, each printed beside a reference measured in the same run."""
+    from service.signals import sigterm_exits
+
+    # A SIGTERM ends the bench through its clean-ups, as Ctrl-C does: the job or servers it runs are stopped too.
+    with sigterm_exits():
+        _bench(out, simulate_orders, train_attempts, api_seconds, skip_api, skip_executor, executor_actions)
+
+
+def _bench(
+    out: Path,
+    simulate_orders: int,
+    train_attempts: str,
+    api_seconds: float,
+    skip_api: bool,
+    skip_executor: bool,
+    executor_actions: int,
+) -> None:
     import json
 
     from rich.table import Table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -27,3 +28,10 @@ def sigterm_raises(exception: Callable[[int], BaseException], *, keep_ignored: b
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def sigterm_exits() -> contextlib.AbstractContextManager[None]:
+    """While a bench runs, SIGTERM ends it as Ctrl-C does, through its ``finally`` blocks (exit status 128 +
+    SIGTERM), so a bench stopped that way stops the processes it started; a caller ignoring SIGTERM keeps ignoring
+    it."""
+    return sigterm_raises(lambda signum: SystemExit(128 + signum), keep_ignored=True)

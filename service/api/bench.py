@@ -42,7 +42,7 @@ import orjson
 import psutil
 
 from model import datafiles
-from service.signals import sigterm_raises
+from service.signals import sigterm_exits
 
 #: The decision request of the benchmark: the shipped demo request (CONTRACT.md section 2, merchant m_us_saas).
 DEMO_REQUEST_FILE = datafiles.DEMO_REQUEST_FILE
@@ -664,13 +664,6 @@ def _process_tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
-
-
-def sigterm_exits() -> contextlib.AbstractContextManager[None]:
-    """While a bench runs, SIGTERM ends it as Ctrl-C does, through its ``finally`` blocks (exit status 128 +
-    SIGTERM), so a bench stopped that way stops the servers it started; a caller ignoring SIGTERM keeps ignoring
-    it."""
-    return sigterm_raises(lambda signum: SystemExit(128 + signum), keep_ignored=True)
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ from service.api.bench import (
     bench_env,
     fixed_rate,
     mixed_traffic,
-    sigterm_exits,
     start_api_server,
     stop_servers,
 )
+from service.signals import sigterm_exits
 
 #: A request sent this long after a move counts as near it (the poll, the worker's look, download, load, warm-up).
 NEAR_SECONDS = 5.0

@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.api.bench import _percentile, sigterm_exits
+from service.api.bench import _percentile
+from service.signals import sigterm_exits
 
 #: Quiet time before and after each swap: requests then count as away from the loads.
 PAUSE_SECONDS = 1.0

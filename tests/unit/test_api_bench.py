@@ -231,7 +231,7 @@ def test_a_server_stays_in_the_benchs_process_group(tmp_path: Path) -> None:
 
 _EXITS_ON_SIGTERM = """
 import time
-from service.api.bench import sigterm_exits
+from service.signals import sigterm_exits
 with sigterm_exits():
     try:
         print("ready", flush=True)

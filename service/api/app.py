@@ -34,7 +34,7 @@ from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
 from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
 from service.api.fastpath import DecisionFastPath
 from service.api.heap import release_free_memory
-from service.api.inflight import RequestsInFlight
+from service.api.inflight import RequestsInFlight, precise_timers
 from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from service.api.mirror import READ_SECONDS as MIRROR_READ_SECONDS
@@ -248,6 +248,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Migrate and open the store, start the decision writer, load the champion and poll it; undo on exit."""
     runtime: Runtime = app.state.runtime
     settings = runtime.settings
+    precise_timers()  # this thread, the event loop's, and the threads started below (api/inflight.py)
     spool = decision_spool(settings.spool_dir)
     spool.check_writable()  # found now, not in the middle of an outage
     engine = make_engine(settings.database_url)

@@ -8,10 +8,11 @@ those causes apart: the interpreter's lock (GIL) that the loading thread and the
 
 It builds the worker's runtime as ``winback serve`` does (``build_runtime``: the holder with its give-way, the
 short switch interval, the canary), reading a registry mirror of a copy of the store. A thread stands in for the
-event loop: it sleeps 1-4 ms, as a loop waits for its next request, then marks a request in flight and decides
-one request of the mixed traffic. The main thread moves the champion, lets the mirror publish it, and swaps it in
-(``ModelHolder.refresh``), with a pause of ``PAUSE_SECONDS`` before and after each swap. For each request it
-records how late the thread woke (``wait``: mostly the time it waited for the GIL) and how long its decision took.
+event loop (with its precise timers, ``precise_timers``): it sleeps 1-4 ms, as a loop waits for its next request,
+then marks a request in flight and decides one request of the mixed traffic. The main thread moves the champion,
+lets the mirror publish it, and swaps it in (``ModelHolder.refresh``), with a pause of ``PAUSE_SECONDS`` before
+and after each swap. For each request it records how late the thread woke (``wait``: mostly the time it waited
+for the GIL) and how long its decision took.
 A request counts as during a load if the load ran when it woke or when it ended. The alias move and the mirror's
 check before each swap (MLflow's client, 30-70 ms of Python that a server runs in another process) are this
 process's own artefact: requests beside them count in neither figure, only in ``moving``.
@@ -110,6 +111,7 @@ def run_swap_probe(
     from model.requests import DecisionRequest
     from service.api.app import build_runtime
     from service.api.bench import BENCH_CONFIG, mixed_traffic
+    from service.api.inflight import precise_timers
     from service.api.mirror import RegistryMirror
     from service.api.model_holder import LOAD_SWITCH_INTERVAL
     from service.api.settings import Settings
@@ -149,6 +151,7 @@ def run_swap_probe(
         def stand_in_requests() -> None:
             index = 0
             try:
+                precise_timers()  # as a worker's event loop does at start (api/app.py)
                 while not done.is_set():
                     gap = rng.uniform(*GAP_SECONDS)
                     slept_at = time.perf_counter()

@@ -1643,3 +1643,25 @@ def test_the_serving_command_puts_back_the_environment_it_set_for_its_workers(mo
         assert os.environ["WINBACK_ACCEPT_BOARD"] == "/dev/shm/board"
     assert os.environ["WINBACK_MODEL_MIRROR_DIR"] == "/a/folder/of/the/caller"
     assert "WINBACK_ACCEPT_BOARD" not in os.environ
+
+
+def test_the_worker_sets_precise_timers_on_its_event_loop_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(api/inflight.py) A request that arrives while a load holds the GIL asks for it after the switch interval,
+    not after the kernel's timer slack: the lifespan sets it on the thread that runs the event loop."""
+    import service.api.app as app_module
+
+    calls: list[int] = []
+
+    def noted() -> bool:
+        calls.append(threading.get_ident())
+        return True
+
+    monkeypatch.setattr(app_module, "precise_timers", noted)
+    harness = start(tmp_path)  # runs the app's event loop in this thread
+    try:
+        assert harness.get("/healthz").status_code == 200
+    finally:
+        harness.close()
+    assert calls == [threading.get_ident()]

@@ -312,3 +312,32 @@ def test_from_python_3_12_at_each_call_traces_nothing(monkeypatch: pytest.Monkey
     previous = sys.gettrace()
     with RequestsInFlight().at_each_call():
         assert sys.gettrace() is previous
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is Linux's (prctl)")
+def test_precise_timers_set_the_calling_thread_s_slack_which_threads_it_starts_inherit() -> None:
+    import ctypes
+
+    from service.api.inflight import TIMER_SLACK_NS, precise_timers
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen: dict[str, int] = {}
+
+    def slack() -> int:
+        return int(libc.prctl(30, 0, 0, 0, 0))  # PR_GET_TIMERSLACK
+
+    def event_loop_thread() -> None:
+        seen["before"] = slack()
+        seen["set"] = int(precise_timers())
+        seen["after"] = slack()
+        started_later = threading.Thread(target=lambda: seen.update(child=slack()))
+        started_later.start()
+        started_later.join()
+
+    thread = threading.Thread(target=event_loop_thread)  # not the test runner's own thread
+    thread.start()
+    thread.join(5)
+    assert seen["set"] == 1
+    assert seen["after"] == TIMER_SLACK_NS != seen["before"]
+    assert seen["child"] == TIMER_SLACK_NS
+    assert slack() == seen["before"]  # other threads keep theirs

@@ -7,10 +7,12 @@ executor benchmarks live with their processes in ``service/`` and are composed b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -96,38 +98,50 @@ class JobRun:
 def run_job(command: list[str], env: dict[str, str], stop_seconds: float = JOB_STOP_SECONDS) -> JobRun:
     """Run ``command`` to its end, sampling its process tree's memory.
 
-    If the bench is stopped meanwhile (Ctrl-C; a SIGTERM, which ``winback bench`` raises as SystemExit), the job is
-    stopped too before the stop goes on: SIGTERM, then SIGKILL if it has not ended ``stop_seconds`` later.
-    Otherwise a SIGTERM to the bench's pid ended it at once and left a training job running for up to two hours,
-    and a Ctrl-C to it alone waited for the job (``Popen``'s exit waits for its child)."""
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    The job runs in a process group of its own, with the worker processes it forks (a training or simulation
+    job's pool). If the bench is stopped meanwhile (Ctrl-C; a SIGTERM, which ``winback bench`` raises as
+    SystemExit), the job is stopped too before the stop goes on (``_stop_job``). Before, a SIGTERM to the bench's
+    pid ended it at once and left a training job running for up to two hours, and a Ctrl-C to it alone left the job
+    running as well (``Popen``'s exit waits 0.25 s for its child on a KeyboardInterrupt)."""
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, process_group=0
+    )
     done = threading.Event()
     tree_peak = [0.0]
-    sampler = threading.Thread(target=_sample_tree, args=(child.pid, done, tree_peak), daemon=True)
-    sampler.start()
     try:
-        stdout, stderr = child.communicate()
+        sampler = threading.Thread(target=_sample_tree, args=(child.pid, done, tree_peak), daemon=True)
+        sampler.start()
+        try:
+            stdout, stderr = child.communicate()
+        finally:
+            done.set()
+            sampler.join()
     except BaseException:
         _stop_job(child, stop_seconds)
         raise
-    finally:
-        done.set()
-        sampler.join()
     return JobRun(stdout, stderr, child.returncode, tree_peak[0])
 
 
 def _stop_job(child: subprocess.Popen[str], stop_seconds: float) -> None:
-    """SIGTERM, then SIGKILL ``stop_seconds`` later if the job is still running; reaped either way."""
-    child.terminate()
+    """Stop a job and its process group: SIGINT first, so the job ends as on a Ctrl-C (its pool shut down, its
+    temporary files removed); SIGKILL to the whole group ``stop_seconds`` later, or at once on a second Ctrl-C or
+    SIGTERM meanwhile (which then goes on); the job reaped either way. Its output is read meanwhile, so a job
+    writing much on its way out does not block on a full pipe."""
     try:
-        child.wait(stop_seconds)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+        _signal_group(child.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.communicate(timeout=stop_seconds)
     finally:
+        _signal_group(child.pid, signal.SIGKILL)  # what is left of the group: the job, or workers it left behind
+        child.wait()
         for stream in (child.stdout, child.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signum)
 
 
 def _sample_tree(pid: int, done: threading.Event, peak: list[float]) -> None:

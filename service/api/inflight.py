@@ -68,7 +68,8 @@ def precise_timers(slack_ns: int = TIMER_SLACK_NS) -> bool:
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(slack_ns), 0, 0, 0)) == 0
+        unused = ctypes.c_ulong(0)  # prctl(2) takes unsigned longs after the option
+        return int(libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(slack_ns), unused, unused, unused)) == 0
     except (OSError, AttributeError):
         return False
 

@@ -1653,15 +1653,20 @@ def test_the_worker_sets_precise_timers_on_its_event_loop_at_start(
     import service.api.app as app_module
 
     calls: list[int] = []
+    threads_then: set[int | None] = set()
 
     def noted() -> bool:
         calls.append(threading.get_ident())
+        threads_then.update(thread.ident for thread in threading.enumerate())
         return True
 
     monkeypatch.setattr(app_module, "precise_timers", noted)
+    threads_before = {thread.ident for thread in threading.enumerate()}
     harness = start(tmp_path)  # runs the app's event loop in this thread
     try:
         assert harness.get("/healthz").status_code == 200
     finally:
         harness.close()
     assert calls == [threading.get_ident()]
+    # Before any thread the lifespan starts (the writer's, the holder's, the thread pool's), which inherit it.
+    assert threads_then <= threads_before

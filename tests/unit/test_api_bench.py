@@ -45,13 +45,13 @@ from service.api.bench import (
     fixed_rate,
     mixed_traffic,
     server_floor,
-    sigterm_exits,
     start_api_server,
     stop_servers,
     tree_cpu_seconds,
     tree_pss_mb,
     wrk_closed_loop,
 )
+from service.signals import sigterm_exits
 
 
 def _figures(requests: int, cpu_ms: float = math.nan) -> LoadFigures:

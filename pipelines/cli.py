@@ -484,6 +484,7 @@ def _bench(
             probe_started = time.perf_counter()
             probe = run_swap_probe(tracking_uri)
             probe_seconds = time.perf_counter() - probe_started
+            ratio = probe_ratio(probe)
             console.print(f"a request beside a model swap, in one process: {describe_probe(probe)}")
             extra["api_swap_probe"] = asdict(probe)
             rows.append(
@@ -495,7 +496,7 @@ def _bench(
                     seconds=round(probe_seconds, 1),
                     peak_rss_mb=float("nan"),
                     reference=f"same run away from the loads: {phase_text(probe.away)}",
-                    ratio=f"{probe_ratio(probe):.2f}x p90" if math.isfinite(probe_ratio(probe)) else "-",
+                    ratio=f"{ratio:.2f}x p90" if math.isfinite(ratio) else "-",
                 )
             )
     if not skip_executor:

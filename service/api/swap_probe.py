@@ -12,14 +12,14 @@ event loop (with its precise timers, ``precise_timers``): it sleeps 1-4 ms, as a
 then marks a request in flight and decides one request of the mixed traffic. The main thread moves the champion,
 lets the mirror publish it, and swaps it in (``ModelHolder.refresh``), with a pause of ``PAUSE_SECONDS`` before
 and after each swap. For each request it records how late the thread woke (``wait``: mostly the time it waited
-for the GIL) and how long its decision took.
-A request counts as during a load if the load ran when it woke or when it ended. The alias move and the mirror's
-check before each swap (MLflow's client, 30-70 ms of Python that a server runs in another process) are this
-process's own artefact: requests beside them count in neither figure, only in ``moving``.
+for the GIL) and how long its decision took. A request counts as during a load if the load ran when it woke or when
+it ended. The alias move and the mirror's check before each swap (MLflow's client, 30-70 ms of Python that a server
+runs in another process) are this process's own artefact: requests beside them count in neither figure, only in
+``moving``.
 
-The GIL wait cannot fall below the kernel's timer slack (50 us for a normal thread): a thread asleep on a condition
-with a timeout of a few microseconds still wakes tens of microseconds later. The figures move with the machine's
-other work: on a busy machine they spread far more than on a quiet one.
+The wait cannot fall below the stand-in thread's timer slack (1 us with ``precise_timers``; Linux's default is
+50 us): its sleep and its wait for the GIL may each end that much late. The figures move with the machine's other
+work: on a busy machine they spread far more than on a quiet one.
 """
 
 from __future__ import annotations

@@ -593,3 +593,25 @@ def test_the_cost_breakdown_is_printed_or_why_it_is_not(capsys: pytest.CaptureFi
     _print(replace(base, costs_error="RuntimeError: the in-process run decided with model rules-only, the API with 7"))
     printed = " ".join(capsys.readouterr().out.split())
     assert "where the API's CPU per request goes: not measured (RuntimeError: the in-process run decided" in printed
+
+
+def test_a_result_names_the_software_it_was_measured_with(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import metadata
+
+    from service.api.bench import MEASURED_PACKAGES, _print, software_versions
+
+    versions = software_versions()
+    assert list(versions) == ["python", *MEASURED_PACKAGES]
+    assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert versions["mlflow"] == metadata.version("mlflow")
+    assert versions["lightgbm"] == metadata.version("lightgbm")
+    assert software_versions(["no-such-package-winback"])["no-such-package-winback"] == "not installed"
+    result = BenchResult(
+        api=_figures(100, 1.0), mlflow=_figures(40, 2.5), api_fixed_rate=_figures(300), mlflow_fixed_rate=None,
+        ratio=2.5, fixed_rate=300.0, model_version="7", traffic="mixed", distinct_requests=3,
+        candidates_per_request=40.0, reference_model={}, worker_rss_mb=[300.0],
+        software={"python": "3.11.7", "mlflow": "3.17.2", "pandas": "2.3.3"},
+    )  # fmt: skip
+    _print(result)
+    assert "software: python 3.11.7, mlflow 3.17.2, pandas 2.3.3" in " ".join(capsys.readouterr().out.split())
+    assert result.as_dict()["software"] == {"python": "3.11.7", "mlflow": "3.17.2", "pandas": "2.3.3"}

@@ -529,7 +529,11 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
     A process's sentinel closes as it exits, a moment before the kernel lets it be reaped. Each exit is read once,
     after a join: polled in that moment, a worker that had failed read as alive, then as ended on the next poll,
     and was dropped from the watch unreported, so the command ran on short of it (seen: 120 s, until the healthy
-    worker's own deadline)."""
+    worker's own deadline).
+
+    A process that has exited but whose exit still reads as unknown after its join was reaped by someone else (a
+    SIGCHLD ignored by whatever started the command: the kernel then reaps every child itself). Its exit can never
+    be read, and its closed sentinel would wake this loop at once, forever, at a full core: it counts as failed."""
     running = list(processes)
     while running:
         ready = set(multiprocessing.connection.wait([process.sentinel for process in running]))
@@ -537,11 +541,22 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
             if process.sentinel in ready:
                 process.join()  # it is exiting: reapable within moments
         exit_codes = [(process, process.exitcode) for process in running]  # one read each: a later one may differ
-        failed = [process.name for process, code in exit_codes if code not in (None, 0)]
+        failed = [
+            process.name
+            for process, code in exit_codes
+            if code not in (None, 0) or (code is None and process.sentinel in ready)
+        ]
         if failed:
             return failed
         running = [process for process, code in exit_codes if code is None]
     return []
+
+
+def _exit_of(process: BaseProcess) -> str:
+    """How a worker process ended, in words: its exit code, or that it could not be read."""
+    if process.exitcode is None:
+        return "exit code unknown: it was reaped by another process (is SIGCHLD ignored where the command started?)"
+    return f"exit code {process.exitcode}"
 
 
 def run(
@@ -608,7 +623,9 @@ def run(
         started = [process for process in processes if process.pid is not None]
         for process in started:
             pid = process.pid
-            if pid is not None and process.is_alive():
+            # Not once its sentinel has closed: it has exited, and if another process reaped it (see
+            # _wait_for_an_error) it still reads as alive, and its pid may already be someone else's.
+            if pid is not None and process.is_alive() and not multiprocessing.connection.wait([process.sentinel], 0):
                 os.kill(pid, signal.SIGTERM)
         for process in started:
             process.join(timeout=30)
@@ -634,7 +651,7 @@ def run(
         finally:
             signals.stopping = True  # no handler can run between this and the restore: none is left raising
     failed = [
-        f"{p.name} (exit code {p.exitcode})"
+        f"{p.name} ({_exit_of(p)})"
         for p in processes
         if p.pid is not None and (p.name in ended_alone or p.exitcode not in (0, -signal.SIGTERM))
     ]

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -577,3 +578,27 @@ def test_an_idle_daemon_worker_is_not_stopped_by_scattered_blips_between_healthy
     h.executor.claim = flaky_claim  # type: ignore[method-assign]
     assert h.worker.run(stop_after=1.5) == 0  # raises OperationalError after 10 scattered failures
     assert calls["n"] > 30
+
+
+def _exit_with(code: int) -> None:
+    raise SystemExit(code)
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_a_worker_reaped_by_another_process_ends_the_watch_as_failed(exit_code: int) -> None:
+    """With SIGCHLD ignored (inherited from whatever started the command), the kernel reaps every child itself: a
+    worker's exit can never be read and its closed sentinel woke the watch at once, forever, at a full core. It
+    now ends the watch, named as failed, and the command's message says why its exit is unknown."""
+    context = multiprocessing.get_context("spawn")
+    worker = context.Process(target=_exit_with, args=(exit_code,), name="winback-executor-0")
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        worker.start()
+        watcher, outcome = _watch(worker)  # type: ignore[arg-type]
+        watcher.join(timeout=60)
+        assert not watcher.is_alive(), "the watch did not end after its only worker had exited"
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert outcome == [["winback-executor-0"]]
+    assert worker.exitcode is None  # reaped by the kernel: unreadable
+    assert "reaped by another process" in worker_module._exit_of(worker)

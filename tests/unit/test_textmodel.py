@@ -1,0 +1,147 @@
+"""The text model's direct form (``_DirectText``): scikit-learn's floats, bit for bit, without its per-call cost."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.features import TEXT_CLASSES, TEXT_COLUMNS
+from model.textmodel import DIRECT_ROWS, ErrorTexts, TextModel, _DirectText, document
+
+MESSAGES = [
+    "Your card was declined.",
+    "Insufficient funds in the account",
+    "Do not honor",
+    "The card has expired; ask for another one",
+    "Suspected fraud: transaction blocked by the issuer",
+    "Issuer unavailable, try again later",
+    "Authentication required (3DS)",
+    "Limit exceeded for this card",
+]
+
+
+def _table(classes: list[str | None], retry: bool = True) -> ErrorTexts:
+    n = len(classes)
+    return ErrorTexts(
+        connectors=[("stripe", "adyen", "razorpay")[i % 3] for i in range(n)],
+        codes=[f"ERR_{i}_{MESSAGES[i % len(MESSAGES)].split()[0].upper()}" for i in range(n)],
+        messages=[f"{MESSAGES[i % len(MESSAGES)]} ({i})" for i in range(n)],
+        retry_successes=np.array([float(i % 3) if retry else 0.0 for i in range(n)]),
+        retry_trials=np.array([3.0] * n),
+        classes=classes,
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> TextModel:
+    return TextModel.fit(_table([TEXT_CLASSES[i % len(TEXT_CLASSES)] for i in range(60)]))
+
+
+def _sklearn_columns(model: TextModel, docs: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    assert model.vectorizer is not None
+    assert model.retry_model is not None
+    matrix = model.vectorizer.transform(docs)
+    classes = None if model.class_model is None else model.class_model.predict_proba(matrix)
+    return model.retry_model.predict_proba(matrix)[:, 1], classes
+
+
+texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(errors=st.lists(st.tuples(st.sampled_from(["stripe", "adyen", None]), texts, texts), min_size=1, max_size=9))
+def test_the_direct_form_gives_scikit_learns_floats_bit_for_bit(
+    model: TextModel, errors: list[tuple[str | None, str, str]]
+) -> None:
+    direct = model._direct_form()
+    assert isinstance(direct, _DirectText)
+    docs = [document(*error) for error in errors]
+    p_retry, classes = direct.predict(docs)
+    expected_retry, expected_classes = _sklearn_columns(model, docs)
+    assert p_retry is not None
+    assert classes is not None
+    assert expected_classes is not None
+    np.testing.assert_array_equal(p_retry, expected_retry)
+    np.testing.assert_array_equal(classes, expected_classes)
+
+
+def test_predict_is_the_same_below_and_above_the_direct_rows(model: TextModel) -> None:
+    """Serving (a few errors: direct) and training (thousands: scikit-learn) give each error the same features."""
+    errors = [("stripe", f"NEW_{i}", f"{MESSAGES[i % len(MESSAGES)]}, seen {i} times") for i in range(DIRECT_ROWS + 5)]
+    columns = [list(column) for column in zip(*errors, strict=True)]
+    together = model.predict(*columns)  # above DIRECT_ROWS: scikit-learn
+    for i, error in enumerate(errors):
+        alone = model.features_for(*error)  # one row: direct
+        assert alone == {name: float(together[name][i]) for name in TEXT_COLUMNS}
+
+
+def test_an_error_with_no_known_n_gram_scores_the_intercepts(model: TextModel) -> None:
+    docs = [document(None, None, None), document(None, "ŧ", "ŋ ŧ")]
+    direct = model._direct_form()
+    assert isinstance(direct, _DirectText)
+    assert direct.same_as_sklearn(model, docs)
+
+
+@pytest.mark.parametrize(
+    ("classes", "retry"),
+    [
+        (["hard_decline", "insufficient_funds"] * 20, True),  # a class model of two classes: scikit-learn's binary form
+        ([None] * 40, True),  # no class model
+        ([TEXT_CLASSES[i % 4] for i in range(40)], False),  # no retry model (no retry ever succeeded)
+    ],
+)
+def test_every_shape_of_text_model_has_its_direct_form(classes: list[str | None], retry: bool) -> None:
+    fitted = TextModel.fit(_table(classes, retry=retry))
+    assert (fitted.class_model is not None) == any(classes)
+    assert (fitted.retry_model is not None) == retry
+    direct = fitted._direct_form()
+    assert isinstance(direct, _DirectText)
+    errors = [("stripe", "ERR_X", "Your card was declined twice"), ("adyen", None, "limit")]
+    direct_out = fitted.predict(*[list(column) for column in zip(*errors, strict=True)])
+    through_sklearn = dataclasses.replace(fitted, _cache={}, _direct=False)  # False: no direct form
+    assert through_sklearn._direct_form() is None
+    expected = through_sklearn.predict(*[list(column) for column in zip(*errors, strict=True)])
+    for name in TEXT_COLUMNS:
+        np.testing.assert_array_equal(direct_out[name], expected[name], err_msg=name)
+
+
+def test_settings_it_does_not_reproduce_leave_the_work_to_scikit_learn(model: TextModel) -> None:
+    other = pickle.loads(pickle.dumps(model))
+    assert other.vectorizer is not None
+    other.vectorizer.set_params(sublinear_tf=False)
+    assert _DirectText.of(other) is None
+    assert other._direct_form() is None
+    assert other.predict(["stripe"], ["X"], ["declined"])["text_p_retry"].shape == (1,)
+
+
+def test_a_direct_form_that_differs_from_scikit_learn_is_not_used(
+    model: TextModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_DirectText, "same_as_sklearn", lambda self, model, docs: False)
+    with caplog.at_level(logging.WARNING, logger="winback.model"):
+        assert _DirectText.of(model) is None
+    assert "differs from scikit-learn's" in caplog.text
+
+
+def test_the_direct_form_and_its_word_cache_are_not_pickled(model: TextModel) -> None:
+    model.features_for("stripe", "SOME_CODE", "some words")
+    assert isinstance(model._direct, _DirectText)
+    assert model._direct.words
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy._direct is None
+    assert copy._cache == {}
+    # A pickle written before the field existed loads with none, and builds it on first use.
+    state = dict(copy.__dict__)
+    del state["_direct"]
+    old = TextModel.__new__(TextModel)
+    old.__setstate__(state)
+    assert old._direct is None
+    assert old.features_for("stripe", "SOME_CODE", "some words") == model.features_for(
+        "stripe", "SOME_CODE", "some words"
+    )

@@ -13,9 +13,10 @@ output type: ~2 us a row, where a batch costs ~30 us plus ~1.3 us a row.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import lightgbm as lgb
@@ -188,3 +189,18 @@ def kept_on_booster(booster: lgb.Booster, attribute: str, make: Callable[[lgb.Bo
 def fast_predictor(booster: lgb.Booster) -> FastPredictor:
     """The booster's FastPredictor, made on first use."""
     return kept_on_booster(booster, "_winback_fast_predictor", lambda kept: FastPredictor(kept, hold_booster=False))
+
+
+@contextlib.contextmanager
+def lightgbm_threads(count: int) -> Iterator[None]:
+    """LightGBM's default thread count set to ``count`` within the block (``LGBM_SetMaxThreads``), then put back.
+
+    What a serving worker gets from ``OMP_NUM_THREADS=1`` (service/api/server.py), for a process that imported
+    LightGBM without it: reading a booster's file parses its trees on every core otherwise."""
+    previous = ctypes.c_int(0)
+    _safe_call(_LIB.LGBM_GetMaxThreads(ctypes.byref(previous)))
+    _safe_call(_LIB.LGBM_SetMaxThreads(ctypes.c_int(count)))
+    try:
+        yield
+    finally:
+        _safe_call(_LIB.LGBM_SetMaxThreads(previous))

@@ -41,6 +41,10 @@ from service.signals import sigterm_exits
 PAUSE_SECONDS = 1.0
 #: Each sleep of the stand-in request thread is drawn between these (seconds).
 GAP_SECONDS = (0.001, 0.004)
+#: A request woken this late (ms) counts as held up (``PhaseFigures.late``): the p90 during the loads compares the
+#: requests that overlapped one, so a load made shorter by work that never held a request up raises it while no
+#: fewer requests are held up; the count per swap does not move with the load's length.
+LATE_WAIT_MS = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class PhaseFigures:
     decide_p90_ms: float
     #: The wait and the decision together, per request.
     total_p90_ms: float
+    #: Requests that woke more than ``LATE_WAIT_MS`` late.
+    late: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ def phase_figures(samples: list[_Sample], phase: Phase) -> PhaseFigures:
         decide_p50_ms=_quantile_ms(decides, 0.5),
         decide_p90_ms=_quantile_ms(decides, 0.9),
         total_p90_ms=_quantile_ms(totals, 0.9),
+        late=sum(1 for wait in waits if wait * 1e3 > LATE_WAIT_MS),
     )
 
 
@@ -108,6 +115,7 @@ def run_swap_probe(
     ``pause_seconds`` before and after each swap (see the module's text). The store at ``tracking_uri`` is copied
     first (it must be a SQLite file store holding a champion)."""
     from model import registry_client as registry
+    from model.fastpredict import lightgbm_threads
     from model.requests import DecisionRequest
     from service.api.app import build_runtime
     from service.api.bench import BENCH_CONFIG, mixed_traffic
@@ -119,7 +127,9 @@ def run_swap_probe(
 
     if swaps < 1:
         raise ValueError(f"swaps must be at least 1, not {swaps}")
-    with sigterm_exits(), tempfile.TemporaryDirectory(prefix="winback-swap-probe-") as tmp:
+    # A worker's LightGBM runs one thread (``OMP_NUM_THREADS=1``): a load parsing its boosters on both cores held
+    # up the stand-in requests here as it does not in a worker.
+    with sigterm_exits(), lightgbm_threads(1), tempfile.TemporaryDirectory(prefix="winback-swap-probe-") as tmp:
         folder = Path(tmp)
         store, versions = versions_to_swap(tracking_uri, folder)
         mirror_dir = folder / "mirror"
@@ -222,7 +232,7 @@ def phase_text(figures: PhaseFigures) -> str:
     return (
         f"{figures.requests} requests, GIL wait p50 {figures.wait_p50_ms:g} / p90 {figures.wait_p90_ms:g} ms, "
         f"decision p50 {figures.decide_p50_ms:g} / p90 {figures.decide_p90_ms:g} ms, both p90 "
-        f"{figures.total_p90_ms:g} ms"
+        f"{figures.total_p90_ms:g} ms, {figures.late} woke over {LATE_WAIT_MS:g} ms late"
     )
 
 
@@ -235,6 +245,7 @@ def describe_probe(result: ProbeResult) -> str:
         f"while loading): during the loads {phase_text(result.during)}; away from them {phase_text(result.away)}; "
         f"{result.moving} beside the alias moves, in neither; "
         + (f"p90 ratio {ratio:.2f}x" if math.isfinite(ratio) else "no p90 ratio")
+        + f"; {result.during.late / max(result.swaps, 1):.1f} requests woke over {LATE_WAIT_MS:g} ms late per swap"
     )
 
 

@@ -189,7 +189,9 @@ def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
     (tmp_path / "copy").mkdir()
     _, versions = versions_to_swap(store, tmp_path / "copy")
     assert versions == ["2", "3", "1"]
+    threads_before = _lightgbm_max_threads()
     result = run_swap_probe(store, swaps=3, pause_seconds=0.3)
+    assert _lightgbm_max_threads() == threads_before  # one thread for LightGBM during the probe only
     assert result.swaps == 3
     assert len(result.load_ms) == 3
     assert min(result.load_ms) > 1.0  # each a real load of a bundle, not a refresh that found nothing new
@@ -228,3 +230,33 @@ def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
         patched.setattr(Runtime, "_decide", fails_after_warming)
         with pytest.raises(RuntimeError, match=r"a stand-in request failed: ZeroDivisionError\('boom'\)"):
             run_swap_probe(store, swaps=2, pause_seconds=0.3)
+
+
+def _lightgbm_max_threads() -> int:
+    import ctypes
+
+    from lightgbm.basic import _LIB  # type: ignore[attr-defined]
+
+    count = ctypes.c_int(0)
+    _LIB.LGBM_GetMaxThreads(ctypes.byref(count))
+    return int(count.value)
+
+
+def test_lightgbm_runs_one_thread_within_lightgbm_threads_and_as_before_after() -> None:
+    from model.fastpredict import lightgbm_threads
+
+    before = _lightgbm_max_threads()
+    with lightgbm_threads(1):
+        assert _lightgbm_max_threads() == 1
+        seen: list[int] = []
+
+        def fail_inside() -> None:
+            with lightgbm_threads(2):
+                seen.append(_lightgbm_max_threads())
+                raise RuntimeError("inner")
+
+        with pytest.raises(RuntimeError, match="inner"):
+            fail_inside()
+        assert seen == [2]
+        assert _lightgbm_max_threads() == 1
+    assert _lightgbm_max_threads() == before

@@ -6,6 +6,7 @@ import io
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,13 @@ def test_the_swap_probe_splits_its_requests_by_phase_and_reads_their_quantiles()
     text = describe_probe(result)
     assert "2 swaps in one process (80-95.5 ms each, switch interval 0.02 ms while loading)" in text
     assert "3 beside the alias moves, in neither" in text
-    assert text.endswith("p90 ratio 3.09x")
+    assert "p90 ratio 3.09x" in text
+    # Requests woken over 1 ms late, counted per phase and said per swap: a count the loads' length does not move.
+    late = phase_figures([_Sample(Phase.LOAD, wait, 0.001) for wait in (0.0009, 0.0011, 0.0031)], Phase.LOAD)
+    assert late.late == 2
+    assert (loaded.late, quiet.late) == (sum(1 for sample in during if sample.wait > 0.001), 0)
+    assert "1 ms late per swap" in describe_probe(replace(result, during=late))
+    assert describe_probe(replace(result, during=late)).endswith("; 1.0 requests woke over 1 ms late per swap")
     # No request during a load (a load faster than any gap): said as such, not a NaN.
     nothing = phase_figures(away, Phase.LOAD)
     assert nothing.requests == 0

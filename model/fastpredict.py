@@ -193,7 +193,7 @@ def fast_predictor(booster: lgb.Booster) -> FastPredictor:
 
 @contextlib.contextmanager
 def lightgbm_threads(count: int) -> Iterator[None]:
-    """LightGBM's default thread count set to ``count`` within the block (``LGBM_SetMaxThreads``), then put back.
+    """LightGBM's maximum thread count set to ``count`` within the block (``LGBM_SetMaxThreads``), then put back.
 
     What a serving worker gets from ``OMP_NUM_THREADS=1`` (service/api/server.py), for a process that imported
     LightGBM without it: reading a booster's file parses its trees on every core otherwise."""

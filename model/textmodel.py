@@ -18,6 +18,7 @@ import logging
 import math
 import operator
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,15 +41,22 @@ _SEPARATORS = re.compile(r"[^0-9A-Za-z]+")
 #: Distinct documents kept in the serving cache before it is emptied (the vectoriser is slow per call).
 CACHE_SIZE = 4096
 #: Errors per ``predict`` call when a cache is warmed with pauses between (a scorer loading a new version beside its
-#: requests): up to ``DIRECT_ROWS``, so each chunk goes the direct way, ~0.05 ms an error in calls of one error
-#: each; without pauses (a worker's first load, the executor), all go through one call.
+#: requests): at most ``DIRECT_ROWS``, so each chunk goes the direct way, ~0.2 ms an error (less once its words are
+#: cached); without pauses (a worker's first load, the executor), all go through one call.
 WARM_CHUNK = 16
-#: Up to this many errors, ``TextModel.predict`` computes in plain numpy (``_DirectText``, the same floats) instead of
-#: through scikit-learn, whose input checks cost ~0.6 ms a call; above it (training's thousands of errors),
-#: scikit-learn's sparse matrices take less memory than the padded arrays.
+#: Up to this many errors, ``TextModel.predict`` computes them one by one on plain arrays (``_DirectText``, the same
+#: floats) instead of through scikit-learn, whose checks cost ~0.6 ms a call; more (training's thousands, a
+#: worker's first warm-up) go through scikit-learn as before, whose one call for all rows is then no dearer.
 DIRECT_ROWS = 64
-#: Distinct words whose n-grams ``_DirectText`` keeps looked up before it empties its word cache.
-WORD_CACHE_SIZE = 1 << 16
+#: Words up to this long keep their n-grams' columns in ``_DirectText``'s word cache; longer ones (references,
+#: hashes, a message without spaces) rarely come back and would fill it.
+CACHED_WORD_CHARS = 40
+#: Columns (one per n-gram occurrence) the word cache holds in all before it is emptied: ~8 bytes each, a few MB.
+WORD_CACHE_COLUMNS = 1 << 19
+#: Rows of a doc's terms multiplied and summed per numpy call in ``_DirectText``: with 14 scores, ~450 numbers a
+#: call. Above ~500, numpy lets the GIL go for the call and takes it back after, and a loading thread doing that
+#: over and over starves a request waiting for the GIL (the swap probe saw its wait at p90 go from 0.3 to 2 ms).
+_NUMPY_CALL_NUMBERS = 480
 
 log = logging.getLogger("winback.model")
 
@@ -119,8 +127,9 @@ class TextModel:
     _cache: dict[tuple[str | None, str | None, str | None], dict[str, float]] = field(
         default_factory=dict, repr=False, compare=False
     )
-    #: The direct form of the fitted vectoriser and regressions (None: not built yet; False: not available).
-    _direct: _DirectText | bool | None = field(default=None, repr=False, compare=False)
+    #: The direct form of the fitted vectoriser and regressions (None: not built yet; False: not available). Not an
+    #: argument: a copy made with other regressions (``dataclasses.replace``) must build its own.
+    _direct: _DirectText | bool | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, table: ErrorTexts, *, seed: int = 0, c: float = 4.0) -> TextModel:
@@ -230,6 +239,7 @@ class TextModel:
         With ``between_steps``, the errors go through the vectoriser ``WARM_CHUNK`` at a time, and it is called after
         each chunk: a scorer warming a new version up beside its requests lets them go first there
         (service/api/inflight.py)."""
+        self._direct_form()  # built (and checked against scikit-learn) here, not by the first request with a new error
         wanted = [error for error in dict.fromkeys(errors) if error not in self._cache][-CACHE_SIZE:] or [
             (None, None, None)
         ]
@@ -254,13 +264,10 @@ class TextModel:
         state["_direct"] = None
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_direct": None, **state})  # a pickle made before the field existed lacks it
-
 
 class _DirectText:
     """A fitted ``TextModel``'s vectoriser and regressions as plain numpy arrays: the same floats as scikit-learn's
-    ``transform`` and ``predict_proba`` (checked when built, and by tests), for one request's error in ~0.1 ms
+    ``transform`` and ``predict_proba`` (checked when built, and by tests), for one request's error in ~0.2 ms
     instead of ~0.7 ms.
 
     What scikit-learn does per call besides the arithmetic (input validation, a sparse matrix, its sorting) costs
@@ -297,7 +304,12 @@ class _DirectText:
         self.retry_width = 0 if retry is None else retry.coef_.shape[0]
         self.class_binary = classes is not None and len(classes.classes_) <= 2
         self.has_retry, self.has_classes = retry is not None, classes is not None
-        self.words: dict[str, npt.NDArray[np.intp]] = {}
+        # Per column, as Python floats and as row views: looked up in Python, since numpy's fancy indexing lets the
+        # GIL go now and then (``_NUMPY_CALL_NUMBERS``).
+        self.idf_values: list[float] = self.idf.tolist()
+        self.weight_rows: list[npt.NDArray[np.float64]] = [] if self.weights is None else list(self.weights)
+        self.words: dict[str, tuple[int, ...]] = {}
+        self.word_columns = 0  # columns held in ``words``
 
     @classmethod
     def of(cls, model: TextModel) -> _DirectText | None:
@@ -325,6 +337,8 @@ class _DirectText:
             document(None, None, None),
             document("adyen", "Refused", "Not enough balance\t on  the ÇARD 12345, try again later!"),
             document("x", "ÿ", "a"),
+            document("razorpay", "BAD_REQUEST", "Limit exceeded\xa0for\u2003this\tcard\nİSTANBUL ẞ ǅ"),
+            document("stripe", "do_not_honor", " ".join(f"word{i} declined" for i in range(120))[:1000]),
         ]
         if not direct.same_as_sklearn(model, samples):
             log.warning("the text model's direct form differs from scikit-learn's; scikit-learn computes it")
@@ -344,7 +358,7 @@ class _DirectText:
             probabilities is not None and np.array_equal(probabilities, model.class_model.predict_proba(matrix))
         )
 
-    def _columns_of(self, word: str) -> npt.NDArray[np.intp]:
+    def _columns_of(self, word: str) -> tuple[int, ...]:
         """The vocabulary columns of a word's n-grams, one per occurrence (scikit-learn's ``_char_wb_ngrams``)."""
         padded = " " + word + " "
         length = len(padded)
@@ -362,15 +376,28 @@ class _DirectText:
                     found.append(column)
             if offset == 0:  # a word shorter than n counts once
                 break
-        return np.array(found, dtype=np.intp)
+        return tuple(found)
+
+    def _word_columns(self, word: str) -> tuple[int, ...]:
+        """``_columns_of(word)``, from the word cache for a word of up to ``CACHED_WORD_CHARS``."""
+        columns = self.words.get(word)
+        if columns is None:
+            columns = self._columns_of(word)
+            if len(word) <= CACHED_WORD_CHARS:
+                if self.word_columns + len(columns) > WORD_CACHE_COLUMNS:
+                    self.words.clear()  # another thread may count a word of the old cache here: a bound, not a tally
+                    self.word_columns = 0
+                self.words[word] = columns
+                self.word_columns += len(columns)
+        return columns
 
     def predict(self, docs: Sequence[str]) -> tuple[FloatArray | None, FloatArray | None]:
         """P(retry succeeds) per doc, and the class probabilities per doc (rows x classes); None for a model the
         text model lacks."""
         if self.weights is None or self.intercepts is None:
             return None, None
-        # One doc per call: each is ~20 us of numpy, and a load warming a new version up gives way to requests at
-        # calls (service/api/inflight.py); a whole chunk's arrays at once held the GIL for ~0.5 ms.
+        # One doc per call (~0.2 ms): a load warming a new version up gives way to requests at calls
+        # (service/api/inflight.py).
         scores = np.array([self._scores(doc) for doc in docs], dtype=np.float64).reshape(len(docs), -1)
         scores = scores[:, : len(self.intercepts)] + self.intercepts  # without the zeros a single score has beside
         p_retry = expit(scores[:, 0]) if self.has_retry else None
@@ -387,34 +414,39 @@ class _DirectText:
     def _scores(self, doc: str) -> FloatArray:
         """The regressions' scores of one doc, before their intercepts (scikit-learn's sparse dot product).
 
-        Only numpy calls that keep the GIL for their few microseconds: ``np.unique`` (a sort) and ``np.cumsum``
-        let it go and take it back at once, and a thread doing that over and over starved a request waiting for
-        the GIL for the whole call (~1.5 ms a chunk of a warm-up: the swap probe)."""
+        The terms are counted and the columns looked up in Python, and each numpy call takes at most
+        ``_NUMPY_CALL_NUMBERS`` numbers, so none lets the GIL go (``np.unique``, ``np.bincount``, fancy indexing and
+        larger arrays did: see ``_NUMPY_CALL_NUMBERS``)."""
         assert self.weights is not None
-        words = self.words
-        parts = []
+        counts: Counter[int] = Counter()
         for word in self.preprocess(doc).split():
-            columns = words.get(word)
-            if columns is None:
-                if len(words) >= WORD_CACHE_SIZE:
-                    words.clear()
-                columns = words[word] = self._columns_of(word)
-            parts.append(columns)
+            counts.update(self._word_columns(word))
         width = self.weights.shape[1]
-        if not parts:
+        if not counts:
             return np.zeros(width, dtype=np.float64)
-        counts = np.bincount(np.concatenate(parts), minlength=len(self.idf))
-        columns = np.flatnonzero(counts)  # in column order, as a CSR row
-        if not len(columns):
-            return np.zeros(width, dtype=np.float64)
-        values = counts[columns].astype(np.float64)
-        np.log(values, values)
-        values += 1.0
-        values *= self.idf[columns]
-        # Running sums in column order, as scikit-learn's: the squares' in plain Python (numpy's sum is pairwise),
-        # the scores' as numpy's sum down the rows of a C-ordered array, which adds row after row.
-        values /= math.sqrt(functools.reduce(operator.add, (values * values).tolist(), 0.0))  # not 0: values >= 1
-        return np.asarray(np.add.reduce(values[:, None] * self.weights[columns], axis=0), dtype=np.float64)
+        columns = sorted(counts)  # in column order, as a CSR row
+        values = np.array([counts[column] for column in columns], dtype=np.float64)
+        idf, weight_rows = self.idf_values, self.weight_rows
+        block = _NUMPY_CALL_NUMBERS
+        for start in range(0, len(columns), block):
+            part = values[start : start + block]
+            np.log(part, part)
+            part += 1.0
+            part *= np.array([idf[column] for column in columns[start : start + block]], dtype=np.float64)
+        # Sums in column order, one term after another, as scikit-learn's: the squares' in plain Python (numpy's
+        # sum of a row is pairwise), the scores' as numpy's sum down the rows of a C-ordered block with the running
+        # sum as its first row, which adds row after row.
+        norm = math.sqrt(functools.reduce(operator.add, [value * value for value in values.tolist()], 0.0))
+        for start in range(0, len(columns), block):
+            values[start : start + block] /= norm  # not 0: every value is at least 1
+        scores = np.zeros((1, width), dtype=np.float64)
+        rows = max(1, block // width - 1)
+        for start in range(0, len(columns), rows):
+            weights = np.array([weight_rows[column] for column in columns[start : start + rows]], dtype=np.float64)
+            terms = values[start : start + rows, None] * weights
+            scores = np.add.reduce(np.concatenate((scores, terms)), axis=0, keepdims=True)
+        row: FloatArray = scores[0]
+        return row
 
 
 def out_of_fold(table: ErrorTexts, *, n_splits: int = 5, seed: int = 0) -> dict[str, FloatArray]:

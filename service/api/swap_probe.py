@@ -41,9 +41,10 @@ from service.signals import sigterm_exits
 PAUSE_SECONDS = 1.0
 #: Each sleep of the stand-in request thread is drawn between these (seconds).
 GAP_SECONDS = (0.001, 0.004)
-#: A request woken this late (ms) counts as held up (``PhaseFigures.late``): the p90 during the loads compares the
-#: requests that overlapped one, so a load made shorter by work that never held a request up raises it while no
-#: fewer requests are held up; the count per swap does not move with the load's length.
+#: A request woken this late (ms) counts as held up (``PhaseFigures.late``). The p90 during the loads compares the
+#: requests that overlapped one: a load made shorter by taking out work that held no request up raises it although
+#: no fewer are held up. The count per swap moves only with the requests held up. The same count away from the
+#: loads covers far more time (``2 * pause_seconds`` a swap): it shows the machine's own late wake-ups.
 LATE_WAIT_MS = 1.0
 
 

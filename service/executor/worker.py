@@ -523,6 +523,10 @@ def resolve_charge(
         engine.dispose()
 
 
+#: How long ``_wait_for_an_error`` waits before it reads an ended worker's unread exit again.
+_REREAD_SECONDS = 0.05
+
+
 def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
     """Wait until every process has ended, or until some ended with an exit code other than 0; the names of those.
 
@@ -541,6 +545,11 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
             if process.sentinel in ready:
                 process.join()  # it is exiting: reapable within moments
         exit_codes = [(process, process.exitcode) for process in running]  # one read each: a later one may differ
+        if any(code is None and process.sentinel in ready for process, code in exit_codes):
+            # Ended, its exit unread: reaped by another process, or by another thread here through the same Process
+            # object (``active_children``), which stores the code a moment after it reaps. Read again after that.
+            time.sleep(_REREAD_SECONDS)
+            exit_codes = [(process, process.exitcode if code is None else code) for process, code in exit_codes]
         failed = [
             process.name
             for process, code in exit_codes

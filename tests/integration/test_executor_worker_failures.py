@@ -602,3 +602,30 @@ def test_a_worker_reaped_by_another_process_ends_the_watch_as_failed(exit_code: 
     assert outcome == [["winback-executor-0"]]
     assert worker.exitcode is None  # reaped by the kernel: unreadable
     assert "reaped by another process" in worker_module._exit_of(worker)
+
+
+class _ReapedByAnotherThread(_Worker):
+    """A worker another thread of the parent reaped through the same Process object (``active_children``): its
+    exit reads as unknown just after the join, then as the code that thread stored."""
+
+    def __init__(self, name: str, exit_code: int) -> None:
+        super().__init__(name, exit_code=exit_code)
+        self._reads = 0
+
+    @property
+    def exitcode(self) -> int | None:
+        self._reads += 1
+        return None if self._reads == 1 else self._code
+
+
+@pytest.mark.parametrize(("exit_code", "reported"), [(0, []), (2, ["winback-executor-0"])])
+def test_an_exit_another_thread_reaped_is_read_again_before_it_counts_as_failed(
+    exit_code: int, reported: list[str]
+) -> None:
+    worker = _ReapedByAnotherThread("winback-executor-0", exit_code)
+    watcher, outcome = _watch(worker)
+    try:
+        watcher.join(timeout=10)
+        assert outcome == [reported]
+    finally:
+        worker.close()

@@ -596,13 +596,14 @@ def test_the_cost_breakdown_is_printed_or_why_it_is_not(capsys: pytest.CaptureFi
 
 
 def test_a_result_names_the_software_it_was_measured_with(capsys: pytest.CaptureFixture[str]) -> None:
+    import platform
     from importlib import metadata
 
     from service.api.bench import MEASURED_PACKAGES, _print, software_versions
 
     versions = software_versions()
     assert list(versions) == ["python", *MEASURED_PACKAGES]
-    assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert versions["python"] == platform.python_version()
     assert versions["mlflow"] == metadata.version("mlflow")
     assert versions["lightgbm"] == metadata.version("lightgbm")
     assert software_versions(["no-such-package-winback"])["no-such-package-winback"] == "not installed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -104,7 +105,8 @@ def test_every_shape_of_text_model_has_its_direct_form(classes: list[str | None]
     assert isinstance(direct, _DirectText)
     errors = [("stripe", "ERR_X", "Your card was declined twice"), ("adyen", None, "limit")]
     direct_out = fitted.predict(*[list(column) for column in zip(*errors, strict=True)])
-    through_sklearn = dataclasses.replace(fitted, _cache={}, _direct=False)  # False: no direct form
+    through_sklearn = dataclasses.replace(fitted, _cache={})
+    through_sklearn._direct = False  # no direct form: scikit-learn computes
     assert through_sklearn._direct_form() is None
     expected = through_sklearn.predict(*[list(column) for column in zip(*errors, strict=True)])
     for name in TEXT_COLUMNS:
@@ -136,12 +138,83 @@ def test_the_direct_form_and_its_word_cache_are_not_pickled(model: TextModel) ->
     copy = pickle.loads(pickle.dumps(model))
     assert copy._direct is None
     assert copy._cache == {}
-    # A pickle written before the field existed loads with none, and builds it on first use.
+    # A pickle written before the field existed (its state without it) loads with none, and builds it on first use.
     state = dict(copy.__dict__)
     del state["_direct"]
-    old = TextModel.__new__(TextModel)
-    old.__setstate__(state)
+    old = pickle.loads(pickle.dumps(_Stateless(state)))._model()
+    assert "_direct" not in old.__dict__
     assert old._direct is None
     assert old.features_for("stripe", "SOME_CODE", "some words") == model.features_for(
         "stripe", "SOME_CODE", "some words"
     )
+
+
+class _Stateless:
+    """Pickles as a TextModel whose state lacks some fields (what an older release wrote)."""
+
+    def __init__(self, state: dict[str, object]) -> None:
+        self.state = state
+
+    def _model(self) -> TextModel:
+        model = TextModel.__new__(TextModel)
+        model.__dict__.update(self.state)
+        return model
+
+
+def test_a_copy_with_other_regressions_builds_its_own_direct_form(model: TextModel) -> None:
+    model.features_for("stripe", "A_CODE", "declined")
+    without_retry = dataclasses.replace(model, _cache={}, retry_model=None)
+    assert without_retry._direct is None
+    assert without_retry.features_for("stripe", "A_CODE", "declined")["text_p_retry"] == model.retry_prior
+
+
+def test_the_word_cache_is_bounded_by_the_columns_it_holds(model: TextModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.textmodel as textmodel
+
+    direct = TextModel.fit(_table([TEXT_CLASSES[i % len(TEXT_CLASSES)] for i in range(60)]))._direct_form()
+    assert isinstance(direct, _DirectText)
+    monkeypatch.setattr(textmodel, "WORD_CACHE_COLUMNS", 200)
+    for index in range(50):
+        direct.predict([document("stripe", None, f"declined{index} card{index} limit{index}")])
+        assert direct.word_columns <= 200
+        assert direct.word_columns == sum(len(columns) for columns in direct.words.values())
+    assert direct.words  # filled again after each clearing
+    long_word = "x" * (textmodel.CACHED_WORD_CHARS + 1)
+    direct.predict([document("stripe", None, long_word)])
+    assert long_word not in direct.words  # a long word is looked up, not kept
+
+
+def test_the_direct_form_keeps_the_gil_through_an_error(model: TextModel) -> None:
+    """A second thread runs only when this one lets the GIL go by itself (the switch interval is made huge): the
+    direct form's numpy calls must not, or a loading thread making them starves a request waiting for the GIL."""
+    import sys
+    import threading
+
+    direct = model._direct_form()
+    assert isinstance(direct, _DirectText)
+    long_message = " ".join(f"declined{i} card{i} limit{i} issuer{i}" for i in range(40))[:1000]
+    docs = [document("stripe", "card_declined", "Your card was declined."), document("adyen", "X", long_message)]
+    direct.predict(docs)  # words cached, as on the second sight of them
+    ran = {"count": 0}
+    done = threading.Event()
+
+    def other() -> None:
+        while not done.is_set():
+            ran["count"] += 1
+            time.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        thread = threading.Thread(target=other, daemon=True)
+        thread.start()
+        time.sleep(0.05)  # the thread runs while this one sleeps, then waits for the GIL
+        before = ran["count"]
+        for _ in range(200):
+            direct.predict(docs)
+        after = ran["count"]
+    finally:
+        done.set()
+        sys.setswitchinterval(interval)
+    thread.join(5)
+    assert after == before

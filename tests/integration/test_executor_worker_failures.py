@@ -159,9 +159,8 @@ def broken_on_first(flag: str, calls: str) -> Any:
     raise RuntimeError("this worker stops on an error")
 
 
-def test_one_worker_stopping_on_an_error_stops_the_others(tmp_path: Path) -> None:
-    """The parent joined its workers one after another, so a worker that stopped on an error went unnoticed while
-    the others ran (short of a worker, the supervisor never told). Now the command stops them all and fails."""
+def _one_worker_fails(tmp_path: Path) -> tuple[str, Path, Any]:
+    """A database with 5 due retries, a config, and a connectors factory whose first worker fails."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     engine = make_executor_engine(url)
     try:
@@ -170,7 +169,13 @@ def test_one_worker_stopping_on_an_error_stops_the_others(tmp_path: Path) -> Non
     finally:
         engine.dispose()
     config = write_bench_config(tmp_path / "merchants.yaml")
-    factory = functools.partial(broken_on_first, str(tmp_path / "first"), str(tmp_path / "calls.txt"))
+    return url, config, functools.partial(broken_on_first, str(tmp_path / "first"), str(tmp_path / "calls.txt"))
+
+
+def test_one_worker_stopping_on_an_error_stops_the_others(tmp_path: Path) -> None:
+    """The parent joined its workers one after another, so a worker that stopped on an error went unnoticed while
+    the others ran (short of a worker, the supervisor never told). Now the command stops them all and fails."""
+    url, config, factory = _one_worker_fails(tmp_path)
     started = time.monotonic()
     before = {child.pid for child in psutil.Process().children(recursive=True)}
     try:
@@ -180,6 +185,30 @@ def test_one_worker_stopping_on_an_error_stops_the_others(tmp_path: Path) -> Non
         _kill_executor_workers(before)
     # the healthy worker was stopped by the command, not by its own stop_after
     assert time.monotonic() - started < STOP_AFTER / 2, "one worker failed, and the command ran the other on"
+
+
+def test_with_sigchld_ignored_a_failing_worker_stops_the_command_with_its_reason(tmp_path: Path) -> None:
+    """Ignored SIGCHLD (inherited from whatever started the command): the kernel reaps the workers itself, so an
+    ended worker still reads as alive. The watch counts it as failed (its exit unknown), and the stop signals only
+    the workers whose sentinel is still open: a SIGTERM to the reaped one's pid raised ProcessLookupError (or hit
+    whatever process had that pid by then)."""
+    url, config, factory = _one_worker_fails(tmp_path)
+    started = time.monotonic()
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with pytest.raises(RuntimeError, match="reaped by another process") as raised:
+            worker_module.run(url, 2, config, None, stop_after=STOP_AFTER, connectors_factory=factory)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+        _kill_executor_workers(before)
+    assert "executor workers exited with an error: winback-executor-" in str(raised.value)
+    assert time.monotonic() - started < STOP_AFTER / 2, "one worker failed, and the command ran the other on"
+    assert not [
+        child.pid
+        for child in psutil.Process().children(recursive=True)
+        if child.pid not in before and "spawn_main" in " ".join(child.cmdline())
+    ]
 
 
 def _kill_executor_workers(before: set[int]) -> None:

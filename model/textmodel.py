@@ -7,8 +7,8 @@ probabilities of the catalog's error classes. Their outputs are numeric features
 (``model.features.TEXT_COLUMNS``). Training fits them out-of-fold, grouped by error code (:func:`out_of_fold`), so
 the trees never see a prediction made with the example's own code.
 
-A few errors at a time (a request's never-seen error, a new version's warm-up) are computed without
-scikit-learn's per-call checks, by ``_DirectText``: the same floats, bit for bit.
+A request's never-seen error (up to ``DIRECT_ROWS`` errors a call) is computed without scikit-learn's per-call
+checks, by ``_DirectText``: the same floats, bit for bit.
 """
 
 from __future__ import annotations
@@ -397,8 +397,8 @@ class _DirectText:
         text model lacks."""
         if self.weights is None or self.intercepts is None:
             return None, None
-        # One doc per call (~0.2 ms): a load warming a new version up gives way to requests at calls
-        # (service/api/inflight.py).
+        # One doc per call (~0.2 ms): a load building the form (its check against scikit-learn) gives way to requests
+        # at calls (service/api/inflight.py).
         scores = np.array([self._scores(doc) for doc in docs], dtype=np.float64).reshape(len(docs), -1)
         scores = scores[:, : len(self.intercepts)] + self.intercepts  # without the zeros a single score has beside
         p_retry = expit(scores[:, 0]) if self.has_retry else None

@@ -285,7 +285,6 @@ class _DirectText:
         vectorizer, retry, classes = model.vectorizer, model.retry_model, model.class_model
         assert vectorizer is not None
         self.vocabulary: dict[str, int] = vectorizer.vocabulary_
-        self.idf = np.asarray(vectorizer.idf_, dtype=np.float64)
         self.min_n, self.max_n = vectorizer.ngram_range
         self.preprocess = vectorizer.build_preprocessor()
         # Both regressions' coefficients, one score per column: the retry model's first (when there is one), then
@@ -307,7 +306,7 @@ class _DirectText:
         self.has_retry, self.has_classes = retry is not None, classes is not None
         # Per column, as Python floats and as row views: looked up in Python, since numpy's fancy indexing lets the
         # GIL go now and then (``_NUMPY_CALL_NUMBERS``).
-        self.idf_values: list[float] = self.idf.tolist()
+        self.idf_values: list[float] = np.asarray(vectorizer.idf_, dtype=np.float64).tolist()
         self.weight_rows: list[npt.NDArray[np.float64]] = [] if self.weights is None else list(self.weights)
         self.words: dict[str, tuple[int, ...]] = {}
         self.word_columns = 0  # columns held in ``words``

@@ -347,10 +347,11 @@ class _ShortSwitchInterval:
 #: (``swap_probe.py``, twelve swaps a run, three runs each way, alternating, a quiet machine): the GIL wait of a
 #: request arriving during a load was 1.12-1.18 ms at p90 with 0.5 ms, 0.29-0.36 ms with 20 us (0.12 ms away from
 #: the loads), and the p90 of wait and decision together 1.82-2.08x the p90 away from the loads with 0.5 ms,
-#: 1.31-1.43x with 20 us; the loads took as long (72-142 ms). 5 us waited no less: the kernel's timer slack (50 us)
-#: is the floor. Where a load and requests do share the GIL (a first load, which is not traced; a load whose budget
-#: is spent; Python 3.12 and later), a review measured the same throughput untraced and 3-4% fewer decisions a
-#: second with a traced load whose budget was spent, in one process, saturated.
+#: 1.31-1.43x with 20 us; the loads took as long (72-142 ms). 5 us waited no less while the kernel's timer slack
+#: (50 us) was the floor; each worker's event loop now sets its own to 1 us (``precise_timers``, api/inflight.py).
+#: Where a load and requests do share the GIL (a first load, which is not traced; a load whose budget is spent;
+#: Python 3.12 and later), a review measured the same throughput untraced and 3-4% fewer decisions a second with a
+#: traced load whose budget was spent, in one process, saturated.
 _requests_first = _ShortSwitchInterval()
 
 

@@ -173,7 +173,6 @@ def run_swap_bench(
 ) -> SwapLatency:
     """Serve ``mixed_traffic`` at ``rate`` for ``seconds`` while the champion moves ``moves`` times, evenly spaced
     (see the module's text)."""
-
     with sigterm_exits(), tempfile.TemporaryDirectory(prefix="winback-swap-bench-") as tmp:
         folder = Path(tmp)
         store, versions = versions_to_swap(tracking_uri, folder)

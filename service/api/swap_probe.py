@@ -115,6 +115,8 @@ def run_swap_probe(
     """Swap the champion ``swaps`` times in this process while a thread decides requests, pausing
     ``pause_seconds`` before and after each swap (see the module's text). The store at ``tracking_uri`` is copied
     first (it must be a SQLite file store holding a champion)."""
+    from threadpoolctl import threadpool_limits
+
     from model import registry_client as registry
     from model.fastpredict import lightgbm_threads
     from model.requests import DecisionRequest
@@ -128,9 +130,15 @@ def run_swap_probe(
 
     if swaps < 1:
         raise ValueError(f"swaps must be at least 1, not {swaps}")
-    # A worker's LightGBM runs one thread (``OMP_NUM_THREADS=1``): a load parsing its boosters on both cores held
-    # up the stand-in requests here as it does not in a worker.
-    with sigterm_exits(), lightgbm_threads(1), tempfile.TemporaryDirectory(prefix="winback-swap-probe-") as tmp:
+    # A worker runs LightGBM, OpenBLAS and MKL on one thread each (``server_env``): a load parsing its boosters on
+    # both cores held up the stand-in requests here as it does not in a worker. threadpoolctl sets OpenBLAS's and
+    # MKL's pools, and OpenMP's count for this thread (the one that loads); LightGBM's own maximum is set apart.
+    with (
+        sigterm_exits(),
+        lightgbm_threads(1),
+        threadpool_limits(limits=1),
+        tempfile.TemporaryDirectory(prefix="winback-swap-probe-") as tmp,
+    ):
         folder = Path(tmp)
         store, versions = versions_to_swap(tracking_uri, folder)
         mirror_dir = folder / "mirror"

@@ -177,6 +177,7 @@ def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
     swap loads and serves the version the alias moved to, requests are timed on both sides, and a swap that does not
     serve its version, or a request that fails, ends the run naming it."""
     from service.api.mirror import MirrorSource
+    from service.api.model_holder import ModelHolder
     from service.api.swap_bench import versions_to_swap
     from service.api.swap_probe import run_swap_probe
 
@@ -190,8 +191,21 @@ def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
     _, versions = versions_to_swap(store, tmp_path / "copy")
     assert versions == ["2", "3", "1"]
     threads_before = _lightgbm_max_threads()
-    result = run_swap_probe(store, swaps=3, pause_seconds=0.3)
+    blas_before = _blas_threads()
+    blas_in_loads: list[set[int]] = []
+    real_refresh = ModelHolder.refresh
+
+    def counting_blas_threads(self: ModelHolder) -> bool:
+        blas_in_loads.append(_blas_threads())
+        return real_refresh(self)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ModelHolder, "refresh", counting_blas_threads)
+        result = run_swap_probe(store, swaps=3, pause_seconds=0.3)
     assert _lightgbm_max_threads() == threads_before  # one thread for LightGBM during the probe only
+    assert len(blas_in_loads) == 4  # the first load, then three swaps
+    assert all(counts == {1} for counts in blas_in_loads)  # BLAS on one thread in each, as in a worker
+    assert _blas_threads() == blas_before
     assert result.swaps == 3
     assert len(result.load_ms) == 3
     assert min(result.load_ms) > 1.0  # each a real load of a bundle, not a refresh that found nothing new
@@ -230,6 +244,13 @@ def test_the_swap_probe_swaps_a_real_store_s_champion_beside_a_requests_thread(
         patched.setattr(Runtime, "_decide", fails_after_warming)
         with pytest.raises(RuntimeError, match=r"a stand-in request failed: ZeroDivisionError\('boom'\)"):
             run_swap_probe(store, swaps=2, pause_seconds=0.3)
+
+
+def _blas_threads() -> set[int]:
+    """The thread counts of the BLAS libraries loaded in this process (numpy's OpenBLAS at least)."""
+    from threadpoolctl import threadpool_info
+
+    return {int(pool["num_threads"]) for pool in threadpool_info() if pool["user_api"] == "blas"}
 
 
 def _lightgbm_max_threads() -> int:

@@ -24,6 +24,11 @@ err_console = Console(stderr=True)
 @app.callback()
 def main() -> None:
     """winback: decide, at failure time, whether to retry, retarget or stop — and learn from what happened."""
+    from service.signals import restore_sigchld_default
+
+    # Before any command starts a child: an ignored SIGCHLD inherited from whatever started this one would make
+    # every child's exit unreadable (service/signals.py).
+    restore_sigchld_default()
 
 
 def fail(message: str) -> typer.Exit:

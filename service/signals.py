@@ -1,4 +1,5 @@
-"""Signal handling shared by the service's long-running commands (``winback demo``, the benchmarks)."""
+"""Signal handling shared by the service's long-running commands (``winback demo``, the benchmarks, the processes
+that start workers)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,19 @@ def sigterm_exits() -> contextlib.AbstractContextManager[None]:
     SIGTERM), so a bench stopped that way stops the processes it started; a caller ignoring SIGTERM keeps ignoring
     it."""
     return sigterm_raises(lambda signum: SystemExit(128 + signum), keep_ignored=True)
+
+
+def restore_sigchld_default() -> bool:
+    """Put SIGCHLD back to its default when this process started with it ignored; whether it did.
+
+    An ignored SIGCHLD is inherited across exec (some supervisors and CI runners leave it so), and with it the
+    kernel reaps every child itself: no child's exit can be read. ``multiprocessing`` then reads an ended worker as
+    alive for good, and ``subprocess`` reads any child's exit as 0. A process that starts children owns this
+    setting: call this in the main thread before the first child starts (off it, where signals cannot be set,
+    nothing changes). A handler of the process's own is kept."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN:
+        return False
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return True

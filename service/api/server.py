@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from model.merchant_config import load_config
 from service.api.settings import DEMO_CONFIG, Settings, default_tracking_uri
+from service.signals import restore_sigchld_default
 
 APP_FACTORY = "service.api.app:app_from_env"
 
@@ -84,6 +85,10 @@ def run(
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
+    # Under an ignored SIGCHLD uvicorn's supervisor reads every ended worker as alive: it replaces one only once its
+    # health check times out, after a SIGKILL to its pid (someone else's by then, maybe), and replaces one that
+    # could not start for ever rather than stop. Here too for callers other than the CLI (the benches, the tests).
+    restore_sigchld_default()
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))

@@ -54,6 +54,7 @@ from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
 from service.executor.settings import ExecutorSettings
 from service.executor.store import ActionKind, make_executor_engine
+from service.signals import restore_sigchld_default
 
 log = logging.getLogger("winback.executor")
 
@@ -535,9 +536,12 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
     and was dropped from the watch unreported, so the command ran on short of it (seen: 120 s, until the healthy
     worker's own deadline).
 
-    A process that has exited but whose exit still reads as unknown after its join was reaped by someone else (a
-    SIGCHLD ignored by whatever started the command: the kernel then reaps every child itself). Its exit can never
-    be read, and its closed sentinel would wake this loop at once, forever, at a full core: it counts as failed."""
+    A process that has exited but whose exit still reads as unknown after its join, and again a moment later, was
+    reaped elsewhere: by another thread here through the same Process object that has not stored the code yet, by
+    code here that waits for any child (``os.wait``), or by the kernel while SIGCHLD is ignored. ``run`` puts back
+    the default for an ignore inherited from whatever started the command, so that last one takes an ignore set
+    after it (by a library, say). Such an exit may never be read, and its closed sentinel would wake this loop at
+    once, forever, at a full core: it counts as failed."""
     running = list(processes)
     while running:
         ready = set(multiprocessing.connection.wait([process.sentinel for process in running]))
@@ -546,7 +550,7 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
                 process.join()  # it is exiting: reapable within moments
         exit_codes = [(process, process.exitcode) for process in running]  # one read each: a later one may differ
         if any(code is None and process.sentinel in ready for process, code in exit_codes):
-            # Ended, its exit unread: reaped by another process, or by another thread here through the same Process
+            # Ended, its exit unread: reaped elsewhere, perhaps by another thread here through the same Process
             # object (``active_children``), which stores the code a moment after it reaps. Read again after that.
             time.sleep(_REREAD_SECONDS)
             exit_codes = [(process, process.exitcode if code is None else code) for process, code in exit_codes]
@@ -564,7 +568,7 @@ def _wait_for_an_error(processes: Sequence[BaseProcess]) -> list[str]:
 def _exit_of(process: BaseProcess) -> str:
     """How a worker process ended, in words: its exit code, or that it could not be read."""
     if process.exitcode is None:
-        return "exit code unknown: it was reaped by another process (is SIGCHLD ignored where the command started?)"
+        return "exit code unknown: it was reaped elsewhere (a wait for any child here, or SIGCHLD set to ignored)"
     return f"exit code {process.exitcode}"
 
 
@@ -589,6 +593,7 @@ def run(
     from service.api.settings import DEMO_CONFIG
     from service.migrations import upgrade
 
+    restore_sigchld_default()  # the workers' exits must be readable (here too for callers other than the CLI)
     config_file = Path(config_path) if config_path else DEMO_CONFIG
     config = load_config(config_file)
     # Every merchant's message templates must render (with the payment link) before anything is sent.
@@ -632,7 +637,7 @@ def run(
         started = [process for process in processes if process.pid is not None]
         for process in started:
             pid = process.pid
-            # Not once its sentinel has closed: it has exited, and if another process reaped it (see
+            # Not once its sentinel has closed: it has exited, and if it was reaped elsewhere (see
             # _wait_for_an_error) it still reads as alive, and its pid may already be someone else's.
             if pid is not None and process.is_alive() and not multiprocessing.connection.wait([process.sentinel], 0):
                 os.kill(pid, signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -257,3 +258,19 @@ def test_executor_with_a_setting_it_cannot_take_names_the_variable_in_one_line(
     assert "WINBACK_LEASE_SECONDS='soon': Input should be a valid number" in result.output
     assert "validation error" not in result.output
     assert not (tmp_path / "w.db").exists()  # refused before the database is touched
+
+
+def test_every_command_starts_with_sigchld_at_its_default(tmp_path: Path) -> None:
+    """An ignored SIGCHLD inherited from whatever started the command makes every child's exit unreadable (a failed
+    bench job read as 0, say): the command line puts it back before any command runs, even one that starts no
+    worker of its own (this one stops at once, on a database that is not there)."""
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        result = runner.invoke(
+            app, ["executor", "resolve-charge", "1", "--charged", "--database-url", f"sqlite:///{tmp_path / 'no.db'}"]
+        )
+        restored = signal.getsignal(signal.SIGCHLD)
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert result.exit_code == 2, result.output
+    assert restored == signal.SIG_DFL

@@ -187,17 +187,36 @@ def test_one_worker_stopping_on_an_error_stops_the_others(tmp_path: Path) -> Non
     assert time.monotonic() - started < STOP_AFTER / 2, "one worker failed, and the command ran the other on"
 
 
-def test_with_sigchld_ignored_a_failing_worker_stops_the_command_with_its_reason(tmp_path: Path) -> None:
-    """Ignored SIGCHLD (inherited from whatever started the command): the kernel reaps the workers itself, so an
-    ended worker still reads as alive. The watch counts it as failed (its exit unknown), and the stop signals only
-    the workers whose sentinel is still open: a SIGTERM to the reaped one's pid raised ProcessLookupError (or hit
-    whatever process had that pid by then)."""
+def test_with_sigchld_ignored_by_the_caller_a_failing_worker_is_named_with_its_exit_code(tmp_path: Path) -> None:
+    """SIGCHLD ignored by whatever started the command (inherited across exec): ``run`` puts it back to its default
+    before it starts a worker, so the failed worker's exit is read, not reaped by the kernel unread."""
+    url, config, factory = _one_worker_fails(tmp_path)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with pytest.raises(RuntimeError, match=r"winback-executor-\d \(exit code 1\)") as raised:
+            worker_module.run(url, 2, config, None, stop_after=STOP_AFTER, connectors_factory=factory)
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+        _kill_executor_workers(before)
+    assert "exit code unknown" not in str(raised.value)
+
+
+def test_with_sigchld_ignored_after_the_start_a_failing_worker_stops_the_command_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGCHLD ignored after ``run`` put it back (by a library, say; here it is never put back): the kernel reaps
+    the workers itself, so an ended worker still reads as alive. The watch counts it as failed (its exit unknown),
+    and the stop signals only the workers whose sentinel is still open: a SIGTERM to the reaped one's pid raised
+    ProcessLookupError (or hit whatever process had that pid by then)."""
+    monkeypatch.setattr(worker_module, "restore_sigchld_default", lambda: False)
     url, config, factory = _one_worker_fails(tmp_path)
     started = time.monotonic()
     before = {child.pid for child in psutil.Process().children(recursive=True)}
     previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
-        with pytest.raises(RuntimeError, match="reaped by another process") as raised:
+        with pytest.raises(RuntimeError, match="exit code unknown: it was reaped elsewhere") as raised:
             worker_module.run(url, 2, config, None, stop_after=STOP_AFTER, connectors_factory=factory)
     finally:
         signal.signal(signal.SIGCHLD, previous)
@@ -343,10 +362,17 @@ def _executor_arguments(tmp_path: Path) -> list[str]:
             "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]  # fmt: skip
 
 
-def _start_executor(tmp_path: Path) -> subprocess.Popen[str]:
-    """'winback executor run --workers 2' in a process group of its own (as a terminal runs it)."""
+def _start_executor(tmp_path: Path, *, sigchld_ignored: bool = False) -> subprocess.Popen[str]:
+    """'winback executor run --workers 2' in a process group of its own (as a terminal runs it); with
+    ``sigchld_ignored``, started with SIGCHLD ignored (as some supervisors and CI runners start a command)."""
     command = [sys.executable, "-m", "pipelines.cli", *_executor_arguments(tmp_path)]
-    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN)) if sigchld_ignored else None,
+    )
 
 
 def _workers_of(process: subprocess.Popen[str], *, ready: bool) -> list[int]:
@@ -377,6 +403,25 @@ def test_ctrl_c_stops_the_executor_cleanly(tmp_path: Path, when: str) -> None:
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     finally:
         _, stderr = _ended(process)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_an_executor_started_with_sigchld_ignored_stops_cleanly(tmp_path: Path, stop: str) -> None:
+    """SIGCHLD ignored by whatever started the command is inherited across exec, and with it the kernel reaped
+    every worker itself: each exit read as unknown, and even a clean stop failed the command ('exit code
+    unknown'). The command now puts SIGCHLD back to its default before it starts a worker."""
+    process = _start_executor(tmp_path, sigchld_ignored=True)
+    try:
+        assert len(_workers_of(process, ready=True)) == 2
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        else:
+            process.send_signal(signal.SIGTERM)  # what a supervisor does
+    finally:
+        _, stderr = _ended(process)
+    assert "exit code unknown" not in stderr, stderr[-2000:]
     assert process.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
 
@@ -615,9 +660,10 @@ def _exit_with(code: int) -> None:
 
 @pytest.mark.parametrize("exit_code", [0, 3])
 def test_a_worker_reaped_by_another_process_ends_the_watch_as_failed(exit_code: int) -> None:
-    """With SIGCHLD ignored (inherited from whatever started the command), the kernel reaps every child itself: a
-    worker's exit can never be read and its closed sentinel woke the watch at once, forever, at a full core. It
-    now ends the watch, named as failed, and the command's message says why its exit is unknown."""
+    """With SIGCHLD ignored (``run`` puts back an ignore it inherits; one set after that, by a library say, stays),
+    the kernel reaps every child itself: a worker's exit can never be read and its closed sentinel woke the watch
+    at once, forever, at a full core. It now ends the watch, named as failed, and the command's message says why
+    its exit is unknown."""
     context = multiprocessing.get_context("spawn")
     worker = context.Process(target=_exit_with, args=(exit_code,), name="winback-executor-0")
     previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -630,7 +676,7 @@ def test_a_worker_reaped_by_another_process_ends_the_watch_as_failed(exit_code: 
         signal.signal(signal.SIGCHLD, previous)
     assert outcome == [["winback-executor-0"]]
     assert worker.exitcode is None  # reaped by the kernel: unreadable
-    assert "reaped by another process" in worker_module._exit_of(worker)
+    assert "exit code unknown: it was reaped elsewhere" in worker_module._exit_of(worker)
 
 
 class _ReapedByAnotherThread(_Worker):

@@ -1227,5 +1227,8 @@ def _print(result: BenchResult) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `make bench` calls run_bench
+    from service.signals import restore_sigchld_default
+
+    restore_sigchld_default()  # its servers' exits are read (the CLI's entry does the same)
     for kind in sys.argv[2:] or TRAFFIC:
         run_bench(tracking_uri=sys.argv[1] if len(sys.argv) > 1 else None, traffic=kind)

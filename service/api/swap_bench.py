@@ -372,4 +372,7 @@ def swap_ratios(result: SwapLatency) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual entry point; `winback bench` calls run_swap_bench
+    from service.signals import restore_sigchld_default
+
+    restore_sigchld_default()  # its servers' exits are read (the CLI's entry does the same)
     print(describe(run_swap_bench(sys.argv[1])))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -51,6 +52,7 @@ from service.api.schemas import (
     Readiness,
     ValidationErrorBody,
 )
+from service.api.server import WORKERS_PARENT_ENV
 from service.api.settings import Settings
 from service.api.store import (
     DATABASE_AWAY,
@@ -67,6 +69,7 @@ from service.api.store import (
 )
 from service.console.routes import mount_console
 from service.executor.routes import router as executor_router
+from service.linux import end_with_parent
 
 log = logging.getLogger("winback.api")
 
@@ -463,5 +466,13 @@ def serving_app(app: FastAPI) -> DecisionFastPath:
 
 
 def app_from_env() -> DecisionFastPath:
-    """Factory for ``uvicorn --factory``: settings from ``WINBACK_*`` variables (each worker builds its own)."""
+    """Factory for ``uvicorn --factory``: settings from ``WINBACK_*`` variables (each worker builds its own).
+
+    A worker process of ``winback serve`` first asks for a SIGTERM when the command's process ends (its graceful
+    stop, as uvicorn's own): killed outright (SIGKILL, the OOM killer), the command cannot stop its workers, which
+    held the port (a restarted command could not bind it) and served on with a model that no longer changed (the
+    registry mirror is the command's)."""
+    parent_pid = os.environ.get(WORKERS_PARENT_ENV)
+    if parent_pid is not None:
+        end_with_parent(int(parent_pid))
     return serving_app(create_app(Settings()))

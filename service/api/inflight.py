@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import _imp
 import contextlib
-import ctypes
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from types import FrameType
+
+from service.linux import PR_SET_TIMERSLACK, prctl
 
 #: Longest one ``give_way`` waits for the requests in flight.
 GIVE_WAY_SECONDS = 0.02
@@ -52,7 +53,6 @@ _shared = threading.local()
 
 #: The timer slack of a worker's event loop thread, in nanoseconds (Linux's default is 50,000).
 TIMER_SLACK_NS = 1_000
-_PR_SET_TIMERSLACK = 29  # prctl(2)
 
 
 def precise_timers(slack_ns: int = TIMER_SLACK_NS) -> bool:
@@ -64,14 +64,7 @@ def precise_timers(slack_ns: int = TIMER_SLACK_NS) -> bool:
     timer slack late: 50 us by default, more than the interval. The worker's event loop calls this at start, so a
     request that arrives while a load holds the GIL asks for it after the interval, not after the slack. Its other
     timed waits (the loop's timers) only wake more exactly; readiness of a socket wakes it as before."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        unused = ctypes.c_ulong(0)  # prctl(2) takes unsigned longs after the option
-        return int(libc.prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(slack_ns), unused, unused, unused)) == 0
-    except (OSError, AttributeError):
-        return False
+    return prctl(PR_SET_TIMERSLACK, slack_ns)
 
 
 def hold_shared() -> None:

@@ -16,6 +16,9 @@ from service.api.settings import DEMO_CONFIG, Settings, default_tracking_uri
 from service.signals import restore_sigchld_default
 
 APP_FACTORY = "service.api.app:app_from_env"
+#: The pid of the command whose worker processes serve (none with one worker: it serves in the command's process).
+#: Each worker ends with it (``app_from_env``), even when it is killed with no time to stop them.
+WORKERS_PARENT_ENV = "WINBACK_WORKERS_PARENT_PID"
 
 
 def server_env(config_path: str | Path, tracking_uri: str, database_url: str | None = None) -> dict[str, str]:
@@ -133,6 +136,9 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
             stack.enter_context(_environment({"WINBACK_MODEL_MIRROR_DIR": str(folder)}))
         board_env = stack.enter_context(connection_board(workers))  # connections spread evenly (api/accept.py)
         stack.enter_context(_environment(board_env))
+        # uvicorn starts (and restarts) every worker from this thread, the main one, which lives as long as the
+        # process: the kernel's signal at its end (service/linux.py) comes when the command ends.
+        stack.enter_context(_environment({WORKERS_PARENT_ENV: str(os.getpid()) if workers > 1 else None}))
         uvicorn.run(
             APP_FACTORY,
             factory=True,
@@ -147,10 +153,15 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in the environment (the workers read them) for the block; then put back what was there."""
+def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set ``values`` in the environment (the workers read them; None: unset) for the block; then put back what was
+    there."""
     previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         yield
     finally:

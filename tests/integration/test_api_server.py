@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from model import registry, registry_client
@@ -229,6 +231,65 @@ def test_empty_registry_answers_rules_only_and_is_not_ready(mlflow_store: str, s
             headers=json_type,
         )
         assert oversized.status_code == 413, oversized.text
+
+
+def _workers_of(server: Server, count: int, started: int) -> list[psutil.Process]:
+    """The server's ``count`` worker processes, once ``started`` workers in all have finished their start."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = [child for child in psutil.Process(server.process.pid).children() if _is_worker(child)]
+        if len(workers) == count and server.output().count("Application startup complete") >= started:
+            return workers
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} workers after 60 s:\n{server.output()}")
+
+
+def _is_worker(process: psutil.Process) -> bool:
+    """Whether ``process`` is a worker uvicorn started (not the resource tracker), not ended yet."""
+    try:
+        return "spawn_main" in " ".join(process.cmdline())
+    except psutil.Error:  # ended meanwhile (a zombie has no command line)
+        return False
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` still running (an ended one no longer reaped by the test's own child is a zombie)."""
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+    return running
+
+
+def test_workers_end_with_a_server_killed_outright_and_free_its_port(mlflow_store: str, server_factory: object) -> None:
+    """`winback serve` killed outright (SIGKILL, the OOM killer) could not stop its workers: they kept the port, so
+    the restarted command could not bind it, and served on with a model that no longer changed (the registry
+    mirror was the dead command's). Each worker, one that uvicorn started in place of a dead one too, now ends
+    with the command's process, by its graceful stop (uvicorn's own, on the kernel's SIGTERM)."""
+    server = server_factory(mlflow_store, 2)  # type: ignore[operator]
+    first = _workers_of(server, 2, started=2)
+    first[0].kill()  # uvicorn starts another in its place, from the same (main) thread
+    workers = _workers_of(server, 2, started=3)
+    assert {worker.pid for worker in workers} & {worker.pid for worker in first} == {first[1].pid}
+    leftovers = psutil.Process(server.process.pid).children(recursive=True)  # the resource tracker too
+    try:
+        server.process.kill()
+        server.process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _running(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _running(workers) == [], f"workers outlive the server:\n{server.output()}"
+        for worker in workers:  # the graceful stop: the lifespan's shutdown ran
+            assert f"Finished server process [{worker.pid}]" in server.output()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds its port
+            sock.bind(("127.0.0.1", server.port))
+            sock.listen()
+    finally:
+        for process in leftovers:
+            with contextlib.suppress(psutil.Error):  # ended (or its pid another process's: psutil refuses it)
+                process.kill()
 
 
 # The registry mirror of `winback serve` (service/api/mirror.py): one MLflow client per server, workers read files.

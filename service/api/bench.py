@@ -618,8 +618,10 @@ def stop_servers(servers: Sequence[subprocess.Popen[bytes] | None], timeout: flo
     the kill (a worker started in between). Processes are known by pid and start time (psutil), so none that took a
     pid over is touched. A second Ctrl-C or SIGTERM during the wait cuts it short; during the kill both are
     only noted, and act after it. The servers stay in the bench's process group, so a signal to the whole
-    job (the terminal's Ctrl-C, ``timeout``, a CI runner) reaches them as well. Not covered: workers a server's
-    main process left behind by dying before the stop (they are no longer in its tree)."""
+    job (the terminal's Ctrl-C, ``timeout``, a CI runner) reaches them as well. Workers a server's main process
+    left behind by dying before the stop are no longer in its tree: the decision API's stop by themselves (each
+    asks the kernel for a SIGTERM at its parent's death: ``service.linux.end_with_parent``), mlflow serve's are not
+    covered."""
     running = [server for server in servers if server is not None and server.returncode is None]  # unreaped: its pid
     trees = [_process_tree(server.pid) for server in running]  # cannot have been taken over
     try:

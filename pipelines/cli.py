@@ -164,12 +164,12 @@ def serve(
 ) -> None:
     """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
     from model.merchant_config import ConfigError
-    from service.api.server import DatabaseUnavailableError, SpoolUnwritableError, run
+    from service.api.server import DatabaseUnavailableError, SpoolUnwritableError, WorkerStartupError, run
     from service.api.settings import SettingsError
 
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
-    except (ConfigError, DatabaseUnavailableError, SettingsError, SpoolUnwritableError) as exc:
+    except (ConfigError, DatabaseUnavailableError, SettingsError, SpoolUnwritableError, WorkerStartupError) as exc:
         raise fail(str(exc)) from None
 
 

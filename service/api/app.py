@@ -20,8 +20,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.engine import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 
 from model.catalog import ErrorCatalog, load_catalog
 from model.datafiles import DEMO_REQUEST_FILE
@@ -40,7 +42,7 @@ from service.api.logging import configure_logging
 from service.api.metrics import CONTENT_TYPE_LATEST, ApiMetrics
 from service.api.mirror import READ_SECONDS as MIRROR_READ_SECONDS
 from service.api.mirror import MirrorSource
-from service.api.model_holder import MlflowSource, ModelHolder, ModelSource
+from service.api.model_holder import MlflowSource, ModelHolder, ModelSource, first_line
 from service.api.schemas import (
     BODY_ERRORS,
     CALLER_ERRORS,
@@ -52,7 +54,7 @@ from service.api.schemas import (
     Readiness,
     ValidationErrorBody,
 )
-from service.api.server import WORKERS_PARENT_ENV
+from service.api.server import WORKERS_PARENT_ENV, startup_failed
 from service.api.settings import Settings
 from service.api.store import (
     DATABASE_AWAY,
@@ -249,6 +251,23 @@ def build_runtime(settings: Settings) -> Runtime:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Migrate and open the store, start the decision writer, load the champion and poll it; undo on exit."""
+    try:
+        writer, writer_engine, engine = await _start(app)
+    except Exception as error:  # uvicorn stops this worker, and the others with it (server.startup_failed)
+        startup_failed(error)
+        raise
+    try:
+        yield
+    finally:
+        app.state.runtime.holder.stop()
+        writer.close()
+        writer_engine.dispose()
+        engine.dispose()
+
+
+async def _start(app: FastAPI) -> tuple[DecisionWriter, Engine, Engine]:
+    """The lifespan's start: what it opened that its end closes (the decision writer, its engine, the requests'
+    engine)."""
     runtime: Runtime = app.state.runtime
     settings = runtime.settings
     precise_timers()  # this thread, the event loop's, and the threads started below (api/inflight.py)
@@ -277,13 +296,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "decision API ready",
         extra={"model_version": runtime.holder.current.version, "merchants": len(runtime.config.merchants)},
     )
-    try:
-        yield
-    finally:
-        runtime.holder.stop()
-        runtime.writer.close()
-        writer_engine.dispose()
-        engine.dispose()
+    return runtime.writer, writer_engine, engine
 
 
 def _json(content: bytes | str, status_code: int = 200) -> Response:
@@ -475,4 +488,15 @@ def app_from_env() -> DecisionFastPath:
     parent_pid = os.environ.get(WORKERS_PARENT_ENV)
     if parent_pid is not None:
         end_with_parent(int(parent_pid))
-    return serving_app(create_app(Settings()))
+    try:
+        return serving_app(create_app(Settings()))
+    except Exception as error:
+        _not_started(error)
+        raise SystemExit(STARTUP_FAILURE) from None
+
+
+def _not_started(error: Exception) -> None:
+    """Say why this worker could not start, in its log and to the command (``server.startup_failed``)."""
+    configure_logging()  # idempotent; the app's own settings may be what failed
+    log.error("a worker of the decision API could not start: %s", first_line(error), exc_info=error)
+    startup_failed(error)

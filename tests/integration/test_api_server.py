@@ -503,3 +503,26 @@ def test_a_second_sigterm_does_not_cut_the_clean_up_short() -> None:
         [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
     )
     assert (ended.returncode, ended.stdout) == (-signal.SIGTERM, "cleaned up\n"), ended.stderr
+
+
+def test_a_worker_that_cannot_start_again_stops_the_server_with_its_reason(
+    mlflow_store: str, server_factory: object, tmp_path: Path
+) -> None:
+    """A worker uvicorn starts in place of a dead one builds its app again, reading the merchant config again. With
+    that file broken since the start, the new worker failed, was started again, failed, ... for ever (a core spent
+    on it, the server short of a worker, and nothing said but tracebacks). It now stops the whole command, which
+    fails naming the reason: its supervisor restarts it, and the start's own check names the bad key."""
+    server = server_factory(mlflow_store, 2)  # type: ignore[operator]
+    first = _workers_of(server, 2, started=2)
+    (tmp_path / "merchants.yaml").write_text("merchants: [unclosed\n", encoding="utf-8")
+    first[0].kill()
+    try:
+        code = server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the server went on without the worker:\n{server.output()}") from None
+    assert code != 0
+    output = server.output()
+    assert "a worker of the decision API could not start, so the server stopped: ConfigError: " in output
+    assert "merchants.yaml: not valid YAML" in output
+    assert output.count("could not start: ConfigError") == 1, output  # the worker's log line: tried once
+    assert _running([first[1]]) == []

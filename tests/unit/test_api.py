@@ -417,7 +417,14 @@ def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
     assert too_many["detail"][0]["type"] == "too_long"
 
 
-def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(tmp_path: Path) -> None:
+def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start fails naming the folder. Under `winback serve` the worker leaves its reason for the command, which
+    uvicorn stops when a worker's start fails, and which then fails with it (service/api/server.py); outside a serve
+    (no folder named) nothing is written."""
+    from service.api.server import STARTUP_NOTES_ENV, WorkerStartupError, _raise_startup_failure
+
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     app = create_app(settings_for(tmp_path, spool_dir=blocked / "spool"))
@@ -428,6 +435,16 @@ def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(tmp_
 
     with pytest.raises(OSError, match=r"decision spool directory .*a-file/spool \(WINBACK_SPOOL_DIR\) cannot be"):
         asyncio.run(start_up())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    _raise_startup_failure(notes)  # no note: nothing to say
+    monkeypatch.setenv(STARTUP_NOTES_ENV, str(notes))
+    with pytest.raises(OSError, match="cannot be"):
+        asyncio.run(start_up())
+    with pytest.raises(
+        WorkerStartupError, match=r"could not start, so the server stopped: OSError: the decision spool"
+    ):
+        _raise_startup_failure(notes)
 
 
 def test_the_batch_limit_follows_the_setting(tmp_path: Path) -> None:

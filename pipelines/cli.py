@@ -164,8 +164,9 @@ def serve(
 ) -> None:
     """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
     from model.merchant_config import ConfigError
-    from service.api.server import DatabaseUnavailableError, SpoolUnwritableError, WorkerStartupError, run
+    from service.api.server import DatabaseUnavailableError, SpoolUnwritableError, run
     from service.api.settings import SettingsError
+    from service.api.startup import WorkerStartupError
 
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)

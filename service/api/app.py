@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -54,8 +53,8 @@ from service.api.schemas import (
     Readiness,
     ValidationErrorBody,
 )
-from service.api.server import WORKERS_PARENT_ENV, startup_failed
 from service.api.settings import Settings
+from service.api.startup import startup_failed, take_worker_settings
 from service.api.store import (
     DATABASE_AWAY,
     DatabaseFileGoneError,
@@ -253,7 +252,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Migrate and open the store, start the decision writer, load the champion and poll it; undo on exit."""
     try:
         writer, writer_engine, engine = await _start(app)
-    except Exception as error:  # uvicorn stops this worker, and the others with it (server.startup_failed)
+    except Exception as error:  # uvicorn stops this worker, and the others with it (api/startup.py)
         startup_failed(error)
         raise
     try:
@@ -485,10 +484,10 @@ def app_from_env() -> DecisionFastPath:
     stop, as uvicorn's own): killed outright (SIGKILL, the OOM killer), the command cannot stop its workers, which
     held the port (a restarted command could not bind it) and served on with a model that no longer changed (the
     registry mirror is the command's)."""
-    parent_pid = os.environ.get(WORKERS_PARENT_ENV)
-    if parent_pid is not None:
-        end_with_parent(int(parent_pid))
     try:
+        parent_pid = take_worker_settings()
+        if parent_pid is not None:
+            end_with_parent(parent_pid)
         return serving_app(create_app(Settings()))
     except Exception as error:
         _not_started(error)
@@ -496,7 +495,7 @@ def app_from_env() -> DecisionFastPath:
 
 
 def _not_started(error: Exception) -> None:
-    """Say why this worker could not start, in its log and to the command (``server.startup_failed``)."""
+    """Say why this worker could not start, in its log and to the command (api/startup.py)."""
     configure_logging()  # idempotent; the app's own settings may be what failed
     log.error("a worker of the decision API could not start: %s", first_line(error), exc_info=error)
     startup_failed(error)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,16 +13,10 @@ import sqlalchemy as sa
 
 from model.merchant_config import load_config
 from service.api.settings import DEMO_CONFIG, Settings, default_tracking_uri
+from service.api.startup import StartupWatch
 from service.signals import restore_sigchld_default
 
 APP_FACTORY = "service.api.app:app_from_env"
-#: The pid of the command whose worker processes serve (none with one worker: it serves in the command's process).
-#: Each worker ends with it (``app_from_env``), even when it is killed with no time to stop them.
-WORKERS_PARENT_ENV = "WINBACK_WORKERS_PARENT_PID"
-#: Where a worker that cannot start leaves its reason for the command (``startup_failed``), a folder per command.
-STARTUP_NOTES_ENV = "WINBACK_STARTUP_NOTES_DIR"
-#: A note is the error's text, cut to this many characters.
-_NOTE_CHARS = 4000
 
 
 def server_env(config_path: str | Path, tracking_uri: str, database_url: str | None = None) -> dict[str, str]:
@@ -50,31 +43,6 @@ class DatabaseUnavailableError(RuntimeError):
 
 class SpoolUnwritableError(RuntimeError):
     """WINBACK_SPOOL_DIR cannot be written (decisions could not be kept through a database outage)."""
-
-
-class WorkerStartupError(RuntimeError):
-    """A worker of the decision API could not start (its app or its lifespan failed); the server stopped."""
-
-
-def startup_failed(error: BaseException) -> None:
-    """In a worker: leave ``error``'s text where the command reads it once uvicorn has stopped (``_serve``).
-
-    uvicorn stops every worker and the command when one ends with its start-up failure code, and replaces one that
-    ended any other way: a worker that could not build its app (a merchant config broken on disk since the command
-    checked it, read again by a worker started in place of a dead one) was started again, and failed again, for
-    ever. Nothing is left outside a ``winback serve`` (no folder named)."""
-    folder = os.environ.get(STARTUP_NOTES_ENV)
-    if not folder:
-        return
-    with contextlib.suppress(OSError):  # the worker's own log line says it anyway
-        text = f"{type(error).__name__}: {error}"[:_NOTE_CHARS]
-        Path(folder, f"worker-{os.getpid()}.txt").write_text(text, encoding="utf-8")
-
-
-def _startup_failure(folder: Path) -> str | None:
-    """The first note a worker left in ``folder`` (by name), if any."""
-    notes = sorted(folder.glob("worker-*.txt"))
-    return notes[0].read_text(encoding="utf-8", errors="replace") if notes else None
 
 
 def load_served_settings() -> Settings:
@@ -168,9 +136,8 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
         stack.enter_context(_environment(board_env))
         # uvicorn starts (and restarts) every worker from this thread, the main one, which lives as long as the
         # process: the kernel's signal at its end (service/linux.py) comes when the command ends.
-        stack.enter_context(_environment({WORKERS_PARENT_ENV: str(os.getpid()) if workers > 1 else None}))
-        notes = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="winback-serve-")))
-        stack.enter_context(_environment({STARTUP_NOTES_ENV: str(notes)}))
+        watch = stack.enter_context(StartupWatch(workers))
+        stack.enter_context(_environment(watch.environment))
         try:
             uvicorn.run(
                 APP_FACTORY,
@@ -184,17 +151,9 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
                 lifespan="on",
             )
         except SystemExit:  # one worker: uvicorn ends this process itself when its start fails
-            _raise_startup_failure(notes)
+            watch.raise_if_a_start_failed()
             raise
-        _raise_startup_failure(notes)  # several: uvicorn stopped them all and returned
-
-
-def _raise_startup_failure(notes: Path) -> None:
-    failure = _startup_failure(notes)
-    if failure is not None:
-        raise WorkerStartupError(
-            f"a worker of the decision API could not start, so the server stopped: {failure}"
-        ) from None
+        watch.raise_if_a_start_failed()  # several: uvicorn returns when it stopped for a worker that could not start
 
 
 @contextlib.contextmanager

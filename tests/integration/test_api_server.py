@@ -85,6 +85,7 @@ class Server:
             "WINBACK_DATABASE_URL": f"sqlite:///{tmp_path / 'winback.db'}",
             "WINBACK_MODEL_POLL_SECONDS": "0.5",
             "PYTHONPATH": str(ROOT),
+            "TMPDIR": str(tmp_path),  # the folders a server killed outright leaves go with the test's
         }
         code = (
             "from service.api.server import run; "
@@ -108,10 +109,12 @@ class Server:
             time.sleep(0.1)
         raise AssertionError(f"server not healthy after {timeout} s:\n{self.output()}")
 
-    def output(self) -> str:
+    def output(self, last: int | None = 4000) -> str:
+        """The server's output: its last ``last`` characters (None: all of it)."""
         self.log.flush()
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
+        text = self.log.read().decode(errors="replace")
+        return text if last is None else text[-last:]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -397,15 +400,13 @@ def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(
 
 
 def test_a_stopped_one_worker_server_removes_its_mirror(
-    two_versions: tuple[str, Path], server_factory: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    two_versions: tuple[str, Path], server_factory: object, tmp_path: Path
 ) -> None:
     """(Review.) With one worker uvicorn serves in the command's process and, once stopped by SIGTERM, sends the
     signal again: the process died before the mirror's folder was removed, on every stop."""
     store, _ = two_versions
     registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(temp))
+    temp = tmp_path  # the server's temp folder (``Server``)
     server = server_factory(store, 1)  # type: ignore[operator]
     assert [path.name for path in temp.glob("winback-models-*")] != []
     server.process.terminate()
@@ -521,8 +522,31 @@ def test_a_worker_that_cannot_start_again_stops_the_server_with_its_reason(
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the server went on without the worker:\n{server.output()}") from None
     assert code != 0
-    output = server.output()
+    output = server.output(last=None)
     assert "a worker of the decision API could not start, so the server stopped: ConfigError: " in output
     assert "merchants.yaml: not valid YAML" in output
     assert output.count("could not start: ConfigError") == 1, output  # the worker's log line: tried once
     assert _running([first[1]]) == []
+
+
+def test_a_worker_uvicorn_gives_up_in_a_sighup_restart_does_not_fail_the_later_stop(
+    mlflow_store: str, server_factory: object, tmp_path: Path
+) -> None:
+    """A worker that fails to replace another in a SIGHUP restart is given up by uvicorn, and the old one keeps
+    serving. The reason it left for the command made the command's later stop by SIGTERM exit 2, saying a worker
+    could not start and the server had stopped (review). That stop is a stop."""
+    server = server_factory(mlflow_store, 2)  # type: ignore[operator]
+    _workers_of(server, 2, started=2)
+    config = tmp_path / "merchants.yaml"
+    good = config.read_text(encoding="utf-8")
+    config.write_text("merchants: [unclosed\n", encoding="utf-8")
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while "aborting the restart" not in server.output(last=None) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "aborting the restart" in server.output(last=None)
+    config.write_text(good, encoding="utf-8")
+    assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200  # the old workers serve on
+    server.process.terminate()
+    assert server.process.wait(timeout=30) == 0, server.output(last=None)
+    assert "so the server stopped" not in server.output(last=None)

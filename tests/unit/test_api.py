@@ -417,13 +417,10 @@ def test_batch_body_errors_name_the_item_and_the_field(api: Api) -> None:
     assert too_many["detail"][0]["type"] == "too_long"
 
 
-def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The start fails naming the folder. Under `winback serve` the worker leaves its reason for the command, which
-    uvicorn stops when a worker's start fails, and which then fails with it (service/api/server.py); outside a serve
-    (no folder named) nothing is written."""
-    from service.api.server import STARTUP_NOTES_ENV, WorkerStartupError, _raise_startup_failure
+def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(tmp_path: Path) -> None:
+    """The start fails naming the folder; the reason is kept for `winback serve` (api/startup.py): with one worker,
+    in the command's own process."""
+    from service.api.startup import StartupWatch, WorkerStartupError
 
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
@@ -433,18 +430,12 @@ def test_a_spool_directory_that_cannot_be_written_stops_the_start_naming_it(
         async with app.router.lifespan_context(app):
             pass
 
-    with pytest.raises(OSError, match=r"decision spool directory .*a-file/spool \(WINBACK_SPOOL_DIR\) cannot be"):
-        asyncio.run(start_up())
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    _raise_startup_failure(notes)  # no note: nothing to say
-    monkeypatch.setenv(STARTUP_NOTES_ENV, str(notes))
-    with pytest.raises(OSError, match="cannot be"):
-        asyncio.run(start_up())
-    with pytest.raises(
-        WorkerStartupError, match=r"could not start, so the server stopped: OSError: the decision spool"
-    ):
-        _raise_startup_failure(notes)
+    with StartupWatch(workers=1) as watch:
+        watch.raise_if_a_start_failed()  # nothing failed yet
+        with pytest.raises(OSError, match=r"decision spool directory .*a-file/spool \(WINBACK_SPOOL_DIR\) cannot be"):
+            asyncio.run(start_up())
+        with pytest.raises(WorkerStartupError, match=r"could not start, so the server stopped: OSError: the decision"):
+            watch.raise_if_a_start_failed()
 
 
 def test_the_batch_limit_follows_the_setting(tmp_path: Path) -> None:

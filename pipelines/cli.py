@@ -245,6 +245,46 @@ def executor_resolve_charge(
     typer.echo(f"action {action_id}: {'charged' if charged else 'not charged'}; the order is {state}")
 
 
+@executor_app.command("callback-url")
+def executor_callback_url(
+    merchant: Annotated[str, typer.Option("--merchant", help="The merchant whose callback URLs to print.")],
+    provider: Annotated[
+        str | None,
+        typer.Option("--provider", help="gupshup, interakt, karix, push_webhook or fake (default: the config's)."),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option("--base-url", help="Where providers reach the scorer (default: $WINBACK_PUBLIC_BASE_URL)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print the URLs to configure at the merchant's providers for customers' replies (STOP) and delivery
+    receipts; each carries the merchant's callback token (from $WINBACK_PROVIDER_CALLBACK_SECRET, else
+    $WINBACK_LINK_SECRET), so the same secret must be set where `winback serve` runs."""
+    from model.merchant_config import ConfigError, load_config
+    from service.api.settings import DEMO_CONFIG, SettingsError, settings_from_env
+    from service.executor.channels.inbound import PROVIDERS
+    from service.executor.optouts import callback_urls
+    from service.executor.settings import ExecutorSettings
+
+    try:
+        merchants = load_config(config or DEMO_CONFIG).merchants
+        settings = settings_from_env(ExecutorSettings)
+    except (ConfigError, SettingsError) as exc:
+        raise fail(str(exc)) from None
+    if merchant not in merchants:
+        raise fail(f"unknown merchant {merchant!r}: one of {sorted(merchants)}")
+    if provider is not None and provider not in PROVIDERS:
+        raise fail(f"unknown provider {provider!r}: one of {sorted(PROVIDERS)}")
+    kinds = [provider] if provider else sorted({p.kind for p in merchants[merchant].providers.values()} & PROVIDERS)
+    if not kinds:
+        raise fail(f"merchant {merchant!r} has no provider with callbacks in its config: name one with --provider")
+    key = settings.callback_key()
+    for kind in kinds:
+        for what, url in callback_urls(base_url or settings.public_base_url, key, merchant, kind).items():
+            typer.echo(f"{kind} {what}: {url}")
+
+
 @app.command()
 def evaluate(
     attempts: Annotated[Path, typer.Option("--attempts", help="Attempts history (.parquet or .csv).")],

@@ -69,6 +69,7 @@ from service.api.store import (
     stored_json,
 )
 from service.console.routes import mount_console
+from service.executor.routes import provider_router
 from service.executor.routes import router as executor_router
 from service.linux import end_with_parent
 
@@ -467,6 +468,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(executor_router)
+    app.include_router(provider_router(app))
     mount_console(app)
     return app
 

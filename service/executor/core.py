@@ -30,6 +30,7 @@ from model.vocab import NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
+from service.executor.optouts import customer_address, opted_out_channels, record_opt_out, with_opt_outs
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -423,6 +424,10 @@ class Executor:
             )
         ]
         base["history"] = {"attempts": attempts, "nudges": sent}
+        # Opt-outs are kept per address, not per order: one made since the failure (or on another order) counts.
+        opted = opted_out_channels(conn, order["merchant_id"], base["customer"])
+        if opted:
+            with_opt_outs(base["customer"], opted)
         return DecisionRequest.model_validate(base)
 
     def _numbers_never_used(self, conn: sa.Connection, order: RowMapping, recorded: set[int]) -> set[int]:
@@ -1661,9 +1666,17 @@ class Executor:
 
     # ------------------------------------------------------------------------- opt-outs and receipts
 
+    def opt_out_address(self, merchant_id: str, channel: Channel, address: str, source: str) -> bool:
+        """``address`` opted out of ``channel`` for ``merchant_id`` (a STOP reply): kept for good, so every
+        decision for an order whose customer has that address sees the channel opted out, and a message to it is
+        not sent (``Effects._mark_message_sending``). Idempotent; True when it was not kept before."""
+        with self.engine.begin() as conn:
+            return record_opt_out(conn, merchant_id, channel, address, source, self.clock())
+
     def opt_out(self, merchant_id: str, customer_id: str, channel: Channel) -> int:
-        """The customer opted out of ``channel`` (e.g. replied STOP): future decisions respect it and nudges
-        still scheduled on that channel for the customer's open orders are cancelled. Returns orders touched."""
+        """The customer opted out of ``channel``: kept for the customer's addresses on it (their later orders
+        respect it too), future decisions respect it and nudges still scheduled on that channel for the
+        customer's open orders are cancelled. Returns orders touched."""
         now = self.clock()
         touched = 0
         with self.engine.begin() as conn:
@@ -1680,9 +1693,10 @@ class Executor:
             )
             for order in rows:
                 request = orjson.loads(order["request_json"])
-                opted = set(request["customer"].get("opted_out_channels") or [])
-                opted.add(channel.value)
-                request["customer"]["opted_out_channels"] = sorted(opted)
+                address = customer_address(request["customer"], channel)
+                if address is not None:
+                    record_opt_out(conn, merchant_id, channel, address, "executor", now)
+                with_opt_outs(request["customer"], [channel])
                 conn.execute(
                     orders.update()
                     .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order["order_id"])
@@ -1709,10 +1723,12 @@ class Executor:
                 touched += 1
         return touched
 
-    def record_receipt(self, provider_message_id: str, delivered: bool) -> bool:
-        """A provider's delivery receipt for a nudge; True when a nudge matched."""
+    def record_receipt(self, provider_message_id: str, delivered: bool, merchant_id: str | None = None) -> bool:
+        """A provider's delivery receipt for a nudge (of ``merchant_id``'s, when given: a merchant's callback
+        never touches another's nudges); True when a nudge matched."""
+        where = [nudges.c.provider_message_id == provider_message_id]
+        if merchant_id is not None:
+            where.append(nudges.c.merchant_id == merchant_id)
         with self.engine.begin() as conn:
-            changed = conn.execute(
-                nudges.update().where(nudges.c.provider_message_id == provider_message_id).values(delivered=delivered)
-            ).rowcount
+            changed = conn.execute(nudges.update().where(*where).values(delivered=delivered)).rowcount
         return bool(changed)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import RowMapping
 
@@ -54,6 +55,7 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
+from service.executor.optouts import customer_address, is_opted_out
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
@@ -161,13 +163,6 @@ log = logging.getLogger("winback.executor")
 T = TypeVar("T")
 #: Template of the payment-link message (per merchant, channel and locale in the channels' template folder).
 PAYMENT_LINK_TEMPLATE = "payment_link"
-#: Customer request fields (extras of ``customer``) that carry the address of each channel.
-ADDRESS_FIELDS: dict[Channel, tuple[str, ...]] = {
-    Channel.SMS: ("phone",),
-    Channel.WHATSAPP: ("whatsapp", "phone"),
-    Channel.EMAIL: ("email",),
-    Channel.PUSH: ("device_token", "push_token"),
-}
 
 AdapterFactory = Callable[[str, MerchantConfig, httpx.AsyncClient], Mapping[Channel, ChannelAdapter]]
 
@@ -450,7 +445,7 @@ class Effects:
             else:
                 return Replan("not allowed now: " + ", ".join(verdict.broken))
         nudge_id = nudge_id_for(action.idempotency_key)
-        address = self._address(request.customer.model_extra or {}, channel)
+        address = customer_address(request.customer.model_extra or {}, channel)
         if address is None:
             return NotSent(
                 nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, f"no {channel.value} address for the customer"
@@ -505,7 +500,8 @@ class Effects:
 
     def _mark_message_sending(self, action: ActionRow) -> Outcome | None:
         """Mark a payment-link message as going to its provider now, under its order's lock, unless the order was
-        settled or a charge of it is claimed or with its connector meanwhile (then the outcome to record). A
+        settled, a charge of it is claimed or with its connector, or its address opted out of its channel
+        meanwhile (then the outcome to record: a STOP that arrived after the send's rules check wins). A
         retry's first send waits for a message so marked (``charge_ahead_of``), and takes the same lock, so the
         customer is never asked to pay while a charge of theirs is out, nor after it succeeded. The mark is
         cleared when the provider answers, and by the next claim of the message if its worker died."""
@@ -517,12 +513,25 @@ class Effects:
             waiting = self._message_waits(conn, order, action, now)
             if waiting is not None:
                 return waiting
+            opted_out = self._opted_out(conn, order, action)
+            if opted_out is not None:
+                return opted_out
             # The claim cleared any earlier mark, so this fails only when the claim is no longer ours.
             if not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")
             # A whole lease from the send on (the ClaimKeeper renews it while the provider call is out).
             self.executor.extend_claim(conn, action, now + self.lease)
         return None
+
+    @staticmethod
+    def _opted_out(conn: sa.Connection, order: RowMapping, action: ActionRow) -> Replan | None:
+        """A Replan when the address the message goes to (the order's customer's on its channel) opted out of the
+        channel, else None; decided again, the channel is opted out in the request (``Executor.request_for``)."""
+        channel = Channel(str(action.payload["channel"]))
+        address = customer_address(orjson.loads(order["request_json"])["customer"], channel)
+        if address is None or not is_opted_out(conn, action.merchant_id, channel, address):
+            return None
+        return Replan(f"the customer opted out of {channel.value}")
 
     def _message_waits(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
         """A Defer while a charge of the order is claimed or with its connector (its answer may settle the order),
@@ -531,14 +540,6 @@ class Effects:
         if busy_until is None:
             return None
         return Defer(max(busy_until, now + RECHECK), "a charge of the order may be with its connector")
-
-    @staticmethod
-    def _address(customer: Mapping[str, Any], channel: Channel) -> str | None:
-        for name in ADDRESS_FIELDS[channel]:
-            value = customer.get(name)
-            if value:
-                return str(value)
-        return None
 
     # --------------------------------------------------------------------------------------- webhooks
 

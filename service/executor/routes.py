@@ -1,7 +1,9 @@
 """The executor's HTTP surface (CONTRACT.md section 5), mounted by the decision API's ``create_app``.
 
 Events and the order view need the merchant's API key (the API's ``CallerDep``); the payment-link pages are
-for customers and need only the signed token. Handlers validate and hand over to the state machine.
+for customers and need only the signed token; the providers' callbacks (``provider_router``: customers' replies
+and delivery receipts) need the merchant's callback token in their URL. Handlers validate and hand over to the
+state machine.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
 from model.merchant_config import MerchantConfig
 from model.policy import decide, new_decision_id
 from model.requests import Decision, DecisionRequest
-from service.api.deps import CallerDep, Runtime, RuntimeDep
+from model.vocab import Channel
+from service.api.deps import CallerDep, Runtime
 from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
+from service.executor.channels.base import DeliveryReceipt
+from service.executor.channels.webhooks import create_provider_router
 from service.executor.core import (
     Charged,
     Decider,
@@ -33,6 +38,7 @@ from service.executor.core import (
 )
 from service.executor.effects import Effects
 from service.executor.links import LinkError
+from service.executor.optouts import token_matches
 from service.executor.pages import render
 from service.executor.schemas import EventOut, OrderOut, PaymentFailedEvent, PaymentSucceededEvent
 from service.executor.settings import ExecutorSettings
@@ -82,13 +88,18 @@ def build_executor_runtime(runtime: Runtime, settings: ExecutorSettings | None =
     return ExecutorRuntime(executor, build_effects(executor, settings, runtime.catalog), settings)
 
 
-def get_executor(request: Request, runtime: RuntimeDep) -> ExecutorRuntime:
-    """The app's executor runtime (tests may put one on ``app.state.executor`` beforehand)."""
-    found: ExecutorRuntime | None = getattr(request.app.state, "executor", None)
+def executor_runtime(app: FastAPI) -> ExecutorRuntime:
+    """The app's executor runtime, built on first use (tests may put one on ``app.state.executor`` beforehand)."""
+    found: ExecutorRuntime | None = getattr(app.state, "executor", None)
     if found is None:
-        found = build_executor_runtime(runtime)
-        request.app.state.executor = found
+        found = build_executor_runtime(app.state.runtime)
+        app.state.executor = found
     return found
+
+
+def get_executor(request: Request) -> ExecutorRuntime:
+    """The app's executor runtime (see ``executor_runtime``)."""
+    return executor_runtime(request.app)
 
 
 ExecutorDep = Annotated[ExecutorRuntime, Depends(get_executor)]
@@ -226,3 +237,54 @@ async def pay(token: str, runtime: ExecutorDep) -> HTMLResponse:
         log.exception("link payment failed")
         return _message(500, "Something went wrong", "We could not take this payment. Please try again later.")
     return _message(code, title, message)
+
+
+# ------------------------------------------------------------------------------------- provider callbacks
+
+CALLBACK_URL_HINT = "the URLs `winback executor callback-url --merchant <id>` prints"
+
+
+def provider_router(app: FastAPI) -> APIRouter:
+    """``/v1/providers/{provider}/inbound`` and ``/receipts`` of ``app``: a STOP reply keeps the opt-out of its
+    address, a delivery receipt updates its nudge. Every callback must carry ``?merchant_id=<id>&token=<token>``
+    (``service.executor.optouts.callback_token``): 401 without, 403 with a token that is not the merchant's."""
+
+    async def authenticate(request: Request) -> str:
+        merchant_id = request.query_params.get("merchant_id")
+        token = request.query_params.get("token")
+        if not merchant_id or not token:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail=f"provider callback without merchant_id and token in its URL: configure the provider with "
+                f"{CALLBACK_URL_HINT}",
+            )
+        runtime = await run_in_threadpool(executor_runtime, app)
+        known = merchant_id in runtime.executor.config.merchants
+        if not token_matches(runtime.settings.callback_key(), merchant_id, token) or not known:
+            log.warning("provider callback refused: wrong token", extra={"merchant_id": merchant_id[:128]})
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                detail=f"provider callback token is not merchant {merchant_id[:128]!r}'s: configure the provider "
+                f"with {CALLBACK_URL_HINT}",
+            )
+        return merchant_id
+
+    async def on_receipt(receipt: DeliveryReceipt) -> None:
+        executor = executor_runtime(app).executor
+        delivered = receipt.status != "failed"
+        found = await run_in_threadpool(
+            executor.record_receipt, receipt.provider_message_id, delivered, receipt.merchant_id
+        )
+        if not found:  # another sender's message on the same provider account, or a receipt before its send
+            log.info(
+                "%s delivery receipt for unknown message %s ignored",
+                receipt.provider,
+                receipt.provider_message_id[:256],
+                extra={"merchant_id": receipt.merchant_id},
+            )
+
+    async def on_opt_out(merchant_id: str, channel: Channel, address: str) -> None:
+        executor = executor_runtime(app).executor
+        await run_in_threadpool(executor.opt_out_address, merchant_id, channel, address, "reply")
+
+    return create_provider_router(on_receipt, on_opt_out, authenticate=authenticate)

@@ -28,6 +28,10 @@ class ExecutorSettings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     link_secret: SecretStr = Field(default=SecretStr(PLACEHOLDER_LINK_SECRET), description="HMAC key of pay links.")
     public_base_url: str = Field(default="http://127.0.0.1:8000", description="Where customers reach /pay/{token}.")
+    provider_callback_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of the providers' callback URL tokens (unset: derived from the link secret).",
+    )
     sandbox_url: str | None = Field(default=None, description="Sandbox connector for connectors without endpoint.")
     lease_seconds: float = Field(default=30.0, gt=0, description="How long a claimed action is a worker's own.")
     batch_size: int = Field(default=50, ge=1, le=5000)
@@ -42,6 +46,13 @@ class ExecutorSettings(BaseSettings):
     clock_origin: float | None = Field(
         default=None, description="Unix time at which the demo clock equals the wall clock (with clock_speed)."
     )
+
+    def callback_key(self) -> bytes:
+        """The HMAC key of provider callback tokens (see ``service.executor.optouts.callback_token``)."""
+        from service.executor.optouts import callback_key
+
+        secret = self.provider_callback_secret
+        return callback_key(secret.get_secret_value() if secret else None, self.link_secret.get_secret_value())
 
     def clock(self) -> Callable[[], datetime]:
         """The executor's clock: the wall clock, or (``clock_speed`` > 1) a demo clock that runs faster from
@@ -66,6 +77,12 @@ class ExecutorSettings(BaseSettings):
             raise ValueError(
                 f"WINBACK_LINK_SECRET must be set to a random string of at least {MIN_SECRET_LENGTH} characters "
                 f"outside dev (WINBACK_ENV={self.env}); the placeholder signs links anyone could forge"
+            )
+        callback = self.provider_callback_secret
+        if self.env != "dev" and callback is not None and len(callback.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"WINBACK_PROVIDER_CALLBACK_SECRET must be at least {MIN_SECRET_LENGTH} characters outside dev "
+                f"(WINBACK_ENV={self.env}): it authenticates the STOP replies and delivery receipts of providers"
             )
         if self.env != "dev" and self.clock_speed != 1.0:
             raise ValueError(

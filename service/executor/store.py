@@ -1,5 +1,6 @@
 """The executor's durable state (SQLAlchemy 2.0 Core; SQLite or PostgreSQL): orders, their attempts and nudges,
-the schedule of due actions, webhook deliveries, payment links, event idempotency keys and the agent queue.
+the schedule of due actions, webhook deliveries, payment links, event idempotency keys, the agent queue and
+customers' opt-outs.
 
 Every table lives in the API's ``metadata`` so one Alembic history (``service/migrations``) covers the process.
 """
@@ -203,6 +204,18 @@ agent_queue = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_agent_queue_state", "state", "created_at"),
     sa.Index("ix_agent_queue_order", "merchant_id", "order_id"),
+)
+
+
+opt_outs = sa.Table(
+    "opt_outs",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    # SHA-256 of the normalised phone number or address (service.executor.optouts), never the address itself.
+    sa.Column("address_sha256", sa.String(64), primary_key=True),
+    sa.Column("channel", sa.String(16), primary_key=True),
+    sa.Column("source", sa.String(64), nullable=False),  # the provider whose callback reported it, or "executor"
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 

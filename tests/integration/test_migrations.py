@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from model.vocab import Channel
+from service.executor.optouts import is_opted_out, record_opt_out
 from service.migrations import downgrade, upgrade
 
 
@@ -52,5 +54,27 @@ def test_outcomes_keyed_per_merchant_keep_the_stored_rows_and_downgrade_back(dat
         assert _outcomes(engine) == [("m_a", "dec_1", "success")]
         indexes = {index["name"] for index in sa.inspect(engine).get_indexes("outcomes")}
         assert "ix_outcomes_merchant_order" in indexes
+    finally:
+        engine.dispose()
+
+
+def test_opt_outs_table_is_created_and_dropped_by_0006(database_url: str) -> None:
+    """0006 adds the per-address opt-outs (before, an opt-out lived only in open orders' requests)."""
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine, "0005")
+        assert "opt_outs" not in sa.inspect(engine).get_table_names()
+        upgrade(engine)
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("opt_outs")}
+        assert columns == {"merchant_id", "address_sha256", "channel", "source", "created_at"}
+        with engine.begin() as conn:  # kept once, however often the STOP comes (on PostgreSQL too)
+            moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+            first = record_opt_out(conn, "m_a", Channel.SMS, "+919800000001", "gupshup", moment)
+            again = record_opt_out(conn, "m_a", Channel.SMS, "919800000001", "gupshup", moment)
+            assert (first, again) == (True, False)
+            assert is_opted_out(conn, "m_a", Channel.SMS, "+91 98000 00001")
+            assert not is_opted_out(conn, "m_a", Channel.WHATSAPP, "+919800000001")
+        downgrade(engine, "0005")
+        assert "opt_outs" not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()

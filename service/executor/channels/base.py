@@ -62,6 +62,7 @@ class DeliveryReceipt(BaseModel, frozen=True):
     status: Literal["delivered", "failed", "read"]
     occurred_at: datetime
     error: str | None = None
+    merchant_id: str | None = None  # the merchant whose authenticated callback URL it came to, when known
 
 
 class InboundMessage(BaseModel):

@@ -3,7 +3,9 @@
 The router only parses; what happens next is the caller's: ``on_receipt(receipt)`` for each delivery receipt,
 ``on_opt_out(merchant_id, channel, address)`` for each reply asking to stop. Callbacks may be plain or async.
 Inbound callbacks name their merchant with ``?merchant_id=`` in the callback URL configured at the provider
-(one callback URL per merchant app), or through the optional ``resolve_merchant`` callable.
+(one callback URL per merchant app), or through the optional ``resolve_merchant`` callable. With
+``authenticate`` (the app's router), every callback is first authenticated by it, which names the merchant (then
+also set on each receipt) or raises an HTTPException.
 Bodies may be JSON, form-encoded, or (Gupshup SMS delivery reports) query parameters.
 """
 
@@ -35,6 +37,8 @@ logger = logging.getLogger("winback.executor.channels")
 ReceiptCallback = Callable[[DeliveryReceipt], Awaitable[None] | None]
 OptOutCallback = Callable[[str, Channel, str], Awaitable[None] | None]
 MerchantResolver = Callable[[InboundMessage], str | None]
+#: Authenticates one callback request: the merchant it is for, or an HTTPException (401/403) raised.
+Authenticator = Callable[[Request], Awaitable[str] | str]
 
 
 class ReceiptsAck(BaseModel):
@@ -50,10 +54,11 @@ class InboundAck(BaseModel):
     opted_out: bool
 
 
-async def _call(callback: Callable[..., Awaitable[None] | None], *args: Any) -> None:
+async def _call(callback: Callable[..., Awaitable[Any] | Any], *args: Any) -> Any:
     result = callback(*args)
     if inspect.isawaitable(result):
-        await result
+        return await result
+    return result
 
 
 async def _payload(request: Request) -> Any:
@@ -79,17 +84,21 @@ def create_provider_router(
     on_receipt: ReceiptCallback,
     on_opt_out: OptOutCallback,
     resolve_merchant: MerchantResolver | None = None,
+    authenticate: Authenticator | None = None,
 ) -> APIRouter:
     """The router of provider callbacks, calling the given callbacks (see the module docstring)."""
     router = APIRouter(prefix="/v1/providers", tags=["providers"])
 
     async def receipts(provider: str, request: Request) -> ReceiptsAck:
         _check_provider(provider)
+        merchant_id: str | None = await _call(authenticate, request) if authenticate else None
         try:
             found = parse_delivery_receipts(provider, await _payload(request))
         except PayloadError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         for receipt in found:
+            if merchant_id is not None:
+                receipt = receipt.model_copy(update={"merchant_id": merchant_id})
             await _call(on_receipt, receipt)
         return ReceiptsAck(received=len(found))
 
@@ -102,6 +111,7 @@ def create_provider_router(
     @router.post("/{provider}/inbound", response_model=InboundAck)
     async def inbound(provider: str, request: Request) -> InboundAck:
         _check_provider(provider)
+        authenticated: str | None = await _call(authenticate, request) if authenticate else None
         try:
             message = parse_inbound(provider, await _payload(request))
         except PayloadError as exc:
@@ -110,8 +120,10 @@ def create_provider_router(
             return InboundAck(message=False, opted_out=False)
         if not wants_opt_out(message):
             return InboundAck(message=True, opted_out=False)
-        merchant_id = request.query_params.get("merchant_id") or (
-            resolve_merchant(message) if resolve_merchant else None
+        merchant_id = (
+            authenticated
+            or request.query_params.get("merchant_id")
+            or (resolve_merchant(message) if resolve_merchant else None)
         )
         if not merchant_id:
             logger.warning("opt-out from %s via %s without a merchant", mask_address(message.sender), provider)

@@ -1,0 +1,136 @@
+"""Customers' opt-outs, kept per merchant, channel and address, and the provider callbacks' per-merchant token.
+
+A STOP reply names a phone number (or address), not a customer: the opt-out is stored against the address, so it
+holds for every order of that merchant whose customer is reached there, however the merchant ids the customer.
+Only a SHA-256 of the normalised address is stored (addresses never appear in logs either, see ``mask_address``);
+it is keyed by nothing secret, so it survives a rotation of any secret. Normalising follows the adapters: a phone
+number is its E.164 digits (``+91 98000-00001`` and ``919800000001`` are one number), an e-mail address is
+compared case-folded.
+
+Provider callbacks carry ``?merchant_id=<id>&token=<token>`` in the URL configured at the provider (the BSPs
+post to a fixed URL without signing it in a way all of them share): the token is an HMAC-SHA256 of the merchant
+id under ``WINBACK_PROVIDER_CALLBACK_SECRET`` (else a key derived from ``WINBACK_LINK_SECRET``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from model.vocab import Channel
+from service.executor.channels.adapters import phone_digits
+from service.executor.store import opt_outs
+
+#: Customer request fields (extras of ``customer``) that carry the address of each channel.
+ADDRESS_FIELDS: dict[Channel, tuple[str, ...]] = {
+    Channel.SMS: ("phone",),
+    Channel.WHATSAPP: ("whatsapp", "phone"),
+    Channel.EMAIL: ("email",),
+    Channel.PUSH: ("device_token", "push_token"),
+}
+_PHONE_CHANNELS = frozenset({Channel.SMS, Channel.WHATSAPP})
+
+
+def customer_address(customer: Mapping[str, Any], channel: Channel) -> str | None:
+    """The customer's address on ``channel`` (the first of its ``ADDRESS_FIELDS`` given), or None."""
+    for name in ADDRESS_FIELDS[channel]:
+        value = customer.get(name)
+        if value:
+            return str(value)
+    return None
+
+
+def normalise_address(channel: Channel, address: str) -> str:
+    """The address as opt-outs compare it: E.164 digits for phone channels, case-folded e-mail, else trimmed."""
+    if channel in _PHONE_CHANNELS:
+        return phone_digits(address) or address.strip()
+    if channel == Channel.EMAIL:
+        return address.strip().casefold()
+    return address.strip()
+
+
+def address_hash(channel: Channel, address: str) -> str:
+    """SHA-256 hex of the normalised address: what the ``opt_outs`` table keeps instead of the address."""
+    return hashlib.sha256(normalise_address(channel, address).encode()).hexdigest()
+
+
+def record_opt_out(
+    conn: sa.Connection, merchant_id: str, channel: Channel, address: str, source: str, now: datetime
+) -> bool:
+    """Keep the opt-out of ``address`` from ``channel`` for ``merchant_id``; False when it was kept already."""
+    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_hash(channel, address)}
+    insert = postgresql.insert(opt_outs) if conn.dialect.name == "postgresql" else sqlite.insert(opt_outs)
+    statement = insert.values(**key, source=source[:64], created_at=now).on_conflict_do_nothing()
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
+    return conn.execute(statement.returning(opt_outs.c.merchant_id)).first() is not None
+
+
+def opted_out_channels(conn: sa.Connection, merchant_id: str, customer: Mapping[str, Any]) -> set[Channel]:
+    """The channels on which the customer's address (as the request gives it) opted out of ``merchant_id``."""
+    wanted: dict[tuple[str, str], Channel] = {}
+    for channel in Channel:
+        address = customer_address(customer, channel)
+        if address is not None:
+            wanted[(channel.value, address_hash(channel, address))] = channel
+    if not wanted:
+        return set()
+    rows = conn.execute(
+        sa.select(opt_outs.c.channel, opt_outs.c.address_sha256).where(
+            opt_outs.c.merchant_id == merchant_id,
+            opt_outs.c.address_sha256.in_({digest for _, digest in wanted}),
+        )
+    )
+    return {wanted[key] for key in ((row.channel, row.address_sha256) for row in rows) if key in wanted}
+
+
+def is_opted_out(conn: sa.Connection, merchant_id: str, channel: Channel, address: str) -> bool:
+    """True when ``address`` opted out of ``channel`` for ``merchant_id``."""
+    found = conn.scalar(
+        sa.select(opt_outs.c.created_at).where(
+            opt_outs.c.merchant_id == merchant_id,
+            opt_outs.c.channel == channel.value,
+            opt_outs.c.address_sha256 == address_hash(channel, address),
+        )
+    )
+    return found is not None
+
+
+def with_opt_outs(customer: dict[str, Any], channels: Iterable[Channel]) -> None:
+    """Add ``channels`` to the request customer's ``opted_out_channels`` (in place, sorted, no repeats)."""
+    opted = set(customer.get("opted_out_channels") or []) | {channel.value for channel in channels}
+    customer["opted_out_channels"] = sorted(opted)
+
+
+# ------------------------------------------------------------------------------- provider callback tokens
+
+
+def callback_key(callback_secret: str | None, link_secret: str) -> bytes:
+    """The key of callback tokens: the callback secret, else one derived from the link secret (never the link
+    secret itself, so a callback token can never be a link signature)."""
+    if callback_secret:
+        return callback_secret.encode()
+    return hmac.new(link_secret.encode(), b"winback provider callbacks v1", hashlib.sha256).digest()
+
+
+def callback_token(key: bytes, merchant_id: str) -> str:
+    """The token of ``merchant_id``'s provider callback URLs."""
+    return hmac.new(key, f"provider-callback:{merchant_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def token_matches(key: bytes, merchant_id: str, token: str) -> bool:
+    """Whether ``token`` is ``merchant_id``'s callback token (compared in constant time)."""
+    return hmac.compare_digest(callback_token(key, merchant_id).encode(), token.encode())
+
+
+def callback_urls(base_url: str, key: bytes, merchant_id: str, provider: str) -> dict[str, str]:
+    """The inbound (replies, STOP) and receipts (delivery reports) URLs to configure at ``provider``."""
+    query = urlencode({"merchant_id": merchant_id, "token": callback_token(key, merchant_id)})
+    base = f"{base_url.rstrip('/')}/v1/providers/{provider}"
+    return {"inbound": f"{base}/inbound?{query}", "receipts": f"{base}/receipts?{query}"}

@@ -1,0 +1,227 @@
+"""Providers' callbacks through the real app (create_app): customers' STOP replies and delivery receipts.
+
+Before: ``create_provider_router`` was mounted nowhere, so ``/v1/providers/...`` answered 404 on the real app,
+a STOP reply was never processed, and receipts never arrived (``nudges.delivered`` stayed True). An opt-out made
+with ``Executor.opt_out`` patched only the customer's open orders: their next failed order was messaged on the
+opted-out channel again. And a STOP arriving between a message's rules check and its send did not stop it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from model.vocab import Channel
+from service.executor.channels.fakes import inbound_payload, receipt_payload
+from service.executor.optouts import address_hash, callback_urls
+from service.executor.routes import ExecutorRuntime
+from service.executor.settings import ExecutorSettings
+from service.executor.store import actions, nudges, opt_outs
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    Harness,
+    demo_merchant,
+    event,
+    make_harness,
+)
+from tests.unit.test_api import Api, start
+
+PHONE = "+919800000001"  # the customer of tests.integration.test_executor.event()
+WAIT = timedelta(hours=1)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    harness = start(tmp_path)
+    yield harness
+    harness.close()
+
+
+def urls(merchant_id: str = "m_demo", provider: str = "gupshup") -> dict[str, str]:
+    """The callback URLs `winback executor callback-url` prints, made relative to the test client."""
+    settings = ExecutorSettings()
+    found = callback_urls(settings.public_base_url, settings.callback_key(), merchant_id, provider)
+    return {what: url.removeprefix(settings.public_base_url) for what, url in found.items()}
+
+
+def with_harness(api: Api, h: Harness) -> None:
+    """Serve the harness's executor (clock, capturing adapters) from the app."""
+    api.app.state.executor = ExecutorRuntime(h.executor, h.effects, ExecutorSettings())
+
+
+def two_merchants() -> dict[str, Any]:
+    return {"m_demo": demo_merchant(), "m_other": demo_merchant(api_key_sha256="1" * 64)}
+
+
+def stop_reply(api: Api, text: str = "STOP", url: str | None = None, sender: str = "91 98000-00001") -> Any:
+    target = url or urls()["inbound"]
+    return api.loop.run_until_complete(api.client.post(target, json=inbound_payload("gupshup", sender, text)))
+
+
+def receipt(api: Api, message_id: str, status: str, url: str | None = None) -> Any:
+    target = url or urls()["receipts"]
+    return api.loop.run_until_complete(api.client.post(target, json=receipt_payload("gupshup", message_id, status)))
+
+
+def opted_out_rows(h: Harness) -> list[tuple[str, str, str]]:
+    with h.executor.engine.connect() as conn:
+        return [
+            tuple(row)
+            for row in conn.execute(sa.select(opt_outs.c.merchant_id, opt_outs.c.channel, opt_outs.c.address_sha256))
+        ]
+
+
+def test_the_real_app_answers_provider_callbacks_only_with_the_merchants_token(api: Api) -> None:
+    """Before: 404 on every /v1/providers path. Now 200 with the merchant's token, 401 without one, 403 with a
+    wrong one or another merchant's; the error says where the right URL comes from."""
+    inbound = urls()["inbound"]
+    assert stop_reply(api).json() == {"message": True, "opted_out": True}
+    bare = inbound.split("?", 1)[0]
+    missing = stop_reply(api, url=bare)
+    assert missing.status_code == 401
+    assert "winback executor callback-url" in missing.json()["detail"]
+    assert stop_reply(api, url=f"{bare}?merchant_id=m_demo").status_code == 401
+    assert stop_reply(api, url=inbound.replace("token=", "token=0")).status_code == 403
+    other_token = urls("m_other")["inbound"].split("token=", 1)[1]
+    forged = stop_reply(api, url=f"{bare}?merchant_id=m_demo&token={other_token}")
+    assert forged.status_code == 403
+    assert "m_demo" in forged.json()["detail"]
+    unknown = urls("m_nobody")["inbound"]
+    assert stop_reply(api, url=unknown).status_code == 403
+    receipts = urls()["receipts"]
+    assert receipt(api, "pm_unknown", "delivered").json() == {"received": 1}
+    assert receipt(api, "pm_unknown", "delivered", url=receipts.split("?", 1)[0]).status_code == 401
+    assert api.loop.run_until_complete(api.client.get(receipts.split("?", 1)[0])).status_code == 401
+    assert "/v1/providers/{provider}/inbound" in api.get("/openapi.json").json()["paths"]
+
+
+def test_a_stop_reply_keeps_the_customers_next_order_off_the_channel_and_holds_a_planned_message(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: the reply was never processed, and an opt-out patched only the open orders' requests. Now the
+    opt-out is kept for the address: the message planned for the open order is not sent (and not counted as a
+    nudge), and the customer's next order is decided with the channel opted out and is not messaged on it."""
+    later = {"action": "retarget", "channel": "whatsapp", "delay": WAIT}
+    h = make_harness(later, {"action": "stop"}, later, {"action": "stop"}, merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    assert stop_reply(api, "stop please").json()["opted_out"] is True
+    assert stop_reply(api).status_code == 200  # a second STOP changes nothing
+    assert opted_out_rows(h) == [("m_demo", "whatsapp", address_hash(Channel.WHATSAPP, PHONE))]
+    h.clock.advance(hours=2)
+    h.drain()
+    assert h.outbox == []
+    assert h.count(nudges) == 0  # not sent, and not a nudge that counts against max_nudges
+    requests = h.executor.decider.requests  # type: ignore[attr-defined]
+    assert "whatsapp" in requests[-1].customer.opted_out_channels
+
+    h.executor.payment_failed("m_demo", event("ord_2"))  # the same customer's next order fails
+    h.clock.advance(hours=2)
+    h.drain()
+    assert [m.order_id for m in h.outbox] == []
+    ord_2 = [r for r in h.executor.decider.requests if r.order_id == "ord_2"]  # type: ignore[attr-defined]
+    assert ord_2
+    assert all("whatsapp" in r.customer.opted_out_channels for r in ord_2)
+    assert all("sms" not in r.customer.opted_out_channels for r in ord_2)
+    # Only m_demo's customer opted out: the same phone number at another merchant is still reached.
+    h.executor.payment_failed("m_other", event("ord_3", merchant_id="m_other"))
+    assert "whatsapp" not in h.executor.decider.requests[-1].customer.opted_out_channels  # type: ignore[attr-defined]
+
+
+def test_a_stop_arriving_after_the_rules_check_still_stops_the_send(make_harness: Any) -> None:  # noqa: F811
+    """Before: nothing checked the opt-out under the order lock just before the provider call. Now the message
+    that was past its rules check when the STOP came is not sent, is decided again, and is no nudge."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, {"action": "stop"})
+    mint = h.executor.new_link
+
+    def stop_meanwhile(*args: Any) -> Any:
+        h.executor.opt_out_address("m_demo", Channel.WHATSAPP, "919800000001", "test")
+        return mint(*args)
+
+    h.executor.new_link = stop_meanwhile  # type: ignore[method-assign]
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.outbox == []
+    assert h.count(nudges) == 0
+    with h.executor.engine.connect() as conn:
+        error = conn.scalar(sa.select(actions.c.last_error).where(actions.c.kind == "nudge"))
+    assert error == "the customer opted out of whatsapp"
+    follow = h.executor.decider.requests[-1]  # type: ignore[attr-defined]
+    assert "whatsapp" in follow.customer.opted_out_channels
+
+
+def test_an_opt_out_by_customer_holds_for_the_customers_next_order(make_harness: Any) -> None:  # noqa: F811
+    """Before (hunt30): ``Executor.opt_out`` patched only the open orders, so the next order of the customer was
+    messaged on the opted-out channel again."""
+    later = {"action": "retarget", "channel": "whatsapp", "delay": WAIT}
+    h = make_harness(later, {"action": "stop"}, {"action": "retarget", "channel": "whatsapp"}, {"action": "stop"})
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    assert h.executor.opt_out("m_demo", "cus_71", Channel.WHATSAPP) == 1
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    h.clock.advance(hours=2)
+    h.drain()
+    assert [(m.order_id, m.channel) for m in h.outbox] == []
+    ord_2 = [r for r in h.executor.decider.requests if r.order_id == "ord_2"]  # type: ignore[attr-defined]
+    assert "whatsapp" in ord_2[0].customer.opted_out_channels
+
+
+def test_receipts_update_the_nudge_of_the_merchant_and_unknown_ids_are_answered(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: no receipt ever arrived, so every nudge stayed delivered. Now a failed receipt marks the nudge
+    undelivered; another merchant's receipt for the same id, and an unknown id, change nothing and answer 200."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    (message,) = h.outbox
+    view = h.view()
+    assert [(n.provider_message_id, n.delivered) for n in view.nudges] == [("pm_1", True)]
+    assert receipt(api, "pm_1", "failed", url=urls("m_other")["receipts"]).status_code == 200
+    assert h.view().nudges[0].delivered is True
+    assert receipt(api, "pm_1", "failed").json() == {"received": 1}
+    assert h.view().nudges[0].delivered is False
+    assert receipt(api, "pm_1", "read").status_code == 200
+    assert h.view().nudges[0].delivered is True
+    with caplog.at_level("INFO", logger="winback.executor"):
+        assert receipt(api, "pm_nope", "delivered").status_code == 200
+    assert "unknown message pm_nope" in caplog.text
+    # Gupshup SMS reports delivery with a GET and query parameters, next to the callback token.
+    query = "&externalId=pm_1&status=FAIL&cause=UNKNOWN_SUBSCRIBER&deliveredTS=1700000000000"
+    got = api.loop.run_until_complete(api.client.get(urls()["receipts"] + query))
+    assert got.json() == {"received": 1}
+    assert h.view().nudges[0].delivered is False
+    assert message.to == PHONE
+
+
+def test_the_cli_prints_callback_urls_the_app_accepts(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`winback executor callback-url` prints the URLs to configure at the provider, with the merchant's token;
+    a callback secret of its own changes the token, and the app then refuses the old one."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app as cli
+
+    printed = CliRunner().invoke(cli, ["executor", "callback-url", "--merchant", "m_demo", "--provider", "gupshup"])
+    assert printed.exit_code == 0, printed.output
+    lines = dict(line.split(": ", 1) for line in printed.output.strip().splitlines())
+    assert lines["gupshup inbound"].endswith(urls()["inbound"])
+    assert stop_reply(api, url=lines["gupshup inbound"].removeprefix("http://127.0.0.1:8000")).status_code == 200
+    unknown = CliRunner().invoke(cli, ["executor", "callback-url", "--merchant", "m_nobody", "--provider", "karix"])
+    assert unknown.exit_code != 0
+    assert "unknown merchant 'm_nobody'" in unknown.output
+    monkeypatch.setenv("WINBACK_PROVIDER_CALLBACK_SECRET", "s" * 32)
+    assert urls()["inbound"] != lines["gupshup inbound"].removeprefix("http://127.0.0.1:8000")
+
+
+def test_addresses_are_normalised_as_the_adapters_do() -> None:
+    """A STOP from ``919800000001`` opts out the customer stored as ``+91 98000-00001``; e-mail ignores case."""
+    assert address_hash(Channel.WHATSAPP, "919800000001") == address_hash(Channel.WHATSAPP, "+91 98000-00001")
+    assert address_hash(Channel.EMAIL, " A@Example.com") == address_hash(Channel.EMAIL, "a@example.com")
+    assert "9800000001" not in address_hash(Channel.SMS, PHONE)

@@ -170,7 +170,13 @@ def serve(
 
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
-    except (ConfigError, DatabaseUnavailableError, SettingsError, SpoolUnwritableError, WorkerStartupError) as exc:
+    except (
+        ConfigError,
+        DatabaseUnavailableError,
+        SettingsError,
+        SpoolUnwritableError,
+        WorkerStartupError,
+    ) as exc:
         raise fail(str(exc)) from None
 
 

@@ -140,13 +140,50 @@ def build_effects(
     )
 
 
-def missing_webhook_secrets(config: WinbackConfig, env: Mapping[str, str]) -> list[str]:
-    """``merchants.<id>.webhook.secret_env: VAR`` for every webhook secret not set in ``env``."""
-    return [
+class StartupCheckError(ValueError):
+    """A secret the merchant config names is not set, or a channel provider cannot be built: one line naming
+    every such variable and problem by its key's path."""
+
+
+def _secrets_and_providers(
+    config: WinbackConfig, env: Mapping[str, str], providers: bool
+) -> tuple[list[str], list[str]]:
+    """(secrets not set, channel providers that cannot be built) of every merchant in ``config``."""
+    from service.executor.channels.adapters import provider_problems
+
+    missing = [
         f"merchants.{merchant_id}.webhook.secret_env: {merchant.webhook.secret_env}"
         for merchant_id, merchant in config.merchants.items()
         if merchant.webhook is not None and not env.get(merchant.webhook.secret_env)
     ]
+    unbuildable: list[str] = []
+    for merchant_id, merchant in config.merchants.items() if providers else ():
+        unset, problems = provider_problems(merchant_id, merchant, env)
+        missing += unset
+        unbuildable += problems
+    return missing, unbuildable
+
+
+def missing_secrets(config: WinbackConfig, env: Mapping[str, str], *, providers: bool = True) -> list[str]:
+    """``merchants.<id>.webhook.secret_env: VAR`` for every webhook secret not set in ``env``, and (``providers``)
+    ``merchants.<id>.providers.<channel>.<field>: VAR`` for every channel provider's secret not set."""
+    return _secrets_and_providers(config, env, providers)[0]
+
+
+def check_secrets(config: WinbackConfig, env: Mapping[str, str], *, providers: bool = True) -> None:
+    """The start-up check of ``winback executor run`` and ``winback serve``, before any worker starts: every secret
+    the config names (webhooks; channel providers unless ``providers`` is false: their adapters replaced) is set,
+    and every channel provider can be built. Otherwise each message to such a channel would be refused at send
+    time, counted against the customer's messages, and its order failed. Raises StartupCheckError naming them all
+    in one line."""
+    missing, unbuildable = _secrets_and_providers(config, env, providers)
+    problems = []
+    if missing:
+        problems.append("secrets are not set: " + "; ".join(missing))
+    if unbuildable:
+        problems.append("channel providers cannot be built: " + "; ".join(unbuildable))
+    if problems:
+        raise StartupCheckError(" | ".join(problems))
 
 
 @dataclass
@@ -586,9 +623,10 @@ def run(
     """``winback executor run``: migrate the database, then run ``workers`` worker processes until stopped
     (SIGINT/SIGTERM) or for ``stop_after`` seconds.
 
-    The merchant config is checked first (ConfigError names the bad key) and so are the webhook secrets the
-    config names (ValueError lists the missing variables). ``connectors_factory`` and ``adapters`` (importable
-    callables) replace the configured connectors and channel adapters, for tests and the demo.
+    The merchant config is checked first (ConfigError names the bad key), then the secrets it names and its
+    channel providers (StartupCheckError lists every missing variable and unbuildable provider).
+    ``connectors_factory`` and ``adapters`` (importable callables) replace the configured connectors and channel
+    adapters, for tests and the demo.
     """
     from service.api.settings import DEMO_CONFIG
     from service.migrations import upgrade
@@ -600,9 +638,8 @@ def run(
     validate_templates(
         config, Path(os.environ["WINBACK_TEMPLATES_DIR"]) if "WINBACK_TEMPLATES_DIR" in os.environ else None
     )
-    missing = missing_webhook_secrets(config, os.environ)
-    if missing:
-        raise ValueError("webhook secrets are not set: " + "; ".join(missing))
+    # Every secret the config names, and every channel provider it configures (unless ``adapters`` replaces them).
+    check_secrets(config, os.environ, providers=adapters is None)
     # Every WINBACK_* value is checked before any fork (SettingsError names each variable it refuses, and a
     # placeholder link secret outside dev), so a bad one is one line here, not a traceback in every worker.
     settings_from_env(ExecutorSettings, database_url=database_url)

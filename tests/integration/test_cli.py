@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from model.history import read_history, write_attempts, write_nudges
@@ -243,6 +244,52 @@ def test_executor_refuses_to_start_with_a_broken_template(tmp_path: Path, monkey
     )
     assert result.exit_code == 2
     assert "sms.en.j2" in result.output
+
+
+def _config_with_unset_provider_secrets(tmp_path: Path) -> Path:
+    """The shipped demo config with m_in_stream's WhatsApp and SMS at Gupshup, neither key variable set."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml").read_text())
+    config["merchants"]["m_in_stream"]["providers"] = {
+        "whatsapp": {"kind": "gupshup", "api_key_env": "WB_TEST_UNSET_GUPSHUP_KEY", "source": "919000000000"},
+        "sms": {"kind": "gupshup", "api_key_env": "WB_TEST_UNSET_GUPSHUP_SMS"},
+    }
+    path = tmp_path / "merchants.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+UNSET_PROVIDER_SECRETS = (
+    "secrets are not set: merchants.m_in_stream.providers.whatsapp.api_key_env: WB_TEST_UNSET_GUPSHUP_KEY; "
+    "merchants.m_in_stream.providers.sms.api_key_env: WB_TEST_UNSET_GUPSHUP_SMS"
+)
+
+
+def test_executor_refuses_to_start_without_a_channel_providers_secret(tmp_path: Path) -> None:
+    """A provider's key variable that is not set used to pass start-up: every message to that channel was then
+    refused ("... is not set") on every send, each counted against the customer's messages, and the order FAILED.
+    Now the command refuses to start, naming every such variable by its key's path in one line."""
+    config = _config_with_unset_provider_secrets(tmp_path)
+    database = tmp_path / "w.db"
+    result = runner.invoke(
+        app,
+        ["executor", "run", "--config", str(config), "--database-url", f"sqlite:///{database}", "--stop-after", "0"],
+    )
+    assert result.exit_code == 2, result.output
+    assert UNSET_PROVIDER_SECRETS in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not database.exists()  # refused before any worker or migration
+
+
+def test_serve_does_not_need_the_channel_providers_secrets(tmp_path: Path, serve_env: pytest.MonkeyPatch) -> None:
+    """``winback serve`` sends no message (the executor's workers do; its link payments charge, and the webhook
+    they lead to is sent by a worker): a provider key kept on the executors' machines alone does not stop it. Here
+    it gets past the secrets to the database, which is not there."""
+    config = _config_with_unset_provider_secrets(tmp_path)
+    serve_env.setenv("WINBACK_DATABASE_URL", "postgresql+psycopg://winback@127.0.0.1:1/winback")
+    result = runner.invoke(app, ["serve", "--config", str(config), "--port", "8799"])
+    assert result.exit_code == 2, result.output
+    assert "is unavailable" in result.output
+    assert "secrets are not set" not in result.output
 
 
 def test_executor_with_a_setting_it_cannot_take_names_the_variable_in_one_line(

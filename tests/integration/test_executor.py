@@ -564,12 +564,42 @@ def test_rules_only_decide_through_the_sandbox_connector_over_http(make_harness:
 
 
 def test_config_with_webhook_secret_names_only_env(tmp_path: Path) -> None:
-    from service.executor.worker import missing_webhook_secrets
+    from service.executor.worker import missing_secrets
 
     config = config_for(m_demo=demo_merchant())
-    assert missing_webhook_secrets(config, {}) == ["merchants.m_demo.webhook.secret_env: WB_TEST_WEBHOOK"]
-    assert missing_webhook_secrets(config, {"WB_TEST_WEBHOOK": "x"}) == []
+    assert missing_secrets(config, {}) == ["merchants.m_demo.webhook.secret_env: WB_TEST_WEBHOOK"]
+    assert missing_secrets(config, {"WB_TEST_WEBHOOK": "x"}) == []
     assert yaml.safe_dump(config.model_dump(mode="json")).count(SECRET) == 0
+
+
+def test_start_up_check_names_every_unset_secret_and_every_provider_that_cannot_be_built() -> None:
+    """Only webhook secrets were checked at start: a provider key not set was found by the first message, refused
+    then on every send. Now every secret variable is named (all of them, not the first) with its key's path, and
+    a provider that cannot be built (no ``source``) too; adapters replaced (tests, the demo) skip the providers."""
+    from service.executor.worker import StartupCheckError, check_secrets
+
+    merchant = demo_merchant(
+        providers={
+            "whatsapp": {"kind": "gupshup", "api_key_env": "WB_UNSET_WA"},
+            "sms": {"kind": "karix", "username_env": "WB_UNSET_USER", "password_env": "WB_UNSET_PW", "source": "X"},
+            "email": {"kind": "smtp", "host": "localhost", "sender": "pay@shop.example"},
+        }
+    )
+    config = config_for(m_demo=merchant)
+    with pytest.raises(StartupCheckError) as info:
+        check_secrets(config, {})
+    assert str(info.value) == (
+        "secrets are not set: merchants.m_demo.webhook.secret_env: WB_TEST_WEBHOOK; "
+        "merchants.m_demo.providers.whatsapp.api_key_env: WB_UNSET_WA; "
+        "merchants.m_demo.providers.sms.username_env: WB_UNSET_USER; "
+        "merchants.m_demo.providers.sms.password_env: WB_UNSET_PW"
+        " | channel providers cannot be built: merchant 'm_demo', providers.whatsapp (kind gupshup): needs 'source'"
+    )
+    with pytest.raises(
+        StartupCheckError, match=r"^secrets are not set: merchants\.m_demo\.webhook\.secret_env: WB_TEST_WEBHOOK$"
+    ):
+        check_secrets(config, {}, providers=False)
+    check_secrets(config, {"WB_TEST_WEBHOOK": "x"}, providers=False)
 
 
 def test_a_send_the_rules_forbid_now_is_decided_again_not_sent(make_harness: Any) -> None:

@@ -561,11 +561,27 @@ _DEFAULT_BASE_URLS: Mapping[tuple[str, Channel], str] = {
 }
 
 
+#: What a secret that is not set reads as while ``provider_problems`` builds the adapters anyway (a "user:password"
+#: pair, so that the rest of the build is checked too).
+_UNSET_SECRET = "unset:unset"
+
+
 class _Builder:
-    def __init__(self, merchant_id: str, channel: Channel, provider: ProviderConfig, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        merchant_id: str,
+        channel: Channel,
+        provider: ProviderConfig,
+        env: Mapping[str, str],
+        unset: list[str] | None = None,
+    ) -> None:
         self.where = f"merchant {merchant_id!r}, providers.{channel.value} (kind {provider.kind})"
+        self.merchant_id = merchant_id
+        self.key = f"merchants.{merchant_id}.providers.{channel.value}"
         self.provider = provider
         self.env = env
+        #: When a list: each secret not set is noted in it (``<key path>: VAR``) instead of raising.
+        self.unset = unset
 
     def fail(self, problem: str) -> ChannelError:
         return ChannelError(f"{self.where}: {problem}")
@@ -580,7 +596,10 @@ class _Builder:
         name = self.need(field)
         value = self.env.get(name)
         if not value:
-            raise self.fail(f"environment variable {name} (named by '{field}') is not set")
+            if self.unset is None:
+                raise self.fail(f"environment variable {name} (named by '{field}') is not set")
+            self.unset.append(f"{self.key}.{field}: {name}")
+            return _UNSET_SECRET
         return value
 
     def credentials(self) -> tuple[str, str]:
@@ -608,45 +627,72 @@ def build_adapters(
 ) -> dict[Channel, ChannelAdapter]:
     """One adapter per configured provider channel; raises ChannelError naming the merchant, channel and problem."""
     templates = template_store(Path(env[TEMPLATES_DIR_ENV]) if env.get(TEMPLATES_DIR_ENV) else DEFAULT_TEMPLATES_DIR)
-    adapters: dict[Channel, ChannelAdapter] = {}
+    return {
+        channel: _build_one(_Builder(merchant_id, channel, provider, env), channel, provider, templates, http)
+        for channel, provider in merchant.providers.items()
+    }
+
+
+def provider_problems(
+    merchant_id: str, merchant: MerchantConfig, env: Mapping[str, str]
+) -> tuple[list[str], list[str]]:
+    """The start-up check of a merchant's channel providers: (secrets not set, other problems).
+
+    Builds every adapter as ``build_adapters`` does at the first message, connecting to nothing. Each secret
+    variable a provider names and ``env`` lacks is one ``merchants.<id>.providers.<channel>.<field>: VAR``
+    (all of them, not only the first); any other reason an adapter cannot be built is its ChannelError text.
+    """
+    templates = template_store(Path(env[TEMPLATES_DIR_ENV]) if env.get(TEMPLATES_DIR_ENV) else DEFAULT_TEMPLATES_DIR)
+    unset: list[str] = []
+    problems: list[str] = []
+    http = httpx.AsyncClient()  # held by the adapters, never used: it opens nothing
     for channel, provider in merchant.providers.items():
-        b = _Builder(merchant_id, channel, provider, env)
-        if channel not in _CHANNELS_BY_KIND[provider.kind]:
-            raise b.fail(f"kind '{provider.kind}' cannot deliver {channel.value}")
-        adapter: ChannelAdapter
-        if provider.kind == "gupshup" and channel is Channel.WHATSAPP:
-            adapter = GupshupWhatsAppAdapter(
-                merchant_id,
-                templates,
-                http,
-                b.base_url(channel),
-                api_key=b.secret("api_key_env"),
-                source=b.need("source"),
-                app_name=provider.sender,
-            )
-        elif provider.kind == "gupshup":
-            userid, password = b.credentials()
-            adapter = GupshupSmsAdapter(
-                merchant_id, templates, http, b.base_url(channel), userid, password, mask=provider.source
-            )
-        elif provider.kind == "interakt":
-            adapter = InteraktAdapter(merchant_id, templates, http, b.base_url(channel), b.secret("api_key_env"))
-        elif provider.kind == "karix":
-            account_uid, token = b.credentials()
-            adapter = KarixAdapter(
-                merchant_id, channel, templates, http, b.base_url(channel), account_uid, token, b.need("source")
-            )
-        elif provider.kind == "smtp":
-            smtp_user = b.secret("username_env") if provider.username_env else None
-            smtp_password = b.secret("password_env") if provider.password_env else None
-            adapter = SmtpAdapter(
-                merchant_id, templates, b.need("host"), provider.port or 25, b.need("sender"), smtp_user, smtp_password
-            )
-        elif provider.kind == "push_webhook":
-            adapter = PushWebhookAdapter(merchant_id, templates, http, b.need("base_url"), b.secret("api_key_env"))
-        elif provider.base_url:
-            adapter = GenericFakeAdapter(merchant_id, channel, templates, http, provider.base_url)
-        else:
-            adapter = MemoryAdapter(merchant_id, channel, templates)
-        adapters[channel] = adapter
-    return adapters
+        try:
+            _build_one(_Builder(merchant_id, channel, provider, env, unset), channel, provider, templates, http)
+        except ChannelError as exc:
+            problems.append(str(exc))
+    return unset, problems
+
+
+def _build_one(
+    b: _Builder, channel: Channel, provider: ProviderConfig, templates: TemplateStore, http: httpx.AsyncClient
+) -> ChannelAdapter:
+    merchant_id = b.merchant_id
+    if channel not in _CHANNELS_BY_KIND[provider.kind]:
+        raise b.fail(f"kind '{provider.kind}' cannot deliver {channel.value}")
+    adapter: ChannelAdapter
+    if provider.kind == "gupshup" and channel is Channel.WHATSAPP:
+        adapter = GupshupWhatsAppAdapter(
+            merchant_id,
+            templates,
+            http,
+            b.base_url(channel),
+            api_key=b.secret("api_key_env"),
+            source=b.need("source"),
+            app_name=provider.sender,
+        )
+    elif provider.kind == "gupshup":
+        userid, password = b.credentials()
+        adapter = GupshupSmsAdapter(
+            merchant_id, templates, http, b.base_url(channel), userid, password, mask=provider.source
+        )
+    elif provider.kind == "interakt":
+        adapter = InteraktAdapter(merchant_id, templates, http, b.base_url(channel), b.secret("api_key_env"))
+    elif provider.kind == "karix":
+        account_uid, token = b.credentials()
+        adapter = KarixAdapter(
+            merchant_id, channel, templates, http, b.base_url(channel), account_uid, token, b.need("source")
+        )
+    elif provider.kind == "smtp":
+        smtp_user = b.secret("username_env") if provider.username_env else None
+        smtp_password = b.secret("password_env") if provider.password_env else None
+        adapter = SmtpAdapter(
+            merchant_id, templates, b.need("host"), provider.port or 25, b.need("sender"), smtp_user, smtp_password
+        )
+    elif provider.kind == "push_webhook":
+        adapter = PushWebhookAdapter(merchant_id, templates, http, b.need("base_url"), b.secret("api_key_env"))
+    elif provider.base_url:
+        adapter = GenericFakeAdapter(merchant_id, channel, templates, http, provider.base_url)
+    else:
+        adapter = MemoryAdapter(merchant_id, channel, templates)
+    return adapter

@@ -27,6 +27,7 @@ from model.merchant_config import MerchantConfig, QuietHours
 from model.rules import Candidate, Rule, build_context, check
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
+from service.executor.channels.templates import MessageVariables
 from service.executor.connectors import (
     ChargeRequest,
     CircuitOpenError,
@@ -470,14 +471,15 @@ class Effects:
             to=address,
             template_id=PAYMENT_LINK_TEMPLATE,
             locale=str((request.customer.model_extra or {}).get("locale") or "en"),
-            variables={
-                "amount": f"{float(order['amount']):.2f}",
-                "currency": str(order["currency"]),
-                "link_url": f"{self.public_base_url}/pay/{token}",
-                "merchant_name": action.merchant_id,
-                "order_id": action.order_id,
-                "expires_at": expires_at.isoformat(),
-            },
+            variables=MessageVariables(
+                amount=f"{float(order['amount']):.2f}",
+                currency=str(order["currency"]),
+                link_url=f"{self.public_base_url}/pay/{token}",
+                merchant_name=action.merchant_id,
+                customer_name=str((request.customer.model_extra or {}).get("name") or ""),
+                order_id=action.order_id,
+                expires_at=expires_at.isoformat(),
+            ).as_mapping(),
         )
         held = self._mark_message_sending(action)
         if held is not None:

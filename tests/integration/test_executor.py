@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -600,6 +601,72 @@ def test_start_up_check_names_every_unset_secret_and_every_provider_that_cannot_
     ):
         check_secrets(config, {}, providers=False)
     check_secrets(config, {"WB_TEST_WEBHOOK": "x"}, providers=False)
+
+
+def _sent_through_templates(h: Harness, templates: Path) -> list[tuple[OutboundMessage, Any]]:
+    """Give ``h`` real adapters of the merchants' providers (kind ``fake``: rendered, kept in memory) over the
+    templates in ``templates``; the (message, rendered) pairs they sent, filled in as they send."""
+    from service.executor.channels.adapters import MemoryAdapter, build_adapters
+
+    sent: list[tuple[OutboundMessage, Any]] = []
+
+    def adapters(merchant_id: str, merchant: MerchantConfig, http: httpx.AsyncClient) -> dict[Channel, Any]:
+        built = build_adapters(merchant_id, merchant, {"WINBACK_TEMPLATES_DIR": str(templates)}, http)
+        for adapter in built.values():
+            assert isinstance(adapter, MemoryAdapter)
+            adapter.sent = _AppendOnSet(sent)
+        return built
+
+    h.effects.adapter_factory = adapters
+    return sent
+
+
+class _AppendOnSet(dict[str, Any]):
+    def __init__(self, into: list[tuple[OutboundMessage, Any]]) -> None:
+        super().__init__()
+        self.into = into
+
+    def setdefault(self, key: str, value: Any = None) -> Any:
+        self.into.append(value)
+        return super().setdefault(key, value)
+
+
+def _branded_sms(tmp_path: Path, text: str) -> Path:
+    from service.executor.channels.templates import DEFAULT_TEMPLATES_DIR
+
+    root = tmp_path / "templates"
+    shutil.copytree(DEFAULT_TEMPLATES_DIR, root)
+    (root / "m_demo").mkdir()
+    (root / "m_demo" / "sms.en.j2").write_text(text)
+    return root
+
+
+SMS_MERCHANT = {"retarget": {"channels": ["sms"]}, "providers": {"sms": {"kind": "fake"}}}
+
+
+def test_a_template_greeting_the_customer_by_name_is_sent_with_the_events_name(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    """``customer_name`` is documented and start-up rendered every template with a sample name, but the executor
+    never sent it: ``Hi {{ customer_name }}`` passed start-up, then every send was refused ("'customer_name' is
+    undefined") and the order FAILED. It is now the event's ``customer.name``, "" when there is none."""
+    from service.executor.channels.templates import TEMPLATE_VARIABLES, validate_templates
+
+    root = _branded_sms(tmp_path, "Hi {{ customer_name }}, your order {{ order_id }} is unpaid: {{ link_url }}")
+    merchant = demo_merchant(**SMS_MERCHANT)
+    validate_templates(config_for(m_demo=merchant), root)  # start-up accepts it
+    retarget = {"action": "retarget", "channel": "sms"}
+    h = make_harness(retarget, retarget, {"action": "stop"}, merchants={"m_demo": merchant})
+    sent = _sent_through_templates(h, root)
+    h.executor.payment_failed("m_demo", event("ord_1", customer={"name": "Asha"}))
+    h.executor.payment_failed("m_demo", event("ord_2"))  # no name given
+    h.drain()
+    assert [n.status for n in h.view("ord_1").nudges + h.view("ord_2").nudges] == ["accepted", "accepted"]
+    texts = sorted(rendered.text for _, rendered in sent)
+    assert texts[0].startswith("Hi , your order ord_2 is unpaid: ")
+    assert texts[1].startswith("Hi Asha, your order ord_1 is unpaid: ")
+    # What start-up renders with is what is sent: the same variables, none more, none fewer.
+    assert {tuple(sorted(message.variables)) for message, _ in sent} == {tuple(sorted(TEMPLATE_VARIABLES))}
 
 
 def test_a_send_the_rules_forbid_now_is_decided_again_not_sent(make_harness: Any) -> None:

@@ -321,6 +321,16 @@ def test_whatsapp_template_exports_params_and_derives_the_link_token() -> None:
     assert rendered.button_params == ("SAMPLE-LINK-TOKEN",)
 
 
+def test_shipped_templates_greet_a_customer_without_a_name_in_words() -> None:
+    """The executor now sends ``customer_name`` always, "" when the event has no name; the shipped templates'
+    ``default("there")`` applied only to an undefined name, so they would have read "Hi ," and sent an empty
+    WhatsApp template value."""
+    unnamed = VARIABLES | {"customer_name": ""}
+    assert store().render("m_demo", Channel.EMAIL, "en", unnamed).text.startswith("Hi there,")
+    assert store().render("m_demo", Channel.WHATSAPP, "en", unnamed).params[0] == "there"
+    assert store().render("m_demo", Channel.WHATSAPP, "hi", unnamed).params[0] == "ग्राहक"
+
+
 # --- adapters: error mapping ------------------------------------------------------------------------------------
 
 

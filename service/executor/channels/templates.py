@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, Undefined
@@ -31,18 +31,40 @@ DEFAULT_TEMPLATES_DIR = DATA_DIR / "templates"
 DEFAULT_DIR_NAME = "_default"
 FALLBACK_LOCALE = "en"
 
-#: Every variable a template may use, with the sample value start-up validation renders it with.
-#: ``link_token`` (the last path segment of ``link_url``, for WhatsApp URL buttons) is derived when not given.
-TEMPLATE_VARIABLES: Mapping[str, str] = {
-    "amount": "1,499.00",
-    "currency": "INR",
-    "link_url": "https://pay.example/p/SAMPLE-LINK-TOKEN",
-    "link_token": "SAMPLE-LINK-TOKEN",
-    "merchant_name": "Sample Merchant",
-    "customer_name": "Asha",
-    "expires_at": "2026-11-03 18:00 IST",
-    "order_id": "ord_sample",
-}
+
+@dataclass(frozen=True)
+class MessageVariables:
+    """Every variable a template may use, all of them in every message: what the executor sends
+    (``Effects._nudge``) and, as :data:`SAMPLE_VARIABLES`, what start-up validation renders each template with.
+    One definition for both, so a variable cannot be documented and checked yet never sent."""
+
+    amount: str  # in the currency's minor units (model.money.format_amount)
+    currency: str
+    link_url: str
+    merchant_name: str
+    customer_name: str  # the event's ``customer.name``; "" when it has none
+    expires_at: str
+    order_id: str
+
+    def as_mapping(self) -> dict[str, str]:
+        """The variables as a template sees them, with ``link_token`` (the last path segment of ``link_url``)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["link_token"] = self.link_url.rstrip("/").rsplit("/", 1)[-1]
+        return values
+
+
+#: The sample message start-up validation renders every template with.
+SAMPLE_VARIABLES = MessageVariables(
+    amount="1,499.00",
+    currency="INR",
+    link_url="https://pay.example/p/SAMPLE-LINK-TOKEN",
+    merchant_name="Sample Merchant",
+    customer_name="Asha",
+    expires_at="2026-11-03 18:00 IST",
+    order_id="ord_sample",
+)
+#: Every variable a template may use, with its sample value.
+TEMPLATE_VARIABLES: Mapping[str, str] = SAMPLE_VARIABLES.as_mapping()
 _FILE_NAME = re.compile(r"^(?P<channel>[a-z]+)\.(?P<locale>[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*)\.j2$")
 
 

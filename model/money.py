@@ -6,6 +6,7 @@ One table (data/economics/costs.yaml) serves features, the policy's value, the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from functools import cache
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from model.datafiles import DATA_DIR
 from model.vocab import Channel, Strategy
 
 COSTS_FILE = DATA_DIR / "economics" / "costs.yaml"
+MINOR_UNITS_FILE = DATA_DIR / "economics" / "minor_units.yaml"
+#: The minor units of a currency ISO 4217 lists with neither 0, 3 nor 4 (and of a code it does not list).
+DEFAULT_MINOR_UNITS = 2
 
 
 @dataclass(frozen=True)
@@ -57,3 +61,23 @@ def load_economics(path: Path = COSTS_FILE) -> Economics:
             for channel, prices in raw["message_price_usd"].items()
         },
     )
+
+
+@cache
+def _minor_units_table(path: Path = MINOR_UNITS_FILE) -> dict[str, int]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return {str(code).upper(): int(units) for units, codes in raw.items() for code in codes}
+
+
+def minor_units(currency: str) -> int:
+    """The currency's ISO 4217 minor units (data/economics/minor_units.yaml): 0 for JPY, 3 for KWD, else 2."""
+    return _minor_units_table().get(currency.strip().upper(), DEFAULT_MINOR_UNITS)
+
+
+def format_amount(amount: float, currency: str, *, grouped: bool = False) -> str:
+    """``12.345`` for 12.345 KWD, ``1200`` for 1200 JPY, ``12.50`` for 12.5 USD: the amount with its currency's
+    minor units (half up, from the shortest decimal of the float), so a customer reads what is charged.
+    ``grouped`` puts thousands separators in (``1,499.00``)."""
+    places = minor_units(currency)
+    exact = Decimal(repr(float(amount))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return f"{exact:,.{places}f}" if grouped else f"{exact:.{places}f}"

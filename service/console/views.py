@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig
+from model.money import format_amount
 from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
@@ -35,7 +36,6 @@ from service.executor.store import (
 from service.executor.views import order_view
 
 _SYMBOLS = {"INR": "₹", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "AUD": "A$", "CAD": "C$", "SGD": "S$"}
-_ZERO_DECIMALS = {"JPY", "KRW", "VND", "CLP", "ISK", "HUF"}
 _CHANNEL_NAMES = {"whatsapp": "WhatsApp", "sms": "SMS", "email": "email", "push": "push"}
 
 SortKey = Literal["age", "amount", "p_success"]
@@ -47,8 +47,7 @@ ACTION_FILTERS: tuple[str, ...] = tuple(action.value for action in Action)
 def money(amount: float, currency: str) -> str:
     """``₹1,499.00``: the amount in its own currency (symbol when well known, else the ISO code)."""
     code = currency.upper()
-    digits = 0 if code in _ZERO_DECIMALS else 2
-    number = f"{amount:,.{digits}f}"
+    number = format_amount(amount, code, grouped=True)  # the currency's ISO 4217 minor units: what is charged
     symbol = _SYMBOLS.get(code)
     return f"{symbol}{number}" if symbol else f"{number} {code}"
 

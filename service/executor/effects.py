@@ -24,6 +24,7 @@ from sqlalchemy import RowMapping
 
 from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig, QuietHours
+from model.money import format_amount
 from model.rules import Candidate, Rule, build_context, check
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
@@ -472,7 +473,7 @@ class Effects:
             template_id=PAYMENT_LINK_TEMPLATE,
             locale=str((request.customer.model_extra or {}).get("locale") or "en"),
             variables=MessageVariables(
-                amount=f"{float(order['amount']):.2f}",
+                amount=format_amount(float(order["amount"]), str(order["currency"])),
                 currency=str(order["currency"]),
                 link_url=f"{self.public_base_url}/pay/{token}",
                 merchant_name=action.merchant_id,

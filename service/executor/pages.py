@@ -6,6 +6,8 @@ import functools
 
 import jinja2
 
+from model.money import format_amount
+
 _LAYOUT = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{ title }}</title>
@@ -18,7 +20,7 @@ button{font-size:1.1rem;padding:.7rem 1.5rem;border:0;border-radius:.4rem;backgr
 _PAY = """{% extends "layout.html" %}{% block body %}
 <h1>Complete your payment</h1>
 <p class="muted">{{ merchant_id }} &middot; order {{ order_id }}</p>
-<p class="amount">{{ "%.2f"|format(amount) }} {{ currency }}</p>
+<p class="amount">{{ amount|amount_in(currency) }} {{ currency }}</p>
 <form method="post" action="/pay/{{ token }}"><button type="submit" data-testid="pay">Pay now</button></form>
 <p class="muted">This link works once and expires {{ expires_at.strftime("%Y-%m-%d %H:%M") }} UTC.</p>
 {% endblock %}"""
@@ -31,11 +33,13 @@ _MESSAGE = """{% extends "layout.html" %}{% block body %}
 @functools.cache
 def environment() -> jinja2.Environment:
     """The page templates, loaded once per process."""
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.DictLoader({"layout.html": _LAYOUT, "pay.html": _PAY, "message.html": _MESSAGE}),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["amount_in"] = format_amount  # the currency's minor units, as in the messages: what is charged
+    return env
 
 
 def render(name: str, **context: object) -> str:

@@ -126,7 +126,7 @@ def test_gupshup_whatsapp_template_request(gupshup: RunningFake) -> None:
     assert seen["template"] == {
         "id": "tpl_pay_link",
         # the body's variables, then the URL button's suffix: the link token the customer needs
-        "params": ["Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST", "SAMPLE-LINK-TOKEN"],
+        "params": ["Asha", "Sample Merchant", "INR 1499.00", "2026-11-03 18:00 IST", "SAMPLE-LINK-TOKEN"],
     }
     assert (seen["id"], seen["idempotency_key"]) == (result.provider_message_id, "nudge:ord_1:1")
 
@@ -180,7 +180,7 @@ def test_interakt_request(interakt: RunningFake) -> None:
         "template": {
             "name": "tpl_pay_link",
             "languageCode": "hi",
-            "bodyValues": ["Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST"],
+            "bodyValues": ["Asha", "Sample Merchant", "INR 1499.00", "2026-11-03 18:00 IST"],
             "buttonValues": {"0": ["SAMPLE-LINK-TOKEN"]},
         },
     }

@@ -669,6 +669,35 @@ def test_a_template_greeting_the_customer_by_name_is_sent_with_the_events_name(
     assert {tuple(sorted(message.variables)) for message, _ in sent} == {tuple(sorted(TEMPLATE_VARIABLES))}
 
 
+@pytest.mark.parametrize(("amount", "currency", "shown"), [(12.345, "KWD", "12.345"), (1200.0, "JPY", "1200")])
+def test_the_message_and_the_pay_page_show_the_amount_charged_in_its_currencys_minor_units(
+    make_harness: Any, tmp_path: Path, amount: float, currency: str, shown: str
+) -> None:
+    """Both formatted every amount with two decimals: an order of 12.345 KWD was offered as "KWD 12.35" while
+    12.345 was charged (and 1200 JPY as "1200.00"). Both now use the currency's ISO 4217 minor units."""
+    from service.executor.channels.templates import DEFAULT_TEMPLATES_DIR
+    from service.executor.pages import render
+
+    h = make_harness({"action": "retarget", "channel": "sms"}, merchants={"m_demo": demo_merchant(**SMS_MERCHANT)})
+    sent = _sent_through_templates(h, DEFAULT_TEMPLATES_DIR)
+    h.executor.payment_failed("m_demo", event(amount=amount, currency=currency))
+    h.drain()
+    [(message, rendered)] = sent
+    assert f"{currency} {shown} " in rendered.text
+    page = h.executor.open_link(message.variables["link_url"].rsplit("/pay/", 1)[1])
+    html = render(
+        "pay.html",
+        title="Complete your payment",
+        token="t",
+        merchant_id=page.merchant_id,
+        order_id=page.order_id,
+        amount=page.amount,
+        currency=page.currency,
+        expires_at=page.expires_at,
+    )
+    assert f'<p class="amount">{shown} {currency}</p>' in html
+
+
 def test_a_send_the_rules_forbid_now_is_decided_again_not_sent(make_harness: Any) -> None:
     h = make_harness({"action": "retarget", "channel": "push"}, {"action": "stop"})
     h.executor.payment_failed("m_demo", event())  # the customer has no app: push is unreachable

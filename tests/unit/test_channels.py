@@ -317,7 +317,7 @@ def test_shipped_templates_validate_against_the_demo_config() -> None:
 
 def test_whatsapp_template_exports_params_and_derives_the_link_token() -> None:
     rendered = store().render("m_demo", Channel.WHATSAPP, "en", VARIABLES)
-    assert rendered.params == ("Asha", "Sample Merchant", "INR 1,499.00", "2026-11-03 18:00 IST")
+    assert rendered.params == ("Asha", "Sample Merchant", "INR 1499.00", "2026-11-03 18:00 IST")
     assert rendered.button_params == ("SAMPLE-LINK-TOKEN",)
 
 

@@ -28,7 +28,14 @@ KOLKATA = ZoneInfo("Asia/Kolkata")
 
 @pytest.mark.parametrize(
     ("amount", "currency", "text"),
-    [(1499.0, "INR", "₹1,499.00"), (12.5, "usd", "$12.50"), (1200.0, "JPY", "¥1,200"), (3.0, "CHF", "3.00 CHF")],
+    [
+        (1499.0, "INR", "₹1,499.00"),
+        (12.5, "usd", "$12.50"),
+        (1200.0, "JPY", "¥1,200"),
+        (3.0, "CHF", "3.00 CHF"),
+        (12345.678, "KWD", "12,345.678 KWD"),
+        (10.0, "HUF", "10.00 HUF"),
+    ],
 )
 def test_money_uses_the_orders_currency(amount: float, currency: str, text: str) -> None:
     assert money(amount, currency) == text

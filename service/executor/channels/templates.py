@@ -25,6 +25,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from model.datafiles import DATA_DIR
 from model.merchant_config import WinbackConfig
+from model.money import format_amount
 from model.vocab import Channel
 
 DEFAULT_TEMPLATES_DIR = DATA_DIR / "templates"
@@ -55,7 +56,7 @@ class MessageVariables:
 
 #: The sample message start-up validation renders every template with.
 SAMPLE_VARIABLES = MessageVariables(
-    amount="1,499.00",
+    amount=format_amount(1499.0, "INR"),
     currency="INR",
     link_url="https://pay.example/p/SAMPLE-LINK-TOKEN",
     merchant_name="Sample Merchant",

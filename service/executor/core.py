@@ -69,6 +69,17 @@ def _maybe_with_connector() -> sa.ColumnElement[bool]:
     )
 
 
+def _replaceable() -> sa.ColumnElement[bool]:
+    """A scheduled action a new decision for its order replaces: a charge never sent (one sent before and not
+    answered may be with its connector: its re-send asks the switch), a message, or a message's follow-up. A
+    scheduled message is with no provider: a claimed one is left to its worker (one being sent is recorded when its
+    answer comes, and ``Effects._mark_message_sending`` holds back a second message of the order)."""
+    return sa.or_(
+        sa.and_(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]), actions.c.unanswered_since.is_(None)),
+        actions.c.kind.in_([ActionKind.NUDGE.value, ActionKind.FOLLOW_UP.value]),
+    )
+
+
 #: ``decide()`` bound to a scorer and catalog: the executor's only way to choose what to do.
 Decider = Callable[[DecisionRequest, MerchantConfig], Decision]
 
@@ -681,16 +692,16 @@ class Executor:
 
     def _carry_out(self, conn: sa.Connection, order: RowMapping, decision: Decision, now: datetime) -> None:
         merchant_id, order_id = order["merchant_id"], order["order_id"]
-        # This decision replaces what an earlier one planned and never sent (a retry that waited for a link
-        # payment, which was then declined, is decided again here): two plans would charge twice.
+        # This decision replaces what an earlier one planned and never sent (a retry, or a message and its
+        # follow-up, that waited for a link payment, which was then declined, is decided again here): two plans
+        # would charge twice, or send two messages (the old message's follow-up would plan another).
         conn.execute(
             actions.update()
             .where(
                 actions.c.merchant_id == merchant_id,
                 actions.c.order_id == order_id,
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
                 actions.c.state == ActionState.SCHEDULED.value,
-                actions.c.unanswered_since.is_(None),
+                _replaceable(),
             )
             .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
         )
@@ -1023,6 +1034,8 @@ class Executor:
             conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
             self._record_attempt(conn, order, action, outcome.result, now)
         elif isinstance(outcome, Sent):
+            # The 'being sent' mark, kept on an accepted message until now (Effects._nudge), goes with its record.
+            conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
             self._record_nudge(conn, order, action, outcome, now)
         elif isinstance(outcome, NotSent):
             self._record_unsent(conn, order, action, outcome, now)
@@ -1070,6 +1083,8 @@ class Executor:
             action.action_id,
             extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
         )
+        # (a message the provider accepted kept its 'being sent' mark until now: it goes with its record)
+        conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
         recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
         if recorded is None and isinstance(outcome, Sent):
             self._insert_sent_nudge(conn, action, outcome, now)
@@ -1345,6 +1360,23 @@ class Executor:
                 actions.c.action_id != action.action_id,
                 actions.c.state.in_(OPEN_ACTION_STATES),
                 goes_first,
+            )
+        )
+        return None if until is None else as_utc(until)
+
+    def message_being_sent(self, conn: sa.Connection, order: RowMapping, action: ActionRow) -> datetime | None:
+        """The lease's end of another payment-link message of ``order`` on its way to its provider now (claimed and
+        marked by ``Effects._mark_message_sending``, and its answer not yet recorded), or None: two messages of one
+        order never go out together, nor before the first is on record for the rules to see. A mark left on one
+        that is not claimed holds nothing, and a claim clears it."""
+        until = conn.scalar(
+            sa.select(sa.func.min(actions.c.due_at)).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.action_id != action.action_id,
+                actions.c.kind == ActionKind.NUDGE.value,
+                actions.c.state == ActionState.CLAIMED.value,
+                actions.c.unanswered_since.is_not(None),
             )
         )
         return None if until is None else as_utc(until)

@@ -25,6 +25,7 @@ from sqlalchemy import RowMapping
 from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig, QuietHours
 from model.money import format_amount
+from model.requests import DecisionRequest
 from model.rules import Candidate, Rule, build_context, check
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
@@ -435,17 +436,9 @@ class Effects:
                 return waiting
             request = self.executor.request_for(conn, order, now)
         # The hard rules again, at the moment of sending: the decision may be hours old.
-        verdict = check(
-            build_context(request, merchant, self.catalog),
-            Candidate(action=Action.RETARGET, execute_at=now, channel=channel),
-        )
-        if not verdict.allowed:
-            if set(verdict.broken) == {Rule.QUIET_HOURS.value}:
-                until = quiet_hours_end(merchant.retarget.quiet_hours, now)
-                if until is not None:
-                    return Defer(until, "quiet hours")
-            else:
-                return Replan("not allowed now: " + ", ".join(verdict.broken))
+        forbidden = self._message_forbidden(request, merchant, channel, now)
+        if forbidden is not None:
+            return forbidden
         nudge_id = nudge_id_for(action.idempotency_key)
         address = customer_address(request.customer.model_extra or {}, channel)
         if address is None:
@@ -485,15 +478,22 @@ class Effects:
         held = self._mark_message_sending(action)
         if held is not None:
             return held
+        accepted = False
         try:
             with self.claims.keep(action, self.lease):  # the claim outlives the provider call, as a charge's does
                 result = self._run(adapter.send(message))
+            accepted = result.status == "accepted"
         finally:
-            try:
-                self.executor.unmark_sent(action)
-            except Exception:  # the provider's answer still gets recorded; the next claim clears the mark
-                log.warning("could not clear the sending mark of message action %s", action.action_id, exc_info=True)
-        if result.status == "accepted":
+            # A message the provider accepted keeps its mark until ``complete`` records it (in that transaction):
+            # another message of the order must not pass it before the rules can see it on record.
+            if not accepted:
+                try:
+                    self.executor.unmark_sent(action)
+                except Exception:  # the provider's answer still gets recorded; the next claim clears the mark
+                    log.warning(
+                        "could not clear the sending mark of message action %s", action.action_id, exc_info=True
+                    )
+        if accepted:
             return Sent(
                 nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.provider_message_id, token_id, expires_at
             )
@@ -501,13 +501,35 @@ class Effects:
             return Transient(result.error or f"{channel.value} provider asked to try again")
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 
+    def _message_forbidden(
+        self, request: DecisionRequest, merchant: MerchantConfig, channel: Channel, now: datetime
+    ) -> Defer | Replan | None:
+        """What a message on ``channel`` that the hard rules forbid at ``now`` does instead (it waits for the end
+        of the quiet hours, or its order is decided again), or None when it may go."""
+        verdict = check(
+            build_context(request, merchant, self.catalog),
+            Candidate(action=Action.RETARGET, execute_at=now, channel=channel),
+        )
+        if verdict.allowed:
+            return None
+        if set(verdict.broken) == {Rule.QUIET_HOURS.value}:
+            until = quiet_hours_end(merchant.retarget.quiet_hours, now)
+            if until is not None:
+                return Defer(until, "quiet hours")
+            return None
+        return Replan("not allowed now: " + ", ".join(verdict.broken))
+
     def _mark_message_sending(self, action: ActionRow) -> Outcome | None:
         """Mark a payment-link message as going to its provider now, under its order's lock, unless the order was
-        settled, a charge of it is claimed or with its connector, or its address opted out of its channel
-        meanwhile (then the outcome to record: a STOP that arrived after the send's rules check wins). A
-        retry's first send waits for a message so marked (``charge_ahead_of``), and takes the same lock, so the
-        customer is never asked to pay while a charge of theirs is out, nor after it succeeded. The mark is
-        cleared when the provider answers, and by the next claim of the message if its worker died."""
+        settled, a charge of it is claimed or with its connector, its address opted out of its channel meanwhile
+        (a STOP that arrived after the send's rules check wins), or another message of it is being sent, or the
+        hard rules forbid it now (then the outcome to record). A retry's first send waits for a message so marked
+        (``charge_ahead_of``), and takes the same lock, so the customer is never asked to pay while a charge of
+        theirs is out, nor after it succeeded. The rules (one message a day, the skip-days cadence,
+        ``max_nudges``) are checked again here, on what is committed under the lock: the check before the link
+        was minted read without it, and two workers may hold two messages of one order. The mark is cleared when
+        the provider's answer is recorded (at once when it did not accept the message), and by the next claim of
+        the message if its worker died."""
         now = self.executor.clock()
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
@@ -519,6 +541,17 @@ class Effects:
             opted_out = self._opted_out(conn, order, action)
             if opted_out is not None:
                 return opted_out
+            sending_until = self.executor.message_being_sent(conn, order, action)
+            if sending_until is not None:  # its answer, once recorded, decides whether this one may still go
+                return Defer(max(sending_until, now + RECHECK), "another message of the order is being sent")
+            forbidden = self._message_forbidden(
+                self.executor.request_for(conn, order, now),
+                self.executor.merchant(action.merchant_id),
+                Channel(str(action.payload["channel"])),
+                now,
+            )
+            if forbidden is not None:
+                return forbidden
             # The claim cleared any earlier mark, so this fails only when the claim is no longer ours.
             if not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")

@@ -202,9 +202,10 @@ def make_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
         receiver: Receiver | None = None,
         decider: Any = None,
         max_attempts: int = 8,
+        database_url: str | None = None,
     ) -> Harness:
         clock = Clock()
-        url = f"sqlite:///{tmp_path / f'exec{len(made)}.db'}"
+        url = database_url or f"sqlite:///{tmp_path / f'exec{len(made)}.db'}"
         engine = make_executor_engine(url)
         upgrade(engine)
         settings = ExecutorSettings(database_url=url, max_attempts=max_attempts, backoff_base_seconds=1.0)
@@ -1302,6 +1303,7 @@ def test_assisted_a_lost_answer_retry_is_re_sent_while_the_order_awaits_its_agen
     h.clock.advance(hours=24, seconds=-10)
     assert _pay(runtime(h), token_of(h))[0] == 402  # declined: the next decision waits for an agent
     h.executor.act_on_queued("ord_1", "approve", "ana", "retry")
+    _spared_by_the_last_decision(h, "follow_up")  # the SMS's follow-up was claimed when the retry was planned
     h.drain()  # the retry charges the customer; the answer is lost (re-send in 60 s)
     h.clock.advance(seconds=10)
     h.drain()  # the follow-up: a decision for the agent, AWAITING_AGENT
@@ -2160,6 +2162,17 @@ def test_a_replanned_retry_does_not_use_up_a_retry_of_the_budget(make_harness: A
     assert view.state == "SUCCEEDED"
 
 
+def _spared_by_the_last_decision(h: Harness, kind: str) -> None:
+    """Put back the ``kind`` action of the order that the last decision replaced, as if a worker had held its claim
+    when that decision was made (a new decision replaces only what is scheduled) and let it go unperformed."""
+    with h.executor.engine.begin() as conn:
+        conn.execute(
+            actions.update()
+            .where(actions.c.kind == kind, actions.c.last_error == "replaced by a later decision")
+            .values(state="scheduled", last_error=None)
+        )
+
+
 def _retry_and_message_due_together(make_harness: Any, connector: FakeConnector) -> Harness:
     """An order whose payment link (N1) was paid and declined, with the silent retry that followed due a minute
     ago and the follow-up's second message (N2) due now; ``connector`` declines the first charge."""
@@ -2177,6 +2190,7 @@ def _retry_and_message_due_together(make_harness: Any, connector: FakeConnector)
     h.clock.advance(hours=1)
     payment = h.executor.start_link_payment(token_of(h), 30, "api", "claim-link")  # the customer pays N1's link ...
     h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])  # ... declined: a retry
+    _spared_by_the_last_decision(h, "nudge")  # N2 was claimed when the retry was planned
     h.clock.advance(hours=23, minutes=1)  # the retry (due a minute ago) and N2 (due now)
     return h
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from model.vocab import Channel
+from service.executor.channels.base import SendResult
 from service.executor.store import actions, nudges
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     HookConnector,
@@ -39,7 +41,16 @@ def _leave_a_mark_behind(make_harness: Any, how: str) -> tuple[Any, Any]:  # noq
     if how == "worker-killed-mid-send":
         # worker 2 gets as far as the provider call (its mark is set), then the process is killed: no finally runs
         assert h.effects._mark_message_sending(message) is None
-    else:  # the message is sent; the executor's unmark right after hits a database blip
+    else:  # the provider asks to try again; the executor's unmark right after hits a database blip (a message the
+        # provider accepted keeps its mark until its record, which clears it: no unmark to fail)
+        adapter: Any = h.effects.adapters("m_demo")[Channel.SMS]
+        accept = adapter.send
+
+        async def busy(message: Any) -> SendResult:
+            await accept(message)
+            return SendResult(status="retryable", error="provider busy")
+
+        adapter.send = busy
         real_unmark = h.executor.unmark_sent
 
         def unmark(action: Any) -> None:
@@ -106,19 +117,20 @@ def test_two_workers_a_message_mark_left_behind_does_not_hold_the_retry_back_for
     assert h.view().state == "SUCCEEDED", (h.view().state, _actions(h), len(h.outbox))
 
 
-def test_a_message_the_provider_accepted_is_recorded_as_sent_when_the_unmark_hits_a_blip(
+def test_a_message_the_provider_answered_is_recorded_when_the_unmark_hits_a_blip(
     make_harness: Any,  # noqa: F811 - the fixture
 ) -> None:
-    """fef3250 takes the mark back in a ``finally`` after the provider call. When that UPDATE fails on a database
-    blip, its exception replaces the provider's answer: ``perform`` turns it into a Transient, the accepted message
-    is not recorded (no nudge row, no link row), and it is sent to the customer again later."""
+    """fef3250 takes the mark back in a ``finally`` after the provider call. When that UPDATE failed on a database
+    blip, its exception replaced the provider's answer: ``perform`` turned it into a Transient, and an accepted
+    message was not recorded (no nudge row, no link row) and was sent to the customer again later. An accepted
+    message now keeps its mark until its record; the unmark of any other answer must not replace that answer."""
     h, message = _leave_a_mark_behind(make_harness, "unmark-hits-a-database-blip")
-    assert len(h.outbox) == 2  # N1, and N2 accepted by the provider
+    assert len(h.outbox) == 2  # N1, and N2, which the provider asked to send again
     with h.executor.engine.connect() as conn:
         state, error = conn.execute(
             sa.select(actions.c.state, actions.c.last_error).where(actions.c.action_id == message.action_id)
         ).one()
-    assert (state, error) == ("done", None), (state, error)
+    assert (state, error) == ("scheduled", "provider busy"), (state, error)
 
 
 def test_a_message_is_recorded_before_the_rest_of_its_batch_runs(

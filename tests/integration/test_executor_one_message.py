@@ -1,0 +1,247 @@
+"""One payment-link message of an order at a time, and never more than the merchant's ``max_nudges``.
+
+Defect hunt 30: after a link payment was declined, the decision that followed planned a new message while the
+paid message's follow-up was still planned, and that follow-up planned a second one (a new decision cancelled only
+earlier planned charges). Two workers then claimed the two messages and sent both: the same minute, three
+messages with ``max_nudges: 2``. Marking a message as being sent took the order's lock but did not look for
+another message of the order being sent, nor check the rules (one message a day, the skip-days cadence,
+``max_nudges``) again: they had been checked on a read without the lock, which cannot see a message another
+worker is sending, or one it has sent and not yet recorded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from model.catalog import load_catalog
+from model.merchant_config import MerchantConfig
+from model.vocab import Channel
+from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
+from service.executor.core import Defer, Replan
+from service.executor.settings import ExecutorSettings
+from service.executor.store import ActionKind, actions, nudges
+from service.executor.worker import Worker, build_effects
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
+    FakeConnector,
+    Harness,
+    _order_row,
+    demo_merchant,
+    event,
+    make_harness,
+    token_of,
+)
+
+#: Day 2 of an order failed at START (Day 0), 10:00 in Kolkata: the next day the skip-days cadence (1) allows.
+DAY_2 = datetime(2026, 11, 4, 4, 30, tzinfo=UTC)
+#: How long a test waits for another thread before it fails (never reached when the executor behaves).
+PATIENCE = 10.0
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'exec.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+class SlowProvider:
+    """A message provider that takes a moment to answer: once ``hold`` is set, the next message sent waits until
+    ``release`` (``waiting`` says it is with the provider); it counts how many messages it had at once."""
+
+    def __init__(self) -> None:
+        self.outbox: list[OutboundMessage] = []
+        self.hold = False
+        self.waiting = threading.Event()
+        self.release = threading.Event()
+        self.most_at_once = 0
+        self._at_once = 0
+        self._lock = threading.Lock()
+
+    def adapters(self, merchant_id: str, merchant: MerchantConfig, http: httpx.AsyncClient) -> dict[Channel, Any]:
+        return {channel: _SlowChannel(channel, self) for channel in Channel}
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        with self._lock:
+            self.outbox.append(message)
+            self._at_once += 1
+            self.most_at_once = max(self.most_at_once, self._at_once)
+            held, self.hold = self.hold, False
+        try:
+            if held:
+                self.waiting.set()
+                self.release.wait(PATIENCE)
+        finally:
+            with self._lock:
+                self._at_once -= 1
+        return SendResult(status="accepted", provider_message_id=f"pm_{len(self.outbox)}")
+
+
+class _SlowChannel:
+    def __init__(self, channel: Channel, provider: SlowProvider) -> None:
+        self.channel, self.provider_, self.provider = channel, provider, "fake"
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        return self.provider_.send(message)
+
+
+def _harness(build: Callable[..., Harness], *steps: dict[str, Any], **options: Any) -> tuple[Harness, SlowProvider]:
+    provider = SlowProvider()
+    h = build(*steps, **options)
+    h.effects.adapter_factory = provider.adapters
+    return h, provider
+
+
+def _two_workers_at_once(h: Harness, provider: SlowProvider) -> None:
+    """Worker A takes the first message due and holds it at the provider; meanwhile worker B (another process's
+    effects, its own event loop) runs a batch; then the provider answers A."""
+    settings = ExecutorSettings(database_url=h.executor.engine.url.render_as_string(hide_password=False))
+    connectors: dict[str, Any] = {"*": h.connector}
+    adapters: Callable[[str, MerchantConfig, httpx.AsyncClient], dict[Channel, ChannelAdapter]] = provider.adapters
+    other = build_effects(h.executor, settings, load_catalog(), connectors=connectors, adapters=adapters)
+    first, second = Worker(h.executor, h.effects, "wA", batch_size=1), Worker(h.executor, other, "wB", batch_size=1)
+    provider.hold = True
+    thread = threading.Thread(target=first.run_once)
+    thread.start()
+    try:
+        assert provider.waiting.wait(PATIENCE), "worker A sent no message"
+        second.run_once()
+    finally:
+        provider.release.set()
+        thread.join(PATIENCE)
+        other.close()
+    assert not thread.is_alive()
+
+
+def _sent(h: Harness) -> list[datetime]:
+    with h.executor.engine.connect() as conn:
+        return list(conn.scalars(sa.select(nudges.c.sent_at).where(nudges.c.status == "accepted")))
+
+
+def _planned(h: Harness, *kinds: ActionKind) -> list[str]:
+    with h.executor.engine.connect() as conn:
+        return list(
+            conn.scalars(
+                sa.select(actions.c.kind).where(
+                    actions.c.kind.in_([kind.value for kind in kinds]), actions.c.state == "scheduled"
+                )
+            )
+        )
+
+
+def _link_paid_and_declined(build: Callable[..., Harness], **options: Any) -> tuple[Harness, SlowProvider]:
+    """N1 goes out on Day 0; an hour later the customer pays its link and is declined: the decision then plans a
+    message on Day 2, and N1's follow-up (Day 1) would have planned another for the same moment."""
+    h, provider = _harness(
+        build,
+        {"action": "retarget", "channel": "sms"},  # N1, now
+        {"action": "retarget", "channel": "whatsapp", "delay": DAY_2 - (START + timedelta(hours=1))},  # decline
+        {"action": "retarget", "channel": "sms", "delay": DAY_2 - (START + timedelta(hours=24))},  # N1's follow-up
+        merchants={"m_demo": demo_merchant(retarget={"max_nudges": 2})},
+        connector=FakeConnector(results=["failure"]),
+        **options,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert len(provider.outbox) == 1
+    h.outbox.extend(provider.outbox)  # for token_of
+    h.clock.advance(hours=1)
+    payment = h.executor.start_link_payment(token_of(h), 30, "api", "claim-link")
+    h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])  # declined
+    h.clock.now = START + timedelta(hours=24)
+    h.drain()  # N1's follow-up, were it still planned
+    return h, provider
+
+
+def test_a_declined_link_payment_replaces_the_planned_follow_up_so_one_message_is_planned(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """The decision after the declined link payment planned a message; N1's follow-up stayed planned and, a day
+    later, planned a second message for the same moment: two planned messages of one order."""
+    h, _ = _link_paid_and_declined(make_harness)
+    assert _planned(h, ActionKind.NUDGE, ActionKind.FOLLOW_UP) == ["nudge"]
+
+
+def test_two_workers_with_a_slow_provider_send_no_more_than_max_nudges_one_at_a_time(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The order of the test above, with two workers on Day 2: each claimed one of the two messages and sent it
+    while the other's was with the provider, three messages with ``max_nudges: 2``, two of them the same minute."""
+    h, provider = _link_paid_and_declined(make_harness, database_url=database_url)
+    h.clock.now = DAY_2
+    _two_workers_at_once(h, provider)
+    h.clock.advance(minutes=1)
+    h.drain()
+    assert (len(_sent(h)), len(provider.outbox), provider.most_at_once) == (2, 2, 1)
+
+
+def _two_messages_due_now(build: Callable[..., Harness], **options: Any) -> tuple[Harness, SlowProvider]:
+    """An order with two messages planned for now: N1 (by SMS), decided at the failure, and a second (by email)."""
+    h, provider = _harness(build, {"action": "retarget", "channel": "sms"}, **options)
+    h.executor.payment_failed("m_demo", event())
+    with h.executor.engine.begin() as conn:
+        h.executor._schedule(
+            conn, "m_demo", "ord_1", ActionKind.NUDGE, START, "m_demo:ord_1:nudge:second", START, {"channel": "email"}
+        )
+    return h, provider
+
+
+def test_two_workers_holding_two_planned_messages_of_an_order_send_one(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """However an order came to hold two planned messages (one claimed while a new decision planned the next and
+    deferred afterwards, or rows planned before the fix), two workers sent both at once: the second checked the
+    rules on a read that could not see the first, with its provider."""
+    h, provider = _two_messages_due_now(make_harness, database_url=database_url)
+    _two_workers_at_once(h, provider)
+    with h.executor.engine.connect() as conn:
+        messages = conn.execute(sa.select(actions.c.state, actions.c.last_error).where(actions.c.kind == "nudge")).all()
+    assert (len(provider.outbox), provider.most_at_once) == (1, 1)
+    assert sorted(map(tuple, messages)) == [("done", None), ("scheduled", "another message of the order is being sent")]
+    h.clock.advance(minutes=1)
+    h.drain()  # the second comes back once the first is on record: one message a day, it is decided again
+    assert (len(_sent(h)), len(provider.outbox)) == (1, 1)
+
+
+def _two_messages_claimed(build: Callable[..., Harness]) -> tuple[Harness, Any, Any]:
+    """The two messages of ``_two_messages_due_now``, claimed by one worker (N1 first)."""
+    h, _ = _two_messages_due_now(build)
+    first, second = h.executor.claim(2, 30, "w2", "claim-w2")
+    return h, first, second
+
+
+def test_a_message_waits_while_another_of_its_order_was_accepted_and_is_not_yet_recorded(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """The 'being sent' mark was taken back as soon as the provider answered, before the answer was recorded: a
+    message marking itself in between saw neither the mark nor the message on record, and went out too."""
+    h, first, second = _two_messages_claimed(make_harness)
+    accepted = h.effects.perform(first, _order_row(h))  # the provider accepted it; not yet recorded
+    assert isinstance(h.effects._mark_message_sending(second), Defer)
+    h.worker.record([(first, accepted)])
+    with h.executor.engine.connect() as conn:
+        mark = conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == first.action_id))
+    assert mark is None  # the mark went with the record
+
+
+def test_a_message_checks_the_rules_again_under_its_orders_lock(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A message checked the rules before its link was minted, without the order's lock; another message of the
+    order recorded after that check was not seen, and both went out the same day."""
+    h, first, second = _two_messages_claimed(make_harness)
+    h.worker.record([(first, h.effects.perform(first, _order_row(h)))])
+    outcome = h.effects._mark_message_sending(second)
+    assert isinstance(outcome, Replan), outcome
+    assert "one_nudge_per_day" in outcome.reason

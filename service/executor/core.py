@@ -71,12 +71,16 @@ def _maybe_with_connector() -> sa.ColumnElement[bool]:
 
 def _replaceable() -> sa.ColumnElement[bool]:
     """A scheduled action a new decision for its order replaces: a charge never sent (one sent before and not
-    answered may be with its connector: its re-send asks the switch), a message, or a message's follow-up. A
-    scheduled message is with no provider: a claimed one is left to its worker (one being sent is recorded when its
-    answer comes, and ``Effects._mark_message_sending`` holds back a second message of the order)."""
+    answered may be with its connector: its re-send asks the switch), a message never tried, or a message's
+    follow-up. A message tried before came back with an answer that leaves it to be tried again (a timeout, a
+    provider busy): it may be with the provider, and is re-sent under its own idempotency key, which the provider
+    drops as a repeat; cancelled, the customer got it and the next one on the same day (review). A claimed message
+    is left to its worker (one being sent is recorded when its answer comes, and
+    ``Effects._mark_message_sending`` holds back a second message of the order)."""
     return sa.or_(
         sa.and_(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]), actions.c.unanswered_since.is_(None)),
-        actions.c.kind.in_([ActionKind.NUDGE.value, ActionKind.FOLLOW_UP.value]),
+        sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.attempts == 0),
+        actions.c.kind == ActionKind.FOLLOW_UP.value,
     )
 
 

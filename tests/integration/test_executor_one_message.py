@@ -64,6 +64,7 @@ class SlowProvider:
         self.waiting = threading.Event()
         self.release = threading.Event()
         self.most_at_once = 0
+        self.time_outs = 0  # the next this many sends time out (the provider may have taken them)
         self._at_once = 0
         self._lock = threading.Lock()
 
@@ -76,6 +77,10 @@ class SlowProvider:
             self._at_once += 1
             self.most_at_once = max(self.most_at_once, self._at_once)
             held, self.hold = self.hold, False
+            if self.time_outs:
+                self.time_outs -= 1
+                self._at_once -= 1
+                return SendResult(status="retryable", error="timeout")
         try:
             if held:
                 self.waiting.set()
@@ -245,3 +250,34 @@ def test_a_message_checks_the_rules_again_under_its_orders_lock(
     outcome = h.effects._mark_message_sending(second)
     assert isinstance(outcome, Replan), outcome
     assert "one_nudge_per_day" in outcome.reason
+
+
+def test_a_message_whose_send_timed_out_is_not_replaced_by_a_later_decision(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A send that timed out may be with the provider: it is tried again under its own idempotency key, so the
+    provider drops a repeat. A decision made meanwhile (the customer paid an earlier link and was declined)
+    cancelled it as a message never sent and planned another: the customer got two messages that day, one of them
+    on no record (review)."""
+    h, provider = _harness(
+        make_harness,
+        {"action": "retarget", "channel": "sms"},  # N1, now
+        {"action": "retarget", "channel": "sms"},  # N1's follow-up on Day 2: N2, now
+        {"action": "retarget", "channel": "whatsapp"},  # after the declined link payment: a message now
+        merchants={"m_demo": demo_merchant(retarget={"max_nudges": 4})},
+        connector=FakeConnector(results=["failure"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    h.outbox.extend(provider.outbox)  # for token_of
+    h.clock.now = START + timedelta(hours=46, minutes=30)
+    provider.time_outs = 1
+    h.drain()  # N2 times out: it is tried again after a back-off
+    assert _planned(h, ActionKind.NUDGE) == ["nudge"]
+    payment = h.executor.start_link_payment(token_of(h), 30, "api", "claim-link")
+    h.worker.record([(payment.action, h.effects.perform(payment.action, _order_row(h)))])  # N1's link, declined
+    h.clock.advance(minutes=2)
+    h.drain()
+    keys = [message.idempotency_key for message in provider.outbox]
+    assert len(keys) == 3  # N1, N2 and N2 again
+    assert len(set(keys)) == 2, keys  # no third message

@@ -156,10 +156,16 @@ class Delivered:
 
 @dataclass(frozen=True)
 class Transient:
-    """No answer this time (5xx, timeout, open circuit): try again later with the same idempotency key."""
+    """No answer this time (5xx, timeout, open circuit): try again later with the same idempotency key.
+
+    ``not_taken``: a message's provider certainly did not take it (it answered 429 or 503, say, or could not be
+    reached: ``SendResult.not_taken``); ``retry_after``: how long the provider asked us to wait (its
+    ``Retry-After``)."""
 
     error: str
     status_code: int | None = None
+    not_taken: bool = False
+    retry_after: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -272,11 +278,31 @@ class RetryPolicy:
     backoff_base_seconds: float = 2.0
     backoff_cap_seconds: float = 3600.0
     jitter: Callable[[float], float] = field(default=lambda ceiling: ceiling)
+    #: A message its provider certainly did not take (429, 503, unreachable) is tried again for this long from the
+    #: first such answer, however many tries that takes, before it is given up.
+    message_outage_seconds: float = 3600.0
+    #: The longest wait between two tries of such a message (its backoff stops growing there).
+    message_backoff_cap_seconds: float = 300.0
+    #: The longest ``Retry-After`` honoured; a provider asking for more is tried again after this.
+    retry_after_cap_seconds: float = 900.0
 
     def delay(self, attempt: int) -> timedelta:
         """Exponential backoff with full jitter for the ``attempt``-th failed try."""
         ceiling = min(self.backoff_cap_seconds, self.backoff_base_seconds * 2 ** max(attempt - 1, 0))
         return timedelta(seconds=self.jitter(ceiling))
+
+    def message_delay(self, attempt: int, retry_after: timedelta | None) -> timedelta:
+        """The wait before the next try of a message after its ``attempt``-th failed one: the backoff (capped at
+        ``message_backoff_cap_seconds``), or the provider's ``Retry-After`` (up to ``retry_after_cap_seconds``)
+        when that is longer."""
+        exponent = min(max(attempt - 1, 0), 32)
+        ceiling = min(
+            self.backoff_cap_seconds, self.message_backoff_cap_seconds, self.backoff_base_seconds * 2**exponent
+        )
+        backoff = timedelta(seconds=self.jitter(ceiling))
+        if retry_after is None:
+            return backoff
+        return max(backoff, min(retry_after, timedelta(seconds=self.retry_after_cap_seconds)))
 
     def limit(self, kind: str) -> int:
         """Tries allowed for an action of ``kind``."""
@@ -307,6 +333,11 @@ def _dump(value: Any) -> str:
 
 SelectT = TypeVar("SelectT", bound=sa.Select[Any])
 
+
+#: A message action's payload keys: when its provider first refused it for load or an outage, and how many of its
+#: tries may have reached the provider (a timeout, a 500 or 504, a connection lost mid-request).
+MESSAGE_REFUSED_SINCE = "refused_since"
+MESSAGE_MAYBE_SENT_TRIES = "maybe_sent_tries"
 
 #: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
 UNKNOWN_CHARGE = sa.and_(
@@ -1008,7 +1039,7 @@ class Executor:
         """
         now = self.clock()
         if isinstance(outcome, Transient):
-            self._retry_later(conn, action, outcome.error, now)
+            self._retry_later(conn, action, outcome, now)
             return
         if isinstance(outcome, Defer):
             self._release(
@@ -1106,17 +1137,24 @@ class Executor:
         due_at: datetime | None = None,
         error: str | None = None,
         refund: bool = False,
+        payload: Mapping[str, Any] | None = None,
     ) -> None:
         values: dict[str, Any] = {"state": state.value, "claim_token": None, "updated_at": now, "last_error": error}
         if due_at is not None:
             values["due_at"] = due_at
+        if payload is not None:
+            values["payload_json"] = _dump(payload)
         if refund:
             values["attempts"] = actions.c.attempts - 1
         changed = conn.execute(actions.update().where(_still_claimed(action)).values(**values)).rowcount
         if changed != 1:
             raise StaleClaimError(f"action {action.action_id} ({action.kind}) is no longer held by this claim")
 
-    def _retry_later(self, conn: sa.Connection, action: ActionRow, error: str, now: datetime) -> None:
+    def _retry_later(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> None:
+        if action.kind == ActionKind.NUDGE:
+            self._retry_message_later(conn, action, outcome, now)
+            return
+        error = outcome.error
         if action.attempts >= self.retry_policy.limit(action.kind):
             message = f"gave up after {action.attempts} tries: {error}"
             self._release(conn, action, ActionState.DEAD, now, error=message)
@@ -1133,6 +1171,35 @@ class Executor:
                 )
                 .values(attempts=webhook_deliveries.c.attempts + 1, last_error=error)
             )
+
+    def _retry_message_later(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> None:
+        """Try a message again later, or give it up.
+
+        A message its provider certainly did not take (it answered 429 or 503, or could not be reached:
+        ``not_taken``) is tried again for ``message_outage_seconds`` from the first such answer, however many
+        tries that is, no sooner than the provider's ``Retry-After``: a provider's outage or rate limit is
+        short-lived, and eight tries spread over about four minutes gave the message up, counted against the
+        customer's ``max_nudges`` and their day. Tries that may have reached the provider (a timeout, a 500 or
+        504, a connection lost mid-request) are counted apart and allowed ``max_attempts``, as before. Given up,
+        the message is recorded as not sent and counts (``rejected``), as before: an outage longer than the
+        horizon still costs the message; one shorter does not.
+        """
+        policy = self.retry_policy
+        payload = dict(action.payload)
+        if outcome.not_taken:
+            since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))
+            retry = now < since + timedelta(seconds=policy.message_outage_seconds)
+        else:
+            tries = int(payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
+            payload[MESSAGE_MAYBE_SENT_TRIES] = tries
+            retry = tries < policy.limit(action.kind)
+        if retry:
+            due = now + policy.message_delay(action.attempts, outcome.retry_after)
+            self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=outcome.error, payload=payload)
+            return
+        message = f"gave up after {action.attempts} tries: {outcome.error}"
+        self._release(conn, action, ActionState.DEAD, now, error=message, payload=payload)
+        self._dead(conn, action, message, now)
 
     def _dead(self, conn: sa.Connection, action: ActionRow, error: str, now: datetime) -> None:
         log.error(

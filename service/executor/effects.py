@@ -498,7 +498,13 @@ class Effects:
                 nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.provider_message_id, token_id, expires_at
             )
         if result.status == "retryable":
-            return Transient(result.error or f"{channel.value} provider asked to try again")
+            return Transient(
+                result.error or f"{channel.value} provider asked to try again",
+                not_taken=result.not_taken,
+                retry_after=None
+                if result.retry_after_seconds is None
+                else timedelta(seconds=result.retry_after_seconds),
+            )
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 
     def _message_forbidden(

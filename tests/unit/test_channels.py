@@ -35,6 +35,7 @@ from service.executor.channels.adapters import (
     SmtpAdapter,
     mask_address,
     phone_digits,
+    retry_after_seconds,
     split_calling_code,
 )
 from service.executor.channels.fakes import inbound_payload, receipt_payload
@@ -385,6 +386,65 @@ def test_network_failures_are_retryable(name: str, exc: Exception) -> None:
 
     result = send_with(name, handler)
     assert result.status == "retryable"
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize(
+    ("status", "not_taken"),
+    [(429, True), (503, True), (502, True), (501, True), (408, True), (500, False), (504, False), (520, False)],
+)
+def test_a_provider_answering_429_or_503_certainly_did_not_take_the_message(
+    name: str, status: int, not_taken: bool
+) -> None:
+    """Before, every ``retryable`` answer looked alike, so a message the provider answered 503 for was counted
+    like one that timed out (possibly sent). A 504 is a gateway's timeout, and a 500 may come after the provider
+    took the message: either may have it."""
+    result = send_with(name, lambda request: httpx.Response(status, json={"message": "busy"}))
+    assert (result.status, result.not_taken) == ("retryable", not_taken)
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+@pytest.mark.parametrize(
+    ("exc", "not_taken"),
+    [
+        (httpx.ConnectError("refused"), True),
+        (httpx.ConnectTimeout("no connection"), True),
+        (httpx.ReadTimeout("slow"), False),
+        (httpx.RemoteProtocolError("eof"), False),
+    ],
+)
+def test_only_a_failed_connection_certainly_did_not_reach_the_provider(
+    name: str, exc: Exception, not_taken: bool
+) -> None:
+    """A refused connection sent nothing; a read timeout or a connection lost mid-request may have been taken."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    result = send_with(name, handler)
+    assert (result.status, result.not_taken) == ("retryable", not_taken)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "120"}, 120.0),
+        ({"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT", "Date": "Wed, 21 Oct 2026 07:23:00 GMT"}, 300.0),
+        ({"Retry-After": "Wed, 21 Oct 2026 07:20:00 GMT", "Date": "Wed, 21 Oct 2026 07:23:00 GMT"}, 0.0),
+        ({"Retry-After": "soon"}, None),
+        ({}, None),
+        # A superscript two is a digit to str.isdigit and not to float: the adapter raised (review).
+        ({"Retry-After": b"\xb2"}, None),
+        # Hundreds of digits read as inf, and a timedelta of it overflowed (review): a day at most.
+        ({"Retry-After": "9" * 400}, 86_400.0),
+        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT", "Date": "Wed, 21 Oct 2026 07:23:00 GMT"}, 86_400.0),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_an_http_date(headers: dict[str, str | bytes], seconds: float | None) -> None:
+    """Before, ``Retry-After`` was not read at all: the message was tried again on its own backoff."""
+    result = send_with("gupshup_wa", lambda request: httpx.Response(429, headers=headers, json={}))
+    assert result.retry_after_seconds == seconds
+    assert retry_after_seconds(httpx.Response(503, headers=headers)) == seconds
 
 
 @pytest.mark.parametrize("name", ["gupshup_wa", "gupshup_sms", "interakt", "karix"])

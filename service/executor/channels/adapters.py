@@ -3,6 +3,12 @@
 Error mapping, the same for every HTTP provider: 2xx with the provider's message id -> ``accepted``; 408, 425,
 429 and 5xx, timeouts and connection errors -> ``retryable``; any other 4xx (bad number, opted out, bad
 credentials) -> ``rejected``. A provider that answers 2xx but says "error" in its body is ``rejected``.
+A ``retryable`` answer is also ``not_taken`` when the provider certainly did not take the message: it answered
+408, 425 or 429, or 501, 502 or 503 (not implemented, a bad gateway, unavailable: the request was not served), or
+no connection was made (refused, connect or pool timeout). A 500 (the provider may have failed after taking it), a
+504 or another 5xx (a gateway's timeout: the provider behind it may have it), a read timeout or a connection lost
+mid-request may have reached it.
+Its ``Retry-After`` (seconds or an HTTP-date, read against the answer's ``Date``) comes with it.
 Every request carries the message's idempotency key: in the provider's own reference field where it has one
 (Interakt ``callbackData``, the email's ``Message-ID``) and always in an ``Idempotency-Key`` header.
 Secrets come from the environment variables the merchant config names and are never logged; phone numbers and
@@ -20,7 +26,9 @@ import re
 import smtplib
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +53,8 @@ TEMPLATES_DIR_ENV = "WINBACK_TEMPLATES_DIR"
 _E164 = re.compile(r"^\+?[1-9]\d{6,14}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _RETRYABLE_4XX = frozenset({408, 425, 429})
+#: Answers that say the request was not served: the message was certainly not taken (the module's text).
+_NOT_TAKEN = frozenset({*_RETRYABLE_4XX, 501, 502, 503})
 #: The ITU-T E.164 country calling codes of one and two digits; every other code has three (codes are prefix-free).
 _SHORT_CALLING_CODE = re.compile(r"^(1|7|2[07]|3[0-469]|4[013-9]|5[1-8]|6[0-6]|8[1246]|9[0-58])")
 
@@ -111,8 +121,43 @@ def _http_failure(response: httpx.Response, provider: str) -> SendResult | None:
         detail = str(body.get("message") or body.get("error") or body.get("details") or "")
     error = f"{provider} answered HTTP {code}" + (f": {detail[:200]}" if detail else "")
     if code >= 500 or code in _RETRYABLE_4XX:
-        return SendResult(status="retryable", error=error)
+        return SendResult(
+            status="retryable",
+            error=error,
+            not_taken=code in _NOT_TAKEN,
+            retry_after_seconds=retry_after_seconds(response),
+        )
     return SendResult(status="rejected", error=error)
+
+
+#: The longest ``Retry-After`` read, in seconds (a day): the executor honours far less, and a longer one (up to
+#: hundreds of digits) would overflow a ``timedelta``.
+MAX_RETRY_AFTER_SECONDS = 86_400.0
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The answer's ``Retry-After`` in seconds (0 to ``MAX_RETRY_AFTER_SECONDS``), from delta-seconds or an
+    HTTP-date (against the answer's own ``Date`` when it has one, so the two clocks need not agree); None when
+    absent or unreadable. Only ASCII digits are delta-seconds (``"²".isdigit()`` is true, and ``float`` refuses it)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)
+    until = _http_date(value)
+    if until is None:
+        return None
+    now = _http_date(response.headers.get("date", "")) or datetime.now(UTC)
+    return min(max((until - now).total_seconds(), 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _http_date(value: str) -> datetime | None:
+    """An HTTP-date (always GMT) as an aware datetime, or None when ``value`` is not one."""
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 class _Adapter:
@@ -155,6 +200,8 @@ class _Adapter:
             return self._log(message, SendResult(status="rejected", error=f"template: {exc}"))
         try:
             result = await self._deliver(message, rendered)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # the request never went
+            result = SendResult(status="retryable", error=f"{self.provider}: {type(exc).__name__}", not_taken=True)
         except httpx.TimeoutException:
             result = SendResult(status="retryable", error=f"{self.provider}: timed out")
         except httpx.TransportError as exc:
@@ -491,11 +538,14 @@ class SmtpAdapter(_Adapter):
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
             status = "retryable" if all(400 <= code < 500 for code in codes) else "rejected"
-            return SendResult(status=status, error=f"smtp: recipient refused ({', '.join(map(str, codes))})")
-        except smtplib.SMTPResponseException as exc:
+            error = f"smtp: recipient refused ({', '.join(map(str, codes))})"
+            return SendResult(status=status, error=error, not_taken=status == "retryable")
+        except smtplib.SMTPResponseException as exc:  # a 4xx answer is the server's "not taken, try later"
             status = "retryable" if 400 <= exc.smtp_code < 500 else "rejected"
             reply = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
-            return SendResult(status=status, error=f"smtp: {exc.smtp_code} {reply}")
+            return SendResult(status=status, error=f"smtp: {exc.smtp_code} {reply}", not_taken=status == "retryable")
+        except ConnectionRefusedError as exc:
+            return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}", not_taken=True)
         except (smtplib.SMTPException, OSError) as exc:
             return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}")
         return SendResult(status="accepted", provider_message_id=message_id)

@@ -41,6 +41,12 @@ class SendResult(BaseModel, frozen=True):
     status: Literal["accepted", "rejected", "retryable"]
     provider_message_id: str | None = None
     error: str | None = None
+    #: ``retryable`` only: the provider certainly did not take the message (it answered 408, 425, 429, 501, 502 or
+    #: 503, or no connection was made). A timeout, a 500, a 504 or a connection lost after the request went may
+    #: have reached it, and is False.
+    not_taken: bool = False
+    #: ``retryable`` only: the provider's ``Retry-After``, in seconds from its answer (None when it sent none).
+    retry_after_seconds: float | None = None
 
 
 class ChannelAdapter(Protocol):

@@ -55,20 +55,21 @@ class FakeState:
     rejected_numbers: set[str] = field(default_factory=set)
     auto_receipt_url: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
-    _faults: list[tuple[str, float]] = field(default_factory=list)
+    _faults: list[tuple[str, float, str | None]] = field(default_factory=list)
     _ids: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
-    def fail(self, times: int = 1, status: int = 503) -> None:
-        """Answer the next ``times`` send requests with HTTP ``status`` (and record nothing)."""
+    def fail(self, times: int = 1, status: int = 503, retry_after: str | None = None) -> None:
+        """Answer the next ``times`` send requests with HTTP ``status`` (and record nothing), with a
+        ``Retry-After: <retry_after>`` header when given."""
         with self._lock:
-            self._faults.extend([("status", float(status))] * times)
+            self._faults.extend([("status", float(status), retry_after)] * times)
 
     def hang(self, times: int = 1, seconds: float = 2.0) -> None:
         """Answer the next ``times`` send requests only after ``seconds`` (with 504), recording nothing."""
         with self._lock:
-            self._faults.extend([("hang", seconds)] * times)
+            self._faults.extend([("hang", seconds, None)] * times)
 
     def reject(self, number: str) -> None:
         """Refuse messages to this number (digits, no ``+``) as the provider refuses an invalid/opted-out one."""
@@ -83,7 +84,7 @@ class FakeState:
             self.rejected_numbers.clear()
             self.auto_receipt_url = None
 
-    def take_fault(self) -> tuple[str, float] | None:
+    def take_fault(self) -> tuple[str, float, str | None] | None:
         with self._lock:
             return self._faults.pop(0) if self._faults else None
 
@@ -207,11 +208,12 @@ async def _fault(state: FakeState) -> Response | None:
     fault = state.take_fault()
     if fault is None:
         return None
-    mode, value = fault
+    mode, value, retry_after = fault
     if mode == "hang":
         await asyncio.sleep(value)
         return JSONResponse({"status": "error", "message": "gateway timeout"}, status_code=504)
-    return JSONResponse({"status": "error", "message": "fake failure"}, status_code=int(value))
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
+    return JSONResponse({"status": "error", "message": "fake failure"}, status_code=int(value), headers=headers)
 
 
 def _basic(request: Request) -> tuple[str, str] | None:

@@ -1,0 +1,189 @@
+"""A messaging provider's (BSP's) short outage or rate limit costs the customer no message and no cadence day.
+
+Defect hunt 30: with the real Gupshup adapter against the Gupshup fake answering 503 eight times in a row and the
+rules-only ``decide()`` (``max_nudges: 2``), the message was dead-lettered after its 8 tries (a few minutes of
+backoff) and recorded as ``rejected``, which counted against ``max_nudges`` and used up Day 0: the order ended
+FAILED and the customer got one message. A ``Retry-After`` was not honoured either. Now a message the provider
+certainly did not take (429, 503, no connection) is tried again for an hour, no sooner than its ``Retry-After``;
+given up after that, it counts as before. Tries that may have reached the provider (a timeout, a 500 or 504) are
+counted apart, 8 of them, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from model.catalog import load_catalog
+from model.merchant_config import MerchantConfig
+from service.executor.channels.adapters import build_adapters
+from service.executor.channels.fakes import FakeState, run_fake_provider
+from service.executor.worker import make_decider
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
+    Harness,
+    demo_merchant,
+    event,
+    make_harness,
+)
+
+
+@pytest.fixture
+def gupshup() -> Iterator[Any]:
+    with run_fake_provider("gupshup") as fake:
+        yield fake
+
+
+@pytest.fixture
+def rules_only() -> Iterator[Any]:
+    decider, stop = make_decider(load_catalog(), None, seed=1)
+    yield decider
+    stop()
+
+
+def whatsapp_through(fake: Any, max_nudges: int = 2) -> MerchantConfig:
+    provider = {"kind": "gupshup", "base_url": fake.base_url, "api_key_env": "GS_KEY", "source": "919000000000"}
+    return demo_merchant(
+        retry={"max_retries": 0},
+        retarget={"channels": ["whatsapp"], "max_nudges": max_nudges},
+        providers={"whatsapp": provider},
+    )
+
+
+def harness_for(build: Callable[..., Harness], fake: Any, decider: Any) -> Harness:
+    """The executor with the real Gupshup adapter against ``fake`` and the real rules-only ``decide()``."""
+    h = build(decider=decider, merchants={"m_demo": whatsapp_through(fake)})
+    env = {"GS_KEY": fake.state.api_key}
+    h.effects.adapter_factory = lambda mid, merchant, http: build_adapters(mid, merchant, env, http)
+    return h
+
+
+def step(h: Harness, times: int, **every: float) -> None:
+    for _ in range(times):
+        h.drain()
+        h.clock.advance(**every)
+
+
+def statuses(h: Harness) -> list[str]:
+    return [nudge.status for nudge in h.view().nudges]
+
+
+def message_action(h: Harness) -> Any:
+    return next(a for a in h.view().actions if a.kind == "nudge")
+
+
+def test_a_short_bsp_outage_leaves_the_message_budget_intact_and_the_message_goes_out_when_it_is_back(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Before, ten 503s in a row (about ten minutes) dead-lettered the message after 8 tries and recorded it
+    ``rejected``: it counted against ``max_nudges: 2`` and took Day 0, and the customer got one message in all."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.fail(times=10, status=503)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 30, minutes=1)
+    assert statuses(h) == ["accepted"]  # sent on Day 0, once the provider answered again
+    assert h.clock.now - START == timedelta(minutes=30)
+    assert h.view().nudges[0].sent_at < START + timedelta(minutes=30)
+    assert len(state.messages) == 1
+    step(h, 8 * 24, hours=1)
+    assert statuses(h) == ["accepted", "accepted"]
+    assert len(state.messages) == 2
+
+
+def test_retry_after_from_the_provider_is_honoured(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Before, a 429 with ``Retry-After: 120`` was tried again after the 1 s backoff, and again, hammering a
+    provider that asked for two minutes of quiet."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.fail(times=1, status=429, retry_after="120")
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    failed_at = h.clock.now
+    assert (message_action(h).state, message_action(h).due_at) == ("scheduled", failed_at + timedelta(seconds=120))
+    h.clock.advance(seconds=119)
+    h.drain()
+    assert state.messages == []
+    h.clock.advance(seconds=1)
+    h.drain()
+    assert len(state.messages) == 1
+    assert statuses(h) == ["accepted"]
+
+
+def test_a_retry_after_of_a_day_is_capped(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """A provider asking for a day of quiet is tried again after ``retry_after_cap_seconds`` (15 minutes)."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    gupshup.state.fail(times=1, status=503, retry_after="86400")
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert message_action(h).due_at == h.clock.now + timedelta(minutes=15)
+
+
+def test_a_message_is_tried_for_an_hour_of_outage_then_given_up_and_counted(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Before, the message was given up within minutes. Now it is tried for an hour, however many tries that takes,
+    then given up and counted as before (a longer outage still costs it: an ``unsent`` status the rules would not
+    count made an outage of hours decide the order again every hour, a review found)."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.fail(times=1000, status=503)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 50, minutes=1)
+    assert message_action(h).state == "scheduled"  # still tried, 50 minutes and many more than 8 tries in
+    assert statuses(h) == []
+    step(h, 15, minutes=1)
+    given_up = message_action(h)
+    assert given_up.state == "dead"
+    assert statuses(h) == ["rejected"]
+
+
+def test_tries_that_may_have_reached_the_provider_are_counted_apart_from_refused_ones(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Nine refused tries and then one gateway timeout: the message was given up at once, its refused tries
+    counted as its 8 (review). The timeout is its first try that may have reached the provider."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.fail(times=9, status=503)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 12, minutes=1)
+    assert len(state.messages) == 0
+    state.hang(times=1, seconds=0.0)
+    step(h, 20, minutes=1)
+    assert statuses(h) == ["accepted"]
+
+
+def test_a_message_whose_tries_may_have_reached_the_provider_still_counts_when_given_up(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """A 504 (a gateway's timeout) may have reached the provider: given up after its 8 tries, the message counts
+    against ``max_nudges`` as before (the customer may have it), and is not tried for an hour."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    gupshup.state.hang(times=8, seconds=0.0)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 10, minutes=1)
+    given_up = message_action(h)
+    assert given_up.state == "dead"
+    assert "gave up after 8 tries" in (given_up.last_error or "")
+    assert statuses(h) == ["rejected"]
+    assert h.view().nudges[0].sent_at < START + timedelta(minutes=10)

@@ -84,6 +84,12 @@ def _replaceable() -> sa.ColumnElement[bool]:
     )
 
 
+def _answer_recorded(conn: sa.Connection, action: ActionRow) -> None:
+    """Clear the action's 'sent, not answered' mark (``unanswered_since``) as its answer is recorded: a charge's,
+    and a message's, which the provider accepted and which kept its 'being sent' mark until now (Effects._nudge)."""
+    conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
+
+
 #: ``decide()`` bound to a scorer and catalog: the executor's only way to choose what to do.
 Decider = Callable[[DecisionRequest, MerchantConfig], Decision]
 
@@ -286,20 +292,18 @@ class RetryPolicy:
     #: The longest ``Retry-After`` honoured; a provider asking for more is tried again after this.
     retry_after_cap_seconds: float = 900.0
 
-    def delay(self, attempt: int) -> timedelta:
-        """Exponential backoff with full jitter for the ``attempt``-th failed try."""
-        ceiling = min(self.backoff_cap_seconds, self.backoff_base_seconds * 2 ** max(attempt - 1, 0))
+    def delay(self, attempt: int, cap_seconds: float | None = None) -> timedelta:
+        """Exponential backoff with full jitter for the ``attempt``-th failed try, at most ``backoff_cap_seconds``
+        (and ``cap_seconds`` when given). The exponent stops at 32: a message may be tried many times."""
+        cap = self.backoff_cap_seconds if cap_seconds is None else min(self.backoff_cap_seconds, cap_seconds)
+        ceiling = min(cap, self.backoff_base_seconds * 2 ** min(max(attempt - 1, 0), 32))
         return timedelta(seconds=self.jitter(ceiling))
 
     def message_delay(self, attempt: int, retry_after: timedelta | None) -> timedelta:
         """The wait before the next try of a message after its ``attempt``-th failed one: the backoff (capped at
         ``message_backoff_cap_seconds``), or the provider's ``Retry-After`` (up to ``retry_after_cap_seconds``)
         when that is longer."""
-        exponent = min(max(attempt - 1, 0), 32)
-        ceiling = min(
-            self.backoff_cap_seconds, self.message_backoff_cap_seconds, self.backoff_base_seconds * 2**exponent
-        )
-        backoff = timedelta(seconds=self.jitter(ceiling))
+        backoff = self.delay(attempt, self.message_backoff_cap_seconds)
         if retry_after is None:
             return backoff
         return max(backoff, min(retry_after, timedelta(seconds=self.retry_after_cap_seconds)))
@@ -1066,11 +1070,10 @@ class Executor:
         if order is None:
             return
         if isinstance(outcome, Charged):
-            conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
+            _answer_recorded(conn, action)
             self._record_attempt(conn, order, action, outcome.result, now)
         elif isinstance(outcome, Sent):
-            # The 'being sent' mark, kept on an accepted message until now (Effects._nudge), goes with its record.
-            conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
+            _answer_recorded(conn, action)
             self._record_nudge(conn, order, action, outcome, now)
         elif isinstance(outcome, NotSent):
             self._record_unsent(conn, order, action, outcome, now)
@@ -1118,8 +1121,7 @@ class Executor:
             action.action_id,
             extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
         )
-        # (a message the provider accepted kept its 'being sent' mark until now: it goes with its record)
-        conn.execute(actions.update().where(actions.c.action_id == action.action_id).values(unanswered_since=None))
+        _answer_recorded(conn, action)
         recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
         if recorded is None and isinstance(outcome, Sent):
             self._insert_sent_nudge(conn, action, outcome, now)

@@ -676,11 +676,16 @@ def build_adapters(
     merchant_id: str, merchant: MerchantConfig, env: Mapping[str, str], http: httpx.AsyncClient
 ) -> dict[Channel, ChannelAdapter]:
     """One adapter per configured provider channel; raises ChannelError naming the merchant, channel and problem."""
-    templates = template_store(Path(env[TEMPLATES_DIR_ENV]) if env.get(TEMPLATES_DIR_ENV) else DEFAULT_TEMPLATES_DIR)
+    templates = _templates(env)
     return {
         channel: _build_one(_Builder(merchant_id, channel, provider, env), channel, provider, templates, http)
         for channel, provider in merchant.providers.items()
     }
+
+
+def _templates(env: Mapping[str, str]) -> TemplateStore:
+    """The message templates: ``$WINBACK_TEMPLATES_DIR`` when set, else the shipped ones."""
+    return template_store(Path(env[TEMPLATES_DIR_ENV]) if env.get(TEMPLATES_DIR_ENV) else DEFAULT_TEMPLATES_DIR)
 
 
 def provider_problems(
@@ -692,7 +697,7 @@ def provider_problems(
     variable a provider names and ``env`` lacks is one ``merchants.<id>.providers.<channel>.<field>: VAR``
     (all of them, not only the first); any other reason an adapter cannot be built is its ChannelError text.
     """
-    templates = template_store(Path(env[TEMPLATES_DIR_ENV]) if env.get(TEMPLATES_DIR_ENV) else DEFAULT_TEMPLATES_DIR)
+    templates = _templates(env)
     unset: list[str] = []
     problems: list[str] = []
     http = httpx.AsyncClient()  # held by the adapters, never used: it opens nothing

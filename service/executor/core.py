@@ -31,6 +31,7 @@ from service.api.store import decision_row, decisions
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
 from service.executor.optouts import customer_address, opted_out_channels, record_opt_out, with_opt_outs
+from service.executor.outages import channels_down, down_note, note_accepted, note_refusal, without_channels
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -291,6 +292,31 @@ class RetryPolicy:
     message_backoff_cap_seconds: float = 300.0
     #: The longest ``Retry-After`` honoured; a provider asking for more is tried again after this.
     retry_after_cap_seconds: float = 900.0
+    #: A channel whose provider has refused every message for this long is down (service/executor/outages.py):
+    #: its messages are decided again, on another channel or later, and not counted against the customer.
+    channel_down_after_seconds: float = 900.0
+    #: How long a channel is first held down; each time it is found down again in the same outage, twice as long.
+    #: A message waiting for the channel goes at most this long after its provider is back, when it is first found
+    #: down (as the longest wait between two tries of a refused message, ``message_backoff_cap_seconds``).
+    channel_down_first_hold_seconds: float = 300.0
+    #: The longest hold of a channel that is down: a message waiting for it goes at most this long after its
+    #: provider is back, and an order waiting for it is decided again about this often.
+    channel_down_max_hold_seconds: float = 3600.0
+
+    def note_refusal(
+        self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, retry_after: timedelta | None
+    ) -> datetime | None:
+        """``outages.note_refusal`` with this policy's spans."""
+        return note_refusal(
+            conn,
+            merchant_id,
+            channel,
+            now,
+            down_after=timedelta(seconds=self.channel_down_after_seconds),
+            first_hold=timedelta(seconds=self.channel_down_first_hold_seconds),
+            max_hold=timedelta(seconds=self.channel_down_max_hold_seconds),
+            retry_after=retry_after,
+        )
 
     def delay(self, attempt: int, cap_seconds: float | None = None) -> timedelta:
         """Exponential backoff with full jitter for the ``attempt``-th failed try, at most ``backoff_cap_seconds``
@@ -699,7 +725,7 @@ class Executor:
             return None
         merchant = self.merchant(order["merchant_id"])
         request = self.request_for(conn, order, now)
-        decision = self.decider(request, merchant)
+        decision = self._decide_with_channels_down(conn, request, merchant, now)
         conn.execute(decisions.insert().values(**decision_row(request, decision, created_at=now)))
         if merchant.mode == "assisted":
             conn.execute(
@@ -717,6 +743,36 @@ class Executor:
             return decision
         self._carry_out(conn, order, decision, now)
         return decision
+
+    def _decide_with_channels_down(
+        self, conn: sa.Connection, request: DecisionRequest, merchant: MerchantConfig, now: datetime
+    ) -> Decision:
+        """decide(), leaving out the merchant's channels that are down (service/executor/outages.py).
+
+        When that leaves nothing worth doing (stop) but a message on a down channel would have been sent, the
+        message waits for the channel instead: it is planned for the end of the channel's hold (no sooner than
+        decided), and its send checks the rules again then (quiet hours wait, a closed window decides again). A
+        provider's outage does not fail the order of a merchant with one channel."""
+        down = channels_down(conn, request.merchant_id, now)
+        if not down:
+            return self.decider(request, merchant)
+        noted = down_note(down)
+        decision = self.decider(request, without_channels(merchant, down))
+        if decision.action == Action.STOP:
+            waiting = self.decider(request, merchant)
+            if waiting.action == Action.RETARGET and waiting.channel in down:
+                until = down[waiting.channel]
+                return waiting.model_copy(
+                    update={
+                        "execute_at": max(as_utc(waiting.execute_at), until),
+                        "reasons": [
+                            *waiting.reasons,
+                            f"{waiting.channel.value} is down until {until.isoformat()}: the message waits for it",
+                        ],
+                        "rules_applied": [*waiting.rules_applied, *noted],
+                    }
+                )
+        return decision.model_copy(update={"rules_applied": [*decision.rules_applied, *noted]})
 
     def _set_state(self, conn: sa.Connection, order: RowMapping, state: OrderState, now: datetime) -> None:
         conn.execute(
@@ -1074,6 +1130,7 @@ class Executor:
             self._record_attempt(conn, order, action, outcome.result, now)
         elif isinstance(outcome, Sent):
             _answer_recorded(conn, action)
+            note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
             self._record_nudge(conn, order, action, outcome, now)
         elif isinstance(outcome, NotSent):
             self._record_unsent(conn, order, action, outcome, now)
@@ -1183,12 +1240,26 @@ class Executor:
         short-lived, and eight tries spread over about four minutes gave the message up, counted against the
         customer's ``max_nudges`` and their day. Tries that may have reached the provider (a timeout, a 500 or
         504, a connection lost mid-request) are counted apart and allowed ``max_attempts``, as before. Given up,
-        the message is recorded as not sent and counts (``rejected``), as before: an outage longer than the
-        horizon still costs the message; one shorter does not.
+        the message is recorded as not sent and counts (``rejected``), as before.
+
+        A refusal of the first kind also counts toward the channel's outage (service/executor/outages.py). Once
+        the channel is down, a message no try of which may have reached the provider is not recorded at all (it
+        was never sent) and its order is decided again without the channel: a long outage costs no message.
         """
         policy = self.retry_policy
         payload = dict(action.payload)
         if outcome.not_taken:
+            channel = Channel(str(payload["channel"]))
+            down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
+            if down_until is not None and not payload.get(MESSAGE_MAYBE_SENT_TRIES):
+                # Never taken by its provider, so never sent: no nudge is recorded and none is counted; the order
+                # is decided again without the channel (``_decision_point``).
+                reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
+                self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
+                order = self.lock_order(conn, action.merchant_id, action.order_id)
+                if order is not None:
+                    self._decision_point(conn, order, now)
+                return
             since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))
             retry = now < since + timedelta(seconds=policy.message_outage_seconds)
         else:

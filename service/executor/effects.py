@@ -42,6 +42,7 @@ from service.executor.connectors import (
 )
 from service.executor.core import (
     CHARGE_KINDS,
+    MESSAGE_MAYBE_SENT_TRIES,
     RECHECK,
     ActionRow,
     Charged,
@@ -59,6 +60,7 @@ from service.executor.core import (
     nudge_id_for,
 )
 from service.executor.optouts import customer_address, is_opted_out
+from service.executor.outages import channels_down
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
@@ -547,6 +549,9 @@ class Effects:
             opted_out = self._opted_out(conn, order, action)
             if opted_out is not None:
                 return opted_out
+            down = self._channel_down(conn, action, now)
+            if down is not None:
+                return down
             sending_until = self.executor.message_being_sent(conn, order, action)
             if sending_until is not None:  # its answer, once recorded, decides whether this one may still go
                 return Defer(max(sending_until, now + RECHECK), "another message of the order is being sent")
@@ -574,6 +579,20 @@ class Effects:
         if address is None or not is_opted_out(conn, action.merchant_id, channel, address):
             return None
         return Replan(f"the customer opted out of {channel.value}")
+
+    @staticmethod
+    def _channel_down(conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:
+        """While the message's channel is down (service/executor/outages.py): a Replan (its order is decided again
+        without the channel; nothing was sent, nothing counts), or, for a message an earlier try may have sent
+        (a timeout, a 500), a Defer to the end of the hold: it keeps its tries and counts if given up. None while
+        the channel is up."""
+        channel = Channel(str(action.payload["channel"]))
+        until = channels_down(conn, action.merchant_id, now).get(channel)
+        if until is None:
+            return None
+        if action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
+            return Defer(until, f"{channel.value} is down")
+        return Replan(f"{channel.value} is down until {until.isoformat()}")
 
     def _message_waits(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
         """A Defer while a charge of the order is claimed or with its connector (its answer may settle the order),

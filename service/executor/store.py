@@ -219,6 +219,21 @@ opt_outs = sa.Table(
 )
 
 
+channel_outages = sa.Table(
+    "channel_outages",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("channel", sa.String(16), primary_key=True),
+    # The first certain refusal (HTTP 429/503, no connection, ...) since the channel's provider last took a message.
+    sa.Column("refused_since", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_refused_at", sa.DateTime(timezone=True), nullable=False),
+    # While in the future, the channel is down: no message is tried on it and decisions leave it out.
+    sa.Column("down_until", sa.DateTime(timezone=True), nullable=True),
+    # How many times it was found down since ``refused_since``: each time the wait doubles.
+    sa.Column("times_down", sa.Integer, nullable=False, server_default="0"),
+)
+
+
 def utcnow() -> datetime:
     """The wall clock, in UTC."""
     return datetime.now(UTC)

@@ -7,6 +7,10 @@ FAILED and the customer got one message. A ``Retry-After`` was not honoured eith
 certainly did not take (429, 503, no connection) is tried again for an hour, no sooner than its ``Retry-After``;
 given up after that, it counts as before. Tries that may have reached the provider (a timeout, a 500 or 504) are
 counted apart, 8 of them, as before.
+
+Hunt 30's reviews left outages longer than an hour: the message was given up and counted. Now a channel whose
+provider has refused every message for 15 minutes is down (service/executor/outages.py): its messages are neither
+tried nor counted, and orders are decided again without it.
 """
 
 from __future__ import annotations
@@ -132,25 +136,71 @@ def test_a_retry_after_of_a_day_is_capped(
     assert message_action(h).due_at == h.clock.now + timedelta(minutes=15)
 
 
-def test_a_message_is_tried_for_an_hour_of_outage_then_given_up_and_counted(
+def decisions_of(h: Harness) -> list[dict[str, Any]]:
+    return h.view().decisions
+
+
+def test_an_outage_of_hours_costs_no_message_and_the_message_goes_when_the_provider_is_back(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     gupshup: Any,
     rules_only: Any,
 ) -> None:
-    """Before, the message was given up within minutes. Now it is tried for an hour, however many tries that takes,
-    then given up and counted as before (a longer outage still costs it: an ``unsent`` status the rules would not
-    count made an outage of hours decide the order again every hour, a review found)."""
+    """Before, a message refused for an hour was given up and recorded ``rejected``: it counted against
+    ``max_nudges`` and went into the exported history as a nudge that never reached the customer. Now, after 15
+    minutes of refusals the channel is down: the message is not counted nor recorded, and, WhatsApp being the
+    merchant's only channel, it waits for the channel (held 5, 10, 20, 40 minutes, then hourly) instead of the
+    order failing; it goes out once the provider takes messages again."""
     h = harness_for(make_harness, gupshup, rules_only)
     state: FakeState = gupshup.state
-    state.fail(times=1000, status=503)
+    state.fail(times=100_000, status=503)
     h.executor.payment_failed("m_demo", event())
-    step(h, 50, minutes=1)
-    assert message_action(h).state == "scheduled"  # still tried, 50 minutes and many more than 8 tries in
-    assert statuses(h) == []
-    step(h, 15, minutes=1)
-    given_up = message_action(h)
-    assert given_up.state == "dead"
-    assert statuses(h) == ["rejected"]
+    step(h, 3 * 60, minutes=1)
+    assert statuses(h) == []  # nothing was sent, so nothing is in the history
+    assert h.view().state == "PENDING"
+    made = decisions_of(h)
+    # One at the failure, then one each time the channel was found down: after 15 minutes of refusals, then at
+    # the end of each hold (5, 10, 20, 40 and 60 minutes) when its probe was refused too.
+    assert len(made) == 7
+    assert all(decision["action"] == "retarget" and decision["channel"] == "whatsapp" for decision in made)
+    assert all("channel_down:whatsapp" in decision["rules_applied"] for decision in made[1:])
+    assert state.messages == []
+    state.reset()  # the provider is back
+    step(h, 61, minutes=1)  # the longest hold is an hour
+    assert statuses(h) == ["accepted"]
+    assert len(state.messages) == 1
+
+
+def test_while_whatsapp_is_down_the_customer_gets_the_message_by_sms(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """A merchant with WhatsApp and SMS: WhatsApp's provider refuses every message. Before, the customer got no
+    message for an hour, then the refused WhatsApp message counted against them. Now, once WhatsApp is down (15
+    minutes of refusals), the order is decided again without it and the message goes by SMS."""
+    with run_fake_provider("gupshup", username="2000123", password="pw") as sms_fake:
+        whatsapp = {"kind": "gupshup", "base_url": gupshup.base_url, "api_key_env": "GS_KEY", "source": "919000000000"}
+        sms = {
+            "kind": "gupshup", "base_url": sms_fake.base_url, "username_env": "GS_USER", "password_env": "GS_PASS",
+            "source": "WINBCK",
+        }  # fmt: skip
+        merchant = demo_merchant(
+            retry={"max_retries": 0},
+            retarget={"channels": ["whatsapp", "sms"], "max_nudges": 2},
+            providers={"whatsapp": whatsapp, "sms": sms},
+        )
+        h = make_harness(decider=rules_only, merchants={"m_demo": merchant})
+        env = {"GS_KEY": gupshup.state.api_key, "GS_USER": "2000123", "GS_PASS": "pw"}
+        h.effects.adapter_factory = lambda mid, config, http: build_adapters(mid, config, env, http)
+        gupshup.state.fail(times=100_000, status=503)
+        h.executor.payment_failed("m_demo", event())
+        first = decisions_of(h)[0]
+        assert (first["action"], first["channel"]) == ("retarget", "whatsapp")
+        step(h, 30, minutes=1)
+        sent = h.view().nudges
+        assert [(nudge.channel, nudge.status) for nudge in sent] == [("sms", "accepted")]
+        assert len(sms_fake.state.messages) == 1
+        assert "channel_down:whatsapp" in decisions_of(h)[-1]["rules_applied"]
 
 
 def test_tries_that_may_have_reached_the_provider_are_counted_apart_from_refused_ones(
@@ -187,3 +237,23 @@ def test_a_message_whose_tries_may_have_reached_the_provider_still_counts_when_g
     assert "gave up after 8 tries" in (given_up.last_error or "")
     assert statuses(h) == ["rejected"]
     assert h.view().nudges[0].sent_at < START + timedelta(minutes=10)
+
+
+def test_a_message_an_earlier_try_may_have_sent_still_counts_when_its_channel_goes_down(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """A first try that timed out (504) may have reached the customer: when WhatsApp then goes down, that message
+    is not dropped from the history as never sent. It waits for the channel and, refused for over an hour, is given
+    up and counted as before."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.hang(times=1, seconds=0.0)
+    state.fail(times=100_000, status=503)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 30, minutes=1)
+    assert message_action(h).state == "scheduled"  # held while the channel is down, not decided again
+    assert len(decisions_of(h)) == 1
+    step(h, 75, minutes=1)  # refused since 06:01; its first try after 07:01 is at the end of a hold, 07:31
+    assert statuses(h) == ["rejected"]

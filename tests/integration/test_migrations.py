@@ -78,3 +78,19 @@ def test_opt_outs_table_is_created_and_dropped_by_0006(database_url: str) -> Non
         assert "opt_outs" not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_channel_outages_table_is_created_and_dropped_by_0007(database_url: str) -> None:
+    """0007 adds the channels' outage streaks (before, a provider down for over an hour cost every customer a
+    message)."""
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine, "0006")
+        assert "channel_outages" not in sa.inspect(engine).get_table_names()
+        upgrade(engine)
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("channel_outages")}
+        assert columns == {"merchant_id", "channel", "refused_since", "last_refused_at", "down_until", "times_down"}
+        downgrade(engine, "0006")
+        assert "channel_outages" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()

@@ -1,0 +1,126 @@
+"""Messaging channels whose provider is down, per merchant: a circuit breaker kept in the database.
+
+A provider that certainly did not take a message (HTTP 408, 425, 429, 501, 502, 503, or no connection:
+``SendResult.not_taken``) starts a refusal streak on its merchant's channel; a message it takes ends it. Once the
+streak has lasted ``down_after`` the channel is *down* until a hold ends: messages planned on it are not tried
+(nor counted against the customer: none was sent), and the order is decided again without the channel, so the
+customer is reached on another one. When no other action is worth taking, the message waits for the channel
+instead of the order failing (``Executor._decision_point``). After the hold, the next message on the channel is the
+probe: taken, the channel is up again; refused, it is down again for twice as long, up to ``max_hold``.
+
+A streak whose last refusal is older than ``down_after`` (and not in the probe window after a hold) starts over:
+two refusals days apart are not an outage. The state is per merchant and channel because each merchant has its own
+provider account (credentials, sender, rate limit). All workers share it through the database; it is read and
+written inside the transaction that records the message's answer, under the row's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from model.merchant_config import MerchantConfig
+from model.vocab import Channel
+from service.executor.store import as_utc, as_utc_or_none, channel_outages
+
+log = logging.getLogger("winback.executor")
+
+
+def _key(merchant_id: str, channel: Channel) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
+    return channel_outages.c.merchant_id == merchant_id, channel_outages.c.channel == channel.value
+
+
+def _insert_if_absent(conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> None:
+    """A fresh streak row unless one exists (two workers may both insert: the loser inserts nothing)."""
+    values = {"merchant_id": merchant_id, "channel": channel.value, "refused_since": now, "last_refused_at": now}
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    conn.execute(dialect.insert(channel_outages).values(**values).on_conflict_do_nothing())
+
+
+def note_refusal(
+    conn: sa.Connection,
+    merchant_id: str,
+    channel: Channel,
+    now: datetime,
+    *,
+    down_after: timedelta,
+    first_hold: timedelta,
+    max_hold: timedelta,
+    retry_after: timedelta | None = None,
+) -> datetime | None:
+    """Record that ``channel``'s provider certainly did not take a message at ``now``; the end of the channel's
+    hold when it is down (found so now, or already), else None.
+
+    The hold is ``first_hold``, doubled each time the channel is found down again in the same streak, at most
+    ``max_hold``, and never shorter than the provider's ``Retry-After`` (itself at most ``max_hold``)."""
+    _insert_if_absent(conn, merchant_id, channel, now)
+    query = sa.select(channel_outages).where(*_key(merchant_id, channel))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().one()
+    since, last = as_utc(row["refused_since"]), as_utc(row["last_refused_at"])
+    down_until = as_utc_or_none(row["down_until"])
+    times_down = int(row["times_down"])
+    if down_until is not None and now < down_until:  # a message that was on its way when the channel went down
+        conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(last_refused_at=now))
+        return down_until
+    probing = down_until is not None and now < down_until + down_after
+    if not probing and now - last > down_after:  # the last refusal was long ago: a new streak, not an outage
+        since, times_down = now, 0
+    values: dict[str, object] = {"refused_since": since, "last_refused_at": now, "times_down": times_down}
+    if now - since < down_after:
+        values["down_until"] = None
+        conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
+        return None
+    hold = min(first_hold * (1 << min(times_down, 16)), max_hold)
+    if retry_after is not None:
+        hold = max(hold, min(retry_after, max_hold))
+    until = now + hold
+    values |= {"down_until": until, "times_down": times_down + 1}
+    conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
+    log.warning(
+        "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
+        channel.value, merchant_id, until.isoformat(), since.isoformat(),
+        extra={"merchant_id": merchant_id, "channel": channel.value},
+    )  # fmt: skip
+    return until
+
+
+def note_accepted(conn: sa.Connection, merchant_id: str, channel: Channel) -> None:
+    """``channel``'s provider took a message: its refusal streak, and any hold, end."""
+    ended = conn.execute(
+        channel_outages.delete().where(*_key(merchant_id, channel)).returning(channel_outages.c.times_down)
+    ).scalar()
+    if ended:
+        log.warning(
+            "channel %s of merchant %s is up again: its provider took a message",
+            channel.value, merchant_id, extra={"merchant_id": merchant_id, "channel": channel.value},
+        )  # fmt: skip
+
+
+def channels_down(conn: sa.Connection, merchant_id: str, now: datetime) -> dict[Channel, datetime]:
+    """The merchant's channels that are down at ``now``, with the end of each one's hold."""
+    rows = conn.execute(
+        sa.select(channel_outages.c.channel, channel_outages.c.down_until).where(
+            channel_outages.c.merchant_id == merchant_id, channel_outages.c.down_until > now
+        )
+    )
+    return {Channel(row.channel): as_utc(row.down_until) for row in rows if row.channel in _CHANNEL_NAMES}
+
+
+_CHANNEL_NAMES = frozenset(channel.value for channel in Channel)
+
+
+def without_channels(merchant: MerchantConfig, channels: Collection[Channel]) -> MerchantConfig:
+    """``merchant``'s config with ``channels`` taken out of its retarget channels (for one decision)."""
+    kept = [channel for channel in merchant.retarget.channels if channel not in channels]
+    return merchant.model_copy(update={"retarget": merchant.retarget.model_copy(update={"channels": kept})})
+
+
+def down_note(down: Mapping[Channel, datetime]) -> list[str]:
+    """The ``rules_applied`` entries of a decision made while ``down`` channels were left out."""
+    return [f"channel_down:{channel.value}" for channel in sorted(down, key=lambda channel: channel.value)]

@@ -134,3 +134,30 @@ def test_paired_noise_is_zero_for_identical_models_and_shrinks_with_more_points(
     assert small["retry_auc"] > 0.0
     assert large["retry_log_loss"] < small["retry_log_loss"] / 2
     assert large["retry_auc"] < small["retry_auc"] / 2
+
+
+def test_noise_never_widens_a_tolerance_past_its_ceiling() -> None:
+    """A retrain on a 15-day window (a few hundred holdout points) had these numbers: the paired standard errors
+    were so large that a retry model with five times the champion's log loss and an AUC 0.18 lower passed."""
+    champion = {**CHAMPION, "retry_log_loss": 0.4016, "retry_auc": 0.9298}
+    challenger = {**CHAMPION, "retry_log_loss": 2.0054, "retry_auc": 0.7544}
+    noise = {"retry_log_loss": 0.9294, "retry_auc": 0.0973}
+    result = compare(challenger, champion, challenger_version="4", champion_version="2", noise=noise)
+    assert not result.promote
+    failed = {check.metric.name: check for check in result.checks if not check.passed}
+    assert set(failed) == {"retry_log_loss", "retry_auc"}
+    assert failed["retry_auc"].allowed == pytest.approx(0.05)
+    assert "too small a holdout to tell more" in failed["retry_auc"].reason
+    # Noise inside the ceiling still widens the tolerance (the small-holdout case the noise allowance is for).
+    near = compare({**champion, "retry_auc": 0.89}, champion, challenger_version="4", champion_version="2", noise=noise)
+    assert near.promote
+    # The relative ceiling of the policy value: 10% of the champion's value.
+    value = compare(
+        {**CHAMPION, "policy_value_dr": 0.25},
+        CHAMPION,
+        challenger_version="2",
+        champion_version="1",
+        noise={"policy_value_dr": 0.5},
+    )
+    assert not value.promote
+    assert next(c for c in value.checks if c.metric.name == "policy_value_dr").allowed == pytest.approx(0.03)

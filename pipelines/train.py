@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,9 @@ class TrainSummary:
     champion_version: str | None  # where `champion` points after the job
     gate: GateResult | None = None  # only with promote=True
     artifacts: tuple[str, ...] = field(default_factory=tuple)
+    #: Error codes the history retried after that this version has no training support for (``connector/code``,
+    #: most retried first): all their retries fall in the time holdout, which the boosters are not fitted on.
+    codes_not_learned: tuple[str, ...] = ()
 
     @property
     def promoted(self) -> bool:
@@ -217,6 +221,40 @@ def gate_metrics(summary: Any, name: str) -> dict[str, float]:
     dr = ope[(ope["policy"] == name) & (ope["estimator"] == "dr")]
     out["policy_value_dr"] = float(dr["value"].iloc[0]) if len(dr) else math.nan
     return out
+
+
+def codes_not_learned(parts: PartitionedHistory, bundle: Any) -> list[tuple[str, str, int]]:
+    """(connector, code, silent retries) of each error code the history retried after and ``bundle`` has no
+    training support for (``bundle.code_support`` 0), most retried first.
+
+    Training keeps the newest decision points out of the boosters (time holdout, see ``model.training``), so a
+    code that appeared only recently is in the history and still not learned by the version trained on it.
+    """
+    from model.vocab import RETRY_STRATEGIES
+
+    retry = [strategy.value for strategy in RETRY_STRATEGIES]
+    counts: Counter[tuple[str, str]] = Counter()
+    columns = ("order_id", "attempt_number", "connector", "strategy", "status", "error_code")
+    for index in range(len(parts)):
+        attempts = parts.columns(index, columns, ("order_id",))[0]
+        attempts = attempts.sort_values(["order_id", "attempt_number"], kind="mergesort")
+        before = attempts.groupby("order_id", sort=False)[["connector", "status", "error_code"]].shift(1)
+        after_failure = (
+            attempts["strategy"].isin(retry).to_numpy(dtype=bool)
+            & (before["status"] == "failure").fillna(False).to_numpy(dtype=bool)
+            & before["error_code"].notna().to_numpy(dtype=bool)
+        )
+        counts.update(
+            zip(
+                before.loc[after_failure, "connector"].astype(str),
+                before.loc[after_failure, "error_code"].astype(str),
+                strict=True,
+            )
+        )
+    return sorted(
+        ((connector, code, n) for (connector, code), n in counts.items() if bundle.code_support(connector, code) == 0),
+        key=lambda row: (-row[2], row[0], row[1]),
+    )
 
 
 def _holdout_start(result: Any) -> datetime | None:
@@ -534,6 +572,8 @@ def run_training(
             seed=seed,
             options=evaluation_options or {},
         )
+        not_learned = codes_not_learned(parts, result.bundle)
+        evaluation.metrics["codes_not_learned"] = float(len(not_learned))
         gate: GateResult | None = None
         if promote:
             # The new version number is only known once registered; the verdict does not depend on it.
@@ -591,6 +631,20 @@ def run_training(
     out.print(_metrics_table(evaluation.gate_metrics, f"Holdout metrics of winback version {version}"))
     if gate is not None:
         out.print(gate_table(gate) if gate.checks else gate.verdict, highlight=False, soft_wrap=True)
+    named = tuple(f"{connector}/{code}" for connector, code, _ in not_learned)
+    if not_learned:
+        shown = ", ".join(
+            f"{connector}/{code} ({n} {'retry' if n == 1 else 'retries'})" for connector, code, n in not_learned[:10]
+        )
+        more = f" and {len(not_learned) - 10} more" if len(not_learned) > 10 else ""
+        out.print(
+            f"[yellow]not learned yet:[/] {len(not_learned)} error codes of this history were retried after, but "
+            f"version {version} has no training support for them: {shown}{more}. Their retries all fall in the "
+            "newest decision points (the time holdout, which the models are judged on and not fitted on); a later "
+            "retrain fits on them once newer decision points push them out of the holdout.",
+            highlight=False,
+            soft_wrap=True,
+        )
     return TrainSummary(
         run_id=logged.run_id,
         experiment_id=logged.experiment_id,
@@ -600,6 +654,7 @@ def run_training(
         champion_version=champion_version,
         gate=gate,
         artifacts=logged.artifacts,
+        codes_not_learned=named,
     )
 
 

@@ -74,6 +74,8 @@ __all__ = [
     "ensure_experiment",
     "get_alias_version",
     "load_champion",
+    "load_judged",
+    "load_judged_champion",
     "pyfunc_signature",
     "register_bundle",
     "resolve_tracking_uri",
@@ -298,6 +300,36 @@ def load_alias(alias: str, *, tracking_uri: str | None = None) -> tuple[ModelBun
     if version is None:
         return None
     return load_version(version, tracking_uri=tracking_uri), version
+
+
+#: The run artifact holding a refit version's judged fit (``pipelines.train``: fitted without the run's holdout).
+JUDGED_ARTIFACT: Final = "judged_bundle"
+
+
+def load_judged(version: str, *, tracking_uri: str | None = None) -> ModelBundle:
+    """The fit of ``version`` that its run judged: fitted without the run's time holdout. A version refit on its
+    whole history keeps that fit in its run (``JUDGED_ARTIFACT``); any other version is its own judged fit.
+
+    A promotion gate compares a challenger with this, not with the refit it serves: the refit was fitted on the
+    older part of the new history's holdout, and would be judged on what it was fitted on."""
+    with tracking(tracking_uri) as uri:
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        run_id = client.get_model_version(MODEL_NAME, version).run_id
+        if run_id and any(item.path == JUDGED_ARTIFACT for item in client.list_artifacts(run_id)):
+            with tempfile.TemporaryDirectory(prefix="winback-judged-") as tmp:
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=JUDGED_ARTIFACT, dst_path=tmp, tracking_uri=uri
+                )
+                return ModelBundle.load(local)
+    return load_version(version, tracking_uri=tracking_uri)
+
+
+def load_judged_champion(tracking_uri: str | None = None) -> tuple[ModelBundle, str] | None:
+    """``load_judged`` of the version ``winback@champion`` points at, and that version; None when there is none."""
+    version = get_alias_version(CHAMPION, tracking_uri=tracking_uri)
+    if version is None:
+        return None
+    return load_judged(version, tracking_uri=tracking_uri), version
 
 
 def load_champion(tracking_uri: str | None = None) -> tuple[ModelBundle, str] | None:

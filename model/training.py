@@ -629,14 +629,16 @@ def _per_class_table(kind: str, classes: np.ndarray, y: FloatArray, p: FloatArra
 
 
 def _split_masks(decision_ts: FloatArray, holdout: float) -> dict[str, npt.NDArray[np.bool_]]:
-    """Train / early-stopping / calibration / holdout by decision time (quantile cut points over all points)."""
+    """Train / early-stopping / calibration / holdout by decision time (quantile cut points over all points).
+    ``holdout`` 0: no holdout, the calibration slice runs to the newest point (a final fit on the whole history)."""
     rest = 1.0 - holdout
     cuts = np.quantile(decision_ts, [rest * 0.75, rest * 0.875, rest]) if len(decision_ts) else [0.0, 0.0, 0.0]
+    newest = decision_ts >= cuts[2] if holdout > 0.0 else np.zeros(len(decision_ts), dtype=bool)
     return {
         "train": decision_ts < cuts[0],
         "valid": (decision_ts >= cuts[0]) & (decision_ts < cuts[1]),
-        "calibration": (decision_ts >= cuts[1]) & (decision_ts < cuts[2]),
-        "holdout": decision_ts >= cuts[2],
+        "calibration": (decision_ts >= cuts[1]) & ~newest,
+        "holdout": newest,
     }
 
 
@@ -1014,15 +1016,16 @@ def train_partitions(
 
     Steps: decision points -> raw columns (catalog verdicts) -> out-of-fold text features -> feature spec ->
     IPS-weighted LightGBM with early stopping on a later time slice -> calibration on the next slice -> metrics
-    on the latest ``time_holdout_fraction`` of decision points. ``progress(stage, fraction_done)`` is called
+    on the latest ``time_holdout_fraction`` of decision points (0: none, a final fit on every decision point, whose
+    metrics then have no holdout figures). ``progress(stage, fraction_done)`` is called
     between stages. LightGBM runs deterministic with ``num_threads`` pinned (1 by default: on a shared 2-core box
     OpenMP threads competing with other processes were ~15x slower than one thread). ``fit_booster`` replaces
     the in-process fit of the retry and retarget boosters (e.g. on a Dask cluster); everything else is the same.
     ``workers`` processes build the partitions' decision points side by side (same result as one).
     """
     fit = _fit_booster if fit_booster is None else fit_booster
-    if not 0.0 < time_holdout_fraction < 0.9:
-        raise ValueError(f"time_holdout_fraction must be in (0, 0.9), got {time_holdout_fraction}")
+    if not 0.0 <= time_holdout_fraction < 0.9:
+        raise ValueError(f"time_holdout_fraction must be in [0, 0.9), got {time_holdout_fraction}")
     started = time.perf_counter()
 
     def report(stage: str, done: float) -> None:
@@ -1273,7 +1276,9 @@ def _train_on_columns(
         "seed": seed,
         "time_holdout_fraction": time_holdout_fraction,
         "trained_from": str(pd.to_datetime(decision_ts.min(), unit="s", utc=True)),
-        "trained_to": str(pd.to_datetime(decision_ts.max(), unit="s", utc=True)),
+        # The newest decision point the models were fitted on (the holdout's are newer): a later gate judges this
+        # version only on decision points after it (pipelines/train.py).
+        "trained_to": str(pd.to_datetime(decision_ts[fitted].max(), unit="s", utc=True)),
         "lightgbm": lgb.__version__,
         "dropped": dropped,
         # Per-code evidence of the fitted rows: decide() explores more where it is thin (model.codewatch).

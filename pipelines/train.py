@@ -257,6 +257,19 @@ def codes_not_learned(parts: PartitionedHistory, bundle: Any) -> list[tuple[str,
     )
 
 
+def refitted(judged: Any, refit: Any) -> Any:
+    """``refit`` (fitted on the whole history) carrying ``judged``'s metrics, which are the version's: the refit has
+    no holdout to be measured on. Its metadata says what each was fitted on."""
+    refit.metrics = {**judged.metrics, "refit_points": refit.metrics.get("n_points", math.nan)}
+    refit.metadata = {
+        **refit.metadata,
+        "refit": True,
+        "judged_bundle_version": judged.version,
+        "judged_trained_to": judged.metadata.get("trained_to"),
+    }
+    return refit
+
+
 def _holdout_start(result: Any) -> datetime | None:
     splits = result.tables.get("splits")
     if splits is None:
@@ -434,7 +447,8 @@ def _log_run(
     registry: Any,
     work: Path,
     *,
-    result: Any,
+    bundle: Any,
+    judged: Any | None,
     evaluation: _Evaluation,
     champion: tuple[Any, str] | None,
     gate: GateResult | None,
@@ -444,7 +458,6 @@ def _log_run(
     import mlflow
 
     experiment_id = registry.ensure_experiment(tracking_uri)
-    bundle = result.bundle
     bundle_dir = work / "bundle"
     bundle.save(bundle_dir)
     table_paths = _write_tables(evaluation.tables, work / "tables")
@@ -462,6 +475,10 @@ def _log_run(
             folder = "plots" if path.suffix == ".png" else "evaluation"
             mlflow.log_artifact(str(path), artifact_path=folder)
             artifacts.append(f"{folder}/{path.name}")
+        if judged is not None:  # what the gate judged, for the next gate (``registry.load_judged``)
+            judged.save(work / registry.JUDGED_ARTIFACT)
+            mlflow.log_artifacts(str(work / registry.JUDGED_ARTIFACT), artifact_path=registry.JUDGED_ARTIFACT)
+            artifacts.append(registry.JUDGED_ARTIFACT)
         tags = {"winback.bundle_version": bundle.version, "winback.catalog_version": bundle.catalog_version}
         if gate is not None:
             tags["winback.gate"] = "promote" if gate.promote else "keep"
@@ -491,6 +508,7 @@ def run_training(
     engine: str = "local",
     scheduler: str | None = None,
     partition_rows: int = DEFAULT_PARTITION_ROWS,
+    refit: bool = True,
 ) -> TrainSummary:
     """Run the whole training job (see the module docstring) and return what it did.
 
@@ -504,6 +522,14 @@ def run_training(
     matrix, not with the history's text; the evaluation then replays a seeded sample of the holdout's orders.
     ``engine="dask"`` fits the boosters with ``lightgbm.dask`` on the Dask scheduler at ``scheduler``
     (``pipelines.dask_train``); everything else runs here as with ``engine="local"``.
+
+    With ``refit`` (the default), the version registered is fitted again, once judged, on every decision point of
+    the history, the holdout's too (``time_holdout_fraction=0``, same seed and options): an error code that
+    connectors started sending recently is learned by the retrain that first sees it, not one holdout later. Its
+    metrics, the gate's verdict and the evaluation are those of the judged fit (a model cannot be judged on what
+    it was fitted on); the refit differs from it only by the newer data. The judged fit is kept in the run
+    (``registry.JUDGED_ARTIFACT``), and a later gate judges a challenger against the champion's judged fit, as
+    before refits: the champion's refit was fitted on the older part of the new history's holdout.
     """
     from model import registry
     from model.training import InsufficientHistoryError, train_partitions
@@ -538,24 +564,28 @@ def run_training(
         frames: PartitionedHistory | list[History] = [whole] if whole is not None else parts
         steps.done()
 
-        steps.start("train")
-        try:
-            if engine == "dask":
-                from pipelines.dask_train import DaskBoosterFitter, connect
+        def fitted(**more: Any) -> Any:
+            try:
+                if engine == "dask":
+                    from pipelines.dask_train import DaskBoosterFitter, connect
 
-                assert scheduler is not None  # checked above
-                with connect(scheduler) as client:
-                    fitter = DaskBoosterFitter(client)
-                    result = train_partitions(frames, seed=seed, fit_booster=fitter, **options)
-            else:
-                result = train_partitions(frames, seed=seed, **options)
-        except (InsufficientHistoryError, DaskUnavailableError) as exc:
-            raise TrainInputError(str(exc)) from exc
+                    assert scheduler is not None  # checked above
+                    with connect(scheduler) as client:
+                        return train_partitions(
+                            frames, seed=seed, fit_booster=DaskBoosterFitter(client), **(options | more)
+                        )
+                return train_partitions(frames, seed=seed, **(options | more))
+            except (InsufficientHistoryError, DaskUnavailableError) as exc:
+                raise TrainInputError(str(exc)) from exc
+
+        steps.start("train")
+        result = fitted()
         steps.done()
 
         steps.start("evaluate")
         uri = registry.resolve_tracking_uri(tracking_uri)
-        champion = registry.load_champion(uri) if promote else None
+        # The champion's judged fit: a refit champion was fitted on the older part of this history's holdout.
+        champion = registry.load_judged_champion(uri) if promote else None
         sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)
         history = whole if whole is not None else holdout_sample(parts, _holdout_start(result), sample_size, seed)
         evaluation = _evaluate(
@@ -572,8 +602,6 @@ def run_training(
             seed=seed,
             options=evaluation_options or {},
         )
-        not_learned = codes_not_learned(parts, result.bundle)
-        evaluation.metrics["codes_not_learned"] = float(len(not_learned))
         gate: GateResult | None = None
         if promote:
             # The new version number is only known once registered; the verdict does not depend on it.
@@ -587,11 +615,21 @@ def run_training(
             )
         steps.done()
 
+        registered = result.bundle
+        if refit:
+            steps.start("refit on the whole history")
+            registered = refitted(result.bundle, fitted(time_holdout_fraction=0.0, evaluate_unseen_codes=False).bundle)
+            evaluation.metrics["refit"] = 1.0
+            steps.done()
+        not_learned = codes_not_learned(parts, registered)
+        evaluation.metrics["codes_not_learned"] = float(len(not_learned))
+
         steps.start("log to MLflow")
         logged = _log_run(
             registry,
             work,
-            result=result,
+            bundle=registered,
+            judged=result.bundle if registered is not result.bundle else None,
             evaluation=evaluation,
             champion=champion,
             gate=gate,
@@ -639,9 +677,14 @@ def run_training(
         more = f" and {len(not_learned) - 10} more" if len(not_learned) > 10 else ""
         out.print(
             f"[yellow]not learned yet:[/] {len(not_learned)} error codes of this history were retried after, but "
-            f"version {version} has no training support for them: {shown}{more}. Their retries all fall in the "
-            "newest decision points (the time holdout, which the models are judged on and not fitted on); a later "
-            "retrain fits on them once newer decision points push them out of the holdout.",
+            f"version {version} has no training support for them: {shown}{more}. "
+            + (
+                "None of their retries was among the decision points the models were fitted on."
+                if refit
+                else "Their retries all fall in the newest decision points (the time holdout, which the models are "
+                "judged on and, without a refit, not fitted on); a later retrain fits on them once newer decision "
+                "points push them out of the holdout."
+            ),
             highlight=False,
             soft_wrap=True,
         )

@@ -759,8 +759,10 @@ class Executor:
         noted = down_note(down)
         decision = self.decider(request, without_channels(merchant, down))
         if decision.action == Action.STOP:
-            waiting = self.decider(request, merchant)
-            if waiting.action == Action.RETARGET and waiting.channel in down:
+            # Decided as of the end of the first hold, so its execute_at keeps every rule then (quiet hours, the
+            # skip-days cadence, the window): moved there by hand, it fell inside the quiet hours (review of c65ddd9).
+            waiting = self.decider(request.model_copy(update={"event_time": min(down.values())}), merchant)
+            if waiting.action == Action.RETARGET and waiting.channel is not None and waiting.channel in down:
                 until = down[waiting.channel]
                 return waiting.model_copy(
                     update={
@@ -1034,34 +1036,52 @@ class Executor:
             ),
         }
         with self.engine.begin() as conn:
+            pick = sa.select(actions.c.action_id, actions.c.kind, actions.c.unanswered_since).where(due)
+            pick = pick.order_by(actions.c.due_at).limit(limit)
             if is_postgres(self.engine):
-                pick = (
-                    sa.select(actions.c.action_id)
-                    .where(due)
-                    .order_by(actions.c.due_at)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
+                pick = pick.with_for_update(skip_locked=True)
+            picked = conn.execute(pick).all()
+            if not picked:
+                return []
+            ids = [row.action_id for row in picked]
+            # A message whose 'being sent' mark a claim clears here was handed to its provider by a worker that
+            # never recorded the answer (it died, or its lease ran out): it may have been sent (review of c65ddd9).
+            taken_over = {
+                row.action_id for row in picked if row.kind == ActionKind.NUDGE and row.unanswered_since is not None
+            }
+            if is_postgres(self.engine):
                 rows = (
                     conn.execute(
-                        actions.update().where(actions.c.action_id.in_(pick)).values(**values).returning(actions)
+                        actions.update().where(actions.c.action_id.in_(ids)).values(**values).returning(actions)
                     )
                     .mappings()
                     .all()
                 )
             else:
-                ids = list(
-                    conn.scalars(sa.select(actions.c.action_id).where(due).order_by(actions.c.due_at).limit(limit))
-                )
-                if not ids:
-                    return []
                 conn.execute(actions.update().where(actions.c.action_id.in_(ids)).values(**values))
                 rows = conn.execute(sa.select(actions).where(actions.c.action_id.in_(ids))).mappings().all()
             claimed = [ActionRow.of(row) for row in rows]
+            self._note_maybe_sent(conn, claimed, taken_over)
             self._reserve_attempt_numbers(conn, claimed)
         # In the order they were planned (every due_at is now the lease's end): a retry due a minute before a
         # message of the same order goes first, and a success it brings cancels the message before it is sent.
         return sorted(claimed, key=lambda a: (a.planned_at, a.action_id))
+
+    @staticmethod
+    def _note_maybe_sent(conn: sa.Connection, claimed: list[ActionRow], taken_over: set[int]) -> None:
+        """Count a try that may have reached the provider for each message in ``taken_over`` (its earlier claim
+        marked it as being sent and never recorded an answer): while its channel is down it is then deferred and
+        kept in the history (given up, it counts), not dropped as never sent and replaced by another message."""
+        for index, action in enumerate(claimed):
+            if action.action_id not in taken_over:
+                continue
+            payload = action.payload | {
+                MESSAGE_MAYBE_SENT_TRIES: int(action.payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
+            }
+            conn.execute(
+                actions.update().where(actions.c.action_id == action.action_id).values(payload_json=_dump(payload))
+            )
+            claimed[index] = ActionRow(**{**action.__dict__, "payload": payload})
 
     def _reserve_attempt_numbers(self, conn: sa.Connection, claimed: list[ActionRow]) -> None:
         # The processor payment id <order_id>_<n> must not change when an action is re-sent after a crash, so

@@ -34,11 +34,18 @@ def _key(merchant_id: str, channel: Channel) -> tuple[sa.ColumnElement[bool], sa
     return channel_outages.c.merchant_id == merchant_id, channel_outages.c.channel == channel.value
 
 
-def _insert_if_absent(conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> None:
-    """A fresh streak row unless one exists (two workers may both insert: the loser inserts nothing)."""
+def _locked_row(conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> sa.RowMapping:
+    """The channel's streak row, a fresh one unless one exists, locked until the transaction ends: one upsert, so a
+    row another worker deletes meanwhile (``note_accepted``) cannot leave nothing to read, as an insert that did
+    nothing followed by a select could (review of c65ddd9: NoResultFound on PostgreSQL)."""
     values = {"merchant_id": merchant_id, "channel": channel.value, "refused_since": now, "last_refused_at": now}
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    conn.execute(dialect.insert(channel_outages).values(**values).on_conflict_do_nothing())
+    insert = dialect.insert(channel_outages).values(**values)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[channel_outages.c.merchant_id, channel_outages.c.channel],
+        set_={"channel": insert.excluded.channel},  # a no-op that locks the row and returns it
+    ).returning(*channel_outages.c)
+    return conn.execute(upsert).mappings().one()
 
 
 def note_refusal(
@@ -57,11 +64,7 @@ def note_refusal(
 
     The hold is ``first_hold``, doubled each time the channel is found down again in the same streak, at most
     ``max_hold``, and never shorter than the provider's ``Retry-After`` (itself at most ``max_hold``)."""
-    _insert_if_absent(conn, merchant_id, channel, now)
-    query = sa.select(channel_outages).where(*_key(merchant_id, channel))
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = conn.execute(query).mappings().one()
+    row = _locked_row(conn, merchant_id, channel, now)
     since, last = as_utc(row["refused_since"]), as_utc(row["last_refused_at"])
     down_until = as_utc_or_none(row["down_until"])
     times_down = int(row["times_down"])

@@ -368,6 +368,16 @@ SelectT = TypeVar("SelectT", bound=sa.Select[Any])
 #: tries may have reached the provider (a timeout, a 500 or 504, a connection lost mid-request).
 MESSAGE_REFUSED_SINCE = "refused_since"
 MESSAGE_MAYBE_SENT_TRIES = "maybe_sent_tries"
+#: A message action's payload key: it was planned while its channel was down, to wait for it
+#: (``Executor._decide_with_channels_down``); while the channel stays down it is deferred, not decided again.
+MESSAGE_WAITS_FOR_CHANNEL = "waits_for_channel"
+
+
+def waits_for_channel(decision: Decision) -> bool:
+    """Whether ``decision`` is a message planned to wait for its channel, which was down when it was made (only
+    such a decision names a channel its ``rules_applied`` says was down)."""
+    return decision.channel is not None and f"channel_down:{decision.channel.value}" in decision.rules_applied
+
 
 #: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
 UNKNOWN_CHARGE = sa.and_(
@@ -753,7 +763,9 @@ class Executor:
         message waits for the channel instead: it is planned for the end of the channel's hold (no sooner than
         decided), and its send checks the rules again then (quiet hours wait, a closed window decides again). A
         provider's outage does not fail the order of a merchant with one channel."""
-        down = channels_down(conn, request.merchant_id, now)
+        listed = set(merchant.retarget.channels)
+        down = {channel: until for channel, until in channels_down(conn, request.merchant_id, now).items()
+                if channel in listed}  # fmt: skip
         if not down:
             return self.decider(request, merchant)
         noted = down_note(down)
@@ -834,7 +846,9 @@ class Executor:
                 due,
                 f"{merchant_id}:{order_id}:nudge:{decision.decision_id}",
                 now,
-                payload=meta | {"channel": str(decision.channel)},
+                payload=meta
+                | {"channel": str(decision.channel)}
+                | ({MESSAGE_WAITS_FOR_CHANNEL: True} if waits_for_channel(decision) else {}),
                 decision_id=decision.decision_id,
             )
         else:
@@ -1200,6 +1214,8 @@ class Executor:
         )
         _answer_recorded(conn, action)
         recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
+        if isinstance(outcome, Sent):
+            note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
         if recorded is None and isinstance(outcome, Sent):
             self._insert_sent_nudge(conn, action, outcome, now)
         elif recorded is None and isinstance(outcome, NotSent):
@@ -1271,9 +1287,20 @@ class Executor:
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
             down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
+            if (
+                down_until is not None
+                and not payload.get(MESSAGE_MAYBE_SENT_TRIES)
+                and payload.get(MESSAGE_WAITS_FOR_CHANNEL)
+            ):
+                # Planned to wait for the channel, and it is still down: it waits again, uncounted. Deciding again
+                # at every hold gave an exploring policy a chance to stop the order at each (review).
+                reason = f"{channel.value} is down until {down_until.isoformat()} ({outcome.error})"
+                self._release(conn, action, ActionState.SCHEDULED, now, due_at=down_until, error=reason)
+                return
             if down_until is not None and not payload.get(MESSAGE_MAYBE_SENT_TRIES):
                 # Never taken by its provider, so never sent: no nudge is recorded and none is counted; the order
-                # is decided again without the channel (``_decision_point``).
+                # is decided again without the channel (``_decision_point``), once: a message planned then to wait
+                # for the channel waits (above).
                 reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
                 self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
                 order = self.lock_order(conn, action.merchant_id, action.order_id)

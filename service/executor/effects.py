@@ -43,6 +43,7 @@ from service.executor.connectors import (
 from service.executor.core import (
     CHARGE_KINDS,
     MESSAGE_MAYBE_SENT_TRIES,
+    MESSAGE_WAITS_FOR_CHANNEL,
     RECHECK,
     ActionRow,
     Charged,
@@ -583,14 +584,14 @@ class Effects:
     @staticmethod
     def _channel_down(conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:
         """While the message's channel is down (service/executor/outages.py): a Replan (its order is decided again
-        without the channel; nothing was sent, nothing counts), or, for a message an earlier try may have sent
-        (a timeout, a 500), a Defer to the end of the hold: it keeps its tries and counts if given up. None while
-        the channel is up."""
+        without the channel; nothing was sent, nothing counts), or a Defer to the end of the hold for a message an
+        earlier try may have sent (a timeout, a 500: it keeps its tries and counts if given up) and for one planned
+        to wait for the channel (decided again, the order would get the same plan). None while the channel is up."""
         channel = Channel(str(action.payload["channel"]))
         until = channels_down(conn, action.merchant_id, now).get(channel)
         if until is None:
             return None
-        if action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
+        if action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or action.payload.get(MESSAGE_WAITS_FOR_CHANNEL):
             return Defer(until, f"{channel.value} is down")
         return Replan(f"{channel.value} is down until {until.isoformat()}")
 

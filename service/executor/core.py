@@ -26,7 +26,8 @@ from sqlalchemy.exc import IntegrityError
 
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.requests import Decision, DecisionRequest
-from model.vocab import NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
+from model.rules import CARD_REATTEMPTS_FIELD, load_rulebook
+from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
@@ -100,6 +101,28 @@ def _attempt_status(stored: str) -> str:
     were held to that pair may hold what a caller sent (``"FAILURE "``, ``"failed"``); anything but a success was
     a failure to the model then, and stays one."""
     return "success" if stored.strip().lower() == "success" else "failure"
+
+
+def _count_own_reattempts(base: dict[str, Any], rows: Sequence[sa.Row[Any]], now: datetime) -> None:
+    """Add to the caller's ``card_reattempts_30d`` (the card's silent re-attempts over all its orders, as of the
+    failure event) the silent retries this executor made on the order since, within the Visa window.
+
+    The rules take the larger of that figure and the order's own history (the figure already counts the history
+    the event carried), so the executor's own retries, made after the event, would never be added to it: a card
+    reported at 14 re-attempts got a 15th, 16th and 17th. The rows of the event's history carry no idempotency
+    key; those of the executor's charges do."""
+    reported = base.get(CARD_REATTEMPTS_FIELD)
+    if isinstance(reported, bool) or not isinstance(reported, int) or reported < 0:
+        return  # absent (the history alone counts), or malformed: the rules name the field
+    since = now - load_rulebook().visa_window
+    own = sum(
+        1
+        for row in rows
+        if row.idempotency_key is not None
+        and row.strategy not in NOT_SILENT_RETRY_STRATEGIES
+        and as_utc(row.created_at) >= since
+    )
+    base[CARD_REATTEMPTS_FIELD] = reported + own
 
 
 class IdempotencyConflictError(ValueError):
@@ -477,6 +500,7 @@ class Executor:
         base["failure"] = orjson.loads(order["failure_json"])
         base["event_time"] = now.isoformat()
         key = (transactions.c.merchant_id == order["merchant_id"], transactions.c.order_id == order["order_id"])
+        rows = conn.execute(sa.select(transactions).where(*key).order_by(transactions.c.attempt_number)).all()
         attempts = [
             {
                 "attempt_number": row.attempt_number,
@@ -487,8 +511,9 @@ class Executor:
                 "created_at": as_utc(row.created_at).isoformat(),
                 "txn_id": row.txn_id,
             }
-            for row in conn.execute(sa.select(transactions).where(*key).order_by(transactions.c.attempt_number))
+            for row in rows
         ]
+        _count_own_reattempts(base, rows, now)
         # Numbers reserved for charges that certainly never went out (replaced by a later decision, or refused
         # by the rules at their send) are not attempts: the rules would count each gap as a retry made.
         skipped = self._numbers_never_used(conn, order, {attempt["attempt_number"] for attempt in attempts})

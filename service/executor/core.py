@@ -200,9 +200,13 @@ class Transient:
 
 @dataclass(frozen=True)
 class Permanent:
-    """The effect can never be performed as configured: dead-letter it."""
+    """The effect can never be performed as configured: dead-letter it.
+
+    ``nothing_charged``: a charge that certainly charged nothing (its connector is not configured, or the switch
+    refused it outright)."""
 
     error: str
+    nothing_charged: bool = False
 
 
 @dataclass(frozen=True)
@@ -390,6 +394,9 @@ SelectT = TypeVar("SelectT", bound=sa.Select[Any])
 #: A message action's payload keys: when its provider first refused it for load or an outage, and how many of its
 #: tries may have reached the provider (a timeout, a 500 or 504, a connection lost mid-request).
 MESSAGE_REFUSED_SINCE = "refused_since"
+#: A retry action's payload key: its charge never went out through its connector, which the order is not offered
+#: again (``Executor._retry_failed_to_go_out``).
+CONNECTOR_FAILED = "connector_failed"
 MESSAGE_MAYBE_SENT_TRIES = "maybe_sent_tries"
 #: A message action's payload key: it was planned while its channel was down, to wait for it
 #: (``Executor._decide_with_channels_down``); while the channel stays down it is deferred, not decided again.
@@ -535,6 +542,12 @@ class Executor:
             )
         ]
         base["history"] = {"attempts": attempts, "nudges": sent}
+        failed = self._failed_connectors(conn, order)
+        if failed:
+            offered = base.get("available_connectors")
+            if offered is None:
+                offered = list(self.merchant(order["merchant_id"]).connectors)
+            base["available_connectors"] = [name for name in offered if name.strip().lower() not in failed]
         # Opt-outs are kept per address, not per order: one made since the failure (or on another order) counts.
         opted = opted_out_channels(conn, order["merchant_id"], base["customer"])
         if opted:
@@ -544,17 +557,41 @@ class Executor:
     def _numbers_never_used(self, conn: sa.Connection, order: RowMapping, recorded: set[int]) -> set[int]:
         """The attempt numbers the order's charge actions reserved and never used: cancelled or done without an
         attempt on record, and never marked sent (so no processor has seen ``<order_id>_<n>``)."""
+        rows = conn.execute(
+            sa.select(actions.c.state, actions.c.payload_json).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+                actions.c.state.in_([ActionState.CANCELLED.value, ActionState.DONE.value, ActionState.DEAD.value]),
+                actions.c.unanswered_since.is_(None),
+            )
+        )
+        numbers = set()
+        for state, payload_json in rows:
+            payload = orjson.loads(payload_json or "{}")
+            # a dead charge counts only when it certainly never went out (_retry_failed_to_go_out)
+            if state != ActionState.DEAD.value or payload.get(CONNECTOR_FAILED):
+                numbers.add(payload.get("attempt_number"))
+        return {int(number) for number in numbers if isinstance(number, int) and number not in recorded}
+
+    def _failed_connectors(self, conn: sa.Connection, order: RowMapping) -> set[str]:
+        """The connectors (lower case) of the order's retries that could not go out through them
+        (``_retry_failed_to_go_out``): the order is not offered them again."""
         payloads = conn.scalars(
             sa.select(actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-                actions.c.state.in_([ActionState.CANCELLED.value, ActionState.DONE.value]),
+                actions.c.kind == ActionKind.RETRY.value,
+                actions.c.state == ActionState.DEAD.value,
                 actions.c.unanswered_since.is_(None),
             )
         )
-        numbers = {orjson.loads(payload or "{}").get("attempt_number") for payload in payloads}
-        return {int(number) for number in numbers if isinstance(number, int) and number not in recorded}
+        failed = set()
+        for payload_json in payloads:
+            payload = orjson.loads(payload_json or "{}")
+            if payload.get(CONNECTOR_FAILED) and payload.get("connector"):
+                failed.add(str(payload["connector"]).strip().lower())
+        return failed
 
     # ----------------------------------------------------------------------------------------- events
 
@@ -1167,7 +1204,7 @@ class Executor:
             return
         if isinstance(outcome, Permanent):
             self._release(conn, action, ActionState.DEAD, now, error=outcome.error)
-            self._dead(conn, action, outcome.error, now)
+            self._dead(conn, action, outcome.error, now, connector_failed=outcome.nothing_charged)
             return
         if isinstance(outcome, Skip):
             self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
@@ -1278,7 +1315,7 @@ class Executor:
         if action.attempts >= self.retry_policy.limit(action.kind):
             message = f"gave up after {action.attempts} tries: {error}"
             self._release(conn, action, ActionState.DEAD, now, error=message)
-            self._dead(conn, action, message, now)
+            self._dead(conn, action, message, now, connector_failed=True)
             return
         due = now + self.retry_policy.delay(action.attempts)
         self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=error)
@@ -1346,7 +1383,9 @@ class Executor:
         self._release(conn, action, ActionState.DEAD, now, error=message, payload=payload)
         self._dead(conn, action, message, now)
 
-    def _dead(self, conn: sa.Connection, action: ActionRow, error: str, now: datetime) -> None:
+    def _dead(
+        self, conn: sa.Connection, action: ActionRow, error: str, now: datetime, *, connector_failed: bool = False
+    ) -> None:
         log.error(
             "action dead-lettered: %s",
             error,
@@ -1367,8 +1406,28 @@ class Executor:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
                 self._record_unsent(conn, order, action, NotSent(nudge_id, channel, "payment_link", error), now)
-        # A dead retry or link payment leaves its order open: whether the charge happened is unknown, so no
-        # new attempt is made on top of it; the order's window-end CLOSE fails it unless an operator acts.
+        elif action.kind == ActionKind.RETRY and connector_failed:
+            self._retry_failed_to_go_out(conn, action, now)
+        # A dead retry or link payment sent and never answered leaves its order open: whether the charge happened
+        # is unknown, so no new attempt is made on top of it; the order's window-end CLOSE fails it unless an
+        # operator acts (resolve-charge).
+
+    def _retry_failed_to_go_out(self, conn: sa.Connection, action: ActionRow, now: datetime) -> None:
+        """A dead-lettered retry whose charge certainly never went out (its connector is not configured, refused it
+        outright, or could not be reached on any try): its connector is taken out of the order's connectors
+        (``request_for``) and the order is decided again, as for a retry the rules refuse at its send. Left dead
+        alone, the order had no decision left: no other connector, no payment link, failed at the window's end."""
+        sent = conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == action.action_id))
+        if sent is not None:
+            return  # it may have charged: an operator answers for it first
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == action.action_id)
+            .values(payload_json=_dump(action.payload | {CONNECTOR_FAILED: True}))
+        )
+        order = self.lock_order(conn, action.merchant_id, action.order_id)
+        if order is not None and order["state"] == OrderState.PENDING:
+            self._decision_point(conn, order, now)
 
     def _record_attempt(
         self,

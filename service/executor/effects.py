@@ -349,7 +349,8 @@ class Effects:
             try:
                 connector = self.connector(action.merchant_id, str(action.payload["connector"]))
             except PermanentError as exc:
-                return Permanent(str(exc))  # a first send is not marked yet; a re-send keeps its mark
+                # A first send is not marked yet (nothing was charged); a re-send keeps its mark.
+                return Permanent(str(exc), nothing_charged=not resend)
             if not resend and not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")
             # A whole lease from the send on, whatever was left of the batch's (the row is locked here).
@@ -398,7 +399,7 @@ class Effects:
         except RefusedError as exc:
             if not resend:  # the switch refused it outright: nothing was charged
                 self.executor.unmark_sent(action)
-            return Permanent(str(exc))
+            return Permanent(str(exc), nothing_charged=not resend)
         except PermanentError as exc:  # an answer that cannot be read, or a reused key: the charge is unknown
             return Permanent(str(exc))
         return Charged(result)

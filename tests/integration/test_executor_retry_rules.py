@@ -10,8 +10,19 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from model.catalog import load_catalog
 from model.rules import CARD_REATTEMPTS_FIELD
+from service.executor.connectors import (
+    ChargeRequest,
+    ChargeResult,
+    PermanentError,
+    RefusedError,
+    TransientError,
+    UnreachedError,
+)
+from service.executor.store import actions
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     FakeConnector,
@@ -92,3 +103,117 @@ def test_an_order_without_a_reported_figure_counts_its_own_history_alone(
         h.drain()
         h.clock.advance(minutes=16)
     assert len(h.connector.calls) == 3
+
+
+class BrokenConnector:
+    """A connector every charge through which fails with ``error`` (counted in ``calls``)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls: list[str] = []
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.calls.append(request.payment_id)
+        raise self.error
+
+
+CASCADE_TO_ADYEN = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+CASCADE_TO_CYBERSOURCE = {"action": "retry", "strategy": "cascade", "connector": "cybersource"}
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(None, id="no-endpoint-configured"),
+        pytest.param(RefusedError("connector 'adyen' refused the request with HTTP 400: unknown account"), id="4xx"),
+        pytest.param(UnreachedError("cannot reach connector 'adyen'"), id="unreachable-on-every-try"),
+    ],
+)
+def test_a_retry_that_cannot_go_out_through_its_connector_leaves_the_order_to_another_decision(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    broken: Exception | None,
+) -> None:
+    """A retry planned on a connector the merchant has no endpoint for (a caller's ``available_connectors`` may
+    name any), or that the switch refuses outright, or that no try reaches, was dead-lettered and nothing
+    followed: no other connector, no payment link, the order failed at the window's end a week later. Nothing
+    was charged, so the order is decided again at once, without that connector."""
+    h = make_harness(
+        dict(CASCADE_TO_ADYEN),
+        dict(CASCADE_TO_CYBERSOURCE),
+        connector=FakeConnector(results=["success"]),
+        max_attempts=3,
+    )
+    good = h.connector
+    h.effects.connectors.sandbox_url = None
+    h.effects.connectors.overrides = {"stripe": good, "cybersource": good}
+    if broken is not None:
+        h.effects.connectors.overrides["adyen"] = BrokenConnector(broken)
+    h.executor.payment_failed("m_demo", event(available_connectors=["stripe", "adyen", "cybersource"]))
+    for _ in range(10):
+        h.drain()
+        h.clock.advance(minutes=5)
+
+    view = h.view()
+    dead = [a for a in view.actions if a.kind == "retry" and a.state == "dead"]
+    assert len(dead) == 1  # dead-lettered all the same, for an operator to see
+    assert [(a.strategy, a.connector, a.status) for a in view.attempts[1:]] == [("cascade", "cybersource", "success")]
+    assert view.state == "SUCCEEDED"
+    second = h.executor.decider.requests[1]  # type: ignore[attr-defined]
+    assert second.available_connectors == ["stripe", "cybersource"]
+    # the refused charge is no retry made: it is not in the history and its number is not counted as one
+    assert [a.strategy for a in second.history.attempts] == ["initial"]
+
+
+def test_a_retry_refused_by_the_connector_on_the_merchants_own_order_is_not_offered_again(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """Without ``available_connectors`` (the merchant's pecking order applies), the connector that could not take
+    the retry is left out of the next decision's connectors, and a retry already planned on it is refused at its
+    send by the rules (connector_unavailable), never sent."""
+    h = make_harness(
+        dict(CASCADE_TO_ADYEN),
+        {**CASCADE_TO_ADYEN, "delay": timedelta(hours=1)},  # the scripted decider insists on adyen
+        dict(CASCADE_TO_CYBERSOURCE),
+        connector=FakeConnector(results=["success"]),
+    )
+    broken = BrokenConnector(RefusedError("connector 'adyen' refused the request with HTTP 403"))
+    h.effects.connectors.overrides = {"adyen": broken, "*": h.connector}
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(4):
+        h.drain()
+        h.clock.advance(minutes=61)
+    view = h.view()
+    assert broken.calls == ["ord_1_2"]
+    assert view.state == "SUCCEEDED"
+    assert [(a.connector, a.status) for a in view.attempts[1:]] == [("cybersource", "success")]
+    assert "adyen" not in (h.executor.decider.requests[1].available_connectors or [])  # type: ignore[attr-defined]
+    replanned = [a.last_error for a in view.actions if a.kind == "retry" and a.state == "done" and a.last_error]
+    assert replanned == ["not allowed now: connector_unavailable"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(TransientError("connector 'adyen' answered HTTP 503"), id="5xx-may-have-charged"),
+        pytest.param(PermanentError("connector 'adyen' answered a body that is not JSON"), id="unreadable-answer"),
+    ],
+)
+def test_a_retry_that_may_have_charged_is_still_left_to_an_operator(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    error: Exception,
+) -> None:
+    """A charge that may have reached the switch is not a connector that failed: the order is not decided again
+    (no second charge on top of one that may have been taken) until an operator answers for it."""
+    h = make_harness(dict(CASCADE_TO_ADYEN), dict(CASCADE_TO_CYBERSOURCE), max_attempts=2)
+    h.effects.connectors.overrides = {"adyen": BrokenConnector(error), "*": h.connector}
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(6):
+        h.drain()
+        h.clock.advance(minutes=5)
+    assert len(h.executor.decider.requests) == 1  # type: ignore[attr-defined]
+    assert h.connector.calls == []
+    with h.executor.engine.connect() as conn:
+        retry = conn.execute(actions.select().where(actions.c.kind == "retry")).mappings().one()
+    assert retry["state"] == "dead"
+    assert retry["unanswered_since"] is not None
+    assert h.view().state == "PENDING"

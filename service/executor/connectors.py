@@ -298,6 +298,11 @@ def _lost_answer(last_error: str, reached: str) -> str:
     return f"{last_error}; an earlier try may have been charged ({reached})"
 
 
+def connector_key(name: str) -> str:
+    """A connector name as one connector: trimmed, in any case (``"Adyen "`` is ``adyen``)."""
+    return name.strip().casefold()
+
+
 class ConnectorRegistry:
     """The connector of each (merchant, connector name), built on first use from the merchant config.
 
@@ -325,7 +330,9 @@ class ConnectorRegistry:
             return self.overrides[connector]
         if "*" in self.overrides:
             return self.overrides["*"]
-        key = (merchant_id, connector)
+        # Connector names are one connector trimmed and in any case, as the rules and the merchant config read them:
+        # a decision spells its connector as the caller's available_connectors do ("Adyen"), the config may not.
+        key = (merchant_id, connector_key(connector))
         with self._lock:
             found = self._built.get(key)
             if found is None:
@@ -334,7 +341,11 @@ class ConnectorRegistry:
             return found
 
     def _build(self, merchant_id: str, connector: str) -> Connector:
-        endpoint = self.endpoints.get(merchant_id, {}).get(connector)
+        configured = self.endpoints.get(merchant_id, {})
+        endpoint = configured.get(connector)
+        if endpoint is None:
+            wanted = connector_key(connector)
+            endpoint = next((found for name, found in configured.items() if connector_key(name) == wanted), None)
         if endpoint is None or endpoint.kind == "sandbox":
             url = (endpoint.base_url if endpoint is not None else None) or self.sandbox_url
             if not url:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 
 from model.catalog import load_catalog
@@ -22,11 +23,13 @@ from service.executor.connectors import (
     TransientError,
     UnreachedError,
 )
+from service.executor.sandbox import start_sandbox
 from service.executor.store import actions
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     FakeConnector,
     Harness,
+    demo_merchant,
     event,
     make_harness,
 )
@@ -217,3 +220,34 @@ def test_a_retry_that_may_have_charged_is_still_left_to_an_operator(
     assert retry["state"] == "dead"
     assert retry["unanswered_since"] is not None
     assert h.view().state == "PENDING"
+
+
+def test_a_retry_reaches_the_configured_endpoint_of_its_connector_however_the_caller_spells_it(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """The rules read connector names trimmed and in any case, and a decision spells its connector as the caller's
+    ``available_connectors`` do ("Adyen"); the connectors' endpoints were looked up by the exact name, so a
+    merchant's ``adyen`` endpoint was not found: the retry went to the sandbox when one was set, or was refused as
+    a connector without an endpoint."""
+    switch = start_sandbox(seed=3)
+    try:
+        merchant = demo_merchant(
+            connectors=["stripe", "adyen"],
+            connector_endpoints={"adyen": {"kind": "sandbox", "base_url": switch.url}},
+        )
+        h = make_harness(dict(CASCADE_TO_ADYEN) | {"connector": "Adyen"}, merchants={"m_demo": merchant})
+        h.effects.connectors.overrides = {}
+        h.effects.connectors.sandbox_url = None
+        h.executor.payment_failed(
+            "m_demo", event(available_connectors=["Stripe", "Adyen"], failure={"connector": "Stripe"})
+        )
+        for _ in range(3):
+            h.drain()
+            h.clock.advance(minutes=1)
+        stats = httpx.get(f"{switch.url}/v1/stats").json()
+    finally:
+        switch.stop()
+    view = h.view()
+    assert stats == {"calls": 1, "charges": 1}
+    assert [(a.strategy, a.connector) for a in view.attempts[1:]] == [("cascade", "Adyen")]
+    assert all(a.state != "dead" for a in view.actions)

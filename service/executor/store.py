@@ -85,11 +85,12 @@ transactions = sa.Table(
     sa.Column("strategy", sa.String(32), nullable=False),
     sa.Column("connector", sa.String(128), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # success | failure
-    sa.Column("error_code", sa.String(256), nullable=True),
+    # A connector's codes as it sent them, whatever their length (migration 0008).
+    sa.Column("error_code", sa.Text, nullable=True),
     sa.Column("error_message", sa.Text, nullable=True),
-    sa.Column("network_decline_code", sa.String(32), nullable=True),
-    sa.Column("merchant_advice_code", sa.String(32), nullable=True),
-    sa.Column("unified_code", sa.String(64), nullable=True),
+    sa.Column("network_decline_code", sa.Text, nullable=True),
+    sa.Column("merchant_advice_code", sa.Text, nullable=True),
+    sa.Column("unified_code", sa.Text, nullable=True),
     sa.Column("decision_id", sa.String(64), nullable=True),
     sa.Column("propensity", sa.Float, nullable=True),
     sa.Column("nudge_id", sa.String(64), nullable=True),

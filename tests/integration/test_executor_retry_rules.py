@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -251,3 +252,63 @@ def test_a_retry_reaches_the_configured_endpoint_of_its_connector_however_the_ca
     assert stats == {"calls": 1, "charges": 1}
     assert [(a.strategy, a.connector) for a in view.attempts[1:]] == [("cascade", "Adyen")]
     assert all(a.state != "dead" for a in view.actions)
+
+
+#: A decline code as some switches spell it: longer than the 32 characters the code columns held before 0008.
+LONG_CODE = "05 - Do Not Honor (issuer declined)"
+
+
+class LongCodeConnector:
+    """Declines every charge with ``LONG_CODE`` as its network decline code."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.calls.append(request.payment_id)
+        return ChargeResult(
+            status="failure", connector=request.connector, error_code="card_declined", network_decline_code=LONG_CODE
+        )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'winback.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def test_a_decline_with_a_long_code_is_recorded_and_its_order_decided_again(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """On PostgreSQL a connector's decline whose code did not fit its column could not be recorded: the charge was
+    re-sent until dead-lettered as one whose outcome is unknown, and its order waited for an operator."""
+    connector = LongCodeConnector()
+    h = make_harness(
+        dict(CASCADE_TO_ADYEN), dict(CASCADE_TO_CYBERSOURCE), connector=connector, database_url=database_url
+    )
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(6):
+        h.drain()
+        h.clock.advance(minutes=5)
+    view = h.view()
+    assert connector.calls == ["ord_1_2", "ord_1_3"]
+    assert [(a.connector, a.network_decline_code) for a in view.attempts[1:]] == [
+        ("adyen", LONG_CODE),
+        ("cybersource", LONG_CODE),
+    ]
+    assert all(a.state != "dead" for a in view.actions)
+    assert view.state == "FAILED"
+
+
+def test_a_failure_event_with_a_long_code_is_taken(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A never-seen code is valid input (CONTRACT.md section 2); on PostgreSQL a long one failed the event."""
+    h = make_harness(dict(CASCADE_TO_ADYEN), database_url=database_url)
+    answer = h.executor.payment_failed("m_demo", event(failure={"network_decline_code": LONG_CODE}))
+    assert answer.state == "PENDING"
+    assert h.view().attempts[0].network_decline_code == LONG_CODE

@@ -94,3 +94,30 @@ def test_channel_outages_table_is_created_and_dropped_by_0007(database_url: str)
         assert "channel_outages" not in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_attempt_codes_of_any_length_are_kept_from_0008_and_cut_back_on_downgrade(database_url: str) -> None:
+    """0008 makes an attempt's codes text: a connector's 35-character decline code did not fit PostgreSQL's
+    VARCHAR(32), so the decline could not be recorded at all."""
+    engine = sa.create_engine(database_url)
+    code = "05 - Do Not Honor (issuer declined)"
+    row = {
+        "txn_id": "txn_1", "merchant_id": "m_a", "order_id": "ord_1", "attempt_number": 2,
+        "processor_payment_id": "ord_1_2", "strategy": "cascade", "connector": "adyen", "status": "failure",
+        "error_code": "e" * 300, "network_decline_code": code, "merchant_advice_code": code, "unified_code": "u" * 70,
+        "created_at": datetime(2026, 11, 2, 10, 15, tzinfo=UTC),
+    }  # fmt: skip
+    table = sa.table("transactions", *(sa.column(name) for name in row))
+    try:
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table), [row])
+        downgrade(engine, "0007")
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text("SELECT network_decline_code, error_code, unified_code FROM transactions"))
+            assert [tuple(found) for found in kept] == [(code[:32], "e" * 256, "u" * 64)]
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM transactions")) == 1
+    finally:
+        engine.dispose()

@@ -5,17 +5,39 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.requests import AwareDatetime, DecisionRequest
+from model.requests import AwareDatetime, DecisionRequest, History
 
 OrderStateName = Literal["PENDING", "SUCCEEDED", "FAILED", "AWAITING_AGENT"]
+
+
+#: The width of the stores' txn_id columns: a caller's own txn_id of a history attempt is kept as it is.
+TXN_ID_MAX_LENGTH = 64
 
 
 class PaymentFailedEvent(DecisionRequest):
     """A failed payment: a decision request (section 2) plus the caller's idempotency key."""
 
     idempotency_key: str = Field(min_length=1, max_length=256)
+
+    @field_validator("history")
+    @classmethod
+    def _one_row_per_attempt(cls, history: History) -> History:
+        """The order's history becomes its attempts (one per attempt number, each with its txn_id): two attempts
+        under one number, or a txn_id wider than the store's, was a database error (HTTP 500), not a 422."""
+        seen: set[int] = set()
+        for index, attempt in enumerate(history.attempts):
+            if attempt.attempt_number in seen:
+                raise ValueError(
+                    f"attempts[{index}].attempt_number: attempt {attempt.attempt_number} is listed twice; "
+                    "each attempt of an order has its own number"
+                )
+            seen.add(attempt.attempt_number)
+            txn_id = (attempt.model_extra or {}).get("txn_id")
+            if txn_id is not None and len(str(txn_id)) > TXN_ID_MAX_LENGTH:
+                raise ValueError(f"attempts[{index}].txn_id: longer than {TXN_ID_MAX_LENGTH} characters")
+        return history
 
 
 class PaymentSucceededEvent(BaseModel):

@@ -111,3 +111,30 @@ def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None
     reused = api.loop.run_until_complete(api.client.post(f"/pay/{token}"))
     assert reused.status_code == 409
     assert "already used" in reused.text
+
+
+def _history_attempt(number: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "attempt_number": number, "connector": "stripe", "strategy": "initial" if number == 1 else "retry_same",
+        "status": "failure", "error_code": "card_declined", "created_at": f"2026-11-01T10:0{number}:00Z",
+    } | extra  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("attempts", "named"),
+    [
+        ([_history_attempt(1), _history_attempt(1)], "attempts[1].attempt_number: attempt 1 is listed twice"),
+        ([_history_attempt(1, txn_id="t" * 65)], "attempts[0].txn_id: longer than 64 characters"),
+    ],
+)
+def test_a_failure_event_whose_history_cannot_be_stored_is_a_422_naming_the_attempt(
+    api: Api, attempts: list[dict[str, Any]], named: str
+) -> None:
+    """(Hunt.) Two attempts under one number, or a caller's txn_id wider than the store's, raised a database error
+    in the middle of the event (HTTP 500, after three tries of the transaction)."""
+    executor_of(api, FakeConnector())
+    answer = api.post("/v1/events/payment-failed", failed_event(history={"attempts": attempts, "nudges": []}))
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["field"] == "history"
+    assert named in answer.json()["message"]
+    assert api.loop.run_until_complete(api.client.get("/v1/orders/ord_h1", headers=AUTH)).status_code == 404

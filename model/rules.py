@@ -8,9 +8,9 @@ by name. Hard rules always win over the model (CONTRACT.md section 2): the polic
 
 Which rules apply to what:
 
-- silent retries: Visa category 1 and the Visa re-attempt cap, Mastercard merchant advice codes, UPI AutoPay
-  off-peak windows and retry budget, user-consent flows, strategy applicability, connector availability, the
-  merchant's enabled flows, ``max_retries`` and retry window;
+- silent retries: Visa category 1 and the Visa re-attempt cap, the Mastercard re-attempt cap and merchant advice
+  codes, UPI AutoPay off-peak windows and retry budget, user-consent flows, strategy applicability, connector
+  availability, the merchant's enabled flows, ``max_retries`` and retry window;
 - retargets (a payment link to the customer): the merchant's retarget switch, channels, ``max_nudges``, retry
   window, skip-days cadence and quiet hours, and the customer's opt-outs and reachability. Quiet hours apply to
   customer messages only, never to silent retries (the customer does not see those);
@@ -84,6 +84,7 @@ class Rule(StrEnum):
     BEFORE_EVENT_TIME = "before_event_time"
     VISA_CATEGORY_1 = "visa_category_1"
     VISA_REATTEMPT_CAP = "visa_reattempt_cap"
+    MASTERCARD_REATTEMPT_CAP = "mastercard_reattempt_cap"
     MAC_NEVER_RETRY = "mastercard_mac_never_retry"
     MAC_NO_RETARGET = "mastercard_mac_no_retarget"
     MAC_CARD_UPDATE = "mastercard_mac_card_update"
@@ -117,6 +118,7 @@ class Rule(StrEnum):
 SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
     {
         Rule.VISA_REATTEMPT_CAP,
+        Rule.MASTERCARD_REATTEMPT_CAP,
         Rule.MAC_WAIT,
         Rule.UPI_AUTOPAY_PEAK_HOURS,
         Rule.UPI_AUTOPAY_MAX_RETRIES,
@@ -155,6 +157,9 @@ class RuleBook:
     version: int
     visa_reattempt_cap: int
     visa_window: timedelta
+    mastercard_networks: frozenset[str]
+    mastercard_reattempt_cap: int
+    mastercard_window: timedelta
     mac_never_retry: frozenset[str]
     mac_no_retarget: frozenset[str]
     mac_card_update: frozenset[str]
@@ -245,10 +250,14 @@ def parse_rulebook(raw: Any) -> RuleBook:
     }
     sources["visa.category_1"] = str(_get(raw, "visa.category_1.source"))
     sources["visa.reattempt_cap"] = str(_get(raw, "visa.reattempt_cap.source"))
+    sources["mastercard.reattempt_cap"] = str(_get(raw, "mastercard.reattempt_cap.source"))
     return RuleBook(
         version=int(_number(raw, "version")),
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
         visa_window=timedelta(days=_number(raw, "visa.reattempt_cap.window_days")),
+        mastercard_networks=_strings(raw, "mastercard.reattempt_cap.card_networks"),
+        mastercard_reattempt_cap=int(_number(raw, "mastercard.reattempt_cap.max_reattempts")),
+        mastercard_window=timedelta(hours=_number(raw, "mastercard.reattempt_cap.window_hours")),
         mac_never_retry=_strings(raw, "mastercard_merchant_advice.never_retry_codes"),
         mac_no_retarget=_strings(raw, "mastercard_merchant_advice.no_retarget_codes"),
         mac_card_update=_strings(raw, "mastercard_merchant_advice.card_update_codes"),
@@ -343,8 +352,10 @@ class RuleContext:
     earliest_retry_at: datetime | None  # Mastercard MAC wait
     visa_cap: int | None  # None: the Visa re-attempt cap does not apply
     visa_window: timedelta
-    visa_retry_times: tuple[datetime, ...]  # sorted created_at of earlier silent retries
+    visa_retry_times: tuple[datetime, ...]  # sorted created_at of earlier silent retries (both card caps count them)
     visa_reported_reattempts: int  # the caller's card_reattempts_30d, 0 when absent
+    mastercard_cap: int | None  # None: the Mastercard re-attempt cap does not apply
+    mastercard_window: timedelta
     upi_window_end: datetime | None
     upi_timezone: ZoneInfo
     upi_peak_minutes: tuple[tuple[int, int], ...]
@@ -474,6 +485,15 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         recent = max(sum(1 for t in retry_times if t >= since), reported)
         retries_left.append(visa_cap - recent)
         applied.append(f"visa_reattempts:{recent}/{visa_cap}")
+
+    # Mastercard: at most so many re-attempts of the card in any window (24 h), counted from the order's history.
+    mastercard_cap: int | None = None
+    if network in book.mastercard_networks:
+        mastercard_cap = book.mastercard_reattempt_cap
+        since = event_time - book.mastercard_window
+        recent = sum(1 for t in retry_times if t >= since)
+        retries_left.append(mastercard_cap - recent)
+        applied.append(f"mastercard_reattempts:{recent}/{mastercard_cap}")
 
     # Mastercard merchant advice: honoured whenever present, on any network; the stricter of data and catalog.
     mac = _mac_key(failure.merchant_advice_code) if failure.merchant_advice_code else None
@@ -613,6 +633,8 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         visa_window=book.visa_window,
         visa_retry_times=retry_times,
         visa_reported_reattempts=reported,
+        mastercard_cap=mastercard_cap,
+        mastercard_window=book.mastercard_window,
         upi_window_end=upi_window_end,
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
@@ -743,6 +765,10 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
             recent = len(times) - bisect.bisect_left(times, at - context.visa_window)
             if max(recent, context.visa_reported_reattempts) >= context.visa_cap:
                 broken.append(Rule.VISA_REATTEMPT_CAP)
+        if context.mastercard_cap is not None:
+            times = context.visa_retry_times
+            if len(times) - bisect.bisect_left(times, at - context.mastercard_window) >= context.mastercard_cap:
+                broken.append(Rule.MASTERCARD_REATTEMPT_CAP)
         if context.upi_window_end is not None:
             if at > context.upi_window_end:
                 broken.append(Rule.UPI_AUTOPAY_RETRY_WINDOW)

@@ -179,6 +179,54 @@ def test_card_reattempts_field_must_be_a_count(bad: object) -> None:
         ctx(card_reattempts_30d=bad)
 
 
+# --------------------------------------------------------------------------------- Mastercard re-attempt cap
+
+
+@pytest.mark.parametrize(
+    ("network", "history", "candidate", "fires"),
+    [
+        ("mastercard", retries_history(9, T0 - timedelta(hours=1)), retry(), False),
+        ("mastercard", retries_history(10, T0 - timedelta(hours=1)), retry(), True),
+        (" MasterCard ", retries_history(10, T0 - timedelta(hours=1)), retry(), True),
+        ("maestro", retries_history(10, T0 - timedelta(hours=1)), retry(), True),
+        (
+            "mastercard",
+            retries_history(10, T0 - timedelta(hours=1)),
+            retry(strategy="cascade", connector="adyen"),
+            True,
+        ),
+        # any 24 hours, not the calendar day: ten re-attempts 23 hours ago still count
+        ("mastercard", retries_history(10, T0 - timedelta(hours=23), step=timedelta(seconds=1)), retry(), True),
+        # the window slides with execute_at: the same retry a day later is allowed
+        ("mastercard", retries_history(10, T0 - timedelta(hours=1)), retry(at=T0 + timedelta(days=1)), False),
+        ("mastercard", retries_history(10, T0 - timedelta(hours=1)), retarget(), False),
+        ("visa", retries_history(10, T0 - timedelta(hours=1)), retry(), False),
+        (None, retries_history(10, T0 - timedelta(hours=1)), retry(), False),
+    ],
+)
+def test_mastercard_reattempt_cap(
+    network: str | None, history: dict[str, Any], candidate: Candidate, fires: bool
+) -> None:
+    """(Hunt.) With max_retries above ten, one Mastercard card got fifteen declined re-attempts in a minute: no
+    rule held Mastercard's limit of ten a day."""
+    context = ctx(
+        merchant=LENIENT, payment={"card_network": network}, failure={"network_decline_code": "51"}, history=history
+    )
+    assert (Rule.MASTERCARD_REATTEMPT_CAP in broken(context, candidate)) is fires
+
+
+def test_mastercard_cap_is_reported_and_only_situational() -> None:
+    context = ctx(
+        merchant=LENIENT,
+        payment={"card_network": "mastercard"},
+        failure={"network_decline_code": "51"},
+        history=retries_history(10, T0 - timedelta(hours=1)),
+    )
+    assert "mastercard_reattempts:10/10" in context.rules_applied
+    assert "retries_left:0" in context.rules_applied
+    assert Rule.MASTERCARD_REATTEMPT_CAP in rules.SITUATIONAL_RETRY_RULES
+
+
 # ------------------------------------------------------------------------------------------ Mastercard MAC
 
 FAIL_AT = T0 - timedelta(minutes=30)  # the last failed attempt; event_time is a follow-up 30 min later
@@ -931,7 +979,7 @@ def test_visa_cap_with_the_shipped_catalog() -> None:
 
 def test_every_rule_in_the_data_names_its_source() -> None:
     raw = yaml.safe_load(rules.RULES_FILE.read_text(encoding="utf-8"))
-    sections = [raw["visa"]["category_1"], raw["visa"]["reattempt_cap"]]
+    sections = [raw["visa"]["category_1"], raw["visa"]["reattempt_cap"], raw["mastercard"]["reattempt_cap"]]
     sections += [
         raw[name] for name in ("mastercard_merchant_advice", "upi_autopay", "user_consent", "strategies", "channels")
     ]

@@ -943,6 +943,14 @@ def _day_send_slots(day: date, zone: ZoneInfo) -> tuple[datetime, tuple[tuple[da
     return _local_instant(day, _MIDNIGHT, zone), tuple(slots)
 
 
+def upi_off_peak_from(context: RuleContext, moment: datetime) -> datetime | None:
+    """For a UPI AutoPay order, the first instant from ``moment`` outside NPCI's peak hours; None for any other
+    order (no peak hours bind it)."""
+    if context.upi_window_end is None:
+        return None
+    return _snap_out_of_upi_peak(context, moment)
+
+
 def _snap_out_of_upi_peak(context: RuleContext, moment: datetime) -> datetime:
     zone = context.upi_timezone
     for _ in range(len(context.upi_peak_minutes) + 1):

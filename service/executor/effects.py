@@ -26,7 +26,7 @@ from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig, QuietHours
 from model.money import format_amount
 from model.requests import DecisionRequest
-from model.rules import Candidate, Rule, build_context, check
+from model.rules import Candidate, Rule, build_context, check, upi_off_peak_from
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables
@@ -346,6 +346,18 @@ class Effects:
                     broken = self._retry_forbidden(conn, order, action, now)
                     if broken:
                         return Replan("not allowed now: " + ", ".join(broken))
+            elif action.kind == ActionKind.RETRY:
+                # A re-send is the same charge, asked again; if its first send never arrived, the switch charges
+                # it now. A UPI AutoPay retry must not execute in NPCI's peak hours: it waits for the off-peak
+                # window (its mark kept: the order waits for its answer).
+                rules_now = build_context(
+                    self.executor.request_for(conn, order, now),
+                    self.executor.merchant(action.merchant_id),
+                    self.catalog,
+                )
+                off_peak = upi_off_peak_from(rules_now, now)
+                if off_peak is not None and off_peak > now:
+                    return Defer(off_peak, "UPI AutoPay peak hours: the re-send waits for the off-peak window")
             try:
                 connector = self.connector(action.merchant_id, str(action.payload["connector"]))
             except PermanentError as exc:

@@ -28,6 +28,7 @@ from service.executor.sandbox import start_sandbox
 from service.executor.store import actions
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
     FakeConnector,
     Harness,
     demo_merchant,
@@ -340,3 +341,30 @@ def test_a_mastercard_card_gets_no_more_than_ten_re_attempts_a_day_whatever_max_
     refused = [a.last_error for a in h.view().actions if a.kind == "retry" and a.last_error]
     assert refused
     assert all("mastercard_reattempt_cap" in error for error in refused), refused
+
+
+def test_a_upi_autopay_re_send_waits_out_npcis_peak_hours(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A UPI AutoPay retry sent at 16:59:59 IST whose answer was lost (a 503 that may come after the charge) is
+    sent again 1 s later, at 17:00:00, in NPCI's peak hours. A re-send skipped the rules (it is the same charge,
+    asked again), so if the first send never arrived the switch executed the mandate in peak hours (hunt 31, from
+    reading). It now waits for 21:30 IST, the end of the peak window, keeping its mark."""
+    off_peak_edge = timedelta(hours=5, minutes=29, seconds=59)  # START is 11:30 IST: this is 16:59:59 IST
+    retry = {"action": "retry", "strategy": "retry_same", "connector": "stripe", "delay": off_peak_edge}
+    h = make_harness(retry, connector=FakeConnector(results=["failure"], transient_first=1))
+    body = event(payment={"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": None})
+    h.executor.payment_failed("m_demo", body)
+    h.clock.advance(seconds=off_peak_edge.total_seconds())
+    h.drain()
+    assert len(h.connector.calls) == 1  # sent off-peak; its answer was lost
+    h.clock.advance(seconds=1)
+    h.drain()
+    assert len(h.connector.calls) == 1, "a UPI AutoPay charge was re-sent in NPCI's peak hours"
+    waiting = next(a for a in h.view().actions if a.kind == "retry")
+    assert waiting.due_at == START + timedelta(hours=10)  # 21:30 IST
+    assert "peak hours" in (waiting.last_error or "")
+    h.clock.advance(hours=4, minutes=30)
+    h.drain()
+    assert len(h.connector.calls) == 2  # asked again once the window opened
+    assert _retries_made(h) == 1

@@ -27,6 +27,7 @@ class PaymentFailedEvent(DecisionRequest):
         """The order's history becomes its attempts (one per attempt number, each with its txn_id): two attempts
         under one number, or a txn_id wider than the store's, was a database error (HTTP 500), not a 422."""
         seen: set[int] = set()
+        txn_ids: set[str] = set()
         for index, attempt in enumerate(history.attempts):
             if attempt.attempt_number in seen:
                 raise ValueError(
@@ -37,6 +38,12 @@ class PaymentFailedEvent(DecisionRequest):
             txn_id = (attempt.model_extra or {}).get("txn_id")
             if txn_id is not None and len(str(txn_id)) > TXN_ID_MAX_LENGTH:
                 raise ValueError(f"attempts[{index}].txn_id: longer than {TXN_ID_MAX_LENGTH} characters")
+            if txn_id:  # the store's txn_id is a key: two attempts under one txn_id cannot both be stored
+                if str(txn_id) in txn_ids:
+                    raise ValueError(
+                        f"attempts[{index}].txn_id: {str(txn_id)!r} is listed twice; each attempt has its own"
+                    )
+                txn_ids.add(str(txn_id))
         return history
 
 

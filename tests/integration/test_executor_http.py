@@ -125,6 +125,10 @@ def _history_attempt(number: int, **extra: Any) -> dict[str, Any]:
     [
         ([_history_attempt(1), _history_attempt(1)], "attempts[1].attempt_number: attempt 1 is listed twice"),
         ([_history_attempt(1, txn_id="t" * 65)], "attempts[0].txn_id: longer than 64 characters"),
+        (
+            [_history_attempt(1, txn_id="pi_1"), _history_attempt(2, txn_id="pi_1")],
+            "attempts[1].txn_id: 'pi_1' is listed twice",
+        ),
     ],
 )
 def test_a_failure_event_whose_history_cannot_be_stored_is_a_422_naming_the_attempt(

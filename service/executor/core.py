@@ -397,6 +397,11 @@ MESSAGE_REFUSED_SINCE = "refused_since"
 #: A retry action's payload key: its charge never went out through its connector, which the order is not offered
 #: again (``Executor._retry_failed_to_go_out``).
 CONNECTOR_FAILED = "connector_failed"
+#: A retry action's payload key: its connector could not be reached on any try (an outage, a rate limit), so it is
+#: left out of the order's connectors only until then (``CONNECTOR_UNREACHED_HOLD`` later), not for good.
+CONNECTOR_FAILED_UNTIL = "connector_failed_until"
+#: How long a connector no try of a retry reached is not offered to its order again.
+CONNECTOR_UNREACHED_HOLD = timedelta(hours=1)
 MESSAGE_MAYBE_SENT_TRIES = "maybe_sent_tries"
 #: A message action's payload key: it was planned while its channel was down, to wait for it
 #: (``Executor._decide_with_channels_down``); while the channel stays down it is deferred, not decided again.
@@ -542,7 +547,7 @@ class Executor:
             )
         ]
         base["history"] = {"attempts": attempts, "nudges": sent}
-        failed = self._failed_connectors(conn, order)
+        failed = self._failed_connectors(conn, order, now)
         if failed:
             offered = base.get("available_connectors")
             if offered is None:
@@ -574,9 +579,10 @@ class Executor:
                 numbers.add(payload.get("attempt_number"))
         return {int(number) for number in numbers if isinstance(number, int) and number not in recorded}
 
-    def _failed_connectors(self, conn: sa.Connection, order: RowMapping) -> set[str]:
+    def _failed_connectors(self, conn: sa.Connection, order: RowMapping, now: datetime) -> set[str]:
         """The connectors (lower case) of the order's retries that could not go out through them
-        (``_retry_failed_to_go_out``): the order is not offered them again."""
+        (``_retry_failed_to_go_out``): the order is not offered them again (one no try reached, until its hold
+        ends: a short outage or a rate limit does not take the merchant's connector out of the order for good)."""
         payloads = conn.scalars(
             sa.select(actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
@@ -589,6 +595,9 @@ class Executor:
         failed = set()
         for payload_json in payloads:
             payload = orjson.loads(payload_json or "{}")
+            until = payload.get(CONNECTOR_FAILED_UNTIL)
+            if until is not None and as_utc(datetime.fromisoformat(str(until))) <= now:
+                continue
             if payload.get(CONNECTOR_FAILED) and payload.get("connector"):
                 failed.add(str(payload["connector"]).strip().lower())
         return failed
@@ -1315,7 +1324,7 @@ class Executor:
         if action.attempts >= self.retry_policy.limit(action.kind):
             message = f"gave up after {action.attempts} tries: {error}"
             self._release(conn, action, ActionState.DEAD, now, error=message)
-            self._dead(conn, action, message, now, connector_failed=True)
+            self._dead(conn, action, message, now, connector_failed=True, unreached=True)
             return
         due = now + self.retry_policy.delay(action.attempts)
         self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=error)
@@ -1384,7 +1393,14 @@ class Executor:
         self._dead(conn, action, message, now)
 
     def _dead(
-        self, conn: sa.Connection, action: ActionRow, error: str, now: datetime, *, connector_failed: bool = False
+        self,
+        conn: sa.Connection,
+        action: ActionRow,
+        error: str,
+        now: datetime,
+        *,
+        connector_failed: bool = False,
+        unreached: bool = False,
     ) -> None:
         log.error(
             "action dead-lettered: %s",
@@ -1407,12 +1423,14 @@ class Executor:
                 nudge_id = nudge_id_for(action.idempotency_key)
                 self._record_unsent(conn, order, action, NotSent(nudge_id, channel, "payment_link", error), now)
         elif action.kind == ActionKind.RETRY and connector_failed:
-            self._retry_failed_to_go_out(conn, action, now)
+            self._retry_failed_to_go_out(conn, action, now, unreached=unreached)
         # A dead retry or link payment sent and never answered leaves its order open: whether the charge happened
         # is unknown, so no new attempt is made on top of it; the order's window-end CLOSE fails it unless an
         # operator acts (resolve-charge).
 
-    def _retry_failed_to_go_out(self, conn: sa.Connection, action: ActionRow, now: datetime) -> None:
+    def _retry_failed_to_go_out(
+        self, conn: sa.Connection, action: ActionRow, now: datetime, *, unreached: bool = False
+    ) -> None:
         """A dead-lettered retry whose charge certainly never went out (its connector is not configured, refused it
         outright, or could not be reached on any try): its connector is taken out of the order's connectors
         (``request_for``) and the order is decided again, as for a retry the rules refuse at its send. Left dead
@@ -1423,7 +1441,13 @@ class Executor:
         conn.execute(
             actions.update()
             .where(actions.c.action_id == action.action_id)
-            .values(payload_json=_dump(action.payload | {CONNECTOR_FAILED: True}))
+            .values(
+                payload_json=_dump(
+                    action.payload
+                    | {CONNECTOR_FAILED: True}
+                    | ({CONNECTOR_FAILED_UNTIL: (now + CONNECTOR_UNREACHED_HOLD).isoformat()} if unreached else {})
+                )
+            )
         )
         order = self.lock_order(conn, action.merchant_id, action.order_id)
         if order is not None and order["state"] == OrderState.PENDING:

@@ -368,3 +368,47 @@ def test_a_upi_autopay_re_send_waits_out_npcis_peak_hours(
     h.drain()
     assert len(h.connector.calls) == 2  # asked again once the window opened
     assert _retries_made(h) == 1
+
+
+class UnreachableAtFirst:
+    """No try reaches the connector for its first ``down`` calls (an outage, a rate limit), then it charges."""
+
+    def __init__(self, down: int, result: str = "success") -> None:
+        self.down = down
+        self.result = result
+        self.calls: list[str] = []
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.calls.append(request.payment_id)
+        if len(self.calls) <= self.down:
+            raise UnreachedError("cannot reach connector 'stripe' (connection refused)")
+        return ChargeResult(status="success" if self.result == "success" else "failure", connector=request.connector)
+
+
+def test_a_connector_no_try_reached_during_a_short_outage_is_offered_to_the_order_again_later(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """(Review of 5b919bf.) A retry dead-lettered because no try reached its connector (a few minutes' outage, or
+    a rate limit) took the connector out of the order for good: a one-connector merchant never got another silent
+    retry, and the retry planned for the next day on the same connector was refused at its send
+    (connector_unavailable). The connector is left out only for a while."""
+    retry = {"action": "retry", "strategy": "retry_same", "connector": "stripe"}
+    next_day = {"action": "retry", "strategy": "retry_same", "connector": "stripe", "delay": timedelta(days=1)}
+    switch = UnreachableAtFirst(down=8)
+    h = make_harness(dict(retry), dict(next_day), merchants={"m_demo": demo_merchant(connectors=["stripe"])})
+    h.effects.connectors.overrides = {"*": switch}
+    h.executor.payment_failed("m_demo", event(available_connectors=None))
+    for _ in range(30):  # eight tries over about four minutes, then the retry is dead-lettered
+        h.drain()
+        h.clock.advance(seconds=30)
+    assert switch.calls == ["ord_1_2"] * 8
+    requests = h.executor.decider.requests  # type: ignore[attr-defined]
+    assert requests[1].available_connectors == []  # right after the outage: not offered
+    h.clock.advance(days=1)
+    for _ in range(3):
+        h.drain()
+        h.clock.advance(minutes=5)
+    view = h.view()
+    assert len(switch.calls) == 9, [(a.kind, a.state, a.last_error) for a in view.actions]
+    assert [(a.connector, a.status) for a in view.attempts[1:]] == [("stripe", "success")]
+    assert view.state == "SUCCEEDED"

@@ -256,7 +256,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
         visa_window=timedelta(days=_number(raw, "visa.reattempt_cap.window_days")),
         mastercard_networks=_strings(raw, "mastercard.reattempt_cap.card_networks"),
-        mastercard_reattempt_cap=int(_number(raw, "mastercard.reattempt_cap.max_reattempts")),
+        mastercard_reattempt_cap=int(_number(raw, "mastercard.reattempt_cap.max_declines")),
         mastercard_window=timedelta(hours=_number(raw, "mastercard.reattempt_cap.window_hours")),
         mac_never_retry=_strings(raw, "mastercard_merchant_advice.never_retry_codes"),
         mac_no_retarget=_strings(raw, "mastercard_merchant_advice.no_retarget_codes"),
@@ -356,6 +356,7 @@ class RuleContext:
     visa_reported_reattempts: int  # the caller's card_reattempts_30d, 0 when absent
     mastercard_cap: int | None  # None: the Mastercard re-attempt cap does not apply
     mastercard_window: timedelta
+    mastercard_decline_times: tuple[datetime, ...]  # sorted times of the card's declined authorizations
     upi_window_end: datetime | None
     upi_timezone: ZoneInfo
     upi_peak_minutes: tuple[tuple[int, int], ...]
@@ -373,6 +374,7 @@ class RuleContext:
 
 _RETRY_STRATEGY_NAMES: tuple[str, ...] = tuple(strategy.value for strategy in RETRY_STRATEGIES)
 #: Every channel with its plain value, in the enum's order (``Enum.value`` is a slow property, read once here).
+_INITIAL, _RETARGET_LINK = Strategy.INITIAL.value, Strategy.RETARGET_LINK.value
 _CHANNEL_ITEMS: tuple[tuple[Channel, str], ...] = tuple((channel, channel.value) for channel in Channel)
 _CHANNEL_VALUES = frozenset(name for _, name in _CHANNEL_ITEMS)
 _CHANNELS: tuple[Channel, ...] = tuple(Channel)
@@ -486,14 +488,20 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         retries_left.append(visa_cap - recent)
         applied.append(f"visa_reattempts:{recent}/{visa_cap}")
 
-    # Mastercard: at most so many re-attempts of the card in any window (24 h), counted from the order's history.
+    # Mastercard: no authorization after so many declines of the card in any window (24 h), the original attempt's
+    # decline included, counted from the order's history (a failure the history does not list is the event's).
     mastercard_cap: int | None = None
+    mastercard_declines: tuple[datetime, ...] = ()
     if network in book.mastercard_networks:
         mastercard_cap = book.mastercard_reattempt_cap
+        declined = [a.created_at for a in attempts if a.status == "failure" and a.strategy != _RETARGET_LINK]
+        if not any(a.strategy == _INITIAL for a in attempts):
+            declined.append(first_failure_at)
+        mastercard_declines = tuple(sorted(declined))
         since = event_time - book.mastercard_window
-        recent = sum(1 for t in retry_times if t >= since)
+        recent = sum(1 for t in mastercard_declines if t >= since)
         retries_left.append(mastercard_cap - recent)
-        applied.append(f"mastercard_reattempts:{recent}/{mastercard_cap}")
+        applied.append(f"mastercard_declines:{recent}/{mastercard_cap}")
 
     # Mastercard merchant advice: honoured whenever present, on any network; the stricter of data and catalog.
     mac = _mac_key(failure.merchant_advice_code) if failure.merchant_advice_code else None
@@ -635,6 +643,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         visa_reported_reattempts=reported,
         mastercard_cap=mastercard_cap,
         mastercard_window=book.mastercard_window,
+        mastercard_decline_times=mastercard_declines,
         upi_window_end=upi_window_end,
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
@@ -766,7 +775,7 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
             if max(recent, context.visa_reported_reattempts) >= context.visa_cap:
                 broken.append(Rule.VISA_REATTEMPT_CAP)
         if context.mastercard_cap is not None:
-            times = context.visa_retry_times
+            times = context.mastercard_decline_times
             if len(times) - bisect.bisect_left(times, at - context.mastercard_window) >= context.mastercard_cap:
                 broken.append(Rule.MASTERCARD_REATTEMPT_CAP)
         if context.upi_window_end is not None:

@@ -337,6 +337,10 @@ def evaluate(
     except (HistoryError, ConfigError, FileNotFoundError, ValueError) as exc:
         raise fail(format_history_error(exc) if isinstance(exc, HistoryError) else str(exc)) from None
     console.print(f"evaluation of {name} written to {summary.out_dir / 'evaluation.md'}")
+    from pipelines.evaluate import fitted_on_holdout
+
+    if loaded and (warning := fitted_on_holdout(loaded[0].metadata, summary.holdout_start)):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if summary.episodes is not None:
         console.print(summary.episodes.to_string(index=False))
 

@@ -61,6 +61,27 @@ class EvaluationSummary:
         return "\n".join(lines)
 
 
+def fitted_on_holdout(metadata: Mapping[str, Any], holdout_start: datetime | None) -> str | None:
+    """A warning when a model's text model was fitted on part of the holdout it is evaluated on, else None.
+
+    A version ``winback train`` registered with a refit (``pipelines.train.refitted``) has a text model fitted on
+    every decision point up to its ``text_trained_to``; evaluated on the same history, its text features on the
+    holdout's older part are in-sample, and the figures flatter it."""
+    seen_to = metadata.get("text_trained_to") if metadata.get("text_refit") else None
+    if holdout_start is None or not seen_to:
+        return None
+    trained_to = pd.Timestamp(seen_to)
+    start = pd.Timestamp(holdout_start)
+    start = start.tz_localize("UTC") if start.tzinfo is None else start
+    if trained_to < start:
+        return None
+    return (
+        f"this model's text model was fitted on decision points up to {trained_to}, after the holdout's start "
+        f"{start}: its figures on this history are partly in-sample (a refit version's holdout metrics are its "
+        "judged fit's, in its training run)"
+    )
+
+
 def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
     shown = frame.reset_index() if index else frame
     header = "| " + " | ".join(str(c) for c in shown.columns) + " |"

@@ -161,3 +161,20 @@ def test_noise_never_widens_a_tolerance_past_its_ceiling() -> None:
     )
     assert not value.promote
     assert next(c for c in value.checks if c.metric.name == "policy_value_dr").allowed == pytest.approx(0.03)
+
+
+def test_evaluating_a_refit_on_the_history_it_was_fitted_on_warns() -> None:
+    """(Review.) ``winback evaluate --alias champion`` on the training history scored a refit version partly on
+    decision points its text model was fitted on, and called them the holdout."""
+    from datetime import UTC, datetime
+
+    from pipelines.evaluate import fitted_on_holdout
+
+    start = datetime(2026, 7, 25, tzinfo=UTC)
+    refit = {"text_refit": True, "text_trained_to": "2026-09-09 13:00:00+00:00", "trained_to": "2026-07-24"}
+    warning = fitted_on_holdout(refit, start)
+    assert warning is not None
+    assert "in-sample" in warning
+    assert fitted_on_holdout({**refit, "text_trained_to": "2026-07-24 11:59:28+00:00"}, start) is None
+    # A version without a refit (or from before refits) is not flagged.
+    assert fitted_on_holdout({"trained_to": "2026-09-09 13:00:00+00:00"}, start) is None

@@ -119,6 +119,14 @@ def train(
             "machine shared with other jobs).",
         ),
     ] = 1,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="Fit the registered version again on the whole history once judged (default), or register the "
+            "judged fit itself.",
+        ),
+    ] = True,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
@@ -135,6 +143,7 @@ def train(
         scheduler=scheduler,
         partition_rows=partition_rows,
         threads=threads,
+        refit=refit,
         console=console,
         err_console=err_console,
     )
@@ -754,6 +763,14 @@ def retrain(
             "--gate", help="Gate metrics to check, comma-separated (default: all), e.g. retry_auc,retry_log_loss."
         ),
     ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit/--no-refit",
+            help="Fit the registered version again on the whole history once judged (default), or register the "
+            "judged fit itself.",
+        ),
+    ] = True,
 ) -> None:
     """Train a challenger on the updated history, gate it against the champion, promote or keep (with why).
 
@@ -775,6 +792,7 @@ def retrain(
             evaluation_options=None if episodes is None else {"episode_orders": episodes},
             console=console,
             gate=None if gate is None else [part.strip() for part in gate.split(",") if part.strip()],
+            refit=refit,
         )
         verdict = "promoted" if result.promoted else "kept champion"
         console.print(f"{verdict}: {result.verdict}", highlight=False, soft_wrap=True)

@@ -96,6 +96,7 @@ def retrain(
     console: Console | None = None,
     show_progress: bool = True,
     gate: Sequence[str] | None = None,
+    refit: bool = True,
 ) -> RetrainResult:
     """Train a challenger on the history (or its last ``window_days``), gate it against the champion, promote
     or keep. Raises TrainInputError (nothing registered) when the history is unusable.
@@ -130,6 +131,7 @@ def retrain(
             console=console,
             show_progress=show_progress,
             gate_metrics=checks,
+            refit=refit,
         )
     return RetrainResult(summary=summary, window_days=window_days, orders=int(frame["order_id"].nunique()))
 

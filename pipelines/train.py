@@ -714,6 +714,7 @@ def train_command(
     scheduler: str | None = None,
     partition_rows: int = DEFAULT_PARTITION_ROWS,
     threads: int = 1,
+    refit: bool = True,
     console: Console | None = None,
     err_console: Console | None = None,
 ) -> int:
@@ -737,6 +738,7 @@ def train_command(
             engine=engine,
             scheduler=scheduler,
             partition_rows=partition_rows,
+            refit=refit,
         )
     except TrainInputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

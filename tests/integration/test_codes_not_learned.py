@@ -122,3 +122,21 @@ def test_a_refit_tells_a_recent_final_code_from_a_recent_retryable_one() -> None
         learned_gap = retry_probability(refit, connector, technical) - retry_probability(refit, connector, final)
         assert abs(unseen_gap) < 0.02, (connector, unseen_gap)
         assert learned_gap > 0.05, (connector, learned_gap)
+
+
+def test_winback_train_no_refit_registers_the_judged_fit(tmp_path: Path, mlflow_store: str) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    recent_codes_history(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        ["train", "--attempts", str(tmp_path / "attempts.parquet"), "--nudges", str(tmp_path / "nudges.parquet"),
+         "--tracking-uri", mlflow_store, "--episodes", "0", "--no-refit"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "not learned yet:" in result.output
+    bundle = registry.load_version("1", tracking_uri=mlflow_store)
+    assert "refit" not in bundle.metadata
+    assert bundle.metadata["time_holdout_fraction"] == pytest.approx(0.2)

@@ -1276,8 +1276,7 @@ def _train_on_columns(
         "seed": seed,
         "time_holdout_fraction": time_holdout_fraction,
         "trained_from": str(pd.to_datetime(decision_ts.min(), unit="s", utc=True)),
-        # The newest decision point the models were fitted on (the holdout's are newer): a later gate judges this
-        # version only on decision points after it (pipelines/train.py).
+        # The newest decision point the models were fitted on (the holdout's are newer).
         "trained_to": str(pd.to_datetime(decision_ts[fitted].max(), unit="s", utc=True)),
         "lightgbm": lgb.__version__,
         "dropped": dropped,

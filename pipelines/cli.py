@@ -123,8 +123,8 @@ def train(
         bool,
         typer.Option(
             "--refit/--no-refit",
-            help="Fit the registered version again on the whole history once judged (default), or register the "
-            "judged fit itself.",
+            help="Refit the registered version's text model and code inventory on the whole history once judged "
+            "(default: last week's error codes are learned), or register the judged fit itself.",
         ),
     ] = True,
 ) -> None:
@@ -767,8 +767,8 @@ def retrain(
         bool,
         typer.Option(
             "--refit/--no-refit",
-            help="Fit the registered version again on the whole history once judged (default), or register the "
-            "judged fit itself.",
+            help="Refit the registered version's text model and code inventory on the whole history once judged "
+            "(default: last week's error codes are learned), or register the judged fit itself.",
         ),
     ] = True,
 ) -> None:

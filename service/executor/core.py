@@ -129,6 +129,11 @@ class IdempotencyConflictError(ValueError):
     """The idempotency key was used before with a different body."""
 
 
+class TxnIdTakenError(ValueError):
+    """A failure event's history names a txn_id another order's attempt already has (txn_ids are unique across
+    every merchant's history: CONTRACT.md section 3)."""
+
+
 class OrderNotFoundError(LookupError):
     """No such order for this merchant."""
 
@@ -673,6 +678,23 @@ class Executor:
 
         return self._idempotent(merchant_id, "payment_failed", body, apply)
 
+    @staticmethod
+    def _check_txn_ids_free(conn: sa.Connection, rows: list[tuple[int, str]], history: Sequence[Any]) -> None:
+        """TxnIdTakenError naming the first attempt whose txn_id another order's attempt has already (it was a
+        database error, a 500: review)."""
+        if not rows:
+            return
+        taken = set(
+            conn.scalars(sa.select(transactions.c.txn_id).where(transactions.c.txn_id.in_([t for _, t in rows])))
+        )
+        for index, txn_id in rows:
+            if txn_id in taken:
+                number = history[index].attempt_number
+                raise TxnIdTakenError(
+                    f"history.attempts (attempt_number {number}).txn_id: {txn_id!r} is already the txn_id of another "
+                    "order's attempt; txn_ids are unique across the history"
+                )
+
     def _create_order(
         self, conn: sa.Connection, merchant_id: str, merchant: MerchantConfig, request: DecisionRequest, now: datetime
     ) -> None:
@@ -700,6 +722,7 @@ class Executor:
                     "created_at": attempt.created_at,
                 }
             )
+        self._check_txn_ids_free(conn, [(index, row["txn_id"]) for index, row in enumerate(rows)], history)
         if not rows:
             rows.append(
                 {

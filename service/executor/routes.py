@@ -35,6 +35,7 @@ from service.executor.core import (
     OrderNotFoundError,
     StaleClaimError,
     Transient,
+    TxnIdTakenError,
 )
 from service.executor.effects import Effects
 from service.executor.links import LinkError
@@ -107,7 +108,11 @@ ExecutorDep = Annotated[ExecutorRuntime, Depends(get_executor)]
 _EVENT_ERRORS: dict[int | str, dict[str, Any]] = {
     **CALLER_ERRORS,
     **BODY_ERRORS,
-    409: {"model": ErrorBody, "description": "the idempotency key was used with a different body"},
+    409: {
+        "model": ErrorBody,
+        "description": "the idempotency key was used with a different body, or (payment-failed) a history txn_id is "
+        "another order's",
+    },
 }
 _LINK_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "a link whose token does not check out (an HTML page says so)"},
@@ -130,7 +135,7 @@ async def payment_failed(body: PaymentFailedEvent, caller: CallerDep, runtime: E
         answer = await run_in_threadpool(
             runtime.executor.payment_failed, caller.merchant_id, body.model_dump(mode="json")
         )
-    except IdempotencyConflictError as exc:
+    except (IdempotencyConflictError, TxnIdTakenError) as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(exc)) from None
     return EventOut(order_id=answer.order_id, state=answer.state)  # type: ignore[arg-type]
 

@@ -142,3 +142,20 @@ def test_a_failure_event_whose_history_cannot_be_stored_is_a_422_naming_the_atte
     assert answer.json()["detail"][0]["field"] == "history"
     assert named in answer.json()["message"]
     assert api.loop.run_until_complete(api.client.get("/v1/orders/ord_h1", headers=AUTH)).status_code == 404
+
+
+def test_a_history_txn_id_another_order_has_is_a_409_naming_it(api: Api) -> None:
+    """(Review.) txn_ids are unique across the history files (CONTRACT.md section 3), and the store keys attempts
+    by them: a second order's history reusing the first's ``pi_1`` raised the database's IntegrityError (a 500)."""
+    executor_of(api, FakeConnector())
+    first = failed_event(history={"attempts": [_history_attempt(1, txn_id="pi_1")], "nudges": []})
+    assert api.post("/v1/events/payment-failed", first).status_code == 202
+    second = failed_event(
+        order_id="ord_h2", key="evt_h2", history={"attempts": [_history_attempt(1, txn_id="pi_1")], "nudges": []}
+    )
+    answer = api.post("/v1/events/payment-failed", second)
+    assert answer.status_code == 409, answer.text
+    assert "txn_id: 'pi_1' is already the txn_id of another order's attempt" in answer.text
+    assert api.loop.run_until_complete(api.client.get("/v1/orders/ord_h2", headers=AUTH)).status_code == 404
+    # The same event again (a retry of the caller's request) is the first order's answer, not a conflict.
+    assert api.post("/v1/events/payment-failed", first).status_code == 202

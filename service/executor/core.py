@@ -1380,6 +1380,8 @@ class Executor:
         payload = dict(action.payload)
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
+            # The order first, then the channel's row, as when a message is taken (``complete``): one lock order.
+            order = self.lock_order(conn, action.merchant_id, action.order_id)
             down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
             if (
                 down_until is not None

@@ -32,7 +32,14 @@ from service.api.store import decision_row, decisions
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
 from service.executor.optouts import customer_address, opted_out_channels, record_opt_out, with_opt_outs
-from service.executor.outages import channels_down, down_note, note_accepted, note_refusal, without_channels
+from service.executor.outages import (
+    channels_down,
+    down_entry,
+    down_note,
+    note_accepted,
+    note_refusal,
+    without_channels,
+)
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -416,7 +423,7 @@ MESSAGE_WAITS_FOR_CHANNEL = "waits_for_channel"
 def waits_for_channel(decision: Decision) -> bool:
     """Whether ``decision`` is a message planned to wait for its channel, which was down when it was made (only
     such a decision names a channel its ``rules_applied`` says was down)."""
-    return decision.channel is not None and f"channel_down:{decision.channel.value}" in decision.rules_applied
+    return decision.channel is not None and down_entry(decision.channel) in decision.rules_applied
 
 
 #: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
@@ -1399,8 +1406,7 @@ class Executor:
                 # for the channel waits (above).
                 reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
                 self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
-                order = self.lock_order(conn, action.merchant_id, action.order_id)
-                if order is not None:
+                if order is not None:  # locked above; releasing the action changed nothing of it
                     self._decision_point(conn, order, now)
                 return
             since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))

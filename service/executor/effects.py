@@ -26,7 +26,7 @@ from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig, QuietHours
 from model.money import format_amount
 from model.requests import DecisionRequest
-from model.rules import Candidate, Rule, build_context, check, upi_off_peak_from
+from model.rules import Candidate, Rule, RuleContext, build_context, check, upi_off_peak_from
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables
@@ -350,12 +350,7 @@ class Effects:
                 # A re-send is the same charge, asked again; if its first send never arrived, the switch charges
                 # it now. A UPI AutoPay retry must not execute in NPCI's peak hours: it waits for the off-peak
                 # window (its mark kept: the order waits for its answer).
-                rules_now = build_context(
-                    self.executor.request_for(conn, order, now),
-                    self.executor.merchant(action.merchant_id),
-                    self.catalog,
-                )
-                off_peak = upi_off_peak_from(rules_now, now)
+                off_peak = upi_off_peak_from(self._rules_now(conn, order, action, now), now)
                 if off_peak is not None and off_peak > now:
                     return Defer(off_peak, "UPI AutoPay peak hours: the re-send waits for the off-peak window")
             try:
@@ -422,15 +417,20 @@ class Effects:
         """The hard rules the retry breaks if sent now (none: it may go). Checked again at the moment of sending,
         as for messages: the decision may be hours old, and the merchant's config may have changed since (a flow
         switched off, fewer retries allowed)."""
-        request = self.executor.request_for(conn, order, now)
         candidate = Candidate(
             action=Action.RETRY,
             execute_at=now,
             strategy=Strategy(str(action.payload["strategy"])),
             connector=str(action.payload["connector"]),
         )
-        verdict = check(build_context(request, self.executor.merchant(action.merchant_id), self.catalog), candidate)
+        verdict = check(self._rules_now(conn, order, action, now), candidate)
         return () if verdict.allowed else verdict.broken
+
+    def _rules_now(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> RuleContext:
+        """The rules' facts about the action's order at ``now``, with its merchant's config as it is now."""
+        return build_context(
+            self.executor.request_for(conn, order, now), self.executor.merchant(action.merchant_id), self.catalog
+        )
 
     # ----------------------------------------------------------------------------------------- nudges
 

@@ -68,28 +68,27 @@ def note_refusal(
     since, last = as_utc(row["refused_since"]), as_utc(row["last_refused_at"])
     down_until = as_utc_or_none(row["down_until"])
     times_down = int(row["times_down"])
+    values: dict[str, object] = {"last_refused_at": now}
     if down_until is not None and now < down_until:  # a message that was on its way when the channel went down
-        conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(last_refused_at=now))
-        return down_until
-    probing = down_until is not None and now < down_until + down_after
-    if not probing and now - last > down_after:  # the last refusal was long ago: a new streak, not an outage
-        since, times_down = now, 0
-    values: dict[str, object] = {"refused_since": since, "last_refused_at": now, "times_down": times_down}
-    if now - since < down_after:
-        values["down_until"] = None
-        conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
-        return None
-    hold = min(first_hold * (1 << min(times_down, 16)), max_hold)
-    if retry_after is not None:
-        hold = max(hold, min(retry_after, max_hold))
-    until = now + hold
-    values |= {"down_until": until, "times_down": times_down + 1}
+        until: datetime | None = down_until
+    else:
+        probing = down_until is not None and now < down_until + down_after
+        if not probing and now - last > down_after:  # the last refusal was long ago: a new streak, not an outage
+            since, times_down = now, 0
+        values |= {"refused_since": since, "times_down": times_down, "down_until": None}
+        until = None
+        if now - since >= down_after:
+            hold = min(first_hold * (1 << min(times_down, 16)), max_hold)
+            if retry_after is not None:
+                hold = max(hold, min(retry_after, max_hold))
+            until = now + hold
+            values |= {"down_until": until, "times_down": times_down + 1}
+            log.warning(
+                "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
+                channel.value, merchant_id, until.isoformat(), since.isoformat(),
+                extra={"merchant_id": merchant_id, "channel": channel.value},
+            )  # fmt: skip
     conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
-    log.warning(
-        "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
-        channel.value, merchant_id, until.isoformat(), since.isoformat(),
-        extra={"merchant_id": merchant_id, "channel": channel.value},
-    )  # fmt: skip
     return until
 
 
@@ -124,6 +123,11 @@ def without_channels(merchant: MerchantConfig, channels: Collection[Channel]) ->
     return merchant.model_copy(update={"retarget": merchant.retarget.model_copy(update={"channels": kept})})
 
 
+def down_entry(channel: Channel) -> str:
+    """The ``rules_applied`` entry of a decision made while ``channel`` was down."""
+    return f"channel_down:{channel.value}"
+
+
 def down_note(down: Mapping[Channel, datetime]) -> list[str]:
     """The ``rules_applied`` entries of a decision made while ``down`` channels were left out."""
-    return [f"channel_down:{channel.value}" for channel in sorted(down, key=lambda channel: channel.value)]
+    return [down_entry(channel) for channel in sorted(down, key=lambda channel: channel.value)]

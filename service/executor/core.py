@@ -391,6 +391,10 @@ def txn_id_for(idempotency_key: str) -> str:
     return "txn_" + _short_hash("txn", idempotency_key)
 
 
+#: Template of the payment-link message (per merchant, channel and locale in the channels' template folder).
+PAYMENT_LINK_TEMPLATE = "payment_link"
+
+
 def nudge_id_for(idempotency_key: str) -> str:
     """The nudge_id of the message an action sends (stable across re-sends)."""
     return "ndg_" + _short_hash("nudge", idempotency_key)
@@ -1004,6 +1008,18 @@ class Executor:
         # A charge that may have reached its connector (claimed now, or sent before without an answer) is not
         # cancelled: its worker records what it did, or a re-send with the same key asks the switch, and the
         # attempt is stored either way (a success on the settled order logs that a refund may be needed).
+        # A message waiting for another try that an earlier one may have sent stays in the history (a claimed
+        # one is recorded by its worker: ``_record_settled_meanwhile``).
+        waiting_messages = conn.execute(
+            sa.select(actions).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.state == ActionState.SCHEDULED.value,
+                actions.c.kind == ActionKind.NUDGE.value,
+            )
+        ).mappings()
+        for row in waiting_messages.all():
+            self._keep_maybe_sent(conn, ActionRow.of(row), "cancelled: its order was settled", now)
         conn.execute(
             actions.update()
             .where(
@@ -1284,6 +1300,8 @@ class Executor:
                 )
             )
         elif isinstance(outcome, Replan) or action.kind == ActionKind.FOLLOW_UP:
+            if isinstance(outcome, Replan):
+                self._keep_maybe_sent(conn, action, f"decided again: {outcome.reason}", now)
             self._decision_point(conn, order, now)
         elif action.kind == ActionKind.CLOSE:
             self._on_close(conn, order, action, now)
@@ -1452,7 +1470,7 @@ class Executor:
             if order is not None:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
-                self._record_unsent(conn, order, action, NotSent(nudge_id, channel, "payment_link", error), now)
+                self._record_unsent(conn, order, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), now)
         elif action.kind == ActionKind.RETRY and connector_failed:
             self._retry_failed_to_go_out(conn, action, now, unreached=unreached)
         # A dead retry or link payment sent and never answered leaves its order open: whether the charge happened
@@ -1613,6 +1631,24 @@ class Executor:
         self._insert_unsent_nudge(conn, action, unsent, now)
         # The undelivered nudge is in the history now (it counts against max_nudges): decide again.
         self._decision_point(conn, order, now)
+
+    def _keep_maybe_sent(self, conn: sa.Connection, action: ActionRow, why: str, now: datetime) -> bool:
+        """Record a message that ends unsent (cancelled, or decided again) although an earlier try of it may have
+        reached the provider (a timeout, a 500, a worker that died after handing it over): the customer may have
+        it, so it stays in the history as not known to be sent, and counts against ``max_nudges``, as when it is
+        given up. Without it, such a message vanished while its channel was down and its order settled or the
+        customer opted out. True when a nudge was recorded."""
+        tries = int(action.payload.get(MESSAGE_MAYBE_SENT_TRIES, 0))
+        if action.kind != ActionKind.NUDGE or tries == 0:
+            return False
+        recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
+        if recorded is not None:
+            return False
+        error = f"{why}; {tries} earlier {'try' if tries == 1 else 'tries'} may have reached the provider"
+        channel = str(action.payload.get("channel"))
+        unsent = NotSent(nudge_id_for(action.idempotency_key), channel, PAYMENT_LINK_TEMPLATE, error)
+        self._insert_unsent_nudge(conn, action, unsent, now)
+        return True
 
     def _insert_unsent_nudge(self, conn: sa.Connection, action: ActionRow, unsent: NotSent, now: datetime) -> None:
         """The nudge that could not be sent (it counts against max_nudges all the same)."""

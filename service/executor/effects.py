@@ -44,6 +44,7 @@ from service.executor.core import (
     CHARGE_KINDS,
     MESSAGE_MAYBE_SENT_TRIES,
     MESSAGE_WAITS_FOR_CHANNEL,
+    PAYMENT_LINK_TEMPLATE,
     RECHECK,
     ActionRow,
     Charged,
@@ -167,8 +168,6 @@ def _renewal_retry(lease: timedelta) -> float:
 log = logging.getLogger("winback.executor")
 
 T = TypeVar("T")
-#: Template of the payment-link message (per merchant, channel and locale in the channels' template folder).
-PAYMENT_LINK_TEMPLATE = "payment_link"
 
 AdapterFactory = Callable[[str, MerchantConfig, httpx.AsyncClient], Mapping[Channel, ChannelAdapter]]
 

@@ -23,6 +23,7 @@ import pytest
 
 from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig
+from model.vocab import Channel
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeState, run_fake_provider
 from service.executor.worker import make_decider
@@ -283,3 +284,49 @@ def test_an_exploring_policy_does_not_fail_a_one_channel_order_during_a_long_out
         assert statuses(h) == []
     finally:
         stop()
+
+
+def _a_message_that_may_have_gone_out_waits_for_its_channel(h: Harness, state: FakeState) -> None:
+    """The message's first try timed out (504: the provider may have sent it), then WhatsApp went down: the
+    message is held, scheduled, through the outage."""
+    state.hang(times=1, seconds=0.0)
+    state.fail(times=100_000, status=503)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 30, minutes=1)
+    assert message_action(h).state == "scheduled"
+    assert statuses(h) == []
+
+
+def test_a_message_that_may_have_gone_out_is_kept_in_the_history_when_its_order_succeeds_meanwhile(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Left from stop 31: the order settled while the message waited for its channel, and settling cancelled it
+    with no record, although its first try may have reached the customer (whose payment may be its doing)."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    _a_message_that_may_have_gone_out_waits_for_its_channel(h, gupshup.state)
+    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(),
+                 "idempotency_key": "s1"}  # fmt: skip
+    assert h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    step(h, 5, minutes=1)
+    assert message_action(h).state == "cancelled"
+    assert statuses(h) == ["rejected"]
+    (nudge,) = h.view().nudges
+    assert "may have reached" in (nudge.error or "")
+
+
+def test_a_message_that_may_have_gone_out_is_kept_in_the_history_when_the_customer_opts_out_meanwhile(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """The same, when a STOP from the customer arrives while the message waits: at its next try it is decided
+    again (the channel opted out), and it stays in the history."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    _a_message_that_may_have_gone_out_waits_for_its_channel(h, gupshup.state)
+    assert h.executor.opt_out_address("m_demo", Channel.WHATSAPP, "+919800000001", "test")
+    step(h, 60, minutes=1)
+    assert statuses(h)[:1] == ["rejected"]
+    assert "may have reached" in (h.view().nudges[0].error or "")
+    assert all(nudge.channel != "whatsapp" for nudge in h.view().nudges[1:])

@@ -303,12 +303,16 @@ def decide(
     support = code_support(active, request.failure.connector, request.failure.error_code)
     epsilon = exploration_rate(config, error.known_code, support)
     generator = rng if rng is not None else np.random.default_rng()
+    # Exploration never picks stop: its outcome is known (the order fails), so trying it teaches nothing and costs
+    # the order. It was drawn like any candidate: an order whose only channel was down failed that way.
+    explorable = len(allowed) - sum(stop - start for start, stop, first in runs if first.action == _STOP)
     chosen = best
-    if epsilon > 0.0 and len(allowed) > 1 and generator.random() < epsilon:
-        chosen = int(generator.integers(len(allowed)))
-    uniform = epsilon / len(allowed) if len(allowed) > 1 else 0.0
-    propensity = (1.0 - epsilon if len(allowed) > 1 else 1.0) * (chosen == best) + uniform
+    if epsilon > 0.0 and explorable > 0 and generator.random() < epsilon:
+        choices = [i for start, stop, first in runs if first.action != _STOP for i in range(start, stop)]
+        chosen = choices[int(generator.integers(explorable))]
     choice = allowed[chosen]
+    uniform = epsilon / explorable if explorable > 0 and choice.action != _STOP else 0.0
+    propensity = (1.0 - epsilon if explorable > 0 else 1.0) * (chosen == best) + uniform
 
     retry_indices = [i for start, stop, first in runs if first.action == _RETRY for i in range(start, stop)]
     retry_probability = float(max(p_success[retry_indices].tolist(), default=0.0))

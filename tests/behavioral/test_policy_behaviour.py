@@ -293,3 +293,42 @@ def test_retryable_of_an_error_retried_on_its_own_connector_does_not_depend_on_t
     decision = decide(request, merchant, None, catalog=catalog, config=GREEDY)
     assert base.retryable
     assert decision.retryable == base.retryable, (decision.retry_probability, base.retry_probability)
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_exploration_never_picks_stop_and_its_propensities_add_up(with_model: bool, bundle: ModelBundle) -> None:
+    """Stop's outcome is known (the order fails): exploring it teaches nothing and costs the order. It was drawn
+    like any candidate, and an executor order whose only channel was down failed that way. Over many draws, the
+    chosen action is the greedy one or an explored non-stop candidate, and each logged propensity is what the
+    policy's distribution gives it: 1 - epsilon + epsilon / n for the greedy choice, epsilon / n for another."""
+    scorer = bundle if with_model else None
+    request, merchant = make_request(), make_merchant()
+    greedy = decide(request, merchant, scorer, catalog=load_catalog(), config=GREEDY, rng=np.random.default_rng(0))
+    allowed, _ = permitted_grid(build_context(request, merchant, load_catalog()))
+    explorable = sum(candidate.action != Action.STOP for candidate in allowed)
+    assert explorable > 1
+    rng = np.random.default_rng(3)
+    chosen = [decide(request, merchant, scorer, catalog=load_catalog(), config=EXPLORING, rng=rng) for _ in range(300)]
+    assert all(decision.action != Action.STOP for decision in chosen)
+    explored = [d for d in chosen if (d.action, d.execute_at, d.strategy, d.connector, d.channel) != (
+        greedy.action, greedy.execute_at, greedy.strategy, greedy.connector, greedy.channel)]  # fmt: skip
+    assert 100 < len(explored) < 200
+    assert {d.propensity for d in explored} == {round(0.5 / explorable, 6)}
+    kept = [d for d in chosen if d not in explored]
+    assert {d.propensity for d in kept} == {round(0.5 + 0.5 / explorable, 6)}
+
+
+def test_with_nothing_worth_doing_exploration_still_tries_a_permitted_action() -> None:
+    """The greedy choice is stop (rules-only, a payment link costs more than a tiny order is worth): exploration
+    still draws among the other permitted actions, which is how the policy learns they were worth more."""
+    request, merchant = make_request(amount=0.01), make_merchant()
+    greedy = decide(request, merchant, None, catalog=load_catalog(), config=GREEDY, rng=np.random.default_rng(0))
+    assert greedy.action == Action.STOP
+    allowed, _ = permitted_grid(build_context(request, merchant, load_catalog()))
+    explorable = sum(candidate.action != Action.STOP for candidate in allowed)
+    rng = np.random.default_rng(3)
+    chosen = [decide(request, merchant, None, catalog=load_catalog(), config=EXPLORING, rng=rng) for _ in range(200)]
+    stops = [d for d in chosen if d.action == Action.STOP]
+    assert 60 < len(stops) < 140
+    assert {d.propensity for d in stops} == {0.5}
+    assert {d.propensity for d in chosen if d.action != Action.STOP} == {round(0.5 / explorable, 6)}

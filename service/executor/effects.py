@@ -62,7 +62,7 @@ from service.executor.core import (
     nudge_id_for,
 )
 from service.executor.optouts import customer_address, is_opted_out
-from service.executor.outages import channels_down
+from service.executor.outages import channels_down, claim_probe
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
@@ -576,6 +576,10 @@ class Effects:
             )
             if forbidden is not None:
                 return forbidden
+            channel = Channel(str(action.payload["channel"]))
+            probe_ends = claim_probe(conn, action.merchant_id, channel, now, self.lease)
+            if probe_ends is not None:  # its answer says whether the channel is up again
+                return Defer(max(probe_ends, now + RECHECK), f"another message is probing {channel.value}")
             # The claim cleared any earlier mark, so this fails only when the claim is no longer ours.
             if not self.executor.mark_sent(conn, action, now):
                 return Skip("the claim is no longer this worker's")

@@ -5,8 +5,10 @@ A provider that certainly did not take a message (HTTP 408, 425, 429, 501, 502, 
 streak has lasted ``down_after`` the channel is *down* until a hold ends: messages planned on it are not tried
 (nor counted against the customer: none was sent), and the order is decided again without the channel, so the
 customer is reached on another one. When no other action is worth taking, the message waits for the channel
-instead of the order failing (``Executor._decision_point``). After the hold, the next message on the channel is the
-probe: taken, the channel is up again; refused, it is down again for twice as long, up to ``max_hold``.
+instead of the order failing (``Executor._decision_point``). After the hold, one message on the channel is the
+probe (``claim_probe``), and the others wait for its answer: taken, the channel is up again; refused, it is down
+again for twice as long, up to ``max_hold``. Before, every message waiting for the channel was tried at the hold's
+end, by every worker: a herd on a provider that may still be down.
 
 A streak whose last refusal is older than ``down_after`` (and not in the probe window after a hold) starts over:
 two refusals days apart are not an outage. The state is per merchant and channel because each merchant has its own
@@ -82,7 +84,7 @@ def note_refusal(
             if retry_after is not None:
                 hold = max(hold, min(retry_after, max_hold))
             until = now + hold
-            values |= {"down_until": until, "times_down": times_down + 1}
+            values |= {"down_until": until, "times_down": times_down + 1, "probe_until": None}
             log.warning(
                 "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
                 channel.value, merchant_id, until.isoformat(), since.isoformat(),
@@ -90,6 +92,23 @@ def note_refusal(
             )  # fmt: skip
     conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
     return until
+
+
+def claim_probe(
+    conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, lease: timedelta
+) -> datetime | None:
+    """None when a message may go on ``channel`` now: no hold of it has ended without an answer since, or this
+    message is now the probe, holding the channel until ``now + lease``. Else when the current probe's claim ends:
+    the message waits for the probe's answer (taken, the streak row is gone; refused, a new hold has begun). A
+    probe whose worker died frees the channel when its claim ends."""
+    after_hold = sa.and_(
+        *_key(merchant_id, channel), channel_outages.c.down_until.is_not(None), channel_outages.c.down_until <= now
+    )
+    free = sa.or_(channel_outages.c.probe_until.is_(None), channel_outages.c.probe_until <= now)
+    if conn.execute(channel_outages.update().where(after_hold, free).values(probe_until=now + lease)).rowcount:
+        return None
+    probing_until = conn.scalar(sa.select(channel_outages.c.probe_until).where(after_hold))
+    return as_utc_or_none(probing_until)
 
 
 def note_accepted(conn: sa.Connection, merchant_id: str, channel: Channel) -> None:

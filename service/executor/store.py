@@ -232,6 +232,8 @@ channel_outages = sa.Table(
     sa.Column("down_until", sa.DateTime(timezone=True), nullable=True),
     # How many times it was found down since ``refused_since``: each time the wait doubles.
     sa.Column("times_down", sa.Integer, nullable=False, server_default="0"),
+    # After a hold, the message that probes the channel holds it until then; the others wait for its answer.
+    sa.Column("probe_until", sa.DateTime(timezone=True), nullable=True),
 )
 
 

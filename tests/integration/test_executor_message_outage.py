@@ -330,3 +330,63 @@ def test_a_message_that_may_have_gone_out_is_kept_in_the_history_when_the_custom
     assert statuses(h)[:1] == ["rejected"]
     assert "may have reached" in (h.view().nudges[0].error or "")
     assert all(nudge.channel != "whatsapp" for nudge in h.view().nudges[1:])
+
+
+def test_when_a_hold_ends_one_message_probes_the_channel_and_the_others_wait_for_its_answer(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Six orders of a WhatsApp-only merchant wait through three hours of 503s: each hold's end costs the provider
+    at most one refused message, and once it is back the waiting messages all go out (none is left waiting on a
+    probe)."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.fail(times=100_000, status=503)
+    orders = [f"ord_{n}" for n in range(1, 7)]
+    for order_id in orders:
+        h.executor.payment_failed("m_demo", event(order_id=order_id, customer={"phone": f"+91980000000{order_id[-1]}"}))
+    step(h, 20, minutes=1)  # refused since the first minute: the channel is down from the 15th
+    refused_when_down = 100_000 - len(state._faults)
+    step(h, 160, minutes=1)  # holds of 5, 10, 20, 40, 60 minutes: five ends
+    refused_at_hold_ends = 100_000 - len(state._faults) - refused_when_down
+    assert 1 <= refused_at_hold_ends <= 5, f"{refused_at_hold_ends} messages were refused at five hold ends"
+    assert [h.view(order_id).state for order_id in orders] == ["PENDING"] * 6
+    state.reset()  # the provider is back
+    step(h, 65, minutes=1)
+    # Each order's message went out once the provider was back, but one the exploring policy planned for a later
+    # day (with seed 1, one of the six), which waits for it.
+    later = [order_id for order_id in orders if any(
+        action.kind == "nudge" and action.state == "scheduled" and action.due_at > h.clock.now
+        for action in h.view(order_id).actions
+    )]  # fmt: skip
+    assert len(later) <= 1
+    assert len(state.messages) == 6 - len(later)
+    sent = {order_id: [nudge.status for nudge in h.view(order_id).nudges] for order_id in orders}
+    assert sent == {order_id: [] if order_id in later else ["accepted"] for order_id in orders}
+
+
+def test_two_workers_at_a_holds_end_send_one_probe(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Left from stop 31: when a hold ended, each executor worker tried a message of its own on the channel (a
+    provider that may still be down got one per worker). Two workers claim a waiting message each at the hold's end
+    and perform them before either answer is recorded: one is the probe, the other waits for its answer."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.fail(times=100_000, status=503)
+    for order_id in ("ord_1", "ord_2"):
+        h.executor.payment_failed("m_demo", event(order_id=order_id, customer={"phone": f"+91980000000{order_id[-1]}"}))
+    step(h, 20, minutes=1)  # down from the 15th minute, for 5 minutes
+    waiting = [a for o in ("ord_1", "ord_2") for a in h.view(o).actions if a.kind == "nudge" and a.state == "scheduled"]
+    assert len(waiting) == 2
+    h.clock.now = max(action.due_at for action in waiting)  # the hold's end
+    refused_before = 100_000 - len(state._faults)
+    claimed = [h.executor.claim(1, 30.0, f"w{n}", f"tok{n}")[0] for n in (1, 2)]
+    with h.executor.engine.connect() as conn:
+        found = h.executor.orders_of(conn, claimed)
+    outcomes = [h.effects.perform(action, found[(action.merchant_id, action.order_id)]) for action in claimed]
+    assert 100_000 - len(state._faults) - refused_before == 1
+    assert [type(outcome).__name__ for outcome in outcomes] == ["Transient", "Defer"]

@@ -87,11 +87,25 @@ def test_channel_outages_table_is_created_and_dropped_by_0007(database_url: str)
     try:
         upgrade(engine, "0006")
         assert "channel_outages" not in sa.inspect(engine).get_table_names()
-        upgrade(engine)
+        upgrade(engine, "0007")
         columns = {column["name"] for column in sa.inspect(engine).get_columns("channel_outages")}
         assert columns == {"merchant_id", "channel", "refused_since", "last_refused_at", "down_until", "times_down"}
         downgrade(engine, "0006")
         assert "channel_outages" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_the_probe_claim_is_added_by_0009_and_dropped_on_downgrade(database_url: str) -> None:
+    """0009 adds the claim of the message that probes a channel after its hold (before, each worker probed)."""
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine)
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("channel_outages")}
+        assert "probe_until" in columns
+        downgrade(engine, "0008")
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("channel_outages")}
+        assert "probe_until" not in columns and "down_until" in columns
     finally:
         engine.dispose()
 

@@ -1,10 +1,14 @@
 """The promotion gate: a challenger replaces the champion only if it is not worse on the same holdout.
 
-Both models are scored on the challenger's time holdout of the new history (the newest data neither was
-trained on), so the comparison is like for like. Each gate metric has a direction and a tolerance; the
-challenger passes when no metric is worse than the champion's by more than its tolerance. The holdout's own
-noise may widen a tolerance (``NOISE_Z`` paired standard errors), but never past the metric's ``ceiling``: a
-holdout too small to resolve a large loss does not let that loss through. A metric the champion cannot be
+Both models are scored on the challenger's time holdout of the new history, the newest data the challenger was
+not fitted on, so the comparison is like for like. The champion was not fitted on it either, unless the new history
+is older than the one the champion was trained on (a backfill, or the wrong export): the verdict then carries a
+caveat (``champion_fitted_on_holdout``), since such a holdout favours the champion.
+
+Each gate metric has a direction and a tolerance; the challenger passes when no metric is worse than the
+champion's by more than its tolerance. The holdout's own noise may widen a tolerance (``NOISE_Z`` paired standard
+errors), but never past the metric's ``ceiling``: a holdout too small to resolve a large loss does not let that
+loss through. A metric the champion cannot be
 measured on (NaN) does not block; a metric the challenger cannot be measured on does.
 """
 
@@ -13,11 +17,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
+import pandas as pd
 from rich.table import Table
 
-__all__ = ["GATE_METRICS", "GateCheck", "GateMetric", "GateResult", "compare", "gate_table", "paired_noise"]
+__all__ = [
+    "GATE_METRICS",
+    "GateCheck",
+    "GateMetric",
+    "GateResult",
+    "champion_fitted_on_holdout",
+    "compare",
+    "gate_table",
+    "paired_noise",
+]
 
 #: A challenger may be worse than the champion by this many standard errors of the paired difference (or by the
 #: metric's fixed tolerance, whichever is larger): differences inside the holdout's own noise do not block.
@@ -91,10 +106,16 @@ class GateResult:
     champion_version: str | None
     checks: tuple[GateCheck, ...] = ()
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    #: What the verdict should be read with, whichever way it went (the holdout the champion was fitted on).
+    caveats: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
-        """One line: which way it went and why."""
+        """One line: which way it went and why, and its caveats."""
+        caveats = "".join(f" (caveat: {caveat})" for caveat in self.caveats)
+        return self._verdict() + caveats
+
+    def _verdict(self) -> str:
         if self.champion_version is None:
             return f"promoted version {self.challenger_version}: there was no champion yet"
         if self.promote:
@@ -220,6 +241,26 @@ def compare(
         checks=checks,
         reasons=failed or tuple(check.reason for check in checks),
     )
+
+
+def champion_fitted_on_holdout(champion_metadata: Mapping[str, object], holdout_start: datetime | None) -> str | None:
+    """The caveat of a verdict whose holdout starts before the newest decision point the champion was fitted on
+    (its ``trained_to``), else None."""
+    seen_to = champion_metadata.get("trained_to")
+    if holdout_start is None or not seen_to:
+        return None
+    trained_to = _utc(pd.Timestamp(str(seen_to)))
+    start = _utc(pd.Timestamp(holdout_start))
+    if trained_to < start:
+        return None
+    return (
+        f"the champion was fitted on decision points up to {trained_to}, after this holdout's start {start}: "
+        "it is judged partly on data it was fitted on, which favours it; retrain on a history newer than its own"
+    )
+
+
+def _utc(moment: pd.Timestamp) -> pd.Timestamp:
+    return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
 
 
 def _fmt(value: float) -> str:

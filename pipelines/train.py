@@ -35,7 +35,15 @@ from rich.table import Table
 from model.datafiles import DEMO_MERCHANTS_FILE
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
-from pipelines.gate import GATE_METRICS, GateMetric, GateResult, compare, gate_table, paired_noise
+from pipelines.gate import (
+    GATE_METRICS,
+    GateMetric,
+    GateResult,
+    champion_fitted_on_holdout,
+    compare,
+    gate_table,
+    paired_noise,
+)
 
 __all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_training", "train_command"]
 
@@ -506,6 +514,8 @@ def _log_run(
         if gate is not None:
             tags["winback.gate"] = "promote" if gate.promote else "keep"
             tags["winback.gate_reasons"] = "; ".join(gate.reasons)[:5000]
+            if gate.caveats:
+                tags["winback.gate_caveats"] = "; ".join(gate.caveats)[:5000]
             if champion is not None:
                 tags["winback.gate_champion_version"] = champion[1]
         mlflow.set_tags(tags)
@@ -609,7 +619,8 @@ def run_training(
         # The champion's judged fit: a refit champion was fitted on the older part of this history's holdout.
         champion = registry.load_judged_champion(uri) if promote else None
         sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)
-        history = whole if whole is not None else holdout_sample(parts, _holdout_start(result), sample_size, seed)
+        holdout_start = _holdout_start(result)
+        history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,
             nudges,
@@ -635,6 +646,9 @@ def run_training(
                 metrics=gate_metrics,
                 noise=evaluation.gate_noise,
             )
+            caveat = None if champion is None else champion_fitted_on_holdout(champion[0].metadata, holdout_start)
+            if caveat is not None:
+                gate = replace(gate, caveats=(caveat,))
         steps.done()
 
         registered = result.bundle

@@ -20,7 +20,11 @@ EVALUATION_OPTIONS = {"simulated": False, "max_points": 300, "n_bootstrap": 20}
 
 
 def _write_history(folder: Path, n_orders: int, seed: int) -> tuple[Path, Path]:
-    attempts, nudges = make_history_frames(n_orders, seed=seed)
+    return _write_frames(folder, *make_history_frames(n_orders, seed=seed))
+
+
+def _write_frames(folder: Path, attempts: pd.DataFrame, nudges: pd.DataFrame) -> tuple[Path, Path]:
+    attempts, nudges = attempts.copy(), nudges.copy()
     # The history files carry microsecond timestamps, like a payment switch's export.
     attempts["created_at"] = attempts["created_at"].dt.floor("us")
     for column in ("sent_at", "clicked_at"):
@@ -154,3 +158,32 @@ def test_a_partitioned_history_trains_the_same_model(tmp_path: Path) -> None:
     for name in ("n_points", "retry_holdout_auc", "retry_holdout_log_loss", "retarget_holdout_auc", "retry_rounds"):
         assert parts.metrics[name] == whole.metrics[name], name
     assert any(name.startswith("holdout.ope.") for name in parts.metrics)  # the sample of holdout orders replays
+
+
+def test_a_history_older_than_the_champions_gets_a_caveat_on_the_verdict(tmp_path: Path, mlflow_store: str) -> None:
+    """Left from stop 31: retrained on a history older than the champion's (a backfill, the wrong export), the
+    gate judged both on decision points the champion was fitted on, which favours it, and said nothing of it."""
+    import mlflow
+
+    console = Console(width=200, record=True)
+    attempts, nudges = make_history_frames(600, seed=0)
+    full = _write_frames(tmp_path / "full", attempts, nudges)
+    starts = attempts.groupby("order_id")["created_at"].min()
+    older = starts[starts <= starts.quantile(0.6)].index
+    old = _write_frames(
+        tmp_path / "old", attempts[attempts["order_id"].isin(older)], nudges[nudges["order_id"].isin(older)]
+    )
+    first = _train(full, mlflow_store, console)
+    assert first.gate is not None
+    assert first.gate.caveats == ()
+    newer_again = _train(full, mlflow_store, console)  # the same history: its holdout is after the champion's fit
+    assert newer_again.gate is not None
+    assert newer_again.gate.caveats == ()
+    backfill = _train(old, mlflow_store, console)
+    assert backfill.gate is not None
+    (caveat,) = backfill.gate.caveats
+    assert "the champion was fitted on decision points up to" in caveat
+    assert "(caveat: the champion was fitted on" in backfill.gate.verdict
+    assert "which favours it" in console.export_text()
+    run = mlflow.MlflowClient(tracking_uri=mlflow_store).get_run(backfill.run_id)
+    assert run.data.tags["winback.gate_caveats"] == caveat

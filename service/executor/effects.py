@@ -592,8 +592,12 @@ class Effects:
         """A Replan when the address the message goes to (the order's customer's on its channel) opted out of the
         channel, else None; decided again, the channel is opted out in the request (``Executor.request_for``)."""
         channel = Channel(str(action.payload["channel"]))
-        address = customer_address(orjson.loads(order["request_json"])["customer"], channel)
-        if address is None or not is_opted_out(conn, action.merchant_id, channel, address):
+        customer = orjson.loads(order["request_json"])["customer"]
+        address = customer_address(customer, channel)
+        country = customer.get("country")
+        if address is None or not is_opted_out(
+            conn, action.merchant_id, channel, address, country if isinstance(country, str) else None
+        ):
             return None
         return Replan(f"the customer opted out of {channel.value}")
 

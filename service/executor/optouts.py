@@ -3,9 +3,22 @@
 A STOP reply names a phone number (or address), not a customer: the opt-out is stored against the address, so it
 holds for every order of that merchant whose customer is reached there, however the merchant ids the customer.
 Only a SHA-256 of the normalised address is stored (addresses never appear in logs either, see ``mask_address``);
-it is keyed by nothing secret, so it survives a rotation of any secret. Normalising follows the adapters: a phone
-number is its E.164 digits (``+91 98000-00001`` and ``919800000001`` are one number), an e-mail address is
-compared case-folded.
+it is keyed by nothing secret, so it survives a rotation of any secret. An e-mail address is compared case-folded.
+
+A phone number is kept as the reply names it, its digits only (``+91 98000-00001`` and ``919800000001`` are one
+number; a leading ``00``, the international prefix, counts as ``+``), because a reply does not always say its
+country: Gupshup's Enterprise SMS names an Indian sender by ten national digits (``msisdn=9812348765``), others
+write ``+91...``, ``91...`` or the national form with its trunk prefix (``098...``), and nothing in the callback
+says which reading is meant. So the match is made from the customer's side, where the country is known (the
+number's own ``+``, else the customer's ``country``): a customer has opted out when the reply named their number in
+any of the forms a provider writes it in (``phone_forms``: its E.164 digits, its national significant number, that
+number after its country's trunk prefix). Opt-outs kept before this matched the same way, so STOPs that were
+missed then are honoured now, without a migration.
+
+What that trades: an opt-out is never missed for a number written in one of those forms, but a reply that names
+a number without its country (``9800000001``) also opts out, for that merchant and channel, a customer in another
+country with the same national number (``+1 980-000-0001``). Missing a STOP breaks the customer's request (and
+TRAI/TCPA rules); the false opt-out only costs a message on that one channel, so the match errs that way.
 
 Provider callbacks carry ``?merchant_id=<id>&token=<token>`` in the URL configured at the provider (the BSPs
 post to a fixed URL without signing it in a way all of them share): the token is an HMAC-SHA256 of the merchant
@@ -16,16 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
+import phonenumbers
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from model.vocab import Channel
-from service.executor.channels.adapters import phone_digits
 from service.executor.store import opt_outs
 
 #: Customer request fields (extras of ``customer``) that carry the address of each channel.
@@ -47,10 +61,17 @@ def customer_address(customer: Mapping[str, Any], channel: Channel) -> str | Non
     return None
 
 
+_PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+
+
 def normalise_address(channel: Channel, address: str) -> str:
-    """The address as opt-outs compare it: E.164 digits for phone channels, case-folded e-mail, else trimmed."""
+    """The address as an opt-out keeps it: a phone number's digits (a leading ``+`` or ``00`` dropped), case-folded
+    e-mail, else trimmed."""
     if channel in _PHONE_CHANNELS:
-        return phone_digits(address) or address.strip()
+        compact = _PHONE_SEPARATORS.sub("", address)
+        digits = compact[1:] if compact.startswith("+") else compact
+        digits = digits[2:] if digits.startswith("00") else digits
+        return digits if digits.isdigit() else address.strip()
     if channel == Channel.EMAIL:
         return address.strip().casefold()
     return address.strip()
@@ -58,7 +79,50 @@ def normalise_address(channel: Channel, address: str) -> str:
 
 def address_hash(channel: Channel, address: str) -> str:
     """SHA-256 hex of the normalised address: what the ``opt_outs`` table keeps instead of the address."""
-    return hashlib.sha256(normalise_address(channel, address).encode()).hexdigest()
+    return _sha256(normalise_address(channel, address))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def phone_forms(address: str, country: str | None = None) -> set[str]:
+    """Every form, as ``normalise_address`` keeps it, in which a provider may name the phone number ``address`` of a
+    customer of ``country`` (ISO 3166 alpha-2, when known): the number as given, its E.164 digits, its national
+    significant number and that number after its country's trunk prefix. A number given without ``+`` is read both
+    in ``country`` and as E.164 digits without the ``+``, whichever are possible numbers (never missing a form
+    matters more than the few extra forms of the wrong reading)."""
+    given = normalise_address(Channel.SMS, address)
+    forms = {given}
+    if not given.isdigit():
+        return forms
+    explicit = _PHONE_SEPARATORS.sub("", address).startswith(("+", "00"))
+    readings: list[tuple[str, str | None]] = [(f"+{given}", None)]
+    region = (country or "").strip().upper()
+    if not explicit and region and region in phonenumbers.SUPPORTED_REGIONS:
+        readings.append((given, region))
+    for text, default_region in readings:
+        try:
+            number = phonenumbers.parse(text, default_region)
+        except phonenumbers.NumberParseException:
+            continue
+        if number.country_code is None or not phonenumbers.is_possible_number(number):
+            continue
+        national = phonenumbers.national_significant_number(number)
+        # ``00``+E.164: how opt-outs kept before ``normalise_address`` dropped the international prefix named it.
+        forms |= {f"{number.country_code}{national}", national, f"00{number.country_code}{national}"}
+        for each in phonenumbers.region_codes_for_country_code(number.country_code):
+            trunk = phonenumbers.ndd_prefix_for_region(each, True)
+            if trunk:
+                forms.add(f"{trunk}{national}")
+    return forms
+
+
+def address_hashes(channel: Channel, address: str, country: str | None = None) -> set[str]:
+    """The ``opt_outs`` keys any of which opts out ``address`` (a customer's, of ``country``) on ``channel``."""
+    if channel in _PHONE_CHANNELS:
+        return {_sha256(form) for form in phone_forms(address, country)}
+    return {address_hash(channel, address)}
 
 
 def record_opt_out(
@@ -74,11 +138,13 @@ def record_opt_out(
 
 def opted_out_channels(conn: sa.Connection, merchant_id: str, customer: Mapping[str, Any]) -> set[Channel]:
     """The channels on which the customer's address (as the request gives it) opted out of ``merchant_id``."""
+    country = customer.get("country")
     wanted: dict[tuple[str, str], Channel] = {}
     for channel in Channel:
         address = customer_address(customer, channel)
         if address is not None:
-            wanted[(channel.value, address_hash(channel, address))] = channel
+            for digest in address_hashes(channel, address, country if isinstance(country, str) else None):
+                wanted[(channel.value, digest)] = channel
     if not wanted:
         return set()
     rows = conn.execute(
@@ -90,14 +156,18 @@ def opted_out_channels(conn: sa.Connection, merchant_id: str, customer: Mapping[
     return {wanted[key] for key in ((row.channel, row.address_sha256) for row in rows) if key in wanted}
 
 
-def is_opted_out(conn: sa.Connection, merchant_id: str, channel: Channel, address: str) -> bool:
-    """True when ``address`` opted out of ``channel`` for ``merchant_id``."""
+def is_opted_out(
+    conn: sa.Connection, merchant_id: str, channel: Channel, address: str, country: str | None = None
+) -> bool:
+    """True when ``address`` (a customer's, of ``country``) opted out of ``channel`` for ``merchant_id``."""
     found = conn.scalar(
-        sa.select(opt_outs.c.created_at).where(
+        sa.select(opt_outs.c.created_at)
+        .where(
             opt_outs.c.merchant_id == merchant_id,
             opt_outs.c.channel == channel.value,
-            opt_outs.c.address_sha256 == address_hash(channel, address),
+            opt_outs.c.address_sha256.in_(address_hashes(channel, address, country)),
         )
+        .limit(1)
     )
     return found is not None
 

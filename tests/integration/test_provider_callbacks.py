@@ -23,6 +23,7 @@ from service.executor.routes import ExecutorRuntime
 from service.executor.settings import ExecutorSettings
 from service.executor.store import actions, nudges, opt_outs
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
     Harness,
     demo_merchant,
     event,
@@ -225,3 +226,71 @@ def test_addresses_are_normalised_as_the_adapters_do() -> None:
     assert address_hash(Channel.WHATSAPP, "919800000001") == address_hash(Channel.WHATSAPP, "+91 98000-00001")
     assert address_hash(Channel.EMAIL, " A@Example.com") == address_hash(Channel.EMAIL, "a@example.com")
     assert "9800000001" not in address_hash(Channel.SMS, PHONE)
+
+
+def sms_stop(api: Api, sender: str, text: str = "STOP") -> Any:
+    """A reply through Gupshup Enterprise SMS, whose incoming-SMS URL names the sender as ``msisdn``."""
+    payload = inbound_payload("gupshup", sender, text, channel="sms")
+    return api.loop.run_until_complete(api.client.post(urls()["inbound"], json=payload))
+
+
+@pytest.mark.parametrize(
+    ("sender", "customer_phone"),
+    [
+        ("9800000001", "+91 98000 00001"),  # Gupshup SMS: msisdn=9812348765 in its incoming-SMS example
+        ("09800000001", "+91 98000 00001"),  # national, with the trunk prefix
+        ("919800000001", "9800000001"),  # the customer's number given nationally, the reply in E.164
+        ("00919800000001", "+919800000001"),  # the international prefix instead of "+"
+        ("07700 900123", "447700900123"),  # a UK customer (country GB) replying with the trunk prefix
+    ],
+)
+def test_a_stop_from_a_number_written_another_way_opts_the_customer_out(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    sender: str,
+    customer_phone: str,
+) -> None:
+    """Before: opt-outs were keyed by the number's digits as written, so a STOP from ``9800000001`` (Gupshup
+    Enterprise SMS names Indian senders by their ten national digits) did not opt out ``+91 98000 00001``: the
+    customer was messaged again on the channel they had stopped. Now the customer's number is matched in each
+    form a provider may write it (E.164, national significant number, national with its trunk prefix)."""
+    later = {"action": "retarget", "channel": "sms", "delay": WAIT}
+    h = make_harness(later, {"action": "stop"})
+    with_harness(api, h)
+    country = "GB" if customer_phone.startswith("44") else "IN"
+    h.executor.payment_failed("m_demo", event(customer={"phone": customer_phone, "country": country}))
+    assert sms_stop(api, sender).json() == {"message": True, "opted_out": True}
+    h.clock.advance(hours=2)
+    h.drain()
+    assert h.outbox == []
+    assert h.count(nudges) == 0
+    assert "sms" in h.executor.decider.requests[-1].customer.opted_out_channels  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("sender", "customer_phone", "country", "opted_out"),
+    [
+        ("9800000001", "+91 98000 00001", "IN", True),
+        ("+91 98000 00001", "9800000001", "IN", True),
+        ("9800000001", "+91 98000 00002", "IN", False),  # another number
+        ("919800000001", "+1 980-000-0001", "US", False),  # a reply that says its country opts out that number
+        ("+1 980 000 0001", "+91 98000 00001", "IN", False),
+        # What the match trades: a reply without its country also opts out the same national number elsewhere.
+        ("9800000001", "+1 980-000-0001", "US", True),
+    ],
+)
+def test_which_customers_a_stop_opts_out(
+    tmp_path: Path, sender: str, customer_phone: str, country: str, opted_out: bool
+) -> None:
+    from service.executor.optouts import is_opted_out, opted_out_channels, record_opt_out
+    from service.executor.store import make_executor_engine
+    from service.migrations import upgrade
+
+    engine = make_executor_engine(f"sqlite:///{tmp_path / 'optouts.db'}")
+    upgrade(engine)
+    with engine.begin() as conn:
+        record_opt_out(conn, "m_demo", Channel.SMS, sender, "reply", START)
+        assert is_opted_out(conn, "m_demo", Channel.SMS, customer_phone, country) is opted_out
+        customer = {"phone": customer_phone, "country": country}
+        assert opted_out_channels(conn, "m_demo", customer) == ({Channel.SMS} if opted_out else set())
+    engine.dispose()

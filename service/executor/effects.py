@@ -635,7 +635,7 @@ class Effects:
                 f"merchants.{action.merchant_id}.webhook.secret_env: environment variable "
                 f"{merchant.webhook.secret_env} is not set"
             )
-        with self.executor.engine.connect() as conn:
+        with self.executor.engine.begin() as conn:
             delivery = (
                 conn.execute(
                     sa.select(webhook_deliveries).where(
@@ -646,15 +646,20 @@ class Effects:
                 .mappings()
                 .first()
             )
+            # Another worker that took this webhook over after our lease may be posting it, or have posted it and
+            # not yet recorded the 2xx: only the claim's holder posts, for a whole lease from here on.
+            if not self.executor.extend_claim(conn, action, self.executor.clock() + self.lease):
+                return Skip("the claim is no longer this worker's")
         if delivery is None:
             return Skip("no webhook delivery recorded")
         if delivery["status"] == "delivered":
             return Skip("already acknowledged")
         body = str(delivery["body"]).encode()
         try:
-            response = post_webhook(
-                self.webhook_client, str(delivery["url"]), secret, body, int(time.time()), action.idempotency_key
-            )
+            with self.claims.keep(action, self.lease):  # the claim outlives the POST, as a charge's does
+                response = post_webhook(
+                    self.webhook_client, str(delivery["url"]), secret, body, int(time.time()), action.idempotency_key
+                )
         except httpx.HTTPError as exc:
             return Transient(f"webhook to {delivery['url']} failed: {type(exc).__name__}: {exc}")
         if 200 <= response.status_code < 300:

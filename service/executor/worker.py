@@ -213,10 +213,11 @@ class Worker:
         performed: list[tuple[ActionRow, Outcome]] = []
         for action in batch:
             outcome = self.effects.perform(action, found.get((action.merchant_id, action.order_id)))
-            if action.kind in CHARGE_KINDS or action.kind == ActionKind.NUDGE:
-                # A charge's or a message's answer is recorded at once: its claim is renewed only while it is out,
-                # and the rest of the batch may take longer than a lease (another worker would then take it over,
-                # and the answer would be refused as stale: a message the customer got, with no record of it).
+            if action.kind in CHARGE_KINDS or action.kind in (ActionKind.NUDGE, ActionKind.WEBHOOK):
+                # A charge's, a message's or a webhook's answer is recorded at once: its claim is renewed only while
+                # it is out, and the rest of the batch may take longer than a lease (another worker would then take
+                # it over, and the answer would be refused as stale: a message the customer got, or a webhook the
+                # merchant acknowledged, with no record of it, sent again).
                 self.record([(action, outcome)])
             else:
                 performed.append((action, outcome))

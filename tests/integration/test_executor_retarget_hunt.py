@@ -1,0 +1,76 @@
+"""Retargeting flow hunt: defects found by driving the executor, its worker and the real adapters.
+
+Each test says what happened before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from service.executor.worker import Worker
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    HookConnector,
+    event,
+    make_harness,
+)
+
+LATER = {"action": "retarget", "channel": "sms", "delay": timedelta(hours=6)}
+CASCADE = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+
+
+def test_an_acknowledged_webhook_is_not_sent_again_when_the_rest_of_its_batch_outlasts_the_lease(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: a webhook's answer was recorded only once its whole batch had run. When the batch's later actions
+    (a slow connector, a provider timing out) took longer than the lease, another worker claimed the webhook,
+    found its delivery still pending and POSTed it again: the merchant got order.succeeded twice, the first one
+    already acknowledged with a 2xx. Now a webhook's answer is recorded as soon as it comes, as a charge's is."""
+    h = make_harness(LATER, CASCADE, connector=HookConnector(results=["failure"]))
+    h.executor.payment_failed("m_demo", event("ord_w"))
+    succeeded = {"order_id": "ord_w", "txn_id": "txn_elsewhere", "occurred_at": h.clock.now.isoformat()}
+    h.executor.payment_succeeded("m_demo", succeeded | {"idempotency_key": "ok_w"})
+    h.clock.advance(seconds=1)
+    h.executor.payment_failed("m_demo", event("ord_c"))  # its retry is planned after the webhook
+    other = Worker(h.executor, h.effects, "w2", lease_seconds=30)
+
+    def slow_connector() -> None:  # the charge outlasts the first worker's lease; the second worker polls
+        h.clock.advance(seconds=31)
+        other.run_once()
+
+    h.connector.during["ord_c"] = slow_connector
+    h.worker.lease_seconds = 30
+    h.worker.run_once()  # one batch: the webhook of ord_w, then the retry of ord_c
+    h.drain()
+    sent = [json.loads(r.content) for r in h.receiver.received]
+    assert [body["event"] for body in sent if body["order_id"] == "ord_w"] == ["order.succeeded"]
+
+
+def test_a_webhook_whose_lease_ran_out_in_its_batch_is_left_to_the_worker_that_took_it_over(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: a worker reaching a webhook late in a slow batch POSTed it whether or not its claim still held, so
+    with another worker that had taken it over after the lease (and was about to post it), the merchant got it
+    twice. Now only the claim's holder posts it, its claim kept for the POST."""
+    h = make_harness(CASCADE, LATER, connector=HookConnector(results=["failure"]))
+    h.executor.payment_failed("m_demo", event("ord_c"))  # its retry is planned before the webhook
+    h.clock.advance(seconds=1)
+    h.executor.payment_failed("m_demo", event("ord_w"))
+    succeeded = {"order_id": "ord_w", "txn_id": "txn_elsewhere", "occurred_at": h.clock.now.isoformat()}
+    h.executor.payment_succeeded("m_demo", succeeded | {"idempotency_key": "ok_w"})
+    taken_over: list[Any] = []
+
+    def slow_connector() -> None:  # the charge outlasts the first worker's lease; a second worker claims
+        h.clock.advance(seconds=31)
+        taken_over.extend(h.executor.claim(50, 30, "w2", "token-w2"))
+
+    h.connector.during["ord_c"] = slow_connector
+    h.worker.lease_seconds = 30
+    h.worker.run_once()  # one batch: the retry of ord_c, then the webhook of ord_w
+    (webhook,) = [action for action in taken_over if action.kind == "webhook"]
+    other = Worker(h.executor, h.effects, "w2")
+    other.record([(webhook, h.effects.perform(webhook, None))])
+    h.drain()
+    sent = [json.loads(r.content) for r in h.receiver.received]
+    assert [body["event"] for body in sent if body["order_id"] == "ord_w"] == ["order.succeeded"]

@@ -294,3 +294,26 @@ def test_which_customers_a_stop_opts_out(
         customer = {"phone": customer_phone, "country": country}
         assert opted_out_channels(conn, "m_demo", customer) == ({Channel.SMS} if opted_out else set())
     engine.dispose()
+
+
+def test_a_stop_that_gupshup_sms_forwards_with_a_get_opts_the_customer_out(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: the inbound URL answered only POST, but Gupshup Enterprise SMS forwards a keyword reply by calling
+    the configured URL with its fields in the query (``?phonecode=%pcode&keyword=%kw&content=%con&msisdn=%ph``):
+    every SMS STOP got 405 and was lost. Now the inbound URL takes a GET as the receipts URL already did."""
+    later = {"action": "retarget", "channel": "sms", "delay": WAIT}
+    h = make_harness(later, {"action": "stop"})
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event())
+    query = "&phonecode=9220092200&keyword=STOP&location=Mumbai&carrier=Vodafone&content=STOP&msisdn=9800000001"
+    got = api.loop.run_until_complete(api.client.get(urls()["inbound"] + query))
+    assert got.status_code == 200
+    assert got.json() == {"message": True, "opted_out": True}
+    h.clock.advance(hours=2)
+    h.drain()
+    assert h.outbox == []
+    assert "sms" in h.executor.decider.requests[-1].customer.opted_out_channels  # type: ignore[attr-defined]
+    bare = urls()["inbound"].split("?", 1)[0]  # a GET is authenticated as a POST is
+    assert api.loop.run_until_complete(api.client.get(bare + "?msisdn=9800000001&content=STOP")).status_code == 401

@@ -6,7 +6,8 @@ Inbound callbacks name their merchant with ``?merchant_id=`` in the callback URL
 (one callback URL per merchant app), or through the optional ``resolve_merchant`` callable. With
 ``authenticate`` (the app's router), every callback is first authenticated by it, which names the merchant (then
 also set on each receipt) or raises an HTTPException.
-Bodies may be JSON, form-encoded, or (Gupshup SMS delivery reports) query parameters.
+Bodies may be JSON, form-encoded, or (Gupshup SMS delivery reports and keyword replies, sent with GET) query
+parameters.
 """
 
 from __future__ import annotations
@@ -108,7 +109,6 @@ def create_provider_router(
         "/{provider}/receipts", receipts, methods=["GET"], response_model=ReceiptsAck, include_in_schema=False
     )
 
-    @router.post("/{provider}/inbound", response_model=InboundAck)
     async def inbound(provider: str, request: Request) -> InboundAck:
         _check_provider(provider)
         authenticated: str | None = await _call(authenticate, request) if authenticate else None
@@ -140,4 +140,10 @@ def create_provider_router(
         )
         return InboundAck(message=True, opted_out=True)
 
+    router.add_api_route("/{provider}/inbound", inbound, methods=["POST"], response_model=InboundAck)
+    # Gupshup Enterprise SMS forwards a keyword reply (a STOP) by calling the configured URL with its fields in the
+    # query (``?phonecode=%pcode&keyword=%kw&content=%con&msisdn=%ph...``): a GET.
+    router.add_api_route(
+        "/{provider}/inbound", inbound, methods=["GET"], response_model=InboundAck, include_in_schema=False
+    )
     return router

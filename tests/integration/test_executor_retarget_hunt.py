@@ -9,6 +9,8 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from service.executor.worker import Worker
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     HookConnector,
@@ -20,14 +22,23 @@ LATER = {"action": "retarget", "channel": "sms", "delay": timedelta(hours=6)}
 CASCADE = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the harness's SQLite file) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))
+
+
 def test_an_acknowledged_webhook_is_not_sent_again_when_the_rest_of_its_batch_outlasts_the_lease(
     make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
 ) -> None:
     """Before: a webhook's answer was recorded only once its whole batch had run. When the batch's later actions
     (a slow connector, a provider timing out) took longer than the lease, another worker claimed the webhook,
     found its delivery still pending and POSTed it again: the merchant got order.succeeded twice, the first one
     already acknowledged with a 2xx. Now a webhook's answer is recorded as soon as it comes, as a charge's is."""
-    h = make_harness(LATER, CASCADE, connector=HookConnector(results=["failure"]))
+    h = make_harness(LATER, CASCADE, connector=HookConnector(results=["failure"]), database_url=database_url)
     h.executor.payment_failed("m_demo", event("ord_w"))
     succeeded = {"order_id": "ord_w", "txn_id": "txn_elsewhere", "occurred_at": h.clock.now.isoformat()}
     h.executor.payment_succeeded("m_demo", succeeded | {"idempotency_key": "ok_w"})
@@ -49,11 +60,12 @@ def test_an_acknowledged_webhook_is_not_sent_again_when_the_rest_of_its_batch_ou
 
 def test_a_webhook_whose_lease_ran_out_in_its_batch_is_left_to_the_worker_that_took_it_over(
     make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
 ) -> None:
     """Before: a worker reaching a webhook late in a slow batch POSTed it whether or not its claim still held, so
     with another worker that had taken it over after the lease (and was about to post it), the merchant got it
     twice. Now only the claim's holder posts it, its claim kept for the POST."""
-    h = make_harness(CASCADE, LATER, connector=HookConnector(results=["failure"]))
+    h = make_harness(CASCADE, LATER, connector=HookConnector(results=["failure"]), database_url=database_url)
     h.executor.payment_failed("m_demo", event("ord_c"))  # its retry is planned before the webhook
     h.clock.advance(seconds=1)
     h.executor.payment_failed("m_demo", event("ord_w"))

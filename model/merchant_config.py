@@ -136,6 +136,9 @@ class ConnectorEndpoint(_Strict):
 
 class MerchantConfig(_Strict):
     api_key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    #: The merchant's name as its customers know it (messages' ``merchant_name``, the pay page); the config id
+    #: when absent.
+    display_name: str | None = Field(default=None, min_length=1, max_length=100)
     mode: Literal["autonomous", "assisted"] = "autonomous"
     # 128 characters: the width of the stores' connector columns (as the decision request's connector names).
     connectors: list[Annotated[str, Field(max_length=128)]] = Field(min_length=1)

@@ -484,7 +484,7 @@ class Effects:
                 amount=format_amount(float(order["amount"]), str(order["currency"])),
                 currency=str(order["currency"]),
                 link_url=f"{self.public_base_url}/pay/{token}",
-                merchant_name=action.merchant_id,
+                merchant_name=merchant.display_name or action.merchant_id,
                 customer_name=str((request.customer.model_extra or {}).get("name") or ""),
                 order_id=action.order_id,
                 expires_at=expires_at.isoformat(),

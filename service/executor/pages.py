@@ -19,7 +19,7 @@ button{font-size:1.1rem;padding:.7rem 1.5rem;border:0;border-radius:.4rem;backgr
 
 _PAY = """{% extends "layout.html" %}{% block body %}
 <h1>Complete your payment</h1>
-<p class="muted">{{ merchant_id }} &middot; order {{ order_id }}</p>
+<p class="muted">{{ merchant_name }} &middot; order {{ order_id }}</p>
 <p class="amount">{{ amount|amount_in(currency) }} {{ currency }}</p>
 <form method="post" action="/pay/{{ token }}"><button type="submit" data-testid="pay">Pay now</button></form>
 <p class="muted">This link works once and expires {{ expires_at.strftime("%Y-%m-%d %H:%M") }} UTC.</p>

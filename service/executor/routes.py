@@ -193,7 +193,7 @@ async def pay_page(token: str, runtime: ExecutorDep) -> HTMLResponse:
             "pay.html",
             title="Complete your payment",
             token=token,
-            merchant_id=page.merchant_id,
+            merchant_name=runtime.executor.merchant(page.merchant_id).display_name or page.merchant_id,
             order_id=page.order_id,
             amount=page.amount,
             currency=page.currency,

@@ -690,7 +690,7 @@ def test_the_message_and_the_pay_page_show_the_amount_charged_in_its_currencys_m
         "pay.html",
         title="Complete your payment",
         token="t",
-        merchant_id=page.merchant_id,
+        merchant_name=page.merchant_id,
         order_id=page.order_id,
         amount=page.amount,
         currency=page.currency,

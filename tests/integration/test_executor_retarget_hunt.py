@@ -14,8 +14,10 @@ import pytest
 from service.executor.worker import Worker
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     HookConnector,
+    demo_merchant,
     event,
     make_harness,
+    runtime,
 )
 
 LATER = {"action": "retarget", "channel": "sms", "delay": timedelta(hours=6)}
@@ -86,3 +88,37 @@ def test_a_webhook_whose_lease_ran_out_in_its_batch_is_left_to_the_worker_that_t
     h.drain()
     sent = [json.loads(r.content) for r in h.receiver.received]
     assert [body["event"] for body in sent if body["order_id"] == "ord_w"] == ["order.succeeded"]
+
+
+def test_messages_and_the_pay_page_name_the_merchant_as_its_customers_know_it(
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: a message's ``merchant_name`` (the default templates' "Your payment to {{ merchant_name }} did
+    not go through") and the pay page were filled with the merchant's config id, so a customer read "Your
+    payment to m_demo did not go through": an internal key, in a message asking them to pay through a link. Now
+    the merchant config's optional ``display_name`` names the merchant (its id when it has none)."""
+    branded = demo_merchant(display_name="Acme & Sons")
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "sms"},
+        merchants={"m_demo": branded, "m_plain": demo_merchant(api_key_sha256="1" * 64)},
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.executor.payment_failed("m_plain", event("ord_2", merchant_id="m_plain"))
+    h.drain()
+    names = {m.merchant_id: m.variables["merchant_name"] for m in h.outbox}
+    assert names == {"m_demo": "Acme & Sons", "m_plain": "m_plain"}
+    page = pay_page_html(h, next(m for m in h.outbox if m.merchant_id == "m_demo"))
+    assert "Acme &amp; Sons" in page
+    assert "m_demo" not in page
+
+
+def pay_page_html(h: Any, message: Any) -> str:
+    import asyncio
+
+    from service.executor.routes import pay_page
+
+    token = message.variables["link_url"].rsplit("/pay/", 1)[1]
+    response = asyncio.run(pay_page(token, runtime(h)))
+    assert response.status_code == 200
+    return bytes(response.body).decode()

@@ -21,6 +21,7 @@ from typing import Any, Final, Literal, TypeVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import RowMapping
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -398,6 +399,11 @@ PAYMENT_LINK_TEMPLATE = "payment_link"
 def nudge_id_for(idempotency_key: str) -> str:
     """The nudge_id of the message an action sends (stable across re-sends)."""
     return "ndg_" + _short_hash("nudge", idempotency_key)
+
+
+def link_id_for(idempotency_key: str) -> str:
+    """The token_id of the payment link a message action sends (stable across re-sends)."""
+    return "lnk_" + _short_hash("link", idempotency_key)
 
 
 def _dump(value: Any) -> str:
@@ -1614,16 +1620,23 @@ class Executor:
                 idempotency_key=action.idempotency_key,
             )
         )
-        conn.execute(
-            payment_links.insert().values(
-                token_id=sent.token_id,
-                merchant_id=action.merchant_id,
-                order_id=action.order_id,
-                nudge_id=sent.nudge_id,
-                expires_at=sent.expires_at,
-                created_at=now,
-            )
+        # The row is there already when the customer used the link of an earlier try the provider did not confirm
+        # (``_unconfirmed_link``): the link then lives until the later of the two tokens' expiries.
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        insert = dialect.insert(payment_links).values(
+            token_id=sent.token_id,
+            merchant_id=action.merchant_id,
+            order_id=action.order_id,
+            nudge_id=sent.nudge_id,
+            expires_at=sent.expires_at,
+            created_at=now,
         )
+        later = sa.case(
+            (insert.excluded.expires_at > payment_links.c.expires_at, insert.excluded.expires_at),
+            else_=payment_links.c.expires_at,
+        )
+        upsert = insert.on_conflict_do_update(index_elements=[payment_links.c.token_id], set_={"expires_at": later})
+        conn.execute(upsert)
 
     def _record_unsent(
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, unsent: NotSent, now: datetime
@@ -1646,8 +1659,17 @@ class Executor:
             return False
         error = f"{why}; {tries} earlier {'try' if tries == 1 else 'tries'} may have reached the provider"
         channel = str(action.payload.get("channel"))
-        unsent = NotSent(nudge_id_for(action.idempotency_key), channel, PAYMENT_LINK_TEMPLATE, error)
-        self._insert_unsent_nudge(conn, action, unsent, now)
+        nudge_id = nudge_id_for(action.idempotency_key)
+        self._insert_unsent_nudge(conn, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), now)
+        opened = conn.scalar(
+            sa.select(payment_links.c.opened_at).where(payment_links.c.token_id == link_id_for(action.idempotency_key))
+        )
+        if opened is not None:  # the customer opened its link: it reached them
+            conn.execute(
+                nudges.update()
+                .where(nudges.c.nudge_id == nudge_id)
+                .values(status="accepted", delivered=True, clicked_at=opened, error=None)
+            )
         return True
 
     def _insert_unsent_nudge(self, conn: sa.Connection, action: ActionRow, unsent: NotSent, now: datetime) -> None:
@@ -1889,16 +1911,18 @@ class Executor:
     ) -> tuple[str, str, datetime]:
         """(token_id, token, expires_at) of the link a nudge action sends (token_id stable across re-sends)."""
         merchant = self.merchant(merchant_id)
-        token_id = "lnk_" + _short_hash("link", idempotency_key)
+        token_id = link_id_for(idempotency_key)
         expires_at = now + timedelta(hours=merchant.retarget.link_ttl_hours)
         token = self.links.issue(LinkClaims(token_id, merchant_id, order_id, expires_at))
         return token_id, token, expires_at
 
-    def _link(self, conn: sa.Connection, claims: LinkClaims) -> RowMapping:
+    def _link(self, conn: sa.Connection, claims: LinkClaims, now: datetime) -> RowMapping:
         query = sa.select(payment_links).where(payment_links.c.token_id == claims.token_id)
         if is_postgres(self.engine):
             query = query.with_for_update()
         link = conn.execute(query).mappings().first()
+        if link is None and self._unconfirmed_link(conn, claims, now):
+            link = conn.execute(query).mappings().first()
         if link is None or link["merchant_id"] != claims.merchant_id or link["order_id"] != claims.order_id:
             raise tampered()
         if link["used_at"] is not None:
@@ -1906,6 +1930,42 @@ class Executor:
                 409, "This link was already used", "this payment link was already used; each link pays once"
             )
         return link
+
+    @staticmethod
+    def _unconfirmed_link(conn: sa.Connection, claims: LinkClaims, now: datetime) -> bool:
+        """Keep the link of one of the order's messages whose provider never confirmed it: a try that timed out
+        (or whose worker died) may have reached the customer all the same, and a link is kept only with a
+        confirmed send. Its token is genuine (``LinkSigner.verify``), so winback minted it for that message; its
+        row is made now. Before, the customer who wanted to pay was told "This link is not valid". False when the
+        token names no message of the order."""
+        keys = conn.scalars(
+            sa.select(actions.c.idempotency_key).where(
+                actions.c.merchant_id == claims.merchant_id,
+                actions.c.order_id == claims.order_id,
+                actions.c.kind == ActionKind.NUDGE.value,
+            )
+        ).all()
+        key = next((key for key in keys if link_id_for(key) == claims.token_id), None)
+        if key is None:
+            return False
+        log.warning(
+            "a payment link of a message its provider never confirmed is used",
+            extra={"merchant_id": claims.merchant_id, "order_id": claims.order_id},
+        )
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        conn.execute(
+            dialect.insert(payment_links)
+            .values(
+                token_id=claims.token_id,
+                merchant_id=claims.merchant_id,
+                order_id=claims.order_id,
+                nudge_id=nudge_id_for(key),
+                expires_at=claims.expires_at,
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[payment_links.c.token_id])
+        )
+        return True
 
     def _link_order(self, conn: sa.Connection, claims: LinkClaims) -> RowMapping:
         order = self.lock_order(conn, claims.merchant_id, claims.order_id)
@@ -1924,7 +1984,7 @@ class Executor:
         now = self.clock()
         claims = self.links.verify(token, now)
         with self.engine.begin() as conn:
-            link = self._link(conn, claims)
+            link = self._link(conn, claims, now)
             order = self._link_order(conn, claims)
             if link["opened_at"] is None:
                 conn.execute(
@@ -1955,7 +2015,7 @@ class Executor:
         now = self.clock()
         claims = self.links.verify(token, now)
         with self.engine.begin() as conn:
-            link = self._link(conn, claims)
+            link = self._link(conn, claims, now)
             order = self._link_order(conn, claims)
             # One charge at a time per order: a retry or an earlier link payment that may be out may take it too.
             if self.unknown_charge(conn, order) is not None:

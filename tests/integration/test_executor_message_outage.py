@@ -20,12 +20,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeState, run_fake_provider
+from service.executor.store import as_utc, payment_links
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -33,6 +35,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     demo_merchant,
     event,
     make_harness,
+    nudge_action_key,
 )
 
 
@@ -390,3 +393,68 @@ def test_two_workers_at_a_holds_end_send_one_probe(
     outcomes = [h.effects.perform(action, found[(action.merchant_id, action.order_id)]) for action in claimed]
     assert 100_000 - len(state._faults) - refused_before == 1
     assert [type(outcome).__name__ for outcome in outcomes] == ["Transient", "Defer"]
+
+
+def test_the_link_of_a_message_its_provider_never_confirmed_still_pays(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Found by stop 32's retargeting hunt: a link was kept only with a confirmed send, so the customer who got a
+    message whose try timed out (the provider sent it and its answer was lost) was told "This link is not valid".
+    The genuine token of one of the order's messages now pays, the order succeeds with one webhook, and the message
+    is in the history as delivered and clicked."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.hang(times=1, seconds=0.0)
+    state.fail(times=100_000, status=503)  # the provider then goes down: the message waits, scheduled
+    h.executor.payment_failed("m_demo", event())
+    step(h, 30, minutes=1)
+    action = message_action(h)
+    assert action.state == "scheduled"
+    # What the timed-out try carried: the link of that message (the same token_id; its own expiry).
+    _, token, _ = h.executor.new_link("m_demo", "ord_1", nudge_action_key(h), START)
+    page = h.executor.open_link(token)
+    assert (page.order_id, page.state) == ("ord_1", "PENDING")
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-1")
+    h.connector.results.append("success")
+    with h.executor.engine.connect() as conn:
+        order = h.executor.orders_of(conn, [payment.action])[("m_demo", "ord_1")]
+    outcome = h.effects.perform(payment.action, order)
+    with h.executor.engine.begin() as conn:
+        h.executor.complete(conn, payment.action, outcome)
+    step(h, 3, minutes=1)
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    assert view.attempts[-1].strategy == "retarget_link"
+    (nudge,) = view.nudges
+    assert view.attempts[-1].nudge_id == nudge.nudge_id
+    assert (nudge.status, nudge.delivered, nudge.clicked_at is not None) == ("accepted", True, True)
+    assert len(h.receiver.received) == 1
+
+
+def test_a_link_opened_before_its_message_was_confirmed_is_kept_when_the_provider_confirms_it(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """The customer opens the link of a message whose try timed out; the provider, back later, confirms a re-send
+    of the message: its link row is there already, and the send is recorded (with the later expiry) instead of
+    failing on the duplicate row."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    state: FakeState = gupshup.state
+    state.hang(times=1, seconds=0.0)
+    state.fail(times=100_000, status=503)
+    h.executor.payment_failed("m_demo", event())
+    step(h, 30, minutes=1)
+    _, token, first_expiry = h.executor.new_link("m_demo", "ord_1", nudge_action_key(h), START)
+    h.executor.open_link(token)
+    state.reset()  # the provider is back
+    step(h, 61, minutes=1)
+    (nudge,) = h.view().nudges
+    assert nudge.status == "accepted"
+    assert len(state.messages) == 1
+    with h.executor.engine.connect() as conn:
+        (expires_at,) = conn.execute(sa.select(payment_links.c.expires_at)).scalars().all()
+    assert as_utc(expires_at) > first_expiry
+    assert h.executor.open_link(token).state == "PENDING"  # the first token still opens it

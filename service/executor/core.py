@@ -21,7 +21,6 @@ from typing import Any, Final, Literal, TypeVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import RowMapping
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -57,6 +56,7 @@ from service.executor.store import (
     orders,
     payment_links,
     transactions,
+    upsert_into,
     utcnow,
     webhook_deliveries,
 )
@@ -1622,8 +1622,7 @@ class Executor:
         )
         # The row is there already when the customer used the link of an earlier try the provider did not confirm
         # (``_unconfirmed_link``): the link then lives until the later of the two tokens' expiries.
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        insert = dialect.insert(payment_links).values(
+        insert = upsert_into(conn, payment_links).values(
             token_id=sent.token_id,
             merchant_id=action.merchant_id,
             order_id=action.order_id,
@@ -1952,9 +1951,8 @@ class Executor:
             "a payment link of a message its provider never confirmed is used",
             extra={"merchant_id": claims.merchant_id, "order_id": claims.order_id},
         )
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
         conn.execute(
-            dialect.insert(payment_links)
+            upsert_into(conn, payment_links)
             .values(
                 token_id=claims.token_id,
                 merchant_id=claims.merchant_id,

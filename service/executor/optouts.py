@@ -37,10 +37,9 @@ from urllib.parse import urlencode
 
 import phonenumbers
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from model.vocab import Channel
-from service.executor.store import opt_outs
+from service.executor.store import opt_outs, upsert_into
 
 #: Customer request fields (extras of ``customer``) that carry the address of each channel.
 ADDRESS_FIELDS: dict[Channel, tuple[str, ...]] = {
@@ -130,7 +129,7 @@ def record_opt_out(
 ) -> bool:
     """Keep the opt-out of ``address`` from ``channel`` for ``merchant_id``; False when it was kept already."""
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_hash(channel, address)}
-    insert = postgresql.insert(opt_outs) if conn.dialect.name == "postgresql" else sqlite.insert(opt_outs)
+    insert = upsert_into(conn, opt_outs)
     statement = insert.values(**key, source=source[:64], created_at=now).on_conflict_do_nothing()
     # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
     return conn.execute(statement.returning(opt_outs.c.merchant_id)).first() is not None

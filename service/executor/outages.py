@@ -23,11 +23,10 @@ from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
-from service.executor.store import as_utc, as_utc_or_none, channel_outages
+from service.executor.store import as_utc, as_utc_or_none, channel_outages, upsert_into
 
 log = logging.getLogger("winback.executor")
 
@@ -41,8 +40,7 @@ def _locked_row(conn: sa.Connection, merchant_id: str, channel: Channel, now: da
     row another worker deletes meanwhile (``note_accepted``) cannot leave nothing to read, as an insert that did
     nothing followed by a select could (review of c65ddd9: NoResultFound on PostgreSQL)."""
     values = {"merchant_id": merchant_id, "channel": channel.value, "refused_since": now, "last_refused_at": now}
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(channel_outages).values(**values)
+    insert = upsert_into(conn, channel_outages).values(**values)
     upsert = insert.on_conflict_do_update(
         index_elements=[channel_outages.c.merchant_id, channel_outages.c.channel],
         set_={"channel": insert.excluded.channel},  # a no-op that locks the row and returns it

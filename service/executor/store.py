@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from service.api.store import SqliteFileWatch, make_engine, metadata, server_connect_args
@@ -295,3 +296,8 @@ def make_executor_engine(url: str, pool_size: int = 5) -> Engine:
 def is_postgres(engine: Engine) -> bool:
     """Whether ``engine`` talks to PostgreSQL (which claims with SKIP LOCKED)."""
     return engine.dialect.name == "postgresql"
+
+
+def upsert_into(conn: sa.Connection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into ``table`` in ``conn``'s dialect, which has ``on_conflict_do_nothing``/``_do_update``."""
+    return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel
 
 from model.vocab import Channel
@@ -141,9 +141,19 @@ def create_provider_router(
         return InboundAck(message=True, opted_out=True)
 
     router.add_api_route("/{provider}/inbound", inbound, methods=["POST"], response_model=InboundAck)
+
+    async def keyword_inbound(provider: str, request: Request) -> Response:
+        await inbound(provider, request)
+        return Response(KEYWORD_NO_REPLY, media_type="application/xml")
+
     # Gupshup Enterprise SMS forwards a keyword reply (a STOP) by calling the configured URL with its fields in the
-    # query (``?phonecode=%pcode&keyword=%kw&content=%con&msisdn=%ph...``): a GET.
-    router.add_api_route(
-        "/{provider}/inbound", inbound, methods=["GET"], response_model=InboundAck, include_in_schema=False
-    )
+    # query (``?phonecode=%pcode&keyword=%kw&content=%con&msisdn=%ph...``): a GET. It texts the customer what the
+    # URL answers: the messages of an XML ``<response>``, else the answer's first 160 characters (Gupshup's docs,
+    # "Keyword Response URL"). So the answer is a response with no message, not the JSON acknowledgement, which the
+    # customer would have got as an SMS.
+    router.add_api_route("/{provider}/inbound", keyword_inbound, methods=["GET"], include_in_schema=False)
     return router
+
+
+#: A keyword response URL's answer that sends the customer nothing (Gupshup Enterprise SMS).
+KEYWORD_NO_REPLY = b'<?xml version="1.0" encoding="UTF-8"?><response></response>'

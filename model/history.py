@@ -416,9 +416,11 @@ def _read_raw(path: Path, label: str) -> pd.DataFrame:
         if suffix == ".csv":
             # Everything as text: types are parsed per column so a bad value is reported, not guessed.
             return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        return pd.read_parquet(path)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         _fail(label, f"cannot read the file: {exc}")
+    # The same reader as ``split_history``, so both see a string column of any Arrow flavour as strings.
+    frame: pd.DataFrame = _read_arrow(path, label).to_pandas()
+    return frame
 
 
 def _fail(label: str, reason: str) -> NoReturn:
@@ -995,7 +997,8 @@ class PartitionedHistory:
 
 
 def _read_arrow(path: Path, label: str) -> pyarrow.Table:
-    """A history file as an Arrow table (CSV: every column as text, empty fields null, as ``_read_raw``)."""
+    """A history file as an Arrow table (CSV: every column as text, empty fields null, as ``_read_raw``); string
+    columns of any Arrow flavour as plain ``string`` (``_plain_types``)."""
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
@@ -1013,10 +1016,36 @@ def _read_arrow(path: Path, label: str) -> pyarrow.Table:
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=True,
             )
-            return pacsv.read_csv(path, convert_options=options)
-        return pq.read_table(path)
+            table = pacsv.read_csv(path, convert_options=options)
+        else:
+            table = pq.read_table(path)
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
         _fail(label, f"cannot read the file: {exc}")
+    return _plain_types(table)
+
+
+def _plain_types(table: pyarrow.Table) -> pyarrow.Table:
+    """``table`` with dictionary columns decoded and large or view strings as plain strings (the same values).
+
+    Polars writes ``large_string``, pandas categoricals arrive dictionary-encoded, newer writers may use
+    ``string_view``: all are strings of the contract. Checks that look at the Arrow type (ids unique over the whole
+    file) would otherwise pass over them, and Arrow has no kernels for some (``take`` of ``string_view``).
+    """
+    columns = []
+    changed = False
+    for column in table.columns:
+        kind = column.type
+        if pyarrow.types.is_dictionary(kind):
+            kind = kind.value_type
+        if pyarrow.types.is_large_string(kind) or pyarrow.types.is_string_view(kind):
+            kind = pyarrow.string()
+        if kind != column.type:
+            column = column.cast(kind)
+            changed = True
+        columns.append(column)
+    if not changed:
+        return table
+    return pyarrow.Table.from_arrays(columns, names=table.column_names, metadata=table.schema.metadata)
 
 
 def _partition_of(attempts: pyarrow.Table, nudges: pyarrow.Table, partitions: int) -> tuple[Any, Any]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa_lib
+import pyarrow.parquet as pq
 import pytest
 
 from model.history import HistoryError, Problem, read_history, split_history, write_attempts, write_nudges
@@ -184,3 +186,50 @@ def test_unreadable_and_unsupported_files_are_named(tmp_path: Path) -> None:
         split_history(bad, bad, tmp_path / "parts")
     with pytest.raises(HistoryError, match="unsupported file extension"):
         split_history(tmp_path / "attempts.json", bad, tmp_path / "parts")
+
+
+def _flavoured(frame: pd.DataFrame, flavour: str) -> pa_lib.Table:
+    """``frame`` as an Arrow table whose string columns are of another Arrow string type (as other writers use)."""
+    table = pa_lib.Table.from_pandas(frame, preserve_index=False)
+    columns = []
+    for column in table.columns:
+        if pa_lib.types.is_string(column.type):
+            if flavour == "dictionary":
+                column = column.dictionary_encode()
+            else:
+                column = column.cast(pa_lib.large_string() if flavour == "large_string" else pa_lib.string_view())
+        columns.append(column)
+    return pa_lib.Table.from_arrays(columns, names=table.column_names)
+
+
+@pytest.mark.parametrize("flavour", ["large_string", "string_view", "dictionary"])
+def test_string_columns_of_any_arrow_flavour_are_strings(tmp_path: Path, flavour: str) -> None:
+    # Polars writes large_string, pandas categoricals are dictionary-encoded: the contract's strings all the same.
+    # split_history (what `winback train` runs) used to skip the txn_id/nudge_id uniqueness of such files, so a
+    # duplicate txn_id was trained on, and a duplicate nudge_id or a string_view column crashed it.
+    attempts, nudges = make_attempts_frame(), make_nudges_frame()
+    a, n = tmp_path / "attempts.parquet", tmp_path / "nudges.parquet"
+    pq.write_table(_flavoured(attempts, flavour), a)
+    pq.write_table(_flavoured(nudges, flavour), n)
+    whole = read_history(a, n)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_attempts(attempts, plain / "attempts.parquet")
+    write_nudges(nudges, plain / "nudges.parquet")
+    expected = read_history(plain / "attempts.parquet", plain / "nudges.parquet")
+    pd.testing.assert_frame_equal(whole.attempts, expected.attempts)
+    pd.testing.assert_frame_equal(whole.nudges, expected.nudges)
+    parts = split_history(a, n, tmp_path / "parts", partition_rows=3)
+    assert parts.attempt_rows == len(attempts)
+
+    attempts.loc[7, "txn_id"] = attempts.loc[0, "txn_id"]  # another order's txn_id
+    nudges.loc[2, "nudge_id"] = nudges.loc[1, "nudge_id"]
+    pq.write_table(_flavoured(attempts, flavour), a)
+    pq.write_table(_flavoured(nudges, flavour), n)
+    expected_report = _report(lambda: read_history(a, n))
+    for rows in PARTITION_ROWS:
+        got = _report(lambda: split_history(a, n, tmp_path / f"dup-{rows}", partition_rows=rows))  # noqa: B023
+        assert got == expected_report
+    assert [(Path(p.file).stem, p.row, p.column) for p in expected_report[0]] == [
+        ("attempts", 1, "txn_id"), ("attempts", 8, "txn_id"), ("nudges", 2, "nudge_id"), ("nudges", 3, "nudge_id"),
+    ]  # fmt: skip

@@ -1016,7 +1016,10 @@ def _read_arrow(path: Path, label: str) -> pyarrow.Table:
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=True,
             )
-            table = pacsv.read_csv(path, convert_options=options)
+            # Connectors' error messages may span lines (quoted in CSV): without this, the parallel reader cuts a file
+            # of more than one block (1 MB) inside such a value and refuses the whole file.
+            parse = pacsv.ParseOptions(newlines_in_values=True)
+            table = pacsv.read_csv(path, parse_options=parse, convert_options=options)
         else:
             table = pq.read_table(path)
     except (OSError, ValueError, pyarrow.ArrowException) as exc:

@@ -233,3 +233,18 @@ def test_string_columns_of_any_arrow_flavour_are_strings(tmp_path: Path, flavour
     assert [(Path(p.file).stem, p.row, p.column) for p in expected_report[0]] == [
         ("attempts", 1, "txn_id"), ("attempts", 8, "txn_id"), ("nudges", 2, "nudge_id"), ("nudges", 3, "nudge_id"),
     ]  # fmt: skip
+
+
+def test_a_csv_of_several_blocks_with_multi_line_messages_is_read(tmp_path: Path) -> None:
+    # A connector's error message may span lines; pandas reads such a CSV, and split_history refused it once the
+    # file was larger than one block of Arrow's parallel reader ("CSV parser got out of sync with chunker").
+    attempts = make_attempts_frame()
+    failed = attempts["status"] == "failure"
+    attempts.loc[failed, "error_message"] = [
+        f"Declined by issuer.\nDetail {i}: " + "x" * 400_000 for i in range(sum(failed))
+    ]
+    a, n = _write(tmp_path, "csv", attempts, make_nudges_frame(), raw=False)
+    assert a.stat().st_size > 2_000_000
+    parts = split_history(a, n, tmp_path / "parts", partition_rows=3)
+    got = pd.concat([part.attempts for part in parts]).set_index("txn_id")["error_message"]
+    assert got.loc[attempts["txn_id"]].tolist() == attempts["error_message"].tolist()

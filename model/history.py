@@ -409,16 +409,7 @@ class _Collector:
 
 
 def _read_raw(path: Path, label: str) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
-    try:
-        if suffix == ".csv":
-            # Everything as text: types are parsed per column so a bad value is reported, not guessed.
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        _fail(label, f"cannot read the file: {exc}")
-    # The same reader as ``split_history``, so both see a string column of any Arrow flavour as strings.
+    # The same reader as ``split_history``: one file gives one report, whichever of the two reads it.
     frame: pd.DataFrame = _read_arrow(path, label).to_pandas()
     return frame
 
@@ -997,34 +988,69 @@ class PartitionedHistory:
 
 
 def _read_arrow(path: Path, label: str) -> pyarrow.Table:
-    """A history file as an Arrow table (CSV: every column as text, empty fields null, as ``_read_raw``); string
-    columns of any Arrow flavour as plain ``string`` (``_plain_types``)."""
+    """A history file as an Arrow table: CSV with every column as text and empty fields null; string columns of
+    any Arrow flavour as plain ``string`` (``_plain_types``). A CSV row with more or fewer fields than the header is
+    reported with its row rather than read some way."""
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
     try:
-        if suffix == ".csv":
-            import csv
-
-            import pyarrow.csv as pacsv
-
-            with path.open(newline="") as handle:
-                header = next(csv.reader(handle), [])
-            options = pacsv.ConvertOptions(
-                column_types={name: pyarrow.string() for name in header},
-                null_values=[""],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=True,
-            )
-            # Connectors' error messages may span lines (quoted in CSV): without this, the parallel reader cuts a file
-            # of more than one block (1 MB) inside such a value and refuses the whole file.
-            parse = pacsv.ParseOptions(newlines_in_values=True)
-            table = pacsv.read_csv(path, parse_options=parse, convert_options=options)
-        else:
-            table = pq.read_table(path)
+        table = _read_csv_text(path, label) if suffix == ".csv" else pq.read_table(path)
+    except HistoryError:
+        raise
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
         _fail(label, f"cannot read the file: {exc}")
     return _plain_types(table)
+
+
+def _read_csv_text(path: Path, label: str) -> pyarrow.Table:
+    import csv
+
+    import pyarrow.csv as pacsv
+
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    ragged: list[Any] = []
+
+    def skip(row: Any) -> str:
+        ragged.append(row)
+        return "skip"
+
+    options = pacsv.ConvertOptions(
+        column_types={name: pyarrow.string() for name in header},
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+    )
+    # Connectors' error messages may span lines (quoted in CSV): without this, the parallel reader cuts a file of
+    # more than one block (1 MB) inside such a value and refuses the whole file.
+    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip)
+    table = pacsv.read_csv(path, parse_options=parse, convert_options=options)
+    if ragged:
+        _report_ragged_rows(path, label, len(header), len(ragged))
+    return table
+
+
+def _report_ragged_rows(path: Path, label: str, width: int, count: int) -> NoReturn:
+    """Fail naming the data rows whose number of fields is not the header's (found again with Python's reader, which
+    counts rows the way the report does; the Arrow reader only knows them when it reads on one thread)."""
+    import csv
+
+    out = _Collector(DEFAULT_CAP, ())
+    out.register(label)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        records = (record for record in csv.reader(handle) if record)
+        next(records, None)
+        for row, record in enumerate(records, start=1):
+            if len(record) == width:
+                continue
+            if out.total < out.cap:
+                out.add(label, row, None, f"{len(record)} fields where the header has {width}")
+            else:
+                out.total += 1  # counted, not kept (as ``_Collector.add_rows`` does past the cap)
+    if out.total == 0:  # the two readers disagree on where: still name the problem
+        out.add(label, None, None, f"{count} rows with a number of fields other than the header's {width}")
+    raise HistoryError(out.report())
 
 
 def _plain_types(table: pyarrow.Table) -> pyarrow.Table:

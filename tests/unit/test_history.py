@@ -469,3 +469,22 @@ def test_reconstruct_orders_of_an_empty_history() -> None:
     orders = reconstruct_orders(empty, make_nudges_frame().iloc[0:0])
     assert tuple(orders.columns) == ORDER_COLUMNS
     assert len(orders) == 0
+
+
+def test_csv_rows_with_too_few_or_too_many_fields_are_reported_by_row(tmp_path: Path) -> None:
+    # read_history used to fill a short row's last columns with nulls (pandas), so a row that lost its propensity
+    # was read as one without; split_history refused the file without naming the row.
+    from model.history import split_history
+
+    a, n = _write_pair(tmp_path, "csv", make_attempts_frame(), make_nudges_frame())
+    lines = a.read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0]  # data row 2: one field short
+    lines[5] += ",extra"  # data row 5: one field too many
+    a.write_text("\n".join(lines) + "\n")
+    for read in (lambda: read_history(a, n), lambda: split_history(a, n, tmp_path / "parts")):
+        with pytest.raises(HistoryError) as exc:
+            read()
+        assert exc.value.report.problems == [
+            Problem(str(a), 2, None, "28 fields where the header has 29"),
+            Problem(str(a), 5, None, "30 fields where the header has 29"),
+        ]

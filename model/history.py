@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -990,12 +991,17 @@ class PartitionedHistory:
 def _read_arrow(path: Path, label: str) -> pyarrow.Table:
     """A history file as an Arrow table: CSV with every column as text and empty fields null; string columns of
     any Arrow flavour as plain ``string`` (``_plain_types``). A CSV row with more or fewer fields than the header is
-    reported with its row rather than read some way."""
+    reported with its row rather than read some way, and a column named twice is reported by name."""
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
     try:
-        table = _read_csv_text(path, label) if suffix == ".csv" else pq.read_table(path)
+        if suffix == ".csv":
+            table = _read_csv_text(path, label)
+        else:
+            if path.is_file():  # Arrow's own error for a repeated name prints the whole schema
+                _refuse_repeated_columns(pq.read_schema(path).names, label)
+            table = pq.read_table(path)
     except HistoryError:
         raise
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
@@ -1010,6 +1016,7 @@ def _read_csv_text(path: Path, label: str) -> pyarrow.Table:
 
     with path.open(newline="", encoding="utf-8-sig") as handle:
         header = next(csv.reader(handle), [])
+    _refuse_repeated_columns(header, label)
     ragged: list[Any] = []
 
     def skip(row: Any) -> str:
@@ -1051,6 +1058,18 @@ def _report_ragged_rows(path: Path, label: str, width: int, count: int) -> NoRet
     if out.total == 0:  # the two readers disagree on where: still name the problem
         out.add(label, None, None, f"{count} rows with a number of fields other than the header's {width}")
     raise HistoryError(out.report())
+
+
+def _refuse_repeated_columns(names: Sequence[str], label: str) -> None:
+    """Fail when a file names a column more than once: pandas would read it as ``name.1``, Arrow not at all."""
+    counts = Counter(names)
+    problems = [
+        Problem(label, None, name, f"the file has {count} columns of this name (keep one)")
+        for name, count in counts.items()
+        if count > 1
+    ]
+    if problems:
+        raise HistoryError(ValidationReport(problems, total=len(problems)))
 
 
 def _plain_types(table: pyarrow.Table) -> pyarrow.Table:

@@ -488,3 +488,29 @@ def test_csv_rows_with_too_few_or_too_many_fields_are_reported_by_row(tmp_path: 
             Problem(str(a), 2, None, "28 fields where the header has 29"),
             Problem(str(a), 5, None, "30 fields where the header has 29"),
         ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_column_named_twice_is_reported_by_name(tmp_path: Path, fmt: str) -> None:
+    # An export joining two tables can carry a column twice: split_history (train) crashed with "The truth value
+    # of a Series is ambiguous" (CSV) or Arrow's "Multiple matches for FieldRef" with the whole schema (Parquet);
+    # read_history read a CSV's second copy as "propensity.1" and ignored it.
+    import pyarrow as pa_lib
+    import pyarrow.parquet as pq
+
+    from model.history import split_history
+
+    a, n = _write_pair(tmp_path, fmt, make_attempts_frame(), make_nudges_frame())
+    if fmt == "csv":
+        lines = a.read_text().splitlines()
+        a.write_text("\n".join(f"{line},{line.rsplit(',', 1)[1]}" for line in lines) + "\n")
+    else:
+        table = pq.read_table(a)
+        pq.write_table(pa_lib.Table.from_arrays([*table.columns, table["propensity"]],
+                                                names=[*table.column_names, "propensity"]), a)  # fmt: skip
+    for read in (lambda: read_history(a, n), lambda: split_history(a, n, tmp_path / "parts")):
+        with pytest.raises(HistoryError) as exc:
+            read()
+        assert exc.value.report.problems == [
+            Problem(str(a), None, "propensity", "the file has 2 columns of this name (keep one)")
+        ]

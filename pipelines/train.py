@@ -45,7 +45,14 @@ from pipelines.gate import (
     paired_noise,
 )
 
-__all__ = ["TrainInputError", "TrainSummary", "format_history_error", "run_training", "train_command"]
+__all__ = [
+    "TrainInputError",
+    "TrainSummary",
+    "format_history_error",
+    "run_training",
+    "train_command",
+    "usable_tracking_store",
+]
 
 #: Steps of the job, as shown in the progress bar.
 _STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
@@ -525,6 +532,27 @@ def _log_run(
     return _Logged(run_id, experiment_id, tracking_uri, bundle_dir, example, metadata, tuple(artifacts))
 
 
+def usable_tracking_store(tracking_uri: str | None) -> str:
+    """The resolved tracking URI, once its store answered (the experiment is created when new); `TrainInputError`
+    with a one-line reason when it cannot be used (unreachable server or database, unknown scheme, unwritable
+    folder). MLflow retries an unreachable server for some minutes first, as it would later in the job."""
+    import os
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from model import registry
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.DEFAULT_TRACKING_URI
+    try:
+        uri = registry.resolve_tracking_uri(tracking_uri)
+        registry.ensure_experiment(uri)
+    except (MlflowException, SQLAlchemyError, OSError) as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise TrainInputError(f"cannot use the MLflow tracking store {uri}: {reason}") from exc
+    return uri
+
+
 def run_training(
     attempts: str | Path,
     nudges: str | Path,
@@ -594,6 +622,8 @@ def run_training(
         # One partition stays in memory as frames; more are read back one at a time.
         whole = parts.part(0) if len(parts) == 1 else None
         frames: PartitionedHistory | list[History] = [whole] if whole is not None else parts
+        # Before the hours of training a large history takes, which a store nobody can reach would throw away.
+        uri = usable_tracking_store(tracking_uri)
         steps.done()
 
         def fitted(**more: Any) -> Any:
@@ -615,7 +645,6 @@ def run_training(
         steps.done()
 
         steps.start("evaluate")
-        uri = registry.resolve_tracking_uri(tracking_uri)
         # The champion's judged fit: a refit champion was fitted on the older part of this history's holdout.
         champion = registry.load_judged_champion(uri) if promote else None
         sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)

@@ -119,6 +119,30 @@ def test_train_on_input_it_cannot_use_exits_with_one_line(tmp_path: Path, small_
     assert "Traceback" not in bad_config.output
 
 
+def test_train_with_a_tracking_store_it_cannot_reach_says_so_in_one_line_before_training(
+    tmp_path: Path, small_history: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It used to train first, then spend MLflow's retries (4.5 minutes) and end in a 470-line traceback, exit 1.
+    import socket
+
+    import model.training
+
+    def no_training(*_: object, **__: object) -> None:
+        raise AssertionError("trained although the tracking store cannot be reached")
+
+    monkeypatch.setattr(model.training, "train_partitions", no_training)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    history = ["--attempts", str(small_history / "attempts.parquet"), "--nudges", str(small_history / "nudges.parquet")]
+    for uri in (f"http://127.0.0.1:{port}", "bogus://nowhere"):
+        result = runner.invoke(app, ["train", *history, "--tracking-uri", uri])
+        assert result.exit_code == 2, result.output
+        assert f"error: cannot use the MLflow tracking store {uri}: " in result.output
+        assert "Traceback" not in result.output
+
+
 def test_history_export_from_a_database_it_cannot_read_exits_with_one_line(tmp_path: Path) -> None:
     absent = tmp_path / "absent.db"
     for url, reason in [

@@ -222,6 +222,10 @@ def load_config(path: str | Path) -> WinbackConfig:
         raw = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"{file}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a folder, a file it may not read
+        raise ConfigError(f"{file}: cannot read the config file: {exc.strerror or exc}") from None
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
     except yaml.YAMLError as exc:

@@ -81,6 +81,19 @@ def test_bad_config_names_the_key_path(merchant: dict[str, Any], expected: str) 
     assert expected in str(excinfo.value)
 
 
+def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    # Both used to escape load_config as IsADirectoryError / UnicodeDecodeError: `winback serve` and `executor run`
+    # turn only a ConfigError into their one-line reason, so each ended in a traceback.
+    folder = tmp_path / "merchants.yaml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"merchants\.yaml: cannot read the config file: Is a directory"):
+        load_config(folder)
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_text("merchants: {}\n", encoding="utf-16")  # as Windows tools often save it
+    with pytest.raises(ConfigError, match=r"utf16\.yaml: not UTF-8 text \(invalid start byte at byte 0\)"):
+        load_config(utf16)
+
+
 def test_top_level_unknown_key_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="surprise: unknown key"):
         parse_config({**minimal(), "surprise": True})

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     ValidationError,
     field_validator,
@@ -125,7 +126,7 @@ class ConnectorEndpoint(_Strict):
     kind: Literal["sandbox", "http"]
     base_url: HttpUrlText | None = None
     api_key_env: str | None = None
-    timeout_seconds: float = Field(default=10.0, gt=0)
+    timeout_seconds: StrictFloat = Field(default=10.0, gt=0)  # `true` is not a 1 s timeout, nor "10" a number
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> ConnectorEndpoint:

@@ -150,6 +150,16 @@ def test_two_merchants_with_one_api_key_are_refused(tmp_path: Path) -> None:
         ({"webhook": {"url": "not a url", "secret_env": "X"}}, "webhook.url", "http(s) URL"),
         ({"providers": {"sms": {"kind": "gupshup", "base_url": "api.gupshup.io"}}}, "providers.sms.base_url", "URL"),
         ({"providers": {"email": {"kind": "smtp", "port": 70000}}}, "providers.email.port", "65535"),
+        (
+            {"connector_endpoints": {"stripe": {"kind": "sandbox", "timeout_seconds": True}}},
+            "connector_endpoints.stripe.timeout_seconds",
+            "valid number",
+        ),
+        (
+            {"connector_endpoints": {"stripe": {"kind": "sandbox", "timeout_seconds": "10"}}},
+            "connector_endpoints.stripe.timeout_seconds",
+            "valid number",
+        ),
     ],
 )
 def test_values_yaml_or_pydantic_would_bend_are_refused_naming_the_key(

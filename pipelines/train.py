@@ -532,6 +532,27 @@ def _log_run(
     return _Logged(run_id, experiment_id, tracking_uri, bundle_dir, example, metadata, tuple(artifacts))
 
 
+@contextmanager
+def _first_use_of(uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time (a lock on its folder): MLflow creates a new store's tables on
+    first use without a lock of its own, and of two trainings started together on a fresh store the second died
+    in that creation ('table datasets already exists', 'No such constraint') with a traceback."""
+    import fcntl
+    import os
+
+    prefix = "sqlite:///"  # resolve_tracking_uri spells a SQLite store as this and an absolute path
+    if not uri.startswith(prefix) or uri == f"{prefix}:memory:":
+        yield
+        return
+    db_path = Path(uri[len(prefix) :])
+    folder = os.open(db_path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # closing the descriptor releases the lock
+
+
 def usable_tracking_store(tracking_uri: str | None) -> str:
     """The resolved tracking URI, once its store answered (the experiment is created when new); `TrainInputError`
     with a one-line reason when it cannot be used (unreachable server or database, unknown scheme, unwritable
@@ -546,7 +567,8 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.DEFAULT_TRACKING_URI
     try:
         uri = registry.resolve_tracking_uri(tracking_uri)
-        registry.ensure_experiment(uri)
+        with _first_use_of(uri):
+            registry.ensure_experiment(uri)
     except (MlflowException, SQLAlchemyError, OSError) as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise TrainInputError(f"cannot use the MLflow tracking store {uri}: {reason}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.console import Console
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from model import registry
 from model.history import write_attempts, write_nudges
 from pipelines.cli import app
-from pipelines.train import TrainSummary, run_training
+from pipelines.train import TrainInputError, TrainSummary, run_training, usable_tracking_store
 from tests.factories import make_history_frames
 
 # Small and fast: few boosting rounds, a sample of the holdout, few bootstrap resamples, no simulated episodes.
@@ -187,3 +188,25 @@ def test_a_history_older_than_the_champions_gets_a_caveat_on_the_verdict(tmp_pat
     assert "which favours it" in console.export_text()
     run = mlflow.MlflowClient(tracking_uri=mlflow_store).get_run(backfill.run_id)
     assert run.data.tags["winback.gate_caveats"] == caveat
+
+
+def _first_use(uri: str, start: Any) -> str:
+    start.wait()
+    try:
+        usable_tracking_store(uri)
+    except TrainInputError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_trainings_started_together_on_a_fresh_sqlite_store_both_get_it(tmp_path: Path) -> None:
+    # MLflow creates a new store's tables on first use without a lock: of two `winback train` started together on
+    # a fresh store, the second died in that creation ("table datasets already exists") with a traceback.
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, as separate `winback train` processes
+    start = context.Manager().Barrier(3)
+    with context.Pool(3) as pool:
+        results = pool.starmap(_first_use, [(uri, start)] * 3)
+    assert results == ["ok", "ok", "ok"]

@@ -533,10 +533,11 @@ def _log_run(
 
 
 @contextmanager
-def _first_use_of(uri: str) -> Iterator[None]:
-    """For a SQLite store, one process at a time (a lock on its folder): MLflow creates a new store's tables on
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time (a lock on its folder). MLflow creates a new store's tables on
     first use without a lock of its own, and of two trainings started together on a fresh store the second died
-    in that creation ('table datasets already exists', 'No such constraint') with a traceback."""
+    in that creation ('table datasets already exists', 'No such constraint') with a traceback. The promotion's
+    check-and-move of ``champion`` holds it too (``_promote``)."""
     import fcntl
     import os
 
@@ -553,6 +554,26 @@ def _first_use_of(uri: str) -> Iterator[None]:
         os.close(folder)  # closing the descriptor releases the lock
 
 
+def _promote(registry: Any, gate: GateResult, version: str, judged_against: str | None, uri: str) -> GateResult:
+    """Move ``champion`` to ``version``, which the gate passed against ``judged_against``, unless another run moved
+    it meanwhile: two trainings promoting at once each judged against the old champion, and the last to move the
+    alias won, never compared with the other. The gate's result, changed to a keep when the champion moved.
+
+    The check and the move hold the store's lock (``_store_lock``: SQLite stores); with a tracking server, two
+    runs can still both pass the check in the moment between it and the move."""
+    with _store_lock(uri):
+        now = registry.get_alias_version(registry.CHAMPION, tracking_uri=uri)
+        if now == judged_against or now is None:  # unchanged, or removed: nothing to compare with
+            registry.set_alias(registry.CHAMPION, version, tracking_uri=uri)
+            return gate
+    moved = (
+        f"champion moved to version {now} during this run, which judged version {version} against "
+        f"{'no champion' if judged_against is None else f'version {judged_against}'}: run the gate again "
+        "(winback train --promote, or winback retrain) to compare the two"
+    )
+    return replace(gate, promote=False, champion_version=now, reasons=(moved,))
+
+
 def usable_tracking_store(tracking_uri: str | None) -> str:
     """The resolved tracking URI, once its store answered (the experiment is created when new); `TrainInputError`
     with a one-line reason when it cannot be used (unreachable server or database, unknown scheme, unwritable
@@ -567,7 +588,7 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.DEFAULT_TRACKING_URI
     try:
         uri = registry.resolve_tracking_uri(tracking_uri)
-        with _first_use_of(uri):
+        with _store_lock(uri):
             registry.ensure_experiment(uri)
     except (MlflowException, SQLAlchemyError, OSError) as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -751,7 +772,7 @@ def run_training(
         if gate is not None:
             gate = replace(gate, challenger_version=version)
             if gate.promote:
-                registry.set_alias(registry.CHAMPION, version, tracking_uri=uri)
+                gate = _promote(registry, gate, version, None if champion is None else champion[1], uri)
         champion_version = registry.get_alias_version(registry.CHAMPION, tracking_uri=uri)
         steps.done()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -210,3 +211,28 @@ def test_trainings_started_together_on_a_fresh_sqlite_store_both_get_it(tmp_path
     with context.Pool(3) as pool:
         results = pool.starmap(_first_use, [(uri, start)] * 3)
     assert results == ["ok", "ok", "ok"]
+
+
+def test_a_promotion_does_not_overrule_one_made_during_its_run(
+    tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by stop 32's data hunt: two `train --promote` runs at once each judged against the old champion, and
+    the last to move the alias won, never compared with the other. Here another run registers and promotes a
+    version while this one is registering its own: this one stays challenger and says why."""
+    console = Console(width=200, record=True)
+    full = _write_history(tmp_path / "full", 600, seed=0)
+    first = _train(full, mlflow_store, console)
+    assert first.champion_version == "1"
+    register = registry.register_bundle
+
+    def another_run_promotes_first(*args: Any, **kwargs: Any) -> str:
+        other = register(*args, **kwargs)  # the other run's version, promoted by it
+        registry.set_alias(registry.CHAMPION, other, tracking_uri=mlflow_store)
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_bundle", another_run_promotes_first)
+    second = _train(full, mlflow_store, console)
+    assert second.gate is not None
+    assert (second.version, second.promoted, second.champion_version) == ("3", False, "2")
+    assert second.gate.verdict.startswith("kept champion version 2; version 3 stays challenger: champion moved")
+    assert registry.get_alias_version(registry.CHAMPION, tracking_uri=mlflow_store) == "2"

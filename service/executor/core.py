@@ -1014,13 +1014,13 @@ class Executor:
         # A charge that may have reached its connector (claimed now, or sent before without an answer) is not
         # cancelled: its worker records what it did, or a re-send with the same key asks the switch, and the
         # attempt is stored either way (a success on the settled order logs that a refund may be needed).
-        # A message waiting for another try that an earlier one may have sent stays in the history (a claimed
-        # one is recorded by its worker: ``_record_settled_meanwhile``).
+        # A message that an earlier try may have sent stays in the history: one waiting for another try, and one
+        # being tried now, whose worker records only an answer that says it went (``_record_settled_meanwhile``).
         waiting_messages = conn.execute(
             sa.select(actions).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
-                actions.c.state == ActionState.SCHEDULED.value,
+                actions.c.state.in_(OPEN_ACTION_STATES),
                 actions.c.kind == ActionKind.NUDGE.value,
             )
         ).mappings()
@@ -1341,6 +1341,8 @@ class Executor:
         recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
         if isinstance(outcome, Sent):
             note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
+        if recorded is not None and isinstance(outcome, Sent):
+            self._sent_after_all(conn, recorded, action, outcome, now)
         if recorded is None and isinstance(outcome, Sent):
             self._insert_sent_nudge(conn, action, outcome, now)
         elif recorded is None and isinstance(outcome, NotSent):
@@ -1620,8 +1622,13 @@ class Executor:
                 idempotency_key=action.idempotency_key,
             )
         )
-        # The row is there already when the customer used the link of an earlier try the provider did not confirm
-        # (``_unconfirmed_link``): the link then lives until the later of the two tokens' expiries.
+        self._keep_link(conn, action, sent, now)
+
+    @staticmethod
+    def _keep_link(conn: sa.Connection, action: ActionRow, sent: Sent, now: datetime) -> None:
+        """The payment link of a message its provider took. The row is there already when the customer used the
+        link of an earlier try the provider did not confirm (``_unconfirmed_link``): the link then lives until the
+        later of the two tokens' expiries."""
         insert = upsert_into(conn, payment_links).values(
             token_id=sent.token_id,
             merchant_id=action.merchant_id,
@@ -1643,6 +1650,17 @@ class Executor:
         self._insert_unsent_nudge(conn, action, unsent, now)
         # The undelivered nudge is in the history now (it counts against max_nudges): decide again.
         self._decision_point(conn, order, now)
+
+    def _sent_after_all(self, conn: sa.Connection, nudge_id: str, action: ActionRow, sent: Sent, now: datetime) -> None:
+        """The provider took a message its order's settling recorded as not known to be sent (``_keep_maybe_sent``):
+        the nudge is recorded as sent, with its link."""
+        changed = conn.execute(
+            nudges.update()
+            .where(nudges.c.nudge_id == nudge_id, nudges.c.status == "rejected")
+            .values(status="accepted", delivered=True, provider_message_id=sent.provider_message_id, error=None)
+        ).rowcount
+        if changed:
+            self._keep_link(conn, action, sent, now)
 
     def _keep_maybe_sent(self, conn: sa.Connection, action: ActionRow, why: str, now: datetime) -> bool:
         """Record a message that ends unsent (cancelled, or decided again) although an earlier try of it may have

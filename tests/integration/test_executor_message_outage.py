@@ -27,6 +27,7 @@ from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeState, run_fake_provider
+from service.executor.core import StaleClaimError
 from service.executor.store import as_utc, payment_links
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -458,3 +459,64 @@ def test_a_link_opened_before_its_message_was_confirmed_is_kept_when_the_provide
         (expires_at,) = conn.execute(sa.select(payment_links.c.expires_at)).scalars().all()
     assert as_utc(expires_at) > first_expiry
     assert h.executor.open_link(token).state == "PENDING"  # the first token still opens it
+
+
+def _a_message_being_tried_again(h: Harness, state: FakeState) -> Any:
+    """A message whose first try timed out (it may have been sent), claimed now for its next try."""
+    state.hang(times=1, seconds=0.0)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    action = message_action(h)
+    assert action.state == "scheduled"
+    h.clock.now = action.due_at
+    (claimed,) = h.executor.claim(1, 30.0, "w1", "tok1")
+    return claimed
+
+
+def _settle(h: Harness) -> None:
+    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(),
+                 "idempotency_key": "s1"}  # fmt: skip
+    assert h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+
+
+def test_a_message_being_tried_again_when_its_order_settles_stays_in_the_history(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """The order settles while a worker holds the message for its next try: the worker then finds the order
+    settled and sends nothing, but the first try may have reached the customer, so it is in the history."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    claimed = _a_message_being_tried_again(h, gupshup.state)
+    _settle(h)
+    with h.executor.engine.connect() as conn:
+        order = h.executor.orders_of(conn, [claimed])[("m_demo", "ord_1")]
+    outcome = h.effects.perform(claimed, order)
+    assert type(outcome).__name__ == "Skip"
+    with pytest.raises(StaleClaimError), h.executor.engine.begin() as conn:
+        h.executor.complete(conn, claimed, outcome)
+    (nudge,) = h.view().nudges
+    assert nudge.status == "rejected"
+    assert "may have reached the provider" in (nudge.error or "")
+
+
+def test_a_message_sent_while_its_order_settles_is_recorded_as_sent(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """The worker's try goes out, then the order settles before the answer is recorded (settling records the
+    message as not known to be sent): the recorded answer turns it into a sent message with its link."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    claimed = _a_message_being_tried_again(h, gupshup.state)
+    with h.executor.engine.connect() as conn:
+        order = h.executor.orders_of(conn, [claimed])[("m_demo", "ord_1")]
+    outcome = h.effects.perform(claimed, order)
+    assert type(outcome).__name__ == "Sent"
+    _settle(h)
+    with h.executor.engine.begin() as conn:
+        h.executor.complete(conn, claimed, outcome)
+    (nudge,) = h.view().nudges
+    assert (nudge.status, nudge.delivered, nudge.error) == ("accepted", True, None)
+    with h.executor.engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(payment_links)) == 1

@@ -292,6 +292,53 @@ def test_mac_catalog_advice_is_honoured_when_stricter_than_the_rule_data() -> No
     assert Rule.MAC_WAIT not in broken(context, retry(at=T0 + timedelta(hours=5)))
 
 
+# --------------------------------------------------------------------------------------- lost, stolen, pick-up
+
+
+@pytest.mark.parametrize(
+    ("network", "failure", "blocked"),
+    [
+        # A lost, stolen or pick-up card is blocked by its issuer on every network, not only on Visa: a Mastercard
+        # lost_card without a merchant advice code was cascaded to another connector by the trained model.
+        ("mastercard", {"error_code": "lost_card", "network_decline_code": None}, True),  # Stripe's code -> 41
+        ("mastercard", {"error_code": "card_declined", "network_decline_code": "43"}, True),
+        ("amex", {"error_code": "card_declined", "network_decline_code": "4"}, True),  # "4" is "04"
+        ("rupay", {"error_code": "pickup_card", "network_decline_code": None}, True),
+        ("discover", {"error_code": "card_declined", "network_decline_code": "07"}, True),
+        ("visa", {"error_code": "stolen_card", "network_decline_code": None}, True),
+        ("mastercard", {"connector": "cybersource", "error_code": "205", "network_decline_code": None}, True),
+        # Not lost or stolen: still retryable within the other rules.
+        ("mastercard", {"error_code": "card_declined", "network_decline_code": "51"}, False),
+        ("mastercard", {"error_code": "do_not_honor", "network_decline_code": "05"}, False),
+        ("mastercard", {"connector": "cybersource", "error_code": "204", "network_decline_code": None}, False),
+    ],
+)  # fmt: skip
+def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
+    network: str, failure: dict[str, str | None], blocked: bool
+) -> None:
+    context = ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        payment={"card_network": network},
+        failure={"connector": "stripe", "error_message": None, **failure},
+    )
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert (retries == []) is blocked
+    assert (Rule.LOST_STOLEN_CARD in broken(context, retry(strategy="cascade", connector="adyen"))) is blocked
+    assert ("lost_stolen_card" in context.rules_applied) is blocked
+    # The customer may still pay with another card through a link.
+    assert Rule.LOST_STOLEN_CARD not in broken(context, retarget())
+
+
+def test_lost_stolen_codes_of_upi_are_not_read_as_card_codes() -> None:
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": None},
+        failure={"connector": "razorpay", "error_code": "payment_declined", "network_decline_code": "41"},
+    )
+    assert "lost_stolen_card" not in context.rules_applied
+
+
 # ---------------------------------------------------------------------------------------------- UPI AutoPay
 
 IST = ZoneInfo("Asia/Kolkata")

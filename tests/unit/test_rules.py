@@ -491,6 +491,20 @@ def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
     assert (retries == []) is consent
 
 
+@pytest.mark.parametrize("method", ["netbanking", "NetBanking", "net_banking"])
+def test_indian_net_banking_is_a_bank_redirect_and_never_gets_a_silent_retry(method: str) -> None:
+    """Net banking sends the customer to their bank's login page to authorise the payment: nobody else can
+    re-attempt it. Sent under its Indian name (Razorpay's and PayU's), it was cascaded silently to another PSP."""
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"payment_method": method, "payment_method_type": "hdfc", "card_network": None},
+        failure={"connector": "razorpay", "error_code": "GATEWAY_ERROR", "error_message": "bank timeout",
+                 "network_decline_code": None},
+    )  # fmt: skip
+    assert "user_consent_flow" in context.rules_applied
+    assert [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY] == []
+
+
 # ---------------------------------------------------------------------------------- strategies and connectors
 
 

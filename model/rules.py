@@ -354,7 +354,7 @@ class RuleContext:
     merchant: MerchantConfig
     rules_applied: tuple[str, ...]  # rules that constrain this request, e.g. "max_retries:3", "visa_category:2"
     event_time: datetime
-    first_failure_at: datetime  # attempt 1's created_at, else event_time: anchors windows and Day 0
+    first_failure_at: datetime  # the earliest of attempt 1, any attempt or nudge, event_time: windows, Day 0
     last_failure_at: datetime  # the last failed attempt's created_at, else event_time: anchors MAC waits
     failed_connector: str
     connector_order: tuple[str, ...]  # available_connectors, else the merchant's pecking order
@@ -454,7 +454,11 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     first_attempt = next((a for a in attempts if a.attempt_number == 1), None)
     if first_attempt is None and attempts:
         first_attempt = min(attempts, key=lambda a: a.created_at)
-    first_failure_at = min(first_attempt.created_at, event_time) if first_attempt else event_time
+    first_attempt_at = min(first_attempt.created_at, event_time) if first_attempt else event_time
+    # The order failed no later than anything the history records of it: a nudge (its payment link) or an attempt
+    # sent before the one the caller numbers 1. A follow-up sent with its nudges but without its attempts keeps
+    # the window and Day 0 of the order's real first failure, not its own event_time (which moved them days on).
+    first_failure_at = min([first_attempt_at, *(a.created_at for a in attempts), *(n.sent_at for n in nudges)])
     failures = [a.created_at for a in attempts if a.status == "failure"]
     last_failure_at = max(failures) if failures else event_time
 
@@ -529,7 +533,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         mastercard_cap = book.mastercard_reattempt_cap
         declined = [a.created_at for a in attempts if a.status == "failure" and a.strategy != _RETARGET_LINK]
         if not any(a.strategy == _INITIAL for a in attempts):
-            declined.append(first_failure_at)
+            declined.append(first_attempt_at)
         mastercard_declines = tuple(sorted(declined))
         since = event_time - book.mastercard_window
         recent = sum(1 for t in mastercard_declines if t >= since)

@@ -697,6 +697,18 @@ def test_retry_window_counts_from_the_first_failure() -> None:
     assert "retry_window:7d" in context.rules_applied
 
 
+def test_a_follow_up_without_its_attempts_keeps_the_window_and_day0_of_its_nudges() -> None:
+    # A follow-up (CONTRACT.md section 2) sent with the nudge it follows up but no attempts: the order failed no
+    # later than that nudge, so its 7-day window ends 7 days after it, not 7 days after the follow-up.
+    sent = T0 - timedelta(days=6)
+    context = ctx(history={"attempts": [], "nudges": [{"channel": "sms", "sent_at": sent.isoformat()}]})
+    assert context.first_failure_at == sent
+    assert context.day0 == sent.astimezone(IST).date()
+    assert Rule.RETRY_WINDOW not in broken(context, retry(at=sent + timedelta(days=7)))
+    assert Rule.RETRY_WINDOW in broken(context, retry(at=sent + timedelta(days=7, seconds=1)))
+    assert Rule.RETRY_WINDOW in broken(context, retarget(at=T0 + timedelta(days=2)))
+
+
 # ------------------------------------------------------------------------------------------------ channels
 
 

@@ -137,6 +137,10 @@ class ApiMetrics:
         ``support`` is the serving model's training support for the code (None: no model, or it does not say;
         then a code is new when the catalog does not know it).
         """
+        if code is None or not code.strip():
+            # A failure without an error code (a connector that sends only the network's decline code) has no
+            # code to be unknown or new: counted, every such decline raised the new-code alert.
+            return
         new = (support == 0) if support is not None else not known_code
         if known_code and not new:
             return

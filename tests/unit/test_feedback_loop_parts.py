@@ -282,6 +282,17 @@ def test_new_code_metrics_have_bounded_labels_and_count_distinct_pairs() -> None
     assert "winback_new_error_code_pairs 0.0" in metrics.render().decode()
 
 
+@pytest.mark.parametrize("code", [None, "", "  "])
+def test_a_failure_without_an_error_code_is_not_a_new_or_unknown_code(code: str | None) -> None:
+    # What the runtime reports for it: the catalog does not know an absent code, and no model support is looked up.
+    metrics = ApiMetrics(connectors=["stripe"])
+    metrics.observe_error_code("stripe", code, known_code=False, support=None if code is None else 0)
+    text = metrics.render().decode()
+    assert "winback_new_error_codes_total{" not in text
+    assert "winback_unknown_error_codes_total{" not in text
+    assert "winback_new_error_code_pairs 0.0" in text
+
+
 # ------------------------------------------------------------------------------------------------- retrain
 
 

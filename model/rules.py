@@ -51,7 +51,7 @@ from model.vocab import (
 
 # Enum members are read through EnumType.__getattr__ (about 0.1 us a time): the per-candidate code uses these.
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
-_CASCADE, _RETRY_SAME = Strategy.CASCADE, Strategy.RETRY_SAME
+_CASCADE, _RETRY_SAME, _STEP_UP = Strategy.CASCADE, Strategy.RETRY_SAME, Strategy.STEP_UP
 
 RULES_FILE = DATA_DIR / "rules" / "hard_rules.yaml"
 
@@ -95,6 +95,8 @@ class Rule(StrEnum):
     UPI_AUTOPAY_RETRY_WINDOW = "upi_autopay_retry_window"
     USER_CONSENT_FLOW = "user_consent_flow"
     STEP_UP_NOT_APPLICABLE = "step_up_not_applicable"
+    STEP_UP_OUT_OF_SESSION = "step_up_out_of_session"
+    AUTHENTICATION_REQUESTED = "authentication_requested"
     CLEAR_PAN_NOT_APPLICABLE = "clear_pan_not_applicable"
     ALTERNATE_NETWORK_NOT_APPLICABLE = "alternate_network_not_applicable"
     CASCADE_SAME_CONNECTOR = "cascade_same_connector"
@@ -132,6 +134,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         # Which connectors the caller offers now: a retry that must stay on the connector that failed (retry_same,
         # step_up, clear_pan, alternate_network) still carries the error's verdict when that one is not offered.
         Rule.CONNECTOR_UNAVAILABLE,
+        # When the decision is made: a follow-up's step_up has no cardholder at the checkout, the failure's had.
+        Rule.STEP_UP_OUT_OF_SESSION,
     }
 )
 
@@ -181,6 +185,10 @@ class RuleBook:
     challenge_error_classes: frozenset[str]
     step_up_payment_methods: frozenset[str]
     step_up_not_when_authentication: frozenset[str]
+    step_up_not_when_recurring: bool  # a recurring (off-session) payment has no cardholder to authenticate
+    step_up_in_session: timedelta  # a decision point later than this after the failure has no cardholder either
+    after_authentication_request_only: frozenset[str]  # the silent retries left when the issuer asked for SCA
+    authentication_request_classes: frozenset[str]
     alternate_network_payment_methods: frozenset[str]
     alternate_network_payment_method_types: frozenset[str]
     channel_reachability: Mapping[Channel, str]
@@ -209,6 +217,13 @@ def _error_classes(node: Any, path: str) -> frozenset[str]:
     if unknown:
         raise RulesDataError(f"{RULES_FILE.name}: '{path}' names unknown error classes {unknown}")
     return names
+
+
+def _flag(node: Any, path: str) -> bool:
+    value = _get(node, path)
+    if not isinstance(value, bool):
+        raise RulesDataError(f"{RULES_FILE.name}: {path!r} must be true or false, got {value!r}")
+    return value
 
 
 def _number(node: Any, path: str) -> float:
@@ -292,6 +307,10 @@ def parse_rulebook(raw: Any) -> RuleBook:
         challenge_error_classes=_error_classes(raw, "user_consent.challenge_failure.error_classes"),
         step_up_payment_methods=_strings(raw, "strategies.step_up.payment_methods"),
         step_up_not_when_authentication=_strings(raw, "strategies.step_up.not_when_authentication"),
+        step_up_not_when_recurring=_flag(raw, "strategies.step_up.not_when_recurring"),
+        step_up_in_session=timedelta(minutes=_number(raw, "strategies.step_up.in_session_minutes")),
+        after_authentication_request_only=_strings(raw, "strategies.after_authentication_request.only"),
+        authentication_request_classes=_error_classes(raw, "strategies.after_authentication_request.error_classes"),
         alternate_network_payment_methods=_strings(raw, "strategies.alternate_network.payment_methods"),
         alternate_network_payment_method_types=_strings(raw, "strategies.alternate_network.payment_method_types"),
         channel_reachability={Channel(name): str(field) for name, field in reach_raw.items()},
@@ -594,8 +613,18 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     flows = {str(flow) for flow in merchant.retry.flows}
     is_card = method in book.step_up_payment_methods
     not_applicable: dict[str, str] = {}
-    if not is_card or authentication in book.step_up_not_when_authentication:
+    if (
+        not is_card
+        or authentication in book.step_up_not_when_authentication
+        or (payment.is_recurring and book.step_up_not_when_recurring)
+    ):
         not_applicable[Strategy.STEP_UP.value] = Rule.STEP_UP_NOT_APPLICABLE
+    elif event_time - last_failure_at > book.step_up_in_session:  # a follow-up: the cardholder left the checkout
+        not_applicable[Strategy.STEP_UP.value] = Rule.STEP_UP_OUT_OF_SESSION
+    if normalised.error_class.value in book.authentication_request_classes:
+        for name in _RETRY_STRATEGY_NAMES:
+            if name not in book.after_authentication_request_only:
+                not_applicable.setdefault(name, Rule.AUTHENTICATION_REQUESTED)
     if not payment.is_network_token:
         not_applicable[Strategy.CLEAR_PAN.value] = Rule.CLEAR_PAN_NOT_APPLICABLE
     if not (
@@ -1121,8 +1150,10 @@ def _grid_blocks(context: RuleContext) -> list[_GridBlock]:
             connectors = connectors[:MAX_CASCADE_TARGETS]
         else:
             connectors = [failed]
+        # A step-up's 3DS needs the cardholder at the checkout: right away, not hours later (hard_rules.yaml).
+        times = retry_times[:1] if strategy is _STEP_UP else retry_times
         for connector in connectors:
-            blocks.append((_RETRY, strategy, connector, None, retry_times))
+            blocks.append((_RETRY, strategy, connector, None, times))
     send_times = _send_times(context)
     for channel in dict.fromkeys([*context.merchant.retarget.channels, *_CHANNELS]):
         blocks.append((_RETARGET, None, None, channel, send_times))

@@ -20,7 +20,7 @@ from model.policy import PolicyConfig, decide
 from model.requests import Decision
 from model.rules import Candidate, build_context, permitted_grid
 from model.training import train
-from model.vocab import Action
+from model.vocab import Action, Strategy
 from tests.factories import make_history_frames, make_merchant, make_request
 from tests.unit.test_rules import _contract_violations, scenarios
 
@@ -288,11 +288,24 @@ def test_retryable_of_an_error_retried_on_its_own_connector_does_not_depend_on_t
     """(Eighth review.) An SCA soft decline is recovered by step_up on the connector that failed. Offered only
     other connectors, it was judged not retryable: only cascades were scored for the verdict."""
     catalog, merchant = load_catalog(), make_merchant()
-    base = decide(make_request(failure=SCA_SOFT_DECLINE), merchant, None, catalog=catalog, config=GREEDY)
-    request = make_request(failure=SCA_SOFT_DECLINE, available_connectors=offered)
+    one_off = {"is_recurring": False}  # a customer in session, who can authenticate a step-up
+    base = decide(
+        make_request(failure=SCA_SOFT_DECLINE, payment=one_off), merchant, None, catalog=catalog, config=GREEDY
+    )
+    request = make_request(failure=SCA_SOFT_DECLINE, payment=one_off, available_connectors=offered)
     decision = decide(request, merchant, None, catalog=catalog, config=GREEDY)
     assert base.retryable
     assert decision.retryable == base.retryable, (decision.retry_probability, base.retry_probability)
+
+
+def test_an_sca_soft_decline_of_a_recurring_payment_goes_back_to_the_customer() -> None:
+    """A recurring renewal is merchant-initiated: nobody is in session to authenticate, so when the issuer asks for
+    authentication the customer must be brought back (Stripe). It was answered with a silent step_up right away."""
+    catalog, merchant = load_catalog(), make_merchant()
+    request = make_request(failure=SCA_SOFT_DECLINE, payment={"is_recurring": True})
+    decision = decide(request, merchant, None, catalog=catalog, config=GREEDY)
+    assert decision.action == Action.RETARGET
+    assert all(alternative.strategy != Strategy.STEP_UP for alternative in decision.alternatives)
 
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])

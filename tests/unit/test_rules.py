@@ -477,7 +477,12 @@ def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
 ) -> None:
     context = ctx(
         catalog=load_catalog(),
-        payment={"payment_method": "card", "payment_method_type": "credit", "authentication_type": authentication},
+        payment={
+            "payment_method": "card",
+            "payment_method_type": "credit",
+            "authentication_type": authentication,
+            "is_recurring": False,
+        },  # a customer at the checkout, who can authenticate a step-up
         failure={
             "connector": "stripe",
             "error_code": None,
@@ -511,7 +516,9 @@ def test_indian_net_banking_is_a_bank_redirect_and_never_gets_a_silent_retry(met
 @pytest.mark.parametrize(
     ("payment", "available", "candidate", "rule", "fires"),
     [
-        ({}, None, retry(strategy="step_up"), Rule.STEP_UP_NOT_APPLICABLE, False),
+        ({"is_recurring": False}, None, retry(strategy="step_up"), Rule.STEP_UP_NOT_APPLICABLE, False),
+        # A recurring (off-session) payment has no cardholder in session to authenticate: no silent step-up.
+        ({"is_recurring": True}, None, retry(strategy="step_up"), Rule.STEP_UP_NOT_APPLICABLE, True),
         ({"authentication_type": "three_ds"}, None, retry(strategy="step_up"), Rule.STEP_UP_NOT_APPLICABLE, True),
         (
             {"payment_method": "upi_autopay", "payment_method_type": "mandate"},
@@ -1519,11 +1526,12 @@ def _grid(
     channels: list[str],
     stop_at: datetime,
 ) -> list[Candidate]:
-    """A grid written out: every (strategy, connector) at every retry time, every channel at every send time."""
+    """A grid written out: every (strategy, connector) at every retry time (step_up at the first only: it needs the
+    cardholder at the checkout), every channel at every send time."""
     grid = [
         Candidate(Action.RETRY, datetime.fromisoformat(at), strategy=Strategy(strategy), connector=connector)
         for strategy, connector in pairs
-        for at in retry_times
+        for at in (retry_times[:1] if strategy == "step_up" else retry_times)
     ]
     grid += [
         Candidate(Action.RETARGET, datetime.fromisoformat(at), channel=Channel(channel))
@@ -1534,7 +1542,7 @@ def _grid(
 
 
 def _typical_context() -> RuleContext:
-    return ctx()
+    return ctx(payment={"is_recurring": False})  # a customer-initiated payment: step_up is on the grid
 
 
 def _upi_in_peak_hours_context() -> RuleContext:
@@ -1557,6 +1565,7 @@ def _nudged_before_a_dst_change_context() -> RuleContext:
     return ctx(
         merchant=merchant,
         event_time=event.isoformat(),
+        payment={"is_recurring": False},
         customer={"opted_out_channels": ["sms"]},
         history={
             "attempts": [attempt(1, "initial", event - 3 * HOUR)],
@@ -1603,7 +1612,7 @@ CARD_PAIRS = [
                 ["whatsapp", "sms", "email", "push"],
                 T0,
             ),
-            43,
+            38,  # 43 before step_up was offered only right away (it was allowed at 6 retry times)
         ),
         (
             _upi_in_peak_hours_context,
@@ -1661,7 +1670,7 @@ CARD_PAIRS = [
                 ["email", "sms", "whatsapp", "push"],
                 datetime(2026, 10, 24, 20, 0, tzinfo=UTC),
             ),
-            35,
+            28,  # a follow-up 3 h after the failure: no step_up (35 before, when it was allowed at 7 retry times)
         ),
     ],
 )
@@ -1671,3 +1680,38 @@ def test_grid_of_fixed_requests(make_context: Any, expected: list[Candidate], al
     assert grid == expected
     assert len(permitted(context, grid)) == allowed
     _assert_permitted_is_checked(context, grid)
+
+
+SCA_DECLINE = {"connector": "stripe", "error_code": "authentication_required", "error_message": None,
+               "network_decline_code": "1A"}  # fmt: skip
+ONE_OFF_CARD = {"payment_method": "card", "payment_method_type": "credit", "authentication_type": "no_three_ds",
+                "is_recurring": False}  # fmt: skip
+
+
+def test_an_sca_soft_decline_is_retried_silently_only_by_a_step_up_right_away() -> None:
+    """Found by stop 32's payments review: after an issuer asked for authentication (Visa 1A), the trained model
+    cascaded the payment to another acquirer 6 h later without 3DS, and offered step-ups 6 to 72 h later. The issuer
+    declines it again without authentication (PayU, Worldline: resubmit with 3DS), and a 3DS challenge needs the
+    cardholder at the checkout (Checkout.com: only customer-initiated payments, in session)."""
+    context = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=SCA_DECLINE)
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert [(c.strategy, c.execute_at) for c in retries] == [(Strategy.STEP_UP, T0 + timedelta(seconds=2))]
+    assert Rule.AUTHENTICATION_REQUESTED in broken(context, retry(strategy="cascade", connector="adyen"))
+    assert Rule.AUTHENTICATION_REQUESTED in broken(context, retry(strategy="retry_same", at=T0 + 6 * HOUR))
+
+
+def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
+    """An hour after the failure (a follow-up after an unanswered message), nobody is at the checkout to
+    authenticate: no step-up, whatever the error; other strategies stay as they were."""
+    later = T0 + HOUR
+    history = {"attempts": [attempt(1, "initial", T0)], "nudges": [{"channel": "sms", "sent_at": T0.isoformat()}]}
+    sca = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=SCA_DECLINE, event_time=later.isoformat(),
+              history=history)  # fmt: skip
+    step_up = retry(strategy="step_up", at=later + timedelta(seconds=2))
+    assert Rule.STEP_UP_OUT_OF_SESSION in broken(sca, step_up)
+    assert [c for c in permitted(sca, rules.enumerate_candidates(sca)) if c.action is Action.RETRY] == []
+    issuer_down = {**SCA_DECLINE, "error_code": "processing_error", "network_decline_code": "91"}
+    technical = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, event_time=later.isoformat(),
+                    history=history)  # fmt: skip
+    assert Rule.STEP_UP_OUT_OF_SESSION in broken(technical, step_up)
+    assert broken(technical, retry(strategy="cascade", connector="adyen", at=later + timedelta(seconds=2))) == ()

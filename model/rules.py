@@ -619,7 +619,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         or (payment.is_recurring and book.step_up_not_when_recurring)
     ):
         not_applicable[Strategy.STEP_UP.value] = Rule.STEP_UP_NOT_APPLICABLE
-    elif event_time - last_failure_at > book.step_up_in_session:  # a follow-up: the cardholder left the checkout
+    elif event_time - last_failure_at > book.step_up_in_session or any(
+        # A message sent since the last failure (or, with no failure listed, at all) makes this a follow-up: the
+        # cardholder left the checkout. A follow-up sent with its nudges but not its attempts has no failure time
+        # (last_failure_at is its own event_time), and was offered a silent step-up a day after the failure.
+        not failures or nudge.sent_at >= last_failure_at
+        for nudge in nudges
+    ):
         not_applicable[Strategy.STEP_UP.value] = Rule.STEP_UP_OUT_OF_SESSION
     if normalised.error_class.value in book.authentication_request_classes:
         for name in _RETRY_STRATEGY_NAMES:

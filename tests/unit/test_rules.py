@@ -1715,3 +1715,23 @@ def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
                     history=history)  # fmt: skip
     assert Rule.STEP_UP_OUT_OF_SESSION in broken(technical, step_up)
     assert broken(technical, retry(strategy="cascade", connector="adyen", at=later + timedelta(seconds=2))) == ()
+
+
+def test_a_follow_up_sent_with_its_nudges_but_not_its_attempts_has_no_cardholder_in_session() -> None:
+    """(Review.) A follow-up a day after the failure, sent with the unanswered nudge but without the attempts: the
+    session was measured from the last failed attempt the history lists, and with none listed that was the
+    follow-up's own event_time, so a silent step-up was offered (and chosen) with nobody at the checkout."""
+    later = T0 + 24 * HOUR
+    history = {"attempts": [], "nudges": [{"channel": "sms", "sent_at": (T0 + timedelta(minutes=5)).isoformat()}]}
+    sca = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=SCA_DECLINE, event_time=later.isoformat(),
+              history=history)  # fmt: skip
+    assert Rule.STEP_UP_OUT_OF_SESSION in broken(sca, retry(strategy="step_up", at=later + timedelta(seconds=2)))
+    assert [c for c in permitted(sca, rules.enumerate_candidates(sca)) if c.action is Action.RETRY] == []
+    # The customer who came back by the link and failed at the pay page just now is at a checkout again.
+    paid_by_link = {
+        "attempts": [attempt(1, "initial", T0), attempt(2, "retarget_link", later - timedelta(minutes=1))],
+        "nudges": history["nudges"],
+    }
+    back = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=SCA_DECLINE, event_time=later.isoformat(),
+               history=paid_by_link)  # fmt: skip
+    assert Rule.STEP_UP_OUT_OF_SESSION not in broken(back, retry(strategy="step_up", at=later + timedelta(seconds=2)))

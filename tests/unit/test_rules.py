@@ -510,6 +510,20 @@ def test_indian_net_banking_is_a_bank_redirect_and_never_gets_a_silent_retry(met
     assert [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY] == []
 
 
+@pytest.mark.parametrize(("method", "method_type"), [("NB_HDFC", "NB"), ("NB", None), ("nb", "hdfc")])
+def test_net_banking_under_its_short_name_nb_never_gets_a_silent_retry(method: str, method_type: str | None) -> None:
+    """(Review.) The rules file names "NB" as Juspay's and PayU's name for net banking, but listed only
+    netbanking/net_banking: a Juspay export (payment_method NB_HDFC, payment_method_type NB) was retried silently."""
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"payment_method": method, "payment_method_type": method_type, "card_network": None},
+        failure={"connector": "payu", "error_code": "GATEWAY_ERROR", "error_message": "bank timeout",
+                 "network_decline_code": None},
+    )  # fmt: skip
+    assert "user_consent_flow" in context.rules_applied
+    assert [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY] == []
+
+
 # ---------------------------------------------------------------------------------- strategies and connectors
 
 

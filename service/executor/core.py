@@ -2177,18 +2177,20 @@ class Executor:
                     .values(request_json=_dump(request), updated_at=now)
                 )
                 scheduled = conn.execute(
-                    sa.select(actions.c.action_id, actions.c.payload_json).where(
+                    sa.select(actions).where(
                         actions.c.merchant_id == merchant_id,
                         actions.c.order_id == order["order_id"],
                         actions.c.kind == ActionKind.NUDGE.value,
                         actions.c.state == ActionState.SCHEDULED.value,
                     )
-                ).all()
-                for action_id, payload_json in scheduled:
-                    if orjson.loads(payload_json).get("channel") == channel.value:
+                ).mappings()
+                for row in scheduled.all():
+                    action = ActionRow.of(row)
+                    if action.payload.get("channel") == channel.value:
+                        self._keep_maybe_sent(conn, action, "cancelled: the customer opted out", now)
                         conn.execute(
                             actions.update()
-                            .where(actions.c.action_id == action_id)
+                            .where(actions.c.action_id == action.action_id)
                             .values(state=ActionState.CANCELLED.value, last_error="customer opted out", updated_at=now)
                         )
                         fresh = self.lock_order(conn, merchant_id, order["order_id"])

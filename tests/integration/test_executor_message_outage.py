@@ -520,3 +520,18 @@ def test_a_message_sent_while_its_order_settles_is_recorded_as_sent(
     assert (nudge.status, nudge.delivered, nudge.error) == ("accepted", True, None)
     with h.executor.engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(payment_links)) == 1
+
+
+def test_a_message_that_may_have_gone_out_is_kept_when_the_customer_is_opted_out_by_id(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    gupshup: Any,
+    rules_only: Any,
+) -> None:
+    """Review of this stop's change: ``Executor.opt_out`` (by customer id) cancelled the waiting message without
+    the record the other cancellations keep."""
+    h = harness_for(make_harness, gupshup, rules_only)
+    _a_message_that_may_have_gone_out_waits_for_its_channel(h, gupshup.state)
+    assert h.executor.opt_out("m_demo", "cus_71", Channel.WHATSAPP) == 1  # the factory request's customer
+    assert message_action(h).state == "cancelled"
+    assert statuses(h) == ["rejected"]
+    assert "opted out" in (h.view().nudges[0].error or "")

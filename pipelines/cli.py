@@ -71,6 +71,17 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
     console.print(table)
 
 
+#: ``train`` and ``retrain``: whether the registered version's text model is refit on the whole history.
+RefitOption = Annotated[
+    bool,
+    typer.Option(
+        "--refit/--no-refit",
+        help="Refit the registered version's text model and code inventory on the whole history once judged "
+        "(default: last week's error codes are learned), or register the judged fit itself.",
+    ),
+]
+
+
 @app.command()
 def train(
     attempts: Annotated[Path, typer.Option("--attempts", help="Attempts history (.parquet or .csv).")],
@@ -119,14 +130,7 @@ def train(
             "machine shared with other jobs).",
         ),
     ] = 1,
-    refit: Annotated[
-        bool,
-        typer.Option(
-            "--refit/--no-refit",
-            help="Refit the registered version's text model and code inventory on the whole history once judged "
-            "(default: last week's error codes are learned), or register the judged fit itself.",
-        ),
-    ] = True,
+    refit: RefitOption = True,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
@@ -763,14 +767,7 @@ def retrain(
             "--gate", help="Gate metrics to check, comma-separated (default: all), e.g. retry_auc,retry_log_loss."
         ),
     ] = None,
-    refit: Annotated[
-        bool,
-        typer.Option(
-            "--refit/--no-refit",
-            help="Refit the registered version's text model and code inventory on the whole history once judged "
-            "(default: last week's error codes are learned), or register the judged fit itself.",
-        ),
-    ] = True,
+    refit: RefitOption = True,
 ) -> None:
     """Train a challenger on the updated history, gate it against the champion, promote or keep (with why).
 

@@ -22,6 +22,7 @@ from model import evaluation as ev
 from model import plots
 from model.requests import DecisionRequest
 from model.rules import Candidate
+from pipelines.gate import fitted_into_holdout
 
 
 class Scorer(Protocol):
@@ -68,13 +69,10 @@ def fitted_on_holdout(metadata: Mapping[str, Any], holdout_start: datetime | Non
     every decision point up to its ``text_trained_to``; evaluated on the same history, its text features on the
     holdout's older part are in-sample, and the figures flatter it."""
     seen_to = metadata.get("text_trained_to") if metadata.get("text_refit") else None
-    if holdout_start is None or not seen_to:
+    overlap = fitted_into_holdout(seen_to, holdout_start)
+    if overlap is None:
         return None
-    trained_to = pd.Timestamp(seen_to)
-    start = pd.Timestamp(holdout_start)
-    start = start.tz_localize("UTC") if start.tzinfo is None else start
-    if trained_to < start:
-        return None
+    trained_to, start = overlap
     return (
         f"this model's text model was fitted on decision points up to {trained_to}, after the holdout's start "
         f"{start}: its figures on this history are partly in-sample (a refit version's holdout metrics are its "

@@ -30,6 +30,7 @@ __all__ = [
     "GateResult",
     "champion_fitted_on_holdout",
     "compare",
+    "fitted_into_holdout",
     "gate_table",
     "paired_noise",
 ]
@@ -246,17 +247,24 @@ def compare(
 def champion_fitted_on_holdout(champion_metadata: Mapping[str, object], holdout_start: datetime | None) -> str | None:
     """The caveat of a verdict whose holdout starts before the newest decision point the champion was fitted on
     (its ``trained_to``), else None."""
-    seen_to = champion_metadata.get("trained_to")
-    if holdout_start is None or not seen_to:
+    overlap = fitted_into_holdout(champion_metadata.get("trained_to"), holdout_start)
+    if overlap is None:
         return None
-    trained_to = _utc(pd.Timestamp(str(seen_to)))
-    start = _utc(pd.Timestamp(holdout_start))
-    if trained_to < start:
-        return None
+    trained_to, start = overlap
     return (
         f"the champion was fitted on decision points up to {trained_to}, after this holdout's start {start}: "
         "it is judged partly on data it was fitted on, which favours it; retrain on a history newer than its own"
     )
+
+
+def fitted_into_holdout(seen_to: object, holdout_start: datetime | None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
+    """(``seen_to``, ``holdout_start``) as UTC timestamps when a model fitted on decision points up to ``seen_to`` (a
+    metadata value: a timestamp's text) saw the holdout's start or later, else None (nothing known, or no overlap)."""
+    if holdout_start is None or not seen_to:
+        return None
+    trained_to = _utc(pd.Timestamp(str(seen_to)))
+    start = _utc(pd.Timestamp(holdout_start))
+    return None if trained_to < start else (trained_to, start)
 
 
 def _utc(moment: pd.Timestamp) -> pd.Timestamp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -24,7 +24,11 @@ from pydantic import (
 
 from model.vocab import RETRY_STRATEGIES, Channel, Strategy
 
+_Listed = TypeVar("_Listed", Strategy, Channel)
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+#: Zone files that are not places: ``localtime`` is whatever the host is set to, ``posixrules`` and ``Factory``
+#: are tzdata internals. ZoneInfo opens them all.
+_NOT_A_PLACE = frozenset({"localtime", "posixrules", "factory"})
 
 
 def _http_url(value: str | None) -> str | None:
@@ -38,6 +42,17 @@ def _http_url(value: str | None) -> str | None:
 
 
 HttpUrlText = Annotated[str, AfterValidator(_http_url)]
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(value: str) -> str:
+    """``value`` when it can name an environment variable: ``""`` or ``"MY KEY"`` could never be set."""
+    if not _ENV_NAME.match(value):
+        raise ValueError(f"expected an environment variable's name like WEBHOOK_SECRET, got {value!r}")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
 class ConfigError(ValueError):
@@ -63,6 +78,8 @@ class QuietHours(_Strict):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, value: str) -> str:
+        if value.casefold() in _NOT_A_PLACE or value.startswith(("posix/", "right/")):
+            raise ValueError(f"{value!r} is not an IANA place name: write the zone, e.g. 'Asia/Kolkata'")
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -82,6 +99,14 @@ class QuietHours(_Strict):
 
 # Counts and switches are StrictInt and StrictBool: taken as written, YAML's ``true`` is not 1, nor ``"3"`` or ``3.0``
 # a count.
+def _each_once(values: list[_Listed], what: str) -> list[_Listed]:
+    """``values`` when none repeats: a list written twice over is a mistake, not a preference."""
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"{what} listed twice: {', '.join(repeated)}")
+    return values
+
+
 class RetryConfig(_Strict):
     flows: list[Strategy] = Field(default_factory=lambda: list(RETRY_STRATEGIES))
     max_retries: StrictInt = Field(default=3, ge=0, le=20)
@@ -92,7 +117,7 @@ class RetryConfig(_Strict):
         bad = [flow for flow in value if flow not in RETRY_STRATEGIES]
         if bad:
             raise ValueError(f"not a silent-retry flow: {', '.join(bad)}")
-        return value
+        return _each_once(value, "flow")
 
 
 class RetargetConfig(_Strict):
@@ -104,28 +129,33 @@ class RetargetConfig(_Strict):
     quiet_hours: QuietHours = Field(default_factory=lambda: QuietHours(start="21:00", end="09:00", timezone="UTC"))
     link_ttl_hours: StrictInt = Field(default=48, ge=1, le=24 * 90)
 
+    @field_validator("channels")
+    @classmethod
+    def _channels_once(cls, value: list[Channel]) -> list[Channel]:
+        return _each_once(value, "channel")
+
 
 class WebhookConfig(_Strict):
     url: HttpUrlText
-    secret_env: str
+    secret_env: EnvName
 
 
 class ProviderConfig(_Strict):
     kind: Literal["gupshup", "interakt", "karix", "smtp", "push_webhook", "fake"]
     base_url: HttpUrlText | None = None
-    api_key_env: str | None = None
+    api_key_env: EnvName | None = None
     source: str | None = None
     host: str | None = None
     port: StrictInt | None = Field(default=None, ge=1, le=65535)
     sender: str | None = None
-    username_env: str | None = None
-    password_env: str | None = None
+    username_env: EnvName | None = None
+    password_env: EnvName | None = None
 
 
 class ConnectorEndpoint(_Strict):
     kind: Literal["sandbox", "http"]
     base_url: HttpUrlText | None = None
-    api_key_env: str | None = None
+    api_key_env: EnvName | None = None
     timeout_seconds: StrictFloat = Field(default=10.0, gt=0)  # `true` is not a 1 s timeout, nor "10" a number
 
     @model_validator(mode="after")
@@ -169,11 +199,13 @@ class WinbackConfig(_Strict):
 
 
 def _error_path(location: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in location)
+    return ".".join(str(part) for part in location) or "the file's top level"
 
 
 def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
     """Validate an already-loaded YAML document; raise ConfigError naming every bad key's path."""
+    if raw is None:
+        raise ConfigError(f"{source}: the config is empty: it needs a `merchants:` mapping (CONTRACT.md section 4)")
     try:
         config = WinbackConfig.model_validate(raw)
     except ValidationError as exc:
@@ -198,8 +230,21 @@ def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
     return config
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader refusing a key repeated in one mapping (plain YAML keeps the last one silently)."""
+    """YAML's safe loader refusing a key repeated in one mapping (plain YAML keeps the last one silently).
+
+    Booleans are YAML 1.2's, ``true`` and ``false`` only: PyYAML's YAML 1.1 also reads ``on``, ``off``, ``yes``
+    and ``no`` (in three cases each) as booleans, so a key ``on:`` became ``True`` and was reported as ``1``, and
+    a value ``no`` was a switch nobody wrote. Those words now stay text; a switch is written ``true``/``false``.
+    """
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 (PyYAML's own class attribute, copied per loader)
+        first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
         seen: dict[object, int] = {}
@@ -214,6 +259,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise ConfigError(f"duplicate key {key!r} on line {line} (first on line {seen[key]})")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def load_config(path: str | Path) -> WinbackConfig:

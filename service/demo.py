@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from rich.console import Console
 from rich.table import Table
 
-from model.merchant_config import parse_config
+from model.merchant_config import load_config, parse_config
 from service.api.settings import DEMO_CONFIG
 from service.executor.channels.fakes import FakeSmtpServer, RunningFake, run_fake_provider
 from service.executor.sandbox import RunningServer, create_sandbox_app, serve_in_thread
@@ -404,7 +404,7 @@ class LiveDemo:
         self.console = console
         self.live_dir = options.workdir / "live"
         self.base_url = f"http://{options.host}:{options.port}"
-        self.merchant_ids = list(parse_config(yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))).merchants)
+        self.merchant_ids = list(load_config(DEMO_CONFIG).merchants)
         self.secrets = DemoSecrets.fresh(self.merchant_ids)
         # Console sign-ins (passwords made up per run, printed): the assisted merchant's agent works the queue;
         # the busiest autonomous merchant's agent watches recommendations and the charts fill from its orders.

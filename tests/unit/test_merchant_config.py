@@ -189,3 +189,63 @@ def test_yaml_merge_keys_still_load_and_may_be_overridden(tmp_path: Path) -> Non
     assert merchants["m_b"].connectors == ["stripe"]
     assert (merchants["m_a"].retry.max_retries, merchants["m_b"].retry.max_retries) == (2, 1)
     assert merchants["m_b"].api_key_sha256 == _KEY_B
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        (
+            "    retarget:\n      on: true\n",  # YAML 1.1 read the key `on` as True, reported as "retarget.1"
+            r"merchants\.m\.retarget\.on: unknown key",
+        ),
+        ("    retarget:\n      enabled: no\n", r"merchants\.m\.retarget\.enabled: Input should be a valid boolean"),
+        ("    retarget:\n      enabled: off\n", r"merchants\.m\.retarget\.enabled: Input should be a valid boolean"),
+        ("    retarget: {channels: [sms, whatsapp, sms]}\n", r"retarget\.channels: .*channel listed twice: sms"),
+        ("    retry: {flows: [cascade, step_up, cascade]}\n", r"retry\.flows: .*flow listed twice: cascade"),
+        (
+            "    webhook: {url: 'https://merchant.example/hook', secret_env: ''}\n",
+            r"webhook\.secret_env: .*environment variable's name",
+        ),
+        (
+            "    providers: {sms: {kind: gupshup, api_key_env: 'GUPSHUP KEY'}}\n",
+            r"providers\.sms\.api_key_env: .*environment variable's name",
+        ),
+        (
+            "    retarget: {quiet_hours: {start: '21:00', end: '09:00', timezone: localtime}}\n",
+            r"quiet_hours\.timezone: .*'localtime' is not an IANA place name",
+        ),
+        (
+            "    retarget: {quiet_hours: {start: '21:00', end: '09:00', timezone: posix/Asia/Kolkata}}\n",
+            r"quiet_hours\.timezone: .*not an IANA place name",
+        ),
+    ],
+)
+def test_what_yaml_would_read_as_something_else_is_refused_naming_the_key(
+    tmp_path: Path, block: str, message: str
+) -> None:
+    # Each used to load: `on:` as a key `True`, `no` as false, a channel twice in the order, a webhook secret read
+    # from the variable named "", quiet hours in whatever zone the host happened to be set to.
+    config = tmp_path / "merchants.yaml"
+    config.write_text(f"merchants:\n  m:\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n{block}")
+    with pytest.raises(ConfigError, match=message):
+        load_config(config)
+
+
+def test_true_and_false_are_switches_in_any_case_and_other_words_stay_text(tmp_path: Path) -> None:
+    config = tmp_path / "merchants.yaml"
+    config.write_text(
+        f"merchants:\n  m:\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe, 'no', yes]\n"
+        "    retarget: {enabled: False}\n"
+    )
+    merchant = load_config(config).merchants["m"]
+    assert merchant.retarget.enabled is False
+    assert merchant.connectors == ["stripe", "no", "yes"]
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "the config is empty"), ("- a\n", "the file's top level: ")])
+def test_an_empty_or_listed_file_is_refused_in_words(tmp_path: Path, text: str, message: str) -> None:
+    # An empty file used to say ": Input should be a valid dictionary", with no path to read.
+    config = tmp_path / "merchants.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(config)

@@ -84,6 +84,7 @@ class Rule(StrEnum):
     BEFORE_EVENT_TIME = "before_event_time"
     VISA_CATEGORY_1 = "visa_category_1"
     LOST_STOLEN_CARD = "lost_stolen_card"
+    BLOCK_LIST = "block_list"
     VISA_REATTEMPT_CAP = "visa_reattempt_cap"
     MASTERCARD_REATTEMPT_CAP = "mastercard_reattempt_cap"
     MAC_NEVER_RETRY = "mastercard_mac_never_retry"
@@ -164,6 +165,8 @@ class RuleBook:
     visa_window: timedelta
     lost_stolen_codes: frozenset[str]  # ISO 8583 codes (normalised like the catalog's): never retried, any network
     lost_stolen_connector_codes: frozenset[tuple[str, str]]  # (connector, code), both case-folded
+    lost_stolen_message: re.Pattern[str]  # a connector's words for it, when it sends no code that says so
+    block_list_connector_codes: frozenset[tuple[str, str]]  # (connector, code): a block list refused the payment
     mastercard_networks: frozenset[str]
     mastercard_reattempt_cap: int
     mastercard_window: timedelta
@@ -202,6 +205,29 @@ def _get(node: Any, path: str) -> Any:
             raise RulesDataError(f"{RULES_FILE.name}: missing key {path!r}")
         current = current[key]
     return current
+
+
+def _connector_codes(node: Any, path: str) -> frozenset[tuple[str, str]]:
+    """The (connector, code) pairs of the mapping at ``path`` (connector: [codes]), both case-folded."""
+    by_connector = _get(node, path)
+    if not isinstance(by_connector, dict):
+        raise RulesDataError(f"{RULES_FILE.name}: '{path}' must be a mapping")
+    return frozenset(
+        (str(connector).strip().casefold(), code.strip().casefold())
+        for connector in by_connector
+        for code in _strings(by_connector, str(connector))
+    )
+
+
+def _any_of(node: Any, path: str) -> re.Pattern[str]:
+    """One case-insensitive pattern matching any of the regular expressions listed at ``path``."""
+    patterns = sorted(_strings(node, path))
+    if not patterns:
+        raise RulesDataError(f"{RULES_FILE.name}: '{path}' lists no pattern")
+    try:
+        return re.compile("|".join(f"(?:{pattern})" for pattern in patterns), re.IGNORECASE)
+    except re.error as exc:
+        raise RulesDataError(f"{RULES_FILE.name}: '{path}' has a bad pattern: {exc}") from None
 
 
 def _strings(node: Any, path: str) -> frozenset[str]:
@@ -270,14 +296,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["visa.reattempt_cap"] = str(_get(raw, "visa.reattempt_cap.source"))
     sources["mastercard.reattempt_cap"] = str(_get(raw, "mastercard.reattempt_cap.source"))
     sources["lost_stolen_card"] = str(_get(raw, "lost_stolen_card.source"))
-    by_connector = _get(raw, "lost_stolen_card.connector_codes")
-    if not isinstance(by_connector, dict):
-        raise RulesDataError(f"{RULES_FILE.name}: 'lost_stolen_card.connector_codes' must be a mapping")
-    lost_stolen_connector_codes = frozenset(
-        (str(connector).strip().casefold(), code)
-        for connector in by_connector
-        for code in _strings(by_connector, str(connector))
-    )
+    sources["block_list"] = str(_get(raw, "block_list.source"))
     return RuleBook(
         version=int(_number(raw, "version")),
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
@@ -285,7 +304,9 @@ def parse_rulebook(raw: Any) -> RuleBook:
         lost_stolen_codes=frozenset(
             _network_code(code) for code in _strings(raw, "lost_stolen_card.network_decline_codes")
         ),
-        lost_stolen_connector_codes=lost_stolen_connector_codes,
+        lost_stolen_connector_codes=_connector_codes(raw, "lost_stolen_card.connector_codes"),
+        lost_stolen_message=_any_of(raw, "lost_stolen_card.message_patterns"),
+        block_list_connector_codes=_connector_codes(raw, "block_list.connector_codes"),
         mastercard_networks=_strings(raw, "mastercard.reattempt_cap.card_networks"),
         mastercard_reattempt_cap=int(_number(raw, "mastercard.reattempt_cap.max_declines")),
         mastercard_window=timedelta(hours=_number(raw, "mastercard.reattempt_cap.window_hours")),
@@ -536,13 +557,26 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     # Pick-up, lost and stolen cards: blocked by the issuer on every network, never re-attempted (Visa's category 1
     # says so for Visa; the others pair these codes with MAC 03, which many connectors do not pass on). The code is
     # the one sent or the one the catalog maps the connector's code to; UPI's NPCI codes are another namespace.
+    own_code = (failure.connector.strip().casefold(), (failure.error_code or "").strip().casefold())
     if not _is_upi_method(method):
         sent_code = _network_code(failure.network_decline_code) if failure.network_decline_code else None
         codes = {sent_code, normalised.network_decline_code}
-        own_code = (failure.connector.strip().casefold(), (failure.error_code or "").strip().casefold())
-        if codes & book.lost_stolen_codes or own_code in book.lost_stolen_connector_codes:
+        message = failure.error_message
+        if (
+            codes & book.lost_stolen_codes
+            or own_code in book.lost_stolen_connector_codes
+            or (message is not None and book.lost_stolen_message.search(message) is not None)
+        ):
             applied.append(Rule.LOST_STOLEN_CARD.value)
             retry_blocked.append(Rule.LOST_STOLEN_CARD)
+
+    # A block list refused the payment: the merchant's own (Stripe Radar's list) or its processor's negative file.
+    # Another connector would not consult that list, so a cascade would slip past the merchant's own decision, and a
+    # link would invite the customer it blocked: neither is tried.
+    if own_code in book.block_list_connector_codes:
+        applied.append(Rule.BLOCK_LIST.value)
+        retry_blocked.append(Rule.BLOCK_LIST)
+        retarget_blocked.append(Rule.BLOCK_LIST)
 
     # Mastercard: no authorization after so many declines of the card in any window (24 h), the original attempt's
     # decline included, counted from the order's history (a failure the history does not list is the event's).

@@ -307,7 +307,13 @@ def test_mac_catalog_advice_is_honoured_when_stricter_than_the_rule_data() -> No
         ("discover", {"error_code": "card_declined", "network_decline_code": "07"}, True),
         ("visa", {"error_code": "stolen_card", "network_decline_code": None}, True),
         ("mastercard", {"connector": "cybersource", "error_code": "205", "network_decline_code": None}, True),
+        # A connector that says so only in words (its code unknown to the catalog): it used to be open to retries.
+        ("mastercard", {"connector": "acme", "error_code": "E9", "error_message": "Stolen Card"}, True),
+        ("visa", {"connector": "acme", "error_code": "E9", "error_message": "Declined: card reported lost"}, True),
+        ("amex", {"connector": "acme", "error_code": "R7", "error_message": "PICK UP CARD (NO FRAUD)"}, True),
+        ("mastercard", {"connector": "acme", "error_code": None, "error_message": "card has been stolen"}, True),
         # Not lost or stolen: still retryable within the other rules.
+        ("mastercard", {"connector": "acme", "error_code": "E9", "error_message": "Lost connection to issuer"}, False),
         ("mastercard", {"error_code": "card_declined", "network_decline_code": "51"}, False),
         ("mastercard", {"error_code": "do_not_honor", "network_decline_code": "05"}, False),
         ("mastercard", {"connector": "cybersource", "error_code": "204", "network_decline_code": None}, False),
@@ -320,7 +326,7 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
         merchant=LENIENT,
         catalog=load_catalog(),
         payment={"card_network": network},
-        failure={"connector": "stripe", "error_message": None, **failure},
+        failure={"connector": "stripe", "error_message": None, "network_decline_code": None, **failure},
     )
     retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
     assert (retries == []) is blocked
@@ -328,6 +334,31 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
     assert ("lost_stolen_card" in context.rules_applied) is blocked
     # The customer may still pay with another card through a link.
     assert Rule.LOST_STOLEN_CARD not in broken(context, retarget())
+
+
+@pytest.mark.parametrize(
+    ("connector", "code", "blocked"),
+    [
+        ("stripe", "merchant_blacklist", True),  # was cascaded: another connector never reads Stripe's block list
+        ("Stripe ", "MERCHANT_BLACKLIST", True),
+        ("checkout", "40201", True),
+        ("cybersource", "221", True),
+        ("checkout", "40101", False),  # a risk rule, not a list: left to the model and the other rules
+        ("stripe", "card_declined", False),
+    ],
+)
+def test_a_payment_a_block_list_refused_gets_no_retry_and_no_link(connector: str, code: str, blocked: bool) -> None:
+    context = ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        payment={"card_network": "visa"},
+        failure={"connector": connector, "error_code": code, "error_message": None, "network_decline_code": None},
+    )
+    assert (Rule.BLOCK_LIST in broken(context, retry(strategy="cascade", connector="adyen"))) is blocked
+    assert (Rule.BLOCK_LIST in broken(context, retarget())) is blocked
+    assert ("block_list" in context.rules_applied) is blocked
+    if blocked:
+        assert [c.action for c in permitted(context, rules.enumerate_candidates(context))] == [Action.STOP]
 
 
 def test_lost_stolen_codes_of_upi_are_not_read_as_card_codes() -> None:

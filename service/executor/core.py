@@ -1628,7 +1628,7 @@ class Executor:
     def _keep_link(conn: sa.Connection, action: ActionRow, sent: Sent, now: datetime) -> None:
         """The payment link of a message its provider took. The row is there already when the customer used the
         link of an earlier try the provider did not confirm (``_unconfirmed_link``): the link then lives until the
-        later of the two tokens' expiries."""
+        later of the two tokens' expiries, and the nudge is recorded as clicked when the link was opened."""
         insert = upsert_into(conn, payment_links).values(
             token_id=sent.token_id,
             merchant_id=action.merchant_id,
@@ -1642,7 +1642,13 @@ class Executor:
             else_=payment_links.c.expires_at,
         )
         upsert = insert.on_conflict_do_update(index_elements=[payment_links.c.token_id], set_={"expires_at": later})
-        conn.execute(upsert)
+        opened = conn.execute(upsert.returning(payment_links.c.opened_at)).scalar()
+        if opened is not None:  # opened through its unconfirmed link before this confirmation: the history says so
+            conn.execute(
+                nudges.update()
+                .where(nudges.c.nudge_id == sent.nudge_id, nudges.c.clicked_at.is_(None))
+                .values(clicked_at=opened)
+            )
 
     def _record_unsent(
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, unsent: NotSent, now: datetime

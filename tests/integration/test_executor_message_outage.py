@@ -449,11 +449,15 @@ def test_a_link_opened_before_its_message_was_confirmed_is_kept_when_the_provide
     h.executor.payment_failed("m_demo", event())
     step(h, 30, minutes=1)
     _, token, first_expiry = h.executor.new_link("m_demo", "ord_1", nudge_action_key(h), START)
+    opened_at = h.clock.now
     h.executor.open_link(token)
     state.reset()  # the provider is back
     step(h, 61, minutes=1)
     (nudge,) = h.view().nudges
     assert nudge.status == "accepted"
+    # The customer opened it before the provider confirmed it: the history says so (it said not clicked).
+    assert nudge.clicked_at is not None
+    assert as_utc(nudge.clicked_at) == opened_at
     assert len(state.messages) == 1
     with h.executor.engine.connect() as conn:
         (expires_at,) = conn.execute(sa.select(payment_links.c.expires_at)).scalars().all()

@@ -97,6 +97,7 @@ class Rule(StrEnum):
     USER_CONSENT_FLOW = "user_consent_flow"
     STEP_UP_NOT_APPLICABLE = "step_up_not_applicable"
     STEP_UP_OUT_OF_SESSION = "step_up_out_of_session"
+    CASCADE_MANDATE = "cascade_mandate"
     AUTHENTICATION_REQUESTED = "authentication_requested"
     CLEAR_PAN_NOT_APPLICABLE = "clear_pan_not_applicable"
     ALTERNATE_NETWORK_NOT_APPLICABLE = "alternate_network_not_applicable"
@@ -137,6 +138,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.CONNECTOR_UNAVAILABLE,
         # When the decision is made: a follow-up's step_up has no cardholder at the checkout, the failure's had.
         Rule.STEP_UP_OUT_OF_SESSION,
+        # The payment flow: a mandate is executed at the gateway that registered it, whatever the error.
+        Rule.CASCADE_MANDATE,
     }
 )
 
@@ -194,6 +197,8 @@ class RuleBook:
     authentication_request_classes: frozenset[str]
     alternate_network_payment_methods: frozenset[str]
     alternate_network_payment_method_types: frozenset[str]
+    cascade_not_for_payment_methods: frozenset[str]  # mandates: bound to the gateway that registered them
+    cascade_not_for_payment_method_types: frozenset[str]
     channel_reachability: Mapping[Channel, str]
     sources: Mapping[str, str]
 
@@ -334,6 +339,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         authentication_request_classes=_error_classes(raw, "strategies.after_authentication_request.error_classes"),
         alternate_network_payment_methods=_strings(raw, "strategies.alternate_network.payment_methods"),
         alternate_network_payment_method_types=_strings(raw, "strategies.alternate_network.payment_method_types"),
+        cascade_not_for_payment_methods=_strings(raw, "strategies.cascade.not_for_payment_methods"),
+        cascade_not_for_payment_method_types=_strings(raw, "strategies.cascade.not_for_payment_method_types"),
         channel_reachability={Channel(name): str(field) for name, field in reach_raw.items()},
         sources=sources,
     )
@@ -665,6 +672,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         for name in _RETRY_STRATEGY_NAMES:
             if name not in book.after_authentication_request_only:
                 not_applicable.setdefault(name, Rule.AUTHENTICATION_REQUESTED)
+    if (
+        is_upi_autopay
+        or method in book.cascade_not_for_payment_methods
+        or method_type in book.cascade_not_for_payment_method_types
+    ):
+        not_applicable.setdefault(Strategy.CASCADE.value, Rule.CASCADE_MANDATE)
     if not payment.is_network_token:
         not_applicable[Strategy.CLEAR_PAN.value] = Rule.CLEAR_PAN_NOT_APPLICABLE
     if not (

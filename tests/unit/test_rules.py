@@ -435,6 +435,29 @@ def test_upi_autopay_retries_within_48_hours_of_the_original(after: timedelta, f
     assert (Rule.UPI_AUTOPAY_RETRY_WINDOW in broken(upi_ctx(), retry(at=UPI_T0 + after))) is fires
 
 
+@pytest.mark.parametrize(
+    ("method", "method_type", "bound"),
+    [
+        ("upi_autopay", "mandate", True),
+        ("upi_autopay", None, True),
+        ("upi", "mandate", True),
+        ("card", "mandate", True),  # a card e-mandate (standing instruction) registered at one gateway
+        ("bank_debit", "mandate", True),
+        ("card", "credit", False),
+    ],
+)
+def test_a_mandate_is_never_cascaded_to_another_gateway(method: str, method_type: str | None, bound: bool) -> None:
+    # The mandate lives at the gateway that registered it: a cascade cannot succeed, and for UPI AutoPay it would
+    # spend one of NPCI's three retries. The trained model cascaded AutoPay debits to another PSP.
+    context = upi_ctx(method, method_type)
+    at = ist(4, 0)
+    assert (Rule.CASCADE_MANDATE in broken(context, retry(strategy="cascade", connector="cashfree", at=at))) is bound
+    assert Rule.CASCADE_MANDATE not in broken(context, retry(strategy="retry_same", connector="razorpay", at=at))
+    strategies = {c.strategy for c in permitted(context, rules.enumerate_candidates(context)) if c.action == "retry"}
+    assert (Strategy.CASCADE in strategies) is not bound
+    assert Strategy.RETRY_SAME in strategies
+
+
 def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
     context = upi_ctx(event_time=ist(10, 15).isoformat())
     retries = [c for c in rules.enumerate_candidates(context) if c.action == Action.RETRY]
@@ -1688,7 +1711,7 @@ CARD_PAIRS = [
                 ["whatsapp", "sms", "email", "push"],
                 ist(10, 15),
             ),
-            25,
+            22,  # 25 before a mandate's cascades to cashfree were refused (the mandate lives at razorpay)
         ),
         (
             _nudged_before_a_dst_change_context,

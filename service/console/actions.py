@@ -212,13 +212,8 @@ class AgentDesk:
         now = self.clock()
         merchant = self.executor.merchant(agent.merchant_id)
         with self.executor.engine.begin() as conn:
-            order = (
-                conn.execute(
-                    sa.select(orders).where(orders.c.merchant_id == agent.merchant_id, orders.c.order_id == order_id)
-                )
-                .mappings()
-                .first()
-            )
+            # Locked (PostgreSQL): two agents planning actions on one order plan one after the other.
+            order = self.executor.lock_order(conn, agent.merchant_id, order_id)
             if order is None:
                 raise UnknownOrderError(f"order {order_id!r} is not known")
             item = (
@@ -256,6 +251,7 @@ class AgentDesk:
                 self._audit(conn, agent, order_id, ask, plan.detail, "refused", now, rules=rules, message=message)
                 return ActionResult("refused", message, rules=rules, state=order["state"])
             decision_id: str | None = pending.decision_id
+            item_id = int(item["item_id"])
             if plan.via_queue is None:
                 decision = self._agent_decision(
                     agent,
@@ -273,7 +269,7 @@ class AgentDesk:
                         state="superseded", agent=agent.name, reason=ask.reason.strip() or plan.detail, acted_at=now
                     )
                 )
-                conn.execute(
+                inserted = conn.execute(
                     agent_queue.insert().values(
                         merchant_id=agent.merchant_id,
                         order_id=order_id,
@@ -284,11 +280,15 @@ class AgentDesk:
                         created_at=now,
                     )
                 )
+                key = inserted.inserted_primary_key
+                assert key is not None
+                item_id = int(key[0])
             audit_id = self._audit(conn, agent, order_id, ask, plan.detail, "requested", now, decision_id=decision_id)
         verb = plan.via_queue or "approve"
         try:
+            # This very queued decision: if another agent acted on the order meanwhile, it is not waiting any more.
             state = self.executor.act_on_queued(
-                order_id, verb, agent.name, ask.reason.strip() or plan.detail, agent.merchant_id
+                order_id, verb, agent.name, ask.reason.strip() or plan.detail, agent.merchant_id, item_id
             )
         except (AgentQueueError, OrderNotFoundError) as exc:
             message = f"the order changed meanwhile: {exc}"

@@ -2103,25 +2103,52 @@ class Executor:
 
     # -------------------------------------------------------------------------------- assisted mode
 
-    def act_on_queued(self, order_id: str, action: str, agent: str, reason: str, merchant_id: str | None = None) -> str:
+    def act_on_queued(
+        self,
+        order_id: str,
+        action: str,
+        agent: str,
+        reason: str,
+        merchant_id: str | None = None,
+        item_id: int | None = None,
+    ) -> str:
         """An agent acts on the decision queued for an order: ``approve`` carries it out, ``reject`` stops.
 
-        Returns the order's new state. AgentQueueError when nothing is pending for the order or the action
-        is unknown; OrderNotFoundError for an unknown order.
+        ``item_id``: the queued decision the agent chose (the console's); without it, the latest one waiting.
+        Returns the order's new state. AgentQueueError when that decision is not waiting any more (another agent
+        acted on the order first, or the order settled), when the order does not wait for an agent, or when the
+        action is unknown; OrderNotFoundError for an unknown order.
         """
         if action not in {"approve", "reject"}:
             raise AgentQueueError(f"unknown agent action {action!r}: use 'approve' or 'reject'")
         now = self.clock()
         with self.engine.begin() as conn:
-            query = sa.select(agent_queue).where(agent_queue.c.order_id == order_id, agent_queue.c.state == "pending")
-            if merchant_id is not None:
-                query = query.where(agent_queue.c.merchant_id == merchant_id)
+            if merchant_id is None:
+                merchant_id = conn.scalar(
+                    sa.select(agent_queue.c.merchant_id)
+                    .where(agent_queue.c.order_id == order_id, agent_queue.c.state == "pending")
+                    .order_by(agent_queue.c.item_id.desc())
+                    .limit(1)
+                )
+                if merchant_id is None:
+                    raise AgentQueueError(f"order {order_id!r} has no decision waiting for an agent")
+            # The order's lock first, then the queue under it: two agents acting at once act one after the other,
+            # and the second sees what the first did.
+            order = self.lock_order(conn, merchant_id, order_id)
+            if order is None:
+                raise OrderNotFoundError(f"order {order_id!r} is not known")
+            query = sa.select(agent_queue).where(
+                agent_queue.c.merchant_id == merchant_id,
+                agent_queue.c.order_id == order_id,
+                agent_queue.c.state == "pending",
+            )
+            if item_id is not None:
+                query = query.where(agent_queue.c.item_id == item_id)
             item = conn.execute(query.order_by(agent_queue.c.item_id.desc()).limit(1)).mappings().first()
             if item is None:
                 raise AgentQueueError(f"order {order_id!r} has no decision waiting for an agent")
-            order = self.lock_order(conn, item["merchant_id"], order_id)
-            if order is None:
-                raise OrderNotFoundError(f"order {order_id!r} is not known")
+            if order["state"] != OrderState.AWAITING_AGENT:
+                raise AgentQueueError(f"order {order_id!r} is {order['state']}: it does not wait for an agent")
             conn.execute(
                 agent_queue.update()
                 .where(agent_queue.c.item_id == item["item_id"])
@@ -2129,18 +2156,15 @@ class Executor:
                     state="approved" if action == "approve" else "rejected", agent=agent, reason=reason, acted_at=now
                 )
             )
-            if order["state"] == OrderState.AWAITING_AGENT:
-                self._set_state(conn, order, OrderState.PENDING, now)
-                order = self.lock_order(conn, item["merchant_id"], order_id)
-                assert order is not None
-                if action == "approve":
-                    self._carry_out(conn, order, Decision.model_validate_json(item["decision_json"]), now)
-                else:
-                    self._close(conn, order, now)
+            self._set_state(conn, order, OrderState.PENDING, now)
+            order = self.lock_order(conn, merchant_id, order_id)
+            assert order is not None
+            if action == "approve":
+                self._carry_out(conn, order, Decision.model_validate_json(item["decision_json"]), now)
+            else:
+                self._close(conn, order, now)
             state = conn.scalar(
-                sa.select(orders.c.state).where(
-                    orders.c.merchant_id == item["merchant_id"], orders.c.order_id == order_id
-                )
+                sa.select(orders.c.state).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
             )
         return str(state)
 

@@ -1,0 +1,128 @@
+"""Defect hunt of the assisted-mode console: two agents (or one double click) acting on the same order.
+
+Drives the real executor (SQLite file or PostgreSQL database) and the console's ``AgentDesk`` that the
+``POST /console/orders/{id}/actions`` route calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from model.catalog import load_catalog
+from service.console.actions import ActionRequest, ActionResult, AgentDesk
+from service.console.auth import add_agent
+from service.executor.store import actions
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    Harness,
+    demo_merchant,
+    event,
+    make_harness,
+)
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'winback.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def _race(h: Harness, first: ActionRequest, second: ActionRequest) -> tuple[ActionResult, ActionResult]:
+    """Two agents act on ``ord_1`` at once: both have planned their action (their first transaction committed)
+    before either is carried out; the one that planned first is carried out first."""
+    desk = AgentDesk(h.executor, load_catalog())
+    ana = add_agent(h.executor.engine, "m_demo", "ana@m_demo", PASSWORD)
+    bo = add_agent(h.executor.engine, "m_demo", "bo@m_demo", PASSWORD)
+    original = h.executor.act_on_queued
+    arrived: list[str] = []
+    lock = threading.Lock()
+    second_planned, first_done = threading.Event(), threading.Event()
+
+    def act_on_queued(*args: Any, **kwargs: Any) -> str:
+        with lock:
+            arrived.append(threading.current_thread().name)
+            leading = len(arrived) == 1
+        if leading:
+            assert second_planned.wait(10)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                first_done.set()
+        second_planned.set()
+        assert first_done.wait(10)
+        return original(*args, **kwargs)
+
+    h.executor.act_on_queued = act_on_queued  # type: ignore[method-assign]
+    results: dict[str, ActionResult] = {}
+    asks = {"ana": (ana, first), "bo": (bo, second)}
+
+    def run(name: str) -> None:
+        agent, ask = asks[name]
+        results[name] = desk.perform(agent, "ord_1", ask)
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in asks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    h.executor.act_on_queued = original  # type: ignore[method-assign]
+    leading, trailing = arrived
+    return results[leading], results[trailing]
+
+
+def _nudge_channels(h: Harness) -> list[str]:
+    with h.executor.engine.connect() as conn:
+        payloads = conn.scalars(sa.select(actions.c.payload_json).where(actions.c.kind == "nudge"))
+        return [json.loads(p)["channel"] for p in payloads]
+
+
+def test_two_agents_sending_links_at_once_send_one_and_each_is_told_what_happened(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Agent 1 asks for a WhatsApp link, agent 2 for an SMS link, at the same moment. The executor carried out the
+    latest queued decision whoever asked: agent 1 was told "send a payment link by WhatsApp now: done" while the
+    SMS link (agent 2's) was scheduled, and agent 2 was told the order changed meanwhile."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+        database_url=database_url,
+    )
+    assert h.executor.payment_failed("m_demo", event()).state == "AWAITING_AGENT"
+    first, second = _race(h, ActionRequest("send_link", channel="whatsapp"), ActionRequest("send_link", channel="sms"))
+    sent = _nudge_channels(h)
+    assert len(sent) == 1, sent
+    done = [r for r in (first, second) if r.ok]
+    assert len(done) == 1, (first, second)
+    assert sent[0] in done[0].message.lower(), (sent, done[0].message)
+    other = next(r for r in (first, second) if not r.ok)
+    assert "the order changed meanwhile" in other.message, other
+
+
+def test_a_double_approve_carries_out_the_recommendation_once_and_tells_the_second_click(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Two approvals of the same recommendation at once: one retry, and one of the two agents is told the order
+    changed meanwhile (not "done" twice)."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    first, second = _race(h, ActionRequest("approve"), ActionRequest("approve"))
+    with h.executor.engine.connect() as conn:
+        retries = conn.scalar(sa.select(sa.func.count()).select_from(actions).where(actions.c.kind == "retry"))
+    assert retries == 1
+    assert [first.result, second.result] == ["done", "failed"], (first, second)

@@ -1906,15 +1906,27 @@ class Executor:
 
     def withdraw_link_payment(self, action: ActionRow) -> bool:
         """Take back a link payment that was never sent (its connector would not take it now): the attempt never
-        happened, so its action goes (its number stays used) and the customer's link works again. False when the
-        claim is no longer ``action``'s or the charge was sent."""
+        happened, so its action is cancelled (its number stays used) and the customer's link works again. False
+        when the claim is no longer ``action``'s or the charge was sent."""
+        now = self.clock()
         with self.engine.begin() as conn:
-            removed = conn.execute(
-                actions.delete().where(_still_claimed(action), actions.c.unanswered_since.is_(None))
+            # Its attempt number is not given back: a payment id <order_id>_<n> is never used for two charges. The
+            # action stays, cancelled and never sent, so the order's history skips that number
+            # (``_numbers_never_used``): deleted, the gap counted as a silent retry made against max_retries. Its
+            # key moves aside for the link's next payment, which takes the link's key.
+            withdrawn = conn.execute(
+                actions.update()
+                .where(_still_claimed(action), actions.c.unanswered_since.is_(None))
+                .values(
+                    state=ActionState.CANCELLED.value,
+                    claim_token=None,
+                    idempotency_key=f"{action.idempotency_key}:withdrawn:{action.action_id}",
+                    last_error="withdrawn: its connector would not take it; nothing was sent",
+                    updated_at=now,
+                )
             ).rowcount
-            if removed != 1:
+            if withdrawn != 1:
                 return False
-            # Its attempt number is not given back: a payment id <order_id>_<n> is never used for two charges.
             conn.execute(
                 payment_links.update()
                 .where(payment_links.c.token_id == action.payload["token_id"])

@@ -122,6 +122,12 @@ def configure_logging(level: str = "INFO") -> logging.Logger:
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    # The rest of winback's loggers (winback.executor, winback.console, ...) through the same handler: without one
+    # their warnings went out through Python's last-resort handler as plain, unscrubbed text, and their info lines
+    # were lost. They still propagate (the root logger has no handler of ours; a test's capture sits there).
+    package = logging.getLogger(LOGGER_NAME.split(".", 1)[0])
+    package.handlers[:] = [handler]
+    package.setLevel(level)
     # MLflow's own lines (it prints plain text to stderr otherwise, unscrubbed, a traceback per failed registry
     # check) come as JSON too; its routine INFO lines are left out, the scorer logs what it did with the model.
     logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLevelName(level)))

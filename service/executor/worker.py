@@ -401,6 +401,9 @@ def worker_main(
     adapters: AdapterFactory | None = None,
 ) -> int:
     """One worker process: build everything from the environment and the arguments, then loop."""
+    from service.api.logging import configure_logging
+
+    configure_logging()  # JSON lines on stderr, scrubbed, as the scorer's
     settings = settings_from_env(ExecutorSettings, database_url=database_url, config_path=Path(config_path))
     config = load_config(config_path)
     catalog = load_catalog()

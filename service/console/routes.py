@@ -403,7 +403,10 @@ async def order_action(
     ask = ActionRequest(
         action=form.get("action", ""),
         channel=form.get("channel") or None,
-        alternative=int(alternative) if alternative.isdigit() else None,
+        # ASCII digits only, and few: isdigit() alone takes "²" and 5,000 nines, which int() refuses (a 500).
+        alternative=int(alternative)
+        if alternative.isascii() and alternative.isdigit() and len(alternative) < 10
+        else None,
         reason=form.get("reason", "")[:1000],
     )
     desk = AgentDesk(executor.executor, runtime.catalog, clock=console.clock)

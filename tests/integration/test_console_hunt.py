@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -19,6 +20,7 @@ from model.catalog import load_catalog
 from service.console.actions import ActionRequest, ActionResult, AgentDesk
 from service.console.auth import add_agent
 from service.executor.store import actions
+from tests.integration.test_console import Console, console  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     Harness,
     demo_merchant,
@@ -126,3 +128,46 @@ def test_a_double_approve_carries_out_the_recommendation_once_and_tells_the_seco
         retries = conn.scalar(sa.select(sa.func.count()).select_from(actions).where(actions.c.kind == "retry"))
     assert retries == 1
     assert [first.result, second.result] == ["done", "failed"], (first, second)
+
+
+# ---------------------------------------------------------------------------------- the console over HTTP
+
+XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+@pytest.mark.parametrize("alternative", ["\u00b2", "9" * 5000])
+def test_an_alternative_that_is_not_a_plain_number_is_refused_not_a_server_error(
+    console: Console,  # noqa: F811 - the fixture
+    alternative: str,
+) -> None:
+    """``str.isdigit`` is true for a superscript two and for 5,000 nines, which ``int()`` refuses: the override
+    form answered 500 instead of asking the agent to choose one of the listed alternatives."""
+    console.fail_order("m_a", "ord_alt")
+    console.sign_in("asha@m_a")
+    answer = console.post(
+        "/console/orders/ord_alt/actions",
+        {"action": "override", "alternative": alternative, "reason": "test", "csrf_token": console.csrf()},
+    )
+    assert answer.status_code == 409, answer.text[:300]
+    assert "choose one of the listed alternatives" in answer.text
+
+
+def test_customer_and_connector_text_is_escaped_on_every_console_page(console: Console) -> None:  # noqa: F811
+    """Text from callers and connectors (order id, error message, issuer, connector) and from agents (reasons)
+    is shown escaped on the queue and the order page."""
+    order_id = 'ord_"><svg onload=alert(1)>'
+    console.fail_order(
+        "m_a",
+        order_id,
+        payment={"issuer": XSS},
+        failure={"connector": "stripe", "error_code": XSS, "error_message": XSS},
+    )
+    console.sign_in("asha@m_a")
+    path = "/console/orders/" + quote(order_id, safe="")
+    console.post(path + "/actions", {"action": "stop", "reason": XSS, "csrf_token": console.csrf()})
+    for page in (console.get("/console/queue?state=all"), console.get(path)):
+        assert page.status_code == 200, page.text[:300]
+        assert "<script>" not in page.text
+        assert "<img" not in page.text
+        assert "<svg" not in page.text
+    assert "&lt;script&gt;" in console.get(path).text

@@ -329,7 +329,10 @@ class Effects:
             if not resend:
                 unknown = self.executor.unknown_charge(conn, order)
                 if unknown is not None:
-                    return Permanent(
+                    # Never sent, so cancelled, not dead-lettered: a dead charge not marked sent counts as one that
+                    # may have gone out, and its payment number as a silent retry made in every later decision once
+                    # the operator's answer lets the order go on (which decides the order again anyway).
+                    return Skip(
                         f"charge action {unknown} of the order was sent and never answered: no new charge goes on "
                         "top of it until an operator has asked its connector"
                     )

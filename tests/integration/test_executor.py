@@ -2073,8 +2073,8 @@ def test_an_operator_confirmed_charge_keeps_its_bookkeeping_at_the_time_of_the_a
 
 def test_a_retry_waiting_behind_a_link_payment_that_dies_unanswered_is_not_sent(make_harness: Any) -> None:
     """A retry due while the customer's link payment is out waits; the link payment's answers are all lost and it
-    is dead-lettered. The retry, already planned, is not sent on top of it: it is dead-lettered naming that
-    charge, and the customer is charged once."""
+    is dead-lettered. The retry, already planned, is not sent on top of it: it is cancelled (never sent) naming
+    that charge, and the customer is charged once."""
     h = make_harness(
         {"action": "retarget", "channel": "sms"},
         {"action": "retry", "strategy": "cascade", "connector": "adyen"},
@@ -2089,7 +2089,7 @@ def test_a_retry_waiting_behind_a_link_payment_that_dies_unanswered_is_not_sent(
     link = next(a for a in h.view().actions if a.kind == "link_payment")
     retry = next(a for a in h.view().actions if a.kind == "retry")
     assert link.state == "dead"
-    assert retry.state == "dead"
+    assert (retry.state, retry.unanswered_since) == ("cancelled", None)
     assert f"charge action {link.action_id} of the order was sent and never answered" in (retry.last_error or "")
     assert len(successes(h)) == 1
     assert [key for key in h.connector.calls if ":retry:" in key] == []

@@ -7,11 +7,16 @@ sees and what reached the connector.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 from model.catalog import load_catalog
 from model.rules import build_context
 from service.executor.routes import _pay
+from service.executor.store import actions, orders
+from tests.factories import insert_lost_charge
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
+    FakeConnector,
     Harness,
     OpenCircuit,
     demo_merchant,
@@ -55,3 +60,41 @@ def test_a_link_payment_taken_back_unsent_is_not_counted_as_a_retry(
         h.drain()
     assert h.view().state == "SUCCEEDED"
     assert h.connector.calls[-1].endswith(":retry:dec_2_ord_1")
+
+
+def test_a_retry_held_back_by_a_charge_of_unknown_outcome_is_not_counted_as_a_retry_made(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A retry (payment 2) comes due while another charge of the order (payment 3) was sent and never answered: it
+    is not sent. It was dead-lettered like a charge that may have gone out, so once the operator answered "not
+    charged" and the order went on, every later decision counted payment 2 as a silent retry made (a gap in the
+    history's attempt numbers is a retry the caller left out): one retry of the merchant's budget lost."""
+    retry = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+    h = make_harness(
+        retry | {"delay": timedelta(hours=1)},
+        dict(retry),
+        dict(retry),
+        connector=FakeConnector(results=["failure", "failure"]),
+    )
+    h.executor.payment_failed("m_demo", event())  # the retry, payment ord_1_2, is planned in an hour
+    with h.executor.engine.begin() as conn:
+        conn.execute(
+            orders.update().where(orders.c.order_id == "ord_1").values(attempt_count=orders.c.attempt_count + 1)
+        )
+    lost = insert_lost_charge(h.executor.engine, "m_demo", "ord_1", START)
+    with h.executor.engine.begin() as conn:  # the lost charge is payment ord_1_3
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == lost)
+            .values(payload_json='{"strategy": "retry_same", "connector": "adyen", "attempt_number": 3}')
+        )
+    h.clock.advance(hours=1)
+    h.drain()
+    assert h.connector.calls == []  # held back: never sent
+    h.executor.resolve_charge(lost, charged=False)  # decided again: a retry, payment ord_1_4, declined
+    h.drain()
+    assert h.connector.calls == ["m_demo:ord_1:retry:dec_2_ord_1"]
+    request = h.executor.decider.requests[-1]  # type: ignore[attr-defined]
+    context = build_context(request, h.executor.merchant("m_demo"), load_catalog())
+    # ord_1_4 and the lost ord_1_3 (sent: it may have reached the issuer), not the ord_1_2 that never went out
+    assert context.retries_used == 2, [(a.attempt_number, a.strategy) for a in request.history.attempts]

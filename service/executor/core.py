@@ -583,9 +583,11 @@ class Executor:
 
     def _numbers_never_used(self, conn: sa.Connection, order: RowMapping, recorded: set[int]) -> set[int]:
         """The attempt numbers the order's charge actions reserved and never used: cancelled or done without an
-        attempt on record, and never marked sent (so no processor has seen ``<order_id>_<n>``)."""
+        attempt on record, and never marked sent (so no processor has seen ``<order_id>_<n>``); and those of link
+        payments settled without an attempt on record (dead, answered "not charged" by an operator): the customer's
+        own payments, never a silent retry, whatever reached the processor."""
         rows = conn.execute(
-            sa.select(actions.c.state, actions.c.payload_json).where(
+            sa.select(actions.c.kind, actions.c.state, actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
                 actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
@@ -594,10 +596,10 @@ class Executor:
             )
         )
         numbers = set()
-        for state, payload_json in rows:
+        for kind, state, payload_json in rows:
             payload = orjson.loads(payload_json or "{}")
-            # a dead charge counts only when it certainly never went out (_retry_failed_to_go_out)
-            if state != ActionState.DEAD.value or payload.get(CONNECTOR_FAILED):
+            # a dead retry counts only when it certainly never went out (_retry_failed_to_go_out)
+            if state != ActionState.DEAD.value or payload.get(CONNECTOR_FAILED) or kind == ActionKind.LINK_PAYMENT:
                 numbers.add(payload.get("attempt_number"))
         return {int(number) for number in numbers if isinstance(number, int) and number not in recorded}
 

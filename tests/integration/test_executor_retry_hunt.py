@@ -18,6 +18,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     START,
     FakeConnector,
     Harness,
+    LinkAnswersLost,
     OpenCircuit,
     demo_merchant,
     event,
@@ -98,3 +99,32 @@ def test_a_retry_held_back_by_a_charge_of_unknown_outcome_is_not_counted_as_a_re
     context = build_context(request, h.executor.merchant("m_demo"), load_catalog())
     # ord_1_4 and the lost ord_1_3 (sent: it may have reached the issuer), not the ord_1_2 that never went out
     assert context.retries_used == 2, [(a.attempt_number, a.strategy) for a in request.history.attempts]
+
+
+def test_a_link_payment_answered_not_charged_is_not_counted_as_a_silent_retry(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """The customer's link payment (payment 2) never got its answer; the operator learns it was not charged and
+    the order goes on: a retry (payment 3) is declined. The next decision saw attempts 1 and 3, and the rules
+    counted the missing 2, a payment the customer made on a link, as a silent retry made."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"},
+        connector=LinkAnswersLost(results=["failure", "failure", "failure"]),
+        max_attempts=2,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with the link
+    assert _pay(runtime(h), token_of(h))[0] == 202  # answer lost
+    for _ in range(6):
+        h.clock.advance(seconds=31)
+        h.drain()
+    link = next(a for a in h.view().actions if a.kind == "link_payment")
+    assert link.state == "dead"
+    h.executor.resolve_charge(link.action_id, charged=False)  # decided again: a retry, declined
+    h.drain()
+    assert [key for key in h.connector.calls if ":retry:" in key] == ["m_demo:ord_1:retry:dec_2_ord_1"]
+    request = h.executor.decider.requests[-1]  # type: ignore[attr-defined]
+    context = build_context(request, h.executor.merchant("m_demo"), load_catalog())
+    assert context.retries_used == 1, [(a.attempt_number, a.strategy) for a in request.history.attempts]

@@ -49,12 +49,14 @@ MAX_REASON_LENGTH = 1000
 
 @dataclass(frozen=True)
 class ActionRequest:
-    """What the agent asked for: the action, and the channel, alternative or reason it needs."""
+    """What the agent asked for: the action, and the channel, alternative or reason it needs; ``decision_id``:
+    the recommendation the agent's page showed (the action is refused when another one waits now)."""
 
     action: str
     channel: str | None = None
     alternative: int | None = None
     reason: str = ""
+    decision_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,15 @@ class AgentDesk:
                 )
                 return ActionResult("refused", message, state=order["state"])
             pending = Decision.model_validate_json(item["decision_json"])
+            if ask.decision_id is not None and ask.decision_id != pending.decision_id:
+                # The page showed another recommendation (the order was decided again since): an alternative's
+                # number, or "carry it out", would act on one the agent never saw.
+                message = (
+                    f"the recommendation changed since this page was loaded (it showed {ask.decision_id}, "
+                    f"{pending.decision_id} waits now): review the order again"
+                )
+                self._audit(conn, agent, order_id, ask, f"{ask.action} (stale page)", "refused", now, message=message)
+                return ActionResult("refused", message, state=order["state"])
             try:
                 plan = _plan(ask, pending, now)
                 request = self.executor.request_for(conn, order, now)

@@ -408,6 +408,7 @@ async def order_action(
         if alternative.isascii() and alternative.isdigit() and len(alternative) < 10
         else None,
         reason=form.get("reason", "")[:1000],
+        decision_id=form.get("decision_id") or None,
     )
     desk = AgentDesk(executor.executor, runtime.catalog, clock=console.clock)
     try:

@@ -7,8 +7,10 @@ Drives the real executor (SQLite file or PostgreSQL database) and the console's 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,8 +21,8 @@ import sqlalchemy as sa
 from model.catalog import load_catalog
 from service.console.actions import ActionRequest, ActionResult, AgentDesk
 from service.console.auth import add_agent
-from service.executor.store import actions
-from tests.integration.test_console import Console, console  # noqa: F401 - console is a fixture
+from service.executor.store import actions, agent_queue, orders
+from tests.integration.test_console import CSRF_RE, Console, console  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     Harness,
     demo_merchant,
@@ -171,3 +173,34 @@ def test_customer_and_connector_text_is_escaped_on_every_console_page(console: C
         assert "<img" not in page.text
         assert "<svg" not in page.text
     assert "&lt;script&gt;" in console.get(path).text
+
+
+def test_an_action_on_a_recommendation_that_changed_since_the_page_was_loaded_is_refused(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    """The agent's page shows recommendation D1 and its alternatives; meanwhile the order is decided again (a
+    follow-up) and D2 waits instead. The forms named no decision, so "override with alternative 0" or "carry it
+    out" acted on D2, an action the agent never saw. Each form now carries the decision it shows."""
+    console.fail_order("m_a", "ord_stale")
+    console.sign_in("asha@m_a")
+    page = console.get("/console/orders/ord_stale").text
+    shown = re.search(r'name="decision_id" value="([^"]+)"', page)
+    assert shown is not None, "the action forms name the recommendation they show"
+    executor = console.api.app.state.executor.executor
+    with executor.engine.begin() as conn:  # a follow-up decides the order again: D2 waits instead of D1
+        order = executor.lock_order(conn, "m_a", "ord_stale")
+        executor._decision_point(conn, order, datetime.now(UTC))
+    csrf = CSRF_RE.search(page)
+    assert csrf is not None
+    answer = console.post(
+        "/console/orders/ord_stale/actions",
+        {"action": "approve", "decision_id": shown.group(1), "csrf_token": csrf.group(1)},
+    )
+    assert answer.status_code == 409
+    assert "the recommendation changed since this page was loaded" in answer.text
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_stale")) == "AWAITING_AGENT"
+        pending = conn.scalar(
+            sa.select(sa.func.count()).select_from(agent_queue).where(agent_queue.c.state == "pending")
+        )
+    assert pending == 2

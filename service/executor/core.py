@@ -927,6 +927,21 @@ class Executor:
             )
             .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
         )
+        # So does an earlier stop's close, waiting for a link to expire or a charge to be answered (the customer
+        # paid on the link and was declined, or an operator answered 'not charged', and the order was decided
+        # again): left, it failed the order at the link's expiry and cancelled what this decision plans. A stop
+        # plans its own close below; the window's end keeps its close.
+        conn.execute(
+            actions.update()
+            .where(
+                actions.c.merchant_id == merchant_id,
+                actions.c.order_id == order_id,
+                actions.c.kind == ActionKind.CLOSE.value,
+                actions.c.state == ActionState.SCHEDULED.value,
+                actions.c.idempotency_key != f"{merchant_id}:{order_id}:close:window",
+            )
+            .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
+        )
         due = max(as_utc(decision.execute_at), now)
         meta: dict[str, Any] = {"propensity": decision.propensity}
         if decision.action == Action.RETRY:
@@ -1008,7 +1023,19 @@ class Executor:
             )
             return
         key = f"{order['merchant_id']}:{order['order_id']}:close:{when.isoformat()}"
-        self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, when, key, now)
+        if not self._schedule(conn, order["merchant_id"], order["order_id"], ActionKind.CLOSE, when, key, now):
+            # A close for that moment was planned before and replaced by a later decision (``_carry_out``), or has
+            # run: planned again, or a stop waiting for that same link would never fail the order before its window.
+            conn.execute(
+                actions.update()
+                .where(
+                    actions.c.idempotency_key == key,
+                    actions.c.state.in_([ActionState.CANCELLED.value, ActionState.DONE.value]),
+                )
+                .values(
+                    state=ActionState.SCHEDULED.value, due_at=when, claim_token=None, last_error=None, updated_at=now
+                )
+            )
 
     # ------------------------------------------------------------------------------- terminal states
 

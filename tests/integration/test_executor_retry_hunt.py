@@ -6,6 +6,7 @@ sees and what reached the connector.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -128,3 +129,51 @@ def test_a_link_payment_answered_not_charged_is_not_counted_as_a_silent_retry(
     request = h.executor.decider.requests[-1]  # type: ignore[attr-defined]
     context = build_context(request, h.executor.merchant("m_demo"), load_catalog())
     assert context.retries_used == 1, [(a.attempt_number, a.strategy) for a in request.history.attempts]
+
+
+def test_a_stop_waiting_for_a_link_does_not_fail_the_order_after_a_later_decision_plans_a_retry(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A stop while the customer's link is live waits for the link to expire. The customer pays on the link and is
+    declined: the order is decided again, and that decision plans a retry for later. The stop's close still fired
+    at the link's expiry, failed the order (order.failed to the merchant) and cancelled the planned retry."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "stop"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=30)},
+        connector=FakeConnector(results=["failure", "success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with a 48 h link
+    h.clock.advance(hours=24)
+    h.drain()  # the follow-up decides stop: the order waits for the link to expire
+    assert h.view().state == "PENDING"
+    h.clock.advance(hours=1)
+    assert _pay(runtime(h), token_of(h))[0] == 402  # declined: decided again, a retry in 30 h
+    h.drain()
+    assert [a.kind for a in h.view().actions if a.state == "scheduled"].count("retry") == 1
+    for _ in range(8):  # past the link's expiry (in 23 h) and to the retry (in 30 h)
+        h.clock.advance(hours=5)
+        h.drain()
+    view = h.view()
+    assert view.state != "FAILED", [(a.kind, a.state, a.last_error) for a in view.actions]
+    assert h.connector.calls[-1] == "m_demo:ord_1:retry:dec_3_ord_1"
+    assert view.state == "SUCCEEDED"
+    assert [json.loads(r.content)["event"] for r in h.receiver.received] == ["order.succeeded"]
+
+
+def test_a_stop_planned_again_for_the_same_link_expiry_closes_the_order_then(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A stop's close replaced by a later decision, then a stop again waiting for the same live link: its close
+    (same moment, same key) is planned again, not skipped as a duplicate."""
+    h = make_harness({"action": "retarget", "channel": "sms"})
+    h.executor.payment_failed("m_demo", event())
+    when = START + timedelta(hours=30)
+    with h.executor.engine.begin() as conn:
+        order = h.executor.lock_order(conn, "m_demo", "ord_1")
+        h.executor._close_later(conn, order, when, START, None)
+        conn.execute(actions.update().where(actions.c.idempotency_key.like("%:close:2%")).values(state="cancelled"))
+        h.executor._close_later(conn, order, when, START, None)
+    closes = [(a.state, a.due_at) for a in h.view().actions if a.kind == "close" and a.state == "scheduled"]
+    assert len(closes) == 2, closes  # the window's end and the link's expiry

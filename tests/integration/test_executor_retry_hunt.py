@@ -7,13 +7,19 @@ sees and what reached the connector.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
+
 from model.catalog import load_catalog
 from model.rules import build_context
+from service.executor.connectors import ChargeRequest, ChargeResult
 from service.executor.routes import _pay
 from service.executor.store import actions, orders
+from service.executor.worker import Worker
 from tests.factories import insert_lost_charge
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -177,3 +183,47 @@ def test_a_stop_planned_again_for_the_same_link_expiry_closes_the_order_then(
         h.executor._close_later(conn, order, when, START, None)
     closes = [(a.state, a.due_at) for a in h.view().actions if a.kind == "close" and a.state == "scheduled"]
     assert len(closes) == 2, closes  # the window's end and the link's expiry
+
+
+@pytest.mark.postgres
+def test_two_workers_on_postgresql_charge_each_order_once_and_tell_the_merchant_once(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    postgres_url: str,
+) -> None:
+    """Two workers draining the same PostgreSQL queue at once, with a slow connector: every order's retry reaches
+    the connector once (one payment id, ``<order_id>_2``) and every order gets one signed order.succeeded."""
+
+    class SlowConnector(FakeConnector):
+        def charge(self, request: ChargeRequest) -> ChargeResult:
+            time.sleep(0.05)
+            return super().charge(request)
+
+    steps = [{"action": "retry", "strategy": "cascade", "connector": "adyen"} for _ in range(12)]
+    h = make_harness(*steps, connector=SlowConnector(results=["success"] * 12), database_url=postgres_url)
+    for n in range(12):
+        h.executor.payment_failed("m_demo", event(order_id=f"ord_{n}"))
+    second = Worker(h.executor, h.effects, "w2", batch_size=3)
+    h.worker.batch_size = 3
+    errors: list[BaseException] = []
+
+    def drain(worker: Worker) -> None:
+        try:
+            for _ in range(3):
+                worker.run(until_idle=True)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(w,)) for w in (h.worker, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert sorted(h.connector.calls) == sorted(set(h.connector.calls))
+    assert len(h.connector.calls) == 12
+    bodies = [json.loads(r.content) for r in h.receiver.received]
+    assert sorted(b["order_id"] for b in bodies) == sorted(f"ord_{n}" for n in range(12))
+    assert {b["event"] for b in bodies} == {"order.succeeded"}
+    for n in range(12):
+        view = h.view(f"ord_{n}")
+        assert [a.processor_payment_id for a in view.attempts] == [f"ord_{n}_1", f"ord_{n}_2"]

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model.catalog import NormalisedError, load_catalog
+from model.cellsupport import CellSupport
 from model.codewatch import code_key, inventory_of, support_table
 from model.fastpredict import SINGLE_ROW_LIMIT, fast_predictor, kept_on_booster
 from model.features import (
@@ -240,6 +241,7 @@ class ModelBundle:
     _normaliser: _CachedNormaliser | None = field(default=None, repr=False, compare=False)
     _memo: threading.local = field(default_factory=threading.local, repr=False, compare=False)
     _support: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    _cells: CellSupport | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -323,6 +325,7 @@ class ModelBundle:
         self._catalog()
         pause()
         self.code_support("", None)
+        self.cell_table("")
         pause()
         self.text_model.warm(errors, between_steps=between_steps)  # in chunks only when it pauses between them
 
@@ -341,6 +344,19 @@ class ModelBundle:
                 return None
             self._support = support_table(inventory)
         return self._support.get(code_key(connector, code), 0)
+
+    def cell_table(self, error_class: str) -> FloatArray | None:
+        """The training evidence of every cell of one error class (model.cellsupport): a (3, N_SLOTS) array of the
+        support, successes and sum of the model's predictions per slot (zeros for a class never seen).
+
+        None when the bundle carries no cells (trained before they were recorded): decide() then uses the model's
+        scores as they are. Do not modify.
+        """
+        if self._cells is None:
+            self._cells = CellSupport.from_metadata(self.metadata)
+            if self._cells is None:
+                return None
+        return self._cells.of_class(error_class)
 
     def retry_probability(self, candidates: Sequence[Candidate], scores: npt.ArrayLike) -> float:
         """P(the best permitted silent retry succeeds): the highest score among retry candidates (0 if none)."""

@@ -32,6 +32,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from model.bundle import Calibrator, ModelBundle, bundle_version
 from model.catalog import load_catalog
+from model.cellsupport import CELL_SUPPORT_KEY, cell_keys, cell_rows
 from model.codewatch import KNOWN_CODES_KEY, code_inventory
 from model.features import (
     CANDIDATE_NUM,
@@ -918,6 +919,7 @@ class _PartitionFeatures:
     """One partition's model matrix, cut by (kind, split), and what the metrics and the unseen-code check need."""
 
     pieces: dict[tuple[str, str], npt.NDArray[np.float32]]
+    cells: dict[tuple[str, str], npt.NDArray[np.object_]]  # each row's cell (model.cellsupport), as ``pieces``
     holdout_classes: dict[str, np.ndarray]
     unseen_cols: dict[str, np.ndarray]
     unseen_labels: npt.NDArray[np.bool_]
@@ -936,6 +938,12 @@ def _features_of(index: int) -> _PartitionFeatures:
     _set_text(cols, holdout_rows, _predict_text(state["text_model"], _text_keys(cols, holdout_rows)))
     matrix = state["spec"].transform(cols)
     pieces = {key: matrix[mask[local]] for key, mask in state["groups"].items()}
+    # The timing of a cell counts from the order's first failure (model.cellsupport).
+    first = np.where(np.isfinite(cols["first_failure_ts"]), cols["first_failure_ts"], cols["event_ts"])
+    keys = cell_keys(
+        cols["error_class"], cols["action"], cols["strategy"], cols["channel"], (cols["execute_ts"] - first) / 3600.0
+    )
+    cells = {key: keys[mask[local]] for key, mask in state["groups"].items()}
     holdout_classes = {
         kind: cols["error_class"][(kind_mask & masks["holdout"])[local]]
         for kind, kind_mask in (("retry", is_retry), ("retarget", ~is_retry))
@@ -947,6 +955,7 @@ def _features_of(index: int) -> _PartitionFeatures:
     rank = state["rank"]
     return _PartitionFeatures(
         pieces=pieces,
+        cells=cells,
         holdout_classes=holdout_classes,
         unseen_cols={name: values[retry_here] for name, values in cols.items()},
         unseen_labels=state["labels"][local][retry_here],
@@ -1154,6 +1163,7 @@ def _train_on_columns(
             sample_rate=min(1.0, unseen_code_rows / max(len(retry_rows), 1)) if evaluate_unseen_codes else 0.0,
         )  # fmt: skip
         pieces: dict[tuple[str, str], list[npt.NDArray[np.float32]]] = {key: [] for key in groups}
+        cell_pieces: dict[tuple[str, str], list[npt.NDArray[np.object_]]] = {key: [] for key in groups}
         holdout_classes: dict[str, list[np.ndarray]] = {"retry": [], "retarget": []}
         unseen_cols: list[dict[str, np.ndarray]] = []
         unseen_labels: list[npt.NDArray[np.bool_]] = []
@@ -1161,6 +1171,8 @@ def _train_on_columns(
         for features in map_in_order(_features_of, len(sizes), workers):
             for key, piece in features.pieces.items():
                 pieces[key].append(piece)
+            for key, cell_piece in features.cells.items():
+                cell_pieces[key].append(cell_piece)
             for kind, classes in features.holdout_classes.items():
                 holdout_classes[kind].append(classes)
             if evaluate_unseen_codes:
@@ -1185,6 +1197,8 @@ def _train_on_columns(
     calibrators: dict[str, Calibrator] = {}
     threshold = 0.1
     class_tables = []
+    # Per fitted decision point of each model: its cell, outcome and calibrated prediction (model.cellsupport).
+    fitted_cells: list[tuple[npt.NDArray[np.object_], FloatArray, FloatArray]] = []
 
     def matrix(key: tuple[str, str]) -> npt.NDArray[np.float32]:
         parts = pieces.pop(key)
@@ -1202,11 +1216,16 @@ def _train_on_columns(
         order = {split: by_time(mask) for split, mask in part.items()}
         x = {split: matrix((kind, split)) for split in masks}
         y = {split: y_all[mask] for split, mask in part.items()}
+        cell_of = {
+            split: np.concatenate(cell_pieces.pop((kind, split))) if cell_pieces[(kind, split)] else np.zeros(0, object)
+            for split in masks
+        }
         logged = {split: propensity[mask] for split, mask in part.items()}
         holdout_class = np.concatenate(holdout_classes[kind])
         for split, permutation in order.items():
             if permutation is not None:
                 x[split], y[split] = x[split][permutation], y[split][permutation]
+                cell_of[split] = cell_of[split][permutation]
                 logged[split] = logged[split][permutation]
                 if split == "holdout":
                     holdout_class = holdout_class[permutation]
@@ -1236,6 +1255,10 @@ def _train_on_columns(
         metrics[f"{kind}_calibration"] = 1.0 if calibrator.kind == "isotonic" else 0.0
         if kind == "retry":
             threshold = _choose_threshold(y[calibration], calibrator(raw_cal))
+        for split in ("train", "valid", "calibration"):
+            if len(y[split]):
+                p_fitted = calibrator(np.asarray(booster.predict(x[split], num_threads=num_threads), dtype=np.float64))
+                fitted_cells.append((cell_of[split], y[split], p_fitted))
         if len(y["holdout"]):
             p = calibrator(np.asarray(booster.predict(x["holdout"], num_threads=num_threads), dtype=np.float64))
             for name, value in binary_metrics(y["holdout"], p).items():
@@ -1282,6 +1305,13 @@ def _train_on_columns(
         "dropped": dropped,
         # Per-code evidence of the fitted rows: decide() explores more where it is thin (model.codewatch).
         KNOWN_CODES_KEY: _inventory(text_table),
+        # Per (error class, strategy or channel, timing) evidence of the fitted rows and the models' predictions
+        # there: decide() leans on the rules-only priors where it is thin (model.cellsupport).
+        CELL_SUPPORT_KEY: cell_rows(
+            np.concatenate([part[0] for part in fitted_cells]) if fitted_cells else np.zeros(0, object),
+            np.concatenate([part[1] for part in fitted_cells]) if fitted_cells else np.zeros(0),
+            np.concatenate([part[2] for part in fitted_cells]) if fitted_cells else np.zeros(0),
+        ),
     }
     bundle = ModelBundle(
         spec=spec,

@@ -1,0 +1,108 @@
+"""How much evidence a model was trained on, per kind of candidate: the support of each policy cell.
+
+A cell is (error class, arm, timing). The arm is a retry strategy or a retarget channel; a retry's timing is
+``soon`` (executed less than ``LATER_HOURS`` after the order's first failure) or ``later``; a retarget has one
+timing. Training records, per cell, its fitted decision points, their successes and the sum of the model's
+calibrated predictions for them (:func:`cell_rows`); the bundle carries them in its metadata (``CELL_SUPPORT_KEY``)
+and decide() combines the model with the rules-only priors from them (model/policy.py, ``shrink_to_prior``): the
+model where it saw a situation often, the priors where it barely saw it (e.g. a step-up, or an immediate cascade
+after insufficient funds, which a logging policy seldom tries), and the model's level in a cell corrected towards
+what the cell's outcomes showed.
+
+The timing counts from the first failure, not from the decision point: what recovers an insufficient-funds decline
+is time since the decline (payday), and a follow-up decision point days after the failure is no evidence about an
+immediate retry of a fresh one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from model.vocab import RETRY_STRATEGIES, Action, Channel
+
+#: Key of the bundle metadata entry holding the cell counts (rows of :func:`support_rows`).
+CELL_SUPPORT_KEY = "cell_support"
+#: A retry this many hours or more after the decision point (priors) or the first failure (support) is "later".
+LATER_HOURS = 20.0
+SOON, LATER, ANY = "soon", "later", "any"
+#: The arms of a cell in slot order: retry strategies, then retarget channels. Slot of (arm i, later): 2 * i + later.
+ARMS: tuple[str, ...] = (*(s.value for s in RETRY_STRATEGIES), *(c.value for c in Channel))
+ARM_INDEX: dict[str, int] = {arm: i for i, arm in enumerate(ARMS)}
+N_SLOTS = 2 * len(ARMS)
+
+
+def cell_keys(
+    error_class: npt.ArrayLike,
+    action: npt.ArrayLike,
+    strategy: npt.ArrayLike,
+    channel: npt.ArrayLike,
+    hours_since_failure: npt.ArrayLike,
+) -> npt.NDArray[np.object_]:
+    """Each decision point's cell as ``"error_class|arm|timing"`` (None when its arm is not one of ``ARMS``).
+
+    Arguments are aligned per decision point; NaN hours (no failure time) count as ``soon``.
+    """
+    actions = np.asarray(action, dtype=object)
+    is_retry = actions == Action.RETRY.value
+    arm = np.where(is_retry, np.asarray(strategy, dtype=object), np.asarray(channel, dtype=object))
+    hours = np.asarray(hours_since_failure, dtype=np.float64)
+    timing = np.where(is_retry, np.where(hours >= LATER_HOURS, LATER, SOON), ANY)
+    classes = [c if isinstance(c, str) else "unknown" for c in np.asarray(error_class, dtype=object).tolist()]
+    keep = np.isin(arm, ARMS) & (is_retry | (actions == Action.RETARGET.value))
+    keys = np.full(len(actions), None, dtype=object)
+    keys[keep] = [
+        f"{c}|{a}|{t}" for c, a, t in zip(np.asarray(classes, dtype=object)[keep], arm[keep], timing[keep], strict=True)
+    ]
+    return keys
+
+
+def cell_rows(keys: npt.ArrayLike, labels: npt.ArrayLike, predicted: npt.ArrayLike) -> list[list[Any]]:
+    """The JSON form kept in bundle metadata, sorted: ``[error_class, arm, timing, n, successes, predicted]`` per
+    cell, with ``predicted`` the sum of the model's calibrated P(success) over the cell's decision points."""
+    frame = pd.DataFrame(
+        {
+            "key": np.asarray(keys, dtype=object),
+            "y": np.asarray(labels, dtype=np.float64),
+            "p": np.asarray(predicted, dtype=np.float64),
+        }
+    ).dropna(subset=["key"])
+    table = frame.groupby("key", sort=True).agg(n=("y", "size"), successes=("y", "sum"), predicted=("p", "sum"))
+    n, successes, predicted = (table[name].to_numpy(dtype=np.float64).tolist() for name in table.columns)
+    return [
+        [*str(key).split("|"), int(count), int(won), round(total, 6)]
+        for key, count, won, total in zip(table.index.tolist(), n, successes, predicted, strict=True)
+    ]
+
+
+class CellSupport:
+    """The cell table of a bundle: per error class, a (3, N_SLOTS) array of the training support, the successes
+    and the sum of the model's predictions of every slot (see ``ARMS``; a retarget's count is in both its slots)."""
+
+    def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
+        self._by_class: dict[str, npt.NDArray[np.float64]] = {}
+        for cls, arm, timing, n, successes, predicted in rows:
+            index = ARM_INDEX.get(str(arm))
+            if index is None:
+                continue
+            table = self._by_class.setdefault(str(cls), np.zeros((3, N_SLOTS), dtype=np.float64))
+            slots = (
+                [2 * index] if timing == SOON else [2 * index + 1] if timing == LATER else [2 * index, 2 * index + 1]
+            )
+            table[:, slots] += np.array([[float(n)], [float(successes)], [float(predicted)]])
+        self._empty = np.zeros((3, N_SLOTS), dtype=np.float64)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> CellSupport | None:
+        """The table of a bundle's metadata; None for a bundle trained before cells were recorded."""
+        rows = metadata.get(CELL_SUPPORT_KEY)
+        return None if rows is None else cls(rows)
+
+    def of_class(self, error_class: str) -> npt.NDArray[np.float64]:
+        """(support, successes, predicted) per slot for one error class (zeros for a class the model never saw).
+        Do not modify."""
+        return self._by_class.get(error_class, self._empty)

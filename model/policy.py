@@ -9,7 +9,7 @@ probability of its choice (``propensity``) so the next model can correct for thi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from model.catalog import ErrorCatalog, NormalisedError
+from model.cellsupport import ARM_INDEX, LATER_HOURS, N_SLOTS
 from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
@@ -30,10 +31,9 @@ RULES_ONLY_VERSION = "rules-only"
 # Enum members read once: ``Action.RETRY`` is a class-attribute lookup through the enum's metaclass, ~0.16 us
 # each on Python 3.11, and the loops below compare every candidate.
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
-#: A retry this many hours or more after the decision point counts as "later" in the priors table.
-LATER_HOURS = 20.0
 #: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits).
 DAILY_DISCOUNT = 0.995
+_LATER_SECONDS = LATER_HOURS * 3600.0
 
 
 class Scorer(Protocol):
@@ -55,6 +55,10 @@ class PolicyConfig:
     # Training support (silent retries after the code) at which exploration is halfway from rare to base: thin
     # evidence keeps a code explorable, so a code judged non-retryable can still be found retryable later.
     support_half_life: int = 30
+    # Weight of the rules-only prior, in training examples, against the model's P(success) of a candidate whose
+    # cell (error class, strategy or channel, soon or later: model.cellsupport) had that many (shrink_to_prior).
+    # 0 turns the shrinkage off; a model trained before cells were recorded is never shrunk.
+    prior_strength: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("exploration", "exploration_rare_code"):
@@ -63,6 +67,8 @@ class PolicyConfig:
                 raise ValueError(f"PolicyConfig.{name} must be in [0, 1), got {value}")
         if self.support_half_life < 1:
             raise ValueError(f"PolicyConfig.support_half_life must be at least 1, got {self.support_half_life}")
+        if not 0.0 <= self.prior_strength < float("inf"):
+            raise ValueError(f"PolicyConfig.prior_strength must be finite and at least 0, got {self.prior_strength}")
 
 
 def exploration_rate(config: PolicyConfig, known_code: bool, support: int | None) -> float:
@@ -77,6 +83,13 @@ def exploration_rate(config: PolicyConfig, known_code: bool, support: int | None
         return config.exploration if known_code else config.exploration_rare_code
     extra = max(config.exploration_rare_code - config.exploration, 0.0)
     return config.exploration + extra * config.support_half_life / (config.support_half_life + max(support, 0))
+
+
+def cell_table(scorer: object, error_class: str) -> np.ndarray | None:
+    """``scorer.cell_table(error_class)`` when the scorer offers it, else None: the training support, successes and
+    sum of the model's predictions of every cell slot of the class (model.cellsupport)."""
+    lookup = getattr(scorer, "cell_table", None)
+    return None if lookup is None else lookup(error_class)
 
 
 def code_support(scorer: object, connector: str, code: str | None) -> int | None:
@@ -94,6 +107,32 @@ class Priors:
     retarget: dict[str, float]
     channel_factor: dict[str, float]
     later_nudge_decay: float
+    # prior_slots() results by (error class, nudges sent), filled on use.
+    _slots: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    def prior_slots(self, error_class: str, nudges: int) -> np.ndarray:
+        """RulesOnlyScorer's score of every cell slot (model.cellsupport.ARMS) for one error class and number of
+        nudges sent: a retry strategy's soon and later value, a channel's link probability twice; then two slots of
+        0 for candidates of no cell (stop). Do not modify."""
+        key = (error_class, nudges)
+        slots = self._slots.get(key)
+        if slots is None:
+            unknown = ErrorClass.UNKNOWN.value
+            retry_table = self.retry.get(error_class, self.retry[unknown])
+            link = self.retarget.get(error_class, self.retarget[unknown]) * self.later_nudge_decay**nudges
+            slots = np.zeros(N_SLOTS + 2, dtype=np.float64)  # two slots past the cells: 0 for stop
+            for arm, index in ARM_INDEX.items():
+                if arm in _CHANNEL_VALUES:
+                    slots[2 * index : 2 * index + 2] = link * self.channel_factor.get(arm, 0.5)
+                else:
+                    slots[2 * index : 2 * index + 2] = retry_table.get(arm, (0.0, 0.0))
+            if len(self._slots) >= 4096:
+                self._slots.clear()
+            self._slots[key] = slots
+        return slots
+
+
+_CHANNEL_VALUES = frozenset(channel.value for channel in Channel)
 
 
 @cache
@@ -157,7 +196,14 @@ def expected_values(
     request: DecisionRequest, candidates: list[Candidate], p_success: np.ndarray, economics: Economics
 ) -> np.ndarray:
     """Expected recovered value in USD net of the action's cost, discounted for waiting; 0 for stop."""
-    return _expected_values(request, candidates, _kind_runs(candidates), p_success, economics)
+    delays = _delay_seconds(request, candidates)
+    return _expected_values(request, candidates, _kind_runs(candidates), p_success, economics, delays)
+
+
+def _delay_seconds(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+    """Seconds from the decision point to each candidate's execution (negative if before it)."""
+    event_time = request.event_time
+    return np.array([(candidate.execute_at - event_time).total_seconds() for candidate in candidates], dtype=np.float64)
 
 
 def _expected_values(
@@ -166,19 +212,17 @@ def _expected_values(
     runs: list[_Run],
     p_success: np.ndarray,
     economics: Economics,
+    delay_seconds: np.ndarray,
 ) -> np.ndarray:
-    """expected_values() given the candidates' runs of one kind: the cost is looked up once per run."""
+    """expected_values() given the candidates' runs of one kind (the cost is looked up once per run) and delays."""
     amount_usd = economics.to_usd(request.amount, request.currency)
     country = request.customer.country
-    event_time = request.event_time
     costs: list[float] = []
-    delay_seconds: list[float] = []
     acting: list[bool] = []
     for start, stop, first in runs:
         action = first.action
         if action is _STOP:
             costs += [0.0] * (stop - start)
-            delay_seconds += [0.0] * (stop - start)
             acting += [False] * (stop - start)
             continue
         if action is _RETRY:
@@ -186,12 +230,77 @@ def _expected_values(
         else:
             cost = economics.message_cost(first.channel or "", country)
         costs += [cost] * (stop - start)
-        delay_seconds += [(candidate.execute_at - event_time).total_seconds() for candidate in candidates[start:stop]]
         acting += [True] * (stop - start)
-    discount = DAILY_DISCOUNT ** (np.maximum(np.array(delay_seconds, dtype=np.float64), 0.0) / 86_400.0)
-    values = np.asarray(p_success, dtype=np.float64) * amount_usd * discount - np.array(costs, dtype=np.float64)
+    discount: np.ndarray = DAILY_DISCOUNT ** (np.maximum(delay_seconds, 0.0) / 86_400.0)
+    values: np.ndarray = np.asarray(p_success, dtype=np.float64) * amount_usd * discount - np.array(
+        costs, dtype=np.float64
+    )
     values[~np.array(acting, dtype=np.bool_)] = 0.0
     return values
+
+
+def _slot_bases(runs: list[_Run], n: int) -> np.ndarray:
+    """Each of ``n`` candidates' cell slot at "soon" (model.cellsupport), from its run; ``N_SLOTS`` (a slot past
+    the cells, see ``_cell_factors``) for a candidate of no cell (stop)."""
+    base: list[int] = []
+    for start, stop, first in runs:
+        arm = first.strategy if first.action is _RETRY else first.channel if first.action is _RETARGET else None
+        index = -1 if arm is None else ARM_INDEX.get(arm.value, -1)
+        base += [2 * index if index >= 0 else N_SLOTS] * (stop - start)
+    return np.array(base, dtype=np.intp) if n else np.zeros(0, dtype=np.intp)
+
+
+def _seconds_since_first_failure(request: DecisionRequest) -> float:
+    """Seconds from the order's first failed attempt to the decision point (0 without one), as training counts."""
+    failed = [attempt for attempt in request.history.attempts if attempt.status != "success"]
+    if not failed:
+        return 0.0
+    first = min(failed, key=lambda attempt: attempt.attempt_number)
+    return max((request.event_time - first.created_at).total_seconds(), 0.0)
+
+
+def cell_factors(table: np.ndarray, prior: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """How the model's P(success) p of a candidate in each cell slot combines with the slot's rules-only prior
+    (empirical Bayes): ``prior + weight * (min(p * ratio, 1) - prior)`` (``shrink_to_prior``).
+
+    ``table`` holds per slot the cell's training support n, successes s and sum of the model's predictions m
+    (model.cellsupport); ``strength`` k is the prior's weight in examples. The cell's success rate has the prior
+    Beta(k * prior, k * (1 - prior)); its posterior mean (s + k * prior) / (n + k) is what the cell's outcomes say,
+    and the model's mean there, shrunk alike, (m + k * prior) / (n + k), what the model says: their ratio corrects
+    the model's level in the cell and keeps its ranking within it (delays, connectors, customers). The corrected
+    model then weighs n / (n + k) against the prior: with no evidence the prior alone, with ample evidence the
+    model recalibrated to the cell's outcomes. Two more slots past the cells, for candidates of none (stop): the
+    model as it is.
+    """
+    support, successes, predicted = np.maximum(np.asarray(table, dtype=np.float64), 0.0)
+    pseudo = strength * np.asarray(prior[:N_SLOTS], dtype=np.float64)
+    model_mean = predicted + pseudo
+    ratio = np.divide(successes + pseudo, model_mean, out=np.ones(N_SLOTS), where=model_mean > 0.0)
+    weight = support / (support + strength) if strength > 0.0 else np.ones(N_SLOTS)
+    return np.append(ratio, (1.0, 1.0)), np.append(weight, (1.0, 1.0))
+
+
+def shrink_to_prior(p_model: np.ndarray, prior: np.ndarray, ratio: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``prior + weight * (min(p_model * ratio, 1) - prior)``: the model's P(success) recalibrated to its cells'
+    outcomes and weighed against the rules-only prior by its evidence (per candidate; see ``cell_factors``)."""
+    shrunk: np.ndarray = prior + weight * (np.minimum(p_model * ratio, 1.0) - prior)
+    return shrunk
+
+
+#: cell_factors() by (cell table, error class, nudges sent, strength), with the table it was computed from.
+_FACTORS: dict[tuple[int, str, int, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _cached_cell_factors(
+    table: np.ndarray, priors: Priors, error_class: str, nudges: int, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
+    key = (id(table), error_class, nudges, strength)
+    found = _FACTORS.get(key)
+    if found is None or found[0] is not table:
+        if len(_FACTORS) >= 4096:
+            _FACTORS.clear()
+        found = _FACTORS[key] = (table, *cell_factors(table, priors.prior_slots(error_class, nudges), strength))
+    return found[1], found[2]
 
 
 #: Consecutive candidates of one kind: (start, stop, the first of them).
@@ -287,21 +396,40 @@ def decide(
     # Retries only the order's situation forbids (budget, window, flow) are scored in the same model call: the
     # error-code verdict (``retryable``) is the best retry the error itself allows, whatever the merchant permits.
     allowed, blocked = permitted_grid(context)  # stop is always among the allowed
-    scores = np.minimum(np.maximum(np.asarray(active.score(request, allowed + blocked), dtype=np.float64), 0.0), 1.0)
-    p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
+    candidates = allowed + blocked
+    scores = np.minimum(np.maximum(np.asarray(active.score(request, candidates), dtype=np.float64), 0.0), 1.0)
     runs = _kind_runs(allowed)
+    delays = _delay_seconds(request, candidates)
+    # Where the model saw few cases like a candidate (its cell's training support), the rules-only prior of the
+    # cell weighs in: a model extrapolating into actions its logging policy seldom took must not overrule the priors.
+    error_class = context.error.error_class.value
+    table = cell_table(active, error_class) if config.prior_strength > 0.0 else None
+    cells: np.ndarray | None = None  # each candidate's cell slot
+    if table is not None:
+        blocked_runs = [
+            (start + len(allowed), stop + len(allowed), first) for start, stop, first in _kind_runs(blocked)
+        ]
+        bases = _slot_bases(runs + blocked_runs, len(candidates))
+        priors, nudges = load_priors(), len(request.history.nudges)
+        ratio, weight = _cached_cell_factors(table, priors, error_class, nudges, config.prior_strength)
+        # The prior is RulesOnlyScorer's (later: 20 h after the decision point); the cell's timing counts from
+        # the first failure, as training counted it.
+        prior = priors.prior_slots(error_class, nudges)[bases + (delays >= _LATER_SECONDS)]
+        cells = bases + (delays + _seconds_since_first_failure(request) >= _LATER_SECONDS)
+        scores = np.minimum(np.maximum(shrink_to_prior(scores, prior, ratio[cells], weight[cells]), 0.0), 1.0)
+    p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for start, stop, first in runs:
         if first.action == _STOP:
             p_success[start:stop] = 0.0
-    values = _expected_values(request, allowed, runs, p_success, economics)
+    values = _expected_values(request, allowed, runs, p_success, economics, delays[: len(allowed)])
     # Ties (e.g. equal values at several send times) go to the earliest candidate in grid order.
     best = int(np.argmax(values))
     if values[best] <= 0.0:
         best = next(start for start, _, first in runs if first.action == _STOP)
 
     error = context.error
-    support = code_support(active, request.failure.connector, request.failure.error_code)
-    epsilon = exploration_rate(config, error.known_code, support)
+    code_evidence = code_support(active, request.failure.connector, request.failure.error_code)
+    epsilon = exploration_rate(config, error.known_code, code_evidence)
     generator = rng if rng is not None else np.random.default_rng()
     # Exploration never picks stop: its outcome is known (the order fails), so trying it teaches nothing and costs
     # the order. It was drawn like any candidate: an order whose only channel was down failed that way.
@@ -325,8 +453,12 @@ def decide(
         reasons.extend(active.explain(request, choice, k=2))
     if chosen != best:
         reasons.append("exploration: a permitted alternative tried to keep learning")
-    if support is not None and support < config.support_half_life:
-        reasons.append(f"thin evidence: the model saw {support} retries after this code")
+    if code_evidence is not None and code_evidence < config.support_half_life:
+        reasons.append(f"thin evidence: the model saw {code_evidence} retries after this code")
+    if table is not None and cells is not None and cells[chosen] < N_SLOTS:
+        seen = float(table[0, cells[chosen]])
+        if seen < config.prior_strength:
+            reasons.append(f"few cases like this action in training ({seen:.0f}): the rules-only prior weighs in")
     if not retry_indices:
         reasons.append("no silent retry permitted")
     threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))

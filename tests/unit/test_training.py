@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
 from model.catalog import load_catalog
 from model.cellsupport import ARM_INDEX, N_SLOTS
+from model.policy import PolicyConfig, decide
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
     TrainingResult,
@@ -245,6 +247,29 @@ def test_the_cell_table_of_a_class_is_its_cells_of_the_metadata(trained: Trainin
     assert not bundle.cell_table("a_class_never_seen").any()
     bundle.save(tmp_path / "bundle")
     np.testing.assert_array_equal(ModelBundle.load(tmp_path / "bundle").cell_table("insufficient_funds"), table)
+
+
+def test_a_bundle_trained_before_cells_were_recorded_decides_as_before(trained: TrainingResult, tmp_path: Path) -> None:
+    bundle = trained.bundle
+    bundle.save(tmp_path / "bundle")
+    meta_file = tmp_path / "bundle" / "bundle.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    del meta["metadata"]["cell_support"]
+    meta_file.write_text(json.dumps(meta), encoding="utf-8")
+    older = ModelBundle.load(tmp_path / "bundle")
+    catalog, merchant = load_catalog(), make_merchant()
+    off = PolicyConfig(exploration=0.0, exploration_rare_code=0.0, prior_strength=0.0)
+    on = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
+    for code, message, network in (
+        ("insufficient_funds", "Your card has insufficient funds.", "51"),
+        ("processing_error", "An error occurred while processing your card.", "96"),
+        ("do_not_honor", "The card was declined.", "05"),
+    ):
+        request = make_request(**_failure(code, message, network))
+        assert older.cell_table("insufficient_funds") is None
+        before = decide(request, merchant, older, catalog=catalog, config=off, decision_id="d")
+        assert decide(request, merchant, older, catalog=catalog, config=on, decision_id="d") == before
+        assert decide(request, merchant, bundle, catalog=catalog, config=off, decision_id="d") == before
 
 
 def _retry_rows(bundle: ModelBundle) -> np.ndarray:

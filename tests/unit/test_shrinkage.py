@@ -1,0 +1,171 @@
+"""decide() with a model whose evidence is thin in places: the rules-only priors bound it there (model.cellsupport).
+
+A stub scorer stands in for the model, so each test states exactly what the model believes and what it saw: an
+overconfident model that never tried an immediate retry after insufficient funds (the reviewer's case: it cascaded
+at once), one whose cell outcomes contradict it, one that is right where it saw a lot, and one without cell support
+(a bundle trained before cells were recorded).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+
+from model.catalog import load_catalog
+from model.cellsupport import ARM_INDEX, N_SLOTS
+from model.policy import PolicyConfig, RulesOnlyScorer, decide
+from model.requests import DecisionRequest
+from model.rules import Candidate, build_context, permitted_grid
+from model.vocab import Action, Channel
+from tests.factories import make_merchant, make_request
+
+CHANNELS = {channel.value for channel in Channel}
+GREEDY = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
+LATER = timedelta(hours=20)
+#: The contract's example: a recurring Visa credit card declined with 51 (insufficient funds) on stripe.
+INSUFFICIENT_FUNDS = make_request()
+
+
+def _soon(request: DecisionRequest, candidate: Any) -> bool:
+    return candidate.execute_at - request.event_time < LATER
+
+
+class _Stub:
+    """A model: P(success) of retries soon and later and of retargets, and its training cells (n, s, m) for them."""
+
+    version = "stub"
+
+    def __init__(
+        self,
+        *,
+        soon: float,
+        later: float,
+        link: float = 0.01,
+        cells_soon: tuple[float, float, float] | None = (0.0, 0.0, 0.0),
+        cells_later: tuple[float, float, float] = (500.0, 100.0, 100.0),
+    ) -> None:
+        self.soon, self.later, self.link = soon, later, link
+        self.cells_soon, self.cells_later = cells_soon, cells_later
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        return np.array(
+            [
+                (self.soon if _soon(request, c) else self.later) if c.action == Action.RETRY
+                else self.link if c.action == Action.RETARGET else 0.0
+                for c in candidates
+            ]
+        )  # fmt: skip
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
+        return []
+
+    def cell_table(self, error_class: str) -> np.ndarray | None:
+        if self.cells_soon is None:
+            return None
+        table = np.zeros((3, N_SLOTS))
+        for arm, index in ARM_INDEX.items():
+            if arm in CHANNELS:
+                table[:, 2 * index : 2 * index + 2] = np.array([[1000.0], [10.0], [10.0]])
+            else:
+                table[:, 2 * index], table[:, 2 * index + 1] = self.cells_soon, self.cells_later
+        return table
+
+
+def _decide(scorer: Any, request: DecisionRequest = INSUFFICIENT_FUNDS, config: PolicyConfig = GREEDY) -> Any:
+    return decide(request, make_merchant(), scorer, catalog=load_catalog(), config=config, rng=np.random.default_rng(0))
+
+
+def test_a_model_that_never_tried_an_immediate_retry_does_not_overrule_the_prior() -> None:
+    # It believes 90% now (it never saw it: no cell support) and 20% later, where it saw 500 cases and was right.
+    decision = _decide(_Stub(soon=0.9, later=0.2))
+    assert decision.action == Action.RETRY
+    assert decision.execute_at - INSUFFICIENT_FUNDS.event_time >= LATER
+    assert decision.expected_success == pytest.approx(0.2 * 500 / 530 + 0.25 * 30 / 530, abs=1e-6)
+    assert not any("rules-only prior" in reason for reason in decision.reasons)  # 500 cases: not thin
+
+
+def test_a_model_its_cell_outcomes_contradict_is_recalibrated_to_them() -> None:
+    # 500 immediate retries seen: the model predicted 90% for them (m = 450) but 2% succeeded (s = 10). Later it
+    # predicts 5% and was right (25 of 500): recalibrated, now is ~2%, below later.
+    decision = _decide(_Stub(soon=0.9, later=0.05, cells_soon=(500.0, 10.0, 450.0), cells_later=(500.0, 25.0, 25.0)))
+    assert decision.execute_at - INSUFFICIENT_FUNDS.event_time >= LATER
+    assert decision.expected_success == pytest.approx((0.05 * 500 + 0.25 * 30) / 530, abs=1e-6)
+
+
+def test_where_the_model_saw_much_and_was_right_it_decides() -> None:
+    rich = _Stub(soon=0.9, later=0.2, cells_soon=(5000.0, 4500.0, 4500.0))
+    decision = _decide(rich)
+    assert decision.execute_at - INSUFFICIENT_FUNDS.event_time < LATER
+    assert decision.expected_success == pytest.approx(0.9 * 5000 / 5030 + 0.03 * 30 / 5030, abs=1e-6)
+    assert _key(decision) == _key(_decide(rich, config=PolicyConfig(exploration=0.0, exploration_rare_code=0.0,
+                                                                    prior_strength=0.0)))  # fmt: skip
+
+
+def _key(decision: Any) -> tuple[object, ...]:
+    return (decision.action, decision.strategy, decision.connector, decision.channel, decision.execute_at)
+
+
+NEW_CODE = make_request(failure={"error_code": "zz_new", "error_message": "odd", "network_decline_code": None})
+
+
+@pytest.mark.parametrize("request_", [INSUFFICIENT_FUNDS, NEW_CODE], ids=["insufficient_funds", "new_code"])
+def test_a_model_without_cell_support_decides_as_before(request_: DecisionRequest) -> None:
+    old = _Stub(soon=0.9, later=0.2, cells_soon=None)
+    off = PolicyConfig(exploration=0.0, exploration_rare_code=0.0, prior_strength=0.0)
+    first, second = _decide(old, request_), _decide(old, request_, off)
+    assert first.model_dump(exclude={"decision_id"}) == second.model_dump(exclude={"decision_id"})
+    assert first.expected_success == pytest.approx(0.9)
+
+
+def test_prior_strength_zero_turns_the_shrinkage_off_and_negative_is_refused() -> None:
+    off = PolicyConfig(exploration=0.0, exploration_rare_code=0.0, prior_strength=0.0)
+    assert _decide(_Stub(soon=0.9, later=0.2), config=off).expected_success == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="prior_strength"):
+        PolicyConfig(prior_strength=-1.0)
+
+
+def test_without_evidence_the_prior_and_with_much_the_model_recalibrated_to_its_cells() -> None:
+    from model.policy import cell_factors, shrink_to_prior
+
+    # Slot 0: never seen; slot 1: seen 1e9 times, the model predicted twice what happened; slot 2: right.
+    table = np.zeros((3, N_SLOTS))
+    table[:, 1] = (1e9, 1e9 * 0.45, 1e9 * 0.9)
+    table[:, 2] = (1e9, 1e9 * 0.9, 1e9 * 0.9)
+    prior = np.full(N_SLOTS + 2, 0.03)
+    ratio, weight = cell_factors(table, prior, 30.0)
+    assert ratio.shape == weight.shape == (N_SLOTS + 2,)
+    slots = np.array([0, 1, 2, N_SLOTS])  # the last: a candidate of no cell (stop), the model as it is
+    p = np.full(4, 0.9)
+    out = shrink_to_prior(p, prior[slots], ratio[slots], weight[slots])
+    assert out == pytest.approx([0.03, 0.45, 0.9, 0.9], abs=1e-6)
+    ratio, weight = cell_factors(table, prior, 0.0)  # no prior weight: the model recalibrated, wherever it saw any
+    assert weight[0] == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"payment": {"is_recurring": False, "payment_method_type": "debit", "is_network_token": True}},
+        {"failure": {"connector": "stripe", "error_code": "issuer_not_available", "network_decline_code": "91"}},
+        {"failure": {"error_code": "zz_new", "error_message": "odd", "network_decline_code": None}},
+        {"history": {"nudges": [{"channel": "sms", "sent_at": "2026-11-01T11:00:00Z", "delivered": True}]},
+         "event_time": "2026-11-02T11:00:00Z"},
+    ],
+)  # fmt: skip
+def test_the_vectorised_prior_is_the_rules_only_scorer(overrides: dict[str, Any]) -> None:
+    from model.policy import _delay_seconds, _kind_runs, _slot_bases, load_priors
+
+    request = make_request(**overrides)
+    catalog = load_catalog()
+    context = build_context(request, make_merchant(), catalog)
+    allowed, blocked = permitted_grid(context)
+    candidates = allowed + blocked
+    bases = _slot_bases(_kind_runs(candidates), len(candidates))
+    later = _delay_seconds(request, candidates) >= 20 * 3600.0
+    slots = load_priors().prior_slots(context.error.error_class.value, len(request.history.nudges))
+    vectorised = slots[bases + later]
+    assert vectorised == pytest.approx(RulesOnlyScorer(catalog).score(request, candidates), abs=1e-12)

@@ -500,5 +500,8 @@ def test_partitions_of_whole_orders_train_the_same_bundle() -> None:
     assert split.bundle.retry_booster.model_to_string() == whole.bundle.retry_booster.model_to_string()
     assert split.bundle.spec == whole.bundle.spec
     assert split.bundle.metadata["known_codes"] == whole.bundle.metadata["known_codes"]
+    cells, whole_cells = split.bundle.metadata["cell_support"], whole.bundle.metadata["cell_support"]
+    assert [row[:5] for row in cells] == [row[:5] for row in whole_cells]
+    assert [row[5] for row in cells] == pytest.approx([row[5] for row in whole_cells], abs=1e-5)
     same = {k: v for k, v in whole.metrics.items() if k not in ("train_seconds", "n_partitions")}
     assert {k: split.metrics[k] for k in same} == pytest.approx(same, nan_ok=True)

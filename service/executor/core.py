@@ -321,7 +321,8 @@ class RetryPolicy:
     """How failed tries are spaced and when an action is dead-lettered."""
 
     max_attempts: int = 8
-    webhook_max_attempts: int = 20
+    #: Tries of a merchant webhook after which its failing is logged as an error; it is re-sent all the same.
+    webhook_alert_attempts: int = 20
     backoff_base_seconds: float = 2.0
     backoff_cap_seconds: float = 3600.0
     jitter: Callable[[float], float] = field(default=lambda ceiling: ceiling)
@@ -375,8 +376,8 @@ class RetryPolicy:
         return max(backoff, min(retry_after, timedelta(seconds=self.retry_after_cap_seconds)))
 
     def limit(self, kind: str) -> int:
-        """Tries allowed for an action of ``kind``."""
-        return self.webhook_max_attempts if kind == ActionKind.WEBHOOK else self.max_attempts
+        """Tries allowed for an action of ``kind`` (a webhook has no limit: ``Executor._retry_webhook_later``)."""
+        return self.max_attempts
 
 
 def _canonical(body: Mapping[str, Any]) -> bytes:
@@ -1405,6 +1406,9 @@ class Executor:
         if action.kind == ActionKind.NUDGE:
             self._retry_message_later(conn, action, outcome, now)
             return
+        if action.kind == ActionKind.WEBHOOK:
+            self._retry_webhook_later(conn, action, outcome, now)
+            return
         error = outcome.error
         if action.attempts >= self.retry_policy.limit(action.kind):
             message = f"gave up after {action.attempts} tries: {error}"
@@ -1413,14 +1417,31 @@ class Executor:
             return
         due = now + self.retry_policy.delay(action.attempts)
         self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=error)
-        if action.kind == ActionKind.WEBHOOK:
-            conn.execute(
-                webhook_deliveries.update()
-                .where(
-                    webhook_deliveries.c.merchant_id == action.merchant_id,
-                    webhook_deliveries.c.order_id == action.order_id,
-                )
-                .values(attempts=webhook_deliveries.c.attempts + 1, last_error=error)
+
+    def _retry_webhook_later(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> None:
+        """Re-send a merchant webhook later, however many tries it has had: CONTRACT.md section 5 says it is re-sent
+        with backoff until a 2xx. The backoff stops growing at ``backoff_cap_seconds`` (an hour), so a merchant
+        endpoint down for a weekend gets its webhooks hourly and then once it is back. It gave up after 20 tries
+        (about ten hours) and the order's webhook was never delivered. At ``webhook_alert_attempts`` tries the
+        failing is logged as an error, once."""
+        policy = self.retry_policy
+        self._release(
+            conn, action, ActionState.SCHEDULED, now, due_at=now + policy.delay(action.attempts), error=outcome.error
+        )
+        conn.execute(
+            webhook_deliveries.update()
+            .where(
+                webhook_deliveries.c.merchant_id == action.merchant_id,
+                webhook_deliveries.c.order_id == action.order_id,
+            )
+            .values(attempts=webhook_deliveries.c.attempts + 1, last_error=outcome.error)
+        )
+        if action.attempts == policy.webhook_alert_attempts:
+            log.error(
+                "merchant webhook still failing after %d tries, re-sent until a 2xx: %s",
+                action.attempts,
+                outcome.error,
+                extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
             )
 
     def _retry_message_later(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> None:

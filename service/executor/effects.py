@@ -633,8 +633,8 @@ class Effects:
         if merchant.webhook is None:
             return Skip("the merchant has no webhook")
         secret = self.env.get(merchant.webhook.secret_env)
-        if not secret:
-            return Permanent(
+        if not secret:  # tried again later (until a 2xx): set it and restart, and the webhook goes out
+            return Transient(
                 f"merchants.{action.merchant_id}.webhook.secret_env: environment variable "
                 f"{merchant.webhook.secret_env} is not set"
             )

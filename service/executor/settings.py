@@ -37,7 +37,12 @@ class ExecutorSettings(BaseSettings):
     batch_size: int = Field(default=50, ge=1, le=5000)
     poll_seconds: float = Field(default=0.5, gt=0, description="Idle wait between claims when nothing is due.")
     max_attempts: int = Field(default=8, ge=1, description="Tries of a connector or provider call before dead.")
-    webhook_max_attempts: int = Field(default=20, ge=1, description="Tries of a merchant webhook before dead.")
+    webhook_alert_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="Tries of a merchant webhook after which its failing is logged as an error (it is re-sent, "
+        "hourly at most, until a 2xx).",
+    )
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_cap_seconds: float = Field(default=3600.0, gt=0)
     clock_speed: float = Field(

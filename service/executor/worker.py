@@ -103,7 +103,7 @@ def build_executor(
         links=LinkSigner(settings.link_secret.get_secret_value()),
         retry_policy=RetryPolicy(
             max_attempts=settings.max_attempts,
-            webhook_max_attempts=settings.webhook_max_attempts,
+            webhook_alert_attempts=settings.webhook_alert_attempts,
             backoff_base_seconds=settings.backoff_base_seconds,
             backoff_cap_seconds=settings.backoff_cap_seconds,
             jitter=lambda ceiling: random.uniform(0.0, ceiling),

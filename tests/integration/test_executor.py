@@ -360,15 +360,41 @@ def test_webhook_is_resent_until_acknowledged_and_never_after(make_harness: Any)
     assert h.view().webhook.attempts == 3
 
 
-def test_webhook_dead_letters_after_the_limit(make_harness: Any) -> None:
-    h = make_harness({"action": "stop"}, receiver=Receiver(statuses=[500] * 50), max_attempts=3)
-    h.executor.retry_policy.webhook_max_attempts = 3
+def test_a_webhook_is_re_sent_until_a_2xx_however_long_the_merchant_is_down(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # CONTRACT.md section 5: "re-sent with backoff until a 2xx". It was given up ("dead") after 20 tries, about ten
+    # hours: a merchant endpoint down over a weekend never got the order's webhook.
+    h = make_harness({"action": "stop"}, receiver=Receiver(statuses=[500] * 40), max_attempts=3)
+    h.executor.retry_policy.webhook_alert_attempts = 3
     h.executor.payment_failed("m_demo", event())
-    for _ in range(10):
+    with caplog.at_level(logging.ERROR, logger="winback.executor"):
+        for _ in range(60):  # two and a half days, an hour at a time: the backoff stops growing at an hour
+            h.drain()
+            h.clock.advance(hours=1)
+    assert len(h.receiver.received) == 41
+    assert h.view().webhook.status == "delivered"
+    assert {r.headers["Idempotency-Key"] for r in h.receiver.received} == {"m_demo:ord_1:webhook"}
+    alerts = [r.getMessage() for r in caplog.records if "still failing" in r.getMessage()]
+    assert alerts == ["merchant webhook still failing after 3 tries, re-sent until a 2xx: webhook answered HTTP 500"]
+
+
+def test_a_webhook_whose_secret_is_not_set_waits_for_it(make_harness: Any) -> None:
+    h = make_harness({"action": "stop"}, receiver=Receiver())
+    secret_env = h.executor.merchant("m_demo").webhook.secret_env
+    secret = h.effects.env.pop(secret_env)
+    h.executor.payment_failed("m_demo", event())
+    for _ in range(5):
         h.drain()
-        h.clock.advance(minutes=1)
-    assert len(h.receiver.received) == 3
-    assert h.view().webhook.status == "dead"
+        h.clock.advance(hours=1)
+    assert h.receiver.received == []
+    assert h.view().webhook.status == "pending"
+    h.effects.env[secret_env] = secret  # set, as after a restart with the variable
+    for _ in range(3):
+        h.drain()
+        h.clock.advance(hours=1)
+    assert len(h.receiver.received) == 1
+    assert h.view().webhook.status == "delivered"
 
 
 # -------------------------------------------------------------------------------------- connector trouble

@@ -218,8 +218,12 @@ def _prepare(attempts: pd.DataFrame, nudges: pd.DataFrame) -> _Tables:
     n = n.loc[known & ~after].sort_values(["order_id", "ts", "nudge_id"], kind="mergesort").reset_index(drop=True)
     n["pos"] = n.groupby("order_id", sort=False).cumcount().to_numpy()
     n["start"] = np.arange(len(n)) - n["pos"].to_numpy()
-    linked = a.loc[a["strategy"].astype(object) == Strategy.RETARGET_LINK.value, ["nudge_id", "status"]]
-    n["answered"] = n["nudge_id"].isin(linked["nudge_id"]).to_numpy()
+    linked = a.loc[a["strategy"].astype(object) == Strategy.RETARGET_LINK.value, ["nudge_id", "status", "ts"]]
+    # Answered by its follow-up time, not ever: the follow-up decision happens at sent + NUDGE_FOLLOW_UP_HOURS
+    # whatever the customer does with the link afterwards (links outlive it).
+    first_answer = linked.groupby("nudge_id", sort=False)["ts"].min()
+    answered_ts = n["nudge_id"].map(first_answer).to_numpy(dtype=np.float64, na_value=np.inf)
+    n["answered"] = answered_ts <= n["ts"].to_numpy(dtype=np.float64) + _FOLLOW_UP_S
     n["paid"] = n["nudge_id"].isin(linked.loc[linked["status"].astype(object) == "success", "nudge_id"]).to_numpy()
     return _Tables(a, n, dropped)
 

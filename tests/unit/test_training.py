@@ -505,3 +505,37 @@ def test_partitions_of_whole_orders_train_the_same_bundle() -> None:
     assert [row[5] for row in cells] == pytest.approx([row[5] for row in whole_cells], abs=1e-5)
     same = {k: v for k, v in whole.metrics.items() if k not in ("train_seconds", "n_partitions")}
     assert {k: split.metrics[k] for k in same} == pytest.approx(same, nan_ok=True)
+
+
+def test_a_nudge_answered_after_its_follow_up_still_had_its_follow_up_decision() -> None:
+    """The executor decides again 24 h after a nudge whatever happens later: a link paid after that (links live
+    48 h) cannot undo the follow-up decision. Training took "the nudge was ever answered" to mean "no follow-up",
+    so the next nudge, decided at the follow-up, was built as decided at the first failure, two days earlier,
+    with no nudge sent yet: information from after the decision (the customer's late answer) changed the row's
+    features, and they no longer matched the request the executor sent (n_nudges 1, the nudge's channel)."""
+    attempts = make_attempts_frame(
+        {"order_id": "ord_late", "txn_id": "t_1", "attempt_number": 1, "created_at": "2026-11-01T10:00:00Z"},
+        {
+            "order_id": "ord_late",
+            "txn_id": "t_2",
+            "attempt_number": 2,
+            "strategy": "retarget_link",
+            "nudge_id": "ndg_1",
+            "created_at": "2026-11-02T16:00:00Z",  # ndg_1's link, paid 30 h after it was sent
+            "error_code": None,
+            "error_message": None,
+            "network_decline_code": None,
+            "status": "success",
+        },
+    )
+    late = {"order_id": "ord_late", "sent_at": "2026-11-01T10:00:05Z", "clicked_at": "2026-11-02T15:58:00Z"}
+    nudges = make_nudges_frame(
+        {**late, "nudge_id": "ndg_1"},
+        {"order_id": "ord_late", "nudge_id": "ndg_2", "sent_at": "2026-11-02T10:00:05Z", "channel": "sms"},
+    )
+    points = decision_points(attempts, nudges)
+    second = points[points["nudge_id"] == "ndg_2"].iloc[0]
+    assert second["decision_time"] == _utc("2026-11-02T10:00:05Z")  # ndg_1's follow-up, 24 h after it
+    assert second["n_nudges"] == 1.0
+    assert second["last_channel"] == "whatsapp"
+    assert second["last_nudge_clicked"] == 0.0  # clicked only later

@@ -132,6 +132,12 @@ def retrain(
             show_progress=show_progress,
             gate_metrics=checks,
             refit=refit,
+            # The run names the history it learned from, not the temporary window cut from it (deleted by now).
+            run_params={
+                "attempts_path": str(attempts),
+                "nudges_path": str(nudges),
+                "window_days": "all" if window_days is None else window_days,
+            },
         )
     return RetrainResult(summary=summary, window_days=window_days, orders=int(frame["order_id"].nunique()))
 

@@ -613,6 +613,7 @@ def run_training(
     scheduler: str | None = None,
     partition_rows: int = DEFAULT_PARTITION_ROWS,
     refit: bool = True,
+    run_params: Mapping[str, Any] | None = None,
 ) -> TrainSummary:
     """Run the whole training job (see the module docstring) and return what it did.
 
@@ -633,6 +634,9 @@ def run_training(
     later. Its boosters, calibrators, threshold and metrics are the judged fit's. The judged fit itself is kept in
     the run (``registry.JUDGED_ARTIFACT``), and a later gate judges a challenger against the champion's judged fit:
     the champion's text model was fitted on the older part of the new history's holdout.
+
+    ``run_params`` are logged with the run's own params, and win over them: a caller that trains on a file it
+    derived (``winback retrain --window-days``) names the history it came from and how.
     """
     from model import registry
     from model.training import InsufficientHistoryError, train_partitions
@@ -755,6 +759,7 @@ def run_training(
                 **({"scheduler": scheduler} if scheduler else {}),
                 **{f"train.{key}": value for key, value in options.items()},
                 **{f"evaluate.{key}": value for key, value in (evaluation_options or {}).items()},
+                **dict(run_params or {}),
             },
             tracking_uri=uri,
         )

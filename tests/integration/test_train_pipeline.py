@@ -236,3 +236,30 @@ def test_a_promotion_does_not_overrule_one_made_during_its_run(
     assert (second.version, second.promoted, second.champion_version) == ("3", False, "2")
     assert second.gate.verdict.startswith("kept champion version 2; version 3 stays challenger: champion moved")
     assert registry.get_alias_version(registry.CHAMPION, tracking_uri=mlflow_store) == "2"
+
+
+def test_a_windowed_retrain_logs_the_history_it_came_from_and_its_window(tmp_path: Path, mlflow_store: str) -> None:
+    """``winback retrain --window-days`` trains on a window cut into a temporary file: the run logged that file's
+    path (deleted when the job ended) as its history, and no window, so nobody could tell what it learned from."""
+    import mlflow
+
+    from pipelines.retrain import retrain
+
+    attempts, nudges = _write_history(tmp_path / "history", 600, seed=0)
+    stamps = pd.read_parquet(attempts)["created_at"]
+    days = (stamps.max() - stamps.min()) / pd.Timedelta(days=1) * 0.8
+    result = retrain(
+        attempts,
+        nudges,
+        tracking_uri=mlflow_store,
+        window_days=days,
+        train_options=TRAIN_OPTIONS,
+        evaluation_options=EVALUATION_OPTIONS,
+        console=Console(width=200),
+        show_progress=False,
+    )
+    params = mlflow.MlflowClient(mlflow_store).get_run(result.summary.run_id).data.params
+    assert params["attempts_path"] == str(attempts)
+    assert params["nudges_path"] == str(nudges)
+    assert float(params["window_days"]) == pytest.approx(days)
+    assert int(params["attempts_rows"]) < len(stamps)  # the window's rows

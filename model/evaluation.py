@@ -957,13 +957,13 @@ def _order_points(
         moments.append((_ts(a["created_at"]), a, int(a["attempt_number"]) + 1, "failure"))
     for n in nudges:
         due = _ts(n["sent_at"]) + follow_up
-        clicked = n["clicked_at"] is not None and not pd.isna(n["clicked_at"]) and _ts(n["clicked_at"]) <= due
-        # Something already happened between the nudge and its follow-up time: no follow-up decision then.
+        # Something already happened between the nudge and its follow-up time: no follow-up decision then. A click
+        # alone is not something: opening a link does not cancel the follow-up (executor, simulator, training).
         busy = any(_ts(n["sent_at"]) < when < due for when, _, _, _ in actions) or any(
             _ts(n["sent_at"]) < _ts(a["created_at"]) < due for a in attempts
         )
         last_failure = [a for a in failures if _ts(a["created_at"]) <= due]
-        if not clicked and not busy and last_failure:
+        if not busy and last_failure:
             moments.append((due, last_failure[-1], 0, "follow_up"))
     points: list[dict[str, Any]] = []
     for when, failure, min_number, kind in sorted(moments, key=lambda m: m[0]):
@@ -1037,10 +1037,11 @@ def logged_decisions(
 ) -> pd.DataFrame:
     """Every logged decision point of a history, with the request a caller would have sent and what followed.
 
-    Decision points: each failed attempt of an order whose first attempt failed, and each nudge left unclicked
-    for ``follow_up_hours`` (default ``NUDGE_FOLLOW_UP_HOURS``) when nothing else happened meanwhile; none
-    after the order's recovery. The logged action is winback's next action (a silent retry or a nudge; a
-    customer's own payment through a link is not an action), or ``stop`` when none followed. ``label`` is
+    Decision points: each failed attempt of an order whose first attempt failed, and each nudge's follow-up
+    ``follow_up_hours`` after it (default ``NUDGE_FOLLOW_UP_HOURS``) when nothing else happened meanwhile (a click
+    without a payment attempt does not count: the executor follows up on it); none after the order's recovery.
+    The logged action is winback's next action (a silent retry or a nudge; a customer's own payment through a
+    link is not an action), or ``stop`` when none followed. ``label`` is
     whether that action succeeded (the retry's attempt, or a payment through that nudge's link); ``reward``
     follows `reward_values`. A logged ``stop`` leaves no row in the history, so its propensity is NaN.
 

@@ -178,7 +178,12 @@ async def _session(request: Request, console: ConsoleRuntime, executor: Executor
     token = console.signer.unsign(request.cookies.get(SESSION_COOKIE))
     if token is None:
         return None
-    return await run_in_threadpool(console.sessions(executor).load, token)
+    session = await run_in_threadpool(console.sessions(executor).load, token)
+    if session is not None and session.agent.merchant_id not in executor.executor.config.merchants:
+        # The agent's merchant left the config since the sign-in (the server restarted without it): signed out, as
+        # sign-in refuses such an agent, where every page answered 500.
+        return None
+    return session
 
 
 def _to_login(request: Request) -> Response:

@@ -259,6 +259,21 @@ def test_sessions_expire_when_idle_or_old_and_end_at_sign_out(console: Console) 
     assert replay.status_code == 303  # the cookie of an ended session opens nothing
 
 
+def test_an_agent_whose_merchant_left_the_config_is_signed_out_not_answered_500(console: Console) -> None:
+    assert console.sign_in("asha@m_a").status_code == 303
+    assert console.get("/console/queue").status_code == 200
+    csrf = console.csrf()
+    executor = console.api.app.state.executor.executor
+    without_m_a = executor.config.model_copy(
+        update={"merchants": {k: v for k, v in executor.config.merchants.items() if k != "m_a"}}
+    )
+    executor.config = without_m_a  # as after a restart with m_a taken out of the config
+    console.api.runtime.config = without_m_a
+    assert console.get("/console/queue").status_code == 303  # every page answered 500 (KeyError)
+    assert console.post("/console/logout", {"csrf_token": csrf}).status_code == 303
+    assert console.sign_in("asha@m_a").status_code == 401
+
+
 def test_an_agent_never_sees_or_touches_another_merchants_orders(console: Console) -> None:
     console.fail_order("m_a", "ord_mine")
     console.fail_order("m_b", "ord_theirs")

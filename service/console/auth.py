@@ -153,11 +153,18 @@ def ensure_agent(engine: Engine, merchant_id: str, name: str, password: str) -> 
     if row["merchant_id"] != merchant_id:
         raise AgentError(f"agent {clean!r} exists already for merchant {row['merchant_id']!r}")
     check_new_password(password)
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(
             agents.update()
             .where(agents.c.agent_id == row["agent_id"])
-            .values(password_hash=hash_password(password), active=True, password_changed_at=datetime.now(UTC))
+            .values(password_hash=hash_password(password), active=True, password_changed_at=now)
+        )
+        # A new password ends the sessions signed in with the old one (whoever knew it is signed out too).
+        conn.execute(
+            sessions.update()
+            .where(sessions.c.agent_id == row["agent_id"], sessions.c.revoked_at.is_(None))
+            .values(revoked_at=now)
         )
     return Agent(agent_id=int(row["agent_id"]), name=clean, merchant_id=merchant_id)
 

@@ -179,6 +179,17 @@ def test_the_demo_agent_is_created_once_and_its_password_reset_on_every_demo(tmp
 # ------------------------------------------------------------------------------------------ sign-in, session
 
 
+def test_a_password_reset_ends_the_sessions_signed_in_with_the_old_one(console: Console) -> None:
+    from service.console.auth import ensure_agent
+
+    assert console.sign_in("asha@m_a").status_code == 303
+    assert console.get("/console/queue").status_code == 200
+    ensure_agent(console.engine, "m_a", "asha@m_a", "a brand new long password")
+    assert console.get("/console/queue").status_code == 303  # the old password's session stayed signed in
+    assert console.sign_in("asha@m_a", "a brand new long password").status_code == 303
+    assert console.get("/console/queue").status_code == 200
+
+
 def test_pages_need_a_session_and_sign_in_sets_a_hardened_cookie(console: Console) -> None:
     anonymous = console.get("/console/queue")
     assert (anonymous.status_code, anonymous.headers["location"]) == (303, "/console/login?next=/console/queue")

@@ -305,6 +305,9 @@ class AgentDesk:
             message = f"the order changed meanwhile: {exc}"
             self._settle(audit_id, "failed", message)
             return ActionResult("failed", message)
+        except Exception as exc:
+            self._settle(audit_id, "failed", _unexpected(exc))
+            raise
         message = f"{plan.detail[0].upper()}{plan.detail[1:]}: done; the order is {state}"
         self._settle(audit_id, "done", message)
         log.info(
@@ -381,6 +384,9 @@ class AgentDesk:
             message = f"the charge changed meanwhile: {exc}"
             self._settle(audit_id, "failed", message)
             return ActionResult("failed", message)
+        except Exception as exc:
+            self._settle(audit_id, "failed", _unexpected(exc))
+            raise
         message = f"Recorded: the connector says {verdict}; the order is {state}"
         if charged and order not in OPEN_ORDER_STATES:
             message += f" and was already before: the customer paid twice, refund this payment with {connector}"
@@ -430,3 +436,8 @@ class AgentDesk:
             ],
             rules_applied=list(request_rules),
         )
+
+
+def _unexpected(exc: Exception) -> str:
+    """The audit's message for an action that raised unexpectedly: left "requested", it read as still under way."""
+    return f"failed with an unexpected error ({type(exc).__name__}): check the order before acting again"

@@ -403,6 +403,28 @@ def test_send_link_now_is_carried_out_by_the_executor_and_audited(console: Conso
     assert "Decision: Payment link by email" in shown
 
 
+def test_an_action_that_raises_unexpectedly_is_audited_as_failed_not_left_requested(
+    console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    console.fail_order("m_a", "ord_boom")
+    console.sign_in("asha@m_a")
+    csrf = console.csrf()
+    executor = console.api.app.state.executor.executor
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(executor, "act_on_queued", broken)
+    with pytest.raises(RuntimeError, match="database went away"):  # the test client re-raises the server's error
+        console.post(
+            "/console/orders/ord_boom/actions", {"action": "send_link", "channel": "email", "csrf_token": csrf}
+        )
+    with console.engine.connect() as conn:
+        entry = conn.execute(sa.select(audit_log).where(audit_log.c.order_id == "ord_boom")).mappings().one()
+    assert entry["result"] == "failed"  # it stayed "requested", as if still under way
+    assert "unexpected error (RuntimeError): check the order" in entry["message"]
+
+
 def test_an_action_the_hard_rules_forbid_is_refused_with_the_rules_name(console: Console) -> None:
     console.fail_order("m_a", "ord_rules", customer={"opted_out_channels": ["whatsapp"]})
     console.sign_in("asha@m_a")

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from model.catalog import NormalisedError, load_catalog
 from model.cellsupport import CellSupport
+from model.codelevel import CodeLevels
 from model.codewatch import code_key, inventory_of, support_table
 from model.fastpredict import SINGLE_ROW_LIMIT, fast_predictor, kept_on_booster
 from model.features import (
@@ -289,6 +290,7 @@ class ModelBundle:
     _memo: threading.local = field(default_factory=threading.local, repr=False, compare=False)
     _support: dict[str, int] | None = field(default=None, repr=False, compare=False)
     _cells: CellSupport | None = field(default=None, repr=False, compare=False)
+    _levels: CodeLevels | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -373,6 +375,7 @@ class ModelBundle:
         pause()
         self.code_support("", None)
         self.cell_table("")
+        self.code_level("", None)
         pause()
         self.text_model.warm(errors, between_steps=between_steps)  # in chunks only when it pauses between them
 
@@ -404,6 +407,17 @@ class ModelBundle:
             if self._cells is None:
                 return None
         return self._cells.of_class(error_class)
+
+    def code_level(self, connector: str, code: str | None) -> tuple[float, float, float] | None:
+        """The silent retries after this (connector, error code) in the whole history the version was registered
+        from, their successes and the sum of its served P(success) of them (model.codelevel; zeros for a code never
+        retried). None when the bundle carries no code levels (trained before they were recorded, or registered
+        without the refit): decide() then uses the model's scores as they are."""
+        if self._levels is None:
+            self._levels = CodeLevels.from_metadata(self.metadata)
+            if self._levels is None:
+                return None
+        return self._levels.of_code(connector, code)
 
     def retry_probability(self, candidates: Sequence[Candidate], scores: npt.ArrayLike) -> float:
         """P(the best permitted silent retry succeeds): the highest score among retry candidates (0 if none)."""

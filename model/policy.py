@@ -19,6 +19,7 @@ import yaml
 
 from model.catalog import ErrorCatalog, NormalisedError
 from model.cellsupport import ARM_INDEX, LATER_HOURS, N_SLOTS
+from model.codelevel import code_factor
 from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
@@ -59,6 +60,10 @@ class PolicyConfig:
     # cell (error class, strategy or channel, soon or later: model.cellsupport) had that many (shrink_to_prior).
     # 0 turns the shrinkage off; a model trained before cells were recorded is never shrunk.
     prior_strength: float = 30.0
+    # Weight, in silent retries, of the served level for an error code against the code's observed retries
+    # (model.codelevel, code_factor): the served P(success) of the code's retries is rescaled to what they showed
+    # by n / (n + k). None turns the correction off; a model without code levels is never corrected.
+    code_strength: float | None = 30.0
 
     def __post_init__(self) -> None:
         for name in ("exploration", "exploration_rare_code"):
@@ -69,6 +74,10 @@ class PolicyConfig:
             raise ValueError(f"PolicyConfig.support_half_life must be at least 1, got {self.support_half_life}")
         if not 0.0 <= self.prior_strength < float("inf"):
             raise ValueError(f"PolicyConfig.prior_strength must be finite and at least 0, got {self.prior_strength}")
+        if self.code_strength is not None and not 0.0 <= self.code_strength < float("inf"):
+            raise ValueError(
+                f"PolicyConfig.code_strength must be None or finite and at least 0, got {self.code_strength}"
+            )
 
 
 def exploration_rate(config: PolicyConfig, known_code: bool, support: int | None) -> float:
@@ -90,6 +99,13 @@ def cell_table(scorer: object, error_class: str) -> np.ndarray | None:
     sum of the model's predictions of every cell slot of the class (model.cellsupport)."""
     lookup = getattr(scorer, "cell_table", None)
     return None if lookup is None else lookup(error_class)
+
+
+def code_level(scorer: object, connector: str, code: str | None) -> tuple[float, float, float] | None:
+    """``scorer.code_level(connector, code)`` when the scorer offers it, else None: the silent retries after the
+    code, their successes and the sum of the P(success) served for them (model.codelevel)."""
+    lookup = getattr(scorer, "code_level", None)
+    return None if lookup is None else lookup(connector, code)
 
 
 def code_support(scorer: object, connector: str, code: str | None) -> int | None:
@@ -400,15 +416,21 @@ def decide(
     scores = np.minimum(np.maximum(np.asarray(active.score(request, candidates), dtype=np.float64), 0.0), 1.0)
     runs = _kind_runs(allowed)
     delays = _delay_seconds(request, candidates)
+    # The failure's code levels (model.codelevel), applied below once the cells have weighed in.
+    strength = config.code_strength
+    level = None if strength is None else code_level(active, request.failure.connector, request.failure.error_code)
+    level_factor = 1.0 if level is None or strength is None or level[0] <= 0.0 else code_factor(*level, strength)
     # Where the model saw few cases like a candidate (its cell's training support), the rules-only prior of the
     # cell weighs in: a model extrapolating into actions its logging policy seldom took must not overrule the priors.
     error_class = context.error.error_class.value
     table = cell_table(active, error_class) if config.prior_strength > 0.0 else None
     cells: np.ndarray | None = None  # each candidate's cell slot
+    blocked_runs = (
+        [(start + len(allowed), stop + len(allowed), first) for start, stop, first in _kind_runs(blocked)]
+        if table is not None or level_factor != 1.0
+        else []
+    )
     if table is not None:
-        blocked_runs = [
-            (start + len(allowed), stop + len(allowed), first) for start, stop, first in _kind_runs(blocked)
-        ]
         bases = _slot_bases(runs + blocked_runs, len(candidates))
         priors, nudges = load_priors(), len(request.history.nudges)
         ratio, weight = _cached_cell_factors(table, priors, error_class, nudges, config.prior_strength)
@@ -417,6 +439,13 @@ def decide(
         prior = priors.prior_slots(error_class, nudges)[bases + (delays >= _LATER_SECONDS)]
         cells = bases + (delays + _seconds_since_first_failure(request) >= _LATER_SECONDS)
         scores = np.minimum(np.maximum(shrink_to_prior(scores, prior, ratio[cells], weight[cells]), 0.0), 1.0)
+    # The served level of the failure's error code, corrected to what its silent retries showed (model.codelevel):
+    # every retry candidate alike, after the cell shrinkage, whose served P(success) the code levels summed (with
+    # the default prior_strength), so a code's evidence counts where its cells are thin too and nothing twice.
+    if level_factor != 1.0:
+        for start, stop, first in runs + blocked_runs:
+            if first.action is _RETRY:
+                scores[start:stop] = np.minimum(scores[start:stop] * level_factor, 1.0)
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for start, stop, first in runs:
         if first.action == _STOP:
@@ -455,6 +484,12 @@ def decide(
         reasons.append("exploration: a permitted alternative tried to keep learning")
     if code_evidence is not None and code_evidence < config.support_half_life:
         reasons.append(f"thin evidence: the model saw {code_evidence} retries after this code")
+    if level is not None and abs(level_factor - 1.0) >= 0.05:
+        n, won, predicted = level
+        reasons.append(
+            f"retries after this code recovered {won / n:.0%} of {n:.0f} (model: {predicted / n:.0%}): "
+            f"its level x{level_factor:.2f}"
+        )
     if table is not None and cells is not None and cells[chosen] < N_SLOTS:
         seen = float(table[0, cells[chosen]])
         if seen < config.prior_strength:

@@ -32,7 +32,8 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from model.bundle import Calibrator, ModelBundle, bundle_version
 from model.catalog import load_catalog
-from model.cellsupport import CELL_SUPPORT_KEY, cell_keys, cell_rows
+from model.cellsupport import ARM_INDEX, CELL_SUPPORT_KEY, LATER_HOURS, cell_keys, cell_rows
+from model.codelevel import code_level_rows
 from model.codewatch import KNOWN_CODES_KEY, code_inventory
 from model.features import (
     CANDIDATE_NUM,
@@ -842,6 +843,83 @@ def _inventory(table: pd.DataFrame) -> list[list[Any]]:
         np.zeros(len(table), dtype=bool),
         weights=(table["trials"].to_numpy(), table["success"].to_numpy(), table["points"].to_numpy()),
     )
+
+
+def code_levels(
+    bundle: ModelBundle,
+    partitions: Partitions | Sequence[HistoryFrames],
+    catalog: Normaliser | None = None,
+    *,
+    prior_strength: float = 30.0,
+) -> list[list[Any]]:
+    """``bundle``'s code levels over every silent retry of the history (model.codelevel): per (connector, error
+    code) of the failure, the retries, their successes and the sum of the P(success) decide() serves for them:
+    scored as the bundle scores a request (its feature spec, its text model's features of the error, its retry
+    booster and calibrator), then weighed against the rules-only prior of its cell by the bundle's cell support
+    with ``prior_strength`` (``PolicyConfig.prior_strength``; 0: not at all), as decide() does before it applies
+    the code levels. For the version ``train`` registers (judged boosters, text model refitted on the whole
+    history) these are the predictions it serves."""
+    from model.policy import load_priors
+
+    normaliser: Normaliser = load_catalog() if catalog is None else catalog
+    connectors: list[np.ndarray] = []
+    codes: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    predicted: list[FloatArray] = []
+    for frames in partitions:
+        points = decision_points(frames.attempts, frames.nudges)
+        retry = (points["kind"] == "retry").to_numpy(dtype=bool) if len(points) else np.zeros(0, dtype=bool)
+        if not retry.any():
+            continue
+        points = points[retry].reset_index(drop=True)
+        cols = raw_columns(points, normaliser)
+        rows = np.arange(len(points))
+        _set_text(cols, rows, _predict_text(bundle.text_model, _text_keys(cols, rows)))
+        raw = np.asarray(bundle.retry_booster.predict(bundle.spec.transform(cols)), dtype=np.float64)
+        p = np.clip(bundle.retry_calibrator(raw), 0.0, 1.0)
+        if prior_strength > 0.0:
+            p = _served_retry_level(bundle, cols, p, prior_strength, load_priors())
+        connectors.append(cols["connector"])
+        codes.append(cols["error_code"])
+        labels.append(points["label"].to_numpy(dtype=np.float64))
+        predicted.append(p)
+    if not labels:
+        return []
+    return code_level_rows(
+        np.concatenate(connectors), np.concatenate(codes), np.concatenate(labels), np.concatenate(predicted)
+    )
+
+
+def _served_retry_level(
+    bundle: ModelBundle, cols: Mapping[str, np.ndarray], p: FloatArray, strength: float, priors: Any
+) -> FloatArray:
+    """The model's P(success) ``p`` of silent retries (rows of ``cols``) as decide() serves it before the code
+    levels: weighed against its cell's rules-only prior by the bundle's cell support (``shrink_to_prior``). The
+    prior's timing counts from the decision point, the cell's from the order's first failure, as in decide()."""
+    from model.policy import cell_factors, shrink_to_prior
+
+    later = LATER_HOURS * 3600.0
+    delay = np.nan_to_num(cols["execute_ts"] - cols["event_ts"], nan=0.0)
+    since = np.maximum(np.nan_to_num(cols["event_ts"] - cols["first_failure_ts"], nan=0.0), 0.0)
+    arm = np.array([ARM_INDEX.get(s, -1) if isinstance(s, str) else -1 for s in cols["strategy"]], dtype=np.intp)
+    nudges = np.nan_to_num(np.asarray(cols["n_nudges"], dtype=np.float64), nan=0.0).astype(np.int64)
+    classes = np.array([c if isinstance(c, str) else "unknown" for c in cols["error_class"]], dtype=object)
+    out = p.copy()
+    for cls in np.unique(classes).tolist():
+        table = bundle.cell_table(cls)
+        if table is None:
+            return out  # a bundle without cells: decide() serves the model as it is
+        for count in np.unique(nudges[classes == cls]).tolist():
+            rows = np.flatnonzero((classes == cls) & (nudges == count) & (arm >= 0))
+            if not len(rows):
+                continue
+            slots = priors.prior_slots(cls, int(count))
+            ratio, weight = cell_factors(table, slots, strength)
+            base = 2 * arm[rows]
+            prior = slots[base + (delay[rows] >= later)]
+            cells = base + (delay[rows] + since[rows] >= later)
+            out[rows] = np.clip(shrink_to_prior(p[rows], prior, ratio[cells], weight[cells]), 0.0, 1.0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,75 @@ def test_a_bundle_trained_before_cells_were_recorded_decides_as_before(trained: 
         assert decide(request, merchant, bundle, catalog=catalog, config=off, decision_id="d") == before
 
 
+def test_code_levels_sum_what_the_bundle_serves_at_every_retry_of_the_history(
+    trained: TrainingResult, tmp_path: Path
+) -> None:
+    from model.codelevel import CODE_LEVEL_KEY
+    from model.training import code_levels, request_at
+
+    attempts, nudges = make_history_frames(2500, seed=11)  # the history of ``trained``
+    bundle = trained.bundle
+    assert bundle.code_level("stripe", "insufficient_funds") is None  # registered without the refit: none
+    history = [SimpleNamespace(attempts=attempts, nudges=nudges)]
+    rows = code_levels(bundle, history)
+    raw = {(row[0], row[1]): row for row in code_levels(bundle, history, prior_strength=0.0)}
+    points = decision_points(attempts, nudges)
+    retries = points[points["kind"] == "retry"]
+    # Every silent retry after a coded failure, the holdout's too: more than the inventory of the fitted rows.
+    assert sum(row[2] for row in rows) == int(retries["error_code"].notna().sum())
+    assert all(0 <= row[3] <= row[2] and 0.0 <= row[4] <= row[2] for row in rows)
+    inventory = {(row[0].casefold(), row[1].casefold()): row[3] for row in bundle.metadata["known_codes"]}
+    assert all(row[2] >= inventory.get((row[0], row[1]), 0) for row in rows)
+    assert sum(row[2] > inventory.get((row[0], row[1]), 0) for row in rows) > 0  # the holdout's retries
+    # Without the cells' priors, m is the sum of the bundle's scores of each retry's request and action.
+    connector, code, n, won, predicted = min((row for row in raw.values() if row[2] >= 5), key=lambda row: row[2])
+    mine = retries[(retries["error_code"].str.casefold() == code) & (retries["connector"].str.casefold() == connector)]
+    assert len(mine) == n
+    served = sum(float(bundle.score(*_one(request_at(attempts, nudges, point)))[0]) for _, point in mine.iterrows())
+    assert served == pytest.approx(predicted, abs=1e-4)
+    assert [(row[0], row[1], row[2], row[3]) for row in rows] == [tuple(row[:4]) for row in raw.values()]
+    bundle.metadata[CODE_LEVEL_KEY] = list(raw.values())
+    try:
+        bundle._levels = None
+        assert bundle.code_level(connector.upper(), f" {code}") == (n, won, predicted)
+        assert bundle.code_level("stripe", "a_code_never_seen") == (0.0, 0.0, 0.0)
+        bundle.save(tmp_path / "bundle")
+        assert ModelBundle.load(tmp_path / "bundle").code_level(connector, code) == bundle.code_level(connector, code)
+    finally:
+        del bundle.metadata[CODE_LEVEL_KEY]
+        bundle._levels = None
+
+
+def _one(found: tuple[object, Candidate]) -> tuple[object, list[Candidate]]:
+    return found[0], [found[1]]
+
+
+def test_a_bundle_without_code_levels_decides_as_before(trained: TrainingResult) -> None:
+    """A version registered before code levels were recorded (or with --no-refit) decides exactly as before; one
+    with them rescales only the retries of the codes they hold."""
+    from model.codelevel import CODE_LEVEL_KEY
+
+    bundle, catalog, merchant = trained.bundle, load_catalog(), make_merchant()
+    greedy = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
+    off = PolicyConfig(exploration=0.0, exploration_rare_code=0.0, code_strength=None)
+    requests = [
+        make_request(**_failure("insufficient_funds", "Your card has insufficient funds.", "51")),
+        make_request(failure={"error_code": "zz_new_code", "error_message": "odd", "network_decline_code": None}),
+    ]
+    before = [decide(r, merchant, bundle, catalog=catalog, config=greedy, decision_id="d") for r in requests]
+    assert bundle.code_level("stripe", "zz_new_code") is None
+    assert [decide(r, merchant, bundle, catalog=catalog, config=off, decision_id="d") for r in requests] == before
+    bundle.metadata[CODE_LEVEL_KEY] = [["stripe", "zz_new_code", 400, 4, 120.0]]  # the model said 30%, 1% came
+    try:
+        bundle._levels = None
+        after = [decide(r, merchant, bundle, catalog=catalog, config=greedy, decision_id="d") for r in requests]
+        assert after[0] == before[0]
+        assert after[1].retry_probability < before[1].retry_probability
+    finally:
+        del bundle.metadata[CODE_LEVEL_KEY]
+        bundle._levels = None
+
+
 def _retry_rows(bundle: ModelBundle) -> np.ndarray:
     request = make_request(**_failure("do_not_honor", "The card was declined.", "05"))
     return bundle.matrix(request, [c for c in _candidates(request.event_time) if c.action == Action.RETRY])

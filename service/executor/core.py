@@ -917,29 +917,22 @@ class Executor:
         merchant_id, order_id = order["merchant_id"], order["order_id"]
         # This decision replaces what an earlier one planned and never sent (a retry, or a message and its
         # follow-up, that waited for a link payment, which was then declined, is decided again here): two plans
-        # would charge twice, or send two messages (the old message's follow-up would plan another).
-        conn.execute(
-            actions.update()
-            .where(
-                actions.c.merchant_id == merchant_id,
-                actions.c.order_id == order_id,
-                actions.c.state == ActionState.SCHEDULED.value,
-                _replaceable(),
-            )
-            .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
+        # would charge twice, or send two messages (the old message's follow-up would plan another). So does an
+        # earlier stop's close, waiting for a link to expire or a charge to be answered (the customer paid on the
+        # link and was declined, or an operator answered 'not charged', and the order was decided again): left, it
+        # failed the order at the link's expiry and cancelled what this decision plans. A stop plans its own close
+        # below; the window's end keeps its close.
+        stop_close = sa.and_(
+            actions.c.kind == ActionKind.CLOSE.value,
+            actions.c.idempotency_key != f"{merchant_id}:{order_id}:close:window",
         )
-        # So does an earlier stop's close, waiting for a link to expire or a charge to be answered (the customer
-        # paid on the link and was declined, or an operator answered 'not charged', and the order was decided
-        # again): left, it failed the order at the link's expiry and cancelled what this decision plans. A stop
-        # plans its own close below; the window's end keeps its close.
         conn.execute(
             actions.update()
             .where(
                 actions.c.merchant_id == merchant_id,
                 actions.c.order_id == order_id,
-                actions.c.kind == ActionKind.CLOSE.value,
                 actions.c.state == ActionState.SCHEDULED.value,
-                actions.c.idempotency_key != f"{merchant_id}:{order_id}:close:window",
+                sa.or_(_replaceable(), stop_close),
             )
             .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
         )

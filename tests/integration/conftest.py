@@ -55,3 +55,12 @@ def postgres_url(postgres_admin_url: str) -> Iterator[str]:
         yield url
     finally:
         drop_postgres(admin, url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh SQLite file, then a fresh PostgreSQL database: a test taking it runs on both stores."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'winback.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

@@ -11,7 +11,6 @@ import re
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -31,14 +30,6 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
 )
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'winback.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
 
 
 def _race(h: Harness, first: ActionRequest, second: ActionRequest) -> tuple[ActionResult, ActionResult]:

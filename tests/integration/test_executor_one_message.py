@@ -14,11 +14,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import sqlalchemy as sa
 
 from model.catalog import load_catalog
@@ -44,14 +42,6 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
 DAY_2 = datetime(2026, 11, 4, 4, 30, tzinfo=UTC)
 #: How long a test waits for another thread before it fails (never reached when the executor behaves).
 PATIENCE = 10.0
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'exec.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
 
 
 class SlowProvider:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -270,14 +269,6 @@ class LongCodeConnector:
         return ChargeResult(
             status="failure", connector=request.connector, error_code="card_declined", network_decline_code=LONG_CODE
         )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'winback.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
 
 
 def test_a_decline_with_a_long_code_is_recorded_and_its_order_decided_again(

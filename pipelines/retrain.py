@@ -134,9 +134,10 @@ def retrain(
             refit=refit,
             # The run names the history it learned from, not the temporary window cut from it (deleted by now).
             run_params={
-                "attempts_path": str(attempts),
-                "nudges_path": str(nudges),
+                "attempts_path": str(Path(attempts).resolve()),
+                "nudges_path": str(Path(nudges).resolve()),
                 "window_days": "all" if window_days is None else window_days,
+                "retrain": True,
             },
         )
     return RetrainResult(summary=summary, window_days=window_days, orders=int(frame["order_id"].nunique()))

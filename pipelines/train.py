@@ -767,8 +767,9 @@ def run_training(
             champion=champion,
             gate=gate,
             params={
-                "attempts_path": str(attempts),
-                "nudges_path": str(nudges),
+                # Absolute: a run read later, from another folder, names the files it learned from.
+                "attempts_path": str(Path(attempts).resolve()),
+                "nudges_path": str(Path(nudges).resolve()),
                 "attempts_rows": parts.attempt_rows,
                 "nudges_rows": parts.nudge_rows,
                 "history_partitions": len(parts),

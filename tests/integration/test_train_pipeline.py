@@ -238,9 +238,12 @@ def test_a_promotion_does_not_overrule_one_made_during_its_run(
     assert registry.get_alias_version(registry.CHAMPION, tracking_uri=mlflow_store) == "2"
 
 
-def test_a_windowed_retrain_logs_the_history_it_came_from_and_its_window(tmp_path: Path, mlflow_store: str) -> None:
+def test_a_windowed_retrain_logs_the_history_it_came_from_and_its_window(
+    tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``winback retrain --window-days`` trains on a window cut into a temporary file: the run logged that file's
-    path (deleted when the job ended) as its history, and no window, so nobody could tell what it learned from."""
+    path (deleted when the job ended) as its history, and no window, so nobody could tell what it learned from.
+    Paths given relative to the working folder are logged absolute (they were logged as given)."""
     import mlflow
 
     from pipelines.retrain import retrain
@@ -248,9 +251,10 @@ def test_a_windowed_retrain_logs_the_history_it_came_from_and_its_window(tmp_pat
     attempts, nudges = _write_history(tmp_path / "history", 600, seed=0)
     stamps = pd.read_parquet(attempts)["created_at"]
     days = (stamps.max() - stamps.min()) / pd.Timedelta(days=1) * 0.8
+    monkeypatch.chdir(tmp_path)
     result = retrain(
-        attempts,
-        nudges,
+        attempts.relative_to(tmp_path),
+        nudges.relative_to(tmp_path),
         tracking_uri=mlflow_store,
         window_days=days,
         train_options=TRAIN_OPTIONS,
@@ -259,7 +263,8 @@ def test_a_windowed_retrain_logs_the_history_it_came_from_and_its_window(tmp_pat
         show_progress=False,
     )
     params = mlflow.MlflowClient(mlflow_store).get_run(result.summary.run_id).data.params
-    assert params["attempts_path"] == str(attempts)
-    assert params["nudges_path"] == str(nudges)
+    assert params["attempts_path"] == str(attempts.resolve())
+    assert params["nudges_path"] == str(nudges.resolve())
     assert float(params["window_days"]) == pytest.approx(days)
+    assert params["retrain"] == "true"
     assert int(params["attempts_rows"]) < len(stamps)  # the window's rows

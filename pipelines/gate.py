@@ -257,6 +257,19 @@ def champion_fitted_on_holdout(champion_metadata: Mapping[str, object], holdout_
     )
 
 
+def same_judged_fit(challenger_bundle_version: str, champion_bundle_version: str) -> str | None:
+    """The caveat of a verdict between two judged fits that are one and the same model (equal bundle versions: the
+    history's new rows all fell in the holdout, so the fit saw nothing new), else None: every gate metric is then
+    equal by construction, and "not worse on any gate metric" says nothing about the change."""
+    if challenger_bundle_version != champion_bundle_version:
+        return None
+    return (
+        f"the challenger's judged fit is the champion's ({challenger_bundle_version}): the history's new rows all fall "
+        "in the holdout, so the gate compared a model with itself; only the refit (text model, code inventory and "
+        "code levels) learned from them"
+    )
+
+
 def fitted_into_holdout(seen_to: object, holdout_start: datetime | None) -> tuple[pd.Timestamp, pd.Timestamp] | None:
     """(``seen_to``, ``holdout_start``) as UTC timestamps when a model fitted on decision points up to ``seen_to`` (a
     metadata value: a timestamp's text) saw the holdout's start or later, else None (nothing known, or no overlap)."""

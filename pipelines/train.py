@@ -43,6 +43,7 @@ from pipelines.gate import (
     compare,
     gate_table,
     paired_noise,
+    same_judged_fit,
 )
 
 __all__ = [
@@ -741,9 +742,12 @@ def run_training(
                 metrics=gate_metrics,
                 noise=evaluation.gate_noise,
             )
-            caveat = None if champion is None else champion_fitted_on_holdout(champion[0].metadata, holdout_start)
-            if caveat is not None:
-                gate = replace(gate, caveats=(caveat,))
+            if champion is not None:
+                caveats = (
+                    champion_fitted_on_holdout(champion[0].metadata, holdout_start),
+                    same_judged_fit(result.bundle.version, champion[0].version),
+                )
+                gate = replace(gate, caveats=tuple(caveat for caveat in caveats if caveat is not None))
         steps.done()
 
         registered = result.bundle

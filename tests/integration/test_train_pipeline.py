@@ -180,7 +180,11 @@ def test_a_history_older_than_the_champions_gets_a_caveat_on_the_verdict(tmp_pat
     assert first.gate.caveats == ()
     newer_again = _train(full, mlflow_store, console)  # the same history: its holdout is after the champion's fit
     assert newer_again.gate is not None
-    assert newer_again.gate.caveats == ()
+    # ... and its judged fit is the champion's own: the gate compared a model with itself, and now says so (it said
+    # "not worse on any gate metric" and nothing more).
+    (same,) = newer_again.gate.caveats
+    assert "the challenger's judged fit is the champion's" in same
+    assert "compared a model with itself" in newer_again.gate.verdict
     backfill = _train(old, mlflow_store, console)
     assert backfill.gate is not None
     (caveat,) = backfill.gate.caveats

@@ -299,6 +299,10 @@ def csrf_matches(expected: str, given: str | None) -> bool:
 # ------------------------------------------------------------------------------------------- throttling
 
 
+#: The fewest keys a LoginLimiter keeps before it sweeps out stale ones.
+_SWEEP_FLOOR = 1024
+
+
 class LoginLimiter:
     """Counts failed sign-ins per agent name and per client address in a sliding window (in this process)."""
 
@@ -314,6 +318,7 @@ class LoginLimiter:
         self.window = window_seconds
         self.clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._swept_at = _SWEEP_FLOOR  # keys kept at the last sweep: the next comes at twice as many
         self._lock = threading.Lock()
 
     def _recent(self, key: str, now: float) -> deque[float]:
@@ -340,6 +345,15 @@ class LoginLimiter:
         with self._lock:
             for key in (f"name:{normalise_name(name)}", f"ip:{client}"):
                 self._recent(key, now).append(now)
+            if len(self._failures) > self._swept_at * 2:
+                self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the names and clients with no failure left in the window. Every failed sign-in with a new name
+        (or from a new address) added a key that was never removed: sprayed names grew the process without bound."""
+        for key in [key for key, times in self._failures.items() if not times or times[-1] <= now - self.window]:
+            del self._failures[key]
+        self._swept_at = max(len(self._failures), _SWEEP_FLOOR)
 
     def succeeded(self, name: str) -> None:
         """A correct password clears the name's failures (the client's stay)."""

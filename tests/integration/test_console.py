@@ -228,6 +228,23 @@ def test_wrong_password_is_refused_and_repeated_failures_are_throttled(console: 
     assert console.get("/console/queue").status_code == 303
 
 
+def test_sprayed_names_do_not_grow_the_limiter_without_bound_and_recent_failures_still_count() -> None:
+    clock = {"now": 0.0}
+    limiter = LoginLimiter(max_per_name=3, max_per_client=10**9, window_seconds=60, clock=lambda: clock["now"])
+    for _ in range(3):
+        limiter.failed("asha@m_a", "10.0.0.1")
+    for i in range(20_000):  # one failure each for 20,000 made-up names, a minute apart in bursts
+        clock["now"] = 50.0 + i // 1000 * 61.0
+        limiter.failed(f"spray{i}@x", f"10.1.{i // 256 % 256}.{i % 256}")
+        if i == 0:
+            assert limiter.retry_after("asha@m_a", "10.0.0.2") > 0  # still throttled inside its window
+    assert len(limiter._failures) < 5_000  # it kept every key it ever saw: 40,002 here
+    limiter.failed("bo@m_b", "10.0.0.3")
+    limiter.failed("bo@m_b", "10.0.0.3")
+    limiter.failed("bo@m_b", "10.0.0.3")
+    assert limiter.retry_after("bo@m_b", "10.0.0.3") > 0
+
+
 def test_every_post_without_the_csrf_token_is_refused(console: Console) -> None:
     console.get("/console/login")
     login = console.post("/console/login", {"name": "asha@m_a", "password": PASSWORD})

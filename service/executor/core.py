@@ -921,20 +921,27 @@ class Executor:
         # earlier stop's close, waiting for a link to expire or a charge to be answered (the customer paid on the
         # link and was declined, or an operator answered 'not charged', and the order was decided again): left, it
         # failed the order at the link's expiry and cancelled what this decision plans. A stop plans its own close
-        # below; the window's end keeps its close.
+        # below; the window's end keeps its close. A close claimed by a worker right now (it fell due as this
+        # decision came) is replaced too: it has no outside effect, and left to run it failed the order under this
+        # decision's plan; its worker finds it cancelled and records nothing (``_record_settled_meanwhile``).
         stop_close = sa.and_(
             actions.c.kind == ActionKind.CLOSE.value,
             actions.c.idempotency_key != f"{merchant_id}:{order_id}:close:window",
+            actions.c.state.in_(OPEN_ACTION_STATES),
         )
         conn.execute(
             actions.update()
             .where(
                 actions.c.merchant_id == merchant_id,
                 actions.c.order_id == order_id,
-                actions.c.state == ActionState.SCHEDULED.value,
-                sa.or_(_replaceable(), stop_close),
+                sa.or_(sa.and_(actions.c.state == ActionState.SCHEDULED.value, _replaceable()), stop_close),
             )
-            .values(state=ActionState.CANCELLED.value, updated_at=now, last_error="replaced by a later decision")
+            .values(
+                state=ActionState.CANCELLED.value,
+                claim_token=None,
+                updated_at=now,
+                last_error="replaced by a later decision",
+            )
         )
         due = max(as_utc(decision.execute_at), now)
         meta: dict[str, Any] = {"propensity": decision.propensity}

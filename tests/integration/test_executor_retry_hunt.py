@@ -17,6 +17,7 @@ import pytest
 from model.catalog import load_catalog
 from model.rules import build_context
 from service.executor.connectors import ChargeRequest, ChargeResult
+from service.executor.core import NoEffect
 from service.executor.routes import _pay
 from service.executor.store import actions, orders
 from service.executor.worker import Worker
@@ -227,3 +228,37 @@ def test_two_workers_on_postgresql_charge_each_order_once_and_tell_the_merchant_
     for n in range(12):
         view = h.view(f"ord_{n}")
         assert [a.processor_payment_id for a in view.attempts] == [f"ord_{n}_1", f"ord_{n}_2"]
+
+
+def test_a_stop_close_claimed_when_a_later_decision_plans_a_retry_does_not_fail_the_order(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """The stop's close is due (the link just expired) and a worker has claimed it when the order is decided again
+    (a link payment made just before the expiry is answered 'declined'; an operator answers 'not charged'). That
+    decision cancelled only a scheduled close: the claimed one ran next, failed the order (order.failed to the
+    merchant) and cancelled the retry the new decision had planned."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "stop"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=2)},
+        connector=FakeConnector(results=["success"]),
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with a 48 h link
+    h.clock.advance(hours=24)
+    h.drain()  # the follow-up decides stop: a close at the link's expiry
+    h.clock.advance(hours=24, minutes=1)  # the link has expired: the close is due
+    claimed = h.executor.claim(10, 30, "w1", "claim-w1")
+    (close,) = [a for a in claimed if a.kind == "close" and not a.idempotency_key.endswith(":close:window")]
+    with h.executor.engine.begin() as conn:  # meanwhile the order is decided again: a retry in 2 h
+        order = h.executor.lock_order(conn, "m_demo", "ord_1")
+        assert order is not None
+        h.executor._decision_point(conn, order, h.clock())
+    with h.executor.engine.begin() as conn:  # the worker's close completes: replaced, it records nothing
+        h.executor.complete(conn, close, NoEffect())
+    assert h.view().state == "PENDING", [(a.kind, a.state, a.last_error) for a in h.view().actions]
+    h.clock.advance(hours=3)
+    h.drain()
+    view = h.view()
+    assert view.state == "SUCCEEDED", [(a.kind, a.state, a.last_error) for a in view.actions]
+    assert [json.loads(r.content)["event"] for r in h.receiver.received] == ["order.succeeded"]

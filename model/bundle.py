@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model.catalog import NormalisedError, load_catalog
-from model.cellsupport import CellSupport
+from model.cellsupport import CELL_SUPPORT_KEY, CellSupport
 from model.codelevel import CodeLevels
 from model.codewatch import code_key, inventory_of, support_table
 from model.fastpredict import SINGLE_ROW_LIMIT, fast_predictor, kept_on_booster
@@ -597,7 +597,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def bundle_version(bundle: ModelBundle) -> str:
-    """A content hash of what decides scores (spec, boosters, calibrators, threshold): equal models, equal version."""
+    """A content hash of what decides scores (spec, boosters, calibrators, threshold, cell table): equal models,
+    equal version."""
     digest = hashlib.sha256()
     digest.update(bundle.spec.to_json().encode())
     digest.update(bundle.retry_booster.model_to_string().encode())
@@ -607,6 +608,11 @@ def bundle_version(bundle: ModelBundle) -> str:
     if bundle.retarget_calibrator is not None:
         digest.update(json.dumps(bundle.retarget_calibrator.to_dict()).encode())
     digest.update(repr(bundle.threshold).encode())
+    # The cell table bounds the served P(success) by the priors where it is thin (decide(), model.cellsupport): it
+    # decides scores too. A bundle without one hashes as before.
+    cells = bundle.metadata.get(CELL_SUPPORT_KEY)
+    if cells is not None:
+        digest.update(json.dumps(_jsonable(cells)).encode())
     return f"wb-{digest.hexdigest()[:12]}"
 
 

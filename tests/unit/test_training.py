@@ -270,6 +270,33 @@ def test_the_cell_table_of_a_class_is_its_cells_of_the_metadata(trained: Trainin
     np.testing.assert_array_equal(ModelBundle.load(tmp_path / "bundle").cell_table("insufficient_funds"), table)
 
 
+def test_the_version_covers_the_cell_table_and_a_bundle_without_one_hashes_as_before(trained: TrainingResult) -> None:
+    """The cell table bounds what decide() serves (model.cellsupport): two bundles that differ only there serve
+    different P(success) and must not share a version; one without a table keeps the version it always had."""
+    from model.bundle import bundle_version
+
+    bundle = trained.bundle
+    assert bundle.version == bundle_version(bundle)
+    cells = bundle.metadata["cell_support"]
+    other = [[*row[:3], row[3], 0, row[5]] for row in cells]  # same models, none of the cells' successes
+    try:
+        bundle.metadata["cell_support"] = other
+        assert bundle_version(bundle) != bundle.version
+        del bundle.metadata["cell_support"]
+        digest = hashlib.sha256()  # the version before cells were recorded
+        digest.update(bundle.spec.to_json().encode())
+        digest.update(bundle.retry_booster.model_to_string().encode())
+        assert bundle.retarget_booster is not None
+        assert bundle.retarget_calibrator is not None
+        digest.update(bundle.retarget_booster.model_to_string().encode())
+        digest.update(json.dumps(bundle.retry_calibrator.to_dict()).encode())
+        digest.update(json.dumps(bundle.retarget_calibrator.to_dict()).encode())
+        digest.update(repr(bundle.threshold).encode())
+        assert bundle_version(bundle) == f"wb-{digest.hexdigest()[:12]}"
+    finally:
+        bundle.metadata["cell_support"] = cells
+
+
 def test_a_bundle_trained_before_cells_were_recorded_decides_as_before(trained: TrainingResult, tmp_path: Path) -> None:
     bundle = trained.bundle
     bundle.save(tmp_path / "bundle")

@@ -231,6 +231,9 @@ def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_YAML_1_1_TAGS = frozenset({_BOOL_TAG, _INT_TAG, _FLOAT_TAG})
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -239,10 +242,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     Booleans are YAML 1.2's, ``true`` and ``false`` only: PyYAML's YAML 1.1 also reads ``on``, ``off``, ``yes``
     and ``no`` (in three cases each) as booleans, so a key ``on:`` became ``True`` and was reported as ``1``, and
     a value ``no`` was a switch nobody wrote. Those words now stay text; a switch is written ``true``/``false``.
+    Numbers are YAML 1.2's too: YAML 1.1 read ``max_retries: 010`` as 8 (octal) and ``21:00`` as 1260 (base 60);
+    now ``010`` is refused as not an integer, and an unquoted ``21:00`` is the time it looks like.
     """
 
     yaml_implicit_resolvers = {  # noqa: RUF012 (PyYAML's own class attribute, copied per loader)
-        first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_1_1_TAGS]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
@@ -262,6 +267,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# Decimal integers without a leading zero, and YAML 1.2's 0o/0x forms (PyYAML's constructor reads those two); a
+# number with a leading zero stays text, refused where a number is due rather than read as octal. A float needs a
+# point or an exponent.
+_UniqueKeyLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 def load_config(path: str | Path) -> WinbackConfig:

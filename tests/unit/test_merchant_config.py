@@ -200,6 +200,7 @@ def test_yaml_merge_keys_still_load_and_may_be_overridden(tmp_path: Path) -> Non
         ),
         ("    retarget:\n      enabled: no\n", r"merchants\.m\.retarget\.enabled: Input should be a valid boolean"),
         ("    retarget:\n      enabled: off\n", r"merchants\.m\.retarget\.enabled: Input should be a valid boolean"),
+        ("    retry: {max_retries: 010}\n", r"retry\.max_retries: Input should be a valid integer"),  # was octal 8
         ("    retarget: {channels: [sms, whatsapp, sms]}\n", r"retarget\.channels: .*channel listed twice: sms"),
         ("    retry: {flows: [cascade, step_up, cascade]}\n", r"retry\.flows: .*flow listed twice: cascade"),
         (
@@ -240,6 +241,20 @@ def test_true_and_false_are_switches_in_any_case_and_other_words_stay_text(tmp_p
     merchant = load_config(config).merchants["m"]
     assert merchant.retarget.enabled is False
     assert merchant.connectors == ["stripe", "no", "yes"]
+
+
+def test_unquoted_times_are_times_not_base_60_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 read 21:00 as the integer 1260 (sexagesimal), refused as "not a valid string": the times had to be
+    # quoted, against what a reader expects.
+    config = tmp_path / "merchants.yaml"
+    config.write_text(
+        f"merchants:\n  m:\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n"
+        "    retry: {max_retries: 2}\n"
+        "    retarget: {max_nudges: 0x3, quiet_hours: {start: 21:00, end: 08:30, timezone: Europe/London}}\n"
+    )
+    merchant = load_config(config).merchants["m"]
+    assert (merchant.retarget.quiet_hours.start, merchant.retarget.quiet_hours.end) == ("21:00", "08:30")
+    assert (merchant.retry.max_retries, merchant.retarget.max_nudges) == (2, 3)
 
 
 @pytest.mark.parametrize(("text", "message"), [("", "the config is empty"), ("- a\n", "the file's top level: ")])

@@ -629,7 +629,9 @@ class Effects:
     # --------------------------------------------------------------------------------------- webhooks
 
     def _webhook(self, action: ActionRow) -> Outcome:
-        merchant = self.executor.merchant(action.merchant_id)
+        merchant = self.executor.config.merchants.get(action.merchant_id)
+        if merchant is None:  # taken out of the config: tried again (hourly at most) in case it comes back
+            return Transient(f"merchant {action.merchant_id!r} is not in the merchant config: its webhook waits")
         if merchant.webhook is None:
             return Skip("the merchant has no webhook")
         secret = self.env.get(merchant.webhook.secret_env)

@@ -379,6 +379,27 @@ def test_a_webhook_is_re_sent_until_a_2xx_however_long_the_merchant_is_down(
     assert alerts == ["merchant webhook still failing after 3 tries, re-sent until a 2xx: webhook answered HTTP 500"]
 
 
+def test_a_webhook_of_a_merchant_taken_out_of_the_config_waits_without_a_traceback(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make_harness({"action": "stop"}, receiver=Receiver())
+    config = h.executor.config
+    h.executor.payment_failed("m_demo", event())
+    h.executor.config = config.model_copy(update={"merchants": {}})  # as after a restart without m_demo
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            h.drain()
+            h.clock.advance(hours=1)
+    assert h.receiver.received == []
+    assert h.view().webhook.status == "pending"
+    assert not [record for record in caplog.records if record.exc_info]  # a traceback on every try
+    h.executor.config = config  # back in the config
+    for _ in range(2):
+        h.drain()
+        h.clock.advance(hours=1)
+    assert len(h.receiver.received) == 1
+
+
 def test_a_webhook_whose_secret_is_not_set_waits_for_it(make_harness: Any) -> None:
     h = make_harness({"action": "stop"}, receiver=Receiver())
     secret_env = h.executor.merchant("m_demo").webhook.secret_env

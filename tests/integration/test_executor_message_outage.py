@@ -310,9 +310,7 @@ def test_a_message_that_may_have_gone_out_is_kept_in_the_history_when_its_order_
     with no record, although its first try may have reached the customer (whose payment may be its doing)."""
     h = harness_for(make_harness, gupshup, rules_only)
     _a_message_that_may_have_gone_out_waits_for_its_channel(h, gupshup.state)
-    succeeded = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(),
-                 "idempotency_key": "s1"}  # fmt: skip
-    assert h.executor.payment_succeeded("m_demo", succeeded).state == "SUCCEEDED"
+    _settle(h)
     step(h, 5, minutes=1)
     assert message_action(h).state == "cancelled"
     assert statuses(h) == ["rejected"]

@@ -64,6 +64,14 @@ def cell_keys(
 def cell_rows(keys: npt.ArrayLike, labels: npt.ArrayLike, predicted: npt.ArrayLike) -> list[list[Any]]:
     """The JSON form kept in bundle metadata, sorted: ``[error_class, arm, timing, n, successes, predicted]`` per
     cell, with ``predicted`` the sum of the model's calibrated P(success) over the cell's decision points."""
+    return [[*key.split("|"), n, won, total] for key, n, won, total in evidence_by_key(keys, labels, predicted)]
+
+
+def evidence_by_key(
+    keys: Sequence[str | None] | npt.ArrayLike, labels: npt.ArrayLike, predicted: npt.ArrayLike
+) -> list[tuple[str, int, int, float]]:
+    """Per key (None: left out), sorted: the decision points, their successes and the sum of the P(success)
+    predicted for them (rounded to 6 places): the evidence of a cell here, of an error code in model.codelevel."""
     frame = pd.DataFrame(
         {
             "key": np.asarray(keys, dtype=object),
@@ -72,10 +80,10 @@ def cell_rows(keys: npt.ArrayLike, labels: npt.ArrayLike, predicted: npt.ArrayLi
         }
     ).dropna(subset=["key"])
     table = frame.groupby("key", sort=True).agg(n=("y", "size"), successes=("y", "sum"), predicted=("p", "sum"))
-    n, successes, predicted = (table[name].to_numpy(dtype=np.float64).tolist() for name in table.columns)
+    n, successes, total = (table[name].to_numpy(dtype=np.float64).tolist() for name in table.columns)
     return [
-        [*str(key).split("|"), int(count), int(won), round(total, 6)]
-        for key, count, won, total in zip(table.index.tolist(), n, successes, predicted, strict=True)
+        (str(key), int(count), int(won), round(sum_p, 6))
+        for key, count, won, sum_p in zip(table.index.tolist(), n, successes, total, strict=True)
     ]
 
 

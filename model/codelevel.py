@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
+from model.cellsupport import evidence_by_key
 from model.codewatch import code_key
 
 #: Key of the bundle metadata entry holding the code levels (rows of :func:`code_level_rows`).
@@ -51,24 +51,16 @@ def code_level_rows(
     """The JSON form kept in bundle metadata, sorted by key: ``[connector, code, n, successes, predicted]`` per
     (connector, error code) of the silent retries given (aligned: the failure's connector and code, the retry's
     outcome and the P(success) served for it). Retries after a failure without a code are left out."""
-    frame = pd.DataFrame(
-        {
-            "key": [
-                code_key(connector, code) if isinstance(code, str) and code.strip() else None
-                for connector, code in zip(
-                    np.asarray(connectors, dtype=object).tolist(), np.asarray(codes, dtype=object).tolist(), strict=True
-                )
-            ],
-            "y": np.asarray(labels, dtype=np.float64),
-            "p": np.asarray(predicted, dtype=np.float64),
-        }
-    ).dropna(subset=["key"])
-    table = frame.groupby("key", sort=True).agg(n=("y", "size"), successes=("y", "sum"), predicted=("p", "sum"))
-    n, successes, total = (table[name].to_numpy(dtype=np.float64).tolist() for name in table.columns)
+    keys = [
+        code_key(connector, code) if isinstance(code, str) and code.strip() else None
+        for connector, code in zip(
+            np.asarray(connectors, dtype=object).tolist(), np.asarray(codes, dtype=object).tolist(), strict=True
+        )
+    ]
     rows: list[list[Any]] = []
-    for key, count, won, sum_p in zip(table.index.tolist(), n, successes, total, strict=True):
-        connector, _, code = str(key).partition("|")
-        rows.append([connector, code, int(count), int(won), round(sum_p, 6)])
+    for key, count, won, sum_p in evidence_by_key(keys, labels, predicted):
+        connector, _, code = key.partition("|")
+        rows.append([connector, code, count, won, sum_p])
     return rows
 
 

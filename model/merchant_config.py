@@ -285,6 +285,12 @@ _UniqueKeyLoader.add_implicit_resolver(
 
 def load_config(path: str | Path) -> WinbackConfig:
     """Read and validate a merchant config YAML file."""
+    return parse_config(read_config_yaml(path), source=str(Path(path)))
+
+
+def read_config_yaml(path: str | Path) -> object:
+    """A merchant config file's YAML document, read as ``load_config`` reads it (YAML 1.2 scalars, a key written
+    twice refused), not yet validated; ConfigError naming the file when it cannot be read."""
     file = Path(path)
     try:
         raw = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
@@ -298,4 +304,4 @@ def load_config(path: str | Path) -> WinbackConfig:
         raise ConfigError(f"{file}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    return parse_config(raw, source=str(file))
+    return raw

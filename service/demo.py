@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from rich.console import Console
 from rich.table import Table
 
-from model.merchant_config import load_config, parse_config
+from model.merchant_config import ConfigError, load_config, parse_config, read_config_yaml
 from service.api.settings import DEMO_CONFIG
 from service.executor.channels.fakes import FakeSmtpServer, RunningFake, run_fake_provider
 from service.executor.sandbox import RunningServer, create_sandbox_app, serve_in_thread
@@ -110,7 +110,9 @@ class FakeEndpoints:
 def demo_config(endpoints: FakeEndpoints, shipped: Path = DEMO_CONFIG) -> dict[str, Any]:
     """The shipped merchants, each pointed at the local fakes: providers for its retarget channels, a webhook
     on the receiver, and every connector on the sandbox (CONTRACT.md section 4)."""
-    raw: dict[str, Any] = yaml.safe_load(shipped.read_text(encoding="utf-8"))
+    raw = read_config_yaml(shipped)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{shipped}: expected a mapping of merchants")
     providers: dict[str, dict[str, Any]] = {
         "whatsapp": {
             "kind": "gupshup",

@@ -33,7 +33,7 @@ from model.policy import PolicyConfig, Scorer, decide, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
 from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
-from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep
+from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep, refused_caller
 from service.api.fastpath import DecisionFastPath
 from service.api.heap import release_free_memory
 from service.api.inflight import RequestsInFlight, precise_timers
@@ -318,7 +318,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(LatencyMiddleware, metrics=runtime.metrics)
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if (refused := await refused_caller(request)) is not None:
+            return await http_exception_handler(request, refused)
         return _validation_response(exc, request.headers.get("content-type"))
 
     @app.exception_handler(Exception)
@@ -335,6 +337,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == status.HTTP_400_BAD_REQUEST and (refused := await refused_caller(request)) is not None:
+            return await http_exception_handler(request, refused)  # a body FastAPI could not parse: the key first
         # FastAPI answers a body its JSON parser gives up on (nested thousands of levels deep: RecursionError)
         # with a bare 400; it is malformed input, so it gets the contract's 422 naming the body.
         if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RecursionError):

@@ -15,6 +15,7 @@ from typing import Annotated, NamedTuple
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.dependencies.models import Dependant
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
@@ -301,3 +302,25 @@ def caller_for_key(runtime: Runtime, key: str) -> Caller | None:
 
 get_caller = MerchantKey()
 CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def refused_caller(request: Request) -> HTTPException | None:
+    """The 401 a route that takes the merchant's key owes ``request`` when its key is missing or unknown; None
+    when the key is good or the route takes none.
+
+    FastAPI reads and parses a body before it solves a route's dependencies, so a body that is not JSON would be
+    answered 422 (or 400) before the key is looked at. The error handlers ask this first: a caller without a good
+    key learns nothing about its body, only that it needs a key."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not _takes_key(dependant):
+        return None
+    try:
+        await get_caller(request, request.app.state.runtime)
+    except HTTPException as refused:
+        return refused
+    return None
+
+
+def _takes_key(dependant: Dependant) -> bool:
+    return any(sub.call is get_caller or _takes_key(sub) for sub in dependant.dependencies)

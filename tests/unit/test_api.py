@@ -468,9 +468,15 @@ def test_json_only_the_standard_library_reads_is_still_accepted(api: Api) -> Non
     assert response.json() == {"detail": "There was an error parsing the body"}
 
 
-def test_a_body_that_is_not_json_is_refused_before_the_key_and_a_bad_field_after(api: Api) -> None:
-    # FastAPI's order for a body parameter, kept: JSON syntax, then the key, then the fields, then the merchant.
-    assert api.post_raw("/v1/decisions", b"{not json", JSON_CONTENT).status_code == 422
+def test_the_key_is_checked_before_the_body_and_the_merchant_after_it(api: Api) -> None:
+    # The key first, whatever the body: a caller without a good key learns nothing about what it sent.
+    for path in ("/v1/decisions", "/v1/decisions:batch", "/v1/outcomes", "/v1/events/payment-failed"):
+        for body in (b"{not json", b"", b'{"a": "\xff"}'):
+            for headers in (JSON_CONTENT, {"Authorization": "Bearer wb_guess"} | JSON_CONTENT):
+                response = api.post_raw(path, body, headers)
+                assert response.status_code == 401, (path, body, headers, response.text)
+                assert response.headers["www-authenticate"] == "Bearer"
+        assert api.post_raw(path, b"{not json", AUTH | JSON_CONTENT).status_code == 422
     bad_field = json.dumps({**request_body(), "amount": "lots"}).encode()
     assert api.post_raw("/v1/decisions", bad_field, JSON_CONTENT).status_code == 401
     foreign = {"Authorization": f"Bearer {OTHER_KEY}"} | JSON_CONTENT

@@ -12,9 +12,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from service.console.store import agents, sessions
+from service.console.store import agents, sessions, sign_in_failures
 from service.executor.store import as_utc
 
 #: scrypt cost: 2**14 x 8 x 128 B = 16 MiB of memory per hash, about 50 ms on one core.
@@ -299,63 +296,64 @@ def csrf_matches(expected: str, given: str | None) -> bool:
 # ------------------------------------------------------------------------------------------- throttling
 
 
-#: The fewest keys a LoginLimiter keeps before it sweeps out stale ones.
-_SWEEP_FLOOR = 1024
-
-
 class LoginLimiter:
-    """Counts failed sign-ins per agent name and per client address in a sliding window (in this process)."""
+    """Counts failed sign-ins per agent name and per client address in a sliding window, in the database.
+
+    In the database rather than in each process, so the limits hold for the whole server: with ``--workers N`` a
+    per-process count let N times as many guesses through, and a restart forgot them all. Rows older than the
+    window are deleted as failures are noted, so sprayed names cannot grow the table without bound."""
 
     def __init__(
         self,
+        engine: Engine,
         max_per_name: int,
         max_per_client: int,
         window_seconds: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self.engine = engine
         self.max_per_name = max_per_name
         self.max_per_client = max_per_client
-        self.window = window_seconds
+        self.window = timedelta(seconds=window_seconds)
         self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._swept_at = _SWEEP_FLOOR  # keys kept at the last sweep: the next comes at twice as many
-        self._lock = threading.Lock()
-
-    def _recent(self, key: str, now: float) -> deque[float]:
-        found = self._failures.setdefault(key, deque())
-        while found and found[0] <= now - self.window:
-            found.popleft()
-        return found
 
     def retry_after(self, name: str, client: str) -> float:
         """Seconds until another try is allowed (0 when allowed now)."""
         now = self.clock()
         waits = [0.0]
-        with self._lock:
-            limits = ((f"name:{normalise_name(name)}", self.max_per_name), (f"ip:{client}", self.max_per_client))
+        limits = (
+            (_throttle_key("name", normalise_name(name)), self.max_per_name),
+            (_throttle_key("ip", client), self.max_per_client),
+        )
+        with self.engine.connect() as conn:
             for key, limit in limits:
-                recent = self._recent(key, now)
+                recent = conn.scalars(
+                    sa.select(sign_in_failures.c.failed_at)
+                    .where(sign_in_failures.c.key_sha256 == key, sign_in_failures.c.failed_at > now - self.window)
+                    .order_by(sign_in_failures.c.failed_at.desc())
+                    .limit(limit)
+                ).all()
                 if len(recent) >= limit:
-                    waits.append(recent[-limit] + self.window - now)
+                    waits.append((as_utc(recent[-1]) + self.window - now).total_seconds())
         return max(waits)
 
     def failed(self, name: str, client: str) -> None:
-        """Note a failed sign-in."""
+        """Note a failed sign-in (and forget the failures that have left the window)."""
         now = self.clock()
-        with self._lock:
-            for key in (f"name:{normalise_name(name)}", f"ip:{client}"):
-                self._recent(key, now).append(now)
-            if len(self._failures) > self._swept_at * 2:
-                self._sweep(now)
-
-    def _sweep(self, now: float) -> None:
-        """Forget the names and clients with no failure left in the window. Every failed sign-in with a new name
-        (or from a new address) added a key that was never removed: sprayed names grew the process without bound."""
-        for key in [key for key, times in self._failures.items() if not times or times[-1] <= now - self.window]:
-            del self._failures[key]
-        self._swept_at = max(len(self._failures), _SWEEP_FLOOR)
+        keys = (_throttle_key("name", normalise_name(name)), _throttle_key("ip", client))
+        with self.engine.begin() as conn:
+            conn.execute(sign_in_failures.delete().where(sign_in_failures.c.failed_at <= now - self.window))
+            conn.execute(sign_in_failures.insert(), [{"key_sha256": key, "failed_at": now} for key in keys])
 
     def succeeded(self, name: str) -> None:
         """A correct password clears the name's failures (the client's stay)."""
-        with self._lock:
-            self._failures.pop(f"name:{normalise_name(name)}", None)
+        with self.engine.begin() as conn:
+            conn.execute(
+                sign_in_failures.delete().where(
+                    sign_in_failures.c.key_sha256 == _throttle_key("name", normalise_name(name))
+                )
+            )
+
+
+def _throttle_key(kind: str, value: str) -> str:
+    return hashlib.sha256(f"{kind}:{value}".encode()).hexdigest()

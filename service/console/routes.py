@@ -68,13 +68,22 @@ _SECURITY_HEADERS = {
 
 @dataclass
 class ConsoleRuntime:
-    """The console's per-process parts: settings, cookie signer, sign-in limiter, chart cache and clock."""
+    """The console's per-process parts: settings, cookie signer, chart cache and clock."""
 
     settings: ConsoleSettings
     signer: Signer
-    limiter: LoginLimiter
     charts: ChartCache
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    def limiter(self, executor: ExecutorRuntime) -> LoginLimiter:
+        """The sign-in throttle over the executor's database (shared by every worker of the server)."""
+        return LoginLimiter(
+            executor.executor.engine,
+            self.settings.login_max_failures,
+            self.settings.login_max_failures_per_ip,
+            self.settings.login_window_minutes * 60,
+            clock=self.clock,
+        )
 
     def sessions(self, executor: ExecutorRuntime) -> SessionStore:
         """The session store over the executor's database."""
@@ -92,9 +101,6 @@ def build_console_runtime(settings: ConsoleSettings | None = None) -> ConsoleRun
     return ConsoleRuntime(
         settings=settings,
         signer=Signer(settings.console_secret.get_secret_value()),
-        limiter=LoginLimiter(
-            settings.login_max_failures, settings.login_max_failures_per_ip, settings.login_window_minutes * 60
-        ),
         charts=ChartCache(settings.chart_cache_seconds),
     )
 
@@ -289,7 +295,8 @@ async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) ->
     name, password = form.get("name", "").strip(), form.get("password", "")
     next_url = form.get("next", "/console/queue")
     client = _client(request)
-    wait = console.limiter.retry_after(name, client)
+    limiter = console.limiter(executor)
+    wait = await run_in_threadpool(limiter.retry_after, name, client)
     if wait > 0:
         minutes = max(1, round(wait / 60))
         return _login_form(
@@ -304,10 +311,10 @@ async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) ->
         await run_in_threadpool(authenticate, executor.executor.engine, name, password) if name and password else None
     )
     if agent is None or agent.merchant_id not in executor.executor.config.merchants:
-        console.limiter.failed(name, client)
+        await run_in_threadpool(limiter.failed, name, client)
         log.warning("console sign-in failed", extra={"agent": name[:128], "client": client})
         return _login_form(request, console, next_url, "Wrong name or password.", 401, name)
-    console.limiter.succeeded(name)
+    await run_in_threadpool(limiter.succeeded, name)
     session = await run_in_threadpool(console.sessions(executor).create, agent)
     response = RedirectResponse(_safe_next(next_url), status_code=303)
     _set_cookie(

@@ -26,7 +26,11 @@ class ConsoleSettings(BaseSettings):
     cookie_secure: bool | None = Field(
         default=None, description="Force the Secure cookie flag (None: set it when the request came over https)."
     )
-    login_max_failures: int = Field(default=5, ge=1, description="Failed sign-ins per agent name per window.")
+    login_max_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Failed sign-ins per agent name per window (counted in the database, for all workers).",
+    )
     login_max_failures_per_ip: int = Field(default=20, ge=1, description="Failed sign-ins per client per window.")
     login_window_minutes: float = Field(default=15.0, gt=0, description="Window of the failed sign-in limits.")
     chart_cache_seconds: float = Field(default=60.0, ge=0, description="How long a rendered chart is reused.")

@@ -1,6 +1,8 @@
-"""The console's durable state: agents (each bound to one merchant), their sessions, and the audit log.
+"""The console's durable state: agents (each bound to one merchant), their sessions, the audit log and the failed
+sign-ins the throttle counts.
 
-The tables live in the API's ``metadata``; ``service/migrations/versions/0003_console.py`` creates them.
+The tables live in the API's ``metadata``; ``service/migrations/versions/0003_console.py`` creates the first three,
+``0010_sign_in_failures.py`` the last.
 """
 
 from __future__ import annotations
@@ -56,4 +58,15 @@ audit_log = sa.Table(
     sa.Column("decision_id", sa.String(64), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_console_audit_order", "merchant_id", "order_id"),
+)
+
+sign_in_failures = sa.Table(
+    "console_sign_in_failures",
+    metadata,
+    sa.Column("failure_id", BigId, primary_key=True, autoincrement=True),
+    # SHA-256 of "name:<agent name>" or "ip:<client address>": what an attacker typed is not kept, nor addresses.
+    sa.Column("key_sha256", sa.String(64), nullable=False),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_console_sign_in_failures_key", "key_sha256", "failed_at"),
+    sa.Index("ix_console_sign_in_failures_at", "failed_at"),
 )

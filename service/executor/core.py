@@ -851,6 +851,9 @@ class Executor:
         request = self.request_for(conn, order, now)
         decision = self._decide_with_channels_down(conn, request, merchant, now)
         conn.execute(decisions.insert().values(**decision_row(request, decision, created_at=now)))
+        # Whatever waited for an agent is out of date now (also when the merchant has left assisted mode): left
+        # waiting, it became the order's recommendation again once the newer one was acted on.
+        self._supersede_waiting(conn, order, now)
         if merchant.mode == "assisted":
             conn.execute(
                 agent_queue.insert().values(
@@ -1067,16 +1070,21 @@ class Executor:
             )
             .values(state=ActionState.CANCELLED.value, claim_token=None, updated_at=now)
         )
-        if order["mode"] == "assisted":
-            conn.execute(
-                agent_queue.update()
-                .where(
-                    agent_queue.c.merchant_id == order["merchant_id"],
-                    agent_queue.c.order_id == order["order_id"],
-                    agent_queue.c.state == "pending",
-                )
-                .values(state="superseded", acted_at=now)
+        # Whatever the order's mode: a merchant switched to assisted mode queues for orders begun before.
+        self._supersede_waiting(conn, order, now)
+
+    @staticmethod
+    def _supersede_waiting(conn: sa.Connection, order: RowMapping, now: datetime) -> None:
+        """The order's recommendations waiting for an agent are superseded."""
+        conn.execute(
+            agent_queue.update()
+            .where(
+                agent_queue.c.merchant_id == order["merchant_id"],
+                agent_queue.c.order_id == order["order_id"],
+                agent_queue.c.state == "pending",
             )
+            .values(state="superseded", acted_at=now)
+        )
 
     def _terminal(
         self,

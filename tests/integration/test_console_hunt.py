@@ -191,7 +191,41 @@ def test_an_action_on_a_recommendation_that_changed_since_the_page_was_loaded_is
     assert "the recommendation changed since this page was loaded" in answer.text
     with console.engine.connect() as conn:
         assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_stale")) == "AWAITING_AGENT"
-        pending = conn.scalar(
-            sa.select(sa.func.count()).select_from(agent_queue).where(agent_queue.c.state == "pending")
-        )
-    assert pending == 2
+        pending = conn.scalars(sa.select(agent_queue.c.decision_id).where(agent_queue.c.state == "pending")).all()
+    assert len(pending) == 1  # only D2 waits
+    assert pending[0] != shown.group(1)
+
+
+def test_a_recommendation_decided_over_does_not_wait_again_once_the_newer_one_is_acted_on(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    """D1 waits; a follow-up decides the order again and D2 waits. D1 was left waiting too: once an agent
+    acted on D2, D1 was still in the queue as waiting, and the queue (which shows the waiting recommendation
+    before the order's latest decision) showed the order with a recommendation from before the follow-up."""
+    console.fail_order("m_a", "ord_twice")
+    console.sign_in("asha@m_a")
+    first = re.search(r'name="decision_id" value="([^"]+)"', console.get("/console/orders/ord_twice").text)
+    assert first is not None
+    executor = console.api.app.state.executor.executor
+    with executor.engine.begin() as conn:
+        order = executor.lock_order(conn, "m_a", "ord_twice")
+        executor._decision_point(conn, order, datetime.now(UTC))
+    page = console.get("/console/orders/ord_twice").text
+    second = re.search(r'name="decision_id" value="([^"]+)"', page)
+    csrf = CSRF_RE.search(page)
+    assert second is not None
+    assert csrf is not None
+    assert second.group(1) != first.group(1)
+    answer = console.post(
+        "/console/orders/ord_twice/actions",
+        {"action": "approve", "decision_id": second.group(1), "csrf_token": csrf.group(1)},
+    )
+    assert answer.status_code in (200, 303), answer.text
+    with console.engine.connect() as conn:
+        waiting = conn.scalars(sa.select(agent_queue.c.decision_id).where(agent_queue.c.state == "pending")).all()
+    assert waiting == []
+    again = console.post(
+        "/console/orders/ord_twice/actions",
+        {"action": "approve", "decision_id": first.group(1), "csrf_token": csrf.group(1)},
+    )
+    assert again.status_code == 409

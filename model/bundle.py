@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from model.catalog import NormalisedError, load_catalog
 from model.cellsupport import CELL_SUPPORT_KEY, CellSupport
-from model.codelevel import CodeLevels
+from model.codelevel import CODE_LEVEL_KEY, CodeLevels
 from model.codewatch import code_key, inventory_of, support_table
 from model.fastpredict import SINGLE_ROW_LIMIT, fast_predictor, kept_on_booster
 from model.features import (
@@ -613,6 +613,12 @@ def bundle_version(bundle: ModelBundle) -> str:
     cells = bundle.metadata.get(CELL_SUPPORT_KEY)
     if cells is not None:
         digest.update(json.dumps(_jsonable(cells)).encode())
+    # So do the code levels (model.codelevel), which the fit the gate judges carries from the history before its
+    # holdout. A bundle without them hashes as before.
+    levels = bundle.metadata.get(CODE_LEVEL_KEY)
+    if levels is not None:
+        digest.update(b"code_levels")
+        digest.update(json.dumps(_jsonable(levels)).encode())
     return f"wb-{digest.hexdigest()[:12]}"
 
 

@@ -851,6 +851,7 @@ def code_levels(
     catalog: Normaliser | None = None,
     *,
     prior_strength: float = 30.0,
+    before: datetime | None = None,
 ) -> list[list[Any]]:
     """``bundle``'s code levels over every silent retry of the history (model.codelevel): per (connector, error
     code) of the failure, the retries, their successes and the sum of the P(success) decide() serves for them:
@@ -858,7 +859,8 @@ def code_levels(
     booster and calibrator), then weighed against the rules-only prior of its cell by the bundle's cell support
     with ``prior_strength`` (``PolicyConfig.prior_strength``; 0: not at all), as decide() does before it applies
     the code levels. For the version ``train`` registers (judged boosters, text model refitted on the whole
-    history) these are the predictions it serves."""
+    history) these are the predictions it serves. With ``before``, only the retries decided before it count (the
+    fit the promotion gate judges on a holdout from ``before`` on: its levels must not have seen the holdout)."""
     from model.policy import load_priors
 
     normaliser: Normaliser = load_catalog() if catalog is None else catalog
@@ -869,6 +871,8 @@ def code_levels(
     for frames in partitions:
         points = decision_points(frames.attempts, frames.nudges)
         retry = (points["kind"] == "retry").to_numpy(dtype=bool) if len(points) else np.zeros(0, dtype=bool)
+        if before is not None and len(points):
+            retry &= (points["decision_time"] < pd.Timestamp(before)).to_numpy(dtype=bool)
         if not retry.any():
             continue
         points = points[retry].reset_index(drop=True)

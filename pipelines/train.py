@@ -275,6 +275,24 @@ def codes_not_learned(parts: PartitionedHistory, bundle: Any) -> list[tuple[str,
     )
 
 
+def with_code_levels(bundle: Any, parts: Any, *, before: datetime | None = None) -> None:
+    """Give ``bundle`` its code levels (model.codelevel) over the silent retries of ``parts`` decided before
+    ``before`` (all without), and the version that goes with them.
+
+    The fit the gate judges gets those of the history before its holdout: decide() serves the code levels, so the
+    gate's policy values must see them, and must not see the holdout's outcomes through them. (Judged without
+    them, a challenger's code levels never counted in the gate: only an out-of-time check outside it.)"""
+    from model.bundle import bundle_version
+    from model.codelevel import CODE_LEVEL_KEY, CODE_LEVEL_PRIOR_STRENGTH_KEY
+    from model.policy import PolicyConfig
+    from model.training import code_levels
+
+    strength = PolicyConfig().prior_strength
+    bundle.metadata[CODE_LEVEL_KEY] = code_levels(bundle, parts, bundle.catalog, prior_strength=strength, before=before)
+    bundle.metadata[CODE_LEVEL_PRIOR_STRENGTH_KEY] = strength
+    bundle.version = bundle_version(bundle)
+
+
 def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
     """The version to register: ``judged`` (the boosters, calibrators and threshold the gate judged), with the text
     model and the code inventory of ``refit`` (fitted on every decision point, the holdout's too), and, given the
@@ -716,6 +734,8 @@ def run_training(
         champion = registry.load_judged_champion(uri) if promote else None
         sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)
         holdout_start = _holdout_start(result)
+        if holdout_start is not None:
+            with_code_levels(result.bundle, frames, before=holdout_start)
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,

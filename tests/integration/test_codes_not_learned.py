@@ -112,7 +112,12 @@ def test_the_version_registered_is_refit_on_the_whole_history_and_learns_the_new
     assert judged.threshold == bundle.threshold
     assert judged.retry_booster.model_to_string() == bundle.retry_booster.model_to_string()
     assert judged.code_support("adyen", "ADY_NEW_H1") == 0
-    assert judged.code_level("adyen", "ADY_NEW_H1") is None
+    # The judged fit has the code levels of the history before its holdout, as the gate judged it: the new codes'
+    # retries are all in the holdout, so none of their outcomes reached the gate through the levels.
+    assert judged.code_level("adyen", "ADY_NEW_H1") == (0.0, 0.0, 0.0)
+    assert judged.metadata["code_levels"]
+    judged_retries = sum(row[2] for row in judged.metadata["code_levels"])
+    assert 0 < judged_retries < sum(row[2] for row in bundle.metadata["code_levels"])
     assert bundle.metrics["retry_holdout_auc"] == pytest.approx(summary.metrics["retry_holdout_auc"])
 
 
@@ -182,5 +187,6 @@ def test_winback_train_no_refit_registers_the_judged_fit(tmp_path: Path, mlflow_
     assert "not learned yet:" in result.output
     bundle = registry.load_version("1", tracking_uri=mlflow_store)
     assert "text_refit" not in bundle.metadata
-    assert bundle.code_level("adyen", "ADY_NEW_H1") is None  # no code levels: scored as the judged fit
+    # The judged fit as the gate judged it: code levels of the history before its holdout, none for the new code.
+    assert bundle.code_level("adyen", "ADY_NEW_H1") == (0.0, 0.0, 0.0)
     assert bundle.metadata["time_holdout_fraction"] == pytest.approx(0.2)

@@ -359,6 +359,35 @@ def test_code_levels_sum_what_the_bundle_serves_at_every_retry_of_the_history(
         bundle._levels = None
 
 
+def test_code_levels_before_a_time_count_only_the_retries_decided_before_it(trained: TrainingResult) -> None:
+    from model.training import code_levels
+
+    attempts, nudges = make_history_frames(2500, seed=11)  # the history of ``trained``
+    history = [SimpleNamespace(attempts=attempts, nudges=nudges)]
+    retries = decision_points(attempts, nudges)
+    retries = retries[(retries["kind"] == "retry") & retries["error_code"].notna()]
+    cut = retries["decision_time"].quantile(0.6).floor("us")
+    rows = code_levels(trained.bundle, history, before=cut.to_pydatetime())
+    assert sum(row[2] for row in rows) == int((retries["decision_time"] < cut).sum())
+    everything = {(row[0], row[1]): row for row in code_levels(trained.bundle, history)}
+    assert all(row[2] <= everything[(row[0], row[1])][2] for row in rows)
+    assert sum(row[2] for row in rows) < sum(row[2] for row in everything.values())
+
+
+def test_the_bundle_version_changes_with_its_code_levels(trained: TrainingResult) -> None:
+    from model.bundle import bundle_version
+    from model.codelevel import CODE_LEVEL_KEY
+
+    bundle = trained.bundle
+    without = bundle_version(bundle)
+    bundle.metadata[CODE_LEVEL_KEY] = [["stripe", "insufficient_funds", 10.0, 2.0, 3.0]]
+    try:
+        assert bundle_version(bundle) != without
+    finally:
+        del bundle.metadata[CODE_LEVEL_KEY]
+    assert bundle_version(bundle) == without
+
+
 def _one(found: tuple[object, Candidate]) -> tuple[object, list[Candidate]]:
     return found[0], [found[1]]
 

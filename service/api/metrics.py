@@ -1,11 +1,17 @@
 """Prometheus metrics of the decision API, on a registry per app (so several apps in one test process coexist).
 
-With several uvicorn workers each process exposes its own figures; Prometheus scrapes each one (or set
-``PROMETHEUS_MULTIPROC_DIR`` and aggregate, which this module does not do).
+The workers of one ``winback serve`` share its port, so a scrape reaches whichever worker accepts it: figures of
+one worker alone would jump between workers (a counter read 28, then 12, then 28 again: Prometheus takes every
+drop for a restart). With several workers the command gives them one folder, ``PROMETHEUS_MULTIPROC_DIR``
+(prometheus_client's multiprocess mode, chosen when it is first imported), and every worker's ``/metrics`` answers
+the figures of all of them: counters and histograms summed (those of a worker that ended included, so totals never
+go back), gauges as each one's ``multiprocess_mode`` says, over the live workers.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,8 +22,10 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from model.requests import Decision
 
@@ -27,6 +35,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "MAX_NEW_PAIRS", "OTHER_CONNECTOR", "ApiMetric
 MAX_NEW_PAIRS = 10_000
 #: Label of connectors the merchant config and catalog do not know.
 OTHER_CONNECTOR = "other"
+
+#: prometheus_client's variable naming the folder its multiprocess mode writes (read when it is first imported).
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -87,20 +98,28 @@ class ApiMetrics:
         )
         self.new_error_code_pairs = Gauge(
             "winback_new_error_code_pairs",
-            f"Distinct never-trained-on (connector, error code) pairs this worker has seen (at most {MAX_NEW_PAIRS}).",
+            f"Distinct never-trained-on (connector, error code) pairs a worker has seen (at most {MAX_NEW_PAIRS}; "
+            "with several workers, the most any live one has seen).",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.model_info = Gauge(
             "winback_model_info",
-            "1 for the model version currently serving (rules-only when no model is loaded).",
+            "1 for the model version currently serving (rules-only when no model is loaded); with several workers, "
+            "1 for each version a live worker serves, 0 for one they served before.",
             ["version"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.model_swaps = Counter("winback_model_swaps", "Times the serving model changed.", registry=self.registry)
         self.registry_errors = Counter(
             "winback_registry_errors", "Failed checks of the MLflow registry.", registry=self.registry
         )
         self._version: str | None = None
+        # Set when prometheus_client writes its values to files (it chose so when imported, from the environment).
+        self._multiprocess_dir = (
+            os.environ.get(MULTIPROC_DIR_ENV) if values.ValueClass is not values.MutexValue else None
+        )
         # Connector labels are bounded: a caller may send any connector name, the metrics only know these.
         self._connectors = frozenset(c.casefold() for c in connectors)
         self._new_pairs: set[tuple[str, str]] = set()
@@ -160,6 +179,8 @@ class ApiMetrics:
         if version == self._version:
             return
         if self._version is not None:
+            # 0 first: in multiprocess mode the series stays in this worker's file, where removing does not reach.
+            self.model_info.labels(self._version).set(0)
             self.model_info.remove(self._version)
             self.model_swaps.inc()
             # What is new is relative to the serving model: a fresh model starts a fresh count of distinct pairs.
@@ -169,5 +190,29 @@ class ApiMetrics:
         self._version = version
 
     def render(self) -> bytes:
-        """The exposition text of this app's registry."""
-        return generate_latest(self.registry)
+        """The exposition text of this app's registry; in multiprocess mode, of every worker's files."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        forget_dead_workers(self._multiprocess_dir)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Remove the live-gauge files of worker processes that are gone (uvicorn replaced them, or they were
+    stopped): their gauges no longer describe a worker that serves. Their counters stay, in other files."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = os.path.basename(path).removesuffix(".db").rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -124,6 +125,7 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
 
     from service.api.accept import BALANCED_LOOP, connection_board
     from service.api.logging import configure_logging
+    from service.api.metrics import MULTIPROC_DIR_ENV
     from service.api.mirror import mirrored_registry
 
     with contextlib.ExitStack() as stack:
@@ -132,6 +134,11 @@ def _serve(host: str, port: int, workers: int, settings: Settings) -> None:
             # One registry client for all the workers, in this process (api/mirror.py).
             folder = stack.enter_context(mirrored_registry(settings.tracking_uri, settings.model_poll_seconds))
             stack.enter_context(_environment({"WINBACK_MODEL_MIRROR_DIR": str(folder)}))
+        if workers > 1:
+            # The workers share the port, so a scrape reaches any one of them: each answers the figures of all, from
+            # files in a folder of this run's own (a folder of an earlier run would add its counts; api/metrics.py).
+            metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="winback-metrics-"))
+            stack.enter_context(_environment({MULTIPROC_DIR_ENV: metrics_dir}))
         board_env = stack.enter_context(connection_board(workers))  # connections spread evenly (api/accept.py)
         stack.enter_context(_environment(board_env))
         # uvicorn starts (and restarts) every worker from this thread, the main one, which lives as long as the

@@ -550,3 +550,61 @@ def test_a_worker_uvicorn_gives_up_in_a_sighup_restart_does_not_fail_the_later_s
     server.process.terminate()
     assert server.process.wait(timeout=30) == 0, server.output(last=None)
     assert "so the server stopped" not in server.output(last=None)
+
+
+def _sample(text: str, name: str, labels: str = "") -> float | None:
+    """The value of the series ``name{labels}`` in exposition ``text`` (None: not there); no labels: their sum."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(f"{name}{{{labels}}} " if labels else (f"{name}{{", f"{name} "))
+    ]
+    return sum(values) if values else None
+
+
+def test_metrics_of_two_workers_are_the_whole_servers_on_every_scrape(
+    two_versions: tuple[str, Path], server_factory: object
+) -> None:
+    """The workers share the port, so a scrape reaches whichever worker takes it. Each exposed its own counts: 40
+    decisions read as 28, then 12, then 28 again (Prometheus takes each drop for a restart), and the model version
+    as one worker saw it. Every worker now answers the figures of all of them, the version gauge included after
+    a champion swap."""
+    store, _ = two_versions
+    registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)
+    server = server_factory(store, 2)  # type: ignore[operator]
+    _workers_of(server, 2, started=2)
+    # Two connections open at once: the workers accept least-connections first, so each worker holds one.
+    clients = [httpx.Client(base_url=server.url, headers=AUTH, timeout=10) for _ in range(2)]
+    try:
+        for client in clients:
+            client.get("/healthz")
+        deadline = time.monotonic() + 30
+        while any(c.get("/readyz").json()["model_version"] != "1" for c in clients) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for index, client in enumerate(clients):
+            for number in range(10 * (index + 1)):
+                body = _body(order_id=f"ord_{index}_{number}", failure={"error_code": f"ZZ_NEVER_SEEN_{number}"})
+                assert client.post("/v1/decisions", json=body).status_code == 200
+        for client in clients:
+            text = client.get("/metrics").text
+            assert _sample(text, "winback_decisions_total") == 30, text
+            assert _sample(text, "winback_new_error_codes_total") == 30, text
+            assert _sample(text, "winback_model_info", 'version="1"') == 1, text
+            assert _sample(text, "winback_model_info", 'version="rules-only"') in (None, 0), text
+
+        registry.set_alias(registry.CHAMPION, "2", tracking_uri=store)
+        # Every worker serves the new champion within the contract's 30 s: then any scrape says so.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            texts = [client.get("/metrics").text for client in clients]
+            if all(_sample(text, "winback_model_info", 'version="1"') in (None, 0) for text in texts):
+                break
+            time.sleep(0.2)
+        for text in texts:
+            assert _sample(text, "winback_model_info", 'version="2"') == 1, text
+            assert _sample(text, "winback_model_info", 'version="1"') in (None, 0), text
+            assert _sample(text, "winback_decisions_total") == 30, text
+    finally:
+        for client in clients:
+            client.close()
+        registry.set_alias(registry.CHAMPION, "1", tracking_uri=store)

@@ -7,12 +7,12 @@ an action that never ran leaves no gap). Orders whose caller acted itself and re
 ``/v1/outcomes`` are rebuilt from the decision store as below. An order the executor knows is taken from the
 executor only. ``since`` keeps whole orders whose first attempt is at or after it, so every order stays complete.
 
-Each order's failed attempts come from the requests of its stored decisions (``history.attempts``, with the
-``failure`` block filling the last one's error fields). A decided ``retry`` with an outcome becomes one more
-attempt, created when the outcome occurred; a decided ``retarget`` becomes a nudge, plus a ``retarget_link``
-attempt when the customer paid through the link (a success) or a payment through it failed (a failure with a
-``txn_id``). Attempts the caller gave no ``txn_id`` get ``<order_id>_<n>``, never one used elsewhere in the files.
-Decisions without an outcome are left out: their result is not known yet.
+Each order's failed attempts come from the requests of its stored decisions (``history.attempts``, or the failure
+itself when it lists none, with the ``failure`` block filling the last one's error fields). A decided ``retry`` with
+an outcome becomes one more attempt, created when the outcome occurred; a decided ``retarget`` becomes a nudge, plus
+a ``retarget_link`` attempt when the customer paid through the link (a success) or a payment through it failed (a
+failure with a ``txn_id``). Attempts the caller gave no ``txn_id`` get ``<order_id>_<n>``, never one used elsewhere
+in the files. Decisions without an outcome are left out: their result is not known yet.
 """
 
 from __future__ import annotations
@@ -103,9 +103,25 @@ def _fresh_txn_id(order_id: str, number: int, taken: set[str]) -> str:
 
 
 def _earlier_attempts(request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The attempts the request's history reports, without txn_id (the caller's history does not carry one)."""
+    """The attempts the request's history reports, without txn_id (the caller's history does not carry one).
+
+    A request whose history lists no attempt (CONTRACT.md section 2 allows it) still reports one: its ``failure``,
+    the order's first attempt, made at the decision point (or by the first nudge, for a follow-up); without it the
+    order's first row was the decided retry, and the files refuse an order that starts so.
+    """
     base = _order_fields(request)
     history = request.get("history", {}).get("attempts", [])
+    if not history:
+        sent = [nudge["sent_at"] for nudge in request.get("history", {}).get("nudges", [])]
+        history = [
+            {
+                "attempt_number": 1,
+                "created_at": min([request["event_time"], *sent], key=datetime.fromisoformat),
+                "connector": request["failure"]["connector"],
+                "strategy": Strategy.INITIAL.value,
+                "status": "failure",
+            }
+        ]
     rows = []
     for index, attempt in enumerate(history):
         last = index == len(history) - 1

@@ -709,6 +709,33 @@ def test_export_writes_valid_history_files(api: Api, tmp_path: Path) -> None:
     assert len(attempts) + len(nudges) >= 8  # plus one follow-up (attempt or nudge) per decided order
 
 
+def test_a_decision_requested_with_no_earlier_attempt_exports_its_failure_as_the_first_attempt(
+    api: Api, tmp_path: Path
+) -> None:
+    """The contract lets ``history.attempts`` be empty. Such an order's export began with the decided retry, which
+    the files refuse as attempt 1 ("must have strategy 'initial'"): the order was left out, its feedback lost."""
+    nudge = {"channel": "sms", "sent_at": "2026-11-01T09:00:00Z", "delivered": True, "clicked_at": None}
+    for order_id, nudges in (("ord_bare", []), ("ord_follow_up", [nudge])):
+        body = request_body(order_id=order_id, history={"attempts": [], "nudges": nudges})
+        answer = api.post("/v1/decisions", body).json()
+        assert answer["action"] == "retry", answer
+        outcome = _outcome(answer["decision_id"], order_id=order_id, txn_id=f"{order_id}_2")
+        assert api.post("/v1/outcomes", outcome).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    assert summary.left_out_orders == ()
+    attempts = read_attempts(summary.attempts_path).set_index(["order_id", "attempt_number"])
+    first = attempts.xs(1, level="attempt_number")
+    assert first["strategy"].tolist() == ["initial", "initial"]
+    assert first["error_code"].tolist() == ["card_declined", "card_declined"]
+    assert first["network_decline_code"].tolist() == ["51", "51"]
+    assert first.loc["ord_bare", "created_at"] == pd.Timestamp("2026-11-01T10:15:00Z")  # the decision point
+    assert first.loc["ord_follow_up", "created_at"] == pd.Timestamp("2026-11-01T09:00:00Z")  # by the nudge
+    retries = attempts.xs(2, level="attempt_number")
+    assert retries["status"].tolist() == ["success", "success"]
+    assert retries["decision_id"].notna().all()
+
+
 def test_an_order_with_a_strategy_the_history_files_cannot_carry_is_left_out_and_named(
     api: Api, tmp_path: Path
 ) -> None:

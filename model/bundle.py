@@ -35,6 +35,7 @@ from model.features import (
     FeatureSpec,
     Normaliser,
     context_from_request,
+    memo_worthy,
 )
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -241,6 +242,8 @@ class _CachedNormaliser:
         hit = self._cache.get(key)
         if hit is None:
             hit = self._catalog.normalise(*key)
+            if not memo_worthy(*key):
+                return hit
             if len(self._cache) >= _CATALOG_CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = hit

@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from sklearn.utils.extmath import softmax
 
-from model.features import TEXT_CLASSES, TEXT_COLUMNS
+from model.features import TEXT_CLASSES, TEXT_COLUMNS, memo_worthy
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -218,6 +218,8 @@ class TextModel:
         if hit is not None:
             return hit
         row = {name: float(values[0]) for name, values in self.predict([connector], [code], [message]).items()}
+        if not memo_worthy(connector, code, message):
+            return row
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
         self._cache[key] = row

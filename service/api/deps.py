@@ -20,6 +20,7 @@ from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
 from model.catalog import ErrorCatalog, NormalisedError
+from model.features import memo_worthy
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.policy import PolicyConfig, Scorer, code_support, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
@@ -54,6 +55,9 @@ class MemoCatalog(ErrorCatalog):
         payment_method: str | None = None,
     ) -> NormalisedError:
         """Memoised ``ErrorCatalog.normalise``."""
+        texts = (connector, error_code, error_message, network_decline_code, merchant_advice_code, unified_code)
+        if not memo_worthy(*texts, card_network, payment_method):
+            return super().normalise(*texts, card_network, payment_method)
         result: NormalisedError = self._memo(
             connector,
             error_code,

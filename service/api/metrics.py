@@ -11,6 +11,7 @@ go back), gauges as each one's ``multiprocess_mode`` says, over the live workers
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -122,7 +123,7 @@ class ApiMetrics:
         )
         # Connector labels are bounded: a caller may send any connector name, the metrics only know these.
         self._connectors = frozenset(c.casefold() for c in connectors)
-        self._new_pairs: set[tuple[str, str]] = set()
+        self._new_pairs: set[bytes] = set()
         self._latency_of = _Children(self.latency)
         self._decisions_of = _Children(self.decisions)
         self._rule_firings_of = _Children(self.rule_firings)
@@ -169,7 +170,8 @@ class ApiMetrics:
         if not new:
             return
         self._new_codes_of(label).inc()
-        pair = (connector.casefold(), (code or "").casefold())
+        # A digest, not the strings: a caller may send codes of any length, and the set keeps MAX_NEW_PAIRS of them.
+        pair = hashlib.blake2b(f"{connector.casefold()}\0{code.casefold()}".encode(), digest_size=16).digest()
         if pair not in self._new_pairs and len(self._new_pairs) < MAX_NEW_PAIRS:
             self._new_pairs.add(pair)
             self.new_error_code_pairs.set(len(self._new_pairs))

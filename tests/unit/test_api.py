@@ -709,6 +709,31 @@ def test_export_writes_valid_history_files(api: Api, tmp_path: Path) -> None:
     assert len(attempts) + len(nudges) >= 8  # plus one follow-up (attempt or nudge) per decided order
 
 
+def test_distinct_huge_error_codes_and_messages_are_answered_without_being_kept(api: Api) -> None:
+    """Error codes and messages have no length limit, and the per-error caches are bounded by entries only: the
+    catalog's memo (65,536 entries) and the new-code pairs (10,000) kept every distinct 32 KB code and message, ~100
+    KB a request (6,000 such requests grew a worker by 594 MB). They are answered and counted, not kept."""
+    import tracemalloc
+
+    def send(count: int, start: int) -> None:
+        for index in range(start, start + count):
+            code, message = f"{index:08d}" + "C" * 32_000, f"{index:08d}" + "m" * 32_000
+            body = request_body(order_id=f"ord_{index}", failure={"error_code": code, "error_message": message})
+            assert api.post("/v1/decisions", body).status_code == 200
+        api.flush()
+
+    send(5, 0)  # first-use allocations out of the way
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        send(150, 5)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 3_000_000, f"{kept / 1e6:.1f} MB kept after 150 requests"
+    assert "winback_new_error_code_pairs 155.0" in api.get("/metrics").text  # still counted, each once
+
+
 def test_a_decision_requested_with_no_earlier_attempt_exports_its_failure_as_the_first_attempt(
     api: Api, tmp_path: Path
 ) -> None:

@@ -218,3 +218,14 @@ def test_the_direct_form_keeps_the_gil_through_an_error(model: TextModel) -> Non
         sys.setswitchinterval(interval)
     thread.join(5)
     assert after == before
+
+
+def test_the_features_of_a_huge_error_are_given_but_not_cached(model: TextModel) -> None:
+    """The serving cache is bounded by entries: 4,096 distinct 64 KB errors held 256 MB."""
+    huge = ("stripe", "C" * 32_000, "m" * 32_000)
+    predicted = model.predict([huge[0]], [huge[1]], [huge[2]])
+    assert model.features_for(*huge) == {name: float(values[0]) for name, values in predicted.items()}
+    assert huge not in model.cached_errors()
+    small = ("stripe", "do_not_honor", "Do not honor")
+    model.features_for(*small)
+    assert small in model.cached_errors()

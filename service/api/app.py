@@ -9,11 +9,13 @@ import gc
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import Body, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
@@ -146,7 +148,11 @@ def _validation_response(exc: RequestValidationError, content_type: str | None =
 
 
 class LatencyMiddleware:
-    """Times every request into the latency histogram, labelled by route template (bounded cardinality)."""
+    """Times every request into the latency histogram, labelled by route template (bounded cardinality).
+
+    An answer of 400 or more also gets an ``X-Request-ID`` (the caller's own, when it sent a plain one, else a
+    fresh one) and a log line with it, the route, the status and what the answer said, so a merchant reporting a
+    refused request can be found in the logs. A refused request used to leave no line at all."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
@@ -158,11 +164,21 @@ class LatencyMiddleware:
             return
         started = time.perf_counter()
         status_code = 500
+        request_id: str | None = None
+        said = b""
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status_code
+            nonlocal status_code, request_id, said
             if message["type"] == "http.response.start":
                 status_code = message["status"]
+                if status_code >= 400:
+                    request_id = _request_id(scope)
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
+                    }
+            elif request_id is not None and len(said) < _REFUSAL_LOG_CHARS:
+                said += message.get("body", b"")[:_REFUSAL_LOG_CHARS]
             await send(message)
 
         try:
@@ -171,6 +187,39 @@ class LatencyMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_latency(scope["method"], template, status_code, time.perf_counter() - started)
+            if request_id is not None:
+                _log_refusal(scope["method"], template, status_code, request_id, said)
+
+
+#: Characters of a refused request's answer its log line keeps.
+_REFUSAL_LOG_CHARS = 500
+_PLAIN_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _request_id(scope: Scope) -> str:
+    """The caller's ``X-Request-ID`` when it is a plain one (letters, digits, ``._:-``, at most 64), else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            sent: str = value.decode("latin-1")
+            if _PLAIN_REQUEST_ID.fullmatch(sent):
+                return sent
+    return "req_" + uuid.uuid4().hex
+
+
+def _log_refusal(method: str, route: str, status_code: int, request_id: str, said: bytes) -> None:
+    """One line for an answer of 400 or more: what a JSON answer said (its ``message`` or ``detail``), not the body
+    the caller sent (it may carry personal data; 422 messages name fields, never their values)."""
+    answer: Any = None
+    try:
+        parsed = orjson.loads(said)
+        answer = parsed.get("message") or parsed.get("detail") if isinstance(parsed, dict) else None
+    except orjson.JSONDecodeError:
+        pass  # an HTML page (the console) or an answer cut at _REFUSAL_LOG_CHARS: the status says enough
+    level = logging.ERROR if status_code >= 500 else logging.WARNING
+    extra = {"request_id": request_id, "method": method, "route": route, "status": status_code}
+    if isinstance(answer, str):
+        extra["answer"] = answer[:_REFUSAL_LOG_CHARS]
+    log.log(level, "request refused" if status_code < 500 else "request failed", extra=extra)
 
 
 #: Merchants a new model version decides the canary request for (the first ones, by id): each exercises its own

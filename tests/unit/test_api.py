@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -1413,6 +1414,37 @@ def test_logs_are_json_with_decision_id_and_no_secrets(api: Api, capsys: pytest.
     text = "".join(lines)
     assert DEMO_KEY not in text
     assert "priya@example.com" not in text
+
+
+def test_a_refused_request_is_logged_with_a_request_id_its_answer_carries(api: Api) -> None:
+    # A wrong key, another merchant's id and a malformed field each left no log line and no id to quote.
+    handler = logging.getLogger("winback.api").handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    lines: list[str] = []
+    handler.setStream(_ListStream(lines))  # type: ignore[arg-type]
+    bad_currency = request_body()
+    bad_currency["currency"] = "rupees"
+    bad_currency["customer"]["email"] = "priya@example.com"
+    answers = [
+        api.post("/v1/decisions", request_body(), key="wb_guess"),
+        api.post("/v1/decisions", request_body(), key=OTHER_KEY),
+        api.post("/v1/decisions", bad_currency),
+        api.post_raw("/v1/decisions", b"{}", AUTH | JSON_CONTENT | {"X-Request-ID": "merchant-trace-42"}),
+        api.post_raw("/v1/decisions", b"{}", AUTH | JSON_CONTENT | {"X-Request-ID": "no spaces\tor tabs"}),
+    ]
+    assert [answer.status_code for answer in answers] == [401, 403, 422, 422, 422]
+    ids = [answer.headers["x-request-id"] for answer in answers]
+    assert ids[3] == "merchant-trace-42"
+    assert all(re.fullmatch(r"req_[0-9a-f]{32}", i) for i in ids[:3] + ids[4:])
+    records = {r["request_id"]: r for r in map(json.loads, "".join(lines).splitlines()) if "request_id" in r}
+    assert [records[i]["status"] for i in ids] == [401, 403, 422, 422, 422]
+    assert records[ids[0]]["answer"] == "unknown API key"
+    assert records[ids[1]]["answer"].startswith("merchant_id: this API key may only act for merchant")
+    assert records[ids[2]]["answer"].startswith("currency: ")
+    assert all(records[i]["route"] == "/v1/decisions" and records[i]["message"] == "request refused" for i in ids)
+    assert "priya@example.com" not in "".join(lines)
+    assert "rupees" not in "".join(lines)  # what the caller sent stays out; the field is named
+    assert "x-request-id" not in api.post("/v1/decisions", request_body()).headers  # answered: the decision_id
 
 
 class _ListStream:

@@ -406,20 +406,21 @@ def all_history_frames(
     return attempts.reset_index(drop=True), nudges.reset_index(drop=True), dropped, unusable
 
 
-def _shared_order_ids(attempts: pd.DataFrame, nudges: pd.DataFrame) -> set[str]:
-    """order_ids that more than one merchant uses (the API keys orders by merchant, the history files by order_id)."""
-    pairs = pd.concat([attempts[["merchant_id", "order_id"]], nudges[["merchant_id", "order_id"]]]).drop_duplicates()
-    counts = pairs["order_id"].value_counts()
+def _shared_ids(column: str, *frames: pd.DataFrame) -> set[str]:
+    """Values of ``column`` (order_id, txn_id) that more than one merchant uses: the stores key orders and
+    attempts per merchant, the history files by the id alone."""
+    pairs = pd.concat([frame[["merchant_id", column]] for frame in frames]).drop_duplicates()
+    counts = pairs[column].value_counts()
     return set(counts[counts > 1].index.astype(str))
 
 
-def _qualify(frame: pd.DataFrame, shared: set[str]) -> pd.DataFrame:
-    """``frame`` with each shared order_id written as ``<merchant_id>/<order_id>``."""
+def _qualify(frame: pd.DataFrame, shared: set[str], column: str = "order_id") -> pd.DataFrame:
+    """``frame`` with each shared id of ``column`` written as ``<merchant_id>/<id>``."""
     if not shared or not len(frame):
         return frame
     frame = frame.copy()
-    mask = frame["order_id"].isin(shared)
-    frame.loc[mask, "order_id"] = frame.loc[mask, "merchant_id"] + "/" + frame.loc[mask, "order_id"]
+    mask = frame[column].isin(shared)
+    frame.loc[mask, column] = frame.loc[mask, "merchant_id"] + "/" + frame.loc[mask, column]
     return frame
 
 
@@ -449,7 +450,8 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     other order's feedback: an order with a value outside the contract's lists, or whose rows break a rule of
     the files, is left out whole and named in the summary (``left_out_orders``); nothing is left out silently. An
     order_id that several merchants use is written ``<merchant_id>/<order_id>`` (the files key orders by
-    order_id) and named too. Both files are written beside the targets and moved into place only once valid, so
+    order_id) and named too; a txn_id that several merchants' attempts have is written ``<merchant_id>/<txn_id>``
+    the same way. Both files are written beside the targets and moved into place only once valid, so
     a failed export leaves an earlier export as it was. ``since`` (aware) keeps orders whose first attempt is at
     or after it.
     """
@@ -471,7 +473,8 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     finally:
         engine.dispose()
     left_out = unusable | _unwritable_orders(attempts_frame, nudges_frame)
-    shared = _shared_order_ids(attempts_frame, nudges_frame)
+    shared = _shared_ids("order_id", attempts_frame, nudges_frame)
+    shared_txns = _shared_ids("txn_id", attempts_frame)
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
@@ -482,7 +485,7 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
             attempts_frame = _only(attempts_frame, keep).reset_index(drop=True)
             nudges_frame = _only(nudges_frame, keep).reset_index(drop=True)
             try:
-                write_attempts(_qualify(attempts_frame, shared), staged[0])
+                write_attempts(_qualify(_qualify(attempts_frame, shared_txns, "txn_id"), shared), staged[0])
                 write_nudges(_qualify(nudges_frame, shared), staged[1])
                 read_history(*staged, cap=len(attempts_frame) + len(nudges_frame) + 1)
                 break

@@ -138,8 +138,8 @@ class IdempotencyConflictError(ValueError):
 
 
 class TxnIdTakenError(ValueError):
-    """A failure event's history names a txn_id another order's attempt already has (txn_ids are unique across
-    every merchant's history: CONTRACT.md section 3)."""
+    """A failure event's history names a txn_id another order of the same merchant already has (a merchant's
+    txn_ids are unique across its history: CONTRACT.md section 3; another merchant's never count)."""
 
 
 class OrderNotFoundError(LookupError):
@@ -699,13 +699,19 @@ class Executor:
         return self._idempotent(merchant_id, "payment_failed", body, apply)
 
     @staticmethod
-    def _check_txn_ids_free(conn: sa.Connection, rows: list[tuple[int, str]], history: Sequence[Any]) -> None:
-        """TxnIdTakenError naming the first attempt whose txn_id another order's attempt has already (it was a
-        database error, a 500: review)."""
+    def _check_txn_ids_free(
+        conn: sa.Connection, merchant_id: str, rows: list[tuple[int, str]], history: Sequence[Any]
+    ) -> None:
+        """TxnIdTakenError naming the first attempt whose txn_id another order of the merchant has already (it was
+        a database error, a 500: review). Another merchant's attempts never count: their txn_ids are theirs."""
         if not rows:
             return
         taken = set(
-            conn.scalars(sa.select(transactions.c.txn_id).where(transactions.c.txn_id.in_([t for _, t in rows])))
+            conn.scalars(
+                sa.select(transactions.c.txn_id).where(
+                    transactions.c.merchant_id == merchant_id, transactions.c.txn_id.in_([t for _, t in rows])
+                )
+            )
         )
         for index, txn_id in rows:
             if txn_id in taken:
@@ -742,7 +748,7 @@ class Executor:
                     "created_at": attempt.created_at,
                 }
             )
-        self._check_txn_ids_free(conn, [(index, row["txn_id"]) for index, row in enumerate(rows)], history)
+        self._check_txn_ids_free(conn, merchant_id, [(index, row["txn_id"]) for index, row in enumerate(rows)], history)
         if not rows:
             rows.append(
                 {

@@ -78,7 +78,8 @@ orders = sa.Table(
 transactions = sa.Table(
     "transactions",
     metadata,
-    sa.Column("txn_id", sa.String(64), primary_key=True),
+    # Keyed per merchant (migration 0010): a txn_id is the merchant's own, and never occupies another merchant's.
+    sa.Column("txn_id", sa.String(64), nullable=False),
     sa.Column("merchant_id", sa.String(128), nullable=False),
     sa.Column("order_id", sa.String(256), nullable=False),
     sa.Column("attempt_number", sa.Integer, nullable=False),
@@ -98,6 +99,7 @@ transactions = sa.Table(
     sa.Column("idempotency_key", sa.String(400), nullable=True, unique=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("merchant_id", "order_id", "attempt_number", name="uq_transactions_attempt"),
+    sa.PrimaryKeyConstraint("merchant_id", "txn_id", name="pk_transactions_merchant_id_txn_id"),
 )
 
 nudges = sa.Table(

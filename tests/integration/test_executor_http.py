@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from model.history import read_attempts
+from service.api.export import export_history
 from service.executor.routes import ExecutorRuntime, build_executor_runtime
 from service.executor.settings import ExecutorSettings
 from tests.factories import make_request
@@ -159,3 +161,39 @@ def test_a_history_txn_id_another_order_has_is_a_409_naming_it(api: Api) -> None
     assert api.loop.run_until_complete(api.client.get("/v1/orders/ord_h2", headers=AUTH)).status_code == 404
     # The same event again (a retry of the caller's request) is the first order's answer, not a conflict.
     assert api.post("/v1/events/payment-failed", first).status_code == 202
+
+
+def test_a_merchants_txn_ids_never_take_nor_reveal_another_merchants(tmp_path: Path, database_url: str) -> None:
+    """(Security review.) Attempts were keyed by txn_id alone, across merchants: a failure event whose history
+    named an id another merchant's attempt had was a 409 saying so (any merchant could probe for any id), and one
+    naming an id before its merchant did (a switch's ``<order_id>_<n>``, or the ``txn_`` id winback derives from
+    merchant, order and attempt) kept that merchant from ever handing the order over."""
+    api = start(tmp_path, database_url=database_url)
+    try:
+        executor_of(api, FakeConnector())
+        own = failed_event(order_id="ord_v1", key="v1")
+        assert api.post("/v1/events/payment-failed", own).status_code == 202
+        view = api.loop.run_until_complete(api.client.get("/v1/orders/ord_v1", headers=AUTH)).json()
+        derived = view["attempts"][0]["txn_id"]
+        squatted = {"attempts": [_history_attempt(1, txn_id="ord_v2_1")], "nudges": []}
+        for order_id, history in [("ord_a1", {"attempts": [_history_attempt(1, txn_id=derived)], "nudges": []}),
+                                  ("ord_a2", squatted)]:  # fmt: skip
+            other = failed_event(order_id=order_id, key=order_id, merchant_id="m_other", history=history)
+            answer = api.post("/v1/events/payment-failed", other, key=OTHER_KEY)
+            assert answer.status_code == 202, answer.text
+        victim = api.post("/v1/events/payment-failed", failed_event(order_id="ord_v2", key="v2", history=squatted))
+        assert victim.status_code == 202, victim.text
+        view = api.loop.run_until_complete(api.client.get("/v1/orders/ord_v2", headers=AUTH)).json()
+        assert [attempt["txn_id"] for attempt in view["attempts"]] == ["ord_v2_1"]
+        # The merchant's own ids stay unique: the same id on another of its orders is still refused.
+        again = failed_event(order_id="ord_v3", key="v3", history=squatted)
+        assert api.post("/v1/events/payment-failed", again).status_code == 409
+        # The history files key attempts by txn_id: an id two merchants use is written per merchant.
+        summary = export_history(database_url, tmp_path / "history")
+        attempts = read_attempts(summary.attempts_path)
+        assert attempts["txn_id"].is_unique
+        assert {"m_demo/ord_v2_1", "m_other/ord_v2_1", f"m_demo/{derived}", f"m_other/{derived}"} <= set(
+            attempts["txn_id"]
+        )
+    finally:
+        api.close()

@@ -136,3 +136,43 @@ def test_attempt_codes_of_any_length_are_kept_from_0008_and_cut_back_on_downgrad
             assert conn.scalar(sa.text("SELECT count(*) FROM transactions")) == 1
     finally:
         engine.dispose()
+
+
+def test_attempts_keyed_per_merchant_keep_the_stored_rows_and_downgrade_back(database_url: str) -> None:
+    """0010 keys attempts by (merchant_id, txn_id): keyed by txn_id alone, one merchant's failure event could take
+    (or probe for) another merchant's txn_id."""
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+
+    def attempt(merchant_id: str, txn_id: str) -> dict[str, object]:
+        return {
+            "txn_id": txn_id, "merchant_id": merchant_id, "order_id": "ord_1", "attempt_number": 1,
+            "processor_payment_id": "ord_1_1", "strategy": "initial", "connector": "stripe", "status": "failure",
+            "idempotency_key": f"{merchant_id}:{txn_id}", "created_at": moment,
+        }  # fmt: skip
+
+    table = sa.table("transactions", *(sa.column(name) for name in attempt("m_a", "t")))
+
+    def stored() -> list[tuple[str, str]]:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT merchant_id, txn_id FROM transactions ORDER BY merchant_id"))
+            return [tuple(row) for row in rows]
+
+    try:
+        upgrade(engine, "0009")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table), [attempt("m_a", "pi_1")])
+        upgrade(engine)
+        assert stored() == [("m_a", "pi_1")]
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table), [attempt("m_b", "pi_1")])
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.insert(table), [attempt("m_b", "pi_1") | {"order_id": "ord_2", "idempotency_key": "k"}])
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM transactions WHERE merchant_id = 'm_b'"))
+        downgrade(engine, "0009")
+        assert stored() == [("m_a", "pi_1")]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.insert(table), [attempt("m_b", "pi_1") | {"order_id": "ord_2"}])
+    finally:
+        engine.dispose()

@@ -30,6 +30,20 @@ _MESSAGE = """{% extends "layout.html" %}{% block body %}
 {% endblock %}"""
 
 
+#: Headers of every payment-link page. Its URL is the customer's bearer credential (whoever holds it can pay, and
+#: sees the order and amount): never stored by a browser or a shared cache (the back button on a shared phone,
+#: a proxy), never sent on in a Referer, never framed by another site; only the page's own inline style runs.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
 @functools.cache
 def environment() -> jinja2.Environment:
     """The page templates, loaded once per process."""

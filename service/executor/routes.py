@@ -40,7 +40,7 @@ from service.executor.core import (
 from service.executor.effects import Effects
 from service.executor.links import LinkError
 from service.executor.optouts import token_matches
-from service.executor.pages import render
+from service.executor.pages import PAGE_HEADERS, render
 from service.executor.schemas import EventOut, OrderOut, PaymentFailedEvent, PaymentSucceededEvent
 from service.executor.settings import ExecutorSettings
 from service.executor.views import order_view
@@ -175,7 +175,9 @@ async def get_order(order_id: str, caller: CallerDep, runtime: ExecutorDep) -> O
 
 
 def _message(status_code: int, title: str, message: str) -> HTMLResponse:
-    return HTMLResponse(render("message.html", title=title, message=message), status_code=status_code)
+    return HTMLResponse(
+        render("message.html", title=title, message=message), status_code=status_code, headers=PAGE_HEADERS
+    )
 
 
 @router.get("/pay/{token}", response_class=HTMLResponse, responses=_LINK_ERRORS, tags=["payment links"])
@@ -198,7 +200,8 @@ async def pay_page(token: str, runtime: ExecutorDep) -> HTMLResponse:
             amount=page.amount,
             currency=page.currency,
             expires_at=page.expires_at,
-        )
+        ),
+        headers=PAGE_HEADERS,
     )
 
 

@@ -69,7 +69,8 @@ def test_events_answer_202_idempotently_and_409_on_a_changed_body(api: Api) -> N
     assert unknown.status_code == 404
 
 
-def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None:
+def _issued_links(api: Api) -> tuple[ExecutorRuntime, str, str]:
+    """(runtime, token, expired token) of order ord_h1, pending, whose link is on record; a payment succeeds."""
     runtime = executor_of(api, FakeConnector(results=["success"]))
     executor = runtime.executor
     later = {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(days=1)}
@@ -94,6 +95,12 @@ def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None
             ],
         )
     assert executor.order_state("m_demo", "ord_h1") == "PENDING"
+    return runtime, token, expired_token
+
+
+def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None:
+    runtime, token, expired_token = _issued_links(api)
+    executor = runtime.executor
 
     page = api.get(f"/pay/{token}")
     assert page.status_code == 200
@@ -113,6 +120,28 @@ def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None
     reused = api.loop.run_until_complete(api.client.post(f"/pay/{token}"))
     assert reused.status_code == 409
     assert "already used" in reused.text
+
+
+def test_pay_pages_are_never_cached_framed_or_named_in_a_referer(api: Api) -> None:
+    """(Security review.) A payment link's URL is the customer's credential: whoever holds it pays, and sees the
+    order and amount. Its pages went out with no header at all: a browser or a shared proxy could keep them (the
+    back button on a shared phone), another site could frame the pay button, and a Referer could carry the URL."""
+    _, token, _ = _issued_links(api)
+    pages = [
+        api.get(f"/pay/{token}"),
+        api.get(f"/pay/{token[:-4]}AAAA"),
+        api.loop.run_until_complete(api.client.post(f"/pay/{token}")),
+        api.loop.run_until_complete(api.client.post(f"/pay/{token}")),
+    ]
+    assert [page.status_code for page in pages] == [200, 400, 200, 409]
+    for page in pages:
+        assert page.headers["cache-control"] == "no-store"
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert page.headers["x-frame-options"] == "DENY"
+        policy = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy
+        assert "default-src 'none'" in policy
+        assert "script-src" not in policy  # no script may run on a payment page
 
 
 def _history_attempt(number: int, **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Final
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 # MLflow's usage telemetry starts a network thread when mlflow is imported; winback never phones home, so it
 # is switched off before the import (an explicit MLFLOW_DISABLE_TELEMETRY=false from the caller still wins).
@@ -63,6 +63,38 @@ class RegistryError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------
 # Tracking URI and experiment
+
+
+_SECRET_QUERY_KEYS: Final = frozenset({"password", "passwd", "sslpassword"})
+
+
+def shown_uri(uri: str) -> str:
+    """A tracking URI fit for a message or a log line: a password in ``user:password@`` and in the query hidden
+    (a database-backed store's URI carries its credentials; messages end up in cron logs)."""
+    parts = urlsplit(uri)
+    user, at, host = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}:***@{host}" if at and ":" in user else parts.netloc
+    pairs = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
+    query = "&".join(
+        f"{key}=***" if unquote(key).lower() in _SECRET_QUERY_KEYS else f"{key}{eq}{value}" for key, eq, value in pairs
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def without_uri_secrets(text: str, uri: str) -> str:
+    """``text`` (an error about ``uri``: MLflow's and the drivers' name the URL they tried) with the URI's
+    secrets, as ``shown_uri`` hides them, written ``***``."""
+    parts = urlsplit(uri)
+    user, at, _ = parts.netloc.rpartition("@")
+    found = [user.partition(":")[2]] if at and ":" in user else []
+    for key, _, value in (pair.partition("=") for pair in parts.query.split("&") if parts.query):
+        if unquote(key).lower() in _SECRET_QUERY_KEYS:
+            found.append(value)
+    for secret in sorted({each for raw in found for each in (raw, unquote(raw)) if each}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:

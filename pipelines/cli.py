@@ -625,6 +625,7 @@ def history_export(
     from sqlalchemy.exc import ArgumentError, OperationalError
 
     from model.history import HistoryError
+    from model.registry_client import shown_uri
     from pipelines.train import format_history_error
     from service.api.export import export_history
 
@@ -643,7 +644,9 @@ def history_export(
     except FileNotFoundError as exc:
         raise fail(str(exc)) from None
     except (ArgumentError, OperationalError) as exc:
-        raise fail(f"cannot read the database at --database-url {url!r}: {str(exc).splitlines()[0]}") from None
+        raise fail(
+            f"cannot read the database at --database-url {shown_uri(url)!r}: {str(exc).splitlines()[0]}"
+        ) from None
     console.print(
         f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
         f"({summary.nudges:,} nudges) for {summary.orders:,} orders"

@@ -622,6 +622,7 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     from model import registry
+    from model.registry_client import shown_uri, without_uri_secrets
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.DEFAULT_TRACKING_URI
     try:
@@ -630,7 +631,8 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
             registry.ensure_experiment(uri)
     except (MlflowException, SQLAlchemyError, OSError) as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise TrainInputError(f"cannot use the MLflow tracking store {uri}: {reason}") from exc
+        reason = without_uri_secrets(reason, uri)  # MLflow's and the drivers' errors name the URL they tried
+        raise TrainInputError(f"cannot use the MLflow tracking store {shown_uri(uri)}: {reason}") from exc
     return uri
 
 
@@ -902,9 +904,11 @@ def train_command(
     except TrainInputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
+    from model.registry_client import shown_uri
+
     out.print(
         f"registered [bold]winback[/] version {summary.version} (alias challenger) "
-        f"from run {summary.run_id} in {summary.tracking_uri}",
+        f"from run {summary.run_id} in {shown_uri(summary.tracking_uri)}",
         highlight=False,
         soft_wrap=True,
     )

@@ -461,7 +461,7 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     database = url.database if url.get_backend_name() == "sqlite" else None
     if database not in (None, "", ":memory:") and not Path(str(database)).is_file():
         # Connecting would create an empty database file.
-        raise FileNotFoundError(f"no winback database at {database} (from {database_url})")
+        raise FileNotFoundError(f"no winback database at {database} (from {shown_url(url)})")
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:

@@ -136,11 +136,15 @@ def test_train_with_a_tracking_store_it_cannot_reach_says_so_in_one_line_before_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     history = ["--attempts", str(small_history / "attempts.parquet"), "--nudges", str(small_history / "nudges.parquet")]
-    for uri in (f"http://127.0.0.1:{port}", "bogus://nowhere"):
+    # (Security review.) A store's credentials were printed with it, into the terminal and the retrain's cron log.
+    with_password = f"http://winback:s3cret-pw@127.0.0.1:{port}/?password=s3cret-pw&x=1"
+    shown = f"http://winback:***@127.0.0.1:{port}/?password=***&x=1"
+    for uri, named in [(f"http://127.0.0.1:{port}",) * 2, ("bogus://nowhere",) * 2, (with_password, shown)]:
         result = runner.invoke(app, ["train", *history, "--tracking-uri", uri])
         assert result.exit_code == 2, result.output
-        assert f"error: cannot use the MLflow tracking store {uri}: " in result.output
+        assert f"error: cannot use the MLflow tracking store {named}: " in result.output
         assert "Traceback" not in result.output
+        assert "s3cret-pw" not in result.output
 
 
 def test_history_export_from_a_database_it_cannot_read_exits_with_one_line(tmp_path: Path) -> None:
@@ -149,10 +153,14 @@ def test_history_export_from_a_database_it_cannot_read_exits_with_one_line(tmp_p
         (f"sqlite:///{absent}", f"no winback database at {absent}"),
         ("foo://bar", "cannot read the database at --database-url 'foo://bar'"),
         ("postgresql://127.0.0.1:1/none", "cannot read the database at --database-url"),
+        # (Security review.) The password was printed with the URL.
+        ("postgresql://wb:s3cret-pw@127.0.0.1:1/none", "--database-url 'postgresql://wb:***@127.0.0.1:1/none'"),
+        (f"sqlite:///{absent}?password=s3cret-pw", f"(from sqlite:///{absent}?password=***)"),
     ]:
         result = runner.invoke(app, ["history", "export", "--out", str(tmp_path / "out"), "--database-url", url])
         assert result.exit_code == 2, result.output
         assert reason in result.output
+        assert "s3cret-pw" not in result.output
     assert not absent.exists()  # an empty database file used to be left behind
     assert not (tmp_path / "out").exists()
 

@@ -2,7 +2,7 @@
 sign-ins the throttle counts.
 
 The tables live in the API's ``metadata``; ``service/migrations/versions/0003_console.py`` creates the first three,
-``0010_sign_in_failures.py`` the last.
+``0011_sign_in_failures.py`` the last.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The throttle counted failures in each process: with ``--workers N`` it let N times as many guesses through, and a
 restart forgot them. Only SHA-256 digests of the name or address are kept, and only for the throttle's window.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0009"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

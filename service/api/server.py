@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import tempfile
@@ -71,6 +72,43 @@ def load_served_settings() -> Settings:
     return settings
 
 
+def refuse_placeholder_secrets_beyond_loopback(host: str) -> None:
+    """SettingsError when the server would listen beyond this machine (``host`` not a loopback address) with a
+    placeholder secret. WINBACK_ENV defaults to dev, which takes the public placeholders: served so on 0.0.0.0, anyone
+    could forge payment links, the providers' STOP and receipt callbacks (their key derives from the link secret)
+    and console sessions."""
+    from service.api.settings import SettingsError, settings_from_env
+    from service.console.settings import PLACEHOLDER_CONSOLE_SECRET, ConsoleSettings
+    from service.executor.settings import PLACEHOLDER_LINK_SECRET, ExecutorSettings
+
+    if _is_loopback(host):
+        return
+    placeholders = (
+        ("WINBACK_LINK_SECRET", settings_from_env(ExecutorSettings).link_secret, PLACEHOLDER_LINK_SECRET,
+         "payment links and the providers' callbacks"),
+        ("WINBACK_CONSOLE_SECRET", settings_from_env(ConsoleSettings).console_secret, PLACEHOLDER_CONSOLE_SECRET,
+         "console sessions"),
+    )  # fmt: skip
+    problems = [
+        f"{name} is the public placeholder, which signs {what} anyone could forge; --host {host} listens beyond "
+        "this machine: set it to a random string of at least 32 characters (and WINBACK_ENV=prod), or serve on "
+        "127.0.0.1"
+        for name, secret, placeholder, what in placeholders
+        if secret.get_secret_value() == placeholder
+    ]
+    if problems:
+        raise SettingsError(problems)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.casefold() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
 def run(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -95,6 +133,7 @@ def run(
     load_config(config_file)
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
     settings = load_served_settings()
+    refuse_placeholder_secrets_beyond_loopback(host)
     spool = decision_spool(settings.spool_dir)
     try:
         spool.check_writable()  # each worker checks again; this one says it in one line

@@ -243,6 +243,31 @@ def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_e
     assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in output
 
 
+def test_serve_beyond_loopback_refuses_the_placeholder_secrets_even_in_dev(serve_env: pytest.MonkeyPatch) -> None:
+    # WINBACK_ENV defaults to dev, which takes the public placeholders: on 0.0.0.0 anyone could forge pay links,
+    # STOP callbacks and console sessions.
+    serve_env.delenv("WINBACK_ENV", raising=False)
+    serve_env.delenv("WINBACK_LINK_SECRET", raising=False)
+    serve_env.delenv("WINBACK_CONSOLE_SECRET", raising=False)
+    for host in ("0.0.0.0", "::", "192.168.1.20", "winback.internal"):
+        result = runner.invoke(app, ["serve", "--host", host, "--port", "8799"])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert "WINBACK_LINK_SECRET is the public placeholder" in result.output
+        assert "WINBACK_CONSOLE_SECRET is the public placeholder" in result.output
+    serve_env.setenv("WINBACK_LINK_SECRET", "l" * 40)
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--port", "8799"])
+    assert "WINBACK_LINK_SECRET" not in result.output
+    assert "WINBACK_CONSOLE_SECRET is the public placeholder" in result.output
+
+
+def test_placeholder_secrets_stay_allowed_on_loopback() -> None:
+    from service.api.server import refuse_placeholder_secrets_beyond_loopback
+
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        refuse_placeholder_secrets_beyond_loopback(host)
+
+
 def test_demo_without_serving_trains_and_promotes_a_champion(tmp_path: Path) -> None:
     result = runner.invoke(
         app,

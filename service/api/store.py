@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -209,6 +210,7 @@ def shown_url(url: str | sa.URL) -> str:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and cross-thread use (the writer thread)."""
     if url.startswith("sqlite"):
+        _create_private(sa.make_url(url).database)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @sa.event.listens_for(engine, "connect")
@@ -222,6 +224,20 @@ def make_engine(url: str) -> Engine:
         return engine
     # The writer treats a database that fails within libpq's bounds as an outage (spool), an outcome as a 503.
     return sa.create_engine(url, pool_pre_ping=True, connect_args=server_connect_args(url))
+
+
+def _create_private(database: str | None) -> None:
+    """Create a SQLite database file that does not exist yet readable by its owner only (its -wal and -shm files
+    take the same mode): it holds the customers' requests, phone numbers and e-mail addresses included, which a
+    default umask leaves readable by every local user."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass  # an existing database keeps the mode its operator gave it
+    except OSError:
+        pass  # a folder that does not exist: SQLite's own error names it when the engine connects
 
 
 def server_connect_args(url: str) -> dict[str, Any]:

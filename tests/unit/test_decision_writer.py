@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -450,3 +451,20 @@ def test_a_database_file_that_cannot_be_examined_is_an_outage_not_a_refusal(
     assert _spooled_rows(spool_dir, prefix="rejected") == []
     writer.close()
     engine.dispose()
+
+
+def test_a_new_sqlite_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    # It holds the customers' requests (phone numbers, e-mail addresses): a default umask made it world-readable.
+    database = tmp_path / "winback.db"
+    engine = make_engine(f"sqlite:///{database}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+    modes = {path.name: stat.S_IMODE(os.stat(path).st_mode) for path in tmp_path.iterdir()}
+    engine.dispose()
+    assert modes["winback.db"] == 0o600
+    assert modes["winback.db-wal"] == 0o600
+    existing = tmp_path / "operator.db"
+    existing.touch(mode=0o640)
+    make_engine(f"sqlite:///{existing}").dispose()
+    assert stat.S_IMODE(os.stat(existing).st_mode) == 0o640  # an operator's own choice is kept

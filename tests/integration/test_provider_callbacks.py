@@ -101,6 +101,17 @@ def test_the_real_app_answers_provider_callbacks_only_with_the_merchants_token(a
     assert "/v1/providers/{provider}/inbound" in api.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.parametrize("channel", ["fax", 7, None, ["sms"]])
+def test_an_inbound_reply_naming_no_known_channel_is_a_400_saying_so(api: Api, channel: Any) -> None:
+    # It raised ValueError (or TypeError) out of Channel(): a 500.
+    inbound = urls(provider="fake")["inbound"]
+    body = {"from": "+919800000001", "text": "STOP", "channel": channel}
+    answer = api.loop.run_until_complete(api.client.post(inbound, json=body))
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"].startswith("channel: ")
+    assert "is not a channel (one of " in answer.json()["detail"]
+
+
 def test_a_stop_reply_keeps_the_customers_next_order_off_the_channel_and_holds_a_planned_message(
     api: Api,
     make_harness: Any,  # noqa: F811 - the fixture

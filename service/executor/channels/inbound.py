@@ -274,7 +274,12 @@ def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
         )
     if not body.get("from") or not isinstance(body.get("text"), str):
         return None
-    channel = Channel(body.get("channel", Channel.SMS.value))
+    named = body.get("channel", Channel.SMS.value)
+    try:
+        channel = Channel(named)
+    except ValueError:
+        known = ", ".join(c.value for c in Channel)
+        raise PayloadError(f"channel: {str(named)[:40]!r} is not a channel (one of {known})") from None
     return InboundMessage(provider=provider, channel=channel, sender=str(body["from"]), text=body["text"])
 
 

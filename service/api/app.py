@@ -495,6 +495,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             status=stored.status,
             occurred_at=stored.occurred_at,
             recorded_at=stored.recorded_at,
+            decision_found=stored.decision_found,
         )
 
     @app.get("/healthz", response_model=Health, tags=["operations"])

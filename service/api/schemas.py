@@ -45,6 +45,12 @@ class OutcomeOut(BaseModel):
     status: Literal["success", "failure"]
     occurred_at: datetime
     recorded_at: datetime
+    decision_found: bool = Field(
+        default=True,
+        description="Whether this scorer served the decision_id. false: a mistyped id, or a decision served "
+        "elsewhere; the outcome is kept, but without its decision it cannot reach the history files retraining "
+        "reads.",
+    )
 
 
 class FieldError(BaseModel):

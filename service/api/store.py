@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -185,6 +185,9 @@ class StoredOutcome:
     occurred_at: datetime
     body: dict[str, Any]
     recorded_at: datetime
+    #: Whether the decision was found among the decisions served (stored, or on its way): an outcome of one never
+    #: found is kept, but cannot reach the exported history (its request is not known).
+    decision_found: bool = True
 
 
 def _utc(value: datetime) -> datetime:
@@ -436,7 +439,7 @@ class Store:
         except IntegrityError:
             pass  # already stored (maybe by a concurrent request): compare below
         self.check_file()  # gone before the commit: the outcome went with it, the caller must send it again
-        return self._same_or_conflict(merchant_id, body)
+        return replace(self._same_or_conflict(merchant_id, body), decision_found=served is not None)
 
     def check_file(self) -> None:
         """DatabaseFileGoneError when the SQLite file this store started with was deleted or replaced."""

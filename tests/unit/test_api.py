@@ -552,6 +552,18 @@ def test_outcome_is_idempotent_and_a_different_body_conflicts(api: Api) -> None:
     assert "another occurred_at" in later.json()["detail"]
 
 
+def test_an_outcome_of_a_decision_never_served_says_so(api: Api) -> None:
+    # A mistyped decision_id was answered like any other: the merchant never learned its outcome was not going to
+    # reach the history files.
+    served = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    assert api.post("/v1/outcomes", _outcome(served)).json()["decision_found"] is True
+    typo = api.post("/v1/outcomes", _outcome("dec_mistyped"))
+    assert typo.status_code == 200, typo.text
+    assert typo.json()["decision_found"] is False
+    assert api.post("/v1/outcomes", _outcome("dec_mistyped")).json() == typo.json()  # the same answer again
+    assert "decision_found" in api.get("/openapi.json").json()["components"]["schemas"]["OutcomeOut"]["properties"]
+
+
 def test_an_outcome_the_database_cannot_take_is_a_503_saying_to_send_it_again(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

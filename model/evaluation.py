@@ -325,9 +325,10 @@ def snips(
     """Self-normalised IPS: ``sum(w * r) / sum(w)``; NaN when no logged action matches the target policy.
 
     ``known_zero`` marks points where the target policy's action is worth exactly 0 whatever happens (stop:
-    no reward, no cost). A logged stop leaves no history row, so such points can never match a logged action;
-    they enter the normalisation with weight 1 and reward 0 instead of being dropped, which would otherwise
-    inflate the estimate of a policy that stops often to its value on the points where it acts.
+    no reward, no cost). They enter the normalisation with their expected weight, 1, and reward 0: a history
+    without a stops file has no logged stop such points could match, and dropping them would inflate the estimate
+    of a policy that stops often to its value on the points where it acts (with logged stops, 1 is still the
+    weight's expectation there, and a lower-variance one than ``target / propensity``).
     """
     r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
     wr = w * r
@@ -926,9 +927,13 @@ def _request_at(
 
 
 def _order_points(
-    attempts: list[dict[str, Any]], nudges: list[dict[str, Any]], follow_up: pd.Timedelta
-) -> list[dict[str, Any]]:
-    """Decision points of one order (attempts sorted by number, nudges by time) with their logged action."""
+    attempts: list[dict[str, Any]],
+    nudges: list[dict[str, Any]],
+    follow_up: pd.Timedelta,
+    stops: list[dict[str, Any]] | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Decision points of one order (attempts sorted by number, nudges by time) with their logged action, and why
+    each of the order's ``stops`` rows matches none of them (`_apply_stops`)."""
     from model.vocab import RETRY_STRATEGIES, Strategy
 
     retry_values = {s.value for s in RETRY_STRATEGIES}
@@ -973,14 +978,15 @@ def _order_points(
             (
                 item
                 for item in actions
-                if (item[0] > when or (item[0] == when and kind == "follow_up"))
+                # A message sent the instant its failure came in answers it (as in training's decision points).
+                if (item[0] > when or (item[0] == when and (kind == "follow_up" or item[3] == "retarget")))
                 and (item[3] == "retarget" or item[1] >= min_number)
             ),
             None,
         )
         if nxt is not None and success_at is not None and nxt[0] > success_at:
             nxt = None
-        row: dict[str, Any] = {"event_time": when, "failure": failure, "kind": kind}
+        row: dict[str, Any] = {"event_time": when, "failure": failure, "kind": kind, "logged_stop": False}
         if nxt is None:
             row.update(action="stop", strategy=None, connector=None, channel=None, execute_at=when)
             row.update(propensity=float("nan"), label=0.0)
@@ -1007,7 +1013,40 @@ def _order_points(
                 label=float(str(nudge["nudge_id"]) in paid_nudges),
             )
         points.append(row)
-    return points
+    return points, _apply_stops(points, stops or [])
+
+
+def _apply_stops(points: list[dict[str, Any]], stops: list[dict[str, Any]]) -> list[str]:
+    """Set the logged action of the points the order's recorded stops were decided at; returns why each stop that
+    matches no point does not.
+
+    A stop (a row of the stops file) belongs to the latest point at or before its ``decided_at`` that answers the
+    same failed attempt (``attempt_number``): the simulator decides at the point's own time, the executor a little
+    later. That point's logged action becomes ``stop`` with the stop's propensity (null for a stop that was not a
+    policy's choice, e.g. an agent's reject) and reward 0: a stop neither costs nor recovers anything itself (a
+    customer who pays later through a link sent earlier is that nudge's reward). A point whose reconstructed action
+    was carried out before the stop was decided is not the stop's (the stop answered a later point the files do
+    not show): such a stop matches none, and is counted rather than guessed at.
+    """
+    unmatched: list[str] = []
+    for stop in sorted(stops, key=lambda row: _ts(row["decided_at"])):
+        decided = _ts(stop["decided_at"])
+        number = int(stop["attempt_number"])
+        candidates = [p for p in points if int(p["failure"]["attempt_number"]) == number and p["event_time"] <= decided]
+        if not candidates:
+            unmatched.append(f"no decision point after attempt {number} at or before {decided.isoformat()}")
+            continue
+        point = candidates[-1]
+        if not point["logged_stop"] and point["action"] != "stop" and _ts(point["execute_at"]) <= decided:
+            unmatched.append(
+                f"the decision point at {point['event_time'].isoformat()} led to a {point['action']} at "
+                f"{_ts(point['execute_at']).isoformat()}, before the stop was decided at {decided.isoformat()}"
+            )
+            continue
+        # Of two stops at one point (decided again), the later one is what the order did.
+        point.update(action="stop", strategy=None, connector=None, channel=None, execute_at=point["event_time"])
+        point.update(propensity=_float_or_nan(stop["propensity"]), label=0.0, logged_stop=True)
+    return unmatched
 
 
 def orders_active_since(
@@ -1034,6 +1073,7 @@ def logged_decisions(
     since: datetime | pd.Timestamp | None = None,
     max_orders: int | None = None,
     seed: int = 0,
+    stops: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Every logged decision point of a history, with the request a caller would have sent and what followed.
 
@@ -1043,14 +1083,22 @@ def logged_decisions(
     The logged action is winback's next action (a silent retry or a nudge; a customer's own payment through a
     link is not an action), or ``stop`` when none followed. ``label`` is
     whether that action succeeded (the retry's attempt, or a payment through that nudge's link); ``reward``
-    follows `reward_values`. A logged ``stop`` leaves no row in the history, so its propensity is NaN.
+    follows `reward_values`.
+
+    A logged ``stop`` leaves no attempt or nudge: ``stops`` (the history's stops file, `model.history.StopsSchema`)
+    gives the points where the logging policy stopped their propensity (`_apply_stops`; column ``logged_stop``).
+    Without it, and at a point where nothing followed and no stop was recorded (the history ends before the next
+    action, or the order's last decision was never carried out), the action is ``stop`` with a NaN propensity:
+    the off-policy estimators cannot use such a point. ``frame.attrs["unmatched_stops"]`` lists the stops that
+    match no decision point (``merchant/order: why``).
 
     With ``since``, only the decision points at or after it are built (a holdout), and orders that end before
     it are skipped without building anything. ``max_orders`` builds the points of a seeded random sample of at
     most that many (remaining) orders, which bounds the cost on million-order histories.
 
     Columns: `LOGGED_COLUMNS` plus ``merchant_id``, ``order_id``, ``event_time``, ``kind`` (failure /
-    follow_up), ``label``, ``amount_usd``, ``cost_usd``, ``error_code`` and, with a catalog, ``error_class``.
+    follow_up), ``logged_stop``, ``label``, ``amount_usd``, ``cost_usd``, ``error_code`` and, with a catalog,
+    ``error_class``.
     """
     from model.vocab import NUDGE_FOLLOW_UP_HOURS
 
@@ -1066,6 +1114,12 @@ def logged_decisions(
             keep = set(order_ids.sample(n=max_orders, random_state=seed))
             attempts = attempts[attempts["order_id"].astype(str).isin(keep)]
             nudges = nudges[nudges["order_id"].astype(str).isin(keep)]
+    stops_by_order: dict[str, list[dict[str, Any]]] = {}
+    if stops is not None and len(stops):
+        known = set(attempts["order_id"].astype(str))
+        for record in stops[stops["order_id"].astype(str).isin(known)].to_dict("records"):
+            stops_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
+    unmatched: list[str] = []
     nudges_by_order: dict[str, list[dict[str, Any]]] = {}
     for record in nudges.sort_values("sent_at").to_dict("records"):
         nudges_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
@@ -1078,7 +1132,10 @@ def logged_decisions(
         if order_attempts[0]["status"] == "success":
             continue
         order_nudges = nudges_by_order.get(order_id, [])
-        for point in _order_points(order_attempts, order_nudges, follow_up):
+        points, missed = _order_points(order_attempts, order_nudges, follow_up, stops_by_order.get(order_id))
+        merchant = str(order_attempts[0]["merchant_id"])
+        unmatched.extend(f"{merchant}/{order_id}: {why}" for why in missed)
+        for point in points:
             if cut is not None and point["event_time"] < cut:
                 continue
             failure = point.pop("failure")
@@ -1109,6 +1166,7 @@ def logged_decisions(
         "event_time",
         "kind",
         *LOGGED_COLUMNS,
+        "logged_stop",
         "label",
         "amount_usd",
         "cost_usd",
@@ -1123,4 +1181,7 @@ def logged_decisions(
     )
     frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
     frame["execute_at"] = pd.to_datetime(frame["execute_at"], utc=True)
-    return frame[columns].sort_values("event_time", kind="stable").reset_index(drop=True)
+    frame["logged_stop"] = frame["logged_stop"].astype(bool)
+    result = frame[columns].sort_values("event_time", kind="stable").reset_index(drop=True)
+    result.attrs["unmatched_stops"] = unmatched
+    return result

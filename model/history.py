@@ -4,6 +4,11 @@
 Parquet or CSV, coerced to the contract's types and validated as a whole: every bad row is reported with its
 row number, column and reason, and nothing is returned when anything is wrong.
 
+``stops`` (optional, an extra file the contract allows) has one row per logged ``stop`` decision: a stop leaves
+no attempt or nudge behind, so without it the stop's propensity is lost and the off-policy evaluation cannot
+count the decision point (``model.evaluation.logged_decisions``). Producers that write it: the simulator and
+``winback history export``; a history without it still reads, and the evaluation says that stops are missing.
+
 Row numbers in reports are 1-based data-row numbers as a person counts them: row 1 is the first data row,
 for Parquet and CSV alike (in a CSV file, row N is on line N + 1, below the header).
 
@@ -18,7 +23,11 @@ Rules beyond the plain column types, decided here and checked on every read:
   ``created_at`` order, attempt 1 and only attempt 1 has strategy ``initial``, nothing follows a successful
   attempt, ``merchant_id``/``currency``/``customer_id`` are constant per order, every nudge belongs to an order
   of the attempts file (same merchant), and a ``retarget_link`` attempt names a nudge of its own order that was
-  sent before the attempt.
+  sent before the attempt;
+- a stop (``stops`` file) belongs to an order of the attempts file (same merchant); its ``attempt_number`` is a
+  failed attempt of that order, decided at or after that attempt and not after the order's next attempt; its
+  ``decision_id`` is unique in the stops file and not the decision of any attempt or nudge (a decision has one
+  action).
 
 Extra columns are allowed and kept (from CSV they come back as strings).
 """
@@ -49,6 +58,7 @@ __all__ = [
     "DEFAULT_PARTITION_ROWS",
     "NUDGE_COLUMNS",
     "ORDER_COLUMNS",
+    "STOP_COLUMNS",
     "AttemptsSchema",
     "History",
     "HistoryError",
@@ -56,16 +66,21 @@ __all__ = [
     "NudgesSchema",
     "PartitionedHistory",
     "Problem",
+    "StopsSchema",
     "ValidationReport",
     "attempts_writer",
     "nudges_writer",
     "read_attempts",
     "read_history",
     "read_nudges",
+    "read_stops",
     "reconstruct_orders",
     "split_history",
+    "stops_beside",
+    "stops_writer",
     "write_attempts",
     "write_nudges",
+    "write_stops",
 ]
 
 ATTEMPT_COLUMNS: Final[tuple[str, ...]] = (
@@ -113,6 +128,16 @@ NUDGE_COLUMNS: Final[tuple[str, ...]] = (
     "propensity",
 )
 
+#: The optional ``stops`` file: one row per logged stop decision (a stop leaves no attempt or nudge row).
+STOP_COLUMNS: Final[tuple[str, ...]] = (
+    "merchant_id",
+    "order_id",
+    "decision_id",  # the stop decision's id (unique; no attempt or nudge carries it)
+    "decided_at",  # the decision point's time (the request's event_time), UTC
+    "attempt_number",  # the order's last attempt then: the failure the stop answered
+    "propensity",  # the logging policy's probability of stopping there; null when not a policy's choice
+)
+
 ORDER_COLUMNS: Final[tuple[str, ...]] = (
     "merchant_id",
     "order_id",
@@ -134,6 +159,8 @@ ORDER_COLUMNS: Final[tuple[str, ...]] = (
 )
 
 DEFAULT_CAP: Final = 50
+#: Every file's columns, in the order a report lists them.
+_ALL_COLUMNS: Final = tuple(dict.fromkeys((*ATTEMPT_COLUMNS, *NUDGE_COLUMNS, *STOP_COLUMNS)))
 
 _TS: Final = "datetime64[ns, UTC]"
 _RETARGET: Final = Strategy.RETARGET_LINK.value
@@ -281,6 +308,20 @@ NudgesSchema: Final = pa.DataFrameSchema(
     name="nudges",
 )
 """The ``nudges`` table: one row per retarget message (contract types; extra columns allowed)."""
+
+StopsSchema: Final = pa.DataFrameSchema(
+    {
+        "merchant_id": _text(),
+        "order_id": _text(),
+        "decision_id": _text(unique=True),
+        "decided_at": pa.Column(_TS),
+        "attempt_number": pa.Column("int64", pa.Check.ge(1, error="attempt_number must be >= 1")),
+        "propensity": _propensity(),
+    },
+    strict=False,
+    name="stops",
+)
+"""The optional ``stops`` table: one row per logged stop decision (extra columns allowed)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -734,16 +775,37 @@ def read_nudges(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def read_stops(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
+    """Read and validate a ``stops`` file (.parquet or .csv) on its own; raises ``HistoryError`` listing every bad
+    row. The rules against the attempts and nudges are checked by ``read_history``."""
+    out = _Collector(cap, STOP_COLUMNS)
+    frame = _read_table(path, StopsSchema, out)
+    out.raise_if_any()
+    return frame.reset_index(drop=True)
+
+
+def stops_beside(attempts_path: str | Path) -> Path | None:
+    """The ``stops`` file beside an attempts file (``stops.parquet`` or ``stops.csv``, the attempts file's format
+    first), as the simulator and ``winback history export`` write it; None when there is none."""
+    folder, suffix = Path(attempts_path).parent, Path(attempts_path).suffix.lower()
+    for name in dict.fromkeys((f"stops{suffix}", "stops.parquet", "stops.csv")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Cross-row and cross-file rules
 
 
 @dataclass(frozen=True, eq=False)
 class History:
-    """A validated pair of history tables."""
+    """Validated history tables: attempts and nudges, and the logged stops when the history has a stops file
+    (None: the history does not say where its logging policy stopped)."""
 
     attempts: pd.DataFrame
     nudges: pd.DataFrame
+    stops: pd.DataFrame | None = None
 
 
 def _utc_ns(s: pd.Series) -> np.ndarray[Any, Any]:
@@ -906,21 +968,115 @@ def _check_links(
     )
 
 
-def read_history(attempts_path: str | Path, nudges_path: str | Path, *, cap: int = DEFAULT_CAP) -> History:
-    """Read and validate both history files, then check the rules across rows and files.
+def _check_stops(a: pd.DataFrame, stops: pd.DataFrame, label: str, out: _Collector) -> None:
+    """A stop belongs to an order of the attempts (same merchant) and answers one of its failed attempts: decided at
+    or after that attempt, and not after the order's next attempt (which the stop would then have seen)."""
+    if len(stops) == 0:
+        return
+    orders = a.drop_duplicates("order_id").set_index("order_id")["merchant_id"]
+    s_order = stops["order_id"].to_numpy(dtype=object)
+    known = stops["order_id"].isin(orders.index).to_numpy()
+    out.add_rows(label, "order_id", np.flatnonzero(~known), lambda i: f"order {s_order[i]!r} has no attempts in the "
+                 "attempts file")  # fmt: skip
+    order_merchant = stops["order_id"].map(orders).astype(object).where(lambda x: x.notna(), None).to_numpy()
+    s_merchant = stops["merchant_id"].to_numpy(dtype=object)
+    out.add_rows(
+        label,
+        "merchant_id",
+        np.flatnonzero(known & (s_merchant != order_merchant)),
+        lambda i: (
+            f"{s_merchant[i]!r} differs from the merchant of order {s_order[i]!r} in the attempts file "
+            f"({order_merchant[i]!r})"
+        ),
+    )
+    keys = pd.MultiIndex.from_arrays([a["order_id"].astype(object), a["attempt_number"].astype(np.int64)])
+    number = stops["attempt_number"].to_numpy(dtype=np.int64)
+    at = keys.get_indexer(pd.MultiIndex.from_arrays([stops["order_id"].astype(object), number]))
+    after = keys.get_indexer(pd.MultiIndex.from_arrays([stops["order_id"].astype(object), number + 1]))
+    sizes = a.groupby("order_id", sort=False).size()
+    out.add_rows(
+        label,
+        "attempt_number",
+        np.flatnonzero(known & (at < 0)),
+        lambda i: f"order {s_order[i]!r} has no attempt {number[i]} (it has {int(sizes[s_order[i]])})",
+    )
+    found = at >= 0
+    status = a["status"].to_numpy(dtype=object)[np.maximum(at, 0)]
+    out.add_rows(
+        label,
+        "attempt_number",
+        np.flatnonzero(found & (status == _SUCCESS)),
+        lambda i: f"attempt {number[i]} of order {s_order[i]!r} succeeded: a stop answers a failed attempt",
+    )
+    created = _utc_ns(a["created_at"])
+    decided = _utc_ns(stops["decided_at"])
+    before = found & (decided < created[np.maximum(at, 0)])
+    out.add_rows(
+        label,
+        "decided_at",
+        np.flatnonzero(before),
+        lambda i: (
+            f"decided_at {pd.Timestamp(decided[i], tz='UTC').isoformat()} is before attempt {number[i]} of "
+            f"order {s_order[i]!r} ({pd.Timestamp(created[at[i]], tz='UTC').isoformat()}), the failure it answers"
+        ),
+    )
+    later = (after >= 0) & ~before & (decided > created[np.maximum(after, 0)])
+    out.add_rows(
+        label,
+        "decided_at",
+        np.flatnonzero(later),
+        lambda i: (
+            f"decided_at {pd.Timestamp(decided[i], tz='UTC').isoformat()} is after attempt {number[i] + 1} of "
+            f"order {s_order[i]!r} ({pd.Timestamp(created[after[i]], tz='UTC').isoformat()}): a stop answers the "
+            "order's last attempt"
+        ),
+    )
 
-    Row-level problems of both files are reported together; the cross-row and cross-file rules run once both
-    files are clean on their own (a dropped bad row would otherwise show up as spurious gaps and dangling
-    links), and their problems are again reported all together.
+
+def _shared_decision(ids: np.ndarray[Any, Any], what: str, position: int) -> str:
+    return f"decision {ids[position]!r} is also the decision of {what}: a decision has one action"
+
+
+def _check_stop_decisions(
+    stop_ids: pd.Series, action_ids: Iterable[tuple[str, pd.Series]], label: str, out: _Collector
+) -> None:
+    """No stop's decision_id is also the decision of an attempt or a nudge (one decision, one action)."""
+    ids = stop_ids.astype(object).to_numpy()
+    for what, other in action_ids:
+        taken = set(other.dropna().astype(str))
+        if not taken:
+            continue
+        clash = np.flatnonzero(np.fromiter((str(v) in taken for v in ids), bool, len(ids)))
+        out.add_rows(label, "decision_id", clash, partial(_shared_decision, ids, what))
+
+
+def read_history(
+    attempts_path: str | Path,
+    nudges_path: str | Path,
+    *,
+    stops_path: str | Path | None = None,
+    cap: int = DEFAULT_CAP,
+) -> History:
+    """Read and validate the history files (attempts, nudges and, when given, stops), then check the rules across
+    rows and files.
+
+    Row-level problems of all files are reported together; the cross-row and cross-file rules run once every
+    file is clean on its own (a dropped bad row would otherwise show up as spurious gaps and dangling links), and
+    their problems are again reported all together.
     """
-    out = _Collector(cap, (*ATTEMPT_COLUMNS, *(c for c in NUDGE_COLUMNS if c not in ATTEMPT_COLUMNS)))
+    out = _Collector(cap, _ALL_COLUMNS)
     attempts = _read_table(attempts_path, AttemptsSchema, out).reset_index(drop=True)
     nudges = _read_table(nudges_path, NudgesSchema, out).reset_index(drop=True)
+    stops = None if stops_path is None else _read_table(stops_path, StopsSchema, out).reset_index(drop=True)
     out.raise_if_any()
     _check_orders(attempts, str(attempts_path), out)
     _check_links(attempts, nudges, str(attempts_path), str(nudges_path), out)
+    if stops is not None:
+        _check_stops(attempts, stops, str(stops_path), out)
+        actions = (("an attempt", attempts["decision_id"]), ("a nudge", nudges["decision_id"]))
+        _check_stop_decisions(stops["decision_id"], actions, str(stops_path), out)
     out.raise_if_any()
-    return History(attempts=attempts, nudges=nudges)
+    return History(attempts=attempts, nudges=nudges, stops=stops)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -928,7 +1084,7 @@ def read_history(attempts_path: str | Path, nudges_path: str | Path, *, cap: int
 
 #: Attempts per partition when a history is split into parts of whole orders (a few GB of pandas each).
 DEFAULT_PARTITION_ROWS: Final = 500_000
-_UNIQUE_IDS: Final = (("txn_id", "attempts"), ("nudge_id", "nudges"))
+_UNIQUE_IDS: Final = (("txn_id", "attempts"), ("nudge_id", "nudges"), ("decision_id", "stops"))
 
 
 @dataclass(frozen=True)
@@ -944,14 +1100,20 @@ class PartitionedHistory:
     attempt_rows: int
     nudge_rows: int
     merchant_ids: tuple[str, ...]
+    #: Rows of the stops file; None when the history has none (its parts then have ``stops`` None).
+    stop_rows: int | None = None
 
     def _files(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"attempts-{index:05d}.parquet", self.folder / f"nudges-{index:05d}.parquet"
 
+    def _stops_file(self, index: int) -> Path:
+        return self.folder / f"stops-{index:05d}.parquet"
+
     def part(self, index: int) -> History:
         """Partition ``index`` (0-based) as validated frames."""
         attempts, nudges = self._files(index)
-        return History(attempts=pd.read_parquet(attempts), nudges=pd.read_parquet(nudges))
+        stops = None if self.stop_rows is None else pd.read_parquet(self._stops_file(index))
+        return History(attempts=pd.read_parquet(attempts), nudges=pd.read_parquet(nudges), stops=stops)
 
     def __iter__(self) -> Iterator[History]:
         return (self.part(index) for index in range(self.partitions))
@@ -985,7 +1147,13 @@ class PartitionedHistory:
         parts = [self._files(index) for index in range(self.partitions)]
         attempts = [pd.read_parquet(a, filters=filters) for a, _ in parts]
         nudges = [pd.read_parquet(n, filters=filters) for _, n in parts]
-        return History(attempts=pd.concat(attempts, ignore_index=True), nudges=pd.concat(nudges, ignore_index=True))
+        stops = None
+        if self.stop_rows is not None:
+            frames = [pd.read_parquet(self._stops_file(index), filters=filters) for index in range(self.partitions)]
+            stops = pd.concat(frames, ignore_index=True)
+        return History(
+            attempts=pd.concat(attempts, ignore_index=True), nudges=pd.concat(nudges, ignore_index=True), stops=stops
+        )
 
 
 def _read_arrow(path: Path, label: str) -> pyarrow.Table:
@@ -1096,19 +1264,22 @@ def _plain_types(table: pyarrow.Table) -> pyarrow.Table:
     return pyarrow.Table.from_arrays(columns, names=table.column_names, metadata=table.schema.metadata)
 
 
-def _partition_of(attempts: pyarrow.Table, nudges: pyarrow.Table, partitions: int) -> tuple[Any, Any]:
-    """Partition number of every attempt and nudge row: all rows of an order share one (by order_id)."""
+def _partition_of(attempts: pyarrow.Table, others: Sequence[pyarrow.Table], partitions: int) -> list[Any]:
+    """Partition number of every row of the attempts and of each other table (nudges, stops): all rows of an order
+    share one (by order_id)."""
     if "order_id" not in attempts.column_names:
-        return np.zeros(attempts.num_rows, dtype=np.int64), np.zeros(nudges.num_rows, dtype=np.int64)
+        return [np.zeros(table.num_rows, dtype=np.int64) for table in (attempts, *others)]
     import pyarrow.compute as pc
 
     encoded = pc.dictionary_encode(attempts.column("order_id").cast(pyarrow.string())).combine_chunks()
-    a_part = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) % partitions
-    if "order_id" not in nudges.column_names:
-        return a_part, np.zeros(nudges.num_rows, dtype=np.int64)
-    at = pc.index_in(nudges.column("order_id").cast(pyarrow.string()), value_set=encoded.dictionary)
-    n_part = at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) % partitions
-    return a_part, n_part
+    parts = [encoded.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) % partitions]
+    for table in others:
+        if "order_id" not in table.column_names:
+            parts.append(np.zeros(table.num_rows, dtype=np.int64))
+            continue
+        at = pc.index_in(table.column("order_id").cast(pyarrow.string()), value_set=encoded.dictionary)
+        parts.append(at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64) % partitions)
+    return parts
 
 
 def _check_unique(table: pyarrow.Table, column: str, label: str, out: _Collector) -> None:
@@ -1127,7 +1298,7 @@ _SPLIT: dict[str, Any] = {}
 
 def _partition_collector() -> _Collector:
     out = _Collector(_SPLIT["cap"], list(_SPLIT["columns"]))
-    for name in ("attempts", "nudges"):
+    for name in _SPLIT["labels"]:
         out.register(_SPLIT["labels"][name])
     return out
 
@@ -1135,13 +1306,15 @@ def _partition_collector() -> _Collector:
 def _check_types(index: int) -> _Collector:
     """Coerce and check one partition's rows (types and per-row rules); write it when clean."""
     out = _partition_collector()
-    for position, name in enumerate(("attempts", "nudges")):
+    files = _SPLIT["files"]
+    for name in _SPLIT["labels"]:
         label, rows, schema = _SPLIT["labels"][name], _SPLIT["rows_of"][name][index], _SPLIT["schemas"][name]
         out.row_maps[label] = rows
         frame, unchecked = _coerce(_SPLIT["tables"][name].take(rows).to_pandas(), schema, label, out)
         _validate(frame, schema, label, unchecked, out)
         if not out.total:
-            frame.to_parquet(_SPLIT["files"]._files(index)[position], index=False)
+            path = files._stops_file(index) if name == "stops" else files._files(index)[name == "nudges"]
+            frame.to_parquet(path, index=False)
     out.row_maps.clear()
     return out
 
@@ -1160,12 +1333,15 @@ def _owner_of(nudge_ids: np.ndarray[Any, Any]) -> list[Any]:
 def _check_across_rows(index: int) -> _Collector:
     """The rules across rows and files, within one partition (an order's rows are all in one)."""
     out = _partition_collector()
-    a_label, n_label = _SPLIT["labels"]["attempts"], _SPLIT["labels"]["nudges"]
+    labels = _SPLIT["labels"]
+    a_label, n_label = labels["attempts"], labels["nudges"]
     part = _SPLIT["files"].part(index)
-    out.row_maps.update({a_label: _SPLIT["rows_of"]["attempts"][index], n_label: _SPLIT["rows_of"]["nudges"][index]})
+    out.row_maps.update({labels[name]: _SPLIT["rows_of"][name][index] for name in labels})
     several = _SPLIT["files"].partitions > 1
     _check_orders(part.attempts, a_label, out)
     _check_links(part.attempts, part.nudges, a_label, n_label, out, elsewhere=_owner_of if several else None)
+    if part.stops is not None:
+        _check_stops(part.attempts, part.stops, labels["stops"], out)
     out.row_maps.clear()
     return out
 
@@ -1178,6 +1354,7 @@ def split_history(
     partition_rows: int = DEFAULT_PARTITION_ROWS,
     cap: int = DEFAULT_CAP,
     workers: int = 1,
+    stops_path: str | Path | None = None,
 ) -> PartitionedHistory:
     """Validate a history like :func:`read_history` and store it in ``folder`` as partitions of whole orders.
 
@@ -1186,40 +1363,49 @@ def split_history(
     partition is coerced and checked with the same rules; ids that must be unique are checked over the whole
     file. Raises ``HistoryError`` with the same report ``read_history`` gives (file row numbers, all problems
     counted); then nothing usable is left in ``folder``. ``workers`` processes check partitions side by side.
+    ``stops_path``: the history's stops file, partitioned with its orders (the parts' ``stops``).
     """
     if partition_rows < 1:
         raise ValueError(f"partition_rows must be at least 1, got {partition_rows}")
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    a_label, n_label = str(attempts_path), str(nudges_path)
-    out = _Collector(cap, (*ATTEMPT_COLUMNS, *(c for c in NUDGE_COLUMNS if c not in ATTEMPT_COLUMNS)))
-    out.register(a_label)
-    out.register(n_label)
-    tables = {"attempts": _read_arrow(Path(attempts_path), a_label), "nudges": _read_arrow(Path(nudges_path), n_label)}
+    labels = {"attempts": str(attempts_path), "nudges": str(nudges_path)}
+    if stops_path is not None:
+        labels["stops"] = str(stops_path)
+    out = _Collector(cap, _ALL_COLUMNS)
+    for label in labels.values():
+        out.register(label)
+    tables = {name: _read_arrow(Path(label), label) for name, label in labels.items()}
     count = max(1, -(-tables["attempts"].num_rows // partition_rows))
-    a_part, n_part = _partition_of(tables["attempts"], tables["nudges"], count)
-    rows_of = {
-        "attempts": [np.flatnonzero(a_part == index) for index in range(count)],
-        "nudges": [np.flatnonzero(n_part == index) for index in range(count)],
-    }
-    labels = {"attempts": a_label, "nudges": n_label}
+    names = list(labels)
+    partition = dict(zip(names, _partition_of(tables["attempts"], [tables[n] for n in names[1:]], count), strict=True))
+    rows_of = {name: [np.flatnonzero(partition[name] == index) for index in range(count)] for name in names}
     # Uniqueness over the whole file replaces the per-frame check (a partition sees only its own rows).
     schemas = {
         "attempts": AttemptsSchema.update_column("txn_id", unique=False),
         "nudges": NudgesSchema.update_column("nudge_id", unique=False),
+        "stops": StopsSchema.update_column("decision_id", unique=False),
     }
-    files = PartitionedHistory(target, count, 0, 0, ())
+    files = PartitionedHistory(target, count, 0, 0, (), stop_rows=None if stops_path is None else 0)
     _SPLIT.update(tables=tables, rows_of=rows_of, labels=labels, schemas=schemas, files=files, cap=cap,
                   columns=out._columns)  # fmt: skip
     try:
         for found in map_in_order(_check_types, count, workers):
             out.absorb(found)
         for column, name in _UNIQUE_IDS:
-            _check_unique(tables[name], column, labels[name], out)
+            if name in tables:
+                _check_unique(tables[name], column, labels[name], out)
         out.raise_if_any()
+        if "stops" in tables:
+            actions = (
+                (what, tables[name].column("decision_id").to_pandas())
+                for what, name in (("an attempt", "attempts"), ("a nudge", "nudges"))
+            )
+            _check_stop_decisions(tables["stops"].column("decision_id").to_pandas(), actions, labels["stops"], out)
         _SPLIT["owners"] = tables["nudges"].select(["nudge_id", "order_id"])
         merchants = sorted({str(m) for m in tables["attempts"].column("merchant_id").unique().to_pylist()})
         attempt_rows, nudge_rows = tables["attempts"].num_rows, tables["nudges"].num_rows
+        stop_rows = tables["stops"].num_rows if "stops" in tables else None
         del tables
         _SPLIT.pop("tables")
         for found in map_in_order(_check_across_rows, count, workers):
@@ -1227,7 +1413,7 @@ def split_history(
     finally:
         _SPLIT.clear()
     out.raise_if_any()
-    return PartitionedHistory(target, count, attempt_rows, nudge_rows, tuple(merchants))
+    return PartitionedHistory(target, count, attempt_rows, nudge_rows, tuple(merchants), stop_rows=stop_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1354,6 +1540,17 @@ def attempts_writer(path: str | Path) -> HistoryWriter:
 def nudges_writer(path: str | Path) -> HistoryWriter:
     """A :class:`HistoryWriter` for a nudges file."""
     return HistoryWriter(path, NudgesSchema, NUDGE_COLUMNS)
+
+
+def stops_writer(path: str | Path) -> HistoryWriter:
+    """A :class:`HistoryWriter` for a stops file."""
+    return HistoryWriter(path, StopsSchema, STOP_COLUMNS)
+
+
+def write_stops(df: pd.DataFrame, path: str | Path) -> None:
+    """Validate ``df`` as stops and write it to .parquet or .csv so that ``read_stops`` gives it back."""
+    with stops_writer(path) as writer:
+        writer.write(df)
 
 
 def write_attempts(df: pd.DataFrame, path: str | Path) -> None:

@@ -39,7 +39,12 @@ def fail(message: str) -> typer.Exit:
 
 @app.command()
 def simulate(
-    out: Annotated[Path, typer.Option("--out", help="Folder for attempts.parquet and nudges.parquet.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Folder for attempts.parquet, nudges.parquet and stops.parquet (the logged stop decisions)."
+        ),
+    ],
     orders: Annotated[int, typer.Option("--orders", min=1, help="Failed orders to simulate.")] = 20_000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same files.")] = 1,
 ) -> None:
@@ -48,8 +53,9 @@ def simulate(
 
     summary = run_simulation(out, orders=orders, seed=seed, progress=True)
     console.print(
-        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
-        f"({summary.nudges:,} nudges): {summary.orders:,} failed orders in {summary.seconds:.1f} s "
+        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts), {summary.nudges_path} "
+        f"({summary.nudges:,} nudges) and {summary.stops_path} ({summary.stops:,} stops): "
+        f"{summary.orders:,} failed orders in {summary.seconds:.1f} s "
         f"({summary.orders_per_second:,.0f} orders/s)",
         highlight=False,
     )
@@ -70,6 +76,17 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
         table.add_row(str(index), *cells)
     console.print(table)
 
+
+#: ``train``, ``evaluate`` and ``retrain``: the history's optional stops file.
+StopsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--stops",
+        help="Logged stop decisions (.parquet or .csv; the optional stops file of the history). Default: "
+        "stops.parquet or stops.csv beside --attempts, when there is one. Without it the off-policy estimates "
+        "leave out the decision points where the logging policy stopped (and say so).",
+    ),
+]
 
 #: ``train`` and ``retrain``: whether the registered version's text model is refit on the whole history.
 RefitOption = Annotated[
@@ -131,6 +148,7 @@ def train(
         ),
     ] = 1,
     refit: RefitOption = True,
+    stops: StopsOption = None,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
@@ -140,6 +158,7 @@ def train(
         nudges,
         tracking_uri,
         promote,
+        stops=stops,
         seed=seed,
         config=config,
         episodes=episodes,
@@ -317,18 +336,23 @@ def evaluate(
     ] = 2_000,
     max_points: Annotated[int, typer.Option("--max-points", min=100, help="Holdout decision points replayed.")] = 5_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of replays and episodes.")] = 0,
+    stops: StopsOption = None,
 ) -> None:
     """Evaluate the registered model against the logging policy and two rule baselines.
 
-    Holdout metrics per model and error class, off-policy estimates (IPS, SNIPS, DR) and, for a simulated
-    history, simulator episodes side by side (recovered GMV, costs, nudges, rule violations).
+    Holdout metrics per model and error class, off-policy estimates (IPS, SNIPS, DR; with the history's stops
+    file, the points where the logging policy stopped count too) and, for a simulated history, simulator episodes
+    side by side (recovered GMV, costs, nudges, rule violations).
     """
     from model.history import HistoryError
     from model.merchant_config import ConfigError
     from model.registry import load_alias, resolve_tracking_uri
     from pipelines.evaluate import evaluate as run_evaluation
-    from pipelines.train import comparison_policies, format_history_error, merchants_for
+    from pipelines.train import comparison_policies, format_history_error, merchants_for, resolve_stops
 
+    stops_file = resolve_stops(attempts, stops)
+    if stops is None and stops_file is not None:
+        console.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
     try:
         from model.history import read_attempts
 
@@ -346,10 +370,13 @@ def evaluate(
             simulated=None if episodes else False,
             max_points=max_points,
             seed=seed,
+            stops_path=stops_file,
         )
     except (HistoryError, ConfigError, FileNotFoundError, ValueError) as exc:
         raise fail(format_history_error(exc) if isinstance(exc, HistoryError) else str(exc)) from None
     console.print(f"evaluation of {name} written to {summary.out_dir / 'evaluation.md'}")
+    if summary.stops_note:
+        console.print(f"[yellow]note:[/] {summary.stops_note}", highlight=False, soft_wrap=True)
     from pipelines.evaluate import fitted_on_holdout
 
     if loaded and (warning := fitted_on_holdout(loaded[0].metadata, summary.holdout_start)):
@@ -606,7 +633,12 @@ app.add_typer(history_app, name="history")
 
 @history_app.command("export")
 def history_export(
-    out: Annotated[Path, typer.Option("--out", help="Folder for attempts.parquet and nudges.parquet.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Folder for attempts.parquet, nudges.parquet and stops.parquet (the stop decisions)."
+        ),
+    ],
     since: Annotated[
         str | None,
         typer.Option("--since", help="Only orders whose first attempt is at or after this ISO time (e.g. 2026-11-01)."),
@@ -618,7 +650,8 @@ def history_export(
         ),
     ] = None,
 ) -> None:
-    """Write the executor's results and the outcomes reported to /v1/outcomes as validated history files."""
+    """Write the executor's results, the outcomes reported to /v1/outcomes and the stop decisions as validated
+    history files."""
     import os
     from datetime import UTC, datetime
 
@@ -648,8 +681,8 @@ def history_export(
             f"cannot read the database at --database-url {shown_uri(url)!r}: {str(exc).splitlines()[0]}"
         ) from None
     console.print(
-        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts) and {summary.nudges_path} "
-        f"({summary.nudges:,} nudges) for {summary.orders:,} orders"
+        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts), {summary.nudges_path} "
+        f"({summary.nudges:,} nudges) and {summary.stops_path} ({summary.stops:,} stops) for {summary.orders:,} orders"
         + (
             f"; left out {summary.dropped_after_success} attempts made after an order's success"
             if summary.dropped_after_success
@@ -771,6 +804,7 @@ def retrain(
         ),
     ] = None,
     refit: RefitOption = True,
+    stops: StopsOption = None,
 ) -> None:
     """Train a challenger on the updated history, gate it against the champion, promote or keep (with why).
 
@@ -779,12 +813,16 @@ def retrain(
     """
     from pipelines.retrain import RetrainResult, parse_every, retrain_loop
     from pipelines.retrain import retrain as run_retrain
-    from pipelines.train import TrainInputError
+    from pipelines.train import TrainInputError, resolve_stops
 
     def once() -> RetrainResult:
+        stops_file = resolve_stops(attempts, stops)  # looked for again each time: an export may have written one
+        if stops is None and stops_file is not None:
+            console.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
         result = run_retrain(
             attempts,
             nudges,
+            stops=stops_file,
             tracking_uri=tracking_uri,
             window_days=window_days,
             seed=seed,

@@ -18,7 +18,7 @@ from rich.console import Console
 from model.datafiles import DEMO_REQUEST_FILE
 from model.registry import get_alias_version
 from pipelines.simulate import simulate
-from pipelines.train import run_training
+from pipelines.train import resolve_stops, run_training
 
 DEMO_MERCHANT = "m_us_saas"
 #: Country calling codes of the simulated customers' countries (for their made-up phone numbers).
@@ -61,6 +61,7 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
         run_training(
             paths.attempts,
             paths.nudges,
+            stops=resolve_stops(paths.attempts, None),  # simulate writes it; a demo history kept from before has none
             tracking_uri=paths.tracking_uri,
             promote=True,
             seed=seed,

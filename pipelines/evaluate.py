@@ -52,14 +52,50 @@ class EvaluationSummary:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     labels: np.ndarray = field(default_factory=lambda: np.empty(0))
     logged_actions: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+    #: Whether the history came with a stops file (the logging policy's stop decisions and their propensities).
+    has_stops: bool = False
+    #: Holdout points whose logged action is a recorded stop with its propensity (in the OPE).
+    n_logged_stops: int = 0
+    #: Stops of the stops file that match no decision point (``merchant/order: why``), in the whole history read.
+    unmatched_stops: tuple[str, ...] = ()
+
+    @property
+    def stops_note(self) -> str | None:
+        """What the OPE leaves out for want of logged stops, in one line (None when nothing is)."""
+        return stops_note(self.has_stops, self.n_points_without_propensity, self.n_holdout_points, self.unmatched_stops)
 
     def __str__(self) -> str:
         lines = [
             f"evaluated {self.n_holdout_points} holdout decision points of {self.n_orders} orders "
-            f"({self.n_points_without_propensity} without a logged propensity left out of the OPE)",
+            f"({self.n_logged_stops} logged stops in the OPE, {self.n_points_without_propensity} points without a "
+            "logged propensity left out of it)",
             f"wrote {len(self.files)} files to {self.out_dir}",
         ]
+        if self.stops_note:
+            lines.append(self.stops_note)
         return "\n".join(lines)
+
+
+def stops_note(has_stops: bool, left_out: int, holdout: int, unmatched: tuple[str, ...] = ()) -> str | None:
+    """One line on the decision points the OPE cannot use: without a stops file, the logging policy's stops."""
+    share = f"{left_out} of {holdout} holdout decision points ({left_out / holdout:.0%})" if holdout else "none"
+    if not has_stops:
+        if not left_out:
+            return None
+        return (
+            f"the history has no stops file: logged stops are not in the off-policy estimate; {share}, where no "
+            "action followed (the logging policy's stops, mostly), are left out of it, so IPS/SNIPS/DR value the "
+            "policies on the points where the logging policy acted (simulate and history export write stops.parquet)"
+        )
+    parts = []
+    if left_out:
+        parts.append(
+            f"{share} have no logged propensity (no action and no recorded stop followed them, or a stop was not a "
+            "policy's choice) and are left out of the off-policy estimate"
+        )
+    if unmatched:
+        parts.append(f"{len(unmatched)} stops match no decision point and are not used (e.g. {unmatched[0]})")
+    return "; ".join(parts) or None
 
 
 def fitted_on_holdout(metadata: Mapping[str, Any], holdout_start: datetime | None) -> str | None:
@@ -164,6 +200,7 @@ def evaluate(
     seed: int = 0,
     history: Any | None = None,
     history_orders: int | None = None,
+    stops_path: str | Path | None = None,
 ) -> EvaluationSummary:
     """Evaluate ``policies`` (name -> ``policy(request) -> Decision``) on a history and write the report.
 
@@ -175,6 +212,10 @@ def evaluate(
     simulated world of seed ``seed``. ``history`` is the files' content when the caller has already read and
     validated it (`model.history.History`; then the files are not read again): all of it, or a sample of
     whole orders that holds the holdout's, with ``history_orders`` the number of orders of the whole.
+
+    ``stops_path`` is the history's stops file (read with the others; ``history.stops`` when ``history`` is given):
+    the points where the logging policy stopped then enter the off-policy estimates with their propensity and
+    reward 0. Without one, those points have no propensity and are left out, which ``stops_note`` says.
     """
     from model.catalog import load_catalog
     from model.history import read_history
@@ -187,7 +228,8 @@ def evaluate(
     scorers = dict(scorers or {})
     economics = load_economics()
     if history is None:
-        history = read_history(attempts_path, nudges_path)
+        history = read_history(attempts_path, nudges_path, stops_path=stops_path)
+    logged_stops = getattr(history, "stops", None)
     orders_in_history = int(history.attempts["order_id"].nunique()) if history_orders is None else history_orders
     cut = None
     if holdout_start is not None:
@@ -204,6 +246,7 @@ def evaluate(
         # Every sampled order contributes at least one point: no more orders than points are needed.
         max_orders=max_points if cut is not None else None,
         seed=seed,
+        stops=logged_stops,
     )
     if cut is not None:
         holdout = points[points["event_time"] >= cut]
@@ -235,9 +278,13 @@ def evaluate(
         reward_model = ev.value_reward_model(first, economics) if reward == "value" else ev.success_reward_model(first)
     with_propensity = holdout[holdout["propensity"].notna()].reset_index(drop=True)
     missing_propensity = int(len(holdout) - len(with_propensity))
+    n_logged_stops = int(with_propensity["logged_stop"].sum())
+    unmatched = tuple(points.attrs.get("unmatched_stops", ()))
     replayed = ev.replay(with_propensity, policies, reward_model)
     ope = ev.ope_from_replay(with_propensity, replayed, max_weight=max_weight, n_bootstrap=n_bootstrap, seed=seed)
     save_csv(ope, "ope.csv")
+    metrics["ope.logged_stops"] = float(n_logged_stops)
+    metrics["ope.points_left_out"] = float(missing_propensity)
     for row in _records(ope):
         metrics[f"ope.{row['policy']}.{row['estimator']}"] = float(row["value"])
 
@@ -271,6 +318,7 @@ def evaluate(
     files.append(plots.policy_value(ope, out / "policy_value.png", episodes))
 
     first_time = holdout["event_time"].min()
+    note = stops_note(logged_stops is not None, missing_propensity, len(holdout), unmatched)
     sections = [
         "# winback evaluation",
         "",
@@ -286,9 +334,14 @@ def evaluate(
         "## Off-policy value",
         "",
         f"Clipped weights at {max_weight}; 95% bootstrap CIs ({n_bootstrap} resamples). "
-        f"{missing_propensity} points without a logged propensity (a logged stop leaves no row; actions not "
-        "taken by a logging policy carry none) are left out.",
+        + (
+            f"{n_logged_stops} points where the logging policy stopped (stops file) are in, with reward 0; "
+            f"{missing_propensity} points without a logged propensity are left out."
+            if logged_stops is not None
+            else f"{missing_propensity} points without a logged propensity are left out."
+        ),
         "",
+        *([f"**Note:** {note}.", ""] if note else []),
         _markdown(ope, index=False),
         "",
         f"## Retryability by error class (predicted by `{first_policy}`)",
@@ -322,4 +375,7 @@ def evaluate(
         predictions=predictions,
         labels=acted["label"].to_numpy(dtype=np.float64),
         logged_actions=acted["action"].to_numpy(dtype=object),
+        has_stops=logged_stops is not None,
+        n_logged_stops=n_logged_stops,
+        unmatched_stops=unmatched,
     )

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from model.history import HistoryError, read_history, write_attempts, write_nudges
+from model.history import HistoryError, read_history, write_attempts, write_nudges, write_stops
 from pipelines.gate import GATE_METRICS, GateMetric
 from pipelines.train import TrainInputError, TrainSummary, format_history_error, run_training
 
@@ -97,20 +97,22 @@ def retrain(
     show_progress: bool = True,
     gate: Sequence[str] | None = None,
     refit: bool = True,
+    stops: str | Path | None = None,
 ) -> RetrainResult:
     """Train a challenger on the history (or its last ``window_days``), gate it against the champion, promote
     or keep. Raises TrainInputError (nothing registered) when the history is unusable.
 
     ``gate`` names the gate metrics to check (default: all of ``GATE_METRICS``), e.g. only the retry model's when
-    the retarget data is too thin to compare on.
+    the retarget data is too thin to compare on. ``stops``: the history's stops file (see ``run_training``).
     """
     checks = gate_checks(gate)
     try:
-        history = read_history(attempts, nudges)
+        history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc
     with tempfile.TemporaryDirectory(prefix="winback-retrain-") as tmp:
         attempts_path, nudges_path = Path(attempts), Path(nudges)
+        stops_path = None if stops is None else Path(stops)
         frame = history.attempts
         if window_days is not None:
             frame, kept_nudges = window(history.attempts, history.nudges, window_days)
@@ -119,9 +121,14 @@ def retrain(
             attempts_path, nudges_path = Path(tmp) / "attempts.parquet", Path(tmp) / "nudges.parquet"
             write_attempts(frame, attempts_path)
             write_nudges(kept_nudges, nudges_path)
+            if history.stops is not None:
+                stops_path = Path(tmp) / "stops.parquet"
+                kept = history.stops["order_id"].isin(set(frame["order_id"]))
+                write_stops(history.stops.loc[kept].reset_index(drop=True), stops_path)
         summary = run_training(
             attempts_path,
             nudges_path,
+            stops=stops_path,
             tracking_uri=tracking_uri,
             promote=True,
             seed=seed,
@@ -136,6 +143,7 @@ def retrain(
             run_params={
                 "attempts_path": str(Path(attempts).resolve()),
                 "nudges_path": str(Path(nudges).resolve()),
+                "stops_path": "none" if stops is None else str(Path(stops).resolve()),
                 "window_days": "all" if window_days is None else window_days,
                 "retrain": True,
             },

@@ -1,4 +1,5 @@
-"""`winback simulate`: write a synthetic history (attempts.parquet, nudges.parquet) from the simulated world.
+"""`winback simulate`: write a synthetic history (attempts.parquet, nudges.parquet, stops.parquet) from the
+simulated world.
 
 ``orders`` counts failed orders: every simulated order starts with a failed initial attempt (winback only sees
 failures); the logging policy (the static retry-then-retarget rule with epsilon exploration) then plays it.
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.history import HistoryWriter, attempts_writer, nudges_writer
+from model.history import HistoryWriter, attempts_writer, nudges_writer, stops_writer
 from model.simulation import DEFAULT_EPSILON, HistoryPart, iter_history_parts
 from model.simulation.episodes import totals_of
 
@@ -44,10 +45,16 @@ class SimulationSummary:
     attempts_path: Path
     nudges_path: Path
     failure_mix: pd.DataFrame  # recovery_by_error_class of what was written
+    stops: int = 0
+    stops_path: Path | None = None  # the logging policy's stop decisions (model.history.STOP_COLUMNS)
 
 
 def _flush(
-    parts: list[HistoryPart], attempts_out: HistoryWriter, nudges_out: HistoryWriter, mix: list[pd.DataFrame]
+    parts: list[HistoryPart],
+    attempts_out: HistoryWriter,
+    nudges_out: HistoryWriter,
+    mix: list[pd.DataFrame],
+    stops_out: HistoryWriter,
 ) -> None:
     """Write buffered parts as one row group per file (row groups of ~100k orders read back fast)."""
     if parts:
@@ -55,6 +62,7 @@ def _flush(
         nudges = pd.concat([p.nudges for p in parts], ignore_index=True)
         attempts_out.write(attempts)
         nudges_out.write(nudges)
+        stops_out.write(pd.concat([p.stops for p in parts], ignore_index=True))
         mix.append(class_counts(attempts, nudges))
         parts.clear()
 
@@ -81,7 +89,8 @@ def simulate(
     epsilon: float = DEFAULT_EPSILON,
     workers: int | None = None,
 ) -> SimulationSummary:
-    """Simulate ``orders`` failed orders with ``seed`` and write DIR/attempts.parquet and DIR/nudges.parquet.
+    """Simulate ``orders`` failed orders with ``seed`` and write DIR/attempts.parquet, DIR/nudges.parquet and
+    DIR/stops.parquet (the logging policy's stop decisions, which leave no attempt or nudge).
 
     The files pass ``model.history.read_history``; the same (orders, seed, epsilon) always writes the same
     files. ``workers`` defaults to 2 processes from 20,000 orders on (the output does not depend on it).
@@ -94,6 +103,7 @@ def simulate(
     out_dir.mkdir(parents=True, exist_ok=True)
     attempts_path = out_dir / "attempts.parquet"
     nudges_path = out_dir / "nudges.parquet"
+    stops_path = out_dir / "stops.parquet"
     started = time.perf_counter()
     parts = iter_history_parts(orders, seed, epsilon=epsilon, workers=workers)
     per_order: list[pd.DataFrame] = []
@@ -103,6 +113,7 @@ def simulate(
     with (
         attempts_writer(attempts_path) as attempts_out,
         nudges_writer(nudges_path) as nudges_out,
+        stops_writer(stops_path) as stops_out,
         _bar(progress, orders) as advance,
     ):
         buffered: list[HistoryPart] = []
@@ -112,8 +123,8 @@ def simulate(
             violations.update(part.violations)
             advance(len(part.per_order))
             if len(buffered) == _PARTS_PER_ROW_GROUP:
-                _flush(buffered, attempts_out, nudges_out, mix)
-        _flush(buffered, attempts_out, nudges_out, mix)
+                _flush(buffered, attempts_out, nudges_out, mix, stops_out)
+        _flush(buffered, attempts_out, nudges_out, mix, stops_out)
     seconds = time.perf_counter() - started
     totals = totals_of(pd.concat(per_order, ignore_index=True), violations)
     return SimulationSummary(
@@ -130,6 +141,8 @@ def simulate(
         attempts_path=attempts_path,
         nudges_path=nudges_path,
         failure_mix=combine_class_counts(mix),
+        stops=stops_out.rows,
+        stops_path=stops_path,
     )
 
 

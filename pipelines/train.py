@@ -477,6 +477,7 @@ def _evaluate(
         tables=tables,
         files=tuple(summary.files),
         example_requests=examples,
+        stops_note=summary.stops_note,
     )
 
 
@@ -506,6 +507,7 @@ class _Evaluation:
     tables: dict[str, pd.DataFrame]
     files: tuple[Path, ...]  # written by the evaluation: report, CSVs, PNGs
     example_requests: tuple[str, ...]  # decision request JSON, for the pyfunc's input example
+    stops_note: str | None = None  # what the OPE leaves out for want of logged stops (pipelines.evaluate.stops_note)
 
 
 @dataclass(frozen=True)
@@ -636,10 +638,20 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
     return uri
 
 
+def resolve_stops(attempts: str | Path, stops: str | Path | None) -> Path | None:
+    """The stops file of a history: ``stops`` when given, else ``stops.parquet``/``stops.csv`` beside the attempts
+    file when there is one (``model.history.stops_beside``; the simulator and ``winback history export`` write it
+    there), else None: the history then says nothing of its logged stops."""
+    from model.history import stops_beside
+
+    return Path(stops) if stops is not None else stops_beside(attempts)
+
+
 def run_training(
     attempts: str | Path,
     nudges: str | Path,
     *,
+    stops: str | Path | None = None,
     tracking_uri: str | None = None,
     promote: bool = False,
     seed: int = 0,
@@ -677,6 +689,10 @@ def run_training(
 
     ``run_params`` are logged with the run's own params, and win over them: a caller that trains on a file it
     derived (``winback retrain --window-days``) names the history it came from and how.
+
+    ``stops`` is the history's stops file (the logging policy's stop decisions; `resolve_stops` finds the one
+    beside the attempts file): the evaluation's off-policy estimates, and so the gate's policy value, count the
+    points where it stopped. Without one they cannot, and the job says so once.
     """
     from model import registry
     from model.training import InsufficientHistoryError, train_partitions
@@ -702,7 +718,12 @@ def run_training(
         steps.start("validate history")
         try:
             parts = split_history(
-                attempts, nudges, work / "history", partition_rows=partition_rows, workers=options.get("workers", 1)
+                attempts,
+                nudges,
+                work / "history",
+                partition_rows=partition_rows,
+                workers=options.get("workers", 1),
+                stops_path=stops,
             )
         except HistoryError as exc:
             raise TrainInputError(format_history_error(exc)) from exc
@@ -796,7 +817,9 @@ def run_training(
                 # Absolute: a run read later, from another folder, names the files it learned from.
                 "attempts_path": str(Path(attempts).resolve()),
                 "nudges_path": str(Path(nudges).resolve()),
+                "stops_path": "none" if stops is None else str(Path(stops).resolve()),
                 "attempts_rows": parts.attempt_rows,
+                "stops_rows": "none" if parts.stop_rows is None else parts.stop_rows,
                 "nudges_rows": parts.nudge_rows,
                 "history_partitions": len(parts),
                 "seed": seed,
@@ -828,6 +851,8 @@ def run_training(
         steps.done()
 
     out.print(_metrics_table(evaluation.gate_metrics, f"Holdout metrics of winback version {version}"))
+    if evaluation.stops_note:
+        out.print(f"[yellow]note:[/] {evaluation.stops_note}", highlight=False, soft_wrap=True)
     if gate is not None:
         out.print(gate_table(gate) if gate.checks else gate.verdict, highlight=False, soft_wrap=True)
     named = tuple(f"{connector}/{code}" for connector, code, _ in not_learned)
@@ -878,17 +903,23 @@ def train_command(
     refit: bool = True,
     console: Console | None = None,
     err_console: Console | None = None,
+    stops: Path | None = None,
 ) -> int:
     """The body of `winback train`: run the job, print the outcome; return the exit code (2 on bad input).
 
-    Bad input prints one line, ``error: <reason>``, on stderr.
+    Bad input prints one line, ``error: <reason>``, on stderr. ``stops``: the history's stops file (default: the
+    one beside the attempts file, when there is one; `resolve_stops`).
     """
     out = console or Console()
     err = err_console or Console(stderr=True)
+    stops_file = resolve_stops(attempts, stops)
+    if stops is None and stops_file is not None:
+        out.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
     try:
         summary = run_training(
             attempts,
             nudges,
+            stops=stops_file,
             tracking_uri=tracking_uri,
             promote=promote,
             seed=seed,

@@ -195,6 +195,22 @@ def make_attempts_frame(*rows: dict[str, Any]) -> pd.DataFrame:
     return _typed(list(rows), _ATTEMPT_DEFAULTS, ("created_at",))
 
 
+_STOP_DEFAULTS: dict[str, Any] = {
+    "merchant_id": "m_demo",
+    "order_id": "ord_1",
+    "decision_id": "dec_stop_1",
+    "decided_at": "2026-11-01T10:00:00Z",
+    "attempt_number": 1,
+    "propensity": 0.8,
+}
+
+
+def make_stops_frame(*rows: dict[str, Any]) -> pd.DataFrame:
+    """A stops table (``model.history.STOP_COLUMNS``) with its dtypes; each row dict overrides the defaults: the stop
+    decided at the failure of attempt 1 of ``ord_1`` with propensity 0.8."""
+    return _typed(list(rows), _STOP_DEFAULTS, ("decided_at",))
+
+
 def make_nudge(**overrides: Any) -> dict[str, Any]:
     """One valid nudges row as a dict: a delivered, unclicked whatsapp link for ``ord_1``."""
     return {**_NUDGE_DEFAULTS, **overrides}

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from model.baselines import Policy, RuleBook
-from model.history import ATTEMPT_COLUMNS, NUDGE_COLUMNS
+from model.history import ATTEMPT_COLUMNS, NUDGE_COLUMNS, STOP_COLUMNS
 from model.requests import (
     Customer,
     DecisionRequest,
@@ -55,10 +55,11 @@ __all__ = [
 
 @dataclass
 class HistoryRecorder:
-    """Collects attempts and nudges rows in the contract's column order."""
+    """Collects attempts, nudges and stops rows in the files' column order."""
 
     attempts: list[tuple[Any, ...]] = field(default_factory=list)
     nudges: list[tuple[Any, ...]] = field(default_factory=list)
+    stops: list[tuple[Any, ...]] = field(default_factory=list)
 
     def attempts_frame(self) -> pd.DataFrame:
         """The attempts table (contract column order and types)."""
@@ -76,6 +77,14 @@ class HistoryRecorder:
         frame["clicked_at"] = pd.to_datetime(frame["clicked_at"], utc=True)
         frame["propensity"] = frame["propensity"].astype("float64")
         return _strings(frame, ("delivered",), ("sent_at", "clicked_at", "propensity"))
+
+    def stops_frame(self) -> pd.DataFrame:
+        """The stops table (one row per stop decision; ``model.history.STOP_COLUMNS``)."""
+        frame = pd.DataFrame.from_records(self.stops, columns=list(STOP_COLUMNS))
+        frame["decided_at"] = pd.to_datetime(frame["decided_at"], utc=True)
+        frame["attempt_number"] = frame["attempt_number"].astype("int64")
+        frame["propensity"] = frame["propensity"].astype("float64")
+        return _strings(frame, (), ("decided_at", "attempt_number", "propensity"))
 
 
 _BOOL_ATTEMPT_COLUMNS = ("phone_present", "email_present", "is_recurring", "is_network_token")
@@ -125,6 +134,7 @@ class EpisodeResult:
     totals: EpisodeTotals
     attempts: pd.DataFrame | None = None
     nudges: pd.DataFrame | None = None
+    stops: pd.DataFrame | None = None
 
     @property
     def orders(self) -> int:
@@ -340,6 +350,17 @@ class _Episode:
                 broken_decisions += 1
                 violations.update(broken)
             if decision.action == Action.STOP:
+                if self.recorder is not None:  # a stop leaves no attempt or nudge: its own row keeps the decision
+                    self.recorder.stops.append(
+                        (
+                            o.merchant.merchant_id,
+                            o.order_id,
+                            decision.decision_id,
+                            event_time,
+                            len(self.attempts),
+                            decision.propensity,
+                        )
+                    )
                 return decisions, broken_decisions, "stop"
             execute_at = max(decision.execute_at, event_time)
             if execute_at > window_end:
@@ -573,7 +594,7 @@ def run_episodes(
     """Play orders ``first_order .. first_order + n_orders - 1`` of the world against ``policy``.
 
     ``seed`` (default: the world's) picks the world; the same seed gives every policy the same orders.
-    ``record=True`` also returns the attempts and nudges tables the episodes wrote. ``rulebook`` audits the
+    ``record=True`` also returns the attempts, nudges and stops tables the episodes wrote. ``rulebook`` audits the
     actions (share the policy's own to build each rule context once). ``on_progress`` gets the number of
     orders done so far, every 500 orders.
     """
@@ -610,4 +631,5 @@ def run_episodes(
     if recorder is not None:
         result.attempts = recorder.attempts_frame()
         result.nudges = recorder.nudges_frame()
+        result.stops = recorder.stops_frame()
     return result

@@ -29,13 +29,15 @@ _CHUNK = 5_000
 
 @dataclass
 class GeneratedHistory:
-    """The simulated history (contract tables), the per-order truth behind it, and the logging policy's totals."""
+    """The simulated history (contract tables and the stops file), the per-order truth behind it, and the logging
+    policy's totals."""
 
     attempts: pd.DataFrame
     nudges: pd.DataFrame
     per_order: pd.DataFrame  # one row per order with its latent cause and outcome (not part of the contract)
     totals: EpisodeTotals
     seconds: float
+    stops: pd.DataFrame  # one row per logged stop decision (the optional stops file)
 
     @property
     def orders_per_second(self) -> float:
@@ -61,6 +63,7 @@ class HistoryPart:
     nudges: pd.DataFrame
     per_order: pd.DataFrame
     violations: Counter[str]
+    stops: pd.DataFrame
 
 
 def _play_chunk(job: _Job) -> HistoryPart:
@@ -74,7 +77,10 @@ def _play(world: World, job: _Job) -> HistoryPart:
     result = run_episodes(world, policy, job.count, first_order=job.first, record=True, rulebook=rulebook)
     assert result.attempts is not None
     assert result.nudges is not None
-    return HistoryPart(result.attempts, result.nudges, result.per_order, Counter(result.totals.violations_by_rule))
+    assert result.stops is not None
+    return HistoryPart(
+        result.attempts, result.nudges, result.per_order, Counter(result.totals.violations_by_rule), result.stops
+    )
 
 
 def _check(n_orders: int, epsilon: float) -> None:
@@ -162,4 +168,5 @@ def generate_history(
         per_order=orders,
         totals=totals_of(orders, violations),
         seconds=time.perf_counter() - started,
+        stops=pd.concat([p.stops for p in parts], ignore_index=True),
     )

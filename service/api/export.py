@@ -13,6 +13,14 @@ an outcome becomes one more attempt, created when the outcome occurred; a decide
 a ``retarget_link`` attempt when the customer paid through the link (a success) or a payment through it failed (a
 failure with a ``txn_id``). Attempts the caller gave no ``txn_id`` get ``<order_id>_<n>``, never one used elsewhere
 in the files. Decisions without an outcome are left out: their result is not known yet.
+
+A ``stop`` leaves no attempt or nudge, and no outcome is reported for it: stops go to a third file, ``stops``
+(``model.history.STOP_COLUMNS``), one row per stop decision with its ``decision_id``, ``propensity``, the decision
+point's time and the order's last attempt then, so the off-policy evaluation counts the points where the policy
+stopped. From the executor: every stop it carried out (an assisted merchant's stop once an agent approved it;
+an agent's reject is a stop too, with a null propensity, since no policy chose it). From callers of the API: every
+stop decision served, taken as followed; its request's history makes the order's attempts, so an order stopped at
+its first failure is exported too (its result is known when the stop is decided).
 """
 
 from __future__ import annotations
@@ -31,16 +39,18 @@ from pydantic import ValidationError
 from model.history import (
     ATTEMPT_COLUMNS,
     NUDGE_COLUMNS,
+    STOP_COLUMNS,
     HistoryError,
     read_history,
     write_attempts,
     write_nudges,
+    write_stops,
 )
 from model.vocab import Action, Channel, Strategy
 from service.api.schemas import OutcomeIn
 from service.api.store import decisions, make_engine, outcomes, shown_url
+from service.executor.store import agent_queue, orders, transactions
 from service.executor.store import nudges as nudge_table
-from service.executor.store import orders, transactions
 
 #: Validation rounds of an export: each leaves out the orders the last one found at fault (at most the 50 problems
 #: a report shows; a dropped order can only remove problems, so a second round normally passes).
@@ -68,6 +78,8 @@ class ExportSummary:
     left_out_orders: tuple[str, ...] = ()
     #: Orders whose order_id several merchants use, written as ``merchant/order``, one line each.
     renamed_orders: tuple[str, ...] = ()
+    stops_path: Path | None = None
+    stops: int = 0  # stop decisions written to the stops file
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -145,10 +157,46 @@ def _earlier_attempts(request: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _stop_row(merchant_id: str, order_id: str, decision_id: str, decided_at: Any, propensity: Any) -> dict[str, Any]:
+    """A stops row; its ``attempt_number`` is set once the order's attempts are known (``number_stops``)."""
+    return {
+        "merchant_id": merchant_id,
+        "order_id": order_id,
+        "decision_id": decision_id,
+        "decided_at": decided_at,
+        "attempt_number": 0,
+        "propensity": propensity,
+    }
+
+
+def _stops_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(STOP_COLUMNS))
+    frame["decided_at"] = pd.to_datetime(frame["decided_at"], utc=True, format="ISO8601")
+    frame["propensity"] = frame["propensity"].astype("float64")
+    return frame
+
+
+def number_stops(stops: pd.DataFrame, attempts: pd.DataFrame) -> pd.DataFrame:
+    """``stops`` with each one's ``attempt_number``: the order's last attempt created at or before the stop was
+    decided (the failure it answered), from the exported attempts (so renumbered as they are). 0 when none was:
+    the files' check names such a stop, and the export leaves its order out."""
+    if stops.empty:
+        return stops.assign(attempt_number=pd.Series(dtype="int64"))
+    created = attempts.assign(created_at=pd.to_datetime(attempts["created_at"], utc=True))
+    by_order = dict(list(created.groupby(["merchant_id", "order_id"], sort=False)))
+    numbers = []
+    for merchant_id, order_id, decided in stops[["merchant_id", "order_id", "decided_at"]].itertuples(index=False):
+        group = by_order.get((merchant_id, order_id))
+        seen = pd.Series(dtype="int64") if group is None else group["attempt_number"][group["created_at"] <= decided]
+        numbers.append(int(seen.max()) if len(seen) else 0)
+    return stops.assign(attempt_number=pd.Series(numbers, index=stops.index, dtype="int64"))
+
+
 def history_frames(
     engine: sa.Engine, taken: set[str] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, str], str]]:
-    """(attempts, nudges, unusable) built from the stored decisions that have an outcome.
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[tuple[str, str], str], pd.DataFrame]:
+    """(attempts, nudges, unusable, stops) built from the stored decisions that have an outcome, and from the stop
+    decisions (which need none: see the module docstring).
 
     ``taken``: txn_ids already used elsewhere in the export (the executor's); ids made up here avoid them.
     ``unusable``: orders with a stored outcome the feedback fields of which do not validate (stored before they
@@ -162,6 +210,11 @@ def history_frames(
         )
         .order_by(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time, decisions.c.created_at)
     )
+    stop_query = (
+        sa.select(decisions.c.request_json, decisions.c.answer_json)
+        .where(decisions.c.action == Action.STOP.value)
+        .order_by(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time, decisions.c.created_at)
+    )
     with engine.connect() as conn:
         stored = [
             (
@@ -171,6 +224,7 @@ def history_frames(
             )
             for _decision_id, request_json, answer_json, body_json in conn.execute(query)
         ]
+        stopped = [(orjson.loads(request), orjson.loads(answer)) for request, answer in conn.execute(stop_query)]
     unusable: dict[tuple[str, str], str] = {}
     usable = []
     for request, answer, body in stored:
@@ -258,12 +312,22 @@ def history_frames(
                     "status": body["status"],
                 }
                 next_number[order] = number + 1
+    stops: list[dict[str, Any]] = []
+    for request, answer in stopped:
+        order = (request["merchant_id"], request["order_id"])
+        if order in unusable:
+            continue
+        for row in _earlier_attempts(request):  # an order stopped at its first failure has no other source
+            key = (*order, row["attempt_number"])
+            if key not in attempts:
+                attempts[key] = row | {"txn_id": _fresh_txn_id(request["order_id"], row["attempt_number"], taken)}
+        stops.append(_stop_row(*order, answer["decision_id"], request["event_time"], answer["propensity"]))
     attempts_frame = pd.DataFrame(list(attempts.values()), columns=list(ATTEMPT_COLUMNS))
     nudges_frame = pd.DataFrame(nudges, columns=list(NUDGE_COLUMNS))
     for frame, columns in ((attempts_frame, ("created_at",)), (nudges_frame, ("sent_at", "clicked_at"))):
         for column in columns:
             frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
-    return attempts_frame, nudges_frame, unusable
+    return attempts_frame, nudges_frame, unusable, _stops_frame(stops)
 
 
 def _utc(value: Any) -> Any:
@@ -273,11 +337,13 @@ def _utc(value: Any) -> Any:
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
-def executor_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """(attempts, nudges, dropped) from the executor's orders, transactions and nudges tables.
+def executor_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame, int, pd.DataFrame]:
+    """(attempts, nudges, dropped, stops) from the executor's orders, transactions, nudges, decisions and agent
+    queue.
 
     ``dropped`` counts attempts recorded after an order's first success (a late charge that needs a refund):
-    the history contract allows nothing after a success, so they are left out and counted.
+    the history contract allows nothing after a success, so they are left out and counted. ``stops``: the stop
+    decisions the executor carried out (see the module docstring).
     """
     with engine.connect() as conn:
         if not sa.inspect(conn).has_table("orders"):
@@ -285,6 +351,7 @@ def executor_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame, int]
                 pd.DataFrame(columns=list(ATTEMPT_COLUMNS)),
                 pd.DataFrame(columns=list(NUDGE_COLUMNS)),
                 0,
+                _stops_frame([]),
             )
         bases = {
             (row.merchant_id, row.order_id): _order_fields(orjson.loads(row.request_json))
@@ -345,12 +412,39 @@ def executor_frames(engine: sa.Engine) -> tuple[pd.DataFrame, pd.DataFrame, int]
             for row in conn.execute(sa.select(nudge_table).order_by(nudge_table.c.sent_at)).mappings()
             if (row["merchant_id"], row["order_id"]) in bases
         ]
+        stops = _executor_stops(conn, set(bases))
     attempts_frame = pd.DataFrame(attempts, columns=list(ATTEMPT_COLUMNS))
     nudges_frame = pd.DataFrame(sent, columns=list(NUDGE_COLUMNS))
     for frame, columns in ((attempts_frame, ("created_at",)), (nudges_frame, ("sent_at", "clicked_at"))):
         for column in columns:
             frame[column] = pd.to_datetime(frame[column], utc=True)
-    return attempts_frame, nudges_frame, dropped
+    return attempts_frame, nudges_frame, dropped, stops
+
+
+def _executor_stops(conn: sa.Connection, known: set[tuple[str, str]]) -> pd.DataFrame:
+    """The stops the executor carried out for its ``known`` orders: its stop decisions (an assisted merchant's
+    only once an agent approved them) and agents' rejects (a stop no policy chose: null propensity)."""
+    queued = {
+        row.decision_id: row.state for row in conn.execute(sa.select(agent_queue.c.decision_id, agent_queue.c.state))
+    }
+    rows = []
+    query = sa.select(
+        decisions.c.merchant_id,
+        decisions.c.order_id,
+        decisions.c.decision_id,
+        decisions.c.event_time,
+        decisions.c.action,
+        decisions.c.propensity,
+    ).order_by(decisions.c.merchant_id, decisions.c.order_id, decisions.c.event_time, decisions.c.created_at)
+    for row in conn.execute(query):
+        if (row.merchant_id, row.order_id) not in known:
+            continue
+        state = queued.get(row.decision_id)
+        if state == "rejected":
+            rows.append(_stop_row(row.merchant_id, row.order_id, row.decision_id, _utc(row.event_time), None))
+        elif row.action == Action.STOP.value and state in (None, "approved"):
+            rows.append(_stop_row(row.merchant_id, row.order_id, row.decision_id, _utc(row.event_time), row.propensity))
+    return _stops_frame(rows)
 
 
 def _orders_of(frame: pd.DataFrame) -> set[tuple[str, str]]:
@@ -378,11 +472,13 @@ def _unwritable_orders(attempts: pd.DataFrame, nudges: pd.DataFrame) -> dict[tup
 
 def all_history_frames(
     engine: sa.Engine, since: datetime | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame, int, dict[tuple[str, str], str]]:
-    """(attempts, nudges, dropped, unusable) from the executor and the decision store (see the module docstring
-    and ``history_frames``)."""
-    exec_attempts, exec_nudges, dropped = executor_frames(engine)
-    api_attempts, api_nudges, unusable = history_frames(engine, taken=set(exec_attempts["txn_id"].astype(str)))
+) -> tuple[pd.DataFrame, pd.DataFrame, int, dict[tuple[str, str], str], pd.DataFrame]:
+    """(attempts, nudges, dropped, unusable, stops) from the executor and the decision store (see the module
+    docstring and ``history_frames``); each stop numbered with the order's last attempt then."""
+    exec_attempts, exec_nudges, dropped, exec_stops = executor_frames(engine)
+    api_attempts, api_nudges, unusable, api_stops = history_frames(
+        engine, taken=set(exec_attempts["txn_id"].astype(str))
+    )
     executed = _orders_of(exec_attempts)
     api_orders = _orders_of(api_attempts) - executed
     # An order the executor carried out is exported from its own records: a bad outcome posted for it as well
@@ -396,14 +492,25 @@ def all_history_frames(
         [frame for frame in (exec_nudges, _only(api_nudges, api_orders)) if len(frame)] or [exec_nudges],
         ignore_index=True,
     )
+    stops = pd.concat(
+        [frame for frame in (exec_stops, _only(api_stops, api_orders)) if len(frame)] or [exec_stops],
+        ignore_index=True,
+    )
     if since is not None and len(attempts):
         first = attempts.groupby(["merchant_id", "order_id"])["created_at"].min()
         recent = first[first >= pd.Timestamp(since)]
         keep = set(zip(recent.index.get_level_values(0), recent.index.get_level_values(1), strict=True))
-        attempts, nudges = _only(attempts, keep), _only(nudges, keep)
+        attempts, nudges, stops = _only(attempts, keep), _only(nudges, keep), _only(stops, keep)
     attempts = attempts.sort_values(["merchant_id", "order_id", "attempt_number"], kind="mergesort")
     nudges = nudges.sort_values(["merchant_id", "order_id", "sent_at"], kind="mergesort")
-    return attempts.reset_index(drop=True), nudges.reset_index(drop=True), dropped, unusable
+    stops = number_stops(stops.sort_values(["merchant_id", "order_id", "decided_at"], kind="mergesort"), attempts)
+    return (
+        attempts.reset_index(drop=True),
+        nudges.reset_index(drop=True),
+        dropped,
+        unusable,
+        stops.reset_index(drop=True),
+    )
 
 
 def _shared_ids(column: str, *frames: pd.DataFrame) -> set[str]:
@@ -425,15 +532,17 @@ def _qualify(frame: pd.DataFrame, shared: set[str], column: str = "order_id") ->
 
 
 def _orders_at_fault(
-    error: HistoryError, attempts: pd.DataFrame, nudges: pd.DataFrame, files: tuple[Path, Path]
+    error: HistoryError, frames: tuple[pd.DataFrame, ...], files: tuple[Path, ...]
 ) -> dict[tuple[str, str], str] | None:
     """The orders the shown problems of ``error`` are in, each with its first problem; None when one is not in a
-    row of either file. Problems come from writing a file (labelled ``<path> (writing)``, rows of the frame) or
-    from reading both back (labelled ``<path>``, rows of the file, written in the frame's order)."""
+    row of any file. Problems come from writing a file (labelled ``<path> (writing)``, rows of the frame) or
+    from reading them back (labelled ``<path>``, rows of the file, written in the frame's order). ``frames`` and
+    ``files`` line up: attempts, nudges, stops."""
     found: dict[tuple[str, str], str] = {}
+    by_label = {str(path): frame for path, frame in zip(files, frames, strict=True)}
     for problem in error.report.problems:
         label = problem.file.removesuffix(" (writing)")
-        frame = attempts if label == str(files[0]) else nudges if label == str(files[1]) else None
+        frame = by_label.get(label)
         if frame is None or problem.row is None or not 1 <= problem.row <= len(frame):
             return None
         merchant_id, order_id = frame.iloc[problem.row - 1][["merchant_id", "order_id"]]
@@ -443,15 +552,16 @@ def _orders_at_fault(
 
 
 def export_history(database_url: str, out_dir: str | Path, since: datetime | None = None) -> ExportSummary:
-    """Write ``out_dir/attempts.parquet`` and ``out_dir/nudges.parquet`` from the executor and decision store.
+    """Write ``out_dir/attempts.parquet``, ``out_dir/nudges.parquet`` and ``out_dir/stops.parquet`` (the stop
+    decisions, see the module docstring) from the executor and decision store.
 
-    Both files are validated on the way out (row schema on write, then the cross-row and cross-file rules by
+    The files are validated on the way out (row schema on write, then the cross-row and cross-file rules by
     reading them back with ``model.history.read_history``). One order the files cannot carry must not block every
     other order's feedback: an order with a value outside the contract's lists, or whose rows break a rule of
     the files, is left out whole and named in the summary (``left_out_orders``); nothing is left out silently. An
     order_id that several merchants use is written ``<merchant_id>/<order_id>`` (the files key orders by
     order_id) and named too; a txn_id that several merchants' attempts have is written ``<merchant_id>/<txn_id>``
-    the same way. Both files are written beside the targets and moved into place only once valid, so
+    the same way. The files are written beside the targets and moved into place only once valid, so
     a failed export leaves an earlier export as it was. ``since`` (aware) keeps orders whose first attempt is at
     or after it.
     """
@@ -469,7 +579,7 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
                 raise FileNotFoundError(
                     f"{shown_url(url)} holds no winback tables: a scorer or executor started on it creates them"
                 )
-        attempts_frame, nudges_frame, dropped, unusable = all_history_frames(engine, since)
+        attempts_frame, nudges_frame, dropped, unusable, stops_frame = all_history_frames(engine, since)
     finally:
         engine.dispose()
     left_out = unusable | _unwritable_orders(attempts_frame, nudges_frame)
@@ -478,19 +588,27 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     attempts_path, nudges_path = target / "attempts.parquet", target / "nudges.parquet"
-    staged = (target / ".partial-attempts.parquet", target / ".partial-nudges.parquet")
+    stops_path = target / "stops.parquet"
+    staged = (
+        target / ".partial-attempts.parquet",
+        target / ".partial-nudges.parquet",
+        target / ".partial-stops.parquet",
+    )
     try:
         for _ in range(_MAX_VALIDATION_ROUNDS):
             keep = (_orders_of(attempts_frame) | _orders_of(nudges_frame)) - set(left_out)
             attempts_frame = _only(attempts_frame, keep).reset_index(drop=True)
             nudges_frame = _only(nudges_frame, keep).reset_index(drop=True)
+            stops_frame = _only(stops_frame, keep).reset_index(drop=True)
             try:
                 write_attempts(_qualify(_qualify(attempts_frame, shared_txns, "txn_id"), shared), staged[0])
                 write_nudges(_qualify(nudges_frame, shared), staged[1])
-                read_history(*staged, cap=len(attempts_frame) + len(nudges_frame) + 1)
+                write_stops(_qualify(stops_frame, shared), staged[2])
+                rows = len(attempts_frame) + len(nudges_frame) + len(stops_frame)
+                read_history(staged[0], staged[1], stops_path=staged[2], cap=rows + 1)
                 break
             except HistoryError as exc:
-                at_fault = _orders_at_fault(exc, attempts_frame, nudges_frame, staged)
+                at_fault = _orders_at_fault(exc, (attempts_frame, nudges_frame, stops_frame), staged)
                 if not at_fault:
                     raise
                 left_out.update(at_fault)
@@ -498,6 +616,7 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
             raise RuntimeError(f"history export did not validate after {_MAX_VALIDATION_ROUNDS} rounds")
         staged[0].replace(attempts_path)
         staged[1].replace(nudges_path)
+        staged[2].replace(stops_path)
     finally:
         for path in staged:
             path.unlink(missing_ok=True)
@@ -515,4 +634,6 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         dropped_after_success=dropped,
         left_out_orders=tuple(f"{m}/{o}: {why}" for (m, o), why in sorted(left_out.items())),
         renamed_orders=tuple(renamed),
+        stops_path=stops_path,
+        stops=len(stops_frame),
     )

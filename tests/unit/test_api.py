@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from model.catalog import load_catalog
-from model.history import read_attempts, read_nudges
+from model.history import read_attempts, read_history, read_nudges
 from model.merchant_config import ConfigError, load_config
 from model.policy import PolicyConfig
 from model.requests import Alternative, Decision, DecisionRequest
@@ -772,6 +772,33 @@ def test_a_decision_requested_with_no_earlier_attempt_exports_its_failure_as_the
     retries = attempts.xs(2, level="attempt_number")
     assert retries["status"].tolist() == ["success", "success"]
     assert retries["decision_id"].notna().all()
+
+
+def test_export_writes_the_stop_decisions_served_to_callers_with_their_propensity(api: Api, tmp_path: Path) -> None:
+    # A stop needs no outcome (nothing is done): an order stopped at its first failure is exported with it.
+    answer = api.post("/v1/decisions", request_body(order_id="ord_stopped")).json()
+    api.flush()
+    assert api.runtime.store is not None
+    with api.runtime.store.engine.begin() as conn:
+        stop = {**answer, "action": "stop", "strategy": None, "connector": None, "channel": None}
+        conn.execute(
+            sa.update(decisions_table)
+            .where(decisions_table.c.decision_id == answer["decision_id"])
+            .values(action="stop", strategy=None, connector=None, channel=None, answer_json=json.dumps(stop))
+        )
+    retried = api.post("/v1/decisions", request_body(order_id="ord_retried")).json()
+    api.post("/v1/outcomes", _outcome(retried["decision_id"], order_id="ord_retried", txn_id=None))
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    assert (summary.orders, summary.stops) == (2, 1)
+    history = read_history(summary.attempts_path, summary.nudges_path, stops_path=summary.stops_path)
+    assert history.stops is not None
+    row = history.stops.iloc[0]
+    assert (row["order_id"], row["decision_id"], row["attempt_number"]) == ("ord_stopped", answer["decision_id"], 1)
+    assert row["propensity"] == answer["propensity"]
+    assert row["decided_at"] == pd.Timestamp(request_body()["event_time"])
+    stopped = history.attempts[history.attempts["order_id"] == "ord_stopped"]
+    assert stopped["attempt_number"].tolist() == [1]  # its failure, from the stop decision's request
 
 
 def test_an_order_with_a_strategy_the_history_files_cannot_carry_is_left_out_and_named(
@@ -1650,7 +1677,7 @@ def test_an_order_the_files_cannot_carry_is_left_out_named_and_the_rest_is_expor
         f"m_demo/ord_bad: outcome of {link['decision_id']}: sent_at: Value error, timestamp must be an ISO 8601 "
         "string with a timezone (e.g. 2026-11-01T10:15:00Z)",
     )
-    assert sorted(path.name for path in history.iterdir()) == ["attempts.parquet", "nudges.parquet"]
+    assert sorted(path.name for path in history.iterdir()) == ["attempts.parquet", "nudges.parquet", "stops.parquet"]
 
 
 def test_a_failed_export_leaves_the_previous_files_as_they_were(api: Api, tmp_path: Path, monkeypatch: Any) -> None:

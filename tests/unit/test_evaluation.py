@@ -554,3 +554,96 @@ def test_snips_counts_the_target_policys_stops_as_worth_zero() -> None:
     assert with_stops.value == pytest.approx(5.0)
     always_stop = ev.snips(rewards, propensity, np.zeros(1000), n_bootstrap=0, known_zero=np.ones(1000, bool))
     assert always_stop.value == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- logged stops
+
+
+def _stop_history(tmp_path: Path, *, with_stops: bool = True) -> tuple[Path, Path, Path | None]:
+    """Two orders: ``ord_a`` recovered by a cascade to adyen 2 s after its failure (propensity 0.5), ``ord_b`` where
+    the logging policy stopped at its failure (propensity 0.8, in the stops file only)."""
+    from model.history import write_attempts, write_nudges, write_stops
+    from tests.factories import make_attempts_frame, make_nudges_frame, make_stops_frame
+
+    attempts = make_attempts_frame(
+        {"order_id": "ord_a", "txn_id": "t_a1"},
+        {"order_id": "ord_a", "txn_id": "t_a2", "attempt_number": 2, "created_at": "2026-11-01T10:00:02Z",
+         "connector": "adyen", "strategy": "cascade", "status": "success", "error_code": None, "error_message": None,
+         "network_decline_code": None, "decision_id": "dec_a2", "propensity": 0.5},
+        {"order_id": "ord_b", "txn_id": "t_b1", "customer_id": "cus_b", "created_at": "2026-11-01T11:00:00Z"},
+    )  # fmt: skip
+    write_attempts(attempts, tmp_path / "attempts.parquet")
+    write_nudges(make_nudges_frame().iloc[0:0], tmp_path / "nudges.parquet")
+    if not with_stops:
+        return tmp_path / "attempts.parquet", tmp_path / "nudges.parquet", None
+    stops = make_stops_frame({"order_id": "ord_b", "decision_id": "dec_b1", "decided_at": "2026-11-01T11:00:00Z",
+                              "attempt_number": 1, "propensity": 0.8})  # fmt: skip
+    write_stops(stops, tmp_path / "stops.parquet")
+    return tmp_path / "attempts.parquet", tmp_path / "nudges.parquet", tmp_path / "stops.parquet"
+
+
+def test_logged_stops_enter_the_ope_with_their_propensity_and_reward_zero(tmp_path: Path) -> None:
+    # By hand: r = the cascade's reward on ord_a (499 INR in USD less the cascade's fee). A target policy that
+    # cascades at once matches the logged cascade on ord_a (weight 1 / 0.5 = 2) and not the logged stop on ord_b
+    # (weight 0): IPS = (2 r + 0) / 2 = r. Leaving ord_b out, as the evaluation did without logged stops, gave 2 r:
+    # the value where the logging policy acted, not over the decision points.
+    from model.money import load_economics
+    from pipelines.evaluate import evaluate
+
+    economics = load_economics()
+    r = economics.to_usd(499.0, "INR") - economics.retry_cost("cascade")
+    attempts, nudges, stops = _stop_history(tmp_path)
+    policies = {"retry_now": _always("retry"), "stop": _always("stop")}
+    options: dict[str, object] = {
+        "simulated": False,
+        "holdout_start": datetime(2026, 11, 1, 9, tzinfo=UTC),
+        "n_bootstrap": 0,
+    }
+    summary = evaluate(attempts, nudges, tmp_path / "out", policies, stops_path=stops, **options)  # type: ignore[arg-type]
+    assert (summary.n_holdout_points, summary.n_logged_stops, summary.n_points_without_propensity) == (2, 1, 0)
+    assert summary.metrics["ope.retry_now.ips"] == pytest.approx(r)
+    assert summary.metrics["ope.stop.ips"] == pytest.approx(0.0)  # matches the stop (weight 1.25), reward 0
+    assert summary.metrics["ope.logged.on_policy"] == pytest.approx(r / 2)
+    assert summary.stops_note is None
+
+    (tmp_path / "old").mkdir()
+    attempts, nudges, _ = _stop_history(tmp_path / "old", with_stops=False)
+    old = evaluate(attempts, nudges, tmp_path / "out_old", policies, **options)  # type: ignore[arg-type]
+    assert (old.n_logged_stops, old.n_points_without_propensity) == (0, 1)
+    assert old.metrics["ope.retry_now.ips"] == pytest.approx(2 * r)  # the biased figure, still computed
+    assert old.stops_note is not None
+    assert "no stops file" in old.stops_note
+    assert "1 of 2" in old.stops_note
+    assert "no stops file" in (tmp_path / "out_old" / "evaluation.md").read_text()
+
+
+def test_a_stop_belongs_to_the_latest_point_of_its_attempt_and_never_replaces_an_action_taken_before_it() -> None:
+    from model.money import load_economics
+    from tests.factories import make_attempts_frame, make_nudges_frame, make_stops_frame
+
+    economics = load_economics()
+    attempts, nudges = make_attempts_frame(), make_nudges_frame()
+    # ord_lost: retry, nudge ndg_2, nudge ndg_3 at the follow-up, then nothing after ndg_3's follow-up (2026-11-05
+    # 04:30): the executor decided that stop 2 minutes after the follow-up was due.
+    stops = make_stops_frame(
+        {"order_id": "ord_lost", "decision_id": "dec_stop", "decided_at": "2026-11-05T04:32:00Z", "attempt_number": 2,
+         "propensity": 0.7},
+        # A stop said to answer ord_link's first failure, decided after the retry that point led to: it matches no
+        # point (read_history refuses such a row; the evaluation does not guess either).
+        {"order_id": "ord_link", "decision_id": "dec_odd", "decided_at": "2026-11-01T11:10:00Z", "attempt_number": 1,
+         "propensity": 0.5},
+    )  # fmt: skip
+    points = ev.logged_decisions(attempts, nudges, economics, stops=stops)
+    lost = points[points["order_id"] == "ord_lost"].reset_index(drop=True)
+    assert lost["action"].tolist() == ["retry", "retarget", "retarget", "stop"]
+    assert lost["logged_stop"].tolist() == [False, False, False, True]
+    assert lost["propensity"].iloc[3] == 0.7
+    assert (lost["reward"].iloc[3], lost["cost_usd"].iloc[3]) == (0.0, 0.0)
+    link = points[points["order_id"] == "ord_link"]
+    assert link["action"].tolist() == ["retry", "retarget"]
+    assert not link["logged_stop"].any()
+    assert len(points.attrs["unmatched_stops"]) == 1
+    assert points.attrs["unmatched_stops"][0].startswith("m_demo/ord_link: the decision point at 2026-11-01T11:00")
+    without = ev.logged_decisions(attempts, nudges, economics)
+    assert np.isnan(without.loc[without["order_id"] == "ord_lost", "propensity"].iloc[3])
+    assert not without["logged_stop"].any()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from model.catalog import load_catalog
 from model.codewatch import KnownCode, code_inventory, code_key, nearest_codes
@@ -19,6 +20,7 @@ from model.policy import PolicyConfig, decide, exploration_rate
 from model.vocab import Action, ErrorClass
 from pipelines.retrain import gate_checks, parse_every, retrain_loop, window
 from service.api.metrics import ApiMetrics
+from service.api.store import decisions as decisions_table
 from tests.factories import make_merchant, make_request
 
 # --------------------------------------------------------------------------------------------- exploration
@@ -246,6 +248,75 @@ def test_executor_results_become_contract_history_with_decision_and_propensity(t
         export_history(url, tmp_path / "x", since=datetime(2026, 11, 10))
 
 
+def _stopped_orders_db(path: Path) -> str:
+    """The executor's records of four orders that failed once at 10:00 and were each decided once, at 10:00:01:
+    ``ord_stop`` stopped (autonomous), ``ord_reject`` had a retry rejected by an agent (assisted), ``ord_wait`` has
+    a stop waiting for an agent, ``ord_retry`` a retry (its attempt not back yet)."""
+    from model.requests import Decision
+    from service.api.store import decision_row, make_engine, metadata
+    from service.executor.store import agent_queue, orders, transactions
+
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    metadata.create_all(engine)
+    t0 = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+    decided = t0.replace(second=1)
+    plans = {"ord_stop": ("stop", None), "ord_reject": ("retry", "rejected"), "ord_wait": ("stop", "pending"),
+             "ord_retry": ("retry", None)}  # fmt: skip
+    with engine.begin() as conn:
+        for order_id, (action, queued) in plans.items():
+            request = make_request(order_id=order_id, event_time=decided.isoformat())
+            conn.execute(
+                orders.insert().values(
+                    merchant_id="m_demo", order_id=order_id, state="FAILED",
+                    mode="assisted" if queued else "autonomous", amount=499.0, currency="INR", customer_id="cus_71",
+                    request_json=request.model_dump_json(exclude={"history"}),
+                    failure_json=request.failure.model_dump_json(), attempt_count=1, first_failed_at=t0,
+                    created_at=t0, updated_at=t0,
+                )
+            )  # fmt: skip
+            conn.execute(
+                transactions.insert().values(
+                    txn_id=f"{order_id}_1", merchant_id="m_demo", order_id=order_id, attempt_number=1,
+                    processor_payment_id="p", strategy="initial", connector="stripe", status="failure",
+                    error_code="card_declined", created_at=t0,
+                )
+            )  # fmt: skip
+            retry = {"strategy": "cascade", "connector": "adyen"} if action == "retry" else {}
+            decision = Decision(
+                decision_id=f"dec_{order_id}", model_version="7", action=action, execute_at=decided, retryable=True,
+                retry_probability=0.3, expected_success=0.2, propensity=0.85, **retry,
+            )  # fmt: skip
+            conn.execute(sa.insert(decisions_table).values(**decision_row(request, decision, created_at=decided)))
+            if queued:
+                conn.execute(
+                    agent_queue.insert().values(
+                        merchant_id="m_demo", order_id=order_id, decision_id=decision.decision_id,
+                        decision_json=decision.model_dump_json(), request_json=request.model_dump_json(),
+                        state=queued, created_at=decided,
+                    )
+                )  # fmt: skip
+    engine.dispose()
+    return url
+
+
+def test_the_export_writes_the_stops_the_executor_carried_out_with_their_propensity(tmp_path: Path) -> None:
+    from service.api.export import export_history
+
+    summary = export_history(_stopped_orders_db(tmp_path / "winback.db"), tmp_path / "out")
+    assert summary.stops_path == tmp_path / "out" / "stops.parquet"
+    assert (summary.orders, summary.stops) == (4, 2)
+    history = read_history(summary.attempts_path, summary.nudges_path, stops_path=summary.stops_path)
+    assert history.stops is not None
+    stops = history.stops.set_index("order_id")
+    assert sorted(stops.index) == ["ord_reject", "ord_stop"]  # not the one waiting for an agent, nor the retry
+    assert stops.loc["ord_stop", "decision_id"] == "dec_ord_stop"
+    assert stops.loc["ord_stop", "propensity"] == 0.85
+    assert stops.loc["ord_stop", "decided_at"] == pd.Timestamp("2026-11-01T10:00:01Z")
+    assert stops.loc["ord_stop", "attempt_number"] == 1
+    assert np.isnan(stops.loc["ord_reject", "propensity"])  # an agent's reject: no policy chose that stop
+
+
 def test_history_export_cli_writes_files(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -256,6 +327,7 @@ def test_history_export_cli_writes_files(tmp_path: Path) -> None:
         app, ["history", "export", "--out", str(tmp_path / "out"), "--database-url", url, "--since", "2026-11-10"]
     )
     assert result.exit_code == 0, result.output
+    assert "and " + str(tmp_path / "out" / "stops.parquet") in " ".join(result.output.split())
     assert "for 1 orders" in result.output
     bad = CliRunner().invoke(app, ["history", "export", "--out", str(tmp_path / "o"), "--database-url", url,
                                    "--since", "yesterday"])  # fmt: skip

@@ -23,7 +23,7 @@ from model.history import (
     write_attempts,
     write_nudges,
 )
-from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame
+from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame, make_stops_frame
 
 FORMATS = ["parquet", "csv"]
 STRATEGIES = "initial, retry_same, cascade, step_up, clear_pan, alternate_network, retarget_link"
@@ -514,3 +514,103 @@ def test_a_column_named_twice_is_reported_by_name(tmp_path: Path, fmt: str) -> N
         assert exc.value.report.problems == [
             Problem(str(a), None, "propensity", "the file has 2 columns of this name (keep one)")
         ]
+
+
+# --- the optional stops file --------------------------------------------------------------------------------
+
+
+def _stops_problems(
+    tmp_path: Path, stops: pd.DataFrame, *, split: bool = False
+) -> list[tuple[str, int | None, str | None, str]]:
+    from model.history import split_history
+
+    a, n = _write_pair(tmp_path, "parquet", make_attempts_frame(), make_nudges_frame())
+    s = _raw_parquet(tmp_path, stops, "stops.parquet")
+
+    def read() -> object:
+        if split:
+            return split_history(a, n, tmp_path / "parts", partition_rows=2, stops_path=s)
+        return read_history(a, n, stops_path=s)
+
+    with pytest.raises(HistoryError) as exc:
+        read()
+    return [(Path(p.file).stem, p.row, p.column, p.reason) for p in exc.value.report.problems]
+
+
+def test_a_history_reads_with_or_without_its_stops_file(tmp_path: Path) -> None:
+    from model.history import write_stops
+
+    a, n = _write_pair(tmp_path, "csv", make_attempts_frame(), make_nudges_frame())
+    assert read_history(a, n).stops is None
+    stops = make_stops_frame({"order_id": "ord_lost", "decided_at": "2026-11-05T04:30:00Z", "attempt_number": 2},
+                             {"order_id": "ord_link", "decision_id": "dec_s2", "decided_at": "2026-11-01T11:00:00Z",
+                              "propensity": None})  # fmt: skip
+    write_stops(stops, tmp_path / "stops.csv")
+    read = read_history(a, n, stops_path=tmp_path / "stops.csv").stops
+    assert read is not None
+    pd.testing.assert_frame_equal(read, stops)
+
+
+def test_bad_stop_rows_are_reported_with_row_column_and_reason(tmp_path: Path) -> None:
+    stops = make_stops_frame(
+        {"order_id": "ord_lost", "decided_at": "2026-11-05T04:30:00Z", "attempt_number": 2},
+        {"order_id": "ord_lost", "decision_id": "dec_stop_1", "attempt_number": 2, "propensity": 1.5},
+    )
+    stops["decided_at"] = stops["decided_at"].astype(object)
+    stops.loc[1, "decided_at"] = None
+    assert _stops_problems(tmp_path, stops) == [
+        ("stops", 1, "decision_id", "duplicate decision_id 'dec_stop_1' (rows 1, 2)"),
+        ("stops", 2, "decision_id", "duplicate decision_id 'dec_stop_1' (rows 1, 2)"),
+        ("stops", 2, "propensity", "propensity must be in (0, 1], got 1.5"),
+        ("stops", 2, "decided_at", "missing value (the column is not nullable)"),
+    ]
+    assert _stops_problems(tmp_path, stops.drop(columns=["attempt_number"])) == [
+        ("stops", None, "attempt_number", "missing column"),
+        ("stops", 1, "decision_id", "duplicate decision_id 'dec_stop_1' (rows 1, 2)"),
+        ("stops", 2, "decision_id", "duplicate decision_id 'dec_stop_1' (rows 1, 2)"),
+        ("stops", 2, "propensity", "propensity must be in (0, 1], got 1.5"),
+        ("stops", 2, "decided_at", "missing value (the column is not nullable)"),
+    ]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["read_history", "split_history"])
+def test_a_stop_must_answer_a_failed_attempt_of_its_order_and_not_be_another_actions_decision(
+    tmp_path: Path, split: bool
+) -> None:
+    stops = make_stops_frame(
+        {"order_id": "ord_lost", "decision_id": "dec_ok", "decided_at": "2026-11-05T04:30:00Z", "attempt_number": 2},
+        {"order_id": "ord_gone", "decision_id": "dec_2"},
+        {"order_id": "ord_lost", "merchant_id": "m_other", "decision_id": "dec_3", "decided_at": "2026-11-01T07:30:00Z",
+         "attempt_number": 2},
+        {"order_id": "ord_lost", "decision_id": "dec_4", "attempt_number": 3},
+        {"order_id": "ord_cascade", "decision_id": "dec_5", "decided_at": "2026-11-01T10:00:03Z", "attempt_number": 2},
+        {"order_id": "ord_link", "decision_id": "dec_6", "decided_at": "2026-11-01T11:00:00Z", "attempt_number": 2},
+        {"order_id": "ord_link", "decision_id": "dec_7", "decided_at": "2026-11-01T12:00:00Z", "attempt_number": 1},
+        {"order_id": "ord_lost", "decision_id": "dec_c2", "decided_at": "2026-11-01T08:00:00Z", "attempt_number": 2},
+    )  # fmt: skip
+    assert _stops_problems(tmp_path, stops, split=split) == [
+        ("stops", 2, "order_id", "order 'ord_gone' has no attempts in the attempts file"),
+        ("stops", 3, "merchant_id", "'m_other' differs from the merchant of order 'ord_lost' in the attempts file "
+         "('m_demo')"),
+        ("stops", 4, "attempt_number", "order 'ord_lost' has no attempt 3 (it has 2)"),
+        ("stops", 5, "attempt_number", "attempt 2 of order 'ord_cascade' succeeded: a stop answers a failed attempt"),
+        ("stops", 6, "decided_at", "decided_at 2026-11-01T11:00:00+00:00 is before attempt 2 of order 'ord_link' "
+         "(2026-11-01T11:05:00.250000+00:00), the failure it answers"),
+        ("stops", 7, "decided_at", "decided_at 2026-11-01T12:00:00+00:00 is after attempt 2 of order 'ord_link' "
+         "(2026-11-01T11:05:00.250000+00:00): a stop answers the order's last attempt"),
+        ("stops", 8, "decision_id", "decision 'dec_c2' is also the decision of an attempt: a decision has one action"),
+    ]  # fmt: skip
+
+
+def test_the_stops_file_beside_an_attempts_file_is_found_in_either_format(tmp_path: Path) -> None:
+    from model.history import stops_beside
+    from pipelines.train import resolve_stops
+
+    attempts = tmp_path / "attempts.csv"
+    assert stops_beside(attempts) is None
+    assert resolve_stops(attempts, None) is None
+    (tmp_path / "stops.parquet").touch()
+    assert stops_beside(attempts) == tmp_path / "stops.parquet"
+    (tmp_path / "stops.csv").touch()
+    assert stops_beside(attempts) == tmp_path / "stops.csv"  # the attempts file's own format first
+    assert resolve_stops(attempts, tmp_path / "other.parquet") == tmp_path / "other.parquet"  # given: used as is

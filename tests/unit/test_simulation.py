@@ -59,6 +59,9 @@ def test_same_seed_writes_identical_files(history_dir: Path, tmp_path: Path) -> 
     assert summary.orders == N
     assert _digest(summary.attempts_path) == _digest(history_dir / "attempts.parquet")
     assert _digest(summary.nudges_path) == _digest(history_dir / "nudges.parquet")
+    assert summary.stops_path == tmp_path / "stops.parquet"
+    assert _digest(summary.stops_path) == _digest(history_dir / "stops.parquet")
+    assert summary.stops == len(pd.read_parquet(summary.stops_path)) > 0
 
 
 def test_different_seeds_differ(history_dir: Path) -> None:
@@ -75,6 +78,7 @@ def test_workers_and_chunking_do_not_change_the_history(monkeypatch: pytest.Monk
     parallel = generate_history(240, 11, workers=2)
     pd.testing.assert_frame_equal(single.attempts, parallel.attempts)
     pd.testing.assert_frame_equal(single.nudges, parallel.nudges)
+    pd.testing.assert_frame_equal(single.stops, parallel.stops)
 
 
 def test_history_passes_validation_and_round_trips_through_csv(history_dir: Path, tmp_path: Path) -> None:
@@ -85,6 +89,31 @@ def test_history_passes_validation_and_round_trips_through_csv(history_dir: Path
     csv = read_history(tmp_path / "attempts.csv", tmp_path / "nudges.csv")
     pd.testing.assert_frame_equal(parquet.attempts, csv.attempts, check_dtype=False)
     pd.testing.assert_frame_equal(parquet.nudges, csv.nudges, check_dtype=False)
+
+
+def test_every_stop_the_logging_policy_decided_is_written_with_its_propensity(history_dir: Path) -> None:
+    from model import evaluation as ev
+    from model.money import load_economics
+
+    history = read_history(
+        history_dir / "attempts.parquet", history_dir / "nudges.parquet", stops_path=history_dir / "stops.parquet"
+    )
+    assert history.stops is not None
+    generated = generate_history(N, 7)
+    stopped = generated.per_order.loc[generated.per_order["end_reason"] == "stop", "order_id"]
+    assert sorted(history.stops["order_id"]) == sorted(stopped)  # one row per stop decision, no other
+    assert history.stops["propensity"].between(0.0, 1.0, inclusive="right").all()
+    assert history.stops["decision_id"].is_unique
+    # Each one is the last decision of its order, at its last attempt: the decision point the evaluation rebuilds.
+    points = ev.logged_decisions(history.attempts, history.nudges, load_economics(), stops=history.stops)
+    assert points.attrs["unmatched_stops"] == []
+    assert int(points["logged_stop"].sum()) == len(history.stops)
+    # What still has no propensity is where the simulator made no decision (the order's window had ended).
+    assert (
+        points.loc[points["propensity"].isna(), "order_id"]
+        .isin(generated.per_order.loc[generated.per_order["end_reason"] == "window", "order_id"])
+        .all()
+    )
 
 
 def test_every_order_starts_with_a_failure_and_first_failures_span_months(history_dir: Path) -> None:
@@ -264,3 +293,26 @@ def test_rule_breaking_actions_are_executed_and_counted(world: World) -> None:
     assert result.totals.rule_violations == result.totals.decisions > 0
     assert "before_event_time" in " ".join(result.totals.violations_by_rule)
     assert result.totals.nudges_sent > 0
+
+
+def test_true_point_values_replay_each_order_to_its_logged_decision_point() -> None:
+    from model import evaluation as ev
+    from model.money import load_economics
+    from model.simulation.truth import true_point_values
+
+    generated = generate_history(40, 5)
+    economics = load_economics()
+    points = ev.logged_decisions(generated.attempts, generated.nudges, economics, stops=generated.stops)
+    points = points[points["propensity"].notna()].reset_index(drop=True)  # the logged decisions
+    world = World(5, expected_orders=40)
+    rulebook = RuleBook(world.configs, world.catalog)
+    policies = {"stop": lambda request: make_decision(request, rulebook.context(request), Candidate(
+        Action.STOP, request.event_time), model_version="t", retryable=False, propensity=1.0, reasons=[], salt="t"),
+        "static": StaticRetryThenRetargetPolicy(rulebook=rulebook)}  # fmt: skip
+    truth = true_point_values(world, points, policies, economics, history_seed=5, draws=4)
+    assert len(truth) == 2 * len(points)  # every point was reached by the replay
+    stop = truth[truth["policy"] == "stop"]
+    assert (stop["true_value"] == 0.0).all()
+    static = truth[truth["policy"] == "static"]
+    assert static["true_success"].between(0.0, 1.0).all()
+    assert static["true_success"].mean() > 0.0

@@ -1,0 +1,139 @@
+"""How far the off-policy estimates are from the truth on a simulated history, with and without its logged stops.
+
+    python -m pipelines.ope_check --history H --orders N --seed S --tracking-uri URI [--alias challenger]
+
+On the holdout ``winback evaluate`` replays (the latest 20% of the decision points by time, a seeded sample of at
+most ``--max-points``), for the rules-only policy, the registered model and the simulator's logging policy:
+
+- ``without_stops``: IPS/SNIPS/DR as computed without the stops file (the points where the logging policy stopped
+  have no propensity and are left out);
+- ``with_stops``: the same estimators with the stops file (those points are in, with their propensity and reward 0);
+- ``truth``: the mean true one-step value over the holdout's logged decisions (``model.simulation.truth``), and
+  over the subset the ``without_stops`` estimates were computed on.
+
+Prints one table and writes it to ``--out`` as CSV. The history must come from ``winback simulate --orders N
+--seed S`` (the world is rebuilt from those).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from model import evaluation as ev
+
+
+def ope_check(
+    history_dir: Path,
+    orders: int,
+    seed: int,
+    tracking_uri: str,
+    *,
+    alias: str = "challenger",
+    max_points: int = 5_000,
+    draws: int = 32,
+    eval_seed: int = 0,
+) -> pd.DataFrame:
+    """The table described in the module docstring (one row per policy and estimator)."""
+    from model.catalog import load_catalog
+    from model.history import read_history
+    from model.money import load_economics
+    from model.registry import load_alias
+    from model.simulation.truth import true_point_values
+    from model.simulation.world import World
+    from pipelines.train import comparison_policies, merchants_for
+
+    history = read_history(
+        history_dir / "attempts.parquet", history_dir / "nudges.parquet", stops_path=history_dir / "stops.parquet"
+    )
+    economics = load_economics()
+    catalog = load_catalog()
+    points = ev.logged_decisions(history.attempts, history.nudges, economics, catalog=catalog, stops=history.stops)
+    _, holdout = ev.time_holdout(points, "event_time", 0.2)
+    if len(holdout) > max_points:
+        holdout = holdout.sample(n=max_points, random_state=eval_seed).sort_values("event_time", kind="stable")
+    holdout = holdout.reset_index(drop=True)
+    loaded = load_alias(alias, tracking_uri=tracking_uri)
+    if loaded is None:
+        raise SystemExit(f"no winback@{alias} in {tracking_uri}")
+    model_name = f"winback@{alias}"
+    policies, _ = comparison_policies(merchants_for(history.attempts), {model_name: loaded[0]}, seed=eval_seed)
+    chosen = {name: policies[name] for name in (model_name, "rules-only", "logging")}
+    reward_model = ev.value_reward_model(loaded[0], economics)
+
+    after = holdout[holdout["propensity"].notna()].reset_index(drop=True)
+    before = after[~after["logged_stop"]].reset_index(drop=True)
+    replayed = ev.replay(after, chosen, reward_model)
+    keep = np.flatnonzero(~after["logged_stop"].to_numpy())
+    renumber = {int(old): new for new, old in enumerate(keep)}
+    replayed_before = replayed[replayed["point"].isin(renumber)].assign(point=lambda f: f["point"].map(renumber))
+    estimates = {
+        "without_stops": ev.ope_from_replay(before, replayed_before, seed=eval_seed),
+        "with_stops": ev.ope_from_replay(after, replayed, seed=eval_seed),
+    }
+    # The same without clipping the weights (evaluate clips at 50): unbiased with every logged action in, so what
+    # leaving the stops out does shows apart from what clipping does.
+    for when, logged, replay_rows in (("without_stops", before, replayed_before), ("with_stops", after, replayed)):
+        unclipped = ev.ope_from_replay(logged, replay_rows, seed=eval_seed, max_weight=None)
+        unclipped = unclipped[unclipped["estimator"] != "on_policy"]
+        unclipped = unclipped.assign(estimator=unclipped["estimator"] + "_unclipped")
+        estimates[when] = pd.concat([estimates[when], unclipped], ignore_index=True)
+
+    world = World(seed, expected_orders=orders)
+    truth = true_point_values(world, after, chosen, economics, history_seed=seed, draws=draws)
+    truth["logged_stop"] = after["logged_stop"].to_numpy()[truth["point"].to_numpy()]
+    rows: list[dict[str, object]] = []
+    for name in chosen:
+        mine = truth[truth["policy"] == name]
+        true_all = float(mine["true_value"].mean())
+        true_subset = float(mine.loc[~mine["logged_stop"], "true_value"].mean())
+        kinds = ("ips", "snips", "dr", "ips_unclipped", "snips_unclipped", "dr_unclipped")
+        for estimator in ("on_policy", *kinds) if name == "logging" else kinds:
+            row: dict[str, object] = {"policy": name, "estimator": estimator, "truth": true_all}
+            for when, table in estimates.items():
+                who = "logged" if estimator == "on_policy" else name
+                found = table[(table["policy"] == who) & (table["estimator"] == estimator)]
+                value = float(found["value"].iloc[0])
+                row[f"{when}_value"] = value
+                row[f"{when}_ci_low"] = float(found["ci_low"].iloc[0])
+                row[f"{when}_ci_high"] = float(found["ci_high"].iloc[0])
+                row[f"{when}_error"] = value - true_all
+                row[f"{when}_points"] = int(found["n"].iloc[0])
+            row["truth_without_stop_points"] = true_subset
+            row["holdout_points"] = len(holdout)
+            row["logged_stops"] = int(after["logged_stop"].sum())
+            row["left_out_after"] = len(holdout) - len(after)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--history", type=Path, required=True)
+    parser.add_argument("--orders", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--tracking-uri", required=True)
+    parser.add_argument("--alias", default="challenger")
+    parser.add_argument("--max-points", type=int, default=5_000)
+    parser.add_argument("--draws", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("ope_check.csv"))
+    args = parser.parse_args()
+    table = ope_check(
+        args.history,
+        args.orders,
+        args.seed,
+        args.tracking_uri,
+        alias=args.alias,
+        max_points=args.max_points,
+        draws=args.draws,
+    )
+    table.to_csv(args.out, index=False)
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(table.round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -413,3 +413,32 @@ def test_retrain_loop_survives_a_failed_run_and_sleeps_the_rest_of_the_period() 
     assert (done, len(calls), errors) == (2, 3, ["bad export"])
     assert len(slept) == 2
     assert all(55.0 < s <= 60.0 for s in slept)
+
+
+def test_retrain_on_a_window_hands_training_the_windows_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.history import write_attempts, write_nudges, write_stops
+    from pipelines import retrain as retrain_module
+    from tests.factories import make_attempts_frame, make_nudges_frame, make_stops_frame
+
+    write_attempts(make_attempts_frame(), tmp_path / "attempts.parquet")
+    write_nudges(make_nudges_frame(), tmp_path / "nudges.parquet")
+    stops = make_stops_frame({"order_id": "ord_lost", "decided_at": "2026-11-05T04:30:00Z", "attempt_number": 2})
+    write_stops(stops, tmp_path / "stops.parquet")
+    seen: dict[str, Any] = {}
+
+    def fake_training(attempts: Path, nudges: Path, *, stops: Path | None = None, **_: Any) -> Any:
+        seen["history"] = read_history(attempts, nudges, stops_path=stops)
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(retrain_module, "run_training", fake_training)
+    with pytest.raises(RuntimeError, match="enough"):
+        retrain_module.retrain(
+            tmp_path / "attempts.parquet",
+            tmp_path / "nudges.parquet",
+            stops=tmp_path / "stops.parquet",
+            window_days=0.9,
+        )
+    # ord_lost starts 22 h before the history's last attempt: out of a 21.6 h window, and its stop with it.
+    assert "ord_lost" not in set(seen["history"].attempts["order_id"])
+    assert seen["history"].stops is not None
+    assert seen["history"].stops.empty

@@ -97,6 +97,7 @@ class Rule(StrEnum):
     USER_CONSENT_FLOW = "user_consent_flow"
     STEP_UP_NOT_APPLICABLE = "step_up_not_applicable"
     STEP_UP_OUT_OF_SESSION = "step_up_out_of_session"
+    ONE_OFF_OUT_OF_SESSION = "one_off_out_of_session"
     CASCADE_MANDATE = "cascade_mandate"
     AUTHENTICATION_REQUESTED = "authentication_requested"
     CLEAR_PAN_NOT_APPLICABLE = "clear_pan_not_applicable"
@@ -138,6 +139,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.CONNECTOR_UNAVAILABLE,
         # When the decision is made: a follow-up's step_up has no cardholder at the checkout, the failure's had.
         Rule.STEP_UP_OUT_OF_SESSION,
+        # When too: a one-off payment's customer has left the checkout; the error would still allow a retry.
+        Rule.ONE_OFF_OUT_OF_SESSION,
         # The payment flow: a mandate is executed at the gateway that registered it, whatever the error.
         Rule.CASCADE_MANDATE,
     }
@@ -193,6 +196,8 @@ class RuleBook:
     step_up_not_when_authentication: frozenset[str]
     step_up_not_when_recurring: bool  # a recurring (off-session) payment has no cardholder to authenticate
     step_up_in_session: timedelta  # a decision point later than this after the failure has no cardholder either
+    one_off_in_session: timedelta  # a one-off payment is re-attempted silently only this long after its customer paid
+    one_off_not_for_payment_method_types: frozenset[str]  # merchant-initiated by nature (a mandate)
     after_authentication_request_only: frozenset[str]  # the silent retries left when the issuer asked for SCA
     authentication_request_classes: frozenset[str]
     alternate_network_payment_methods: frozenset[str]
@@ -335,6 +340,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         step_up_not_when_authentication=_strings(raw, "strategies.step_up.not_when_authentication"),
         step_up_not_when_recurring=_flag(raw, "strategies.step_up.not_when_recurring"),
         step_up_in_session=timedelta(minutes=_number(raw, "strategies.step_up.in_session_minutes")),
+        one_off_in_session=timedelta(minutes=_number(raw, "one_off_payments.silent_retry_in_session_minutes")),
+        one_off_not_for_payment_method_types=_strings(raw, "one_off_payments.not_for_payment_method_types"),
         after_authentication_request_only=_strings(raw, "strategies.after_authentication_request.only"),
         authentication_request_classes=_error_classes(raw, "strategies.after_authentication_request.error_classes"),
         alternate_network_payment_methods=_strings(raw, "strategies.alternate_network.payment_methods"),
@@ -427,6 +434,7 @@ class RuleContext:
     mastercard_window: timedelta
     mastercard_decline_times: tuple[datetime, ...]  # sorted times of the card's declined authorizations
     upi_window_end: datetime | None
+    one_off_session_end: datetime | None  # a one-off payment: no silent retry after its customer left the checkout
     upi_timezone: ZoneInfo
     upi_peak_minutes: tuple[tuple[int, int], ...]
     merchant_timezone: ZoneInfo
@@ -629,6 +637,17 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
             retry_blocked.append(Rule.UPI_AUTOPAY_MAX_RETRIES)
         upi_window_end = first_failure_at + book.upi_retry_window
 
+    # A one-off payment was made by its customer at a checkout (customer-initiated): a silent re-attempt hours later
+    # would charge them without their say, after they may have paid another way, which only recurring (shopper-not-
+    # present) payments allow. It is re-attempted silently only while they may still be at the checkout: up to
+    # one_off_in_session after their latest own attempt (the first one, or a payment through a link); after that, a
+    # payment link asks them.
+    one_off_session_end: datetime | None = None
+    if not payment.is_recurring and not is_upi_autopay and method_type not in book.one_off_not_for_payment_method_types:
+        customer_attempts = [a.created_at for a in attempts if a.strategy in NOT_SILENT_RETRY_STRATEGIES]
+        one_off_session_end = max(customer_attempts, default=first_failure_at) + book.one_off_in_session
+        applied.append(f"one_off_in_session:{book.one_off_in_session.total_seconds() / 60:g}m")
+
     # User-consent flows: the customer must approve, so nothing can be re-attempted silently.
     is_consent = (
         method in book.consent_payment_methods
@@ -764,6 +783,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         mastercard_window=book.mastercard_window,
         mastercard_decline_times=mastercard_declines,
         upi_window_end=upi_window_end,
+        one_off_session_end=one_off_session_end,
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
         merchant_timezone=merchant_tz,
@@ -901,6 +921,8 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
             times = context.mastercard_decline_times
             if len(times) - bisect.bisect_left(times, at - context.mastercard_window) >= context.mastercard_cap:
                 broken.append(Rule.MASTERCARD_REATTEMPT_CAP)
+        if context.one_off_session_end is not None and at > context.one_off_session_end:
+            broken.append(Rule.ONE_OFF_OUT_OF_SESSION)
         if context.upi_window_end is not None:
             if at > context.upi_window_end:
                 broken.append(Rule.UPI_AUTOPAY_RETRY_WINDOW)

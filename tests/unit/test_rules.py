@@ -1680,7 +1680,7 @@ CARD_PAIRS = [
                 ["whatsapp", "sms", "email", "push"],
                 T0,
             ),
-            38,  # 43 before step_up was offered only right away (it was allowed at 6 retry times)
+            23,  # 38 before a one-off's retries were kept to its checkout session (15 were hours or days later)
         ),
         (
             _upi_in_peak_hours_context,
@@ -1738,7 +1738,7 @@ CARD_PAIRS = [
                 ["email", "sms", "whatsapp", "push"],
                 datetime(2026, 10, 24, 20, 0, tzinfo=UTC),
             ),
-            28,  # a follow-up 3 h after the failure: no step_up (35 before, when it was allowed at 7 retry times)
+            7,  # a follow-up 3 h after a one-off's failure: no silent retry at all (28 before its session rule)
         ),
     ],
 )
@@ -1782,7 +1782,37 @@ def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
     technical = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, event_time=later.isoformat(),
                     history=history)  # fmt: skip
     assert Rule.STEP_UP_OUT_OF_SESSION in broken(technical, step_up)
-    assert broken(technical, retry(strategy="cascade", connector="adyen", at=later + timedelta(seconds=2))) == ()
+    # Nor, for this one-off payment, any other silent retry (its checkout session ended); a recurring one may.
+    cascade = retry(strategy="cascade", connector="adyen", at=later + timedelta(seconds=2))
+    assert broken(technical, cascade) == (Rule.ONE_OFF_OUT_OF_SESSION,)
+    recurring = ctx(catalog=load_catalog(), payment={**ONE_OFF_CARD, "is_recurring": True}, failure=issuer_down,
+                    event_time=later.isoformat(), history=history)  # fmt: skip
+    assert broken(recurring, cascade) == ()
+
+
+def test_a_one_off_payment_is_retried_silently_only_while_its_customer_may_be_at_the_checkout() -> None:
+    """A customer-initiated (one-off) payment: a silent retry within 10 minutes of the customer's own latest
+    attempt; hours later it would charge them without their say, maybe after they paid another way. A recurring
+    payment, and a mandate whatever is_recurring says, may be retried later (payday). The rule is situational: the
+    error stays retryable."""
+    issuer_down = {**SCA_DECLINE, "error_code": "processing_error", "network_decline_code": "91"}
+    history = {"attempts": [attempt(1, "initial", T0)]}
+    one_off = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, history=history)
+    soon, later = T0 + timedelta(minutes=10), T0 + timedelta(minutes=10, seconds=1)
+    assert broken(one_off, retry(strategy="cascade", connector="adyen", at=soon)) == ()
+    assert broken(one_off, retry(strategy="cascade", connector="adyen", at=later)) == (Rule.ONE_OFF_OUT_OF_SESSION,)
+    assert "one_off_in_session:10m" in one_off.rules_applied
+    assert Rule.ONE_OFF_OUT_OF_SESSION in rules.SITUATIONAL_RETRY_RULES
+    # A payment through a link is the customer back at a checkout: a new session from that attempt.
+    linked = {"attempts": [attempt(1, "initial", T0), attempt(2, "retarget_link", T0 + 30 * HOUR)]}
+    relinked = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, history=linked,
+                   event_time=(T0 + 30 * HOUR).isoformat())  # fmt: skip
+    at = T0 + 30 * HOUR + timedelta(seconds=2)
+    assert broken(relinked, retry(strategy="cascade", connector="adyen", at=at)) == ()
+    for payment in ({**ONE_OFF_CARD, "is_recurring": True}, {**ONE_OFF_CARD, "payment_method_type": "mandate"}):
+        recurring = ctx(catalog=load_catalog(), payment=payment, failure=issuer_down, history=history)
+        assert broken(recurring, retry(strategy="retry_same", connector="stripe", at=T0 + 24 * HOUR)) == ()
+        assert not any(rule.startswith("one_off") for rule in recurring.rules_applied)
 
 
 def test_a_follow_up_sent_with_its_nudges_but_not_its_attempts_has_no_cardholder_in_session() -> None:

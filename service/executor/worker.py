@@ -146,7 +146,7 @@ class StartupCheckError(ValueError):
 
 
 def _secrets_and_providers(
-    config: WinbackConfig, env: Mapping[str, str], providers: bool
+    config: WinbackConfig, env: Mapping[str, str], providers: bool, connectors: bool = True
 ) -> tuple[list[str], list[str]]:
     """(secrets not set, channel providers that cannot be built) of every merchant in ``config``."""
     from service.executor.channels.adapters import provider_problems
@@ -161,22 +161,35 @@ def _secrets_and_providers(
         unset, problems = provider_problems(merchant_id, merchant, env)
         missing += unset
         unbuildable += problems
+    # A connector endpoint's key (service/executor/connectors.py reads it at the first charge through it).
+    missing += [
+        f"merchants.{merchant_id}.connector_endpoints.{connector}.api_key_env: {endpoint.api_key_env}"
+        for merchant_id, merchant in (config.merchants.items() if connectors else ())
+        for connector, endpoint in merchant.connector_endpoints.items()
+        if endpoint.kind == "http" and endpoint.api_key_env and not env.get(endpoint.api_key_env)
+    ]
     return missing, unbuildable
 
 
-def missing_secrets(config: WinbackConfig, env: Mapping[str, str], *, providers: bool = True) -> list[str]:
-    """``merchants.<id>.webhook.secret_env: VAR`` for every webhook secret not set in ``env``, and (``providers``)
-    ``merchants.<id>.providers.<channel>.<field>: VAR`` for every channel provider's secret not set."""
-    return _secrets_and_providers(config, env, providers)[0]
+def missing_secrets(
+    config: WinbackConfig, env: Mapping[str, str], *, providers: bool = True, connectors: bool = True
+) -> list[str]:
+    """``merchants.<id>.webhook.secret_env: VAR`` for every webhook secret not set in ``env``, (``providers``)
+    ``merchants.<id>.providers.<channel>.<field>: VAR`` for every channel provider's secret not set, and
+    (``connectors``) ``merchants.<id>.connector_endpoints.<connector>.api_key_env: VAR`` for every connector key."""
+    return _secrets_and_providers(config, env, providers, connectors)[0]
 
 
-def check_secrets(config: WinbackConfig, env: Mapping[str, str], *, providers: bool = True) -> None:
+def check_secrets(
+    config: WinbackConfig, env: Mapping[str, str], *, providers: bool = True, connectors: bool = True
+) -> None:
     """The start-up check of ``winback executor run`` and ``winback serve``, before any worker starts: every secret
-    the config names (webhooks; channel providers unless ``providers`` is false: their adapters replaced) is set,
-    and every channel provider can be built. Otherwise each message to such a channel would be refused at send
-    time, counted against the customer's messages, and its order failed. Raises StartupCheckError naming them all
-    in one line."""
-    missing, unbuildable = _secrets_and_providers(config, env, providers)
+    the config names (webhooks; channel providers unless ``providers`` is false: their adapters replaced; connector
+    endpoints' keys unless ``connectors`` is false: the connectors replaced) is set, and every channel provider can
+    be built. Otherwise each message to such a channel would be refused at send time, counted against the
+    customer's messages, and its order failed; each silent retry through such a connector refused likewise.
+    Raises StartupCheckError naming them all in one line."""
+    missing, unbuildable = _secrets_and_providers(config, env, providers, connectors)
     problems = []
     if missing:
         problems.append("secrets are not set: " + "; ".join(missing))
@@ -643,7 +656,7 @@ def run(
         config, Path(os.environ["WINBACK_TEMPLATES_DIR"]) if "WINBACK_TEMPLATES_DIR" in os.environ else None
     )
     # Every secret the config names, and every channel provider it configures (unless ``adapters`` replaces them).
-    check_secrets(config, os.environ, providers=adapters is None)
+    check_secrets(config, os.environ, providers=adapters is None, connectors=connectors_factory is None)
     # Every WINBACK_* value is checked before any fork (SettingsError names each variable it refuses, and a
     # placeholder link secret outside dev), so a bad one is one line here, not a traceback in every worker.
     settings_from_env(ExecutorSettings, database_url=database_url)

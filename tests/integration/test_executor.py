@@ -651,6 +651,28 @@ def test_start_up_check_names_every_unset_secret_and_every_provider_that_cannot_
     check_secrets(config, {"WB_TEST_WEBHOOK": "x"}, providers=False)
 
 
+def test_start_up_check_names_an_unset_connector_endpoint_key() -> None:
+    """A connector endpoint's ``api_key_env`` (CONTRACT.md section 4's ``SWITCH_KEY``) left unset passed the start-up
+    check: `winback executor run` started, and every silent retry through that connector was refused at send time.
+    It is named with its key's path like the other secrets; connectors replaced (tests, the demo) skip it."""
+    from service.executor.worker import StartupCheckError, check_secrets
+
+    merchant = demo_merchant(
+        connector_endpoints={
+            "stripe": {"kind": "sandbox"},
+            "adyen": {"kind": "http", "base_url": "https://switch.merchant.example", "api_key_env": "WB_UNSET_SWITCH"},
+        }
+    )
+    config = config_for(m_demo=merchant)
+    with pytest.raises(StartupCheckError) as info:
+        check_secrets(config, {"WB_TEST_WEBHOOK": "x"})
+    assert str(info.value) == (
+        "secrets are not set: merchants.m_demo.connector_endpoints.adyen.api_key_env: WB_UNSET_SWITCH"
+    )
+    check_secrets(config, {"WB_TEST_WEBHOOK": "x", "WB_UNSET_SWITCH": "k"})
+    check_secrets(config, {"WB_TEST_WEBHOOK": "x"}, connectors=False)
+
+
 def _sent_through_templates(h: Harness, templates: Path) -> list[tuple[OutboundMessage, Any]]:
     """Give ``h`` real adapters of the merchants' providers (kind ``fake``: rendered, kept in memory) over the
     templates in ``templates``; the (message, rendered) pairs they sent, filled in as they send."""

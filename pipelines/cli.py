@@ -37,6 +37,24 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def output_folder(path: Path, option: str) -> None:
+    """Refuse, before any work, an output folder that is a file or lies under one (one line, not a traceback
+    from the first write after minutes of work). Nothing is created: the command makes the folder when it writes."""
+    for found in (path, *path.parents):
+        if found.exists():
+            if not found.is_dir():
+                where = "is a file" if found == path else f"is under {found}, a file"
+                raise fail(f"{option} {path} {where}: name a folder")
+            return
+
+
+def output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that is a folder or lies under a file."""
+    if path.is_dir():
+        raise fail(f"{option} {path} is a folder: name the file to write")
+    output_folder(path.parent, option)
+
+
 @app.command()
 def simulate(
     out: Annotated[
@@ -51,6 +69,7 @@ def simulate(
     """Write a realistic synthetic history of failed payments (CONTRACT.md section 3)."""
     from pipelines.simulate import simulate as run_simulation
 
+    output_folder(out, "--out")
     summary = run_simulation(out, orders=orders, seed=seed, progress=True)
     console.print(
         f"wrote {summary.attempts_path} ({summary.attempts:,} attempts), {summary.nudges_path} "
@@ -350,6 +369,7 @@ def evaluate(
     from pipelines.evaluate import evaluate as run_evaluation
     from pipelines.train import comparison_policies, format_history_error, merchants_for, resolve_stops
 
+    output_folder(out, "--out")
     stops_file = resolve_stops(attempts, stops)
     if stops is None and stops_file is not None:
         console.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
@@ -662,6 +682,7 @@ def history_export(
     from pipelines.train import format_history_error
     from service.api.export import export_history
 
+    output_folder(out, "--out")
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
     start = None
     if since is not None:
@@ -736,6 +757,8 @@ def codes_report(
     from pipelines.codes import report_table
     from pipelines.train import TrainInputError
 
+    if csv_out is not None:
+        output_file(csv_out, "--csv")
     try:
         report, version = build_report(
             attempts,
@@ -772,6 +795,7 @@ def codes_import_gsm(
     from model.gsm import DEFAULT_OVERLAY, GsmError
     from pipelines.codes import import_gsm
 
+    output_file(out or DEFAULT_OVERLAY, "--out")
     try:
         target = import_gsm(file, out or DEFAULT_OVERLAY, console=console)
     except GsmError as exc:

@@ -378,3 +378,39 @@ def test_every_command_starts_with_sigchld_at_its_default(tmp_path: Path) -> Non
         signal.signal(signal.SIGCHLD, before)
     assert result.exit_code == 2, result.output
     assert restored == signal.SIG_DFL
+
+
+def test_an_output_path_that_is_a_file_or_a_folder_is_one_line_not_a_traceback(
+    small_history: Path, tmp_path: Path
+) -> None:
+    """`--out README.md` (a file where a folder is written) ended simulate, evaluate and history export in a
+    FileExistsError traceback, evaluate's after its scoring; `codes import-gsm --out /tmp` (a folder where a file
+    is written) in an IsADirectoryError one. Each is refused before any work, naming the option and the path."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    history = ["--attempts", str(small_history / "attempts.parquet"), "--nudges", str(small_history / "nudges.parquet")]
+    gsm = tmp_path / "gsm.csv"
+    gsm.write_text(
+        "connector,flow,sub_flow,code,message,status,router_error,decision,step_up_possible,unified_code,"
+        "unified_message,error_category,clear_pan_possible\n"
+        "stripe,authorize,authorize,xx1,Boom,failure,,retry,false,,,,false\n"
+    )
+    for args, reason in [
+        (["simulate", "--out", str(a_file), "--orders", "10"], f"--out {a_file} is a file: name a folder"),
+        (
+            ["simulate", "--out", str(a_file / "sub"), "--orders", "10"],
+            f"--out {a_file / 'sub'} is under {a_file}, a file: name a folder",
+        ),
+        (["evaluate", *history, "--out", str(a_file), "--episodes", "0"], f"--out {a_file} is a file"),
+        (
+            ["history", "export", "--out", str(a_file), "--database-url", f"sqlite:///{tmp_path / 'absent.db'}"],
+            f"--out {a_file} is a file",
+        ),
+        (["codes", "import-gsm", str(gsm), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
+        (["codes", "report", *history, "--csv", str(tmp_path)], f"--csv {tmp_path} is a folder"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"error: {reason}" in " ".join(result.output.split()), (args, result.output)
+        assert "Traceback" not in result.output
+    assert a_file.read_text() == "not a folder"

@@ -68,7 +68,9 @@ _SECURITY_HEADERS = {
 
 @dataclass
 class ConsoleRuntime:
-    """The console's per-process parts: settings, cookie signer, chart cache and clock."""
+    """The console's per-process parts: settings, cookie signer, chart cache and the sessions' and sign-in
+    throttle's clock (the wall clock). Orders' times, ages and the agents' actions follow the executor's clock
+    instead, which runs faster in a demo (WINBACK_CLOCK_SPEED), as the orders' own times do."""
 
     settings: ConsoleSettings
     signer: Signer
@@ -352,13 +354,13 @@ async def queue_page(request: Request, console: ConsoleDep, executor: ExecutorDe
         runtime.catalog,
         session.agent.merchant_id,
         chosen,
-        console.clock(),
+        executor.executor.clock(),
         console.settings.queue_limit,
     )
     context = _base(session, runtime, "queue") | {
         "queue": queue,
         "chosen": chosen,
-        "now": console.clock(),
+        "now": executor.executor.clock(),
         "states": STATE_FILTERS,
         "actions": ACTION_FILTERS,
     }
@@ -375,7 +377,7 @@ async def _order_context(
     )
     if page is None:
         return None
-    return _base(session, runtime, "queue") | {"page": page, "now": console.clock(), "result": None}
+    return _base(session, runtime, "queue") | {"page": page, "now": executor.executor.clock(), "result": None}
 
 
 def _not_found(session: Session, runtime: Runtime, order_id: str) -> HTMLResponse:
@@ -422,7 +424,7 @@ async def order_action(
         reason=form.get("reason", "")[:1000],
         decision_id=form.get("decision_id") or None,
     )
-    desk = AgentDesk(executor.executor, runtime.catalog, clock=console.clock)
+    desk = AgentDesk(executor.executor, runtime.catalog)
     try:
         result = await run_in_threadpool(desk.perform, session.agent, order_id, ask)
     except UnknownOrderError:
@@ -462,7 +464,7 @@ async def charge_answer(
         return signed
     session, form = signed
     answer = form.get("answer", "")
-    desk = AgentDesk(executor.executor, runtime.catalog, clock=console.clock)
+    desk = AgentDesk(executor.executor, runtime.catalog)
     if answer not in ("charged", "not_charged"):
         result = ActionResult("refused", f"unknown answer {answer!r}: use charged or not_charged")
     else:
@@ -491,7 +493,12 @@ async def performance_page(
     days = days if days in PERIODS else 30
     base = _base(session, runtime, "performance")
     data = await run_in_threadpool(
-        load_performance, executor.executor.engine, session.agent.merchant_id, base["zone"], console.clock(), days
+        load_performance,
+        executor.executor.engine,
+        session.agent.merchant_id,
+        base["zone"],
+        executor.executor.clock(),
+        days,
     )
     return _page("performance.html", **base, days=days, periods=PERIODS, charts=CHARTS, numbers=summary(data))
 
@@ -509,7 +516,9 @@ async def chart(
     zone = merchant_zone(runtime.config.merchants[merchant_id])
 
     def draw() -> bytes:
-        return render_chart(name, executor.executor.engine, runtime.catalog, merchant_id, zone, console.clock(), days)
+        return render_chart(
+            name, executor.executor.engine, runtime.catalog, merchant_id, zone, executor.executor.clock(), days
+        )
 
     try:
         png = await run_in_threadpool(console.charts.get, (merchant_id, name, days), draw)

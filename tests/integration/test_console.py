@@ -696,3 +696,26 @@ def test_performance_page_and_charts_are_pngs_of_the_agents_merchant(console: Co
     assert console.get("/console/charts/nope.png").status_code == 404
     console.post("/console/logout", {"csrf_token": csrf})
     assert console.get("/console/charts/funnel.png").status_code == 401
+
+
+def test_order_times_and_actions_follow_the_executors_clock_not_the_wall_clock(console: Console) -> None:
+    """The executor may run on a demo clock (`winback demo`: WINBACK_CLOCK_SPEED, one real second a demo hour). The
+    console read the wall clock for its orders: every demo order was "0m ago" (its times were demo times, ahead of
+    the wall clock), an agent's action was judged against the hard rules at the wall clock's hour (quiet hours
+    refused a link the demo's hour allowed) and audited at a time hours before the executor's entries. The
+    session's lifetime stays on the wall clock."""
+    console.fail_order("m_a", "ord_clock")
+    executor = console.api.app.state.executor.executor
+    ahead = datetime.now(UTC) + timedelta(hours=5, minutes=30)
+    executor.clock = lambda: ahead
+    console.sign_in("asha@m_a")
+    queue = console.get("/console/queue")
+    assert re.search(r">\s*5h 30m\s*<", queue.text), queue.text
+    assert "(5h 30m ago)" in console.get("/console/orders/ord_clock").text
+    answer = console.post(
+        "/console/orders/ord_clock/actions", {"action": "send_link", "channel": "email", "csrf_token": console.csrf()}
+    )
+    assert answer.status_code == 200, answer.text
+    with console.engine.connect() as conn:
+        audited = conn.scalar(sa.select(audit_log.c.created_at).where(audit_log.c.order_id == "ord_clock"))
+    assert abs(as_utc(audited) - ahead) < timedelta(seconds=1)

@@ -74,4 +74,4 @@ format: $(STAMP)
 ## clean: remove generated files (keeps .venv)
 .PHONY: clean
 clean:
-	rm -rf demo bench-out history mlruns winback.db winback-spool .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo bench-out history evaluation mlruns winback.db winback-spool .pytest_cache .mypy_cache .ruff_cache

@@ -210,6 +210,20 @@ def get_alias_version(alias: str, *, tracking_uri: str | None = None) -> str | N
     return None if version is None else str(version)
 
 
+def run_artifact_dir(version: str, *, tracking_uri: str | None = None) -> Path | None:
+    """The local folder of the artifacts of the run that registered ``winback`` version ``version`` (None when
+    they are not on this machine's file system: a tracking server's, an object store's)."""
+    client = _client(tracking_uri)
+    with _quiet_mlflow():
+        run_id = client.get_model_version(MODEL_NAME, version).run_id
+        if not run_id:
+            return None
+        parsed = urlparse(client.get_run(run_id).info.artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    return Path(unquote(parsed.path))
+
+
 def register_same_model(version: str, *, tracking_uri: str | None = None) -> str:
     """Register another version of ``winback`` from the same source and run as ``version``; its number. (The same
     model under a new version number: what a hot-swap drill or benchmark moves the alias to.)"""

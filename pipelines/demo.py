@@ -17,6 +17,7 @@ from rich.console import Console
 
 from model.datafiles import DEMO_REQUEST_FILE
 from model.registry import get_alias_version
+from model.registry_client import run_artifact_dir
 from pipelines.simulate import simulate
 from pipelines.train import resolve_stops, run_training
 
@@ -73,6 +74,16 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
     return paths
 
 
+def evaluation_report(paths: DemoPaths) -> str:
+    """The champion's evaluation report (the file its training run logged), else the store's folder."""
+    version = get_alias_version("champion", tracking_uri=paths.tracking_uri)
+    folder = None if version is None else run_artifact_dir(version, tracking_uri=paths.tracking_uri)
+    report = None if folder is None else folder / "evaluation" / "evaluation.md"
+    if report is not None and report.is_file():
+        return str(report)
+    return f"{paths.workdir / 'mlruns'} (artifacts of the training run: evaluation/evaluation.md)"
+
+
 def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
     """The lines printed before the services start."""
     base = f"http://{host}:{port}"
@@ -82,7 +93,7 @@ def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
             f"  API docs        {base}/docs",
             f"  readiness       {base}/readyz   metrics {base}/metrics",
             f"  MLflow store    {paths.tracking_uri}  (mlflow ui --backend-store-uri {paths.tracking_uri})",
-            f"  evaluation      {paths.workdir / 'mlruns'} (artifacts of the training run: evaluation/evaluation.md)",
+            f"  evaluation      {evaluation_report(paths)}",
             "  try a decision:",
             f"    curl -s {base}/v1/decisions -H 'Authorization: Bearer wb_demo_{DEMO_MERCHANT}' \\",
             f"      -H 'content-type: application/json' -d @{DEMO_REQUEST_FILE}",

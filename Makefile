@@ -34,10 +34,11 @@ $(STAMP): pyproject.toml
 .PHONY: install
 install: $(STAMP)
 
-## demo: simulate, train + register a model, then run the live recovery loop on 127.0.0.1:8000 (embedded defaults)
+## demo: simulate, train + register a model, then run the live recovery loop on 127.0.0.1:8000 (embedded defaults; DEMO_ARGS to pass knobs)
+DEMO_ARGS ?=
 .PHONY: demo
 demo: $(STAMP)
-	$(BIN)/winback demo --workdir demo
+	$(BIN)/winback demo --workdir demo $(DEMO_ARGS)
 
 ## lint: ruff (lint + format check), mypy on model/ and service/, import-linter contracts
 .PHONY: lint

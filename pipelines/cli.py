@@ -271,7 +271,11 @@ def executor_run(
 
 @executor_app.command("resolve-charge")
 def executor_resolve_charge(
-    action_id: Annotated[int, typer.Argument(help="The dead-lettered charge action (unanswered_since is set).")],
+    action_id: Annotated[
+        int,
+        # A database id (PostgreSQL's bigint): a larger one is no action, and SQLite's driver raised OverflowError.
+        typer.Argument(min=1, max=2**63 - 1, help="The dead-lettered charge action (unanswered_since is set)."),
+    ],
     charged: Annotated[
         bool,
         typer.Option(

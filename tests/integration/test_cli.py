@@ -414,3 +414,20 @@ def test_an_output_path_that_is_a_file_or_a_folder_is_one_line_not_a_traceback(
         assert f"error: {reason}" in " ".join(result.output.split()), (args, result.output)
         assert "Traceback" not in result.output
     assert a_file.read_text() == "not a folder"
+
+
+def test_resolve_charge_refuses_an_action_id_no_database_holds_in_one_line(tmp_path: Path) -> None:
+    """An action id beyond 64 bits (a typo, a pasted payment id) ended in SQLite's OverflowError traceback, exit 1;
+    the console refuses the same id as no action. Ids run from 1 to 2**63 - 1 (PostgreSQL's bigint)."""
+    from service.executor.store import make_executor_engine
+    from service.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    engine = make_executor_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    for action_id in (str(2**63), "99999999999999999999999", "0"):
+        result = runner.invoke(app, ["executor", "resolve-charge", action_id, "--charged", "--database-url", url])
+        assert result.exit_code == 2, (action_id, result.output)
+        assert "'action_id'" in result.output, result.output
+        assert not isinstance(result.exception, OverflowError)

@@ -110,6 +110,10 @@ def _each_once(values: list[_Listed], what: str) -> list[_Listed]:
 class RetryConfig(_Strict):
     flows: list[Strategy] = Field(default_factory=lambda: list(RETRY_STRATEGIES))
     max_retries: StrictInt = Field(default=3, ge=0, le=20)
+    #: A one-off payment is re-attempted silently only while its customer may be at the checkout (hard rule
+    #: one_off_out_of_session). true: this merchant's customers agreed to later charges of their stored card
+    #: (unscheduled credential-on-file), so its one-off payments may be re-attempted later too.
+    one_off_after_checkout: StrictBool = False
 
     @field_validator("flows")
     @classmethod

@@ -643,7 +643,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     # one_off_in_session after their latest own attempt (the first one, or a payment through a link); after that, a
     # payment link asks them.
     one_off_session_end: datetime | None = None
-    if not payment.is_recurring and not is_upi_autopay and method_type not in book.one_off_not_for_payment_method_types:
+    if (
+        not payment.is_recurring
+        and not merchant.retry.one_off_after_checkout
+        and not is_upi_autopay
+        and method_type not in book.one_off_not_for_payment_method_types
+    ):
         customer_attempts = [a.created_at for a in attempts if a.strategy in NOT_SILENT_RETRY_STRATEGIES]
         one_off_session_end = max(customer_attempts, default=first_failure_at) + book.one_off_in_session
         applied.append(f"one_off_in_session:{book.one_off_in_session.total_seconds() / 60:g}m")

@@ -1809,6 +1809,10 @@ def test_a_one_off_payment_is_retried_silently_only_while_its_customer_may_be_at
                    event_time=(T0 + 30 * HOUR).isoformat())  # fmt: skip
     at = T0 + 30 * HOUR + timedelta(seconds=2)
     assert broken(relinked, retry(strategy="cascade", connector="adyen", at=at)) == ()
+    # A merchant whose customers agreed to later charges of their stored card says so in its config.
+    consented = make_merchant(retry={"one_off_after_checkout": True})
+    stored = ctx(catalog=load_catalog(), merchant=consented, payment=ONE_OFF_CARD, failure=issuer_down, history=history)
+    assert broken(stored, retry(strategy="cascade", connector="adyen", at=T0 + 24 * HOUR)) == ()
     for payment in ({**ONE_OFF_CARD, "is_recurring": True}, {**ONE_OFF_CARD, "payment_method_type": "mandate"}):
         recurring = ctx(catalog=load_catalog(), payment=payment, failure=issuer_down, history=history)
         assert broken(recurring, retry(strategy="retry_same", connector="stripe", at=T0 + 24 * HOUR)) == ()

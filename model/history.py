@@ -1163,6 +1163,10 @@ def _read_arrow(path: Path, label: str) -> pyarrow.Table:
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv"):
         _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
+    if not path.exists():
+        _fail(label, "no such file")
+    if path.is_dir():
+        _fail(label, "a folder, not a history file")
     try:
         if suffix == ".csv":
             table = _read_csv_text(path, label)

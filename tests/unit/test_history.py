@@ -137,6 +137,15 @@ def test_unsupported_extension_is_named(tmp_path: Path) -> None:
         read_attempts(path)
 
 
+def test_a_missing_file_or_a_folder_is_named_as_such(tmp_path: Path) -> None:
+    # It said "cannot read the file: [Errno 2] ..." (the newcomer walk-through's note).
+    with pytest.raises(HistoryError, match=r"attempts\.parquet: no such file$"):
+        read_attempts(tmp_path / "attempts.parquet")
+    (tmp_path / "history.csv").mkdir()
+    with pytest.raises(HistoryError, match=r"history\.csv: a folder, not a history file$"):
+        read_attempts(tmp_path / "history.csv")
+
+
 def test_missing_columns_are_named_and_rows_still_checked(tmp_path: Path) -> None:
     def edit(raw: pd.DataFrame) -> None:
         raw.drop(columns=["card_network", "status"], inplace=True)

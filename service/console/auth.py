@@ -317,42 +317,67 @@ class LoginLimiter:
         self.window = timedelta(seconds=window_seconds)
         self.clock = clock
 
-    def retry_after(self, name: str, client: str) -> float:
-        """Seconds until another try is allowed (0 when allowed now)."""
+    def begin(self, name: str, client: str) -> SignInTry:
+        """Count a sign-in try against the name's and the client's limits, before its password is checked.
+
+        The try is written first, in its own transaction, and only then are the tries in the window counted, so
+        guesses sent in parallel each see the others: at most the limit of them get their password checked (a
+        check, then a count after the password, let a burst of parallel guesses all through). A try over a limit is
+        taken back and gets ``wait`` > 0; one within the limits stays counted as a failure unless ``succeeded``
+        takes it back."""
         now = self.clock()
-        waits = [0.0]
-        limits = (
+        keyed = (
             (_throttle_key("name", normalise_name(name)), self.max_per_name),
             (_throttle_key("ip", client), self.max_per_client),
         )
+        ids: list[int] = []
+        with self.engine.begin() as conn:
+            conn.execute(sign_in_failures.delete().where(sign_in_failures.c.failed_at <= now - self.window))
+            for key, _ in keyed:
+                inserted = conn.execute(sign_in_failures.insert().values(key_sha256=key, failed_at=now))
+                primary = inserted.inserted_primary_key
+                assert primary is not None
+                ids.append(int(primary[0]))
+        waits = [0.0]
         with self.engine.connect() as conn:
-            for key, limit in limits:
+            for key, limit in keyed:
                 recent = conn.scalars(
                     sa.select(sign_in_failures.c.failed_at)
                     .where(sign_in_failures.c.key_sha256 == key, sign_in_failures.c.failed_at > now - self.window)
                     .order_by(sign_in_failures.c.failed_at.desc())
-                    .limit(limit)
+                    .limit(limit + 1)
                 ).all()
-                if len(recent) >= limit:
-                    waits.append((as_utc(recent[-1]) + self.window - now).total_seconds())
-        return max(waits)
+                if len(recent) > limit:  # this try is one too many
+                    waits.append(max((as_utc(recent[limit]) + self.window - now).total_seconds(), 1.0))
+        wait = max(waits)
+        if wait > 0:
+            self._forget(ids)
+        return SignInTry(wait=wait, row_ids=tuple(ids))
 
-    def failed(self, name: str, client: str) -> None:
-        """Note a failed sign-in (and forget the failures that have left the window)."""
-        now = self.clock()
-        keys = (_throttle_key("name", normalise_name(name)), _throttle_key("ip", client))
-        with self.engine.begin() as conn:
-            conn.execute(sign_in_failures.delete().where(sign_in_failures.c.failed_at <= now - self.window))
-            conn.execute(sign_in_failures.insert(), [{"key_sha256": key, "failed_at": now} for key in keys])
-
-    def succeeded(self, name: str) -> None:
-        """A correct password clears the name's failures (the client's stay)."""
+    def succeeded(self, name: str, attempt: SignInTry) -> None:
+        """A correct password clears the name's failures and takes this try back from the client's (the client's
+        earlier failures stay)."""
         with self.engine.begin() as conn:
             conn.execute(
                 sign_in_failures.delete().where(
-                    sign_in_failures.c.key_sha256 == _throttle_key("name", normalise_name(name))
+                    sa.or_(
+                        sign_in_failures.c.key_sha256 == _throttle_key("name", normalise_name(name)),
+                        sign_in_failures.c.failure_id.in_(attempt.row_ids),
+                    )
                 )
             )
+
+    def _forget(self, ids: list[int]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sign_in_failures.delete().where(sign_in_failures.c.failure_id.in_(ids)))
+
+
+@dataclass(frozen=True)
+class SignInTry:
+    """A sign-in try as ``LoginLimiter.begin`` counted it: ``wait`` seconds when over a limit (0: go ahead)."""
+
+    wait: float
+    row_ids: tuple[int, ...]
 
 
 def _throttle_key(kind: str, value: str) -> str:

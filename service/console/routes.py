@@ -298,9 +298,9 @@ async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) ->
     next_url = form.get("next", "/console/queue")
     client = _client(request)
     limiter = console.limiter(executor)
-    wait = await run_in_threadpool(limiter.retry_after, name, client)
-    if wait > 0:
-        minutes = max(1, round(wait / 60))
+    attempt = await run_in_threadpool(limiter.begin, name, client)
+    if attempt.wait > 0:
+        minutes = max(1, round(attempt.wait / 60))
         return _login_form(
             request,
             console,
@@ -313,10 +313,9 @@ async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) ->
         await run_in_threadpool(authenticate, executor.executor.engine, name, password) if name and password else None
     )
     if agent is None or agent.merchant_id not in executor.executor.config.merchants:
-        await run_in_threadpool(limiter.failed, name, client)
         log.warning("console sign-in failed", extra={"agent": name[:128], "client": client})
         return _login_form(request, console, next_url, "Wrong name or password.", 401, name)
-    await run_in_threadpool(limiter.succeeded, name)
+    await run_in_threadpool(limiter.succeeded, name, attempt)
     session = await run_in_threadpool(console.sessions(executor).create, agent)
     response = RedirectResponse(_safe_next(next_url), status_code=303)
     _set_cookie(

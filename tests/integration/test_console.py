@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -252,22 +253,56 @@ def test_the_sign_in_throttle_holds_for_every_worker_and_across_a_restart(consol
 def test_failed_sign_ins_are_kept_as_digests_for_the_window_only(console: Console) -> None:
     clock = {"now": datetime(2026, 12, 1, tzinfo=UTC)}
     limiter = LoginLimiter(console.engine, 3, 10**9, window_seconds=60, clock=lambda: clock["now"])
-    for _ in range(3):
-        limiter.failed("asha@m_a", "10.0.0.1")
+    assert [limiter.begin("asha@m_a", "10.0.0.1").wait for _ in range(3)] == [0, 0, 0]  # three wrong passwords
     for i in range(2_000):  # one failure each for 2,000 made-up names, in bursts of 200 a minute apart
         clock["now"] = datetime(2026, 12, 1, tzinfo=UTC) + timedelta(seconds=50 + i // 200 * 61)
-        limiter.failed(f"spray{i}@x", f"10.1.{i // 256 % 256}.{i % 256}")
+        assert limiter.begin(f"spray{i}@x", f"10.1.{i // 256 % 256}.{i % 256}").wait == 0
         if i == 0:
-            assert limiter.retry_after("ASHA@m_a", "10.0.0.2") > 0  # still throttled inside its window
+            assert limiter.begin("ASHA@m_a", "10.0.0.2").wait > 0  # still throttled inside its window
     with console.engine.connect() as conn:
         kept = conn.execute(sa.select(sign_in_failures.c.key_sha256)).scalars().all()
     assert 0 < len(kept) <= 2 * 200  # the last burst's names and addresses; older ones are gone
     assert all(re.fullmatch("[0-9a-f]{64}", key) for key in kept)  # no name or address in clear
     for _ in range(3):
-        limiter.failed("bo@m_b", "10.0.0.3")
-    assert 60 >= limiter.retry_after("bo@m_b", "10.0.0.4") > 0
-    limiter.succeeded("bo@m_b")
-    assert limiter.retry_after("bo@m_b", "10.0.0.4") == 0
+        limiter.begin("bo@m_b", "10.0.0.3")
+    refused = limiter.begin("bo@m_b", "10.0.0.4")
+    assert 60 >= refused.wait > 0
+    assert limiter.begin("bo@m_b", "10.0.0.4").wait == refused.wait  # a refused try is not counted
+    right = LoginLimiter(console.engine, 10, 10**9, window_seconds=60, clock=lambda: clock["now"])
+    limiter.succeeded("bo@m_b", right.begin("bo@m_b", "10.0.0.4"))
+    assert limiter.begin("bo@m_b", "10.0.0.4").wait == 0  # the right password cleared the name's failures
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+                         indirect=True)  # fmt: skip
+def test_a_burst_of_parallel_guesses_gets_no_more_password_checks_than_the_limit(database_url: str) -> None:
+    """The throttle checked the count, then the password (scrypt, ~0.1 s), then noted the failure: 20 guesses sent
+    at once all passed the check before any failure was counted."""
+    from service.api.store import make_engine
+    from service.migrations import upgrade
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    limiter = LoginLimiter(engine, 3, 10**9, window_seconds=900)
+    start = threading.Barrier(20)
+    waits: list[float] = []
+
+    def guess() -> None:
+        start.wait()
+        waits.append(limiter.begin("asha@m_a", "10.9.9.9").wait)
+
+    threads = [threading.Thread(target=guess) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    with engine.connect() as conn:
+        counted = conn.scalar(sa.select(sa.func.count()).select_from(sign_in_failures))
+    engine.dispose()
+    assert len(waits) == 20
+    passed = sum(wait == 0 for wait in waits)
+    assert passed <= 3  # all 20 before; when every try counts before the others took theirs back, none
+    assert counted == 2 * passed  # the refused tries were taken back: the name is not held longer for them
 
 
 def test_every_post_without_the_csrf_token_is_refused(console: Console) -> None:

@@ -1165,7 +1165,7 @@ def _read_arrow(path: Path, label: str) -> pyarrow.Table:
         _fail(label, f"unsupported file extension {path.suffix or '(none)'!r}: use .parquet or .csv")
     if not path.exists():
         _fail(label, "no such file")
-    if path.is_dir():
+    if path.is_dir() and suffix == ".csv":  # a .parquet folder is a dataset of parts (Dask writes those)
         _fail(label, "a folder, not a history file")
     try:
         if suffix == ".csv":

@@ -144,6 +144,9 @@ def test_a_missing_file_or_a_folder_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "history.csv").mkdir()
     with pytest.raises(HistoryError, match=r"history\.csv: a folder, not a history file$"):
         read_attempts(tmp_path / "history.csv")
+    # A .parquet folder is a dataset of parts (as Dask writes it): read, not refused.
+    make_attempts_frame().to_parquet(tmp_path / "attempts.parquet", partition_cols=["merchant_id"])
+    assert len(read_attempts(tmp_path / "attempts.parquet")) == len(make_attempts_frame())
 
 
 def test_missing_columns_are_named_and_rows_still_checked(tmp_path: Path) -> None:

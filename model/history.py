@@ -903,26 +903,8 @@ def _check_links(
     out: _Collector,
     elsewhere: Callable[[np.ndarray[Any, Any]], list[Any]] | None = None,
 ) -> None:
-    orders = a.drop_duplicates("order_id").set_index("order_id")["merchant_id"]
+    _check_orders_known(a, nudges, n_label, out)
     n_order = nudges["order_id"].to_numpy(dtype=object)
-    known = nudges["order_id"].isin(orders.index).to_numpy()
-    out.add_rows(
-        n_label,
-        "order_id",
-        np.flatnonzero(~known),
-        lambda i: f"order {n_order[i]!r} has no attempts in the attempts file",
-    )
-    order_merchant = nudges["order_id"].map(orders).astype(object).where(lambda s: s.notna(), None).to_numpy()
-    n_merchant = nudges["merchant_id"].to_numpy(dtype=object)
-    out.add_rows(
-        n_label,
-        "merchant_id",
-        np.flatnonzero(known & (n_merchant != order_merchant)),
-        lambda i: (
-            f"{n_merchant[i]!r} differs from the merchant of order {n_order[i]!r} in the attempts file "
-            f"({order_merchant[i]!r})"
-        ),
-    )
 
     links = np.flatnonzero((a["strategy"].to_numpy(dtype=object) == _RETARGET) & a["nudge_id"].notna().to_numpy())
     if len(links) == 0:
@@ -968,27 +950,39 @@ def _check_links(
     )
 
 
+def _check_orders_known(a: pd.DataFrame, rows: pd.DataFrame, label: str, out: _Collector) -> np.ndarray[Any, Any]:
+    """Each of ``rows`` (nudges, stops) names an order of the attempts, of the same merchant; the mask of those
+    whose order is known."""
+    orders = a.drop_duplicates("order_id").set_index("order_id")["merchant_id"]
+    order_id = rows["order_id"].to_numpy(dtype=object)
+    known: np.ndarray[Any, Any] = rows["order_id"].isin(orders.index).to_numpy()
+    out.add_rows(
+        label,
+        "order_id",
+        np.flatnonzero(~known),
+        lambda i: f"order {order_id[i]!r} has no attempts in the attempts file",
+    )
+    order_merchant = rows["order_id"].map(orders).astype(object).where(lambda s: s.notna(), None).to_numpy()
+    merchant = rows["merchant_id"].to_numpy(dtype=object)
+    out.add_rows(
+        label,
+        "merchant_id",
+        np.flatnonzero(known & (merchant != order_merchant)),
+        lambda i: (
+            f"{merchant[i]!r} differs from the merchant of order {order_id[i]!r} in the attempts file "
+            f"({order_merchant[i]!r})"
+        ),
+    )
+    return known
+
+
 def _check_stops(a: pd.DataFrame, stops: pd.DataFrame, label: str, out: _Collector) -> None:
     """A stop belongs to an order of the attempts (same merchant) and answers one of its failed attempts: decided at
     or after that attempt, and not after the order's next attempt (which the stop would then have seen)."""
     if len(stops) == 0:
         return
-    orders = a.drop_duplicates("order_id").set_index("order_id")["merchant_id"]
+    known = _check_orders_known(a, stops, label, out)
     s_order = stops["order_id"].to_numpy(dtype=object)
-    known = stops["order_id"].isin(orders.index).to_numpy()
-    out.add_rows(label, "order_id", np.flatnonzero(~known), lambda i: f"order {s_order[i]!r} has no attempts in the "
-                 "attempts file")  # fmt: skip
-    order_merchant = stops["order_id"].map(orders).astype(object).where(lambda x: x.notna(), None).to_numpy()
-    s_merchant = stops["merchant_id"].to_numpy(dtype=object)
-    out.add_rows(
-        label,
-        "merchant_id",
-        np.flatnonzero(known & (s_merchant != order_merchant)),
-        lambda i: (
-            f"{s_merchant[i]!r} differs from the merchant of order {s_order[i]!r} in the attempts file "
-            f"({order_merchant[i]!r})"
-        ),
-    )
     keys = pd.MultiIndex.from_arrays([a["order_id"].astype(object), a["attempt_number"].astype(np.int64)])
     number = stops["attempt_number"].to_numpy(dtype=np.int64)
     at = keys.get_indexer(pd.MultiIndex.from_arrays([stops["order_id"].astype(object), number]))

@@ -365,21 +365,23 @@ class _Episode:
             execute_at = max(decision.execute_at, event_time)
             if execute_at > window_end:
                 return decisions, broken_decisions, "window"
-            if decision.action == Action.RETRY:
-                next_time = self._retry(
-                    decision.strategy or Strategy.RETRY_SAME,
-                    decision.connector or self.last_connector,
-                    execute_at,
-                    decision.decision_id,
-                    decision.propensity,
-                )
-            else:
-                next_time = self._retarget(
-                    decision.channel or Channel.EMAIL, execute_at, decision.decision_id, decision.propensity
-                )
+            next_time = self.act(decision, execute_at)
             if next_time is None:
                 return decisions, broken_decisions, "recovered"
             event_time = next_time
+
+    def act(self, decision: Any, execute_at: datetime) -> datetime | None:
+        """Carry out a retry or retarget ``decision`` at ``execute_at``: the next decision point, None once the
+        order is recovered (or nothing follows)."""
+        if decision.action == Action.RETRY:
+            return self._retry(
+                decision.strategy or Strategy.RETRY_SAME,
+                decision.connector or self.last_connector,
+                execute_at,
+                decision.decision_id,
+                decision.propensity,
+            )
+        return self._retarget(decision.channel or Channel.EMAIL, execute_at, decision.decision_id, decision.propensity)
 
     def _retry(
         self, strategy: Strategy, connector: str, execute_at: datetime, decision_id: str, propensity: float

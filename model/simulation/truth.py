@@ -32,7 +32,7 @@ from model.simulation.episodes import MAX_DECISIONS, _Episode
 from model.simulation.generate import DEFAULT_EPSILON
 from model.simulation.logging_policy import EpsilonGreedyLoggingPolicy
 from model.simulation.world import World, mix_seed
-from model.vocab import Action, Channel, Strategy
+from model.vocab import Action
 
 __all__ = ["PointNotReachedError", "true_point_values"]
 
@@ -69,18 +69,7 @@ def _state_at(world: World, logging: EpsilonGreedyLoggingPolicy, order_id: str, 
         execute_at = max(decision.execute_at, event_time)
         if decision.action == Action.STOP or execute_at > window_end:
             break
-        if decision.action == Action.RETRY:
-            next_time = episode._retry(
-                decision.strategy or Strategy.RETRY_SAME,
-                decision.connector or episode.last_connector,
-                execute_at,
-                decision.decision_id,
-                decision.propensity,
-            )
-        else:
-            next_time = episode._retarget(
-                decision.channel or Channel.EMAIL, execute_at, decision.decision_id, decision.propensity
-            )
+        next_time = episode.act(decision, execute_at)
         if next_time is None:
             break
         event_time = next_time
@@ -102,16 +91,7 @@ def _recovered_by(episode: _Episode, request: DecisionRequest, decision: Any, wi
     execute_at = max(decision.execute_at, request.event_time)
     if decision.action == Action.STOP or execute_at > window_end:
         return False
-    if decision.action == Action.RETRY:
-        episode._retry(
-            decision.strategy or Strategy.RETRY_SAME,
-            decision.connector or episode.last_connector,
-            execute_at,
-            decision.decision_id,
-            decision.propensity,
-        )
-    else:
-        episode._retarget(decision.channel or Channel.EMAIL, execute_at, decision.decision_id, decision.propensity)
+    episode.act(decision, execute_at)
     return episode.recovered_at is not None
 
 

@@ -275,22 +275,22 @@ def codes_not_learned(parts: PartitionedHistory, bundle: Any) -> list[tuple[str,
     )
 
 
-def with_code_levels(bundle: Any, parts: Any, *, before: datetime | None = None) -> None:
+def with_code_levels(bundle: Any, parts: Any, *, before: datetime | None = None, catalog: Any = None) -> None:
     """Give ``bundle`` its code levels (model.codelevel) over the silent retries of ``parts`` decided before
-    ``before`` (all without), and the version that goes with them.
+    ``before`` (all without), scored with ``catalog`` (default: the bundle's). They change its scores: the caller
+    gives it the version that goes with them.
 
     The fit the gate judges gets those of the history before its holdout: decide() serves the code levels, so the
     gate's policy values must see them, and must not see the holdout's outcomes through them. (Judged without
     them, a challenger's code levels never counted in the gate: only an out-of-time check outside it.)"""
-    from model.bundle import bundle_version
     from model.codelevel import CODE_LEVEL_KEY, CODE_LEVEL_PRIOR_STRENGTH_KEY
     from model.policy import PolicyConfig
     from model.training import code_levels
 
     strength = PolicyConfig().prior_strength
-    bundle.metadata[CODE_LEVEL_KEY] = code_levels(bundle, parts, bundle.catalog, prior_strength=strength, before=before)
+    normaliser = bundle.catalog if catalog is None else catalog
+    bundle.metadata[CODE_LEVEL_KEY] = code_levels(bundle, parts, normaliser, prior_strength=strength, before=before)
     bundle.metadata[CODE_LEVEL_PRIOR_STRENGTH_KEY] = strength
-    bundle.version = bundle_version(bundle)
 
 
 def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
@@ -309,10 +309,8 @@ def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
     (connector, error code), the silent retries after it in the whole history, their successes and what this
     version serves for them; decide() rescales the code's retry candidates by them, shrunk by their evidence."""
     from model.bundle import ModelBundle
-    from model.codelevel import CODE_LEVEL_KEY, CODE_LEVEL_PRIOR_STRENGTH_KEY
+    from model.codelevel import CODE_LEVEL_KEY
     from model.codewatch import KNOWN_CODES_KEY
-    from model.policy import PolicyConfig
-    from model.training import code_levels
 
     text_digest = hashlib.sha256(pickle.dumps(refit.text_model, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()[:8]
     registered = ModelBundle(
@@ -335,12 +333,9 @@ def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
         version=f"{judged.version}-t{text_digest}",  # the text model changes scores: its own version
     )
     if parts is not None:
-        strength = PolicyConfig().prior_strength
-        levels = code_levels(registered, parts, judged.catalog, prior_strength=strength)
-        registered.metadata[CODE_LEVEL_KEY] = levels
-        registered.metadata[CODE_LEVEL_PRIOR_STRENGTH_KEY] = strength
+        with_code_levels(registered, parts, catalog=judged.catalog)
         # The code levels change scores too (and depend on the history, not only on the text model).
-        digest = hashlib.sha256(json.dumps(levels).encode("utf-8"))
+        digest = hashlib.sha256(json.dumps(registered.metadata[CODE_LEVEL_KEY]).encode("utf-8"))
         digest.update(text_digest.encode("ascii"))
         registered.version = f"{judged.version}-t{digest.hexdigest()[:8]}"
     return registered
@@ -695,6 +690,7 @@ def run_training(
     points where it stopped. Without one they cannot, and the job says so once.
     """
     from model import registry
+    from model.bundle import bundle_version
     from model.training import InsufficientHistoryError, train_partitions
     from pipelines.dask_train import DaskUnavailableError  # dask itself is imported only to connect
 
@@ -759,6 +755,7 @@ def run_training(
         holdout_start = _holdout_start(result)
         if holdout_start is not None:
             with_code_levels(result.bundle, frames, before=holdout_start)
+            result.bundle.version = bundle_version(result.bundle)
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,

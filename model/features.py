@@ -30,6 +30,7 @@ from model.money import load_economics
 from model.requests import DecisionRequest
 from model.rules import Candidate
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, RETRY_STRATEGIES, Action, ErrorClass, Strategy
+from model.zones import timezone_of
 
 FloatArray = npt.NDArray[np.float64]
 ObjArray = npt.NDArray[np.object_]
@@ -38,23 +39,6 @@ ObjArray = npt.NDArray[np.object_]
 MISSING = "__missing__"
 #: Code of the shared "other" category: rare values and values never seen in training.
 OTHER_CODE = 0
-
-#: Timezone used for a customer's local time, by ISO-3166 country; other countries fall back to UTC. Countries with
-#: several zones get their most populous one.
-COUNTRY_TIMEZONE: dict[str, str] = {
-    "IN": "Asia/Kolkata", "US": "America/New_York", "CA": "America/Toronto", "MX": "America/Mexico_City",
-    "BR": "America/Sao_Paulo", "AR": "America/Argentina/Buenos_Aires", "CL": "America/Santiago",
-    "CO": "America/Bogota", "PE": "America/Lima", "GB": "Europe/London", "IE": "Europe/Dublin",
-    "DE": "Europe/Berlin", "FR": "Europe/Paris", "ES": "Europe/Madrid", "IT": "Europe/Rome",
-    "NL": "Europe/Amsterdam", "BE": "Europe/Brussels", "CH": "Europe/Zurich", "AT": "Europe/Vienna",
-    "SE": "Europe/Stockholm", "NO": "Europe/Oslo", "DK": "Europe/Copenhagen", "PL": "Europe/Warsaw",
-    "PT": "Europe/Lisbon", "TR": "Europe/Istanbul", "AE": "Asia/Dubai", "SA": "Asia/Riyadh", "IL": "Asia/Jerusalem",
-    "EG": "Africa/Cairo", "NG": "Africa/Lagos", "KE": "Africa/Nairobi", "ZA": "Africa/Johannesburg",
-    "PK": "Asia/Karachi", "BD": "Asia/Dhaka", "SG": "Asia/Singapore", "MY": "Asia/Kuala_Lumpur",
-    "ID": "Asia/Jakarta", "PH": "Asia/Manila", "TH": "Asia/Bangkok", "VN": "Asia/Ho_Chi_Minh", "CN": "Asia/Shanghai",
-    "HK": "Asia/Hong_Kong", "JP": "Asia/Tokyo", "KR": "Asia/Seoul", "AU": "Australia/Sydney",
-    "NZ": "Pacific/Auckland",
-}  # fmt: skip
 
 #: Error classes whose probabilities the text model outputs, in a fixed order (feature ``text_p_<class>``).
 TEXT_CLASSES: tuple[str, ...] = tuple(c.value for c in ErrorClass)
@@ -140,13 +124,6 @@ _CANDIDATE_VALUE: dict[str, Callable[[Candidate], str | None]] = {
 @cache
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
-
-
-def timezone_of(country: str | None) -> str:
-    """The IANA timezone used for a customer's country (UTC when the country is unknown or not in the table)."""
-    if country is None:
-        return "UTC"
-    return COUNTRY_TIMEZONE.get(country.upper(), "UTC")
 
 
 @lru_cache(maxsize=65_536)

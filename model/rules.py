@@ -48,6 +48,7 @@ from model.vocab import (
     ErrorClass,
     Strategy,
 )
+from model.zones import customer_zones
 
 # Enum members are read through EnumType.__getattr__ (about 0.1 us a time): the per-candidate code uses these.
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
@@ -439,6 +440,12 @@ class RuleContext:
     upi_peak_minutes: tuple[tuple[int, int], ...]
     merchant_timezone: ZoneInfo
     quiet_minutes: tuple[int, int] | None  # [start, end) minutes of the local day, may wrap midnight
+    # The customer's zones other than the merchant's (model.zones), where the quiet hours hold too; empty when the
+    # country is unknown, or when keeping them there as well would leave no hour of the day to send in.
+    customer_zones: tuple[ZoneInfo, ...]
+    # Their UTC offsets in minutes when none changes between the failure and the window's end (most of the year),
+    # else None (each moment's offset is looked up).
+    customer_offsets: tuple[int, ...] | None
     day0: date  # local date of the first failure in the merchant's timezone
     first_allowed_day: int  # nudge i may not go before Day i * (skip_days + 1)
     cadence_days: int  # skip_days + 1: nudges go only on Days that are multiples of it (0, k+1, 2(k+1), ...)
@@ -755,6 +762,9 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         quiet_minutes_or_none = quiet_minutes
         if retarget.enabled:
             applied.append(f"quiet_hours:{quiet.start}-{quiet.end} {quiet.timezone}")
+    quiet_customer_zones = _customer_quiet_zones(customer.country, merchant_tz, quiet_minutes_or_none, event_time)
+    if retarget.enabled and quiet_customer_zones:
+        applied.append("quiet_hours_customer:" + ",".join(str(zone) for zone in quiet_customer_zones))
     if retarget.enabled:
         applied.append(f"skip_days:{retarget.skip_days}")
 
@@ -793,6 +803,8 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         upi_peak_minutes=book.upi_peak_minutes,
         merchant_timezone=merchant_tz,
         quiet_minutes=quiet_minutes_or_none,
+        customer_zones=quiet_customer_zones,
+        customer_offsets=_fixed_offsets(quiet_customer_zones, event_time, window_end),
         day0=first_failure_at.astimezone(merchant_tz).date(),
         first_allowed_day=nudges_used * (retarget.skip_days + 1),
         cadence_days=retarget.skip_days + 1,
@@ -825,10 +837,63 @@ def _local_minute(moment: datetime, zone: ZoneInfo) -> int:
 
 
 def in_quiet_hours(context: RuleContext, moment: datetime) -> bool:
-    """Whether ``moment`` falls inside the merchant's quiet hours (local wall clock, DST-aware)."""
+    """Whether ``moment`` falls inside the merchant's quiet hours (local wall clock, DST-aware), in the merchant's
+    zone or in one of the customer's."""
     if context.quiet_minutes is None:
         return False
-    return _is_quiet_minute(context, _local_minute(moment, context.merchant_timezone))
+    return _is_quiet_minute(context, _local_minute(moment, context.merchant_timezone)) or _quiet_for_customer(
+        context, moment
+    )
+
+
+def _quiet_for_customer(context: RuleContext, moment: datetime) -> bool:
+    """Whether ``moment`` falls inside the quiet hours' clock times in one of the customer's zones."""
+    window = context.quiet_minutes
+    if window is None or not context.customer_zones:
+        return False
+    # Each retarget candidate is judged here: offsets are read from the context or a cache (astimezone costs ~2 us).
+    seconds = moment.timestamp()
+    utc_minute = int(seconds // 60)
+    offsets = context.customer_offsets
+    if offsets is None:
+        quarter = int(seconds // 900)
+        offsets = tuple(_offset_in_quarter(zone, quarter) for zone in context.customer_zones)
+    return any(_in_window((utc_minute + offset) % _MINUTES_PER_DAY, window) for offset in offsets)
+
+
+def _fixed_offsets(zones: tuple[ZoneInfo, ...], start: datetime, end: datetime) -> tuple[int, ...] | None:
+    """Each zone's UTC offset in minutes when it is the same a day before ``start`` and a day after ``end`` (no
+    DST change between: the send times lie within), else None. A span of months could hold two changes that cancel
+    out: it gets None too."""
+    if end - start > _LONGEST_FIXED_SPAN:
+        return None
+    before, after = start - timedelta(days=1), end + timedelta(days=1)
+    offsets = []
+    for zone in zones:
+        first, last = round(_offset_minutes(zone, before)), round(_offset_minutes(zone, after))
+        if first != last:
+            return None
+        offsets.append(first)
+    return tuple(offsets)
+
+
+_MINUTES_PER_DAY = 24 * 60
+#: DST changes are months apart: within this span, one offset at both ends means no change between.
+_LONGEST_FIXED_SPAN = timedelta(days=60)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _offset_in_quarter(zone: ZoneInfo, quarter: int) -> int:
+    """``zone``'s UTC offset in whole minutes during the quarter hour ``quarter`` (quarter hours since the epoch).
+    Offsets change only at a quarter hour of UTC (the tz database's transitions fall on whole, half or quarter
+    hours of UTC)."""
+    return round(_offset_minutes(zone, datetime.fromtimestamp(quarter * 900, UTC)))
+
+
+def quiet_hours_end(context: RuleContext, moment: datetime) -> datetime | None:
+    """None when ``moment`` is outside the quiet hours (every zone they hold in), else the first instant after them."""
+    end = _end_of_quiet(context, moment)
+    return None if end == moment else end
 
 
 def _is_quiet_minute(context: RuleContext, minute: int) -> bool:
@@ -938,7 +1003,7 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
         if at > context.window_end:
             broken.append(Rule.RETRY_WINDOW)
         local = at.astimezone(context.merchant_timezone)
-        if _is_quiet_minute(context, local.hour * 60 + local.minute):
+        if _is_quiet_minute(context, local.hour * 60 + local.minute) or _quiet_for_customer(context, at):
             broken.append(Rule.QUIET_HOURS)
         local_day = local.date()
         day = (local_day - context.day0).days
@@ -1124,17 +1189,65 @@ def _snap_out_of_upi_peak(context: RuleContext, moment: datetime) -> datetime:
 
 
 def _end_of_quiet(context: RuleContext, moment: datetime) -> datetime:
-    """``moment`` if outside quiet hours, else the instant quiet hours end."""
+    """``moment`` if outside quiet hours, else the first instant they have ended in every zone they hold in."""
     if context.quiet_minutes is None:
         return moment
-    zone = context.merchant_timezone
+    zones = (context.merchant_timezone, *context.customer_zones)
+    # Each zone's end moves the moment past that zone's quiet hours; the zones' span is shorter than the hours the
+    # window leaves free (build_context), so one round past each zone settles it, and a second round checks.
+    for _ in range(2 * len(zones)):
+        moved = False
+        for zone in zones:
+            end = _end_of_quiet_in(context.quiet_minutes, zone, moment)
+            if end != moment:
+                moment, moved = end, True
+        if not moved:
+            break
+    return moment
+
+
+def _end_of_quiet_in(window: tuple[int, int], zone: ZoneInfo, moment: datetime) -> datetime:
+    """``moment`` if outside the quiet ``window`` in ``zone``, else the instant it ends there."""
     local = moment.astimezone(zone)
     minute = local.hour * 60 + local.minute
-    start, end = context.quiet_minutes
-    if not _in_window(minute, context.quiet_minutes):
+    start, end = window
+    if not _in_window(minute, window):
         return moment
     end_day = local.date() if (start < end or minute < end) else local.date() + timedelta(days=1)
     return _local_minute_instant(end_day, end, zone)
+
+
+def _customer_quiet_zones(
+    country: str | None, merchant_zone: ZoneInfo, window: tuple[int, int] | None, at: datetime
+) -> tuple[ZoneInfo, ...]:
+    """The customer's zones other than the merchant's where the quiet ``window`` holds too, as of ``at``: the widest
+    choice of ``customer_zones`` whose zones and the merchant's span fewer hours than the window leaves free (so
+    some moment of the day is outside it everywhere); none when the window is empty, the country unknown, or no
+    choice fits."""
+    if window is None or not country:
+        return ()
+    # Offsets change only at DST transitions, which fall on whole UTC hours: one answer per hour.
+    return _customer_quiet_zones_in_hour(country, merchant_zone, window, int(at.timestamp() // 3600))
+
+
+@functools.lru_cache(maxsize=4096)
+def _customer_quiet_zones_in_hour(
+    country: str, merchant_zone: ZoneInfo, window: tuple[int, int], utc_hour: int
+) -> tuple[ZoneInfo, ...]:
+    at = datetime.fromtimestamp(utc_hour * 3600, UTC)
+    start, end = window
+    free_minutes = (start - end) % (24 * 60)
+    for names in customer_zones(country):
+        zones = tuple(zone for zone in map(_zone, names) if zone.key != merchant_zone.key)
+        offsets = [_offset_minutes(zone, at) for zone in (merchant_zone, *zones)]
+        if max(offsets) - min(offsets) < free_minutes:
+            return zones
+    return ()
+
+
+def _offset_minutes(zone: ZoneInfo, at: datetime) -> float:
+    offset = at.astimezone(zone).utcoffset()
+    return 0.0 if offset is None else offset.total_seconds() / 60.0
 
 
 def _sorted_unique(moments: list[datetime]) -> list[datetime]:
@@ -1165,6 +1278,7 @@ def _send_times(context: RuleContext) -> list[datetime]:
     first_day += -first_day % cadence  # the first cadence day from there
     times: list[datetime] = []
     asap: datetime | None = None
+    last_free: tuple[date, datetime] | None = None  # the last first free moment found, and its merchant-local day
     for offset in range(first_day, first_day + (window_end - event_time).days + 2, cadence):
         day = day0 + timedelta(days=offset)
         if day in nudged_days:
@@ -1176,12 +1290,46 @@ def _send_times(context: RuleContext) -> list[datetime]:
         if asap is None:
             asap = _end_of_quiet(context, day_start)
             times.append(asap)
+        sent_before = len(times)
         for moment, minute in slots:
-            if asap < moment <= window_end and not _is_quiet_minute(context, minute):
+            if (
+                asap < moment <= window_end
+                and not _is_quiet_minute(context, minute)
+                and not (context.customer_zones and _quiet_for_customer(context, moment))
+            ):
                 times.append(moment)
+        if len(times) == sent_before and context.customer_zones:
+            # The day's usual slots all fall in the customer's quiet hours (a customer far from the merchant): the
+            # day's first moment outside them everywhere, if the day has one.
+            first_free = _first_free_moment(context, day_start, day, last_free)
+            free_day = first_free.astimezone(zone).date()
+            last_free = (free_day, first_free)
+            if asap < first_free <= window_end and free_day == day:
+                times.append(first_free)
         if len(times) >= MAX_SEND_TIMES_PER_CHANNEL:
             break
     return _sorted_unique(times)[:MAX_SEND_TIMES_PER_CHANNEL]
+
+
+def _first_free_moment(
+    context: RuleContext, day_start: datetime, day: date, last_free: tuple[date, datetime] | None
+) -> datetime:
+    """``_end_of_quiet(context, day_start)`` for the merchant-local ``day``; most days it is the last such moment
+    some whole days later (the same clock times, unless a DST change came between), which two quiet-hour checks
+    confirm."""
+    if last_free is not None:
+        guess = last_free[1] + timedelta(days=(day - last_free[0]).days)
+        if (
+            guess >= day_start
+            and guess.astimezone(context.merchant_timezone).date() == day
+            and not in_quiet_hours(context, guess)
+            and (guess == day_start or in_quiet_hours(context, guess - _ONE_MINUTE))
+        ):
+            return guess
+    return _end_of_quiet(context, day_start)
+
+
+_ONE_MINUTE = timedelta(minutes=1)
 
 
 # The frozen dataclass's __init__ sets each field through object.__setattr__; the grid builds ~80 candidates per

@@ -15,7 +15,6 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
@@ -23,10 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy import RowMapping
 
 from model.catalog import ErrorCatalog
-from model.merchant_config import MerchantConfig, QuietHours
+from model.merchant_config import MerchantConfig
 from model.money import format_amount
 from model.requests import DecisionRequest
-from model.rules import Candidate, Rule, RuleContext, build_context, check, upi_off_peak_from
+from model.rules import Candidate, Rule, RuleContext, build_context, check, quiet_hours_end, upi_off_peak_from
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables
@@ -178,30 +177,6 @@ def _default_adapters(
     from service.executor.channels.base import build_adapters
 
     return build_adapters(merchant_id, merchant, os.environ, http)
-
-
-def _inside(minute: int, start: int, end: int) -> bool:
-    return start <= minute < end if start < end else (minute >= start or minute < end)
-
-
-def quiet_hours_end(quiet: QuietHours, moment: datetime) -> datetime | None:
-    """None when ``moment`` is outside the quiet hours, else the first instant after them (DST-safe)."""
-    start, end = quiet.start_minute, quiet.end_minute
-    zone = ZoneInfo(quiet.timezone)
-
-    def minute(instant: datetime) -> int:
-        local = instant.astimezone(zone)
-        return local.hour * 60 + local.minute
-
-    if start == end or not _inside(minute(moment), start, end):
-        return None
-    # Step through instants, not wall-clock times: a DST change makes local arithmetic skip or repeat an hour.
-    probe = moment.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    for _ in range(26 * 60):
-        if not _inside(minute(probe), start, end):
-            return probe
-        probe += timedelta(minutes=1)
-    return probe  # pragma: no cover - a quiet window always ends within a day
 
 
 class Effects:
@@ -530,14 +505,13 @@ class Effects:
     ) -> Defer | Replan | None:
         """What a message on ``channel`` that the hard rules forbid at ``now`` does instead (it waits for the end
         of the quiet hours, or its order is decided again), or None when it may go."""
-        verdict = check(
-            build_context(request, merchant, self.catalog),
-            Candidate(action=Action.RETARGET, execute_at=now, channel=channel),
-        )
+        context = build_context(request, merchant, self.catalog)
+        verdict = check(context, Candidate(action=Action.RETARGET, execute_at=now, channel=channel))
         if verdict.allowed:
             return None
         if set(verdict.broken) == {Rule.QUIET_HOURS.value}:
-            until = quiet_hours_end(merchant.retarget.quiet_hours, now)
+            # The quiet hours' end in every zone they hold in: the merchant's, and the customer's (model.zones).
+            until = quiet_hours_end(context, now)
             if until is not None:
                 return Defer(until, "quiet hours")
             return None

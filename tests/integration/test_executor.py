@@ -500,6 +500,20 @@ def test_nudge_waits_out_quiet_hours_then_sends_a_link_that_pays_once(make_harne
     assert len(h.receiver.received) == 1
 
 
+def test_nudge_waits_out_the_customers_quiet_hours_too(make_harness: Any) -> None:
+    h = make_harness({"action": "retarget", "channel": "whatsapp"})
+    # 11:30 in Kolkata (the merchant's day) is 01:00 in New York: a US customer's message waits for 09:00 there.
+    h.clock.now = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)
+    h.executor.payment_failed("m_demo", event(customer={"country": "US"}))
+    h.drain()
+    assert h.outbox == []
+    nudge_action = next(a for a in h.view().actions if a.kind == "nudge")
+    assert nudge_action.due_at == datetime(2026, 11, 2, 14, 0, tzinfo=UTC)  # 09:00 EST, 19:30 IST
+    h.clock.now = nudge_action.due_at
+    h.drain()
+    assert len(h.outbox) == 1
+
+
 def nudge_action_key(h: Harness) -> str:
     with h.executor.engine.connect() as conn:
         return str(conn.scalar(sa.select(actions.c.idempotency_key).where(actions.c.kind == "nudge")))

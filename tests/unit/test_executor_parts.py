@@ -18,7 +18,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from model.catalog import load_catalog
 from model.merchant_config import QuietHours
+from model.rules import build_context, quiet_hours_end
 from service.executor.connectors import (
     ChargeRequest,
     CircuitBreaker,
@@ -27,10 +29,10 @@ from service.executor.connectors import (
     PermanentError,
     TransientError,
 )
-from service.executor.effects import quiet_hours_end
 from service.executor.links import LinkClaims, LinkError, LinkSigner
 from service.executor.settings import ExecutorSettings
 from service.executor.webhooks import signature, verify_signature
+from tests.factories import make_merchant, make_request
 
 NOW = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
 
@@ -98,7 +100,10 @@ NEW_YORK = QuietHours(start="20:00", end="08:00", timezone="America/New_York")
     ],
 )
 def test_quiet_hours_end_across_dst(quiet: QuietHours, moment: str, expected: str | None) -> None:
-    end = quiet_hours_end(quiet, datetime.fromisoformat(moment))
+    # A customer of no known country: the merchant's zone alone (the customer's zones: tests/unit/test_rules.py).
+    merchant = make_merchant(retarget={"quiet_hours": quiet.model_dump()})
+    context = build_context(make_request(customer={"country": None}, event_time=moment), merchant, load_catalog())
+    end = quiet_hours_end(context, datetime.fromisoformat(moment))
     assert end == (None if expected is None else datetime.fromisoformat(expected))
 
 

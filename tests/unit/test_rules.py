@@ -949,7 +949,13 @@ def quiet_ctx(start: str, end: str, zone: str) -> RuleContext:
         }
     )
     origin = datetime(2026, 1, 1, tzinfo=UTC)
-    return ctx(merchant=merchant, event_time=origin.isoformat(), history={"attempts": [attempt(1, "initial", origin)]})
+    # A customer of no known country: the merchant's zone alone (the customer's own: test_quiet_hours_customer_*).
+    return ctx(
+        merchant=merchant,
+        event_time=origin.isoformat(),
+        customer={"country": None},
+        history={"attempts": [attempt(1, "initial", origin)]},
+    )
 
 
 def utc(text: str) -> datetime:
@@ -1006,11 +1012,106 @@ def test_first_send_time_is_the_end_of_quiet_hours_across_a_dst_change() -> None
     merchant = make_merchant(
         retarget={"quiet_hours": {"start": "21:00", "end": "09:00", "timezone": "Europe/London"}, "skip_days": 0}
     )
-    context = ctx(merchant=merchant, event_time=event.isoformat(), history={"attempts": [attempt(1, "initial", event)]})
+    context = ctx(
+        merchant=merchant,
+        event_time=event.isoformat(),
+        customer={"country": "GB"},
+        history={"attempts": [attempt(1, "initial", event)]},
+    )
     sends = sorted({c.execute_at for c in rules.enumerate_candidates(context) if c.action == Action.RETARGET})
     assert sends[0] == utc("2026-03-29T08:00:00")
     london = ZoneInfo("Europe/London")
     assert [s.astimezone(london).time() for s in sends[1:4]] == [time(10, 0), time(13, 0), time(19, 0)]
+
+
+def customer_ctx(
+    country: str | None, quiet: dict[str, str] | None = None, event: str = "2026-11-01T18:15:00"
+) -> RuleContext:
+    """A customer of ``country`` of the demo merchant (quiet hours 21:00-09:00 in Asia/Kolkata unless ``quiet``)."""
+    retarget: dict[str, Any] = {"skip_days": 0}
+    if quiet is not None:
+        retarget["quiet_hours"] = quiet
+    at = utc(event)
+    return ctx(
+        merchant=make_merchant(retarget=retarget),
+        event_time=at.isoformat(),
+        customer={"country": country},
+        history={"attempts": [attempt(1, "initial", at)]},
+    )
+
+
+def test_quiet_hours_customer_a_us_customer_gets_no_message_at_night_in_new_york() -> None:
+    # 11:30 IST is outside the merchant's quiet hours, but 01:00 in New York: refused for a US customer only.
+    at = utc("2026-11-02T06:00:00")
+    assert Rule.QUIET_HOURS in broken(customer_ctx("US"), retarget(at=at))
+    assert Rule.QUIET_HOURS not in broken(customer_ctx("IN"), retarget(at=at))
+    assert Rule.QUIET_HOURS not in broken(customer_ctx(None), retarget(at=at))  # no country: the merchant's zone
+    # 19:30 IST is 09:00 in New York: free in both.
+    assert Rule.QUIET_HOURS not in broken(customer_ctx("US"), retarget(at=utc("2026-11-02T14:00:00")))
+
+
+def test_quiet_hours_customer_every_send_time_is_daytime_for_both_and_each_day_keeps_one() -> None:
+    context = customer_ctx("GB")
+    assert context.rules_applied.count("quiet_hours_customer:Europe/London") == 1
+    sends = sorted({c.execute_at for c in rules.permitted(context, rules.enumerate_candidates(context))
+                    if c.action == Action.RETARGET})  # fmt: skip
+    london, kolkata = ZoneInfo("Europe/London"), ZoneInfo("Asia/Kolkata")
+    assert sends
+    for moment in sends:
+        assert time(9, 0) <= moment.astimezone(london).time() < time(21, 0)
+        assert time(9, 0) <= moment.astimezone(kolkata).time() < time(21, 0)
+    # The merchant's usual 10:00 and 13:00 are night in London (04:30 and 07:30 GMT); its 19:00 (13:30 GMT) is not.
+    usual = [moment.astimezone(kolkata).time() for moment in sends[1:]]  # the first is the end of the quiet hours
+    assert usual
+    assert set(usual) == {time(19, 0)}
+
+
+def test_quiet_hours_customer_a_day_whose_usual_slots_are_all_quiet_gets_its_first_free_moment() -> None:
+    # Merchant's 10:00, 13:00 and 19:00 IST are 23:30, 02:30 and 08:30 in New York: each day gets 09:00 there
+    # (19:30 IST), while 09:00-10:30 New York is also the merchant's day.
+    context = customer_ctx("US", quiet={"start": "21:00", "end": "09:00", "timezone": "Asia/Kolkata"})
+    # Both ends of the US span and the merchant's zone span 13.5 hours, more than the 12 the window leaves free:
+    # New York alone is kept.
+    assert [zone.key for zone in context.customer_zones] == ["America/New_York"]
+    sends = sorted({c.execute_at for c in rules.permitted(context, rules.enumerate_candidates(context))
+                    if c.action == Action.RETARGET})  # fmt: skip
+    new_york = ZoneInfo("America/New_York")
+    assert len(sends) >= 3
+    assert all(moment.astimezone(new_york).time() == time(9, 0) for moment in sends)
+
+
+def test_quiet_hours_customer_spans_both_ends_of_a_country() -> None:
+    context = customer_ctx("AU", event="2026-11-01T02:00:00")
+    assert [zone.key for zone in context.customer_zones] == ["Australia/Sydney", "Australia/Perth"]
+    # 09:30 IST is 15:00 in Sydney (daylight time) and 12:00 in Perth: fine; 20:00 IST is 01:30 in Sydney.
+    assert Rule.QUIET_HOURS not in broken(context, retarget(at=utc("2026-11-02T04:00:00")))
+    assert Rule.QUIET_HOURS in broken(context, retarget(at=utc("2026-11-02T14:30:00")))
+
+
+def test_quiet_hours_customer_zones_left_out_when_no_hour_would_be_free() -> None:
+    # A 14-hour quiet window leaves 10 free hours; India and New York are 10.5 hours apart.
+    context = customer_ctx("US", quiet={"start": "20:00", "end": "10:00", "timezone": "Asia/Kolkata"})
+    assert context.customer_zones == ()
+    assert not any(applied.startswith("quiet_hours_customer") for applied in context.rules_applied)
+    sends = [c for c in rules.permitted(context, rules.enumerate_candidates(context)) if c.action == Action.RETARGET]
+    assert sends  # the merchant's own quiet hours still leave its usual send times
+
+
+def test_quiet_hours_customer_across_the_customers_dst_change() -> None:
+    # New York falls back on 1 Nov 2026 (EDT -> EST); the Indian merchant's clocks do not change. 09:00 in New York
+    # is 13:00 UTC before the change and 14:00 UTC after it.
+    context = customer_ctx("US", event="2026-10-29T18:15:00")
+    assert context.customer_offsets is None  # an offset changes inside the window: looked up per moment
+    assert Rule.QUIET_HOURS not in broken(context, retarget(at=utc("2026-10-30T13:00:00")))
+    assert Rule.QUIET_HOURS in broken(context, retarget(at=utc("2026-11-03T13:00:00")))
+    assert Rule.QUIET_HOURS not in broken(context, retarget(at=utc("2026-11-03T14:00:00")))
+
+
+def test_quiet_hours_end_is_the_end_in_every_zone() -> None:
+    context = customer_ctx("US")
+    # 11:30 IST is 01:00 in New York, whose quiet hours end at 09:00 EST (19:30 IST, 14:00 UTC).
+    assert rules.quiet_hours_end(context, utc("2026-11-02T06:00:00")) == utc("2026-11-02T14:00:00")
+    assert rules.quiet_hours_end(context, utc("2026-11-02T14:30:00")) is None
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -1634,7 +1735,7 @@ def _nudged_before_a_dst_change_context() -> RuleContext:
         merchant=merchant,
         event_time=event.isoformat(),
         payment={"is_recurring": False},
-        customer={"opted_out_channels": ["sms"]},
+        customer={"opted_out_channels": ["sms"], "country": "GB"},
         history={
             "attempts": [attempt(1, "initial", event - 3 * HOUR)],
             "nudges": [{"channel": "sms", "sent_at": (event - HOUR).isoformat()}],

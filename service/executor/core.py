@@ -550,7 +550,8 @@ class Executor:
         ]
         _count_own_reattempts(base, rows, now)
         # Numbers reserved for charges that certainly never went out (replaced by a later decision, or refused
-        # by the rules at their send) are not attempts: the rules would count each gap as a retry made.
+        # by the rules at their send) or have not gone out yet are not attempts: the rules would count each gap as
+        # a retry made (a retry waiting for payday, its number taken before a payment by link's).
         skipped = self._numbers_never_used(conn, order, {attempt["attempt_number"] for attempt in attempts})
         if skipped:
             for attempt in attempts:
@@ -586,13 +587,15 @@ class Executor:
         """The attempt numbers the order's charge actions reserved and never used: cancelled or done without an
         attempt on record, and never marked sent (so no processor has seen ``<order_id>_<n>``); and those of link
         payments settled without an attempt on record (dead, answered "not charged" by an operator): the customer's
-        own payments, never a silent retry, whatever reached the processor."""
+        own payments, never a silent retry, whatever reached the processor. Those not used yet too: scheduled and
+        never sent."""
+        settled_or_waiting = (ActionState.CANCELLED, ActionState.DONE, ActionState.DEAD, ActionState.SCHEDULED)
         rows = conn.execute(
             sa.select(actions.c.kind, actions.c.state, actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
                 actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-                actions.c.state.in_([ActionState.CANCELLED.value, ActionState.DONE.value, ActionState.DEAD.value]),
+                actions.c.state.in_([state.value for state in settled_or_waiting]),
                 actions.c.unanswered_since.is_(None),
             )
         )

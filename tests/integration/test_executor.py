@@ -1275,6 +1275,26 @@ def test_a_later_decision_replaces_a_retry_that_waited_for_a_declined_link(make_
     assert len(successes(h)) == 1, (successes(h), [(a.kind, a.state) for a in h.view().actions])
 
 
+def test_a_decision_after_a_declined_link_does_not_count_the_retry_still_waiting_as_made(make_harness: Any) -> None:
+    """A retry planned for after payday took payment number 2; the customer then paid on the SMS's live link
+    (number 3) and was declined. The decision that followed saw attempts 1 and 3, and the rules count a gap as a
+    silent retry made: a budget of one retry looked spent by a retry that had not gone out (and that this decision
+    replaces)."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(days=3)},
+        {"action": "stop"},
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()  # the SMS with its link
+    h.clock.advance(hours=24)
+    h.drain()  # the follow-up: a retry in three days, payment number 2
+    h.clock.advance(hours=6)
+    assert _pay(runtime(h), token_of(h))[0] == 402
+    last = h.executor.decider.requests[-1]  # type: ignore[attr-defined]
+    assert [(a.attempt_number, a.strategy) for a in last.history.attempts] == [(1, "initial"), (2, "retarget_link")]
+
+
 # A retry's first send waits while an earlier retry's answer is lost (its re-send asks the switch).
 def test_a_new_retry_waits_for_an_earlier_retry_whose_answer_was_lost(make_harness: Any) -> None:
     h = make_harness(

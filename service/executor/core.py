@@ -437,6 +437,31 @@ def waits_for_channel(decision: Decision) -> bool:
     return decision.channel is not None and down_entry(decision.channel) in decision.rules_applied
 
 
+def _planned_what(action: ActionRow) -> str:
+    """What ``action`` does, as an agent reads it: "silent retry via adyen", "payment by link", "sms message"."""
+    if action.kind == ActionKind.RETRY:
+        return f"silent retry via {action.payload.get('connector')}"
+    if action.kind == ActionKind.LINK_PAYMENT:
+        return "customer's payment by link"
+    if action.kind == ActionKind.NUDGE:
+        return f"{action.payload.get('channel')} message"
+    return action.kind.replace("_", " ")
+
+
+def _same_plan(decision: Decision, approved: ActionRow) -> bool:
+    """Whether ``decision`` plans what the ``approved`` retry or message waiting to be carried out does: a retry
+    with the same strategy through the same connector, or a message on the same channel. Its time is not compared:
+    the agent chose the approved one (after payday, say), and the hard rules are checked again at the send."""
+    if approved.kind == ActionKind.RETRY:
+        connector = str(approved.payload.get("connector") or "").strip().lower()
+        return (
+            decision.action == Action.RETRY
+            and str(decision.strategy) == str(approved.payload.get("strategy"))
+            and (decision.connector or "").strip().lower() == connector
+        )
+    return decision.action == Action.RETARGET and str(decision.channel) == str(approved.payload.get("channel"))
+
+
 #: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
 UNKNOWN_CHARGE = sa.and_(
     actions.c.state == ActionState.DEAD.value,
@@ -529,8 +554,12 @@ class Executor:
         )
         return True
 
-    def request_for(self, conn: sa.Connection, order: RowMapping, now: datetime) -> DecisionRequest:
-        """The order's decision request at ``now``: the failure event, its last failure and its full history."""
+    def request_for(
+        self, conn: sa.Connection, order: RowMapping, now: datetime, *, sending: ActionRow | None = None
+    ) -> DecisionRequest:
+        """The order's decision request at ``now``: the failure event, its last failure and its full history.
+
+        ``sending``: a charge about to be sent for the first time (its rules are checked): not an attempt yet."""
         base = orjson.loads(order["request_json"])
         base["failure"] = orjson.loads(order["failure_json"])
         base["event_time"] = now.isoformat()
@@ -551,8 +580,9 @@ class Executor:
         _count_own_reattempts(base, rows, now)
         # Numbers reserved for charges that certainly never went out (replaced by a later decision, or refused
         # by the rules at their send) or have not gone out yet are not attempts: the rules would count each gap as
-        # a retry made (a retry waiting for payday, its number taken before a payment by link's).
-        skipped = self._numbers_never_used(conn, order, {attempt["attempt_number"] for attempt in attempts})
+        # a retry made (an approved retry waiting for payday, its number taken before a payment by link's).
+        recorded = {attempt["attempt_number"] for attempt in attempts}
+        skipped = self._numbers_never_used(conn, order, recorded, sending)
         if skipped:
             for attempt in attempts:
                 attempt["attempt_number"] -= sum(1 for number in skipped if number < attempt["attempt_number"])
@@ -583,19 +613,24 @@ class Executor:
             with_opt_outs(base["customer"], opted)
         return DecisionRequest.model_validate(base)
 
-    def _numbers_never_used(self, conn: sa.Connection, order: RowMapping, recorded: set[int]) -> set[int]:
+    def _numbers_never_used(
+        self, conn: sa.Connection, order: RowMapping, recorded: set[int], sending: ActionRow | None = None
+    ) -> set[int]:
         """The attempt numbers the order's charge actions reserved and never used: cancelled or done without an
         attempt on record, and never marked sent (so no processor has seen ``<order_id>_<n>``); and those of link
         payments settled without an attempt on record (dead, answered "not charged" by an operator): the customer's
         own payments, never a silent retry, whatever reached the processor. Those not used yet too: scheduled and
-        never sent."""
+        never sent, and ``sending``, the charge whose first send is being checked."""
         settled_or_waiting = (ActionState.CANCELLED, ActionState.DONE, ActionState.DEAD, ActionState.SCHEDULED)
+        unused: sa.ColumnElement[bool] = actions.c.state.in_([state.value for state in settled_or_waiting])
+        if sending is not None:
+            unused = sa.or_(unused, actions.c.action_id == sending.action_id)
         rows = conn.execute(
             sa.select(actions.c.kind, actions.c.state, actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
                 actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-                actions.c.state.in_([state.value for state in settled_or_waiting]),
+                unused,
                 actions.c.unanswered_since.is_(None),
             )
         )
@@ -846,8 +881,13 @@ class Executor:
 
     # ------------------------------------------------------------------------------- decision points
 
-    def _decision_point(self, conn: sa.Connection, order: RowMapping, now: datetime) -> Decision | None:
-        """Ask decide() what to do next for an open order, record the decision and act on it (or queue it)."""
+    def _decision_point(
+        self, conn: sa.Connection, order: RowMapping, now: datetime, cause: str | None = None
+    ) -> Decision | None:
+        """Ask decide() what to do next for an open order, record the decision and act on it (or queue it).
+
+        ``cause``: what happened that the order is decided again (a declined attempt, an unanswered message, ...),
+        told to the agents whose approval it withdraws or leaves standing (``_approval_stands``)."""
         if order["state"] not in OPEN_ORDER_STATES:
             return None
         unknown = self.unknown_charge(conn, order)
@@ -864,17 +904,9 @@ class Executor:
         # waiting, it became the order's recommendation again once the newer one was acted on.
         self._supersede_waiting(conn, order, now)
         if merchant.mode == "assisted":
-            conn.execute(
-                agent_queue.insert().values(
-                    merchant_id=order["merchant_id"],
-                    order_id=order["order_id"],
-                    decision_id=decision.decision_id,
-                    decision_json=decision.model_dump_json(),
-                    request_json=request.model_dump_json(),
-                    state="pending",
-                    created_at=now,
-                )
-            )
+            if self._approval_stands(conn, order, request, decision, cause, now):
+                return decision
+            self._queue_decision(conn, order, request, decision, now)
             self._set_state(conn, order, OrderState.AWAITING_AGENT, now)
             return decision
         self._carry_out(conn, order, decision, now)
@@ -913,6 +945,120 @@ class Executor:
                     }
                 )
         return decision.model_copy(update={"rules_applied": [*decision.rules_applied, *noted]})
+
+    def _approval_stands(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        request: DecisionRequest,
+        decision: Decision,
+        cause: str | None,
+        now: datetime,
+    ) -> bool:
+        """Assisted mode, the order decided again: settle the agent's latest approval not yet carried out. True
+        when it stands (nothing for an agent to review, ``decision`` is kept as agreeing with it).
+
+        An approved retry or message waiting to be carried out (a retry after payday) stands when ``decision``
+        plans the same (``_same_plan``): the agent approved what the policy still recommends. Otherwise it is
+        withdrawn, its action cancelled, and says by which decision and why, so the agent sees it next to the new
+        recommendation: before, the action stayed scheduled beside the new recommendation and was cancelled
+        without a word when it fell due ("order is AWAITING_AGENT"). An approved action that ended without effect
+        (the rules refused it at its send, its message could not go, the customer opted out) is withdrawn too.
+        An approved action being carried out (claimed, or sent and waiting for its answer) is left to finish."""
+        where = (agent_queue.c.merchant_id == order["merchant_id"], agent_queue.c.order_id == order["order_id"])
+        approval = (
+            conn.execute(
+                sa.select(agent_queue)
+                .where(*where, agent_queue.c.state == "approved", agent_queue.c.withdrawn_at.is_(None))
+                .order_by(agent_queue.c.item_id.desc())
+                .limit(1)
+            )
+            .mappings()
+            .first()
+        )
+        if approval is None:
+            return False
+        of_approval = (
+            actions.c.merchant_id == order["merchant_id"],
+            actions.c.order_id == order["order_id"],
+            actions.c.decision_id == approval["decision_id"],
+            actions.c.kind.in_([ActionKind.RETRY.value, ActionKind.NUDGE.value]),
+        )
+        planned = conn.execute(sa.select(actions.c.action_id, actions.c.state).where(*of_approval)).all()
+        if not planned:
+            return False  # a stop: its close waits for the customer's live link, as the agent chose
+        waiting = [
+            ActionRow.of(row)
+            for row in conn.execute(
+                sa.select(actions).where(*of_approval, actions.c.state == ActionState.SCHEDULED.value, _replaceable())
+            ).mappings()
+        ]
+        if not waiting and (
+            any(row.state in OPEN_ACTION_STATES for row in planned) or self._carried_out(conn, approval["decision_id"])
+        ):
+            return False
+        why = f"decided again: {cause}" if cause else "decided again"
+        if waiting and _same_plan(decision, waiting[0]):
+            agreement = (
+                f"the same plan as {approval['agent'] or 'an agent'}'s approval ({approval['decision_id']}), "
+                f"which stands: {why}"
+            )
+            self._queue_decision(conn, order, request, decision, now, agreed=agreement)
+            self._set_state(conn, order, OrderState.PENDING, now)
+            return True
+        if waiting:
+            conn.execute(
+                actions.update()
+                .where(actions.c.action_id.in_([action.action_id for action in waiting]))
+                .values(state=ActionState.CANCELLED.value, last_error=f"approval withdrawn: {why}", updated_at=now)
+            )
+        conn.execute(
+            agent_queue.update()
+            .where(agent_queue.c.item_id == approval["item_id"])
+            .values(
+                withdrawn_at=now,
+                withdrawn_by=decision.decision_id,
+                withdrawn_reason=why,
+            )
+        )
+        return False
+
+    @staticmethod
+    def _queue_decision(
+        conn: sa.Connection,
+        order: RowMapping,
+        request: DecisionRequest,
+        decision: Decision,
+        now: datetime,
+        *,
+        agreed: str | None = None,
+    ) -> None:
+        """Put ``decision`` in the agent queue: waiting for an agent, or, with ``agreed`` (why), kept as agreeing
+        with an approval that stands (nothing for an agent to do)."""
+        conn.execute(
+            agent_queue.insert().values(
+                merchant_id=order["merchant_id"],
+                order_id=order["order_id"],
+                decision_id=decision.decision_id,
+                decision_json=decision.model_dump_json(),
+                request_json=request.model_dump_json(),
+                state="pending" if agreed is None else "agreed",
+                reason=agreed,
+                acted_at=None if agreed is None else now,
+                created_at=now,
+            )
+        )
+
+    @staticmethod
+    def _carried_out(conn: sa.Connection, decision_id: str) -> bool:
+        """Whether the decision's retry was made (answered), or its message went to its provider."""
+        attempt = conn.scalar(sa.select(transactions.c.txn_id).where(transactions.c.decision_id == decision_id))
+        if attempt is not None:
+            return True
+        sent = conn.scalar(
+            sa.select(nudges.c.nudge_id).where(nudges.c.decision_id == decision_id, nudges.c.status == "accepted")
+        )
+        return sent is not None
 
     def _set_state(self, conn: sa.Connection, order: RowMapping, state: OrderState, now: datetime) -> None:
         conn.execute(
@@ -1355,7 +1501,10 @@ class Executor:
         elif isinstance(outcome, Replan) or action.kind == ActionKind.FOLLOW_UP:
             if isinstance(outcome, Replan):
                 self._keep_maybe_sent(conn, action, f"decided again: {outcome.reason}", now)
-            self._decision_point(conn, order, now)
+                cause = f"the planned {_planned_what(action)} could not go: {outcome.reason}"
+            else:
+                cause = f"no payment {NUDGE_FOLLOW_UP_HOURS:g} h after the last payment link was sent"
+            self._decision_point(conn, order, now, cause)
         elif action.kind == ActionKind.CLOSE:
             self._on_close(conn, order, action, now)
 
@@ -1500,7 +1649,7 @@ class Executor:
                 reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
                 self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
                 if order is not None:  # locked above; releasing the action changed nothing of it
-                    self._decision_point(conn, order, now)
+                    self._decision_point(conn, order, now, f"the planned {_planned_what(action)} {reason}")
                 return
             since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))
             retry = now < since + timedelta(seconds=policy.message_outage_seconds)
@@ -1575,7 +1724,8 @@ class Executor:
         )
         order = self.lock_order(conn, action.merchant_id, action.order_id)
         if order is not None and order["state"] == OrderState.PENDING:
-            self._decision_point(conn, order, now)
+            cause = f"the planned {_planned_what(action)} could not go out through its connector"
+            self._decision_point(conn, order, now, cause)
 
     def _record_attempt(
         self,
@@ -1648,7 +1798,8 @@ class Executor:
         )
         fresh = self.lock_order(conn, action.merchant_id, action.order_id)
         if fresh is not None and fresh["state"] == OrderState.PENDING:
-            self._decision_point(conn, fresh, now)
+            declined = f"declined ({result.error_code})" if result.error_code else "declined"
+            self._decision_point(conn, fresh, now, f"the {_planned_what(action)} was {declined}")
 
     def _record_nudge(
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, sent: Sent, now: datetime
@@ -1722,7 +1873,7 @@ class Executor:
     ) -> None:
         self._insert_unsent_nudge(conn, action, unsent, now)
         # The undelivered nudge is in the history now (it counts against max_nudges): decide again.
-        self._decision_point(conn, order, now)
+        self._decision_point(conn, order, now, f"the planned {_planned_what(action)} was not sent: {unsent.error}")
 
     def _sent_after_all(self, conn: sa.Connection, nudge_id: str, action: ActionRow, sent: Sent, now: datetime) -> None:
         """The provider took a message its order's settling recorded as not known to be sent (``_keep_maybe_sent``):
@@ -1963,7 +2114,8 @@ class Executor:
                 result = ChargeResult(status="success", connector=connector)
                 self._record_attempt(conn, order, action, result, now, attempted_at=sent_at)
             elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
-                self._decision_point(conn, order, now)
+                cause = f"an operator answered that the {_planned_what(action)} sent and never answered took nothing"
+                self._decision_point(conn, order, now, cause)
             state = conn.scalar(
                 sa.select(orders.c.state).where(
                     orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id
@@ -2304,7 +2456,7 @@ class Executor:
                         )
                         fresh = self.lock_order(conn, merchant_id, order["order_id"])
                         if fresh is not None:
-                            self._decision_point(conn, fresh, now)
+                            self._decision_point(conn, fresh, now, f"the customer opted out of {channel.value}")
                 touched += 1
         return touched
 

@@ -400,14 +400,16 @@ class Effects:
             strategy=Strategy(str(action.payload["strategy"])),
             connector=str(action.payload["connector"]),
         )
-        verdict = check(self._rules_now(conn, order, action, now), candidate)
+        verdict = check(self._rules_now(conn, order, action, now, sending=True), candidate)
         return () if verdict.allowed else verdict.broken
 
-    def _rules_now(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> RuleContext:
-        """The rules' facts about the action's order at ``now``, with its merchant's config as it is now."""
-        return build_context(
-            self.executor.request_for(conn, order, now), self.executor.merchant(action.merchant_id), self.catalog
-        )
+    def _rules_now(
+        self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime, *, sending: bool = False
+    ) -> RuleContext:
+        """The rules' facts about the action's order at ``now``, with its merchant's config as it is now;
+        ``sending``: the action is a charge about to be sent for the first time, not yet an attempt made."""
+        request = self.executor.request_for(conn, order, now, sending=action if sending else None)
+        return build_context(request, self.executor.merchant(action.merchant_id), self.catalog)
 
     # ----------------------------------------------------------------------------------------- nudges
 

@@ -127,6 +127,10 @@ class AgentItemOut(BaseModel):
     reason: str | None
     created_at: datetime
     acted_at: datetime | None
+    #: An approval withdrawn before it was carried out (the order was decided again and planned otherwise).
+    withdrawn_at: datetime | None = None
+    withdrawn_by: str | None = None
+    withdrawn_reason: str | None = None
 
 
 class OrderOut(BaseModel):

@@ -201,10 +201,16 @@ agent_queue = sa.Table(
     sa.Column("decision_id", sa.String(64), nullable=False, unique=True),
     sa.Column("decision_json", sa.Text, nullable=False),
     sa.Column("request_json", sa.Text, nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),  # pending | approved | rejected | superseded
+    # pending | approved | rejected | superseded | agreed (decided again while an approval of the same plan
+    # waited to be carried out: the approval stands, nothing for an agent to review)
+    sa.Column("state", sa.String(16), nullable=False),
     sa.Column("agent", sa.String(128), nullable=True),
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("acted_at", sa.DateTime(timezone=True), nullable=True),
+    # An approval taken back before it was carried out: when, by which decision (its decision_id), and why.
+    sa.Column("withdrawn_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("withdrawn_by", sa.String(64), nullable=True),
+    sa.Column("withdrawn_reason", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_agent_queue_state", "state", "created_at"),
     sa.Index("ix_agent_queue_order", "merchant_id", "order_id"),

@@ -58,7 +58,12 @@ def order_view(engine: Engine, merchant_id: str, order_id: str) -> OrderOut | No
         ]
         queue = [
             AgentItemOut.model_validate(
-                {**row, "created_at": as_utc(row["created_at"]), "acted_at": as_utc_or_none(row["acted_at"])}
+                {
+                    **row,
+                    "created_at": as_utc(row["created_at"]),
+                    "acted_at": as_utc_or_none(row["acted_at"]),
+                    "withdrawn_at": as_utc_or_none(row["withdrawn_at"]),
+                }
             )
             for row in rows(agent_queue, agent_queue.c.item_id)
         ]

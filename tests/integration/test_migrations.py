@@ -176,3 +176,18 @@ def test_attempts_keyed_per_merchant_keep_the_stored_rows_and_downgrade_back(dat
             conn.execute(sa.insert(table), [attempt("m_b", "pi_1") | {"order_id": "ord_2"}])
     finally:
         engine.dispose()
+
+
+def test_an_approvals_withdrawal_is_added_by_0012_and_dropped_on_downgrade(database_url: str) -> None:
+    """0012 adds when, by which decision and why an agent's approval was withdrawn before it was carried out."""
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine)
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("agent_queue")}
+        assert {"withdrawn_at", "withdrawn_by", "withdrawn_reason"} <= columns
+        downgrade(engine, "0011")
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("agent_queue")}
+        assert not {"withdrawn_at", "withdrawn_by", "withdrawn_reason"} & columns
+        assert "acted_at" in columns
+    finally:
+        engine.dispose()

@@ -1,0 +1,224 @@
+"""Assisted mode: what becomes of an agent's approval when its order is decided again before it is carried out.
+
+An agent approved a silent retry (or a payment link) planned for later, after payday say; before it is due, the
+order is decided again: the customer paid on a live link from an earlier message and was declined, or opted out
+of the approved message's channel. Before, the new recommendation waited for an agent while the approved action
+stayed scheduled, and when it fell due it was cancelled without a word ("order is AWAITING_AGENT"): the agent's
+approval vanished. Now it stands when the new decision plans the same thing; otherwise it is withdrawn, with why,
+and the new recommendation waits for review. Never two plans of the same order, never a charge after the customer
+paid. Runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from model.vocab import Channel
+from service.executor.routes import _pay
+from service.executor.store import agent_queue
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    PAID_BY_MERCHANT,
+    FakeConnector,
+    Harness,
+    demo_merchant,
+    event,
+    make_harness,
+    runtime,
+    token_of,
+)
+
+SMS = {"action": "retarget", "channel": "sms"}
+AFTER_PAYDAY = timedelta(days=3)
+RETRY_AFTER_PAYDAY = {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": AFTER_PAYDAY}
+EMAIL_TOMORROW = {"action": "retarget", "channel": "email", "delay": timedelta(days=1)}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the harness's SQLite file) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def _approved_later(make: Any, database_url: str | None, approved: dict[str, Any], *after: dict[str, Any]) -> Harness:
+    """An assisted order: an approved SMS link went out; at its follow-up (a day later) an agent approved
+    ``approved``, planned for later; ``after`` answers the decisions that follow. The SMS's link lives on."""
+    h: Harness = make(
+        *(dict(step) for step in (SMS, approved, *after)),  # the scripted decider pops a step's delay
+        merchants={"m_demo": demo_merchant(mode="assisted")},
+        connector=FakeConnector(results=["failure", "success"]),
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.executor.act_on_queued("ord_1", "approve", "ana", "send the link")
+    h.drain()  # the SMS with its link (48 h) goes out
+    h.clock.advance(hours=24)
+    h.drain()  # its follow-up: the next decision waits for an agent
+    assert h.executor.act_on_queued("ord_1", "approve", "ana", "after payday") == "PENDING"
+    h.drain()
+    return h
+
+
+def _queue(h: Harness) -> list[dict[str, Any]]:
+    with h.executor.engine.connect() as conn:
+        return [dict(row) for row in conn.execute(sa.select(agent_queue).order_by(agent_queue.c.item_id)).mappings()]
+
+
+def _decline_the_link(h: Harness) -> None:
+    h.clock.advance(hours=6)
+    code, _title, _message = _pay(runtime(h), token_of(h))
+    assert code == 402  # declined: the order is decided again
+
+
+def test_an_approved_retry_stands_when_the_order_decided_again_plans_the_same_retry(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h = _approved_later(make_harness, database_url, RETRY_AFTER_PAYDAY, RETRY_AFTER_PAYDAY)
+    _decline_the_link(h)
+    view = h.view()
+    assert view.state == "PENDING"  # nothing new for an agent to review
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "agreed"]
+    assert queue[1]["withdrawn_at"] is None
+    assert "stands" in queue[2]["reason"]
+    assert "ana" in queue[2]["reason"]
+    assert "payment by link" in queue[2]["reason"]
+    retry = next(a for a in view.actions if a.kind == "retry")
+    assert retry.state == "scheduled"
+    h.clock.advance(days=3)
+    h.drain()  # the approved retry, at the time the agent approved
+    assert h.view().state == "SUCCEEDED"
+    assert [key for key in h.connector.calls if ":retry:" in key] == [f"m_demo:ord_1:retry:{retry.decision_id}"]
+
+
+def test_an_approved_retry_is_withdrawn_with_why_when_the_order_decided_again_plans_otherwise(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h = _approved_later(make_harness, database_url, RETRY_AFTER_PAYDAY, EMAIL_TOMORROW)
+    _decline_the_link(h)
+    view = h.view()
+    assert view.state == "AWAITING_AGENT"
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "pending"]
+    withdrawn = queue[1]
+    assert withdrawn["withdrawn_at"] is not None
+    assert withdrawn["withdrawn_by"] == queue[2]["decision_id"]
+    assert "payment by link" in withdrawn["withdrawn_reason"]
+    assert "declined" in withdrawn["withdrawn_reason"]
+    retry = next(a for a in view.actions if a.kind == "retry")
+    assert retry.state == "cancelled"
+    assert "withdrawn" in (retry.last_error or "")
+    h.clock.advance(days=4)
+    h.drain()
+    assert [key for key in h.connector.calls if ":retry:" in key] == []  # no charge the agent did not approve
+
+
+def test_an_agent_approving_the_new_recommendation_plans_one_charge(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    cascade_now = {"action": "retry", "strategy": "cascade", "connector": "cybersource"}
+    h = _approved_later(make_harness, database_url, RETRY_AFTER_PAYDAY, cascade_now)
+    _decline_the_link(h)
+    assert h.view().state == "AWAITING_AGENT"
+    h.executor.act_on_queued("ord_1", "approve", "ana", "retry on cybersource now")
+    h.clock.advance(days=4)
+    h.drain()
+    retries = [key for key in h.connector.calls if ":retry:" in key]
+    assert retries == ["m_demo:ord_1:retry:dec_3_ord_1"]  # the new recommendation's; the withdrawn one never
+    assert h.view().state == "SUCCEEDED"
+
+
+def test_an_approved_retry_is_not_charged_after_the_customer_paid(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h = _approved_later(make_harness, database_url, RETRY_AFTER_PAYDAY)
+    h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT | {"occurred_at": h.clock.now.isoformat()})
+    h.clock.advance(days=4)
+    h.drain()
+    assert [key for key in h.connector.calls if ":retry:" in key] == []
+    assert h.view().state == "SUCCEEDED"
+
+
+def test_an_approved_message_stands_when_the_order_decided_again_plans_the_same_message(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h = _approved_later(make_harness, database_url, EMAIL_TOMORROW, EMAIL_TOMORROW)
+    _decline_the_link(h)
+    assert h.view().state == "PENDING"
+    assert [item["state"] for item in _queue(h)] == ["approved", "approved", "agreed"]
+    h.clock.advance(days=1)
+    h.drain()
+    assert [message.channel for message in h.outbox] == [Channel.SMS, Channel.EMAIL]
+
+
+def test_an_approved_message_is_withdrawn_with_why_when_the_order_decided_again_plans_otherwise(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h = _approved_later(make_harness, database_url, EMAIL_TOMORROW, RETRY_AFTER_PAYDAY)
+    _decline_the_link(h)
+    assert h.view().state == "AWAITING_AGENT"
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "pending"]
+    assert "declined" in queue[1]["withdrawn_reason"]
+    h.clock.advance(days=1)
+    h.drain()
+    assert [message.channel for message in h.outbox] == [Channel.SMS]  # the withdrawn email never went
+
+
+def test_an_approved_message_the_customer_opted_out_of_is_withdrawn_with_why(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """The approved message itself can no longer go (the customer opted out of its channel): the order is decided
+    again, and the approval says why it was not carried out, even though the new decision is for an agent too."""
+    h = _approved_later(make_harness, database_url, EMAIL_TOMORROW, RETRY_AFTER_PAYDAY)
+    h.executor.opt_out("m_demo", "cus_71", Channel.EMAIL)
+    queue = _queue(h)
+    assert queue[1]["state"] == "approved"
+    assert "opted out of email" in (queue[1]["withdrawn_reason"] or "")
+    assert queue[-1]["state"] == "pending"
+    assert h.view().state == "AWAITING_AGENT"
+
+
+def test_a_standing_approved_retry_keeps_its_place_in_a_budget_of_one_retry(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """The approved retry reserved its payment number (ord_1_2) before the customer's payment by link took the next
+    one (ord_1_3). Before, every check of the order's history counted the number the retry held as a retry already
+    made: with a budget of one retry, the retry was refused at its own send ("max_retries") and the agent's
+    approval withdrawn. A retry not yet sent has not been made."""
+    h: Harness = make_harness(
+        *(dict(step) for step in (SMS, RETRY_AFTER_PAYDAY, RETRY_AFTER_PAYDAY)),
+        merchants={"m_demo": demo_merchant(mode="assisted", retry={"max_retries": 1})},
+        connector=FakeConnector(results=["failure", "success"]),
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.executor.act_on_queued("ord_1", "approve", "ana", "send the link")
+    h.drain()
+    h.clock.advance(hours=24)
+    h.drain()
+    h.executor.act_on_queued("ord_1", "approve", "ana", "after payday")
+    _decline_the_link(h)
+    assert h.view().state == "PENDING"  # the approval stands
+    h.clock.advance(days=3)
+    h.drain()
+    view = h.view()
+    assert view.state == "SUCCEEDED", [(a.kind, a.state, a.last_error) for a in view.actions]
+    assert [(a.processor_payment_id, a.strategy) for a in view.attempts] == [
+        ("ord_1_1", "initial"),
+        ("ord_1_2", "cascade"),  # the number it took when approved
+        ("ord_1_3", "retarget_link"),
+    ]

@@ -159,6 +159,9 @@ class QueueRow:
     decision: Decision | None
     # A charge of the order was sent and never answered: it waits for someone to ask the connector.
     charge_unknown: bool = False
+    # An agent's approval was withdrawn (the order was decided again and planned otherwise) and no agent has acted
+    # on the order since: the recommendation waiting replaces what an agent chose.
+    approval_withdrawn: bool = False
 
     @property
     def p_success(self) -> float | None:
@@ -212,6 +215,28 @@ def _pending_decisions(conn: sa.Connection, merchant_id: str) -> dict[str, Decis
     return {order_id: Decision.model_validate_json(text) for order_id, text in conn.execute(query)}
 
 
+def _approvals_withdrawn_unseen(conn: sa.Connection, merchant_id: str) -> set[str]:
+    """The merchant's orders whose latest withdrawn approval no agent has acted on since."""
+    where = agent_queue.c.merchant_id == merchant_id
+    withdrawn = conn.execute(
+        sa.select(agent_queue.c.order_id, sa.func.max(agent_queue.c.withdrawn_at))
+        .where(where, agent_queue.c.withdrawn_at.is_not(None))
+        .group_by(agent_queue.c.order_id)
+    ).all()
+    if not withdrawn:
+        return set()
+    acted = dict(
+        conn.execute(
+            sa.select(agent_queue.c.order_id, sa.func.max(agent_queue.c.acted_at))
+            .where(where, agent_queue.c.state.in_(["approved", "rejected"]))
+            .group_by(agent_queue.c.order_id)
+        ).all()
+    )
+    return {
+        order_id for order_id, at in withdrawn if acted.get(order_id) is None or as_utc(acted[order_id]) <= as_utc(at)
+    }
+
+
 def load_queue(
     engine: Engine, catalog: ErrorCatalog, merchant_id: str, chosen: QueueFilter, now: datetime, limit: int = 200
 ) -> Queue:
@@ -242,6 +267,7 @@ def load_queue(
             ).mappings()
         )
         pending = _pending_decisions(conn, merchant_id)
+        withdrawn = _approvals_withdrawn_unseen(conn, merchant_id)
         latest = _latest_decisions(
             conn, merchant_id, [row["order_id"] for row in rows if row["order_id"] not in pending]
         )
@@ -260,6 +286,7 @@ def load_queue(
                 error_class=error_class_of(catalog, orjson.loads(row["failure_json"]), payment),
                 decision=pending.get(row["order_id"]) or latest.get(row["order_id"]),
                 charge_unknown=row["order_id"] in unknown,
+                approval_withdrawn=row["state"] == OrderState.AWAITING_AGENT and row["order_id"] in withdrawn,
             )
         )
     classes = sorted({row.error_class for row in everything})
@@ -338,6 +365,19 @@ class UnansweredCharge:
 
 
 @dataclass(frozen=True)
+class WithdrawnApproval:
+    """An agent's approval that was not carried out: before it ran, the order was decided again and the new
+    recommendation planned otherwise (or the approved action itself could not go), so it was withdrawn."""
+
+    agent: str
+    approved_at: datetime
+    plan: str  # the approved decision in words: "Retry: cascade via adyen"
+    planned_for: datetime  # when it was to be carried out
+    withdrawn_at: datetime
+    reason: str  # what happened, e.g. "decided again: the customer's payment by link was declined (card_declined)"
+
+
+@dataclass(frozen=True)
 class OrderPage:
     """Everything the order page shows."""
 
@@ -351,6 +391,8 @@ class OrderPage:
     audit: list[AuditEntry]
     scheduled: list[dict[str, Any]]
     unanswered: list[UnansweredCharge] = field(default_factory=list)
+    #: The approval withdrawn since an agent last acted on the order (shown next to the new recommendation).
+    withdrawn: WithdrawnApproval | None = None
 
     @property
     def reachable(self) -> list[str]:
@@ -436,6 +478,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
             .order_by(agent_queue.c.item_id.desc())
             .limit(1)
         )
+        approvals = _approvals_decided_over(conn, merchant_id, order_id, view)
         unanswered = [
             UnansweredCharge(
                 action_id=int(row.action_id),
@@ -505,6 +548,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
                     at=nudge.clicked_at, kind="click", title=f"Customer opened the {channel} link", status="good"
                 )
             )
+    events.extend(approvals.events)
     audit = load_audit(engine, merchant_id, order_id)
     # Queue items an agent acted on through the console are told by its audit entry already.
     audited = {(entry.agent_name, int(entry.at.timestamp())) for entry in audit}
@@ -563,7 +607,74 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         audit=audit,
         scheduled=scheduled,
         unanswered=unanswered,
+        withdrawn=approvals.unseen if view.state == OrderState.AWAITING_AGENT else None,
     )
+
+
+@dataclass(frozen=True)
+class _ApprovalFates:
+    """What became of an order's approvals when it was decided again before they were carried out."""
+
+    events: list[TimelineEvent]
+    unseen: WithdrawnApproval | None  # the latest withdrawn one, when no agent has acted on the order since
+
+
+def _approvals_decided_over(conn: sa.Connection, merchant_id: str, order_id: str, view: OrderOut) -> _ApprovalFates:
+    """The timeline's lines for approvals withdrawn, and for decisions that left an approval standing; and the
+    withdrawn approval the agent has not acted on since (an approval vanishing without a word is what agents
+    complained of: the retry they approved for payday was cancelled when it fell due)."""
+    rows = (
+        conn.execute(
+            sa.select(agent_queue)
+            .where(agent_queue.c.merchant_id == merchant_id, agent_queue.c.order_id == order_id)
+            .order_by(agent_queue.c.item_id)
+        )
+        .mappings()
+        .all()
+    )
+    planned_at = {action.decision_id: action.planned_at for action in view.actions if action.decision_id}
+    events: list[TimelineEvent] = []
+    withdrawn: list[WithdrawnApproval] = []
+    for row in rows:
+        plan = describe_decision(Decision.model_validate_json(row["decision_json"]))
+        if row["state"] == "agreed" and row["acted_at"] is not None:
+            events.append(
+                TimelineEvent(
+                    at=as_utc(row["acted_at"]),
+                    kind="agent",
+                    title=f"Decided again: {plan}, as approved; the approval stands",
+                    detail=row["reason"] or "",
+                    status="info",
+                )
+            )
+        if row["withdrawn_at"] is None:
+            continue
+        approval = WithdrawnApproval(
+            agent=row["agent"] or "an agent",
+            approved_at=as_utc(row["acted_at"] or row["created_at"]),
+            plan=plan,
+            planned_for=planned_at.get(
+                row["decision_id"], as_utc(Decision.model_validate_json(row["decision_json"]).execute_at)
+            ),
+            withdrawn_at=as_utc(row["withdrawn_at"]),
+            reason=row["withdrawn_reason"] or "decided again",
+        )
+        withdrawn.append(approval)
+        events.append(
+            TimelineEvent(
+                at=approval.withdrawn_at,
+                kind="agent",
+                title=f"Approval withdrawn: {plan} (approved by {approval.agent}), not carried out",
+                detail=approval.reason,
+                status="warn",
+            )
+        )
+    latest = max(withdrawn, key=lambda approval: approval.withdrawn_at, default=None)
+    acted_since = latest is not None and any(
+        row["state"] in ("approved", "rejected") and as_utc(row["acted_at"] or row["created_at"]) > latest.withdrawn_at
+        for row in rows
+    )
+    return _ApprovalFates(events=events, unseen=None if acted_since else latest)
 
 
 def recent(now: datetime, days: int) -> datetime:

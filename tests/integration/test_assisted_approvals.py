@@ -11,7 +11,8 @@ paid. Runs on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,11 +20,14 @@ import sqlalchemy as sa
 
 from model.vocab import Channel
 from service.executor.routes import _pay
-from service.executor.store import agent_queue
+from service.executor.store import actions, agent_queue
+from tests.integration.test_console import CSRF_RE, Console, console  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
+    Clock,
     FakeConnector,
     Harness,
+    ScriptedDecider,
     demo_merchant,
     event,
     make_harness,
@@ -222,3 +226,66 @@ def test_a_standing_approved_retry_keeps_its_place_in_a_budget_of_one_retry(
         ("ord_1_2", "cascade"),  # the number it took when approved
         ("ord_1_3", "retarget_link"),
     ]
+
+
+# ------------------------------------------------------------------------------------------- the console
+
+
+def _approve_in_console(console: Console, *steps: dict[str, Any]) -> Any:  # noqa: F811 - the fixture's type
+    """Order ``ord_p`` of assisted merchant ``m_a``, decided by ``steps``: asha approves the first decision in the
+    console; the order is then decided again (the customer's payment by link was declined). The executor."""
+    assert console.engine is not None  # building the engine builds the executor
+    executor = console.api.app.state.executor.executor
+    executor.decider = ScriptedDecider(Clock(), *(dict(step) for step in steps))
+    console.fail_order("m_a", "ord_p")
+    console.sign_in("asha@m_a")
+    page = console.get("/console/orders/ord_p").text
+    shown = re.search(r'name="decision_id" value="([^"]+)"', page)
+    csrf = CSRF_RE.search(page)
+    assert shown is not None
+    assert csrf is not None
+    answer = console.post(
+        "/console/orders/ord_p/actions",
+        {"action": "approve", "decision_id": shown.group(1), "csrf_token": csrf.group(1)},
+    )
+    assert answer.status_code in (200, 303), answer.text
+    with executor.engine.begin() as conn:
+        order = executor.lock_order(conn, "m_a", "ord_p")
+        executor._decision_point(conn, order, datetime.now(UTC), "the customer's payment by link was declined (51)")
+    return executor
+
+
+def test_the_console_shows_an_approval_withdrawn_next_to_the_new_recommendation(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    _approve_in_console(console, RETRY_AFTER_PAYDAY, EMAIL_TOMORROW)
+    page = console.get("/console/orders/ord_p").text
+    notice = re.search(r'data-testid="approval-withdrawn">(.*?)</section>', page, re.S)
+    assert notice is not None, page
+    text = " ".join(notice.group(1).split())
+    assert "asha@m_a approved <strong>Retry: cascade via adyen</strong>" in text
+    assert "the order was decided again: the customer&#39;s payment by link was declined (51)" in text
+    assert "nothing was charged or sent for it" in text
+    assert 'data-testid="approve"' in page  # the new recommendation waits for review
+    assert "Payment link by email" in page
+    assert "Approval withdrawn: Retry: cascade via adyen (approved by asha@m_a), not carried out" in page
+    with console.engine.connect() as conn:
+        retry = conn.execute(sa.select(actions).where(actions.c.kind == "retry")).mappings().one()
+    assert retry["state"] == "cancelled"
+    queue = console.get("/console/queue").text
+    row = re.search(r'<tr data-order="ord_p".*?</tr>', queue, re.S)
+    assert row is not None
+    assert 'data-testid="approval-withdrawn-badge"' in row.group(0)
+
+
+def test_the_console_shows_an_approval_that_stands_and_no_withdrawal(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    _approve_in_console(console, RETRY_AFTER_PAYDAY, RETRY_AFTER_PAYDAY)
+    page = console.get("/console/orders/ord_p").text
+    assert 'data-testid="approval-withdrawn"' not in page
+    assert 'data-testid="approve"' not in page  # nothing waits for an agent
+    assert "Decided again: Retry: cascade via adyen, as approved; the approval stands" in page
+    assert "payment by link was declined (51)" in page
+    assert "retry at" in page  # still scheduled, at the time asha approved
+    assert 'data-testid="approval-withdrawn-badge"' not in console.get("/console/queue?state=all").text

@@ -1649,7 +1649,7 @@ class Executor:
                 reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
                 self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
                 if order is not None:  # locked above; releasing the action changed nothing of it
-                    self._decision_point(conn, order, now, f"the planned {_planned_what(action)} {reason}")
+                    self._decision_point(conn, order, now, f"the planned {_planned_what(action)} was {reason}")
                 return
             since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))
             retry = now < since + timedelta(seconds=policy.message_outage_seconds)

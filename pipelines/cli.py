@@ -860,8 +860,8 @@ def retrain(
             gate=None if gate is None else [part.strip() for part in gate.split(",") if part.strip()],
             refit=refit,
         )
-        verdict = "promoted" if result.promoted else "kept champion"
-        console.print(f"{verdict}: {result.verdict}", highlight=False, soft_wrap=True)
+        # The training run has printed the gate's table with its verdict as the caption: saying it again read as
+        # a second verdict.
         return result
 
     if every is None:

@@ -56,6 +56,7 @@ from model.requests import Decision, DecisionRequest
 
 with _quiet_mlflow():
     import mlflow
+    import mlflow.models
     import mlflow.pyfunc
     from mlflow.models import ModelSignature
     from mlflow.pyfunc.model import PythonModel
@@ -80,6 +81,7 @@ __all__ = [
     "register_bundle",
     "resolve_tracking_uri",
     "set_alias",
+    "set_pyfunc_model",
     "tracking",
 ]
 
@@ -97,6 +99,8 @@ _OUTPUT_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("model_version", "string"),
 )
 _DEFAULT_API_KEY_SHA256: Final = "0" * 64
+#: What a version's pyfunc is logged as: MLflow's "models from code" file that sets `WinbackPyfunc` (see it).
+_PYFUNC_CODE: Final = Path(__file__).with_name("pyfunc_code.py")
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,11 @@ class WinbackPyfunc(PythonModel):  # type: ignore[misc]
         return decisions_frame(decisions)
 
 
+def set_pyfunc_model() -> None:
+    """Hand MLflow the pyfunc of a version it loads (``model/pyfunc_code.py``, the version's code file, calls it)."""
+    mlflow.models.set_model(WinbackPyfunc())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registration and aliases
 
@@ -235,7 +244,7 @@ def register_bundle(
 
     Returns the new version of the registered model ``winback`` (as a string, e.g. ``"3"``). The run must
     exist; it may be the active run. ``input_example`` (one decision request per row) is stored with the
-    model and, by MLflow, replayed through the pyfunc once as a check.
+    model and checked by MLflow against the pyfunc's signature.
     """
     return register_bundle_details(
         bundle_dir,
@@ -269,7 +278,7 @@ def register_bundle_details(
         try:
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
-                python_model=WinbackPyfunc(),
+                python_model=_PYFUNC_CODE,
                 artifacts={BUNDLE_ARTIFACT: str(folder)},
                 signature=pyfunc_signature(),
                 input_example=input_example,

@@ -24,7 +24,14 @@ err_console = Console(stderr=True)
 @app.callback()
 def main() -> None:
     """winback: decide, at failure time, whether to retry, retarget or stop — and learn from what happened."""
+    import os
+
     from service.signals import restore_sigchld_default
+
+    # MLflow's INFO lines ("Creating initial MLflow database tables...", "Validating input example against model
+    # signature") came between winback's own lines and read as errors; its warnings still show. MLflow reads its
+    # documented MLFLOW_LOGGING_LEVEL when it is imported, which no command has done yet; a caller's own value wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
     # Before any command starts a child: an ignored SIGCHLD inherited from whatever started this one would make
     # every child's exit unreadable (service/signals.py).

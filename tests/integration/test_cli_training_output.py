@@ -4,6 +4,7 @@ its own process (MLflow imported fresh, as the console script imports it), on a 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -51,3 +52,12 @@ def test_retrain_says_its_verdict_once(retrained: Printed) -> None:
     # It said it twice: once under the training's tables, then again prefixed "promoted: " by the command.
     assert retrained.exit_code == 0, retrained.stderr
     assert retrained.stdout.count("there was no champion yet") == 1, retrained.stdout
+
+
+def test_retrain_shows_no_mlflow_log_line_a_newcomer_takes_for_an_error(retrained: Printed) -> None:
+    # Registering a version logged MLflow's warning about pickling the pyfunc with CloudPickle (now logged as a
+    # models-from-code file) and its INFO line about validating the input example (MLflow's INFO level is off).
+    assert retrained.exit_code == 0, retrained.stderr
+    assert "CloudPickle" not in retrained.stderr
+    assert "Validating input example" not in retrained.stderr
+    assert re.search(r"^\S+ \S+ (INFO|WARNING) mlflow", retrained.stderr, re.MULTILINE) is None, retrained.stderr

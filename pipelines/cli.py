@@ -318,7 +318,11 @@ def executor_callback_url(
     merchant: Annotated[str, typer.Option("--merchant", help="The merchant whose callback URLs to print.")],
     provider: Annotated[
         str | None,
-        typer.Option("--provider", help="gupshup, interakt, karix, push_webhook or fake (default: the config's)."),
+        typer.Option(
+            "--provider",
+            help="gupshup, interakt, karix, push_webhook or fake (default: those the merchant's config names; the "
+            "shipped demo config names none, so name one).",
+        ),
     ] = None,
     base_url: Annotated[
         str | None,
@@ -346,7 +350,10 @@ def executor_callback_url(
         raise fail(f"unknown provider {provider!r}: one of {sorted(PROVIDERS)}")
     kinds = [provider] if provider else sorted({p.kind for p in merchants[merchant].providers.values()} & PROVIDERS)
     if not kinds:
-        raise fail(f"merchant {merchant!r} has no provider with callbacks in its config: name one with --provider")
+        raise fail(
+            f"merchant {merchant!r} has no channel provider with callbacks in its config: name the one you configure "
+            f"with --provider ({', '.join(sorted(PROVIDERS))}), e.g. --provider gupshup"
+        )
     key = settings.callback_key()
     for kind in kinds:
         for what, url in callback_urls(base_url or settings.public_base_url, key, merchant, kind).items():

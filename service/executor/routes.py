@@ -249,7 +249,7 @@ async def pay(token: str, runtime: ExecutorDep) -> HTMLResponse:
 
 # ------------------------------------------------------------------------------------- provider callbacks
 
-CALLBACK_URL_HINT = "the URLs `winback executor callback-url --merchant <id>` prints"
+CALLBACK_URL_HINT = "the URLs `winback executor callback-url --merchant <id> --provider <provider>` prints"
 
 
 def provider_router(app: FastAPI) -> APIRouter:

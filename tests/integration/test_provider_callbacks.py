@@ -85,7 +85,7 @@ def test_the_real_app_answers_provider_callbacks_only_with_the_merchants_token(a
     bare = inbound.split("?", 1)[0]
     missing = stop_reply(api, url=bare)
     assert missing.status_code == 401
-    assert "winback executor callback-url" in missing.json()["detail"]
+    assert "winback executor callback-url --merchant <id> --provider <provider>" in missing.json()["detail"]
     assert stop_reply(api, url=f"{bare}?merchant_id=m_demo").status_code == 401
     assert stop_reply(api, url=inbound.replace("token=", "token=0")).status_code == 403
     other_token = urls("m_other")["inbound"].split("token=", 1)[1]
@@ -333,3 +333,16 @@ def test_a_stop_that_gupshup_sms_forwards_with_a_get_opts_the_customer_out(
     assert "sms" in h.executor.decider.requests[-1].customer.opted_out_channels  # type: ignore[attr-defined]
     bare = urls()["inbound"].split("?", 1)[0]  # a GET is authenticated as a POST is
     assert api.loop.run_until_complete(api.client.get(bare + "?msisdn=9800000001&content=STOP")).status_code == 401
+
+
+def test_the_cli_without_a_provider_for_a_merchant_whose_config_names_none_says_which_to_name() -> None:
+    """The README's first try, `callback-url --merchant m_demo` on the shipped demo config (whose merchants name no
+    provider), ended in "name one with --provider" without saying which names it takes."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app as cli
+
+    refused = CliRunner().invoke(cli, ["executor", "callback-url", "--merchant", "m_demo"])
+    assert refused.exit_code == 2
+    assert "Traceback" not in refused.output
+    assert "--provider (fake, gupshup, interakt, karix, push_webhook), e.g. --provider gupshup" in refused.output

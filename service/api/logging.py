@@ -131,6 +131,10 @@ def configure_logging(level: str = "INFO") -> logging.Logger:
     # MLflow's own lines (it prints plain text to stderr otherwise, unscrubbed, a traceback per failed registry
     # check) come as JSON too; its routine INFO lines are left out, the scorer logs what it did with the model.
     logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # Alembic (1.18 and later) says "setup plugin alembic.autogenerate.<name>" for each of its seven plugins when
+    # its autogenerate package is first imported: nothing about our database, yet seven lines at every executor
+    # start. Its migration lines ("Running upgrade ...") stay.
+    logging.getLogger("alembic.runtime.plugins").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # Access logs repeat what the decision log line says, slower; keep them at warnings only.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return logging.getLogger(LOGGER_NAME)

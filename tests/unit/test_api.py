@@ -1556,6 +1556,23 @@ def test_mlflow_logs_as_json_lines_and_only_its_warnings(tmp_path: Path) -> None
     ]
 
 
+def test_alembic_plugin_set_up_lines_stay_out_of_the_log_and_its_migration_lines_stay() -> None:
+    # `winback executor run` began with seven "setup plugin alembic.autogenerate...." lines (its first import of
+    # alembic's autogenerate package), which say nothing about the database.
+    code = (
+        "import logging\n"
+        "from service.api.logging import configure_logging\n"
+        "configure_logging()\n"
+        "import alembic.autogenerate\n"
+        "logging.getLogger('alembic.runtime.migration').info('Running upgrade 0010 -> 0011')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert [(line["logger"], line["message"]) for line in lines] == [
+        ("alembic.runtime.migration", "Running upgrade 0010 -> 0011")
+    ]
+
+
 def test_json_formatter_redacts_secret_fields() -> None:
     record = logging.LogRecord("winback.api", logging.INFO, __file__, 1, "hello", None, None)
     record.authorization = "Bearer abc"

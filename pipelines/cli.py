@@ -95,7 +95,7 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
     table = Table(title=title)
     table.add_column(str(frame.index.name or ""), no_wrap=True, min_width=23)
     for column in frame.columns:
-        table.add_column(str(column), justify="right")
+        table.add_column(str(column), justify="right", overflow="fold")  # a long name wraps, not cut to "hours_to…"
     columns = [frame[c].tolist() for c in frame.columns]
     for position, index in enumerate(frame.index):
         cells = [f"{col[position]:.3f}" if isinstance(col[position], float) else str(col[position]) for col in columns]
@@ -420,7 +420,15 @@ def evaluate(
     if loaded and (warning := fitted_on_holdout(loaded[0].metadata, summary.holdout_start)):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if summary.episodes is not None:
-        console.print(summary.episodes.to_string(index=False))
+        # One column per policy: a row per policy (13 columns) wrapped each row over three lines at 80 columns.
+        by_policy = summary.episodes.set_index("policy")
+        # Formatted before turning: a turned frame's columns mix counts and rates, and its counts would print as
+        # floats.
+        shown = by_policy.apply(lambda column: column.map("{:,.3f}".format if column.dtype.kind == "f" else str))
+        print_frame(
+            shown.T.rename_axis("simulated episodes"),
+            f"simulated episodes: {episodes:,} orders per policy (all of it in {summary.out_dir / 'evaluation.md'})",
+        )
 
 
 @app.command()

@@ -58,6 +58,7 @@ with _quiet_mlflow():
     import mlflow
     import mlflow.models
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
     from mlflow.pyfunc.model import PythonModel
     from mlflow.types import ColSpec, Schema
@@ -99,6 +100,7 @@ _OUTPUT_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("model_version", "string"),
 )
 _DEFAULT_API_KEY_SHA256: Final = "0" * 64
+_ALREADY_EXISTS_CODES: Final = frozenset({"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"})
 #: What a version's pyfunc is logged as: MLflow's "models from code" file that sets `WinbackPyfunc` (see it).
 _PYFUNC_CODE: Final = Path(__file__).with_name("pyfunc_code.py")
 
@@ -284,17 +286,29 @@ def register_bundle_details(
                 input_example=input_example,
                 pip_requirements=_pip_requirements(),
                 metadata=dict(metadata) if metadata else None,
-                registered_model_name=MODEL_NAME,
             )
         finally:
             if run is not None:
                 mlflow.end_run()
-        version = info.registered_model_version
-        if version is None:
-            raise RegistryError(f"MLflow did not register {info.model_uri} as {MODEL_NAME!r}")
+        version = _new_version(uri, info.model_id)
         if alias:
             set_alias(alias, str(version), tracking_uri=uri)
     return RegisteredVersion(version=str(version), model_uri=info.model_uri, run_id=run_id)
+
+
+def _new_version(uri: str, model_id: str) -> str:
+    """Register the logged model ``model_id`` as a new version of ``winback``; its number.
+
+    The calls ``log_model(registered_model_name=...)`` makes, through the client: that path printed MLflow's
+    "Successfully registered model 'winback'." (or "... already exists. Creating a new version of this
+    model...") and "Created version '1' of model 'winback'." on stderr, beside winback's own line saying so."""
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.create_registered_model(MODEL_NAME)
+    except MlflowException as exc:
+        if exc.error_code not in _ALREADY_EXISTS_CODES:
+            raise
+    return str(client.create_model_version(MODEL_NAME, source=f"models:/{model_id}", model_id=model_id).version)
 
 
 def load_version(version: str, *, tracking_uri: str | None = None) -> ModelBundle:

@@ -61,3 +61,12 @@ def test_retrain_shows_no_mlflow_log_line_a_newcomer_takes_for_an_error(retraine
     assert "CloudPickle" not in retrained.stderr
     assert "Validating input example" not in retrained.stderr
     assert re.search(r"^\S+ \S+ (INFO|WARNING) mlflow", retrained.stderr, re.MULTILINE) is None, retrained.stderr
+
+
+def test_retrain_leaves_saying_which_version_it_registered_to_winback(retrained: Printed) -> None:
+    # MLflow's registration printed "Successfully registered model 'winback'." and "Created version '1' of model
+    # 'winback'." on stderr, while winback's tables and verdict name the version.
+    assert retrained.exit_code == 0, retrained.stderr
+    assert "registered model" not in retrained.stderr.lower()
+    assert "Created version" not in retrained.stderr
+    assert "promoted version 1" in retrained.stdout

@@ -101,6 +101,7 @@ class Rule(StrEnum):
     ONE_OFF_OUT_OF_SESSION = "one_off_out_of_session"
     CASCADE_MANDATE = "cascade_mandate"
     AUTHENTICATION_REQUESTED = "authentication_requested"
+    SUSPECTED_FRAUD = "suspected_fraud"
     CLEAR_PAN_NOT_APPLICABLE = "clear_pan_not_applicable"
     ALTERNATE_NETWORK_NOT_APPLICABLE = "alternate_network_not_applicable"
     CASCADE_SAME_CONNECTOR = "cascade_same_connector"
@@ -201,6 +202,8 @@ class RuleBook:
     one_off_not_for_payment_method_types: frozenset[str]  # merchant-initiated by nature (a mandate)
     after_authentication_request_only: frozenset[str]  # the silent retries left when the issuer asked for SCA
     authentication_request_classes: frozenset[str]
+    fraud_suspicion_only: frozenset[str]  # the silent retries left after a suspected-fraud decline (a step-up)
+    fraud_suspicion_classes: frozenset[str]
     alternate_network_payment_methods: frozenset[str]
     alternate_network_payment_method_types: frozenset[str]
     cascade_not_for_payment_methods: frozenset[str]  # mandates: bound to the gateway that registered them
@@ -256,6 +259,14 @@ def _error_classes(node: Any, path: str) -> frozenset[str]:
     return names
 
 
+def _strategies(node: Any, path: str) -> frozenset[str]:
+    names = _strings(node, path)
+    unknown = sorted(names - set(_RETRY_STRATEGY_NAMES))
+    if unknown:
+        raise RulesDataError(f"{RULES_FILE.name}: '{path}' names unknown retry strategies {unknown}")
+    return names
+
+
 def _flag(node: Any, path: str) -> bool:
     value = _get(node, path)
     if not isinstance(value, bool):
@@ -308,6 +319,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["mastercard.reattempt_cap"] = str(_get(raw, "mastercard.reattempt_cap.source"))
     sources["lost_stolen_card"] = str(_get(raw, "lost_stolen_card.source"))
     sources["block_list"] = str(_get(raw, "block_list.source"))
+    sources["suspected_fraud"] = str(_get(raw, "suspected_fraud.source"))
     return RuleBook(
         version=int(_number(raw, "version")),
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
@@ -345,6 +357,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         one_off_not_for_payment_method_types=_strings(raw, "one_off_payments.not_for_payment_method_types"),
         after_authentication_request_only=_strings(raw, "strategies.after_authentication_request.only"),
         authentication_request_classes=_error_classes(raw, "strategies.after_authentication_request.error_classes"),
+        fraud_suspicion_only=_strategies(raw, "suspected_fraud.only"),
+        fraud_suspicion_classes=_error_classes(raw, "suspected_fraud.error_classes"),
         alternate_network_payment_methods=_strings(raw, "strategies.alternate_network.payment_methods"),
         alternate_network_payment_method_types=_strings(raw, "strategies.alternate_network.payment_method_types"),
         cascade_not_for_payment_methods=_strings(raw, "strategies.cascade.not_for_payment_methods"),
@@ -703,6 +717,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         for name in _RETRY_STRATEGY_NAMES:
             if name not in book.after_authentication_request_only:
                 not_applicable.setdefault(name, Rule.AUTHENTICATION_REQUESTED)
+    # A suspected-fraud decline: the card is not re-presented silently; only a step-up lets the issuer verify the
+    # cardholder, while they are at the checkout (hard_rules.yaml, suspected_fraud).
+    if normalised.error_class.value in book.fraud_suspicion_classes:
+        applied.append(Rule.SUSPECTED_FRAUD.value)
+        for name in _RETRY_STRATEGY_NAMES:
+            if name not in book.fraud_suspicion_only:
+                not_applicable.setdefault(name, Rule.SUSPECTED_FRAUD)
     if (
         is_upi_autopay
         or method in book.cascade_not_for_payment_methods

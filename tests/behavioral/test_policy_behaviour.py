@@ -309,6 +309,32 @@ def test_an_sca_soft_decline_of_a_recurring_payment_goes_back_to_the_customer() 
 
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_a_suspected_fraud_renewal_is_never_retried_silently_and_is_not_retryable(
+    with_model: bool, bundle: ModelBundle
+) -> None:
+    """A subscription renewal the issuer declined as suspected fraud (Visa 59) goes back to the customer, who must
+    confirm with their bank or pay another way: no silent retry is chosen, explored or listed, and ``retryable`` is
+    false. It was served retryable about half the time, and exploration cascaded such cards to other acquirers."""
+    request = make_request(
+        failure={
+            "connector": "stripe",
+            "error_code": "fraudulent",
+            "error_message": None,
+            "network_decline_code": "59",
+        },
+        payment={"is_recurring": True, "payment_method_type": "debit", "is_network_token": True},
+    )
+    rng = np.random.default_rng(3)
+    for _ in range(20):  # exploration draws differ between calls
+        decision = decide(
+            request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING, rng=rng
+        )
+        assert [c.action for c in _every_action(decision) if c.action is Action.RETRY] == []
+        assert not decision.retryable
+        assert "suspected_fraud" in decision.rules_applied
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 def test_exploration_never_picks_stop_and_its_propensities_add_up(with_model: bool, bundle: ModelBundle) -> None:
     """Stop's outcome is known (the order fails): exploring it teaches nothing and costs the order. It was drawn
     like any candidate, and an executor order whose only channel was down failed that way. Over many draws, the

@@ -1869,6 +1869,41 @@ def test_an_sca_soft_decline_is_retried_silently_only_by_a_step_up_right_away() 
     assert Rule.AUTHENTICATION_REQUESTED in broken(context, retry(strategy="retry_same", at=T0 + 6 * HOUR))
 
 
+FRAUD_DECLINES = [
+    {"connector": "stripe", "error_code": "fraudulent", "error_message": None, "network_decline_code": "59"},
+    {"connector": "adyen", "error_code": "31", "error_message": "Issuer Suspected Fraud", "network_decline_code": None},
+    {"connector": "stripe", "error_code": "card_declined", "error_message": None, "network_decline_code": "63"},
+    {"connector": "cybersource", "error_code": "481", "error_message": None, "network_decline_code": None},
+]
+
+
+@pytest.mark.parametrize(
+    "failure", FRAUD_DECLINES, ids=lambda failure: f"{failure['connector']}-{failure['error_code']}"
+)
+def test_a_suspected_fraud_decline_is_never_re_presented_silently(failure: dict[str, Any]) -> None:
+    """Found by the payments expert review: after an issuer's (or the PSP's risk engine's) suspected-fraud decline,
+    cascades, same-connector retries, clear-PAN and alternate-network retries were permitted, so exploration sent
+    them (0 of 7 logged retries recovered). The issuer holds the card until its cardholder confirms with the bank
+    (Stripe), and a cascade slips past a risk engine's verdict. Only a 3DS step-up at the checkout stays (the issuer
+    verifies the cardholder); a recurring payment has nobody to authenticate, so no silent retry at all. A payment
+    link stays allowed."""
+    debit = {"payment_method": "card", "payment_method_type": "debit", "is_network_token": True,
+             "authentication_type": "no_three_ds"}  # fmt: skip
+    one_off = ctx(catalog=load_catalog(), payment={**debit, "is_recurring": False}, failure=failure)
+    retries = [c for c in permitted(one_off, rules.enumerate_candidates(one_off)) if c.action is Action.RETRY]
+    assert [(c.strategy, c.execute_at) for c in retries] == [(Strategy.STEP_UP, T0 + timedelta(seconds=2))]
+    assert "suspected_fraud" in one_off.rules_applied
+    recurring = ctx(catalog=load_catalog(), payment={**debit, "is_recurring": True}, failure=failure)
+    grid = permitted(recurring, rules.enumerate_candidates(recurring))
+    assert [c for c in grid if c.action is Action.RETRY] == []
+    assert any(c.action is Action.RETARGET for c in grid)
+    connector = failure["connector"]
+    for strategy, via, at in [("cascade", "adyen" if connector != "adyen" else "stripe", T0 + 6 * HOUR),
+                              ("retry_same", connector, T0 + 72 * HOUR), ("clear_pan", connector, T0 + HOUR),
+                              ("alternate_network", connector, T0 + HOUR)]:  # fmt: skip
+        assert Rule.SUSPECTED_FRAUD in broken(recurring, retry(strategy=strategy, connector=via, at=at)), strategy
+
+
 def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
     """An hour after the failure (a follow-up after an unanswered message), nobody is at the checkout to
     authenticate: no step-up, whatever the error; other strategies stay as they were."""

@@ -1284,6 +1284,10 @@ def _retry_times(context: RuleContext) -> list[datetime]:
     local = event_time.astimezone(zone)
     times = [event_time + delay for delay in RETRY_DELAYS]
     times.extend(_next_payday(event_time, local, zone, day) for day in PAYDAY_DAYS)
+    # The moment a merchant advice code's wait ends (Mastercard 24-30: retry after 1 h ... 10 days): the issuer
+    # named it, and a wait longer than the fixed delays (4 days and more) had no grid time within the window.
+    if context.earliest_retry_at is not None and context.earliest_retry_at > event_time:
+        times.append(context.earliest_retry_at)
     if context.is_upi_autopay:
         times = [_snap_out_of_upi_peak(context, moment) for moment in times]
     return _sorted_unique(times)

@@ -277,6 +277,24 @@ def test_mastercard_merchant_advice(
     assert (rule in broken(context, candidate)) is fires
 
 
+@pytest.mark.parametrize(("mac", "days"), [("27", 4), ("28", 6), ("29", 8), ("30", 10)])
+def test_a_mac_wait_of_days_leaves_a_silent_retry_when_it_ends(mac: str, days: int) -> None:
+    """Found by the payments expert review: Mastercard's MAC 27-30 say "retry after 4, 6, 8, 10 days", but the retry
+    grid's fixed delays end at 72 h and its paydays fell outside a 10-day window, so no silent retry was permitted at
+    all and the decision said so ("no silent retry permitted"). The grid now offers the moment the wait ends."""
+    failed_at = datetime(2026, 11, 3, 15, 15, tzinfo=UTC)  # paydays (26 Nov, 1 Dec) are beyond the 10-day window
+    context = ctx(
+        merchant=make_merchant(retarget={"retry_window_days": 10}),
+        event_time=failed_at.isoformat(),
+        payment={"card_network": "mastercard", "is_recurring": True},
+        failure={"merchant_advice_code": mac, "network_decline_code": "51"},
+        history={"attempts": [attempt(1, "initial", failed_at)]},
+    )
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert retries, "no silent retry after the advised wait"
+    assert {c.execute_at for c in retries} == {failed_at + timedelta(days=days)}
+
+
 def test_mac_wait_counts_from_event_time_without_failed_attempts() -> None:
     context = ctx(failure={"merchant_advice_code": "24"}, history={"attempts": []})
     assert Rule.MAC_WAIT in broken(context, retry(at=T0 + timedelta(minutes=59)))

@@ -1,9 +1,13 @@
 """How much evidence a model was trained on, per kind of candidate: the support of each policy cell.
 
 A cell is (error class, arm, timing). The arm is a retry strategy or a retarget channel; a retry's timing is
-``soon`` (executed less than ``LATER_HOURS`` after the order's first failure) or ``later``; a retarget has one
-timing. Training records, per cell, its fitted decision points, their successes and the sum of the model's
-calibrated predictions for them (:func:`cell_rows`); the bundle carries them in its metadata (``CELL_SUPPORT_KEY``)
+``now`` (executed less than ``NOW_HOURS`` after the order's first failure), ``hours`` (from then until
+``LATER_HOURS``) or ``later``; a retarget has one timing. ``now`` and ``hours`` are apart because a technical fault
+(an issuer or processor that is down) is most likely still in place in the first minutes and mostly gone within
+hours: evidence from retries seconds after such a failure says little about one an hour or six later.
+
+Training records, per cell, its fitted decision points, their successes and the sum of the model's calibrated
+predictions for them (:func:`cell_rows`); the bundle carries them in its metadata (``CELL_SUPPORT_KEY``)
 and decide() combines the model with the rules-only priors from them (model/policy.py, ``shrink_to_prior``): the
 model where it saw a situation often, the priors where it barely saw it (e.g. a step-up, or an immediate cascade
 after insufficient funds, which a logging policy seldom tries), and the model's level in a cell corrected towards
@@ -27,13 +31,37 @@ from model.vocab import RETRY_STRATEGIES, Action, Channel
 
 #: Key of the bundle metadata entry holding the cell counts (rows of :func:`support_rows`).
 CELL_SUPPORT_KEY = "cell_support"
+#: A retry less than this many hours after the decision point (priors) or the first failure (support) is "now":
+#: winback's choice of when a technical fault that just failed a payment has had time to clear (issuer time-outs
+#: and processor outages mostly last minutes to hours; data/README.md, policy/priors.yaml).
+NOW_HOURS = 1.0
 #: A retry this many hours or more after the decision point (priors) or the first failure (support) is "later".
 LATER_HOURS = 20.0
-SOON, LATER, ANY = "soon", "later", "any"
-#: The arms of a cell in slot order: retry strategies, then retarget channels. Slot of (arm i, later): 2 * i + later.
+NOW, HOURS, LATER, ANY = "now", "hours", "later", "any"
+#: The timing of cells recorded before ``now`` and ``hours`` were apart: both of them (under ``LATER_HOURS``).
+LEGACY_SOON = "soon"
+#: The timings of a retry cell in slot order.
+TIMINGS: tuple[str, ...] = (NOW, HOURS, LATER)
+SLOTS_PER_ARM = len(TIMINGS)
+#: The arms of a cell in slot order: retry strategies, then retarget channels. Slot of (arm i, timing t):
+#: ``SLOTS_PER_ARM * i + t`` (``timing_offsets``).
 ARMS: tuple[str, ...] = (*(s.value for s in RETRY_STRATEGIES), *(c.value for c in Channel))
 ARM_INDEX: dict[str, int] = {arm: i for i, arm in enumerate(ARMS)}
-N_SLOTS = 2 * len(ARMS)
+N_SLOTS = SLOTS_PER_ARM * len(ARMS)
+_NOW_SECONDS, _LATER_SECONDS = NOW_HOURS * 3600.0, LATER_HOURS * 3600.0
+
+
+def timing_offsets(seconds: npt.ArrayLike) -> npt.NDArray[np.intp]:
+    """The timing slot within its arm (0 now, 1 hours, 2 later) of a retry this many seconds after the clock's
+    start (the decision point for priors, the first failure for cells)."""
+    after = np.asarray(seconds, dtype=np.float64)
+    offsets: npt.NDArray[np.intp] = (after >= _NOW_SECONDS).astype(np.intp) + (after >= _LATER_SECONDS)
+    return offsets
+
+
+def timing_offset(seconds: float) -> int:
+    """``timing_offsets`` of one retry, without numpy (the rules-only scorer's loop)."""
+    return (seconds >= _NOW_SECONDS) + (seconds >= _LATER_SECONDS)
 
 
 def cell_keys(
@@ -45,13 +73,14 @@ def cell_keys(
 ) -> npt.NDArray[np.object_]:
     """Each decision point's cell as ``"error_class|arm|timing"`` (None when its arm is not one of ``ARMS``).
 
-    Arguments are aligned per decision point; NaN hours (no failure time) count as ``soon``.
+    Arguments are aligned per decision point; NaN hours (no failure time) count as ``now``.
     """
     actions = np.asarray(action, dtype=object)
     is_retry = actions == Action.RETRY.value
     arm = np.where(is_retry, np.asarray(strategy, dtype=object), np.asarray(channel, dtype=object))
     hours = np.asarray(hours_since_failure, dtype=np.float64)
-    timing = np.where(is_retry, np.where(hours >= LATER_HOURS, LATER, SOON), ANY)
+    retry_timing = np.array(TIMINGS, dtype=object)[timing_offsets(np.nan_to_num(hours, nan=0.0) * 3600.0)]
+    timing = np.where(is_retry, retry_timing, ANY)
     classes = [c if isinstance(c, str) else "unknown" for c in np.asarray(error_class, dtype=object).tolist()]
     keep = np.isin(arm, ARMS) & (is_retry | (actions == Action.RETARGET.value))
     keys = np.full(len(actions), None, dtype=object)
@@ -89,7 +118,7 @@ def evidence_by_key(
 
 class CellSupport:
     """The cell table of a bundle: per error class, a (3, N_SLOTS) array of the training support, the successes
-    and the sum of the model's predictions of every slot (see ``ARMS``; a retarget's count is in both its slots)."""
+    and the sum of the model's predictions of every slot (see ``ARMS``; a retarget's count is in each of its slots)."""
 
     def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
         self._by_class: dict[str, npt.NDArray[np.float64]] = {}
@@ -98,9 +127,13 @@ class CellSupport:
             if index is None:
                 continue
             table = self._by_class.setdefault(str(cls), np.zeros((3, N_SLOTS), dtype=np.float64))
-            slots = (
-                [2 * index] if timing == SOON else [2 * index + 1] if timing == LATER else [2 * index, 2 * index + 1]
-            )
+            first = SLOTS_PER_ARM * index
+            if timing in TIMINGS:
+                slots = [first + TIMINGS.index(str(timing))]
+            elif timing == LEGACY_SOON:  # recorded before now and hours were apart: evidence for both
+                slots = [first, first + 1]
+            else:  # a retarget's one timing
+                slots = list(range(first, first + SLOTS_PER_ARM))
             table[:, slots] += np.array([[float(n)], [float(successes)], [float(predicted)]])
         self._empty = np.zeros((3, N_SLOTS), dtype=np.float64)
 

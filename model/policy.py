@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from model.catalog import ErrorCatalog, NormalisedError
-from model.cellsupport import ARM_INDEX, LATER_HOURS, N_SLOTS
+from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offset, timing_offsets
 from model.codelevel import code_factor
 from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
@@ -34,7 +34,6 @@ RULES_ONLY_VERSION = "rules-only"
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
 #: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits).
 DAILY_DISCOUNT = 0.995
-_LATER_SECONDS = LATER_HOURS * 3600.0
 
 
 class Scorer(Protocol):
@@ -57,7 +56,7 @@ class PolicyConfig:
     # evidence keeps a code explorable, so a code judged non-retryable can still be found retryable later.
     support_half_life: int = 30
     # Weight of the rules-only prior, in training examples, against the model's P(success) of a candidate whose
-    # cell (error class, strategy or channel, soon or later: model.cellsupport) had that many (shrink_to_prior).
+    # cell (error class, strategy or channel, now, hours or later: model.cellsupport) had that many (shrink_to_prior).
     # 0 turns the shrinkage off; a model trained before cells were recorded is never shrunk.
     prior_strength: float = 30.0
     # Weight, in silent retries, of the served level for an error code against the code's observed retries
@@ -119,7 +118,7 @@ def code_support(scorer: object, connector: str, code: str | None) -> int | None
 
 @dataclass(frozen=True)
 class Priors:
-    retry: dict[str, dict[str, tuple[float, float]]]
+    retry: dict[str, dict[str, tuple[float, float, float]]]  # (now, hours, later) per class and strategy
     retarget: dict[str, float]
     channel_factor: dict[str, float]
     later_nudge_decay: float
@@ -128,8 +127,8 @@ class Priors:
 
     def prior_slots(self, error_class: str, nudges: int) -> np.ndarray:
         """RulesOnlyScorer's score of every cell slot (model.cellsupport.ARMS) for one error class and number of
-        nudges sent: a retry strategy's soon and later value, a channel's link probability twice; then two slots of
-        0 for candidates of no cell (stop). Do not modify."""
+        nudges sent: a retry strategy's now, hours and later value, a channel's link probability in each of its
+        slots; then two slots of 0 for candidates of no cell (stop). Do not modify."""
         key = (error_class, nudges)
         slots = self._slots.get(key)
         if slots is None:
@@ -138,10 +137,11 @@ class Priors:
             link = self.retarget.get(error_class, self.retarget[unknown]) * self.later_nudge_decay**nudges
             slots = np.zeros(N_SLOTS + 2, dtype=np.float64)  # two slots past the cells: 0 for stop
             for arm, index in ARM_INDEX.items():
+                first = SLOTS_PER_ARM * index
                 if arm in _CHANNEL_VALUES:
-                    slots[2 * index : 2 * index + 2] = link * self.channel_factor.get(arm, 0.5)
+                    slots[first : first + SLOTS_PER_ARM] = link * self.channel_factor.get(arm, 0.5)
                 else:
-                    slots[2 * index : 2 * index + 2] = retry_table.get(arm, (0.0, 0.0))
+                    slots[first : first + SLOTS_PER_ARM] = retry_table.get(arm, (0.0,) * SLOTS_PER_ARM)
             if len(self._slots) >= 4096:
                 self._slots.clear()
             self._slots[key] = slots
@@ -157,7 +157,7 @@ def load_priors(path: Path = PRIORS_FILE) -> Priors:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     return Priors(
         retry={
-            cls: {strategy: (float(soon), float(later)) for strategy, (soon, later) in table.items()}
+            cls: {strategy: (float(now), float(hours), float(later)) for strategy, (now, hours, later) in table.items()}
             for cls, table in raw["retry"].items()
         },
         retarget={cls: float(p) for cls, p in raw["retarget"].items()},
@@ -191,15 +191,15 @@ class RulesOnlyScorer:
     def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
         slots = self.priors.prior_slots(self._error(request).error_class.value, len(request.history.nudges))
         event_time = request.event_time
-        later = _LATER_SECONDS
         index = [N_SLOTS] * len(candidates)  # stop, and a candidate without its strategy or channel: 0
         for position, candidate in enumerate(candidates):
             if candidate.action == _RETRY and candidate.strategy is not None:
                 arm = ARM_INDEX.get(candidate.strategy.value)
                 if arm is not None:
-                    index[position] = 2 * arm + ((candidate.execute_at - event_time).total_seconds() >= later)
+                    delay = (candidate.execute_at - event_time).total_seconds()
+                    index[position] = SLOTS_PER_ARM * arm + timing_offset(delay)
             elif candidate.action == _RETARGET and candidate.channel is not None:
-                index[position] = 2 * ARM_INDEX[candidate.channel.value]
+                index[position] = SLOTS_PER_ARM * ARM_INDEX[candidate.channel.value]
         scores: np.ndarray = slots[np.array(index, dtype=np.intp)]  # a copy: the table stays as it is
         return scores
 
@@ -255,13 +255,13 @@ def _expected_values(
 
 
 def _slot_bases(runs: list[_Run], n: int) -> np.ndarray:
-    """Each of ``n`` candidates' cell slot at "soon" (model.cellsupport), from its run; ``N_SLOTS`` (a slot past
+    """Each of ``n`` candidates' cell slot at "now" (model.cellsupport), from its run; ``N_SLOTS`` (a slot past
     the cells, see ``_cell_factors``) for a candidate of no cell (stop)."""
     base: list[int] = []
     for start, stop, first in runs:
         arm = first.strategy if first.action is _RETRY else first.channel if first.action is _RETARGET else None
         index = -1 if arm is None else ARM_INDEX.get(arm.value, -1)
-        base += [2 * index if index >= 0 else N_SLOTS] * (stop - start)
+        base += [SLOTS_PER_ARM * index if index >= 0 else N_SLOTS] * (stop - start)
     return np.array(base, dtype=np.intp) if n else np.zeros(0, dtype=np.intp)
 
 
@@ -433,10 +433,10 @@ def decide(
         bases = _slot_bases(runs + blocked_runs, len(candidates))
         priors, nudges = load_priors(), len(request.history.nudges)
         ratio, weight = _cached_cell_factors(table, priors, error_class, nudges, config.prior_strength)
-        # The prior is RulesOnlyScorer's (later: 20 h after the decision point); the cell's timing counts from
-        # the first failure, as training counted it.
-        prior = priors.prior_slots(error_class, nudges)[bases + (delays >= _LATER_SECONDS)]
-        cells = bases + (delays + _seconds_since_first_failure(request) >= _LATER_SECONDS)
+        # The prior is RulesOnlyScorer's (its timing counts from the decision point); the cell's timing counts from
+        # the first failure, as training counted it. A candidate of no cell (stop) has delay 0: offset 0 past it.
+        prior = priors.prior_slots(error_class, nudges)[bases + timing_offsets(delays) * (bases < N_SLOTS)]
+        cells = bases + timing_offsets(delays + _seconds_since_first_failure(request)) * (bases < N_SLOTS)
         scores = np.minimum(np.maximum(shrink_to_prior(scores, prior, ratio[cells], weight[cells]), 0.0), 1.0)
     # The served level of the failure's error code, corrected to what its silent retries showed (model.codelevel):
     # every retry candidate alike, after the cell shrinkage, whose served P(success) the code levels summed (with

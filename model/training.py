@@ -32,7 +32,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from model.bundle import Calibrator, ModelBundle, bundle_version
 from model.catalog import load_catalog
-from model.cellsupport import ARM_INDEX, CELL_SUPPORT_KEY, LATER_HOURS, cell_keys, cell_rows
+from model.cellsupport import ARM_INDEX, CELL_SUPPORT_KEY, SLOTS_PER_ARM, cell_keys, cell_rows, timing_offsets
 from model.codelevel import code_level_rows
 from model.codewatch import KNOWN_CODES_KEY, code_inventory
 from model.features import (
@@ -902,7 +902,6 @@ def _served_retry_level(
     prior's timing counts from the decision point, the cell's from the order's first failure, as in decide()."""
     from model.policy import cell_factors, shrink_to_prior
 
-    later = LATER_HOURS * 3600.0
     delay = np.nan_to_num(cols["execute_ts"] - cols["event_ts"], nan=0.0)
     since = np.maximum(np.nan_to_num(cols["event_ts"] - cols["first_failure_ts"], nan=0.0), 0.0)
     arm = np.array([ARM_INDEX.get(s, -1) if isinstance(s, str) else -1 for s in cols["strategy"]], dtype=np.intp)
@@ -919,9 +918,9 @@ def _served_retry_level(
                 continue
             slots = priors.prior_slots(cls, int(count))
             ratio, weight = cell_factors(table, slots, strength)
-            base = 2 * arm[rows]
-            prior = slots[base + (delay[rows] >= later)]
-            cells = base + (delay[rows] + since[rows] >= later)
+            base = SLOTS_PER_ARM * arm[rows]
+            prior = slots[base + timing_offsets(delay[rows])]
+            cells = base + timing_offsets(delay[rows] + since[rows])
             out[rows] = np.clip(shrink_to_prior(p[rows], prior, ratio[cells], weight[cells]), 0.0, 1.0)
     return out
 

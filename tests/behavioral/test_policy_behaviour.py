@@ -7,6 +7,7 @@ property test: random requests never get a forbidden action, whatever the model 
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +372,70 @@ def test_with_nothing_worth_doing_exploration_still_tries_a_permitted_action() -
     assert 60 < len(stops) < 140
     assert {d.propensity for d in stops} == {0.5}
     assert {d.propensity for d in chosen if d.action != Action.STOP} == {round(0.5 / explorable, 6)}
+
+
+_ISSUER_DOWN = {
+    "connector": "stripe",
+    "error_code": "issuer_not_available",
+    "error_message": "The card issuer could not be reached.",
+    "network_decline_code": "91",
+}
+_PROCESSOR_ERROR = {
+    "connector": "stripe",
+    "error_code": "processing_error",
+    "error_message": "An error occurred while processing your card.",
+    "network_decline_code": "96",
+}
+
+
+class _ImmediateRetriesOnly:
+    """A model that cannot tell one delay from another (P(success) 0.30 for every retry), trained on a history like
+    the simulator's: its logging policy retried technical declines at once (2 s, into the fault still in place: 2%
+    succeeded) or days later (45%), and hardly ever an hour or a few hours after the failure."""
+
+    version = "stub-immediate-retries-only"
+
+    def __init__(self, error_class: str) -> None:
+        from model.cellsupport import CellSupport, cell_keys, cell_rows
+
+        hours = [0.0005] * 400 + [72.0] * 100  # hours from the first failure to each logged retry
+        labels = [1.0] * 8 + [0.0] * 392 + [1.0] * 45 + [0.0] * 55
+        keys = cell_keys([error_class] * 500, ["retry"] * 500, ["retry_same"] * 500, [None] * 500, hours)
+        self.cells = CellSupport(cell_rows(keys, labels, [0.30] * 500))
+
+    def score(self, request: Any, candidates: list[Candidate]) -> np.ndarray:
+        return np.array([0.30 if c.action == Action.RETRY else 0.01 if c.action == Action.RETARGET else 0.0
+                         for c in candidates])  # fmt: skip
+
+    def explain(self, request: Any, candidate: Candidate, k: int = 3) -> list[str]:
+        return []
+
+    def cell_table(self, error_class: str) -> np.ndarray:
+        return self.cells.of_class(error_class)
+
+
+@pytest.mark.parametrize("connectors", [["stripe"], ["stripe", "adyen", "cybersource"]], ids=["one", "three"])
+@pytest.mark.parametrize(
+    ("failure", "error_class"),
+    [(_ISSUER_DOWN, "issuer_technical"), (_PROCESSOR_ERROR, "processor_technical")],
+    ids=["issuer-91", "processor-96"],
+)
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_a_technical_decline_of_a_recurring_payment_is_retried_within_hours_not_days(
+    failure: dict[str, Any], error_class: str, connectors: list[str], with_model: bool
+) -> None:
+    """A merchant-initiated renewal declined for a technical fault (issuer unavailable, processor error) is retried
+    silently within hours, not a day or three later: the fault clears in minutes to hours, so waiting a day only
+    delays the money. Neither the priors (which once rated a retry 20 h on above one within hours) nor a model
+    whose only evidence within 20 h is from retries seconds after the failure make it wait; the choice comes out of
+    the values (the same retry is as likely within hours as days later, and money sooner is worth more)."""
+    request = make_request(failure=failure, available_connectors=connectors,
+                           history={"attempts": [{"attempt_number": 1, "connector": "stripe", "strategy": "initial",
+                                                  "status": "failure", "error_code": failure["error_code"],
+                                                  "created_at": "2026-11-01T10:15:00Z"}]})  # fmt: skip
+    merchant = make_merchant(connectors=connectors)
+    scorer = _ImmediateRetriesOnly(error_class) if with_model else None
+    decision = decide(request, merchant, scorer, catalog=load_catalog(), config=GREEDY)
+    assert request.payment.is_recurring
+    assert decision.action == Action.RETRY
+    assert decision.execute_at - request.event_time < timedelta(hours=20), decision

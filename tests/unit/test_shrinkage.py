@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model.catalog import load_catalog
-from model.cellsupport import ARM_INDEX, N_SLOTS
+from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offsets
 from model.policy import PolicyConfig, RulesOnlyScorer, decide
 from model.requests import DecisionRequest
 from model.rules import Candidate, build_context, permitted_grid
@@ -67,10 +67,15 @@ class _Stub:
             return None
         table = np.zeros((3, N_SLOTS))
         for arm, index in ARM_INDEX.items():
+            first = SLOTS_PER_ARM * index
             if arm in CHANNELS:
-                table[:, 2 * index : 2 * index + 2] = np.array([[1000.0], [10.0], [10.0]])
-            else:
-                table[:, 2 * index], table[:, 2 * index + 1] = self.cells_soon, self.cells_later
+                table[:, first : first + SLOTS_PER_ARM] = np.array([[1000.0], [10.0], [10.0]])
+            else:  # its "soon" is the cells' now and hours
+                table[:, first], table[:, first + 1], table[:, first + 2] = (
+                    self.cells_soon,
+                    self.cells_soon,
+                    self.cells_later,
+                )
         return table
 
 
@@ -165,7 +170,23 @@ def test_the_vectorised_prior_is_the_rules_only_scorer(overrides: dict[str, Any]
     allowed, blocked = permitted_grid(context)
     candidates = allowed + blocked
     bases = _slot_bases(_kind_runs(candidates), len(candidates))
-    later = _delay_seconds(request, candidates) >= 20 * 3600.0
+    timing = timing_offsets(_delay_seconds(request, candidates)) * (bases < N_SLOTS)
     slots = load_priors().prior_slots(context.error.error_class.value, len(request.history.nudges))
-    vectorised = slots[bases + later]
+    vectorised = slots[bases + timing]
     assert vectorised == pytest.approx(RulesOnlyScorer(catalog).score(request, candidates), abs=1e-12)
+
+
+def test_cells_of_a_bundle_recorded_before_now_and_hours_were_apart_count_for_both() -> None:
+    """A bundle trained before the first hour had a cell of its own recorded "soon" (under 20 h): read today, that
+    evidence serves both the now and the hours slot, as it served every retry under 20 h before."""
+    from model.cellsupport import CellSupport, cell_keys
+
+    legacy = CellSupport([["issuer_technical", "retry_same", "soon", 400, 8, 120.0],
+                          ["issuer_technical", "retry_same", "later", 100, 45, 30.0],
+                          ["issuer_technical", "sms", "any", 50, 5, 5.0]]).of_class("issuer_technical")  # fmt: skip
+    first, sms = SLOTS_PER_ARM * ARM_INDEX["retry_same"], SLOTS_PER_ARM * ARM_INDEX["sms"]
+    assert legacy[:, first].tolist() == legacy[:, first + 1].tolist() == [400.0, 8.0, 120.0]
+    assert legacy[:, first + 2].tolist() == [100.0, 45.0, 30.0]
+    assert all(legacy[:, slot].tolist() == [50.0, 5.0, 5.0] for slot in range(sms, sms + SLOTS_PER_ARM))
+    keys = cell_keys(["issuer_technical"] * 4, ["retry"] * 4, ["retry_same"] * 4, [None] * 4, [0.0, 0.99, 1.0, 20.0])
+    assert [key.split("|")[2] for key in keys] == ["now", "now", "hours", "later"]

@@ -15,7 +15,7 @@ import pytest
 
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
 from model.catalog import load_catalog
-from model.cellsupport import ARM_INDEX, N_SLOTS
+from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM
 from model.policy import PolicyConfig, decide
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
@@ -242,15 +242,15 @@ def test_training_records_the_evidence_of_each_cell(trained: TrainingResult) -> 
     rows = trained.bundle.metadata["cell_support"]
     splits = trained.tables["splits"].set_index("split")
     fitted = splits.loc[["train", "valid", "calibration"]]
-    retries = [row for row in rows if row[2] in ("soon", "later")]
+    retries = [row for row in rows if row[2] in ("now", "hours", "later")]
     links = [row for row in rows if row[2] == "any"]
     # Every fitted decision point is in one cell: support n, successes s <= n, the model's predictions 0 <= m <= n.
     assert sum(row[3] for row in retries) == int(fitted["retry"].sum())
     assert sum(row[3] for row in links) == int(fitted["retarget"].sum())
     assert all(0 <= row[4] <= row[3] and 0.0 <= row[5] <= row[3] for row in rows)
     cells = {tuple(row[:3]): row[3:] for row in rows}
-    soon, later = cells["insufficient_funds", "retry_same", "soon"], cells["insufficient_funds", "retry_same", "later"]
-    assert later[1] / later[0] > 2 * soon[1] / soon[0]  # the synthetic world: 4% now, 55% after payday
+    now, later = cells["insufficient_funds", "retry_same", "now"], cells["insufficient_funds", "retry_same", "later"]
+    assert later[1] / later[0] > 2 * now[1] / now[0]  # the synthetic world: 4% now, 55% after payday
     assert later[2] / later[0] == pytest.approx(later[1] / later[0], abs=0.1)  # calibrated where it saw much
 
 
@@ -260,11 +260,12 @@ def test_the_cell_table_of_a_class_is_its_cells_of_the_metadata(trained: Trainin
     assert table is not None
     assert table.shape == (3, N_SLOTS)
     cells = {tuple(row[:3]): row[3:] for row in bundle.metadata["cell_support"]}
-    same, whatsapp = 2 * ARM_INDEX["retry_same"], 2 * ARM_INDEX["whatsapp"]
-    np.testing.assert_allclose(table[:, same], cells["insufficient_funds", "retry_same", "soon"])
-    np.testing.assert_allclose(table[:, same + 1], cells["insufficient_funds", "retry_same", "later"])
-    np.testing.assert_allclose(table[:, whatsapp], cells["insufficient_funds", "whatsapp", "any"])
-    np.testing.assert_allclose(table[:, whatsapp + 1], cells["insufficient_funds", "whatsapp", "any"])
+    same, whatsapp = SLOTS_PER_ARM * ARM_INDEX["retry_same"], SLOTS_PER_ARM * ARM_INDEX["whatsapp"]
+    np.testing.assert_allclose(table[:, same], cells["insufficient_funds", "retry_same", "now"])
+    np.testing.assert_allclose(table[:, same + 1], cells["insufficient_funds", "retry_same", "hours"])
+    np.testing.assert_allclose(table[:, same + 2], cells["insufficient_funds", "retry_same", "later"])
+    for slot in range(whatsapp, whatsapp + SLOTS_PER_ARM):
+        np.testing.assert_allclose(table[:, slot], cells["insufficient_funds", "whatsapp", "any"])
     assert not bundle.cell_table("a_class_never_seen").any()
     bundle.save(tmp_path / "bundle")
     np.testing.assert_array_equal(ModelBundle.load(tmp_path / "bundle").cell_table("insufficient_funds"), table)

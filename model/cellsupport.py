@@ -4,7 +4,7 @@ A cell is (error class, arm, timing). The arm is a retry strategy or a retarget 
 ``now`` (executed less than ``NOW_HOURS`` after the order's first failure), ``hours`` (from then until
 ``LATER_HOURS``) or ``later``; a retarget has one timing. ``now`` and ``hours`` are apart because a technical fault
 (an issuer or processor that is down) is most likely still in place in the first minutes and mostly gone within
-hours: evidence from retries seconds after such a failure says little about one an hour or six later.
+hours: evidence from retries seconds after such a failure says little about one six hours later.
 
 Training records, per cell, its fitted decision points, their successes and the sum of the model's calibrated
 predictions for them (:func:`cell_rows`); the bundle carries them in its metadata (``CELL_SUPPORT_KEY``)
@@ -31,10 +31,12 @@ from model.vocab import RETRY_STRATEGIES, Action, Channel
 
 #: Key of the bundle metadata entry holding the cell counts (rows of :func:`support_rows`).
 CELL_SUPPORT_KEY = "cell_support"
-#: A retry less than this many hours after the decision point (priors) or the first failure (support) is "now":
-#: winback's choice of when a technical fault that just failed a payment has had time to clear (issuer time-outs
-#: and processor outages mostly last minutes to hours; data/README.md, policy/priors.yaml).
-NOW_HOURS = 1.0
+#: A retry less than this many hours after the decision point (priors) or the first failure (support) is "now",
+#: while the technical fault that failed the payment may still be in place: winback's choice of when such a fault
+#: has had time to clear (issuer time-outs and processor outages mostly last minutes to a few hours), so a retry
+#: at the first grid times (2 s, 15 min, 1 h) is not taken for one 6 h on, when nearly all have cleared
+#: (data/README.md, policy/priors.yaml).
+NOW_HOURS = 3.0
 #: A retry this many hours or more after the decision point (priors) or the first failure (support) is "later".
 LATER_HOURS = 20.0
 NOW, HOURS, LATER, ANY = "now", "hours", "later", "any"

@@ -177,7 +177,7 @@ def test_the_vectorised_prior_is_the_rules_only_scorer(overrides: dict[str, Any]
 
 
 def test_cells_of_a_bundle_recorded_before_now_and_hours_were_apart_count_for_both() -> None:
-    """A bundle trained before the first hour had a cell of its own recorded "soon" (under 20 h): read today, that
+    """A bundle trained before the first hours had a cell of their own recorded "soon" (under 20 h): read today, that
     evidence serves both the now and the hours slot, as it served every retry under 20 h before."""
     from model.cellsupport import CellSupport, cell_keys
 
@@ -188,5 +188,5 @@ def test_cells_of_a_bundle_recorded_before_now_and_hours_were_apart_count_for_bo
     assert legacy[:, first].tolist() == legacy[:, first + 1].tolist() == [400.0, 8.0, 120.0]
     assert legacy[:, first + 2].tolist() == [100.0, 45.0, 30.0]
     assert all(legacy[:, slot].tolist() == [50.0, 5.0, 5.0] for slot in range(sms, sms + SLOTS_PER_ARM))
-    keys = cell_keys(["issuer_technical"] * 4, ["retry"] * 4, ["retry_same"] * 4, [None] * 4, [0.0, 0.99, 1.0, 20.0])
+    keys = cell_keys(["issuer_technical"] * 4, ["retry"] * 4, ["retry_same"] * 4, [None] * 4, [0.0, 2.99, 3.0, 20.0])
     assert [key.split("|")[2] for key in keys] == ["now", "now", "hours", "later"]

@@ -1216,7 +1216,7 @@ def _end_of_quiet(context: RuleContext, moment: datetime) -> datetime:
     zones = (context.merchant_timezone, *context.customer_zones)
     # Each zone's end moves the moment past that zone's quiet hours; the zones' span is shorter than the hours the
     # window leaves free (build_context), so one round past each zone settles it, and a second round checks.
-    for _ in range(2 * len(zones)):
+    for _ in range(3 * len(zones)):
         moved = False
         for zone in zones:
             end = _end_of_quiet_in(context.quiet_minutes, zone, moment)
@@ -1261,9 +1261,18 @@ def _customer_quiet_zones_in_hour(
     for names in customer_zones(country):
         zones = tuple(zone for zone in map(_zone, names) if zone.key != merchant_zone.key)
         offsets = [_offset_minutes(zone, at) for zone in (merchant_zone, *zones)]
-        if max(offsets) - min(offsets) < free_minutes:
+        if _arc_minutes(offsets) < free_minutes:
             return zones
     return ()
+
+
+def _arc_minutes(offsets: list[float]) -> float:
+    """The shortest stretch of the 24-hour clock holding every offset: Tokyo (+9) and New York (-5) are 10 hours
+    apart that way round, not 14."""
+    ordered = sorted(offset % _MINUTES_PER_DAY for offset in offsets)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ordered)]
+    gaps.append(ordered[0] + _MINUTES_PER_DAY - ordered[-1])  # from the last round to the first
+    return _MINUTES_PER_DAY - max(gaps)
 
 
 def _offset_minutes(zone: ZoneInfo, at: datetime) -> float:

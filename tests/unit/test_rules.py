@@ -1125,6 +1125,28 @@ def test_quiet_hours_customer_across_the_customers_dst_change() -> None:
     assert Rule.QUIET_HOURS not in broken(context, retarget(at=utc("2026-11-03T14:00:00")))
 
 
+@pytest.mark.parametrize(
+    ("merchant_zone", "country", "kept"),
+    [
+        # Offsets are compared round the clock: Tokyo (+9) and New York (-5) are 10 hours apart, not 14; with Los
+        # Angeles (-8) the three share 00:00-02:00 UTC.
+        ("Asia/Tokyo", "US", ["America/New_York", "America/Los_Angeles"]),
+        ("America/Los_Angeles", "JP", ["Asia/Tokyo"]),
+        ("Pacific/Auckland", "GB", ["Europe/London"]),
+    ],
+)
+def test_quiet_hours_customer_zones_far_round_the_clock(merchant_zone: str, country: str, kept: list[str]) -> None:
+    quiet = {"start": "21:00", "end": "09:00", "timezone": merchant_zone}
+    context = customer_ctx(country, quiet=quiet)
+    assert [zone.key for zone in context.customer_zones] == kept
+    sends = sorted({c.execute_at for c in rules.permitted(context, rules.enumerate_candidates(context))
+                    if c.action == Action.RETARGET})  # fmt: skip
+    assert sends
+    for moment in sends:
+        for zone in (merchant_zone, *kept):
+            assert time(9, 0) <= moment.astimezone(ZoneInfo(zone)).time() < time(21, 0)
+
+
 def test_quiet_hours_end_is_the_end_in_every_zone() -> None:
     context = customer_ctx("US")
     # 11:30 IST is 01:00 in New York, whose quiet hours end at 09:00 EST (19:30 IST, 14:00 UTC).

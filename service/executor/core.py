@@ -966,17 +966,20 @@ class Executor:
         (the rules refused it at its send, its message could not go, the customer opted out) is withdrawn too.
         An approved action being carried out (claimed, or sent and waiting for its answer) is left to finish."""
         where = (agent_queue.c.merchant_id == order["merchant_id"], agent_queue.c.order_id == order["order_id"])
+        # The latest approval, withdrawn or not: one withdrawn already is settled, and an older one behind it was
+        # settled when the newer one was given (review: the latest not withdrawn reached back to an approval carried
+        # out or cancelled long before, and stamped it with today's cause).
         approval = (
             conn.execute(
                 sa.select(agent_queue)
-                .where(*where, agent_queue.c.state == "approved", agent_queue.c.withdrawn_at.is_(None))
+                .where(*where, agent_queue.c.state == "approved")
                 .order_by(agent_queue.c.item_id.desc())
                 .limit(1)
             )
             .mappings()
             .first()
         )
-        if approval is None:
+        if approval is None or approval["withdrawn_at"] is not None:
             return False
         of_approval = (
             actions.c.merchant_id == order["merchant_id"],

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from model.requests import Decision
 from model.vocab import Channel
 from service.executor.routes import _pay
-from service.executor.store import actions, agent_queue
+from service.executor.store import actions, agent_queue, nudges, orders
+from tests.factories import make_request
 from tests.integration.test_console import CSRF_RE, Console, console  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
@@ -122,6 +124,26 @@ def test_an_approved_retry_is_withdrawn_with_why_when_the_order_decided_again_pl
     h.clock.advance(days=4)
     h.drain()
     assert [key for key in h.connector.calls if ":retry:" in key] == []  # no charge the agent did not approve
+
+
+def test_an_older_approval_is_not_withdrawn_behind_a_newer_one_already_withdrawn(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    # Review: the settling took the latest approval *not withdrawn*, so behind a withdrawn one it reached an older
+    # approval, settled long before (here made to look like one from before withdrawals were recorded: its message
+    # never went and its action was cancelled), and stamped it with today's cause.
+    h = _approved_later(make_harness, database_url, RETRY_AFTER_PAYDAY, EMAIL_TOMORROW)
+    _decline_the_link(h)
+    first, withdrawn, _pending = _queue(h)
+    assert withdrawn["withdrawn_at"] is not None
+    with h.executor.engine.begin() as conn:
+        conn.execute(nudges.update().where(nudges.c.decision_id == first["decision_id"]).values(status="failed"))
+        conn.execute(actions.update().where(actions.c.decision_id == first["decision_id"]).values(state="cancelled"))
+        order = conn.execute(sa.select(orders)).mappings().one()
+        decision = Decision.model_construct(decision_id="dec_later")
+        assert not h.executor._approval_stands(conn, order, make_request(), decision, "a later cause", h.clock())
+    assert _queue(h)[0]["withdrawn_at"] is None
 
 
 def test_an_agent_approving_the_new_recommendation_plans_one_charge(

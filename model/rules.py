@@ -1312,7 +1312,6 @@ def _send_times(context: RuleContext) -> list[datetime]:
     first_day += -first_day % cadence  # the first cadence day from there
     times: list[datetime] = []
     asap: datetime | None = None
-    last_free: tuple[date, datetime] | None = None  # the last first free moment found, and its merchant-local day
     for offset in range(first_day, first_day + (window_end - event_time).days + 2, cadence):
         day = day0 + timedelta(days=offset)
         if day in nudged_days:
@@ -1329,41 +1328,18 @@ def _send_times(context: RuleContext) -> list[datetime]:
             if (
                 asap < moment <= window_end
                 and not _is_quiet_minute(context, minute)
-                and not (context.customer_zones and _quiet_for_customer(context, moment))
+                and not _quiet_for_customer(context, moment)
             ):
                 times.append(moment)
         if len(times) == sent_before and context.customer_zones:
             # The day's usual slots all fall in the customer's quiet hours (a customer far from the merchant): the
             # day's first moment outside them everywhere, if the day has one.
-            first_free = _first_free_moment(context, day_start, day, last_free)
-            free_day = first_free.astimezone(zone).date()
-            last_free = (free_day, first_free)
-            if asap < first_free <= window_end and free_day == day:
+            first_free = _end_of_quiet(context, day_start)
+            if asap < first_free <= window_end and first_free.astimezone(zone).date() == day:
                 times.append(first_free)
         if len(times) >= MAX_SEND_TIMES_PER_CHANNEL:
             break
     return _sorted_unique(times)[:MAX_SEND_TIMES_PER_CHANNEL]
-
-
-def _first_free_moment(
-    context: RuleContext, day_start: datetime, day: date, last_free: tuple[date, datetime] | None
-) -> datetime:
-    """``_end_of_quiet(context, day_start)`` for the merchant-local ``day``; most days it is the last such moment
-    some whole days later (the same clock times, unless a DST change came between), which two quiet-hour checks
-    confirm."""
-    if last_free is not None:
-        guess = last_free[1] + timedelta(days=(day - last_free[0]).days)
-        if (
-            guess >= day_start
-            and guess.astimezone(context.merchant_timezone).date() == day
-            and not in_quiet_hours(context, guess)
-            and (guess == day_start or in_quiet_hours(context, guess - _ONE_MINUTE))
-        ):
-            return guess
-    return _end_of_quiet(context, day_start)
-
-
-_ONE_MINUTE = timedelta(minutes=1)
 
 
 # The frozen dataclass's __init__ sets each field through object.__setattr__; the grid builds ~80 candidates per

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -562,13 +562,17 @@ def replay(
     reward_model: RewardModel | None = None,
     *,
     replays: int = 1,
+    other_reward_models: Mapping[str, RewardModel] | None = None,
 ) -> pd.DataFrame:
     """Run each policy at every logged decision point.
 
     One row per (point, policy): ``point`` (position in ``logged``), ``policy``, ``target_prob`` (share of the
     ``replays`` draws whose action matches the logged one by `action_key`), ``q_logged`` and ``v_target``
     (reward model; NaN without one), the first draw's ``action`` / ``strategy`` / ``connector`` / ``channel``
-    / ``retry_probability`` / ``expected_success`` / ``propensity``, and ``seconds`` spent deciding.
+    / ``retry_probability`` / ``expected_success`` / ``propensity``, and ``seconds`` spent deciding. Each of
+    ``other_reward_models`` (name -> model) adds its own pair, ``q_logged@name`` and ``v_target@name``
+    (`reward_model_columns`): a DR estimate per reward model (`ope_from_replay`), since a model's reward model
+    favours the actions that model itself would choose.
 
     The match indicator (not the policy's reported propensity) is the target probability: for a policy that
     samples its action, ``1[draw == logged]`` is an unbiased estimate of pi(logged action | context), while
@@ -577,32 +581,30 @@ def replay(
     _check_logged(logged)
     if replays < 1:
         raise ValueError(f"replays must be >= 1, got {replays}")
+    # Column suffix -> reward model: "" is the main one (NaN columns without it), "@name" each other.
+    models: dict[str, RewardModel | None] = {"": reward_model}
+    models |= {f"@{name}": model for name, model in (other_reward_models or {}).items()}
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = [{str(k): v for k, v in r.items()} for r in logged.to_dict("records")]
     for position, record in enumerate(records):
         request: DecisionRequest = record["request"]
         logged_action = logged_candidate(record)
         logged_key = candidate_key(logged_action, request.event_time)
-        q_logged = float("nan")
-        if reward_model is not None:
-            q_logged = float(np.asarray(reward_model(request, [logged_action]), dtype=np.float64)[0])
+        q_logged = {suffix: _reward(model, request, [logged_action]) for suffix, model in models.items()}
         for name, policy in policies.items():
             started = time.perf_counter()
             decisions = [policy(request) for _ in range(replays)]
             elapsed = time.perf_counter() - started
             chosen = [decision_candidate(d) for d in decisions]
             matches = [candidate_key(c, request.event_time) == logged_key for c in chosen]
-            v_target = float("nan")
-            if reward_model is not None:
-                v_target = float(np.mean(np.asarray(reward_model(request, chosen), dtype=np.float64)))
             first = decisions[0]
             rows.append(
                 {
                     "point": position,
                     "policy": name,
                     "target_prob": float(np.mean(matches)),
-                    "q_logged": q_logged,
-                    "v_target": v_target,
+                    **{f"q_logged{suffix}": value for suffix, value in q_logged.items()},
+                    **{f"v_target{suffix}": _reward(model, request, chosen) for suffix, model in models.items()},
                     "action": first.action.value,
                     "strategy": None if first.strategy is None else first.strategy.value,
                     "connector": first.connector,
@@ -614,6 +616,25 @@ def replay(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _reward(model: RewardModel | None, request: DecisionRequest, candidates: list[Candidate]) -> float:
+    """The reward ``model`` expects of ``candidates`` on average (NaN without a model)."""
+    if model is None:
+        return float("nan")
+    return float(np.mean(np.asarray(model(request, candidates), dtype=np.float64)))
+
+
+def reward_model_columns(replayed: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """DR estimator name -> its (``q_logged``, ``v_target``) columns in a `replay` frame: ``dr`` for the main
+    reward model, ``dr@name`` for each of its ``other_reward_models``."""
+    found = {"dr": ("q_logged", "v_target")} if {"q_logged", "v_target"} <= set(replayed.columns) else {}
+    for column in replayed.columns:
+        if str(column).startswith("q_logged@"):
+            suffix = str(column).removeprefix("q_logged")
+            if f"v_target{suffix}" in replayed.columns:
+                found[f"dr{suffix}"] = (str(column), f"v_target{suffix}")
+    return found
 
 
 OPE_COLUMNS: tuple[str, ...] = (
@@ -639,7 +660,8 @@ def ope_from_replay(
     seed: int = 0,
 ) -> pd.DataFrame:
     """IPS, SNIPS and (when the replay has reward-model columns) DR per policy, plus the logging policy's
-    on-policy average reward as the reference row ``logged`` / ``on_policy``."""
+    on-policy average reward as the reference row ``logged`` / ``on_policy``. DR is ``dr`` with the replay's main
+    reward model and ``dr@name`` with each of its other ones (`reward_model_columns`)."""
     rewards = logged["reward"].to_numpy(dtype=np.float64)
     propensity = logged["propensity"].to_numpy(dtype=np.float64)
     mean = float(rewards.mean()) if rewards.size else float("nan")
@@ -670,10 +692,13 @@ def ope_from_replay(
             ips(rewards, propensity, target, **options),
             snips(rewards, propensity, target, **options, known_zero=(part["action"] == "stop").to_numpy()),
         ]
-        q = part["q_logged"].to_numpy(dtype=np.float64)
-        v = part["v_target"].to_numpy(dtype=np.float64)
-        if q.size and not (np.isnan(q).any() or np.isnan(v).any()):
-            estimates.append(doubly_robust(rewards, propensity, target, q, v, **options))
+        for estimator, (q_column, v_column) in reward_model_columns(part).items():
+            q = part[q_column].to_numpy(dtype=np.float64)
+            v = part[v_column].to_numpy(dtype=np.float64)
+            if q.size and not (np.isnan(q).any() or np.isnan(v).any()):
+                estimates.append(
+                    replace(doubly_robust(rewards, propensity, target, q, v, **options), estimator=estimator)
+                )
         for estimate in estimates:
             rows.append(
                 {

@@ -205,7 +205,8 @@ def evaluate(
     """Evaluate ``policies`` (name -> ``policy(request) -> Decision``) on a history and write the report.
 
     ``scorers`` (name -> model with ``score(request, candidates)``) get classification metrics and
-    calibration curves; the first one is the reward model for DR unless ``reward_model`` is given. The
+    calibration curves; the first one is the reward model for DR (``dr``) unless ``reward_model`` is given, and
+    each other one gives a DR of its own (``dr@name``; not with ``reward_model``). The
     holdout is the decision points from ``holdout_start`` on, else the latest ``holdout_fraction`` of them by
     time; at most ``max_points`` of it (a seeded sample) are replayed. Episodes run when ``simulated`` (by
     default: when every merchant of the history is a simulator demo merchant), in ``world`` or a fresh
@@ -273,14 +274,24 @@ def evaluate(
         for metric in ("auc", "log_loss", "ece", "brier"):
             metrics[f"{row['model']}.{metric}"] = float(row[metric])
 
+    def reward_model_of(scorer: Scorer) -> ev.RewardModel:
+        return ev.value_reward_model(scorer, economics) if reward == "value" else ev.success_reward_model(scorer)
+
+    # DR with each model's reward model (``dr`` the first's, ``dr@name`` the others'): a model's reward model
+    # favours the actions that model would choose, so a comparison of two models under one model's view is not fair.
+    others = list(scorers.items())[1:] if reward_model is None else []
     if reward_model is None and scorers:
-        first = next(iter(scorers.values()))
-        reward_model = ev.value_reward_model(first, economics) if reward == "value" else ev.success_reward_model(first)
+        reward_model = reward_model_of(next(iter(scorers.values())))
     with_propensity = holdout[holdout["propensity"].notna()].reset_index(drop=True)
     missing_propensity = int(len(holdout) - len(with_propensity))
     n_logged_stops = int(with_propensity["logged_stop"].sum())
     unmatched = tuple(points.attrs.get("unmatched_stops", ()))
-    replayed = ev.replay(with_propensity, policies, reward_model)
+    replayed = ev.replay(
+        with_propensity,
+        policies,
+        reward_model,
+        other_reward_models={name: reward_model_of(scorer) for name, scorer in others},
+    )
     ope = ev.ope_from_replay(with_propensity, replayed, max_weight=max_weight, n_bootstrap=n_bootstrap, seed=seed)
     save_csv(ope, "ope.csv")
     metrics["ope.logged_stops"] = float(n_logged_stops)

@@ -236,8 +236,10 @@ def gate_metrics(summary: Any, name: str) -> dict[str, float]:
         out[f"{kind}_log_loss"] = float(row["log_loss"].iloc[0]) if len(row) else math.nan
         out[f"{kind}_auc"] = float(row["auc"].iloc[0]) if len(row) else math.nan
     ope = summary.ope
-    dr = ope[(ope["policy"] == name) & (ope["estimator"] == "dr")]
-    out["policy_value_dr"] = float(dr["value"].iloc[0]) if len(dr) else math.nan
+    # The evaluation's first scorer is the challenger: "dr" is under its reward model (`_evaluate`).
+    for metric, estimator in (("policy_value_dr", "dr"), ("policy_value_dr_champion_view", f"dr@{CHAMPION_NAME}")):
+        dr = ope[(ope["policy"] == name) & (ope["estimator"] == estimator)]
+        out[metric] = float(dr["value"].iloc[0]) if len(dr) else math.nan
     return out
 
 

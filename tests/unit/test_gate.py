@@ -16,6 +16,7 @@ CHAMPION = {
     "retarget_log_loss": 0.40,
     "retarget_auc": 0.65,
     "policy_value_dr": 0.30,
+    "policy_value_dr_champion_view": 0.30,
 }
 
 
@@ -46,6 +47,7 @@ def test_equal_metrics_promote() -> None:
         ("retarget_log_loss", 0.42),
         ("retarget_auc", 0.63),
         ("policy_value_dr", 0.29),
+        ("policy_value_dr_champion_view", 0.29),
     ],
 )
 def test_worse_beyond_tolerance_on_any_metric_keeps_the_champion(metric: str, value: float) -> None:
@@ -91,7 +93,10 @@ def test_policy_value_tolerance_is_relative_to_the_champion() -> None:
     assert compare({**big, "policy_value_dr": 98.5}, big, challenger_version="2", champion_version="1").promote
     kept = compare({**big, "policy_value_dr": 97.0}, big, challenger_version="2", champion_version="1")
     assert not kept.promote
-    assert "policy value (DR) worse by 3.0000 (97.0000 vs 100.0000; tolerance 2%)" in kept.reasons
+    assert (
+        "policy value (DR, challenger's reward model) worse by 3.0000 (97.0000 vs 100.0000; tolerance 2%)"
+        in kept.reasons
+    )
 
 
 def test_noise_widens_a_tolerance_but_never_narrows_it() -> None:

@@ -293,6 +293,24 @@ def _estimate(
     )
 
 
+def _mean_of_terms(
+    name: str,
+    terms: FloatArray,
+    w: FloatArray,
+    target: FloatArray,
+    logged_propensity: ArrayLike,
+    max_weight: float | None,
+    *,
+    n_bootstrap: int,
+    seed: int,
+    confidence: float,
+) -> Estimate:
+    """The estimate that is the mean of per-point ``terms``, with its bootstrap interval and weight diagnostics."""
+    value = float(terms.mean()) if terms.size else float("nan")
+    ci = _bootstrap(lambda idx: terms[idx].mean(axis=1), terms.size, n_bootstrap, seed, confidence)
+    return _estimate(name, value, ci, w, target, logged_propensity, max_weight)
+
+
 def ips(
     rewards: ArrayLike,
     logged_propensity: ArrayLike,
@@ -305,10 +323,17 @@ def ips(
 ) -> Estimate:
     """Inverse propensity scoring: ``mean(w * r)`` with clipped weights ``w = target_prob / propensity``."""
     r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
-    wr = w * r
-    value = float(wr.mean()) if wr.size else float("nan")
-    ci = _bootstrap(lambda idx: wr[idx].mean(axis=1), wr.size, n_bootstrap, seed, confidence)
-    return _estimate("ips", value, ci, w, target, logged_propensity, max_weight)
+    return _mean_of_terms(
+        "ips",
+        w * r,
+        w,
+        target,
+        logged_propensity,
+        max_weight,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        confidence=confidence,
+    )
 
 
 def snips(
@@ -364,15 +389,52 @@ def doubly_robust(
     under the target policy at the same context. Exact when the reward model is; unbiased when the
     propensities are right (up to clipping).
     """
+    terms, w, target = _dr_terms(rewards, logged_propensity, target_prob, q_logged, v_target, max_weight)
+    return _mean_of_terms(
+        "dr", terms, w, target, logged_propensity, max_weight, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence
+    )
+
+
+def _dr_terms(
+    rewards: ArrayLike,
+    logged_propensity: ArrayLike,
+    target_prob: ArrayLike,
+    q_logged: ArrayLike,
+    v_target: ArrayLike,
+    max_weight: float | None,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """DR's term per point (its estimate is their mean), with the clipped weights and target probabilities."""
     r, w, target = _prepare(rewards, logged_propensity, target_prob, max_weight)
     q = _as_float(q_logged, "q_logged")
     v = _as_float(v_target, "v_target")
     if not (q.shape == v.shape == r.shape):
         raise ValueError(f"q_logged ({q.size}) and v_target ({v.size}) must match rewards ({r.size}) in length")
-    terms = v + w * (r - q)
-    value = float(terms.mean()) if terms.size else float("nan")
-    ci = _bootstrap(lambda idx: terms[idx].mean(axis=1), terms.size, n_bootstrap, seed, confidence)
-    return _estimate("dr", value, ci, w, target, logged_propensity, max_weight)
+    return v + w * (r - q), w, target
+
+
+def paired_dr_noise(
+    logged: pd.DataFrame,
+    replayed: pd.DataFrame,
+    first: str,
+    second: str,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+) -> dict[str, float]:
+    """DR estimator (`reward_model_columns`) -> the standard error of policy ``first``'s DR minus ``second``'s on
+    the same points, the per-point difference of their terms (NaN without two points)."""
+    rewards = logged["reward"].to_numpy(dtype=np.float64)
+    propensity = logged["propensity"].to_numpy(dtype=np.float64)
+    parts = [replayed[replayed["policy"] == name].sort_values("point") for name in (first, second)]
+    out: dict[str, float] = {}
+    for estimator, (q_column, v_column) in reward_model_columns(replayed).items():
+        terms = [
+            _dr_terms(rewards, propensity, part["target_prob"], part[q_column], part[v_column], max_weight)[0]
+            for part in parts
+        ]
+        difference = terms[0] - terms[1]
+        usable = difference.size > 1 and not np.isnan(difference).any()
+        out[estimator] = float(difference.std(ddof=1) / np.sqrt(difference.size)) if usable else float("nan")
+    return out
 
 
 def reward_values(

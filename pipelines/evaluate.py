@@ -52,6 +52,11 @@ class EvaluationSummary:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     labels: np.ndarray = field(default_factory=lambda: np.empty(0))
     logged_actions: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+    #: The OPE's points (the holdout's with a propensity) and every policy's replay on them (`model.evaluation.replay`),
+    #: with the weight clip used: what a paired comparison of two policies' estimates needs.
+    ope_points: pd.DataFrame = field(default_factory=pd.DataFrame)
+    replayed: pd.DataFrame = field(default_factory=pd.DataFrame)
+    max_weight: float | None = ev.DEFAULT_MAX_WEIGHT
     #: Whether the history came with a stops file (the logging policy's stop decisions and their propensities).
     has_stops: bool = False
     #: Holdout points whose logged action is a recorded stop with its propensity (in the OPE).
@@ -386,6 +391,9 @@ def evaluate(
         predictions=predictions,
         labels=acted["label"].to_numpy(dtype=np.float64),
         logged_actions=acted["action"].to_numpy(dtype=object),
+        ope_points=with_propensity,
+        replayed=replayed,
+        max_weight=max_weight,
         has_stops=logged_stops is not None,
         n_logged_stops=n_logged_stops,
         unmatched_stops=unmatched,

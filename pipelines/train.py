@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from model import evaluation as ev
 from model.datafiles import DEMO_MERCHANTS_FILE
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
@@ -176,6 +177,12 @@ def _metrics_table(metrics: Mapping[str, float], title: str) -> Table:
 
 CHALLENGER_NAME = "challenger"
 CHAMPION_NAME = "champion"
+#: The gate's policy values and the evaluation's DR estimators they are: the evaluation's first scorer is the
+#: challenger (`_evaluate`), so ``dr`` is under its reward model and ``dr@champion`` under the champion's.
+DR_GATE_ESTIMATORS: tuple[tuple[str, str], ...] = (
+    ("policy_value_dr", "dr"),
+    ("policy_value_dr_champion_view", f"dr@{CHAMPION_NAME}"),
+)
 
 
 def merchants_for(attempts: pd.DataFrame, config_path: str | Path | None = None) -> dict[str, MerchantConfig]:
@@ -236,8 +243,7 @@ def gate_metrics(summary: Any, name: str) -> dict[str, float]:
         out[f"{kind}_log_loss"] = float(row["log_loss"].iloc[0]) if len(row) else math.nan
         out[f"{kind}_auc"] = float(row["auc"].iloc[0]) if len(row) else math.nan
     ope = summary.ope
-    # The evaluation's first scorer is the challenger: "dr" is under its reward model (`_evaluate`).
-    for metric, estimator in (("policy_value_dr", "dr"), ("policy_value_dr_champion_view", f"dr@{CHAMPION_NAME}")):
+    for metric, estimator in DR_GATE_ESTIMATORS:
         dr = ope[(ope["policy"] == name) & (ope["estimator"] == estimator)]
         out[metric] = float(dr["value"].iloc[0]) if len(dr) else math.nan
     return out
@@ -466,6 +472,11 @@ def _evaluate(
             summary.predictions[CHAMPION_NAME],
             seed=seed,
         )
+        dr_noise = ev.paired_dr_noise(
+            summary.ope_points, summary.replayed, CHALLENGER_NAME, CHAMPION_NAME, max_weight=summary.max_weight
+        )
+        for metric, estimator in DR_GATE_ESTIMATORS:
+            noise[metric] = dr_noise.get(estimator, math.nan)
     return _Evaluation(
         metrics=metrics,
         gate_metrics=challenger_gate,

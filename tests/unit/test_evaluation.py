@@ -694,3 +694,26 @@ def test_each_reward_model_gives_its_own_dr_and_each_favours_its_own_policy() ->
         "dr": ("q_logged", "v_target"),
         "dr@retarget": ("q_logged@retarget", "v_target@retarget"),
     }
+
+
+def test_paired_dr_noise_is_the_standard_error_of_the_per_point_difference() -> None:
+    logged = _logged(1_000, seed=11)
+    policies = {"retry": _always("retry"), "retarget": _always("retarget"), "retry_again": _always("retry")}
+    replayed = ev.replay(
+        logged, policies, _true_reward_model, other_reward_models={"lifted": _optimist_for("retry", 0.2)}
+    )
+    noise = ev.paired_dr_noise(logged, replayed, "retry", "retarget", max_weight=ev.DEFAULT_MAX_WEIGHT)
+    assert set(noise) == {"dr", "dr@lifted"}
+    # By hand: each policy's DR term per point, then the standard error of their difference.
+    parts = {name: replayed[replayed["policy"] == name].sort_values("point") for name in ("retry", "retarget")}
+    r = logged["reward"].to_numpy()
+    p = logged["propensity"].to_numpy()
+    terms = {
+        name: part["v_target"].to_numpy() + (part["target_prob"].to_numpy() / p) * (r - part["q_logged"].to_numpy())
+        for name, part in parts.items()
+    }
+    difference = terms["retry"] - terms["retarget"]
+    assert noise["dr"] == pytest.approx(difference.std(ddof=1) / np.sqrt(difference.size))
+    # The same choices on every point: no noise in their difference, whatever the reward model.
+    same = ev.paired_dr_noise(logged, replayed, "retry", "retry_again")
+    assert same == {"dr": 0.0, "dr@lifted": 0.0}

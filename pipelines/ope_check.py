@@ -19,11 +19,31 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from model import evaluation as ev
+
+
+def simulated_holdout(history_dir: Path, max_points: int, eval_seed: int) -> tuple[Any, pd.DataFrame]:
+    """The history in ``history_dir`` (with its stops file) and the holdout ``winback evaluate`` replays: the latest
+    20% of its decision points by time, a sample of at most ``max_points`` drawn with ``eval_seed``."""
+    from model.catalog import load_catalog
+    from model.history import read_history
+    from model.money import load_economics
+
+    history = read_history(
+        history_dir / "attempts.parquet", history_dir / "nudges.parquet", stops_path=history_dir / "stops.parquet"
+    )
+    points = ev.logged_decisions(
+        history.attempts, history.nudges, load_economics(), catalog=load_catalog(), stops=history.stops
+    )
+    _, holdout = ev.time_holdout(points, "event_time", 0.2)
+    if len(holdout) > max_points:
+        holdout = holdout.sample(n=max_points, random_state=eval_seed).sort_values("event_time", kind="stable")
+    return history, holdout.reset_index(drop=True)
 
 
 def ope_check(
@@ -38,24 +58,14 @@ def ope_check(
     eval_seed: int = 0,
 ) -> pd.DataFrame:
     """The table described in the module docstring (one row per policy and estimator)."""
-    from model.catalog import load_catalog
-    from model.history import read_history
     from model.money import load_economics
     from model.registry import load_alias
     from model.simulation.truth import true_point_values
     from model.simulation.world import World
     from pipelines.train import comparison_policies, merchants_for
 
-    history = read_history(
-        history_dir / "attempts.parquet", history_dir / "nudges.parquet", stops_path=history_dir / "stops.parquet"
-    )
+    history, holdout = simulated_holdout(history_dir, max_points, eval_seed)
     economics = load_economics()
-    catalog = load_catalog()
-    points = ev.logged_decisions(history.attempts, history.nudges, economics, catalog=catalog, stops=history.stops)
-    _, holdout = ev.time_holdout(points, "event_time", 0.2)
-    if len(holdout) > max_points:
-        holdout = holdout.sample(n=max_points, random_state=eval_seed).sort_values("event_time", kind="stable")
-    holdout = holdout.reset_index(drop=True)
     loaded = load_alias(alias, tracking_uri=tracking_uri)
     if loaded is None:
         raise SystemExit(f"no winback@{alias} in {tracking_uri}")
@@ -110,12 +120,17 @@ def ope_check(
     return pd.DataFrame(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_simulated_history_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming a simulated history (and the world it came from) and the tracking store."""
     parser.add_argument("--history", type=Path, required=True)
     parser.add_argument("--orders", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--tracking-uri", required=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_simulated_history_arguments(parser)
     parser.add_argument("--alias", default="challenger")
     parser.add_argument("--max-points", type=int, default=5_000)
     parser.add_argument("--draws", type=int, default=32)

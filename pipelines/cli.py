@@ -780,7 +780,7 @@ def codes_report(
     """
     from model.gsm import GsmError
     from pipelines.codes import codes_report as build_report
-    from pipelines.codes import report_table
+    from pipelines.codes import report_view
     from pipelines.train import TrainInputError
 
     if csv_out is not None:
@@ -800,7 +800,7 @@ def codes_report(
     if report.empty:
         console.print(f"every error code of the history was seen at least {min_support} times by model {version}")
     else:
-        console.print(report_table(report, version, min_support))
+        console.print(report_view(report, version, min_support))
     if csv_out is not None:
         report.to_csv(csv_out, index=False)
         console.print(f"written {csv_out}")

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
 from model.history import HistoryError, read_history
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
-__all__ = ["codes_report", "import_gsm", "report_table"]
+__all__ = ["codes_report", "import_gsm", "report_view"]
 
 
 def codes_report(
@@ -59,28 +63,84 @@ def _describe_gsm(entry: OverlayEntry | None) -> str:
     return f"{entry.decision} ({entry.error_class.value}{', ' + ', '.join(flags) if flags else ''})"
 
 
-def _fmt(value: object) -> str:
+#: Longest example message the report shows; a longer one ends in "…" (the CSV keeps it whole).
+MESSAGE_SHOWN_CHARS = 100
+
+#: The counts table's numeric columns: report column, header (two short lines, so the table fits 80 columns).
+_COUNT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("training_support", "trained\non"),
+    ("failures", "failed"),
+    ("retries", "retried"),
+    ("retry_successes", "retry\nok"),
+    ("recovered_orders", "recov-\nered"),
+    ("retry_probability", "P(retry\nok)"),
+    ("retryable", "retry-\nable"),
+)
+
+_COUNTS_LEGEND = (
+    "trained on: retries after the code in the model's training data; failed: failed attempts with it in this "
+    "history; retried: silent retries after them; retry ok: those that succeeded; recovered: orders recovered in "
+    "the end; P(retry ok): the model's estimate for a typical failure with it; retryable: its verdict"
+)
+
+
+#: Table style of the report: a rule under the header, two spaces between columns, none at the edges (at 80
+#: columns every space counts).
+_COMPACT: dict[str, Any] = {
+    "box": box.SIMPLE_HEAD,
+    "show_edge": False,
+    "pad_edge": False,
+    "padding": (0, 0, 0, 1),
+    "title_justify": "left",
+}
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.2f}"
     return str(value)
 
 
-def report_table(report: pd.DataFrame, version: str, min_support: int) -> Table:
-    """The report as a rich table."""
-    table = Table(title=f"Error codes model {version} saw fewer than {min_support} times")
-    columns = [
-        ("connector", "connector"), ("error_code", "code"), ("training_support", "trained on"),
-        ("failures", "failures"), ("retries", "retries"), ("retry_successes", "retry ok"),
-        ("recovered_orders", "recovered"), ("retry_probability", "P(retry ok)"), ("retryable", "retryable"),
-        ("nearest", "nearest known codes (cosine, retry rate of n)"),
-    ]  # fmt: skip
-    if "gsm" in report.columns:
-        columns.append(("gsm", "gateway status map"))
-    for _, title in columns:
-        table.add_column(title, overflow="fold")
+def _shown_message(message: object) -> str:
+    if not isinstance(message, str) or not message:
+        return ""
+    return message if len(message) <= MESSAGE_SHOWN_CHARS else message[: MESSAGE_SHOWN_CHARS - 1] + "…"
+
+
+def report_view(report: pd.DataFrame, version: str, min_support: int) -> Group:
+    """The report as two rich tables that read at 80 columns and wider: one line of counts per code (codes and
+    numbers are never cut: a long code folds), then per code its example message, gateway status map verdict
+    and nearest known codes, one per line. Every cell is plain text: a ``[`` in a message is not rich markup."""
+    counts = Table(
+        title=f"Error codes model {version} saw fewer than {min_support} times",
+        caption=_COUNTS_LEGEND,
+        caption_justify="left",
+        **_COMPACT,
+    )
+    counts.add_column("connector/code", overflow="fold")
+    for _, header in _COUNT_COLUMNS:
+        counts.add_column(header, justify="right", no_wrap=True)
+    described = Table(
+        title="What each code says, and the known codes nearest to it by message",
+        **_COMPACT,
+    )
+    described.add_column("connector/code: example message", overflow="fold", ratio=2)
+    described.add_column("nearest known codes: similarity (retry success of n)", overflow="fold", ratio=3)
     for _, row in report.iterrows():
-        table.add_row(*(_fmt(row[name]) for name, _ in columns))
-    return table
+        code = f"{row['connector']}/{row['error_code']}"
+        counts.add_row(Text(code), *(Text(_cell(row[name])) for name, _ in _COUNT_COLUMNS))
+        about = Text(code, style="bold")
+        message = _shown_message(row["example_message"])
+        if message:
+            about.append(f"\n{message}")
+        gsm = row["gsm"] if "gsm" in report.columns else ""
+        if gsm:
+            about.append(f"\ngateway status map: {gsm}", style="dim")
+        nearest = "\n".join(str(row["nearest"]).split("; ")) if row["nearest"] else "none known"
+        described.add_row(about, Text(nearest))
+    return Group(counts, Text(), described)
 
 
 def import_gsm(path: str | Path, out: str | Path = DEFAULT_OVERLAY, console: Console | None = None) -> Path:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -568,3 +572,32 @@ def insert_lost_charge(engine: Any, merchant_id: str, order_id: str, sent_at: da
         key = inserted.inserted_primary_key
         assert key is not None
         return int(key[0])
+
+
+# --- the `winback` command as its own process --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Printed:
+    """What one `winback` command printed, and how it ended."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+
+
+def run_winback(*arguments: str, cwd: Path, columns: int = 250, timeout: float = 600) -> Printed:
+    """``winback ARGUMENTS`` in a process of its own, as a newcomer's terminal runs it: MLflow imported fresh, no
+    MLflow logging level of the developer's own, and a terminal ``columns`` wide (wide by default, so rich never
+    wraps a line a test reads)."""
+    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_LOGGING_LEVEL"}
+    env["COLUMNS"] = str(columns)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *arguments],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Printed(done.stdout, done.stderr, done.returncode)

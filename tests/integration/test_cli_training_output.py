@@ -3,49 +3,21 @@ its own process (MLflow imported fresh, as the console script imports it), on a 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-
-@dataclass(frozen=True)
-class Printed:
-    """What one command printed, and how it ended."""
-
-    stdout: str
-    stderr: str
-    exit_code: int
-
-
-def _winback(*arguments: str, cwd: Path) -> Printed:
-    # The newcomer's shell: no MLflow logging level of the developer's own.
-    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_LOGGING_LEVEL"}
-    # A wide terminal, so a line is never cut by rich's wrapping.
-    env["COLUMNS"] = "250"
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *arguments],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return Printed(done.stdout, done.stderr, done.returncode)
+from tests.factories import Printed, run_winback
 
 
 @pytest.fixture(scope="module")
 def retrained(tmp_path_factory: pytest.TempPathFactory) -> Printed:
     """`winback retrain` on a fresh store: there is no champion yet, so the gate promotes the challenger."""
     folder = tmp_path_factory.mktemp("retrain")
-    simulated = _winback("simulate", "--out", "history", "--orders", "400", "--seed", "3", cwd=folder)
+    simulated = run_winback("simulate", "--out", "history", "--orders", "400", "--seed", "3", cwd=folder)
     assert simulated.exit_code == 0, simulated.stderr
     history = ["--attempts", "history/attempts.parquet", "--nudges", "history/nudges.parquet"]
-    return _winback("retrain", *history, "--episodes", "30", cwd=folder)
+    return run_winback("retrain", *history, "--episodes", "30", cwd=folder)
 
 
 def test_retrain_says_its_verdict_once(retrained: Printed) -> None:

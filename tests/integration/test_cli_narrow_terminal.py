@@ -1,0 +1,88 @@
+"""What the `winback` commands print in an ordinary terminal (80 and 120 columns), each run as its own process, as
+a newcomer following the README runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from model.history import read_history, write_attempts
+from pipelines.cli import app
+from tests.factories import Printed, run_winback
+
+#: A code and a message longer than any column of an 80-column terminal; the message holds what rich reads as markup.
+LONG_CODE = "processor_declined_transaction_not_permitted_to_cardholder_0042"
+LONG_MESSAGE = "[bold]Transaction not permitted[/bold] to cardholder: " + "the issuer gave no further reason. " * 6
+
+
+@pytest.fixture(scope="module")
+def history_with_a_long_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulated history in which one order's first failure has a long, never-seen code and message."""
+    out = tmp_path_factory.mktemp("codes")
+    result = CliRunner().invoke(app, ["simulate", "--out", str(out), "--orders", "300", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    history = read_history(out / "attempts.parquet", out / "nudges.parquet")
+    attempts = history.attempts.copy()
+    first_failure = attempts.index[attempts["status"] == "failure"][0]
+    attempts.loc[first_failure, ["error_code", "error_message"]] = [LONG_CODE, LONG_MESSAGE]
+    write_attempts(attempts, out / "attempts.parquet")
+    return out
+
+
+def _codes_report(history: Path, columns: int) -> tuple[Printed, pd.DataFrame]:
+    """`winback codes report` on ``history`` against an empty registry (rules-only: every code is new), in a
+    terminal ``columns`` wide; with the CSV it wrote."""
+    printed = run_winback(
+        "codes", "report", "--attempts", "attempts.parquet", "--nudges", "nudges.parquet",
+        "--tracking-uri", f"sqlite:///{history / f'mlflow-{columns}.db'}", "--csv", f"codes-{columns}.csv",
+        cwd=history, columns=columns,
+    )  # fmt: skip
+    assert printed.exit_code == 0, printed.stderr
+    return printed, pd.read_csv(history / f"codes-{columns}.csv", dtype={"error_code": str})
+
+
+def _counts_rows(stdout: str, numbers: int) -> dict[str, list[str]]:
+    """The counts table's rows as printed: each code (its folded pieces joined) with its ``numbers`` cells."""
+    lines = stdout.splitlines()
+    rule = next(index for index, line in enumerate(lines) if set(line.strip()) == {"─"})
+    rows: dict[str, list[str]] = {}
+    code, cells = "", []
+    for line in lines[rule + 1 :]:
+        if line.startswith("trained on:"):  # the legend under the table
+            break
+        tokens = line.split()
+        if len(tokens) > numbers:  # a row: its code (or the code's first piece), then its cells
+            if code:
+                rows[code] = cells
+            code, cells = "".join(tokens[:-numbers]), tokens[-numbers:]
+        else:  # the rest of a folded code
+            code += "".join(tokens)
+    rows[code] = cells
+    return rows
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_codes_report_is_a_table_that_fits_the_terminal_with_every_code_and_count(
+    history_with_a_long_code: Path, columns: int
+) -> None:
+    # At 80-120 columns the report's eleven columns were folded to a few letters each: codes, counts and the
+    # nearest codes' text broken over a dozen lines per row, the headers one syllable a line.
+    printed, report = _codes_report(history_with_a_long_code, columns)
+    assert max(len(line) for line in printed.stdout.splitlines()) <= columns, printed.stdout
+    shown = _counts_rows(printed.stdout, numbers=7)
+    expected = {
+        f"{row.connector}/{row.error_code}": [
+            str(row.training_support), str(row.failures), str(row.retries), str(row.retry_successes),
+            str(row.recovered_orders), f"{row.retry_probability:.2f}", "yes" if row.retryable else "no",
+        ]
+        for row in report.itertuples()
+    }  # fmt: skip
+    assert len(expected) > 5
+    assert shown == expected, printed.stdout
+    # The example message: shown as written (not read as markup), long ones cut with a marker.
+    described = " ".join(printed.stdout.split("What each code says", 1)[1].split())
+    assert "[bold]Transaction not permitted[/bold] to cardholder" in described
+    assert "…" in described

@@ -586,16 +586,18 @@ class Printed:
     exit_code: int
 
 
-def run_winback(*arguments: str, cwd: Path, columns: int = 250, timeout: float = 600) -> Printed:
+def run_winback(
+    *arguments: str, cwd: Path, columns: int = 250, env: dict[str, str] | None = None, timeout: float = 600
+) -> Printed:
     """``winback ARGUMENTS`` in a process of its own, as a newcomer's terminal runs it: MLflow imported fresh, no
     MLflow logging level of the developer's own, and a terminal ``columns`` wide (wide by default, so rich never
-    wraps a line a test reads)."""
-    env = {name: value for name, value in os.environ.items() if name != "MLFLOW_LOGGING_LEVEL"}
-    env["COLUMNS"] = str(columns)
+    wraps a line a test reads); ``env`` adds variables."""
+    environment = {name: value for name, value in os.environ.items() if name != "MLFLOW_LOGGING_LEVEL"}
+    environment |= {"COLUMNS": str(columns), **(env or {})}
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *arguments],
         cwd=cwd,
-        env=env,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -109,6 +109,14 @@ class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]  # i
             release_shared()
 
 
+#: What alembic logs each time it opens a migration context, whether or not anything is migrated.
+_MIGRATION_PREAMBLE = frozenset({"Context impl %s.", "Will assume %s DDL."})
+
+
+def _without_migration_preamble(record: logging.LogRecord) -> bool:
+    return record.msg not in _MIGRATION_PREAMBLE
+
+
 def configure_logging(level: str = "INFO") -> logging.Logger:
     """Route winback's, uvicorn's and MLflow's loggers to stderr as JSON; idempotent (safe in every worker and
     test)."""
@@ -135,6 +143,15 @@ def configure_logging(level: str = "INFO") -> logging.Logger:
     # its autogenerate package is first imported: nothing about our database, yet seven lines at every executor
     # start. Its migration lines ("Running upgrade ...") stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # Alembic opens every migration context with "Context impl SQLiteImpl." and "Will assume non-transactional DDL.":
+    # MLflow's store checks its schema that way in every process that opens it, so these two lines came at every
+    # start of the scorer and of each executor worker, with nothing migrated. Shown at DEBUG; "Running upgrade ..."
+    # lines, when a migration does run, stay.
+    migration = logging.getLogger("alembic.runtime.migration")
+    if logging.getLevelName(level) <= logging.DEBUG:
+        migration.removeFilter(_without_migration_preamble)
+    else:
+        migration.addFilter(_without_migration_preamble)  # once: a filter already there is not added again
     # Access logs repeat what the decision log line says, slower; keep them at warnings only.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     return logging.getLogger(LOGGER_NAME)

@@ -32,6 +32,9 @@ class ExecutorSettings(BaseSettings):
         default=None,
         description="HMAC key of the providers' callback URL tokens (unset: derived from the link secret).",
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Level of the workers' log lines (the scorer's WINBACK_LOG_LEVEL too)."
+    )
     sandbox_url: str | None = Field(default=None, description="Sandbox connector for connectors without endpoint.")
     lease_seconds: float = Field(default=30.0, gt=0, description="How long a claimed action is a worker's own.")
     batch_size: int = Field(default=50, ge=1, le=5000)

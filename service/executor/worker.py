@@ -416,8 +416,9 @@ def worker_main(
     """One worker process: build everything from the environment and the arguments, then loop."""
     from service.api.logging import configure_logging
 
-    configure_logging()  # JSON lines on stderr, scrubbed, as the scorer's
+    configure_logging()  # JSON lines on stderr, scrubbed, as the scorer's (the settings below may fail)
     settings = settings_from_env(ExecutorSettings, database_url=database_url, config_path=Path(config_path))
+    configure_logging(settings.log_level)
     config = load_config(config_path)
     catalog = load_catalog()
     decider, stop_model = make_decider(catalog, tracking_uri)

@@ -1,5 +1,5 @@
-"""What the `winback` commands print in an ordinary terminal (80 and 120 columns), each run as its own process, as
-a newcomer following the README runs them."""
+"""What the `winback` commands print to a newcomer following the README: in an ordinary terminal (80 and 120
+columns), on a fresh store, at every start; each command run as its own process, as the console script runs."""
 
 from __future__ import annotations
 
@@ -86,3 +86,28 @@ def test_codes_report_is_a_table_that_fits_the_terminal_with_every_code_and_coun
     described = " ".join(printed.stdout.split("What each code says", 1)[1].split())
     assert "[bold]Transaction not permitted[/bold] to cardholder" in described
     assert "…" in described
+
+
+def _executor_start(folder: Path, *extra_env: tuple[str, str]) -> Printed:
+    """`winback executor run` for a second on the database and registry in ``folder`` (made on the first run)."""
+    return run_winback(
+        "executor", "run", "--stop-after", "1", "--database-url", f"sqlite:///{folder / 'winback.db'}",
+        "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        cwd=folder, env=dict(extra_env),
+    )  # fmt: skip
+
+
+def test_executor_start_shows_migration_lines_only_when_a_migration_runs(tmp_path: Path) -> None:
+    # Every start of a worker logged alembic's "Context impl SQLiteImpl." and "Will assume non-transactional DDL."
+    # (MLflow's store checking its schema), with nothing to migrate.
+    first = _executor_start(tmp_path)
+    assert first.exit_code == 0, first.stderr
+    assert "Running upgrade" in first.stderr  # a fresh registry store is migrated, and says so
+    again = _executor_start(tmp_path)
+    assert again.exit_code == 0, again.stderr
+    assert "is running" in again.stderr
+    assert "alembic" not in again.stderr, again.stderr
+    # Still there for whoever asks for everything.
+    verbose = _executor_start(tmp_path, ("WINBACK_LOG_LEVEL", "DEBUG"))
+    assert verbose.exit_code == 0, verbose.stderr
+    assert "Will assume non-transactional DDL." in verbose.stderr

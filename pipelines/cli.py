@@ -697,7 +697,11 @@ def history_export(
     ] = None,
 ) -> None:
     """Write the executor's results, the outcomes reported to /v1/outcomes and the stop decisions as validated
-    history files."""
+    history files.
+
+    Exits 0 when the files are written, also empty (with a note) when the database holds no outcomes yet; 2 with a
+    one-line reason when the database cannot be read or holds no winback tables.
+    """
     import os
     from datetime import UTC, datetime
 
@@ -737,6 +741,15 @@ def history_export(
         ),
         highlight=False,
     )
+    if not summary.orders:
+        when = "yet" if start is None else f"for orders started at or after {start.isoformat()}"
+        console.print(
+            f"note: no outcomes in {shown_uri(url)} {when}: the three files are empty (valid, with the history "
+            "files' columns). Outcomes come from the executor (`winback executor run`, carrying out the orders "
+            "posted to POST /v1/events/payment-failed) and from callers reporting what came of a decision to "
+            "POST /v1/outcomes.",
+            highlight=False,
+        )
     if summary.renamed_orders:
         console.print(
             f"{len(summary.renamed_orders)} orders use an order_id another merchant uses too, written as "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -111,3 +112,37 @@ def test_executor_start_shows_migration_lines_only_when_a_migration_runs(tmp_pat
     verbose = _executor_start(tmp_path, ("WINBACK_LOG_LEVEL", "DEBUG"))
     assert verbose.exit_code == 0, verbose.stderr
     assert "Will assume non-transactional DDL." in verbose.stderr
+
+
+def test_history_export_of_a_fresh_store_says_it_holds_no_outcomes_and_writes_valid_empty_files(
+    history_with_a_long_code: Path, tmp_path: Path
+) -> None:
+    # On a store that a scorer or executor had just created, the export wrote three empty files and "for 0 orders",
+    # with no word on why or where outcomes come from.
+    from service.api.store import make_engine
+    from service.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'winback.db'}"
+    engine = make_engine(url)
+    upgrade(engine)  # what `winback serve` and `winback executor run` do at start
+    engine.dispose()
+    out = tmp_path / "history"
+    wide = {"COLUMNS": "1000"}  # a line the test reads is never wrapped
+    result = CliRunner().invoke(app, ["history", "export", "--out", str(out), "--database-url", url], env=wide)
+    assert result.exit_code == 0, result.output  # the files are written, and valid: as documented
+    said = result.output
+    assert f"no outcomes in {url} yet" in said
+    assert "winback executor run" in said
+    assert "POST /v1/outcomes" in said
+    history = read_history(out / "attempts.parquet", out / "nudges.parquet", stops_path=out / "stops.parquet")
+    assert history.attempts.empty
+    assert history.nudges.empty
+    # The files' columns and types are the contract's: those of the files `winback simulate` writes.
+    for name in ("attempts", "nudges", "stops"):
+        written = pq.read_schema(out / f"{name}.parquet").remove_metadata()
+        assert written.equals(pq.read_schema(history_with_a_long_code / f"{name}.parquet").remove_metadata()), name
+    since = CliRunner().invoke(
+        app, ["history", "export", "--out", str(out), "--database-url", url, "--since", "2026-11-01"], env=wide
+    )
+    assert since.exit_code == 0, since.output
+    assert "for orders started at or after 2026-11-01" in since.output

@@ -799,7 +799,7 @@ def codes_report(
     if csv_out is not None:
         output_file(csv_out, "--csv")
     try:
-        report, version = build_report(
+        report, version, failed_attempts = build_report(
             attempts,
             nudges,
             tracking_uri=tracking_uri,
@@ -810,7 +810,9 @@ def codes_report(
         )
     except (TrainInputError, GsmError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
-    if report.empty:
+    if not failed_attempts:
+        console.print(f"the history in {attempts} holds no failed attempt: there is no error code to report")
+    elif report.empty:
         console.print(f"every error code of the history was seen at least {min_support} times by model {version}")
     else:
         console.print(report_view(report, version, min_support))

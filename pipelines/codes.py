@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,15 @@ from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior
 from model.history import HistoryError, read_history
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
-__all__ = ["codes_report", "import_gsm", "report_view"]
+__all__ = ["CodesReport", "codes_report", "import_gsm", "report_view"]
+
+
+class CodesReport(NamedTuple):
+    """What `winback codes report` shows: one row per code the model saw too seldom (``REPORT_COLUMNS``)."""
+
+    report: pd.DataFrame
+    version: str  # the model's, or "rules-only"
+    failed_attempts: int  # in the whole history: none means no code to report at all
 
 
 def codes_report(
@@ -30,8 +38,9 @@ def codes_report(
     min_support: int = DEFAULT_MIN_SUPPORT,
     config: str | Path | None = None,
     overlay: str | Path | None = None,
-) -> tuple[pd.DataFrame, str]:
-    """The new-codes report of a history against the model behind ``alias`` (and the model's version).
+) -> CodesReport:
+    """The new-codes report of a history against the model behind ``alias``, with the model's version and how
+    many failed attempts the history holds.
 
     With no model registered under the alias, every code counts as new and the rules-only priors estimate. With
     ``overlay`` (a file of `winback codes import-gsm`), the gateway status map's verdict is added per code.
@@ -53,7 +62,8 @@ def codes_report(
             _describe_gsm(entries.get(code_key(c, k)))
             for c, k in zip(report["connector"], report["error_code"], strict=True)
         ]
-    return report, version
+    failed_attempts = int((history.attempts["status"].astype(str) == "failure").sum())
+    return CodesReport(report, version, failed_attempts)
 
 
 def _describe_gsm(entry: OverlayEntry | None) -> str:

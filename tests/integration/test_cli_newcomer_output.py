@@ -114,18 +114,25 @@ def test_executor_start_shows_migration_lines_only_when_a_migration_runs(tmp_pat
     assert "Will assume non-transactional DDL." in verbose.stderr
 
 
+def _fresh_store(folder: Path) -> str:
+    """The URL of a winback database in ``folder`` as `winback serve` or `winback executor run` leaves it at its first
+    start: every table, no order, decision or outcome."""
+    from service.api.store import make_engine
+    from service.migrations import upgrade
+
+    url = f"sqlite:///{folder / 'winback.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
 def test_history_export_of_a_fresh_store_says_it_holds_no_outcomes_and_writes_valid_empty_files(
     history_with_a_long_code: Path, tmp_path: Path
 ) -> None:
     # On a store that a scorer or executor had just created, the export wrote three empty files and "for 0 orders",
     # with no word on why or where outcomes come from.
-    from service.api.store import make_engine
-    from service.migrations import upgrade
-
-    url = f"sqlite:///{tmp_path / 'winback.db'}"
-    engine = make_engine(url)
-    upgrade(engine)  # what `winback serve` and `winback executor run` do at start
-    engine.dispose()
+    url = _fresh_store(tmp_path)
     out = tmp_path / "history"
     wide = {"COLUMNS": "1000"}  # a line the test reads is never wrapped
     result = CliRunner().invoke(app, ["history", "export", "--out", str(out), "--database-url", url], env=wide)
@@ -146,3 +153,19 @@ def test_history_export_of_a_fresh_store_says_it_holds_no_outcomes_and_writes_va
     )
     assert since.exit_code == 0, since.output
     assert "for orders started at or after 2026-11-01" in since.output
+
+
+def test_codes_report_of_an_empty_export_says_there_is_no_code_to_report(tmp_path: Path) -> None:
+    # The README's next step after the export said "every error code of the history was seen at least 30 times by
+    # model rules-only" of a history with no code at all.
+    out = tmp_path / "history"
+    exported = CliRunner().invoke(
+        app, ["history", "export", "--out", str(out), "--database-url", _fresh_store(tmp_path)]
+    )
+    assert exported.exit_code == 0, exported.output
+    history = ["--attempts", str(out / "attempts.parquet"), "--nudges", str(out / "nudges.parquet")]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(app, ["codes", "report", *history, "--tracking-uri", store], env={"COLUMNS": "1000"})
+    assert result.exit_code == 0, result.output
+    assert "holds no failed attempt: there is no error code to report" in result.output
+    assert "every error code" not in result.output

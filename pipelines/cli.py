@@ -89,17 +89,20 @@ def simulate(
 
 
 def print_frame(frame: pd.DataFrame, title: str) -> None:
-    """A small DataFrame as a rich table (floats rounded)."""
-    from rich.table import Table
+    """A small DataFrame as a rich table (floats rounded) that reads at 80 columns: a long column name folds at its
+    underscores, a number is never broken (at 80 columns, "16,373.307" printed as "16,373." over "307")."""
+    from rich.text import Text
 
-    table = Table(title=title)
-    table.add_column(str(frame.index.name or ""), no_wrap=True, min_width=23)
+    from pipelines.tables import compact_table, folded_header
+
+    table = compact_table(title)
+    table.add_column(str(frame.index.name or ""), no_wrap=True)
     for column in frame.columns:
-        table.add_column(str(column), justify="right", overflow="fold")  # a long name wraps, not cut to "hours_to…"
+        table.add_column(folded_header(str(column)), justify="right", no_wrap=True)
     columns = [frame[c].tolist() for c in frame.columns]
     for position, index in enumerate(frame.index):
         cells = [f"{col[position]:.3f}" if isinstance(col[position], float) else str(col[position]) for col in columns]
-        table.add_row(str(index), *cells)
+        table.add_row(Text(str(index)), *(Text(cell) for cell in cells))
     console.print(table)
 
 
@@ -420,15 +423,28 @@ def evaluate(
     if loaded and (warning := fitted_on_holdout(loaded[0].metadata, summary.holdout_start)):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if summary.episodes is not None:
-        # One column per policy: a row per policy (13 columns) wrapped each row over three lines at 80 columns.
-        by_policy = summary.episodes.set_index("policy")
-        # Formatted before turning: a turned frame's columns mix counts and rates, and its counts would print as
-        # floats.
-        shown = by_policy.apply(lambda column: column.map("{:,.3f}".format if column.dtype.kind == "f" else str))
         print_frame(
-            shown.T.rename_axis("simulated episodes"),
+            episodes_shown(summary.episodes),
             f"simulated episodes: {episodes:,} orders per policy (all of it in {summary.out_dir / 'evaluation.md'})",
         )
+
+
+def episodes_shown(episodes: pd.DataFrame) -> pd.DataFrame:
+    """The simulated episodes (a row per policy) as `winback evaluate` prints them: one column per policy (a row
+    per policy has 13 columns, each wrapped over three lines at 80 columns), money in cents ("22,889.05", not
+    "22,889.054"), other floats to 3 decimals. Formatted before turning: a turned frame's columns mix counts and
+    rates, and its counts would print as floats."""
+    by_policy = episodes.set_index("policy")
+    shown = by_policy.apply(
+        lambda column: column.map(
+            str
+            if column.dtype.kind != "f"
+            else "{:,.2f}".format
+            if str(column.name).endswith("_usd")
+            else "{:,.3f}".format
+        )
+    )
+    return shown.T.rename_axis("simulated episodes")
 
 
 @app.command()

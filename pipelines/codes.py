@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -16,6 +15,7 @@ from rich.text import Text
 from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
 from model.history import HistoryError, read_history
+from pipelines.tables import compact_table
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
 __all__ = ["CodesReport", "codes_report", "import_gsm", "report_view"]
@@ -94,17 +94,6 @@ _COUNTS_LEGEND = (
 )
 
 
-#: Table style of the report: a rule under the header, two spaces between columns, none at the edges (at 80
-#: columns every space counts).
-_COMPACT: dict[str, Any] = {
-    "box": box.SIMPLE_HEAD,
-    "show_edge": False,
-    "pad_edge": False,
-    "padding": (0, 0, 0, 1),
-    "title_justify": "left",
-}
-
-
 def _cell(value: object) -> str:
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
@@ -123,19 +112,15 @@ def report_view(report: pd.DataFrame, version: str, min_support: int) -> Group:
     """The report as two rich tables that read at 80 columns and wider: one line of counts per code (codes and
     numbers are never cut: a long code folds), then per code its example message, gateway status map verdict
     and nearest known codes, one per line. Every cell is plain text: a ``[`` in a message is not rich markup."""
-    counts = Table(
-        title=f"Error codes model {version} saw fewer than {min_support} times",
+    counts = compact_table(
+        f"Error codes model {version} saw fewer than {min_support} times",
         caption=_COUNTS_LEGEND,
         caption_justify="left",
-        **_COMPACT,
     )
     counts.add_column("connector/code", overflow="fold")
     for _, header in _COUNT_COLUMNS:
         counts.add_column(header, justify="right", no_wrap=True)
-    described = Table(
-        title="What each code says, and the known codes nearest to it by message",
-        **_COMPACT,
-    )
+    described = compact_table("What each code says, and the known codes nearest to it by message")
     described.add_column("connector/code: example message", overflow="fold", ratio=2)
     described.add_column("nearest known codes: similarity (retry success of n)", overflow="fold", ratio=3)
     for _, row in report.iterrows():

@@ -169,3 +169,31 @@ def test_codes_report_of_an_empty_export_says_there_is_no_code_to_report(tmp_pat
     assert result.exit_code == 0, result.output
     assert "holds no failed attempt: there is no error code to report" in result.output
     assert "every error code" not in result.output
+
+
+def test_evaluate_episodes_table_keeps_every_figure_whole_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's `winback evaluate` on the 20,000-order history printed, at 80 columns, "16,373." over "307" and
+    # "1,143.38" over "9": the five policies' columns were squeezed under their long names.
+    import io
+
+    from rich.console import Console
+
+    import pipelines.cli as cli
+
+    # What that run measured, two of its five policies' rows in full (evaluation/episodes.csv).
+    row = {"orders": 2000, "recovered_orders": 513, "recovery_rate": 0.256, "recovered_gmv_usd": 16373.307,
+           "retry_fees_usd": 120.29, "message_costs_usd": 10.492, "net_value_usd": 16242.524, "nudges_sent": 5196,
+           "silent_retries": 1070, "rule_violations": 0, "decisions": 7227,
+           "decisions_per_second": 1143.389}  # fmt: skip
+    policies = ["winback@champion", "rules-only", "static_retry", "static_retry_then_retarget", "logging"]
+    episodes = pd.DataFrame([{"policy": policy, **row} for policy in policies])
+    printed = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=printed, width=80))
+    cli.print_frame(cli.episodes_shown(episodes), "simulated episodes: 2,000 orders per policy")
+    lines = printed.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80, printed.getvalue()
+    shown = {line.split()[0]: line.split()[1:] for line in lines if line.split() and line.split()[0] in row}
+    assert shown["recovered_gmv_usd"] == ["16,373.31"] * 5, printed.getvalue()
+    assert shown["decisions_per_second"] == ["1,143.389"] * 5
+    assert shown["recovery_rate"] == ["0.256"] * 5
+    assert shown["orders"] == ["2000"] * 5

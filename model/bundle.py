@@ -16,7 +16,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +29,11 @@ from model.catalog import NormalisedError, load_catalog
 from model.cellsupport import CELL_SUPPORT_KEY, CellSupport
 from model.codelevel import CODE_LEVEL_KEY, CodeLevels
 from model.codewatch import code_key, inventory_of, support_table
+from model.explanations import category_evidence, number_evidence, with_direction
 from model.fastpredict import SINGLE_ROW_LIMIT, fast_predictor, kept_on_booster
 from model.features import (
-    TEXT_CLASSES,
+    MISSING,
+    OTHER_CODE,
     FeatureSpec,
     Normaliser,
     context_from_request,
@@ -375,6 +377,7 @@ class ModelBundle:
             pause()
         self.spec._request_plan()
         self._catalog()
+        self._evidence  # noqa: B018 (built now, not on a request's first explanation)
         pause()
         self.code_support("", None)
         self.cell_table("")
@@ -433,13 +436,13 @@ class ModelBundle:
         return retry_probability >= self.threshold
 
     def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
-        """The ``k`` features that moved this candidate's score most, as short phrases (e.g. "delay 72h")."""
+        """The ``k`` features that moved this candidate's score most, each as a short sentence that says what the
+        evidence is and which way it points ("no issuer given: lowers the chance of success")."""
         booster = self.retry_booster if candidate.action == Action.RETRY else self.retarget_booster
         if booster is None or candidate.action == Action.STOP:
             return []
         x = self.matrix(request, [candidate])
         contributions = path_contributions(booster, x)[0]
-        names = self.spec.columns
         # Walked as Python floats (the same values): numpy's scalar indexing costs more than the lists.
         order = np.argsort(-np.abs(contributions), kind="stable").tolist()
         by_feature, row = contributions.tolist(), x[0].tolist()
@@ -447,35 +450,39 @@ class ModelBundle:
         for j in order:
             if by_feature[j] == 0.0:
                 break
-            phrase = f"{self._phrase(names[j], row[j])} ({'+' if by_feature[j] > 0 else '-'})"
-            if phrase not in phrases:
+            phrase = self._feature_reason_at(j, row[j], raises=by_feature[j] > 0)
+            if phrase is not None and phrase not in phrases:
                 phrases.append(phrase)
             if len(phrases) == k:
                 break
         return phrases
 
-    def _phrase(self, name: str, value: float) -> str:
-        if name in self.spec.vocabularies:
-            return f"{name.replace('_', ' ')} {self.spec.decode(name, value)}"
-        if not math.isfinite(value):
-            return f"{name.replace('_', ' ')} unknown"
-        if name in ("delay_hours", "log_delay_hours"):
-            hours = math.expm1(value) if name == "log_delay_hours" else value
-            return f"delay {hours:.0f}h"
-        if name in ("amount_usd", "log_amount_usd"):
-            usd = math.expm1(value) if name == "log_amount_usd" else value
-            return f"amount ${usd:,.0f}"
-        if name == "text_p_retry":
-            return f"error text looks {'retryable' if value >= 0.5 else 'final'} ({value:.0%})"
-        if name.startswith("text_p_") and name[len("text_p_") :] in TEXT_CLASSES:
-            return f"error text like {name[len('text_p_') :]} ({value:.0%})"
-        if name == "payday_before_exec":
-            return "payday before the attempt" if value >= 0.5 else "no payday before the attempt"
-        if name in ("local_hour", "exec_local_hour"):
-            return f"{'local' if name == 'local_hour' else 'send'} time {int(value):02d}:00"
-        if name.startswith("tried_") or name.startswith("is_") or name in ("known_code", "mac_never_retry"):
-            return f"{name.replace('_', ' ')}: {'yes' if value >= 0.5 else 'no'}"
-        return f"{name.replace('_', ' ')} {value:g}"
+    def feature_reason(self, name: str, value: float, *, raises: bool) -> str | None:
+        """One feature's value in the model matrix as an agent reads it, with the way it moved the score; None
+        for a feature without words (one a newer release added: left out rather than shown by its name)."""
+        return self._feature_reason_at(self.spec.columns.index(name), value, raises=raises)
+
+    def _feature_reason_at(self, column: int, value: float, *, raises: bool) -> str | None:
+        evidence = self._evidence[column](value)
+        return None if evidence is None else with_direction(evidence, raises)
+
+    @cached_property
+    def _evidence(self) -> list[Callable[[float], str | None]]:
+        """Per matrix column, its value's evidence in words (model.explanations), built once per bundle."""
+        return [
+            self._category_evidence(name) if name in self.spec.vocabularies else partial(number_evidence, name)
+            for name in self.spec.columns
+        ]
+
+    def _category_evidence(self, name: str) -> Callable[[float], str | None]:
+        vocabulary = self.spec.vocabularies[name]
+
+        def evidence(code: float) -> str | None:
+            position = int(code) - 1 if math.isfinite(code) and int(code) != OTHER_CODE else -1
+            category = vocabulary[position] if 0 <= position < len(vocabulary) else None
+            return category_evidence(name, None if category == MISSING else category, missing=category == MISSING)
+
+        return evidence
 
     # ------------------------------------------------------------------------------------------------ files
 

@@ -21,6 +21,7 @@ from model.catalog import ErrorCatalog, NormalisedError
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offset, timing_offsets
 from model.codelevel import code_factor
 from model.datafiles import DATA_DIR
+from model.explanations import action_reason, error_reason, prior_reason
 from model.merchant_config import MerchantConfig
 from model.money import Economics, load_economics
 from model.requests import Alternative, ContractModel, Decision, DecisionRequest
@@ -204,7 +205,7 @@ class RulesOnlyScorer:
         return scores
 
     def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
-        return [f"rules-only prior for {self._error(request).error_class.value}"][:k]
+        return [prior_reason(self._error(request).error_class)][:k]
 
 
 def expected_values(
@@ -378,14 +379,6 @@ def _constructed(model: type[ModelT], values: dict[str, Any]) -> ModelT:
     return instance
 
 
-def _describe(candidate: Candidate, p: float) -> str:
-    if candidate.action == Action.RETRY:
-        return f"{candidate.strategy} via {candidate.connector}: {p:.0%} expected"
-    if candidate.action == Action.RETARGET:
-        return f"payment link by {candidate.channel}: {p:.0%} expected"
-    return "no action is worth its cost"
-
-
 def decide(
     request: DecisionRequest,
     merchant: MerchantConfig,
@@ -476,23 +469,28 @@ def decide(
     alternatives = _alternatives(
         allowed, runs, values, p_success, exclude=_group(choice), limit=config.max_alternatives
     )
-    reasons = [f"{error.error_class.value} ({error.matched_by})", _describe(choice, float(p_success[chosen]))]
+    reasons = [
+        error_reason(error),
+        action_reason(choice.action, choice.strategy, choice.connector, choice.channel, float(p_success[chosen])),
+    ]
     if choice.action != Action.STOP:
         reasons.extend(active.explain(request, choice, k=2))
     if chosen != best:
-        reasons.append("exploration: a permitted alternative tried to keep learning")
+        reasons.append("exploring: a permitted alternative, tried now and then so the model keeps learning")
     if code_evidence is not None and code_evidence < config.support_half_life:
         reasons.append(f"thin evidence: the model saw {code_evidence} retries after this code")
     if level is not None and abs(level_factor - 1.0) >= 0.05:
         n, won, predicted = level
         reasons.append(
-            f"retries after this code recovered {won / n:.0%} of {n:.0f} (model: {predicted / n:.0%}): "
-            f"its level x{level_factor:.2f}"
+            f"retries after this code recovered {won / n:.0%} of {n:.0f} (the model expected {predicted / n:.0%}): "
+            f"its chances are scaled {'up' if level_factor > 1.0 else 'down'} to match"
         )
     if table is not None and cells is not None and cells[chosen] < N_SLOTS:
         seen = float(table[0, cells[chosen]])
         if seen < config.prior_strength:
-            reasons.append(f"few cases like this action in training ({seen:.0f}): the rules-only prior weighs in")
+            reasons.append(
+                f"the model saw only {seen:.0f} cases like this action: the usual outcome without a model weighs in"
+            )
     if not retry_indices:
         reasons.append("no silent retry permitted")
     threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))

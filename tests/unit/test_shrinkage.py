@@ -89,7 +89,7 @@ def test_a_model_that_never_tried_an_immediate_retry_does_not_overrule_the_prior
     assert decision.action == Action.RETRY
     assert decision.execute_at - INSUFFICIENT_FUNDS.event_time >= LATER
     assert decision.expected_success == pytest.approx(0.2 * 500 / 530 + 0.25 * 30 / 530, abs=1e-6)
-    assert not any("rules-only prior" in reason for reason in decision.reasons)  # 500 cases: not thin
+    assert not any("cases like this action" in reason for reason in decision.reasons)  # 500 cases: not thin
 
 
 def test_a_model_its_cell_outcomes_contradict_is_recalibrated_to_them() -> None:

@@ -561,7 +561,7 @@ def value_reward_model(scorer: _Scores, economics: Economics) -> RewardModel:
 
     def model(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
         p = np.asarray(scorer.score(request, candidates), dtype=np.float64)
-        amount = economics.to_usd(request.amount, request.currency)
+        amount = economics.order_value_usd(request.amount, request.currency)
         cost = np.array([candidate_cost_usd(request, c, economics) for c in candidates], dtype=np.float64)
         stops = np.array([c.action == Action.STOP for c in candidates], dtype=bool)
         return np.where(stops, 0.0, p * amount - cost)
@@ -1231,7 +1231,7 @@ def logged_decisions(
             point["merchant_id"] = request.merchant_id
             point["order_id"] = request.order_id
             point["error_code"] = request.failure.error_code
-            point["amount_usd"] = economics.to_usd(request.amount, request.currency)
+            point["amount_usd"] = economics.order_value_usd(request.amount, request.currency)
             point["cost_usd"] = candidate_cost_usd(request, logged_candidate(point), economics)
             if catalog is not None:
                 f = request.failure

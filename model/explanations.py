@@ -98,6 +98,14 @@ def action_reason(action: Action, strategy: Strategy | None, connector: str | No
     return "no action is worth its cost"
 
 
+def unknown_currency_reason(currency: str, value_usd: float) -> str:
+    """Why an order's amount did not weigh in: its currency has no planning rate (model.money)."""
+    return (
+        f"no USD rate for {currency.upper()}: the order's value is unknown, so it counts as {value_usd:,.0f} USD "
+        "whatever its amount"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ features
 # A feature's evidence as words. Categorical features: the category, None for a value the model saw too rarely to
 # learn (its shared "other" code), the sentinel for a missing value. Numeric ones: the number (NaN: unknown).

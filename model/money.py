@@ -17,6 +17,8 @@ from model.vocab import Channel, Strategy
 
 COSTS_FILE = DATA_DIR / "economics" / "costs.yaml"
 MINOR_UNITS_FILE = DATA_DIR / "economics" / "minor_units.yaml"
+#: rules_applied of a decision whose order's currency has no planning rate: "currency_value_unknown:NGN".
+UNKNOWN_CURRENCY_RULE = "currency_value_unknown"
 #: The minor units of a currency ISO 4217 lists with neither 0, 3 nor 4 (and of a code it does not list).
 DEFAULT_MINOR_UNITS = 2
 
@@ -24,14 +26,22 @@ DEFAULT_MINOR_UNITS = 2
 @dataclass(frozen=True)
 class Economics:
     fx_to_usd: dict[str, float]
-    default_fx_to_usd: float
+    #: What an order in a currency without a planning rate counts as worth, whatever its amount.
+    unknown_currency_value_usd: float
     retry_fee_usd: float
     step_up_extra_usd: float
     message_price_usd: dict[str, dict[str, float]]
 
-    def to_usd(self, amount: float, currency: str) -> float:
-        """Convert at the fixed planning rate; an unknown currency counts at ``default_fx_to_usd``."""
-        return amount * self.fx_to_usd.get(currency.upper(), self.default_fx_to_usd)
+    def to_usd(self, amount: float, currency: str) -> float | None:
+        """The amount in USD at the fixed planning rate; None for a currency without one (its value is unknown)."""
+        rate = self.fx_to_usd.get(currency.upper())
+        return None if rate is None else amount * rate
+
+    def order_value_usd(self, amount: float, currency: str) -> float:
+        """What recovering the order is worth in USD: the amount at its planning rate, or for a currency without
+        one ``unknown_currency_value_usd`` whatever the amount, never the amount read at par."""
+        value = self.to_usd(amount, currency)
+        return self.unknown_currency_value_usd if value is None else value
 
     def knows_currency(self, currency: str) -> bool:
         return currency.upper() in self.fx_to_usd
@@ -53,7 +63,7 @@ def load_economics(path: Path = COSTS_FILE) -> Economics:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     return Economics(
         fx_to_usd={str(k).upper(): float(v) for k, v in raw["fx_to_usd"].items()},
-        default_fx_to_usd=float(raw["default_fx_to_usd"]),
+        unknown_currency_value_usd=float(raw["unknown_currency_value_usd"]),
         retry_fee_usd=float(raw["retry_fee_usd"]["default"]),
         step_up_extra_usd=float(raw["retry_fee_usd"]["step_up_extra"]),
         message_price_usd={

@@ -21,9 +21,9 @@ from model.catalog import ErrorCatalog, NormalisedError
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offset, timing_offsets
 from model.codelevel import code_factor
 from model.datafiles import DATA_DIR
-from model.explanations import action_reason, error_reason, prior_reason
+from model.explanations import action_reason, error_reason, prior_reason, unknown_currency_reason
 from model.merchant_config import MerchantConfig
-from model.money import Economics, load_economics
+from model.money import UNKNOWN_CURRENCY_RULE, Economics, load_economics
 from model.requests import Alternative, ContractModel, Decision, DecisionRequest
 from model.rules import Candidate, build_context, permitted_grid
 from model.vocab import Action, Channel, ErrorClass, Strategy
@@ -231,7 +231,7 @@ def _expected_values(
     delay_seconds: np.ndarray,
 ) -> np.ndarray:
     """expected_values() given the candidates' runs of one kind (the cost is looked up once per run) and delays."""
-    amount_usd = economics.to_usd(request.amount, request.currency)
+    amount_usd = economics.order_value_usd(request.amount, request.currency)
     country = request.customer.country
     costs: list[float] = []
     acting: list[bool] = []
@@ -473,6 +473,11 @@ def decide(
         error_reason(error),
         action_reason(choice.action, choice.strategy, choice.connector, choice.channel, float(p_success[chosen])),
     ]
+    rules_applied = list(context.rules_applied)
+    if not economics.knows_currency(request.currency):
+        # Its amount cannot be weighed against the actions' costs: the order was valued at a fixed amount instead.
+        reasons.append(unknown_currency_reason(request.currency, economics.unknown_currency_value_usd))
+        rules_applied.append(f"{UNKNOWN_CURRENCY_RULE}:{request.currency.upper()}")
     if choice.action != Action.STOP:
         reasons.extend(active.explain(request, choice, k=2))
     if chosen != best:
@@ -515,7 +520,7 @@ def decide(
             "propensity": round(float(propensity), 6),
             "alternatives": alternatives,
             "reasons": reasons,
-            "rules_applied": list(context.rules_applied),
+            "rules_applied": rules_applied,
         },
     )
 

@@ -520,7 +520,7 @@ def play_order(
     episode = _Episode(world, order, recorder)
     counter: Counter[str] = violations if violations is not None else Counter()
     decisions, broken, end = episode.play(policy, rulebook, counter)
-    amount_usd = world.to_usd(order.amount, order.currency)
+    amount_usd = world.order_value_usd(order.amount, order.currency)
     recovered = episode.recovered_at is not None
     error = order.initial_error
     return {

@@ -122,7 +122,7 @@ def true_point_values(
         state = _state_at(world, logging, str(order_id), request.event_time)
         order = state.order
         window_end = order.first_failure_at + timedelta(days=order.merchant.config.retarget.retry_window_days)
-        amount = economics.to_usd(request.amount, request.currency)
+        amount = economics.order_value_usd(request.amount, request.currency)
         for name, policy in policies.items():
             decision = policy(request)
             cost = candidate_cost_usd(request, decision_candidate(decision), economics)

@@ -345,9 +345,9 @@ class World:
 
     # -- costs and money (exposed for policies and evaluation) --------------------------------------------
 
-    def to_usd(self, amount: float, currency: str) -> float:
-        """Convert at the fixed planning rates of model.money."""
-        return self.economics.to_usd(amount, currency)
+    def order_value_usd(self, amount: float, currency: str) -> float:
+        """What an order is worth in USD, as the policy values it (model.money)."""
+        return self.economics.order_value_usd(amount, currency)
 
     def attempt_fee_usd(self, connector: str, strategy: Strategy | str | None) -> float:
         """What one attempt through ``connector`` costs the merchant, in USD."""

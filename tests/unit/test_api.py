@@ -246,6 +246,15 @@ def test_the_contracts_example_request_is_answered_with_the_shipped_demo_config(
         api.close()
 
 
+def test_a_currency_without_a_planning_rate_gets_a_decision_that_says_so(api: Api) -> None:
+    body = {**request_body(), "currency": "NGN", "amount": 150_000.0}
+    response = api.post("/v1/decisions", body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert "currency_value_unknown:NGN" in answer["rules_applied"]
+    assert any("no USD rate for NGN" in reason for reason in answer["reasons"])
+
+
 def test_never_seen_channels_and_strategies_in_the_request_get_a_decision(api: Api, tmp_path: Path) -> None:
     body = request_body()
     # Known channels however they are written are opted out; one winback does not know is kept and constrains nothing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -287,3 +288,16 @@ def test_local_moments_are_local_time_on_floats(ts: list[float], offset: float) 
     expected = np.array([*columns, local.month_index]).T
     got = np.array(_local_moments(ts, offsets), dtype=np.float64)
     assert got.tobytes() == expected.tobytes()
+
+
+def test_a_spec_keeps_the_rate_table_it_was_trained_with() -> None:
+    # A model trained before IDR had a planning rate saw no USD amount for it (NaN): loaded after the shipped table
+    # gained the rate, it must still see none, or its inputs would shift under it. A spec fitted now has the rate.
+    request = make_request(currency="IDR", amount=150_000.0)
+    context = context_from_request(request, load_catalog())
+    context.update(dict.fromkeys(TEXT_COLUMNS, 0.5))
+    candidates = [_retry(request.event_time)]
+    old = FeatureSpec.from_json(FeatureSpec(numeric=["amount_usd"], vocabularies={}, fx_to_usd=FX).to_json())
+    assert np.isnan(old.transform_request(context, candidates)[0, 0])
+    now = FeatureSpec.from_counts({name: Counter() for name in CATEGORICAL_FEATURES})
+    assert 7.0 <= now.transform_request(context, candidates)[0, now.columns.index("amount_usd")] <= 12.0

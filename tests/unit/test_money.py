@@ -1,10 +1,17 @@
-"""Planning FX rates (data/economics/costs.yaml) against the currencies whose unit is far from a dollar."""
+"""Planning FX rates (data/economics/costs.yaml) against the currencies whose unit is far from a dollar, and what
+an order in a currency without one is worth to the policy."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import yaml
 
-from model.money import _minor_units_table, load_economics
+from model.catalog import load_catalog
+from model.money import COSTS_FILE, _minor_units_table, load_economics
+from model.policy import PolicyConfig, decide
+from model.requests import Decision
+from tests.factories import make_merchant, make_request
 
 #: ISO 4217 funds codes (index units, not money a customer pays in): no planning rate is needed.
 FUNDS_CODES = {"CLF", "UYI", "UYW"}
@@ -25,9 +32,56 @@ def test_every_currency_without_two_decimals_has_a_planning_rate() -> None:
         (500_000, "VND", 15.0, 25.0),
         (10_000, "XOF", 15.0, 18.0),
         (1_000, "BHD", 2_600, 2_700),
+        (150_000, "IDR", 7.0, 12.0),
+        (10_000, "HUF", 20.0, 35.0),
+        (1_000, "THB", 20.0, 35.0),
+        (100, "SAR", 26.0, 27.0),
     ],
 )
 def test_amounts_far_from_a_dollar_are_valued_in_their_own_order_of_magnitude(
     amount: float, currency: str, low: float, high: float
 ) -> None:
     assert low <= load_economics().to_usd(amount, currency) <= high
+
+
+#: ISO 4217 currencies (two decimals) without a planning rate in the shipped table.
+UNRATED = ["NGN", "PKR", "EGP", "XYZ"]
+
+
+@pytest.mark.parametrize("currency", UNRATED)
+def test_a_currency_without_a_rate_has_no_usd_amount_and_a_fixed_order_value(currency: str) -> None:
+    # Read at par, 150,000 NGN counted as 150,000 USD: every cost/value trade-off of the order was distorted.
+    economics = load_economics()
+    assert not economics.knows_currency(currency)
+    assert economics.to_usd(150_000, currency) is None
+    fixed = yaml.safe_load(COSTS_FILE.read_text(encoding="utf-8"))["unknown_currency_value_usd"]
+    assert economics.order_value_usd(150_000, currency) == economics.order_value_usd(0.5, currency) == fixed
+    assert fixed <= 100.0  # a small order: nothing dear is bought on a guess
+
+
+def _decide(amount: float, currency: str) -> Decision:
+    request = make_request(
+        amount=amount,
+        currency=currency,
+        failure={"error_code": "card_declined", "error_message": "Your card has insufficient funds.",
+                 "network_decline_code": "51"},
+    )  # fmt: skip
+    config = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
+    return decide(request, make_merchant(), None, catalog=load_catalog(), config=config, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("currency", UNRATED)
+def test_an_unknown_currency_is_flagged_and_its_amount_does_not_move_the_decision(currency: str) -> None:
+    tiny, huge = _decide(0.5, currency), _decide(150_000_000, currency)
+    for decision in (tiny, huge):
+        assert f"currency_value_unknown:{currency}" in decision.rules_applied
+        assert any(f"no USD rate for {currency}" in r for r in decision.reasons)
+    chosen = ("action", "strategy", "connector", "channel", "execute_at", "expected_success", "alternatives")
+    assert [getattr(tiny, name) for name in chosen] == [getattr(huge, name) for name in chosen]
+
+
+def test_a_rated_currency_is_not_flagged() -> None:
+    small, large = _decide(10, "USD"), _decide(10_000, "USD")
+    for decision in (small, large):
+        assert not any(rule.startswith("currency_value_unknown") for rule in decision.rules_applied)
+        assert not any("no USD rate" in reason for reason in decision.reasons)

@@ -62,6 +62,14 @@ def _words(value: str) -> str:
     return value.replace("_", " ")
 
 
+def _error_class(value: str) -> ErrorClass:
+    """The error class a category names (UNKNOWN for one this release does not have)."""
+    try:
+        return ErrorClass(value)
+    except ValueError:
+        return ErrorClass.UNKNOWN
+
+
 def _source_text(matched_by: str) -> str:
     if matched_by == ISO8583:
         return "judged by the network decline code"
@@ -133,11 +141,7 @@ _CATEGORY_TEXT: dict[str, tuple[str, str, str]] = {
     "channel": ("a payment link by {}", "not a payment link", "a channel the model rarely saw"),
 }
 _CATEGORY_VALUE_TEXT: dict[str, Callable[[str], str]] = {
-    "error_class": lambda value: (
-        ERROR_CLASS_TEXT.get(ErrorClass(value), "an unknown kind of failure")
-        if value in ErrorClass._value2member_map_
-        else "an unknown kind of failure"
-    ),
+    "error_class": lambda value: ERROR_CLASS_TEXT[_error_class(value)],
     "strategy": lambda value: _STRATEGY_NOUN.get(value, "a retry of another kind")[len("a retry ") :],
     "channel": lambda value: _CHANNEL_TEXT.get(value, _words(value)),
     "last_channel": lambda value: _CHANNEL_TEXT.get(value, _words(value)),

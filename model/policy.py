@@ -494,7 +494,8 @@ def decide(
         seen = float(table[0, cells[chosen]])
         if seen < config.prior_strength:
             reasons.append(
-                f"the model saw only {seen:.0f} cases like this action: the usual outcome without a model weighs in"
+                f"the model saw only {seen:.0f} {'case' if seen == 1 else 'cases'} like this action: "
+                "the usual outcome without a model weighs in"
             )
     if not retry_indices:
         reasons.append("no silent retry permitted")

@@ -22,7 +22,7 @@ from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
-from service.executor.core import UNKNOWN_CHARGE
+from service.executor.core import MAYBE_SENT_NOTE, UNKNOWN_CHARGE
 from service.executor.schemas import OrderOut
 from service.executor.store import (
     OPEN_ORDER_STATES,
@@ -375,6 +375,8 @@ class WithdrawnApproval:
     planned_for: datetime  # when it was to be carried out
     withdrawn_at: datetime
     reason: str  # what happened, e.g. "decided again: the customer's payment by link was declined (card_declined)"
+    #: Its message may have reached the customer: a try timed out at the provider before it was withdrawn.
+    maybe_sent: bool = False
 
 
 @dataclass(frozen=True)
@@ -633,6 +635,7 @@ def _approvals_decided_over(conn: sa.Connection, merchant_id: str, order_id: str
         .all()
     )
     planned_at = {action.decision_id: action.planned_at for action in view.actions if action.decision_id}
+    maybe_sent = {nudge.decision_id for nudge in view.nudges if MAYBE_SENT_NOTE in (nudge.error or "")}
     events: list[TimelineEvent] = []
     withdrawn: list[WithdrawnApproval] = []
     for row in rows:
@@ -658,6 +661,7 @@ def _approvals_decided_over(conn: sa.Connection, merchant_id: str, order_id: str
             ),
             withdrawn_at=as_utc(row["withdrawn_at"]),
             reason=row["withdrawn_reason"] or "decided again",
+            maybe_sent=row["decision_id"] in maybe_sent,
         )
         withdrawn.append(approval)
         events.append(

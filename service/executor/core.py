@@ -426,6 +426,12 @@ CONNECTOR_FAILED_UNTIL = "connector_failed_until"
 #: How long a connector no try of a retry reached is not offered to its order again.
 CONNECTOR_UNREACHED_HOLD = timedelta(hours=1)
 MESSAGE_MAYBE_SENT_TRIES = "maybe_sent_tries"
+#: A message action's payload key: when the first of those tries was made (ISO time): the day the customer may have
+#: had it, which the one-message-a-day rule and the skip-days cadence count (``Executor._messages_maybe_out``).
+MESSAGE_MAYBE_SENT_AT = "maybe_sent_at"
+#: How a message that may have reached the customer although its provider never confirmed it is told (the nudge's
+#: error, ``Executor._keep_maybe_sent``; the console looks for it).
+MAYBE_SENT_NOTE = "may have reached the provider"
 #: A message action's payload key: it was planned while its channel was down, to wait for it
 #: (``Executor._decide_with_channels_down``); while the channel stays down it is deferred, not decided again.
 MESSAGE_WAITS_FOR_CHANNEL = "waits_for_channel"
@@ -446,6 +452,13 @@ def _planned_what(action: ActionRow) -> str:
     if action.kind == ActionKind.NUDGE:
         return f"{action.payload.get('channel')} message"
     return action.kind.replace("_", " ")
+
+
+def _maybe_sent_at(action: ActionRow, otherwise: datetime) -> datetime:
+    """When a try of message ``action`` may first have reached its provider (``MESSAGE_MAYBE_SENT_AT``), or
+    ``otherwise`` for one that kept no such time (marked before it was kept)."""
+    at = action.payload.get(MESSAGE_MAYBE_SENT_AT)
+    return otherwise if at is None else as_utc(datetime.fromisoformat(str(at)))
 
 
 def _same_plan(decision: Decision, approved: ActionRow) -> bool:
@@ -559,7 +572,8 @@ class Executor:
     ) -> DecisionRequest:
         """The order's decision request at ``now``: the failure event, its last failure and its full history.
 
-        ``sending``: a charge about to be sent for the first time (its rules are checked): not an attempt yet."""
+        ``sending``: the action whose send is checked against the rules: a charge about to be sent for the first
+        time is not an attempt yet, and a message about to be (re-)sent is not in the history yet."""
         base = orjson.loads(order["request_json"])
         base["failure"] = orjson.loads(order["failure_json"])
         base["event_time"] = now.isoformat()
@@ -600,6 +614,13 @@ class Executor:
                 .order_by(nudges.c.sent_at)
             )
         ]
+        on_record = {str(nudge["nudge_id"]) for nudge in sent}
+        sent.extend(
+            message
+            for message in self._messages_maybe_out(conn, order, sending)
+            if message["nudge_id"] not in on_record
+        )
+        sent.sort(key=lambda nudge: str(nudge["sent_at"]))
         base["history"] = {"attempts": attempts, "nudges": sent}
         failed = self._failed_connectors(conn, order, now)
         if failed:
@@ -612,6 +633,37 @@ class Executor:
         if opted:
             with_opt_outs(base["customer"], opted)
         return DecisionRequest.model_validate(base)
+
+    @staticmethod
+    def _messages_maybe_out(conn: sa.Connection, order: RowMapping, sending: ActionRow | None) -> list[dict[str, Any]]:
+        """The order's messages not on record that may have reached the customer, as the history's nudges: a try
+        of each timed out (or its worker died) and its re-send waits (``MESSAGE_MAYBE_SENT_TRIES``), dated by that
+        first try. A provider that took it told nobody, so counted it is: one message a day, the skip-days cadence
+        and ``max_nudges`` hold for a new message as if it had been confirmed (review: an order decided again while
+        such a re-send waited got a second message the same day). ``sending``: the message being sent, left out."""
+        rows = conn.execute(
+            sa.select(actions).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.kind == ActionKind.NUDGE.value,
+                actions.c.state.in_(OPEN_ACTION_STATES),
+            )
+        ).mappings()
+        maybe_out = []
+        for row in rows:
+            action = ActionRow.of(row)
+            if not action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or (sending and sending.action_id == action.action_id):
+                continue
+            maybe_out.append(
+                {
+                    "channel": str(action.payload.get("channel")),
+                    "sent_at": _maybe_sent_at(action, as_utc(row["updated_at"])).isoformat(),
+                    "delivered": False,
+                    "clicked_at": None,
+                    "nudge_id": nudge_id_for(action.idempotency_key),
+                }
+            )
+        return maybe_out
 
     def _numbers_never_used(
         self, conn: sa.Connection, order: RowMapping, recorded: set[int], sending: ActionRow | None = None
@@ -981,6 +1033,7 @@ class Executor:
         )
         if approval is None or approval["withdrawn_at"] is not None:
             return False
+        why = f"decided again: {cause}" if cause else "decided again"
         of_approval = (
             actions.c.merchant_id == order["merchant_id"],
             actions.c.order_id == order["order_id"],
@@ -990,41 +1043,69 @@ class Executor:
         planned = conn.execute(sa.select(actions.c.action_id, actions.c.state).where(*of_approval)).all()
         if not planned:
             return False  # a stop: its close waits for the customer's live link, as the agent chose
+        # Waiting to be carried out: a retry never sent, or a message waiting for its time, or for its re-send
+        # after a try that timed out (it may be with the customer: review; a new decision does not replace it,
+        # ``_replaceable``, but an approval withdrawn is not carried out, and the order waits for an agent).
         waiting = [
             ActionRow.of(row)
             for row in conn.execute(
-                sa.select(actions).where(*of_approval, actions.c.state == ActionState.SCHEDULED.value, _replaceable())
+                sa.select(actions).where(
+                    *of_approval,
+                    actions.c.state == ActionState.SCHEDULED.value,
+                    sa.or_(_replaceable(), actions.c.kind == ActionKind.NUDGE.value),
+                )
             ).mappings()
         ]
         if not waiting and (
             any(row.state in OPEN_ACTION_STATES for row in planned) or self._carried_out(conn, approval["decision_id"])
         ):
             return False
-        why = f"decided again: {cause}" if cause else "decided again"
         if waiting and _same_plan(decision, waiting[0]):
-            agreement = (
-                f"the same plan as {approval['agent'] or 'an agent'}'s approval ({approval['decision_id']}), "
-                f"which stands: {why}"
-            )
-            self._queue_decision(conn, order, request, decision, now, agreed=agreement)
-            self._set_state(conn, order, OrderState.PENDING, now)
+            self._approval_agreed(conn, order, request, decision, approval, why, now)
             return True
+        withdrawn_why = why
+        for action in waiting:
+            if self._keep_maybe_sent(conn, action, f"approval withdrawn: {why}", now):
+                withdrawn_why += (
+                    f"; its {action.payload.get('channel')} message may have reached the customer (its provider "
+                    "never answered a try): it is not sent again, and no other message goes the same day"
+                )
         if waiting:
             conn.execute(
                 actions.update()
                 .where(actions.c.action_id.in_([action.action_id for action in waiting]))
                 .values(state=ActionState.CANCELLED.value, last_error=f"approval withdrawn: {why}", updated_at=now)
             )
+        self._withdraw(conn, approval, decision, withdrawn_why, now)
+        return False
+
+    def _approval_agreed(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        request: DecisionRequest,
+        decision: Decision,
+        approval: RowMapping,
+        why: str,
+        now: datetime,
+    ) -> None:
+        """``decision`` plans what the agent's ``approval`` does: the approval stands, the decision is kept as
+        agreeing with it, and nothing waits for an agent."""
+        agreement = (
+            f"the same plan as {approval['agent'] or 'an agent'}'s approval ({approval['decision_id']}), "
+            f"which stands: {why}"
+        )
+        self._queue_decision(conn, order, request, decision, now, agreed=agreement)
+        self._set_state(conn, order, OrderState.PENDING, now)
+
+    @staticmethod
+    def _withdraw(conn: sa.Connection, approval: RowMapping, decision: Decision, why: str, now: datetime) -> None:
+        """Mark the agent's ``approval`` withdrawn by ``decision``, and why (the console tells the agent)."""
         conn.execute(
             agent_queue.update()
             .where(agent_queue.c.item_id == approval["item_id"])
-            .values(
-                withdrawn_at=now,
-                withdrawn_by=decision.decision_id,
-                withdrawn_reason=why,
-            )
+            .values(withdrawn_at=now, withdrawn_by=decision.decision_id, withdrawn_reason=why)
         )
-        return False
 
     @staticmethod
     def _queue_decision(
@@ -1380,7 +1461,9 @@ class Executor:
             # A message whose 'being sent' mark a claim clears here was handed to its provider by a worker that
             # never recorded the answer (it died, or its lease ran out): it may have been sent (review of c65ddd9).
             taken_over = {
-                row.action_id for row in picked if row.kind == ActionKind.NUDGE and row.unanswered_since is not None
+                row.action_id: as_utc(row.unanswered_since)
+                for row in picked
+                if row.kind == ActionKind.NUDGE and row.unanswered_since is not None
             }
             if is_postgres(self.engine):
                 rows = (
@@ -1401,16 +1484,17 @@ class Executor:
         return sorted(claimed, key=lambda a: (a.planned_at, a.action_id))
 
     @staticmethod
-    def _note_maybe_sent(conn: sa.Connection, claimed: list[ActionRow], taken_over: set[int]) -> None:
+    def _note_maybe_sent(conn: sa.Connection, claimed: list[ActionRow], taken_over: Mapping[int, datetime]) -> None:
         """Count a try that may have reached the provider for each message in ``taken_over`` (its earlier claim
-        marked it as being sent and never recorded an answer): while its channel is down it is then deferred and
-        kept in the history (given up, it counts), not dropped as never sent and replaced by another message."""
+        marked it as being sent, at the time given, and never recorded an answer): while its channel is down it is
+        then deferred and kept in the history (given up, it counts), not dropped as never sent and replaced by
+        another message."""
         for index, action in enumerate(claimed):
-            if action.action_id not in taken_over:
+            handed_over = taken_over.get(action.action_id)
+            if handed_over is None:
                 continue
-            payload = action.payload | {
-                MESSAGE_MAYBE_SENT_TRIES: int(action.payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
-            }
+            payload = {MESSAGE_MAYBE_SENT_AT: handed_over.isoformat()} | action.payload
+            payload[MESSAGE_MAYBE_SENT_TRIES] = int(action.payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
             conn.execute(
                 actions.update().where(actions.c.action_id == action.action_id).values(payload_json=_dump(payload))
             )
@@ -1659,6 +1743,7 @@ class Executor:
         else:
             tries = int(payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
             payload[MESSAGE_MAYBE_SENT_TRIES] = tries
+            payload.setdefault(MESSAGE_MAYBE_SENT_AT, now.isoformat())
             retry = tries < policy.limit(action.kind)
         if retry:
             due = now + policy.message_delay(action.attempts, outcome.retry_after)
@@ -1901,10 +1986,12 @@ class Executor:
         recorded = conn.scalar(sa.select(nudges.c.nudge_id).where(nudges.c.idempotency_key == action.idempotency_key))
         if recorded is not None:
             return False
-        error = f"{why}; {tries} earlier {'try' if tries == 1 else 'tries'} may have reached the provider"
+        error = f"{why}; {tries} earlier {'try' if tries == 1 else 'tries'} {MAYBE_SENT_NOTE}"
         channel = str(action.payload.get("channel"))
         nudge_id = nudge_id_for(action.idempotency_key)
-        self._insert_unsent_nudge(conn, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), now)
+        # Dated by its first try that may have reached the provider: the day the customer may have had it.
+        sent_at = _maybe_sent_at(action, now)
+        self._insert_unsent_nudge(conn, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), sent_at)
         opened = conn.scalar(
             sa.select(payment_links.c.opened_at).where(payment_links.c.token_id == link_id_for(action.idempotency_key))
         )

@@ -429,7 +429,7 @@ class Effects:
             waiting = self._message_waits(conn, order, action, now)  # before a link is minted for nothing
             if waiting is not None:
                 return waiting
-            request = self.executor.request_for(conn, order, now)
+            request = self.executor.request_for(conn, order, now, sending=action)
         # The hard rules again, at the moment of sending: the decision may be hours old.
         forbidden = self._message_forbidden(request, merchant, channel, now)
         if forbidden is not None:
@@ -548,7 +548,7 @@ class Effects:
             if sending_until is not None:  # its answer, once recorded, decides whether this one may still go
                 return Defer(max(sending_until, now + RECHECK), "another message of the order is being sent")
             forbidden = self._message_forbidden(
-                self.executor.request_for(conn, order, now),
+                self.executor.request_for(conn, order, now, sending=action),
                 self.executor.merchant(action.merchant_id),
                 Channel(str(action.payload["channel"])),
                 now,

@@ -12,6 +12,7 @@ paid. Runs on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 
 from model.requests import Decision
 from model.vocab import Channel
+from service.executor.core import Executor, Transient
 from service.executor.routes import _pay
 from service.executor.store import actions, agent_queue, nudges, orders
 from tests.factories import make_request
@@ -36,6 +38,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     runtime,
     token_of,
 )
+from tests.integration.test_executor_one_message import SlowProvider
 
 SMS = {"action": "retarget", "channel": "sms"}
 AFTER_PAYDAY = timedelta(days=3)
@@ -51,15 +54,24 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
     return str(request.getfixturevalue("postgres_url"))
 
 
-def _approved_later(make: Any, database_url: str | None, approved: dict[str, Any], *after: dict[str, Any]) -> Harness:
+def _approved_later(
+    make: Any,
+    database_url: str | None,
+    approved: dict[str, Any],
+    *after: dict[str, Any],
+    provider: SlowProvider | None = None,
+) -> Harness:
     """An assisted order: an approved SMS link went out; at its follow-up (a day later) an agent approved
-    ``approved``, planned for later; ``after`` answers the decisions that follow. The SMS's link lives on."""
+    ``approved``, planned for later; ``after`` answers the decisions that follow. The SMS's link lives on.
+    ``provider``: the messages' provider (else one that takes every message)."""
     h: Harness = make(
         *(dict(step) for step in (SMS, approved, *after)),  # the scripted decider pops a step's delay
         merchants={"m_demo": demo_merchant(mode="assisted")},
         connector=FakeConnector(results=["failure", "success"]),
         database_url=database_url,
     )
+    if provider is not None:
+        h.effects.adapter_factory = provider.adapters
     h.executor.payment_failed("m_demo", event())
     h.executor.act_on_queued("ord_1", "approve", "ana", "send the link")
     h.drain()  # the SMS with its link (48 h) goes out
@@ -250,12 +262,99 @@ def test_a_standing_approved_retry_keeps_its_place_in_a_budget_of_one_retry(
     ]
 
 
+#: The approved email, on Day 2 (the next day the skip-days cadence allows) at 09:30 in Kolkata, while the SMS's
+#: link (sent on Day 0, 48 h) still lives.
+EMAIL_DAY_2 = {"action": "retarget", "channel": "email", "delay": timedelta(hours=22)}
+WHATSAPP_NOW = {"action": "retarget", "channel": "whatsapp"}
+
+
+def _approved_email_timed_out(make: Any, database_url: str | None, *after: dict[str, Any]) -> tuple[Harness, Any]:
+    """The approved email's first try timed out at its provider (it may have reached the customer): it waits to
+    be re-sent. Then the customer pays on the SMS's link and is declined: ``after`` answers the new decision. The
+    harness and the email's action."""
+    provider = SlowProvider()
+    h = _approved_later(make, database_url, EMAIL_DAY_2, *after, provider=provider)
+    h.clock.advance(hours=22)
+    provider.time_outs = 1
+    h.drain()
+    email = next(a for a in h.view().actions if a.kind == "nudge" and a.decision_id == "dec_2_ord_1")
+    assert (email.state, email.attempts) == ("scheduled", 1)  # its re-send waits
+    h.clock.advance(seconds=0.5)  # before the re-send is due
+    sms_link = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    code, _title, _message = _pay(runtime(h), sms_link)
+    assert code == 402
+    return h, provider
+
+
+def test_an_approved_message_waiting_for_its_re_send_after_a_timeout_is_withdrawn_and_kept_as_maybe_sent(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """Review: the approved email's try timed out (so it may be with the customer) and its re-send waited; the
+    order was decided again and the re-send was neither kept nor withdrawn: at its time it was dropped without a
+    word ("order is AWAITING_AGENT"), and nothing said it may have been sent. Now the approval is withdrawn with
+    why, the email stays in the history as maybe sent (its day and the order's max_nudges count it), and a
+    message the agent approves next does not go the same day."""
+    h, provider = _approved_email_timed_out(make_harness, database_url, WHATSAPP_NOW)
+    tried_at = h.clock.now - timedelta(seconds=0.5)
+    assert h.view().state == "AWAITING_AGENT"
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "pending"]
+    withdrawn = queue[1]
+    assert withdrawn["withdrawn_at"] is not None
+    assert withdrawn["withdrawn_by"] == queue[2]["decision_id"]
+    assert "declined" in withdrawn["withdrawn_reason"]
+    assert "email message may have reached the customer" in withdrawn["withdrawn_reason"]
+    # The new decision was made knowing the email may be with the customer (decide() keeps the day's one message).
+    decided = h.executor.decider.requests[-1]
+    assert [(n.channel, n.sent_at) for n in decided.history.nudges] == [
+        (Channel.SMS, h.view().nudges[0].sent_at),
+        (Channel.EMAIL, tried_at),
+    ]
+    email = next(n for n in h.view().nudges if n.channel == "email")
+    assert email.decision_id == "dec_2_ord_1"
+    assert "may have reached the provider" in (email.error or "")
+    assert email.sent_at == tried_at  # the day it may have reached the customer
+    h.clock.advance(minutes=10)
+    h.drain()
+    assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]  # never re-sent
+    # The agent approves the WhatsApp link: not on the day the email may have reached the customer.
+    h.executor.act_on_queued("ord_1", "approve", "ana", "whatsapp then")
+    h.drain()
+    assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]
+    whatsapp = next(a for a in h.view().actions if a.decision_id == queue[2]["decision_id"])
+    assert "one_nudge_per_day" in (whatsapp.last_error or "")
+
+
+def test_an_approved_message_waiting_for_its_re_send_stands_when_the_order_decided_again_plans_the_same(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h, provider = _approved_email_timed_out(make_harness, database_url, {"action": "retarget", "channel": "email"})
+    assert h.view().state == "PENDING"
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "agreed"]
+    assert queue[1]["withdrawn_at"] is None
+    h.clock.advance(minutes=10)
+    h.drain()  # the re-send, under the first try's key: a provider that took the first drops it as a repeat
+    assert [(m.channel, m.idempotency_key) for m in provider.outbox][1:] == [
+        (Channel.EMAIL, "m_demo:ord_1:nudge:dec_2_ord_1"),
+        (Channel.EMAIL, "m_demo:ord_1:nudge:dec_2_ord_1"),
+    ]
+    assert [(n.channel, n.status) for n in h.view().nudges] == [("sms", "accepted"), ("email", "accepted")]
+
+
 # ------------------------------------------------------------------------------------------- the console
 
 
-def _approve_in_console(console: Console, *steps: dict[str, Any]) -> Any:  # noqa: F811 - the fixture's type
+def _approve_in_console(
+    console: Console,  # noqa: F811 - the fixture's type
+    *steps: dict[str, Any],
+    meanwhile: Callable[[Executor], None] | None = None,
+) -> Any:
     """Order ``ord_p`` of assisted merchant ``m_a``, decided by ``steps``: asha approves the first decision in the
-    console; the order is then decided again (the customer's payment by link was declined). The executor."""
+    console; ``meanwhile`` happens; the order is then decided again (the customer's payment by link was declined).
+    The executor."""
     assert console.engine is not None  # building the engine builds the executor
     executor = console.api.app.state.executor.executor
     executor.decider = ScriptedDecider(Clock(), *(dict(step) for step in steps))
@@ -271,6 +370,8 @@ def _approve_in_console(console: Console, *steps: dict[str, Any]) -> Any:  # noq
         {"action": "approve", "decision_id": shown.group(1), "csrf_token": csrf.group(1)},
     )
     assert answer.status_code in (200, 303), answer.text
+    if meanwhile is not None:
+        meanwhile(executor)
     with executor.engine.begin() as conn:
         order = executor.lock_order(conn, "m_a", "ord_p")
         executor._decision_point(conn, order, datetime.now(UTC), "the customer's payment by link was declined (51)")
@@ -311,3 +412,27 @@ def test_the_console_shows_an_approval_that_stands_and_no_withdrawal(
     assert "payment by link was declined (51)" in page
     assert "retry at" in page  # still scheduled, at the time asha approved
     assert 'data-testid="approval-withdrawn-badge"' not in console.get("/console/queue?state=all").text
+
+
+def _email_times_out(executor: Executor) -> None:
+    """The approved email is claimed and its provider's answer times out: its re-send waits."""
+    [email] = executor.claim(limit=10, lease_seconds=30, worker_id="w1", token="claim_1")
+    assert email.kind == "nudge"
+    with executor.engine.begin() as conn:
+        executor.complete(conn, email, Transient("email provider timed out"))
+
+
+def test_the_console_says_a_withdrawn_message_whose_try_timed_out_may_have_reached_the_customer(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    email_now = {"action": "retarget", "channel": "email"}
+    _approve_in_console(console, email_now, RETRY_AFTER_PAYDAY, meanwhile=_email_times_out)
+    page = console.get("/console/orders/ord_p").text
+    notice = re.search(r'data-testid="approval-withdrawn">(.*?)</section>', page, re.S)
+    assert notice is not None, page
+    text = " ".join(notice.group(1).split())
+    assert "asha@m_a approved <strong>Payment link by email</strong>" in text
+    assert "<strong>may have reached the customer</strong>" in text
+    assert "nothing was charged or sent" not in text
+    assert "Approval withdrawn: Payment link by email (approved by asha@m_a), not carried out" in page
+    assert "email message may have reached the customer" in page  # the timeline's line says why

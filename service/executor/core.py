@@ -475,6 +475,18 @@ def _same_plan(decision: Decision, approved: ActionRow) -> bool:
     return decision.action == Action.RETARGET and str(decision.channel) == str(approved.payload.get("channel"))
 
 
+def _stop_close(merchant_id: str, order_id: str) -> sa.ColumnElement[bool]:
+    """The order's close planned by a stop and still to run (it waits for a live payment link to expire, or a
+    charge to be answered); never the window's end, which every order keeps."""
+    return sa.and_(
+        actions.c.merchant_id == merchant_id,
+        actions.c.order_id == order_id,
+        actions.c.kind == ActionKind.CLOSE.value,
+        actions.c.idempotency_key != f"{merchant_id}:{order_id}:close:window",
+        actions.c.state.in_(OPEN_ACTION_STATES),
+    )
+
+
 #: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
 UNKNOWN_CHARGE = sa.and_(
     actions.c.state == ActionState.DEAD.value,
@@ -1016,7 +1028,8 @@ class Executor:
         recommendation: before, the action stayed scheduled beside the new recommendation and was cancelled
         without a word when it fell due ("order is AWAITING_AGENT"). An approved action that ended without effect
         (the rules refused it at its send, its message could not go, the customer opted out) is withdrawn too.
-        An approved action being carried out (claimed, or sent and waiting for its answer) is left to finish."""
+        An approved action being carried out (claimed, or sent and waiting for its answer) is left to finish. An
+        approved stop whose close waits for a live link is settled the same way (``_approved_stop_stands``)."""
         where = (agent_queue.c.merchant_id == order["merchant_id"], agent_queue.c.order_id == order["order_id"])
         # The latest approval, withdrawn or not: one withdrawn already is settled, and an older one behind it was
         # settled when the newer one was given (review: the latest not withdrawn reached back to an approval carried
@@ -1034,6 +1047,8 @@ class Executor:
         if approval is None or approval["withdrawn_at"] is not None:
             return False
         why = f"decided again: {cause}" if cause else "decided again"
+        if Decision.model_validate_json(approval["decision_json"]).action == Action.STOP:
+            return self._approved_stop_stands(conn, order, request, decision, approval, why, now)
         of_approval = (
             actions.c.merchant_id == order["merchant_id"],
             actions.c.order_id == order["order_id"],
@@ -1042,7 +1057,7 @@ class Executor:
         )
         planned = conn.execute(sa.select(actions.c.action_id, actions.c.state).where(*of_approval)).all()
         if not planned:
-            return False  # a stop: its close waits for the customer's live link, as the agent chose
+            return False  # nothing was planned for it: nothing to settle
         # Waiting to be carried out: a retry never sent, or a message waiting for its time, or for its re-send
         # after a try that timed out (it may be with the customer: review; a new decision does not replace it,
         # ``_replaceable``, but an approval withdrawn is not carried out, and the order waits for an agent).
@@ -1077,6 +1092,44 @@ class Executor:
                 .values(state=ActionState.CANCELLED.value, last_error=f"approval withdrawn: {why}", updated_at=now)
             )
         self._withdraw(conn, approval, decision, withdrawn_why, now)
+        return False
+
+    def _approved_stop_stands(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        request: DecisionRequest,
+        decision: Decision,
+        approval: RowMapping,
+        why: str,
+        now: datetime,
+    ) -> bool:
+        """``_approval_stands`` for an approved stop whose close still waits (for the customer's live link to
+        expire, or a charge to be answered). It stands when ``decision`` stops too, and is carried out again now
+        (the link the customer used is no longer live: the order fails unless another is). Otherwise it is
+        withdrawn and its close cancelled: left, it failed the order at the link's expiry under the new
+        recommendation, and the agent was told nothing (review)."""
+        closes = conn.scalars(
+            sa.select(actions.c.action_id).where(_stop_close(order["merchant_id"], order["order_id"]))
+        )
+        waiting = list(closes)
+        if not waiting:
+            return False  # carried out: the order failed, or is no longer the stop's to close
+        if decision.action == Action.STOP:
+            self._approval_agreed(conn, order, request, decision, approval, why, now)
+            self._carry_out(conn, order, decision, now)
+            return True
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id.in_(waiting))
+            .values(
+                state=ActionState.CANCELLED.value,
+                claim_token=None,
+                last_error=f"approval withdrawn: {why}",
+                updated_at=now,
+            )
+        )
+        self._withdraw(conn, approval, decision, why, now)
         return False
 
     def _approval_agreed(
@@ -1166,11 +1219,7 @@ class Executor:
         # below; the window's end keeps its close. A close claimed by a worker right now (it fell due as this
         # decision came) is replaced too: it has no outside effect, and left to run it failed the order under this
         # decision's plan; its worker finds it cancelled and records nothing (``_record_settled_meanwhile``).
-        stop_close = sa.and_(
-            actions.c.kind == ActionKind.CLOSE.value,
-            actions.c.idempotency_key != f"{merchant_id}:{order_id}:close:window",
-            actions.c.state.in_(OPEN_ACTION_STATES),
-        )
+        stop_close = _stop_close(merchant_id, order_id)
         conn.execute(
             actions.update()
             .where(

@@ -87,6 +87,16 @@ def _queue(h: Harness) -> list[dict[str, Any]]:
         return [dict(row) for row in conn.execute(sa.select(agent_queue).order_by(agent_queue.c.item_id)).mappings()]
 
 
+def _withdrawn_for_the_new_recommendation(h: Harness) -> dict[str, Any]:
+    """The approval (the order's second queue item) withdrawn by the new recommendation, which waits for an agent."""
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "pending"]
+    withdrawn = queue[1]
+    assert withdrawn["withdrawn_at"] is not None
+    assert withdrawn["withdrawn_by"] == queue[2]["decision_id"]
+    return withdrawn
+
+
 def _decline_the_link(h: Harness) -> None:
     h.clock.advance(hours=6)
     code, _title, _message = _pay(runtime(h), token_of(h))
@@ -123,11 +133,7 @@ def test_an_approved_retry_is_withdrawn_with_why_when_the_order_decided_again_pl
     _decline_the_link(h)
     view = h.view()
     assert view.state == "AWAITING_AGENT"
-    queue = _queue(h)
-    assert [item["state"] for item in queue] == ["approved", "approved", "pending"]
-    withdrawn = queue[1]
-    assert withdrawn["withdrawn_at"] is not None
-    assert withdrawn["withdrawn_by"] == queue[2]["decision_id"]
+    withdrawn = _withdrawn_for_the_new_recommendation(h)
     assert "payment by link" in withdrawn["withdrawn_reason"]
     assert "declined" in withdrawn["withdrawn_reason"]
     retry = next(a for a in view.actions if a.kind == "retry")
@@ -298,11 +304,7 @@ def test_an_approved_message_waiting_for_its_re_send_after_a_timeout_is_withdraw
     h, provider = _approved_email_timed_out(make_harness, database_url, WHATSAPP_NOW)
     tried_at = h.clock.now - timedelta(seconds=0.5)
     assert h.view().state == "AWAITING_AGENT"
-    queue = _queue(h)
-    assert [item["state"] for item in queue] == ["approved", "approved", "pending"]
-    withdrawn = queue[1]
-    assert withdrawn["withdrawn_at"] is not None
-    assert withdrawn["withdrawn_by"] == queue[2]["decision_id"]
+    withdrawn = _withdrawn_for_the_new_recommendation(h)
     assert "declined" in withdrawn["withdrawn_reason"]
     assert "email message may have reached the customer" in withdrawn["withdrawn_reason"]
     # The new decision was made knowing the email may be with the customer (decide() keeps the day's one message).
@@ -322,7 +324,7 @@ def test_an_approved_message_waiting_for_its_re_send_after_a_timeout_is_withdraw
     h.executor.act_on_queued("ord_1", "approve", "ana", "whatsapp then")
     h.drain()
     assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]
-    whatsapp = next(a for a in h.view().actions if a.decision_id == queue[2]["decision_id"])
+    whatsapp = next(a for a in h.view().actions if a.decision_id == withdrawn["withdrawn_by"])
     assert "one_nudge_per_day" in (whatsapp.last_error or "")
 
 
@@ -342,6 +344,46 @@ def test_an_approved_message_waiting_for_its_re_send_stands_when_the_order_decid
         (Channel.EMAIL, "m_demo:ord_1:nudge:dec_2_ord_1"),
     ]
     assert [(n.channel, n.status) for n in h.view().nudges] == [("sms", "accepted"), ("email", "accepted")]
+
+
+STOP = {"action": "stop"}
+
+
+def _close_actions(h: Harness) -> list[Any]:
+    return [a for a in h.view().actions if a.kind == "close" and a.state in ("scheduled", "claimed")]
+
+
+def test_an_approved_stop_waiting_for_a_live_link_is_withdrawn_with_why_when_its_link_payment_is_declined(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """The agent approved a stop: the order fails once the SMS's link (live for another day) expires. The customer
+    pays on that link and is declined, and the order is decided again. Before, the stop was not marked withdrawn
+    and its close stayed planned: at the link's expiry it failed the order under the new recommendation."""
+    h = _approved_later(make_harness, database_url, STOP, EMAIL_TOMORROW)
+    assert len(_close_actions(h)) == 2  # the window's end, and the stop's at the link's expiry
+    _decline_the_link(h)
+    assert h.view().state == "AWAITING_AGENT"
+    withdrawn = _withdrawn_for_the_new_recommendation(h)
+    assert "payment by link was declined" in withdrawn["withdrawn_reason"]
+    assert len(_close_actions(h)) == 1  # the window's end only
+    h.clock.advance(hours=24)  # past the link's expiry
+    h.drain()
+    assert h.view().state == "AWAITING_AGENT"  # the new recommendation still waits for an agent
+
+
+def test_an_approved_stop_stands_when_the_order_decided_again_stops_too(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h = _approved_later(make_harness, database_url, STOP, STOP)
+    _decline_the_link(h)
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "agreed"]
+    assert queue[1]["withdrawn_at"] is None
+    assert h.view().state == "FAILED"  # no live link is left to wait for
+    h.drain()
+    assert [hook.content.count(b"order.failed") for hook in h.receiver.received] == [1]
 
 
 # ------------------------------------------------------------------------------------------- the console

@@ -1028,7 +1028,8 @@ class Executor:
         recommendation: before, the action stayed scheduled beside the new recommendation and was cancelled
         without a word when it fell due ("order is AWAITING_AGENT"). An approved action that ended without effect
         (the rules refused it at its send, its message could not go, the customer opted out) is withdrawn too.
-        An approved action being carried out (claimed, or sent and waiting for its answer) is left to finish. An
+        An approved action being carried out (a charge sent and waiting for its answer, a message with its
+        provider now) is left to finish; one a worker has claimed and not sent yet is settled as if waiting. An
         approved stop whose close waits for a live link is settled the same way (``_approved_stop_stands``)."""
         where = (agent_queue.c.merchant_id == order["merchant_id"], agent_queue.c.order_id == order["order_id"])
         # The latest approval, withdrawn or not: one withdrawn already is settled, and an older one behind it was
@@ -1060,14 +1061,23 @@ class Executor:
             return False  # nothing was planned for it: nothing to settle
         # Waiting to be carried out: a retry never sent, or a message waiting for its time, or for its re-send
         # after a try that timed out (it may be with the customer: review; a new decision does not replace it,
-        # ``_replaceable``, but an approval withdrawn is not carried out, and the order waits for an agent).
+        # ``_replaceable``, but an approval withdrawn is not carried out, and the order waits for an agent). Also
+        # one a worker has claimed and not sent yet: it sends only under the order's lock, held here, so it sees
+        # what becomes of it (before, it was left to finish, and its worker skipped it, "order is AWAITING_AGENT",
+        # with the approval neither kept nor withdrawn: review). Its row is locked first (PostgreSQL): a claim
+        # being committed is waited for and read as committed.
+        not_out = sa.or_(
+            actions.c.unanswered_since.is_(None),
+            # a message's mark holds only while it is claimed (a claim clears one its worker left behind)
+            sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.state == ActionState.SCHEDULED.value),
+        )
         waiting = [
             ActionRow.of(row)
             for row in conn.execute(
-                sa.select(actions).where(
-                    *of_approval,
-                    actions.c.state == ActionState.SCHEDULED.value,
-                    sa.or_(_replaceable(), actions.c.kind == ActionKind.NUDGE.value),
+                self.for_update(
+                    sa.select(actions)
+                    .where(*of_approval, actions.c.state.in_(OPEN_ACTION_STATES), not_out)
+                    .order_by(actions.c.action_id)
                 )
             ).mappings()
         ]
@@ -1086,10 +1096,16 @@ class Executor:
                     "never answered a try): it is not sent again, and no other message goes the same day"
                 )
         if waiting:
+            # A worker holding one of them finds its claim gone and sends nothing ("no longer this worker's").
             conn.execute(
                 actions.update()
                 .where(actions.c.action_id.in_([action.action_id for action in waiting]))
-                .values(state=ActionState.CANCELLED.value, last_error=f"approval withdrawn: {why}", updated_at=now)
+                .values(
+                    state=ActionState.CANCELLED.value,
+                    claim_token=None,
+                    last_error=f"approval withdrawn: {why}",
+                    updated_at=now,
+                )
             )
         self._withdraw(conn, approval, decision, withdrawn_why, now)
         return False
@@ -1110,7 +1126,7 @@ class Executor:
         withdrawn and its close cancelled: left, it failed the order at the link's expiry under the new
         recommendation, and the agent was told nothing (review)."""
         closes = conn.scalars(
-            sa.select(actions.c.action_id).where(_stop_close(order["merchant_id"], order["order_id"]))
+            self.for_update(sa.select(actions.c.action_id).where(_stop_close(order["merchant_id"], order["order_id"])))
         )
         waiting = list(closes)
         if not waiting:

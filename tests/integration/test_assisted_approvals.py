@@ -31,6 +31,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     Clock,
     FakeConnector,
     Harness,
+    HookConnector,
     ScriptedDecider,
     demo_merchant,
     event,
@@ -60,14 +61,16 @@ def _approved_later(
     approved: dict[str, Any],
     *after: dict[str, Any],
     provider: SlowProvider | None = None,
+    connector: FakeConnector | None = None,
 ) -> Harness:
     """An assisted order: an approved SMS link went out; at its follow-up (a day later) an agent approved
     ``approved``, planned for later; ``after`` answers the decisions that follow. The SMS's link lives on.
-    ``provider``: the messages' provider (else one that takes every message)."""
+    ``provider``: the messages' provider (else one that takes every message); ``connector``: the charges' (else
+    one that declines the first and takes the second)."""
     h: Harness = make(
         *(dict(step) for step in (SMS, approved, *after)),  # the scripted decider pops a step's delay
         merchants={"m_demo": demo_merchant(mode="assisted")},
-        connector=FakeConnector(results=["failure", "success"]),
+        connector=connector or FakeConnector(results=["failure", "success"]),
         database_url=database_url,
     )
     if provider is not None:
@@ -384,6 +387,62 @@ def test_an_approved_stop_stands_when_the_order_decided_again_stops_too(
     assert h.view().state == "FAILED"  # no live link is left to wait for
     h.drain()
     assert [hook.content.count(b"order.failed") for hook in h.receiver.received] == [1]
+
+
+RETRY_IN_6H = {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=6)}
+
+
+def _retry_claimed_as_the_order_is_decided_again(
+    make: Any, database_url: str | None, *after: dict[str, Any]
+) -> tuple[Harness, Any]:
+    """An agent approved a retry in 6 h while the SMS's link lives. When it falls due the customer pays on the
+    link; while that payment is with the connector, a worker claims the approved retry (the same moment), and the
+    link payment's decline decides the order again (``after``). Then the worker goes on with the retry it holds.
+    The harness and the retry as claimed."""
+    connector = HookConnector(results=["failure", "success"])
+    h = _approved_later(make, database_url, RETRY_IN_6H, *after, connector=connector)
+    h.clock.advance(hours=6)
+    claimed: list[Any] = []
+
+    def worker_claims_the_retry() -> None:
+        claimed.extend(h.executor.claim(limit=10, lease_seconds=30, worker_id="w2", token="claim_w2"))
+
+    connector.during[":link:"] = worker_claims_the_retry
+    code, _title, _message = _pay(runtime(h), token_of(h))
+    assert code == 402
+    [retry] = claimed
+    assert retry.kind == "retry"
+    with h.executor.engine.connect() as conn:
+        order = h.executor.orders_of(conn, [retry])[("m_demo", "ord_1")]
+    h.worker.record([(retry, h.effects.perform(retry, order))])
+    return h, retry
+
+
+def test_an_approved_retry_claimed_as_the_order_is_decided_again_otherwise_is_withdrawn_with_why(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """Before, the re-decision left a claimed retry to finish, and its worker then skipped it ("order is
+    AWAITING_AGENT"): the approval vanished without a mark. A claimed retry not yet sent is the order's to settle
+    under its lock, as one still scheduled: here withdrawn, and its worker finds its claim gone."""
+    h, retry = _retry_claimed_as_the_order_is_decided_again(make_harness, database_url, EMAIL_TOMORROW)
+    withdrawn = _withdrawn_for_the_new_recommendation(h)
+    assert "payment by link was declined" in withdrawn["withdrawn_reason"]
+    action = next(a for a in h.view().actions if a.action_id == retry.action_id)
+    assert action.state == "cancelled"
+    assert "approval withdrawn" in (action.last_error or "")
+    assert [key for key in h.connector.calls if ":retry:" in key] == []
+    assert h.view().state == "AWAITING_AGENT"
+
+
+def test_an_approved_retry_claimed_as_the_order_is_decided_again_to_the_same_retry_is_charged(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h, retry = _retry_claimed_as_the_order_is_decided_again(make_harness, database_url, RETRY_IN_6H)
+    assert [item["state"] for item in _queue(h)] == ["approved", "approved", "agreed"]
+    assert [key for key in h.connector.calls if ":retry:" in key] == [retry.idempotency_key]
+    assert h.view().state == "SUCCEEDED"
 
 
 # ------------------------------------------------------------------------------------------- the console

@@ -215,14 +215,20 @@ def _pending_decisions(conn: sa.Connection, merchant_id: str) -> dict[str, Decis
     return {order_id: Decision.model_validate_json(text) for order_id, text in conn.execute(query)}
 
 
+def withdrawn_approvals(merchant_id: str) -> sa.Select[str, datetime]:
+    """The merchant's orders with an approval withdrawn, each with its latest withdrawal (read through the partial
+    index ``ix_agent_queue_withdrawn``, migration 0013)."""
+    return (
+        sa.select(agent_queue.c.order_id, sa.func.max(agent_queue.c.withdrawn_at))
+        .where(agent_queue.c.merchant_id == merchant_id, agent_queue.c.withdrawn_at.is_not(None))
+        .group_by(agent_queue.c.order_id)
+    )
+
+
 def _approvals_withdrawn_unseen(conn: sa.Connection, merchant_id: str) -> set[str]:
     """The merchant's orders whose latest withdrawn approval no agent has acted on since."""
     where = agent_queue.c.merchant_id == merchant_id
-    withdrawn = conn.execute(
-        sa.select(agent_queue.c.order_id, sa.func.max(agent_queue.c.withdrawn_at))
-        .where(where, agent_queue.c.withdrawn_at.is_not(None))
-        .group_by(agent_queue.c.order_id)
-    ).all()
+    withdrawn = conn.execute(withdrawn_approvals(merchant_id)).all()
     if not withdrawn:
         return set()
     acted = dict(

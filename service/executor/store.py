@@ -214,6 +214,15 @@ agent_queue = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_agent_queue_state", "state", "created_at"),
     sa.Index("ix_agent_queue_order", "merchant_id", "order_id"),
+    # The approvals withdrawn, which the console's queue looks up per merchant (migration 0013): a few rows only.
+    sa.Index(
+        "ix_agent_queue_withdrawn",
+        "merchant_id",
+        "order_id",
+        "withdrawn_at",
+        postgresql_where=sa.text("withdrawn_at IS NOT NULL"),
+        sqlite_where=sa.text("withdrawn_at IS NOT NULL"),
+    ),
 )
 
 

@@ -191,3 +191,47 @@ def test_an_approvals_withdrawal_is_added_by_0012_and_dropped_on_downgrade(datab
         assert "acted_at" in columns
     finally:
         engine.dispose()
+
+
+def _queue_items(merchants: int, orders: int) -> list[dict[str, object]]:
+    """Agent queue items of ``merchants`` merchants with ``orders`` orders each, one in fifty withdrawn."""
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+    return [
+        {
+            "merchant_id": f"m_{merchant}", "order_id": f"ord_{order}", "decision_id": f"dec_{merchant}_{order}",
+            "decision_json": "{}", "request_json": "{}", "state": "approved", "created_at": moment,
+            "withdrawn_at": moment if order % 50 == 0 else None,
+        }
+        for merchant in range(merchants)
+        for order in range(orders)
+    ]  # fmt: skip
+
+
+def test_the_consoles_withdrawn_approvals_are_read_through_0013s_index_dropped_on_downgrade(database_url: str) -> None:
+    """0013: the queue page's look-up of a merchant's withdrawn approvals reads the partial index, not every item
+    of the merchant's queue."""
+    from service.console.views import withdrawn_approvals
+    from service.executor.store import agent_queue
+
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine)
+        assert "ix_agent_queue_withdrawn" in {index["name"] for index in sa.inspect(engine).get_indexes("agent_queue")}
+        with engine.begin() as conn:
+            conn.execute(sa.insert(agent_queue), _queue_items(merchants=4, orders=1000))
+            conn.exec_driver_sql("ANALYZE")
+        query = withdrawn_approvals("m_1").compile(engine, compile_kwargs={"literal_binds": True})
+        explain = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "EXPLAIN"
+        with engine.connect() as conn:
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"{explain} {query}"))
+            assert "ix_agent_queue_withdrawn" in plan, plan
+            assert len(conn.execute(withdrawn_approvals("m_1")).all()) == 20
+        downgrade(engine, "0012")
+        assert "ix_agent_queue_withdrawn" not in {
+            index["name"] for index in sa.inspect(engine).get_indexes("agent_queue")
+        }
+        assert {"withdrawn_at", "withdrawn_by", "withdrawn_reason"} <= {
+            column["name"] for column in sa.inspect(engine).get_columns("agent_queue")
+        }
+    finally:
+        engine.dispose()

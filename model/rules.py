@@ -104,6 +104,7 @@ class Rule(StrEnum):
     SUSPECTED_FRAUD = "suspected_fraud"
     CLEAR_PAN_NOT_APPLICABLE = "clear_pan_not_applicable"
     ALTERNATE_NETWORK_NOT_APPLICABLE = "alternate_network_not_applicable"
+    ALTERNATE_NETWORK_SAME_ACCOUNT = "alternate_network_same_account"
     CASCADE_SAME_CONNECTOR = "cascade_same_connector"
     RETRY_SAME_OTHER_CONNECTOR = "retry_same_other_connector"
     CONNECTOR_UNAVAILABLE = "connector_unavailable"
@@ -206,6 +207,8 @@ class RuleBook:
     fraud_suspicion_classes: frozenset[str]
     alternate_network_payment_methods: frozenset[str]
     alternate_network_payment_method_types: frozenset[str]
+    # Error classes an alternate debit network cannot cure: it draws on the same account (insufficient funds).
+    alternate_network_not_for_error_classes: frozenset[str]
     cascade_not_for_payment_methods: frozenset[str]  # mandates: bound to the gateway that registered them
     cascade_not_for_payment_method_types: frozenset[str]
     channel_reachability: Mapping[Channel, str]
@@ -361,6 +364,9 @@ def parse_rulebook(raw: Any) -> RuleBook:
         fraud_suspicion_classes=_error_classes(raw, "suspected_fraud.error_classes"),
         alternate_network_payment_methods=_strings(raw, "strategies.alternate_network.payment_methods"),
         alternate_network_payment_method_types=_strings(raw, "strategies.alternate_network.payment_method_types"),
+        alternate_network_not_for_error_classes=_error_classes(
+            raw, "strategies.alternate_network.not_for_error_classes"
+        ),
         cascade_not_for_payment_methods=_strings(raw, "strategies.cascade.not_for_payment_methods"),
         cascade_not_for_payment_method_types=_strings(raw, "strategies.cascade.not_for_payment_method_types"),
         channel_reachability={Channel(name): str(field) for name, field in reach_raw.items()},
@@ -736,6 +742,10 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         method in book.alternate_network_payment_methods and method_type in book.alternate_network_payment_method_types
     ):
         not_applicable[Strategy.ALTERNATE_NETWORK.value] = Rule.ALTERNATE_NETWORK_NOT_APPLICABLE
+    elif normalised.error_class.value in book.alternate_network_not_for_error_classes:
+        # Another debit network draws on the same account: it cannot cure insufficient funds (hard_rules.yaml).
+        applied.append(Rule.ALTERNATE_NETWORK_SAME_ACCOUNT.value)
+        not_applicable.setdefault(Strategy.ALTERNATE_NETWORK.value, Rule.ALTERNATE_NETWORK_SAME_ACCOUNT)
     flow_disabled = Rule.RETRY_FLOW_DISABLED
     strategy_blocked: dict[str, tuple[str, ...]] = {}
     for name in _RETRY_STRATEGY_NAMES:

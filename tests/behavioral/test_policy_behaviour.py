@@ -310,6 +310,29 @@ def test_an_sca_soft_decline_of_a_recurring_payment_goes_back_to_the_customer() 
 
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_insufficient_funds_on_a_debit_card_never_goes_over_an_alternate_network(
+    with_model: bool, bundle: ModelBundle
+) -> None:
+    """An alternate debit network draws on the same account: it cannot cure insufficient funds. It was offered,
+    listed and explored (the priors rate it like a cascade after payday). A retry after payday or a link remain."""
+    request = make_request(
+        failure={"connector": "stripe", "error_code": "card_declined", "error_message": None,
+                 "network_decline_code": "51"},
+        payment={"is_recurring": True, "payment_method_type": "debit", "card_network": "mastercard"},
+    )  # fmt: skip
+    rng = np.random.default_rng(5)
+    strategies = set()
+    for _ in range(30):  # exploration draws differ between calls
+        decision = decide(
+            request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING, rng=rng
+        )
+        strategies |= {c.strategy for c in _every_action(decision) if c.action is Action.RETRY}
+    assert Strategy.ALTERNATE_NETWORK not in strategies
+    assert Strategy.RETRY_SAME in strategies
+    assert "alternate_network_same_account" in decision.rules_applied
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 def test_a_suspected_fraud_renewal_is_never_retried_silently_and_is_not_retryable(
     with_model: bool, bundle: ModelBundle
 ) -> None:

@@ -1944,6 +1944,42 @@ def test_a_suspected_fraud_decline_is_never_re_presented_silently(failure: dict[
         assert Rule.SUSPECTED_FRAUD in broken(recurring, retry(strategy=strategy, connector=via, at=at)), strategy
 
 
+INSUFFICIENT_FUNDS_DECLINES = [
+    {"connector": "stripe", "error_code": "card_declined", "error_message": None, "network_decline_code": "51"},
+    {"connector": "stripe", "error_code": "insufficient_funds", "error_message": None, "network_decline_code": None},
+    {"connector": "adyen", "error_code": "51", "error_message": "Not enough balance", "network_decline_code": None},
+]
+
+
+@pytest.mark.parametrize("network", ["visa", "mastercard"])
+@pytest.mark.parametrize(
+    "failure", INSUFFICIENT_FUNDS_DECLINES, ids=lambda failure: f"{failure['connector']}-{failure['error_code']}"
+)
+def test_an_alternate_debit_network_is_never_tried_after_insufficient_funds(
+    failure: dict[str, Any], network: str
+) -> None:
+    """Found by the payments expert review: a debit card declined for insufficient funds (Visa 51, Mastercard 51,
+    NSF) was offered, and could be chosen, an alternate debit network. That network (US PINless debit under
+    Regulation II) draws on the same account, so it cannot cure the shortfall; a retry after payday and a payment
+    link can."""
+    debit = {"payment_method": "card", "payment_method_type": "debit", "card_network": network, "is_recurring": True}
+    context = ctx(catalog=load_catalog(), payment=debit, failure=failure)
+    assert context.error.error_class is ErrorClass.INSUFFICIENT_FUNDS
+    assert "alternate_network_same_account" in context.rules_applied
+    for at in (T0 + timedelta(seconds=2), T0 + 72 * HOUR):
+        alternate = retry(strategy="alternate_network", connector=failure["connector"], at=at)
+        assert broken(context, alternate) == (Rule.ALTERNATE_NETWORK_SAME_ACCOUNT,)
+    grid = permitted(context, rules.enumerate_candidates(context))
+    assert Strategy.ALTERNATE_NETWORK not in {c.strategy for c in grid}
+    assert Strategy.RETRY_SAME in {c.strategy for c in grid}  # e.g. after payday
+    assert any(c.action is Action.RETARGET for c in grid)
+    # Another error on the same debit card may still go over another network.
+    issuer_down = {**failure, "error_code": "processing_error", "error_message": None, "network_decline_code": "91"}
+    technical = ctx(catalog=load_catalog(), payment=debit, failure=issuer_down)
+    assert "alternate_network_same_account" not in technical.rules_applied
+    assert broken(technical, retry(strategy="alternate_network", connector=failure["connector"])) == ()
+
+
 def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
     """An hour after the failure (a follow-up after an unanswered message), nobody is at the checkout to
     authenticate: no step-up, whatever the error; other strategies stay as they were."""

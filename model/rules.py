@@ -150,6 +150,10 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
 )
 
 
+#: Named in ``rules_applied`` when a recurring payment runs on an Indian card e-mandate (no cascade).
+RBI_CARD_E_MANDATE = "rbi_card_e_mandate"
+
+
 class RulesDataError(ValueError):
     """``data/rules/hard_rules.yaml`` is missing or malformed; the message names the key."""
 
@@ -211,6 +215,10 @@ class RuleBook:
     alternate_network_not_for_error_classes: frozenset[str]
     cascade_not_for_payment_methods: frozenset[str]  # mandates: bound to the gateway that registered them
     cascade_not_for_payment_method_types: frozenset[str]
+    # India's card e-mandates (RBI): a recurring card payment of an Indian customer runs on one, bound to its gateway.
+    e_mandate_payment_methods: frozenset[str]
+    e_mandate_customer_countries: frozenset[str]  # upper case, ISO 3166 alpha-2
+    e_mandate_currencies_without_country: frozenset[str]  # upper case, ISO 4217: when the request has no country
     channel_reachability: Mapping[Channel, str]
     sources: Mapping[str, str]
 
@@ -252,6 +260,10 @@ def _strings(node: Any, path: str) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise RulesDataError(f"{RULES_FILE.name}: {path!r} must be a list of strings")
     return frozenset(item.strip().lower() for item in value)
+
+
+def _upper(names: frozenset[str]) -> frozenset[str]:
+    return frozenset(name.upper() for name in names)
 
 
 def _error_classes(node: Any, path: str) -> frozenset[str]:
@@ -323,6 +335,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["lost_stolen_card"] = str(_get(raw, "lost_stolen_card.source"))
     sources["block_list"] = str(_get(raw, "block_list.source"))
     sources["suspected_fraud"] = str(_get(raw, "suspected_fraud.source"))
+    sources["rbi_card_e_mandate"] = str(_get(raw, "rbi_card_e_mandate.source"))
     return RuleBook(
         version=int(_number(raw, "version")),
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
@@ -369,6 +382,9 @@ def parse_rulebook(raw: Any) -> RuleBook:
         ),
         cascade_not_for_payment_methods=_strings(raw, "strategies.cascade.not_for_payment_methods"),
         cascade_not_for_payment_method_types=_strings(raw, "strategies.cascade.not_for_payment_method_types"),
+        e_mandate_payment_methods=_strings(raw, "rbi_card_e_mandate.payment_methods"),
+        e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
+        e_mandate_currencies_without_country=_upper(_strings(raw, "rbi_card_e_mandate.currencies_without_country")),
         channel_reachability={Channel(name): str(field) for name, field in reach_raw.items()},
         sources=sources,
     )
@@ -730,8 +746,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         for name in _RETRY_STRATEGY_NAMES:
             if name not in book.fraud_suspicion_only:
                 not_applicable.setdefault(name, Rule.SUSPECTED_FRAUD)
+    is_card_e_mandate = _is_indian_card_e_mandate(book, request, method)
+    if is_card_e_mandate:
+        applied.append(RBI_CARD_E_MANDATE)
     if (
         is_upi_autopay
+        or is_card_e_mandate
         or method in book.cascade_not_for_payment_methods
         or method_type in book.cascade_not_for_payment_method_types
     ):
@@ -841,6 +861,18 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         cadence_days=retarget.skip_days + 1,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
+
+
+def _is_indian_card_e_mandate(book: RuleBook, request: DecisionRequest, method: str) -> bool:
+    """Whether the payment is a recurring debit of a card issued in India, which runs on an RBI e-mandate registered
+    through one gateway (hard_rules.yaml, rbi_card_e_mandate). The issuing country is not in the request: the
+    customer's country stands for it, and without one the currency."""
+    if not request.payment.is_recurring or method not in book.e_mandate_payment_methods:
+        return False
+    country = request.customer.country
+    if country:
+        return country.strip().upper() in book.e_mandate_customer_countries
+    return request.currency.strip().upper() in book.e_mandate_currencies_without_country
 
 
 def _is_upi_method(method: str) -> bool:

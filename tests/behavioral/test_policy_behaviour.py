@@ -266,7 +266,8 @@ def test_an_order_already_paid_gets_stop(with_model: bool, bundle: ModelBundle) 
 def test_alternatives_are_every_other_permitted_action(with_model: bool, bundle: ModelBundle) -> None:
     """CONTRACT.md section 2: 'the other permitted actions, best first'. They were cut to five, so a permitted
     stop or channel could be missing from what an agent sees (seen in a black-box check of the demo request)."""
-    request, merchant = make_request(), make_merchant()
+    # The demo request with a UK customer: an Indian card's renewal (an RBI e-mandate) has no cascades to list.
+    request, merchant = make_request(customer={"country": "GB"}, currency="GBP"), make_merchant()
     decision = decide(request, merchant, bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
     context = build_context(request, merchant, load_catalog())
     allowed, _ = permitted_grid(context)
@@ -309,6 +310,31 @@ def test_an_sca_soft_decline_of_a_recurring_payment_goes_back_to_the_customer() 
     assert all(alternative.strategy != Strategy.STEP_UP for alternative in decision.alternatives)
 
 
+def _retry_strategies_served(request: Any, scorer: ModelBundle | None, seed: int) -> tuple[set[Strategy], Decision]:
+    """Every retry strategy chosen or listed over 30 exploring decisions of ``request``, and the last decision."""
+    rng = np.random.default_rng(seed)
+    strategies: set[Strategy] = set()
+    for _ in range(30):  # exploration draws differ between calls
+        decision = decide(request, make_merchant(), scorer, catalog=load_catalog(), config=EXPLORING, rng=rng)
+        strategies |= {c.strategy for c in _every_action(decision) if c.action is Action.RETRY and c.strategy}
+    return strategies, decision
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_an_indian_card_renewal_is_never_cascaded_to_another_gateway(with_model: bool, bundle: ModelBundle) -> None:
+    """The contract's example (an Indian customer's card renewal in INR) failed for a technical fault: a cascade
+    scores best, and was chosen, though the RBI e-mandate it runs on is registered through the gateway that failed.
+    Neither the choice, nor exploration, nor the alternatives may cascade it; retry_same on that gateway stays."""
+    request = make_request(
+        failure={"connector": "stripe", "error_code": "processing_error", "error_message": None,
+                 "network_decline_code": "91"},
+    )  # fmt: skip
+    strategies, decision = _retry_strategies_served(request, bundle if with_model else None, seed=11)
+    assert Strategy.CASCADE not in strategies
+    assert Strategy.RETRY_SAME in strategies
+    assert "rbi_card_e_mandate" in decision.rules_applied
+
+
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 def test_insufficient_funds_on_a_debit_card_never_goes_over_an_alternate_network(
     with_model: bool, bundle: ModelBundle
@@ -316,17 +342,13 @@ def test_insufficient_funds_on_a_debit_card_never_goes_over_an_alternate_network
     """An alternate debit network draws on the same account: it cannot cure insufficient funds. It was offered,
     listed and explored (the priors rate it like a cascade after payday). A retry after payday or a link remain."""
     request = make_request(
+        currency="USD",
+        customer={"country": "US"},
         failure={"connector": "stripe", "error_code": "card_declined", "error_message": None,
                  "network_decline_code": "51"},
         payment={"is_recurring": True, "payment_method_type": "debit", "card_network": "mastercard"},
     )  # fmt: skip
-    rng = np.random.default_rng(5)
-    strategies = set()
-    for _ in range(30):  # exploration draws differ between calls
-        decision = decide(
-            request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING, rng=rng
-        )
-        strategies |= {c.strategy for c in _every_action(decision) if c.action is Action.RETRY}
+    strategies, decision = _retry_strategies_served(request, bundle if with_model else None, seed=5)
     assert Strategy.ALTERNATE_NETWORK not in strategies
     assert Strategy.RETRY_SAME in strategies
     assert "alternate_network_same_account" in decision.rules_applied

@@ -70,13 +70,18 @@ def demo_merchant(**overrides: Any) -> MerchantConfig:
 
 
 def event(order_id: str = "ord_1", key: str | None = None, **overrides: Any) -> dict[str, Any]:
-    customer = {"phone": "+919800000001", "email": "a@example.com"} | overrides.pop("customer", {})
+    """The contract's example failure as a payment-failed event, but in USD from a customer of no stated country:
+    a card renewal the scripts may cascade (an Indian card's runs on an RBI e-mandate bound to its gateway)."""
+    customer = {"phone": "+919800000001", "email": "a@example.com", "country": None} | overrides.pop("customer", {})
     request = make_request(
-        order_id=order_id,
-        event_time=START.isoformat(),
-        history={"attempts": [], "nudges": []},
-        customer=customer,
-        **overrides,
+        **{
+            "order_id": order_id,
+            "event_time": START.isoformat(),
+            "currency": "USD",
+            "history": {"attempts": [], "nudges": []},
+            "customer": customer,
+            **overrides,
+        }
     )
     body: dict[str, Any] = json.loads(request.model_dump_json())
     body["idempotency_key"] = key or f"evt_{order_id}"
@@ -279,7 +284,7 @@ def test_failed_retry_then_successful_cascade_succeeds_once_with_one_signed_webh
     body = assert_signed(h.receiver.received[0])
     assert body["event"] == "order.succeeded"
     assert body["txn_id"] == view.success_txn_id
-    assert (body["order_id"], body["amount"], body["currency"]) == ("ord_1", 499.0, "INR")
+    assert (body["order_id"], body["amount"], body["currency"]) == ("ord_1", 499.0, "USD")
     assert len(body["attempts"]) == 3
     # nothing left to do: the window-end close was cancelled, no second webhook ever
     h.clock.advance(days=30)
@@ -478,7 +483,7 @@ def test_nudge_waits_out_quiet_hours_then_sends_a_link_that_pays_once(make_harne
     assert message.idempotency_key == nudge_action_key(h)
 
     page = h.executor.open_link(token)
-    assert (page.order_id, page.amount, page.currency) == ("ord_1", 499.0, "INR")
+    assert (page.order_id, page.amount, page.currency) == ("ord_1", 499.0, "USD")
     assert h.view().nudges[0].clicked_at == h.clock.now
 
     with pytest.raises(LinkError) as tampered:

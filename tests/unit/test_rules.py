@@ -345,6 +345,9 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
         catalog=load_catalog(),
         payment={"card_network": network},
         failure={"connector": "stripe", "error_message": None, "network_decline_code": None, **failure},
+        # A US card: "acme" is not offered, so only a cascade retries it, and an Indian card's recurring payment
+        # (an RBI e-mandate) is never cascaded.
+        customer={"country": "US"},
     )
     retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
     assert (retries == []) is blocked
@@ -461,7 +464,7 @@ def test_upi_autopay_retries_within_48_hours_of_the_original(after: timedelta, f
         ("upi", "mandate", True),
         ("card", "mandate", True),  # a card e-mandate (standing instruction) registered at one gateway
         ("bank_debit", "mandate", True),
-        ("card", "credit", False),
+        ("card", "credit", True),  # an Indian card's recurring payment runs on an RBI e-mandate
     ],
 )
 def test_a_mandate_is_never_cascaded_to_another_gateway(method: str, method_type: str | None, bound: bool) -> None:
@@ -471,6 +474,42 @@ def test_a_mandate_is_never_cascaded_to_another_gateway(method: str, method_type
     at = ist(4, 0)
     assert (Rule.CASCADE_MANDATE in broken(context, retry(strategy="cascade", connector="cashfree", at=at))) is bound
     assert Rule.CASCADE_MANDATE not in broken(context, retry(strategy="retry_same", connector="razorpay", at=at))
+    strategies = {c.strategy for c in permitted(context, rules.enumerate_candidates(context)) if c.action == "retry"}
+    assert (Strategy.CASCADE in strategies) is not bound
+    assert Strategy.RETRY_SAME in strategies
+
+
+@pytest.mark.parametrize(
+    ("country", "currency", "method_type", "recurring", "bound"),
+    [
+        ("IN", "INR", "credit", True, True),  # the contract's example request: an Indian card's renewal
+        ("IN", "INR", "debit", True, True),
+        ("IN", "USD", "credit", True, True),  # cross-border: an Indian card at a foreign merchant, still an e-mandate
+        (None, "INR", "credit", True, True),  # no country sent: a renewal in rupees is taken as an Indian card's
+        ("IN", "INR", "credit", False, False),  # a one-off payment runs on no mandate
+        ("US", "INR", "credit", True, False),  # a US card at an Indian merchant: no RBI e-mandate
+        ("GB", "GBP", "debit", True, False),
+        (None, "USD", "credit", True, False),
+    ],
+)
+def test_an_indian_cards_recurring_payment_runs_on_an_rbi_e_mandate_and_is_never_cascaded(
+    country: str | None, currency: str, method_type: str, recurring: bool, bound: bool
+) -> None:
+    """Found by the payments expert review: a renewal on an Indian card, sent as card/credit with is_recurring
+    (the contract's own example), was cascaded to another gateway. Since RBI's e-mandate circular (2019, in force
+    for every recurring card payment from October 2021) such a payment runs on an e-mandate registered through the
+    merchant's gateway and its mandate hub; another gateway has none to charge. retry_same stays open."""
+    context = ctx(
+        catalog=load_catalog(),
+        customer={"country": country},
+        currency=currency,
+        payment={"payment_method": "card", "payment_method_type": method_type, "is_recurring": recurring},
+        failure={"error_code": "processing_error", "error_message": None, "network_decline_code": "91"},
+    )
+    assert ("rbi_card_e_mandate" in context.rules_applied) is bound
+    cascade = retry(strategy="cascade", connector="adyen")
+    assert broken(context, cascade) == ((Rule.CASCADE_MANDATE,) if bound else ())
+    assert broken(context, retry(strategy="retry_same", connector="stripe")) == ()
     strategies = {c.strategy for c in permitted(context, rules.enumerate_candidates(context)) if c.action == "retry"}
     assert (Strategy.CASCADE in strategies) is not bound
     assert Strategy.RETRY_SAME in strategies
@@ -1672,7 +1711,12 @@ def test_permitted_refuses_a_naive_time_like_check_even_on_a_forbidden_candidate
 def test_check_names_broken_rules_in_a_stable_order() -> None:
     # before_event_time first, then the rules of the candidate's kind, then its other time rules.
     strict = make_merchant(retry={"flows": ["cascade"]}, retarget={"channels": ["sms"], "max_nudges": 0})
-    context = ctx(merchant=strict, payment={"card_network": "mastercard"}, failure={"merchant_advice_code": "01"})
+    context = ctx(
+        merchant=strict,
+        payment={"card_network": "mastercard"},
+        failure={"merchant_advice_code": "01"},
+        customer={"country": "US"},  # a recurring Indian card is not cascaded at all (RBI e-mandate)
+    )
     early, late = T0 - 8 * HOUR, T0 + timedelta(days=30)  # 07:45 IST: in quiet hours
     assert broken(context, retry(at=early)) == (
         Rule.BEFORE_EVENT_TIME,
@@ -1998,7 +2042,7 @@ def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
     cascade = retry(strategy="cascade", connector="adyen", at=later + timedelta(seconds=2))
     assert broken(technical, cascade) == (Rule.ONE_OFF_OUT_OF_SESSION,)
     recurring = ctx(catalog=load_catalog(), payment={**ONE_OFF_CARD, "is_recurring": True}, failure=issuer_down,
-                    event_time=later.isoformat(), history=history)  # fmt: skip
+                    event_time=later.isoformat(), history=history, customer={"country": "GB"})  # fmt: skip
     assert broken(recurring, cascade) == ()
 
 

@@ -465,6 +465,13 @@ def decide(
 
     retry_indices = [i for start, stop, first in runs if first.action == _RETRY for i in range(start, stop)]
     retry_probability = float(max(p_success[retry_indices].tolist(), default=0.0))
+    wait_end = context.earliest_retry_at
+    if not retry_indices and wait_end is not None and wait_end > request.event_time:
+        # The issuer asked to wait (Mastercard MAC 24-30) and the order permits no retry after it (its window or
+        # checkout session ends first, its budget is spent): the retry the advice plans, at the wait's end or later,
+        # is the one the answer describes, as ``retryable`` judges it (MAC_WAIT is no situational rule, so every
+        # blocked retry is at or after the wait's end), not a retry probability of 0 beside a retryable error.
+        retry_probability = float(p_blocked.max(initial=0.0))
 
     alternatives = _alternatives(
         allowed, runs, values, p_success, exclude=_group(choice), limit=config.max_alternatives

@@ -128,7 +128,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
     {
         Rule.VISA_REATTEMPT_CAP,
         Rule.MASTERCARD_REATTEMPT_CAP,
-        Rule.MAC_WAIT,
+        # Not Rule.MAC_WAIT: the issuer's own advice (Mastercard 24-30, "retry after 1 hour ... 10 days") is part of
+        # the error's verdict, which is that of the retry at the end of the wait, not of one the issuer forbids.
         Rule.UPI_AUTOPAY_PEAK_HOURS,
         Rule.UPI_AUTOPAY_MAX_RETRIES,
         Rule.UPI_AUTOPAY_RETRY_WINDOW,

@@ -143,6 +143,45 @@ def test_retryable_is_the_errors_verdict_even_when_the_order_may_not_retry(
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 @pytest.mark.parametrize(
+    ("mac", "payment"),
+    [
+        ("24", {"is_recurring": False}),  # a one-off: no silent retry after its checkout, the wait outlasts it
+        ("25", {"is_recurring": False}),
+        ("28", {"is_recurring": False}),
+        ("29", {"is_recurring": True}),  # a renewal whose 8-day wait outlasts the 7-day retry window
+        ("30", {"is_recurring": True}),
+    ],
+)
+def test_during_a_merchant_advice_wait_retryable_and_retry_probability_tell_of_the_same_retry(
+    mac: str, payment: dict[str, Any], with_model: bool, bundle: ModelBundle
+) -> None:
+    """Found by the payments expert review: during a Mastercard MAC 24-30 wait ("retry after 1 hour ... 10 days")
+    that outlasts what the order permits, the answer said ``retryable: true`` beside ``retry_probability: 0``.
+    The advice is the error's verdict: both fields now speak of the retry it plans, at the wait's end."""
+    scorer = bundle if with_model else None
+    request = make_request(
+        currency="USD",
+        customer={"country": "US"},
+        payment={"card_network": "mastercard", **payment},
+        failure={"error_code": "card_declined", "error_message": "Do not honor", "network_decline_code": "05",
+                 "merchant_advice_code": mac},
+    )  # fmt: skip
+    decision = decide(request, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
+    assert decision.action != Action.RETRY  # the order itself may not retry
+    assert f"mastercard_mac:{mac}" in decision.rules_applied
+    threshold = getattr(scorer, "retryable_threshold", GREEDY.retryable_threshold)  # as decide() reads it
+    assert decision.retry_probability > 0.0
+    assert decision.retryable == (decision.retry_probability >= threshold)
+    assert decision.retryable or with_model  # the priors rate a retry after a do-not-honor above the threshold
+    # Without a wait, an order that may not retry keeps a retry probability of 0 (its budget spent, say).
+    spent = _spent_budget_request(
+        {"error_code": "processing_error", "error_message": None, "network_decline_code": "96"}
+    )
+    assert decide(spent, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY).retry_probability == 0.0
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize(
     "failure",
     [
         {"error_code": "card_declined", "error_message": None, "network_decline_code": code}

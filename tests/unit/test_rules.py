@@ -295,6 +295,25 @@ def test_a_mac_wait_of_days_leaves_a_silent_retry_when_it_ends(mac: str, days: i
     assert {c.execute_at for c in retries} == {failed_at + timedelta(days=days)}
 
 
+@pytest.mark.parametrize("mac", ["24", "25", "30"])
+def test_a_retry_the_issuers_wait_forbids_does_not_count_for_the_errors_verdict(mac: str) -> None:
+    """The retries ``retryable`` is judged on (those only the order's situation forbids) must not include a retry
+    during a merchant advice code's wait: the issuer asked for none then, so it is not one the error allows. They
+    did (the wait counted as the order's situation), and a retry right away scored the verdict of a MAC 25 decline."""
+    assert Rule.MAC_WAIT not in rules.SITUATIONAL_RETRY_RULES
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"card_network": "mastercard", "is_recurring": False},  # a one-off: nothing is permitted after 10 min
+        failure={"merchant_advice_code": mac, "network_decline_code": "05"},
+    )
+    allowed, blocked = rules.permitted_grid(context)
+    assert [c for c in allowed if c.action is Action.RETRY] == []
+    assert context.earliest_retry_at is not None
+    assert blocked, "the retry at the end of the wait is what the error allows"
+    assert all(c.execute_at >= context.earliest_retry_at for c in blocked)
+    assert context.earliest_retry_at in {c.execute_at for c in blocked}
+
+
 def test_mac_wait_counts_from_event_time_without_failed_attempts() -> None:
     context = ctx(failure={"merchant_advice_code": "24"}, history={"attempts": []})
     assert Rule.MAC_WAIT in broken(context, retry(at=T0 + timedelta(minutes=59)))

@@ -485,7 +485,10 @@ class RuleContext:
     customer_offsets: tuple[int, ...] | None
     day0: date  # local date of the first failure in the merchant's timezone
     first_allowed_day: int  # nudge i may not go before Day i * (skip_days + 1)
-    cadence_days: int  # skip_days + 1: nudges go only on Days that are multiples of it (0, k+1, 2(k+1), ...)
+    # skip_days + 1: retriggers (every nudge after the first) go only on Days that are multiples of it (k+1, 2(k+1),
+    # ...); the first payment link goes as soon as the quiet hours allow, on whatever Day that is. None: no cadence
+    # binds the next nudge (it is the first).
+    cadence_days: int | None
     nudged_days: frozenset[date]  # local dates that already had a nudge
     error: NormalisedError  # the failure as the catalog normalised it (policy reasons and exploration reuse it)
 
@@ -859,7 +862,9 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         customer_offsets=_fixed_offsets(quiet_customer_zones, event_time, window_end),
         day0=first_failure_at.astimezone(merchant_tz).date(),
         first_allowed_day=nudges_used * (retarget.skip_days + 1),
-        cadence_days=retarget.skip_days + 1,
+        # The cadence spaces retriggers (CONTRACT.md: "retrigger on days (k+1), 2(k+1), ..."): a first link held
+        # to it waited for Day k+1 when Day 0 ended in quiet hours (an SCA renewal's link went 3 days late).
+        cadence_days=retarget.skip_days + 1 if nudges_used else None,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
 
@@ -1071,7 +1076,8 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
             broken.append(Rule.QUIET_HOURS)
         local_day = local.date()
         day = (local_day - context.day0).days
-        if day < context.first_allowed_day or day % context.cadence_days:
+        cadence = context.cadence_days
+        if day < context.first_allowed_day or (cadence is not None and day % cadence):
             broken.append(Rule.SKIP_DAYS)
         if local_day in context.nudged_days:
             broken.append(Rule.ONE_NUDGE_PER_DAY)
@@ -1347,15 +1353,18 @@ def _retry_times(context: RuleContext) -> list[datetime]:
 
 def _send_times(context: RuleContext) -> list[datetime]:
     """As soon as allowed, then local 10:00, 13:00 and 19:00 of the following allowed days (the skip-days cadence:
-    Days 0, k+1, 2(k+1), ...), within the window."""
+    Days 0, k+1, 2(k+1), ... for a retrigger; every k+1 days from today for the first link, which no cadence binds),
+    within the window."""
     zone, event_time, window_end = context.merchant_timezone, context.event_time, context.window_end
     day0, nudged_days, cadence = context.day0, context.nudged_days, context.cadence_days
+    step = context.merchant.retarget.skip_days + 1
     today = (event_time.astimezone(zone).date() - day0).days
     first_day = max(today, context.first_allowed_day)
-    first_day += -first_day % cadence  # the first cadence day from there
+    if cadence is not None:
+        first_day += -first_day % cadence  # a retrigger: the first cadence day from there
     times: list[datetime] = []
     asap: datetime | None = None
-    for offset in range(first_day, first_day + (window_end - event_time).days + 2, cadence):
+    for offset in range(first_day, first_day + (window_end - event_time).days + 2, step):
         day = day0 + timedelta(days=offset)
         if day in nudged_days:
             continue

@@ -7,7 +7,7 @@ property test: random requests never get a forbidden action, whatever the model 
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +391,38 @@ def test_insufficient_funds_on_a_debit_card_never_goes_over_an_alternate_network
     assert Strategy.ALTERNATE_NETWORK not in strategies
     assert Strategy.RETRY_SAME in strategies
     assert "alternate_network_same_account" in decision.rules_applied
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize(("network", "code"), [("visa", "1A"), ("mastercard", "65")], ids=["visa-1A", "mastercard-65"])
+@pytest.mark.parametrize("failed_at", ["2026-11-02T19:30:00Z", "2026-11-02T23:30:00Z"], ids=["20:30", "00:30"])
+def test_an_sca_renewals_payment_link_goes_when_the_quiet_hours_end_not_days_later(
+    network: str, code: str, failed_at: str, with_model: bool, bundle: ModelBundle
+) -> None:
+    """Found by the payments expert review: a German subscription renewal declined for strong customer
+    authentication (Visa 1A, Mastercard 65) in the evening got its payment link 3 days later. The customer must
+    come back on session to authenticate, and a link is the only way: it goes at the end of the quiet hours. The
+    skip-days cadence (Days 0, 3, 6 at skip_days 2) held the first link too, though it only spaces retriggers."""
+    merchant = make_merchant(
+        connectors=["adyen", "stripe"],
+        retarget={"channels": ["email", "sms"], "skip_days": 2, "retry_window_days": 10,
+                  "quiet_hours": {"start": "20:00", "end": "09:00", "timezone": "Europe/Berlin"}},
+    )  # fmt: skip
+    request = make_request(
+        event_time=failed_at,
+        currency="EUR",
+        customer={"country": "DE"},
+        payment={"card_network": network, "is_recurring": True},
+        failure={"connector": "adyen", "error_code": "card_declined", "error_message": "Authentication required",
+                 "network_decline_code": code},
+        history={"attempts": [{"attempt_number": 1, "connector": "adyen", "strategy": "initial",
+                               "status": "failure", "error_code": "card_declined", "created_at": failed_at}]},
+        available_connectors=None,
+    )  # fmt: skip
+    decision = decide(request, merchant, bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    assert decision.action == Action.RETARGET
+    assert decision.execute_at == datetime(2026, 11, 3, 8, 0, tzinfo=UTC)  # 09:00 in Berlin, the next morning
+    assert "skip_days:2" in decision.rules_applied
 
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])

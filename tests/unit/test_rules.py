@@ -956,7 +956,11 @@ DAY0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
         (0, [0, 1], 1, (Rule.SKIP_DAYS, Rule.ONE_NUDGE_PER_DAY)),
         (0, [0, 1], 2, None),
         (1, [], 0, None),
-        (1, [], 1, Rule.SKIP_DAYS),  # Day 0 missed (quiet hours, say): the first nudge waits for Day 2
+        # Day 0 missed (quiet hours, say): the first link goes the next day. The cadence spaces retriggers; it held
+        # the first link back to Day 2 (Day 3 at skip_days 2: an SCA renewal's link went 3 days late).
+        (1, [], 1, None),
+        (2, [], 1, None),
+        (2, [], 2, None),
         (1, [], 2, None),
         (1, [0], 1, Rule.SKIP_DAYS),
         (1, [0], 2, None),
@@ -1537,12 +1541,13 @@ def _contract_violations(request: Any, merchant: Any, candidate: Candidate) -> l
             problems.append("message in quiet hours")
         if len(request.history.nudges) + 1 > retarget_cfg.max_nudges:
             problems.append("nudge budget exceeded")
-        # skip_days k: Day 0 is the first failure (local calendar day); nudges go on Days 0, k+1, 2(k+1), ...
+        # skip_days k: Day 0 is the first failure (local calendar day); retriggers (every nudge after the first) go
+        # on Days k+1, 2(k+1), ...; the first link whenever the quiet hours allow.
         zone = ZoneInfo(quiet.timezone)
         attempts = request.history.attempts
         first_failure = min([request.event_time, *(a.created_at for a in attempts)])
         day = (candidate.execute_at.astimezone(zone).date() - first_failure.astimezone(zone).date()).days
-        if day % (retarget_cfg.skip_days + 1):
+        if request.history.nudges and day % (retarget_cfg.skip_days + 1):
             problems.append(f"nudge off the skip-days cadence (Day {day})")
         if (fail.merchant_advice_code or "").zfill(2) == "21":
             problems.append("retarget after a cancelled recurring payment")

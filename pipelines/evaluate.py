@@ -128,7 +128,10 @@ def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
 
     def cell(value: Any) -> str:
         if isinstance(value, float | np.floating):
-            return "" if np.isnan(value) else f"{value:.4g}"
+            if np.isnan(value):
+                return ""
+            # Four significant digits read well below 10,000; above, ".4g" turns to exponents (2.289e+04 USD).
+            return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
         return str(value)
 
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]

@@ -717,3 +717,12 @@ def test_paired_dr_noise_is_the_standard_error_of_the_per_point_difference() -> 
     # The same choices on every point: no noise in their difference, whatever the reward model.
     same = ev.paired_dr_noise(logged, replayed, "retry", "retry_again")
     assert same == {"dr": 0.0, "dr@lifted": 0.0}
+
+
+def test_the_report_shows_large_figures_whole_not_as_exponents() -> None:
+    from pipelines.evaluate import _markdown
+
+    frame = pd.DataFrame({"policy": ["model"], "net_value_usd": [22_890.47], "auc": [0.81234], "n": [5000.0]})
+    table = _markdown(frame, index=False)
+    assert "| model | 22,890 | 0.8123 | 5000 |" in table
+    assert "e+" not in table

@@ -1097,16 +1097,7 @@ class Executor:
                 )
         if waiting:
             # A worker holding one of them finds its claim gone and sends nothing ("no longer this worker's").
-            conn.execute(
-                actions.update()
-                .where(actions.c.action_id.in_([action.action_id for action in waiting]))
-                .values(
-                    state=ActionState.CANCELLED.value,
-                    claim_token=None,
-                    last_error=f"approval withdrawn: {why}",
-                    updated_at=now,
-                )
-            )
+            _cancel_withdrawn(conn, [action.action_id for action in waiting], why, now)
         self._withdraw(conn, approval, decision, withdrawn_why, now)
         return False
 
@@ -1135,16 +1126,7 @@ class Executor:
             self._approval_agreed(conn, order, request, decision, approval, why, now)
             self._carry_out(conn, order, decision, now)
             return True
-        conn.execute(
-            actions.update()
-            .where(actions.c.action_id.in_(waiting))
-            .values(
-                state=ActionState.CANCELLED.value,
-                claim_token=None,
-                last_error=f"approval withdrawn: {why}",
-                updated_at=now,
-            )
-        )
+        _cancel_withdrawn(conn, waiting, why, now)
         self._withdraw(conn, approval, decision, why, now)
         return False
 
@@ -2624,3 +2606,17 @@ class Executor:
         with self.engine.begin() as conn:
             changed = conn.execute(nudges.update().where(*where).values(delivered=delivered)).rowcount
         return bool(changed)
+
+
+def _cancel_withdrawn(conn: sa.Connection, action_ids: list[Any], why: str, now: datetime) -> None:
+    """Cancel the actions of an approval being withdrawn, their claims cleared, saying why."""
+    conn.execute(
+        actions.update()
+        .where(actions.c.action_id.in_(action_ids))
+        .values(
+            state=ActionState.CANCELLED.value,
+            claim_token=None,
+            last_error=f"approval withdrawn: {why}",
+            updated_at=now,
+        )
+    )

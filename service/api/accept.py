@@ -402,6 +402,11 @@ class LeastConnectionsServer(asyncio.AbstractServer):
             # finish, and would wait for this one's client to leave. Closed now, as it closes an idle connection.
             transport.close()
             return
+        # Counted once, in the same step: left in _handshakes until its done-callback runs (a loop iteration
+        # later), this connection would be counted twice by a heartbeat in between and advertised as two.
+        handshake = asyncio.current_task()
+        if handshake is not None:
+            self._handshakes.discard(handshake)
         self._transports.append(transport)
 
     # -- asyncio.AbstractServer --------------------------------------------------------------------------------

@@ -206,6 +206,29 @@ def test_a_server_on_a_bound_socket_serves_counts_and_closes_its_connections() -
     _run_in_balanced_loop(scenario())
 
 
+def test_a_connection_just_set_up_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count right after a connection's set-up, before the loop runs anything else (a heartbeat could):
+    the connection is counted as open, not also as still being set up."""
+    counts: list[int] = []
+    hand_over = LeastConnectionsServer._hand_over
+
+    async def counting_hand_over(self: LeastConnectionsServer, conn: socket.socket) -> None:
+        await hand_over(self, conn)
+        counts.append(self.open_connections)
+
+    monkeypatch.setattr(LeastConnectionsServer, "_hand_over", counting_hand_over)
+
+    async def scenario() -> None:
+        sock = _bound_socket()
+        server = await asyncio.get_running_loop().create_server(_Echo, sock=sock)
+        assert await _echo_through(sock.getsockname()[1], b"once") == b"once"
+        server.close()
+        await server.wait_closed()
+
+    _run_in_balanced_loop(scenario())
+    assert counts == [1]
+
+
 def test_servers_on_a_host_and_port_are_uvloops_own() -> None:
     async def scenario() -> None:
         server = await asyncio.get_running_loop().create_server(_Echo, host="127.0.0.1", port=0)

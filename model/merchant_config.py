@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -63,6 +64,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@functools.lru_cache(maxsize=2048)
+def minute_of_day(hhmm: str) -> int:
+    """``"HH:MM"`` (24h) as minutes after midnight; cached, as the decision path reads it on every request."""
+    hours, minutes = hhmm.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
 class QuietHours(_Strict):
     start: str
     end: str
@@ -88,13 +96,13 @@ class QuietHours(_Strict):
 
     @property
     def start_minute(self) -> int:
-        hours, minutes = self.start.split(":")
-        return int(hours) * 60 + int(minutes)
+        """Minutes after local midnight at which quiet hours start."""
+        return minute_of_day(self.start)
 
     @property
     def end_minute(self) -> int:
-        hours, minutes = self.end.split(":")
-        return int(hours) * 60 + int(minutes)
+        """Minutes after local midnight at which quiet hours end (before ``start_minute``: they wrap midnight)."""
+        return minute_of_day(self.end)
 
 
 # Counts and switches are StrictInt and StrictBool: taken as written, YAML's ``true`` is not 1, nor ``"3"`` or ``3.0``

@@ -527,12 +527,6 @@ def _reported_reattempts(request: DecisionRequest) -> int:
     return value
 
 
-@functools.lru_cache(maxsize=2048)
-def _minutes(hhmm: str) -> int:
-    hours, minutes = hhmm.split(":")
-    return int(hours) * 60 + int(minutes)
-
-
 def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: ErrorCatalog) -> RuleContext:
     """Compute, once per request, every fact the rules need (the only place that calls the catalog)."""
     book = load_rulebook()
@@ -810,7 +804,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     applied.append(f"retry_window:{retarget.retry_window_days}d")
     quiet = retarget.quiet_hours
     merchant_tz = _zone(quiet.timezone)
-    quiet_minutes = (_minutes(quiet.start), _minutes(quiet.end))
+    quiet_minutes = (quiet.start_minute, quiet.end_minute)
     if quiet_minutes[0] == quiet_minutes[1]:
         quiet_minutes_or_none: tuple[int, int] | None = None
     else:

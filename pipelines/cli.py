@@ -93,7 +93,7 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
     underscores, a number is never broken (at 80 columns, "16,373.307" printed as "16,373." over "307")."""
     from rich.text import Text
 
-    from pipelines.tables import compact_table, folded_header
+    from pipelines.tables import compact_table, figure, folded_header
 
     table = compact_table(title)
     table.add_column(str(frame.index.name or ""), no_wrap=True)
@@ -101,7 +101,7 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
         table.add_column(folded_header(str(column)), justify="right", no_wrap=True)
     columns = [frame[c].tolist() for c in frame.columns]
     for position, index in enumerate(frame.index):
-        cells = [f"{col[position]:.3f}" if isinstance(col[position], float) else str(col[position]) for col in columns]
+        cells = [figure(col[position], ".3f" if isinstance(col[position], float) else "") for col in columns]
         table.add_row(Text(str(index)), *(Text(cell) for cell in cells))
     console.print(table)
 
@@ -434,14 +434,16 @@ def episodes_shown(episodes: pd.DataFrame) -> pd.DataFrame:
     per policy has 13 columns, each wrapped over three lines at 80 columns), money in cents ("22,889.05", not
     "22,889.054"), other floats to 3 decimals. Formatted before turning: a turned frame's columns mix counts and
     rates, and its counts would print as floats."""
+    from pipelines.tables import figure
+
     by_policy = episodes.set_index("policy")
     shown = by_policy.apply(
         lambda column: column.map(
             str
             if column.dtype.kind != "f"
-            else "{:,.2f}".format
+            else (lambda value: figure(value, ",.2f"))
             if str(column.name).endswith("_usd")
-            else "{:,.3f}".format
+            else (lambda value: figure(value, ",.3f"))
         )
     )
     return shown.T.rename_axis("simulated episodes")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +14,7 @@ from rich.text import Text
 from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
 from model.history import HistoryError, read_history
-from pipelines.tables import compact_table
+from pipelines.tables import compact_table, figure
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
 __all__ = ["CodesReport", "codes_report", "import_gsm", "report_view"]
@@ -97,9 +96,7 @@ _COUNTS_LEGEND = (
 def _cell(value: object) -> str:
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.2f}"
-    return str(value)
+    return figure(value, ".2f" if isinstance(value, float) else "")
 
 
 def _shown_message(message: object) -> str:

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
+from pipelines.tables import figure
+
 __all__ = [
     "GATE_METRICS",
     "GateCheck",
@@ -297,7 +299,7 @@ def _utc(moment: pd.Timestamp) -> pd.Timestamp:
 
 
 def _fmt(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return figure(value, ".4f")
 
 
 def gate_table(result: GateResult) -> Table:

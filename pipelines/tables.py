@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from typing import Any
 
@@ -17,6 +19,17 @@ _COMPACT: dict[str, Any] = {
     "padding": (0, 0, 0, 1),
     "title_justify": "left",
 }
+
+
+#: A figure a table has no value for (NaN: not measured, nothing to compare with): a dash, not "nan" or "n/a".
+MISSING = "-"
+
+
+def figure(value: object, spec: str = "") -> str:
+    """``value`` formatted by ``spec`` (``format(value, spec)``) as a table cell; :data:`MISSING` for None or NaN."""
+    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+        return MISSING
+    return format(value, spec)
 
 
 def compact_table(title: str, **options: Any) -> Table:

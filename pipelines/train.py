@@ -46,6 +46,7 @@ from pipelines.gate import (
     paired_noise,
     same_judged_fit,
 )
+from pipelines.tables import figure
 
 __all__ = [
     "TrainInputError",
@@ -171,7 +172,7 @@ def _metrics_table(metrics: Mapping[str, float], title: str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in sorted(metrics.items()):
-        table.add_row(name, f"{value:.4f}")
+        table.add_row(name, figure(value, ".4f"))
     return table
 
 

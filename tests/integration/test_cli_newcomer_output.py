@@ -199,3 +199,58 @@ def test_evaluate_episodes_table_keeps_every_figure_whole_at_80_columns(monkeypa
     assert shown["decisions_per_second"] == ["1,143.389"] * 5
     assert shown["recovery_rate"] == ["0.256"] * 5
     assert shown["orders"] == ["2000"] * 5
+
+
+def _rendered(renderable: object) -> str:
+    """``renderable`` as a 120-column terminal shows it."""
+    import io
+
+    from rich.console import Console
+
+    printed = io.StringIO()
+    Console(file=printed, width=120).print(renderable)
+    return printed.getvalue()
+
+
+def test_every_table_shows_a_missing_figure_as_a_dash_not_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `train` printed "policy_value_dr_champion_view  nan" with no champion yet (also in `make demo`), `simulate`
+    # "hours_to_recovery  nan" for a failure class nothing recovered, the gate and `codes report` "n/a".
+    import io
+    import math
+
+    from rich.console import Console
+
+    import pipelines.cli as cli
+    from pipelines.codes import report_view
+    from pipelines.gate import GATE_METRICS, GateCheck, GateResult, gate_table
+    from pipelines.train import _metrics_table
+
+    def words(text: str) -> set[str]:
+        return {word.strip("│┃") for word in text.split()}
+
+    metrics = _rendered(_metrics_table({"policy_value_dr": 5.3, "policy_value_dr_champion_view": math.nan}, "t"))
+    assert "policy_value_dr_champion_view │      - │" in metrics, metrics
+    check = GateCheck(GATE_METRICS[-1], 5.3, math.nan, True, "the champion's is undefined")
+    gate = _rendered(gate_table(GateResult(True, "2", "1", checks=(check,))))
+    assert "│     5.3000 │        - │     - │" in gate, gate  # challenger, champion, delta
+    report = pd.DataFrame(
+        [{"connector": "stripe", "error_code": "x1", "training_support": 0, "failures": 3, "retries": 0,
+          "retry_successes": 0, "recovered_orders": 0, "retry_probability": math.nan, "retryable": False,
+          "example_message": "m", "nearest": ""}]
+    )  # fmt: skip
+    codes = _rendered(report_view(report, "1", 30))
+    assert _counts_rows(codes, numbers=7)["stripe/x1"] == ["0", "3", "0", "0", "0", "-", "no"], codes
+    printed = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=printed, width=120))
+    mix = pd.DataFrame(
+        {"orders": [9, 5000], "recovered": [0, 1301], "hours_to_recovery": [math.nan, 36.998]},
+        index=pd.Index(["duplicate", "all"], name="error_class"),
+    )
+    cli.print_frame(mix, "failure mix and logging-policy recovery")
+    episodes = pd.DataFrame([{"policy": "logging", "orders": 0, "recovery_rate": math.nan, "net_value_usd": math.nan}])
+    cli.print_frame(cli.episodes_shown(episodes), "simulated episodes")
+    shown = {line.split()[0]: line.split()[1:] for line in printed.getvalue().splitlines() if line.split()}
+    assert shown["duplicate"] == ["9", "0", "-"], printed.getvalue()
+    assert shown["recovery_rate"] == ["-"], printed.getvalue()
+    assert shown["net_value_usd"] == ["-"], printed.getvalue()
+    assert "nan" not in words(metrics + gate + codes + printed.getvalue())

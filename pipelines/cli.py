@@ -7,11 +7,38 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup, TyperOption
 
 if TYPE_CHECKING:
     import pandas as pd
+    from typer._click.core import Command, Context
+    from typer._click.formatting import HelpFormatter
+
+
+def _flags_read_as_flags(command: Command, ctx: Context) -> None:
+    """Show ``command``'s flags (``--promote``, ``--serve/--no-serve``, ``--help``) bare in its help: Typer 0.29
+    prints the type of every option beside it, ``<bool>`` for a flag too, as if it took a value."""
+    for param in command.get_params(ctx):
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""  # what the help shows in place of the type
+
+
+class Group(TyperGroup):
+    """The ``winback`` command and its groups: their flags, and their commands' flags, read as flags in the help."""
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        _flags_read_as_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _flags_read_as_flags(command, ctx)
+        return command
+
 
 app = typer.Typer(
+    cls=Group,
     name="winback",
     help="ML-driven payment recovery: simulate histories, train, evaluate, serve and execute decisions.",
     no_args_is_help=True,
@@ -241,7 +268,7 @@ def serve(
         raise fail(str(exc)) from None
 
 
-executor_app = typer.Typer(help="The executor: performs retries and nudges from the durable schedule.")
+executor_app = typer.Typer(cls=Group, help="The executor: performs retries and nudges from the durable schedule.")
 app.add_typer(executor_app, name="executor")
 
 
@@ -691,7 +718,7 @@ def _bench(
     console.print(f"written {report}")
 
 
-history_app = typer.Typer(help="History files for the feedback loop (CONTRACT.md section 3).")
+history_app = typer.Typer(cls=Group, help="History files for the feedback loop (CONTRACT.md section 3).")
 app.add_typer(history_app, name="history")
 
 
@@ -785,7 +812,7 @@ def history_export(
         )
 
 
-codes_app = typer.Typer(help="Error codes: which ones the model has not learned yet, and cold-start priors.")
+codes_app = typer.Typer(cls=Group, help="Error codes: which ones the model has not learned yet, and cold-start priors.")
 app.add_typer(codes_app, name="codes")
 
 
@@ -936,7 +963,7 @@ def retrain(
     )
 
 
-console_app = typer.Typer(help="The agent console: who may sign in to work a merchant's queue.")
+console_app = typer.Typer(cls=Group, help="The agent console: who may sign in to work a merchant's queue.")
 app.add_typer(console_app, name="console")
 
 

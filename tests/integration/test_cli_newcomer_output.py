@@ -254,3 +254,26 @@ def test_every_table_shows_a_missing_figure_as_a_dash_not_nan(monkeypatch: pytes
     assert shown["recovery_rate"] == ["-"], printed.getvalue()
     assert shown["net_value_usd"] == ["-"], printed.getvalue()
     assert "nan" not in words(metrics + gate + codes + printed.getvalue())
+
+
+def test_help_shows_flags_as_flags_without_a_type() -> None:
+    # Typer 0.29 printed "<bool>" beside every flag (--promote, --serve/--no-serve, --help), as if it took a value.
+    import typer.main
+
+    def paths(command: object, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+        below = getattr(command, "commands", {})
+        return [path, *(p for name, sub in below.items() for p in paths(sub, (*path, name)))]
+
+    every = paths(typer.main.get_command(app))
+    assert ("executor", "resolve-charge") in every
+    assert len(every) > 15
+    for path in every:
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "<bool>" not in result.output, (path, result.output)
+        assert "--help" in result.output
+        assert "Show this message and exit." in result.output
+    shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "120"}).output
+    promote = next(line for line in shown.splitlines() if "--promote" in line)
+    assert promote.split("│")[1].split()[:2] == ["--promote", "Move"], promote  # the help right after the flag
+    assert "<path>" in shown  # options that take a value still say what kind

@@ -121,7 +121,9 @@ class _Steps:
 
 @contextmanager
 def _progress(console: Console, show: bool) -> Iterator[_Steps]:
-    if not show:
+    # In a terminal the bar erases itself when done. Into a file, a pipe (a log, `make demo | tee`) or a dumb
+    # terminal rich draws nothing of it but a blank line at its end, between "logged stops: ..." and the table.
+    if not show or not console.is_interactive:
         yield _Steps(None)
         return
     progress = Progress(

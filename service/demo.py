@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -245,14 +246,21 @@ class LiveSummary:
             count == 1 for count in self.webhooks_per_order.values()
         )
 
-    def line(self) -> str:
-        """One status line."""
-        states = ", ".join(f"{state} {count}" for state, count in sorted(self.states.items()))
+    def orders_by_state(self) -> str:
+        """``AWAITING_AGENT 6, PENDING 19, SUCCEEDED 15``."""
+        return ", ".join(f"{state} {count}" for state, count in sorted(self.states.items())) or "none yet"
+
+    def counts(self) -> str:
+        """The status line's counts, without the demo clock."""
         messages = sum(self.messages.values())
         return (
-            f"[{self.demo_time}] orders: {states or 'none yet'} | retries {self.retries} | messages {messages} | "
+            f"orders: {self.orders_by_state()} | retries {self.retries} | messages {messages} | "
             f"links paid {self.links_paid} | webhooks {self.webhooks_verified}/{self.webhooks} verified"
         )
+
+    def line(self) -> str:
+        """One status line."""
+        return f"[{self.demo_time}] {self.counts()}"
 
     def table(self) -> Table:
         """The summary as a table."""
@@ -260,8 +268,7 @@ class LiveSummary:
         table = Table(title=f"winback demo: the recovery loop ({speed}, demo time {self.demo_time})")
         table.add_column("what", no_wrap=True)
         table.add_column("so far")
-        states = ", ".join(f"{state} {count}" for state, count in sorted(self.states.items()))
-        table.add_row("failed payments posted", f"{self.posted} (orders by state: {states or 'none yet'})")
+        table.add_row("failed payments posted", f"{self.posted} (orders by state: {self.orders_by_state()})")
         table.add_row(
             "silent retries",
             f"{self.retries} through the sandbox connector, {self.retries_succeeded} recovered the order "
@@ -286,6 +293,31 @@ class LiveSummary:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (written to live/summary.json)."""
         return asdict(self) | {"one_webhook_per_terminal_order": self.one_webhook_per_terminal_order}
+
+
+class StatusLines:
+    """When the loop prints a status line: at most one every ``every`` seconds, and only when a count changed.
+    While the orders wait (the assisted merchant's for an agent, the others for their next nudge) the same line
+    came every 5 s with only the demo clock moved, a dozen times in a row."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self._checked = -math.inf
+        self._shown: str | None = None
+
+    def due(self, now: float) -> bool:
+        """Whether to look at the counts again (``now``: ``time.monotonic()``)."""
+        if now - self._checked < self.every:
+            return False
+        self._checked = now
+        return True
+
+    def line(self, summary: LiveSummary) -> str | None:
+        """The status line for ``summary``, or None when its counts are those of the last line shown."""
+        if summary.counts() == self._shown:
+            return None
+        self._shown = summary.counts()
+        return summary.line()
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -787,19 +819,18 @@ def run_live(
                 )
                 begun = time.monotonic()
                 deadline = None if options.serve else begun + options.seconds
-                last_line, every, recapped = 0.0, 5.0, False
+                status, recapped = StatusLines(), False
                 while deadline is None or time.monotonic() < deadline:
                     demo.check_children()
                     demo.play_customers()
-                    if time.monotonic() - last_line >= every:
-                        console.print(demo.summary().line(), highlight=False, soft_wrap=True)
-                        last_line = time.monotonic()
+                    if status.due(time.monotonic()) and (line := status.line(demo.summary())) is not None:
+                        console.print(line, highlight=False, soft_wrap=True)
                     if options.serve and not recapped and time.monotonic() - begun >= options.seconds:
                         # Serving on: the summary so far and where to look once more, then quieter status lines.
                         console.print(demo.summary().table())
                         console.print("\n".join(lines), highlight=False, soft_wrap=True)
                         console.print("still serving; Ctrl-C stops everything", highlight=False)
-                        recapped, every = True, 30.0
+                        recapped, status.every = True, 30.0
                     time.sleep(1.0)
                 summary = demo.settle()
             except KeyboardInterrupt:

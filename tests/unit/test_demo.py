@@ -9,7 +9,15 @@ from pydantic import ValidationError
 
 from model.merchant_config import parse_config
 from pipelines.demo import failed_payment_events
-from service.demo import FakeEndpoints, WebhookReceiver, _links_in, demo_config, webhook_secret_env
+from service.demo import (
+    FakeEndpoints,
+    LiveSummary,
+    StatusLines,
+    WebhookReceiver,
+    _links_in,
+    demo_config,
+    webhook_secret_env,
+)
 from service.executor.schemas import PaymentFailedEvent
 from service.executor.settings import ExecutorSettings
 from service.executor.webhooks import signature
@@ -94,3 +102,32 @@ def test_webhook_receiver_accepts_only_valid_signatures() -> None:
         server.stop()
     assert codes == [200, 401]
     assert [(e["order_id"], e["signature_valid"]) for e in receiver.snapshot()] == [("o1", True), ("o1", False)]
+
+
+def _summary(demo_time: str, succeeded: int) -> LiveSummary:
+    return LiveSummary(
+        demo_time=demo_time, real_seconds=0.0, clock_speed=3600.0, posted=40,
+        states={"AWAITING_AGENT": 6, "PENDING": 34 - succeeded, "SUCCEEDED": succeeded}, retries=19,
+        retries_succeeded=3, sandbox_calls=20, messages={"sms": 15}, links_found=9, links_opened=5, links_paid=3,
+        links_declined=1, webhooks=succeeded, webhooks_verified=succeeded, webhook_events={},
+    )  # fmt: skip
+
+
+def test_the_status_line_comes_when_a_count_changed_not_every_time_the_clock_moved() -> None:
+    # A `make demo` run printed "orders: AWAITING_AGENT 6, PENDING 25, SUCCEEDED 9 | retries 19 | ..." five times
+    # in a row, 5 s apart, each with only the demo time in front of it changed.
+    status = StatusLines(every=5.0)
+    printed = []
+    for second, (demo_time, succeeded) in enumerate(
+        [("09:10", 9), ("10:10", 9), ("11:10", 9), ("12:10", 9), ("13:10", 14), ("14:10", 14)]
+    ):
+        for tick in range(5):  # the loop looks every second
+            now = second * 5.0 + tick
+            if status.due(now) and (line := status.line(_summary(f"2026-12-07 {demo_time} UTC", succeeded))):
+                printed.append(line)
+    assert printed == [
+        "[2026-12-07 09:10 UTC] orders: AWAITING_AGENT 6, PENDING 25, SUCCEEDED 9 | retries 19 | messages 15 | "
+        "links paid 3 | webhooks 9/9 verified",
+        "[2026-12-07 13:10 UTC] orders: AWAITING_AGENT 6, PENDING 20, SUCCEEDED 14 | retries 19 | messages 15 | "
+        "links paid 3 | webhooks 14/14 verified",
+    ]

@@ -8,13 +8,15 @@ service/api/mirror.py) imports MLflow alone: not LightGBM, scikit-learn, the pol
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 # MLflow's usage telemetry starts a network thread when mlflow is imported; winback never phones home, so it
@@ -172,8 +174,50 @@ def _disable_telemetry() -> None:
 def _client(tracking_uri: str | None) -> MlflowClient:
     uri = resolve_tracking_uri(tracking_uri)
     _disable_telemetry()
-    with _quiet_mlflow():
+    with _quiet_mlflow(), _migrations_in_one_line(uri):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+log = logging.getLogger("winback.registry")
+
+
+@contextmanager
+def _migrations_in_one_line(uri: str) -> Iterator[None]:
+    """One line for the migrations MLflow runs meanwhile in this thread, not alembic's line per step.
+
+    MLflow creates a new store's tables (and brings an older store's up to date) when a client first opens it, one
+    alembic migration at a time, each logged at INFO as "Running upgrade A -> B, ...": 67 lines at the first start
+    of `winback serve` or `winback executor run` in a new folder, which route alembic's log to stderr. The steps
+    are still logged where alembic's logger is at DEBUG; a migration that fails says at which step."""
+    migration = logging.getLogger("alembic.runtime.migration")
+    thread = threading.get_ident()
+    steps: list[Any] = []
+
+    def one_line(record: logging.LogRecord) -> bool:
+        if record.thread != thread or record.msg != "Running %s" or not record.args:
+            return True
+        steps.append(record.args[0] if isinstance(record.args, tuple) else record.args)
+        return migration.isEnabledFor(logging.DEBUG)
+
+    migration.addFilter(one_line)
+    try:
+        yield
+    except BaseException:
+        if steps:
+            log.warning("migrating the MLflow store %s failed at step %d: %s", shown_uri(uri), len(steps), steps[-1])
+        raise
+    finally:
+        migration.removeFilter(one_line)
+    if steps:
+        first, last = steps[0], steps[-1]
+        start = ", ".join(getattr(first, "from_revisions", ())) or None
+        end = ", ".join(getattr(last, "to_revisions", ())) or "?"
+        done = (
+            f"created the tables of a new MLflow store, {shown_uri(uri)}"
+            if start is None
+            else f"brought the tables of the MLflow store {shown_uri(uri)} up to date from revision {start}"
+        )
+        log.info("%s: %d migrations, to revision %s", done, len(steps), end)
 
 
 def ensure_experiment(tracking_uri: str | None = None, name: str = EXPERIMENT_NAME) -> str:

@@ -98,20 +98,31 @@ def _executor_start(folder: Path, *extra_env: tuple[str, str]) -> Printed:
     )  # fmt: skip
 
 
-def test_executor_start_shows_migration_lines_only_when_a_migration_runs(tmp_path: Path) -> None:
+def test_executor_start_says_in_one_line_that_it_created_the_registry_store(tmp_path: Path) -> None:
     # Every start of a worker logged alembic's "Context impl SQLiteImpl." and "Will assume non-transactional DDL."
-    # (MLflow's store checking its schema), with nothing to migrate.
+    # (MLflow's store checking its schema), with nothing to migrate; the first start in a new folder logged 67
+    # "Running upgrade A -> B, ..." lines, MLflow creating its store one migration at a time.
     first = _executor_start(tmp_path)
     assert first.exit_code == 0, first.stderr
-    assert "Running upgrade" in first.stderr  # a fresh registry store is migrated, and says so
+    lines = first.stderr.splitlines()
+    assert len(lines) == 2, first.stderr
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert f"created the tables of a new MLflow store, {store}: " in lines[0]
+    assert " migrations, to revision " in lines[0]
+    assert "is running" in lines[1]
     again = _executor_start(tmp_path)
     assert again.exit_code == 0, again.stderr
     assert "is running" in again.stderr
     assert "alembic" not in again.stderr, again.stderr
-    # Still there for whoever asks for everything.
-    verbose = _executor_start(tmp_path, ("WINBACK_LOG_LEVEL", "DEBUG"))
+    assert "MLflow store" not in again.stderr  # nothing was created
+    # Still there for whoever asks for everything: each step on a new store, the context lines on any.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    verbose = _executor_start(fresh, ("WINBACK_LOG_LEVEL", "DEBUG"))
     assert verbose.exit_code == 0, verbose.stderr
     assert "Will assume non-transactional DDL." in verbose.stderr
+    assert verbose.stderr.count("Running upgrade") > 10, verbose.stderr
+    assert "created the tables of a new MLflow store" in verbose.stderr
 
 
 def _fresh_store(folder: Path) -> str:

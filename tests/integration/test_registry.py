@@ -281,3 +281,40 @@ def test_lightgbm_runs_one_thread_within_lightgbm_threads_and_as_before_after() 
         assert seen == [2]
         assert _lightgbm_max_threads() == 1
     assert _lightgbm_max_threads() == before
+
+
+def test_a_store_migration_that_fails_says_at_which_step() -> None:
+    # MLflow's migrations of a new store are logged as one line once done (not 67), and one that fails at a step
+    # still says which; alembic's warnings pass as they are.
+    import logging
+
+    from model.registry_client import _migrations_in_one_line
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    loggers = [logging.getLogger("alembic.runtime.migration"), logging.getLogger("winback.registry")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    alembic = loggers[0]
+
+    def migrate() -> None:
+        with _migrations_in_one_line("sqlite:////srv/mlflow.db"):
+            alembic.info("Running %s", "upgrade  -> a1, add metric step")
+            alembic.info("Running %s", "upgrade a1 -> b2, add tags")
+            alembic.warning("a warning of alembic's own")
+            raise RuntimeError("disk I/O error")
+
+    try:
+        with pytest.raises(RuntimeError, match="disk I/O error"):
+            migrate()
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    assert seen == [
+        "a warning of alembic's own",
+        "migrating the MLflow store sqlite:////srv/mlflow.db failed at step 2: upgrade a1 -> b2, add tags",
+    ]

@@ -57,7 +57,7 @@ __all__ = [
     "usable_tracking_store",
 ]
 
-#: Steps of the job, as shown in the progress bar.
+#: Steps of the job, as shown in the progress bar (with the refit, one more after "evaluate").
 _STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
 #: Where the boosters are fitted: in this process, or with lightgbm.dask on a Dask cluster (``pipelines.dask_train``).
 ENGINES = ("local", "dask")
@@ -106,9 +106,9 @@ def format_history_error(error: HistoryError, limit: int = 5) -> str:
 class _Steps:
     """A rich progress bar over the job's steps (or nothing, when progress is off)."""
 
-    def __init__(self, progress: Progress | None) -> None:
+    def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress = progress
-        self.task = progress.add_task(_STEPS[0], total=len(_STEPS)) if progress is not None else None
+        self.task = progress.add_task(_STEPS[0], total=total) if progress is not None else None
 
     def start(self, step: str) -> None:
         if self.progress is not None and self.task is not None:
@@ -120,11 +120,11 @@ class _Steps:
 
 
 @contextmanager
-def _progress(console: Console, show: bool) -> Iterator[_Steps]:
+def _progress(console: Console, show: bool, total: int) -> Iterator[_Steps]:
     # In a terminal the bar erases itself when done. Into a file, a pipe (a log, `make demo | tee`) or a dumb
     # terminal rich draws nothing of it but a blank line at its end, between "logged stops: ..." and the table.
     if not show or not console.is_interactive:
-        yield _Steps(None)
+        yield _Steps(None, total)
         return
     progress = Progress(
         SpinnerColumn(),
@@ -136,7 +136,7 @@ def _progress(console: Console, show: bool) -> Iterator[_Steps]:
         transient=True,
     )
     with progress:
-        yield _Steps(progress)
+        yield _Steps(progress, total)
 
 
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -725,7 +725,10 @@ def run_training(
             raise TrainInputError(str(exc)) from exc
     out = console or Console()
     options = dict(train_options or {})
-    with _progress(out, show_progress) as steps, tempfile.TemporaryDirectory(prefix="winback-train-") as tmp:
+    with (
+        _progress(out, show_progress, len(_STEPS) + (1 if refit else 0)) as steps,
+        tempfile.TemporaryDirectory(prefix="winback-train-") as tmp,
+    ):
         work = Path(tmp)
         steps.start("validate history")
         try:

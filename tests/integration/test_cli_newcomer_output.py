@@ -305,3 +305,27 @@ def test_train_prints_no_blank_line_and_no_nan_into_a_pipe(history_with_a_long_c
     champion_view = next(line for line in lines if "policy_value_dr_champion_view" in line)
     assert champion_view.split("│")[2].strip() == "-", printed.stdout
     assert "nan" not in printed.stdout.split()
+
+
+def test_train_progress_in_a_terminal_counts_the_refit_among_its_steps(
+    history_with_a_long_code: Path, tmp_path: Path
+) -> None:
+    # In a terminal (make demo) the bar's last step read "register ... 6/5": the refit step was not in the total.
+    import io
+    import re
+
+    from rich.console import Console
+
+    from pipelines.train import train_command
+
+    drawn = io.StringIO()
+    terminal = Console(file=drawn, width=100, force_terminal=True, force_interactive=True, color_system=None)
+    code = train_command(
+        history_with_a_long_code / "attempts.parquet", history_with_a_long_code / "nudges.parquet",
+        f"sqlite:///{tmp_path / 'mlflow.db'}", episodes=0, console=terminal,
+    )  # fmt: skip
+    assert code == 0, drawn.getvalue()
+    counts = {tuple(map(int, found)) for found in re.findall(r" (\d+)/(\d+) ", drawn.getvalue())}
+    assert counts, drawn.getvalue()
+    assert {total for _, total in counts} == {6}, counts
+    assert max(done for done, _ in counts) == 6, counts

@@ -122,7 +122,10 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
 
     from pipelines.tables import compact_table, figure, folded_header
 
-    table = compact_table(title)
+    # The title on a line of its own: as the table's title it was wrapped to the table's width, so a path in it
+    # ("all of it in evaluation/evaluation.md") broke over two lines at 80 and 120 columns alike.
+    console.print(Text(title, style="table.title"), soft_wrap=True)
+    table = compact_table("")
     table.add_column(str(frame.index.name or ""), no_wrap=True)
     for column in frame.columns:
         table.add_column(folded_header(str(column)), justify="right", no_wrap=True)

@@ -329,3 +329,23 @@ def test_train_progress_in_a_terminal_counts_the_refit_among_its_steps(
     assert counts, drawn.getvalue()
     assert {total for _, total in counts} == {6}, counts
     assert max(done for done, _ in counts) == 6, counts
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_a_table_title_naming_a_file_keeps_the_path_whole(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    # `winback evaluate` titled its episodes "simulated episodes: 2,000 orders per policy (all of it in" over
+    # "evaluation/evaluation.md)": the title was wrapped to the table's width (76 columns), at 120 columns too.
+    import io
+
+    from rich.console import Console
+
+    import pipelines.cli as cli
+
+    episodes = pd.DataFrame([{"policy": name, "orders": 2000, "recovery_rate": 0.3} for name in ("a", "b")])
+    printed = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=printed, width=columns))
+    title = "simulated episodes: 2,000 orders per policy (all of it in evaluation/evaluation.md)"
+    cli.print_frame(cli.episodes_shown(episodes), title)
+    lines = printed.getvalue().splitlines()
+    assert lines[0] == title, printed.getvalue()  # a terminal narrower than the title wraps it, whole words and all
+    assert lines[1].split() == ["simulated", "episodes", "a", "b"], printed.getvalue()  # the header, right under it

@@ -120,11 +120,8 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
     underscores, a number is never broken (at 80 columns, "16,373.307" printed as "16,373." over "307")."""
     from rich.text import Text
 
-    from pipelines.tables import compact_table, figure, folded_header
+    from pipelines.tables import compact_table, figure, folded_header, print_titled
 
-    # The title on a line of its own: as the table's title it was wrapped to the table's width, so a path in it
-    # ("all of it in evaluation/evaluation.md") broke over two lines at 80 and 120 columns alike.
-    console.print(Text(title, style="table.title"), soft_wrap=True)
     table = compact_table("")
     table.add_column(str(frame.index.name or ""), no_wrap=True)
     for column in frame.columns:
@@ -133,7 +130,7 @@ def print_frame(frame: pd.DataFrame, title: str) -> None:
     for position, index in enumerate(frame.index):
         cells = [figure(col[position], ".3f" if isinstance(col[position], float) else "") for col in columns]
         table.add_row(Text(str(index)), *(Text(cell) for cell in cells))
-    console.print(table)
+    print_titled(console, title, table)
 
 
 #: ``train``, ``evaluate`` and ``retrain``: the history's optional stops file.

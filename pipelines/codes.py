@@ -14,7 +14,7 @@ from rich.text import Text
 from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
 from model.history import HistoryError, read_history
-from pipelines.tables import compact_table, figure
+from pipelines.tables import compact_table, figure, print_titled
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
 __all__ = ["CodesReport", "codes_report", "import_gsm", "report_view"]
@@ -141,10 +141,10 @@ def import_gsm(path: str | Path, out: str | Path = DEFAULT_OVERLAY, console: Con
     target = write_overlay(entries, out)
     if console is not None:
         counts = pd.Series([e.error_class.value for e in entries], dtype=object).value_counts()
-        table = Table(title=f"{len(entries)} codes from {path}")
+        table = Table()
         table.add_column("error class")
         table.add_column("codes", justify="right")
         for name, count in counts.items():
             table.add_row(str(name), str(count))
-        console.print(table)
+        print_titled(console, f"{len(entries)} codes from {path}", table)
     return target

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -48,3 +49,10 @@ def folded_header(name: str, width: int = 10) -> Text:
         else:
             lines.append(piece)
     return Text("\n".join(lines))
+
+
+def print_titled(console: Console, title: str, table: Table) -> None:
+    """``table`` (made without a title) under ``title`` on a line of its own: as a table's title it was wrapped to
+    the table's width, so a path in it ("all of it in evaluation/evaluation.md") broke over lines at any width."""
+    console.print(Text(title, style="table.title"), soft_wrap=True)
+    console.print(table)

@@ -349,3 +349,25 @@ def test_a_table_title_naming_a_file_keeps_the_path_whole(monkeypatch: pytest.Mo
     lines = printed.getvalue().splitlines()
     assert lines[0] == title, printed.getvalue()  # a terminal narrower than the title wraps it, whole words and all
     assert lines[1].split() == ["simulated", "episodes", "a", "b"], printed.getvalue()  # the header, right under it
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_import_gsm_names_the_file_it_read_on_one_line(tmp_path: Path, columns: int) -> None:
+    # "2 codes from" over "gateway_status_map.csv": the title was wrapped to the width of its two-column table.
+    import io
+
+    from rich.console import Console
+
+    from pipelines.codes import import_gsm
+
+    gsm = tmp_path / "exports" / "gateway_status_map.csv"
+    gsm.parent.mkdir()
+    gsm.write_text(
+        "connector,flow,sub_flow,code,message,status,router_error,decision,step_up_possible,unified_code,"
+        "unified_message,error_category,clear_pan_possible\n"
+        "stripe,authorize,authorize,xx1,Boom,failure,,retry,false,,,,false\n"
+        "adyen,authorize,authorize,zz9,Issuer down,failure,,do_default,false,UE_9000,,processor_downtime,false\n"
+    )
+    printed = io.StringIO()
+    import_gsm(gsm, tmp_path / "overlay.csv", console=Console(file=printed, width=columns))
+    assert printed.getvalue().splitlines()[0] == f"2 codes from {gsm}", printed.getvalue()

@@ -153,6 +153,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
 
 #: Named in ``rules_applied`` when a recurring payment runs on an Indian card e-mandate (no cascade).
 RBI_CARD_E_MANDATE = "rbi_card_e_mandate"
+#: Named in ``rules_applied`` when a recurring ``upi`` payment is taken as the UPI AutoPay debit it is.
+UPI_RECURRING_AUTOPAY = "upi_recurring_autopay"
 
 
 class RulesDataError(ValueError):
@@ -190,6 +192,9 @@ class RuleBook:
     mac_wait_hours: Mapping[str, float]
     upi_payment_methods: frozenset[str]
     upi_mandate_types: frozenset[str]
+    # A recurring payment of these methods is an AutoPay debit, unless its type is one the customer approves.
+    upi_recurring_payment_methods: frozenset[str]
+    upi_customer_approved_types: frozenset[str]
     upi_timezone: ZoneInfo
     upi_peak_minutes: tuple[tuple[int, int], ...]  # [start, end) minutes of the local day
     upi_max_retries: int
@@ -356,6 +361,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         mac_wait_hours={_mac_key(str(code)): _number(wait_raw, str(code)) for code in wait_raw},
         upi_payment_methods=_strings(raw, "upi_autopay.payment_methods"),
         upi_mandate_types=_strings(raw, "upi_autopay.mandate_types"),
+        upi_recurring_payment_methods=_strings(raw, "upi_autopay.recurring_payment_methods"),
+        upi_customer_approved_types=_strings(raw, "upi_autopay.customer_approved_types"),
         upi_timezone=ZoneInfo(str(_get(raw, "upi_autopay.timezone"))),
         upi_peak_minutes=peak,
         upi_max_retries=int(_number(raw, "upi_autopay.max_retries")),
@@ -669,6 +676,11 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     # UPI AutoPay: NPCI off-peak windows and retry budget.
     is_upi_autopay = method in book.upi_payment_methods or (method_type in book.upi_mandate_types and "upi" in method)
+    if not is_upi_autopay and _is_recurring_upi_debit(book, request, method, method_type):
+        # NPCI's one recurring UPI flow is the AutoPay mandate: a recurring `upi` payment is one of its debits, held
+        # to the same off-peak windows and retry budget (it was taken for a collect the customer must approve).
+        is_upi_autopay = True
+        applied.append(UPI_RECURRING_AUTOPAY)
     upi_window_end: datetime | None = None
     if is_upi_autopay:
         applied.append("upi_autopay_offpeak")
@@ -873,6 +885,16 @@ def _is_indian_card_e_mandate(book: RuleBook, request: DecisionRequest, method: 
     if country:
         return country.strip().upper() in book.e_mandate_customer_countries
     return request.currency.strip().upper() in book.e_mandate_currencies_without_country
+
+
+def _is_recurring_upi_debit(book: RuleBook, request: DecisionRequest, method: str, method_type: str) -> bool:
+    """Whether a payment is an AutoPay debit sent as a recurring UPI payment rather than as a mandate
+    (hard_rules.yaml, upi_autopay.recurring_payment_methods): a type the customer approves (collect) is not."""
+    return (
+        request.payment.is_recurring
+        and method in book.upi_recurring_payment_methods
+        and method_type not in book.upi_customer_approved_types
+    )
 
 
 def _is_upi_method(method: str) -> bool:

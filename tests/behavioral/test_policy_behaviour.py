@@ -10,6 +10,7 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from model.bundle import ModelBundle
 from model.catalog import load_catalog
 from model.policy import PolicyConfig, decide
 from model.requests import Decision
-from model.rules import Candidate, build_context, permitted_grid
+from model.rules import Candidate, build_context, in_upi_peak_hours, permitted_grid
 from model.training import train
 from model.vocab import Action, Strategy
 from tests.factories import make_history_frames, make_merchant, make_request
@@ -423,6 +424,33 @@ def test_an_sca_renewals_payment_link_goes_when_the_quiet_hours_end_not_days_lat
     assert decision.action == Action.RETARGET
     assert decision.execute_at == datetime(2026, 11, 3, 8, 0, tzinfo=UTC)  # 09:00 in Berlin, the next morning
     assert "skip_days:2" in decision.rules_applied
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_a_recurring_upi_payment_is_retried_silently_as_autopay_off_peak(with_model: bool, bundle: ModelBundle) -> None:
+    """A recurring UPI payment sent as `upi` (not `mandate`) is an AutoPay debit: it was taken for a collect the
+    customer approves and got no silent retry. Now it gets AutoPay's: off NPCI's peak hours, never cascaded."""
+    peak = datetime(2026, 11, 1, 11, 0, tzinfo=ZoneInfo("Asia/Kolkata")).astimezone(UTC)  # 11:00 IST: peak hours
+    request = make_request(
+        event_time=peak.isoformat(),
+        payment={"payment_method": "upi", "payment_method_type": None, "card_network": None, "is_recurring": True},
+        failure={"connector": "razorpay", "error_code": "XY", "error_message": "Remitter CBS offline",
+                 "network_decline_code": "XY"},
+        history={"attempts": [{"attempt_number": 1, "connector": "razorpay", "strategy": "initial",
+                               "status": "failure", "error_code": "XY", "created_at": peak.isoformat()}]},
+        available_connectors=["razorpay", "payu"],
+    )  # fmt: skip
+    merchant = make_merchant(connectors=["razorpay", "payu"])
+    decision = decide(request, merchant, bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    retries = [c for c in _every_action(decision) if c.action is Action.RETRY]
+    assert retries, decision
+    assert "upi_recurring_autopay" in decision.rules_applied
+    assert "user_consent_flow" not in decision.rules_applied
+    context = build_context(request, merchant, load_catalog())
+    for candidate in retries:
+        assert candidate.strategy is Strategy.RETRY_SAME
+        assert candidate.connector == "razorpay"
+        assert not in_upi_peak_hours(context, candidate.execute_at), candidate.execute_at
 
 
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])

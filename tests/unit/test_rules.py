@@ -534,6 +534,47 @@ def test_an_indian_cards_recurring_payment_runs_on_an_rbi_e_mandate_and_is_never
     assert Strategy.RETRY_SAME in strategies
 
 
+@pytest.mark.parametrize(
+    ("method_type", "recurring", "autopay"),
+    [
+        (None, True, True),  # a recurring UPI debit sent without a type
+        ("recurring", True, True),
+        ("UPI AutoPay", True, True),
+        ("collect", True, False),  # a collect the customer approves, e.g. the payment that registers the mandate
+        ("upi_intent", True, False),
+        ("qr", True, False),
+        (None, False, False),  # a one-off UPI payment: the customer approves it in their app
+        ("collect", False, False),
+    ],
+)
+def test_a_recurring_upi_payment_is_an_autopay_debit(method_type: str | None, recurring: bool, autopay: bool) -> None:
+    """Found by the payments expert review: a recurring UPI payment sent as `upi` (not `mandate`) with is_recurring
+    was taken for a collect the customer must approve, and got no silent retry at all. NPCI's one recurring UPI flow
+    is the AutoPay mandate: it gets AutoPay's off-peak windows, retry budget and no cascade, as a mandate does."""
+    payment = {"payment_method": "upi", "payment_method_type": method_type, "is_recurring": recurring}
+    context = upi_ctx("upi", method_type, payment={**payment, "card_network": None})
+    assert ("upi_recurring_autopay" in context.rules_applied) is autopay
+    assert ("upi_autopay_offpeak" in context.rules_applied) is autopay
+    assert ("user_consent_flow" in context.rules_applied) is not autopay
+    off_peak, peak = (
+        retry(at=UPI_T0 + timedelta(seconds=2), connector="razorpay"),
+        retry(at=ist(11, 0), connector="razorpay"),
+    )
+    if autopay:
+        assert broken(context, off_peak) == ()
+        assert broken(context, peak) == (Rule.UPI_AUTOPAY_PEAK_HOURS,)
+        assert broken(context, retry(strategy="cascade", connector="cashfree")) == (Rule.CASCADE_MANDATE,)
+        assert Rule.UPI_AUTOPAY_MAX_RETRIES in broken(
+            upi_ctx("upi", method_type, payment=payment, history=retries_history(3, UPI_T0 - HOUR)), off_peak
+        )
+        retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+        assert retries
+        assert not any(rules.in_upi_peak_hours(context, c.execute_at) for c in retries)
+    else:
+        assert Rule.USER_CONSENT_FLOW in broken(context, off_peak)
+        assert Rule.UPI_AUTOPAY_PEAK_HOURS not in broken(context, peak)
+
+
 def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
     context = upi_ctx(event_time=ist(10, 15).isoformat())
     retries = [c for c in rules.enumerate_candidates(context) if c.action == Action.RETRY]
@@ -554,7 +595,9 @@ def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
         ("pay_later", "klarna", "no_three_ds", True),
         ("upi", "collect", "no_three_ds", True),
         ("upi", "intent", "no_three_ds", True),
-        ("upi", None, "no_three_ds", True),
+        # The factory's payment is recurring: a recurring `upi` payment of no approval type is an AutoPay debit
+        # (test_a_recurring_upi_payment_is_an_autopay_debit has the one-off one).
+        ("upi", None, "no_three_ds", False),
         ("card", "credit", "three_ds_challenge", True),
         ("card", "wallet", "no_three_ds", True),
         ("card", "credit", "no_three_ds", False),

@@ -100,6 +100,7 @@ class Rule(StrEnum):
     STEP_UP_OUT_OF_SESSION = "step_up_out_of_session"
     ONE_OFF_OUT_OF_SESSION = "one_off_out_of_session"
     CASCADE_MANDATE = "cascade_mandate"
+    CASCADE_SAME_ACCOUNT = "cascade_same_account"
     AUTHENTICATION_REQUESTED = "authentication_requested"
     SUSPECTED_FRAUD = "suspected_fraud"
     CLEAR_PAN_NOT_APPLICABLE = "clear_pan_not_applicable"
@@ -221,6 +222,10 @@ class RuleBook:
     alternate_network_not_for_error_classes: frozenset[str]
     cascade_not_for_payment_methods: frozenset[str]  # mandates: bound to the gateway that registered them
     cascade_not_for_payment_method_types: frozenset[str]
+    # Declines about the cardholder's account (funds, limits): another acquirer reaches the same issuer and account,
+    # so no cascade until this long after the last failed attempt.
+    cascade_same_account_error_classes: frozenset[str]
+    cascade_same_account_wait: timedelta
     # India's card e-mandates (RBI): a recurring card payment of an Indian customer runs on one, bound to its gateway.
     e_mandate_payment_methods: frozenset[str]
     e_mandate_customer_countries: frozenset[str]  # upper case, ISO 3166 alpha-2
@@ -390,6 +395,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         ),
         cascade_not_for_payment_methods=_strings(raw, "strategies.cascade.not_for_payment_methods"),
         cascade_not_for_payment_method_types=_strings(raw, "strategies.cascade.not_for_payment_method_types"),
+        cascade_same_account_error_classes=_error_classes(raw, "strategies.cascade.same_account_error_classes"),
+        cascade_same_account_wait=timedelta(hours=_number(raw, "strategies.cascade.same_account_wait_hours")),
         e_mandate_payment_methods=_strings(raw, "rbi_card_e_mandate.payment_methods"),
         e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
         e_mandate_currencies_without_country=_upper(_strings(raw, "rbi_card_e_mandate.currencies_without_country")),
@@ -471,6 +478,8 @@ class RuleContext:
     # Time-dependent rules, as thresholds.
     window_end: datetime  # first failure + retry_window_days, for retries and retargets alike
     earliest_retry_at: datetime | None  # Mastercard MAC wait
+    # No cascade before this (a decline about the cardholder's account: funds, limits); None: no such bound.
+    cascade_not_before: datetime | None
     visa_cap: int | None  # None: the Visa re-attempt cap does not apply
     visa_window: timedelta
     visa_retry_times: tuple[datetime, ...]  # sorted created_at of earlier silent retries (both card caps count them)
@@ -766,6 +775,16 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         or method_type in book.cascade_not_for_payment_method_types
     ):
         not_applicable.setdefault(Strategy.CASCADE.value, Rule.CASCADE_MANDATE)
+    # Insufficient funds or a limit of the card or account: the issuer's answer about the cardholder's account, which
+    # another acquirer reaches unchanged. A cascade waits until the account may have changed (hard_rules.yaml).
+    cascade_not_before: datetime | None = None
+    if (
+        normalised.error_class.value in book.cascade_same_account_error_classes
+        and Strategy.CASCADE.value not in not_applicable
+        and last_failure_at + book.cascade_same_account_wait > event_time
+    ):
+        cascade_not_before = last_failure_at + book.cascade_same_account_wait
+        applied.append(f"{Rule.CASCADE_SAME_ACCOUNT.value}:{book.cascade_same_account_wait.total_seconds() / 3600:g}h")
     if not payment.is_network_token:
         not_applicable[Strategy.CLEAR_PAN.value] = Rule.CLEAR_PAN_NOT_APPLICABLE
     if not (
@@ -851,6 +870,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         channel_blocked_by=channel_blocked,
         window_end=window_end,
         earliest_retry_at=earliest_retry_at,
+        cascade_not_before=cascade_not_before,
         visa_cap=visa_cap,
         visa_window=book.visa_window,
         visa_retry_times=retry_times,
@@ -1012,7 +1032,7 @@ def check(context: RuleContext, candidate: Candidate) -> RuleVerdict:
 def _broken(context: RuleContext, candidate: Candidate) -> list[str]:
     action = candidate.action
     kind = _broken_kind(context, action, candidate.strategy, candidate.connector, candidate.channel)
-    timing = _broken_at(context, _timed_action(action, kind), candidate.execute_at)
+    timing = _broken_at(context, _timed_action(context, action, candidate.strategy, kind), candidate.execute_at)
     # Report before_event_time first, then the kind's rules, then the other time rules (the historical order).
     if timing and timing[0] == Rule.BEFORE_EVENT_TIME:
         return [timing[0], *kind, *timing[1:]]
@@ -1049,9 +1069,18 @@ def _broken_kind(
     return _MALFORMED
 
 
-def _timed_action(action: str, kind: tuple[str, ...]) -> str | None:
-    """The action whose time rules apply: none but the universal ones for a malformed candidate."""
-    return None if kind == _MALFORMED else action
+#: The time rules of a cascade when they differ from any other retry's (``RuleContext.cascade_not_before``).
+_RETRY_CASCADE = "retry:cascade"
+
+
+def _timed_action(context: RuleContext, action: str, strategy: str | None, kind: tuple[str, ...]) -> str | None:
+    """The action whose time rules apply: none but the universal ones for a malformed candidate; a cascade's own
+    when it must wait longer than other retries."""
+    if kind == _MALFORMED:
+        return None
+    if strategy == _CASCADE and action == _RETRY and context.cascade_not_before is not None:
+        return _RETRY_CASCADE
+    return action
 
 
 def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[str, ...]:
@@ -1062,11 +1091,13 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
     if at < context.event_time:
         broken.append(Rule.BEFORE_EVENT_TIME)
 
-    if action == _RETRY:
+    if action in (_RETRY, _RETRY_CASCADE):
         if at > context.window_end:
             broken.append(Rule.RETRY_WINDOW)
         if context.earliest_retry_at is not None and at < context.earliest_retry_at:
             broken.append(Rule.MAC_WAIT)
+        if action == _RETRY_CASCADE and context.cascade_not_before is not None and at < context.cascade_not_before:
+            broken.append(Rule.CASCADE_SAME_ACCOUNT)
         if context.visa_cap is not None:
             times = context.visa_retry_times
             recent = len(times) - bisect.bisect_left(times, at - context.visa_window)
@@ -1186,7 +1217,7 @@ def _kind_verdict(
     """Whether ``kind`` breaks no rule outside ``tolerated``, the action whose time rules apply to it, and that
     action's moment cache."""
     broken = _broken_kind(context, *kind)
-    timed_action = _timed_action(kind[0], broken)
+    timed_action = _timed_action(context, kind[0], kind[1], broken)
     return tolerated.issuperset(broken), timed_action, moments_by_action.setdefault(timed_action, {})
 
 
@@ -1518,7 +1549,7 @@ def permitted_grid(context: RuleContext) -> tuple[list[Candidate], list[Candidat
         kind_tolerated = action == _RETRY and situational.issuperset(broken)
         if not (kind_ok or kind_tolerated):
             continue
-        timed_action = _timed_action(action, broken)
+        timed_action = _timed_action(context, action, strategy, broken)
         judged = by_moments.get((timed_action, id(moments)))
         if judged is None:
             judged = by_moments[timed_action, id(moments)] = _judge_moments(context, timed_action, moments)

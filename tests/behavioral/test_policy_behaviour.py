@@ -426,6 +426,31 @@ def test_an_sca_renewals_payment_link_goes_when_the_quiet_hours_end_not_days_lat
     assert "skip_days:2" in decision.rules_applied
 
 
+@pytest.mark.parametrize("code", ["51", "61", "65"])
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_insufficient_funds_or_a_limit_is_never_cascaded_the_same_day(
+    code: str, with_model: bool, bundle: ModelBundle
+) -> None:
+    """Another acquirer reaches the same issuer and account: a cascade at once after insufficient funds or a limit
+    is declined again. It was offered, listed and explored; now it waits a day, and the answer says why."""
+    request = make_request(
+        currency="USD",
+        customer={"country": "US"},
+        failure={"connector": "stripe", "error_code": "card_declined", "error_message": None,
+                 "network_decline_code": code},
+    )  # fmt: skip
+    rng = np.random.default_rng(11)
+    cascades = []
+    for _ in range(30):  # exploration draws differ between calls
+        decision = decide(
+            request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING, rng=rng
+        )
+        cascades += [c for c in _every_action(decision) if c.strategy is Strategy.CASCADE]
+    assert cascades  # a day later, the account may have changed: another connector is as good a path
+    assert min(c.execute_at for c in cascades) >= request.event_time + timedelta(hours=24)
+    assert "cascade_same_account:24h" in decision.rules_applied
+
+
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 def test_a_recurring_upi_payment_is_retried_silently_as_autopay_off_peak(with_model: bool, bundle: ModelBundle) -> None:
     """A recurring UPI payment sent as `upi` (not `mandate`) is an AutoPay debit: it was taken for a collect the

@@ -69,10 +69,17 @@ def demo_merchant(**overrides: Any) -> MerchantConfig:
     return make_merchant(webhook={"url": "http://merchant.test/hooks", "secret_env": "WB_TEST_WEBHOOK"}, **overrides)
 
 
+#: How the scripts' card renewals fail, and the fake connector's declines: the issuer was unavailable (91). A cascade
+#: may go at once; after insufficient funds (the contract example's 51) one waits a day (rule cascade_same_account).
+TECHNICAL_DECLINE = {"error_code": "processing_error", "error_message": None, "network_decline_code": "91"}
+
+
 def event(order_id: str = "ord_1", key: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """The contract's example failure as a payment-failed event, but in USD from a customer of no stated country:
-    a card renewal the scripts may cascade (an Indian card's runs on an RBI e-mandate bound to its gateway)."""
+    """The contract's example request as a payment-failed event, but in USD from a customer of no stated country and
+    declined as issuer unavailable: a card renewal the scripts may cascade at once (an Indian card's runs on an RBI
+    e-mandate bound to its gateway, and insufficient funds is not cascaded the same day)."""
     customer = {"phone": "+919800000001", "email": "a@example.com", "country": None} | overrides.pop("customer", {})
+    failure = TECHNICAL_DECLINE | overrides.pop("failure", {})
     request = make_request(
         **{
             "order_id": order_id,
@@ -80,6 +87,7 @@ def event(order_id: str = "ord_1", key: str | None = None, **overrides: Any) -> 
             "currency": "USD",
             "history": {"attempts": [], "nudges": []},
             "customer": customer,
+            "failure": failure,
             **overrides,
         }
     )
@@ -143,8 +151,8 @@ class FakeConnector:
             self.charged[request.idempotency_key] = ChargeResult(
                 status="success" if status == "success" else "failure",
                 connector=request.connector,
-                error_code=None if status == "success" else "card_declined",
-                network_decline_code=None if status == "success" else "51",
+                error_code=None if status == "success" else TECHNICAL_DECLINE["error_code"],
+                network_decline_code=None if status == "success" else TECHNICAL_DECLINE["network_decline_code"],
             )
         return self.charged[request.idempotency_key]
 

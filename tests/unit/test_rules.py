@@ -2091,6 +2091,67 @@ def test_an_alternate_debit_network_is_never_tried_after_insufficient_funds(
     assert broken(technical, retry(strategy="alternate_network", connector=failure["connector"])) == ()
 
 
+LIMIT_DECLINES = [
+    {"connector": "stripe", "error_code": "card_declined", "error_message": None, "network_decline_code": "61"},
+    {
+        "connector": "adyen",
+        "error_code": "29",
+        "error_message": "Withdrawal count exceeded",
+        "network_decline_code": None,
+    },
+    {
+        "connector": "stripe",
+        "error_code": "card_velocity_exceeded",
+        "error_message": None,
+        "network_decline_code": None,
+    },
+]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    INSUFFICIENT_FUNDS_DECLINES + LIMIT_DECLINES,
+    ids=lambda failure: f"{failure['connector']}-{failure['error_code']}-{failure['network_decline_code']}",
+)
+def test_no_cascade_the_first_day_after_insufficient_funds_or_a_limit(failure: dict[str, Any]) -> None:
+    """Found by the payments expert review: a card declined for insufficient funds (51) or a limit (61, 65) was
+    offered, and could be chosen, a cascade to another connector at once. Another acquirer reaches the same issuer
+    and account and is declined again (the issuers' advice is to wait: Visa category 2, Mastercard MACs 02, 24-30),
+    while the attempt counts against Visa's and Mastercard's caps. From the next day on, once the account may have
+    changed, another connector is as good a path as the first."""
+    us_card = {"payment_method": "card", "payment_method_type": "credit", "card_network": "visa", "is_recurring": True}
+    context = ctx(catalog=load_catalog(), customer={"country": "US"}, currency="USD", payment=us_card, failure=failure)
+    via = "adyen" if failure["connector"] == "stripe" else "stripe"
+    assert context.error.error_class in {ErrorClass.INSUFFICIENT_FUNDS, ErrorClass.LIMIT_EXCEEDED}
+    assert "cascade_same_account:24h" in context.rules_applied
+    for delay in (timedelta(seconds=2), HOUR, 6 * HOUR, 24 * HOUR - timedelta(seconds=1)):
+        cascade = retry(strategy="cascade", connector=via, at=T0 + delay)
+        assert broken(context, cascade) == (Rule.CASCADE_SAME_ACCOUNT,), delay
+        assert broken(context, retry(connector=failure["connector"], at=T0 + delay)) == (), delay
+    for delay in (24 * HOUR, 72 * HOUR):
+        assert broken(context, retry(strategy="cascade", connector=via, at=T0 + delay)) == (), delay
+    grid = permitted(context, rules.enumerate_candidates(context))
+    cascades = [c.execute_at - T0 for c in grid if c.strategy is Strategy.CASCADE]
+    assert cascades  # after a day, e.g. after payday
+    assert min(cascades) >= 24 * HOUR
+    assert min(c.execute_at for c in grid if c.strategy is Strategy.RETRY_SAME) == T0 + timedelta(seconds=2)
+    # The wait counts from the last failed attempt: a follow-up a day after a retry that failed again still waits.
+    later = T0 + 30 * HOUR
+    history = {"attempts": [attempt(1, "initial", T0), attempt(2, "retry_same", T0 + 24 * HOUR)]}
+    follow_up = ctx(
+        catalog=load_catalog(), event_time=later.isoformat(), customer={"country": "US"}, currency="USD",
+        payment=us_card, failure=failure, history=history,
+    )  # fmt: skip
+    assert broken(follow_up, retry(strategy="cascade", connector=via, at=later)) == (Rule.CASCADE_SAME_ACCOUNT,)
+    assert broken(follow_up, retry(strategy="cascade", connector=via, at=T0 + 48 * HOUR)) == ()
+    # A technical decline of the same card is still cascaded at once: the path was the problem.
+    issuer_down = {**failure, "error_code": "processing_error", "error_message": None, "network_decline_code": "91"}
+    technical = ctx(catalog=load_catalog(), customer={"country": "US"}, currency="USD", payment=us_card,
+                    failure=issuer_down)  # fmt: skip
+    assert not any(name.startswith("cascade_same_account") for name in technical.rules_applied)
+    assert broken(technical, retry(strategy="cascade", connector=via)) == ()
+
+
 def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
     """An hour after the failure (a follow-up after an unanswered message), nobody is at the checkout to
     authenticate: no step-up, whatever the error; other strategies stay as they were."""

@@ -18,7 +18,16 @@ import numpy as np
 import yaml
 
 from model.catalog import ErrorCatalog, NormalisedError
-from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offset, timing_offsets
+from model.cellsupport import (
+    ARM_INDEX,
+    HOURS,
+    LATER,
+    N_SLOTS,
+    SLOTS_PER_ARM,
+    TIMINGS,
+    timing_offset,
+    timing_offsets,
+)
 from model.codelevel import code_factor
 from model.datafiles import DATA_DIR
 from model.explanations import action_reason, error_reason, prior_reason, unknown_currency_reason
@@ -319,6 +328,41 @@ def _cached_cell_factors(
     return found[1], found[2]
 
 
+_HOURS, _LATER = TIMINGS.index(HOURS), TIMINGS.index(LATER)
+
+
+def _no_later_than_hours(
+    scores: np.ndarray,
+    recalibrated: np.ndarray,
+    offsets: np.ndarray,
+    bases: np.ndarray,
+    prior_slots: np.ndarray,
+    runs: list[_Run],
+) -> None:
+    """Where the priors say a retry hours after the decision point does as well as one a day or more on (a transient
+    fault: their later value is no higher), serve each retry within the hours at least its kind's best later value,
+    but never more than the model's own recalibrated value for it (in place).
+
+    Each candidate is shrunk by its own cell's evidence (``shrink_to_prior``), and the logging policy retried a day
+    on far more often than within hours: a candidate the model rated above the prior kept most of that in the
+    well-tried later cell and little in the thin hours cell, so a technical decline's retry a day on outranked the
+    same retry six hours on that the model rated as high, and the order waited a day for nothing. With this, the
+    cost of waiting decides between them, as the priors intend (data/policy/priors.yaml).
+    """
+    for start, stop, first in runs:
+        if first.action is not _RETRY:
+            continue
+        base = int(bases[start])
+        if base >= N_SLOTS or prior_slots[base + _HOURS] < prior_slots[base + _LATER]:
+            continue
+        timing = offsets[start:stop]
+        later = scores[start:stop][timing == _LATER]
+        if not len(later):
+            continue
+        hours = np.flatnonzero(timing == _HOURS) + start
+        scores[hours] = np.maximum(scores[hours], np.minimum(recalibrated[hours], later.max()))
+
+
 #: Consecutive candidates of one kind: (start, stop, the first of them).
 _Run = tuple[int, int, Candidate]
 
@@ -428,9 +472,13 @@ def decide(
         ratio, weight = _cached_cell_factors(table, priors, error_class, nudges, config.prior_strength)
         # The prior is RulesOnlyScorer's (its timing counts from the decision point); the cell's timing counts from
         # the first failure, as training counted it. A candidate of no cell (stop) has delay 0: offset 0 past it.
-        prior = priors.prior_slots(error_class, nudges)[bases + timing_offsets(delays) * (bases < N_SLOTS)]
+        slots = priors.prior_slots(error_class, nudges)
+        offsets = timing_offsets(delays) * (bases < N_SLOTS)
+        prior = slots[bases + offsets]
         cells = bases + timing_offsets(delays + _seconds_since_first_failure(request)) * (bases < N_SLOTS)
+        recalibrated = np.minimum(scores * ratio[cells], 1.0)
         scores = np.minimum(np.maximum(shrink_to_prior(scores, prior, ratio[cells], weight[cells]), 0.0), 1.0)
+        _no_later_than_hours(scores, recalibrated, offsets, bases, slots, runs + blocked_runs)
     # The served level of the failure's error code, corrected to what its silent retries showed (model.codelevel):
     # every retry candidate alike, after the cell shrinkage, whose served P(success) the code levels summed (with
     # the default prior_strength), so a code's evidence counts where its cells are thin too and nothing twice.

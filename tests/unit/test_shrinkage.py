@@ -109,6 +109,31 @@ def test_where_the_model_saw_much_and_was_right_it_decides() -> None:
                                                                     prior_strength=0.0)))  # fmt: skip
 
 
+#: An Indian card's renewal declined as issuer unavailable: no cascade (its RBI e-mandate), so a retry on stripe.
+ISSUER_DOWN = make_request(
+    failure={"connector": "stripe", "error_code": "issuer_not_available", "error_message": None,
+             "network_decline_code": "91"}
+)  # fmt: skip
+
+
+def test_a_technical_decline_is_not_held_a_day_by_the_later_cells_evidence_alone() -> None:
+    """Found by the payments review: 64 of 210 technical declines of recurring cards (simulated, seed 7) waited a
+    day. The model rated the retry six hours on as high as a day on (70%), but the logging policy had tried it a
+    day on 100 times as often: shrunk each by its own cell's evidence towards the same prior (45%, a transient
+    fault), the later one kept 0.69 and the one within hours 0.49. The priors say a day adds nothing to hours
+    here, so the cost of waiting decides: the retry goes six hours on, at the later value, never above the model's."""
+    thin_soon = _Stub(soon=0.7, later=0.7, cells_soon=(5.0, 3.5, 3.5), cells_later=(500.0, 350.0, 350.0))
+    decision = _decide(thin_soon, ISSUER_DOWN)
+    assert (decision.action, decision.strategy) == (Action.RETRY, "retry_same")
+    assert decision.execute_at - ISSUER_DOWN.event_time == timedelta(hours=6)
+    assert decision.expected_success == pytest.approx(0.45 * 30 / 530 + 0.7 * 500 / 530, abs=1e-6)
+    # A model that rates the retry within hours lower than a day on keeps its own (lower) value for it.
+    doubtful = _Stub(soon=0.4, later=0.7, cells_soon=(5.0, 2.0, 2.0), cells_later=(500.0, 350.0, 350.0))
+    assert _decide(doubtful, ISSUER_DOWN).execute_at - ISSUER_DOWN.event_time >= LATER
+    # Insufficient funds recovers after payday (priors: 3% within hours, 25% later): the later retry keeps its edge.
+    assert _decide(thin_soon).execute_at - INSUFFICIENT_FUNDS.event_time >= LATER
+
+
 def _key(decision: Any) -> tuple[object, ...]:
     return (decision.action, decision.strategy, decision.connector, decision.channel, decision.execute_at)
 

@@ -1758,13 +1758,16 @@ class Executor:
         A refusal of the first kind also counts toward the channel's outage (service/executor/outages.py). Once
         the channel is down, a message no try of which may have reached the provider is not recorded at all (it
         was never sent) and its order is decided again without the channel: a long outage costs no message.
+
+        A message to be tried again while its order awaits an agent was with its provider when the order was
+        decided again (a message is only sent for a ``PENDING`` order): see ``_decided_while_in_flight``.
         """
         policy = self.retry_policy
         payload = dict(action.payload)
+        # The order first, then the action's and the channel's rows, as a re-decision locks them: one lock order.
+        order = self.lock_order(conn, action.merchant_id, action.order_id)
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
-            # The order first, then the channel's row, as when a message is taken (``complete``): one lock order.
-            order = self.lock_order(conn, action.merchant_id, action.order_id)
             down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
             if (
                 down_until is not None
@@ -1775,6 +1778,7 @@ class Executor:
                 # at every hold gave an exploring policy a chance to stop the order at each (review).
                 reason = f"{channel.value} is down until {down_until.isoformat()} ({outcome.error})"
                 self._release(conn, action, ActionState.SCHEDULED, now, due_at=down_until, error=reason)
+                self._decided_while_in_flight(conn, order, action, outcome, now)
                 return
             if down_until is not None and not payload.get(MESSAGE_MAYBE_SENT_TRIES):
                 # Never taken by its provider, so never sent: no nudge is recorded and none is counted; the order
@@ -1795,10 +1799,30 @@ class Executor:
         if retry:
             due = now + policy.message_delay(action.attempts, outcome.retry_after)
             self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=outcome.error, payload=payload)
+            self._decided_while_in_flight(conn, order, action, outcome, now)
             return
         message = f"gave up after {action.attempts} tries: {outcome.error}"
         self._release(conn, action, ActionState.DEAD, now, error=message, payload=payload)
         self._dead(conn, action, message, now)
+
+    def _decided_while_in_flight(
+        self, conn: sa.Connection, order: RowMapping | None, action: ActionRow, outcome: Transient, now: datetime
+    ) -> None:
+        """Decide ``order`` again when message ``action``, just scheduled for another try, was with its provider as
+        the order was decided again and now waits for an agent. That decision could not count the message (it was
+        neither answered nor tried before) and left the approval that planned it to finish; at its time the re-send
+        was skipped ("order is AWAITING_AGENT") with nothing on record that the customer may have it, the approval
+        neither kept nor withdrawn, and the message an agent approved next went the same day (review). Decided again
+        now, the message counts as maybe sent (``_messages_maybe_out``) and the approval is settled as one whose
+        re-send waits (``_approval_stands``): it stands when the new decision plans the same message, else it is
+        withdrawn and the message kept as maybe sent (a try that may have reached the provider) and not re-sent."""
+        if order is None or order["state"] != OrderState.AWAITING_AGENT:
+            return
+        cause = (
+            f"the {_planned_what(action)} was with its provider as the order was decided again, and the provider "
+            f"did not answer ({outcome.error})"
+        )
+        self._decision_point(conn, order, now, cause)
 
     def _dead(
         self,

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from model.requests import Decision
 from model.vocab import Channel
+from service.executor.channels.base import OutboundMessage, SendResult
 from service.executor.core import Executor, Transient
 from service.executor.routes import _pay
 from service.executor.store import actions, agent_queue, nudges, orders
@@ -316,6 +317,15 @@ def test_an_approved_message_waiting_for_its_re_send_after_a_timeout_is_withdraw
         (Channel.SMS, h.view().nudges[0].sent_at),
         (Channel.EMAIL, tried_at),
     ]
+    _email_kept_as_maybe_sent_and_no_whatsapp_that_day(h, provider, withdrawn, tried_at)
+
+
+def _email_kept_as_maybe_sent_and_no_whatsapp_that_day(
+    h: Harness, provider: SlowProvider, withdrawn: dict[str, Any], tried_at: datetime
+) -> None:
+    """The approved email whose try timed out is in the history as maybe sent, dated by that try, and is never
+    re-sent; the WhatsApp link the agent approves next does not go on the day the email may have reached the
+    customer."""
     email = next(n for n in h.view().nudges if n.channel == "email")
     assert email.decision_id == "dec_2_ord_1"
     assert "may have reached the provider" in (email.error or "")
@@ -323,7 +333,6 @@ def test_an_approved_message_waiting_for_its_re_send_after_a_timeout_is_withdraw
     h.clock.advance(minutes=10)
     h.drain()
     assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]  # never re-sent
-    # The agent approves the WhatsApp link: not on the day the email may have reached the customer.
     h.executor.act_on_queued("ord_1", "approve", "ana", "whatsapp then")
     h.drain()
     assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]
@@ -340,6 +349,11 @@ def test_an_approved_message_waiting_for_its_re_send_stands_when_the_order_decid
     queue = _queue(h)
     assert [item["state"] for item in queue] == ["approved", "approved", "agreed"]
     assert queue[1]["withdrawn_at"] is None
+    _email_re_sent_under_its_first_key(h, provider)
+
+
+def _email_re_sent_under_its_first_key(h: Harness, provider: SlowProvider) -> None:
+    """The approved email that stands is re-sent at its time under its first try's key."""
     h.clock.advance(minutes=10)
     h.drain()  # the re-send, under the first try's key: a provider that took the first drops it as a repeat
     assert [(m.channel, m.idempotency_key) for m in provider.outbox][1:] == [
@@ -350,6 +364,78 @@ def test_an_approved_message_waiting_for_its_re_send_stands_when_the_order_decid
 
 
 STOP = {"action": "stop"}
+
+
+class _BusyProvider(SlowProvider):
+    """A provider that runs ``during()`` while the next message is with it, before it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: Callable[[], None] | None = None
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        hook, self.during = self.during, None
+        if hook is not None:
+            hook()
+        return super().send(message)
+
+
+def _approved_email_times_out_as_the_order_is_decided_again(
+    make: Any, database_url: str | None, *after: dict[str, Any]
+) -> tuple[Harness, SlowProvider, datetime]:
+    """The approved email is with its provider when the customer pays on the SMS's link and is declined: the order
+    is decided again (``after``) while the email is in flight. Then the provider's answer times out: it may have
+    the email. The harness, the provider and when the email was handed over."""
+    provider = _BusyProvider()
+    h = _approved_later(make, database_url, EMAIL_DAY_2, *after, provider=provider)
+    h.clock.advance(hours=22)
+    sms_link = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    paid: list[int] = []
+    provider.during = lambda: paid.append(_pay(runtime(h), sms_link)[0])
+    provider.time_outs = 1
+    handed_over = h.clock.now
+    h.drain()
+    assert paid == [402]  # declined while the email was with its provider
+    assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]
+    return h, provider, handed_over
+
+
+def test_an_approved_message_in_flight_as_the_order_is_decided_again_that_times_out_is_kept_as_maybe_sent(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """Review: the re-decision left the approved email in flight to finish; its provider then timed out, its
+    re-send was scheduled, and at its time the re-send was skipped ("order is AWAITING_AGENT"): nothing said the
+    customer may have the email, the approval was neither kept nor withdrawn, and the WhatsApp the agent approved
+    next went the same day. Now the timeout on an order awaiting an agent decides it again, knowing the email may be
+    out: the approval is withdrawn with why, the email is kept as maybe sent, and no other message goes that day."""
+    h, provider, handed_over = _approved_email_times_out_as_the_order_is_decided_again(
+        make_harness, database_url, WHATSAPP_NOW, WHATSAPP_NOW
+    )
+    assert h.view().state == "AWAITING_AGENT"
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "superseded", "pending"]
+    withdrawn = queue[1]
+    assert withdrawn["withdrawn_by"] == queue[3]["decision_id"]
+    assert "email message may have reached the customer" in withdrawn["withdrawn_reason"]
+    # The recommendation the agent sees was made knowing the email may be with the customer.
+    decided = h.executor.decider.requests[-1]
+    assert [n.channel for n in decided.history.nudges] == [Channel.SMS, Channel.EMAIL]
+    _email_kept_as_maybe_sent_and_no_whatsapp_that_day(h, provider, withdrawn, handed_over)
+
+
+def test_an_approved_message_in_flight_as_the_order_is_decided_again_that_times_out_stands_for_the_same_plan(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    h, provider, _handed_over = _approved_email_times_out_as_the_order_is_decided_again(
+        make_harness, database_url, WHATSAPP_NOW, {"action": "retarget", "channel": "email"}
+    )
+    assert h.view().state == "PENDING"
+    queue = _queue(h)
+    assert [item["state"] for item in queue] == ["approved", "approved", "superseded", "agreed"]
+    assert queue[1]["withdrawn_at"] is None
+    _email_re_sent_under_its_first_key(h, provider)
 
 
 def _close_actions(h: Harness) -> list[Any]:

@@ -1217,13 +1217,25 @@ class Executor:
         # below; the window's end keeps its close. A close claimed by a worker right now (it fell due as this
         # decision came) is replaced too: it has no outside effect, and left to run it failed the order under this
         # decision's plan; its worker finds it cancelled and records nothing (``_record_settled_meanwhile``).
+        # So is a retry a worker has claimed and not sent yet (review: it went ahead beside this plan, two retries
+        # or a retry beside a message): a retry is sent only under the order's lock, held here, in the transaction
+        # that marks it sent, so its worker finds its claim gone and sends nothing (``Effects._charge``). On
+        # PostgreSQL a claim being committed as this runs is waited for and the row read again as claimed: replaced
+        # all the same. A retry marked sent may be with its connector and is left to be answered.
         stop_close = _stop_close(merchant_id, order_id)
+        claimed_unsent = sa.and_(
+            actions.c.kind == ActionKind.RETRY.value,
+            actions.c.state == ActionState.CLAIMED.value,
+            actions.c.unanswered_since.is_(None),
+        )
         conn.execute(
             actions.update()
             .where(
                 actions.c.merchant_id == merchant_id,
                 actions.c.order_id == order_id,
-                sa.or_(sa.and_(actions.c.state == ActionState.SCHEDULED.value, _replaceable()), stop_close),
+                sa.or_(
+                    sa.and_(actions.c.state == ActionState.SCHEDULED.value, _replaceable()), claimed_unsent, stop_close
+                ),
             )
             .values(
                 state=ActionState.CANCELLED.value,

@@ -28,6 +28,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     Harness,
     LinkAnswersLost,
     OpenCircuit,
+    _order_row,
     demo_merchant,
     event,
     make_harness,
@@ -262,3 +263,45 @@ def test_a_stop_close_claimed_when_a_later_decision_plans_a_retry_does_not_fail_
     view = h.view()
     assert view.state == "SUCCEEDED", [(a.kind, a.state, a.last_error) for a in view.actions]
     assert [json.loads(r.content)["event"] for r in h.receiver.received] == ["order.succeeded"]
+
+
+@pytest.mark.parametrize(
+    "new_plan",
+    [
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe"},
+        {"action": "retarget", "channel": "sms"},
+    ],
+    ids=["retry", "message"],
+)
+def test_a_retry_claimed_and_not_sent_as_its_order_is_decided_again_is_replaced(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+    new_plan: dict[str, str],
+) -> None:
+    """Autonomous mode. A worker has claimed a retry, not sent it yet, when the order is decided again (a link
+    payment declined, an operator's 'not charged'). The new decision replaced only scheduled actions, so the
+    claimed retry went ahead beside the new plan: two silent retries from one decision point, or a retry charging
+    the customer beside the payment link asking them to pay. A retry is sent only under its order's lock, which the
+    re-decision holds: one not sent yet is replaced as a scheduled one is, and its worker finds its claim gone."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=1)},
+        new_plan,
+        connector=FakeConnector(results=["failure", "failure"]),
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.clock.advance(hours=1)
+    (retry,) = h.executor.claim(10, 30, "w1", "claim-w1")
+    assert retry.kind == "retry"
+    with h.executor.engine.begin() as conn:  # meanwhile the order is decided again
+        order = h.executor.lock_order(conn, "m_demo", "ord_1")
+        assert order is not None
+        h.executor._decision_point(conn, order, h.clock(), "the customer's payment by link was declined")
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])  # the worker goes on with its claim
+    h.drain()
+    view = h.view()
+    replaced = next(a for a in view.actions if a.action_id == retry.action_id)
+    assert (replaced.state, replaced.last_error) == ("cancelled", "replaced by a later decision")
+    assert retry.idempotency_key not in h.connector.calls
+    assert len([key for key in h.connector.calls if ":retry:" in key]) == (new_plan["action"] == "retry")
+    assert len(h.outbox) == (new_plan["action"] == "retarget")

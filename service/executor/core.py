@@ -1249,6 +1249,8 @@ class Executor:
         if decision.action == Action.RETRY:
             # The attempt number is fixed now, so the processor payment id <order_id>_<n> never changes when
             # the action is re-sent after a crash; an action cancelled later leaves a gap only on a closed order.
+            # This is the one place a retry is planned: every retry carries its number from here (a claim never
+            # takes an order's lock to reserve one; ``Effects._charge`` refuses a retry without).
             number = conn.scalar(
                 orders.update()
                 .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
@@ -1536,8 +1538,9 @@ class Executor:
                 conn.execute(actions.update().where(actions.c.action_id.in_(ids)).values(**values))
                 rows = conn.execute(sa.select(actions).where(actions.c.action_id.in_(ids))).mappings().all()
             claimed = [ActionRow.of(row) for row in rows]
+            # Action rows only, never an order's: a re-decision and a charge's send lock the order, then its
+            # actions, and a claim locking them the other way round could deadlock with them on PostgreSQL.
             self._note_maybe_sent(conn, claimed, taken_over)
-            self._reserve_attempt_numbers(conn, claimed)
         # In the order they were planned (every due_at is now the lease's end): a retry due a minute before a
         # message of the same order goes first, and a success it brings cancels the message before it is sent.
         return sorted(claimed, key=lambda a: (a.planned_at, a.action_id))
@@ -1554,24 +1557,6 @@ class Executor:
                 continue
             payload = {MESSAGE_MAYBE_SENT_AT: handed_over.isoformat()} | action.payload
             payload[MESSAGE_MAYBE_SENT_TRIES] = int(action.payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
-            conn.execute(
-                actions.update().where(actions.c.action_id == action.action_id).values(payload_json=_dump(payload))
-            )
-            claimed[index] = ActionRow(**{**action.__dict__, "payload": payload})
-
-    def _reserve_attempt_numbers(self, conn: sa.Connection, claimed: list[ActionRow]) -> None:
-        # The processor payment id <order_id>_<n> must not change when an action is re-sent after a crash, so
-        # n is fixed (and stored with the action) in the transaction that first claims it.
-        for index, action in enumerate(claimed):
-            if action.kind != ActionKind.RETRY or "attempt_number" in action.payload:
-                continue
-            number = conn.scalar(
-                orders.update()
-                .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
-                .values(attempt_count=orders.c.attempt_count + 1)
-                .returning(orders.c.attempt_count)
-            )
-            payload = action.payload | {"attempt_number": int(number or 0)}
             conn.execute(
                 actions.update().where(actions.c.action_id == action.action_id).values(payload_json=_dump(payload))
             )

@@ -287,6 +287,10 @@ class Effects:
                 return Skip(f"order {action.order_id!r} is not known")
             if held is None or held.claim_token != action.claim_token:
                 return Skip("the claim is no longer this worker's")
+            if action.kind == ActionKind.RETRY and "attempt_number" not in action.payload:
+                # Never written (Executor._carry_out fixes it as it plans the retry): dead-lettered unsent, not
+                # numbered here, where a number reserved by a send that crashed could change on its re-send.
+                return Permanent(f"retry action {action.action_id} has no attempt number: it is not sent")
             # A re-send asks the switch about a charge already sent (same key, same body): it goes ahead on any
             # open order, and never waits, so the charges it holds back cannot hold it back in turn.
             resend = held.unanswered_since is not None

@@ -305,3 +305,33 @@ def test_a_retry_claimed_and_not_sent_as_its_order_is_decided_again_is_replaced(
     assert retry.idempotency_key not in h.connector.calls
     assert len([key for key in h.connector.calls if ":retry:" in key]) == (new_plan["action"] == "retry")
     assert len(h.outbox) == (new_plan["action"] == "retarget")
+
+
+def test_a_retry_without_an_attempt_number_is_dead_lettered_unsent_and_its_claim_locks_no_order(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Review: a claim reserved the attempt number of a retry planned without one, updating its order's row in the
+    claim's transaction after the action rows: the reverse of the order-then-actions lock order of a re-decision
+    and a charge's send, a deadlock on PostgreSQL. No such retry is written (``_carry_out``, the one place a retry
+    is planned, numbers it), so the claim no longer numbers any, and one found unnumbered is refused unsent."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=1)},
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    with h.executor.engine.begin() as conn:  # a retry as no code writes it: without its attempt number
+        conn.execute(
+            actions.update()
+            .where(actions.c.kind == "retry")
+            .values(payload_json=json.dumps({"strategy": "cascade", "connector": "adyen", "propensity": 0.9}))
+        )
+    h.clock.advance(hours=1)
+    counted = _order_row(h)["attempt_count"]
+    (retry,) = h.executor.claim(10, 30, "w1", "claim-w1")
+    assert _order_row(h)["attempt_count"] == counted  # the claim left the order's row alone
+    h.worker.record([(retry, h.effects.perform(retry, _order_row(h)))])
+    dead = next(a for a in h.view().actions if a.action_id == retry.action_id)
+    assert dead.state == "dead"
+    assert "has no attempt number" in (dead.last_error or "")
+    assert h.connector.calls == []

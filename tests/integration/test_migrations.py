@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -233,5 +235,41 @@ def test_the_consoles_withdrawn_approvals_are_read_through_0013s_index_dropped_o
         assert {"withdrawn_at", "withdrawn_by", "withdrawn_reason"} <= {
             column["name"] for column in sa.inspect(engine).get_columns("agent_queue")
         }
+    finally:
+        engine.dispose()
+
+
+def test_the_consoles_unseen_withdrawals_read_the_withdrawn_orders_items_only(database_url: str) -> None:
+    """Review: the queue page's second look-up (have agents acted on an order since its approval was withdrawn?)
+    read every item the merchant's agents had ever approved or rejected. Every statement it runs now reads the
+    partial index of 0013 or the withdrawn orders' own items (merchant and order bound in ix_agent_queue_order)."""
+    from service.console.views import _approvals_withdrawn_unseen
+    from service.executor.store import agent_queue
+
+    engine = sa.create_engine(database_url)
+    try:
+        upgrade(engine)
+        items = _queue_items(merchants=4, orders=1000)
+        for item in items:  # every approval acted on; on every other withdrawn order, before its withdrawal
+            order = int(str(item["order_id"]).removeprefix("ord_"))
+            item["acted_at"] = datetime(2026, 11, 2, 10, 14 if order % 100 == 0 else 16, tzinfo=UTC)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(agent_queue), items)
+            conn.exec_driver_sql("ANALYZE")
+        statements: list[tuple[str, Any]] = []
+
+        def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+            statements.append((statement, parameters))
+
+        explain = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "EXPLAIN"
+        with engine.connect() as conn:
+            sa.event.listen(engine, "before_cursor_execute", capture)
+            unseen = _approvals_withdrawn_unseen(conn, "m_1")
+            sa.event.remove(engine, "before_cursor_execute", capture)
+            assert unseen == {f"ord_{order}" for order in range(0, 1000, 100)}
+            for statement, parameters in statements:
+                plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"{explain} {statement}", parameters))
+                order_bound = re.search(r"order_id(\)::text)? ?= ?(\?|ANY)", plan)
+                assert "ix_agent_queue_withdrawn" in plan or ("ix_agent_queue_order" in plan and order_bound), plan
     finally:
         engine.dispose()

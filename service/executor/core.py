@@ -1579,6 +1579,12 @@ class Executor:
         Raises StaleClaimError (changing nothing) when the action is no longer held with this claim token.
         """
         now = self.clock()
+        if action.kind != ActionKind.WEBHOOK:
+            # The order first, then the action's row, as a re-decision (it reads and replaces the order's actions
+            # under the order's lock) and a send take them. The other way round, recording an answer that goes on
+            # to lock the order (a refused retry decides it again) deadlocked on PostgreSQL with a re-decision
+            # waiting for the action's row.
+            self.lock_order(conn, action.merchant_id, action.order_id)
         if isinstance(outcome, Transient):
             self._retry_later(conn, action, outcome, now)
             return
@@ -1761,7 +1767,7 @@ class Executor:
         """
         policy = self.retry_policy
         payload = dict(action.payload)
-        # The order first, then the action's and the channel's rows, as a re-decision locks them: one lock order.
+        # Locked already (``complete``): the order first, then the action's and the channel's rows.
         order = self.lock_order(conn, action.merchant_id, action.order_id)
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from model.catalog import load_catalog
 from model.rules import build_context
 from service.executor.connectors import ChargeRequest, ChargeResult
-from service.executor.core import NoEffect
+from service.executor.core import NoEffect, Permanent, StaleClaimError
 from service.executor.routes import _pay
 from service.executor.store import actions, orders
 from service.executor.worker import Worker
@@ -335,3 +336,73 @@ def test_a_retry_without_an_attempt_number_is_dead_lettered_unsent_and_its_claim
     assert dead.state == "dead"
     assert "has no attempt number" in (dead.last_error or "")
     assert h.connector.calls == []
+
+
+def _waits_for_a_lock(engine: sa.Engine, pid: int, patience: float = 30.0) -> None:
+    """Return once PostgreSQL backend ``pid`` waits for a lock (fail after ``patience`` seconds)."""
+    deadline = time.monotonic() + patience
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.scalar(
+                sa.text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            )
+            if waiting == "Lock":
+                return
+            conn.rollback()  # a fresh snapshot of pg_stat_activity
+    raise AssertionError(f"backend {pid} never waited for a lock")
+
+
+@pytest.mark.postgres
+def test_recording_a_refused_retry_while_its_order_is_decided_again_does_not_deadlock_on_postgresql(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    postgres_url: str,
+) -> None:
+    """A worker records a claimed retry its switch refused outright (nothing charged: its connector is taken out and
+    the order decided again) while the order is decided again elsewhere (a link payment declined). Recording
+    updated the action's row and then waited for the order's lock; the re-decision, holding that lock, waited for
+    the action's row (it replaces a claimed retry not sent): a deadlock, one of the two aborted. Recording an
+    answer now takes the order's lock first, as a re-decision and a send do: the re-decision goes first, and the
+    worker finds its claim gone. The worker is made to wait for the lock before the re-decision reads the row."""
+    h = make_harness(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen", "delay": timedelta(hours=1)},
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe", "delay": timedelta(hours=1)},
+        database_url=postgres_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.clock.advance(hours=1)
+    (retry,) = h.executor.claim(10, 30, "w1", "claim-w1")
+    engine = h.executor.engine
+    worker_pid: list[int] = []
+    pid_known = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker_records_the_refusal() -> None:
+        try:
+            with engine.begin() as conn:
+                worker_pid.append(int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()))
+                pid_known.set()
+                h.executor.complete(conn, retry, Permanent("adyen refused the charge", nothing_charged=True))
+        except StaleClaimError:
+            pass  # replaced by the re-decision: nothing to record
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            pid_known.set()
+
+    worker = threading.Thread(target=worker_records_the_refusal)
+    try:
+        with engine.begin() as conn:  # the re-decision: the order's lock first
+            order = h.executor.lock_order(conn, "m_demo", "ord_1")
+            assert order is not None
+            worker.start()
+            assert pid_known.wait(30)
+            assert worker_pid, errors
+            _waits_for_a_lock(engine, worker_pid[0])
+            h.executor._decision_point(conn, order, h.clock(), "the customer's payment by link was declined")
+    except sa.exc.OperationalError as exc:
+        errors.append(exc)
+    worker.join(60)
+    assert not worker.is_alive()
+    assert errors == []
+    replaced = next(a for a in h.view().actions if a.action_id == retry.action_id)
+    assert (replaced.state, replaced.last_error) == ("cancelled", "replaced by a later decision")

@@ -1599,6 +1599,9 @@ class Executor:
             return
         if isinstance(outcome, Skip):
             self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
+            # A message re-send skipped (a charge of unknown outcome, an order awaiting an agent) after a try that
+            # may have reached its provider: the customer may have it (review: it vanished from the history).
+            self._keep_maybe_sent(conn, action, f"not sent again: {outcome.reason}", now)
             return
         try:
             # A replanned action keeps why it was not carried out (the order view shows it).

@@ -23,10 +23,11 @@ from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
-from service.executor.core import Defer, Replan
+from service.executor.core import MAYBE_SENT_NOTE, Defer, Replan
 from service.executor.settings import ExecutorSettings
 from service.executor.store import ActionKind, actions, nudges
 from service.executor.worker import Worker, build_effects
+from tests.factories import insert_lost_charge
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
     FakeConnector,
@@ -271,3 +272,30 @@ def test_a_message_whose_send_timed_out_is_not_replaced_by_a_later_decision(
     keys = [message.idempotency_key for message in provider.outbox]
     assert len(keys) == 3  # N1, N2 and N2 again
     assert len(set(keys)) == 2, keys  # no third message
+
+
+def test_a_message_whose_re_send_a_charge_of_unknown_outcome_holds_back_stays_in_the_history_as_maybe_sent(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The SMS's try timed out at its provider (it may be with the customer) and its re-send waited. Meanwhile a
+    charge of the order was sent and never answered, so at its time the re-send was skipped (the customer may have
+    paid) and cancelled with nothing on record: once an operator answered 'not charged', the order was decided again
+    as if no message had gone, and another could go the same day. A message skipped after a try that may have
+    reached its provider now stays in the history as maybe sent, as one cancelled or given up does."""
+    h, provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    provider.time_outs = 1
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    tried_at = h.clock.now
+    with h.executor.engine.begin() as conn:  # the lost charge below is payment ord_1_2
+        conn.execute(sa.text("UPDATE orders SET attempt_count = attempt_count + 1"))
+    lost = insert_lost_charge(h.executor.engine, "m_demo", "ord_1", h.clock.now)
+    h.clock.advance(minutes=10)
+    h.drain()  # the re-send is held back by the charge
+    assert len(provider.outbox) == 1
+    [sms] = h.view().nudges
+    assert (sms.channel, sms.status, sms.sent_at) == ("sms", "rejected", tried_at)
+    assert MAYBE_SENT_NOTE in (sms.error or "")
+    h.executor.resolve_charge(lost, charged=False)  # decided again, knowing the SMS may be with the customer
+    assert [n.channel for n in h.executor.decider.requests[-1].history.nudges] == [Channel.SMS]

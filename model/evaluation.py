@@ -412,6 +412,30 @@ def _dr_terms(
     return v + w * (r - q), w, target
 
 
+def policy_dr_terms(
+    logged: pd.DataFrame,
+    replayed: pd.DataFrame,
+    policy: str,
+    estimator: str,
+    *,
+    max_weight: float | None = DEFAULT_MAX_WEIGHT,
+) -> FloatArray:
+    """DR's term per point (the estimate is their mean) of ``policy`` in a `replay` frame of ``logged``, under the
+    reward model of DR estimator ``estimator`` (`reward_model_columns`: ``dr``, ``dr@name``)."""
+    q_column, v_column = reward_model_columns(replayed)[estimator]
+    part = replayed[replayed["policy"] == policy].sort_values("point")
+    rewards = logged["reward"].to_numpy(dtype=np.float64)
+    propensity = logged["propensity"].to_numpy(dtype=np.float64)
+    return _dr_terms(rewards, propensity, part["target_prob"], part[q_column], part[v_column], max_weight)[0]
+
+
+def paired_standard_error(first: FloatArray, second: FloatArray) -> float:
+    """The standard error of ``mean(first) - mean(second)`` over the same points (NaN without two points)."""
+    difference = first - second
+    usable = difference.size > 1 and not np.isnan(difference).any()
+    return float(difference.std(ddof=1) / np.sqrt(difference.size)) if usable else float("nan")
+
+
 def paired_dr_noise(
     logged: pd.DataFrame,
     replayed: pd.DataFrame,
@@ -422,19 +446,12 @@ def paired_dr_noise(
 ) -> dict[str, float]:
     """DR estimator (`reward_model_columns`) -> the standard error of policy ``first``'s DR minus ``second``'s on
     the same points, the per-point difference of their terms (NaN without two points)."""
-    rewards = logged["reward"].to_numpy(dtype=np.float64)
-    propensity = logged["propensity"].to_numpy(dtype=np.float64)
-    parts = [replayed[replayed["policy"] == name].sort_values("point") for name in (first, second)]
-    out: dict[str, float] = {}
-    for estimator, (q_column, v_column) in reward_model_columns(replayed).items():
-        terms = [
-            _dr_terms(rewards, propensity, part["target_prob"], part[q_column], part[v_column], max_weight)[0]
-            for part in parts
-        ]
-        difference = terms[0] - terms[1]
-        usable = difference.size > 1 and not np.isnan(difference).any()
-        out[estimator] = float(difference.std(ddof=1) / np.sqrt(difference.size)) if usable else float("nan")
-    return out
+    return {
+        estimator: paired_standard_error(
+            *(policy_dr_terms(logged, replayed, name, estimator, max_weight=max_weight) for name in (first, second))
+        )
+        for estimator in reward_model_columns(replayed)
+    }
 
 
 def reward_values(

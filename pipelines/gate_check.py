@@ -4,16 +4,19 @@
 
 On the holdout ``winback evaluate`` replays (the latest 20% of the decision points by time, a seeded sample of at
 most ``--max-points``), each version is the challenger once and the champion once. For each pairing it prints the
-two policies' DR values under each one's reward model, the paired standard errors, the true one-step values
-(``model.simulation.truth``) and the verdict of the gate's policy-value checks (``pipelines.gate``), beside the
-verdict the same check under the challenger's reward model alone would give (same noise allowance). The history
-must come from ``winback simulate --orders N --seed S`` (the world is rebuilt from those).
+two policies' DR values under each one's reward model (the evaluation's clip), the gate's policy values (each under
+the other's reward model, clipped at ``GATE_DR_MAX_WEIGHT``) with their paired standard error, the true one-step
+values (``model.simulation.truth``) and the verdict of the gate's policy-value check (``pipelines.gate``), beside
+the verdict the former rule would give: the same check under each model's own reward model, both to hold (same
+clip as the gate). The history must come from ``winback simulate --orders N --seed S`` (the world is rebuilt from
+those).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -39,14 +42,23 @@ def gate_check(
     from model.simulation.world import World
     from pipelines.gate import GATE_METRICS, compare
     from pipelines.ope_check import simulated_holdout
-    from pipelines.train import CHALLENGER_NAME, CHAMPION_NAME, DR_GATE_ESTIMATORS, comparison_policies, merchants_for
+    from pipelines.train import (
+        CHALLENGER_NAME,
+        CHAMPION_NAME,
+        GATE_DR_MAX_WEIGHT,
+        REWARD_MODEL_ESTIMATORS,
+        comparison_policies,
+        gate_dr_noise,
+        gate_metrics,
+        merchants_for,
+    )
 
     history, holdout = simulated_holdout(history_dir, max_points, eval_seed)
     economics = load_economics()
     logged = holdout[holdout["propensity"].notna()].reset_index(drop=True)
     models = {version: load_version(version, tracking_uri=tracking_uri) for version in versions}
     merchants = merchants_for(history.attempts)
-    policy_value_checks = tuple(metric for metric in GATE_METRICS if metric.name.startswith("policy_value"))
+    (policy_value,) = (metric for metric in GATE_METRICS if metric.name == "policy_value_dr")
     world = World(seed, expected_orders=orders)
     truth: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
@@ -61,28 +73,32 @@ def gate_check(
             other_reward_models={CHAMPION_NAME: ev.value_reward_model(bundles[CHAMPION_NAME], economics)},
         )
         ope = ev.ope_from_replay(logged, replayed, seed=eval_seed).set_index(["policy", "estimator"])["value"]
-        noise = ev.paired_dr_noise(logged, replayed, CHALLENGER_NAME, CHAMPION_NAME)
-        values = {
-            name: {metric: float(ope[(name, estimator)]) for metric, estimator in DR_GATE_ESTIMATORS}
-            for name in bundles
-        }
-        gate_noise = {metric: noise[estimator] for metric, estimator in DR_GATE_ESTIMATORS}
+        # What the training pipeline hands the gate (`pipelines.train.gate_metrics`), from this replay.
+        summary = SimpleNamespace(classification=_NO_CLASSIFICATION, ope_points=logged, replayed=replayed)
+        values = {name: gate_metrics(summary, name)["policy_value_dr"] for name in bundles}
+        noise = gate_dr_noise(summary)
         verdict = compare(
-            values[CHALLENGER_NAME],
-            values[CHAMPION_NAME],
+            {policy_value.name: values[CHALLENGER_NAME]},
+            {policy_value.name: values[CHAMPION_NAME]},
             challenger_version=challenger,
             champion_version=champion,
-            metrics=policy_value_checks,
-            noise=gate_noise,
+            metrics=(policy_value,),
+            noise={policy_value.name: noise},
         )
-        challenger_view_only = compare(
-            values[CHALLENGER_NAME],
-            values[CHAMPION_NAME],
-            challenger_version=challenger,
-            champion_version=champion,
-            metrics=policy_value_checks[:1],
-            noise=gate_noise,
-        )
+        same_view = {}
+        for view, estimator in REWARD_MODEL_ESTIMATORS.items():
+            terms = {
+                name: ev.policy_dr_terms(logged, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
+                for name in bundles
+            }
+            same_view[view] = compare(
+                {policy_value.name: float(terms[CHALLENGER_NAME].mean())},
+                {policy_value.name: float(terms[CHAMPION_NAME].mean())},
+                challenger_version=challenger,
+                champion_version=champion,
+                metrics=(policy_value,),
+                noise={policy_value.name: ev.paired_standard_error(terms[CHALLENGER_NAME], terms[CHAMPION_NAME])},
+            ).promote
         if not truth:
             true_values = true_point_values(world, logged, chosen, economics, history_seed=seed, draws=draws)
             by_policy = true_values.groupby("policy")["true_value"].mean()
@@ -90,15 +106,19 @@ def gate_check(
         row: dict[str, Any] = {"challenger": challenger, "champion": champion, "points": len(logged)}
         for name, version in ((CHALLENGER_NAME, challenger), (CHAMPION_NAME, champion)):
             row[f"{name}_truth"] = truth[version]
-            for metric, estimator in DR_GATE_ESTIMATORS:
-                row[f"{name}_{estimator}"] = values[name][metric]
-        for metric, estimator in DR_GATE_ESTIMATORS:
-            row[f"noise_{estimator}"] = gate_noise[metric]
+            for estimator in REWARD_MODEL_ESTIMATORS.values():
+                row[f"{name}_{estimator}"] = float(ope[(name, estimator)])
+            row[f"{name}_gate_value"] = values[name]
+        row["gate_noise"] = noise
         row["promoted"] = verdict.promote
-        row["promoted_by_challenger_view_only"] = challenger_view_only.promote
+        row["promoted_by_both_own_views"] = same_view[CHALLENGER_NAME] and same_view[CHAMPION_NAME]
         row["verdict"] = verdict.verdict
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: The classification table `pipelines.train.gate_metrics` reads the model metrics from (none here: NaN).
+_NO_CLASSIFICATION = pd.DataFrame(columns=["model", "breakdown", "group", "log_loss", "auc"])
 
 
 def main() -> None:

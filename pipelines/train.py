@@ -180,12 +180,29 @@ def _metrics_table(metrics: Mapping[str, float], title: str) -> Table:
 
 CHALLENGER_NAME = "challenger"
 CHAMPION_NAME = "champion"
-#: The gate's policy values and the evaluation's DR estimators they are: the evaluation's first scorer is the
+#: The DR estimator of the evaluation under each model's reward model: the evaluation's first scorer is the
 #: challenger (`_evaluate`), so ``dr`` is under its reward model and ``dr@champion`` under the champion's.
-DR_GATE_ESTIMATORS: tuple[tuple[str, str], ...] = (
-    ("policy_value_dr", "dr"),
-    ("policy_value_dr_champion_view", f"dr@{CHAMPION_NAME}"),
-)
+REWARD_MODEL_ESTIMATORS: dict[str, str] = {CHALLENGER_NAME: "dr", CHAMPION_NAME: f"dr@{CHAMPION_NAME}"}
+#: The weight clip of the gate's policy value (the evaluation's tables keep theirs, ``ev.DEFAULT_MAX_WEIGHT``).
+GATE_DR_MAX_WEIGHT = 10.0
+
+
+def _gate_dr_terms(summary: Any, name: str) -> Any:
+    """The per-point terms of the gate's policy value of model ``name`` (`pipelines.gate`): its DR under the other
+    model's reward model, clipped at ``GATE_DR_MAX_WEIGHT``; None when the evaluation has no such estimate (no
+    champion)."""
+    other = CHAMPION_NAME if name == CHALLENGER_NAME else CHALLENGER_NAME
+    estimator = REWARD_MODEL_ESTIMATORS[other]
+    replayed = summary.replayed
+    if name not in set(replayed.get("policy", ())) or estimator not in ev.reward_model_columns(replayed):
+        return None
+    return ev.policy_dr_terms(summary.ope_points, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
+
+
+def gate_dr_noise(summary: Any) -> float:
+    """The standard error of the challenger's gate policy value minus the champion's, on the same points."""
+    terms = [_gate_dr_terms(summary, name) for name in (CHALLENGER_NAME, CHAMPION_NAME)]
+    return math.nan if terms[0] is None or terms[1] is None else ev.paired_standard_error(terms[0], terms[1])
 
 
 def merchants_for(attempts: pd.DataFrame, config_path: str | Path | None = None) -> dict[str, MerchantConfig]:
@@ -245,10 +262,8 @@ def gate_metrics(summary: Any, name: str) -> dict[str, float]:
         row = table[(table["model"] == name) & (table["breakdown"] == "action") & (table["group"] == kind)]
         out[f"{kind}_log_loss"] = float(row["log_loss"].iloc[0]) if len(row) else math.nan
         out[f"{kind}_auc"] = float(row["auc"].iloc[0]) if len(row) else math.nan
-    ope = summary.ope
-    for metric, estimator in DR_GATE_ESTIMATORS:
-        dr = ope[(ope["policy"] == name) & (ope["estimator"] == estimator)]
-        out[metric] = float(dr["value"].iloc[0]) if len(dr) else math.nan
+    terms = _gate_dr_terms(summary, name)
+    out["policy_value_dr"] = math.nan if terms is None or not len(terms) else float(terms.mean())
     return out
 
 
@@ -475,11 +490,7 @@ def _evaluate(
             summary.predictions[CHAMPION_NAME],
             seed=seed,
         )
-        dr_noise = ev.paired_dr_noise(
-            summary.ope_points, summary.replayed, CHALLENGER_NAME, CHAMPION_NAME, max_weight=summary.max_weight
-        )
-        for metric, estimator in DR_GATE_ESTIMATORS:
-            noise[metric] = dr_noise.get(estimator, math.nan)
+        noise["policy_value_dr"] = gate_dr_noise(summary)
     return _Evaluation(
         metrics=metrics,
         gate_metrics=challenger_gate,

@@ -36,12 +36,10 @@ def gate_check(
     eval_seed: int = 0,
 ) -> pd.DataFrame:
     """One row per (challenger, champion) pairing of ``versions``, as the module docstring says."""
-    from model.money import load_economics
-    from model.registry import load_version
     from model.simulation.truth import true_point_values
     from model.simulation.world import World
     from pipelines.gate import GATE_METRICS, compare
-    from pipelines.ope_check import simulated_holdout
+    from pipelines.ope_check import judged_holdout
     from pipelines.train import (
         CHALLENGER_NAME,
         CHAMPION_NAME,
@@ -53,10 +51,7 @@ def gate_check(
         merchants_for,
     )
 
-    history, holdout = simulated_holdout(history_dir, max_points, eval_seed)
-    economics = load_economics()
-    logged = holdout[holdout["propensity"].notna()].reset_index(drop=True)
-    models = {version: load_version(version, tracking_uri=tracking_uri) for version in versions}
+    history, logged, economics, models = judged_holdout(history_dir, tracking_uri, versions, max_points, eval_seed)
     merchants = merchants_for(history.attempts)
     (policy_value,) = (metric for metric in GATE_METRICS if metric.name == "policy_value_dr")
     world = World(seed, expected_orders=orders)
@@ -122,13 +117,11 @@ _NO_CLASSIFICATION = pd.DataFrame(columns=["model", "breakdown", "group", "log_l
 
 
 def main() -> None:
-    from pipelines.ope_check import add_simulated_history_arguments
+    from pipelines.ope_check import add_simulated_history_arguments, add_version_pair_arguments
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_simulated_history_arguments(parser)
-    parser.add_argument("--versions", nargs=2, required=True, metavar=("A", "B"))
-    parser.add_argument("--max-points", type=int, default=2_500)
-    parser.add_argument("--draws", type=int, default=16)
+    add_version_pair_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("gate_check.csv"))
     args = parser.parse_args()
     table = gate_check(

@@ -46,6 +46,20 @@ def simulated_holdout(history_dir: Path, max_points: int, eval_seed: int) -> tup
     return history, holdout.reset_index(drop=True)
 
 
+def judged_holdout(
+    history_dir: Path, tracking_uri: str, versions: tuple[str, ...], max_points: int, eval_seed: int
+) -> tuple[Any, pd.DataFrame, Any, dict[str, Any]]:
+    """For comparing registered ``versions`` on a simulated history: the history, the holdout points with a logged
+    propensity (`simulated_holdout`: the points the OPE uses), the economics and each version's model."""
+    from model.money import load_economics
+    from model.registry import load_version
+
+    history, holdout = simulated_holdout(history_dir, max_points, eval_seed)
+    logged = holdout[holdout["propensity"].notna()].reset_index(drop=True)
+    models = {version: load_version(version, tracking_uri=tracking_uri) for version in versions}
+    return history, logged, load_economics(), models
+
+
 def ope_check(
     history_dir: Path,
     orders: int,
@@ -126,6 +140,13 @@ def add_simulated_history_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orders", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--tracking-uri", required=True)
+
+
+def add_version_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a tool comparing two registered versions on a simulated history's holdout."""
+    parser.add_argument("--versions", nargs=2, required=True, metavar=("A", "B"))
+    parser.add_argument("--max-points", type=int, default=2_500)
+    parser.add_argument("--draws", type=int, default=16)
 
 
 def main() -> None:

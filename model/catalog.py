@@ -633,6 +633,48 @@ class ErrorCatalog:
         )
 
 
+#: Classes the public decline guidance calls soft (worth a silent re-attempt: later, elsewhere or with
+#: authentication) and hard (never approved as sent: new details, the cardholder or the bank must act first).
+#: ``configuration`` and ``unknown`` have no published verdict (a configuration error fails on its own route and
+#: passes on another), so they are in neither.
+SOFT_DECLINE_CLASSES: frozenset[ErrorClass] = frozenset(
+    {
+        ErrorClass.INSUFFICIENT_FUNDS,
+        ErrorClass.DO_NOT_HONOR,
+        ErrorClass.LIMIT_EXCEEDED,
+        ErrorClass.ISSUER_TECHNICAL,
+        ErrorClass.PROCESSOR_TECHNICAL,
+        ErrorClass.TOKEN_FAILURE,
+        ErrorClass.AUTHENTICATION_REQUIRED,  # an SCA soft decline: retried with authentication (step-up)
+    }
+)
+HARD_DECLINE_CLASSES: frozenset[ErrorClass] = frozenset(
+    {
+        ErrorClass.HARD_DECLINE,
+        ErrorClass.BAD_CARD_DATA,
+        ErrorClass.SUSPECTED_FRAUD,
+        ErrorClass.CUSTOMER_CANCELLED,
+        ErrorClass.DUPLICATE,
+    }
+)
+
+
+def published_retryable(error: NormalisedError) -> bool | None:
+    """The catalog's published retryability of a normalised error, None where it publishes none.
+
+    Not retryable: a Visa category 1 ("issuer will never approve") or 3 ("cannot approve with these details",
+    which a silent re-attempt does not change) decline, a Mastercard merchant advice code that forbids retries, a
+    hard-decline class; retryable: a soft-decline class (``SOFT_DECLINE_CLASSES``). Training chooses the
+    threshold of decide()'s ``retryable`` verdict to agree best with it (model.training.choose_retryable_threshold).
+    """
+    advice = error.merchant_advice
+    if error.visa_category in (1, 3) or (advice is not None and advice.never_retry):
+        return False
+    if error.error_class in SOFT_DECLINE_CLASSES:
+        return True
+    return False if error.error_class in HARD_DECLINE_CLASSES else None
+
+
 def normalise_frame(df: pd.DataFrame) -> pd.DataFrame:
     """:meth:`ErrorCatalog.normalise_frame` with the shipped catalog."""
     return load_catalog().normalise_frame(df)

@@ -18,6 +18,7 @@ from model.catalog import (
     ErrorCatalog,
     load_catalog,
     normalise_frame,
+    published_retryable,
 )
 from model.vocab import ErrorClass
 
@@ -607,3 +608,30 @@ def test_every_shipped_row_is_unique_per_source(catalog: ErrorCatalog) -> None:
     for source in catalog.sources():
         keys = [(c.code.casefold(), c.card_network) for c in catalog.codes(source)]
         assert len(keys) == len(set(keys)), source
+
+
+@pytest.mark.parametrize(
+    ("connector", "code", "network_code", "card_network", "advice", "expected"),
+    [
+        ("stripe", "insufficient_funds", "51", "visa", None, True),  # soft: funds come back
+        ("stripe", "processing_error", "96", "visa", None, True),  # Visa category 2, a technical decline
+        ("stripe", "do_not_honor", "05", "mastercard", None, True),
+        ("stripe", "do_not_honor", "05", "mastercard", "03", False),  # Mastercard: do not try again
+        ("stripe", "stolen_card", "43", "visa", None, False),  # Visa category 1
+        ("stripe", "expired_card", "54", "mastercard", None, False),  # new details needed
+        ("stripe", "fraudulent", "59", "mastercard", None, False),
+        ("razorpay", "payment_cancelled", None, None, None, False),  # the customer said no
+        ("stripe", "never_seen_code_x", None, "visa", None, None),  # the catalog publishes nothing about it
+    ],
+)
+def test_published_retryability_splits_soft_from_hard_declines(
+    catalog: ErrorCatalog,
+    connector: str,
+    code: str,
+    network_code: str | None,
+    card_network: str | None,
+    advice: str | None,
+    expected: bool | None,
+) -> None:
+    error = catalog.normalise(connector, code, None, network_code, advice, None, card_network, "card")
+    assert published_retryable(error) is expected

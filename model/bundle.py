@@ -39,6 +39,7 @@ from model.features import (
     context_from_request,
     memo_worthy,
 )
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD
 from model.requests import DecisionRequest
 from model.rules import Candidate
 from model.textmodel import TextModel
@@ -285,7 +286,9 @@ class ModelBundle:
     retarget_booster: lgb.Booster | None
     retry_calibrator: Calibrator
     retarget_calibrator: Calibrator | None
-    threshold: float
+    #: decide()'s ``retryable`` verdict: the best retry the error allows reaches this P(success) (chosen by the
+    #: training job, model.training.fit_retryable_threshold).
+    retryable_threshold: float
     metrics: dict[str, float]
     catalog_version: str
     metadata: dict[str, Any]
@@ -431,10 +434,6 @@ class ModelBundle:
         best = [values[i] for i, c in enumerate(candidates) if c.action == Action.RETRY]
         return float(max(best)) if best else 0.0
 
-    def is_retryable(self, retry_probability: float) -> bool:
-        """The retryability verdict: the best retry's probability reaches the threshold chosen on validation."""
-        return retry_probability >= self.threshold
-
     def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
         """The ``k`` features that moved this candidate's score most, each as a short sentence that says what the
         evidence is and which way it points ("no issuer given: lowers the chance of success")."""
@@ -503,7 +502,9 @@ class ModelBundle:
         meta = {
             "format_version": FORMAT_VERSION,
             "version": self.version,
-            "threshold": self.threshold,
+            "retryable_threshold": self.retryable_threshold,
+            # Read by the releases before "retryable_threshold" (their decide() never applied it).
+            "threshold": self.retryable_threshold,
             "catalog_version": self.catalog_version,
             "retry_calibrator": self.retry_calibrator.to_dict(),
             "retarget_calibrator": None if self.retarget_calibrator is None else self.retarget_calibrator.to_dict(),
@@ -556,7 +557,9 @@ class ModelBundle:
             retarget_calibrator=None
             if meta["retarget_calibrator"] is None
             else Calibrator.from_dict(meta["retarget_calibrator"]),
-            threshold=float(meta["threshold"]),
+            # A bundle saved before it carried the threshold decide() applies was served with the default; its
+            # "threshold" (Youden's J on per-retry outcomes) was never applied and stays unread.
+            retryable_threshold=float(meta.get("retryable_threshold", DEFAULT_RETRYABLE_THRESHOLD)),
             metrics={k: (math.nan if v is None else float(v)) for k, v in meta["metrics"].items()},
             catalog_version=str(meta["catalog_version"]),
             metadata=dict(meta["metadata"]),
@@ -617,7 +620,7 @@ def bundle_version(bundle: ModelBundle) -> str:
     digest.update(json.dumps(bundle.retry_calibrator.to_dict()).encode())
     if bundle.retarget_calibrator is not None:
         digest.update(json.dumps(bundle.retarget_calibrator.to_dict()).encode())
-    digest.update(repr(bundle.threshold).encode())
+    digest.update(repr(bundle.retryable_threshold).encode())
     # The cell table bounds the served P(success) by the priors where it is thin (decide(), model.cellsupport): it
     # decides scores too. A bundle without one hashes as before.
     cells = bundle.metadata.get(CELL_SUPPORT_KEY)

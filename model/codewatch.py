@@ -321,6 +321,8 @@ def new_codes_report(
     verdict, and the nearest known codes by text. ``bundle=None`` (no champion) treats every code as unseen and
     scores with the rules-only priors.
     """
+    from model.policy import DEFAULT_RETRYABLE_THRESHOLD
+
     inventory = inventory_of(getattr(bundle, "metadata", {}) or {}) if bundle is not None else []
     support = support_table(inventory or [])
     per_code = _outcomes(attempts)
@@ -338,7 +340,7 @@ def new_codes_report(
     stamps = pd.to_datetime(ordered["created_at"], utc=True)
     seconds = (stamps - stamps.min()).dt.total_seconds().to_numpy(dtype=np.float64)
     probabilities, verdicts = [], []
-    threshold = float(getattr(bundle, "threshold", 0.10)) if bundle is not None else 0.10
+    threshold = DEFAULT_RETRYABLE_THRESHOLD if bundle is None else bundle.retryable_threshold
     for key in per_code["key"]:
         rows = np.flatnonzero(failed & (keys == key).to_numpy())
         rows = rows[np.argsort(-seconds[rows], kind="stable")][:examples_per_code]  # the most recent first

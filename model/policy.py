@@ -44,12 +44,22 @@ RULES_ONLY_VERSION = "rules-only"
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
 #: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits).
 DAILY_DISCOUNT = 0.995
+#: The rules-only policy's retryability threshold: a failure is ``retryable`` when the best retry its error allows
+#: succeeds with at least this P(success). A bundle saved before bundles carried a threshold of their own was served
+#: with it too (model.bundle); a trained one carries the threshold its training job chose (README, "How a decision
+#: is made").
+DEFAULT_RETRYABLE_THRESHOLD = 0.10
 
 
 class Scorer(Protocol):
     """What decide() needs from a model: calibrated P(success) per candidate, and short explanations."""
 
     version: str
+
+    @property
+    def retryable_threshold(self) -> float:
+        """P(the best retry the error allows succeeds) at or above which a failure is ``retryable``."""
+        ...
 
     def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray: ...
 
@@ -61,7 +71,6 @@ class PolicyConfig:
     exploration: float = 0.05  # share of decisions that explore among permitted candidates
     exploration_rare_code: float = 0.15  # exploration for codes the model never trained on (or the catalog lacks)
     max_alternatives: int | None = None  # None: every other permitted action (CONTRACT.md section 2)
-    retryable_threshold: float = 0.10  # P(best silent retry succeeds) at or above which a failure is retryable
     # Training support (silent retries after the code) at which exploration is halfway from rare to base: thin
     # evidence keeps a code explorable, so a code judged non-retryable can still be found retryable later.
     support_half_life: int = 30
@@ -87,6 +96,10 @@ class PolicyConfig:
             raise ValueError(
                 f"PolicyConfig.code_strength must be None or finite and at least 0, got {self.code_strength}"
             )
+
+
+#: A policy that never explores: the verdict's P(success) does not depend on exploration, its draws are skipped.
+_NO_EXPLORATION = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
 
 
 def exploration_rate(config: PolicyConfig, known_code: bool, support: int | None) -> float:
@@ -180,6 +193,7 @@ class RulesOnlyScorer:
     """Scores candidates from the priors table: the policy used before any model is registered."""
 
     version = RULES_ONLY_VERSION
+    retryable_threshold = DEFAULT_RETRYABLE_THRESHOLD
 
     def __init__(self, catalog: ErrorCatalog, priors: Priors | None = None) -> None:
         self.catalog = catalog
@@ -441,6 +455,39 @@ def decide(
     give the same decision. Services pass a fresh ``decision_id`` (``new_decision_id(None)``): a seeded rng
     would give every worker and every restart the same ids.
     """
+    return _decide(
+        request, merchant, scorer, catalog=catalog, config=config, rng=rng, economics=economics, decision_id=decision_id
+    )[0]
+
+
+def verdict_probability(
+    request: DecisionRequest,
+    merchant: MerchantConfig,
+    scorer: Scorer | None,
+    *,
+    catalog: ErrorCatalog,
+    economics: Economics | None = None,
+) -> float:
+    """What decide() compares with the scorer's ``retryable_threshold`` for its ``retryable`` verdict: P(success)
+    of the best retry the error itself allows, whether or not the order's situation permits it (training chooses
+    the threshold on it, model.training.choose_retryable_threshold)."""
+    return _decide(
+        request, merchant, scorer, catalog=catalog, config=_NO_EXPLORATION, economics=economics, decision_id="verdict"
+    )[1]
+
+
+def _decide(
+    request: DecisionRequest,
+    merchant: MerchantConfig,
+    scorer: Scorer | None,
+    *,
+    catalog: ErrorCatalog,
+    config: PolicyConfig | None = None,
+    rng: np.random.Generator | None = None,
+    economics: Economics | None = None,
+    decision_id: str | None = None,
+) -> tuple[Decision, float]:
+    """decide()'s decision, and the P(success) its ``retryable`` verdict compared with the threshold."""
     config = config or PolicyConfig()
     economics = economics or load_economics()
     active: Scorer = scorer if scorer is not None else RulesOnlyScorer(catalog)
@@ -554,13 +601,13 @@ def decide(
             )
     if not retry_indices:
         reasons.append("no silent retry permitted")
-    threshold = float(getattr(active, "retryable_threshold", config.retryable_threshold))
-    retryable = max(retry_probability, float(p_blocked.max(initial=0.0))) >= threshold
+    verdict = max(retry_probability, float(p_blocked.max(initial=0.0)))
+    retryable = verdict >= active.retryable_threshold
 
     # Built from values decide() itself typed above, so pydantic's validation is skipped (as model_construct): it
     # cost more than the whole choice. Serialising a wrongly typed field warns, and the tests turn warnings
     # into errors.
-    return _constructed(
+    decision = _constructed(
         Decision,
         {
             "decision_id": decision_id or new_decision_id(rng),
@@ -579,6 +626,7 @@ def decide(
             "rules_applied": rules_applied,
         },
     )
+    return decision, verdict
 
 
 def _alternatives(

@@ -31,7 +31,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
 from model.bundle import Calibrator, ModelBundle, bundle_version
-from model.catalog import load_catalog
+from model.catalog import ErrorCatalog, load_catalog, published_retryable
 from model.cellsupport import ARM_INDEX, CELL_SUPPORT_KEY, SLOTS_PER_ARM, cell_keys, cell_rows, timing_offsets
 from model.codelevel import code_level_rows
 from model.codewatch import KNOWN_CODES_KEY, code_inventory
@@ -46,6 +46,8 @@ from model.features import (
     catalog_columns,
 )
 from model.forked import map_in_order
+from model.merchant_config import MerchantConfig
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD, verdict_probability
 from model.requests import Customer, DecisionRequest, Failure, History, HistoryAttempt, HistoryNudge, Payment
 from model.rules import Candidate
 from model.textmodel import ErrorTexts, TextModel, out_of_fold
@@ -88,6 +90,11 @@ MIN_ISOTONIC = 1000
 UNSEEN_CODE_MAX_ROWS = 300_000
 #: Fewest examples (and of each outcome) a model needs; with fewer the retarget model is left out.
 MIN_EXAMPLES = 30
+#: Where the retryability threshold may lie, and the decision points it is chosen on: the newest fifth before the
+#: holdout (about the calibration slice), at most this many (each costs a decide() call, ~5 ms), and at least
+#: ``MIN_EXAMPLES`` the catalog calls retryable and as many it does not (else the default stays).
+RETRYABLE_THRESHOLD_RANGE = (0.02, 0.5)
+RETRYABLE_THRESHOLD_POINTS = 1000
 
 
 class InsufficientHistoryError(ValueError):
@@ -611,21 +618,6 @@ def _fit_booster(
     return booster
 
 
-def _choose_threshold(labels: FloatArray, probabilities: FloatArray) -> float:
-    """Retryability threshold: the calibrated probability maximising Youden's J on validation data."""
-    if len(np.unique(labels)) < 2:
-        return float(np.clip(labels.mean() if len(labels) else 0.1, 0.02, 0.5))
-    candidates = np.unique(np.round(probabilities, 4))
-    positives, negatives = labels.sum(), (1 - labels).sum()
-    best, best_j = 0.1, -math.inf
-    for t in candidates:
-        predicted = probabilities >= t
-        j = (predicted & (labels == 1)).sum() / positives - (predicted & (labels == 0)).sum() / negatives
-        if j > best_j:
-            best, best_j = float(t), float(j)
-    return float(np.clip(best, 0.02, 0.5))
-
-
 def _per_class_table(kind: str, classes: np.ndarray, y: FloatArray, p: FloatArray) -> pd.DataFrame:
     rows = []
     for name in sorted({str(c) for c in classes}):
@@ -923,6 +915,103 @@ def _served_retry_level(
             cells = base + timing_offsets(delay[rows] + since[rows])
             out[rows] = np.clip(shrink_to_prior(p[rows], prior, ratio[cells], weight[cells]), 0.0, 1.0)
     return out
+
+
+def choose_retryable_threshold(probabilities: npt.ArrayLike, retryable: npt.ArrayLike) -> tuple[float, float] | None:
+    """The threshold on decide()'s verdict P(success) (``verdict_probability``) whose verdicts agree best, by
+    balanced accuracy, with the catalog's published retryability ``retryable`` of the same failures
+    (``model.catalog.published_retryable``), within ``RETRYABLE_THRESHOLD_RANGE``; the middle of a run of equally
+    good ones. Returns (threshold, balanced accuracy), None without ``MIN_EXAMPLES`` failures on each side.
+
+    Why not the outcome of each retry (Youden's J on per-attempt success, as before): the verdict says whether
+    an *error* is worth any silent retry, and a code whose retries recover 10-30% is; per-attempt success put the
+    cut at 0.26-0.41 on 50,000-order histories and called such codes not retryable (README, "How a decision is
+    made", has the measurement)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(retryable, dtype=bool)
+    if min(int(y.sum()), int((~y).sum())) < MIN_EXAMPLES:
+        return None
+    low, high = RETRYABLE_THRESHOLD_RANGE
+    candidates = np.unique(np.clip(p, low, high))
+    positives, negatives = np.sort(p[y]), np.sort(p[~y])
+    called = 1.0 - np.searchsorted(positives, candidates, side="left") / len(positives)
+    refused = np.searchsorted(negatives, candidates, side="left") / len(negatives)
+    balanced = 0.5 * (called + refused)
+    # Every threshold above the candidate before the best run and up to its last candidate is as good: the middle
+    # of them, so where the catalog's two sides separate cleanly the cut lies between them, not on either side.
+    first = int(np.argmax(balanced))
+    last = first
+    while last + 1 < len(balanced) and balanced[last + 1] >= balanced[first] - 1e-12:
+        last += 1
+    below = candidates[first - 1] if first > 0 else candidates[first]
+    return float((below + candidates[last]) / 2), float(balanced[first])
+
+
+def fit_retryable_threshold(
+    bundle: ModelBundle,
+    partitions: Partitions | Sequence[HistoryFrames],
+    merchants: Mapping[str, MerchantConfig],
+    *,
+    before: datetime | None = None,
+    catalog: ErrorCatalog | None = None,
+    max_points: int = RETRYABLE_THRESHOLD_POINTS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Set ``bundle.retryable_threshold`` by :func:`choose_retryable_threshold` over decision points of the first
+    partition decided before ``before`` (the holdout's start), each replayed through decide() with the bundle as
+    served (its code levels included), and return what was measured: the threshold, its balanced accuracy, that
+    of ``DEFAULT_RETRYABLE_THRESHOLD`` and the points used. Without enough points it keeps the default. The
+    caller gives the bundle the version that goes with its threshold."""
+    errors = load_catalog() if catalog is None else catalog
+    frames = partitions[0]
+    points = decision_points(frames.attempts, frames.nudges)
+    if before is not None and len(points):
+        points = points[(points["decision_time"] < pd.Timestamp(before)).to_numpy(dtype=bool)]
+    points = points[points["merchant_id"].astype(str).isin(list(merchants))]
+    if len(points):
+        points = points[(points["decision_time"] >= points["decision_time"].quantile(0.8)).to_numpy(dtype=bool)]
+        chosen = np.random.default_rng(seed).permutation(len(points))[:max_points]
+        points = points.iloc[np.sort(chosen)]
+    orders = set(points["order_id"])
+    by_order = {
+        name: dict(tuple(frame.loc[frame["order_id"].isin(orders)].groupby("order_id", sort=False)))
+        for name, frame in (("attempts", frames.attempts), ("nudges", frames.nudges))
+    }
+    no_nudges = frames.nudges.iloc[:0]
+    scores: list[float] = []
+    labels: list[bool] = []
+    for record in points.to_dict("records"):
+        point = {str(key): value for key, value in record.items()}
+        request, _ = request_at(
+            by_order["attempts"][point["order_id"]], by_order["nudges"].get(point["order_id"], no_nudges), point
+        )
+        failure = request.failure
+        published = published_retryable(
+            errors.normalise(
+                failure.connector, failure.error_code, failure.error_message, failure.network_decline_code,
+                failure.merchant_advice_code, failure.unified_code, request.payment.card_network,
+                request.payment.payment_method,
+            )
+        )  # fmt: skip
+        if published is not None:
+            labels.append(published)
+            scores.append(verdict_probability(request, merchants[request.merchant_id], bundle, catalog=errors))
+    chosen_threshold = choose_retryable_threshold(scores, labels)
+    bundle.retryable_threshold = DEFAULT_RETRYABLE_THRESHOLD if chosen_threshold is None else chosen_threshold[0]
+    y, p = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64)
+    measured = {
+        "retryable_threshold": bundle.retryable_threshold,
+        "retryable_threshold_points": float(len(labels)),
+        "retryable_threshold_balanced_accuracy": math.nan if chosen_threshold is None else chosen_threshold[1],
+        # The same points judged at the rules-only default, for comparison.
+        "retryable_threshold_balanced_accuracy_default": float(
+            0.5 * ((p[y] >= DEFAULT_RETRYABLE_THRESHOLD).mean() + (p[~y] < DEFAULT_RETRYABLE_THRESHOLD).mean())
+        )
+        if y.any() and (~y).any()
+        else math.nan,
+    }
+    bundle.metrics.update(measured)
+    return measured
 
 
 @dataclass(frozen=True)
@@ -1280,7 +1369,6 @@ def _train_on_columns(
     tables: dict[str, pd.DataFrame] = {}
     boosters: dict[str, lgb.Booster | None] = {}
     calibrators: dict[str, Calibrator] = {}
-    threshold = 0.1
     class_tables = []
     # Per fitted decision point of each model: its cell, outcome and calibrated prediction (model.cellsupport).
     fitted_cells: list[tuple[npt.NDArray[np.object_], FloatArray, FloatArray]] = []
@@ -1338,8 +1426,6 @@ def _train_on_columns(
         calibrator = Calibrator.fit(raw_cal, y[calibration], w[calibration], min_isotonic=MIN_ISOTONIC)
         calibrators[kind] = calibrator
         metrics[f"{kind}_calibration"] = 1.0 if calibrator.kind == "isotonic" else 0.0
-        if kind == "retry":
-            threshold = _choose_threshold(y[calibration], calibrator(raw_cal))
         for split in ("train", "valid", "calibration"):
             if len(y[split]):
                 p_fitted = calibrator(np.asarray(booster.predict(x[split], num_threads=num_threads), dtype=np.float64))
@@ -1362,7 +1448,6 @@ def _train_on_columns(
             for name, mask in masks.items()
         ]
     )  # fmt: skip
-    metrics["retryable_threshold"] = threshold
 
     if evaluate_unseen_codes:
         report("never-seen codes", 0.9)
@@ -1405,7 +1490,9 @@ def _train_on_columns(
         retarget_booster=boosters.get("retarget"),
         retry_calibrator=calibrators["retry"],
         retarget_calibrator=calibrators.get("retarget"),
-        threshold=threshold,
+        # The documented default until the training job chooses it (choose_retryable_threshold): the choice runs
+        # decide() over decision points, with the code levels the job adds after this.
+        retryable_threshold=DEFAULT_RETRYABLE_THRESHOLD,
         metrics=metrics,
         catalog_version=catalog_version,
         metadata=metadata,

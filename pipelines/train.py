@@ -346,7 +346,7 @@ def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
         retarget_booster=judged.retarget_booster,
         retry_calibrator=judged.retry_calibrator,
         retarget_calibrator=judged.retarget_calibrator,
-        threshold=judged.threshold,
+        retryable_threshold=judged.retryable_threshold,
         metrics=dict(judged.metrics),
         catalog_version=judged.catalog_version,
         metadata={
@@ -718,7 +718,7 @@ def run_training(
     """
     from model import registry
     from model.bundle import bundle_version
-    from model.training import InsufficientHistoryError, train_partitions
+    from model.training import InsufficientHistoryError, fit_retryable_threshold, train_partitions
     from pipelines.dask_train import DaskUnavailableError  # dask itself is imported only to connect
 
     if engine not in ENGINES:
@@ -783,9 +783,14 @@ def run_training(
         champion = registry.load_judged_champion(uri) if promote else None
         sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)
         holdout_start = _holdout_start(result)
+        merchants = merchants_for(
+            connector_counts(whole.attempts) if whole is not None else _partition_counts(parts), config
+        )
         if holdout_start is not None:
             with_code_levels(result.bundle, frames, before=holdout_start)
-            result.bundle.version = bundle_version(result.bundle)
+        # On decide()'s verdicts as served, code levels included: the newest points before the holdout.
+        fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed)
+        result.bundle.version = bundle_version(result.bundle)
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,
@@ -795,9 +800,7 @@ def run_training(
             history=history,
             history_orders=None if whole is not None else parts.orders_count(),
             champion=champion,
-            merchants=merchants_for(
-                connector_counts(whole.attempts) if whole is not None else _partition_counts(parts), config
-            ),
+            merchants=merchants,
             seed=seed,
             options=evaluation_options or {},
         )

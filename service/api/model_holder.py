@@ -64,8 +64,13 @@ class VersionedScorer:
         reasons: list[str] = self.inner.explain(request, candidate, k)
         return reasons
 
+    @property
+    def retryable_threshold(self) -> float:
+        """The wrapped scorer's: decide() applies it to the ``retryable`` verdict."""
+        return float(self.inner.retryable_threshold)
+
     def __getattr__(self, name: str) -> Any:
-        # Optional attributes decide() looks up with getattr (e.g. retryable_threshold) come from the bundle.
+        # Optional attributes decide() looks up with getattr (e.g. code_support) come from the bundle.
         return getattr(self.inner, name)
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from model.bundle import ModelBundle
 from model.catalog import load_catalog
-from model.policy import PolicyConfig, decide
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, RulesOnlyScorer, decide
 from model.requests import Decision
 from model.rules import Candidate, build_context, in_upi_peak_hours, permitted_grid
 from model.training import train
@@ -170,7 +170,7 @@ def test_during_a_merchant_advice_wait_retryable_and_retry_probability_tell_of_t
     decision = decide(request, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY)
     assert decision.action != Action.RETRY  # the order itself may not retry
     assert f"mastercard_mac:{mac}" in decision.rules_applied
-    threshold = getattr(scorer, "retryable_threshold", GREEDY.retryable_threshold)  # as decide() reads it
+    threshold = (scorer or RulesOnlyScorer).retryable_threshold  # as decide() reads it
     assert decision.retry_probability > 0.0
     assert decision.retryable == (decision.retry_probability >= threshold)
     assert decision.retryable or with_model  # the priors rate a retry after a do-not-honor above the threshold
@@ -563,6 +563,7 @@ class _ImmediateRetriesOnly:
     succeeded) or days later (45%), and hardly ever an hour or a few hours after the failure."""
 
     version = "stub-immediate-retries-only"
+    retryable_threshold = DEFAULT_RETRYABLE_THRESHOLD
 
     def __init__(self, error_class: str) -> None:
         from model.cellsupport import CellSupport, cell_keys, cell_rows

@@ -109,7 +109,7 @@ def test_the_version_registered_is_refit_on_the_whole_history_and_learns_the_new
     # The boosters, calibrators, threshold and metrics are the judged fit's, kept in the run for the next gate.
     judged = registry.load_judged(summary.version, tracking_uri=mlflow_store)
     assert judged.version == bundle.metadata["judged_bundle_version"] != bundle.version
-    assert judged.threshold == bundle.threshold
+    assert judged.retryable_threshold == bundle.retryable_threshold
     assert judged.retry_booster.model_to_string() == bundle.retry_booster.model_to_string()
     assert judged.code_support("adyen", "ADY_NEW_H1") == 0
     # The judged fit has the code levels of the history before its holdout, as the gate judged it: the new codes'

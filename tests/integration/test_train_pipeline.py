@@ -15,7 +15,7 @@ from model import registry
 from model.history import write_attempts, write_nudges
 from pipelines.cli import app
 from pipelines.train import TrainInputError, TrainSummary, run_training, usable_tracking_store
-from tests.factories import make_history_frames
+from tests.factories import make_history_frames, make_merchant
 
 # Small and fast: few boosting rounds, a sample of the holdout, few bootstrap resamples, no simulated episodes.
 TRAIN_OPTIONS = {"max_rounds": 30, "evaluate_unseen_codes": False}
@@ -279,3 +279,59 @@ def test_a_windowed_retrain_logs_the_history_it_came_from_and_its_window(
     assert float(params["window_days"]) == pytest.approx(days)
     assert params["retrain"] == "true"
     assert int(params["attempts_rows"]) < len(stamps)  # the window's rows
+
+
+class _AtThreshold:
+    """A scorer as ``inner`` with another retryability threshold."""
+
+    def __init__(self, inner: Any, threshold: float) -> None:
+        self.inner, self.retryable_threshold = inner, threshold
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _verdict_probability(request: Any, merchant: Any, scorer: Any, catalog: Any) -> float:
+    """The P(success) decide()'s ``retryable`` verdict compares with the threshold, found by bisection on it."""
+    from model.policy import decide
+
+    low, high = 0.0, 1.0 + 1e-9  # retryable at low, not at high
+    for _ in range(20):
+        middle = (low + high) / 2
+        if decide(request, merchant, _AtThreshold(scorer, middle), catalog=catalog, decision_id="d").retryable:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def test_decide_applies_the_retryable_threshold_the_training_job_chose(tmp_path: Path) -> None:
+    """The registered version answers ``retryable`` with the threshold its run chose and logged (agreement with
+    the catalog's published retryability), not with a default: before, the run logged Youden's J on per-retry
+    outcomes and decide() applied 0.10."""
+    from model.catalog import load_catalog
+    from model.policy import decide
+    from model.training import decision_points, request_at
+
+    attempts, nudges = make_history_frames(800, seed=4)
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    summary = run_training(
+        *_write_frames(tmp_path / "history", attempts, nudges),
+        tracking_uri=store,
+        train_options=TRAIN_OPTIONS,
+        evaluation_options=EVALUATION_OPTIONS,
+        console=Console(quiet=True),
+        show_progress=False,
+    )
+    bundle = registry.load_version(summary.version, tracking_uri=store)
+    threshold = summary.metrics["retryable_threshold"]
+    catalog, merchant = load_catalog(), make_merchant(connectors=sorted(set(attempts["connector"])))
+    points = decision_points(attempts, nudges).head(200)
+    verdicts = []
+    for position in range(len(points)):
+        request, _ = request_at(attempts, nudges, {str(k): v for k, v in points.iloc[position].items()})
+        p = _verdict_probability(request, merchant, bundle, catalog)
+        if abs(p - threshold) > 1e-6:
+            assert decide(request, merchant, bundle, catalog=catalog).retryable == (p > threshold), (p, threshold)
+        verdicts.append(p)
+    assert min(verdicts) < threshold < max(verdicts)  # both verdicts were given

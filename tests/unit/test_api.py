@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from model.catalog import load_catalog
 from model.history import read_attempts, read_history, read_nudges
 from model.merchant_config import ConfigError, load_config
-from model.policy import PolicyConfig
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig
 from model.requests import Alternative, Decision, DecisionRequest
 from model.rules import Candidate
 from service.api import app as app_module
@@ -59,6 +59,8 @@ def request_body(**overrides: Any) -> dict[str, Any]:
 
 class FakeScorer:
     """A model that gives every candidate the same probability; ``fail`` makes it raise."""
+
+    retryable_threshold = DEFAULT_RETRYABLE_THRESHOLD
 
     def __init__(self, version: str, p: float = 0.5, fail: bool = False) -> None:
         self.version = version

@@ -16,7 +16,7 @@ from model.catalog import load_catalog
 from model.codewatch import KnownCode, code_inventory, code_key, nearest_codes
 from model.gsm import GsmError, load_overlay, read_gsm, to_overlay, with_overlay, write_overlay
 from model.history import read_history
-from model.policy import PolicyConfig, decide, exploration_rate
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, decide, exploration_rate
 from model.vocab import Action, ErrorClass
 from pipelines.retrain import gate_checks, parse_every, retrain_loop, window
 from service.api.metrics import ApiMetrics
@@ -44,6 +44,7 @@ class _FixedScorer:
     """A scorer that says no silent retry ever works, with a given training support for every code."""
 
     version = "test"
+    retryable_threshold = DEFAULT_RETRYABLE_THRESHOLD
 
     def __init__(self, support: int) -> None:
         self.support = support

@@ -16,7 +16,7 @@ import pytest
 
 from model.catalog import load_catalog
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offsets
-from model.policy import PolicyConfig, RulesOnlyScorer, decide
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, RulesOnlyScorer, decide
 from model.requests import DecisionRequest
 from model.rules import Candidate, build_context, permitted_grid
 from model.vocab import Action, Channel
@@ -37,6 +37,7 @@ class _Stub:
     """A model: P(success) of retries soon and later and of retargets, and its training cells (n, s, m) for them."""
 
     version = "stub"
+    retryable_threshold = DEFAULT_RETRYABLE_THRESHOLD
 
     def __init__(
         self,

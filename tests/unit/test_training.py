@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,12 +17,16 @@ import pytest
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
 from model.catalog import load_catalog
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM
-from model.policy import PolicyConfig, decide
+from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, decide, verdict_probability
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
+    MIN_EXAMPLES,
+    RETRYABLE_THRESHOLD_RANGE,
     TrainingResult,
+    choose_retryable_threshold,
     decision_points,
     expected_calibration_error,
+    fit_retryable_threshold,
     grouped_code_split,
     ips_weights,
     train,
@@ -147,7 +152,6 @@ def test_training_reports_holdout_metrics(trained: TrainingResult) -> None:
     assert metrics["retry_holdout_auc"] > 0.75
     assert metrics["retry_holdout_ece"] < 0.08
     assert metrics["retarget_model_trained"] == 1.0
-    assert 0.02 <= metrics["retryable_threshold"] <= 0.5
     assert not math.isnan(metrics["unseen_code_auc_with_text"])
     assert not math.isnan(metrics["unseen_code_auc_without_text"])
     table = trained.tables["per_error_class"]
@@ -202,9 +206,8 @@ def test_stolen_card_gets_a_low_retry_probability(trained: TrainingResult) -> No
     p_stolen = bundle.retry_probability(candidates, bundle.score(stolen, candidates))
     p_glitch = bundle.retry_probability(candidates, bundle.score(glitch, candidates))
     assert p_stolen < 0.05
-    assert not bundle.is_retryable(p_stolen)
     assert p_glitch > 0.4
-    assert bundle.is_retryable(p_glitch)
+    assert p_stolen < bundle.retryable_threshold <= p_glitch
 
 
 def test_never_seen_error_code_and_connector_still_score(trained: TrainingResult) -> None:
@@ -228,7 +231,7 @@ def test_bundle_round_trip_scores_identically(trained: TrainingResult, tmp_path:
     np.testing.assert_array_equal(loaded.score(request, candidates), bundle.score(request, candidates))
     assert loaded.version == bundle.version
     assert loaded.version.startswith("wb-")
-    assert loaded.threshold == bundle.threshold
+    assert loaded.retryable_threshold == bundle.retryable_threshold
     assert loaded.spec == bundle.spec
     reasons = loaded.explain(request, candidates[0], k=3)
     assert 1 <= len(reasons) <= 3
@@ -292,7 +295,7 @@ def test_the_version_covers_the_cell_table_and_a_bundle_without_one_hashes_as_be
         digest.update(bundle.retarget_booster.model_to_string().encode())
         digest.update(json.dumps(bundle.retry_calibrator.to_dict()).encode())
         digest.update(json.dumps(bundle.retarget_calibrator.to_dict()).encode())
-        digest.update(repr(bundle.threshold).encode())
+        digest.update(repr(bundle.retryable_threshold).encode())
         assert bundle_version(bundle) == f"wb-{digest.hexdigest()[:12]}"
     finally:
         bundle.metadata["cell_support"] = cells
@@ -319,6 +322,89 @@ def test_a_bundle_trained_before_cells_were_recorded_decides_as_before(trained: 
         before = decide(request, merchant, older, catalog=catalog, config=off, decision_id="d")
         assert decide(request, merchant, older, catalog=catalog, config=on, decision_id="d") == before
         assert decide(request, merchant, bundle, catalog=catalog, config=off, decision_id="d") == before
+
+
+def test_the_retryable_threshold_agrees_best_with_the_catalogs_published_verdicts() -> None:
+    """Balanced accuracy against the catalog's verdicts (retryable: soft declines; not: hard ones), not the
+    outcome of each retry: a code whose retries recover 10-30% is retryable."""
+    rng = np.random.default_rng(3)
+    soft, hard = rng.uniform(0.12, 0.6, 400), rng.uniform(0.0, 0.2, 100)
+    scores, published = np.concatenate([soft, hard]), np.array([True] * 400 + [False] * 100)
+    chosen = choose_retryable_threshold(scores, published)
+    assert chosen is not None
+    threshold, balanced = chosen
+    grid = np.linspace(0.0, 0.7, 7001)
+    by_brute_force = [0.5 * ((soft >= t).mean() + (hard < t).mean()) for t in grid]
+    assert balanced == pytest.approx(max(by_brute_force))
+    assert 0.5 * ((soft >= threshold).mean() + (hard < threshold).mean()) == pytest.approx(balanced)
+    assert 0.12 < threshold < 0.2
+    # Two sides apart: the cut between them, not the lowest retryable score.
+    apart = choose_retryable_threshold(np.r_[np.full(50, 0.3), np.full(50, 0.1)], np.r_[[True] * 50, [False] * 50])
+    assert apart == (pytest.approx(0.2), 1.0)
+    # Within its range, and only with enough failures on each side.
+    low, high = RETRYABLE_THRESHOLD_RANGE
+    assert choose_retryable_threshold(np.r_[np.full(50, 0.9), np.full(50, 0.8)], np.r_[[True] * 50, [False] * 50])[
+        0
+    ] == pytest.approx(high)  # fmt: skip
+    assert choose_retryable_threshold(np.r_[np.full(50, 0.01), np.zeros(50)], np.r_[[True] * 50, [False] * 50])[
+        0
+    ] == pytest.approx(low)  # fmt: skip
+    few = np.r_[[True] * 100, [False] * (MIN_EXAMPLES - 1)]
+    assert choose_retryable_threshold(np.linspace(0, 1, len(few)), few) is None
+
+
+def test_decide_applies_the_threshold_the_bundle_carries(trained: TrainingResult, tmp_path: Path) -> None:
+    bundle = replace(trained.bundle, metrics=dict(trained.bundle.metrics))
+    catalog, merchant = load_catalog(), make_merchant()
+    request = make_request(**_failure("do_not_honor", "The card was declined.", "05"))
+    p = verdict_probability(request, merchant, bundle, catalog=catalog)
+    assert 0.0 < p < 1.0
+    for threshold, retryable in ((p, True), (p + 0.001, False)):
+        bundle.retryable_threshold = threshold
+        assert decide(request, merchant, bundle, catalog=catalog).retryable is retryable
+        bundle.save(tmp_path / f"bundle-{threshold}")
+        loaded = ModelBundle.load(tmp_path / f"bundle-{threshold}")
+        assert loaded.retryable_threshold == threshold
+        assert decide(request, merchant, loaded, catalog=catalog).retryable is retryable
+
+
+def test_a_bundle_saved_before_it_carried_its_threshold_is_served_as_before(
+    trained: TrainingResult, tmp_path: Path
+) -> None:
+    """Such a bundle's "threshold" was Youden's J on per-retry outcomes, which decide() never applied: it
+    answered with the default 0.10, and still does."""
+    trained.bundle.save(tmp_path / "bundle")
+    meta_file = tmp_path / "bundle" / "bundle.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    del meta["retryable_threshold"]
+    meta["threshold"] = 0.309  # the Youden figure of the 50,000-order seed-1 history
+    meta_file.write_text(json.dumps(meta), encoding="utf-8")
+    older = ModelBundle.load(tmp_path / "bundle")
+    assert older.retryable_threshold == DEFAULT_RETRYABLE_THRESHOLD
+    catalog, merchant = load_catalog(), make_merchant()
+    request = make_request(**_failure("do_not_honor", "The card was declined.", "05"))
+    assert DEFAULT_RETRYABLE_THRESHOLD <= verdict_probability(request, merchant, older, catalog=catalog) < 0.309
+    assert decide(request, merchant, older, catalog=catalog).retryable
+
+
+def test_the_training_job_chooses_the_threshold_on_decides_verdicts(trained: TrainingResult) -> None:
+    attempts, nudges = make_history_frames(2500, seed=11)
+    bundle = replace(trained.bundle, metrics=dict(trained.bundle.metrics))
+    merchants = {
+        str(m): make_merchant(connectors=sorted(set(attempts.loc[attempts["merchant_id"] == m, "connector"])))
+        for m in attempts["merchant_id"].unique()
+    }
+    before = pd.Timestamp(attempts["created_at"].quantile(0.8)).floor("s").to_pydatetime()
+    measured = fit_retryable_threshold(bundle, [SimpleNamespace(attempts=attempts, nudges=nudges)], merchants,
+                                       before=before, max_points=400)  # fmt: skip
+    assert bundle.retryable_threshold == measured["retryable_threshold"] == bundle.metrics["retryable_threshold"]
+    low, high = RETRYABLE_THRESHOLD_RANGE
+    assert low <= bundle.retryable_threshold <= high
+    assert 2 * MIN_EXAMPLES <= measured["retryable_threshold_points"] <= 400
+    assert (
+        measured["retryable_threshold_balanced_accuracy"] >= measured["retryable_threshold_balanced_accuracy_default"]
+    )
+    assert trained.bundle.retryable_threshold == DEFAULT_RETRYABLE_THRESHOLD  # train() alone leaves the default
 
 
 def test_code_levels_sum_what_the_bundle_serves_at_every_retry_of_the_history(

@@ -335,9 +335,10 @@ def test_the_retryable_threshold_agrees_best_with_the_catalogs_published_verdict
     threshold, balanced = chosen
     grid = np.linspace(0.0, 0.7, 7001)
     by_brute_force = [0.5 * ((soft >= t).mean() + (hard < t).mean()) for t in grid]
-    assert balanced == pytest.approx(max(by_brute_force))
     assert 0.5 * ((soft >= threshold).mean() + (hard < threshold).mean()) == pytest.approx(balanced)
-    assert 0.12 < threshold < 0.2
+    # Within one standard error of the best agreement (here about 0.02), the lowest threshold: more retries.
+    assert max(by_brute_force) - 0.025 < balanced <= max(by_brute_force)
+    assert 0.12 < threshold <= grid[int(np.argmax(by_brute_force))] < 0.2
     # Two sides apart: the cut between them, not the lowest retryable score.
     apart = choose_retryable_threshold(np.r_[np.full(50, 0.3), np.full(50, 0.1)], np.r_[[True] * 50, [False] * 50])
     assert apart == (pytest.approx(0.2), 1.0)

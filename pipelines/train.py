@@ -170,7 +170,9 @@ def _write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> list[Path
 
 
 def _metrics_table(metrics: Mapping[str, float], title: str) -> Table:
-    table = Table(title=title)
+    # At least as wide as its title: rich wraps a title to its table's width, and with short metric names the
+    # title "Holdout metrics of winback version 1" broke over two lines.
+    table = Table(title=title, min_width=len(title) + 2)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in sorted(metrics.items()):

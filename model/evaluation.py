@@ -436,24 +436,6 @@ def paired_standard_error(first: FloatArray, second: FloatArray) -> float:
     return float(difference.std(ddof=1) / np.sqrt(difference.size)) if usable else float("nan")
 
 
-def paired_dr_noise(
-    logged: pd.DataFrame,
-    replayed: pd.DataFrame,
-    first: str,
-    second: str,
-    *,
-    max_weight: float | None = DEFAULT_MAX_WEIGHT,
-) -> dict[str, float]:
-    """DR estimator (`reward_model_columns`) -> the standard error of policy ``first``'s DR minus ``second``'s on
-    the same points, the per-point difference of their terms (NaN without two points)."""
-    return {
-        estimator: paired_standard_error(
-            *(policy_dr_terms(logged, replayed, name, estimator, max_weight=max_weight) for name in (first, second))
-        )
-        for estimator in reward_model_columns(replayed)
-    }
-
-
 def reward_values(
     labels: ArrayLike,
     amount_usd: ArrayLike | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -696,13 +697,23 @@ def test_each_reward_model_gives_its_own_dr_and_each_favours_its_own_policy() ->
     }
 
 
-def test_paired_dr_noise_is_the_standard_error_of_the_per_point_difference() -> None:
+def test_the_paired_dr_noise_is_the_standard_error_of_the_per_point_difference() -> None:
     logged = _logged(1_000, seed=11)
     policies = {"retry": _always("retry"), "retarget": _always("retarget"), "retry_again": _always("retry")}
     replayed = ev.replay(
         logged, policies, _true_reward_model, other_reward_models={"lifted": _optimist_for("retry", 0.2)}
     )
-    noise = ev.paired_dr_noise(logged, replayed, "retry", "retarget", max_weight=ev.DEFAULT_MAX_WEIGHT)
+
+    def paired_noise(first: str, second: str, **options: Any) -> dict[str, float]:
+        return {
+            estimator: ev.paired_standard_error(
+                ev.policy_dr_terms(logged, replayed, first, estimator, **options),
+                ev.policy_dr_terms(logged, replayed, second, estimator, **options),
+            )
+            for estimator in ev.reward_model_columns(replayed)
+        }
+
+    noise = paired_noise("retry", "retarget", max_weight=ev.DEFAULT_MAX_WEIGHT)
     assert set(noise) == {"dr", "dr@lifted"}
     # By hand: each policy's DR term per point, then the standard error of their difference.
     parts = {name: replayed[replayed["policy"] == name].sort_values("point") for name in ("retry", "retarget")}
@@ -715,7 +726,7 @@ def test_paired_dr_noise_is_the_standard_error_of_the_per_point_difference() -> 
     difference = terms["retry"] - terms["retarget"]
     assert noise["dr"] == pytest.approx(difference.std(ddof=1) / np.sqrt(difference.size))
     # The same choices on every point: no noise in their difference, whatever the reward model.
-    same = ev.paired_dr_noise(logged, replayed, "retry", "retry_again")
+    same = paired_noise("retry", "retry_again")
     assert same == {"dr": 0.0, "dr@lifted": 0.0}
 
 

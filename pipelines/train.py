@@ -46,7 +46,7 @@ from pipelines.gate import (
     paired_noise,
     same_judged_fit,
 )
-from pipelines.tables import figure
+from pipelines.tables import figure, print_titled
 
 __all__ = [
     "TrainInputError",
@@ -169,10 +169,8 @@ def _write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> list[Path
     return paths
 
 
-def _metrics_table(metrics: Mapping[str, float], title: str) -> Table:
-    # At least as wide as its title: rich wraps a title to its table's width, and with short metric names the
-    # title "Holdout metrics of winback version 1" broke over two lines.
-    table = Table(title=title, min_width=len(title) + 2)
+def _metrics_table(metrics: Mapping[str, float]) -> Table:
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in sorted(metrics.items()):
@@ -882,7 +880,7 @@ def run_training(
         champion_version = registry.get_alias_version(registry.CHAMPION, tracking_uri=uri)
         steps.done()
 
-    out.print(_metrics_table(evaluation.gate_metrics, f"Holdout metrics of winback version {version}"))
+    print_titled(out, f"Holdout metrics of winback version {version}", _metrics_table(evaluation.gate_metrics))
     if evaluation.stops_note:
         out.print(f"[yellow]note:[/] {evaluation.stops_note}", highlight=False, soft_wrap=True)
     if gate is not None:

@@ -239,7 +239,7 @@ def test_every_table_shows_a_missing_figure_as_a_dash_not_nan(monkeypatch: pytes
     def words(text: str) -> set[str]:
         return {word.strip("│┃") for word in text.split()}
 
-    metrics = _rendered(_metrics_table({"policy_value_dr": 5.3, "policy_value_dr_champion_view": math.nan}, "t"))
+    metrics = _rendered(_metrics_table({"policy_value_dr": 5.3, "policy_value_dr_champion_view": math.nan}))
     assert "policy_value_dr_champion_view │      - │" in metrics, metrics
     check = GateCheck(GATE_METRICS[-1], 5.3, math.nan, True, "the champion's is undefined")
     gate = _rendered(gate_table(GateResult(True, "2", "1", checks=(check,))))

@@ -39,7 +39,7 @@ def gate_check(
     from model.simulation.truth import true_point_values
     from model.simulation.world import World
     from pipelines.gate import GATE_METRICS, compare
-    from pipelines.ope_check import judged_holdout
+    from pipelines.ope_check import judged_holdout, policy_value_promotes
     from pipelines.train import (
         CHALLENGER_NAME,
         CHAMPION_NAME,
@@ -86,14 +86,7 @@ def gate_check(
                 name: ev.policy_dr_terms(logged, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
                 for name in bundles
             }
-            same_view[view] = compare(
-                {policy_value.name: float(terms[CHALLENGER_NAME].mean())},
-                {policy_value.name: float(terms[CHAMPION_NAME].mean())},
-                challenger_version=challenger,
-                champion_version=champion,
-                metrics=(policy_value,),
-                noise={policy_value.name: ev.paired_standard_error(terms[CHALLENGER_NAME], terms[CHAMPION_NAME])},
-            ).promote
+            same_view[view] = policy_value_promotes(terms[CHALLENGER_NAME], terms[CHAMPION_NAME])
         if not truth:
             true_values = true_point_values(world, logged, chosen, economics, history_seed=seed, draws=draws)
             by_policy = true_values.groupby("policy")["true_value"].mean()

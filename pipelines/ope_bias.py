@@ -94,21 +94,6 @@ def estimator_terms(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _promotes(challenger: np.ndarray, champion: np.ndarray) -> bool:
-    from pipelines.gate import GATE_METRICS, compare
-
-    (metric,) = (m for m in GATE_METRICS if m.name == "policy_value_dr")
-    result = compare(
-        {metric.name: float(challenger.mean())},
-        {metric.name: float(champion.mean())},
-        challenger_version="challenger",
-        champion_version="champion",
-        metrics=(metric,),
-        noise={metric.name: ev.paired_standard_error(challenger, champion)},
-    )
-    return result.promote
-
-
 def ope_bias(
     history_dir: Path,
     orders: int,
@@ -125,7 +110,7 @@ def ope_bias(
     """The two tables of the module docstring: per (version, view, estimator), and per (pairing, clip, view)."""
     from model.simulation.truth import true_point_values
     from model.simulation.world import World
-    from pipelines.ope_check import judged_holdout
+    from pipelines.ope_check import judged_holdout, policy_value_promotes
     from pipelines.train import comparison_policies, merchants_for
 
     history, logged, economics, models = judged_holdout(history_dir, tracking_uri, versions, max_points, eval_seed)
@@ -181,12 +166,12 @@ def ope_bias(
             }
             promoted = {
                 "both own views": [
-                    _promotes(*(t[i] for t in views["challenger's reward model"]))
-                    and _promotes(*(t[i] for t in views["champion's reward model"]))
+                    policy_value_promotes(*(t[i] for t in views["challenger's reward model"]))
+                    and policy_value_promotes(*(t[i] for t in views["champion's reward model"]))
                     for i in samples
                 ],
                 "each under the other's": [
-                    _promotes(*(t[i] for t in views["each under the other's"])) for i in samples
+                    policy_value_promotes(*(t[i] for t in views["each under the other's"])) for i in samples
                 ],
             }
             for view, (a, b) in views.items():

@@ -134,6 +134,23 @@ def ope_check(
     return pd.DataFrame(rows)
 
 
+def policy_value_promotes(challenger: np.ndarray, champion: np.ndarray) -> bool:
+    """The gate's policy-value check (`pipelines.gate`) on two policies' per-point DR terms over the same points:
+    whether the challenger's mean holds against the champion's, the paired standard error as its noise."""
+    from pipelines.gate import GATE_METRICS, compare
+
+    (metric,) = (m for m in GATE_METRICS if m.name == "policy_value_dr")
+    result = compare(
+        {metric.name: float(challenger.mean())},
+        {metric.name: float(champion.mean())},
+        challenger_version="challenger",
+        champion_version="champion",
+        metrics=(metric,),
+        noise={metric.name: ev.paired_standard_error(challenger, champion)},
+    )
+    return result.promote
+
+
 def add_simulated_history_arguments(parser: argparse.ArgumentParser) -> None:
     """The options naming a simulated history (and the world it came from) and the tracking store."""
     parser.add_argument("--history", type=Path, required=True)

@@ -314,9 +314,10 @@ class StatusLines:
 
     def line(self, summary: LiveSummary) -> str | None:
         """The status line for ``summary``, or None when its counts are those of the last line shown."""
-        if summary.counts() == self._shown:
+        counts = summary.counts()
+        if counts == self._shown:
             return None
-        self._shown = summary.counts()
+        self._shown = counts
         return summary.line()
 
 

@@ -84,10 +84,17 @@ def minor_units(currency: str) -> int:
     return _minor_units_table().get(currency.strip().upper(), DEFAULT_MINOR_UNITS)
 
 
+def charged_amount(amount: float, currency: str) -> Decimal:
+    """The amount as charged: rounded to its currency's minor units (half up, from the shortest decimal of the
+    float), so ``14999.999`` INR is ``15000.00`` and comparisons with a limit are exact, not a float's."""
+    places = minor_units(currency)
+    return Decimal(repr(float(amount))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+
+
 def format_amount(amount: float, currency: str, *, grouped: bool = False) -> str:
     """``12.345`` for 12.345 KWD, ``1200`` for 1200 JPY, ``12.50`` for 12.5 USD: the amount with its currency's
     minor units (half up, from the shortest decimal of the float), so a customer reads what is charged.
     ``grouped`` puts thousands separators in (``1,499.00``)."""
     places = minor_units(currency)
-    exact = Decimal(repr(float(amount))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    exact = charged_amount(amount, currency)
     return f"{exact:,.{places}f}" if grouped else f"{exact:.{places}f}"

@@ -9,8 +9,8 @@ by name. Hard rules always win over the model (CONTRACT.md section 2): the polic
 Which rules apply to what:
 
 - silent retries: Visa category 1 and the Visa re-attempt cap, the Mastercard re-attempt cap and merchant advice
-  codes, UPI AutoPay off-peak windows and retry budget, user-consent flows, strategy applicability, connector
-  availability, the merchant's enabled flows, ``max_retries`` and retry window;
+  codes, UPI AutoPay off-peak windows and retry budget, the e-mandate AFA-free limit, user-consent flows, strategy
+  applicability, connector availability, the merchant's enabled flows, ``max_retries`` and retry window;
 - retargets (a payment link to the customer): the merchant's retarget switch, channels, ``max_nudges``, retry
   window, skip-days cadence and quiet hours, and the customer's opt-outs and reachability. Quiet hours apply to
   customer messages only, never to silent retries (the customer does not see those);
@@ -37,6 +37,7 @@ import yaml
 from model.catalog import ErrorCatalog, NormalisedError
 from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
+from model.money import charged_amount, load_economics
 from model.requests import DecisionRequest
 from model.vocab import (
     NOT_SILENT_RETRY_STRATEGIES,
@@ -95,6 +96,7 @@ class Rule(StrEnum):
     UPI_AUTOPAY_PEAK_HOURS = "upi_autopay_peak_hours"
     UPI_AUTOPAY_MAX_RETRIES = "upi_autopay_max_retries"
     UPI_AUTOPAY_RETRY_WINDOW = "upi_autopay_retry_window"
+    E_MANDATE_AFA_REQUIRED = "e_mandate_afa_required"
     USER_CONSENT_FLOW = "user_consent_flow"
     STEP_UP_NOT_APPLICABLE = "step_up_not_applicable"
     STEP_UP_OUT_OF_SESSION = "step_up_out_of_session"
@@ -134,6 +136,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.UPI_AUTOPAY_PEAK_HOURS,
         Rule.UPI_AUTOPAY_MAX_RETRIES,
         Rule.UPI_AUTOPAY_RETRY_WINDOW,
+        # The payment flow: an e-mandate debit above the AFA-free limit needs the customer's own authentication.
+        Rule.E_MANDATE_AFA_REQUIRED,
         Rule.USER_CONSENT_FLOW,
         Rule.RETRY_FLOW_DISABLED,
         Rule.MAX_RETRIES,
@@ -230,6 +234,9 @@ class RuleBook:
     e_mandate_payment_methods: frozenset[str]
     e_mandate_customer_countries: frozenset[str]  # upper case, ISO 3166 alpha-2
     e_mandate_currencies_without_country: frozenset[str]  # upper case, ISO 4217: when the request has no country
+    # An e-mandate debit (UPI AutoPay, an Indian card's) above this needs the customer's AFA (RBI): no silent retry.
+    e_mandate_afa_free_limit: float
+    e_mandate_afa_currency: str  # upper case, ISO 4217
     channel_reachability: Mapping[Channel, str]
     sources: Mapping[str, str]
 
@@ -347,6 +354,12 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["block_list"] = str(_get(raw, "block_list.source"))
     sources["suspected_fraud"] = str(_get(raw, "suspected_fraud.source"))
     sources["rbi_card_e_mandate"] = str(_get(raw, "rbi_card_e_mandate.source"))
+    sources["e_mandate_afa_limit"] = str(_get(raw, "e_mandate_afa_limit.source"))
+    afa_currency = _get(raw, "e_mandate_afa_limit.currency")
+    if not isinstance(afa_currency, str) or not re.fullmatch(r"[A-Za-z]{3}", afa_currency.strip()):
+        raise RulesDataError(
+            f"{RULES_FILE.name}: 'e_mandate_afa_limit.currency' must be an ISO 4217 code, got {afa_currency!r}"
+        )
     return RuleBook(
         version=int(_number(raw, "version")),
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
@@ -400,6 +413,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         e_mandate_payment_methods=_strings(raw, "rbi_card_e_mandate.payment_methods"),
         e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
         e_mandate_currencies_without_country=_upper(_strings(raw, "rbi_card_e_mandate.currencies_without_country")),
+        e_mandate_afa_free_limit=_number(raw, "e_mandate_afa_limit.amount"),
+        e_mandate_afa_currency=afa_currency.strip().upper(),
         channel_reachability={Channel(name): str(field) for name, field in reach_raw.items()},
         sources=sources,
     )
@@ -768,6 +783,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     is_card_e_mandate = _is_indian_card_e_mandate(book, request, method)
     if is_card_e_mandate:
         applied.append(RBI_CARD_E_MANDATE)
+    # Above the AFA-free limit an e-mandate debit needs the customer's own authentication (UPI PIN, card OTP): a
+    # user-consent flow, so no silent retry; a payment link, where the customer pays, stays open.
+    if (is_upi_autopay or is_card_e_mandate) and _above_afa_free_limit(book, request):
+        limit = f"{book.e_mandate_afa_free_limit:g}{book.e_mandate_afa_currency}"
+        applied.append(f"{Rule.E_MANDATE_AFA_REQUIRED.value}:{limit}")
+        retry_blocked.append(Rule.E_MANDATE_AFA_REQUIRED)
     if (
         is_upi_autopay
         or is_card_e_mandate
@@ -905,6 +926,24 @@ def _is_indian_card_e_mandate(book: RuleBook, request: DecisionRequest, method: 
     if country:
         return country.strip().upper() in book.e_mandate_customer_countries
     return request.currency.strip().upper() in book.e_mandate_currencies_without_country
+
+
+def _above_afa_free_limit(book: RuleBook, request: DecisionRequest) -> bool:
+    """Whether an e-mandate debit's amount exceeds the limit RBI allows without the customer's additional factor of
+    authentication (hard_rules.yaml, e_mandate_afa_limit), compared as charged (in the limit currency's minor
+    units). Another currency is converted at the planning rates; one without a rate cannot be judged and counts
+    as above the limit (the conservative reading)."""
+    limit_currency = book.e_mandate_afa_currency
+    amount = request.amount
+    currency = request.currency.strip().upper()
+    if currency != limit_currency:
+        economics = load_economics()
+        in_usd = economics.to_usd(amount, currency)
+        usd_per_unit = economics.to_usd(1.0, limit_currency)
+        if in_usd is None or not usd_per_unit:
+            return True
+        amount = in_usd / usd_per_unit
+    return charged_amount(amount, limit_currency) > charged_amount(book.e_mandate_afa_free_limit, limit_currency)
 
 
 def _is_recurring_upi_debit(book: RuleBook, request: DecisionRequest, method: str, method_type: str) -> bool:

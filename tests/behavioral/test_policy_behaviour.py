@@ -115,6 +115,34 @@ def test_a_hard_decline_is_not_retryable_and_a_technical_one_is(bundle: ModelBun
         assert decide(technical, make_merchant(), scorer, catalog=load_catalog(), config=GREEDY).retryable
 
 
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize(
+    "payment",
+    [
+        {"payment_method": "card", "payment_method_type": "credit", "is_recurring": True},  # an Indian card renewal
+        {"payment_method": "upi", "payment_method_type": None, "is_recurring": True, "card_network": None},  # AutoPay
+    ],
+)
+def test_an_e_mandate_debit_above_the_afa_free_limit_is_never_retried_silently(
+    payment: dict[str, Any], with_model: bool, bundle: ModelBundle
+) -> None:
+    """Above 15,000 rupees an e-mandate debit needs the customer's own authentication (RBI): no silent retry,
+    whichever the model prefers; a payment link is still offered, and the error stays retryable."""
+    technical = {"error_code": "processing_error", "error_message": "An error occurred while processing your card.",
+                 "network_decline_code": "96"}  # fmt: skip
+    for amount, limited in ((15_000.0, False), (15_000.01, True)):
+        request = make_request(amount=amount, payment=payment, failure=technical)
+        decision = decide(
+            request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING
+        )
+        retries = [c for c in _every_action(decision) if c.action == Action.RETRY]
+        assert ("e_mandate_afa_required:15000INR" in decision.rules_applied) is limited
+        assert (retries == []) is limited  # at the limit a silent retry is still among the permitted actions
+        if limited:
+            assert any(c.action == Action.RETARGET for c in _every_action(decision))
+            assert decision.retryable
+
+
 def _spent_budget_request(failure: dict[str, Any], payment: dict[str, Any] | None = None) -> Any:
     first = make_request().history.attempts[0].model_dump(mode="json")
     retries = [{**first, "attempt_number": n, "strategy": "retry_same", "created_at": "2026-11-01T10:14:00Z"}

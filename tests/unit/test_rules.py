@@ -522,6 +522,7 @@ def test_an_indian_cards_recurring_payment_runs_on_an_rbi_e_mandate_and_is_never
         catalog=load_catalog(),
         customer={"country": country},
         currency=currency,
+        amount=49.0,  # within the e-mandate's AFA-free limit in any of these currencies (499 USD is above it)
         payment={"payment_method": "card", "payment_method_type": method_type, "is_recurring": recurring},
         failure={"error_code": "processing_error", "error_message": None, "network_decline_code": "91"},
     )
@@ -573,6 +574,74 @@ def test_a_recurring_upi_payment_is_an_autopay_debit(method_type: str | None, re
     else:
         assert Rule.USER_CONSENT_FLOW in broken(context, off_peak)
         assert Rule.UPI_AUTOPAY_PEAK_HOURS not in broken(context, peak)
+
+
+AFA_REQUIRED = "e_mandate_afa_required:15000INR"
+
+
+@pytest.mark.parametrize(
+    ("amount", "needs_afa"),
+    [
+        (14_999.99, False),  # just below the limit
+        (15_000.0, False),  # at it: "up to 15,000" goes without the customer's authentication
+        (15_000.004, False),  # charged as 15,000.00
+        (15_000.01, True),  # just above: the customer must enter their UPI PIN
+        (60_000.0, True),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "method_type", "recurring"), [("upi_autopay", "mandate", False), ("upi", None, True)]
+)
+def test_an_autopay_debit_above_the_afa_free_limit_gets_no_silent_retry(
+    amount: float, needs_afa: bool, method: str, method_type: str | None, recurring: bool
+) -> None:
+    """Found by the payments expert review: an AutoPay debit of any amount was re-attempted silently, but above
+    15,000 rupees RBI and NPCI require the customer's UPI PIN for each execution (a user-consent flow). The request
+    carries no merchant category, so the 100,000-rupee categories cannot be told apart: the general limit holds.
+    A payment link, where the customer pays themselves, stays allowed."""
+    payment = {"payment_method": method, "payment_method_type": method_type, "is_recurring": recurring,
+               "card_network": None}  # fmt: skip
+    context = upi_ctx(method, method_type, amount=amount, currency="INR", payment=payment)
+    assert (AFA_REQUIRED in context.rules_applied) is needs_afa
+    off_peak = retry(at=UPI_T0 + timedelta(seconds=2), connector="razorpay")
+    assert broken(context, off_peak) == ((Rule.E_MANDATE_AFA_REQUIRED,) if needs_afa else ())
+    assert broken(context, retarget(at=ist(11, 0))) == ()
+    grid = permitted(context, rules.enumerate_candidates(context))
+    assert any(c.action is Action.RETRY for c in grid) is not needs_afa
+    assert any(c.action is Action.RETARGET for c in grid)
+
+
+@pytest.mark.parametrize(
+    ("country", "currency", "amount", "needs_afa"),
+    [
+        ("IN", "INR", 14_999.99, False),
+        ("IN", "INR", 15_000.0, False),
+        ("IN", "INR", 15_000.01, True),
+        (None, "INR", 15_000.01, True),  # no country: a renewal in rupees is an Indian card's
+        ("IN", "USD", 180.0, False),  # 15,000 rupees at the planning rates (0.012 USD a rupee)
+        ("IN", "USD", 180.01, True),  # a cross-border e-mandate: the same limit, converted
+        ("IN", "NGN", 10.0, True),  # no planning rate: cannot be judged, taken as above the limit
+        ("US", "INR", 60_000.0, False),  # not an Indian card: no RBI e-mandate
+        ("GB", "GBP", 5_000.0, False),
+    ],
+)
+def test_an_indian_card_renewal_above_the_afa_free_limit_gets_no_silent_retry(
+    country: str | None, currency: str, amount: float, needs_afa: bool
+) -> None:
+    """RBI's e-mandate framework holds recurring card debits to the same AFA-free limit as UPI AutoPay: above it the
+    cardholder authenticates the debit (an OTP), which no silent retry can do."""
+    context = ctx(customer={"country": country}, currency=currency, amount=amount,
+                  failure={"network_decline_code": "91", "error_message": None})  # fmt: skip
+    assert (AFA_REQUIRED in context.rules_applied) is needs_afa
+    same = retry(strategy="retry_same", connector="stripe")
+    assert broken(context, same) == ((Rule.E_MANDATE_AFA_REQUIRED,) if needs_afa else ())
+    assert Rule.E_MANDATE_AFA_REQUIRED not in broken(context, retarget(at=T0 + 2 * HOUR))
+
+
+def test_a_one_off_indian_card_payment_is_not_held_to_the_e_mandate_limit() -> None:
+    context = ctx(amount=60_000.0, payment={"is_recurring": False}, failure={"network_decline_code": "91"})
+    assert not any(name.startswith("e_mandate_afa_required") for name in context.rules_applied)
+    assert Rule.E_MANDATE_AFA_REQUIRED not in broken(context, retry())
 
 
 def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
@@ -1471,6 +1540,8 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
     mostly = st.sampled_from([True, True, True, False])
     request = {
         "event_time": event.isoformat(),
+        # Mostly small; else at, just above and well above the AFA-free limit of e-mandate debits (15,000 rupees).
+        "amount": draw(st.sampled_from([499.0, 499.0, 499.0, 15_000.0, 15_000.01, 60_000.0])),
         "customer": {
             "phone_present": draw(mostly),
             "email_present": draw(mostly),
@@ -1564,6 +1635,13 @@ def _contract_violations(request: Any, merchant: Any, candidate: Candidate) -> l
             problems.append("retry budget exceeded")
         if candidate.strategy not in merchant.retry.flows:
             problems.append("retry flow disabled")
+        indian_card_renewal = (
+            pay.payment_method == "card"
+            and pay.is_recurring
+            and (cust.country == "IN" if cust.country else request.currency == "INR")
+        )
+        if (autopay or indian_card_renewal) and request.currency == "INR" and request.amount > 15_000:
+            problems.append("e-mandate debit above 15,000 rupees retried without the customer's authentication")
         if autopay:
             clock = candidate.execute_at.astimezone(IST).time()
             if _clock_in(clock, time(10), time(13)) or _clock_in(clock, time(17), time(21, 30)):

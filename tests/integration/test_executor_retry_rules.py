@@ -345,7 +345,9 @@ def test_a_upi_autopay_re_send_waits_out_npcis_peak_hours(
     off_peak_edge = timedelta(hours=5, minutes=29, seconds=59)  # START is 11:30 IST: this is 16:59:59 IST
     retry = {"action": "retry", "strategy": "retry_same", "connector": "stripe", "delay": off_peak_edge}
     h = make_harness(retry, connector=FakeConnector(results=["failure"], transient_first=1))
-    body = event(payment={"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": None})
+    # In rupees, as every UPI payment is: 499 USD would be above the e-mandate AFA-free limit (no silent retry at all).
+    upi_autopay = {"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": None}
+    body = event(currency="INR", payment=upi_autopay)
     h.executor.payment_failed("m_demo", body)
     h.clock.advance(seconds=off_peak_edge.total_seconds())
     h.drain()

@@ -117,8 +117,8 @@ def _count_own_reattempts(base: dict[str, Any], rows: Sequence[sa.Row[Any]], now
 
     The rules take the larger of that figure and the order's own history (the figure already counts the history
     the event carried), so the executor's own retries, made after the event, would never be added to it: a card
-    reported at 14 re-attempts got a 15th, 16th and 17th. The rows of the event's history carry no idempotency
-    key; those of the executor's charges do."""
+    reported at 19 re-attempts (of Visa's 20) got a 20th, 21st and 22nd. The rows of the event's history carry no
+    idempotency key; those of the executor's charges do."""
     reported = base.get(CARD_REATTEMPTS_FIELD)
     if isinstance(reported, bool) or not isinstance(reported, int) or reported < 0:
         return  # absent (the history alone counts), or malformed: the rules name the field

@@ -53,13 +53,13 @@ def _retries_made(h: Harness) -> int:
 def test_the_executors_own_retries_count_against_the_visa_cap_the_caller_reported(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
 ) -> None:
-    """A card the caller reports at 14 re-attempts (of Visa's 15 in 30 days) may get one more. The rules took the
+    """A card the caller reports at 19 re-attempts (of Visa's 20 in 30 days) may get one more. The rules took the
     larger of the reported figure and the order's own history, and the executor replayed the figure as it was at
     the failure event: its own retries were never added to it, so the plan (three retries within max_retries)
-    went out in full: the card's 15th, 16th and 17th re-attempts."""
+    went out in full: the card's 20th, 21st and 22nd re-attempts."""
     retry = {"action": "retry", "strategy": "retry_same", "connector": "stripe", "delay": timedelta(minutes=15)}
     h = make_harness(dict(retry), dict(retry), dict(retry), connector=FakeConnector(results=["failure"] * 3))
-    h.executor.payment_failed("m_demo", _visa_event(14))
+    h.executor.payment_failed("m_demo", _visa_event(19))
     for _ in range(6):
         h.drain()
         h.clock.advance(minutes=16)
@@ -74,11 +74,11 @@ def test_decide_sees_the_card_at_its_visa_cap_after_the_executors_retry(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
 ) -> None:
     """The real rules-only decide(): after the one retry the cap allowed, the next decision point sees the card at
-    15 of 15 and plans no further silent retry."""
+    20 of 20 and plans no further silent retry."""
     decider, stop = make_decider(load_catalog(), None, seed=1)
     try:
         h = make_harness(decider=decider, connector=FakeConnector(results=["failure"] * 5))
-        body = _visa_event(14)
+        body = _visa_event(19)
         body["failure"] = {**body["failure"], "error_code": "processing_error", "network_decline_code": "91"}
         h.executor.payment_failed("m_demo", body)
         for _ in range(60):
@@ -91,7 +91,7 @@ def test_decide_sees_the_card_at_its_visa_cap_after_the_executors_retry(
     later = view.decisions[1:]
     assert later
     assert all(d["action"] != "retry" for d in later), [d["action"] for d in later]
-    assert "visa_reattempts:15/15" in later[0]["rules_applied"]
+    assert "visa_reattempts:20/20" in later[0]["rules_applied"]
 
 
 def test_an_order_without_a_reported_figure_counts_its_own_history_alone(

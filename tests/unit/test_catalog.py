@@ -369,7 +369,8 @@ def test_visa_category_rules(catalog: ErrorCatalog) -> None:
     for category in (2, 3, 4):
         rule = catalog.visa_category_rule(category)
         assert rule is not None
-        assert (rule.reattempt_allowed, rule.max_reattempts, rule.window_days) == (True, 15, 30)
+        # Visa's revision of 25 May 2025: 20 re-attempts in 30 days (15 before)
+        assert (rule.reattempt_allowed, rule.max_reattempts, rule.window_days) == (True, 20, 30)
     assert catalog.visa_category_rule(None) is None
     assert catalog.visa_category_rule(7) is None
 

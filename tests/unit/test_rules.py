@@ -120,17 +120,17 @@ LENIENT = make_merchant(retry={"max_retries": 20}, retarget={"retry_window_days"
         ("visa", "04", None, None, retarget(), Rule.VISA_CATEGORY_1, False),  # new details: allowed
         ("visa", "51", None, None, retry(), Rule.VISA_CATEGORY_1, False),
         ("mastercard", "04", None, None, retry(), Rule.VISA_CATEGORY_1, False),
-        ("visa", "51", retries_history(14, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, False),
-        ("visa", "51", retries_history(15, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
-        ("visa", "54", retries_history(15, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
-        ("visa", "05", retries_history(15, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
-        # 15 retries, all more than 30 days before execute_at: none counts any more.
-        ("visa", "51", retries_history(15, T0 - timedelta(days=40)), None, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        ("visa", "51", retries_history(19, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        ("visa", "51", retries_history(20, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "54", retries_history(20, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "05", retries_history(20, T0 - timedelta(days=3)), None, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        # 20 retries, all more than 30 days before execute_at: none counts any more.
+        ("visa", "51", retries_history(20, T0 - timedelta(days=40)), None, retry(), Rule.VISA_REATTEMPT_CAP, False),
         # The window slides with execute_at: a later retry sees fewer recent re-attempts.
         (
             "visa",
             "51",
-            retries_history(15, T0 - timedelta(days=29), step=timedelta(hours=1)),
+            retries_history(20, T0 - timedelta(days=29), step=timedelta(hours=1)),
             None,
             retry(at=T0 + timedelta(days=1, hours=1, seconds=1)),
             Rule.VISA_REATTEMPT_CAP,
@@ -139,17 +139,18 @@ LENIENT = make_merchant(retry={"max_retries": 20}, retarget={"retry_window_days"
         (  # ... and the window's start is inclusive
             "visa",
             "51",
-            retries_history(15, T0 - timedelta(days=29), step=timedelta(hours=1)),
+            retries_history(20, T0 - timedelta(days=29), step=timedelta(hours=1)),
             None,
             retry(at=T0 + timedelta(days=1, hours=1)),
             Rule.VISA_REATTEMPT_CAP,
             True,
         ),
-        ("visa", "51", None, 15, retry(), Rule.VISA_REATTEMPT_CAP, True),
-        ("visa", "51", None, 14, retry(), Rule.VISA_REATTEMPT_CAP, False),
-        ("visa", "51", retries_history(3, T0 - timedelta(days=1)), 15, retry(), Rule.VISA_REATTEMPT_CAP, True),
-        ("visa", "51", None, 15, retarget(), Rule.VISA_REATTEMPT_CAP, False),
-        ("mastercard", "51", retries_history(15, T0 - timedelta(days=3)), 15, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        # Visa's cap is 20 since 25 May 2025 (15 before): a card at 19 may get its 20th, one at 20 may not.
+        ("visa", "51", None, 20, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "51", None, 19, retry(), Rule.VISA_REATTEMPT_CAP, False),
+        ("visa", "51", retries_history(3, T0 - timedelta(days=1)), 20, retry(), Rule.VISA_REATTEMPT_CAP, True),
+        ("visa", "51", None, 20, retarget(), Rule.VISA_REATTEMPT_CAP, False),
+        ("mastercard", "51", retries_history(20, T0 - timedelta(days=3)), 20, retry(), Rule.VISA_REATTEMPT_CAP, False),
     ],
 )
 def test_visa_rules(
@@ -1434,7 +1435,8 @@ def test_rules_with_the_shipped_catalog(
 
 
 def test_visa_cap_with_the_shipped_catalog() -> None:
-    context = ctx(catalog=load_catalog(), card_reattempts_30d=15)
+    assert Rule.VISA_REATTEMPT_CAP not in broken(ctx(catalog=load_catalog(), card_reattempts_30d=19), retry())
+    context = ctx(catalog=load_catalog(), card_reattempts_30d=20)
     assert Rule.VISA_REATTEMPT_CAP in broken(context, retry())
     assert "visa_category:2" in context.rules_applied
 
@@ -1821,23 +1823,25 @@ def test_permitted_grid_is_permitted_and_blocked_of_the_grid(
 
 
 def test_equal_instants_in_other_zones_are_judged_apart() -> None:
-    # The Visa window subtracts 30 wall-clock days: from New York time that crosses the DST change, so the same
-    # instant sees one more re-attempt in its window than from UTC. permitted must not reuse one's verdict.
-    event = datetime(2026, 11, 5, 10, 0, tzinfo=UTC)
-    start = datetime(2026, 10, 6, 11, 30, tzinfo=UTC)
-    attempts = [attempt(1, "initial", start - timedelta(minutes=1))]
-    attempts += [attempt(i + 2, "retry_same", start + i * HOUR) for i in range(15)]
+    # The Mastercard window subtracts 24 wall-clock hours: from New York time that crosses the DST change (1 November
+    # 2026), so the same instant sees one more decline in its window than from UTC. permitted must not reuse one's
+    # verdict. (Visa's 30 days would do as well, but its cap of 20 is out of reach of max_retries' 20.)
+    event = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+    start = datetime(2026, 10, 31, 11, 30, tzinfo=UTC)
+    attempts = [attempt(1, "initial", start)]
+    attempts += [attempt(i + 2, "retry_same", start + timedelta(minutes=30) + i * HOUR) for i in range(9)]
     context = ctx(
         merchant=LENIENT,
         event_time=event.isoformat(),
         history={"attempts": attempts, "nudges": []},
+        payment={"card_network": "mastercard"},
         failure={"network_decline_code": "51"},
     )
-    at = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)
+    at = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
     in_utc, in_new_york = retry(at=at), retry(at=at.astimezone(ZoneInfo("America/New_York")))
     assert in_utc == in_new_york
     assert broken(context, in_utc) == ()
-    assert broken(context, in_new_york) == (Rule.VISA_REATTEMPT_CAP,)
+    assert broken(context, in_new_york) == (Rule.MASTERCARD_REATTEMPT_CAP,)
     assert permitted(context, [in_utc, in_new_york]) == [in_utc, Candidate(Action.STOP, event)]
     assert permitted(context, [in_new_york, in_utc]) == [in_utc, Candidate(Action.STOP, event)]
 

@@ -42,7 +42,9 @@ RULES_ONLY_VERSION = "rules-only"
 # Enum members read once: ``Action.RETRY`` is a class-attribute lookup through the enum's metaclass, ~0.16 us
 # each on Python 3.11, and the loops below compare every candidate.
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
-#: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits).
+#: Value of money recovered a day later relative to today (cash flow, churn risk while the order waits). winback's
+#: modelling choice, not a measured or published figure (README, "The daily discount"): a retry 24 h later must be
+#: rated over 0.5% higher (relative) than the same action now to be chosen.
 DAILY_DISCOUNT = 0.995
 #: The rules-only policy's retryability threshold: a failure is ``retryable`` when the best retry its error allows
 #: succeeds with at least this P(success). A bundle saved before bundles carried a threshold of their own was served

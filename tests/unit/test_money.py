@@ -3,12 +3,14 @@ an order in a currency without one is worth to the policy."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import numpy as np
 import pytest
 import yaml
 
 from model.catalog import load_catalog
-from model.money import COSTS_FILE, _minor_units_table, load_economics
+from model.money import COSTS_FILE, _minor_units_table, charged_amount, format_amount, load_economics
 from model.policy import PolicyConfig, decide
 from model.requests import Decision
 from tests.factories import make_merchant, make_request
@@ -85,3 +87,18 @@ def test_a_rated_currency_is_not_flagged() -> None:
     for decision in (small, large):
         assert not any(rule.startswith("currency_value_unknown") for rule in decision.rules_applied)
         assert not any("no USD rate" in reason for reason in decision.reasons)
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "charged", "shown"),
+    [
+        (14_999.999, "INR", Decimal("15000.00"), "15,000.00"),  # half up to paise: what the issuer sees
+        (15_000.004, "inr", Decimal("15000.00"), "15,000.00"),
+        (0.1 + 0.2, "USD", Decimal("0.30"), "0.30"),  # the float's shortest decimal, not 0.30000000000000004
+        (12.3455, "KWD", Decimal("12.346"), "12.346"),
+        (1_200.5, "JPY", Decimal("1201"), "1,201"),
+    ],
+)
+def test_an_amount_is_compared_and_shown_as_charged(amount: float, currency: str, charged: Decimal, shown: str) -> None:
+    assert charged_amount(amount, currency) == charged
+    assert format_amount(amount, currency, grouped=True) == shown

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, TypeVar
 
@@ -459,6 +459,14 @@ def _maybe_sent_at(action: ActionRow, otherwise: datetime) -> datetime:
     ``otherwise`` for one that kept no such time (marked before it was kept)."""
     at = action.payload.get(MESSAGE_MAYBE_SENT_AT)
     return otherwise if at is None else as_utc(datetime.fromisoformat(str(at)))
+
+
+def _one_more_maybe_sent_try(payload: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+    """A message action's ``payload`` counting one more try that may have reached its provider, made ``at`` (the
+    first such try's time is kept)."""
+    counted = {MESSAGE_MAYBE_SENT_AT: at.isoformat()} | dict(payload)
+    counted[MESSAGE_MAYBE_SENT_TRIES] = int(payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
+    return counted
 
 
 def _same_plan(decision: Decision, approved: ActionRow) -> bool:
@@ -1555,12 +1563,11 @@ class Executor:
             handed_over = taken_over.get(action.action_id)
             if handed_over is None:
                 continue
-            payload = {MESSAGE_MAYBE_SENT_AT: handed_over.isoformat()} | action.payload
-            payload[MESSAGE_MAYBE_SENT_TRIES] = int(action.payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
+            payload = _one_more_maybe_sent_try(action.payload, handed_over)
             conn.execute(
                 actions.update().where(actions.c.action_id == action.action_id).values(payload_json=_dump(payload))
             )
-            claimed[index] = ActionRow(**{**action.__dict__, "payload": payload})
+            claimed[index] = replace(action, payload=payload)
 
     def orders_of(self, conn: sa.Connection, batch: Sequence[ActionRow]) -> dict[tuple[str, str], RowMapping]:
         """The orders of a batch of actions, by (merchant_id, order_id)."""
@@ -1586,7 +1593,11 @@ class Executor:
             # waiting for the action's row.
             self.lock_order(conn, action.merchant_id, action.order_id)
         if isinstance(outcome, Transient):
-            self._retry_later(conn, action, outcome, now)
+            try:
+                self._retry_later(conn, action, outcome, now)
+            except StaleClaimError:
+                if not self._record_settled_meanwhile(conn, action, outcome, now):
+                    raise
             return
         if isinstance(outcome, Defer):
             self._release(
@@ -1651,9 +1662,9 @@ class Executor:
     def _record_settled_meanwhile(
         self, conn: sa.Connection, action: ActionRow, outcome: Outcome, now: datetime
     ) -> bool:
-        """Record a message that went out while its order was settled (a follow-up or close has nothing to
-        record); False when the action was not cancelled that way (another worker's claim holds it and records the
-        same answer).
+        """Record a message that went out, or may have, while its order was settled (a follow-up or close has
+        nothing to record); False when the action was not cancelled that way (another worker's claim holds it and
+        records the same answer), or when nothing may have gone out.
 
         Settling an order (paid elsewhere, failed, an agent's reject) cancels its open actions, claimed nudges
         too (charges that may be with a connector are left to finish: ``_cancel_open``), but the message may
@@ -1665,6 +1676,8 @@ class Executor:
             # A follow-up or close of an order settled meanwhile: nothing happened outside, nothing to record.
             log.debug("%s action %s ran while its order was settled", action.kind, action.action_id)
             return True
+        if state == ActionState.CANCELLED.value and isinstance(outcome, Transient):
+            return self._keep_unanswered_send(conn, action, outcome, now)
         if state != ActionState.CANCELLED.value or not isinstance(outcome, Sent | NotSent):
             return False
         log.warning(
@@ -1683,6 +1696,45 @@ class Executor:
             self._insert_sent_nudge(conn, action, outcome, now)
         elif recorded is None and isinstance(outcome, NotSent):
             self._insert_unsent_nudge(conn, action, outcome, now)
+        return True
+
+    def _keep_unanswered_send(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> bool:
+        """Keep as maybe sent (``_keep_maybe_sent``) a message that was with its provider as its order was settled,
+        and whose provider then did not answer (a timeout, a 500): it may have reached the customer. Dated by its
+        hand-over (its 'being sent' mark, which the settling left on the cancelled row), or by an earlier try that
+        may have gone. False when nothing may have gone out: the provider certainly did not take it, or it was
+        never handed over (cancelled before its mark). Before, the answer was refused as stale and dropped, and
+        nothing said the customer may have the message (review)."""
+        if action.kind != ActionKind.NUDGE or outcome.not_taken:
+            return False
+        handed_over = conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == action.action_id))
+        if handed_over is None:
+            return False
+        payload = _one_more_maybe_sent_try(action.payload, as_utc(handed_over))
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == action.action_id)
+            .values(unanswered_since=None, payload_json=_dump(payload), last_error=outcome.error, updated_at=now)
+        )
+        order_state = conn.scalar(
+            sa.select(orders.c.state).where(
+                orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id
+            )
+        )
+        why = (
+            f"cancelled: its order was settled ({order_state})" if order_state not in OPEN_ORDER_STATES else "cancelled"
+        )
+        log.warning(
+            "message action %s was with its provider as its order was settled, and got no answer: kept as maybe sent",
+            action.action_id,
+            extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+        )
+        self._keep_maybe_sent(
+            conn,
+            replace(action, payload=payload),
+            f"{why} while it was with its provider, which did not answer ({outcome.error})",
+            now,
+        )
         return True
 
     def _release(
@@ -1798,10 +1850,8 @@ class Executor:
             since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))
             retry = now < since + timedelta(seconds=policy.message_outage_seconds)
         else:
-            tries = int(payload.get(MESSAGE_MAYBE_SENT_TRIES, 0)) + 1
-            payload[MESSAGE_MAYBE_SENT_TRIES] = tries
-            payload.setdefault(MESSAGE_MAYBE_SENT_AT, now.isoformat())
-            retry = tries < policy.limit(action.kind)
+            payload = _one_more_maybe_sent_try(payload, now)
+            retry = payload[MESSAGE_MAYBE_SENT_TRIES] < policy.limit(action.kind)
         if retry:
             due = now + policy.message_delay(action.attempts, outcome.retry_after)
             self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=outcome.error, payload=payload)

@@ -39,6 +39,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     make_harness,
     runtime,
     token_of,
+    webhook_events,
 )
 from tests.integration.test_executor_one_message import SlowProvider
 
@@ -436,6 +437,37 @@ def test_an_approved_message_in_flight_as_the_order_is_decided_again_that_times_
     assert [item["state"] for item in queue] == ["approved", "approved", "superseded", "agreed"]
     assert queue[1]["withdrawn_at"] is None
     _email_re_sent_under_its_first_key(h, provider)
+
+
+def test_an_approved_message_in_flight_as_the_order_is_settled_that_times_out_is_kept_as_maybe_sent(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+) -> None:
+    """Review: the merchant reported the order paid while the approved email was with its provider; settling
+    cancelled the email's action, and the provider's answer then timed out: the answer was refused as stale and
+    dropped, and nothing said the customer may have the email. It is kept as maybe sent, with why, and nothing
+    more is sent or scheduled for the settled order, whose webhook goes once."""
+    provider = _BusyProvider()
+    h = _approved_later(make_harness, database_url, EMAIL_DAY_2, provider=provider)
+    h.clock.advance(hours=22)
+    paid = PAID_BY_MERCHANT | {"occurred_at": h.clock.now.isoformat()}
+    provider.during = lambda: h.executor.payment_succeeded("m_demo", paid)
+    provider.time_outs = 1
+    handed_over = h.clock.now
+    h.drain()
+    view = h.view()
+    assert view.state == "SUCCEEDED"
+    email = next(n for n in view.nudges if n.channel == "email")
+    assert (email.decision_id, email.status, email.delivered) == ("dec_2_ord_1", "rejected", False)
+    assert email.sent_at == handed_over  # the day it may have reached the customer
+    assert "its order was settled" in (email.error or "")
+    assert "timeout" in (email.error or "")
+    assert "1 earlier try may have reached the provider" in (email.error or "")
+    h.clock.advance(days=2)
+    h.drain()
+    assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]  # never re-sent
+    assert [a.state for a in h.view().actions if a.state in ("scheduled", "claimed")] == []
+    assert webhook_events(h) == ["order.succeeded"]
 
 
 def _close_actions(h: Harness) -> list[Any]:

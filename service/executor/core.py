@@ -660,7 +660,12 @@ class Executor:
         of each timed out (or its worker died) and its re-send waits (``MESSAGE_MAYBE_SENT_TRIES``), dated by that
         first try. A provider that took it told nobody, so counted it is: one message a day, the skip-days cadence
         and ``max_nudges`` hold for a new message as if it had been confirmed (review: an order decided again while
-        such a re-send waited got a second message the same day). ``sending``: the message being sent, left out."""
+        such a re-send waited got a second message the same day). So does a message with its provider now (claimed
+        and marked as being sent, its answer not yet recorded), dated by its hand-over: an order decided again
+        meanwhile (its customer paid an earlier link and was declined) planned the next message as if none were out,
+        and only that message's send caught it (review). ``sending``: the message being sent, left out; when it is a
+        message, another one with its provider now is not counted either: its send waits for that one's answer
+        (``message_being_sent``), which decides whether it may still go."""
         rows = conn.execute(
             sa.select(actions).where(
                 actions.c.merchant_id == order["merchant_id"],
@@ -669,15 +674,23 @@ class Executor:
                 actions.c.state.in_(OPEN_ACTION_STATES),
             )
         ).mappings()
+        counts_in_flight = sending is None or sending.kind != ActionKind.NUDGE
         maybe_out = []
         for row in rows:
             action = ActionRow.of(row)
-            if not action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or (sending and sending.action_id == action.action_id):
+            if sending is not None and sending.action_id == action.action_id:
+                continue
+            in_flight = action.state == ActionState.CLAIMED and row["unanswered_since"] is not None
+            if action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
+                sent_at = _maybe_sent_at(action, as_utc(row["updated_at"]))
+            elif in_flight and counts_in_flight:
+                sent_at = as_utc(row["unanswered_since"])
+            else:
                 continue
             maybe_out.append(
                 {
                     "channel": str(action.payload.get("channel")),
-                    "sent_at": _maybe_sent_at(action, as_utc(row["updated_at"])).isoformat(),
+                    "sent_at": sent_at.isoformat(),
                     "delivered": False,
                     "clicked_at": None,
                     "nudge_id": nudge_id_for(action.idempotency_key),

@@ -21,7 +21,6 @@ import sqlalchemy as sa
 
 from model.requests import Decision
 from model.vocab import Channel
-from service.executor.channels.base import OutboundMessage, SendResult
 from service.executor.core import Executor, Transient
 from service.executor.routes import _pay
 from service.executor.store import actions, agent_queue, nudges, orders
@@ -41,7 +40,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     token_of,
     webhook_events,
 )
-from tests.integration.test_executor_one_message import SlowProvider
+from tests.integration.test_executor_one_message import BusyProvider, SlowProvider
 
 SMS = {"action": "retarget", "channel": "sms"}
 AFTER_PAYDAY = timedelta(days=3)
@@ -367,27 +366,13 @@ def _email_re_sent_under_its_first_key(h: Harness, provider: SlowProvider) -> No
 STOP = {"action": "stop"}
 
 
-class _BusyProvider(SlowProvider):
-    """A provider that runs ``during()`` while the next message is with it, before it answers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.during: Callable[[], None] | None = None
-
-    def send(self, message: OutboundMessage) -> SendResult:
-        hook, self.during = self.during, None
-        if hook is not None:
-            hook()
-        return super().send(message)
-
-
 def _approved_email_times_out_as_the_order_is_decided_again(
     make: Any, database_url: str | None, *after: dict[str, Any]
 ) -> tuple[Harness, SlowProvider, datetime]:
     """The approved email is with its provider when the customer pays on the SMS's link and is declined: the order
     is decided again (``after``) while the email is in flight. Then the provider's answer times out: it may have
     the email. The harness, the provider and when the email was handed over."""
-    provider = _BusyProvider()
+    provider = BusyProvider()
     h = _approved_later(make, database_url, EMAIL_DAY_2, *after, provider=provider)
     h.clock.advance(hours=22)
     sms_link = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
@@ -447,7 +432,7 @@ def test_an_approved_message_in_flight_as_the_order_is_settled_that_times_out_is
     cancelled the email's action, and the provider's answer then timed out: the answer was refused as stale and
     dropped, and nothing said the customer may have the email. It is kept as maybe sent, with why, and nothing
     more is sent or scheduled for the settled order, whose webhook goes once."""
-    provider = _BusyProvider()
+    provider = BusyProvider()
     h = _approved_later(make_harness, database_url, EMAIL_DAY_2, provider=provider)
     h.clock.advance(hours=22)
     paid = PAID_BY_MERCHANT | {"occurred_at": h.clock.now.isoformat()}

@@ -24,6 +24,7 @@ from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
 from service.executor.core import MAYBE_SENT_NOTE, Defer, Replan
+from service.executor.routes import _pay
 from service.executor.settings import ExecutorSettings
 from service.executor.store import ActionKind, actions, nudges
 from service.executor.worker import Worker, build_effects
@@ -36,6 +37,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     demo_merchant,
     event,
     make_harness,
+    runtime,
     token_of,
 )
 
@@ -80,6 +82,20 @@ class SlowProvider:
             with self._lock:
                 self._at_once -= 1
         return SendResult(status="accepted", provider_message_id=f"pm_{len(self.outbox)}")
+
+
+class BusyProvider(SlowProvider):
+    """A provider that runs ``during()`` while the next message is with it, before it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: Callable[[], None] | None = None
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        hook, self.during = self.during, None
+        if hook is not None:
+            hook()
+        return super().send(message)
 
 
 class _SlowChannel:
@@ -299,3 +315,39 @@ def test_a_message_whose_re_send_a_charge_of_unknown_outcome_holds_back_stays_in
     assert MAYBE_SENT_NOTE in (sms.error or "")
     h.executor.resolve_charge(lost, charged=False)  # decided again, knowing the SMS may be with the customer
     assert [n.channel for n in h.executor.decider.requests[-1].history.nudges] == [Channel.SMS]
+
+
+def test_a_message_with_its_provider_counts_in_a_decision_made_meanwhile(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Review: while N2 was with its provider, the customer paid N1's link and was declined, and the order was
+    decided again as if N2 were not out (only N2's record, later, or the next message's own send could show it):
+    decide() could plan another message that day, or before the skip-days cadence allowed. The decision made
+    meanwhile counts N2 as maybe sent, dated by its hand-over; once N2 is on record it counts once."""
+    provider = BusyProvider()
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},  # N1, now
+        {"action": "retarget", "channel": "email"},  # N1's follow-up on Day 2: N2, now
+        {"action": "retarget", "channel": "whatsapp"},  # after the declined link payment, while N2 is out
+        merchants={"m_demo": demo_merchant(retarget={"max_nudges": 4})},
+        connector=FakeConnector(results=["failure"]),
+        database_url=database_url,
+    )
+    h.effects.adapter_factory = provider.adapters
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    n1_link = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    h.clock.now = START + timedelta(hours=46, minutes=30)
+    handed_over = h.clock.now
+    paid: list[int] = []
+    provider.during = lambda: paid.append(_pay(runtime(h), n1_link)[0])
+    h.drain()
+    assert paid == [402]  # declined while N2 was with its provider
+    decided_meanwhile = h.executor.decider.requests[2]
+    assert [(n.channel, n.sent_at) for n in decided_meanwhile.history.nudges] == [
+        (Channel.SMS, START),
+        (Channel.EMAIL, handed_over),
+    ]
+    assert [n.channel for n in h.executor.decider.requests[-1].history.nudges] == [Channel.SMS, Channel.EMAIL]
+    assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]  # no WhatsApp the same day

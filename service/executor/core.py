@@ -1599,15 +1599,17 @@ class Executor:
         Raises StaleClaimError (changing nothing) when the action is no longer held with this claim token.
         """
         now = self.clock()
-        if action.kind != ActionKind.WEBHOOK:
-            # The order first, then the action's row, as a re-decision (it reads and replaces the order's actions
-            # under the order's lock) and a send take them. The other way round, recording an answer that goes on
-            # to lock the order (a refused retry decides it again) deadlocked on PostgreSQL with a re-decision
-            # waiting for the action's row.
-            self.lock_order(conn, action.merchant_id, action.order_id)
+        # The order first, then the action's row, as a re-decision (it reads and replaces the order's actions under
+        # the order's lock) and a send take them. The other way round, recording an answer that goes on to lock the
+        # order (a refused retry decides it again) deadlocked on PostgreSQL with a re-decision waiting for the
+        # action's row. Locked once: what follows changes the order's actions, not the order, until it is decided
+        # again or settled.
+        order = (
+            None if action.kind == ActionKind.WEBHOOK else self.lock_order(conn, action.merchant_id, action.order_id)
+        )
         if isinstance(outcome, Transient):
             try:
-                self._retry_later(conn, action, outcome, now)
+                self._retry_later(conn, action, order, outcome, now)
             except StaleClaimError:
                 if not self._record_settled_meanwhile(conn, action, outcome, now):
                     raise
@@ -1619,7 +1621,7 @@ class Executor:
             return
         if isinstance(outcome, Permanent):
             self._release(conn, action, ActionState.DEAD, now, error=outcome.error)
-            self._dead(conn, action, outcome.error, now, connector_failed=outcome.nothing_charged)
+            self._dead(conn, action, order, outcome.error, now, connector_failed=outcome.nothing_charged)
             return
         if isinstance(outcome, Skip):
             self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
@@ -1636,7 +1638,8 @@ class Executor:
             if not self._record_settled_meanwhile(conn, action, outcome, now):
                 raise
             return
-        order = self.lock_order(conn, action.merchant_id, action.order_id)
+        if action.kind == ActionKind.WEBHOOK:  # a webhook's answer reads its order only here, after its row
+            order = self.lock_order(conn, action.merchant_id, action.order_id)
         if order is None:
             return
         if isinstance(outcome, Charged):
@@ -1773,9 +1776,12 @@ class Executor:
         if changed != 1:
             raise StaleClaimError(f"action {action.action_id} ({action.kind}) is no longer held by this claim")
 
-    def _retry_later(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> None:
+    def _retry_later(
+        self, conn: sa.Connection, action: ActionRow, order: RowMapping | None, outcome: Transient, now: datetime
+    ) -> None:
+        """Try ``action`` again later, or give it up; ``order``: its order, locked (None for a webhook)."""
         if action.kind == ActionKind.NUDGE:
-            self._retry_message_later(conn, action, outcome, now)
+            self._retry_message_later(conn, action, order, outcome, now)
             return
         if action.kind == ActionKind.WEBHOOK:
             self._retry_webhook_later(conn, action, outcome, now)
@@ -1784,7 +1790,7 @@ class Executor:
         if action.attempts >= self.retry_policy.limit(action.kind):
             message = f"gave up after {action.attempts} tries: {error}"
             self._release(conn, action, ActionState.DEAD, now, error=message)
-            self._dead(conn, action, message, now, connector_failed=True, unreached=True)
+            self._dead(conn, action, order, message, now, connector_failed=True, unreached=True)
             return
         due = now + self.retry_policy.delay(action.attempts)
         self._release(conn, action, ActionState.SCHEDULED, now, due_at=due, error=error)
@@ -1815,7 +1821,9 @@ class Executor:
                 extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
             )
 
-    def _retry_message_later(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> None:
+    def _retry_message_later(
+        self, conn: sa.Connection, action: ActionRow, order: RowMapping | None, outcome: Transient, now: datetime
+    ) -> None:
         """Try a message again later, or give it up.
 
         A message its provider certainly did not take (it answered 429 or 503, or could not be reached:
@@ -1835,8 +1843,7 @@ class Executor:
         """
         policy = self.retry_policy
         payload = dict(action.payload)
-        # Locked already (``complete``): the order first, then the action's and the channel's rows.
-        order = self.lock_order(conn, action.merchant_id, action.order_id)
+        # ``order`` is locked already (``complete``): the order first, then the action's and the channel's rows.
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
             down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
@@ -1857,7 +1864,7 @@ class Executor:
                 # for the channel waits (above).
                 reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
                 self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
-                if order is not None:  # locked above; releasing the action changed nothing of it
+                if order is not None:  # locked by ``complete``; releasing the action changed nothing of it
                     self._decision_point(conn, order, now, f"the planned {_planned_what(action)} was {reason}")
                 return
             since = as_utc(datetime.fromisoformat(str(payload.setdefault(MESSAGE_REFUSED_SINCE, now.isoformat()))))
@@ -1872,7 +1879,7 @@ class Executor:
             return
         message = f"gave up after {action.attempts} tries: {outcome.error}"
         self._release(conn, action, ActionState.DEAD, now, error=message, payload=payload)
-        self._dead(conn, action, message, now)
+        self._dead(conn, action, order, message, now)
 
     def _decided_while_in_flight(
         self, conn: sa.Connection, order: RowMapping | None, action: ActionRow, outcome: Transient, now: datetime
@@ -1897,6 +1904,7 @@ class Executor:
         self,
         conn: sa.Connection,
         action: ActionRow,
+        order: RowMapping | None,
         error: str,
         now: datetime,
         *,
@@ -1918,19 +1926,24 @@ class Executor:
                 .values(status="dead", last_error=error, attempts=webhook_deliveries.c.attempts + 1)
             )
         elif action.kind == ActionKind.NUDGE:
-            order = self.lock_order(conn, action.merchant_id, action.order_id)
             if order is not None:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
                 self._record_unsent(conn, order, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), now)
         elif action.kind == ActionKind.RETRY and connector_failed:
-            self._retry_failed_to_go_out(conn, action, now, unreached=unreached)
+            self._retry_failed_to_go_out(conn, action, order, now, unreached=unreached)
         # A dead retry or link payment sent and never answered leaves its order open: whether the charge happened
         # is unknown, so no new attempt is made on top of it; the order's window-end CLOSE fails it unless an
         # operator acts (resolve-charge).
 
     def _retry_failed_to_go_out(
-        self, conn: sa.Connection, action: ActionRow, now: datetime, *, unreached: bool = False
+        self,
+        conn: sa.Connection,
+        action: ActionRow,
+        order: RowMapping | None,
+        now: datetime,
+        *,
+        unreached: bool = False,
     ) -> None:
         """A dead-lettered retry whose charge certainly never went out (its connector is not configured, refused it
         outright, or could not be reached on any try): its connector is taken out of the order's connectors
@@ -1950,7 +1963,6 @@ class Executor:
                 )
             )
         )
-        order = self.lock_order(conn, action.merchant_id, action.order_id)
         if order is not None and order["state"] == OrderState.PENDING:
             cause = f"the planned {_planned_what(action)} could not go out through its connector"
             self._decision_point(conn, order, now, cause)

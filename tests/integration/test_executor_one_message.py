@@ -17,13 +17,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
-from service.executor.core import MAYBE_SENT_NOTE, Defer, Replan
+from service.executor.core import MAYBE_SENT_NOTE, Defer, Replan, Transient
 from service.executor.routes import _pay
 from service.executor.settings import ExecutorSettings
 from service.executor.store import ActionKind, actions, nudges
@@ -351,3 +352,35 @@ def test_a_message_with_its_provider_counts_in_a_decision_made_meanwhile(
     ]
     assert [n.channel for n in h.executor.decider.requests[-1].history.nudges] == [Channel.SMS, Channel.EMAIL]
     assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]  # no WhatsApp the same day
+
+
+@pytest.mark.parametrize("max_attempts", [8, 1], ids=["tried-again", "given-up"])
+def test_recording_a_message_timeout_reads_and_locks_its_order_once(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+    max_attempts: int,
+) -> None:
+    """Recording a message's timeout locked its order, then locked it again to decide whether to re-decide, and,
+    when the message was given up, a third time to record it as not sent: one lock of the order in the
+    transaction is enough (nothing in between changes the order's row)."""
+    h, _provider = _harness(
+        make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url, max_attempts=max_attempts
+    )
+    h.executor.payment_failed("m_demo", event())
+    [sms] = h.executor.claim(10, 30, "w1", "claim-1")
+    assert sms.kind == "nudge"
+    order_reads: list[str] = []
+
+    def note_order_reads(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM orders" in statement:
+            order_reads.append(statement)
+
+    sa.event.listen(h.executor.engine, "before_cursor_execute", note_order_reads)
+    try:
+        with h.executor.engine.begin() as conn:
+            h.executor.complete(conn, sms, Transient("timeout"))
+    finally:
+        sa.event.remove(h.executor.engine, "before_cursor_execute", note_order_reads)
+    assert len(order_reads) == 1, order_reads
+    [action] = [a for a in h.view().actions if a.kind == "nudge"]
+    assert action.state == ("scheduled" if max_attempts > 1 else "dead")

@@ -1370,6 +1370,9 @@ class Executor:
         # attempt is stored either way (a success on the settled order logs that a refund may be needed).
         # A message that an earlier try may have sent stays in the history: one waiting for another try, and one
         # being tried now, whose worker records only an answer that says it went (``_record_settled_meanwhile``).
+        # So does one with its provider now (claimed and marked as being sent), dated by its hand-over: its worker
+        # may die before any answer, and no claim takes a cancelled message over to note that it may have gone
+        # (review); an answer that comes says what became of it.
         waiting_messages = conn.execute(
             sa.select(actions).where(
                 actions.c.merchant_id == order["merchant_id"],
@@ -1379,7 +1382,12 @@ class Executor:
             )
         ).mappings()
         for row in waiting_messages.all():
-            self._keep_maybe_sent(conn, ActionRow.of(row), "cancelled: its order was settled", now)
+            message, why = ActionRow.of(row), "cancelled: its order was settled"
+            if message.state == ActionState.CLAIMED and row["unanswered_since"] is not None:
+                handed_over = as_utc(row["unanswered_since"])
+                message = replace(message, payload=_one_more_maybe_sent_try(message.payload, handed_over))
+                why += " while it was with its provider"
+            self._keep_maybe_sent(conn, message, why, now)
         conn.execute(
             actions.update()
             .where(
@@ -1693,7 +1701,7 @@ class Executor:
             log.debug("%s action %s ran while its order was settled", action.kind, action.action_id)
             return True
         if state == ActionState.CANCELLED.value and isinstance(outcome, Transient):
-            return self._keep_unanswered_send(conn, action, outcome, now)
+            return self._record_unanswered_after_settling(conn, action, outcome, now)
         if state != ActionState.CANCELLED.value or not isinstance(outcome, Sent | NotSent):
             return False
         log.warning(
@@ -1708,49 +1716,51 @@ class Executor:
             note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
         if recorded is not None and isinstance(outcome, Sent):
             self._sent_after_all(conn, recorded, action, outcome, now)
+        if recorded is not None and isinstance(outcome, NotSent) and not action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
+            # Kept as maybe sent only because this send was out as the order settled (``_cancel_open``): the
+            # provider's refusal says it did not go. One an earlier try may have sent stays as it is.
+            conn.execute(
+                nudges.update()
+                .where(nudges.c.nudge_id == recorded, nudges.c.status == "rejected")
+                .values(error=outcome.error[:2000])
+            )
         if recorded is None and isinstance(outcome, Sent):
             self._insert_sent_nudge(conn, action, outcome, now)
         elif recorded is None and isinstance(outcome, NotSent):
             self._insert_unsent_nudge(conn, action, outcome, now)
         return True
 
-    def _keep_unanswered_send(self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime) -> bool:
-        """Keep as maybe sent (``_keep_maybe_sent``) a message that was with its provider as its order was settled,
-        and whose provider then did not answer (a timeout, a 500): it may have reached the customer. Dated by its
-        hand-over (its 'being sent' mark, which the settling left on the cancelled row), or by an earlier try that
-        may have gone. False when nothing may have gone out: the provider certainly did not take it, or it was
-        never handed over (cancelled before its mark). Before, the answer was refused as stale and dropped, and
-        nothing said the customer may have the message (review)."""
-        if action.kind != ActionKind.NUDGE or outcome.not_taken:
+    def _record_unanswered_after_settling(
+        self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime
+    ) -> bool:
+        """Record the answer of a message that was with its provider as its order was settled (which cancelled it
+        and kept it as maybe sent: ``_cancel_open``), and whose provider then did not answer: the try is noted on
+        the cancelled action. After a timeout or a 500 the message stays kept as maybe sent (``_keep_maybe_sent``,
+        dated by its hand-over: its 'being sent' mark, which the settling left on the row). A provider that
+        certainly did not take it (429, 503, unreachable) takes back the settling's note, unless an earlier try may
+        have sent it. False when the message was not handed over by this claim (nothing to add). Before, the
+        answer was refused as stale and dropped, and nothing said the customer may have the message (review)."""
+        if action.kind != ActionKind.NUDGE:
             return False
         handed_over = conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == action.action_id))
         if handed_over is None:
             return False
-        payload = _one_more_maybe_sent_try(action.payload, as_utc(handed_over))
+        payload = action.payload if outcome.not_taken else _one_more_maybe_sent_try(action.payload, as_utc(handed_over))
         conn.execute(
             actions.update()
             .where(actions.c.action_id == action.action_id)
             .values(unanswered_since=None, payload_json=_dump(payload), last_error=outcome.error, updated_at=now)
         )
-        order_state = conn.scalar(
-            sa.select(orders.c.state).where(
-                orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id
-            )
-        )
-        why = (
-            f"cancelled: its order was settled ({order_state})" if order_state not in OPEN_ORDER_STATES else "cancelled"
-        )
-        log.warning(
-            "message action %s was with its provider as its order was settled, and got no answer: kept as maybe sent",
-            action.action_id,
-            extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
-        )
-        self._keep_maybe_sent(
-            conn,
-            replace(action, payload=payload),
-            f"{why} while it was with its provider, which did not answer ({outcome.error})",
-            now,
-        )
+        if outcome.not_taken:
+            if not action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
+                conn.execute(
+                    nudges.delete().where(
+                        nudges.c.idempotency_key == action.idempotency_key, nudges.c.status == "rejected"
+                    )
+                )
+            return True
+        why = f"cancelled: its order was settled while it was with its provider, which did not answer ({outcome.error})"
+        self._keep_maybe_sent(conn, replace(action, payload=payload), why, now)
         return True
 
     def _release(

@@ -445,9 +445,10 @@ def test_an_approved_message_in_flight_as_the_order_is_settled_that_times_out_is
     email = next(n for n in view.nudges if n.channel == "email")
     assert (email.decision_id, email.status, email.delivered) == ("dec_2_ord_1", "rejected", False)
     assert email.sent_at == handed_over  # the day it may have reached the customer
-    assert "its order was settled" in (email.error or "")
-    assert "timeout" in (email.error or "")
+    assert "its order was settled while it was with its provider" in (email.error or "")
     assert "1 earlier try may have reached the provider" in (email.error or "")
+    [action] = [a for a in h.view().actions if a.kind == "nudge" and a.decision_id == "dec_2_ord_1"]
+    assert (action.state, action.last_error) == ("cancelled", "timeout")  # its answer, not dropped as stale
     h.clock.advance(days=2)
     h.drain()
     assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.EMAIL]  # never re-sent

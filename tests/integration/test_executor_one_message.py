@@ -11,6 +11,7 @@ worker is sending, or one it has sent and not yet recorded.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,15 @@ from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
-from service.executor.core import MAYBE_SENT_NOTE, Defer, Replan, Transient
+from service.executor.core import (
+    MAYBE_SENT_NOTE,
+    PAYMENT_LINK_TEMPLATE,
+    Defer,
+    NotSent,
+    Replan,
+    Transient,
+    nudge_id_for,
+)
 from service.executor.routes import _pay
 from service.executor.settings import ExecutorSettings
 from service.executor.store import ActionKind, actions, nudges
@@ -384,3 +393,54 @@ def test_recording_a_message_timeout_reads_and_locks_its_order_once(
     assert len(order_reads) == 1, order_reads
     [action] = [a for a in h.view().actions if a.kind == "nudge"]
     assert action.state == ("scheduled" if max_attempts > 1 else "dead")
+
+
+def test_a_message_whose_worker_died_with_its_provider_is_kept_as_maybe_sent_when_its_order_settles(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The worker handed the SMS to its provider and was killed before any answer; the merchant then reported the
+    order paid. Settling cancelled the message, and no claim ever takes a cancelled message over to note that its
+    worker may have sent it: nothing said the customer may have it. Settling keeps it as maybe sent, dated by its
+    hand-over, and the order's webhook goes once."""
+    h, provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    [sms] = h.executor.claim(10, 30, "w2", "claim-w2")
+    assert h.effects._mark_message_sending(sms) is None  # with the provider now; then the process is killed
+    handed_over = h.clock.now
+    h.clock.advance(minutes=5)
+    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    h.clock.advance(minutes=5)  # past the dead worker's lease
+    h.drain()
+    [nudge] = h.view().nudges
+    assert (nudge.channel, nudge.status, nudge.sent_at) == ("sms", "rejected", handed_over)
+    assert MAYBE_SENT_NOTE in (nudge.error or "")
+    assert "its order was settled while it was with its provider" in (nudge.error or "")
+    assert provider.outbox == []  # nothing sent by the workers that are alive
+    assert [json.loads(hook.content)["event"] for hook in h.receiver.received] == ["order.succeeded"]
+
+
+@pytest.mark.parametrize("for_good", [True, False], ids=["refused-for-good", "certainly-not-taken"])
+def test_a_message_its_provider_refuses_after_its_order_settled_keeps_the_providers_answer(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+    for_good: bool,
+) -> None:
+    """Settling keeps a message with its provider as maybe sent; the provider's answer that it refused the message
+    for good replaces that note (the message is on record as not sent, as before), and an answer that it certainly
+    did not take it (a 503) takes the note back: nothing went, nothing is on record, as before."""
+    h, _provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    [sms] = h.executor.claim(10, 30, "w2", "claim-w2")
+    assert h.effects._mark_message_sending(sms) is None
+    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    refusal = (
+        NotSent(nudge_id_for(sms.idempotency_key), "sms", PAYMENT_LINK_TEMPLATE, "invalid number")
+        if for_good
+        else Transient("sms provider answered HTTP 503", not_taken=True)
+    )
+    h.worker.record([(sms, refusal)])
+    recorded = [(n.status, n.error) for n in h.view().nudges]
+    assert recorded == ([("rejected", "invalid number")] if for_good else [])

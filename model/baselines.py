@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from model.catalog import ErrorCatalog, load_catalog
+from model.catalog import ErrorCatalog, load_catalog, normalise_request
 from model.merchant_config import MerchantConfig
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate, RuleContext, build_context, check, enumerate_candidates, permitted
@@ -118,17 +118,7 @@ class RuleBook:
         """The normalised class of the request's failure (cached while the failure stays the same)."""
         key = (request.failure, request.payment)
         if self._failure_key is None or self._failure_key[0] is not key[0] or self._failure_key[1] is not key[1]:
-            f = request.failure
-            self._error_class = self.catalog.normalise(
-                f.connector,
-                f.error_code,
-                f.error_message,
-                f.network_decline_code,
-                f.merchant_advice_code,
-                f.unified_code,
-                request.payment.card_network,
-                request.payment.payment_method,
-            ).error_class
+            self._error_class = normalise_request(self.catalog, request).error_class
             self._failure_key = key
         return self._error_class
 

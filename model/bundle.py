@@ -25,7 +25,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
-from model.catalog import NormalisedError, load_catalog
+from model.catalog import NormalisedError, Normaliser, load_catalog
 from model.cellsupport import CELL_SUPPORT_KEY, CellSupport
 from model.codelevel import CODE_LEVEL_KEY, CodeLevels
 from model.codewatch import code_key, inventory_of, support_table
@@ -35,7 +35,6 @@ from model.features import (
     MISSING,
     OTHER_CODE,
     FeatureSpec,
-    Normaliser,
     context_from_request,
     memo_worthy,
 )

@@ -15,13 +15,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model.datafiles import DATA_DIR
 from model.vocab import ErrorClass
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from model.requests import DecisionRequest
 
 #: Where the shipped tables live, relative to the repository.
 CATALOG_DIR: Path = DATA_DIR / "catalog"
@@ -98,6 +100,39 @@ class NormalisedError:
     matched_by: str  # which table decided: "stripe", "iso8583", "npci_upi", "unified_code", "message", "unknown"
     known_code: bool  # False when the connector's (connector, error_code) pair is not in the catalog
     network_decline_code: str | None = None  # the normalised network code used (given, or implied by the connector)
+
+
+class Normaliser(Protocol):
+    """What callers need of the error catalog (:class:`ErrorCatalog` is one; memoising wrappers are others)."""
+
+    def normalise(
+        self,
+        connector: str,
+        error_code: str | None,
+        error_message: str | None = None,
+        network_decline_code: str | None = None,
+        merchant_advice_code: str | None = None,
+        unified_code: str | None = None,
+        card_network: str | None = None,
+        payment_method: str | None = None,
+    ) -> NormalisedError:
+        """Map a connector error to a standard class."""
+        ...
+
+
+def normalise_request(catalog: Normaliser, request: DecisionRequest) -> NormalisedError:
+    """``catalog``'s verdict on a decision request's failure, on the request's payment (card network, method)."""
+    failure, payment = request.failure, request.payment
+    return catalog.normalise(
+        failure.connector,
+        failure.error_code,
+        failure.error_message,
+        failure.network_decline_code,
+        failure.merchant_advice_code,
+        failure.unified_code,
+        payment.card_network,
+        payment.payment_method,
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from model.catalog import Normaliser, normalise_request
 from model.money import Economics
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
@@ -904,20 +905,6 @@ def retryability_by_class(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Normalises(Protocol):
-    def normalise(
-        self,
-        connector: str,
-        error_code: str | None,
-        error_message: str | None = None,
-        network_decline_code: str | None = None,
-        merchant_advice_code: str | None = None,
-        unified_code: str | None = None,
-        card_network: str | None = None,
-        payment_method: str | None = None,
-    ) -> Any: ...
-
-
 _ZERO = pd.Timedelta(0)
 
 
@@ -1153,7 +1140,7 @@ def logged_decisions(
     nudges: pd.DataFrame,
     economics: Economics,
     *,
-    catalog: _Normalises | None = None,
+    catalog: Normaliser | None = None,
     reward: Literal["value", "success"] = "value",
     follow_up_hours: float | None = None,
     since: datetime | pd.Timestamp | None = None,
@@ -1233,18 +1220,7 @@ def logged_decisions(
             point["amount_usd"] = economics.order_value_usd(request.amount, request.currency)
             point["cost_usd"] = candidate_cost_usd(request, logged_candidate(point), economics)
             if catalog is not None:
-                f = request.failure
-                normalised = catalog.normalise(
-                    f.connector,
-                    f.error_code,
-                    f.error_message,
-                    f.network_decline_code,
-                    f.merchant_advice_code,
-                    f.unified_code,
-                    request.payment.card_network,
-                    request.payment.payment_method,
-                )
-                point["error_class"] = str(normalised.error_class)
+                point["error_class"] = str(normalise_request(catalog, request).error_class)
             rows.append(point)
     columns = [
         "merchant_id",

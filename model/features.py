@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from functools import cache, lru_cache
-from typing import Any, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
 
-from model.catalog import NormalisedError, load_catalog
+from model.catalog import NormalisedError, Normaliser, load_catalog, normalise_request
 from model.money import load_economics
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -684,24 +684,6 @@ def _clicked_by(clicked_at: datetime | None, when: datetime) -> float:
     return float(clicked_at is not None and clicked_at <= when)
 
 
-class Normaliser(Protocol):
-    """What feature building needs of the error catalog (``model.catalog.ErrorCatalog`` is one)."""
-
-    def normalise(
-        self,
-        connector: str,
-        error_code: str | None,
-        error_message: str | None = None,
-        network_decline_code: str | None = None,
-        merchant_advice_code: str | None = None,
-        unified_code: str | None = None,
-        card_network: str | None = None,
-        payment_method: str | None = None,
-    ) -> NormalisedError:
-        """Map a connector error to a standard class."""
-        ...
-
-
 #: (strategy, its ``tried_`` column): read once, as ``Enum.value`` is a Python-level property.
 _TRIED_COLUMNS: tuple[tuple[Strategy, str], ...] = tuple((s, f"tried_{s.value}") for s in RETRY_STRATEGIES)
 
@@ -749,17 +731,7 @@ def context_from_request(request: DecisionRequest, catalog: Normaliser | None = 
         "n_nudges": float(len(nudges)),
         "last_nudge_clicked": _clicked_by(nudges[-1].clicked_at, request.event_time) if nudges else math.nan,
     }
-    normaliser = load_catalog() if catalog is None else catalog
-    normalised = normaliser.normalise(
-        failure.connector,
-        failure.error_code,
-        failure.error_message,
-        failure.network_decline_code,
-        failure.merchant_advice_code,
-        failure.unified_code,
-        payment.card_network,
-        payment.payment_method,
-    )
+    normalised = normalise_request(load_catalog() if catalog is None else catalog, request)
     context.update(catalog_columns(normalised, failure.merchant_advice_code))
     return context
 

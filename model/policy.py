@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import yaml
 
-from model.catalog import ErrorCatalog, NormalisedError
+from model.catalog import ErrorCatalog, NormalisedError, normalise_request
 from model.cellsupport import (
     ARM_INDEX,
     HOURS,
@@ -202,17 +202,7 @@ class RulesOnlyScorer:
         self.priors = priors or load_priors()
 
     def _error(self, request: DecisionRequest) -> NormalisedError:
-        failure = request.failure
-        return self.catalog.normalise(
-            failure.connector,
-            failure.error_code,
-            failure.error_message,
-            failure.network_decline_code,
-            failure.merchant_advice_code,
-            failure.unified_code,
-            request.payment.card_network,
-            request.payment.payment_method,
-        )
+        return normalise_request(self.catalog, request)
 
     def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
         slots = self.priors.prior_slots(self._error(request).error_class.value, len(request.history.nudges))

@@ -31,7 +31,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
 from model.bundle import Calibrator, ModelBundle, bundle_version
-from model.catalog import ErrorCatalog, load_catalog, published_retryable
+from model.catalog import ErrorCatalog, Normaliser, load_catalog, normalise_request, published_retryable
 from model.cellsupport import ARM_INDEX, CELL_SUPPORT_KEY, SLOTS_PER_ARM, cell_keys, cell_rows, timing_offsets
 from model.codelevel import code_level_rows
 from model.codewatch import KNOWN_CODES_KEY, code_inventory
@@ -42,7 +42,6 @@ from model.features import (
     CONTEXT_STR,
     TEXT_COLUMNS,
     FeatureSpec,
-    Normaliser,
     catalog_columns,
 )
 from model.forked import map_in_order
@@ -986,14 +985,7 @@ def fit_retryable_threshold(
         request, _ = request_at(
             by_order["attempts"][point["order_id"]], by_order["nudges"].get(point["order_id"], no_nudges), point
         )
-        failure = request.failure
-        published = published_retryable(
-            errors.normalise(
-                failure.connector, failure.error_code, failure.error_message, failure.network_decline_code,
-                failure.merchant_advice_code, failure.unified_code, request.payment.card_network,
-                request.payment.payment_method,
-            )
-        )  # fmt: skip
+        published = published_retryable(normalise_request(errors, request))
         if published is not None:
             labels.append(published)
             scores.append(verdict_probability(request, merchants[request.merchant_id], bundle, catalog=errors))

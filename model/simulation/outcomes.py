@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from model.catalog import CatalogCode, ErrorCatalog
+from model.catalog import CatalogCode, ErrorCatalog, normalise_request
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
 from model.simulation.params import CAUSES, TECHNICAL_CAUSES, UNSEEN_CODES, WorldParams
@@ -487,16 +487,7 @@ class OutcomeModel:
             plan_index=0,
         )
         failure = request.failure
-        observed = self.world.catalog.normalise(
-            failure.connector,
-            failure.error_code,
-            failure.error_message,
-            failure.network_decline_code,
-            failure.merchant_advice_code,
-            failure.unified_code,
-            payment.card_network,
-            payment.payment_method,
-        ).error_class
+        observed = normalise_request(self.world.catalog, request).error_class
         posterior = [
             (cause, w * self.params.observation_noise[cause].get(observed, 0.0))
             for cause, w in self.cause_mix(family, payment.is_recurring)

@@ -19,7 +19,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
-from model.catalog import ErrorCatalog, NormalisedError
+from model.catalog import ErrorCatalog, NormalisedError, normalise_request
 from model.features import memo_worthy
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.policy import PolicyConfig, Scorer, code_support, decide, new_decision_id
@@ -173,16 +173,7 @@ class Runtime:
         request, decision = served.request, served.decision
         self.metrics.observe_decision(decision)
         failure = request.failure
-        error = self.catalog.normalise(
-            failure.connector,
-            failure.error_code,
-            failure.error_message,
-            failure.network_decline_code,
-            failure.merchant_advice_code,
-            failure.unified_code,
-            request.payment.card_network,
-            request.payment.payment_method,
-        )
+        error = normalise_request(self.catalog, request)
         support = code_support(served.scorer, failure.connector, failure.error_code)
         self.metrics.observe_error_code(failure.connector, failure.error_code, error.known_code, support)
         if self.settings.log_decisions:

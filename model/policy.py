@@ -447,9 +447,7 @@ def decide(
     give the same decision. Services pass a fresh ``decision_id`` (``new_decision_id(None)``): a seeded rng
     would give every worker and every restart the same ids.
     """
-    return _decide(
-        request, merchant, scorer, catalog=catalog, config=config, rng=rng, economics=economics, decision_id=decision_id
-    )[0]
+    return _decide(request, merchant, scorer, catalog, config, rng, economics, decision_id)[0]
 
 
 def verdict_probability(
@@ -463,23 +461,24 @@ def verdict_probability(
     """What decide() compares with the scorer's ``retryable_threshold`` for its ``retryable`` verdict: P(success)
     of the best retry the error itself allows, whether or not the order's situation permits it (training chooses
     the threshold on it, model.training.choose_retryable_threshold)."""
-    return _decide(
-        request, merchant, scorer, catalog=catalog, config=_NO_EXPLORATION, economics=economics, decision_id="verdict"
-    )[1]
+    return _decide(request, merchant, scorer, catalog, _NO_EXPLORATION, None, economics, "verdict")[1]
 
 
 def _decide(
     request: DecisionRequest,
     merchant: MerchantConfig,
     scorer: Scorer | None,
-    *,
     catalog: ErrorCatalog,
-    config: PolicyConfig | None = None,
-    rng: np.random.Generator | None = None,
-    economics: Economics | None = None,
-    decision_id: str | None = None,
+    config: PolicyConfig | None,
+    rng: np.random.Generator | None,
+    economics: Economics | None,
+    decision_id: str | None,
+    /,
 ) -> tuple[Decision, float]:
-    """decide()'s decision, and the P(success) its ``retryable`` verdict compared with the threshold."""
+    """decide()'s decision, and the P(success) its ``retryable`` verdict compared with the threshold.
+
+    decide()'s arguments, in its order, all given: its signature alone holds the defaults and keyword names.
+    """
     config = config or PolicyConfig()
     economics = economics or load_economics()
     active: Scorer = scorer if scorer is not None else RulesOnlyScorer(catalog)

@@ -22,24 +22,19 @@ from typing import Any
 import pandas as pd
 
 from model import evaluation as ev
+from pipelines.ope_check import (
+    VersionPairCheck,
+    add_simulated_history_arguments,
+    add_version_pair_arguments,
+    judged_holdout,
+    policy_value_promotes,
+)
 
 
-def gate_check(
-    history_dir: Path,
-    orders: int,
-    seed: int,
-    tracking_uri: str,
-    versions: tuple[str, str],
-    *,
-    max_points: int = 2_500,
-    draws: int = 16,
-    eval_seed: int = 0,
-) -> pd.DataFrame:
-    """One row per (challenger, champion) pairing of ``versions``, as the module docstring says."""
+def gate_check(check: VersionPairCheck) -> pd.DataFrame:
+    """One row per (challenger, champion) pairing of ``check.versions``, as the module docstring says."""
     from model.simulation.truth import true_point_values
-    from model.simulation.world import World
     from pipelines.gate import GATE_METRICS, compare
-    from pipelines.ope_check import judged_holdout, policy_value_promotes
     from pipelines.train import (
         CHALLENGER_NAME,
         CHAMPION_NAME,
@@ -51,10 +46,11 @@ def gate_check(
         merchants_for,
     )
 
-    history, logged, economics, models = judged_holdout(history_dir, tracking_uri, versions, max_points, eval_seed)
+    history, logged, economics, models = judged_holdout(check)
+    versions, eval_seed = check.versions, check.eval_seed
     merchants = merchants_for(history.attempts)
     (policy_value,) = (metric for metric in GATE_METRICS if metric.name == "policy_value_dr")
-    world = World(seed, expected_orders=orders)
+    world = check.world()
     truth: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     for challenger, champion in (versions, versions[::-1]):
@@ -88,7 +84,9 @@ def gate_check(
             }
             same_view[view] = policy_value_promotes(terms[CHALLENGER_NAME], terms[CHAMPION_NAME])
         if not truth:
-            true_values = true_point_values(world, logged, chosen, economics, history_seed=seed, draws=draws)
+            true_values = true_point_values(
+                world, logged, chosen, economics, history_seed=check.seed, draws=check.draws
+            )
             by_policy = true_values.groupby("policy")["true_value"].mean()
             truth = {challenger: float(by_policy[CHALLENGER_NAME]), champion: float(by_policy[CHAMPION_NAME])}
         row: dict[str, Any] = {"challenger": challenger, "champion": champion, "points": len(logged)}
@@ -110,22 +108,12 @@ _NO_CLASSIFICATION = pd.DataFrame(columns=["model", "breakdown", "group", "log_l
 
 
 def main() -> None:
-    from pipelines.ope_check import add_simulated_history_arguments, add_version_pair_arguments
-
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_simulated_history_arguments(parser)
     add_version_pair_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("gate_check.csv"))
     args = parser.parse_args()
-    table = gate_check(
-        args.history,
-        args.orders,
-        args.seed,
-        args.tracking_uri,
-        (args.versions[0], args.versions[1]),
-        max_points=args.max_points,
-        draws=args.draws,
-    )
+    table = gate_check(VersionPairCheck.from_arguments(args))
     table.to_csv(args.out, index=False)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 400):
         print(table.drop(columns="verdict").round(3).to_string(index=False))

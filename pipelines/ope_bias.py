@@ -28,6 +28,13 @@ import numpy as np
 import pandas as pd
 
 from model import evaluation as ev
+from pipelines.ope_check import (
+    VersionPairCheck,
+    add_simulated_history_arguments,
+    add_version_pair_arguments,
+    judged_holdout,
+    policy_value_promotes,
+)
 
 CLIPS: tuple[float | None, ...] = (5.0, 10.0, 20.0, 50.0, None)
 
@@ -95,25 +102,14 @@ def estimator_terms(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def ope_bias(
-    history_dir: Path,
-    orders: int,
-    seed: int,
-    tracking_uri: str,
-    versions: tuple[str, str],
-    *,
-    max_points: int = 2_500,
-    draws: int = 16,
-    subsamples: int = 300,
-    subsample_points: int = 2_300,
-    eval_seed: int = 0,
+    check: VersionPairCheck, *, subsamples: int = 300, subsample_points: int = 2_300
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The two tables of the module docstring: per (version, view, estimator), and per (pairing, clip, view)."""
     from model.simulation.truth import true_point_values
-    from model.simulation.world import World
-    from pipelines.ope_check import judged_holdout, policy_value_promotes
     from pipelines.train import comparison_policies, merchants_for
 
-    history, logged, economics, models = judged_holdout(history_dir, tracking_uri, versions, max_points, eval_seed)
+    history, logged, economics, models = judged_holdout(check)
+    versions, eval_seed = check.versions, check.eval_seed
     first, second = versions
     policies, _ = comparison_policies(merchants_for(history.attempts), models, seed=eval_seed)
     recorded = {version: _Recorded(policies[version]) for version in versions}
@@ -123,10 +119,15 @@ def ope_bias(
         ev.value_reward_model(models[first], economics),
         other_reward_models={second: ev.value_reward_model(models[second], economics)},
     )
-    world = World(seed, expected_orders=orders)
+    world = check.world()
     truth = {
         version: true_point_values(
-            world, logged, {version: _Replaying(recorded[version].decisions)}, economics, history_seed=seed, draws=draws
+            world,
+            logged,
+            {version: _Replaying(recorded[version].decisions)},
+            economics,
+            history_seed=check.seed,
+            draws=check.draws,
         )
         .sort_values("point")["true_value"]
         .to_numpy()
@@ -204,8 +205,6 @@ def ope_bias(
 
 
 def main() -> None:
-    from pipelines.ope_check import add_simulated_history_arguments, add_version_pair_arguments
-
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_simulated_history_arguments(parser)
     add_version_pair_arguments(parser)
@@ -214,15 +213,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("ope_bias"))
     args = parser.parse_args()
     estimates, pairs = ope_bias(
-        args.history,
-        args.orders,
-        args.seed,
-        args.tracking_uri,
-        (args.versions[0], args.versions[1]),
-        max_points=args.max_points,
-        draws=args.draws,
-        subsamples=args.subsamples,
-        subsample_points=args.subsample_points,
+        VersionPairCheck.from_arguments(args), subsamples=args.subsamples, subsample_points=args.subsample_points
     )
     args.out.mkdir(parents=True, exist_ok=True)
     estimates.to_csv(args.out / "estimators.csv", index=False)

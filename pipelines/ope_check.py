@@ -18,13 +18,17 @@ Prints one table and writes it to ``--out`` as CSV. The history must come from `
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from model import evaluation as ev
+
+if TYPE_CHECKING:
+    from model.simulation.world import World
 
 
 def simulated_holdout(history_dir: Path, max_points: int, eval_seed: int) -> tuple[Any, pd.DataFrame]:
@@ -46,17 +50,50 @@ def simulated_holdout(history_dir: Path, max_points: int, eval_seed: int) -> tup
     return history, holdout.reset_index(drop=True)
 
 
-def judged_holdout(
-    history_dir: Path, tracking_uri: str, versions: tuple[str, ...], max_points: int, eval_seed: int
-) -> tuple[Any, pd.DataFrame, Any, dict[str, Any]]:
-    """For comparing registered ``versions`` on a simulated history: the history, the holdout points with a logged
-    propensity (`simulated_holdout`: the points the OPE uses), the economics and each version's model."""
+@dataclass(frozen=True)
+class VersionPairCheck:
+    """What a tool comparing two registered versions on a simulated history's holdout is run on: the history
+    ``winback simulate --orders N --seed S`` wrote (the world is rebuilt from those), the tracking store holding the
+    versions, the holdout's size (``max_points``), the truth's draws per point and the evaluation's seed."""
+
+    history_dir: Path
+    orders: int
+    seed: int
+    tracking_uri: str
+    versions: tuple[str, str]
+    max_points: int = 2_500
+    draws: int = 16
+    eval_seed: int = 0
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> VersionPairCheck:
+        """The check the options of `add_simulated_history_arguments` and `add_version_pair_arguments` name."""
+        return cls(
+            args.history,
+            args.orders,
+            args.seed,
+            args.tracking_uri,
+            (args.versions[0], args.versions[1]),
+            max_points=args.max_points,
+            draws=args.draws,
+        )
+
+    def world(self) -> World:
+        """The simulated world the history came from."""
+        from model.simulation.world import World
+
+        return World(self.seed, expected_orders=self.orders)
+
+
+def judged_holdout(check: VersionPairCheck) -> tuple[Any, pd.DataFrame, Any, dict[str, Any]]:
+    """For comparing the registered versions of ``check``: the history, the holdout points with a logged propensity
+    (`simulated_holdout`: the points the OPE uses), the economics and each version's model."""
     from model.money import load_economics
     from model.registry import load_version
 
-    history, holdout = simulated_holdout(history_dir, max_points, eval_seed)
+    history, holdout = simulated_holdout(check.history_dir, check.max_points, check.eval_seed)
     logged = holdout[holdout["propensity"].notna()].reset_index(drop=True)
-    models = {version: load_version(version, tracking_uri=tracking_uri) for version in versions}
+    models = {version: load_version(version, tracking_uri=check.tracking_uri) for version in check.versions}
     return history, logged, load_economics(), models
 
 
@@ -162,8 +199,8 @@ def add_simulated_history_arguments(parser: argparse.ArgumentParser) -> None:
 def add_version_pair_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a tool comparing two registered versions on a simulated history's holdout."""
     parser.add_argument("--versions", nargs=2, required=True, metavar=("A", "B"))
-    parser.add_argument("--max-points", type=int, default=2_500)
-    parser.add_argument("--draws", type=int, default=16)
+    parser.add_argument("--max-points", type=int, default=VersionPairCheck.max_points)
+    parser.add_argument("--draws", type=int, default=VersionPairCheck.draws)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.gate_check import gate_check
+from pipelines.ope_check import VersionPairCheck
 from pipelines.simulate import simulate
 from pipelines.train import run_training
 
@@ -34,7 +35,7 @@ def test_each_version_is_judged_as_challenger_and_as_champion_beside_its_truth(
             refit=False,
         )
 
-    table = gate_check(judged, orders, seed, mlflow_store, ("1", "2"), max_points=150, draws=2)
+    table = gate_check(VersionPairCheck(judged, orders, seed, mlflow_store, ("1", "2"), max_points=150, draws=2))
 
     assert list(zip(table["challenger"], table["champion"], strict=True)) == [("1", "2"), ("2", "1")]
     first, second = table.to_dict("records")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pipelines.ope_bias import estimator_terms
+from pipelines.ope_check import VersionPairCheck, add_simulated_history_arguments, add_version_pair_arguments
 
 
 def test_the_clipped_and_self_normalised_variants_are_plain_dr_when_every_weight_is_one() -> None:
@@ -24,3 +28,16 @@ def test_the_clipped_and_self_normalised_variants_are_plain_dr_when_every_weight
     assert rare["DR clip 10"].mean() == pytest.approx(v.mean() + correction / 4)
     assert rare["DR clip 50"].mean() == pytest.approx(v.mean() + correction)
     assert rare["self-normalised DR"].mean() == pytest.approx(v.mean() + correction / w.mean())
+
+
+def test_the_version_pair_options_name_one_check_with_the_check_s_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    add_simulated_history_arguments(parser)
+    add_version_pair_arguments(parser)
+    words = ["--history", "h", "--orders", "500", "--seed", "3", "--tracking-uri", "sqlite:///m.db", "--versions", "1"]
+    args = parser.parse_args([*words, "2"])
+    assert VersionPairCheck.from_arguments(args) == VersionPairCheck(Path("h"), 500, 3, "sqlite:///m.db", ("1", "2"))
+    args = parser.parse_args([*words, "2", "--max-points", "150", "--draws", "2"])
+    assert VersionPairCheck.from_arguments(args) == VersionPairCheck(
+        Path("h"), 500, 3, "sqlite:///m.db", ("1", "2"), max_points=150, draws=2
+    )

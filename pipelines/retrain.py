@@ -22,7 +22,7 @@ from rich.console import Console
 
 from model.history import HistoryError, read_history, write_attempts, write_nudges, write_stops
 from pipelines.gate import GATE_METRICS, GateMetric
-from pipelines.train import TrainInputError, TrainSummary, format_history_error, run_training
+from pipelines.train import TrainInputError, TrainSummary, format_history_error, history_params, run_training
 
 __all__ = ["RetrainResult", "gate_checks", "parse_every", "retrain", "retrain_loop", "window"]
 
@@ -141,9 +141,7 @@ def retrain(
             refit=refit,
             # The run names the history it learned from, not the temporary window cut from it (deleted by now).
             run_params={
-                "attempts_path": str(Path(attempts).resolve()),
-                "nudges_path": str(Path(nudges).resolve()),
-                "stops_path": "none" if stops is None else str(Path(stops).resolve()),
+                **history_params(attempts, nudges, stops),
                 "window_days": "all" if window_days is None else window_days,
                 "retrain": True,
             },

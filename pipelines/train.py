@@ -669,6 +669,18 @@ def resolve_stops(attempts: str | Path, stops: str | Path | None) -> Path | None
     return Path(stops) if stops is not None else stops_beside(attempts)
 
 
+def history_params(attempts: str | Path, nudges: str | Path, stops: str | Path | None) -> dict[str, str]:
+    """The run params naming the history files a run learned from (``stops_path`` "none" without a stops file).
+
+    Absolute: a run read later, from another folder, names the files it learned from.
+    """
+    return {
+        "attempts_path": str(Path(attempts).resolve()),
+        "nudges_path": str(Path(nudges).resolve()),
+        "stops_path": "none" if stops is None else str(Path(stops).resolve()),
+    }
+
+
 def run_training(
     attempts: str | Path,
     nudges: str | Path,
@@ -844,10 +856,7 @@ def run_training(
             champion=champion,
             gate=gate,
             params={
-                # Absolute: a run read later, from another folder, names the files it learned from.
-                "attempts_path": str(Path(attempts).resolve()),
-                "nudges_path": str(Path(nudges).resolve()),
-                "stops_path": "none" if stops is None else str(Path(stops).resolve()),
+                **history_params(attempts, nudges, stops),
                 "attempts_rows": parts.attempt_rows,
                 "stops_rows": "none" if parts.stop_rows is None else parts.stop_rows,
                 "nudges_rows": parts.nudge_rows,

@@ -362,7 +362,8 @@ def executor_callback_url(
 ) -> None:
     """Print the URLs to configure at the merchant's providers for customers' replies (STOP) and delivery
     receipts; each carries the merchant's callback token (from $WINBACK_PROVIDER_CALLBACK_SECRET, else
-    $WINBACK_LINK_SECRET), so the same secret must be set where `winback serve` runs."""
+    $WINBACK_LINK_SECRET), so the same secret must be set where `winback serve` runs; after a rotation it prints
+    the new URLs, while the previous secret (`*_PREVIOUS`) keeps the old ones working until they are replaced."""
     from model.merchant_config import ConfigError, load_config
     from service.api.settings import DEMO_CONFIG, SettingsError, settings_from_env
     from service.executor.channels.inbound import PROVIDERS

@@ -2,6 +2,9 @@
 
 A token is ``<base64url payload>.<base64url signature>``; the payload names the link, merchant, order and expiry.
 The signature makes a token unforgeable; the database row makes it single-use.
+
+The secret can be rotated without voiding the links customers already hold: new links are signed with the current
+secret, and a link signed with a previous one (``WINBACK_LINK_SECRET_PREVIOUS``) is still accepted until it expires.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -48,15 +52,18 @@ def _unb64(text: str) -> bytes:
 
 
 class LinkSigner:
-    """Issues and verifies payment-link tokens with one secret."""
+    """Issues payment-link tokens with ``secret`` and verifies them with it or any of ``previous`` (a rotation)."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, previous: Sequence[str] = ()) -> None:
         if not secret:
             raise ValueError("the payment-link secret must not be empty")
+        if not all(previous):
+            raise ValueError("a previous payment-link secret must not be empty")
         self._key = secret.encode()
+        self._verify_keys = (self._key, *(old.encode() for old in previous))
 
-    def _sign(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()
+    def _sign(self, payload: bytes, key: bytes | None = None) -> bytes:
+        return hmac.new(key or self._key, payload, hashlib.sha256).digest()
 
     def issue(self, claims: LinkClaims) -> str:
         """The token for ``claims``."""
@@ -79,7 +86,9 @@ class LinkSigner:
             payload, signature = _unb64(head), _unb64(tail)
         except (ValueError, TypeError):
             raise tampered() from None
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        # Every key is tried, so the time taken does not say which one signed the token.
+        genuine = [hmac.compare_digest(signature, self._sign(payload, key)) for key in self._verify_keys]
+        if not any(genuine):
             raise tampered()
         try:
             raw = orjson.loads(payload)

@@ -22,7 +22,10 @@ TRAI/TCPA rules); the false opt-out only costs a message on that one channel, so
 
 Provider callbacks carry ``?merchant_id=<id>&token=<token>`` in the URL configured at the provider (the BSPs
 post to a fixed URL without signing it in a way all of them share): the token is an HMAC-SHA256 of the merchant
-id under ``WINBACK_PROVIDER_CALLBACK_SECRET`` (else a key derived from ``WINBACK_LINK_SECRET``).
+id under ``WINBACK_PROVIDER_CALLBACK_SECRET`` (else a key derived from ``WINBACK_LINK_SECRET``). A token made with
+the key before a rotation (``WINBACK_PROVIDER_CALLBACK_SECRET_PREVIOUS``, or while the key derives from the link
+secret, ``WINBACK_LINK_SECRET_PREVIOUS``) is still accepted, so STOP replies are not refused while the providers
+are given the new URLs.
 """
 
 from __future__ import annotations
@@ -193,9 +196,12 @@ def callback_token(key: bytes, merchant_id: str) -> str:
     return hmac.new(key, f"provider-callback:{merchant_id}".encode(), hashlib.sha256).hexdigest()
 
 
-def token_matches(key: bytes, merchant_id: str, token: str) -> bool:
-    """Whether ``token`` is ``merchant_id``'s callback token (compared in constant time)."""
-    return hmac.compare_digest(callback_token(key, merchant_id).encode(), token.encode())
+def token_matches(keys: Iterable[bytes], merchant_id: str, token: str) -> bool:
+    """Whether ``token`` is ``merchant_id``'s callback token under any of ``keys`` (the current key and those
+    before a rotation; each compared in constant time, and every key tried)."""
+    given = token.encode()
+    matches = [hmac.compare_digest(callback_token(key, merchant_id).encode(), given) for key in keys]
+    return any(matches)
 
 
 def callback_urls(base_url: str, key: bytes, merchant_id: str, provider: str) -> dict[str, str]:

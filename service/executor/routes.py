@@ -268,7 +268,7 @@ def provider_router(app: FastAPI) -> APIRouter:
             )
         runtime = await run_in_threadpool(executor_runtime, app)
         known = merchant_id in runtime.executor.config.merchants
-        if not token_matches(runtime.settings.callback_key(), merchant_id, token) or not known:
+        if not token_matches(runtime.settings.callback_keys(), merchant_id, token) or not known:
             log.warning("provider callback refused: wrong token", extra={"merchant_id": merchant_id[:128]})
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,

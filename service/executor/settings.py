@@ -27,10 +27,20 @@ class ExecutorSettings(BaseSettings):
     config_path: Path = Field(default=DEMO_CONFIG, description="Merchant config YAML (CONTRACT.md section 4).")
     database_url: str = DEFAULT_DATABASE_URL
     link_secret: SecretStr = Field(default=SecretStr(PLACEHOLDER_LINK_SECRET), description="HMAC key of pay links.")
+    link_secret_previous: SecretStr | None = Field(
+        default=None,
+        description="The link secret before a rotation: links it signed are still accepted until they expire "
+        "(and, while WINBACK_PROVIDER_CALLBACK_SECRET is unset, callback URLs derived from it too).",
+    )
     public_base_url: str = Field(default="http://127.0.0.1:8000", description="Where customers reach /pay/{token}.")
     provider_callback_secret: SecretStr | None = Field(
         default=None,
         description="HMAC key of the providers' callback URL tokens (unset: derived from the link secret).",
+    )
+    provider_callback_secret_previous: SecretStr | None = Field(
+        default=None,
+        description="The callback secret before a rotation: callback URLs it made are still accepted, so STOP "
+        "replies keep arriving while the providers are given the new URLs.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the workers' log lines (the scorer's WINBACK_LOG_LEVEL too)."
@@ -57,10 +67,27 @@ class ExecutorSettings(BaseSettings):
 
     def callback_key(self) -> bytes:
         """The HMAC key of provider callback tokens (see ``service.executor.optouts.callback_token``)."""
+        return self.callback_keys()[0]
+
+    def callback_keys(self) -> tuple[bytes, ...]:
+        """The keys whose callback tokens are accepted: the current one first, then the one before a rotation of
+        the callback secret (or, while the callback key derives from the link secret, of the link secret)."""
         from service.executor.optouts import callback_key
 
-        secret = self.provider_callback_secret
-        return callback_key(secret.get_secret_value() if secret else None, self.link_secret.get_secret_value())
+        current = _value(self.provider_callback_secret)
+        keys = [callback_key(current, self.link_secret.get_secret_value())]
+        previous = _value(self.provider_callback_secret_previous)
+        if previous:
+            keys.append(callback_key(previous, ""))
+        old_link_secret = _value(self.link_secret_previous)
+        if current is None and old_link_secret:
+            keys.append(callback_key(None, old_link_secret))
+        return tuple(dict.fromkeys(keys))
+
+    def link_secrets_previous(self) -> tuple[str, ...]:
+        """The link secrets before a rotation whose links are still accepted (none, or ``link_secret_previous``)."""
+        old = _value(self.link_secret_previous)
+        return (old,) if old else ()
 
     def clock(self) -> Callable[[], datetime]:
         """The executor's clock: the wall clock, or (``clock_speed`` > 1) a demo clock that runs faster from
@@ -86,15 +113,26 @@ class ExecutorSettings(BaseSettings):
                 f"WINBACK_LINK_SECRET must be set to a random string of at least {MIN_SECRET_LENGTH} characters "
                 f"outside dev (WINBACK_ENV={self.env}); the placeholder signs links anyone could forge"
             )
-        callback = self.provider_callback_secret
-        if self.env != "dev" and callback is not None and len(callback.get_secret_value()) < MIN_SECRET_LENGTH:
-            raise ValueError(
-                f"WINBACK_PROVIDER_CALLBACK_SECRET must be at least {MIN_SECRET_LENGTH} characters outside dev "
-                f"(WINBACK_ENV={self.env}): it authenticates the STOP replies and delivery receipts of providers"
-            )
+        for name, value, what in (
+            ("WINBACK_PROVIDER_CALLBACK_SECRET", self.provider_callback_secret,
+             "it authenticates the STOP replies and delivery receipts of providers"),
+            ("WINBACK_LINK_SECRET_PREVIOUS", self.link_secret_previous, "links it signed are still accepted"),
+            ("WINBACK_PROVIDER_CALLBACK_SECRET_PREVIOUS", self.provider_callback_secret_previous,
+             "callbacks it authenticates are still accepted"),
+        ):  # fmt: skip
+            if self.env != "dev" and value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+                raise ValueError(
+                    f"{name} must be at least {MIN_SECRET_LENGTH} characters outside dev (WINBACK_ENV={self.env}): "
+                    f"{what}"
+                )
         if self.env != "dev" and self.clock_speed != 1.0:
             raise ValueError(
                 f"WINBACK_CLOCK_SPEED={self.clock_speed} runs the executor on a fast demo clock; it is allowed only "
                 f"with WINBACK_ENV=dev (got {self.env})"
             )
         return self
+
+
+def _value(secret: SecretStr | None) -> str | None:
+    """The secret's value, None when unset or empty."""
+    return secret.get_secret_value() or None if secret is not None else None

@@ -100,7 +100,7 @@ def build_executor(
         engine=engine if engine is not None else make_executor_engine(settings.database_url),
         config=config,
         decider=decider,
-        links=LinkSigner(settings.link_secret.get_secret_value()),
+        links=LinkSigner(settings.link_secret.get_secret_value(), settings.link_secrets_previous()),
         retry_policy=RetryPolicy(
             max_attempts=settings.max_attempts,
             webhook_alert_attempts=settings.webhook_alert_attempts,

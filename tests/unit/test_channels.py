@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -466,6 +467,30 @@ def test_karix_failed_record_is_rejected() -> None:
     body = {"objects": [{"uid": "u1", "status": "failed", "error": {"message": "Invalid destination"}}]}
     result = send_with("karix", lambda request: httpx.Response(202, json=body))
     assert (result.status, result.provider_message_id, result.error) == ("rejected", "u1", "karix: Invalid destination")
+
+
+def sent_body_values(name: str, customer_name: str) -> list[str]:
+    """The WhatsApp template body values adapter ``name`` posts for a customer of that name."""
+    posted: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posted.append(request)
+        return httpx.Response(202, json={"status": "submitted", "messageId": "g1", "result": True, "id": "i1"})
+
+    assert send_with(name, handler, variables=VARIABLES | {"customer_name": customer_name}).status == "accepted"
+    if name == "interakt":
+        return list(json.loads(posted[0].content)["template"]["bodyValues"])
+    form = dict(parse_qsl(posted[0].content.decode()))
+    return list(json.loads(form["template"])["params"])
+
+
+@pytest.mark.parametrize("name", ["gupshup_wa", "interakt"])
+def test_whatsapp_template_values_carry_no_line_break_tab_or_long_run_of_spaces(name: str) -> None:
+    """Before: a name with a line break or a tab (as merchants' exports have them) went into the template values
+    as it was; WhatsApp refuses those (error 132018) after the provider has accepted the send, so the customer
+    got no link and the nudge still counted. A name of only white space went as an empty value, not "there"."""
+    assert sent_body_values(name, "Asha\nKumar\tR      S")[0] == "Asha Kumar R S"
+    assert sent_body_values(name, " \n\t ")[0] == "there"
 
 
 def test_every_request_carries_the_idempotency_key() -> None:

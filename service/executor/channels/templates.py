@@ -7,6 +7,11 @@ A template may also set, at its top level, values the channel needs besides the 
 - ``subject`` (email), ``title`` (push);
 - ``params``: the ordered body values of a provider-approved WhatsApp template (Gupshup ``params``, Interakt
   ``bodyValues``); ``button_params``: the dynamic part of its URL button (Interakt ``buttonValues["0"]``).
+  WhatsApp refuses a parameter with a line break, a tab or more than four spaces in a row (Meta error 132018,
+  reported only later, as a failed delivery), so each run of white space in them is sent as one space.
+
+``customer_name`` comes from the merchant's event as it is: its white space is collapsed the same way before any
+template sees it, so a name of only white space counts as no name (``default("there", true)``).
 
 Lookup order for merchant ``m`` and locale ``hi-IN``: ``m/<ch>.hi-IN``, ``m/<ch>.hi``, ``_default/<ch>.hi-IN``,
 ``_default/<ch>.hi``, then the same with ``en``: the customer's language wins over the merchant's branding.
@@ -132,6 +137,8 @@ class TemplateStore:
         path = self.root / name
         # Only documented variables reach a template, so what renders at start-up is what renders at send time.
         known = {key: value for key, value in variables.items() if key in TEMPLATE_VARIABLES}
+        if "customer_name" in known:
+            known["customer_name"] = single_spaced(known["customer_name"])
         if "link_url" in known and "link_token" not in known:
             known["link_token"] = known["link_url"].rstrip("/").rsplit("/", 1)[-1]
         try:
@@ -149,8 +156,8 @@ class TemplateStore:
             source=name,
             subject=_optional_text(exported.get("subject"), path, "subject"),
             title=_optional_text(exported.get("title"), path, "title"),
-            params=_text_list(exported.get("params"), path, "params"),
-            button_params=_text_list(exported.get("button_params"), path, "button_params"),
+            params=tuple(map(single_spaced, _text_list(exported.get("params"), path, "params"))),
+            button_params=tuple(map(single_spaced, _text_list(exported.get("button_params"), path, "button_params"))),
         )
 
     def render(self, merchant_id: str, channel: Channel, locale: str, variables: Mapping[str, str]) -> RenderedMessage:
@@ -165,6 +172,11 @@ class TemplateStore:
             if folder.is_dir():
                 names.extend(f"{owner}/{p.name}" for p in sorted(folder.iterdir()) if p.is_file())
         return names
+
+
+def single_spaced(text: str) -> str:
+    """``text`` with every run of white space (line breaks and tabs too) made one space, and trimmed."""
+    return " ".join(text.split())
 
 
 def _optional_text(value: object, path: Path, what: str) -> str | None:

@@ -28,7 +28,7 @@ from model.requests import DecisionRequest
 from model.rules import Candidate, Rule, RuleContext, build_context, check, quiet_hours_end, upi_off_peak_from
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
-from service.executor.channels.templates import MessageVariables
+from service.executor.channels.templates import MessageVariables, link_expiry_text
 from service.executor.connectors import (
     ChargeRequest,
     CircuitOpenError,
@@ -471,7 +471,7 @@ class Effects:
                 merchant_name=merchant.display_name or action.merchant_id,
                 customer_name=str((request.customer.model_extra or {}).get("name") or ""),
                 order_id=action.order_id,
-                expires_at=expires_at.isoformat(),
+                expires_at=link_expiry_text(expires_at, merchant.retarget.quiet_hours.timezone),
             ).as_mapping(),
         )
         held = self._mark_message_sending(action)

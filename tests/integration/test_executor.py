@@ -28,6 +28,7 @@ from model.requests import Decision, DecisionRequest
 from model.rules import build_context
 from model.vocab import Channel
 from service.executor.channels.base import ChannelAdapter, OutboundMessage, SendResult
+from service.executor.channels.templates import link_expiry_text
 from service.executor.connectors import (
     ChargeRequest,
     ChargeResult,
@@ -511,6 +512,19 @@ def test_nudge_waits_out_quiet_hours_then_sends_a_link_that_pays_once(make_harne
     assert reused.value.status_code == 409
     h.drain()
     assert len(h.receiver.received) == 1
+
+
+def test_the_message_says_when_its_link_expires_in_the_merchants_time(make_harness: Any) -> None:
+    """Before: ``expires_at`` went to the templates as a UTC ISO instant, so the shipped WhatsApp, SMS and e-mail
+    told an Indian customer "valid till 2026-11-04T03:30:00+00:00" about a link that lasts until 09:00 their time."""
+    h = make_harness({"action": "retarget", "channel": "sms"})
+    h.clock.now = datetime(2026, 11, 2, 3, 30, tzinfo=UTC)  # 09:00 in Kolkata; the link lasts 48 hours
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.outbox[0].variables["expires_at"] == "2026-11-04 09:00 IST"
+    assert link_expiry_text(datetime(2026, 7, 1, 16, 0, tzinfo=UTC), "America/New_York") == "2026-07-01 12:00 EDT"
+    assert link_expiry_text(datetime(2026, 12, 1, 16, 0, tzinfo=UTC), "America/New_York") == "2026-12-01 11:00 EST"
+    assert link_expiry_text(datetime(2026, 12, 1, 16, 0, tzinfo=UTC), "Asia/Dubai") == "2026-12-01 20:00 UTC+04"
 
 
 def test_nudge_waits_out_the_customers_quiet_hours_too(make_harness: Any) -> None:

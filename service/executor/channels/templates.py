@@ -23,7 +23,9 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound, Undefined
 from jinja2.sandbox import SandboxedEnvironment
@@ -49,7 +51,7 @@ class MessageVariables:
     link_url: str
     merchant_name: str
     customer_name: str  # the event's ``customer.name``; "" when it has none
-    expires_at: str
+    expires_at: str  # the link's expiry in the merchant's time zone (``link_expiry_text``)
     order_id: str
 
     def as_mapping(self) -> dict[str, str]:
@@ -172,6 +174,16 @@ class TemplateStore:
             if folder.is_dir():
                 names.extend(f"{owner}/{p.name}" for p in sorted(folder.iterdir()) if p.is_file())
         return names
+
+
+def link_expiry_text(expires_at: datetime, timezone: str) -> str:
+    """When a link expires, as its customer reads it: the date and time in ``timezone`` (the merchant's, an IANA
+    name) with the zone's abbreviation, ``2026-11-03 23:30 IST`` (``UTC+04`` where the zone has none)."""
+    if expires_at.tzinfo is None:
+        raise ValueError(f"the link's expiry {expires_at.isoformat()} has no time zone; it must be an instant")
+    local = expires_at.astimezone(ZoneInfo(timezone))
+    zone = local.tzname() or ""
+    return f"{local:%Y-%m-%d %H:%M} {'UTC' + zone if zone[:1] in '+-' else zone}".rstrip()
 
 
 def single_spaced(text: str) -> str:

@@ -2660,6 +2660,23 @@ class Executor:
         with self.engine.begin() as conn:
             return record_opt_out(conn, merchant_id, channel, address, source, self.clock())
 
+    def opt_out_order_address(self, merchant_id: str, order_id: str, channel: Channel, source: str) -> bool | None:
+        """The address on ``channel`` of the order's customer opted out of ``merchant_id`` (an unsubscribe link in
+        a message about the order): as ``opt_out_address``; None when the order is not known or its customer has
+        no address on ``channel``."""
+        with self.engine.begin() as conn:
+            request_json = conn.scalar(
+                sa.select(orders.c.request_json).where(
+                    orders.c.merchant_id == merchant_id, orders.c.order_id == order_id
+                )
+            )
+            address = (
+                None if request_json is None else customer_address(orjson.loads(request_json)["customer"], channel)
+            )
+            if address is None:
+                return None
+            return record_opt_out(conn, merchant_id, channel, address, source, self.clock())
+
     def opt_out(self, merchant_id: str, customer_id: str, channel: Channel) -> int:
         """The customer opted out of ``channel``: kept for the customer's addresses on it (their later orders
         respect it too), future decisions respect it and nudges still scheduled on that channel for the

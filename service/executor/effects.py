@@ -60,7 +60,7 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.optouts import customer_address, is_opted_out
+from service.executor.optouts import customer_address, is_opted_out, unsubscribe_url
 from service.executor.outages import channels_down, claim_probe
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
@@ -190,6 +190,7 @@ class Effects:
         catalog: ErrorCatalog,
         public_base_url: str,
         *,
+        unsubscribe_key: bytes,
         env: Mapping[str, str] | None = None,
         adapters: AdapterFactory | None = None,
         webhook_client: httpx.Client | None = None,
@@ -202,6 +203,7 @@ class Effects:
         self.connectors = connectors
         self.catalog = catalog
         self.public_base_url = public_base_url.rstrip("/")
+        self.unsubscribe_key = unsubscribe_key
         self.env = env if env is not None else os.environ
         self.adapter_factory = adapters or _default_adapters
         self.webhook_client = webhook_client or httpx.Client(timeout=httpx.Timeout(10.0))
@@ -468,6 +470,9 @@ class Effects:
                 amount=format_amount(float(order["amount"]), str(order["currency"])),
                 currency=str(order["currency"]),
                 link_url=f"{self.public_base_url}/pay/{token}",
+                unsubscribe_url=unsubscribe_url(
+                    self.public_base_url, self.unsubscribe_key, action.merchant_id, action.order_id
+                ),
                 merchant_name=merchant.display_name or action.merchant_id,
                 customer_name=str((request.customer.model_extra or {}).get("name") or ""),
                 order_id=action.order_id,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -198,9 +199,14 @@ def callback_token(key: bytes, merchant_id: str) -> str:
 
 def token_matches(keys: Iterable[bytes], merchant_id: str, token: str) -> bool:
     """Whether ``token`` is ``merchant_id``'s callback token under any of ``keys`` (the current key and those
-    before a rotation; each compared in constant time, and every key tried)."""
+    before a rotation)."""
+    return _any_matches([callback_token(key, merchant_id) for key in keys], token)
+
+
+def _any_matches(expected: Iterable[str], token: str) -> bool:
+    """Whether ``token`` is one of ``expected``: each compared in constant time, and every one tried."""
     given = token.encode()
-    matches = [hmac.compare_digest(callback_token(key, merchant_id).encode(), given) for key in keys]
+    matches = [hmac.compare_digest(each.encode(), given) for each in expected]
     return any(matches)
 
 
@@ -209,3 +215,31 @@ def callback_urls(base_url: str, key: bytes, merchant_id: str, provider: str) ->
     query = urlencode({"merchant_id": merchant_id, "token": callback_token(key, merchant_id)})
     base = f"{base_url.rstrip('/')}/v1/providers/{provider}"
     return {"inbound": f"{base}/inbound?{query}", "receipts": f"{base}/receipts?{query}"}
+
+
+# ------------------------------------------------------------------------------------ e-mail unsubscribe links
+
+
+def unsubscribe_key(link_secret: str) -> bytes:
+    """The key of e-mail unsubscribe tokens: derived from the link secret under a label of its own, so such a
+    token is never a link signature nor a callback token."""
+    return hmac.new(link_secret.encode(), b"winback e-mail unsubscribe v1", hashlib.sha256).digest()
+
+
+def unsubscribe_token(key: bytes, merchant_id: str, order_id: str) -> str:
+    """The token of the unsubscribe link in the e-mails about ``merchant_id``'s order ``order_id``."""
+    claims = json.dumps(["e-mail unsubscribe", merchant_id, order_id]).encode()  # ids may hold any separator
+    return hmac.new(key, claims, hashlib.sha256).hexdigest()
+
+
+def unsubscribe_token_matches(keys: Iterable[bytes], merchant_id: str, order_id: str, token: str) -> bool:
+    """Whether ``token`` is the unsubscribe token of the order under any of ``keys``."""
+    return _any_matches([unsubscribe_token(key, merchant_id, order_id) for key in keys], token)
+
+
+def unsubscribe_url(base_url: str, key: bytes, merchant_id: str, order_id: str) -> str:
+    """The link (and ``List-Unsubscribe`` target) with which the order's customer stops the merchant's e-mails."""
+    query = urlencode(
+        {"merchant_id": merchant_id, "order_id": order_id, "token": unsubscribe_token(key, merchant_id, order_id)}
+    )
+    return f"{base_url.rstrip('/')}/unsubscribe?{query}"

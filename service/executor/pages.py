@@ -25,6 +25,12 @@ _PAY = """{% extends "layout.html" %}{% block body %}
 <p class="muted">This link works once and expires {{ expires_at.strftime("%Y-%m-%d %H:%M") }} UTC.</p>
 {% endblock %}"""
 
+_UNSUBSCRIBE = """{% extends "layout.html" %}{% block body %}
+<h1>{{ title }}</h1>
+<p>{{ merchant_name }} will send no more e-mails about payments to this address.</p>
+<form method="post" action="{{ action }}"><button type="submit" data-testid="unsubscribe">Unsubscribe</button></form>
+{% endblock %}"""
+
 _MESSAGE = """{% extends "layout.html" %}{% block body %}
 <h1>{{ title }}</h1><p data-testid="message">{{ message }}</p>
 {% endblock %}"""
@@ -48,7 +54,9 @@ PAGE_HEADERS = {
 def environment() -> jinja2.Environment:
     """The page templates, loaded once per process."""
     env = jinja2.Environment(
-        loader=jinja2.DictLoader({"layout.html": _LAYOUT, "pay.html": _PAY, "message.html": _MESSAGE}),
+        loader=jinja2.DictLoader(
+            {"layout.html": _LAYOUT, "pay.html": _PAY, "unsubscribe.html": _UNSUBSCRIBE, "message.html": _MESSAGE}
+        ),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
@@ -57,5 +65,5 @@ def environment() -> jinja2.Environment:
 
 
 def render(name: str, **context: object) -> str:
-    """Render ``pay.html`` or ``message.html``."""
+    """Render ``pay.html``, ``unsubscribe.html`` or ``message.html``."""
     return environment().get_template(name).render(**context)

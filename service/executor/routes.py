@@ -39,7 +39,7 @@ from service.executor.core import (
 )
 from service.executor.effects import Effects
 from service.executor.links import LinkError
-from service.executor.optouts import token_matches
+from service.executor.optouts import token_matches, unsubscribe_token_matches
 from service.executor.pages import PAGE_HEADERS, render
 from service.executor.schemas import EventOut, OrderOut, PaymentFailedEvent, PaymentSucceededEvent
 from service.executor.settings import ExecutorSettings
@@ -245,6 +245,57 @@ async def pay(token: str, runtime: ExecutorDep) -> HTMLResponse:
         log.exception("link payment failed")
         return _message(500, "Something went wrong", "We could not take this payment. Please try again later.")
     return _message(code, title, message)
+
+
+# ------------------------------------------------------------------------------------ e-mail unsubscribe
+
+_UNSUBSCRIBE_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"description": "the token is not the order's unsubscribe token (an HTML page says so)"},
+    404: {"description": "the order or its customer's e-mail address is not known (an HTML page says so)"},
+}
+
+
+def _unsubscribe_refused(runtime: ExecutorRuntime, merchant_id: str, order_id: str, token: str) -> HTMLResponse | None:
+    known = merchant_id in runtime.executor.config.merchants
+    if known and unsubscribe_token_matches(runtime.settings.unsubscribe_keys(), merchant_id, order_id, token):
+        return None
+    return _message(403, "This link is not valid", "the unsubscribe link is malformed or was altered")
+
+
+@router.get("/unsubscribe", response_class=HTMLResponse, responses=_UNSUBSCRIBE_ERRORS, tags=["payment links"])
+async def unsubscribe_page(
+    merchant_id: str, order_id: str, token: str, request: Request, runtime: ExecutorDep
+) -> HTMLResponse:
+    """The page the unsubscribe link in an e-mail opens: a button that stops the merchant's e-mails (a GET
+    changes nothing, since mail scanners follow links)."""
+    refused = _unsubscribe_refused(runtime, merchant_id, order_id, token)
+    if refused is not None:
+        return refused
+    merchant = runtime.executor.merchant(merchant_id)
+    page = render(
+        "unsubscribe.html",
+        title="Unsubscribe from payment e-mails",
+        merchant_name=merchant.display_name or merchant_id,
+        action=f"/unsubscribe?{request.url.query}",
+    )
+    return HTMLResponse(page, headers=PAGE_HEADERS)
+
+
+@router.post("/unsubscribe", response_class=HTMLResponse, responses=_UNSUBSCRIBE_ERRORS, tags=["payment links"])
+async def unsubscribe(merchant_id: str, order_id: str, token: str, runtime: ExecutorDep) -> HTMLResponse:
+    """Stop the merchant's e-mails to the address of the order's customer, for this and every later order (the
+    page's button, and a mail client's one-click unsubscribe, RFC 8058)."""
+    refused = _unsubscribe_refused(runtime, merchant_id, order_id, token)
+    if refused is not None:
+        return refused
+    kept = await run_in_threadpool(
+        runtime.executor.opt_out_order_address, merchant_id, order_id, Channel.EMAIL, "unsubscribe"
+    )
+    if kept is None:
+        return _message(404, "Nothing to unsubscribe", f"order {order_id} has no e-mail address on record")
+    merchant = runtime.executor.merchant(merchant_id)
+    name = merchant.display_name or merchant_id
+    return _message(200, "You are unsubscribed", f"{name} will send no more e-mails about payments to this address.")
 
 
 # ------------------------------------------------------------------------------------- provider callbacks

@@ -84,6 +84,14 @@ class ExecutorSettings(BaseSettings):
             keys.append(callback_key(None, old_link_secret))
         return tuple(dict.fromkeys(keys))
 
+    def unsubscribe_keys(self) -> tuple[bytes, ...]:
+        """The keys whose e-mail unsubscribe links are accepted: the current link secret's first, then the
+        previous one's (links in e-mails already sent keep working through a rotation)."""
+        from service.executor.optouts import unsubscribe_key
+
+        secrets = (self.link_secret.get_secret_value(), *self.link_secrets_previous())
+        return tuple(dict.fromkeys(unsubscribe_key(secret) for secret in secrets))
+
     def link_secrets_previous(self) -> tuple[str, ...]:
         """The link secrets before a rotation whose links are still accepted (none, or ``link_secret_previous``)."""
         old = _value(self.link_secret_previous)

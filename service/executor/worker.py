@@ -134,6 +134,7 @@ def build_effects(
         registry,
         catalog,
         settings.public_base_url,
+        unsubscribe_key=settings.unsubscribe_keys()[0],
         env=environment,
         adapters=adapters,
         lease=timedelta(seconds=settings.lease_seconds),

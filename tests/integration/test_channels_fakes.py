@@ -279,6 +279,10 @@ def test_smtp_delivery_failures_and_auth() -> None:
     assert mail["idempotency_key"] == "nudge:ord_1:1"
     assert mail["message_id"] == results[1].provider_message_id
     assert "https://pay.example/p/SAMPLE-LINK-TOKEN" in mail["text"]
+    # One-click unsubscribe in the mail client (RFC 8058); before, an e-mail customer had no way to opt out.
+    assert mail["list_unsubscribe"] == f"<{VARIABLES['unsubscribe_url']}>"
+    assert mail["list_unsubscribe_post"] == "List-Unsubscribe=One-Click"
+    assert VARIABLES["unsubscribe_url"] in mail["text"]
 
 
 def test_smtp_server_down_is_retryable() -> None:

@@ -521,6 +521,10 @@ class SmtpAdapter(_Adapter):
         email["Subject"] = rendered.subject or ""
         email["Message-ID"] = message_id_for(message.idempotency_key, self.sender)
         email["X-Winback-Idempotency-Key"] = message.idempotency_key
+        unsubscribe = message.variables.get("unsubscribe_url")
+        if unsubscribe:  # one-click unsubscribe in the mail client (RFC 2369, RFC 8058: a POST to the URL)
+            email["List-Unsubscribe"] = f"<{unsubscribe}>"
+            email["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         email.set_content(rendered.text)
         return await asyncio.to_thread(self._send_sync, email)
 

@@ -581,6 +581,8 @@ class FakeSmtpServer:
                                 "subject": str(parsed["Subject"]),
                                 "message_id": str(parsed["Message-ID"]),
                                 "idempotency_key": str(parsed["X-Winback-Idempotency-Key"]),
+                                "list_unsubscribe": parsed["List-Unsubscribe"],
+                                "list_unsubscribe_post": parsed["List-Unsubscribe-Post"],
                                 "text": body.get_content() if body is not None else "",  # type: ignore[attr-defined]
                             }
                         )

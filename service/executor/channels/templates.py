@@ -49,6 +49,7 @@ class MessageVariables:
     amount: str  # in the currency's minor units (model.money.format_amount)
     currency: str
     link_url: str
+    unsubscribe_url: str  # where the customer stops the merchant's e-mails (also the List-Unsubscribe header)
     merchant_name: str
     customer_name: str  # the event's ``customer.name``; "" when it has none
     expires_at: str  # the link's expiry in the merchant's time zone (``link_expiry_text``)
@@ -66,6 +67,7 @@ SAMPLE_VARIABLES = MessageVariables(
     amount=format_amount(1499.0, "INR"),
     currency="INR",
     link_url="https://pay.example/p/SAMPLE-LINK-TOKEN",
+    unsubscribe_url="https://pay.example/unsubscribe?merchant_id=m_sample&order_id=ord_sample&token=SAMPLE",
     merchant_name="Sample Merchant",
     customer_name="Asha",
     expires_at="2026-11-03 18:00 IST",

@@ -2677,6 +2677,19 @@ class Executor:
                 return None
             return record_opt_out(conn, merchant_id, channel, address, source, self.clock())
 
+    def opt_out_message_address(self, merchant_id: str, provider_message_id: str, source: str) -> bool | None:
+        """The address a nudge of ``merchant_id`` went to opted out of its channel (its provider refused it as
+        opted out): as ``opt_out_order_address``; None when no nudge of the merchant has that provider id."""
+        with self.engine.connect() as conn:
+            nudge = conn.execute(
+                sa.select(nudges.c.order_id, nudges.c.channel).where(
+                    nudges.c.merchant_id == merchant_id, nudges.c.provider_message_id == provider_message_id
+                )
+            ).first()
+        if nudge is None:
+            return None
+        return self.opt_out_order_address(merchant_id, nudge.order_id, Channel(nudge.channel), source)
+
     def opt_out(self, merchant_id: str, customer_id: str, channel: Channel) -> int:
         """The customer opted out of ``channel``: kept for the customer's addresses on it (their later orders
         respect it too), future decisions respect it and nudges still scheduled on that channel for the

@@ -334,6 +334,10 @@ def provider_router(app: FastAPI) -> APIRouter:
         found = await run_in_threadpool(
             executor.record_receipt, receipt.provider_message_id, delivered, receipt.merchant_id
         )
+        if found and receipt.opted_out and receipt.merchant_id is not None:  # no more messages it would refuse
+            await run_in_threadpool(
+                executor.opt_out_message_address, receipt.merchant_id, receipt.provider_message_id, "receipt"
+            )
         if not found:  # another sender's message on the same provider account, or a receipt before its send
             log.info(
                 "%s delivery receipt for unknown message %s ignored",

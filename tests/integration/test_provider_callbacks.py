@@ -214,6 +214,42 @@ def test_receipts_update_the_nudge_of_the_merchant_and_unknown_ids_are_answered(
     assert message.to == PHONE
 
 
+def test_a_gupshup_receipt_saying_the_number_opted_out_keeps_the_opt_out(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: Gupshup's failed receipt "Number Opted Out" (error 1012: the customer opted out at Gupshup, which
+    refuses every message to them) only marked the nudge undelivered, and every later message of the merchant to
+    that number was sent, refused, and counted against max_nudges. Now it keeps the opt-out of the address the
+    nudge went to, as a STOP does; another failure (1002, not on WhatsApp) does not."""
+    now = {"action": "retarget", "channel": "whatsapp"}
+    h = make_harness(now, now, merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    assert [m.to for m in h.outbox] == [PHONE]
+
+    def failed(code: int, url: str | None = None) -> Any:
+        body = receipt_payload("gupshup", "pm_1", "failed")
+        body["payload"]["payload"] = {"code": code, "reason": "Number Opted Out" if code == 1012 else "Not on it"}
+        return api.loop.run_until_complete(api.client.post(url or urls()["receipts"], json=body))
+
+    assert failed(1002).json() == {"received": 1}
+    assert opted_out_rows(h) == []
+    assert failed(1012, url=urls("m_other")["receipts"]).status_code == 200  # another merchant's: not its nudge
+    assert opted_out_rows(h) == []
+    assert failed(1012).json() == {"received": 1}
+    assert opted_out_rows(h) == [("m_demo", "whatsapp", address_hash(Channel.WHATSAPP, PHONE))]
+    assert h.view().nudges[0].delivered is False
+
+    h.executor.payment_failed("m_demo", event("ord_2"))  # the same customer's next order fails
+    h.clock.advance(hours=2)
+    h.drain()
+    assert [m.order_id for m in h.outbox] == ["ord_1"]  # its decision's WhatsApp message is not sent
+    ord_2 = [r for r in h.executor.decider.requests if r.order_id == "ord_2"]  # type: ignore[attr-defined]
+    assert "whatsapp" in ord_2[0].customer.opted_out_channels
+
+
 def test_the_cli_prints_callback_urls_the_app_accepts(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """`winback executor callback-url` prints the URLs to configure at the provider, with the merchant's token;
     a callback secret of its own changes the token, and the app then refuses the old one."""

@@ -144,7 +144,14 @@ _KARIX: dict[str, Status] = {
 _GENERIC: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed": "failed"}
 
 
-def _receipt(provider: str, message_id: Any, status: Status, at: Any, error: Any = None) -> DeliveryReceipt:
+#: Gupshup's WhatsApp error of a message to a number on its opt-out list ("Number Opted Out"): the customer opted
+#: out at the provider, e.g. by a STOP Gupshup handled itself (docs.gupshup.io/docs/error-and-status-messages).
+GUPSHUP_NUMBER_OPTED_OUT = "1012"
+
+
+def _receipt(
+    provider: str, message_id: Any, status: Status, at: Any, error: Any = None, opted_out: bool = False
+) -> DeliveryReceipt:
     if not message_id:
         raise PayloadError(f"{provider} receipt without a message id")
     return DeliveryReceipt(
@@ -153,6 +160,7 @@ def _receipt(provider: str, message_id: Any, status: Status, at: Any, error: Any
         status=status,
         occurred_at=_timestamp(at),
         error=str(error) if error else None,
+        opted_out=opted_out,
     )
 
 
@@ -174,7 +182,9 @@ def _gupshup_receipts(payload: Any) -> list[DeliveryReceipt]:
             return []
         inner = _obj(event.get("payload"))
         at = inner.get("ts") or body.get("timestamp")
-        return [_receipt("gupshup", event.get("gsId") or event.get("id"), status, at, inner.get("reason"))]
+        opted_out = status == "failed" and str(inner.get("code")) == GUPSHUP_NUMBER_OPTED_OUT
+        message_id = event.get("gsId") or event.get("id")
+        return [_receipt("gupshup", message_id, status, at, inner.get("reason"), opted_out=opted_out)]
     if "externalId" in body:  # Enterprise SMS, GET mode
         status = _GUPSHUP_SMS.get(str(body.get("status", "")).lower())
         if status is None:

@@ -162,6 +162,9 @@ class ProviderConfig(_Strict):
     sender: str | None = None
     username_env: EnvName | None = None
     password_env: EnvName | None = None
+    # The merchant's approved WhatsApp template at the provider: Gupshup's template id (a UUID it assigns), or the
+    # template's name at Interakt. Unset: winback's own name, ``payment_link``, which a Gupshup account never has.
+    template_id: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class ConnectorEndpoint(_Strict):

@@ -549,6 +549,39 @@ def test_build_adapters_from_config() -> None:
 
 
 @pytest.mark.parametrize(
+    ("provider", "template_id"),
+    [
+        ({"kind": "gupshup", "source": "919000000000", "sender": "DemoApp"}, "8985923d-682d-4bb7-b037-66b61c8c7877"),
+        ({"kind": "interakt"}, "acme_payment_reminder"),
+    ],
+)
+def test_the_provider_is_asked_for_the_merchants_approved_whatsapp_template(
+    provider: dict[str, Any], template_id: str
+) -> None:
+    """Before: every WhatsApp message named winback's own template, ``payment_link``: Gupshup ids its templates by
+    a UUID it assigns, so no Gupshup account has that one, and every message was refused; an Interakt template
+    had to be named so. ``providers.whatsapp.template_id`` now names the merchant's approved template."""
+    merchant = merchant_with(
+        {"whatsapp": provider | {"base_url": "https://bsp.test", "api_key_env": "KEY", "template_id": template_id}}
+    )
+    posted: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posted.append(request)
+        return httpx.Response(202, json={"status": "submitted", "messageId": "g1", "result": True, "id": "i1"})
+
+    async def go() -> Any:
+        async with client(handler) as http:
+            return await build_adapters("m_demo", merchant, {"KEY": "k"}, http)[Channel.WHATSAPP].send(message())
+
+    assert run(go()).status == "accepted"
+    if provider["kind"] == "interakt":
+        assert json.loads(posted[0].content)["template"]["name"] == template_id
+    else:
+        assert json.loads(dict(parse_qsl(posted[0].content.decode()))["template"])["id"] == template_id
+
+
+@pytest.mark.parametrize(
     ("providers", "env", "problem"),
     [
         (

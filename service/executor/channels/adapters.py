@@ -227,7 +227,28 @@ class _HttpAdapter(_Adapter):
         return digits
 
 
-class GupshupWhatsAppAdapter(_HttpAdapter):
+class _WhatsAppTemplateAdapter(_HttpAdapter):
+    """A WhatsApp provider that sends the merchant's approved template, authenticated by an API key."""
+
+    def __init__(
+        self,
+        merchant_id: str,
+        templates: TemplateStore,
+        http: httpx.AsyncClient,
+        base_url: str,
+        api_key: str,
+        template_id: str | None = None,
+    ) -> None:
+        super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
+        self._api_key = api_key
+        self.template_id = template_id
+
+    def _template(self, message: OutboundMessage) -> str:
+        """The approved template's id or name at the provider (config ``template_id``), else the message's."""
+        return self.template_id or message.template_id
+
+
+class GupshupWhatsAppAdapter(_WhatsAppTemplateAdapter):
     """Gupshup WhatsApp API: ``POST /wa/api/v1/template/msg`` (template params) or ``/wa/api/v1/msg`` (text).
 
     Form-encoded, ``apikey`` header; answer ``{"status": "submitted", "messageId": ...}``.
@@ -244,9 +265,9 @@ class GupshupWhatsAppAdapter(_HttpAdapter):
         api_key: str,
         source: str,
         app_name: str | None,
+        template_id: str | None = None,
     ) -> None:
-        super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
-        self._api_key = api_key
+        super().__init__(merchant_id, templates, http, base_url, api_key, template_id)
         self.source = source.lstrip("+")
         self.app_name = app_name
 
@@ -262,7 +283,7 @@ class GupshupWhatsAppAdapter(_HttpAdapter):
             # Gupshup takes every variable of the template in one ``params`` list, in order of occurrence: the
             # body's, then the URL button's dynamic suffix (the link token), else the customer gets no link.
             params = [*rendered.params, *rendered.button_params]
-            form["template"] = json.dumps({"id": message.template_id, "params": params})
+            form["template"] = json.dumps({"id": self._template(message), "params": params})
         else:
             path = "/wa/api/v1/msg"
             form["message"] = json.dumps({"type": "text", "text": rendered.text})
@@ -337,7 +358,7 @@ class GupshupSmsAdapter(_HttpAdapter):
         return SendResult(status="rejected", error=f"gupshup sms: unexpected answer {str(body)[:200]}")
 
 
-class InteraktAdapter(_HttpAdapter):
+class InteraktAdapter(_WhatsAppTemplateAdapter):
     """Interakt: ``POST /v1/public/message/`` JSON, ``Authorization: Basic <api key>``, type ``Template``.
 
     ``callbackData`` carries the idempotency key back in Interakt's delivery webhooks.
@@ -345,19 +366,13 @@ class InteraktAdapter(_HttpAdapter):
 
     provider = "interakt"
 
-    def __init__(
-        self, merchant_id: str, templates: TemplateStore, http: httpx.AsyncClient, base_url: str, api_key: str
-    ) -> None:
-        super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
-        self._api_key = api_key
-
     async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
         digits = self._phone(message)
         if isinstance(digits, SendResult):
             return digits
         calling_code, national = split_calling_code(digits)
         template: dict[str, Any] = {
-            "name": message.template_id,
+            "name": self._template(message),
             "languageCode": message.locale,
             "bodyValues": list(rendered.params),
         }
@@ -729,6 +744,7 @@ def _build_one(
             api_key=b.secret("api_key_env"),
             source=b.need("source"),
             app_name=provider.sender,
+            template_id=provider.template_id,
         )
     elif provider.kind == "gupshup":
         userid, password = b.credentials()
@@ -736,7 +752,9 @@ def _build_one(
             merchant_id, templates, http, b.base_url(channel), userid, password, mask=provider.source
         )
     elif provider.kind == "interakt":
-        adapter = InteraktAdapter(merchant_id, templates, http, b.base_url(channel), b.secret("api_key_env"))
+        adapter = InteraktAdapter(
+            merchant_id, templates, http, b.base_url(channel), b.secret("api_key_env"), provider.template_id
+        )
     elif provider.kind == "karix":
         account_uid, token = b.credentials()
         adapter = KarixAdapter(

@@ -40,7 +40,7 @@ from service.executor.channels.adapters import (
     split_calling_code,
 )
 from service.executor.channels.fakes import inbound_payload, receipt_payload
-from service.executor.channels.inbound import PayloadError
+from service.executor.channels.inbound import PayloadError, wants_opt_out
 from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
 from service.executor.channels.webhooks import create_provider_router
 from tests.factories import make_merchant
@@ -237,6 +237,25 @@ def test_gupshup_opted_out_user_event() -> None:
     inbound = parse_inbound("gupshup", event)
     assert inbound is not None
     assert inbound.opted_out
+    assert inbound.sender == "+919876543210"
+
+
+@pytest.mark.parametrize(
+    ("kind", "content"),
+    [
+        ("quick_reply", {"text": "Stop promotions", "type": "button", "postbackText": "stop"}),
+        ("button_reply", {"title": "STOP", "id": "opt-out", "reply": "STOP 1"}),
+    ],
+)
+def test_a_tapped_stop_button_on_whatsapp_is_an_opt_out(kind: str, content: dict[str, Any]) -> None:
+    """Before: only typed text was read, so a customer who tapped the template's "Stop promotions" quick reply (or
+    an interactive STOP button) was never opted out; Gupshup sends those as ``quick_reply`` / ``button_reply``."""
+    tapped = inbound_payload("gupshup", "919876543210", "x")
+    tapped["payload"]["type"] = kind
+    tapped["payload"]["payload"] = content
+    inbound = parse_inbound("gupshup", tapped)
+    assert inbound is not None
+    assert wants_opt_out(inbound)
     assert inbound.sender == "+919876543210"
 
 

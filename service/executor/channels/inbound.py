@@ -229,6 +229,10 @@ def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt
     return [_receipt(provider, body.get("provider_message_id"), status, body.get("occurred_at"), body.get("error"))]
 
 
+#: Gupshup inbound WhatsApp message types whose payload carries words: typed text, and the buttons' replies.
+_GUPSHUP_TEXT_TYPES = frozenset({"text", "quick_reply", "button_reply"})
+
+
 def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
     """The customer's reply in one provider callback, or None when the callback is not a text reply."""
     if provider not in PROVIDERS:
@@ -241,9 +245,12 @@ def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
                 provider=provider, channel=Channel.WHATSAPP, sender=str(event.get("phone", "")), text="", opted_out=True
             )
         if body.get("type") == "message":
-            text = _obj(event.get("payload")).get("text")
+            # A tapped button counts as its words: a template's "Stop" quick reply (``payload.text``) or an
+            # interactive reply button (``payload.title``) is how many customers opt out on WhatsApp.
+            content = _obj(event.get("payload"))
+            text = content.get("text") or content.get("title")
             sender = event.get("source") or _obj(event.get("sender")).get("phone")
-            if event.get("type") != "text" or not text or not sender:
+            if event.get("type") not in _GUPSHUP_TEXT_TYPES or not text or not sender:
                 return None
             return InboundMessage(provider=provider, channel=Channel.WHATSAPP, sender=str(sender), text=str(text))
         if body.get("msisdn") and body.get("content") is not None:  # Enterprise SMS reply

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup, TyperOption
 
+from model.wording import count_noun
+
 if TYPE_CHECKING:
     import pandas as pd
     from typer._click.core import Command, Context
@@ -106,9 +108,9 @@ def simulate(
     output_folder(out, "--out")
     summary = run_simulation(out, orders=orders, seed=seed, progress=True)
     console.print(
-        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts), {summary.nudges_path} "
-        f"({summary.nudges:,} nudges) and {summary.stops_path} ({summary.stops:,} stops): "
-        f"{summary.orders:,} failed orders in {summary.seconds:.1f} s "
+        f"wrote {summary.attempts_path} ({count_noun(summary.attempts, 'attempt')}), {summary.nudges_path} "
+        f"({count_noun(summary.nudges, 'nudge')}) and {summary.stops_path} ({count_noun(summary.stops, 'stop')}): "
+        f"{count_noun(summary.orders, 'failed order')} in {summary.seconds:.1f} s "
         f"({summary.orders_per_second:,.0f} orders/s)",
         highlight=False,
     )
@@ -620,7 +622,7 @@ def _bench(
                 rows.append(
                     BenchRow(
                         benchmark=f"{name}, {traffic} traffic",
-                        inputs=f"{api.distinct_requests} distinct request{'s' if api.distinct_requests != 1 else ''}, "
+                        inputs=f"{count_noun(api.distinct_requests, 'distinct request')}, "
                         f"{api.candidates_per_request} "
                         f"candidates/request, 2 workers, model {api.model_version}",
                         figure=f"{figures.rps:,.0f} req/s, p50 {figures.p50_ms} ms, p99 {figures.p99_ms} ms, "
@@ -778,10 +780,11 @@ def history_export(
             f"cannot read the database at --database-url {shown_uri(url)!r}: {str(exc).splitlines()[0]}"
         ) from None
     console.print(
-        f"wrote {summary.attempts_path} ({summary.attempts:,} attempts), {summary.nudges_path} "
-        f"({summary.nudges:,} nudges) and {summary.stops_path} ({summary.stops:,} stops) for {summary.orders:,} orders"
+        f"wrote {summary.attempts_path} ({count_noun(summary.attempts, 'attempt')}), {summary.nudges_path} "
+        f"({count_noun(summary.nudges, 'nudge')}) and {summary.stops_path} ({count_noun(summary.stops, 'stop')}) "
+        f"for {count_noun(summary.orders, 'order')}"
         + (
-            f"; left out {summary.dropped_after_success} attempts made after an order's success"
+            f"; left out {count_noun(summary.dropped_after_success, 'attempt')} made after an order's success"
             if summary.dropped_after_success
             else ""
         ),
@@ -798,17 +801,16 @@ def history_export(
         )
     if summary.renamed_orders:
         console.print(
-            f"{len(summary.renamed_orders)} orders use an order_id another merchant uses too, written as "
-            "merchant_id/order_id: " + "; ".join(summary.renamed_orders[:10]),
+            f"{count_noun(len(summary.renamed_orders), 'order')} with an order_id another merchant uses too, "
+            "written as merchant_id/order_id: " + "; ".join(summary.renamed_orders[:10]),
             highlight=False,
         )
     if summary.left_out_orders:
         shown = summary.left_out_orders[:10]
         more = len(summary.left_out_orders) - len(shown)
         console.print(
-            f"left out {len(summary.left_out_orders)} orders whose history the history files cannot carry: "
-            + "; ".join(shown)
-            + (f"; and {more} more" if more else ""),
+            f"left out {count_noun(len(summary.left_out_orders), 'order')} whose history the history files "
+            "cannot carry: " + "; ".join(shown) + (f"; and {more} more" if more else ""),
             highlight=False,
         )
 
@@ -859,7 +861,9 @@ def codes_report(
     if not failed_attempts:
         console.print(f"the history in {attempts} holds no failed attempt: there is no error code to report")
     elif report.empty:
-        console.print(f"every error code of the history was seen at least {min_support} times by model {version}")
+        console.print(
+            f"every error code of the history was seen at least {count_noun(min_support, 'time')} by model {version}"
+        )
     else:
         console.print(report_view(report, version, min_support))
     if csv_out is not None:

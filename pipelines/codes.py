@@ -14,6 +14,7 @@ from rich.text import Text
 from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
 from model.history import HistoryError, read_history
+from model.wording import count_noun
 from pipelines.tables import compact_table, figure, print_titled
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
@@ -110,7 +111,7 @@ def report_view(report: pd.DataFrame, version: str, min_support: int) -> Group:
     numbers are never cut: a long code folds), then per code its example message, gateway status map verdict
     and nearest known codes, one per line. Every cell is plain text: a ``[`` in a message is not rich markup."""
     counts = compact_table(
-        f"Error codes model {version} saw fewer than {min_support} times",
+        f"Error codes model {version} saw fewer than {count_noun(min_support, 'time')}",
         caption=_COUNTS_LEGEND,
         caption_justify="left",
     )
@@ -146,5 +147,5 @@ def import_gsm(path: str | Path, out: str | Path = DEFAULT_OVERLAY, console: Con
         table.add_column("codes", justify="right")
         for name, count in counts.items():
             table.add_row(str(name), str(count))
-        print_titled(console, f"{len(entries)} codes from {path}", table)
+        print_titled(console, f"{count_noun(len(entries), 'code')} from {path}", table)
     return target

@@ -18,6 +18,7 @@ from rich.console import Console
 from model.datafiles import DEMO_REQUEST_FILE
 from model.registry import get_alias_version
 from model.registry_client import run_artifact_dir
+from model.wording import count_noun
 from pipelines.simulate import simulate
 from pipelines.train import resolve_stops, run_training
 
@@ -55,7 +56,8 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
     else:
         summary = simulate(paths.attempts.parent, orders=orders, seed=seed, progress=True)
         console.print(
-            f"simulated {summary.orders} failed orders ({summary.attempts} attempts, {summary.nudges} nudges); "
+            f"simulated {count_noun(summary.orders, 'failed order')} ({count_noun(summary.attempts, 'attempt')}, "
+            f"{count_noun(summary.nudges, 'nudge')}); "
             f"the logging policy recovered {summary.recovery_rate:.1%}"
         )
     if get_alias_version("champion", tracking_uri=paths.tracking_uri) is None:

@@ -22,6 +22,7 @@ from model import evaluation as ev
 from model import plots
 from model.requests import DecisionRequest
 from model.rules import Candidate
+from model.wording import count_noun
 from pipelines.gate import fitted_into_holdout
 
 
@@ -71,10 +72,10 @@ class EvaluationSummary:
 
     def __str__(self) -> str:
         lines = [
-            f"evaluated {self.n_holdout_points} holdout decision points of {self.n_orders} orders "
-            f"({self.n_logged_stops} logged stops in the OPE, {self.n_points_without_propensity} points without a "
-            "logged propensity left out of it)",
-            f"wrote {len(self.files)} files to {self.out_dir}",
+            f"evaluated {count_noun(self.n_holdout_points, 'holdout decision point')} of "
+            f"{count_noun(self.n_orders, 'order')} ({count_noun(self.n_logged_stops, 'logged stop')} in the OPE, "
+            f"{count_noun(self.n_points_without_propensity, 'point')} without a logged propensity left out of it)",
+            f"wrote {count_noun(len(self.files), 'file')} to {self.out_dir}",
         ]
         if self.stops_note:
             lines.append(self.stops_note)
@@ -83,7 +84,11 @@ class EvaluationSummary:
 
 def stops_note(has_stops: bool, left_out: int, holdout: int, unmatched: tuple[str, ...] = ()) -> str | None:
     """One line on the decision points the OPE cannot use: without a stops file, the logging policy's stops."""
-    share = f"{left_out} of {holdout} holdout decision points ({left_out / holdout:.0%})" if holdout else "none"
+    share = (
+        f"{left_out:,} of {count_noun(holdout, 'holdout decision point')} ({left_out / holdout:.0%})"
+        if holdout
+        else "none"
+    )
     if not has_stops:
         if not left_out:
             return None
@@ -99,7 +104,9 @@ def stops_note(has_stops: bool, left_out: int, holdout: int, unmatched: tuple[st
             "policy's choice) and are left out of the off-policy estimate"
         )
     if unmatched:
-        parts.append(f"{len(unmatched)} stops match no decision point and are not used (e.g. {unmatched[0]})")
+        parts.append(
+            f"not used, matching no decision point: {count_noun(len(unmatched), 'stop')} (e.g. {unmatched[0]})"
+        )
     return "; ".join(parts) or None
 
 

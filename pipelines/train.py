@@ -36,6 +36,7 @@ from model import evaluation as ev
 from model.datafiles import DEMO_MERCHANTS_FILE
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
+from model.wording import count_noun
 from pipelines.gate import (
     GATE_METRICS,
     GateMetric,
@@ -897,12 +898,12 @@ def run_training(
     named = tuple(f"{connector}/{code}" for connector, code, _ in not_learned)
     if not_learned:
         shown = ", ".join(
-            f"{connector}/{code} ({n} {'retry' if n == 1 else 'retries'})" for connector, code, n in not_learned[:10]
+            f"{connector}/{code} ({count_noun(n, 'retry', 'retries')})" for connector, code, n in not_learned[:10]
         )
         more = f" and {len(not_learned) - 10} more" if len(not_learned) > 10 else ""
         out.print(
-            f"[yellow]not learned yet:[/] {len(not_learned)} error codes of this history were retried after, but "
-            f"version {version} has no training support for them: {shown}{more}. "
+            f"[yellow]not learned yet:[/] version {version} has no training support for "
+            f"{count_noun(len(not_learned), 'error code')} of this history that retries followed: {shown}{more}. "
             + (
                 "None of their retries was among the decision points the models were fitted on."
                 if refit

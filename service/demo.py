@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from model.merchant_config import ConfigError, load_config, parse_config, read_config_yaml
+from model.wording import count_noun
 from service.api.settings import DEMO_CONFIG
 from service.executor.channels.fakes import FakeSmtpServer, RunningFake, run_fake_provider
 from service.executor.sandbox import RunningServer, create_sandbox_app, serve_in_thread
@@ -812,7 +813,7 @@ def run_live(
                 batch = events(demo.now())
                 demo.post(batch)
                 console.print(
-                    f"posted {len(batch)} failed payments; the demo clock runs x{options.clock_speed:g} "
+                    f"posted {count_noun(len(batch), 'failed payment')}; the demo clock runs x{options.clock_speed:g} "
                     f"(1 real second = {options.clock_speed / 60:g} demo minutes)"
                     + ("; Ctrl-C stops everything" if options.serve else f"; running {options.seconds:g} s"),
                     highlight=False,

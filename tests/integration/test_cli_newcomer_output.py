@@ -371,3 +371,16 @@ def test_import_gsm_names_the_file_it_read_on_one_line(tmp_path: Path, columns: 
     printed = io.StringIO()
     import_gsm(gsm, tmp_path / "overlay.csv", console=Console(file=printed, width=columns))
     assert printed.getvalue().splitlines()[0] == f"2 codes from {gsm}", printed.getvalue()
+
+
+def test_simulate_says_one_of_a_thing_in_the_singular(tmp_path: Path) -> None:
+    # `winback simulate --orders 1` said "(1 attempts)", "(1 nudges)", "(1 stops)" and "1 failed orders".
+    out = tmp_path / "one"
+    result = CliRunner().invoke(app, ["simulate", "--out", str(out), "--orders", "1", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.replace(f"\n{out.name}/", f"{out.name}/").split())  # unwrapped, paths joined
+    assert "(1 attempt), " in said, said
+    assert "(1 nudge) and" in said, said
+    assert "(1 stop): 1 failed order in " in said, said
+    for plural in ("1 attempts", "1 nudges", "1 stops", "1 failed orders"):
+        assert plural not in said, said

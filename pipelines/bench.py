@@ -17,10 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from rich.table import Table
+
+from model.wording import MISSING, figure
 
 SIMULATE_BUDGET_SECONDS_PER_100K = 120.0  # issue: 100,000 orders simulate in under 2 minutes
 
@@ -36,9 +40,27 @@ class BenchRow:
     peak_rss_mb: float
     reference: str
     ratio: str
+    #: Why ``peak_rss_mb`` is NaN, said under the table: the benchmark measures no peak memory of its own.
+    peak_rss_unmeasured: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def bench_table(rows: Sequence[BenchRow], title: str) -> Table:
+    """The bench's rows as one table; a peak RSS a benchmark does not measure is "-", and the caption says why."""
+    unmeasured: dict[str, list[str]] = {}
+    for row in rows:
+        if figure(row.peak_rss_mb) == MISSING:
+            reason = row.peak_rss_unmeasured or "not measured"
+            unmeasured.setdefault(reason, []).append(row.benchmark)
+    caption = "; ".join(f"peak RSS - for {', '.join(names)}: {reason}" for reason, names in unmeasured.items())
+    table = Table(title=title, caption=caption or None, caption_justify="left")
+    for column in ("benchmark", "inputs", "figure", "peak RSS MB", "reference (same run)", "ratio"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.benchmark, row.inputs, row.figure, figure(row.peak_rss_mb, ".0f"), row.reference, row.ratio)
+    return table
 
 
 def machine() -> str:

@@ -590,9 +590,7 @@ def _bench(
 ) -> None:
     import json
 
-    from rich.table import Table
-
-    from pipelines.bench import BenchRow, machine, simulate_rows, train_rows, training_histories
+    from pipelines.bench import BenchRow, bench_table, machine, simulate_rows, train_rows, training_histories
 
     try:
         sizes = sorted({int(part) for part in train_attempts.split(",") if part.strip()})
@@ -631,6 +629,10 @@ def _bench(
                         peak_rss_mb=max(api.worker_rss_mb)
                         if name.startswith("API") and api.worker_rss_mb
                         else float("nan"),
+                        peak_rss_unmeasured="no API worker's memory could be read"
+                        if name.startswith("API")
+                        else "the bench reads the API's workers only (mlflow serve's whole process tree, as PSS, "
+                        "is under the API table above)",
                         reference="mlflow models serve, same load generator, same run",
                         ratio=f"{api.ratio}x req/s, {api.cpu_ratio()}x CPU (7x judged on {api.judged_ratio()}x)"
                         if name.startswith("API")
@@ -660,6 +662,7 @@ def _bench(
                     f"{latency_text(swap.near_p99_ms)}, slowest {latency_text(swap.near_max_ms)}; {swap_during(swap)}",
                     seconds=40.0,
                     peak_rss_mb=float("nan"),
+                    peak_rss_unmeasured="the swap bench measures latency and errors, not memory",
                     reference=f"same run away from the moves: {swap.away_errors} of {swap.away_requests} failed, "
                     f"p90 {latency_text(swap.away_p90_ms)}, p99 {latency_text(swap.away_p99_ms)}, slowest "
                     f"{latency_text(swap.away_max_ms)}",
@@ -685,6 +688,7 @@ def _bench(
                     figure=f"during the loads: {phase_text(probe.during)}",
                     seconds=round(probe_seconds, 1),
                     peak_rss_mb=float("nan"),
+                    peak_rss_unmeasured="the probe runs in the bench's own process, whose peak is not the probe's",
                     reference=f"same run away from the loads: {phase_text(probe.away)}",
                     ratio=f"{ratio:.2f}x p90" if math.isfinite(ratio) else "-",
                 )
@@ -703,16 +707,12 @@ def _bench(
                     figure=f"{rate:,.0f} due actions/s",
                     seconds=float("nan"),
                     peak_rss_mb=float("nan"),
+                    peak_rss_unmeasured="the executor bench measures due actions per second, not memory",
                     reference=f"SQLite, 1 worker, same run: {reference:,.0f}/s",
                     ratio=f"{rate / reference:.2f}x",
                 )
             )
-    table = Table(title=f"winback bench — {machine()}")
-    for column in ("benchmark", "inputs", "figure", "peak RSS MB", "reference (same run)", "ratio"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row.benchmark, row.inputs, row.figure, f"{row.peak_rss_mb:.0f}", row.reference, row.ratio)
-    console.print(table)
+    console.print(bench_table(rows, f"winback bench — {machine()}"))
     report = out / "bench.json"
     report.write_text(
         json.dumps({"machine": machine(), "rows": [row.as_dict() for row in rows], **extra}, indent=1, default=str),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from typing import Any
 
@@ -11,6 +9,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from model.wording import MISSING, figure
+
+__all__ = ["MISSING", "compact_table", "figure", "folded_header", "print_titled"]
 
 #: A rule under the header, two spaces between columns, none at the edges: at 80 columns every space counts.
 _COMPACT: dict[str, Any] = {
@@ -20,17 +22,6 @@ _COMPACT: dict[str, Any] = {
     "padding": (0, 0, 0, 1),
     "title_justify": "left",
 }
-
-
-#: A figure a table has no value for (NaN: not measured, nothing to compare with): a dash, not "nan" or "n/a".
-MISSING = "-"
-
-
-def figure(value: object, spec: str = "") -> str:
-    """``value`` formatted by ``spec`` (``format(value, spec)``) as a table cell; :data:`MISSING` for None or NaN."""
-    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
-        return MISSING
-    return format(value, spec)
 
 
 def compact_table(title: str, **options: Any) -> Table:

@@ -43,6 +43,7 @@ import orjson
 import psutil
 
 from model import datafiles
+from model.wording import MISSING, count_noun, figure
 from service.signals import sigterm_exits
 
 #: The decision request of the benchmark: the shipped demo request (CONTRACT.md section 2, merchant m_us_saas).
@@ -1152,13 +1153,26 @@ def _listed(values: list[float]) -> str:
     return ", ".join(f"{value:.2f}" for value in values) or "-"
 
 
+def memory_lines(result: BenchResult) -> str:
+    """The servers' memory in two lines; a figure that could not be read is "-", and the line says why."""
+    workers = ", ".join(figure(rss, ".0f") for rss in result.worker_rss_mb) or MISSING
+    if not result.worker_rss_mb:
+        workers += " (not measured)"
+    elif any(figure(rss) == MISSING for rss in result.worker_rss_mb):
+        workers += " (-: the worker's /proc/<pid>/status had no VmRSS line)"
+    trees = f"API {figure(result.api_tree_pss_mb, '.0f')}, mlflow serve {figure(result.mlflow_tree_pss_mb, '.0f')}"
+    if MISSING in (figure(result.api_tree_pss_mb), figure(result.mlflow_tree_pss_mb)):
+        trees += " (-: the server's /proc/<pid>/smaps_rollup could not be read)"
+    return f"API worker RSS (MB): {workers}\nmemory of each server's whole process tree (PSS, MB): {trees}"
+
+
 def _print(result: BenchResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(
         title=f"decision API (model {result.model_version}) vs mlflow models serve, {result.traffic} traffic "
-        f"({result.distinct_requests} distinct request{'s' if result.distinct_requests != 1 else ''})"
+        f"({count_noun(result.distinct_requests, 'distinct request')})"
     )
     for column in ("server", "mode", "requests", "errors", "req/s", "p50 ms", "p99 ms", "CPU ms/request"):
         table.add_column(column)
@@ -1175,7 +1189,7 @@ def _print(result: BenchResult) -> None:
         table.add_row(
             server, mode, str(figures.requests), str(figures.errors), f"{figures.rps:.0f}",
             f"{figures.p50_ms:.2f}", f"{figures.p99_ms:.2f}",
-            "-" if math.isnan(figures.cpu_ms_per_request) else f"{figures.cpu_ms_per_request:.2f}",
+            figure(figures.cpu_ms_per_request, ".2f"),
         )  # fmt: skip
     console = Console()
     console.print(table)
@@ -1210,11 +1224,7 @@ def _print(result: BenchResult) -> None:
         )
     elif result.costs_error is not None:
         console.print(f"where the API's CPU per request goes: not measured ({result.costs_error})")
-    console.print(f"API worker RSS (MB): {', '.join(f'{rss:.0f}' for rss in result.worker_rss_mb)}")
-    console.print(
-        f"memory of each server's whole process tree (PSS, MB): API {result.api_tree_pss_mb:.0f}, mlflow serve "
-        f"{result.mlflow_tree_pss_mb:.0f}"
-    )
+    console.print(memory_lines(result), highlight=False)
     stalls = result.api_fixed_rate_stalls
     if stalls is not None:
         console.print(

@@ -616,3 +616,22 @@ def test_a_result_names_the_software_it_was_measured_with(capsys: pytest.Capture
     _print(result)
     assert "software: python 3.11.7, mlflow 3.17.2, pandas 2.3.3" in " ".join(capsys.readouterr().out.split())
     assert result.as_dict()["software"] == {"python": "3.11.7", "mlflow": "3.17.2", "pandas": "2.3.3"}
+
+
+def test_memory_that_could_not_be_read_prints_a_dash_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    # The API bench printed "API worker RSS (MB): nan" and "(PSS, MB): API nan, mlflow serve nan" for a figure
+    # /proc did not give; every other table shows a missing figure as "-".
+    from service.api.bench import _print
+
+    result = BenchResult(
+        api=_figures(100, 1.0), mlflow=_figures(40, 2.5), api_fixed_rate=_figures(300), mlflow_fixed_rate=None,
+        ratio=2.5, fixed_rate=300.0, model_version="7", traffic="mixed", distinct_requests=1,
+        candidates_per_request=40.0, reference_model={}, worker_rss_mb=[312.4, math.nan],
+        api_tree_pss_mb=640.2, mlflow_tree_pss_mb=math.nan,
+    )  # fmt: skip
+    _print(result)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "nan" not in printed.lower().split(), printed
+    assert "(1 distinct request)" in printed
+    assert "API worker RSS (MB): 312, - (-: the worker's /proc/<pid>/status had no VmRSS line)" in printed
+    assert "(PSS, MB): API 640, mlflow serve - (-: the server's /proc/<pid>/smaps_rollup could not be read)" in printed

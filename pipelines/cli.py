@@ -832,12 +832,24 @@ def codes_report(
     gsm: Annotated[
         Path | None, typer.Option("--gsm", help="Overlay from `winback codes import-gsm`, to show its verdict.")
     ] = None,
-    csv_out: Annotated[Path | None, typer.Option("--csv", help="Also write the report as CSV here.")] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the report, every code of it, as CSV here.")
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit",
+            min=1,
+            help="Show this many codes, those with the most failures (--csv writes every code).",
+        ),
+    ] = 20,
+    show_all: Annotated[bool, typer.Option("--all", help="Show every code, whatever --limit says.")] = False,
 ) -> None:
     """List error codes of a history the model's training never saw (or saw fewer than k times).
 
     Per code: failures, retries and their outcomes so far, the model's retryability estimate for a typical
-    failure with it, and the nearest known codes by message.
+    failure with it, and the nearest known codes by message. The codes with the most failures first; --csv
+    writes every code.
     """
     from model.gsm import GsmError
     from pipelines.codes import codes_report as build_report
@@ -858,6 +870,8 @@ def codes_report(
         )
     except (TrainInputError, GsmError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
+    if csv_out is not None:
+        report.to_csv(csv_out, index=False)
     if not failed_attempts:
         console.print(f"the history in {attempts} holds no failed attempt: there is no error code to report")
     elif report.empty:
@@ -865,9 +879,8 @@ def codes_report(
             f"every error code of the history was seen at least {count_noun(min_support, 'time')} by model {version}"
         )
     else:
-        console.print(report_view(report, version, min_support))
+        console.print(report_view(report, version, min_support, limit=None if show_all else limit, csv_out=csv_out))
     if csv_out is not None:
-        report.to_csv(csv_out, index=False)
         console.print(f"written {csv_out}")
 
 

@@ -106,10 +106,18 @@ def _shown_message(message: object) -> str:
     return message if len(message) <= MESSAGE_SHOWN_CHARS else message[: MESSAGE_SHOWN_CHARS - 1] + "…"
 
 
-def report_view(report: pd.DataFrame, version: str, min_support: int) -> Group:
+def report_view(
+    report: pd.DataFrame, version: str, min_support: int, *, limit: int | None = None, csv_out: Path | None = None
+) -> Group:
     """The report as two rich tables that read at 80 columns and wider: one line of counts per code (codes and
     numbers are never cut: a long code folds), then per code its example message, gateway status map verdict
-    and nearest known codes, one per line. Every cell is plain text: a ``[`` in a message is not rich markup."""
+    and nearest known codes, one per line. Every cell is plain text: a ``[`` in a message is not rich markup.
+
+    With ``limit``, only the first ``limit`` codes (the report's order: most failures first) and a line saying how
+    many more there are and where to see them all (``csv_out``, the CSV that holds every code, when written)."""
+    total = len(report)
+    if limit is not None and total > limit:
+        report = report.head(limit)
     counts = compact_table(
         f"Error codes model {version} saw fewer than {count_noun(min_support, 'time')}",
         caption=_COUNTS_LEGEND,
@@ -133,7 +141,17 @@ def report_view(report: pd.DataFrame, version: str, min_support: int) -> Group:
             about.append(f"\ngateway status map: {gsm}", style="dim")
         nearest = "\n".join(str(row["nearest"]).split("; ")) if row["nearest"] else "none known"
         described.add_row(about, Text(nearest))
-    return Group(counts, Text(), described)
+    parts: list[Table | Text] = [counts, Text(), described]
+    if len(report) < total:
+        every = f"{csv_out} has every one" if csv_out is not None else "--csv FILE writes every one"
+        parts += [
+            Text(),
+            Text(
+                f"showing {len(report)} of {count_noun(total, 'code')}, those with the most failures: --all shows "
+                f"the other {total - len(report):,}; {every}"
+            ),
+        ]
+    return Group(*parts)
 
 
 def import_gsm(path: str | Path, out: str | Path = DEFAULT_OVERLAY, console: Console | None = None) -> Path:

@@ -33,16 +33,17 @@ def history_with_a_long_code(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _codes_report(history: Path, columns: int) -> tuple[Printed, pd.DataFrame]:
+def _codes_report(history: Path, columns: int, *options: str) -> tuple[Printed, pd.DataFrame]:
     """`winback codes report` on ``history`` against an empty registry (rules-only: every code is new), in a
-    terminal ``columns`` wide; with the CSV it wrote."""
+    terminal ``columns`` wide, with ``options``; with the CSV it wrote."""
+    name = f"{columns}{''.join(options)}"
     printed = run_winback(
         "codes", "report", "--attempts", "attempts.parquet", "--nudges", "nudges.parquet",
-        "--tracking-uri", f"sqlite:///{history / f'mlflow-{columns}.db'}", "--csv", f"codes-{columns}.csv",
+        "--tracking-uri", f"sqlite:///{history / f'mlflow-{name}.db'}", "--csv", f"codes-{name}.csv", *options,
         cwd=history, columns=columns,
     )  # fmt: skip
     assert printed.exit_code == 0, printed.stderr
-    return printed, pd.read_csv(history / f"codes-{columns}.csv", dtype={"error_code": str})
+    return printed, pd.read_csv(history / f"codes-{name}.csv", dtype={"error_code": str})
 
 
 def _counts_rows(stdout: str, numbers: int) -> dict[str, list[str]]:
@@ -71,7 +72,7 @@ def test_codes_report_is_a_table_that_fits_the_terminal_with_every_code_and_coun
 ) -> None:
     # At 80-120 columns the report's eleven columns were folded to a few letters each: codes, counts and the
     # nearest codes' text broken over a dozen lines per row, the headers one syllable a line.
-    printed, report = _codes_report(history_with_a_long_code, columns)
+    printed, report = _codes_report(history_with_a_long_code, columns, "--all")
     assert max(len(line) for line in printed.stdout.splitlines()) <= columns, printed.stdout
     shown = _counts_rows(printed.stdout, numbers=7)
     expected = {
@@ -87,6 +88,25 @@ def test_codes_report_is_a_table_that_fits_the_terminal_with_every_code_and_coun
     described = " ".join(printed.stdout.split("What each code says", 1)[1].split())
     assert "[bold]Transaction not permitted[/bold] to cardholder" in described
     assert "…" in described
+
+
+def test_codes_report_shows_a_digest_of_the_most_failed_codes_and_says_how_to_see_the_rest(
+    history_with_a_long_code: Path,
+) -> None:
+    # On a 5,000-order history against a fresh registry the report printed all 294 codes: 1,121 lines at 80 columns.
+    printed, report = _codes_report(history_with_a_long_code, 80)
+    assert len(report) > 20  # the CSV keeps every code
+    shown = _counts_rows(printed.stdout, numbers=7)
+    assert list(shown) == [f"{row.connector}/{row.error_code}" for row in report.head(20).itertuples()]
+    said = " ".join(printed.stdout.split())
+    assert (
+        f"showing 20 of {len(report)} codes, those with the most failures: --all shows the other {len(report) - 20}; "
+        "codes-80.csv has every one"
+    ) in said, printed.stdout
+    assert said.count("none known") == 20  # the second table: the same 20 codes
+    fewer, _ = _codes_report(history_with_a_long_code, 80, "--limit=3")
+    assert len(_counts_rows(fewer.stdout, numbers=7)) == 3
+    assert f"showing 3 of {len(report)} codes" in " ".join(fewer.stdout.split())
 
 
 def _executor_start(folder: Path, *extra_env: tuple[str, str]) -> Printed:

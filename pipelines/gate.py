@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from pipelines.tables import figure
+from pipelines.tables import compact_table, figure
 
 __all__ = [
     "GATE_METRICS",
+    "GATE_TABLE_LEGEND",
     "GateCheck",
     "GateMetric",
     "GateResult",
@@ -49,7 +50,8 @@ class GateMetric:
     ``ceiling`` (same units) is the most the holdout's noise may widen the tolerance to."""
 
     name: str
-    label: str
+    label: str  # in the verdict's reasons
+    short_label: str  # in the gate table's first column: at most 17 characters, so the table fits 80 columns
     higher_is_better: bool
     tolerance: float
     ceiling: float
@@ -85,13 +87,25 @@ class GateMetric:
 #: both (clip 10). On 2,300-point holdouts drawn from them, the gate
 #: promoted the truly better model (by 7%) 98% of the time, the two same-view checks 45%.
 GATE_METRICS: tuple[GateMetric, ...] = (
-    GateMetric("retry_log_loss", "retry model log loss", higher_is_better=False, tolerance=0.01, ceiling=0.05),
-    GateMetric("retry_auc", "retry model AUC", higher_is_better=True, tolerance=0.01, ceiling=0.05),
-    GateMetric("retarget_log_loss", "retarget model log loss", higher_is_better=False, tolerance=0.01, ceiling=0.05),
-    GateMetric("retarget_auc", "retarget model AUC", higher_is_better=True, tolerance=0.01, ceiling=0.05),
+    GateMetric(
+        "retry_log_loss", "retry model log loss", "retry log loss", higher_is_better=False, tolerance=0.01, ceiling=0.05
+    ),
+    GateMetric("retry_auc", "retry model AUC", "retry AUC", higher_is_better=True, tolerance=0.01, ceiling=0.05),
+    GateMetric(
+        "retarget_log_loss",
+        "retarget model log loss",
+        "retarget log loss",
+        higher_is_better=False,
+        tolerance=0.01,
+        ceiling=0.05,
+    ),
+    GateMetric(
+        "retarget_auc", "retarget model AUC", "retarget AUC", higher_is_better=True, tolerance=0.01, ceiling=0.05
+    ),
     GateMetric(
         "policy_value_dr",
         "policy value (DR, each model under the other's reward model)",
+        "policy value (DR)",
         higher_is_better=True,
         tolerance=0.02,
         ceiling=0.10,
@@ -307,13 +321,21 @@ def _fmt(value: float) -> str:
     return figure(value, ".4f")
 
 
+#: Under the gate table: what its short labels leave out.
+GATE_TABLE_LEGEND = (
+    "policy value (DR): the doubly robust value per decision, each model under the other's reward model; "
+    "tolerance: how much worse the challenger may be"
+)
+
+
 def gate_table(result: GateResult) -> Table:
-    """A rich table of the comparison, one row per metric, with the verdict as its caption."""
+    """A rich table of the comparison, one row per metric, with the verdict as its caption; in the compact style
+    with short metric labels, so no row folds at 80 columns."""
     title = f"Promotion gate: challenger v{result.challenger_version}"
     if result.champion_version is not None:
         title += f" vs champion v{result.champion_version}"
-    table = Table(title=title, caption=result.verdict, caption_justify="left")
-    table.add_column("metric")
+    table = compact_table(title, caption=f"{GATE_TABLE_LEGEND}\n{result.verdict}", caption_justify="left")
+    table.add_column("metric", no_wrap=True)
     table.add_column("better", justify="center")
     table.add_column("challenger", justify="right")
     table.add_column("champion", justify="right")
@@ -322,7 +344,7 @@ def gate_table(result: GateResult) -> Table:
     table.add_column("ok", justify="center")
     for check in result.checks:
         table.add_row(
-            check.metric.label,
+            check.metric.short_label,
             "higher" if check.metric.higher_is_better else "lower",
             _fmt(check.challenger),
             _fmt(check.champion),

@@ -75,7 +75,7 @@ def test_promotion_gate_both_ways(tmp_path: Path, mlflow_store: str) -> None:
     assert worse.gate.verdict.startswith("kept champion version 2; version 3 stays challenger: ")
     text = console.export_text()
     assert "Promotion gate: challenger v3 vs champion v2" in text
-    assert "retry model AUC" in text
+    assert "retry AUC" in text
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_store)
     run = client.get_run(worse.run_id)
@@ -87,7 +87,9 @@ def test_promotion_gate_both_ways(tmp_path: Path, mlflow_store: str) -> None:
     views = {check.metric.name: check for check in worse.gate.checks if check.metric.name.startswith("policy_value")}
     assert set(views) == {"policy_value_dr"}
     assert all(math.isfinite(check.challenger) and math.isfinite(check.champion) for check in views.values())
-    assert "policy value (DR, each model under the other's reward model)" in text
+    assert "policy value (DR): the doubly robust value per decision, each model under the other's reward model" in (
+        " ".join(text.split())
+    )
     assert "gate.policy_value_dr" in run.data.metrics
     logged = set(worse.artifacts)
     for expected in (

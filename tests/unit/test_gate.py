@@ -19,8 +19,8 @@ CHAMPION = {
 }
 
 
-def _render(result: object) -> str:
-    console = Console(width=200, record=True)
+def _render(result: object, width: int = 200) -> str:
+    console = Console(width=width, record=True)
     console.print(gate_table(result))  # type: ignore[arg-type]
     return console.export_text()
 
@@ -80,7 +80,10 @@ def test_table_shows_every_metric_and_the_verdict() -> None:
     challenger = {**CHAMPION, "retry_auc": 0.60}
     text = _render(compare(challenger, CHAMPION, challenger_version="2", champion_version="1"))
     for metric in GATE_METRICS:
-        assert metric.label in text
+        assert metric.short_label in text
+    assert "each model under the other's reward model" in " ".join(
+        text.split()
+    )  # what the short "policy value (DR)" leaves out
     assert "challenger v2 vs champion v1" in text
     assert "kept champion version 1" in text
     assert "0.6000" in text
@@ -181,3 +184,17 @@ def test_evaluating_a_refit_on_the_history_it_was_fitted_on_warns() -> None:
     assert fitted_on_holdout({**refit, "text_trained_to": "2026-07-24 11:59:28+00:00"}, start) is None
     # A version without a refit (or from before refits) is not flagged.
     assert fitted_on_holdout({"trained_to": "2026-09-09 13:00:00+00:00"}, start) is None
+
+
+def test_the_table_keeps_each_metric_on_one_line_at_80_columns() -> None:
+    # In `winback train --promote` / `retrain` at 80 columns, the labels folded over two to five lines each
+    # ("policy value" / "(DR, each model" / "under the" / "other's reward" / "model)").
+    challenger = {**CHAMPION, "retry_auc": 0.60}
+    text = _render(compare(challenger, CHAMPION, challenger_version="2", champion_version="1"), width=80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, text
+    rows = [index for index, line in enumerate(lines) if line.rstrip("│ ").endswith((" yes", " no"))]
+    assert rows == list(range(rows[0], rows[0] + len(GATE_METRICS))), text  # one line each, none folded between
+    for metric, row in zip(GATE_METRICS, rows, strict=True):
+        assert f"{CHAMPION[metric.name]:.4f}" in lines[row], text
+    assert "policy value (DR)" in lines[rows[-1]], text

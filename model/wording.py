@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["MISSING", "count_noun", "figure"]
+__all__ = ["LINE_WIDTH", "MISSING", "count_noun", "figure", "labelled_lines"]
 
 #: A figure a table has no value for (NaN: not measured, nothing to compare with): a dash, not "nan" or "n/a".
 MISSING = "-"
@@ -29,3 +29,25 @@ def count_noun(count: int, noun: str, plural: str | None = None) -> str:
     """
     word = noun if count == 1 else (plural if plural is not None else f"{noun}s")
     return f"{count:,} {word}"
+
+
+#: The width winback lays out its plain lines for: an ordinary terminal's.
+LINE_WIDTH = 80
+#: Where a labelled line's value starts: two spaces, the label padded to 15, a space.
+_VALUE_COLUMN = 18
+
+
+def labelled_lines(label: str, value: str, note: str = "", *, width: int = LINE_WIDTH) -> list[str]:
+    """One entry of a list like the demo's "where to look": ``label``, ``value`` (an address, a path, a command)
+    and ``note`` in parentheses, on one line when it fits ``width``; else the note under the value, or the value
+    on a line of its own under the label, so a long path or URL stays whole and copyable. A value wider than a
+    line by itself is left whole for the terminal to wrap."""
+    noted = f"  ({note})" if note else ""
+    beside = f"  {label:<{_VALUE_COLUMN - 3}} {value}"
+    if len(beside + noted) <= width:
+        return [beside + noted]
+    note_below = [f"{'':<{_VALUE_COLUMN}}({note})"] if note else []
+    if len(beside) <= width:
+        return [beside, *note_below]
+    above = f"  {label}{noted}".rstrip()
+    return [above, f"    {value}"] if above else [f"    {value}"]

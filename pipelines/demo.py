@@ -18,7 +18,7 @@ from rich.console import Console
 from model.datafiles import DEMO_REQUEST_FILE
 from model.registry import get_alias_version
 from model.registry_client import run_artifact_dir
-from model.wording import count_noun
+from model.wording import count_noun, labelled_lines
 from pipelines.simulate import simulate
 from pipelines.train import resolve_stops, run_training
 
@@ -89,16 +89,25 @@ def evaluation_report(paths: DemoPaths) -> str:
 def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
     """The lines printed before the services start."""
     base = f"http://{host}:{port}"
+    entries = [
+        ("API docs", f"{base}/docs"),
+        ("readiness", f"{base}/readyz"),
+        ("metrics", f"{base}/metrics"),
+        ("MLflow store", paths.tracking_uri),
+        ("evaluation", evaluation_report(paths)),
+    ]
     return "\n".join(
         [
             f"winback demo on {base}",
-            f"  API docs        {base}/docs",
-            f"  readiness       {base}/readyz   metrics {base}/metrics",
-            f"  MLflow store    {paths.tracking_uri}  (mlflow ui --backend-store-uri {paths.tracking_uri})",
-            f"  evaluation      {evaluation_report(paths)}",
+            *(line for label, value in entries for line in labelled_lines(label, value)),
+            "  browse the MLflow store:",
+            "    mlflow ui --backend-store-uri \\",
+            f"      {paths.tracking_uri}",
             "  try a decision:",
-            f"    curl -s {base}/v1/decisions -H 'Authorization: Bearer wb_demo_{DEMO_MERCHANT}' \\",
-            f"      -H 'content-type: application/json' -d @{DEMO_REQUEST_FILE}",
+            f"    curl -s {base}/v1/decisions \\",
+            f"      -H 'Authorization: Bearer wb_demo_{DEMO_MERCHANT}' \\",
+            "      -H 'content-type: application/json' \\",
+            f"      -d @{DEMO_REQUEST_FILE}",
         ]
     )
 

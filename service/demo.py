@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from model.merchant_config import ConfigError, load_config, parse_config, read_config_yaml
-from model.wording import count_noun
+from model.wording import count_noun, labelled_lines
 from service.api.settings import DEMO_CONFIG
 from service.executor.channels.fakes import FakeSmtpServer, RunningFake, run_fake_provider
 from service.executor.sandbox import RunningServer, create_sandbox_app, serve_in_thread
@@ -723,19 +723,25 @@ class LiveDemo:
 
     def where_to_look(self, endpoints: FakeEndpoints) -> list[str]:
         """The live part's addresses and files."""
-        return [
-            f"  agent console   {self.base_url}/console/  sign in as "
-            + " or ".join(f"{name} / {password}" for name, password in self.agents.values())
-            + f"  ({ASSISTED_DEMO_MERCHANT} is in assisted mode)",
-            f"  live orders     {self.base_url}/v1/orders/<order_id>  (Authorization: Bearer wb_demo_<merchant_id>)",
-            f"  captured nudges {endpoints.gupshup_url}/_messages (WhatsApp, SMS)  "
-            f"{endpoints.push_url.rsplit('/', 1)[0]}/_messages (push)  e-mail: fake SMTP on port {endpoints.smtp_port}",
-            f"  webhooks        {endpoints.webhook_url.rsplit('/', 1)[0]}/_webhooks  (what the merchants received)",
-            f"  sandbox         {endpoints.sandbox_url}/v1/stats  (charges made by silent retries and links)",
-            f"  database        {self.options.database_url}",
-            f"  logs            {self.live_dir / 'api.log'}  {self.live_dir / 'executor.log'}",
-            f"  demo config     {self.config_path}  (secrets: made up for this run, in the children's env only)",
+        messages = endpoints.push_url.rsplit("/", 1)[0]
+        entries = [
+            ("agent console", f"{self.base_url}/console/", f"{ASSISTED_DEMO_MERCHANT} is in assisted mode"),
+            *(
+                ("" if index else "sign in as", f"{name} / {password}", "")
+                for index, (name, password) in enumerate(self.agents.values())
+            ),
+            ("live orders", f"{self.base_url}/v1/orders/<order_id>", "Authorization: Bearer wb_demo_<merchant_id>"),
+            ("captured nudges", f"{endpoints.gupshup_url}/_messages", "WhatsApp, SMS"),
+            ("", f"{messages}/_messages", "push"),
+            ("", f"e-mail: fake SMTP on port {endpoints.smtp_port}", "counted in the summary"),
+            ("webhooks", f"{endpoints.webhook_url.rsplit('/', 1)[0]}/_webhooks", "what the merchants received"),
+            ("sandbox", f"{endpoints.sandbox_url}/v1/stats", "charges made by silent retries and links"),
+            ("database", self.options.database_url, ""),
+            ("API log", str(self.live_dir / "api.log"), ""),
+            ("executor log", str(self.live_dir / "executor.log"), ""),
+            ("demo config", str(self.config_path), "secrets: made up for this run, in the children's env only"),
         ]
+        return [line for label, value, note in entries for line in labelled_lines(label, value, note)]
 
     # ------------------------------------------------------------------------------------------- stop
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -131,3 +132,40 @@ def test_the_status_line_comes_when_a_count_changed_not_every_time_the_clock_mov
         "[2026-12-07 13:10 UTC] orders: AWAITING_AGENT 6, PENDING 20, SUCCEEDED 14 | retries 19 | messages 15 | "
         "links paid 3 | webhooks 14/14 verified",
     ]
+
+
+def test_where_to_look_fits_80_columns_and_keeps_every_address_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `make demo` printed its "where to look" lines 84 to 140 characters wide (the agent sign-ins, the captured
+    # messages' three addresses, the MLflow store beside its `mlflow ui` command), folded mid-URL by a terminal.
+    from rich.console import Console
+
+    import pipelines.demo
+    from pipelines.demo import demo_paths, where_to_look
+    from service.demo import LiveDemo, LiveOptions
+
+    workdir = Path("/home/newcomer/winback/demo")  # as a clone in a home folder has it
+    report = workdir / "mlruns/artifacts/ea64075e353c49a38a6f8dff64df23ca/artifacts/evaluation/evaluation.md"
+    monkeypatch.setattr(pipelines.demo, "evaluation_report", lambda _paths: str(report))
+    options = LiveOptions(
+        workdir=workdir, database_url=f"sqlite:///{workdir}/winback.db",
+        tracking_uri=f"sqlite:///{workdir}/mlruns/mlflow.db", host="127.0.0.1", port=8000, seed=1,
+        clock_speed=3600.0, serve=False, seconds=60.0, pay_share=0.6,
+    )  # fmt: skip
+    demo = LiveDemo(options, ["winback"], Console())
+    live = demo.where_to_look(ENDPOINTS)
+    before = where_to_look(demo_paths(workdir), "127.0.0.1", 8000).splitlines()
+    for line in [*before, *live]:
+        # Only a value wider than a line by itself (a run's evaluation report under a deep folder) may be wider.
+        assert len(line) <= 80 or line == f"    {report}", line
+    shown = "\n".join(live)
+    for agent, password in demo.agents.values():
+        assert any(line.endswith(f" {agent} / {password}") for line in live), shown
+    for address in (
+        "http://127.0.0.1:8000/console/", "http://127.0.0.1:9002/_messages", "http://127.0.0.1:9004/_messages",
+        "port 9003", "http://127.0.0.1:9005/_webhooks", "http://127.0.0.1:9001/v1/stats",
+        f"{workdir}/live/api.log", f"{workdir}/live/executor.log", f"{workdir}/demo-merchants.yaml",
+        "Authorization: Bearer wb_demo_<merchant_id>",
+    ):  # fmt: skip
+        assert address in shown, (address, shown)
+    assert f"    {report}" in before
+    assert f"      sqlite:///{workdir}/mlruns/mlflow.db" in before  # under `mlflow ui --backend-store-uri \\`

@@ -20,3 +20,17 @@ from model.wording import count_noun
 )
 def test_count_noun_is_singular_for_exactly_one(count: int, noun: str, plural: str | None, expected: str) -> None:
     assert count_noun(count, noun, plural) == expected
+
+
+def test_labelled_lines_keep_a_long_value_whole_on_a_line_of_its_own() -> None:
+    from model.wording import labelled_lines
+
+    assert labelled_lines("API docs", "http://127.0.0.1:8000/docs") == ["  API docs        http://127.0.0.1:8000/docs"]
+    assert labelled_lines("webhooks", "http://127.0.0.1:34561/_webhooks", "what the merchants received", width=60) == [
+        "  webhooks        http://127.0.0.1:34561/_webhooks",
+        "                  (what the merchants received)",
+    ]
+    path = "/home/newcomer/winback/demo/mlruns/artifacts/ea64075e353c49a38a6f8dff64df23ca/evaluation.md"
+    assert labelled_lines("evaluation", path) == ["  evaluation", f"    {path}"]
+    assert labelled_lines("", path, "of the champion") == ["    (of the champion)", f"    {path}"]
+    assert labelled_lines("", path) == [f"    {path}"]

@@ -52,7 +52,11 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
     paths = demo_paths(workdir)
     paths.workdir.mkdir(parents=True, exist_ok=True)
     if paths.attempts.is_file() and paths.nudges.is_file():
-        console.print(f"using the history already in {paths.attempts.parent}")
+        console.print(
+            f"using the history already in {paths.attempts.parent}, not simulated again (--orders and --seed "
+            f"apply to a new one: `make clean`, or another --workdir)",
+            highlight=False,
+        )
     else:
         summary = simulate(paths.attempts.parent, orders=orders, seed=seed, progress=True)
         console.print(
@@ -60,7 +64,8 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
             f"{count_noun(summary.nudges, 'nudge')}); "
             f"the logging policy recovered {summary.recovery_rate:.1%}"
         )
-    if get_alias_version("champion", tracking_uri=paths.tracking_uri) is None:
+    champion = get_alias_version("champion", tracking_uri=paths.tracking_uri)
+    if champion is None:
         run_training(
             paths.attempts,
             paths.nudges,
@@ -72,7 +77,10 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
             console=console,
         )
     else:
-        console.print(f"a champion is already registered in {paths.tracking_uri}")
+        console.print(
+            f"using version {champion}, the champion already registered in {paths.tracking_uri}, not trained again",
+            highlight=False,
+        )
     return paths
 
 

@@ -169,3 +169,32 @@ def test_where_to_look_fits_80_columns_and_keeps_every_address_whole(monkeypatch
         assert address in shown, (address, shown)
     assert f"    {report}" in before
     assert f"      sqlite:///{workdir}/mlruns/mlflow.db" in before  # under `mlflow ui --backend-store-uri \\`
+
+
+def test_a_second_demo_says_it_reuses_the_history_and_the_champion_and_how_to_start_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second `make demo DEMO_ARGS="--orders 2000"` said "using the history already in ..." and "a champion is
+    # already registered in ...": not that --orders was not applied, which champion it was, or how to start afresh.
+    import io
+
+    from rich.console import Console
+
+    import pipelines.demo
+
+    history = tmp_path / "demo" / "history"
+    history.mkdir(parents=True)
+    (history / "attempts.parquet").touch()
+    (history / "nudges.parquet").touch()
+    monkeypatch.setattr(pipelines.demo, "get_alias_version", lambda alias, tracking_uri: "4")
+    printed = io.StringIO()
+    pipelines.demo.prepare(
+        tmp_path / "demo", orders=2000, seed=1, episodes=0, console=Console(file=printed, width=1000)
+    )
+    lines = printed.getvalue().splitlines()
+    assert lines == [
+        f"using the history already in {history}, not simulated again (--orders and --seed apply to a new one: "
+        "`make clean`, or another --workdir)",
+        f"using version 4, the champion already registered in sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}, "
+        "not trained again",
+    ]

@@ -252,23 +252,26 @@ class LiveSummary:
         return ", ".join(f"{state} {count}" for state, count in sorted(self.states.items())) or "none yet"
 
     def counts(self) -> str:
-        """The status line's counts, without the demo clock."""
+        """The status lines' counts, without the demo clock: the orders by state, then (indented, on a line of its
+        own, so neither line is wider than an 80-column terminal) what the loop did."""
         messages = sum(self.messages.values())
         return (
-            f"orders: {self.orders_by_state()} | retries {self.retries} | messages {messages} | "
-            f"links paid {self.links_paid} | webhooks {self.webhooks_verified}/{self.webhooks} verified"
+            f"{self.orders_by_state() if self.states else 'no order yet'}\n"
+            f"  retries {self.retries} | messages {messages} | links paid {self.links_paid} | "
+            f"webhooks {self.webhooks_verified}/{self.webhooks} verified"
         )
 
     def line(self) -> str:
-        """One status line."""
+        """One status: two lines, the first after the demo clock."""
         return f"[{self.demo_time}] {self.counts()}"
 
     def table(self) -> Table:
         """The summary as a table."""
         speed = f"demo clock x{self.clock_speed:g}" if self.clock_speed != 1 else "real time"
-        table = Table(title=f"winback demo: the recovery loop ({speed}, demo time {self.demo_time})")
+        table = Table(title="winback demo: the recovery loop")
         table.add_column("what", no_wrap=True)
         table.add_column("so far")
+        table.add_row("demo time", f"{self.demo_time} ({speed})")
         table.add_row("failed payments posted", f"{self.posted} (orders by state: {self.orders_by_state()})")
         table.add_row(
             "silent retries",

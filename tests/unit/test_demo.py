@@ -127,10 +127,10 @@ def test_the_status_line_comes_when_a_count_changed_not_every_time_the_clock_mov
             if status.due(now) and (line := status.line(_summary(f"2026-12-07 {demo_time} UTC", succeeded))):
                 printed.append(line)
     assert printed == [
-        "[2026-12-07 09:10 UTC] orders: AWAITING_AGENT 6, PENDING 25, SUCCEEDED 9 | retries 19 | messages 15 | "
-        "links paid 3 | webhooks 9/9 verified",
-        "[2026-12-07 13:10 UTC] orders: AWAITING_AGENT 6, PENDING 20, SUCCEEDED 14 | retries 19 | messages 15 | "
-        "links paid 3 | webhooks 14/14 verified",
+        "[2026-12-07 09:10 UTC] AWAITING_AGENT 6, PENDING 25, SUCCEEDED 9\n"
+        "  retries 19 | messages 15 | links paid 3 | webhooks 9/9 verified",
+        "[2026-12-07 13:10 UTC] AWAITING_AGENT 6, PENDING 20, SUCCEEDED 14\n"
+        "  retries 19 | messages 15 | links paid 3 | webhooks 14/14 verified",
     ]
 
 
@@ -198,3 +198,33 @@ def test_a_second_demo_says_it_reuses_the_history_and_the_champion_and_how_to_st
         f"using version 4, the champion already registered in sqlite:///{tmp_path / 'demo' / 'mlruns' / 'mlflow.db'}, "
         "not trained again",
     ]
+
+
+def test_the_status_and_the_summary_fit_80_columns() -> None:
+    # The status line was 113-140 characters wide ("... | webhooks 17/17 verified"), folded anywhere by an
+    # 80-column terminal, and the summary's title wrapped to "... demo time 2026-12-10 16:29" over "UTC)".
+    import io
+
+    from rich.console import Console
+
+    busy = _summary("2026-12-10 09:12 UTC", 150)
+    busy.states = {"AWAITING_AGENT": 60, "FAILED": 120, "PENDING": 170, "SUCCEEDED": 150}
+    busy.retries, busy.messages, busy.links_paid, busy.webhooks, busy.webhooks_verified = (
+        430,
+        {"sms": 330},
+        80,
+        270,
+        270,
+    )
+    lines = busy.line().splitlines()
+    assert lines == [
+        "[2026-12-10 09:12 UTC] AWAITING_AGENT 60, FAILED 120, PENDING 170, SUCCEEDED 150",
+        "  retries 430 | messages 330 | links paid 80 | webhooks 270/270 verified",
+    ]
+    assert all(len(line) <= 80 for line in lines)
+    printed = io.StringIO()
+    Console(file=printed, width=80).print(busy.table())
+    table = printed.getvalue().splitlines()
+    assert table[0].strip() == "winback demo: the recovery loop", printed.getvalue()
+    demo_time = next(line for line in table if "demo time" in line)
+    assert "2026-12-10 09:12 UTC (demo clock x3600)" in demo_time, printed.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,17 +26,29 @@ def _flags_read_as_flags(command: Command, ctx: Context) -> None:
             param.metavar = ""  # what the help shows in place of the type
 
 
+def _help_in_paragraphs(command: Command) -> None:
+    """Join the single line breaks of ``command``'s help text, so each paragraph is wrapped to the terminal: Typer
+    0.29 keeps a docstring's source lines in its help, which showed as ragged lines at any width ("... with the
+    history's stops" over "file, the points where ...", a line of "a" alone at 100 columns)."""
+    if command.help and "\b" not in command.help:
+        paragraphs = inspect.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
 class Group(TyperGroup):
-    """The ``winback`` command and its groups: their flags, and their commands' flags, read as flags in the help."""
+    """The ``winback`` command and its groups: their flags, and their commands' flags, read as flags in the help,
+    and their help text in whole paragraphs."""
 
     def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
         _flags_read_as_flags(self, ctx)
+        _help_in_paragraphs(self)
         super().format_help(ctx, formatter)
 
     def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _flags_read_as_flags(command, ctx)
+            _help_in_paragraphs(command)
         return command
 
 

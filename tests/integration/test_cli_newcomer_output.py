@@ -288,15 +288,44 @@ def test_every_table_shows_a_missing_figure_as_a_dash_not_nan(monkeypatch: pytes
     assert "nan" not in words(metrics + gate + codes + printed.getvalue())
 
 
-def test_help_shows_flags_as_flags_without_a_type() -> None:
-    # Typer 0.29 printed "<bool>" beside every flag (--promote, --serve/--no-serve, --help), as if it took a value.
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command and group of `winback` as the words that call it (the root as ``()``)."""
     import typer.main
 
     def paths(command: object, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
         below = getattr(command, "commands", {})
         return [path, *(p for name, sub in below.items() for p in paths(sub, (*path, name)))]
 
-    every = paths(typer.main.get_command(app))
+    return paths(typer.main.get_command(app))
+
+
+def test_help_text_is_wrapped_as_paragraphs_not_as_the_docstring_s_lines() -> None:
+    # Typer 0.29 kept a docstring's line breaks: `winback evaluate --help` at 100 columns read "... (IPS, SNIPS, DR;
+    # with the history's stops" over "file, the points where ...", `retrain --help` had a line of "a" alone.
+    import inspect
+
+    import typer.main
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for path in _command_paths():
+        command = root
+        for name in path:
+            command = command.commands[name]  # type: ignore[attr-defined]
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "250"}).output
+        lines = [line.strip() for line in shown.splitlines()]
+        for paragraph in inspect.cleandoc(command.help or "").split("\n\n")[1:]:
+            assert " ".join(paragraph.split()) in " ".join(" ".join(lines).split()), (path, shown)
+            source = paragraph.splitlines()
+            if len(source) > 1:  # the first source line, ended where the docstring's was, is not a line of the help
+                assert source[0].strip() not in lines, (path, shown)
+                checked += 1
+    assert checked >= 5
+
+
+def test_help_shows_flags_as_flags_without_a_type() -> None:
+    # Typer 0.29 printed "<bool>" beside every flag (--promote, --serve/--no-serve, --help), as if it took a value.
+    every = _command_paths()
     assert ("executor", "resolve-charge") in every
     assert len(every) > 15
     for path in every:

@@ -47,7 +47,7 @@ from pipelines.gate import (
     paired_noise,
     same_judged_fit,
 )
-from pipelines.tables import figure, print_titled
+from pipelines.tables import MISSING, figure, print_titled
 
 __all__ = [
     "TrainInputError",
@@ -177,6 +177,20 @@ def _metrics_table(metrics: Mapping[str, float]) -> Table:
     for name, value in sorted(metrics.items()):
         table.add_row(name, figure(value, ".4f"))
     return table
+
+
+#: Why a holdout metric can be missing ("-" in its table), said under the table.
+_WHY_MISSING: dict[str, str] = {
+    "policy_value_dr": "the gate's policy value values each model under the other's reward model, and there is no "
+    "champion to compare with yet",
+}
+
+
+def missing_metrics_note(metrics: Mapping[str, float]) -> str | None:
+    """One line on the metrics a table shows as "-" and why (None when none is missing)."""
+    missing = [name for name, value in sorted(metrics.items()) if figure(value) == MISSING]
+    reasons = (f"{name} is - because {_WHY_MISSING.get(name, 'this holdout has no points for it')}" for name in missing)
+    return "; ".join(reasons) or None
 
 
 CHALLENGER_NAME = "challenger"
@@ -891,6 +905,8 @@ def run_training(
         steps.done()
 
     print_titled(out, f"Holdout metrics of winback version {version}", _metrics_table(evaluation.gate_metrics))
+    if missing := missing_metrics_note(evaluation.gate_metrics):
+        out.print(f"[dim]{missing}[/]", highlight=False, soft_wrap=True)
     if evaluation.stops_note:
         out.print(f"[yellow]note:[/] {evaluation.stops_note}", highlight=False, soft_wrap=True)
     if gate is not None:

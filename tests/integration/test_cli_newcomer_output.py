@@ -354,6 +354,13 @@ def test_train_prints_no_blank_line_and_no_nan_into_a_pipe(history_with_a_long_c
     assert lines[1].strip() == "Holdout metrics of winback version 1", printed.stdout
     policy_value = next(line for line in lines if "policy_value_dr " in line)  # the gate's: none without a champion
     assert policy_value.split("│")[2].strip() == "-", printed.stdout
+    # ... and the line under the table says why, which it did not ("policy_value_dr  -" and nothing else).
+    said = " ".join(printed.stdout.split())
+    why = (
+        "policy_value_dr is - because the gate's policy value values each model under the other's reward model, "
+        "and there is no champion to compare with yet"
+    )
+    assert why in said, printed.stdout
     assert "nan" not in printed.stdout.split()
 
 

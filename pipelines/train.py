@@ -179,6 +179,15 @@ def _metrics_table(metrics: Mapping[str, float]) -> Table:
     return table
 
 
+def print_gate(out: Console, gate: GateResult) -> None:
+    """The gate's table, its legend and verdict wrapped at its width like the rest of it; or the verdict alone
+    (no champion, nothing compared) as one line, for the terminal to wrap."""
+    if gate.checks:
+        out.print(gate_table(gate), highlight=False)
+    else:
+        out.print(gate.verdict, highlight=False, soft_wrap=True)
+
+
 #: Why a holdout metric can be missing ("-" in its table), said under the table.
 _WHY_MISSING: dict[str, str] = {
     "policy_value_dr": "the gate's policy value values each model under the other's reward model, and there is no "
@@ -910,7 +919,7 @@ def run_training(
     if evaluation.stops_note:
         out.print(f"[yellow]note:[/] {evaluation.stops_note}", highlight=False, soft_wrap=True)
     if gate is not None:
-        out.print(gate_table(gate) if gate.checks else gate.verdict, highlight=False, soft_wrap=True)
+        print_gate(out, gate)
     named = tuple(f"{connector}/{code}" for connector, code, _ in not_learned)
     if not_learned:
         shown = ", ".join(

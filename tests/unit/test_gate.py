@@ -198,3 +198,22 @@ def test_the_table_keeps_each_metric_on_one_line_at_80_columns() -> None:
     for metric, row in zip(GATE_METRICS, rows, strict=True):
         assert f"{CHAMPION[metric.name]:.4f}" in lines[row], text
     assert "policy value (DR)" in lines[rows[-1]], text
+
+
+def test_train_prints_the_gate_s_legend_and_verdict_wrapped_to_80_columns() -> None:
+    # `winback train --promote` printed the gate's caption as one 147-character line (legend) and the verdict with
+    # its reasons as another, folded by an 80-column terminal mid-word; the table above them was 72 wide.
+    import io
+
+    from pipelines.train import print_gate
+
+    challenger = {**CHAMPION, "retry_auc": 0.60}
+    printed = io.StringIO()
+    print_gate(
+        Console(file=printed, width=80), compare(challenger, CHAMPION, challenger_version="2", champion_version="1")
+    )
+    lines = printed.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80, printed.getvalue()
+    said = " ".join(printed.getvalue().split())
+    assert "each model under the other's reward model" in said
+    assert "kept champion version 1; version 2 stays challenger: retry model AUC worse by 0.1000" in said

@@ -12,8 +12,14 @@ export DO_NOT_TRACK := true
 
 ## help: list the targets
 .PHONY: help
+# Each description wrapped at a word to fit 80 columns, its continuation lines under its first.
 help:
-	@grep -E '^## ' $(MAKEFILE_LIST) | sed -e 's/^## //' | awk -F': ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed -e 's/^## //' | awk -F': ' '{ \
+	  name = $$1; words = split(substr($$0, length($$1) + 3), word, " "); line = ""; \
+	  for (i = 1; i <= words; i++) { \
+	    if (line != "" && length(line) + 1 + length(word[i]) > 69) { printf "  %-8s %s\n", name, line; name = ""; line = word[i] } \
+	    else line = (line == "" ? word[i] : line " " word[i]) } \
+	  printf "  %-8s %s\n", name, line }'
 
 # Debian's chromium is the browser of the end-to-end tests (playwright cannot download its own here).
 SYSTEM_STAMP := $(VENV)/.system-stamp

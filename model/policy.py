@@ -36,6 +36,7 @@ from model.money import UNKNOWN_CURRENCY_RULE, Economics, load_economics
 from model.requests import Alternative, ContractModel, Decision, DecisionRequest
 from model.rules import Candidate, build_context, permitted_grid
 from model.vocab import Action, Channel, ErrorClass, Strategy
+from model.wording import count_noun
 
 PRIORS_FILE = DATA_DIR / "policy" / "priors.yaml"
 RULES_ONLY_VERSION = "rules-only"
@@ -576,7 +577,7 @@ def _decide(
     if chosen != best:
         reasons.append("exploring: a permitted alternative, tried now and then so the model keeps learning")
     if code_evidence is not None and code_evidence < config.support_half_life:
-        reasons.append(f"thin evidence: the model saw {code_evidence} retries after this code")
+        reasons.append(f"thin evidence: the model saw {count_noun(code_evidence, 'retry', 'retries')} after this code")
     if level is not None and abs(level_factor - 1.0) >= 0.05:
         n, won, predicted = level
         reasons.append(

@@ -76,11 +76,12 @@ def test_a_code_judged_non_retryable_keeps_being_tried_more_while_evidence_is_th
     assert max(thin_propensities) < 0.05
 
 
-def test_thin_evidence_is_named_in_the_reasons() -> None:
+@pytest.mark.parametrize(("support", "seen"), [(3, "3 retries"), (1, "1 retry")])  # not "1 retries"
+def test_thin_evidence_is_named_in_the_reasons(support: int, seen: str) -> None:
     decision = decide(
-        make_request(), make_merchant(), _FixedScorer(3), catalog=load_catalog(), rng=np.random.default_rng(1)
+        make_request(), make_merchant(), _FixedScorer(support), catalog=load_catalog(), rng=np.random.default_rng(1)
     )
-    assert "thin evidence: the model saw 3 retries after this code" in decision.reasons
+    assert f"thin evidence: the model saw {seen} after this code" in decision.reasons
 
 
 # ----------------------------------------------------------------------------------------------- codewatch

@@ -120,11 +120,13 @@ def simulate(
 
     output_folder(out, "--out")
     summary = run_simulation(out, orders=orders, seed=seed, progress=True)
+    rate = (
+        f"{summary.orders_per_second:,.0f}" if summary.orders_per_second >= 10 else f"{summary.orders_per_second:.2g}"
+    )
     console.print(
         f"wrote {summary.attempts_path} ({count_noun(summary.attempts, 'attempt')}), {summary.nudges_path} "
         f"({count_noun(summary.nudges, 'nudge')}) and {summary.stops_path} ({count_noun(summary.stops, 'stop')}): "
-        f"{count_noun(summary.orders, 'failed order')} in {summary.seconds:.1f} s "
-        f"({summary.orders_per_second:,.0f} orders/s)",
+        f"{count_noun(summary.orders, 'failed order')} in {summary.seconds:.1f} s ({rate} orders/s)",
         highlight=False,
     )
     print_frame(summary.failure_mix, "failure mix and logging-policy recovery")

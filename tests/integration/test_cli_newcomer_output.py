@@ -441,3 +441,4 @@ def test_simulate_says_one_of_a_thing_in_the_singular(tmp_path: Path) -> None:
     assert "(1 stop): 1 failed order in " in said, said
     for plural in ("1 attempts", "1 nudges", "1 stops", "1 failed orders"):
         assert plural not in said, said
+    assert "(0 orders/s)" not in said, said  # one order in 1.8 s was "0 orders/s"

@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
-from model.catalog import ErrorCatalog, NormalisedError
+from model.catalog import ErrorCatalog, NormalisedError, normalise_request
 from model.datafiles import DATA_DIR
 from model.merchant_config import MerchantConfig
 from model.money import charged_amount, load_economics
@@ -567,16 +567,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     nudges = request.history.nudges
     applied: list[str] = []
 
-    normalised = catalog.normalise(
-        failure.connector,
-        failure.error_code,
-        failure.error_message,
-        failure.network_decline_code,
-        failure.merchant_advice_code,
-        failure.unified_code,
-        payment.card_network,
-        payment.payment_method,
-    )
+    normalised = normalise_request(catalog, request)
 
     first_attempt = next((a for a in attempts if a.attempt_number == 1), None)
     if first_attempt is None and attempts:

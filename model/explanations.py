@@ -122,7 +122,8 @@ def unknown_currency_reason(currency: str, value_usd: float) -> str:
 _CATEGORY_TEXT: dict[str, tuple[str, str, str]] = {
     "connector": ("the payment failed on {}", "no connector given", "it failed on a connector the model rarely saw"),
     "error_code": ("the error code itself", "no error code given", "an error code the model rarely saw"),
-    "error_class": ("the failure reads as {}", "the kind of failure is unknown", "a rare kind of failure"),
+    # Not "the failure reads as {}": every decision's reasons open with that (error_reason), said once.
+    "error_class": ("this kind of failure ({})", "the kind of failure is unknown", "a rare kind of failure"),
     "network_decline_code": ("network decline code {}", "no network decline code", "a rare network decline code"),
     "visa_category": ("Visa response category {}", "no Visa response category", "a rare Visa response category"),
     "merchant_advice_code": ("merchant advice code {}", "no merchant advice code", "a rare merchant advice code"),
@@ -191,10 +192,17 @@ def _amount(usd: float) -> str:
     return "the order's value in USD is unknown" if not math.isfinite(usd) else f"an order worth about ${usd:,.0f}"
 
 
-def _percent(template: str) -> Callable[[float], str]:
-    return lambda value: (
-        "the error message could not be read" if not math.isfinite(value) else template.format(f"{value:.0%}")
-    )
+def _text_likeness(error_class_text: str) -> Callable[[float], str]:
+    """The text model's reading of the message as one class: "reads like insufficient funds (91%)", or, below even
+    odds, "does not read like a technical fault at the payment processor (2%)" (a low likeness is evidence too)."""
+
+    def render(value: float) -> str:
+        if not math.isfinite(value):
+            return "the error message could not be read"
+        verb = "reads like" if value >= 0.5 else "does not read like"
+        return f"the error message {verb} {error_class_text} ({value:.0%})"
+
+    return render
 
 
 def _known(template: str, unknown: str, render: Callable[[float], str]) -> Callable[[float], str]:
@@ -267,8 +275,7 @@ _NUMBER_TEXT.update(
     for strategy, noun in _STRATEGY_NOUN.items()
 )
 _NUMBER_TEXT.update(
-    (f"text_p_{error_class.value}", _percent(f"the error message reads like {text} ({{}})"))
-    for error_class, text in ERROR_CLASS_TEXT.items()
+    (f"text_p_{error_class.value}", _text_likeness(text)) for error_class, text in ERROR_CLASS_TEXT.items()
 )
 
 

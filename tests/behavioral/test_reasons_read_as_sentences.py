@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from model import catalog as catalog_module
 from model.bundle import ModelBundle
 from model.catalog import load_catalog
+from model.explanations import error_reason
 from model.features import MISSING, OTHER_CODE, FeatureSpec
 from model.policy import PolicyConfig, decide
 from model.requests import DecisionRequest
@@ -109,6 +110,36 @@ def test_reasons_of_random_decisions_show_no_internal_token(
 def test_reasons_of_typical_failures_show_no_internal_token(bundle: ModelBundle, overrides: dict[str, Any]) -> None:
     reasons = _walk(make_request(**overrides), {}, bundle, seed=3)
     assert len(reasons) >= 4  # the walk did explain something
+
+
+def _claim(reason: str) -> str:
+    """What a reason states, without its detail: "the failure reads as insufficient funds" of both "... (judged
+    by stripe's error code)" and "...: raises the chance of success"."""
+    return reason.split(":")[0].split(" (")[0]
+
+
+@pytest.mark.parametrize("raises", [True, False])
+def test_the_models_evidence_does_not_repeat_the_catalogs_reading(bundle: ModelBundle, raises: bool) -> None:
+    """Every decision's reasons open with the catalog's reading of the failure (error_reason); when the error class
+    is among the model's top evidence, it must not state the same thing again in the same words."""
+    catalog = load_catalog()
+    error = catalog.normalise("stripe", "insufficient_funds", "Your card has insufficient funds.", "51")
+    code = float(bundle.spec.vocabularies["error_class"].index(error.error_class.value) + 1)
+    evidence = bundle.feature_reason("error_class", code, raises=raises)
+    assert evidence is not None
+    assert _claim(evidence) != _claim(error_reason(error)), evidence
+
+
+def test_a_message_unlike_a_class_is_not_said_to_read_like_it(bundle: ModelBundle) -> None:
+    """A 2% likeness to a technical fault is evidence that the message is not one, and reads so."""
+    name = f"text_p_{ErrorClass.PROCESSOR_TECHNICAL.value}"
+    assert bundle.feature_reason(name, 0.02, raises=True) == (
+        "the error message does not read like a technical fault at the payment processor (2%): "
+        "raises the chance of success"
+    )
+    assert bundle.feature_reason(name, 0.91, raises=False) == (
+        "the error message reads like a technical fault at the payment processor (91%): lowers the chance of success"
+    )
 
 
 def _codes(spec: FeatureSpec, name: str) -> list[float]:

@@ -635,3 +635,15 @@ def test_memory_that_could_not_be_read_prints_a_dash_and_why(capsys: pytest.Capt
     assert "(1 distinct request)" in printed
     assert "API worker RSS (MB): 312, - (-: the worker's /proc/<pid>/status had no VmRSS line)" in printed
     assert "(PSS, MB): API 640, mlflow serve - (-: the server's /proc/<pid>/smaps_rollup could not be read)" in printed
+
+
+@pytest.mark.parametrize("worker_rss_mb", [[math.nan, 300.0], [300.0, math.nan], [], [300.0, 401.0]])
+def test_the_memory_target_is_met_only_when_every_worker_was_measured_under_it(worker_rss_mb: list[float]) -> None:
+    """max() over a list holding NaN depends on the order (max([300, nan]) is 300): a worker not measured passed."""
+    result = BenchResult(
+        api=_figures(100, 1.0), mlflow=_figures(40, 2.5), api_fixed_rate=_figures(300), mlflow_fixed_rate=None,
+        ratio=2.5, fixed_rate=300.0, model_version="7", traffic="mixed", distinct_requests=1,
+        candidates_per_request=40.0, reference_model={}, worker_rss_mb=worker_rss_mb,
+    )  # fmt: skip
+    assert result.targets()["each worker < 400 MB RSS"] is False
+    assert replace(result, worker_rss_mb=[300.0, 399.0]).targets()["each worker < 400 MB RSS"] is True

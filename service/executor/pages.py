@@ -22,7 +22,7 @@ _PAY = """{% extends "layout.html" %}{% block body %}
 <p class="muted">{{ merchant_name }} &middot; order {{ order_id }}</p>
 <p class="amount">{{ amount|amount_in(currency) }} {{ currency }}</p>
 <form method="post" action="/pay/{{ token }}"><button type="submit" data-testid="pay">Pay now</button></form>
-<p class="muted">This link works once and expires {{ expires_at.strftime("%Y-%m-%d %H:%M") }} UTC.</p>
+<p class="muted">This link works once and expires {{ expires_at }}.</p>
 {% endblock %}"""
 
 _UNSUBSCRIBE = """{% extends "layout.html" %}{% block body %}

@@ -25,6 +25,7 @@ from model.vocab import Channel
 from service.api.deps import CallerDep, Runtime
 from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
 from service.executor.channels.base import DeliveryReceipt
+from service.executor.channels.templates import link_expiry_text
 from service.executor.channels.webhooks import create_provider_router
 from service.executor.core import (
     Charged,
@@ -190,16 +191,18 @@ async def pay_page(token: str, runtime: ExecutorDep) -> HTMLResponse:
     except Exception:
         log.exception("payment page failed")
         return _message(500, "Something went wrong", "We could not open this payment link. Please try again later.")
+    merchant = runtime.executor.merchant(page.merchant_id)
     return HTMLResponse(
         render(
             "pay.html",
             title="Complete your payment",
             token=token,
-            merchant_name=runtime.executor.merchant(page.merchant_id).display_name or page.merchant_id,
+            merchant_name=merchant.display_name or page.merchant_id,
             order_id=page.order_id,
             amount=page.amount,
             currency=page.currency,
-            expires_at=page.expires_at,
+            # As the message that carried the link said it: the merchant's local time, not UTC.
+            expires_at=link_expiry_text(page.expires_at, merchant.retarget.quiet_hours.timezone),
         ),
         headers=PAGE_HEADERS,
     )

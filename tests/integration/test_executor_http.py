@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -105,6 +106,9 @@ def test_pay_pages_for_valid_tampered_reused_and_expired_links(api: Api) -> None
     page = api.get(f"/pay/{token}")
     assert page.status_code == 200
     assert "499.00 INR" in page.text
+    # The expiry as the message carrying the link says it: the merchant's local time (Asia/Kolkata), not UTC.
+    local_expiry = (executor.clock() + timedelta(hours=48)).astimezone(ZoneInfo("Asia/Kolkata"))
+    assert f"expires {local_expiry:%Y-%m-%d %H:%M} IST." in page.text
     assert 'action="/pay/' in page.text
 
     tampered = api.get(f"/pay/{token[:-4]}AAAA")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -23,7 +24,7 @@ from service.executor.channels.adapters import (
     SmtpAdapter,
 )
 from service.executor.channels.fakes import FakeSmtpServer, RunningFake, _ThreadedServer, run_fake_provider
-from service.executor.channels.templates import TEMPLATE_VARIABLES, template_store
+from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
 from service.executor.channels.webhooks import create_provider_router
 
 T = TypeVar("T")
@@ -283,6 +284,34 @@ def test_smtp_delivery_failures_and_auth() -> None:
     assert mail["list_unsubscribe"] == f"<{VARIABLES['unsubscribe_url']}>"
     assert mail["list_unsubscribe_post"] == "List-Unsubscribe=One-Click"
     assert VARIABLES["unsubscribe_url"] in mail["text"]
+
+
+@pytest.mark.parametrize(
+    ("subject", "merchant_name"),
+    [
+        ("{% set subject %}Your payment\nto {{ merchant_name }}{% endset %}", "Sample Merchant"),
+        ('{%- set subject = "Payment to " ~ merchant_name -%}', "Acme\r\nBcc: victim@example.com"),
+    ],
+)
+def test_an_email_subject_with_a_line_break_is_a_recorded_rejection(
+    tmp_path: Path, subject: str, merchant_name: str
+) -> None:
+    """Before: a line break in the rendered subject (from the template or a variable) raised ValueError out of
+    ``send`` (the e-mail library refuses it), so the nudge crashed its worker instead of recording a result."""
+    (tmp_path / "m_demo").mkdir()
+    (tmp_path / "m_demo" / "email.en.j2").write_text(subject + "\nPay here: {{ link_url }}\n")
+    variables = VARIABLES | {"merchant_name": merchant_name}
+    mail = message(Channel.EMAIL, to="asha@example.com").model_copy(update={"variables": variables})
+    with FakeSmtpServer() as smtp:
+        [result] = send(
+            lambda http: SmtpAdapter("m_demo", TemplateStore(tmp_path), "127.0.0.1", smtp.port, "pay@m.example"),
+            mail,
+        )
+    assert result.status == "rejected"
+    error = result.error or ""
+    assert "m_demo/email.en.j2" in error
+    assert "'subject' renders with a line break" in error
+    assert smtp.messages == []
 
 
 def test_smtp_server_down_is_retryable() -> None:

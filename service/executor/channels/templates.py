@@ -4,7 +4,7 @@ Templates are Jinja2, rendered in a sandbox with ``StrictUndefined``: a template
 variables (:data:`TEMPLATE_VARIABLES`), call no Python, and an unknown name is an error, not an empty string.
 A template may also set, at its top level, values the channel needs besides the text:
 
-- ``subject`` (email), ``title`` (push);
+- ``subject`` (email; one line: a line break in it, from the text or a variable, rejects the send), ``title`` (push);
 - ``params``: the ordered body values of a provider-approved WhatsApp template (Gupshup ``params``, Interakt
   ``bodyValues``); ``button_params``: the dynamic part of its URL button (Interakt ``buttonValues["0"]``).
   WhatsApp refuses a parameter with a line break, a tab or more than four spaces in a row (Meta error 132018,
@@ -158,7 +158,7 @@ class TemplateStore:
         return RenderedMessage(
             text=str(module).strip(),
             source=name,
-            subject=_optional_text(exported.get("subject"), path, "subject"),
+            subject=_one_line(_optional_text(exported.get("subject"), path, "subject"), path, "subject"),
             title=_optional_text(exported.get("title"), path, "title"),
             params=tuple(map(single_spaced, _text_list(exported.get("params"), path, "params"))),
             button_params=tuple(map(single_spaced, _text_list(exported.get("button_params"), path, "button_params"))),
@@ -199,6 +199,14 @@ def _optional_text(value: object, path: Path, what: str) -> str | None:
     if not isinstance(value, str):
         raise TemplateConfigError(f"{path}: '{what}' must be a string, got {type(value).__name__}")
     return value.strip()
+
+
+def _one_line(value: str | None, path: Path, what: str) -> str | None:
+    """``value`` when it is one line: an e-mail header cannot hold a line break (the e-mail library refuses one,
+    and a break taken from a variable could smuggle in a header of its own)."""
+    if value is not None and len(value.splitlines()) > 1:
+        raise TemplateConfigError(f"{path}: '{what}' renders with a line break; it must be one line: {value!r:.120}")
+    return value
 
 
 def _text_list(value: object, path: Path, what: str) -> tuple[str, ...]:

@@ -250,6 +250,62 @@ def test_a_gupshup_receipt_saying_the_number_opted_out_keeps_the_opt_out(
     assert "whatsapp" in ord_2[0].customer.opted_out_channels
 
 
+def failed_receipt(provider: str, code: int, message_id: str = "pm_1") -> dict[str, Any]:
+    """A failed WhatsApp receipt of ``provider`` carrying the error ``code`` where that provider puts it."""
+    body = receipt_payload(provider, message_id, "failed")
+    if provider == "gupshup":
+        body["payload"]["payload"] = {"code": code, "reason": f"error {code}"}
+    else:  # interakt: Meta's code in ``channel_error_code``, its text in ``channel_failure_reason``
+        body["data"]["message"] |= {"channel_error_code": str(code), "channel_failure_reason": f"error {code}"}
+    return body
+
+
+@pytest.mark.parametrize(
+    ("provider", "code", "opts_out"),
+    [
+        # Meta 131050: the customer chose to stop this business's marketing messages on WhatsApp.
+        ("gupshup", 131050, True),
+        ("interakt", 131050, True),
+        # Not opt-outs: outside the 24-hour window (131047), Meta's marketing cap (131049), not deliverable
+        # (131026), rate limit (131056, transient), a template that does not exist or with wrong parameters.
+        ("interakt", 131047, False),
+        ("interakt", 131049, False),
+        ("interakt", 131026, False),
+        ("interakt", 131056, False),
+        ("interakt", 132001, False),
+        ("interakt", 132000, False),
+        ("gupshup", 131047, False),
+        ("gupshup", 1005, False),
+    ],
+)
+def test_a_whatsapp_receipt_saying_the_customer_stopped_the_business_keeps_the_opt_out(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    provider: str,
+    code: int,
+    opts_out: bool,
+) -> None:
+    """Before: only Gupshup's own 1012 kept an opt-out. Meta's 131050 (the customer stopped this business's
+    marketing messages on WhatsApp), which Gupshup and Interakt pass on in their failed receipts, only marked the
+    nudge undelivered, and every later message to the customer was sent and refused again. Now it keeps the
+    opt-out of that merchant and channel; a window, template or transient failure does not."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    assert [m.to for m in h.outbox] == [PHONE]
+    other = urls("m_other", provider)["receipts"]
+    answer = api.loop.run_until_complete(api.client.post(other, json=failed_receipt(provider, code)))
+    assert answer.status_code == 200  # another merchant's callback: not its nudge, nobody opted out
+    assert opted_out_rows(h) == []
+    mine = urls("m_demo", provider)["receipts"]
+    answer = api.loop.run_until_complete(api.client.post(mine, json=failed_receipt(provider, code)))
+    assert answer.json() == {"received": 1}
+    assert h.view().nudges[0].delivered is False
+    expected = [("m_demo", "whatsapp", address_hash(Channel.WHATSAPP, PHONE))] if opts_out else []
+    assert opted_out_rows(h) == expected
+
+
 def test_the_cli_prints_callback_urls_the_app_accepts(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """`winback executor callback-url` prints the URLs to configure at the provider, with the merchant's token;
     a callback secret of its own changes the token, and the app then refuses the old one."""

@@ -69,7 +69,7 @@ class DeliveryReceipt(BaseModel, frozen=True):
     occurred_at: datetime
     error: str | None = None
     merchant_id: str | None = None  # the merchant whose authenticated callback URL it came to, when known
-    # The provider refused the message because its recipient opted out there (Gupshup's error 1012).
+    # The provider refused the message because its recipient opted out there (Gupshup's error 1012, Meta's 131050).
     opted_out: bool = False
 
 

@@ -9,7 +9,8 @@ Payload shapes follow each provider's documented callbacks:
   Gupshup Enterprise SMS: real-time DLR as query/form fields ``externalId, deliveredTS, status, cause, phoneNo``
   or a JSON list of ``{"externalId", "eventType": DELIVERED|FAILED, "eventTs"}``; replies as ``msisdn, content``.
 - ``interakt``: ``{"type": "message_api_delivered"|"message_api_read"|"message_api_failed"|"message_received",
-  "data": {"customer": {...}, "message": {"id", "message", "callbackData", ...}}}``.
+  "data": {"customer": {...}, "message": {"id", "message", "callbackData", "channel_error_code",
+  "channel_failure_reason", ...}}}`` (a failure's code is Meta's).
 - ``karix``: ``{"data": {"uid", "status": delivered|undelivered|failed|rejected|read, "direction", "source",
   "content": {"text"}, "updated_time"}}`` (the message record; accepted with or without the ``data`` wrapper).
 - ``push_webhook`` / ``fake``: ``{"provider_message_id", "status", "occurred_at"}`` and ``{"from", "text"}``.
@@ -147,6 +148,22 @@ _GENERIC: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed
 #: Gupshup's WhatsApp error of a message to a number on its opt-out list ("Number Opted Out"): the customer opted
 #: out at the provider, e.g. by a STOP Gupshup handled itself (docs.gupshup.io/docs/error-and-status-messages).
 GUPSHUP_NUMBER_OPTED_OUT = "1012"
+#: Meta's WhatsApp Cloud API error 131050, "User has stopped marketing messages": the customer chose, in WhatsApp,
+#: to stop this business's marketing messages, and Meta refuses each one until they resume them; the BSPs pass it
+#: on in their failed receipts (developers.facebook.com/documentation/business-messaging/whatsapp/support/
+#: error-codes). Meta's other failures are not opt-outs: 131047 (outside the 24-hour window), 131049 (Meta's
+#: marketing cap, per message), 131026 (not deliverable), 131056 (rate), 132xxx (template problems).
+META_USER_STOPPED_MARKETING = "131050"
+#: The failure codes, per provider, of a WhatsApp message refused because its customer opted out there.
+WHATSAPP_OPT_OUT_CODES: dict[str, frozenset[str]] = {
+    "gupshup": frozenset({GUPSHUP_NUMBER_OPTED_OUT, META_USER_STOPPED_MARKETING}),
+    "interakt": frozenset({META_USER_STOPPED_MARKETING}),
+}
+
+
+def _opted_out(provider: str, status: Status, code: Any) -> bool:
+    """Whether a receipt says its customer opted out at the provider (see ``WHATSAPP_OPT_OUT_CODES``)."""
+    return status == "failed" and str(code).strip() in WHATSAPP_OPT_OUT_CODES.get(provider, frozenset())
 
 
 def _receipt(
@@ -182,7 +199,7 @@ def _gupshup_receipts(payload: Any) -> list[DeliveryReceipt]:
             return []
         inner = _obj(event.get("payload"))
         at = inner.get("ts") or body.get("timestamp")
-        opted_out = status == "failed" and str(inner.get("code")) == GUPSHUP_NUMBER_OPTED_OUT
+        opted_out = _opted_out("gupshup", status, inner.get("code"))
         message_id = event.get("gsId") or event.get("id")
         return [_receipt("gupshup", message_id, status, at, inner.get("reason"), opted_out=opted_out)]
     if "externalId" in body:  # Enterprise SMS, GET mode
@@ -214,6 +231,7 @@ def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt
                 status,
                 at or body.get("timestamp"),
                 message.get("channel_failure_reason"),
+                opted_out=_opted_out("interakt", status, message.get("channel_error_code")),
             )
         ]
     if provider == "karix":

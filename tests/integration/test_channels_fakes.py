@@ -187,6 +187,37 @@ def test_interakt_request(interakt: RunningFake) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("locale", "merchant_file", "language_code"),
+    [
+        ("hi-IN", None, "hi"),  # the shipped Hindi template: Meta's code for Hindi is "hi", not "hi-IN"
+        ("fr-FR", None, "en"),  # no French template: the English one is sent, so its language is "en"
+        ("en-US", "whatsapp.en-US.j2", "en_US"),  # the merchant's template for its approved en_US one
+        ("en-us", "whatsapp.en-us.j2", "en_US"),  # a file named with a hyphen or lower case: Meta's form
+        ("pt-BR", "whatsapp.pt.j2", "pt"),
+    ],
+)
+def test_interakt_names_the_language_of_the_template_it_sends(
+    interakt: RunningFake, tmp_path: Path, locale: str, merchant_file: str | None, language_code: str
+) -> None:
+    """Before: ``languageCode`` was the customer's locale as the event gave it (``hi-IN``, ``fr-FR``): not a code
+    of Meta's form (``hi``, ``en_US``: an underscore), and not the language of the body values sent, so
+    WhatsApp refused the message (its template in that language does not exist). It is now the locale of the
+    template file the values were rendered from, in Meta's form."""
+    shipped = template_store().root / "_default"
+    for path in shipped.iterdir():
+        (tmp_path / "_default").mkdir(exist_ok=True)
+        (tmp_path / "_default" / path.name).write_text(path.read_text())
+    if merchant_file:
+        (tmp_path / "m_demo").mkdir()
+        (tmp_path / "m_demo" / merchant_file).write_text((shipped / "whatsapp.en.j2").read_text())
+    factory = lambda http: InteraktAdapter("m_demo", TemplateStore(tmp_path), http, interakt.base_url, "aWstYmFzaWM=")  # noqa: E731
+    [result] = send(factory, message(Channel.WHATSAPP, locale=locale))
+    assert result.status == "accepted"
+    [seen] = interakt.state.messages
+    assert seen["json"]["template"]["languageCode"] == language_code
+
+
 def test_karix_request(karix: RunningFake) -> None:
     factory = kx(karix)
     [ok] = send(factory, message(Channel.WHATSAPP))

@@ -358,6 +358,13 @@ class GupshupSmsAdapter(_HttpAdapter):
         return SendResult(status="rejected", error=f"gupshup sms: unexpected answer {str(body)[:200]}")
 
 
+def whatsapp_language_code(locale: str) -> str:
+    """A locale (``hi``, ``en-US``, ``en_us``) in the form of WhatsApp's template language codes: the language in
+    lower case, a region after an underscore in upper case (``hi``, ``en_US``, ``pt_BR``)."""
+    language, _, region = locale.replace("-", "_").partition("_")
+    return f"{language.lower()}_{region.upper()}" if region else language.lower()
+
+
 class InteraktAdapter(_WhatsAppTemplateAdapter):
     """Interakt: ``POST /v1/public/message/`` JSON, ``Authorization: Basic <api key>``, type ``Template``.
 
@@ -373,7 +380,9 @@ class InteraktAdapter(_WhatsAppTemplateAdapter):
         calling_code, national = split_calling_code(digits)
         template: dict[str, Any] = {
             "name": self._template(message),
-            "languageCode": message.locale,
+            # The approved template's language, as WhatsApp names it: that of the file the values were rendered
+            # from (a customer's ``hi-IN`` is sent the ``hi`` template, a ``fr`` one the ``en`` fallback).
+            "languageCode": whatsapp_language_code(rendered.locale),
             "bodyValues": list(rendered.params),
         }
         if rendered.button_params:

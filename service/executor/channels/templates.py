@@ -92,6 +92,9 @@ class RenderedMessage:
     title: str | None = None
     params: tuple[str, ...] = field(default_factory=tuple)
     button_params: tuple[str, ...] = field(default_factory=tuple)
+    #: The locale of the template file (``hi`` for ``_default/whatsapp.hi.j2``): the language the text is in,
+    #: which may not be the message's (a fallback), and which a provider-approved template is named by.
+    locale: str = FALLBACK_LOCALE
 
 
 def _locale_chain(locale: str) -> list[str]:
@@ -155,7 +158,9 @@ class TemplateStore:
             line = f" line {lineno}" if lineno else ""
             raise TemplateConfigError(f"{path}{line}: {exc}") from None
         exported = module.__dict__
+        named = _FILE_NAME.match(path.name)
         return RenderedMessage(
+            locale=named["locale"] if named else FALLBACK_LOCALE,
             text=str(module).strip(),
             source=name,
             subject=_one_line(_optional_text(exported.get("subject"), path, "subject"), path, "subject"),

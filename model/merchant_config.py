@@ -165,6 +165,9 @@ class ProviderConfig(_Strict):
     # The merchant's approved WhatsApp template at the provider: Gupshup's template id (a UUID it assigns), or the
     # template's name at Interakt. Unset: winback's own name, ``payment_link``, which a Gupshup account never has.
     template_id: str | None = Field(default=None, min_length=1, max_length=200)
+    # Gupshup SMS to India: the merchant's principal entity id on TRAI's DLT, sent as ``principalEntityId`` with
+    # ``template_id`` holding the DLT template id (``dltTemplateId``); operators drop a commercial SMS without them.
+    entity_id: str | None = Field(default=None, pattern=r"^\d{1,30}$")
 
 
 class ConnectorEndpoint(_Strict):

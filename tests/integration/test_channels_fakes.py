@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels import DeliveryReceipt, OutboundMessage, SendResult
 from service.executor.channels.adapters import (
@@ -22,10 +23,13 @@ from service.executor.channels.adapters import (
     KarixAdapter,
     PushWebhookAdapter,
     SmtpAdapter,
+    build_adapters,
+    provider_problems,
 )
 from service.executor.channels.fakes import FakeSmtpServer, RunningFake, _ThreadedServer, run_fake_provider
 from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
 from service.executor.channels.webhooks import create_provider_router
+from tests.factories import make_merchant
 
 T = TypeVar("T")
 VARIABLES = {k: v for k, v in TEMPLATE_VARIABLES.items() if k != "link_token"}
@@ -158,6 +162,36 @@ def test_gupshup_sms_request(gupshup: RunningFake) -> None:
     assert "https://pay.example/p/SAMPLE-LINK-TOKEN" in english["text"]
     assert hindi["form"]["msg_type"] == "Unicode_Text"
     assert "भुगतान" in hindi["text"]
+
+
+def gupshup_sms_config(fake: RunningFake, **dlt: str) -> MerchantConfig:
+    sms = {"kind": "gupshup", "base_url": fake.base_url, "api_key_env": "GS_SMS", "source": "WINBCK"}
+    return make_merchant(providers={"sms": sms | dlt})
+
+
+def test_gupshup_sms_carries_the_merchants_dlt_entity_and_template_ids(gupshup: RunningFake) -> None:
+    """Before: no DLT ids could be configured or were sent, and Indian operators drop a commercial SMS whose
+    registered entity and template (TRAI's DLT) it does not name. ``providers.sms.entity_id`` and
+    ``template_id`` now go out as Gupshup's ``principalEntityId`` and ``dltTemplateId``."""
+    merchant = gupshup_sms_config(gupshup, entity_id="1101660960000072501", template_id="1107169632532933613")
+    env = {"GS_SMS": "2000123:pw"}
+    [result] = send(lambda http: build_adapters("m_demo", merchant, env, http)[Channel.SMS], message(Channel.SMS))
+    assert result.status == "accepted"
+    [seen] = gupshup.state.messages
+    assert seen["form"]["principalEntityId"] == "1101660960000072501"
+    assert seen["form"]["dltTemplateId"] == "1107169632532933613"
+    assert provider_problems("m_demo", merchant, env) == ([], [])
+
+
+@pytest.mark.parametrize("dlt", [{"entity_id": "1101660960000072501"}, {"template_id": "1107169632532933613"}])
+def test_gupshup_sms_with_half_of_its_dlt_ids_is_a_start_up_problem(gupshup: RunningFake, dlt: dict[str, str]) -> None:
+    """An entity id without a template id (or the reverse) would be dropped by the operators just the same."""
+    unset, problems = provider_problems("m_demo", gupshup_sms_config(gupshup, **dlt), {"GS_SMS": "2000123:pw"})
+    assert unset == []
+    assert problems == [
+        "merchant 'm_demo', providers.sms (kind gupshup): India's DLT needs both 'entity_id' and 'template_id' "
+        "(the principal entity id and the DLT template id), or neither"
+    ]
 
 
 def test_gupshup_sms_invalid_number_is_rejected(gupshup: RunningFake) -> None:

@@ -305,6 +305,7 @@ class GupshupSmsAdapter(_HttpAdapter):
     """Gupshup Enterprise SMS: ``POST /GatewayAPI/rest`` with ``method=SendMessage`` (form-encoded, v1.1, json).
 
     The answer is HTTP 200 either way; ``{"response": {"status": "success"|"error", "id", "details"}}`` decides.
+    With the merchant's DLT ids (India, TRAI) the form carries ``principalEntityId`` and ``dltTemplateId``.
     """
 
     provider = "gupshup"
@@ -318,11 +319,15 @@ class GupshupSmsAdapter(_HttpAdapter):
         userid: str,
         password: str,
         mask: str | None,
+        dlt_entity_id: str | None = None,
+        dlt_template_id: str | None = None,
     ) -> None:
         super().__init__(merchant_id, Channel.SMS, templates, http, base_url)
         self._userid = userid
         self._password = password
         self.mask = mask
+        self.dlt_entity_id = dlt_entity_id
+        self.dlt_template_id = dlt_template_id
 
     async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
         send_to = self._phone(message)
@@ -341,6 +346,9 @@ class GupshupSmsAdapter(_HttpAdapter):
         }
         if self.mask:
             form["mask"] = self.mask
+        if self.dlt_entity_id and self.dlt_template_id:
+            form["principalEntityId"] = self.dlt_entity_id
+            form["dltTemplateId"] = self.dlt_template_id
         response = await self.http.post(
             self.base_url + "/GatewayAPI/rest", data=form, headers={IDEMPOTENCY_HEADER: message.idempotency_key}
         )
@@ -756,9 +764,22 @@ def _build_one(
             template_id=provider.template_id,
         )
     elif provider.kind == "gupshup":
+        if bool(provider.entity_id) != bool(provider.template_id):
+            raise b.fail(
+                "India's DLT needs both 'entity_id' and 'template_id' (the principal entity id and the DLT template "
+                "id), or neither"
+            )
         userid, password = b.credentials()
         adapter = GupshupSmsAdapter(
-            merchant_id, templates, http, b.base_url(channel), userid, password, mask=provider.source
+            merchant_id,
+            templates,
+            http,
+            b.base_url(channel),
+            userid,
+            password,
+            mask=provider.source,
+            dlt_entity_id=provider.entity_id,
+            dlt_template_id=provider.template_id,
         )
     elif provider.kind == "interakt":
         adapter = InteraktAdapter(

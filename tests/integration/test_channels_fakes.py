@@ -76,7 +76,7 @@ def interakt() -> Iterator[RunningFake]:
 
 @pytest.fixture(scope="module")
 def karix() -> Iterator[RunningFake]:
-    with run_fake_provider("karix", username="acct-uid", password="acct-token") as fake:
+    with run_fake_provider("karix", username="acct-uid", password="acct-token", api_key="kx-wa-key") as fake:
         yield fake
 
 
@@ -267,6 +267,94 @@ def test_karix_request(karix: RunningFake) -> None:
         "destination": ["+919876543210"],
     }
     assert "https://pay.example/p/SAMPLE-LINK-TOKEN" in seen["json"]["content"]["text"]
+
+
+def karix_whatsapp(fake: RunningFake, key: str = "kx-wa-key", **extra: str) -> Any:
+    provider = {"kind": "karix", "base_url": fake.base_url, "api_key_env": "KX_WA", "source": "+919000000000"}
+    merchant = make_merchant(providers={"whatsapp": provider | extra})
+    return lambda http: build_adapters("m_demo", merchant, {"KX_WA": key}, http)[Channel.WHATSAPP]
+
+
+def test_karix_whatsapp_sends_the_merchants_approved_template(karix: RunningFake) -> None:
+    """Before: Karix WhatsApp sent the rendered text as a free-form message, which WhatsApp refuses outside its
+    24-hour customer-service window, so a payment-link nudge (the business writes first) never reached anyone.
+    With ``template_id`` it now asks Karix's WhatsApp API for the approved template: body values in order, and
+    the link token as the URL button's dynamic part (``MEDIA_TEMPLATE``, the type that carries buttons)."""
+    [result] = send(karix_whatsapp(karix, template_id="payment_reminder"), message(Channel.WHATSAPP))
+    assert result.status == "accepted"
+    [seen] = karix.state.messages
+    assert result.provider_message_id == seen["id"]
+    assert seen["path"] == "/services/rcm/sendMessage"
+    body = seen["json"]
+    assert body["metaData"] == {"version": "v1.0.9"}
+    sent = body["message"]
+    assert sent["channel"] == "WABA"
+    assert sent["sender"] == {"from": "919000000000"}
+    assert sent["recipient"] == {
+        "to": "919876543210",
+        "recipient_type": "individual",
+        "reference": {"cust_ref": "nudge:ord_1:1"},
+    }
+    assert sent["content"] == {
+        "type": "MEDIA_TEMPLATE",
+        "preview_url": False,
+        "shorten_url": False,
+        "mediaTemplate": {
+            "templateId": "payment_reminder",
+            "bodyParameterValues": {
+                "0": "Asha",
+                "1": "Sample Merchant",
+                "2": "INR 1499.00",
+                "3": "2026-11-03 18:00 IST",
+            },
+            "buttons": {"actions": [{"type": "url", "index": "0", "payload": "SAMPLE-LINK-TOKEN"}]},
+        },
+    }
+
+
+def test_karix_whatsapp_template_without_buttons_and_its_failures(karix: RunningFake, tmp_path: Path) -> None:
+    """A template whose link is in its body goes as ``TEMPLATE`` with ``parameterValues``; a wrong key and a
+    refused number are rejections, a 503 is worth retrying."""
+    (tmp_path / "_default").mkdir()
+    (tmp_path / "_default" / "whatsapp.en.j2").write_text(
+        "{%- set params = [merchant_name, link_url] -%}Pay {{ merchant_name }}: {{ link_url }}"
+    )
+    merchant = make_merchant(
+        providers={
+            "whatsapp": {
+                "kind": "karix",
+                "base_url": karix.base_url,
+                "api_key_env": "KX_WA",
+                "source": "919000000000",
+                "template_id": "pay_link_body",
+            }
+        }
+    )
+
+    def factory(key: str) -> Any:
+        env = {"KX_WA": key, "WINBACK_TEMPLATES_DIR": str(tmp_path)}
+        return lambda http: build_adapters("m_demo", merchant, env, http)[Channel.WHATSAPP]
+
+    [ok] = send(factory("kx-wa-key"), message(Channel.WHATSAPP))
+    assert ok.status == "accepted"
+    assert karix.state.messages[0]["json"]["message"]["content"] == {
+        "type": "TEMPLATE",
+        "preview_url": False,
+        "shorten_url": False,
+        "template": {
+            "templateId": "pay_link_body",
+            "parameterValues": {"0": "Sample Merchant", "1": "https://pay.example/p/SAMPLE-LINK-TOKEN"},
+        },
+    }
+    [wrong_key] = send(factory("not-the-key"), message(Channel.WHATSAPP, key="k2"))
+    assert (wrong_key.status, wrong_key.error) == ("rejected", "karix answered HTTP 401")
+    karix.state.reject("919876543211")
+    [refused] = send(factory("kx-wa-key"), message(Channel.WHATSAPP, key="k3", to="+919876543211"))
+    assert (refused.status, refused.error) == ("rejected", "karix answered HTTP 400")
+    karix.state.fail(times=1, status=503)
+    [later] = send(factory("kx-wa-key"), message(Channel.WHATSAPP, key="k4"))
+    assert (later.status, later.not_taken) == ("retryable", True)
+    assert len(karix.state.messages) == 1
 
 
 def test_push_webhook_is_signed_and_deduplicated(push: RunningFake) -> None:

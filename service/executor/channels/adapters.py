@@ -220,6 +220,16 @@ class _HttpAdapter(_Adapter):
         self.http = http
         self.base_url = base_url.rstrip("/")
 
+    async def _post_json(
+        self, path: str, payload: Any, message: OutboundMessage, headers: Mapping[str, str]
+    ) -> tuple[SendResult | None, Any]:
+        """POST ``payload`` as JSON with the message's idempotency key: (the failure of a non-2xx answer, else
+        None; the answer's JSON body, or None)."""
+        response = await self.http.post(
+            self.base_url + path, json=payload, headers={**headers, IDEMPOTENCY_HEADER: message.idempotency_key}
+        )
+        return _http_failure(response, self.provider), _json(response)
+
     def _phone(self, message: OutboundMessage) -> str | SendResult:
         digits = phone_digits(message.to)
         if digits is None:
@@ -238,10 +248,13 @@ class _WhatsAppTemplateAdapter(_HttpAdapter):
         base_url: str,
         api_key: str,
         template_id: str | None = None,
+        source: str | None = None,
     ) -> None:
         super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
         self._api_key = api_key
         self.template_id = template_id
+        #: The merchant's WhatsApp number, digits only, for a provider that is told the sender.
+        self.source = (source or "").lstrip("+")
 
     def _template(self, message: OutboundMessage) -> str:
         """The approved template's id or name at the provider (config ``template_id``), else the message's."""
@@ -267,8 +280,7 @@ class GupshupWhatsAppAdapter(_WhatsAppTemplateAdapter):
         app_name: str | None,
         template_id: str | None = None,
     ) -> None:
-        super().__init__(merchant_id, templates, http, base_url, api_key, template_id)
-        self.source = source.lstrip("+")
+        super().__init__(merchant_id, templates, http, base_url, api_key, template_id, source)
         self.app_name = app_name
 
     async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
@@ -402,19 +414,75 @@ class InteraktAdapter(_WhatsAppTemplateAdapter):
             "type": "Template",
             "template": template,
         }
-        response = await self.http.post(
-            self.base_url + "/v1/public/message/",
-            json=payload,
-            headers={"Authorization": f"Basic {self._api_key}", IDEMPOTENCY_HEADER: message.idempotency_key},
+        failure, body = await self._post_json(
+            "/v1/public/message/", payload, message, {"Authorization": f"Basic {self._api_key}"}
         )
-        failure = _http_failure(response, self.provider)
         if failure is not None:
             return failure
-        body = _json(response)
         if isinstance(body, dict) and body.get("result") is True and body.get("id"):
             return SendResult(status="accepted", provider_message_id=str(body["id"]))
         detail = body.get("message") if isinstance(body, dict) else body
         return SendResult(status="rejected", error=f"interakt: {str(detail)[:200]}")
+
+
+#: Where Karix's WhatsApp API answers (template messages), unless the config's ``base_url`` says otherwise.
+KARIX_WHATSAPP_BASE_URL = "https://rcmapi.instaalerts.zone"
+
+
+class KarixWhatsAppTemplateAdapter(_WhatsAppTemplateAdapter):
+    """Karix's WhatsApp API: ``POST /services/rcm/sendMessage`` JSON, header ``Authentication: Bearer <api key>``.
+
+    Sends the merchant's approved template (config ``template_id``): ``content.type`` ``TEMPLATE`` with
+    ``template.parameterValues`` (``{"0": ..., "1": ...}``, the body's values in order), or, when the template has a
+    URL button whose dynamic part is the link token, ``MEDIA_TEMPLATE`` with ``mediaTemplate.bodyParameterValues``
+    and ``buttons.actions``. ``recipient.reference.cust_ref`` carries the idempotency key. Answer
+    ``{"statusCode": "200", "statusDesc": "Successfully Accepted"}``, with the message's id as ``mid`` when it
+    gives one (else the idempotency key stands for it). Its shape: data/README.md.
+    """
+
+    provider = "karix"
+
+    async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
+        digits = self._phone(message)
+        if isinstance(digits, SendResult):
+            return digits
+        body_values = {str(i): value for i, value in enumerate(rendered.params)}
+        content: dict[str, Any] = {"preview_url": False, "shorten_url": False}
+        if rendered.button_params:
+            actions = [
+                {"type": "url", "index": str(i), "payload": value} for i, value in enumerate(rendered.button_params)
+            ]
+            content["type"] = "MEDIA_TEMPLATE"
+            content["mediaTemplate"] = {
+                "templateId": self._template(message),
+                "bodyParameterValues": body_values,
+                "buttons": {"actions": actions},
+            }
+        else:
+            content["type"] = "TEMPLATE"
+            content["template"] = {"templateId": self._template(message), "parameterValues": body_values}
+        payload = {
+            "message": {
+                "channel": "WABA",
+                "content": content,
+                "recipient": {
+                    "to": digits,
+                    "recipient_type": "individual",
+                    "reference": {"cust_ref": message.idempotency_key},
+                },
+                "sender": {"from": self.source},
+            },
+            "metaData": {"version": "v1.0.9"},
+        }
+        failure, body = await self._post_json(
+            "/services/rcm/sendMessage", payload, message, {"Authentication": f"Bearer {self._api_key}"}
+        )
+        if failure is not None:
+            return failure
+        if isinstance(body, dict) and str(body.get("statusCode")) == "200":
+            return SendResult(status="accepted", provider_message_id=str(body.get("mid") or message.idempotency_key))
+        detail = body.get("statusDesc") if isinstance(body, dict) else body
+        return SendResult(status="rejected", error=f"karix: {str(detail)[:200]}")
 
 
 class KarixAdapter(_HttpAdapter):
@@ -784,6 +852,17 @@ def _build_one(
     elif provider.kind == "interakt":
         adapter = InteraktAdapter(
             merchant_id, templates, http, b.base_url(channel), b.secret("api_key_env"), provider.template_id
+        )
+    elif provider.kind == "karix" and channel is Channel.WHATSAPP and provider.template_id:
+        # A business-initiated WhatsApp message must be an approved template: Karix's WhatsApp API sends one.
+        adapter = KarixWhatsAppTemplateAdapter(
+            merchant_id,
+            templates,
+            http,
+            provider.base_url or KARIX_WHATSAPP_BASE_URL,
+            api_key=b.secret("api_key_env"),
+            template_id=provider.template_id,
+            source=b.need("source"),
         )
     elif provider.kind == "karix":
         account_uid, token = b.credentials()

@@ -330,6 +330,35 @@ def create_fake_app(state: FakeState) -> FastAPI:
 
     elif state.kind == "karix":
 
+        @app.post("/services/rcm/sendMessage")
+        async def karix_whatsapp(request: Request) -> Response:
+            """Karix's WhatsApp API: an approved template (``TEMPLATE``, or ``MEDIA_TEMPLATE`` with URL buttons)."""
+            if request.headers.get("authentication") != f"Bearer {state.api_key}":
+                return JSONResponse({"statusCode": "401", "statusDesc": "Authentication failed"}, status_code=401)
+            if (failure := await _fault(state)) is not None:
+                return failure
+            body = await request.json()
+            message = body.get("message") if isinstance(body, dict) else None
+            message = message if isinstance(message, dict) else {}
+            content = message.get("content") or {}
+            kind = str(content.get("type"))
+            template = content.get({"TEMPLATE": "template", "MEDIA_TEMPLATE": "mediaTemplate"}.get(kind, "")) or {}
+            number = str((message.get("recipient") or {}).get("to", ""))
+            if (
+                message.get("channel") != "WABA"
+                or not template.get("templateId")
+                or not number.isdigit()
+                or not (message.get("sender") or {}).get("from")
+            ):
+                return JSONResponse({"statusCode": "400", "statusDesc": "Invalid request"}, status_code=400)
+            if number in state.rejected_numbers:
+                return JSONResponse({"statusCode": "400", "statusDesc": "Invalid recipient"}, status_code=400)
+            message_id, _ = state.record(
+                request.headers.get(IDEMPOTENCY_HEADER),
+                {"channel": "whatsapp", "path": request.url.path, "to": number, "json": body},
+            )
+            return JSONResponse({"statusCode": "200", "statusDesc": "Successfully Accepted", "mid": message_id})
+
         @app.post("/message/")
         async def karix(request: Request) -> Response:
             if _basic(request) != (state.username, state.password):

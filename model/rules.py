@@ -232,6 +232,7 @@ class RuleBook:
     cascade_same_account_wait: timedelta
     # India's card e-mandates (RBI): a recurring card payment of an Indian customer runs on one, bound to its gateway.
     e_mandate_payment_methods: frozenset[str]
+    e_mandate_payment_method_types: frozenset[str]  # a card payment of these types is a mandate debit, recurring or not
     e_mandate_customer_countries: frozenset[str]  # upper case, ISO 3166 alpha-2
     e_mandate_currencies_without_country: frozenset[str]  # upper case, ISO 4217: when the request has no country
     # An e-mandate debit (UPI AutoPay, an Indian card's) above this needs the customer's AFA (RBI): no silent retry.
@@ -411,6 +412,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
         cascade_same_account_error_classes=_error_classes(raw, "strategies.cascade.same_account_error_classes"),
         cascade_same_account_wait=timedelta(hours=_number(raw, "strategies.cascade.same_account_wait_hours")),
         e_mandate_payment_methods=_strings(raw, "rbi_card_e_mandate.payment_methods"),
+        e_mandate_payment_method_types=_strings(raw, "rbi_card_e_mandate.mandate_payment_method_types"),
         e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
         e_mandate_currencies_without_country=_upper(_strings(raw, "rbi_card_e_mandate.currencies_without_country")),
         e_mandate_afa_free_limit=_number(raw, "e_mandate_afa_limit.amount"),
@@ -771,7 +773,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         for name in _RETRY_STRATEGY_NAMES:
             if name not in book.fraud_suspicion_only:
                 not_applicable.setdefault(name, Rule.SUSPECTED_FRAUD)
-    is_card_e_mandate = _is_indian_card_e_mandate(book, request, method)
+    is_card_e_mandate = _is_indian_card_e_mandate(book, request, method, method_type)
     if is_card_e_mandate:
         applied.append(RBI_CARD_E_MANDATE)
     # Above the AFA-free limit an e-mandate debit needs the customer's own authentication (UPI PIN, card OTP): a
@@ -907,11 +909,14 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     )
 
 
-def _is_indian_card_e_mandate(book: RuleBook, request: DecisionRequest, method: str) -> bool:
+def _is_indian_card_e_mandate(book: RuleBook, request: DecisionRequest, method: str, method_type: str) -> bool:
     """Whether the payment is a recurring debit of a card issued in India, which runs on an RBI e-mandate registered
-    through one gateway (hard_rules.yaml, rbi_card_e_mandate). The issuing country is not in the request: the
-    customer's country stands for it, and without one the currency."""
-    if not request.payment.is_recurring or method not in book.e_mandate_payment_methods:
+    through one gateway (hard_rules.yaml, rbi_card_e_mandate): one sent with is_recurring, or as a mandate whatever
+    is_recurring says. The issuing country is not in the request: the customer's country stands for it, and
+    without one the currency."""
+    if method not in book.e_mandate_payment_methods:
+        return False
+    if not (request.payment.is_recurring or method_type in book.e_mandate_payment_method_types):
         return False
     country = request.customer.country
     if country:

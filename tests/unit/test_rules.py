@@ -645,6 +645,42 @@ def test_a_one_off_indian_card_payment_is_not_held_to_the_e_mandate_limit() -> N
     assert Rule.E_MANDATE_AFA_REQUIRED not in broken(context, retry())
 
 
+@pytest.mark.parametrize(
+    ("method_type", "recurring", "amount", "needs_afa"),
+    [
+        ("mandate", False, 15_000.01, True),  # a debit on the card's e-mandate, whatever is_recurring says
+        ("Mandate", False, 60_000.0, True),
+        ("mandate", False, 15_000.0, False),  # within the AFA-free limit
+        ("mandate", True, 15_000.01, True),
+        ("credit", False, 60_000.0, False),  # a one-off checkout payment: no mandate, the customer was there
+    ],
+)
+def test_an_indian_card_mandate_debit_sent_as_not_recurring_is_still_held_to_the_afa_free_limit(
+    method_type: str, recurring: bool, amount: float, needs_afa: bool
+) -> None:
+    """A card debit the request names a mandate (payment_method_type, the contract's only mandate field) runs on
+    the cardholder's RBI e-mandate even when the caller sends is_recurring: false: it is merchant-initiated, as
+    the one-off rule already reads a mandate. It was held to neither the e-mandate rule nor its AFA-free limit, and
+    a 60,000-rupee debit was re-attempted silently where RBI requires the cardholder's own authentication."""
+    context = ctx(
+        catalog=load_catalog(),
+        customer={"country": "IN"},
+        currency="INR",
+        amount=amount,
+        payment={"payment_method": "card", "payment_method_type": method_type, "is_recurring": recurring},
+        failure={"error_code": "processing_error", "error_message": None, "network_decline_code": "91"},
+    )
+    is_mandate = method_type.lower() == "mandate" or recurring
+    assert ("rbi_card_e_mandate" in context.rules_applied) is is_mandate
+    assert (AFA_REQUIRED in context.rules_applied) is needs_afa
+    same = retry(strategy="retry_same", connector="stripe")
+    assert (Rule.E_MANDATE_AFA_REQUIRED in broken(context, same)) is needs_afa
+    assert Rule.E_MANDATE_AFA_REQUIRED not in broken(context, retarget(at=T0 + 2 * HOUR))
+    grid = permitted(context, rules.enumerate_candidates(context))
+    if needs_afa:
+        assert not any(c.action is Action.RETRY for c in grid)
+
+
 def test_upi_autopay_grid_snaps_retries_out_of_peak_hours() -> None:
     context = upi_ctx(event_time=ist(10, 15).isoformat())
     retries = [c for c in rules.enumerate_candidates(context) if c.action == Action.RETRY]

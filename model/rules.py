@@ -1122,6 +1122,10 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
     """The rules a well-formed ``action`` breaks by executing at ``at`` (``None``: the rules of every candidate)."""
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"candidate.execute_at must carry a timezone, got {at.isoformat()}")
+    if at.tzinfo is not UTC:
+        # The re-attempt caps count elapsed time (Visa's 30 days, Mastercard's 24 hours): ``at - window`` on a moment
+        # in a DST zone subtracts wall-clock days, and the window moved by the hour the clocks changed in it.
+        at = at.astimezone(UTC)
     broken: list[str] = []
     if at < context.event_time:
         broken.append(Rule.BEFORE_EVENT_TIME)
@@ -1204,9 +1208,9 @@ def _breaking_only(context: RuleContext, candidates: list[Candidate], tolerated:
     Each kind (action, strategy, connector, channel) is judged once, and each distinct ``execute_at`` once per
     action whose time rules apply.
     """
-    # Moments are keyed by identity, not equality: equal instants in different zones are different inputs to
-    # the rules (the Visa window subtracts wall-clock days), and a grid shares its datetime objects anyway.
-    # Each entry keeps its moment alive, so no id can be reused while the cache exists.
+    # Moments are keyed by identity (a grid shares its datetime objects); _broken_at judges a moment as the UTC
+    # instant it is, so equal instants in different zones get the same verdict. Each entry keeps its moment alive,
+    # so no id can be reused while the cache exists.
     kinds: dict[tuple[Any, ...], _KindVerdict] = {}
     moments_by_action: dict[str | None, dict[int, tuple[bool, datetime]]] = {}
     kept: list[Candidate] = []

@@ -230,6 +230,44 @@ def test_mastercard_cap_is_reported_and_only_situational() -> None:
     assert Rule.MASTERCARD_REATTEMPT_CAP in rules.SITUATIONAL_RETRY_RULES
 
 
+NEW_YORK, LONDON = ZoneInfo("America/New_York"), ZoneInfo("Europe/London")
+
+
+@pytest.mark.parametrize(
+    ("network", "zone", "at", "earlier", "count", "fires"),
+    [
+        # New York falls back at 06:00 UTC on 1 November 2026. 30 days before 12:00 EST (17:00 UTC) is 17:00 UTC on
+        # 2 October; counted on the wall clock it was 12:00 EDT, 16:00 UTC. Re-attempts at 16:30 UTC are outside.
+        ("visa", NEW_YORK, "2026-11-01T17:00:00Z", "2026-10-02T16:30:00Z", 20, False),
+        ("visa", NEW_YORK, "2026-11-01T17:00:00Z", "2026-10-02T17:00:00Z", 20, True),
+        # London falls back at 01:00 UTC on 25 October 2026: 24 hours before 12:00 GMT is 12:00 UTC on the 24th (11:00
+        # UTC on the wall clock). Ten declines at 11:30 UTC are outside Mastercard's window, at 12:00 inside.
+        ("mastercard", LONDON, "2026-10-25T12:00:00Z", "2026-10-24T11:30:00Z", 9, False),
+        ("mastercard", LONDON, "2026-10-25T12:00:00Z", "2026-10-24T12:00:00Z", 9, True),
+        # New York springs forward at 07:00 UTC on 8 March 2026: on the wall clock the window started an hour late
+        # (18:00 UTC on the 7th) and let through a retry that ten declines at 17:30 UTC forbid.
+        ("mastercard", NEW_YORK, "2026-03-08T17:00:00Z", "2026-03-07T17:30:00Z", 9, True),
+    ],
+)
+def test_the_reattempt_caps_count_elapsed_time_across_a_dst_change(
+    network: str, zone: ZoneInfo, at: str, earlier: str, count: int, fires: bool
+) -> None:
+    """check() counted Visa's 30 days and Mastercard's 24 hours back from execute_at in the candidate's own clock:
+    a candidate in a DST zone got its window moved by the hour the clocks changed in it, and the same instant in
+    UTC got another verdict. The windows are elapsed time."""
+    context = ctx(
+        merchant=LENIENT,
+        event_time=at,
+        payment={"card_network": network},
+        failure={"network_decline_code": "51"},
+        history=retries_history(count, utc(earlier), step=timedelta(0)),  # the original attempt and its re-attempts
+    )
+    rule = Rule.VISA_REATTEMPT_CAP if network == "visa" else Rule.MASTERCARD_REATTEMPT_CAP
+    in_utc, on_local_clock = retry(at=utc(at)), retry(at=utc(at).astimezone(zone))
+    assert (rule in broken(context, in_utc)) is fires
+    assert broken(context, on_local_clock) == broken(context, in_utc)
+
+
 # ------------------------------------------------------------------------------------------ Mastercard MAC
 
 FAIL_AT = T0 - timedelta(minutes=30)  # the last failed attempt; event_time is a follow-up 30 min later
@@ -1858,10 +1896,11 @@ def test_permitted_grid_is_permitted_and_blocked_of_the_grid(
     assert rules.permitted_grid(context) == (expected_allowed, expected_blocked)
 
 
-def test_equal_instants_in_other_zones_are_judged_apart() -> None:
-    # The Mastercard window subtracts 24 wall-clock hours: from New York time that crosses the DST change (1 November
-    # 2026), so the same instant sees one more decline in its window than from UTC. permitted must not reuse one's
-    # verdict. (Visa's 30 days would do as well, but its cap of 20 is out of reach of max_retries' 20.)
+def test_equal_instants_in_other_zones_get_one_verdict() -> None:
+    # The Mastercard window is 24 elapsed hours: from New York time it crosses the DST change (1 November 2026), and
+    # counted on that wall clock it saw one more decline than from UTC. The same instant gets the same verdict,
+    # whichever zone writes it and whichever permitted judges first. (Visa's 30 days would do as well, but its cap
+    # of 20 is out of reach of max_retries' 20.)
     event = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
     start = datetime(2026, 10, 31, 11, 30, tzinfo=UTC)
     attempts = [attempt(1, "initial", start)]
@@ -1877,9 +1916,10 @@ def test_equal_instants_in_other_zones_are_judged_apart() -> None:
     in_utc, in_new_york = retry(at=at), retry(at=at.astimezone(ZoneInfo("America/New_York")))
     assert in_utc == in_new_york
     assert broken(context, in_utc) == ()
-    assert broken(context, in_new_york) == (Rule.MASTERCARD_REATTEMPT_CAP,)
-    assert permitted(context, [in_utc, in_new_york]) == [in_utc, Candidate(Action.STOP, event)]
-    assert permitted(context, [in_new_york, in_utc]) == [in_utc, Candidate(Action.STOP, event)]
+    assert broken(context, in_new_york) == ()
+    stop = Candidate(Action.STOP, event)
+    assert permitted(context, [in_utc, in_new_york]) == [in_utc, in_new_york, stop]
+    assert permitted(context, [in_new_york, in_utc]) == [in_new_york, in_utc, stop]
 
 
 def test_permitted_refuses_a_naive_time_like_check_even_on_a_forbidden_candidate() -> None:

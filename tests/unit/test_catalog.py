@@ -348,6 +348,7 @@ def test_uninformative_messages_give_unknown(catalog: ErrorCatalog, message: str
     [
         *[(c, 1) for c in ("04", "07", "12", "14", "15", "41", "43", "46", "57", "R0", "R1", "R3", "r1")],
         *[(c, 2) for c in ("03", "19", "51", "59", "61", "62", "65", "75", "78", "91", "93", "96", "N4")],
+        *[(c, 2) for c in ("5C", "9G", "5c", "83", "Z5")],  # Visa's moves of 2024-2026
         *[(c, 3) for c in ("54", "55", "N7", "82", "1A", "6P")],
         *[(c, 4) for c in ("05", "01", "13", "N0", "Z3")],
         ("5", 4),
@@ -360,6 +361,38 @@ def test_uninformative_messages_give_unknown(catalog: ErrorCatalog, message: str
 )
 def test_visa_categories(catalog: ErrorCatalog, code: str | None, category: int | None) -> None:
     assert catalog.visa_category(code) == category
+
+
+@pytest.mark.parametrize(
+    ("code", "error_class", "category"),
+    [
+        ("5C", E.HARD_DECLINE, 2),  # 11 April 2025: transaction not supported / blocked by the issuer's BIN rules
+        ("9G", E.HARD_DECLINE, 2),  # 11 April 2025: blocked by the cardholder's card controls
+        ("Z5", E.LIMIT_EXCEEDED, 2),  # 13 April 2024: valid account, amount not supported
+        ("83", E.SUSPECTED_FRAUD, 2),  # 25 October 2026: Visa network fraud block, category 2
+        ("57", E.HARD_DECLINE, 1),  # 25 October 2026: issuer will never approve
+    ],
+)
+def test_visas_newer_decline_codes_have_their_class_and_category(
+    catalog: ErrorCatalog, code: str, error_class: E, category: int
+) -> None:
+    """Visa's category-2 codes 5C and 9G (April 2025), Z5 (April 2024) and 83 (October 2026) were missing: a Visa
+    decline with them read as an unknown error of the generic category 4."""
+    result = catalog.normalise("unheard_of_psp", None, network_decline_code=code, card_network="visa")
+    assert (result.error_class, result.visa_category, result.matched_by) == (error_class, category, "iso8583")
+
+
+def test_visa_only_codes_keep_other_networks_meanings(catalog: ErrorCatalog) -> None:
+    mastercard = catalog.normalise("unheard_of_psp", None, network_decline_code="83", card_network="mastercard")
+    assert (mastercard.error_class, mastercard.visa_category) == (E.SUSPECTED_FRAUD, None)
+    for code in ("5C", "9G", "Z5"):
+        other = catalog.normalise("unheard_of_psp", None, network_decline_code=code, card_network="mastercard")
+        assert (other.error_class, other.visa_category) == (E.UNKNOWN, None)
+
+
+def test_checkouts_blocked_by_issuer_code_implies_visa_5c(catalog: ErrorCatalog) -> None:
+    result = catalog.normalise("checkout", "2005C", card_network="visa")
+    assert (result.error_class, result.visa_category, result.network_decline_code) == (E.HARD_DECLINE, 2, "5C")
 
 
 def test_visa_category_rules(catalog: ErrorCatalog) -> None:

@@ -174,6 +174,30 @@ def test_visa_rules(
     assert (rule in broken(context, candidate)) is fires
 
 
+@pytest.mark.parametrize(
+    ("code", "category"),
+    [("5C", 2), ("9G", 2), ("Z5", 2), ("83", 2), ("57", 1), ("46", 1)],
+)
+def test_visas_newer_codes_get_their_categorys_rules_with_the_shipped_catalog(code: str, category: int) -> None:
+    """Visa's category-2 codes 5C and 9G (April 2025), Z5 (April 2024) and 83 (25 October 2026) are held to the
+    category-2 rules: re-attempts allowed, at most 20 per card in 30 days; 57 is category 1 (25 October 2026) and
+    never re-attempted. With the shipped catalog, as served."""
+    overrides: dict[str, Any] = {
+        "catalog": load_catalog(),
+        "payment": {"card_network": "visa"},
+        "failure": {"connector": "adyen", "error_code": "Refused", "error_message": None, "network_decline_code": code},
+    }
+    context = ctx(merchant=LENIENT, **overrides)
+    assert f"visa_category:{category}" in context.rules_applied
+    candidate = retry(strategy="retry_same", connector="adyen")
+    assert (Rule.VISA_CATEGORY_1 in broken(context, candidate)) is (category == 1)
+    if category == 1:
+        return
+    capped = ctx(merchant=LENIENT, card_reattempts_30d=20, **overrides)
+    assert Rule.VISA_REATTEMPT_CAP in broken(capped, candidate)
+    assert Rule.VISA_REATTEMPT_CAP not in broken(ctx(merchant=LENIENT, card_reattempts_30d=19, **overrides), candidate)
+
+
 @pytest.mark.parametrize("bad", ["fifteen", -1, 2.5, True])
 def test_card_reattempts_field_must_be_a_count(bad: object) -> None:
     with pytest.raises(RuleInputError, match="card_reattempts_30d must be a non-negative integer"):

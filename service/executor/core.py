@@ -515,6 +515,15 @@ def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
     )
 
 
+def _message_with_its_provider() -> sa.ColumnElement[bool]:
+    """A message claimed and marked as being sent (``Effects._mark_message_sending``), its answer not yet recorded."""
+    return sa.and_(
+        actions.c.kind == ActionKind.NUDGE.value,
+        actions.c.state == ActionState.CLAIMED.value,
+        actions.c.unanswered_since.is_not(None),
+    )
+
+
 def _still_claimed(action: ActionRow) -> sa.ColumnElement[bool]:
     """``action``'s row while its claim (the one this worker holds) is still on it."""
     return sa.and_(
@@ -1388,6 +1397,8 @@ class Executor:
                 message = replace(message, payload=_one_more_maybe_sent_try(message.payload, handed_over))
                 why += " while it was with its provider"
             self._keep_maybe_sent(conn, message, why, now)
+        # A message with its provider keeps its claim's token beside its 'being sent' mark: only that claim's answer
+        # says what became of that hand-over (``_record_unanswered_after_settling``), not a claim taken over before.
         conn.execute(
             actions.update()
             .where(
@@ -1397,7 +1408,11 @@ class Executor:
                 actions.c.kind != ActionKind.WEBHOOK.value,
                 sa.not_(_maybe_with_connector()),
             )
-            .values(state=ActionState.CANCELLED.value, claim_token=None, updated_at=now)
+            .values(
+                state=ActionState.CANCELLED.value,
+                claim_token=sa.case((_message_with_its_provider(), actions.c.claim_token), else_=sa.null()),
+                updated_at=now,
+            )
         )
         # Whatever the order's mode: a merchant switched to assisted mode queues for orders begun before.
         self._supersede_waiting(conn, order, now)
@@ -1733,34 +1748,33 @@ class Executor:
     def _record_unanswered_after_settling(
         self, conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime
     ) -> bool:
-        """Record the answer of a message that was with its provider as its order was settled (which cancelled it
-        and kept it as maybe sent: ``_cancel_open``), and whose provider then did not answer: the try is noted on
-        the cancelled action. After a timeout or a 500 the message stays kept as maybe sent (``_keep_maybe_sent``,
-        dated by its hand-over: its 'being sent' mark, which the settling left on the row). A provider that
-        certainly did not take it (429, 503, unreachable) takes back the settling's note, unless an earlier try may
-        have sent it. False when the message was not handed over by this claim (nothing to add). Before, the
-        answer was refused as stale and dropped, and nothing said the customer may have the message (review)."""
+        """Record the answer of a message that was with its provider, handed over by this claim, as its order was
+        settled, and whose provider then did not answer: its 'being sent' mark goes and the answer is noted on the
+        cancelled action. Settling already counted that hand-over as a try that may have reached the provider and
+        kept the message as maybe sent (``_cancel_open``): after a timeout or a 500 there is nothing to add. A
+        provider that certainly did not take it (429, 503, unreachable) takes back the settling's note, unless an
+        earlier try may have sent it. False when the mark on the row is not this claim's (nothing was handed over,
+        or a claim that took the message over after this one's lease ended handed it over again: its own answer
+        says what became of it). Before, the answer was refused as stale and dropped, and nothing said the customer
+        may have the message (review); then a taken-over claim's 503 deleted the note a newer hand-over justified."""
         if action.kind != ActionKind.NUDGE:
             return False
-        handed_over = conn.scalar(sa.select(actions.c.unanswered_since).where(actions.c.action_id == action.action_id))
-        if handed_over is None:
-            return False
-        payload = action.payload if outcome.not_taken else _one_more_maybe_sent_try(action.payload, as_utc(handed_over))
-        conn.execute(
+        own_mark = conn.execute(
             actions.update()
-            .where(actions.c.action_id == action.action_id)
-            .values(unanswered_since=None, payload_json=_dump(payload), last_error=outcome.error, updated_at=now)
-        )
-        if outcome.not_taken:
-            if not action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
-                conn.execute(
-                    nudges.delete().where(
-                        nudges.c.idempotency_key == action.idempotency_key, nudges.c.status == "rejected"
-                    )
-                )
-            return True
-        why = f"cancelled: its order was settled while it was with its provider, which did not answer ({outcome.error})"
-        self._keep_maybe_sent(conn, replace(action, payload=payload), why, now)
+            .where(
+                actions.c.action_id == action.action_id,
+                actions.c.state == ActionState.CANCELLED.value,
+                actions.c.claim_token == action.claim_token,
+                actions.c.unanswered_since.is_not(None),
+            )
+            .values(unanswered_since=None, claim_token=None, last_error=outcome.error, updated_at=now)
+        ).rowcount
+        if own_mark != 1:
+            return False
+        if outcome.not_taken and not action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
+            conn.execute(
+                nudges.delete().where(nudges.c.idempotency_key == action.idempotency_key, nudges.c.status == "rejected")
+            )
         return True
 
     def _release(
@@ -2226,11 +2240,7 @@ class Executor:
                 ),
                 # a payment-link message on its way to the provider (Effects._mark_message_sending); a mark left
                 # on one that is not claimed (its unmark failed) holds nothing, and a claim clears it
-                sa.and_(
-                    actions.c.kind == ActionKind.NUDGE.value,
-                    actions.c.state == ActionState.CLAIMED.value,
-                    actions.c.unanswered_since.is_not(None),
-                ),
+                _message_with_its_provider(),
             )
         elif action.kind == ActionKind.NUDGE:
             goes_first = _maybe_with_connector()  # a charge claimed now, about to be sent, goes first too
@@ -2255,9 +2265,7 @@ class Executor:
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
                 actions.c.action_id != action.action_id,
-                actions.c.kind == ActionKind.NUDGE.value,
-                actions.c.state == ActionState.CLAIMED.value,
-                actions.c.unanswered_since.is_not(None),
+                _message_with_its_provider(),
             )
         )
         return None if until is None else as_utc(until)

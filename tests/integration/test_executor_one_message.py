@@ -444,3 +444,34 @@ def test_a_message_its_provider_refuses_after_its_order_settled_keeps_the_provid
     h.worker.record([(sms, refusal)])
     recorded = [(n.status, n.error) for n in h.view().nudges]
     assert recorded == ([("rejected", "invalid number")] if for_good else [])
+
+
+def test_a_taken_over_claims_refusal_after_its_order_settled_leaves_the_newer_hand_over_on_record(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Worker A handed the SMS to a slow provider and its lease ran out; worker B took the message over and handed
+    it over again; then the order was paid, and settling kept the message as maybe sent (two tries may have reached
+    the provider). A's answer came last: a 503 for A's own try. It was taken as the answer to the hand-over on the
+    row, which was B's: the settling's note was deleted (A's copy of the message counted no earlier try) and B's
+    mark cleared, so nothing said the customer may have B's message. A stale claim's answer is refused now; B's
+    own answer is still recorded."""
+    h, provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    [first] = h.executor.claim(10, 30, "wA", "claim-A")
+    assert h.effects._mark_message_sending(first) is None  # with the provider; A hears nothing for a while
+    handed_over = h.clock.now
+    h.clock.advance(seconds=31)  # past A's lease
+    [second] = h.executor.claim(10, 30, "wB", "claim-B")
+    assert second.action_id == first.action_id
+    assert h.effects._mark_message_sending(second) is None  # B hands it over again
+    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    h.worker.record([(first, Transient("sms provider answered HTTP 503", not_taken=True))])  # A's, stale
+    h.worker.record([(second, Transient("timeout"))])  # B's: its try may have reached the provider
+    [nudge] = h.view().nudges
+    assert (nudge.channel, nudge.status, nudge.sent_at) == ("sms", "rejected", handed_over)
+    assert f"2 earlier tries {MAYBE_SENT_NOTE}" in (nudge.error or "")
+    [action] = [a for a in h.view().actions if a.kind == "nudge"]
+    assert (action.state, action.last_error) == ("cancelled", "timeout")  # B's answer, recorded
+    assert provider.outbox == []

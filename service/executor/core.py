@@ -1626,7 +1626,8 @@ class Executor:
         # the order's lock) and a send take them. The other way round, recording an answer that goes on to lock the
         # order (a refused retry decides it again) deadlocked on PostgreSQL with a re-decision waiting for the
         # action's row. Locked once: what follows changes the order's actions, not the order, until it is decided
-        # again or settled.
+        # again or settled. A webhook's answer changes only its own rows (its action and its delivery) and takes no
+        # order lock: it locked its order after its action's row, the one path the other way round.
         order = (
             None if action.kind == ActionKind.WEBHOOK else self.lock_order(conn, action.merchant_id, action.order_id)
         )
@@ -1661,20 +1662,7 @@ class Executor:
             if not self._record_settled_meanwhile(conn, action, outcome, now):
                 raise
             return
-        if action.kind == ActionKind.WEBHOOK:  # a webhook's answer reads its order only here, after its row
-            order = self.lock_order(conn, action.merchant_id, action.order_id)
-        if order is None:
-            return
-        if isinstance(outcome, Charged):
-            _answer_recorded(conn, action)
-            self._record_attempt(conn, order, action, outcome.result, now)
-        elif isinstance(outcome, Sent):
-            _answer_recorded(conn, action)
-            note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
-            self._record_nudge(conn, order, action, outcome, now)
-        elif isinstance(outcome, NotSent):
-            self._record_unsent(conn, order, action, outcome, now)
-        elif isinstance(outcome, Delivered):
+        if isinstance(outcome, Delivered):
             conn.execute(
                 webhook_deliveries.update()
                 .where(
@@ -1688,6 +1676,18 @@ class Executor:
                     attempts=webhook_deliveries.c.attempts + 1,
                 )
             )
+            return
+        if order is None:
+            return
+        if isinstance(outcome, Charged):
+            _answer_recorded(conn, action)
+            self._record_attempt(conn, order, action, outcome.result, now)
+        elif isinstance(outcome, Sent):
+            _answer_recorded(conn, action)
+            note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
+            self._record_nudge(conn, order, action, outcome, now)
+        elif isinstance(outcome, NotSent):
+            self._record_unsent(conn, order, action, outcome, now)
         elif isinstance(outcome, Replan) or action.kind == ActionKind.FOLLOW_UP:
             if isinstance(outcome, Replan):
                 self._keep_maybe_sent(conn, action, f"decided again: {outcome.reason}", now)
@@ -2480,8 +2480,18 @@ class Executor:
         )
         return True
 
-    def _link_order(self, conn: sa.Connection, claims: LinkClaims) -> RowMapping:
+    def _locked_link(self, conn: sa.Connection, claims: LinkClaims, now: datetime) -> tuple[RowMapping, RowMapping]:
+        """The link of ``claims`` and its order, both locked, the order first: recording a message's send locks the
+        order and then keeps the message's link (``_keep_link``), and a link locked before its order deadlocked
+        with it on PostgreSQL (the customer paying the link of a message whose re-send was being recorded). The
+        link is checked before the order, so a used link says so whatever became of its order."""
         order = self.lock_order(conn, claims.merchant_id, claims.order_id)
+        link = self._link(conn, claims, now)
+        return link, self._payable_order(order, claims)
+
+    @staticmethod
+    def _payable_order(order: RowMapping | None, claims: LinkClaims) -> RowMapping:
+        """``order``, the link's, when a link may open or pay it; LinkError says why not."""
         if order is None:
             raise tampered()
         if order["state"] == OrderState.SUCCEEDED:
@@ -2497,8 +2507,7 @@ class Executor:
         now = self.clock()
         claims = self.links.verify(token, now)
         with self.engine.begin() as conn:
-            link = self._link(conn, claims, now)
-            order = self._link_order(conn, claims)
+            link, order = self._locked_link(conn, claims, now)
             if link["opened_at"] is None:
                 conn.execute(
                     payment_links.update().where(payment_links.c.token_id == claims.token_id).values(opened_at=now)
@@ -2528,8 +2537,7 @@ class Executor:
         now = self.clock()
         claims = self.links.verify(token, now)
         with self.engine.begin() as conn:
-            link = self._link(conn, claims, now)
-            order = self._link_order(conn, claims)
+            link, order = self._locked_link(conn, claims, now)
             # One charge at a time per order: a retry or an earlier link payment that may be out may take it too.
             if self.unknown_charge(conn, order) is not None:
                 raise LinkError(

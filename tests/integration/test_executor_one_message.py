@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -475,3 +476,68 @@ def test_a_taken_over_claims_refusal_after_its_order_settled_leaves_the_newer_ha
     [action] = [a for a in h.view().actions if a.kind == "nudge"]
     assert (action.state, action.last_error) == ("cancelled", "timeout")  # B's answer, recorded
     assert provider.outbox == []
+
+
+def _another_backend_waits_for_a_lock(engine: sa.Engine, patience: float = PATIENCE) -> None:
+    """Return once another PostgreSQL backend of this test's database waits for a lock (fail after ``patience``)."""
+    deadline = time.monotonic() + patience
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+                )
+            )
+            if waiting:
+                return
+            conn.rollback()  # a fresh snapshot of pg_stat_activity
+    raise AssertionError("no other backend waited for a lock")
+
+
+@pytest.mark.postgres
+def test_paying_a_link_while_its_message_is_recorded_as_sent_does_not_deadlock_on_postgresql(
+    make_harness: Any,  # noqa: F811 - the fixture
+    postgres_url: str,
+) -> None:
+    """The SMS's first try timed out and the customer opened its link (its row is made then: the provider never
+    confirmed the message); a re-send is accepted, and as the worker records it the customer pays on the link.
+    Paying locked the link's row and then waited for the order's lock; recording the send held the order's lock
+    and then waited for the link's row (it keeps the link of a confirmed message): a deadlock, one of the two
+    aborted ("deadlock detected"). A link's page and its payment now take the order's lock first, as every other
+    path does: the payment waits for the record, then goes ahead."""
+    h, provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=postgres_url)
+    h.executor.payment_failed("m_demo", event())
+    provider.time_outs = 1
+    h.drain()  # the first try times out: the message is tried again after a back-off
+    token = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    assert h.executor.open_link(token).state == "PENDING"  # the customer opens the link of that try
+    h.clock.advance(minutes=1)
+    [sms] = h.executor.claim(10, 30, "w1", "claim-w1")
+    sent = h.effects.perform(sms, _order_row(h))
+    assert type(sent).__name__ == "Sent"
+    engine = h.executor.engine
+    errors: list[BaseException] = []
+    started: list[str] = []
+
+    def customer_pays() -> None:
+        try:
+            started.append(h.executor.start_link_payment(token, 30, "api", "claim-link").action.kind)
+        except BaseException as exc:
+            errors.append(exc)
+
+    payer = threading.Thread(target=customer_pays)
+    try:
+        with engine.begin() as conn:  # the worker records the send: the order's lock first
+            assert h.executor.lock_order(conn, "m_demo", "ord_1") is not None
+            payer.start()
+            _another_backend_waits_for_a_lock(engine)
+            h.executor.complete(conn, sms, sent)
+    except sa.exc.OperationalError as exc:
+        errors.append(exc)
+    payer.join(PATIENCE * 3)
+    assert not payer.is_alive()
+    assert errors == []
+    assert started == ["link_payment"]
+    [nudge] = h.view().nudges
+    assert (nudge.status, nudge.clicked_at is not None) == ("accepted", True)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from model.catalog import load_catalog
 from model.rules import build_context
 from service.executor.connectors import ChargeRequest, ChargeResult
-from service.executor.core import NoEffect, Permanent, StaleClaimError
+from service.executor.core import Delivered, NoEffect, Permanent, StaleClaimError
 from service.executor.routes import _pay
 from service.executor.store import actions, orders
 from service.executor.worker import Worker
@@ -406,3 +406,31 @@ def test_recording_a_refused_retry_while_its_order_is_decided_again_does_not_dea
     assert errors == []
     replaced = next(a for a in h.view().actions if a.action_id == retry.action_id)
     assert (replaced.state, replaced.last_error) == ("cancelled", "replaced by a later decision")
+
+
+@pytest.mark.postgres
+def test_recording_a_webhooks_answer_does_not_wait_for_its_orders_lock_on_postgresql(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    postgres_url: str,
+) -> None:
+    """Every path that locks an order and one of its rows takes the order first; a webhook's answer locked its
+    action's row and then waited for its order's lock, the one path the other way round (a deadlock waiting for any
+    path that holds the order and reaches that row). It changes only its own rows and takes no order lock now: it is
+    recorded while another transaction holds the order's lock (a lock timeout makes the old wait an error)."""
+    h = make_harness({"action": "stop"}, database_url=postgres_url)
+    h.executor.payment_failed("m_demo", event())
+    assert h.executor.order_state("m_demo", "ord_1") == "FAILED"
+    (webhook,) = h.executor.claim(10, 30, "w1", "claim-w1")
+    assert webhook.kind == "webhook"
+    outcome = h.effects.perform(webhook, None)
+    assert outcome == Delivered(200)
+    engine = h.executor.engine
+    with engine.begin() as holder:
+        assert h.executor.lock_order(holder, "m_demo", "ord_1") is not None
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            h.executor.complete(conn, webhook, outcome)
+    delivery = h.view().webhook
+    assert delivery is not None
+    assert (delivery.status, delivery.attempts) == ("delivered", 1)
+    assert len(h.receiver.received) == 1

@@ -84,9 +84,9 @@ def _replaceable() -> sa.ColumnElement[bool]:
     answered may be with its connector: its re-send asks the switch), a message never tried, or a message's
     follow-up. A message tried before came back with an answer that leaves it to be tried again (a timeout, a
     provider busy): it may be with the provider, and is re-sent under its own idempotency key, which the provider
-    drops as a repeat; cancelled, the customer got it and the next one on the same day (review). A claimed message
-    is left to its worker (one being sent is recorded when its answer comes, and
-    ``Effects._mark_message_sending`` holds back a second message of the order)."""
+    drops as a repeat; cancelled, the customer got it and the next one on the same day (review). Claimed actions
+    are ``_carry_out``'s: a retry not sent yet and a message's first try not handed over yet are replaced; one being
+    sent is recorded when its answer comes (``Effects._mark_message_sending`` holds back a second message)."""
     return sa.or_(
         sa.and_(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]), actions.c.unanswered_since.is_(None)),
         sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.attempts == 0),
@@ -1251,12 +1251,20 @@ class Executor:
         # or a retry beside a message): a retry is sent only under the order's lock, held here, in the transaction
         # that marks it sent, so its worker finds its claim gone and sends nothing (``Effects._charge``). On
         # PostgreSQL a claim being committed as this runs is waited for and the row read again as claimed: replaced
-        # all the same. A retry marked sent may be with its connector and is left to be answered.
+        # all the same. A retry marked sent may be with its connector and is left to be answered. So is a message a
+        # worker has claimed for its first try and not yet handed to its provider (review: it went beside this
+        # plan, a payment link beside a silent retry for the same failure, or a message this decision did not
+        # choose): it is handed over only under the order's lock (``Effects._mark_message_sending``), so its worker
+        # finds its claim gone and sends nothing. One tried before may have reached the provider and stays, as a
+        # planned one does (``_replaceable``); one handed over is with its provider and its answer is recorded.
         stop_close = _stop_close(merchant_id, order_id)
         claimed_unsent = sa.and_(
-            actions.c.kind == ActionKind.RETRY.value,
             actions.c.state == ActionState.CLAIMED.value,
             actions.c.unanswered_since.is_(None),
+            sa.or_(
+                actions.c.kind == ActionKind.RETRY.value,
+                sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.attempts == 1),
+            ),
         )
         conn.execute(
             actions.update()

@@ -541,3 +541,51 @@ def test_paying_a_link_while_its_message_is_recorded_as_sent_does_not_deadlock_o
     assert started == ["link_payment"]
     [nudge] = h.view().nudges
     assert (nudge.status, nudge.clicked_at is not None) == ("accepted", True)
+
+
+@pytest.mark.parametrize("replanned", ["retry", "retarget"])
+def test_a_message_claimed_and_not_yet_handed_over_is_replaced_by_a_later_decision(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+    replanned: str,
+) -> None:
+    """N2 (email) was claimed by a worker and not yet handed to its provider when the customer paid N1's link and
+    was declined; the order was decided again. A new decision replaced a planned message, and a claimed retry not
+    yet sent, but left a claimed message to its worker, which then sent it beside the new plan: a payment link
+    beside a silent retry for the same failure (a message goes only when no silent retry is made), or a message the
+    new decision did not choose. It is replaced now: its worker finds its claim gone and sends nothing."""
+    new_plan = (
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+        if replanned == "retry"
+        else {"action": "retarget", "channel": "whatsapp", "delay": timedelta(hours=1)}
+    )
+    h, provider = _harness(
+        make_harness,
+        {"action": "retarget", "channel": "sms"},  # N1, now
+        {"action": "retarget", "channel": "email", "delay": DAY_2 - (START + timedelta(hours=24))},  # N2, Day 2
+        new_plan,  # after N1's link is paid and declined
+        merchants={"m_demo": demo_merchant(retarget={"max_nudges": 4})},
+        connector=FakeConnector(results=["failure", "failure"]),
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    n1_link = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    h.clock.now = START + timedelta(hours=24)
+    h.drain()  # N1's follow-up plans N2 for Day 2
+    h.clock.now = DAY_2
+    [n2] = h.executor.claim(10, 30, "w1", "claim-w1")
+    assert (n2.kind, n2.payload["channel"]) == ("nudge", "email")
+    assert _pay(runtime(h), n1_link)[0] == 402  # declined: the order is decided again
+    h.worker.record([(n2, h.effects.perform(n2, _order_row(h)))])  # N2's worker goes on
+    assert [m.channel for m in provider.outbox] == [Channel.SMS]
+    [replaced] = [a for a in h.view().actions if a.action_id == n2.action_id]
+    assert (replaced.state, replaced.last_error) == ("cancelled", "replaced by a later decision")
+    h.drain()
+    if replanned == "retry":
+        assert [a.strategy for a in h.view().attempts][-1] == "cascade"
+        assert [m.channel for m in provider.outbox] == [Channel.SMS]
+    else:
+        h.clock.advance(hours=1)
+        h.drain()
+        assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.WHATSAPP]

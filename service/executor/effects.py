@@ -540,6 +540,7 @@ class Effects:
         the provider's answer is recorded (at once when it did not accept the message), and by the next claim of
         the message if its worker died."""
         now = self.executor.clock()
+        channel = Channel(str(action.payload["channel"]))
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
             if order is None or order["state"] != OrderState.PENDING:
@@ -559,12 +560,11 @@ class Effects:
             forbidden = self._message_forbidden(
                 self.executor.request_for(conn, order, now, sending=action),
                 self.executor.merchant(action.merchant_id),
-                Channel(str(action.payload["channel"])),
+                channel,
                 now,
             )
             if forbidden is not None:
                 return forbidden
-            channel = Channel(str(action.payload["channel"]))
             probe_ends = claim_probe(conn, action.merchant_id, channel, now, self.lease)
             if probe_ends is not None:  # its answer says whether the channel is up again
                 return Defer(max(probe_ends, now + RECHECK), f"another message is probing {channel.value}")

@@ -29,6 +29,7 @@ from service.executor.channels.base import ChannelAdapter, OutboundMessage, Send
 from service.executor.core import (
     MAYBE_SENT_NOTE,
     PAYMENT_LINK_TEMPLATE,
+    ActionRow,
     Defer,
     NotSent,
     Replan,
@@ -37,7 +38,7 @@ from service.executor.core import (
 )
 from service.executor.routes import _pay
 from service.executor.settings import ExecutorSettings
-from service.executor.store import ActionKind, actions, nudges
+from service.executor.store import ActionKind, actions, as_utc, channel_outages, nudges
 from service.executor.worker import Worker, build_effects
 from tests.factories import insert_lost_charge
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -396,6 +397,23 @@ def test_recording_a_message_timeout_reads_and_locks_its_order_once(
     assert action.state == ("scheduled" if max_attempts > 1 else "dead")
 
 
+def _paid_elsewhere(h: Harness) -> None:
+    """The merchant reports the order paid (elsewhere, now): it is settled."""
+    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
+    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+
+
+def _settled_while_with_its_provider(build: Callable[..., Harness], database_url: str) -> tuple[Harness, ActionRow]:
+    """An order whose one SMS a worker has handed to its provider (claimed and marked, no answer yet) when the
+    order is paid elsewhere; the SMS's claimed action."""
+    h, _provider = _harness(build, {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    [sms] = h.executor.claim(10, 30, "w2", "claim-w2")
+    assert h.effects._mark_message_sending(sms) is None
+    _paid_elsewhere(h)
+    return h, sms
+
+
 def test_a_message_whose_worker_died_with_its_provider_is_kept_as_maybe_sent_when_its_order_settles(
     make_harness: Any,  # noqa: F811 - the fixture
     database_url: str,
@@ -410,8 +428,7 @@ def test_a_message_whose_worker_died_with_its_provider_is_kept_as_maybe_sent_whe
     assert h.effects._mark_message_sending(sms) is None  # with the provider now; then the process is killed
     handed_over = h.clock.now
     h.clock.advance(minutes=5)
-    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
-    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    _paid_elsewhere(h)
     h.clock.advance(minutes=5)  # past the dead worker's lease
     h.drain()
     [nudge] = h.view().nudges
@@ -431,12 +448,7 @@ def test_a_message_its_provider_refuses_after_its_order_settled_keeps_the_provid
     """Settling keeps a message with its provider as maybe sent; the provider's answer that it refused the message
     for good replaces that note (the message is on record as not sent, as before), and an answer that it certainly
     did not take it (a 503) takes the note back: nothing went, nothing is on record, as before."""
-    h, _provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url)
-    h.executor.payment_failed("m_demo", event())
-    [sms] = h.executor.claim(10, 30, "w2", "claim-w2")
-    assert h.effects._mark_message_sending(sms) is None
-    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
-    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    h, sms = _settled_while_with_its_provider(make_harness, database_url)
     refusal = (
         NotSent(nudge_id_for(sms.idempotency_key), "sms", PAYMENT_LINK_TEMPLATE, "invalid number")
         if for_good
@@ -466,8 +478,7 @@ def test_a_taken_over_claims_refusal_after_its_order_settled_leaves_the_newer_ha
     [second] = h.executor.claim(10, 30, "wB", "claim-B")
     assert second.action_id == first.action_id
     assert h.effects._mark_message_sending(second) is None  # B hands it over again
-    paid = {"order_id": "ord_1", "txn_id": "txn_ext", "occurred_at": h.clock.now.isoformat(), "idempotency_key": "s1"}
-    assert h.executor.payment_succeeded("m_demo", paid).state == "SUCCEEDED"
+    _paid_elsewhere(h)
     h.worker.record([(first, Transient("sms provider answered HTTP 503", not_taken=True))])  # A's, stale
     h.worker.record([(second, Transient("timeout"))])  # B's: its try may have reached the provider
     [nudge] = h.view().nudges
@@ -589,3 +600,24 @@ def test_a_message_claimed_and_not_yet_handed_over_is_replaced_by_a_later_decisi
         h.clock.advance(hours=1)
         h.drain()
         assert [m.channel for m in provider.outbox] == [Channel.SMS, Channel.WHATSAPP]
+
+
+def test_a_503_for_a_message_whose_order_settled_meanwhile_counts_once_toward_its_channels_outage(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The refusal is noted on the channel's streak before the claim is found cancelled by the settling; the stale
+    claim is then recorded as a settled message's answer in the same transaction, so the refusal stays (once), and a
+    repeat of the answer changes nothing. (A claim taken over by another worker is refused as stale, the refusal
+    with it: the holder's own send brings its own answer.)"""
+    h, sms = _settled_while_with_its_provider(make_harness, database_url)
+    refused_at = h.clock.now
+    h.clock.advance(seconds=5)
+    h.worker.record([(sms, Transient("sms provider answered HTTP 503", not_taken=True))])
+    h.clock.advance(seconds=5)
+    h.worker.record([(sms, Transient("sms provider answered HTTP 503", not_taken=True))])  # stale now: dropped
+    with h.executor.engine.connect() as conn:
+        streaks = conn.execute(sa.select(channel_outages)).mappings().all()
+    assert [(row["channel"], as_utc(row["refused_since"]), as_utc(row["last_refused_at"])) for row in streaks] == [
+        ("sms", refused_at + timedelta(seconds=5), refused_at + timedelta(seconds=5))
+    ]

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from model.catalog import Normaliser, normalise_request
+from model.history_request import history_request, is_missing
 from model.money import Economics
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
@@ -593,9 +594,7 @@ def _check_logged(logged: pd.DataFrame) -> None:
 
 
 def _none_if_missing(value: object) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA or value is pd.NaT:
-        return None
-    return str(value)
+    return None if is_missing(value) else str(value)
 
 
 def logged_candidate(row: Mapping[str, Any]) -> Candidate:
@@ -922,81 +921,31 @@ def _ts(value: Any) -> pd.Timestamp:
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
-def _bool(value: Any) -> bool:
-    return bool(value) if value is not None and not pd.isna(value) else False
-
-
 def _float_or_nan(value: Any) -> float:
     return float("nan") if value is None or pd.isna(value) else float(value)
 
 
 def _request_at(
-    event_time: pd.Timestamp, failure: dict[str, Any], attempts: list[dict[str, Any]], nudges: list[dict[str, Any]]
+    event_time: pd.Timestamp,
+    failure: dict[str, Any],
+    attempts: list[dict[str, Any]],
+    nudges: list[dict[str, Any]],
+    action_nudge: dict[str, Any] | None,
 ) -> DecisionRequest:
-    """The decision request a caller would have sent at ``event_time`` (history up to then, oldest first)."""
+    """The decision request a caller would have sent at ``event_time``: the attempts up to ``failure`` and the
+    nudges (oldest first) sent by then, short of ``action_nudge``, the one this decision sent (as training's
+    `model.training.decision_points` counts them): a nudge sent the instant its failure came in answers it."""
     seen_attempts = [a for a in attempts if a["attempt_number"] <= failure["attempt_number"]]
-    seen_nudges = [n for n in nudges if _ts(n["sent_at"]) <= event_time]
-    return DecisionRequest.model_validate(
-        {
-            "merchant_id": str(failure["merchant_id"]),
-            "order_id": str(failure["order_id"]),
-            "event_time": _ts(event_time).to_pydatetime(),
-            "amount": float(failure["amount"]),
-            "currency": str(failure["currency"]),
-            "customer": {
-                "id": str(failure["customer_id"]),
-                "phone_present": _bool(failure["phone_present"]),
-                "email_present": _bool(failure["email_present"]),
-                "country": _none_if_missing(failure["customer_country"]),
-            },
-            "payment": {
-                "payment_method": str(failure["payment_method"]),
-                "payment_method_type": _none_if_missing(failure["payment_method_type"]),
-                "card_network": _none_if_missing(failure["card_network"]),
-                "issuer": _none_if_missing(failure["issuer"]),
-                "is_recurring": _bool(failure["is_recurring"]),
-                "authentication_type": _none_if_missing(failure["authentication_type"]) or "no_three_ds",
-                "is_network_token": _bool(failure["is_network_token"]),
-            },
-            "failure": {
-                "connector": str(failure["connector"]),
-                **{
-                    name: _none_if_missing(failure[name])
-                    for name in (
-                        "error_code",
-                        "error_message",
-                        "network_decline_code",
-                        "merchant_advice_code",
-                        "unified_code",
-                    )
-                },
-            },
-            "history": {
-                "attempts": [
-                    {
-                        "attempt_number": int(a["attempt_number"]),
-                        "connector": str(a["connector"]),
-                        "strategy": str(a["strategy"]),
-                        "status": str(a["status"]),
-                        "error_code": _none_if_missing(a["error_code"]),
-                        "created_at": _ts(a["created_at"]).to_pydatetime(),
-                    }
-                    for a in seen_attempts
-                ],
-                "nudges": [
-                    {
-                        "channel": str(n["channel"]),
-                        "sent_at": _ts(n["sent_at"]).to_pydatetime(),
-                        "delivered": _bool(n["delivered"]),
-                        "clicked_at": None
-                        if n["clicked_at"] is None or pd.isna(n["clicked_at"])
-                        else _ts(n["clicked_at"]).to_pydatetime(),
-                    }
-                    for n in seen_nudges
-                ],
-            },
-        }
-    )
+    seen_nudges = []
+    for nudge in nudges:
+        if nudge is action_nudge or _ts(nudge["sent_at"]) > event_time:
+            break
+        seen_nudges.append(nudge)
+    return history_request(event_time, failure, seen_attempts, seen_nudges)
+
+
+#: Sorts a nudge after every attempt of the same instant.
+_NUDGE_AFTER_ATTEMPTS = 2**62
 
 
 def _order_points(
@@ -1025,7 +974,9 @@ def _order_points(
         for a in attempts
         if str(a["strategy"]) in retry_values
     ]
-    actions += [(_ts(n["sent_at"]), 0, n, "retarget") for n in nudges]
+    # A nudge sent the instant an attempt failed answers that failure: it comes after the attempt (training's
+    # decision points credit the attempt to the failure before it, and the nudge to the attempt's own).
+    actions += [(_ts(n["sent_at"]), _NUDGE_AFTER_ATTEMPTS, n, "retarget") for n in nudges]
     actions.sort(key=lambda item: (item[0], item[1]))
 
     # (time, failure row, minimum attempt number of the next action, kind)
@@ -1060,6 +1011,7 @@ def _order_points(
         if nxt is not None and success_at is not None and nxt[0] > success_at:
             nxt = None
         row: dict[str, Any] = {"event_time": when, "failure": failure, "kind": kind, "logged_stop": False}
+        row["action_nudge"] = nxt[2] if nxt is not None and nxt[3] == "retarget" else None
         if nxt is None:
             row.update(action="stop", strategy=None, connector=None, channel=None, execute_at=when)
             row.update(propensity=float("nan"), label=0.0)
@@ -1194,7 +1146,8 @@ def logged_decisions(
             stops_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
     unmatched: list[str] = []
     nudges_by_order: dict[str, list[dict[str, Any]]] = {}
-    for record in nudges.sort_values("sent_at").to_dict("records"):
+    # Oldest first, ties in nudge_id order (as training's decision points count them).
+    for record in nudges.sort_values(["sent_at", "nudge_id"], kind="mergesort").to_dict("records"):
         nudges_by_order.setdefault(str(record["order_id"]), []).append({str(k): v for k, v in record.items()})
     attempts_by_order: dict[str, list[dict[str, Any]]] = {}
     ordered = attempts.sort_values(["order_id", "attempt_number"], kind="stable")
@@ -1212,7 +1165,8 @@ def logged_decisions(
             if cut is not None and point["event_time"] < cut:
                 continue
             failure = point.pop("failure")
-            request = _request_at(point["event_time"], failure, order_attempts, order_nudges)
+            action_nudge = point.pop("action_nudge")
+            request = _request_at(point["event_time"], failure, order_attempts, order_nudges, action_nudge)
             point["request"] = request
             point["merchant_id"] = request.merchant_id
             point["order_id"] = request.order_id

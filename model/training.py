@@ -45,9 +45,10 @@ from model.features import (
     catalog_columns,
 )
 from model.forked import map_in_order
+from model.history_request import history_request
 from model.merchant_config import MerchantConfig
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD, verdict_probability
-from model.requests import Customer, DecisionRequest, Failure, History, HistoryAttempt, HistoryNudge, Payment
+from model.requests import DecisionRequest
 from model.rules import Candidate
 from model.textmodel import ErrorTexts, TextModel, out_of_fold
 from model.vocab import NUDGE_FOLLOW_UP_HOURS, RETRY_STRATEGIES, Action, Channel, Strategy
@@ -433,68 +434,9 @@ def request_at(
     n = nudges.loc[nudges["order_id"] == order].copy()
     n["_ts"] = pd.to_datetime(n["sent_at"], utc=True)
     n = n.sort_values(["_ts", "nudge_id"], kind="mergesort").iloc[: int(point["nudge_prefix"])]
-    last = a.iloc[-1]
-
-    def text(value: Any) -> str | None:
-        return (
-            None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else str(value)
-        )
-
-    def stamp(value: Any) -> datetime | None:
-        return None if pd.isna(value) else _pydatetime(value)
-
-    request = DecisionRequest(
-        merchant_id=str(last["merchant_id"]),
-        order_id=str(order),
-        event_time=_pydatetime(point["decision_time"]),
-        amount=float(last["amount"]),
-        currency=str(last["currency"]),
-        customer=Customer(
-            id=str(last["customer_id"]),
-            phone_present=bool(last["phone_present"]),
-            email_present=bool(last["email_present"]),
-            country=text(last["customer_country"]),
-        ),
-        payment=Payment(
-            payment_method=str(last["payment_method"]),
-            payment_method_type=text(last["payment_method_type"]),
-            card_network=text(last["card_network"]),
-            issuer=text(last["issuer"]),
-            is_recurring=bool(last["is_recurring"]),
-            authentication_type=str(last["authentication_type"]),
-            is_network_token=bool(last["is_network_token"]),
-        ),
-        failure=Failure(
-            connector=str(last["connector"]),
-            error_code=text(last["error_code"]),
-            error_message=text(last["error_message"]),
-            network_decline_code=text(last["network_decline_code"]),
-            merchant_advice_code=text(last["merchant_advice_code"]),
-            unified_code=text(last["unified_code"]),
-        ),
-        history=History(
-            attempts=[
-                HistoryAttempt(
-                    attempt_number=int(r["attempt_number"]),
-                    connector=str(r["connector"]),
-                    strategy=Strategy(str(r["strategy"])),
-                    status=str(r["status"]),
-                    error_code=text(r["error_code"]),
-                    created_at=_pydatetime(pd.to_datetime(r["created_at"], utc=True)),
-                )
-                for _, r in a.iterrows()
-            ],
-            nudges=[
-                HistoryNudge(
-                    channel=Channel(str(r["channel"])),
-                    sent_at=_pydatetime(r["_ts"]),
-                    delivered=bool(r["delivered"]),
-                    clicked_at=stamp(pd.to_datetime(r["clicked_at"], utc=True)),
-                )
-                for _, r in n.iterrows()
-            ],
-        ),
-    )
+    rows = [{str(k): v for k, v in row.items()} for row in a.to_dict("records")]
+    sent = [{str(k): v for k, v in row.items()} for row in n.to_dict("records")]
+    request = history_request(point["decision_time"], rows[-1], rows, sent)
     execute_at = _pydatetime(point["action_time"])
     if point["kind"] == "retry":
         candidate = Candidate(

@@ -25,7 +25,7 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
-from model.catalog import NormalisedError, Normaliser, load_catalog
+from model.catalog import ErrorCatalog, MemoCatalog, load_catalog
 from model.cellsupport import CELL_SUPPORT_KEY, CellSupport
 from model.codelevel import CODE_LEVEL_KEY, CodeLevels
 from model.codewatch import code_key, inventory_of, support_table
@@ -36,7 +36,6 @@ from model.features import (
     OTHER_CODE,
     FeatureSpec,
     context_from_request,
-    memo_worthy,
 )
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD
 from model.requests import DecisionRequest
@@ -219,39 +218,6 @@ def _logit(p: FloatArray) -> FloatArray:
     return np.asarray(np.log(q / (1 - q)), dtype=np.float64)
 
 
-class _CachedNormaliser:
-    """The catalog's normalisation, remembered per distinct input (a request path must not redo it)."""
-
-    def __init__(self, catalog: Normaliser) -> None:
-        self._catalog = catalog
-        self._cache: dict[tuple[str | None, ...], NormalisedError] = {}
-
-    def normalise(
-        self,
-        connector: str,
-        error_code: str | None,
-        error_message: str | None = None,
-        network_decline_code: str | None = None,
-        merchant_advice_code: str | None = None,
-        unified_code: str | None = None,
-        card_network: str | None = None,
-        payment_method: str | None = None,
-    ) -> NormalisedError:
-        key = (
-            connector, error_code, error_message, network_decline_code, merchant_advice_code, unified_code,
-            card_network, payment_method,
-        )  # fmt: skip
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._catalog.normalise(*key)
-            if not memo_worthy(*key):
-                return hit
-            if len(self._cache) >= _CATALOG_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[key] = hit
-        return hit
-
-
 class _MatrixMemo:
     """The last request's matrix and its candidates (held, so their ids cannot be reused while it lives)."""
 
@@ -292,8 +258,8 @@ class ModelBundle:
     catalog_version: str
     metadata: dict[str, Any]
     version: str
-    catalog: Normaliser | None = field(default=None, repr=False, compare=False)
-    _normaliser: _CachedNormaliser | None = field(default=None, repr=False, compare=False)
+    catalog: ErrorCatalog | None = field(default=None, repr=False, compare=False)
+    _normaliser: MemoCatalog | None = field(default=None, repr=False, compare=False)
     _memo: threading.local = field(default_factory=threading.local, repr=False, compare=False)
     _support: dict[str, int] | None = field(default=None, repr=False, compare=False)
     _cells: CellSupport | None = field(default=None, repr=False, compare=False)
@@ -301,9 +267,10 @@ class ModelBundle:
 
     # ------------------------------------------------------------------------------------------------ scoring
 
-    def _catalog(self) -> _CachedNormaliser:
+    def _catalog(self) -> MemoCatalog:
         if self._normaliser is None:
-            self._normaliser = _CachedNormaliser(load_catalog() if self.catalog is None else self.catalog)
+            inner = load_catalog() if self.catalog is None else self.catalog
+            self._normaliser = MemoCatalog(inner, _CATALOG_CACHE_SIZE)
         return self._normaliser
 
     def context(self, request: DecisionRequest) -> dict[str, Any]:
@@ -518,7 +485,7 @@ class ModelBundle:
         cls,
         directory: str | Path,
         *,
-        catalog: Normaliser | None = None,
+        catalog: ErrorCatalog | None = None,
         between_steps: Callable[[], object] | None = None,
     ) -> ModelBundle:
         """Read a bundle written by :meth:`save`; ``catalog`` defaults to the shipped one (loaded on first use).

@@ -715,6 +715,62 @@ def normalise_frame(df: pd.DataFrame) -> pd.DataFrame:
     return load_catalog().normalise_frame(df)
 
 
+#: Most characters (all of an error's strings together) a per-error cache keeps. The caches are bounded by entries
+#: and a caller may send error codes and messages of any length: one full of 32 KB codes held ~100 KB an entry.
+MEMO_MAX_CHARS = 1024
+
+
+def memo_worthy(*texts: str | None) -> bool:
+    """Whether an entry keyed by ``texts`` is small enough for a per-error cache (``MEMO_MAX_CHARS``)."""
+    return sum(len(text) for text in texts if text) <= MEMO_MAX_CHARS
+
+
+#: Distinct inputs the API's and the executor's catalog remember (a bundle's features keep their own 4,096).
+REQUEST_CATALOG_MEMO_SIZE = 65_536
+
+
+class MemoCatalog(ErrorCatalog):
+    """A catalog whose ``normalise`` is remembered per distinct input, up to ``maxsize`` inputs (then emptied).
+
+    The one memo of the request path: the API and the executor (decide()'s rules ask several times per request)
+    and a model bundle's features (`model.bundle.ModelBundle`) each hold one. ``normalise`` is a pure function of
+    its arguments (strings or None), so remembering cannot change an answer; an input longer than
+    ``MEMO_MAX_CHARS`` is normalised every time rather than kept. Every other method answers as ``inner``'s.
+    """
+
+    def __init__(self, inner: ErrorCatalog, maxsize: int) -> None:
+        self.__dict__.update(inner.__dict__)
+        self._inner = inner
+        self._maxsize = maxsize
+        self._cache: dict[tuple[str | None, ...], NormalisedError] = {}
+
+    def normalise(
+        self,
+        connector: str,
+        error_code: str | None,
+        error_message: str | None = None,
+        network_decline_code: str | None = None,
+        merchant_advice_code: str | None = None,
+        unified_code: str | None = None,
+        card_network: str | None = None,
+        payment_method: str | None = None,
+    ) -> NormalisedError:
+        """Remembered ``ErrorCatalog.normalise``."""
+        key = (
+            connector, error_code, error_message, network_decline_code, merchant_advice_code, unified_code,
+            card_network, payment_method,
+        )  # fmt: skip
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._inner.normalise(*key)
+            if not memo_worthy(*key):
+                return hit
+            if len(self._cache) >= self._maxsize:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+
 @functools.cache
 def load_catalog() -> ErrorCatalog:
     """The shipped catalog (data/catalog/), loaded once per process."""

@@ -97,15 +97,6 @@ _REQUEST_DERIVED = frozenset({"is_three_ds", "amount_usd", "log_amount_usd", "lo
 _NO_CANDIDATE: Any = object()
 
 _CODES_MEMO_SIZE = 4096
-#: Most characters (all of an error's strings together) a per-error cache keeps. The caches are bounded by entries
-#: and a caller may send error codes and messages of any length: one full of 32 KB codes held ~100 KB an entry.
-MEMO_MAX_CHARS = 1024
-
-
-def memo_worthy(*texts: str | None) -> bool:
-    """Whether an entry keyed by ``texts`` is small enough for a per-error cache (``MEMO_MAX_CHARS``)."""
-    return sum(len(text) for text in texts if text) <= MEMO_MAX_CHARS
-
 
 #: How each candidate column's value is read off a Candidate (as ``expand_candidates`` writes it).
 _KIND_OF = operator.attrgetter("action", "strategy", "connector", "channel")

@@ -32,7 +32,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from sklearn.utils.extmath import softmax
 
-from model.features import TEXT_CLASSES, TEXT_COLUMNS, memo_worthy
+from model.catalog import memo_worthy
+from model.features import TEXT_CLASSES, TEXT_COLUMNS
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
 
-from model.catalog import ErrorCatalog, load_catalog
+from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog, load_catalog
 from model.datafiles import DEMO_REQUEST_FILE
 from model.gsm import load_overlay, with_overlay
 from model.merchant_config import WinbackConfig, load_config
@@ -35,7 +35,7 @@ from model.policy import PolicyConfig, Scorer, decide, load_priors
 from model.requests import Decision, DecisionRequest
 from model.rules import RuleInputError, load_rulebook
 from service.api.deadline import DeadlineCallsExhaustedError, within_deadline
-from service.api.deps import BatchItemError, CallerDep, MemoCatalog, Runtime, RuntimeDep, refused_caller
+from service.api.deps import BatchItemError, CallerDep, Runtime, RuntimeDep, refused_caller
 from service.api.fastpath import DecisionFastPath
 from service.api.heap import release_free_memory
 from service.api.inflight import RequestsInFlight, precise_timers
@@ -289,7 +289,7 @@ def build_runtime(settings: Settings) -> Runtime:
         in_flight=in_flight,
         settings=settings,
         config=config,
-        catalog=MemoCatalog(catalog),
+        catalog=MemoCatalog(catalog, REQUEST_CATALOG_MEMO_SIZE),
         holder=holder,
         metrics=metrics,
         policy=policy,

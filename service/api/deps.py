@@ -5,7 +5,6 @@ Tests swap any of them with ``app.dependency_overrides``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import logging
@@ -19,8 +18,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.security.base import SecurityBase
 
-from model.catalog import ErrorCatalog, NormalisedError, normalise_request
-from model.features import memo_worthy
+from model.catalog import ErrorCatalog, normalise_request
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.policy import PolicyConfig, Scorer, code_support, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
@@ -32,43 +30,6 @@ from service.api.settings import Settings
 from service.api.store import DecisionWriter, Store, decision_row, stored_json
 
 log = logging.getLogger("winback.api")
-
-
-class MemoCatalog(ErrorCatalog):
-    """The loaded catalog with ``normalise`` memoised: decide() asks it several times per request, and the
-    same few (connector, code, ...) combinations make up most traffic. normalise is a pure function of its
-    arguments (all strings or None), so caching cannot change an answer."""
-
-    def __init__(self, inner: ErrorCatalog, maxsize: int = 65_536) -> None:
-        self.__dict__.update(inner.__dict__)
-        self._memo = functools.lru_cache(maxsize=maxsize)(super().normalise)
-
-    def normalise(
-        self,
-        connector: str,
-        error_code: str | None,
-        error_message: str | None = None,
-        network_decline_code: str | None = None,
-        merchant_advice_code: str | None = None,
-        unified_code: str | None = None,
-        card_network: str | None = None,
-        payment_method: str | None = None,
-    ) -> NormalisedError:
-        """Memoised ``ErrorCatalog.normalise``."""
-        texts = (connector, error_code, error_message, network_decline_code, merchant_advice_code, unified_code)
-        if not memo_worthy(*texts, card_network, payment_method):
-            return super().normalise(*texts, card_network, payment_method)
-        result: NormalisedError = self._memo(
-            connector,
-            error_code,
-            error_message,
-            network_decline_code,
-            merchant_advice_code,
-            unified_code,
-            card_network,
-            payment_method,
-        )
-        return result
 
 
 class Served(NamedTuple):

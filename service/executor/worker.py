@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import sqlalchemy as sa
 
-from model.catalog import ErrorCatalog, load_catalog
+from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
 from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
@@ -66,12 +66,11 @@ def make_decider(
 
     A model that fails on a request is answered by the rules-only policy, as in the API.
     """
-    from service.api.deps import MemoCatalog
     from service.api.model_holder import MlflowSource, ModelHolder
 
     holder = ModelHolder(MlflowSource(tracking_uri) if tracking_uri else None)
     holder.start()
-    memo = MemoCatalog(catalog)
+    memo = MemoCatalog(catalog, REQUEST_CATALOG_MEMO_SIZE)
     policy = PolicyConfig()
     rng = np.random.default_rng(seed)  # exploration only: decision ids are fresh, workers and restarts never repeat one
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
-from model.catalog import load_catalog
+from model.catalog import MemoCatalog, load_catalog, normalise_request
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, decide, verdict_probability
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
@@ -145,6 +145,17 @@ def test_an_isotonic_calibrator_does_not_answer_certainty_from_a_handful_of_exam
 def trained() -> TrainingResult:
     attempts, nudges = make_history_frames(2500, seed=11)
     return train(attempts, nudges, seed=0, max_rounds=80)
+
+
+def test_a_bundle_normalises_through_the_catalog_memo(trained: TrainingResult) -> None:
+    """The bundle's features read the catalog through `model.catalog.MemoCatalog`, the API's memo, at 4,096."""
+    memo = trained.bundle._catalog()
+    request = make_request()
+
+    assert type(memo) is MemoCatalog
+    assert memo._maxsize == 4096
+    assert trained.bundle.context(request) == trained.bundle.context(request)
+    assert normalise_request(memo, request) is normalise_request(memo, request)
 
 
 def test_training_reports_holdout_metrics(trained: TrainingResult) -> None:

@@ -20,10 +20,16 @@ if TYPE_CHECKING:
 
 def _flags_read_as_flags(command: Command, ctx: Context) -> None:
     """Show ``command``'s flags (``--promote``, ``--serve/--no-serve``, ``--help``) bare in its help: Typer 0.29
-    prints the type of every option beside it, ``<bool>`` for a flag too, as if it took a value."""
+    prints the type of every option beside it, ``<bool>`` for a flag too, as if it took a value. A bounded number
+    reads ``<int> [x>=1]``, not ``<int range> [x>=1]``: the type column is as wide as its widest entry, and at 80
+    columns the help beside it had too little room for a URL, which Typer then cut with "…"."""
     for param in command.get_params(ctx):
-        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+        if not isinstance(param, TyperOption) or param.metavar is not None:
+            continue
+        if param.is_flag:
             param.metavar = ""  # what the help shows in place of the type
+        elif param.type_descriptor.is_ranged:
+            param.metavar = f"<{param.type_descriptor.ranged_type_name}>"
 
 
 def _help_in_paragraphs(command: Command) -> None:
@@ -180,7 +186,7 @@ def train(
         str | None,
         typer.Option(
             "--tracking-uri",
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here).",
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite file mlruns/mlflow.db here).",
         ),
     ] = None,
     promote: Annotated[
@@ -251,7 +257,7 @@ TrackingUriOption = Annotated[
     str | None,
     typer.Option(
         "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db here).",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite file mlruns/mlflow.db here).",
     ),
 ]
 ConfigOption = Annotated[
@@ -943,7 +949,7 @@ def retrain(
     gate: Annotated[
         str | None,
         typer.Option(
-            "--gate", help="Gate metrics to check, comma-separated (default: all), e.g. retry_auc,retry_log_loss."
+            "--gate", help="Gate metrics to check, comma-separated without spaces (default: all), e.g. retry_auc."
         ),
     ] = None,
     refit: RefitOption = True,

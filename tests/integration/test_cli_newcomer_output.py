@@ -340,6 +340,20 @@ def test_help_shows_flags_as_flags_without_a_type() -> None:
     assert "<path>" in shown  # options that take a value still say what kind
 
 
+def test_help_at_80_columns_cuts_no_word_with_an_ellipsis() -> None:
+    # At 80 columns `winback train --help` showed "$MLFLOW_TRACKING_U…" and "sqlite:///mlruns/m…", `--scheduler`'s
+    # example "tcp://10.0.0.5:878…", `retrain --help` "retry_auc,retry_log…": the help column was too narrow
+    # beside "<int range> [x>=1]", and Typer cuts a word that does not fit.
+    for path in _command_paths():
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "…" not in result.output, (path, result.output)
+        assert max(len(line) for line in result.output.splitlines()) <= 80, (path, result.output)
+    shown = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "80"}).output
+    assert "<int> [x>=1]" in shown  # a bounded number still says its bounds
+    assert "tcp://10.0.0.5:8786" in shown
+
+
 def test_train_prints_no_blank_line_and_no_nan_into_a_pipe(history_with_a_long_code: Path, tmp_path: Path) -> None:
     # Into a pipe (a log file, `make demo | tee`), `winback train` printed a blank line after "logged stops: ...",
     # where its progress bar had been, and "nan" for the gate's policy value with no champion yet.

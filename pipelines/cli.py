@@ -467,12 +467,13 @@ def evaluate(
     except (HistoryError, ConfigError, FileNotFoundError, ValueError) as exc:
         raise fail(format_history_error(exc) if isinstance(exc, HistoryError) else str(exc)) from None
     console.print(f"evaluation of {name} written to {summary.out_dir / 'evaluation.md'}")
-    if summary.stops_note:
-        console.print(f"[yellow]note:[/] {summary.stops_note}", highlight=False, soft_wrap=True)
     from pipelines.evaluate import fitted_on_holdout
+    from pipelines.tables import print_note
 
+    if summary.stops_note:
+        print_note(console, summary.stops_note, "note:")
     if loaded and (warning := fitted_on_holdout(loaded[0].metadata, summary.holdout_start)):
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        print_note(console, warning, "warning:")
     if summary.episodes is not None:
         print_frame(
             episodes_shown(summary.episodes),

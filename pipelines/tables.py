@@ -12,7 +12,7 @@ from rich.text import Text
 
 from model.wording import MISSING, figure
 
-__all__ = ["MISSING", "compact_table", "figure", "folded_header", "print_titled"]
+__all__ = ["MISSING", "compact_table", "figure", "folded_header", "print_note", "print_titled"]
 
 #: A rule under the header, two spaces between columns, none at the edges: at 80 columns every space counts.
 _COMPACT: dict[str, Any] = {
@@ -47,3 +47,10 @@ def print_titled(console: Console, title: str, table: Table) -> None:
     the table's width, so a path in it ("all of it in evaluation/evaluation.md") broke over lines at any width."""
     console.print(Text(title, style="table.title"), soft_wrap=True)
     console.print(table)
+
+
+def print_note(console: Console, text: str, label: str | None = None, style: str = "") -> None:
+    """A paragraph of prose (a note, a warning, a verdict) in ``style``, after ``label`` in yellow, wrapped at words
+    to the console's width. Printed as one line (``soft_wrap``), an 80-column terminal broke it in the middle of
+    words. ``text`` is shown as it is, never read as markup."""
+    console.print(Text.assemble((f"{label} " if label else "", "yellow"), (text, style)), highlight=False)

@@ -47,7 +47,7 @@ from pipelines.gate import (
     paired_noise,
     same_judged_fit,
 )
-from pipelines.tables import MISSING, figure, print_titled
+from pipelines.tables import MISSING, figure, print_note, print_titled
 
 __all__ = [
     "TrainInputError",
@@ -185,7 +185,7 @@ def print_gate(out: Console, gate: GateResult) -> None:
     if gate.checks:
         out.print(gate_table(gate), highlight=False)
     else:
-        out.print(gate.verdict, highlight=False, soft_wrap=True)
+        print_note(out, gate.verdict)
 
 
 #: Why a holdout metric can be missing ("-" in its table), said under the table.
@@ -915,9 +915,9 @@ def run_training(
 
     print_titled(out, f"Holdout metrics of winback version {version}", _metrics_table(evaluation.gate_metrics))
     if missing := missing_metrics_note(evaluation.gate_metrics):
-        out.print(f"[dim]{missing}[/]", highlight=False, soft_wrap=True)
+        print_note(out, missing, style="dim")
     if evaluation.stops_note:
-        out.print(f"[yellow]note:[/] {evaluation.stops_note}", highlight=False, soft_wrap=True)
+        print_note(out, evaluation.stops_note, "note:")
     if gate is not None:
         print_gate(out, gate)
     named = tuple(f"{connector}/{code}" for connector, code, _ in not_learned)
@@ -926,8 +926,9 @@ def run_training(
             f"{connector}/{code} ({count_noun(n, 'retry', 'retries')})" for connector, code, n in not_learned[:10]
         )
         more = f" and {len(not_learned) - 10} more" if len(not_learned) > 10 else ""
-        out.print(
-            f"[yellow]not learned yet:[/] version {version} has no training support for "
+        print_note(
+            out,
+            f"version {version} has no training support for "
             f"{count_noun(len(not_learned), 'error code')} of this history that retries followed: {shown}{more}. "
             + (
                 "None of their retries was among the decision points the models were fitted on."
@@ -936,8 +937,7 @@ def run_training(
                 "judged on and, without a refit, not fitted on); a later retrain fits on them once newer decision "
                 "points push them out of the holdout."
             ),
-            highlight=False,
-            soft_wrap=True,
+            "not learned yet:",
         )
     return TrainSummary(
         run_id=logged.run_id,

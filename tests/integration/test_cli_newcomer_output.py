@@ -354,6 +354,25 @@ def test_help_at_80_columns_cuts_no_word_with_an_ellipsis() -> None:
     assert "tcp://10.0.0.5:8786" in shown
 
 
+def test_train_s_notes_wrap_at_words_in_an_80_column_terminal(history_with_a_long_code: Path, tmp_path: Path) -> None:
+    # The note on the decision points the OPE leaves out without a stops file, and the first version's gate
+    # verdict, printed as one line each: the terminal broke them wherever its 80th column fell, mid-word.
+    for name in ("attempts.parquet", "nudges.parquet"):  # the history without its stops file
+        (tmp_path / name).write_bytes((history_with_a_long_code / name).read_bytes())
+    printed = run_winback(
+        "train", "--attempts", "attempts.parquet", "--nudges", "nudges.parquet", "--episodes", "0",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path, columns=80,
+    )  # fmt: skip
+    assert printed.exit_code == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    # Only the last line, naming the store's URI for copying whole, may be longer.
+    assert lines[-1].startswith("registered winback version 1"), printed.stdout
+    assert max(len(line) for line in lines[:-1]) <= 80, printed.stdout
+    note = next(index for index, line in enumerate(lines) if line.startswith("note: "))
+    assert "no stops file" in " ".join(lines[note : note + 4]), printed.stdout
+    assert lines[note + 1].strip(), printed.stdout  # the note goes on, on a line of its own
+
+
 def test_train_prints_no_blank_line_and_no_nan_into_a_pipe(history_with_a_long_code: Path, tmp_path: Path) -> None:
     # Into a pipe (a log file, `make demo | tee`), `winback train` printed a blank line after "logged stops: ...",
     # where its progress bar had been, and "nan" for the gate's policy value with no champion yet.

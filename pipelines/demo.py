@@ -8,6 +8,7 @@ the CLI then starts the services and the loop (``service.demo``). Nothing leaves
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -94,6 +95,20 @@ def evaluation_report(paths: DemoPaths) -> str:
     return f"{paths.workdir / 'mlruns'} (artifacts of the training run: evaluation/evaluation.md)"
 
 
+def mlflow_command() -> str:
+    """How to call MLflow's command line from the working folder: the ``mlflow`` script installed beside this
+    Python (``.venv/bin/mlflow`` after ``make demo``; a bare ``mlflow`` is found only with ``.venv/bin`` on the
+    PATH), relative to the working folder when under it; ``python -m mlflow`` when there is no such script."""
+    script = Path(sys.executable).parent / "mlflow"
+    if not script.is_file():
+        return f"{sys.executable} -m mlflow"
+    try:
+        relative = script.relative_to(Path.cwd())
+    except ValueError:
+        return str(script)
+    return str(relative) if len(relative.parts) > 1 else f"./{relative}"
+
+
 def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
     """The lines printed before the services start."""
     base = f"http://{host}:{port}"
@@ -109,7 +124,7 @@ def where_to_look(paths: DemoPaths, host: str, port: int) -> str:
             f"winback demo on {base}",
             *(line for label, value in entries for line in labelled_lines(label, value)),
             "  browse the MLflow store:",
-            "    mlflow ui --backend-store-uri \\",
+            f"    {mlflow_command()} ui --backend-store-uri \\",
             f"      {paths.tracking_uri}",
             "  try a decision:",
             f"    curl -s {base}/v1/decisions \\",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -228,3 +229,23 @@ def test_the_status_and_the_summary_fit_80_columns() -> None:
     assert table[0].strip() == "winback demo: the recovery loop", printed.getvalue()
     demo_time = next(line for line in table if "demo time" in line)
     assert "2026-12-10 09:12 UTC (demo clock x3600)" in demo_time, printed.getvalue()
+
+
+def test_where_to_look_gives_an_mlflow_ui_command_that_runs_in_a_fresh_clone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make demo` said to run `mlflow ui --backend-store-uri ...`: after `make demo` in a fresh clone only
+    # .venv/bin/mlflow exists, and a shell without .venv/bin on its PATH answered "mlflow: command not found".
+    from pipelines.demo import demo_paths, where_to_look
+
+    clone = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(clone)  # where `make demo` runs
+    lines = where_to_look(demo_paths(tmp_path / "demo"), "127.0.0.1", 8000).splitlines()
+    first = next(index for index, line in enumerate(lines) if " ui --backend-store-uri \\" in line)
+    command = lines[first].removesuffix("\\").split() + lines[first + 1].split()
+    assert command[0] == ".venv/bin/mlflow", lines[first]
+
+    bare_path = {"PATH": "/usr/local/bin:/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    result = subprocess.run([*command, "--help"], cwd=clone, env=bare_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--backend-store-uri" in result.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from model.wording import MISSING, figure
@@ -45,6 +47,25 @@ class BenchRow:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def without_nan(value: Any) -> Any:
+    """``value`` (nested dicts, lists and tuples) with every NaN or infinite number as None: ``json.dumps`` writes
+    those as bare ``NaN``/``Infinity``, which JSON does not have and strict readers (jq, ``JSON.parse``) refuse."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(item) for item in value]
+    return value
+
+
+def write_bench_report(path: Path, machine: str, rows: Sequence[BenchRow], extra: dict[str, object]) -> None:
+    """``bench.json``: the machine, the table's rows and each benchmark's own figures, as strict JSON (a figure a
+    benchmark does not measure, NaN in the table's rows, is null)."""
+    document = {"machine": machine, "rows": [row.as_dict() for row in rows], **extra}
+    path.write_text(json.dumps(without_nan(document), indent=1, default=str, allow_nan=False), encoding="utf-8")
 
 
 def bench_table(rows: Sequence[BenchRow], title: str) -> Table:

@@ -610,9 +610,15 @@ def _bench(
     skip_executor: bool,
     executor_actions: int,
 ) -> None:
-    import json
-
-    from pipelines.bench import BenchRow, bench_table, machine, simulate_rows, train_rows, training_histories
+    from pipelines.bench import (
+        BenchRow,
+        bench_table,
+        machine,
+        simulate_rows,
+        train_rows,
+        training_histories,
+        write_bench_report,
+    )
 
     try:
         sizes = sorted({int(part) for part in train_attempts.split(",") if part.strip()})
@@ -736,10 +742,7 @@ def _bench(
             )
     console.print(bench_table(rows, f"winback bench — {machine()}"))
     report = out / "bench.json"
-    report.write_text(
-        json.dumps({"machine": machine(), "rows": [row.as_dict() for row in rows], **extra}, indent=1, default=str),
-        encoding="utf-8",
-    )
+    write_bench_report(report, machine(), rows, extra)
     console.print(f"written {report}")
 
 

@@ -82,6 +82,35 @@ class EvaluationSummary:
         return "\n".join(lines)
 
 
+def holdout_line(holdout: int, first_time: object, points: int, orders: int, *, sampled: bool) -> str:
+    """evaluation.md's first line: the holdout's decision points, and those of the history (or of the sampled
+    orders) they were cut from."""
+    where = "of sampled orders from then on" if sampled else "in the history"
+    return (
+        f"Holdout: {count_noun(holdout, 'decision point')} from {first_time} on "
+        f"({count_noun(points, 'decision point')} {where}, {count_noun(orders, 'order')} in the history)."
+    )
+
+
+def ope_line(max_weight: float, resamples: int, logged_stops: int | None, without_propensity: int) -> str:
+    """evaluation.md's line over the off-policy table: the clipping, the bootstrap, and which points are in it
+    (``logged_stops`` None: the history has no stops file)."""
+
+    def are(count: int) -> str:
+        return "is" if count == 1 else "are"
+
+    stops = (
+        ""
+        if logged_stops is None
+        else f"{count_noun(logged_stops, 'point')} where the logging policy stopped (stops file) {are(logged_stops)} "
+        "in, with reward 0; "
+    )
+    return (
+        f"Clipped weights at {max_weight}; 95% bootstrap CIs ({count_noun(resamples, 'resample')}). {stops}"
+        f"{count_noun(without_propensity, 'point')} without a logged propensity {are(without_propensity)} left out."
+    )
+
+
 def stops_note(has_stops: bool, left_out: int, holdout: int, unmatched: tuple[str, ...] = ()) -> str | None:
     """One line on the decision points the OPE cannot use: without a stops file, the logging policy's stops."""
     share = (
@@ -348,10 +377,8 @@ def evaluate(
     sections = [
         "# winback evaluation",
         "",
-        f"Holdout: {len(holdout)} decision points from {first_time} on "
-        f"({len(points)} decision points {'of sampled orders from then on' if cut is not None else 'in the history'}, "
-        f"{orders_in_history} orders in the history). "
-        f"Reward: {reward}.",
+        holdout_line(len(holdout), first_time, len(points), orders_in_history, sampled=cut is not None)
+        + f" Reward: {reward}.",
         "",
         "## Classification (logged actions, holdout)",
         "",
@@ -359,13 +386,7 @@ def evaluate(
         "",
         "## Off-policy value",
         "",
-        f"Clipped weights at {max_weight}; 95% bootstrap CIs ({n_bootstrap} resamples). "
-        + (
-            f"{n_logged_stops} points where the logging policy stopped (stops file) are in, with reward 0; "
-            f"{missing_propensity} points without a logged propensity are left out."
-            if logged_stops is not None
-            else f"{missing_propensity} points without a logged propensity are left out."
-        ),
+        ope_line(max_weight, n_bootstrap, n_logged_stops if logged_stops is not None else None, missing_propensity),
         "",
         *([f"**Note:** {note}.", ""] if note else []),
         _markdown(ope, index=False),
@@ -377,7 +398,7 @@ def evaluate(
     if episodes is not None:
         sections += [
             "",
-            f"## Simulated episodes ({episode_orders} orders, seed {seed})",
+            f"## Simulated episodes ({count_noun(episode_orders, 'order')}, seed {seed})",
             "",
             _markdown(episodes, False),
         ]

@@ -777,3 +777,26 @@ def test_the_report_shows_large_figures_whole_not_as_exponents() -> None:
     table = _markdown(frame, index=False)
     assert "| model | 22,890 | 0.8123 | 5000 |" in table
     assert "e+" not in table
+
+
+def test_evaluation_md_counts_one_of_a_thing_in_the_singular(tmp_path: Path) -> None:
+    # evaluation.md read "Holdout: 1 decision points ... 1 orders in the history", "1 points where the logging
+    # policy stopped ... are in" and "1 points without a logged propensity are left out".
+    from pipelines.evaluate import evaluate
+
+    policies = {"stop": _always("stop")}
+    options: dict[str, object] = {"simulated": False, "holdout_start": datetime(2026, 11, 1, 10, 30, tzinfo=UTC)}
+    attempts, nudges, stops = _stop_history(tmp_path)
+    evaluate(attempts, nudges, tmp_path / "out", policies, stops_path=stops, n_bootstrap=1, **options)  # type: ignore[arg-type]
+    report = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "Holdout: 1 decision point from 2026-11-01 11:00:00+00:00 on (1 decision point of sampled orders " in report
+    assert "from then on, 2 orders in the history). Reward: value." in report
+    assert "95% bootstrap CIs (1 resample). " in report
+    assert "1 point where the logging policy stopped (stops file) is in, with reward 0; " in report
+    assert "0 points without a logged propensity are left out." in report
+
+    (tmp_path / "old").mkdir()
+    attempts, nudges, _ = _stop_history(tmp_path / "old", with_stops=False)
+    options["holdout_start"] = datetime(2026, 11, 1, 9, tzinfo=UTC)  # ord_a's retry has a propensity, ord_b none
+    evaluate(attempts, nudges, tmp_path / "out_old", policies, n_bootstrap=1, **options)  # type: ignore[arg-type]
+    assert "1 point without a logged propensity is left out." in (tmp_path / "out_old" / "evaluation.md").read_text()

@@ -15,7 +15,7 @@ from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
 from model.history import HistoryError, read_history
 from model.wording import count_noun
-from pipelines.tables import compact_table, figure, print_titled
+from pipelines.tables import FoldedCode, compact_table, figure, print_titled
 from pipelines.train import TrainInputError, format_history_error, merchants_for
 
 __all__ = ["CodesReport", "codes_report", "import_gsm", "report_view"]
@@ -131,16 +131,17 @@ def report_view(
     described.add_column("nearest known codes: similarity (retry success of n)", overflow="fold", ratio=3)
     for _, row in report.iterrows():
         code = f"{row['connector']}/{row['error_code']}"
-        counts.add_row(Text(code), *(Text(_cell(row[name])) for name, _ in _COUNT_COLUMNS))
-        about = Text(code, style="bold")
+        counts.add_row(FoldedCode(code), *(Text(_cell(row[name])) for name, _ in _COUNT_COLUMNS))
+        about = Text()
         message = _shown_message(row["example_message"])
         if message:
-            about.append(f"\n{message}")
+            about.append(message)
         gsm = row["gsm"] if "gsm" in report.columns else ""
         if gsm:
-            about.append(f"\ngateway status map: {gsm}", style="dim")
+            about.append(("\n" if about else "") + f"gateway status map: {gsm}", style="dim")
         nearest = "\n".join(str(row["nearest"]).split("; ")) if row["nearest"] else "none known"
-        described.add_row(about, Text(nearest))
+        shown_code = FoldedCode(code, "bold")
+        described.add_row(Group(shown_code, about) if about else shown_code, Text(nearest))
     parts: list[Table | Text] = [counts, Text(), described]
     if len(report) < total:
         every = f"{csv_out} has every one" if csv_out is not None else "--csv FILE writes every one"

@@ -3,6 +3,7 @@ columns), on a fresh store, at every start; each command run as its own process,
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pandas as pd
@@ -88,6 +89,27 @@ def test_codes_report_is_a_table_that_fits_the_terminal_with_every_code_and_coun
     described = " ".join(printed.stdout.split("What each code says", 1)[1].split())
     assert "[bold]Transaction not permitted[/bold] to cardholder" in described
     assert "…" in described
+
+
+def test_codes_report_breaks_a_long_code_after_a_separator_never_mid_word(history_with_a_long_code: Path) -> None:
+    # At 80 columns the code column (22 wide) broke codes wherever it ended: "razorpay/payment_faile" over "d",
+    # "razorpay/vpa_resolutio" over "n_failed".
+    printed, report = _codes_report(history_with_a_long_code, 80, "--all")
+    lines = printed.stdout.splitlines()
+    rule = next(index for index, line in enumerate(lines) if set(line.strip()) == {"─"})
+    legend = next(index for index, line in enumerate(lines) if line.startswith("trained on:"))
+    counts = lines[rule + 1 : legend]
+    broken = 0
+    for line, after in itertools.pairwise(counts):
+        if len(after.split()) == 1:  # the rest of the code above
+            assert line.split()[0][-1] in "/_-.:", (line, after, printed.stdout)
+            broken += 1
+    assert broken >= 5, printed.stdout
+    # ... and in the second table, which gives a code a wider column: the long code, bold above its message.
+    described = printed.stdout.split("What each code says", 1)[1].splitlines()
+    first = next(line for line in described if line.startswith("razorpay/processor_"))
+    assert first.split()[0][-1] == "_", printed.stdout
+    assert f"razorpay/{LONG_CODE}" in set(report["connector"] + "/" + report["error_code"])
 
 
 def test_codes_report_shows_a_digest_of_the_most_failed_codes_and_says_how_to_see_the_rest(

@@ -676,7 +676,12 @@ def replay(
                     "seconds": elapsed / replays,
                 }
             )
-    return pd.DataFrame(rows)
+    # With no point (a history without logged propensities has nothing to weigh), the columns still say what a
+    # replay holds, so the estimators and tables that read them find no row rather than no column.
+    columns = ["point", "policy", "target_prob"]
+    columns += [f"{kind}{suffix}" for kind in ("q_logged", "v_target") for suffix in models]
+    columns += ["action", "strategy", "connector", "channel", "retry_probability", "expected_success"]
+    return pd.DataFrame(rows, columns=[*columns, "propensity", "seconds"])
 
 
 def _reward(model: RewardModel | None, request: DecisionRequest, candidates: list[Candidate]) -> float:

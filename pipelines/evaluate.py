@@ -111,8 +111,20 @@ def ope_line(max_weight: float, resamples: int, logged_stops: int | None, withou
     )
 
 
+#: Why the off-policy table has no estimate when no holdout point logs a propensity.
+NO_PROPENSITY_NOTE = (
+    "no holdout decision point has a logged propensity (the history's propensity column is empty, as in an export "
+    "from a system that did not record them): IPS, SNIPS and DR weigh each logged action by the probability it was "
+    "chosen with, so there is no off-policy estimate; the retryability table uses the points where an action was "
+    "logged. Decisions served by winback carry their propensity"
+)
+
+
 def stops_note(has_stops: bool, left_out: int, holdout: int, unmatched: tuple[str, ...] = ()) -> str | None:
-    """One line on the decision points the OPE cannot use: without a stops file, the logging policy's stops."""
+    """One line on the decision points the OPE cannot use: all of them when none has a logged propensity, else
+    without a stops file the logging policy's stops."""
+    if holdout and left_out >= holdout:
+        return NO_PROPENSITY_NOTE
     share = (
         f"{left_out:,} of {count_noun(holdout, 'holdout decision point')} ({left_out / holdout:.0%})"
         if holdout
@@ -330,13 +342,23 @@ def evaluate(
     missing_propensity = int(len(holdout) - len(with_propensity))
     n_logged_stops = int(with_propensity["logged_stop"].sum())
     unmatched = tuple(points.attrs.get("unmatched_stops", ()))
+    # A history that logs no propensity at all (a first export from a system that did not record them) gives no
+    # off-policy estimate, but its retried and messaged points still show what the model predicts per error class.
+    no_propensity = with_propensity.empty
+    replayed_points = acted.reset_index(drop=True) if no_propensity else with_propensity
     replayed = ev.replay(
-        with_propensity,
+        replayed_points,
         policies,
         reward_model,
         other_reward_models={name: reward_model_of(scorer) for name, scorer in others},
     )
-    ope = ev.ope_from_replay(with_propensity, replayed, max_weight=max_weight, n_bootstrap=n_bootstrap, seed=seed)
+    ope = ev.ope_from_replay(
+        with_propensity,
+        replayed.iloc[:0] if no_propensity else replayed,
+        max_weight=max_weight,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
     save_csv(ope, "ope.csv")
     metrics["ope.logged_stops"] = float(n_logged_stops)
     metrics["ope.points_left_out"] = float(missing_propensity)
@@ -346,10 +368,10 @@ def evaluate(
     first_policy = next(iter(policies))
     replay_first = replayed[replayed["policy"] == first_policy].sort_values("point")
     retryability = ev.retryability_by_class(
-        with_propensity["error_class"].to_numpy(),
+        replayed_points["error_class"].to_numpy(),
         replay_first["retry_probability"].to_numpy(dtype=np.float64),
-        with_propensity["label"].to_numpy(dtype=np.float64),
-        (with_propensity["action"] == "retry").to_numpy(),
+        replayed_points["label"].to_numpy(dtype=np.float64),
+        (replayed_points["action"] == "retry").to_numpy(),
     )
     save_csv(retryability, "retryability_by_error_class.csv", index=True)
 
@@ -389,7 +411,7 @@ def evaluate(
         ope_line(max_weight, n_bootstrap, n_logged_stops if logged_stops is not None else None, missing_propensity),
         "",
         *([f"**Note:** {note}.", ""] if note else []),
-        _markdown(ope, index=False),
+        "_no estimate (see the note)_" if no_propensity else _markdown(ope, index=False),
         "",
         f"## Retryability by error class (predicted by `{first_policy}`)",
         "",

@@ -494,29 +494,40 @@ def test_a_nudge_clicked_but_not_paid_is_followed_up_as_training_and_the_executo
     assert trained.loc[trained["nudge_id"] == "ndg_2", "decision_time"].iloc[0] == second["event_time"]
 
 
-def test_evaluate_pipeline_writes_report_tables_and_plots(tmp_path: Path) -> None:
+class _FlatScorer:
+    """A model that gives every candidate the same chance of success."""
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        return np.full(len(candidates), 0.4)
+
+
+def _evaluate_factory_history(tmp_path: Path, attempts: pd.DataFrame, nudges: pd.DataFrame, **options: Any) -> Any:
+    """``evaluate`` of these history frames (written to ``tmp_path``) into ``tmp_path / "out"``: two policies
+    (retry now, stop), the flat scorer, not simulated, a 90% holdout."""
     from model.history import write_attempts, write_nudges
     from pipelines.evaluate import evaluate
-    from tests.factories import make_attempts_frame, make_nudges_frame
 
-    write_attempts(make_attempts_frame(), tmp_path / "attempts.parquet")
-    write_nudges(make_nudges_frame(), tmp_path / "nudges.parquet")
-
-    class _Flat:
-        def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
-            return np.full(len(candidates), 0.4)
-
-    importance = pd.DataFrame({"feature": ["amount_usd", "error_class"], "gain": [3.0, 5.0]})
-    summary = evaluate(
+    write_attempts(attempts, tmp_path / "attempts.parquet")
+    write_nudges(nudges, tmp_path / "nudges.parquet")
+    return evaluate(
         tmp_path / "attempts.parquet",
         tmp_path / "nudges.parquet",
         tmp_path / "out",
         {"retry_now": _always("retry"), "stop": _always("stop")},
-        scorers={"flat": _Flat()},
-        feature_importance=importance,
+        scorers={"flat": _FlatScorer()},
         simulated=False,
         holdout_fraction=0.9,
-        n_bootstrap=20,
+        **{"n_bootstrap": 5, **options},
+    )
+
+
+def test_evaluate_pipeline_writes_report_tables_and_plots(tmp_path: Path) -> None:
+    from pipelines.evaluate import evaluate
+    from tests.factories import make_attempts_frame, make_nudges_frame
+
+    importance = pd.DataFrame({"feature": ["amount_usd", "error_class"], "gain": [3.0, 5.0]})
+    summary = _evaluate_factory_history(
+        tmp_path, make_attempts_frame(), make_nudges_frame(), feature_importance=importance, n_bootstrap=20
     )
     names = {p.name for p in summary.files}
     assert names >= {
@@ -800,3 +811,27 @@ def test_evaluation_md_counts_one_of_a_thing_in_the_singular(tmp_path: Path) -> 
     options["holdout_start"] = datetime(2026, 11, 1, 9, tzinfo=UTC)  # ord_a's retry has a propensity, ord_b none
     evaluate(attempts, nudges, tmp_path / "out_old", policies, n_bootstrap=1, **options)  # type: ignore[arg-type]
     assert "1 point without a logged propensity is left out." in (tmp_path / "out_old" / "evaluation.md").read_text()
+
+
+def test_a_history_without_any_logged_propensity_is_evaluated_with_a_note_instead_of_an_estimate(
+    tmp_path: Path,
+) -> None:
+    # A merchant's first export comes from a system that logged no propensity: evaluate stopped with
+    # KeyError: 'policy' (the replay of no point had no columns). Now the report says why the off-policy table has
+    # no estimate, and the retryability table still shows the model's predictions on the points that acted.
+    from pipelines.evaluate import NO_PROPENSITY_NOTE
+    from tests.factories import make_attempts_frame, make_nudges_frame
+
+    no_propensity = {"propensity": np.nan}
+    summary = _evaluate_factory_history(
+        tmp_path, make_attempts_frame().assign(**no_propensity), make_nudges_frame().assign(**no_propensity)
+    )
+    assert summary.n_points_without_propensity == summary.n_holdout_points == 6
+    assert summary.stops_note == NO_PROPENSITY_NOTE
+    assert NO_PROPENSITY_NOTE in str(summary)
+    report = (tmp_path / "out" / "evaluation.md").read_text()
+    assert f"**Note:** {NO_PROPENSITY_NOTE}." in report
+    assert "_no estimate (see the note)_" in report
+    assert list(summary.ope["policy"]) == ["logged"]  # no policy row: nothing to weigh
+    assert summary.retryability["points"].sum() == 5  # the points where a retry or a message was logged
+    assert summary.metrics["ope.points_left_out"] == 6.0

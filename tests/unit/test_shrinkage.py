@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.catalog import load_catalog
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM, timing_offsets
@@ -216,3 +218,62 @@ def test_cells_of_a_bundle_recorded_before_now_and_hours_were_apart_count_for_bo
     assert all(legacy[:, slot].tolist() == [50.0, 5.0, 5.0] for slot in range(sms, sms + SLOTS_PER_ARM))
     keys = cell_keys(["issuer_technical"] * 4, ["retry"] * 4, ["retry_same"] * 4, [None] * 4, [0.0, 2.99, 3.0, 20.0])
     assert [key.split("|")[2] for key in keys] == ["now", "now", "hours", "later"]
+
+
+def _no_later_than_hours_on_arrays(
+    scores: np.ndarray, recalibrated: np.ndarray, offsets: np.ndarray, bases: np.ndarray, prior: np.ndarray, runs: Any
+) -> None:
+    """The rule as numpy states it, slice by slice (the policy's form before it walked plain floats)."""
+    from model.cellsupport import HOURS, LATER, TIMINGS
+
+    hours_slot, later_slot = TIMINGS.index(HOURS), TIMINGS.index(LATER)
+    for start, stop, first in runs:
+        if first.action is not Action.RETRY:
+            continue
+        base = int(bases[start])
+        if base >= N_SLOTS or prior[base + hours_slot] < prior[base + later_slot]:
+            continue
+        timing = offsets[start:stop]
+        later = scores[start:stop][timing == later_slot]
+        if not len(later):
+            continue
+        hours = np.flatnonzero(timing == hours_slot) + start
+        scores[hours] = np.maximum(scores[hours], np.minimum(recalibrated[hours], later.max()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["retry_same", "cascade", "whatsapp", "stop"]), min_size=1, max_size=6),
+    lengths=st.lists(st.integers(1, 8), min_size=6, max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+    ties=st.booleans(),
+)
+def test_no_later_than_hours_on_floats_is_the_numpy_rule(
+    kinds: list[str], lengths: list[int], seed: int, ties: bool
+) -> None:
+    """decide()'s "no later than the hours" step walks plain floats: every score it leaves is the one the rule's numpy
+    form leaves, ties and runs without a later or an hours candidate included."""
+    from model.policy import _kind_runs, _no_later_than_hours, _slot_bases
+    from model.vocab import Strategy
+
+    at = INSUFFICIENT_FUNDS.event_time
+    candidates: list[Candidate] = []
+    for kind, length in zip(kinds, lengths, strict=False):
+        if kind in CHANNELS:
+            candidates += [Candidate(Action.RETARGET, at, channel=Channel(kind))] * length
+        elif kind == "stop":
+            candidates += [Candidate(Action.STOP, at)] * length
+        else:
+            candidates += [Candidate(Action.RETRY, at, strategy=Strategy(kind), connector="stripe")] * length
+    rng = np.random.default_rng(seed)
+    n = len(candidates)
+    draw = (lambda: rng.choice([0.0, 0.25, 0.5, 1.0], size=n)) if ties else (lambda: rng.random(n))
+    scores, recalibrated = draw(), draw()
+    runs = _kind_runs(candidates)
+    bases = _slot_bases(runs, n)
+    offsets = rng.integers(0, 3, size=n) * (bases < N_SLOTS)
+    prior = rng.choice([0.1, 0.2], size=N_SLOTS + 2)
+    expected = scores.copy()
+    _no_later_than_hours_on_arrays(expected, recalibrated, offsets, bases, prior, runs)
+    _no_later_than_hours(scores, recalibrated, offsets, bases, prior, runs)
+    assert scores.tolist() == expected.tolist()

@@ -288,6 +288,21 @@ def test_template_fallbacks_prefer_the_customers_language(tmp_path: Path) -> Non
     assert templates.render("m_other", Channel.SMS, "fr", VARIABLES).text.startswith("default-en")
 
 
+def test_a_template_named_with_whatsapps_locale_spelling_is_found(tmp_path: Path) -> None:
+    # Start-up validation accepts sms.en_US.j2 (WhatsApp's spelling of a locale), but the lookup asked only for
+    # sms.en-US.j2: the merchant's file was never used and its customers got the default text.
+    write(tmp_path, "m_demo/sms.en_US.j2", "merchant-en-us " + LINK_SMS)
+    write(tmp_path, "m_demo/sms.pt-BR.j2", "merchant-pt-br " + LINK_SMS)
+    write(tmp_path, "m_demo/sms.pt_BR.j2", "merchant-pt-br-underscore " + LINK_SMS)
+    write(tmp_path, "_default/sms.en.j2", "default-en " + LINK_SMS)
+    templates = TemplateStore(tmp_path)
+    for locale in ("en-US", "en_US"):
+        rendered = templates.render("m_demo", Channel.SMS, locale, VARIABLES)
+        assert (rendered.source, rendered.locale) == ("m_demo/sms.en_US.j2", "en_US")
+    assert templates.render("m_demo", Channel.SMS, "pt-BR", VARIABLES).source == "m_demo/sms.pt-BR.j2"  # hyphen first
+    assert templates.render("m_other", Channel.SMS, "en-US", VARIABLES).source == "_default/sms.en.j2"
+
+
 def test_template_sandbox_refuses_python_access(tmp_path: Path) -> None:
     write(tmp_path, "_default/sms.en.j2", "{{ link_url.__class__.__mro__ }}")
     with pytest.raises(TemplateConfigError, match=r"sms\.en\.j2"):

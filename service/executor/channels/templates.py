@@ -124,9 +124,12 @@ class TemplateStore:
         names: list[str] = []
         for loc in [*_locale_chain(locale), *_locale_chain(FALLBACK_LOCALE)]:
             for owner in (merchant_id, DEFAULT_DIR_NAME):
-                name = f"{owner}/{channel.value}.{loc}.j2"
-                if name not in names:
-                    names.append(name)
+                # A file may name its locale as BCP 47 does (en-US) or as WhatsApp does (en_US): validation accepts
+                # both, so the lookup finds both, the hyphen first.
+                for spelling in dict.fromkeys((loc, loc.replace("-", "_"))):
+                    name = f"{owner}/{channel.value}.{spelling}.j2"
+                    if name not in names:
+                        names.append(name)
         return names
 
     def resolve(self, merchant_id: str, channel: Channel, locale: str) -> str:

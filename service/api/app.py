@@ -284,6 +284,7 @@ def build_runtime(settings: Settings) -> Runtime:
         on_error=lambda _reason: metrics.registry_errors.inc(),
         check=canary_check(config, catalog, policy, between_steps=in_flight.give_way),
         in_flight=in_flight,
+        catalog=catalog,  # the model's features read the rules' catalog, overlay included
     )
     return Runtime(
         in_flight=in_flight,

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from model.catalog import ErrorCatalog
 from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -123,8 +124,12 @@ class ModelHolder:
         check: Callable[[Scorer], None] | None = None,
         retry_base_seconds: float | None = None,
         in_flight: RequestsInFlight | None = None,
+        catalog: ErrorCatalog | None = None,
     ) -> None:
         self.source = source
+        # The error catalog the caller's rules read (with its overlay, if any): every loaded version's features read
+        # it too (``use_catalog``), or a code only the overlay defines would be known to the rules, new to the model.
+        self.catalog = catalog
         # The worker's requests: a load gives way to them between its steps, and passes ``give_way`` on to the
         # warm-up; a swap also at each Python call (service/api/inflight.py), so it runs in the gaps between requests.
         self.in_flight = in_flight
@@ -260,7 +265,11 @@ class ModelHolder:
     def _prepare(self, scorer: Scorer) -> None:
         """Warm a loaded version up on the errors the serving one has seen (``warm_up`` and ``seen_errors``, when
         the scorers have them), then ``check`` it: what a first request would build is built here, beside the
-        serving model, so no request waits for it after the swap."""
+        serving model, so no request waits for it after the swap. A scorer with ``use_catalog`` reads the holder's
+        catalog first."""
+        use_catalog = getattr(scorer, "use_catalog", None)
+        if use_catalog is not None and self.catalog is not None:
+            use_catalog(self.catalog)
         warm_up = getattr(scorer, "warm_up", None)
         if warm_up is not None:
             seen = getattr(self.current.scorer, "seen_errors", None)

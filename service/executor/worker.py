@@ -68,7 +68,7 @@ def make_decider(
     """
     from service.api.model_holder import MlflowSource, ModelHolder
 
-    holder = ModelHolder(MlflowSource(tracking_uri) if tracking_uri else None)
+    holder = ModelHolder(MlflowSource(tracking_uri) if tracking_uri else None, catalog=catalog)
     holder.start()
     memo = MemoCatalog(catalog, REQUEST_CATALOG_MEMO_SIZE)
     policy = PolicyConfig()

@@ -164,6 +164,7 @@ def start(tmp_path: Path, source: FakeSource | None = None, **overrides: Any) ->
             on_error=holder.on_error,
             check=holder.check,
             in_flight=holder.in_flight,
+            catalog=holder.catalog,
         )
     return Api(app)
 

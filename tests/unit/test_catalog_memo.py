@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.catalog import MEMO_MAX_CHARS, REQUEST_CATALOG_MEMO_SIZE, MemoCatalog, load_catalog
+from model.bundle import ModelBundle
+from model.catalog import MEMO_MAX_CHARS, REQUEST_CATALOG_MEMO_SIZE, MemoCatalog, load_catalog, normalise_request
+from model.gsm import OverlayEntry, write_overlay
+from model.training import train
+from model.vocab import ErrorClass
 from service.api import app as app_module
+from service.api.model_holder import VersionedScorer
+from tests.factories import make_history_frames, make_request
 from tests.unit.test_api import settings_for
 
 _INSUFFICIENT = ("stripe", "card_declined", "Your card has insufficient funds.", "51", None, None, "visa", "card")
@@ -45,3 +51,49 @@ def test_the_api_decides_through_the_memo(tmp_path: Path) -> None:
 
     assert type(runtime.catalog) is MemoCatalog
     assert runtime.catalog._maxsize == REQUEST_CATALOG_MEMO_SIZE
+
+
+class _OneBundle:
+    """A registry whose champion is version 1, a trained bundle."""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+
+    def champion_version(self) -> str:
+        return "1"
+
+    def load(self, version: str) -> VersionedScorer:
+        return VersionedScorer(self.bundle, version)
+
+
+def test_a_served_bundle_reads_the_overlaid_catalog_the_rules_read(tmp_path: Path) -> None:
+    """With a gateway status map overlay, a code only the overlay defines is known to the model's features as it is
+    to the rules: the served bundle reads the API's catalog, set when the holder loads it."""
+    overlay = write_overlay(
+        [
+            OverlayEntry(
+                connector="stripe", code="gsm_only_code", message="Gateway down",
+                error_class=ErrorClass.PROCESSOR_TECHNICAL, class_from="error_category", decision="retry",
+                retryable_prior=True, step_up_possible=False, clear_pan_possible=False,
+                alternate_network_possible=False,
+            )
+        ],
+        tmp_path / "overlay.csv",
+    )  # fmt: skip
+    runtime = app_module.build_runtime(settings_for(tmp_path, gsm_overlay=overlay))
+    attempts, nudges = make_history_frames(300, seed=5)
+    runtime.holder.source = _OneBundle(
+        train(attempts, nudges, seed=0, max_rounds=10, evaluate_unseen_codes=False).bundle
+    )
+    request = make_request(failure={"error_code": "gsm_only_code"})
+
+    assert runtime.holder.refresh()
+    served = runtime.holder.current.scorer
+    assert served is not None
+    rules_read = normalise_request(runtime.catalog, request)
+    context = served.context(request)
+
+    assert rules_read.known_code
+    assert rules_read.error_class == ErrorClass.PROCESSOR_TECHNICAL
+    assert not normalise_request(load_catalog(), request).known_code  # the shipped catalog alone lacks the code
+    assert (context["known_code"], context["error_class"]) == (1.0, rules_read.error_class.value)

@@ -64,11 +64,19 @@ class EvaluationSummary:
     n_logged_stops: int = 0
     #: Stops of the stops file that match no decision point (``merchant/order: why``), in the whole history read.
     unmatched_stops: tuple[str, ...] = ()
+    #: No holdout point has a logged propensity: there is no off-policy estimate (``NO_PROPENSITY_NOTE``).
+    no_propensity: bool = False
 
     @property
     def stops_note(self) -> str | None:
         """What the OPE leaves out for want of logged stops, in one line (None when nothing is)."""
-        return stops_note(self.has_stops, self.n_points_without_propensity, self.n_holdout_points, self.unmatched_stops)
+        return stops_note(
+            self.has_stops,
+            self.n_points_without_propensity,
+            self.n_holdout_points,
+            self.unmatched_stops,
+            no_propensity=self.no_propensity,
+        )
 
     def __str__(self) -> str:
         lines = [
@@ -120,10 +128,12 @@ NO_PROPENSITY_NOTE = (
 )
 
 
-def stops_note(has_stops: bool, left_out: int, holdout: int, unmatched: tuple[str, ...] = ()) -> str | None:
-    """One line on the decision points the OPE cannot use: all of them when none has a logged propensity, else
-    without a stops file the logging policy's stops."""
-    if holdout and left_out >= holdout:
+def stops_note(
+    has_stops: bool, left_out: int, holdout: int, unmatched: tuple[str, ...] = (), *, no_propensity: bool
+) -> str | None:
+    """One line on the decision points the OPE cannot use: all of them when none has a logged propensity
+    (``no_propensity``, as `evaluate` found it), else without a stops file the logging policy's stops."""
+    if no_propensity:
         return NO_PROPENSITY_NOTE
     share = (
         f"{left_out:,} of {count_noun(holdout, 'holdout decision point')} ({left_out / holdout:.0%})"
@@ -395,7 +405,9 @@ def evaluate(
     files.append(plots.policy_value(ope, out / "policy_value.png", episodes))
 
     first_time = holdout["event_time"].min()
-    note = stops_note(logged_stops is not None, missing_propensity, len(holdout), unmatched)
+    note = stops_note(
+        logged_stops is not None, missing_propensity, len(holdout), unmatched, no_propensity=no_propensity
+    )
     sections = [
         "# winback evaluation",
         "",
@@ -450,4 +462,5 @@ def evaluate(
         has_stops=logged_stops is not None,
         n_logged_stops=n_logged_stops,
         unmatched_stops=unmatched,
+        no_propensity=no_propensity,
     )

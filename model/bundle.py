@@ -270,9 +270,11 @@ class ModelBundle:
     def use_catalog(self, catalog: ErrorCatalog) -> None:
         """Read the error catalog's verdicts from ``catalog`` from now on (the one the caller's rules read, e.g. the
         API's with its gateway status map overlay): a code only it knows is then known to the features too. Called
-        at load time, before the bundle serves; the remembered normalisations of the catalog before are dropped."""
+        at load time, before the bundle serves; what was remembered with the catalog before (its normalisations,
+        each thread's last matrix) is dropped."""
         self.catalog = catalog
         self._normaliser = None
+        self._memo = threading.local()
 
     def _catalog(self) -> MemoCatalog:
         if self._normaliser is None:

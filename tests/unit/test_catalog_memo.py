@@ -3,13 +3,18 @@ bundle's features: it answers as the catalog, remembers an input once, stays bou
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from model.bundle import ModelBundle
 from model.catalog import MEMO_MAX_CHARS, REQUEST_CATALOG_MEMO_SIZE, MemoCatalog, load_catalog, normalise_request
-from model.gsm import OverlayEntry, write_overlay
+from model.gsm import OverlayEntry, with_overlay, write_overlay
+from model.rules import Candidate
 from model.training import train
-from model.vocab import ErrorClass
+from model.vocab import Action, ErrorClass, Strategy
 from service.api import app as app_module
 from service.api.model_holder import VersionedScorer
 from tests.factories import make_history_frames, make_request
@@ -66,25 +71,28 @@ class _OneBundle:
         return VersionedScorer(self.bundle, version)
 
 
-def test_a_served_bundle_reads_the_overlaid_catalog_the_rules_read(tmp_path: Path) -> None:
+#: A code only the overlay of these tests defines (the shipped catalog does not know stripe's ``gsm_only_code``).
+_OVERLAID_CODE = OverlayEntry(
+    connector="stripe", code="gsm_only_code", message="Gateway down", error_class=ErrorClass.PROCESSOR_TECHNICAL,
+    class_from="error_category", decision="retry", retryable_prior=True, step_up_possible=False,
+    clear_pan_possible=False, alternate_network_possible=False,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bundle() -> ModelBundle:
+    """A small trained bundle (each test sets the catalog it reads first)."""
+    attempts, nudges = make_history_frames(300, seed=5)
+    return train(attempts, nudges, seed=0, max_rounds=10, evaluate_unseen_codes=False).bundle
+
+
+def test_a_served_bundle_reads_the_overlaid_catalog_the_rules_read(tmp_path: Path, bundle: ModelBundle) -> None:
     """With a gateway status map overlay, a code only the overlay defines is known to the model's features as it is
     to the rules: the served bundle reads the API's catalog, set when the holder loads it."""
-    overlay = write_overlay(
-        [
-            OverlayEntry(
-                connector="stripe", code="gsm_only_code", message="Gateway down",
-                error_class=ErrorClass.PROCESSOR_TECHNICAL, class_from="error_category", decision="retry",
-                retryable_prior=True, step_up_possible=False, clear_pan_possible=False,
-                alternate_network_possible=False,
-            )
-        ],
-        tmp_path / "overlay.csv",
-    )  # fmt: skip
+    overlay = write_overlay([_OVERLAID_CODE], tmp_path / "overlay.csv")
     runtime = app_module.build_runtime(settings_for(tmp_path, gsm_overlay=overlay))
-    attempts, nudges = make_history_frames(300, seed=5)
-    runtime.holder.source = _OneBundle(
-        train(attempts, nudges, seed=0, max_rounds=10, evaluate_unseen_codes=False).bundle
-    )
+    bundle.use_catalog(load_catalog())
+    runtime.holder.source = _OneBundle(bundle)
     request = make_request(failure={"error_code": "gsm_only_code"})
 
     assert runtime.holder.refresh()
@@ -97,3 +105,23 @@ def test_a_served_bundle_reads_the_overlaid_catalog_the_rules_read(tmp_path: Pat
     assert rules_read.error_class == ErrorClass.PROCESSOR_TECHNICAL
     assert not normalise_request(load_catalog(), request).known_code  # the shipped catalog alone lacks the code
     assert (context["known_code"], context["error_class"]) == (1.0, rules_read.error_class.value)
+
+
+def test_a_bundle_given_another_catalog_builds_its_rows_again(bundle: ModelBundle) -> None:
+    """The matrix a bundle remembers for its last request was built with the catalog before: another catalog
+    (``use_catalog``) must not be answered with it."""
+    request = make_request(failure={"error_code": "gsm_only_code"})
+    candidates = [
+        Candidate(
+            Action.RETRY, request.event_time + timedelta(hours=1), strategy=Strategy.RETRY_SAME, connector="adyen"
+        )
+    ]
+    bundle.use_catalog(load_catalog())
+    shipped_rows = bundle.matrix(request, candidates)
+
+    bundle.use_catalog(with_overlay(load_catalog(), [_OVERLAID_CODE]))
+    overlaid_rows = bundle.matrix(request, candidates)
+
+    rebuilt = bundle.spec.transform_request(bundle.context(request), candidates)
+    assert np.array_equal(overlaid_rows, rebuilt, equal_nan=True)
+    assert not np.array_equal(overlaid_rows, shipped_rows, equal_nan=True)

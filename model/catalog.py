@@ -720,9 +720,10 @@ def normalise_frame(df: pd.DataFrame) -> pd.DataFrame:
 MEMO_MAX_CHARS = 1024
 
 
-def memo_worthy(*texts: str | None) -> bool:
-    """Whether an entry keyed by ``texts`` is small enough for a per-error cache (``MEMO_MAX_CHARS``)."""
-    return sum(len(text) for text in texts if text) <= MEMO_MAX_CHARS
+def memo_worthy(*texts: object) -> bool:
+    """Whether an entry keyed by ``texts`` is small enough for a per-error cache (``MEMO_MAX_CHARS``); what is not
+    text (None, a number from a history frame) counts as nothing."""
+    return sum(len(text) for text in texts if isinstance(text, str)) <= MEMO_MAX_CHARS
 
 
 #: Distinct inputs the API's and the executor's catalog remember (a bundle's features keep their own 4,096).
@@ -734,8 +735,9 @@ class MemoCatalog(ErrorCatalog):
 
     The one memo of the request path: the API and the executor (decide()'s rules ask several times per request)
     and a model bundle's features (`model.bundle.ModelBundle`) each hold one. ``normalise`` is a pure function of
-    its arguments (strings or None), so remembering cannot change an answer; an input longer than
-    ``MEMO_MAX_CHARS`` is normalised every time rather than kept. Every other method answers as ``inner``'s.
+    its arguments (strings or None; anything else is answered as ``inner`` answers it, as in a history frame's
+    cells), so remembering cannot change an answer; an input longer than ``MEMO_MAX_CHARS`` is normalised every
+    time rather than kept. Every other method answers as ``inner``'s.
     """
 
     def __init__(self, inner: ErrorCatalog, maxsize: int) -> None:
@@ -760,7 +762,10 @@ class MemoCatalog(ErrorCatalog):
             connector, error_code, error_message, network_decline_code, merchant_advice_code, unified_code,
             card_network, payment_method,
         )  # fmt: skip
-        hit = self._cache.get(key)
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # an unhashable input (not a request's): answered as the catalog answers it, not kept
+            return self._inner.normalise(*key)
         if hit is None:
             hit = self._inner.normalise(*key)
             if not memo_worthy(*key):

@@ -3,10 +3,12 @@ bundle's features: it answers as the catalog, remembers an input once, stays bou
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from model.bundle import ModelBundle
@@ -49,6 +51,24 @@ def test_the_memo_is_emptied_when_full_and_keeps_no_input_longer_than_the_limit(
     answer = memo.normalise(*long_message)
     assert memo.normalise(*long_message) is not answer
     assert memo.normalise(*long_message) == answer
+
+
+def test_the_memo_answers_as_the_catalog_whatever_it_is_given() -> None:
+    """The catalog answers any input and never raises (a history frame holds NaN, numbers): so does its memo, and
+    the memo's inherited ``normalise_frame``, which hands it a frame's cells as they are."""
+    catalog = load_catalog()
+    memo = MemoCatalog(catalog, maxsize=8)
+
+    for odd in [("stripe", 51), ("stripe", math.nan), ("stripe", ["card_declined"]), ("adyen", None, None, 5.0)]:
+        assert memo.normalise(*odd) == catalog.normalise(*odd), odd  # type: ignore[arg-type]
+    frame = pd.DataFrame(
+        {
+            "connector": ["stripe", "adyen", "stripe"],
+            "error_code": ["card_declined", None, math.nan],
+            "network_decline_code": [math.nan, "05", 51],
+        }
+    )
+    pd.testing.assert_frame_equal(memo.normalise_frame(frame), catalog.normalise_frame(frame))
 
 
 def test_the_api_decides_through_the_memo(tmp_path: Path) -> None:

@@ -746,6 +746,15 @@ class MemoCatalog(ErrorCatalog):
         self._maxsize = maxsize
         self._cache: dict[tuple[str | None, ...], NormalisedError] = {}
 
+    @property
+    def inner(self) -> ErrorCatalog:
+        """The catalog whose answers this one remembers."""
+        return self._inner
+
+    def over(self, inner: ErrorCatalog) -> MemoCatalog:
+        """A memo of the same size over ``inner``, remembering nothing yet (e.g. over an overlay of this one's)."""
+        return MemoCatalog(inner, self._maxsize)
+
     def normalise(
         self,
         connector: str,

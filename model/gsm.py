@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.catalog import CatalogCode, ErrorCatalog, load_catalog
+from model.catalog import CatalogCode, ErrorCatalog, MemoCatalog, load_catalog
 from model.datafiles import GENERATED_DIR
 from model.vocab import ErrorClass
 
@@ -300,8 +300,11 @@ def with_overlay(catalog: ErrorCatalog, entries: Iterable[OverlayEntry]) -> Erro
     """A copy of ``catalog`` that also knows the overlay's codes it lacks (the catalog's own entries win).
 
     Entries of class unknown are left out: they would only hide the catalog's other evidence (network code,
-    message). The copy's ``version`` says an overlay was applied, so a model trained with it records that.
+    message). The copy's ``version`` says an overlay was applied, so a model trained with it records that. A memo
+    (`model.catalog.MemoCatalog`) answers from the catalog it wraps: that one is overlaid, in a fresh memo.
     """
+    if isinstance(catalog, MemoCatalog):
+        return catalog.over(with_overlay(catalog.inner, entries))
     extended = copy.copy(catalog)
     index = dict(catalog._connector_index)
     digest = hashlib.sha256(catalog.version.encode())

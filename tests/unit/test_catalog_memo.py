@@ -145,3 +145,20 @@ def test_a_bundle_given_another_catalog_builds_its_rows_again(bundle: ModelBundl
     rebuilt = bundle.spec.transform_request(bundle.context(request), candidates)
     assert np.array_equal(overlaid_rows, rebuilt, equal_nan=True)
     assert not np.array_equal(overlaid_rows, shipped_rows, equal_nan=True)
+
+
+def test_an_overlay_on_the_memo_is_what_the_overlaid_catalog_reads() -> None:
+    """A memo answers from the catalog it wraps (and what it remembered of it): an overlay of the memo overlays that
+    catalog, and remembers afresh, rather than claim the overlay's version and answer as before."""
+    memo = MemoCatalog(load_catalog(), maxsize=8)
+    before = memo.normalise("stripe", "gsm_only_code")  # remembered before the overlay
+
+    overlaid = with_overlay(memo, [_OVERLAID_CODE])
+
+    expected = with_overlay(load_catalog(), [_OVERLAID_CODE])
+    assert overlaid.normalise("stripe", "gsm_only_code") == expected.normalise("stripe", "gsm_only_code")
+    assert overlaid.version == expected.version
+    assert type(overlaid) is MemoCatalog
+    assert overlaid._maxsize == 8
+    assert memo.normalise("stripe", "gsm_only_code") == before  # the memo itself is untouched
+    assert not before.known_code

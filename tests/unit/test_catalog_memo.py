@@ -19,6 +19,7 @@ from model.training import train
 from model.vocab import Action, ErrorClass, Strategy
 from service.api import app as app_module
 from service.api.model_holder import VersionedScorer
+from service.executor.worker import make_decider
 from tests.factories import make_history_frames, make_request
 from tests.unit.test_api import settings_for
 
@@ -162,3 +163,14 @@ def test_an_overlay_on_the_memo_is_what_the_overlaid_catalog_reads() -> None:
     assert overlaid._maxsize == 8
     assert memo.normalise("stripe", "gsm_only_code") == before  # the memo itself is untouched
     assert not before.known_code
+
+
+def test_the_executors_model_reads_the_catalog_its_rules_read() -> None:
+    """`winback executor run` decides with its catalog; the models its holder loads read that one too."""
+    catalog = with_overlay(load_catalog(), [_OVERLAID_CODE])
+    _, stop = make_decider(catalog, None)
+    try:
+        holder = stop.__self__  # make_decider hands back its holder's stop
+        assert holder.catalog is catalog
+    finally:
+        stop()

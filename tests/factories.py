@@ -12,8 +12,10 @@ from typing import Any
 
 import pandas as pd
 
+from model.gsm import OverlayEntry
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
+from model.vocab import ErrorClass
 
 # --- history tables (CONTRACT.md section 3) -----------------------------------------------------------------
 
@@ -603,3 +605,12 @@ def run_winback(
         timeout=timeout,
     )
     return Printed(done.stdout, done.stderr, done.returncode)
+
+
+#: A gateway status map overlay entry for a code the shipped catalog does not know (stripe's ``gsm_only_code``): a
+#: request with ``failure={"error_code": "gsm_only_code"}`` is known to a catalog overlaid with it, and to no other.
+GSM_ONLY_CODE = OverlayEntry(
+    connector="stripe", code="gsm_only_code", message="Gateway down", error_class=ErrorClass.PROCESSOR_TECHNICAL,
+    class_from="error_category", decision="retry", retryable_prior=True, step_up_possible=False,
+    clear_pan_possible=False, alternate_network_possible=False,
+)  # fmt: skip

@@ -13,14 +13,14 @@ import pytest
 
 from model.bundle import ModelBundle
 from model.catalog import MEMO_MAX_CHARS, REQUEST_CATALOG_MEMO_SIZE, MemoCatalog, load_catalog, normalise_request
-from model.gsm import OverlayEntry, with_overlay, write_overlay
+from model.gsm import with_overlay, write_overlay
 from model.rules import Candidate
 from model.training import train
 from model.vocab import Action, ErrorClass, Strategy
 from service.api import app as app_module
 from service.api.model_holder import VersionedScorer
 from service.executor.worker import make_decider
-from tests.factories import make_history_frames, make_request
+from tests.factories import GSM_ONLY_CODE, make_history_frames, make_request
 from tests.unit.test_api import settings_for
 
 _INSUFFICIENT = ("stripe", "card_declined", "Your card has insufficient funds.", "51", None, None, "visa", "card")
@@ -92,14 +92,6 @@ class _OneBundle:
         return VersionedScorer(self.bundle, version)
 
 
-#: A code only the overlay of these tests defines (the shipped catalog does not know stripe's ``gsm_only_code``).
-_OVERLAID_CODE = OverlayEntry(
-    connector="stripe", code="gsm_only_code", message="Gateway down", error_class=ErrorClass.PROCESSOR_TECHNICAL,
-    class_from="error_category", decision="retry", retryable_prior=True, step_up_possible=False,
-    clear_pan_possible=False, alternate_network_possible=False,
-)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def bundle() -> ModelBundle:
     """A small trained bundle (each test sets the catalog it reads first)."""
@@ -110,7 +102,7 @@ def bundle() -> ModelBundle:
 def test_a_served_bundle_reads_the_overlaid_catalog_the_rules_read(tmp_path: Path, bundle: ModelBundle) -> None:
     """With a gateway status map overlay, a code only the overlay defines is known to the model's features as it is
     to the rules: the served bundle reads the API's catalog, set when the holder loads it."""
-    overlay = write_overlay([_OVERLAID_CODE], tmp_path / "overlay.csv")
+    overlay = write_overlay([GSM_ONLY_CODE], tmp_path / "overlay.csv")
     runtime = app_module.build_runtime(settings_for(tmp_path, gsm_overlay=overlay))
     bundle.use_catalog(load_catalog())
     runtime.holder.source = _OneBundle(bundle)
@@ -140,7 +132,7 @@ def test_a_bundle_given_another_catalog_builds_its_rows_again(bundle: ModelBundl
     bundle.use_catalog(load_catalog())
     shipped_rows = bundle.matrix(request, candidates)
 
-    bundle.use_catalog(with_overlay(load_catalog(), [_OVERLAID_CODE]))
+    bundle.use_catalog(with_overlay(load_catalog(), [GSM_ONLY_CODE]))
     overlaid_rows = bundle.matrix(request, candidates)
 
     rebuilt = bundle.spec.transform_request(bundle.context(request), candidates)
@@ -154,9 +146,9 @@ def test_an_overlay_on_the_memo_is_what_the_overlaid_catalog_reads() -> None:
     memo = MemoCatalog(load_catalog(), maxsize=8)
     before = memo.normalise("stripe", "gsm_only_code")  # remembered before the overlay
 
-    overlaid = with_overlay(memo, [_OVERLAID_CODE])
+    overlaid = with_overlay(memo, [GSM_ONLY_CODE])
 
-    expected = with_overlay(load_catalog(), [_OVERLAID_CODE])
+    expected = with_overlay(load_catalog(), [GSM_ONLY_CODE])
     assert overlaid.normalise("stripe", "gsm_only_code") == expected.normalise("stripe", "gsm_only_code")
     assert overlaid.version == expected.version
     assert type(overlaid) is MemoCatalog
@@ -167,7 +159,7 @@ def test_an_overlay_on_the_memo_is_what_the_overlaid_catalog_reads() -> None:
 
 def test_the_executors_model_reads_the_catalog_its_rules_read() -> None:
     """`winback executor run` decides with its catalog; the models its holder loads read that one too."""
-    catalog = with_overlay(load_catalog(), [_OVERLAID_CODE])
+    catalog = with_overlay(load_catalog(), [GSM_ONLY_CODE])
     _, stop = make_decider(catalog, None)
     try:
         holder = stop.__self__  # make_decider hands back its holder's stop

@@ -1432,6 +1432,9 @@ def _train_on_columns(
         catalog_version=catalog_version,
         metadata=metadata,
         version="",
+        # Scoring in this process (the threshold's and code levels' replays, an evaluation) reads the catalog the
+        # features were built with; a saved bundle is loaded with the catalog its server's rules read.
+        catalog=normaliser if isinstance(normaliser, ErrorCatalog) else None,
     )
     bundle.version = bundle_version(bundle)
     report("done", 1.0)

@@ -17,6 +17,7 @@ import pytest
 from model.bundle import Calibrator, ModelBundle, path_bias, path_contributions
 from model.catalog import MemoCatalog, load_catalog, normalise_request
 from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM
+from model.gsm import with_overlay
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, decide, verdict_probability
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
 from model.training import (
@@ -33,7 +34,14 @@ from model.training import (
     train_partitions,
 )
 from model.vocab import Action, Channel, Strategy
-from tests.factories import make_attempts_frame, make_history_frames, make_merchant, make_nudges_frame, make_request
+from tests.factories import (
+    GSM_ONLY_CODE,
+    make_attempts_frame,
+    make_history_frames,
+    make_merchant,
+    make_nudges_frame,
+    make_request,
+)
 
 
 def _utc(text: str) -> pd.Timestamp:
@@ -156,6 +164,19 @@ def test_a_bundle_normalises_through_the_catalog_memo(trained: TrainingResult) -
     assert memo._maxsize == 4096
     assert trained.bundle.context(request) == trained.bundle.context(request)
     assert normalise_request(memo, request) is normalise_request(memo, request)
+
+
+def test_a_bundle_scores_with_the_catalog_it_was_trained_with() -> None:
+    """A model trained with a catalog of its own (an overlay here) reads that catalog when it scores in the same
+    process (the threshold's and code levels' replays, an evaluation), not the shipped one: the same features."""
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE])
+    attempts, nudges = make_history_frames(300, seed=5)
+    bundle = train(attempts, nudges, seed=0, max_rounds=10, evaluate_unseen_codes=False, catalog=overlaid).bundle
+    request = make_request(failure={"error_code": "gsm_only_code"})
+
+    assert bundle.catalog_version == overlaid.version
+    assert normalise_request(overlaid, request).known_code
+    assert bundle.context(request)["known_code"] == 1.0
 
 
 def test_training_reports_holdout_metrics(trained: TrainingResult) -> None:

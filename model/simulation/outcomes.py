@@ -88,6 +88,7 @@ class Vocabulary:
     catalog: ErrorCatalog
     params: WorldParams
     _codes: dict[tuple[str, E], list[CatalogCode]] = field(default_factory=dict)
+    _network_codes: dict[tuple[str, E, str], list[CatalogCode]] = field(default_factory=dict)
     _unseen: dict[tuple[str, E], list[tuple[str, str]]] = field(default_factory=dict)
 
     def codes(self, source: str, error_class: E) -> list[CatalogCode]:
@@ -99,6 +100,23 @@ class Vocabulary:
             except KeyError:
                 found = []
             self._codes[key] = found
+        return found
+
+    def network_codes(self, source: str, error_class: E, card_network: str | None) -> list[CatalogCode]:
+        """The codes of a network table (ISO 8583, NPCI) a card of ``card_network`` can be declined with.
+
+        A row with a ``card_network`` is that network's own meaning of its code (Mastercard's 65, Visa's 5C): only
+        that network's cards get it. Rows shared by the networks go to every card.
+        """
+        key = (source, error_class, (card_network or "").casefold())
+        found = self._network_codes.get(key)
+        if found is None:
+            found = [
+                c
+                for c in self.codes(source, error_class)
+                if c.card_network is None or c.card_network.casefold() == key[2]
+            ]
+            self._network_codes[key] = found
         return found
 
     def unseen(self, connector: str, error_class: E) -> list[tuple[str, str]]:
@@ -205,7 +223,8 @@ class OutcomeModel:
             codes = self.vocab.codes(connector, observed)
             if not codes and observed not in _NO_NETWORK_CODE:
                 # switches pass the network's own code through when they have none of their own
-                codes = self.vocab.codes("npci_upi" if instrument.family.startswith("upi") else "iso8583", observed)
+                source = "npci_upi" if instrument.family.startswith("upi") else "iso8583"
+                codes = self.vocab.network_codes(source, observed, instrument.card_network)
             codes = codes or self.vocab.codes(connector, E.DO_NOT_HONOR)
             if codes:
                 code = codes[rng.randrange(len(codes))]
@@ -217,7 +236,7 @@ class OutcomeModel:
             if code is not None and code.network_decline_code:
                 network_code = code.network_decline_code
             elif rng.random() < 0.85:
-                iso = self.vocab.codes("iso8583", observed)
+                iso = self.vocab.network_codes("iso8583", observed, instrument.card_network)
                 network_code = iso[rng.randrange(len(iso))].code if iso else None
         elif instrument.family.startswith("upi") and observed not in _NO_NETWORK_CODE:
             if code is not None and code.network_decline_code:

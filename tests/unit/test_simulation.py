@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from model.baselines import RuleBook, StaticRetryPolicy, StaticRetryThenRetargetPolicy, make_decision
+from model.catalog import load_catalog
 from model.history import read_history, write_attempts, write_nudges
 from model.merchant_config import load_config
 from model.requests import Decision, DecisionRequest
@@ -20,7 +21,8 @@ from model.simulation import EpsilonGreedyLoggingPolicy, World, generate_history
 from model.simulation import generate as generate_module
 from model.simulation.episodes import EpisodeResult, _Episode
 from model.simulation.logging_policy import GroupKey
-from model.simulation.world import DEMO_MERCHANTS_FILE, Latent, to_ts
+from model.simulation.params import CAUSES
+from model.simulation.world import DEMO_MERCHANTS_FILE, Instrument, Latent, to_ts
 from model.vocab import Action, Channel, Strategy
 from model.vocab import ErrorClass as E
 from pipelines.simulate import simulate
@@ -157,6 +159,50 @@ def test_some_failures_carry_codes_the_catalog_has_never_seen(world: World) -> N
     assert 0.01 <= len(unseen) / len(orders) <= 0.08
     for error in unseen:
         assert not world.catalog.normalise(world.order(0).initial_connector, error.error_code).known_code
+
+
+def _foreign_network_code(card_network: str | None, code: str | None, message: str | None = None) -> bool:
+    """Whether an ISO 8583 code (and, given, its message) is only another card network's own, not this card's."""
+    rows = [row for row in load_catalog().codes("iso8583") if row.code == code]
+    if message is not None:
+        rows = [row for row in rows if row.message == message]
+    return bool(rows) and all(row.card_network not in (None, card_network) for row in rows)
+
+
+@pytest.mark.parametrize("card_network", ["visa", "mastercard", "rupay", "amex"])
+def test_a_card_is_never_declined_with_another_networks_own_code(world: World, card_network: str) -> None:
+    """Found in review: the simulator drew Visa's own 5C, 9G, Z5 and 83 for Mastercard, RuPay and Amex cards, and
+    Mastercard's 65 (authentication required), 79, 82 and 83 for the others. A connector with no code table of its
+    own passes the network's code through, so every class the world observes draws from the ISO 8583 table."""
+    instrument = Instrument(
+        family="card",
+        payment_method="card",
+        payment_method_type="credit",
+        card_network=card_network,
+        issuer=None,
+        is_recurring=True,
+        authentication_type="no_three_ds",
+        is_network_token=True,
+    )
+    rng = random.Random(5)
+    foreign = set()
+    for cause in CAUSES:
+        for _ in range(300):
+            seen = world.outcomes.observe(rng, cause, "connector_without_a_table", instrument)
+            if _foreign_network_code(card_network, seen.error_code, seen.error_message):
+                foreign.add((seen.error_code, seen.error_message))
+            if _foreign_network_code(card_network, seen.network_decline_code):
+                foreign.add((seen.network_decline_code, None))
+    assert foreign == set()
+
+
+def test_no_simulated_attempt_pairs_a_code_with_a_card_of_another_network(history_dir: Path) -> None:
+    attempts = pd.read_parquet(history_dir / "attempts.parquet")
+    coded = attempts["card_network"].notna() & attempts["network_decline_code"].notna()
+    cards = attempts[coded & (attempts["status"] == "failure")]
+    assert len(cards) > 0
+    pairs = set(zip(cards["card_network"].astype(str), cards["network_decline_code"].astype(str), strict=True))
+    assert {(network, code) for network, code in pairs if _foreign_network_code(network, code)} == set()
 
 
 def test_retry_right_after_payday_beats_retry_right_away(world: World) -> None:

@@ -432,6 +432,7 @@ def test_visa_category_uses_the_code_the_connector_implies(catalog: ErrorCatalog
         ("03", True, False, None),
         ("04", False, False, None),
         ("21", True, False, None),
+        ("22", True, False, None),
         ("24", False, False, 1.0),
         ("25", False, False, 24.0),
         ("26", False, False, 48.0),
@@ -441,6 +442,7 @@ def test_visa_category_uses_the_code_the_connector_implies(catalog: ErrorCatalog
         ("30", False, False, 240.0),
         ("40", False, False, None),
         ("41", False, False, None),
+        ("42", False, False, None),
         ("43", False, False, None),
     ],
 )

@@ -325,6 +325,7 @@ FAIL_AT = T0 - timedelta(minutes=30)  # the last failed attempt; event_time is a
         ("mastercard", "25", retarget(), Rule.MAC_WAIT, False),  # waits bind silent re-attempts only
         ("mastercard", None, retry(), Rule.MAC_WAIT, False),
         ("mastercard", "40", retry(), Rule.MAC_NEVER_RETRY, False),
+        ("mastercard", "42", retry(), Rule.MAC_NEVER_RETRY, False),  # no public retry guidance: no rule
     ],
 )
 def test_mastercard_merchant_advice(
@@ -336,6 +337,31 @@ def test_mastercard_merchant_advice(
         payment={"card_network": network},
         failure={"merchant_advice_code": mac, "network_decline_code": "05"},
         history=history,
+    )
+    assert (rule in broken(context, candidate)) is fires
+
+
+@pytest.mark.parametrize("catalog_kind", ["fake", "real"])
+@pytest.mark.parametrize(
+    ("candidate", "rule", "fires"),
+    [
+        (retry(), Rule.MAC_NEVER_RETRY, True),
+        (retry(strategy="cascade", connector="adyen"), Rule.MAC_NEVER_RETRY, True),
+        (retry(at=T0 + timedelta(days=3)), Rule.MAC_NEVER_RETRY, True),
+        (retarget(), Rule.MAC_NO_RETARGET, False),  # the customer may pay in full through a link
+    ],
+)
+def test_mac_22_merchant_not_qualified_for_the_product_is_never_re_attempted(
+    catalog_kind: str, candidate: Candidate, rule: Rule, fires: bool
+) -> None:
+    """MAC 22, "merchant does not qualify for product code" (e.g. not enrolled in Mastercard's instalment program),
+    was not catalogued, so a silent re-attempt was allowed; acquirers mark it "isRetry: false" (data/README.md)."""
+    catalog = FakeCatalog() if catalog_kind == "fake" else load_catalog()
+    context = ctx(
+        merchant=LENIENT,
+        catalog=catalog,
+        payment={"card_network": "mastercard"},
+        failure={"merchant_advice_code": "22", "network_decline_code": "05"},
     )
     assert (rule in broken(context, candidate)) is fires
 

@@ -156,6 +156,15 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
 )
 
 
+#: A decline's rules that forbid every silent re-attempt of the card on file for good: the issuer will never approve
+#: it (Visa category 1, a lost or stolen card), Mastercard's advice says never again or new details first, or a block
+#: list refused it. A later decline of a payment through a link (the customer's own, perhaps with other details)
+#: does not lift them.
+LASTING_RETRY_BANS: frozenset[str] = frozenset(
+    {Rule.VISA_CATEGORY_1, Rule.LOST_STOLEN_CARD, Rule.BLOCK_LIST, Rule.MAC_NEVER_RETRY, Rule.MAC_CARD_UPDATE}
+)
+
+
 #: Named in ``rules_applied`` when a recurring payment runs on an Indian card e-mandate (no cascade).
 RBI_CARD_E_MANDATE = "rbi_card_e_mandate"
 #: Named in ``rules_applied`` when a recurring ``upi`` payment is taken as the UPI AutoPay debit it is.

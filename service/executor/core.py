@@ -24,9 +24,10 @@ from sqlalchemy import RowMapping
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from model.catalog import load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig
-from model.requests import Decision, DecisionRequest
-from model.rules import CARD_REATTEMPTS_FIELD, load_rulebook
+from model.requests import Decision, DecisionRequest, Failure
+from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, load_rulebook
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
 from service.executor.connectors import ChargeResult
@@ -661,7 +662,34 @@ class Executor:
         opted = opted_out_channels(conn, order["merchant_id"], base["customer"])
         if opted:
             with_opt_outs(base["customer"], opted)
-        return DecisionRequest.model_validate(base)
+        return self._with_card_on_file_ban(DecisionRequest.model_validate(base), rows)
+
+    def _with_card_on_file_ban(self, request: DecisionRequest, rows: Sequence[sa.Row[Any]]) -> DecisionRequest:
+        """``request``, or, when its failure is a payment link's decline, the same request about the card on file's
+        last decline where that one forbids every silent re-attempt for good (``LASTING_RETRY_BANS``) and the
+        link's does not. A silent retry charges the card on file: a Visa category-1 decline or a MAC 03 of it was
+        forgotten once a link payment was declined otherwise (a 91, say), and the card was re-attempted (review)."""
+        failed = [row for row in rows if _attempt_status(row.status) == "failure"]
+        if not failed or failed[-1].strategy != Strategy.RETARGET_LINK.value:
+            return request
+        on_file = next((row for row in reversed(failed) if row.strategy != Strategy.RETARGET_LINK.value), None)
+        if on_file is None:
+            return request
+        merchant = self.merchant(request.merchant_id)
+        catalog = load_catalog()
+        if not LASTING_RETRY_BANS.isdisjoint(build_context(request, merchant, catalog).retry_blocked_by):
+            return request  # the link's own decline already forbids them (and keeps its own bans on links)
+        decline = Failure(
+            connector=on_file.connector,
+            error_code=on_file.error_code,
+            error_message=on_file.error_message,
+            network_decline_code=on_file.network_decline_code,
+            merchant_advice_code=on_file.merchant_advice_code,
+            unified_code=on_file.unified_code,
+        )
+        stricter = request.model_copy(update={"failure": decline})
+        banned = build_context(stricter, merchant, catalog).retry_blocked_by
+        return request if LASTING_RETRY_BANS.isdisjoint(banned) else stricter
 
     @staticmethod
     def _messages_maybe_out(conn: sa.Connection, order: RowMapping, sending: ActionRow | None) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from model.catalog import load_catalog
+from model.policy import decide
 from model.rules import CARD_REATTEMPTS_FIELD
 from service.executor.connectors import (
     ChargeRequest,
@@ -30,6 +31,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     START,
     FakeConnector,
     Harness,
+    _order_row,
     demo_merchant,
     event,
     make_harness,
@@ -406,3 +408,70 @@ def test_a_connector_no_try_reached_during_a_short_outage_is_offered_to_the_orde
     assert len(switch.calls) == 9, [(a.kind, a.state, a.last_error) for a in view.actions]
     assert [(a.connector, a.status) for a in view.attempts[1:]] == [("stripe", "success")]
     assert view.state == "SUCCEEDED"
+
+
+CARD_ON_FILE_BANS = [
+    pytest.param(
+        {"card_network": "visa"}, {"error_code": "card_declined", "network_decline_code": "14"}, id="visa-category-1"
+    ),
+    pytest.param(
+        {"card_network": "mastercard"},
+        {"error_code": "card_declined", "network_decline_code": "05", "merchant_advice_code": "03"},
+        id="mastercard-mac-03",
+    ),
+]
+
+
+def _card_declined_then_link_declined(h: Harness, payment: dict[str, Any], failure: dict[str, Any]) -> None:
+    """The card on file declined with ``failure``; a payment link is sent and paid, and its payment is declined
+    as issuer unavailable (91): the order's last failure is the link's."""
+    h.executor.payment_failed("m_demo", event(payment=payment, failure=failure))
+    h.drain()
+    token = h.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    h.executor.open_link(token)
+    link = h.executor.start_link_payment(token, 30, "api", "claim-link")
+    h.worker.record([(link.action, h.effects.perform(link.action, _order_row(h)))])
+
+
+@pytest.mark.parametrize(("payment", "failure"), CARD_ON_FILE_BANS)
+def test_a_declined_link_payment_does_not_lift_the_card_on_files_ban_on_re_attempts(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    payment: dict[str, Any],
+    failure: dict[str, Any],
+) -> None:
+    """Found in review: a Visa category-1 decline (or a Mastercard MAC 03) of the card on file was forgotten once a
+    payment through a link was declined otherwise: the order's failure became the link's 91, and a silent retry of
+    the card on file went out, at the decision and at its send. The card is never re-attempted."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe"},
+        connector=FakeConnector(results=["failure", "failure"]),
+    )
+    _card_declined_then_link_declined(h, payment, failure)
+    for _ in range(5):
+        h.drain()
+        h.clock.advance(hours=1)
+    assert [call.split(":")[2] for call in h.connector.calls] == ["link"], "the card on file was re-attempted"
+    refused = [a.last_error or "" for a in h.view().actions if a.kind == "retry"]
+    assert refused
+    assert all("visa_category_1" in e or "mastercard_mac_never_retry" in e for e in refused), refused
+
+
+@pytest.mark.parametrize(("payment", "failure"), CARD_ON_FILE_BANS)
+def test_decide_plans_no_retry_of_the_card_on_file_after_a_declined_link_payment(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    payment: dict[str, Any],
+    failure: dict[str, Any],
+) -> None:
+    """The request the executor decides on after the link's decline is about the card on file's decline, so the real
+    decide() plans no silent retry (it planned one on the link's 91)."""
+    h = make_harness({"action": "retarget", "channel": "sms"}, connector=FakeConnector(results=["failure"]))
+    _card_declined_then_link_declined(h, payment, failure)
+    with h.executor.engine.connect() as conn:
+        request = h.executor.request_for(conn, _order_row(h), h.clock.now)
+    assert request.failure.network_decline_code == failure["network_decline_code"]
+    assert request.history.attempts[-1].strategy == "retarget_link"  # the link's decline stays in the history
+    for _ in range(5):
+        decision = decide(request, demo_merchant(), None, catalog=load_catalog())
+        assert decision.action != "retry"
+        assert all(alternative.action != "retry" for alternative in decision.alternatives)

@@ -627,9 +627,11 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     # Visa: category 1 never again; any other Visa decline counts against the re-attempt cap.
     visa_category = normalised.visa_category
-    if visa_category is None and network == "visa" and failure.network_decline_code:
-        # The caller says Visa even where the catalog would not look (e.g. an odd payment method): honour it.
-        visa_category = catalog.visa_category(failure.network_decline_code)
+    visa_code = failure.network_decline_code or normalised.network_decline_code
+    if visa_category is None and network == "visa" and visa_code:
+        # The caller says Visa even where the catalog would not look (e.g. an odd payment method): honour it, for
+        # the code sent or the one the connector's own code carries (Stripe's lost_card is a 41).
+        visa_category = catalog.visa_category(visa_code)
     visa_cap: int | None = None
     reported = _reported_reattempts(request)
     if visa_category is not None:

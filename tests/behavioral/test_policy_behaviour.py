@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.bundle import ModelBundle
 from model.catalog import load_catalog
@@ -24,7 +25,7 @@ from model.rules import Candidate, build_context, in_upi_peak_hours, permitted_g
 from model.training import train
 from model.vocab import Action, Strategy
 from tests.factories import make_history_frames, make_merchant, make_request
-from tests.unit.test_rules import _contract_violations, scenarios
+from tests.unit.test_rules import _catalog_csv, _contract_violations, scenarios
 
 GREEDY = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
 EXPLORING = PolicyConfig(exploration=0.5, exploration_rare_code=0.5)
@@ -637,3 +638,60 @@ def test_a_technical_decline_of_a_recurring_payment_is_retried_within_hours_not_
     assert request.payment.is_recurring
     assert decision.action == Action.RETRY
     assert decision.execute_at - request.event_time < timedelta(hours=20), decision
+
+
+def _visa_category_1_codes() -> list[str]:
+    return [row["code"] for row in _catalog_csv("visa_categories.csv") if row["category"] == "1"]
+
+
+def _mac_never_retry_codes() -> list[str]:
+    return [row["code"] for row in _catalog_csv("mastercard_mac.csv") if row["never_retry"] == "true"]
+
+
+def _spellings(code: str) -> st.SearchStrategy[str]:
+    """A code as callers spell it: as listed, lower case, padded with spaces, numeric ones with or without zeros."""
+    forms = {code, code.lower(), f" {code} "}
+    if code.isdigit():
+        forms |= {str(int(code)), code.zfill(3)}
+    return st.sampled_from(sorted(forms))
+
+
+@st.composite
+def never_retried(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A random scenario whose failure is a Visa category-1 decline of a Visa card (its network code, or only a
+    connector code that carries one) or carries a Mastercard merchant advice code that forbids any retry."""
+    request, merchant = draw(scenarios())
+    payment, failure = dict(request["payment"]), dict(request["failure"])
+    kind = draw(st.sampled_from(["visa_category_1", "visa_connector_code", "mac"]))
+    if kind == "mac":
+        failure["merchant_advice_code"] = draw(st.sampled_from(_mac_never_retry_codes()).flatmap(_spellings))
+        payment["card_network"] = draw(st.sampled_from(["mastercard", "Mastercard", "maestro", "visa", "rupay", None]))
+    else:
+        payment["card_network"] = draw(st.sampled_from(["visa", "Visa", " VISA "]))
+        if kind == "visa_category_1":
+            failure["network_decline_code"] = draw(st.sampled_from(_visa_category_1_codes()).flatmap(_spellings))
+        else:  # Stripe's lost_card, stolen_card and pickup_card carry 41, 43 and 04
+            failure |= {"connector": "stripe", "network_decline_code": None}
+            failure["error_code"] = draw(st.sampled_from(["lost_card", "stolen_card", "pickup_card"]))
+    return {**request, "payment": payment, "failure": failure}, merchant
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+@given(scenario=never_retried())
+def test_no_retry_is_ever_offered_after_a_visa_category_1_decline_or_a_never_retry_mac(
+    with_model: bool, bundle: ModelBundle, scenario: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """CONTRACT.md section 2: a Visa category-1 response code and a Mastercard MAC 03 or 21 (and 22, catalogued as
+    never retried) are never violated, however the caller spells the code or the network, and whatever the model or
+    the exploration draws: no silent retry as the action, nor among the alternatives."""
+    request_data, merchant_data = scenario
+    request, merchant = make_request(**request_data), make_merchant(**merchant_data)
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        decision = decide(
+            request, merchant, bundle if with_model else None, catalog=load_catalog(), config=EXPLORING, rng=rng
+        )
+        actions = [decision.action, *(alternative.action for alternative in decision.alternatives)]
+        assert Action.RETRY not in actions, (decision.action, decision.rules_applied)
+        assert not decision.retryable

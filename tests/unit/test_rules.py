@@ -1836,6 +1836,19 @@ def test_visa_category_1_is_honoured_whatever_the_payment_method_says() -> None:
     assert Rule.VISA_CATEGORY_1 in broken(context, retry(at=ist(4, 0, day=2)))
 
 
+def test_visa_category_1_of_a_connectors_own_code_is_honoured_whatever_the_payment_method_says() -> None:
+    """Found by the property test of the policy: a Visa card on an odd payment method (UPI AutoPay) declined with
+    Stripe's lost_card (a 41, category 1) and no network code was retried: the rules looked up the category of the
+    sent network code only, and the lost-or-stolen rule skips UPI methods."""
+    context = ctx(
+        catalog=load_catalog(),
+        payment={"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": "visa"},
+        failure={"connector": "stripe", "error_code": "lost_card", "network_decline_code": None},
+    )
+    assert "visa_category:1" in context.rules_applied
+    assert Rule.VISA_CATEGORY_1 in broken(context, retry(at=ist(4, 0, day=2)))
+
+
 # ----------------------------------------------------------------------- permitted() is check() filtered, fast
 
 

@@ -2341,10 +2341,19 @@ class Executor:
 
     def renew_claims(self, claims: Sequence[tuple[ActionRow, timedelta]]) -> set[int]:
         """Extend each action's claim to the clock plus its lease, all in one transaction (one commit however many
-        charges are out); the ids of the actions whose claim is no longer this one."""
+        charges are out); the ids of the actions whose claim is no longer this one.
+
+        The rows are locked order by order, then by action id (``by_order_of``), as a worker's batch locks them
+        (its orders one after another, each order's actions after it): taken in the order the claims were kept, a
+        renewal could lock one order's message while the batch settling that order and another held the other's.
+        """
         now = self.clock()
         with self.engine.begin() as conn:
-            return {action.action_id for action, lease in claims if not self.extend_claim(conn, action, now + lease)}
+            return {
+                action.action_id
+                for action, lease in sorted(claims, key=lambda claim: by_order_of(claim[0]))
+                if not self.extend_claim(conn, action, now + lease)
+            }
 
     def extend_claim(self, conn: sa.Connection, action: ActionRow, until: datetime) -> bool:
         """Extend ``action``'s claim to ``until`` (never shorten it); False when the claim is no longer this one."""
@@ -2745,16 +2754,25 @@ class Executor:
     def opt_out(self, merchant_id: str, customer_id: str, channel: Channel) -> int:
         """The customer opted out of ``channel``: kept for the customer's addresses on it (their later orders
         respect it too), future decisions respect it and nudges still scheduled on that channel for the
-        customer's open orders are cancelled. Returns orders touched."""
+        customer's open orders are cancelled. Returns orders touched.
+
+        The customer's orders are locked up front, by order id, the order every transaction that locks several
+        orders takes them in (``worker.by_order``): each was locked as it was rewritten, in the table's physical
+        order, and a worker recording a batch of the same orders the other way round deadlocked with it on
+        PostgreSQL (review). Read under the lock, the rewrite keeps what a re-decision committed meanwhile."""
         now = self.clock()
         touched = 0
         with self.engine.begin() as conn:
             rows = (
                 conn.execute(
-                    sa.select(orders).where(
-                        orders.c.merchant_id == merchant_id,
-                        orders.c.customer_id == customer_id,
-                        orders.c.state.in_(OPEN_ORDER_STATES),
+                    self.for_update(
+                        sa.select(orders)
+                        .where(
+                            orders.c.merchant_id == merchant_id,
+                            orders.c.customer_id == customer_id,
+                            orders.c.state.in_(OPEN_ORDER_STATES),
+                        )
+                        .order_by(orders.c.order_id)
                     )
                 )
                 .mappings()
@@ -2803,6 +2821,12 @@ class Executor:
         with self.engine.begin() as conn:
             changed = conn.execute(nudges.update().where(*where).values(delivered=delivered)).rowcount
         return bool(changed)
+
+
+def by_order_of(action: ActionRow) -> tuple[str, str, int]:
+    """Where ``action``'s row comes in the lock order of every transaction that locks several orders or several
+    actions: by merchant, order id, then action id."""
+    return action.merchant_id, action.order_id, action.action_id
 
 
 def _cancel_withdrawn(conn: sa.Connection, action_ids: list[Any], why: str, now: datetime) -> None:

@@ -49,6 +49,7 @@ from service.executor.core import (
     RetryPolicy,
     StaleClaimError,
     Transient,
+    by_order_of,
 )
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
@@ -240,10 +241,16 @@ class Worker:
         return len(batch)
 
     def record(self, performed: list[tuple[ActionRow, Outcome]]) -> None:
-        """Record a batch's outcomes in one transaction; if any fails, record them one transaction each."""
+        """Record a batch's outcomes in one transaction; if any fails, record them one transaction each.
+
+        Recording an outcome locks its order (``Executor.complete``), and the transaction keeps every lock it took
+        until it commits: the outcomes go order by order (``by_order``), so two workers whose batches hold actions
+        of the same orders lock them the same way round. In the batch's planned order, a worker recording order 1
+        then order 2 and another recording order 2 then order 1 deadlocked on PostgreSQL: one was aborted, its
+        whole batch rolled back and recorded again one by one (review)."""
         try:
             with self.executor.engine.begin() as conn:
-                for action, outcome in performed:
+                for action, outcome in by_order(performed):
                     self.executor.complete(conn, action, outcome)
             return
         except Exception:
@@ -330,6 +337,12 @@ class Worker:
             stop.wait(seconds)
         else:
             time.sleep(seconds)
+
+
+def by_order(performed: Sequence[tuple[ActionRow, Outcome]]) -> list[tuple[ActionRow, Outcome]]:
+    """``performed`` sorted by order (merchant, then order id), the lock order of every transaction that locks
+    several orders; the actions of one order keep their planned order (the sort is stable)."""
+    return sorted(performed, key=lambda done: by_order_of(done[0])[:2])
 
 
 class StopFlag(Protocol):

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
@@ -259,6 +259,9 @@ class Worker:
             self._record_one(action, outcome)
 
     def _record_one(self, action: ActionRow, outcome: Outcome) -> None:
+        """Record one outcome; if that fails (logged), record it as one to try again later (``recording_failed``).
+        If that fails too, the error goes up to the worker's loop, nothing of it written: the action stays claimed
+        until its lease ends and is then tried again."""
         try:
             with self.executor.engine.begin() as conn:
                 self.executor.complete(conn, action, outcome)
@@ -276,7 +279,7 @@ class Worker:
             error = f"recording failed: {type(exc).__name__}: {exc}"
         try:
             with self.executor.engine.begin() as conn:
-                self.executor.complete(conn, action, Transient(error))
+                self.executor.complete(conn, action, recording_failed(outcome, error))
         except StaleClaimError:
             pass
 
@@ -337,6 +340,18 @@ class Worker:
             stop.wait(seconds)
         else:
             time.sleep(seconds)
+
+
+def recording_failed(outcome: Outcome, error: str) -> Transient:
+    """What is recorded for ``outcome`` once recording it failed with ``error``: a try to be made again later. A
+    provider's answer that it did not take the message (a 429 or a 503, and its ``Retry-After``) stays what it is,
+    with the failure added to its error: it still counts toward the channel's outage, its ``Retry-After`` is still
+    honoured, and the try is not counted as one that may have reached the customer. Recorded as a plain transient
+    (review), the 429 lost all three: the message went again at the next backoff step, sooner than the provider
+    asked, and was kept in the history as maybe sent."""
+    if isinstance(outcome, Transient):
+        return replace(outcome, error=f"{outcome.error}; {error}")
+    return Transient(error)
 
 
 def by_order(performed: Sequence[tuple[ActionRow, Outcome]]) -> list[tuple[ActionRow, Outcome]]:

@@ -15,6 +15,8 @@ tried nor counted, and orders are decided again without it.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -27,8 +29,8 @@ from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeState, run_fake_provider
-from service.executor.core import StaleClaimError
-from service.executor.store import as_utc, payment_links
+from service.executor.core import MESSAGE_MAYBE_SENT_TRIES, StaleClaimError, Transient
+from service.executor.store import actions, as_utc, channel_outages, payment_links
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -537,3 +539,44 @@ def test_a_message_that_may_have_gone_out_is_kept_when_the_customer_is_opted_out
     assert message_action(h).state == "cancelled"
     assert statuses(h) == ["rejected"]
     assert "opted out" in (h.view().nudges[0].error or "")
+
+
+def test_a_429_whose_recording_fails_keeps_its_retry_after_and_counts_toward_the_outage(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SMS provider answers 429 with a Retry-After of ten minutes, and recording that answer fails (twice: the
+    batch's transaction and the action's own). The worker then recorded a plain "recording failed" transient: the
+    message went again two seconds later, against the provider's Retry-After, as a try that may have reached the
+    customer, and the refusal never counted toward the channel's outage. The fallback keeps the answer (and says
+    recording failed); the failure is logged."""
+    h = make_harness({"action": "retarget", "channel": "sms"})
+    h.executor.payment_failed("m_demo", event())
+    [sms] = h.executor.claim(10, 30, "w1", "claim-w1")
+    assert h.effects._mark_message_sending(sms) is None
+    h.executor.unmark_sent(sms)  # as ``Effects._nudge`` does for an answer other than accepted
+    refused = Transient(
+        "sms provider answered HTTP 429", status_code=429, not_taken=True, retry_after=timedelta(minutes=10)
+    )
+    note_refusal, failures = h.executor.retry_policy.note_refusal, [RuntimeError("the database hiccupped")] * 2
+
+    def failing_note_refusal(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return note_refusal(*args)
+
+    h.executor.retry_policy.note_refusal = failing_note_refusal  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="winback"):
+        h.worker.record([(sms, refused)])
+    assert [r.getMessage() for r in caplog.records] == [f"recording action {sms.action_id} failed"]
+    action = message_action(h)
+    assert action.state == "scheduled"
+    assert as_utc(action.due_at) == START + timedelta(minutes=10)
+    assert "sms provider answered HTTP 429; recording failed: RuntimeError: the database hiccupped" in (
+        action.last_error or ""
+    )
+    with h.executor.engine.connect() as conn:
+        payload = json.loads(conn.scalar(sa.select(actions.c.payload_json).where(actions.c.action_id == sms.action_id)))
+        streaks = conn.execute(sa.select(channel_outages.c.channel, channel_outages.c.last_refused_at)).all()
+    assert MESSAGE_MAYBE_SENT_TRIES not in payload
+    assert [(row.channel, as_utc(row.last_refused_at)) for row in streaks] == [("sms", START)]

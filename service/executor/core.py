@@ -80,6 +80,10 @@ def _maybe_with_connector() -> sa.ColumnElement[bool]:
     )
 
 
+#: Why an action a new decision replaced was cancelled (``Executor._carry_out``).
+REPLACED = "replaced by a later decision"
+
+
 def _replaceable() -> sa.ColumnElement[bool]:
     """A scheduled action a new decision for its order replaces: a charge never sent (one sent before and not
     answered may be with its connector: its re-send asks the switch), a message never tried, or a message's
@@ -1307,7 +1311,7 @@ class Executor:
                 state=ActionState.CANCELLED.value,
                 claim_token=None,
                 updated_at=now,
-                last_error="replaced by a later decision",
+                last_error=REPLACED,
             )
         )
         due = max(as_utc(decision.execute_at), now)
@@ -1795,23 +1799,44 @@ class Executor:
         may have the message (review); then a taken-over claim's 503 deleted the note a newer hand-over justified."""
         if action.kind != ActionKind.NUDGE:
             return False
-        own_mark = conn.execute(
-            actions.update()
-            .where(
-                actions.c.action_id == action.action_id,
-                actions.c.state == ActionState.CANCELLED.value,
-                actions.c.claim_token == action.claim_token,
-                actions.c.unanswered_since.is_not(None),
-            )
-            .values(unanswered_since=None, claim_token=None, last_error=outcome.error, updated_at=now)
-        ).rowcount
-        if own_mark != 1:
-            return False
+        own_mark = _noted_on_cancelled(
+            conn,
+            action,
+            (actions.c.claim_token == action.claim_token, actions.c.unanswered_since.is_not(None)),
+            unanswered_since=None,
+            claim_token=None,
+            last_error=outcome.error,
+            updated_at=now,
+        )
+        if not own_mark:
+            return self._refusal_of_a_replaced_message(conn, action, outcome, now)
         if outcome.not_taken and not action.payload.get(MESSAGE_MAYBE_SENT_TRIES):
             conn.execute(
                 nudges.delete().where(nudges.c.idempotency_key == action.idempotency_key, nudges.c.status == "rejected")
             )
         return True
+
+    @staticmethod
+    def _refusal_of_a_replaced_message(
+        conn: sa.Connection, action: ActionRow, outcome: Transient, now: datetime
+    ) -> bool:
+        """Keep a provider's refusal of a message that certainly did not take it (429, 503, unreachable:
+        ``note_refusal`` counted it toward the channel's outage before the claim was found gone) when a later
+        decision replaced the message while the answer was on the way (its worker had cleared the mark: nothing
+        went). The answer is noted on the cancelled action, once: a repeat finds it there and is refused as stale.
+        Refused as stale, the answer was rolled back with the refusal: a probe of the channel refused so kept its
+        slot a whole lease, and the channel's next message then probed a provider that had just refused one
+        (review). False otherwise (another answer, a message cancelled another way, or a newer hand-over's mark on
+        the row: its own answer says what became of it)."""
+        if not outcome.not_taken:
+            return False
+        return _noted_on_cancelled(
+            conn,
+            action,
+            (actions.c.last_error == REPLACED, actions.c.claim_token.is_(None), actions.c.unanswered_since.is_(None)),
+            last_error=f"{REPLACED}; its provider's answer meanwhile: {outcome.error}",
+            updated_at=now,
+        )
 
     def _release(
         self,
@@ -2329,6 +2354,15 @@ class Executor:
         ).rowcount
         return marked == 1
 
+    def lock_claim(self, conn: sa.Connection, action: ActionRow) -> bool:
+        """Lock ``action``'s row (PostgreSQL) while its claim is still this one; False when it is not (taken over,
+        or cancelled: its order settled, or a later decision replaced it). Under the order's lock, as every path
+        that changes an order's actions takes it first."""
+        return (
+            conn.execute(self.for_update(sa.select(actions.c.action_id).where(_still_claimed(action)))).first()
+            is not None
+        )
+
     def claims_held(self, tokens: Sequence[str]) -> set[str]:
         """Which of the claim ``tokens`` still hold an action (claimed, not yet completed or taken over)."""
         with self.engine.connect() as conn:
@@ -2821,6 +2855,18 @@ class Executor:
         with self.engine.begin() as conn:
             changed = conn.execute(nudges.update().where(*where).values(delivered=delivered)).rowcount
         return bool(changed)
+
+
+def _noted_on_cancelled(
+    conn: sa.Connection, action: ActionRow, where: tuple[sa.ColumnElement[bool], ...], **values: Any
+) -> bool:
+    """Write ``values`` on ``action``'s row if it is cancelled and ``where`` holds; whether it was."""
+    noted = conn.execute(
+        actions.update()
+        .where(actions.c.action_id == action.action_id, actions.c.state == ActionState.CANCELLED.value, *where)
+        .values(**values)
+    ).rowcount
+    return bool(noted == 1)
 
 
 def by_order_of(action: ActionRow) -> tuple[str, str, int]:

@@ -565,12 +565,16 @@ class Effects:
             )
             if forbidden is not None:
                 return forbidden
+            # The claim is checked, its row locked until the mark, before the message takes the channel's probe:
+            # a message replaced by a later decision (or taken over) before its hand-over took the probe and then
+            # found its claim gone, and the channel's next message waited a whole lease for a probe never sent.
+            if not self.executor.lock_claim(conn, action):
+                return Skip("the claim is no longer this worker's")
             probe_ends = claim_probe(conn, action.merchant_id, channel, now, self.lease)
             if probe_ends is not None:  # its answer says whether the channel is up again
                 return Defer(max(probe_ends, now + RECHECK), f"another message is probing {channel.value}")
-            # The claim cleared any earlier mark, so this fails only when the claim is no longer ours.
-            if not self.executor.mark_sent(conn, action, now):
-                return Skip("the claim is no longer this worker's")
+            # The claim cleared any earlier mark, and its row is locked: this cannot fail.
+            self.executor.mark_sent(conn, action, now)
             # A whole lease from the send on (the ClaimKeeper renews it while the provider call is out).
             self.executor.extend_claim(conn, action, now + self.lease)
         return None

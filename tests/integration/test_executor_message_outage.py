@@ -29,7 +29,7 @@ from model.merchant_config import MerchantConfig
 from model.vocab import Channel
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeState, run_fake_provider
-from service.executor.core import MESSAGE_MAYBE_SENT_TRIES, StaleClaimError, Transient
+from service.executor.core import MESSAGE_MAYBE_SENT_TRIES, Replan, Skip, StaleClaimError, Transient
 from service.executor.store import actions, as_utc, channel_outages, payment_links
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -580,3 +580,93 @@ def test_a_429_whose_recording_fails_keeps_its_retry_after_and_counts_toward_the
         streaks = conn.execute(sa.select(channel_outages.c.channel, channel_outages.c.last_refused_at)).all()
     assert MESSAGE_MAYBE_SENT_TRIES not in payload
     assert [(row.channel, as_utc(row.last_refused_at)) for row in streaks] == [("sms", START)]
+
+
+def _two_sms_claimed_after_a_hold(h: Harness) -> tuple[Any, Any]:
+    """ord_1's and ord_2's SMS, claimed just after a hold of the SMS channel ended (the first is to be the probe)."""
+    with h.executor.engine.begin() as conn:
+        conn.execute(
+            channel_outages.insert().values(
+                merchant_id="m_demo",
+                channel="sms",
+                refused_since=START - timedelta(minutes=30),
+                last_refused_at=START - timedelta(minutes=6),
+                down_until=START - timedelta(seconds=1),
+                times_down=1,
+            )
+        )
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.executor.payment_failed("m_demo", event("ord_2", customer={"phone": "+919800000002"}))
+    first, second = h.executor.claim(10, 30, "w1", "claim-w1")
+    assert (first.order_id, second.order_id) == ("ord_1", "ord_2")
+    return first, second
+
+
+def _ord_1_decided_again(h: Harness, message: Any) -> None:
+    """ord_1 is decided again (its customer's link payment was declined): its claimed ``message`` is replaced."""
+    with h.executor.engine.begin() as conn:
+        order = h.executor.lock_order(conn, "m_demo", "ord_1")
+        assert order is not None
+        h.executor._decision_point(conn, order, h.clock(), "the customer's payment by link was declined")
+    replaced = next(a for a in h.view("ord_1").actions if a.action_id == message.action_id)
+    assert (replaced.state, replaced.last_error) == ("cancelled", "replaced by a later decision")
+
+
+def test_a_message_replaced_before_its_hand_over_leaves_the_probe_to_the_channels_next_message(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The SMS channel's hold has just ended. A worker claims ord_1's SMS (the probe-to-be) and, before it hands the
+    message over, ord_1 is decided again and the SMS replaced. The worker's hand-over took the channel's probe and
+    only then found its claim gone: nothing went, and ord_2's SMS waited a whole lease for that probe's answer
+    ("another message is probing sms"). The claim is checked, under its row's lock, before the probe is taken: the
+    replaced message takes nothing, and ord_2's SMS is the probe at once."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "email", "delay": timedelta(hours=1)},  # ord_1 decided again
+        database_url=database_url,
+    )
+    first, second = _two_sms_claimed_after_a_hold(h)
+    _ord_1_decided_again(h, first)
+    assert h.effects._mark_message_sending(first) == Skip("the claim is no longer this worker's")
+    assert h.effects._mark_message_sending(second) is None  # the probe
+    with h.executor.engine.connect() as conn:
+        probe_until = conn.scalar(sa.select(channel_outages.c.probe_until))
+    assert as_utc(probe_until) == START + timedelta(seconds=h.effects.lease.total_seconds())
+
+
+def test_a_probes_refusal_after_its_message_was_replaced_still_ends_the_probe_with_a_new_hold(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """ord_1's SMS probes the SMS channel after its hold; the provider answers 503 (it did not take it), and ord_1 is
+    decided again (the SMS replaced) before that answer is recorded. The answer was refused as stale and rolled back
+    whole, the refusal with it: the probe's slot stayed taken for a lease (ord_2's SMS "waits for the probe"), and
+    then ord_2's SMS probed a provider that had just refused one. The refusal is kept: the channel is down again (a
+    hold twice as long), its probe slot free, and ord_2 is decided again without it."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "email", "delay": timedelta(hours=1)},
+        database_url=database_url,
+    )
+    first, second = _two_sms_claimed_after_a_hold(h)
+    assert h.effects._mark_message_sending(first) is None  # the probe, handed over
+    h.executor.unmark_sent(first)  # as ``Effects._nudge`` does for an answer other than accepted
+    _ord_1_decided_again(h, first)
+    refused = Transient("sms provider answered HTTP 503", status_code=503, not_taken=True)
+    h.worker.record([(first, refused)])
+    h.clock.advance(seconds=5)
+    h.worker.record([(first, refused)])  # a repeat: refused as stale, counted once
+    with h.executor.engine.connect() as conn:
+        streak = conn.execute(sa.select(channel_outages)).mappings().one()
+    down_until = START + timedelta(seconds=2 * h.executor.retry_policy.channel_down_first_hold_seconds)
+    assert (as_utc(streak["down_until"]), streak["times_down"], streak["probe_until"]) == (down_until, 2, None)
+    assert as_utc(streak["last_refused_at"]) == START
+    replaced = next(a for a in h.view("ord_1").actions if a.action_id == first.action_id)
+    assert (replaced.state, replaced.last_error) == (
+        "cancelled",
+        "replaced by a later decision; its provider's answer meanwhile: sms provider answered HTTP 503",
+    )
+    assert h.effects._mark_message_sending(second) == Replan(f"sms is down until {down_until.isoformat()}")

@@ -1677,6 +1677,11 @@ class Executor:
             except StaleClaimError:
                 if not self._record_settled_meanwhile(conn, action, outcome, now):
                     raise
+                return
+            if action.kind == ActionKind.NUDGE and not outcome.not_taken:
+                # A try that may have reached the provider (a timeout) keeps its 'being sent' mark until here
+                # (``Effects._nudge``), now recorded as such; a mark left on it would count it again at its next claim.
+                _answer_recorded(conn, action)
             return
         if isinstance(outcome, Defer):
             self._release(

@@ -482,22 +482,27 @@ class Effects:
         held = self._mark_message_sending(action)
         if held is not None:
             return held
-        accepted = False
+        answered_maybe_taken = False
         try:
             with self.claims.keep(action, self.lease):  # the claim outlives the provider call, as a charge's does
                 result = self._run(adapter.send(message))
-            accepted = result.status == "accepted"
+            answered_maybe_taken = result.status == "accepted" or (
+                result.status == "retryable" and not result.not_taken
+            )
         finally:
-            # A message the provider accepted keeps its mark until ``complete`` records it (in that transaction):
-            # another message of the order must not pass it before the rules can see it on record.
-            if not accepted:
+            # A message the provider accepted, or may have taken (a timeout, a 500), keeps its mark until
+            # ``complete`` records the answer (in that transaction): another message of the order must not pass it
+            # before the rules can see it on record, and a decision made meanwhile counts it and does not replace it
+            # as a message never handed over (review: the timed-out message vanished from the history). A refusal
+            # (nothing went) clears it at once.
+            if not answered_maybe_taken:
                 try:
                     self.executor.unmark_sent(action)
                 except Exception:  # the provider's answer still gets recorded; the next claim clears the mark
                     log.warning(
                         "could not clear the sending mark of message action %s", action.action_id, exc_info=True
                     )
-        if accepted:
+        if result.status == "accepted":
             return Sent(
                 nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.provider_message_id, token_id, expires_at
             )

@@ -41,14 +41,15 @@ def _leave_a_mark_behind(make_harness: Any, how: str) -> tuple[Any, Any]:  # noq
     if how == "worker-killed-mid-send":
         # worker 2 gets as far as the provider call (its mark is set), then the process is killed: no finally runs
         assert h.effects._mark_message_sending(message) is None
-    else:  # the provider asks to try again; the executor's unmark right after hits a database blip (a message the
-        # provider accepted keeps its mark until its record, which clears it: no unmark to fail)
+    else:  # the provider refuses it for now (a 503); the executor's unmark right after hits a database blip (a
+        # message the provider accepted, or may have taken, keeps its mark until its record, which clears it: no
+        # unmark to fail)
         adapter: Any = h.effects.adapters("m_demo")[Channel.SMS]
         accept = adapter.send
 
         async def busy(message: Any) -> SendResult:
             await accept(message)
-            return SendResult(status="retryable", error="provider busy")
+            return SendResult(status="retryable", error="provider busy", not_taken=True)
 
         adapter.send = busy
         real_unmark = h.executor.unmark_sent

@@ -621,3 +621,38 @@ def test_a_503_for_a_message_whose_order_settled_meanwhile_counts_once_toward_it
     assert [(row["channel"], as_utc(row["refused_since"]), as_utc(row["last_refused_at"])) for row in streaks] == [
         ("sms", refused_at + timedelta(seconds=5), refused_at + timedelta(seconds=5))
     ]
+
+
+def test_a_message_whose_try_timed_out_is_not_replaced_before_its_answer_is_recorded(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The SMS's provider times out (it may have taken the message), and the order is decided again before that
+    answer is recorded. The worker cleared the message's 'being sent' mark as the answer came, before recording it:
+    the re-decision saw no message out, replaced the SMS as one never handed over ("replaced by a later decision"),
+    and the timeout's answer was then refused as stale: a message the customer may have got vanished from the
+    history, and the new plan was made as if none had gone. The mark now stays until the timeout is recorded: the
+    re-decision counts the SMS, which stays to be re-sent (its provider drops a repeat of the same key)."""
+    h, provider = _harness(
+        make_harness,
+        {"action": "retarget", "channel": "sms"},
+        {"action": "retarget", "channel": "email", "delay": timedelta(hours=1)},
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    [sms] = h.executor.claim(10, 30, "w1", "claim-w1")
+    provider.time_outs = 1
+    outcome = h.effects.perform(sms, _order_row(h))
+    assert outcome == Transient("timeout")
+    with h.executor.engine.begin() as conn:  # decided again (a link payment declined) as the answer is recorded
+        order = h.executor.lock_order(conn, "m_demo", "ord_1")
+        assert order is not None
+        h.executor._decision_point(conn, order, h.clock(), "the customer's payment by link was declined")
+    request = h.executor.decider.requests[-1]  # type: ignore[attr-defined]
+    assert [nudge.channel for nudge in request.history.nudges] == [Channel.SMS]
+    h.worker.record([(sms, outcome)])
+    [action] = [a for a in h.view().actions if a.action_id == sms.action_id]
+    assert (action.state, action.last_error, action.unanswered_since) == ("scheduled", "timeout", None)
+    with h.executor.engine.connect() as conn:
+        payload = conn.scalar(sa.select(actions.c.payload_json).where(actions.c.action_id == sms.action_id))
+    assert json.loads(payload)["maybe_sent_tries"] == 1

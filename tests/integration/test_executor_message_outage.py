@@ -568,7 +568,8 @@ def test_a_429_whose_recording_fails_keeps_its_retry_after_and_counts_toward_the
     h.executor.retry_policy.note_refusal = failing_note_refusal  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="winback"):
         h.worker.record([(sms, refused)])
-    assert [r.getMessage() for r in caplog.records] == [f"recording action {sms.action_id} failed"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("winback")]
+    assert errors == [f"recording action {sms.action_id} failed"]
     action = message_action(h)
     assert action.state == "scheduled"
     assert as_utc(action.due_at) == START + timedelta(minutes=10)

@@ -24,7 +24,7 @@ from sqlalchemy import RowMapping
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from model.catalog import load_catalog
+from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.requests import Decision, DecisionRequest, Failure
 from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, load_rulebook
@@ -548,6 +548,9 @@ class Executor:
     links: LinkSigner
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     clock: Callable[[], datetime] = utcnow
+    #: The error catalog the decider's rules read (the API's carries its gateway status map overlay): the card on
+    #: file's bans are judged with it too (``_with_card_on_file_ban``).
+    catalog: ErrorCatalog = field(default_factory=load_catalog)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -680,7 +683,7 @@ class Executor:
         if on_file is None:
             return request
         merchant = self.merchant(request.merchant_id)
-        catalog = load_catalog()
+        catalog = self.catalog
         if not LASTING_RETRY_BANS.isdisjoint(build_context(request, merchant, catalog).retry_blocked_by):
             return request  # the link's own decline already forbids them (and keeps its own bans on links)
         decline = Failure(

@@ -86,7 +86,7 @@ def build_executor_runtime(runtime: Runtime, settings: ExecutorSettings | None =
     from service.executor.worker import build_effects, build_executor
 
     settings = settings or ExecutorSettings(database_url=runtime.settings.database_url)
-    executor = build_executor(settings, runtime.config, api_decider(runtime))
+    executor = build_executor(settings, runtime.config, api_decider(runtime), catalog=runtime.catalog)
     return ExecutorRuntime(executor, build_effects(executor, settings, runtime.catalog), settings)
 
 

@@ -93,9 +93,14 @@ def make_decider(
 
 
 def build_executor(
-    settings: ExecutorSettings, config: WinbackConfig, decider: Decider, engine: Any | None = None
+    settings: ExecutorSettings,
+    config: WinbackConfig,
+    decider: Decider,
+    engine: Any | None = None,
+    catalog: ErrorCatalog | None = None,
 ) -> Executor:
-    """The state machine over ``settings.database_url`` (or ``engine``)."""
+    """The state machine over ``settings.database_url`` (or ``engine``); ``catalog`` is the one the decider's rules
+    read (the shipped one if None)."""
     return Executor(
         engine=engine if engine is not None else make_executor_engine(settings.database_url),
         config=config,
@@ -109,6 +114,7 @@ def build_executor(
             jitter=lambda ceiling: random.uniform(0.0, ceiling),
         ),
         clock=settings.clock(),
+        catalog=catalog if catalog is not None else load_catalog(),
     )
 
 
@@ -450,7 +456,7 @@ def worker_main(
     config = load_config(config_path)
     catalog = load_catalog()
     decider, stop_model = make_decider(catalog, tracking_uri)
-    executor = build_executor(settings, config, decider)
+    executor = build_executor(settings, config, decider, catalog=catalog)
     effects = build_effects(
         executor, settings, catalog, connectors=connectors_factory() if connectors_factory else None, adapters=adapters
     )

@@ -194,8 +194,10 @@ async def _session(request: Request, console: ConsoleRuntime, executor: Executor
     return session
 
 
-def _to_login(request: Request) -> Response:
-    target = "/console/login?next=" + quote(request.url.path, safe="/")
+def _to_login(request: Request, back_to: str | None = None) -> Response:
+    """The sign-in page, then back to ``back_to`` (default: this request's page). A form's POST names the page the
+    form was on: its own address answers no GET, and sign-in led the agent to a bare 405."""
+    target = "/console/login?next=" + quote(back_to or request.url.path, safe="/")
     if request.headers.get("hx-request"):
         return Response(status_code=401, headers={"HX-Redirect": target})
     return RedirectResponse(target, status_code=303)
@@ -206,13 +208,13 @@ def _csrf_ok(session: Session, request: Request, form: Mapping[str, str]) -> boo
 
 
 async def _signed_post(
-    request: Request, console: ConsoleRuntime, executor: ExecutorRuntime
+    request: Request, console: ConsoleRuntime, executor: ExecutorRuntime, back_to: str
 ) -> tuple[Session, dict[str, str]] | Response:
-    """The session and form of a POST, or the answer to give instead: the sign-in page without a session, 403
-    without the session's CSRF token."""
+    """The session and form of a POST, or the answer to give instead: the sign-in page (then back to ``back_to``,
+    the form's page) without a session, 403 without the session's CSRF token."""
     session = await _session(request, console, executor)
     if session is None:
-        return _to_login(request)
+        return _to_login(request, back_to)
     form = await _form(request)
     if not _csrf_ok(session, request, form):
         return _forbidden()
@@ -331,7 +333,7 @@ async def logout(request: Request, console: ConsoleDep, executor: ExecutorDep) -
     """End the session (CSRF-checked) and go back to the sign-in page."""
     session = await _session(request, console, executor)
     if session is None:
-        return _to_login(request)
+        return _to_login(request, "/console/queue")
     if not _csrf_ok(session, request, await _form(request)):
         return _forbidden()
     await run_in_threadpool(console.sessions(executor).revoke, session.token)
@@ -403,12 +405,27 @@ async def order_page(
     return _page("order.html", **context)
 
 
+def _order_path(order_id: str) -> str:
+    return f"/console/orders/{order_id}"
+
+
+@router.get("/logout", response_class=HTMLResponse)
+@router.get("/orders/{order_id}/actions", response_class=HTMLResponse)
+@router.get("/orders/{order_id}/charges/{action_id}", response_class=HTMLResponse)
+async def form_address(request: Request) -> Response:
+    """A form's address opened as a page (reloaded, bookmarked or typed after a POST without htmx): the page the
+    form was on, not a bare 405."""
+    order_id = request.path_params.get("order_id")
+    target = "/console/queue" if order_id is None else "/console/orders/" + quote(order_id, safe="")
+    return RedirectResponse(target, status_code=303)
+
+
 @router.post("/orders/{order_id}/actions", response_class=HTMLResponse)
 async def order_action(
     order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
 ) -> Response:
     """Carry out an agent's action through the executor (refused with the rule's name when a hard rule forbids it)."""
-    signed = await _signed_post(request, console, executor)
+    signed = await _signed_post(request, console, executor, _order_path(order_id))
     if isinstance(signed, Response):
         return signed
     session, form = signed
@@ -458,7 +475,7 @@ async def charge_answer(
 ) -> Response:
     """Record what the connector says about a charge of the order that was sent and never answered
     (form: ``answer`` ``charged`` or ``not_charged``, and ``reason``, how the agent knows)."""
-    signed = await _signed_post(request, console, executor)
+    signed = await _signed_post(request, console, executor, _order_path(order_id))
     if isinstance(signed, Response):
         return signed
     session, form = signed

@@ -362,3 +362,28 @@ def test_agent_answers_for_a_charge_that_was_never_answered(
     assert page.get_by_test_id("unanswered-charge").count() == 0
     assert "adyen support, psp ref 8816" in page.get_by_test_id("audit").inner_text()
     _shot(page, tmp_path, "charge-answered")
+
+
+def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after_sign_in(
+    browser_page: Any, server: str
+) -> None:
+    # The session ended (idle, or signed out in another tab) while the order page stayed open: the click led to
+    # sign-in, and sign-in to the form's address, which showed {"detail":"Method Not Allowed"}.
+    page = browser_page
+    body = _event("m_a", "ord_idle_e2e", 0.5)
+    answer = httpx.post(
+        f"{server}/v1/events/payment-failed", json=body, headers={"Authorization": "Bearer wb_demo_m_a"}, timeout=20
+    )
+    assert answer.status_code == 202, answer.text
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    page.goto("/console/orders/ord_idle_e2e")
+    page.context.clear_cookies()
+    page.get_by_test_id("approve").click()
+    page.wait_for_url("**/console/login?next=/console/orders/ord_idle_e2e")
+    page.get_by_label("Agent name").fill(AGENT)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/console/orders/ord_idle_e2e")
+    assert page.get_by_test_id("order-state").inner_text() == "Waiting for agent"
+    assert page.get_by_test_id("approve").is_visible()

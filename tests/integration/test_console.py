@@ -347,6 +347,38 @@ def test_sessions_expire_when_idle_or_old_and_end_at_sign_out(console: Console) 
     assert replay.status_code == 303  # the cookie of an ended session opens nothing
 
 
+def test_a_form_sent_after_the_session_ended_leads_back_to_its_page_not_to_a_bare_405(console: Console) -> None:
+    # An agent whose session ended clicked "Carry it out": sign-in led to the form's own address,
+    # /console/orders/<id>/actions, which answered {"detail": "Method Not Allowed"}; so did reloading that address
+    # after a POST without htmx, and GET /console/logout.
+    clock = {"now": datetime.now(UTC)}
+    console.console.clock = lambda: clock["now"]
+    console.fail_order("m_a", "ord_idle")
+    assert console.sign_in("asha@m_a").status_code == 303
+    csrf = console.csrf("/console/orders/ord_idle")
+    clock["now"] += timedelta(minutes=61)  # idle for longer than 60 minutes
+    form = {"action": "approve", "csrf_token": csrf}
+    by_htmx = console.post("/console/orders/ord_idle/actions", form, headers={"HX-Request": "true"})
+    assert (by_htmx.status_code, by_htmx.headers["hx-redirect"]) == (
+        401,
+        "/console/login?next=/console/orders/ord_idle",
+    )
+    plain = console.post("/console/orders/ord_idle/charges/7", {"answer": "charged", "csrf_token": csrf})
+    assert plain.headers["location"] == "/console/login?next=/console/orders/ord_idle"
+    signed_out = console.post("/console/logout", {"csrf_token": csrf})
+    assert signed_out.headers["location"] == "/console/login?next=/console/queue"
+    for address, page in [
+        ("/console/orders/ord_idle/actions", "/console/orders/ord_idle"),
+        ("/console/orders/ord_idle/charges/7", "/console/orders/ord_idle"),
+        ("/console/orders/ord%20x/actions", "/console/orders/ord%20x"),
+        ("/console/logout", "/console/queue"),
+    ]:
+        opened = console.get(address)
+        assert (opened.status_code, opened.headers.get("location")) == (303, page), address
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_idle")) == "AWAITING_AGENT"
+
+
 def test_an_agent_whose_merchant_left_the_config_is_signed_out_not_answered_500(console: Console) -> None:
     assert console.sign_in("asha@m_a").status_code == 303
     assert console.get("/console/queue").status_code == 200

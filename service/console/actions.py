@@ -232,7 +232,7 @@ class AgentDesk:
                 .mappings()
                 .first()
             )
-            held = self._held(conn, order, waiting=item is not None)
+            held = self._held(conn, order, merchant.mode, waiting=item is not None)
             if held is not None or item is None:
                 message = held or "no recommendation is waiting for an agent"
                 self._audit(
@@ -316,13 +316,11 @@ class AgentDesk:
         )
         return ActionResult("done", message, state=state)
 
-    def _held(self, conn: sa.Connection, order: sa.RowMapping, *, waiting: bool) -> str | None:
-        """Why an agent cannot act on ``order`` now (None: they can); ``waiting``: a recommendation waits."""
+    def _held(self, conn: sa.Connection, order: sa.RowMapping, mode: str, *, waiting: bool) -> str | None:
+        """Why an agent cannot act on ``order`` now (None: they can); ``mode``: its merchant's; ``waiting``: a
+        recommendation waits."""
         if order["state"] != OrderState.AWAITING_AGENT or not waiting:
-            return (
-                f"order {order['order_id']} is {order['state']}: agents act only on orders waiting for them "
-                "(assisted mode); winback runs this one by itself"
-            )
+            return _not_waiting(conn, order, mode)
         unknown = self.executor.unknown_charge(conn, order)
         if unknown is not None:
             return (
@@ -436,6 +434,34 @@ class AgentDesk:
             ],
             rules_applied=list(request_rules),
         )
+
+
+def _not_waiting(conn: sa.Connection, order: sa.RowMapping, mode: str) -> str:
+    """Why no recommendation of ``order`` waits for an agent, in the words of what happened to it: an agent who
+    loaded the order before another one acted on it (or before it settled) was told "winback runs this one by
+    itself", true of autonomous merchants only."""
+    order_id, state = order["order_id"], order["state"]
+    if mode != "assisted":
+        return (
+            f"order {order_id} is {state}: agents act only on orders waiting for them (assisted mode); "
+            "winback runs this one by itself"
+        )
+    if state == OrderState.SUCCEEDED:
+        return f"order {order_id} is already recovered (SUCCEEDED): nothing is left to do"
+    latest = conn.execute(
+        sa.select(agent_queue.c.state, agent_queue.c.agent, agent_queue.c.reason)
+        .where(agent_queue.c.merchant_id == order["merchant_id"], agent_queue.c.order_id == order_id)
+        .order_by(agent_queue.c.item_id.desc())
+        .limit(1)
+    ).first()
+    if latest is not None and latest.agent and latest.state in ("approved", "rejected", "agreed"):
+        return (
+            f"{latest.agent} already acted on order {order_id} ({latest.reason}): it is {state} now; "
+            "reload the order to see what happens next"
+        )
+    if state == OrderState.FAILED:
+        return f"order {order_id} is closed unrecovered (FAILED): nothing is left to do"
+    return f"no recommendation of order {order_id} waits for an agent now (it is {state}): reload the order"
 
 
 def _unexpected(exc: Exception) -> str:

@@ -571,12 +571,24 @@ def test_stop_closes_the_order_and_autonomous_orders_are_read_only(console: Cons
     assert "the order is FAILED" in stopped.text
     again = console.post("/console/orders/ord_stop/actions", {"action": "approve", "csrf_token": csrf})
     assert again.status_code == 409
-    assert "agents act only on orders waiting for them" in again.text
+    assert "asha@m_a already acted on order ord_stop (customer asked): it is FAILED now" in again.text
+    add_agent(console.engine, "m_auto", "di@m_auto", PASSWORD)
+    assert console.fail_order("m_auto", "ord_auto") == "PENDING"
+    console.sign_in("di@m_auto")
+    autonomous = console.post("/console/orders/ord_auto/actions", {"action": "approve", "csrf_token": console.csrf()})
+    assert autonomous.status_code == 409
+    assert "agents act only on orders waiting for them (assisted mode); winback runs this one by itself" in (
+        autonomous.text
+    )
     with console.engine.connect() as conn:
         entries = conn.execute(
             sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason).order_by(audit_log.c.audit_id)
         ).all()
-    assert [tuple(e) for e in entries] == [("stop", "done", "customer asked"), ("approve", "refused", None)]
+    assert [tuple(e) for e in entries] == [
+        ("stop", "done", "customer asked"),
+        ("approve", "refused", None),
+        ("approve", "refused", None),
+    ]
 
 
 # ------------------------------------------------------------------------------------ charges never answered

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from model.catalog import load_catalog
 from service.console.actions import ActionRequest, ActionResult, AgentDesk
-from service.console.auth import add_agent
+from service.console.auth import add_agent, authenticate
 from service.executor.store import actions, agent_queue, orders
 from tests.integration.test_console import CSRF_RE, Console, console  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -229,3 +229,46 @@ def test_a_recommendation_decided_over_does_not_wait_again_once_the_newer_one_is
         {"action": "approve", "decision_id": first.group(1), "csrf_token": csrf.group(1)},
     )
     assert again.status_code == 409
+
+
+def _page_form(console: Console, order_id: str) -> dict[str, str]:  # noqa: F811 - the fixture
+    """The approve form's fields as the order page shows them now."""
+    page = console.get(f"/console/orders/{order_id}").text
+    shown, csrf = re.search(r'name="decision_id" value="([^"]+)"', page), CSRF_RE.search(page)
+    assert shown is not None
+    assert csrf is not None
+    return {"action": "approve", "decision_id": shown.group(1), "csrf_token": csrf.group(1)}
+
+
+def test_an_agent_acting_on_an_order_another_agent_or_the_customer_settled_is_told_what_happened(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    """Two agents of an assisted merchant have the same order open; one sends a link, then the other clicks
+    "Carry it out". The second was told "agents act only on orders waiting for them (assisted mode); winback runs
+    this one by itself": of an assisted merchant's order, which an agent had just acted on. So was an agent whose
+    order the customer had paid meanwhile."""
+    add_agent(console.engine, "m_a", "cy@m_a", PASSWORD)
+    asha = authenticate(console.engine, "asha@m_a", PASSWORD)
+    assert asha is not None
+    console.fail_order("m_a", "ord_shared")
+    console.fail_order("m_a", "ord_paid")
+    console.sign_in("cy@m_a")
+    shared, paid = _page_form(console, "ord_shared"), _page_form(console, "ord_paid")
+
+    desk = AgentDesk(console.api.app.state.executor.executor, load_catalog())
+    assert desk.perform(asha, "ord_shared", ActionRequest("send_link", channel="email")).ok
+    late = console.post("/console/orders/ord_shared/actions", shared)
+    assert late.status_code == 409
+    assert "asha@m_a already acted on order ord_shared (send a payment link by email now): it is PENDING" in late.text
+    assert "runs this one by itself" not in late.text
+
+    succeeded = {
+        "order_id": "ord_paid",
+        "txn_id": "txn_ext_paid",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "idempotency_key": "ok_paid",
+    }
+    assert console.api.post("/v1/events/payment-succeeded", succeeded, key="wb_demo_m_a").status_code == 202
+    after_payment = console.post("/console/orders/ord_paid/actions", paid)
+    assert after_payment.status_code == 409
+    assert "order ord_paid is already recovered (SUCCEEDED): nothing is left to do" in after_payment.text

@@ -498,15 +498,21 @@ async def charge_answer(
     return await _order_result(console, executor, runtime, session, order_id, request, result)
 
 
+def _period(days: str) -> int:
+    """The period a ``days`` parameter names: 7, 30 or 90; anything else (``days=abc`` included, which answered
+    a JSON 422 to the browser) is the default 30."""
+    return next((period for period in PERIODS if days.strip() == str(period)), 30)
+
+
 @router.get("/performance", response_class=HTMLResponse)
 async def performance_page(
-    request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep, days: int = 30
+    request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep, days: str = "30"
 ) -> Response:
-    """Headline numbers and the four charts for the agent's merchant."""
+    """Headline numbers and the four charts for the agent's merchant (``days``: 7, 30 or 90, else 30)."""
     session = await _session(request, console, executor)
     if session is None:
         return _to_login(request)
-    days = days if days in PERIODS else 30
+    period = _period(days)
     base = _base(session, runtime, "performance")
     data = await run_in_threadpool(
         load_performance,
@@ -514,30 +520,30 @@ async def performance_page(
         session.agent.merchant_id,
         base["zone"],
         executor.executor.clock(),
-        days,
+        period,
     )
-    return _page("performance.html", **base, days=days, periods=PERIODS, charts=CHARTS, numbers=summary(data))
+    return _page("performance.html", **base, days=period, periods=PERIODS, charts=CHARTS, numbers=summary(data))
 
 
 @router.get("/charts/{name}.png")
 async def chart(
-    name: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep, days: int = 30
+    name: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep, days: str = "30"
 ) -> Response:
     """One chart as a PNG (rendered on request, cached for a minute per merchant, chart and period)."""
     session = await _session(request, console, executor)
     if session is None:
         return Response(status_code=401)
-    days = days if days in PERIODS else 30
+    period = _period(days)
     merchant_id = session.agent.merchant_id
     zone = merchant_zone(runtime.config.merchants[merchant_id])
 
     def draw() -> bytes:
         return render_chart(
-            name, executor.executor.engine, runtime.catalog, merchant_id, zone, executor.executor.clock(), days
+            name, executor.executor.engine, runtime.catalog, merchant_id, zone, executor.executor.clock(), period
         )
 
     try:
-        png = await run_in_threadpool(console.charts.get, (merchant_id, name, days), draw)
+        png = await run_in_threadpool(console.charts.get, (merchant_id, name, period), draw)
     except UnknownChartError as exc:
         return Response(str(exc), status_code=404, media_type="text/plain")
     return Response(

@@ -777,6 +777,19 @@ def test_performance_page_and_charts_are_pngs_of_the_agents_merchant(console: Co
     assert console.get("/console/charts/funnel.png").status_code == 401
 
 
+@pytest.mark.parametrize("days", ["abc", "7.5", "-1", "9" * 30, "365"])
+def test_a_period_not_offered_shows_the_30_days_not_a_json_error(console: Console, days: str) -> None:
+    # The pages take 7, 30 or 90 and meant anything else to fall back to 30: a value that is not an integer
+    # answered the browser a JSON 422 ("query.days: Input should be a valid integer") instead.
+    console.sign_in("asha@m_a")
+    page = console.get(f"/console/performance?days={days}")
+    assert (page.status_code, page.headers["content-type"]) == (200, "text/html; charset=utf-8")
+    assert "first failed in the last 30 days" in page.text
+    assert 'src="/console/charts/funnel.png?days=30"' in page.text
+    png = console.get(f"/console/charts/funnel.png?days={days}")
+    assert (png.status_code, png.headers["content-type"]) == (200, "image/png")
+
+
 def test_order_times_and_actions_follow_the_executors_clock_not_the_wall_clock(console: Console) -> None:
     """The executor may run on a demo clock (`winback demo`: WINBACK_CLOCK_SPEED, one real second a demo hour). The
     console read the wall clock for its orders: every demo order was "0m ago" (its times were demo times, ahead of

@@ -142,6 +142,17 @@ def seed(url: str) -> None:
         assert other.status_code == 202, other.text
 
 
+def _fail_order(url: str, order_id: str) -> None:
+    """A payment of m_a that failed half a day ago, posted to the server at ``url``: an order waiting for an agent."""
+    answer = httpx.post(
+        f"{url}/v1/events/payment-failed",
+        json=_event("m_a", order_id, 0.5),
+        headers={"Authorization": "Bearer wb_demo_m_a"},
+        timeout=20,
+    )
+    assert answer.status_code == 202, answer.text
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """The real API app with the console, on a free port, with two agents and seeded orders: its URL and its
@@ -331,11 +342,7 @@ def test_agent_answers_for_a_charge_that_was_never_answered(
 
     url, database = served
     page = browser_page
-    body = _event("m_a", "ord_lost_e2e", 0.5)
-    answer = httpx.post(
-        f"{url}/v1/events/payment-failed", json=body, headers={"Authorization": "Bearer wb_demo_m_a"}, timeout=20
-    )
-    assert answer.status_code == 202, answer.text
+    _fail_order(url, "ord_lost_e2e")
     engine = sa.create_engine(database)
     try:
         insert_lost_charge(engine, "m_a", "ord_lost_e2e", datetime.now(UTC) - timedelta(hours=2))
@@ -370,11 +377,7 @@ def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after
     # The session ended (idle, or signed out in another tab) while the order page stayed open: the click led to
     # sign-in, and sign-in to the form's address, which showed {"detail":"Method Not Allowed"}.
     page = browser_page
-    body = _event("m_a", "ord_idle_e2e", 0.5)
-    answer = httpx.post(
-        f"{server}/v1/events/payment-failed", json=body, headers={"Authorization": "Bearer wb_demo_m_a"}, timeout=20
-    )
-    assert answer.status_code == 202, answer.text
+    _fail_order(server, "ord_idle_e2e")
     _sign_in(page, AGENT)
     page.wait_for_url("**/console/queue")
     page.goto("/console/orders/ord_idle_e2e")
@@ -387,3 +390,20 @@ def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after
     page.wait_for_url("**/console/orders/ord_idle_e2e")
     assert page.get_by_test_id("order-state").inner_text() == "Waiting for agent"
     assert page.get_by_test_id("approve").is_visible()
+
+
+def test_after_an_action_taken_by_keyboard_the_focus_is_on_its_result(browser_page: Any, server: str) -> None:
+    # htmx swaps the whole order body, the pressed button with it: focus fell back to the page, and a keyboard
+    # or screen-reader user started again from the top to find out how the action went.
+    page = browser_page
+    _fail_order(server, "ord_keyboard_e2e")
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    page.goto("/console/orders/ord_keyboard_e2e")
+    page.get_by_label("Reason (optional)").fill("customer asked by phone")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.dataset.testid") == "stop"
+    page.keyboard.press("Enter")
+    page.get_by_test_id("result").wait_for()
+    page.wait_for_function("() => document.activeElement.dataset.testid === 'result'")
+    assert "Stop recovering this order: done" in page.get_by_test_id("result").inner_text()

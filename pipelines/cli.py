@@ -540,14 +540,25 @@ def demo(
     import sys
     import uuid
 
-    from pipelines.demo import failed_payment_events, prepare, where_to_look
+    from pipelines.demo import demo_paths, failed_payment_events, prepare, where_to_look
+    from service.demo import LiveOptions, port_taken, run_live
 
-    paths = prepare(workdir, orders=orders, seed=seed, episodes=episodes, console=console)
+    live = serve_after or live_orders > 0
+    if live and (taken := port_taken(host, port)):
+        # Said before the simulation and the training (minutes on a fresh clone), not after them.
+        raise fail(taken)
+    try:
+        paths = prepare(workdir, orders=orders, seed=seed, episodes=episodes, console=console)
+    except ValueError as exc:  # a history too short to train on (TrainInputError included): one line, no traceback
+        history = demo_paths(workdir).attempts.parent
+        raise fail(
+            f"{exc} (the demo trains on {history}: `make clean`, or another --workdir, and more --orders "
+            "simulate a new one)"
+        ) from None
     lines = where_to_look(paths, host, port)
-    if not serve_after and live_orders == 0:
+    if not live:
         console.print(lines, highlight=False)
         return
-    from service.demo import LiveOptions, run_live
 
     options = LiveOptions(
         workdir=paths.workdir,

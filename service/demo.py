@@ -404,6 +404,17 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """What to tell the user when the demo's ``host:port`` cannot be bound now (None: it is free)."""
+    if port_is_free(host, port):
+        return None
+    another = port + 1 if port < 65535 else port - 1
+    return (
+        f"port {port} on {host} is in use: stop what runs there or pass another --port "
+        f'(make demo DEMO_ARGS="--port {another}")'
+    )
+
+
 # ------------------------------------------------------------------------------------------------ the demo
 
 
@@ -803,8 +814,8 @@ def run_live(
     """Run the loop: start everything, post the failed payments, play the customers and show the summary;
     until Ctrl-C (``options.serve``) or for ``options.seconds``. Everything started is stopped on the way out.
     The final summary is also written to ``<workdir>/live/summary.json``."""
-    if not port_is_free(options.host, options.port):
-        raise RuntimeError(f"port {options.port} on {options.host} is in use: stop what runs there or pass --port")
+    if taken := port_taken(options.host, options.port):
+        raise RuntimeError(taken)
     demo = LiveDemo(options, winback, console)
     demo.live_dir.mkdir(parents=True, exist_ok=True)
     _fresh_database(options.database_url)

@@ -497,3 +497,39 @@ def test_simulate_says_one_of_a_thing_in_the_singular(tmp_path: Path) -> None:
     for plural in ("1 attempts", "1 nudges", "1 stops", "1 failed orders"):
         assert plural not in said, said
     assert "(0 orders/s)" not in said, said  # one order in 1.8 s was "0 orders/s"
+
+
+def test_demo_on_a_port_in_use_says_so_before_it_simulates_or_trains(tmp_path: Path) -> None:
+    # The README says the demo names a port in use "before it starts anything": on a fresh clone it simulated the
+    # history and trained a model first (minutes), then said the port was in use.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        printed = run_winback("demo", "--workdir", "demo", "--port", str(port), "--orders", "100", cwd=tmp_path)
+    assert printed.exit_code != 0
+    assert printed.stdout == ""
+    assert printed.stderr.strip() == (
+        f"error: port {port} on 127.0.0.1 is in use: stop what runs there or pass another --port "
+        f'(make demo DEMO_ARGS="--port {port + 1}")'
+    )
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_on_a_history_too_short_to_train_on_says_so_in_one_line(tmp_path: Path) -> None:
+    # `winback demo --orders 100` (the least --orders takes) printed a 74-line traceback ending in "ValueError: only
+    # 25 silent retries fall in the training time slice", and kept the short history for the next run.
+    printed = run_winback(
+        "demo", "--workdir", "demo", "--orders", "100", "--episodes", "0", "--no-serve", "--live-orders", "0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert printed.exit_code != 0
+    assert "Traceback" not in printed.stdout + printed.stderr
+    error = " ".join(printed.stderr.split())
+    assert error.startswith("error: only "), printed.stderr
+    assert error.endswith(
+        f"the history is too short to learn retryability (the demo trains on {tmp_path / 'demo' / 'history'}: "
+        "`make clean`, or another --workdir, and more --orders simulate a new one)"
+    ), printed.stderr

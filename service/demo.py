@@ -404,6 +404,16 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def demo_clock_span(speed: float) -> str:
+    """What one real second is on a demo clock ``speed`` times as fast, in its largest whole unit: "1 demo hour"
+    (x3600), "1 demo minute" (x60, which read "1 demo minutes"), "1.5 demo minutes", "30 demo seconds"."""
+    unit, seconds = next(
+        ((unit, size) for unit, size in (("hour", 3600), ("minute", 60)) if speed >= size), ("second", 1)
+    )
+    amount = speed / seconds
+    return f"{amount:g} demo {unit}{'' if amount == 1 else 's'}"
+
+
 def port_taken(host: str, port: int) -> str | None:
     """What to tell the user when the demo's ``host:port`` cannot be bound now (None: it is free)."""
     if port_is_free(host, port):
@@ -834,7 +844,7 @@ def run_live(
                 demo.post(batch)
                 console.print(
                     f"posted {count_noun(len(batch), 'failed payment')}; the demo clock runs x{options.clock_speed:g} "
-                    f"(1 real second = {options.clock_speed / 60:g} demo minutes)"
+                    f"(1 real second = {demo_clock_span(options.clock_speed)})"
                     + ("; Ctrl-C stops everything" if options.serve else f"; running {options.seconds:g} s"),
                     highlight=False,
                     soft_wrap=True,

@@ -249,3 +249,22 @@ def test_where_to_look_gives_an_mlflow_ui_command_that_runs_in_a_fresh_clone(
     result = subprocess.run([*command, "--help"], cwd=clone, env=bare_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "--backend-store-uri" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("speed", "span"),
+    [
+        (3600.0, "1 demo hour"),
+        (7200.0, "2 demo hours"),
+        (60.0, "1 demo minute"),
+        (90.0, "1.5 demo minutes"),
+        (30.0, "30 demo seconds"),
+        (1.0, "1 demo second"),
+    ],
+)
+def test_the_demo_clock_is_said_in_its_largest_whole_unit(speed: float, span: str) -> None:
+    # `make demo DEMO_ARGS="--clock-speed 60"` printed "(1 real second = 1 demo minutes)", and the default
+    # "60 demo minutes" where the README says "one real second is one demo hour".
+    from service.demo import demo_clock_span
+
+    assert demo_clock_span(speed) == span

@@ -67,6 +67,10 @@ def _build_wheel(tmp_path: Path) -> Path:
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
     result = subprocess.run([*command, "-w", str(out), str(source)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    # The data folders (model/_data/*, the console's templates and static files) were no packages of the
+    # configuration: every install (`make demo`'s first minutes) printed ten 40-line BuildBackendWarnings that
+    # setuptools will stop installing them.
+    assert "BuildBackendWarning: Package" not in result.stdout + result.stderr, result.stderr[:3000]
     (wheel,) = out.glob("winback-*.whl")
     return wheel
 

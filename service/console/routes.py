@@ -207,17 +207,33 @@ def _csrf_ok(session: Session, request: Request, form: Mapping[str, str]) -> boo
     return csrf_matches(session.csrf_token, form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER))
 
 
+@dataclass(frozen=True)
+class _StaleForm:
+    """An htmx POST in a live session without that session's CSRF token: its page was loaded in an earlier one
+    (the agent signed in again, in another tab say). Answered 403, htmx swapped nothing and the click did nothing
+    visible; the order's page is shown again instead, with fresh forms."""
+
+    session: Session
+
+
+STALE_FORM = ActionResult(
+    "refused",
+    "Nothing was done: this page was loaded before you last signed in, and its forms no longer count. "
+    "The order is shown as it is now: act again if you still want to.",
+)
+
+
 async def _signed_post(
     request: Request, console: ConsoleRuntime, executor: ExecutorRuntime, back_to: str
-) -> tuple[Session, dict[str, str]] | Response:
+) -> tuple[Session, dict[str, str]] | _StaleForm | Response:
     """The session and form of a POST, or the answer to give instead: the sign-in page (then back to ``back_to``,
-    the form's page) without a session, 403 without the session's CSRF token."""
+    the form's page) without a session, 403 without the session's CSRF token (``_StaleForm`` to an htmx POST)."""
     session = await _session(request, console, executor)
     if session is None:
         return _to_login(request, back_to)
     form = await _form(request)
     if not _csrf_ok(session, request, form):
-        return _forbidden()
+        return _StaleForm(session) if request.headers.get("hx-request") else _forbidden()
     return session, form
 
 
@@ -428,6 +444,8 @@ async def order_action(
     signed = await _signed_post(request, console, executor, _order_path(order_id))
     if isinstance(signed, Response):
         return signed
+    if isinstance(signed, _StaleForm):
+        return await _order_result(console, executor, runtime, signed.session, order_id, request, STALE_FORM)
     session, form = signed
     alternative = form.get("alternative", "")
     ask = ActionRequest(
@@ -478,6 +496,8 @@ async def charge_answer(
     signed = await _signed_post(request, console, executor, _order_path(order_id))
     if isinstance(signed, Response):
         return signed
+    if isinstance(signed, _StaleForm):
+        return await _order_result(console, executor, runtime, signed.session, order_id, request, STALE_FORM)
     session, form = signed
     answer = form.get("answer", "")
     desk = AgentDesk(executor.executor, runtime.catalog)

@@ -407,3 +407,34 @@ def test_after_an_action_taken_by_keyboard_the_focus_is_on_its_result(browser_pa
     page.get_by_test_id("result").wait_for()
     page.wait_for_function("() => document.activeElement.dataset.testid === 'result'")
     assert "Stop recovering this order: done" in page.get_by_test_id("result").inner_text()
+
+
+def test_a_click_on_a_page_from_before_the_last_sign_in_says_nothing_was_done_and_the_next_one_works(
+    browser_page: Any, server: str
+) -> None:
+    # An order page stayed open in one tab while the agent signed out and in again in another: its forms carried
+    # the old session's CSRF token, the server answered 403, and htmx swapped nothing: "Carry it out" did nothing
+    # visible, every time.
+    page = browser_page
+    _fail_order(server, "ord_stale_tab_e2e")
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    page.goto("/console/orders/ord_stale_tab_e2e")
+    other_tab = page.context.new_page()
+    other_tab.goto("/console/queue")
+    other_tab.get_by_test_id("logout").click()
+    other_tab.wait_for_url("**/console/login")
+    _sign_in(other_tab, AGENT)
+    other_tab.wait_for_url("**/console/queue")
+    other_tab.close()
+
+    page.get_by_test_id("approve").click()
+    result = page.get_by_test_id("result")
+    result.wait_for()
+    assert "Nothing was done: this page was loaded before you last signed in" in result.inner_text()
+    assert page.get_by_test_id("order-state").inner_text() == "Waiting for agent"
+    page.get_by_test_id("approve").click()
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=result]').innerText.includes('Carry out the recommendation')"
+    )
+    assert "done" in page.get_by_test_id("result").inner_text()

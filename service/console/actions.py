@@ -232,7 +232,7 @@ class AgentDesk:
                 .mappings()
                 .first()
             )
-            held = self._held(conn, order, merchant.mode, waiting=item is not None)
+            held = self._held(conn, order, merchant.mode, agent, waiting=item is not None)
             if held is not None or item is None:
                 message = held or "no recommendation is waiting for an agent"
                 self._audit(
@@ -316,11 +316,11 @@ class AgentDesk:
         )
         return ActionResult("done", message, state=state)
 
-    def _held(self, conn: sa.Connection, order: sa.RowMapping, mode: str, *, waiting: bool) -> str | None:
-        """Why an agent cannot act on ``order`` now (None: they can); ``mode``: its merchant's; ``waiting``: a
+    def _held(self, conn: sa.Connection, order: sa.RowMapping, mode: str, agent: Agent, *, waiting: bool) -> str | None:
+        """Why ``agent`` cannot act on ``order`` now (None: they can); ``mode``: its merchant's; ``waiting``: a
         recommendation waits."""
         if order["state"] != OrderState.AWAITING_AGENT or not waiting:
-            return _not_waiting(conn, order, mode)
+            return _not_waiting(conn, order, mode, agent)
         unknown = self.executor.unknown_charge(conn, order)
         if unknown is not None:
             return (
@@ -436,10 +436,11 @@ class AgentDesk:
         )
 
 
-def _not_waiting(conn: sa.Connection, order: sa.RowMapping, mode: str) -> str:
-    """Why no recommendation of ``order`` waits for an agent, in the words of what happened to it: an agent who
-    loaded the order before another one acted on it (or before it settled) was told "winback runs this one by
-    itself", true of autonomous merchants only."""
+def _not_waiting(conn: sa.Connection, order: sa.RowMapping, mode: str, agent: Agent) -> str:
+    """Why no recommendation of ``order`` waits for ``agent``, in the words of what happened to it: an agent who
+    loaded the order before another one acted on it (or before it settled), or whose second click of a double
+    click arrived after the first was carried out, was told "winback runs this one by itself", true of
+    autonomous merchants only."""
     order_id, state = order["order_id"], order["state"]
     if mode != "assisted":
         return (
@@ -455,8 +456,9 @@ def _not_waiting(conn: sa.Connection, order: sa.RowMapping, mode: str) -> str:
         .limit(1)
     ).first()
     if latest is not None and latest.agent and latest.state in ("approved", "rejected", "agreed"):
+        who = "you" if latest.agent == agent.name else latest.agent
         return (
-            f"{latest.agent} already acted on order {order_id} ({latest.reason}): it is {state} now; "
+            f"{who} already acted on order {order_id} ({latest.reason}): it is {state} now; "
             "reload the order to see what happens next"
         )
     if state == OrderState.FAILED:

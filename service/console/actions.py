@@ -74,6 +74,22 @@ class ActionResult:
         return self.result == "done"
 
 
+@dataclass(frozen=True)
+class ForbiddenOptions:
+    """The hard rules that forbid a waiting recommendation now (empty: permitted) and each of its alternatives',
+    in the recommendation's order."""
+
+    recommendation: list[str] = field(default_factory=list)
+    alternatives: list[list[str]] = field(default_factory=list)
+
+    def of(self, option: Decision | Alternative | None, pending: Decision) -> list[str]:
+        """The rules forbidding ``option``, the recommendation or one of its alternatives (none for None)."""
+        if option is pending:
+            return self.recommendation
+        index = next((i for i, alt in enumerate(pending.alternatives) if alt is option), None)
+        return [] if index is None or index >= len(self.alternatives) else self.alternatives[index]
+
+
 class UnknownOrderError(LookupError):
     """The agent's merchant has no such order."""
 
@@ -315,6 +331,35 @@ class AgentDesk:
             extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name, "action": ask.action},
         )
         return ActionResult("done", message, state=state)
+
+    def forbidden_now(self, merchant_id: str, order_id: str, pending: Decision) -> ForbiddenOptions:
+        """The hard rules that forbid, as of now, what the order page offers of ``pending``: the recommendation
+        itself and each alternative (``perform`` would refuse it with them). A recommendation waits until an agent
+        acts, and a rule may forbid it meanwhile (a one-off payment's retry an hour after the customer left: the
+        page offered "Carry it out" as its first action, refused at every click)."""
+        now = self.clock()
+        with self.executor.engine.connect() as conn:
+            order = (
+                conn.execute(
+                    sa.select(orders).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+                )
+                .mappings()
+                .first()
+            )
+            if order is None:
+                return ForbiddenOptions()
+            request = self.executor.request_for(conn, order, now)
+        try:
+            context = build_context(request, self.executor.merchant(merchant_id), self.catalog)
+        except RuleInputError:
+            return ForbiddenOptions()  # an action is refused with the reason itself
+
+        def broken(option: Decision | Alternative) -> list[str]:
+            return [str(rule) for rule in check(context, _candidate_of(option, now)).broken]
+
+        return ForbiddenOptions(
+            recommendation=broken(pending), alternatives=[broken(option) for option in pending.alternatives]
+        )
 
     def _held(self, conn: sa.Connection, order: sa.RowMapping, mode: str, agent: Agent, *, waiting: bool) -> str | None:
         """Why ``agent`` cannot act on ``order`` now (None: they can); ``mode``: its merchant's; ``waiting``: a

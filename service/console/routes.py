@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from service.api.deps import Runtime, RuntimeDep
-from service.console.actions import ActionRequest, ActionResult, AgentDesk, UnknownOrderError
+from service.console.actions import ActionRequest, ActionResult, AgentDesk, ForbiddenOptions, UnknownOrderError
 from service.console.auth import LoginLimiter, Session, SessionStore, Signer, authenticate, csrf_matches
 from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
 from service.console.settings import ConsoleSettings
@@ -394,7 +394,16 @@ async def _order_context(
     )
     if page is None:
         return None
-    return _base(session, runtime, "queue") | {"page": page, "now": executor.executor.clock(), "result": None}
+    forbidden = ForbiddenOptions()
+    if page.pending is not None and page.order.state == "AWAITING_AGENT":
+        desk = AgentDesk(executor.executor, runtime.catalog)
+        forbidden = await run_in_threadpool(desk.forbidden_now, session.agent.merchant_id, order_id, page.pending)
+    return _base(session, runtime, "queue") | {
+        "page": page,
+        "now": executor.executor.clock(),
+        "result": None,
+        "forbidden": forbidden,
+    }
 
 
 def _not_found(session: Session, runtime: Runtime, order_id: str) -> HTMLResponse:

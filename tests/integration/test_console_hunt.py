@@ -10,7 +10,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -272,3 +272,43 @@ def test_an_agent_acting_on_an_order_another_agent_or_the_customer_settled_is_to
     after_payment = console.post("/console/orders/ord_paid/actions", paid)
     assert after_payment.status_code == 409
     assert "order ord_paid is already recovered (SUCCEEDED): nothing is left to do" in after_payment.text
+
+
+def test_a_recommendation_the_hard_rules_forbid_by_now_is_not_offered_as_the_action_to_take(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    """A one-off payment's soft decline: the recommendation is a retry, which may go only while the customer is in
+    session. It waits for an agent for days; two hours on, the page still offered "Carry it out" (and "Schedule
+    retry", and the retries among the alternatives), each refused at every click with one_off_out_of_session."""
+    console.fail_order(
+        "m_a",
+        "ord_one_off",
+        payment={"is_recurring": False},
+        failure={"connector": "stripe", "error_code": "processing_error", "network_decline_code": "96"},
+    )
+    console.sign_in("asha@m_a")
+    fresh = console.get("/console/orders/ord_one_off").text
+    assert re.search(r'data-testid="recommendation">Retry: ', fresh), "the scenario needs a retry recommended"
+    assert re.search(r'data-testid="approve">Carry it out', fresh)
+    assert "No longer permitted" not in fresh
+
+    executor = console.api.app.state.executor.executor
+    later = datetime.now(UTC) + timedelta(hours=2)
+    executor.clock = lambda: later
+    page = console.get("/console/orders/ord_one_off").text
+    assert re.search(r'data-testid="approve" disabled>Carry it out', page), page
+    assert re.search(
+        r'data-testid="approve-forbidden">No longer permitted: forbidden now by <code>one_off_out_of_session', page
+    )
+    assert re.search(r'data-testid="retry" disabled>Schedule retry', page)
+    options = re.findall(r"<option value=\"\d+\"( disabled)?>([^<]+)</option>", page)
+    retries = [(disabled, text) for disabled, text in options if text.startswith("Retry: ")]
+    assert retries, options
+    assert all(
+        disabled and "(forbidden now: " in text and "one_off_out_of_session" in text for disabled, text in retries
+    )
+    links = [(disabled, text) for disabled, text in options if text.startswith("Payment link by ")]
+    assert links, options
+    assert not any(disabled for disabled, _ in links), options
+    refused = console.post("/console/orders/ord_one_off/actions", {"action": "approve", "csrf_token": console.csrf()})
+    assert "one_off_out_of_session" in refused.text  # what the disabled button would have been answered

@@ -248,6 +248,14 @@ def _sign_in(page: Any, name: str, password: str = PASSWORD) -> None:
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
 
 
+def _open_new_order(page: Any, url: str, order_id: str) -> None:
+    """Post a failed payment of m_a as ``order_id``, sign in as its agent and open the order's page."""
+    _fail_order(url, order_id)
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    page.goto(f"/console/orders/{order_id}")
+
+
 def _shot(page: Any, folder: Path, name: str, full_page: bool = True) -> Path:
     path = folder / f"console-{name}.png"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -377,10 +385,7 @@ def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after
     # The session ended (idle, or signed out in another tab) while the order page stayed open: the click led to
     # sign-in, and sign-in to the form's address, which showed {"detail":"Method Not Allowed"}.
     page = browser_page
-    _fail_order(server, "ord_idle_e2e")
-    _sign_in(page, AGENT)
-    page.wait_for_url("**/console/queue")
-    page.goto("/console/orders/ord_idle_e2e")
+    _open_new_order(page, server, "ord_idle_e2e")
     page.context.clear_cookies()
     page.get_by_test_id("approve").click()
     page.wait_for_url("**/console/login?next=/console/orders/ord_idle_e2e")
@@ -396,10 +401,7 @@ def test_after_an_action_taken_by_keyboard_the_focus_is_on_its_result(browser_pa
     # htmx swaps the whole order body, the pressed button with it: focus fell back to the page, and a keyboard
     # or screen-reader user started again from the top to find out how the action went.
     page = browser_page
-    _fail_order(server, "ord_keyboard_e2e")
-    _sign_in(page, AGENT)
-    page.wait_for_url("**/console/queue")
-    page.goto("/console/orders/ord_keyboard_e2e")
+    _open_new_order(page, server, "ord_keyboard_e2e")
     page.get_by_label("Reason (optional)").fill("customer asked by phone")
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.dataset.testid") == "stop"
@@ -416,10 +418,7 @@ def test_a_click_on_a_page_from_before_the_last_sign_in_says_nothing_was_done_an
     # the old session's CSRF token, the server answered 403, and htmx swapped nothing: "Carry it out" did nothing
     # visible, every time.
     page = browser_page
-    _fail_order(server, "ord_stale_tab_e2e")
-    _sign_in(page, AGENT)
-    page.wait_for_url("**/console/queue")
-    page.goto("/console/orders/ord_stale_tab_e2e")
+    _open_new_order(page, server, "ord_stale_tab_e2e")
     other_tab = page.context.new_page()
     other_tab.goto("/console/queue")
     other_tab.get_by_test_id("logout").click()
@@ -438,3 +437,30 @@ def test_a_click_on_a_page_from_before_the_last_sign_in_says_nothing_was_done_an
         "() => document.querySelector('[data-testid=result]').innerText.includes('Carry out the recommendation')"
     )
     assert "done" in page.get_by_test_id("result").inner_text()
+
+
+def test_an_action_whose_request_fails_says_so_instead_of_doing_nothing_visible(browser_page: Any, server: str) -> None:
+    # htmx swaps no error answer: "Carry it out" answered 500 (or not at all: the server restarting) did nothing
+    # visible, and the agent clicked again without knowing whether the first click was carried out.
+    page = browser_page
+    _open_new_order(page, server, "ord_error_e2e")
+    error = page.get_by_test_id("request-error")
+    assert not error.is_visible()
+
+    page.route("**/actions", lambda route: route.fulfill(status=500, body='{"detail":"internal error"}'))
+    page.get_by_test_id("stop").click()
+    error.wait_for()
+    assert "The server could not do this (HTTP 500" in error.inner_text()
+    assert page.evaluate("() => document.activeElement.dataset.testid") == "request-error"
+
+    page.unroute("**/actions")
+    page.route("**/actions", lambda route: route.abort())
+    page.get_by_test_id("stop").click()
+    page.wait_for_function(
+        "() => document.querySelector('[data-testid=request-error]').innerText.startsWith('No answer came')"
+    )
+    page.unroute("**/actions")
+    page.get_by_test_id("stop").click()
+    page.get_by_test_id("result").wait_for()
+    assert not error.is_visible()  # cleared by the next request
+    assert page.get_by_test_id("order-state").inner_text() == "Closed unrecovered"

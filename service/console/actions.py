@@ -81,6 +81,13 @@ class ForbiddenOptions:
 
     recommendation: list[str] = field(default_factory=list)
     alternatives: list[list[str]] = field(default_factory=list)
+    #: A payment link sent now by each of the merchant's channels (opted out, quiet hours, no nudge left ...).
+    links: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def no_link(self) -> bool:
+        """Whether the hard rules forbid a link by every channel now."""
+        return bool(self.links) and all(self.links.values())
 
     def of(self, option: Decision | Alternative | None, pending: Decision) -> list[str]:
         """The rules forbidding ``option``, the recommendation or one of its alternatives (none for None)."""
@@ -334,9 +341,10 @@ class AgentDesk:
 
     def forbidden_now(self, merchant_id: str, order_id: str, pending: Decision) -> ForbiddenOptions:
         """The hard rules that forbid, as of now, what the order page offers of ``pending``: the recommendation
-        itself and each alternative (``perform`` would refuse it with them). A recommendation waits until an agent
-        acts, and a rule may forbid it meanwhile (a one-off payment's retry an hour after the customer left: the
-        page offered "Carry it out" as its first action, refused at every click)."""
+        itself, each alternative and a link by each channel (``perform`` would refuse it with them). A
+        recommendation waits until an agent acts, and a rule may forbid it meanwhile (a one-off payment's retry an
+        hour after the customer left: the page offered "Carry it out" as its first action, refused at every
+        click)."""
         now = self.clock()
         with self.executor.engine.connect() as conn:
             order = (
@@ -349,16 +357,25 @@ class AgentDesk:
             if order is None:
                 return ForbiddenOptions()
             request = self.executor.request_for(conn, order, now)
+        merchant = self.executor.merchant(merchant_id)
         try:
-            context = build_context(request, self.executor.merchant(merchant_id), self.catalog)
+            context = build_context(request, merchant, self.catalog)
         except RuleInputError:
             return ForbiddenOptions()  # an action is refused with the reason itself
 
         def broken(option: Decision | Alternative) -> list[str]:
             return [str(rule) for rule in check(context, _candidate_of(option, now)).broken]
 
+        links = {
+            channel.value: [
+                str(rule) for rule in check(context, Candidate(Action.RETARGET, now, channel=channel)).broken
+            ]
+            for channel in merchant.retarget.channels
+        }
         return ForbiddenOptions(
-            recommendation=broken(pending), alternatives=[broken(option) for option in pending.alternatives]
+            recommendation=broken(pending),
+            alternatives=[broken(option) for option in pending.alternatives],
+            links=links,
         )
 
     def _held(self, conn: sa.Connection, order: sa.RowMapping, mode: str, agent: Agent, *, waiting: bool) -> str | None:

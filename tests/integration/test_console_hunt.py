@@ -312,3 +312,20 @@ def test_a_recommendation_the_hard_rules_forbid_by_now_is_not_offered_as_the_act
     assert not any(disabled for disabled, _ in links), options
     refused = console.post("/console/orders/ord_one_off/actions", {"action": "approve", "csrf_token": console.csrf()})
     assert "one_off_out_of_session" in refused.text  # what the disabled button would have been answered
+
+
+def test_a_channel_the_hard_rules_forbid_now_is_not_offered_for_a_link(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    """The customer opted out of WhatsApp: "Send the payment link now" still offered WhatsApp, refused at the click
+    with channel_opted_out. Once no channel is permitted (opted out of e-mail too), the button was still there."""
+    console.fail_order("m_a", "ord_opted_out", customer={"opted_out_channels": ["whatsapp"]})
+    console.fail_order("m_a", "ord_no_channel", customer={"opted_out_channels": ["whatsapp", "email"]})
+    console.sign_in("asha@m_a")
+    page = console.get("/console/orders/ord_opted_out").text
+    assert '<option value="whatsapp" disabled>WhatsApp (forbidden now: channel_opted_out)</option>' in page, page
+    assert '<option value="email">email</option>' in page
+    assert re.search(r'data-testid="send-link">Send link', page)
+    closed = console.get("/console/orders/ord_no_channel").text
+    assert re.search(r'data-testid="send-link" disabled>Send link', closed)
+    assert "No channel is permitted now." in closed

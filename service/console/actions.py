@@ -325,7 +325,7 @@ class AgentDesk:
                 order_id, verb, agent.name, ask.reason.strip() or plan.detail, agent.merchant_id, item_id
             )
         except (AgentQueueError, OrderNotFoundError) as exc:
-            message = f"the order changed meanwhile: {exc}"
+            message = f"the order changed meanwhile: {self._what_happened(agent, order_id, merchant.mode) or exc}"
             self._settle(audit_id, "failed", message)
             return ActionResult("failed", message)
         except Exception as exc:
@@ -347,13 +347,7 @@ class AgentDesk:
         click)."""
         now = self.clock()
         with self.executor.engine.connect() as conn:
-            order = (
-                conn.execute(
-                    sa.select(orders).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
-                )
-                .mappings()
-                .first()
-            )
+            order = _order_row(conn, merchant_id, order_id)
             if order is None:
                 return ForbiddenOptions()
             request = self.executor.request_for(conn, order, now)
@@ -390,6 +384,16 @@ class AgentDesk:
                 "its connector says first; until then nothing else is done to the order"
             )
         return None
+
+    def _what_happened(self, agent: Agent, order_id: str, mode: str) -> str | None:
+        """What another agent (or the customer) did to an order ``agent`` planned an action on at the same moment
+        (None: it still waits for an agent): told "order 'X' is PENDING: it does not wait for an agent", the agent
+        did not learn that a colleague's action had been carried out, nor which."""
+        with self.executor.engine.connect() as conn:
+            order = _order_row(conn, agent.merchant_id, order_id)
+            if order is None or order["state"] == OrderState.AWAITING_AGENT:
+                return None
+            return _not_waiting(conn, order, mode, agent)
 
     def resolve_charge(self, agent: Agent, order_id: str, action_id: int, charged: bool, reason: str) -> ActionResult:
         """Record what the connector says about a charge of ``order_id`` that was sent and never answered
@@ -496,6 +500,12 @@ class AgentDesk:
             ],
             rules_applied=list(request_rules),
         )
+
+
+def _order_row(conn: sa.Connection, merchant_id: str, order_id: str) -> sa.RowMapping | None:
+    """The order's row as it is (unlocked: to show or explain, not to act on)."""
+    query = sa.select(orders).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+    return conn.execute(query).mappings().first()
 
 
 def _not_waiting(conn: sa.Connection, order: sa.RowMapping, mode: str, agent: Agent) -> str:

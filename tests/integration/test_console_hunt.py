@@ -121,6 +121,10 @@ def test_a_double_approve_carries_out_the_recommendation_once_and_tells_the_seco
         retries = conn.scalar(sa.select(sa.func.count()).select_from(actions).where(actions.c.kind == "retry"))
     assert retries == 1
     assert [first.result, second.result] == ["done", "failed"], (first, second)
+    # It was told "order 'ord_1' is PENDING: it does not wait for an agent", not who had acted, nor how.
+    assert "already acted on order ord_1 (carry out the recommendation: Retry: cascade via adyen): it is PENDING" in (
+        second.message
+    )
 
 
 # ---------------------------------------------------------------------------------- the console over HTTP

@@ -30,6 +30,7 @@ from model.requests import Decision, DecisionRequest, Failure
 from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, load_rulebook
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
+from service.executor.channels.base import ReceiptFailure
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
 from service.executor.optouts import customer_address, opted_out_channels, record_opt_out, with_opt_outs
@@ -666,7 +667,9 @@ class Executor:
                 offered = list(self.merchant(order["merchant_id"]).connectors)
             base["available_connectors"] = [name for name in offered if name.strip().lower() not in failed]
         # Opt-outs are kept per address, not per order: one made since the failure (or on another order) counts.
-        opted = opted_out_channels(conn, order["merchant_id"], base["customer"])
+        # A channel whose provider said the address cannot get its messages (not on WhatsApp) is off for this
+        # order: the rules treat it as opted out, so the order is decided on its other channels.
+        opted = opted_out_channels(conn, order["merchant_id"], base["customer"]) | _undeliverable_channels(conn, order)
         if opted:
             with_opt_outs(base["customer"], opted)
         return self._with_card_on_file_ban(DecisionRequest.model_validate(base), rows)
@@ -2854,14 +2857,28 @@ class Executor:
                 touched += 1
         return touched
 
-    def record_receipt(self, provider_message_id: str, delivered: bool, merchant_id: str | None = None) -> bool:
+    def record_receipt(
+        self,
+        provider_message_id: str,
+        delivered: bool,
+        merchant_id: str | None = None,
+        *,
+        error: str | None = None,
+        failure: ReceiptFailure | None = None,
+    ) -> bool:
         """A provider's delivery receipt for a nudge (of ``merchant_id``'s, when given: a merchant's callback
-        never touches another's nudges); True when a nudge matched."""
+        never touches another's nudges); True when a nudge matched. A failed one keeps its ``error`` on the nudge,
+        led by the ``failure``'s kind: an ``undeliverable`` one takes the channel off the order's later decisions
+        (``request_for``)."""
         where = [nudges.c.provider_message_id == provider_message_id]
         if merchant_id is not None:
             where.append(nudges.c.merchant_id == merchant_id)
+        values: dict[str, Any] = {"delivered": delivered}
+        if not delivered:
+            note = f"{failure}: {error or ''}".strip() if failure else error
+            values["error"] = (note or "failed")[:500]
         with self.engine.begin() as conn:
-            changed = conn.execute(nudges.update().where(*where).values(delivered=delivered)).rowcount
+            changed = conn.execute(nudges.update().where(*where).values(**values)).rowcount
         return bool(changed)
 
 
@@ -2881,6 +2898,25 @@ def by_order_of(action: ActionRow) -> tuple[str, str, int]:
     """Where ``action``'s row comes in the lock order of every transaction that locks several orders or several
     actions: by merchant, order id, then action id."""
     return action.merchant_id, action.order_id, action.action_id
+
+
+#: How a nudge's ``error`` starts when its provider's receipt said the address cannot get its channel's messages.
+UNDELIVERABLE_ERROR_PREFIX: Final = "undeliverable:"
+
+
+def _undeliverable_channels(conn: sa.Connection, order: RowMapping) -> set[Channel]:
+    """The channels on which a nudge of the order failed as undeliverable (``Executor.record_receipt``)."""
+    rows = conn.execute(
+        sa.select(nudges.c.channel)
+        .where(
+            nudges.c.merchant_id == order["merchant_id"],
+            nudges.c.order_id == order["order_id"],
+            nudges.c.delivered.is_(False),
+            nudges.c.error.startswith(UNDELIVERABLE_ERROR_PREFIX, autoescape=True),
+        )
+        .distinct()
+    )
+    return {Channel(row.channel) for row in rows}
 
 
 def _cancel_withdrawn(conn: sa.Connection, action_ids: list[Any], why: str, now: datetime) -> None:

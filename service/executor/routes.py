@@ -24,7 +24,7 @@ from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.api.deps import CallerDep, Runtime
 from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
-from service.executor.channels.base import DeliveryReceipt
+from service.executor.channels.base import DeliveryReceipt, ReceiptFailure
 from service.executor.channels.templates import link_expiry_text
 from service.executor.channels.webhooks import create_provider_router
 from service.executor.core import (
@@ -303,6 +303,13 @@ async def unsubscribe(merchant_id: str, order_id: str, token: str, runtime: Exec
 
 # ------------------------------------------------------------------------------------- provider callbacks
 
+#: Failed receipts that say the merchant's own set-up at its provider is wrong, with what to look at; each is
+#: logged as a warning (the nudge keeps the error too: ``GET /v1/orders/{order_id}``).
+RECEIPT_FAILURES_TO_FIX: dict[ReceiptFailure | None, str] = {
+    "merchant_config": "the template (missing, paused, wrong parameters or language) or a message that needs one",
+    "rate_limited": "too many messages from its number (its throughput, or to one customer)",
+}
+
 CALLBACK_URL_HINT = "the URLs `winback executor callback-url --merchant <id> --provider <provider>` prints"
 
 
@@ -335,11 +342,28 @@ def provider_router(app: FastAPI) -> APIRouter:
         executor = executor_runtime(app).executor
         delivered = receipt.status != "failed"
         found = await run_in_threadpool(
-            executor.record_receipt, receipt.provider_message_id, delivered, receipt.merchant_id
+            functools.partial(
+                executor.record_receipt,
+                receipt.provider_message_id,
+                delivered,
+                receipt.merchant_id,
+                error=receipt.error,
+                failure=receipt.failure,
+            )
         )
         if found and receipt.opted_out and receipt.merchant_id is not None:  # no more messages it would refuse
             await run_in_threadpool(
                 executor.opt_out_message_address, receipt.merchant_id, receipt.provider_message_id, "receipt"
+            )
+        if found and receipt.failure in RECEIPT_FAILURES_TO_FIX:  # every message of the merchant would fail so
+            log.warning(
+                "%s refused message %s: %s (%s); check the merchant's %s set-up there",
+                receipt.provider,
+                receipt.provider_message_id[:256],
+                RECEIPT_FAILURES_TO_FIX[receipt.failure],
+                (receipt.error or "no detail")[:200],
+                receipt.provider,
+                extra={"merchant_id": receipt.merchant_id},
             )
         if not found:  # another sender's message on the same provider account, or a receipt before its send
             log.info(

@@ -306,6 +306,71 @@ def test_a_whatsapp_receipt_saying_the_customer_stopped_the_business_keeps_the_o
     assert opted_out_rows(h) == expected
 
 
+@pytest.mark.parametrize(("provider", "code"), [("interakt", 131026), ("gupshup", 131026), ("gupshup", 1002)])
+def test_a_receipt_saying_the_number_is_not_on_whatsapp_moves_the_order_to_another_channel(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    provider: str,
+    code: int,
+) -> None:
+    """Before: Meta's 131026 "Message undeliverable" (not a WhatsApp number), or Gupshup's 1002, only marked the
+    nudge undelivered: the order's next message went to WhatsApp again and failed the same way. Now WhatsApp is
+    off that order's later decisions (a message already planned on it is decided again) and the order goes on by
+    SMS; it is no opt-out, so the customer's next order may still use WhatsApp."""
+    whatsapp, sms = {"action": "retarget", "channel": "whatsapp"}, {"action": "retarget", "channel": "sms"}
+    later = whatsapp | {"delay": timedelta(days=1)}  # past the skip day after the first message
+    h = make_harness(whatsapp, later, sms, dict(whatsapp), merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    mine = urls("m_demo", provider)["receipts"]
+    answer = api.loop.run_until_complete(api.client.post(mine, json=failed_receipt(provider, code)))
+    assert answer.json() == {"received": 1}
+    assert h.view().nudges[0].error == f"undeliverable: {code} error {code}"
+    h.clock.advance(hours=25)  # the follow-up plans WhatsApp again, for the next day
+    h.drain()
+    h.clock.advance(hours=24)  # that send is held, and the order decided once more
+    h.drain()
+    assert [(m.order_id, m.channel) for m in h.outbox] == [("ord_1", Channel.WHATSAPP), ("ord_1", Channel.SMS)]
+    ord_1 = [r for r in h.executor.decider.requests if r.order_id == "ord_1"]  # type: ignore[attr-defined]
+    assert "whatsapp" in ord_1[-1].customer.opted_out_channels
+    assert opted_out_rows(h) == []
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    h.drain()
+    assert [(m.order_id, m.channel) for m in h.outbox][-1] == ("ord_2", Channel.WHATSAPP)
+
+
+@pytest.mark.parametrize(
+    ("code", "warned"), [(132001, True), (131047, True), (130429, True), (131049, False), (131026, False)]
+)
+def test_a_receipt_blaming_the_merchants_template_or_rate_is_logged_for_the_operator(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+    warned: bool,
+) -> None:
+    """Before: a WhatsApp template that does not exist (132001), a message that needed one (131047) or the
+    number's throughput (130429) failed each message silently: the nudge was marked undelivered, nothing said
+    why. Now the nudge keeps the code and its text, and a warning names the merchant and what to check; Meta's
+    per-user marketing limit (131049) is not the merchant's to fix, and no warning."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    mine = urls("m_demo", "interakt")["receipts"]
+    with caplog.at_level("WARNING", logger="winback.executor"):
+        answer = api.loop.run_until_complete(api.client.post(mine, json=failed_receipt("interakt", code)))
+    assert answer.json() == {"received": 1}
+    assert f"{code} error {code}" in str(h.view().nudges[0].error)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "refused message pm_1" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert warnings[0].merchant_id == "m_demo"  # type: ignore[attr-defined]
+        assert PHONE not in warnings[0].getMessage()
+    assert opted_out_rows(h) == []
+
+
 def test_the_cli_prints_callback_urls_the_app_accepts(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """`winback executor callback-url` prints the URLs to configure at the provider, with the merchant's token;
     a callback secret of its own changes the token, and the app then refuses the old one."""

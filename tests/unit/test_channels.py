@@ -201,6 +201,58 @@ def test_gupshup_sms_batch_receipts() -> None:
     ]
 
 
+def whatsapp_failure(provider: str, code: Any, reason: str = "why") -> Any:
+    """A failed WhatsApp receipt of ``provider`` with the error ``code`` where that provider puts it."""
+    body = receipt_payload(provider, "msg-42", "failed")
+    if provider == "gupshup":
+        body["payload"]["payload"] = {"code": code, "reason": reason}
+    else:  # interakt
+        body["data"]["message"] |= {"channel_error_code": code, "channel_failure_reason": reason}
+    return body
+
+
+@pytest.mark.parametrize(
+    ("provider", "code", "failure"),
+    [
+        ("gupshup", 131050, "opted_out"),
+        ("interakt", "131050", "opted_out"),
+        ("gupshup", 1012, "opted_out"),
+        ("interakt", "1012", None),  # Gupshup's own code: nothing at Interakt
+        ("gupshup", 131026, "undeliverable"),
+        ("interakt", "131026", "undeliverable"),
+        ("gupshup", 1002, "undeliverable"),
+        ("interakt", "131049", "try_later"),
+        ("gupshup", 130472, "try_later"),
+        ("interakt", "130429", "rate_limited"),
+        ("gupshup", 131056, "rate_limited"),
+        ("gupshup", 4001, "rate_limited"),
+        ("interakt", "131047", "merchant_config"),
+        ("gupshup", 131051, "merchant_config"),
+        ("interakt", "132001", "merchant_config"),
+        ("gupshup", 132000, "merchant_config"),
+        ("interakt", "132015", "merchant_config"),
+        ("gupshup", 1005, "merchant_config"),
+        ("interakt", "131000", None),  # Meta's "something went wrong": no kind
+        ("gupshup", None, None),
+    ],
+)
+def test_a_failed_whatsapp_receipt_says_what_its_code_means(provider: str, code: Any, failure: str | None) -> None:
+    """Before: only an opt-out (1012, 131050) was read from a failed receipt's code, and the code was dropped from
+    its error. Now Meta's and Gupshup's codes are sorted into opted out, undeliverable, try later, rate limited and
+    the merchant's set-up, and the code leads the error text."""
+    [receipt] = parse_delivery_receipts(provider, whatsapp_failure(provider, code, "Reason text"))
+    assert receipt.failure == failure
+    assert receipt.opted_out is (failure == "opted_out")
+    assert receipt.error == ("Reason text" if code is None else f"{code} Reason text")
+
+
+def test_a_code_on_a_receipt_that_is_not_a_failure_is_no_failure() -> None:
+    body = receipt_payload("interakt", "msg-42", "delivered")
+    body["data"]["message"]["channel_error_code"] = "131026"
+    [receipt] = parse_delivery_receipts("interakt", body)
+    assert (receipt.status, receipt.failure, receipt.error) == ("delivered", None, None)
+
+
 @pytest.mark.parametrize("interim", ["enqueued", "sent"])
 def test_interim_states_give_no_receipt(interim: str) -> None:
     payload = dict(GUPSHUP_DOC_DELIVERED, payload=dict(GUPSHUP_DOC_DELIVERED["payload"], type=interim))  # type: ignore[arg-type]

@@ -60,6 +60,18 @@ class ChannelAdapter(Protocol):
         ...
 
 
+#: What a failed receipt's error code says about the message's address and the merchant's set-up
+#: (``service.executor.channels.inbound.WHATSAPP_FAILURES``):
+#: ``opted_out``: the customer opted out there, never send on the channel again (for that merchant);
+#: ``undeliverable``: the address cannot get messages on the channel (not on WhatsApp): not again for this order;
+#: ``try_later``: WhatsApp held this one back (its per-user marketing limit, an experiment): not the customer's
+#: choice, a later message may go;
+#: ``rate_limited``: too many messages (the business number's throughput, or to this customer): back off;
+#: ``merchant_config``: the merchant's template or set-up is wrong (a template missing, paused or with the wrong
+#: parameters; a message outside the 24-hour window that needed one): every message fails until it is fixed.
+ReceiptFailure = Literal["opted_out", "undeliverable", "try_later", "rate_limited", "merchant_config"]
+
+
 class DeliveryReceipt(BaseModel, frozen=True):
     """A provider's report that a message it accepted was delivered, read, or failed."""
 
@@ -69,8 +81,13 @@ class DeliveryReceipt(BaseModel, frozen=True):
     occurred_at: datetime
     error: str | None = None
     merchant_id: str | None = None  # the merchant whose authenticated callback URL it came to, when known
-    # The provider refused the message because its recipient opted out there (Gupshup's error 1012, Meta's 131050).
-    opted_out: bool = False
+    #: A failed receipt's kind of failure, when its error code is a known one (see ``ReceiptFailure``).
+    failure: ReceiptFailure | None = None
+
+    @property
+    def opted_out(self) -> bool:
+        """The provider refused the message because its recipient opted out there (Gupshup's 1012, Meta's 131050)."""
+        return self.failure == "opted_out"
 
 
 class InboundMessage(BaseModel):

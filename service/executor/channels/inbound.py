@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from model.vocab import Channel
-from service.executor.channels.base import DeliveryReceipt, InboundMessage
+from service.executor.channels.base import DeliveryReceipt, InboundMessage, ReceiptFailure
 
 PROVIDERS: frozenset[str] = frozenset({"gupshup", "interakt", "karix", "push_webhook", "fake"})
 
@@ -145,39 +145,79 @@ _KARIX: dict[str, Status] = {
 _GENERIC: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed": "failed"}
 
 
-#: Gupshup's WhatsApp error of a message to a number on its opt-out list ("Number Opted Out"): the customer opted
-#: out at the provider, e.g. by a STOP Gupshup handled itself (docs.gupshup.io/docs/error-and-status-messages).
+#: What the error code of a failed WhatsApp receipt says (``ReceiptFailure``), as Gupshup and Interakt pass them on.
+#: Meta's WhatsApp Cloud API codes (developers.facebook.com/documentation/business-messaging/whatsapp/support/
+#: error-codes; data/README.md): 131050 "User has stopped marketing messages" is the customer's own choice in
+#: WhatsApp, refused until they resume them; 131026 "Message undeliverable" (not a WhatsApp number, terms not
+#: accepted, an old app); 131049 "not delivered to maintain healthy ecosystem engagement" (Meta's per-user limit on
+#: marketing messages, lifted after a while: wait, never an opt-out) and 130472 (the number is in a Meta
+#: experiment); 130429 (the business number's throughput) and 131056 (too many messages to this customer) are rate
+#: limits; 131047 (outside the 24-hour window: a template is needed), 131051 (unsupported message type) and the
+#: 132xxx template errors are the merchant's set-up. Gupshup's own codes (docs.gupshup.io/docs/error-and-status-
+#: messages): 1012 "Number Opted Out" (on the app's opt-out list), 1002 "Number Not Exist On WhatsApp", 1004-1007
+#: (template disabled or not matched), 4001 "API Rate Limited".
+META_FAILURES: dict[str, ReceiptFailure] = {
+    "131050": "opted_out",
+    "131026": "undeliverable",
+    "131049": "try_later",
+    "130472": "try_later",
+    "130429": "rate_limited",
+    "131056": "rate_limited",
+    "131047": "merchant_config",
+    "131051": "merchant_config",
+    "132000": "merchant_config",  # template parameter count mismatch
+    "132001": "merchant_config",  # template does not exist (in that language)
+    "132005": "merchant_config",  # template hydrated text too long
+    "132007": "merchant_config",  # template format character policy violated
+    "132012": "merchant_config",  # template parameter format mismatch
+    "132015": "merchant_config",  # template paused
+    "132016": "merchant_config",  # template disabled
+}
+#: Gupshup's WhatsApp error of a message to a number on its opt-out list ("Number Opted Out").
 GUPSHUP_NUMBER_OPTED_OUT = "1012"
-#: Meta's WhatsApp Cloud API error 131050, "User has stopped marketing messages": the customer chose, in WhatsApp,
-#: to stop this business's marketing messages, and Meta refuses each one until they resume them; the BSPs pass it
-#: on in their failed receipts (developers.facebook.com/documentation/business-messaging/whatsapp/support/
-#: error-codes). Meta's other failures are not opt-outs: 131047 (outside the 24-hour window), 131049 (Meta's
-#: marketing cap, per message), 131026 (not deliverable), 131056 (rate), 132xxx (template problems).
-META_USER_STOPPED_MARKETING = "131050"
-#: The failure codes, per provider, of a WhatsApp message refused because its customer opted out there.
-WHATSAPP_OPT_OUT_CODES: dict[str, frozenset[str]] = {
-    "gupshup": frozenset({GUPSHUP_NUMBER_OPTED_OUT, META_USER_STOPPED_MARKETING}),
-    "interakt": frozenset({META_USER_STOPPED_MARKETING}),
+GUPSHUP_FAILURES: dict[str, ReceiptFailure] = {
+    GUPSHUP_NUMBER_OPTED_OUT: "opted_out",
+    "1002": "undeliverable",
+    "1004": "merchant_config",
+    "1005": "merchant_config",
+    "1006": "merchant_config",
+    "1007": "merchant_config",
+    "4001": "rate_limited",
+}
+#: The failure codes of each provider's WhatsApp receipts: Meta's, which both pass on, and Gupshup's own.
+WHATSAPP_FAILURES: dict[str, dict[str, ReceiptFailure]] = {
+    "gupshup": META_FAILURES | GUPSHUP_FAILURES,
+    "interakt": META_FAILURES,
 }
 
 
-def _opted_out(provider: str, status: Status, code: Any) -> bool:
-    """Whether a receipt says its customer opted out at the provider (see ``WHATSAPP_OPT_OUT_CODES``)."""
-    return status == "failed" and str(code).strip() in WHATSAPP_OPT_OUT_CODES.get(provider, frozenset())
+def _failure(provider: str, status: Status, code: Any) -> ReceiptFailure | None:
+    """What a failed receipt's error ``code`` says (``WHATSAPP_FAILURES``); None for another status or code."""
+    if status != "failed" or code is None:
+        return None
+    return WHATSAPP_FAILURES.get(provider, {}).get(str(code).strip())
 
 
 def _receipt(
-    provider: str, message_id: Any, status: Status, at: Any, error: Any = None, opted_out: bool = False
+    provider: str,
+    message_id: Any,
+    status: Status,
+    at: Any,
+    error: Any = None,
+    code: Any = None,
 ) -> DeliveryReceipt:
+    """One receipt; a failure's ``code`` leads its ``error`` text and is classified (``_failure``)."""
     if not message_id:
         raise PayloadError(f"{provider} receipt without a message id")
+    code_text = str(code).strip() if code not in (None, "") else ""
+    text = " ".join(part for part in (code_text, str(error).strip() if error else "") if part)
     return DeliveryReceipt(
         provider=provider,
         provider_message_id=str(message_id),
         status=status,
         occurred_at=_timestamp(at),
-        error=str(error) if error else None,
-        opted_out=opted_out,
+        error=text[:300] or None,
+        failure=_failure(provider, status, code),
     )
 
 
@@ -199,9 +239,9 @@ def _gupshup_receipts(payload: Any) -> list[DeliveryReceipt]:
             return []
         inner = _obj(event.get("payload"))
         at = inner.get("ts") or body.get("timestamp")
-        opted_out = _opted_out("gupshup", status, inner.get("code"))
         message_id = event.get("gsId") or event.get("id")
-        return [_receipt("gupshup", message_id, status, at, inner.get("reason"), opted_out=opted_out)]
+        code = inner.get("code") if status == "failed" else None
+        return [_receipt("gupshup", message_id, status, at, inner.get("reason"), code)]
     if "externalId" in body:  # Enterprise SMS, GET mode
         status = _GUPSHUP_SMS.get(str(body.get("status", "")).lower())
         if status is None:
@@ -231,7 +271,7 @@ def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt
                 status,
                 at or body.get("timestamp"),
                 message.get("channel_failure_reason"),
-                opted_out=_opted_out("interakt", status, message.get("channel_error_code")),
+                message.get("channel_error_code") if status == "failed" else None,
             )
         ]
     if provider == "karix":

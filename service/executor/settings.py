@@ -35,12 +35,14 @@ class ExecutorSettings(BaseSettings):
     public_base_url: str = Field(default="http://127.0.0.1:8000", description="Where customers reach /pay/{token}.")
     provider_callback_secret: SecretStr | None = Field(
         default=None,
-        description="HMAC key of the providers' callback URL tokens (unset: derived from the link secret).",
+        description="HMAC key of the providers' callback URL tokens: required in prod, apart from the link secret "
+        "(unset in dev and test: derived from the link secret).",
     )
     provider_callback_secret_previous: SecretStr | None = Field(
         default=None,
         description="The callback secret before a rotation: callback URLs it made are still accepted, so STOP "
-        "replies keep arriving while the providers are given the new URLs.",
+        "replies keep arriving while the providers are given the new URLs (the link secret, when the key was derived "
+        "from it).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Level of the workers' log lines (the scorer's WINBACK_LOG_LEVEL too)."
@@ -79,6 +81,9 @@ class ExecutorSettings(BaseSettings):
         previous = _value(self.provider_callback_secret_previous)
         if previous:
             keys.append(callback_key(previous, ""))
+            # And the key a link secret of that value derives: the switch from a derived key to an independent
+            # secret sets the old link secret here, so the URLs the providers have keep working meanwhile.
+            keys.append(callback_key(None, previous))
         old_link_secret = _value(self.link_secret_previous)
         if current is None and old_link_secret:
             keys.append(callback_key(None, old_link_secret))
@@ -133,12 +138,26 @@ class ExecutorSettings(BaseSettings):
                     f"{name} must be at least {MIN_SECRET_LENGTH} characters outside dev (WINBACK_ENV={self.env}): "
                     f"{what}"
                 )
+        if self.env == "prod":
+            self._independent_callback_secret()
         if self.env != "dev" and self.clock_speed != 1.0:
             raise ValueError(
                 f"WINBACK_CLOCK_SPEED={self.clock_speed} runs the executor on a fast demo clock; it is allowed only "
                 f"with WINBACK_ENV=dev (got {self.env})"
             )
         return self
+
+    def _independent_callback_secret(self) -> None:
+        """In prod the providers' callbacks (STOP replies, delivery receipts) need a key of their own: derived from
+        the link secret, or equal to it, one leaked secret would also let anyone post opt-outs and receipts."""
+        current = _value(self.provider_callback_secret)
+        if current is None or current == self.link_secret.get_secret_value():
+            raise ValueError(
+                "WINBACK_PROVIDER_CALLBACK_SECRET must be set, apart from WINBACK_LINK_SECRET, with WINBACK_ENV=prod: "
+                "it authenticates the STOP replies and delivery receipts of providers. Switching from the key derived "
+                "from the link secret: set WINBACK_PROVIDER_CALLBACK_SECRET_PREVIOUS to the link secret too, give "
+                "the providers the URLs `winback executor callback-url` prints, then unset it"
+            )
 
 
 def _value(secret: SecretStr | None) -> str | None:

@@ -248,6 +248,18 @@ def test_serve_refuses_placeholder_secrets_outside_dev_before_any_worker(serve_e
     assert "WINBACK_MAX_BATCH='0': Input should be greater than or equal to 1" in output
 
 
+def test_serve_in_prod_refuses_to_start_without_a_callback_secret_of_its_own(serve_env: pytest.MonkeyPatch) -> None:
+    # Before: prod started with the providers' callback key derived from WINBACK_LINK_SECRET, so a leaked link
+    # secret also forged STOP replies and receipts. Now it is one line naming the variable, and exit 2.
+    serve_env.setenv("WINBACK_ENV", "prod")
+    serve_env.setenv("WINBACK_LINK_SECRET", "l" * 40)
+    serve_env.setenv("WINBACK_CONSOLE_SECRET", "c" * 40)
+    serve_env.delenv("WINBACK_PROVIDER_CALLBACK_SECRET", raising=False)
+    output = _serve_refused()
+    assert "WINBACK_PROVIDER_CALLBACK_SECRET must be set, apart from WINBACK_LINK_SECRET" in output
+    assert "l" * 40 not in output
+
+
 def test_serve_beyond_loopback_refuses_the_placeholder_secrets_even_in_dev(serve_env: pytest.MonkeyPatch) -> None:
     # WINBACK_ENV defaults to dev, which takes the public placeholders: on 0.0.0.0 anyone could forge pay links,
     # STOP callbacks and console sessions.

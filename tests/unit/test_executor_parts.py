@@ -30,6 +30,7 @@ from service.executor.connectors import (
     TransientError,
 )
 from service.executor.links import LinkClaims, LinkError, LinkSigner
+from service.executor.optouts import callback_key, callback_token, token_matches
 from service.executor.settings import ExecutorSettings
 from service.executor.webhooks import signature, verify_signature
 from tests.factories import make_merchant, make_request
@@ -63,7 +64,37 @@ def test_placeholder_link_secret_is_refused_outside_dev() -> None:
         ExecutorSettings(env="prod")
     with pytest.raises(ValidationError, match="at least 32 characters"):
         ExecutorSettings(env="prod", link_secret="short")
-    assert ExecutorSettings(env="prod", link_secret="x" * 32).env == "prod"
+    assert ExecutorSettings(env="test", link_secret="x" * 32).env == "test"
+    assert ExecutorSettings(env="prod", link_secret="x" * 32, provider_callback_secret="y" * 32).env == "prod"
+
+
+def test_prod_refuses_to_start_without_a_callback_secret_of_its_own() -> None:
+    """Before: with WINBACK_ENV=prod and WINBACK_PROVIDER_CALLBACK_SECRET unset, the callback key derived from the
+    link secret, so one leaked secret forged both payment links and the providers' STOP replies and receipts.
+    Now prod refuses that (and a callback secret equal to the link secret); dev and test still derive it."""
+    link, own = "l" * 40, "c" * 40
+    for callback_secret in (None, "", link):
+        with pytest.raises(ValidationError, match="WINBACK_PROVIDER_CALLBACK_SECRET must be"):
+            ExecutorSettings(env="prod", link_secret=link, provider_callback_secret=callback_secret)
+    with pytest.raises(ValidationError, match="set, apart from WINBACK_LINK_SECRET, with WINBACK_ENV=prod"):
+        ExecutorSettings(env="prod", link_secret=link)
+    assert ExecutorSettings(env="prod", link_secret=link, provider_callback_secret=own).callback_key() == own.encode()
+    assert ExecutorSettings(env="test", link_secret=link).callback_key() == callback_key(None, link)
+    assert ExecutorSettings(env="dev").callback_key()
+
+
+def test_the_switch_to_a_callback_secret_keeps_the_providers_urls_working_meanwhile() -> None:
+    """The URLs the providers have were made with the key derived from the link secret; with that secret as
+    WINBACK_PROVIDER_CALLBACK_SECRET_PREVIOUS they are still accepted beside the new ones, and not without it."""
+    link, own = "l" * 40, "c" * 40
+    before = callback_token(ExecutorSettings(env="test", link_secret=link).callback_key(), "m_demo")
+    switching = ExecutorSettings(
+        env="prod", link_secret=link, provider_callback_secret=own, provider_callback_secret_previous=link
+    )
+    assert token_matches(switching.callback_keys(), "m_demo", before)
+    assert token_matches(switching.callback_keys(), "m_demo", callback_token(own.encode(), "m_demo"))
+    switched = ExecutorSettings(env="prod", link_secret=link, provider_callback_secret=own)
+    assert not token_matches(switched.callback_keys(), "m_demo", before)
 
 
 def test_webhook_signature_is_hmac_of_timestamp_dot_body() -> None:

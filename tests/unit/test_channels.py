@@ -246,6 +246,15 @@ def test_a_failed_whatsapp_receipt_says_what_its_code_means(provider: str, code:
     assert receipt.error == ("Reason text" if code is None else f"{code} Reason text")
 
 
+def test_a_failed_karix_receipt_keeps_its_error_code_with_its_text() -> None:
+    """Before: a Karix failure kept only ``error.message``; its ``error.code`` was dropped. Now the code leads the
+    text, as for Gupshup and Interakt; Karix publishes no code list, so no kind of failure is read from it."""
+    body = receipt_payload("karix", "msg-42", "failed")
+    body["data"]["error"] = {"code": 4103, "message": "Destination unreachable"}
+    [receipt] = parse_delivery_receipts("karix", body)
+    assert (receipt.status, receipt.error, receipt.failure) == ("failed", "4103 Destination unreachable", None)
+
+
 def test_a_code_on_a_receipt_that_is_not_a_failure_is_no_failure() -> None:
     body = receipt_payload("interakt", "msg-42", "delivered")
     body["data"]["message"]["channel_error_code"] = "131026"

@@ -279,8 +279,11 @@ def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt
         status = _KARIX.get(str(record.get("status", "")))
         if status is None or record.get("direction") == "inbound":
             return []
-        error = _obj(record.get("error")).get("message")
-        return [_receipt("karix", record.get("uid"), status, record.get("updated_time"), error)]
+        # A failure's ``error`` is ``{code, message}`` (karix-python, docs/MessageError.md); no code list is public,
+        # so none is classified: the code is kept with the text.
+        error = _obj(record.get("error"))
+        code = error.get("code") if status == "failed" else None
+        return [_receipt("karix", record.get("uid"), status, record.get("updated_time"), error.get("message"), code)]
     status = _GENERIC.get(str(body.get("status", "")))
     if status is None:
         return []

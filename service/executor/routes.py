@@ -24,6 +24,7 @@ from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.api.deps import CallerDep, Runtime
 from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
+from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import DeliveryReceipt, ReceiptFailure
 from service.executor.channels.templates import link_expiry_text
 from service.executor.channels.webhooks import create_provider_router
@@ -361,7 +362,7 @@ def provider_router(app: FastAPI) -> APIRouter:
                 receipt.provider,
                 receipt.provider_message_id[:256],
                 RECEIPT_FAILURES_TO_FIX[receipt.failure],
-                (receipt.error or "no detail")[:200],
+                mask_addresses_in(receipt.error or "no detail")[:200],
                 receipt.provider,
                 extra={"merchant_id": receipt.merchant_id},
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import smtplib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -452,6 +453,50 @@ def send_with(name: str, handler: Handler, **overrides: Any) -> Any:
             return await adapter.send(message(channel=CHANNEL_OF.get(name, Channel.WHATSAPP), **overrides))
 
     return run(go())
+
+
+def test_a_provider_error_quoting_the_phone_number_is_logged_and_kept_masked(caplog: pytest.LogCaptureFixture) -> None:
+    """Before: a provider's error text went into the send's error (logged, and kept with the nudge) as it came, so
+    one that quoted the recipient's number (``Invalid phone number 919876543210``) logged it in full. Now every
+    phone number and e-mail address in it is masked."""
+    answer = {"result": False, "message": "Invalid phone number 919876543210 (+919876543210)"}
+    with caplog.at_level("INFO", logger="winback.executor.channels"):
+        result = send_with("interakt", lambda request: httpx.Response(400, json=answer))
+    assert result.status == "rejected"
+    assert result.error == "interakt answered HTTP 400: Invalid phone number 91******3210 (+91******3210)"
+    logged = " ".join(f"{record.getMessage()} {vars(record)}" for record in caplog.records)
+    assert "9876543210" not in logged
+    assert "91******3210" in logged
+
+
+def test_a_mail_server_refusal_quoting_the_address_is_logged_and_kept_masked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a mail server's refusal after the recipient was accepted (at DATA, e.g. ``550 5.1.1
+    <asha@example.com>: Recipient address rejected``) went into the send's error as it came, the customer's
+    address with it, and from there into the log. Now it is masked there."""
+
+    class RefusingSmtp:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def __enter__(self) -> RefusingSmtp:
+            return self
+
+        def __exit__(self, *exc: object) -> None: ...
+        def ehlo(self) -> None: ...
+        def has_extn(self, name: str) -> bool:
+            return False
+
+        def send_message(self, email: Any) -> None:
+            raise smtplib.SMTPDataError(550, b"5.1.1 <asha.k@example.com>: Recipient address rejected")
+
+    monkeypatch.setattr(smtplib, "SMTP", RefusingSmtp)
+    adapter = SmtpAdapter("m_demo", store(), "mail.test", 25, "pay@merchant.example")
+    with caplog.at_level("INFO", logger="winback.executor.channels"):
+        result = run(adapter.send(message(channel=Channel.EMAIL, to="asha.k@example.com")))
+    assert result.status == "rejected"
+    assert result.error == "smtp: 550 5.1.1 <a***@example.com>: Recipient address rejected"
+    logged = " ".join(f"{record.getMessage()} {vars(record)}" for record in caplog.records)
+    assert "asha.k@" not in logged
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

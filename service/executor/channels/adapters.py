@@ -70,6 +70,17 @@ def mask_address(address: str) -> str:
     return address[:keep] + "*" * max(len(address) - keep - 4, 2) + address[-4:]
 
 
+#: An e-mail address, or a phone number (8 to 15 digits, maybe after a ``+``, not inside a longer run of digits or
+#: word), as a provider's or mail server's error text may quote the recipient's.
+_ADDRESS_IN_TEXT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?<![\w+])\+?\d{8,15}(?!\w)")
+
+
+def mask_addresses_in(text: str) -> str:
+    """``text`` with every e-mail address and phone number in it masked (``mask_address``): an error a provider
+    or mail server answered may quote the recipient's, and it is logged and kept with the nudge."""
+    return _ADDRESS_IN_TEXT.sub(lambda found: mask_address(found.group()), text)
+
+
 def phone_digits(to: str) -> str | None:
     """The E.164 number without ``+`` (as Gupshup and Karix expect it), or None when ``to`` is not one."""
     compact = re.sub(r"[\s\-()]", "", to)
@@ -206,6 +217,8 @@ class _Adapter:
             result = SendResult(status="retryable", error=f"{self.provider}: timed out")
         except httpx.TransportError as exc:
             result = SendResult(status="retryable", error=f"{self.provider}: {type(exc).__name__}")
+        if result.error:
+            result = result.model_copy(update={"error": mask_addresses_in(result.error)})
         return self._log(message, result)
 
     async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:

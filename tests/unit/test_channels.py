@@ -455,6 +455,17 @@ def send_with(name: str, handler: Handler, **overrides: Any) -> Any:
     return run(go())
 
 
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_an_answer_that_cannot_be_decoded_is_a_recorded_retry_not_an_exception(name: str) -> None:
+    """Before: an answer whose body its Content-Encoding could not decode raised httpx.DecodingError out of
+    ``send``, which promises a SendResult for every provider trouble. Now it is retryable; the provider answered,
+    so it may have taken the message (not ``not_taken``)."""
+    broken = lambda request: httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"not gzip")  # noqa: E731
+    result = send_with(name, broken)
+    assert (result.status, result.not_taken) == ("retryable", False)
+    assert result.error.endswith("unreadable answer (DecodingError)")
+
+
 def test_a_provider_error_quoting_the_phone_number_is_logged_and_kept_masked(caplog: pytest.LogCaptureFixture) -> None:
     """Before: a provider's error text went into the send's error (logged, and kept with the nudge) as it came, so
     one that quoted the recipient's number (``Invalid phone number 919876543210``) logged it in full. Now every

@@ -217,6 +217,8 @@ class _Adapter:
             result = SendResult(status="retryable", error=f"{self.provider}: timed out")
         except httpx.TransportError as exc:
             result = SendResult(status="retryable", error=f"{self.provider}: {type(exc).__name__}")
+        except httpx.HTTPError as exc:  # answered, but unreadable (a body its Content-Encoding cannot decode ...)
+            result = SendResult(status="retryable", error=f"{self.provider}: unreadable answer ({type(exc).__name__})")
         if result.error:
             result = result.model_copy(update={"error": mask_addresses_in(result.error)})
         return self._log(message, result)

@@ -466,6 +466,21 @@ def test_an_answer_that_cannot_be_decoded_is_a_recorded_retry_not_an_exception(n
     assert result.error.endswith("unreadable answer (DecodingError)")
 
 
+def test_a_template_failing_on_a_customers_values_is_a_recorded_rejection(tmp_path: Path) -> None:
+    """Before: a template expression that fails on some values only (here a division by the length of an empty
+    customer name; the start-up check renders a sample name) raised ZeroDivisionError out of ``send``. Now that
+    send is rejected, naming the file."""
+    (tmp_path / "m_demo").mkdir()
+    (tmp_path / "m_demo" / "sms.en.j2").write_text("{{ 100 // (customer_name | length) }} {{ link_url }}\n")
+    adapter = MemoryAdapter("m_demo", Channel.SMS, TemplateStore(tmp_path))
+    named = run(adapter.send(message(channel=Channel.SMS)))
+    assert named.status == "accepted"
+    nameless = message(channel=Channel.SMS).model_copy(update={"variables": VARIABLES | {"customer_name": ""}})
+    result = run(adapter.send(nameless))
+    assert result.status == "rejected"
+    assert "m_demo/sms.en.j2: ZeroDivisionError" in str(result.error)
+
+
 def test_a_provider_error_quoting_the_phone_number_is_logged_and_kept_masked(caplog: pytest.LogCaptureFixture) -> None:
     """Before: a provider's error text went into the send's error (logged, and kept with the nudge) as it came, so
     one that quoted the recipient's number (``Invalid phone number 919876543210``) logged it in full. Now every

@@ -160,6 +160,10 @@ class TemplateStore:
             lineno = getattr(exc, "lineno", None)
             line = f" line {lineno}" if lineno else ""
             raise TemplateConfigError(f"{path}{line}: {exc}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+            # An expression that fails on some values only (a division by the length of an empty name): the start-up
+            # check renders sample values, so this one shows at a send, and is that send's rejection.
+            raise TemplateConfigError(f"{path}: {type(exc).__name__}: {exc}") from None
         exported = module.__dict__
         named = _FILE_NAME.match(path.name)
         return RenderedMessage(

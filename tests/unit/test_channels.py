@@ -466,6 +466,27 @@ def test_an_answer_that_cannot_be_decoded_is_a_recorded_retry_not_an_exception(n
     assert result.error.endswith("unreadable answer (DecodingError)")
 
 
+@pytest.mark.parametrize(
+    ("locale", "expected"),
+    [("hi", "_default/whatsapp.hi.j2"), ("HI", "_default/whatsapp.hi.j2"), ("Hi-in", "_default/whatsapp.hi.j2")],
+)
+def test_a_customers_locale_finds_its_template_whatever_its_case(locale: str, expected: str) -> None:
+    """Before: a locale written in another case than the file's (``HI``, ``Hi-in``: BCP 47 tags are
+    case-insensitive) found no file and the customer got the English template. Now the tag is also looked for
+    in its usual case."""
+    assert template_store().resolve("m_demo", Channel.WHATSAPP, locale) == expected
+
+
+def test_a_merchants_regional_template_is_found_for_a_locale_in_another_case(tmp_path: Path) -> None:
+    (tmp_path / "m_demo").mkdir()
+    (tmp_path / "m_demo" / "sms.pt-BR.j2").write_text("Pague {{ link_url }}\n")
+    (tmp_path / "m_demo" / "sms.en.j2").write_text("Pay {{ link_url }}\n")
+    templates = TemplateStore(tmp_path)
+    assert templates.resolve("m_demo", Channel.SMS, "pt-br") == "m_demo/sms.pt-BR.j2"
+    assert templates.resolve("m_demo", Channel.SMS, "pt-BR") == "m_demo/sms.pt-BR.j2"
+    assert templates.resolve("m_demo", Channel.SMS, "de") == "m_demo/sms.en.j2"
+
+
 def test_a_template_failing_on_a_customers_values_is_a_recorded_rejection(tmp_path: Path) -> None:
     """Before: a template expression that fails on some values only (here a division by the length of an empty
     customer name; the start-up check renders a sample name) raised ZeroDivisionError out of ``send``. Now that

@@ -98,12 +98,25 @@ class RenderedMessage:
 
 
 def _locale_chain(locale: str) -> list[str]:
-    chain: list[str] = []
-    normalised = locale.replace("_", "-")
-    for candidate in (normalised, normalised.split("-")[0]):
-        if candidate and candidate not in chain:
-            chain.append(candidate)
-    return chain
+    """The locales to look for, most specific first: the tag in its usual case (BCP 47 tags are case-insensitive,
+    so a customer's ``HI-in`` finds ``hi-IN`` and ``hi`` files), the tag as given, then its language."""
+    given = locale.replace("_", "-")
+    usual = _usual_case(given)
+    return [candidate for candidate in dict.fromkeys((usual, given, usual.split("-")[0])) if candidate]
+
+
+def _usual_case(tag: str) -> str:
+    """A BCP 47 tag in its usual case (RFC 5646 2.1.1): language lower, script title, region upper (``zh-Hant-TW``)."""
+    subtags = tag.split("-")
+    usual = [subtags[0].lower()]
+    for subtag in subtags[1:]:
+        if len(subtag) == 2 and subtag.isalpha():
+            usual.append(subtag.upper())
+        elif len(subtag) == 4 and subtag.isalpha():
+            usual.append(subtag.title())
+        else:
+            usual.append(subtag.lower())
+    return "-".join(usual)
 
 
 class TemplateStore:

@@ -178,6 +178,13 @@ def authenticate(engine: Engine, name: str, password: str) -> Agent | None:
     return Agent(agent_id=int(row["agent_id"]), name=row["name"], merchant_id=row["merchant_id"])
 
 
+def is_agent_name(engine: Engine, name: str) -> bool:
+    """Whether ``name`` is an agent's (active or not): a failed sign-in logs the names it was tried with only when
+    they are one, since what is typed into the name field is sometimes the password."""
+    with engine.connect() as conn:
+        return conn.scalar(sa.select(agents.c.agent_id).where(agents.c.name == normalise_name(name))) is not None
+
+
 # ------------------------------------------------------------------------------------------------- cookies
 
 

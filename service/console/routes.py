@@ -23,7 +23,15 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api.deps import Runtime, RuntimeDep
 from service.console.actions import ActionRequest, ActionResult, AgentDesk, ForbiddenOptions, UnknownOrderError
-from service.console.auth import LoginLimiter, Session, SessionStore, Signer, authenticate, csrf_matches
+from service.console.auth import (
+    LoginLimiter,
+    Session,
+    SessionStore,
+    Signer,
+    authenticate,
+    csrf_matches,
+    is_agent_name,
+)
 from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
 from service.console.settings import ConsoleSettings
 from service.console.views import (
@@ -42,6 +50,8 @@ from service.console.views import (
 from service.executor.routes import ExecutorDep, ExecutorRuntime
 
 log = logging.getLogger("winback.console")
+#: What a failed sign-in's log says of a name no agent has (``login``).
+UNKNOWN_AGENT = "(no such agent)"
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "wb_console"
@@ -331,7 +341,9 @@ async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) ->
         await run_in_threadpool(authenticate, executor.executor.engine, name, password) if name and password else None
     )
     if agent is None or agent.merchant_id not in executor.executor.config.merchants:
-        log.warning("console sign-in failed", extra={"agent": name[:128], "client": client})
+        # A name no agent has is not logged: it is often the password, typed into the wrong field.
+        known = bool(name) and await run_in_threadpool(is_agent_name, executor.executor.engine, name)
+        log.warning("console sign-in failed", extra={"agent": name[:128] if known else UNKNOWN_AGENT, "client": client})
         return _login_form(request, console, next_url, "Wrong name or password.", 401, name)
     await run_in_threadpool(limiter.succeeded, name, attempt)
     session = await run_in_threadpool(console.sessions(executor).create, agent)

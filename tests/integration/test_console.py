@@ -7,6 +7,7 @@ the hard rules and the audit log, and the performance charts.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -231,6 +232,20 @@ def test_wrong_password_is_refused_and_repeated_failures_are_throttled(console: 
     assert locked.status_code == 429
     assert "Too many failed sign-ins" in locked.text
     assert console.get("/console/queue").status_code == 303
+
+
+def test_a_failed_sign_in_logs_a_name_only_when_it_is_an_agents(
+    console: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: what a failed sign-in was tried with was logged whatever it was, and a password typed into
+    the name field is a common slip. An agent's name is logged (an operator looks for attacks on it); anything else
+    is logged as no such agent."""
+    with caplog.at_level(logging.WARNING, logger="winback.console"):
+        assert console.sign_in("asha@m_a", "not the password").status_code == 401
+        assert console.sign_in("S3cret-pass!word", "S3cret-pass!word").status_code == 401
+    failed = [record for record in caplog.records if record.getMessage() == "console sign-in failed"]
+    assert [getattr(record, "agent", None) for record in failed] == ["asha@m_a", "(no such agent)"]
+    assert "S3cret" not in caplog.text
 
 
 def test_the_sign_in_throttle_holds_for_every_worker_and_across_a_restart(console: Console, tmp_path: Path) -> None:

@@ -2804,7 +2804,8 @@ class Executor:
         The customer's orders are locked up front, by order id, the order every transaction that locks several
         orders takes them in (``worker.by_order``): each was locked as it was rewritten, in the table's physical
         order, and a worker recording a batch of the same orders the other way round deadlocked with it on
-        PostgreSQL (review). Read under the lock, the rewrite keeps what a re-decision committed meanwhile."""
+        PostgreSQL (review). Read under the lock, the rewrite keeps what a re-decision committed meanwhile. An
+        order is decided again at most once, after all its messages on ``channel`` are cancelled."""
         now = self.clock()
         touched = 0
         with self.engine.begin() as conn:
@@ -2842,6 +2843,7 @@ class Executor:
                         actions.c.state == ActionState.SCHEDULED.value,
                     )
                 ).mappings()
+                cancelled = 0
                 for row in scheduled.all():
                     action = ActionRow.of(row)
                     if action.payload.get("channel") == channel.value:
@@ -2851,9 +2853,13 @@ class Executor:
                             .where(actions.c.action_id == action.action_id)
                             .values(state=ActionState.CANCELLED.value, last_error="customer opted out", updated_at=now)
                         )
-                        fresh = self.lock_order(conn, merchant_id, order["order_id"])
-                        if fresh is not None:
-                            self._decision_point(conn, fresh, now, f"the customer opted out of {channel.value}")
+                        cancelled += 1
+                # Decided once for all its cancelled messages: a decision per message decided the order twice (two
+                # decisions, two plans) when two of its messages were scheduled on the channel.
+                if cancelled:
+                    fresh = self.lock_order(conn, merchant_id, order["order_id"])
+                    if fresh is not None:
+                        self._decision_point(conn, fresh, now, f"the customer opted out of {channel.value}")
                 touched += 1
         return touched
 

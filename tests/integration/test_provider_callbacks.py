@@ -183,6 +183,37 @@ def test_an_opt_out_by_customer_holds_for_the_customers_next_order(make_harness:
     assert "whatsapp" in ord_2[0].customer.opted_out_channels
 
 
+def test_an_opt_out_decides_an_order_with_two_messages_on_the_channel_once(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before: ``Executor.opt_out`` ran a decision point per cancelled message, so an order with two WhatsApp
+    messages scheduled was decided twice (two decisions, the first one's plan cancelled by the second). Now both
+    messages are cancelled and the order is decided once."""
+    h = make_harness(
+        {"action": "retarget", "channel": "whatsapp", "delay": WAIT},
+        {"action": "retarget", "channel": "sms", "delay": WAIT},
+        {"action": "retarget", "channel": "email", "delay": WAIT},
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event())
+    with h.executor.engine.begin() as conn:  # a second WhatsApp message scheduled for the order
+        first = conn.execute(sa.select(actions).where(actions.c.kind == "nudge")).mappings().one()
+        second = {key: value for key, value in first.items() if key != "action_id"}
+        conn.execute(actions.insert().values(**second | {"idempotency_key": first["idempotency_key"] + ":2"}))
+    assert h.executor.opt_out("m_demo", "cus_71", Channel.WHATSAPP) == 1
+    assert [d["decision_id"] for d in h.view().decisions] == ["dec_1_ord_1", "dec_2_ord_1"]
+    with h.executor.engine.connect() as conn:
+        planned = conn.execute(
+            sa.select(actions.c.state, actions.c.payload_json).where(actions.c.kind == "nudge").order_by("action_id")
+        ).all()
+    assert [(state, '"whatsapp"' in payload) for state, payload in planned] == [
+        ("cancelled", True),
+        ("cancelled", True),
+        ("scheduled", False),
+    ]
+
+
 def test_receipts_update_the_nudge_of_the_merchant_and_unknown_ids_are_answered(
     api: Api,
     make_harness: Any,  # noqa: F811 - the fixture

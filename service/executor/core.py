@@ -2875,11 +2875,14 @@ class Executor:
         """A provider's delivery receipt for a nudge (of ``merchant_id``'s, when given: a merchant's callback
         never touches another's nudges); True when a nudge matched. A failed one keeps its ``error`` on the nudge,
         led by the ``failure``'s kind: an ``undeliverable`` one takes the channel off the order's later decisions
-        (``request_for``)."""
+        (``request_for``); a delivered or read one clears it."""
         where = [nudges.c.provider_message_id == provider_message_id]
         if merchant_id is not None:
             where.append(nudges.c.merchant_id == merchant_id)
-        values: dict[str, Any] = {"delivered": delivered}
+        # A delivered one clears the error an earlier failed one left (receipts may come out of order, a provider
+        # may retry a delivery it first reported failed): the nudge reached the customer, and ``error`` says why one
+        # did not (as when a message kept as maybe sent turns out taken, ``_sent_after_all``).
+        values: dict[str, Any] = {"delivered": delivered, "error": None}
         if not delivered:
             note = f"{failure}: {error or ''}".strip() if failure else error
             values["error"] = (note or "failed")[:500]

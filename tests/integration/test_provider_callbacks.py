@@ -214,6 +214,24 @@ def test_an_opt_out_decides_an_order_with_two_messages_on_the_channel_once(
     ]
 
 
+def test_a_delivered_receipt_after_a_failed_one_clears_the_nudges_error(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before: a delivered receipt after a failed one for the same message set ``delivered`` back but left the
+    failure's error, so GET /v1/orders/{id} showed a delivered nudge with an error. Now the delivered one wins: no
+    error; a failed receipt after it sets one again."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(False, "rate_limited: 130429 throughput")]
+    assert h.executor.record_receipt("pm_1", True, "m_demo")
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(True, None)]
+    assert h.executor.record_receipt("pm_1", False, "m_demo", error="1002")
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(False, "1002")]
+
+
 def test_receipts_update_the_nudge_of_the_merchant_and_unknown_ids_are_answered(
     api: Api,
     make_harness: Any,  # noqa: F811 - the fixture

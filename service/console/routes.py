@@ -181,14 +181,27 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+class _FormTooLargeError(Exception):
+    """A form body over ``MAX_FORM_BYTES``: none of it is read further, nor acted on."""
+
+
+TOO_LARGE = f"the form is larger than {MAX_FORM_BYTES // 1024} KiB"
+
+
 async def _form(request: Request) -> dict[str, str]:
-    """The urlencoded form body (first value of each field); an oversized or non-form body gives {}."""
+    """The urlencoded form body (first value of each field); a non-form body gives {}. An oversized one raises
+    ``_FormTooLargeError``: it gave {} too, and the agent was told "missing CSRF token", the wrong problem."""
     if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
         return {}
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        return {}
-    parsed = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_FORM_BYTES:
+        raise _FormTooLargeError
+    body = bytearray()
+    async for chunk in request.stream():  # read no more than the limit, whatever the body claims
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise _FormTooLargeError
+    parsed = parse_qs(bytes(body).decode("utf-8", errors="replace"), keep_blank_values=True)
     return {key: values[0] for key, values in parsed.items()}
 
 
@@ -219,11 +232,14 @@ def _csrf_ok(session: Session, request: Request, form: Mapping[str, str]) -> boo
 
 @dataclass(frozen=True)
 class _StaleForm:
-    """An htmx POST in a live session without that session's CSRF token: its page was loaded in an earlier one
-    (the agent signed in again, in another tab say). Answered 403, htmx swapped nothing and the click did nothing
-    visible; the order's page is shown again instead, with fresh forms."""
+    """A POST in a live session refused before anything of it is acted on: an htmx POST without that session's
+    CSRF token (its page was loaded in an earlier one: the agent signed in again, in another tab say), or any form
+    over ``MAX_FORM_BYTES``. Answered 403 (or 413), htmx swapped nothing and the click did nothing visible; the
+    order's page is shown again instead, with fresh forms and ``result`` (``status_code`` without htmx)."""
 
     session: Session
+    result: ActionResult
+    status_code: int = 409
 
 
 STALE_FORM = ActionResult(
@@ -231,20 +247,38 @@ STALE_FORM = ActionResult(
     "Nothing was done: this page was loaded before you last signed in, and its forms no longer count. "
     "The order is shown as it is now: act again if you still want to.",
 )
+FORM_TOO_LARGE = ActionResult(
+    "refused",
+    f"Nothing was done: {TOO_LARGE} (a very long reason, say). Shorten it and try again.",
+)
 
 
 async def _signed_post(
     request: Request, console: ConsoleRuntime, executor: ExecutorRuntime, back_to: str
 ) -> tuple[Session, dict[str, str]] | _StaleForm | Response:
     """The session and form of a POST, or the answer to give instead: the sign-in page (then back to ``back_to``,
-    the form's page) without a session, 403 without the session's CSRF token (``_StaleForm`` to an htmx POST)."""
+    the form's page) without a session, 403 without the session's CSRF token (``_StaleForm`` to an htmx POST),
+    ``_StaleForm`` answered 413 to a form over ``MAX_FORM_BYTES``."""
     session = await _session(request, console, executor)
     if session is None:
         return _to_login(request, back_to)
-    form = await _form(request)
+    try:
+        form = await _form(request)
+    except _FormTooLargeError:
+        return _StaleForm(session, FORM_TOO_LARGE, 413)
     if not _csrf_ok(session, request, form):
-        return _StaleForm(session) if request.headers.get("hx-request") else _forbidden()
+        return _StaleForm(session, STALE_FORM) if request.headers.get("hx-request") else _forbidden()
     return session, form
+
+
+def _too_large() -> HTMLResponse:
+    return _page(
+        "message.html",
+        status_code=413,
+        title="Request refused",
+        message=f"Nothing was done: {TOO_LARGE}. Go back, shorten it and try again.",
+        session=None,
+    )
 
 
 def _forbidden() -> HTMLResponse:
@@ -318,7 +352,10 @@ def _safe_next(target: str) -> str:
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) -> Response:
     """Check the name and password (throttled per name and client); start a session on success."""
-    form = await _form(request)
+    try:
+        form = await _form(request)
+    except _FormTooLargeError:
+        return _too_large()
     expected = console.signer.unsign(request.cookies.get(LOGIN_COOKIE))
     if expected is None or not csrf_matches(expected, form.get(CSRF_FIELD)):
         return _forbidden()
@@ -362,7 +399,11 @@ async def logout(request: Request, console: ConsoleDep, executor: ExecutorDep) -
     session = await _session(request, console, executor)
     if session is None:
         return _to_login(request, "/console/queue")
-    if not _csrf_ok(session, request, await _form(request)):
+    try:
+        form = await _form(request)
+    except _FormTooLargeError:
+        return _too_large()
+    if not _csrf_ok(session, request, form):
         return _forbidden()
     await run_in_threadpool(console.sessions(executor).revoke, session.token)
     response = RedirectResponse("/console/login", status_code=303)
@@ -466,7 +507,9 @@ async def order_action(
     if isinstance(signed, Response):
         return signed
     if isinstance(signed, _StaleForm):
-        return await _order_result(console, executor, runtime, signed.session, order_id, request, STALE_FORM)
+        return await _order_result(
+            console, executor, runtime, signed.session, order_id, request, signed.result, signed.status_code
+        )
     session, form = signed
     alternative = form.get("alternative", "")
     ask = ActionRequest(
@@ -495,13 +538,14 @@ async def _order_result(
     order_id: str,
     request: Request,
     result: ActionResult,
+    refused_status: int = 409,
 ) -> Response:
-    """The order page again, with how the agent's action went."""
+    """The order page again, with how the agent's action went (``refused_status``: the status of a refusal)."""
     context = await _order_context(console, executor, runtime, session, order_id)
     if context is None:  # pragma: no cover - the order existed a moment ago and orders are never deleted
         return _not_found(session, runtime, order_id)
     context["result"] = result
-    status_code = 200 if result.ok else 409
+    status_code = 200 if result.ok else refused_status
     if request.headers.get("hx-request"):
         # htmx swaps 2xx answers only: a refusal is still shown, with its reason, in the same place.
         return _page("order_body.html", **context)
@@ -518,7 +562,9 @@ async def charge_answer(
     if isinstance(signed, Response):
         return signed
     if isinstance(signed, _StaleForm):
-        return await _order_result(console, executor, runtime, signed.session, order_id, request, STALE_FORM)
+        return await _order_result(
+            console, executor, runtime, signed.session, order_id, request, signed.result, signed.status_code
+        )
     session, form = signed
     answer = form.get("answer", "")
     desk = AgentDesk(executor.executor, runtime.catalog)

@@ -827,3 +827,34 @@ def test_order_times_and_actions_follow_the_executors_clock_not_the_wall_clock(c
     with console.engine.connect() as conn:
         audited = conn.scalar(sa.select(audit_log.c.created_at).where(audit_log.c.order_id == "ord_clock"))
     assert abs(as_utc(audited) - ahead) < timedelta(seconds=1)
+
+
+def test_a_form_over_the_size_limit_is_refused_as_too_large_and_nothing_of_it_is_done(console: Console) -> None:
+    """A form over 16 KiB (a very long reason) was read as empty: the agent was told "missing CSRF token", the
+    wrong problem. It is refused as too large, shown on the order's page (htmx swaps no 4xx: a 200 there), and
+    nothing is carried out or audited."""
+    from service.console.routes import MAX_FORM_BYTES
+
+    console.fail_order("m_a", "ord_big")
+    console.sign_in("asha@m_a")
+    big = {"action": "stop", "reason": "x" * MAX_FORM_BYTES, "csrf_token": console.csrf("/console/orders/ord_big")}
+    plain = console.post("/console/orders/ord_big/actions", big)
+    assert plain.status_code == 413
+    assert "the form is larger than 16 KiB" in plain.text
+    assert "missing CSRF token" not in plain.text
+    assert 'data-testid="result"' in plain.text  # the order's page, with the refusal
+    htmx = console.post("/console/orders/ord_big/actions", big, headers={"HX-Request": "true"})
+    assert htmx.status_code == 200
+    assert re.search(r'data-testid="result">\s*Nothing was done: the form is larger than 16 KiB', htmx.text)
+    charge = console.post("/console/orders/ord_big/charges/1", big | {"answer": "charged"})
+    assert charge.status_code == 413
+    assert "the form is larger than 16 KiB" in charge.text
+    assert console.post("/console/logout", big).status_code == 413
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_big")) == "AWAITING_AGENT"
+        assert conn.scalar(sa.select(sa.func.count()).select_from(audit_log)) == 0
+    assert console.get("/console/queue").status_code == 200  # still signed in
+    console.get("/console/login")
+    login = console.post("/console/login", {"name": "asha@m_a", "password": PASSWORD, "pad": "x" * MAX_FORM_BYTES})
+    assert login.status_code == 413
+    assert "the form is larger than 16 KiB" in login.text

@@ -11,7 +11,7 @@ The audit row is written before the executor acts (``requested``) and settled af
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -21,13 +21,13 @@ import sqlalchemy as sa
 
 from model.catalog import ErrorCatalog
 from model.policy import new_decision_id
-from model.requests import Alternative, Decision
+from model.requests import Alternative, Decision, DecisionRequest
 from model.rules import Candidate, RuleInputError, build_context, check
 from model.vocab import Action, Channel
 from service.api.store import decision_row, decisions
 from service.console.auth import Agent
 from service.console.store import audit_log
-from service.console.views import channel_name, describe_decision
+from service.console.views import ORDERS_A_STATEMENT, channel_name, describe_decision
 from service.executor.core import (
     CHARGE_KINDS,
     AgentQueueError,
@@ -371,6 +371,48 @@ class AgentDesk:
             alternatives=[broken(option) for option in pending.alternatives],
             links=links,
         )
+
+    def forbidden_recommendations(self, merchant_id: str, pending: Mapping[str, Decision]) -> dict[str, list[str]]:
+        """The hard rules that forbid, as of now, each recommendation of ``pending`` (order id: the decision
+        waiting for an agent), for the queue's rows: the orders without any are left out. The queue listed a
+        recommendation the rules forbid by now (a one-off payment's retry after the customer left) as if it could
+        be carried out.
+
+        Cheap, for hundreds of rows: no order's history is read again (``forbidden_now`` reads it, six statements
+        an order: 0.6 s for the queue's 200 rows, where the page took 20 ms). The rules are checked against the
+        request the recommendation was decided on, stored with it, at the time it would go now: what time alone
+        forbade since (the customer left the session, the retry window closed). What happened to the order since
+        is the order page's to say, and the executor's to refuse."""
+        if not pending:
+            return {}
+        now = self.clock()
+        merchant = self.executor.merchant(merchant_id)
+        found: dict[str, list[str]] = {}
+        names = sorted(pending)
+        with self.executor.engine.connect() as conn:
+            stored = [
+                row
+                for start in range(0, len(names), ORDERS_A_STATEMENT)
+                for row in conn.execute(
+                    sa.select(agent_queue.c.order_id, agent_queue.c.decision_id, agent_queue.c.request_json).where(
+                        agent_queue.c.merchant_id == merchant_id,
+                        agent_queue.c.state == "pending",
+                        agent_queue.c.order_id.in_(names[start : start + ORDERS_A_STATEMENT]),
+                    )
+                )
+            ]
+        for order_id, decision_id, request_json in stored:
+            decision = pending[order_id]
+            if decision.decision_id != decision_id:
+                continue
+            try:
+                context = build_context(DecisionRequest.model_validate_json(request_json), merchant, self.catalog)
+            except (RuleInputError, ValueError):
+                continue  # an action is refused with the reason itself
+            broken = [str(rule) for rule in check(context, _candidate_of(decision, now)).broken]
+            if broken:
+                found[order_id] = broken
+        return found
 
     def _held(self, conn: sa.Connection, order: sa.RowMapping, mode: str, agent: Agent, *, waiting: bool) -> str | None:
         """Why ``agent`` cannot act on ``order`` now (None: they can); ``mode``: its merchant's; ``waiting``: a

@@ -48,6 +48,7 @@ from service.console.views import (
     money,
 )
 from service.executor.routes import ExecutorDep, ExecutorRuntime
+from service.executor.store import OrderState
 
 log = logging.getLogger("winback.console")
 #: What a failed sign-in's log says of a name no agent has (``login``).
@@ -427,8 +428,18 @@ async def queue_page(request: Request, console: ConsoleDep, executor: ExecutorDe
         executor.executor.clock(),
         console.settings.queue_limit,
     )
+    # The rules as of now, as the order's page checks them: the queue listed a recommendation they forbid by now
+    # (a one-off payment's retry after the customer left) as if it could be carried out.
+    waiting = {
+        row.order_id: row.decision
+        for row in queue.rows
+        if row.state == OrderState.AWAITING_AGENT and row.decision is not None
+    }
+    desk = AgentDesk(executor.executor, runtime.catalog)
+    forbidden = await run_in_threadpool(desk.forbidden_recommendations, session.agent.merchant_id, waiting)
     context = _base(session, runtime, "queue") | {
         "queue": queue,
+        "forbidden": forbidden,
         "chosen": chosen,
         "now": executor.executor.clock(),
         "states": STATE_FILTERS,

@@ -333,3 +333,41 @@ def test_a_channel_the_hard_rules_forbid_now_is_not_offered_for_a_link(
     closed = console.get("/console/orders/ord_no_channel").text
     assert re.search(r'data-testid="send-link" disabled>Send link', closed)
     assert "No channel is permitted now." in closed
+
+
+def test_the_queue_says_which_recommendations_the_hard_rules_forbid_by_now(
+    console: Console,  # noqa: F811 - the fixture
+) -> None:
+    """The order page disables a recommendation the rules forbid by now (a one-off payment's retry two hours after
+    the customer left), but the queue listed it as if it could be carried out."""
+    console.fail_order(
+        "m_a",
+        "ord_one_off",
+        payment={"is_recurring": False},
+        failure={"connector": "stripe", "error_code": "processing_error", "network_decline_code": "96"},
+    )
+    console.fail_order("m_a", "ord_recurring")
+    console.sign_in("asha@m_a")
+
+    def rows(page: str) -> dict[str, str]:
+        return {
+            found.group(1): found.group(0) for found in re.finditer(r'<tr data-order="([^"]+)".*?</tr>', page, re.S)
+        }
+
+    fresh = rows(console.get("/console/queue").text)
+    assert set(fresh) == {"ord_one_off", "ord_recurring"}
+    assert "Retry: " in fresh["ord_one_off"], "the scenario needs a retry recommended"
+    assert not any("queue-forbidden" in row for row in fresh.values())
+
+    executor = console.api.app.state.executor.executor
+    later = datetime.now(UTC) + timedelta(hours=2)
+    executor.clock = lambda: later
+    for headers in ({}, {"HX-Request": "true", "HX-Target": "queue-results"}):
+        page = rows(console.get("/console/queue", headers=headers).text)
+        assert re.search(
+            r'data-testid="queue-forbidden">No longer permitted: forbidden now by <code>one_off_out_of_session',
+            page["ord_one_off"],
+        ), page["ord_one_off"]
+        assert "queue-forbidden" not in page["ord_recurring"]
+    order = console.get("/console/orders/ord_one_off").text  # what the order page says of it
+    assert re.search(r'data-testid="approve" disabled>Carry it out', order)

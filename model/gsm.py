@@ -296,6 +296,13 @@ def load_overlay(path: str | Path = DEFAULT_OVERLAY) -> list[OverlayEntry]:
     return out
 
 
+def serving_catalog(overlay: str | Path | None) -> ErrorCatalog:
+    """The catalog a deciding process serves with: the shipped one, extended with ``overlay`` (``WINBACK_GSM_OVERLAY``)
+    when one is set. The API and the executor both build theirs here, so they classify every code alike."""
+    catalog = load_catalog()
+    return catalog if overlay is None else with_overlay(catalog, load_overlay(overlay))
+
+
 def with_overlay(catalog: ErrorCatalog, entries: Iterable[OverlayEntry]) -> ErrorCatalog:
     """A copy of ``catalog`` that also knows the overlay's codes it lacks (the catalog's own entries win).
 

@@ -26,9 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
 
-from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog, load_catalog
+from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog
 from model.datafiles import DEMO_REQUEST_FILE
-from model.gsm import load_overlay, with_overlay
+from model.gsm import serving_catalog
 from model.merchant_config import WinbackConfig, load_config
 from model.money import load_economics
 from model.policy import PolicyConfig, Scorer, decide, load_priors
@@ -262,9 +262,7 @@ def build_runtime(settings: Settings) -> Runtime:
     load_priors()
     load_economics()
     load_rulebook()
-    catalog = load_catalog()
-    if settings.gsm_overlay is not None:
-        catalog = with_overlay(catalog, load_overlay(settings.gsm_overlay))
+    catalog = serving_catalog(settings.gsm_overlay)
     known = {c for merchant in config.merchants.values() for c in merchant.connectors}
     metrics = ApiMetrics(connectors=known | set(catalog.connectors()))
     source: ModelSource | None = None

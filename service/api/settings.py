@@ -30,7 +30,16 @@ MAX_BATCH = 1000
 MAX_MODEL_POLL_SECONDS = 20.0
 
 
-class Settings(BaseSettings):
+class GsmOverlaySetting(BaseSettings):
+    """``WINBACK_GSM_OVERLAY``, read alike by every process that decides (the API's and the executor's settings):
+    both must classify the overlay's codes alike, or the executor decides otherwise than the API for them."""
+
+    gsm_overlay: Path | None = Field(
+        default=None, description="Gateway status map overlay (winback codes import-gsm) for codes the catalog lacks."
+    )
+
+
+class Settings(GsmOverlaySetting):
     """Everything the API process needs to start; built once in the app factory, never at import."""
 
     model_config = SettingsConfigDict(env_prefix="WINBACK_", env_file=".env", extra="ignore", frozen=True)
@@ -67,9 +76,6 @@ class Settings(BaseSettings):
         default=True,
         description="After start-up (model loaded), move every object alive then out of the cyclic garbage "
         "collector's reach (gc.freeze): its full passes would otherwise walk them, ~0.2 s with the GIL held.",
-    )
-    gsm_overlay: Path | None = Field(
-        default=None, description="Gateway status map overlay (winback codes import-gsm) for codes the catalog lacks."
     )
 
     @field_validator("database_url", "tracking_uri")

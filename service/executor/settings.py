@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from service.api.settings import DEFAULT_DATABASE_URL, DEMO_CONFIG
+from service.api.settings import DEFAULT_DATABASE_URL, DEMO_CONFIG, GsmOverlaySetting
 
 #: The link secret used when none is set: fine on a laptop, refused anywhere else.
 PLACEHOLDER_LINK_SECRET = "dev-only-link-secret-change-me"
 MIN_SECRET_LENGTH = 32
 
 
-class ExecutorSettings(BaseSettings):
+class ExecutorSettings(GsmOverlaySetting):
     """Everything the executor needs besides the merchant config; built once per process, never at import."""
 
     model_config = SettingsConfigDict(env_prefix="WINBACK_", env_file=".env", extra="ignore", frozen=True)

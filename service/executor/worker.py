@@ -32,6 +32,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog, load_catalog
+from model.gsm import serving_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
 from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
@@ -454,7 +455,7 @@ def worker_main(
     settings = settings_from_env(ExecutorSettings, database_url=database_url, config_path=Path(config_path))
     configure_logging(settings.log_level)
     config = load_config(config_path)
-    catalog = load_catalog()
+    catalog = serving_catalog(settings.gsm_overlay)  # the API's: overlay codes decided alike in both
     decider, stop_model = make_decider(catalog, tracking_uri)
     executor = build_executor(settings, config, decider, catalog=catalog)
     effects = build_effects(
@@ -602,8 +603,9 @@ def resolve_charge(
     except Exception:
         engine.dispose()
         raise
-    decider, stop = make_decider(load_catalog(), tracking_uri)
-    executor = build_executor(settings, config, decider, engine=engine)
+    catalog = serving_catalog(settings.gsm_overlay)
+    decider, stop = make_decider(catalog, tracking_uri)
+    executor = build_executor(settings, config, decider, engine=engine, catalog=catalog)
     try:
         return executor.resolve_charge(action_id, charged)
     except KeyError as exc:  # the order's merchant is not in this config
@@ -693,8 +695,9 @@ def run(
     # Every secret the config names, and every channel provider it configures (unless ``adapters`` replaces them).
     check_secrets(config, os.environ, providers=adapters is None, connectors=connectors_factory is None)
     # Every WINBACK_* value is checked before any fork (SettingsError names each variable it refuses, and a
-    # placeholder link secret outside dev), so a bad one is one line here, not a traceback in every worker.
-    settings_from_env(ExecutorSettings, database_url=database_url)
+    # placeholder link secret outside dev), so a bad one is one line here, not a traceback in every worker; so is
+    # an overlay file that cannot be read (GsmError).
+    serving_catalog(settings_from_env(ExecutorSettings, database_url=database_url).gsm_overlay)
     engine = make_executor_engine(database_url)
     try:
         upgrade(engine)

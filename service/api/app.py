@@ -506,12 +506,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def readyz(runtime: RuntimeDep) -> JSONResponse:
         """Ready only when a registered model serves (decisions are answered rules-only before that). ``reason``
         says why not, or, while ready, why the last check of the champion failed (e.g. a champion version that
-        could not be loaded, while the previous one serves)."""
+        could not be loaded, while the previous one serves). ``catalog_mismatch`` names the error catalog the
+        serving model was trained with and the one it serves with, when they differ (it still serves)."""
         holder = runtime.holder
         body = Readiness(
             ready=holder.ready,
             model_version=holder.current.version,
             reason=holder.last_error or (None if holder.ready else "no model loaded"),
+            catalog_mismatch=holder.current.catalog_mismatch,
         )
         return JSONResponse(body.model_dump(), status_code=200 if holder.ready else 503)
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.catalog import ErrorCatalog
+from model.catalog import ErrorCatalog, load_catalog
 from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -105,11 +105,27 @@ class _Refusal:
 
 @dataclass(frozen=True)
 class Served:
-    """What answers requests right now. ``scorer is None`` means the rules-only policy."""
+    """What answers requests right now. ``scorer is None`` means the rules-only policy. ``catalog_mismatch``: the
+    model was trained with another error catalog than the one this process serves with (``catalog_mismatch``)."""
 
     scorer: Scorer | None
     version: str
     since: datetime
+    catalog_mismatch: str | None = None
+
+
+def catalog_mismatch(scorer: Scorer, catalog: ErrorCatalog | None) -> str | None:
+    """Why ``scorer``'s catalog (the ``catalog_version`` it was trained with, when it says) is not ``catalog``'s
+    (the one its features read when it serves: the shipped one when None), naming both versions; None when they are
+    the same. A model whose codes' classes moved since training reads them as the serving catalog classifies them
+    (a newer catalog, or another gateway status map overlay: retrain to learn them)."""
+    trained = getattr(scorer, "catalog_version", None)
+    if not isinstance(trained, str):
+        return None
+    serving = (catalog if catalog is not None else load_catalog()).version
+    if trained == serving:
+        return None
+    return f"trained with error catalog {trained}, serving with error catalog {serving}"
 
 
 class ModelHolder:
@@ -237,7 +253,10 @@ class ModelHolder:
                     f"champion version {version} failed before serving ({first_line(exc)}); "
                     f"serving {self.current.version}"
                 )
-        return Served(scorer=scorer, version=version, since=datetime.now(UTC)), started
+        mismatch = catalog_mismatch(scorer, self.catalog)
+        if mismatch is not None:  # once per load: /readyz says it while this version serves
+            log.warning("champion version %s was %s", version, mismatch, extra={"model_version": version})
+        return Served(scorer=scorer, version=version, since=datetime.now(UTC), catalog_mismatch=mismatch), started
 
     def _serve(self, loaded: tuple[Served, float]) -> bool:
         """Swap a loaded version in; always True."""

@@ -77,6 +77,9 @@ class Readiness(BaseModel):
     ready: bool
     model_version: str
     reason: str | None = None
+    #: The serving model was trained with another error catalog than the one served (both versions named); None
+    #: when they agree or no model serves.
+    catalog_mismatch: str | None = None
 
 
 #: OpenAPI ``responses`` of a route that authenticates its caller by API key (service.api.deps.MerchantKey).

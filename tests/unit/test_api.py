@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from model.catalog import load_catalog
+from model.gsm import with_overlay, write_overlay
 from model.history import read_attempts, read_history, read_nudges
 from model.merchant_config import ConfigError, load_config
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig
@@ -45,7 +46,7 @@ from service.api.poller import Poller
 from service.api.settings import DEMO_CONFIG, MAX_BATCH, Settings
 from service.api.store import decision_row
 from service.api.store import decisions as decisions_table
-from tests.factories import make_request, write_merchant_config
+from tests.factories import GSM_ONLY_CODE, make_request, write_merchant_config
 
 DEMO_KEY = "wb_demo_m_demo"
 OTHER_KEY = "wb_demo_m_other"
@@ -839,11 +840,68 @@ def test_readyz_is_false_until_a_model_is_loaded(api: Api) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
 
 
+class _TrainedWithCatalog(FakeSource):
+    """A registry whose models say which error catalog they were trained with (a bundle's ``catalog_version``)."""
+
+    def __init__(self, version: str, catalog_version: str) -> None:
+        super().__init__(version)
+        self.catalog_version = catalog_version
+
+    def load(self, version: str) -> FakeScorer:
+        scorer = super().load(version)
+        scorer.catalog_version = self.catalog_version  # type: ignore[attr-defined]
+        return scorer
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_model_trained_with_another_catalog_is_said_once_at_load_and_in_readyz(tmp_path: Path) -> None:
+    """A served model's ``catalog_version`` was never compared with the serving catalog's: a model trained before a
+    catalog change (or without the gateway status map overlay served now) served silently. Its load says it once,
+    naming both versions, and /readyz says it while that model serves (it still serves)."""
+    overlay = write_overlay([GSM_ONLY_CODE], tmp_path / "overlay.csv")
+    shipped, overlaid = load_catalog().version, with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+    source = _TrainedWithCatalog("3", catalog_version=overlaid)  # trained with the catalog served
+    api = start(tmp_path, source, gsm_overlay=overlay)
+    records = _Records()
+    logging.getLogger("winback.api").addHandler(records)  # after the start, which sets the app's handlers
+    try:
+        assert api.get("/readyz").json()["catalog_mismatch"] is None
+
+        source.version, source.catalog_version = "4", shipped  # trained without the overlay served
+        assert api.runtime.holder.refresh() is True
+        assert api.runtime.holder.refresh() is False  # the same champion: not loaded, nor said, again
+        readiness = api.get("/readyz").json()
+        said = [message for message in records.messages if "catalog" in message]
+
+        assert (readiness["ready"], readiness["model_version"]) == (True, "4")
+        assert readiness["catalog_mismatch"] == (
+            f"trained with error catalog {shipped}, serving with error catalog {overlaid}"
+        )
+        assert said == [f"champion version 4 was trained with error catalog {shipped}, serving with error catalog "
+                        f"{overlaid}"]  # fmt: skip
+    finally:
+        logging.getLogger("winback.api").removeHandler(records)
+        api.close()
+
+
 def test_registered_champion_serves_and_a_new_version_is_swapped_in(tmp_path: Path) -> None:
     source = FakeSource("3")
     api = start(tmp_path, source)
     try:
-        assert api.get("/readyz").json() == {"ready": True, "model_version": "3", "reason": None}
+        assert api.get("/readyz").json() == {
+            "ready": True,
+            "model_version": "3",
+            "reason": None,
+            "catalog_mismatch": None,
+        }
         assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
         source.version = "4"
         assert api.runtime.holder.refresh() is True
@@ -1106,7 +1164,12 @@ def test_a_champion_that_cannot_be_loaded_is_named_counted_and_the_last_model_se
         assert "winback_registry_errors_total 2.0" in api.get("/metrics").text
         source.version = "5"  # a new version is tried at once
         assert api.runtime.holder.refresh() is True
-        assert api.get("/readyz").json() == {"ready": True, "model_version": "5", "reason": None}
+        assert api.get("/readyz").json() == {
+            "ready": True,
+            "model_version": "5",
+            "reason": None,
+            "catalog_mismatch": None,
+        }
     finally:
         api.close()
 
@@ -1139,7 +1202,12 @@ def test_a_champion_failing_its_canary_decision_never_serves(tmp_path: Path) -> 
         source.version, source.fail_scoring = "4", True
         assert api.runtime.holder.refresh() is False
         reason = "champion version 4 failed before serving (RuntimeError: model exploded); serving 3"
-        assert api.get("/readyz").json() == {"ready": True, "model_version": "3", "reason": reason}
+        assert api.get("/readyz").json() == {
+            "ready": True,
+            "model_version": "3",
+            "reason": reason,
+            "catalog_mismatch": None,
+        }
         assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
         assert "winback_registry_errors_total 1.0" in api.get("/metrics").text
         assert api.runtime.holder.refresh() is False

@@ -18,7 +18,7 @@ from model.rules import Candidate
 from model.training import train
 from model.vocab import Action, ErrorClass, Strategy
 from service.api import app as app_module
-from service.api.model_holder import VersionedScorer
+from service.api.model_holder import VersionedScorer, catalog_mismatch
 from service.executor.worker import make_decider
 from tests.factories import GSM_ONLY_CODE, make_history_frames, make_request
 from tests.unit.test_api import settings_for
@@ -166,3 +166,16 @@ def test_the_executors_model_reads_the_catalog_its_rules_read() -> None:
         assert holder.catalog is catalog
     finally:
         stop()
+
+
+def test_a_trained_bundle_says_when_it_serves_with_another_catalog(bundle: ModelBundle) -> None:
+    """What the holder compares at load: a registered bundle's ``catalog_version`` (through the registry's wrapper)
+    against the catalog it is served with."""
+    served = VersionedScorer(bundle, "1")
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE])
+
+    assert catalog_mismatch(served, load_catalog()) is None
+    assert catalog_mismatch(served, None) is None  # no catalog given: the shipped one serves
+    assert catalog_mismatch(served, overlaid) == (
+        f"trained with error catalog {load_catalog().version}, serving with error catalog {overlaid.version}"
+    )

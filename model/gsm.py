@@ -25,6 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from model.catalog import CatalogCode, ErrorCatalog, MemoCatalog, load_catalog
 from model.datafiles import GENERATED_DIR
 from model.vocab import ErrorClass
@@ -294,6 +297,18 @@ def load_overlay(path: str | Path = DEFAULT_OVERLAY) -> list[OverlayEntry]:
                 )
             )
     return out
+
+
+class GsmOverlaySetting(BaseSettings):
+    """``WINBACK_GSM_OVERLAY`` (or its .env entry), read alike by every process that decides: the API's and the
+    executor's settings inherit it, and the registered pyfunc reads it at load. All must classify the overlay's
+    codes alike, or one decides otherwise than the others for them."""
+
+    model_config = SettingsConfigDict(env_prefix="WINBACK_", env_file=".env", extra="ignore", frozen=True)
+
+    gsm_overlay: Path | None = Field(
+        default=None, description="Gateway status map overlay (winback codes import-gsm) for codes the catalog lacks."
+    )
 
 
 def serving_catalog(overlay: str | Path | None) -> ErrorCatalog:

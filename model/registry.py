@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from model.bundle import ModelBundle
-from model.catalog import ErrorCatalog, load_catalog
+from model.catalog import ErrorCatalog
+from model.gsm import GsmOverlaySetting, serving_catalog
 from model.merchant_config import MerchantConfig
 from model.policy import PolicyConfig, decide
 from model.registry_client import (
@@ -182,9 +183,12 @@ class WinbackPyfunc(PythonModel):  # type: ignore[misc]
         self._catalog: ErrorCatalog | None = None
 
     def load_context(self, context: Any) -> None:
-        """Load the bundle saved in the model's ``bundle`` artifact, and the error catalog."""
+        """Load the bundle saved in the model's ``bundle`` artifact, and the error catalog the API would serve with
+        here (``WINBACK_GSM_OVERLAY`` read as the API reads it): the rules and the bundle's features both read it,
+        so a code only the overlay defines is decided as the API decides it."""
         self._bundle = ModelBundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
-        self._catalog = load_catalog()
+        self._catalog = serving_catalog(GsmOverlaySetting().gsm_overlay)
+        self._bundle.use_catalog(self._catalog)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Decide every request of ``model_input`` (see the module docstring for both frames)."""

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.datafiles import DEMO_MERCHANTS_FILE
+from model.gsm import GsmOverlaySetting
 
 #: The shipped demo merchant config (CONTRACT.md section 1: ``--config`` defaults to it).
 DEMO_CONFIG = DEMO_MERCHANTS_FILE
@@ -28,15 +29,6 @@ MAX_BATCH = 1000
 #: The slowest champion poll: a version promoted just after a poll serves a poll, a second (a worker's look at the
 #: mirror), a download and a load later (measured at a 20 s poll: 12-21 s); CONTRACT.md gives the switch 30 s.
 MAX_MODEL_POLL_SECONDS = 20.0
-
-
-class GsmOverlaySetting(BaseSettings):
-    """``WINBACK_GSM_OVERLAY``, read alike by every process that decides (the API's and the executor's settings):
-    both must classify the overlay's codes alike, or the executor decides otherwise than the API for them."""
-
-    gsm_overlay: Path | None = Field(
-        default=None, description="Gateway status map overlay (winback codes import-gsm) for codes the catalog lacks."
-    )
 
 
 class Settings(GsmOverlaySetting):

@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from service.api.settings import DEFAULT_DATABASE_URL, DEMO_CONFIG, GsmOverlaySetting
+from model.gsm import GsmOverlaySetting
+from service.api.settings import DEFAULT_DATABASE_URL, DEMO_CONFIG
 
 #: The link secret used when none is set: fine on a laptop, refused anywhere else.
 PLACEHOLDER_LINK_SECRET = "dev-only-link-secret-change-me"

@@ -6,16 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from model.catalog import ErrorCatalog
+from model.bundle import ModelBundle
+from model.catalog import ErrorCatalog, load_catalog
 from model.gsm import GsmError, write_overlay
+from model.policy import PolicyConfig, decide
+from model.registry import BUNDLE_ARTIFACT, WinbackPyfunc, default_merchant
+from model.training import train
 from model.vocab import ErrorClass
 from service.api import app as app_module
 from service.api import logging as api_logging
 from service.api.settings import DEMO_CONFIG
 from service.executor import worker
-from tests.factories import GSM_ONLY_CODE
+from tests.factories import GSM_ONLY_CODE, make_history_frames, make_request
 from tests.unit.test_api import settings_for
 
 
@@ -60,3 +66,52 @@ def test_the_executor_refuses_an_overlay_it_cannot_read(monkeypatch: pytest.Monk
     monkeypatch.setattr(api_logging, "configure_logging", lambda *_args, **_kwargs: None)
     with pytest.raises(GsmError, match="no such overlay file"):
         worker.worker_main(f"sqlite:///{tmp_path / 'winback.db'}", str(DEMO_CONFIG), None, "w0", 0.0)
+
+
+@pytest.fixture(scope="module")
+def saved_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small trained bundle (trained with the shipped catalog), saved as a registered version's artifact."""
+    attempts, nudges = make_history_frames(300, seed=5)
+    bundle = train(attempts, nudges, seed=0, max_rounds=10, evaluate_unseen_codes=False).bundle
+    return bundle.save(tmp_path_factory.mktemp("bundle"))
+
+
+class _Context:
+    def __init__(self, bundle_dir: Path) -> None:
+        self.artifacts = {BUNDLE_ARTIFACT: str(bundle_dir)}
+
+
+def test_the_pyfunc_decides_an_overlay_code_as_the_api_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, saved_bundle: Path
+) -> None:
+    """`mlflow models serve` and batch scoring (the registered pyfunc) read the shipped catalog whatever
+    WINBACK_GSM_OVERLAY said: a code only the overlay defines was unknown to their rules and features, a
+    processor-technical decline to the API's."""
+    overlay = write_overlay([GSM_ONLY_CODE], tmp_path / "overlay.csv")
+    monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(overlay))
+    runtime = app_module.build_runtime(settings_for(tmp_path, gsm_overlay=overlay))
+    served = ModelBundle.load(saved_bundle)
+    served.use_catalog(runtime.holder.catalog)  # what the API's holder does at load
+    request = make_request(failure={"error_code": "gsm_only_code"})
+    pyfunc = WinbackPyfunc()
+
+    pyfunc.load_context(_Context(saved_bundle))
+    out = pyfunc.predict(None, pd.DataFrame({"request": [request.model_dump_json()]}))
+    api = decide(request, default_merchant(request), served, catalog=runtime.catalog, config=PolicyConfig(),
+                 rng=np.random.default_rng(0))  # fmt: skip
+
+    assert pyfunc._bundle is not None
+    assert pyfunc._bundle.context(request)["known_code"] == 1.0
+    assert api.retryable  # the overlay's class (processor technical) allows a retry
+    row = out.iloc[0]
+    assert (row["action"], row["strategy"], bool(row["retryable"])) == (
+        str(api.action), None if api.strategy is None else str(api.strategy), api.retryable,
+    )  # fmt: skip
+    assert row["retry_probability"] == pytest.approx(api.retry_probability)
+
+
+def test_the_pyfunc_reads_the_shipped_catalog_without_an_overlay(saved_bundle: Path) -> None:
+    pyfunc = WinbackPyfunc()
+    pyfunc.load_context(_Context(saved_bundle))
+    assert pyfunc._catalog is not None
+    assert pyfunc._catalog.version == load_catalog().version

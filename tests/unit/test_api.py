@@ -1159,6 +1159,7 @@ def test_a_champion_that_cannot_be_loaded_is_named_counted_and_the_last_model_se
             "model_version": "3",
             "reason": "champion version 4 could not be loaded (UnicodeDecodeError: 'utf-8' codec can't decode byte "
             "0x85 in position 0: invalid start byte); serving 3",
+            "catalog_mismatch": None,
         }
         assert api.post("/v1/decisions", request_body()).json()["model_version"] == "3"
         assert "winback_registry_errors_total 2.0" in api.get("/metrics").text

@@ -789,3 +789,17 @@ class MemoCatalog(ErrorCatalog):
 def load_catalog() -> ErrorCatalog:
     """The shipped catalog (data/catalog/), loaded once per process."""
     return ErrorCatalog.from_directory(CATALOG_DIR)
+
+
+def catalog_mismatch(scorer: object, catalog: ErrorCatalog | None) -> str | None:
+    """Why ``scorer``'s catalog (the ``catalog_version`` it was trained with, when it says) is not ``catalog``'s
+    (the one its features read when it serves: the shipped one when None), naming both versions; None when they are
+    the same. A model whose codes' classes moved since training reads them as the serving catalog classifies them
+    (a newer catalog, or another gateway status map overlay: retrain to learn them)."""
+    trained = getattr(scorer, "catalog_version", None)
+    if not isinstance(trained, str):
+        return None
+    serving = (catalog if catalog is not None else load_catalog()).version
+    if trained == serving:
+        return None
+    return f"trained with error catalog {trained}, serving with error catalog {serving}"

@@ -22,6 +22,7 @@ flattened key fields ``action``, ``strategy``, ``connector``, ``channel``, ``exe
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from model.bundle import ModelBundle
-from model.catalog import ErrorCatalog
+from model.catalog import ErrorCatalog, catalog_mismatch
 from model.gsm import GsmOverlaySetting, serving_catalog
 from model.merchant_config import MerchantConfig
 from model.policy import PolicyConfig, decide
@@ -54,6 +55,8 @@ from model.registry_client import (
     tracking,
 )
 from model.requests import Decision, DecisionRequest
+
+log = logging.getLogger("winback.registry")
 
 with _quiet_mlflow():
     import mlflow
@@ -189,6 +192,9 @@ class WinbackPyfunc(PythonModel):  # type: ignore[misc]
         self._bundle = ModelBundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
         self._catalog = serving_catalog(GsmOverlaySetting().gsm_overlay)
         self._bundle.use_catalog(self._catalog)
+        mismatch = catalog_mismatch(self._bundle, self._catalog)
+        if mismatch is not None:  # as the API's holder says it at load
+            log.warning("model %s was %s", self._bundle.version, mismatch)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Decide every request of ``model_input`` (see the module docstring for both frames)."""

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from model.catalog import ErrorCatalog, load_catalog
+from model.catalog import ErrorCatalog, catalog_mismatch
 from model.policy import RULES_ONLY_VERSION, Scorer
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -112,20 +112,6 @@ class Served:
     version: str
     since: datetime
     catalog_mismatch: str | None = None
-
-
-def catalog_mismatch(scorer: Scorer, catalog: ErrorCatalog | None) -> str | None:
-    """Why ``scorer``'s catalog (the ``catalog_version`` it was trained with, when it says) is not ``catalog``'s
-    (the one its features read when it serves: the shipped one when None), naming both versions; None when they are
-    the same. A model whose codes' classes moved since training reads them as the serving catalog classifies them
-    (a newer catalog, or another gateway status map overlay: retrain to learn them)."""
-    trained = getattr(scorer, "catalog_version", None)
-    if not isinstance(trained, str):
-        return None
-    serving = (catalog if catalog is not None else load_catalog()).version
-    if trained == serving:
-        return None
-    return f"trained with error catalog {trained}, serving with error catalog {serving}"
 
 
 class ModelHolder:

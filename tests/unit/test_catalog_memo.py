@@ -12,13 +12,20 @@ import pandas as pd
 import pytest
 
 from model.bundle import ModelBundle
-from model.catalog import MEMO_MAX_CHARS, REQUEST_CATALOG_MEMO_SIZE, MemoCatalog, load_catalog, normalise_request
+from model.catalog import (
+    MEMO_MAX_CHARS,
+    REQUEST_CATALOG_MEMO_SIZE,
+    MemoCatalog,
+    catalog_mismatch,
+    load_catalog,
+    normalise_request,
+)
 from model.gsm import with_overlay, write_overlay
 from model.rules import Candidate
 from model.training import train
 from model.vocab import Action, ErrorClass, Strategy
 from service.api import app as app_module
-from service.api.model_holder import VersionedScorer, catalog_mismatch
+from service.api.model_holder import VersionedScorer
 from service.executor.worker import make_decider
 from tests.factories import GSM_ONLY_CODE, make_history_frames, make_request
 from tests.unit.test_api import settings_for

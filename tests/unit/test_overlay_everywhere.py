@@ -3,6 +3,7 @@ defines is classified alike by the API, the standalone executor's workers and ``
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from model.bundle import ModelBundle
 from model.catalog import ErrorCatalog, load_catalog
-from model.gsm import GsmError, write_overlay
+from model.gsm import GsmError, with_overlay, write_overlay
 from model.policy import PolicyConfig, decide
 from model.registry import BUNDLE_ARTIFACT, WinbackPyfunc, default_merchant
 from model.training import train
@@ -108,6 +109,23 @@ def test_the_pyfunc_decides_an_overlay_code_as_the_api_does(
         str(api.action), None if api.strategy is None else str(api.strategy), api.retryable,
     )  # fmt: skip
     assert row["retry_probability"] == pytest.approx(api.retry_probability)
+
+
+def test_the_pyfunc_says_at_load_that_its_model_was_trained_with_another_catalog(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, saved_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the API's holder does (/readyz's catalog_mismatch): a bundle trained with the shipped catalog, loaded
+    where an overlay is served, is said once at load, naming both versions."""
+    overlay = write_overlay([GSM_ONLY_CODE], tmp_path / "overlay.csv")
+    monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(overlay))
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+
+    with caplog.at_level(logging.WARNING, logger="winback.registry"):
+        WinbackPyfunc().load_context(_Context(saved_bundle))
+
+    said = [record.getMessage() for record in caplog.records if record.name == "winback.registry"]
+    assert len(said) == 1
+    assert f"trained with error catalog {load_catalog().version}, serving with error catalog {overlaid}" in said[0]
 
 
 def test_the_pyfunc_reads_the_shipped_catalog_without_an_overlay(saved_bundle: Path) -> None:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from model.catalog import ErrorCatalog
 from model.policy import new_decision_id
 from model.requests import Alternative, Decision, DecisionRequest
-from model.rules import Candidate, RuleInputError, build_context, check
+from model.rules import Candidate, RuleContext, RuleInputError, build_context, check
 from model.vocab import Action, Channel
 from service.api.store import decision_row, decisions
 from service.console.auth import Agent
@@ -107,6 +107,11 @@ class _Plan:
     detail: str
     via_queue: Literal["approve", "reject"] | None  # the queued decision as it is, or None: the agent's own
     p_success: float
+
+
+def _rules_forbidding(context: RuleContext, candidate: Candidate) -> list[str]:
+    """The names of the hard rules that forbid ``candidate`` (empty: permitted)."""
+    return [str(rule) for rule in check(context, candidate).broken]
 
 
 def _candidate_of(decision: Decision | Alternative, now: datetime) -> Candidate:
@@ -358,12 +363,10 @@ class AgentDesk:
             return ForbiddenOptions()  # an action is refused with the reason itself
 
         def broken(option: Decision | Alternative) -> list[str]:
-            return [str(rule) for rule in check(context, _candidate_of(option, now)).broken]
+            return _rules_forbidding(context, _candidate_of(option, now))
 
         links = {
-            channel.value: [
-                str(rule) for rule in check(context, Candidate(Action.RETARGET, now, channel=channel)).broken
-            ]
+            channel.value: _rules_forbidding(context, Candidate(Action.RETARGET, now, channel=channel))
             for channel in merchant.retarget.channels
         }
         return ForbiddenOptions(
@@ -409,7 +412,7 @@ class AgentDesk:
                 context = build_context(DecisionRequest.model_validate_json(request_json), merchant, self.catalog)
             except (RuleInputError, ValueError):
                 continue  # an action is refused with the reason itself
-            broken = [str(rule) for rule in check(context, _candidate_of(decision, now)).broken]
+            broken = _rules_forbidding(context, _candidate_of(decision, now))
             if broken:
                 found[order_id] = broken
         return found

@@ -1684,9 +1684,11 @@ class Executor:
                 if not self._record_settled_meanwhile(conn, action, outcome, now):
                     raise
                 return
-            if action.kind == ActionKind.NUDGE and not outcome.not_taken:
+            if action.kind == ActionKind.NUDGE:
                 # A try that may have reached the provider (a timeout) keeps its 'being sent' mark until here
                 # (``Effects._nudge``), now recorded as such; a mark left on it would count it again at its next claim.
+                # A refusal's mark was taken back at once, unless that unmark failed: left on, the next claim counted
+                # the refused try as one that may have reached the customer (``_note_maybe_sent``).
                 _answer_recorded(conn, action)
             return
         if isinstance(outcome, Defer):
@@ -1738,6 +1740,9 @@ class Executor:
             note_accepted(conn, action.merchant_id, Channel(str(action.payload["channel"])))
             self._record_nudge(conn, order, action, outcome, now)
         elif isinstance(outcome, NotSent):
+            # Its 'being sent' mark goes with the refusal's record, in case its unmark failed (``Effects._nudge``):
+            # left on the done action, the order view said the message was with its provider, unanswered, for good.
+            _answer_recorded(conn, action)
             self._record_unsent(conn, order, action, outcome, now)
         elif isinstance(outcome, Replan) or action.kind == ActionKind.FOLLOW_UP:
             if isinstance(outcome, Replan):

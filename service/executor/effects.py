@@ -498,7 +498,7 @@ class Effects:
             if not answered_maybe_taken:
                 try:
                     self.executor.unmark_sent(action)
-                except Exception:  # the provider's answer still gets recorded; the next claim clears the mark
+                except Exception:  # the provider's answer still gets recorded, and its record clears the mark
                     log.warning(
                         "could not clear the sending mark of message action %s", action.action_id, exc_info=True
                     )

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import sqlalchemy as sa
 
-from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog, load_catalog
+from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog
 from model.gsm import serving_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig, load_config
 from model.policy import PolicyConfig, decide, new_decision_id
@@ -101,8 +101,8 @@ def build_executor(
     catalog: ErrorCatalog | None = None,
 ) -> Executor:
     """The state machine over ``settings.database_url`` (or ``engine``); ``catalog`` is the one the decider's rules
-    read (the shipped one if None)."""
-    return Executor(
+    read (None: the Executor's own default, the shipped one)."""
+    executor = Executor(
         engine=engine if engine is not None else make_executor_engine(settings.database_url),
         config=config,
         decider=decider,
@@ -115,8 +115,10 @@ def build_executor(
             jitter=lambda ceiling: random.uniform(0.0, ceiling),
         ),
         clock=settings.clock(),
-        catalog=catalog if catalog is not None else load_catalog(),
     )
+    if catalog is not None:
+        executor.catalog = catalog
+    return executor
 
 
 def build_effects(

@@ -166,23 +166,31 @@ def ensure_agent(engine: Engine, merchant_id: str, name: str, password: str) -> 
     return Agent(agent_id=int(row["agent_id"]), name=clean, merchant_id=merchant_id)
 
 
-def authenticate(engine: Engine, name: str, password: str) -> Agent | None:
-    """The active agent with this name and password, else None (the same work is done for unknown names)."""
+@dataclass(frozen=True)
+class SignIn:
+    """What one sign-in found: the agent it signs in (None: refused) and whether the name is an agent's (active or
+    not): a failed sign-in logs the names it was tried with only when they are one, since what is typed into the
+    name field is sometimes the password."""
+
+    agent: Agent | None
+    known_name: bool
+
+
+def sign_in(engine: Engine, name: str, password: str) -> SignIn:
+    """Check ``name`` and ``password`` with one look-up of the name (the same work is done for unknown names)."""
     with engine.connect() as conn:
         row = conn.execute(sa.select(agents).where(agents.c.name == normalise_name(name))).mappings().first()
     if row is None or len(password) > MAX_PASSWORD_LENGTH:
         verify_password(password[:MAX_PASSWORD_LENGTH], _dummy_hash())
-        return None
+        return SignIn(None, known_name=row is not None)
     if not verify_password(password, row["password_hash"]) or not row["active"]:
-        return None
-    return Agent(agent_id=int(row["agent_id"]), name=row["name"], merchant_id=row["merchant_id"])
+        return SignIn(None, known_name=True)
+    return SignIn(Agent(agent_id=int(row["agent_id"]), name=row["name"], merchant_id=row["merchant_id"]), True)
 
 
-def is_agent_name(engine: Engine, name: str) -> bool:
-    """Whether ``name`` is an agent's (active or not): a failed sign-in logs the names it was tried with only when
-    they are one, since what is typed into the name field is sometimes the password."""
-    with engine.connect() as conn:
-        return conn.scalar(sa.select(agents.c.agent_id).where(agents.c.name == normalise_name(name))) is not None
+def authenticate(engine: Engine, name: str, password: str) -> Agent | None:
+    """The active agent with this name and password, else None (the same work is done for unknown names)."""
+    return sign_in(engine, name, password).agent
 
 
 # ------------------------------------------------------------------------------------------------- cookies

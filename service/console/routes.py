@@ -28,9 +28,8 @@ from service.console.auth import (
     Session,
     SessionStore,
     Signer,
-    authenticate,
     csrf_matches,
-    is_agent_name,
+    sign_in,
 )
 from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
 from service.console.settings import ConsoleSettings
@@ -375,12 +374,11 @@ async def login(request: Request, console: ConsoleDep, executor: ExecutorDep) ->
             429,
             name,
         )
-    agent = (
-        await run_in_threadpool(authenticate, executor.executor.engine, name, password) if name and password else None
-    )
+    found = await run_in_threadpool(sign_in, executor.executor.engine, name, password) if name else None
+    agent = found.agent if found is not None and password else None
     if agent is None or agent.merchant_id not in executor.executor.config.merchants:
         # A name no agent has is not logged: it is often the password, typed into the wrong field.
-        known = bool(name) and await run_in_threadpool(is_agent_name, executor.executor.engine, name)
+        known = found is not None and found.known_name
         log.warning("console sign-in failed", extra={"agent": name[:128] if known else UNKNOWN_AGENT, "client": client})
         return _login_form(request, console, next_url, "Wrong name or password.", 401, name)
     await run_in_threadpool(limiter.succeeded, name, attempt)

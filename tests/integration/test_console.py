@@ -248,6 +248,39 @@ def test_a_failed_sign_in_logs_a_name_only_when_it_is_an_agents(
     assert "S3cret" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("name", "password", "signs_in", "known_name"),
+    [
+        ("demo@m_a", PASSWORD, True, True),
+        (" Demo@M_A ", PASSWORD, True, True),  # the name as normalised for the look-up
+        ("demo@m_a", "not the password", False, True),
+        ("demo@m_a", "x" * 2000, False, True),  # longer than any password: checked against the dummy hash
+        ("gone@m_a", PASSWORD, False, True),  # an agent no longer active: still an agent's name
+        ("S3cret-pass!word", PASSWORD, False, False),
+        ("nobody@m_a", "x" * 2000, False, False),
+    ],
+)
+def test_one_sign_in_says_both_whether_it_signs_in_and_whether_the_name_is_an_agents(
+    tmp_path: Path, name: str, password: str, signs_in: bool, known_name: bool
+) -> None:
+    """The failed sign-in's log line needs to know whether the name is an agent's: it is told by the sign-in's own
+    look-up (which does the same work for unknown names), not by a second one."""
+    from service.console.admin import ensure_demo_agent
+    from service.console.auth import sign_in
+    from service.console.store import agents
+    from service.executor.store import make_executor_engine
+
+    url = f"sqlite:///{tmp_path / 'agents.db'}"
+    demo = ensure_demo_agent(url, "m_a", "demo@m_a", PASSWORD)
+    ensure_demo_agent(url, "m_a", "gone@m_a", PASSWORD)
+    engine = make_executor_engine(url)
+    with engine.begin() as conn:
+        conn.execute(agents.update().where(agents.c.name == "gone@m_a").values(active=False))
+    found = sign_in(engine, name, password)
+    engine.dispose()
+    assert (found.agent == demo if signs_in else found.agent is None, found.known_name) == (True, known_name)
+
+
 def test_the_sign_in_throttle_holds_for_every_worker_and_across_a_restart(console: Console, tmp_path: Path) -> None:
     from service.api.app import create_app
 

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from service.api.inflight import hold_shared, release_shared
+from service.personal_data import SUSPECT, mask_personal_data
 
 LOGGER_NAME = "winback.api"
 
@@ -25,37 +26,27 @@ _STANDARD_ATTRS = frozenset(
 )
 _BEARER = re.compile(r"(?i)bearer\s+\S+")
 _API_KEY = re.compile(r"(?<![A-Za-z0-9])wb_[A-Za-z0-9_\-]{4,}")  # also after "_": "ord_wb_live_..."
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-# Bounded by anything but a letter or a digit: a number glued after "_" ("ord_919876543210", an order id built
-# from the customer's phone) or ending a sentence ("call 9876543210.") is masked too; one inside a word, a hex id
-# or a decimal number ("1.123456789", "123456789.50") is not.
-_PHONE = r"(?<![A-Za-z0-9])(?<!\d\.)\+?\d[\d \-()]{7,}\d(?!\.?[A-Za-z0-9])"
-# Kept as they are, matched first: a date or timestamp (ISO 8601, or as SQLAlchemy prints parameters) is digits
-# and dashes too, and winback's own ids ("dec_" or "nud_" and 24 hex digits: random, never a phone number) may be
-# all decimal digits now and then.
-_TIMESTAMP_OR_PHONE = re.compile(
-    r"(?P<kept>(?<![A-Za-z0-9_])(?:dec|nud)_[0-9a-f]{24}(?![A-Za-z0-9_])"
-    r"|(?<!\d)(?:19|20)\d\d-[01]\d-[0-3]\d(?:[ T][0-2]\d:[0-5]\d(?::[0-5]\d(?:\.\d+)?)?)?"
-    r"(?:Z|[+\-][0-2]\d:?[0-5]\d)?(?!\d))|" + _PHONE
-)
-# Something each pattern above needs: text without any of these matches none of them, and is left as it is
-# (one search instead of four substitutions; most values logged are ids and names).
-_SUSPECT = re.compile(r"(?i)bearer|wb_|@|\d[\d \-()]{7,}\d")
+# Anything that needs masking holds one of these: text without any is left as it is (one search instead of four
+# substitutions; most values logged are ids and names).
+_SUSPECT = re.compile(r"(?i)bearer|wb_|" + SUSPECT)
 _SECRET_KEYS = frozenset({"authorization", "api_key", "key", "token", "phone", "email", "password", "secret"})
 
 
 def scrub(text: str) -> str:
-    """Mask bearer keys, winback API keys, e-mail addresses and phone numbers in ``text``."""
+    """Mask bearer keys, winback API keys, e-mail addresses and phone numbers (service.personal_data) in ``text``."""
     if _SUSPECT.search(text) is None:
         return text
     text = _BEARER.sub("Bearer [redacted]", text)
     text = _API_KEY.sub("[redacted-key]", text)
-    text = _EMAIL.sub("[redacted-email]", text)
-    return _TIMESTAMP_OR_PHONE.sub(_mask_phone, text)
+    return mask_personal_data(text, email=_redacted_email, phone=_redacted_phone)
 
 
-def _mask_phone(match: re.Match[str]) -> str:
-    return match.group() if match.group("kept") is not None else "[redacted-phone]"
+def _redacted_email(_: str) -> str:
+    return "[redacted-email]"
+
+
+def _redacted_phone(_: str) -> str:
+    return "[redacted-phone]"
 
 
 def _clean(key: str, value: Any) -> Any:

@@ -44,6 +44,7 @@ from service.executor.channels.templates import (
     TemplateStore,
     template_store,
 )
+from service.personal_data import mask_personal_data
 
 logger = logging.getLogger("winback.executor.channels")
 
@@ -70,15 +71,11 @@ def mask_address(address: str) -> str:
     return address[:keep] + "*" * max(len(address) - keep - 4, 2) + address[-4:]
 
 
-#: An e-mail address, or a phone number (8 to 15 digits, maybe after a ``+``, not inside a longer run of digits or
-#: word), as a provider's or mail server's error text may quote the recipient's.
-_ADDRESS_IN_TEXT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?<![\w+])\+?\d{8,15}(?!\w)")
-
-
 def mask_addresses_in(text: str) -> str:
-    """``text`` with every e-mail address and phone number in it masked (``mask_address``): an error a provider
-    or mail server answered may quote the recipient's, and it is logged and kept with the nudge."""
-    return _ADDRESS_IN_TEXT.sub(lambda found: mask_address(found.group()), text)
+    """``text`` with every e-mail address and phone number in it (service.personal_data) masked (``mask_address``):
+    an error a provider or mail server answered may quote the recipient's, and it is logged and kept with the
+    nudge."""
+    return mask_personal_data(text, email=mask_address, phone=mask_address)
 
 
 def phone_digits(to: str) -> str | None:

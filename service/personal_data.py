@@ -1,0 +1,45 @@
+"""The one recogniser of personal data in free text: e-mail addresses and phone numbers.
+
+Every place text can leave the process through (log lines, provider errors and receipts kept with a message, an
+unexpected exception kept with an action) masks with :func:`mask_personal_data`; each caller chooses what replaces
+what is found (the logs say ``[redacted-email]``, a stored error keeps the first and last characters, see
+``service.executor.channels.adapters.mask_address``). Before there were two patterns, and a phone number written
+with spaces, dashes or brackets, or glued to an order id after ``_``, passed one of them unmasked.
+
+Kept as they are, because they are digits and dashes too: dates and timestamps (ISO 8601, or as SQLAlchemy prints
+parameters), decimal numbers (amounts such as ``123456789.50``), and winback's own decision and nudge ids (``dec_``
+or ``nud_`` and 24 hex digits, which may be all decimal digits now and then). Anything else of eight or more digits
+(spaces, dashes and brackets between them) is taken for a phone number: an order id made of the customer's number is
+masked too. Ten digits of Unix time cannot be told from a phone number and are masked as well.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+#: An e-mail address: a local part (letters of any script, digits, ``.``, ``%``, ``+``, ``-``, ``_``), ``@`` and a
+#: domain of two or more labels (a subdomain, a country's second-level domain: ``a.b+tag@mail.example.co.uk``).
+EMAIL = re.compile(r"[\w.%+\-]+@[\w\-]+(?:\.[\w\-]+)+")
+#: A phone number: eight or more characters, digits with spaces, dashes or brackets between them, maybe after
+#: ``+`` or ``(``, not inside a word or a decimal number (``_`` bounds it: ``ord_919876543210`` is masked).
+_PHONE = r"(?<![^\W_])(?<!\d\.)\+?\(?\d[\d \-()]{6,}\d(?!\.?[^\W_])"
+_KEPT = (
+    r"(?<![^\W_])(?:dec|nud)_[0-9a-f]{24}(?![^\W_])"
+    r"|(?<!\d)(?:19|20)\d\d-[01]\d-[0-3]\d(?:[ T][0-2]\d:[0-5]\d(?::[0-5]\d(?:\.\d+)?)?)?"
+    r"(?:Z|[+\-][0-2]\d:?[0-5]\d)?(?!\d)"
+)
+#: Matched from left to right, what is kept first: a date is never read as a phone number.
+_KEPT_OR_PHONE = re.compile(f"(?P<kept>{_KEPT})|{_PHONE}")
+#: Something each pattern needs: text without any of it holds no personal data (one search; most text is ids).
+SUSPECT = r"@|\d[\d \-()]{6,}\d"
+_SUSPECT = re.compile(SUSPECT)
+
+
+def mask_personal_data(text: str, *, email: Callable[[str], str], phone: Callable[[str], str]) -> str:
+    """``text`` with each e-mail address replaced by ``email(address)`` and each phone number by ``phone(number)``."""
+    if _SUSPECT.search(text) is None:
+        return text
+    if "@" in text:
+        text = EMAIL.sub(lambda found: email(found.group()), text)
+    return _KEPT_OR_PHONE.sub(lambda found: found.group() if found.group("kept") else phone(found.group()), text)

@@ -1,0 +1,93 @@
+"""One recogniser of personal data (service.personal_data), run against every place text leaves the process.
+
+Each example says what must not come out (the middle of a phone number or of an e-mail's local part: a stored error
+keeps the first and last characters, ``mask_address``) and what must come out as it went in (a timestamp, an
+amount, winback's own ids). Before, the log scrubber and the stored errors' masking had a pattern each, and each
+let through what the other masked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from service.api.logging import JsonFormatter, scrub
+from service.executor.channels.adapters import mask_addresses_in
+from service.personal_data import mask_personal_data
+
+#: (text, what must not come out, what must come out unchanged)
+EXAMPLES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
+    # phone numbers, however written
+    ("call +919876543210 now", ("9876543",), ("call ", " now")),
+    ("call +91 98765-43210 now", ("98765-4",), ("call ", " now")),
+    ("call (415) 555-0100 now", ("415) 555",), ("call ", " now")),
+    ("call +1 (022) 2345-6789", ("022) 2345",), ("call ",)),
+    ("Invalid destination 919876543210 (not a WhatsApp user)", ("98765432",), ("Invalid destination", "WhatsApp")),
+    ("8123 4567 is not reachable", ("8123 4",), ("is not reachable",)),
+    ("ord_919876543210 refused", ("9876543",), ("ord_", " refused")),  # an order id made of the customer's number
+    ("to 9876543210@ybl", ("987654",), ("to ",)),  # a UPI address made of the number
+    ("call 9876543210.", ("987654",), ("call ",)),
+    # e-mail addresses, with a subdomain, a + tag, letters of any script
+    ("to priya.sharma+orders@mail.example.co.in", ("riya.sharma+orders",), ("to ",)),
+    ("to jösé.müller@exämple.de failed", ("ösé.müller",), ("to ", " failed")),
+    ("550 5.1.1 <asha_k@example.com>: no such user", ("sha_k",), ("550 5.1.1 <", ">: no such user")),
+    # a database error quoting its parameters
+    (
+        '[parameters: (\'{"customer": {"phone": "+91 98765 43210", "email": "asha@example.com"}}\',)]',
+        ("98765 4", "asha@"),
+        ('"phone": "', '"email": "'),
+    ),
+    # kept as they are
+    ("at 2026-12-06T20:17:18.123+00:00", (), ("2026-12-06T20:17:18.123+00:00",)),
+    ("at '2026-11-01 10:15:00.000000'", (), ("2026-11-01 10:15:00.000000",)),
+    ("from 2026-11-01T10:15:00+05:30 on", (), ("2026-11-01T10:15:00+05:30",)),
+    ("amount 123456789.50 INR, ratio 1.123456789", (), ("123456789.50", "1.123456789")),
+    ("order ord_8KQ2 amount 499.0", (), ("order ord_8KQ2 amount 499.0",)),
+    ("decision dec_123456789012345678901234", (), ("dec_123456789012345678901234",)),
+    ("nudge nud_9a0b1c2d3e4f5a6b12345678", (), ("nud_9a0b1c2d3e4f5a6b12345678",)),
+    ("HTTP 503, retry after 120 s (code 131026)", (), ("HTTP 503, retry after 120 s (code 131026)",)),
+    ("message gBEGkYiEB1VXAglK1ZEqA1YKPrU", (), ("gBEGkYiEB1VXAglK1ZEqA1YKPrU",)),
+]
+
+
+def _log_line(**fields: object) -> dict[str, object]:
+    record = logging.LogRecord("winback.test", logging.WARNING, __file__, 1, "%s", (fields.pop("msg", ""),), None)
+    if "exc" in fields:
+        try:
+            raise RuntimeError(fields.pop("exc"))
+        except RuntimeError:
+            record.exc_info = sys.exc_info()
+    record.__dict__.update(fields)
+    parsed: dict[str, object] = json.loads(JsonFormatter().format(record))
+    return parsed
+
+
+#: Every place text leaves the process through, as the text it lets out.
+PLACES: dict[str, Callable[[str], str]] = {
+    "recogniser": lambda text: mask_personal_data(text, email=lambda _: "<e>", phone=lambda _: "<p>"),
+    "log scrubber": scrub,
+    "log line message": lambda text: str(_log_line(msg=text)["message"]),
+    "log line extra field": lambda text: str(_log_line(send_error=text)["send_error"]),
+    "log line exception": lambda text: str(_log_line(exc=text)["exception"]),
+    "provider error kept with a message": mask_addresses_in,
+}
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+@pytest.mark.parametrize(("text", "hidden", "kept"), EXAMPLES)
+def test_personal_data_is_masked_and_nothing_else_wherever_text_leaves(
+    place: str, text: str, hidden: tuple[str, ...], kept: tuple[str, ...]
+) -> None:
+    out = PLACES[place](text)
+    assert [part for part in hidden if part in out] == [], out
+    assert [part for part in kept if part not in out] == [], out
+
+
+def test_each_caller_chooses_the_replacement() -> None:
+    text = "asha@example.com or +91 98765 43210"
+    assert scrub(text) == "[redacted-email] or [redacted-phone]"
+    assert mask_addresses_in(text) == "a***@example.com or +91********3210"

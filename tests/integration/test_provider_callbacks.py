@@ -420,6 +420,29 @@ def test_a_receipt_blaming_the_merchants_template_or_rate_is_logged_for_the_oper
     assert opted_out_rows(h) == []
 
 
+@pytest.mark.parametrize("written", [PHONE, "+91 98000-00001", "919800000001"])
+def test_a_receipt_error_quoting_the_customers_number_is_kept_masked(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    written: str,
+) -> None:
+    """Before: a failed receipt's error text was kept with the nudge as the provider wrote it (only its log line
+    was masked): a provider quoting the recipient put the customer's number in GET /v1/orders/{id}, the console and
+    the history export. It is masked as a send's error is (service.personal_data)."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, merchants=two_merchants())
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    body = receipt_payload("gupshup", "pm_1", "failed")
+    body["payload"]["payload"] = {"code": 1002, "reason": f"Invalid destination {written} (not on WhatsApp)"}
+    answer = api.loop.run_until_complete(api.client.post(urls()["receipts"], json=body))
+    assert answer.json() == {"received": 1}
+    error = str(h.view().nudges[0].error)
+    assert error.startswith("undeliverable: 1002 Invalid destination "), error
+    assert error.endswith(" (not on WhatsApp)"), error
+    assert "98000" not in error, error
+
+
 def test_the_cli_prints_callback_urls_the_app_accepts(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """`winback executor callback-url` prints the URLs to configure at the provider, with the merchant's token;
     a callback secret of its own changes the token, and the app then refuses the old one."""

@@ -17,6 +17,7 @@ import pytest
 
 from service.api.logging import JsonFormatter, scrub
 from service.executor.channels.adapters import mask_addresses_in
+from service.executor.channels.inbound import _receipt
 from service.personal_data import mask_personal_data
 
 #: (text, what must not come out, what must come out unchanged)
@@ -74,6 +75,9 @@ PLACES: dict[str, Callable[[str], str]] = {
     "log line extra field": lambda text: str(_log_line(send_error=text)["send_error"]),
     "log line exception": lambda text: str(_log_line(exc=text)["exception"]),
     "provider error kept with a message": mask_addresses_in,
+    "delivery receipt error kept with a message": lambda text: str(
+        _receipt("gupshup", "gs-1", "failed", None, error=text).error
+    ),
 }
 
 

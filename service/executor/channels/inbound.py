@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from model.vocab import Channel
+from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import DeliveryReceipt, InboundMessage, ReceiptFailure
 
 PROVIDERS: frozenset[str] = frozenset({"gupshup", "interakt", "karix", "push_webhook", "fake"})
@@ -216,7 +217,9 @@ def _receipt(
         provider_message_id=str(message_id),
         status=status,
         occurred_at=_timestamp(at),
-        error=text[:300] or None,
+        # A provider's error may quote the recipient's number or address: masked before it is kept with the nudge
+        # (the order view, the console and the history export show it) and before it is cut, so no tail escapes.
+        error=mask_addresses_in(text)[:300] or None,
         failure=_failure(provider, status, code),
     )
 

@@ -27,6 +27,7 @@ from model.money import format_amount
 from model.requests import DecisionRequest
 from model.rules import Candidate, Rule, RuleContext, build_context, check, quiet_hours_end, upi_off_peak_from
 from model.vocab import Action, Channel, Strategy
+from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables, link_expiry_text
 from service.executor.connectors import (
@@ -69,6 +70,13 @@ from service.executor.webhooks import post_webhook
 CIRCUIT_WAIT = timedelta(seconds=30)
 #: A charge's lease when none is configured (the executor's ``WINBACK_LEASE_SECONDS`` default).
 DEFAULT_LEASE = timedelta(seconds=30)
+
+
+def unexpected_error(exc: BaseException) -> str:
+    """What an action keeps of an unexpected exception (``last_error``: the order view and the console show it):
+    its type and text, personal data masked. A database error quotes its statement's parameters (a message's
+    address, the order's request with the customer's phone and e-mail), a library's error the value it refused."""
+    return mask_addresses_in(f"{type(exc).__name__}: {exc}")
 
 
 class ClaimKeeper:
@@ -261,7 +269,7 @@ class Effects:
             return Permanent(f"unknown action kind {action.kind!r}")
         except Exception as exc:  # a bug or an unexpected library error: retried, then dead-lettered
             log.exception("performing %s action %s failed", action.kind, action.action_id)
-            return Transient(f"{type(exc).__name__}: {exc}")
+            return Transient(unexpected_error(exc))
 
     # ---------------------------------------------------------------------------------------- charges
 

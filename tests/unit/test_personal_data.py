@@ -18,6 +18,7 @@ import pytest
 from service.api.logging import JsonFormatter, scrub
 from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.inbound import _receipt
+from service.executor.effects import unexpected_error
 from service.personal_data import mask_personal_data
 
 #: (text, what must not come out, what must come out unchanged)
@@ -78,6 +79,7 @@ PLACES: dict[str, Callable[[str], str]] = {
     "delivery receipt error kept with a message": lambda text: str(
         _receipt("gupshup", "gs-1", "failed", None, error=text).error
     ),
+    "unexpected error kept with an action": lambda text: unexpected_error(RuntimeError(text)),
 }
 
 

@@ -86,6 +86,7 @@ class Rule(StrEnum):
     BEFORE_EVENT_TIME = "before_event_time"
     VISA_CATEGORY_1 = "visa_category_1"
     LOST_STOLEN_CARD = "lost_stolen_card"
+    AUTHORIZATION_REVOKED = "authorization_revoked"
     BLOCK_LIST = "block_list"
     VISA_REATTEMPT_CAP = "visa_reattempt_cap"
     MASTERCARD_REATTEMPT_CAP = "mastercard_reattempt_cap"
@@ -161,7 +162,14 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
 #: list refused it. A later decline of a payment through a link (the customer's own, perhaps with other details)
 #: does not lift them.
 LASTING_RETRY_BANS: frozenset[str] = frozenset(
-    {Rule.VISA_CATEGORY_1, Rule.LOST_STOLEN_CARD, Rule.BLOCK_LIST, Rule.MAC_NEVER_RETRY, Rule.MAC_CARD_UPDATE}
+    {
+        Rule.VISA_CATEGORY_1,
+        Rule.LOST_STOLEN_CARD,
+        Rule.AUTHORIZATION_REVOKED,
+        Rule.BLOCK_LIST,
+        Rule.MAC_NEVER_RETRY,
+        Rule.MAC_CARD_UPDATE,
+    }
 )
 
 
@@ -196,6 +204,10 @@ class RuleBook:
     lost_stolen_codes: frozenset[str]  # ISO 8583 codes (normalised like the catalog's): never retried, any network
     lost_stolen_connector_codes: frozenset[tuple[str, str]]  # (connector, code), both case-folded
     lost_stolen_message: re.Pattern[str]  # a connector's words for it, when it sends no code that says so
+    # The cardholder withdrew their consent to the merchant's card-on-file payments (Visa Stop Payment Service):
+    # ISO 8583 codes as the catalog keys them, and a connector's words for it when it sends no such code.
+    revoked_codes: frozenset[str]
+    revoked_message: re.Pattern[str]
     block_list_connector_codes: frozenset[tuple[str, str]]  # (connector, code): a block list refused the payment
     mastercard_networks: frozenset[str]
     mastercard_reattempt_cap: int
@@ -362,6 +374,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["mastercard.reattempt_cap"] = str(_get(raw, "mastercard.reattempt_cap.source"))
     sources["lost_stolen_card"] = str(_get(raw, "lost_stolen_card.source"))
     sources["block_list"] = str(_get(raw, "block_list.source"))
+    sources["revoked_authorization"] = str(_get(raw, "revoked_authorization.source"))
     sources["suspected_fraud"] = str(_get(raw, "suspected_fraud.source"))
     sources["rbi_card_e_mandate"] = str(_get(raw, "rbi_card_e_mandate.source"))
     sources["e_mandate_afa_limit"] = str(_get(raw, "e_mandate_afa_limit.source"))
@@ -379,6 +392,10 @@ def parse_rulebook(raw: Any) -> RuleBook:
         ),
         lost_stolen_connector_codes=_connector_codes(raw, "lost_stolen_card.connector_codes"),
         lost_stolen_message=_any_of(raw, "lost_stolen_card.message_patterns"),
+        revoked_codes=frozenset(
+            _network_code(code) for code in _strings(raw, "revoked_authorization.network_decline_codes")
+        ),
+        revoked_message=_any_of(raw, "revoked_authorization.message_patterns"),
         block_list_connector_codes=_connector_codes(raw, "block_list.connector_codes"),
         mastercard_networks=_strings(raw, "mastercard.reattempt_cap.card_networks"),
         mastercard_reattempt_cap=int(_number(raw, "mastercard.reattempt_cap.max_declines")),
@@ -660,6 +677,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         ):
             applied.append(Rule.LOST_STOLEN_CARD.value)
             retry_blocked.append(Rule.LOST_STOLEN_CARD)
+        # The cardholder told their issuer to stop the merchant's payments (Visa R0, R1, R3, on whichever network a
+        # connector reports them): no silent re-attempt ever, and no payment link asking them to pay what they
+        # stopped, as for Mastercard's MAC 21.
+        if codes & book.revoked_codes or (message is not None and book.revoked_message.search(message) is not None):
+            applied.append(Rule.AUTHORIZATION_REVOKED.value)
+            retry_blocked.append(Rule.AUTHORIZATION_REVOKED)
+            retarget_blocked.append(Rule.AUTHORIZATION_REVOKED)
 
     # A block list refused the payment: the merchant's own (Stripe Radar's list) or its processor's negative file.
     # Another connector would not consult that list, so a cascade would slip past the merchant's own decision, and a

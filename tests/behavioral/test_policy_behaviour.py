@@ -75,6 +75,32 @@ def test_visa_category_1_never_gets_a_silent_retry(code: str, with_model: bool, 
     assert "visa_category:1" in decision.rules_applied
 
 
+@pytest.mark.parametrize(
+    ("network", "failure"),
+    [
+        ("visa", {"error_code": "card_declined", "network_decline_code": "R1"}),
+        ("mastercard", {"error_code": "card_declined", "network_decline_code": "R0"}),
+        ("mastercard", {"error_code": "revocation_of_all_authorizations", "network_decline_code": None}),
+    ],
+)
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_a_renewal_the_cardholder_told_the_issuer_to_stop_is_given_up(
+    network: str, failure: dict[str, str | None], with_model: bool, bundle: ModelBundle
+) -> None:
+    # A payment link went by WhatsApp for it, and on Mastercard a silent cascade was among the permitted actions.
+    request = make_request(
+        currency="USD", customer={"country": "US"}, payment={"card_network": network},
+        failure={"error_message": None, **failure},
+    )  # fmt: skip
+    decision = decide(
+        request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=EXPLORING
+    )
+    assert decision.action == Action.STOP
+    assert decision.alternatives == []
+    assert not decision.retryable
+    assert "authorization_revoked" in decision.rules_applied
+
+
 def _key(decision: Decision) -> tuple[object, ...]:
     return (decision.action, decision.strategy, decision.connector, decision.channel, decision.execute_at)
 

@@ -466,6 +466,52 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
 
 
 @pytest.mark.parametrize(
+    ("network", "failure", "revoked"),
+    [
+        # Visa Stop Payment Service codes: R0 was only category 1 for Visa (a link was still sent), and on any other
+        # network it was open to silent retries and cascades as well as a link.
+        ("visa", {"network_decline_code": "R0"}, True),
+        ("visa", {"network_decline_code": "r1"}, True),
+        ("mastercard", {"network_decline_code": "R1"}, True),
+        ("amex", {"network_decline_code": "R3"}, True),
+        # A connector's own code the catalog maps to one (Stripe revocation_of_authorization is R1, Checkout 200R3).
+        ("mastercard", {"error_code": "revocation_of_authorization"}, True),
+        ("mastercard", {"connector": "checkout", "error_code": "200R3"}, True),
+        ("mastercard", {"connector": "adyen", "error_code": "26"}, True),  # "Revocation Of Auth"
+        # Only in words, from a code the catalog does not know.
+        ("visa", {"connector": "acme", "error_code": "SP_01",
+                  "error_message": "Customer requested stop of all recurring payments"}, True),
+        ("discover", {"connector": "acme", "error_code": "X1", "error_message": "STOP PAYMENT ORDER"}, True),
+        ("mastercard", {"connector": "acme", "error_code": "X1",
+                        "error_message": "Recurring authorisation revoked"}, True),
+        ("mastercard", {"connector": "acme", "error_code": "X1",
+                        "error_message": "Authorization revoked by cardholder"}, True),
+        # Not a revocation: left to the other rules.
+        ("visa", {"network_decline_code": "05"}, False),
+        ("mastercard", {"connector": "acme", "error_code": "X1", "error_message": "Issuer unavailable"}, False),
+        ("mastercard", {"connector": "acme", "error_code": "X1", "error_message": "Payment stopped: timeout"}, False),
+    ],
+)  # fmt: skip
+def test_a_cardholders_stop_payment_order_gets_no_retry_and_no_link_on_any_network(
+    network: str, failure: dict[str, str | None], revoked: bool
+) -> None:
+    context = ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        payment={"card_network": network},
+        failure={"connector": "stripe", "error_code": "card_declined", "error_message": None,
+                 "network_decline_code": None, **failure},
+        customer={"country": "US"},
+    )  # fmt: skip
+    assert (Rule.AUTHORIZATION_REVOKED in broken(context, retry(strategy="cascade", connector="adyen"))) is revoked
+    assert (Rule.AUTHORIZATION_REVOKED in broken(context, retarget())) is revoked
+    assert ("authorization_revoked" in context.rules_applied) is revoked
+    if revoked:
+        assert [c.action for c in permitted(context, rules.enumerate_candidates(context))] == [Action.STOP]
+        assert Rule.AUTHORIZATION_REVOKED in rules.LASTING_RETRY_BANS
+
+
+@pytest.mark.parametrize(
     ("connector", "code", "blocked"),
     [
         ("stripe", "merchant_blacklist", True),  # was cascaded: another connector never reads Stripe's block list

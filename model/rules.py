@@ -215,6 +215,8 @@ class RuleBook:
     mac_never_retry: frozenset[str]
     mac_no_retarget: frozenset[str]
     mac_card_update: frozenset[str]
+    # Response codes with which a card-update advice (01) means "authenticate the cardholder" instead (83).
+    mac_authenticate_decline_codes: frozenset[str]
     mac_wait_hours: Mapping[str, float]
     upi_payment_methods: frozenset[str]
     upi_mandate_types: frozenset[str]
@@ -403,6 +405,10 @@ def parse_rulebook(raw: Any) -> RuleBook:
         mac_never_retry=_strings(raw, "mastercard_merchant_advice.never_retry_codes"),
         mac_no_retarget=_strings(raw, "mastercard_merchant_advice.no_retarget_codes"),
         mac_card_update=_strings(raw, "mastercard_merchant_advice.card_update_codes"),
+        mac_authenticate_decline_codes=frozenset(
+            _network_code(code)
+            for code in _strings(raw, "mastercard_merchant_advice.card_update_means_authenticate_with_codes")
+        ),
         mac_wait_hours={_mac_key(str(code)): _number(wait_raw, str(code)) for code in wait_raw},
         upi_payment_methods=_strings(raw, "upi_autopay.payment_methods"),
         upi_mandate_types=_strings(raw, "upi_autopay.mandate_types"),
@@ -718,7 +724,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
             retry_blocked.append(Rule.MAC_NEVER_RETRY)
         if mac in book.mac_no_retarget:
             retarget_blocked.append(Rule.MAC_NO_RETARGET)
-        if mac in book.mac_card_update or (advice is not None and advice.needs_card_update):
+        # With a security decline (Mastercard 83), 01 asks for the cardholder's authentication, not new details:
+        # the suspected-fraud rule below leaves the 3DS step-up at the checkout, which this advice calls for.
+        authenticate = normalised.error_class.value in book.fraud_suspicion_classes and bool(
+            {failure.network_decline_code and _network_code(failure.network_decline_code),
+             normalised.network_decline_code} & book.mac_authenticate_decline_codes
+        )  # fmt: skip
+        if (mac in book.mac_card_update or (advice is not None and advice.needs_card_update)) and not authenticate:
             retry_blocked.append(Rule.MAC_CARD_UPDATE)
         waits = [book.mac_wait_hours.get(mac), advice.wait_hours if advice is not None else None]
         wait = max((w for w in waits if w is not None), default=None)

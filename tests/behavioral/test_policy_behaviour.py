@@ -101,6 +101,23 @@ def test_a_renewal_the_cardholder_told_the_issuer_to_stop_is_given_up(
     assert "authorization_revoked" in decision.rules_applied
 
 
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_a_mastercard_security_decline_advising_01_at_the_checkout_is_stepped_up(
+    with_model: bool, bundle: ModelBundle
+) -> None:
+    # Mastercard 83 with MAC 01: "retry using authentication (EMV 3DS)". It was held for new card details: no retry.
+    request = make_request(
+        currency="EUR", customer={"country": "DE"},
+        payment={"card_network": "mastercard", "is_recurring": False, "authentication_type": "no_three_ds"},
+        failure={"error_code": "card_declined", "error_message": None, "network_decline_code": "83",
+                 "merchant_advice_code": "01"},
+    )  # fmt: skip
+    decision = decide(request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    retries = [c for c in _every_action(decision) if c.action == Action.RETRY]
+    assert [(c.strategy, c.connector) for c in retries] == [(Strategy.STEP_UP, "stripe")]
+    assert retries[0].execute_at - request.event_time <= timedelta(seconds=2)
+
+
 def _key(decision: Decision) -> tuple[object, ...]:
     return (decision.action, decision.strategy, decision.connector, decision.channel, decision.execute_at)
 

@@ -1604,6 +1604,45 @@ def test_rules_with_the_shipped_catalog(
     assert (rule in broken(context, candidate)) is fires
 
 
+STEP_UP = retry(strategy="step_up")
+
+
+@pytest.mark.parametrize(
+    ("decline", "mac", "recurring", "candidate", "broken_by"),
+    [
+        # Mastercard 83 (security) with 01: authenticate, so a one-off's 3DS step-up at the checkout is the retry.
+        # It was forbidden as a "card update" and the customer got a payment link instead.
+        ("83", "01", False, STEP_UP, ()),
+        ("83", "1", False, STEP_UP, ()),
+        # ... and nothing else: the suspected-fraud rule still holds every other retry.
+        ("83", "01", False, retry(), (Rule.SUSPECTED_FRAUD,)),
+        ("83", "01", False, retry(strategy="cascade", connector="adyen"), (Rule.SUSPECTED_FRAUD,)),
+        # A renewal has no cardholder to authenticate: no silent retry at all.
+        ("83", "01", True, STEP_UP, (Rule.STEP_UP_NOT_APPLICABLE,)),
+        # 01 after a lifecycle or policy decline (or any other) still means new details first.
+        ("79", "01", False, STEP_UP, (Rule.MAC_CARD_UPDATE,)),
+        ("82", "01", False, STEP_UP, (Rule.MAC_CARD_UPDATE,)),
+        ("05", "01", False, STEP_UP, (Rule.MAC_CARD_UPDATE,)),
+        ("83", "03", False, STEP_UP, (Rule.MAC_NEVER_RETRY,)),
+    ],
+)
+def test_mastercard_83_with_advice_01_is_stepped_up_not_held_for_new_card_details(
+    decline: str, mac: str, recurring: bool, candidate: Candidate, broken_by: tuple[Rule, ...]
+) -> None:
+    context = ctx(
+        catalog=load_catalog(),
+        currency="EUR",
+        customer={"country": "DE"},
+        payment={"card_network": "mastercard", "is_recurring": recurring, "authentication_type": "no_three_ds"},
+        failure={"error_code": "card_declined", "error_message": None, "network_decline_code": decline,
+                 "merchant_advice_code": mac},
+    )  # fmt: skip
+    found = broken(context, candidate)
+    for rule in (Rule.MAC_CARD_UPDATE, Rule.MAC_NEVER_RETRY, Rule.SUSPECTED_FRAUD, Rule.STEP_UP_NOT_APPLICABLE):
+        assert (rule in found) is (rule in broken_by), (rule, found)
+    assert (found == ()) is (broken_by == ())
+
+
 def test_visa_cap_with_the_shipped_catalog() -> None:
     assert Rule.VISA_REATTEMPT_CAP not in broken(ctx(catalog=load_catalog(), card_reattempts_30d=19), retry())
     context = ctx(catalog=load_catalog(), card_reattempts_30d=20)

@@ -98,6 +98,7 @@ class Rule(StrEnum):
     UPI_AUTOPAY_MAX_RETRIES = "upi_autopay_max_retries"
     UPI_AUTOPAY_RETRY_WINDOW = "upi_autopay_retry_window"
     E_MANDATE_AFA_REQUIRED = "e_mandate_afa_required"
+    RBI_ONE_OFF_AFA = "rbi_one_off_afa"
     USER_CONSENT_FLOW = "user_consent_flow"
     STEP_UP_NOT_APPLICABLE = "step_up_not_applicable"
     STEP_UP_OUT_OF_SESSION = "step_up_out_of_session"
@@ -139,6 +140,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.UPI_AUTOPAY_RETRY_WINDOW,
         # The payment flow: an e-mandate debit above the AFA-free limit needs the customer's own authentication.
         Rule.E_MANDATE_AFA_REQUIRED,
+        # The payment flow too: an Indian one-off card payment is authenticated by its customer, payment by payment.
+        Rule.RBI_ONE_OFF_AFA,
         Rule.USER_CONSENT_FLOW,
         Rule.RETRY_FLOW_DISABLED,
         Rule.MAX_RETRIES,
@@ -261,6 +264,11 @@ class RuleBook:
     # An e-mandate debit (UPI AutoPay, an Indian card's) above this needs the customer's AFA (RBI): no silent retry.
     e_mandate_afa_free_limit: float
     e_mandate_afa_currency: str  # upper case, ISO 4217
+    # India's domestic one-off card payments: authenticated payment by payment (RBI), so only these silent retries.
+    one_off_afa_payment_methods: frozenset[str]
+    one_off_afa_currencies: frozenset[str]  # upper case, ISO 4217
+    one_off_afa_customer_countries: frozenset[str]  # upper case, ISO 3166 alpha-2; a request without one counts
+    one_off_afa_only: frozenset[str]
     channel_reachability: Mapping[Channel, str]
     sources: Mapping[str, str]
 
@@ -380,6 +388,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["suspected_fraud"] = str(_get(raw, "suspected_fraud.source"))
     sources["rbi_card_e_mandate"] = str(_get(raw, "rbi_card_e_mandate.source"))
     sources["e_mandate_afa_limit"] = str(_get(raw, "e_mandate_afa_limit.source"))
+    sources["rbi_one_off_afa"] = str(_get(raw, "rbi_one_off_afa.source"))
     afa_currency = _get(raw, "e_mandate_afa_limit.currency")
     if not isinstance(afa_currency, str) or not re.fullmatch(r"[A-Za-z]{3}", afa_currency.strip()):
         raise RulesDataError(
@@ -449,6 +458,10 @@ def parse_rulebook(raw: Any) -> RuleBook:
         e_mandate_currencies_without_country=_upper(_strings(raw, "rbi_card_e_mandate.currencies_without_country")),
         e_mandate_afa_free_limit=_number(raw, "e_mandate_afa_limit.amount"),
         e_mandate_afa_currency=afa_currency.strip().upper(),
+        one_off_afa_payment_methods=_strings(raw, "rbi_one_off_afa.payment_methods"),
+        one_off_afa_currencies=_upper(_strings(raw, "rbi_one_off_afa.currencies")),
+        one_off_afa_customer_countries=_upper(_strings(raw, "rbi_one_off_afa.customer_countries")),
+        one_off_afa_only=_strategies(raw, "rbi_one_off_afa.only"),
         channel_reachability={Channel(name): str(field) for name, field in reach_raw.items()},
         sources=sources,
     )
@@ -823,6 +836,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     is_card_e_mandate = _is_indian_card_e_mandate(book, request, method, method_type)
     if is_card_e_mandate:
         applied.append(RBI_CARD_E_MANDATE)
+    elif _is_indian_one_off_card_payment(book, request, method, method_type):
+        # Authenticated by its customer with a factor made for that payment alone (RBI): a silent re-attempt has
+        # none, so only a step-up, where the customer authenticates again at the checkout.
+        applied.append(Rule.RBI_ONE_OFF_AFA.value)
+        for name in _RETRY_STRATEGY_NAMES:
+            if name not in book.one_off_afa_only:
+                not_applicable.setdefault(name, Rule.RBI_ONE_OFF_AFA)
     # Above the AFA-free limit an e-mandate debit needs the customer's own authentication (UPI PIN, card OTP): a
     # user-consent flow, so no silent retry; a payment link, where the customer pays, stays open.
     if (is_upi_autopay or is_card_e_mandate) and _above_afa_free_limit(book, request):
@@ -954,6 +974,19 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         cadence_days=retarget.skip_days + 1 if nudges_used else None,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
+
+
+def _is_indian_one_off_card_payment(book: RuleBook, request: DecisionRequest, method: str, method_type: str) -> bool:
+    """Whether the payment is a domestic Indian one-off card payment (hard_rules.yaml, rbi_one_off_afa): a card
+    payment that is no e-mandate debit, in rupees, by a customer in India or of no stated country."""
+    if method not in book.one_off_afa_payment_methods or request.payment.is_recurring:
+        return False
+    if method_type in book.e_mandate_payment_method_types or method_type in book.one_off_not_for_payment_method_types:
+        return False
+    if request.currency.strip().upper() not in book.one_off_afa_currencies:
+        return False
+    country = request.customer.country
+    return not country or country.strip().upper() in book.one_off_afa_customer_countries
 
 
 def _is_indian_card_e_mandate(book: RuleBook, request: DecisionRequest, method: str, method_type: str) -> bool:

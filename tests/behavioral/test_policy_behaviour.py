@@ -118,6 +118,31 @@ def test_a_mastercard_security_decline_advising_01_at_the_checkout_is_stepped_up
     assert retries[0].execute_at - request.event_time <= timedelta(seconds=2)
 
 
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize(
+    ("authentication", "silent"), [("three_ds", set()), ("no_three_ds", {Strategy.STEP_UP})], ids=["3ds", "no-3ds"]
+)
+def test_an_indian_one_off_card_payment_is_never_re_attempted_without_the_customers_authentication(
+    authentication: str, silent: set[Strategy], with_model: bool, bundle: ModelBundle
+) -> None:
+    # RBI: a domestic payment's second factor is made for that payment alone. The issuer-down decline of a rupee
+    # card payment at the checkout was cascaded to another gateway silently, with no authentication of its own.
+    request = make_request(
+        payment={"card_network": "rupay", "is_recurring": False, "authentication_type": authentication},
+        failure={"connector": "razorpay", "error_code": "processing_error", "error_message": "Issuer unavailable",
+                 "network_decline_code": "91"},
+        history={"attempts": [{"attempt_number": 1, "connector": "razorpay", "strategy": "initial",
+                               "status": "failure", "error_code": "processing_error",
+                               "created_at": "2026-11-01T10:15:00Z"}]},
+        available_connectors=["razorpay", "payu"],
+    )  # fmt: skip
+    decision = decide(request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    assert {c.strategy for c in _every_action(decision) if c.action == Action.RETRY} == silent
+    assert decision.action != Action.STOP
+    assert decision.retryable  # the error is retryable; the payment flow asks for the customer
+    assert "rbi_one_off_afa" in decision.rules_applied
+
+
 def _key(decision: Decision) -> tuple[object, ...]:
     return (decision.action, decision.strategy, decision.connector, decision.channel, decision.execute_at)
 

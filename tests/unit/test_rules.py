@@ -640,7 +640,8 @@ def test_a_mandate_is_never_cascaded_to_another_gateway(method: str, method_type
         ("IN", "INR", "debit", True, True),
         ("IN", "USD", "credit", True, True),  # cross-border: an Indian card at a foreign merchant, still an e-mandate
         (None, "INR", "credit", True, True),  # no country sent: a renewal in rupees is taken as an Indian card's
-        ("IN", "INR", "credit", False, False),  # a one-off payment runs on no mandate
+        # A one-off payment runs on no mandate (in rupees it is held to rbi_one_off_afa instead: tested on its own).
+        ("IN", "USD", "credit", False, False),
         ("US", "INR", "credit", True, False),  # a US card at an Indian merchant: no RBI e-mandate
         ("GB", "GBP", "debit", True, False),
         (None, "USD", "credit", True, False),
@@ -890,6 +891,8 @@ def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
 ) -> None:
     context = ctx(
         catalog=load_catalog(),
+        customer={"country": "US"},  # an Indian one-off is kept to a step-up anyway (rbi_one_off_afa)
+        currency="USD",
         payment={
             "payment_method": "card",
             "payment_method_type": "credit",
@@ -907,6 +910,49 @@ def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
     assert ("user_consent_flow" in context.rules_applied) is consent
     retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
     assert (retries == []) is consent
+
+
+@pytest.mark.parametrize(
+    ("country", "currency", "payment", "held"),
+    [
+        # A domestic Indian one-off card payment: each needs the customer's own authentication (RBI). It was
+        # cascaded or re-attempted silently on the same gateway within its checkout session.
+        ("IN", "INR", {}, True),
+        (None, "INR", {}, True),  # no country sent: a payment in rupees is taken as domestic
+        ("in", "inr", {"payment_method_type": "debit"}, True),
+        ("IN", "INR", {"is_network_token": True}, True),
+        # Not domestic: an Indian card abroad (cross-border) or a foreign card at an Indian merchant.
+        ("IN", "USD", {}, False),
+        ("US", "INR", {}, False),
+        # An e-mandate's debit is exempt (rbi_card_e_mandate, with its own AFA-free limit).
+        ("IN", "INR", {"is_recurring": True}, False),
+        ("IN", "INR", {"payment_method_type": "mandate"}, False),
+    ],
+)
+def test_an_indian_one_off_card_payment_is_retried_silently_only_by_a_step_up(
+    country: str | None, currency: str, payment: dict[str, Any], held: bool
+) -> None:
+    context = ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        customer={"country": country},
+        currency=currency,
+        amount=49.0,
+        payment={**ONE_OFF_CARD, **payment},
+        failure={"error_code": "processing_error", "error_message": None, "network_decline_code": "91"},
+    )
+    assert ("rbi_one_off_afa" in context.rules_applied) is held
+    for strategy, connector in [("retry_same", "stripe"), ("cascade", "adyen")]:
+        assert (Rule.RBI_ONE_OFF_AFA in broken(context, retry(strategy=strategy, connector=connector))) is held
+    assert Rule.RBI_ONE_OFF_AFA not in broken(context, retry(strategy="step_up"))
+    assert Rule.RBI_ONE_OFF_AFA not in broken(context, retarget())
+    if held:
+        # Neither clear_pan for a network token nor alternate_network for a debit card: a step-up alone.
+        strategies = {
+            c.strategy for c in permitted(context, rules.enumerate_candidates(context)) if c.action == "retry"
+        }
+        assert strategies == {Strategy.STEP_UP}
+        assert Rule.RBI_ONE_OFF_AFA in rules.SITUATIONAL_RETRY_RULES  # the error stays retryable
 
 
 @pytest.mark.parametrize("method", ["netbanking", "NetBanking", "net_banking"])
@@ -2238,7 +2284,9 @@ CARD_PAIRS = [
                 ["whatsapp", "sms", "email", "push"],
                 T0,
             ),
-            23,  # 38 before a one-off's retries were kept to its checkout session (15 were hours or days later)
+            # 38 before a one-off's retries were kept to its checkout session (15 were hours or days later), 23
+            # before an Indian one-off card payment was kept to a step-up (RBI: authenticated payment by payment)
+            20,
         ),
         (
             _upi_in_peak_hours_context,
@@ -2312,6 +2360,8 @@ SCA_DECLINE = {"connector": "stripe", "error_code": "authentication_required", "
                "network_decline_code": "1A"}  # fmt: skip
 ONE_OFF_CARD = {"payment_method": "card", "payment_method_type": "credit", "authentication_type": "no_three_ds",
                 "is_recurring": False}  # fmt: skip
+#: A US customer paying in dollars: an Indian one-off card payment is kept to a step-up (rbi_one_off_afa).
+US_CUSTOMER: dict[str, Any] = {"customer": {"country": "US"}, "currency": "USD"}
 
 
 def test_an_sca_soft_decline_is_retried_silently_only_by_a_step_up_right_away() -> None:
@@ -2470,7 +2520,7 @@ def test_a_follow_up_has_no_cardholder_in_session_for_a_step_up() -> None:
     assert [c for c in permitted(sca, rules.enumerate_candidates(sca)) if c.action is Action.RETRY] == []
     issuer_down = {**SCA_DECLINE, "error_code": "processing_error", "network_decline_code": "91"}
     technical = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, event_time=later.isoformat(),
-                    history=history)  # fmt: skip
+                    history=history, **US_CUSTOMER)  # fmt: skip
     assert Rule.STEP_UP_OUT_OF_SESSION in broken(technical, step_up)
     # Nor, for this one-off payment, any other silent retry (its checkout session ended); a recurring one may.
     cascade = retry(strategy="cascade", connector="adyen", at=later + timedelta(seconds=2))
@@ -2487,7 +2537,7 @@ def test_a_one_off_payment_is_retried_silently_only_while_its_customer_may_be_at
     error stays retryable."""
     issuer_down = {**SCA_DECLINE, "error_code": "processing_error", "network_decline_code": "91"}
     history = {"attempts": [attempt(1, "initial", T0)]}
-    one_off = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, history=history)
+    one_off = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, history=history, **US_CUSTOMER)
     soon, later = T0 + timedelta(minutes=10), T0 + timedelta(minutes=10, seconds=1)
     assert broken(one_off, retry(strategy="cascade", connector="adyen", at=soon)) == ()
     assert broken(one_off, retry(strategy="cascade", connector="adyen", at=later)) == (Rule.ONE_OFF_OUT_OF_SESSION,)
@@ -2496,12 +2546,13 @@ def test_a_one_off_payment_is_retried_silently_only_while_its_customer_may_be_at
     # A payment through a link is the customer back at a checkout: a new session from that attempt.
     linked = {"attempts": [attempt(1, "initial", T0), attempt(2, "retarget_link", T0 + 30 * HOUR)]}
     relinked = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=issuer_down, history=linked,
-                   event_time=(T0 + 30 * HOUR).isoformat())  # fmt: skip
+                   event_time=(T0 + 30 * HOUR).isoformat(), **US_CUSTOMER)  # fmt: skip
     at = T0 + 30 * HOUR + timedelta(seconds=2)
     assert broken(relinked, retry(strategy="cascade", connector="adyen", at=at)) == ()
     # A merchant whose customers agreed to later charges of their stored card says so in its config.
     consented = make_merchant(retry={"one_off_after_checkout": True})
-    stored = ctx(catalog=load_catalog(), merchant=consented, payment=ONE_OFF_CARD, failure=issuer_down, history=history)
+    stored = ctx(catalog=load_catalog(), merchant=consented, payment=ONE_OFF_CARD, failure=issuer_down, history=history,
+                 **US_CUSTOMER)  # fmt: skip
     assert broken(stored, retry(strategy="cascade", connector="adyen", at=T0 + 24 * HOUR)) == ()
     for payment in ({**ONE_OFF_CARD, "is_recurring": True}, {**ONE_OFF_CARD, "payment_method_type": "mandate"}):
         recurring = ctx(catalog=load_catalog(), payment=payment, failure=issuer_down, history=history)

@@ -87,6 +87,7 @@ class Rule(StrEnum):
     VISA_CATEGORY_1 = "visa_category_1"
     LOST_STOLEN_CARD = "lost_stolen_card"
     AUTHORIZATION_REVOKED = "authorization_revoked"
+    ACCOUNT_CLOSED_OR_INVALID = "account_closed_or_invalid"
     BLOCK_LIST = "block_list"
     VISA_REATTEMPT_CAP = "visa_reattempt_cap"
     MASTERCARD_REATTEMPT_CAP = "mastercard_reattempt_cap"
@@ -169,6 +170,7 @@ LASTING_RETRY_BANS: frozenset[str] = frozenset(
         Rule.VISA_CATEGORY_1,
         Rule.LOST_STOLEN_CARD,
         Rule.AUTHORIZATION_REVOKED,
+        Rule.ACCOUNT_CLOSED_OR_INVALID,
         Rule.BLOCK_LIST,
         Rule.MAC_NEVER_RETRY,
         Rule.MAC_CARD_UPDATE,
@@ -211,6 +213,9 @@ class RuleBook:
     # ISO 8583 codes as the catalog keys them, and a connector's words for it when it sends no such code.
     revoked_codes: frozenset[str]
     revoked_message: re.Pattern[str]
+    # The account is closed or the card number unknown to its issuer: ISO 8583 codes, and a connector's words.
+    closed_codes: frozenset[str]
+    closed_message: re.Pattern[str]
     block_list_connector_codes: frozenset[tuple[str, str]]  # (connector, code): a block list refused the payment
     mastercard_networks: frozenset[str]
     mastercard_reattempt_cap: int
@@ -385,6 +390,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["lost_stolen_card"] = str(_get(raw, "lost_stolen_card.source"))
     sources["block_list"] = str(_get(raw, "block_list.source"))
     sources["revoked_authorization"] = str(_get(raw, "revoked_authorization.source"))
+    sources["closed_or_invalid_account"] = str(_get(raw, "closed_or_invalid_account.source"))
     sources["suspected_fraud"] = str(_get(raw, "suspected_fraud.source"))
     sources["rbi_card_e_mandate"] = str(_get(raw, "rbi_card_e_mandate.source"))
     sources["e_mandate_afa_limit"] = str(_get(raw, "e_mandate_afa_limit.source"))
@@ -407,6 +413,10 @@ def parse_rulebook(raw: Any) -> RuleBook:
             _network_code(code) for code in _strings(raw, "revoked_authorization.network_decline_codes")
         ),
         revoked_message=_any_of(raw, "revoked_authorization.message_patterns"),
+        closed_codes=frozenset(
+            _network_code(code) for code in _strings(raw, "closed_or_invalid_account.network_decline_codes")
+        ),
+        closed_message=_any_of(raw, "closed_or_invalid_account.message_patterns"),
         block_list_connector_codes=_connector_codes(raw, "block_list.connector_codes"),
         mastercard_networks=_strings(raw, "mastercard.reattempt_cap.card_networks"),
         mastercard_reattempt_cap=int(_number(raw, "mastercard.reattempt_cap.max_declines")),
@@ -689,17 +699,20 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         sent_code = _network_code(failure.network_decline_code) if failure.network_decline_code else None
         codes = {sent_code, normalised.network_decline_code}
         message = failure.error_message
-        if (
-            codes & book.lost_stolen_codes
-            or own_code in book.lost_stolen_connector_codes
-            or (message is not None and book.lost_stolen_message.search(message) is not None)
+        if _said(codes, message, book.lost_stolen_codes, book.lost_stolen_message) or (
+            own_code in book.lost_stolen_connector_codes
         ):
             applied.append(Rule.LOST_STOLEN_CARD.value)
             retry_blocked.append(Rule.LOST_STOLEN_CARD)
+        # A closed account or a card number its issuer does not know: no silent re-attempt on any network (Visa's
+        # category 1 for Visa; Mastercard pairs them with MAC 03); a payment link, with another card, stays open.
+        if _said(codes, message, book.closed_codes, book.closed_message):
+            applied.append(Rule.ACCOUNT_CLOSED_OR_INVALID.value)
+            retry_blocked.append(Rule.ACCOUNT_CLOSED_OR_INVALID)
         # The cardholder told their issuer to stop the merchant's payments (Visa R0, R1, R3, on whichever network a
         # connector reports them): no silent re-attempt ever, and no payment link asking them to pay what they
         # stopped, as for Mastercard's MAC 21.
-        if codes & book.revoked_codes or (message is not None and book.revoked_message.search(message) is not None):
+        if _said(codes, message, book.revoked_codes, book.revoked_message):
             applied.append(Rule.AUTHORIZATION_REVOKED.value)
             retry_blocked.append(Rule.AUTHORIZATION_REVOKED)
             retarget_blocked.append(Rule.AUTHORIZATION_REVOKED)
@@ -974,6 +987,11 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         cadence_days=retarget.skip_days + 1 if nudges_used else None,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
+
+
+def _said(codes: set[str | None], message: str | None, listed: frozenset[str], words: re.Pattern[str]) -> bool:
+    """Whether the failure's network codes include one of ``listed``, or its message says so in ``words``."""
+    return not codes.isdisjoint(listed) or (message is not None and words.search(message) is not None)
 
 
 def _is_indian_one_off_card_payment(book: RuleBook, request: DecisionRequest, method: str, method_type: str) -> bool:

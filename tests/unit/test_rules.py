@@ -465,6 +465,50 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
     assert Rule.LOST_STOLEN_CARD not in broken(context, retarget())
 
 
+def _us_card_decline(network: str, failure: dict[str, str | None]) -> RuleContext:
+    """A US customer's card payment on ``network`` declined on stripe as ``failure`` says (merged into a plain
+    card_declined), under a lenient merchant and the shipped catalog."""
+    return ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        payment={"card_network": network},
+        failure={"connector": "stripe", "error_code": "card_declined", "error_message": None,
+                 "network_decline_code": None, **failure},
+        customer={"country": "US"},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("network", "failure", "dead"),
+    [
+        # A closed account or a card number its issuer does not know: Visa category 1, but on any other network it
+        # was open to silent retries, which exploration (or a model) could pick.
+        ("mastercard", {"network_decline_code": "46"}, True),
+        ("amex", {"network_decline_code": "14"}, True),
+        ("rupay", {"network_decline_code": "46"}, True),
+        ("visa", {"network_decline_code": "46"}, True),
+        ("discover", {"connector": "acme", "error_code": "X7", "error_message": "Closed Account"}, True),
+        ("mastercard", {"connector": "acme", "error_code": "X7", "error_message": "account has been closed"}, True),
+        # Not these: left to the other rules.
+        ("mastercard", {"network_decline_code": "15"}, False),  # maybe the acquirer's routing: a cascade may cure it
+        ("mastercard", {"connector": "acme", "error_code": "X7",
+                        "error_message": "Connection closed by issuer"}, False),
+        ("mastercard", {"network_decline_code": "05"}, False),
+    ],
+)  # fmt: skip
+def test_a_closed_account_or_unknown_card_number_is_never_retried_on_any_network(
+    network: str, failure: dict[str, str | None], dead: bool
+) -> None:
+    context = _us_card_decline(network, failure)
+    assert (Rule.ACCOUNT_CLOSED_OR_INVALID in broken(context, retry(strategy="cascade", connector="adyen"))) is dead
+    assert ("account_closed_or_invalid" in context.rules_applied) is dead
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert (retries == []) is dead
+    # The customer may still pay with another card through a link.
+    assert Rule.ACCOUNT_CLOSED_OR_INVALID not in broken(context, retarget())
+    assert Rule.ACCOUNT_CLOSED_OR_INVALID in rules.LASTING_RETRY_BANS
+
+
 @pytest.mark.parametrize(
     ("network", "failure", "revoked"),
     [
@@ -495,14 +539,7 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
 def test_a_cardholders_stop_payment_order_gets_no_retry_and_no_link_on_any_network(
     network: str, failure: dict[str, str | None], revoked: bool
 ) -> None:
-    context = ctx(
-        merchant=LENIENT,
-        catalog=load_catalog(),
-        payment={"card_network": network},
-        failure={"connector": "stripe", "error_code": "card_declined", "error_message": None,
-                 "network_decline_code": None, **failure},
-        customer={"country": "US"},
-    )  # fmt: skip
+    context = _us_card_decline(network, failure)
     assert (Rule.AUTHORIZATION_REVOKED in broken(context, retry(strategy="cascade", connector="adyen"))) is revoked
     assert (Rule.AUTHORIZATION_REVOKED in broken(context, retarget())) is revoked
     assert ("authorization_revoked" in context.rules_applied) is revoked

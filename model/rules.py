@@ -85,6 +85,7 @@ class Rule(StrEnum):
     MALFORMED_CANDIDATE = "malformed_candidate"
     BEFORE_EVENT_TIME = "before_event_time"
     VISA_CATEGORY_1 = "visa_category_1"
+    VISA_CATEGORY_3_SAME_DETAILS = "visa_category_3_same_details"
     LOST_STOLEN_CARD = "lost_stolen_card"
     AUTHORIZATION_REVOKED = "authorization_revoked"
     ACCOUNT_CLOSED_OR_INVALID = "account_closed_or_invalid"
@@ -205,6 +206,7 @@ class RuleBook:
 
     version: int
     visa_reattempt_cap: int
+    visa_category_3_only: frozenset[str]  # the silent retries that send other details after a category-3 decline
     visa_window: timedelta
     lost_stolen_codes: frozenset[str]  # ISO 8583 codes (normalised like the catalog's): never retried, any network
     lost_stolen_connector_codes: frozenset[tuple[str, str]]  # (connector, code), both case-folded
@@ -386,6 +388,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     }
     sources["visa.category_1"] = str(_get(raw, "visa.category_1.source"))
     sources["visa.reattempt_cap"] = str(_get(raw, "visa.reattempt_cap.source"))
+    sources["visa.category_3"] = str(_get(raw, "visa.category_3.source"))
     sources["mastercard.reattempt_cap"] = str(_get(raw, "mastercard.reattempt_cap.source"))
     sources["lost_stolen_card"] = str(_get(raw, "lost_stolen_card.source"))
     sources["block_list"] = str(_get(raw, "block_list.source"))
@@ -403,6 +406,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     return RuleBook(
         version=int(_number(raw, "version")),
         visa_reattempt_cap=int(_number(raw, "visa.reattempt_cap.max_reattempts")),
+        visa_category_3_only=_strategies(raw, "visa.category_3.only"),
         visa_window=timedelta(days=_number(raw, "visa.reattempt_cap.window_days")),
         lost_stolen_codes=frozenset(
             _network_code(code) for code in _strings(raw, "lost_stolen_card.network_decline_codes")
@@ -839,6 +843,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         for name in _RETRY_STRATEGY_NAMES:
             if name not in book.after_authentication_request_only:
                 not_applicable.setdefault(name, Rule.AUTHENTICATION_REQUESTED)
+    # Visa category 3: the issuer declined the details it was sent; only a retry that sends others (a step-up's
+    # authentication, the PAN for a token) revalidates them (hard_rules.yaml, visa.category_3).
+    if visa_category == 3:
+        for name in _RETRY_STRATEGY_NAMES:
+            if name not in book.visa_category_3_only:
+                not_applicable.setdefault(name, Rule.VISA_CATEGORY_3_SAME_DETAILS)
     # A suspected-fraud decline: the card is not re-presented silently; only a step-up lets the issuer verify the
     # cardholder, while they are at the checkout (hard_rules.yaml, suspected_fraud).
     if normalised.error_class.value in book.fraud_suspicion_classes:

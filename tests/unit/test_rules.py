@@ -1691,6 +1691,38 @@ STEP_UP = retry(strategy="step_up")
 
 
 @pytest.mark.parametrize(
+    ("network", "decline", "payment", "candidate", "fires"),
+    [
+        # Visa category 3 ("revalidate payment information prior to reattempt"): the same details re-presented
+        # unchanged were allowed (a cascade of a wrong CVV2, a retry of an expired card).
+        ("visa", "N7", {}, retry(), True),
+        ("visa", "54", {}, retry(strategy="cascade", connector="adyen"), True),
+        ("visa", "82", {"payment_method_type": "debit"}, retry(strategy="alternate_network"), True),
+        ("visa", "6P", {}, retry(at=T0 + 24 * HOUR), True),
+        # A retry that sends other details is left: the PAN for a token, a step-up's authentication.
+        ("visa", "82", {"is_network_token": True}, retry(strategy="clear_pan"), False),
+        ("visa", "N7", {"is_recurring": False}, STEP_UP, False),
+        # Not category 3, or not Visa: left to the other rules.
+        ("visa", "51", {}, retry(), False),
+        ("mastercard", "N7", {}, retry(), False),
+    ],
+)
+def test_a_visa_data_quality_decline_is_never_re_attempted_with_the_same_details(
+    network: str, decline: str, payment: dict[str, Any], candidate: Candidate, fires: bool
+) -> None:
+    context = ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        currency="USD",
+        customer={"country": "US"},
+        payment={"card_network": network, "authentication_type": "no_three_ds", **payment},
+        failure={"error_code": "card_declined", "error_message": None, "network_decline_code": decline},
+    )
+    assert (Rule.VISA_CATEGORY_3_SAME_DETAILS in broken(context, candidate)) is fires
+    assert Rule.VISA_CATEGORY_3_SAME_DETAILS not in broken(context, retarget(at=T0 + 4 * HOUR))
+
+
+@pytest.mark.parametrize(
     ("decline", "mac", "recurring", "candidate", "broken_by"),
     [
         # Mastercard 83 (security) with 01: authenticate, so a one-off's 3DS step-up at the checkout is the retry.

@@ -88,6 +88,7 @@ class Rule(StrEnum):
     VISA_CATEGORY_3_SAME_DETAILS = "visa_category_3_same_details"
     LOST_STOLEN_CARD = "lost_stolen_card"
     AUTHORIZATION_REVOKED = "authorization_revoked"
+    MANDATE_REVOKED = "mandate_revoked"
     ACCOUNT_CLOSED_OR_INVALID = "account_closed_or_invalid"
     BLOCK_LIST = "block_list"
     VISA_REATTEMPT_CAP = "visa_reattempt_cap"
@@ -171,6 +172,7 @@ LASTING_RETRY_BANS: frozenset[str] = frozenset(
         Rule.VISA_CATEGORY_1,
         Rule.LOST_STOLEN_CARD,
         Rule.AUTHORIZATION_REVOKED,
+        Rule.MANDATE_REVOKED,
         Rule.ACCOUNT_CLOSED_OR_INVALID,
         Rule.BLOCK_LIST,
         Rule.MAC_NEVER_RETRY,
@@ -215,6 +217,7 @@ class RuleBook:
     # ISO 8583 codes as the catalog keys them, and a connector's words for it when it sends no such code.
     revoked_codes: frozenset[str]
     revoked_message: re.Pattern[str]
+    mandate_revoked_message: re.Pattern[str]  # a connector's words for a revoked mandate, any payment method
     # The account is closed or the card number unknown to its issuer: ISO 8583 codes, and a connector's words.
     closed_codes: frozenset[str]
     closed_message: re.Pattern[str]
@@ -417,6 +420,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
             _network_code(code) for code in _strings(raw, "revoked_authorization.network_decline_codes")
         ),
         revoked_message=_any_of(raw, "revoked_authorization.message_patterns"),
+        mandate_revoked_message=_any_of(raw, "revoked_authorization.mandate_message_patterns"),
         closed_codes=frozenset(
             _network_code(code) for code in _strings(raw, "closed_or_invalid_account.network_decline_codes")
         ),
@@ -720,6 +724,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
             applied.append(Rule.AUTHORIZATION_REVOKED.value)
             retry_blocked.append(Rule.AUTHORIZATION_REVOKED)
             retarget_blocked.append(Rule.AUTHORIZATION_REVOKED)
+
+    # A revoked mandate (UPI AutoPay, an e-mandate): nothing is left to debit, so no silent retry; a link stays open
+    # (a bank also revokes a mandate whose debits keep failing for want of balance).
+    if failure.error_message is not None and book.mandate_revoked_message.search(failure.error_message) is not None:
+        applied.append(Rule.MANDATE_REVOKED.value)
+        retry_blocked.append(Rule.MANDATE_REVOKED)
 
     # A block list refused the payment: the merchant's own (Stripe Radar's list) or its processor's negative file.
     # Another connector would not consult that list, so a cascade would slip past the merchant's own decision, and a

@@ -600,6 +600,39 @@ def upi_ctx(method: str = "upi_autopay", method_type: str | None = "mandate", **
     return ctx(merchant=merchant, **{**request, **overrides})
 
 
+@pytest.mark.parametrize(
+    ("method", "method_type", "message", "revoked"),
+    [
+        # A revoked mandate has nothing left to debit: a silent retry was permitted (for AutoPay one of NPCI's three).
+        ("upi_autopay", "mandate", "Mandate has been revoked by the customer", True),
+        ("upi", "mandate", "Payer has revoked the mandate", True),
+        ("card", "mandate", "E-mandate revoked by issuer", True),
+        ("upi_autopay", "mandate", "MANDATE REVOCATION", True),
+        # Not a revocation.
+        ("upi_autopay", "mandate", "Mandate paused by customer", False),
+        ("upi_autopay", "mandate", "Insufficient funds in customer account", False),
+        ("upi_autopay", "mandate", None, False),
+    ],
+)
+def test_a_revoked_mandate_is_never_retried_silently_but_may_get_a_link(
+    method: str, method_type: str, message: str | None, revoked: bool
+) -> None:
+    context = upi_ctx(
+        method,
+        method_type,
+        failure={"connector": "razorpay", "network_decline_code": None, "error_code": "X1", "error_message": message},
+    )
+    at = ist(4, 0)
+    assert (
+        Rule.MANDATE_REVOKED in broken(context, retry(strategy="retry_same", connector="razorpay", at=at))
+    ) is revoked
+    assert ("mandate_revoked" in context.rules_applied) is revoked
+    assert Rule.MANDATE_REVOKED not in broken(context, retarget(at=ist(10, 0)))
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert (retries == []) is revoked
+    assert Rule.MANDATE_REVOKED in rules.LASTING_RETRY_BANS
+
+
 def ist(hh: int, mm: int, day: int = 1) -> datetime:
     return datetime(2026, 11, day, hh, mm, tzinfo=IST).astimezone(UTC)
 

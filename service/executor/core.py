@@ -638,6 +638,14 @@ class Executor:
         if skipped:
             for attempt in attempts:
                 attempt["attempt_number"] -= sum(1 for number in skipped if number < attempt["attempt_number"])
+        # A message WhatsApp held back (a try-later or a rate limit: ``record_receipt``) never reached the customer:
+        # left out, it counts neither against max_nudges nor the day, and the next message is the one it was meant
+        # to be (held to the same cadence day). It stays on record (and in the exported history) as undelivered.
+        recorded_nudges = conn.execute(
+            sa.select(nudges)
+            .where(nudges.c.merchant_id == order["merchant_id"], nudges.c.order_id == order["order_id"])
+            .order_by(nudges.c.sent_at)
+        ).all()
         sent = [
             {
                 "channel": row.channel,
@@ -646,13 +654,10 @@ class Executor:
                 "clicked_at": as_utc(row.clicked_at).isoformat() if row.clicked_at else None,
                 "nudge_id": row.nudge_id,
             }
-            for row in conn.execute(
-                sa.select(nudges)
-                .where(nudges.c.merchant_id == order["merchant_id"], nudges.c.order_id == order["order_id"])
-                .order_by(nudges.c.sent_at)
-            )
+            for row in recorded_nudges
+            if not _held_back(row.delivered, row.error)
         ]
-        on_record = {str(nudge["nudge_id"]) for nudge in sent}
+        on_record = {str(row.nudge_id) for row in recorded_nudges}
         sent.extend(
             message
             for message in self._messages_maybe_out(conn, order, sending)
@@ -1056,9 +1061,16 @@ class Executor:
         listed = set(merchant.retarget.channels)
         down = {channel: until for channel, until in channels_down(conn, request.merchant_id, now).items()
                 if channel in listed}  # fmt: skip
+        noted = down_note(down)
+        # A channel on which WhatsApp held one of the order's messages back as a try-later waits as a channel down
+        # does, for this order only: not retried there the same day (Meta: not within 24 hours), while another
+        # channel may take the message now.
+        held = {channel: until for channel, until in _held_channels(conn, request, now).items() if channel in listed}
+        noted += [f"channel_held:{channel.value}" for channel in sorted(held, key=lambda c: c.value)]
+        for channel, until in held.items():
+            down[channel] = max(until, down.get(channel, until))
         if not down:
             return self.decider(request, merchant)
-        noted = down_note(down)
         decision = self.decider(request, without_channels(merchant, down))
         if decision.action == Action.STOP:
             # Decided as of the end of the first hold, so its execute_at keeps every rule then (quiet hours, the
@@ -1071,7 +1083,8 @@ class Executor:
                         "execute_at": max(as_utc(waiting.execute_at), until),
                         "reasons": [
                             *waiting.reasons,
-                            f"{waiting.channel.value} is down until {until.isoformat()}: the message waits for it",
+                            f"{waiting.channel.value} is {'held back' if waiting.channel in held else 'down'} until "
+                            f"{until.isoformat()}: the message waits for it",
                         ],
                         "rules_applied": [*waiting.rules_applied, *noted],
                     }
@@ -2876,24 +2889,74 @@ class Executor:
         *,
         error: str | None = None,
         failure: ReceiptFailure | None = None,
+        status: ReceiptStatus | None = None,
+        occurred_at: datetime | None = None,
     ) -> bool:
         """A provider's delivery receipt for a nudge (of ``merchant_id``'s, when given: a merchant's callback
         never touches another's nudges); True when a nudge matched. A failed one keeps its ``error`` on the nudge,
         led by the ``failure``'s kind: an ``undeliverable`` one takes the channel off the order's later decisions
-        (``request_for``); a delivered or read one clears it."""
+        (``request_for``); a delivered or read one clears it.
+
+        Receipts are ordered by what they say, then by their provider time stamp ``occurred_at`` (``status``:
+        ``read``, ``delivered`` or ``failed``; by default what ``delivered`` says): a message delivered or read stays
+        so whatever failed receipt comes after (WhatsApp may report a message failed after it was sent, never one
+        delivered), a delivered one replaces a failed one, and of two receipts saying the same, the later one
+        counts (an older one arriving late changes nothing).
+
+        A failed receipt saying WhatsApp held the message back (``HELD_BACK_FAILURES``: a try-later or a rate
+        limit) means it never reached the customer: it no longer counts against ``max_nudges`` or the day
+        (``request_for``), and its order, when open, is decided again now, for the message it still needs; after a
+        try-later, not on that channel for ``TRY_LATER_WAIT`` (``_decide_with_channels_down``)."""
+        status = status or ("delivered" if delivered else "failed")
         where = [nudges.c.provider_message_id == provider_message_id]
         if merchant_id is not None:
             where.append(nudges.c.merchant_id == merchant_id)
-        # A delivered one clears the error an earlier failed one left (receipts may come out of order, a provider
-        # may retry a delivery it first reported failed): the nudge reached the customer, and ``error`` says why one
-        # did not (as when a message kept as maybe sent turns out taken, ``_sent_after_all``).
-        values: dict[str, Any] = {"delivered": delivered, "error": None}
-        if not delivered:
+        # A delivered one clears the error an earlier failed one left (a provider may retry a delivery it first
+        # reported failed): the nudge reached the customer, and ``error`` says why one did not (as when a message
+        # kept as maybe sent turns out taken, ``_sent_after_all``).
+        values: dict[str, Any] = {"delivered": status != "failed", "error": None, "receipt_status": status}
+        if occurred_at is not None:
+            values["receipt_at"] = occurred_at
+        if status == "failed":
             note = f"{failure}: {error or ''}".strip() if failure else error
             values["error"] = (note or "failed")[:500]
+        now = self.clock()
         with self.engine.begin() as conn:
-            changed = conn.execute(nudges.update().where(*where).values(**values)).rowcount
-        return bool(changed)
+            keys = conn.execute(sa.select(nudges.c.merchant_id, nudges.c.order_id).where(*where).distinct()).all()
+            for key in sorted(keys, key=tuple):
+                # The order first, then its nudges, as every transaction that changes both takes them.
+                order = self.lock_order(conn, key.merchant_id, key.order_id)
+                found = conn.execute(
+                    self.for_update(
+                        sa.select(nudges).where(
+                            *where, nudges.c.merchant_id == key.merchant_id, nudges.c.order_id == key.order_id
+                        )
+                    )
+                ).mappings()
+                held_back = False
+                for nudge in found.all():
+                    if not _receipt_applies(nudge, status, occurred_at):
+                        continue
+                    conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
+                    held_back |= failure in HELD_BACK_FAILURES and not _held_back(nudge["delivered"], nudge["error"])
+                if held_back and order is not None:
+                    self._decision_point(
+                        conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"
+                    )
+        return bool(keys)
+
+
+def _receipt_applies(nudge: RowMapping, status: ReceiptStatus, occurred_at: datetime | None) -> bool:
+    """Whether a receipt saying ``status`` at ``occurred_at`` decides ``nudge``'s delivery now: it says more than
+    the one that decided it (read over delivered over failed), or the same and not earlier."""
+    known = nudge["receipt_status"]
+    if known is None:
+        return True
+    rank, known_rank = RECEIPT_RANK[status], RECEIPT_RANK.get(str(known), 0)
+    if rank != known_rank:
+        return rank > known_rank
+    known_at = as_utc_or_none(nudge["receipt_at"])
+    return occurred_at is None or known_at is None or as_utc(occurred_at) >= known_at
 
 
 def _noted_on_cancelled(
@@ -2917,6 +2980,23 @@ def by_order_of(action: ActionRow) -> tuple[str, str, int]:
 #: How a nudge's ``error`` starts when its provider's receipt said the address cannot get its channel's messages.
 UNDELIVERABLE_ERROR_PREFIX: Final = "undeliverable:"
 
+#: What a delivery receipt may say, by how much it says: a read message was delivered, a delivered one stays so.
+ReceiptStatus = Literal["failed", "delivered", "read"]
+RECEIPT_RANK: Final[Mapping[str, int]] = {"failed": 0, "delivered": 1, "read": 2}
+
+#: Failed receipts saying WhatsApp held the message back (``ReceiptFailure``): it never reached the customer, who
+#: did nothing, so it does not count against ``max_nudges`` nor the skip-days cadence (``Executor.request_for``).
+HELD_BACK_FAILURES: Final[frozenset[str]] = frozenset({"try_later", "rate_limited"})
+TRY_LATER_ERROR_PREFIX: Final = "try_later:"
+#: How long a channel is not used again for an order after WhatsApp held one of its messages back as a try-later
+#: (Meta's per-user marketing limit, 131049): Meta asks to wait at least 24 hours before resending (data/README.md).
+TRY_LATER_WAIT: Final = timedelta(hours=24)
+
+
+def _held_back(delivered: bool | None, error: str | None) -> bool:
+    """Whether a nudge so recorded was held back by WhatsApp (``HELD_BACK_FAILURES``, kept as its error's lead)."""
+    return delivered is False and error is not None and error.split(":", 1)[0] in HELD_BACK_FAILURES
+
 
 def _undeliverable_channels(conn: sa.Connection, order: RowMapping) -> set[Channel]:
     """The channels on which a nudge of the order failed as undeliverable (``Executor.record_receipt``)."""
@@ -2931,6 +3011,29 @@ def _undeliverable_channels(conn: sa.Connection, order: RowMapping) -> set[Chann
         .distinct()
     )
     return {Channel(row.channel) for row in rows}
+
+
+def _held_channels(conn: sa.Connection, request: DecisionRequest, now: datetime) -> dict[Channel, datetime]:
+    """The channels on which WhatsApp held a message of the order back as a try-later (``record_receipt``) less
+    than ``TRY_LATER_WAIT`` ago, with the end of each one's wait (from the receipt, else the send)."""
+    rows = conn.execute(
+        sa.select(nudges.c.channel, nudges.c.sent_at, nudges.c.receipt_at).where(
+            nudges.c.merchant_id == request.merchant_id,
+            nudges.c.order_id == request.order_id,
+            nudges.c.delivered.is_(False),
+            nudges.c.error.startswith(TRY_LATER_ERROR_PREFIX, autoescape=True),
+        )
+    )
+    held: dict[Channel, datetime] = {}
+    for row in rows:
+        until = max(as_utc(row.sent_at), as_utc_or_none(row.receipt_at) or as_utc(row.sent_at)) + TRY_LATER_WAIT
+        if until > now and row.channel in _CHANNEL_NAMES:
+            channel = Channel(row.channel)
+            held[channel] = max(until, held.get(channel, until))
+    return held
+
+
+_CHANNEL_NAMES: Final = frozenset(channel.value for channel in Channel)
 
 
 def _cancel_withdrawn(conn: sa.Connection, action_ids: list[Any], why: str, now: datetime) -> None:

@@ -350,6 +350,8 @@ def provider_router(app: FastAPI) -> APIRouter:
                 receipt.merchant_id,
                 error=receipt.error,
                 failure=receipt.failure,
+                status=receipt.status,
+                occurred_at=receipt.occurred_at,
             )
         )
         if found and receipt.opted_out and receipt.merchant_id is not None:  # no more messages it would refuse

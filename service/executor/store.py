@@ -119,6 +119,10 @@ nudges = sa.Table(
     sa.Column("decision_id", sa.String(64), nullable=True),
     sa.Column("propensity", sa.Float, nullable=True),
     sa.Column("idempotency_key", sa.String(400), nullable=True, unique=True),
+    # The provider receipt that decided ``delivered`` (delivered | read | failed) and its time stamp (migration
+    # 0014): a delivered or read one is never undone by a failed one, whenever that arrives.
+    sa.Column("receipt_status", sa.String(16), nullable=True),
+    sa.Column("receipt_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_nudges_order", "merchant_id", "order_id"),
     sa.Index("ix_nudges_provider_message", "provider_message_id"),
 )
@@ -252,6 +256,19 @@ channel_outages = sa.Table(
     sa.Column("times_down", sa.Integer, nullable=False, server_default="0"),
     # After a hold, the message that probes the channel holds it until then; the others wait for its answer.
     sa.Column("probe_until", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+channel_pacing = sa.Table(
+    "channel_pacing",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("channel", sa.String(16), primary_key=True),
+    # Until then the merchant's messages on the channel are held back (a receipt said its sender was rate limited).
+    sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_limited_at", sa.DateTime(timezone=True), nullable=False),
+    # Rate-limited receipts in a row (each one doubles the hold); a quiet spell starts the count over.
+    sa.Column("times_limited", sa.Integer, nullable=False, server_default="0"),
 )
 
 

@@ -1,0 +1,142 @@
+"""What a WhatsApp message that failed means for the customer's reminders.
+
+Before: a failed receipt after a delivered one marked the message undelivered (WhatsApp may report a message failed
+after it was sent; one delivered is delivered); a message WhatsApp held back (Meta's per-user marketing limit 131049,
+a rate limit) never reached the customer yet counted toward ``max_nudges`` as a delivered one; and a receipt saying
+the merchant's sender number was rate limited (130429, Gupshup 4001) only logged a warning while sends went on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from model.catalog import load_catalog
+from model.vocab import Channel
+from service.executor.store import as_utc, nudges
+from service.executor.worker import make_decider
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
+    Harness,
+    demo_merchant,
+    event,
+    make_harness,
+)
+
+SECOND = timedelta(seconds=1)
+
+
+@pytest.fixture
+def rules_only() -> Iterator[Any]:
+    decider, stop = make_decider(load_catalog(), None, seed=1)
+    yield decider
+    stop()
+
+
+def delivery(h: Harness) -> list[tuple[bool, str | None]]:
+    return [(nudge.delivered, nudge.error) for nudge in h.view().nudges]
+
+
+def test_receipts_arriving_out_of_order_are_ordered_by_meaning_then_time(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A delivered or read receipt wins over a failed one whichever comes first; of two failed ones, the later by
+    the provider's time stamp stands, however late the earlier one arrives."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    receipt = h.executor.record_receipt
+    assert receipt("pm_1", False, "m_demo", error="131000 late", occurred_at=START + 20 * SECOND)
+    assert delivery(h) == [(False, "131000 late")]
+    assert receipt("pm_1", False, "m_demo", error="131000 early", occurred_at=START + 10 * SECOND)
+    assert delivery(h) == [(False, "131000 late")]  # the earlier failure, arriving late, changes nothing
+    assert receipt("pm_1", True, "m_demo", occurred_at=START + 5 * SECOND)
+    assert delivery(h) == [(True, None)]  # a failed before delivered is replaced by delivered
+    assert receipt("pm_1", False, "m_demo", error="131026 failed after", occurred_at=START + 30 * SECOND)
+    assert delivery(h) == [(True, None)]  # a delivered message stays delivered
+    assert receipt("pm_1", True, "m_demo", status="read", occurred_at=START + 40 * SECOND)
+    assert receipt("pm_1", True, "m_demo", status="delivered", occurred_at=START + 50 * SECOND)
+    assert receipt("pm_1", False, "m_demo", error="131000", occurred_at=START + 60 * SECOND)
+    assert delivery(h) == [(True, None)]
+    with h.executor.engine.connect() as conn:
+        (status,) = conn.execute(nudges.select().with_only_columns(nudges.c.receipt_status)).one()
+    assert status == "read"  # a delivered receipt after the read one does not take it back
+
+
+def whatsapp_only(max_nudges: int = 2, **retarget: Any) -> Any:
+    return demo_merchant(
+        retry={"max_retries": 0}, retarget={"channels": ["whatsapp"], "max_nudges": max_nudges} | retarget
+    )
+
+
+def sends(h: Harness) -> list[tuple[Channel, timedelta]]:
+    return [(nudge.channel, as_utc(nudge.sent_at) - START) for nudge in h.view().nudges]
+
+
+def run_for(h: Harness, hours: int) -> None:
+    for _ in range(hours):
+        h.drain()
+        h.clock.advance(hours=1)
+
+
+@pytest.mark.parametrize(("code", "failure"), [("131049", "try_later"), ("130472", "try_later")])
+def test_a_message_whatsapp_held_back_as_try_later_does_not_count_and_goes_again_the_next_day(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,
+    code: str,
+    failure: Any,
+) -> None:
+    """``max_nudges: 2`` on WhatsApp alone: the first message is held back by Meta (its per-user marketing limit).
+    Before, it counted: the customer got one message in all. Now it does not: the order is decided again at once,
+    WhatsApp is not used again for 24 hours (Meta asks for that much), and the customer still gets two messages,
+    each on a day of the skip-days cadence and outside the quiet hours."""
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert len(h.outbox) == 1
+    h.clock.advance(seconds=30)
+    assert h.executor.record_receipt("pm_1", False, "m_demo", error=f"{code} held", failure=failure)
+    last = h.view().decisions[-1]
+    assert (last["action"], last["channel"]) == ("retarget", "whatsapp")
+    assert "nudges_left:2" in last["rules_applied"]  # the held-back message is not one of the two
+    assert "channel_held:whatsapp" in last["rules_applied"]
+    assert datetime.fromisoformat(last["execute_at"]) >= START + timedelta(hours=24)
+    run_for(h, 8 * 24)
+    delivered = [n for n in h.view().nudges if n.delivered]
+    assert len(delivered) == 2
+    assert all(as_utc(n.sent_at) >= START + timedelta(hours=24) for n in delivered)  # not again the same day
+    assert h.view().state == "FAILED"  # the window closed with no payment: two reminders, as the merchant set
+
+
+def test_a_rate_limited_message_does_not_count_and_goes_again_the_same_day(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,
+) -> None:
+    """A message refused by the pair rate limit (131056) never reached the customer: it does not count, and the
+    order is decided again at once; WhatsApp stays open to it the same day (the limit is seconds long)."""
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only(max_nudges=1)})
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    h.clock.advance(minutes=1)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="rate_limited")
+    h.drain()
+    assert [(n.delivered, (n.error or "")[:13]) for n in h.view().nudges] == [(False, "rate_limited:"), (True, "")]
+    assert sends(h)[1][1] < timedelta(hours=1)
+    assert h.view().state == "PENDING"  # its one reminder reached the customer: it waits for a payment
+
+
+def test_the_same_held_back_receipt_twice_decides_the_order_once(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,
+) -> None:
+    """Providers re-send callbacks: a second copy of the same receipt changes nothing."""
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    for _ in range(2):
+        h.executor.record_receipt("pm_1", False, "m_demo", error="131049 held", failure="try_later")
+    assert len(h.view().decisions) == 2

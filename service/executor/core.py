@@ -42,6 +42,7 @@ from service.executor.outages import (
     note_refusal,
     without_channels,
 )
+from service.executor.pacing import note_rate_limited
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -349,6 +350,21 @@ class RetryPolicy:
     #: The longest hold of a channel that is down: a message waiting for it goes at most this long after its
     #: provider is back, and an order waiting for it is decided again about this often.
     channel_down_max_hold_seconds: float = 3600.0
+    #: How long a merchant's channel is first held back after a receipt said its sender was rate limited
+    #: (service/executor/pacing.py); twice as long each time it is again, at most ``rate_limit_max_hold_seconds``.
+    rate_limit_first_hold_seconds: float = 60.0
+    rate_limit_max_hold_seconds: float = 900.0
+
+    def note_rate_limited(self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime:
+        """``pacing.note_rate_limited`` with this policy's spans."""
+        return note_rate_limited(
+            conn,
+            merchant_id,
+            channel,
+            now,
+            first_hold=timedelta(seconds=self.rate_limit_first_hold_seconds),
+            max_hold=timedelta(seconds=self.rate_limit_max_hold_seconds),
+        )
 
     def note_refusal(
         self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, retry_after: timedelta | None
@@ -2938,7 +2954,11 @@ class Executor:
                     if not _receipt_applies(nudge, status, occurred_at):
                         continue
                     conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
-                    held_back |= failure in HELD_BACK_FAILURES and not _held_back(nudge["delivered"], nudge["error"])
+                    newly = failure in HELD_BACK_FAILURES and not _held_back(nudge["delivered"], nudge["error"])
+                    if newly and failure == "rate_limited" and nudge["channel"] in _CHANNEL_NAMES:
+                        # The merchant's sender is slowed down before the order plans its next message on it.
+                        self.retry_policy.note_rate_limited(conn, key.merchant_id, Channel(nudge["channel"]), now)
+                    held_back |= newly
                 if held_back and order is not None:
                     self._decision_point(
                         conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"

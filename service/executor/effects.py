@@ -63,6 +63,7 @@ from service.executor.core import (
 )
 from service.executor.optouts import customer_address, is_opted_out, unsubscribe_url
 from service.executor.outages import channels_down, claim_probe
+from service.executor.pacing import paced_until
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
@@ -567,6 +568,9 @@ class Effects:
             down = self._channel_down(conn, action, now)
             if down is not None:
                 return down
+            paced = paced_until(conn, action.merchant_id, channel, now)
+            if paced is not None:  # held, not dropped: it goes when the hold ends, and counts only then
+                return Defer(paced, f"{channel.value} is paced until {paced.isoformat()}: its sender was rate limited")
             sending_until = self.executor.message_being_sent(conn, order, action)
             if sending_until is not None:  # its answer, once recorded, decides whether this one may still go
                 return Defer(max(sending_until, now + RECHECK), "another message of the order is being sent")

@@ -16,6 +16,7 @@ import pytest
 
 from model.catalog import load_catalog
 from model.vocab import Channel
+from service.executor.pacing import paced_until
 from service.executor.store import as_utc, nudges
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -117,12 +118,15 @@ def test_a_rate_limited_message_does_not_count_and_goes_again_the_same_day(
     rules_only: Any,
 ) -> None:
     """A message refused by the pair rate limit (131056) never reached the customer: it does not count, and the
-    order is decided again at once; WhatsApp stays open to it the same day (the limit is seconds long)."""
+    order is decided again at once; WhatsApp stays open to it the same day, once the sender's short hold ends."""
     h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only(max_nudges=1)})
     h.executor.payment_failed("m_demo", event())
     h.drain()
     h.clock.advance(minutes=1)
     h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="rate_limited")
+    h.drain()
+    assert len(h.outbox) == 1  # the merchant's sender is held back for a minute first
+    h.clock.advance(minutes=1, seconds=1)
     h.drain()
     assert [(n.delivered, (n.error or "")[:13]) for n in h.view().nudges] == [(False, "rate_limited:"), (True, "")]
     assert sends(h)[1][1] < timedelta(hours=1)
@@ -140,3 +144,57 @@ def test_the_same_held_back_receipt_twice_decides_the_order_once(
     for _ in range(2):
         h.executor.record_receipt("pm_1", False, "m_demo", error="131049 held", failure="try_later")
     assert len(h.view().decisions) == 2
+
+
+def two_merchants() -> dict[str, Any]:
+    return {"m_demo": demo_merchant(), "m_other": demo_merchant(api_key_sha256="1" * 64)}
+
+
+def test_a_rate_limited_receipt_holds_back_the_merchants_sender_only_and_loses_nothing_across_a_restart(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before: Meta's 130429 (the merchant's number over its throughput) only logged a warning, and the number
+    went on sending at full speed. Now the merchant's WhatsApp is held back for a minute: its messages wait (none
+    is dropped, none counted), another merchant's go at once, and the hold is in the database, so an executor
+    started afresh on it keeps it and sends the held messages when it ends."""
+    now = {"action": "retarget", "channel": "whatsapp"}
+    h = make_harness(now, now, now, now, merchants=two_merchants(), database_url=database_url)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    h.executor.payment_failed("m_demo", event("ord_2"))
+    h.executor.payment_failed("m_other", event("ord_3"))
+    h.drain()
+    assert [(m.merchant_id, m.order_id) for m in h.outbox] == [("m_demo", "ord_1"), ("m_other", "ord_3")]
+    held = [a for a in h.view("ord_2").actions if a.kind == "nudge"]
+    assert [(a.state, "paced until" in (a.last_error or "")) for a in held] == [("scheduled", True)]
+
+    restarted = make_harness(merchants=two_merchants(), database_url=database_url)
+    restarted.clock.now = h.clock.now + timedelta(seconds=30)
+    restarted.drain()
+    assert restarted.outbox == []  # still held after the restart
+    restarted.clock.advance(seconds=31)
+    restarted.drain()
+    assert sorted(m.order_id for m in restarted.outbox) == ["ord_1", "ord_2"]  # the re-send and the held one
+    assert [n.delivered for n in restarted.view("ord_2").nudges] == [True]
+
+
+def test_the_hold_grows_on_repeats_is_bounded_and_starts_over_after_a_quiet_spell(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A receipt of the same burst (the hold still on) does not lengthen it; one after it ended doubles it, up to
+    the bound; one after a quiet spell starts over."""
+    h = make_harness(database_url=database_url)
+    policy = h.executor.retry_policy
+    held = []
+    moment = START
+    with h.executor.engine.begin() as conn:
+        for wait in [0, 10, 61, 121, 241, 481, 901, 901, 2000]:
+            moment += timedelta(seconds=wait)
+            held.append((policy.note_rate_limited(conn, "m_demo", Channel.WHATSAPP, moment) - moment).total_seconds())
+        assert paced_until(conn, "m_other", Channel.WHATSAPP, moment) is None
+        assert paced_until(conn, "m_demo", Channel.SMS, moment) is None
+    assert held == [60, 50, 120, 240, 480, 900, 900, 900, 60]

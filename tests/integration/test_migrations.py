@@ -273,3 +273,34 @@ def test_the_consoles_unseen_withdrawals_read_the_withdrawn_orders_items_only(da
                 assert "ix_agent_queue_withdrawn" in plan or ("ix_agent_queue_order" in plan and order_bound), plan
     finally:
         engine.dispose()
+
+
+def test_receipt_ordering_and_pacing_are_added_by_0014_keeping_the_nudges_and_dropped_on_downgrade(
+    database_url: str,
+) -> None:
+    """0014: each nudge keeps the receipt that decided its delivery, and channel_pacing holds a rate-limited sender;
+    a nudge stored before keeps its row (no receipt known yet), and a downgrade drops both again."""
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+    nudge = {
+        "nudge_id": "ndg_1", "merchant_id": "m_a", "order_id": "ord_1", "channel": "whatsapp", "template_id": "t",
+        "sent_at": moment, "status": "accepted", "delivered": True,
+    }  # fmt: skip
+    try:
+        upgrade(engine, "0013")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(sa.table("nudges", *(sa.column(name) for name in nudge))), [nudge])
+        upgrade(engine)
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("nudges")}
+        assert {"receipt_status", "receipt_at"} <= columns
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text("SELECT nudge_id, delivered, receipt_status FROM nudges")).all()
+        assert [tuple(row) for row in kept] == [("ndg_1", True, None)]
+        pacing = {column["name"] for column in sa.inspect(engine).get_columns("channel_pacing")}
+        assert pacing == {"merchant_id", "channel", "held_until", "last_limited_at", "times_limited"}
+        downgrade(engine, "0013")
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("nudges")}
+        assert not {"receipt_status", "receipt_at"} & columns
+        assert "channel_pacing" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()

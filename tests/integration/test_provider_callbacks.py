@@ -575,3 +575,35 @@ def test_the_cli_without_a_provider_for_a_merchant_whose_config_names_none_says_
     assert refused.exit_code == 2
     assert "Traceback" not in refused.output
     assert "--provider (fake, gupshup, interakt, karix, push_webhook), e.g. --provider gupshup" in refused.output
+
+
+def test_gupshup_receipts_arriving_out_of_order_through_the_app_keep_a_delivered_message_delivered(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """WhatsApp reports statuses out of order: Gupshup's ``delivered`` (at t+5 s) arrives after its ``failed``
+    (at t+9 s, 131000) and a later ``failed`` (131026 at t+12 s) after both. Before, the last to arrive decided:
+    the message ended undelivered and WhatsApp was taken off the order. Now delivered wins, on either store."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, database_url=database_url)
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    sent = int(START.timestamp())
+
+    def post(status: str, seconds: int, code: int | None = None) -> Any:
+        body = receipt_payload("gupshup", "pm_1", status)
+        body["timestamp"] = (sent + seconds) * 1000
+        body["payload"]["payload"] = {"ts": sent + seconds} | ({"code": code, "reason": "x"} if code else {})
+        return api.loop.run_until_complete(api.client.post(urls()["receipts"], json=body)).json()
+
+    assert post("failed", 9, 131000) == {"received": 1}
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(False, "131000 x")]
+    assert post("delivered", 5) == {"received": 1}
+    assert post("failed", 12, 131026) == {"received": 1}
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(True, None)]
+    ord_1 = h.executor.request_for  # the order's next decision still offers WhatsApp
+    with h.executor.engine.connect() as conn:
+        order = h.executor.lock_order(conn, "m_demo", "ord_1")
+        assert order is not None
+        assert "whatsapp" not in ord_1(conn, order, h.clock.now).customer.opted_out_channels

@@ -3008,6 +3008,8 @@ RECEIPT_RANK: Final[Mapping[str, int]] = {"failed": 0, "delivered": 1, "read": 2
 #: did nothing, so it does not count against ``max_nudges`` nor the skip-days cadence (``Executor.request_for``).
 HELD_BACK_FAILURES: Final[frozenset[str]] = frozenset({"try_later", "rate_limited"})
 TRY_LATER_ERROR_PREFIX: Final = "try_later:"
+#: Held-back messages on one channel after which it is off the order (``_undeliverable_channels``).
+HELD_BACK_LIMIT: Final = 2
 #: How long a channel is not used again for an order after WhatsApp held one of its messages back as a try-later
 #: (Meta's per-user marketing limit, 131049): Meta asks to wait at least 24 hours before resending (data/README.md).
 TRY_LATER_WAIT: Final = timedelta(hours=24)
@@ -3019,18 +3021,27 @@ def _held_back(delivered: bool | None, error: str | None) -> bool:
 
 
 def _undeliverable_channels(conn: sa.Connection, order: RowMapping) -> set[Channel]:
-    """The channels on which a nudge of the order failed as undeliverable (``Executor.record_receipt``)."""
+    """The channels on which a nudge of the order failed as undeliverable (``Executor.record_receipt``), and those
+    on which ``HELD_BACK_LIMIT`` of its nudges were held back: a held-back message does not count, so without it a
+    customer WhatsApp keeps holding back (a Meta experiment, a marketing limit that does not lift) or a sender its
+    provider keeps refusing (Gupshup's 4001) would be messaged again and again, uncounted, until the window closed."""
     rows = conn.execute(
-        sa.select(nudges.c.channel)
-        .where(
+        sa.select(nudges.c.channel, nudges.c.error).where(
             nudges.c.merchant_id == order["merchant_id"],
             nudges.c.order_id == order["order_id"],
             nudges.c.delivered.is_(False),
-            nudges.c.error.startswith(UNDELIVERABLE_ERROR_PREFIX, autoescape=True),
+            nudges.c.error.is_not(None),
         )
-        .distinct()
     )
-    return {Channel(row.channel) for row in rows}
+    off: set[str] = set()
+    held: dict[str, int] = {}
+    for row in rows:
+        if row.error.startswith(UNDELIVERABLE_ERROR_PREFIX):
+            off.add(row.channel)
+        elif _held_back(False, row.error):
+            held[row.channel] = held.get(row.channel, 0) + 1
+    off.update(channel for channel, times in held.items() if times >= HELD_BACK_LIMIT)
+    return {Channel(channel) for channel in off if channel in _CHANNEL_NAMES}
 
 
 def _held_channels(conn: sa.Connection, request: DecisionRequest, now: datetime) -> dict[Channel, datetime]:

@@ -198,3 +198,25 @@ def test_the_hold_grows_on_repeats_is_bounded_and_starts_over_after_a_quiet_spel
         assert paced_until(conn, "m_other", Channel.WHATSAPP, moment) is None
         assert paced_until(conn, "m_demo", Channel.SMS, moment) is None
     assert held == [60, 50, 120, 240, 480, 900, 900, 900, 60]
+
+
+def test_a_channel_that_keeps_holding_messages_back_is_taken_off_the_order(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,
+) -> None:
+    """A held-back message does not count, so a customer WhatsApp holds back every time (a Meta experiment, 130472)
+    was messaged there every day of the window, uncounted: seven messages to a merchant set at two. After two held
+    back, WhatsApp is off the order (no opt-out: the customer's next order may use it); with no other channel the
+    order ends."""
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    h.executor.payment_failed("m_demo", event())
+    answered: set[str] = set()
+    for _ in range(8 * 24):
+        h.drain()
+        for number in range(1, len(h.outbox) + 1):
+            if f"pm_{number}" not in answered:
+                answered.add(f"pm_{number}")
+                h.executor.record_receipt(f"pm_{number}", False, "m_demo", error="130472 x", failure="try_later")
+        h.clock.advance(hours=1)
+    assert len(h.outbox) == 2
+    assert h.view().state == "FAILED"

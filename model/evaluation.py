@@ -1,8 +1,8 @@
 """Offline evaluation: classification metrics, calibration, off-policy estimators and policy comparisons.
 
 Everything here is pure numpy/pandas over arrays and frames. Off-policy estimates replay a policy at every
-logged decision point, match its choice to the logged action on a coarse action key (one definition:
-`action_key`), and weight the logged reward by ``target_prob / logged_propensity`` (clipped).
+logged decision point, match its choice to the logged action (the same candidate: `same_candidate`), and weight
+the logged reward by ``target_prob / logged_propensity`` (clipped).
 """
 
 from __future__ import annotations
@@ -462,59 +462,37 @@ def reward_values(
 # Action matching: one definition of "the same action" for replaying a policy over logged decisions
 # ----------------------------------------------------------------------------------------------------------
 
-#: Retry delay buckets (upper bounds in seconds, from the decision's event time): immediate, within the hour,
-#: within 6 h, within a day, later.
-RETRY_DELAY_EDGES_S: tuple[float, ...] = (60.0, 3_600.0, 6 * 3_600.0, 24 * 3_600.0)
-RETRY_DELAY_LABELS: tuple[str, ...] = ("<1m", "<1h", "<6h", "<24h", ">=24h")
-#: Retarget send-time buckets (upper bounds in hours from the event time): same day-part, same day, by
-#: day 1, 2, 3 of the skip-days cadence, later.
-RETARGET_SEND_EDGES_H: tuple[float, ...] = (4.0, 12.0, 24.0, 48.0, 72.0)
-RETARGET_SEND_LABELS: tuple[str, ...] = ("<4h", "<12h", "<24h", "<48h", "<72h", ">=72h")
+#: How long after a candidate's ``execute_at`` the logged action may have been carried out and still be that
+#: candidate: the history logs when an action was carried out (an attempt's ``created_at``, a nudge's ``sent_at``),
+#: not when it was due, and the executor claims what is due every half second (``service/executor``; the simulator
+#: carries it out on time, a retry at least a second after the attempt before). The grid's times of one kind lie
+#: further apart than this, but for a send time or a payday that falls within it of another, which is rare.
+EXECUTION_LAG_SECONDS = 60.0
 
 
-def delay_bucket(action: Action | str, delay_seconds: float) -> str:
-    """The delay bucket of an action executed ``delay_seconds`` after its decision point."""
-    if delay_seconds < 0:
-        raise ValueError(f"an action cannot execute before its decision point (delay {delay_seconds} s)")
-    if action == Action.RETRY:
-        return RETRY_DELAY_LABELS[int(np.searchsorted(RETRY_DELAY_EDGES_S, delay_seconds, side="right"))]
-    if action == Action.RETARGET:
-        hours = delay_seconds / 3_600.0
-        return RETARGET_SEND_LABELS[int(np.searchsorted(RETARGET_SEND_EDGES_H, hours, side="right"))]
-    return ""
+def same_candidate(chosen: Candidate, logged: Candidate) -> bool:
+    """Whether a policy's ``chosen`` candidate is the ``logged`` action: the same action, strategy, connector and
+    channel, carried out at the candidate's ``execute_at`` or up to ``EXECUTION_LAG_SECONDS`` after it.
 
-
-def action_key(
-    action: Action | str,
-    *,
-    strategy: str | None = None,
-    connector: str | None = None,
-    channel: str | None = None,
-    delay_seconds: float = 0.0,
-) -> tuple[str, ...]:
-    """What counts as "the same action": (retry, strategy, connector, delay bucket), (retarget, channel,
-    send-time bucket) or (stop,)."""
-    kind = Action(action)
-    if kind == Action.RETRY:
-        return (kind.value, str(strategy), str(connector), delay_bucket(kind, delay_seconds))
-    if kind == Action.RETARGET:
-        return (kind.value, str(channel), delay_bucket(kind, delay_seconds))
-    return (kind.value,)
+    The logged propensity is the logging policy's probability of that exact candidate (CONTRACT.md, section 3), so
+    the target probability is the policy's probability of it too. A coarser match (a delay bucket) counted every other
+    time of the bucket the logging policy could have picked, each with a propensity that was never logged: the
+    weights of those points were too large, by the bucket's propensity over the logged one.
+    """
+    if (chosen.action, chosen.strategy, chosen.connector, chosen.channel) != (
+        logged.action,
+        logged.strategy,
+        logged.connector,
+        logged.channel,
+    ):
+        return False
+    lag = _seconds_between(logged.execute_at, chosen.execute_at)
+    # A second of slack before: timestamps a store rounded (the executor never acts early).
+    return -1.0 <= lag <= EXECUTION_LAG_SECONDS
 
 
 def _seconds_between(later: datetime | pd.Timestamp, earlier: datetime | pd.Timestamp) -> float:
     return float((pd.Timestamp(later) - pd.Timestamp(earlier)).total_seconds())
-
-
-def candidate_key(candidate: Candidate, event_time: datetime) -> tuple[str, ...]:
-    """`action_key` of a candidate at a decision point."""
-    return action_key(
-        candidate.action,
-        strategy=candidate.strategy,
-        connector=candidate.connector,
-        channel=candidate.channel,
-        delay_seconds=max(0.0, _seconds_between(candidate.execute_at, event_time)),
-    )
 
 
 def decision_candidate(decision: Decision) -> Candidate:
@@ -628,7 +606,7 @@ def replay(
     """Run each policy at every logged decision point.
 
     One row per (point, policy): ``point`` (position in ``logged``), ``policy``, ``target_prob`` (share of the
-    ``replays`` draws whose action matches the logged one by `action_key`), ``q_logged`` and ``v_target``
+    ``replays`` draws whose action is the logged one, `same_candidate`), ``q_logged`` and ``v_target``
     (reward model; NaN without one), the first draw's ``action`` / ``strategy`` / ``connector`` / ``channel``
     / ``retry_probability`` / ``expected_success`` / ``propensity``, and ``seconds`` spent deciding. Each of
     ``other_reward_models`` (name -> model) adds its own pair, ``q_logged@name`` and ``v_target@name``
@@ -650,14 +628,13 @@ def replay(
     for position, record in enumerate(records):
         request: DecisionRequest = record["request"]
         logged_action = logged_candidate(record)
-        logged_key = candidate_key(logged_action, request.event_time)
         q_logged = {suffix: _reward(model, request, [logged_action]) for suffix, model in models.items()}
         for name, policy in policies.items():
             started = time.perf_counter()
             decisions = [policy(request) for _ in range(replays)]
             elapsed = time.perf_counter() - started
             chosen = [decision_candidate(d) for d in decisions]
-            matches = [candidate_key(c, request.event_time) == logged_key for c in chosen]
+            matches = [same_candidate(c, logged_action) for c in chosen]
             first = decisions[0]
             rows.append(
                 {

@@ -168,41 +168,6 @@ def test_value_rewards_subtract_cost_and_success_rewards_are_labels() -> None:
         ev.reward_values(labels)
 
 
-# ---------------------------------------------------------------------------------------------- action keys
-
-
-@pytest.mark.parametrize(
-    ("action", "seconds", "bucket"),
-    [
-        (Action.RETRY, 0, "<1m"),
-        (Action.RETRY, 59, "<1m"),
-        (Action.RETRY, 60, "<1h"),
-        (Action.RETRY, 7 * 3600, "<24h"),
-        (Action.RETRY, 30 * 3600, ">=24h"),
-        (Action.RETARGET, 3600, "<4h"),
-        (Action.RETARGET, 23 * 3600, "<24h"),
-        (Action.RETARGET, 24 * 3600, "<48h"),
-        (Action.RETARGET, 100 * 3600, ">=72h"),
-        (Action.STOP, 5, ""),
-    ],
-)
-def test_delay_buckets(action: Action, seconds: float, bucket: str) -> None:
-    assert ev.delay_bucket(action, seconds) == bucket
-
-
-def test_action_key_ignores_fields_that_do_not_belong_to_the_action() -> None:
-    assert ev.action_key("retry", strategy="cascade", connector="adyen", delay_seconds=2) == (
-        "retry",
-        "cascade",
-        "adyen",
-        "<1m",
-    )
-    assert ev.action_key("retarget", channel="sms", connector="adyen", delay_seconds=3600) == ("retarget", "sms", "<4h")
-    assert ev.action_key("stop", channel="sms") == ("stop",)
-    with pytest.raises(ValueError, match="cannot execute before its decision point"):
-        ev.delay_bucket(Action.RETRY, -1)
-
-
 # ---------------------------------------------------------------------------------------------- replay and OPE
 
 _MEANS = {"51": {"retry": 0.6, "retarget": 0.3, "stop": 0.0}, "91": {"retry": 0.1, "retarget": 0.5, "stop": 0.0}}
@@ -315,22 +280,23 @@ def test_ope_of_the_logging_policy_matches_its_on_policy_average_and_baselines_t
     )
 
 
-def test_replay_matches_on_delay_bucket_not_exact_time() -> None:
+def _logged_retry(request: DecisionRequest, after: timedelta, propensity: float) -> dict[str, object]:
+    return {
+        "request": request,
+        "action": "retry",
+        "strategy": "cascade",
+        "connector": "adyen",
+        "channel": None,
+        "execute_at": pd.Timestamp(request.event_time + after),
+        "propensity": propensity,
+        "reward": 1.0,
+    }
+
+
+def test_replay_matches_the_exact_candidate_carried_out_a_little_late() -> None:
     request = _request(0, "51")
-    logged = pd.DataFrame(
-        [
-            {
-                "request": request,
-                "action": "retry",
-                "strategy": "cascade",
-                "connector": "adyen",
-                "channel": None,
-                "execute_at": pd.Timestamp(request.event_time + timedelta(seconds=30)),
-                "propensity": 0.5,
-                "reward": 1.0,
-            }
-        ]
-    )
+    # The policy's retry is due 2 s after the failure; the executor carried it out 28 s later.
+    logged = pd.DataFrame([_logged_retry(request, timedelta(seconds=30), 0.5)])
     replayed = ev.replay(logged, {"retry": _always("retry"), "retarget": _always("retarget")})
     assert replayed.set_index("policy")["target_prob"].to_dict() == {"retry": 1.0, "retarget": 0.0}
     assert np.isnan(replayed["q_logged"]).all()  # no reward model given
@@ -338,6 +304,27 @@ def test_replay_matches_on_delay_bucket_not_exact_time() -> None:
     assert "dr" not in set(table["estimator"])
     with pytest.raises(ValueError, match="lack column"):
         ev.replay(logged.drop(columns=["propensity"]), {})
+
+
+def test_replay_does_not_match_another_time_of_the_same_kind_whose_propensity_was_not_logged() -> None:
+    """The logging policy retried 24 h or 72 h later, each with probability 0.5 (the propensity of that exact time);
+    every retry succeeded. A policy that always retries at 24 h is worth 1: matching it to the 72 h retries too (the
+    same coarse delay bucket, ">=24h") weighed every point by 1 / 0.5 and valued it at 2."""
+    rows = []
+    for index in range(10):
+        request = _request(index, "51")
+        rows.append(_logged_retry(request, timedelta(hours=24 if index % 2 else 72), 0.5))
+    logged = pd.DataFrame(rows)
+
+    def day_later(request: DecisionRequest) -> Decision:
+        return _decision(
+            Candidate(Action.RETRY, request.event_time + timedelta(hours=24), Strategy.CASCADE, "adyen"), 1
+        )
+
+    replayed = ev.replay(logged, {"day_later": day_later})
+    assert replayed["target_prob"].tolist() == [0.0, 1.0] * 5
+    table = ev.ope_from_replay(logged, replayed, n_bootstrap=10, max_weight=None).set_index("estimator")
+    assert table.loc["ips", "value"] == pytest.approx(1.0)
 
 
 def test_value_reward_model_prices_actions() -> None:

@@ -548,6 +548,133 @@ def value_reward_model(scorer: _Scores, economics: Economics) -> RewardModel:
     return model
 
 
+#: The name (``dr@holdout``, ``q_logged@holdout``) of the reward model `crossfit_reward_model` fits on a holdout.
+HOLDOUT_REWARD_MODEL = "holdout"
+#: Folds of its cross-fitting (by order) and the pseudo-count each cell is shrunk to its parent cell with.
+CROSSFIT_FOLDS = 5
+CELL_PRIOR_STRENGTH = 10.0
+
+
+def _cells(action: Action, arm: str, connector: str, error_class: str, bucket: str) -> list[tuple[str, ...]]:
+    """A candidate's cells, coarsest first: the error class, the action, its strategy or channel, then the retry's
+    connector and the action's time (now, within a day, later)."""
+    return [
+        (error_class,),
+        (error_class, action.value),
+        (error_class, action.value, arm),
+        (error_class, action.value, arm, connector, bucket),
+    ]
+
+
+def _time_bucket(delay_seconds: float) -> str:
+    return "now" if delay_seconds < 3_600.0 else "day" if delay_seconds < 86_400.0 else "later"
+
+
+def _candidate_cells(candidate: Candidate, event_time: datetime, error_class: str) -> list[tuple[str, ...]]:
+    arm = candidate.strategy if candidate.action == Action.RETRY else candidate.channel
+    return _cells(
+        candidate.action,
+        str(None if arm is None else getattr(arm, "value", arm)),
+        str(candidate.connector) if candidate.action == Action.RETRY else "",
+        error_class,
+        _time_bucket(_seconds_between(candidate.execute_at, event_time)),
+    )
+
+
+def _point_key(merchant_id: object, order_id: object, event_time: object) -> tuple[str, str, int]:
+    return (str(merchant_id), str(order_id), int(pd.Timestamp(event_time).value))  # type: ignore[arg-type]
+
+
+def crossfit_reward_model(
+    points: pd.DataFrame,
+    economics: Economics,
+    *,
+    reward: Literal["value", "success"] = "value",
+    folds: int = CROSSFIT_FOLDS,
+    strength: float = CELL_PRIOR_STRENGTH,
+    seed: int = 0,
+) -> RewardModel:
+    """A reward model of a holdout's own outcomes, cross-fitted: no candidate model's, and no point valued by a fit
+    that saw it.
+
+    The orders of ``points`` (`logged_decisions` with ``error_class``) are dealt into ``folds`` folds (seeded); a
+    request of a fold is valued by the success rates of the other folds' logged actions (stops have none), per cell
+    of `_cells`, each shrunk to its parent by ``strength`` pseudo-points, the coarsest to the overall rate. Value:
+    ``P(success) * amount_usd - cost`` (``success``: the probability); stop is worth 0. It is the promotion gate's
+    common yardstick: each candidate's own reward model rates the actions that candidate chose too high (it chose them
+    for it), and one candidate's reward model valuing the other lets a poor reward model decide the verdict. It is
+    coarse (a cell, not a model of every feature): where the logged action is the candidate's, DR's weighted
+    residual corrects it. Requests that are not among ``points`` are refused.
+    """
+    missing = [c for c in ("merchant_id", "order_id", "event_time", "error_class", "label") if c not in points.columns]
+    if missing:
+        raise ValueError(f"a holdout reward model needs column(s) {', '.join(missing)} of the decision points")
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    orders = sorted({(str(m), str(o)) for m, o in zip(points["merchant_id"], points["order_id"], strict=True)})
+    order_of = np.random.default_rng(seed).permutation(len(orders))
+    fold_of = {order: int(order_of[i]) % folds for i, order in enumerate(orders)}
+    class_of = {
+        _point_key(m, o, t): str(c)
+        for m, o, t, c in zip(
+            points["merchant_id"], points["order_id"], points["event_time"], points["error_class"], strict=True
+        )
+    }
+    # Per fold: cell -> [successes, tries] over the logged actions of the fold's points.
+    counts: list[dict[tuple[str, ...], list[float]]] = [{} for _ in range(folds)]
+    for row in points[points["action"] != "stop"].to_dict("records"):
+        record = {str(k): v for k, v in row.items()}
+        if is_missing(record["label"]):
+            continue
+        fold = fold_of[(str(record["merchant_id"]), str(record["order_id"]))]
+        request: DecisionRequest = record["request"]
+        cells = _candidate_cells(logged_candidate(record), request.event_time, str(record["error_class"]))
+        for cell in [(), *cells]:
+            tally = counts[fold].setdefault(cell, [0.0, 0.0])
+            tally[0] += float(record["label"])
+            tally[1] += 1.0
+    # What each fold's requests are valued by: the other folds' counts.
+    fitted: list[dict[tuple[str, ...], list[float]]] = []
+    for fold in range(folds):
+        merged: dict[tuple[str, ...], list[float]] = {}
+        for other, table in enumerate(counts):
+            if other == fold:
+                continue
+            for cell, (won, tried) in table.items():
+                tally = merged.setdefault(cell, [0.0, 0.0])
+                tally[0] += won
+                tally[1] += tried
+        fitted.append(merged)
+
+    def probability(table: dict[tuple[str, ...], list[float]], cells: list[tuple[str, ...]]) -> float:
+        won, tried = table.get((), [0.0, 0.0])
+        p = won / tried if tried else 0.0
+        for cell in cells:
+            won, tried = table.get(cell, [0.0, 0.0])
+            p = (won + strength * p) / (tried + strength)
+        return p
+
+    def model(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        key = _point_key(request.merchant_id, request.order_id, request.event_time)
+        if key not in class_of:
+            raise ValueError(
+                f"the holdout reward model values the holdout's own decision points; {request.merchant_id}/"
+                f"{request.order_id} at {request.event_time.isoformat()} is not one of them"
+            )
+        table = fitted[fold_of[key[:2]]]
+        amount = economics.order_value_usd(request.amount, request.currency)
+        values = []
+        for candidate in candidates:
+            if candidate.action == Action.STOP:
+                values.append(0.0)
+                continue
+            p = probability(table, _candidate_cells(candidate, request.event_time, class_of[key]))
+            values.append(p if reward == "success" else p * amount - candidate_cost_usd(request, candidate, economics))
+        return np.asarray(values, dtype=np.float64)
+
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Replay and the OPE table
 # ----------------------------------------------------------------------------------------------------------

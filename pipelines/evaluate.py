@@ -272,7 +272,8 @@ def evaluate(
 
     ``scorers`` (name -> model with ``score(request, candidates)``) get classification metrics and
     calibration curves; the first one is the reward model for DR (``dr``) unless ``reward_model`` is given, and
-    each other one gives a DR of its own (``dr@name``; not with ``reward_model``). The
+    each other one gives a DR of its own (``dr@name``; not with ``reward_model``); ``dr@holdout`` is every policy's
+    DR under a reward model of the holdout's own outcomes, cross-fitted (`model.evaluation.crossfit_reward_model`). The
     holdout is the decision points from ``holdout_start`` on, else the latest ``holdout_fraction`` of them by
     time; at most ``max_points`` of it (a seeded sample) are replayed. Episodes run when ``simulated`` (by
     default: when every merchant of the history is a simulator demo merchant), in ``world`` or a fresh
@@ -356,11 +357,17 @@ def evaluate(
     # off-policy estimate, but its retried and messaged points still show what the model predicts per error class.
     no_propensity = with_propensity.empty
     replayed_points = acted.reset_index(drop=True) if no_propensity else with_propensity
+    if ev.HOLDOUT_REWARD_MODEL in scorers:
+        raise ValueError(f"a scorer may not be named {ev.HOLDOUT_REWARD_MODEL!r}: the holdout's reward model is")
+    # Besides, a reward model of the holdout's own outcomes, cross-fitted (``dr@holdout``): no policy's own, so it
+    # values every policy alike (the promotion gate's yardstick).
+    yardstick = ev.crossfit_reward_model(holdout, economics, reward=reward, seed=seed)
     replayed = ev.replay(
         replayed_points,
         policies,
         reward_model,
-        other_reward_models={name: reward_model_of(scorer) for name, scorer in others},
+        other_reward_models={name: reward_model_of(scorer) for name, scorer in others}
+        | {ev.HOLDOUT_REWARD_MODEL: yardstick},
     )
     ope = ev.ope_from_replay(
         with_propensity,

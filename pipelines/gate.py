@@ -75,17 +75,13 @@ class GateMetric:
 #: on a 15-day window had a retry log loss of 2.01 against the champion's 0.40 and an AUC of 0.75 against 0.93,
 #: and passed both with noise tolerances of 1.86 and 0.19.
 #:
-#: The policy value is each model's doubly robust value under the *other* model's reward model, its weights clipped
-#: at 10 (``pipelines.train.GATE_DR_MAX_WEIGHT``). A model's reward model tends to overrate the actions that model
-#: chooses (it chose them for their high predictions: the optimizer's curse), and the DR correction cannot take that
-#: out on a holdout: the models deviate from the logging rule at ~74% of the points, where the logged action matches
-#: theirs about once in 250. Measured against the simulator's truth (README, "The promotion gate's policy value"; two
-#: 50,000-order histories, 35,000 holdout points each): three of four models' DR under their own reward model was
-#: 0.8-1.3 USD a decision too high (clip 50), so the two same-view comparisons the gate made before (both to hold)
-#: leaned 0.3-1.0 USD towards the model whose reward model was used (clip 10; at clip 50 alike, with standard errors
-#: of 0.5-0.7); valued by the other's, the challenger-minus-champion difference was within 0.1 USD of the truth on
-#: both (clip 10). On 2,300-point holdouts drawn from them, the gate
-#: promoted the truly better model (by 7%) 98% of the time, the two same-view checks 45%.
+#: The policy value is both models' doubly robust value under one and the same reward model, neither model's: the
+#: holdout's own outcomes, cross-fitted by order (``model.evaluation.crossfit_reward_model``: no point is valued by a
+#: fit that saw it), weights clipped at 10 (``pipelines.train.GATE_DR_MAX_WEIGHT``), compared point by point with the
+#: paired standard error as its noise. A model's own reward model overrates the actions that model chose (it chose them
+#: for their high predictions: the optimizer's curse; README, "The promotion gate's policy value"); valuing each model
+#: under the other's, as the gate did before, took that out but let one model's reward model decide the other's
+#: value: a challenger whose reward model was degenerate could pass with a worse policy, or fail with the same one.
 GATE_METRICS: tuple[GateMetric, ...] = (
     GateMetric(
         "retry_log_loss", "retry model log loss", "retry log loss", higher_is_better=False, tolerance=0.01, ceiling=0.05
@@ -104,7 +100,7 @@ GATE_METRICS: tuple[GateMetric, ...] = (
     ),
     GateMetric(
         "policy_value_dr",
-        "policy value (DR, each model under the other's reward model)",
+        "policy value (DR, both under the holdout's reward model)",
         "policy value (DR)",
         higher_is_better=True,
         tolerance=0.02,
@@ -323,7 +319,8 @@ def _fmt(value: float) -> str:
 
 #: Under the gate table: what its short labels leave out.
 GATE_TABLE_LEGEND = (
-    "policy value (DR): the doubly robust value per decision, each model under the other's reward model; "
+    "policy value (DR): the doubly robust value per decision, both models under one reward model of the "
+    "holdout's own outcomes (cross-fitted); "
     "tolerance: how much worse the challenger may be"
 )
 

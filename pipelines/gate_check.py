@@ -4,12 +4,13 @@
 
 On the holdout ``winback evaluate`` replays (the latest 20% of the decision points by time, a seeded sample of at
 most ``--max-points``), each version is the challenger once and the champion once. For each pairing it prints the
-two policies' DR values under each one's reward model (the evaluation's clip), the gate's policy values (each under
-the other's reward model, clipped at ``GATE_DR_MAX_WEIGHT``) with their paired standard error, the true one-step
-values (``model.simulation.truth``) and the verdict of the gate's policy-value check (``pipelines.gate``), beside
-the verdict the former rule would give: the same check under each model's own reward model, both to hold (same
-clip as the gate). The history must come from ``winback simulate --orders N --seed S`` (the world is rebuilt from
-those).
+two policies' DR values under each one's reward model (the evaluation's clip), the gate's policy values (both under
+the holdout's cross-fitted reward model, ``model.evaluation.crossfit_reward_model``, fitted here on the points with a
+propensity; clipped at ``GATE_DR_MAX_WEIGHT``) with their paired standard error, the true one-step values
+(``model.simulation.truth``) and the verdict of the gate's policy-value check (``pipelines.gate``), beside the
+verdicts of the former rules: the same check with each model under the other's reward model, and under each model's
+own, both to hold (same clip as the gate). The history must come from ``winback simulate --orders N --seed S`` (the
+world is rebuilt from those).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
             logged,
             chosen,
             ev.value_reward_model(bundles[CHALLENGER_NAME], economics),
-            other_reward_models={CHAMPION_NAME: ev.value_reward_model(bundles[CHAMPION_NAME], economics)},
+            other_reward_models={
+                CHAMPION_NAME: ev.value_reward_model(bundles[CHAMPION_NAME], economics),
+                ev.HOLDOUT_REWARD_MODEL: ev.crossfit_reward_model(logged, economics, seed=eval_seed),
+            },
         )
         ope = ev.ope_from_replay(logged, replayed, seed=eval_seed).set_index(["policy", "estimator"])["value"]
         # What the training pipeline hands the gate (`pipelines.train.gate_metrics`), from this replay.
@@ -76,13 +80,16 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
             metrics=(policy_value,),
             noise={policy_value.name: noise},
         )
-        same_view = {}
-        for view, estimator in REWARD_MODEL_ESTIMATORS.items():
-            terms = {
-                name: ev.policy_dr_terms(logged, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
-                for name in bundles
-            }
-            same_view[view] = policy_value_promotes(terms[CHALLENGER_NAME], terms[CHAMPION_NAME])
+        terms = {
+            (name, view): ev.policy_dr_terms(logged, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
+            for name in bundles
+            for view, estimator in REWARD_MODEL_ESTIMATORS.items()
+        }
+        same_view = {
+            view: policy_value_promotes(terms[CHALLENGER_NAME, view], terms[CHAMPION_NAME, view])
+            for view in REWARD_MODEL_ESTIMATORS
+        }
+        other_view = policy_value_promotes(terms[CHALLENGER_NAME, CHAMPION_NAME], terms[CHAMPION_NAME, CHALLENGER_NAME])
         if not truth:
             true_values = true_point_values(
                 world, logged, chosen, economics, history_seed=check.seed, draws=check.draws
@@ -97,6 +104,7 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
             row[f"{name}_gate_value"] = values[name]
         row["gate_noise"] = noise
         row["promoted"] = verdict.promote
+        row["promoted_by_other_views"] = other_view
         row["promoted_by_both_own_views"] = same_view[CHALLENGER_NAME] and same_view[CHAMPION_NAME]
         row["verdict"] = verdict.verdict
         rows.append(row)

@@ -190,8 +190,8 @@ def print_gate(out: Console, gate: GateResult) -> None:
 
 #: Why a holdout metric can be missing ("-" in its table), said under the table.
 _WHY_MISSING: dict[str, str] = {
-    "policy_value_dr": "the gate's policy value values each model under the other's reward model, and there is no "
-    "champion to compare with yet",
+    "policy_value_dr": "no holdout decision point has a logged propensity, and the gate's policy value weighs the "
+    "logged outcomes by it",
 }
 
 
@@ -211,20 +211,26 @@ REWARD_MODEL_ESTIMATORS: dict[str, str] = {CHALLENGER_NAME: "dr", CHAMPION_NAME:
 GATE_DR_MAX_WEIGHT = 10.0
 
 
+#: The DR estimator the gate values both models with: under the holdout's cross-fitted reward model
+#: (`model.evaluation.crossfit_reward_model`), which neither model's decisions came from.
+GATE_ESTIMATOR = f"dr@{ev.HOLDOUT_REWARD_MODEL}"
+
+
 def _gate_dr_terms(summary: Any, name: str) -> Any:
-    """The per-point terms of the gate's policy value of model ``name`` (`pipelines.gate`): its DR under the other
-    model's reward model, clipped at ``GATE_DR_MAX_WEIGHT``; None when the evaluation has no such estimate (no
-    champion)."""
-    other = CHAMPION_NAME if name == CHALLENGER_NAME else CHALLENGER_NAME
-    estimator = REWARD_MODEL_ESTIMATORS[other]
+    """The per-point terms of the gate's policy value of model ``name`` (`pipelines.gate`): its DR under the
+    holdout's cross-fitted reward model (``GATE_ESTIMATOR``), clipped at ``GATE_DR_MAX_WEIGHT``; None when the
+    evaluation has no such estimate (no such policy, no point with a logged propensity)."""
     replayed = summary.replayed
-    if name not in set(replayed.get("policy", ())) or estimator not in ev.reward_model_columns(replayed):
+    if not len(summary.ope_points) or name not in set(replayed.get("policy", ())):
         return None
-    return ev.policy_dr_terms(summary.ope_points, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
+    if GATE_ESTIMATOR not in ev.reward_model_columns(replayed):
+        return None
+    return ev.policy_dr_terms(summary.ope_points, replayed, name, GATE_ESTIMATOR, max_weight=GATE_DR_MAX_WEIGHT)
 
 
 def gate_dr_noise(summary: Any) -> float:
-    """The standard error of the challenger's gate policy value minus the champion's, on the same points."""
+    """The standard error of the challenger's gate policy value minus the champion's: both under the same reward
+    model, on the same points, paired."""
     terms = [_gate_dr_terms(summary, name) for name in (CHALLENGER_NAME, CHAMPION_NAME)]
     return math.nan if terms[0] is None or terms[1] is None else ev.paired_standard_error(terms[0], terms[1])
 

@@ -43,7 +43,7 @@ def test_each_version_is_judged_as_challenger_and_as_champion_beside_its_truth(
     assert first["challenger_dr"] == second["champion_dr@champion"]
     assert first["champion_dr"] == second["challenger_dr@champion"]
     assert first["challenger_truth"] == second["champion_truth"]
-    # The gate values each model under the other's reward model: the same value whichever role it plays.
+    # The gate values both models under the holdout's reward model: the same value whichever role it plays.
     assert first["challenger_gate_value"] == pytest.approx(second["champion_gate_value"])
     assert first["champion_gate_value"] == pytest.approx(second["challenger_gate_value"])
     for row in (first, second):
@@ -53,4 +53,5 @@ def test_each_version_is_judged_as_challenger_and_as_champion_beside_its_truth(
             if column.endswith(("_truth", "_dr", "_dr@champion", "_gate_value"))
         )
         assert row["gate_noise"] > 0
+        assert isinstance(row["promoted_by_other_views"], bool)
         assert row["verdict"].startswith("promoted version" if row["promoted"] else "kept champion version")

@@ -83,11 +83,11 @@ def test_promotion_gate_both_ways(tmp_path: Path, mlflow_store: str) -> None:
     assert run.data.tags["winback.gate"] == "keep"
     assert "gate.retry_auc" in run.data.metrics
     assert "champion.retry_auc" in run.data.metrics
-    # The policy value: each model under the other's reward model, both measured on the same points.
+    # The policy value: both models under the holdout's cross-fitted reward model, on the same points.
     views = {check.metric.name: check for check in worse.gate.checks if check.metric.name.startswith("policy_value")}
     assert set(views) == {"policy_value_dr"}
     assert all(math.isfinite(check.challenger) and math.isfinite(check.champion) for check in views.values())
-    assert "policy value (DR): the doubly robust value per decision, each model under the other's reward model" in (
+    assert "policy value (DR): the doubly robust value per decision, both models under one reward model" in (
         " ".join(text.split())
     )
     assert "gate.policy_value_dr" in run.data.metrics

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from model import evaluation as ev
 from model import plots
+from model.money import load_economics
 from model.requests import Customer, Decision, DecisionRequest, Failure, Payment
 from model.rules import Candidate
 from model.vocab import Action, Channel, Strategy
@@ -728,27 +729,43 @@ def test_the_paired_dr_noise_is_the_standard_error_of_the_per_point_difference()
     assert same == {"dr": 0.0, "dr@lifted": 0.0}
 
 
+def _with_point_columns(logged: pd.DataFrame) -> pd.DataFrame:
+    """`_logged` with the columns of `ev.logged_decisions` a holdout reward model reads (the code as error class)."""
+    requests = logged["request"]
+    return logged.assign(
+        merchant_id=[r.merchant_id for r in requests],
+        order_id=[r.order_id for r in requests],
+        event_time=[pd.Timestamp(r.event_time) for r in requests],
+        error_class=[str(r.failure.network_decline_code) for r in requests],
+        label=logged["reward"],
+    )
+
+
 @pytest.mark.parametrize(
     ("challenger", "champion", "promoted"), [("retarget", "retry", True), ("retry", "retarget", False)]
 )
-def test_the_gate_values_each_model_under_the_others_reward_model(
+def test_the_gate_values_both_models_under_the_holdout_s_reward_model(
     challenger: str, champion: str, promoted: bool
 ) -> None:
     """Each model's reward model overrates the action its own policy takes by 0.3, and the logging policy explored
     the other action at 1.5% of the points only (weights of 200, clipped): the correction cannot take the optimism
     out. Truly, always retarget is worth 0.40 and always retry 0.35. Judged under each model's own reward model (both
-    to hold), the champion's view made the better challenger (retarget) look 13% worse, and it was kept."""
+    to hold), the champion's view made the better challenger (retarget) look 13% worse, and it was kept. Under the
+    holdout's cross-fitted reward model, neither model's, both are valued near their truth."""
     from types import SimpleNamespace
 
     from pipelines.gate import GATE_METRICS, compare
     from pipelines.train import CHALLENGER_NAME, CHAMPION_NAME, gate_metrics
 
-    logged = _logged(4_000, seed=13, eps=0.015)
+    logged = _with_point_columns(_logged(4_000, seed=13, eps=0.015))
     replayed = ev.replay(
         logged,
         {CHALLENGER_NAME: _always(challenger), CHAMPION_NAME: _always(champion)},
         _optimist_for(challenger, 0.3),
-        other_reward_models={CHAMPION_NAME: _optimist_for(champion, 0.3)},
+        other_reward_models={
+            CHAMPION_NAME: _optimist_for(champion, 0.3),
+            ev.HOLDOUT_REWARD_MODEL: ev.crossfit_reward_model(logged, load_economics(), reward="success"),
+        },
     )
     summary = SimpleNamespace(
         classification=pd.DataFrame(columns=["model", "breakdown", "group", "log_loss", "auc"]),
@@ -766,6 +783,24 @@ def test_the_gate_values_each_model_under_the_others_reward_model(
         values[CHALLENGER_NAME], values[CHAMPION_NAME], challenger_version="2", champion_version="1", metrics=checks
     )
     assert result.promote is promoted, result.verdict
+
+
+def test_the_holdout_s_reward_model_values_no_point_by_a_fit_that_saw_it() -> None:
+    logged = _with_point_columns(_logged(200, seed=3))
+    economics = load_economics()
+    model = ev.crossfit_reward_model(logged, economics, reward="success", folds=2)
+    # One order's outcome flipped: its own value does not move (its fold's fit never saw it); others' may.
+    flipped = logged.copy()
+    flipped.loc[0, "label"] = 1.0 - flipped.loc[0, "label"]
+    again = ev.crossfit_reward_model(flipped, economics, reward="success", folds=2)
+    first = logged.iloc[0]
+    candidate = ev.logged_candidate(first.to_dict())
+    assert again(first["request"], [candidate])[0] == model(first["request"], [candidate])[0]
+    assert model(first["request"], [Candidate(Action.STOP, first["request"].event_time)])[0] == 0.0
+    with pytest.raises(ValueError, match="not one of them"):
+        model(_request(999, "51"), [candidate])
+    with pytest.raises(ValueError, match="error_class"):
+        ev.crossfit_reward_model(logged.drop(columns=["error_class"]), economics)
 
 
 def test_the_report_shows_large_figures_whole_not_as_exponents() -> None:

@@ -81,7 +81,7 @@ def test_table_shows_every_metric_and_the_verdict() -> None:
     text = _render(compare(challenger, CHAMPION, challenger_version="2", champion_version="1"))
     for metric in GATE_METRICS:
         assert metric.short_label in text
-    assert "each model under the other's reward model" in " ".join(
+    assert "both models under one reward model of the holdout's own outcomes" in " ".join(
         text.split()
     )  # what the short "policy value (DR)" leaves out
     assert "challenger v2 vs champion v1" in text
@@ -95,7 +95,7 @@ def test_policy_value_tolerance_is_relative_to_the_champion() -> None:
     kept = compare({**big, "policy_value_dr": 97.0}, big, challenger_version="2", champion_version="1")
     assert not kept.promote
     assert (
-        "policy value (DR, each model under the other's reward model) worse by 3.0000 (97.0000 vs 100.0000; "
+        "policy value (DR, both under the holdout's reward model) worse by 3.0000 (97.0000 vs 100.0000; "
         "tolerance 2%)" in kept.reasons
     )
 
@@ -215,5 +215,5 @@ def test_train_prints_the_gate_s_legend_and_verdict_wrapped_to_80_columns() -> N
     lines = printed.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80, printed.getvalue()
     said = " ".join(printed.getvalue().split())
-    assert "each model under the other's reward model" in said
+    assert "both models under one reward model of the holdout's own outcomes" in said
     assert "kept champion version 1; version 2 stays challenger: retry model AUC worse by 0.1000" in said

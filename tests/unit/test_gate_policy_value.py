@@ -1,0 +1,120 @@
+"""The gate's policy-value check judges the two models' decisions, whatever either model's reward model says.
+
+A synthetic history (tests.factories.make_history_frames) whose outcomes are known: a cascade after a processing
+error recovers 75% of the orders, a retry on the same connector 35%, and so on. Two policies that retry 15 minutes
+after each failure (a time the history never logged, so DR rests on its reward model there, as it does at most points
+of a real holdout): a cascade, and a retry on the same connector, the worse one. The champion's reward model knows
+the outcomes; the challenger's is degenerate. Run through the evaluation the training pipeline runs (`evaluate`)
+and the gate's own metric, noise and verdict (`pipelines.train.gate_metrics`, `gate_dr_noise`, `pipelines.gate`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.requests import Decision, DecisionRequest
+from model.rules import Candidate
+from model.vocab import Action, Strategy
+from tests.factories import _SYNTH_CONNECTORS, _SYNTH_ERRORS, make_history_frames
+
+
+def _retry_in_15_minutes(strategy: Strategy) -> object:
+    def policy(request: DecisionRequest) -> Decision:
+        failed = request.failure.connector
+        connector = next(c for c in _SYNTH_CONNECTORS if c != failed) if strategy == Strategy.CASCADE else failed
+        return Decision(
+            decision_id="dec_test",
+            model_version="test",
+            action=Action.RETRY,
+            strategy=strategy,
+            connector=connector,
+            execute_at=request.event_time + timedelta(minutes=15),
+            retryable=True,
+            retry_probability=0.5,
+            expected_success=0.5,
+            propensity=1.0,
+        )
+
+    return policy
+
+
+class _Truth:
+    """The history's own chances of success (the payday effect left out)."""
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        (p_now, _, p_cascade) = next(row[4:] for row in _SYNTH_ERRORS if row[1] == request.failure.error_code)
+        chances = {Action.RETRY: p_now, Action.RETARGET: 0.3, Action.STOP: 0.0}
+        return np.array(
+            [p_cascade if c.strategy == Strategy.CASCADE else chances[c.action] for c in candidates], dtype=np.float64
+        )
+
+
+class _Constant:
+    """A degenerate model: the same chance for everything."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        return np.full(len(candidates), self.p)
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.history import write_attempts, write_nudges
+
+    folder = tmp_path_factory.mktemp("history")
+    attempts, nudges = make_history_frames(1_500, seed=3)
+    write_attempts(attempts, folder / "attempts.parquet")
+    write_nudges(nudges, folder / "nudges.parquet")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("challenger_policy", "challenger_model", "promote"),
+    [
+        # A worse policy, and a reward model that values every action at nothing: under it, the champion's value
+        # fell to minus its retry fees, and the challenger passed.
+        pytest.param(Strategy.RETRY_SAME, _Constant(0.0), False, id="worse-policy-degenerate-reward-model"),
+        # The champion's very policy, and a reward model that expects every action to recover the order: under it,
+        # the champion's value rose to the orders' whole amount, and the challenger failed.
+        pytest.param(Strategy.CASCADE, _Constant(1.0), True, id="same-policy-degenerate-reward-model"),
+    ],
+)
+def test_the_policy_value_check_judges_decisions_not_reward_models(
+    history: Path, tmp_path: Path, challenger_policy: Strategy, challenger_model: object, promote: bool
+) -> None:
+    from pipelines.evaluate import evaluate
+    from pipelines.gate import GATE_METRICS, compare
+    from pipelines.train import CHALLENGER_NAME, CHAMPION_NAME, gate_dr_noise, gate_metrics
+
+    summary = evaluate(
+        history / "attempts.parquet",
+        history / "nudges.parquet",
+        tmp_path / "out",
+        {
+            CHALLENGER_NAME: _retry_in_15_minutes(challenger_policy),
+            CHAMPION_NAME: _retry_in_15_minutes(Strategy.CASCADE),
+        },
+        scorers={CHALLENGER_NAME: challenger_model, CHAMPION_NAME: _Truth()},  # type: ignore[dict-item]
+        simulated=False,
+        holdout_fraction=0.5,
+        n_bootstrap=5,
+    )
+    (policy_value,) = (metric for metric in GATE_METRICS if metric.name == "policy_value_dr")
+    values = {name: gate_metrics(summary, name)[policy_value.name] for name in (CHALLENGER_NAME, CHAMPION_NAME)}
+    verdict = compare(
+        {policy_value.name: values[CHALLENGER_NAME]},
+        {policy_value.name: values[CHAMPION_NAME]},
+        challenger_version="2",
+        champion_version="1",
+        metrics=(policy_value,),
+        noise={policy_value.name: gate_dr_noise(summary)},
+    )
+    assert verdict.promote is promote, (values, verdict.verdict)
+    if challenger_policy == Strategy.CASCADE:  # the same decisions, valued alike, point by point
+        assert values[CHALLENGER_NAME] == pytest.approx(values[CHAMPION_NAME])

@@ -431,11 +431,25 @@ def policy_dr_terms(
     return _dr_terms(rewards, propensity, part["target_prob"], part[q_column], part[v_column], max_weight)[0]
 
 
-def paired_standard_error(first: FloatArray, second: FloatArray) -> float:
-    """The standard error of ``mean(first) - mean(second)`` over the same points (NaN without two points)."""
+def paired_standard_error(first: FloatArray, second: FloatArray, groups: ArrayLike | None = None) -> float:
+    """The standard error of ``mean(first) - mean(second)`` over the same points (NaN without two points, or two
+    groups).
+
+    With ``groups`` (a label per point, e.g. its order), points of one group count as one draw (the cluster-robust
+    standard error): an order's decision points share its customer and card, and counting them as independent made
+    the noise look smaller than it is. One point per group gives the plain standard error."""
     difference = first - second
-    usable = difference.size > 1 and not np.isnan(difference).any()
-    return float(difference.std(ddof=1) / np.sqrt(difference.size)) if usable else float("nan")
+    if difference.size < 2 or np.isnan(difference).any():
+        return float("nan")
+    if groups is None:
+        return float(difference.std(ddof=1) / np.sqrt(difference.size))
+    labels = pd.Series(np.asarray(groups, dtype=object).reshape(-1))
+    if len(labels) != difference.size:
+        raise ValueError(f"groups and the differences differ in length: {len(labels)} vs {difference.size}")
+    sums = pd.Series(difference - difference.mean()).groupby(labels.to_numpy(), sort=False).sum().to_numpy()
+    if sums.size < 2:
+        return float("nan")
+    return float(np.sqrt(sums.size / (sums.size - 1) * np.sum(sums**2)) / difference.size)
 
 
 def reward_values(

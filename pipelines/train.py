@@ -230,9 +230,13 @@ def _gate_dr_terms(summary: Any, name: str) -> Any:
 
 def gate_dr_noise(summary: Any) -> float:
     """The standard error of the challenger's gate policy value minus the champion's: both under the same reward
-    model, on the same points, paired."""
+    model, on the same points, paired, each order's points as one draw (the reward model is cross-fitted by order)."""
     terms = [_gate_dr_terms(summary, name) for name in (CHALLENGER_NAME, CHAMPION_NAME)]
-    return math.nan if terms[0] is None or terms[1] is None else ev.paired_standard_error(terms[0], terms[1])
+    if terms[0] is None or terms[1] is None:
+        return math.nan
+    points = summary.ope_points
+    orders = points["merchant_id"].astype(str) + "/" + points["order_id"].astype(str)
+    return ev.paired_standard_error(terms[0], terms[1], groups=orders)
 
 
 def merchants_for(attempts: pd.DataFrame, config_path: str | Path | None = None) -> dict[str, MerchantConfig]:

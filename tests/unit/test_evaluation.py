@@ -785,6 +785,34 @@ def test_the_gate_values_both_models_under_the_holdout_s_reward_model(
     assert result.promote is promoted, result.verdict
 
 
+def test_the_gate_s_noise_counts_an_order_s_points_as_one_draw() -> None:
+    """Every order's decision point four times over (the same outcome each time): four times the points, but no more
+    evidence. Counted as independent points, the paired standard error halved, and a challenger twice as far behind
+    passed as noise."""
+    from types import SimpleNamespace
+
+    from pipelines.train import CHALLENGER_NAME, CHAMPION_NAME, _gate_dr_terms, gate_dr_noise
+
+    once = _with_point_columns(_logged(600, seed=17))
+    four = pd.concat([once] * 4, ignore_index=True)
+    noise = {}
+    for name, logged in (("once", once), ("four", four)):
+        replayed = ev.replay(
+            logged,
+            {CHALLENGER_NAME: _always("retry"), CHAMPION_NAME: _always("retarget")},
+            other_reward_models={
+                ev.HOLDOUT_REWARD_MODEL: ev.crossfit_reward_model(once, load_economics(), reward="success")
+            },
+        )
+        summary = SimpleNamespace(ope_points=logged, replayed=replayed)
+        noise[name] = gate_dr_noise(summary)
+        terms = [_gate_dr_terms(summary, who) for who in (CHALLENGER_NAME, CHAMPION_NAME)]
+        noise[f"{name} as independent points"] = ev.paired_standard_error(terms[0], terms[1])
+    assert noise["once"] == pytest.approx(noise["once as independent points"])
+    assert noise["four"] == pytest.approx(noise["once"], rel=0.01)
+    assert noise["four as independent points"] == pytest.approx(noise["once"] / 2, rel=0.01)
+
+
 def test_the_holdout_s_reward_model_values_no_point_by_a_fit_that_saw_it() -> None:
     logged = _with_point_columns(_logged(200, seed=3))
     economics = load_economics()

@@ -311,6 +311,54 @@ class GsmOverlaySetting(BaseSettings):
     )
 
 
+#: A model bundle's metadata key naming the overlay its features were trained with (``TrainingOverlay.recorded``),
+#: None when it was trained without one (a bundle saved before the key existed was trained without one too).
+GSM_OVERLAY_KEY = "gsm_overlay"
+#: The file name of the copy a training run reads, logs with its model and a registered pyfunc serves with.
+OVERLAY_FILE_NAME = "gsm_overlay.csv"
+
+
+def overlay_digest(path: str | Path) -> str:
+    """The SHA-256 of an overlay file's bytes: which overlay a model was trained with, whatever its path."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainingOverlay:
+    """The overlay a training run reads: the operator's file (``WINBACK_GSM_OVERLAY``), the copy the run reads
+    and logs with its model, and that copy's SHA-256."""
+
+    source: Path
+    file: Path
+    sha256: str
+
+    @classmethod
+    def snapshot(cls, overlay: str | Path, folder: str | Path) -> TrainingOverlay:
+        """Copy ``overlay`` into ``folder`` (``OVERLAY_FILE_NAME``) after checking it reads as an overlay: a run of
+        hours trains with, and logs, the overlay as it was when it started. GsmError names a missing or bad file."""
+        source = Path(overlay).absolute()
+        load_overlay(source)
+        target = Path(folder) / OVERLAY_FILE_NAME
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        return cls(source=source, file=target, sha256=overlay_digest(target))
+
+    def recorded(self) -> dict[str, str]:
+        """What a bundle's metadata keeps of it (``GSM_OVERLAY_KEY``)."""
+        return {"file": str(self.source), "sha256": self.sha256}
+
+    def catalog(self) -> ErrorCatalog:
+        """The shipped catalog with this overlay, as a serving process with the same overlay builds it."""
+        return serving_catalog(self.file)
+
+
+def describe_overlay(recorded: object) -> str:
+    """A bundle's ``GSM_OVERLAY_KEY`` entry in words: the overlay's file and SHA-256, or that there was none."""
+    if isinstance(recorded, dict):
+        return f"gateway status map overlay {recorded.get('file')} (sha256 {recorded.get('sha256')})"
+    return "no gateway status map overlay"
+
+
 def serving_catalog(overlay: str | Path | None) -> ErrorCatalog:
     """The catalog a deciding process serves with: the shipped one, extended with ``overlay`` (``WINBACK_GSM_OVERLAY``)
     when one is set. The API and the executor both build theirs here, so they classify every code alike."""

@@ -20,6 +20,7 @@ import pandas as pd
 
 from model import evaluation as ev
 from model import plots
+from model.catalog import ErrorCatalog
 from model.requests import DecisionRequest
 from model.rules import Candidate
 from model.wording import count_noun
@@ -267,6 +268,7 @@ def evaluate(
     history: Any | None = None,
     history_orders: int | None = None,
     stops_path: str | Path | None = None,
+    catalog: ErrorCatalog | None = None,
 ) -> EvaluationSummary:
     """Evaluate ``policies`` (name -> ``policy(request) -> Decision``) on a history and write the report.
 
@@ -284,6 +286,9 @@ def evaluate(
     ``stops_path`` is the history's stops file (read with the others; ``history.stops`` when ``history`` is given):
     the points where the logging policy stopped then enter the off-policy estimates with their propensity and
     reward 0. Without one, those points have no propensity and are left out, which ``stops_note`` says.
+
+    ``catalog`` is the error catalog the logged decisions are read with (default: the shipped one); a training run
+    passes the one its model was trained with (its gateway status map overlay included).
     """
     from model.catalog import load_catalog
     from model.history import read_history
@@ -308,7 +313,7 @@ def evaluate(
         history.attempts,
         history.nudges,
         economics,
-        catalog=load_catalog(),
+        catalog=load_catalog() if catalog is None else catalog,
         reward=reward,
         since=cut,
         # Every sampled order contributes at least one point: no more orders than points are needed.

@@ -4,7 +4,9 @@ The job, in order (CONTRACT.md section 1):
 
 1. read and validate the history files; a bad file stops here, before MLflow is touched, so nothing is
    logged or registered;
-2. train the bundle (models, feature spec, catalog version, metrics) with a time holdout;
+2. train the bundle (models, feature spec, catalog version, metrics) with a time holdout, its features reading the
+   error catalog a scorer serves with: the shipped one, plus the gateway status map overlay of
+   ``WINBACK_GSM_OVERLAY`` when it is set (a copy of which is logged with the model, and named in the output);
 3. evaluate it on that holdout (metrics tables, calibration, retryability by error class, OPE vs baselines);
 4. with ``--promote``, also evaluate the current champion on the same holdout;
 5. log one MLflow run (params, metrics, tables and plots as artifacts), log the bundle as the pyfunc of the
@@ -33,7 +35,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from model import evaluation as ev
+from model.catalog import ErrorCatalog, load_catalog
 from model.datafiles import DEMO_MERCHANTS_FILE
+from model.gsm import GSM_OVERLAY_KEY, GsmError, GsmOverlaySetting, TrainingOverlay, describe_overlay
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
 from model.wording import count_noun
@@ -86,6 +90,8 @@ class TrainSummary:
     #: Error codes the history retried after that this version has no training support for (``connector/code``,
     #: most retried first): all their retries fall in the time holdout, which the boosters are not fitted on.
     codes_not_learned: tuple[str, ...] = ()
+    #: The gateway status map overlay the version was trained with (``WINBACK_GSM_OVERLAY``), None without one.
+    gsm_overlay: TrainingOverlay | None = None
 
     @property
     def promoted(self) -> bool:
@@ -412,20 +418,25 @@ def _holdout_start(result: Any) -> datetime | None:
 
 
 def comparison_policies(
-    merchants: Mapping[str, MerchantConfig], models: Mapping[str, Any], *, seed: int, logging_epsilon: float = 0.15
+    merchants: Mapping[str, MerchantConfig],
+    models: Mapping[str, Any],
+    *,
+    seed: int,
+    logging_epsilon: float = 0.15,
+    catalog: ErrorCatalog | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The policies every evaluation compares, and the scorers among them (name -> model).
 
     Each model (``None`` = rules-only priors) is served through the one ``decide()``; beside them: the
     rules-only policy, the two rule baselines of the issue (a gateway-status-map style cascade, and that rule
-    plus fixed-cadence retargeting) and the simulator's logging policy (the latter with its exploration).
+    plus fixed-cadence retargeting) and the simulator's logging policy (the latter with its exploration). Their
+    rules read ``catalog`` (default: the shipped one).
     """
     from model.baselines import RuleBook, StaticRetryPolicy, StaticRetryThenRetargetPolicy
-    from model.catalog import load_catalog
     from model.policy import DecidePolicy
     from model.simulation.logging_policy import EpsilonGreedyLoggingPolicy
 
-    catalog = load_catalog()
+    catalog = load_catalog() if catalog is None else catalog
     policies: dict[str, Any] = {
         name: DecidePolicy(dict(merchants), model, catalog, seed=seed) for name, model in models.items()
     }
@@ -486,14 +497,16 @@ def _evaluate(
     merchants: Mapping[str, MerchantConfig],
     seed: int,
     options: Mapping[str, Any],
+    catalog: ErrorCatalog,
 ) -> _Evaluation:
-    """Evaluate the challenger (and the champion, when given) on the challenger's time holdout."""
+    """Evaluate the challenger (and the champion, when given) on the challenger's time holdout, the rules and the
+    models' features reading ``catalog`` (the one the challenger was trained with)."""
     from pipelines.evaluate import evaluate
 
     models: dict[str, Any] = {CHALLENGER_NAME: result.bundle}
     if champion is not None:
         models[CHAMPION_NAME] = champion[0]
-    policies, scorers = comparison_policies(merchants, models, seed=seed)
+    policies, scorers = comparison_policies(merchants, models, seed=seed, catalog=catalog)
     importance = feature_importance(result.bundle)
     summary = evaluate(
         attempts,
@@ -506,6 +519,7 @@ def _evaluate(
         seed=seed,
         history=history,
         history_orders=history_orders,
+        catalog=catalog,
         **dict(options),
     )
     metrics = _scalar_metrics(result.metrics)
@@ -715,6 +729,29 @@ def history_params(attempts: str | Path, nudges: str | Path, stops: str | Path |
     }
 
 
+def training_catalog(folder: Path) -> tuple[TrainingOverlay | None, ErrorCatalog]:
+    """The gateway status map overlay a training run reads (``WINBACK_GSM_OVERLAY``, as a scorer reads it; copied
+    into ``folder``) and the error catalog its features read: the shipped one, with that overlay when one is set.
+    A scorer serving with the same overlay then classifies every code as training did. `TrainInputError` names an
+    overlay that cannot be read (before any work)."""
+    configured = GsmOverlaySetting().gsm_overlay
+    if configured is None:
+        return None, load_catalog()
+    try:
+        overlay = TrainingOverlay.snapshot(configured, folder / "gsm_overlay")
+        return overlay, overlay.catalog()
+    except (GsmError, OSError) as exc:
+        raise TrainInputError(f"WINBACK_GSM_OVERLAY: {exc}") from exc
+
+
+def overlay_note(overlay: TrainingOverlay | None, catalog: ErrorCatalog) -> str:
+    """The line of the job's output saying which overlay the version was trained with, or that it had none."""
+    with_overlay = "no gateway status map overlay (WINBACK_GSM_OVERLAY is not set)"
+    if overlay is not None:
+        with_overlay = describe_overlay(overlay.recorded())
+    return f"trained with error catalog {catalog.version} and {with_overlay}"
+
+
 def run_training(
     attempts: str | Path,
     nudges: str | Path,
@@ -787,6 +824,7 @@ def run_training(
         tempfile.TemporaryDirectory(prefix="winback-train-") as tmp,
     ):
         work = Path(tmp)
+        overlay, catalog = training_catalog(work)
         steps.start("validate history")
         try:
             parts = split_history(
@@ -814,19 +852,27 @@ def run_training(
                     assert scheduler is not None  # checked above
                     with connect(scheduler) as client:
                         return train_partitions(
-                            frames, seed=seed, fit_booster=DaskBoosterFitter(client), **(options | more)
+                            frames,
+                            seed=seed,
+                            fit_booster=DaskBoosterFitter(client),
+                            catalog=catalog,
+                            **(options | more),
                         )
-                return train_partitions(frames, seed=seed, **(options | more))
+                return train_partitions(frames, seed=seed, catalog=catalog, **(options | more))
             except (InsufficientHistoryError, DaskUnavailableError) as exc:
                 raise TrainInputError(str(exc)) from exc
 
         steps.start("train")
         result = fitted()
+        # Which overlay the features read travels with the model (its copy is logged with the pyfunc).
+        result.bundle.metadata[GSM_OVERLAY_KEY] = None if overlay is None else overlay.recorded()
         steps.done()
 
         steps.start("evaluate")
         # The champion's judged fit: a refit champion was fitted on the older part of this history's holdout.
         champion = registry.load_judged_champion(uri) if promote else None
+        if champion is not None:  # judged on the same features as the challenger, as a scorer here would serve it
+            champion[0].use_catalog(catalog)
         sample_size = (evaluation_options or {}).get("max_points", _EVALUATION_MAX_POINTS)
         holdout_start = _holdout_start(result)
         merchants = merchants_for(
@@ -835,7 +881,7 @@ def run_training(
         if holdout_start is not None:
             with_code_levels(result.bundle, frames, before=holdout_start)
         # On decide()'s verdicts as served, code levels included: the newest points before the holdout.
-        fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed)
+        fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed, catalog=catalog)
         result.bundle.version = bundle_version(result.bundle)
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
@@ -849,6 +895,7 @@ def run_training(
             merchants=merchants,
             seed=seed,
             options=evaluation_options or {},
+            catalog=catalog,
         )
         gate: GateResult | None = None
         if promote:
@@ -899,6 +946,8 @@ def run_training(
                 "promote": promote,
                 "engine": engine,
                 **({"scheduler": scheduler} if scheduler else {}),
+                "gsm_overlay": "none" if overlay is None else str(overlay.source),
+                **({"gsm_overlay_sha256": overlay.sha256} if overlay is not None else {}),
                 **{f"train.{key}": value for key, value in options.items()},
                 **{f"evaluate.{key}": value for key, value in (evaluation_options or {}).items()},
                 **dict(run_params or {}),
@@ -924,6 +973,7 @@ def run_training(
         steps.done()
 
     print_titled(out, f"Holdout metrics of winback version {version}", _metrics_table(evaluation.gate_metrics))
+    print_note(out, f"version {version} was {overlay_note(overlay, catalog)}", "error catalog:")
     if missing := missing_metrics_note(evaluation.gate_metrics):
         print_note(out, missing, style="dim")
     if evaluation.stops_note:
@@ -959,6 +1009,7 @@ def run_training(
         gate=gate,
         artifacts=logged.artifacts,
         codes_not_learned=named,
+        gsm_overlay=overlay,
     )
 
 

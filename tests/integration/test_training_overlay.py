@@ -1,0 +1,177 @@
+"""`winback train` learns with the gateway status map overlay a scorer serves with (real MLflow store in a temp dir).
+
+`winback train` reads ``WINBACK_GSM_OVERLAY`` as the scorer does, so a code only the overlay defines gets the same
+feature values in training and in serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from model import registry
+from model import training as training_module
+from model.catalog import load_catalog
+from model.gsm import GSM_OVERLAY_KEY, overlay_digest, with_overlay, write_overlay
+from model.training import decision_points, request_at
+from pipelines.train import TrainSummary
+from service.api import app as app_module
+from tests.factories import GSM_ONLY_CODE, make_history_frames
+from tests.integration.test_train_pipeline import _train as train_and_promote
+from tests.integration.test_train_pipeline import _write_frames
+from tests.unit.test_api import settings_for
+
+#: The columns of a decision's features that come from the error catalog's verdict (model.features.catalog_columns).
+CATALOG_COLUMNS = ("error_class", "known_code", "visa_category", "mac_never_retry")
+
+
+def _history_with_overlay_code(seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A history whose stripe processing errors carry a code only the overlay defines (no message, no network
+    code: only the overlay can tell what it is)."""
+    attempts, nudges = make_history_frames(600, seed=seed)
+    rows = (attempts["connector"] == "stripe") & (attempts["error_code"] == "processing_error")
+    assert rows.sum() >= 20
+    attempts.loc[rows, "error_code"] = GSM_ONLY_CODE.code
+    attempts.loc[rows, ["error_message", "network_decline_code"]] = None
+    return attempts, nudges
+
+
+@dataclass
+class Trained:
+    summary: TrainSummary
+    store: str
+    overlay: Path
+    attempts: pd.DataFrame
+    nudges: pd.DataFrame
+    output: str
+    #: Training's catalog columns of each decision point whose failure carries the overlay's code, by order and time.
+    features: dict[tuple[str, float], dict[str, Any]]
+
+
+def _train(folder: Path, *, with_overlay_set: bool) -> Trained:
+    attempts, nudges = _history_with_overlay_code(seed=11)
+    overlay = write_overlay([GSM_ONLY_CODE], folder / "overlay.csv")
+    store = f"sqlite:///{folder / 'store' / 'mlflow.db'}"
+    seen: dict[tuple[str, float], dict[str, Any]] = {}
+    real_raw_columns = training_module.raw_columns
+
+    def recording_raw_columns(points: pd.DataFrame, catalog: Any) -> dict[str, np.ndarray]:
+        # The real function, its answers kept for the overlay's code: what training's features read.
+        cols = real_raw_columns(points, catalog)
+        for row in np.flatnonzero((points["error_code"] == GSM_ONLY_CODE.code).to_numpy(dtype=bool)):
+            key = (str(points["order_id"].iloc[row]), float(cols["event_ts"][row]))
+            seen[key] = {name: cols[name][row] for name in CATALOG_COLUMNS}
+        return cols
+
+    console = Console(width=300, record=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # no .env of the checkout
+        patch.delenv("WINBACK_GSM_OVERLAY", raising=False)
+        if with_overlay_set:
+            patch.setenv("WINBACK_GSM_OVERLAY", str(overlay))
+        patch.setattr(training_module, "raw_columns", recording_raw_columns)
+        summary = train_and_promote(_write_frames(folder / "history", attempts, nudges), store, console)
+    assert seen, "training built no decision point after the overlay's code"
+    return Trained(summary, store, overlay, attempts, nudges, console.export_text(), seen)
+
+
+@pytest.fixture(scope="module")
+def trained_with_overlay(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return _train(tmp_path_factory.mktemp("with-overlay"), with_overlay_set=True)
+
+
+@pytest.fixture(scope="module")
+def trained_without_overlay(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    return _train(tmp_path_factory.mktemp("without-overlay"), with_overlay_set=False)
+
+
+@pytest.fixture
+def no_overlay_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A process without WINBACK_GSM_OVERLAY (nor a .env that sets it)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WINBACK_GSM_OVERLAY", raising=False)
+
+
+def _serving(trained: Trained, tmp_path: Path, overlay: Path | None) -> Any:
+    """The decision API's runtime with ``overlay``, its holder serving the registered champion."""
+    runtime = app_module.build_runtime(
+        settings_for(tmp_path, gsm_overlay=overlay, load_model=True, tracking_uri=trained.store)
+    )
+    runtime.holder.refresh()
+    assert runtime.holder.current.version == trained.summary.version
+    return runtime
+
+
+def _overlay_requests(trained: Trained, limit: int = 10) -> list[tuple[tuple[str, float], Any]]:
+    points = decision_points(trained.attempts, trained.nudges)
+    out = []
+    for position in range(len(points)):
+        point = {str(k): v for k, v in points.iloc[position].items()}
+        request, _ = request_at(trained.attempts, trained.nudges, point)
+        if request.failure.error_code == GSM_ONLY_CODE.code:
+            out.append(((str(point["order_id"]), request.event_time.timestamp()), request))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    missing = (a is None or (isinstance(a, float) and np.isnan(a)), b is None or (isinstance(b, float) and np.isnan(b)))
+    return all(missing) or (not any(missing) and a == b)
+
+
+def test_a_code_only_the_overlay_defines_gets_the_same_features_in_training_and_serving(
+    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None
+) -> None:
+    """`winback train` read the shipped catalog whatever WINBACK_GSM_OVERLAY said: a code only the overlay defines
+    was an unknown code to training (error class unknown, not a known code) and a processor-technical, known code
+    to the scorer serving with the same overlay."""
+    trained = trained_with_overlay
+    runtime = _serving(trained, tmp_path, trained.overlay)
+    scorer = runtime.holder.current.scorer
+    requests = _overlay_requests(trained)
+    assert requests
+
+    compared = 0
+    for key, request in requests:
+        if key not in trained.features:
+            continue
+        served = scorer.context(request)
+        learned = trained.features[key]
+        assert all(_same(learned[name], served[name]) for name in CATALOG_COLUMNS), (learned, served)
+        assert (learned["error_class"], learned["known_code"]) == ("processor_technical", 1.0)
+        compared += 1
+    assert compared
+    assert runtime.holder.current.catalog_mismatch is None  # trained with the catalog it serves with
+
+
+def test_train_says_and_logs_the_overlay_its_version_was_trained_with(
+    trained_with_overlay: Trained, trained_without_overlay: Trained, no_overlay_env: None
+) -> None:
+    import mlflow
+
+    trained = trained_with_overlay
+    digest = overlay_digest(trained.overlay)
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+    assert trained.summary.gsm_overlay is not None
+    assert trained.summary.gsm_overlay.sha256 == digest
+    assert (
+        f"version {trained.summary.version} was trained with error catalog {overlaid} and gateway status map "
+        f"overlay {trained.overlay} (sha256 {digest})"
+    ) in trained.output
+    assert (
+        f"version {trained_without_overlay.summary.version} was trained with error catalog {load_catalog().version} "
+        "and no gateway status map overlay (WINBACK_GSM_OVERLAY is not set)"
+    ) in trained_without_overlay.output
+
+    bundle = registry.load_version(trained.summary.version, tracking_uri=trained.store)
+    assert bundle.catalog_version == overlaid
+    assert bundle.metadata[GSM_OVERLAY_KEY] == {"file": str(trained.overlay), "sha256": digest}
+    run = mlflow.MlflowClient(tracking_uri=trained.store).get_run(trained.summary.run_id)
+    assert (run.data.params["gsm_overlay"], run.data.params["gsm_overlay_sha256"]) == (str(trained.overlay), digest)

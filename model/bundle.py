@@ -543,6 +543,21 @@ class ModelBundle:
         )
 
 
+def saved_metadata(directory: str | Path) -> dict[str, Any]:
+    """The ``metadata`` of the bundle saved in ``directory`` (its ``bundle.json`` only: no model is read).
+    FileNotFoundError or ValueError name the folder when it holds no readable bundle metadata."""
+    meta_file = Path(directory) / _FILES["meta"]
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"model bundle at {directory} lacks {_FILES['meta']}")
+    try:
+        metadata = json.loads(meta_file.read_text(encoding="utf-8"))["metadata"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_file} holds no bundle metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{meta_file}: its metadata is not an object")
+    return metadata
+
+
 def _no_pause() -> None:
     """``between_steps`` when none is given."""
 

@@ -32,9 +32,9 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from model.bundle import ModelBundle
-from model.catalog import ErrorCatalog, catalog_mismatch
-from model.gsm import GsmOverlaySetting, serving_catalog
+from model.bundle import ModelBundle, saved_metadata
+from model.catalog import ErrorCatalog, catalog_mismatch, load_catalog
+from model.gsm import GSM_OVERLAY_KEY, GsmOverlaySetting, describe_overlay, overlay_digest, serving_catalog
 from model.merchant_config import MerchantConfig
 from model.policy import PolicyConfig, decide
 from model.registry_client import (
@@ -72,6 +72,7 @@ __all__ = [
     "CHAMPION",
     "DEFAULT_TRACKING_URI",
     "EXPERIMENT_NAME",
+    "GSM_OVERLAY_ARTIFACT",
     "MODEL_NAME",
     "RegisteredVersion",
     "WinbackPyfunc",
@@ -107,6 +108,9 @@ _DEFAULT_API_KEY_SHA256: Final = "0" * 64
 _ALREADY_EXISTS_CODES: Final = frozenset({"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"})
 #: What a version's pyfunc is logged as: MLflow's "models from code" file that sets `WinbackPyfunc` (see it).
 _PYFUNC_CODE: Final = Path(__file__).with_name("pyfunc_code.py")
+#: The pyfunc artifact holding the gateway status map overlay a version was trained with (a version trained without
+#: one has none): the pyfunc serves with it, whatever the loading process's ``WINBACK_GSM_OVERLAY`` says.
+GSM_OVERLAY_ARTIFACT: Final = "gsm_overlay"
 
 
 @dataclass(frozen=True)
@@ -186,15 +190,22 @@ class WinbackPyfunc(PythonModel):  # type: ignore[misc]
         self._catalog: ErrorCatalog | None = None
 
     def load_context(self, context: Any) -> None:
-        """Load the bundle saved in the model's ``bundle`` artifact, and the error catalog the API would serve with
-        here (``WINBACK_GSM_OVERLAY`` read as the API reads it): the rules and the bundle's features both read it,
-        so a code only the overlay defines is decided as the API decides it."""
-        self._bundle = ModelBundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
-        self._catalog = serving_catalog(GsmOverlaySetting().gsm_overlay)
-        self._bundle.use_catalog(self._catalog)
-        mismatch = catalog_mismatch(self._bundle, self._catalog)
-        if mismatch is not None:  # as the API's holder says it at load
-            log.warning("model %s was %s", self._bundle.version, mismatch)
+        """Load the bundle saved in the model's ``bundle`` artifact and serve it with the error catalog it was trained
+        with: the shipped catalog, plus the gateway status map overlay of its ``gsm_overlay`` artifact when it was
+        trained with one. The rules and the bundle's features both read that catalog, so the version answers alike in
+        any process; ``WINBACK_GSM_OVERLAY`` of the loading process is not read (said when it names another one).
+        Which overlay it serves with is said at load."""
+        bundle = ModelBundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+        recorded = bundle.metadata.get(GSM_OVERLAY_KEY)
+        self._catalog = _trained_catalog(bundle, recorded, context.artifacts.get(GSM_OVERLAY_ARTIFACT))
+        self._bundle = bundle
+        bundle.use_catalog(self._catalog)
+        said = describe_overlay(recorded)
+        log.info("model %s serves with the error catalog it was trained with: %s", bundle.version, said)
+        _say_unread_overlay(bundle.version, recorded)
+        mismatch = catalog_mismatch(bundle, self._catalog)
+        if mismatch is not None:  # the shipped catalog of this install is not the one it was trained with
+            log.warning("model %s was %s", bundle.version, mismatch)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Decide every request of ``model_input`` (see the module docstring for both frames)."""
@@ -218,6 +229,50 @@ class WinbackPyfunc(PythonModel):  # type: ignore[misc]
             )
             decisions.append(decide(request, merchant, bundle, catalog=catalog, config=PolicyConfig(), rng=rng))
         return decisions_frame(decisions)
+
+
+def _trained_catalog(bundle: ModelBundle, recorded: object, artifact: str | None) -> ErrorCatalog:
+    """The catalog ``bundle`` was trained with: the shipped one and, when its metadata records an overlay
+    (``recorded``), the version's overlay ``artifact``, which must be that very file. RegistryError when the
+    version lacks it or carries another file."""
+    if recorded is None:
+        if artifact is not None:
+            raise RegistryError(
+                f"model {bundle.version} was trained without a gateway status map overlay, but its version carries "
+                f"a {GSM_OVERLAY_ARTIFACT!r} artifact; register it again"
+            )
+        return load_catalog()
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        raise RegistryError(f"model {bundle.version} records an unreadable {GSM_OVERLAY_KEY!r} entry: {recorded!r}")
+    if artifact is None or not Path(artifact).is_file():
+        raise RegistryError(
+            f"model {bundle.version} was trained with {describe_overlay(recorded)}, but its version carries no "
+            f"{GSM_OVERLAY_ARTIFACT!r} artifact to serve with"
+        )
+    carried = overlay_digest(artifact)
+    if carried != recorded["sha256"]:
+        raise RegistryError(
+            f"model {bundle.version} was trained with {describe_overlay(recorded)}, but its version's "
+            f"{GSM_OVERLAY_ARTIFACT!r} artifact has sha256 {carried}"
+        )
+    return serving_catalog(artifact)
+
+
+def _say_unread_overlay(version: str, recorded: object) -> None:
+    """Warn when this process's ``WINBACK_GSM_OVERLAY`` names an overlay other than the one the model was trained
+    with: an operator who set it for the pyfunc learns that it decides without it."""
+    configured = GsmOverlaySetting().gsm_overlay
+    if configured is None:
+        return
+    trained = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if configured.is_file() and overlay_digest(configured) == trained:
+        return
+    log.warning(
+        "model %s serves with the error catalog it was trained with (%s); WINBACK_GSM_OVERLAY=%s is not read",
+        version,
+        describe_overlay(recorded),
+        configured,
+    )
 
 
 def set_pyfunc_model() -> None:
@@ -251,12 +306,14 @@ def register_bundle(
     alias: str | None = CHALLENGER,
     input_example: pd.DataFrame | None = None,
     metadata: Mapping[str, Any] | None = None,
+    gsm_overlay: str | Path | None = None,
 ) -> str:
     """Log the saved bundle in ``bundle_dir`` as a pyfunc of run ``run_id``, register it, set ``alias``.
 
     Returns the new version of the registered model ``winback`` (as a string, e.g. ``"3"``). The run must
     exist; it may be the active run. ``input_example`` (one decision request per row) is stored with the
-    model and checked by MLflow against the pyfunc's signature.
+    model and checked by MLflow against the pyfunc's signature. ``gsm_overlay``: the overlay file the bundle was
+    trained with (the one its metadata records), logged as the pyfunc's ``gsm_overlay`` artifact.
     """
     return register_bundle_details(
         bundle_dir,
@@ -265,6 +322,7 @@ def register_bundle(
         alias=alias,
         input_example=input_example,
         metadata=metadata,
+        gsm_overlay=gsm_overlay,
     ).version
 
 
@@ -276,11 +334,16 @@ def register_bundle_details(
     alias: str | None = CHALLENGER,
     input_example: pd.DataFrame | None = None,
     metadata: Mapping[str, Any] | None = None,
+    gsm_overlay: str | Path | None = None,
 ) -> RegisteredVersion:
     """`register_bundle`, returning the version together with its model URI and run."""
     folder = Path(bundle_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"bundle folder {folder} does not exist")
+    artifacts = {BUNDLE_ARTIFACT: str(folder)}
+    overlay = _overlay_to_log(folder, gsm_overlay)
+    if overlay is not None:
+        artifacts[GSM_OVERLAY_ARTIFACT] = str(overlay)
     with tracking(tracking_uri) as uri:
         active = mlflow.active_run()
         resume = active is None or active.info.run_id != run_id
@@ -291,7 +354,7 @@ def register_bundle_details(
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=_PYFUNC_CODE,
-                artifacts={BUNDLE_ARTIFACT: str(folder)},
+                artifacts=artifacts,
                 signature=pyfunc_signature(),
                 input_example=input_example,
                 pip_requirements=_pip_requirements(),
@@ -304,6 +367,29 @@ def register_bundle_details(
         if alias:
             set_alias(alias, str(version), tracking_uri=uri)
     return RegisteredVersion(version=str(version), model_uri=info.model_uri, run_id=run_id)
+
+
+def _overlay_to_log(bundle_dir: Path, overlay: str | Path | None) -> Path | None:
+    """The overlay file to log with the bundle saved in ``bundle_dir``, checked before anything is logged: the one
+    its metadata records (same SHA-256), or None when it was trained without one. RegistryError when they differ:
+    that version's pyfunc could not serve with the catalog its model was trained with."""
+    recorded = saved_metadata(bundle_dir).get(GSM_OVERLAY_KEY)
+    trained = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if overlay is None:
+        if trained is not None:
+            raise RegistryError(
+                f"the bundle in {bundle_dir} was trained with {describe_overlay(recorded)}: register it with that file"
+            )
+        return None
+    file = Path(overlay)
+    if not file.is_file():
+        raise RegistryError(f"gateway status map overlay {file}: no such file")
+    if trained is None or overlay_digest(file) != trained:
+        raise RegistryError(
+            f"the bundle in {bundle_dir} was trained with {describe_overlay(recorded)}, not with {file} "
+            f"(sha256 {overlay_digest(file)})"
+        )
+    return file
 
 
 def _new_version(uri: str, model_id: str) -> str:

@@ -964,6 +964,7 @@ def run_training(
             alias=registry.CHALLENGER,
             input_example=logged.input_example,
             metadata=logged.model_metadata,
+            gsm_overlay=None if overlay is None else overlay.file,
         )
         if gate is not None:
             gate = replace(gate, challenger_version=version)

@@ -1,11 +1,14 @@
-"""`winback train` learns with the gateway status map overlay a scorer serves with (real MLflow store in a temp dir).
+"""The gateway status map overlay a model was trained with travels with it, against a real MLflow store in a temp dir.
 
 `winback train` reads ``WINBACK_GSM_OVERLAY`` as the scorer does, so a code only the overlay defines gets the same
-feature values in training and in serving.
+feature values in training and in serving; the version carries the overlay as a pyfunc artifact, and the pyfunc
+serves with it in a process without the variable; a model trained without an overlay, served with one, is still
+reported as trained with another catalog.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from model import registry
 from model import training as training_module
 from model.catalog import load_catalog
 from model.gsm import GSM_OVERLAY_KEY, overlay_digest, with_overlay, write_overlay
+from model.policy import PolicyConfig, decide
+from model.registry import default_merchant
 from model.training import decision_points, request_at
 from pipelines.train import TrainSummary
 from service.api import app as app_module
@@ -175,3 +180,63 @@ def test_train_says_and_logs_the_overlay_its_version_was_trained_with(
     assert bundle.metadata[GSM_OVERLAY_KEY] == {"file": str(trained.overlay), "sha256": digest}
     run = mlflow.MlflowClient(tracking_uri=trained.store).get_run(trained.summary.run_id)
     assert (run.data.params["gsm_overlay"], run.data.params["gsm_overlay_sha256"]) == (str(trained.overlay), digest)
+
+
+def test_the_pyfunc_serves_with_its_training_overlay_where_the_variable_is_not_set(
+    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registered pyfunc read WINBACK_GSM_OVERLAY of the process loading it: loaded without it (batch
+    scoring, `mlflow models serve` elsewhere), a code only the training overlay defines was unknown to its rules
+    and features."""
+    import mlflow.pyfunc
+
+    trained = trained_with_overlay
+    with caplog.at_level(logging.INFO, logger="winback.registry"), registry.tracking(trained.store):
+        model = mlflow.pyfunc.load_model(f"models:/{registry.MODEL_NAME}/{trained.summary.version}")
+    pyfunc = model.unwrap_python_model()
+    (_, request), *_ = _overlay_requests(trained, limit=1)
+
+    out = model.predict(pd.DataFrame({"request": [request.model_dump_json()]}))
+    runtime = _serving(trained, tmp_path, trained.overlay)  # the API, with the overlay the model was trained with
+    api = decide(request, default_merchant(request), runtime.holder.current.scorer, catalog=runtime.catalog,
+                 config=PolicyConfig(), rng=np.random.default_rng(0))  # fmt: skip
+
+    assert pyfunc._bundle.context(request)["known_code"] == 1.0
+    assert pyfunc._catalog.version == runtime.catalog.version
+    row = out.iloc[0]
+    assert (row["action"], bool(row["retryable"])) == (str(api.action), api.retryable)
+    assert row["retry_probability"] == pytest.approx(api.retry_probability)
+    said = [record.getMessage() for record in caplog.records if record.name == "winback.registry"]
+    assert any(
+        f"serves with the error catalog it was trained with: gateway status map overlay {trained.overlay} "
+        f"(sha256 {overlay_digest(trained.overlay)})" in message
+        for message in said
+    ), said
+
+
+def test_a_model_trained_without_an_overlay_served_with_one_is_still_a_mismatch(
+    trained_without_overlay: Trained,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_overlay_env: None,
+) -> None:
+    """The scorer decides its own catalog (its WINBACK_GSM_OVERLAY): a model trained without that overlay is said
+    to be trained with another catalog; its pyfunc serves with the catalog it was trained with, and says that the
+    loading process's overlay is not read."""
+    import mlflow.pyfunc
+
+    trained = trained_without_overlay
+    shipped, overlaid = load_catalog().version, with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+    runtime = _serving(trained, tmp_path, trained.overlay)
+    assert runtime.holder.current.catalog_mismatch == (
+        f"trained with error catalog {shipped}, serving with error catalog {overlaid}"
+    )
+
+    monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(trained.overlay))
+    with caplog.at_level(logging.INFO, logger="winback.registry"), registry.tracking(trained.store):
+        model = mlflow.pyfunc.load_model(f"models:/{registry.MODEL_NAME}/{trained.summary.version}")
+    pyfunc = model.unwrap_python_model()
+    assert pyfunc._catalog.version == shipped
+    said = [record.getMessage() for record in caplog.records if record.name == "winback.registry"]
+    assert any(f"WINBACK_GSM_OVERLAY={trained.overlay} is not read" in message for message in said), said

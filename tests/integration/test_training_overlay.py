@@ -240,3 +240,30 @@ def test_a_model_trained_without_an_overlay_served_with_one_is_still_a_mismatch(
     assert pyfunc._catalog.version == shipped
     said = [record.getMessage() for record in caplog.records if record.name == "winback.registry"]
     assert any(f"WINBACK_GSM_OVERLAY={trained.overlay} is not read" in message for message in said), said
+
+
+@pytest.mark.parametrize("command", ["train", "retrain"])
+def test_an_overlay_training_cannot_read_stops_the_job_before_any_work(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line naming the variable and the file, exit 2, and no MLflow store created: the job did not train
+    with the shipped catalog instead of the overlay the scorer serves with."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    attempts, nudges = _write_frames(tmp_path / "history", *make_history_frames(50, seed=2))
+    missing = tmp_path / "no-such-overlay.csv"
+    monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(missing))
+    store = tmp_path / "store" / "mlflow.db"
+    arguments = [command, "--attempts", str(attempts), "--nudges", str(nudges), "--tracking-uri", f"sqlite:///{store}"]
+
+    result = CliRunner().invoke(app, arguments)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: WINBACK_GSM_OVERLAY: {missing}: no such overlay file (create it with `winback codes import-gsm "
+        "FILE.csv`)"
+    ]
+    assert not store.parent.exists()

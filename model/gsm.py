@@ -300,9 +300,10 @@ def load_overlay(path: str | Path = DEFAULT_OVERLAY) -> list[OverlayEntry]:
 
 
 class GsmOverlaySetting(BaseSettings):
-    """``WINBACK_GSM_OVERLAY`` (or its .env entry), read alike by every process that decides: the API's and the
-    executor's settings inherit it, and the registered pyfunc reads it at load. All must classify the overlay's
-    codes alike, or one decides otherwise than the others for them."""
+    """``WINBACK_GSM_OVERLAY`` (or its .env entry), read alike by every process that decides and by training: the
+    API's and the executor's settings inherit it, and `winback train` / `retrain` build their features with it. All
+    must classify the overlay's codes alike, or one decides otherwise than the others for them. The registered
+    pyfunc does not read it: it serves with the overlay its version was trained with (``model.registry``)."""
 
     model_config = SettingsConfigDict(env_prefix="WINBACK_", env_file=".env", extra="ignore", frozen=True)
 

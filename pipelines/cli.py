@@ -779,9 +779,18 @@ def history_export(
             "--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db here)."
         ),
     ] = None,
+    with_history: Annotated[
+        Path | None,
+        typer.Option(
+            "--with-history",
+            help="Also write every order of this earlier history folder (e.g. the one the champion was first "
+            "trained on, or --out itself): the store holds only what was served since. An order the store holds "
+            "too is taken from the store.",
+        ),
+    ] = None,
 ) -> None:
     """Write the executor's results, the outcomes reported to /v1/outcomes and the stop decisions as validated
-    history files.
+    history files, with an earlier history's orders when --with-history names one.
 
     Exits 0 when the files are written, also empty (with a note) when the database holds no outcomes yet; 2 with a
     one-line reason when the database cannot be read or holds no winback tables.
@@ -806,8 +815,10 @@ def history_export(
             raise fail(f"--since must be an ISO date or time like 2026-11-01T00:00:00Z, got {since!r}") from None
         start = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
     try:
-        summary = export_history(url, out, since=start)
+        summary = export_history(url, out, since=start, with_history=with_history)
     except HistoryError as exc:
+        if with_history is not None and str(with_history) in str(exc):
+            raise fail(f"--with-history {with_history} breaks the contract: {format_history_error(exc)}") from None
         raise fail(f"the stored history breaks the contract: {format_history_error(exc)}") from None
     except FileNotFoundError as exc:
         raise fail(str(exc)) from None
@@ -826,11 +837,26 @@ def history_export(
         ),
         highlight=False,
     )
-    if not summary.orders:
+    if with_history is not None:
+        console.print(
+            f"of which {count_noun(summary.earlier_orders, 'order')} from --with-history {with_history}"
+            + (
+                f"; {count_noun(summary.earlier_replaced, 'order')} it held too written as the store has them"
+                if summary.earlier_replaced
+                else ""
+            ),
+            highlight=False,
+        )
+    if summary.orders == summary.earlier_orders:
         when = "yet" if start is None else f"for orders started at or after {start.isoformat()}"
         console.print(
-            f"note: no outcomes in {shown_uri(url)} {when}: the three files are empty (valid, with the history "
-            "files' columns). Outcomes come from the executor (`winback executor run`, carrying out the orders "
+            f"note: no outcomes in {shown_uri(url)} {when}: "
+            + (
+                "the three files are empty (valid, with the history files' columns). "
+                if with_history is None
+                else f"the files hold the orders of --with-history {with_history} only. "
+            )
+            + "Outcomes come from the executor (`winback executor run`, carrying out the orders "
             "posted to POST /v1/events/payment-failed) and from callers reporting what came of a decision to "
             "POST /v1/outcomes.",
             highlight=False,

@@ -40,8 +40,10 @@ from model.history import (
     ATTEMPT_COLUMNS,
     NUDGE_COLUMNS,
     STOP_COLUMNS,
+    History,
     HistoryError,
     read_history,
+    stops_beside,
     write_attempts,
     write_nudges,
     write_stops,
@@ -80,6 +82,9 @@ class ExportSummary:
     renamed_orders: tuple[str, ...] = ()
     stops_path: Path | None = None
     stops: int = 0  # stop decisions written to the stops file
+    #: Orders written from the earlier history (``with_history``), and those of it the store's copy replaced.
+    earlier_orders: int = 0
+    earlier_replaced: int = 0
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -551,7 +556,52 @@ def _orders_at_fault(
     return found or None
 
 
-def export_history(database_url: str, out_dir: str | Path, since: datetime | None = None) -> ExportSummary:
+def history_files_in(folder: str | Path) -> tuple[Path, Path, Path | None]:
+    """(attempts, nudges, stops or None) of a history folder as ``winback simulate`` and this export write it:
+    ``attempts`` and ``nudges`` as .parquet or .csv, and ``stops`` beside them when there is one."""
+    where = Path(folder)
+    for suffix in (".parquet", ".csv"):
+        attempts, nudges = where / f"attempts{suffix}", where / f"nudges{suffix}"
+        if attempts.is_file() and nudges.is_file():
+            return attempts, nudges, stops_beside(attempts)
+    raise FileNotFoundError(
+        f"no history in {where}: it needs attempts.parquet and nudges.parquet (or attempts.csv and nudges.csv)"
+    )
+
+
+def _with_earlier(
+    earlier: History, attempts: pd.DataFrame, nudges: pd.DataFrame, stops: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int, int]:
+    """The store's frames with every order of an earlier history the store does not hold, and the numbers of
+    orders taken from it and replaced by the store's copy (the store's is the later, fuller record). An earlier
+    export's ``<merchant_id>/<order_id>`` is the same order as the store's ``order_id`` of that merchant."""
+
+    def keys(frame: pd.DataFrame) -> list[tuple[str, str]]:
+        return [
+            (str(m), str(o).removeprefix(f"{m}/")) for m, o in zip(frame["merchant_id"], frame["order_id"], strict=True)
+        ]
+
+    held = _orders_of(attempts) | _orders_of(nudges)
+    frames = []
+    for old, new in ((earlier.attempts, attempts), (earlier.nudges, nudges), (earlier.stops, stops)):
+        if old is None or not len(old):
+            frames.append(new)
+            continue
+        old = old.assign(order_id=[o for _, o in keys(old)])
+        old = old.loc[[key not in held for key in keys(old)]]
+        if not len(new):
+            frames.append(old.reset_index(drop=True))
+            continue
+        # As objects: the writer types every column, and a column all null in one frame keeps no dtype of its own.
+        frames.append(pd.concat([old.astype(object), new.astype(object)], ignore_index=True))
+    earlier_orders = set(keys(earlier.attempts)) | set(keys(earlier.nudges))
+    replaced = len(earlier_orders & held)
+    return frames[0], frames[1], frames[2], len(earlier_orders) - replaced, replaced
+
+
+def export_history(
+    database_url: str, out_dir: str | Path, since: datetime | None = None, with_history: str | Path | None = None
+) -> ExportSummary:
     """Write ``out_dir/attempts.parquet``, ``out_dir/nudges.parquet`` and ``out_dir/stops.parquet`` (the stop
     decisions, see the module docstring) from the executor and decision store.
 
@@ -564,6 +614,11 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     the same way. The files are written beside the targets and moved into place only once valid, so
     a failed export leaves an earlier export as it was. ``since`` (aware) keeps orders whose first attempt is at
     or after it.
+
+    ``with_history``: a folder holding an earlier history (the one the first model was trained on, or an earlier
+    export; it may be ``out_dir`` itself). Its every order is written too, read and validated first (a
+    ``HistoryError`` names its problems), except those the store holds, which the store's copy replaces: a
+    retraining history is then the earlier one plus what the store learned since, not the store's orders alone.
     """
     if since is not None and since.tzinfo is None:
         raise ValueError(f"since must carry a timezone (e.g. 2026-11-01T00:00:00Z), got {since.isoformat()}")
@@ -572,6 +627,10 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     if database not in (None, "", ":memory:") and not Path(str(database)).is_file():
         # Connecting would create an empty database file.
         raise FileNotFoundError(f"no winback database at {database} (from {shown_url(url)})")
+    earlier = None
+    if with_history is not None:
+        earlier_attempts, earlier_nudges, earlier_stops = history_files_in(with_history)
+        earlier = read_history(earlier_attempts, earlier_nudges, stops_path=earlier_stops)
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -583,6 +642,11 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
     finally:
         engine.dispose()
     left_out = unusable | _unwritable_orders(attempts_frame, nudges_frame)
+    earlier_orders = replaced = 0
+    if earlier is not None:
+        attempts_frame, nudges_frame, stops_frame, earlier_orders, replaced = _with_earlier(
+            earlier, attempts_frame, nudges_frame, stops_frame
+        )
     shared = _shared_ids("order_id", attempts_frame, nudges_frame)
     shared_txns = _shared_ids("txn_id", attempts_frame)
     target = Path(out_dir)
@@ -636,4 +700,6 @@ def export_history(database_url: str, out_dir: str | Path, since: datetime | Non
         renamed_orders=tuple(renamed),
         stops_path=stops_path,
         stops=len(stops_frame),
+        earlier_orders=earlier_orders,
+        earlier_replaced=replaced,
     )

@@ -529,3 +529,44 @@ def test_demo_on_a_history_too_short_to_train_on_says_so_in_one_line(tmp_path: P
         f"the history is too short to learn retryability (the demo trains on {tmp_path / 'demo' / 'history'}: "
         "`make clean`, or another --workdir, and more --orders simulate a new one)"
     ), printed.stderr
+
+
+def test_history_export_with_history_writes_the_earlier_history_too_and_names_a_missing_one(tmp_path: Path) -> None:
+    # The store holds only what was served since it started: an export for retraining had no way to carry the
+    # history the champion was first trained on (a simulation, a switch's export), so `retrain` saw the new
+    # orders alone.
+    from pipelines.simulate import simulate
+
+    earlier = tmp_path / "earlier"
+    simulate(earlier, orders=40, seed=3, progress=False)
+    url = _fresh_store(tmp_path)
+    wide = {"COLUMNS": "1000"}
+    out = tmp_path / "all"
+    result = CliRunner().invoke(
+        app, ["history", "export", "--out", str(out), "--database-url", url, "--with-history", str(earlier)], env=wide
+    )
+    assert result.exit_code == 0, result.output
+    said = result.output.replace("\n", "")
+    assert f"of which 40 orders from --with-history {earlier}" in said
+    assert f"the files hold the orders of --with-history {earlier} only" in said
+    written = read_history(out / "attempts.parquet", out / "nudges.parquet", stops_path=out / "stops.parquet")
+    simulated = read_history(
+        earlier / "attempts.parquet", earlier / "nudges.parquet", stops_path=earlier / "stops.parquet"
+    )
+    for name in ("attempts", "nudges", "stops"):
+        assert len(getattr(written, name)) == len(getattr(simulated, name)) > 0, name
+    # Into itself: the cron line's accumulating history stays the same when the store has nothing new.
+    again = CliRunner().invoke(
+        app, ["history", "export", "--out", str(out), "--database-url", url, "--with-history", str(out)], env=wide
+    )
+    assert again.exit_code == 0, again.output
+    assert len(read_history(out / "attempts.parquet", out / "nudges.parquet").attempts) == len(simulated.attempts)
+    missing = CliRunner().invoke(
+        app, ["history", "export", "--out", str(tmp_path / "x"), "--database-url", url, "--with-history",
+              str(tmp_path / "nowhere")], env=wide,
+    )  # fmt: skip
+    assert missing.exit_code == 2
+    assert (
+        f"no history in {tmp_path / 'nowhere'}: it needs attempts.parquet and nudges.parquet"
+        in missing.output.replace("\n", "")
+    )

@@ -268,6 +268,14 @@ def run_artifact_dir(version: str, *, tracking_uri: str | None = None) -> Path |
     return Path(unquote(parsed.path))
 
 
+def run_params(version: str, *, tracking_uri: str | None = None) -> dict[str, str]:
+    """The params of the run that registered ``winback`` version ``version`` (empty when it names no run)."""
+    client = _client(tracking_uri)
+    with _quiet_mlflow():
+        run_id = client.get_model_version(MODEL_NAME, version).run_id
+        return dict(client.get_run(run_id).data.params) if run_id else {}
+
+
 def register_same_model(version: str, *, tracking_uri: str | None = None) -> str:
     """Register another version of ``winback`` from the same source and run as ``version``; its number. (The same
     model under a new version number: what a hot-swap drill or benchmark moves the alias to.)"""

@@ -21,6 +21,7 @@ import pandas as pd
 from rich.console import Console
 
 from model.history import HistoryError, read_history, write_attempts, write_nudges, write_stops
+from model.registry_client import get_alias_version, run_params
 from pipelines.gate import GATE_METRICS, GateMetric
 from pipelines.train import TrainInputError, TrainSummary, format_history_error, history_params, run_training
 
@@ -110,6 +111,9 @@ def retrain(
         history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc
+    shrunk = _smaller_than_the_champion_s(len(history.attempts), tracking_uri)
+    if shrunk:
+        (console or Console()).print(shrunk, highlight=False)
     with tempfile.TemporaryDirectory(prefix="winback-retrain-") as tmp:
         attempts_path, nudges_path = Path(attempts), Path(nudges)
         stops_path = None if stops is None else Path(stops)
@@ -147,6 +151,23 @@ def retrain(
             },
         )
     return RetrainResult(summary=summary, window_days=window_days, orders=int(frame["order_id"].nunique()))
+
+
+def _smaller_than_the_champion_s(attempts: int, tracking_uri: str | None) -> str | None:
+    """A note when the history holds fewer than half the attempts the champion's run read: most likely a store's
+    export alone (the store holds only what was served since it started), not the history the champion learned
+    from plus what came since."""
+    version = get_alias_version("champion", tracking_uri=tracking_uri)
+    if version is None:
+        return None
+    learned = run_params(version, tracking_uri=tracking_uri).get("attempts_rows", "")
+    if not learned.isdigit() or attempts * 2 >= int(learned):
+        return None
+    return (
+        f"note: this history holds {attempts:,} attempts, the champion (version {version}) learned from "
+        f"{int(learned):,}: a store's export holds only what was served since it started; `winback history export "
+        "--with-history DIR` adds the history the champion learned from"
+    )
 
 
 def retrain_loop(

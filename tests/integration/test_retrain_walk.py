@@ -186,3 +186,46 @@ def test_an_operator_retrains_on_a_never_seen_code_and_the_server_decides_it_ane
     # the code otherwise.
     assert abs(mean["after"] - observed) < abs(mean["before"] - observed), (mean, observed)
     assert retries["after"] < retries["before"] / 2, (retries, mean)
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_retrain_on_a_history_far_smaller_than_the_champion_s_says_the_export_may_lack_it(
+    tmp_path: Path, mlflow_store: str, columns: int
+) -> None:
+    # Retraining on a store's export alone (the orders served since the scorer started) gave no hint that the
+    # history the champion learned from was missing: the gate's "too small a holdout" was the only sign.
+    from model.history import write_attempts, write_nudges
+    from tests.factories import make_new_code_history
+
+    console = Console(width=columns, record=True)
+    quick = {"tracking_uri": mlflow_store, "train_options": TRAIN_OPTIONS, "evaluation_options": EVALUATION_OPTIONS,
+             "console": console, "show_progress": False}  # fmt: skip
+    attempts, nudges = make_new_code_history(600, seed=5)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    orders = sorted(set(attempts["order_id"]))
+    recent = set(orders[: len(orders) // 4])
+    for folder, a, n in (
+        (whole, attempts, nudges),
+        (part, attempts[attempts["order_id"].isin(recent)], nudges[nudges["order_id"].isin(recent)]),
+    ):
+        folder.mkdir()
+        write_attempts(a, folder / "attempts.parquet")
+        write_nudges(n, folder / "nudges.parquet")
+    files = ("attempts.parquet", "nudges.parquet")
+    run_training(*(whole / f for f in files), promote=True, **quick)  # type: ignore[arg-type]
+    retrain(*(part / f for f in files), **quick)  # type: ignore[arg-type]
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= columns for line in lines)
+    start = next((i for i, line in enumerate(lines) if line.startswith("note: this history holds")), None)
+    assert start is not None, "\n".join(lines)
+    note = lines[start].strip()
+    for line in lines[start + 1 : start + 6]:  # wrapped at words: the lines joined again are the note, words whole
+        if note.endswith("adds the history the champion learned from"):
+            break
+        note += " " + line.strip()
+    part_rows = len(read_attempts(part / "attempts.parquet"))
+    assert note == (
+        f"note: this history holds {part_rows:,} attempts, the champion (version 1) learned from {len(attempts):,}: a "
+        "store's export holds only what was served since it started; `winback history export --with-history DIR` "
+        "adds the history the champion learned from"
+    ), "\n".join(lines[start : start + 6])

@@ -23,7 +23,14 @@ from rich.console import Console
 from model.history import HistoryError, read_history, write_attempts, write_nudges, write_stops
 from model.registry_client import get_alias_version, run_params
 from pipelines.gate import GATE_METRICS, GateMetric
-from pipelines.train import TrainInputError, TrainSummary, format_history_error, history_params, run_training
+from pipelines.train import (
+    TrainInputError,
+    TrainSummary,
+    format_history_error,
+    history_params,
+    run_training,
+    usable_tracking_store,
+)
 
 __all__ = ["RetrainResult", "gate_checks", "parse_every", "retrain", "retrain_loop", "window"]
 
@@ -111,7 +118,8 @@ def retrain(
         history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc
-    shrunk = _smaller_than_the_champion_s(len(history.attempts), tracking_uri)
+    # The store is asked first here: one that cannot be used is a one-line TrainInputError, not a traceback.
+    shrunk = _smaller_than_the_champion_s(len(history.attempts), usable_tracking_store(tracking_uri))
     if shrunk:
         (console or Console()).print(shrunk, highlight=False)
     with tempfile.TemporaryDirectory(prefix="winback-retrain-") as tmp:
@@ -153,7 +161,7 @@ def retrain(
     return RetrainResult(summary=summary, window_days=window_days, orders=int(frame["order_id"].nunique()))
 
 
-def _smaller_than_the_champion_s(attempts: int, tracking_uri: str | None) -> str | None:
+def _smaller_than_the_champion_s(attempts: int, tracking_uri: str) -> str | None:
     """A note when the history holds fewer than half the attempts the champion's run read: most likely a store's
     export alone (the store holds only what was served since it started), not the history the champion learned
     from plus what came since."""

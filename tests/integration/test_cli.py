@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import signal
@@ -144,8 +145,11 @@ def test_train_with_a_tracking_store_it_cannot_reach_says_so_in_one_line_before_
     # (Security review.) A store's credentials were printed with it, into the terminal and the retrain's cron log.
     with_password = f"http://winback:s3cret-pw@127.0.0.1:{port}/?password=s3cret-pw&x=1"
     shown = f"http://winback:***@127.0.0.1:{port}/?password=***&x=1"
-    for uri, named in [(f"http://127.0.0.1:{port}",) * 2, ("bogus://nowhere",) * 2, (with_password, shown)]:
-        result = runner.invoke(app, ["train", *history, "--tracking-uri", uri])
+    for (uri, named), command in itertools.product(
+        [(f"http://127.0.0.1:{port}",) * 2, ("bogus://nowhere",) * 2, (with_password, shown)], ["train", "retrain"]
+    ):
+        # retrain asks the store for its champion before training: that too must end in this one line.
+        result = runner.invoke(app, [command, *history, "--tracking-uri", uri])
         assert result.exit_code == 2, result.output
         assert f"error: cannot use the MLflow tracking store {named}: " in result.output
         assert "Traceback" not in result.output

@@ -534,6 +534,19 @@ def test_a_closed_account_or_unknown_card_number_is_never_retried_on_any_network
         ("visa", {"network_decline_code": "05"}, False),
         ("mastercard", {"connector": "acme", "error_code": "X1", "error_message": "Issuer unavailable"}, False),
         ("mastercard", {"connector": "acme", "error_code": "X1", "error_message": "Payment stopped: timeout"}, False),
+        # Words of the Visa codes and the catalog's, with no code the catalog knows.
+        ("visa", {"connector": "acme", "error_code": "X1", "error_message": "Revocation of all authorizations order"},
+         True),
+        ("visa", {"connector": "acme", "error_code": "X1",
+                  "error_message": "The cardholder revoked this authorisation"}, True),
+        # A revoked network token, or the merchant's own credentials, is no cardholder's stop-payment order: it was
+        # read as one (a lasting ban of every retry and of the link), where the PAN or a link may still be paid.
+        ("visa", {"connector": "acme", "error_code": "X1",
+                  "error_message": "Network token revoked; authorization declined"}, False),
+        ("mastercard", {"connector": "acme", "error_code": "X1",
+                        "error_message": "The card's token was revoked, re-authorization required"}, False),
+        ("mastercard", {"connector": "acme", "error_code": "X1", "error_message": "OAuth authorization revoked"},
+         False),
     ],
 )  # fmt: skip
 def test_a_cardholders_stop_payment_order_gets_no_retry_and_no_link_on_any_network(
@@ -610,6 +623,11 @@ def upi_ctx(method: str = "upi_autopay", method_type: str | None = "mandate", **
         ("upi_autopay", "mandate", "MANDATE REVOCATION", True),
         # Not a revocation.
         ("upi_autopay", "mandate", "Mandate paused by customer", False),
+        # A revocation that did not happen, or is not yet done: the mandate still stands (these were read as revoked,
+        # a lasting ban of every silent retry of the order).
+        ("upi_autopay", "mandate", "Mandate not revoked", False),
+        ("upi_autopay", "mandate", "Mandate revocation failed, please retry", False),
+        ("upi_autopay", "mandate", "Mandate revocation request pending", False),
         ("upi_autopay", "mandate", "Insufficient funds in customer account", False),
         ("upi_autopay", "mandate", None, False),
     ],

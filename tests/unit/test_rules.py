@@ -494,6 +494,11 @@ def _us_card_decline(network: str, failure: dict[str, str | None]) -> RuleContex
         ("mastercard", {"connector": "acme", "error_code": "X7",
                         "error_message": "Connection closed by issuer"}, False),
         ("mastercard", {"network_decline_code": "05"}, False),
+        # The merchant's own account with the connector, not the cardholder's: another connector may take the card
+        # (these were read as a dead card, a lasting ban of every retry and cascade).
+        ("mastercard", {"connector": "acme", "error_code": "X7", "error_message": "Merchant account closed"}, False),
+        ("visa", {"connector": "acme", "error_code": "X7",
+                  "error_message": "The merchant account has been closed"}, False),
     ],
 )  # fmt: skip
 def test_a_closed_account_or_unknown_card_number_is_never_retried_on_any_network(

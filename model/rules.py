@@ -128,6 +128,7 @@ class Rule(StrEnum):
     ONE_NUDGE_PER_DAY = "one_nudge_per_day"
     QUIET_HOURS = "quiet_hours"
     ORDER_ALREADY_PAID = "order_already_paid"
+    OUTCOME_UNKNOWN = "outcome_unknown"
 
 
 #: Rules about the order's situation (budgets, windows, the payment flow, the merchant's switches, when), not about
@@ -266,6 +267,9 @@ class RuleBook:
     # so no cascade until this long after the last failed attempt.
     cascade_same_account_error_classes: frozenset[str]
     cascade_same_account_wait: timedelta
+    outcome_unknown_codes: frozenset[str]  # connector error codes (case-folded) that leave the attempt's outcome open
+    outcome_unknown_words: re.Pattern[str]  # searched in the error code and message
+    outcome_unknown_wait: timedelta  # no new attempt or payment link of the order until this long after such a failure
     # India's card e-mandates (RBI): a recurring card payment of an Indian customer runs on one, bound to its gateway.
     e_mandate_payment_methods: frozenset[str]
     e_mandate_payment_method_types: frozenset[str]  # a card payment of these types is a mandate debit, recurring or not
@@ -401,6 +405,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
     sources["rbi_card_e_mandate"] = str(_get(raw, "rbi_card_e_mandate.source"))
     sources["e_mandate_afa_limit"] = str(_get(raw, "e_mandate_afa_limit.source"))
     sources["rbi_one_off_afa"] = str(_get(raw, "rbi_one_off_afa.source"))
+    sources["outcome_unknown"] = str(_get(raw, "outcome_unknown.source"))
     afa_currency = _get(raw, "e_mandate_afa_limit.currency")
     if not isinstance(afa_currency, str) or not re.fullmatch(r"[A-Za-z]{3}", afa_currency.strip()):
         raise RulesDataError(
@@ -470,6 +475,9 @@ def parse_rulebook(raw: Any) -> RuleBook:
         cascade_not_for_payment_method_types=_strings(raw, "strategies.cascade.not_for_payment_method_types"),
         cascade_same_account_error_classes=_error_classes(raw, "strategies.cascade.same_account_error_classes"),
         cascade_same_account_wait=timedelta(hours=_number(raw, "strategies.cascade.same_account_wait_hours")),
+        outcome_unknown_codes=frozenset(code.casefold() for code in _strings(raw, "outcome_unknown.error_codes")),
+        outcome_unknown_words=_any_of(raw, "outcome_unknown.message_words"),
+        outcome_unknown_wait=timedelta(hours=_number(raw, "outcome_unknown.wait_hours")),
         e_mandate_payment_methods=_strings(raw, "rbi_card_e_mandate.payment_methods"),
         e_mandate_payment_method_types=_strings(raw, "rbi_card_e_mandate.mandate_payment_method_types"),
         e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
@@ -560,6 +568,9 @@ class RuleContext:
     earliest_retry_at: datetime | None  # Mastercard MAC wait
     # No cascade before this (a decline about the cardholder's account: funds, limits); None: no such bound.
     cascade_not_before: datetime | None
+    # No silent retry and no payment link before this: the failure left the attempt's outcome open (a timeout, a
+    # pending status) and it may still succeed late; None: no such bound.
+    outcome_known_at: datetime | None
     visa_cap: int | None  # None: the Visa re-attempt cap does not apply
     visa_window: timedelta
     visa_retry_times: tuple[datetime, ...]  # sorted created_at of earlier silent retries (both card caps count them)
@@ -899,6 +910,14 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     ):
         cascade_not_before = last_failure_at + book.cascade_same_account_wait
         applied.append(f"{Rule.CASCADE_SAME_ACCOUNT.value}:{book.cascade_same_account_wait.total_seconds() / 3600:g}h")
+    # An attempt whose outcome is not known (a timeout, a pending status) may still be authorised late: any new
+    # attempt or payment link of the order before then may charge the customer twice (hard_rules.yaml).
+    outcome_known_at: datetime | None = None
+    if _outcome_unknown(book, failure.error_code, failure.error_message) and (
+        last_failure_at + book.outcome_unknown_wait > event_time
+    ):
+        outcome_known_at = last_failure_at + book.outcome_unknown_wait
+        applied.append(f"{Rule.OUTCOME_UNKNOWN.value}:{book.outcome_unknown_wait.total_seconds() / 3600:g}h")
     if not payment.is_network_token:
         not_applicable[Strategy.CLEAR_PAN.value] = Rule.CLEAR_PAN_NOT_APPLICABLE
     if not (
@@ -985,6 +1004,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         window_end=window_end,
         earliest_retry_at=earliest_retry_at,
         cascade_not_before=cascade_not_before,
+        outcome_known_at=outcome_known_at,
         visa_cap=visa_cap,
         visa_window=book.visa_window,
         visa_retry_times=retry_times,
@@ -1007,6 +1027,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         cadence_days=retarget.skip_days + 1 if nudges_used else None,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
+
+
+def _outcome_unknown(book: RuleBook, code: str | None, message: str | None) -> bool:
+    """Whether a failure's code or message says its attempt's outcome is not known (timed out, still pending)."""
+    if code and code.strip().casefold() in book.outcome_unknown_codes:
+        return True
+    return any(book.outcome_unknown_words.search(text) for text in (code, message) if text)
 
 
 def _said(codes: set[str | None], message: str | None, listed: frozenset[str], words: re.Pattern[str]) -> bool:
@@ -1248,6 +1275,9 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
     if at < context.event_time:
         broken.append(Rule.BEFORE_EVENT_TIME)
 
+    known_at = context.outcome_known_at
+    if known_at is not None and action is not None and action != _STOP and at < known_at:
+        broken.append(Rule.OUTCOME_UNKNOWN)
     if action in (_RETRY, _RETRY_CASCADE):
         if at > context.window_end:
             broken.append(Rule.RETRY_WINDOW)
@@ -1550,6 +1580,9 @@ def _retry_times(context: RuleContext) -> list[datetime]:
     # named it, and a wait longer than the fixed delays (4 days and more) had no grid time within the window.
     if context.earliest_retry_at is not None and context.earliest_retry_at > event_time:
         times.append(context.earliest_retry_at)
+    # The moment an open outcome counts as known (outcome_unknown): the first retry it allows.
+    if context.outcome_known_at is not None:
+        times.append(context.outcome_known_at)
     if context.is_upi_autopay:
         times = [_snap_out_of_upi_peak(context, moment) for moment in times]
     return _sorted_unique(times)
@@ -1559,7 +1592,9 @@ def _send_times(context: RuleContext) -> list[datetime]:
     """As soon as allowed, then local 10:00, 13:00 and 19:00 of the following allowed days (the skip-days cadence:
     Days 0, k+1, 2(k+1), ... for a retrigger; every k+1 days from today for the first link, which no cadence binds),
     within the window."""
-    zone, event_time, window_end = context.merchant_timezone, context.event_time, context.window_end
+    zone, window_end = context.merchant_timezone, context.window_end
+    # Nothing is sent before an open outcome counts as known (outcome_unknown): the grid starts there.
+    event_time = max(context.event_time, context.outcome_known_at or context.event_time)
     day0, nudged_days, cadence = context.day0, context.nudged_days, context.cadence_days
     step = context.merchant.retarget.skip_days + 1
     today = (event_time.astimezone(zone).date() - day0).days

@@ -763,3 +763,46 @@ def test_no_retry_is_ever_offered_after_a_visa_category_1_decline_or_a_never_ret
         actions = [decision.action, *(alternative.action for alternative in decision.alternatives)]
         assert Action.RETRY not in actions, (decision.action, decision.rules_applied)
         assert not decision.retryable
+
+
+_CARD_ONE_OFF_US = {"payment_method": "card", "payment_method_type": "credit", "is_recurring": False}
+_UPI_ONE_OFF = {"payment_method": "upi", "payment_method_type": "collect", "card_network": None, "is_recurring": False}
+_NETBANKING = {"payment_method": "netbanking", "payment_method_type": None, "card_network": None, "is_recurring": False}
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+@pytest.mark.parametrize(
+    ("payment", "failure", "customer"),
+    [
+        (_CARD_ONE_OFF_US, {"error_code": "timeout", "error_message": "Request timed out"}, {"country": "US"}),
+        ({}, {"error_code": "504", "error_message": "Gateway Timeout"}, {}),
+        ({}, {"error_code": "processing_error", "error_message": "No response from issuer"}, {}),
+        (_UPI_ONE_OFF, {"connector": "razorpay", "error_code": "pending", "error_message": "Payment is pending"}, {}),
+        (_NETBANKING, {"connector": "payu", "error_code": "E1", "error_message": "Transaction timed out"}, {}),
+    ],
+    ids=["card-timeout", "card-504", "card-no-response", "upi-pending", "netbanking-timeout"],
+)
+def test_a_failure_whose_outcome_is_unknown_gets_no_new_attempt_or_link_before_it_can_be_known(
+    payment: dict[str, Any], failure: dict[str, Any], customer: dict[str, Any], with_model: bool, bundle: ModelBundle
+) -> None:
+    """The first attempt may still be authorised late (Razorpay keeps asking the bank for 3 days): a cascade at
+    +2 s, a re-attempt at +6 h or a payment link paid meanwhile would charge the customer twice."""
+    request = make_request(
+        payment=payment, customer=customer, failure={**failure, "network_decline_code": None}, currency="USD"
+    )
+    decision = decide(request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    known_at = request.event_time + timedelta(hours=72)
+    assert "outcome_unknown:72h" in decision.rules_applied
+    for candidate in _every_action(decision):
+        if candidate.action != Action.STOP:
+            assert candidate.execute_at >= known_at, candidate
+
+
+def test_a_definite_technical_decline_is_not_held_as_an_unknown_outcome() -> None:
+    request = make_request(
+        failure={"error_code": "processing_error", "error_message": "An error occurred while processing your card.",
+                 "network_decline_code": "96"},
+    )  # fmt: skip
+    decision = decide(request, make_merchant(), None, catalog=load_catalog(), config=GREEDY)
+    assert not any(rule.startswith("outcome_unknown") for rule in decision.rules_applied)
+    assert decision.execute_at < request.event_time + timedelta(hours=72)

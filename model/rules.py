@@ -114,6 +114,7 @@ class Rule(StrEnum):
     ALTERNATE_NETWORK_NOT_APPLICABLE = "alternate_network_not_applicable"
     ALTERNATE_NETWORK_SAME_ACCOUNT = "alternate_network_same_account"
     CASCADE_SAME_CONNECTOR = "cascade_same_connector"
+    CASCADE_DECLINED_CONNECTOR = "cascade_declined_connector"
     RETRY_SAME_OTHER_CONNECTOR = "retry_same_other_connector"
     CONNECTOR_UNAVAILABLE = "connector_unavailable"
     RETRY_FLOW_DISABLED = "retry_flow_disabled"
@@ -267,6 +268,7 @@ class RuleBook:
     # so no cascade until this long after the last failed attempt.
     cascade_same_account_error_classes: frozenset[str]
     cascade_same_account_wait: timedelta
+    cascade_declined_classes: frozenset[str]  # an earlier attempt's classes that keep a cascade off its connector
     outcome_unknown_codes: frozenset[str]  # connector error codes (case-folded) that leave the attempt's outcome open
     outcome_unknown_words: re.Pattern[str]  # searched in the error code and message
     outcome_unknown_wait: timedelta  # no new attempt or payment link of the order until this long after such a failure
@@ -475,6 +477,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
         cascade_not_for_payment_method_types=_strings(raw, "strategies.cascade.not_for_payment_method_types"),
         cascade_same_account_error_classes=_error_classes(raw, "strategies.cascade.same_account_error_classes"),
         cascade_same_account_wait=timedelta(hours=_number(raw, "strategies.cascade.same_account_wait_hours")),
+        cascade_declined_classes=_error_classes(raw, "strategies.cascade.declined_by_issuer_classes"),
         outcome_unknown_codes=frozenset(code.casefold() for code in _strings(raw, "outcome_unknown.error_codes")),
         outcome_unknown_words=_any_of(raw, "outcome_unknown.message_words"),
         outcome_unknown_wait=timedelta(hours=_number(raw, "outcome_unknown.wait_hours")),
@@ -552,6 +555,9 @@ class RuleContext:
     last_failure_at: datetime  # the last failed attempt's created_at, else event_time: anchors MAC waits
     failed_connector: str
     connector_order: tuple[str, ...]  # available_connectors, else the merchant's pecking order
+    # Connectors (spelled as connector_order spells them) whose earlier attempt of this order the issuer declined:
+    # no cascade goes to them.
+    declined_connectors: frozenset[str]
     visa_category: int | None
     merchant_advice_code: str | None
     is_upi_autopay: bool
@@ -665,6 +671,12 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         spelled.setdefault(name.strip().lower(), name)
     connector_order = tuple(spelled.values())
     failed_connector = spelled.get(failure.connector.strip().lower(), failure.connector)
+    declined_connectors = _declined_connectors(book, catalog, request, spelled)
+    applied.extend(
+        f"{Rule.CASCADE_DECLINED_CONNECTOR.value}:{name}"
+        for name in connector_order
+        if name in declined_connectors and name != failed_connector
+    )
     # Every re-attempt counts against the budgets, one with a strategy winback does not know included.
     retry_times = tuple(sorted(a.created_at for a in attempts if a.strategy not in NOT_SILENT_RETRY_STRATEGIES))
     # A history that skips attempt numbers (only attempt 3 sent, say) is partial: every attempt it leaves out
@@ -991,6 +1003,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         last_failure_at=last_failure_at,
         failed_connector=failed_connector,
         connector_order=connector_order,
+        declined_connectors=declined_connectors,
         visa_category=visa_category,
         merchant_advice_code=mac,
         is_upi_autopay=is_upi_autopay,
@@ -1027,6 +1040,27 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         cadence_days=retarget.skip_days + 1 if nudges_used else None,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
+
+
+def _declined_connectors(
+    book: RuleBook, catalog: ErrorCatalog, request: DecisionRequest, spelled: Mapping[str, str]
+) -> frozenset[str]:
+    """The connectors whose earlier failed attempt of this order (not through a payment link) the issuer declined,
+    by that attempt's error code, spelled as ``spelled`` spells them."""
+    payment = request.payment
+    declined: set[str] = set()
+    for attempt in request.history.attempts:
+        if attempt.status != "failure" or attempt.strategy == _RETARGET_LINK or not attempt.error_code:
+            continue
+        error = catalog.normalise(
+            attempt.connector,
+            attempt.error_code,
+            card_network=payment.card_network,
+            payment_method=payment.payment_method,
+        )
+        if error.error_class.value in book.cascade_declined_classes:
+            declined.add(spelled.get(attempt.connector.strip().lower(), attempt.connector))
+    return frozenset(declined)
 
 
 def _outcome_unknown(book: RuleBook, code: str | None, message: str | None) -> bool:
@@ -1238,6 +1272,8 @@ def _broken_kind(
         if strategy == _CASCADE:
             if connector == context.failed_connector:
                 broken.append(Rule.CASCADE_SAME_CONNECTOR)
+            if connector in context.declined_connectors:
+                broken.append(Rule.CASCADE_DECLINED_CONNECTOR)
         elif strategy == _RETRY_SAME and connector != context.failed_connector:
             broken.append(Rule.RETRY_SAME_OTHER_CONNECTOR)
         return tuple(broken)
@@ -1675,7 +1711,9 @@ def _grid_blocks(context: RuleContext) -> list[_GridBlock]:
     blocks: list[_GridBlock] = []
     for strategy in RETRY_STRATEGIES:
         if strategy is _CASCADE:
-            connectors = [connector for connector in context.connector_order if connector != failed]
+            # Not back to a connector the issuer declined this order on: the next ones in the pecking order instead.
+            declined = context.declined_connectors
+            connectors = [c for c in context.connector_order if c != failed and c not in declined]
             connectors = connectors[:MAX_CASCADE_TARGETS]
         else:
             connectors = [failed]

@@ -2601,7 +2601,13 @@ def test_no_cascade_the_first_day_after_insufficient_funds_or_a_limit(failure: d
     while the attempt counts against Visa's and Mastercard's caps. From the next day on, once the account may have
     changed, another connector is as good a path as the first."""
     us_card = {"payment_method": "card", "payment_method_type": "credit", "card_network": "visa", "is_recurring": True}
-    context = ctx(catalog=load_catalog(), customer={"country": "US"}, currency="USD", payment=us_card, failure=failure)
+    # The order's one attempt is the one that failed (not a decline on the connector cascaded to: that one is never
+    # a target, test_a_cascade_never_goes_back_to_a_connector_the_issuer_declined_this_order_on).
+    first = {"attempts": [attempt(1, "initial", T0, connector=failure["connector"])]}
+    context = ctx(
+        catalog=load_catalog(), customer={"country": "US"}, currency="USD", payment=us_card, failure=failure,
+        history=first,
+    )  # fmt: skip
     via = "adyen" if failure["connector"] == "stripe" else "stripe"
     assert context.error.error_class in {ErrorClass.INSUFFICIENT_FUNDS, ErrorClass.LIMIT_EXCEEDED}
     assert "cascade_same_account:24h" in context.rules_applied
@@ -2618,7 +2624,10 @@ def test_no_cascade_the_first_day_after_insufficient_funds_or_a_limit(failure: d
     assert min(c.execute_at for c in grid if c.strategy is Strategy.RETRY_SAME) == T0 + timedelta(seconds=2)
     # The wait counts from the last failed attempt: a follow-up a day after a retry that failed again still waits.
     later = T0 + 30 * HOUR
-    history = {"attempts": [attempt(1, "initial", T0), attempt(2, "retry_same", T0 + 24 * HOUR)]}
+    on = failure["connector"]
+    history = {
+        "attempts": [attempt(1, "initial", T0, connector=on), attempt(2, "retry_same", T0 + 24 * HOUR, connector=on)]
+    }
     follow_up = ctx(
         catalog=load_catalog(), event_time=later.isoformat(), customer={"country": "US"}, currency="USD",
         payment=us_card, failure=failure, history=history,
@@ -2628,7 +2637,7 @@ def test_no_cascade_the_first_day_after_insufficient_funds_or_a_limit(failure: d
     # A technical decline of the same card is still cascaded at once: the path was the problem.
     issuer_down = {**failure, "error_code": "processing_error", "error_message": None, "network_decline_code": "91"}
     technical = ctx(catalog=load_catalog(), customer={"country": "US"}, currency="USD", payment=us_card,
-                    failure=issuer_down)  # fmt: skip
+                    failure=issuer_down, history=first)  # fmt: skip
     assert not any(name.startswith("cascade_same_account") for name in technical.rules_applied)
     assert broken(technical, retry(strategy="cascade", connector=via)) == ()
 
@@ -2703,3 +2712,57 @@ def test_a_follow_up_sent_with_its_nudges_but_not_its_attempts_has_no_cardholder
     back = ctx(catalog=load_catalog(), payment=ONE_OFF_CARD, failure=SCA_DECLINE, event_time=later.isoformat(),
                history=paid_by_link)  # fmt: skip
     assert Rule.STEP_UP_OUT_OF_SESSION not in broken(back, retry(strategy="step_up", at=later + timedelta(seconds=2)))
+
+
+def _after_first_attempt_on_stripe(first: dict[str, Any]) -> Any:
+    """A US one-off card payment: attempt 1 on stripe (``first`` overrides it), then a cascade to adyen that failed
+    for a technical reason; the decision is made at adyen's failure."""
+    attempt_1 = {"attempt_number": 1, "connector": "stripe", "strategy": "initial", "status": "failure",
+                 "error_code": "card_declined", "created_at": "2026-11-01T10:14:00Z", **first}  # fmt: skip
+    attempt_2 = {"attempt_number": 2, "connector": "adyen", "strategy": "cascade", "status": "failure",
+                 "error_code": "500", "created_at": "2026-11-01T10:15:00Z"}  # fmt: skip
+    return make_request(
+        currency="USD",
+        customer={"country": "US"},
+        payment={"is_recurring": False},
+        failure={"connector": "adyen", "error_code": "500", "error_message": "Internal server error",
+                 "network_decline_code": None},
+        history={"attempts": [attempt_1, attempt_2], "nudges": []},
+        available_connectors=["stripe", "adyen", "cybersource", "checkout"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "stripe_is_a_target"),
+    [
+        ({"error_code": "card_declined"}, False),  # the issuer declined (generic)
+        ({"error_code": "insufficient_funds"}, False),
+        ({"error_code": "do_not_honor"}, False),
+        ({"error_code": "stolen_card"}, False),
+        ({"connector": " Stripe", "error_code": "card_declined"}, False),  # spelled otherwise, the same connector
+        ({"error_code": "processing_error"}, True),  # stripe's own technical failure: it may be back
+        ({"error_code": "rate_limit"}, True),
+        ({"error_code": "zz_never_seen"}, True),  # no class: not known to be the issuer's decline
+        ({"error_code": None}, True),
+        ({"strategy": "retarget_link", "error_code": "card_declined"}, True),  # the customer's link, maybe another card
+        ({"status": "success", "error_code": None}, None),  # paid: no cascade at all
+    ],
+)
+def test_a_cascade_never_goes_back_to_a_connector_the_issuer_declined_this_order_on(
+    first: dict[str, Any], stripe_is_a_target: bool | None
+) -> None:
+    context = build_context(_after_first_attempt_on_stripe(first), make_merchant(), load_catalog())
+    allowed, _ = rules.permitted_grid(context)
+    targets = {c.connector for c in allowed if c.action == Action.RETRY and c.strategy == Strategy.CASCADE}
+    at = context.event_time + timedelta(seconds=2)
+    verdict = check(context, Candidate(Action.RETRY, at, Strategy.CASCADE, "stripe"))
+    if stripe_is_a_target is None:
+        assert not targets
+        return
+    assert ("stripe" in targets) is stripe_is_a_target, targets
+    assert verdict.allowed is stripe_is_a_target, verdict.broken
+    assert (Rule.CASCADE_DECLINED_CONNECTOR in verdict.broken) is not stripe_is_a_target
+    assert ("cascade_declined_connector:stripe" in context.rules_applied) is not stripe_is_a_target
+    # The other connectors stay targets; the one that failed just now never is.
+    assert {"cybersource", "checkout"} <= targets
+    assert "adyen" not in targets

@@ -924,11 +924,14 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         applied.append(f"{Rule.CASCADE_SAME_ACCOUNT.value}:{book.cascade_same_account_wait.total_seconds() / 3600:g}h")
     # An attempt whose outcome is not known (a timeout, a pending status) may still be authorised late: any new
     # attempt or payment link of the order before then may charge the customer twice (hard_rules.yaml).
-    outcome_known_at: datetime | None = None
-    if _outcome_unknown(book, failure.error_code, failure.error_message) and (
-        last_failure_at + book.outcome_unknown_wait > event_time
-    ):
-        outcome_known_at = last_failure_at + book.outcome_unknown_wait
+    # An earlier attempt of the order left open (its error code says so; the history carries no message) may land
+    # late as well, whatever the last failure was.
+    unknown_since = [last_failure_at] if _outcome_unknown(book, failure.error_code, failure.error_message) else []
+    unknown_since += [a.created_at for a in attempts if a.status == "failure" and _outcome_unknown(book, a.error_code)]
+    outcome_known_at = max(unknown_since) + book.outcome_unknown_wait if unknown_since else None
+    if outcome_known_at is not None and outcome_known_at <= event_time:
+        outcome_known_at = None  # known by now
+    if outcome_known_at is not None:
         applied.append(f"{Rule.OUTCOME_UNKNOWN.value}:{book.outcome_unknown_wait.total_seconds() / 3600:g}h")
     if not payment.is_network_token:
         not_applicable[Strategy.CLEAR_PAN.value] = Rule.CLEAR_PAN_NOT_APPLICABLE
@@ -1063,7 +1066,7 @@ def _declined_connectors(
     return frozenset(declined)
 
 
-def _outcome_unknown(book: RuleBook, code: str | None, message: str | None) -> bool:
+def _outcome_unknown(book: RuleBook, code: str | None, message: str | None = None) -> bool:
     """Whether a failure's code or message says its attempt's outcome is not known (timed out, still pending)."""
     if code and code.strip().casefold() in book.outcome_unknown_codes:
         return True

@@ -806,3 +806,29 @@ def test_a_definite_technical_decline_is_not_held_as_an_unknown_outcome() -> Non
     decision = decide(request, make_merchant(), None, catalog=load_catalog(), config=GREEDY)
     assert not any(rule.startswith("outcome_unknown") for rule in decision.rules_applied)
     assert decision.execute_at < request.event_time + timedelta(hours=72)
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
+def test_an_earlier_attempt_whose_outcome_is_unknown_holds_the_order_too(with_model: bool, bundle: ModelBundle) -> None:
+    """Attempt 1 timed out on stripe; the caller cascaded to adyen itself, which declined for insufficient funds a
+    minute later. Attempt 1 may still be authorised late: no cybersource cascade, no re-attempt and no link yet."""
+    start = datetime(2026, 11, 1, 10, 15, tzinfo=UTC)
+    attempts = [
+        {"attempt_number": 1, "connector": "stripe", "strategy": "initial", "status": "failure",
+         "error_code": "timeout", "created_at": start.isoformat()},
+        {"attempt_number": 2, "connector": "adyen", "strategy": "cascade", "status": "failure",
+         "error_code": "Refused", "created_at": (start + timedelta(minutes=1)).isoformat()},
+    ]  # fmt: skip
+    request = make_request(
+        event_time=(start + timedelta(minutes=1)).isoformat(),
+        currency="USD",
+        customer={"country": "US"},
+        failure={"connector": "adyen", "error_code": "Refused", "error_message": "Not enough balance",
+                 "network_decline_code": None},
+        history={"attempts": attempts, "nudges": []},
+    )  # fmt: skip
+    decision = decide(request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
+    assert "outcome_unknown:72h" in decision.rules_applied
+    for candidate in _every_action(decision):
+        if candidate.action != Action.STOP:
+            assert candidate.execute_at >= start + timedelta(hours=72), candidate

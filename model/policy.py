@@ -603,6 +603,11 @@ def _decide(
             )
     if not retry_indices:
         reasons.append("no silent retry permitted")
+    if context.outcome_known_at is not None and choice.action != Action.STOP:
+        reasons.append(
+            "an attempt timed out or is still pending and may yet succeed: nothing is tried before "
+            f"{context.outcome_known_at:%Y-%m-%d %H:%M} UTC, so the customer is not charged twice"
+        )
     verdict = max(retry_probability, float(p_blocked.max(initial=0.0)))
     retryable = verdict >= active.retryable_threshold
 

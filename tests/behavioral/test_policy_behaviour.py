@@ -793,6 +793,7 @@ def test_a_failure_whose_outcome_is_unknown_gets_no_new_attempt_or_link_before_i
     decision = decide(request, make_merchant(), bundle if with_model else None, catalog=load_catalog(), config=GREEDY)
     known_at = request.event_time + timedelta(hours=72)
     assert "outcome_unknown:72h" in decision.rules_applied
+    assert any("may yet succeed" in reason for reason in decision.reasons), decision.reasons
     for candidate in _every_action(decision):
         if candidate.action != Action.STOP:
             assert candidate.execute_at >= known_at, candidate

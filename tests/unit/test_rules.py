@@ -2766,3 +2766,23 @@ def test_a_cascade_never_goes_back_to_a_connector_the_issuer_declined_this_order
     # The other connectors stay targets; the one that failed just now never is.
     assert {"cybersource", "checkout"} <= targets
     assert "adyen" not in targets
+
+
+@pytest.mark.parametrize(
+    ("message", "open_outcome"),
+    [
+        # The payment's own state is pending: it may still be approved (a UPI collect the customer has not answered).
+        ("Transaction pending", True),
+        ("Collect request pending with the payer", True),
+        ("Payment approval pending", True),
+        # A mandate's own request is pending: the debit itself was refused, its outcome is known.
+        ("Mandate revocation request pending", False),
+        ("Mandate revocation pending", False),
+        ("Mandate registration pending", False),
+        ("Mandate creation pending at the bank", False),
+    ],
+)
+def test_only_a_pending_payment_leaves_the_outcome_open_not_a_pending_mandate_request(
+    message: str, open_outcome: bool
+) -> None:
+    assert rules._outcome_unknown(rules.load_rulebook(), "X1", message) is open_outcome

@@ -7,10 +7,12 @@ what is found (the logs say ``[redacted-email]``, a stored error keeps the first
 with spaces, dashes or brackets, or glued to an order id after ``_``, passed one of them unmasked.
 
 Kept as they are, because they are digits and dashes too: dates and timestamps (ISO 8601, or as SQLAlchemy prints
-parameters), decimal numbers (amounts such as ``123456789.50``), and winback's own decision and nudge ids (``dec_``
-or ``nud_`` and 24 hex digits, which may be all decimal digits now and then). Anything else of eight or more digits
-(spaces, dashes and brackets between them) is taken for a phone number: an order id made of the customer's number is
-masked too. Ten digits of Unix time cannot be told from a phone number and are masked as well.
+parameters), decimal numbers (amounts such as ``123456789.50``), winback's own decision and nudge ids (``dec_``
+or ``nud_`` and 24 hex digits, which may be all decimal digits now and then), and UUIDs (a provider's message id:
+Gupshup's ``gsId``; a run of its groups may be all decimal digits, and an operator needs the whole id to trace a
+receipt). Anything else of eight or more digits (spaces, dashes and brackets between them) is taken for a phone
+number: an order id made of the customer's number is masked too. Ten digits of Unix time cannot be told from a
+phone number and are masked as well.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ EMAIL = re.compile(r"[\w.%+\-]+@[\w\-]+(?:\.[\w\-]+)+")
 _PHONE = r"(?<![^\W_])(?<!\d\.)\+?\(?\d[\d \-()]{6,}\d(?!\.?[^\W_])"
 _KEPT = (
     r"(?<![^\W_])(?:dec|nud)_[0-9a-f]{24}(?![^\W_])"
+    r"|(?<![^\W_])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![^\W_])"
     r"|(?<!\d)(?:19|20)\d\d-[01]\d-[0-3]\d(?:[ T][0-2]\d:[0-5]\d(?::[0-5]\d(?:\.\d+)?)?)?"
     r"(?:Z|[+\-][0-2]\d:?[0-5]\d)?(?!\d)"
 )

@@ -53,6 +53,16 @@ EXAMPLES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("nudge nud_9a0b1c2d3e4f5a6b12345678", (), ("nud_9a0b1c2d3e4f5a6b12345678",)),
     ("HTTP 503, retry after 120 s (code 131026)", (), ("HTTP 503, retry after 120 s (code 131026)",)),
     ("message gBEGkYiEB1VXAglK1ZEqA1YKPrU", (), ("gBEGkYiEB1VXAglK1ZEqA1YKPrU",)),
+    # a provider's message id (Gupshup's gsId is a UUID) whose groups run into eight or more decimal digits: the
+    # operator traces a receipt by the whole id
+    ("receipt for 12345678-9abc-4def-8123-456789abcdef", (), ("12345678-9abc-4def-8123-456789abcdef",)),
+    ("receipt for 4f6e2a1c-1234-5678-9abc-def012345678", (), ("4f6e2a1c-1234-5678-9abc-def012345678",)),
+    ("receipt for 1A2B3C4D-0000-1111-2222-333344445555.", (), ("1A2B3C4D-0000-1111-2222-333344445555.",)),
+    (
+        "message ee4a68a0-1203-4c85-8dc3-49d0b3226a35 to 919876543210 failed",
+        ("98765432",),
+        ("message ee4a68a0-1203-4c85-8dc3-49d0b3226a35 to ", " failed"),
+    ),
 ]
 
 

@@ -2955,7 +2955,7 @@ class Executor:
                         continue
                     conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
                     newly = failure in HELD_BACK_FAILURES and not _held_back(nudge["delivered"], nudge["error"])
-                    if newly and failure == "rate_limited" and nudge["channel"] in _CHANNEL_NAMES:
+                    if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
                         # The merchant's sender is slowed down before the order plans its next message on it.
                         self.retry_policy.note_rate_limited(conn, key.merchant_id, Channel(nudge["channel"]), now)
                     held_back |= newly
@@ -3006,9 +3006,13 @@ RECEIPT_RANK: Final[Mapping[str, int]] = {"failed": 0, "delivered": 1, "read": 2
 
 #: Failed receipts saying WhatsApp held the message back (``ReceiptFailure``): it never reached the customer, who
 #: did nothing, so it does not count against ``max_nudges`` nor the skip-days cadence (``Executor.request_for``).
-HELD_BACK_FAILURES: Final[frozenset[str]] = frozenset({"try_later", "rate_limited"})
+HELD_BACK_FAILURES: Final[frozenset[str]] = frozenset({"try_later", "rate_limited", "pair_rate_limited"})
+#: Those of them that hold the merchant's sender back a while (service/executor/pacing.py).
+RATE_LIMITED_FAILURES: Final[frozenset[str]] = frozenset({"rate_limited", "pair_rate_limited"})
+#: Those of them about this customer (not the merchant's sender as a whole): ``HELD_BACK_LIMIT`` of them on one
+#: channel take it off the order (``_undeliverable_channels``).
+CUSTOMER_HELD_BACK_FAILURES: Final[frozenset[str]] = frozenset({"try_later", "pair_rate_limited"})
 TRY_LATER_ERROR_PREFIX: Final = "try_later:"
-#: Held-back messages on one channel after which it is off the order (``_undeliverable_channels``).
 HELD_BACK_LIMIT: Final = 2
 #: How long a channel is not used again for an order after WhatsApp held one of its messages back as a try-later
 #: (Meta's per-user marketing limit, 131049): Meta asks to wait at least 24 hours before resending (data/README.md).
@@ -3022,9 +3026,14 @@ def _held_back(delivered: bool | None, error: str | None) -> bool:
 
 def _undeliverable_channels(conn: sa.Connection, order: RowMapping) -> set[Channel]:
     """The channels on which a nudge of the order failed as undeliverable (``Executor.record_receipt``), and those
-    on which ``HELD_BACK_LIMIT`` of its nudges were held back: a held-back message does not count, so without it a
-    customer WhatsApp keeps holding back (a Meta experiment, a marketing limit that does not lift) or a sender its
-    provider keeps refusing (Gupshup's 4001) would be messaged again and again, uncounted, until the window closed."""
+    on which ``HELD_BACK_LIMIT`` of its nudges were held back for this customer (``CUSTOMER_HELD_BACK_FAILURES``):
+    a held-back message does not count, so without it a customer WhatsApp keeps holding back (a Meta experiment, a
+    marketing limit that does not lift) would be messaged again and again, uncounted, until the window closed.
+
+    The merchant's sender rate limited as a whole (Meta's 130429 throughput, Gupshup's 4001) says nothing of this
+    customer: it holds every message of the merchant's back a growing while (service/executor/pacing.py) and takes
+    the channel off no order. Counted here, two of a burst took WhatsApp off each order they hit, and a WhatsApp-only
+    merchant's orders got no reminder at all while its number was throttled for a couple of minutes."""
     rows = conn.execute(
         sa.select(nudges.c.channel, nudges.c.error).where(
             nudges.c.merchant_id == order["merchant_id"],
@@ -3038,7 +3047,7 @@ def _undeliverable_channels(conn: sa.Connection, order: RowMapping) -> set[Chann
     for row in rows:
         if row.error.startswith(UNDELIVERABLE_ERROR_PREFIX):
             off.add(row.channel)
-        elif _held_back(False, row.error):
+        elif row.error.split(":", 1)[0] in CUSTOMER_HELD_BACK_FAILURES:
             held[row.channel] = held.get(row.channel, 0) + 1
     off.update(channel for channel, times in held.items() if times >= HELD_BACK_LIMIT)
     return {Channel(channel) for channel in off if channel in _CHANNEL_NAMES}

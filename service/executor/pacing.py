@@ -1,8 +1,9 @@
 """A merchant's messaging sender held back after its provider said it was rate limited, per merchant and channel.
 
-A failed receipt saying the merchant's number sent too much (Meta's 130429 throughput, 131056 pair rate, Gupshup's
-4001: ``ReceiptFailure`` ``rate_limited``) comes after the send, often many at once for one burst. Before, it only
-logged a warning, and the number went on sending at full speed into the same limit. Now the merchant's channel is
+A failed receipt saying the merchant's number sent too much (Meta's 130429 throughput, Gupshup's 4001:
+``ReceiptFailure`` ``rate_limited``; 131056, too much to one customer: ``pair_rate_limited``) comes after the
+send, often many at once for one burst. Before, it only logged a warning, and the number went on sending at full
+speed into the same limit. Now the merchant's channel is
 *paced*: its messages are held back until ``held_until`` (``Effects._mark_message_sending`` defers them: not sent,
 not counted, sent when the hold ends). A rate-limited receipt arriving while the channel is held (a message of the
 same burst) does not lengthen the hold; one after it ended doubles it, up to ``max_hold``; one after a quiet spell

@@ -308,7 +308,8 @@ async def unsubscribe(merchant_id: str, order_id: str, token: str, runtime: Exec
 #: logged as a warning (the nudge keeps the error too: ``GET /v1/orders/{order_id}``).
 RECEIPT_FAILURES_TO_FIX: dict[ReceiptFailure | None, str] = {
     "merchant_config": "the template (missing, paused, wrong parameters or language) or a message that needs one",
-    "rate_limited": "too many messages from its number (its throughput, or to one customer)",
+    "rate_limited": "too many messages from its number (its throughput)",
+    "pair_rate_limited": "too many messages from its number to one customer",
 }
 
 CALLBACK_URL_HINT = "the URLs `winback executor callback-url --merchant <id> --provider <provider>` prints"

@@ -123,12 +123,15 @@ def test_a_rate_limited_message_does_not_count_and_goes_again_the_same_day(
     h.executor.payment_failed("m_demo", event())
     h.drain()
     h.clock.advance(minutes=1)
-    h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="rate_limited")
+    h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="pair_rate_limited")
     h.drain()
     assert len(h.outbox) == 1  # the merchant's sender is held back for a minute first
     h.clock.advance(minutes=1, seconds=1)
     h.drain()
-    assert [(n.delivered, (n.error or "")[:13]) for n in h.view().nudges] == [(False, "rate_limited:"), (True, "")]
+    assert [(n.delivered, (n.error or "")[:18]) for n in h.view().nudges] == [
+        (False, "pair_rate_limited:"),
+        (True, ""),
+    ]
     assert sends(h)[1][1] < timedelta(hours=1)
     assert h.view().state == "PENDING"  # its one reminder reached the customer: it waits for a payment
 
@@ -220,3 +223,44 @@ def test_a_channel_that_keeps_holding_messages_back_is_taken_off_the_order(
         h.clock.advance(hours=1)
     assert len(h.outbox) == 2
     assert h.view().state == "FAILED"
+
+
+def held_back_twice(h: Harness, error: str, failure: Any) -> None:
+    """The order's first message, and the one sent again when the sender's hold ends, both held back so."""
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    for number in (1, 2):
+        h.clock.advance(seconds=5)
+        h.executor.record_receipt(f"pm_{number}", False, "m_demo", error=error, failure=failure)
+        h.clock.advance(minutes=5)
+        h.drain()
+
+
+def test_the_merchants_sender_throttled_twice_does_not_take_whatsapp_off_an_order(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,
+) -> None:
+    """Before: two of the order's messages refused because the merchant's number was over its throughput (Meta's
+    130429: the sender as a whole, not this customer) took WhatsApp off the order like two try-laters, and a
+    WhatsApp-only merchant's order was left with no reminder at all (the decider stopped) after a couple of
+    minutes of throttling. Now the sender's limit only paces the merchant's messages: the order still gets its two
+    reminders once the number is no longer throttled."""
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    held_back_twice(h, "130429 throughput", "rate_limited")
+    assert len(h.outbox) == 3
+    assert h.view().decisions[-1]["action"] == "retarget"
+    run_for(h, 8 * 24)
+    assert len([n for n in h.view().nudges if n.delivered]) == 2
+    assert len(h.outbox) == 4  # two throttled, two that reached the customer
+
+
+def test_a_customer_twice_held_back_by_the_pair_rate_limit_is_not_messaged_there_again(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,
+) -> None:
+    """The pair rate limit (131056) is about this customer: two of them on WhatsApp take it off the order, as two
+    try-laters do."""
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    held_back_twice(h, "131056 pair", "pair_rate_limited")
+    assert len(h.outbox) == 2
+    assert h.view().decisions[-1]["action"] == "stop"

@@ -225,7 +225,7 @@ def whatsapp_failure(provider: str, code: Any, reason: str = "why") -> Any:
         ("interakt", "131049", "try_later"),
         ("gupshup", 130472, "try_later"),
         ("interakt", "130429", "rate_limited"),
-        ("gupshup", 131056, "rate_limited"),
+        ("gupshup", 131056, "pair_rate_limited"),
         ("gupshup", 4001, "rate_limited"),
         ("interakt", "131047", "merchant_config"),
         ("gupshup", 131051, "merchant_config"),

@@ -66,10 +66,14 @@ class ChannelAdapter(Protocol):
 #: ``undeliverable``: the address cannot get messages on the channel (not on WhatsApp): not again for this order;
 #: ``try_later``: WhatsApp held this one back (its per-user marketing limit, an experiment): not the customer's
 #: choice, a later message may go;
-#: ``rate_limited``: too many messages (the business number's throughput, or to this customer): back off;
+#: ``rate_limited``: the business number sent too much (its throughput, its provider's API limit): back off, every
+#: customer of the merchant alike (service/executor/pacing.py);
+#: ``pair_rate_limited``: too many messages from the business number to this customer: back off with this one;
 #: ``merchant_config``: the merchant's template or set-up is wrong (a template missing, paused or with the wrong
 #: parameters; a message outside the 24-hour window that needed one): every message fails until it is fixed.
-ReceiptFailure = Literal["opted_out", "undeliverable", "try_later", "rate_limited", "merchant_config"]
+ReceiptFailure = Literal[
+    "opted_out", "undeliverable", "try_later", "rate_limited", "pair_rate_limited", "merchant_config"
+]
 
 
 class DeliveryReceipt(BaseModel, frozen=True):

@@ -163,7 +163,7 @@ META_FAILURES: dict[str, ReceiptFailure] = {
     "131049": "try_later",
     "130472": "try_later",
     "130429": "rate_limited",
-    "131056": "rate_limited",
+    "131056": "pair_rate_limited",
     "131047": "merchant_config",
     "131051": "merchant_config",
     "132000": "merchant_config",  # template parameter count mismatch

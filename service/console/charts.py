@@ -22,6 +22,7 @@ from model.catalog import ErrorCatalog
 from model.vocab import Channel, Strategy
 from service.api.store import decisions
 from service.console.views import channel_name, error_class_of
+from service.executor.core import held_back
 from service.executor.store import as_utc, nudges, orders, transactions
 
 CHARTS: dict[str, str] = {
@@ -113,7 +114,12 @@ def load_performance(engine: Engine, merchant_id: str, zone: ZoneInfo, now: date
 
 
 def funnel_by_nudge(data: PerformanceData) -> list[tuple[int, int, int, int, int]]:
-    """Per nudge number k: (k, sent, delivered, clicked, paid through that nudge's link)."""
+    """Per nudge number k: (k, sent, delivered, clicked, paid through that nudge's link).
+
+    A message WhatsApp held back (a try-later, a rate limit: ``held_back``) never reached the customer and takes
+    no number, as it does not count against ``max_nudges``: it is sent and not delivered under the number of the
+    message that went in its place, which is that number too (numbered by its place among all, a held-back first
+    message made the one that reached the customer its "nudge 2")."""
     paid_nudges = {
         row["nudge_id"]
         for row in data.attempts
@@ -124,10 +130,13 @@ def funnel_by_nudge(data: PerformanceData) -> list[tuple[int, int, int, int, int
         by_order[row["order_id"]].append(row)
     counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for rows in by_order.values():
-        for number, row in enumerate(sorted(rows, key=lambda r: as_utc(r["sent_at"])), start=1):
+        number = 0
+        for row in sorted(rows, key=lambda r: as_utc(r["sent_at"])):
+            held = held_back(row["delivered"], row.get("error"))
+            number += not held
             if row["status"] != "accepted":
                 continue
-            bucket = counts[number]
+            bucket = counts[number + held]
             bucket[0] += 1
             bucket[1] += bool(row["delivered"])
             bucket[2] += row["clicked_at"] is not None

@@ -671,7 +671,7 @@ class Executor:
                 "nudge_id": row.nudge_id,
             }
             for row in recorded_nudges
-            if not _held_back(row.delivered, row.error)
+            if not held_back(row.delivered, row.error)
         ]
         on_record = {str(row.nudge_id) for row in recorded_nudges}
         sent.extend(
@@ -2949,17 +2949,17 @@ class Executor:
                         )
                     )
                 ).mappings()
-                held_back = False
+                newly_held = False
                 for nudge in found.all():
                     if not _receipt_applies(nudge, status, occurred_at):
                         continue
                     conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
-                    newly = failure in HELD_BACK_FAILURES and not _held_back(nudge["delivered"], nudge["error"])
+                    newly = failure in HELD_BACK_FAILURES and not held_back(nudge["delivered"], nudge["error"])
                     if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
                         # The merchant's sender is slowed down before the order plans its next message on it.
                         self.retry_policy.note_rate_limited(conn, key.merchant_id, Channel(nudge["channel"]), now)
-                    held_back |= newly
-                if held_back and order is not None:
+                    newly_held |= newly
+                if newly_held and order is not None:
                     self._decision_point(
                         conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"
                     )
@@ -3019,7 +3019,7 @@ HELD_BACK_LIMIT: Final = 2
 TRY_LATER_WAIT: Final = timedelta(hours=24)
 
 
-def _held_back(delivered: bool | None, error: str | None) -> bool:
+def held_back(delivered: bool | None, error: str | None) -> bool:
     """Whether a nudge so recorded was held back by WhatsApp (``HELD_BACK_FAILURES``, kept as its error's lead)."""
     return delivered is False and error is not None and error.split(":", 1)[0] in HELD_BACK_FAILURES
 

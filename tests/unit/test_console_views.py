@@ -119,6 +119,16 @@ def test_funnel_counts_links_by_nudge_number_and_the_ones_that_paid() -> None:
     assert funnel_by_nudge(sample()) == [(1, 2, 2, 0, 0), (2, 1, 1, 1, 1)]
 
 
+def test_a_message_whatsapp_held_back_takes_no_nudge_number_in_the_funnel() -> None:
+    """o1's first message was held back by WhatsApp (131049) and did not count; the next one reached the customer,
+    who paid through it. Before, the funnel called that one nudge 2 (and o1 had "a second nudge" its merchant set
+    at one); now it is nudge 1, with the held-back one sent and not delivered beside it."""
+    data = sample()
+    held = {"delivered": False, "error": "try_later: 131049 held back"}
+    data.nudges[:] = [_nudge("o1", "n1a", 30, clicked=False) | held, _nudge("o1", "n1b", 5, clicked=True)]
+    assert funnel_by_nudge(data) == [(1, 2, 1, 1, 1)]
+
+
 def test_recovery_by_day_counts_closed_orders_and_recovered_gmv() -> None:
     days, rates, gmv, currency = recovery_by_day(sample())
     assert currency == "INR"

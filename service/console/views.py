@@ -22,7 +22,7 @@ from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
-from service.executor.core import MAYBE_SENT_NOTE, UNKNOWN_CHARGE
+from service.executor.core import MAYBE_SENT_NOTE, UNKNOWN_CHARGE, held_back
 from service.executor.schemas import OrderOut
 from service.executor.store import (
     OPEN_ORDER_STATES,
@@ -415,6 +415,15 @@ class OrderPage:
     unanswered: list[UnansweredCharge] = field(default_factory=list)
     #: The approval withdrawn since an agent last acted on the order (shown next to the new recommendation).
     withdrawn: WithdrawnApproval | None = None
+
+    @property
+    def links_sent(self) -> tuple[int, int]:
+        """(payment links sent that count, links sent that WhatsApp held back: a try-later or a rate limit). A
+        held-back one never reached the customer and does not count against ``max_nudges``; counted with the
+        others, an order whose first message was held back showed three links sent to a merchant set at two."""
+        accepted = [nudge for nudge in self.order.nudges if nudge.status == "accepted"]
+        held = sum(1 for nudge in accepted if held_back(nudge.delivered, nudge.error))
+        return len(accepted) - held, held
 
     @property
     def reachable(self) -> list[str]:

@@ -26,7 +26,7 @@ from service.console.auth import AgentError, LoginLimiter, add_agent, hash_passw
 from service.console.routes import ConsoleRuntime, build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.console.store import agents, audit_log, sign_in_failures
-from service.executor.store import actions, agent_queue, as_utc, orders, transactions
+from service.executor.store import actions, agent_queue, as_utc, nudges, orders, transactions
 from tests.factories import insert_lost_charge, make_request, write_console_config
 from tests.unit.test_api import Api, settings_for
 
@@ -558,6 +558,37 @@ def test_send_link_now_is_carried_out_by_the_executor_and_audited(console: Conso
     shown = console.get("/console/orders/ord_link").text
     assert "send a payment link by email now" in shown
     assert "Decision: Payment link by email" in shown
+
+
+def test_the_order_page_does_not_count_a_link_whatsapp_held_back_as_sent(console: Console) -> None:
+    """A message WhatsApp held back (131049) never reached the customer and does not count against max_nudges.
+    Before, the order page said "links sent 2" for it and the one sent in its place; now it says one, and how
+    many were held back."""
+    console.fail_order("m_a", "ord_held")
+    sent_at = datetime.now(UTC)
+    with console.engine.begin() as conn:
+        conn.execute(
+            nudges.insert(),
+            [
+                {
+                    "nudge_id": f"nud_{number}",
+                    "merchant_id": "m_a",
+                    "order_id": "ord_held",
+                    "channel": "whatsapp",
+                    "template_id": "payment_link",
+                    "sent_at": sent_at + timedelta(minutes=number),
+                    "status": "accepted",
+                    "delivered": number == 2,
+                    "provider_message_id": f"pm_{number}",
+                    "error": "try_later: 131049 held back" if number == 1 else None,
+                }
+                for number in (1, 2)
+            ],
+        )
+    console.sign_in("asha@m_a")
+    shown = console.get("/console/orders/ord_held").text
+    assert "links sent 1 " in shown
+    assert "1 held back by WhatsApp, not counted" in shown
 
 
 def test_an_action_that_raises_unexpectedly_is_audited_as_failed_not_left_requested(

@@ -239,13 +239,14 @@ def held_back_twice(h: Harness, error: str, failure: Any) -> None:
 def test_the_merchants_sender_throttled_twice_does_not_take_whatsapp_off_an_order(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     rules_only: Any,
+    database_url: str,
 ) -> None:
     """Before: two of the order's messages refused because the merchant's number was over its throughput (Meta's
     130429: the sender as a whole, not this customer) took WhatsApp off the order like two try-laters, and a
     WhatsApp-only merchant's order was left with no reminder at all (the decider stopped) after a couple of
     minutes of throttling. Now the sender's limit only paces the merchant's messages: the order still gets its two
     reminders once the number is no longer throttled."""
-    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()}, database_url=database_url)
     held_back_twice(h, "130429 throughput", "rate_limited")
     assert len(h.outbox) == 3
     assert h.view().decisions[-1]["action"] == "retarget"
@@ -257,10 +258,11 @@ def test_the_merchants_sender_throttled_twice_does_not_take_whatsapp_off_an_orde
 def test_a_customer_twice_held_back_by_the_pair_rate_limit_is_not_messaged_there_again(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     rules_only: Any,
+    database_url: str,
 ) -> None:
     """The pair rate limit (131056) is about this customer: two of them on WhatsApp take it off the order, as two
     try-laters do."""
-    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()})
+    h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only()}, database_url=database_url)
     held_back_twice(h, "131056 pair", "pair_rate_limited")
     assert len(h.outbox) == 2
     assert h.view().decisions[-1]["action"] == "stop"

@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+
+if TYPE_CHECKING:
+    from model.catalog import ErrorCatalog
 
 #: Key of the bundle metadata entry holding :func:`code_inventory`'s rows.
 KNOWN_CODES_KEY = "known_codes"
@@ -262,12 +265,14 @@ def typical_retry_probability(
     rows: Sequence[int],
     *,
     merchants: Mapping[str, Any] | None = None,
+    catalog: ErrorCatalog | None = None,
 ) -> float:
     """The scorer's mean P(best permitted silent retry succeeds) over some failed attempts of a history.
 
     Each row (a position in ``attempts``) becomes the decision request a caller would send right after that
     failure; ``decide()`` without exploration answers it and its ``retry_probability`` is averaged. ``merchants``
-    default to a permissive config per merchant whose pecking order is the history's connectors.
+    default to a permissive config per merchant whose pecking order is the history's connectors. ``catalog`` is the
+    one the rules read (default: the shipped one); a registered version's is the one it was trained with.
     """
     from model.catalog import load_catalog
     from model.merchant_config import MerchantConfig
@@ -276,7 +281,7 @@ def typical_retry_probability(
 
     if not rows:
         return math.nan
-    catalog = load_catalog()
+    catalog = load_catalog() if catalog is None else catalog
     config = PolicyConfig(exploration=0.0, exploration_rare_code=0.0)
     connectors = attempts["connector"].astype(str).value_counts().index.tolist()
     values = []
@@ -312,6 +317,7 @@ def new_codes_report(
     examples_per_code: int = 20,
     neighbours: int = 3,
     merchants: Mapping[str, Any] | None = None,
+    catalog: ErrorCatalog | None = None,
 ) -> pd.DataFrame:
     """Codes of a history's failed attempts that ``bundle`` was trained on fewer than ``min_support`` times.
 
@@ -319,7 +325,7 @@ def new_codes_report(
     silent retries after it and their successes, orders recovered in the end, the bundle's retryability estimate
     for a typical failure with it (mean over up to ``examples_per_code`` of its most recent failures) and
     verdict, and the nearest known codes by text. ``bundle=None`` (no champion) treats every code as unseen and
-    scores with the rules-only priors.
+    scores with the rules-only priors. ``catalog``: what its rules read (`typical_retry_probability`).
     """
     from model.policy import DEFAULT_RETRYABLE_THRESHOLD
 
@@ -344,7 +350,7 @@ def new_codes_report(
     for key in per_code["key"]:
         rows = np.flatnonzero(failed & (keys == key).to_numpy())
         rows = rows[np.argsort(-seconds[rows], kind="stable")][:examples_per_code]  # the most recent first
-        p = typical_retry_probability(bundle, ordered, rows.tolist(), merchants=merchants)
+        p = typical_retry_probability(bundle, ordered, rows.tolist(), merchants=merchants, catalog=catalog)
         probabilities.append(p)
         verdicts.append(bool(p >= threshold) if not math.isnan(p) else False)
     per_code["retry_probability"] = probabilities

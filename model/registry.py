@@ -75,6 +75,7 @@ __all__ = [
     "GSM_OVERLAY_ARTIFACT",
     "MODEL_NAME",
     "RegisteredVersion",
+    "TrainedVersion",
     "WinbackPyfunc",
     "artifact_location_for",
     "download_bundle",
@@ -83,6 +84,9 @@ __all__ = [
     "load_champion",
     "load_judged",
     "load_judged_champion",
+    "load_trained_alias",
+    "load_trained_version",
+    "offline_catalog",
     "pyfunc_signature",
     "register_bundle",
     "resolve_tracking_uri",
@@ -261,18 +265,26 @@ def _trained_catalog(bundle: ModelBundle, recorded: object, artifact: str | None
 def _say_unread_overlay(version: str, recorded: object) -> None:
     """Warn when this process's ``WINBACK_GSM_OVERLAY`` names an overlay other than the one the model was trained
     with: an operator who set it for the pyfunc learns that it decides without it."""
+    unread = unread_overlay(recorded)
+    if unread is not None:
+        log.warning(
+            "model %s serves with the error catalog it was trained with (%s); WINBACK_GSM_OVERLAY=%s is not read",
+            version,
+            describe_overlay(recorded),
+            unread,
+        )
+
+
+def unread_overlay(recorded: object) -> Path | None:
+    """This process's ``WINBACK_GSM_OVERLAY`` when it names an overlay other than ``recorded`` (a bundle's
+    ``GSM_OVERLAY_KEY`` entry: the one its model was trained with), else None."""
     configured = GsmOverlaySetting().gsm_overlay
     if configured is None:
-        return
+        return None
     trained = recorded.get("sha256") if isinstance(recorded, dict) else None
     if configured.is_file() and overlay_digest(configured) == trained:
-        return
-    log.warning(
-        "model %s serves with the error catalog it was trained with (%s); WINBACK_GSM_OVERLAY=%s is not read",
-        version,
-        describe_overlay(recorded),
-        configured,
-    )
+        return None
+    return configured
 
 
 def set_pyfunc_model() -> None:
@@ -419,6 +431,76 @@ def load_alias(alias: str, *, tracking_uri: str | None = None) -> tuple[ModelBun
     if version is None:
         return None
     return load_version(version, tracking_uri=tracking_uri), version
+
+
+@dataclass(frozen=True)
+class TrainedVersion:
+    """A registered version loaded with the error catalog it was trained with, as its pyfunc serves it: the shipped
+    catalog plus the gateway status map overlay of its ``gsm_overlay`` artifact (checked against the SHA-256 its
+    bundle records). The bundle's features read ``catalog`` already; an offline evaluation's rules and logged
+    decisions must read it too, or the overlay's codes are unknown codes to them."""
+
+    bundle: ModelBundle
+    version: str
+    catalog: ErrorCatalog
+    #: The bundle's ``GSM_OVERLAY_KEY`` entry: the overlay it was trained with, None without one.
+    overlay: object
+
+    def describe(self) -> str:
+        """Which catalog it is evaluated with, in one line."""
+        return (
+            f"model {self.version} is evaluated with the error catalog it was trained with: {self.catalog.version}, "
+            f"{describe_overlay(self.overlay)}"
+        )
+
+    def unread_overlay_note(self) -> str | None:
+        """One line when this process's ``WINBACK_GSM_OVERLAY`` names another overlay (it is not read), else None."""
+        unread = unread_overlay(self.overlay)
+        if unread is None:
+            return None
+        return (
+            f"WINBACK_GSM_OVERLAY={unread} is not read: model {self.version} is evaluated with the overlay it was "
+            "trained with"
+        )
+
+
+def offline_catalog(loaded: TrainedVersion | None) -> tuple[ErrorCatalog, list[str]]:
+    """The error catalog an offline evaluation of ``loaded`` (None: no model, rules only) reads, and the lines saying
+    so: the one the version was trained with (its own overlay wins over ``WINBACK_GSM_OVERLAY``, said when that names
+    another one), else the shipped one."""
+    if loaded is None:
+        catalog = load_catalog()
+        return catalog, [f"evaluated with the shipped error catalog {catalog.version} (no model registered)"]
+    note = loaded.unread_overlay_note()
+    return loaded.catalog, [loaded.describe(), *([f"note: {note}"] if note else [])]
+
+
+def load_trained_version(version: str, *, tracking_uri: str | None = None) -> TrainedVersion:
+    """Version ``version`` of ``winback`` with the error catalog it was trained with (`TrainedVersion`); RegistryError
+    when the version lacks the overlay its bundle records or carries another file."""
+    with tempfile.TemporaryDirectory(prefix="winback-bundle-") as tmp:
+        folder = download_bundle(version, tmp, tracking_uri=tracking_uri)
+        bundle = ModelBundle.load(folder)
+        recorded = bundle.metadata.get(GSM_OVERLAY_KEY)
+        catalog = _trained_catalog(bundle, recorded, _downloaded_artifact(folder.parent.parent, GSM_OVERLAY_ARTIFACT))
+    bundle.use_catalog(catalog)
+    return TrainedVersion(bundle=bundle, version=version, catalog=catalog, overlay=recorded)
+
+
+def load_trained_alias(alias: str, *, tracking_uri: str | None = None) -> TrainedVersion | None:
+    """`load_trained_version` of the version ``winback@alias`` points at, or None when there is none."""
+    version = get_alias_version(alias, tracking_uri=tracking_uri)
+    if version is None:
+        return None
+    return load_trained_version(version, tracking_uri=tracking_uri)
+
+
+def _downloaded_artifact(model_dir: Path, name: str) -> str | None:
+    """The local path of pyfunc artifact ``name`` of the model downloaded into ``model_dir``, as MLflow hands it to
+    ``load_context`` (``context.artifacts``), or None when the version has none."""
+    config = mlflow.models.Model.load(str(model_dir)).flavors.get("python_function", {})
+    entry = config.get("artifacts", {}).get(name)
+    return None if entry is None else str(model_dir / entry["path"])
 
 
 #: The run artifact holding a refit version's judged fit (``pipelines.train``: fitted without the run's holdout).

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from typer._click.core import Command, Context
     from typer._click.formatting import HelpFormatter
 
+    from model.catalog import ErrorCatalog
+    from model.registry import TrainedVersion
+
 
 def _flags_read_as_flags(command: Command, ctx: Context) -> None:
     """Show ``command``'s flags (``--promote``, ``--serve/--no-serve``, ``--help``) bare in its help: Typer 0.29
@@ -437,7 +440,7 @@ def evaluate(
     """
     from model.history import HistoryError
     from model.merchant_config import ConfigError
-    from model.registry import load_alias, resolve_tracking_uri
+    from model.registry import RegistryError, load_trained_alias, resolve_tracking_uri
     from pipelines.evaluate import evaluate as run_evaluation
     from pipelines.train import comparison_policies, format_history_error, merchants_for, resolve_stops
 
@@ -449,9 +452,12 @@ def evaluate(
         from model.history import read_attempts
 
         merchants = merchants_for(read_attempts(attempts), config)
-        loaded = load_alias(alias, tracking_uri=resolve_tracking_uri(tracking_uri))
+        loaded = load_trained_alias(alias, tracking_uri=resolve_tracking_uri(tracking_uri))
         name = f"winback@{alias}" if loaded else "rules-only"
-        policies, scorers = comparison_policies(merchants, {name: loaded[0] if loaded else None}, seed=seed)
+        catalog = say_evaluation_catalog(loaded)
+        policies, scorers = comparison_policies(
+            merchants, {name: loaded.bundle if loaded else None}, seed=seed, catalog=catalog
+        )
         summary = run_evaluation(
             attempts,
             nudges,
@@ -463,8 +469,9 @@ def evaluate(
             max_points=max_points,
             seed=seed,
             stops_path=stops_file,
+            catalog=catalog,
         )
-    except (HistoryError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (HistoryError, ConfigError, FileNotFoundError, ValueError, RegistryError) as exc:
         raise fail(format_history_error(exc) if isinstance(exc, HistoryError) else str(exc)) from None
     console.print(f"evaluation of {name} written to {summary.out_dir / 'evaluation.md'}")
     from pipelines.evaluate import fitted_on_holdout
@@ -472,13 +479,24 @@ def evaluate(
 
     if summary.stops_note:
         print_note(console, summary.stops_note, "note:")
-    if loaded and (warning := fitted_on_holdout(loaded[0].metadata, summary.holdout_start)):
+    if loaded and (warning := fitted_on_holdout(loaded.bundle.metadata, summary.holdout_start)):
         print_note(console, warning, "warning:")
     if summary.episodes is not None:
         print_frame(
             episodes_shown(summary.episodes),
             f"simulated episodes: {episodes:,} orders per policy (all of it in {summary.out_dir / 'evaluation.md'})",
         )
+
+
+def say_evaluation_catalog(loaded: TrainedVersion | None) -> ErrorCatalog:
+    """The error catalog an offline evaluation of ``loaded`` (None: rules only) reads (`registry.offline_catalog`),
+    said in one line, and one more when ``WINBACK_GSM_OVERLAY`` names an overlay it is not evaluated with."""
+    from model.registry import offline_catalog
+
+    catalog, lines = offline_catalog(loaded)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    return catalog
 
 
 def episodes_shown(episodes: pd.DataFrame) -> pd.DataFrame:
@@ -914,6 +932,7 @@ def codes_report(
     writes every code.
     """
     from model.gsm import GsmError
+    from model.registry import RegistryError
     from pipelines.codes import codes_report as build_report
     from pipelines.codes import report_view
     from pipelines.train import TrainInputError
@@ -921,7 +940,7 @@ def codes_report(
     if csv_out is not None:
         output_file(csv_out, "--csv")
     try:
-        report, version, failed_attempts = build_report(
+        report, version, failed_attempts, catalog_lines = build_report(
             attempts,
             nudges,
             tracking_uri=tracking_uri,
@@ -930,8 +949,10 @@ def codes_report(
             config=config,
             overlay=gsm,
         )
-    except (TrainInputError, GsmError, FileNotFoundError) as exc:
+    except (TrainInputError, GsmError, FileNotFoundError, RegistryError) as exc:
         raise fail(str(exc)) from None
+    for line in catalog_lines:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
     if csv_out is not None:
         report.to_csv(csv_out, index=False)
     if not failed_attempts:

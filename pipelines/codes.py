@@ -27,6 +27,8 @@ class CodesReport(NamedTuple):
     report: pd.DataFrame
     version: str  # the model's, or "rules-only"
     failed_attempts: int  # in the whole history: none means no code to report at all
+    #: Which error catalog the model's estimates read (`model.registry.offline_catalog`), to print.
+    catalog_lines: list[str]
 
 
 def codes_report(
@@ -51,10 +53,15 @@ def codes_report(
         history = read_history(attempts, nudges)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc
-    loaded = registry.load_alias(alias, tracking_uri=registry.resolve_tracking_uri(tracking_uri))
-    bundle, version = loaded if loaded is not None else (None, "rules-only")
+    loaded = registry.load_trained_alias(alias, tracking_uri=registry.resolve_tracking_uri(tracking_uri))
+    bundle, version = (loaded.bundle, loaded.version) if loaded is not None else (None, "rules-only")
+    catalog, catalog_lines = registry.offline_catalog(loaded)
     report = new_codes_report(
-        bundle, history.attempts, min_support=min_support, merchants=merchants_for(history.attempts, config)
+        bundle,
+        history.attempts,
+        min_support=min_support,
+        merchants=merchants_for(history.attempts, config),
+        catalog=catalog,
     )
     if overlay is not None:
         entries = overlay_prior(load_overlay(overlay))
@@ -63,7 +70,7 @@ def codes_report(
             for c, k in zip(report["connector"], report["error_code"], strict=True)
         ]
     failed_attempts = int((history.attempts["status"].astype(str) == "failure").sum())
-    return CodesReport(report, version, failed_attempts)
+    return CodesReport(report, version, failed_attempts, catalog_lines)
 
 
 def _describe_gsm(entry: OverlayEntry | None) -> str:

@@ -47,7 +47,7 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
         merchants_for,
     )
 
-    history, logged, economics, models = judged_holdout(check)
+    history, logged, economics, models, catalog = judged_holdout(check)
     versions, eval_seed = check.versions, check.eval_seed
     merchants = merchants_for(history.attempts)
     (policy_value,) = (metric for metric in GATE_METRICS if metric.name == "policy_value_dr")
@@ -56,7 +56,7 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for challenger, champion in (versions, versions[::-1]):
         bundles = {CHALLENGER_NAME: models[challenger], CHAMPION_NAME: models[champion]}
-        policies, _ = comparison_policies(merchants, bundles, seed=eval_seed)
+        policies, _ = comparison_policies(merchants, bundles, seed=eval_seed, catalog=catalog)
         chosen = {name: policies[name] for name in bundles}
         replayed = ev.replay(
             logged,

@@ -108,10 +108,10 @@ def ope_bias(
     from model.simulation.truth import true_point_values
     from pipelines.train import comparison_policies, merchants_for
 
-    history, logged, economics, models = judged_holdout(check)
+    history, logged, economics, models, catalog = judged_holdout(check)
     versions, eval_seed = check.versions, check.eval_seed
     first, second = versions
-    policies, _ = comparison_policies(merchants_for(history.attempts), models, seed=eval_seed)
+    policies, _ = comparison_policies(merchants_for(history.attempts), models, seed=eval_seed, catalog=catalog)
     recorded = {version: _Recorded(policies[version]) for version in versions}
     replayed = ev.replay(
         logged,

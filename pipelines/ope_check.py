@@ -28,12 +28,16 @@ import pandas as pd
 from model import evaluation as ev
 
 if TYPE_CHECKING:
+    from model.catalog import ErrorCatalog
     from model.simulation.world import World
 
 
-def simulated_holdout(history_dir: Path, max_points: int, eval_seed: int) -> tuple[Any, pd.DataFrame]:
+def simulated_holdout(
+    history_dir: Path, max_points: int, eval_seed: int, catalog: ErrorCatalog | None = None
+) -> tuple[Any, pd.DataFrame]:
     """The history in ``history_dir`` (with its stops file) and the holdout ``winback evaluate`` replays: the latest
-    20% of its decision points by time, a sample of at most ``max_points`` drawn with ``eval_seed``."""
+    20% of its decision points by time, a sample of at most ``max_points`` drawn with ``eval_seed``, read with
+    ``catalog`` (default: the shipped one; a registered version's is the one it was trained with)."""
     from model.catalog import load_catalog
     from model.history import read_history
     from model.money import load_economics
@@ -42,7 +46,11 @@ def simulated_holdout(history_dir: Path, max_points: int, eval_seed: int) -> tup
         history_dir / "attempts.parquet", history_dir / "nudges.parquet", stops_path=history_dir / "stops.parquet"
     )
     points = ev.logged_decisions(
-        history.attempts, history.nudges, load_economics(), catalog=load_catalog(), stops=history.stops
+        history.attempts,
+        history.nudges,
+        load_economics(),
+        catalog=load_catalog() if catalog is None else catalog,
+        stops=history.stops,
     )
     _, holdout = ev.time_holdout(points, "event_time", 0.2)
     if len(holdout) > max_points:
@@ -85,16 +93,26 @@ class VersionPairCheck:
         return World(self.seed, expected_orders=self.orders)
 
 
-def judged_holdout(check: VersionPairCheck) -> tuple[Any, pd.DataFrame, Any, dict[str, Any]]:
+def judged_holdout(check: VersionPairCheck) -> tuple[Any, pd.DataFrame, Any, dict[str, Any], ErrorCatalog]:
     """For comparing the registered versions of ``check``: the history, the holdout points with a logged propensity
-    (`simulated_holdout`: the points the OPE uses), the economics and each version's model."""
+    (`simulated_holdout`: the points the OPE uses), the economics, each version's model and the error catalog both
+    were trained with (the holdout is read with it, and the rules must read it too)."""
     from model.money import load_economics
-    from model.registry import load_version
+    from model.registry import load_trained_version, offline_catalog
 
-    history, holdout = simulated_holdout(check.history_dir, check.max_points, check.eval_seed)
+    loaded = [load_trained_version(version, tracking_uri=check.tracking_uri) for version in check.versions]
+    catalogs = {one.catalog.version for one in loaded}
+    if len(catalogs) > 1:
+        raise SystemExit(
+            f"versions {' and '.join(check.versions)} were trained with different error catalogs "
+            f"({', '.join(sorted(catalogs))}): their holdout cannot be read with the catalog of both"
+        )
+    catalog, lines = offline_catalog(loaded[0])
+    for line in [*lines, *(offline_catalog(one)[1][0] for one in loaded[1:])]:
+        print(line)
+    history, holdout = simulated_holdout(check.history_dir, check.max_points, check.eval_seed, catalog)
     logged = holdout[holdout["propensity"].notna()].reset_index(drop=True)
-    models = {version: load_version(version, tracking_uri=check.tracking_uri) for version in check.versions}
-    return history, logged, load_economics(), models
+    return history, logged, load_economics(), {one.version: one.bundle for one in loaded}, catalog
 
 
 def ope_check(
@@ -110,20 +128,25 @@ def ope_check(
 ) -> pd.DataFrame:
     """The table described in the module docstring (one row per policy and estimator)."""
     from model.money import load_economics
-    from model.registry import load_alias
+    from model.registry import load_trained_alias, offline_catalog
     from model.simulation.truth import true_point_values
     from model.simulation.world import World
     from pipelines.train import comparison_policies, merchants_for
 
-    history, holdout = simulated_holdout(history_dir, max_points, eval_seed)
-    economics = load_economics()
-    loaded = load_alias(alias, tracking_uri=tracking_uri)
+    loaded = load_trained_alias(alias, tracking_uri=tracking_uri)
     if loaded is None:
         raise SystemExit(f"no winback@{alias} in {tracking_uri}")
+    catalog, lines = offline_catalog(loaded)
+    for line in lines:
+        print(line)
+    history, holdout = simulated_holdout(history_dir, max_points, eval_seed, catalog)
+    economics = load_economics()
     model_name = f"winback@{alias}"
-    policies, _ = comparison_policies(merchants_for(history.attempts), {model_name: loaded[0]}, seed=eval_seed)
+    policies, _ = comparison_policies(
+        merchants_for(history.attempts), {model_name: loaded.bundle}, seed=eval_seed, catalog=catalog
+    )
     chosen = {name: policies[name] for name in (model_name, "rules-only", "logging")}
-    reward_model = ev.value_reward_model(loaded[0], economics)
+    reward_model = ev.value_reward_model(loaded.bundle, economics)
 
     after = holdout[holdout["propensity"].notna()].reset_index(drop=True)
     before = after[~after["logged_stop"]].reset_index(drop=True)

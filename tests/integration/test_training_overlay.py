@@ -267,3 +267,40 @@ def test_an_overlay_training_cannot_read_stops_the_job_before_any_work(
         "FILE.csv`)"
     ]
     assert not store.parent.exists()
+
+
+def test_winback_evaluate_replays_a_version_with_the_overlay_it_was_trained_with(
+    trained_with_overlay: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`winback evaluate` loaded the version and replayed it, and the rule baselines beside it, with the shipped
+    catalog: the holdout's failures with a code only the training overlay defines were of error class unknown. The
+    operator's own WINBACK_GSM_OVERLAY (another file here) is said not to be read."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    trained = trained_with_overlay
+    monkeypatch.chdir(tmp_path)
+    other = write_overlay([], tmp_path / "other-overlay.csv")
+    monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(other))
+    attempts, nudges = _write_frames(tmp_path / "history", trained.attempts, trained.nudges)
+    out = tmp_path / "evaluation"
+    arguments = ["evaluate", "--attempts", str(attempts), "--nudges", str(nudges), "--out", str(out)]
+
+    result = CliRunner().invoke(app, [*arguments, "--tracking-uri", trained.store, "--episodes", "0"])
+
+    assert result.exit_code == 0, result.output
+    # Every other code of the history is one the shipped catalog knows: only the overlay's could be unknown.
+    by_class = pd.read_csv(out / "retryability_by_error_class.csv", index_col=0)
+    assert "unknown" not in by_class.index, by_class
+    assert by_class.loc["processor_technical", "points"] > 0
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+    lines = result.stdout.splitlines()
+    assert (
+        f"model {trained.summary.version} is evaluated with the error catalog it was trained with: {overlaid}, "
+        f"gateway status map overlay {trained.overlay} (sha256 {overlay_digest(trained.overlay)})"
+    ) in lines
+    assert (
+        f"note: WINBACK_GSM_OVERLAY={other} is not read: model {trained.summary.version} is evaluated with the "
+        "overlay it was trained with"
+    ) in lines

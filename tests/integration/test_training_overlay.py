@@ -304,3 +304,187 @@ def test_winback_evaluate_replays_a_version_with_the_overlay_it_was_trained_with
         f"note: WINBACK_GSM_OVERLAY={other} is not read: model {trained.summary.version} is evaluated with the "
         "overlay it was trained with"
     ) in lines
+
+
+def _history_folder(trained: Trained, folder: Path) -> Path:
+    """The trained history as a simulated history's folder (attempts, nudges and an empty stops file)."""
+    from model.history import write_stops
+    from tests.factories import make_stops_frame
+
+    _write_frames(folder, trained.attempts, trained.nudges)
+    write_stops(make_stops_frame({"order_id": "ord_0"}).iloc[0:0], folder / "stops.parquet")
+    return folder
+
+
+def _registered_again(sources: list[Trained], store: str, *, alias: str | None = None) -> list[str]:
+    """Each source's registered version (its bundle and the overlay it was trained with) registered again, in order,
+    as a new version of the store ``store``; the last one gets ``alias``."""
+    import tempfile
+
+    import mlflow
+
+    from model.bundle import saved_metadata
+
+    versions = []
+    for position, source in enumerate(sources, start=1):
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle_dir = registry.download_bundle(source.summary.version, tmp, tracking_uri=source.store)
+            trained_with = saved_metadata(bundle_dir).get(GSM_OVERLAY_KEY)
+            experiment = registry.ensure_experiment(store)
+            run_id = mlflow.MlflowClient(tracking_uri=store).create_run(experiment).info.run_id
+            versions.append(
+                registry.register_bundle(
+                    bundle_dir,
+                    run_id,
+                    tracking_uri=store,
+                    alias=alias if position == len(sources) else None,
+                    gsm_overlay=None if trained_with is None else source.overlay,
+                )
+            )
+    return versions
+
+
+def test_codes_report_estimates_a_code_only_the_overlay_defines_with_the_version_s_catalog(
+    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None
+) -> None:
+    """`winback codes report` scored the champion's typical failure with a code only its training overlay defines
+    with the shipped catalog's rules (an unknown code to them), and said nothing of the catalog it read."""
+    from model.codewatch import new_codes_report
+    from pipelines.codes import codes_report
+
+    trained = trained_with_overlay
+    attempts, nudges = _write_frames(tmp_path / "history", trained.attempts, trained.nudges)
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+
+    report = codes_report(attempts, nudges, tracking_uri=trained.store, min_support=10**9)
+
+    assert report.catalog_lines == [
+        f"model {trained.summary.version} is evaluated with the error catalog it was trained with: {overlaid}, "
+        f"gateway status map overlay {trained.overlay} (sha256 {overlay_digest(trained.overlay)})"
+    ]
+    from model.history import read_history
+    from pipelines.train import merchants_for
+
+    # What the version itself estimates for that code, with the catalog it was trained with and with the shipped one.
+    loaded = registry.load_trained_version(trained.summary.version, tracking_uri=trained.store)
+    history = read_history(attempts, nudges)
+    estimates = {
+        catalog.version: new_codes_report(
+            loaded.bundle,
+            history.attempts,
+            min_support=10**9,
+            merchants=merchants_for(history.attempts),
+            catalog=catalog,
+        ).set_index("error_code")["retry_probability"]
+        for catalog in (loaded.catalog, load_catalog())
+    }
+    ours, shipped = estimates[overlaid][GSM_ONLY_CODE.code], estimates[load_catalog().version][GSM_ONLY_CODE.code]
+    assert ours != pytest.approx(shipped)  # the catalog matters for this code: the check below can fail
+    (row,) = report.report[report.report["error_code"] == GSM_ONLY_CODE.code].to_dict("records")
+    assert row["retry_probability"] == pytest.approx(ours)
+
+
+def test_judged_holdout_reads_the_holdout_with_the_catalog_the_versions_were_trained_with(
+    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The OPE tools (gate_check, ope_bias) read the holdout's logged decisions with the shipped catalog: a failure
+    with a code only the versions' training overlay defines was of error class unknown to the rules replayed."""
+    from pipelines.ope_check import VersionPairCheck, judged_holdout
+
+    trained = trained_with_overlay
+    version = trained.summary.version
+    history_dir = _history_folder(trained, tmp_path / "history")
+    overlaid = with_overlay(load_catalog(), [GSM_ONLY_CODE]).version
+
+    _, logged, _, models, catalog = judged_holdout(
+        VersionPairCheck(history_dir, 600, 11, trained.store, (version, version), max_points=500)
+    )
+
+    assert catalog.version == overlaid
+    assert models[version].catalog_version == overlaid
+    ours = logged[logged["error_code"] == GSM_ONLY_CODE.code]
+    assert len(ours) > 0
+    assert set(ours["error_class"]) == {"processor_technical"}
+    said = f"model {version} is evaluated with the error catalog it was trained with: {overlaid}, "
+    assert said in capsys.readouterr().out
+
+
+def test_judged_holdout_refuses_two_versions_trained_with_different_catalogs(
+    trained_with_overlay: Trained,
+    trained_without_overlay: Trained,
+    tmp_path: Path,
+    no_overlay_env: None,
+) -> None:
+    """Two versions trained with different error catalogs cannot share one reading of the holdout: the tool stops
+    with one message naming both versions and both catalogs, rather than replaying one with the other's."""
+    from pipelines.ope_check import VersionPairCheck, judged_holdout
+
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    first, second = _registered_again([trained_with_overlay, trained_without_overlay], store)
+    history_dir = _history_folder(trained_with_overlay, tmp_path / "history")
+    overlaid, shipped = with_overlay(load_catalog(), [GSM_ONLY_CODE]).version, load_catalog().version
+
+    with pytest.raises(SystemExit) as stopped:
+        judged_holdout(VersionPairCheck(history_dir, 600, 11, store, (first, second), max_points=500))
+
+    assert str(stopped.value) == (
+        f"versions {first} and {second} were trained with different error catalogs "
+        f"({', '.join(sorted([overlaid, shipped]))}): their holdout cannot be read with the catalog of both"
+    )
+
+
+@pytest.mark.parametrize("tampered", ["missing", "changed"])
+def test_a_version_whose_overlay_artifact_is_missing_or_changed_stops_offline_evaluation_in_one_line(
+    tampered: str, trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None
+) -> None:
+    """`winback evaluate` and `winback codes report` on a version whose stored overlay is gone or is another file
+    than the one its model records: one line naming the version, its overlay and what is wrong, exit 2."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    trained = trained_with_overlay
+    store_dir = tmp_path / "store"
+    store = f"sqlite:///{store_dir / 'mlflow.db'}"
+    (version,) = _registered_again([trained], store, alias=registry.CHAMPION)
+    (stored,) = store_dir.rglob(trained.overlay.name)  # the version's copy
+    if tampered == "missing":
+        stored.unlink()
+        wrong = "but its version carries no 'gsm_overlay' artifact to serve with"
+    else:
+        stored.write_bytes(stored.read_bytes() + b"\n")
+        wrong = f"but its version's 'gsm_overlay' artifact has sha256 {overlay_digest(stored)}"
+    digest = overlay_digest(trained.overlay)
+    attempts, nudges = _write_frames(tmp_path / "history", trained.attempts, trained.nudges)
+    history = ["--attempts", str(attempts), "--nudges", str(nudges), "--tracking-uri", store]
+    bundle = registry.load_version(version, tracking_uri=store)
+
+    for command in (["evaluate", "--out", str(tmp_path / "evaluation"), "--episodes", "0"], ["codes", "report"]):
+        result = CliRunner().invoke(app, [*command, *history], env={"COLUMNS": "1000"})
+
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.strip().splitlines() == [
+            f"error: model {bundle.version} was trained with gateway status map overlay {trained.overlay} "
+            f"(sha256 {digest}), {wrong}"
+        ], command
+
+
+def test_rules_only_offline_evaluation_says_it_reads_the_shipped_catalog(
+    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None
+) -> None:
+    """With no model registered, `winback evaluate` and `winback codes report` say they read the shipped catalog."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    trained = trained_with_overlay
+    attempts, nudges = _write_frames(tmp_path / "history", trained.attempts, trained.nudges)
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    history = ["--attempts", str(attempts), "--nudges", str(nudges), "--tracking-uri", store]
+    line = f"evaluated with the shipped error catalog {load_catalog().version} (no model registered)"
+
+    for command in (["evaluate", "--out", str(tmp_path / "evaluation"), "--episodes", "0"], ["codes", "report"]):
+        result = CliRunner().invoke(app, [*command, *history], env={"COLUMNS": "1000"})
+
+        assert result.exit_code == 0, (command, result.output)
+        assert line in result.stdout.splitlines(), (command, result.stdout)

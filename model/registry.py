@@ -467,10 +467,17 @@ class TrainedVersion:
 def offline_catalog(loaded: TrainedVersion | None) -> tuple[ErrorCatalog, list[str]]:
     """The error catalog an offline evaluation of ``loaded`` (None: no model, rules only) reads, and the lines saying
     so: the one the version was trained with (its own overlay wins over ``WINBACK_GSM_OVERLAY``, said when that names
-    another one), else the shipped one."""
+    another one), else the shipped one (said too when ``WINBACK_GSM_OVERLAY`` names an overlay: it is not read)."""
     if loaded is None:
         catalog = load_catalog()
-        return catalog, [f"evaluated with the shipped error catalog {catalog.version} (no model registered)"]
+        lines = [f"evaluated with the shipped error catalog {catalog.version} (no model registered)"]
+        unread = unread_overlay(None)
+        if unread is not None:
+            lines.append(
+                f"note: WINBACK_GSM_OVERLAY={unread} is not read: with no model registered, the rules are evaluated "
+                "with the shipped error catalog"
+            )
+        return catalog, lines
     note = loaded.unread_overlay_note()
     return loaded.catalog, [loaded.describe(), *([f"note: {note}"] if note else [])]
 

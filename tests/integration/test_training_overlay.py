@@ -470,9 +470,10 @@ def test_a_version_whose_overlay_artifact_is_missing_or_changed_stops_offline_ev
 
 
 def test_rules_only_offline_evaluation_says_it_reads_the_shipped_catalog(
-    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None
+    trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no model registered, `winback evaluate` and `winback codes report` say they read the shipped catalog."""
+    """With no model registered, `winback evaluate` and `winback codes report` say they read the shipped catalog,
+    and that the operator's WINBACK_GSM_OVERLAY is not read (it was dropped without a word)."""
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -482,9 +483,16 @@ def test_rules_only_offline_evaluation_says_it_reads_the_shipped_catalog(
     store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     history = ["--attempts", str(attempts), "--nudges", str(nudges), "--tracking-uri", store]
     line = f"evaluated with the shipped error catalog {load_catalog().version} (no model registered)"
+    note = (
+        f"note: WINBACK_GSM_OVERLAY={trained.overlay} is not read: with no model registered, the rules are evaluated "
+        "with the shipped error catalog"
+    )
+    monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(trained.overlay))
 
     for command in (["evaluate", "--out", str(tmp_path / "evaluation"), "--episodes", "0"], ["codes", "report"]):
         result = CliRunner().invoke(app, [*command, *history], env={"COLUMNS": "1000"})
 
         assert result.exit_code == 0, (command, result.output)
-        assert line in result.stdout.splitlines(), (command, result.stdout)
+        lines = result.stdout.splitlines()
+        assert line in lines, (command, result.stdout)
+        assert lines[lines.index(line) + 1] == note, (command, result.stdout)

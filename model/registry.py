@@ -484,12 +484,17 @@ def offline_catalog(loaded: TrainedVersion | None) -> tuple[ErrorCatalog, list[s
 
 def load_trained_version(version: str, *, tracking_uri: str | None = None) -> TrainedVersion:
     """Version ``version`` of ``winback`` with the error catalog it was trained with (`TrainedVersion`); RegistryError
-    when the version lacks the overlay its bundle records or carries another file."""
+    when the version lacks the overlay its bundle records or carries another file (naming the version: the bundle's
+    own id is not what the operator re-registers)."""
     with tempfile.TemporaryDirectory(prefix="winback-bundle-") as tmp:
         folder = download_bundle(version, tmp, tracking_uri=tracking_uri)
         bundle = ModelBundle.load(folder)
         recorded = bundle.metadata.get(GSM_OVERLAY_KEY)
-        catalog = _trained_catalog(bundle, recorded, _downloaded_artifact(folder.parent.parent, GSM_OVERLAY_ARTIFACT))
+        artifact = _downloaded_artifact(folder.parent.parent, GSM_OVERLAY_ARTIFACT)
+        try:
+            catalog = _trained_catalog(bundle, recorded, artifact)
+        except RegistryError as exc:
+            raise RegistryError(f"version {version} of {MODEL_NAME}: {exc}") from None
     bundle.use_catalog(catalog)
     return TrainedVersion(bundle=bundle, version=version, catalog=catalog, overlay=recorded)
 

@@ -438,7 +438,8 @@ def test_a_version_whose_overlay_artifact_is_missing_or_changed_stops_offline_ev
     tampered: str, trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None
 ) -> None:
     """`winback evaluate` and `winback codes report` on a version whose stored overlay is gone or is another file
-    than the one its model records: one line naming the version, its overlay and what is wrong, exit 2."""
+    than the one its model records: one line naming the version, its overlay and what is wrong, exit 2. The line
+    named only the bundle's own id (wb-...), not the registered version to register again."""
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -464,7 +465,7 @@ def test_a_version_whose_overlay_artifact_is_missing_or_changed_stops_offline_ev
 
         assert result.exit_code == 2, (command, result.output)
         assert result.stderr.strip().splitlines() == [
-            f"error: model {bundle.version} was trained with gateway status map overlay {trained.overlay} "
+            f"error: version {version} of winback: model {bundle.version} was trained with gateway status map overlay {trained.overlay} "
             f"(sha256 {digest}), {wrong}"
         ], command
 

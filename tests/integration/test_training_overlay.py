@@ -465,8 +465,8 @@ def test_a_version_whose_overlay_artifact_is_missing_or_changed_stops_offline_ev
 
         assert result.exit_code == 2, (command, result.output)
         assert result.stderr.strip().splitlines() == [
-            f"error: version {version} of winback: model {bundle.version} was trained with gateway status map overlay {trained.overlay} "
-            f"(sha256 {digest}), {wrong}"
+            f"error: version {version} of winback: model {bundle.version} was trained with gateway status map "
+            f"overlay {trained.overlay} (sha256 {digest}), {wrong}"
         ], command
 
 

@@ -29,6 +29,7 @@ from pipelines.train import (
     format_history_error,
     history_params,
     run_training,
+    training_catalog,
     usable_tracking_store,
 )
 
@@ -118,11 +119,13 @@ def retrain(
         history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc
-    # The store is asked first here: one that cannot be used is a one-line TrainInputError, not a traceback.
-    shrunk = _smaller_than_the_champion_s(len(history.attempts), usable_tracking_store(tracking_uri))
-    if shrunk:
-        (console or Console()).print(shrunk, highlight=False)
     with tempfile.TemporaryDirectory(prefix="winback-retrain-") as tmp:
+        # Before the store is touched, as `train` does: an overlay that cannot be read stops the job (the catalog
+        # itself is read again by run_training), then a store that cannot be used is a one-line TrainInputError.
+        training_catalog(Path(tmp))
+        shrunk = _smaller_than_the_champion_s(len(history.attempts), usable_tracking_store(tracking_uri))
+        if shrunk:
+            (console or Console()).print(shrunk, highlight=False)
         attempts_path, nudges_path = Path(attempts), Path(nudges)
         stops_path = None if stops is None else Path(stops)
         frame = history.attempts

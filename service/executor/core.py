@@ -53,6 +53,7 @@ from service.executor.store import (
     agent_queue,
     as_utc,
     as_utc_or_none,
+    early_receipts,
     event_keys,
     is_postgres,
     nudges,
@@ -568,6 +569,9 @@ class Executor:
     #: The error catalog the decider's rules read (the API's carries its gateway status map overlay): the card on
     #: file's bans are judged with it too (``_with_card_on_file_ban``).
     catalog: ErrorCatalog = field(default_factory=load_catalog)
+    #: The most receipts kept per merchant that matched no nudge yet (``record_receipt``): past it the oldest go,
+    #: so a flood of receipts for ids never sent (another sender's on the same provider account) stays bounded.
+    early_receipts_per_merchant: int = 10_000
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -1828,6 +1832,8 @@ class Executor:
             self._insert_sent_nudge(conn, action, outcome, now)
         elif recorded is None and isinstance(outcome, NotSent):
             self._insert_unsent_nudge(conn, action, outcome, now)
+        if isinstance(outcome, Sent):
+            self._apply_early_receipts(conn, action.merchant_id, outcome.provider_message_id, now)
         return True
 
     def _record_unanswered_after_settling(
@@ -2191,6 +2197,7 @@ class Executor:
             now,
             payload={"nudge_id": sent.nudge_id},
         )
+        self._apply_early_receipts(conn, action.merchant_id, sent.provider_message_id, now)
 
     def _insert_sent_nudge(self, conn: sa.Connection, action: ActionRow, sent: Sent, now: datetime) -> None:
         """The nudge that went out, and its payment link."""
@@ -2922,8 +2929,39 @@ class Executor:
         A failed receipt saying WhatsApp held the message back (``HELD_BACK_FAILURES``: a try-later or a rate
         limit) means it never reached the customer: it no longer counts against ``max_nudges`` or the day
         (``request_for``), and its order, when open, is decided again now, for the message it still needs; after a
-        try-later, not on that channel for ``TRY_LATER_WAIT`` (``_decide_with_channels_down``)."""
-        status = status or ("delivered" if delivered else "failed")
+        try-later, not on that channel for ``TRY_LATER_WAIT`` (``_decide_with_channels_down``).
+
+        A receipt of ``merchant_id``'s that matches no nudge yet (it came before its send was recorded) is kept
+        (``_keep_early_receipt``) and applied when the send is recorded, as if it had come after it; False then."""
+        receipt = _Receipt(status or ("delivered" if delivered else "failed"), occurred_at, error, failure)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            if self._apply_receipt(conn, provider_message_id, merchant_id, receipt, now):
+                return True
+            if merchant_id is None or len(provider_message_id) > PROVIDER_ID_MAX:
+                return False  # no nudge can ever match it: kept, it would only wait to expire
+            # Taken before the send's record reads the kept receipts (``_apply_early_receipts``): a send recorded
+            # while this transaction looked is seen now, and one recorded after it finds this receipt kept.
+            self._lock_provider_id(conn, merchant_id, provider_message_id)
+            if self._apply_receipt(conn, provider_message_id, merchant_id, receipt, now):
+                return True
+            self._keep_early_receipt(conn, merchant_id, provider_message_id, receipt, now)
+        return False
+
+    def _apply_receipt(
+        self,
+        conn: sa.Connection,
+        provider_message_id: str,
+        merchant_id: str | None,
+        receipt: _Receipt,
+        now: datetime,
+        *,
+        opt_out: bool = False,
+    ) -> bool:
+        """Apply ``receipt`` to the nudges with ``provider_message_id`` (``record_receipt``); True when one matched.
+        ``opt_out``: an opted-out receipt keeps the opt-out of the address the nudge went to (as the receipts route
+        does for a receipt that matched when it came)."""
+        status, failure = receipt.status, receipt.failure
         where = [nudges.c.provider_message_id == provider_message_id]
         if merchant_id is not None:
             where.append(nudges.c.merchant_id == merchant_id)
@@ -2931,39 +2969,158 @@ class Executor:
         # reported failed): the nudge reached the customer, and ``error`` says why one did not (as when a message
         # kept as maybe sent turns out taken, ``_sent_after_all``).
         values: dict[str, Any] = {"delivered": status != "failed", "error": None, "receipt_status": status}
-        if occurred_at is not None:
-            values["receipt_at"] = occurred_at
+        if receipt.occurred_at is not None:
+            values["receipt_at"] = receipt.occurred_at
         if status == "failed":
-            note = f"{failure}: {error or ''}".strip() if failure else error
+            note = f"{failure}: {receipt.error or ''}".strip() if failure else receipt.error
             values["error"] = (note or "failed")[:500]
-        now = self.clock()
-        with self.engine.begin() as conn:
-            keys = conn.execute(sa.select(nudges.c.merchant_id, nudges.c.order_id).where(*where).distinct()).all()
-            for key in sorted(keys, key=tuple):
-                # The order first, then its nudges, as every transaction that changes both takes them.
-                order = self.lock_order(conn, key.merchant_id, key.order_id)
-                found = conn.execute(
-                    self.for_update(
-                        sa.select(nudges).where(
-                            *where, nudges.c.merchant_id == key.merchant_id, nudges.c.order_id == key.order_id
-                        )
+        keys = conn.execute(sa.select(nudges.c.merchant_id, nudges.c.order_id).where(*where).distinct()).all()
+        for key in sorted(keys, key=tuple):
+            # The order first, then its nudges, as every transaction that changes both takes them.
+            order = self.lock_order(conn, key.merchant_id, key.order_id)
+            found = conn.execute(
+                self.for_update(
+                    sa.select(nudges).where(
+                        *where, nudges.c.merchant_id == key.merchant_id, nudges.c.order_id == key.order_id
                     )
-                ).mappings()
-                newly_held = False
-                for nudge in found.all():
-                    if not _receipt_applies(nudge, status, occurred_at):
-                        continue
-                    conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
-                    newly = failure in HELD_BACK_FAILURES and not held_back(nudge["delivered"], nudge["error"])
-                    if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
-                        # The merchant's sender is slowed down before the order plans its next message on it.
-                        self.retry_policy.note_rate_limited(conn, key.merchant_id, Channel(nudge["channel"]), now)
-                    newly_held |= newly
-                if newly_held and order is not None:
-                    self._decision_point(
-                        conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"
-                    )
+                )
+            ).mappings()
+            newly_held = False
+            for nudge in found.all():
+                if opt_out and failure == "opted_out" and order is not None:
+                    _keep_opt_out(conn, order, str(nudge["channel"]), now)
+                if not _receipt_applies(nudge, status, receipt.occurred_at):
+                    continue
+                conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
+                newly = failure in HELD_BACK_FAILURES and not held_back(nudge["delivered"], nudge["error"])
+                if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
+                    # The merchant's sender is slowed down before the order plans its next message on it.
+                    self.retry_policy.note_rate_limited(conn, key.merchant_id, Channel(nudge["channel"]), now)
+                newly_held |= newly
+            if newly_held and order is not None:
+                self._decision_point(
+                    conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"
+                )
         return bool(keys)
+
+    @staticmethod
+    def _lock_provider_id(conn: sa.Connection, merchant_id: str, provider_message_id: str) -> None:
+        """Hold, until the transaction ends, the lock that a receipt kept for the provider id and the recording of
+        the send with that id take (PostgreSQL; SQLite's write transactions run one at a time)."""
+        if conn.dialect.name != "postgresql":
+            return
+        digest = hashlib.blake2b(f"{merchant_id}\x00{provider_message_id}".encode(), digest_size=8).digest()
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
+
+    def _keep_early_receipt(
+        self, conn: sa.Connection, merchant_id: str, provider_message_id: str, receipt: _Receipt, now: datetime
+    ) -> None:
+        """Keep a receipt that matched no nudge of ``merchant_id``'s, for when its send is recorded
+        (``_apply_early_receipts``); the same receipt twice is kept once. Past ``early_receipts_per_merchant`` the
+        merchant's oldest kept ones go (logged): the callback URL is the merchant's, but what the provider posts
+        to it for ids winback never sent (another sender on the account, or a token that leaked) must not grow
+        the table without bound."""
+        conn.execute(
+            upsert_into(conn, early_receipts)
+            .values(
+                merchant_id=merchant_id,
+                provider_message_id=provider_message_id,
+                status=receipt.status,
+                occurred_at=receipt.occurred_at or now,
+                failure=receipt.failure,
+                error=receipt.error[:2000] if receipt.error else None,
+                received_at=now,
+            )
+            .on_conflict_do_nothing()
+        )
+        log.info(
+            "delivery receipt for unknown message %s kept until its send is recorded (or it expires)",
+            provider_message_id[:256],
+            extra={"merchant_id": merchant_id},
+        )
+        mine = early_receipts.c.merchant_id == merchant_id
+        cutoff = conn.scalar(
+            sa.select(early_receipts.c.received_at)
+            .where(mine)
+            .order_by(early_receipts.c.received_at.desc())
+            .offset(self.early_receipts_per_merchant)
+            .limit(1)
+        )
+        if cutoff is not None:
+            dropped = conn.execute(early_receipts.delete().where(mine, early_receipts.c.received_at <= cutoff)).rowcount
+            log.warning(
+                "%d kept delivery receipts of merchant %s dropped, the oldest: more than %d matched no message",
+                dropped,
+                merchant_id[:128],
+                self.early_receipts_per_merchant,
+                extra={"merchant_id": merchant_id},
+            )
+
+    def _apply_early_receipts(
+        self, conn: sa.Connection, merchant_id: str, provider_message_id: str | None, now: datetime
+    ) -> None:
+        """Apply the receipts kept for a send whose provider id is being recorded (``_keep_early_receipt``), in the
+        provider's time order, as if each had come after it, and delete them; in the transaction that records it."""
+        if provider_message_id is None:
+            return
+        self._lock_provider_id(conn, merchant_id, provider_message_id)
+        kept_for = (
+            early_receipts.c.merchant_id == merchant_id,
+            early_receipts.c.provider_message_id == provider_message_id,
+        )
+        kept = (
+            conn.execute(
+                sa.select(early_receipts)
+                .where(*kept_for)
+                .order_by(early_receipts.c.occurred_at, early_receipts.c.received_at)
+            )
+            .mappings()
+            .all()
+        )
+        for row in kept:
+            receipt = _Receipt(row["status"], as_utc(row["occurred_at"]), row["error"], row["failure"])
+            self._apply_receipt(conn, provider_message_id, merchant_id, receipt, now, opt_out=True)
+        if kept:
+            conn.execute(early_receipts.delete().where(*kept_for))
+
+    def expire_early_receipts(self) -> int:
+        """Delete the receipts kept longer than ``EARLY_RECEIPT_TTL`` without their send being recorded (a message
+        of another sender, or one whose send is never recorded); how many. Run by the worker
+        (``Worker.clean_up_seconds``)."""
+        with self.engine.begin() as conn:
+            expired = conn.execute(
+                early_receipts.delete().where(early_receipts.c.received_at < self.clock() - EARLY_RECEIPT_TTL)
+            ).rowcount
+        if expired:
+            log.info("%d delivery receipts that matched no message in %s were deleted", expired, EARLY_RECEIPT_TTL)
+        return int(expired)
+
+
+@dataclass(frozen=True)
+class _Receipt:
+    """What a delivery receipt says (``Executor.record_receipt``), as it is applied or kept."""
+
+    status: ReceiptStatus
+    occurred_at: datetime | None
+    error: str | None
+    failure: ReceiptFailure | None
+
+
+#: A provider message id longer than a nudge keeps (``nudges.provider_message_id``) never matches one.
+PROVIDER_ID_MAX: Final = 256
+#: How long a receipt that matched no nudge is kept for its send to be recorded (``Executor.expire_early_receipts``).
+#: A send is recorded seconds after its provider took it; a worker that died before recording it leaves the message
+#: to be sent again when its lease ends, well within this.
+EARLY_RECEIPT_TTL: Final = timedelta(days=3)
+
+
+def _keep_opt_out(conn: sa.Connection, order: RowMapping, channel: str, now: datetime) -> None:
+    """The address on ``channel`` of ``order``'s customer opted out (its provider refused a message as opted out)."""
+    if channel not in _CHANNEL_NAMES:
+        return
+    address = customer_address(orjson.loads(order["request_json"])["customer"], Channel(channel))
+    if address is not None:
+        record_opt_out(conn, order["merchant_id"], Channel(channel), address, "receipt", now)
 
 
 def _receipt_applies(nudge: RowMapping, status: ReceiptStatus, occurred_at: datetime | None) -> bool:

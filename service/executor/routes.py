@@ -369,13 +369,8 @@ def provider_router(app: FastAPI) -> APIRouter:
                 receipt.provider,
                 extra={"merchant_id": receipt.merchant_id},
             )
-        if not found:  # another sender's message on the same provider account, or a receipt before its send
-            log.info(
-                "%s delivery receipt for unknown message %s ignored",
-                receipt.provider,
-                receipt.provider_message_id[:256],
-                extra={"merchant_id": receipt.merchant_id},
-            )
+        # Not found: a receipt before its send is recorded is kept by ``record_receipt`` and applied then, an opt-out
+        # included; one for another sender's message on the same provider account expires unmatched.
 
     async def on_opt_out(merchant_id: str, channel: Channel, address: str) -> None:
         executor = executor_runtime(app).executor

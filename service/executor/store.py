@@ -272,6 +272,24 @@ channel_pacing = sa.Table(
 )
 
 
+early_receipts = sa.Table(
+    # A provider's delivery receipt that matched no nudge when it came (migration 0015): it arrived before its send
+    # was recorded (the provider answered, ``Executor.complete`` had not committed, or the worker died before it
+    # did). Applied when the nudge's provider id is recorded, then deleted; deleted unmatched after
+    # ``EARLY_RECEIPT_TTL``. One row per receipt: the same receipt twice is kept once.
+    "early_receipts",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("provider_message_id", sa.String(256), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),  # failed | delivered | read
+    sa.Column("occurred_at", sa.DateTime(timezone=True), primary_key=True),  # the provider's time stamp
+    sa.Column("failure", sa.String(32), nullable=True),  # ReceiptFailure
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_early_receipts_received", "merchant_id", "received_at"),
+)
+
+
 def utcnow() -> datetime:
     """The wall clock, in UTC."""
     return datetime.now(UTC)

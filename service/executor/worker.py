@@ -219,7 +219,11 @@ class Worker:
     batch_size: int = 50
     lease_seconds: float = 30.0
     poll_seconds: float = 0.5
+    #: How often the worker deletes what is kept only for a while (``Executor.expire_early_receipts``).
+    clean_up_seconds: float = 3600.0
 
+    #: When (monotonic) the worker last cleaned up; None: not yet in this run.
+    _cleaned_at: float | None = field(default=None, init=False, repr=False)
     #: The claim token of the batch being run (claimed, not all recorded): a batch that fails leaves its actions
     #: leased under it.
     _unfinished: str | None = field(default=None, init=False, repr=False)
@@ -312,6 +316,7 @@ class Worker:
         give_up_after = UNTIL_IDLE_DATABASE_FAILURES if until_idle else MAX_DATABASE_FAILURES
         while not (stop is not None and stop.is_set()) and (deadline is None or time.monotonic() < deadline):
             try:
+                self._clean_up_when_due()
                 claimed = self.run_once()
                 if leased:
                     held = self.executor.claims_held(list(leased))
@@ -340,6 +345,14 @@ class Worker:
                 break
             self._wait(stop, self.poll_seconds, deadline)
         return total
+
+    def _clean_up_when_due(self) -> None:
+        """Delete the receipts kept too long unmatched, at the start of a run and every ``clean_up_seconds``."""
+        now = time.monotonic()
+        if self._cleaned_at is not None and now - self._cleaned_at < self.clean_up_seconds:
+            return
+        self.executor.expire_early_receipts()
+        self._cleaned_at = now
 
     @staticmethod
     def _wait(stop: StopFlag | None, seconds: float, deadline: float | None = None) -> None:

@@ -873,22 +873,16 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     ):
         not_applicable[Strategy.STEP_UP.value] = Rule.STEP_UP_OUT_OF_SESSION
     if normalised.error_class.value in book.authentication_request_classes:
-        for name in _RETRY_STRATEGY_NAMES:
-            if name not in book.after_authentication_request_only:
-                not_applicable.setdefault(name, Rule.AUTHENTICATION_REQUESTED)
+        _only_these_retries(not_applicable, book.after_authentication_request_only, Rule.AUTHENTICATION_REQUESTED)
     # Visa category 3: the issuer declined the details it was sent; only a retry that sends others (a step-up's
     # authentication, the PAN for a token) revalidates them (hard_rules.yaml, visa.category_3).
     if visa_category == 3:
-        for name in _RETRY_STRATEGY_NAMES:
-            if name not in book.visa_category_3_only:
-                not_applicable.setdefault(name, Rule.VISA_CATEGORY_3_SAME_DETAILS)
+        _only_these_retries(not_applicable, book.visa_category_3_only, Rule.VISA_CATEGORY_3_SAME_DETAILS)
     # A suspected-fraud decline: the card is not re-presented silently; only a step-up lets the issuer verify the
     # cardholder, while they are at the checkout (hard_rules.yaml, suspected_fraud).
     if normalised.error_class.value in book.fraud_suspicion_classes:
         applied.append(Rule.SUSPECTED_FRAUD.value)
-        for name in _RETRY_STRATEGY_NAMES:
-            if name not in book.fraud_suspicion_only:
-                not_applicable.setdefault(name, Rule.SUSPECTED_FRAUD)
+        _only_these_retries(not_applicable, book.fraud_suspicion_only, Rule.SUSPECTED_FRAUD)
     is_card_e_mandate = _is_indian_card_e_mandate(book, request, method, method_type)
     if is_card_e_mandate:
         applied.append(RBI_CARD_E_MANDATE)
@@ -896,9 +890,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         # Authenticated by its customer with a factor made for that payment alone (RBI): a silent re-attempt has
         # none, so only a step-up, where the customer authenticates again at the checkout.
         applied.append(Rule.RBI_ONE_OFF_AFA.value)
-        for name in _RETRY_STRATEGY_NAMES:
-            if name not in book.one_off_afa_only:
-                not_applicable.setdefault(name, Rule.RBI_ONE_OFF_AFA)
+        _only_these_retries(not_applicable, book.one_off_afa_only, Rule.RBI_ONE_OFF_AFA)
     # Above the AFA-free limit an e-mandate debit needs the customer's own authentication (UPI PIN, card OTP): a
     # user-consent flow, so no silent retry; a payment link, where the customer pays, stays open.
     if (is_upi_autopay or is_card_e_mandate) and _above_afa_free_limit(book, request):
@@ -1043,6 +1035,14 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         cadence_days=retarget.skip_days + 1 if nudges_used else None,
         nudged_days=frozenset(n.sent_at.astimezone(merchant_tz).date() for n in nudges),
     )
+
+
+def _only_these_retries(not_applicable: dict[str, str], allowed: frozenset[str], rule: Rule) -> None:
+    """Every silent retry strategy but ``allowed`` is not applicable, because of ``rule`` (a reason already given
+    for a strategy stays)."""
+    for name in _RETRY_STRATEGY_NAMES:
+        if name not in allowed:
+            not_applicable.setdefault(name, rule)
 
 
 def _declined_connectors(

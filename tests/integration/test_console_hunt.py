@@ -289,6 +289,9 @@ def test_a_recommendation_the_hard_rules_forbid_by_now_is_not_offered_as_the_act
         "ord_one_off",
         payment={"is_recurring": False},
         failure={"connector": "stripe", "error_code": "processing_error", "network_decline_code": "96"},
+        # A US card payment: an Indian one-off card payment is retried only by a step-up (rbi_one_off_afa).
+        customer={"country": "US"},
+        currency="USD",
     )
     console.sign_in("asha@m_a")
     fresh = console.get("/console/orders/ord_one_off").text

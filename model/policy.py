@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import yaml
@@ -54,7 +54,13 @@ DAILY_DISCOUNT = 0.995
 DEFAULT_RETRYABLE_THRESHOLD = 0.10
 
 
-class Scorer(Protocol):
+class CandidateScorer(Protocol):
+    """What scoring candidates needs of a model (``served_probabilities``): calibrated P(success) per candidate."""
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray: ...
+
+
+class Scorer(CandidateScorer, Protocol):
     """What decide() needs from a model: calibrated P(success) per candidate, and short explanations."""
 
     version: str
@@ -420,6 +426,7 @@ def new_decision_id(rng: np.random.Generator | None) -> str:
 
 
 ModelT = TypeVar("ModelT", bound=ContractModel)
+ScorerT = TypeVar("ScorerT", bound=CandidateScorer)
 _set_attribute = object.__setattr__
 
 
@@ -436,6 +443,92 @@ def _constructed(model: type[ModelT], values: dict[str, Any]) -> ModelT:
     _set_attribute(instance, "__pydantic_extra__", {})
     _set_attribute(instance, "__pydantic_private__", None)
     return instance
+
+
+@dataclass(frozen=True)
+class _Served:
+    """decide()'s P(success) of each candidate (``scores``) and what it read on the way: the failure's code level
+    and its factor, the error class's cell table and each candidate's cell slot (None without a table)."""
+
+    scores: np.ndarray
+    level: tuple[float, float, float] | None
+    level_factor: float
+    table: np.ndarray | None
+    cells: np.ndarray | None
+
+
+def _served_scores(
+    request: DecisionRequest,
+    candidates: list[Candidate],
+    runs: list[_Run],
+    allowed: int,
+    delays: np.ndarray,
+    active: CandidateScorer,
+    error_class: str,
+    config: PolicyConfig,
+    /,
+) -> _Served:
+    """P(success) of each of ``candidates`` as decide() serves it: the scorer's, shrunk to the rules-only prior where
+    the model saw few cases like it, then scaled by the failure's code level. ``runs`` are those of the first
+    ``allowed`` candidates; the rest are scored alike, their runs built only when a cell table or code level needs
+    them."""
+    scores = np.minimum(np.maximum(np.asarray(active.score(request, candidates), dtype=np.float64), 0.0), 1.0)
+    # The failure's code levels (model.codelevel), applied below once the cells have weighed in.
+    strength = config.code_strength
+    level = None if strength is None else code_level(active, request.failure.connector, request.failure.error_code)
+    level_factor = 1.0 if level is None or strength is None or level[0] <= 0.0 else code_factor(*level, strength)
+    # Where the model saw few cases like a candidate (its cell's training support), the rules-only prior of the
+    # cell weighs in: a model extrapolating into actions its logging policy seldom took must not overrule the priors.
+    table = cell_table(active, error_class) if config.prior_strength > 0.0 else None
+    cells: np.ndarray | None = None  # each candidate's cell slot
+    blocked_runs = (
+        [(start + allowed, stop + allowed, first) for start, stop, first in _kind_runs(candidates[allowed:])]
+        if table is not None or level_factor != 1.0
+        else []
+    )
+    if table is not None:
+        bases = _slot_bases(runs + blocked_runs, len(candidates))
+        priors, nudges = load_priors(), len(request.history.nudges)
+        ratio, weight = _cached_cell_factors(table, priors, error_class, nudges, config.prior_strength)
+        # The prior is RulesOnlyScorer's (its timing counts from the decision point); the cell's timing counts from
+        # the first failure, as training counted it. A candidate of no cell (stop) has delay 0: offset 0 past it.
+        slots = priors.prior_slots(error_class, nudges)
+        offsets = timing_offsets(delays) * (bases < N_SLOTS)
+        prior = slots[bases + offsets]
+        cells = bases + timing_offsets(delays + _seconds_since_first_failure(request)) * (bases < N_SLOTS)
+        recalibrated = np.minimum(scores * ratio[cells], 1.0)
+        scores = np.minimum(np.maximum(shrink_to_prior(scores, prior, ratio[cells], weight[cells]), 0.0), 1.0)
+        _no_later_than_hours(scores, recalibrated, offsets, bases, slots, runs + blocked_runs)
+    # The served level of the failure's error code, corrected to what its silent retries showed (model.codelevel):
+    # every retry candidate alike, after the cell shrinkage, whose served P(success) the code levels summed (with
+    # the default prior_strength), so a code's evidence counts where its cells are thin too and nothing twice.
+    if level_factor != 1.0:
+        # The retries' rows at once: per run, three numpy calls each (~2 us) came four or five times a decision.
+        retries = [
+            i for start, stop, first in runs + blocked_runs if first.action is _RETRY for i in range(start, stop)
+        ]
+        scores[retries] = np.minimum(scores[retries] * level_factor, 1.0)
+    return _Served(scores, level, level_factor, table, cells)
+
+
+def served_probabilities(
+    request: DecisionRequest,
+    candidates: list[Candidate],
+    scorer: CandidateScorer,
+    *,
+    catalog: ErrorCatalog,
+    config: PolicyConfig | None = None,
+) -> np.ndarray:
+    """P(success) of each of ``candidates`` as decide() serves it (``expected_success``, ``retry_probability``): the
+    scorer's calibrated estimate, shrunk to the rules-only prior where the model saw few cases like it, then scaled
+    by what the failure's code showed in training (its code level). Scored as decide() scores a grid of them, without
+    its rules: a model is judged on what it serves (evaluation, the promotion gate), not on its boosters alone."""
+    error_class = normalise_request(catalog, request).error_class.value
+    delays = _delay_seconds(request, candidates)
+    runs = _kind_runs(candidates)
+    return _served_scores(
+        request, candidates, runs, len(candidates), delays, scorer, error_class, config or PolicyConfig()
+    ).scores
 
 
 def decide(
@@ -496,45 +589,17 @@ def _decide(
     # error-code verdict (``retryable``) is the best retry the error itself allows, whatever the merchant permits.
     allowed, blocked = permitted_grid(context)  # stop is always among the allowed
     candidates = allowed + blocked
-    scores = np.minimum(np.maximum(np.asarray(active.score(request, candidates), dtype=np.float64), 0.0), 1.0)
     runs = _kind_runs(allowed)
     delays = _delay_seconds(request, candidates)
-    # The failure's code levels (model.codelevel), applied below once the cells have weighed in.
-    strength = config.code_strength
-    level = None if strength is None else code_level(active, request.failure.connector, request.failure.error_code)
-    level_factor = 1.0 if level is None or strength is None or level[0] <= 0.0 else code_factor(*level, strength)
-    # Where the model saw few cases like a candidate (its cell's training support), the rules-only prior of the
-    # cell weighs in: a model extrapolating into actions its logging policy seldom took must not overrule the priors.
     error_class = context.error.error_class.value
-    table = cell_table(active, error_class) if config.prior_strength > 0.0 else None
-    cells: np.ndarray | None = None  # each candidate's cell slot
-    blocked_runs = (
-        [(start + len(allowed), stop + len(allowed), first) for start, stop, first in _kind_runs(blocked)]
-        if table is not None or level_factor != 1.0
-        else []
+    served = _served_scores(request, candidates, runs, len(allowed), delays, active, error_class, config)
+    scores, level, level_factor, table, cells = (
+        served.scores,
+        served.level,
+        served.level_factor,
+        served.table,
+        served.cells,
     )
-    if table is not None:
-        bases = _slot_bases(runs + blocked_runs, len(candidates))
-        priors, nudges = load_priors(), len(request.history.nudges)
-        ratio, weight = _cached_cell_factors(table, priors, error_class, nudges, config.prior_strength)
-        # The prior is RulesOnlyScorer's (its timing counts from the decision point); the cell's timing counts from
-        # the first failure, as training counted it. A candidate of no cell (stop) has delay 0: offset 0 past it.
-        slots = priors.prior_slots(error_class, nudges)
-        offsets = timing_offsets(delays) * (bases < N_SLOTS)
-        prior = slots[bases + offsets]
-        cells = bases + timing_offsets(delays + _seconds_since_first_failure(request)) * (bases < N_SLOTS)
-        recalibrated = np.minimum(scores * ratio[cells], 1.0)
-        scores = np.minimum(np.maximum(shrink_to_prior(scores, prior, ratio[cells], weight[cells]), 0.0), 1.0)
-        _no_later_than_hours(scores, recalibrated, offsets, bases, slots, runs + blocked_runs)
-    # The served level of the failure's error code, corrected to what its silent retries showed (model.codelevel):
-    # every retry candidate alike, after the cell shrinkage, whose served P(success) the code levels summed (with
-    # the default prior_strength), so a code's evidence counts where its cells are thin too and nothing twice.
-    if level_factor != 1.0:
-        # The retries' rows at once: per run, three numpy calls each (~2 us) came four or five times a decision.
-        retries = [
-            i for start, stop, first in runs + blocked_runs if first.action is _RETRY for i in range(start, stop)
-        ]
-        scores[retries] = np.minimum(scores[retries] * level_factor, 1.0)
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for start, stop, first in runs:
         if first.action == _STOP:
@@ -698,4 +763,12 @@ class DecidePolicy:
         merchant = self.merchants.get(request.merchant_id)
         if merchant is None:
             raise KeyError(f"unknown merchant_id {request.merchant_id!r}: not in the merchant config")
-        return decide(request, merchant, self.scorer, catalog=self.catalog, config=self.config, rng=self.rng)
+        scorer = None if self.scorer is None else scorer_for(self.scorer, request)
+        return decide(request, merchant, scorer, catalog=self.catalog, config=self.config, rng=self.rng)
+
+
+def scorer_for(scorer: ScorerT, request: DecisionRequest) -> ScorerT:
+    """The model that answers ``request``: ``scorer.for_request(request)`` when the scorer offers it (a judged fit
+    whose code levels are cross-fitted by order, pipelines.train.OrderFoldedScorer), else ``scorer`` itself."""
+    pick = getattr(scorer, "for_request", None)
+    return scorer if pick is None else cast(ScorerT, pick(request))

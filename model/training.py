@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -794,6 +795,76 @@ def code_levels(
     the code levels. For the version ``train`` registers (judged boosters, text model refitted on the whole
     history) these are the predictions it serves. With ``before``, only the retries decided before it count (the
     fit the promotion gate judges on a holdout from ``before`` on: its levels must not have seen the holdout)."""
+    evidence = _retry_evidence(bundle, partitions, catalog, prior_strength)
+    if evidence is None:
+        return []
+    return evidence.rows(np.ones(len(evidence.labels), dtype=bool) if before is None else evidence.before(before))
+
+
+#: Folds of ``crossfitted_code_levels``.
+CODE_LEVEL_FOLDS = 5
+
+
+def crossfitted_code_levels(
+    bundle: ModelBundle,
+    partitions: Partitions | Sequence[HistoryFrames],
+    catalog: Normaliser | None = None,
+    *,
+    before: datetime,
+    prior_strength: float = 30.0,
+    folds: int = CODE_LEVEL_FOLDS,
+) -> list[list[list[Any]]]:
+    """``bundle``'s code levels for judging it on a holdout from ``before`` on, cross-fitted by order: for each fold
+    (`order_fold`), over the retries decided before ``before`` and the holdout's retries of the other folds' orders.
+
+    A version registered from the history has code levels over all of it, the holdout's too (``refitted`` in
+    pipelines.train): a code that connectors started sending recently is learned there, its retries all in the
+    holdout. Judged with levels from before the holdout alone, a retrain that learned a new code was judged blind to
+    it (and the gate compared two fits blind to it). Judged with these, an order's retries are scored with what the
+    other orders of the holdout showed of its code, never with its own outcome."""
+    evidence = _retry_evidence(bundle, partitions, catalog, prior_strength)
+    if evidence is None:
+        return [[] for _ in range(folds)]
+    earlier = evidence.before(before)
+    fold = np.array([order_fold(merchant, order, folds) for merchant, order in evidence.orders], dtype=np.int64)
+    return [evidence.rows(earlier | (fold != f)) for f in range(folds)]
+
+
+def order_fold(merchant_id: str, order_id: str, folds: int) -> int:
+    """The fold of an order among ``folds``: a stable hash of its merchant and id, the same in every process."""
+    return zlib.crc32(f"{merchant_id}\x1f{order_id}".encode()) % folds
+
+
+@dataclass(frozen=True)
+class _RetryEvidence:
+    """Every silent retry of a history: its failure's connector and code, its outcome, the P(success) served for it
+    (before code levels), when it was decided and its order (merchant id, order id)."""
+
+    connectors: np.ndarray
+    codes: np.ndarray
+    labels: FloatArray
+    predicted: FloatArray
+    times: pd.Series
+    orders: list[tuple[str, str]]
+
+    def before(self, moment: datetime) -> npt.NDArray[np.bool_]:
+        """Which retries were decided before ``moment``."""
+        return (self.times < pd.Timestamp(moment)).to_numpy(dtype=bool)
+
+    def rows(self, keep: npt.NDArray[np.bool_]) -> list[list[Any]]:
+        """The code levels (``code_level_rows``) of the retries ``keep`` selects."""
+        if not keep.any():
+            return []
+        return code_level_rows(self.connectors[keep], self.codes[keep], self.labels[keep], self.predicted[keep])
+
+
+def _retry_evidence(
+    bundle: ModelBundle,
+    partitions: Partitions | Sequence[HistoryFrames],
+    catalog: Normaliser | None,
+    prior_strength: float,
+) -> _RetryEvidence | None:
+    """The silent retries of the history, scored as ``code_levels`` says; None when it has none."""
     from model.policy import load_priors
 
     normaliser: Normaliser = load_catalog() if catalog is None else catalog
@@ -801,11 +872,11 @@ def code_levels(
     codes: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     predicted: list[FloatArray] = []
+    times: list[pd.Series] = []
+    orders: list[tuple[str, str]] = []
     for frames in partitions:
         points = decision_points(frames.attempts, frames.nudges)
         retry = (points["kind"] == "retry").to_numpy(dtype=bool) if len(points) else np.zeros(0, dtype=bool)
-        if before is not None and len(points):
-            retry &= (points["decision_time"] < pd.Timestamp(before)).to_numpy(dtype=bool)
         if not retry.any():
             continue
         points = points[retry].reset_index(drop=True)
@@ -820,10 +891,17 @@ def code_levels(
         codes.append(cols["error_code"])
         labels.append(points["label"].to_numpy(dtype=np.float64))
         predicted.append(p)
+        times.append(points["decision_time"])
+        orders.extend(zip(points["merchant_id"].astype(str), points["order_id"].astype(str), strict=True))
     if not labels:
-        return []
-    return code_level_rows(
-        np.concatenate(connectors), np.concatenate(codes), np.concatenate(labels), np.concatenate(predicted)
+        return None
+    return _RetryEvidence(
+        np.concatenate(connectors),
+        np.concatenate(codes),
+        np.concatenate(labels),
+        np.concatenate(predicted),
+        pd.concat(times, ignore_index=True),
+        orders,
     )
 
 

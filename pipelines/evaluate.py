@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -21,16 +21,12 @@ import pandas as pd
 from model import evaluation as ev
 from model import plots
 from model.catalog import ErrorCatalog
-from model.requests import DecisionRequest
-from model.rules import Candidate
+from model.policy import CandidateScorer, scorer_for, served_probabilities
 from model.wording import count_noun
 from pipelines.gate import fitted_into_holdout
 
-
-class Scorer(Protocol):
-    """What the evaluation needs of a model: calibrated P(success) per candidate."""
-
-    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray: ...
+#: What the evaluation needs of a model: calibrated P(success) per candidate.
+Scorer = CandidateScorer
 
 
 @dataclass(frozen=True)
@@ -218,9 +214,13 @@ def is_simulated(attempts: pd.DataFrame) -> bool:
 
 
 def _classification(
-    holdout: pd.DataFrame, scorers: Mapping[str, Scorer]
+    holdout: pd.DataFrame, scorers: Mapping[str, Scorer], catalog: ErrorCatalog
 ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
-    """Per model: metrics overall / per logged action / per error class, on the logged non-stop actions."""
+    """Per model: metrics overall / per logged action / per error class, on the logged non-stop actions, of the
+    P(success) decide() serves for the logged action (`model.policy.served_probabilities`: the boosters' calibrated
+    estimate with the cells' priors and the error code's level): the probability the policy acted on and the API
+    reports. The boosters alone left out what a retrain learned of a new code (its code level): two fits blind to
+    it were compared on the holdout's retries of it, and the gate's verdict was their calibrators' noise."""
     acted = holdout[holdout["action"] != "stop"]
     reports: list[pd.DataFrame] = []
     reliability: dict[str, pd.DataFrame] = {}
@@ -228,7 +228,17 @@ def _classification(
     y = acted["label"].to_numpy(dtype=np.float64)
     for name, scorer in scorers.items():
         p = np.array(
-            [float(np.asarray(scorer.score(row["request"], [ev.logged_candidate(row)]))[0]) for row in _records(acted)],
+            [
+                float(
+                    served_probabilities(
+                        row["request"],
+                        [ev.logged_candidate(row)],
+                        scorer_for(scorer, row["request"]),
+                        catalog=catalog,
+                    )[0]
+                )
+                for row in _records(acted)
+            ],
             dtype=np.float64,
         )
         predictions[name] = p
@@ -300,6 +310,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     scorers = dict(scorers or {})
     economics = load_economics()
+    catalog = load_catalog() if catalog is None else catalog
     if history is None:
         history = read_history(attempts_path, nudges_path, stops_path=stops_path)
     logged_stops = getattr(history, "stops", None)
@@ -313,7 +324,7 @@ def evaluate(
         history.attempts,
         history.nudges,
         economics,
-        catalog=load_catalog() if catalog is None else catalog,
+        catalog=catalog,
         reward=reward,
         since=cut,
         # Every sampled order contributes at least one point: no more orders than points are needed.
@@ -339,7 +350,7 @@ def evaluate(
         frame.to_csv(path, index=index)
         files.append(path)
 
-    classification, reliability, predictions = _classification(holdout, scorers)
+    classification, reliability, predictions = _classification(holdout, scorers, catalog)
     acted = holdout[holdout["action"] != "stop"]
     save_csv(classification, "classification.csv")
     for row in _records(classification[classification["group"] == "overall"]):

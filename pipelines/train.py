@@ -22,13 +22,14 @@ import math
 import pickle
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -40,6 +41,8 @@ from model.datafiles import DEMO_MERCHANTS_FILE
 from model.gsm import GSM_OVERLAY_KEY, GsmError, GsmOverlaySetting, TrainingOverlay, describe_overlay
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
 from model.merchant_config import MerchantConfig
+from model.requests import DecisionRequest
+from model.rules import Candidate
 from model.wording import count_noun
 from pipelines.gate import (
     GATE_METRICS,
@@ -359,6 +362,50 @@ def with_code_levels(bundle: Any, parts: Any, *, before: datetime | None = None,
     bundle.metadata[CODE_LEVEL_PRIOR_STRENGTH_KEY] = strength
 
 
+class OrderFoldedScorer:
+    """The judged challenger as the gate values it on its holdout: its code levels cross-fitted over the orders
+    (`model.training.crossfitted_code_levels`). A request is answered by its order's fold, whose levels count the
+    retries decided before the holdout and the holdout's retries of the other folds' orders, never its own.
+
+    The version registered has code levels over the whole history, the holdout's too (``refitted``), so a code that
+    connectors started sending recently is learned there while every one of its retries sits in the holdout. Judged
+    with the levels of the history before the holdout alone, such a retrain was judged blind to the code it learned,
+    and the gate compared two fits blind to it: its verdict was their calibrators' noise."""
+
+    def __init__(self, bundle: Any, folds: Sequence[Any]) -> None:
+        self.bundle = bundle
+        self.folds = tuple(folds)
+        self.version: str = bundle.version
+
+    @classmethod
+    def crossfitted(cls, bundle: Any, parts: Any, *, before: datetime) -> OrderFoldedScorer:
+        """``bundle`` judged on a holdout from ``before`` on, with code levels cross-fitted by order (the levels of
+        ``with_code_levels``: the bundle's catalog, the default ``PolicyConfig.prior_strength``)."""
+        from model.policy import PolicyConfig
+        from model.training import crossfitted_code_levels
+
+        rows = crossfitted_code_levels(
+            bundle, parts, bundle.catalog, before=before, prior_strength=PolicyConfig().prior_strength
+        )
+        return cls(bundle, [bundle.with_code_levels(fold) for fold in rows])
+
+    @property
+    def retryable_threshold(self) -> float:
+        return float(self.bundle.retryable_threshold)
+
+    def for_request(self, request: DecisionRequest) -> Any:
+        """The fold's model that answers ``request`` (`model.policy.scorer_for`)."""
+        from model.training import order_fold
+
+        return self.folds[order_fold(request.merchant_id, request.order_id, len(self.folds))]
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        return np.asarray(self.for_request(request).score(request, candidates), dtype=np.float64)
+
+    def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
+        return list(self.for_request(request).explain(request, candidate, k=k))
+
+
 def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
     """The version to register: ``judged`` (the boosters, calibrators and threshold the gate judged), with the text
     model and the code inventory of ``refit`` (fitted on every decision point, the holdout's too), and, given the
@@ -498,12 +545,14 @@ def _evaluate(
     seed: int,
     options: Mapping[str, Any],
     catalog: ErrorCatalog,
+    challenger: Any = None,
 ) -> _Evaluation:
     """Evaluate the challenger (and the champion, when given) on the challenger's time holdout, the rules and the
-    models' features reading ``catalog`` (the one the challenger was trained with)."""
+    models' features reading ``catalog`` (the one the challenger was trained with). ``challenger`` is the model the
+    challenger is judged as (default: ``result.bundle``; `OrderFoldedScorer` when it has a holdout)."""
     from pipelines.evaluate import evaluate
 
-    models: dict[str, Any] = {CHALLENGER_NAME: result.bundle}
+    models: dict[str, Any] = {CHALLENGER_NAME: result.bundle if challenger is None else challenger}
     if champion is not None:
         models[CHAMPION_NAME] = champion[0]
     policies, scorers = comparison_policies(merchants, models, seed=seed, catalog=catalog)
@@ -883,6 +932,11 @@ def run_training(
         # On decide()'s verdicts as served, code levels included: the newest points before the holdout.
         fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed, catalog=catalog)
         result.bundle.version = bundle_version(result.bundle)
+        judged = (
+            None
+            if holdout_start is None
+            else OrderFoldedScorer.crossfitted(result.bundle, frames, before=holdout_start)
+        )
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,
@@ -896,6 +950,7 @@ def run_training(
             seed=seed,
             options=evaluation_options or {},
             catalog=catalog,
+            challenger=judged,
         )
         gate: GateResult | None = None
         if promote:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import numpy as np
 import yaml
@@ -445,8 +445,7 @@ def _constructed(model: type[ModelT], values: dict[str, Any]) -> ModelT:
     return instance
 
 
-@dataclass(frozen=True)
-class _Served:
+class _Served(NamedTuple):
     """decide()'s P(success) of each candidate (``scores``) and what it read on the way: the failure's code level
     and its factor, the error class's cell table and each candidate's cell slot (None without a table)."""
 
@@ -592,13 +591,8 @@ def _decide(
     runs = _kind_runs(allowed)
     delays = _delay_seconds(request, candidates)
     error_class = context.error.error_class.value
-    served = _served_scores(request, candidates, runs, len(allowed), delays, active, error_class, config)
-    scores, level, level_factor, table, cells = (
-        served.scores,
-        served.level,
-        served.level_factor,
-        served.table,
-        served.cells,
+    scores, level, level_factor, table, cells = _served_scores(
+        request, candidates, runs, len(allowed), delays, active, error_class, config
     )
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
     for start, stop, first in runs:

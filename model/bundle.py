@@ -15,7 +15,7 @@ import pickle
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
@@ -402,11 +402,6 @@ class ModelBundle:
             if self._levels is None:
                 return None
         return self._levels.of_code(connector, code)
-
-    def with_code_levels(self, rows: list[list[Any]]) -> ModelBundle:
-        """This model with ``rows`` as its code levels (model.codelevel), to judge it with (its version unchanged:
-        pipelines.train cross-fits them over a holdout's orders); this one is left as it is."""
-        return replace(self, metadata={**self.metadata, CODE_LEVEL_KEY: rows}, _levels=None, _memo=threading.local())
 
     def retry_probability(self, candidates: Sequence[Candidate], scores: npt.ArrayLike) -> float:
         """P(the best permitted silent retry succeeds): the highest score among retry candidates (0 if none)."""

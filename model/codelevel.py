@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from model.cellsupport import evidence_by_key
 from model.codewatch import code_key
@@ -92,3 +93,43 @@ class CodeLevels:
     def of_code(self, connector: str, code: str | None) -> tuple[float, float, float]:
         """(n, successes, predicted) of one (connector, error code); zeros for a code never retried."""
         return self._by_code.get(code_key(connector, code), (0.0, 0.0, 0.0))
+
+
+class CodeLevelsOverTime:
+    """Code levels as they stood at any moment: per (connector, error code), the silent retries carried out before
+    it, their successes and the sum of the P(success) served for them (``of_code_at``).
+
+    The promotion gate judges a fit on its holdout with these (pipelines.train.ForwardLevelsScorer): a point sees the
+    retries whose outcomes were known before it, the holdout's earlier ones too, never its own outcome or a later one,
+    as a version kept up to date would have served it."""
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        known_ns: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        predicted: npt.ArrayLike,
+    ) -> None:
+        moments = np.asarray(known_ns, dtype=np.int64)
+        won = np.asarray(labels, dtype=np.float64)
+        served = np.asarray(predicted, dtype=np.float64)
+        frame = pd.DataFrame({"key": np.asarray(keys, dtype=object), "at": moments})
+        self._by_code: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]] = {}
+        for key, rows in frame.groupby("key", sort=False).indices.items():
+            chosen = rows[np.argsort(moments[rows], kind="stable")]
+            # Cumulative successes and served sums with a leading 0: the first k retries' totals sit at index k.
+            self._by_code[str(key)] = (
+                moments[chosen],
+                np.concatenate(([0.0], np.cumsum(won[chosen]))),
+                np.concatenate(([0.0], np.cumsum(served[chosen]))),
+            )
+
+    def of_code_at(self, connector: str, code: str | None, moment_ns: int) -> tuple[float, float, float]:
+        """(n, successes, predicted) of one (connector, error code) over its retries carried out before
+        ``moment_ns`` (ns since the epoch); zeros for a code not retried by then."""
+        found = self._by_code.get(code_key(connector, code))
+        if found is None:
+            return (0.0, 0.0, 0.0)
+        moments, successes, served = found
+        n = int(np.searchsorted(moments, moment_ns, side="left"))
+        return (float(n), float(successes[n]), float(served[n]))

@@ -763,6 +763,6 @@ class DecidePolicy:
 
 def scorer_for(scorer: ScorerT, request: DecisionRequest) -> ScorerT:
     """The model that answers ``request``: ``scorer.for_request(request)`` when the scorer offers it (a judged fit
-    whose code levels are cross-fitted by order, pipelines.train.OrderFoldedScorer), else ``scorer`` itself."""
+    answering with the code levels of the request's time, pipelines.train.ForwardLevelsScorer), else ``scorer``."""
     pick = getattr(scorer, "for_request", None)
     return scorer if pick is None else cast(ScorerT, pick(request))

@@ -13,7 +13,6 @@ import math
 import tempfile
 import time
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from sklearn.model_selection import GroupShuffleSplit
 from model.bundle import Calibrator, ModelBundle, bundle_version
 from model.catalog import ErrorCatalog, Normaliser, load_catalog, normalise_request, published_retryable
 from model.cellsupport import ARM_INDEX, CELL_SUPPORT_KEY, SLOTS_PER_ARM, cell_keys, cell_rows, timing_offsets
-from model.codelevel import code_level_rows
-from model.codewatch import KNOWN_CODES_KEY, code_inventory
+from model.codelevel import CodeLevelsOverTime, code_level_rows
+from model.codewatch import KNOWN_CODES_KEY, code_inventory, code_key
 from model.features import (
     CANDIDATE_NUM,
     CANDIDATE_STR,
@@ -801,55 +800,41 @@ def code_levels(
     return evidence.rows(np.ones(len(evidence.labels), dtype=bool) if before is None else evidence.before(before))
 
 
-#: Folds of ``crossfitted_code_levels``.
-CODE_LEVEL_FOLDS = 5
-
-
-def crossfitted_code_levels(
+def code_levels_over_time(
     bundle: ModelBundle,
     partitions: Partitions | Sequence[HistoryFrames],
     catalog: Normaliser | None = None,
     *,
-    before: datetime,
     prior_strength: float = 30.0,
-    folds: int = CODE_LEVEL_FOLDS,
-) -> list[list[list[Any]]]:
-    """``bundle``'s code levels for judging it on a holdout from ``before`` on, cross-fitted by order: for each fold
-    (`order_fold`), over the retries decided before ``before`` and the holdout's retries of the other folds' orders.
+) -> CodeLevelsOverTime:
+    """``bundle``'s code levels (``code_levels``) as they stood at any moment of the history: at a moment, those of
+    the silent retries carried out before it, whose outcomes were known then (`model.codelevel.CodeLevelsOverTime`).
 
-    A version registered from the history has code levels over all of it, the holdout's too (``refitted`` in
-    pipelines.train): a code that connectors started sending recently is learned there, its retries all in the
-    holdout. Judged with levels from before the holdout alone, a retrain that learned a new code was judged blind to
-    it (and the gate compared two fits blind to it). Judged with these, an order's retries are scored with what the
-    other orders of the holdout showed of its code, never with its own outcome."""
+    The promotion gate judges a fit with them on its holdout (pipelines.train.ForwardLevelsScorer): a code whose
+    retries all fall in the holdout counts for the retrain that learned it, at each point with what was known of the
+    code before it, never with that point's outcome or a later one."""
     evidence = _retry_evidence(bundle, partitions, catalog, prior_strength)
     if evidence is None:
-        return [[] for _ in range(folds)]
-    earlier = evidence.before(before)
-    fold = np.array([order_fold(merchant, order, folds) for merchant, order in evidence.orders], dtype=np.int64)
-    return [evidence.rows(earlier | (fold != f)) for f in range(folds)]
-
-
-def order_fold(merchant_id: str, order_id: str, folds: int) -> int:
-    """The fold of an order among ``folds``: a stable hash of its merchant and id, the same in every process."""
-    return zlib.crc32(f"{merchant_id}\x1f{order_id}".encode()) % folds
+        return CodeLevelsOverTime([], np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+    keys = [code_key(connector, code) for connector, code in zip(evidence.connectors, evidence.codes, strict=True)]
+    return CodeLevelsOverTime(keys, evidence.known_ns, evidence.labels, evidence.predicted)
 
 
 @dataclass(frozen=True)
 class _RetryEvidence:
     """Every silent retry of a history: its failure's connector and code, its outcome, the P(success) served for it
-    (before code levels), when it was decided and its order (merchant id, order id)."""
+    (before code levels), when it was decided and when it was carried out (its outcome known; ns since the epoch)."""
 
     connectors: np.ndarray
     codes: np.ndarray
     labels: FloatArray
     predicted: FloatArray
-    times: pd.Series
-    orders: list[tuple[str, str]]
+    decided: pd.Series
+    known_ns: npt.NDArray[np.int64]
 
     def before(self, moment: datetime) -> npt.NDArray[np.bool_]:
         """Which retries were decided before ``moment``."""
-        return (self.times < pd.Timestamp(moment)).to_numpy(dtype=bool)
+        return (self.decided < pd.Timestamp(moment)).to_numpy(dtype=bool)
 
     def rows(self, keep: npt.NDArray[np.bool_]) -> list[list[Any]]:
         """The code levels (``code_level_rows``) of the retries ``keep`` selects."""
@@ -872,8 +857,8 @@ def _retry_evidence(
     codes: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     predicted: list[FloatArray] = []
-    times: list[pd.Series] = []
-    orders: list[tuple[str, str]] = []
+    decided: list[pd.Series] = []
+    known: list[npt.NDArray[np.int64]] = []
     for frames in partitions:
         points = decision_points(frames.attempts, frames.nudges)
         retry = (points["kind"] == "retry").to_numpy(dtype=bool) if len(points) else np.zeros(0, dtype=bool)
@@ -891,8 +876,8 @@ def _retry_evidence(
         codes.append(cols["error_code"])
         labels.append(points["label"].to_numpy(dtype=np.float64))
         predicted.append(p)
-        times.append(points["decision_time"])
-        orders.extend(zip(points["merchant_id"].astype(str), points["order_id"].astype(str), strict=True))
+        decided.append(points["decision_time"])
+        known.append(_epoch_ns(points["action_time"]))
     if not labels:
         return None
     return _RetryEvidence(
@@ -900,9 +885,15 @@ def _retry_evidence(
         np.concatenate(codes),
         np.concatenate(labels),
         np.concatenate(predicted),
-        pd.concat(times, ignore_index=True),
-        orders,
+        pd.concat(decided, ignore_index=True),
+        np.concatenate(known),
     )
+
+
+def _epoch_ns(stamps: pd.Series) -> npt.NDArray[np.int64]:
+    """Timestamps (naive ones read as UTC) as nanoseconds since the epoch."""
+    moments = pd.to_datetime(stamps, utc=True)
+    return np.asarray(moments.astype("int64"), dtype=np.int64)
 
 
 def _served_retry_level(

@@ -22,7 +22,7 @@ import math
 import pickle
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -37,6 +37,7 @@ from rich.table import Table
 
 from model import evaluation as ev
 from model.catalog import ErrorCatalog, load_catalog
+from model.codelevel import CodeLevelsOverTime
 from model.datafiles import DEMO_MERCHANTS_FILE
 from model.gsm import GSM_OVERLAY_KEY, GsmError, GsmOverlaySetting, TrainingOverlay, describe_overlay
 from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
@@ -362,48 +363,60 @@ def with_code_levels(bundle: Any, parts: Any, *, before: datetime | None = None,
     bundle.metadata[CODE_LEVEL_PRIOR_STRENGTH_KEY] = strength
 
 
-class OrderFoldedScorer:
-    """The judged challenger as the gate values it on its holdout: its code levels cross-fitted over the orders
-    (`model.training.crossfitted_code_levels`). A request is answered by its order's fold, whose levels count the
-    retries decided before the holdout and the holdout's retries of the other folds' orders, never its own.
+class ForwardLevelsScorer:
+    """The judged challenger as the gate values it: at each request, with its code levels as they stood at the
+    request's time (`model.training.code_levels_over_time`): the retries carried out before it, the holdout's earlier
+    ones too, never the request's own outcome or a later one.
 
     The version registered has code levels over the whole history, the holdout's too (``refitted``), so a code that
     connectors started sending recently is learned there while every one of its retries sits in the holdout. Judged
     with the levels of the history before the holdout alone, such a retrain was judged blind to the code it learned,
     and the gate compared two fits blind to it: its verdict was their calibrators' noise."""
 
-    def __init__(self, bundle: Any, folds: Sequence[Any]) -> None:
+    def __init__(self, bundle: Any, levels: CodeLevelsOverTime) -> None:
         self.bundle = bundle
-        self.folds = tuple(folds)
+        self.levels = levels
         self.version: str = bundle.version
 
     @classmethod
-    def crossfitted(cls, bundle: Any, parts: Any, *, before: datetime) -> OrderFoldedScorer:
-        """``bundle`` judged on a holdout from ``before`` on, with code levels cross-fitted by order (the levels of
-        ``with_code_levels``: the bundle's catalog, the default ``PolicyConfig.prior_strength``)."""
+    def over_history(cls, bundle: Any, parts: Any) -> ForwardLevelsScorer:
+        """``bundle`` with the code levels of ``parts`` over time (``with_code_levels``'s: the bundle's catalog, the
+        default ``PolicyConfig.prior_strength``)."""
         from model.policy import PolicyConfig
-        from model.training import crossfitted_code_levels
+        from model.training import code_levels_over_time
 
-        rows = crossfitted_code_levels(
-            bundle, parts, bundle.catalog, before=before, prior_strength=PolicyConfig().prior_strength
-        )
-        return cls(bundle, [bundle.with_code_levels(fold) for fold in rows])
+        strength = PolicyConfig().prior_strength
+        return cls(bundle, code_levels_over_time(bundle, parts, bundle.catalog, prior_strength=strength))
 
     @property
     def retryable_threshold(self) -> float:
         return float(self.bundle.retryable_threshold)
 
-    def for_request(self, request: DecisionRequest) -> Any:
-        """The fold's model that answers ``request`` (`model.policy.scorer_for`)."""
-        from model.training import order_fold
-
-        return self.folds[order_fold(request.merchant_id, request.order_id, len(self.folds))]
+    def for_request(self, request: DecisionRequest) -> _LevelsAt:
+        """The bundle with the code levels of ``request``'s time (`model.policy.scorer_for`)."""
+        return _LevelsAt(self.bundle, self.levels, pd.Timestamp(request.event_time).value)
 
     def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
-        return np.asarray(self.for_request(request).score(request, candidates), dtype=np.float64)
+        return np.asarray(self.bundle.score(request, candidates), dtype=np.float64)
 
     def explain(self, request: DecisionRequest, candidate: Candidate, k: int = 3) -> list[str]:
-        return list(self.for_request(request).explain(request, candidate, k=k))
+        return list(self.bundle.explain(request, candidate, k=k))
+
+
+class _LevelsAt:
+    """A bundle answering with the code levels of one moment (``ForwardLevelsScorer.for_request``); everything else
+    is the bundle's."""
+
+    def __init__(self, bundle: Any, levels: CodeLevelsOverTime, moment_ns: int) -> None:
+        self._bundle = bundle
+        self._levels = levels
+        self._moment_ns = moment_ns
+
+    def code_level(self, connector: str, code: str | None) -> tuple[float, float, float]:
+        return self._levels.of_code_at(connector, code, self._moment_ns)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bundle, name)
 
 
 def refitted(judged: Any, refit: Any, parts: Any = None) -> Any:
@@ -549,7 +562,7 @@ def _evaluate(
 ) -> _Evaluation:
     """Evaluate the challenger (and the champion, when given) on the challenger's time holdout, the rules and the
     models' features reading ``catalog`` (the one the challenger was trained with). ``challenger`` is the model the
-    challenger is judged as (default: ``result.bundle``; `OrderFoldedScorer` when it has a holdout)."""
+    challenger is judged as (default: ``result.bundle``; `ForwardLevelsScorer` when it has a holdout)."""
     from pipelines.evaluate import evaluate
 
     models: dict[str, Any] = {CHALLENGER_NAME: result.bundle if challenger is None else challenger}
@@ -932,11 +945,7 @@ def run_training(
         # On decide()'s verdicts as served, code levels included: the newest points before the holdout.
         fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed, catalog=catalog)
         result.bundle.version = bundle_version(result.bundle)
-        judged = (
-            None
-            if holdout_start is None
-            else OrderFoldedScorer.crossfitted(result.bundle, frames, before=holdout_start)
-        )
+        judged = None if holdout_start is None else ForwardLevelsScorer.over_history(result.bundle, frames)
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,

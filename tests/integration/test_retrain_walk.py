@@ -162,9 +162,9 @@ def test_an_operator_retrains_on_a_never_seen_code_and_the_server_decides_it_ane
         printed = console.export_text()
         assert retrained.promoted, printed
         # Promoted for what it learned, not by a tie inside the tolerance: every retry of the new code sits in the
-        # holdout, and the challenger is judged with what the holdout's other orders showed of it (its code levels
-        # cross-fitted by order), as the version registered serves it. Judged blind to the code, the two fits'
-        # calibrators decided (the challenger came out 0.006-0.021 worse in six seeds, and was kept).
+        # holdout, and the challenger is judged at each point with what the holdout's earlier retries showed of it
+        # (its code levels as they stood then), as the version registered serves it. Judged blind to the code, the
+        # two fits' calibrators decided: the challenger came out 0.006-0.021 worse in six seeds, and was kept.
         assert retrained.summary.gate is not None
         (check,) = retrained.summary.gate.checks
         assert check.challenger < check.champion - check.metric.tolerance, printed

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from model.catalog import load_catalog
-from model.codelevel import CODE_LEVEL_KEY, CodeLevels, code_factor, code_level_rows
-from model.policy import PolicyConfig, decide
+from model.codelevel import CODE_LEVEL_KEY, CodeLevels, CodeLevelsOverTime, code_factor, code_level_rows
+from model.codewatch import code_key
+from model.policy import PolicyConfig, decide, served_probabilities
 from model.requests import DecisionRequest
+from model.rules import Candidate
 from tests.factories import make_merchant, make_request
 from tests.unit.test_shrinkage import LATER, _soon, _Stub
 
@@ -136,3 +138,37 @@ def test_the_table_of_a_bundle_is_its_rows_case_folded() -> None:
     assert table.of_code("adyen", "never_seen") == (0.0, 0.0, 0.0)
     assert table.of_code("adyen", None) == (0.0, 0.0, 0.0)
     assert CodeLevels.from_metadata({}) is None
+
+
+def test_the_levels_over_time_count_only_the_retries_carried_out_before_the_moment() -> None:
+    # The promotion gate judges a fit at each holdout point with what was known of the code then: a point's own
+    # retry (carried out at its time) and later ones are not counted, earlier ones are, whatever their order given.
+    at = [300, 100, 200, 100]
+    levels = CodeLevelsOverTime(
+        [code_key("stripe", "card_declined"), code_key("Stripe", "CARD_DECLINED"), code_key("stripe", "card_declined"),
+         code_key("adyen", "901")],
+        at, [1, 0, 1, 1], [0.5, 0.25, 0.4, 0.9],
+    )  # fmt: skip
+    assert levels.of_code_at("stripe", "card_declined", 100) == (0.0, 0.0, 0.0)
+    assert levels.of_code_at("stripe", "card_declined", 101) == (1.0, 0.0, 0.25)
+    assert levels.of_code_at("STRIPE", " card_declined", 300) == pytest.approx((2.0, 1.0, 0.65))
+    assert levels.of_code_at("stripe", "card_declined", 10**18) == pytest.approx((3.0, 2.0, 1.15))
+    assert levels.of_code_at("adyen", "never_seen", 10**18) == (0.0, 0.0, 0.0)
+    assert levels.of_code_at("adyen", None, 10**18) == (0.0, 0.0, 0.0)
+
+
+def test_the_served_probability_of_a_candidate_is_what_decide_serves_for_it() -> None:
+    # The evaluation and the promotion gate judge what decide() serves (cells' priors and the code level included),
+    # not the model's raw score: the raw score left a retrain's learning of a new code (its code level) out.
+    level = (400.0, 20.0, 80.0)
+    request = make_request()
+    decision = _decide(_Levelled(level, soon=0.9, later=0.2), request, GREEDY)
+    chosen = Candidate(
+        action=decision.action, execute_at=decision.execute_at, strategy=decision.strategy,
+        connector=decision.connector, channel=decision.channel,
+    )  # fmt: skip
+    served = served_probabilities(request, [chosen], _Levelled(level, soon=0.9, later=0.2), catalog=load_catalog())
+    assert served[0] == pytest.approx(decision.expected_success, abs=1e-6)
+    raw = served_probabilities(request, [chosen], _Stub(soon=0.9, later=0.2), catalog=load_catalog(), config=NO_CELLS)
+    assert raw[0] == pytest.approx(0.2)
+    assert served[0] != pytest.approx(raw[0])

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from model.vocab import Channel
-from service.executor.channels.fakes import inbound_payload, receipt_payload
+from service.executor.channels.fakes import inbound_payload, karix_whatsapp_report, receipt_payload
 from service.executor.optouts import address_hash, callback_urls
 from service.executor.routes import ExecutorRuntime
 from service.executor.settings import ExecutorSettings
@@ -607,3 +607,88 @@ def test_gupshup_receipts_arriving_out_of_order_through_the_app_keep_a_delivered
         order = h.executor.lock_order(conn, "m_demo", "ord_1")
         assert order is not None
         assert "whatsapp" not in ord_1(conn, order, h.clock.now).customer.opted_out_channels
+
+
+def karix_report(api: Api, body: Any, merchant_id: str = "m_demo") -> Any:
+    target = urls(merchant_id, "karix")["receipts"]
+    return api.loop.run_until_complete(api.client.post(target, json=body))
+
+
+def test_karix_whatsapp_delivery_reports_through_the_app_mark_the_nudge_delivered_then_read(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before: Karix's WhatsApp reports (``events``, ``notificationAttributes``) were answered ``{"received": 0}``
+    and changed nothing: the nudge's delivered/read status never moved. Now they are its receipts, matched by the
+    ``mid`` Karix answered the send with; a ``sent`` one is acknowledged and changes nothing, and a failure after
+    the read one does not take it back. On either store."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, database_url=database_url)
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    sent = int(START.timestamp() * 1000)
+    assert karix_report(api, karix_whatsapp_report("pm_1", "sent", at_ms=sent + 1000)).json() == {"received": 0}
+    assert karix_report(api, karix_whatsapp_report("pm_1", "delivered", at_ms=sent + 2000)).json() == {"received": 1}
+    assert karix_report(api, karix_whatsapp_report("pm_1", "read", at_ms=sent + 3000)).json() == {"received": 1}
+    failed = karix_whatsapp_report("pm_1", "failed", "131026", "Message undeliverable", at_ms=sent + 4000)
+    assert karix_report(api, failed).json() == {"received": 1}
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(True, None)]
+    with h.executor.engine.connect() as conn:
+        (status,) = conn.execute(nudges.select().with_only_columns(nudges.c.receipt_status)).one()
+    assert status == "read"
+
+
+def test_a_karix_whatsapp_report_that_meta_held_the_message_back_decides_the_order_again(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Meta's per-user marketing limit (131049) in a Karix WhatsApp report: before, unread, the message counted as
+    delivered. Now the nudge is undelivered with the code and reason, held back (a try-later): the order is
+    decided again at once, not on WhatsApp for 24 hours. On either store."""
+    h = make_harness(
+        {"action": "retarget", "channel": "whatsapp"}, merchants=two_merchants(), database_url=database_url
+    )
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    decisions = len(h.view("ord_1").decisions)
+    reason = "Message failed to send because more than 1 marketing message was sent to this user"
+    failed = karix_whatsapp_report("pm_1", "failed", "131049", reason)
+    assert karix_report(api, failed, "m_other").json() == {"received": 1}  # another merchant's: not its nudge
+    assert h.view("ord_1").nudges[0].delivered is True
+    assert karix_report(api, failed).json() == {"received": 1}
+    [nudge] = h.view("ord_1").nudges
+    assert nudge.delivered is False
+    assert nudge.error == f"try_later: 131049 {reason}"
+    last = h.view("ord_1").decisions[-1]
+    assert len(h.view("ord_1").decisions) == decisions + 1
+    assert "channel_held:whatsapp" in last["rules_applied"]
+    assert opted_out_rows(h) == []
+
+
+def test_karix_whatsapp_reports_unknown_or_malformed_are_acknowledged_or_refused_never_a_500(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unknown status is answered 200 with no receipt and logged; a report without its message id or status is
+    a 400 saying what is missing (Karix's retry of it would fail the same way: it is a bad report, not an outage)."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"})
+    with_harness(api, h)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    with caplog.at_level("WARNING", logger="winback.executor.channels"):
+        answer = karix_report(api, karix_whatsapp_report("pm_1", "deleted"))
+    assert (answer.status_code, answer.json()) == (200, {"received": 0})
+    assert any("unknown status 'deleted' for message pm_1" in r.getMessage() for r in caplog.records)
+    assert [(n.delivered, n.error) for n in h.view().nudges] == [(True, None)]
+    no_mid = karix_whatsapp_report("", "delivered")
+    answer = karix_report(api, no_mid)
+    assert answer.status_code == 400
+    assert "without 'events.mid'" in answer.json()["detail"]
+    no_status = karix_whatsapp_report("pm_1", "")
+    answer = karix_report(api, no_status)
+    assert answer.status_code == 400
+    assert "'notificationAttributes.status'" in answer.json()["detail"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import smtplib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -40,7 +41,7 @@ from service.executor.channels.adapters import (
     retry_after_seconds,
     split_calling_code,
 )
-from service.executor.channels.fakes import inbound_payload, receipt_payload
+from service.executor.channels.fakes import inbound_payload, karix_whatsapp_report, receipt_payload
 from service.executor.channels.inbound import PayloadError, wants_opt_out
 from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
 from service.executor.channels.webhooks import create_provider_router
@@ -254,6 +255,90 @@ def test_a_failed_karix_receipt_keeps_its_error_code_with_its_text() -> None:
     body["data"]["error"] = {"code": 4103, "message": "Destination unreachable"}
     [receipt] = parse_delivery_receipts("karix", body)
     assert (receipt.status, receipt.error, receipt.failure) == ("failed", "4103 Destination unreachable", None)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reason", "expected"),
+    [
+        ("delivered", "101", "Delivered to User", ("delivered", None, None)),
+        ("read", None, None, ("read", None, None)),
+        ("READ", None, None, ("read", None, None)),
+        ("failed", "131049", "not delivered to maintain healthy ecosystem engagement", ("failed", "try_later", 1)),
+        ("failed", "130472", "User's number is part of an experiment", ("failed", "try_later", 1)),
+        ("failed", "130429", "Rate limit hit", ("failed", "rate_limited", 1)),
+        ("failed", "131056", "Pair rate limit hit", ("failed", "pair_rate_limited", 1)),
+        ("failed", "131050", "User has stopped marketing messages", ("failed", "opted_out", 1)),
+        ("failed", "131026", "Message undeliverable", ("failed", "undeliverable", 1)),
+        ("failed", "132001", "Template does not exist", ("failed", "merchant_config", 1)),
+        ("failed", "417", "Message expired", ("failed", None, 1)),  # Karix's own code: kept, not classified
+        ("failed", None, "Failed", ("failed", None, 1)),
+    ],
+)
+def test_a_karix_whatsapp_delivery_report_is_a_receipt(
+    status: str, code: str | None, reason: str | None, expected: tuple[str, str | None, int | None]
+) -> None:
+    """Before: a report of Karix's WhatsApp API (``events``, ``notificationAttributes``) was read as a messaging
+    API v2 record, found no status there, and gave no receipt: a Karix WhatsApp nudge stayed "delivered" whatever
+    happened, and a message Meta held back counted against ``max_nudges``. Now delivered, read and failed are
+    receipts of the ``mid`` Karix answered the send with, dated by ``events.timestamp``; a failure keeps its code
+    and reason, and a Meta code in it says what kind of failure it is, held-back ones included."""
+    body = karix_whatsapp_report("410135450328122240866789", status, code, reason, at_ms=1743144770000)
+    [receipt] = parse_delivery_receipts("karix", body)
+    want_status, want_failure, with_error = expected
+    assert (receipt.provider, receipt.provider_message_id) == ("karix", "410135450328122240866789")
+    assert (receipt.status, receipt.failure) == (want_status, want_failure)
+    assert receipt.occurred_at.timestamp() == 1743144770
+    text = " ".join(part for part in (code, reason) if part)
+    assert receipt.error == (text if with_error else None)
+
+
+@pytest.mark.parametrize("status", ["sent", "queued", "something-new"])
+def test_a_karix_whatsapp_report_that_is_no_final_state_gives_no_receipt_and_an_unknown_one_is_logged(
+    status: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="winback.executor.channels"):
+        assert parse_delivery_receipts("karix", karix_whatsapp_report("m-1", status)) == []
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert logged == (
+        [
+            "karix WhatsApp delivery report with an unknown status 'something-new' for message m-1: "
+            "acknowledged, not applied"
+        ]
+        if status == "something-new"
+        else []
+    )
+
+
+def test_a_karix_whatsapp_report_without_mid_is_the_message_of_its_echoed_reference() -> None:
+    body = karix_whatsapp_report("", "delivered", cust_ref="nudge:ord_1:1")
+    [receipt] = parse_delivery_receipts("karix", body)
+    assert receipt.provider_message_id == "nudge:ord_1:1"
+
+
+def test_a_customers_message_on_karix_whatsapp_is_no_receipt() -> None:
+    body = {
+        "channel": "WABA",
+        "events": {"eventType": "User initiated", "timestamp": "1743144770000"},
+        "eventContent": {"message": {"from": "919800000001", "contentType": "text", "text": {"body": "hi"}}},
+    }
+    assert parse_delivery_receipts("karix", body) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda body: body.update(events="DELIVERY EVENTS"), "'events' is not an object"),
+        (lambda body: body.pop("notificationAttributes"), "without a 'notificationAttributes' object"),
+        (lambda body: body["notificationAttributes"].pop("status"), "without 'notificationAttributes.status'"),
+        (lambda body: body["events"].pop("mid"), "without 'events.mid' (nor 'recipient.reference.cust_ref')"),
+        (lambda body: body["events"].update(timestamp="yesterday"), "unreadable time stamp 'yesterday'"),
+    ],
+)
+def test_a_malformed_karix_whatsapp_report_is_refused_naming_the_problem(change: Any, problem: str) -> None:
+    body = karix_whatsapp_report("m-1", "delivered")
+    change(body)
+    with pytest.raises(PayloadError, match=re.escape(problem)):
+        parse_delivery_receipts("karix", body)
 
 
 def test_a_code_on_a_receipt_that_is_not_a_failure_is_no_failure() -> None:

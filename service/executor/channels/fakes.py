@@ -157,6 +157,47 @@ def receipt_payload(kind: str, message_id: str, status: str, channel: str = "wha
     return {"provider_message_id": message_id, "status": status, "occurred_at": int(time.time())}
 
 
+def karix_whatsapp_report(
+    mid: str,
+    status: str,
+    code: str | None = None,
+    reason: str | None = None,
+    cust_ref: str | None = None,
+    at_ms: int | None = None,
+) -> dict[str, Any]:
+    """A delivery report of Karix's WhatsApp API for the message its send answered ``mid`` for, shaped as one
+    logged from Karix (data/README.md): ``status`` sent/delivered/read/failed, ``code`` and ``reason`` as Karix
+    puts them (a delivered one: Karix's own ``101``, "Delivered to User", unless given), ``cust_ref`` echoed from
+    the send."""
+    at = int(time.time() * 1000) if at_ms is None else at_ms
+    recipient: dict[str, Any] = {"to": "919800000001", "recipient_type": "individual"}
+    if cust_ref is not None:
+        recipient["reference"] = {"cust_ref": cust_ref}
+    delivered = status == "delivered"
+    attributes = {
+        "status": status,
+        "reason": reason or ("Delivered to User" if delivered else ""),
+        "code": code or ("101" if delivered else ""),
+    }
+    return {
+        "channel": "WABA",
+        "appDetails": {"type": "LIVE", "id": ""},
+        "recipient": recipient,
+        "batchId": "",
+        "campaignId": "",
+        "templateId": "payment_reminder",
+        "templateCategory": "UTILITY",
+        "sender": {"from": "919000000000"},
+        "events": {
+            "eventType": "DELIVERY EVENTS",
+            "timestamp": str(at),
+            "date": time.strftime("%Y-%B-%d", time.gmtime(at / 1000)),
+            "mid": mid,
+        },
+        "notificationAttributes": attributes,
+    }
+
+
 def inbound_payload(kind: str, sender: str, text: str, channel: str = "whatsapp") -> Any:
     """A customer's reply in the provider's callback format (``sender`` as the provider writes it)."""
     digits = sender.lstrip("+")
@@ -357,6 +398,8 @@ def create_fake_app(state: FakeState) -> FastAPI:
                 request.headers.get(IDEMPOTENCY_HEADER),
                 {"channel": "whatsapp", "path": request.url.path, "to": number, "json": body},
             )
+            if state.auto_receipt_url:
+                await post_callback(state.auto_receipt_url, karix_whatsapp_report(message_id, "delivered"))
             return JSONResponse({"statusCode": "200", "statusDesc": "Successfully Accepted", "mid": message_id})
 
         @app.post("/message/")

@@ -11,8 +11,12 @@ Payload shapes follow each provider's documented callbacks:
 - ``interakt``: ``{"type": "message_api_delivered"|"message_api_read"|"message_api_failed"|"message_received",
   "data": {"customer": {...}, "message": {"id", "message", "callbackData", "channel_error_code",
   "channel_failure_reason", ...}}}`` (a failure's code is Meta's).
-- ``karix``: ``{"data": {"uid", "status": delivered|undelivered|failed|rejected|read, "direction", "source",
-  "content": {"text"}, "updated_time"}}`` (the message record; accepted with or without the ``data`` wrapper).
+- ``karix``: messaging API v2 (SMS and free-form WhatsApp): ``{"data": {"uid", "status":
+  delivered|undelivered|failed|rejected|read, "direction", "source", "content": {"text"}, "updated_time"}}`` (the
+  message record; accepted with or without the ``data`` wrapper). Its WhatsApp API (``rcmapi.instaalerts.zone``,
+  the approved templates): ``{"channel": "WABA", "events": {"eventType": "DELIVERY EVENTS", "mid", "timestamp"},
+  "notificationAttributes": {"status": sent|delivered|read|failed, "reason", "code"}, "recipient": {"to",
+  "reference": {"cust_ref"}}, ...}`` (``_karix_whatsapp_receipts``; its source: data/README.md).
 - ``push_webhook`` / ``fake``: ``{"provider_message_id", "status", "occurred_at"}`` and ``{"from", "text"}``.
 
 Events that are neither a final delivery state nor a read (``enqueued``, ``sent`` ...) yield no receipt.
@@ -20,6 +24,7 @@ Events that are neither a final delivery state nor a read (``enqueued``, ``sent`
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from datetime import UTC, datetime
@@ -28,6 +33,8 @@ from typing import Any, Literal
 from model.vocab import Channel
 from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import DeliveryReceipt, InboundMessage, ReceiptFailure
+
+logger = logging.getLogger("winback.executor.channels")
 
 PROVIDERS: frozenset[str] = frozenset({"gupshup", "interakt", "karix", "push_webhook", "fake"})
 
@@ -192,11 +199,11 @@ WHATSAPP_FAILURES: dict[str, dict[str, ReceiptFailure]] = {
 }
 
 
-def _failure(provider: str, status: Status, code: Any) -> ReceiptFailure | None:
-    """What a failed receipt's error ``code`` says (``WHATSAPP_FAILURES``); None for another status or code."""
+def _failure(failures: dict[str, ReceiptFailure], status: Status, code: Any) -> ReceiptFailure | None:
+    """What a failed receipt's error ``code`` says in ``failures``; None for another status or code."""
     if status != "failed" or code is None:
         return None
-    return WHATSAPP_FAILURES.get(provider, {}).get(str(code).strip())
+    return failures.get(str(code).strip())
 
 
 def _receipt(
@@ -206,8 +213,10 @@ def _receipt(
     at: Any,
     error: Any = None,
     code: Any = None,
+    failures: dict[str, ReceiptFailure] | None = None,
 ) -> DeliveryReceipt:
-    """One receipt; a failure's ``code`` leads its ``error`` text and is classified (``_failure``)."""
+    """One receipt; a failure's ``code`` leads its ``error`` text and is classified (``_failure``) by ``failures``,
+    by default the provider's ``WHATSAPP_FAILURES``."""
     if not message_id:
         raise PayloadError(f"{provider} receipt without a message id")
     code_text = str(code).strip() if code not in (None, "") else ""
@@ -220,7 +229,7 @@ def _receipt(
         # A provider's error may quote the recipient's number or address: masked before it is kept with the nudge
         # (the order view, the console and the history export show it) and before it is cut, so no tail escapes.
         error=mask_addresses_in(text)[:300] or None,
-        failure=_failure(provider, status, code),
+        failure=_failure(WHATSAPP_FAILURES.get(provider, {}) if failures is None else failures, status, code),
     )
 
 
@@ -254,6 +263,71 @@ def _gupshup_receipts(payload: Any) -> list[DeliveryReceipt]:
     raise PayloadError("gupshup receipt: neither a WhatsApp message-event nor an SMS delivery report")
 
 
+#: The ``eventType`` of a delivery report of Karix's WhatsApp API (its other events, ``User initiated``, are the
+#: customer's own messages).
+KARIX_DELIVERY_EVENTS = "DELIVERY EVENTS"
+#: Karix WhatsApp report statuses that are final or a read (``sent``: handed to WhatsApp, no receipt yet).
+_KARIX_WHATSAPP: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed": "failed"}
+#: Statuses on the way to one of those: acknowledged, no receipt (those a public integration with Karix's WhatsApp
+#: API expects besides the four above; data/README.md).
+_KARIX_WHATSAPP_INTERIM = frozenset({"sent", "accepted", "queued", "processing"})
+#: The failure codes of Karix's WhatsApp reports that winback classifies: Meta's. Whether Karix passes Meta's
+#: code through in ``notificationAttributes.code`` is not in any public document we could read: the one report
+#: we saw quoted carries Karix's own three-digit code (``"101"``, "Delivered to User"), which no six-digit Meta
+#: code can be mistaken for. So a Meta code there is read as Meta's, and any other code is kept with the text,
+#: unclassified (data/README.md).
+KARIX_WHATSAPP_FAILURES: dict[str, ReceiptFailure] = META_FAILURES
+
+
+def _karix_whatsapp_receipts(body: dict[str, Any]) -> list[DeliveryReceipt]:
+    """A delivery report of Karix's WhatsApp API: ``events.mid`` (the ``mid`` its send answered) names the message,
+    ``events.timestamp`` (unix milliseconds) dates it, and ``notificationAttributes`` says what happened: ``status``
+    and, on a failure, ``code`` and ``reason``. Without ``mid``, the ``recipient.reference.cust_ref`` echoed from
+    the send (the message's idempotency key, which the send stands for the message by when Karix answers no
+    ``mid``) names it. Another event (a customer's message) or an unknown status is acknowledged with no receipt,
+    the latter logged; a report missing what it needs is a PayloadError naming it (a 400, never a 5xx)."""
+    events = body.get("events")
+    if not isinstance(events, dict):
+        raise PayloadError("karix WhatsApp event: 'events' is not an object")
+    event_type = str(events.get("eventType", ""))
+    if event_type != KARIX_DELIVERY_EVENTS:
+        logger.info("karix WhatsApp event %r is no delivery report: acknowledged, no receipt", event_type[:40])
+        return []
+    attributes = body.get("notificationAttributes")
+    if not isinstance(attributes, dict):
+        raise PayloadError("karix WhatsApp delivery report without a 'notificationAttributes' object")
+    said = str(attributes.get("status") or "").strip().casefold()
+    if not said:
+        raise PayloadError("karix WhatsApp delivery report without 'notificationAttributes.status'")
+    reference = _obj(_obj(body.get("recipient")).get("reference"))
+    message_id = events.get("mid") or reference.get("cust_ref")
+    if not message_id:
+        raise PayloadError(
+            "karix WhatsApp delivery report without 'events.mid' (nor 'recipient.reference.cust_ref'): no message"
+        )
+    status = _KARIX_WHATSAPP.get(said)
+    if status is None:
+        if said not in _KARIX_WHATSAPP_INTERIM:
+            logger.warning(
+                "karix WhatsApp delivery report with an unknown status %r for message %s: acknowledged, not applied",
+                said[:40],
+                str(message_id)[:100],
+            )
+        return []
+    failed = status == "failed"
+    return [
+        _receipt(
+            "karix",
+            message_id,
+            status,
+            events.get("timestamp"),
+            attributes.get("reason") if failed else None,
+            attributes.get("code") if failed else None,
+            failures=KARIX_WHATSAPP_FAILURES,
+        )
+    ]
+
+
 def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt]:
     """The delivery receipts in one provider callback (none for interim states such as ``sent``)."""
     if provider not in PROVIDERS:
@@ -278,6 +352,8 @@ def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt
             )
         ]
     if provider == "karix":
+        if "events" in body or "notificationAttributes" in body:  # its WhatsApp API, not messaging API v2
+            return _karix_whatsapp_receipts(body)
         record = _obj(body.get("data")) or body
         status = _KARIX.get(str(record.get("status", "")))
         if status is None or record.get("direction") == "inbound":

@@ -312,6 +312,21 @@ def test_karix_whatsapp_sends_the_merchants_approved_template(karix: RunningFake
     }
 
 
+@pytest.mark.parametrize(("sender", "webhook_id"), [(None, "1001"), ("2417", "2417")])
+def test_karix_whatsapp_sends_name_the_webhook_its_delivery_reports_go_to(
+    karix: RunningFake, sender: str | None, webhook_id: str
+) -> None:
+    """Before: the send named no delivery-report webhook (``preferences.webHookDNId``), so Karix had nowhere to post
+    the message's reports and none came. Now every send names one: the provider's ``sender`` when set (the id Karix
+    gave the webhook registered with the URL `winback executor callback-url` prints), else ``1001``, the id every
+    public integration sends."""
+    extra = {"sender": sender} if sender else {}
+    [result] = send(karix_whatsapp(karix, template_id="payment_reminder", **extra), message(Channel.WHATSAPP))
+    assert result.status == "accepted"
+    [seen] = karix.state.messages
+    assert seen["json"]["message"]["preferences"] == {"webHookDNId": webhook_id}
+
+
 def test_karix_whatsapp_template_without_buttons_and_its_failures(karix: RunningFake, tmp_path: Path) -> None:
     """A template whose link is in its body goes as ``TEMPLATE`` with ``parameterValues``; a wrong key and a
     refused number are rejections, a 503 is worth retrying."""
@@ -518,14 +533,25 @@ def test_fake_sends_receipts_and_stop_to_the_router(
     assert opt_outs == [("m_demo", Channel.WHATSAPP, "+919876543210")]
 
 
+@pytest.mark.parametrize("kind", ["gupshup", "karix"])
 def test_auto_receipt_after_accepting(
-    gupshup: RunningFake, receiver: tuple[str, list[DeliveryReceipt], list[tuple[str, Channel, str]]]
+    kind: str,
+    request: pytest.FixtureRequest,
+    receiver: tuple[str, list[DeliveryReceipt], list[tuple[str, Channel, str]]],
 ) -> None:
+    """The receipt a fake posts for a message it accepted is that send's (Karix: a WhatsApp API delivery report
+    for the template message, matched by the ``mid`` it answered)."""
+    fake: RunningFake = request.getfixturevalue(kind)
     url, receipts, _ = receiver
     receipts.clear()
-    gupshup.state.auto_receipt_url = f"{url}/v1/providers/gupshup/receipts"
-    [result] = send(gs_sms(gupshup), message(Channel.SMS))
-    assert [(r.provider_message_id, r.status) for r in receipts] == [(result.provider_message_id, "delivered")]
+    fake.state.auto_receipt_url = f"{url}/v1/providers/{kind}/receipts"
+    if kind == "gupshup":
+        [result] = send(gs_sms(fake), message(Channel.SMS))
+    else:
+        [result] = send(karix_whatsapp(fake, template_id="payment_reminder"), message(Channel.WHATSAPP))
+    assert [(r.provider, r.provider_message_id, r.status) for r in receipts] == [
+        (kind, result.provider_message_id, "delivered")
+    ]
 
 
 def test_fake_messages_are_json_serialisable(gupshup: RunningFake) -> None:

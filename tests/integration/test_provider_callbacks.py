@@ -18,7 +18,12 @@ import pytest
 import sqlalchemy as sa
 
 from model.vocab import Channel
-from service.executor.channels.fakes import inbound_payload, karix_whatsapp_report, receipt_payload
+from service.executor.channels.fakes import (
+    inbound_payload,
+    karix_whatsapp_message,
+    karix_whatsapp_report,
+    receipt_payload,
+)
 from service.executor.optouts import address_hash, callback_urls
 from service.executor.routes import ExecutorRuntime
 from service.executor.settings import ExecutorSettings
@@ -692,3 +697,18 @@ def test_karix_whatsapp_reports_unknown_or_malformed_are_acknowledged_or_refused
     answer = karix_report(api, no_status)
     assert answer.status_code == 400
     assert "'notificationAttributes.status'" in answer.json()["detail"]
+
+
+def test_a_stop_on_karix_whatsapp_through_the_app_keeps_the_opt_out(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """Before: a STOP the customer sent on Karix's WhatsApp API was answered ``{"message": false}`` and opted
+    nobody out. Now it keeps the opt-out of that number on WhatsApp for the merchant."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"})
+    with_harness(api, h)
+    target = urls("m_demo", "karix")["inbound"]
+    body = karix_whatsapp_message(PHONE, "STOP")
+    answer = api.loop.run_until_complete(api.client.post(target, json=body))
+    assert answer.json() == {"message": True, "opted_out": True}
+    assert opted_out_rows(h) == [("m_demo", "whatsapp", address_hash(Channel.WHATSAPP, PHONE))]

@@ -41,7 +41,12 @@ from service.executor.channels.adapters import (
     retry_after_seconds,
     split_calling_code,
 )
-from service.executor.channels.fakes import inbound_payload, karix_whatsapp_report, receipt_payload
+from service.executor.channels.fakes import (
+    inbound_payload,
+    karix_whatsapp_message,
+    karix_whatsapp_report,
+    receipt_payload,
+)
 from service.executor.channels.inbound import PayloadError, wants_opt_out
 from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
 from service.executor.channels.webhooks import create_provider_router
@@ -339,6 +344,44 @@ def test_a_malformed_karix_whatsapp_report_is_refused_naming_the_problem(change:
     change(body)
     with pytest.raises(PayloadError, match=re.escape(problem)):
         parse_delivery_receipts("karix", body)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (karix_whatsapp_message("919800000001", "STOP"), ("+919800000001", "STOP", True)),
+        (karix_whatsapp_message("919800000001", "Stop", "button"), ("+919800000001", "Stop", True)),
+        (
+            {
+                "events": {"eventType": "User initiated"},
+                "eventContent": {
+                    "message": {
+                        "from": "919800000001",
+                        "contentType": "interactive",
+                        "interactive": {"button_reply": {"id": "b1", "title": "Unsubscribe"}},
+                    }
+                },
+            },
+            ("+919800000001", "Unsubscribe", True),
+        ),
+        (karix_whatsapp_message("919800000001", "when is it due?"), ("+919800000001", "when is it due?", False)),
+        (karix_whatsapp_report("m-1", "delivered"), None),
+        ({"events": {"eventType": "User initiated"}, "eventContent": {"message": {"contentType": "ATTACHMENT"}}}, None),
+    ],
+)
+def test_a_customers_message_on_karix_whatsapp_is_read_and_a_stop_opts_out(
+    body: Any, expected: tuple[str, str, bool] | None
+) -> None:
+    """Before: Karix's WhatsApp API's ``User initiated`` events were read as messaging API v2 records, found no
+    ``direction: inbound``, and a customer's STOP there opted nobody out. Now the typed text, a template's quick
+    reply or an interactive reply is the reply, and a STOP opts out."""
+    message = parse_inbound("karix", body)
+    if expected is None:
+        assert message is None
+        return
+    assert message is not None
+    assert (message.sender, message.text, wants_opt_out(message)) == expected
+    assert message.channel is Channel.WHATSAPP
 
 
 def test_a_code_on_a_receipt_that_is_not_a_failure_is_no_failure() -> None:

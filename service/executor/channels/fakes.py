@@ -198,6 +198,21 @@ def karix_whatsapp_report(
     }
 
 
+def karix_whatsapp_message(sender: str, text: str, content_type: str = "text") -> dict[str, Any]:
+    """A customer's message on Karix's WhatsApp API (``User initiated``), as public integrations read it
+    (data/README.md): typed ``text``, or the ``button`` of a template's quick reply."""
+    content: dict[str, Any] = {"text": {"body": text}} if content_type == "text" else {"button": {"text": text}}
+    at = int(time.time() * 1000)
+    return {
+        "channel": "WABA",
+        "appDetails": {"type": "LIVE"},
+        "events": {"eventType": "User initiated", "timestamp": str(at), "date": time.strftime("%Y-%B-%d")},
+        "eventContent": {
+            "message": {"from": sender.lstrip("+"), "to": "919000000000", "contentType": content_type} | content
+        },
+    }
+
+
 def inbound_payload(kind: str, sender: str, text: str, channel: str = "whatsapp") -> Any:
     """A customer's reply in the provider's callback format (``sender`` as the provider writes it)."""
     digits = sender.lstrip("+")

@@ -16,7 +16,9 @@ Payload shapes follow each provider's documented callbacks:
   message record; accepted with or without the ``data`` wrapper). Its WhatsApp API (``rcmapi.instaalerts.zone``,
   the approved templates): ``{"channel": "WABA", "events": {"eventType": "DELIVERY EVENTS", "mid", "timestamp"},
   "notificationAttributes": {"status": sent|delivered|read|failed, "reason", "code"}, "recipient": {"to",
-  "reference": {"cust_ref"}}, ...}`` (``_karix_whatsapp_receipts``; its source: data/README.md).
+  "reference": {"cust_ref"}}, ...}`` (``_karix_whatsapp_receipts``), and a customer's message as ``{"events":
+  {"eventType": "User initiated"}, "eventContent": {"message": {"from", "to", "contentType", "text": {"body"},
+  ...}}}`` (``_karix_whatsapp_inbound``); their sources: data/README.md.
 - ``push_webhook`` / ``fake``: ``{"provider_message_id", "status", "occurred_at"}`` and ``{"from", "text"}``.
 
 Events that are neither a final delivery state nor a read (``enqueued``, ``sent`` ...) yield no receipt.
@@ -266,10 +268,12 @@ def _gupshup_receipts(payload: Any) -> list[DeliveryReceipt]:
 #: The ``eventType`` of a delivery report of Karix's WhatsApp API (its other events, ``User initiated``, are the
 #: customer's own messages).
 KARIX_DELIVERY_EVENTS = "DELIVERY EVENTS"
+#: The ``eventType`` of a customer's own message on Karix's WhatsApp API.
+KARIX_USER_INITIATED = "User initiated"
 #: Karix WhatsApp report statuses that are final or a read (``sent``: handed to WhatsApp, no receipt yet).
 _KARIX_WHATSAPP: dict[str, Status] = {"delivered": "delivered", "read": "read", "failed": "failed"}
-#: Statuses on the way to one of those: acknowledged, no receipt (those a public integration with Karix's WhatsApp
-#: API expects besides the four above; data/README.md).
+#: Statuses on the way to one of those: acknowledged, no receipt (``sent``, and those a public integration with
+#: Karix's WhatsApp API also takes for not yet delivered; data/README.md).
 _KARIX_WHATSAPP_INTERIM = frozenset({"sent", "accepted", "queued", "processing"})
 #: The failure codes of Karix's WhatsApp reports that winback classifies: Meta's. Whether Karix passes Meta's
 #: code through in ``notificationAttributes.code`` is not in any public document we could read: the one report
@@ -282,10 +286,10 @@ KARIX_WHATSAPP_FAILURES: dict[str, ReceiptFailure] = META_FAILURES
 def _karix_whatsapp_receipts(body: dict[str, Any]) -> list[DeliveryReceipt]:
     """A delivery report of Karix's WhatsApp API: ``events.mid`` (the ``mid`` its send answered) names the message,
     ``events.timestamp`` (unix milliseconds) dates it, and ``notificationAttributes`` says what happened: ``status``
-    and, on a failure, ``code`` and ``reason``. Without ``mid``, the ``recipient.reference.cust_ref`` echoed from
-    the send (the message's idempotency key, which the send stands for the message by when Karix answers no
-    ``mid``) names it. Another event (a customer's message) or an unknown status is acknowledged with no receipt,
-    the latter logged; a report missing what it needs is a PayloadError naming it (a 400, never a 5xx)."""
+    and, on a failure, ``code`` and ``reason``. A report without ``mid`` names its message by the
+    ``recipient.reference.cust_ref`` echoed from the send: the idempotency key, which is the message's id when the
+    send's answer had no ``mid``. Another event (a customer's message) or an unknown status is acknowledged with no
+    receipt, the latter logged; a report missing what it needs is a PayloadError naming it (a 400, never a 5xx)."""
     events = body.get("events")
     if not isinstance(events, dict):
         raise PayloadError("karix WhatsApp event: 'events' is not an object")
@@ -373,6 +377,29 @@ def parse_delivery_receipts(provider: str, payload: Any) -> list[DeliveryReceipt
 _GUPSHUP_TEXT_TYPES = frozenset({"text", "quick_reply", "button_reply"})
 
 
+def _karix_whatsapp_inbound(body: dict[str, Any]) -> InboundMessage | None:
+    """A customer's message on Karix's WhatsApp API (``events.eventType`` ``User initiated``):
+    ``eventContent.message`` with ``from``, ``to`` and, by its ``contentType``, typed ``text.body``, a template's
+    quick reply ``button.text``, or an interactive reply's ``interactive.button_reply.title`` or ``list_reply.title``
+    (a tapped "Stop" counts as its words). Anything else (a delivery report, an attachment) is no text reply."""
+    if _obj(body.get("events")).get("eventType") != KARIX_USER_INITIATED:
+        return None
+    message = _obj(_obj(body.get("eventContent")).get("message"))
+    interactive = _obj(message.get("interactive"))
+    text = (
+        _obj(message.get("text")).get("body")
+        or _obj(message.get("button")).get("text")
+        or _obj(interactive.get("button_reply")).get("title")
+        or _obj(interactive.get("list_reply")).get("title")
+    )
+    sender, to = message.get("from"), message.get("to")
+    if not isinstance(text, str) or not text or not sender:
+        return None
+    return InboundMessage(
+        provider="karix", channel=Channel.WHATSAPP, sender=str(sender), text=text, to=str(to) if to else None
+    )
+
+
 def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
     """The customer's reply in one provider callback, or None when the callback is not a text reply."""
     if provider not in PROVIDERS:
@@ -417,6 +444,8 @@ def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
             return None
         return InboundMessage(provider=provider, channel=Channel.WHATSAPP, sender=str(sender), text=text)
     if provider == "karix":
+        if "events" in body or "eventContent" in body:  # its WhatsApp API, not messaging API v2
+            return _karix_whatsapp_inbound(body)
         record = _obj(body.get("data")) or body
         text = _obj(record.get("content")).get("text") or record.get("text")
         if record.get("direction") != "inbound" or not text or not record.get("source"):

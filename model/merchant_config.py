@@ -159,8 +159,7 @@ class ProviderConfig(_Strict):
     source: str | None = None
     host: str | None = None
     port: StrictInt | None = Field(default=None, ge=1, le=65535)
-    # The sender's name at the provider: the e-mail From address (smtp), the app's name (Gupshup WhatsApp), the id
-    # of the account's delivery-report webhook at Karix's WhatsApp API (``webHookDNId``; default ``1001``).
+    # The sender's name at the provider: the e-mail From address (smtp), the app's name (Gupshup WhatsApp).
     sender: str | None = None
     username_env: EnvName | None = None
     password_env: EnvName | None = None

@@ -312,19 +312,14 @@ def test_karix_whatsapp_sends_the_merchants_approved_template(karix: RunningFake
     }
 
 
-@pytest.mark.parametrize(("sender", "webhook_id"), [(None, "1001"), ("2417", "2417")])
-def test_karix_whatsapp_sends_name_the_webhook_its_delivery_reports_go_to(
-    karix: RunningFake, sender: str | None, webhook_id: str
-) -> None:
+def test_karix_whatsapp_sends_name_the_webhook_its_delivery_reports_go_to(karix: RunningFake) -> None:
     """Before: the send named no delivery-report webhook (``preferences.webHookDNId``), so Karix had nowhere to post
-    the message's reports and none came. Now every send names one: the provider's ``sender`` when set (the id Karix
-    gave the webhook registered with the URL `winback executor callback-url` prints), else ``1001``, the id every
-    public integration sends."""
-    extra = {"sender": sender} if sender else {}
-    [result] = send(karix_whatsapp(karix, template_id="payment_reminder", **extra), message(Channel.WHATSAPP))
+    the message's reports and none came. Now every send names ``1001``, the id every public integration sends (the
+    webhook registered with the URL `winback executor callback-url` prints; no config key names another yet)."""
+    [result] = send(karix_whatsapp(karix, template_id="payment_reminder"), message(Channel.WHATSAPP))
     assert result.status == "accepted"
     [seen] = karix.state.messages
-    assert seen["json"]["message"]["preferences"] == {"webHookDNId": webhook_id}
+    assert seen["json"]["message"]["preferences"] == {"webHookDNId": "1001"}
 
 
 def test_karix_whatsapp_template_without_buttons_and_its_failures(karix: RunningFake, tmp_path: Path) -> None:

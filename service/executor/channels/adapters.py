@@ -261,15 +261,12 @@ class _WhatsAppTemplateAdapter(_HttpAdapter):
         api_key: str,
         template_id: str | None = None,
         source: str | None = None,
-        sender: str | None = None,
     ) -> None:
         super().__init__(merchant_id, Channel.WHATSAPP, templates, http, base_url)
         self._api_key = api_key
         self.template_id = template_id
         #: The merchant's WhatsApp number, digits only, for a provider that is told the sender.
         self.source = (source or "").lstrip("+")
-        #: The provider config's ``sender``: what the provider calls the merchant's side, where it has a use.
-        self.sender = sender
 
     def _template(self, message: OutboundMessage) -> str:
         """The approved template's id or name at the provider (config ``template_id``), else the message's."""
@@ -442,12 +439,11 @@ class InteraktAdapter(_WhatsAppTemplateAdapter):
 
 #: Where Karix's WhatsApp API answers (template messages), unless the config's ``base_url`` says otherwise.
 KARIX_WHATSAPP_BASE_URL = "https://rcmapi.instaalerts.zone"
-#: The delivery-report webhook a Karix WhatsApp send names (``message.preferences.webHookDNId``), unless the
-#: provider's ``sender`` names another. Karix's WhatsApp API takes no callback URL per message: the URL (the one
-#: ``winback executor callback-url --provider karix`` prints) is registered with Karix for the account, and each
-#: message names that webhook by the id Karix gave it. ``"1001"`` is the id every public integration with the API
-#: we found sends (data/README.md); Karix's own reference, which would say whether it is every account's first
-#: webhook, could not be read.
+#: The delivery-report webhook a Karix WhatsApp send names (``message.preferences.webHookDNId``). Karix's WhatsApp
+#: API takes no callback URL per message: the URL (the one ``winback executor callback-url --provider karix`` prints)
+#: is registered with Karix for the account, and each message names that webhook by the id Karix gave it. ``"1001"``
+#: is the id every public integration with the API we found sends (data/README.md); Karix's own reference, which
+#: would say whether it is every account's first webhook, could not be read.
 KARIX_DEFAULT_WEBHOOK_DN_ID = "1001"
 
 
@@ -465,12 +461,6 @@ class KarixWhatsAppTemplateAdapter(_WhatsAppTemplateAdapter):
     """
 
     provider = "karix"
-
-    @property
-    def webhook_dn_id(self) -> str:
-        """The id of the account's delivery-report webhook at Karix: the provider's ``sender`` (no key of its own
-        yet), else ``KARIX_DEFAULT_WEBHOOK_DN_ID``."""
-        return self.sender or KARIX_DEFAULT_WEBHOOK_DN_ID
 
     async def _deliver(self, message: OutboundMessage, rendered: RenderedMessage) -> SendResult:
         digits = self._phone(message)
@@ -501,7 +491,8 @@ class KarixWhatsAppTemplateAdapter(_WhatsAppTemplateAdapter):
                     "reference": {"cust_ref": message.idempotency_key},
                 },
                 "sender": {"from": self.source},
-                "preferences": {"webHookDNId": self.webhook_dn_id},
+                # No merchant-config key names another webhook yet (a proposal): every send names the default one.
+                "preferences": {"webHookDNId": KARIX_DEFAULT_WEBHOOK_DN_ID},
             },
             "metaData": {"version": "v1.0.9"},
         }
@@ -894,7 +885,6 @@ def _build_one(
             api_key=b.secret("api_key_env"),
             template_id=provider.template_id,
             source=b.need("source"),
-            sender=provider.sender,  # the delivery-report webhook's id at Karix, meanwhile (no key of its own yet)
         )
     elif provider.kind == "karix":
         account_uid, token = b.credentials()

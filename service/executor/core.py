@@ -33,7 +33,13 @@ from service.api.store import decision_row, decisions
 from service.executor.channels.base import ReceiptFailure
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
-from service.executor.optouts import customer_address, opted_out_channels, record_opt_out, with_opt_outs
+from service.executor.optouts import (
+    address_hash,
+    customer_address,
+    opted_out_channels,
+    record_opt_out,
+    with_opt_outs,
+)
 from service.executor.outages import (
     channels_down,
     down_entry,
@@ -42,7 +48,7 @@ from service.executor.outages import (
     note_refusal,
     without_channels,
 )
-from service.executor.pacing import note_rate_limited
+from service.executor.pacing import note_pair_rate_limited, note_rate_limited
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -232,10 +238,12 @@ class Permanent:
 
 @dataclass(frozen=True)
 class Defer:
-    """Not now (quiet hours): look again at ``until``; this is not a failed try."""
+    """Not now (quiet hours): look again at ``until``; this is not a failed try. ``payload``: the action's payload
+    from now on, when the deferral keeps something on it (a message's turn in a paced release)."""
 
     until: datetime
     reason: str
+    payload: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -354,7 +362,12 @@ class RetryPolicy:
     #: How long a merchant's channel is first held back after a receipt said its sender was rate limited
     #: (service/executor/pacing.py); twice as long each time it is again, at most ``rate_limit_max_hold_seconds``.
     rate_limit_first_hold_seconds: float = 60.0
+    #: The longest hold of a sender, and of a customer held back after WhatsApp's pair rate limit (131056: Meta's
+    #: 4^X seconds, at least 6).
     rate_limit_max_hold_seconds: float = 900.0
+    #: When a sender's hold ends, the messages it held go one at a time, this far apart (service/executor/pacing.py):
+    #: all at once, they were the burst that hit the limit again.
+    rate_limit_release_spacing_seconds: float = 1.0
 
     def note_rate_limited(self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime:
         """``pacing.note_rate_limited`` with this policy's spans."""
@@ -366,6 +379,24 @@ class RetryPolicy:
             first_hold=timedelta(seconds=self.rate_limit_first_hold_seconds),
             max_hold=timedelta(seconds=self.rate_limit_max_hold_seconds),
         )
+
+    def note_pair_rate_limited(
+        self, conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime
+    ) -> datetime:
+        """``pacing.note_pair_rate_limited`` with this policy's longest hold."""
+        return note_pair_rate_limited(
+            conn,
+            merchant_id,
+            channel,
+            address_sha256,
+            now,
+            max_hold=timedelta(seconds=self.rate_limit_max_hold_seconds),
+        )
+
+    @property
+    def release_spacing(self) -> timedelta:
+        """How far apart the messages a sender's hold kept back go when it ends."""
+        return timedelta(seconds=self.rate_limit_release_spacing_seconds)
 
     def note_refusal(
         self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, retry_after: timedelta | None
@@ -458,6 +489,9 @@ MAYBE_SENT_NOTE = "may have reached the provider"
 #: A message action's payload key: it was planned while its channel was down, to wait for it
 #: (``Executor._decide_with_channels_down``); while the channel stays down it is deferred, not decided again.
 MESSAGE_WAITS_FOR_CHANNEL = "waits_for_channel"
+#: A message action's payload key: its turn (ISO time) in the release of the messages its sender's hold kept back
+#: (service/executor/pacing.py ``release_turn``): at its turn it goes, not behind the messages queued after it.
+MESSAGE_PACED_TURN = "paced_turn"
 
 
 def waits_for_channel(decision: Decision) -> bool:
@@ -1726,7 +1760,14 @@ class Executor:
             return
         if isinstance(outcome, Defer):
             self._release(
-                conn, action, ActionState.SCHEDULED, now, due_at=outcome.until, error=outcome.reason, refund=True
+                conn,
+                action,
+                ActionState.SCHEDULED,
+                now,
+                due_at=outcome.until,
+                error=outcome.reason,
+                refund=True,
+                payload=outcome.payload,
             )
             return
         if isinstance(outcome, Permanent):
@@ -2994,14 +3035,35 @@ class Executor:
                 conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
                 newly = failure in HELD_BACK_FAILURES and not held_back(nudge["delivered"], nudge["error"])
                 if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
-                    # The merchant's sender is slowed down before the order plans its next message on it.
-                    self.retry_policy.note_rate_limited(conn, key.merchant_id, Channel(nudge["channel"]), now)
+                    # The sender (or, for a pair rate limit, this customer on it) is slowed down before the order
+                    # plans its next message on it.
+                    self._note_rate_limited(conn, order, key.merchant_id, Channel(nudge["channel"]), failure, now)
                 newly_held |= newly
             if newly_held and order is not None:
                 self._decision_point(
                     conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"
                 )
         return bool(keys)
+
+    def _note_rate_limited(
+        self,
+        conn: sa.Connection,
+        order: RowMapping | None,
+        merchant_id: str,
+        channel: Channel,
+        failure: ReceiptFailure | None,
+        now: datetime,
+    ) -> None:
+        """Hold back what a rate-limited receipt says sent too much (service/executor/pacing.py): for Meta's pair
+        rate limit (131056), the order's customer on ``channel`` only (the merchant's other customers are not
+        slowed: Meta says they can be messaged without waiting); for the sender's throughput (130429, Gupshup's
+        4001), the merchant's whole sender on it."""
+        if failure != "pair_rate_limited":
+            self.retry_policy.note_rate_limited(conn, merchant_id, channel, now)
+            return
+        address = None if order is None else customer_address(orjson.loads(order["request_json"])["customer"], channel)
+        if address is not None:  # no address, no message to hold back
+            self.retry_policy.note_pair_rate_limited(conn, merchant_id, channel, address_hash(channel, address), now)
 
     @staticmethod
     def _lock_provider_id(conn: sa.Connection, merchant_id: str, provider_message_id: str) -> None:
@@ -3164,7 +3226,8 @@ RECEIPT_RANK: Final[Mapping[str, int]] = {"failed": 0, "delivered": 1, "read": 2
 #: Failed receipts saying WhatsApp held the message back (``ReceiptFailure``): it never reached the customer, who
 #: did nothing, so it does not count against ``max_nudges`` nor the skip-days cadence (``Executor.request_for``).
 HELD_BACK_FAILURES: Final[frozenset[str]] = frozenset({"try_later", "rate_limited", "pair_rate_limited"})
-#: Those of them that hold the merchant's sender back a while (service/executor/pacing.py).
+#: Those of them that hold messages back a while (service/executor/pacing.py): the merchant's sender on the channel,
+#: or for the pair rate limit the one customer on it.
 RATE_LIMITED_FAILURES: Final[frozenset[str]] = frozenset({"rate_limited", "pair_rate_limited"})
 #: Those of them about this customer (not the merchant's sender as a whole): ``HELD_BACK_LIMIT`` of them on one
 #: channel take it off the order (``_undeliverable_channels``).

@@ -43,6 +43,7 @@ from service.executor.connectors import (
 from service.executor.core import (
     CHARGE_KINDS,
     MESSAGE_MAYBE_SENT_TRIES,
+    MESSAGE_PACED_TURN,
     MESSAGE_WAITS_FOR_CHANNEL,
     PAYMENT_LINK_TEMPLATE,
     RECHECK,
@@ -61,10 +62,10 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.optouts import customer_address, is_opted_out, unsubscribe_url
+from service.executor.optouts import address_hash, customer_address, is_opted_out, unsubscribe_url
 from service.executor.outages import channels_down, claim_probe
-from service.executor.pacing import paced_until
-from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, webhook_deliveries
+from service.executor.pacing import customer_paced_until, release_turn
+from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
 #: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
@@ -568,9 +569,9 @@ class Effects:
             down = self._channel_down(conn, action, now)
             if down is not None:
                 return down
-            paced = paced_until(conn, action.merchant_id, channel, now)
+            paced = self._paced(conn, order, action, now)
             if paced is not None:  # held, not dropped: it goes when the hold ends, and counts only then
-                return Defer(paced, f"{channel.value} is paced until {paced.isoformat()}: its sender was rate limited")
+                return paced
             sending_until = self.executor.message_being_sent(conn, order, action)
             if sending_until is not None:  # its answer, once recorded, decides whether this one may still go
                 return Defer(max(sending_until, now + RECHECK), "another message of the order is being sent")
@@ -609,6 +610,34 @@ class Effects:
         ):
             return None
         return Replan(f"the customer opted out of {channel.value}")
+
+    def _paced(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
+        """A Defer while the message is held back after a rate limit (service/executor/pacing.py), else None: to
+        the end of its customer's hold on the channel (WhatsApp's pair rate limit), or to its turn while its sender
+        is held or releasing the messages it held (the turn is kept on the message, which goes at it)."""
+        channel = Channel(str(action.payload["channel"]))
+        address = customer_address(orjson.loads(order["request_json"])["customer"], channel)
+        if address is not None:
+            until = customer_paced_until(conn, action.merchant_id, channel, address_hash(channel, address), now)
+            if until is not None:
+                return Defer(until, f"{channel.value} to this customer is paced until {until.isoformat()}: too many "
+                             "messages to their number (pair rate limit)")  # fmt: skip
+        given = action.payload.get(MESSAGE_PACED_TURN)
+        turn = release_turn(
+            conn,
+            action.merchant_id,
+            channel,
+            now,
+            None if given is None else as_utc(datetime.fromisoformat(str(given))),
+            self.executor.retry_policy.release_spacing,
+        )
+        if turn is None:
+            return None
+        return Defer(
+            turn,
+            f"{channel.value} is paced until {turn.isoformat()}: its sender was rate limited (its turn)",
+            payload=action.payload | {MESSAGE_PACED_TURN: turn.isoformat()},
+        )
 
     @staticmethod
     def _channel_down(conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:

@@ -1,37 +1,89 @@
-"""A merchant's messaging sender held back after its provider said it was rate limited, per merchant and channel.
+"""Messages held back after their provider said they were rate limited: a merchant's sender on a channel, or one
+customer of the merchant on it, and the release of the held messages one at a time.
 
 A failed receipt saying the merchant's number sent too much (Meta's 130429 throughput, Gupshup's 4001:
-``ReceiptFailure`` ``rate_limited``; 131056, too much to one customer: ``pair_rate_limited``) comes after the
-send, often many at once for one burst. Before, it only logged a warning, and the number went on sending at full
-speed into the same limit. Now the merchant's channel is
-*paced*: its messages are held back until ``held_until`` (``Effects._mark_message_sending`` defers them: not sent,
-not counted, sent when the hold ends). A rate-limited receipt arriving while the channel is held (a message of the
-same burst) does not lengthen the hold; one after it ended doubles it, up to ``max_hold``; one after a quiet spell
-of ``max_hold`` since the hold ended starts over at ``first_hold``. Other merchants, and the merchant's other
-channels, are not affected: each has its own provider account and sender.
+``ReceiptFailure`` ``rate_limited``) comes after the send, often many at once for one burst. Before, it only logged
+a warning, and the number went on sending at full speed into the same limit. Now the merchant's channel is *paced*:
+its messages are held back until ``held_until`` (``Effects._mark_message_sending`` defers them: not sent, not
+counted, sent when the hold ends). A rate-limited receipt arriving while the channel is held (a message of the same
+burst) does not lengthen the hold; one after it ended doubles it, up to ``max_hold``; one after a quiet spell of
+``max_hold`` since the hold ended starts over at ``first_hold``. Other merchants, and the merchant's other channels,
+are not affected: each has its own provider account and sender.
+
+When the hold ended, every message held during it went at once: the very burst that had hit the limit. Now each
+message the hold (or the release after it) keeps back is given a turn of its own (``release_turn``), ``spacing``
+after the one before, from the hold's end on: the held messages go one at a time, and a message planned while they
+are still going waits for its turn behind them. The turn is kept on the message (``Defer.payload``), so at its turn
+it goes, whoever claims it; a turn that was not recorded (the worker died) is only a gap in the release. Every other
+check of the send (the quiet hours, the order's window, the cadence, an opt-out) is made again at the turn.
+
+Meta's 131056 (``pair_rate_limited``: too many messages from the business number to ONE customer phone number) is
+about that pair only: Meta says to wait and retry for that number, and that other numbers can be messaged without
+waiting (data/README.md). It holds back only that customer's messages on the channel (``customer_pacing``, keyed by
+the address's SHA-256, as opt-outs are), for Meta's recommended back-off: 4^X seconds, X counting the pair's limited
+receipts in a row from 0, never less than the pair rate's one message every 6 seconds, at most ``max_hold``.
 
 This is not the outage breaker (service/executor/outages.py): that one counts send-time refusals only (a provider
 that certainly did not take a message), and a channel it holds is decided around. A rate-limited receipt is about a
 message the provider took; the channel is up and only slowed, so the messages wait on it. The state lives in the
 database, so every worker sees it and it survives a restart; it is read and written under the order's lock of the
-transaction that records the receipt or marks the message as being sent.
+transaction that records the receipt or marks the message as being sent, and a release's next turn under its row's.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from typing import Final
 
 import sqlalchemy as sa
 
 from model.vocab import Channel
-from service.executor.store import as_utc, channel_pacing, upsert_into
+from service.executor.store import as_utc, as_utc_or_none, channel_pacing, customer_pacing, upsert_into
 
 log = logging.getLogger("winback.executor")
 
+#: Meta's pair rate: a business number may send one message every 6 seconds to one WhatsApp user (data/README.md).
+PAIR_RATE_INTERVAL: Final = timedelta(seconds=6)
+#: The base of Meta's recommended back-off after a pair rate limit: retry after 4^X seconds (data/README.md).
+PAIR_BACKOFF_BASE: Final = 4
 
-def _key(merchant_id: str, channel: Channel) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
-    return channel_pacing.c.merchant_id == merchant_id, channel_pacing.c.channel == channel.value
+
+def _where(table: sa.Table, key: Mapping[str, str]) -> list[sa.ColumnElement[bool]]:
+    return [table.c[name] == value for name, value in key.items()]
+
+
+def _note_limited(
+    conn: sa.Connection,
+    table: sa.Table,
+    key: Mapping[str, str],
+    now: datetime,
+    hold: Callable[[int], timedelta],
+    max_hold: timedelta,
+) -> tuple[datetime, bool]:
+    """Record a rate-limited receipt for ``key``'s row of ``table`` at ``now``: the end of its hold, and whether
+    this receipt started it (one arriving during the hold, of the same burst, leaves it as it is). ``hold``: how
+    long a hold is after that many holds in a row (at most ``max_hold``; a quiet spell of ``max_hold`` since the
+    last one ended starts the count over)."""
+    insert = upsert_into(conn, table).values(**key, held_until=now, last_limited_at=now, times_limited=0)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[table.c[name] for name in key],
+        set_={"channel": insert.excluded.channel},  # a no-op that locks the row and returns it
+    ).returning(*table.c)
+    row = conn.execute(upsert).mappings().one()
+    held_until = as_utc(row["held_until"])
+    times = int(row["times_limited"])
+    if now < held_until:  # a message of the burst that started the hold: the hold stands
+        conn.execute(table.update().where(*_where(table, key)).values(last_limited_at=now))
+        return held_until, False
+    if times and now - held_until > max_hold:  # a quiet spell since the hold ended: start over
+        times = 0
+    until = now + min(hold(min(times, 16)), max_hold)
+    conn.execute(
+        table.update().where(*_where(table, key)).values(held_until=until, last_limited_at=now, times_limited=times + 1)
+    )
+    return until, True
 
 
 def note_rate_limited(
@@ -44,37 +96,89 @@ def note_rate_limited(
     max_hold: timedelta,
 ) -> datetime:
     """Record a rate-limited receipt for ``merchant_id``'s ``channel`` at ``now``; the end of the channel's hold."""
-    insert = upsert_into(conn, channel_pacing).values(
-        merchant_id=merchant_id, channel=channel.value, held_until=now, last_limited_at=now, times_limited=0
+    key = {"merchant_id": merchant_id, "channel": channel.value}
+    until, started = _note_limited(conn, channel_pacing, key, now, lambda times: first_hold * (1 << times), max_hold)
+    if started:
+        log.warning(
+            "channel %s of merchant %s is paced until %s: its provider said its sender is rate limited",
+            channel.value, merchant_id, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},
+        )  # fmt: skip
+    return until
+
+
+def note_pair_rate_limited(
+    conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime, *, max_hold: timedelta
+) -> datetime:
+    """Record a pair-rate-limited receipt (Meta's 131056) for the customer at ``address_sha256`` on
+    ``merchant_id``'s ``channel`` at ``now``; the end of that customer's hold. The merchant's customers whose last
+    hold ended more than ``max_hold`` ago are forgotten here (their next one would start over anyway), so the table
+    keeps only the customers recently limited."""
+    stale = [customer_pacing.c.merchant_id == merchant_id, customer_pacing.c.channel == channel.value]
+    conn.execute(customer_pacing.delete().where(*stale, customer_pacing.c.held_until < now - max_hold))
+    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
+    until, started = _note_limited(
+        conn,
+        customer_pacing,
+        key,
+        now,
+        lambda times: max(PAIR_RATE_INTERVAL, timedelta(seconds=PAIR_BACKOFF_BASE**times)),
+        max_hold,
     )
-    upsert = insert.on_conflict_do_update(
-        index_elements=[channel_pacing.c.merchant_id, channel_pacing.c.channel],
-        set_={"channel": insert.excluded.channel},  # a no-op that locks the row and returns it
-    ).returning(*channel_pacing.c)
-    row = conn.execute(upsert).mappings().one()
-    held_until = as_utc(row["held_until"])
-    times = int(row["times_limited"])
-    if now < held_until:  # a message of the burst that started the hold: the hold stands
-        conn.execute(channel_pacing.update().where(*_key(merchant_id, channel)).values(last_limited_at=now))
-        return held_until
-    if times and now - held_until > max_hold:  # a quiet spell since the hold ended: start over
-        times = 0
-    until = now + min(first_hold * (1 << min(times, 16)), max_hold)
-    conn.execute(
-        channel_pacing.update()
-        .where(*_key(merchant_id, channel))
-        .values(held_until=until, last_limited_at=now, times_limited=times + 1)
-    )
-    log.warning(
-        "channel %s of merchant %s is paced until %s: its provider said its sender is rate limited",
-        channel.value, merchant_id, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},
-    )  # fmt: skip
+    if started:
+        log.warning(
+            "a customer of merchant %s is paced on %s until %s: too many messages to their number (pair rate limit)",
+            merchant_id, channel.value, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},
+        )  # fmt: skip
     return until
 
 
 def paced_until(conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime | None:
     """The end of the hold of ``merchant_id``'s ``channel`` while it is held back at ``now``, else None."""
+    key = {"merchant_id": merchant_id, "channel": channel.value}
     until = conn.scalar(
-        sa.select(channel_pacing.c.held_until).where(*_key(merchant_id, channel), channel_pacing.c.held_until > now)
+        sa.select(channel_pacing.c.held_until).where(*_where(channel_pacing, key), channel_pacing.c.held_until > now)
     )
     return None if until is None else as_utc(until)
+
+
+def customer_paced_until(
+    conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime
+) -> datetime | None:
+    """The end of the hold of the customer at ``address_sha256`` on ``merchant_id``'s ``channel`` while it is held
+    back at ``now`` (a pair rate limit), else None."""
+    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
+    until = conn.scalar(
+        sa.select(customer_pacing.c.held_until).where(*_where(customer_pacing, key), customer_pacing.c.held_until > now)
+    )
+    return None if until is None else as_utc(until)
+
+
+def release_turn(
+    conn: sa.Connection,
+    merchant_id: str,
+    channel: Channel,
+    now: datetime,
+    turn: datetime | None,
+    spacing: timedelta,
+) -> datetime | None:
+    """When a message on ``merchant_id``'s ``channel`` may go: None for now, else its turn, later than ``now``,
+    reserved for it. While the channel is held, and while the messages it held are going after it, each message
+    gets the next free turn (the first at the hold's end), ``spacing`` after the one before. ``turn``: the turn the
+    message was given before, which it keeps; one from before the hold's end is an earlier hold's, and the message
+    queues again. A turn is given under the pacing row's lock (two workers never give out the same one); a channel
+    with no hold nor release going on is only read, so its sends do not wait on each other."""
+    key = _where(channel_pacing, {"merchant_id": merchant_id, "channel": channel.value})
+    for locked in (False, True):
+        query = sa.select(channel_pacing.c.held_until, channel_pacing.c.next_turn_at).where(*key)
+        row = conn.execute(query.with_for_update() if locked else query).first()
+        if row is None:
+            return None
+        held_until, next_turn = as_utc(row.held_until), as_utc_or_none(row.next_turn_at)
+        if now >= held_until:
+            if turn is not None and turn >= held_until:  # its own turn of this release
+                return None if turn <= now else turn
+            if next_turn is None or next_turn <= now:  # no release going on: the channel is free
+                return None
+    mine = held_until if next_turn is None else max(held_until, next_turn)
+    conn.execute(channel_pacing.update().where(*key).values(next_turn_at=mine + spacing))
+    return mine

@@ -269,6 +269,23 @@ channel_pacing = sa.Table(
     sa.Column("last_limited_at", sa.DateTime(timezone=True), nullable=False),
     # Rate-limited receipts in a row (each one doubles the hold); a quiet spell starts the count over.
     sa.Column("times_limited", sa.Integer, nullable=False, server_default="0"),
+    # The next free turn of the messages released after a hold, one at a time (migration 0016); None: no release.
+    sa.Column("next_turn_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+customer_pacing = sa.Table(
+    # One customer of a merchant held back on a channel after WhatsApp's pair rate limit (Meta's 131056: too many
+    # messages from the business number to this phone number), migration 0016; the merchant's other customers are not.
+    "customer_pacing",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("channel", sa.String(16), primary_key=True),
+    # SHA-256 of the normalised address (service.executor.optouts.address_hash), never the address itself.
+    sa.Column("address_sha256", sa.String(64), primary_key=True),
+    sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_limited_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("times_limited", sa.Integer, nullable=False, server_default="0"),
 )
 
 

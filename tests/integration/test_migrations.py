@@ -290,7 +290,7 @@ def test_receipt_ordering_and_pacing_are_added_by_0014_keeping_the_nudges_and_dr
         upgrade(engine, "0013")
         with engine.begin() as conn:
             conn.execute(sa.insert(sa.table("nudges", *(sa.column(name) for name in nudge))), [nudge])
-        upgrade(engine)
+        upgrade(engine, "0014")
         columns = {column["name"] for column in sa.inspect(engine).get_columns("nudges")}
         assert {"receipt_status", "receipt_at"} <= columns
         with engine.connect() as conn:
@@ -302,5 +302,38 @@ def test_receipt_ordering_and_pacing_are_added_by_0014_keeping_the_nudges_and_dr
         columns = {column["name"] for column in sa.inspect(engine).get_columns("nudges")}
         assert not {"receipt_status", "receipt_at"} & columns
         assert "channel_pacing" not in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_customer_pacing_and_release_turns_are_added_by_0016_keeping_the_senders_holds_and_dropped_on_downgrade(
+    database_url: str,
+) -> None:
+    """0016: a sender's hold stored before keeps its row (no release going on), customer_pacing is created, and a
+    downgrade drops both again, the sender's hold kept."""
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+    hold = {
+        "merchant_id": "m_a", "channel": "whatsapp", "held_until": moment, "last_limited_at": moment,
+        "times_limited": 1,
+    }  # fmt: skip
+    try:
+        upgrade(engine, "0015")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(sa.table("channel_pacing", *(sa.column(name) for name in hold))), [hold])
+        upgrade(engine, "0016")
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text("SELECT merchant_id, times_limited, next_turn_at FROM channel_pacing")).all()
+        assert [tuple(row) for row in kept] == [("m_a", 1, None)]
+        customers = {column["name"] for column in sa.inspect(engine).get_columns("customer_pacing")}
+        assert customers == {
+            "merchant_id", "channel", "address_sha256", "held_until", "last_limited_at", "times_limited"
+        }  # fmt: skip
+        downgrade(engine, "0015")
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("channel_pacing")}
+        assert "next_turn_at" not in columns
+        assert "customer_pacing" not in sa.inspect(engine).get_table_names()
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM channel_pacing")) == 1
     finally:
         engine.dispose()

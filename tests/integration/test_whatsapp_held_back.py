@@ -9,6 +9,7 @@ the merchant's sender number was rate limited (130429, Gupshup 4001) only logged
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,8 +17,8 @@ import pytest
 
 from model.catalog import load_catalog
 from model.vocab import Channel
-from service.executor.pacing import paced_until
-from service.executor.store import as_utc, nudges
+from service.executor.pacing import customer_paced_until, paced_until, release_turn
+from service.executor.store import as_utc, customer_pacing, nudges
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -118,15 +119,15 @@ def test_a_rate_limited_message_does_not_count_and_goes_again_the_same_day(
     rules_only: Any,
 ) -> None:
     """A message refused by the pair rate limit (131056) never reached the customer: it does not count, and the
-    order is decided again at once; WhatsApp stays open to it the same day, once the sender's short hold ends."""
+    order is decided again at once; WhatsApp stays open to it the same day, once the customer's short hold ends."""
     h = make_harness(decider=rules_only, merchants={"m_demo": whatsapp_only(max_nudges=1)})
     h.executor.payment_failed("m_demo", event())
     h.drain()
     h.clock.advance(minutes=1)
     h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="pair_rate_limited")
     h.drain()
-    assert len(h.outbox) == 1  # the merchant's sender is held back for a minute first
-    h.clock.advance(minutes=1, seconds=1)
+    assert len(h.outbox) == 1  # the customer is held back for 6 seconds first (Meta's pair rate)
+    h.clock.advance(seconds=6)
     h.drain()
     assert [(n.delivered, (n.error or "")[:18]) for n in h.view().nudges] == [
         (False, "pair_rate_limited:"),
@@ -266,3 +267,149 @@ def test_a_customer_twice_held_back_by_the_pair_rate_limit_is_not_messaged_there
     held_back_twice(h, "131056 pair", "pair_rate_limited")
     assert len(h.outbox) == 2
     assert h.view().decisions[-1]["action"] == "stop"
+
+
+def test_a_pair_rate_limit_holds_back_that_customer_only_and_not_the_merchants_sender(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before: Meta's 131056 (too many messages from the business number to one customer's number) held the
+    merchant's whole WhatsApp sender a minute, every customer alike. Meta's limit is about the pair, and it says other
+    numbers can be messaged without waiting: now only that customer's messages on WhatsApp wait (6 s, the pair rate),
+    and the merchant's other customers are messaged at once."""
+    now = {"action": "retarget", "channel": "whatsapp"}
+    h = make_harness(now, now, now, now, database_url=database_url)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="pair_rate_limited")
+    h.executor.payment_failed("m_demo", event("ord_2", customer={"phone": "+919800000002"}))
+    h.executor.payment_failed("m_demo", event("ord_3"))  # the same customer as ord_1, another order
+    h.drain()
+    assert [m.order_id for m in h.outbox] == ["ord_1", "ord_2"]  # the other customer is not slowed
+    held = [a for a in h.view("ord_3").actions if a.kind == "nudge"]
+    assert [(a.state, "to this customer is paced" in (a.last_error or "")) for a in held] == [("scheduled", True)]
+    with h.executor.engine.connect() as conn:
+        assert paced_until(conn, "m_demo", Channel.WHATSAPP, h.clock.now) is None
+    h.clock.advance(seconds=6)
+    h.drain()
+    assert sorted(m.order_id for m in h.outbox[2:]) == ["ord_1", "ord_3"]  # the customer's two, once the hold ended
+    assert [n.delivered for n in h.view("ord_3").nudges] == [True]
+
+
+def test_a_customers_pair_hold_follows_metas_back_off_and_is_forgotten_after_a_quiet_spell(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Meta's recommended back-off after a pair rate limit: 4^X seconds, X from 0 up by one after each, here never
+    less than the pair rate's 6 s and at most the longest hold (15 minutes). A receipt of the same burst (the hold
+    still on) does not lengthen it; after a quiet spell the customer is forgotten, and starts over."""
+    h = make_harness(database_url=database_url)
+    policy = h.executor.retry_policy
+    customer, other = "a" * 64, "b" * 64
+    held = []
+    moment = START
+    with h.executor.engine.begin() as conn:
+        policy.note_pair_rate_limited(conn, "m_demo", Channel.WHATSAPP, other, moment)
+        for wait in [0, 3, 7, 7, 17, 65, 257, 2000]:
+            moment += timedelta(seconds=wait)
+            until = policy.note_pair_rate_limited(conn, "m_demo", Channel.WHATSAPP, customer, moment)
+            held.append((until - moment).total_seconds())
+        assert customer_paced_until(conn, "m_demo", Channel.WHATSAPP, customer, moment) == until
+        assert customer_paced_until(conn, "m_demo", Channel.WHATSAPP, other, moment) is None
+        assert customer_paced_until(conn, "m_other", Channel.WHATSAPP, customer, moment) is None
+        assert paced_until(conn, "m_demo", Channel.WHATSAPP, moment) is None
+    assert held == [6, 3, 6, 16, 64, 256, 900, 6]
+    assert h.count(customer_pacing) == 1  # the other customer's hold, long over, is gone
+
+
+def sent_at(h: Harness, *orders: str) -> dict[str, list[timedelta]]:
+    return {order: [as_utc(n.sent_at) - START for n in h.view(order).nudges if n.delivered] for order in orders}
+
+
+def test_messages_a_senders_hold_kept_back_go_one_at_a_time_across_a_restart_none_lost_or_sent_twice(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before: when the sender's hold ended, every message it had held went at once, the very burst that had hit
+    Meta's throughput limit. Now each gets a turn of its own, a second apart from the hold's end on, kept in the
+    database: an executor started afresh mid-release sends the rest at their turns, each once, and a message planned
+    during the release waits behind them."""
+    now = {"action": "retarget", "channel": "whatsapp"}
+    h = make_harness(*(dict(now) for _ in range(6)), database_url=database_url)
+    h.executor.payment_failed("m_demo", event("ord_0"))
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    for number in range(1, 5):
+        h.executor.payment_failed("m_demo", event(f"ord_{number}", customer={"phone": f"+91980000000{number + 1}"}))
+    h.drain()
+    assert len(h.outbox) == 1  # all five held (the re-send of ord_0 and four new ones)
+    h.clock.now = START + timedelta(seconds=65)  # the hold's end
+    h.drain()
+    assert len(h.outbox) == 2  # one, not five
+
+    restarted = make_harness(now, database_url=database_url)
+    restarted.clock.now = h.clock.now + timedelta(seconds=1)
+    restarted.drain()
+    assert len(restarted.outbox) == 1
+    restarted.clock.advance(seconds=0.5)
+    restarted.executor.payment_failed("m_demo", event("ord_5", customer={"phone": "+919800000009"}))
+    for _ in range(10):
+        restarted.drain()
+        restarted.clock.advance(seconds=0.5)
+    orders = [f"ord_{number}" for number in range(6)]
+    times = sorted(at for sends in sent_at(restarted, *orders).values() for at in sends)
+    assert times == [timedelta(seconds=second) for second in range(65, 71)]  # one a second, ord_5 last
+    assert all(len(sends) == 1 for sends in sent_at(restarted, *orders).values())
+    assert len(h.outbox) + len(restarted.outbox) == 7  # the throttled one and six that went, none twice
+
+
+def test_a_released_messages_turn_in_the_quiet_hours_waits_for_their_end(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The send's checks are made again at the turn: with turns six hours apart, the third falls at 23:31 in
+    Kolkata, in the merchant's quiet hours (21:00-09:00), and the message goes when they end, not then."""
+    now = {"action": "retarget", "channel": "whatsapp"}
+    h = make_harness(*(dict(now) for _ in range(4)), database_url=database_url)
+    h.executor.retry_policy.rate_limit_release_spacing_seconds = 6 * 3600.0
+    h.executor.payment_failed("m_demo", event("ord_0"))
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    for number in (1, 2):
+        h.executor.payment_failed("m_demo", event(f"ord_{number}", customer={"phone": f"+91980000000{number + 1}"}))
+    h.drain()
+    h.clock.now = START + timedelta(seconds=65)  # the hold's end: the first turn
+    for _ in range(30):
+        h.drain()
+        h.clock.advance(hours=1)
+    sends = sorted(at for order_sends in sent_at(h, "ord_0", "ord_1", "ord_2").values() for at in order_sends)
+    quiet_end = timedelta(hours=21, minutes=30)  # 09:00 in Kolkata the next day
+    assert sends[:2] == [timedelta(seconds=65), timedelta(hours=6, seconds=65)]  # at its turn, 6 h on
+    assert quiet_end <= sends[2] < quiet_end + timedelta(hours=1)  # its turn at 23:31 waited for 09:00
+
+
+def test_workers_reserving_turns_at_once_never_get_the_same_one(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Two workers giving held messages their turns at the same time (each in its own transaction, as
+    ``_mark_message_sending`` does) never give out one turn twice: each is a spacing after the one before."""
+    h = make_harness(database_url=database_url)
+    with h.executor.engine.begin() as conn:
+        end = h.executor.retry_policy.note_rate_limited(conn, "m_demo", Channel.WHATSAPP, START)
+
+    def reserve(_: int) -> list[datetime]:
+        turns = []
+        for _ in range(15):
+            with h.executor.engine.begin() as conn:
+                turn = release_turn(conn, "m_demo", Channel.WHATSAPP, START + SECOND, None, SECOND)
+            assert turn is not None
+            turns.append(turn)
+        return turns
+
+    with ThreadPoolExecutor(2) as pool:
+        turns = sorted(turn for reserved in pool.map(reserve, range(2)) for turn in reserved)
+    assert turns == [end + number * SECOND for number in range(30)]

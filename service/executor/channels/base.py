@@ -68,7 +68,8 @@ class ChannelAdapter(Protocol):
 #: choice, a later message may go;
 #: ``rate_limited``: the business number sent too much (its throughput, its provider's API limit): back off, every
 #: customer of the merchant alike (service/executor/pacing.py);
-#: ``pair_rate_limited``: too many messages from the business number to this customer: back off with this one;
+#: ``pair_rate_limited``: too many messages from the business number to this customer: back off with this one only
+#: (service/executor/pacing.py);
 #: ``merchant_config``: the merchant's template or set-up is wrong (a template missing, paused or with the wrong
 #: parameters; a message outside the 24-hour window that needed one): every message fails until it is fixed.
 ReceiptFailure = Literal[

@@ -492,6 +492,8 @@ MESSAGE_WAITS_FOR_CHANNEL = "waits_for_channel"
 #: A message action's payload key: its turn (ISO time) in the release of the messages its sender's hold kept back
 #: (service/executor/pacing.py ``release_turn``): at its turn it goes, not behind the messages queued after it.
 MESSAGE_PACED_TURN = "paced_turn"
+#: The same in the release of the messages its customer's hold kept back (WhatsApp's pair rate limit).
+MESSAGE_CUSTOMER_PACED_TURN = "customer_paced_turn"
 
 
 def waits_for_channel(decision: Decision) -> bool:

@@ -42,6 +42,7 @@ from service.executor.connectors import (
 )
 from service.executor.core import (
     CHARGE_KINDS,
+    MESSAGE_CUSTOMER_PACED_TURN,
     MESSAGE_MAYBE_SENT_TRIES,
     MESSAGE_PACED_TURN,
     MESSAGE_WAITS_FOR_CHANNEL,
@@ -64,7 +65,7 @@ from service.executor.core import (
 )
 from service.executor.optouts import address_hash, customer_address, is_opted_out, unsubscribe_url
 from service.executor.outages import channels_down, claim_probe
-from service.executor.pacing import customer_paced_until, release_turn
+from service.executor.pacing import customer_release_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
 
@@ -72,6 +73,18 @@ from service.executor.webhooks import post_webhook
 CIRCUIT_WAIT = timedelta(seconds=30)
 #: A charge's lease when none is configured (the executor's ``WINBACK_LEASE_SECONDS`` default).
 DEFAULT_LEASE = timedelta(seconds=30)
+
+
+def _turn_of(action: ActionRow, key: str) -> datetime | None:
+    """The turn kept on message ``action`` under payload ``key`` (service/executor/pacing.py), if any."""
+    given = action.payload.get(key)
+    return None if given is None else as_utc(datetime.fromisoformat(str(given)))
+
+
+def _wait_for_turn(action: ActionRow, key: str, turn: datetime, held: str, why: str) -> Defer:
+    """A Defer of message ``action`` to its ``turn``, kept on it under payload ``key``: ``held`` is paced, ``why``."""
+    reason = f"{held} is paced until {turn.isoformat()} (its turn): {why}"
+    return Defer(turn, reason, payload=action.payload | {key: turn.isoformat()})
 
 
 def unexpected_error(exc: BaseException) -> str:
@@ -612,32 +625,27 @@ class Effects:
         return Replan(f"the customer opted out of {channel.value}")
 
     def _paced(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
-        """A Defer while the message is held back after a rate limit (service/executor/pacing.py), else None: to
-        the end of its customer's hold on the channel (WhatsApp's pair rate limit), or to its turn while its sender
-        is held or releasing the messages it held (the turn is kept on the message, which goes at it)."""
+        """A Defer to the message's turn while it is held back after a rate limit (service/executor/pacing.py),
+        else None: while its customer on the channel is held (WhatsApp's pair rate limit) or the messages that hold
+        kept back are going, one every 6 seconds; while its sender is held or the messages it kept back are going,
+        a spacing apart. The turn is kept on the message, which goes at it."""
         channel = Channel(str(action.payload["channel"]))
         address = customer_address(orjson.loads(order["request_json"])["customer"], channel)
         if address is not None:
-            until = customer_paced_until(conn, action.merchant_id, channel, address_hash(channel, address), now)
-            if until is not None:
-                return Defer(until, f"{channel.value} to this customer is paced until {until.isoformat()}: too many "
-                             "messages to their number (pair rate limit)")  # fmt: skip
-        given = action.payload.get(MESSAGE_PACED_TURN)
-        turn = release_turn(
-            conn,
-            action.merchant_id,
-            channel,
-            now,
-            None if given is None else as_utc(datetime.fromisoformat(str(given))),
-            self.executor.retry_policy.release_spacing,
-        )
+            address_sha256 = address_hash(channel, address)
+            turn = customer_release_turn(
+                conn, action.merchant_id, channel, address_sha256, now, _turn_of(action, MESSAGE_CUSTOMER_PACED_TURN)
+            )
+            if turn is not None:
+                why = "too many messages to their number (pair rate limit)"
+                return _wait_for_turn(
+                    action, MESSAGE_CUSTOMER_PACED_TURN, turn, f"{channel.value} to this customer", why
+                )
+        spacing = self.executor.retry_policy.release_spacing
+        turn = release_turn(conn, action.merchant_id, channel, now, _turn_of(action, MESSAGE_PACED_TURN), spacing)
         if turn is None:
             return None
-        return Defer(
-            turn,
-            f"{channel.value} is paced until {turn.isoformat()}: its sender was rate limited (its turn)",
-            payload=action.payload | {MESSAGE_PACED_TURN: turn.isoformat()},
-        )
+        return _wait_for_turn(action, MESSAGE_PACED_TURN, turn, channel.value, "its sender was rate limited")
 
     @staticmethod
     def _channel_down(conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:

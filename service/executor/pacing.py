@@ -21,7 +21,8 @@ Meta's 131056 (``pair_rate_limited``: too many messages from the business number
 about that pair only: Meta says to wait and retry for that number, and that other numbers can be messaged without
 waiting (data/README.md). It holds back only that customer's messages on the channel (``customer_pacing``, keyed by
 the address's SHA-256, as opt-outs are), for Meta's recommended back-off: 4^X seconds, X counting the pair's limited
-receipts in a row from 0, never less than the pair rate's one message every 6 seconds, at most ``max_hold``.
+receipts in a row from 0, never less than the pair rate's one message every 6 seconds, at most ``max_hold``; the
+messages it held (the customer's other orders) then go one every 6 seconds, as the sender's do a spacing apart.
 
 This is not the outage breaker (service/executor/outages.py): that one counts send-time refusals only (a provider
 that certainly did not take a message), and a channel it holds is decided around. A rate-limited receipt is about a
@@ -111,10 +112,11 @@ def note_pair_rate_limited(
 ) -> datetime:
     """Record a pair-rate-limited receipt (Meta's 131056) for the customer at ``address_sha256`` on
     ``merchant_id``'s ``channel`` at ``now``; the end of that customer's hold. The merchant's customers whose last
-    hold ended more than ``max_hold`` ago are forgotten here (their next one would start over anyway), so the table
-    keeps only the customers recently limited."""
+    hold (and release) ended more than ``max_hold`` ago are forgotten here (their next one would start over anyway),
+    so the table keeps only the customers recently limited."""
+    latest = sa.func.coalesce(customer_pacing.c.next_turn_at, customer_pacing.c.held_until)  # a turn is after the hold
     stale = [customer_pacing.c.merchant_id == merchant_id, customer_pacing.c.channel == channel.value]
-    conn.execute(customer_pacing.delete().where(*stale, customer_pacing.c.held_until < now - max_hold))
+    conn.execute(customer_pacing.delete().where(*stale, latest < now - max_hold))
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
     until, started = _note_limited(
         conn,
@@ -132,13 +134,14 @@ def note_pair_rate_limited(
     return until
 
 
+def _held_until(conn: sa.Connection, table: sa.Table, key: Mapping[str, str], now: datetime) -> datetime | None:
+    until = conn.scalar(sa.select(table.c.held_until).where(*_where(table, key), table.c.held_until > now))
+    return None if until is None else as_utc(until)
+
+
 def paced_until(conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime | None:
     """The end of the hold of ``merchant_id``'s ``channel`` while it is held back at ``now``, else None."""
-    key = {"merchant_id": merchant_id, "channel": channel.value}
-    until = conn.scalar(
-        sa.select(channel_pacing.c.held_until).where(*_where(channel_pacing, key), channel_pacing.c.held_until > now)
-    )
-    return None if until is None else as_utc(until)
+    return _held_until(conn, channel_pacing, {"merchant_id": merchant_id, "channel": channel.value}, now)
 
 
 def customer_paced_until(
@@ -147,10 +150,38 @@ def customer_paced_until(
     """The end of the hold of the customer at ``address_sha256`` on ``merchant_id``'s ``channel`` while it is held
     back at ``now`` (a pair rate limit), else None."""
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
-    until = conn.scalar(
-        sa.select(customer_pacing.c.held_until).where(*_where(customer_pacing, key), customer_pacing.c.held_until > now)
-    )
-    return None if until is None else as_utc(until)
+    return _held_until(conn, customer_pacing, key, now)
+
+
+def _release_turn(
+    conn: sa.Connection,
+    table: sa.Table,
+    key: Mapping[str, str],
+    now: datetime,
+    turn: datetime | None,
+    spacing: timedelta,
+) -> datetime | None:
+    """When a message held back by ``key``'s row of ``table`` may go: None for now, else its turn, later than
+    ``now``, reserved for it. While the row's hold is on, and while the messages it held are going after it, each
+    message gets the next free turn (the first at the hold's end), ``spacing`` after the one before. ``turn``: the
+    turn the message was given before, which it keeps; one from before the hold's end is an earlier hold's, and the
+    message queues again. A turn is given under the row's lock (two workers never give out the same one); a row with
+    no hold nor release going on is only read, so the sends it paces do not wait on each other."""
+    where = _where(table, key)
+    for locked in (False, True):
+        query = sa.select(table.c.held_until, table.c.next_turn_at).where(*where)
+        row = conn.execute(query.with_for_update() if locked else query).first()
+        if row is None:
+            return None
+        held_until, next_turn = as_utc(row.held_until), as_utc_or_none(row.next_turn_at)
+        if now >= held_until:
+            if turn is not None and turn >= held_until:  # its own turn of this release
+                return None if turn <= now else turn
+            if next_turn is None or next_turn <= now:  # no release going on: the message is free to go
+                return None
+    mine = held_until if next_turn is None else max(held_until, next_turn)
+    conn.execute(table.update().where(*where).values(next_turn_at=mine + spacing))
+    return mine
 
 
 def release_turn(
@@ -161,24 +192,16 @@ def release_turn(
     turn: datetime | None,
     spacing: timedelta,
 ) -> datetime | None:
-    """When a message on ``merchant_id``'s ``channel`` may go: None for now, else its turn, later than ``now``,
-    reserved for it. While the channel is held, and while the messages it held are going after it, each message
-    gets the next free turn (the first at the hold's end), ``spacing`` after the one before. ``turn``: the turn the
-    message was given before, which it keeps; one from before the hold's end is an earlier hold's, and the message
-    queues again. A turn is given under the pacing row's lock (two workers never give out the same one); a channel
-    with no hold nor release going on is only read, so its sends do not wait on each other."""
-    key = _where(channel_pacing, {"merchant_id": merchant_id, "channel": channel.value})
-    for locked in (False, True):
-        query = sa.select(channel_pacing.c.held_until, channel_pacing.c.next_turn_at).where(*key)
-        row = conn.execute(query.with_for_update() if locked else query).first()
-        if row is None:
-            return None
-        held_until, next_turn = as_utc(row.held_until), as_utc_or_none(row.next_turn_at)
-        if now >= held_until:
-            if turn is not None and turn >= held_until:  # its own turn of this release
-                return None if turn <= now else turn
-            if next_turn is None or next_turn <= now:  # no release going on: the channel is free
-                return None
-    mine = held_until if next_turn is None else max(held_until, next_turn)
-    conn.execute(channel_pacing.update().where(*key).values(next_turn_at=mine + spacing))
-    return mine
+    """``_release_turn`` of ``merchant_id``'s sender on ``channel``: its held messages go ``spacing`` apart."""
+    key = {"merchant_id": merchant_id, "channel": channel.value}
+    return _release_turn(conn, channel_pacing, key, now, turn, spacing)
+
+
+def customer_release_turn(
+    conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime, turn: datetime | None
+) -> datetime | None:
+    """``_release_turn`` of the customer at ``address_sha256`` on ``merchant_id``'s ``channel``: the messages its
+    pair rate limit held (several orders of one customer) go one every 6 seconds, Meta's pair rate, not together
+    into the same limit again."""
+    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
+    return _release_turn(conn, customer_pacing, key, now, turn, PAIR_RATE_INTERVAL)

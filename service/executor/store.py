@@ -286,6 +286,8 @@ customer_pacing = sa.Table(
     sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_limited_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("times_limited", sa.Integer, nullable=False, server_default="0"),
+    # The next free turn of the customer's messages released after the hold, one every 6 s (Meta's pair rate).
+    sa.Column("next_turn_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 

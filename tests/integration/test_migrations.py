@@ -327,7 +327,8 @@ def test_customer_pacing_and_release_turns_are_added_by_0016_keeping_the_senders
         assert [tuple(row) for row in kept] == [("m_a", 1, None)]
         customers = {column["name"] for column in sa.inspect(engine).get_columns("customer_pacing")}
         assert customers == {
-            "merchant_id", "channel", "address_sha256", "held_until", "last_limited_at", "times_limited"
+            "merchant_id", "channel", "address_sha256", "held_until", "last_limited_at", "times_limited",
+            "next_turn_at",
         }  # fmt: skip
         downgrade(engine, "0015")
         columns = {column["name"] for column in sa.inspect(engine).get_columns("channel_pacing")}

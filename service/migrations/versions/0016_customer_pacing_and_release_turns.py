@@ -4,7 +4,7 @@ messages released one by one
 Meta's 131056 (too many messages from the business number to one customer phone number) held the merchant's whole
 sender on the channel, every customer alike, though the limit is about that one pair. ``customer_pacing`` keeps,
 per merchant, channel and customer address (its SHA-256, as ``opt_outs`` does), until when that customer's messages
-on the channel wait and how many such receipts came in a row.
+on the channel wait, how many such receipts came in a row, and the next turn of its held messages (one every 6 s).
 
 When a sender's hold ended, every message held during it went at once: the burst that had hit the throughput limit.
 ``channel_pacing.next_turn_at`` is the next free turn of the sender's release: each held message is given its own
@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_limited_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("times_limited", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("next_turn_at", sa.DateTime(timezone=True), nullable=True),
     )
 
 

@@ -27,7 +27,6 @@ from model.money import format_amount
 from model.requests import DecisionRequest
 from model.rules import Candidate, Rule, RuleContext, build_context, check, quiet_hours_end, upi_off_peak_from
 from model.vocab import Action, Channel, Strategy
-from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables, link_expiry_text
 from service.executor.connectors import (
@@ -68,6 +67,7 @@ from service.executor.outages import channels_down, claim_probe
 from service.executor.pacing import customer_release_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
+from service.personal_data import mask_addresses_in
 
 #: How long a charge waits for a connector whose circuit is open (its cool-down is 30 s by default).
 CIRCUIT_WAIT = timedelta(seconds=30)

@@ -24,7 +24,6 @@ from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.api.deps import CallerDep, Runtime
 from service.api.schemas import BODY_ERRORS, CALLER_ERRORS, ErrorBody
-from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import DeliveryReceipt, ReceiptFailure
 from service.executor.channels.templates import link_expiry_text
 from service.executor.channels.webhooks import create_provider_router
@@ -46,6 +45,7 @@ from service.executor.pages import PAGE_HEADERS, render
 from service.executor.schemas import EventOut, OrderOut, PaymentFailedEvent, PaymentSucceededEvent
 from service.executor.settings import ExecutorSettings
 from service.executor.views import order_view
+from service.personal_data import mask_addresses_in
 
 log = logging.getLogger("winback.executor")
 

@@ -16,9 +16,27 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from service.api.store import SqliteFileWatch, make_engine, metadata, server_connect_args
+from service.personal_data import mask_addresses_in
 
 #: Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class MaskedText(sa.types.TypeDecorator[str]):
+    """Text stored with every e-mail address and phone number in it masked (``mask_addresses_in``: the first and
+    last characters kept). Connectors echo the customer's in their decline texts ("card holder jane.doe@... declined",
+    "OTP sent to +91 98765 43210 failed"), and those are shown (the order view, the console) and exported to the
+    history files the model trains on. Masked by the column, every write is: the executor's, a failure event's
+    history, a link payment's, an operator's, and any added later. Decline codes, amounts, dates, UUIDs and
+    winback's ids are kept as they are (``service.personal_data``). A SQL TEXT column (no migration of the schema);
+    rows written before are masked by migration 0016."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        """The value as stored: masked (also a value compared with the column, which is masked the same way)."""
+        return None if value is None else mask_addresses_in(value)
 
 
 class OrderState(StrEnum):
@@ -89,7 +107,7 @@ transactions = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # success | failure
     # A connector's codes as it sent them, whatever their length (migration 0008).
     sa.Column("error_code", sa.Text, nullable=True),
-    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("error_message", MaskedText, nullable=True),
     sa.Column("network_decline_code", sa.Text, nullable=True),
     sa.Column("merchant_advice_code", sa.Text, nullable=True),
     sa.Column("unified_code", sa.Text, nullable=True),
@@ -144,7 +162,7 @@ actions = sa.Table(
     sa.Column("idempotency_key", sa.String(400), nullable=False, unique=True),
     sa.Column("decision_id", sa.String(64), nullable=True),
     sa.Column("payload_json", sa.Text, nullable=False, server_default="{}"),
-    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("last_error", MaskedText, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     # A charge sent to its connector and not answered yet (set just before each first send, cleared by the

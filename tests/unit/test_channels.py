@@ -36,7 +36,6 @@ from service.executor.channels.adapters import (
     MemoryAdapter,
     PushWebhookAdapter,
     SmtpAdapter,
-    mask_address,
     phone_digits,
     retry_after_seconds,
     split_calling_code,
@@ -50,6 +49,7 @@ from service.executor.channels.fakes import (
 from service.executor.channels.inbound import PayloadError, wants_opt_out
 from service.executor.channels.templates import TEMPLATE_VARIABLES, TemplateStore, template_store
 from service.executor.channels.webhooks import create_provider_router
+from service.personal_data import mask_address
 from tests.factories import make_merchant
 
 Handler = Callable[[httpx.Request], httpx.Response]

@@ -44,7 +44,7 @@ from service.executor.channels.templates import (
     TemplateStore,
     template_store,
 )
-from service.personal_data import mask_personal_data
+from service.personal_data import mask_address, mask_addresses_in
 
 logger = logging.getLogger("winback.executor.channels")
 
@@ -58,24 +58,6 @@ _RETRYABLE_4XX = frozenset({408, 425, 429})
 _NOT_TAKEN = frozenset({*_RETRYABLE_4XX, 501, 502, 503})
 #: The ITU-T E.164 country calling codes of one and two digits; every other code has three (codes are prefix-free).
 _SHORT_CALLING_CODE = re.compile(r"^(1|7|2[07]|3[0-469]|4[013-9]|5[1-8]|6[0-6]|8[1246]|9[0-58])")
-
-
-def mask_address(address: str) -> str:
-    """A phone number, e-mail address or token safe to log: ``+91******3210``, ``a***@example.com``."""
-    if "@" in address:
-        local, _, domain = address.partition("@")
-        return f"{local[:1]}***@{domain}"
-    if len(address) <= 4:
-        return "*" * len(address)
-    keep = 3 if address.startswith("+") else 2
-    return address[:keep] + "*" * max(len(address) - keep - 4, 2) + address[-4:]
-
-
-def mask_addresses_in(text: str) -> str:
-    """``text`` with every e-mail address and phone number in it (service.personal_data) masked (``mask_address``):
-    an error a provider or mail server answered may quote the recipient's, and it is logged and kept with the
-    nudge."""
-    return mask_personal_data(text, email=mask_address, phone=mask_address)
 
 
 def phone_digits(to: str) -> str | None:

@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from model.vocab import Channel
-from service.executor.channels.adapters import mask_addresses_in
 from service.executor.channels.base import DeliveryReceipt, InboundMessage, ReceiptFailure
+from service.personal_data import mask_addresses_in
 
 logger = logging.getLogger("winback.executor.channels")
 

@@ -23,7 +23,6 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel
 
 from model.vocab import Channel
-from service.executor.channels.adapters import mask_address
 from service.executor.channels.base import DeliveryReceipt, InboundMessage
 from service.executor.channels.inbound import (
     PROVIDERS,
@@ -32,6 +31,7 @@ from service.executor.channels.inbound import (
     parse_inbound,
     wants_opt_out,
 )
+from service.personal_data import mask_address
 
 logger = logging.getLogger("winback.executor.channels")
 

@@ -1,0 +1,146 @@
+"""A connector's decline text and an action's error are stored with the customer's e-mail address and phone number
+masked (``service.executor.store.MaskedText``), on every path that writes them, on SQLite and PostgreSQL.
+
+Connectors echo the customer's ("card holder jane.doe@example.com declined", "OTP sent to +91 98765 43210 failed"),
+and ``transactions.error_message`` is shown by ``GET /v1/orders/{id}`` and the console and written to the history
+files the model trains on; ``actions.last_error`` is shown by both too. Before, both were stored as they came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from service.executor.connectors import ChargeRequest, ChargeResult, PermanentError
+from service.executor.store import actions, transactions
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    FakeConnector,
+    _order_row,
+    event,
+    make_harness,
+)
+
+#: A decline text quoting the customer of ``event()`` (+919800000001, a@example.com) and a reference, a decline
+#: code and an amount that must stay as they are.
+DECLINE = (
+    "card holder a@example.com (+91 98000 00001) declined: insufficient_funds (51), amount 1499.00 INR, ref QF8HXSKGK82"
+)
+KEPT = ("card holder ", "declined: insufficient_funds (51), amount 1499.00 INR, ref QF8HXSKGK82")
+HIDDEN = ("a@example.com", "98000 0")
+
+
+def _assert_masked(text: str | None) -> None:
+    assert text is not None
+    assert [part for part in HIDDEN if part in text] == [], text
+    assert [part for part in KEPT if part not in text] == [], text
+
+
+def _assert_attempt_masked(h: Any, shown: str | None) -> None:
+    """The attempt's decline text as the order view shows it and as the database holds it are masked."""
+    _assert_masked(shown)
+    (stored,) = _stored(h, transactions.c.error_message)
+    _assert_masked(stored)
+
+
+def _retried_through(build: Any, database_url: str, connector: FakeConnector) -> Any:
+    """A harness (``build``: the make_harness fixture) whose order was retried once through ``connector``."""
+    h = build(
+        {"action": "retry", "strategy": "cascade", "connector": "adyen"}, connector=connector, database_url=database_url
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    return h
+
+
+def _stored(h: Any, column: sa.Column[Any]) -> list[str]:
+    """The column's values as the database holds them (read as plain text, not through the column's type)."""
+    with h.executor.engine.connect() as conn:
+        rows = conn.execute(sa.select(sa.cast(column, sa.Text)).where(column.is_not(None)))
+        return [str(value) for (value,) in rows]
+
+
+@dataclass
+class DecliningConnector(FakeConnector):
+    """Declines every charge with ``DECLINE``."""
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.calls.append(request.idempotency_key)
+        return ChargeResult(
+            status="failure", connector=request.connector, error_code="card_declined", error_message=DECLINE
+        )
+
+
+@dataclass
+class RefusingConnector(FakeConnector):
+    """Refuses every charge with an error quoting the customer's phone number."""
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        raise PermanentError(f"connector 'adyen' answered HTTP 422: {DECLINE}")
+
+
+def test_a_failure_events_decline_text_is_stored_masked(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    h = make_harness(database_url=database_url)
+    h.executor.payment_failed("m_demo", event(failure={"error_message": DECLINE}))
+    (attempt,) = h.view().attempts
+    _assert_attempt_masked(h, attempt.error_message)
+
+
+def test_a_retrys_decline_text_is_stored_masked(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    h = _retried_through(make_harness, database_url, DecliningConnector())
+    view = h.view()
+    assert [a.strategy for a in view.attempts] == ["initial", "cascade"]
+    _assert_attempt_masked(h, view.attempts[-1].error_message)
+
+
+def test_a_link_payments_decline_text_is_stored_masked(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    h = make_harness(
+        {"action": "retarget", "channel": "email"}, connector=DecliningConnector(), database_url=database_url
+    )
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    token = h.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    payment = h.executor.start_link_payment(token, 30, "api", "claim-1")
+    outcome = h.effects.perform(payment.action, _order_row(h))
+    with h.executor.engine.begin() as conn:
+        h.executor.complete(conn, payment.action, outcome)
+    attempt = h.view().attempts[-1]
+    assert attempt.strategy == "retarget_link"
+    _assert_attempt_masked(h, attempt.error_message)
+
+
+def test_a_connectors_refusal_kept_with_its_action_is_stored_masked(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    h = _retried_through(make_harness, database_url, RefusingConnector())
+    (refused,) = [action for action in h.view().actions if action.kind == "retry"]
+    _assert_masked(refused.last_error)
+    assert refused.last_error is not None
+    assert refused.last_error.startswith("connector 'adyen' answered HTTP 422: ")
+    (stored,) = [text for text in _stored(h, actions.c.last_error) if "HTTP 422" in text]
+    _assert_masked(stored)
+
+
+def test_any_other_write_of_an_actions_error_is_stored_masked(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Every other write of ``last_error`` (an approval's withdrawal, an operator's resolution of a charge, one
+    added later) goes through the column as well: a plain update is masked."""
+    h = make_harness({"action": "retry", "strategy": "cascade", "connector": "adyen"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    with h.executor.engine.begin() as conn:
+        conn.execute(actions.update().values(last_error=f"approval withdrawn: customer called, {DECLINE}"))
+    for stored in _stored(h, actions.c.last_error):
+        _assert_masked(stored)

@@ -29,7 +29,7 @@ class MaskedText(sa.types.TypeDecorator[str]):
     history files the model trains on. Masked by the column, every write is: the executor's, a failure event's
     history, a link payment's, an operator's, and any added later. Decline codes, amounts, dates, UUIDs and
     winback's ids are kept as they are (``service.personal_data``). A SQL TEXT column (no migration of the schema);
-    rows written before are masked by migration 0016."""
+    rows written before are masked by migration 0017."""
 
     impl = sa.Text
     cache_ok = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,9 @@ import sqlalchemy as sa
 from model.vocab import Channel
 from service.executor.optouts import is_opted_out, record_opt_out
 from service.migrations import downgrade, upgrade
+
+#: Rows per batch of migration 0017.
+MASK_BATCH: int = importlib.import_module("service.migrations.versions.0017_mask_stored_errors").BATCH
 
 
 def _outcome(decision_id: str, merchant_id: str, status: str) -> dict[str, object]:
@@ -336,5 +340,61 @@ def test_customer_pacing_and_release_turns_are_added_by_0016_keeping_the_senders
         assert "customer_pacing" not in sa.inspect(engine).get_table_names()
         with engine.connect() as conn:
             assert conn.scalar(sa.text("SELECT count(*) FROM channel_pacing")) == 1
+    finally:
+        engine.dispose()
+
+
+#: A stored decline text quoting a customer, as it is masked, and texts that stay as they are (0017).
+RAW_DECLINE = "card holder jane.doe@example.com declined, OTP sent to +91 98765 43210 failed (51)"
+MASKED_DECLINE = "card holder j***@example.com declined, OTP sent to +91********3210 failed (51)"
+PLAIN_TEXTS = ("insufficient_funds (51), amount 1499.00 INR, order ord_8KQ2", "05 - Do Not Honor", None)
+
+
+def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batches_and_again_harmlessly(
+    database_url: str,
+) -> None:
+    """0017 masks the e-mail addresses and phone numbers of attempts' decline texts and actions' errors written before
+    they were masked at write, across more than one batch of each table (merchants and txn_ids interleaved in the
+    key order), leaving every other text as it is; run again (down and up), it changes nothing."""
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+    rows = 2 * MASK_BATCH + 7
+    texts = [RAW_DECLINE if index % 3 == 0 else PLAIN_TEXTS[index % 3 - 1] for index in range(rows)]
+    attempts = [
+        {
+            "txn_id": f"txn_{index // 2}", "merchant_id": f"m_{index % 2}", "order_id": f"ord_{index}",
+            "attempt_number": 1, "processor_payment_id": f"ord_{index}_1", "strategy": "initial",
+            "connector": "stripe", "status": "failure", "error_message": text, "created_at": moment,
+        }
+        for index, text in enumerate(texts)
+    ]  # fmt: skip
+    errors = [
+        {
+            "merchant_id": "m_0", "order_id": f"ord_{index}", "kind": "retry", "state": "dead", "due_at": moment,
+            "planned_at": moment, "idempotency_key": f"key_{index}", "payload_json": "{}", "last_error": text,
+            "created_at": moment, "updated_at": moment,
+        }
+        for index, text in enumerate(texts)
+    ]  # fmt: skip
+
+    def stored() -> tuple[list[str | None], list[str | None]]:
+        with engine.connect() as conn:
+            found = conn.execute(sa.text("SELECT error_message FROM transactions ORDER BY order_id"))
+            kept = conn.execute(sa.text("SELECT last_error FROM actions ORDER BY order_id"))
+            return [text for (text,) in found], [text for (text,) in kept]
+
+    expected = sorted(zip((row["order_id"] for row in attempts), texts, strict=True))
+    masked = [MASKED_DECLINE if text == RAW_DECLINE else text for _, text in expected]
+    try:
+        upgrade(engine, "0016")
+        with engine.begin() as conn:  # as the code before 0017 wrote them: raw
+            conn.execute(sa.insert(sa.table("transactions", *(sa.column(name) for name in attempts[0]))), attempts)
+            conn.execute(sa.insert(sa.table("actions", *(sa.column(name) for name in errors[0]))), errors)
+        assert stored() == ([text for _, text in expected], [text for _, text in expected])
+        upgrade(engine)
+        assert stored() == (masked, masked)
+        downgrade(engine, "0016")
+        upgrade(engine)
+        assert stored() == (masked, masked)
     finally:
         engine.dispose()

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from model.requests import Decision, DecisionRequest, invalid_text_field
 from model.rules import RuleInputError
 from service.api.spool import DecisionSpool
+from service.personal_data import mask_addresses_in
 
 metadata = sa.MetaData()
 
@@ -198,6 +199,16 @@ def _utc(value: datetime) -> datetime:
 def _body_json(body: Mapping[str, Any]) -> str:
     # The standard library's encoder, not orjson: an extra may hold an integer beyond 64 bits.
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def masked_outcome(body: Mapping[str, Any]) -> dict[str, Any]:
+    """An outcome as it is stored: its ``error_message`` (the connector's decline text, which the history export
+    writes for the model to train on) with e-mail addresses and phone numbers masked (``mask_addresses_in``), as
+    an executor's attempt's is (``service.executor.store.MaskedText``): connectors echo the customer's."""
+    message = body.get("error_message")
+    if not isinstance(message, str):
+        return dict(body)
+    return {**body, "error_message": mask_addresses_in(message)}
 
 
 _SECRET_QUERY_KEYS = frozenset({"password", "passwd", "sslpassword"})
@@ -430,7 +441,7 @@ class Store:
             "order_id": str(body["order_id"]),
             "status": str(body["status"]),
             "occurred_at": occurred_at,
-            "body_json": _body_json(body),
+            "body_json": _body_json(masked_outcome(body)),
             "recorded_at": datetime.now(UTC),
         }
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -353,9 +354,10 @@ PLAIN_TEXTS = ("insufficient_funds (51), amount 1499.00 INR, order ord_8KQ2", "0
 def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batches_and_again_harmlessly(
     database_url: str,
 ) -> None:
-    """0017 masks the e-mail addresses and phone numbers of attempts' decline texts and actions' errors written before
-    they were masked at write, across more than one batch of each table (merchants and txn_ids interleaved in the
-    key order), leaving every other text as it is; run again (down and up), it changes nothing."""
+    """0017 masks the e-mail addresses and phone numbers of attempts' decline texts, actions' errors and outcomes'
+    decline texts (in their bodies, an extra integer beyond 64 bits kept) written before they were masked at write,
+    across more than one batch of each table (merchants and ids interleaved in the key order), leaving every other
+    text as it is; run again (down and up), it changes nothing."""
     engine = sa.create_engine(database_url)
     moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
     rows = 2 * MASK_BATCH + 7
@@ -377,24 +379,45 @@ def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batche
         for index, text in enumerate(texts)
     ]  # fmt: skip
 
-    def stored() -> tuple[list[str | None], list[str | None]]:
+    reported = [
+        {
+            "decision_id": f"dec_{index // 2}", "merchant_id": f"m_{index % 2}", "order_id": f"ord_{index}",
+            "status": "failure", "occurred_at": moment, "recorded_at": moment,
+            "body_json": json.dumps(
+                {"decision_id": f"dec_{index // 2}", "error_message": text, "amount": 10**20},
+                sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+            ),
+        }
+        for index, text in enumerate(texts)
+    ]  # fmt: skip
+
+    def stored() -> list[tuple[str | None, str | None, str | None, int]]:
         with engine.connect() as conn:
-            found = conn.execute(sa.text("SELECT error_message FROM transactions ORDER BY order_id"))
-            kept = conn.execute(sa.text("SELECT last_error FROM actions ORDER BY order_id"))
-            return [text for (text,) in found], [text for (text,) in kept]
+            found = conn.execute(
+                sa.text(
+                    "SELECT t.error_message, a.last_error, o.body_json FROM transactions t "
+                    "JOIN actions a ON a.order_id = t.order_id JOIN outcomes o ON o.order_id = t.order_id "
+                    "ORDER BY t.order_id"
+                )
+            )
+            bodies = [(kept, error, json.loads(body)) for kept, error, body in found]
+            return [(kept, error, body["error_message"], body["amount"]) for kept, error, body in bodies]
 
     expected = sorted(zip((row["order_id"] for row in attempts), texts, strict=True))
-    masked = [MASKED_DECLINE if text == RAW_DECLINE else text for _, text in expected]
+    raw = [(text, text, text, 10**20) for _, text in expected]
+    masked = [
+        (text, text, text, 10**20) for text in (MASKED_DECLINE if text == RAW_DECLINE else text for _, text in expected)
+    ]
     try:
         upgrade(engine, "0016")
         with engine.begin() as conn:  # as the code before 0017 wrote them: raw
-            conn.execute(sa.insert(sa.table("transactions", *(sa.column(name) for name in attempts[0]))), attempts)
-            conn.execute(sa.insert(sa.table("actions", *(sa.column(name) for name in errors[0]))), errors)
-        assert stored() == ([text for _, text in expected], [text for _, text in expected])
+            for table, rows in (("transactions", attempts), ("actions", errors), ("outcomes", reported)):
+                conn.execute(sa.insert(sa.table(table, *(sa.column(name) for name in rows[0]))), rows)
+        assert stored() == raw
         upgrade(engine)
-        assert stored() == (masked, masked)
+        assert stored() == masked
         downgrade(engine, "0016")
         upgrade(engine)
-        assert stored() == (masked, masked)
+        assert stored() == masked
     finally:
         engine.dispose()

@@ -1,5 +1,6 @@
-"""A connector's decline text and an action's error are stored with the customer's e-mail address and phone number
-masked (``service.executor.store.MaskedText``), on every path that writes them, on SQLite and PostgreSQL.
+"""A connector's decline text (an attempt's, an outcome's) and an action's error are stored with the customer's
+e-mail address and phone number masked (``service.executor.store.MaskedText``, ``service.api.store.masked_outcome``),
+on every path that writes them, on SQLite and PostgreSQL.
 
 Connectors echo the customer's ("card holder jane.doe@example.com declined", "OTP sent to +91 98765 43210 failed"),
 and ``transactions.error_message`` is shown by ``GET /v1/orders/{id}`` and the console and written to the history
@@ -8,13 +9,16 @@ files the model trains on; ``actions.last_error`` is shown by both too. Before, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from service.api.store import Store, make_engine, outcomes
 from service.executor.connectors import ChargeRequest, ChargeResult, PermanentError
 from service.executor.store import actions, transactions
+from service.migrations import upgrade
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     FakeConnector,
     _order_row,
@@ -144,3 +148,24 @@ def test_any_other_write_of_an_actions_error_is_stored_masked(
         conn.execute(actions.update().values(last_error=f"approval withdrawn: customer called, {DECLINE}"))
     for stored in _stored(h, actions.c.last_error):
         _assert_masked(stored)
+
+
+def test_an_outcomes_decline_text_is_stored_masked(database_url: str) -> None:
+    """``POST /v1/outcomes``: a failure's ``error_message`` is kept in the outcome's body, which the history export
+    writes as the attempt's; the rest of the body is kept as it came."""
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine)
+        body = {
+            "decision_id": "dec_1", "order_id": "ord_1", "status": "failure", "occurred_at": "2026-11-02T10:15:05Z",
+            "txn_id": "ord_1_2", "error_code": "card_declined", "error_message": DECLINE,
+        }  # fmt: skip
+        stored = Store(engine).record_outcome("m_demo", body)
+        _assert_masked(stored.body["error_message"])
+        with engine.connect() as conn:
+            (raw,) = conn.execute(sa.select(outcomes.c.body_json)).scalars()
+        kept = json.loads(raw)
+        _assert_masked(kept.pop("error_message"))
+        assert kept == {name: value for name, value in body.items() if name != "error_message"}
+    finally:
+        engine.dispose()

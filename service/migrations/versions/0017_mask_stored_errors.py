@@ -1,10 +1,11 @@
-"""mask_stored_errors: the e-mail addresses and phone numbers in attempts' decline texts and actions' errors stored
-before they were masked at write are masked too
+"""mask_stored_errors: the e-mail addresses and phone numbers in attempts' decline texts, actions' errors and
+outcomes' decline texts stored before they were masked at write are masked too
 
 ``transactions.error_message`` and ``actions.last_error`` are masked at every write since ``MaskedText``
-(service.executor.store): connectors echo the customer's address or number in their decline texts, which the order
-view, the console and the history export (the model's training data) show or write. Rows written before keep them
-raw; this masks them with the same recogniser (``service.personal_data.mask_addresses_in``).
+(service.executor.store), and the ``error_message`` of an outcome's body since ``masked_outcome``
+(service.api.store): connectors echo the customer's address or number in their decline texts, which the order view,
+the console and the history export (the model's training data) show or write. Rows written before keep them raw;
+this masks them with the same recogniser (``service.personal_data.mask_addresses_in``).
 
 Read in batches of ``BATCH`` rows in key order (keyset: each batch starts after the last key of the one before), so
 memory stays flat whatever the table's size; only a row whose text changes is written. Masking what is masked
@@ -20,11 +21,14 @@ Revises: 0016
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
+from service.api.store import masked_outcome
 from service.personal_data import mask_addresses_in
 
 revision = "0017"
@@ -34,22 +38,38 @@ depends_on = None
 
 #: Rows read (and at most written) per statement.
 BATCH = 1000
-#: The tables and text columns masked, each with its primary key (the batches' order).
-MASKED_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("transactions", ("merchant_id", "txn_id"), "error_message"),
-    ("actions", ("action_id",), "last_error"),
+
+
+def _masked_body_json(text: str) -> str:
+    """An outcome's stored body with its ``error_message`` masked, written as ``service.api.store`` writes it (the
+    same text when nothing in it changes)."""
+    body = json.loads(text)  # not orjson: an extra may hold an integer beyond 64 bits
+    masked = masked_outcome(body)
+    if masked == body:
+        return text
+    return json.dumps(masked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+#: The tables and text columns masked, each with its primary key (the batches' order) and how it is masked.
+MASKED_COLUMNS: tuple[tuple[str, tuple[str, ...], str, Callable[[str], str]], ...] = (
+    ("transactions", ("merchant_id", "txn_id"), "error_message", mask_addresses_in),
+    ("actions", ("action_id",), "last_error", mask_addresses_in),
+    ("outcomes", ("merchant_id", "decision_id"), "body_json", _masked_body_json),
 )
 
 
 def upgrade() -> None:
     """Mask the personal data in every stored decline text and action error."""
     conn = op.get_bind()
-    for table_name, key, column in MASKED_COLUMNS:
-        mask_column(conn, table_name, key, column)
+    for table_name, key, column, mask in MASKED_COLUMNS:
+        mask_column(conn, table_name, key, column, mask)
 
 
-def mask_column(conn: sa.Connection, table_name: str, key: tuple[str, ...], column: str) -> int:
-    """Mask ``column`` of every row of ``table_name`` in batches in ``key`` order; the number of rows changed."""
+def mask_column(
+    conn: sa.Connection, table_name: str, key: tuple[str, ...], column: str, mask: Callable[[str], str]
+) -> int:
+    """Mask ``column`` of every row of ``table_name`` with ``mask``, in batches in ``key`` order; the number of rows
+    changed."""
     table = sa.table(table_name, *(sa.column(name) for name in key), sa.column(column, sa.Text))
     key_columns = [table.c[name] for name in key]
     text = table.c[column]
@@ -70,7 +90,7 @@ def mask_column(conn: sa.Connection, table_name: str, key: tuple[str, ...], colu
         masked = [
             {**{f"key_{name}": value for name, value in zip(key, row[:-1], strict=True)}, "masked": new}
             for row in rows
-            if (new := mask_addresses_in(row[-1])) != row[-1]
+            if (new := mask(row[-1])) != row[-1]
         ]
         if masked:
             conn.execute(update, masked)

@@ -53,6 +53,7 @@ from service.api.schemas import OutcomeIn
 from service.api.store import decisions, make_engine, outcomes, shown_url
 from service.executor.store import agent_queue, orders, transactions
 from service.executor.store import nudges as nudge_table
+from service.personal_data import mask_addresses_in
 
 #: Validation rounds of an export: each leaves out the orders the last one found at fault (at most the 50 problems
 #: a report shows; a dropped order can only remove problems, so a second round normally passes).
@@ -507,6 +508,10 @@ def all_history_frames(
         keep = set(zip(recent.index.get_level_values(0), recent.index.get_level_values(1), strict=True))
         attempts, nudges, stops = _only(attempts, keep), _only(nudges, keep), _only(stops, keep)
     attempts = attempts.sort_values(["merchant_id", "order_id", "attempt_number"], kind="mergesort")
+    # The failures of a caller's requests are stored as sent (a decision's request keeps the customer's contact):
+    # their decline texts are masked here as the executor's and the outcomes' are at write (``MaskedText``,
+    # ``masked_outcome``), so no e-mail address or phone number a connector echoed reaches the files.
+    attempts["error_message"] = attempts["error_message"].map(_masked_text, na_action="ignore")
     nudges = nudges.sort_values(["merchant_id", "order_id", "sent_at"], kind="mergesort")
     stops = number_stops(stops.sort_values(["merchant_id", "order_id", "decided_at"], kind="mergesort"), attempts)
     return (
@@ -516,6 +521,11 @@ def all_history_frames(
         unusable,
         stops.reset_index(drop=True),
     )
+
+
+def _masked_text(text: object) -> object:
+    """``text`` with e-mail addresses and phone numbers masked when it is text (a frame's cell may be anything)."""
+    return mask_addresses_in(text) if isinstance(text, str) else text
 
 
 def _shared_ids(column: str, *frames: pd.DataFrame) -> set[str]:

@@ -15,10 +15,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from service.api.store import Store, make_engine, outcomes
+from service.api.export import all_history_frames
+from service.api.store import Store, decisions, make_engine, outcomes
 from service.executor.connectors import ChargeRequest, ChargeResult, PermanentError
 from service.executor.store import actions, transactions
 from service.migrations import upgrade
+from tests.factories import make_request
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     FakeConnector,
     _order_row,
@@ -167,5 +169,37 @@ def test_an_outcomes_decline_text_is_stored_masked(database_url: str) -> None:
         kept = json.loads(raw)
         _assert_masked(kept.pop("error_message"))
         assert kept == {name: value for name, value in body.items() if name != "error_message"}
+    finally:
+        engine.dispose()
+
+
+def test_a_callers_decline_text_is_exported_masked(database_url: str) -> None:
+    """A decision's request is stored as the caller sent it (it holds the customer's contact), and its failure's
+    decline text became the order's first attempt in the history files: it is masked on the way out."""
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine)
+        request = make_request(order_id="ord_1", failure={"error_message": DECLINE})
+        answer = {
+            "decision_id": "dec_1", "action": "retry", "strategy": "retry_same", "connector": "stripe",
+            "channel": None, "propensity": 0.5, "execute_at": request.event_time.isoformat(),
+        }  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(
+                decisions.insert().values(
+                    decision_id="dec_1", merchant_id=request.merchant_id, order_id="ord_1",
+                    event_time=request.event_time, model_version="rules-only", action="retry",
+                    strategy="retry_same", connector="stripe", execute_at=request.event_time, propensity=0.5,
+                    request_json=request.model_dump_json(), answer_json=json.dumps(answer),
+                    created_at=request.event_time,
+                )
+            )  # fmt: skip
+        Store(engine).record_outcome(
+            request.merchant_id,
+            {"decision_id": "dec_1", "order_id": "ord_1", "status": "success", "occurred_at": "2026-11-03T10:00:00Z"},
+        )
+        attempts = all_history_frames(engine)[0]
+        (first,) = attempts.loc[attempts["attempt_number"] == 1, "error_message"]
+        _assert_masked(first)
     finally:
         engine.dispose()

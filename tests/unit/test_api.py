@@ -1778,6 +1778,22 @@ def test_an_order_the_files_cannot_carry_is_left_out_named_and_the_rest_is_expor
     assert sorted(path.name for path in history.iterdir()) == ["attempts.parquet", "nudges.parquet", "stops.parquet"]
 
 
+def test_a_callers_decline_text_is_exported_with_the_customers_address_and_number_masked(
+    api: Api, tmp_path: Path
+) -> None:
+    """A decision's request is stored as the caller sent it (with the customer's contact); the connector's decline
+    text its failure carries reached the history files (the model's training data) with the customer's e-mail
+    address and phone number in it. It is masked on the way out; the decline code and amount are kept."""
+    decline = "card holder jane.doe@example.com (+91 98765 43210) declined: insufficient_funds (51), 1499.00 INR"
+    request = request_body(order_id="ord_pii", failure={"error_message": decline})
+    answer = api.post("/v1/decisions", request).json()
+    assert api.post("/v1/outcomes", _outcome(answer["decision_id"], order_id="ord_pii", txn_id=None)).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    messages = [text for text in read_attempts(summary.attempts_path)["error_message"] if isinstance(text, str)]
+    assert messages == ["card holder j***@example.com (+91********3210) declined: insufficient_funds (51), 1499.00 INR"]
+
+
 def test_a_failed_export_leaves_the_previous_files_as_they_were(api: Api, tmp_path: Path, monkeypatch: Any) -> None:
     answer = api.post("/v1/decisions", request_body(order_id="ord_kept")).json()
     api.post("/v1/outcomes", _outcome(answer["decision_id"], order_id="ord_kept", txn_id=None))

@@ -42,8 +42,13 @@ BATCH = 1000
 
 def _masked_body_json(text: str) -> str:
     """An outcome's stored body with its ``error_message`` masked, written as ``service.api.store`` writes it (the
-    same text when nothing in it changes)."""
-    body = json.loads(text)  # not orjson: an extra may hold an integer beyond 64 bits
+    same text when nothing in it changes, or when it is not a JSON object: a start must not fail on one row)."""
+    try:
+        body = json.loads(text)  # not orjson: an extra may hold an integer beyond 64 bits
+    except ValueError:
+        return text
+    if not isinstance(body, dict):
+        return text
     masked = masked_outcome(body)
     if masked == body:
         return text

@@ -1,5 +1,5 @@
 """customer_pacing: a customer held back after WhatsApp's pair rate limit; channel_pacing.next_turn_at: held
-messages released one by one
+messages released one at a time
 
 Meta's 131056 (too many messages from the business number to one customer phone number) held the merchant's whole
 sender on the channel, every customer alike, though the limit is about that one pair. ``customer_pacing`` keeps,

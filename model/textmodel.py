@@ -34,6 +34,7 @@ from sklearn.utils.extmath import softmax
 
 from model.catalog import memo_worthy
 from model.features import TEXT_CLASSES, TEXT_COLUMNS
+from model.personal_data import mask_addresses_in
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -76,9 +77,18 @@ MAX_PART_CHARS = 1000
 
 
 def document(connector: str | None, code: str | None, message: str | None) -> str:
-    """The text the model reads for one error (each part cut at ``MAX_PART_CHARS``), in training and serving."""
+    """The text the model reads for one error (each part cut at ``MAX_PART_CHARS``), in training and serving.
+
+    The message's e-mail addresses and phone numbers are masked first (``mask_addresses_in``, before the cut, so the
+    cut falls where it falls in a masked text): the history files the model trains on hold decline texts masked
+    (``winback history export``, the stores' masked columns), while a request's failure, and an order's in the
+    executor, carry the connector's text as sent. Masked here, both give the model the same text (masking a masked
+    text changes nothing), whatever the path. A text with neither is read as it was (the catalog's messages, most
+    decline texts). Serving runs this only for an error not in ``TextModel``'s cache: once per distinct error (each
+    time for one too long to cache, as it runs the n-grams)."""
     code = (code or "")[:MAX_PART_CHARS]
-    parts = ((connector or "")[:MAX_PART_CHARS], code, code_words(code), (message or "")[:MAX_PART_CHARS])
+    text = mask_addresses_in(message or "")[:MAX_PART_CHARS]
+    parts = ((connector or "")[:MAX_PART_CHARS], code, code_words(code), text)
     return " ".join(p for p in parts if p).lower()
 
 

@@ -23,6 +23,7 @@ from model.features import (
     derive,
     expand_candidates,
 )
+from model.personal_data import mask_addresses_in
 from model.rules import Candidate, build_context, enumerate_candidates
 from model.textmodel import MAX_PART_CHARS, TextModel, code_words, document
 from model.training import _error_texts, decision_points, raw_columns, request_at
@@ -66,6 +67,35 @@ def test_history_and_request_build_identical_feature_rows() -> None:
             context.update(text_model.features_for(failure.connector, failure.error_code, failure.error_message))
             served = spec.transform(expand_candidates(context, [candidate]))
             np.testing.assert_array_equal(served[0], trained[i], err_msg=f"decision point {i}")
+
+
+def test_a_decline_text_with_an_address_gives_the_same_text_features_from_the_history_and_from_a_request() -> None:
+    """The history files hold decline texts masked (``winback history export``), a request's failure carries the
+    connector's text as sent: the text model masks what it reads, so a decline text quoting the customer's e-mail
+    address and phone number gives the same text features in training (the exported history) and serving (the raw
+    request). Before, serving read ``jane.doe...`` where training had read ``j***@...``."""
+    raw, nudges = make_history_frames(400, seed=3)
+    failures = np.flatnonzero((raw["status"] == "failure").to_numpy(dtype=bool))[::3]
+    quoting = [f"card holder jane.doe{i}@example.com declined, OTP sent to +91 98765 4{i:04d} failed" for i in failures]
+    raw.loc[raw.index[failures], "error_message"] = quoting
+    exported = raw.copy()  # as the history export writes it
+    exported["error_message"] = exported["error_message"].map(mask_addresses_in, na_action="ignore")
+    points = decision_points(exported, nudges)
+    catalog = load_catalog()
+    cols = raw_columns(points, catalog)
+    texts, _ = _error_texts(cols, points["label"].to_numpy(dtype=bool), np.arange(len(points)))
+    text_model = TextModel.fit(texts, seed=0)
+    trained = text_model.predict(list(cols["connector"]), list(cols["error_code"]), list(cols["error_message"]))
+
+    rows = [i for i, message in enumerate(cols["error_message"]) if isinstance(message, str) and "***@" in message]
+    assert len(rows) >= 10
+    for i in rows[:10]:
+        request, _ = request_at(raw, nudges, {str(k): v for k, v in points.iloc[i].items()})
+        failure = request.failure
+        assert failure.error_message is not None
+        assert "jane.doe" in failure.error_message  # served as sent
+        served = text_model.features_for(failure.connector, failure.error_code, failure.error_message)
+        assert served == {name: float(trained[name][i]) for name in TEXT_COLUMNS}, f"decision point {i}"
 
 
 def test_never_seen_categorical_values_map_to_other() -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import sqlite
 
 from model.catalog import CATALOG_DIR
 from model.simulation.params import UNSEEN_CODES
+from model.textmodel import MAX_PART_CHARS, document
 from service.api.logging import JsonFormatter, scrub
 from service.executor.channels.inbound import _receipt
 from service.executor.effects import unexpected_error
@@ -133,11 +134,11 @@ def test_each_caller_chooses_the_replacement() -> None:
     assert mask_addresses_in(text) == "a***@example.com or +91********3210"
 
 
-def test_the_catalogs_decline_texts_are_stored_as_they_are() -> None:
+def test_the_catalogs_decline_texts_are_stored_and_read_by_the_text_model_as_they_are() -> None:
     """Every code and message of the error catalog and of the simulation's never-seen codes (what connectors send,
     and what the simulated histories the model trains on are made of) comes out of the stored columns' masking
-    unchanged: masking changes the model's inputs only where a text holds an e-mail address or eight or more digits
-    in a row."""
+    unchanged, and the text model reads each as it did before it masked what it reads (``document``): masking changes
+    the model's inputs only where a text holds an e-mail address or eight or more digits in a row."""
     cells = [
         cell
         for path in sorted(CATALOG_DIR.rglob("*.csv"))
@@ -148,6 +149,19 @@ def test_the_catalogs_decline_texts_are_stored_as_they_are() -> None:
     assert len(cells) > 1000
     assert unseen
     assert [text for text in cells + unseen if mask_addresses_in(text) != text] == []
+    assert [text for text in cells + unseen if document(None, None, text) != text[:MAX_PART_CHARS].lower()] == []
+
+
+@pytest.mark.parametrize(("text", "hidden", "kept"), EXAMPLES)
+def test_the_text_model_reads_a_decline_text_as_it_is_stored(
+    text: str, hidden: tuple[str, ...], kept: tuple[str, ...]
+) -> None:
+    """The text model reads each example as the stored columns and the history files hold it (training's text and
+    serving's are the same): the customer's address and number masked, everything else as it was."""
+    assert document("stripe", "card_declined", text) == document("stripe", "card_declined", mask_addresses_in(text))
+    message = document(None, None, text)
+    assert [part for part in hidden if part.lower() in message] == [], message
+    assert [part for part in kept if part.lower() not in message] == [], message
 
 
 def test_a_long_run_before_an_at_sign_is_read_once() -> None:

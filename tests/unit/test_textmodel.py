@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from model import textmodel
 from model.features import TEXT_CLASSES, TEXT_COLUMNS
+from model.personal_data import mask_addresses_in
 from model.textmodel import DIRECT_ROWS, ErrorTexts, TextModel, _DirectText, document
 
 MESSAGES = [
@@ -229,3 +231,30 @@ def test_the_features_of_a_huge_error_are_given_but_not_cached(model: TextModel)
     small = ("stripe", "do_not_honor", "Do not honor")
     model.features_for(*small)
     assert small in model.cached_errors()
+
+
+def test_a_requests_decline_text_is_masked_once_per_distinct_error(
+    model: TextModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text model masks the e-mail addresses and phone numbers of the decline texts it reads
+    (``model.textmodel.document``), and a request reads an error's features from its cache: the masking runs when an
+    error is first seen, not on every request carrying it."""
+    masked: list[str] = []
+
+    def counting(text: str) -> str:
+        masked.append(text)
+        return mask_addresses_in(text)
+
+    model._direct_form()  # built first: its check against scikit-learn reads sample errors of its own
+    monkeypatch.setattr(textmodel, "mask_addresses_in", counting, raising=False)  # (before: not there)
+    quoting = ("stripe", "card_declined", "card holder jane.doe@example.com declined, OTP to +91 98765 43210 failed")
+    first = model.features_for(*quoting)
+    assert masked == [quoting[2]]
+    assert [model.features_for(*quoting) for _ in range(3)] == [first] * 3
+    assert masked == [quoting[2]]
+    assert (
+        model.features_for(
+            "stripe", "card_declined", "card holder j***@example.com declined, OTP to +91********3210 failed"
+        )
+        == first
+    )  # as the history files hold it: the same text

@@ -29,7 +29,8 @@ class MaskedText(sa.types.TypeDecorator[str]):
     history files the model trains on. Masked by the column, every write is: the executor's, a failure event's
     history, a link payment's, an operator's, and any added later. Decline codes, amounts, dates, UUIDs and
     winback's ids are kept as they are (``service.personal_data``). A SQL TEXT column (no migration of the schema);
-    rows written before are masked by migration 0017."""
+    rows written before are masked by migration 0017. A merchant webhook's error (``webhook_deliveries.last_error``,
+    what its endpoint or the transport answered) is masked the same way: it is its webhook action's error too."""
 
     impl = sa.Text
     cache_ok = True
@@ -183,7 +184,8 @@ webhook_deliveries = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | dead
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_status_code", sa.Integer, nullable=True),
-    sa.Column("last_error", sa.Text, nullable=True),
+    # The merchant endpoint's answer or the transport's error, masked as an action's is (both show the same text).
+    sa.Column("last_error", MaskedText, nullable=True),
     sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )

@@ -354,10 +354,10 @@ PLAIN_TEXTS = ("insufficient_funds (51), amount 1499.00 INR, order ord_8KQ2", "0
 def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batches_and_again_harmlessly(
     database_url: str,
 ) -> None:
-    """0017 masks the e-mail addresses and phone numbers of attempts' decline texts, actions' errors and outcomes'
-    decline texts (in their bodies, an extra integer beyond 64 bits kept) written before they were masked at write,
-    across more than one batch of each table (merchants and ids interleaved in the key order), leaving every other
-    text as it is; run again (down and up), it changes nothing."""
+    """0017 masks the e-mail addresses and phone numbers of attempts' decline texts, actions' and merchant webhooks'
+    errors and outcomes' decline texts (in their bodies, an extra integer beyond 64 bits kept) written before they
+    were masked at write, across more than one batch of each table (merchants and ids interleaved in the key order),
+    leaving every other text as it is; run again (down and up), it changes nothing."""
     engine = sa.create_engine(database_url)
     moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
     rows = 2 * MASK_BATCH + 7
@@ -378,6 +378,14 @@ def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batche
         }
         for index, text in enumerate(texts)
     ]  # fmt: skip
+    hooks = [
+        {
+            "merchant_id": f"m_{index % 2}", "order_id": f"ord_{index}", "event": "order.failed",
+            "url": "http://merchant.test/hooks", "body": "{}", "status": "pending", "attempts": 1,
+            "last_error": text, "created_at": moment,
+        }
+        for index, text in enumerate(texts)
+    ]  # fmt: skip
 
     reported = [
         {
@@ -393,27 +401,33 @@ def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batche
     not_json = reported[0] | {"decision_id": "dec_bad", "order_id": "ord_bad", "body_json": f"not JSON: {RAW_DECLINE}"}
     reported.append(not_json)  # left as it is: one row the migration cannot read must not stop every start
 
-    def stored() -> list[tuple[str | None, str | None, str | None, int]]:
+    def stored() -> list[tuple[str | None, str | None, str | None, str | None, int]]:
         with engine.connect() as conn:
             found = conn.execute(
                 sa.text(
-                    "SELECT t.error_message, a.last_error, o.body_json FROM transactions t "
+                    "SELECT t.error_message, a.last_error, w.last_error, o.body_json FROM transactions t "
                     "JOIN actions a ON a.order_id = t.order_id JOIN outcomes o ON o.order_id = t.order_id "
-                    "ORDER BY t.order_id"
+                    "JOIN webhook_deliveries w ON w.order_id = t.order_id ORDER BY t.order_id"
                 )
             )
-            bodies = [(kept, error, json.loads(body)) for kept, error, body in found]
-            return [(kept, error, body["error_message"], body["amount"]) for kept, error, body in bodies]
+            bodies = [(kept, error, hook, json.loads(body)) for kept, error, hook, body in found]
+            return [(kept, error, hook, body["error_message"], body["amount"]) for kept, error, hook, body in bodies]
 
     expected = sorted(zip((row["order_id"] for row in attempts), texts, strict=True))
-    raw = [(text, text, text, 10**20) for _, text in expected]
+    raw = [(text, text, text, text, 10**20) for _, text in expected]
     masked = [
-        (text, text, text, 10**20) for text in (MASKED_DECLINE if text == RAW_DECLINE else text for _, text in expected)
+        (text, text, text, text, 10**20)
+        for text in (MASKED_DECLINE if text == RAW_DECLINE else text for _, text in expected)
     ]
     try:
         upgrade(engine, "0016")
         with engine.begin() as conn:  # as the code before 0017 wrote them: raw
-            for table, rows in (("transactions", attempts), ("actions", errors), ("outcomes", reported)):
+            for table, rows in (
+                ("transactions", attempts),
+                ("actions", errors),
+                ("webhook_deliveries", hooks),
+                ("outcomes", reported),
+            ):
                 conn.execute(sa.insert(sa.table(table, *(sa.column(name) for name in rows[0]))), rows)
         assert stored() == raw
         upgrade(engine)

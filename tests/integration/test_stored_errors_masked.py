@@ -13,12 +13,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 
 from service.api.export import all_history_frames
 from service.api.store import Store, decisions, make_engine, outcomes
 from service.executor.connectors import ChargeRequest, ChargeResult, PermanentError
-from service.executor.store import actions, transactions
+from service.executor.store import actions, transactions, webhook_deliveries
 from service.migrations import upgrade
 from tests.factories import make_request
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -150,6 +151,32 @@ def test_any_other_write_of_an_actions_error_is_stored_masked(
         conn.execute(actions.update().values(last_error=f"approval withdrawn: customer called, {DECLINE}"))
     for stored in _stored(h, actions.c.last_error):
         _assert_masked(stored)
+
+
+def test_a_merchant_webhooks_error_is_stored_masked(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """``webhook_deliveries.last_error`` keeps what the merchant's endpoint or the transport answered (shown by the
+    order view): it was stored raw while its webhook action's copy of the same text was masked. A failed post, a
+    plain update (any other write) and the order view are masked."""
+
+    def refusing(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"proxy refused: {DECLINE}", request=request)
+
+    h = make_harness({"action": "stop"}, receiver=refusing, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.view().webhook.status == "pending"
+    _assert_masked(h.view().webhook.last_error)
+    (stored,) = _stored(h, webhook_deliveries.c.last_error)
+    assert "proxy refused" in stored
+    _assert_masked(stored)
+    with h.executor.engine.begin() as conn:
+        conn.execute(webhook_deliveries.update().values(status="dead", last_error=f"given up: {DECLINE}"))
+    (stored,) = _stored(h, webhook_deliveries.c.last_error)
+    assert stored.startswith("given up: ")
+    _assert_masked(stored)
 
 
 def test_an_outcomes_decline_text_is_stored_masked(database_url: str) -> None:

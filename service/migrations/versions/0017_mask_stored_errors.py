@@ -1,11 +1,12 @@
-"""mask_stored_errors: the e-mail addresses and phone numbers in attempts' decline texts, actions' errors and
-outcomes' decline texts stored before they were masked at write are masked too
+"""mask_stored_errors: the e-mail addresses and phone numbers in attempts' decline texts, actions' and merchant
+webhooks' errors and outcomes' decline texts stored before they were masked at write are masked too
 
-``transactions.error_message`` and ``actions.last_error`` are masked at every write since ``MaskedText``
-(service.executor.store), and the ``error_message`` of an outcome's body since ``masked_outcome``
-(service.api.store): connectors echo the customer's address or number in their decline texts, which the order view,
-the console and the history export (the model's training data) show or write. Rows written before keep them raw;
-this masks them with the same recogniser (``service.personal_data.mask_addresses_in``).
+``transactions.error_message``, ``actions.last_error`` and ``webhook_deliveries.last_error`` are masked at every
+write since ``MaskedText`` (service.executor.store), and the ``error_message`` of an outcome's body since
+``masked_outcome`` (service.api.store): connectors echo the customer's address or number in their decline texts,
+which the order view, the console and the history export (the model's training data) show or write, and a webhook's
+error is its action's. Rows written before keep them raw; this masks them with the same recogniser
+(``service.personal_data.mask_addresses_in``). The webhooks' errors joined this migration before it was released.
 
 Read in batches of ``BATCH`` rows in key order (keyset: each batch starts after the last key of the one before), so
 memory stays flat whatever the table's size; only a row whose text changes is written. Masking what is masked
@@ -59,12 +60,13 @@ def _masked_body_json(text: str) -> str:
 MASKED_COLUMNS: tuple[tuple[str, tuple[str, ...], str, Callable[[str], str]], ...] = (
     ("transactions", ("merchant_id", "txn_id"), "error_message", mask_addresses_in),
     ("actions", ("action_id",), "last_error", mask_addresses_in),
+    ("webhook_deliveries", ("merchant_id", "order_id"), "last_error", mask_addresses_in),
     ("outcomes", ("merchant_id", "decision_id"), "body_json", _masked_body_json),
 )
 
 
 def upgrade() -> None:
-    """Mask the personal data in every stored decline text and action error."""
+    """Mask the personal data in every stored decline text, action error and webhook error."""
     conn = op.get_bind()
     for table_name, key, column, mask in MASKED_COLUMNS:
         mask_column(conn, table_name, key, column, mask)

@@ -28,11 +28,16 @@ from collections.abc import Callable
 
 #: An e-mail address: a local part (letters of any script, digits, ``.``, ``%``, ``+``, ``-``, ``_``), ``@`` and a
 #: domain of two or more labels (a subdomain, a country's second-level domain: ``a.b+tag@mail.example.co.uk``).
-#: It starts where a run of the local part's characters starts (the lookbehind): the same matches, since any one
-#: inside a run extends to the run's start, but a long run before an ``@`` that is no address is read once, not
-#: again from each of its characters (20,000 letters and ``@b`` took 1 s, a megabyte would take most of an hour;
-#: the text model masks a request's whole message, ``model.textmodel.document``).
-EMAIL = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+@[\w\-]+(?:\.[\w\-]+)+")
+#: Looked for in time in proportion to the text (the text model masks a request's whole message,
+#: ``model.textmodel.document``): a long run of the local part's characters before an ``@`` that is no address was
+#: read again from each of its characters (20,000 letters and ``@b`` took 1 s, a megabyte most of an hour). A local
+#: part of any length is taken only from a run's start (the lookbehind: one inside a run extends to the run's start
+#: anyway); elsewhere, where a search resumes after an address glued to the next one (``a@b.com+x@c.de``), one of up
+#: to 64 characters (RFC 5321's limit, section 4.5.3.1.1). The same matches as without these bounds, but for a local
+#: part over 64 glued to an address before it (then only its last 64 characters are masked).
+_LOCAL = r"[\w.%+\-]"
+_DOMAIN = r"@[\w\-]+(?:\.[\w\-]+)+"
+EMAIL = re.compile(rf"(?<!{_LOCAL}){_LOCAL}+{_DOMAIN}|{_LOCAL}{{1,64}}{_DOMAIN}")
 #: A phone number: eight or more characters, digits with spaces, dashes or brackets between them, maybe after
 #: ``+`` or ``(``, not inside a word or a decimal number (``_`` bounds it: ``ord_919876543210`` is masked).
 _PHONE = r"(?<![^\W_])(?<!\d\.)\+?\(?\d[\d \-()]{6,}\d(?!\.?[^\W_])"

@@ -174,7 +174,16 @@ def test_a_long_run_before_an_at_sign_is_read_once() -> None:
     started = time.perf_counter()
     assert mask_addresses_in(f"{run}@b") == f"{run}@b"
     assert mask_addresses_in(f"{run}@example.com") == "a***@example.com"
+    assert mask_addresses_in("a+" * 30_000 + "@b").endswith("a+@b")
     assert time.perf_counter() - started < 1.0
+
+
+def test_an_address_glued_to_the_one_before_it_is_masked_too() -> None:
+    """Where the search resumes after an address, inside a run of an address's characters, an address starting there
+    is masked as before the search was bounded (looking from a run's start only left ``x`` here)."""
+    assert mask_addresses_in("to a@b.com+xavier@c.de, a@b.com%yves@relay.example") == (
+        "to a***@b.com+***@c.de, a***@b.com%***@relay.example"
+    )
 
 
 def test_the_readme_says_how_many_digits_the_logs_mask() -> None:

@@ -74,6 +74,8 @@ def code_words(code: str | None) -> str:
 #: The model reads at most this many characters of each part of an error (providers' messages are a sentence or
 #: two; char n-grams of a megabyte-long one took seconds of a worker's time).
 MAX_PART_CHARS = 1000
+#: How much of a message ``document`` masks before it cuts it at ``MAX_PART_CHARS``.
+MASK_WINDOW_CHARS = 4 * MAX_PART_CHARS
 
 
 def document(connector: str | None, code: str | None, message: str | None) -> str:
@@ -87,7 +89,10 @@ def document(connector: str | None, code: str | None, message: str | None) -> st
     decline texts). Serving runs this only for an error not in ``TextModel``'s cache: once per distinct error (each
     time for one too long to cache, as it runs the n-grams)."""
     code = (code or "")[:MAX_PART_CHARS]
-    text = mask_addresses_in(message or "")[:MAX_PART_CHARS]
+    # Masked within a bound: a request's message may be megabytes, masked on each request when too long to cache.
+    # Masking changes an address's length by a character at most (e-mails shrink), so the first MAX_PART_CHARS of the
+    # masked bound are those of the masked whole (training's text) unless the bound is nearly all addresses.
+    text = mask_addresses_in((message or "")[:MASK_WINDOW_CHARS])[:MAX_PART_CHARS]
     parts = ((connector or "")[:MAX_PART_CHARS], code, code_words(code), text)
     return " ".join(p for p in parts if p).lower()
 

@@ -258,3 +258,24 @@ def test_a_requests_decline_text_is_masked_once_per_distinct_error(
         )
         == first
     )  # as the history files hold it: the same text
+
+
+def test_a_message_of_megabytes_is_masked_only_within_what_the_model_reads() -> None:
+    # Masked whole, a 30 MB message (too long to cache: masked again on every request) cost seconds per decision.
+    from model import textmodel
+
+    calls: list[int] = []
+    real = textmodel.mask_addresses_in
+
+    def counting(text: str) -> str:
+        calls.append(len(text))
+        return real(text)
+
+    textmodel.mask_addresses_in = counting
+    try:
+        text = textmodel.document("stripe", "card_declined", "holder jane.doe@example.com " + "x" * 30_000_000)
+    finally:
+        textmodel.mask_addresses_in = real
+    assert calls == [textmodel.MASK_WINDOW_CHARS]
+    assert "j***@example.com" in text
+    assert "jane.doe" not in text

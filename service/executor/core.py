@@ -368,6 +368,11 @@ class RetryPolicy:
     #: When a sender's hold ends, the messages it held go one at a time, this far apart (service/executor/pacing.py):
     #: all at once, they were the burst that hit the limit again.
     rate_limit_release_spacing_seconds: float = 1.0
+    #: The messages that wake at the end of the quiet hours (all due at that one instant) go one at a time, this far
+    #: apart, per merchant and channel (service/executor/pacing.py): 10 a second, half the lowest throughput Meta
+    #: documents for a business number (20 messages a second, 80 by default; data/README.md), since inbound messages
+    #: count towards it too.
+    quiet_hours_release_spacing_seconds: float = 0.1
 
     def note_rate_limited(self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime:
         """``pacing.note_rate_limited`` with this policy's spans."""
@@ -397,6 +402,11 @@ class RetryPolicy:
     def release_spacing(self) -> timedelta:
         """How far apart the messages a sender's hold kept back go when it ends."""
         return timedelta(seconds=self.rate_limit_release_spacing_seconds)
+
+    @property
+    def wake_spacing(self) -> timedelta:
+        """How far apart the messages that wake at the end of the quiet hours go."""
+        return timedelta(seconds=self.quiet_hours_release_spacing_seconds)
 
     def note_refusal(
         self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, retry_after: timedelta | None

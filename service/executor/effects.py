@@ -24,8 +24,16 @@ from sqlalchemy import RowMapping
 from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig
 from model.money import format_amount
-from model.requests import DecisionRequest
-from model.rules import Candidate, Rule, RuleContext, build_context, check, quiet_hours_end, upi_off_peak_from
+from model.rules import (
+    Candidate,
+    Rule,
+    RuleContext,
+    build_context,
+    check,
+    in_quiet_hours,
+    quiet_hours_end,
+    upi_off_peak_from,
+)
 from model.vocab import Action, Channel, Strategy
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables, link_expiry_text
@@ -64,7 +72,7 @@ from service.executor.core import (
 )
 from service.executor.optouts import address_hash, customer_address, is_opted_out, unsubscribe_url
 from service.executor.outages import channels_down, claim_probe
-from service.executor.pacing import customer_release_turn, release_turn
+from service.executor.pacing import QUIET_HOURS_WAKE, customer_release_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
 from service.personal_data import mask_addresses_in
@@ -460,9 +468,12 @@ class Effects:
                 return waiting
             request = self.executor.request_for(conn, order, now, sending=action)
         # The hard rules again, at the moment of sending: the decision may be hours old.
-        forbidden = self._message_forbidden(request, merchant, channel, now)
+        context = build_context(request, merchant, self.catalog)
+        forbidden = self._message_forbidden(context, action, channel, now)
         if forbidden is not None:
             return forbidden
+        # Just after the quiet hours every message kept for their end is due at once: this one takes its turn.
+        wakes = in_quiet_hours(context, now - QUIET_HOURS_WAKE)
         nudge_id = nudge_id_for(action.idempotency_key)
         address = customer_address(request.customer.model_extra or {}, channel)
         if address is None:
@@ -502,7 +513,7 @@ class Effects:
                 expires_at=link_expiry_text(expires_at, merchant.retarget.quiet_hours.timezone),
             ).as_mapping(),
         )
-        held = self._mark_message_sending(action)
+        held = self._mark_message_sending(action, wakes)
         if held is not None:
             return held
         answered_maybe_taken = False
@@ -539,12 +550,12 @@ class Effects:
             )
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 
+    @staticmethod
     def _message_forbidden(
-        self, request: DecisionRequest, merchant: MerchantConfig, channel: Channel, now: datetime
+        context: RuleContext, action: ActionRow, channel: Channel, now: datetime
     ) -> Defer | Replan | None:
-        """What a message on ``channel`` that the hard rules forbid at ``now`` does instead (it waits for the end
-        of the quiet hours, or its order is decided again), or None when it may go."""
-        context = build_context(request, merchant, self.catalog)
+        """What message ``action`` on ``channel`` that the hard rules (``context``) forbid at ``now`` does instead
+        (it waits for the end of the quiet hours, or its order is decided again), or None when it may go."""
         verdict = check(context, Candidate(action=Action.RETARGET, execute_at=now, channel=channel))
         if verdict.allowed:
             return None
@@ -552,11 +563,16 @@ class Effects:
             # The quiet hours' end in every zone they hold in: the merchant's, and the customer's (model.zones).
             until = quiet_hours_end(context, now)
             if until is not None:
+                # Its turn in a sender's release that ran into the quiet hours is spent: kept, it let the message
+                # go at their end outside the turns of the messages waking then.
+                if MESSAGE_PACED_TURN in action.payload:
+                    kept = {key: value for key, value in action.payload.items() if key != MESSAGE_PACED_TURN}
+                    return Defer(until, "quiet hours", payload=kept)
                 return Defer(until, "quiet hours")
             return None
         return Replan("not allowed now: " + ", ".join(verdict.broken))
 
-    def _mark_message_sending(self, action: ActionRow) -> Outcome | None:
+    def _mark_message_sending(self, action: ActionRow, wakes: bool = False) -> Outcome | None:
         """Mark a payment-link message as going to its provider now, under its order's lock, unless the order was
         settled, a charge of it is claimed or with its connector, its address opted out of its channel meanwhile
         (a STOP that arrived after the send's rules check wins), or another message of it is being sent, or the
@@ -566,7 +582,8 @@ class Effects:
         ``max_nudges``) are checked again here, on what is committed under the lock: the check before the link
         was minted read without it, and two workers may hold two messages of one order. The mark is cleared when
         the provider's answer is recorded (at once when it did not accept the message), and by the next claim of
-        the message if its worker died."""
+        the message if its worker died. ``wakes``: it is sent just after the end of the quiet hours, and takes a
+        turn (service/executor/pacing.py)."""
         now = self.executor.clock()
         channel = Channel(str(action.payload["channel"]))
         with self.executor.engine.begin() as conn:
@@ -582,15 +599,19 @@ class Effects:
             down = self._channel_down(conn, action, now)
             if down is not None:
                 return down
-            paced = self._paced(conn, order, action, now)
+            paced = self._paced(conn, order, action, now, wakes)
             if paced is not None:  # held, not dropped: it goes when the hold ends, and counts only then
                 return paced
             sending_until = self.executor.message_being_sent(conn, order, action)
             if sending_until is not None:  # its answer, once recorded, decides whether this one may still go
                 return Defer(max(sending_until, now + RECHECK), "another message of the order is being sent")
             forbidden = self._message_forbidden(
-                self.executor.request_for(conn, order, now, sending=action),
-                self.executor.merchant(action.merchant_id),
+                build_context(
+                    self.executor.request_for(conn, order, now, sending=action),
+                    self.executor.merchant(action.merchant_id),
+                    self.catalog,
+                ),
+                action,
                 channel,
                 now,
             )
@@ -624,11 +645,14 @@ class Effects:
             return None
         return Replan(f"the customer opted out of {channel.value}")
 
-    def _paced(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
+    def _paced(
+        self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime, wakes: bool
+    ) -> Defer | None:
         """A Defer to the message's turn while it is held back after a rate limit (service/executor/pacing.py),
         else None: while its customer on the channel is held (WhatsApp's pair rate limit) or the messages that hold
         kept back are going, one every 6 seconds; while its sender is held or the messages it kept back are going,
-        a spacing apart. The turn is kept on the message, which goes at it."""
+        a spacing apart; when it ``wakes`` with the end of the quiet hours, with all the messages kept for it, the
+        quiet hours' spacing apart. The turn is kept on the message, which goes at it."""
         channel = Channel(str(action.payload["channel"]))
         address = customer_address(orjson.loads(order["request_json"])["customer"], channel)
         if address is not None:
@@ -641,11 +665,24 @@ class Effects:
                 return _wait_for_turn(
                     action, MESSAGE_CUSTOMER_PACED_TURN, turn, f"{channel.value} to this customer", why
                 )
-        spacing = self.executor.retry_policy.release_spacing
-        turn = release_turn(conn, action.merchant_id, channel, now, _turn_of(action, MESSAGE_PACED_TURN), spacing)
+        policy = self.executor.retry_policy
+        turn = release_turn(
+            conn,
+            action.merchant_id,
+            channel,
+            now,
+            _turn_of(action, MESSAGE_PACED_TURN),
+            policy.release_spacing,
+            policy.wake_spacing if wakes else None,
+        )
         if turn is None:
             return None
-        return _wait_for_turn(action, MESSAGE_PACED_TURN, turn, channel.value, "its sender was rate limited")
+        why = (
+            "the messages kept for the end of the quiet hours go one at a time"
+            if wakes
+            else "its sender was rate limited"
+        )
+        return _wait_for_turn(action, MESSAGE_PACED_TURN, turn, channel.value, why)
 
     @staticmethod
     def _channel_down(conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:

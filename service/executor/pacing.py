@@ -24,6 +24,14 @@ the address's SHA-256, as opt-outs are), for Meta's recommended back-off: 4^X se
 receipts in a row from 0, never less than the pair rate's one message every 6 seconds, at most ``max_hold``; the
 messages it held (the customer's other orders) then go one every 6 seconds, as the sender's do a spacing apart.
 
+The quiet hours make the same burst with no rate limit at all: a message due in them is deferred to their end, and
+the policy plans a night's first messages there too, so every message of a merchant whose customers share a time
+zone is due at one instant (09:00 local), into the sender's throughput limit. A message sent within
+``QUIET_HOURS_WAKE`` of the end of its quiet hours (the merchant's, or its customer's) therefore always takes a turn
+of the sender's release, ``wake_spacing`` apart (``RetryPolicy.quiet_hours_release_spacing_seconds``; Meta's
+documented throughput, data/README.md): the first goes at once, the others each at its turn, kept on the message as
+above. A message sent at any other time takes no lock and makes no query it did not before.
+
 This is not the outage breaker (service/executor/outages.py): that one counts send-time refusals only (a provider
 that certainly did not take a message), and a channel it holds is decided around. A rate-limited receipt is about a
 message the provider took; the channel is up and only slowed, so the messages wait on it. The state lives in the
@@ -49,10 +57,24 @@ log = logging.getLogger("winback.executor")
 PAIR_RATE_INTERVAL: Final = timedelta(seconds=6)
 #: The base of Meta's recommended back-off after a pair rate limit: retry after 4^X seconds (data/README.md).
 PAIR_BACKOFF_BASE: Final = 4
+#: How long after the end of the quiet hours a message wakes with them and takes a turn (``_release_turn``). The
+#: messages due at that end are claimed within moments of it; a message claimed later (a worker far behind) finds
+#: their release still going (its next turn ahead) and queues behind it all the same.
+QUIET_HOURS_WAKE: Final = timedelta(minutes=10)
 
 
 def _where(table: sa.Table, key: Mapping[str, str]) -> list[sa.ColumnElement[bool]]:
     return [table.c[name] == value for name, value in key.items()]
+
+
+def _locked_row(conn: sa.Connection, table: sa.Table, key: Mapping[str, str], now: datetime) -> sa.RowMapping:
+    """``key``'s row of ``table``, locked until the transaction ends; made if missing, neither held nor limited."""
+    insert = upsert_into(conn, table).values(**key, held_until=now, last_limited_at=now, times_limited=0)
+    upsert = insert.on_conflict_do_update(
+        index_elements=[table.c[name] for name in key],
+        set_={"channel": insert.excluded.channel},  # a no-op that locks the row and returns it
+    ).returning(*table.c)
+    return conn.execute(upsert).mappings().one()
 
 
 def _note_limited(
@@ -67,12 +89,7 @@ def _note_limited(
     this receipt started it (one arriving during the hold, of the same burst, leaves it as it is). ``hold``: how
     long a hold is after that many holds in a row (at most ``max_hold``; a quiet spell of ``max_hold`` since the
     last one ended starts the count over)."""
-    insert = upsert_into(conn, table).values(**key, held_until=now, last_limited_at=now, times_limited=0)
-    upsert = insert.on_conflict_do_update(
-        index_elements=[table.c[name] for name in key],
-        set_={"channel": insert.excluded.channel},  # a no-op that locks the row and returns it
-    ).returning(*table.c)
-    row = conn.execute(upsert).mappings().one()
+    row = _locked_row(conn, table, key, now)
     held_until = as_utc(row["held_until"])
     times = int(row["times_limited"])
     if now < held_until:  # a message of the burst that started the hold: the hold stands
@@ -160,28 +177,40 @@ def _release_turn(
     now: datetime,
     turn: datetime | None,
     spacing: timedelta,
+    wake_spacing: timedelta | None = None,
 ) -> datetime | None:
     """When a message held back by ``key``'s row of ``table`` may go: None for now, else its turn, later than
     ``now``, reserved for it. While the row's hold is on, and while the messages it held are going after it, each
     message gets the next free turn (the first at the hold's end), ``spacing`` after the one before. ``turn``: the
     turn the message was given before, which it keeps; one from before the hold's end is an earlier hold's, and the
     message queues again. A turn is given under the row's lock (two workers never give out the same one); a row with
-    no hold nor release going on is only read, so the sends it paces do not wait on each other."""
+    no hold nor release going on is only read, so the sends it paces do not wait on each other.
+
+    ``wake_spacing``: the message wakes with the end of quiet hours, when all of them wake at once
+    (``QUIET_HOURS_WAKE``). It always takes a turn, ``wake_spacing`` after the one before (``spacing`` while the
+    sender is held), the row made if the sender never had one: the first goes at once, the others queue, and every
+    message that comes while they are going queues behind them, as behind a hold's release."""
     where = _where(table, key)
-    for locked in (False, True):
-        query = sa.select(table.c.held_until, table.c.next_turn_at).where(*where)
-        row = conn.execute(query.with_for_update() if locked else query).first()
+    row: sa.RowMapping | None
+    for locked in (False, True) if wake_spacing is None else (True,):
+        if wake_spacing is None:
+            query = sa.select(table.c.held_until, table.c.next_turn_at).where(*where)
+            row = conn.execute(query.with_for_update() if locked else query).mappings().first()
+        else:  # made if missing, locked either way: two workers waking at once must not both go first
+            row = _locked_row(conn, table, key, now)
         if row is None:
             return None
-        held_until, next_turn = as_utc(row.held_until), as_utc_or_none(row.next_turn_at)
+        held_until, next_turn = as_utc(row["held_until"]), as_utc_or_none(row["next_turn_at"])
         if now >= held_until:
             if turn is not None and turn >= held_until:  # its own turn of this release
                 return None if turn <= now else turn
-            if next_turn is None or next_turn <= now:  # no release going on: the message is free to go
+            if (next_turn is None or next_turn <= now) and wake_spacing is None:  # no release going on: it goes
                 return None
-    mine = held_until if next_turn is None else max(held_until, next_turn)
+    if wake_spacing is not None and now >= held_until:
+        spacing = wake_spacing
+    mine = max(held_until, now) if next_turn is None else max(held_until, next_turn, now)
     conn.execute(table.update().where(*where).values(next_turn_at=mine + spacing))
-    return mine
+    return None if mine <= now else mine  # a message waking first goes now, and the next one a spacing later
 
 
 def release_turn(
@@ -191,10 +220,12 @@ def release_turn(
     now: datetime,
     turn: datetime | None,
     spacing: timedelta,
+    wake_spacing: timedelta | None = None,
 ) -> datetime | None:
-    """``_release_turn`` of ``merchant_id``'s sender on ``channel``: its held messages go ``spacing`` apart."""
+    """``_release_turn`` of ``merchant_id``'s sender on ``channel``: its held messages go ``spacing`` apart, and
+    those waking with the end of quiet hours (``wake_spacing`` given) ``wake_spacing`` apart."""
     key = {"merchant_id": merchant_id, "channel": channel.value}
-    return _release_turn(conn, channel_pacing, key, now, turn, spacing)
+    return _release_turn(conn, channel_pacing, key, now, turn, spacing, wake_spacing)
 
 
 def customer_release_turn(

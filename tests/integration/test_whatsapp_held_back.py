@@ -326,6 +326,15 @@ def test_a_customers_pair_hold_follows_metas_back_off_and_is_forgotten_after_a_q
     assert h.count(customer_pacing) == 1  # the other customer's hold, long over, is gone
 
 
+def throttle_the_sender(h: Harness) -> None:
+    """ord_0's message goes, and 5 s later Meta says the merchant's number was over its throughput (130429): the
+    sender is held for a minute."""
+    h.executor.payment_failed("m_demo", event("ord_0"))
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+
+
 def sent_at(h: Harness, *orders: str) -> dict[str, list[timedelta]]:
     return {order: [as_utc(n.sent_at) - START for n in h.view(order).nudges if n.delivered] for order in orders}
 
@@ -340,10 +349,7 @@ def test_messages_a_senders_hold_kept_back_go_one_at_a_time_across_a_restart_non
     during the release waits behind them."""
     now = {"action": "retarget", "channel": "whatsapp"}
     h = make_harness(*(dict(now) for _ in range(6)), database_url=database_url)
-    h.executor.payment_failed("m_demo", event("ord_0"))
-    h.drain()
-    h.clock.advance(seconds=5)
-    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    throttle_the_sender(h)
     for number in range(1, 5):
         h.executor.payment_failed("m_demo", event(f"ord_{number}", customer={"phone": f"+91980000000{number + 1}"}))
     h.drain()
@@ -377,10 +383,7 @@ def test_a_released_messages_turn_in_the_quiet_hours_waits_for_their_end(
     now = {"action": "retarget", "channel": "whatsapp"}
     h = make_harness(*(dict(now) for _ in range(4)), database_url=database_url)
     h.executor.retry_policy.rate_limit_release_spacing_seconds = 6 * 3600.0
-    h.executor.payment_failed("m_demo", event("ord_0"))
-    h.drain()
-    h.clock.advance(seconds=5)
-    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    throttle_the_sender(h)
     for number in (1, 2):
         h.executor.payment_failed("m_demo", event(f"ord_{number}", customer={"phone": f"+91980000000{number + 1}"}))
     h.drain()

@@ -800,24 +800,26 @@ def code_levels(
     return evidence.rows(np.ones(len(evidence.labels), dtype=bool) if before is None else evidence.before(before))
 
 
-def code_levels_over_time(
+def judged_code_levels(
     bundle: ModelBundle,
     partitions: Partitions | Sequence[HistoryFrames],
     catalog: Normaliser | None = None,
     *,
+    before: datetime,
     prior_strength: float = 30.0,
-) -> CodeLevelsOverTime:
-    """``bundle``'s code levels (``code_levels``) as they stood at any moment of the history: at a moment, those of
-    the silent retries carried out before it, whose outcomes were known then (`model.codelevel.CodeLevelsOverTime`).
-
-    The promotion gate judges a fit with them on its holdout (pipelines.train.ForwardLevelsScorer): a code whose
-    retries all fall in the holdout counts for the retrain that learned it, at each point with what was known of the
-    code before it, never with that point's outcome or a later one."""
+) -> tuple[list[list[Any]], CodeLevelsOverTime]:
+    """What the promotion gate judges ``bundle`` with, from one scoring of the history's silent retries: its code
+    levels (``code_levels``) over the retries decided before ``before`` (the holdout's start), which it carries, and
+    the same as they stood at any moment (`model.codelevel.CodeLevelsOverTime`: the retries carried out before it,
+    whose outcomes were known then), which the gate judges it with on the holdout (pipelines.train.ForwardLevelsScorer):
+    a code whose retries all fall in the holdout counts for the retrain that learned it, at each point with what was
+    known of the code before it, never with that point's outcome or a later one."""
     evidence = _retry_evidence(bundle, partitions, catalog, prior_strength)
     if evidence is None:
-        return CodeLevelsOverTime([], np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
+        return [], CodeLevelsOverTime([], np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
     keys = [code_key(connector, code) for connector, code in zip(evidence.connectors, evidence.codes, strict=True)]
-    return CodeLevelsOverTime(keys, evidence.known_ns, evidence.labels, evidence.predicted)
+    over_time = CodeLevelsOverTime(keys, evidence.known_ns, evidence.labels, evidence.predicted)
+    return evidence.rows(evidence.before(before)), over_time
 
 
 @dataclass(frozen=True)

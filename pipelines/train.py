@@ -345,27 +345,28 @@ def codes_not_learned(parts: PartitionedHistory, bundle: Any) -> list[tuple[str,
     )
 
 
-def with_code_levels(bundle: Any, parts: Any, *, before: datetime | None = None, catalog: Any = None) -> None:
-    """Give ``bundle`` its code levels (model.codelevel) over the silent retries of ``parts`` decided before
-    ``before`` (all without), scored with ``catalog`` (default: the bundle's). They change its scores: the caller
-    gives it the version that goes with them.
-
-    The fit the gate judges gets those of the history before its holdout: decide() serves the code levels, so the
-    gate's policy values must see them, and must not see the holdout's outcomes through them. (Judged without
-    them, a challenger's code levels never counted in the gate: only an out-of-time check outside it.)"""
-    from model.codelevel import CODE_LEVEL_KEY, CODE_LEVEL_PRIOR_STRENGTH_KEY
+def with_code_levels(bundle: Any, parts: Any, *, catalog: Any = None) -> None:
+    """Give ``bundle`` its code levels (model.codelevel) over every silent retry of ``parts``, scored with
+    ``catalog`` (default: the bundle's). They change its scores: the caller gives it the version that goes with them.
+    (The fit the gate judges gets those of the history before its holdout: ``ForwardLevelsScorer.judging``.)"""
     from model.policy import PolicyConfig
     from model.training import code_levels
 
     strength = PolicyConfig().prior_strength
     normaliser = bundle.catalog if catalog is None else catalog
-    bundle.metadata[CODE_LEVEL_KEY] = code_levels(bundle, parts, normaliser, prior_strength=strength, before=before)
+    _set_code_levels(bundle, code_levels(bundle, parts, normaliser, prior_strength=strength), strength)
+
+
+def _set_code_levels(bundle: Any, rows: list[list[Any]], strength: float) -> None:
+    from model.codelevel import CODE_LEVEL_KEY, CODE_LEVEL_PRIOR_STRENGTH_KEY
+
+    bundle.metadata[CODE_LEVEL_KEY] = rows
     bundle.metadata[CODE_LEVEL_PRIOR_STRENGTH_KEY] = strength
 
 
 class ForwardLevelsScorer:
     """The judged challenger as the gate values it: at each request, with its code levels as they stood at the
-    request's time (`model.training.code_levels_over_time`): the retries carried out before it, the holdout's earlier
+    request's time (`model.training.judged_code_levels`): the retries carried out before it, the holdout's earlier
     ones too, never the request's own outcome or a later one.
 
     The version registered has code levels over the whole history, the holdout's too (``refitted``), so a code that
@@ -376,17 +377,27 @@ class ForwardLevelsScorer:
     def __init__(self, bundle: Any, levels: CodeLevelsOverTime) -> None:
         self.bundle = bundle
         self.levels = levels
-        self.version: str = bundle.version
 
     @classmethod
-    def over_history(cls, bundle: Any, parts: Any) -> ForwardLevelsScorer:
-        """``bundle`` with the code levels of ``parts`` over time (``with_code_levels``'s: the bundle's catalog, the
-        default ``PolicyConfig.prior_strength``)."""
+    def judging(cls, bundle: Any, parts: Any, *, before: datetime) -> ForwardLevelsScorer:
+        """Give ``bundle`` the code levels of the silent retries of ``parts`` decided before ``before`` (its
+        holdout's start), and the scorer that judges it with them as they stood at each request's time: both from one
+        scoring of the retries (`model.training.judged_code_levels`; the bundle's catalog, the default
+        ``PolicyConfig.prior_strength``). The bundle carries the former because decide() serves code levels, so the
+        gate's policy values must see them, and must not see the holdout's outcomes through them (judged without
+        them, a challenger's code levels never counted in the gate). They change its scores: the caller gives it the
+        version that goes with them."""
         from model.policy import PolicyConfig
-        from model.training import code_levels_over_time
+        from model.training import judged_code_levels
 
         strength = PolicyConfig().prior_strength
-        return cls(bundle, code_levels_over_time(bundle, parts, bundle.catalog, prior_strength=strength))
+        rows, over_time = judged_code_levels(bundle, parts, bundle.catalog, before=before, prior_strength=strength)
+        _set_code_levels(bundle, rows, strength)
+        return cls(bundle, over_time)
+
+    @property
+    def version(self) -> str:
+        return str(self.bundle.version)
 
     @property
     def retryable_threshold(self) -> float:
@@ -940,12 +951,12 @@ def run_training(
         merchants = merchants_for(
             connector_counts(whole.attempts) if whole is not None else _partition_counts(parts), config
         )
-        if holdout_start is not None:
-            with_code_levels(result.bundle, frames, before=holdout_start)
+        judged = (
+            None if holdout_start is None else ForwardLevelsScorer.judging(result.bundle, frames, before=holdout_start)
+        )
         # On decide()'s verdicts as served, code levels included: the newest points before the holdout.
         fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed, catalog=catalog)
         result.bundle.version = bundle_version(result.bundle)
-        judged = None if holdout_start is None else ForwardLevelsScorer.over_history(result.bundle, frames)
         history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
         evaluation = _evaluate(
             attempts,

@@ -37,6 +37,7 @@ from service.executor.optouts import (
     address_hash,
     customer_address,
     opted_out_channels,
+    order_customer_address,
     record_opt_out,
     with_opt_outs,
 )
@@ -2870,9 +2871,7 @@ class Executor:
                     orders.c.merchant_id == merchant_id, orders.c.order_id == order_id
                 )
             )
-            address = (
-                None if request_json is None else customer_address(orjson.loads(request_json)["customer"], channel)
-            )
+            address = None if request_json is None else order_customer_address(request_json, channel)
             if address is None:
                 return None
             return record_opt_out(conn, merchant_id, channel, address, source, self.clock())
@@ -3073,7 +3072,7 @@ class Executor:
         if failure != "pair_rate_limited":
             self.retry_policy.note_rate_limited(conn, merchant_id, channel, now)
             return
-        address = None if order is None else customer_address(orjson.loads(order["request_json"])["customer"], channel)
+        address = None if order is None else order_customer_address(order["request_json"], channel)
         if address is not None:  # no address, no message to hold back
             self.retry_policy.note_pair_rate_limited(conn, merchant_id, channel, address_hash(channel, address), now)
 
@@ -3192,7 +3191,7 @@ def _keep_opt_out(conn: sa.Connection, order: RowMapping, channel: str, now: dat
     """The address on ``channel`` of ``order``'s customer opted out (its provider refused a message as opted out)."""
     if channel not in _CHANNEL_NAMES:
         return
-    address = customer_address(orjson.loads(order["request_json"])["customer"], Channel(channel))
+    address = order_customer_address(order["request_json"], Channel(channel))
     if address is not None:
         record_opt_out(conn, order["merchant_id"], Channel(channel), address, "receipt", now)
 

@@ -70,7 +70,13 @@ from service.executor.core import (
     Transient,
     nudge_id_for,
 )
-from service.executor.optouts import address_hash, customer_address, is_opted_out, unsubscribe_url
+from service.executor.optouts import (
+    address_hash,
+    customer_address,
+    is_opted_out,
+    order_customer_address,
+    unsubscribe_url,
+)
 from service.executor.outages import channels_down, claim_probe
 from service.executor.pacing import QUIET_HOURS_WAKE, customer_release_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
@@ -654,7 +660,7 @@ class Effects:
         a spacing apart; when it ``wakes`` with the end of the quiet hours, with all the messages kept for it, the
         quiet hours' spacing apart. The turn is kept on the message, which goes at it."""
         channel = Channel(str(action.payload["channel"]))
-        address = customer_address(orjson.loads(order["request_json"])["customer"], channel)
+        address = order_customer_address(order["request_json"], channel)
         if address is not None:
             address_sha256 = address_hash(channel, address)
             turn = customer_release_turn(

@@ -39,6 +39,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import phonenumbers
 import sqlalchemy as sa
 
@@ -62,6 +63,11 @@ def customer_address(customer: Mapping[str, Any], channel: Channel) -> str | Non
         if value:
             return str(value)
     return None
+
+
+def order_customer_address(request_json: str | bytes, channel: Channel) -> str | None:
+    """The address on ``channel`` of the customer of an order's stored request (``orders.request_json``), or None."""
+    return customer_address(orjson.loads(request_json)["customer"], channel)
 
 
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")

@@ -61,6 +61,12 @@ STALE_AFTER_SECONDS = 60.0
 STOP_WAIT_SECONDS = 2.0
 #: Versions kept in the folder: the champion and the ones before it, which a worker may still be loading.
 KEEP_VERSIONS = 3
+#: The workers take turns to load a new version (``MirrorSource.load_turn``) by holding this file's ``flock``.
+LOAD_TURN_LOCK = ".load-turn.lock"
+#: Longest a worker waits for a sibling's turn before it loads anyway (a sibling stopped in the middle of a load).
+LOAD_TURN_WAIT_SECONDS = 10.0
+#: How often a waiting worker tries the turn's lock again.
+LOAD_TURN_RETRY_SECONDS = 0.005
 
 
 class MirrorError(RuntimeError):
@@ -260,6 +266,27 @@ class MirrorSource:
             return None
         version = str(state["version"])
         return version if version_folder(self.folder, version).is_dir() else None
+
+    @contextlib.contextmanager
+    def load_turn(self) -> Iterator[None]:
+        """Within the block, this worker is the only one of the server loading a version (or has waited
+        ``LOAD_TURN_WAIT_SECONDS`` for it, and says so). The workers notice a new champion within the same second
+        (they read the mirror's state on timers started together), and a load (the bundle, its warm-up, the canary
+        decisions) is tens of milliseconds of CPU: all at once, they would take every core of a small machine from
+        the requests in flight. One at a time, the other cores keep serving, and the swap ends a load later."""
+        path = self.folder / LOAD_TURN_LOCK
+        deadline = time.monotonic() + LOAD_TURN_WAIT_SECONDS
+        fd = try_flock(path, create=True)
+        while fd is None and time.monotonic() < deadline:
+            time.sleep(LOAD_TURN_RETRY_SECONDS)
+            fd = try_flock(path, create=True)
+        if fd is None:
+            log.warning("another worker has been loading a model for %g s; loading beside it", LOAD_TURN_WAIT_SECONDS)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # the kernel drops the lock with the descriptor (or with a worker that dies)
 
     def load(self, version: str) -> Scorer:
         """Load the mirrored bundle of ``version``."""

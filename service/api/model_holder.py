@@ -41,7 +41,8 @@ class ModelSource(Protocol):
     """Where models come from: the registry's champion version, and a way to load one version. A source may also
     have ``has_news() -> bool``: False skips a poll (nothing could have changed since the last one); and
     ``last_known_version() -> str | None``: the champion it last knew and can still load, which a holder serving
-    nothing yet loads while the registry has no answer (a worker started during an outage)."""
+    nothing yet loads while the registry has no answer (a worker started during an outage); and ``load_turn()``: a
+    context manager within which a swap's load is made, to take turns with the server's other workers."""
 
     def champion_version(self) -> str | None: ...
 
@@ -216,6 +217,15 @@ class ModelHolder:
         if (refusal := self._refused.waiting(version)) is not None:
             return _Refusal(refusal, new=False)  # refused lately: not loaded again before the wait is over
         assert self.source is not None  # for mypy: refresh returns before any load without a source
+        load_turn = getattr(self.source, "load_turn", None)
+        if load_turn is None or self.current.scorer is None:  # a first load serves nothing yet: it waits for no turn
+            return self._load_now(version)
+        with load_turn():
+            return self._load_now(version)
+
+    def _load_now(self, version: str) -> tuple[Served, float] | _Refusal:
+        """``_load`` once it is this worker's turn: the time the load started is taken here, after the wait."""
+        assert self.source is not None
         started = time.perf_counter()
         budget = self.in_flight.budget() if self.in_flight is not None else contextlib.nullcontext()
         # At each call too, once a model serves: a first load imports modules, holding their import locks, which a

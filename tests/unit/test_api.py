@@ -41,6 +41,7 @@ from service.api.deps import Runtime
 from service.api.export import export_history
 from service.api.inflight import GIVE_WAY_SECONDS, LOAD_GIVE_WAY_SECONDS, RequestsInFlight
 from service.api.logging import JsonFormatter, scrub
+from service.api.mirror import MirrorSource
 from service.api.model_holder import LOAD_SWITCH_INTERVAL, ModelHolder
 from service.api.poller import Poller
 from service.api.settings import DEMO_CONFIG, MAX_BATCH, Settings
@@ -1056,6 +1057,54 @@ def test_overlapping_loads_of_two_holders_put_back_the_interval_once_both_end() 
     second.may_end.set()
     threads[1].join(5)
     assert sys.getswitchinterval() == default
+
+
+def test_the_workers_of_a_mirror_take_turns_to_load_a_swap_but_not_a_first_load(tmp_path: Path) -> None:
+    """Two workers that see a new champion in the same second load it one after the other, not both at once on a
+    small machine's cores (``MirrorSource.load_turn``); their first loads, which no request waits for, do not wait."""
+    loading: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    guard = threading.Lock()
+    first_loads = threading.Barrier(2, timeout=5)  # broken unless both first loads run at once
+    sibling_came = threading.Event()
+
+    class CountingMirror(MirrorSource):
+        def load(self, version: str) -> Any:
+            with guard:
+                loading.append(version)
+                overlaps.append(tuple(loading))
+                if len(loading) > 1:
+                    sibling_came.set()
+            if version == "1":
+                first_loads.wait()
+            else:  # a swap's load lasts until the sibling comes in too, or 0.5 s if it waits for its turn
+                sibling_came.wait(0.5)
+            with guard:
+                loading.remove(version)
+            return FakeScorer(version)
+
+    def publish(version: str) -> None:
+        state = {"version": version, "checked_at": time.monotonic(), "error": None}
+        (tmp_path / "champion.json").write_text(json.dumps(state), encoding="utf-8")
+
+    holders = [ModelHolder(CountingMirror(tmp_path, poll_seconds=1.0)) for _ in range(2)]
+
+    def refresh_all() -> None:
+        threads = [threading.Thread(target=holder.refresh) for holder in holders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+
+    publish("1")
+    refresh_all()
+    assert [holder.current.version for holder in holders] == ["1", "1"]
+    overlaps.clear()
+    sibling_came.clear()
+    publish("2")
+    refresh_all()
+    assert [holder.current.version for holder in holders] == ["2", "2"]
+    assert overlaps == [("2",), ("2",)]
 
 
 def test_without_a_last_known_champion_an_outage_at_start_answers_rules_only() -> None:

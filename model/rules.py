@@ -183,6 +183,13 @@ LASTING_RETRY_BANS: frozenset[str] = frozenset(
 )
 
 
+#: A decline's rules that forbid every silent re-attempt of the card on file for good but one kind, which sends it
+#: with something it lacked: after a suspected-fraud decline (Mastercard's 83 with MAC 01, "retry using
+#: authentication such as EMV 3DS", among them) the card is re-presented only with its cardholder's authentication, a
+#: 3DS step-up. A later decline of a payment through a link does not lift that either: the issuer still holds the card.
+LASTING_STRATEGY_BANS: frozenset[str] = frozenset({Rule.SUSPECTED_FRAUD})
+
+
 #: Named in ``rules_applied`` when a recurring payment runs on an Indian card e-mandate (no cascade).
 RBI_CARD_E_MANDATE = "rbi_card_e_mandate"
 #: Named in ``rules_applied`` when a recurring ``upi`` payment is taken as the UPI AutoPay debit it is.
@@ -604,6 +611,15 @@ class RuleContext:
     cadence_days: int | None
     nudged_days: frozenset[date]  # local dates that already had a nudge
     error: NormalisedError  # the failure as the catalog normalised it (policy reasons and exploration reuse it)
+
+
+def lasting_bans(context: RuleContext) -> frozenset[str]:
+    """The rules of ``context`` that restrict silent re-attempts of its card for good: those of
+    ``LASTING_RETRY_BANS`` that forbid every one, and those of ``LASTING_STRATEGY_BANS`` that forbid some strategies."""
+    found = LASTING_RETRY_BANS.intersection(context.retry_blocked_by)
+    for reasons in context.strategy_blocked_by.values():
+        found |= LASTING_STRATEGY_BANS.intersection(reasons)
+    return frozenset(found)
 
 
 # ------------------------------------------------------------------------------------------------ build_context

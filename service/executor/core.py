@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig
 from model.requests import Decision, DecisionRequest, Failure
-from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, load_rulebook
+from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, lasting_bans, load_rulebook
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
 from service.executor.channels.base import ReceiptFailure
@@ -748,19 +748,20 @@ class Executor:
 
     def _with_card_on_file_ban(self, request: DecisionRequest, rows: Sequence[sa.Row[Any]]) -> DecisionRequest:
         """``request``, or, when its failure is a payment link's decline, the same request about the card on file's
-        last decline where that one forbids every silent re-attempt for good (``LASTING_RETRY_BANS``) and the
-        link's does not. A silent retry charges the card on file: a Visa category-1 decline or a MAC 03 of it was
-        forgotten once a link payment was declined otherwise (a 91, say), and the card was re-attempted (review)."""
+        last decline where that one restricts silent re-attempts for good (``lasting_bans``: every one, or all but a
+        3DS step-up after a suspected fraud) in a way the link's does not. A silent retry charges the card on file: a
+        Visa category-1 decline or a MAC 03 of it was forgotten once a link payment was declined otherwise (a 91,
+        say), and the card was re-attempted (review); so was a Mastercard 83 with MAC 01, whose advice is to
+        authenticate the cardholder, as it was, without a step-up (review).
+
+        The card on file's context is built first: most of its declines restrict nothing for good, and then the
+        link's context is not built at all (the decider builds the one it decides on)."""
         failed = [row for row in rows if _attempt_status(row.status) == "failure"]
         if not failed or failed[-1].strategy != Strategy.RETARGET_LINK.value:
             return request
         on_file = next((row for row in reversed(failed) if row.strategy != Strategy.RETARGET_LINK.value), None)
         if on_file is None:
             return request
-        merchant = self.merchant(request.merchant_id)
-        catalog = self.catalog
-        if not LASTING_RETRY_BANS.isdisjoint(build_context(request, merchant, catalog).retry_blocked_by):
-            return request  # the link's own decline already forbids them (and keeps its own bans on links)
         decline = Failure(
             connector=on_file.connector,
             error_code=on_file.error_code,
@@ -770,8 +771,14 @@ class Executor:
             unified_code=on_file.unified_code,
         )
         stricter = request.model_copy(update={"failure": decline})
-        banned = build_context(stricter, merchant, catalog).retry_blocked_by
-        return request if LASTING_RETRY_BANS.isdisjoint(banned) else stricter
+        merchant = self.merchant(request.merchant_id)
+        on_file_bans = lasting_bans(build_context(stricter, merchant, self.catalog))
+        if not on_file_bans:
+            return request
+        link_bans = lasting_bans(build_context(request, merchant, self.catalog))
+        if not LASTING_RETRY_BANS.isdisjoint(link_bans) or on_file_bans <= link_bans:
+            return request  # the link's own decline forbids as much already (and keeps its own bans on links)
+        return stricter
 
     @staticmethod
     def _messages_maybe_out(conn: sa.Connection, order: RowMapping, sending: ActionRow | None) -> list[dict[str, Any]]:

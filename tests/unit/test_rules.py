@@ -1814,6 +1814,32 @@ def test_mastercard_83_with_advice_01_is_stepped_up_not_held_for_new_card_detail
     assert (found == ()) is (broken_by == ())
 
 
+@pytest.mark.parametrize(
+    ("decline", "mac", "lasting"),
+    [
+        # 83 with 01 lifts MAC 01's card-update ban, but the card stays held to a step-up for good: a later decline
+        # of a link payment (the executor's card-on-file check) must not open its other retries.
+        ("83", "01", {Rule.SUSPECTED_FRAUD}),
+        ("83", "03", {Rule.MAC_NEVER_RETRY, Rule.SUSPECTED_FRAUD}),
+        ("05", "01", {Rule.MAC_CARD_UPDATE}),
+        ("91", None, set()),
+        ("51", "02", set()),
+    ],
+)
+def test_lasting_bans_include_a_suspected_frauds_step_up_only_rule(
+    decline: str, mac: str | None, lasting: set[Rule]
+) -> None:
+    context = ctx(
+        catalog=load_catalog(),
+        currency="EUR",
+        customer={"country": "DE"},
+        payment={"card_network": "mastercard", "authentication_type": "no_three_ds"},
+        failure={"error_code": "card_declined", "error_message": None, "network_decline_code": decline,
+                 "merchant_advice_code": mac},
+    )  # fmt: skip
+    assert rules.lasting_bans(context) == lasting
+
+
 def test_visa_cap_with_the_shipped_catalog() -> None:
     assert Rule.VISA_REATTEMPT_CAP not in broken(ctx(catalog=load_catalog(), card_reattempts_30d=19), retry())
     context = ctx(catalog=load_catalog(), card_reattempts_30d=20)

@@ -279,6 +279,9 @@ class RuleBook:
     outcome_unknown_codes: frozenset[str]  # connector error codes (case-folded) that leave the attempt's outcome open
     outcome_unknown_words: re.Pattern[str]  # searched in the error code and message
     outcome_unknown_wait: timedelta  # no new attempt or payment link of the order until this long after such a failure
+    # NPCI's final codes of a UPI leg that timed out (upper case): reversed, so known (UT, BT), or deemed, open (RB).
+    upi_final_codes: frozenset[str]
+    upi_deemed_codes: frozenset[str]
     # India's card e-mandates (RBI): a recurring card payment of an Indian customer runs on one, bound to its gateway.
     e_mandate_payment_methods: frozenset[str]
     e_mandate_payment_method_types: frozenset[str]  # a card payment of these types is a mandate debit, recurring or not
@@ -488,6 +491,8 @@ def parse_rulebook(raw: Any) -> RuleBook:
         outcome_unknown_codes=frozenset(code.casefold() for code in _strings(raw, "outcome_unknown.error_codes")),
         outcome_unknown_words=_any_of(raw, "outcome_unknown.message_words"),
         outcome_unknown_wait=timedelta(hours=_number(raw, "outcome_unknown.wait_hours")),
+        upi_final_codes=_upper(_strings(raw, "outcome_unknown.upi_final_codes")),
+        upi_deemed_codes=_upper(_strings(raw, "outcome_unknown.upi_deemed_codes")),
         e_mandate_payment_methods=_strings(raw, "rbi_card_e_mandate.payment_methods"),
         e_mandate_payment_method_types=_strings(raw, "rbi_card_e_mandate.mandate_payment_method_types"),
         e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
@@ -934,8 +939,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
     # attempt or payment link of the order before then may charge the customer twice (hard_rules.yaml).
     # An earlier attempt of the order left open (its error code says so; the history carries no message) may land
     # late as well, whatever the last failure was.
-    unknown_since = [last_failure_at] if _outcome_unknown(book, failure.error_code, failure.error_message) else []
-    unknown_since += [a.created_at for a in attempts if a.status == "failure" and _outcome_unknown(book, a.error_code)]
+    # A UPI payment's NPCI code, when it is one of a timed-out leg's final codes, decides (hard_rules.yaml).
+    upi = _is_upi_method(method)
+    open_now = _outcome_open(book, upi, failure.error_code, failure.error_message, failure.network_decline_code)
+    unknown_since = [last_failure_at] if open_now else []
+    unknown_since += [
+        a.created_at for a in attempts if a.status == "failure" and _outcome_open(book, upi, a.error_code)
+    ]
     outcome_known_at = max(unknown_since) + book.outcome_unknown_wait if unknown_since else None
     if outcome_known_at is not None and outcome_known_at <= event_time:
         outcome_known_at = None  # known by now
@@ -1087,6 +1097,21 @@ def _outcome_unknown(book: RuleBook, code: str | None, message: str | None = Non
     if code and code.strip().casefold() in book.outcome_unknown_codes:
         return True
     return any(book.outcome_unknown_words.search(text) for text in (code, message) if text)
+
+
+def _outcome_open(
+    book: RuleBook, upi: bool, code: str | None, message: str | None = None, network_code: str | None = None
+) -> bool:
+    """Whether a failure leaves its attempt's outcome open. For a UPI payment, a code NPCI puts in the final answer of
+    a timed-out leg decides: deemed (RB) is open, reversed (UT, BT) is known, whatever the words; otherwise
+    ``_outcome_unknown`` reads the connector's code and message."""
+    if upi:
+        given = {text.strip().upper() for text in (network_code, code) if text}
+        if not given.isdisjoint(book.upi_deemed_codes):
+            return True
+        if not given.isdisjoint(book.upi_final_codes):
+            return False
+    return _outcome_unknown(book, code, message)
 
 
 def _said(codes: set[str | None], message: str | None, listed: frozenset[str], words: re.Pattern[str]) -> bool:

@@ -656,6 +656,42 @@ def test_a_revoked_mandate_is_never_retried_silently_but_may_get_a_link(
     assert Rule.MANDATE_REVOKED in rules.LASTING_RETRY_BANS
 
 
+@pytest.mark.parametrize(
+    ("failure", "held"),
+    [
+        # NPCI's final answer for a timed-out leg it reversed: the payment failed, known. Their NPCI messages say
+        # "timeout", which held the order 72 hours (no retry, no payment link).
+        ({"network_decline_code": "UT", "error_code": "GATEWAY_ERROR",
+          "error_message": "REMITTER/ISSUER UNAVAILABLE (TIMEOUT)"}, False),
+        ({"network_decline_code": "BT", "error_code": "BT",
+          "error_message": "ACQUIRER/BENEFICIARY UNAVAILABLE(TIMEOUT)"}, False),
+        ({"network_decline_code": None, "error_code": " ut ", "error_message": "Remitter timed out"}, False),
+        # Deemed: the credit reversal timed out, the outcome is open even with no message (it was not held).
+        ({"network_decline_code": "RB", "error_code": "RB", "error_message": None}, True),
+        ({"network_decline_code": "RB", "error_code": "GATEWAY_ERROR", "error_message": None}, True),
+        # No NPCI timeout code: the words and codes decide as before.
+        ({"network_decline_code": "U30", "error_code": "U30", "error_message": "Bank timed out"}, True),
+        ({"network_decline_code": "U30", "error_code": "U30", "error_message": "Debit has failed"}, False),
+    ],
+)  # fmt: skip
+def test_npci_timeout_codes_say_whether_a_upi_outcome_is_open(failure: dict[str, str | None], held: bool) -> None:
+    context = upi_ctx(failure={"connector": "razorpay", **failure})
+    assert (context.outcome_known_at is not None) is held
+    assert (Rule.OUTCOME_UNKNOWN in broken(context, retry(strategy="retry_same", connector="razorpay",
+                                                          at=ist(4, 0)))) is held  # fmt: skip
+    assert (Rule.OUTCOME_UNKNOWN in broken(context, retarget(at=ist(10, 0)))) is held
+
+
+def test_npci_timeout_codes_are_read_for_upi_only_and_in_an_earlier_attempt() -> None:
+    """UT on a card is no NPCI code: its timeout words still hold it. An earlier UPI attempt's RB holds the order."""
+    card = ctx(catalog=load_catalog(), failure={"connector": "stripe", "error_code": "UT", "network_decline_code": None,
+                                                "error_message": "Issuer timed out"})  # fmt: skip
+    assert card.outcome_known_at is not None
+    earlier = {"attempts": [{**attempt(1, "initial", UPI_T0 - HOUR, connector="razorpay"), "error_code": "RB"}]}
+    context = upi_ctx(history=earlier)
+    assert context.outcome_known_at is not None
+
+
 def ist(hh: int, mm: int, day: int = 1) -> datetime:
     return datetime(2026, 11, day, hh, mm, tzinfo=IST).astimezone(UTC)
 

@@ -101,6 +101,7 @@ class Rule(StrEnum):
     UPI_AUTOPAY_MAX_RETRIES = "upi_autopay_max_retries"
     UPI_AUTOPAY_RETRY_WINDOW = "upi_autopay_retry_window"
     E_MANDATE_AFA_REQUIRED = "e_mandate_afa_required"
+    E_MANDATE_RETRY_WINDOW = "e_mandate_retry_window"
     RBI_ONE_OFF_AFA = "rbi_one_off_afa"
     USER_CONSENT_FLOW = "user_consent_flow"
     STEP_UP_NOT_APPLICABLE = "step_up_not_applicable"
@@ -145,6 +146,8 @@ SITUATIONAL_RETRY_RULES: frozenset[str] = frozenset(
         Rule.UPI_AUTOPAY_RETRY_WINDOW,
         # The payment flow: an e-mandate debit above the AFA-free limit needs the customer's own authentication.
         Rule.E_MANDATE_AFA_REQUIRED,
+        # When: an Indian card e-mandate's debit is re-attempted only within the day its pre-debit notice announced.
+        Rule.E_MANDATE_RETRY_WINDOW,
         # The payment flow too: an Indian one-off card payment is authenticated by its customer, payment by payment.
         Rule.RBI_ONE_OFF_AFA,
         Rule.USER_CONSENT_FLOW,
@@ -287,6 +290,9 @@ class RuleBook:
     e_mandate_payment_method_types: frozenset[str]  # a card payment of these types is a mandate debit, recurring or not
     e_mandate_customer_countries: frozenset[str]  # upper case, ISO 3166 alpha-2
     e_mandate_currencies_without_country: frozenset[str]  # upper case, ISO 4217: when the request has no country
+    # A card e-mandate debit's silent retries go only this long after the original debit, which its issuer's
+    # pre-debit notification announced (24 hours ahead); later, a new debit needs a new notification.
+    e_mandate_retry_window: timedelta
     # An e-mandate debit (UPI AutoPay, an Indian card's) above this needs the customer's AFA (RBI): no silent retry.
     e_mandate_afa_free_limit: float
     e_mandate_afa_currency: str  # upper case, ISO 4217
@@ -497,6 +503,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
         e_mandate_payment_method_types=_strings(raw, "rbi_card_e_mandate.mandate_payment_method_types"),
         e_mandate_customer_countries=_upper(_strings(raw, "rbi_card_e_mandate.customer_countries")),
         e_mandate_currencies_without_country=_upper(_strings(raw, "rbi_card_e_mandate.currencies_without_country")),
+        e_mandate_retry_window=timedelta(hours=_number(raw, "rbi_card_e_mandate.retry_window_hours")),
         e_mandate_afa_free_limit=_number(raw, "e_mandate_afa_limit.amount"),
         e_mandate_afa_currency=afa_currency.strip().upper(),
         one_off_afa_payment_methods=_strings(raw, "rbi_one_off_afa.payment_methods"),
@@ -597,6 +604,8 @@ class RuleContext:
     mastercard_window: timedelta
     mastercard_decline_times: tuple[datetime, ...]  # sorted times of the card's declined authorizations
     upi_window_end: datetime | None
+    # An Indian card e-mandate debit: no silent retry after this (its pre-debit notification's day); None: no bound.
+    e_mandate_window_end: datetime | None
     one_off_session_end: datetime | None  # a one-off payment: no silent retry after its customer left the checkout
     upi_timezone: ZoneInfo
     upi_peak_minutes: tuple[tuple[int, int], ...]
@@ -905,8 +914,14 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         applied.append(Rule.SUSPECTED_FRAUD.value)
         _only_these_retries(not_applicable, book.fraud_suspicion_only, Rule.SUSPECTED_FRAUD)
     is_card_e_mandate = _is_indian_card_e_mandate(book, request, method, method_type)
+    e_mandate_window_end: datetime | None = None
     if is_card_e_mandate:
         applied.append(RBI_CARD_E_MANDATE)
+        # The issuer notified the cardholder of this debit 24 hours ahead (RBI); its retries stay within that debit's
+        # day, a later one would be a debit nobody was told of (hard_rules.yaml, rbi_card_e_mandate).
+        e_mandate_window_end = first_failure_at + book.e_mandate_retry_window
+        hours = book.e_mandate_retry_window.total_seconds() / 3600
+        applied.append(f"{Rule.E_MANDATE_RETRY_WINDOW.value}:{hours:g}h")
     elif _is_indian_one_off_card_payment(book, request, method, method_type):
         # Authenticated by its customer with a factor made for that payment alone (RBI): a silent re-attempt has
         # none, so only a step-up, where the customer authenticates again at the checkout.
@@ -1047,6 +1062,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         mastercard_window=book.mastercard_window,
         mastercard_decline_times=mastercard_declines,
         upi_window_end=upi_window_end,
+        e_mandate_window_end=e_mandate_window_end,
         one_off_session_end=one_off_session_end,
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
@@ -1376,6 +1392,8 @@ def _broken_at(context: RuleContext, action: str | None, at: datetime) -> tuple[
                 broken.append(Rule.MASTERCARD_REATTEMPT_CAP)
         if context.one_off_session_end is not None and at > context.one_off_session_end:
             broken.append(Rule.ONE_OFF_OUT_OF_SESSION)
+        if context.e_mandate_window_end is not None and at > context.e_mandate_window_end:
+            broken.append(Rule.E_MANDATE_RETRY_WINDOW)
         if context.upi_window_end is not None:
             if at > context.upi_window_end:
                 broken.append(Rule.UPI_AUTOPAY_RETRY_WINDOW)

@@ -768,7 +768,14 @@ def test_a_decision_requested_with_no_earlier_attempt_exports_its_failure_as_the
     the files refuse as attempt 1 ("must have strategy 'initial'"): the order was left out, its feedback lost."""
     nudge = {"channel": "sms", "sent_at": "2026-11-01T09:00:00Z", "delivered": True, "clicked_at": None}
     for order_id, nudges in (("ord_bare", []), ("ord_follow_up", [nudge])):
-        body = request_body(order_id=order_id, history={"attempts": [], "nudges": nudges})
+        # A US card: an Indian card's renewal (the factory's) is an RBI e-mandate debit, retried silently only within
+        # 24 hours of the first failure (the follow-up's nudge dates it earlier), so it got a payment link instead.
+        body = request_body(
+            order_id=order_id,
+            history={"attempts": [], "nudges": nudges},
+            customer={"country": "US"},
+            currency="USD",
+        )
         answer = api.post("/v1/decisions", body).json()
         assert answer["action"] == "retry", answer
         outcome = _outcome(answer["decision_id"], order_id=order_id, txn_id=f"{order_id}_2")

@@ -372,12 +372,16 @@ def test_a_mac_wait_of_days_leaves_a_silent_retry_when_it_ends(mac: str, days: i
     grid's fixed delays end at 72 h and its paydays fell outside a 10-day window, so no silent retry was permitted at
     all and the decision said so ("no silent retry permitted"). The grid now offers the moment the wait ends."""
     failed_at = datetime(2026, 11, 3, 15, 15, tzinfo=UTC)  # paydays (26 Nov, 1 Dec) are beyond the 10-day window
+    # A US card's renewal: an Indian card's (the factory's default) runs on an RBI e-mandate, whose silent retries
+    # stay within the day its pre-debit notification announced (test_an_indian_card_e_mandate_debit_...).
     context = ctx(
         merchant=make_merchant(retarget={"retry_window_days": 10}),
         event_time=failed_at.isoformat(),
         payment={"card_network": "mastercard", "is_recurring": True},
         failure={"merchant_advice_code": mac, "network_decline_code": "51"},
         history={"attempts": [attempt(1, "initial", failed_at)]},
+        customer={"country": "US"},
+        currency="USD",
     )
     retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
     assert retries, "no silent retry after the advised wait"
@@ -762,6 +766,46 @@ def test_a_mandate_is_never_cascaded_to_another_gateway(method: str, method_type
     assert Strategy.RETRY_SAME in strategies
 
 
+def _card_issuer_down(country: str | None, currency: str, payment: dict[str, Any]) -> RuleContext:
+    """A card ``payment`` of 49 in ``currency`` by a customer of ``country``, declined as issuer unavailable (91),
+    under a lenient merchant and the shipped catalog."""
+    return ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        customer={"country": country},
+        currency=currency,
+        amount=49.0,
+        payment=payment,
+        failure={"error_code": "processing_error", "error_message": None, "network_decline_code": "91"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("country", "currency", "bound"),
+    [("IN", "INR", True), (None, "INR", True), ("US", "USD", False)],
+)
+def test_an_indian_card_e_mandate_debit_is_retried_silently_only_within_its_notified_day(
+    country: str | None, currency: str, bound: bool
+) -> None:
+    """The payments engineer's review: an Indian card's renewal (an RBI e-mandate debit) was planned silent retries up
+    to the merchant's 7-day window (after payday, 72 hours). The issuer notifies the cardholder of each debit 24
+    hours ahead and the debit goes on the day it announced; a retry days later is a debit nobody was told of. Its
+    retries now stay within 24 hours of the original debit; a payment link stays open for the rest of the window."""
+    context = _card_issuer_down(
+        country, currency, {"payment_method": "card", "payment_method_type": "credit", "is_recurring": True}
+    )
+    same = {"strategy": "retry_same", "connector": "stripe"}
+    assert broken(context, retry(**same, at=T0 + 24 * HOUR)) == ()
+    late = broken(context, retry(**same, at=T0 + 24 * HOUR + timedelta(seconds=1)))
+    assert late == ((Rule.E_MANDATE_RETRY_WINDOW,) if bound else ())
+    assert Rule.E_MANDATE_RETRY_WINDOW in rules.SITUATIONAL_RETRY_RULES
+    assert ("e_mandate_retry_window:24h" in context.rules_applied) is bound
+    planned = [c.execute_at for c in permitted(context, rules.enumerate_candidates(context)) if c.action == "retry"]
+    assert planned
+    assert (max(planned) <= T0 + 24 * HOUR) is bound
+    assert Rule.E_MANDATE_RETRY_WINDOW not in broken(context, retarget(at=T0 + 72 * HOUR))
+
+
 @pytest.mark.parametrize(
     ("country", "currency", "method_type", "recurring", "bound"),
     [
@@ -1061,15 +1105,7 @@ def test_a_three_ds_payment_that_failed_its_challenge_never_gets_a_silent_retry(
 def test_an_indian_one_off_card_payment_is_retried_silently_only_by_a_step_up(
     country: str | None, currency: str, payment: dict[str, Any], held: bool
 ) -> None:
-    context = ctx(
-        merchant=LENIENT,
-        catalog=load_catalog(),
-        customer={"country": country},
-        currency=currency,
-        amount=49.0,
-        payment={**ONE_OFF_CARD, **payment},
-        failure={"error_code": "processing_error", "error_message": None, "network_decline_code": "91"},
-    )
+    context = _card_issuer_down(country, currency, {**ONE_OFF_CARD, **payment})
     assert ("rbi_one_off_afa" in context.rules_applied) is held
     for strategy, connector in [("retry_same", "stripe"), ("cascade", "adyen")]:
         assert (Rule.RBI_ONE_OFF_AFA in broken(context, retry(strategy=strategy, connector=connector))) is held
@@ -2292,6 +2328,8 @@ def test_equal_instants_in_other_zones_get_one_verdict() -> None:
         history={"attempts": attempts, "nudges": []},
         payment={"card_network": "mastercard"},
         failure={"network_decline_code": "51"},
+        customer={"country": "US"},  # a US card: no RBI e-mandate's 24-hour retry window from the first attempt
+        currency="USD",
     )
     at = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
     in_utc, in_new_york = retry(at=at), retry(at=at.astimezone(ZoneInfo("America/New_York")))
@@ -2617,7 +2655,8 @@ def test_an_alternate_debit_network_is_never_tried_after_insufficient_funds(
     Regulation II) draws on the same account, so it cannot cure the shortfall; a retry after payday and a payment
     link can."""
     debit = {"payment_method": "card", "payment_method_type": "debit", "card_network": network, "is_recurring": True}
-    context = ctx(catalog=load_catalog(), payment=debit, failure=failure)
+    # A US debit card (Regulation II's networks), not the factory's Indian one on an RBI e-mandate.
+    context = ctx(catalog=load_catalog(), payment=debit, failure=failure, **US_CUSTOMER)
     assert context.error.error_class is ErrorClass.INSUFFICIENT_FUNDS
     assert "alternate_network_same_account" in context.rules_applied
     for at in (T0 + timedelta(seconds=2), T0 + 72 * HOUR):
@@ -2629,7 +2668,7 @@ def test_an_alternate_debit_network_is_never_tried_after_insufficient_funds(
     assert any(c.action is Action.RETARGET for c in grid)
     # Another error on the same debit card may still go over another network.
     issuer_down = {**failure, "error_code": "processing_error", "error_message": None, "network_decline_code": "91"}
-    technical = ctx(catalog=load_catalog(), payment=debit, failure=issuer_down)
+    technical = ctx(catalog=load_catalog(), payment=debit, failure=issuer_down, **US_CUSTOMER)
     assert "alternate_network_same_account" not in technical.rules_applied
     assert broken(technical, retry(strategy="alternate_network", connector=failure["connector"])) == ()
 

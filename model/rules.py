@@ -186,11 +186,13 @@ LASTING_RETRY_BANS: frozenset[str] = frozenset(
 )
 
 
-#: A decline's rules that forbid every silent re-attempt of the card on file for good but one kind, which sends it
+#: A decline's rules that forbid every silent re-attempt of the card on file for good but the kinds that send it
 #: with something it lacked: after a suspected-fraud decline (Mastercard's 83 with MAC 01, "retry using
 #: authentication such as EMV 3DS", among them) the card is re-presented only with its cardholder's authentication, a
-#: 3DS step-up. A later decline of a payment through a link does not lift that either: the issuer still holds the card.
-LASTING_STRATEGY_BANS: frozenset[str] = frozenset({Rule.SUSPECTED_FRAUD})
+#: 3DS step-up; after a Visa category-3 decline (expired card, CVV failure: "revalidate payment information prior to
+#: reattempt") only with other details or authentication. A later decline of a payment through a link does not lift
+#: either: the card on file's details are still the ones its issuer refused.
+LASTING_STRATEGY_BANS: frozenset[str] = frozenset({Rule.SUSPECTED_FRAUD, Rule.VISA_CATEGORY_3_SAME_DETAILS})
 
 
 #: Named in ``rules_applied`` when a recurring payment runs on an Indian card e-mandate (no cascade).

@@ -435,6 +435,15 @@ CARD_ON_FILE_BANS = [
         "suspected_fraud",
         id="mastercard-83-mac-01",
     ),
+    # A Visa category-3 decline (54, expired card): re-attempted only with revalidated details (clear PAN) or the
+    # cardholder's authentication (step-up), never as it was.
+    pytest.param(
+        {"card_network": "visa"},
+        {"error_code": "card_declined", "network_decline_code": "54"},
+        ("step_up", "clear_pan"),
+        "visa_category_3_same_details",
+        id="visa-category-3",
+    ),
 ]
 
 

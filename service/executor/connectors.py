@@ -1,7 +1,19 @@
 """Connectors: how the executor performs a silent retry (or a link payment) through a payment switch.
 
-``HttpConnector`` speaks a small JSON API (``POST {base_url}/v1/payments`` with ``Idempotency-Key``), retries
-timeouts and 5xx with exponential backoff and full jitter, and sits behind a circuit breaker per connector.
+``HttpConnector`` speaks a small JSON API, retries timeouts and 5xx with exponential backoff and full jitter, and
+sits behind a circuit breaker per connector:
+
+- ``POST {base_url}/v1/payments`` with ``Idempotency-Key``: charge one attempt (``charge``);
+- ``GET {base_url}/v1/payments/{payment_id}``: what became of a payment, by its processor payment id
+  ``<order_id>_<n>`` (``status``; as Hyperswitch's payments retrieve, Stripe's PaymentIntent retrieve). It answers
+  the payment as the charge did (``status`` ``succeeded`` or ``failed``, with the decline's fields), or 404 with
+  ``{"error": {"code": "payment_not_found"}}`` when no charge under that id ever reached the switch. Any other 404
+  (a switch without this endpoint) is not taken for "not found": the charge stays unknown;
+- ``POST {base_url}/v1/payments/{payment_id}/refunds`` with ``Idempotency-Key`` and
+  ``{"amount", "currency", "reason"}``: refund a payment (``refund``; as Adyen's ``/payments/{pspReference}/refunds``,
+  Stripe's and Hyperswitch's refunds create). It answers ``{"refund_id", "payment_id", "status"}``, ``status``
+  ``succeeded`` or ``pending`` (taken; the money goes back later), or ``failed``.
+
 ``sandbox`` endpoints use the same client against the sandbox server of ``service.executor.sandbox``, which
 answers from the simulator's outcome model and deduplicates by idempotency key.
 """
@@ -14,7 +26,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
+from urllib.parse import quote
 
 import httpx
 
@@ -23,6 +36,8 @@ from model.requests import DecisionRequest
 from model.vocab import Strategy
 
 PAYMENTS_PATH = "/v1/payments"
+#: The error code of a switch's 404 for a payment id it never saw (``HttpConnector.status``).
+PAYMENT_NOT_FOUND = "payment_not_found"
 
 
 class TransientError(RuntimeError):
@@ -123,6 +138,58 @@ class Connector(Protocol):
     """
 
     def charge(self, request: ChargeRequest) -> ChargeResult: ...
+
+
+@runtime_checkable
+class ChecksStatus(Protocol):
+    """A connector that can be asked what became of a payment by its processor payment id."""
+
+    def status(self, payment_id: str, connector: str) -> ChargeResult | None:
+        """The payment's answer, or None when no charge under ``payment_id`` ever reached the switch; raises
+        TransientError when no answer was obtained, PermanentError when the switch cannot be asked."""
+        ...
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    """One refund of a payment; ``idempotency_key`` is derived from the refund action and never changes."""
+
+    idempotency_key: str
+    merchant_id: str
+    order_id: str
+    payment_id: str
+    amount: float
+    currency: str
+    reason: str = "duplicate"
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON body sent to the switch."""
+        return {
+            "merchant_id": self.merchant_id,
+            "order_id": self.order_id,
+            "payment_id": self.payment_id,
+            "amount": self.amount,
+            "currency": self.currency,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    """The switch took the refund: ``succeeded``, or ``pending`` (the money goes back later)."""
+
+    status: Literal["succeeded", "pending"]
+    refund_id: str | None = None
+
+
+@runtime_checkable
+class Refunds(Protocol):
+    """A connector that can refund a payment."""
+
+    def refund(self, request: RefundRequest) -> RefundResult:
+        """Refund the payment; raises TransientError when no answer was obtained (the same key again is safe),
+        PermanentError when the switch refused (or cannot take) the refund."""
+        ...
 
 
 class RefusedError(PermanentError):
@@ -285,9 +352,104 @@ class HttpConnector:
             f"connector {self.name!r} refused the request with HTTP {response.status_code}: {response.text[:200]}"
         )
 
+    def status(self, payment_id: str, connector: str) -> ChargeResult | None:
+        """GET the payment by its processor payment id: its answer, or None when the switch says it never had it."""
+        response = self._ask("GET", f"{self.url}/{quote(payment_id, safe='')}", None, None)
+        if response.status_code == 404:
+            if _error_code(response) == PAYMENT_NOT_FOUND:
+                return None
+            raise PermanentError(
+                f"connector {self.name!r} cannot be asked about payment {payment_id!r}: HTTP 404 without "
+                f"error code {PAYMENT_NOT_FOUND!r} ({response.text[:200]})"
+            )
+        if response.status_code != 200:
+            raise PermanentError(
+                f"connector {self.name!r} refused the status request for payment {payment_id!r} with HTTP "
+                f"{response.status_code}: {response.text[:200]}"
+            )
+        body = _json_object(response, self.name)
+        raw = str(body.get("status", "")).lower()
+        if raw in {"pending", "processing"}:
+            raise TransientError(f"connector {self.name!r} says payment {payment_id!r} is still {raw}")
+        return ChargeResult.from_json(body, connector)
+
+    def refund(self, request: RefundRequest) -> RefundResult:
+        """POST a refund of the payment; the same idempotency key on every try, so the switch refunds at most once."""
+        url = f"{self.url}/{quote(request.payment_id, safe='')}/refunds"
+        headers = {"Idempotency-Key": request.idempotency_key}
+        response = self._ask("POST", url, request.payload(), headers)
+        if response.status_code not in (200, 201):
+            raise PermanentError(
+                f"connector {self.name!r} refused the refund of payment {request.payment_id!r} with HTTP "
+                f"{response.status_code}: {response.text[:200]}"
+            )
+        body = _json_object(response, self.name)
+        raw = str(body.get("status", "")).lower()
+        refund_id = None if body.get("refund_id") is None else str(body["refund_id"])
+        if raw in {"succeeded", "success"}:
+            return RefundResult("succeeded", refund_id)
+        if raw in {"pending", "processing"}:
+            return RefundResult("pending", refund_id)
+        reason = body.get("error_message") or body.get("error_code") or f"status {body.get('status')!r}"
+        raise PermanentError(
+            f"connector {self.name!r} did not refund payment {request.payment_id!r}: {str(reason)[:200]}"
+        )
+
+    def _ask(
+        self, method: str, url: str, payload: dict[str, Any] | None, headers: Mapping[str, str] | None
+    ) -> httpx.Response:
+        """One read or idempotent call, tried ``tries`` times through the breaker (timeouts, 5xx and 429 are tried
+        again); the first answer that is not one of those. TransientError when none came."""
+        sent = {"User-Agent": "winback-executor/1", **(headers or {})}
+        if self.api_key:
+            sent["Authorization"] = f"Bearer {self.api_key}"
+        last_error = "no try made"
+        for attempt in range(1, self.tries + 1):
+            self.breaker.before_call()
+            try:
+                response = self.client.request(method, url, json=payload, headers=sent)
+            except httpx.TransportError as exc:
+                last_error = f"calling connector {self.name!r} at {url}: {type(exc).__name__}: {exc}"
+            except BaseException:
+                self.breaker.failure()
+                raise
+            else:
+                if response.status_code < 500 and response.status_code != 429:
+                    self.breaker.success()
+                    return response
+                last_error = f"connector {self.name!r} answered HTTP {response.status_code} at {url}"
+            self.breaker.failure()
+            if attempt < self.tries:
+                self.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_cap))
+        raise TransientError(last_error)
+
     def close(self) -> None:
         """Close the HTTP client."""
         self.client.close()
+
+
+def _json_object(response: httpx.Response, name: str) -> dict[str, Any]:
+    """The answer's JSON object; PermanentError when it is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise PermanentError(f"connector {name!r} answered a body that is not JSON") from None
+    if not isinstance(body, dict):
+        raise PermanentError(f"connector {name!r} answered JSON that is not an object")
+    return body
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """``error.code`` (or a top-level ``code``) of an error answer, when it is JSON."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    code = error.get("code") if isinstance(error, dict) else body.get("code")
+    return None if code is None else str(code)
 
 
 def _lost_answer(last_error: str, reached: str) -> str:

@@ -4,6 +4,13 @@
 request under ``context``. Each key is charged once: the same key again answers the stored result (a different
 body under a used key gets 409). Faults can be injected (``error_rate``: 503 after charging, the worst case for
 a caller: the charge happened and the answer was lost) to test the executor's retries.
+
+``GET /v1/payments/{payment_id}`` answers what the sandbox recorded for that processor payment id (the answer its
+charge got, also when that answer was lost to an injected fault), or 404 ``{"error": {"code":
+"payment_not_found"}}`` when no charge under it came. ``POST /v1/payments/{payment_id}/refunds`` (``Idempotency-Key``,
+``{"amount", "currency", "reason"}``) refunds a succeeded payment once per key (the same key again answers the
+stored refund, another body under it 409); a payment not found is 404, one that did not succeed or is refunded
+already 422. ``GET /v1/stats`` counts calls, charges and refunds.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ class SandboxState:
     error_rate: float = 0.0
     delay_seconds: float = 0.0
     answers: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    #: The answer each processor payment id was charged with, and its amount (what a status check reads).
+    payments: dict[str, tuple[dict[str, Any], float]] = field(default_factory=dict)
+    #: One refund per idempotency key (the body's digest, the answer), and the payment ids refunded.
+    refunds: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    refunded: set[str] = field(default_factory=set)
     calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -88,6 +100,8 @@ def create_sandbox_app(seed: int = 0, error_rate: float = 0.0, delay_seconds: fl
                         merchant_advice_code=result.error.merchant_advice_code,
                     )
                 state.answers[idempotency_key] = (digest, answer)
+                if body.get("payment_id") is not None:
+                    state.payments[str(body["payment_id"])] = (answer, float(body.get("amount") or 0.0))
             elif stored[0] != digest:
                 raise HTTPException(409, detail="Idempotency-Key reused with a different payment")
             else:
@@ -99,12 +113,72 @@ def create_sandbox_app(seed: int = 0, error_rate: float = 0.0, delay_seconds: fl
             return JSONResponse({"detail": "injected fault after charging"}, status_code=503)
         return JSONResponse(answer)
 
+    @app.get("/v1/payments/{payment_id}")
+    async def payment(payment_id: str) -> JSONResponse:
+        """What became of a payment: the answer its charge got, or 404 payment_not_found."""
+        with state.lock:
+            state.calls += 1
+            found = state.payments.get(payment_id)
+        if found is None:
+            return _not_found(payment_id)
+        return JSONResponse(found[0])
+
+    @app.post("/v1/payments/{payment_id}/refunds")
+    async def refund(
+        payment_id: str, request: Request, idempotency_key: Annotated[str | None, Header()] = None
+    ) -> JSONResponse:
+        """Refund a succeeded payment, once per idempotency key."""
+        if not idempotency_key:
+            raise HTTPException(400, detail="missing Idempotency-Key header")
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise HTTPException(422, detail=f"a refund needs a JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPException(422, detail="a refund needs a JSON object")
+        digest = hashlib.sha256(orjson.dumps({"payment_id": payment_id, **body})).hexdigest()
+        with state.lock:
+            state.calls += 1
+            stored = state.refunds.get(idempotency_key)
+            if stored is not None:
+                if stored[0] != digest:
+                    raise HTTPException(409, detail="Idempotency-Key reused with a different refund")
+                return JSONResponse(stored[1])
+            found = state.payments.get(payment_id)
+            if found is None:
+                return _not_found(payment_id)
+            charged, amount = found
+            if charged["status"] != "succeeded":
+                raise HTTPException(422, detail=f"payment {payment_id} did not succeed: nothing to refund")
+            if payment_id in state.refunded:
+                raise HTTPException(422, detail=f"payment {payment_id} is refunded already")
+            answer = {
+                "refund_id": "rf_" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16],
+                "payment_id": payment_id,
+                "status": "succeeded",
+                "amount": body.get("amount", amount),
+                "currency": body.get("currency"),
+                "reason": body.get("reason"),
+            }
+            state.refunds[idempotency_key] = (digest, answer)
+            state.refunded.add(payment_id)
+            fault = state.error_rate > 0 and rng.random() < state.error_rate
+        if fault:
+            return JSONResponse({"detail": "injected fault after refunding"}, status_code=503)
+        return JSONResponse(answer)
+
     @app.get("/v1/stats")
     async def stats() -> dict[str, int]:
-        """Calls received and distinct charges made."""
-        return {"calls": state.calls, "charges": len(state.answers)}
+        """Calls received, distinct charges made and refunds made."""
+        return {"calls": state.calls, "charges": len(state.answers), "refunds": len(state.refunds)}
 
     return app
+
+
+def _not_found(payment_id: str) -> JSONResponse:
+    """The 404 of a payment id no charge came under (``connectors.PAYMENT_NOT_FOUND``)."""
+    error = {"code": "payment_not_found", "message": f"no payment {payment_id} was made"}
+    return JSONResponse({"error": error}, status_code=404)
 
 
 class RunningServer:

@@ -77,8 +77,15 @@ log = logging.getLogger("winback.executor")
 CHARGE_KINDS: Final = (ActionKind.RETRY, ActionKind.LINK_PAYMENT)
 #: How soon a stop waiting for a charge whose lease has already ended looks again.
 RECHECK: Final = timedelta(seconds=5)
-#: How often a stop waiting for an operator's answer about a charge of unknown outcome looks again.
+#: How often a stop waiting for an operator's answer about a charge of unknown outcome looks again (and asks the
+#: charge's switch again what became of it, when the last status check got no answer).
 UNKNOWN_RECHECK: Final = timedelta(hours=1)
+#: How long after a charge is dead-lettered unanswered its switch is first asked what became of it: a request that
+#: timed out on the way may still be being processed.
+STATUS_CHECK_DELAY: Final = timedelta(minutes=1)
+#: The actions that ask or give back through a connector after a charge: they run on settled orders too, and
+#: settling an order does not cancel them (a duplicate charge is what they are there to find and give back).
+SWITCH_FOLLOW_UPS: Final = (ActionKind.CHARGE_STATUS, ActionKind.REFUND)
 
 
 def _maybe_with_connector() -> sa.ColumnElement[bool]:
@@ -213,6 +220,22 @@ class Delivered:
 
 
 @dataclass(frozen=True)
+class StatusAnswered:
+    """The switch said what became of a charge sent and never answered: its answer, or None when no charge under
+    its payment id ever reached the switch."""
+
+    result: ChargeResult | None
+
+
+@dataclass(frozen=True)
+class Refunded:
+    """The switch took the refund of a duplicate charge: ``succeeded``, or ``pending`` (the money goes back later)."""
+
+    status: str
+    refund_id: str | None
+
+
+@dataclass(frozen=True)
 class Transient:
     """No answer this time (5xx, timeout, open circuit): try again later with the same idempotency key.
 
@@ -266,7 +289,20 @@ class NoEffect:
     """The action has no outside effect (follow-up, close): recording is everything."""
 
 
-Outcome = Charged | Sent | NotSent | Delivered | Transient | Permanent | Defer | Replan | Skip | NoEffect
+Outcome = (
+    Charged
+    | Sent
+    | NotSent
+    | Delivered
+    | StatusAnswered
+    | Refunded
+    | Transient
+    | Permanent
+    | Defer
+    | Replan
+    | Skip
+    | NoEffect
+)
 
 
 @dataclass(frozen=True)
@@ -1468,6 +1504,7 @@ class Executor:
         unknown = self.unknown_charge(conn, order)
         if unknown is not None:
             _log_unknown_charge(order, unknown, "order not failed")
+            self._ask_switch(conn, unknown, now, now)  # again, when the last check got no answer
             self._close_later(conn, order, now + UNKNOWN_RECHECK, now, excluding)
             return
         in_flight = self.charge_in_flight(conn, order, excluding=excluding)
@@ -1539,6 +1576,7 @@ class Executor:
                 actions.c.order_id == order["order_id"],
                 actions.c.state.in_(OPEN_ACTION_STATES),
                 actions.c.kind != ActionKind.WEBHOOK.value,
+                actions.c.kind.not_in([kind.value for kind in SWITCH_FOLLOW_UPS]),
                 sa.not_(_maybe_with_connector()),
             )
             .values(
@@ -1591,6 +1629,7 @@ class Executor:
         unknown = self.unknown_charge(conn, order)
         if unknown is not None:
             _log_unknown_charge(order, unknown, f"order {state.value.lower()}, a refund may be needed")
+            self._ask_switch(conn, unknown, now, now)
         self._cancel_open(conn, order, now)
         self._enqueue_webhook(conn, order, state, txn_id, occurred_at, now)
         log.info(
@@ -1824,9 +1863,14 @@ class Executor:
                 )
             )
             return
+        if isinstance(outcome, Refunded):
+            self._record_refund(conn, action, outcome, now)
+            return
         if order is None:
             return
-        if isinstance(outcome, Charged):
+        if isinstance(outcome, StatusAnswered):
+            self._resolve_from_switch(conn, order, action, outcome.result, now)
+        elif isinstance(outcome, Charged):
             _answer_recorded(conn, action)
             self._record_attempt(conn, order, action, outcome.result, now)
         elif isinstance(outcome, Sent):
@@ -2127,11 +2171,41 @@ class Executor:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
                 self._record_unsent(conn, order, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), now)
+        elif action.kind == ActionKind.REFUND:
+            log.error(
+                "the refund of payment %s, charged on order %s after it was settled, was not made: %s; refund it "
+                "by hand through connector %r (see refund action %s in GET /v1/orders/%s)",
+                action.payload.get("payment_id"),
+                action.order_id,
+                error,
+                action.payload.get("connector"),
+                action.action_id,
+                action.order_id,
+                extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
+            )
+        elif action.kind == ActionKind.CHARGE_STATUS:
+            # No answer within its tries: asked again in an hour (``_ask_switch``), as long as the charge is unknown.
+            # A switch that cannot be asked is asked again only by the order's close, which looks hourly too.
+            again = "in an hour" if connector_failed else "when the order's close looks again"
+            log.error(
+                "the switch could not say what became of payment %s (%s): charge action %s stays unknown; the "
+                "switch is asked again %s, or an operator answers with resolve-charge",
+                action.payload.get("payment_id"),
+                error,
+                action.payload.get("charge_action_id"),
+                again,
+                extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
+            )
+            if connector_failed:
+                self._ask_switch(conn, int(action.payload["charge_action_id"]), now + UNKNOWN_RECHECK, now)
         elif action.kind == ActionKind.RETRY and connector_failed:
             self._retry_failed_to_go_out(conn, action, order, now, unreached=unreached)
-        # A dead retry or link payment sent and never answered leaves its order open: whether the charge happened
-        # is unknown, so no new attempt is made on top of it; the order's window-end CLOSE fails it unless an
-        # operator acts (resolve-charge).
+        if action.kind in CHARGE_KINDS:
+            # A dead retry or link payment sent and never answered leaves its order open: whether the charge
+            # happened is unknown, so no new attempt is made on top of it. Its switch is asked what became of it
+            # (``_resolve_from_switch``); until an answer comes, the order's window-end CLOSE waits for it, and an
+            # operator can answer instead (resolve-charge).
+            self._ask_switch(conn, action.action_id, now + STATUS_CHECK_DELAY, now)
 
     def _retry_failed_to_go_out(
         self,
@@ -2211,10 +2285,16 @@ class Executor:
             )
         if result.status == "success":
             if order["state"] not in OPEN_ORDER_STATES:
+                refund = self._refund_duplicate(conn, order, action, number, now)
                 log.error(
-                    "attempt %s succeeded on an order already %s: a refund may be needed",
+                    "attempt %s succeeded on an order already %s: a refund may be needed; refund action %s gives "
+                    "payment %s_%s back through connector %r",
                     txn_id,
                     order["state"],
+                    refund,
+                    action.order_id,
+                    number,
+                    action.payload.get("connector"),
                     extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
                 )
                 return
@@ -2540,40 +2620,159 @@ class Executor:
             order = self.lock_order(conn, action.merchant_id, action.order_id)
             if order is None:
                 raise ChargeResolutionError(f"the order of action {action_id} is not known")
-            verdict = "charged" if charged else "not charged"
-            changed = conn.execute(
-                actions.update()
-                .where(actions.c.action_id == action_id, UNKNOWN_CHARGE)
-                .values(
-                    state=ActionState.DONE.value if charged else ActionState.DEAD.value,
-                    unanswered_since=None,
-                    updated_at=now,
-                    last_error=f"{row['last_error'] or ''}; resolved by an operator: {verdict}".lstrip("; "),
-                )
-            ).rowcount
-            if changed != 1:
+            connector = str(action.payload.get("connector") or "unknown")
+            result = ChargeResult(status="success", connector=connector) if charged else None
+            nothing = f"an operator answered that the {_planned_what(action)} sent and never answered took nothing"
+            if not self._settle_unknown(conn, order, row, result, "an operator", nothing, now):
                 raise ChargeResolutionError(f"action {action_id} was resolved by someone else meanwhile")
-            log.warning(
-                "charge action %s resolved by an operator: %s",
-                action_id,
-                verdict,
-                extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
-            )
-            if charged:
-                # Dated when it was sent, not when the operator answered: the history credits what came before.
-                sent_at = as_utc(row["unanswered_since"])
-                connector = str(action.payload.get("connector") or "unknown")
-                result = ChargeResult(status="success", connector=connector)
-                self._record_attempt(conn, order, action, result, now, attempted_at=sent_at)
-            elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
-                cause = f"an operator answered that the {_planned_what(action)} sent and never answered took nothing"
-                self._decision_point(conn, order, now, cause)
             state = conn.scalar(
                 sa.select(orders.c.state).where(
                     orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id
                 )
             )
         return str(state)
+
+    def _settle_unknown(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        row: RowMapping,
+        result: ChargeResult | None,
+        by: str,
+        nothing_taken: str,
+        now: datetime,
+    ) -> bool:
+        """Record the answer for a charge sent and never answered (``row``, dead-lettered), given ``by`` an operator
+        or its switch: ``result`` is the charge's answer (a success settles the order, or gives a duplicate back on
+        one settled already; a decline is recorded and the order decided again), None when nothing was taken (the
+        order is decided again, ``nothing_taken`` its cause). Either way its mark goes, so the order can be charged
+        again. False (nothing changed) when the charge was answered meanwhile."""
+        action = ActionRow.of(row)
+        if result is None:
+            verdict = "not charged"
+        elif result.status == "success":
+            verdict = "charged"
+        else:
+            verdict = f"declined ({result.error_code})" if result.error_code else "declined"
+        changed = conn.execute(
+            actions.update()
+            .where(actions.c.action_id == action.action_id, UNKNOWN_CHARGE)
+            .values(
+                state=ActionState.DEAD.value if result is None else ActionState.DONE.value,
+                unanswered_since=None,
+                updated_at=now,
+                last_error=f"{row['last_error'] or ''}; resolved by {by}: {verdict}".lstrip("; "),
+            )
+        ).rowcount
+        if changed != 1:
+            return False
+        log.warning(
+            "charge action %s resolved by %s: %s",
+            action.action_id,
+            by,
+            verdict,
+            extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+        )
+        if result is not None:
+            # Dated when it was sent, not when the answer came: the history credits what came before.
+            sent_at = as_utc(row["unanswered_since"])
+            self._record_attempt(conn, order, action, result, now, attempted_at=sent_at)
+        elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
+            self._decision_point(conn, order, now, nothing_taken)
+        return True
+
+    def _ask_switch(self, conn: sa.Connection, charge_action_id: int, due: datetime, now: datetime) -> None:
+        """Ask the switch of a charge sent and never answered what became of it (a CHARGE_STATUS action, one per
+        charge): planned for ``due``, or planned again when the last check got no answer or could not be made."""
+        row = conn.execute(sa.select(actions).where(actions.c.action_id == charge_action_id)).mappings().first()
+        if row is None or row["state"] != ActionState.DEAD.value or row["unanswered_since"] is None:
+            return  # not a charge whose outcome is unknown (it never went out, or it was answered)
+        charge = ActionRow.of(row)
+        number = charge.payload.get("attempt_number")
+        payload = {
+            "charge_action_id": charge.action_id,
+            "connector": charge.payload.get("connector"),
+            "attempt_number": number,
+            "payment_id": f"{charge.order_id}_{number}",
+        }
+        key = f"{charge.idempotency_key}:status"
+        if self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, payload):
+            return
+        conn.execute(
+            actions.update()
+            .where(actions.c.idempotency_key == key, actions.c.state == ActionState.DEAD.value)
+            .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
+        )
+
+    def _resolve_from_switch(
+        self, conn: sa.Connection, order: RowMapping, check: ActionRow, result: ChargeResult | None, now: datetime
+    ) -> None:
+        """The switch's answer about a charge sent and never answered (``check``: the CHARGE_STATUS action that
+        asked): recorded as an operator's would be (``_settle_unknown``), unless the charge was answered meanwhile."""
+        charge_id = int(check.payload["charge_action_id"])
+        row = conn.execute(sa.select(actions).where(actions.c.action_id == charge_id)).mappings().first()
+        what = "not found: it never reached the switch" if result is None else f"status {result.status}"
+        planned = "charge" if row is None else _planned_what(ActionRow.of(row))
+        nothing = (
+            f"the switch answered that the {planned} sent and never answered never reached it "
+            f"(payment {check.payload.get('payment_id')} not found)"
+        )
+        if row is None or not self._settle_unknown(conn, order, row, result, "the switch", nothing, now):
+            conn.execute(
+                actions.update()
+                .where(actions.c.action_id == check.action_id)
+                .values(last_error=f"the switch answered ({what}) after charge action {charge_id} was answered")
+            )
+            return
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == check.action_id)
+            .values(last_error=f"the switch answered: payment {check.payload.get('payment_id')} {what}")
+        )
+
+    def _refund_duplicate(
+        self, conn: sa.Connection, order: RowMapping, charge: ActionRow, number: int, now: datetime
+    ) -> int | None:
+        """Plan the refund of a charge that succeeded on an order already settled (paid by another attempt, a link,
+        or the merchant; or failed, its webhook sent): the customer must not pay twice, and the merchant has its one
+        webhook already. One REFUND action per charge (its idempotency key derives from the charge's, so the switch
+        refunds once however often it is asked); its id."""
+        key = f"{charge.idempotency_key}:refund"
+        payload = {
+            "charge_action_id": charge.action_id,
+            "connector": charge.payload.get("connector"),
+            "attempt_number": number,
+            "payment_id": f"{charge.order_id}_{number}",
+            "txn_id": txn_id_for(charge.idempotency_key),
+            "amount": order["amount"],
+            "currency": order["currency"],
+            "reason": "duplicate",
+        }
+        self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.REFUND, now, key, now, payload)
+        found = conn.scalar(sa.select(actions.c.action_id).where(actions.c.idempotency_key == key))
+        return None if found is None else int(found)
+
+    def _record_refund(self, conn: sa.Connection, action: ActionRow, refunded: Refunded, now: datetime) -> None:
+        """Note on the refund action (shown in the order view) that the switch took the refund."""
+        note = f"refunded through connector {action.payload.get('connector')!r}: {refunded.status}"
+        if refunded.refund_id:
+            note += f" (refund {refunded.refund_id})"
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == action.action_id)
+            .values(
+                last_error=note,
+                payload_json=_dump(
+                    action.payload | {"refund_status": refunded.status, "refund_id": refunded.refund_id}
+                ),
+            )
+        )
+        log.warning(
+            "duplicate charge %s refunded: %s",
+            action.payload.get("payment_id"),
+            note,
+            extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+        )
 
     def withdraw_link_payment(self, action: ActionRow) -> bool:
         """Take back a link payment that was never sent (its connector would not take it now): the attempt never

@@ -39,10 +39,13 @@ from service.executor.channels.base import ChannelAdapter, ChannelError, Outboun
 from service.executor.channels.templates import MessageVariables, link_expiry_text
 from service.executor.connectors import (
     ChargeRequest,
+    ChecksStatus,
     CircuitOpenError,
     Connector,
     ConnectorRegistry,
     PermanentError,
+    RefundRequest,
+    Refunds,
     RefusedError,
     TransientError,
     UnreachedError,
@@ -64,9 +67,11 @@ from service.executor.core import (
     NotSent,
     Outcome,
     Permanent,
+    Refunded,
     Replan,
     Sent,
     Skip,
+    StatusAnswered,
     Transient,
     nudge_id_for,
 )
@@ -291,6 +296,10 @@ class Effects:
                 return NoEffect()
             if action.kind in CHARGE_KINDS:
                 return self._charge(action)
+            if action.kind == ActionKind.CHARGE_STATUS:  # on a settled order too
+                return self._charge_status(action)
+            if action.kind == ActionKind.REFUND:  # the order is settled
+                return self._refund(action, order)
             if order["state"] != OrderState.PENDING:
                 return Skip(f"order is {order['state']}")
             if action.kind == ActionKind.NUDGE:
@@ -430,6 +439,56 @@ class Effects:
         except PermanentError as exc:  # an answer that cannot be read, or a reused key: the charge is unknown
             return Permanent(str(exc))
         return Charged(result)
+
+    def _charge_status(self, action: ActionRow) -> Outcome:
+        """Ask the switch what became of a charge sent and never answered, by its processor payment id."""
+        name, payment_id = str(action.payload.get("connector")), str(action.payload.get("payment_id"))
+        return self._through_switch(
+            action,
+            ChecksStatus,
+            f"cannot be asked what became of payment {payment_id}",
+            "the charge stays unknown until an operator answers for it (resolve-charge)",
+            lambda connector: StatusAnswered(connector.status(payment_id, name)),
+        )
+
+    def _refund(self, action: ActionRow, order: RowMapping) -> Outcome:
+        """Give back a charge that succeeded on an order already settled, through the connector that took it."""
+        request = RefundRequest(
+            idempotency_key=action.idempotency_key,
+            merchant_id=action.merchant_id,
+            order_id=action.order_id,
+            payment_id=str(action.payload.get("payment_id")),
+            amount=float(action.payload.get("amount", order["amount"])),
+            currency=str(action.payload.get("currency", order["currency"])),
+            reason=str(action.payload.get("reason", "duplicate")),
+        )
+
+        def refund(connector: Any) -> Outcome:
+            result = connector.refund(request)  # tried again on no answer: the same key, refunded once
+            return Refunded(result.status, result.refund_id)
+
+        by_hand = f"payment {request.payment_id} was charged twice and must be refunded by hand"
+        return self._through_switch(action, Refunds, "cannot refund", by_hand, refund)
+
+    def _through_switch(
+        self, action: ActionRow, able: type, cannot: str, otherwise: str, call: Callable[[Any], Outcome]
+    ) -> Outcome:
+        """Make ``call`` with the connector of ``action`` (a status check or a refund), which must be ``able`` to:
+        Transient when no answer came, Permanent (saying ``otherwise``) when it cannot be made."""
+        name = str(action.payload.get("connector"))
+        try:
+            connector = self.connector(action.merchant_id, name)
+        except PermanentError as exc:  # no endpoint for it in the merchant's config, and no sandbox
+            return Permanent(f"{exc}; {otherwise}")
+        if not isinstance(connector, able):
+            return Permanent(f"connector {name!r} {cannot}; {otherwise}")
+        try:
+            with self.claims.keep(action, self.lease):
+                return call(connector)
+        except TransientError as exc:
+            return Transient(str(exc))
+        except PermanentError as exc:
+            return Permanent(f"{exc}; {otherwise}")
 
     def _retry_forbidden(
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime

@@ -61,6 +61,8 @@ class ActionKind(StrEnum):
     LINK_PAYMENT = "link_payment"  # the customer paying on the link page (claimed by the API at once)
     WEBHOOK = "webhook"  # the merchant's order webhook at the terminal state
     CLOSE = "close"  # the order's window ended (or a stop waits for live links): fail it if still open
+    CHARGE_STATUS = "charge_status"  # ask the switch what became of a charge sent and never answered
+    REFUND = "refund"  # give back a charge that succeeded on an order already settled (a duplicate)
 
 
 class ActionState(StrEnum):

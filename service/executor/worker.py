@@ -42,6 +42,7 @@ from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
 from service.executor.core import (
     CHARGE_KINDS,
+    SWITCH_FOLLOW_UPS,
     ActionRow,
     ChargeResolutionError,
     Decider,
@@ -240,7 +241,7 @@ class Worker:
         performed: list[tuple[ActionRow, Outcome]] = []
         for action in batch:
             outcome = self.effects.perform(action, found.get((action.merchant_id, action.order_id)))
-            if action.kind in CHARGE_KINDS or action.kind in (ActionKind.NUDGE, ActionKind.WEBHOOK):
+            if action.kind in CHARGE_KINDS or action.kind in (ActionKind.NUDGE, ActionKind.WEBHOOK, *SWITCH_FOLLOW_UPS):
                 # A charge's, a message's or a webhook's answer is recorded at once: its claim is renewed only while
                 # it is out, and the rest of the batch may take longer than a lease (another worker would then take
                 # it over, and the answer would be refused as stale: a message the customer got, or a webhook the

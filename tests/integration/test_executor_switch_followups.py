@@ -1,0 +1,341 @@
+"""A charge whose answer never came is settled from its switch's status; a late success on a settled order is
+refunded through its switch (never a second merchant webhook). Real executor and worker, scripted decide(), a
+switch behind ``HttpConnector`` (httpx MockTransport), on SQLite and PostgreSQL (``database_url``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from service.executor.connectors import CircuitBreaker, HttpConnector
+from service.executor.store import actions
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    PAID_BY_MERCHANT,
+    FakeConnector,
+    Harness,
+    _claim_due,
+    _order_row,
+    event,
+    make_harness,
+    webhook_events,
+)
+
+RETRY = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+MakeHarness = Callable[..., Harness]
+
+
+@dataclass
+class FullSwitch:
+    """A payment switch: charges once per idempotency key (``statuses`` in turn, then ``succeeded``), answers a
+    payment's status by its id, refunds a succeeded payment once per key.
+
+    ``lose_answers``: a charge is made and its answer times out; ``drop_charges``: a charge times out before the
+    switch records it; ``status_mode``: ``answer``, ``timeout`` or ``no_route`` (a plain 404, no such endpoint);
+    ``refund_answers``: HTTP statuses answered to refund calls in turn before the refund is made (then 200)."""
+
+    statuses: list[str] = field(default_factory=list)
+    lose_answers: bool = False
+    drop_charges: bool = False
+    status_mode: str = "answer"
+    refund_answers: list[int] = field(default_factory=list)
+    payments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls.append((request.method, path))
+        if request.method == "POST" and path == "/v1/payments":
+            return self._charge(request)
+        if request.method == "GET" and path.startswith("/v1/payments/"):
+            return self._status(request, path.rsplit("/", 1)[1])
+        if request.method == "POST" and path.endswith("/refunds"):
+            return self._refund(request, path.split("/")[3])
+        return httpx.Response(404, text="no such route")
+
+    def _charge(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if self.drop_charges:
+            raise httpx.ReadTimeout("read timed out", request=request)
+        key = request.headers["Idempotency-Key"]
+        if key not in self.keys:
+            status = self.statuses.pop(0) if self.statuses else "succeeded"
+            answer: dict[str, Any] = {"status": status, "connector": body["connector"]}
+            if status == "failed":
+                answer |= {"error_code": "do_not_honor", "network_decline_code": "05"}
+            self.keys[key] = body["payment_id"]
+            self.payments[body["payment_id"]] = answer
+        if self.lose_answers:
+            raise httpx.ReadTimeout("read timed out", request=request)
+        return httpx.Response(200, json=self.payments[self.keys[key]])
+
+    def _status(self, request: httpx.Request, payment_id: str) -> httpx.Response:
+        if self.status_mode == "timeout":
+            raise httpx.ReadTimeout("read timed out", request=request)
+        if self.status_mode == "no_route":
+            return httpx.Response(404, text="Not Found")
+        if payment_id not in self.payments:
+            return httpx.Response(404, json={"error": {"code": "payment_not_found", "message": "no such payment"}})
+        return httpx.Response(200, json=self.payments[payment_id])
+
+    def _refund(self, request: httpx.Request, payment_id: str) -> httpx.Response:
+        if self.refund_answers:
+            return httpx.Response(self.refund_answers.pop(0), json={"error": {"code": "refused"}})
+        key = request.headers["Idempotency-Key"]
+        if key not in self.refunds:
+            body = json.loads(request.content)
+            self.refunds[key] = {
+                "refund_id": f"rf_{len(self.refunds) + 1}",
+                "payment_id": payment_id,
+                "status": "succeeded",
+                "amount": body["amount"],
+            }
+        return httpx.Response(200, json=self.refunds[key])
+
+    def refunded(self) -> list[str]:
+        return [answer["payment_id"] for answer in self.refunds.values()]
+
+
+def through(switch: FullSwitch) -> HttpConnector:
+    # A breaker that never opens: the tests' timeouts would open the default one for 30 s of real time.
+    return HttpConnector(
+        "adyen",
+        "http://switch.test",
+        None,
+        breaker=CircuitBreaker("adyen", threshold=10_000),
+        client=httpx.Client(transport=httpx.MockTransport(switch)),
+        sleep=lambda _s: None,
+    )
+
+
+def charged_after_the_merchant_was_paid(h: Harness) -> Any:
+    """The order's retry is charged as the merchant reports the order paid (``PAID_BY_MERCHANT``), and its
+    success recorded after that; the retry action."""
+    retry = _claim_due(h, "retry")
+    outcome = h.effects.perform(retry, _order_row(h))  # the switch charges ord_1_2 ...
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"  # ... as the merchant's
+    h.worker.record([(retry, outcome)])
+    return retry
+
+
+def run_for(h: Harness, seconds: int, step: int = 31) -> None:
+    for _ in range(seconds // step + 1):
+        h.drain()
+        h.clock.advance(seconds=step)
+    h.drain()
+
+
+def of_kind(h: Harness, kind: str) -> list[Any]:
+    return [a for a in h.view().actions if a.kind == kind]
+
+
+def lost_charge(build: MakeHarness, database_url: str, switch: FullSwitch, *steps: dict[str, Any]) -> Harness:
+    """An order whose retry (payment ord_1_2) went to ``switch`` and whose every answer was lost: dead-lettered
+    unanswered after its 2 tries."""
+    h = build(RETRY, *steps, connector=through(switch), max_attempts=2, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    switch.lose_answers = switch.lose_answers or not switch.drop_charges
+    h.drain()
+    h.clock.advance(seconds=5)
+    h.drain()  # the re-send, answer lost again: dead-lettered, the charge unknown
+    retry = of_kind(h, "retry")[0]
+    assert (retry.state, retry.unanswered_since is not None) == ("dead", True), retry
+    switch.lose_answers = switch.drop_charges = False
+    return h
+
+
+# ------------------------------------------------------------------------------- 1. the status check
+
+
+def test_a_charge_whose_answer_was_lost_is_settled_from_the_switchs_status(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch)
+    assert h.view().state == "PENDING"
+    run_for(h, 90)  # the switch is asked a minute after the dead-letter
+    view = h.view()
+    assert view.state == "SUCCEEDED", [(a.kind, a.state, a.last_error) for a in view.actions]
+    assert [(a.attempt_number, a.status) for a in view.attempts] == [(1, "failure"), (2, "success")]
+    retry = of_kind(h, "retry")[0]
+    assert (retry.state, retry.unanswered_since) == ("done", None)
+    assert "resolved by the switch: charged" in (retry.last_error or "")
+    assert ("GET", "/v1/payments/ord_1_2") in switch.calls
+    run_for(h, 3600 * 3, step=600)
+    assert webhook_events(h) == ["order.succeeded"]  # exactly once
+    assert switch.refunds == {}
+
+
+def test_a_lost_charge_the_switch_declined_is_carried_on_as_a_decline(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    assert len(h.view().decisions) == 1
+    run_for(h, 120)  # the switch says declined: the decline is recorded and the order decided again (a stop)
+    view = h.view()
+    assert [(a.attempt_number, a.status, a.error_code) for a in view.attempts] == [
+        (1, "failure", "processing_error"),
+        (2, "failure", "do_not_honor"),
+    ]
+    assert [d["action"] for d in view.decisions] == ["retry", "stop"]
+    assert view.state == "FAILED"
+    retry = of_kind(h, "retry")[0]
+    assert (retry.state, retry.unanswered_since) == ("done", None)
+    assert "resolved by the switch: declined (do_not_honor)" in (retry.last_error or "")
+    h.drain()
+    assert webhook_events(h) == ["order.failed"]
+
+
+def test_a_lost_charge_the_switch_never_got_is_taken_as_not_charged(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(drop_charges=True)
+    h = lost_charge(make_harness, database_url, switch, RETRY)
+    assert switch.payments == {}  # the timeouts came before the switch recorded anything
+    run_for(h, 120)  # 404 payment_not_found: nothing was taken; decided again, the next retry succeeds
+    view = h.view()
+    first = of_kind(h, "retry")[0]
+    assert (first.state, first.unanswered_since) == ("dead", None)
+    assert "resolved by the switch: not charged" in (first.last_error or "")
+    assert view.state == "SUCCEEDED"
+    assert list(switch.payments) == ["ord_1_3"]  # one charge, under a new payment id
+    h.drain()
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+def test_a_switch_that_does_not_answer_leaves_the_charge_unknown_and_is_asked_again_hourly(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    switch.status_mode = "timeout"
+    run_for(h, 600)  # the check's 2 tries time out: asked again in an hour, the charge stays unknown
+    check = of_kind(h, "charge_status")[0]
+    assert check.state == "scheduled", check
+    assert "ReadTimeout" in (check.last_error or "")
+    assert check.due_at >= h.clock.now + timedelta(minutes=45)
+    asked = switch.calls.count(("GET", "/v1/payments/ord_1_2"))
+    run_for(h, 3600 * 2, step=600)  # still no answer: asked again each hour
+    assert switch.calls.count(("GET", "/v1/payments/ord_1_2")) > asked
+    assert h.view().state == "PENDING"
+    assert webhook_events(h) == []
+    switch.status_mode = "answer"
+    run_for(h, 3600, step=600)
+    assert h.view().state == "SUCCEEDED"
+    h.drain()
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+def test_a_switch_without_a_status_endpoint_is_not_taken_for_payment_not_found(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A plain 404 (no such route) must not read as "never charged": the next retry would charge a second time."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch, RETRY)
+    switch.status_mode = "no_route"
+    run_for(h, 120)
+    check = of_kind(h, "charge_status")[0]
+    assert check.state == "dead"
+    assert "payment_not_found" in (check.last_error or "")
+    assert h.view().state == "PENDING"
+    assert list(switch.payments) == ["ord_1_2"]  # no second charge
+    retry_id = of_kind(h, "retry")[0].action_id
+    assert h.executor.resolve_charge(retry_id, charged=True) == "SUCCEEDED"  # the operator's answer stays
+
+
+# ------------------------------------------------------------------------------- 2. refunds of duplicates
+
+
+def test_a_late_success_on_an_order_paid_since_is_refunded_once_without_a_second_webhook(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded"], refund_answers=[503, 503, 503])
+    h = make_harness(RETRY, connector=through(switch), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        retry = charged_after_the_merchant_was_paid(h)
+        run_for(h, 120, step=10)  # the refund's first send gets 503 three times: tried again, same key
+    view = h.view()
+    assert view.success_txn_id == "txn_ext"
+    refund = of_kind(h, "refund")
+    assert [(a.state, a.attempts) for a in refund] == [("done", 2)], refund
+    assert "refunded through connector 'adyen': succeeded (refund rf_1)" in (refund[0].last_error or "")
+    assert switch.refunded() == ["ord_1_2"]
+    refund_calls = [c for c in switch.calls if c == ("POST", "/v1/payments/ord_1_2/refunds")]
+    assert len(refund_calls) == 4  # 3 x 503 on the first send, then the same key again
+    with h.executor.engine.connect() as conn:
+        keys = list(conn.scalars(sa.select(actions.c.idempotency_key).where(actions.c.kind == "refund")))
+    assert keys == [f"{retry.idempotency_key}:refund"]
+    assert any("a refund may be needed" in r.getMessage() for r in caplog.records)
+    run_for(h, 3600, step=600)
+    assert webhook_events(h) == ["order.succeeded"]  # one webhook, for the merchant's payment
+    assert [a.status for a in view.attempts if a.attempt_number == 2] == ["success"]  # the money taken is on record
+
+
+def test_an_unknown_charge_on_an_order_the_merchant_reports_paid_is_checked_and_refunded(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch)
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    run_for(h, 120)  # settling does not cancel the check; the switch says ord_1_2 succeeded: a duplicate
+    assert of_kind(h, "charge_status")[0].state == "done"
+    assert [a.state for a in of_kind(h, "refund")] == ["done"]
+    assert switch.refunded() == ["ord_1_2"]
+    assert h.view().success_txn_id == "txn_ext"
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+def test_a_refund_the_switch_refuses_is_dead_lettered_with_a_clear_log(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded"], refund_answers=[422])
+    h = make_harness(RETRY, connector=through(switch), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    charged_after_the_merchant_was_paid(h)
+    with caplog.at_level(logging.ERROR, logger="winback.executor"):
+        run_for(h, 60)
+    refund = of_kind(h, "refund")
+    assert [a.state for a in refund] == ["dead"]
+    assert "refused the refund of payment 'ord_1_2' with HTTP 422" in (refund[0].last_error or "")
+    assert "must be refunded by hand" in (refund[0].last_error or "")
+    logged = [r.getMessage() for r in caplog.records if "refund it by hand" in r.getMessage()]
+    assert logged, [r.getMessage() for r in caplog.records]
+    assert "ord_1_2" in logged[0]
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+def test_a_connector_that_cannot_refund_says_so_on_the_order(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    h = make_harness(RETRY, connector=FakeConnector(results=["success"]), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    charged_after_the_merchant_was_paid(h)
+    h.drain()
+    refund = of_kind(h, "refund")
+    assert [a.state for a in refund] == ["dead"]
+    assert refund[0].last_error == "connector 'adyen' cannot refund; payment ord_1_2 was charged twice and must be " + (
+        "refunded by hand"
+    )
+    assert webhook_events(h) == ["order.succeeded"]

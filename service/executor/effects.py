@@ -1,6 +1,9 @@
-"""Performing the side effects of claimed actions: charges through connectors, nudges through channels, and
-merchant webhooks. Nothing here writes to the database; every call carries the action's idempotency key, and
-the answer comes back as an ``Outcome`` that ``Executor.complete`` records.
+"""Performing the side effects of claimed actions: charges, status checks and refunds through connectors, nudges
+through channels, and merchant webhooks. Every call carries the action's idempotency key, and the answer comes back
+as an ``Outcome`` that ``Executor.complete`` records. What is written here, through the executor, is only what must
+be durable before a call goes out or while it runs: the send mark of a charge or message (with the hard rules, the
+pacing turn and the order's lock checked in the same transaction), its removal when the call certainly never left,
+and the renewal of the claims of calls still running.
 """
 
 from __future__ import annotations

@@ -530,6 +530,22 @@ def served_probabilities(
     ).scores
 
 
+class ServedScorer:
+    """``scorer`` as decide() serves it: ``score`` gives `served_probabilities` of the candidates, from the model that
+    answers the request (`scorer_for`). What an evaluation judges and values a model by (its classification metrics,
+    its DR reward model), so the probability it is judged on is the one its policy acts on and the API reports."""
+
+    def __init__(self, scorer: CandidateScorer, *, catalog: ErrorCatalog, config: PolicyConfig | None = None) -> None:
+        self.scorer = scorer
+        self.catalog = catalog
+        self.config = config or PolicyConfig()
+
+    def score(self, request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        return served_probabilities(
+            request, candidates, scorer_for(self.scorer, request), catalog=self.catalog, config=self.config
+        )
+
+
 def decide(
     request: DecisionRequest,
     merchant: MerchantConfig,

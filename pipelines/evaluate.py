@@ -21,7 +21,8 @@ import pandas as pd
 from model import evaluation as ev
 from model import plots
 from model.catalog import ErrorCatalog
-from model.policy import CandidateScorer, scorer_for, served_probabilities
+from model.money import Economics
+from model.policy import CandidateScorer, ServedScorer
 from model.wording import count_noun
 from pipelines.gate import fitted_into_holdout
 
@@ -227,18 +228,9 @@ def _classification(
     predictions: dict[str, np.ndarray] = {}
     y = acted["label"].to_numpy(dtype=np.float64)
     for name, scorer in scorers.items():
+        served = ServedScorer(scorer, catalog=catalog)
         p = np.array(
-            [
-                float(
-                    served_probabilities(
-                        row["request"],
-                        [ev.logged_candidate(row)],
-                        scorer_for(scorer, row["request"]),
-                        catalog=catalog,
-                    )[0]
-                )
-                for row in _records(acted)
-            ],
+            [float(served.score(row["request"], [ev.logged_candidate(row)])[0]) for row in _records(acted)],
             dtype=np.float64,
         )
         predictions[name] = p
@@ -254,6 +246,16 @@ def _classification(
     columns += ["ece", "brier"]
     table = pd.concat(reports, ignore_index=True)[columns] if reports else pd.DataFrame(columns=columns)
     return table, reliability, predictions
+
+
+def served_reward_model(
+    scorer: Scorer, economics: Economics, catalog: ErrorCatalog, reward: Literal["value", "success"] = "value"
+) -> ev.RewardModel:
+    """A model's reward model for DR (``dr``, ``dr@name``): the P(success) decide() serves (`ServedScorer`: the
+    boosters' estimate with the cells' priors and the code level), as the classification table scores it. The
+    boosters' raw score valued a policy with another model than the one that acts for it."""
+    served = ServedScorer(scorer, catalog=catalog)
+    return ev.value_reward_model(served, economics) if reward == "value" else ev.success_reward_model(served)
 
 
 def evaluate(
@@ -358,7 +360,7 @@ def evaluate(
             metrics[f"{row['model']}.{metric}"] = float(row[metric])
 
     def reward_model_of(scorer: Scorer) -> ev.RewardModel:
-        return ev.value_reward_model(scorer, economics) if reward == "value" else ev.success_reward_model(scorer)
+        return served_reward_model(scorer, economics, catalog, reward)
 
     # DR with each model's reward model (``dr`` the first's, ``dr@name`` the others'): a model's reward model
     # favours the actions that model would choose, so a comparison of two models under one model's view is not fair.

@@ -35,6 +35,7 @@ from pipelines.ope_check import (
 def gate_check(check: VersionPairCheck) -> pd.DataFrame:
     """One row per (challenger, champion) pairing of ``check.versions``, as the module docstring says."""
     from model.simulation.truth import true_point_values
+    from pipelines.evaluate import served_reward_model
     from pipelines.gate import GATE_METRICS, compare
     from pipelines.train import (
         CHALLENGER_NAME,
@@ -61,9 +62,9 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
         replayed = ev.replay(
             logged,
             chosen,
-            ev.value_reward_model(bundles[CHALLENGER_NAME], economics),
+            served_reward_model(bundles[CHALLENGER_NAME], economics, catalog),
             other_reward_models={
-                CHAMPION_NAME: ev.value_reward_model(bundles[CHAMPION_NAME], economics),
+                CHAMPION_NAME: served_reward_model(bundles[CHAMPION_NAME], economics, catalog),
                 ev.HOLDOUT_REWARD_MODEL: ev.crossfit_reward_model(logged, economics, seed=eval_seed),
             },
         )

@@ -106,6 +106,7 @@ def ope_bias(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The two tables of the module docstring: per (version, view, estimator), and per (pairing, clip, view)."""
     from model.simulation.truth import true_point_values
+    from pipelines.evaluate import served_reward_model
     from pipelines.train import comparison_policies, merchants_for
 
     history, logged, economics, models, catalog = judged_holdout(check)
@@ -116,8 +117,8 @@ def ope_bias(
     replayed = ev.replay(
         logged,
         dict(recorded),
-        ev.value_reward_model(models[first], economics),
-        other_reward_models={second: ev.value_reward_model(models[second], economics)},
+        served_reward_model(models[first], economics, catalog),
+        other_reward_models={second: served_reward_model(models[second], economics, catalog)},
     )
     world = check.world()
     truth = {

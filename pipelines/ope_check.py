@@ -131,6 +131,7 @@ def ope_check(
     from model.registry import load_trained_alias, offline_catalog
     from model.simulation.truth import true_point_values
     from model.simulation.world import World
+    from pipelines.evaluate import served_reward_model
     from pipelines.train import comparison_policies, merchants_for
 
     loaded = load_trained_alias(alias, tracking_uri=tracking_uri)
@@ -146,7 +147,7 @@ def ope_check(
         merchants_for(history.attempts), {model_name: loaded.bundle}, seed=eval_seed, catalog=catalog
     )
     chosen = {name: policies[name] for name in (model_name, "rules-only", "logging")}
-    reward_model = ev.value_reward_model(loaded.bundle, economics)
+    reward_model = served_reward_model(loaded.bundle, economics, catalog)
 
     after = holdout[holdout["propensity"].notna()].reset_index(drop=True)
     before = after[~after["logged_stop"]].reset_index(drop=True)

@@ -480,6 +480,16 @@ def make_history_frames(
     )
 
 
+def write_history_frames(folder: Path, n_orders: int, seed: int) -> Path:
+    """``folder`` holding ``attempts.parquet`` and ``nudges.parquet`` of `make_history_frames` (n_orders, seed)."""
+    from model.history import write_attempts, write_nudges
+
+    attempts, nudges = make_history_frames(n_orders, seed=seed)
+    write_attempts(attempts, folder / "attempts.parquet")
+    write_nudges(nudges, folder / "nudges.parquet")
+    return folder
+
+
 def write_merchant_config(path: Path, merchant_ids: list[str]) -> Path:
     """Write a merchant config YAML with the demo merchant's settings for each id; the API key of merchant
     ``m`` is ``"wb_demo_<m>"`` (the demo config's convention). Returns ``path``."""

@@ -19,7 +19,7 @@ import pytest
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
 from model.vocab import Action, Strategy
-from tests.factories import _SYNTH_CONNECTORS, _SYNTH_ERRORS, make_history_frames
+from tests.factories import _SYNTH_CONNECTORS, _SYNTH_ERRORS, write_history_frames
 
 
 def _retry_in_15_minutes(strategy: Strategy) -> object:
@@ -65,13 +65,7 @@ class _Constant:
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.history import write_attempts, write_nudges
-
-    folder = tmp_path_factory.mktemp("history")
-    attempts, nudges = make_history_frames(1_500, seed=3)
-    write_attempts(attempts, folder / "attempts.parquet")
-    write_nudges(nudges, folder / "nudges.parquet")
-    return folder
+    return write_history_frames(tmp_path_factory.mktemp("history"), 1_500, seed=3)
 
 
 @pytest.mark.parametrize(

@@ -467,17 +467,18 @@ class TrainedVersion:
 def offline_catalog(loaded: TrainedVersion | None) -> tuple[ErrorCatalog, list[str]]:
     """The error catalog an offline evaluation of ``loaded`` (None: no model, rules only) reads, and the lines saying
     so: the one the version was trained with (its own overlay wins over ``WINBACK_GSM_OVERLAY``, said when that names
-    another one), else the shipped one (said too when ``WINBACK_GSM_OVERLAY`` names an overlay: it is not read)."""
+    another one), else the one a rules-only API and executor serve with: the shipped catalog with the overlay
+    ``WINBACK_GSM_OVERLAY`` names, if any (`model.gsm.serving_catalog`; GsmError names a file it cannot read). The
+    shipped catalog alone evaluated other rules than those served: a code only the overlay defines was unknown."""
     if loaded is None:
-        catalog = load_catalog()
-        lines = [f"evaluated with the shipped error catalog {catalog.version} (no model registered)"]
-        unread = unread_overlay(None)
-        if unread is not None:
-            lines.append(
-                f"note: WINBACK_GSM_OVERLAY={unread} is not read: with no model registered, the rules are evaluated "
-                "with the shipped error catalog"
-            )
-        return catalog, lines
+        overlay = GsmOverlaySetting().gsm_overlay
+        catalog = serving_catalog(overlay)
+        if overlay is None:
+            return catalog, [f"evaluated with the shipped error catalog {catalog.version} (no model registered)"]
+        return catalog, [
+            f"evaluated with the shipped error catalog and the gateway status map overlay {overlay} "
+            f"(WINBACK_GSM_OVERLAY), as the rules are served: {catalog.version} (no model registered)"
+        ]
     note = loaded.unread_overlay_note()
     return loaded.catalog, [loaded.describe(), *([f"note: {note}"] if note else [])]
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from model import registry
 from model import training as training_module
 from model.catalog import load_catalog
-from model.gsm import GSM_OVERLAY_KEY, overlay_digest, with_overlay, write_overlay
+from model.gsm import GSM_OVERLAY_KEY, overlay_digest, serving_catalog, with_overlay, write_overlay
 from model.policy import PolicyConfig, decide
 from model.registry import default_merchant
 from model.training import decision_points, request_at
@@ -470,11 +470,12 @@ def test_a_version_whose_overlay_artifact_is_missing_or_changed_stops_offline_ev
         ], command
 
 
-def test_rules_only_offline_evaluation_says_it_reads_the_shipped_catalog(
+def test_rules_only_offline_evaluation_says_it_reads_the_catalog_the_rules_are_served_with(
     trained_with_overlay: Trained, tmp_path: Path, no_overlay_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no model registered, `winback evaluate` and `winback codes report` say they read the shipped catalog,
-    and that the operator's WINBACK_GSM_OVERLAY is not read (it was dropped without a word)."""
+    """With no model registered, `winback evaluate` and `winback codes report` read the catalog a rules-only API and
+    executor serve with: the shipped one with the operator's WINBACK_GSM_OVERLAY (they read the shipped one alone,
+    and said the variable was not read), and say so."""
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -483,10 +484,10 @@ def test_rules_only_offline_evaluation_says_it_reads_the_shipped_catalog(
     attempts, nudges = _write_frames(tmp_path / "history", trained.attempts, trained.nudges)
     store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     history = ["--attempts", str(attempts), "--nudges", str(nudges), "--tracking-uri", store]
-    line = f"evaluated with the shipped error catalog {load_catalog().version} (no model registered)"
-    note = (
-        f"note: WINBACK_GSM_OVERLAY={trained.overlay} is not read: with no model registered, the rules are evaluated "
-        "with the shipped error catalog"
+    line = (
+        f"evaluated with the shipped error catalog and the gateway status map overlay {trained.overlay} "
+        f"(WINBACK_GSM_OVERLAY), as the rules are served: {serving_catalog(trained.overlay).version} "
+        "(no model registered)"
     )
     monkeypatch.setenv("WINBACK_GSM_OVERLAY", str(trained.overlay))
 
@@ -496,4 +497,4 @@ def test_rules_only_offline_evaluation_says_it_reads_the_shipped_catalog(
         assert result.exit_code == 0, (command, result.output)
         lines = result.stdout.splitlines()
         assert line in lines, (command, result.stdout)
-        assert lines[lines.index(line) + 1] == note, (command, result.stdout)
+        assert not any("is not read" in shown for shown in lines), (command, result.stdout)

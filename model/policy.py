@@ -52,6 +52,14 @@ DAILY_DISCOUNT = 0.995
 #: with it too (model.bundle); a trained one carries the threshold its training job chose (README, "How a decision
 #: is made").
 DEFAULT_RETRYABLE_THRESHOLD = 0.10
+#: No P(success) decide() serves for a retry or a payment link is below this or above 1 minus it: the rules-only
+#: priors are floored at it (``Priors.prior_slots``, the pseudo-count of every cell's prior, ``cell_factors``) and the
+#: served probability is kept within it (``_served_scores``). A prior of 0 (a hard decline's or a duplicate's retry)
+#: served exactly 0 where the model saw no success, and one logged retry there that succeeded added 34.5 to that
+#: point's log loss (clipped at 1e-15), the gate's noise with it; at this floor it adds at most 6.9. What must never
+#: be tried is a hard rule's (Visa category 1, Mastercard's "never retry" advice, a lost or stolen card: model.rules),
+#: not a probability's. winback's modelling choice, not a measured figure (README, "How a decision is made").
+PROBABILITY_FLOOR = 0.001
 
 
 class CandidateScorer(Protocol):
@@ -160,7 +168,8 @@ class Priors:
     def prior_slots(self, error_class: str, nudges: int) -> np.ndarray:
         """RulesOnlyScorer's score of every cell slot (model.cellsupport.ARMS) for one error class and number of
         nudges sent: a retry strategy's now, hours and later value, a channel's link probability in each of its
-        slots; then two slots of 0 for candidates of no cell (stop). Do not modify."""
+        slots, each within ``PROBABILITY_FLOOR`` of 0 and 1; then two slots of 0 for candidates of no cell (stop).
+        Do not modify."""
         key = (error_class, nudges)
         slots = self._slots.get(key)
         if slots is None:
@@ -174,6 +183,7 @@ class Priors:
                     slots[first : first + SLOTS_PER_ARM] = link * self.channel_factor.get(arm, 0.5)
                 else:
                     slots[first : first + SLOTS_PER_ARM] = retry_table.get(arm, (0.0,) * SLOTS_PER_ARM)
+            _within_floor(slots[:N_SLOTS])
             if len(self._slots) >= 4096:
                 self._slots.clear()
             self._slots[key] = slots
@@ -181,6 +191,13 @@ class Priors:
 
 
 _CHANNEL_VALUES = frozenset(channel.value for channel in Channel)
+
+
+def _within_floor(p: np.ndarray) -> None:
+    """Clip probabilities to [``PROBABILITY_FLOOR``, 1 - ``PROBABILITY_FLOOR``], in place (two ufuncs: np.clip's
+    dispatch costs more)."""
+    np.maximum(p, PROBABILITY_FLOOR, out=p)
+    np.minimum(p, 1.0 - PROBABILITY_FLOOR, out=p)
 
 
 @cache
@@ -274,6 +291,15 @@ def _expected_values(
     for start, stop in stops:  # a run's slice, not a mask of every row: one numpy call instead of three
         values[start:stop] = 0.0
     return values
+
+
+def _floor_value(request: DecisionRequest, economics: Economics, delay_seconds: float) -> float:
+    """What an action ``delay_seconds`` on is worth at P(success) ``PROBABILITY_FLOOR``, before its cost: the value
+    the best action must exceed to be taken rather than stop. The floor keeps a probability from claiming certainty;
+    it is no evidence that acting pays, so an action known by the floor alone (a duplicate's payment link, where the
+    prior is 0 and the model saw no success) is not taken for it: decide() stops there as it did before the floor."""
+    amount_usd = economics.order_value_usd(request.amount, request.currency)
+    return float(PROBABILITY_FLOOR * amount_usd * DAILY_DISCOUNT ** (max(delay_seconds, 0.0) / 86_400.0))
 
 
 def _slot_bases(runs: list[_Run], n: int) -> np.ndarray:
@@ -507,6 +533,8 @@ def _served_scores(
             i for start, stop, first in runs + blocked_runs if first.action is _RETRY for i in range(start, stop)
         ]
         scores[retries] = np.minimum(scores[retries] * level_factor, 1.0)
+    # Never exactly 0 or 1 (a booster's calibrator, a code level can reach either): stop is decide()'s to zero.
+    _within_floor(scores)
     return _Served(scores, level, level_factor, table, cells)
 
 
@@ -520,14 +548,19 @@ def served_probabilities(
 ) -> np.ndarray:
     """P(success) of each of ``candidates`` as decide() serves it (``expected_success``, ``retry_probability``): the
     scorer's calibrated estimate, shrunk to the rules-only prior where the model saw few cases like it, then scaled
-    by what the failure's code showed in training (its code level). Scored as decide() scores a grid of them, without
-    its rules: a model is judged on what it serves (evaluation, the promotion gate), not on its boosters alone."""
+    by what the failure's code showed in training (its code level), within ``PROBABILITY_FLOOR`` of 0 and 1 (stop: 0).
+    Scored as decide() scores a grid of them, without its rules: a model is judged on what it serves (evaluation, the
+    promotion gate), not on its boosters alone."""
     error_class = normalise_request(catalog, request).error_class.value
     delays = _delay_seconds(request, candidates)
     runs = _kind_runs(candidates)
-    return _served_scores(
+    scores = _served_scores(
         request, candidates, runs, len(candidates), delays, scorer, error_class, config or PolicyConfig()
     ).scores
+    for start, stop, first in runs:
+        if first.action == _STOP:
+            scores[start:stop] = 0.0  # no probability: the order fails
+    return scores
 
 
 class ServedScorer:
@@ -617,7 +650,7 @@ def _decide(
     values = _expected_values(request, allowed, runs, p_success, economics, delays[: len(allowed)])
     # Ties (e.g. equal values at several send times) go to the earliest candidate in grid order.
     best = int(np.argmax(values))
-    if values[best] <= 0.0:
+    if values[best] <= _floor_value(request, economics, float(delays[best])):
         best = next(start for start, _, first in runs if first.action == _STOP)
 
     error = context.error

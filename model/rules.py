@@ -91,6 +91,7 @@ class Rule(StrEnum):
     MANDATE_REVOKED = "mandate_revoked"
     ACCOUNT_CLOSED_OR_INVALID = "account_closed_or_invalid"
     BLOCK_LIST = "block_list"
+    DUPLICATE_TRANSACTION = "duplicate_transaction"
     VISA_REATTEMPT_CAP = "visa_reattempt_cap"
     MASTERCARD_REATTEMPT_CAP = "mastercard_reattempt_cap"
     MAC_NEVER_RETRY = "mastercard_mac_never_retry"
@@ -793,6 +794,15 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         applied.append(Rule.BLOCK_LIST.value)
         retry_blocked.append(Rule.BLOCK_LIST)
         retarget_blocked.append(Rule.BLOCK_LIST)
+
+    # A duplicate-transaction refusal (Stripe's duplicate_transaction, ISO 8583 94, NPCI U01, Cybersource's reused
+    # reference: the catalog's duplicate class): the switch or network saw the same payment moments before, and that
+    # one may have gone through. Its status is to be checked, not the payment sent again: another connector, or the
+    # same one later, would not see the first and could take the money twice. No silent retry; a payment link, which
+    # the customer pays knowingly, is left to the policy (data/README.md, rules/hard_rules.yaml).
+    if normalised.error_class is ErrorClass.DUPLICATE:
+        applied.append(Rule.DUPLICATE_TRANSACTION.value)
+        retry_blocked.append(Rule.DUPLICATE_TRANSACTION)
 
     # Mastercard: no authorization after so many declines of the card in any window (24 h), the original attempt's
     # decline included, counted from the order's history (a failure the history does not list is the event's).

@@ -469,6 +469,35 @@ def test_a_lost_stolen_or_pick_up_card_is_never_retried_on_any_network(
     assert Rule.LOST_STOLEN_CARD not in broken(context, retarget())
 
 
+@pytest.mark.parametrize(
+    ("failure", "blocked"),
+    [
+        ({"connector": "stripe", "error_code": "duplicate_transaction"}, True),
+        ({"connector": "checkout", "error_code": "20094"}, True),
+        ({"connector": "cybersource", "error_code": "104"}, True),  # merchant reference reused within 15 minutes
+        ({"connector": "stripe", "error_code": "card_declined", "network_decline_code": "94"}, True),
+        ({"connector": "acme", "error_code": "E7", "error_message": "Duplicate transaction"}, True),
+        ({"connector": "stripe", "error_code": "processing_error"}, False),
+    ],
+)  # fmt: skip
+def test_a_duplicate_transaction_is_never_sent_again_silently(failure: dict[str, str | None], blocked: bool) -> None:
+    """A duplicate refusal means the same payment reached the switch or network moments before and may have gone
+    through: sent again on another connector (which does not see the first) it could be taken twice. Its priors of 0
+    kept it from being retried until served probabilities got a floor; a model that saw retries of it succeed in the
+    history (the second charge is such a success) could then cascade it. A rule forbids it whatever the scores."""
+    context = ctx(
+        merchant=LENIENT,
+        catalog=load_catalog(),
+        payment={"card_network": "mastercard"},
+        failure={"error_message": None, "network_decline_code": None, **failure},
+        customer={"country": "US"},
+    )
+    retries = [c for c in permitted(context, rules.enumerate_candidates(context)) if c.action is Action.RETRY]
+    assert (retries == []) is blocked
+    assert (Rule.DUPLICATE_TRANSACTION in broken(context, retry(strategy="cascade", connector="adyen"))) is blocked
+    assert Rule.DUPLICATE_TRANSACTION not in broken(context, retarget())
+
+
 def _us_card_decline(network: str, failure: dict[str, str | None]) -> RuleContext:
     """A US customer's card payment on ``network`` declined on stripe as ``failure`` says (merged into a plain
     card_declined), under a lenient merchant and the shipped catalog."""

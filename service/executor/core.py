@@ -49,7 +49,7 @@ from service.executor.outages import (
     note_refusal,
     without_channels,
 )
-from service.executor.pacing import note_pair_rate_limited, note_rate_limited
+from service.executor.pacing import forget_idle_customers, note_pair_rate_limited, note_rate_limited
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -3373,6 +3373,15 @@ class Executor:
         if expired:
             log.info("%d delivery receipts that matched no message in %s were deleted", expired, EARLY_RECEIPT_TTL)
         return int(expired)
+
+    def forget_idle_customers(self) -> int:
+        """Delete the customers' pacing rows idle longer than the policy's longest hold (``pacing.
+        forget_idle_customers``: every WhatsApp message makes one); how many. Run by the worker
+        (``Worker.clean_up_seconds``)."""
+        with self.engine.begin() as conn:
+            return forget_idle_customers(
+                conn, self.clock(), timedelta(seconds=self.retry_policy.rate_limit_max_hold_seconds)
+            )
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,12 @@ waiting (data/README.md). It holds back only that customer's messages on the cha
 the address's SHA-256, as opt-outs are), for Meta's recommended back-off: 4^X seconds, X counting the pair's limited
 receipts in a row from 0, never less than the pair rate's one message every 6 seconds, at most ``max_hold``; the
 messages it held (the customer's other orders) then go one every 6 seconds, as the sender's do a spacing apart.
+Waiting for a 131056 before keeping the pair rate let two messages to one customer go together first (two orders
+failing at once, or due at the end of the quiet hours, released a tenth of a second apart), and two refusals take
+WhatsApp off the order: every WhatsApp message therefore takes a turn of its customer's row (``pair_turn``), one
+every 6 seconds, the first at once, under the row's lock. That costs each WhatsApp message two writes of its
+customer's row (it read it once before), and the worker's clean-up deletes the rows idle for ``max_hold``
+(``forget_idle_customers``). The other channels only read the row, as before (no pair rate is documented for them).
 
 The quiet hours make the same burst with no rate limit at all: a message due in them is deferred to their end, and
 the policy plans a night's first messages there too, so every message of a merchant whose customers share a time
@@ -30,7 +36,8 @@ zone is due at one instant (09:00 local), into the sender's throughput limit. A 
 ``QUIET_HOURS_WAKE`` of the end of its quiet hours (the merchant's, or its customer's) therefore always takes a turn
 of the sender's release, ``wake_spacing`` apart (``RetryPolicy.quiet_hours_release_spacing_seconds``; Meta's
 documented throughput, data/README.md): the first goes at once, the others each at its turn, kept on the message as
-above. A message sent at any other time takes no lock and makes no query it did not before.
+above. A message sent at any other time takes no lock of its sender's row and makes no query of it it did not
+before.
 
 This is not the outage breaker (service/executor/outages.py): that one counts send-time refusals only (a provider
 that certainly did not take a message), and a channel it holds is decided around. A rate-limited receipt is about a
@@ -131,9 +138,7 @@ def note_pair_rate_limited(
     ``merchant_id``'s ``channel`` at ``now``; the end of that customer's hold. The merchant's customers whose last
     hold (and release) ended more than ``max_hold`` ago are forgotten here (their next one would start over anyway),
     so the table keeps only the customers recently limited."""
-    latest = sa.func.coalesce(customer_pacing.c.next_turn_at, customer_pacing.c.held_until)  # a turn is after the hold
-    stale = [customer_pacing.c.merchant_id == merchant_id, customer_pacing.c.channel == channel.value]
-    conn.execute(customer_pacing.delete().where(*stale, latest < now - max_hold))
+    forget_idle_customers(conn, now, max_hold, merchant_id)
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
     until, started = _note_limited(
         conn,
@@ -226,6 +231,48 @@ def release_turn(
     those waking with the end of quiet hours (``wake_spacing`` given) ``wake_spacing`` apart."""
     key = {"merchant_id": merchant_id, "channel": channel.value}
     return _release_turn(conn, channel_pacing, key, now, turn, spacing, wake_spacing)
+
+
+def pair_turn(
+    conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime, turn: datetime | None
+) -> datetime | None:
+    """When a WhatsApp message to the customer at ``address_sha256`` on ``merchant_id``'s ``channel`` may go, as
+    ``_release_turn`` says, for every message and not only after a pair rate limit: Meta refuses a second message
+    to one customer within 6 seconds (131056), so each message takes a turn of the customer's row, under its lock
+    (made if missing: two workers sending to one customer never both go), one every 6 seconds, the first at once.
+
+    ``turn``: the turn the message was given before. It goes at it, or within 6 seconds after it (a worker claims it
+    a moment late); a turn older than that (a message retried, or kept waiting by another check, long after) or
+    from before the customer's hold ended is spent, and the message takes a new one. The next free turn is never
+    less than 6 seconds after the message that goes, however late it goes. Normal traffic (a customer messaged once
+    in a while) pays two writes of this row, no wait: the row's lock is held only by that customer's sends."""
+    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
+    row = _locked_row(conn, customer_pacing, key, now)
+    held_until, next_turn = as_utc(row["held_until"]), as_utc_or_none(row["next_turn_at"])
+    if turn is not None and turn >= held_until and turn > now:  # its turn, still to come
+        return turn
+    if turn is not None and turn >= held_until and now - turn < PAIR_RATE_INTERVAL:  # its turn: it goes
+        mine = now
+    else:
+        mine = max(held_until, now) if next_turn is None else max(held_until, next_turn, now)
+    free = mine + PAIR_RATE_INTERVAL if next_turn is None else max(next_turn, mine + PAIR_RATE_INTERVAL)
+    if free != next_turn:
+        conn.execute(customer_pacing.update().where(*_where(customer_pacing, key)).values(next_turn_at=free))
+    return None if mine <= now else mine
+
+
+def forget_idle_customers(
+    conn: sa.Connection, now: datetime, max_hold: timedelta, merchant_id: str | None = None
+) -> int:
+    """Delete the customers' pacing rows (of ``merchant_id``, else of every merchant) whose last hold and turn
+    ended more than ``max_hold`` before ``now``: their next message goes at once anyway, and a next pair rate limit
+    would start over (``note_pair_rate_limited``); how many. Every WhatsApp message makes its customer's row
+    (``pair_turn``): the worker's clean-up keeps the table to the customers messaged recently."""
+    latest = sa.func.coalesce(customer_pacing.c.next_turn_at, customer_pacing.c.held_until)  # a turn is after the hold
+    where = [latest < now - max_hold]
+    if merchant_id is not None:
+        where.append(customer_pacing.c.merchant_id == merchant_id)
+    return int(conn.execute(customer_pacing.delete().where(*where)).rowcount)
 
 
 def customer_release_turn(

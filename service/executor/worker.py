@@ -220,7 +220,8 @@ class Worker:
     batch_size: int = 50
     lease_seconds: float = 30.0
     poll_seconds: float = 0.5
-    #: How often the worker deletes what is kept only for a while (``Executor.expire_early_receipts``).
+    #: How often the worker deletes what is kept only for a while (``Executor.expire_early_receipts``,
+    #: ``Executor.forget_idle_customers``).
     clean_up_seconds: float = 3600.0
 
     #: When (monotonic) the worker last cleaned up; None: not yet in this run.
@@ -348,11 +349,13 @@ class Worker:
         return total
 
     def _clean_up_when_due(self) -> None:
-        """Delete the receipts kept too long unmatched, at the start of a run and every ``clean_up_seconds``."""
+        """Delete the receipts kept too long unmatched, and the customers' pacing rows no longer needed, at the
+        start of a run and every ``clean_up_seconds``."""
         now = time.monotonic()
         if self._cleaned_at is not None and now - self._cleaned_at < self.clean_up_seconds:
             return
         self.executor.expire_early_receipts()
+        self.executor.forget_idle_customers()
         self._cleaned_at = now
 
     @staticmethod

@@ -466,13 +466,14 @@ def test_a_link_opened_before_its_message_was_confirmed_is_kept_when_the_provide
 
 
 def _a_message_being_tried_again(h: Harness, state: FakeState) -> Any:
-    """A message whose first try timed out (it may have been sent), claimed now for its next try."""
+    """A message whose first try timed out (it may have been sent), claimed now for its next try: when it is due,
+    and 6 s after the first at least (Meta's pair rate: one message every 6 s to one customer)."""
     state.hang(times=1, seconds=0.0)
     h.executor.payment_failed("m_demo", event())
     h.drain()
     action = message_action(h)
     assert action.state == "scheduled"
-    h.clock.now = action.due_at
+    h.clock.now = max(action.due_at, START + timedelta(seconds=6))
     (claimed,) = h.executor.claim(1, 30.0, "w1", "tok1")
     return claimed
 

@@ -107,12 +107,12 @@ def test_a_turn_past_the_orders_window_does_not_send(
 
 
 @contextmanager
-def pacing_statements(h: Harness) -> Iterator[list[str]]:
-    """The SQL statements about the senders' pacing the executor makes while the block runs."""
+def pacing_statements(h: Harness, table: str = "channel_pacing") -> Iterator[list[str]]:
+    """The SQL statements about the senders' pacing (or ``table``'s) the executor makes while the block runs."""
     seen: list[str] = []
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "channel_pacing" in statement:
+        if table in statement:
             seen.append(" ".join(statement.split()))
 
     sa.event.listen(h.executor.engine, "before_cursor_execute", note)

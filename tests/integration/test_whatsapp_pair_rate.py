@@ -1,0 +1,159 @@
+"""Meta's pair rate is kept for every WhatsApp message, not only after Meta refused one.
+
+Meta's Cloud API takes one message every 6 seconds from a business number to one WhatsApp user, and refuses the
+next with 131056 (data/README.md). Before, the customer was paced only after such a refusal (``customer_pacing``);
+until then two messages to one customer could go a tenth of a second apart (the messages kept for the end of the
+quiet hours, two orders of one customer due at 09:00) or at once (two orders failing together), and the second was
+refused; two refusals take WhatsApp off the order. Now every WhatsApp message takes a turn of its customer's row,
+one every 6 seconds, under the row's lock (service/executor/pacing.py ``pair_turn``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+
+from model.vocab import Channel
+from service.executor.pacing import pair_turn
+from service.executor.store import as_utc, customer_pacing
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
+    Harness,
+    event,
+    make_harness,
+)
+from tests.integration.test_quiet_hours_wake import NIGHT, NOW, TURN, WAKE, pacing_statements
+
+PAIR = timedelta(seconds=6)
+CUSTOMER = {"phone": "+919800000001"}
+OTHER = {"phone": "+919800000002"}
+
+
+def sends(h: Harness, *orders: str) -> dict[str, list[datetime]]:
+    """Each order's delivered messages' send times."""
+    return {order: [as_utc(n.sent_at) for n in h.view(order).nudges if n.delivered] for order in orders}
+
+
+def run_until(h: Harness, *moments: datetime) -> None:
+    for moment in moments:
+        h.clock.now = moment
+        h.drain()
+
+
+def test_two_orders_of_one_customer_waking_at_09_00_go_6_seconds_apart(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Two orders of one customer fail at 22:30 in Kolkata and wait for 09:00 with another customer's. Before, the
+    wake-up sent the three a tenth of a second apart, the customer's second 0.1 s after the first, into Meta's pair
+    rate limit. Now the customer's second waits 6 seconds; the other customer's is not slowed by it."""
+    h = make_harness(*(dict(NOW) for _ in range(3)), database_url=database_url)
+    h.clock.now = NIGHT
+    h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
+    h.executor.payment_failed("m_demo", event("ord_2", customer=CUSTOMER))
+    h.executor.payment_failed("m_demo", event("ord_3", customer=OTHER))
+    h.drain()
+    assert h.outbox == []  # the quiet hours
+    run_until(h, *(WAKE + number * TURN for number in range(5)), WAKE + PAIR - TURN, WAKE + PAIR, WAKE + 2 * PAIR)
+    times = sends(h, "ord_1", "ord_2", "ord_3")
+    assert all(len(at) == 1 for at in times.values())  # none lost, none sent twice
+    customers = sorted([*times["ord_1"], *times["ord_2"]])
+    assert customers == [WAKE, WAKE + PAIR]
+    assert times["ord_3"][0] < WAKE + PAIR  # the wake-up's turns, not the pair rate
+    assert len(h.outbox) == 3
+
+
+def test_two_orders_of_one_customer_failing_together_are_messaged_6_seconds_apart(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """At midday, with no quiet hours and no rate limit before: two orders of one customer fail together. Before,
+    both messages went at once; now the second 6 seconds after the first, and a third customer's at once."""
+    h = make_harness(*(dict(NOW) for _ in range(3)), database_url=database_url)
+    h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
+    h.executor.payment_failed("m_demo", event("ord_2", customer=CUSTOMER))
+    h.executor.payment_failed("m_demo", event("ord_3", customer=OTHER))
+    run_until(h, START, START + PAIR - timedelta(seconds=1))
+    assert sorted(m.order_id for m in h.outbox) in (["ord_1", "ord_3"], ["ord_2", "ord_3"])
+    held = next(order for order in ("ord_1", "ord_2") if order not in {m.order_id for m in h.outbox})
+    waiting = [a for a in h.view(held).actions if a.kind == "nudge"]
+    assert [(a.state, "to this customer is paced" in (a.last_error or "")) for a in waiting] == [("scheduled", True)]
+    run_until(h, START + PAIR)
+    assert sends(h, "ord_1", "ord_2", "ord_3") == {
+        "ord_1": [START] if held == "ord_2" else [START + PAIR],
+        "ord_2": [START + PAIR] if held == "ord_2" else [START],
+        "ord_3": [START],
+    }
+
+
+def test_workers_sending_to_one_customer_at_once_never_both_go_nor_share_a_turn(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Two workers giving messages to one customer their turns at the same time, each in its own transaction as
+    ``_mark_message_sending`` does, on a customer with no pacing row: one message goes at once, and every other
+    gets its own turn, 6 seconds after the one before."""
+    h = make_harness(database_url=database_url)
+
+    def send(_: int) -> list[datetime | None]:
+        turns = []
+        for _ in range(15):
+            with h.executor.engine.begin() as conn:
+                turns.append(pair_turn(conn, "m_demo", Channel.WHATSAPP, "a" * 64, START, None))
+        return turns
+
+    with ThreadPoolExecutor(2) as pool:
+        turns = [turn for taken in pool.map(send, range(2)) for turn in taken]
+    assert turns.count(None) == 1
+    assert sorted(turn for turn in turns if turn is not None) == [START + number * PAIR for number in range(1, 30)]
+
+
+def test_a_turn_come_back_to_long_after_it_is_spent_and_the_message_queues_again(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A message given its turn (6 s on) and claimed again long after it (a retry, a check that kept it waiting)
+    does not go on that old turn 1 second after another message to the customer: it takes the next free one."""
+    h = make_harness(database_url=database_url)
+    customer = "a" * 64
+
+    def turn(moment: datetime, kept: datetime | None) -> datetime | None:
+        with h.executor.engine.begin() as conn:
+            return pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, moment, kept)
+
+    assert turn(START, None) is None  # the first goes
+    given = turn(START + timedelta(seconds=1), None)
+    assert given == START + PAIR
+    assert turn(START + PAIR + timedelta(seconds=1), given) is None  # at its turn, claimed a moment late: it goes
+    assert turn(START + timedelta(seconds=19), None) is None  # another message, 12 s on: it goes
+    assert turn(START + timedelta(seconds=20), given) == START + timedelta(seconds=25)  # the old turn is spent
+
+
+def test_what_the_pair_rate_costs_a_message_and_the_rows_it_leaves_are_forgotten(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The cost, stated: a WhatsApp message writes its customer's pacing row twice (made or locked, then its next
+    turn) where it read it once; an SMS message still reads it once. The rows a message leaves are deleted by the
+    worker's clean-up once idle for the longest hold (15 minutes), so the table keeps the customers messaged
+    recently only."""
+    h = make_harness(dict(NOW), {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    h.drain()  # the worker's first run cleans up (a DELETE), then not again for an hour
+    with pacing_statements(h, "customer_pacing") as whatsapp:
+        h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
+        h.drain()
+    assert [m.channel for m in h.outbox] == [Channel.WHATSAPP]
+    assert [statement.split()[0] for statement in whatsapp] == ["INSERT", "UPDATE"]
+    with pacing_statements(h, "customer_pacing") as sms:
+        h.executor.payment_failed("m_demo", event("ord_2", customer=OTHER))
+        h.drain()
+    assert [m.channel for m in h.outbox] == [Channel.WHATSAPP, Channel.SMS]
+    assert [statement.split()[0] for statement in sms] == ["SELECT"]
+
+    assert h.count(customer_pacing) == 1
+    h.clock.advance(seconds=15 * 60)
+    assert h.executor.forget_idle_customers() == 0  # its turn ended 15 minutes ago less 6 s
+    h.clock.advance(seconds=7)
+    assert h.executor.forget_idle_customers() == 1
+    assert h.count(customer_pacing) == 0

@@ -321,6 +321,8 @@ class ActionRow:
     idempotency_key: str
     decision_id: str | None
     payload: dict[str, Any]
+    #: When it was due before it was claimed (a claim sets ``due_at`` to its lease's end); None if not claimed here.
+    was_due_at: datetime | None = None
 
     @classmethod
     def of(cls, row: RowMapping) -> ActionRow:
@@ -1727,7 +1729,8 @@ class Executor:
             ),
         }
         with self.engine.begin() as conn:
-            pick = sa.select(actions.c.action_id, actions.c.kind, actions.c.unanswered_since).where(due)
+            pick = sa.select(actions.c.action_id, actions.c.kind, actions.c.unanswered_since, actions.c.due_at)
+            pick = pick.where(due)
             pick = pick.order_by(actions.c.due_at).limit(limit)
             if is_postgres(self.engine):
                 pick = pick.with_for_update(skip_locked=True)
@@ -1753,7 +1756,8 @@ class Executor:
             else:
                 conn.execute(actions.update().where(actions.c.action_id.in_(ids)).values(**values))
                 rows = conn.execute(sa.select(actions).where(actions.c.action_id.in_(ids))).mappings().all()
-            claimed = [ActionRow.of(row) for row in rows]
+            was_due = {row.action_id: as_utc(row.due_at) for row in picked}
+            claimed = [replace(ActionRow.of(row), was_due_at=was_due[row["action_id"]]) for row in rows]
             # Action rows only, never an order's: a re-decision and a charge's send lock the order, then its
             # actions, and a claim locking them the other way round could deadlock with them on PostgreSQL.
             self._note_maybe_sent(conn, claimed, taken_over)

@@ -540,8 +540,13 @@ class Effects:
         forbidden = self._message_forbidden(context, action, channel, now)
         if forbidden is not None:
             return forbidden
-        # Just after the quiet hours every message kept for their end is due at once: this one takes its turn.
-        wakes = in_quiet_hours(context, now - QUIET_HOURS_WAKE)
+        # Just after the quiet hours every message kept for their end is due at once: this one takes its turn. It
+        # is one of them when it is sent then, or when it was due then (a worker behind sends them later, still
+        # all at once: before, one more than QUIET_HOURS_WAKE behind sent its whole backlog unpaced).
+        due = action.was_due_at
+        wakes = in_quiet_hours(context, now - QUIET_HOURS_WAKE) or (
+            due is not None and in_quiet_hours(context, due - QUIET_HOURS_WAKE)
+        )
         nudge_id = nudge_id_for(action.idempotency_key)
         address = customer_address(request.customer.model_extra or {}, channel)
         if address is None:

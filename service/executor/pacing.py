@@ -32,7 +32,7 @@ customer's row (it read it once before), and the worker's clean-up deletes the r
 
 The quiet hours make the same burst with no rate limit at all: a message due in them is deferred to their end, and
 the policy plans a night's first messages there too, so every message of a merchant whose customers share a time
-zone is due at one instant (09:00 local), into the sender's throughput limit. A message sent within
+zone is due at one instant (09:00 local), into the sender's throughput limit. A message sent, or due, within
 ``QUIET_HOURS_WAKE`` of the end of its quiet hours (the merchant's, or its customer's) therefore always takes a turn
 of the sender's release, ``wake_spacing`` apart (``RetryPolicy.quiet_hours_release_spacing_seconds``; Meta's
 documented throughput, data/README.md): the first goes at once, the others each at its turn, kept on the message as
@@ -64,9 +64,10 @@ log = logging.getLogger("winback.executor")
 PAIR_RATE_INTERVAL: Final = timedelta(seconds=6)
 #: The base of Meta's recommended back-off after a pair rate limit: retry after 4^X seconds (data/README.md).
 PAIR_BACKOFF_BASE: Final = 4
-#: How long after the end of the quiet hours a message wakes with them and takes a turn (``_release_turn``). The
-#: messages due at that end are claimed within moments of it; a message claimed later (a worker far behind) finds
-#: their release still going (its next turn ahead) and queues behind it all the same.
+#: How long after the end of the quiet hours a message wakes with them and takes a turn (``_release_turn``): one
+#: sent then, or one that was due then (``ActionRow.was_due_at``). A worker far behind claims the messages due at
+#: that end long after it, all at once: judged by the time it sends them only, it sent them unpaced once it was
+#: more than this behind (the release it would have queued behind was over, or had never started).
 QUIET_HOURS_WAKE: Final = timedelta(minutes=10)
 
 

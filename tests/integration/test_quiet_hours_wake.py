@@ -195,3 +195,28 @@ def test_messages_whose_release_turns_fell_in_the_quiet_hours_wake_in_turns_too(
     assert all(len(at) == 1 for at in times.values())
     released = [hold_end + timedelta(hours=4 * number) for number in range(3)]
     assert sorted(at for sends in times.values() for at in sends) == [*released, wake, wake + TURN]
+
+
+def test_a_worker_far_behind_at_the_end_of_the_quiet_hours_still_sends_their_messages_one_at_a_time(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The worker first runs at 09:11 in Kolkata, 11 minutes behind the four messages due at 09:00. Before, a
+    message was taken for one waking with the quiet hours' end only when sent within 10 minutes of it: the four went
+    at once. Now one that was due then wakes too: the first goes at 09:11, the others a tenth of a second apart."""
+    h = make_harness(*(dict(NOW) for _ in range(4)), database_url=database_url)
+    h.clock.now = NIGHT
+    demo = [f"ord_{number}" for number in range(1, 5)]
+    fail_at_night(h, "m_demo", *demo)
+    h.drain()
+    assert h.outbox == []  # the quiet hours
+    late = WAKE + timedelta(minutes=11)
+    h.clock.now = late
+    h.drain()
+    assert len(h.outbox) == 1
+    for _ in range(4):
+        h.clock.advance(seconds=TURN.total_seconds())
+        h.drain()
+    times = sent(h, "m_demo", *demo)
+    assert all(len(at) == 1 for at in times.values())
+    assert sorted(at for sends in times.values() for at in sends) == [late + number * TURN for number in range(4)]

@@ -87,6 +87,32 @@ def test_two_orders_of_one_customer_failing_together_are_messaged_6_seconds_apar
     }
 
 
+def test_a_customers_turns_that_fell_in_the_quiet_hours_go_6_seconds_apart_at_their_end(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A customer's message goes at 20:59:50 in Kolkata and Meta refuses the next second (131056): the customer is
+    held 6 s, and their three messages (the refused one again, two other orders) get turns at 20:59:57, 21:00:03
+    and 21:00:09. The last two fall in the quiet hours (21:00-09:00) and wait for 09:00. Before, each kept its turn,
+    spent long before, and both went at 09:00, a tenth of a second apart; now they go 6 seconds apart."""
+    h = make_harness(*(dict(NOW) for _ in range(4)), database_url=database_url)
+    first = NIGHT.replace(hour=15, minute=29, second=50)  # 20:59:50 in Kolkata
+    h.clock.now = first
+    h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
+    h.drain()
+    assert len(h.outbox) == 1
+    h.clock.advance(seconds=1)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="pair_rate_limited")
+    h.executor.payment_failed("m_demo", event("ord_2", customer=CUSTOMER))
+    h.executor.payment_failed("m_demo", event("ord_3", customer=CUSTOMER))
+    run_until(h, h.clock.now, first + timedelta(seconds=7), first + timedelta(seconds=13), first + 2 * PAIR)
+    assert len(h.outbox) == 2  # one at 20:59:57, the others wait for 09:00
+    run_until(h, *(WAKE + number * TURN for number in range(5)), WAKE + PAIR, WAKE + 2 * PAIR)
+    times = sends(h, "ord_1", "ord_2", "ord_3")  # delivered only: ord_1's first was refused
+    assert all(len(at) == 1 for at in times.values())
+    assert sorted(at for order in times.values() for at in order) == [first + timedelta(seconds=7), WAKE, WAKE + PAIR]
+
+
 def test_workers_sending_to_one_customer_at_once_never_both_go_nor_share_a_turn(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     database_url: str,

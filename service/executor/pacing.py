@@ -246,7 +246,7 @@ def pair_turn(
     a moment late); a turn older than that (a message retried, or kept waiting by another check, long after) or
     from before the customer's hold ended is spent, and the message takes a new one. The next free turn is never
     less than 6 seconds after the message that goes, however late it goes. Normal traffic (a customer messaged once
-    in a while) pays two writes of this row, no wait: the row's lock is held only by that customer's sends."""
+    in a while) pays two writes of this row, no wait: only that customer's sends and receipts take the row's lock."""
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
     row = _locked_row(conn, customer_pacing, key, now)
     held_until, next_turn = as_utc(row["held_until"]), as_utc_or_none(row["next_turn_at"])

@@ -180,10 +180,20 @@ class ModelHolder:
             if version == self.current.version and self.current.scorer is not None:
                 self.last_error = None
                 return False
-            loaded = self._load(version)
-            if isinstance(loaded, _Refusal):
-                return self._refuse(version, loaded) if loaded.new else self._waiting(loaded)
-            return self._serve(loaded)
+            with self._load_turn():  # to the swap's end: its memory trim and log line are the load's work too
+                loaded = self._load(version)
+                if isinstance(loaded, _Refusal):
+                    return self._refuse(version, loaded) if loaded.new else self._waiting(loaded)
+                return self._serve(loaded)
+
+    def _load_turn(self) -> contextlib.AbstractContextManager[object]:
+        """The source's ``load_turn()`` for a swap, taken with the server's other workers; a first load serves
+        nothing yet and waits for no turn (nor does a source without turns)."""
+        load_turn = getattr(self.source, "load_turn", None)
+        if load_turn is None or self.current.scorer is None:
+            return contextlib.nullcontext()
+        turn: contextlib.AbstractContextManager[object] = load_turn()
+        return turn
 
     def _serve_last_known(self, registry_error: str) -> bool:
         """With nothing served yet and no answer from the registry, load the champion the source last knew (a
@@ -217,16 +227,7 @@ class ModelHolder:
         if (refusal := self._refused.waiting(version)) is not None:
             return _Refusal(refusal, new=False)  # refused lately: not loaded again before the wait is over
         assert self.source is not None  # for mypy: refresh returns before any load without a source
-        load_turn = getattr(self.source, "load_turn", None)
-        if load_turn is None or self.current.scorer is None:  # a first load serves nothing yet: it waits for no turn
-            return self._load_now(version)
-        with load_turn():
-            return self._load_now(version)
-
-    def _load_now(self, version: str) -> tuple[Served, float] | _Refusal:
-        """``_load`` once it is this worker's turn: the time the load started is taken here, after the wait."""
-        assert self.source is not None
-        started = time.perf_counter()
+        started = time.perf_counter()  # after the wait for a turn (``_load_turn``): the load's own time is logged
         budget = self.in_flight.budget() if self.in_flight is not None else contextlib.nullcontext()
         # At each call too, once a model serves: a first load imports modules, holding their import locks, which a
         # request might wait for.

@@ -73,6 +73,9 @@ class SwapLatency:
     away_p90_ms: float = math.nan
     loads_in_run: int = 0
     load_ms_range: tuple[float, float] = (math.nan, math.nan)
+    #: Loads that ran at the same moment as another worker's: the workers take turns (``MirrorSource.load_turn``),
+    #: so this stays 0 unless a sibling's load outlasted the turn's wait.
+    overlapping_loads: int = 0
 
 
 def split_by_moves(samples: list[Sample], moves: list[float]) -> tuple[list[float | None], list[float | None]]:
@@ -112,6 +115,15 @@ def load_windows(log_text: str, started_at: float) -> list[tuple[float, float]]:
         if not first_load:
             windows.append((ended - took, ended))
     return windows
+
+
+def overlapping(windows: list[tuple[float, float]]) -> int:
+    """How many of the load ``windows`` (began, ended) share a moment with another one: two workers loading at once
+    take both cores of a small machine from the requests."""
+    return sum(
+        any(began <= other_end and other_began <= ended for j, (other_began, other_end) in enumerate(windows) if j != i)
+        for i, (began, ended) in enumerate(windows)
+    )
 
 
 def during_loads(samples: list[Sample], windows: list[tuple[float, float]]) -> list[float | None]:
@@ -216,7 +228,7 @@ def run_swap_bench(
         moves, log_text.count(_SWAP_LINE), *near_figures, *away_figures, rate=rate, poll_seconds=poll_seconds,
         during_requests=during_requests, during_errors=during_errors, during_p90_ms=during_p90_ms,
         during_max_ms=during_max_ms, away_p90_ms=_summary(away, 0.9)[2], loads_in_run=len(windows),
-        load_ms_range=(min(took), max(took)) if took else (math.nan, math.nan),
+        load_ms_range=(min(took), max(took)) if took else (math.nan, math.nan), overlapping_loads=overlapping(windows),
     )  # fmt: skip
 
 
@@ -346,7 +358,8 @@ def swap_during(result: SwapLatency) -> str:
     shortest, longest = result.load_ms_range
     return (
         f"in flight during one of the {result.loads_in_run} swaps in the run ({shortest:g}-{longest:g} ms of loading "
-        f"each) {result.during_requests} requests, {result.during_errors} failed, p90 "
+        f"each, {result.overlapping_loads} at the same moment as another) {result.during_requests} requests, "
+        f"{result.during_errors} failed, p90 "
         f"{latency_text(result.during_p90_ms)}, slowest {latency_text(result.during_max_ms)}"
     )
 

@@ -22,6 +22,7 @@ from service.api.swap_bench import (
     describe,
     during_loads,
     load_windows,
+    overlapping,
     split_by_moves,
     swap_ratios,
 )
@@ -116,6 +117,13 @@ def test_load_windows_are_read_from_the_holders_own_log_lines() -> None:
     assert second_ended - second_began >= 0.3
 
 
+def test_loads_at_the_same_moment_as_another_are_counted() -> None:
+    """The two workers' loads of one move, side by side (both counted), then one after the other (neither)."""
+    assert overlapping([(10.20, 10.37), (10.19, 10.38), (18.30, 18.40), (18.42, 18.49)]) == 2
+    assert overlapping([(1.0, 2.0)]) == 0
+    assert overlapping([]) == 0
+
+
 def test_requests_in_flight_at_any_moment_of_a_load_count_as_during_it() -> None:
     windows = [(10.0, 10.2), (20.0, 20.1)]
     samples = [
@@ -140,7 +148,10 @@ def test_a_run_without_a_swap_or_an_answer_says_so_without_nan() -> None:
     assert swap_ratios(no_swap) == "-"
     swapped = SwapLatency(**figures, during_requests=190, during_p90_ms=5.0, during_max_ms=9.0, loads_in_run=8,  # type: ignore[arg-type]
                           load_ms_range=(60.0, 120.0))  # fmt: skip
-    assert "8 swaps in the run (60-120 ms of loading each) 190 requests, 0 failed, p90 5.0 ms" in describe(swapped)
+    assert (
+        "8 swaps in the run (60-120 ms of loading each, 0 at the same moment as another) 190 requests, 0 failed, "
+        "p90 5.0 ms" in describe(swapped)
+    )
     assert swap_ratios(swapped) == "2.5x p90 during a load"  # nothing near a move answered: no slowest to compare
     assert "within 5 s after a move 6000 requests, 6000 failed, p99 none answered, slowest none answered" in (
         describe(swapped)

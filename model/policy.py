@@ -494,9 +494,9 @@ def _served_scores(
     /,
 ) -> _Served:
     """P(success) of each of ``candidates`` as decide() serves it: the scorer's, shrunk to the rules-only prior where
-    the model saw few cases like it, then scaled by the failure's code level. ``runs`` are those of the first
-    ``allowed`` candidates; the rest are scored alike, their runs built only when a cell table or code level needs
-    them."""
+    the model saw few cases like it, then scaled by the failure's code level; a stop's is 0. ``runs`` are those of
+    the first ``allowed`` candidates; the rest are scored alike, their runs built only when a cell table or code
+    level needs them."""
     scores = np.minimum(np.maximum(np.asarray(active.score(request, candidates), dtype=np.float64), 0.0), 1.0)
     # The failure's code levels (model.codelevel), applied below once the cells have weighed in.
     strength = config.code_strength
@@ -533,8 +533,12 @@ def _served_scores(
             i for start, stop, first in runs + blocked_runs if first.action is _RETRY for i in range(start, stop)
         ]
         scores[retries] = np.minimum(scores[retries] * level_factor, 1.0)
-    # Never exactly 0 or 1 (a booster's calibrator, a code level can reach either): stop is decide()'s to zero.
+    # Never exactly 0 or 1 (a booster's calibrator, a code level can reach either); stop has no probability (the
+    # order fails), and is 0 for decide() and for an evaluation alike.
     _within_floor(scores)
+    for start, stop, first in runs:
+        if first.action == _STOP:
+            scores[start:stop] = 0.0
     return _Served(scores, level, level_factor, table, cells)
 
 
@@ -554,13 +558,9 @@ def served_probabilities(
     error_class = normalise_request(catalog, request).error_class.value
     delays = _delay_seconds(request, candidates)
     runs = _kind_runs(candidates)
-    scores = _served_scores(
+    return _served_scores(
         request, candidates, runs, len(candidates), delays, scorer, error_class, config or PolicyConfig()
     ).scores
-    for start, stop, first in runs:
-        if first.action == _STOP:
-            scores[start:stop] = 0.0  # no probability: the order fails
-    return scores
 
 
 class ServedScorer:
@@ -644,9 +644,6 @@ def _decide(
         request, candidates, runs, len(allowed), delays, active, error_class, config
     )
     p_success, p_blocked = scores[: len(allowed)], scores[len(allowed) :]
-    for start, stop, first in runs:
-        if first.action == _STOP:
-            p_success[start:stop] = 0.0
     values = _expected_values(request, allowed, runs, p_success, economics, delays[: len(allowed)])
     # Ties (e.g. equal values at several send times) go to the earliest candidate in grid order.
     best = int(np.argmax(values))

@@ -284,8 +284,11 @@ class HttpConnector:
         self.client = client or httpx.Client(timeout=httpx.Timeout(timeout_seconds))
         self.sleep = sleep
 
-    def _headers(self, request: ChargeRequest) -> dict[str, str]:
-        headers = {"Idempotency-Key": request.idempotency_key, "User-Agent": "winback-executor/1"}
+    def _headers(self, idempotency_key: str | None = None) -> dict[str, str]:
+        """Every call's headers: the client's name, the bearer token, and the call's idempotency key if it has one."""
+        headers = {"User-Agent": "winback-executor/1"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
@@ -304,7 +307,7 @@ class HttpConnector:
                 # An earlier try may have reached the switch: this is a lost answer, not a charge never sent.
                 raise TransientError(_lost_answer(f"{last_error}; then {exc}", reached)) from None
             try:
-                response = self.client.post(self.url, json=payload, headers=self._headers(request))
+                response = self.client.post(self.url, json=payload, headers=self._headers(request.idempotency_key))
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no connection: nothing was sent
                 last_error = f"cannot reach connector {self.name!r} at {self.url}: {type(exc).__name__}: {exc}"
             except httpx.TimeoutException as exc:
@@ -334,13 +337,7 @@ class HttpConnector:
         self, response: httpx.Response, request: ChargeRequest, *, after_lost_answer: bool = False
     ) -> ChargeResult:
         if response.status_code in (200, 201, 402):
-            try:
-                body = response.json()
-            except ValueError:
-                raise PermanentError(f"connector {self.name!r} answered a body that is not JSON") from None
-            if not isinstance(body, dict):
-                raise PermanentError(f"connector {self.name!r} answered JSON that is not an object")
-            return ChargeResult.from_json(body, request.connector)
+            return ChargeResult.from_json(_json_object(response, self.name), request.connector)
         if response.status_code == 409 or after_lost_answer:
             # A 409: the key is the switch's already, under another body. After a try whose answer was lost: this
             # refusal may be of the re-try only. Either way, whatever was charged under the key is not known here.
@@ -354,7 +351,7 @@ class HttpConnector:
 
     def status(self, payment_id: str, connector: str) -> ChargeResult | None:
         """GET the payment by its processor payment id: its answer, or None when the switch says it never had it."""
-        response = self._ask("GET", f"{self.url}/{quote(payment_id, safe='')}", None, None)
+        response = self._ask("GET", f"{self.url}/{quote(payment_id, safe='')}", None)
         if response.status_code == 404:
             if _error_code(response) == PAYMENT_NOT_FOUND:
                 return None
@@ -376,8 +373,7 @@ class HttpConnector:
     def refund(self, request: RefundRequest) -> RefundResult:
         """POST a refund of the payment; the same idempotency key on every try, so the switch refunds at most once."""
         url = f"{self.url}/{quote(request.payment_id, safe='')}/refunds"
-        headers = {"Idempotency-Key": request.idempotency_key}
-        response = self._ask("POST", url, request.payload(), headers)
+        response = self._ask("POST", url, request.payload(), request.idempotency_key)
         if response.status_code not in (200, 201):
             raise PermanentError(
                 f"connector {self.name!r} refused the refund of payment {request.payment_id!r} with HTTP "
@@ -396,13 +392,11 @@ class HttpConnector:
         )
 
     def _ask(
-        self, method: str, url: str, payload: dict[str, Any] | None, headers: Mapping[str, str] | None
+        self, method: str, url: str, payload: dict[str, Any] | None, idempotency_key: str | None = None
     ) -> httpx.Response:
         """One read or idempotent call, tried ``tries`` times through the breaker (timeouts, 5xx and 429 are tried
         again); the first answer that is not one of those. TransientError when none came."""
-        sent = {"User-Agent": "winback-executor/1", **(headers or {})}
-        if self.api_key:
-            sent["Authorization"] = f"Bearer {self.api_key}"
+        sent = self._headers(idempotency_key)
         last_error = "no try made"
         for attempt in range(1, self.tries + 1):
             self.breaker.before_call()

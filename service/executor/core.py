@@ -2721,18 +2721,11 @@ class Executor:
             f"the switch answered that the {planned} sent and never answered never reached it "
             f"(payment {check.payload.get('payment_id')} not found)"
         )
-        if row is None or not self._settle_unknown(conn, order, row, result, "the switch", nothing, now):
-            conn.execute(
-                actions.update()
-                .where(actions.c.action_id == check.action_id)
-                .values(last_error=f"the switch answered ({what}) after charge action {charge_id} was answered")
-            )
-            return
-        conn.execute(
-            actions.update()
-            .where(actions.c.action_id == check.action_id)
-            .values(last_error=f"the switch answered: payment {check.payload.get('payment_id')} {what}")
-        )
+        if row is not None and self._settle_unknown(conn, order, row, result, "the switch", nothing, now):
+            note = f"the switch answered: payment {check.payload.get('payment_id')} {what}"
+        else:
+            note = f"the switch answered ({what}) after charge action {charge_id} was answered"
+        conn.execute(actions.update().where(actions.c.action_id == check.action_id).values(last_error=note))
 
     def _refund_duplicate(
         self, conn: sa.Connection, order: RowMapping, charge: ActionRow, number: int, now: datetime

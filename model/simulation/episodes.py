@@ -432,7 +432,7 @@ class _Episode:
         delivered = rng.random() < outcomes.p_delivered(channel, o.customer, tuple(self.opted_out))
         clicked_at: datetime | None = None
         if delivered:
-            quiet = in_quiet_hours(o.merchant.config, sent_ts)
+            quiet = in_quiet_hours(o.merchant.config, sent_ts, o.customer.timezone)  # the customer's own night
             p_click = outcomes.p_click(
                 channel,
                 o.customer,

@@ -70,10 +70,12 @@ def family_of(payment_method: str, payment_method_type: str | None) -> str:
     return "wallet"
 
 
-def in_quiet_hours(config: MerchantConfig, ts: float) -> bool:
-    """Whether ``ts`` falls inside the merchant's quiet hours (in the merchant's timezone)."""
+def in_quiet_hours(config: MerchantConfig, ts: float, timezone: str | None = None) -> bool:
+    """Whether ``ts`` falls inside the merchant's quiet hours' clock times in ``timezone`` (default: the merchant's
+    own). The world's customers mind a message by their own clock: a message at 01:00 in Los Angeles annoys its
+    reader as much whether the merchant's 01:00 is in New York or Mumbai."""
     quiet = config.retarget.quiet_hours
-    local = from_ts(ts).astimezone(zone(quiet.timezone))
+    local = from_ts(ts).astimezone(zone(timezone or quiet.timezone))
     minute = local.hour * 60 + local.minute
     start, end = quiet.start_minute, quiet.end_minute
     if start <= end:

@@ -467,7 +467,7 @@ class WorldParams:
     delivery: dict[Channel, float] = field(default_factory=lambda: DELIVERY)
     hour_factor: tuple[float, ...] = HOUR_FACTOR
     nudge_decay: float = 0.6
-    quiet_hours_click_factor: float = 0.5
+    quiet_hours_click_factor: float = 0.5  # a message in the quiet hours by the customer's own clock
     quiet_hours_opt_out: float = 0.15
     nudge_opt_out: float = 0.01
     click_delay_median_hours: float = 1.2

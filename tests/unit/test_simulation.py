@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, time, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pandas as pd
 import pytest
@@ -362,3 +364,31 @@ def test_true_point_values_replay_each_order_to_its_logged_decision_point() -> N
     static = truth[truth["policy"] == "static"]
     assert static["true_success"].between(0.0, 1.0).all()
     assert static["true_success"].mean() > 0.0
+
+
+def test_a_nudge_in_the_customers_night_is_judged_quiet_by_their_own_clock(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The world's click model reads quiet hours by the customer's clock: a message at 02:00 where the customer is
+    costs clicks and opt-outs, even when it is daytime where the merchant is."""
+    order = world.order(0)
+    quiet = order.merchant.config.retarget.quiet_hours
+    customer_zone = ZoneInfo("Pacific/Honolulu")
+    customer = replace(order.customer, timezone=customer_zone.key)
+    day = order.first_failure_at.astimezone(customer_zone).date() + timedelta(days=1)
+    at_night = datetime.combine(day, time(2, 0), customer_zone)
+    merchant_local = at_night.astimezone(ZoneInfo(order.merchant.timezone))
+    merchant_minute = merchant_local.hour * 60 + merchant_local.minute
+    assert quiet.start_minute > quiet.end_minute  # a window across midnight, e.g. 21:00-09:00
+    assert quiet.end_minute <= merchant_minute < quiet.start_minute, f"{merchant_local} must be the merchant's day"
+
+    judged_quiet: list[bool] = []
+
+    def p_click(*args: object, quiet: bool, **kwargs: object) -> float:
+        judged_quiet.append(quiet)
+        return 0.0
+
+    monkeypatch.setattr(world.outcomes, "p_delivered", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(world.outcomes, "p_click", p_click)
+    _Episode(world, replace(order, customer=customer), None)._retarget(Channel.SMS, at_night, "dec_x", 1.0)
+    assert judged_quiet == [True]

@@ -1,7 +1,10 @@
 """The agent console's pages (``/console/...``): server-rendered Jinja2 with htmx for partial updates.
 
 Every page needs a signed-in agent and shows only that agent's merchant; every POST needs the session's CSRF
-token. ``mount_console(app)`` adds the routes and the static files to the API app.
+token. An action's form is acted on once whatever the number of times it is sent (``service.console.submissions``);
+without htmx (JavaScript off) its POST is answered with a redirect to the order's page, which shows how it went
+once (Post/Redirect/Get), so a reload or the back button sends nothing again. ``mount_console(app)`` adds the
+routes and the static files to the API app.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from service.console.auth import (
 )
 from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
 from service.console.settings import ConsoleSettings
+from service.console.submissions import STILL_UNDER_WAY, SubmissionStore, new_token, sent_again
 from service.console.views import (
     ACTION_FILTERS,
     STATE_FILTERS,
@@ -56,9 +60,17 @@ UNKNOWN_AGENT = "(no such agent)"
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "wb_console"
 LOGIN_COOKIE = "wb_console_login"
+#: Carries an action's result from its POST to the order's page it redirects to (``kind:id:key:order``, signed;
+#: the order's id URL-quoted).
+FLASH_COOKIE = "wb_console_flash"
+FLASH_SECONDS = 300
 COOKIE_PATH = "/console"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
+#: The form field of an action form's one-time token.
+SUBMISSION_FIELD = "submission"
+#: How long a second POST of a form waits for its first, still being carried out, to answer with its result.
+SENT_BEFORE_WAIT_SECONDS = 10.0
 MAX_FORM_BYTES = 16_384
 PERIODS = (7, 30, 90)
 
@@ -106,6 +118,12 @@ class ConsoleRuntime:
             clock=self.clock,
         )
 
+    def submissions(self, executor: ExecutorRuntime) -> SubmissionStore:
+        """The forms sent, over the executor's database (kept a session's lifetime: older ones fail CSRF)."""
+        return SubmissionStore(
+            executor.executor.engine, keep=timedelta(hours=self.settings.session_hours), clock=self.clock
+        )
+
 
 def build_console_runtime(settings: ConsoleSettings | None = None) -> ConsoleRuntime:
     """The console runtime from ``WINBACK_*`` settings (ValueError names a placeholder secret outside dev)."""
@@ -147,7 +165,7 @@ def templates() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(money=money, pct=_pct, channel=channel_name, describe=describe_decision)
-    env.globals.update(local_time=local_time, age=age, urlencode=urlencode)
+    env.globals.update(local_time=local_time, age=age, urlencode=urlencode, submission_token=new_token)
     return env
 
 
@@ -482,14 +500,38 @@ def _not_found(session: Session, runtime: Runtime, order_id: str) -> HTMLRespons
 async def order_page(
     order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
 ) -> Response:
-    """One order: its recommendation, the actions an agent may take, the timeline and the audit log."""
+    """One order: its recommendation, the actions an agent may take, the timeline and the audit log; and, once,
+    how the action whose POST redirected here went (the flash cookie)."""
     session = await _session(request, console, executor)
     if session is None:
         return _to_login(request)
+    flash = _flash_of(console, request, order_id)
+    shown: ActionResult | None = None
+    if flash is not None:
+        kind, submission_id, key = flash
+        taken = await run_in_threadpool(
+            console.submissions(executor).take_flash, submission_id, key, session.agent, order_id
+        )
+        if taken is not None:
+            shown = sent_again(taken.result) if kind == "again" else taken.result
+            shown = shown or ActionResult("refused", STILL_UNDER_WAY)
     context = await _order_context(console, executor, runtime, session, order_id)
     if context is None:
         return _not_found(session, runtime, order_id)
-    return _page("order.html", **context)
+    context["result"] = shown
+    response = _page("order.html", **context)
+    if flash is not None:  # shown now, or shown before: a reload shows the order alone
+        response.delete_cookie(FLASH_COOKIE, path=COOKIE_PATH)
+    return response
+
+
+def _flash_of(console: ConsoleRuntime, request: Request, order_id: str) -> tuple[str, int, str] | None:
+    """The flash cookie's kind, form and key when it names this order (one of another order is left for it)."""
+    value = console.signer.unsign(request.cookies.get(FLASH_COOKIE))
+    parts = (value or "").split(":", 3)
+    if len(parts) != 4 or parts[3] != quote(order_id, safe="") or not parts[1].isascii() or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
 
 
 def _order_path(order_id: str) -> str:
@@ -500,8 +542,8 @@ def _order_path(order_id: str) -> str:
 @router.get("/orders/{order_id}/actions", response_class=HTMLResponse)
 @router.get("/orders/{order_id}/charges/{action_id}", response_class=HTMLResponse)
 async def form_address(request: Request) -> Response:
-    """A form's address opened as a page (reloaded, bookmarked or typed after a POST without htmx): the page the
-    form was on, not a bare 405."""
+    """A form's address opened as a page (bookmarked or typed, or sign-in's way back after a session ended): the
+    page the form was on, not a bare 405."""
     order_id = request.path_params.get("order_id")
     target = "/console/queue" if order_id is None else "/console/orders/" + quote(order_id, safe="")
     return RedirectResponse(target, status_code=303)
@@ -512,14 +554,10 @@ async def order_action(
     order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
 ) -> Response:
     """Carry out an agent's action through the executor (refused with the rule's name when a hard rule forbids it)."""
-    signed = await _signed_post(request, console, executor, _order_path(order_id))
-    if isinstance(signed, Response):
-        return signed
-    if isinstance(signed, _StaleForm):
-        return await _order_result(
-            console, executor, runtime, signed.session, order_id, request, signed.result, signed.status_code
-        )
-    session, form = signed
+    posted = await _order_post(order_id, request, console, executor, runtime)
+    if isinstance(posted, Response):
+        return posted
+    on, form = posted
     alternative = form.get("alternative", "")
     ask = ActionRequest(
         action=form.get("action", ""),
@@ -532,30 +570,87 @@ async def order_action(
         decision_id=form.get("decision_id") or None,
     )
     desk = AgentDesk(executor.executor, runtime.catalog)
-    try:
-        result = await run_in_threadpool(desk.perform, session.agent, order_id, ask)
-    except UnknownOrderError:
-        return _not_found(session, runtime, order_id)
-    return await _order_result(console, executor, runtime, session, order_id, request, result)
+    return await _carry_out(on, form, lambda: desk.perform(on.session.agent, order_id, ask))
 
 
-async def _order_result(
-    console: ConsoleRuntime,
-    executor: ExecutorRuntime,
-    runtime: Runtime,
-    session: Session,
-    order_id: str,
-    request: Request,
-    result: ActionResult,
-    refused_status: int = 409,
-) -> Response:
-    """The order page again, with how the agent's action went (``refused_status``: the status of a refusal)."""
-    context = await _order_context(console, executor, runtime, session, order_id)
+@dataclass(frozen=True)
+class _OrderPost:
+    """A signed-in agent's POST about one order, with what answering it needs."""
+
+    console: ConsoleRuntime
+    executor: ExecutorRuntime
+    runtime: Runtime
+    session: Session
+    order_id: str
+    request: Request
+
+
+async def _order_post(
+    order_id: str, request: Request, console: ConsoleRuntime, executor: ExecutorRuntime, runtime: Runtime
+) -> tuple[_OrderPost, dict[str, str]] | Response:
+    """The POST and its form, or the answer to give instead (sign-in, 403, or the order's page for a stale or
+    oversized form: ``_signed_post``)."""
+    signed = await _signed_post(request, console, executor, _order_path(order_id))
+    if isinstance(signed, Response):
+        return signed
+    if isinstance(signed, _StaleForm):
+        stale = _OrderPost(console, executor, runtime, signed.session, order_id, request)
+        return await _order_result(stale, signed.result, signed.status_code)
+    session, form = signed
+    return _OrderPost(console, executor, runtime, session, order_id, request), form
+
+
+async def _carry_out(on: _OrderPost, form: Mapping[str, str], act: Callable[[], ActionResult]) -> Response:
+    """``act`` once per form sent (its one-time token), then the answer: to htmx the order's body with how it
+    went; without htmx a redirect to the order's page, which shows it once. A second POST of the form acts on
+    nothing and is answered with how the first went."""
+    store = on.console.submissions(on.executor)
+    order_id, request = on.order_id, on.request
+    submission = await run_in_threadpool(
+        store.claim, on.session.agent, order_id, request.url.path, form.get(SUBMISSION_FIELD)
+    )
+    if submission.first:
+        try:
+            result = await run_in_threadpool(act)
+        except UnknownOrderError:
+            await run_in_threadpool(store.forget, submission.submission_id)
+            return _not_found(on.session, on.runtime, order_id)
+        except Exception as exc:
+            failed = ActionResult(
+                "failed", f"This action failed with an unexpected error ({type(exc).__name__}): check the order."
+            )
+            await run_in_threadpool(store.record, submission.submission_id, failed)
+            raise
+        await run_in_threadpool(store.record, submission.submission_id, result)
+    elif submission.sent_before:
+        earlier = submission.earlier or await run_in_threadpool(
+            store.wait_for, submission.submission_id, SENT_BEFORE_WAIT_SECONDS
+        )
+        result = sent_again(earlier)
+    else:
+        result = submission.earlier or ActionResult("refused", STILL_UNDER_WAY)
+    if request.headers.get("hx-request"):
+        return await _order_result(on, result)
+    key = await run_in_threadpool(store.arm_flash, submission.submission_id)
+    quoted = quote(order_id, safe="")  # a cookie's value, and an address, without the id's quotes or spaces
+    response = RedirectResponse("/console/orders/" + quoted, status_code=303)
+    kind = "again" if submission.sent_before else "result"
+    _set_cookie(
+        response, request, on.console, FLASH_COOKIE, f"{kind}:{submission.submission_id}:{key}:{quoted}", FLASH_SECONDS
+    )
+    return response
+
+
+async def _order_result(on: _OrderPost, result: ActionResult, refused_status: int = 409) -> Response:
+    """The order page again, with how the agent's action went (``refused_status``: the status of a refusal): the
+    order's body to htmx; the whole page only for a form refused before it was read (too large), which acted on
+    nothing (an action's result goes to the page by a redirect instead: ``_carry_out``)."""
+    context = await _order_context(on.console, on.executor, on.runtime, on.session, on.order_id)
     if context is None:  # pragma: no cover - the order existed a moment ago and orders are never deleted
-        return _not_found(session, runtime, order_id)
+        return _not_found(on.session, on.runtime, on.order_id)
     context["result"] = result
     status_code = 200 if result.ok else refused_status
-    if request.headers.get("hx-request"):
+    if on.request.headers.get("hx-request"):
         # htmx swaps 2xx answers only: a refusal is still shown, with its reason, in the same place.
         return _page("order_body.html", **context)
     return _page("order.html", status_code=status_code, **context)
@@ -567,31 +662,20 @@ async def charge_answer(
 ) -> Response:
     """Record what the connector says about a charge of the order that was sent and never answered
     (form: ``answer`` ``charged`` or ``not_charged``, and ``reason``, how the agent knows)."""
-    signed = await _signed_post(request, console, executor, _order_path(order_id))
-    if isinstance(signed, Response):
-        return signed
-    if isinstance(signed, _StaleForm):
-        return await _order_result(
-            console, executor, runtime, signed.session, order_id, request, signed.result, signed.status_code
-        )
-    session, form = signed
+    posted = await _order_post(order_id, request, console, executor, runtime)
+    if isinstance(posted, Response):
+        return posted
+    on, form = posted
     answer = form.get("answer", "")
     desk = AgentDesk(executor.executor, runtime.catalog)
-    if answer not in ("charged", "not_charged"):
-        result = ActionResult("refused", f"unknown answer {answer!r}: use charged or not_charged")
-    else:
-        try:
-            result = await run_in_threadpool(
-                desk.resolve_charge,
-                session.agent,
-                order_id,
-                action_id,
-                answer == "charged",
-                form.get("reason", "")[:1000],
-            )
-        except UnknownOrderError:
-            return _not_found(session, runtime, order_id)
-    return await _order_result(console, executor, runtime, session, order_id, request, result)
+
+    def resolve() -> ActionResult:
+        if answer not in ("charged", "not_charged"):
+            return ActionResult("refused", f"unknown answer {answer!r}: use charged or not_charged")
+        reason = form.get("reason", "")[:1000]
+        return desk.resolve_charge(on.session.agent, order_id, action_id, answer == "charged", reason)
+
+    return await _carry_out(on, form, resolve)
 
 
 def _period(days: str) -> int:

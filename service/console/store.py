@@ -1,8 +1,8 @@
-"""The console's durable state: agents (each bound to one merchant), their sessions, the audit log and the failed
-sign-ins the throttle counts.
+"""The console's durable state: agents (each bound to one merchant), their sessions, the audit log, the failed
+sign-ins the throttle counts and the forms agents sent (with their results, for re-posts and the result's flash).
 
 The tables live in the API's ``metadata``; ``service/migrations/versions/0003_console.py`` creates the first three,
-``0011_sign_in_failures.py`` the last.
+``0011_sign_in_failures.py`` the failed sign-ins, ``0019_console_submissions.py`` the forms sent.
 """
 
 from __future__ import annotations
@@ -69,4 +69,23 @@ sign_in_failures = sa.Table(
     sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_console_sign_in_failures_key", "key_sha256", "failed_at"),
     sa.Index("ix_console_sign_in_failures_at", "failed_at"),
+)
+
+submissions = sa.Table(
+    "console_submissions",
+    metadata,
+    sa.Column("submission_id", BigId, primary_key=True, autoincrement=True),
+    # SHA-256 of the one-time token the form carried (or one made up for a POST without one): a second POST of the
+    # same form finds the first one's row here, and is answered with its result instead of acting again.
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("agent_id", BigId, nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("form_path", sa.String(1024), nullable=False),  # the address the form was posted to
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("result", sa.String(16), nullable=True),  # done | refused | failed; null while being carried out
+    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("rules", sa.Text, nullable=True),  # comma-separated, as in the audit log
+    # The one-time key of the result's flash, until the order's page shows it (null: shown, or none waits).
+    sa.Column("flash_key", sa.String(64), nullable=True),
+    sa.Index("ix_console_submissions_created", "created_at"),
 )

@@ -25,7 +25,7 @@ from service.executor.core import Executor, Transient
 from service.executor.routes import _pay
 from service.executor.store import actions, agent_queue, nudges, orders
 from tests.factories import make_request
-from tests.integration.test_console import CSRF_RE, Console, console  # noqa: F401 - console is a fixture
+from tests.integration.test_console import CSRF_RE, Console, console, flash  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
     Clock,
@@ -571,11 +571,11 @@ def _approve_in_console(
     csrf = CSRF_RE.search(page)
     assert shown is not None
     assert csrf is not None
-    answer = console.post(
+    answer = console.act(
         "/console/orders/ord_p/actions",
         {"action": "approve", "decision_id": shown.group(1), "csrf_token": csrf.group(1)},
     )
-    assert answer.status_code in (200, 303), answer.text
+    assert re.fullmatch(r"Carry out the recommendation: .+: done; the order is PENDING", flash(answer)), flash(answer)
     if meanwhile is not None:
         meanwhile(executor)
     with executor.engine.begin() as conn:

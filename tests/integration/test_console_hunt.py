@@ -21,7 +21,7 @@ from model.catalog import load_catalog
 from service.console.actions import ActionRequest, ActionResult, AgentDesk
 from service.console.auth import add_agent, authenticate
 from service.executor.store import actions, agent_queue, orders
-from tests.integration.test_console import CSRF_RE, Console, console  # noqa: F401 - console is a fixture
+from tests.integration.test_console import CSRF_RE, Console, console, flash  # noqa: F401 - console is a fixture
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     Harness,
     demo_merchant,
@@ -141,12 +141,11 @@ def test_an_alternative_that_is_not_a_plain_number_is_refused_not_a_server_error
     form answered 500 instead of asking the agent to choose one of the listed alternatives."""
     console.fail_order("m_a", "ord_alt")
     console.sign_in("asha@m_a")
-    answer = console.post(
+    answer = console.act(
         "/console/orders/ord_alt/actions",
         {"action": "override", "alternative": alternative, "reason": "test", "csrf_token": console.csrf()},
     )
-    assert answer.status_code == 409, answer.text[:300]
-    assert "choose one of the listed alternatives" in answer.text
+    assert "choose one of the listed alternatives" in flash(answer)
 
 
 def test_customer_and_connector_text_is_escaped_on_every_console_page(console: Console) -> None:  # noqa: F811
@@ -161,8 +160,9 @@ def test_customer_and_connector_text_is_escaped_on_every_console_page(console: C
     )
     console.sign_in("asha@m_a")
     path = "/console/orders/" + quote(order_id, safe="")
-    console.post(path + "/actions", {"action": "stop", "reason": XSS, "csrf_token": console.csrf()})
-    for page in (console.get("/console/queue?state=all"), console.get(path)):
+    stopped = console.act(path + "/actions", {"action": "stop", "reason": XSS, "csrf_token": console.csrf()})
+    assert flash(stopped) == "Stop recovering this order: done; the order is FAILED"  # its redirect found the order
+    for page in (stopped, console.get("/console/queue?state=all"), console.get(path)):
         assert page.status_code == 200, page.text[:300]
         assert "<script>" not in page.text
         assert "<img" not in page.text
@@ -187,12 +187,11 @@ def test_an_action_on_a_recommendation_that_changed_since_the_page_was_loaded_is
         executor._decision_point(conn, order, datetime.now(UTC))
     csrf = CSRF_RE.search(page)
     assert csrf is not None
-    answer = console.post(
+    answer = console.act(
         "/console/orders/ord_stale/actions",
         {"action": "approve", "decision_id": shown.group(1), "csrf_token": csrf.group(1)},
     )
-    assert answer.status_code == 409
-    assert "the recommendation changed since this page was loaded" in answer.text
+    assert "the recommendation changed since this page was loaded" in flash(answer)
     with console.engine.connect() as conn:
         assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_stale")) == "AWAITING_AGENT"
         pending = conn.scalars(sa.select(agent_queue.c.decision_id).where(agent_queue.c.state == "pending")).all()
@@ -220,19 +219,19 @@ def test_a_recommendation_decided_over_does_not_wait_again_once_the_newer_one_is
     assert second is not None
     assert csrf is not None
     assert second.group(1) != first.group(1)
-    answer = console.post(
+    answer = console.act(
         "/console/orders/ord_twice/actions",
         {"action": "approve", "decision_id": second.group(1), "csrf_token": csrf.group(1)},
     )
-    assert answer.status_code in (200, 303), answer.text
+    assert flash(answer).startswith("Carry out the recommendation"), flash(answer)
     with console.engine.connect() as conn:
         waiting = conn.scalars(sa.select(agent_queue.c.decision_id).where(agent_queue.c.state == "pending")).all()
     assert waiting == []
-    again = console.post(
+    again = console.act(
         "/console/orders/ord_twice/actions",
         {"action": "approve", "decision_id": first.group(1), "csrf_token": csrf.group(1)},
     )
-    assert again.status_code == 409
+    assert "you already acted on order ord_twice" in flash(again)
 
 
 def _page_form(console: Console, order_id: str) -> dict[str, str]:  # noqa: F811 - the fixture
@@ -261,9 +260,8 @@ def test_an_agent_acting_on_an_order_another_agent_or_the_customer_settled_is_to
 
     desk = AgentDesk(console.api.app.state.executor.executor, load_catalog())
     assert desk.perform(asha, "ord_shared", ActionRequest("send_link", channel="email")).ok
-    late = console.post("/console/orders/ord_shared/actions", shared)
-    assert late.status_code == 409
-    assert "asha@m_a already acted on order ord_shared (send a payment link by email now): it is PENDING" in late.text
+    late = console.act("/console/orders/ord_shared/actions", shared)
+    assert "asha@m_a already acted on order ord_shared (send a payment link by email now): it is PENDING" in flash(late)
     assert "runs this one by itself" not in late.text
 
     succeeded = {
@@ -273,9 +271,8 @@ def test_an_agent_acting_on_an_order_another_agent_or_the_customer_settled_is_to
         "idempotency_key": "ok_paid",
     }
     assert console.api.post("/v1/events/payment-succeeded", succeeded, key="wb_demo_m_a").status_code == 202
-    after_payment = console.post("/console/orders/ord_paid/actions", paid)
-    assert after_payment.status_code == 409
-    assert "order ord_paid is already recovered (SUCCEEDED): nothing is left to do" in after_payment.text
+    after_payment = console.act("/console/orders/ord_paid/actions", paid)
+    assert flash(after_payment) == "order ord_paid is already recovered (SUCCEEDED): nothing is left to do"
 
 
 def test_a_recommendation_the_hard_rules_forbid_by_now_is_not_offered_as_the_action_to_take(
@@ -317,8 +314,8 @@ def test_a_recommendation_the_hard_rules_forbid_by_now_is_not_offered_as_the_act
     links = [(disabled, text) for disabled, text in options if text.startswith("Payment link by ")]
     assert links, options
     assert not any(disabled for disabled, _ in links), options
-    refused = console.post("/console/orders/ord_one_off/actions", {"action": "approve", "csrf_token": console.csrf()})
-    assert "one_off_out_of_session" in refused.text  # what the disabled button would have been answered
+    refused = console.act("/console/orders/ord_one_off/actions", {"action": "approve", "csrf_token": console.csrf()})
+    assert "one_off_out_of_session" in flash(refused)  # what the disabled button would have been answered
 
 
 def test_a_channel_the_hard_rules_forbid_now_is_not_offered_for_a_link(

@@ -440,3 +440,27 @@ def test_decline_texts_and_action_errors_stored_raw_are_masked_by_0017_in_batche
         assert stored() == masked
     finally:
         engine.dispose()
+
+
+def test_the_forms_sent_to_the_console_are_kept_from_0019_one_row_a_token_and_dropped_on_downgrade(
+    database_url: str,
+) -> None:
+    """0019 keeps each form an agent sent, by its one-time token: a second POST of the form finds the first's row."""
+    engine = sa.create_engine(database_url)
+    row = {
+        "token_sha256": "a" * 64, "agent_id": 1, "order_id": "ord_1", "form_path": "/console/orders/ord_1/actions",
+        "created_at": datetime(2026, 12, 7, 5, 0, tzinfo=UTC),
+    }  # fmt: skip
+    table = sa.table("console_submissions", *(sa.column(name) for name in row))
+    try:
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table), [row])
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.insert(table), [row])
+        downgrade(engine, "0017")
+        assert "console_submissions" not in sa.inspect(engine).get_table_names()
+        upgrade(engine)
+        assert "console_submissions" in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()

@@ -464,3 +464,61 @@ def test_an_action_whose_request_fails_says_so_instead_of_doing_nothing_visible(
     page.get_by_test_id("result").wait_for()
     assert not error.is_visible()  # cleared by the next request
     assert page.get_by_test_id("order-state").inner_text() == "Closed unrecovered"
+
+
+def test_an_action_sent_with_javascript_off_is_carried_out_once_whatever_the_reloads(served: tuple[str, str]) -> None:
+    # Without JavaScript the form's POST was answered with the order's page: a reload sent the form again (the
+    # link was refused then, the order having moved on, and the refusal audited), and the address shown was the
+    # form's. The POST is now answered with a redirect to the order's page, which says once how it went.
+    import sqlalchemy as sa
+
+    from service.console.store import audit_log
+    from service.executor.store import actions
+
+    url, database = served
+    _fail_order(url, "ord_no_js_e2e")
+    sync_playwright = _require_browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(java_script_enabled=False, base_url=url)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        try:
+            _sign_in(page, AGENT)
+            page.wait_for_url("**/console/queue")
+            page.goto("/console/orders/ord_no_js_e2e")
+            page.get_by_test_id("link-channel").select_option("email")
+            with page.expect_navigation():
+                page.get_by_test_id("send-link").click()
+            after_post = page.url
+            shown = page.get_by_test_id("result").inner_text()
+            reloaded = page.reload()
+            assert reloaded is not None
+            reload_method = reloaded.request.method
+            reloaded_results = page.get_by_test_id("result").count()
+            page.go_back()  # the order's page as it was before the click: loaded again (no-store), not sent
+            assert page.url == f"{url}/console/orders/ord_no_js_e2e"
+            audit_rows = page.get_by_test_id("audit").locator("tbody tr").count()
+        finally:
+            context.close()
+            browser.close()
+    engine = sa.create_engine(database)
+    try:
+        with engine.connect() as conn:
+            audited = conn.execute(
+                sa.select(audit_log.c.action, audit_log.c.result).where(audit_log.c.order_id == "ord_no_js_e2e")
+            ).all()
+            links = conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(actions)
+                .where(actions.c.order_id == "ord_no_js_e2e", actions.c.kind == "nudge")
+            )
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in audited] == [("send_link", "done")]
+    assert links == 1
+    assert audit_rows == 1
+    assert reload_method == "GET"  # the form is not sent again
+    assert after_post == f"{url}/console/orders/ord_no_js_e2e"
+    assert shown == "Send a payment link by email now: done; the order is PENDING"
+    assert reloaded_results == 0  # shown once

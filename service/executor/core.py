@@ -3183,8 +3183,9 @@ class Executor:
 
         A failed receipt saying WhatsApp held the message back (``HELD_BACK_FAILURES``: a try-later or a rate
         limit) means it never reached the customer: it no longer counts against ``max_nudges`` or the day
-        (``request_for``), and its order, when open, is decided again now, for the message it still needs; after a
-        try-later, not on that channel for ``TRY_LATER_WAIT`` (``_decide_with_channels_down``).
+        (``request_for``) nor in the order's ``nudge_count`` (a later delivered receipt puts it back), and its
+        order, when open, is decided again now, for the message it still needs; after a try-later, not on that
+        channel for ``TRY_LATER_WAIT`` (``_decide_with_channels_down``).
 
         A receipt of ``merchant_id``'s that matches no nudge yet (it came before its send was recorded) is kept
         (``_keep_early_receipt``) and applied when the send is recorded, as if it had come after it; False then."""
@@ -3241,18 +3242,30 @@ class Executor:
                 )
             ).mappings()
             newly_held = False
+            sent_change = 0
             for nudge in found.all():
                 if opt_out and failure == "opted_out" and order is not None:
                     _keep_opt_out(conn, order, str(nudge["channel"]), now)
                 if not _receipt_applies(nudge, status, receipt.occurred_at):
                     continue
                 conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
-                newly = failure in HELD_BACK_FAILURES and not held_back(nudge["delivered"], nudge["error"])
+                was_held = held_back(nudge["delivered"], nudge["error"])
+                if nudge["status"] == "accepted":  # the sends ``nudge_count`` counts (``_record_nudge``)
+                    sent_change += int(was_held) - int(held_back(values["delivered"], values["error"]))
+                newly = failure in HELD_BACK_FAILURES and not was_held
                 if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
                     # The sender (or, for a pair rate limit, this customer on it) is slowed down before the order
                     # plans its next message on it.
                     self._note_rate_limited(conn, order, key.merchant_id, Channel(nudge["channel"]), failure, now)
                 newly_held |= newly
+            if sent_change:
+                # A message WhatsApp held back never reached the customer: the order's count of messages sent
+                # (the console's "nudges") leaves it out, and takes it back if a later receipt says it was delivered.
+                conn.execute(
+                    orders.update()
+                    .where(orders.c.merchant_id == key.merchant_id, orders.c.order_id == key.order_id)
+                    .values(nudge_count=orders.c.nudge_count + sent_change)
+                )
             if newly_held and order is not None:
                 self._decision_point(
                     conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"

@@ -88,6 +88,7 @@ orders = sa.Table(
     sa.Column("request_json", sa.Text, nullable=False),  # the failure event's decision request
     sa.Column("failure_json", sa.Text, nullable=False),  # the last failed attempt, as a contract ``failure``
     sa.Column("attempt_count", sa.Integer, nullable=False),
+    # The messages its provider took, less those WhatsApp then held back (they never reached the customer).
     sa.Column("nudge_count", sa.Integer, nullable=False, server_default="0"),
     sa.Column("first_failed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("success_txn_id", sa.String(64), nullable=True),

@@ -14,11 +14,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from model.catalog import load_catalog
 from model.vocab import Channel
+from service.console.views import QueueFilter, load_queue
 from service.executor.pacing import customer_paced_until, paced_until, release_turn
-from service.executor.store import as_utc, customer_pacing, nudges
+from service.executor.store import as_utc, customer_pacing, nudges, orders
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -148,6 +150,40 @@ def test_the_same_held_back_receipt_twice_decides_the_order_once(
     for _ in range(2):
         h.executor.record_receipt("pm_1", False, "m_demo", error="131049 held", failure="try_later")
     assert len(h.view().decisions) == 2
+
+
+def messages_sent(h: Harness) -> tuple[int, int]:
+    """The order's count of messages sent (``orders.nudge_count``), and the console queue's "nudges" for it."""
+    with h.executor.engine.connect() as conn:
+        count = conn.scalar(sa.select(orders.c.nudge_count).where(orders.c.order_id == "ord_1"))
+    (row,) = load_queue(h.executor.engine, load_catalog(), "m_demo", QueueFilter(), h.clock.now).rows
+    return int(count or 0), row.nudges
+
+
+def test_a_message_whatsapp_held_back_is_not_counted_as_sent_until_a_receipt_says_it_was_delivered(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Before, ``orders.nudge_count`` counted every message its provider took: one WhatsApp then held back (a
+    try-later, a rate limit) never reached the customer, yet the console's queue showed it among the order's
+    nudges. Now it is taken off the count, once however many held-back receipts come, and put back if a later
+    receipt says the message was delivered after all."""
+    h = make_harness({"action": "retarget", "channel": "whatsapp"}, database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert messages_sent(h) == (1, 1)
+    held = START + 10 * SECOND
+    assert h.executor.record_receipt(
+        "pm_1", False, "m_demo", error="131049 held", failure="try_later", occurred_at=held
+    )
+    assert messages_sent(h) == (0, 0)
+    later = held + SECOND
+    h.executor.record_receipt(
+        "pm_1", False, "m_demo", error="131056 pair", failure="pair_rate_limited", occurred_at=later
+    )
+    assert messages_sent(h) == (0, 0)  # held back still: not taken off twice
+    assert h.executor.record_receipt("pm_1", True, "m_demo", occurred_at=later + SECOND)
+    assert messages_sent(h) == (1, 1)
 
 
 def two_merchants() -> dict[str, Any]:

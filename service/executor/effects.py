@@ -86,7 +86,7 @@ from service.executor.optouts import (
     unsubscribe_url,
 )
 from service.executor.outages import channels_down, claim_probe
-from service.executor.pacing import QUIET_HOURS_WAKE, customer_release_turn, pair_turn, release_turn
+from service.executor.pacing import QUIET_HOURS_WAKE, pair_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
 from service.personal_data import mask_addresses_in
@@ -725,8 +725,8 @@ class Effects:
         else None: while its sender is held or the messages it kept back are going, a spacing apart; when it
         ``wakes`` with the end of the quiet hours, with all the messages kept for it, the quiet hours' spacing apart;
         on WhatsApp, always one every 6 seconds to its customer (Meta's pair rate: before, only after Meta had
-        refused a message with 131056), else while its customer on the channel is held or the messages that hold
-        kept back are going. The turn is kept on the message, which goes at it. The customer's turn is taken last,
+        refused a message with 131056; the other channels have no pair rate, and no customer's row to read). The
+        turn is kept on the message, which goes at it. The customer's turn is taken last,
         when its sender's turn has come: a message kept waiting behind its sender's release after taking its
         customer's turn would go less than 6 seconds before the customer's next message."""
         channel = Channel(str(action.payload["channel"]))
@@ -747,19 +747,16 @@ class Effects:
                 else "its sender was rate limited"
             )
             return _wait_for_turn(action, MESSAGE_PACED_TURN, turn, channel.value, why)
-        address = order_customer_address(order["request_json"], channel)
+        # Only WhatsApp has a pair rate (Meta's 131056, classified on WhatsApp receipts alone: channels/inbound.py),
+        # so only its messages make customers' rows: an SMS, e-mail or push one would read a row that is never there.
+        address = order_customer_address(order["request_json"], channel) if channel == Channel.WHATSAPP else None
         if address is None:
             return None
-        address_sha256 = address_hash(channel, address)
         kept = _turn_of(action, MESSAGE_CUSTOMER_PACED_TURN)
-        if channel == Channel.WHATSAPP:
-            turn = pair_turn(conn, action.merchant_id, channel, address_sha256, now, kept)
-            why = "at most one message every 6 seconds to their number (pair rate limit)"
-        else:
-            turn = customer_release_turn(conn, action.merchant_id, channel, address_sha256, now, kept)
-            why = "too many messages to their number (pair rate limit)"
+        turn = pair_turn(conn, action.merchant_id, channel, address_hash(channel, address), now, kept)
         if turn is None:
             return None
+        why = "at most one message every 6 seconds to their number (pair rate limit)"
         return _wait_for_turn(action, MESSAGE_CUSTOMER_PACED_TURN, turn, f"{channel.value} to this customer", why)
 
     @staticmethod

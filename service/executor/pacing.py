@@ -28,7 +28,8 @@ failing at once, or due at the end of the quiet hours, released a tenth of a sec
 WhatsApp off the order: every WhatsApp message therefore takes a turn of its customer's row (``pair_turn``), one
 every 6 seconds, the first at once, under the row's lock. That costs each WhatsApp message two writes of its
 customer's row (it read it once before), and the worker's clean-up deletes the rows idle for ``max_hold``
-(``forget_idle_customers``). The other channels only read the row, as before (no pair rate is documented for them).
+(``forget_idle_customers``). The other channels have no pair rate documented, no receipt of theirs is classified
+as one, and so no customer's row: their messages do not read the table.
 
 The quiet hours make the same burst with no rate limit at all: a message due in them is deferred to their end, and
 the policy plans a night's first messages there too, so every message of a merchant whose customers share a time
@@ -274,13 +275,3 @@ def forget_idle_customers(
     if merchant_id is not None:
         where.append(customer_pacing.c.merchant_id == merchant_id)
     return int(conn.execute(customer_pacing.delete().where(*where)).rowcount)
-
-
-def customer_release_turn(
-    conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime, turn: datetime | None
-) -> datetime | None:
-    """``_release_turn`` of the customer at ``address_sha256`` on ``merchant_id``'s ``channel``: the messages its
-    pair rate limit held (several orders of one customer) go one every 6 seconds, Meta's pair rate, not together
-    into the same limit again."""
-    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
-    return _release_turn(conn, customer_pacing, key, now, turn, PAIR_RATE_INTERVAL)

@@ -161,21 +161,23 @@ def test_what_the_pair_rate_costs_a_message_and_the_rows_it_leaves_are_forgotten
     database_url: str,
 ) -> None:
     """The cost, stated: a WhatsApp message writes its customer's pacing row twice (made or locked, then its next
-    turn) where it read it once; an SMS message still reads it once. The rows a message leaves are deleted by the
-    worker's clean-up once idle for the longest hold (15 minutes), so the table keeps the customers messaged
-    recently only."""
-    h = make_harness(dict(NOW), {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    turn) where it read it once; an SMS or e-mail message, with no pair rate, does not touch it (before, each read
+    a row only WhatsApp makes). The rows a message leaves are deleted by the worker's clean-up once idle for the
+    longest hold (15 minutes), so the table keeps the customers messaged recently only."""
+    by = [dict(NOW), {"action": "retarget", "channel": "sms"}, {"action": "retarget", "channel": "email"}]
+    h = make_harness(*by, database_url=database_url)
     h.drain()  # the worker's first run cleans up (a DELETE), then not again for an hour
     with pacing_statements(h, "customer_pacing") as whatsapp:
         h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
         h.drain()
     assert [m.channel for m in h.outbox] == [Channel.WHATSAPP]
     assert [statement.split()[0] for statement in whatsapp] == ["INSERT", "UPDATE"]
-    with pacing_statements(h, "customer_pacing") as sms:
+    with pacing_statements(h, "customer_pacing") as sms_and_email:
         h.executor.payment_failed("m_demo", event("ord_2", customer=OTHER))
+        h.executor.payment_failed("m_demo", event("ord_3", customer=OTHER))
         h.drain()
-    assert [m.channel for m in h.outbox] == [Channel.WHATSAPP, Channel.SMS]
-    assert [statement.split()[0] for statement in sms] == ["SELECT"]
+    assert [m.channel for m in h.outbox] == [Channel.WHATSAPP, Channel.SMS, Channel.EMAIL]
+    assert sms_and_email == []
 
     assert h.count(customer_pacing) == 1
     h.clock.advance(seconds=15 * 60)

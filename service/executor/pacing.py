@@ -269,9 +269,14 @@ def forget_idle_customers(
     """Delete the customers' pacing rows (of ``merchant_id``, else of every merchant) whose last hold and turn
     ended more than ``max_hold`` before ``now``: their next message goes at once anyway, and a next pair rate limit
     would start over (``note_pair_rate_limited``); how many. Every WhatsApp message makes its customer's row
-    (``pair_turn``): the worker's clean-up keeps the table to the customers messaged recently."""
-    latest = sa.func.coalesce(customer_pacing.c.next_turn_at, customer_pacing.c.held_until)  # a turn is after the hold
-    where = [latest < now - max_hold]
+    (``pair_turn``): the worker's clean-up keeps the table to the customers messaged recently.
+
+    Both ends are compared: a hold is not always before the turns (a 131056 receipt may come well after the send it
+    is about), and a row whose hold is still on is kept. A row made by a receipt alone has no turn. The index on
+    ``next_turn_at`` (migration 0018) finds the rows whose turns are over without reading the others."""
+    cutoff = now - max_hold
+    turn = customer_pacing.c.next_turn_at
+    where = [sa.or_(turn < cutoff, turn.is_(None)), customer_pacing.c.held_until < cutoff]
     if merchant_id is not None:
         where.append(customer_pacing.c.merchant_id == merchant_id)
     return int(conn.execute(customer_pacing.delete().where(*where)).rowcount)

@@ -309,8 +309,10 @@ customer_pacing = sa.Table(
     sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_limited_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("times_limited", sa.Integer, nullable=False, server_default="0"),
-    # The next free turn of the customer's messages released after the hold, one every 6 s (Meta's pair rate).
+    # The next free turn of the customer's messages, one every 6 s (Meta's pair rate): the worker's clean-up of the
+    # idle rows reads it by its index (migration 0018).
     sa.Column("next_turn_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_customer_pacing_next_turn", "next_turn_at"),
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -458,9 +458,64 @@ def test_the_forms_sent_to_the_console_are_kept_from_0019_one_row_a_token_and_dr
             conn.execute(sa.insert(table), [row])
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             conn.execute(sa.insert(table), [row])
-        downgrade(engine, "0017")
+        downgrade(engine, "0018")
         assert "console_submissions" not in sa.inspect(engine).get_table_names()
         upgrade(engine)
         assert "console_submissions" in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def _customer_rows(count: int, moment: datetime) -> list[dict[str, object]]:
+    """``count`` customers of one merchant, each messaged (its next turn) a second after the one before."""
+    return [
+        {
+            "merchant_id": "m_a", "channel": "whatsapp", "address_sha256": f"{number:064x}", "held_until": moment,
+            "last_limited_at": moment, "times_limited": 0, "next_turn_at": moment + timedelta(seconds=number),
+        }
+        for number in range(count)
+    ]  # fmt: skip
+
+
+def test_idle_customers_are_found_through_0018s_index_dropped_on_downgrade(
+    database_url: str,
+) -> None:
+    """0018: the worker's clean-up of idle customers' pacing rows reads ``ix_customer_pacing_next_turn``, not the
+    whole table (one row per customer messaged in the last hour); a downgrade drops it and keeps the rows."""
+    from service.executor.pacing import forget_idle_customers
+
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 11, 2, 10, 15, tzinfo=UTC)
+    rows = _customer_rows(5000, moment)
+    try:
+        upgrade(engine, "0017")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(sa.table("customer_pacing", *(sa.column(name) for name in rows[0]))), rows)
+        upgrade(engine, "0018")
+        assert "ix_customer_pacing_next_turn" in {
+            index["name"] for index in sa.inspect(engine).get_indexes("customer_pacing")
+        }
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE")
+            statements: list[tuple[str, Any]] = []
+
+            def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+                statements.append((statement, parameters))
+
+            sa.event.listen(engine, "before_cursor_execute", capture)
+            # 15 minutes after the 50th customer's turn: the first 50 are idle
+            forgotten = forget_idle_customers(conn, moment + timedelta(seconds=949.5), timedelta(minutes=15))
+            sa.event.remove(engine, "before_cursor_execute", capture)
+            assert forgotten == 50
+            explain = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "EXPLAIN"
+            ((statement, parameters),) = statements
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"{explain} {statement}", parameters))
+            assert "ix_customer_pacing_next_turn" in plan, plan
+        downgrade(engine, "0017")
+        assert "ix_customer_pacing_next_turn" not in {
+            index["name"] for index in sa.inspect(engine).get_indexes("customer_pacing")
+        }
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM customer_pacing")) == 4950
     finally:
         engine.dispose()

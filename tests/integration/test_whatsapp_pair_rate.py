@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from model.vocab import Channel
-from service.executor.pacing import pair_turn
+from service.executor.pacing import customer_paced_until, pair_turn
 from service.executor.store import as_utc, customer_pacing
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -26,6 +26,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
 from tests.integration.test_quiet_hours_wake import NIGHT, NOW, TURN, WAKE, pacing_statements
 
 PAIR = timedelta(seconds=6)
+SECOND = timedelta(seconds=1)
 CUSTOMER = {"phone": "+919800000001"}
 OTHER = {"phone": "+919800000002"}
 
@@ -185,3 +186,29 @@ def test_what_the_pair_rate_costs_a_message_and_the_rows_it_leaves_are_forgotten
     h.clock.advance(seconds=7)
     assert h.executor.forget_idle_customers() == 1
     assert h.count(customer_pacing) == 0
+
+
+def test_the_clean_up_keeps_a_customer_whose_hold_is_still_on_after_their_turns(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A 131056 receipt may come well after its message: the customer's hold then ends after their last turn.
+    Before, the clean-up judged a row by its turns alone and deleted a hold still on (the customer's next message
+    went at once, into the same limit); now a row goes once both its turns and its hold are 15 minutes over."""
+    h = make_harness(database_url=database_url)
+    customer = "a" * 64
+    policy = h.executor.retry_policy
+    with h.executor.engine.begin() as conn:
+        assert pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, START, None) is None
+        moment = START
+        for _ in range(6):  # limited again after each hold: 6 s, 6 s, 16 s, 64 s, 256 s, then 15 minutes
+            moment = policy.note_pair_rate_limited(conn, "m_demo", Channel.WHATSAPP, customer, moment) + SECOND
+        held_until = moment - SECOND
+        assert held_until - (START + PAIR) > timedelta(minutes=15)
+    h.clock.now = START + PAIR + timedelta(minutes=15, seconds=1)
+    assert h.clock.now < held_until
+    assert h.executor.forget_idle_customers() == 0
+    with h.executor.engine.begin() as conn:
+        assert customer_paced_until(conn, "m_demo", Channel.WHATSAPP, customer, h.clock.now) == held_until
+    h.clock.now = held_until + timedelta(minutes=15, seconds=1)
+    assert h.executor.forget_idle_customers() == 1

@@ -245,22 +245,30 @@ def pair_turn(
 
     ``turn``: the turn the message was given before. It goes at it, or within 6 seconds after it (a worker claims it
     a moment late); a turn older than that (a message retried, or kept waiting by another check, long after) or
-    from before the customer's hold ended is spent, and the message takes a new one. The next free turn is never
-    less than 6 seconds after the message that goes, however late it goes. Normal traffic (a customer messaged once
-    in a while) pays two writes of this row, no wait: only that customer's sends and receipts take the row's lock."""
+    from before the customer's hold ended is spent, and the message takes a new one. Whatever its turn, a message
+    goes no sooner than 6 seconds after the customer's last one went (``last_sent_at``): the turns are planned 6
+    seconds apart, but one that went a few seconds late had the next already planned less than 6 seconds after it,
+    and that one now waits the rest (its new turn, kept on it). The next free turn is never less than 6 seconds
+    after the message that goes, however late it goes. Normal traffic (a customer messaged once in a while) pays
+    two writes of this row, no wait: only that customer's sends and receipts take the row's lock."""
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
     row = _locked_row(conn, customer_pacing, key, now)
     held_until, next_turn = as_utc(row["held_until"]), as_utc_or_none(row["next_turn_at"])
+    last_sent = as_utc_or_none(row["last_sent_at"])
     if turn is not None and turn >= held_until and turn > now:  # its turn, still to come
         return turn
-    if turn is not None and turn >= held_until and now - turn < PAIR_RATE_INTERVAL:  # its turn: it goes
+    if turn is not None and turn >= held_until and now - turn < PAIR_RATE_INTERVAL:  # its turn
         mine = now
     else:
         mine = max(held_until, now) if next_turn is None else max(held_until, next_turn, now)
+    if last_sent is not None:
+        mine = max(mine, last_sent + PAIR_RATE_INTERVAL)
     free = mine + PAIR_RATE_INTERVAL if next_turn is None else max(next_turn, mine + PAIR_RATE_INTERVAL)
-    if free != next_turn:
-        conn.execute(customer_pacing.update().where(*_where(customer_pacing, key)).values(next_turn_at=free))
-    return None if mine <= now else mine
+    goes = mine <= now
+    if free != next_turn or goes:
+        sent = {"last_sent_at": now} if goes else {}
+        conn.execute(customer_pacing.update().where(*_where(customer_pacing, key)).values(next_turn_at=free, **sent))
+    return None if goes else mine
 
 
 def forget_idle_customers(

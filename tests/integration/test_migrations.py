@@ -477,11 +477,12 @@ def _customer_rows(count: int, moment: datetime) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def test_idle_customers_are_found_through_0018s_index_dropped_on_downgrade(
+def test_idle_customers_are_found_through_0018s_index_and_the_last_send_kept_until_a_downgrade(
     database_url: str,
 ) -> None:
     """0018: the worker's clean-up of idle customers' pacing rows reads ``ix_customer_pacing_next_turn``, not the
-    whole table (one row per customer messaged in the last hour); a downgrade drops it and keeps the rows."""
+    whole table (one row per customer messaged in the last hour); each row gets ``last_sent_at``, empty for a row
+    stored before; a downgrade drops both and keeps the rows."""
     from service.executor.pacing import forget_idle_customers
 
     engine = sa.create_engine(database_url)
@@ -497,6 +498,7 @@ def test_idle_customers_are_found_through_0018s_index_dropped_on_downgrade(
         }
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")
+            assert conn.scalar(sa.text("SELECT count(*) FROM customer_pacing WHERE last_sent_at IS NULL")) == 5000
             statements: list[tuple[str, Any]] = []
 
             def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -515,6 +517,7 @@ def test_idle_customers_are_found_through_0018s_index_dropped_on_downgrade(
         assert "ix_customer_pacing_next_turn" not in {
             index["name"] for index in sa.inspect(engine).get_indexes("customer_pacing")
         }
+        assert "last_sent_at" not in {column["name"] for column in sa.inspect(engine).get_columns("customer_pacing")}
         with engine.connect() as conn:
             assert conn.scalar(sa.text("SELECT count(*) FROM customer_pacing")) == 4950
     finally:

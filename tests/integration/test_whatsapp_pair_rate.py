@@ -188,6 +188,31 @@ def test_what_the_pair_rate_costs_a_message_and_the_rows_it_leaves_are_forgotten
     assert h.count(customer_pacing) == 0
 
 
+def test_a_message_gone_late_at_its_turn_keeps_the_next_one_6_seconds_behind_it(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Turns are planned 6 s apart, but a worker may claim a message a few seconds after its turn. Before, the next
+    message, planned 6 s after that turn, went at it: 3 seconds after the late one, into Meta's pair rate limit.
+    Now it waits until 6 s after the late one went, and a message asking after it queues behind that."""
+    h = make_harness(database_url=database_url)
+    customer = "a" * 64
+
+    def turn(moment: datetime, kept: datetime | None) -> datetime | None:
+        with h.executor.engine.begin() as conn:
+            return pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, moment, kept)
+
+    assert turn(START, None) is None  # the first goes
+    second = turn(START + timedelta(seconds=1), None)
+    third = turn(START + timedelta(seconds=2), None)
+    assert (second, third) == (START + PAIR, START + 2 * PAIR)
+    late = START + PAIR + timedelta(seconds=3)
+    assert turn(late, second) is None  # its turn, claimed 3 s late: it goes
+    assert turn(START + 2 * PAIR, third) == late + PAIR  # not 3 s after it: its new turn
+    assert turn(START + 2 * PAIR + timedelta(seconds=1), None) == late + 2 * PAIR
+    assert turn(late + PAIR, late + PAIR) is None
+
+
 def test_the_clean_up_keeps_a_customer_whose_hold_is_still_on_after_their_turns(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     database_url: str,

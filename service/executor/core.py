@@ -2326,11 +2326,6 @@ class Executor:
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, sent: Sent, now: datetime
     ) -> None:
         self._insert_sent_nudge(conn, action, sent, now)
-        conn.execute(
-            orders.update()
-            .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
-            .values(nudge_count=orders.c.nudge_count + 1, updated_at=now)
-        )
         follow_up = now + timedelta(hours=NUDGE_FOLLOW_UP_HOURS)
         self._schedule(
             conn,
@@ -2345,7 +2340,7 @@ class Executor:
         self._apply_early_receipts(conn, action.merchant_id, sent.provider_message_id, now)
 
     def _insert_sent_nudge(self, conn: sa.Connection, action: ActionRow, sent: Sent, now: datetime) -> None:
-        """The nudge that went out, and its payment link."""
+        """The nudge that went out, counted among the order's messages sent, and its payment link."""
         conn.execute(
             nudges.insert().values(
                 nudge_id=sent.nudge_id,
@@ -2362,6 +2357,7 @@ class Executor:
                 idempotency_key=action.idempotency_key,
             )
         )
+        _count_sent(conn, action.merchant_id, action.order_id, 1, now)
         self._keep_link(conn, action, sent, now)
 
     @staticmethod
@@ -2406,6 +2402,7 @@ class Executor:
             .values(status="accepted", delivered=True, provider_message_id=sent.provider_message_id, error=None)
         ).rowcount
         if changed:
+            _count_sent(conn, action.merchant_id, action.order_id, 1, now)
             self._keep_link(conn, action, sent, now)
 
     def _keep_maybe_sent(self, conn: sa.Connection, action: ActionRow, why: str, now: datetime) -> bool:
@@ -2435,6 +2432,7 @@ class Executor:
                 .where(nudges.c.nudge_id == nudge_id)
                 .values(status="accepted", delivered=True, clicked_at=opened, error=None)
             )
+            _count_sent(conn, action.merchant_id, action.order_id, 1, now)
         return True
 
     def _insert_unsent_nudge(self, conn: sa.Connection, action: ActionRow, unsent: NotSent, now: datetime) -> None:
@@ -3250,7 +3248,7 @@ class Executor:
                     continue
                 conn.execute(nudges.update().where(nudges.c.nudge_id == nudge["nudge_id"]).values(**values))
                 was_held = held_back(nudge["delivered"], nudge["error"])
-                if nudge["status"] == "accepted":  # the sends ``nudge_count`` counts (``_record_nudge``)
+                if nudge["status"] == "accepted":  # the sends ``nudge_count`` counts (``_count_sent``)
                     sent_change += int(was_held) - int(held_back(values["delivered"], values["error"]))
                 newly = failure in HELD_BACK_FAILURES and not was_held
                 if newly and failure in RATE_LIMITED_FAILURES and nudge["channel"] in _CHANNEL_NAMES:
@@ -3261,11 +3259,7 @@ class Executor:
             if sent_change:
                 # A message WhatsApp held back never reached the customer: the order's count of messages sent
                 # (the console's "nudges") leaves it out, and takes it back if a later receipt says it was delivered.
-                conn.execute(
-                    orders.update()
-                    .where(orders.c.merchant_id == key.merchant_id, orders.c.order_id == key.order_id)
-                    .values(nudge_count=orders.c.nudge_count + sent_change)
-                )
+                _count_sent(conn, key.merchant_id, key.order_id, sent_change, now)
             if newly_held and order is not None:
                 self._decision_point(
                     conn, order, now, f"WhatsApp held back a message ({failure}): it never reached the customer"
@@ -3473,6 +3467,17 @@ HELD_BACK_LIMIT: Final = 2
 #: How long a channel is not used again for an order after WhatsApp held one of its messages back as a try-later
 #: (Meta's per-user marketing limit, 131049): Meta asks to wait at least 24 hours before resending (data/README.md).
 TRY_LATER_WAIT: Final = timedelta(hours=24)
+
+
+def _count_sent(conn: sa.Connection, merchant_id: str, order_id: str, change: int, now: datetime) -> None:
+    """Change the order's count of messages sent (``orders.nudge_count``, the console queue's "nudges") by
+    ``change``: the nudges recorded as taken by their provider (``status`` accepted), less those WhatsApp held back
+    (``held_back``). Every path that makes a nudge one of them, or stops it being one, goes through here."""
+    conn.execute(
+        orders.update()
+        .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+        .values(nudge_count=orders.c.nudge_count + change, updated_at=now)
+    )
 
 
 def held_back(delivered: bool | None, error: str | None) -> bool:

@@ -926,6 +926,8 @@ def test_a_message_sent_while_the_order_was_settled_elsewhere_is_recorded_once(m
     h.worker.record([(nudge, outcome)])
     view = h.view()
     assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]
+    with h.executor.engine.connect() as conn:  # counted among the messages sent, once (it was left out before)
+        assert conn.scalar(sa.select(orders.c.nudge_count)) == 1
     assert len(h.outbox) == 1
     assert not [a for a in view.actions if a.kind == "follow_up"]  # nothing more for a settled order
     assert view.state == "SUCCEEDED"

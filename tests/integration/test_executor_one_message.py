@@ -38,7 +38,7 @@ from service.executor.core import (
 )
 from service.executor.routes import _pay
 from service.executor.settings import ExecutorSettings
-from service.executor.store import ActionKind, actions, as_utc, channel_outages, nudges
+from service.executor.store import ActionKind, actions, as_utc, channel_outages, nudges, orders
 from service.executor.worker import Worker, build_effects
 from tests.factories import insert_lost_charge
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -656,3 +656,26 @@ def test_a_message_whose_try_timed_out_is_not_replaced_before_its_answer_is_reco
     with h.executor.engine.connect() as conn:
         payload = conn.scalar(sa.select(actions.c.payload_json).where(actions.c.action_id == sms.action_id))
     assert json.loads(payload)["maybe_sent_tries"] == 1
+
+
+def test_a_message_maybe_sent_whose_link_the_customer_opened_is_counted_as_sent(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The SMS's try timed out at its provider, and the customer opened its link: it reached them. The customer
+    then opts out of SMS, and the re-send is cancelled: the nudge is kept as sent (accepted, clicked). Before, the
+    order's count of messages sent (``orders.nudge_count``, the console queue's "nudges") left it out, while the
+    order's page counted it; now both say one."""
+    h, provider = _harness(make_harness, {"action": "retarget", "channel": "sms"}, database_url=database_url)
+    provider.time_outs = 1
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    token = provider.outbox[0].variables["link_url"].rsplit("/pay/", 1)[1]
+    assert h.executor.open_link(token).state == "PENDING"
+    with h.executor.engine.connect() as conn:
+        customer_id = conn.scalar(sa.select(orders.c.customer_id))
+    assert h.executor.opt_out("m_demo", str(customer_id), Channel.SMS) == 1
+    [sms] = h.view().nudges
+    assert (sms.status, sms.clicked_at is not None) == ("accepted", True)
+    with h.executor.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.nudge_count)) == 1

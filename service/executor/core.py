@@ -83,6 +83,20 @@ UNKNOWN_RECHECK: Final = timedelta(hours=1)
 #: How long after a charge is dead-lettered unanswered its switch is first asked what became of it: a request that
 #: timed out on the way may still be being processed.
 STATUS_CHECK_DELAY: Final = timedelta(minutes=1)
+#: How long after its switch first answers "not found" for a charge sent and never answered (the check's own, or one
+#: still planned when an operator answered "not charged") the switch is asked once more: a send that timed out on
+#: our side may still be on its way. Linux retransmits a connection's unacknowledged data for about a quarter of an
+#: hour (``tcp_retries2``'s default of 15 gives 924.6 s, ~15.4 min; ``tcp_orphan_retries`` bounds it alike, and
+#: usually sooner, once we closed the connection), and the switch then makes its own call to the processor. Twice
+#: that window, counted from the answer, itself at least STATUS_CHECK_DELAY after the last send (data/README.md,
+#: "Payment switch calls").
+NOT_FOUND_RECHECK_DELAY: Final = timedelta(minutes=30)
+#: A charge action's payload key: when it was sent (ISO time), kept as an operator or its switch takes it as never
+#: charged (its 'sent' mark goes then): a success the switch reports later is the attempt made at that time.
+TAKEN_AS_NOT_CHARGED = "taken_as_not_charged_sent_at"
+#: A status check's payload key: it is the one more ask after "not found" (NOT_FOUND_RECHECK_DELAY), whose own "not
+#: found" is final.
+AFTER_NOT_FOUND = "after_not_found"
 #: The actions that ask or give back through a connector after a charge: they run on settled orders too, and
 #: settling an order does not cancel them (a duplicate charge is what they are there to find and give back).
 SWITCH_FOLLOW_UPS: Final = (ActionKind.CHARGE_STATUS, ActionKind.REFUND)
@@ -609,6 +623,27 @@ UNKNOWN_CHARGE = sa.and_(
     actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
     actions.c.unanswered_since.is_not(None),
 )
+
+
+def _taken_as_not_charged(row: RowMapping) -> bool:
+    """A charge action an operator or its switch took as never charged, with no attempt recorded for it since."""
+    return (
+        row["kind"] in [kind.value for kind in CHARGE_KINDS]
+        and row["state"] == ActionState.DEAD.value
+        and row["unanswered_since"] is None
+        and TAKEN_AS_NOT_CHARGED in orjson.loads(row["payload_json"] or "{}")
+    )
+
+
+def _check_payload(charge: ActionRow) -> dict[str, Any]:
+    """What a status check of ``charge`` asks about: its connector and processor payment id."""
+    number = charge.payload.get("attempt_number")
+    return {
+        "charge_action_id": charge.action_id,
+        "connector": charge.payload.get("connector"),
+        "attempt_number": number,
+        "payment_id": f"{charge.order_id}_{number}",
+    }
 
 
 def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
@@ -2188,12 +2223,14 @@ class Executor:
                 extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
             )
         elif action.kind == ActionKind.CHARGE_STATUS:
-            # No answer within its tries: asked again in an hour (``_ask_switch``), as long as the charge is unknown.
-            # A switch that cannot be asked is asked again only by the order's close, which looks hourly too.
+            # No answer within its tries: asked again in an hour, as long as the charge is unknown, or taken as
+            # never charged and not found charged since (``_check_again_later``). A switch that cannot be asked is
+            # asked again only by the order's close (which looks hourly too) about an unknown charge.
             again = "in an hour" if connector_failed else "when the order's close looks again"
             log.error(
-                "the switch could not say what became of payment %s (%s): charge action %s stays unknown; the "
-                "switch is asked again %s, or an operator answers with resolve-charge",
+                "the switch could not say what became of payment %s (%s): charge action %s stays as it is recorded "
+                "(unknown, or taken as never charged); the switch is asked again %s, or an operator answers an "
+                "unknown one with resolve-charge",
                 action.payload.get("payment_id"),
                 error,
                 action.payload.get("charge_action_id"),
@@ -2201,7 +2238,7 @@ class Executor:
                 extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
             )
             if connector_failed:
-                self._ask_switch(conn, int(action.payload["charge_action_id"]), now + UNKNOWN_RECHECK, now)
+                self._check_again_later(conn, action, now + UNKNOWN_RECHECK, now)
         elif action.kind == ActionKind.RETRY and connector_failed:
             self._retry_failed_to_go_out(conn, action, order, now, unreached=unreached)
         if action.kind in CHARGE_KINDS:
@@ -2649,6 +2686,8 @@ class Executor:
         one settled already; a decline is recorded and the order decided again), None when nothing was taken (the
         order is decided again, ``nothing_taken`` its cause). Either way its mark goes, so the order can be charged
         again. False (nothing changed) when the charge was answered meanwhile."""
+        if row["unanswered_since"] is None:
+            return False  # answered meanwhile, or taken as never charged already
         action = ActionRow.of(row)
         if result is None:
             verdict = "not charged"
@@ -2656,6 +2695,10 @@ class Executor:
             verdict = "charged"
         else:
             verdict = f"declined ({result.error_code})" if result.error_code else "declined"
+        sent_at = as_utc(row["unanswered_since"])
+        # Taken as never charged, it keeps when it was sent: a success its switch reports later (a status check
+        # still planned, or the one more ask after "not found") is recorded as that attempt (``_charged_after_all``).
+        payload = action.payload if result is not None else action.payload | {TAKEN_AS_NOT_CHARGED: sent_at.isoformat()}
         changed = conn.execute(
             actions.update()
             .where(actions.c.action_id == action.action_id, UNKNOWN_CHARGE)
@@ -2664,6 +2707,7 @@ class Executor:
                 unanswered_since=None,
                 updated_at=now,
                 last_error=f"{row['last_error'] or ''}; resolved by {by}: {verdict}".lstrip("; "),
+                payload_json=_dump(payload),
             )
         ).rowcount
         if changed != 1:
@@ -2677,7 +2721,6 @@ class Executor:
         )
         if result is not None:
             # Dated when it was sent, not when the answer came: the history credits what came before.
-            sent_at = as_utc(row["unanswered_since"])
             self._record_attempt(conn, order, action, result, now, attempted_at=sent_at)
         elif self.unknown_charge(conn, order) is None and order["state"] == OrderState.PENDING:
             self._decision_point(conn, order, now, nothing_taken)
@@ -2690,15 +2733,10 @@ class Executor:
         if row is None or row["state"] != ActionState.DEAD.value or row["unanswered_since"] is None:
             return  # not a charge whose outcome is unknown (it never went out, or it was answered)
         charge = ActionRow.of(row)
-        number = charge.payload.get("attempt_number")
-        payload = {
-            "charge_action_id": charge.action_id,
-            "connector": charge.payload.get("connector"),
-            "attempt_number": number,
-            "payment_id": f"{charge.order_id}_{number}",
-        }
         key = f"{charge.idempotency_key}:status"
-        if self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, payload):
+        if self._schedule(
+            conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, _check_payload(charge)
+        ):
             return
         conn.execute(
             actions.update()
@@ -2706,24 +2744,119 @@ class Executor:
             .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
         )
 
+    def _ask_again_after_not_found(self, conn: sa.Connection, charge: ActionRow, now: datetime) -> None:
+        """Plan the one more status check of a charge taken as never charged (NOT_FOUND_RECHECK_DELAY from now): a
+        send that timed out may reach the switch after its "not found", and nobody would ask about that payment
+        id again. One per charge (its key), whichever check's "not found" planned it: the one that took the charge as
+        never charged, or one still planned when an operator answered "not charged"."""
+        key = f"{charge.idempotency_key}:status:again"
+        payload = _check_payload(charge) | {AFTER_NOT_FOUND: True}
+        due = now + NOT_FOUND_RECHECK_DELAY
+        self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, payload)
+
+    def _check_again_later(self, conn: sa.Connection, check: ActionRow, due: datetime, now: datetime) -> None:
+        """A status check that got no answer within its tries is planned again for ``due`` while its charge still
+        waits for the switch's word: unknown, or taken as never charged and not found charged since."""
+        row = (
+            conn.execute(sa.select(actions).where(actions.c.action_id == int(check.payload["charge_action_id"])))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            return
+        if row["unanswered_since"] is not None:
+            self._ask_switch(conn, int(row["action_id"]), due, now)
+        elif _taken_as_not_charged(row):
+            conn.execute(
+                actions.update()
+                .where(actions.c.action_id == check.action_id, actions.c.state == ActionState.DEAD.value)
+                .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
+            )
+
     def _resolve_from_switch(
         self, conn: sa.Connection, order: RowMapping, check: ActionRow, result: ChargeResult | None, now: datetime
     ) -> None:
         """The switch's answer about a charge sent and never answered (``check``: the CHARGE_STATUS action that
-        asked): recorded as an operator's would be (``_settle_unknown``), unless the charge was answered meanwhile."""
+        asked): recorded as an operator's would be (``_settle_unknown``); a "not found" is asked about once more
+        later. On a charge taken as never charged meanwhile (an operator's "not charged", or the switch's "not
+        found"), a success is that charge's after all (``_charged_after_all``). Noted on the check either way."""
         charge_id = int(check.payload["charge_action_id"])
         row = conn.execute(sa.select(actions).where(actions.c.action_id == charge_id)).mappings().first()
+        payment_id = check.payload.get("payment_id")
         what = "not found: it never reached the switch" if result is None else f"status {result.status}"
         planned = "charge" if row is None else _planned_what(ActionRow.of(row))
         nothing = (
             f"the switch answered that the {planned} sent and never answered never reached it "
-            f"(payment {check.payload.get('payment_id')} not found)"
+            f"(payment {payment_id} not found)"
         )
         if row is not None and self._settle_unknown(conn, order, row, result, "the switch", nothing, now):
-            note = f"the switch answered: payment {check.payload.get('payment_id')} {what}"
+            note = f"the switch answered: payment {payment_id} {what}"
+            if result is None:
+                self._ask_again_after_not_found(conn, ActionRow.of(row), now)
+                note += f"; asked once more in {NOT_FOUND_RECHECK_DELAY}"
+        elif row is not None and _taken_as_not_charged(row):
+            note = self._answer_after_not_charged(conn, order, row, check, result, now)
         else:
             note = f"the switch answered ({what}) after charge action {charge_id} was answered"
         conn.execute(actions.update().where(actions.c.action_id == check.action_id).values(last_error=note))
+
+    def _answer_after_not_charged(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        row: RowMapping,
+        check: ActionRow,
+        result: ChargeResult | None,
+        now: datetime,
+    ) -> str:
+        """The switch's answer about a charge already taken as never charged; the note for the check. A success
+        is recorded (``_charged_after_all``); a decline agrees (nothing was taken); "not found" is asked about once
+        more later, unless this was that last ask."""
+        payment_id = check.payload.get("payment_id")
+        if result is not None and result.status == "success":
+            self._charged_after_all(conn, order, row, result, now)
+            return f"the switch answered: payment {payment_id} succeeded, after it was taken as never charged"
+        if result is not None:
+            return f"the switch answered: payment {payment_id} {result.status}; nothing was taken, as recorded"
+        if check.payload.get(AFTER_NOT_FOUND):
+            return f"the switch answered again: payment {payment_id} not found; it was never charged"
+        self._ask_again_after_not_found(conn, ActionRow.of(row), now)
+        return f"the switch answered: payment {payment_id} not found; asked once more in {NOT_FOUND_RECHECK_DELAY}"
+
+    def _charged_after_all(
+        self, conn: sa.Connection, order: RowMapping, row: RowMapping, result: ChargeResult, now: datetime
+    ) -> None:
+        """A charge taken as never charged (by an operator, or by its switch's "not found") that its switch now
+        reports succeeded: the attempt is recorded as made when it was sent. An open order settles on it (one
+        webhook; its messages and links stop); on one settled since (paid by the charge or link of the decision
+        made again, by the merchant, or failed) it is a duplicate and refunded once (``_refund_duplicate``)."""
+        charge = ActionRow.of(row)
+        done = conn.execute(
+            actions.update()
+            .where(
+                actions.c.action_id == charge.action_id,
+                actions.c.state == ActionState.DEAD.value,
+                actions.c.unanswered_since.is_(None),
+            )
+            .values(
+                state=ActionState.DONE.value,
+                updated_at=now,
+                last_error=f"{row['last_error'] or ''}; the switch answered later: charged".lstrip("; "),
+            )
+        ).rowcount
+        if done != 1:
+            return  # recorded by another answer already
+        log.error(
+            "charge action %s, taken as never charged, succeeded at its switch (payment %s_%s): recorded now; "
+            "the order is %s",
+            charge.action_id,
+            charge.order_id,
+            charge.payload.get("attempt_number"),
+            "settled by it" if order["state"] in OPEN_ORDER_STATES else f"{order['state']}, so it is refunded",
+            extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
+        )
+        sent_at = as_utc(datetime.fromisoformat(str(charge.payload[TAKEN_AS_NOT_CHARGED])))
+        self._record_attempt(conn, order, charge, result, now, attempted_at=sent_at)
 
     def _refund_duplicate(
         self, conn: sa.Connection, order: RowMapping, charge: ActionRow, number: int, now: datetime

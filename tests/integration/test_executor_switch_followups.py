@@ -16,6 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from service.executor.connectors import CircuitBreaker, HttpConnector
+from service.executor.core import NOT_FOUND_RECHECK_DELAY
+from service.executor.links import LinkError
 from service.executor.store import actions
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
@@ -38,12 +40,15 @@ class FullSwitch:
     payment's status by its id, refunds a succeeded payment once per key.
 
     ``lose_answers``: a charge is made and its answer times out; ``drop_charges``: a charge times out before the
-    switch records it; ``status_mode``: ``answer``, ``timeout`` or ``no_route`` (a plain 404, no such endpoint);
-    ``refund_answers``: HTTP statuses answered to refund calls in turn before the refund is made (then 200)."""
+    switch records it (``hold_charges``: and reaches it later, at ``deliver_held()``); ``status_mode``: ``answer``,
+    ``timeout`` or ``no_route`` (a plain 404, no such endpoint); ``refund_answers``: HTTP statuses answered to refund
+    calls in turn before the refund is made (then 200)."""
 
     statuses: list[str] = field(default_factory=list)
     lose_answers: bool = False
     drop_charges: bool = False
+    hold_charges: bool = False
+    held: list[httpx.Request] = field(default_factory=list)
     status_mode: str = "answer"
     refund_answers: list[int] = field(default_factory=list)
     payments: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -65,6 +70,8 @@ class FullSwitch:
     def _charge(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         if self.drop_charges:
+            if self.hold_charges:
+                self.held.append(request)
             raise httpx.ReadTimeout("read timed out", request=request)
         key = request.headers["Idempotency-Key"]
         if key not in self.keys:
@@ -100,6 +107,12 @@ class FullSwitch:
                 "amount": body["amount"],
             }
         return httpx.Response(200, json=self.refunds[key])
+
+    def deliver_held(self) -> None:
+        """The sends that timed out on the way reach the switch now: the first charges, the re-sends repeat it."""
+        held, self.held, self.drop_charges = self.held, [], False
+        for request in held:
+            self._charge(request)
 
     def refunded(self) -> list[str]:
         return [answer["payment_id"] for answer in self.refunds.values()]
@@ -339,3 +352,174 @@ def test_a_connector_that_cannot_refund_says_so_on_the_order(
         "refunded by hand"
     )
     assert webhook_events(h) == ["order.succeeded"]
+
+
+# ------------------------------------------------------------------------------- 3. charged after all
+
+RETARGET = {"action": "retarget", "channel": "whatsapp"}
+
+
+def link_token(h: Harness) -> str:
+    return str(h.outbox[-1].variables["link_url"]).rsplit("/pay/", 1)[1]
+
+
+def payment_status_calls(switch: FullSwitch, payment_id: str = "ord_1_2") -> int:
+    return switch.calls.count(("GET", f"/v1/payments/{payment_id}"))
+
+
+def assert_settled_by_the_late_success(h: Harness, switch: FullSwitch, token: str) -> None:
+    """The order succeeded on payment ord_1_2, found charged after it was taken as never charged: one webhook, its
+    payment link and follow-up stopped, nothing refunded."""
+    view = h.view()
+    assert view.state == "SUCCEEDED", [(a.kind, a.state, a.last_error) for a in view.actions]
+    assert [(a.attempt_number, a.status) for a in view.attempts] == [(1, "failure"), (2, "success")]
+    assert view.success_txn_id == view.attempts[-1].txn_id
+    retry = of_kind(h, "retry")[0]
+    assert retry.state == "done"
+    assert "the switch answered later: charged" in (retry.last_error or "")
+    with pytest.raises(LinkError) as paid:
+        h.executor.open_link(token)
+    assert paid.value.status_code == 409
+    assert [a.state for a in of_kind(h, "follow_up")] == ["cancelled"]
+    run_for(h, 3600 * 2, step=600)
+    assert webhook_events(h) == ["order.succeeded"]  # exactly once
+    assert of_kind(h, "refund") == []
+    assert switch.refunds == {}
+    assert list(switch.payments) == ["ord_1_2"]  # no second charge
+
+
+def test_a_success_found_after_an_operators_not_charged_settles_the_order_still_open(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The operator answers "not charged" before the status check planned at the dead-letter has asked; the order
+    is decided again (a payment link), and the check then finds the charge succeeded after all."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch, RETARGET)
+    retry_id = of_kind(h, "retry")[0].action_id
+    assert h.executor.resolve_charge(retry_id, charged=False) == "PENDING"
+    h.drain()  # decided again: a payment link goes out
+    assert len(h.outbox) == 1
+    token = link_token(h)
+    run_for(h, 120)  # the check asks: ord_1_2 succeeded
+    assert payment_status_calls(switch) == 1
+    assert_settled_by_the_late_success(h, switch, token)
+
+
+@pytest.mark.parametrize("then", ["charged_again", "failed"])
+def test_a_success_found_after_an_operators_not_charged_on_an_order_settled_since_is_refunded_once(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    then: str,
+) -> None:
+    """Decided again after the operator's "not charged", the order is paid by its next retry (ord_1_3), or fails
+    (a stop); the status check still planned finds ord_1_2 succeeded: a duplicate, refunded once, no second
+    webhook."""
+    switch = FullSwitch(statuses=["succeeded", "succeeded"])
+    h = lost_charge(make_harness, database_url, switch, RETRY if then == "charged_again" else {"action": "stop"})
+    retry_id = of_kind(h, "retry")[0].action_id
+    h.executor.resolve_charge(retry_id, charged=False)
+    h.drain()
+    settled = h.view()
+    assert settled.state == ("SUCCEEDED" if then == "charged_again" else "FAILED")
+    run_for(h, 3600 * 3, step=60)
+    view = h.view()
+    assert (view.state, view.success_txn_id) == (settled.state, settled.success_txn_id)
+    assert [(a.attempt_number, a.status) for a in view.attempts if a.attempt_number == 2] == [(2, "success")]
+    refunds = of_kind(h, "refund")
+    assert [a.state for a in refunds] == ["done"], refunds
+    assert switch.refunded() == ["ord_1_2"]
+    with h.executor.engine.connect() as conn:
+        keys = list(conn.scalars(sa.select(actions.c.idempotency_key).where(actions.c.kind == "refund")))
+        charge_key = conn.scalar(sa.select(actions.c.idempotency_key).where(actions.c.action_id == retry_id))
+    assert keys == [f"{charge_key}:refund"]  # the switch refunds once however often it is asked
+    assert webhook_events(h) == ["order.succeeded" if then == "charged_again" else "order.failed"]
+    charged = ["ord_1_2", "ord_1_3"] if then == "charged_again" else ["ord_1_2"]
+    assert list(switch.payments) == charged  # no charge made because of the late answer
+
+
+# ------------------------------------------------------------------------------- 4. asked once more after "not found"
+
+
+def test_a_charge_not_found_that_reaches_the_switch_later_settles_the_order_still_open(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The switch answers "not found" (the sends timed out on the way), the order is decided again (a payment
+    link), and the held send reaches the switch afterwards: the one more ask, NOT_FOUND_RECHECK_DELAY after the
+    "not found", finds it and settles the order."""
+    switch = FullSwitch(statuses=["succeeded"], drop_charges=True, hold_charges=True)
+    h = lost_charge(make_harness, database_url, switch, RETARGET)
+    run_for(h, 120)  # 404 payment_not_found: decided again, a link goes out
+    assert h.view().state == "PENDING"
+    assert len(h.outbox) == 1
+    token = link_token(h)
+    assert payment_status_calls(switch) == 1
+    switch.deliver_held()  # the timed-out send arrives now: ord_1_2 is charged
+    assert switch.payments["ord_1_2"]["status"] == "succeeded"
+    run_for(h, int(NOT_FOUND_RECHECK_DELAY.total_seconds()) - 300, step=60)
+    assert payment_status_calls(switch) == 1  # not before its delay
+    run_for(h, 600, step=60)
+    assert payment_status_calls(switch) == 2
+    assert_settled_by_the_late_success(h, switch, token)
+
+
+def test_a_charge_not_found_that_reaches_the_switch_after_the_order_was_paid_again_is_refunded_once(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded", "succeeded"], drop_charges=True, hold_charges=True)
+    h = lost_charge(make_harness, database_url, switch, RETRY)
+    run_for(h, 120)  # 404: decided again, the next retry charges ord_1_3 and the order succeeds
+    assert h.view().state == "SUCCEEDED"
+    paid_by = h.view().success_txn_id
+    switch.deliver_held()  # ord_1_2 reaches the switch after all: the customer paid twice
+    run_for(h, 3600 * 3, step=120)
+    view = h.view()
+    assert view.success_txn_id == paid_by
+    assert [(a.attempt_number, a.status) for a in view.attempts] == [(1, "failure"), (2, "success"), (3, "success")]
+    assert [a.state for a in of_kind(h, "refund")] == ["done"]
+    assert switch.refunded() == ["ord_1_2"]
+    assert payment_status_calls(switch) == 2  # the check, and the one more ask: no third
+    assert webhook_events(h) == ["order.succeeded"]
+    assert list(switch.payments) == ["ord_1_3", "ord_1_2"]
+
+
+def test_a_charge_still_not_found_when_asked_once_more_stays_never_charged(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(drop_charges=True)
+    h = lost_charge(make_harness, database_url, switch, RETRY)
+    run_for(h, 3600 * 3, step=120)
+    checks = of_kind(h, "charge_status")
+    assert [a.state for a in checks] == ["done", "done"]
+    assert "asked once more in 0:30:00" in (checks[0].last_error or "")
+    assert "not found; it was never charged" in (checks[1].last_error or "")
+    assert payment_status_calls(switch) == 2
+    assert h.view().state == "SUCCEEDED"
+    assert of_kind(h, "retry")[0].state == "dead"
+    assert of_kind(h, "refund") == []
+    assert webhook_events(h) == ["order.succeeded"]
+    assert list(switch.payments) == ["ord_1_3"]
+
+
+def test_the_one_more_ask_that_gets_no_answer_is_asked_again_hourly(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    switch = FullSwitch(statuses=["succeeded"], drop_charges=True, hold_charges=True)
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    run_for(h, 120)  # 404: decided again, a stop: the order fails
+    assert h.view().state == "FAILED"
+    switch.deliver_held()
+    switch.status_mode = "timeout"
+    run_for(h, int(NOT_FOUND_RECHECK_DELAY.total_seconds()) + 600, step=60)
+    again = of_kind(h, "charge_status")[1]
+    assert again.state == "scheduled", again
+    assert "ReadTimeout" in (again.last_error or "")
+    switch.status_mode = "answer"
+    run_for(h, 3600 * 2, step=600)
+    assert [a.state for a in of_kind(h, "refund")] == ["done"]
+    assert switch.refunded() == ["ord_1_2"]
+    assert webhook_events(h) == ["order.failed"]

@@ -1,6 +1,8 @@
 """A charge whose answer never came is settled from its switch's status; a late success on a settled order is
-refunded through its switch (never a second merchant webhook). Real executor and worker, scripted decide(), a
-switch behind ``HttpConnector`` (httpx MockTransport), on SQLite and PostgreSQL (``database_url``)."""
+refunded through its switch (never a second merchant webhook); a charge taken as never charged (an operator's "not
+charged", the switch's "not found", which is asked once more later) that turns out charged settles its open order or
+is refunded. Real executor and worker, scripted decide(), a switch behind ``HttpConnector`` (httpx MockTransport, or
+the real sandbox switch over HTTP), on SQLite and PostgreSQL (``database_url``)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import sqlalchemy as sa
 from service.executor.connectors import CircuitBreaker, HttpConnector
 from service.executor.core import NOT_FOUND_RECHECK_DELAY
 from service.executor.links import LinkError
+from service.executor.sandbox import start_sandbox
 from service.executor.store import actions
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
@@ -523,3 +526,84 @@ def test_the_one_more_ask_that_gets_no_answer_is_asked_again_hourly(
     assert [a.state for a in of_kind(h, "refund")] == ["done"]
     assert switch.refunded() == ["ord_1_2"]
     assert webhook_events(h) == ["order.failed"]
+
+
+class HeldOnTheWay(httpx.BaseTransport):
+    """The network between the executor and a real switch: while ``holding``, a charge's send times out before it
+    reaches the switch and is kept; ``deliver()`` lets the kept sends reach it late, as they were sent."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.holding = True
+        self.held: list[httpx.Request] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.holding and request.method == "POST" and request.url.path == "/v1/payments":
+            request.read()
+            self.held.append(request)
+            raise httpx.ReadTimeout("read timed out", request=request)
+        return self.inner.handle_request(request)
+
+    def deliver(self) -> None:
+        self.holding = False
+        for request in self.held:
+            self.inner.handle_request(request).close()
+        self.held = []
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("then", ["retarget", "stop"])
+def test_the_sandbox_switch_takes_a_late_send_after_its_not_found_and_the_one_more_ask_finds_it(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    then: str,
+) -> None:
+    """Against the real sandbox switch over HTTP: both sends of the retry time out on the way, the status check
+    gets 404 payment_not_found and the order is decided again (a payment link, or a stop that fails it); then the
+    sends reach the sandbox, which charges ord_1_2 once. The one more ask finds it: the open order succeeds on it,
+    the failed one gets it refunded once by the sandbox."""
+    sandbox = start_sandbox(seed=3)
+    network = HeldOnTheWay()
+    connector = HttpConnector(
+        "adyen",
+        sandbox.url,
+        None,
+        send_context=True,
+        breaker=CircuitBreaker("adyen", threshold=10_000),
+        client=httpx.Client(transport=network),
+        sleep=lambda _s: None,
+    )
+    state = sandbox.server.config.app.state.sandbox
+    try:
+        step = RETARGET if then == "retarget" else {"action": "stop"}
+        h = make_harness(RETRY, step, connector=connector, max_attempts=2, database_url=database_url)
+        h.executor.payment_failed("m_demo", event())
+        h.drain()
+        h.clock.advance(seconds=5)
+        h.drain()
+        assert [a.state for a in of_kind(h, "retry")] == ["dead"]
+        run_for(h, 120)  # 404 payment_not_found from the sandbox: decided again
+        assert h.view().state == ("PENDING" if then == "retarget" else "FAILED")
+        assert state.payments == {}
+        network.deliver()  # the two sends arrive: one charge (same key and body), succeeded
+        assert state.payments["ord_1_2"][0]["status"] == "succeeded"
+        run_for(h, 3600 * 2, step=120)
+        view = h.view()
+        assert [(a.attempt_number, a.status) for a in view.attempts] == [(1, "failure"), (2, "success")]
+        stats = httpx.get(f"{sandbox.url}/v1/stats").json()
+        if then == "retarget":
+            assert view.state == "SUCCEEDED"
+            assert view.success_txn_id == view.attempts[-1].txn_id
+            assert (stats["charges"], stats["refunds"]) == (1, 0)
+            assert webhook_events(h) == ["order.succeeded"]
+        else:
+            assert view.state == "FAILED"
+            assert [a.state for a in of_kind(h, "refund")] == ["done"]
+            assert (stats["charges"], stats["refunds"]) == (1, 1)
+            assert state.refunded == {"ord_1_2"}
+            assert webhook_events(h) == ["order.failed"]
+    finally:
+        connector.close()
+        sandbox.stop()

@@ -2639,8 +2639,9 @@ class Executor:
     def resolve_charge(self, action_id: int, charged: bool) -> str:
         """An operator's answer for a dead-lettered charge that was sent and never answered (the switch was asked
         by hand): ``charged`` records the attempt as a success (the order succeeds, or, when already settled,
-        the refund error is logged); otherwise the charge is known to have taken nothing. Either way the mark
-        goes, so the order can be charged again, and an open order is decided again. Returns the order's state;
+        the refund error is logged); otherwise the charge is taken to have taken nothing (a status check still
+        planned asks all the same, and a success it finds is recorded then: ``_charged_after_all``). Either way the
+        mark goes, so the order can be charged again, and an open order is decided again. Returns the order's state;
         ChargeResolutionError when the action is not such a charge."""
         now = self.clock()
         with self.engine.begin() as conn:

@@ -441,6 +441,26 @@ def test_a_success_found_after_an_operators_not_charged_on_an_order_settled_sinc
     assert list(switch.payments) == charged  # no charge made because of the late answer
 
 
+def test_a_check_still_planned_that_finds_nothing_after_an_operators_not_charged_is_asked_once_more(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The operator answers "not charged" and the check still planned gets "not found" (the sends are on the way):
+    that "not found" is asked about once more too, and the send that reached the switch since settles the order."""
+    switch = FullSwitch(statuses=["succeeded"], drop_charges=True, hold_charges=True)
+    h = lost_charge(make_harness, database_url, switch, RETARGET)
+    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=False)
+    h.drain()
+    token = link_token(h)
+    run_for(h, 120)
+    first = of_kind(h, "charge_status")[0]
+    assert "not found; asked once more in 0:30:00" in (first.last_error or ""), first
+    switch.deliver_held()
+    run_for(h, int(NOT_FOUND_RECHECK_DELAY.total_seconds()) + 300, step=60)
+    assert payment_status_calls(switch) == 2
+    assert_settled_by_the_late_success(h, switch, token)
+
+
 # ------------------------------------------------------------------------------- 4. asked once more after "not found"
 
 

@@ -6,7 +6,7 @@ One table (data/economics/costs.yaml) serves features, the policy's value, the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from functools import cache
 from pathlib import Path
 
@@ -21,6 +21,9 @@ MINOR_UNITS_FILE = DATA_DIR / "economics" / "minor_units.yaml"
 UNKNOWN_CURRENCY_RULE = "currency_value_unknown"
 #: The minor units of a currency ISO 4217 lists with neither 0, 3 nor 4 (and of a code it does not list).
 DEFAULT_MINOR_UNITS = 2
+#: Rounding to minor units in Python's default 28 digits raised InvalidOperation from 1e26 INR on (an API request
+#: answered 500); the largest float has 309 integer digits, plus at most 4 minor units, so every amount fits here.
+_EVERY_FLOAT_EXACTLY = Context(prec=320)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,9 @@ def charged_amount(amount: float, currency: str) -> Decimal:
     """The amount as charged: rounded to its currency's minor units (half up, from the shortest decimal of the
     float), so ``14999.999`` INR is ``15000.00`` and comparisons with a limit are exact, not a float's."""
     places = minor_units(currency)
-    return Decimal(repr(float(amount))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return Decimal(repr(float(amount))).quantize(
+        Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP, context=_EVERY_FLOAT_EXACTLY
+    )
 
 
 def format_amount(amount: float, currency: str, *, grouped: bool = False) -> str:

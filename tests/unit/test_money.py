@@ -102,3 +102,13 @@ def test_a_rated_currency_is_not_flagged() -> None:
 def test_an_amount_is_compared_and_shown_as_charged(amount: float, currency: str, charged: Decimal, shown: str) -> None:
     assert charged_amount(amount, currency) == charged
     assert format_amount(amount, currency, grouped=True) == shown
+
+
+@pytest.mark.parametrize("amount", [1e26, 1e308])
+def test_an_absurdly_large_amount_still_gets_a_decision(amount: float) -> None:
+    """A finite amount is valid input: 1e26 INR and more raised decimal.InvalidOperation out of the rounding to
+    paise (Python's 28 digits), so the API answered 500 instead of a decision (an e-mandate's AFA limit compares
+    the charged amount)."""
+    assert charged_amount(amount, "INR") == Decimal(repr(amount))
+    assert format_amount(amount, "INR").endswith(".00")
+    assert _decide(amount, "INR").action in {"retry", "retarget", "stop"}

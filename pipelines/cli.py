@@ -95,22 +95,36 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def output_folder(path: Path, option: str) -> None:
-    """Refuse, before any work, an output folder that is a file or lies under one (one line, not a traceback
-    from the first write after minutes of work). Nothing is created: the command makes the folder when it writes."""
+def output_folder(path: Path, option: str, named: Path | None = None) -> None:
+    """Refuse, before any work, an output folder that is a file, lies under one, or cannot be written (one line,
+    naming the option's path ``named``, by default ``path``; not a traceback from the first write after minutes
+    of work). Nothing is left behind: the command makes the folder when it writes."""
+    named = named or path
     for found in (path, *path.parents):
         if found.exists():
             if not found.is_dir():
-                where = "is a file" if found == path else f"is under {found}, a file"
-                raise fail(f"{option} {path} {where}: name a folder")
+                where = "is a file" if found == named else f"is under {found}, a file"
+                raise fail(f"{option} {named} {where}: name a folder")
+            writable_folder(found, named, option)
             return
+
+
+def writable_folder(folder: Path, path: Path, option: str) -> None:
+    """Make and remove a folder in ``folder``, the part of ``path`` that exists: permissions alone do not say
+    whether it can be written (root may write anywhere by them, yet not in /proc, nor on a read-only mount)."""
+    import tempfile
+
+    try:
+        Path(tempfile.mkdtemp(prefix=".winback-probe-", dir=folder)).rmdir()
+    except OSError as exc:
+        raise fail(f"{option} {path}: cannot write in {folder}: {exc.strerror or exc}") from None
 
 
 def output_file(path: Path, option: str) -> None:
     """Refuse, before any work, an output file that is a folder or lies under a file."""
     if path.is_dir():
         raise fail(f"{option} {path} is a folder: name the file to write")
-    output_folder(path.parent, option)
+    output_folder(path.parent, option, named=path)
 
 
 @app.command()

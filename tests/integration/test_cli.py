@@ -429,6 +429,17 @@ def test_an_output_path_that_is_a_file_or_a_folder_is_one_line_not_a_traceback(
         ),
         (["codes", "import-gsm", str(gsm), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
         (["codes", "report", *history, "--csv", str(tmp_path)], f"--csv {tmp_path} is a folder"),
+        # A folder no one may write in (/proc refuses even root): simulate ended in a FileNotFoundError traceback,
+        # evaluate in "[Errno 2] No such file or directory" after its scoring.
+        (
+            ["simulate", "--out", "/proc/winback-out/h", "--orders", "10"],
+            "--out /proc/winback-out/h: cannot write in /proc",
+        ),
+        (
+            ["evaluate", *history, "--out", "/proc/winback-out", "--episodes", "0"],
+            "--out /proc/winback-out: cannot write in /proc",
+        ),
+        (["codes", "report", *history, "--csv", "/proc/codes.csv"], "--csv /proc/codes.csv: cannot write in /proc"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)

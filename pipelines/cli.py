@@ -292,7 +292,7 @@ def serve(
 ) -> None:
     """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
     from model.merchant_config import ConfigError
-    from service.api.server import DatabaseUnavailableError, SpoolUnwritableError, run
+    from service.api.server import DatabaseUnavailableError, PortInUseError, SpoolUnwritableError, run
     from service.api.settings import SettingsError
     from service.api.startup import WorkerStartupError
 
@@ -301,6 +301,7 @@ def serve(
     except (
         ConfigError,
         DatabaseUnavailableError,
+        PortInUseError,
         SettingsError,
         SpoolUnwritableError,
         WorkerStartupError,

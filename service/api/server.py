@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -45,6 +47,24 @@ class DatabaseUnavailableError(RuntimeError):
 
 class SpoolUnwritableError(RuntimeError):
     """WINBACK_SPOOL_DIR cannot be written (decisions could not be kept through a database outage)."""
+
+
+class PortInUseError(RuntimeError):
+    """``--port`` is taken on ``--host``: another server listens there."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another socket listens on ``host:port``, bound as uvicorn binds it (an IPv6 address by its family;
+    SO_REUSEADDR, so a port left in TIME_WAIT is free). Any other bind error is uvicorn's to report: a name this
+    check would resolve otherwise than uvicorn's own server is not refused here."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
 
 
 def load_served_settings() -> Settings:
@@ -134,6 +154,10 @@ def run(
     os.environ.update(server_env(config_file, tracking_uri or default_tracking_uri()))
     settings = load_served_settings()
     refuse_placeholder_secrets_beyond_loopback(host)
+    # uvicorn finds a taken port only once a worker has loaded the model, and says it in a JSON log line (exit 3);
+    # asked here, before the spool and the database are touched, it is the command's one-line reason.
+    if port_in_use(host, port):
+        raise PortInUseError(f"port {port} on {host} is in use: stop what runs there or pass another --port")
     spool = decision_spool(settings.spool_dir)
     try:
         spool.check_writable()  # each worker checks again; this one says it in one line

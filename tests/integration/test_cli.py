@@ -6,6 +6,7 @@ import itertools
 import re
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -210,6 +211,28 @@ def test_serve_without_its_database_says_so_in_one_line(serve_env: pytest.Monkey
     output = _serve_refused()
     assert "password=***" in output
     assert "qsecret" not in output
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_touching_anything(
+    tmp_path: Path, serve_env: pytest.MonkeyPatch
+) -> None:
+    """A taken port was found by uvicorn only after the database was migrated and the model loaded: a JSON log
+    line "[Errno 98] ... address already in use" and exit 3. Now exit 2, one line, and nothing written."""
+    database = tmp_path / "winback.db"
+    serve_env.setenv("WINBACK_DATABASE_URL", f"sqlite:///{database}")
+    serve_env.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "spool"))
+    serve_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"error: port {port} on 127.0.0.1 is in use: stop what runs there or pass another --port" in " ".join(
+        result.output.split()
+    )
+    assert not database.exists()
+    assert not (tmp_path / "spool").exists()
 
 
 def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(

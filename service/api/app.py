@@ -187,7 +187,9 @@ class LatencyMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_latency(scope["method"], template, status_code, time.perf_counter() - started)
-            if request_id is not None:
+            # /readyz's 503 is its answer (rules-only until a model serves), not a failure: a load balancer's probe
+            # every few seconds logged an ERROR "request failed" each time. The model's state is logged as it changes.
+            if request_id is not None and template != "/readyz":
                 _log_refusal(scope["method"], template, status_code, request_id, said)
 
 

@@ -842,10 +842,16 @@ def test_an_order_with_a_strategy_the_history_files_cannot_carry_is_left_out_and
 
 
 def test_readyz_is_false_until_a_model_is_loaded(api: Api) -> None:
+    handler = logging.getLogger("winback.api").handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    lines: list[str] = []
+    handler.setStream(_ListStream(lines))  # type: ignore[arg-type]
     response = api.get("/readyz")
     assert response.status_code == 503
     assert response.json()["model_version"] == "rules-only"
     assert api.get("/healthz").json() == {"status": "ok"}
+    # Not ready is the probe's answer, not a failed request: every probe logged an ERROR line before.
+    assert not [line for line in lines if "/readyz" in line], lines
 
 
 class _TrainedWithCatalog(FakeSource):

@@ -745,6 +745,23 @@ class LiveDemo:
             summary = self.summary()
         return summary
 
+    def _live_orders_entries(self) -> list[tuple[str, str, str]]:
+        """Where an order's state is read: before the orders are posted, the pattern; after, a real order with its
+        merchant's key (the ids were printed nowhere, so ``<order_id>`` left the reader guessing)."""
+        if not self.posted:
+            return [
+                ("live orders", f"{self.base_url}/v1/orders/<order_id>", "Authorization: Bearer wb_demo_<merchant_id>")
+            ]
+        first, last = self.posted[0], self.posted[-1]
+        return [
+            (
+                "live orders",
+                f"{self.base_url}/v1/orders/{first['order_id']}",
+                f"Authorization: Bearer wb_demo_{first['merchant_id']}",
+            ),
+            ("", f"ids {first['order_id']} ... {last['order_id']}", "each with its merchant's key"),
+        ]
+
     def where_to_look(self, endpoints: FakeEndpoints) -> list[str]:
         """The live part's addresses and files."""
         messages = endpoints.push_url.rsplit("/", 1)[0]
@@ -754,7 +771,7 @@ class LiveDemo:
                 ("" if index else "sign in as", f"{name} / {password}", "")
                 for index, (name, password) in enumerate(self.agents.values())
             ),
-            ("live orders", f"{self.base_url}/v1/orders/<order_id>", "Authorization: Bearer wb_demo_<merchant_id>"),
+            *self._live_orders_entries(),
             ("captured nudges", f"{endpoints.gupshup_url}/_messages", "WhatsApp, SMS"),
             ("", f"{messages}/_messages", "push"),
             ("", f"e-mail: fake SMTP on port {endpoints.smtp_port}", "counted in the summary"),
@@ -860,6 +877,7 @@ def run_live(
                     if options.serve and not recapped and time.monotonic() - begun >= options.seconds:
                         # Serving on: the summary so far and where to look once more, then quieter status lines.
                         console.print(demo.summary().table())
+                        lines = [*where_to_look, *demo.where_to_look(endpoints)]  # now with a posted order
                         console.print("\n".join(lines), highlight=False, soft_wrap=True)
                         console.print("still serving; Ctrl-C stops everything", highlight=False)
                         recapped, status.every = True, 30.0

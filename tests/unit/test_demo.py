@@ -170,6 +170,17 @@ def test_where_to_look_fits_80_columns_and_keeps_every_address_whole(monkeypatch
         assert address in shown, (address, shown)
     assert f"    {report}" in before
     assert f"      sqlite:///{workdir}/mlruns/mlflow.db" in before  # under `mlflow ui --backend-store-uri \\`
+    # Once the orders are posted, the recap names a real one and its merchant's key: `<order_id>` was all a newcomer
+    # had, and no order id was printed anywhere.
+    demo.posted.extend(
+        {"order_id": f"live_ab12cd_{n:03d}", "merchant_id": merchant}
+        for n, merchant in enumerate(["m_in_stream", "m_us_saas", "m_uk_retail"])
+    )
+    recap = "\n".join(demo.where_to_look(ENDPOINTS))
+    assert "http://127.0.0.1:8000/v1/orders/live_ab12cd_000" in recap, recap
+    assert "Authorization: Bearer wb_demo_m_in_stream" in recap
+    assert "live_ab12cd_000 ... live_ab12cd_002" in " ".join(recap.split())
+    assert all(len(line) <= 80 for line in recap.splitlines()), recap
 
 
 def test_a_second_demo_says_it_reuses_the_history_and_the_champion_and_how_to_start_afresh(

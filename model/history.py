@@ -552,12 +552,17 @@ def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) ->
     text = s.astype("string").str.strip()
     present = text.notna()
     has_tz = text.str.contains(_TZ_SUFFIX, case=False, regex=True).fillna(False).astype(bool)
-    naive = present & ~has_tz
+    without_tz = present & ~has_tz
+    # Only a timestamp lacks a timezone: 'yesterday' was reported as one "without timezone (add Z or an offset)".
+    naive = without_tz
+    if without_tz.any():
+        readable = pd.to_datetime(text.where(without_tz).str.upper(), format="ISO8601", errors="coerce").notna()
+        naive = without_tz & readable
     parsed = pd.Series(pd.NaT, index=s.index, dtype=_TS)
     ok = present & has_tz
     if ok.any():
         parsed[ok] = pd.to_datetime(text[ok].str.upper(), utc=True, format="ISO8601", errors="coerce")
-    unparsed = ok & parsed.isna()
+    unparsed = (ok & parsed.isna()) | (without_tz & ~naive)
     _bad_text_rows(label, column, text, naive, "timestamp without timezone (add Z or an offset)", out)
     _bad_text_rows(label, column, text, unparsed, "not an ISO-8601 timestamp", out)
     return parsed

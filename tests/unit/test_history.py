@@ -173,6 +173,8 @@ def test_missing_columns_are_named_and_rows_still_checked(tmp_path: Path) -> Non
         ("phone_present", "", "missing value (the column is not nullable)"),
         ("created_at", "2026-11-01T11:00:00", "timestamp without timezone (add Z or an offset): '2026-11-01T11:00:00'"),
         ("created_at", "yesterday+01:00", "not an ISO-8601 timestamp: 'yesterday+01:00'"),
+        ("created_at", "yesterday", "not an ISO-8601 timestamp: 'yesterday'"),  # not "without timezone"
+        ("created_at", "2026-13-45", "not an ISO-8601 timestamp: '2026-13-45'"),
         ("created_at", "", "missing value (the column is not nullable)"),
         ("amount", "-1", "amount must be >= 0, got -1.0"),
         ("amount", "inf", "amount must be finite, got inf"),

@@ -393,6 +393,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         # with a bare 400; it is malformed input, so it gets the contract's 422 naming the body.
         if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RecursionError):
             return _validation_response(_field_error(msg="body is nested too deeply to be parsed"))
+        # Likewise a body in another encoding (Latin-1 "refusée"): FastAPI's bare 400 "There was an error parsing
+        # the body" did not say what was wrong. The offset, not the byte, is named: the input may be personal data.
+        if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, UnicodeDecodeError):
+            return _validation_response(
+                _field_error(msg=f"body is not UTF-8 (JSON is sent as UTF-8): byte {exc.__cause__.start} is not")
+            )
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(DatabaseFileGoneError)

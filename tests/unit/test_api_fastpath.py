@@ -36,6 +36,11 @@ def _body(**overrides: object) -> bytes:
     return json.dumps(request_body(**overrides), separators=(",", ":")).encode()
 
 
+def _latin1_body() -> bytes:
+    """A request as a switch encoding Latin-1 sends it: "refusée" with its é as the one byte 0xE9."""
+    return _body(note="Carte refusée").replace(b"\\u00e9", b"\xe9")
+
+
 def test_fast_path_answers_byte_for_byte_as_the_documented_route(two_apps: tuple[Api, Api]) -> None:
     fast_api, documented_api = two_apps
     for body in (_body(), _body(amount=12.5, currency="USD"), _body(history={"attempts": [], "nudges": []})):
@@ -73,6 +78,7 @@ def test_fast_path_stores_and_counts_the_decision(api: Api) -> None:
         (FAST, _body(merchant_id="m_other"), 403),  # another merchant's id
         (FAST, b'{"merchant_id": "m_demo"', 422),  # not JSON
         (FAST, _body().replace(b'"amount":499.0', b'"amount":"lots"'), 422),
+        (FAST, _latin1_body(), 422),
     ],
 )
 def test_what_the_fast_path_refuses_gets_the_documented_routes_error(
@@ -84,6 +90,19 @@ def test_what_the_fast_path_refuses_gets_the_documented_routes_error(
     documented = documented_api.post_raw("/v1/decisions", body, documented_headers)
     assert through_middleware.status_code == documented.status_code == status
     assert through_middleware.json() == documented.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/decisions", "/v1/decisions:batch", "/v1/outcomes"])
+def test_a_body_not_in_utf8_is_a_422_naming_the_body_not_a_bare_400(api: Api, path: str) -> None:
+    """A merchant's switch sending Latin-1 got FastAPI's 400 "There was an error parsing the body", which named
+    neither the field nor the reason; bad JSON was a 422 already."""
+    body = _latin1_body()
+    answer = api.post_raw(path, b"[" + body + b"]" if path.endswith(":batch") else body, FAST)
+    assert answer.status_code == 422, answer.text
+    offset = body.index(b"\xe9") + path.endswith(":batch")  # the batch's "[" comes first
+    expected = f"body is not UTF-8 (JSON is sent as UTF-8): byte {offset} is not"
+    assert answer.json()["detail"] == [{"field": "body", "msg": expected, "type": "value_error", "loc": ["body"]}]
+    assert "refus" not in answer.text
 
 
 def test_a_body_above_the_fast_paths_limit_is_answered_by_the_documented_route(api: Api) -> None:

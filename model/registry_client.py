@@ -242,6 +242,11 @@ def set_alias(alias: str, version: str, *, tracking_uri: str | None = None) -> N
 
 def get_alias_version(alias: str, *, tracking_uri: str | None = None) -> str | None:
     """The version ``winback@alias`` points at, or None when there is no such model or alias."""
+    return (registered_aliases(tracking_uri=tracking_uri) or {}).get(alias)
+
+
+def registered_aliases(*, tracking_uri: str | None = None) -> dict[str, str] | None:
+    """``winback``'s aliases and the versions they point at; None when no model ``winback`` is registered."""
     client = _client(tracking_uri)
     with _quiet_mlflow():
         try:
@@ -250,8 +255,7 @@ def get_alias_version(alias: str, *, tracking_uri: str | None = None) -> str | N
             if exc.error_code in _NOT_FOUND_CODES:
                 return None
             raise
-    version = registered.aliases.get(alias)
-    return None if version is None else str(version)
+    return {alias: str(version) for alias, version in registered.aliases.items()}
 
 
 def run_artifact_dir(version: str, *, tracking_uri: str | None = None) -> Path | None:

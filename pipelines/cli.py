@@ -127,6 +127,22 @@ def output_file(path: Path, option: str) -> None:
     output_folder(path.parent, option, named=path)
 
 
+def known_alias(alias: str, tracking_uri: str | None) -> None:
+    """Refuse, before any work, an ``--alias`` no version of a registered ``winback`` has: a mistyped one
+    (``challanger``) was evaluated as rules-only, exit 0, said to be "no model registered". Without ``champion`` the
+    scorer serves rules-only, and so is it evaluated; so is a store where nothing is registered yet."""
+    from model.registry_client import CHAMPION, RegistryError, registered_aliases, resolve_tracking_uri
+
+    try:
+        aliases = registered_aliases(tracking_uri=resolve_tracking_uri(tracking_uri))
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+    if aliases is None or alias in aliases or alias == CHAMPION:
+        return
+    known = ", ".join(f"{name} -> version {version}" for name, version in sorted(aliases.items())) or "none"
+    raise fail(f"--alias {alias}: no version of winback has this alias (its aliases: {known})")
+
+
 @app.command()
 def simulate(
     out: Annotated[
@@ -460,6 +476,7 @@ def evaluate(
     from pipelines.train import comparison_policies, format_history_error, merchants_for, resolve_stops
 
     output_folder(out, "--out")
+    known_alias(alias, tracking_uri)
     stops_file = resolve_stops(attempts, stops)
     if stops is None and stops_file is not None:
         console.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)

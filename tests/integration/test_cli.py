@@ -50,6 +50,26 @@ def test_simulate_refuses_a_zero_order_count(tmp_path: Path) -> None:
     assert "--orders" in result.output
 
 
+def test_evaluate_refuses_an_alias_no_version_has_before_any_work(
+    small_history: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """`--alias challanger` (a typo) evaluated rules-only, exit 0, and said "no model registered" of a store where
+    winback is registered. Now one line naming the alias and the ones there are; no report is written."""
+    from mlflow import MlflowClient
+
+    MlflowClient(mlflow_store).create_registered_model("winback")
+    out = tmp_path / "evaluation"
+    history = ["--attempts", str(small_history / "attempts.parquet"), "--nudges", str(small_history / "nudges.parquet")]
+    result = runner.invoke(
+        app, ["evaluate", *history, "--out", str(out), "--tracking-uri", mlflow_store, "--alias", "challanger"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error: --alias challanger: no version of winback has this alias (its aliases: none)" in " ".join(
+        result.output.split()
+    )
+    assert not out.exists()
+
+
 def test_evaluate_without_a_registered_model_compares_rules_only_with_the_baselines(
     small_history: Path, tmp_path: Path, mlflow_store: str
 ) -> None:

@@ -971,6 +971,7 @@ def codes_report(
 
     if csv_out is not None:
         output_file(csv_out, "--csv")
+    known_alias(alias, tracking_uri)
     try:
         report, version, failed_attempts, catalog_lines = build_report(
             attempts,

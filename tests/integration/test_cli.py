@@ -54,19 +54,19 @@ def test_evaluate_refuses_an_alias_no_version_has_before_any_work(
     small_history: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     """`--alias challanger` (a typo) evaluated rules-only, exit 0, and said "no model registered" of a store where
-    winback is registered. Now one line naming the alias and the ones there are; no report is written."""
+    winback is registered (`codes report` counted every code as new). Now one line naming the alias and the ones
+    there are; no report is written."""
     from mlflow import MlflowClient
 
     MlflowClient(mlflow_store).create_registered_model("winback")
     out = tmp_path / "evaluation"
     history = ["--attempts", str(small_history / "attempts.parquet"), "--nudges", str(small_history / "nudges.parquet")]
-    result = runner.invoke(
-        app, ["evaluate", *history, "--out", str(out), "--tracking-uri", mlflow_store, "--alias", "challanger"]
-    )
-    assert result.exit_code == 2, result.output
-    assert "error: --alias challanger: no version of winback has this alias (its aliases: none)" in " ".join(
-        result.output.split()
-    )
+    for command in (["evaluate", *history, "--out", str(out)], ["codes", "report", *history]):
+        result = runner.invoke(app, [*command, "--tracking-uri", mlflow_store, "--alias", "challanger"])
+        assert result.exit_code == 2, (command, result.output)
+        assert "error: --alias challanger: no version of winback has this alias (its aliases: none)" in " ".join(
+            result.output.split()
+        )
     assert not out.exists()
 
 

@@ -131,12 +131,26 @@ def known_alias(alias: str, tracking_uri: str | None) -> None:
     """Refuse, before any work, an ``--alias`` no version of a registered ``winback`` has: a mistyped one
     (``challanger``) was evaluated as rules-only, exit 0, said to be "no model registered". Without ``champion`` the
     scorer serves rules-only, and so is it evaluated; so is a store where nothing is registered yet."""
-    from model.registry_client import CHAMPION, RegistryError, registered_aliases, resolve_tracking_uri
+    from mlflow.exceptions import MlflowException
 
+    from model.registry_client import (
+        CHAMPION,
+        RegistryError,
+        registered_aliases,
+        resolve_tracking_uri,
+        shown_uri,
+        without_uri_secrets,
+    )
+
+    uri = resolve_tracking_uri(tracking_uri)
     try:
-        aliases = registered_aliases(tracking_uri=resolve_tracking_uri(tracking_uri))
-    except RegistryError as exc:
-        raise fail(str(exc)) from None
+        aliases = registered_aliases(tracking_uri=uri)
+    except (RegistryError, MlflowException) as exc:
+        # An unknown scheme (`bogus://`, `postgres://`) ended evaluate in MLflow's traceback, after reading the history.
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise fail(
+            f"cannot use the MLflow tracking store {shown_uri(uri)}: {without_uri_secrets(reason, uri)}"
+        ) from None
     if aliases is None or alias in aliases or alias == CHAMPION:
         return
     known = ", ".join(f"{name} -> version {version}" for name, version in sorted(aliases.items())) or "none"

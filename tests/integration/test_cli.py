@@ -68,6 +68,12 @@ def test_evaluate_refuses_an_alias_no_version_has_before_any_work(
             result.output.split()
         )
     assert not out.exists()
+    # A tracking URI MLflow has no store for: a traceback (exit 1) after reading the history, before.
+    for command in (["evaluate", *history, "--out", str(out)], ["codes", "report", *history]):
+        result = runner.invoke(app, [*command, "--tracking-uri", "bogus://x"])
+        assert result.exit_code == 2, (command, result.output)
+        assert "error: cannot use the MLflow tracking store bogus://x: " in result.output, result.output
+        assert "Traceback" not in result.output
 
 
 def test_evaluate_without_a_registered_model_compares_rules_only_with_the_baselines(

@@ -33,6 +33,7 @@ from service.api.store import decision_row, decisions
 from service.executor.channels.base import ReceiptFailure
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
+from service.executor.metrics import CHARGE_DISPUTES
 from service.executor.optouts import (
     address_hash,
     customer_address,
@@ -97,6 +98,16 @@ TAKEN_AS_NOT_CHARGED = "taken_as_not_charged_sent_at"
 #: A status check's payload key: it is the one more ask after "not found" (NOT_FOUND_RECHECK_DELAY), whose own "not
 #: found" is final.
 AFTER_NOT_FOUND = "after_not_found"
+#: A charge action's payload key: when an operator answered that it charged (``resolve-charge --charged``, or an
+#: agent in the console). A status check still planned then asks all the same, and a switch that says otherwise
+#: ("declined", or "not found" twice) is flagged on that check (SWITCH_CONTRADICTS): the merchant had its
+#: ``order.succeeded`` on the operator's word, and a webhook cannot be taken back.
+CHARGED_BY_OPERATOR = "charged_by_operator_at"
+#: A status check's payload key: the switch contradicted an operator's "charged" (what it said, when). The order
+#: keeps its state; the order view, the console and ``winback executor charge-disputes`` show it.
+SWITCH_CONTRADICTS = "switch_contradicts_operator"
+#: Who answers for a charge in ``resolve-charge`` (and the console's answer, which goes through it).
+OPERATOR = "an operator"
 #: The actions that ask or give back through a connector after a charge: they run on settled orders too, and
 #: settling an order does not cancel them (a duplicate charge is what they are there to find and give back).
 SWITCH_FOLLOW_UPS: Final = (ActionKind.CHARGE_STATUS, ActionKind.REFUND)
@@ -635,6 +646,34 @@ def _taken_as_not_charged(row: RowMapping) -> bool:
     )
 
 
+def _charged_by_operator(row: RowMapping) -> bool:
+    """A charge action an operator answered for as charged (its attempt recorded as a success on their word)."""
+    return (
+        row["kind"] in [kind.value for kind in CHARGE_KINDS]
+        and row["state"] == ActionState.DONE.value
+        and CHARGED_BY_OPERATOR in orjson.loads(row["payload_json"] or "{}")
+    )
+
+
+def _answered_later(conn: sa.Connection, row: RowMapping, verdict: str, now: datetime) -> bool:
+    """Mark charge ``row``, taken as never charged, as answered by its switch since (``verdict``), so its attempt is
+    recorded once; False when another answer recorded it first."""
+    done = conn.execute(
+        actions.update()
+        .where(
+            actions.c.action_id == row["action_id"],
+            actions.c.state == ActionState.DEAD.value,
+            actions.c.unanswered_since.is_(None),
+        )
+        .values(
+            state=ActionState.DONE.value,
+            updated_at=now,
+            last_error=f"{row['last_error'] or ''}; the switch answered later: {verdict}".lstrip("; "),
+        )
+    ).rowcount
+    return bool(done == 1)
+
+
 def _check_payload(charge: ActionRow) -> dict[str, Any]:
     """What a status check of ``charge`` asks about: its connector and processor payment id."""
     number = charge.payload.get("attempt_number")
@@ -656,6 +695,59 @@ def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
         action_id,
         extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
     )
+
+
+@dataclass(frozen=True)
+class ChargeDispute:
+    """A charge an operator answered for as charged that its switch then reported declined or not found (flagged
+    on the status check that asked: ``SWITCH_CONTRADICTS``)."""
+
+    merchant_id: str
+    order_id: str
+    order_state: str
+    charge_action_id: int
+    check_action_id: int
+    connector: str
+    payment_id: str
+    switch_said: str
+    flagged_at: datetime
+
+
+def charge_disputes(
+    conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None
+) -> list[ChargeDispute]:
+    """The charges disputed by their switch after an operator's "charged" (a merchant's, or one order's), oldest
+    first. Status checks are few (one or two per charge sent and never answered), so their payloads are read here."""
+    query = sa.select(
+        actions.c.action_id, actions.c.merchant_id, actions.c.order_id, actions.c.payload_json, orders.c.state
+    ).join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
+    query = query.where(
+        actions.c.kind == ActionKind.CHARGE_STATUS.value, actions.c.payload_json.contains(SWITCH_CONTRADICTS)
+    )
+    if merchant_id is not None:
+        query = query.where(actions.c.merchant_id == merchant_id)
+    if order_id is not None:
+        query = query.where(actions.c.order_id == order_id)
+    found = []
+    for row in conn.execute(query.order_by(actions.c.action_id)):
+        payload = orjson.loads(row.payload_json or "{}")
+        flag = payload.get(SWITCH_CONTRADICTS)
+        if not isinstance(flag, dict):
+            continue
+        found.append(
+            ChargeDispute(
+                merchant_id=row.merchant_id,
+                order_id=row.order_id,
+                order_state=row.state,
+                charge_action_id=int(payload["charge_action_id"]),
+                check_action_id=int(row.action_id),
+                connector=str(payload.get("connector")),
+                payment_id=str(payload.get("payment_id")),
+                switch_said=str(flag["switch_said"]),
+                flagged_at=as_utc(datetime.fromisoformat(str(flag["at"]))),
+            )
+        )
+    return found
 
 
 def _message_with_its_provider() -> sa.ColumnElement[bool]:
@@ -2291,33 +2383,7 @@ class Executor:
     ) -> None:
         """Store a charge's answer and settle or decide the order; ``attempted_at``: when the charge was made, when
         that is not now (an operator's answer days later); the attempt and the order's success carry it."""
-        number = int(action.payload["attempt_number"])
-        txn_id = txn_id_for(action.idempotency_key)
-        strategy = (
-            Strategy.RETARGET_LINK.value if action.kind == ActionKind.LINK_PAYMENT else str(action.payload["strategy"])
-        )
-        conn.execute(
-            transactions.insert().values(
-                txn_id=txn_id,
-                merchant_id=action.merchant_id,
-                order_id=action.order_id,
-                attempt_number=number,
-                processor_payment_id=f"{action.order_id}_{number}",
-                strategy=strategy,
-                connector=result.connector,
-                status=result.status,
-                error_code=result.error_code,
-                error_message=result.error_message,
-                network_decline_code=result.network_decline_code,
-                merchant_advice_code=result.merchant_advice_code,
-                unified_code=result.unified_code,
-                decision_id=action.decision_id,
-                propensity=action.payload.get("propensity"),
-                nudge_id=action.payload.get("nudge_id"),
-                idempotency_key=action.idempotency_key,
-                created_at=attempted_at or now,
-            )
-        )
+        number, txn_id = self._insert_attempt(conn, action, result, attempted_at or now)
         if action.kind == ActionKind.LINK_PAYMENT:
             conn.execute(
                 payment_links.update()
@@ -2358,6 +2424,41 @@ class Executor:
         if fresh is not None and fresh["state"] == OrderState.PENDING:
             declined = f"declined ({result.error_code})" if result.error_code else "declined"
             self._decision_point(conn, fresh, now, f"the {_planned_what(action)} was {declined}")
+
+    @staticmethod
+    def _insert_attempt(
+        conn: sa.Connection, action: ActionRow, result: ChargeResult, attempted_at: datetime
+    ) -> tuple[int, str]:
+        """Write charge ``action``'s answer into the order's attempts (the history the models learn from), made at
+        ``attempted_at``; its attempt number and txn id."""
+        number = int(action.payload["attempt_number"])
+        txn_id = txn_id_for(action.idempotency_key)
+        strategy = (
+            Strategy.RETARGET_LINK.value if action.kind == ActionKind.LINK_PAYMENT else str(action.payload["strategy"])
+        )
+        conn.execute(
+            transactions.insert().values(
+                txn_id=txn_id,
+                merchant_id=action.merchant_id,
+                order_id=action.order_id,
+                attempt_number=number,
+                processor_payment_id=f"{action.order_id}_{number}",
+                strategy=strategy,
+                connector=result.connector,
+                status=result.status,
+                error_code=result.error_code,
+                error_message=result.error_message,
+                network_decline_code=result.network_decline_code,
+                merchant_advice_code=result.merchant_advice_code,
+                unified_code=result.unified_code,
+                decision_id=action.decision_id,
+                propensity=action.payload.get("propensity"),
+                nudge_id=action.payload.get("nudge_id"),
+                idempotency_key=action.idempotency_key,
+                created_at=attempted_at,
+            )
+        )
+        return number, txn_id
 
     def _record_nudge(
         self, conn: sa.Connection, order: RowMapping, action: ActionRow, sent: Sent, now: datetime
@@ -2663,7 +2764,7 @@ class Executor:
             connector = str(action.payload.get("connector") or "unknown")
             result = ChargeResult(status="success", connector=connector) if charged else None
             nothing = f"an operator answered that the {_planned_what(action)} sent and never answered took nothing"
-            if not self._settle_unknown(conn, order, row, result, "an operator", nothing, now):
+            if not self._settle_unknown(conn, order, row, result, OPERATOR, nothing, now):
                 raise ChargeResolutionError(f"action {action_id} was resolved by someone else meanwhile")
             state = conn.scalar(
                 sa.select(orders.c.state).where(
@@ -2699,7 +2800,14 @@ class Executor:
         sent_at = as_utc(row["unanswered_since"])
         # Taken as never charged, it keeps when it was sent: a success its switch reports later (a status check
         # still planned, or the one more ask after "not found") is recorded as that attempt (``_charged_after_all``).
-        payload = action.payload if result is not None else action.payload | {TAKEN_AS_NOT_CHARGED: sent_at.isoformat()}
+        # Charged on an operator's word, it keeps when they said so: a switch that later says otherwise is flagged
+        # (``_answer_after_charged``).
+        if result is None:
+            payload = action.payload | {TAKEN_AS_NOT_CHARGED: sent_at.isoformat()}
+        elif result.status == "success" and by == OPERATOR:
+            payload = action.payload | {CHARGED_BY_OPERATOR: now.isoformat()}
+        else:
+            payload = action.payload
         changed = conn.execute(
             actions.update()
             .where(actions.c.action_id == action.action_id, UNKNOWN_CHARGE)
@@ -2727,6 +2835,26 @@ class Executor:
             self._decision_point(conn, order, now, nothing_taken)
         return True
 
+    def unasked_standing(self, check: ActionRow) -> str:
+        """What stands for the charge status check ``check`` asks about when its switch cannot be asked (no status
+        call, an answer that cannot be read), for its dead-letter note: the charge as it is recorded now."""
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(sa.select(actions).where(actions.c.action_id == int(check.payload["charge_action_id"])))
+                .mappings()
+                .first()
+            )
+        payment = f"ask connector {check.payload.get('connector')!r} about payment {check.payload.get('payment_id')}"
+        if row is not None and row["unanswered_since"] is not None:
+            return "the charge stays unknown until an operator answers for it (resolve-charge)"
+        if row is not None and _taken_as_not_charged(row):
+            why = "its switch did not find it" if check.payload.get(AFTER_NOT_FOUND) else "as an operator answered"
+            late = "a send that reached the switch late goes unseen"
+            return f"the charge stays taken as never charged ({why}); {late}: {payment}"
+        if row is not None and _charged_by_operator(row):
+            return f"the charge stays charged, as an operator answered, unconfirmed by its switch: {payment}"
+        return "the charge stays as it is recorded"
+
     def _ask_switch(self, conn: sa.Connection, charge_action_id: int, due: datetime, now: datetime) -> None:
         """Ask the switch of a charge sent and never answered what became of it (a CHARGE_STATUS action, one per
         charge): planned for ``due``, or planned again when the last check got no answer or could not be made."""
@@ -2746,10 +2874,11 @@ class Executor:
         )
 
     def _ask_again_after_not_found(self, conn: sa.Connection, charge: ActionRow, now: datetime) -> None:
-        """Plan the one more status check of a charge taken as never charged (NOT_FOUND_RECHECK_DELAY from now): a
+        """Plan the one more status check of a charge the switch did not find (NOT_FOUND_RECHECK_DELAY from now): a
         send that timed out may reach the switch after its "not found", and nobody would ask about that payment
         id again. One per charge (its key), whichever check's "not found" planned it: the one that took the charge as
-        never charged, or one still planned when an operator answered "not charged"."""
+        never charged, or one still planned when an operator answered "not charged" or "charged" (then the one more
+        "not found" contradicts them)."""
         key = f"{charge.idempotency_key}:status:again"
         payload = _check_payload(charge) | {AFTER_NOT_FOUND: True}
         due = now + NOT_FOUND_RECHECK_DELAY
@@ -2757,7 +2886,8 @@ class Executor:
 
     def _check_again_later(self, conn: sa.Connection, check: ActionRow, due: datetime, now: datetime) -> None:
         """A status check that got no answer within its tries is planned again for ``due`` while its charge still
-        waits for the switch's word: unknown, or taken as never charged and not found charged since."""
+        waits for the switch's word: unknown, taken as never charged and not found charged since, or charged on an
+        operator's word (the switch may yet contradict them)."""
         row = (
             conn.execute(sa.select(actions).where(actions.c.action_id == int(check.payload["charge_action_id"])))
             .mappings()
@@ -2767,7 +2897,7 @@ class Executor:
             return
         if row["unanswered_since"] is not None:
             self._ask_switch(conn, int(row["action_id"]), due, now)
-        elif _taken_as_not_charged(row):
+        elif _taken_as_not_charged(row) or _charged_by_operator(row):
             conn.execute(
                 actions.update()
                 .where(actions.c.action_id == check.action_id, actions.c.state == ActionState.DEAD.value)
@@ -2797,6 +2927,8 @@ class Executor:
                 note += f"; asked once more in {NOT_FOUND_RECHECK_DELAY}"
         elif row is not None and _taken_as_not_charged(row):
             note = self._answer_after_not_charged(conn, order, row, check, result, now)
+        elif row is not None and _charged_by_operator(row):
+            note = self._answer_after_charged(conn, order, row, check, result, now)
         else:
             note = f"the switch answered ({what}) after charge action {charge_id} was answered"
         conn.execute(actions.update().where(actions.c.action_id == check.action_id).values(last_error=note))
@@ -2811,18 +2943,89 @@ class Executor:
         now: datetime,
     ) -> str:
         """The switch's answer about a charge already taken as never charged; the note for the check. A success
-        is recorded (``_charged_after_all``); a decline agrees (nothing was taken); "not found" is asked about once
-        more later, unless this was that last ask."""
+        is recorded (``_charged_after_all``); a decline agrees (nothing was taken) and is recorded as that attempt
+        (``_declined_after_all``); "not found" is asked about once more later, unless this was that last ask."""
         payment_id = check.payload.get("payment_id")
         if result is not None and result.status == "success":
             self._charged_after_all(conn, order, row, result, now)
             return f"the switch answered: payment {payment_id} succeeded, after it was taken as never charged"
         if result is not None:
-            return f"the switch answered: payment {payment_id} {result.status}; nothing was taken, as recorded"
+            self._declined_after_all(conn, row, result, now)
+            return (
+                f"the switch answered: payment {payment_id} {result.status}; nothing was taken, as recorded, and "
+                "the decline is recorded as that attempt"
+            )
         if check.payload.get(AFTER_NOT_FOUND):
             return f"the switch answered again: payment {payment_id} not found; it was never charged"
         self._ask_again_after_not_found(conn, ActionRow.of(row), now)
         return f"the switch answered: payment {payment_id} not found; asked once more in {NOT_FOUND_RECHECK_DELAY}"
+
+    def _declined_after_all(self, conn: sa.Connection, row: RowMapping, result: ChargeResult, now: datetime) -> None:
+        """A charge taken as never charged that its switch now reports declined: the decline goes into the history
+        the models learn from as that attempt, dated when it was sent, as ``_settle_unknown`` records one. The order
+        is not decided again: it was when the charge was taken as never charged, and has moved on since."""
+        charge = ActionRow.of(row)
+        declined = f"declined ({result.error_code})" if result.error_code else "declined"
+        if not _answered_later(conn, row, declined, now):
+            return  # recorded by another answer already
+        sent_at = as_utc(datetime.fromisoformat(str(charge.payload[TAKEN_AS_NOT_CHARGED])))
+        self._insert_attempt(conn, charge, result, sent_at)
+
+    def _answer_after_charged(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        row: RowMapping,
+        check: ActionRow,
+        result: ChargeResult | None,
+        now: datetime,
+    ) -> str:
+        """The switch's answer about a charge an operator answered for as charged; the note for the check. A success
+        agrees; "not found" is asked about once more later (a send may still be on its way); a decline, or "not
+        found" again at that one more ask, contradicts the operator and is flagged (``_flag_dispute``)."""
+        payment_id = check.payload.get("payment_id")
+        if result is not None and result.status == "success":
+            return f"the switch answered: payment {payment_id} succeeded, as an operator answered"
+        if result is None and not check.payload.get(AFTER_NOT_FOUND):
+            self._ask_again_after_not_found(conn, ActionRow.of(row), now)
+            return (
+                f"the switch answered: payment {payment_id} not found, though an operator answered charged; asked "
+                f"once more in {NOT_FOUND_RECHECK_DELAY}"
+            )
+        if result is None:
+            said = "not found (asked twice)"
+        else:
+            said = f"declined ({result.error_code})" if result.error_code else "declined"
+        self._flag_dispute(conn, order, ActionRow.of(row), check, said, now)
+        return f"disputed: an operator answered charged, the switch says payment {payment_id} {said}"
+
+    def _flag_dispute(
+        self, conn: sa.Connection, order: RowMapping, charge: ActionRow, check: ActionRow, said: str, now: datetime
+    ) -> None:
+        """Flag on ``check`` that its switch contradicts an operator's "charged" (``said``), log it as an error and
+        count it. The order keeps its state: its merchant had the ``order.succeeded`` webhook (or, on an order
+        settled before, a refund was planned) on the operator's word, and CONTRACT.md has no event that takes a
+        webhook back; someone must take it up with the merchant (``winback executor charge-disputes`` lists them)."""
+        flag = {"switch_said": said, "operator_said": "charged", "at": now.isoformat()}
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == check.action_id)
+            .values(payload_json=_dump(check.payload | {SWITCH_CONTRADICTS: flag}))
+        )
+        log.error(
+            "charge disputed: merchant %s, order %s (%s), payment %s via connector %r: an operator answered "
+            "charged (charge action %s), the switch says %s; the order was settled on the operator's word: take "
+            "it up with the merchant (`winback executor charge-disputes`)",
+            charge.merchant_id,
+            charge.order_id,
+            order["state"],
+            check.payload.get("payment_id"),
+            check.payload.get("connector"),
+            charge.action_id,
+            said,
+            extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
+        )
+        CHARGE_DISPUTES.labels(charge.merchant_id, "not_found" if said.startswith("not found") else "declined").inc()
 
     def _charged_after_all(
         self, conn: sa.Connection, order: RowMapping, row: RowMapping, result: ChargeResult, now: datetime
@@ -2832,20 +3035,7 @@ class Executor:
         webhook; its messages and links stop); on one settled since (paid by the charge or link of the decision
         made again, by the merchant, or failed) it is a duplicate and refunded once (``_refund_duplicate``)."""
         charge = ActionRow.of(row)
-        done = conn.execute(
-            actions.update()
-            .where(
-                actions.c.action_id == charge.action_id,
-                actions.c.state == ActionState.DEAD.value,
-                actions.c.unanswered_since.is_(None),
-            )
-            .values(
-                state=ActionState.DONE.value,
-                updated_at=now,
-                last_error=f"{row['last_error'] or ''}; the switch answered later: charged".lstrip("; "),
-            )
-        ).rowcount
-        if done != 1:
+        if not _answered_later(conn, row, "charged", now):
             return  # recorded by another answer already
         log.error(
             "charge action %s, taken as never charged, succeeded at its switch (payment %s_%s): recorded now; "

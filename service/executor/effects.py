@@ -450,7 +450,7 @@ class Effects:
             action,
             ChecksStatus,
             f"cannot be asked what became of payment {payment_id}",
-            "the charge stays unknown until an operator answers for it (resolve-charge)",
+            self.executor.unasked_standing(action),
             lambda connector: StatusAnswered(connector.status(payment_id, name)),
         )
 

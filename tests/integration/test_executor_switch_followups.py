@@ -18,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from service.executor.connectors import CircuitBreaker, HttpConnector
-from service.executor.core import NOT_FOUND_RECHECK_DELAY
+from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, charge_disputes
 from service.executor.links import LinkError
+from service.executor.metrics import EXECUTOR_REGISTRY
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -627,3 +628,166 @@ def test_the_sandbox_switch_takes_a_late_send_after_its_not_found_and_the_one_mo
     finally:
         connector.close()
         sandbox.stop()
+
+
+# ------------------------------------------------------------------------------- 5. the switch contradicts an operator
+
+
+def disputes_counted(merchant_id: str = "m_demo", switch_said: str = "declined") -> float:
+    value = EXECUTOR_REGISTRY.get_sample_value(
+        "winback_executor_charge_disputes_total", {"merchant_id": merchant_id, "switch_said": switch_said}
+    )
+    return value or 0.0
+
+
+def disputes_of(h: Harness) -> list[ChargeDispute]:
+    with h.executor.engine.connect() as conn:
+        return charge_disputes(conn, "m_demo")
+
+
+def test_a_decline_found_after_an_operators_charged_is_flagged_logged_and_counted(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The operator answers "charged" (the order succeeds, its webhook goes); the check still planned finds the
+    payment declined: the order keeps its state and its one webhook, and the dispute is flagged, logged, counted."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    retry_id = of_kind(h, "retry")[0].action_id
+    assert h.executor.resolve_charge(retry_id, charged=True) == "SUCCEEDED"
+    h.drain()
+    assert webhook_events(h) == ["order.succeeded"]
+    before = disputes_counted()
+    with caplog.at_level(logging.ERROR, logger="winback.executor"):
+        run_for(h, 120)  # the check asks: ord_1_2 declined
+    check = of_kind(h, "charge_status")[0]
+    assert "disputed: an operator answered charged, the switch says payment ord_1_2 declined (do_not_honor)" in (
+        check.last_error or ""
+    ), check
+    logged = [r.getMessage() for r in caplog.records if "charge disputed" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    for named in ("m_demo", "ord_1", "ord_1_2", "an operator answered charged", "declined (do_not_honor)"):
+        assert named in logged[0]
+    assert disputes_counted() == before + 1
+    [dispute] = disputes_of(h)
+    assert (dispute.order_id, dispute.order_state, dispute.payment_id, dispute.switch_said) == (
+        "ord_1",
+        "SUCCEEDED",
+        "ord_1_2",
+        "declined (do_not_honor)",
+    )
+    assert dispute.charge_action_id == retry_id
+    run_for(h, 3600 * 3, step=600)  # nothing more: no second webhook, no charge, no refund, flagged once
+    assert h.view().state == "SUCCEEDED"
+    assert webhook_events(h) == ["order.succeeded"]
+    assert list(switch.payments) == ["ord_1_2"]
+    assert of_kind(h, "refund") == []
+    assert disputes_counted() == before + 1
+    assert payment_status_calls(switch) == 1
+
+
+@pytest.mark.parametrize("late_send", [False, True])
+def test_a_charge_an_operator_answered_charged_that_the_switch_does_not_find_twice_is_flagged(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    late_send: bool,
+) -> None:
+    """The switch does not find the payment an operator answered for as charged: asked once more, as for any "not
+    found"; still not found, the dispute is flagged. A send that reached the switch meanwhile agrees: no flag."""
+    switch = FullSwitch(statuses=["succeeded"], drop_charges=True, hold_charges=True)
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    assert h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True) == "SUCCEEDED"
+    before = disputes_counted(switch_said="not_found")
+    run_for(h, 120)
+    first = of_kind(h, "charge_status")[0]
+    assert "not found, though an operator answered charged; asked once more in 0:30:00" in (first.last_error or "")
+    assert disputes_of(h) == []
+    if late_send:
+        switch.deliver_held()
+    run_for(h, int(NOT_FOUND_RECHECK_DELAY.total_seconds()) + 300, step=60)
+    assert payment_status_calls(switch) == 2
+    again = of_kind(h, "charge_status")[1]
+    if late_send:
+        assert "succeeded, as an operator answered" in (again.last_error or ""), again
+        assert disputes_of(h) == []
+        assert disputes_counted(switch_said="not_found") == before
+    else:
+        assert "the switch says payment ord_1_2 not found (asked twice)" in (again.last_error or ""), again
+        assert [d.switch_said for d in disputes_of(h)] == ["not found (asked twice)"]
+        assert disputes_counted(switch_said="not_found") == before + 1
+    run_for(h, 3600 * 2, step=600)
+    assert payment_status_calls(switch) == 2
+    assert h.view().state == "SUCCEEDED"
+    assert webhook_events(h) == ["order.succeeded"]
+    assert of_kind(h, "refund") == []
+
+
+# ------------------------------------------------------------------------------- 6. a decline found late
+
+
+def test_a_decline_found_after_an_operators_not_charged_is_recorded_as_that_attempt(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The operator answers "not charged" and the order is decided again (a payment link); the check still planned
+    finds the payment declined: the decline goes into the history as attempt 2, dated when it was sent, and the
+    order is not decided again."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, RETARGET, {"action": "stop"})
+    retry = of_kind(h, "retry")[0]
+    sent_at = retry.unanswered_since
+    h.executor.resolve_charge(retry.action_id, charged=False)
+    h.drain()
+    assert len(h.outbox) == 1
+    decided = len(h.view().decisions)
+    run_for(h, 120)  # the check asks: ord_1_2 declined
+    view = h.view()
+    assert [(a.attempt_number, a.status, a.error_code) for a in view.attempts] == [
+        (1, "failure", "processing_error"),
+        (2, "failure", "do_not_honor"),
+    ]
+    assert view.attempts[1].created_at == sent_at
+    assert len(view.decisions) == decided  # not decided again: its payment link is out
+    assert view.state == "PENDING"
+    assert len(h.outbox) == 1
+    assert of_kind(h, "retry")[0].state == "done"
+    assert "the decline is recorded as that attempt" in (of_kind(h, "charge_status")[0].last_error or "")
+    run_for(h, 3600 * 2, step=600)
+    assert len(h.view().attempts) == 2  # recorded once
+    assert list(switch.payments) == ["ord_1_2"]
+    assert of_kind(h, "refund") == []
+
+
+# ------------------------------------------------------------------------------- 7. a check that cannot be asked
+
+
+@pytest.mark.parametrize("taken_by", ["the switch", "an operator"])
+def test_a_check_that_cannot_be_asked_about_a_charge_taken_as_never_charged_says_so(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    taken_by: str,
+) -> None:
+    """The check of a charge taken as never charged (the one more ask after "not found", or a check still planned
+    when an operator answered "not charged") meets a switch that cannot be asked: the charge does not stay unknown,
+    and the note says what stands."""
+    switch = FullSwitch(drop_charges=True)
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    if taken_by == "the switch":
+        run_for(h, 120)  # not found: taken as never charged, asked once more later
+        switch.status_mode = "no_route"
+        run_for(h, int(NOT_FOUND_RECHECK_DELAY.total_seconds()) + 300, step=60)
+        check = of_kind(h, "charge_status")[1]
+        why = "its switch did not find it"
+    else:
+        h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=False)
+        switch.status_mode = "no_route"
+        run_for(h, 120)
+        check = of_kind(h, "charge_status")[0]
+        why = "as an operator answered"
+    assert check.state == "dead", check
+    assert "stays unknown" not in (check.last_error or "")
+    assert f"the charge stays taken as never charged ({why})" in (check.last_error or ""), check
+    assert "ask connector 'adyen' about payment ord_1_2" in (check.last_error or "")
+    assert h.view().state == "FAILED"
+    assert webhook_events(h) == ["order.failed"]

@@ -27,6 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
 from model.requests import Decision
 
@@ -117,6 +118,8 @@ class ApiMetrics:
             "winback_registry_errors", "Failed checks of the MLflow registry.", registry=self.registry
         )
         self._version: str | None = None
+        # Figures read at scrape time (the executor's, from the database), not counted by this worker.
+        self._read_at_scrape: list[Collector] = []
         # Set when prometheus_client writes its values to files (it chose so when imported, from the environment).
         self._multiprocess_dir = (
             os.environ.get(MULTIPROC_DIR_ENV) if values.ValueClass is not values.MutexValue else None
@@ -191,13 +194,25 @@ class ApiMetrics:
         self.model_info.labels(version).set(1)
         self._version = version
 
+    def read_at_scrape(self, collector: Collector) -> None:
+        """Answer ``collector``'s figures too (read when scraped: the same in every worker), in place of an earlier
+        one of its kind (an app started again on the same runtime, as tests do)."""
+        for earlier in [c for c in self._read_at_scrape if type(c) is type(collector)]:
+            self._read_at_scrape.remove(earlier)
+            self.registry.unregister(earlier)
+        self._read_at_scrape.append(collector)
+        self.registry.register(collector)
+
     def render(self) -> bytes:
-        """The exposition text of this app's registry; in multiprocess mode, of every worker's files."""
+        """The exposition text of this app's registry; in multiprocess mode, of every worker's files, with the
+        figures read at scrape time."""
         if self._multiprocess_dir is None:
             return generate_latest(self.registry)
         forget_dead_workers(self._multiprocess_dir)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        for collector in self._read_at_scrape:
+            merged.register(collector)
         return generate_latest(merged)
 
 

@@ -22,7 +22,7 @@ from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
-from service.executor.core import MAYBE_SENT_NOTE, UNKNOWN_CHARGE, held_back
+from service.executor.core import MAYBE_SENT_NOTE, UNKNOWN_CHARGE, ChargeDispute, charge_disputes, held_back
 from service.executor.schemas import OrderOut
 from service.executor.store import (
     OPEN_ORDER_STATES,
@@ -159,6 +159,9 @@ class QueueRow:
     decision: Decision | None
     # A charge of the order was sent and never answered: it waits for someone to ask the connector.
     charge_unknown: bool = False
+    # A charge of the order was recorded as charged on an operator's word, and its switch then said it was not
+    # (declined, or not found twice): the order is settled on money the switch does not have.
+    charge_disputed: bool = False
     # An agent's approval was withdrawn (the order was decided again and planned otherwise) and no agent has acted
     # on the order since: the recommendation waiting replaces what an agent chose.
     approval_withdrawn: bool = False
@@ -184,6 +187,7 @@ class Queue:
     error_classes: list[str]
     awaiting: int
     charges_unknown: int = 0
+    charges_disputed: int = 0
 
 
 def _latest_decisions(conn: sa.Connection, merchant_id: str, order_ids: Sequence[str]) -> dict[str, Decision]:
@@ -261,13 +265,14 @@ def load_queue(
     engine: Engine, catalog: ErrorCatalog, merchant_id: str, chosen: QueueFilter, now: datetime, limit: int = 200
 ) -> Queue:
     """The merchant's open orders, and settled ones with a charge never answered (the customer may have paid
-    twice): those with such a charge first, then AWAITING_AGENT, then PENDING; filtered and sorted as ``chosen``
-    says.
+    twice) or a charge its switch disputes (charged on an operator's word, the switch says not): those first,
+    then AWAITING_AGENT, then PENDING; filtered and sorted as ``chosen`` says.
 
     The recommendation is the decision waiting for an agent (assisted mode), else the order's latest decision.
     """
     with engine.connect() as conn:
         unknown = {row.order_id for row in conn.execute(_unanswered_charges(merchant_id))}
+        disputed = {dispute.order_id for dispute in charge_disputes(conn, merchant_id)}
         rows = list(
             conn.execute(
                 sa.select(
@@ -282,7 +287,7 @@ def load_queue(
                     orders.c.request_json,
                 ).where(
                     orders.c.merchant_id == merchant_id,
-                    sa.or_(orders.c.state.in_(OPEN_ORDER_STATES), orders.c.order_id.in_(sorted(unknown))),
+                    sa.or_(orders.c.state.in_(OPEN_ORDER_STATES), orders.c.order_id.in_(sorted(unknown | disputed))),
                 )
             ).mappings()
         )
@@ -306,6 +311,7 @@ def load_queue(
                 error_class=error_class_of(catalog, orjson.loads(row["failure_json"]), payment),
                 decision=pending.get(row["order_id"]) or latest.get(row["order_id"]),
                 charge_unknown=row["order_id"] in unknown,
+                charge_disputed=row["order_id"] in disputed,
                 approval_withdrawn=row["state"] == OrderState.AWAITING_AGENT and row["order_id"] in withdrawn,
             )
         )
@@ -329,7 +335,10 @@ def load_queue(
     shown.sort(key=value, reverse=chosen.descending)
     # The work queue comes first whatever the sort: orders whose charge someone must ask the connector about
     # (nothing else happens to them until then), orders an agent must decide on, then the ones winback runs.
-    shown.sort(key=lambda row: (not row.charge_unknown, row.state != OrderState.AWAITING_AGENT))
+    # A charge disputed by its switch comes with them: the merchant shipped on an operator's word.
+    shown.sort(
+        key=lambda row: (not (row.charge_unknown or row.charge_disputed), row.state != OrderState.AWAITING_AGENT)
+    )
     awaiting = sum(1 for row in everything if row.state == OrderState.AWAITING_AGENT)
     return Queue(
         rows=shown[:limit],
@@ -338,6 +347,7 @@ def load_queue(
         error_classes=classes,
         awaiting=awaiting,
         charges_unknown=sum(1 for row in everything if row.charge_unknown),
+        charges_disputed=sum(1 for row in everything if row.charge_disputed),
     )
 
 
@@ -413,6 +423,8 @@ class OrderPage:
     audit: list[AuditEntry]
     scheduled: list[dict[str, Any]]
     unanswered: list[UnansweredCharge] = field(default_factory=list)
+    #: Charges recorded as charged on an operator's word that their switch then said were not.
+    disputes: list[ChargeDispute] = field(default_factory=list)
     #: The approval withdrawn since an agent last acted on the order (shown next to the new recommendation).
     withdrawn: WithdrawnApproval | None = None
 
@@ -522,6 +534,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
             for row in conn.execute(_unanswered_charges(merchant_id, order_id).order_by(actions.c.action_id))
             for payload in [orjson.loads(row.payload_json or "{}")]
         ]
+        disputes = charge_disputes(conn, merchant_id, order_id)
         errors = {
             row.txn_id: row
             for row in conn.execute(
@@ -638,6 +651,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         audit=audit,
         scheduled=scheduled,
         unanswered=unanswered,
+        disputes=disputes,
         withdrawn=approvals.unseen if view.state == OrderState.AWAITING_AGENT else None,
     )
 

@@ -33,7 +33,6 @@ from service.api.store import decision_row, decisions
 from service.executor.channels.base import ReceiptFailure
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
-from service.executor.metrics import CHARGE_DISPUTES
 from service.executor.optouts import (
     address_hash,
     customer_address,
@@ -3002,10 +3001,11 @@ class Executor:
     def _flag_dispute(
         self, conn: sa.Connection, order: RowMapping, charge: ActionRow, check: ActionRow, said: str, now: datetime
     ) -> None:
-        """Flag on ``check`` that its switch contradicts an operator's "charged" (``said``), log it as an error and
-        count it. The order keeps its state: its merchant had the ``order.succeeded`` webhook (or, on an order
-        settled before, a refund was planned) on the operator's word, and CONTRACT.md has no event that takes a
-        webhook back; someone must take it up with the merchant (``winback executor charge-disputes`` lists them)."""
+        """Flag on ``check`` that its switch contradicts an operator's "charged" (``said``; /metrics counts these
+        flags: service/executor/metrics.py) and log it as an error. The order keeps its state: its merchant had the
+        ``order.succeeded`` webhook (or, on an order settled before, a refund was planned) on the operator's word,
+        and CONTRACT.md has no event that takes a webhook back; someone must take it up with the merchant
+        (``winback executor charge-disputes`` lists them)."""
         flag = {"switch_said": said, "operator_said": "charged", "at": now.isoformat()}
         conn.execute(
             actions.update()
@@ -3025,7 +3025,6 @@ class Executor:
             said,
             extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
         )
-        CHARGE_DISPUTES.labels(charge.merchant_id, "not_found" if said.startswith("not found") else "declined").inc()
 
     def _charged_after_all(
         self, conn: sa.Connection, order: RowMapping, row: RowMapping, result: ChargeResult, now: datetime

@@ -1,23 +1,74 @@
-"""Prometheus metrics of the executor's own work, on one registry per process.
+"""Prometheus figures of the executor's state, read from its database when ``/metrics`` is scraped.
 
-A worker of ``winback executor run`` serves no HTTP: its figures reach a scrape through ``winback serve``'s
-``/metrics`` when both run with the same ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode,
-service/api/metrics.py, sums the counters of every process writing there); the serving process's own count is
-appended to its ``/metrics`` otherwise.
+The executor's work is done by ``winback executor run`` workers, which serve no HTTP, and by ``winback serve``'s
+workers, each a process of its own: a count kept in any one process's memory would show a scrape only that
+process's share (or nothing). What an operator must see is in the database, which every process shares, so
+``winback serve``'s ``/metrics`` reads it (at most once a minute per server process).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 
-#: The executor's registry (module level: the counts are the process's, whatever Executor objects it builds).
-EXECUTOR_REGISTRY = CollectorRegistry()
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.engine import Engine
 
-#: Charges an operator answered for as charged whose switch then said otherwise ("declined", or "not found" at the
-#: one more ask): the order succeeded and its merchant shipped on a payment the switch does not have.
-CHARGE_DISPUTES = Counter(
-    "winback_executor_charge_disputes",
-    "Charges an operator answered for as charged that their switch then reported declined or not found.",
-    ["merchant_id", "switch_said"],
-    registry=EXECUTOR_REGISTRY,
-)
+from service.executor.core import charge_disputes
+
+log = logging.getLogger("winback.executor")
+
+#: How long a server process answers scrapes from its last read of the disputes (Prometheus scrapes every 15-60 s).
+DISPUTES_READ_EVERY_SECONDS = 60.0
+
+
+def dispute_label(switch_said: str) -> str:
+    """The bounded label of what a switch said against an operator's "charged": ``declined`` or ``not_found``."""
+    return "not_found" if switch_said.startswith("not found") else "declined"
+
+
+class ChargeDisputesCollector(Collector):
+    """``winback_executor_charge_disputes_total{merchant_id, switch_said}``: the charges an operator answered for as
+    charged whose switch then said "declined", or "not found" at the one more ask. Each flag stays on its status
+    check, so the count never goes down: a counter, as Prometheus means one, read from the database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        read_every_seconds: float = DISPUTES_READ_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.read_every_seconds = read_every_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._read_at: float | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "winback_executor_charge_disputes",
+            "Charges an operator answered for as charged that their switch then reported declined or not found.",
+            labels=["merchant_id", "switch_said"],
+        )
+        for (merchant_id, said), count in sorted(self._current().items()):
+            family.add_metric([merchant_id, said], count)
+        yield family
+
+    def _current(self) -> Counter[tuple[str, str]]:
+        with self._lock:
+            now = self.clock()
+            if self._read_at is None or now - self._read_at >= self.read_every_seconds:
+                try:
+                    with self.engine.connect() as conn:
+                        found = charge_disputes(conn)
+                except Exception:  # the database away for a moment: the last counts, not a failed scrape
+                    log.warning("could not read the charge disputes for /metrics", exc_info=True)
+                else:
+                    self._counts = Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found)
+                    self._read_at = now
+            return self._counts

@@ -11,18 +11,25 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
+from service.api.app import create_app
+from service.console.auth import add_agent
+from service.console.routes import build_console_runtime
+from service.console.settings import ConsoleSettings
 from service.executor.connectors import CircuitBreaker, HttpConnector
 from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, charge_disputes
 from service.executor.links import LinkError
-from service.executor.metrics import EXECUTOR_REGISTRY
+from service.executor.metrics import ChargeDisputesCollector
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions
+from tests.integration.test_console import PASSWORD, Console, _rows
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
     FakeConnector,
@@ -33,6 +40,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     make_harness,
     webhook_events,
 )
+from tests.unit.test_api import Api, settings_for
 
 RETRY = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
 MakeHarness = Callable[..., Harness]
@@ -633,9 +641,12 @@ def test_the_sandbox_switch_takes_a_late_send_after_its_not_found_and_the_one_mo
 # ------------------------------------------------------------------------------- 5. the switch contradicts an operator
 
 
-def disputes_counted(merchant_id: str = "m_demo", switch_said: str = "declined") -> float:
-    value = EXECUTOR_REGISTRY.get_sample_value(
-        "winback_executor_charge_disputes_total", {"merchant_id": merchant_id, "switch_said": switch_said}
+def disputes_counted(h: Harness, switch_said: str = "declined") -> float:
+    """The Prometheus counter of charge disputes as a scrape of ``/metrics`` reads it from the database."""
+    registry = CollectorRegistry()
+    registry.register(ChargeDisputesCollector(h.executor.engine, read_every_seconds=0))
+    value = registry.get_sample_value(
+        "winback_executor_charge_disputes_total", {"merchant_id": "m_demo", "switch_said": switch_said}
     )
     return value or 0.0
 
@@ -658,7 +669,7 @@ def test_a_decline_found_after_an_operators_charged_is_flagged_logged_and_counte
     assert h.executor.resolve_charge(retry_id, charged=True) == "SUCCEEDED"
     h.drain()
     assert webhook_events(h) == ["order.succeeded"]
-    before = disputes_counted()
+    before = disputes_counted(h)
     with caplog.at_level(logging.ERROR, logger="winback.executor"):
         run_for(h, 120)  # the check asks: ord_1_2 declined
     check = of_kind(h, "charge_status")[0]
@@ -669,7 +680,7 @@ def test_a_decline_found_after_an_operators_charged_is_flagged_logged_and_counte
     assert len(logged) == 1, [r.getMessage() for r in caplog.records]
     for named in ("m_demo", "ord_1", "ord_1_2", "an operator answered charged", "declined (do_not_honor)"):
         assert named in logged[0]
-    assert disputes_counted() == before + 1
+    assert disputes_counted(h) == before + 1
     [dispute] = disputes_of(h)
     assert (dispute.order_id, dispute.order_state, dispute.payment_id, dispute.switch_said) == (
         "ord_1",
@@ -683,7 +694,7 @@ def test_a_decline_found_after_an_operators_charged_is_flagged_logged_and_counte
     assert webhook_events(h) == ["order.succeeded"]
     assert list(switch.payments) == ["ord_1_2"]
     assert of_kind(h, "refund") == []
-    assert disputes_counted() == before + 1
+    assert disputes_counted(h) == before + 1
     assert payment_status_calls(switch) == 1
 
 
@@ -698,7 +709,7 @@ def test_a_charge_an_operator_answered_charged_that_the_switch_does_not_find_twi
     switch = FullSwitch(statuses=["succeeded"], drop_charges=True, hold_charges=True)
     h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
     assert h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True) == "SUCCEEDED"
-    before = disputes_counted(switch_said="not_found")
+    before = disputes_counted(h, switch_said="not_found")
     run_for(h, 120)
     first = of_kind(h, "charge_status")[0]
     assert "not found, though an operator answered charged; asked once more in 0:30:00" in (first.last_error or "")
@@ -711,11 +722,11 @@ def test_a_charge_an_operator_answered_charged_that_the_switch_does_not_find_twi
     if late_send:
         assert "succeeded, as an operator answered" in (again.last_error or ""), again
         assert disputes_of(h) == []
-        assert disputes_counted(switch_said="not_found") == before
+        assert disputes_counted(h, switch_said="not_found") == before
     else:
         assert "the switch says payment ord_1_2 not found (asked twice)" in (again.last_error or ""), again
         assert [d.switch_said for d in disputes_of(h)] == ["not found (asked twice)"]
-        assert disputes_counted(switch_said="not_found") == before + 1
+        assert disputes_counted(h, switch_said="not_found") == before + 1
     run_for(h, 3600 * 2, step=600)
     assert payment_status_calls(switch) == 2
     assert h.view().state == "SUCCEEDED"
@@ -791,3 +802,34 @@ def test_a_check_that_cannot_be_asked_about_a_charge_taken_as_never_charged_says
     assert "ask connector 'adyen' about payment ord_1_2" in (check.last_error or "")
     assert h.view().state == "FAILED"
     assert webhook_events(h) == ["order.failed"]
+
+
+def test_a_disputed_charge_shows_in_the_consoles_queue_and_order_and_in_metrics(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """The dispute, on the real API and console over the executor's database: the settled order comes first in the
+    queue, marked "Charge disputed"; its page says what each side said; ``/metrics`` counts it."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True)
+    run_for(h, 120)
+    assert len(disputes_of(h)) == 1
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = Console(api, build_console_runtime(ConsoleSettings()))
+        add_agent(console.engine, "m_demo", "asha@m_demo", PASSWORD)
+        console.sign_in("asha@m_demo")
+        queue = console.get("/console/queue").text
+        assert queue.count('data-testid="charge-disputed"') == 1, queue
+        assert [row[:2] for row in _rows(queue)] == [("ord_1", "SUCCEEDED")]
+        page = console.get("/console/orders/ord_1").text
+        assert 'data-testid="disputed-charge"' in page
+        assert "the switch says not</h2>" in page
+        assert "<code>ord_1_2</code>" in page
+        assert "<strong>declined (do_not_honor)</strong>" in page
+        metrics = api.get("/metrics").text
+        assert 'winback_executor_charge_disputes_total{merchant_id="m_demo",switch_said="declined"} 1.0' in metrics
+    finally:
+        api.close()

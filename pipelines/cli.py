@@ -414,6 +414,38 @@ def executor_resolve_charge(
     typer.echo(f"action {action_id}: {'charged' if charged else 'not charged'}; the order is {state}")
 
 
+@executor_app.command("charge-disputes")
+def executor_charge_disputes(
+    merchant: Annotated[str | None, typer.Option("--merchant", help="Only this merchant's (default: all).")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db)."),
+    ] = None,
+) -> None:
+    """List the charges recorded as charged on an operator's word (resolve-charge --charged, or the console) that
+    their switch then reported declined, or not found twice: the merchant was told the order succeeded on money
+    the switch does not have, so each needs taking up with the merchant."""
+    import os
+
+    from service.executor.core import ChargeResolutionError
+    from service.executor.worker import list_charge_disputes
+
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    try:
+        found = list_charge_disputes(url, merchant)
+    except (ChargeResolutionError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if not found:
+        typer.echo("no charge disputed by its switch after an operator's answer")
+        return
+    for dispute in found:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
+        typer.echo(
+            f"{dispute.merchant_id} {dispute.order_id} ({dispute.order_state}): payment {dispute.payment_id} via "
+            f"{dispute.connector}: an operator said charged (charge action {dispute.charge_action_id}), the switch "
+            f"says {dispute.switch_said}; flagged {dispute.flagged_at.isoformat()}"
+        )
+
+
 @executor_app.command("callback-url")
 def executor_callback_url(
     merchant: Annotated[str, typer.Option("--merchant", help="The merchant whose callback URLs to print.")],

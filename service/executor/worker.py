@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog
 from model.gsm import serving_catalog
@@ -44,6 +45,7 @@ from service.executor.core import (
     CHARGE_KINDS,
     SWITCH_FOLLOW_UPS,
     ActionRow,
+    ChargeDispute,
     ChargeResolutionError,
     Decider,
     Executor,
@@ -52,6 +54,7 @@ from service.executor.core import (
     StaleClaimError,
     Transient,
     by_order_of,
+    charge_disputes,
 )
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
@@ -607,6 +610,22 @@ def resolve_charge(
 
     config = load_config(Path(config_path) if config_path else DEMO_CONFIG)
     settings = settings_from_env(ExecutorSettings, database_url=database_url)
+    engine = _existing_executor_database(database_url)
+    catalog = serving_catalog(settings.gsm_overlay)
+    decider, stop = make_decider(catalog, tracking_uri)
+    executor = build_executor(settings, config, decider, engine=engine, catalog=catalog)
+    try:
+        return executor.resolve_charge(action_id, charged)
+    except KeyError as exc:  # the order's merchant is not in this config
+        raise ChargeResolutionError(f"{exc.args[0]} (pass the config the executor runs with: --config)") from None
+    finally:
+        stop()
+        engine.dispose()
+
+
+def _existing_executor_database(database_url: str) -> Engine:
+    """An engine on the executor's database at ``database_url``; ChargeResolutionError when there is none there, or
+    it is not at the current schema (an operator's command must not create an empty database, nor read an old one)."""
     url = sa.make_url(database_url)
     on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
     if on_disk and not Path(str(url.database)).is_file():  # connecting would create an empty database file
@@ -622,15 +641,17 @@ def resolve_charge(
     except Exception:
         engine.dispose()
         raise
-    catalog = serving_catalog(settings.gsm_overlay)
-    decider, stop = make_decider(catalog, tracking_uri)
-    executor = build_executor(settings, config, decider, engine=engine, catalog=catalog)
+    return engine
+
+
+def list_charge_disputes(database_url: str, merchant_id: str | None = None) -> list[ChargeDispute]:
+    """``winback executor charge-disputes``: the charges an operator answered for as charged whose switch then said
+    otherwise (``Executor._flag_dispute``), a merchant's or all, oldest first."""
+    engine = _existing_executor_database(database_url)
     try:
-        return executor.resolve_charge(action_id, charged)
-    except KeyError as exc:  # the order's merchant is not in this config
-        raise ChargeResolutionError(f"{exc.args[0]} (pass the config the executor runs with: --config)") from None
+        with engine.connect() as conn:
+            return charge_disputes(conn, merchant_id)
     finally:
-        stop()
         engine.dispose()
 
 

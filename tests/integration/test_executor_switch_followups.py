@@ -18,7 +18,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
+from typer.testing import CliRunner
 
+from pipelines.cli import app as cli
 from service.api.app import create_app
 from service.console.auth import add_agent
 from service.console.routes import build_console_runtime
@@ -833,3 +835,29 @@ def test_a_disputed_charge_shows_in_the_consoles_queue_and_order_and_in_metrics(
         assert 'winback_executor_charge_disputes_total{merchant_id="m_demo",switch_said="declined"} 1.0' in metrics
     finally:
         api.close()
+
+
+def test_winback_executor_charge_disputes_lists_them(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The command lists each disputed charge with what each side said, and only the merchant asked for."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    retry_id = of_kind(h, "retry")[0].action_id
+    none_yet = CliRunner().invoke(cli, ["executor", "charge-disputes", "--database-url", database_url])
+    assert none_yet.exit_code == 0, none_yet.output
+    assert none_yet.output.strip() == "no charge disputed by its switch after an operator's answer"
+    h.executor.resolve_charge(retry_id, charged=True)
+    run_for(h, 120)
+    listed = CliRunner().invoke(cli, ["executor", "charge-disputes", "--database-url", database_url])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.splitlines()[0].startswith(
+        f"m_demo ord_1 (SUCCEEDED): payment ord_1_2 via adyen: an operator said charged (charge action {retry_id}), "
+        "the switch says declined (do_not_honor); flagged 2026-"
+    ), listed.output
+    assert len(listed.output.splitlines()) == 1
+    other = CliRunner().invoke(
+        cli, ["executor", "charge-disputes", "--merchant", "m_other", "--database-url", database_url]
+    )
+    assert other.output.strip() == "no charge disputed by its switch after an operator's answer"

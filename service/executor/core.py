@@ -2314,14 +2314,15 @@ class Executor:
                 extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
             )
         elif action.kind == ActionKind.CHARGE_STATUS:
-            # No answer within its tries: asked again in an hour, as long as the charge is unknown, or taken as
-            # never charged and not found charged since (``_check_again_later``). A switch that cannot be asked is
-            # asked again only by the order's close (which looks hourly too) about an unknown charge.
+            # No answer within its tries: asked again in an hour, as long as the charge is unknown, taken as never
+            # charged and not found charged since, or charged on an operator's word (``_check_again_later``). A
+            # switch that cannot be asked is asked again only by the order's close (which looks hourly too) about an
+            # unknown charge.
             again = "in an hour" if connector_failed else "when the order's close looks again"
             log.error(
                 "the switch could not say what became of payment %s (%s): charge action %s stays as it is recorded "
-                "(unknown, or taken as never charged); the switch is asked again %s, or an operator answers an "
-                "unknown one with resolve-charge",
+                "(unknown, taken as never charged, or charged on an operator's word); the switch is asked again %s, "
+                "or an operator answers an unknown one with resolve-charge",
                 action.payload.get("payment_id"),
                 error,
                 action.payload.get("charge_action_id"),

@@ -736,6 +736,26 @@ def test_a_charge_an_operator_answered_charged_that_the_switch_does_not_find_twi
     assert of_kind(h, "refund") == []
 
 
+def test_a_check_after_an_operators_charged_that_gets_no_answer_is_asked_again_hourly(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The check still planned when the operator answered "charged" gets no answer within its tries: it is asked
+    again hourly, not dropped (the switch may yet contradict the operator), and its later "declined" is flagged."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True)
+    switch.status_mode = "timeout"
+    run_for(h, 600)
+    check = of_kind(h, "charge_status")[0]
+    assert check.state == "scheduled", check
+    assert check.due_at >= h.clock.now + timedelta(minutes=45)
+    switch.status_mode = "answer"
+    run_for(h, 3600, step=600)
+    assert [d.switch_said for d in disputes_of(h)] == ["declined (do_not_honor)"]
+    assert webhook_events(h) == ["order.succeeded"]
+
+
 # ------------------------------------------------------------------------------- 6. a decline found late
 
 

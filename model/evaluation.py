@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -567,6 +567,10 @@ HOLDOUT_REWARD_MODEL = "holdout"
 #: Folds of its cross-fitting (by order) and the pseudo-count each cell is shrunk to its parent cell with.
 CROSSFIT_FOLDS = 5
 CELL_PRIOR_STRENGTH = 10.0
+#: Deals of the orders into folds it averages over: the deal is the evaluation seed's, and one deal moved the gate's
+#: difference of two equal models by 0.013 USD a decision (SD over 6 deals, 5,000 points); the mean of 8 by 0.006
+#: (README, "The promotion gate's noise"). Each costs a pass over the holdout's counts, no model fit.
+CROSSFIT_REPEATS = 8
 
 
 def _cells(action: Action, arm: str, connector: str, error_class: str, bucket: str) -> list[tuple[str, ...]]:
@@ -607,13 +611,15 @@ def crossfit_reward_model(
     folds: int = CROSSFIT_FOLDS,
     strength: float = CELL_PRIOR_STRENGTH,
     seed: int = 0,
+    repeats: int = CROSSFIT_REPEATS,
 ) -> RewardModel:
     """A reward model of a holdout's own outcomes, cross-fitted: no candidate model's, and no point valued by a fit
     that saw it.
 
     The orders of ``points`` (`logged_decisions` with ``error_class``) are dealt into ``folds`` folds (seeded); a
     request of a fold is valued by the success rates of the other folds' logged actions (stops have none), per cell
-    of `_cells`, each shrunk to its parent by ``strength`` pseudo-points, the coarsest to the overall rate. Value:
+    of `_cells`, each shrunk to its parent by ``strength`` pseudo-points, the coarsest to the overall rate; the
+    success rate is the mean over ``repeats`` such deals (the first is the deal of ``repeats=1``). Value:
     ``P(success) * amount_usd - cost`` (``success``: the probability); stop is worth 0. It is the promotion gate's
     common yardstick: each candidate's own reward model rates the actions that candidate chose too high (it chose them
     for it), and one candidate's reward model valuing the other lets a poor reward model decide the verdict. It is
@@ -625,40 +631,46 @@ def crossfit_reward_model(
         raise ValueError(f"a holdout reward model needs column(s) {', '.join(missing)} of the decision points")
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    if repeats < 1:
+        raise ValueError(f"cross-fitting needs at least 1 repeat, got {repeats}")
     orders = sorted({(str(m), str(o)) for m, o in zip(points["merchant_id"], points["order_id"], strict=True)})
-    order_of = np.random.default_rng(seed).permutation(len(orders))
-    fold_of = {order: int(order_of[i]) % folds for i, order in enumerate(orders)}
+    generator = np.random.default_rng(seed)
+    deals = [generator.permutation(len(orders)) for _ in range(repeats)]
+    # Per order: its fold in each deal.
+    folds_of = {order: [int(deal[i]) % folds for deal in deals] for i, order in enumerate(orders)}
     class_of = {
         _point_key(m, o, t): str(c)
         for m, o, t, c in zip(
             points["merchant_id"], points["order_id"], points["event_time"], points["error_class"], strict=True
         )
     }
-    # Per fold: cell -> [successes, tries] over the logged actions of the fold's points.
-    counts: list[dict[tuple[str, ...], list[float]]] = [{} for _ in range(folds)]
+    # Per deal and fold: cell -> [successes, tries] over the logged actions of the fold's points.
+    counts: list[list[dict[tuple[str, ...], list[float]]]] = [[{} for _ in range(folds)] for _ in range(repeats)]
     for row in points[points["action"] != "stop"].to_dict("records"):
         record = {str(k): v for k, v in row.items()}
         if is_missing(record["label"]):
             continue
-        fold = fold_of[(str(record["merchant_id"]), str(record["order_id"]))]
         request: DecisionRequest = record["request"]
         cells = _candidate_cells(logged_candidate(record), request.event_time, str(record["error_class"]))
-        for cell in [(), *cells]:
-            tally = counts[fold].setdefault(cell, [0.0, 0.0])
-            tally[0] += float(record["label"])
-            tally[1] += 1.0
-    # What each fold's requests are valued by: the other folds' counts.
-    fitted: list[dict[tuple[str, ...], list[float]]] = []
-    for fold in range(folds):
-        merged: dict[tuple[str, ...], list[float]] = {}
-        for other, table in enumerate(counts):
-            if other == fold:
-                continue
-            for cell, (won, tried) in table.items():
-                tally = merged.setdefault(cell, [0.0, 0.0])
-                tally[0] += won
-                tally[1] += tried
-        fitted.append(merged)
+        for deal, fold in enumerate(folds_of[(str(record["merchant_id"]), str(record["order_id"]))]):
+            for cell in [(), *cells]:
+                tally = counts[deal][fold].setdefault(cell, [0.0, 0.0])
+                tally[0] += float(record["label"])
+                tally[1] += 1.0
+    # What each fold's requests are valued by, per deal: the other folds' counts.
+    fitted: list[list[dict[tuple[str, ...], list[float]]]] = []
+    for by_fold in counts:
+        fitted.append([])
+        for fold in range(folds):
+            merged: dict[tuple[str, ...], list[float]] = {}
+            for other, table in enumerate(by_fold):
+                if other == fold:
+                    continue
+                for cell, (won, tried) in table.items():
+                    tally = merged.setdefault(cell, [0.0, 0.0])
+                    tally[0] += won
+                    tally[1] += tried
+            fitted[-1].append(merged)
 
     def probability(table: dict[tuple[str, ...], list[float]], cells: list[tuple[str, ...]]) -> float:
         won, tried = table.get((), [0.0, 0.0])
@@ -675,14 +687,19 @@ def crossfit_reward_model(
                 f"the holdout reward model values the holdout's own decision points; {request.merchant_id}/"
                 f"{request.order_id} at {request.event_time.isoformat()} is not one of them"
             )
-        table = fitted[fold_of[key[:2]]]
+        tables = [fitted[deal][fold] for deal, fold in enumerate(folds_of[key[:2]])]
         amount = economics.order_value_usd(request.amount, request.currency)
         values = []
+        # A request's candidates share few cells (the times of one action fall in three buckets): each is rated once.
+        rated: dict[tuple[str, ...], float] = {}
         for candidate in candidates:
             if candidate.action == Action.STOP:
                 values.append(0.0)
                 continue
-            p = probability(table, _candidate_cells(candidate, request.event_time, class_of[key]))
+            cells = _candidate_cells(candidate, request.event_time, class_of[key])
+            p = rated.get(cells[-1])
+            if p is None:
+                p = rated[cells[-1]] = sum(probability(table, cells) for table in tables) / repeats
             values.append(p if reward == "success" else p * amount - candidate_cost_usd(request, candidate, economics))
         return np.asarray(values, dtype=np.float64)
 
@@ -736,6 +753,30 @@ def logged_candidate(row: Mapping[str, Any]) -> Candidate:
     )
 
 
+@runtime_checkable
+class _WithProbabilities(Protocol):
+    """A policy that tells its probability of each action (`model.policy.DecidePolicy`), besides deciding."""
+
+    def action_probabilities(self, request: DecisionRequest) -> tuple[Decision, tuple[tuple[Candidate, float], ...]]:
+        """The decision, and (action, probability) of every action the policy may take here."""
+        ...
+
+
+def _decisions(
+    policy: Policy, request: DecisionRequest, replays: int
+) -> tuple[Decision, tuple[tuple[Candidate, float], ...]]:
+    """A policy's first decision at ``request`` and the probability it takes each action there: its own when it tells
+    them (`_WithProbabilities`), else each action's share of ``replays`` draws."""
+    if isinstance(policy, _WithProbabilities):
+        return policy.action_probabilities(request)
+    decisions = [policy(request) for _ in range(replays)]
+    shares: dict[Candidate, float] = {}
+    for decision in decisions:
+        action = decision_candidate(decision)
+        shares[action] = shares.get(action, 0.0) + 1.0 / replays
+    return decisions[0], tuple(shares.items())
+
+
 def replay(
     logged: pd.DataFrame,
     policies: Mapping[str, Policy],
@@ -746,17 +787,21 @@ def replay(
 ) -> pd.DataFrame:
     """Run each policy at every logged decision point.
 
-    One row per (point, policy): ``point`` (position in ``logged``), ``policy``, ``target_prob`` (share of the
-    ``replays`` draws whose action is the logged one, `same_candidate`), ``q_logged`` and ``v_target``
-    (reward model; NaN without one), the first draw's ``action`` / ``strategy`` / ``connector`` / ``channel``
-    / ``retry_probability`` / ``expected_success`` / ``propensity``, and ``seconds`` spent deciding. Each of
+    One row per (point, policy): ``point`` (position in ``logged``), ``policy``, ``target_prob`` (the policy's
+    probability of the logged action, `same_candidate`), ``q_logged`` (the reward model's value of the logged
+    action) and ``v_target`` (its value of the policy's action, expected over the policy's probabilities), NaN
+    without a reward model; the first decision's ``action`` / ``strategy`` / ``connector`` / ``channel`` /
+    ``retry_probability`` / ``expected_success`` / ``propensity``, and ``seconds`` spent deciding. Each of
     ``other_reward_models`` (name -> model) adds its own pair, ``q_logged@name`` and ``v_target@name``
     (`reward_model_columns`): a DR estimate per reward model (`ope_from_replay`), since a model's reward model
     favours the actions that model itself would choose.
 
-    The match indicator (not the policy's reported propensity) is the target probability: for a policy that
-    samples its action, ``1[draw == logged]`` is an unbiased estimate of pi(logged action | context), while
-    "the propensity when it matches" would estimate pi squared.
+    A policy that tells its probability of each action (``action_probabilities``, as `model.policy.DecidePolicy`:
+    the one decide(), its exploration's distribution) is valued by them exactly. Any other is valued by ``replays``
+    draws: the share of draws that are the logged action, an unbiased estimate of pi(logged action | context) (not
+    the policy's reported propensity when it matches, which would estimate pi squared), and their mean value. One
+    draw of an exploring policy was the gate's noise: at an explored point it valued a random action, and it matched
+    a logged action (weight up to the clip) or missed it by chance.
     """
     _check_logged(logged)
     if replays < 1:
@@ -769,21 +814,26 @@ def replay(
     for position, record in enumerate(records):
         request: DecisionRequest = record["request"]
         logged_action = logged_candidate(record)
-        q_logged = {suffix: _reward(model, request, [logged_action]) for suffix, model in models.items()}
+        decided: dict[str, tuple[Decision, tuple[tuple[Candidate, float], ...], float]] = {}
         for name, policy in policies.items():
             started = time.perf_counter()
-            decisions = [policy(request) for _ in range(replays)]
-            elapsed = time.perf_counter() - started
-            chosen = [decision_candidate(d) for d in decisions]
-            matches = [same_candidate(c, logged_action) for c in chosen]
-            first = decisions[0]
+            first, chances = _decisions(policy, request, replays)
+            calls = 1 if isinstance(policy, _WithProbabilities) else replays
+            decided[name] = (first, chances, (time.perf_counter() - started) / calls)
+        # Every action any policy may take here and the logged one, valued once per reward model.
+        actions = list(dict.fromkeys([logged_action, *(a for _, chances, _ in decided.values() for a, _ in chances)]))
+        values = {suffix: _values(model, request, actions) for suffix, model in models.items()}
+        for name, (first, chances, elapsed) in decided.items():
             rows.append(
                 {
                     "point": position,
                     "policy": name,
-                    "target_prob": float(np.mean(matches)),
-                    **{f"q_logged{suffix}": value for suffix, value in q_logged.items()},
-                    **{f"v_target{suffix}": _reward(model, request, chosen) for suffix, model in models.items()},
+                    "target_prob": sum(p for action, p in chances if same_candidate(action, logged_action)),
+                    **{f"q_logged{suffix}": valued[logged_action] for suffix, valued in values.items()},
+                    **{
+                        f"v_target{suffix}": sum(p * valued[action] for action, p in chances)
+                        for suffix, valued in values.items()
+                    },
                     "action": first.action.value,
                     "strategy": None if first.strategy is None else first.strategy.value,
                     "connector": first.connector,
@@ -791,7 +841,7 @@ def replay(
                     "retry_probability": first.retry_probability,
                     "expected_success": first.expected_success,
                     "propensity": first.propensity,
-                    "seconds": elapsed / replays,
+                    "seconds": elapsed,
                 }
             )
     # With no point (a history without logged propensities has nothing to weigh), the columns still say what a
@@ -802,11 +852,11 @@ def replay(
     return pd.DataFrame(rows, columns=[*columns, "propensity", "seconds"])
 
 
-def _reward(model: RewardModel | None, request: DecisionRequest, candidates: list[Candidate]) -> float:
-    """The reward ``model`` expects of ``candidates`` on average (NaN without a model)."""
+def _values(model: RewardModel | None, request: DecisionRequest, actions: list[Candidate]) -> dict[Candidate, float]:
+    """What ``model`` expects of each of ``actions`` (NaN without a model)."""
     if model is None:
-        return float("nan")
-    return float(np.mean(np.asarray(model(request, candidates), dtype=np.float64)))
+        return dict.fromkeys(actions, float("nan"))
+    return dict(zip(actions, np.asarray(model(request, actions), dtype=np.float64).tolist(), strict=True))
 
 
 def reward_model_columns(replayed: pd.DataFrame) -> dict[str, tuple[str, str]]:

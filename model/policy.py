@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar, cast
@@ -597,7 +598,12 @@ def decide(
     give the same decision. Services pass a fresh ``decision_id`` (``new_decision_id(None)``): a seeded rng
     would give every worker and every restart the same ids.
     """
-    return _decide(request, merchant, scorer, catalog, config, rng, economics, decision_id)[0]
+    return _decide(request, merchant, scorer, catalog, config, rng, economics, decision_id, False)[0]
+
+
+#: A policy's probability of each action it may take at one decision point: (the action as decided, probability),
+#: each action once, the probabilities summing to 1.
+ActionProbabilities = tuple[tuple[Candidate, float], ...]
 
 
 def verdict_probability(
@@ -611,7 +617,7 @@ def verdict_probability(
     """What decide() compares with the scorer's ``retryable_threshold`` for its ``retryable`` verdict: P(success)
     of the best retry the error itself allows, whether or not the order's situation permits it (training chooses
     the threshold on it, model.training.choose_retryable_threshold)."""
-    return _decide(request, merchant, scorer, catalog, _NO_EXPLORATION, None, economics, "verdict")[1]
+    return _decide(request, merchant, scorer, catalog, _NO_EXPLORATION, None, economics, "verdict", False)[1]
 
 
 def _decide(
@@ -623,9 +629,12 @@ def _decide(
     rng: np.random.Generator | None,
     economics: Economics | None,
     decision_id: str | None,
+    with_probabilities: bool,
     /,
-) -> tuple[Decision, float]:
-    """decide()'s decision, and the P(success) its ``retryable`` verdict compared with the threshold.
+) -> tuple[Decision, float, ActionProbabilities]:
+    """decide()'s decision, the P(success) its ``retryable`` verdict compared with the threshold and, when
+    ``with_probabilities``, every action's probability of being the decision (`decide_with_probabilities`; else
+    empty: serving does not pay for it; `DecidePolicy.action_probabilities`).
 
     decide()'s arguments, in its order, all given: its signature alone holds the defaults and keyword names.
     """
@@ -662,8 +671,20 @@ def _decide(
         choices = [i for start, stop, first in runs if first.action != _STOP for i in range(start, stop)]
         chosen = choices[int(generator.integers(explorable))]
     choice = allowed[chosen]
-    uniform = epsilon / explorable if explorable > 0 and choice.action != _STOP else 0.0
-    propensity = (1.0 - epsilon if explorable > 0 else 1.0) * (chosen == best) + uniform
+    explores = epsilon > 0.0 and explorable > 0
+    uniform = epsilon / explorable if explores and choice.action != _STOP else 0.0
+    propensity = (1.0 - epsilon if explores else 1.0) * (chosen == best) + uniform
+    probabilities: ActionProbabilities = ()
+    if with_probabilities:
+        chances = {_as_decided(allowed[best], request.event_time): 1.0 - epsilon if explores else 1.0}
+        if explores:
+            for start, stop, first in runs:
+                if first.action == _STOP:
+                    continue
+                for index in range(start, stop):
+                    action = _as_decided(allowed[index], request.event_time)
+                    chances[action] = chances.get(action, 0.0) + epsilon / explorable
+        probabilities = tuple(chances.items())
 
     retry_indices = [i for start, stop, first in runs if first.action == _RETRY for i in range(start, stop)]
     retry_probability = float(max(p_success[retry_indices].tolist(), default=0.0))
@@ -738,7 +759,19 @@ def _decide(
             "rules_applied": rules_applied,
         },
     )
-    return decision, verdict
+    return decision, verdict, probabilities
+
+
+def _as_decided(candidate: Candidate, event_time: datetime) -> Candidate:
+    """A candidate as a decision that chose it carries it out (`model.evaluation.decision_candidate`): not before the
+    decision point, and only its action's own fields."""
+    return Candidate(
+        action=candidate.action,
+        execute_at=max(candidate.execute_at, event_time),
+        strategy=candidate.strategy if candidate.action == Action.RETRY else None,
+        connector=candidate.connector if candidate.action == Action.RETRY else None,
+        channel=candidate.channel if candidate.action == Action.RETARGET else None,
+    )
 
 
 def _alternatives(
@@ -800,11 +833,26 @@ class DecidePolicy:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, request: DecisionRequest) -> Decision:
+        merchant, scorer = self._serving(request)
+        return decide(request, merchant, scorer, catalog=self.catalog, config=self.config, rng=self.rng)
+
+    def action_probabilities(self, request: DecisionRequest) -> tuple[Decision, ActionProbabilities]:
+        """The decision, as a call would make it, and the probability with which decide() takes each action here (its
+        exploration's distribution: the best action with 1 - epsilon, each explorable one with epsilon / their number).
+
+        What an off-policy evaluation values the policy with (`model.evaluation.replay`): its expected value over these
+        probabilities has none of the noise of the one exploration draw a decision is."""
+        merchant, scorer = self._serving(request)
+        decision, _, probabilities = _decide(
+            request, merchant, scorer, self.catalog, self.config, self.rng, None, None, True
+        )
+        return decision, probabilities
+
+    def _serving(self, request: DecisionRequest) -> tuple[MerchantConfig, Scorer | None]:
         merchant = self.merchants.get(request.merchant_id)
         if merchant is None:
             raise KeyError(f"unknown merchant_id {request.merchant_id!r}: not in the merchant config")
-        scorer = None if self.scorer is None else scorer_for(self.scorer, request)
-        return decide(request, merchant, scorer, catalog=self.catalog, config=self.config, rng=self.rng)
+        return merchant, None if self.scorer is None else scorer_for(self.scorer, request)
 
 
 def scorer_for(scorer: ScorerT, request: DecisionRequest) -> ScorerT:

@@ -244,18 +244,23 @@ def _logged(n: int, seed: int, eps: float = 0.3) -> pd.DataFrame:
         decision = policy(request)
         p = _MEANS[str(request.failure.network_decline_code)][decision.action.value]
         rows.append(
-            {
-                "request": request,
-                "action": decision.action.value,
-                "strategy": None if decision.strategy is None else decision.strategy.value,
-                "connector": decision.connector,
-                "channel": None if decision.channel is None else decision.channel.value,
-                "execute_at": pd.Timestamp(decision.execute_at),
-                "propensity": decision.propensity,
-                "reward": float(rng.uniform() < p),
-            }
+            _logged_row(request, ev.decision_candidate(decision), decision.propensity, float(rng.uniform() < p))
         )
     return pd.DataFrame(rows)
+
+
+def _logged_row(request: DecisionRequest, action: Candidate, propensity: float, reward: float) -> dict[str, Any]:
+    """A logged decision point (`ev.LOGGED_COLUMNS`): ``action`` carried out, logged with ``propensity``."""
+    return {
+        "request": request,
+        "action": action.action.value,
+        "strategy": None if action.strategy is None else action.strategy.value,
+        "connector": action.connector,
+        "channel": None if action.channel is None else action.channel.value,
+        "execute_at": pd.Timestamp(action.execute_at),
+        "propensity": propensity,
+        "reward": reward,
+    }
 
 
 def test_ope_of_the_logging_policy_matches_its_on_policy_average_and_baselines_their_truth() -> None:
@@ -885,3 +890,84 @@ def test_a_history_without_any_logged_propensity_is_evaluated_with_a_note_instea
     assert list(summary.ope["policy"]) == ["logged"]  # no policy row: nothing to weigh
     assert summary.retryability["points"].sum() == 5  # the points where a retry or a message was logged
     assert summary.metrics["ope.points_left_out"] == 6.0
+
+
+# ---------------------------------------------------------------------------------------------- the gate's noise
+
+
+def _exploring_rules_policy(seed: int) -> Any:
+    """decide() without a model (rules-only), exploring half the time: many actions with a real probability."""
+    from model.catalog import load_catalog
+    from model.policy import DecidePolicy, PolicyConfig
+    from tests.factories import make_merchant
+
+    config = PolicyConfig(exploration=0.5, exploration_rare_code=0.5)
+    return DecidePolicy({"m_demo": make_merchant()}, None, load_catalog(), config, seed=seed)
+
+
+def test_decide_s_probabilities_sum_to_one_and_give_the_decision_its_propensity() -> None:
+    from tests.factories import make_request
+
+    policy = _exploring_rules_policy(seed=3)
+    request = make_request()
+    for _ in range(20):
+        decision, probabilities = policy.action_probabilities(request)
+        chances = dict(probabilities)
+        assert len(chances) == len(probabilities) > 2  # each action once
+        assert sum(chances.values()) == pytest.approx(1.0)
+        assert chances[ev.decision_candidate(decision)] == pytest.approx(decision.propensity, abs=1e-6)
+
+
+def test_replay_values_a_policy_by_its_probabilities_as_the_mean_of_many_draws_would() -> None:
+    """One draw of an exploring policy values a random action at an explored point and matches the logged action by
+    chance: the gate's policy value moved with the evaluation seed. A policy that tells its probabilities is valued
+    by them: what the mean of many draws tends to, without their noise."""
+    from tests.factories import make_request
+
+    request = make_request()
+    policy = _exploring_rules_policy(seed=0)
+    _, probabilities = policy.action_probabilities(request)
+    # Logged: an action the policy takes only when it explores, with its logging propensity.
+    explored = min(probabilities, key=lambda pair: pair[1])[0]
+    logged = pd.DataFrame([_logged_row(request, explored, propensity=0.05, reward=1.0)])
+    # A reward model that tells every action apart: its position among the policy's actions.
+    order = {action: float(index) for index, (action, _) in enumerate(probabilities)}
+
+    def reward_model(request: DecisionRequest, candidates: list[Candidate]) -> np.ndarray:
+        return np.array([order.get(candidate, -1.0) for candidate in candidates])
+
+    expected = ev.replay(logged, {"decide": policy}, reward_model).iloc[0]
+    # The same decide() seen as a plain callable: valued by its draws.
+    draws = 1_000
+    many = ev.replay(logged, {"decide": _exploring_rules_policy(seed=1).__call__}, reward_model, replays=draws)
+    one = ev.replay(logged, {"decide": _exploring_rules_policy(seed=1).__call__}, reward_model)
+    chance = dict(probabilities)
+    value = sum(p * order[a] for a, p in probabilities)
+    assert expected["target_prob"] == pytest.approx(chance[explored])
+    assert expected["v_target"] == pytest.approx(value)
+    spread = np.sqrt(sum(p * (order[a] - value) ** 2 for a, p in probabilities) / draws)
+    assert many["v_target"].iloc[0] == pytest.approx(value, abs=4 * spread)
+    assert many["target_prob"].iloc[0] == pytest.approx(chance[explored], abs=4 * np.sqrt(chance[explored] / draws))
+    assert one["target_prob"].iloc[0] in (0.0, 1.0)  # one draw: all or nothing
+
+
+def test_the_holdout_s_reward_model_averages_over_fold_deals_so_the_deal_barely_moves_a_value() -> None:
+    """Which orders share a fold moved one deal's value of a point; the mean over several deals moves by a fraction
+    of that."""
+    logged = _with_point_columns(_logged(200, seed=21))
+    economics = load_economics()
+    first = logged.iloc[0]
+    request, action = first["request"], ev.logged_candidate(first.to_dict())
+
+    def spread(repeats: int) -> float:
+        values = [
+            ev.crossfit_reward_model(logged, economics, reward="success", seed=seed, repeats=repeats)(
+                request, [action]
+            )[0]
+            for seed in range(8)
+        ]
+        return float(np.std(values))
+
+    assert spread(8) < spread(1) / 2
+    with pytest.raises(ValueError, match="at least 1 repeat"):
+        ev.crossfit_reward_model(logged, economics, repeats=0)

@@ -70,8 +70,22 @@ __all__ = [
 _STEPS = ("validate history", "train", "evaluate", "log to MLflow", "register")
 #: Where the boosters are fitted: in this process, or with lightgbm.dask on a Dask cluster (``pipelines.dask_train``).
 ENGINES = ("local", "dask")
-#: pipelines.evaluate's default sample of holdout orders, replayed by every policy.
-_EVALUATION_MAX_POINTS = 5_000
+#: The holdout decision points a training run's evaluation replays at most (a seeded sample beyond): which 5,000 of a
+#: 20,000-order simulation's 13,900 were drawn moved the gate's policy-value difference of two equal models by 0.10
+#: USD a decision (SD; README, "The promotion gate's noise"), as much as its tolerance. `winback evaluate` keeps 5,000.
+_EVALUATION_MAX_POINTS = 20_000
+#: Tells the evaluation's random stream from training's, which the same ``--seed`` seeds (`evaluation_seed`).
+_EVALUATION_STREAM = 0x6576616C  # "eval"
+
+
+def evaluation_seed(seed: int) -> int:
+    """The seed of a training run's evaluation (its holdout sample, the reward model's folds, the replayed policies'
+    exploration): derived from the run's ``seed`` but not equal to it, so what the evaluation draws does not follow
+    what training drew from the same seed (a champion and its challenger, both trained with the default seed, are
+    judged on draws neither of them was fitted with)."""
+    return int(np.random.SeedSequence([seed, _EVALUATION_STREAM]).generate_state(1)[0])
+
+
 _DEMO_CONFIG = DEMO_MERCHANTS_FILE
 
 
@@ -957,7 +971,9 @@ def run_training(
         # On decide()'s verdicts as served, code levels included: the newest points before the holdout.
         fit_retryable_threshold(result.bundle, frames, merchants, before=holdout_start, seed=seed, catalog=catalog)
         result.bundle.version = bundle_version(result.bundle)
-        history = whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, seed)
+        history = (
+            whole if whole is not None else holdout_sample(parts, holdout_start, sample_size, evaluation_seed(seed))
+        )
         evaluation = _evaluate(
             attempts,
             nudges,
@@ -967,8 +983,8 @@ def run_training(
             history_orders=None if whole is not None else parts.orders_count(),
             champion=champion,
             merchants=merchants,
-            seed=seed,
-            options=evaluation_options or {},
+            seed=evaluation_seed(seed),
+            options={"max_points": sample_size, **(evaluation_options or {})},
             catalog=catalog,
             challenger=judged,
         )

@@ -112,3 +112,16 @@ def test_the_policy_value_check_judges_decisions_not_reward_models(
     assert verdict.promote is promote, (values, verdict.verdict)
     if challenger_policy == Strategy.CASCADE:  # the same decisions, valued alike, point by point
         assert values[CHALLENGER_NAME] == pytest.approx(values[CHAMPION_NAME])
+
+
+def test_a_training_run_s_evaluation_draws_from_a_stream_of_its_own() -> None:
+    """`winback train --seed S` fitted with S and evaluated with S: the holdout sample, the reward model's folds and
+    the replayed policies' exploration followed the very stream training drew from. The evaluation's seed is derived
+    from S (reproducible) and is another number (for the default seed, 0, too)."""
+    from pipelines.train import evaluation_seed
+
+    seeds = [evaluation_seed(seed) for seed in range(5)]
+    assert seeds == [evaluation_seed(seed) for seed in range(5)]
+    assert len(set(seeds)) == 5
+    assert all(derived != seed for seed, derived in enumerate(seeds))
+    assert np.random.default_rng(seeds[0]).permutation(50).tolist() != np.random.default_rng(0).permutation(50).tolist()

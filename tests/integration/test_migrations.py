@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,8 @@ from service.executor.optouts import is_opted_out, record_opt_out
 from service.migrations import downgrade, upgrade
 
 #: Rows per batch of migration 0017.
+T = TypeVar("T")
+
 MASK_BATCH: int = importlib.import_module("service.migrations.versions.0017_mask_stored_errors").BATCH
 
 
@@ -466,6 +469,23 @@ def test_the_forms_sent_to_the_console_are_kept_from_0019_one_row_a_token_and_dr
         engine.dispose()
 
 
+def _planned(engine: sa.Engine, conn: sa.Connection, call: Callable[[], T]) -> tuple[T, str]:
+    """What ``call`` returns, and the database's plan of the one statement it runs on ``conn``."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        result = call()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    explain = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "EXPLAIN"
+    ((statement, parameters),) = statements
+    return result, " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"{explain} {statement}", parameters))
+
+
 def _customer_rows(count: int, moment: datetime) -> list[dict[str, object]]:
     """``count`` customers of one merchant, each messaged (its next turn) a second after the one before."""
     return [
@@ -499,19 +519,13 @@ def test_idle_customers_are_found_through_0018s_index_and_the_last_send_kept_unt
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")
             assert conn.scalar(sa.text("SELECT count(*) FROM customer_pacing WHERE last_sent_at IS NULL")) == 5000
-            statements: list[tuple[str, Any]] = []
-
-            def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-                statements.append((statement, parameters))
-
-            sa.event.listen(engine, "before_cursor_execute", capture)
             # 15 minutes after the 50th customer's turn: the first 50 are idle
-            forgotten = forget_idle_customers(conn, moment + timedelta(seconds=949.5), timedelta(minutes=15))
-            sa.event.remove(engine, "before_cursor_execute", capture)
+            forgotten, plan = _planned(
+                engine,
+                conn,
+                lambda: forget_idle_customers(conn, moment + timedelta(seconds=949.5), timedelta(minutes=15)),
+            )
             assert forgotten == 50
-            explain = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "EXPLAIN"
-            ((statement, parameters),) = statements
-            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"{explain} {statement}", parameters))
             assert "ix_customer_pacing_next_turn" in plan, plan
         downgrade(engine, "0017")
         assert "ix_customer_pacing_next_turn" not in {
@@ -520,5 +534,52 @@ def test_idle_customers_are_found_through_0018s_index_and_the_last_send_kept_unt
         assert "last_sent_at" not in {column["name"] for column in sa.inspect(engine).get_columns("customer_pacing")}
         with engine.connect() as conn:
             assert conn.scalar(sa.text("SELECT count(*) FROM customer_pacing")) == 4950
+    finally:
+        engine.dispose()
+
+
+def test_charge_disputes_are_read_through_0020s_index_dropped_on_downgrade(database_url: str) -> None:
+    """0020: the charge disputes (every /metrics scrape, every console queue page) are read from the status checks
+    through ``ix_actions_kind``, not from every action of the merchant or the store; a downgrade drops it. 5,000
+    orders of one action each, one of them a status check with a dispute."""
+    from service.executor.core import SWITCH_CONTRADICTS, charge_disputes
+
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 12, 7, 5, 0, tzinfo=UTC)
+    other_kinds = ("retry", "nudge", "follow_up", "webhook", "close")
+    flag = {SWITCH_CONTRADICTS: {"switch_said": "declined (do_not_honor)", "at": moment.isoformat()}}
+    rows = [
+        {
+            "merchant_id": "m_a", "order_id": f"ord_{number}",
+            "kind": "charge_status" if number == 7 else other_kinds[number % len(other_kinds)],
+            "state": "done", "due_at": moment, "planned_at": moment, "attempts": 0,
+            "idempotency_key": f"key_{number}", "created_at": moment, "updated_at": moment,
+            "payload_json": json.dumps(
+                flag | {"charge_action_id": 1, "connector": "stripe", "payment_id": "ord_7_2"} if number == 7 else {}
+            ),
+        }
+        for number in range(5000)
+    ]  # fmt: skip
+    orders = [
+        {
+            "merchant_id": "m_a", "order_id": f"ord_{number}", "state": "SUCCEEDED", "mode": "autonomous",
+            "amount": 10.0, "currency": "USD", "customer_id": "cus_1", "request_json": "{}", "failure_json": "{}",
+            "attempt_count": 2, "first_failed_at": moment, "created_at": moment, "updated_at": moment,
+        }
+        for number in range(5000)
+    ]  # fmt: skip
+    try:
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(sa.table("orders", *(sa.column(name) for name in orders[0]))), orders)
+            conn.execute(sa.insert(sa.table("actions", *(sa.column(name) for name in rows[0]))), rows)
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("ANALYZE")  # as its autovacuum would; winback never analyses a SQLite store
+            for merchant in (None, "m_a"):
+                found, plan = _planned(engine, conn, lambda merchant=merchant: charge_disputes(conn, merchant))
+                assert [(d.order_id, d.payment_id) for d in found] == [("ord_7", "ord_7_2")]
+                assert "ix_actions_kind" in plan, plan
+        downgrade(engine, "0019")
+        assert "ix_actions_kind" not in {index["name"] for index in sa.inspect(engine).get_indexes("actions")}
     finally:
         engine.dispose()

@@ -46,12 +46,12 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(BIN)/winback demo --workdir demo $(DEMO_ARGS)
 
-## lint: ruff (lint + format check), mypy on model/ and service/, import-linter contracts
+## lint: ruff (lint + format check), mypy on model/, service/ and pipelines/, import-linter contracts
 .PHONY: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy model service
+	$(BIN)/mypy model service pipelines
 	$(BIN)/lint-imports
 
 ## test: lint, then the whole test suite

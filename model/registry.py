@@ -75,6 +75,7 @@ __all__ = [
     "GSM_OVERLAY_ARTIFACT",
     "MODEL_NAME",
     "RegisteredVersion",
+    "RegistryError",
     "TrainedVersion",
     "WinbackPyfunc",
     "artifact_location_for",

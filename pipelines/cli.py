@@ -585,7 +585,7 @@ def episodes_shown(episodes: pd.DataFrame) -> pd.DataFrame:
     from pipelines.tables import figure
 
     by_policy = episodes.set_index("policy")
-    shown = by_policy.apply(
+    shown: pd.DataFrame = by_policy.apply(
         lambda column: column.map(
             str
             if column.dtype.kind != "f"

@@ -9,6 +9,7 @@ online episodes of every policy in the simulated world with common random number
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -98,9 +99,9 @@ def holdout_line(holdout: int, first_time: object, points: int, orders: int, *, 
     )
 
 
-def ope_line(max_weight: float, resamples: int, logged_stops: int | None, without_propensity: int) -> str:
-    """evaluation.md's line over the off-policy table: the clipping, the bootstrap, and which points are in it
-    (``logged_stops`` None: the history has no stops file)."""
+def ope_line(max_weight: float | None, resamples: int, logged_stops: int | None, without_propensity: int) -> str:
+    """evaluation.md's line over the off-policy table: the clipping (``max_weight`` None: none), the bootstrap, and
+    which points are in it (``logged_stops`` None: the history has no stops file)."""
 
     def are(count: int) -> str:
         return "is" if count == 1 else "are"
@@ -111,8 +112,9 @@ def ope_line(max_weight: float, resamples: int, logged_stops: int | None, withou
         else f"{count_noun(logged_stops, 'point')} where the logging policy stopped (stops file) {are(logged_stops)} "
         "in, with reward 0; "
     )
+    clipping = "Unclipped weights" if max_weight is None else f"Clipped weights at {max_weight}"
     return (
-        f"Clipped weights at {max_weight}; 95% bootstrap CIs ({count_noun(resamples, 'resample')}). {stops}"
+        f"{clipping}; 95% bootstrap CIs ({count_noun(resamples, 'resample')}). {stops}"
         f"{count_noun(without_propensity, 'point')} without a logged propensity {are(without_propensity)} left out."
     )
 
@@ -184,10 +186,11 @@ def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
 
     def cell(value: Any) -> str:
         if isinstance(value, float | np.floating):
-            if np.isnan(value):
+            number = float(value)
+            if math.isnan(number):
                 return ""
             # Four significant digits read well below 10,000; above, ".4g" turns to exponents (2.289e+04 USD).
-            return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+            return f"{number:,.0f}" if abs(number) >= 10_000 else f"{number:.4g}"
         return str(value)
 
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]

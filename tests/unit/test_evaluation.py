@@ -971,3 +971,10 @@ def test_the_holdout_s_reward_model_averages_over_fold_deals_so_the_deal_barely_
     assert spread(8) < spread(1) / 2
     with pytest.raises(ValueError, match="at least 1 repeat"):
         ev.crossfit_reward_model(logged, economics, repeats=0)
+
+
+def test_the_off_policy_line_says_when_weights_are_not_clipped() -> None:
+    from pipelines.evaluate import ope_line
+
+    assert ope_line(None, 200, None, 0).startswith("Unclipped weights; 95% bootstrap CIs (200 resamples).")
+    assert ope_line(50.0, 200, None, 0).startswith("Clipped weights at 50.0; ")

@@ -684,6 +684,11 @@ def _check_payload(charge: ActionRow) -> dict[str, Any]:
     }
 
 
+def _declined(result: ChargeResult) -> str:
+    """A decline in the words of notes and logs: ``declined (<error code>)``, or ``declined`` without one."""
+    return f"declined ({result.error_code})" if result.error_code else "declined"
+
+
 def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
     """Tell the operator that ``order`` has a charge sent and never answered, and how to answer for it."""
     log.error(
@@ -2422,7 +2427,7 @@ class Executor:
         )
         fresh = self.lock_order(conn, action.merchant_id, action.order_id)
         if fresh is not None and fresh["state"] == OrderState.PENDING:
-            declined = f"declined ({result.error_code})" if result.error_code else "declined"
+            declined = _declined(result)
             self._decision_point(conn, fresh, now, f"the {_planned_what(action)} was {declined}")
 
     @staticmethod
@@ -2796,7 +2801,7 @@ class Executor:
         elif result.status == "success":
             verdict = "charged"
         else:
-            verdict = f"declined ({result.error_code})" if result.error_code else "declined"
+            verdict = _declined(result)
         sent_at = as_utc(row["unanswered_since"])
         # Taken as never charged, it keeps when it was sent: a success its switch reports later (a status check
         # still planned, or the one more ask after "not found") is recorded as that attempt (``_charged_after_all``).
@@ -2965,7 +2970,7 @@ class Executor:
         the models learn from as that attempt, dated when it was sent, as ``_settle_unknown`` records one. The order
         is not decided again: it was when the charge was taken as never charged, and has moved on since."""
         charge = ActionRow.of(row)
-        declined = f"declined ({result.error_code})" if result.error_code else "declined"
+        declined = _declined(result)
         if not _answered_later(conn, row, declined, now):
             return  # recorded by another answer already
         sent_at = as_utc(datetime.fromisoformat(str(charge.payload[TAKEN_AS_NOT_CHARGED])))
@@ -2992,10 +2997,7 @@ class Executor:
                 f"the switch answered: payment {payment_id} not found, though an operator answered charged; asked "
                 f"once more in {NOT_FOUND_RECHECK_DELAY}"
             )
-        if result is None:
-            said = "not found (asked twice)"
-        else:
-            said = f"declined ({result.error_code})" if result.error_code else "declined"
+        said = "not found (asked twice)" if result is None else _declined(result)
         self._flag_dispute(conn, order, ActionRow.of(row), check, said, now)
         return f"disputed: an operator answered charged, the switch says payment {payment_id} {said}"
 

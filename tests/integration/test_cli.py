@@ -58,7 +58,7 @@ def test_evaluate_refuses_an_alias_no_version_has_before_any_work(
     there are; no report is written."""
     from mlflow import MlflowClient
 
-    MlflowClient(mlflow_store).create_registered_model("winback")
+    MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store).create_registered_model("winback")
     out = tmp_path / "evaluation"
     history = ["--attempts", str(small_history / "attempts.parquet"), "--nudges", str(small_history / "nudges.parquet")]
     for command in (["evaluate", *history, "--out", str(out)], ["codes", "report", *history]):

@@ -139,7 +139,8 @@ def tracking(tracking_uri: str | None = None) -> Iterator[str]:
     """Point MLflow's fluent API (runs, logging) at one store for the duration; yields the resolved URI."""
     uri = resolve_tracking_uri(tracking_uri)
     previous_tracking = mlflow.get_tracking_uri() if _tracking_uri_is_set() else None
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous_registry = _registry_uri_set()
+    previous_env = {name: os.environ.get(name) for name in _EXPORTED_URIS}
     _disable_telemetry()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -147,14 +148,28 @@ def tracking(tracking_uri: str | None = None) -> Iterator[str]:
         with _quiet_mlflow():
             yield uri
     finally:
-        # None is how MLflow spells "not set" (back to its default), though its annotations omit it.
+        # None is how MLflow spells "not set" (back to its default), though its annotations omit it. The registry's
+        # own: restored to the tracking URI before, it stayed set for every later client of the process.
         mlflow.set_tracking_uri(previous_tracking)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(previous_tracking)  # type: ignore[arg-type]
-        # set_tracking_uri exports the URI for subprocesses; do not leak it past this block.
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+        mlflow.set_registry_uri(previous_registry)  # type: ignore[arg-type]
+        # Both setters export their URI for subprocesses; neither may leak past this block (a later client, or a
+        # child process, would read the registry of this block's store).
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+#: The environment variables MLflow's URI setters export for subprocesses.
+_EXPORTED_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _registry_uri_set() -> str | None:
+    """The registry URI ``mlflow.set_registry_uri`` set in this process, None when none is."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    return registry_utils._registry_uri
 
 
 def _tracking_uri_is_set() -> bool:

@@ -318,3 +318,20 @@ def test_a_store_migration_that_fails_says_at_which_step() -> None:
         "a warning of alembic's own",
         "migrating the MLflow store sqlite:////srv/mlflow.db failed at step 2: upgrade a1 -> b2, add tags",
     ]
+
+
+def test_a_tracking_block_leaves_no_registry_behind(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``tracking(store)``, a client of another store, and a child process, use that store's registry: the
+    registry URI was left set (in the process and exported to children), and a later client registered there."""
+    import os
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with registry.tracking(store):
+        pass
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    assert mlflow.MlflowClient(tracking_uri=other)._registry_uri == other

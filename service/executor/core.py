@@ -673,6 +673,15 @@ def _answered_later(conn: sa.Connection, row: RowMapping, verdict: str, now: dat
     return bool(done == 1)
 
 
+def _plan_check_again(conn: sa.Connection, which: sa.ColumnElement[bool], due: datetime, now: datetime) -> None:
+    """Plan the dead-lettered status check ``which`` selects (it got no answer within its tries) again for ``due``."""
+    conn.execute(
+        actions.update()
+        .where(which, actions.c.state == ActionState.DEAD.value)
+        .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
+    )
+
+
 def _check_payload(charge: ActionRow) -> dict[str, Any]:
     """What a status check of ``charge`` asks about: its connector and processor payment id."""
     number = charge.payload.get("attempt_number")
@@ -2861,10 +2870,15 @@ class Executor:
         return "the charge stays as it is recorded"
 
     def _ask_switch(self, conn: sa.Connection, charge_action_id: int, due: datetime, now: datetime) -> None:
-        """Ask the switch of a charge sent and never answered what became of it (a CHARGE_STATUS action, one per
-        charge): planned for ``due``, or planned again when the last check got no answer or could not be made."""
+        """Ask the switch of a charge sent and never answered what became of it (``_ask_about``)."""
         row = conn.execute(sa.select(actions).where(actions.c.action_id == charge_action_id)).mappings().first()
-        if row is None or row["state"] != ActionState.DEAD.value or row["unanswered_since"] is None:
+        if row is not None:
+            self._ask_about(conn, row, due, now)
+
+    def _ask_about(self, conn: sa.Connection, row: RowMapping, due: datetime, now: datetime) -> None:
+        """Ask the switch what became of charge ``row``, sent and never answered (a CHARGE_STATUS action, one per
+        charge): planned for ``due``, or planned again when the last check got no answer or could not be made."""
+        if row["state"] != ActionState.DEAD.value or row["unanswered_since"] is None:
             return  # not a charge whose outcome is unknown (it never went out, or it was answered)
         charge = ActionRow.of(row)
         key = f"{charge.idempotency_key}:status"
@@ -2872,11 +2886,7 @@ class Executor:
             conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, _check_payload(charge)
         ):
             return
-        conn.execute(
-            actions.update()
-            .where(actions.c.idempotency_key == key, actions.c.state == ActionState.DEAD.value)
-            .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
-        )
+        _plan_check_again(conn, actions.c.idempotency_key == key, due, now)
 
     def _ask_again_after_not_found(self, conn: sa.Connection, charge: ActionRow, now: datetime) -> None:
         """Plan the one more status check of a charge the switch did not find (NOT_FOUND_RECHECK_DELAY from now): a
@@ -2901,13 +2911,9 @@ class Executor:
         if row is None:
             return
         if row["unanswered_since"] is not None:
-            self._ask_switch(conn, int(row["action_id"]), due, now)
+            self._ask_about(conn, row, due, now)
         elif _taken_as_not_charged(row) or _charged_by_operator(row):
-            conn.execute(
-                actions.update()
-                .where(actions.c.action_id == check.action_id, actions.c.state == ActionState.DEAD.value)
-                .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
-            )
+            _plan_check_again(conn, actions.c.action_id == check.action_id, due, now)
 
     def _resolve_from_switch(
         self, conn: sa.Connection, order: RowMapping, check: ActionRow, result: ChargeResult | None, now: datetime

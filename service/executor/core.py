@@ -698,6 +698,24 @@ def _declined(result: ChargeResult) -> str:
     return f"declined ({result.error_code})" if result.error_code else "declined"
 
 
+def _note_last_failure(conn: sa.Connection, charge: ActionRow, result: ChargeResult, now: datetime) -> None:
+    """Keep ``result``, a decline of ``charge``, as its order's last failure (``orders.failure_json``: the failure
+    of the order's decision requests, and the error class the console shows)."""
+    failure = {
+        "connector": result.connector,
+        "error_code": result.error_code,
+        "error_message": result.error_message,
+        "network_decline_code": result.network_decline_code,
+        "merchant_advice_code": result.merchant_advice_code,
+        "unified_code": result.unified_code,
+    }
+    conn.execute(
+        orders.update()
+        .where(orders.c.merchant_id == charge.merchant_id, orders.c.order_id == charge.order_id)
+        .values(failure_json=_dump(failure), updated_at=now)
+    )
+
+
 def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
     """Tell the operator that ``order`` has a charge sent and never answered, and how to answer for it."""
     log.error(
@@ -2421,19 +2439,7 @@ class Executor:
                 return
             self._succeed(conn, order, txn_id, attempted_at or now, now)
             return
-        failure = {
-            "connector": result.connector,
-            "error_code": result.error_code,
-            "error_message": result.error_message,
-            "network_decline_code": result.network_decline_code,
-            "merchant_advice_code": result.merchant_advice_code,
-            "unified_code": result.unified_code,
-        }
-        conn.execute(
-            orders.update()
-            .where(orders.c.merchant_id == action.merchant_id, orders.c.order_id == action.order_id)
-            .values(failure_json=_dump(failure), updated_at=now)
-        )
+        _note_last_failure(conn, action, result, now)
         fresh = self.lock_order(conn, action.merchant_id, action.order_id)
         if fresh is not None and fresh["state"] == OrderState.PENDING:
             declined = _declined(result)
@@ -2973,14 +2979,27 @@ class Executor:
 
     def _declined_after_all(self, conn: sa.Connection, row: RowMapping, result: ChargeResult, now: datetime) -> None:
         """A charge taken as never charged that its switch now reports declined: the decline goes into the history
-        the models learn from as that attempt, dated when it was sent, as ``_settle_unknown`` records one. The order
-        is not decided again: it was when the charge was taken as never charged, and has moved on since."""
+        the models learn from as that attempt, dated when it was sent, as ``_settle_unknown`` records one, and is the
+        order's last failure unless a charge made since failed later. The order is not decided again: it was when
+        the charge was taken as never charged, and has moved on since."""
         charge = ActionRow.of(row)
         declined = _declined(result)
         if not _answered_later(conn, row, declined, now):
             return  # recorded by another answer already
         sent_at = as_utc(datetime.fromisoformat(str(charge.payload[TAKEN_AS_NOT_CHARGED])))
-        self._insert_attempt(conn, charge, result, sent_at)
+        _, txn_id = self._insert_attempt(conn, charge, result, sent_at)
+        # The order's last failure (what its next decision and the console read) is this decline, unless a charge
+        # made since (decided again after "not charged") failed later: that one stays the last.
+        later = conn.execute(
+            sa.select(transactions.c.status).where(
+                transactions.c.merchant_id == charge.merchant_id,
+                transactions.c.order_id == charge.order_id,
+                transactions.c.txn_id != txn_id,
+                transactions.c.created_at > sent_at,
+            )
+        ).scalars()
+        if all(_attempt_status(status) == "success" for status in later):
+            _note_last_failure(conn, charge, result, now)
 
     def _answer_after_charged(
         self,

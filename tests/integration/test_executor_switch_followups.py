@@ -30,7 +30,7 @@ from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, charge
 from service.executor.links import LinkError
 from service.executor.metrics import ChargeDisputesCollector
 from service.executor.sandbox import start_sandbox
-from service.executor.store import actions
+from service.executor.store import actions, orders
 from tests.integration.test_console import PASSWORD, Console, _rows
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
@@ -50,7 +50,8 @@ MakeHarness = Callable[..., Harness]
 
 @dataclass
 class FullSwitch:
-    """A payment switch: charges once per idempotency key (``statuses`` in turn, then ``succeeded``), answers a
+    """A payment switch: charges once per idempotency key (``statuses`` in turn, then ``succeeded``; ``failed`` is
+    declined ``do_not_honor``, ``failed:<code>`` with that code), answers a
     payment's status by its id, refunds a succeeded payment once per key.
 
     ``lose_answers``: a charge is made and its answer times out; ``drop_charges``: a charge times out before the
@@ -89,10 +90,10 @@ class FullSwitch:
             raise httpx.ReadTimeout("read timed out", request=request)
         key = request.headers["Idempotency-Key"]
         if key not in self.keys:
-            status = self.statuses.pop(0) if self.statuses else "succeeded"
+            status, _, code = (self.statuses.pop(0) if self.statuses else "succeeded").partition(":")
             answer: dict[str, Any] = {"status": status, "connector": body["connector"]}
             if status == "failed":
-                answer |= {"error_code": "do_not_honor", "network_decline_code": "05"}
+                answer |= {"error_code": code or "do_not_honor", "network_decline_code": "05"}
             self.keys[key] = body["payment_id"]
             self.payments[body["payment_id"]] = answer
         if self.lose_answers:
@@ -781,6 +782,7 @@ def test_a_decline_found_after_an_operators_not_charged_is_recorded_as_that_atte
         (2, "failure", "do_not_honor"),
     ]
     assert view.attempts[1].created_at == sent_at
+    assert last_failure_code(h) == "do_not_honor"  # the order's last failure, as its next decision reads it
     assert len(view.decisions) == decided  # not decided again: its payment link is out
     assert view.state == "PENDING"
     assert len(h.outbox) == 1
@@ -790,6 +792,35 @@ def test_a_decline_found_after_an_operators_not_charged_is_recorded_as_that_atte
     assert len(h.view().attempts) == 2  # recorded once
     assert list(switch.payments) == ["ord_1_2"]
     assert of_kind(h, "refund") == []
+
+
+def last_failure_code(h: Harness) -> str | None:
+    """The error code of the order's last failure (``orders.failure_json``: its decision requests' failure)."""
+    with h.executor.engine.connect() as conn:
+        stored = conn.scalar(sa.select(orders.c.failure_json).where(orders.c.order_id == "ord_1"))
+    return json.loads(stored)["error_code"]
+
+
+def test_a_decline_found_late_is_not_the_last_failure_when_a_charge_made_since_failed_later(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """After the operator's "not charged" the order's next retry (ord_1_3) is declined insufficient_funds; the check
+    then finds ord_1_2 declined: recorded as attempt 2, dated when it was sent, and the later decline stays the
+    order's last failure."""
+    switch = FullSwitch(statuses=["failed", "failed:insufficient_funds"])
+    h = lost_charge(make_harness, database_url, switch, RETRY, {"action": "stop"})
+    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=False)
+    h.drain()  # decided again: ord_1_3 is declined, then a stop
+    assert last_failure_code(h) == "insufficient_funds"
+    run_for(h, 120)  # the check asks: ord_1_2 declined
+    view = h.view()
+    assert [(a.attempt_number, a.error_code) for a in view.attempts] == [
+        (1, "processing_error"),
+        (2, "do_not_honor"),
+        (3, "insufficient_funds"),
+    ]
+    assert last_failure_code(h) == "insufficient_funds"
 
 
 # ------------------------------------------------------------------------------- 7. a check that cannot be asked

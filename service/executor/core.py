@@ -682,6 +682,42 @@ def _plan_check_again(conn: sa.Connection, which: sa.ColumnElement[bool], due: d
     )
 
 
+def _status_check_keys(charge_key: str) -> tuple[str, str]:
+    """The idempotency keys of the status checks of the charge whose key is ``charge_key``: the first ask
+    (``_ask_about``) and the one more ask after "not found" (``_ask_again_after_not_found``)."""
+    return f"{charge_key}:status", f"{charge_key}:status:again"
+
+
+def _charge_key_of_check(check_key: str) -> str:
+    """The idempotency key of the charge a status check whose key is ``check_key`` asks about."""
+    return check_key.removesuffix(":again").removesuffix(":status")
+
+
+def _refund_key(charge_key: str) -> str:
+    """The idempotency key of the refund of the charge whose key is ``charge_key`` (``_refund_duplicate``)."""
+    return f"{charge_key}:refund"
+
+
+def _switch_disputes(conn: sa.Connection, charge_key: str) -> str | None:
+    """What the switch said against an operator's "charged" for the charge whose key is ``charge_key`` (flagged on
+    one of its status checks: ``SWITCH_CONTRADICTS``), or None when it has not contradicted it."""
+    for payload_json in conn.scalars(
+        sa.select(actions.c.payload_json).where(actions.c.idempotency_key.in_(_status_check_keys(charge_key)))
+    ):
+        flag = orjson.loads(payload_json or "{}").get(SWITCH_CONTRADICTS)
+        if isinstance(flag, dict):
+            return str(flag.get("switch_said"))
+    return None
+
+
+def _nothing_to_refund(payment_id: object, said: str) -> str:
+    """Why the refund of a disputed charge is not sent: the switch says it never took the money."""
+    return (
+        f"not sent: the switch says payment {payment_id} was never charged ({said}), against an operator's "
+        '"charged" (a charge dispute): there is nothing to give back'
+    )
+
+
 def _check_payload(charge: ActionRow) -> dict[str, Any]:
     """What a status check of ``charge`` asks about: its connector and processor payment id."""
     number = charge.payload.get("attempt_number")
@@ -742,6 +778,9 @@ class ChargeDispute:
     payment_id: str
     switch_said: str
     flagged_at: datetime
+    #: The order succeeded on this charge (its merchant was told so on the operator's word); False: it was settled
+    #: before the operator's answer, and the charge was a duplicate whose refund is not sent.
+    settled_by_it: bool = True
 
 
 def charge_disputes(
@@ -750,7 +789,13 @@ def charge_disputes(
     """The charges disputed by their switch after an operator's "charged" (a merchant's, or one order's), oldest
     first. Status checks are few (one or two per charge sent and never answered), so their payloads are read here."""
     query = sa.select(
-        actions.c.action_id, actions.c.merchant_id, actions.c.order_id, actions.c.payload_json, orders.c.state
+        actions.c.action_id,
+        actions.c.merchant_id,
+        actions.c.order_id,
+        actions.c.idempotency_key,
+        actions.c.payload_json,
+        orders.c.state,
+        orders.c.success_txn_id,
     ).join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
     query = query.where(
         actions.c.kind == ActionKind.CHARGE_STATUS.value, actions.c.payload_json.contains(SWITCH_CONTRADICTS)
@@ -776,6 +821,7 @@ def charge_disputes(
                 payment_id=str(payload.get("payment_id")),
                 switch_said=str(flag["switch_said"]),
                 flagged_at=as_utc(datetime.fromisoformat(str(flag["at"]))),
+                settled_by_it=row.success_txn_id == txn_id_for(_charge_key_of_check(row.idempotency_key)),
             )
         )
     return found
@@ -2333,6 +2379,8 @@ class Executor:
                 channel = str(action.payload.get("channel"))
                 nudge_id = nudge_id_for(action.idempotency_key)
                 self._record_unsent(conn, order, action, NotSent(nudge_id, channel, PAYMENT_LINK_TEMPLATE, error), now)
+        elif action.kind == ActionKind.REFUND and self._disputed_refund_dropped(conn, action, error, now):
+            pass
         elif action.kind == ActionKind.REFUND:
             log.error(
                 "the refund of payment %s, charged on order %s after it was settled, was not made: %s; refund it "
@@ -2371,6 +2419,28 @@ class Executor:
             # (``_resolve_from_switch``); until an answer comes, the order's window-end CLOSE waits for it, and an
             # operator can answer instead (resolve-charge).
             self._ask_switch(conn, action.action_id, now + STATUS_CHECK_DELAY, now)
+
+    def _disputed_refund_dropped(self, conn: sa.Connection, refund: ActionRow, error: str, now: datetime) -> bool:
+        """A refund the switch refused whose charge it has since disputed (an operator answered "charged", the
+        switch says it never was: ``_flag_dispute``): nothing was taken, so there is nothing to refund by hand. The
+        refund is cancelled with both reasons (the switch's refusal kept); True when it was so disputed."""
+        charge_key = refund.idempotency_key.removesuffix(":refund")
+        said = _switch_disputes(conn, charge_key)
+        if said is None:
+            return False
+        note = f"{error}; {_nothing_to_refund(refund.payload.get('payment_id'), said)}"
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == refund.action_id)
+            .values(state=ActionState.CANCELLED.value, last_error=note, updated_at=now)
+        )
+        log.warning(
+            "the refund of payment %s was refused and is not needed: %s",
+            refund.payload.get("payment_id"),
+            note,
+            extra={"merchant_id": refund.merchant_id, "order_id": refund.order_id, "kind": refund.kind},
+        )
+        return True
 
     def _retry_failed_to_go_out(
         self,
@@ -2887,7 +2957,7 @@ class Executor:
         if row["state"] != ActionState.DEAD.value or row["unanswered_since"] is None:
             return  # not a charge whose outcome is unknown (it never went out, or it was answered)
         charge = ActionRow.of(row)
-        key = f"{charge.idempotency_key}:status"
+        key, _ = _status_check_keys(charge.idempotency_key)
         if self._schedule(
             conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, _check_payload(charge)
         ):
@@ -2900,7 +2970,7 @@ class Executor:
         id again. One per charge (its key), whichever check's "not found" planned it: the one that took the charge as
         never charged, or one still planned when an operator answered "not charged" or "charged" (then the one more
         "not found" contradicts them)."""
-        key = f"{charge.idempotency_key}:status:again"
+        _, key = _status_check_keys(charge.idempotency_key)
         payload = _check_payload(charge) | {AFTER_NOT_FOUND: True}
         due = now + NOT_FOUND_RECHECK_DELAY
         self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, payload)
@@ -3031,19 +3101,27 @@ class Executor:
     ) -> None:
         """Flag on ``check`` that its switch contradicts an operator's "charged" (``said``; /metrics counts these
         flags: service/executor/metrics.py) and log it as an error. The order keeps its state: its merchant had the
-        ``order.succeeded`` webhook (or, on an order settled before, a refund was planned) on the operator's word,
-        and CONTRACT.md has no event that takes a webhook back; someone must take it up with the merchant
-        (``winback executor charge-disputes`` lists them)."""
+        ``order.succeeded`` webhook on the operator's word, and CONTRACT.md has no event that takes a webhook back;
+        someone must take it up with the merchant (``winback executor charge-disputes`` lists them). On an order
+        settled before the operator's answer, the refund planned for the charge is not sent: there is nothing to
+        give back (``_drop_refund_of_disputed``)."""
         flag = {"switch_said": said, "operator_said": "charged", "at": now.isoformat()}
         conn.execute(
             actions.update()
             .where(actions.c.action_id == check.action_id)
             .values(payload_json=_dump(check.payload | {SWITCH_CONTRADICTS: flag}))
         )
+        self._drop_refund_of_disputed(conn, charge, said, now)
+        if order["success_txn_id"] == txn_id_for(charge.idempotency_key):
+            consequence = "the order was settled on the operator's word: take it up with the merchant"
+        else:
+            consequence = (
+                "the order was settled before, and the refund planned for this payment is not sent; its history "
+                "records a payment the switch does not have: check it"
+            )
         log.error(
             "charge disputed: merchant %s, order %s (%s), payment %s via connector %r: an operator answered "
-            "charged (charge action %s), the switch says %s; the order was settled on the operator's word: take "
-            "it up with the merchant (`winback executor charge-disputes`)",
+            "charged (charge action %s), the switch says %s; %s (`winback executor charge-disputes`)",
             charge.merchant_id,
             charge.order_id,
             order["state"],
@@ -3051,7 +3129,30 @@ class Executor:
             check.payload.get("connector"),
             charge.action_id,
             said,
+            consequence,
             extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
+        )
+
+    @staticmethod
+    def _drop_refund_of_disputed(conn: sa.Connection, charge: ActionRow, said: str, now: datetime) -> None:
+        """The refund planned for disputed ``charge`` (on an order settled before the operator's "charged"), when it
+        is still to be sent or was refused by the switch: cancelled, saying why (``_nothing_to_refund``). One being
+        sent now is cancelled when its answer is recorded (``_disputed_refund_dropped``) or at its next try
+        (``refund_held``)."""
+        row = (
+            conn.execute(sa.select(actions).where(actions.c.idempotency_key == _refund_key(charge.idempotency_key)))
+            .mappings()
+            .first()
+        )
+        if row is None or row["state"] not in (ActionState.SCHEDULED.value, ActionState.DEAD.value):
+            return
+        note = _nothing_to_refund(ActionRow.of(row).payload.get("payment_id"), said)
+        if row["state"] == ActionState.DEAD.value:
+            note = f"{row['last_error'] or ''}; {note}".lstrip("; ")
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == row["action_id"], actions.c.state == row["state"])
+            .values(state=ActionState.CANCELLED.value, claim_token=None, last_error=note, updated_at=now)
         )
 
     def _charged_after_all(
@@ -3083,7 +3184,7 @@ class Executor:
         or the merchant; or failed, its webhook sent): the customer must not pay twice, and the merchant has its one
         webhook already. One REFUND action per charge (its idempotency key derives from the charge's, so the switch
         refunds once however often it is asked); its id."""
-        key = f"{charge.idempotency_key}:refund"
+        key = _refund_key(charge.idempotency_key)
         payload = {
             "charge_action_id": charge.action_id,
             "connector": charge.payload.get("connector"),
@@ -3097,6 +3198,37 @@ class Executor:
         self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.REFUND, now, key, now, payload)
         found = conn.scalar(sa.select(actions.c.action_id).where(actions.c.idempotency_key == key))
         return None if found is None else int(found)
+
+    def refund_held(self, refund: ActionRow) -> Defer | Skip | None:
+        """Whether the refund of a duplicate charge waits, or is not sent (None: it goes now). A charge recorded as
+        charged on an operator's word alone may never have been taken: while a status check of it is still to ask
+        the switch, its refund waits for that answer (a refund of a payment the switch never took is refused, and
+        was dead-lettered for an operator to refund by hand money nobody took); once the switch has contradicted the
+        operator (``_flag_dispute``) it is not sent. A charge the switch itself answered for, or one it cannot be
+        asked about (its check dead-lettered), is refunded on the answer that stands."""
+        now = self.clock()
+        charge_key = refund.idempotency_key.removesuffix(":refund")
+        payment_id = refund.payload.get("payment_id")
+        with self.engine.connect() as conn:
+            charge = conn.execute(sa.select(actions).where(actions.c.idempotency_key == charge_key)).mappings().first()
+            if charge is None or not _charged_by_operator(charge):
+                return None
+            said = _switch_disputes(conn, charge_key)
+            if said is not None:
+                return Skip(_nothing_to_refund(payment_id, said))
+            asking = conn.scalar(
+                sa.select(sa.func.min(actions.c.due_at)).where(
+                    actions.c.idempotency_key.in_(_status_check_keys(charge_key)),
+                    actions.c.state.in_(OPEN_ACTION_STATES),
+                )
+            )
+        if asking is None:
+            return None
+        return Defer(
+            max(as_utc(asking), now + RECHECK),
+            f"waits for the switch's status of payment {payment_id}: it was recorded as charged on an operator's "
+            "word, and is given back once the switch confirms it took it",
+        )
 
     def _record_refund(self, conn: sa.Connection, action: ActionRow, refunded: Refunded, now: datetime) -> None:
         """Note on the refund action (shown in the order view) that the switch took the refund."""

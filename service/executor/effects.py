@@ -455,7 +455,11 @@ class Effects:
         )
 
     def _refund(self, action: ActionRow, order: RowMapping) -> Outcome:
-        """Give back a charge that succeeded on an order already settled, through the connector that took it."""
+        """Give back a charge that succeeded on an order already settled, through the connector that took it (one
+        charged on an operator's word waits for its switch to confirm it: ``Executor.refund_held``)."""
+        held = self.executor.refund_held(action)
+        if held is not None:
+            return held
         request = RefundRequest(
             idempotency_key=action.idempotency_key,
             merchant_id=action.merchant_id,

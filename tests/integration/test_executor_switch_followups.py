@@ -26,7 +26,7 @@ from service.console.auth import add_agent
 from service.console.routes import build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.executor.connectors import CircuitBreaker, HttpConnector
-from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, charge_disputes
+from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, Permanent, charge_disputes
 from service.executor.links import LinkError
 from service.executor.metrics import ChargeDisputesCollector
 from service.executor.sandbox import start_sandbox
@@ -112,6 +112,10 @@ class FullSwitch:
     def _refund(self, request: httpx.Request, payment_id: str) -> httpx.Response:
         if self.refund_answers:
             return httpx.Response(self.refund_answers.pop(0), json={"error": {"code": "refused"}})
+        if payment_id not in self.payments:  # as the sandbox switch: nothing to give back
+            return httpx.Response(404, json={"error": {"code": "payment_not_found"}})
+        if self.payments[payment_id]["status"] != "succeeded":
+            return httpx.Response(422, json={"error": {"code": "payment_not_succeeded"}})
         key = request.headers["Idempotency-Key"]
         if key not in self.refunds:
             body = json.loads(request.content)
@@ -692,6 +696,7 @@ def test_a_decline_found_after_an_operators_charged_is_flagged_logged_and_counte
         "declined (do_not_honor)",
     )
     assert dispute.charge_action_id == retry_id
+    assert dispute.settled_by_it  # the merchant was told the order succeeded on this charge
     run_for(h, 3600 * 3, step=600)  # nothing more: no second webhook, no charge, no refund, flagged once
     assert h.view().state == "SUCCEEDED"
     assert webhook_events(h) == ["order.succeeded"]
@@ -735,6 +740,97 @@ def test_a_charge_an_operator_answered_charged_that_the_switch_does_not_find_twi
     assert h.view().state == "SUCCEEDED"
     assert webhook_events(h) == ["order.succeeded"]
     assert of_kind(h, "refund") == []
+
+
+def charged_by_an_operator_on_an_order_paid_before(
+    build: MakeHarness, database_url: str, switch: FullSwitch
+) -> Harness:
+    """The merchant reports the order paid while its retry's charge (ord_1_2) is unknown; an operator then answers
+    "charged": a duplicate, whose refund is planned, before the status check planned at the dead-letter has asked."""
+    h = lost_charge(build, database_url, switch)
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    assert h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True) == "SUCCEEDED"
+    assert [a.state for a in of_kind(h, "refund")] == ["scheduled"]
+    return h
+
+
+def refund_calls(switch: FullSwitch) -> list[tuple[str, str]]:
+    return [call for call in switch.calls if call[1].endswith("/refunds")]
+
+
+@pytest.mark.parametrize("switch_says", ["declined", "not_found"])
+def test_the_refund_of_a_charge_the_switch_disputes_is_never_sent_and_says_why(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    switch_says: str,
+) -> None:
+    """The refund planned on the operator's "charged" waits for the status check; the switch then says the payment
+    was declined, or does not find it twice: the refund is never sent (nothing was taken) and ends cancelled saying
+    why, and no operator is told to refund by hand money nobody took."""
+    switch = FullSwitch(statuses=["failed"]) if switch_says == "declined" else FullSwitch(drop_charges=True)
+    h = charged_by_an_operator_on_an_order_paid_before(make_harness, database_url, switch)
+    wait = 120 if switch_says == "declined" else int(NOT_FOUND_RECHECK_DELAY.total_seconds()) + 300
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        run_for(h, wait, step=60)
+        run_for(h, 3600 * 2, step=600)
+    said = "declined (do_not_honor)" if switch_says == "declined" else "not found (asked twice)"
+    assert [(d.switch_said, d.settled_by_it) for d in disputes_of(h)] == [(said, False)]
+    [refund] = of_kind(h, "refund")
+    assert refund.state == "cancelled", refund
+    assert f"not sent: the switch says payment ord_1_2 was never charged ({said})" in (refund.last_error or "")
+    assert refund_calls(switch) == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "refund it by hand" in m], messages
+    [flagged] = [m for m in messages if "charge disputed" in m]
+    assert "the refund planned for this payment is not sent" in flagged
+    assert (h.view().state, h.view().success_txn_id) == ("SUCCEEDED", "txn_ext")
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+def test_the_refund_of_a_charge_an_operator_answered_for_goes_once_the_switch_confirms_it(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The switch confirms the operator's "charged": the refund that waited for its answer is sent then, once."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = charged_by_an_operator_on_an_order_paid_before(make_harness, database_url, switch)
+    h.drain()
+    [waiting] = of_kind(h, "refund")
+    assert (waiting.state, waiting.attempts) == ("scheduled", 0), waiting
+    assert "waits for the switch's status of payment ord_1_2" in (waiting.last_error or "")
+    assert refund_calls(switch) == []
+    run_for(h, 300, step=30)
+    assert "succeeded, as an operator answered" in (of_kind(h, "charge_status")[0].last_error or "")
+    assert [a.state for a in of_kind(h, "refund")] == ["done"]
+    assert switch.calls.index(("GET", "/v1/payments/ord_1_2")) < switch.calls.index(refund_calls(switch)[0])
+    assert switch.refunded() == ["ord_1_2"]
+    assert disputes_of(h) == []
+
+
+def test_a_refund_refused_as_its_charge_is_found_disputed_is_cancelled_not_left_for_a_refund_by_hand(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker had the refund out when the check found the dispute (it had found no check still to ask): the
+    switch's refusal, recorded after the dispute, cancels the refund with both reasons instead of a refund by hand.
+    """
+    switch = FullSwitch(statuses=["failed"])
+    h = charged_by_an_operator_on_an_order_paid_before(make_harness, database_url, switch)
+    claimed = h.executor.claim(10, 600, "w1", "out-with-the-switch")  # the refund is due at once; a long lease
+    refund = next(action for action in claimed if action.kind == "refund")
+    run_for(h, 120)  # the check asks: ord_1_2 declined, disputed, while the refund is out
+    assert [a.state for a in of_kind(h, "refund")] == ["claimed"]
+    refused = Permanent("connector 'adyen' refused the refund of payment 'ord_1_2' with HTTP 422")
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        h.worker.record([(refund, refused)])
+    [after] = of_kind(h, "refund")
+    assert after.state == "cancelled", after
+    assert "refused the refund of payment 'ord_1_2' with HTTP 422; not sent: the switch says payment ord_1_2 " + (
+        "was never charged (declined (do_not_honor))"
+    ) in (after.last_error or "")
+    assert not [r for r in caplog.records if "refund it by hand" in r.getMessage()]
 
 
 def test_a_check_after_an_operators_charged_that_gets_no_answer_is_asked_again_hourly(

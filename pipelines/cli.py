@@ -417,33 +417,83 @@ def executor_resolve_charge(
 @executor_app.command("charge-disputes")
 def executor_charge_disputes(
     merchant: Annotated[str | None, typer.Option("--merchant", help="Only this merchant's (default: all).")] = None,
+    resolve: Annotated[
+        str | None,
+        typer.Option(
+            "--resolve",
+            metavar="ORDER_ID",
+            help="Mark the order's open disputes as dealt with (with --note; --merchant when another merchant has an "
+            "order of that id).",
+        ),
+    ] = None,
+    note: Annotated[
+        str | None,
+        typer.Option("--note", help='With --resolve: what was done, e.g. "fulfilment held, customer charged by hand".'),
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option("--by", help="With --resolve: who dealt with it (default: your user name).")
+    ] = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List the disputes dealt with too, with who, when and their note.")
+    ] = False,
     database_url: Annotated[
         str | None,
         typer.Option("--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db)."),
     ] = None,
 ) -> None:
-    """List the charges recorded as charged on an operator's word (resolve-charge --charged, or the console) that
-    their switch then reported declined, or not found twice: the merchant was told the order succeeded on money
-    the switch does not have, so each needs taking up with the merchant."""
+    """List the open charge disputes: charges recorded as charged on an operator's word (resolve-charge --charged,
+    or the console) that their switch then reported declined, or not found twice. The merchant was told the order
+    succeeded on money the switch does not have (or, on an order paid before, its history records a payment that
+    was not made), so each needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with."""
+    import getpass
     import os
 
-    from service.executor.core import ChargeResolutionError
-    from service.executor.worker import list_charge_disputes
+    from service.executor.core import ChargeResolutionError, DisputeResolutionError
+    from service.executor.worker import list_charge_disputes, resolve_charge_dispute
 
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    if resolve is None and (note is not None or by is not None):
+        raise fail("--note and --by go with --resolve ORDER_ID")
+    if resolve is not None:
+        if note is None:
+            raise fail('--resolve needs --note saying what was done, e.g. "fulfilment held, customer charged by hand"')
+        if by is None or not by.strip():
+            try:
+                by = getpass.getuser()
+            except (KeyError, OSError):  # no user name in the environment or the password database
+                raise fail("name who dealt with it: --by NAME") from None
+        who = f"operator {by.strip()}"
+        try:
+            resolved = resolve_charge_dispute(url, resolve, note, who, merchant)
+        except (ChargeResolutionError, DisputeResolutionError, ValueError) as exc:
+            raise fail(str(exc)) from None
+        for dispute in resolved:
+            typer.echo(
+                f"{dispute.merchant_id} {dispute.order_id}: the dispute of payment {dispute.payment_id} "
+                f"({dispute.switch_said}) is marked dealt with by {dispute.resolved_by}: {dispute.resolution_note}"
+            )
+        return
     try:
         found = list_charge_disputes(url, merchant)
     except (ChargeResolutionError, ValueError) as exc:
         raise fail(str(exc)) from None
+    shown = found if show_all else [dispute for dispute in found if dispute.open]
     if not found:
         typer.echo("no charge disputed by its switch after an operator's answer")
         return
-    for dispute in found:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
-        typer.echo(
+    if not shown:
+        typer.echo(f"no charge dispute open ({count_noun(len(found), 'dispute')} dealt with: --all lists them)")
+        return
+    for dispute in shown:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
+        line = (
             f"{dispute.merchant_id} {dispute.order_id} ({dispute.order_state}): payment {dispute.payment_id} via "
             f"{dispute.connector}: an operator said charged (charge action {dispute.charge_action_id}), the switch "
             f"says {dispute.switch_said}; flagged {dispute.flagged_at.isoformat()}"
         )
+        if not dispute.open:
+            when = dispute.resolved_at.isoformat() if dispute.resolved_at else ""
+            line += f"; dealt with by {dispute.resolved_by} at {when}: {dispute.resolution_note}"
+        typer.echo(line)
 
 
 @executor_app.command("callback-url")

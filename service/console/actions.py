@@ -32,8 +32,10 @@ from service.executor.core import (
     CHARGE_KINDS,
     AgentQueueError,
     ChargeResolutionError,
+    DisputeResolutionError,
     Executor,
     OrderNotFoundError,
+    resolve_charge_disputes,
 )
 from service.executor.store import OPEN_ORDER_STATES, ActionState, OrderState, actions, agent_queue, orders
 
@@ -43,6 +45,8 @@ AgentAction = Literal["approve", "send_link", "retry", "stop", "override"]
 AGENT_ACTIONS: tuple[str, ...] = ("approve", "send_link", "retry", "stop", "override")
 #: Recorded in the audit log when an agent answers for a charge that was sent and never answered.
 RESOLVE_CHARGE = "resolve_charge"
+#: Recorded in the audit log when an agent marks a charge dispute as dealt with.
+RESOLVE_DISPUTE = "resolve_dispute"
 AGENT_MODEL_VERSION = "agent"
 MAX_REASON_LENGTH = 1000
 
@@ -220,7 +224,7 @@ class AgentDesk:
                 order_id=order_id,
                 agent_id=agent.agent_id,
                 agent_name=agent.name,
-                action=ask.action if ask.action in (*AGENT_ACTIONS, RESOLVE_CHARGE) else "unknown",
+                action=ask.action if ask.action in (*AGENT_ACTIONS, RESOLVE_CHARGE, RESOLVE_DISPUTE) else "unknown",
                 detail=detail[:2000],
                 reason=ask.reason.strip()[:MAX_REASON_LENGTH] or None,
                 result=result,
@@ -450,13 +454,7 @@ class AgentDesk:
         verdict = "charged" if charged else "not charged"
         ask = ActionRequest(action=RESOLVE_CHARGE, reason=reason)
         with self.executor.engine.begin() as conn:
-            order = conn.scalar(
-                sa.select(orders.c.state).where(
-                    orders.c.merchant_id == agent.merchant_id, orders.c.order_id == order_id
-                )
-            )
-            if order is None:
-                raise UnknownOrderError(f"order {order_id!r} is not known")
+            order = _order_state(conn, agent, order_id)
             in_range = 0 < action_id < 2**63  # a larger id is no action (and no database takes it)
             row = conn.execute(
                 sa.select(actions.c.kind, actions.c.payload_json, actions.c.state, actions.c.unanswered_since).where(
@@ -506,6 +504,37 @@ class AgentDesk:
         )
         return ActionResult("done", message, state=state)
 
+    def resolve_dispute(self, agent: Agent, order_id: str, check_action_id: int, note: str) -> ActionResult:
+        """Mark the charge dispute flagged on status check ``check_action_id`` of ``order_id`` as dealt with, with
+        the agent's ``note`` saying what was done (``resolve_charge_disputes``): the order leaves the queue's first
+        place and the open count on /metrics, and keeps the dispute on its page with who, when and the note. The
+        resolution and its audit row are written in one transaction; a refusal (no note, no such dispute on this
+        order, dealt with already) writes the audit row alone. UnknownOrderError when the agent's merchant has no
+        such order."""
+        now = self.clock()
+        ask = ActionRequest(action=RESOLVE_DISPUTE, reason=note)
+        with self.executor.engine.begin() as conn:
+            state = _order_state(conn, agent, order_id)
+            detail = f"charge dispute on status check {check_action_id}: marked as dealt with"
+            try:
+                [dispute] = resolve_charge_disputes(
+                    conn, agent.merchant_id, order_id, f"agent {agent.name}", note, now, check_action_id=check_action_id
+                )
+            except DisputeResolutionError as exc:
+                self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
+                return ActionResult("refused", str(exc), state=state)
+            detail = (
+                f"charge dispute of payment {dispute.payment_id} via {dispute.connector} (the switch says "
+                f"{dispute.switch_said}): marked as dealt with"
+            )
+            message = f"Marked as dealt with: the dispute of payment {dispute.payment_id} is no longer open"
+            self._audit(conn, agent, order_id, ask, detail, "done", now, message=message)
+        log.warning(
+            "agent marked a charge dispute as dealt with",
+            extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name},
+        )
+        return ActionResult("done", message, state=state)
+
     def _settle(self, audit_id: int, result: str, message: str) -> None:
         with self.executor.engine.begin() as conn:
             conn.execute(
@@ -545,6 +574,16 @@ class AgentDesk:
             ],
             rules_applied=list(request_rules),
         )
+
+
+def _order_state(conn: sa.Connection, agent: Agent, order_id: str) -> str:
+    """The state of the agent's merchant's order ``order_id``; UnknownOrderError when it has no such order."""
+    state = conn.scalar(
+        sa.select(orders.c.state).where(orders.c.merchant_id == agent.merchant_id, orders.c.order_id == order_id)
+    )
+    if state is None:
+        raise UnknownOrderError(f"order {order_id!r} is not known")
+    return str(state)
 
 
 def _order_row(conn: sa.Connection, merchant_id: str, order_id: str) -> sa.RowMapping | None:

@@ -541,6 +541,7 @@ def _order_path(order_id: str) -> str:
 @router.get("/logout", response_class=HTMLResponse)
 @router.get("/orders/{order_id}/actions", response_class=HTMLResponse)
 @router.get("/orders/{order_id}/charges/{action_id}", response_class=HTMLResponse)
+@router.get("/orders/{order_id}/disputes/{check_action_id}", response_class=HTMLResponse)
 async def form_address(request: Request) -> Response:
     """A form's address opened as a page (bookmarked or typed, or sign-in's way back after a session ended): the
     page the form was on, not a bare 405."""
@@ -676,6 +677,26 @@ async def charge_answer(
         return desk.resolve_charge(on.session.agent, order_id, action_id, answer == "charged", reason)
 
     return await _carry_out(on, form, resolve)
+
+
+@router.post("/orders/{order_id}/disputes/{check_action_id}", response_class=HTMLResponse)
+async def dispute_resolution(
+    order_id: str,
+    check_action_id: int,
+    request: Request,
+    console: ConsoleDep,
+    executor: ExecutorDep,
+    runtime: RuntimeDep,
+) -> Response:
+    """Mark a charge dispute of the order (flagged on status check ``check_action_id``) as dealt with (form:
+    ``note``, what was done; required)."""
+    posted = await _order_post(order_id, request, console, executor, runtime)
+    if isinstance(posted, Response):
+        return posted
+    on, form = posted
+    desk = AgentDesk(executor.executor, runtime.catalog)
+    note = form.get("note", "")
+    return await _carry_out(on, form, lambda: desk.resolve_dispute(on.session.agent, order_id, check_action_id, note))
 
 
 def _period(days: str) -> int:

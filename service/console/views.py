@@ -265,14 +265,15 @@ def load_queue(
     engine: Engine, catalog: ErrorCatalog, merchant_id: str, chosen: QueueFilter, now: datetime, limit: int = 200
 ) -> Queue:
     """The merchant's open orders, and settled ones with a charge never answered (the customer may have paid
-    twice) or a charge its switch disputes (charged on an operator's word, the switch says not): those first,
+    twice) or a charge its switch disputes (charged on an operator's word, the switch says not) that nobody has
+    marked as dealt with yet: those first,
     then AWAITING_AGENT, then PENDING; filtered and sorted as ``chosen`` says.
 
     The recommendation is the decision waiting for an agent (assisted mode), else the order's latest decision.
     """
     with engine.connect() as conn:
         unknown = {row.order_id for row in conn.execute(_unanswered_charges(merchant_id))}
-        disputed = {dispute.order_id for dispute in charge_disputes(conn, merchant_id)}
+        disputed = {dispute.order_id for dispute in charge_disputes(conn, merchant_id, open_only=True)}
         rows = list(
             conn.execute(
                 sa.select(
@@ -359,7 +360,7 @@ class TimelineEvent:
     """One line of an order's timeline."""
 
     at: datetime
-    kind: str  # attempt | decision | nudge | click | agent | audit | closed
+    kind: str  # attempt | decision | nudge | click | agent | audit | dispute | closed
     title: str
     detail: str = ""
     status: str = ""  # good | bad | info | warn
@@ -423,7 +424,8 @@ class OrderPage:
     audit: list[AuditEntry]
     scheduled: list[dict[str, Any]]
     unanswered: list[UnansweredCharge] = field(default_factory=list)
-    #: Charges recorded as charged on an operator's word that their switch then said were not.
+    #: Charges recorded as charged on an operator's word that their switch then said were not (open ones, and
+    #: those marked as dealt with, with who, when and what was done).
     disputes: list[ChargeDispute] = field(default_factory=list)
     #: The approval withdrawn since an agent last acted on the order (shown next to the new recommendation).
     withdrawn: WithdrawnApproval | None = None
@@ -593,6 +595,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
                 )
             )
     events.extend(approvals.events)
+    events.extend(event for dispute in disputes for event in _dispute_events(dispute))
     audit = load_audit(engine, merchant_id, order_id)
     # Queue items an agent acted on through the console are told by its audit entry already.
     audited = {(entry.agent_name, int(entry.at.timestamp())) for entry in audit}
@@ -632,7 +635,16 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
                 status="good" if won else "bad",
             )
         )
-    order_rank = {"attempt": 0, "decision": 1, "agent": 2, "audit": 3, "nudge": 4, "click": 5, "closed": 6}
+    order_rank = {
+        "attempt": 0,
+        "decision": 1,
+        "agent": 2,
+        "audit": 3,
+        "dispute": 4,
+        "nudge": 5,
+        "click": 6,
+        "closed": 7,
+    }
     events.sort(key=lambda e: (e.at, order_rank.get(e.kind, 9)), reverse=True)
     scheduled = [
         {"kind": action.kind, "planned_at": action.planned_at, "state": action.state}
@@ -654,6 +666,28 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         disputes=disputes,
         withdrawn=approvals.unseen if view.state == OrderState.AWAITING_AGENT else None,
     )
+
+
+def _dispute_events(dispute: ChargeDispute) -> list[TimelineEvent]:
+    """The timeline's lines for a charge dispute: when the switch contradicted the operator, and who marked it as
+    dealt with, when, and what they did (the order's history keeps both)."""
+    flagged = TimelineEvent(
+        at=dispute.flagged_at,
+        kind="dispute",
+        title=f"Charge disputed: {dispute.connector} says payment {dispute.payment_id} {dispute.switch_said}",
+        detail=f"an operator had answered that it was charged (charge action {dispute.charge_action_id})",
+        status="bad",
+    )
+    if dispute.resolved_at is None:
+        return [flagged]
+    dealt = TimelineEvent(
+        at=dispute.resolved_at,
+        kind="dispute",
+        title=f"Charge dispute of payment {dispute.payment_id} dealt with by {dispute.resolved_by}",
+        detail=dispute.resolution_note or "",
+        status="info",
+    )
+    return [flagged, dealt]
 
 
 @dataclass(frozen=True)

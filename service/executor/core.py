@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, WinbackConfig
+from model.personal_data import mask_addresses_in
 from model.requests import Decision, DecisionRequest, Failure
 from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, lasting_bans, load_rulebook
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
@@ -105,6 +106,11 @@ CHARGED_BY_OPERATOR = "charged_by_operator_at"
 #: A status check's payload key: the switch contradicted an operator's "charged" (what it said, when). The order
 #: keeps its state; the order view, the console and ``winback executor charge-disputes`` show it.
 SWITCH_CONTRADICTS = "switch_contradicts_operator"
+#: The key, in a dispute's flag (SWITCH_CONTRADICTS), of its resolution: who marked it as dealt with, when, and the
+#: note saying what was done (``resolve_charge_disputes``).
+DISPUTE_RESOLVED = "resolved"
+#: The longest note a dispute's resolution takes (as an agent's reason in the console).
+MAX_DISPUTE_NOTE_LENGTH = 1000
 #: Who answers for a charge in ``resolve-charge`` (and the console's answer, which goes through it).
 OPERATOR = "an operator"
 #: The actions that ask or give back through a connector after a charge: they run on settled orders too, and
@@ -198,6 +204,10 @@ class StaleClaimError(RuntimeError):
 
 class ChargeResolutionError(ValueError):
     """An operator's answer names an action that is not a charge waiting for its answer."""
+
+
+class DisputeResolutionError(ValueError):
+    """A charge dispute cannot be marked as dealt with: no note, no such dispute, or dealt with already."""
 
 
 class AgentQueueError(ValueError):
@@ -781,13 +791,24 @@ class ChargeDispute:
     #: The order succeeded on this charge (its merchant was told so on the operator's word); False: it was settled
     #: before the operator's answer, and the charge was a duplicate whose refund is not sent.
     settled_by_it: bool = True
+    #: Who marked the dispute as dealt with ("agent asha@m_demo", "operator alice"), when, and what they did about
+    #: it (``resolve_charge_disputes``); None while it is open.
+    resolved_by: str | None = None
+    resolved_at: datetime | None = None
+    resolution_note: str | None = None
+
+    @property
+    def open(self) -> bool:
+        """Whether nobody has marked the dispute as dealt with yet."""
+        return self.resolved_at is None
 
 
 def charge_disputes(
-    conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None
+    conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None, *, open_only: bool = False
 ) -> list[ChargeDispute]:
     """The charges disputed by their switch after an operator's "charged" (a merchant's, or one order's), oldest
-    first. Status checks are few (one or two per charge sent and never answered), so their payloads are read here."""
+    first; ``open_only``: only those nobody has marked as dealt with. Status checks are few (one or two per charge
+    sent and never answered), so their payloads are read here."""
     query = sa.select(
         actions.c.action_id,
         actions.c.merchant_id,
@@ -810,6 +831,11 @@ def charge_disputes(
         flag = payload.get(SWITCH_CONTRADICTS)
         if not isinstance(flag, dict):
             continue
+        resolved = flag.get(DISPUTE_RESOLVED)
+        if not isinstance(resolved, dict):
+            resolved = None
+        elif open_only:
+            continue
         found.append(
             ChargeDispute(
                 merchant_id=row.merchant_id,
@@ -822,9 +848,87 @@ def charge_disputes(
                 switch_said=str(flag["switch_said"]),
                 flagged_at=as_utc(datetime.fromisoformat(str(flag["at"]))),
                 settled_by_it=row.success_txn_id == txn_id_for(_charge_key_of_check(row.idempotency_key)),
+                resolved_by=None if resolved is None else str(resolved["by"]),
+                resolved_at=None if resolved is None else as_utc(datetime.fromisoformat(str(resolved["at"]))),
+                resolution_note=None if resolved is None else str(resolved["note"]),
             )
         )
     return found
+
+
+def resolve_charge_disputes(
+    conn: sa.Connection,
+    merchant_id: str,
+    order_id: str,
+    by: str,
+    note: str,
+    now: datetime,
+    *,
+    check_action_id: int | None = None,
+) -> list[ChargeDispute]:
+    """Mark the open charge disputes of ``merchant_id``'s order ``order_id`` (or the one flagged on status check
+    ``check_action_id``) as dealt with, ``by`` whom, with ``note`` saying what was done ("fulfilment held, the
+    customer charged by hand"): they leave the console queue's first place, the open count on /metrics and
+    ``charge-disputes``' list, and stay on the order (its page, and the check's note in ``GET /v1/orders``) with
+    who, when and the note. Each resolution is kept on its dispute's flag, compared and set in one statement, so
+    two people resolving at once cannot both. The disputes as resolved; DisputeResolutionError, nothing written,
+    when there is no note, the order has no such dispute, or it was dealt with already."""
+    note = note.strip()
+    if not note:
+        raise DisputeResolutionError(
+            'say what was done about the disputed charge (a note is required: "fulfilment held, customer charged by '
+            'hand", say)'
+        )
+    if len(note) > MAX_DISPUTE_NOTE_LENGTH:
+        raise DisputeResolutionError(f"the note is {len(note)} characters long: at most {MAX_DISPUTE_NOTE_LENGTH}")
+    found = charge_disputes(conn, merchant_id, order_id)
+    if check_action_id is not None:
+        found = [dispute for dispute in found if dispute.check_action_id == check_action_id]
+    named = f"order {order_id} of merchant {merchant_id}"
+    if not found:
+        which = (
+            "no charge dispute" if check_action_id is None else f"no charge dispute on status check {check_action_id}"
+        )
+        raise DisputeResolutionError(f'{named} has {which} (an operator\'s "charged" its switch contradicted)')
+    still_open = [dispute for dispute in found if dispute.open]
+    if not still_open:
+        done = "; ".join(
+            f"payment {d.payment_id} by {d.resolved_by} at {d.resolved_at.isoformat() if d.resolved_at else ''}: "
+            f"{d.resolution_note}"
+            for d in found
+        )
+        raise DisputeResolutionError(f"the charge dispute of {named} was marked dealt with already ({done})")
+    masked = mask_addresses_in(note)
+    resolution = {"by": by, "at": now.isoformat(), "note": masked}
+    for dispute in still_open:
+        row = conn.execute(
+            sa.select(actions.c.payload_json, actions.c.last_error).where(
+                actions.c.action_id == dispute.check_action_id
+            )
+        ).one()
+        payload = orjson.loads(row.payload_json)
+        payload[SWITCH_CONTRADICTS] = payload[SWITCH_CONTRADICTS] | {DISPUTE_RESOLVED: resolution}
+        told = f"dispute dealt with by {by} at {now.isoformat()}: {masked}"
+        changed = conn.execute(
+            actions.update()
+            .where(actions.c.action_id == dispute.check_action_id, actions.c.payload_json == row.payload_json)
+            .values(payload_json=_dump(payload), last_error=f"{row.last_error or ''}; {told}".lstrip("; "))
+        ).rowcount
+        if changed != 1:
+            raise DisputeResolutionError(
+                f"the charge dispute of payment {dispute.payment_id} ({named}) changed meanwhile: someone else "
+                "marked it dealt with; look again"
+            )
+        log.warning(
+            "charge dispute of payment %s (order %s) marked dealt with by %s: %s",
+            dispute.payment_id,
+            order_id,
+            by,
+            masked,
+            extra={"merchant_id": merchant_id, "order_id": order_id},
+        )
+    resolved_at = as_utc(now)
+    return [replace(dispute, resolved_by=by, resolved_at=resolved_at, resolution_note=masked) for dispute in still_open]
 
 
 def _message_with_its_provider() -> sa.ColumnElement[bool]:

@@ -48,6 +48,7 @@ from service.executor.core import (
     ChargeDispute,
     ChargeResolutionError,
     Decider,
+    DisputeResolutionError,
     Executor,
     Outcome,
     RetryPolicy,
@@ -55,11 +56,12 @@ from service.executor.core import (
     Transient,
     by_order_of,
     charge_disputes,
+    resolve_charge_disputes,
 )
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
 from service.executor.settings import ExecutorSettings
-from service.executor.store import ActionKind, make_executor_engine
+from service.executor.store import ActionKind, make_executor_engine, orders, utcnow
 from service.signals import restore_sigchld_default
 
 log = logging.getLogger("winback.executor")
@@ -646,11 +648,36 @@ def _existing_executor_database(database_url: str) -> Engine:
 
 def list_charge_disputes(database_url: str, merchant_id: str | None = None) -> list[ChargeDispute]:
     """``winback executor charge-disputes``: the charges an operator answered for as charged whose switch then said
-    otherwise (``Executor._flag_dispute``), a merchant's or all, oldest first."""
+    otherwise (``Executor._flag_dispute``), a merchant's or all, oldest first, dealt with or not."""
     engine = _existing_executor_database(database_url)
     try:
         with engine.connect() as conn:
             return charge_disputes(conn, merchant_id)
+    finally:
+        engine.dispose()
+
+
+def resolve_charge_dispute(
+    database_url: str, order_id: str, note: str, by: str, merchant_id: str | None = None
+) -> list[ChargeDispute]:
+    """``winback executor charge-disputes --resolve ORDER_ID --note TEXT``: mark the open charge disputes of the
+    order as dealt with (``resolve_charge_disputes``), in one transaction. The order is named by its id, and by its
+    merchant when another merchant has an order of that id; DisputeResolutionError otherwise."""
+    engine = _existing_executor_database(database_url)
+    try:
+        with engine.begin() as conn:
+            query = sa.select(orders.c.merchant_id).where(orders.c.order_id == order_id)
+            if merchant_id is not None:
+                query = query.where(orders.c.merchant_id == merchant_id)
+            merchants = sorted(conn.scalars(query))
+            if not merchants:
+                of = "" if merchant_id is None else f" of merchant {merchant_id}"
+                raise DisputeResolutionError(f"no order {order_id!r}{of}")
+            if len(merchants) > 1:
+                raise DisputeResolutionError(
+                    f"order {order_id!r} is an order of merchants {', '.join(merchants)}: name one with --merchant"
+                )
+            return resolve_charge_disputes(conn, merchants[0], order_id, by, note, utcnow())
     finally:
         engine.dispose()
 

@@ -64,7 +64,8 @@ class Console:
         order's page, then that page (with the action's result)."""
         posted = self.post(path, data, **kwargs)
         assert posted.status_code == 303, (posted.status_code, posted.text[:500])
-        order_page = path.rsplit("/", 2)[0] if "/charges/" in path else path.removesuffix("/actions")
+        on_one = "/charges/" in path or "/disputes/" in path  # a charge's answer, a dispute's resolution
+        order_page = path.rsplit("/", 2)[0] if on_one else path.removesuffix("/actions")
         assert posted.headers["location"] == order_page
         return self.get(posted.headers["location"])
 
@@ -433,6 +434,7 @@ def test_a_form_sent_after_the_session_ended_leads_back_to_its_page_not_to_a_bar
     for address, page in [
         ("/console/orders/ord_idle/actions", "/console/orders/ord_idle"),
         ("/console/orders/ord_idle/charges/7", "/console/orders/ord_idle"),
+        ("/console/orders/ord_idle/disputes/7", "/console/orders/ord_idle"),
         ("/console/orders/ord%20x/actions", "/console/orders/ord%20x"),
         ("/console/logout", "/console/queue"),
     ]:

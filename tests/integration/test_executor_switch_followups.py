@@ -25,13 +25,14 @@ from service.api.app import create_app
 from service.console.auth import add_agent
 from service.console.routes import build_console_runtime
 from service.console.settings import ConsoleSettings
+from service.console.store import audit_log
 from service.executor.connectors import CircuitBreaker, HttpConnector
 from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, Permanent, charge_disputes
 from service.executor.links import LinkError
 from service.executor.metrics import ChargeDisputesCollector
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions, orders
-from tests.integration.test_console import PASSWORD, Console, _rows
+from tests.integration.test_console import PASSWORD, Console, _rows, flash
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
     FakeConnector,
@@ -658,9 +659,40 @@ def disputes_counted(h: Harness, switch_said: str = "declined") -> float:
     return value or 0.0
 
 
+def open_disputes_counted(h: Harness, switch_said: str = "declined") -> float | None:
+    """The Prometheus gauge of charge disputes nobody has marked as dealt with, as a scrape reads it."""
+    registry = CollectorRegistry()
+    registry.register(ChargeDisputesCollector(h.executor.engine, read_every_seconds=0))
+    return registry.get_sample_value(
+        "winback_executor_charge_disputes_open", {"merchant_id": "m_demo", "switch_said": switch_said}
+    )
+
+
 def disputes_of(h: Harness) -> list[ChargeDispute]:
     with h.executor.engine.connect() as conn:
         return charge_disputes(conn, "m_demo")
+
+
+def disputed(build: MakeHarness, database_url: str) -> Harness:
+    """An operator answered "charged" for ord_1_2 (the order succeeded on it), and the switch says declined."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(build, database_url, switch, {"action": "stop"})
+    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True)
+    run_for(h, 120)
+    assert [d.open for d in disputes_of(h)] == [True]
+    return h
+
+
+def charge_disputes_command(database_url: str, *args: str) -> Any:
+    return CliRunner().invoke(cli, ["executor", "charge-disputes", *args, "--database-url", database_url])
+
+
+def signed_in_console(api: Api) -> Console:
+    """The console of ``api``, signed in as an agent of m_demo."""
+    console = Console(api, build_console_runtime(ConsoleSettings()))
+    add_agent(console.engine, "m_demo", "asha@m_demo", PASSWORD)
+    console.sign_in("asha@m_demo")
+    return console
 
 
 def test_a_decline_found_after_an_operators_charged_is_flagged_logged_and_counted(
@@ -960,16 +992,10 @@ def test_a_disputed_charge_shows_in_the_consoles_queue_and_order_and_in_metrics(
 ) -> None:
     """The dispute, on the real API and console over the executor's database: the settled order comes first in the
     queue, marked "Charge disputed"; its page says what each side said; ``/metrics`` counts it."""
-    switch = FullSwitch(statuses=["failed"])
-    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
-    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True)
-    run_for(h, 120)
-    assert len(disputes_of(h)) == 1
+    disputed(make_harness, database_url)
     api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
     try:
-        console = Console(api, build_console_runtime(ConsoleSettings()))
-        add_agent(console.engine, "m_demo", "asha@m_demo", PASSWORD)
-        console.sign_in("asha@m_demo")
+        console = signed_in_console(api)
         queue = console.get("/console/queue").text
         assert queue.count('data-testid="charge-disputed"') == 1, queue
         assert [row[:2] for row in _rows(queue)] == [("ord_1", "SUCCEEDED")]
@@ -1008,3 +1034,113 @@ def test_winback_executor_charge_disputes_lists_them(
         cli, ["executor", "charge-disputes", "--merchant", "m_other", "--database-url", database_url]
     )
     assert other.output.strip() == "no charge disputed by its switch after an operator's answer"
+
+
+# ------------------------------------------------------------------------------- 8. a dispute marked as dealt with
+
+
+def test_an_operator_marks_a_dispute_dealt_with_and_it_leaves_the_open_list_and_count(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """``charge-disputes --resolve ORDER_ID --note TEXT``: the note is required; the dispute leaves the list and the
+    open gauge (the counter of disputes raised keeps it), stays on the order with who, when and the note, and a
+    second resolution, or one of an order without a dispute, is refused naming why."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    undisputed = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "checked")
+    assert undisputed.exit_code == 2
+    assert "order ord_1 of merchant m_demo has no charge dispute" in undisputed.output
+    h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True)
+    run_for(h, 120)
+    assert (disputes_counted(h), open_disputes_counted(h)) == (1.0, 1.0)
+
+    no_note = charge_disputes_command(database_url, "--resolve", "ord_1")
+    assert (no_note.exit_code, "--resolve needs --note" in no_note.output) == (2, True), no_note.output
+    blank = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "   ")
+    assert (blank.exit_code, "a note is required" in blank.output) == (2, True), blank.output
+    unknown = charge_disputes_command(database_url, "--resolve", "ord_9", "--note", "x")
+    assert (unknown.exit_code, "no order 'ord_9'" in unknown.output) == (2, True), unknown.output
+    assert [d.open for d in disputes_of(h)] == [True]  # refusals write nothing
+
+    note = "fulfilment held, customer charged by hand"
+    done = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", note, "--by", "alice")
+    assert done.exit_code == 0, done.output
+    assert done.output.strip() == (
+        "m_demo ord_1: the dispute of payment ord_1_2 (declined (do_not_honor)) is marked dealt with by operator "
+        f"alice: {note}"
+    )
+    [dispute] = disputes_of(h)
+    assert (dispute.open, dispute.resolved_by, dispute.resolution_note) == (False, "operator alice", note)
+    assert (disputes_counted(h), open_disputes_counted(h)) == (1.0, 0.0)  # raised once; none open
+    check = of_kind(h, "charge_status")[0]
+    assert "dispute dealt with by operator alice at " in (check.last_error or "")  # GET /v1/orders shows it
+    assert (check.last_error or "").endswith(note)
+
+    listed = charge_disputes_command(database_url)
+    assert listed.output.strip() == "no charge dispute open (1 dispute dealt with: --all lists them)", listed.output
+    everything = charge_disputes_command(database_url, "--all")
+    assert "; dealt with by operator alice at 20" in everything.output
+    assert everything.output.strip().endswith(f": {note}")
+    again = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
+    assert again.exit_code == 2
+    assert "was marked dealt with already (payment ord_1_2 by operator alice at " in again.output
+    assert [d.resolved_by for d in disputes_of(h)] == ["operator alice"]
+
+
+def test_an_agent_marks_a_dispute_dealt_with_in_the_console(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """On the order's page, with the form's CSRF token and a note: the order leaves the queue, its page keeps the
+    dispute with who, when and what was done (card and timeline), the audit log has the agent's action, and the
+    open gauge on /metrics reads 0. A missing note, another check's id, or a second resolution are refused."""
+    h = disputed(make_harness, database_url)
+    check_id = disputes_of(h)[0].check_action_id
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = signed_in_console(api)
+        page = console.get("/console/orders/ord_1").text
+        assert 'data-testid="resolve-dispute"' in page
+        address = f"/console/orders/ord_1/disputes/{check_id}"
+        assert console.post(address, {"note": "no token"}).status_code == 403
+        csrf = console.csrf()
+        assert flash(console.act(address, {"note": " ", "csrf_token": csrf})).startswith(
+            "say what was done about the disputed charge (a note is required"
+        )
+        elsewhere = console.act(f"/console/orders/ord_1/disputes/{check_id + 100}", {"note": "x", "csrf_token": csrf})
+        assert f"has no charge dispute on status check {check_id + 100}" in flash(elsewhere)
+        assert [d.open for d in disputes_of(h)] == [True]
+
+        note = "merchant held the parcel; customer paid by bank transfer"
+        dealt = console.act(address, {"note": note, "csrf_token": csrf})
+        assert flash(dealt) == "Marked as dealt with: the dispute of payment ord_1_2 is no longer open"
+        assert 'data-testid="resolve-dispute"' not in dealt.text
+        assert 'data-testid="dispute-dealt-with"' in dealt.text
+        assert "agent asha@m_demo marked it as dealt with" in dealt.text
+        assert "Charge dispute of payment ord_1_2 dealt with by agent asha@m_demo" in dealt.text  # the timeline
+        assert note in dealt.text
+        queue = console.get("/console/queue").text
+        assert 'data-testid="charge-disputed"' not in queue
+        assert [row[:2] for row in _rows(queue)] == []  # settled, nothing open: it leaves the queue
+        twice = console.act(address, {"note": "again", "csrf_token": csrf})
+        assert "was marked dealt with already" in flash(twice)
+        with console.engine.connect() as conn:
+            audit = conn.execute(
+                sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason)
+                .where(audit_log.c.order_id == "ord_1")
+                .order_by(audit_log.c.audit_id)
+            ).all()
+        assert [(a.action, a.result) for a in audit] == [
+            ("resolve_dispute", "refused"),
+            ("resolve_dispute", "refused"),
+            ("resolve_dispute", "done"),
+            ("resolve_dispute", "refused"),
+        ]
+        assert audit[2].reason == note
+        metrics = api.get("/metrics").text
+        assert 'winback_executor_charge_disputes_total{merchant_id="m_demo",switch_said="declined"} 1.0' in metrics
+        assert 'winback_executor_charge_disputes_open{merchant_id="m_demo",switch_said="declined"} 0.0' in metrics
+    finally:
+        api.close()

@@ -454,6 +454,8 @@ def executor_charge_disputes(
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
     if resolve is None and (note is not None or by is not None):
         raise fail("--note and --by go with --resolve ORDER_ID")
+    if resolve is not None and show_all:
+        raise fail("--all lists the disputes: run it without --resolve")
     if resolve is not None:
         if note is None:
             raise fail('--resolve needs --note saying what was done, e.g. "fulfilment held, customer charged by hand"')

@@ -796,6 +796,7 @@ def test_the_refund_of_a_charge_the_switch_disputes_is_never_sent_and_says_why(
     database_url: str,
     caplog: pytest.LogCaptureFixture,
     switch_says: str,
+    tmp_path: Path,
 ) -> None:
     """The refund planned on the operator's "charged" waits for the status check; the switch then says the payment
     was declined, or does not find it twice: the refund is never sent (nothing was taken) and ends cancelled saying
@@ -818,6 +819,13 @@ def test_the_refund_of_a_charge_the_switch_disputes_is_never_sent_and_says_why(
     assert "the refund planned for this payment is not sent" in flagged
     assert (h.view().state, h.view().success_txn_id) == ("SUCCEEDED", "txn_ext")
     assert webhook_events(h) == ["order.succeeded"]
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        page = signed_in_console(api).get("/console/orders/ord_1").text
+        assert "that refund is not sent, as there is nothing to give back" in page
+        assert "may have shipped it without the money" not in page  # the merchant's own payment settled it
+    finally:
+        api.close()
 
 
 def test_the_refund_of_a_charge_an_operator_answered_for_goes_once_the_switch_confirms_it(
@@ -1060,6 +1068,8 @@ def test_an_operator_marks_a_dispute_dealt_with_and_it_leaves_the_open_list_and_
     blank = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "   ")
     assert (blank.exit_code, "a note is required" in blank.output) == (2, True), blank.output
     unknown = charge_disputes_command(database_url, "--resolve", "ord_9", "--note", "x")
+    mixed = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "x", "--all")
+    assert (mixed.exit_code, "--all lists the disputes" in mixed.output) == (2, True), mixed.output
     assert (unknown.exit_code, "no order 'ord_9'" in unknown.output) == (2, True), unknown.output
     assert [d.open for d in disputes_of(h)] == [True]  # refusals write nothing
 

@@ -806,11 +806,13 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
 
     # Mastercard: no authorization after so many declines of the card in any window (24 h), the original attempt's
     # decline included, counted from the order's history (a failure the history does not list is the event's).
+    # A declined payment through a link counts too: Mastercard counts every declined authorization of the card
+    # number, whoever initiated it, and the history does not say whether the customer paid with the card on file.
     mastercard_cap: int | None = None
     mastercard_declines: tuple[datetime, ...] = ()
     if network in book.mastercard_networks:
         mastercard_cap = book.mastercard_reattempt_cap
-        declined = [a.created_at for a in attempts if a.status == "failure" and a.strategy != _RETARGET_LINK]
+        declined = [a.created_at for a in attempts if a.status == "failure"]
         if not any(a.strategy == _INITIAL for a in attempts):
             declined.append(first_attempt_at)
         mastercard_declines = tuple(sorted(declined))

@@ -242,6 +242,29 @@ def test_mastercard_reattempt_cap(
     assert (Rule.MASTERCARD_REATTEMPT_CAP in broken(context, candidate)) is fires
 
 
+def _with_declined_links(count: int, start: datetime) -> dict[str, Any]:
+    """Attempt 1 at ``start`` then ``count`` declined payments through a link, one a minute."""
+    attempts = [attempt(1, "initial", start)]
+    attempts += [attempt(i + 2, "retarget_link", start + timedelta(minutes=i + 1)) for i in range(count)]
+    return {"attempts": attempts, "nudges": []}
+
+
+@pytest.mark.parametrize(("links", "fires"), [(8, False), (9, True)])
+def test_mastercard_cap_counts_declined_payments_through_a_link(links: int, fires: bool) -> None:
+    """Mastercard's excessive-attempt fee counts every declined authorization of the card number in the window,
+    whoever initiated it (Forte: "each authorization attempt submitted after receiving 20 declines on the same card
+    number"); the history does not say whether the customer paid the link with the card on file. The count left
+    declined link payments out: after nine of them and the original decline, a tenth silent decline was allowed."""
+    context = ctx(
+        merchant=LENIENT,
+        payment={"card_network": "mastercard"},
+        failure={"network_decline_code": "51"},
+        history=_with_declined_links(links, T0 - timedelta(hours=1)),
+    )
+    assert f"mastercard_declines:{links + 1}/10" in context.rules_applied
+    assert (Rule.MASTERCARD_REATTEMPT_CAP in broken(context, retry())) is fires
+
+
 def test_mastercard_cap_is_reported_and_only_situational() -> None:
     context = ctx(
         merchant=LENIENT,
@@ -2230,6 +2253,44 @@ def test_visa_category_1_of_a_connectors_own_code_is_honoured_whatever_the_payme
     )
     assert "visa_category:1" in context.rules_applied
     assert Rule.VISA_CATEGORY_1 in broken(context, retry(at=ist(4, 0, day=2)))
+
+
+@st.composite
+def mastercard_histories(draw: st.DrawFn) -> tuple[datetime, dict[str, Any]]:
+    """An event time and a Mastercard order's history of up to 14 attempts over the 36 hours before it, silent
+    retries and payments through a link mixed, every one declined (a success would close the order)."""
+    event = EPOCH + timedelta(minutes=draw(st.integers(0, 365 * 24 * 60)))
+    offsets = sorted(draw(st.lists(st.integers(0, 36 * 60), min_size=1, max_size=15)), reverse=True)
+    attempts = []
+    for n, minutes in enumerate(offsets):
+        strategy = "initial" if n == 0 else draw(st.sampled_from(["retry_same", "cascade", "retarget_link"]))
+        attempts.append(attempt(n + 1, strategy, event - timedelta(minutes=minutes)))
+    return event, {"attempts": attempts, "nudges": []}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mastercard_histories(), st.lists(st.integers(0, 3 * 24 * 60), max_size=10))
+def test_no_permitted_mastercard_retry_follows_ten_declines_in_24_hours(
+    drawn: tuple[datetime, dict[str, Any]], extra_minutes: list[int]
+) -> None:
+    """Mastercard's cap, restated: no silent retry of the card when it was declined ten times (the original attempt,
+    silent retries and payments through a link alike) in the 24 hours before the retry would go."""
+    event, history = drawn
+    context = ctx(
+        merchant=make_merchant(retry={"max_retries": 20}, retarget={"retry_window_days": 10}),
+        event_time=event.isoformat(),
+        payment={"card_network": "mastercard", "is_recurring": True},
+        customer={"country": "US"},
+        currency="USD",
+        failure={"network_decline_code": "51"},
+        history=history,
+    )
+    declines = [datetime.fromisoformat(a["created_at"]) for a in history["attempts"]]
+    off_grid = [retry(at=event + timedelta(minutes=m)) for m in extra_minutes]
+    for candidate in permitted(context, rules.enumerate_candidates(context) + off_grid):
+        if candidate.action == Action.RETRY:
+            recent = sum(1 for t in declines if t >= candidate.execute_at - timedelta(hours=24))
+            assert recent < 10, (candidate, recent)
 
 
 # ----------------------------------------------------------------------- permitted() is check() filtered, fast

@@ -243,6 +243,9 @@ class RuleBook:
     mac_never_retry: frozenset[str]
     mac_no_retarget: frozenset[str]
     mac_card_update: frozenset[str]
+    # Card types unfit for card-on-file payments (40 non-reloadable prepaid, 41 single-use virtual card number): a
+    # recurring payment's card on file needs replacing, as for 01.
+    mac_card_update_when_recurring: frozenset[str]
     # Response codes with which a card-update advice (01) means "authenticate the cardholder" instead (83).
     mac_authenticate_decline_codes: frozenset[str]
     mac_wait_hours: Mapping[str, float]
@@ -458,6 +461,7 @@ def parse_rulebook(raw: Any) -> RuleBook:
         mac_never_retry=_strings(raw, "mastercard_merchant_advice.never_retry_codes"),
         mac_no_retarget=_strings(raw, "mastercard_merchant_advice.no_retarget_codes"),
         mac_card_update=_strings(raw, "mastercard_merchant_advice.card_update_codes"),
+        mac_card_update_when_recurring=_strings(raw, "mastercard_merchant_advice.card_update_when_recurring_codes"),
         mac_authenticate_decline_codes=frozenset(
             _network_code(code)
             for code in _strings(raw, "mastercard_merchant_advice.card_update_means_authenticate_with_codes")
@@ -837,7 +841,11 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
             {failure.network_decline_code and _network_code(failure.network_decline_code),
              normalised.network_decline_code} & book.mac_authenticate_decline_codes
         )  # fmt: skip
-        if (mac in book.mac_card_update or (advice is not None and advice.needs_card_update)) and not authenticate:
+        needs_card_update = mac in book.mac_card_update or (advice is not None and advice.needs_card_update)
+        # A card type not meant for card-on-file payments (MAC 40, 41): the card on file of a recurring payment is
+        # to be replaced by the customer, not re-attempted.
+        unfit_on_file = payment.is_recurring and mac in book.mac_card_update_when_recurring
+        if (needs_card_update and not authenticate) or unfit_on_file:
             retry_blocked.append(Rule.MAC_CARD_UPDATE)
         waits = [book.mac_wait_hours.get(mac), advice.wait_hours if advice is not None else None]
         wait = max((w for w in waits if w is not None), default=None)

@@ -389,6 +389,40 @@ def test_mac_22_merchant_not_qualified_for_the_product_is_never_re_attempted(
     assert (rule in broken(context, candidate)) is fires
 
 
+@pytest.mark.parametrize("catalog_kind", ["fake", "real"])
+@pytest.mark.parametrize(
+    ("mac", "recurring", "candidate", "fires"),
+    [
+        ("40", True, retry(), True),
+        ("41", True, retry(), True),
+        ("41", True, retry(strategy="cascade", connector="adyen"), True),
+        ("41", True, retry(strategy="clear_pan"), True),
+        ("41", True, retry(at=T0 + timedelta(days=3)), True),
+        ("40", True, retarget(), False),  # the customer pays with another card through a link
+        ("40", False, retry(), False),  # a one-off payment: no source gives a rule
+        ("41", False, retry(), False),
+        ("43", True, retry(), False),  # a multi-use virtual card may be kept on file
+    ],
+)
+def test_mac_40_and_41_keep_a_recurring_payment_to_a_card_update(
+    catalog_kind: str, mac: str, recurring: bool, candidate: Candidate, fires: bool
+) -> None:
+    """MAC 40 (non-reloadable prepaid) and 41 (single-use virtual card number) tell the merchant the card is not
+    fit for card-on-file payments (Forte: transactions that should not be reattempted; Moneris, Galileo). A
+    recurring payment's card on file was re-attempted after them; now only the customer's new details (a link)."""
+    catalog = FakeCatalog() if catalog_kind == "fake" else load_catalog()
+    context = ctx(
+        merchant=LENIENT,
+        catalog=catalog,
+        payment={"card_network": "mastercard", "is_recurring": recurring},
+        customer={"country": "US"},  # not an Indian card renewal: no e-mandate rules
+        currency="USD",
+        failure={"merchant_advice_code": mac, "network_decline_code": "05"},
+    )
+    assert (Rule.MAC_CARD_UPDATE in broken(context, candidate)) is fires
+    assert Rule.MAC_CARD_UPDATE in rules.LASTING_RETRY_BANS
+
+
 @pytest.mark.parametrize(("mac", "days"), [("27", 4), ("28", 6), ("29", 8), ("30", 10)])
 def test_a_mac_wait_of_days_leaves_a_silent_retry_when_it_ends(mac: str, days: int) -> None:
     """Found by the payments expert review: Mastercard's MAC 27-30 say "retry after 4, 6, 8, 10 days", but the retry
@@ -2291,6 +2325,56 @@ def test_no_permitted_mastercard_retry_follows_ten_declines_in_24_hours(
         if candidate.action == Action.RETRY:
             recent = sum(1 for t in declines if t >= candidate.execute_at - timedelta(hours=24))
             assert recent < 10, (candidate, recent)
+
+
+ADVICE_CODES = [None, "01", "02", "03", "04", "21", "22", "24", "25", "26", "27", "28", "29", "30", "40", "41", "43"]
+ADVICE_WAIT_HOURS = {"02": 72, "24": 1, "25": 24, "26": 48, "27": 96, "28": 144, "29": 192, "30": 240}
+
+
+@pytest.mark.parametrize("catalog_kind", ["fake", "real"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(ADVICE_CODES),
+    st.booleans(),
+    st.sampled_from(["mastercard", "visa", None]),
+    st.sampled_from(["05", "51", "83", "91"]),
+    st.sampled_from(["US", "IN", "GB"]),
+    st.lists(st.tuples(st.integers(0, 12 * 24 * 60), st.sampled_from([s.value for s in RETRY_STRATEGIES]))),
+)
+def test_no_permitted_retry_breaks_a_merchant_advice_code(
+    catalog_kind: str,
+    mac: str | None,
+    recurring: bool,
+    network: str | None,
+    decline: str,
+    country: str,
+    extra: list[tuple[int, str]],
+) -> None:
+    """Mastercard's merchant advice, restated: 03, 21 and 22 never re-attempted; 01 only with the customer's new
+    details (after an 83, only the cardholder's authentication, a step-up); 40 and 41 on a recurring payment only
+    with new details; 02 and 24-30 not before their wait ends."""
+    context = ctx(
+        merchant=make_merchant(retry={"max_retries": 20}, retarget={"retry_window_days": 14}),
+        catalog=FakeCatalog() if catalog_kind == "fake" else load_catalog(),
+        payment={"card_network": network, "is_recurring": recurring},
+        customer={"country": country},
+        currency="INR" if country == "IN" else "USD",
+        failure={"merchant_advice_code": mac, "network_decline_code": decline},
+    )
+    off_grid = [retry(at=T0 + timedelta(minutes=m), strategy=s) for m, s in extra]
+    connector_free = {Strategy.CASCADE}
+    off_grid = [replace(c, connector="adyen") if c.strategy in connector_free else c for c in off_grid]
+    for candidate in permitted(context, rules.enumerate_candidates(context) + off_grid):
+        if candidate.action != Action.RETRY:
+            continue
+        assert mac not in {"03", "21", "22"}, candidate
+        if mac == "01":
+            assert decline == "83", candidate
+            assert candidate.strategy == Strategy.STEP_UP, candidate
+        if recurring:
+            assert mac not in {"40", "41"}, candidate
+        if mac in ADVICE_WAIT_HOURS:
+            assert candidate.execute_at >= T0 + timedelta(hours=ADVICE_WAIT_HOURS[mac]), candidate
 
 
 # ----------------------------------------------------------------------- permitted() is check() filtered, fast

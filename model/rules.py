@@ -69,7 +69,8 @@ RETRY_DELAYS: tuple[timedelta, ...] = (
     timedelta(hours=24),
     timedelta(hours=72),
 )
-#: "After the next payday": the next day-of-month 1 and 26, at 06:00 in the merchant's timezone.
+#: "After the next payday": the next day-of-month 1 and 26, at 06:00 in the merchant's timezone and in the customer's
+#: (the span of their country's zones, ``model.zones.customer_zones``), whichever comes last.
 PAYDAY_DAYS: tuple[int, ...] = (1, 26)
 PAYDAY_LOCAL_TIME = time(6, 0)
 #: Local send times of the retarget grid (besides "as soon as allowed").
@@ -617,6 +618,8 @@ class RuleContext:
     upi_timezone: ZoneInfo
     upi_peak_minutes: tuple[tuple[int, int], ...]
     merchant_timezone: ZoneInfo
+    # The merchant's zone and the customer's country's (its span's ends): a payday is a payday in each of them.
+    payday_zones: tuple[ZoneInfo, ...]
     quiet_minutes: tuple[int, int] | None  # [start, end) minutes of the local day, may wrap midnight
     # The customer's zones other than the merchant's (model.zones), where the quiet hours hold too; empty when the
     # country is unknown, or when keeping them there as well would leave no hour of the day to send in.
@@ -1089,6 +1092,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
         merchant_timezone=merchant_tz,
+        payday_zones=_payday_zones(customer.country, merchant_tz),
         quiet_minutes=quiet_minutes_or_none,
         customer_zones=quiet_customer_zones,
         customer_offsets=_fixed_offsets(quiet_customer_zones, event_time, window_end),
@@ -1558,15 +1562,27 @@ def _local_instant(day: date, clock: time, zone: ZoneInfo) -> datetime:
     return datetime.combine(day, clock, tzinfo=zone).astimezone(UTC)
 
 
-def _next_payday(event_time: datetime, local: datetime, zone: ZoneInfo, day_of_month: int) -> datetime:
-    """The first payday instant after ``event_time``; ``local`` is ``event_time`` in ``zone``."""
-    year, month = local.year, local.month
-    for _ in range(3):
-        moment = _payday_instant(year, month, day_of_month, zone)
+@functools.lru_cache(maxsize=1024)
+def _payday_zones(country: str | None, merchant_zone: ZoneInfo) -> tuple[ZoneInfo, ...]:
+    """The merchant's zone, then the customer's (the widest choice of ``customer_zones``: a country's span)."""
+    choices = customer_zones(country)
+    names = choices[0] if choices else ()
+    return (merchant_zone, *(zone for zone in map(_zone, names) if zone.key != merchant_zone.key))
+
+
+def _next_payday(event_time: datetime, zones: tuple[ZoneInfo, ...], day_of_month: int) -> datetime:
+    """The first instant after ``event_time`` when ``day_of_month`` has reached 06:00 in every one of ``zones``.
+
+    The customer's date may still be the month before the merchant's (a US customer of an Indian merchant), so
+    the search starts a day before the event, in UTC."""
+    start = (event_time - timedelta(days=1)).astimezone(UTC)
+    year, month = start.year, start.month
+    for _ in range(4):
+        moment = max(_payday_instant(year, month, day_of_month, zone) for zone in zones)
         if moment > event_time:
             return moment
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    raise AssertionError("unreachable: a payday always falls within three months")  # pragma: no cover
+    raise AssertionError("unreachable: a payday always falls within four months")  # pragma: no cover
 
 
 # Pure functions of a calendar day and a zone: the same few days serve every request, so they are memoised.
@@ -1692,10 +1708,9 @@ def _sorted_unique(moments: list[datetime]) -> list[datetime]:
 
 
 def _retry_times(context: RuleContext) -> list[datetime]:
-    event_time, zone = context.event_time, context.merchant_timezone
-    local = event_time.astimezone(zone)
+    event_time = context.event_time
     times = [event_time + delay for delay in RETRY_DELAYS]
-    times.extend(_next_payday(event_time, local, zone, day) for day in PAYDAY_DAYS)
+    times.extend(_next_payday(event_time, context.payday_zones, day) for day in PAYDAY_DAYS)
     # The moment a merchant advice code's wait ends (Mastercard 24-30: retry after 1 h ... 10 days): the issuer
     # named it, and a wait longer than the fixed delays (4 days and more) had no grid time within the window.
     if context.earliest_retry_at is not None and context.earliest_retry_at > event_time:

@@ -27,6 +27,7 @@ from model.vocab import (
     ErrorClass,
     Strategy,
 )
+from model.zones import customer_zones
 from tests.factories import make_merchant, make_request
 
 T0 = datetime(2026, 11, 1, 10, 15, tzinfo=UTC)  # the factory request's event_time: 15:45 IST
@@ -1829,6 +1830,91 @@ def test_grid_retry_delays_and_paydays() -> None:
     ]
     paydays = [datetime(2026, 11, 26, 6, 0, tzinfo=IST), datetime(2026, 12, 1, 6, 0, tzinfo=IST)]
     assert times == sorted([T0 + d for d in delays] + paydays)
+
+
+def _payday_retries(context: RuleContext) -> list[datetime]:
+    """The grid's retry times that are not its fixed delays: the paydays."""
+    fixed = {context.event_time + delay for delay in rules.RETRY_DELAYS}
+    return sorted({c.execute_at for c in rules.enumerate_candidates(context) if c.action == Action.RETRY} - fixed)
+
+
+LOS_ANGELES = ZoneInfo("America/Los_Angeles")
+
+
+@pytest.mark.parametrize(
+    ("country", "event", "expected"),
+    [
+        # An Indian merchant's US customer: 06:00 IST on the 26th is 16:30 on the 25th in Los Angeles (19:30 in New
+        # York), the day before the customer's payday; the retry waits for 06:00 at the span's western end. The
+        # failure (03:15 on 1 November in Los Angeles) came before the customer's own 06:00 of the 1st: that payday
+        # is still ahead of them, though Kolkata's has passed.
+        ("US", T0, [datetime(2026, 11, 1, 6, 0, tzinfo=LOS_ANGELES), datetime(2026, 11, 26, 6, 0, tzinfo=LOS_ANGELES)]),
+        # The merchant's own country: its 06:00, as before.
+        ("IN", T0, [datetime(2026, 11, 26, 6, 0, tzinfo=IST), datetime(2026, 12, 1, 6, 0, tzinfo=IST)]),
+        # An Australian customer: Sydney's 06:00 comes before Kolkata's, so the merchant's day binds.
+        ("AU", T0, [datetime(2026, 11, 26, 6, 0, tzinfo=IST), datetime(2026, 12, 1, 6, 0, tzinfo=IST)]),
+        # Failed at 03:00 UTC on 1 December: already the 1st at 08:30 in Kolkata, past its 06:00, but still 30
+        # November (19:00) in Los Angeles: the customer's payday of the 1st is ahead, not a month away.
+        (
+            "US",
+            datetime(2026, 12, 1, 3, 0, tzinfo=UTC),
+            [datetime(2026, 12, 1, 6, 0, tzinfo=LOS_ANGELES), datetime(2026, 12, 26, 6, 0, tzinfo=LOS_ANGELES)],
+        ),
+    ],
+)
+def test_a_retry_after_payday_waits_for_the_payday_in_the_customers_zone_too(
+    country: str, event: datetime, expected: list[datetime]
+) -> None:
+    """The retry after payday went at 06:00 on the 1st and 26th in the merchant's zone only: for a customer west of
+    the merchant that was still the day before their payday, when the salary is not in yet."""
+    context = ctx(
+        merchant=make_merchant(retarget={"retry_window_days": 60}),
+        event_time=event.isoformat(),
+        customer={"country": country},
+        currency="USD",
+    )
+    assert _payday_retries(context) == expected
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 3 * 365 * 24 * 60),
+    st.sampled_from(["Asia/Kolkata", "Europe/London", "America/New_York", "UTC", "Australia/Lord_Howe"]),
+    st.sampled_from(["US", "IN", "AU", "GB", "BR", "NZ", "JP", "CA", None]),
+)
+def test_a_retry_after_payday_is_never_before_the_payday_where_merchant_or_customer_is(
+    minutes: int, merchant_zone: str, country: str | None
+) -> None:
+    """Over random failure times (month ends, February, leap years, DST) and zones: each retry after payday comes
+    after the failure, on the payday (from 06:00) or the day after it on every local clock of the merchant and the
+    customer's country, and one of the two paydays comes within 26 days."""
+    event = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes)
+    context = ctx(
+        merchant=make_merchant(
+            retarget={
+                "retry_window_days": 60,
+                "quiet_hours": {"start": "21:00", "end": "09:00", "timezone": merchant_zone},
+            }
+        ),
+        event_time=event.isoformat(),
+        customer={"country": country},
+        currency="USD",
+    )
+    # The payday moments themselves (one may coincide with a fixed delay of the grid), each offered on the grid.
+    paydays = [rules._next_payday(event, context.payday_zones, day) for day in rules.PAYDAY_DAYS]
+    grid = {c.execute_at for c in rules.enumerate_candidates(context) if c.action == Action.RETRY}
+    assert set(paydays) <= grid
+    assert min(paydays) <= event + timedelta(days=26)
+    choices = customer_zones(country)
+    zones = [ZoneInfo(merchant_zone), *(ZoneInfo(name) for name in (choices[0] if choices else ()))]
+    for moment in paydays:
+        assert moment > event
+        days = {moment.astimezone(zone).day for zone in zones}
+        day = 1 if days <= {1, 2} else 26
+        assert days <= {day, day + 1}, (moment, days)
+        for zone in zones:
+            local = moment.astimezone(zone)
+            assert local.day != day or local.time() >= time(6, 0), (moment, zone)
 
 
 def test_grid_send_times_respect_cadence_and_quiet_hours() -> None:

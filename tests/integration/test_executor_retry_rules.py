@@ -15,7 +15,7 @@ import pytest
 
 from model.catalog import load_catalog
 from model.policy import decide
-from model.rules import CARD_REATTEMPTS_FIELD
+from model.rules import CARD_REATTEMPTS_FIELD, build_context
 from service.executor.connectors import (
     ChargeRequest,
     ChargeResult,
@@ -505,3 +505,18 @@ def test_decide_plans_no_retry_of_the_card_on_file_after_a_declined_link_payment
         decision = decide(request, demo_merchant(), None, catalog=load_catalog())
         planned = [decision, *decision.alternatives]
         assert all(d.strategy in still_allowed for d in planned if d.action == "retry"), (ban, planned)
+
+
+def test_the_executor_counts_a_declined_link_payment_against_mastercards_decline_cap(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """The executor judges a planned retry on the order's stored attempts: a payment through a link declined on the
+    card's Mastercard network counts as a decline of the card, like the original attempt's (Mastercard counts every
+    declined authorization of the card number; the link may have been paid with the card on file)."""
+    h = make_harness({"action": "retarget", "channel": "sms"}, connector=FakeConnector(results=["failure"]))
+    _card_declined_then_link_declined(h, {"card_network": "mastercard"}, {"network_decline_code": "51"})
+    with h.executor.engine.connect() as conn:
+        request = h.executor.request_for(conn, _order_row(h), h.clock.now)
+    assert request.history.attempts[-1].strategy == "retarget_link"
+    context = build_context(request, demo_merchant(), load_catalog())
+    assert "mastercard_declines:2/10" in context.rules_applied

@@ -224,6 +224,17 @@ RefitOption = Annotated[
     ),
 ]
 
+#: ``train`` and ``retrain``: the promotion gate's non-inferiority margin of the policy value. Its default is
+#: ``pipelines.gate.DEFAULT_POLICY_VALUE_MARGIN`` (not imported here: the CLI starts without numpy and pandas).
+PolicyValueMarginOption = Annotated[
+    float,
+    typer.Option(
+        "--policy-value-margin",
+        help="The promotion gate's margin: the challenger is promoted only when its policy value is shown (one-sided, "
+        "at 5%) not worse than the champion's by more than this share of the champion's value (0 to below 1).",
+    ),
+]
+
 
 @app.command()
 def train(
@@ -275,6 +286,7 @@ def train(
     ] = 1,
     refit: RefitOption = True,
     stops: StopsOption = None,
+    policy_value_margin: PolicyValueMarginOption = 0.05,
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
@@ -295,6 +307,7 @@ def train(
         refit=refit,
         console=console,
         err_console=err_console,
+        policy_value_margin=policy_value_margin,
     )
     if code:
         raise typer.Exit(code=code)
@@ -1147,15 +1160,23 @@ def retrain(
     ] = None,
     refit: RefitOption = True,
     stops: StopsOption = None,
+    policy_value_margin: PolicyValueMarginOption = 0.05,
 ) -> None:
     """Train a challenger on the updated history, gate it against the champion, promote or keep (with why).
 
     Running scorers follow the champion alias and switch by themselves. With --every the job repeats; a
     cron line calling `winback retrain` does the same (see the README).
     """
-    from pipelines.retrain import RetrainResult, parse_every, retrain_loop
+    from pipelines.gate import with_policy_value_margin
+    from pipelines.retrain import RetrainResult, gate_checks, parse_every, retrain_loop
     from pipelines.retrain import retrain as run_retrain
     from pipelines.train import TrainInputError, resolve_stops
+
+    gate_names = None if gate is None else [part.strip() for part in gate.split(",") if part.strip()]
+    try:  # refused at start, not once per period of --every
+        with_policy_value_margin(gate_checks(gate_names), policy_value_margin)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
 
     def once() -> RetrainResult:
         stops_file = resolve_stops(attempts, stops)  # looked for again each time: an export may have written one
@@ -1171,8 +1192,9 @@ def retrain(
             config=config,
             evaluation_options=None if episodes is None else {"episode_orders": episodes},
             console=console,
-            gate=None if gate is None else [part.strip() for part in gate.split(",") if part.strip()],
+            gate=gate_names,
             refit=refit,
+            policy_value_margin=policy_value_margin,
         )
         # The training run has printed the gate's table with its verdict as the caption: saying it again read as
         # a second verdict.

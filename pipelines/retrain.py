@@ -22,7 +22,7 @@ from rich.console import Console
 
 from model.history import HistoryError, read_history, write_attempts, write_nudges, write_stops
 from model.registry_client import get_alias_version, run_params
-from pipelines.gate import GATE_METRICS, GateMetric
+from pipelines.gate import DEFAULT_POLICY_VALUE_MARGIN, GATE_METRICS, GateMetric, with_policy_value_margin
 from pipelines.train import (
     TrainInputError,
     TrainSummary,
@@ -107,14 +107,16 @@ def retrain(
     gate: Sequence[str] | None = None,
     refit: bool = True,
     stops: str | Path | None = None,
+    policy_value_margin: float = DEFAULT_POLICY_VALUE_MARGIN,
 ) -> RetrainResult:
     """Train a challenger on the history (or its last ``window_days``), gate it against the champion, promote
     or keep. Raises TrainInputError (nothing registered) when the history is unusable.
 
     ``gate`` names the gate metrics to check (default: all of ``GATE_METRICS``), e.g. only the retry model's when
     the retarget data is too thin to compare on. ``stops``: the history's stops file (see ``run_training``).
+    ``policy_value_margin``: the gate's non-inferiority margin of the policy value, a share of the champion's.
     """
-    checks = gate_checks(gate)
+    checks = with_policy_value_margin(gate_checks(gate), policy_value_margin)
     try:
         history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:

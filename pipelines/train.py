@@ -46,7 +46,9 @@ from model.requests import DecisionRequest
 from model.rules import Candidate
 from model.wording import count_noun
 from pipelines.gate import (
+    DEFAULT_POLICY_VALUE_MARGIN,
     GATE_METRICS,
+    NON_INFERIORITY_LEVEL,
     GateMetric,
     GateResult,
     champion_fitted_on_holdout,
@@ -54,6 +56,7 @@ from pipelines.gate import (
     gate_table,
     paired_noise,
     same_judged_fit,
+    with_policy_value_margin,
 )
 from pipelines.tables import MISSING, figure, print_note, print_titled
 
@@ -722,6 +725,10 @@ def _log_run(
                 tags["winback.gate_caveats"] = "; ".join(gate.caveats)[:5000]
             if champion is not None:
                 tags["winback.gate_champion_version"] = champion[1]
+            for check in gate.checks:
+                if check.metric.non_inferiority:  # the rule the verdict's policy value was held to
+                    tags[f"winback.gate_{check.metric.name}_margin"] = f"{check.metric.tolerance:g}"
+                    tags["winback.gate_non_inferiority_level"] = f"{NON_INFERIORITY_LEVEL:g}"
         mlflow.set_tags(tags)
         run_id = run.info.run_id
     example = pd.DataFrame({"request": list(evaluation.example_requests)}) if evaluation.example_requests else None
@@ -1122,14 +1129,21 @@ def train_command(
     console: Console | None = None,
     err_console: Console | None = None,
     stops: Path | None = None,
+    policy_value_margin: float = DEFAULT_POLICY_VALUE_MARGIN,
 ) -> int:
     """The body of `winback train`: run the job, print the outcome; return the exit code (2 on bad input).
 
     Bad input prints one line, ``error: <reason>``, on stderr. ``stops``: the history's stops file (default: the
-    one beside the attempts file, when there is one; `resolve_stops`).
+    one beside the attempts file, when there is one; `resolve_stops`). ``policy_value_margin``: the gate's
+    non-inferiority margin of the policy value, a share of the champion's (`pipelines.gate`).
     """
     out = console or Console()
     err = err_console or Console(stderr=True)
+    try:
+        checks = with_policy_value_margin(GATE_METRICS, policy_value_margin)
+    except ValueError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
     stops_file = resolve_stops(attempts, stops)
     if stops is None and stops_file is not None:
         out.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
@@ -1149,6 +1163,7 @@ def train_command(
             scheduler=scheduler,
             partition_rows=partition_rows,
             refit=refit,
+            gate_metrics=checks,
         )
     except TrainInputError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

@@ -81,6 +81,9 @@ def test_promotion_gate_both_ways(tmp_path: Path, mlflow_store: str) -> None:
     run = client.get_run(worse.run_id)
     assert run.data.params["train.max_rounds"] == "30"
     assert run.data.tags["winback.gate"] == "keep"
+    # The rule the policy value was held to: its non-inferiority margin and level, beside the verdict's reasons.
+    assert run.data.tags["winback.gate_policy_value_dr_margin"] == "0.05"
+    assert run.data.tags["winback.gate_non_inferiority_level"] == "0.05"
     assert "gate.retry_auc" in run.data.metrics
     assert "champion.retry_auc" in run.data.metrics
     # The policy value: both models under the holdout's cross-fitted reward model, on the same points.

@@ -573,6 +573,46 @@ CELL_PRIOR_STRENGTH = 10.0
 CROSSFIT_REPEATS = 8
 
 
+#: Bootstrap resamples of the holdout's orders its reward model is fitted again on (`fit_noise_models`): the spread of
+#: the gate's difference across them is the reward model's fitting noise, which the paired standard error of the
+#: points' terms does not see (it added about 20% to the variance of two equal models' difference; README, "Is the
+#: standard error right?"). Each costs a valuation of every point's candidates, no decision.
+FIT_NOISE_RESAMPLES = 8
+
+
+def fit_noise_name(resample: int) -> str:
+    """The name (``dr@holdout~3``) of the holdout reward model fitted on resample ``resample``."""
+    return f"{HOLDOUT_REWARD_MODEL}~{resample}"
+
+
+def is_fit_noise_estimator(estimator: str) -> bool:
+    """Whether DR estimator ``estimator`` (``dr@name``) is under one of `fit_noise_models`: a noise gauge, not a
+    value to report."""
+    return estimator.startswith(f"dr@{HOLDOUT_REWARD_MODEL}~")
+
+
+def fit_noise_models(
+    points: pd.DataFrame,
+    economics: Economics,
+    *,
+    reward: Literal["value", "success"] = "value",
+    seed: int = 0,
+    resamples: int = FIT_NOISE_RESAMPLES,
+) -> dict[str, RewardModel]:
+    """`crossfit_reward_model` of ``points`` fitted on ``resamples`` bootstrap resamples of their orders (one deal
+    each), by `fit_noise_name`: the spread of an estimate across them is what fitting the reward model on this
+    holdout rather than another of its size moves it by (the DR estimate's other noise, beside which points were
+    drawn)."""
+    generator = np.random.default_rng([seed, 1])
+    seeds = generator.integers(0, 2**31 - 1, size=(resamples, 2))
+    return {
+        fit_noise_name(index): crossfit_reward_model(
+            points, economics, reward=reward, seed=int(deal), repeats=1, resample=int(draw)
+        )
+        for index, (deal, draw) in enumerate(seeds)
+    }
+
+
 def _cells(action: Action, arm: str, connector: str, error_class: str, bucket: str) -> list[tuple[str, ...]]:
     """A candidate's cells, coarsest first: the error class, the action, its strategy or channel, then the retry's
     connector and the action's time (now, within a day, later)."""
@@ -612,6 +652,7 @@ def crossfit_reward_model(
     strength: float = CELL_PRIOR_STRENGTH,
     seed: int = 0,
     repeats: int = CROSSFIT_REPEATS,
+    resample: int | None = None,
 ) -> RewardModel:
     """A reward model of a holdout's own outcomes, cross-fitted: no candidate model's, and no point valued by a fit
     that saw it.
@@ -625,6 +666,11 @@ def crossfit_reward_model(
     for it), and one candidate's reward model valuing the other lets a poor reward model decide the verdict. It is
     coarse (a cell, not a model of every feature): where the logged action is the candidate's, DR's weighted
     residual corrects it. Requests that are not among ``points`` are refused.
+
+    ``resample`` (a seed) fits it on a bootstrap resample of the orders instead (drawn with replacement: an order's
+    outcomes count as often as it was drawn), still valuing every point of ``points`` by the folds it is not in: the
+    fit another holdout of the same size would have given, whose spread is the fit's share of the gate's noise
+    (`fit_noise_models`).
     """
     missing = [c for c in ("merchant_id", "order_id", "event_time", "error_class", "label") if c not in points.columns]
     if missing:
@@ -636,8 +682,14 @@ def crossfit_reward_model(
     orders = sorted({(str(m), str(o)) for m, o in zip(points["merchant_id"], points["order_id"], strict=True)})
     generator = np.random.default_rng(seed)
     deals = [generator.permutation(len(orders)) for _ in range(repeats)]
-    # Per order: its fold in each deal.
+    # Per order: its fold in each deal, and how often its outcomes count (once; a resample's draws).
     folds_of = {order: [int(deal[i]) % folds for deal in deals] for i, order in enumerate(orders)}
+    drawn = (
+        np.ones(len(orders))
+        if resample is None
+        else np.bincount(np.random.default_rng(resample).integers(0, len(orders), len(orders)), minlength=len(orders))
+    )
+    counted = {order: float(drawn[i]) for i, order in enumerate(orders)}
     class_of = {
         _point_key(m, o, t): str(c)
         for m, o, t, c in zip(
@@ -652,11 +704,15 @@ def crossfit_reward_model(
             continue
         request: DecisionRequest = record["request"]
         cells = _candidate_cells(logged_candidate(record), request.event_time, str(record["error_class"]))
-        for deal, fold in enumerate(folds_of[(str(record["merchant_id"]), str(record["order_id"]))]):
+        order = (str(record["merchant_id"]), str(record["order_id"]))
+        times = counted[order]
+        if not times:
+            continue
+        for deal, fold in enumerate(folds_of[order]):
             for cell in [(), *cells]:
                 tally = counts[deal][fold].setdefault(cell, [0.0, 0.0])
-                tally[0] += float(record["label"])
-                tally[1] += 1.0
+                tally[0] += times * float(record["label"])
+                tally[1] += times
     # What each fold's requests are valued by, per deal: the other folds' counts.
     fitted: list[list[dict[tuple[str, ...], list[float]]]] = []
     for by_fold in counts:

@@ -284,6 +284,7 @@ def evaluate(
     history_orders: int | None = None,
     stops_path: str | Path | None = None,
     catalog: ErrorCatalog | None = None,
+    fit_noise_resamples: int = 0,
 ) -> EvaluationSummary:
     """Evaluate ``policies`` (name -> ``policy(request) -> Decision``) on a history and write the report.
 
@@ -304,6 +305,10 @@ def evaluate(
 
     ``catalog`` is the error catalog the logged decisions are read with (default: the shipped one); a training run
     passes the one its model was trained with (its gateway status map overlay included).
+
+    ``fit_noise_resamples`` (the promotion gate's run: `model.evaluation.FIT_NOISE_RESAMPLES`) adds to ``replayed``
+    the holdout's reward model fitted on that many resamples of its orders (`model.evaluation.fit_noise_models`), for
+    the gate's noise; the tables leave them out.
     """
     from model.catalog import load_catalog
     from model.history import read_history
@@ -383,16 +388,25 @@ def evaluate(
     # Besides, a reward model of the holdout's own outcomes, cross-fitted (``dr@holdout``): no policy's own, so it
     # values every policy alike (the promotion gate's yardstick).
     yardstick = ev.crossfit_reward_model(holdout, economics, reward=reward, seed=seed)
+    # And the same fitted on resamples of the holdout's orders: how much its fit moves the gate's difference.
+    fit_noise = (
+        ev.fit_noise_models(holdout, economics, reward=reward, seed=seed, resamples=fit_noise_resamples)
+        if fit_noise_resamples
+        else {}
+    )
     replayed = ev.replay(
         replayed_points,
         policies,
         reward_model,
         other_reward_models={name: reward_model_of(scorer) for name, scorer in others}
-        | {ev.HOLDOUT_REWARD_MODEL: yardstick},
+        | {ev.HOLDOUT_REWARD_MODEL: yardstick}
+        | fit_noise,
     )
+    # Those are a noise gauge for the gate (`replayed` keeps them), not estimates for the evaluation's tables.
+    gauges = [column for column in replayed.columns if f"@{ev.HOLDOUT_REWARD_MODEL}~" in str(column)]
     ope = ev.ope_from_replay(
         with_propensity,
-        replayed.iloc[:0] if no_propensity else replayed,
+        (replayed.iloc[:0] if no_propensity else replayed).drop(columns=gauges),
         max_weight=max_weight,
         n_bootstrap=n_bootstrap,
         seed=seed,

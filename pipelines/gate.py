@@ -105,8 +105,9 @@ class GateMetric:
 #: The policy value is both models' doubly robust value under one and the same reward model, neither model's: the
 #: holdout's own outcomes, cross-fitted by order (``model.evaluation.crossfit_reward_model``: no point is valued by a
 #: fit that saw it), weights clipped at 10 (``pipelines.train.GATE_DR_MAX_WEIGHT``), compared point by point with the
-#: paired standard error as its noise. A model's own reward model overrates the actions that model chose (it chose them
-#: for their high predictions: the optimizer's curse; README, "The promotion gate's policy value"); valuing each model
+#: paired standard error as its noise, and the reward model's fit noise besides (``pipelines.train.gate_dr_noise``).
+#: A model's own reward model overrates the actions that model chose (it chose them for their high predictions: the
+#: optimizer's curse; README, "The promotion gate's policy value"); valuing each model
 #: under the other's, as the gate did before, took that out but let one model's reward model decide the other's
 #: value: a challenger whose reward model was degenerate could pass with a worse policy, or fail with the same one.
 GATE_METRICS: tuple[GateMetric, ...] = (

@@ -257,13 +257,33 @@ def _gate_dr_terms(summary: Any, name: str) -> Any:
 
 def gate_dr_noise(summary: Any) -> float:
     """The standard error of the challenger's gate policy value minus the champion's: both under the same reward
-    model, on the same points, paired, each order's points as one draw (the reward model is cross-fitted by order)."""
+    model, on the same points, paired, each order's points as one draw (the reward model is cross-fitted by order);
+    with the reward model's fit noise added in variance when the evaluation fitted it on resamples of the holdout's
+    orders (`model.evaluation.fit_noise_models`): the standard deviation of the difference across those fits. The
+    paired standard error alone sees which points were drawn, not that the reward model was fitted on them."""
     terms = [_gate_dr_terms(summary, name) for name in (CHALLENGER_NAME, CHAMPION_NAME)]
     if terms[0] is None or terms[1] is None:
         return math.nan
     points = summary.ope_points
     orders = points["merchant_id"].astype(str) + "/" + points["order_id"].astype(str)
-    return ev.paired_standard_error(terms[0], terms[1], groups=orders)
+    sampling = ev.paired_standard_error(terms[0], terms[1], groups=orders)
+    return math.sqrt(sampling**2 + fit_noise_variance(summary))
+
+
+def fit_noise_variance(summary: Any) -> float:
+    """The variance of the gate's challenger-minus-champion difference across the holdout reward models fitted on
+    resamples of its orders (0 without two of them)."""
+    replayed = summary.replayed
+    differences = []
+    for estimator in ev.reward_model_columns(replayed):
+        if not ev.is_fit_noise_estimator(estimator):
+            continue
+        challenger, champion = (
+            ev.policy_dr_terms(summary.ope_points, replayed, name, estimator, max_weight=GATE_DR_MAX_WEIGHT)
+            for name in (CHALLENGER_NAME, CHAMPION_NAME)
+        )
+        differences.append(float(challenger.mean() - champion.mean()))
+    return float(np.var(differences, ddof=1)) if len(differences) > 1 else 0.0
 
 
 def merchants_for(attempts: pd.DataFrame, config_path: str | Path | None = None) -> dict[str, MerchantConfig]:
@@ -991,7 +1011,12 @@ def run_training(
             champion=champion,
             merchants=merchants,
             seed=evaluation_seed(seed),
-            options={"max_points": sample_size, **(evaluation_options or {})},
+            # Against a champion, the reward model's fit noise for the gate (`gate_dr_noise`).
+            options={
+                "max_points": sample_size,
+                "fit_noise_resamples": 0 if champion is None else ev.FIT_NOISE_RESAMPLES,
+                **(evaluation_options or {}),
+            },
             catalog=catalog,
             challenger=judged,
         )

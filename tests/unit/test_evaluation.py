@@ -978,3 +978,26 @@ def test_the_off_policy_line_says_when_weights_are_not_clipped() -> None:
 
     assert ope_line(None, 200, None, 0).startswith("Unclipped weights; 95% bootstrap CIs (200 resamples).")
     assert ope_line(50.0, 200, None, 0).startswith("Clipped weights at 50.0; ")
+
+
+def test_the_holdout_s_reward_model_fitted_on_resamples_spreads_by_its_fit_not_only_its_deal() -> None:
+    """`fit_noise_models`: the holdout's reward model fitted on bootstrap resamples of its orders, the gate's gauge of
+    the fit's noise. A resample is reproducible, and moves a point's value more than the deal of one fit does (here
+    0.075 against 0.032 on average; 0.039 if the resample were ignored)."""
+    logged = _with_point_columns(_logged(200, seed=21))
+    economics = load_economics()
+    points = [logged.iloc[i] for i in range(0, 200, 20)]
+
+    def values(model: ev.RewardModel) -> np.ndarray:
+        return np.array([model(p["request"], [ev.logged_candidate(p.to_dict())])[0] for p in points])
+
+    resampled = [values(model) for model in ev.fit_noise_models(logged, economics, reward="success", seed=4).values()]
+    assert len(resampled) == ev.FIT_NOISE_RESAMPLES
+    again = values(next(iter(ev.fit_noise_models(logged, economics, reward="success", seed=4).values())))
+    assert np.array_equal(resampled[0], again)
+    dealt = [
+        values(ev.crossfit_reward_model(logged, economics, reward="success", seed=seed, repeats=1)) for seed in range(8)
+    ]
+    assert np.std(resampled, axis=0).mean() > 1.5 * np.std(dealt, axis=0).mean()
+    # Every point is still valued (by the folds it is not in), whether its order was drawn or not.
+    assert np.isfinite(np.array(resampled)).all()

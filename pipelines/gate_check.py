@@ -6,7 +6,8 @@ On the holdout ``winback evaluate`` replays (the latest 20% of the decision poin
 most ``--max-points``), each version is the challenger once and the champion once. For each pairing it prints the
 two policies' DR values under each one's reward model (the evaluation's clip), the gate's policy values (both under
 the holdout's cross-fitted reward model, ``model.evaluation.crossfit_reward_model``, fitted here on the points with a
-propensity; clipped at ``GATE_DR_MAX_WEIGHT``) with their paired standard error, the true one-step values
+propensity; clipped at ``GATE_DR_MAX_WEIGHT``) with the gate's standard error (paired, with the reward model's fit
+noise, ``gate_fit_noise``, added), the true one-step values
 (``model.simulation.truth``) and the verdict of the gate's policy-value check (``pipelines.gate``), beside the
 verdicts of the former rules: the same check with each model under the other's reward model, and under each model's
 own, both to hold (same clip as the gate). The history must come from ``winback simulate --orders N --seed S`` (the
@@ -16,6 +17,7 @@ world is rebuilt from those).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,6 +45,7 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
         GATE_DR_MAX_WEIGHT,
         REWARD_MODEL_ESTIMATORS,
         comparison_policies,
+        fit_noise_variance,
         gate_dr_noise,
         gate_metrics,
         merchants_for,
@@ -66,7 +69,9 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
             other_reward_models={
                 CHAMPION_NAME: served_reward_model(bundles[CHAMPION_NAME], economics, catalog),
                 ev.HOLDOUT_REWARD_MODEL: ev.crossfit_reward_model(logged, economics, seed=eval_seed),
-            },
+            }
+            # The fits on resamples of the orders the training run adds to the gate's noise (`gate_dr_noise`).
+            | ev.fit_noise_models(logged, economics, seed=eval_seed),
         )
         ope = ev.ope_from_replay(logged, replayed, seed=eval_seed).set_index(["policy", "estimator"])["value"]
         # What the training pipeline hands the gate (`pipelines.train.gate_metrics`), from this replay.
@@ -104,6 +109,7 @@ def gate_check(check: VersionPairCheck) -> pd.DataFrame:
                 row[f"{name}_{estimator}"] = float(ope[(name, estimator)])
             row[f"{name}_gate_value"] = values[name]
         row["gate_noise"] = noise
+        row["gate_fit_noise"] = math.sqrt(fit_noise_variance(summary))  # its reward model's fit's share
         row["promoted"] = verdict.promote
         row["promoted_by_other_views"] = other_view
         row["promoted_by_both_own_views"] = same_view[CHALLENGER_NAME] and same_view[CHAMPION_NAME]

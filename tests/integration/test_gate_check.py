@@ -53,5 +53,7 @@ def test_each_version_is_judged_as_challenger_and_as_champion_beside_its_truth(
             if column.endswith(("_truth", "_dr", "_dr@champion", "_gate_value"))
         )
         assert row["gate_noise"] > 0
+        # The training run's noise: the reward model's fit on resamples of the orders is in it, as a share.
+        assert 0 < row["gate_fit_noise"] < row["gate_noise"]
         assert isinstance(row["promoted_by_other_views"], bool)
         assert row["verdict"].startswith("promoted version" if row["promoted"] else "kept champion version")

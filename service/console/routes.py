@@ -1,10 +1,10 @@
 """The agent console's pages (``/console/...``): server-rendered Jinja2 with htmx for partial updates.
 
 Every page needs a signed-in agent and shows only that agent's merchant; every POST needs the session's CSRF
-token. An action's form is acted on once whatever the number of times it is sent (``service.console.submissions``);
-without htmx (JavaScript off) its POST is answered with a redirect to the order's page, which shows how it went
-once (Post/Redirect/Get), so a reload or the back button sends nothing again. ``mount_console(app)`` adds the
-routes and the static files to the API app.
+token, and every action's POST a one-time key (its form's token, or a script's ``Idempotency-Key``): it is acted on
+once whatever the number of times it is sent (``service.console.submissions``); without htmx (JavaScript off) its
+POST is answered with a redirect to the order's page, which shows how it went once (Post/Redirect/Get), so a reload
+or the back button sends nothing again. ``mount_console(app)`` adds the routes and the static files to the API app.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ from service.console.auth import (
 )
 from service.console.charts import CHARTS, ChartCache, UnknownChartError, load_performance, render_chart, summary
 from service.console.settings import ConsoleSettings
-from service.console.submissions import STILL_UNDER_WAY, SubmissionStore, new_token, sent_again
+from service.console.submissions import (
+    IDEMPOTENCY_HEADER,
+    STILL_UNDER_WAY,
+    SUBMISSION_FIELD,
+    KeyRefusedError,
+    SubmissionStore,
+    new_token,
+    one_time_key,
+    sent_again,
+)
 from service.console.views import (
     ACTION_FILTERS,
     STATE_FILTERS,
@@ -67,8 +76,6 @@ FLASH_SECONDS = 300
 COOKIE_PATH = "/console"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
-#: The form field of an action form's one-time token.
-SUBMISSION_FIELD = "submission"
 #: How long a second POST of a form waits for its first, still being carried out, to answer with its result.
 SENT_BEFORE_WAIT_SECONDS = 10.0
 MAX_FORM_BYTES = 16_384
@@ -602,14 +609,16 @@ async def _order_post(
 
 
 async def _carry_out(on: _OrderPost, form: Mapping[str, str], act: Callable[[], ActionResult]) -> Response:
-    """``act`` once per form sent (its one-time token), then the answer: to htmx the order's body with how it
+    """``act`` once per form sent (its one-time key), then the answer: to htmx the order's body with how it
     went; without htmx a redirect to the order's page, which shows it once. A second POST of the form acts on
-    nothing and is answered with how the first went."""
+    nothing and is answered with how the first went; a POST without a one-time key acts on nothing (400)."""
     store = on.console.submissions(on.executor)
     order_id, request = on.order_id, on.request
-    submission = await run_in_threadpool(
-        store.claim, on.session.agent, order_id, request.url.path, form.get(SUBMISSION_FIELD)
-    )
+    try:
+        key = one_time_key(form.get(SUBMISSION_FIELD), request.headers.getlist(IDEMPOTENCY_HEADER))
+    except KeyRefusedError as refused:
+        return await _order_result(on, ActionResult("refused", str(refused)), 400)
+    submission = await run_in_threadpool(store.claim, on.session.agent, order_id, request.url.path, key)
     if submission.first:
         try:
             result = await run_in_threadpool(act)
@@ -632,12 +641,17 @@ async def _carry_out(on: _OrderPost, form: Mapping[str, str], act: Callable[[], 
         result = submission.earlier or ActionResult("refused", STILL_UNDER_WAY)
     if request.headers.get("hx-request"):
         return await _order_result(on, result)
-    key = await run_in_threadpool(store.arm_flash, submission.submission_id)
+    flash_key = await run_in_threadpool(store.arm_flash, submission.submission_id)
     quoted = quote(order_id, safe="")  # a cookie's value, and an address, without the id's quotes or spaces
     response = RedirectResponse("/console/orders/" + quoted, status_code=303)
     kind = "again" if submission.sent_before else "result"
     _set_cookie(
-        response, request, on.console, FLASH_COOKIE, f"{kind}:{submission.submission_id}:{key}:{quoted}", FLASH_SECONDS
+        response,
+        request,
+        on.console,
+        FLASH_COOKIE,
+        f"{kind}:{submission.submission_id}:{flash_key}:{quoted}",
+        FLASH_SECONDS,
     )
     return response
 

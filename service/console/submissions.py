@@ -1,6 +1,8 @@
 """The forms agents send to the console, each acted on once, and how each went, for its flash and its re-posts.
 
-Every action form the console renders carries a one-time token (``new_token``). The first POST of a token claims
+Every action form the console renders carries a one-time token (``new_token``, the ``submission`` field); a script
+may send a key of its own in an ``Idempotency-Key`` header instead (``one_time_key``), and a POST with neither is
+refused, acting on nothing: a script retried after a timeout acted again each time. The first POST of a key claims
 it (``SubmissionStore.claim``: a row keyed by the token's SHA-256, committed before anything is acted on) and, once
 carried out, notes its result (``record``). A second POST of the same token (a double click, a reload of an answer
 page, an old page sent again) finds that row: it is answered with the first POST's result, waiting a little for a
@@ -30,9 +32,27 @@ from service.console.actions import ActionResult
 from service.console.auth import Agent
 from service.console.store import submissions
 
-#: The longest token taken from a form (``new_token`` makes 32 characters); a longer one is not the console's.
+#: The longest one-time key taken (``new_token`` makes 32 characters; a UUID is 36).
 MAX_TOKEN_LENGTH = 64
 _TOKEN_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+#: The form field of an action form's one-time token.
+SUBMISSION_FIELD = "submission"
+#: The request header a script may send its own one-time key in (draft-ietf-httpapi-idempotency-key-header).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+NO_KEY = (
+    f"Nothing was done: this request carries no one-time key. Send the {SUBMISSION_FIELD!r} field of the order "
+    f"page's form, or an {IDEMPOTENCY_HEADER} header with a new key for each action (a UUID, say), the same key "
+    "when the request is sent again."
+)
+BAD_KEY = (
+    f"Nothing was done: the one-time key (the {SUBMISSION_FIELD!r} field or the {IDEMPOTENCY_HEADER} header) must be "
+    f"1-{MAX_TOKEN_LENGTH} characters of letters, digits, - and _ (a UUID, say)."
+)
+TWO_KEYS = (
+    f"Nothing was done: this request carries two different one-time keys (the {SUBMISSION_FIELD!r} field and an "
+    f"{IDEMPOTENCY_HEADER} header, or two such headers). Send one."
+)
 
 SENT_BEFORE = "This form was sent before (a reload, a second click or an old page sent again): nothing was done again."
 STILL_UNDER_WAY = (
@@ -40,8 +60,8 @@ STILL_UNDER_WAY = (
     "Reload the order in a few seconds to see how it went before acting again."
 )
 OTHER_FORM = (
-    "Nothing was done: this form's token belongs to another form (the page was altered). "
-    "Reload the order and act again."
+    "Nothing was done: this form's token belongs to another form (the page was altered, or a script's "
+    f"{IDEMPOTENCY_HEADER} was used before for another order or action). Reload the order and act again."
 )
 
 
@@ -54,8 +74,43 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _usable(token: str | None) -> bool:
-    return bool(token) and len(token or "") <= MAX_TOKEN_LENGTH and set(token or "") <= _TOKEN_CHARACTERS
+def _usable(token: str) -> bool:
+    return bool(token) and len(token) <= MAX_TOKEN_LENGTH and set(token) <= _TOKEN_CHARACTERS
+
+
+class KeyRefusedError(ValueError):
+    """A POST whose one-time key is missing or malformed: acted on nothing (the message says what to send)."""
+
+
+@dataclass(frozen=True)
+class OneTimeKey:
+    """What a POST's form is claimed under: the form's token, or a script's ``Idempotency-Key`` (``from_header``),
+    which is the agent's own: two agents' scripts may send the same key without one refusing the other."""
+
+    value: str
+    from_header: bool = False
+
+    def digest(self, agent: Agent) -> str:
+        """The key of the form's row in ``console_submissions``."""
+        return _digest(f"{IDEMPOTENCY_HEADER}:{agent.agent_id}:{self.value}" if self.from_header else self.value)
+
+
+def one_time_key(form_token: str | None, header_values: list[str]) -> OneTimeKey:
+    """The POST's one-time key: its form's ``submission`` field, else its ``Idempotency-Key`` header (a Structured
+    Field string, quoted, or the bare key as most clients send it); KeyRefusedError when there is none, it is
+    malformed, or two different ones are sent."""
+    headers = {value.strip().removeprefix('"').removesuffix('"') for value in header_values}
+    if len(headers) > 1 or (form_token and headers and headers != {form_token}):
+        raise KeyRefusedError(TWO_KEYS)
+    if form_token:
+        key = OneTimeKey(form_token)
+    elif headers:
+        key = OneTimeKey(headers.pop(), from_header=True)
+    else:
+        raise KeyRefusedError(NO_KEY)
+    if not _usable(key.value):
+        raise KeyRefusedError(BAD_KEY)
+    return key
 
 
 @dataclass(frozen=True)
@@ -101,11 +156,10 @@ class SubmissionStore:
         self.keep = keep
         self.clock = clock
 
-    def claim(self, agent: Agent, order_id: str, form_path: str, token: str | None) -> Submission:
-        """Claim the form's ``token`` for this POST (a POST without a usable one gets a token of its own: it is
-        acted on, and cannot be recognised when sent again)."""
+    def claim(self, agent: Agent, order_id: str, form_path: str, token: OneTimeKey) -> Submission:
+        """Claim the form's one-time ``token`` for this POST."""
         now = self.clock()
-        key = _digest(token if token is not None and _usable(token) else new_token())
+        key = token.digest(agent)
         row = {"agent_id": agent.agent_id, "order_id": order_id, "form_path": form_path[:1024], "created_at": now}
         try:
             with self.engine.begin() as conn:

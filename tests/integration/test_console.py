@@ -27,6 +27,7 @@ from service.console.auth import AgentError, LoginLimiter, add_agent, hash_passw
 from service.console.routes import ConsoleRuntime, build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.console.store import agents, audit_log, sign_in_failures
+from service.console.submissions import IDEMPOTENCY_HEADER, SUBMISSION_FIELD, new_token
 from service.executor.store import actions, agent_queue, as_utc, nudges, orders, transactions
 from tests.factories import insert_lost_charge, make_request, write_console_config
 from tests.unit.test_api import Api, settings_for
@@ -56,7 +57,12 @@ class Console:
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", path, **kwargs)
 
-    def post(self, path: str, data: dict[str, str], **kwargs: Any) -> httpx.Response:
+    def post(self, path: str, data: dict[str, str], *, one_time_key: bool = True, **kwargs: Any) -> httpx.Response:
+        """A POST of ``data``; to an action's address with a new one-time token unless ``data`` or the headers
+        carry a key (as the order page's forms do), or ``one_time_key`` is False."""
+        keyed = SUBMISSION_FIELD in data or IDEMPOTENCY_HEADER.lower() in {h.lower() for h in kwargs.get("headers", {})}
+        if one_time_key and not keyed and (path.endswith("/actions") or "/charges/" in path):
+            data = data | {SUBMISSION_FIELD: new_token()}
         return self.request("POST", path, data=data, **kwargs)
 
     def act(self, path: str, data: dict[str, str], **kwargs: Any) -> httpx.Response:
@@ -386,7 +392,8 @@ def test_every_post_without_the_csrf_token_is_refused(console: Console) -> None:
     with console.engine.connect() as conn:
         assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_a1")) == "AWAITING_AGENT"
         assert conn.scalar(sa.select(sa.func.count()).select_from(audit_log)) == 0
-    header = console.act("/console/orders/ord_a1/actions", {"action": "stop"}, headers={"X-CSRF-Token": console.csrf()})
+    by_header = {"X-CSRF-Token": console.csrf(), "Idempotency-Key": "stop-ord-a1"}
+    header = console.act("/console/orders/ord_a1/actions", {"action": "stop"}, headers=by_header)
     assert flash(header) == "Stop recovering this order: done; the order is FAILED"
 
 
@@ -776,6 +783,65 @@ def test_a_forms_token_sent_again_for_another_order_acts_on_nothing(console: Con
         assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_second")) == "AWAITING_AGENT"
 
 
+def _nudges_asked(console: Console, order_id: str) -> int:
+    with console.engine.connect() as conn:
+        return int(
+            conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(actions)
+                .where(actions.c.order_id == order_id, actions.c.kind == "nudge")
+            )
+        )
+
+
+def test_an_action_posted_without_a_one_time_key_acts_on_nothing_and_a_scripts_idempotency_key_acts_once(
+    console: Console,
+) -> None:
+    """A script sending only the X-CSRF-Token header (as the CSRF check allows) was acted on every time it was
+    sent: retried after a timeout, it asked for a second payment link. An action's POST now needs a one-time key,
+    the form's ``submission`` token or the script's own ``Idempotency-Key``; without one it is refused (400) and
+    nothing is acted on or audited."""
+    console.fail_order("m_a", "ord_script")
+    console.sign_in("asha@m_a")
+    path = "/console/orders/ord_script/actions"
+    link = {"action": "send_link", "channel": "email"}
+    csrf = {"X-CSRF-Token": console.csrf()}
+    for _ in "12":  # the script, retried
+        keyless = console.post(path, link, headers=csrf, one_time_key=False)
+        assert keyless.status_code == 400, (keyless.status_code, keyless.headers.get("location"))
+        assert flash(keyless).startswith(
+            "Nothing was done: this request carries no one-time key. Send the 'submission'"
+        )
+        assert "Idempotency-Key header" in flash(keyless)
+    by_htmx = console.post(path, link, headers=csrf | {"HX-Request": "true"}, one_time_key=False)
+    assert (by_htmx.status_code, flash(by_htmx)) == (200, flash(keyless))  # htmx swaps 2xx answers only
+    for malformed in ("has space", "x" * 65, ""):
+        refused = console.post(path, link, headers=csrf | {"Idempotency-Key": malformed}, one_time_key=False)
+        assert refused.status_code == 400, malformed
+        assert flash(refused).startswith("Nothing was done: the one-time key"), malformed
+    two = console.post(path, link | {"submission": "form-key"}, headers=csrf | {"Idempotency-Key": "other-key"})
+    assert (two.status_code, flash(two).startswith("Nothing was done: this request carries two")) == (400, True)
+    assert (_audited(console, "ord_script"), _nudges_asked(console, "ord_script")) == ([], 0)
+
+    keyed = [
+        console.act(path, link, headers=csrf | {"Idempotency-Key": key})
+        for key in ("8e03978e-40d5-43e8-bc93-6894a57f9324", '"8e03978e-40d5-43e8-bc93-6894a57f9324"')
+    ]  # a bare key, then the same as a Structured Field string
+    assert flash(keyed[0]) == "Send a payment link by email now: done; the order is PENDING"
+    assert flash(keyed[1]).startswith("This form was sent before")
+    assert (_audited(console, "ord_script"), _nudges_asked(console, "ord_script")) == ([("send_link", "done")], 1)
+
+    # A key is the agent's own: another agent's script sending the same one is acted on.
+    console.fail_order("m_b", "ord_script_b")
+    console.sign_in("bo@m_b")
+    theirs = console.act(
+        "/console/orders/ord_script_b/actions",
+        link,
+        headers={"X-CSRF-Token": console.csrf(), "Idempotency-Key": "8e03978e-40d5-43e8-bc93-6894a57f9324"},
+    )
+    assert flash(theirs) == "Send a payment link by email now: done; the order is PENDING"
+
+
 @pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
                          indirect=True)  # fmt: skip
 def test_a_form_sent_many_times_at_once_is_claimed_once_and_the_others_wait_for_its_result(database_url: str) -> None:
@@ -784,7 +850,7 @@ def test_a_form_sent_many_times_at_once_is_claimed_once_and_the_others_wait_for_
     from service.api.store import make_engine
     from service.console.actions import ActionResult
     from service.console.auth import Agent
-    from service.console.submissions import Flash, SubmissionStore
+    from service.console.submissions import Flash, OneTimeKey, SubmissionStore
     from service.migrations import upgrade
 
     engine = make_engine(database_url)
@@ -796,7 +862,7 @@ def test_a_form_sent_many_times_at_once_is_claimed_once_and_the_others_wait_for_
 
     def send() -> None:
         start.wait()
-        claims.append(store.claim(asha, "ord_1", "/console/orders/ord_1/actions", "the-forms-token"))
+        claims.append(store.claim(asha, "ord_1", "/console/orders/ord_1/actions", OneTimeKey("the-forms-token")))
 
     threads = [threading.Thread(target=send) for _ in range(8)]
     for thread in threads:

@@ -2,14 +2,17 @@
 
 Every page needs a signed-in agent and shows only that agent's merchant; every POST needs the session's CSRF
 token, and every action's POST a one-time key (its form's token, or a script's ``Idempotency-Key``): it is acted on
-once whatever the number of times it is sent (``service.console.submissions``); without htmx (JavaScript off) its
-POST is answered with a redirect to the order's page, which shows how it went once (Post/Redirect/Get), so a reload
-or the back button sends nothing again. ``mount_console(app)`` adds the routes and the static files to the API app.
+once whatever the number of times it is sent (``service.console.submissions``). Without htmx (JavaScript off) its
+POST is answered with a redirect to the order's page, whose address names that POST's result (``?flash=``, signed
+for the session): the page shows it once (Post/Redirect/Get), so a reload or the back button sends nothing again,
+and two tabs acting at once each show their own. ``mount_console(app)`` adds the
+routes and the static files to the API app.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -69,10 +72,9 @@ UNKNOWN_AGENT = "(no such agent)"
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "wb_console"
 LOGIN_COOKIE = "wb_console_login"
-#: Carries an action's result from its POST to the order's page it redirects to (``kind:id:key:order``, signed;
-#: the order's id URL-quoted).
-FLASH_COOKIE = "wb_console_flash"
-FLASH_SECONDS = 300
+#: The query parameter of the order's page that names the result of the POST that redirected there
+#: (``kind.id.key.signature``, the signature bound to the session and the order: ``_flash_reference``).
+FLASH_PARAMETER = "flash"
 COOKIE_PATH = "/console"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
@@ -508,11 +510,11 @@ async def order_page(
     order_id: str, request: Request, console: ConsoleDep, executor: ExecutorDep, runtime: RuntimeDep
 ) -> Response:
     """One order: its recommendation, the actions an agent may take, the timeline and the audit log; and, once,
-    how the action whose POST redirected here went (the flash cookie)."""
+    how the action whose POST redirected here went (``?flash=``)."""
     session = await _session(request, console, executor)
     if session is None:
         return _to_login(request)
-    flash = _flash_of(console, request, order_id)
+    flash = _flash_of(console, session, request, order_id)
     shown: ActionResult | None = None
     if flash is not None:
         kind, submission_id, key = flash
@@ -526,19 +528,37 @@ async def order_page(
     if context is None:
         return _not_found(session, runtime, order_id)
     context["result"] = shown
-    response = _page("order.html", **context)
-    if flash is not None:  # shown now, or shown before: a reload shows the order alone
-        response.delete_cookie(FLASH_COOKIE, path=COOKIE_PATH)
-    return response
+    return _page("order.html", **context)
 
 
-def _flash_of(console: ConsoleRuntime, request: Request, order_id: str) -> tuple[str, int, str] | None:
-    """The flash cookie's kind, form and key when it names this order (one of another order is left for it)."""
-    value = console.signer.unsign(request.cookies.get(FLASH_COOKIE))
-    parts = (value or "").split(":", 3)
-    if len(parts) != 4 or parts[3] != quote(order_id, safe="") or not parts[1].isascii() or not parts[1].isdigit():
+def _flash_signature(console: ConsoleRuntime, session: Session, named: str, order_id: str) -> str:
+    """The signature of a flash reference: valid in this session, for this order only (an address copied into
+    another session, or another order's, shows nothing)."""
+    return console.signer.sign(f"flash:{session.token}:{quote(order_id, safe='')}:{named}").rpartition(".")[2]
+
+
+def _flash_reference(
+    console: ConsoleRuntime, session: Session, kind: str, submission_id: int, key: str, order_id: str
+) -> str:
+    """The ``?flash=`` value naming one POST's result for the order's page it redirects to."""
+    named = f"{kind}.{submission_id}.{key}"
+    return f"{named}.{_flash_signature(console, session, named, order_id)}"
+
+
+def _flash_of(
+    console: ConsoleRuntime, session: Session, request: Request, order_id: str
+) -> tuple[str, int, str] | None:
+    """The kind, form and key ``?flash=`` names, when signed for this session and this order."""
+    parts = request.query_params.get(FLASH_PARAMETER, "").split(".")
+    if len(parts) != 4:
         return None
-    return parts[0], int(parts[1]), parts[2]
+    kind, submission_id, key, signature = parts
+    if kind not in ("result", "again") or not (submission_id.isascii() and submission_id.isdigit()):
+        return None
+    expected = _flash_signature(console, session, ".".join(parts[:3]), order_id)
+    if not hmac.compare_digest(signature.encode(), expected.encode()) or len(submission_id) > 18:
+        return None
+    return kind, int(submission_id), key
 
 
 def _order_path(order_id: str) -> str:
@@ -642,18 +662,12 @@ async def _carry_out(on: _OrderPost, form: Mapping[str, str], act: Callable[[], 
     if request.headers.get("hx-request"):
         return await _order_result(on, result)
     flash_key = await run_in_threadpool(store.arm_flash, submission.submission_id)
-    quoted = quote(order_id, safe="")  # a cookie's value, and an address, without the id's quotes or spaces
-    response = RedirectResponse("/console/orders/" + quoted, status_code=303)
     kind = "again" if submission.sent_before else "result"
-    _set_cookie(
-        response,
-        request,
-        on.console,
-        FLASH_COOKIE,
-        f"{kind}:{submission.submission_id}:{flash_key}:{quoted}",
-        FLASH_SECONDS,
-    )
-    return response
+    named = _flash_reference(on.console, on.session, kind, submission.submission_id, flash_key, order_id)
+    # The result's reference in this redirect's own address: a cookie held one at a time, and of two tabs acting at
+    # once, the later one's result was shown to the first tab's redirect and none to its own.
+    target = f"/console/orders/{quote(order_id, safe='')}?{FLASH_PARAMETER}={named}"
+    return RedirectResponse(target, status_code=303)
 
 
 async def _order_result(on: _OrderPost, result: ActionResult, refused_status: int = 409) -> Response:

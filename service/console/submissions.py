@@ -10,9 +10,10 @@ first POST still being carried out, and nothing is acted on or audited again. Cl
 across the server's workers and the machines sharing its database, and for POSTs that arrive at the same moment.
 
 A POST without JavaScript is answered with a redirect to the order's page (Post/Redirect/Get): ``arm_flash`` gives
-the result a one-time key, which a signed cookie carries to that page, and ``take_flash`` hands the result over
-once, so a reload of the page shows the order without it. Rows older than a session's lifetime are deleted as new
-forms are claimed: a form older than its session fails its CSRF check before its token is looked at.
+the result a one-time key, which that redirect's address carries to the page (signed for the agent's session), and
+``take_flash`` hands the result over once, so a reload of the page shows the order without it. Rows older than a
+session's lifetime are deleted as new forms are claimed: a form older than its session fails its CSRF check before
+its token is looked at.
 """
 
 from __future__ import annotations

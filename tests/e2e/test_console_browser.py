@@ -519,6 +519,50 @@ def test_an_action_sent_with_javascript_off_is_carried_out_once_whatever_the_rel
     assert links == 1
     assert audit_rows == 1
     assert reload_method == "GET"  # the form is not sent again
-    assert after_post == f"{url}/console/orders/ord_no_js_e2e"
+    assert after_post.startswith(f"{url}/console/orders/ord_no_js_e2e?flash=result.")  # this POST's own result
     assert shown == "Send a payment link by email now: done; the order is PENDING"
     assert reloaded_results == 0  # shown once
+
+
+def test_two_tabs_acting_at_once_without_javascript_each_show_their_own_result(served: tuple[str, str]) -> None:
+    # Two tabs of one browser acted within moments: the second POST's answer replaced the first's flash cookie
+    # before the first tab followed its redirect, so that tab showed nothing (or, on the same order, the other
+    # tab's result). Each redirect now names its own POST's result.
+    url, _ = served
+    for order_id in ("ord_tab_a_e2e", "ord_tab_b_e2e"):
+        _fail_order(url, order_id)
+    sync_playwright = _require_browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(java_script_enabled=False, base_url=url)
+        tab_a, tab_b = context.new_page(), context.new_page()
+        try:
+            for tab in (tab_a, tab_b):
+                tab.set_default_timeout(10_000)
+            _sign_in(tab_a, AGENT)
+            tab_a.wait_for_url("**/console/queue")
+            posted = []
+            for tab, order_id, action in ((tab_a, "ord_tab_a_e2e", "stop"), (tab_b, "ord_tab_b_e2e", "send_link")):
+                tab.goto(f"/console/orders/{order_id}")
+                form = tab.locator(f"form:has(input[name=action][value={action}])")
+                fields = {
+                    name: form.locator(f"input[name={name}]").get_attribute("value")
+                    for name in ("csrf_token", "submission", "action", "decision_id")
+                }
+                # Both POSTs answered before either tab follows its redirect (the browser's cookies, shared).
+                answer = context.request.post(
+                    f"/console/orders/{order_id}/actions", form=fields | {"channel": "email"}, max_redirects=0
+                )
+                assert answer.status == 303
+                posted.append((tab, answer.headers["location"]))
+            shown = []
+            for tab, location in reversed(posted):
+                tab.goto(location)
+                shown.append(tab.get_by_test_id("result").all_inner_texts())  # [] when none is shown
+        finally:
+            context.close()
+            browser.close()
+    assert shown == [
+        ["Send a payment link by email now: done; the order is PENDING"],
+        ["Stop recovering this order: done; the order is FAILED"],
+    ]

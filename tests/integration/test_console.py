@@ -67,12 +67,12 @@ class Console:
 
     def act(self, path: str, data: dict[str, str], **kwargs: Any) -> httpx.Response:
         """A form sent as a browser without JavaScript sends it: the POST, answered by a redirect (303) to the
-        order's page, then that page (with the action's result)."""
+        order's page (naming the POST's result), then that page (with the action's result)."""
         posted = self.post(path, data, **kwargs)
         assert posted.status_code == 303, (posted.status_code, posted.text[:500])
         on_one = "/charges/" in path or "/disputes/" in path  # a charge's answer, a dispute's resolution
         order_page = path.rsplit("/", 2)[0] if on_one else path.removesuffix("/actions")
-        assert posted.headers["location"] == order_page
+        assert posted.headers["location"].startswith(order_page + "?flash="), posted.headers["location"]
         return self.get(posted.headers["location"])
 
     @property
@@ -721,12 +721,13 @@ def test_a_form_sent_without_javascript_redirects_to_its_order_which_shows_the_r
     form = _form_fields(console.get("/console/orders/ord_prg").text, "send_link") | {"channel": "whatsapp"}
     assert set(form) == {"csrf_token", "submission", "action", "decision_id", "channel"}
     posted = console.post("/console/orders/ord_prg/actions", form)
-    assert (posted.status_code, posted.headers["location"]) == (303, "/console/orders/ord_prg")
-    assert "wb_console_flash=" in posted.headers["set-cookie"]
-    shown = console.get("/console/orders/ord_prg")
+    assert posted.status_code == 303
+    assert posted.headers["location"].startswith("/console/orders/ord_prg?flash=result.")
+    assert "set-cookie" not in posted.headers
+    shown = console.get(posted.headers["location"])
     assert shown.status_code == 200
     assert flash(shown) == "refused by the hard rules: channel_opted_out"
-    reloaded = console.get("/console/orders/ord_prg")
+    reloaded = console.get(posted.headers["location"])
     assert flash(reloaded) == ""
     assert 'data-testid="send-link"' in reloaded.text  # the order still waits: the agent may choose again
     assert _audited(console, "ord_prg") == [("send_link", "refused")]
@@ -840,6 +841,40 @@ def test_an_action_posted_without_a_one_time_key_acts_on_nothing_and_a_scripts_i
         headers={"X-CSRF-Token": console.csrf(), "Idempotency-Key": "8e03978e-40d5-43e8-bc93-6894a57f9324"},
     )
     assert flash(theirs) == "Send a payment link by email now: done; the order is PENDING"
+
+
+def test_two_tabs_acting_at_once_each_show_their_own_result_and_only_in_their_session(console: Console) -> None:
+    """Two tabs acting within moments, without JavaScript: the flash cookie held one result at a time, so the
+    first tab's redirect showed the second tab's result (same order) or nothing (another order). Each redirect's
+    address now names its own POST's result, signed for the session: followed in the opposite order, each shows
+    its own; a copy of the address in another session shows nothing."""
+    console.fail_order("m_a", "ord_tab_a")
+    console.fail_order("m_a", "ord_tab_b", customer={"opted_out_channels": ["whatsapp"]})
+    console.fail_order("m_a", "ord_tab_c")
+    console.sign_in("asha@m_a")
+    stop = _form_fields(console.get("/console/orders/ord_tab_a").text, "stop")
+    link = _form_fields(console.get("/console/orders/ord_tab_b").text, "send_link") | {"channel": "whatsapp"}
+    late = _form_fields(console.get("/console/orders/ord_tab_b").text, "stop")
+    first = console.post("/console/orders/ord_tab_a/actions", stop)
+    second = console.post("/console/orders/ord_tab_b/actions", link)
+    third = console.post("/console/orders/ord_tab_b/actions", late)
+    assert [posted.status_code for posted in (first, second, third)] == [303, 303, 303]
+    assert flash(console.get(third.headers["location"])) == "Stop recovering this order: done; the order is FAILED"
+    assert flash(console.get(second.headers["location"])) == "refused by the hard rules: channel_opted_out"
+    assert flash(console.get(first.headers["location"])) == "Stop recovering this order: done; the order is FAILED"
+    assert flash(console.get(first.headers["location"])) == ""  # once
+
+    other = console.post(
+        "/console/orders/ord_tab_c/actions", _form_fields(console.get("/console/orders/ord_tab_c").text, "stop")
+    )
+    session = console.api.client.cookies["wb_console"]
+    console.sign_in("asha@m_a")  # another session (another browser): the address shows nothing there
+    assert console.api.client.cookies["wb_console"] != session
+    assert flash(console.get(other.headers["location"])) == ""
+    moved = other.headers["location"].replace("ord_tab_c", "ord_tab_a")
+    console.api.client.cookies.set("wb_console", session, path="/console")
+    assert flash(console.get(moved)) == ""  # signed for its own order only
+    assert flash(console.get(other.headers["location"])) == "Stop recovering this order: done; the order is FAILED"
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],

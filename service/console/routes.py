@@ -638,7 +638,8 @@ async def _carry_out(on: _OrderPost, form: Mapping[str, str], act: Callable[[], 
         key = one_time_key(form.get(SUBMISSION_FIELD), request.headers.getlist(IDEMPOTENCY_HEADER))
     except KeyRefusedError as refused:
         return await _order_result(on, ActionResult("refused", str(refused)), 400)
-    submission = await run_in_threadpool(store.claim, on.session.agent, order_id, request.url.path, key)
+    asked = {name: value for name, value in form.items() if name not in (CSRF_FIELD, SUBMISSION_FIELD)}
+    submission = await run_in_threadpool(store.claim, on.session.agent, order_id, request.url.path, key, asked)
     if submission.first:
         try:
             result = await run_in_threadpool(act)

@@ -75,8 +75,9 @@ submissions = sa.Table(
     "console_submissions",
     metadata,
     sa.Column("submission_id", BigId, primary_key=True, autoincrement=True),
-    # SHA-256 of the one-time token the form carried (or one made up for a POST without one): a second POST of the
-    # same form finds the first one's row here, and is answered with its result instead of acting again.
+    # SHA-256 of the one-time key the POST carried (its form's token, or a script's Idempotency-Key with its agent):
+    # a second POST of the same form finds the first one's row here, and is answered with its result instead of
+    # acting again.
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("agent_id", BigId, nullable=False),
     sa.Column("order_id", sa.String(256), nullable=False),
@@ -87,5 +88,8 @@ submissions = sa.Table(
     sa.Column("rules", sa.Text, nullable=True),  # comma-separated, as in the audit log
     # The one-time key of the result's flash, until the order's page shows it (null: shown, or none waits).
     sa.Column("flash_key", sa.String(64), nullable=True),
+    # SHA-256 of the first POST's fields but its CSRF token and key (null before 0024): a key re-sent with other
+    # fields (another action, channel or reason) is refused rather than answered with the first one's result.
+    sa.Column("fields_sha256", sa.String(64), nullable=True),
     sa.Index("ix_console_submissions_created", "created_at"),
 )

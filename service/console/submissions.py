@@ -19,9 +19,10 @@ its token is looked at.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -60,6 +61,11 @@ STILL_UNDER_WAY = (
     "This form was sent a moment ago and that request is still being carried out: nothing was done again. "
     "Reload the order in a few seconds to see how it went before acting again."
 )
+OTHER_FIELDS = (
+    "Nothing was done: this one-time key was sent before with other fields (another action, channel, choice or "
+    "reason); a request sent again must be the same. Reload the order to see how the first went, and act again "
+    "with a new key."
+)
 OTHER_FORM = (
     "Nothing was done: this form's token belongs to another form (the page was altered, or a script's "
     f"{IDEMPOTENCY_HEADER} was used before for another order or action). Reload the order and act again."
@@ -73,6 +79,11 @@ def new_token() -> str:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def fields_digest(fields: Mapping[str, str]) -> str:
+    """What a POST asked, as compared when its key is sent again: its fields' SHA-256, in any order."""
+    return _digest(json.dumps(sorted(fields.items()), ensure_ascii=False))
 
 
 def _usable(token: str) -> bool:
@@ -157,11 +168,20 @@ class SubmissionStore:
         self.keep = keep
         self.clock = clock
 
-    def claim(self, agent: Agent, order_id: str, form_path: str, token: OneTimeKey) -> Submission:
-        """Claim the form's one-time ``token`` for this POST."""
+    def claim(
+        self, agent: Agent, order_id: str, form_path: str, token: OneTimeKey, fields: Mapping[str, str]
+    ) -> Submission:
+        """Claim the form's one-time ``token`` for this POST of ``fields`` (its CSRF token and key left out)."""
         now = self.clock()
         key = token.digest(agent)
-        row = {"agent_id": agent.agent_id, "order_id": order_id, "form_path": form_path[:1024], "created_at": now}
+        asked = fields_digest(fields)
+        row = {
+            "agent_id": agent.agent_id,
+            "order_id": order_id,
+            "form_path": form_path[:1024],
+            "created_at": now,
+            "fields_sha256": asked,
+        }
         try:
             with self.engine.begin() as conn:
                 conn.execute(submissions.delete().where(submissions.c.created_at <= now - self.keep))
@@ -181,20 +201,26 @@ class SubmissionStore:
                     submissions.c.result,
                     submissions.c.message,
                     submissions.c.rules,
+                    submissions.c.fields_sha256,
                 ).where(submissions.c.token_sha256 == key)
             ).one()
-            if (earlier.agent_id, earlier.order_id, earlier.form_path) == (agent.agent_id, order_id, row["form_path"]):
+            same_form = (earlier.agent_id, earlier.order_id, earlier.form_path) == (
+                agent.agent_id,
+                order_id,
+                row["form_path"],
+            )
+            if same_form and earlier.fields_sha256 in (None, asked):  # None: sent before 0024 kept what it asked
                 found = _result_of(earlier.result, earlier.message, earlier.rules)
                 return Submission(int(earlier.submission_id), first=False, sent_before=True, earlier=found)
-            # Another agent's, order's or form's token: refused, under a row of its own (for its flash).
+            # Another agent's, order's or form's token, or the key of another request: refused, under a row of its
+            # own (for its flash).
+            refusal = OTHER_FIELDS if same_form else OTHER_FORM
             inserted = conn.execute(
-                submissions.insert().values(
-                    token_sha256=_digest(new_token()), result="refused", message=OTHER_FORM, **row
-                )
+                submissions.insert().values(token_sha256=_digest(new_token()), result="refused", message=refusal, **row)
             )
             primary = inserted.inserted_primary_key
             assert primary is not None
-            return Submission(int(primary[0]), first=False, earlier=ActionResult("refused", OTHER_FORM))
+            return Submission(int(primary[0]), first=False, earlier=ActionResult("refused", refusal))
 
     def record(self, submission_id: int, result: ActionResult) -> None:
         """Note how the claimed form's action went (what a second POST of it is answered)."""

@@ -843,6 +843,29 @@ def test_an_action_posted_without_a_one_time_key_acts_on_nothing_and_a_scripts_i
     assert flash(theirs) == "Send a payment link by email now: done; the order is PENDING"
 
 
+def test_a_key_sent_again_asking_something_else_is_refused_not_answered_with_the_first_result(
+    console: Console,
+) -> None:
+    """A script that re-used its Idempotency-Key for another action of the same order (a stop after a link) was told
+    "sent before" with the link's result, as if its stop had been seen and done. A key re-sent with other fields is
+    refused, and nothing is acted on; re-sent with the same fields, it is still answered with how the first went."""
+    console.fail_order("m_a", "ord_reused")
+    console.sign_in("asha@m_a")
+    path = "/console/orders/ord_reused/actions"
+    headers = {"X-CSRF-Token": console.csrf(), "Idempotency-Key": "run-42"}
+    link = console.act(path, {"action": "send_link", "channel": "email"}, headers=headers)
+    assert flash(link) == "Send a payment link by email now: done; the order is PENDING"
+    for other in ({"action": "stop"}, {"action": "send_link", "channel": "whatsapp"}):
+        refused = console.act(path, other, headers=headers)
+        assert flash(refused).startswith("Nothing was done: this one-time key was sent before with other fields")
+    retried = console.act(path, {"channel": "email", "action": "send_link"}, headers=headers)  # in another order
+    assert flash(retried).startswith("This form was sent before")
+    assert flash(retried).endswith("How it went: " + flash(link))
+    assert (_audited(console, "ord_reused"), _nudges_asked(console, "ord_reused")) == ([("send_link", "done")], 1)
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_reused")) == "PENDING"
+
+
 def test_two_tabs_acting_at_once_each_show_their_own_result_and_only_in_their_session(console: Console) -> None:
     """Two tabs acting within moments, without JavaScript: the flash cookie held one result at a time, so the
     first tab's redirect showed the second tab's result (same order) or nothing (another order). Each redirect's
@@ -897,7 +920,7 @@ def test_a_form_sent_many_times_at_once_is_claimed_once_and_the_others_wait_for_
 
     def send() -> None:
         start.wait()
-        claims.append(store.claim(asha, "ord_1", "/console/orders/ord_1/actions", OneTimeKey("the-forms-token")))
+        claims.append(store.claim(asha, "ord_1", "/console/orders/ord_1/actions", OneTimeKey("the-forms-token"), {}))
 
     threads = [threading.Thread(target=send) for _ in range(8)]
     for thread in threads:

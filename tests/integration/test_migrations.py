@@ -469,6 +469,34 @@ def test_the_forms_sent_to_the_console_are_kept_from_0019_one_row_a_token_and_dr
         engine.dispose()
 
 
+def test_what_a_forms_first_post_asked_is_kept_from_0024_and_dropped_on_downgrade(database_url: str) -> None:
+    """0024 adds ``fields_sha256`` to the forms already kept (null: compared as before), and a downgrade drops it
+    keeping the forms."""
+    engine = sa.create_engine(database_url)
+    row = {
+        "token_sha256": "b" * 64, "agent_id": 1, "order_id": "ord_1", "form_path": "/console/orders/ord_1/actions",
+        "created_at": datetime(2026, 12, 7, 5, 0, tzinfo=UTC),
+    }  # fmt: skip
+    table = sa.table("console_submissions", *(sa.column(name) for name in [*row, "fields_sha256"]))
+    try:
+        upgrade(engine, "0020")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(sa.table("console_submissions", *(sa.column(name) for name in row))), [row])
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table), [row | {"token_sha256": "c" * 64, "fields_sha256": "d" * 64}])
+            kept = conn.execute(sa.select(table.c.token_sha256, table.c.fields_sha256).order_by("token_sha256"))
+            assert [tuple(found) for found in kept] == [("b" * 64, None), ("c" * 64, "d" * 64)]
+        downgrade(engine, "0020")
+        columns = {column["name"] for column in sa.inspect(engine).get_columns("console_submissions")}
+        assert "fields_sha256" not in columns
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(table)) == 2
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
 def _planned(engine: sa.Engine, conn: sa.Connection, call: Callable[[], T]) -> tuple[T, str]:
     """What ``call`` returns, and the database's plan of the one statement it runs on ``conn``."""
     statements: list[tuple[str, Any]] = []

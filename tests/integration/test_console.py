@@ -939,7 +939,7 @@ def test_a_form_sent_many_times_at_once_is_claimed_once_and_the_others_wait_for_
     assert store.wait_for(later[0].submission_id, seconds=10) == done
     noted.join()
     key = store.arm_flash(first[0].submission_id)
-    assert store.take_flash(first[0].submission_id, key, bo, "ord_1") is None  # another agent's cookie: nothing
+    assert store.take_flash(first[0].submission_id, key, bo, "ord_1") is None  # another agent's reference: nothing
     assert store.take_flash(first[0].submission_id, key, asha, "ord_2") is None
     assert store.take_flash(first[0].submission_id, key, asha, "ord_1") == Flash(done)
     assert store.take_flash(first[0].submission_id, key, asha, "ord_1") is None  # once

@@ -88,7 +88,7 @@ submissions = sa.Table(
     sa.Column("rules", sa.Text, nullable=True),  # comma-separated, as in the audit log
     # The one-time key of the result's flash, until the order's page shows it (null: shown, or none waits).
     sa.Column("flash_key", sa.String(64), nullable=True),
-    # SHA-256 of the first POST's fields but its CSRF token and key (null before 0024): a key re-sent with other
+    # SHA-256 of the first POST's fields but its CSRF token and key (null before 0021): a key re-sent with other
     # fields (another action, channel or reason) is refused rather than answered with the first one's result.
     sa.Column("fields_sha256", sa.String(64), nullable=True),
     sa.Index("ix_console_submissions_created", "created_at"),

@@ -209,7 +209,7 @@ class SubmissionStore:
                 order_id,
                 row["form_path"],
             )
-            if same_form and earlier.fields_sha256 in (None, asked):  # None: sent before 0024 kept what it asked
+            if same_form and earlier.fields_sha256 in (None, asked):  # None: sent before 0021 kept what it asked
                 found = _result_of(earlier.result, earlier.message, earlier.rules)
                 return Submission(int(earlier.submission_id), first=False, sent_before=True, earlier=found)
             # Another agent's, order's or form's token, or the key of another request: refused, under a row of its

@@ -61,7 +61,7 @@ class Console:
         """A POST of ``data``; to an action's address with a new one-time token unless ``data`` or the headers
         carry a key (as the order page's forms do), or ``one_time_key`` is False."""
         keyed = SUBMISSION_FIELD in data or IDEMPOTENCY_HEADER.lower() in {h.lower() for h in kwargs.get("headers", {})}
-        if one_time_key and not keyed and (path.endswith("/actions") or "/charges/" in path):
+        if one_time_key and not keyed and (path.endswith("/actions") or "/charges/" in path or "/disputes/" in path):
             data = data | {SUBMISSION_FIELD: new_token()}
         return self.request("POST", path, data=data, **kwargs)
 

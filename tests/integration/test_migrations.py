@@ -469,8 +469,8 @@ def test_the_forms_sent_to_the_console_are_kept_from_0019_one_row_a_token_and_dr
         engine.dispose()
 
 
-def test_what_a_forms_first_post_asked_is_kept_from_0024_and_dropped_on_downgrade(database_url: str) -> None:
-    """0024 adds ``fields_sha256`` to the forms already kept (null: compared as before), and a downgrade drops it
+def test_what_a_forms_first_post_asked_is_kept_from_0021_and_dropped_on_downgrade(database_url: str) -> None:
+    """0021 adds ``fields_sha256`` to the forms already kept (null: compared as before), and a downgrade drops it
     keeping the forms."""
     engine = sa.create_engine(database_url)
     row = {

@@ -7,7 +7,7 @@ stop had been seen. The SHA-256 of the first POST's fields (all but its CSRF tok
 re-sent with other fields is refused, acting on nothing. Rows from before this revision have none and are
 compared as before.
 
-Revision ID: 0024
+Revision ID: 0021
 Revises: 0020
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0024"
+revision = "0021"
 down_revision = "0020"
 branch_labels = None
 depends_on = None

@@ -99,6 +99,31 @@ def without_uri_secrets(text: str, uri: str) -> str:
     return text
 
 
+def unusable_store(uri: str, error: BaseException) -> str:
+    """The one line saying that the MLflow tracking store ``uri`` cannot be used: the first line of ``error``
+    (MLflow's or a driver's, which name the URL they tried), the URI's secrets hidden in both."""
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"cannot use the MLflow tracking store {shown_uri(uri)}: {without_uri_secrets(reason, uri)}"
+
+
+def refuse_unknown_store_scheme(uri: str) -> None:
+    """RegistryError (``unusable_store``'s line) when MLflow has no tracking or registry store for ``uri``'s scheme
+    (``bogus://``, ``s3://``, ``postgres://``: MLflow spells it ``postgresql://``), the first check MLflow's client
+    makes, here without building the store: nothing is contacted, so a store that is down, or a file store MLflow
+    takes only with ``MLFLOW_ALLOW_FILE_STORE``, passes. Schemes come from MLflow's store registries, plugins'
+    included; a missing database driver (``mysql://`` without MySQLdb) is found only when the store is built."""
+    # MLflow has no public spelling of this check: its client runs it when built, after which a database-backed
+    # store is connected to (retried for minutes when down). tests/integration/test_registry.py pins what it takes.
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    for store_registry in (_tracking_store_registry, _get_store_registry()):  # type: ignore[no-untyped-call]
+        try:
+            store_registry.get_store_builder(uri)
+        except MlflowException as exc:
+            raise RegistryError(unusable_store(uri, exc)) from None
+
+
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """The tracking URI to use: the given one, else ``$MLFLOW_TRACKING_URI``, else ``./mlruns/mlflow.db``.
 

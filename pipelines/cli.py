@@ -133,24 +133,14 @@ def known_alias(alias: str, tracking_uri: str | None) -> None:
     scorer serves rules-only, and so is it evaluated; so is a store where nothing is registered yet."""
     from mlflow.exceptions import MlflowException
 
-    from model.registry_client import (
-        CHAMPION,
-        RegistryError,
-        registered_aliases,
-        resolve_tracking_uri,
-        shown_uri,
-        without_uri_secrets,
-    )
+    from model.registry_client import CHAMPION, RegistryError, registered_aliases, resolve_tracking_uri, unusable_store
 
     uri = resolve_tracking_uri(tracking_uri)
     try:
         aliases = registered_aliases(tracking_uri=uri)
     except (RegistryError, MlflowException) as exc:
         # An unknown scheme (`bogus://`, `postgres://`) ended evaluate in MLflow's traceback, after reading the history.
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise fail(
-            f"cannot use the MLflow tracking store {shown_uri(uri)}: {without_uri_secrets(reason, uri)}"
-        ) from None
+        raise fail(unusable_store(uri, exc)) from None
     if aliases is None or alias in aliases or alias == CHAMPION:
         return
     known = ", ".join(f"{name} -> version {version}" for name, version in sorted(aliases.items())) or "none"
@@ -335,6 +325,7 @@ def serve(
 ) -> None:
     """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
     from model.merchant_config import ConfigError
+    from model.registry_client import RegistryError
     from service.api.server import DatabaseUnavailableError, PortInUseError, SpoolUnwritableError, run
     from service.api.settings import SettingsError
     from service.api.startup import WorkerStartupError
@@ -345,6 +336,7 @@ def serve(
         ConfigError,
         DatabaseUnavailableError,
         PortInUseError,
+        RegistryError,
         SettingsError,
         SpoolUnwritableError,
         WorkerStartupError,

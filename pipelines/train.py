@@ -808,7 +808,7 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     from model import registry
-    from model.registry_client import shown_uri, without_uri_secrets
+    from model.registry_client import unusable_store
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.DEFAULT_TRACKING_URI
     try:
@@ -816,9 +816,7 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
         with _store_lock(uri):
             registry.ensure_experiment(uri)
     except (MlflowException, SQLAlchemyError, OSError) as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        reason = without_uri_secrets(reason, uri)  # MLflow's and the drivers' errors name the URL they tried
-        raise TrainInputError(f"cannot use the MLflow tracking store {shown_uri(uri)}: {reason}") from exc
+        raise TrainInputError(unusable_store(uri, exc)) from exc
     return uri
 
 

@@ -261,6 +261,32 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_before_touching_anything(
     assert not (tmp_path / "spool").exists()
 
 
+def test_serve_refuses_a_tracking_uri_no_mlflow_store_takes_before_touching_anything(
+    tmp_path: Path, serve_env: pytest.MonkeyPatch
+) -> None:
+    """`--tracking-uri bogus://x` started, served rules-only for ever and said why only in /readyz. Now exit 2 and
+    the line evaluate prints for it, before the port, the database or the spool is looked at. A store that is down
+    (an unreachable server, an unreachable database) is not refused: the port in use is what ends those runs."""
+    database = tmp_path / "winback.db"
+    serve_env.setenv("WINBACK_DATABASE_URL", f"sqlite:///{database}")
+    serve_env.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "spool"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]  # a run the check lets through ends here, at once, rather than serve
+        result = runner.invoke(app, ["serve", "--port", str(port), "--tracking-uri", "bogus://x"])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert "error: cannot use the MLflow tracking store bogus://x: Model registry functionality is unavailable; " \
+            "got unsupported URI 'bogus://x'" in " ".join(result.output.split()), result.output  # fmt: skip
+        for down in ("http://127.0.0.1:1", "postgresql://winback@127.0.0.1:1/mlflow"):
+            result = runner.invoke(app, ["serve", "--port", str(port), "--tracking-uri", down])
+            assert result.exit_code == 2, result.output
+            assert f"error: port {port} on 127.0.0.1 is in use" in result.output, result.output
+    assert not database.exists()
+    assert not (tmp_path / "spool").exists()
+
+
 def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
     tmp_path: Path, serve_env: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from model import registry
+from model import registry, registry_client
 from model.bundle import ModelBundle
 from model.training import train
 from tests.factories import make_history_frames, make_request
@@ -335,3 +335,36 @@ def test_a_tracking_block_leaves_no_registry_behind(
     assert "MLFLOW_REGISTRY_URI" not in os.environ
     other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     assert mlflow.MlflowClient(tracking_uri=other)._registry_uri == other
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlruns/mlflow.db",
+        "sqlite://",
+        "mlruns",
+        "/srv/mlruns",
+        "file:///srv/mlruns",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com",
+        "databricks",
+        "databricks://profile",
+        "postgresql://winback@db/mlflow",
+        "postgresql+psycopg://winback@db/mlflow",
+        "mysql+pymysql://winback@db/mlflow",
+        "mssql://db/mlflow",
+    ],
+)
+def test_every_scheme_mlflow_has_a_store_for_is_taken_without_contacting_it(uri: str) -> None:
+    registry_client.refuse_unknown_store_scheme(uri)  # none of these hosts exists: nothing is contacted
+
+
+@pytest.mark.parametrize("uri", ["bogus://x", "s3://bucket/mlruns", "postgres://winback:s3cret@db/mlflow"])
+def test_a_scheme_no_mlflow_store_takes_is_refused_in_one_line(uri: str) -> None:
+    with pytest.raises(registry_client.RegistryError) as refused:
+        registry_client.refuse_unknown_store_scheme(uri)
+    message = str(refused.value)
+    assert message.startswith(f"cannot use the MLflow tracking store {registry_client.shown_uri(uri)}: "), message
+    assert "got unsupported URI" in message
+    assert "\n" not in message
+    assert "s3cret" not in message

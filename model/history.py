@@ -987,6 +987,8 @@ def _check_stops(a: pd.DataFrame, stops: pd.DataFrame, label: str, out: _Collect
     if len(stops) == 0:
         return
     known = _check_orders_known(a, stops, label, out)
+    if len(a) == 0:  # every stop's order was reported unknown; indexing no attempts raised IndexError
+        return
     s_order = stops["order_id"].to_numpy(dtype=object)
     keys = pd.MultiIndex.from_arrays([a["order_id"].astype(object), a["attempt_number"].astype(np.int64)])
     number = stops["attempt_number"].to_numpy(dtype=np.int64)
@@ -1178,6 +1180,42 @@ def _read_arrow(path: Path, label: str) -> pyarrow.Table:
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
         _fail(label, f"cannot read the file: {exc}")
     return _plain_types(table)
+
+
+def refuse_a_history_without_attempts(
+    attempts_path: str | Path, nudges_path: str | Path, stops_path: str | Path | None = None
+) -> None:
+    """HistoryError when the attempts file holds no rows, only a header (a Parquet file: only a schema), naming it
+    and each other file of the history that has no rows either. Cheap (a CSV is read to its first row, a Parquet
+    file's row count is in its footer), so commands call it before any work or state: a header-only history made
+    an empty MLflow store, and an evaluation's folder, before failing for want of decision points. A file that
+    cannot be read, or is not there, is left to the reader's own report."""
+    if not _holds_no_rows(Path(attempts_path)):
+        return
+    problems = [Problem(str(attempts_path), None, None, "no rows, only a header: a history needs at least one attempt")]
+    for other in (nudges_path, stops_path):
+        if other is not None and _holds_no_rows(Path(other)):
+            problems.append(Problem(str(other), None, None, "no rows either, only a header"))
+    raise HistoryError(ValidationReport(problems, total=len(problems)))
+
+
+def _holds_no_rows(path: Path) -> bool:
+    """Whether the history file at ``path`` certainly holds no rows (False when it cannot be read)."""
+    import csv
+
+    import pyarrow.dataset
+
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8-sig") as handle:
+                rows = csv.reader(handle)
+                next(rows, None)  # the header
+                return not any(row for row in rows)  # an empty line is no row (Arrow's reader skips it too)
+        if path.suffix.lower() == ".parquet":  # a file, or a folder of parts
+            return bool(pyarrow.dataset.dataset(path, format="parquet").count_rows() == 0)
+    except (OSError, ValueError, csv.Error, pyarrow.ArrowException):
+        pass
+    return False
 
 
 def _read_csv_text(path: Path, label: str) -> pyarrow.Table:

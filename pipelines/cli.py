@@ -127,6 +127,19 @@ def output_file(path: Path, option: str) -> None:
     output_folder(path.parent, option, named=path)
 
 
+def history_with_attempts(attempts: Path, nudges: Path, stops: Path | None = None) -> None:
+    """Refuse, before any work, a history whose attempts file holds only a header, naming it (and the other files
+    without rows): evaluate left an MLflow store and its folder behind before failing. (`codes report` answers such
+    a history that it has no error code to report, exit 0: the README's step after an export of a fresh store.)"""
+    from model.history import HistoryError, refuse_a_history_without_attempts
+    from pipelines.train import format_history_error
+
+    try:
+        refuse_a_history_without_attempts(attempts, nudges, stops)
+    except HistoryError as exc:
+        raise fail(format_history_error(exc)) from None
+
+
 def known_alias(alias: str, tracking_uri: str | None) -> None:
     """Refuse, before any work, an ``--alias`` no version of a registered ``winback`` has: a mistyped one
     (``challanger``) was evaluated as rules-only, exit 0, said to be "no model registered". Without ``champion`` the
@@ -579,8 +592,9 @@ def evaluate(
     from pipelines.train import comparison_policies, format_history_error, merchants_for, resolve_stops
 
     output_folder(out, "--out")
-    known_alias(alias, tracking_uri)
     stops_file = resolve_stops(attempts, stops)
+    history_with_attempts(attempts, nudges, stops_file)
+    known_alias(alias, tracking_uri)
     if stops is None and stops_file is not None:
         console.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
     try:

@@ -20,7 +20,14 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from model.history import HistoryError, read_history, write_attempts, write_nudges, write_stops
+from model.history import (
+    HistoryError,
+    read_history,
+    refuse_a_history_without_attempts,
+    write_attempts,
+    write_nudges,
+    write_stops,
+)
 from model.registry_client import get_alias_version, run_params
 from pipelines.gate import DEFAULT_POLICY_VALUE_MARGIN, GATE_METRICS, GateMetric, with_policy_value_margin
 from pipelines.train import (
@@ -118,6 +125,7 @@ def retrain(
     """
     checks = with_policy_value_margin(gate_checks(gate), policy_value_margin)
     try:
+        refuse_a_history_without_attempts(attempts, nudges, stops)  # before the store is made or read
         history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc

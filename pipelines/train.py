@@ -40,7 +40,14 @@ from model.catalog import ErrorCatalog, load_catalog
 from model.codelevel import CodeLevelsOverTime
 from model.datafiles import DEMO_MERCHANTS_FILE
 from model.gsm import GSM_OVERLAY_KEY, GsmError, GsmOverlaySetting, TrainingOverlay, describe_overlay
-from model.history import DEFAULT_PARTITION_ROWS, History, HistoryError, PartitionedHistory, split_history
+from model.history import (
+    DEFAULT_PARTITION_ROWS,
+    History,
+    HistoryError,
+    PartitionedHistory,
+    refuse_a_history_without_attempts,
+    split_history,
+)
 from model.merchant_config import MerchantConfig
 from model.requests import DecisionRequest
 from model.rules import Candidate
@@ -922,6 +929,10 @@ def run_training(
         raise TrainInputError("--engine dask needs --scheduler, the address of a Dask scheduler (tcp://host:8786)")
     if engine == "local" and scheduler:
         raise TrainInputError("--scheduler is only used with --engine dask")
+    try:  # a header-only history made an empty MLflow store before failing for want of retries
+        refuse_a_history_without_attempts(attempts, nudges, stops)
+    except HistoryError as exc:
+        raise TrainInputError(format_history_error(exc)) from exc
     if config is not None:  # checked before any work: a bad config used to fail after training, with a traceback
         from model.merchant_config import ConfigError, load_config
 

@@ -152,6 +152,30 @@ def test_train_on_input_it_cannot_use_exits_with_one_line(tmp_path: Path, small_
     assert "Traceback" not in bad_config.output
 
 
+def test_a_history_of_headers_only_is_refused_before_any_store_or_folder_is_made(
+    tmp_path: Path, small_history: Path
+) -> None:
+    """train, retrain and evaluate on header-only files: train and retrain made an empty MLflow store and failed for
+    want of retries; evaluate made the store and its --out folder first. (`codes report` says there is no code to
+    report, exit 0: tests/integration/test_cli_newcomer_output.py.)"""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("attempts", "nudges"):
+        pd.read_parquet(small_history / f"{name}.parquet").iloc[:0].to_csv(empty / f"{name}.csv", index=False)
+    history = ["--attempts", str(empty / "attempts.csv"), "--nudges", str(empty / "nudges.csv")]
+    store = tmp_path / "mlruns"
+    out = tmp_path / "evaluation"
+    for command in (["train"], ["retrain"], ["evaluate", "--out", str(out)]):
+        result = runner.invoke(app, [*command, *history, "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}"])
+        assert result.exit_code == 2, (command, result.output)
+        assert (
+            f"error: invalid history: 2 problems: {empty / 'attempts.csv'}: no rows, only a header: a history needs "
+            f"at least one attempt; {empty / 'nudges.csv'}: no rows either, only a header"
+        ) in " ".join(result.output.split()), (command, result.output)
+        assert not store.exists(), command
+        assert not out.exists(), command
+
+
 def test_train_with_a_tracking_store_it_cannot_reach_says_so_in_one_line_before_training(
     tmp_path: Path, small_history: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

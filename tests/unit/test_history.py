@@ -20,6 +20,7 @@ from model.history import (
     read_history,
     read_nudges,
     reconstruct_orders,
+    refuse_a_history_without_attempts,
     write_attempts,
     write_nudges,
 )
@@ -628,3 +629,36 @@ def test_the_stops_file_beside_an_attempts_file_is_found_in_either_format(tmp_pa
     (tmp_path / "stops.csv").touch()
     assert stops_beside(attempts) == tmp_path / "stops.csv"  # the attempts file's own format first
     assert resolve_stops(attempts, tmp_path / "other.parquet") == tmp_path / "other.parquet"  # given: used as is
+
+
+# --- a history without rows -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_history_whose_attempts_hold_only_a_header_is_refused_naming_each_file_without_rows(
+    tmp_path: Path, fmt: str
+) -> None:
+    a, n = _write_pair(tmp_path, fmt, make_attempts_frame().iloc[:0], make_nudges_frame().iloc[:0])
+    if fmt == "csv":
+        a.write_text(a.read_text() + "\n\n")  # blank lines are no rows (the reader skips them)
+    with pytest.raises(HistoryError) as exc:
+        refuse_a_history_without_attempts(a, n)
+    assert exc.value.report.problems == [
+        Problem(str(a), None, None, "no rows, only a header: a history needs at least one attempt"),
+        Problem(str(n), None, None, "no rows either, only a header"),
+    ]
+    # Nudges without rows beside attempts with some: a history of silent retries alone, which the readers judge.
+    a, n = _write_pair(tmp_path, fmt, make_attempts_frame(), make_nudges_frame().iloc[:0])
+    refuse_a_history_without_attempts(a, n)
+    # A file the readers cannot read is theirs to report.
+    refuse_a_history_without_attempts(tmp_path / f"absent.{fmt}", n)
+    (tmp_path / "latin1.csv").write_bytes(b"merchant_id\n\xe9\n")
+    refuse_a_history_without_attempts(tmp_path / "latin1.csv", n)
+
+
+def test_stops_beside_attempts_without_rows_are_reported_not_an_index_error(tmp_path: Path) -> None:
+    a, n = _write_pair(tmp_path, "parquet", make_attempts_frame().iloc[:0], make_nudges_frame().iloc[:0])
+    s = _raw_parquet(tmp_path, make_stops_frame({"order_id": "ord_lost"}), "stops.parquet")
+    with pytest.raises(HistoryError) as exc:
+        read_history(a, n, stops_path=s)
+    assert [(p.row, p.column) for p in exc.value.report.problems] == [(1, "order_id")], str(exc.value)

@@ -1573,6 +1573,45 @@ class HistoryWriter:
         self._partial.unlink(missing_ok=True)
 
 
+def move_into_place_together(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Move every ``(source, target)`` file of ``moves`` into place, all of them or none: when a move fails, the
+    targets moved so far get their earlier files back (or are removed, when they had none) and the error is raised.
+    Sources and targets must be on one file system (``os.replace``).
+
+    Each target is replaced atomically: a reader finds the whole earlier file or the whole new one, never none. The
+    set is not atomic: a reader between two moves finds new files beside earlier ones, and a process killed between
+    them (SIGKILL, a power cut), or a roll-back that fails too, leaves that mix. The earlier files are kept as hard
+    links (a copy where the file system has none) beside their targets, ``.<name>.earlier``, until the end."""
+    import os
+    import shutil
+
+    earlier: dict[Path, Path] = {}
+    moved: list[Path] = []
+    try:
+        for _, target in moves:  # first, so a file system that cannot keep them fails before any move
+            if target.exists():
+                kept = earlier[target] = target.with_name(f".{target.name}.earlier")
+                kept.unlink(missing_ok=True)
+                try:
+                    os.link(target, kept)
+                except OSError:
+                    shutil.copy2(target, kept)
+        try:
+            for source, target in moves:
+                os.replace(source, target)
+                moved.append(target)
+        except BaseException:
+            for target in reversed(moved):
+                if target in earlier:
+                    os.replace(earlier.pop(target), target)
+                else:
+                    target.unlink()
+            raise
+    finally:
+        for kept in earlier.values():
+            kept.unlink(missing_ok=True)
+
+
 def attempts_writer(path: str | Path) -> HistoryWriter:
     """A :class:`HistoryWriter` for an attempts file."""
     return HistoryWriter(path, AttemptsSchema, ATTEMPT_COLUMNS)

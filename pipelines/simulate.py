@@ -7,18 +7,20 @@ failures); the logging policy (the static retry-then-retarget rule with epsilon 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from model.history import HistoryWriter, attempts_writer, nudges_writer, stops_writer
+from model.history import HistoryWriter, attempts_writer, move_into_place_together, nudges_writer, stops_writer
 from model.simulation import DEFAULT_EPSILON, HistoryPart, iter_history_parts
 from model.simulation.episodes import totals_of
 
@@ -26,6 +28,8 @@ from model.simulation.episodes import totals_of
 _PARALLEL_FROM = 20_000
 #: Simulated parts (5,000 orders each) per written row group.
 _PARTS_PER_ROW_GROUP = 20
+#: The files a simulation writes in its folder; stops are the logging policy's stop decisions.
+FILE_NAMES = ("attempts.parquet", "nudges.parquet", "stops.parquet")
 
 
 @dataclass(frozen=True)
@@ -93,17 +97,37 @@ def simulate(
     DIR/stops.parquet (the logging policy's stop decisions, which leave no attempt or nudge).
 
     The files pass ``model.history.read_history``; the same (orders, seed, epsilon) always writes the same
-    files. ``workers`` defaults to 2 processes from 20,000 orders on (the output does not depend on it).
+    files. They are moved into ``out_dir`` together once all are written: a run that fails leaves the files of an
+    earlier run there as they were. ``workers`` defaults to 2 processes from 20,000 orders on (the output does not
+    depend on it).
     """
     if orders < 1:
         raise ValueError(f"--orders must be at least 1, got {orders}")
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if orders >= _PARALLEL_FROM else 1
     out_dir = Path(out_dir)
+    made = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    attempts_path = out_dir / "attempts.parquet"
-    nudges_path = out_dir / "nudges.parquet"
-    stops_path = out_dir / "stops.parquet"
+    try:
+        # Written in a folder of their own inside --out, then moved in together: a failed run leaves the files of
+        # an earlier one as they were (see move_into_place_together for what is still not atomic).
+        with tempfile.TemporaryDirectory(prefix=".winback-simulate-", dir=out_dir) as staging:
+            summary = _simulate_into(Path(staging), orders, seed, progress, epsilon=epsilon, workers=workers)
+            move_into_place_together([(Path(staging) / name, out_dir / name) for name in FILE_NAMES])
+    except BaseException:
+        for folder in made:  # the folders this run made, when nothing else is in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    attempts_path, nudges_path, stops_path = (out_dir / name for name in FILE_NAMES)
+    return replace(summary, attempts_path=attempts_path, nudges_path=nudges_path, stops_path=stops_path)
+
+
+def _simulate_into(
+    out_dir: Path, orders: int, seed: int, progress: bool, *, epsilon: float, workers: int
+) -> SimulationSummary:
+    """``simulate``'s run, its three files written in ``out_dir``."""
+    attempts_path, nudges_path, stops_path = (out_dir / name for name in FILE_NAMES)
     started = time.perf_counter()
     parts = iter_history_parts(orders, seed, epsilon=epsilon, workers=workers)
     per_order: list[pd.DataFrame] = []

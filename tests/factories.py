@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 
 from model.gsm import OverlayEntry
 from model.merchant_config import MerchantConfig
@@ -624,3 +626,21 @@ GSM_ONLY_CODE = OverlayEntry(
     class_from="error_category", decision="retry", retryable_prior=True, step_up_possible=False,
     clear_pan_possible=False, alternate_network_possible=False,
 )  # fmt: skip
+
+
+def fail_the_nth_move_onto(folder: Path, names: Iterable[str], n: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the ``n``-th ``os.replace`` onto one of the files ``names`` of ``folder`` raise OSError (ENOSPC), as a
+    full disk would; later ones go through (a roll-back's). Returns the names moved onto, in order."""
+    real_replace = os.replace
+    targets = {folder / name for name in names}
+    onto: list[str] = []
+
+    def replace_or_fail(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        if Path(target) in targets:
+            onto.append(Path(target).name)
+            if len(onto) == n:
+                raise OSError(28, "No space left on device (made to fail by the test)")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_or_fail)
+    return onto

@@ -42,6 +42,7 @@ from model.history import (
     STOP_COLUMNS,
     History,
     HistoryError,
+    move_into_place_together,
     read_history,
     stops_beside,
     write_attempts,
@@ -688,9 +689,8 @@ def export_history(
                 left_out.update(at_fault)
         else:
             raise RuntimeError(f"history export did not validate after {_MAX_VALIDATION_ROUNDS} rounds")
-        staged[0].replace(attempts_path)
-        staged[1].replace(nudges_path)
-        staged[2].replace(stops_path)
+        # Together: one after another, a failure between two moves left new files beside the earlier export's.
+        move_into_place_together(list(zip(staged, (attempts_path, nudges_path, stops_path), strict=True)))
     finally:
         for path in staged:
             path.unlink(missing_ok=True)

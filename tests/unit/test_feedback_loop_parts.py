@@ -21,7 +21,7 @@ from model.vocab import Action, ErrorClass
 from pipelines.retrain import gate_checks, parse_every, retrain_loop, window
 from service.api.metrics import ApiMetrics
 from service.api.store import decisions as decisions_table
-from tests.factories import make_merchant, make_request
+from tests.factories import fail_the_nth_move_onto, make_merchant, make_request
 
 # --------------------------------------------------------------------------------------------- exploration
 
@@ -248,6 +248,27 @@ def test_executor_results_become_contract_history_with_decision_and_propensity(t
     assert set(read_history(recent.attempts_path, recent.nudges_path).attempts["order_id"]) == {"ord_new"}
     with pytest.raises(ValueError, match="since must carry a timezone"):
         export_history(url, tmp_path / "x", since=datetime(2026, 11, 10))
+
+
+def test_an_export_that_fails_between_moves_leaves_the_earlier_export_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three files were moved into place one after another: a failure between two moves left the new attempts
+    beside the earlier export's nudges and stops."""
+    from service.api.export import export_history
+
+    url = _executor_db(tmp_path / "winback.db")
+    out = tmp_path / "out"
+    export_history(url, out, since=datetime(2026, 11, 10, tzinfo=UTC))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    names = ("attempts.parquet", "nudges.parquet", "stops.parquet")
+    assert set(before) == set(names)
+    fail_the_nth_move_onto(out, names, 2, monkeypatch)
+    with pytest.raises(OSError, match="made to fail by the test"):
+        export_history(url, out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # nothing staged is left either
+    monkeypatch.undo()
+    assert export_history(url, out).orders == 2
 
 
 def _stopped_orders_db(path: Path) -> str:

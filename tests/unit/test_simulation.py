@@ -27,7 +27,8 @@ from model.simulation.params import CAUSES
 from model.simulation.world import DEMO_MERCHANTS_FILE, Instrument, Latent, to_ts
 from model.vocab import Action, Channel, Strategy
 from model.vocab import ErrorClass as E
-from pipelines.simulate import simulate
+from pipelines.simulate import FILE_NAMES, simulate
+from tests.factories import fail_the_nth_move_onto
 
 N = 300
 EPSILON = 0.15
@@ -56,6 +57,35 @@ def _digest(path: Path) -> str:
 
 
 # -- determinism and the files -------------------------------------------------------------------------------
+
+
+def test_a_run_that_fails_between_moves_leaves_the_earlier_files_all_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three files were moved into place one after another: a failure between two moves left new files beside
+    the earlier run's. Now the files moved so far are put back and --out holds the earlier set, whole."""
+    out = tmp_path / "history"
+    simulate(out, 60, 1, progress=False)
+    before = {path.name: _digest(path) for path in out.iterdir()}
+    assert set(before) == set(FILE_NAMES)
+    for nth in (1, 2, 3):
+        onto = fail_the_nth_move_onto(out, FILE_NAMES, nth, monkeypatch)
+        with pytest.raises(OSError, match="made to fail by the test"):
+            simulate(out, 60, 2, progress=False)
+        assert len(onto) >= nth  # the failure came where it was asked to
+        assert {path.name: _digest(path) for path in out.iterdir()} == before, nth  # no staging folder left either
+        monkeypatch.undo()
+    # A first run into a folder of its own that fails leaves no folder behind.
+    fail_the_nth_move_onto(tmp_path / "new" / "history", FILE_NAMES, 2, monkeypatch)
+    with pytest.raises(OSError, match="made to fail by the test"):
+        simulate(tmp_path / "new" / "history", 60, 2, progress=False)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    summary = simulate(out, 60, 2, progress=False)  # and a run that does not fail replaces all three
+    assert summary.attempts_path == out / "attempts.parquet"
+    after = {path.name: _digest(path) for path in out.iterdir()}
+    assert set(after) == set(before)
+    assert all(after[name] != before[name] for name in before)
 
 
 def test_same_seed_writes_identical_files(history_dir: Path, tmp_path: Path) -> None:

@@ -383,6 +383,7 @@ def executor_run(
     import os
 
     from model.merchant_config import ConfigError
+    from model.registry_client import RegistryError, refuse_unknown_store_scheme
     from service.api.settings import default_tracking_uri
     from service.executor.worker import run
 
@@ -390,8 +391,11 @@ def executor_run(
     # The same default as `winback serve` (CONTRACT.md section 1): the executor decides with the champion too.
     uri = tracking_uri or default_tracking_uri()
     try:
+        refuse_unknown_store_scheme(
+            uri
+        )  # as serve: `bogus://x` decided rules-only for ever; a store down is not refused
         run(url, workers=workers, config_path=config, tracking_uri=uri, stop_after=stop_after)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, RegistryError, ValueError) as exc:
         raise fail(str(exc)) from None
 
 

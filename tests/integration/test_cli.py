@@ -311,6 +311,18 @@ def test_serve_refuses_a_tracking_uri_no_mlflow_store_takes_before_touching_anyt
     assert not (tmp_path / "spool").exists()
 
 
+def test_executor_run_refuses_a_tracking_uri_no_mlflow_store_takes_before_touching_the_database(
+    tmp_path: Path,
+) -> None:
+    """It ran, deciding rules-only for ever, and said why only in a log line per poll."""
+    database = tmp_path / "winback.db"
+    command = ["executor", "run", "--database-url", f"sqlite:///{database}", "--stop-after", "0"]
+    result = runner.invoke(app, [*command, "--tracking-uri", "bogus://x"])
+    assert result.exit_code == 2, result.output
+    assert "error: cannot use the MLflow tracking store bogus://x: " in result.output, result.output
+    assert not database.exists()
+
+
 def test_serve_with_a_spool_folder_it_cannot_write_says_so_in_one_line(
     tmp_path: Path, serve_env: pytest.MonkeyPatch
 ) -> None:

@@ -232,7 +232,7 @@ RefitOption = Annotated[
 PolicyValueMarginOption = Annotated[
     float,
     typer.Option(
-        "--policy-value-margin",
+        "--gate-margin",
         help="The promotion gate's margin: the challenger is promoted only when its policy value is shown (one-sided, "
         "at 5%) not worse than the champion's by more than this share of the champion's value (0 to below 1).",
     ),

@@ -144,7 +144,7 @@ def with_policy_value_margin(metrics: tuple[GateMetric, ...], margin: float) -> 
     champion's value, from 0 up to 1); ValueError naming the margin otherwise."""
     if not (math.isfinite(margin) and 0.0 <= margin < 1.0):
         raise ValueError(
-            "the policy value's margin (--policy-value-margin) is a share of the champion's value, from 0 up to "
+            "the policy value's margin (--gate-margin) is a share of the champion's value, from 0 up to "
             f"below 1; got {margin!r}"
         )
     return tuple(

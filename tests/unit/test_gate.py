@@ -262,7 +262,7 @@ def test_a_challenger_shown_inside_the_margin_is_promoted() -> None:
     assert 0 < check.allowed < 0.05 * champion.mean()  # the margin less 1.645 standard errors
     assert "within its margin: worse by at most" in check.reason
     assert "at 95% one-sided confidence" in check.reason
-    # A margin of 2% (--policy-value-margin 0.02) keeps it.
+    # A margin of 2% (--gate-margin 0.02) keeps it.
     assert not _policy_value_verdict(challenger, champion, margin=0.02).promote  # type: ignore[attr-defined]
 
 
@@ -288,7 +288,7 @@ def test_a_clearly_worse_challenger_is_refused_however_noisy_the_holdout() -> No
 def test_a_margin_outside_0_to_1_is_refused_naming_the_option(margin: float) -> None:
     from pipelines.gate import with_policy_value_margin
 
-    with pytest.raises(ValueError, match=r"--policy-value-margin"):
+    with pytest.raises(ValueError, match=r"--gate-margin"):
         with_policy_value_margin(GATE_METRICS, margin)
 
 
@@ -310,12 +310,12 @@ def test_a_bad_margin_stops_train_and_retrain_before_any_work(tmp_path: Path, co
 
     store = tmp_path / "mlruns"
     arguments = [command, "--attempts", str(tmp_path / "a.parquet"), "--nudges", str(tmp_path / "n.parquet")]
-    arguments += ["--tracking-uri", f"sqlite:///{store}/mlflow.db", "--policy-value-margin", "1.5"]
+    arguments += ["--tracking-uri", f"sqlite:///{store}/mlflow.db", "--gate-margin", "1.5"]
     if command == "retrain":
         arguments += ["--every", "24h"]  # refused at once, not retried every period
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 2, result.output
     said = " ".join(result.output.split())
-    assert "the policy value's margin (--policy-value-margin) is a share of the champion's value" in said
+    assert "the policy value's margin (--gate-margin) is a share of the champion's value" in said
     assert "got 1.5" in said
     assert not store.exists()  # nothing read, nothing logged

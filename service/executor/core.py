@@ -708,6 +708,11 @@ def _refund_key(charge_key: str) -> str:
     return f"{charge_key}:refund"
 
 
+def _charge_key_of_refund(refund_key: str) -> str:
+    """The idempotency key of the charge a refund whose key is ``refund_key`` gives back (``_refund_key``'s inverse)."""
+    return refund_key.removesuffix(":refund")
+
+
 def _switch_disputes(conn: sa.Connection, charge_key: str) -> str | None:
     """What the switch said against an operator's "charged" for the charge whose key is ``charge_key`` (flagged on
     one of its status checks: ``SWITCH_CONTRADICTS``), or None when it has not contradicted it."""
@@ -2528,7 +2533,7 @@ class Executor:
         """A refund the switch refused whose charge it has since disputed (an operator answered "charged", the
         switch says it never was: ``_flag_dispute``): nothing was taken, so there is nothing to refund by hand. The
         refund is cancelled with both reasons (the switch's refusal kept); True when it was so disputed."""
-        charge_key = refund.idempotency_key.removesuffix(":refund")
+        charge_key = _charge_key_of_refund(refund.idempotency_key)
         said = _switch_disputes(conn, charge_key)
         if said is None:
             return False
@@ -3311,7 +3316,7 @@ class Executor:
         operator (``_flag_dispute``) it is not sent. A charge the switch itself answered for, or one it cannot be
         asked about (its check dead-lettered), is refunded on the answer that stands."""
         now = self.clock()
-        charge_key = refund.idempotency_key.removesuffix(":refund")
+        charge_key = _charge_key_of_refund(refund.idempotency_key)
         payment_id = refund.payload.get("payment_id")
         with self.engine.connect() as conn:
             charge = conn.execute(sa.select(actions).where(actions.c.idempotency_key == charge_key)).mappings().first()

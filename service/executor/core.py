@@ -664,6 +664,11 @@ def _charged_by_operator(row: RowMapping) -> bool:
     )
 
 
+def _noted(earlier: str | None, note: str) -> str:
+    """An action's note (``last_error``) with ``note`` added after what it said before, if anything."""
+    return f"{earlier or ''}; {note}".lstrip("; ")
+
+
 def _answered_later(conn: sa.Connection, row: RowMapping, verdict: str, now: datetime) -> bool:
     """Mark charge ``row``, taken as never charged, as answered by its switch since (``verdict``), so its attempt is
     recorded once; False when another answer recorded it first."""
@@ -677,7 +682,7 @@ def _answered_later(conn: sa.Connection, row: RowMapping, verdict: str, now: dat
         .values(
             state=ActionState.DONE.value,
             updated_at=now,
-            last_error=f"{row['last_error'] or ''}; the switch answered later: {verdict}".lstrip("; "),
+            last_error=_noted(row["last_error"], f"the switch answered later: {verdict}"),
         )
     ).rowcount
     return bool(done == 1)
@@ -917,7 +922,7 @@ def resolve_charge_disputes(
         changed = conn.execute(
             actions.update()
             .where(actions.c.action_id == dispute.check_action_id, actions.c.payload_json == row.payload_json)
-            .values(payload_json=_dump(payload), last_error=f"{row.last_error or ''}; {told}".lstrip("; "))
+            .values(payload_json=_dump(payload), last_error=_noted(row.last_error, told))
         ).rowcount
         if changed != 1:
             raise DisputeResolutionError(
@@ -3014,7 +3019,7 @@ class Executor:
                 state=ActionState.DEAD.value if result is None else ActionState.DONE.value,
                 unanswered_since=None,
                 updated_at=now,
-                last_error=f"{row['last_error'] or ''}; resolved by {by}: {verdict}".lstrip("; "),
+                last_error=_noted(row["last_error"], f"resolved by {by}: {verdict}"),
                 payload_json=_dump(payload),
             )
         ).rowcount
@@ -3257,7 +3262,7 @@ class Executor:
             return
         note = _nothing_to_refund(ActionRow.of(row).payload.get("payment_id"), said)
         if row["state"] == ActionState.DEAD.value:
-            note = f"{row['last_error'] or ''}; {note}".lstrip("; ")
+            note = _noted(row["last_error"], note)
         conn.execute(
             actions.update()
             .where(actions.c.action_id == row["action_id"], actions.c.state == row["state"])

@@ -391,9 +391,8 @@ def executor_run(
     # The same default as `winback serve` (CONTRACT.md section 1): the executor decides with the champion too.
     uri = tracking_uri or default_tracking_uri()
     try:
-        refuse_unknown_store_scheme(
-            uri
-        )  # as serve: `bogus://x` decided rules-only for ever; a store down is not refused
+        # As serve: `bogus://x` decided rules-only for ever; a store that is down is not refused.
+        refuse_unknown_store_scheme(uri)
         run(url, workers=workers, config_path=config, tracking_uri=uri, stop_after=stop_after)
     except (ConfigError, RegistryError, ValueError) as exc:
         raise fail(str(exc)) from None

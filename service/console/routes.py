@@ -12,7 +12,6 @@ routes and the static files to the API app.
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -531,10 +530,10 @@ async def order_page(
     return _page("order.html", **context)
 
 
-def _flash_signature(console: ConsoleRuntime, session: Session, named: str, order_id: str) -> str:
-    """The signature of a flash reference: valid in this session, for this order only (an address copied into
-    another session, or another order's, shows nothing)."""
-    return console.signer.sign(f"flash:{session.token}:{quote(order_id, safe='')}:{named}").rpartition(".")[2]
+def _flash_signed(session: Session, named: str, order_id: str) -> str:
+    """What a flash reference's signature signs: the reference bound to this session and this order (an address
+    copied into another session, or another order's, shows nothing)."""
+    return f"flash:{session.token}:{quote(order_id, safe='')}:{named}"
 
 
 def _flash_reference(
@@ -542,7 +541,7 @@ def _flash_reference(
 ) -> str:
     """The ``?flash=`` value naming one POST's result for the order's page it redirects to."""
     named = f"{kind}.{submission_id}.{key}"
-    return f"{named}.{_flash_signature(console, session, named, order_id)}"
+    return f"{named}.{console.signer.sign(_flash_signed(session, named, order_id)).rpartition('.')[2]}"
 
 
 def _flash_of(
@@ -555,8 +554,8 @@ def _flash_of(
     kind, submission_id, key, signature = parts
     if kind not in ("result", "again") or not (submission_id.isascii() and submission_id.isdigit()):
         return None
-    expected = _flash_signature(console, session, ".".join(parts[:3]), order_id)
-    if not hmac.compare_digest(signature.encode(), expected.encode()):  # signed here: its id is one of ours
+    signed = f"{_flash_signed(session, '.'.join(parts[:3]), order_id)}.{signature}"
+    if console.signer.unsign(signed) is None:  # signed here: its id is one of ours
         return None
     return kind, int(submission_id), key
 

@@ -1,7 +1,7 @@
 """The words of a decision's ``reasons``: short sentences for the agents who read them (CONTRACT.md section 2).
 
 Agents see reasons in the console, so none of the model's internals may show: no feature names
-(``payday_before_exec``), no sentinels (``__missing__``), no error-class identifiers, no score notation. Each
+(``next_payday_before_exec``), no sentinels (``__missing__``), no error-class identifiers, no score notation. Each
 feature the model explains with says what the evidence is and which way it points ("no issuer given: lowers the
 chance of success"). Text is built only for the few reasons a decision returns, never per candidate.
 """
@@ -236,7 +236,9 @@ _NUMBER_TEXT: dict[str, Callable[[float], str]] = {
     "local_hour": _known("the customer's local time is {}", "the customer's local time is unknown", _clock),
     "local_weekday": _known("it is {} for the customer", "the customer's weekday is unknown", _weekday),
     "local_day": _known("day {} of the month for the customer", "the day of the month is unknown", _number),
-    "days_to_payday": _known("{} days to the next payday (the 1st)", "the days to payday are unknown", _number),
+    "days_to_next_payday": _known(
+        "the next payday (the 1st or 26th) is {} away", "the time to payday is unknown", lambda d: _hours(d * 24.0)
+    ),
     "is_month_end": _yes_no("the last days of the month", "not the end of the month", "the date is unknown"),
     "days_since_first_failure": _known(
         "the first failure was {} ago", "the time since the first failure is unknown", lambda d: _hours(d * 24.0)
@@ -262,12 +264,14 @@ _NUMBER_TEXT: dict[str, Callable[[float], str]] = {
     "exec_local_hour": _known("acting at {} the customer's time", "the customer's time then is unknown", _clock),
     "exec_weekday": _known("acting on a {}", "the weekday of the attempt is unknown", _weekday),
     "exec_day": _known("acting on day {} of the month", "the day of the attempt is unknown", _number),
-    "exec_days_to_payday": _known(
-        "acting {} days before the next payday (the 1st)", "the days to payday are unknown", _number
+    "exec_days_to_next_payday": _known(
+        "acting {} before the next payday (the 1st or 26th)",
+        "the time to payday is unknown",
+        lambda d: _hours(d * 24.0),
     ),
     "exec_is_month_end": _yes_no("acting in the month's last days", "acting before the month's end", "date unknown"),
-    "payday_before_exec": _yes_no(
-        "a payday (the 1st) comes before the attempt", "no payday before the attempt", "the payday is unknown"
+    "next_payday_before_exec": _yes_no(
+        "a payday (the 1st or 26th) comes before the attempt", "no payday before the attempt", "the payday is unknown"
     ),
 }
 _NUMBER_TEXT.update(

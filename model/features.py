@@ -11,6 +11,7 @@ encodes categoricals through vocabularies learned at training time.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import operator
@@ -28,7 +29,7 @@ import numpy.typing as npt
 from model.catalog import NormalisedError, Normaliser, load_catalog, normalise_request
 from model.money import load_economics
 from model.requests import DecisionRequest
-from model.rules import Candidate
+from model.rules import PAYDAY_DAYS, Candidate, payday_at, payday_zones
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, RETRY_STRATEGIES, Action, ErrorClass, Strategy
 from model.zones import timezone_of
 
@@ -74,13 +75,20 @@ CATEGORICAL_FEATURES: tuple[str, ...] = (
 NUMERIC_FEATURES: tuple[str, ...] = (
     "is_recurring", "is_network_token", "is_three_ds", "phone_present", "email_present", "known_code",
     "mac_never_retry", "amount_usd", "log_amount_usd",
-    "local_hour", "local_weekday", "local_day", "days_to_payday", "is_month_end", "days_since_first_failure",
+    "local_hour", "local_weekday", "local_day", "days_to_next_payday", "is_month_end", "days_since_first_failure",
     "n_attempts", "n_silent_retries", *(f"tried_{s.value}" for s in RETRY_STRATEGIES), "n_connectors_tried",
     "n_nudges", "hours_since_last_nudge", "last_nudge_clicked",
     *TEXT_COLUMNS,
     "is_same_connector", "delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
-    "exec_days_to_payday", "exec_is_month_end", "payday_before_exec",
+    "exec_days_to_next_payday", "exec_is_month_end", "next_payday_before_exec",
 )  # fmt: skip
+#: Features older bundles were trained with that this code no longer builds, and why: such a bundle is refused
+#: at load (``FeatureSpec.from_json``) rather than scored with inputs it never saw.
+RETIRED_FEATURES: dict[str, str] = dict.fromkeys(
+    ("days_to_payday", "exec_days_to_payday", "payday_before_exec"),
+    "payday was the 1st of the month alone; the payday features now follow the rules' paydays "
+    "(model.rules.next_payday: the 1st and 26th at 06:00 in the customer's zones)",
+)
 
 _SECONDS_PER_DAY = 86400.0
 #: Raw numeric context columns that are only inputs of derived features, never features themselves.
@@ -88,11 +96,12 @@ _RAW_ONLY_NUMBERS = frozenset({"amount", "event_ts", "first_failure_ts", "last_n
 #: Numeric features of a candidate's execution time (the rest of NUMERIC_FEATURES is constant within a request,
 #: but for is_same_connector).
 _EXECUTION_TIME_FEATURES = frozenset({"delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
-                                      "exec_days_to_payday", "exec_is_month_end", "payday_before_exec"})  # fmt: skip
+                                      "exec_days_to_next_payday", "exec_is_month_end",
+                                      "next_payday_before_exec"})  # fmt: skip
 
 #: Numeric features transform_request derives from the request's context (constant across its rows).
 _REQUEST_DERIVED = frozenset({"is_three_ds", "amount_usd", "log_amount_usd", "local_hour", "local_weekday",
-                              "local_day", "days_to_payday", "is_month_end", "days_since_first_failure",
+                              "local_day", "days_to_next_payday", "is_month_end", "days_since_first_failure",
                               "hours_since_last_nudge"})  # fmt: skip
 _NO_CANDIDATE: Any = object()
 
@@ -151,7 +160,6 @@ class _LocalTime:
     weekday: FloatArray  # Monday = 0
     day: FloatArray  # day of month, 1-based
     days_in_month: FloatArray
-    month_index: FloatArray  # months since 1970-01, to tell whether a month boundary (payday) lies between two times
 
 
 def _local_time(ts: FloatArray, offsets: FloatArray) -> _LocalTime:
@@ -166,14 +174,68 @@ def _local_time(ts: FloatArray, offsets: FloatArray) -> _LocalTime:
     day = (day_stamp - month_stamp.astype("datetime64[D]")).astype("int64").astype(np.float64) + 1.0
     next_month = (month_stamp + np.timedelta64(1, "M")).astype("datetime64[D]")
     days_in_month = (next_month - month_stamp.astype("datetime64[D]")).astype("int64").astype(np.float64)
-    month_index = month_stamp.astype("int64").astype(np.float64)
     nan = np.where(finite, 0.0, np.nan)
-    return _LocalTime(hour + nan, weekday + nan, day + nan, days_in_month + nan, month_index + nan)
+    return _LocalTime(hour + nan, weekday + nan, day + nan, days_in_month + nan)
 
 
-def _days_to_payday(local: _LocalTime) -> FloatArray:
-    # Payday is assumed to be the 1st of the month; on the 1st itself it is today.
-    return np.where(local.day == 1.0, 0.0, local.days_in_month - local.day + 1.0)
+# Paydays are the rules' (model.rules.next_payday), in the customer's zones: the model learns "after payday" as the
+# executor acts on it. The merchant's zone, which the rules also wait for, is not in the decision frame (history
+# rows do not carry it). Both paths below look a moment's next payday up among the same memoised instants.
+
+
+@lru_cache(maxsize=256)
+def _payday_zones_of(country: str | None) -> tuple[ZoneInfo, ...]:
+    return payday_zones(country, None)
+
+
+_FIRST_YEAR, _LAST_YEAR = date.min.year, date.max.year
+
+
+@lru_cache(maxsize=4096)
+def _payday_epochs(zones: tuple[ZoneInfo, ...], utc_month_index: int) -> tuple[float, ...]:
+    """UNIX seconds of the paydays (every one of ``PAYDAY_DAYS``, ``model.rules.payday_at``) of the UTC month
+    ``utc_month_index`` (months since 1970-01) and the months either side, in order: a moment of that month has its
+    next payday among them (a zone shifts a payday by less than a day). Months outside Python's calendar are left
+    out, so a moment at its ends has none (NaN)."""
+    epochs: list[float] = []
+    for index in (utc_month_index - 1, utc_month_index, utc_month_index + 1):
+        year, month = 1970 + index // 12, index % 12 + 1
+        if _FIRST_YEAR <= year <= _LAST_YEAR:
+            epochs.extend(payday_at(year, month, day, zones).timestamp() for day in PAYDAY_DAYS)
+    return tuple(sorted(epochs))
+
+
+def _next_payday_epoch(t: float, zones: tuple[ZoneInfo, ...]) -> float:
+    """UNIX seconds of the first payday strictly after ``t`` (NaN when ``t`` is or the payday would be unknown)."""
+    if not math.isfinite(t):
+        return math.nan
+    days = math.floor(t / _SECONDS_PER_DAY)
+    if not _FIRST_DAY <= days <= _LAST_DAY:
+        return math.nan
+    stamp = date.fromordinal(_EPOCH_ORDINAL + days)
+    epochs = _payday_epochs(zones, (stamp.year - 1970) * 12 + stamp.month - 1)
+    position = bisect.bisect_right(epochs, t)
+    return epochs[position] if position < len(epochs) else math.nan
+
+
+def _next_payday_epochs(ts: FloatArray, countries: ObjArray) -> FloatArray:
+    """``_next_payday_epoch`` of each row, vectorised over the rows of each (country zones, UTC month)."""
+    out = np.full(len(ts), np.nan, dtype=np.float64)
+    days = np.floor(np.where(np.isfinite(ts), ts, np.nan) / _SECONDS_PER_DAY)
+    known = np.isfinite(days) & (days >= _FIRST_DAY) & (days <= _LAST_DAY)
+    months = np.zeros(len(ts), dtype=np.int64)
+    months[known] = days[known].astype("int64").astype("datetime64[D]").astype("datetime64[M]").astype("int64")
+    zones = [_payday_zones_of(c if isinstance(c, str) else None) for c in countries]
+    by_zones: dict[tuple[ZoneInfo, ...], list[int]] = {}
+    for row in np.flatnonzero(known).tolist():
+        by_zones.setdefault(zones[row], []).append(row)
+    for zone_set, row_list in by_zones.items():
+        rows = np.array(row_list, dtype=np.intp)
+        for month in np.unique(months[rows]).tolist():
+            in_month = rows[months[rows] == month]
+            epochs = np.array([*_payday_epochs(zone_set, int(month)), np.nan], dtype=np.float64)
+            out[in_month] = epochs[np.searchsorted(epochs[:-1], ts[in_month], side="right")]
+    return out
 
 
 def _is_month_end(local: _LocalTime) -> FloatArray:
@@ -186,13 +248,13 @@ def _is_month_end(local: _LocalTime) -> FloatArray:
 
 #: The execution-time features of a moment, in the order _local_moments and transform_request lay them out.
 _MOMENT_FEATURES: tuple[str, ...] = (
-    "delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day", "exec_days_to_payday",
-    "exec_is_month_end", "payday_before_exec",
+    "delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day", "exec_days_to_next_payday",
+    "exec_is_month_end", "next_payday_before_exec",
 )  # fmt: skip
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 #: Days since the epoch that Python's dates can hold (years 1 to 9999).
 _FIRST_DAY, _LAST_DAY = date.min.toordinal() - _EPOCH_ORDINAL, date.max.toordinal() - _EPOCH_ORDINAL
-_LocalMoment = tuple[float, float, float, float, float, float]
+_LocalMoment = tuple[float, float, float, float]
 _MONTH_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
@@ -204,8 +266,8 @@ def _days_in_month(year: int, month: int) -> int:
 
 
 def _local_moments(ts: Sequence[float], offsets: Sequence[float]) -> list[_LocalMoment]:
-    """Per moment (hour, weekday, day, days to payday, is month end, month index) of ``_local_time``,
-    ``_days_to_payday`` and ``_is_month_end``, computed on plain floats.
+    """Per moment (hour, weekday, day, is month end) of ``_local_time`` and ``_is_month_end``, computed on plain
+    floats.
 
     The same IEEE operations in the same order as the numpy versions (calendar fields are whole numbers), so the
     same values; a moment outside Python's calendar goes through the numpy versions.
@@ -214,7 +276,7 @@ def _local_moments(ts: Sequence[float], offsets: Sequence[float]) -> list[_Local
     for t, offset in zip(ts, offsets, strict=True):
         local = t + offset
         if not math.isfinite(local):
-            out.append((math.nan, math.nan, math.nan, math.nan, math.nan, math.nan))
+            out.append((math.nan, math.nan, math.nan, math.nan))
             continue
         days = math.floor(local / _SECONDS_PER_DAY)
         if not _FIRST_DAY <= days <= _LAST_DAY:
@@ -224,23 +286,21 @@ def _local_moments(ts: Sequence[float], offsets: Sequence[float]) -> list[_Local
                     float(numpy_time.hour[0]),
                     float(numpy_time.weekday[0]),
                     float(numpy_time.day[0]),
-                    float(_days_to_payday(numpy_time)[0]),
                     float(_is_month_end(numpy_time)[0]),
-                    float(numpy_time.month_index[0]),
                 )
             )
             continue
         # + 0.0 as the numpy version adds its NaN mask: it turns a -0.0 into 0.0.
         hour = math.floor((local - days * _SECONDS_PER_DAY) / 3600.0) + 0.0
         weekday = (days + 3.0) % 7.0 + 0.0
-        day, to_payday, month_end, month_index = _calendar_day(days)
-        out.append((float(hour), weekday, day, to_payday, month_end, month_index))
+        day, month_end = _calendar_day(days)
+        out.append((float(hour), weekday, day, month_end))
     return out
 
 
 @lru_cache(maxsize=4096)
-def _calendar_day(days: int) -> tuple[float, float, float, float]:
-    """(day of month, days to payday, is month end, month index) of the day ``days`` after the epoch.
+def _calendar_day(days: int) -> tuple[float, float]:
+    """(day of month, is month end) of the day ``days`` after the epoch.
 
     Memoised: a request's dozen moments fall on a few days, and every live request's on the same few weeks from
     today. Worked out per moment before: on mixed traffic (14 moments a request) _local_moments took 12.9 us a
@@ -249,9 +309,7 @@ def _calendar_day(days: int) -> tuple[float, float, float, float]:
     stamp = date.fromordinal(_EPOCH_ORDINAL + days)
     day = float(stamp.day)
     days_in_month = float(_days_in_month(stamp.year, stamp.month))
-    month_index = float((stamp.year - 1970) * 12 + stamp.month - 1)
-    to_payday = 0.0 if day == 1.0 else days_in_month - day + 1.0
-    return day, to_payday, float(day > days_in_month - 3.0), month_index
+    return day, float(day > days_in_month - 3.0)
 
 
 def _log1p_nonnegative(values: FloatArray) -> FloatArray:
@@ -299,12 +357,14 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out["log_amount_usd"] = _log1p_nonnegative(usd)
 
     event = num["event_ts"]
-    offsets = _utc_offsets(event, np.asarray(columns["customer_country"], dtype=object))
+    countries = np.asarray(columns["customer_country"], dtype=object)
+    offsets = _utc_offsets(event, countries)
     now = _local_time(event, offsets)
     out["local_hour"] = now.hour
     out["local_weekday"] = now.weekday
     out["local_day"] = now.day
-    out["days_to_payday"] = _days_to_payday(now)
+    payday = _next_payday_epochs(event, countries)
+    out["days_to_next_payday"] = (payday - event) / _SECONDS_PER_DAY
     out["is_month_end"] = _is_month_end(now)
     out["days_since_first_failure"] = (event - num["first_failure_ts"]) / _SECONDS_PER_DAY
     out["hours_since_last_nudge"] = (event - num["last_nudge_ts"]) / 3600.0
@@ -314,13 +374,14 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out["delay_hours"] = delay
     out["log_delay_hours"] = np.log1p(delay)
     # The execution time's own offset: a DST change may fall between the decision and the action.
-    later = _local_time(execute, _utc_offsets(execute, np.asarray(columns["customer_country"], dtype=object)))
+    later = _local_time(execute, _utc_offsets(execute, countries))
     out["exec_local_hour"] = later.hour
     out["exec_weekday"] = later.weekday
     out["exec_day"] = later.day
-    out["exec_days_to_payday"] = _days_to_payday(later)
+    out["exec_days_to_next_payday"] = (_next_payday_epochs(execute, countries) - execute) / _SECONDS_PER_DAY
     out["exec_is_month_end"] = _is_month_end(later)
-    out["payday_before_exec"] = (later.month_index > now.month_index).astype(np.float64)
+    # The rules' "after payday" retry goes at the payday instant itself: it counts as after.
+    out["next_payday_before_exec"] = (execute >= payday).astype(np.float64)
 
     target = _str_or_none(np.asarray(columns["target_connector"], dtype=object))
     connector = _str_or_none(np.asarray(columns["connector"], dtype=object))
@@ -536,6 +597,8 @@ class FeatureSpec:
         # numpy would pay its per-call overhead some fifty times (_local_moments matches _local_time exactly).
         local = _local_moments(moments, offsets)
         now = local[0]
+        zones = _payday_zones_of(country if isinstance(country, str) else None)
+        payday = _next_payday_epoch(event, zones)
 
         auth = context.get("authentication_type")
         currency = context.get("currency")
@@ -549,8 +612,8 @@ class FeatureSpec:
             "local_hour": now[0],
             "local_weekday": now[1],
             "local_day": now[2],
-            "days_to_payday": now[3],
-            "is_month_end": now[4],
+            "days_to_next_payday": (payday - event) / _SECONDS_PER_DAY,
+            "is_month_end": now[3],
             "days_since_first_failure": (event - _float_or_nan(context.get("first_failure_ts"))) / _SECONDS_PER_DAY,
             "hours_since_last_nudge": (event - _float_or_nan(context.get("last_nudge_ts"))) / 3600.0,
         }
@@ -571,12 +634,12 @@ class FeatureSpec:
                 (delay if delay >= 0.0 or delay != delay else 0.0) / 3600.0 for delay in (t - event for t in moments)
             ]
             log_delays = np.log1p(np.array(delays, dtype=np.float64)).tolist()
-            month_now = now[5]
             by_moment: list[float] = []
-            for delay, log_delay, (hour, weekday, day, to_payday, month_end, month) in zip(
-                delays, log_delays, local, strict=True
+            for t, delay, log_delay, (hour, weekday, day, month_end) in zip(
+                moments, delays, log_delays, local, strict=True
             ):
-                by_moment += (delay, log_delay, hour, weekday, day, to_payday, month_end, float(month > month_now))
+                to_payday = (_next_payday_epoch(t, zones) - t) / _SECONDS_PER_DAY
+                by_moment += (delay, log_delay, hour, weekday, day, to_payday, month_end, float(t >= payday))
             table = np.array(by_moment, dtype=np.float64).reshape(len(moments), len(_MOMENT_FEATURES))
             per_row = table[np.array(slots, dtype=np.intp)]
             for first_column, end_column, first_source, end_source in plan.moment_runs:
@@ -648,7 +711,7 @@ class FeatureSpec:
         """Inverse of :meth:`to_json`."""
         data = json.loads(text)
         try:
-            return cls(
+            spec = cls(
                 numeric=list(data["numeric"]),
                 vocabularies={k: list(v) for k, v in data["vocabularies"].items()},
                 fx_to_usd={str(k): float(v) for k, v in data["fx_to_usd"].items()},
@@ -656,6 +719,16 @@ class FeatureSpec:
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"feature spec JSON is malformed: {exc!r}") from exc
+        # A feature this code does not build would reach the model as NaN on the request path: refuse instead.
+        unknown = [name for name in spec.numeric if name not in NUMERIC_FEATURES]
+        unknown += [name for name in spec.vocabularies if name not in CATEGORICAL_FEATURES]
+        if unknown:
+            why = sorted({RETIRED_FEATURES.get(name, "not a feature of this version") for name in unknown})
+            raise ValueError(
+                f"feature spec lists features this code does not build: {', '.join(unknown)} ({'; '.join(why)}); "
+                "retrain the model with this version"
+            )
+        return spec
 
 
 def _tokens(values: np.ndarray) -> list[str]:

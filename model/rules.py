@@ -1092,7 +1092,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
         merchant_timezone=merchant_tz,
-        payday_zones=_payday_zones(customer.country, merchant_tz),
+        payday_zones=payday_zones(customer.country, merchant_tz),
         quiet_minutes=quiet_minutes_or_none,
         customer_zones=quiet_customer_zones,
         customer_offsets=_fixed_offsets(quiet_customer_zones, event_time, window_end),
@@ -1563,11 +1563,21 @@ def _local_instant(day: date, clock: time, zone: ZoneInfo) -> datetime:
 
 
 @functools.lru_cache(maxsize=1024)
-def _payday_zones(country: str | None, merchant_zone: ZoneInfo) -> tuple[ZoneInfo, ...]:
-    """The merchant's zone, then the customer's (the widest choice of ``customer_zones``: a country's span)."""
+def payday_zones(country: str | None, merchant_zone: ZoneInfo | None) -> tuple[ZoneInfo, ...]:
+    """The zones a payday must have reached 06:00 in: the merchant's, then the customer's (the widest choice of
+    ``customer_zones``: a country's span). Without a merchant zone (the model's features: history rows carry no
+    merchant zone), the customer's alone, or UTC when their country is unknown."""
     choices = customer_zones(country)
     names = choices[0] if choices else ()
+    if merchant_zone is None:
+        return tuple(map(_zone, names)) or (_zone("UTC"),)
     return (merchant_zone, *(zone for zone in map(_zone, names) if zone.key != merchant_zone.key))
+
+
+def next_payday(moment: datetime, zones: tuple[ZoneInfo, ...]) -> datetime:
+    """The first payday instant strictly after ``moment`` (any of ``PAYDAY_DAYS``; see :func:`payday_at`): the
+    rules' "after the next payday" and the model's payday features both read it."""
+    return min(_next_payday(moment, zones, day) for day in PAYDAY_DAYS)
 
 
 def _next_payday(event_time: datetime, zones: tuple[ZoneInfo, ...], day_of_month: int) -> datetime:
@@ -1578,17 +1588,18 @@ def _next_payday(event_time: datetime, zones: tuple[ZoneInfo, ...], day_of_month
     start = (event_time - timedelta(days=1)).astimezone(UTC)
     year, month = start.year, start.month
     for _ in range(4):
-        moment = max(_payday_instant(year, month, day_of_month, zone) for zone in zones)
+        moment = payday_at(year, month, day_of_month, zones)
         if moment > event_time:
             return moment
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     raise AssertionError("unreachable: a payday always falls within four months")  # pragma: no cover
 
 
-# Pure functions of a calendar day and a zone: the same few days serve every request, so they are memoised.
+# Pure functions of a calendar day and zones: the same few days serve every request, so they are memoised.
 @functools.lru_cache(maxsize=1024)
-def _payday_instant(year: int, month: int, day_of_month: int, zone: ZoneInfo) -> datetime:
-    return _local_instant(date(year, month, day_of_month), PAYDAY_LOCAL_TIME, zone)
+def payday_at(year: int, month: int, day_of_month: int, zones: tuple[ZoneInfo, ...]) -> datetime:
+    """The payday ``day_of_month`` of a month as one UTC instant: 06:00 there in the last of ``zones`` to reach it."""
+    return max(_local_instant(date(year, month, day_of_month), PAYDAY_LOCAL_TIME, zone) for zone in zones)
 
 
 @functools.lru_cache(maxsize=4096)

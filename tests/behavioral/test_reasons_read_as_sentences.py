@@ -35,7 +35,7 @@ _BARE_FLOAT = re.compile(r"\d\.\d{3,}")
 
 
 def internal_tokens(spec: FeatureSpec) -> set[str]:
-    """What must never reach an agent: the spec's feature names that are identifiers (``payday_before_exec``;
+    """What must never reach an agent: the spec's feature names that are identifiers (``next_payday_before_exec``;
     one-word names such as ``issuer`` are plain English), its missing-value sentinel and the "other" sentinel, the
     spec's own categories of winback's closed vocabularies (``insufficient_funds``, ``retry_same``), and the
     catalog's table names (``iso8583``, ``npci_upi``)."""
@@ -164,6 +164,6 @@ def test_a_missing_issuer_is_said_in_words(bundle: ModelBundle) -> None:
     assert bundle.feature_reason("issuer", missing, raises=False) == "no issuer given: lowers the chance of success"
     hdfc = float(bundle.spec.vocabularies["issuer"].index("HDFC") + 1)
     assert bundle.feature_reason("issuer", hdfc, raises=True) == "the issuer is HDFC: raises the chance of success"
-    assert bundle.feature_reason("payday_before_exec", 1.0, raises=True) == (
-        "a payday (the 1st) comes before the attempt: raises the chance of success"
+    assert bundle.feature_reason("next_payday_before_exec", 1.0, raises=True) == (
+        "a payday (the 1st or 26th) comes before the attempt: raises the chance of success"
     )

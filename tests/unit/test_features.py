@@ -24,7 +24,7 @@ from model.features import (
     expand_candidates,
 )
 from model.personal_data import mask_addresses_in
-from model.rules import Candidate, build_context, enumerate_candidates
+from model.rules import Candidate, build_context, enumerate_candidates, next_payday, payday_zones
 from model.textmodel import MAX_PART_CHARS, TextModel, code_words, document
 from model.training import _error_texts, decision_points, raw_columns, request_at
 from model.vocab import Action, Channel, Strategy
@@ -137,7 +137,7 @@ def test_rare_values_share_the_other_code_and_missing_is_a_category() -> None:
 
 
 def test_time_features_use_the_customers_local_time_and_payday() -> None:
-    # 2026-11-28 20:00 UTC is 2026-11-29 01:30 in India: a Sunday, two days before payday.
+    # 2026-11-28 20:00 UTC is 2026-11-29 01:30 in India: a Sunday, 52.5 hours before payday (the 1st, 06:00 IST).
     request = make_request(event_time="2026-11-28T20:00:00Z", customer={"country": "IN"})
     context = context_from_request(request, load_catalog())
     later = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)  # 11:30 IST on the 1st
@@ -146,14 +146,84 @@ def test_time_features_use_the_customers_local_time_and_payday() -> None:
     assert derived["local_hour"].tolist() == [1.0, 1.0]
     assert derived["local_weekday"].tolist() == [6.0, 6.0]
     assert derived["local_day"].tolist() == [29.0, 29.0]
-    assert derived["days_to_payday"].tolist() == [2.0, 2.0]
+    assert derived["days_to_next_payday"].tolist() == [52.5 / 24, 52.5 / 24]
     assert derived["is_month_end"].tolist() == [1.0, 1.0]
     assert derived["exec_local_hour"].tolist() == [2.0, 11.0]
     assert derived["exec_day"].tolist() == [29.0, 1.0]
-    assert derived["exec_days_to_payday"].tolist() == [2.0, 0.0]
-    assert derived["payday_before_exec"].tolist() == [0.0, 1.0]
+    # From 21:00 UTC, 51.5 hours to payday; from 11:30 IST on the 1st, the next is the 26th at 06:00 IST.
+    assert derived["exec_days_to_next_payday"].tolist() == [51.5 / 24, (24 * 24 + 18.5) / 24]
+    assert derived["next_payday_before_exec"].tolist() == [0.0, 1.0]
     assert derived["delay_hours"].tolist() == pytest.approx([1.0, 58.0])
     assert derived["amount_usd"].tolist() == pytest.approx([499.0 * 0.012] * 2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    minutes=st.integers(0, 3 * 366 * 24 * 60),
+    country=st.sampled_from(["IN", "US", "AU", "NZ", "BR", "ZZ", None]),
+    delay_hours=st.sampled_from([0.0, 1.0, 6.0, 72.0, 240.0]),
+)
+def test_the_payday_features_are_the_rules_paydays(minutes: int, country: str | None, delay_hours: float) -> None:
+    # Both paths (history and request) read model.rules.next_payday in the customer's zones, at the event and at
+    # the action's time: random moments over three years (month ends, February, DST changes).
+    event = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes)
+    later = event + timedelta(hours=delay_hours)
+    request = make_request(event_time=event.isoformat(), customer={"country": country})
+    context = context_from_request(request, load_catalog())
+    context.update(dict.fromkeys(TEXT_COLUMNS, 0.5))
+    derived = derive(expand_candidates(context, [_retry(later)]), FX)
+    zones = payday_zones(country, None)
+    payday = next_payday(event, zones)
+    assert derived["days_to_next_payday"][0] == (payday.timestamp() - event.timestamp()) / 86400.0
+    after_later = next_payday(later, zones).timestamp()
+    assert derived["exec_days_to_next_payday"][0] == (after_later - later.timestamp()) / 86400.0
+    assert derived["next_payday_before_exec"][0] == float(later >= payday)
+    served = _SERVING_SPEC.transform_request(context, [_retry(later)])
+    expected = _SERVING_SPEC.transform(expand_candidates(context, [_retry(later)]))
+    assert served.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("event_time", "country", "merchant_zone"),
+    [
+        ("2026-11-20T08:00:00Z", "IN", "Asia/Kolkata"),  # the 26th is the next payday: the 1st-only features missed it
+        ("2026-11-30T20:00:00Z", "IN", "Asia/Kolkata"),  # 01:30 IST on the 1st: payday is at 06:00, not "today" already
+        ("2026-01-31T12:00:00Z", "US", "America/New_York"),  # 06:00 in Los Angeles counts too, as for the rules
+        ("2026-03-25T19:30:00Z", "AU", "Australia/Sydney"),  # 06:30 in Sydney, 03:30 in Perth: payday not yet
+    ],
+)
+def test_the_rules_after_payday_retry_is_after_payday_for_the_model(
+    event_time: str, country: str, merchant_zone: str
+) -> None:
+    # The executor's "after payday" retries go at the rules' payday instants; the model must see those retries
+    # as after payday, and any earlier one as before it, or it learns another notion of payday than it acts on.
+    # (A merchant whose zone lies outside the customer's country may wait longer: see model/features.py.)
+    request = make_request(event_time=event_time, customer={"country": country})
+    quiet = {"start": "21:00", "end": "09:00", "timezone": merchant_zone}
+    merchant = make_merchant(retarget={"retry_window_days": 30, "quiet_hours": quiet})
+    rule_context = build_context(request, merchant, load_catalog())
+    retries = [c for c in enumerate_candidates(rule_context) if c.action == Action.RETRY]
+    rules_payday = next_payday(request.event_time, rule_context.payday_zones)
+    assert rules_payday in {c.execute_at for c in retries}
+    context = context_from_request(request, load_catalog())
+    derived = derive(expand_candidates(context, retries), FX)
+    after = [float(c.execute_at >= rules_payday) for c in retries]
+    assert derived["next_payday_before_exec"].tolist() == after
+    assert 0.0 in after
+    assert 1.0 in after
+    expected = (rules_payday - request.event_time).total_seconds() / 86400.0
+    assert derived["days_to_next_payday"][0] == expected
+
+
+def test_a_spec_with_the_retired_payday_features_is_refused_clearly() -> None:
+    # A bundle trained when payday was the 1st alone must not be scored with the new paydays under the old names,
+    # nor with NaN for features this code no longer builds (the request path leaves an unknown feature NaN).
+    old = FeatureSpec(numeric=["delay_hours", "days_to_payday"], vocabularies={"connector": ["stripe"]}, fx_to_usd=FX)
+    with pytest.raises(ValueError, match=r"does not build: days_to_payday \(payday was the 1st of the month alone"):
+        FeatureSpec.from_json(old.to_json())
+    unknown = FeatureSpec(numeric=["delay_hours"], vocabularies={"shoe_size": ["42"]}, fx_to_usd=FX)
+    with pytest.raises(ValueError, match=r"does not build: shoe_size \(not a feature of this version\); retrain"):
+        FeatureSpec.from_json(unknown.to_json())
 
 
 def test_unknown_country_falls_back_to_utc_and_dst_is_respected() -> None:
@@ -227,9 +297,10 @@ _SERVING_SPEC = FeatureSpec(
 )  # fmt: skip
 
 
-#: Around the US and New Zealand DST changes, a month end and a plain day.
+#: Around the US and New Zealand DST changes, a month end, a plain day and the eves of paydays.
 _EVENT_TIMES = ["2026-11-01T05:30:00Z", "2026-11-01T06:15:00Z", "2026-04-04T13:59:00Z", "2026-11-30T23:10:00Z",
-                "2026-03-08T06:59:59Z", "2026-07-14T10:00:00Z"]  # fmt: skip
+                "2026-03-08T06:59:59Z", "2026-07-14T10:00:00Z", "2026-11-25T20:00:00Z",
+                "2026-02-28T18:30:00Z"]  # fmt: skip
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -309,13 +380,13 @@ def test_the_text_model_reads_a_bounded_prefix_of_each_part() -> None:
     offset=st.sampled_from([0.0, 3600.0, -18000.0, 19800.0, 45900.0, math.nan]),
 )
 def test_local_moments_are_local_time_on_floats(ts: list[float], offset: float) -> None:
-    from model.features import _days_to_payday, _is_month_end, _local_moments, _local_time
+    from model.features import _is_month_end, _local_moments, _local_time
 
     offsets = [offset] * len(ts)
     with np.errstate(invalid="ignore", over="ignore"):
         local = _local_time(np.array(ts), np.array(offsets))
-        columns = [local.hour, local.weekday, local.day, _days_to_payday(local), _is_month_end(local)]
-    expected = np.array([*columns, local.month_index]).T
+        columns = [local.hour, local.weekday, local.day, _is_month_end(local)]
+    expected = np.array(columns).T
     got = np.array(_local_moments(ts, offsets), dtype=np.float64)
     assert got.tobytes() == expected.tobytes()
 

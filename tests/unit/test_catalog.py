@@ -221,6 +221,9 @@ def test_mastercard_gives_65_its_own_meaning(catalog: ErrorCatalog) -> None:
         ("U28", E.ISSUER_TECHNICAL, "technical"),
         ("BT", E.PROCESSOR_TECHNICAL, "technical"),
         ("RB", E.PROCESSOR_TECHNICAL, "technical"),
+        # The debit's full or partial reversal timed out at the remitter bank (NPCI's final RespPay codes).
+        ("RR", E.ISSUER_TECHNICAL, "technical"),
+        ("rp", E.ISSUER_TECHNICAL, "technical"),
         ("u01", E.DUPLICATE, "technical"),
     ],
 )

@@ -757,6 +757,21 @@ def test_a_revoked_mandate_is_never_retried_silently_but_may_get_a_link(
         ({"network_decline_code": "BT", "error_code": "BT",
           "error_message": "ACQUIRER/BENEFICIARY UNAVAILABLE(TIMEOUT)"}, False),
         ({"network_decline_code": None, "error_code": " ut ", "error_message": "Remitter timed out"}, False),
+        # The debit's reversal timed out (NPCI's DRC): no credit was made, the merchant was not paid. Held 72 hours
+        # by their "TIMEOUT" before.
+        ({"network_decline_code": "RR", "error_code": "GATEWAY_ERROR",
+          "error_message": "DEBIT REVERSAL TIMEOUT(REVERSAL)"}, False),
+        ({"network_decline_code": "RP", "error_code": "RP", "error_message": "PARTIAL DEBIT REVERSAL TIMEOUT"}, False),
+        # UPI's own technical declines of the remitter's leg, before any credit ("deemed" here is UPI's verdict on
+        # the bank's response time, not a deemed transaction).
+        ({"network_decline_code": "U09", "error_code": "U09", "error_message": "ReqAuth Time out for Pay"}, False),
+        ({"network_decline_code": "U67", "error_code": "U67", "error_message": "DEBIT TIMEOUT"}, False),
+        ({"network_decline_code": "U90", "error_code": "U90",
+          "error_message": "REMITTER BANK DEEMED HIGH RESPONSE TIME CHECK DECLINE"}, False),
+        ({"network_decline_code": "U91", "error_code": "U91",
+          "error_message": "BENEFICIARY BANK DEEMED HIGH RESPONSE TIME CHECK DECLINE"}, False),
+        # A credit that timed out ends in BT or RB: U68 alone is read by its words, as before.
+        ({"network_decline_code": "U68", "error_code": "U68", "error_message": "CREDIT TIMEOUT"}, True),
         # Deemed: the credit reversal timed out, the outcome is open even with no message (it was not held).
         ({"network_decline_code": "RB", "error_code": "RB", "error_message": None}, True),
         ({"network_decline_code": "RB", "error_code": "GATEWAY_ERROR", "error_message": None}, True),

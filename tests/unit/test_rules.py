@@ -839,9 +839,17 @@ def test_upi_autopay_at_most_three_retries(used: int, fires: bool) -> None:
 
 @pytest.mark.parametrize(
     ("after", "fires"),
-    [(timedelta(hours=47), False), (timedelta(hours=48), False), (timedelta(hours=48, seconds=1), True)],
+    [
+        (timedelta(hours=23), False),
+        (timedelta(hours=24), False),
+        # Past 24 hours the original's pre-debit notification (sent 24 to 48 hours before it) no longer covers a
+        # retry: these went through under the 48-hour window before.
+        (timedelta(hours=24, seconds=1), True),
+        (timedelta(hours=47), True),
+        (timedelta(hours=48, seconds=1), True),
+    ],
 )
-def test_upi_autopay_retries_within_48_hours_of_the_original(after: timedelta, fires: bool) -> None:
+def test_upi_autopay_retries_within_24_hours_of_the_original(after: timedelta, fires: bool) -> None:
     assert (Rule.UPI_AUTOPAY_RETRY_WINDOW in broken(upi_ctx(), retry(at=UPI_T0 + after))) is fires
 
 
@@ -2817,7 +2825,9 @@ CARD_PAIRS = [
                 ["whatsapp", "sms", "email", "push"],
                 ist(10, 15),
             ),
-            22,  # 25 before a mandate's cascades to cashfree were refused (the mandate lives at razorpay)
+            # 25 before a mandate's cascades to cashfree were refused (the mandate lives at razorpay), 22 before
+            # AutoPay's retries were kept to 24 hours (+24 h, moved out of peak hours to 13:00 IST, is 26.75 h on)
+            21,
         ),
         (
             _nudged_before_a_dst_change_context,

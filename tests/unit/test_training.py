@@ -273,6 +273,26 @@ def test_bundle_round_trip_scores_identically(trained: TrainingResult, tmp_path:
         ModelBundle.load(tmp_path / "nowhere")
 
 
+def test_a_bundle_trained_with_the_first_of_the_month_payday_features_is_refused_at_load(
+    trained: TrainingResult, tmp_path: Path
+) -> None:
+    """A bundle saved before the payday features followed the rules' paydays lists them under their old names: it
+    is refused, naming them, rather than scored with the new paydays or with NaN in their columns."""
+    trained.bundle.save(tmp_path / "bundle")
+    spec_file = tmp_path / "bundle" / "feature_spec.json"
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    retired = {"days_to_next_payday": "days_to_payday", "exec_days_to_next_payday": "exec_days_to_payday",
+               "next_payday_before_exec": "payday_before_exec"}  # fmt: skip
+    assert set(retired) <= set(spec["numeric"])
+    spec["numeric"] = [retired.get(name, name) for name in spec["numeric"]]
+    spec_file.write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(
+        ValueError,
+        match=r"does not build: days_to_payday, exec_days_to_payday, payday_before_exec \(payday was the 1st",
+    ):
+        ModelBundle.load(tmp_path / "bundle")
+
+
 def test_training_records_the_evidence_of_each_cell(trained: TrainingResult) -> None:
     rows = trained.bundle.metadata["cell_support"]
     splits = trained.tables["splits"].set_index("split")

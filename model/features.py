@@ -225,12 +225,12 @@ def _next_payday_epochs(ts: FloatArray, countries: ObjArray) -> FloatArray:
     known = np.isfinite(days) & (days >= _FIRST_DAY) & (days <= _LAST_DAY)
     months = np.zeros(len(ts), dtype=np.int64)
     months[known] = days[known].astype("int64").astype("datetime64[D]").astype("datetime64[M]").astype("int64")
-    zones = [_payday_zones_of(c if isinstance(c, str) else None) for c in countries]
-    by_zones: dict[tuple[ZoneInfo, ...], list[int]] = {}
-    for row in np.flatnonzero(known).tolist():
-        by_zones.setdefault(zones[row], []).append(row)
-    for zone_set, row_list in by_zones.items():
-        rows = np.array(row_list, dtype=np.intp)
+    names = [c if isinstance(c, str) else None for c in countries]
+    distinct = {name: k for k, name in enumerate(dict.fromkeys(names))}
+    group = np.fromiter(map(distinct.__getitem__, names), dtype=np.intp, count=len(names))
+    for name, k in distinct.items():
+        rows = np.flatnonzero(known & (group == k))
+        zone_set = _payday_zones_of(name)
         for month in np.unique(months[rows]).tolist():
             in_month = rows[months[rows] == month]
             epochs = np.array([*_payday_epochs(zone_set, int(month)), np.nan], dtype=np.float64)

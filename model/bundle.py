@@ -523,8 +523,17 @@ class ModelBundle:
         pause()
         retarget_booster = _read_booster(path, "retarget") if (path / _FILES["retarget"]).is_file() else None
         pause()
+        spec = FeatureSpec.from_json((path / _FILES["spec"]).read_text(encoding="utf-8"))
+        if spec.retired_features:
+            log.warning(
+                "model version %s was trained with the retired payday features (%s: payday the 1st of the month, "
+                "at the customer's local midnight); it is served with them as trained; retrain to use the rules' "
+                "paydays",
+                meta["version"],
+                ", ".join(spec.retired_features),
+            )
         return cls(
-            spec=FeatureSpec.from_json((path / _FILES["spec"]).read_text(encoding="utf-8")),
+            spec=spec,
             text_model=text_model,
             retry_booster=retry_booster,
             retarget_booster=retarget_booster,

@@ -82,13 +82,11 @@ NUMERIC_FEATURES: tuple[str, ...] = (
     "is_same_connector", "delay_hours", "log_delay_hours", "exec_local_hour", "exec_weekday", "exec_day",
     "exec_days_to_next_payday", "exec_is_month_end", "next_payday_before_exec",
 )  # fmt: skip
-#: Features older bundles were trained with that this code no longer builds, and why: such a bundle is refused
-#: at load (``FeatureSpec.from_json``) rather than scored with inputs it never saw.
-RETIRED_FEATURES: dict[str, str] = dict.fromkeys(
-    ("days_to_payday", "exec_days_to_payday", "payday_before_exec"),
-    "payday was the 1st of the month alone; the payday features now follow the rules' paydays "
-    "(model.rules.next_payday: the 1st and 26th at 06:00 in the customer's zones)",
-)
+#: Payday features of bundles trained before the payday features followed the rules' paydays: payday was the 1st
+#: of the month alone, at local midnight in the customer's zone. Training no longer writes them, but a registered
+#: champion trained with them keeps loading and scoring as it was trained: ``derive`` and ``transform_request``
+#: build them (``_retired_payday_features``) only for a spec that lists them.
+RETIRED_FEATURES: tuple[str, ...] = ("days_to_payday", "exec_days_to_payday", "payday_before_exec")
 
 _SECONDS_PER_DAY = 86400.0
 #: Raw numeric context columns that are only inputs of derived features, never features themselves.
@@ -160,6 +158,9 @@ class _LocalTime:
     weekday: FloatArray  # Monday = 0
     day: FloatArray  # day of month, 1-based
     days_in_month: FloatArray
+    # The local month without the NaN mask: only the retired features read it (_months_since_epoch), so the
+    # others do not pay for its conversion.
+    month_stamp: npt.NDArray[np.datetime64]
 
 
 def _local_time(ts: FloatArray, offsets: FloatArray) -> _LocalTime:
@@ -175,7 +176,7 @@ def _local_time(ts: FloatArray, offsets: FloatArray) -> _LocalTime:
     next_month = (month_stamp + np.timedelta64(1, "M")).astype("datetime64[D]")
     days_in_month = (next_month - month_stamp.astype("datetime64[D]")).astype("int64").astype(np.float64)
     nan = np.where(finite, 0.0, np.nan)
-    return _LocalTime(hour + nan, weekday + nan, day + nan, days_in_month + nan)
+    return _LocalTime(hour + nan, weekday + nan, day + nan, days_in_month + nan, month_stamp)
 
 
 # Paydays are the rules' (model.rules.next_payday), in the customer's zones: the model learns "after payday" as the
@@ -244,6 +245,36 @@ def _is_month_end(local: _LocalTime) -> FloatArray:
         (local.day > local.days_in_month - 3.0).astype(np.float64) + np.where(np.isfinite(local.day), 0.0, np.nan),
         dtype=np.float64,
     )
+
+
+# The retired payday features (RETIRED_FEATURES), as the bundles trained with them saw them: payday was the 1st of
+# the month, at local midnight in the customer's zone (_local_time's). The same numpy operations as when they were
+# current, so the same values; both paths call _retired_payday_features.
+
+
+def _days_to_first_of_month(local: _LocalTime) -> FloatArray:
+    """Retired ``days_to_payday`` (and ``exec_days_to_payday`` at the action's time): whole local days to the next
+    1st; on the 1st itself it is today (0)."""
+    return np.where(local.day == 1.0, 0.0, local.days_in_month - local.day + 1.0)
+
+
+def _months_since_epoch(local: _LocalTime) -> FloatArray:
+    # NaN where the time is unknown, so that an unknown time never has a month boundary before it.
+    return local.month_stamp.astype("int64").astype(np.float64) + np.where(np.isfinite(local.day), 0.0, np.nan)
+
+
+def _first_of_month_between(now: _LocalTime, later: _LocalTime) -> FloatArray:
+    """Retired ``payday_before_exec``: 1.0 when a local 1st of the month falls after ``now`` and by ``later``."""
+    return (_months_since_epoch(later) > _months_since_epoch(now)).astype(np.float64)
+
+
+def _retired_payday_features(now: _LocalTime, later: _LocalTime) -> dict[str, FloatArray]:
+    """The RETIRED_FEATURES of rows decided at ``now`` and acted on at ``later`` (row-aligned local times)."""
+    return {
+        "days_to_payday": _days_to_first_of_month(now),
+        "exec_days_to_payday": _days_to_first_of_month(later),
+        "payday_before_exec": _first_of_month_between(now, later),
+    }
 
 
 #: The execution-time features of a moment, in the order _local_moments and transform_request lay them out.
@@ -335,10 +366,13 @@ def amount_in_usd(amounts: FloatArray, currencies: ObjArray, fx_to_usd: Mapping[
     return np.asarray(amounts, dtype=np.float64) * rates
 
 
-def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) -> dict[str, np.ndarray]:
+def derive(
+    columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float], *, retired_paydays: bool = False
+) -> dict[str, np.ndarray]:
     """All model features (numeric ones as float64, categorical ones as object arrays) from raw columns.
 
     ``fx_to_usd`` is the fixed rate table (USD per unit of each currency) frozen into the feature spec.
+    ``retired_paydays`` adds the RETIRED_FEATURES, for a bundle trained with them.
     """
     missing = [name for name in RAW_COLUMNS if name not in columns]
     if missing:
@@ -382,6 +416,8 @@ def derive(columns: Mapping[str, np.ndarray], fx_to_usd: Mapping[str, float]) ->
     out["exec_is_month_end"] = _is_month_end(later)
     # The rules' "after payday" retry goes at the payday instant itself: it counts as after.
     out["next_payday_before_exec"] = (execute >= payday).astype(np.float64)
+    if retired_paydays:
+        out.update(_retired_payday_features(now, later))
 
     target = _str_or_none(np.asarray(columns["target_connector"], dtype=object))
     connector = _str_or_none(np.asarray(columns["connector"], dtype=object))
@@ -409,6 +445,7 @@ class _RequestPlan:
     # one run of moment features and two of kind codes).
     moment_runs: tuple[tuple[int, int, int, int], ...]
     kind_runs: tuple[tuple[int, int, int, int], ...]
+    retired: tuple[tuple[int, str], ...]  # RETIRED_FEATURES the spec lists: empty but for a bundle trained with them
 
 
 def _column_runs(pairs: Iterable[tuple[int, int]]) -> tuple[tuple[int, int, int, int], ...]:
@@ -443,6 +480,11 @@ class FeatureSpec:
     def columns(self) -> list[str]:
         """Matrix column order: numeric features, then categorical ones."""
         return [*self.numeric, *self.vocabularies]
+
+    @property
+    def retired_features(self) -> list[str]:
+        """The RETIRED_FEATURES this spec lists (a bundle trained before they were retired), in column order."""
+        return [name for name in self.numeric if name in RETIRED_FEATURES]
 
     @property
     def categorical_indices(self) -> list[int]:
@@ -522,7 +564,7 @@ class FeatureSpec:
 
     def transform(self, columns: Mapping[str, np.ndarray]) -> npt.NDArray[np.float32]:
         """The float32 model matrix (rows x ``self.columns``) of a decision frame's raw columns."""
-        derived = derive(columns, self.fx_to_usd)
+        derived = derive(columns, self.fx_to_usd, retired_paydays=bool(self.retired_features))
         n_rows = len(np.asarray(columns["event_ts"]))
         matrix = np.empty((n_rows, len(self.numeric) + len(self.vocabularies)), dtype=np.float32)
         for j, name in enumerate(self.numeric):
@@ -652,6 +694,18 @@ class FeatureSpec:
             )
             for first_column, end_column, first_source, end_source in plan.kind_runs:
                 matrix[:, first_column:end_column] = per_row[:, first_source:end_source]
+        if plan.retired:
+            # A bundle trained with the retired payday features: derive's numpy functions on the request's moments,
+            # each row decided at the event. A spec without them never comes here (its plan has none).
+            times = np.array(moments, dtype=np.float64)
+            time_offsets = np.array(offsets, dtype=np.float64)
+            retired = _retired_payday_features(
+                _local_time(np.full_like(times, event), np.full_like(time_offsets, time_offsets[0])),
+                _local_time(times, time_offsets),
+            )
+            rows = np.array(slots, dtype=np.intp)
+            for j, name in plan.retired:
+                matrix[:, j] = retired[name][rows]
         return matrix
 
     def _kind_codes(self, candidate: Candidate) -> tuple[float, ...]:
@@ -682,6 +736,7 @@ class FeatureSpec:
                     (positions[name], k) for k, name in enumerate(_MOMENT_FEATURES) if name in positions
                 ),
                 kind_runs=_column_runs(kinds),
+                retired=tuple((positions[name], name) for name in self.retired_features),
             )
         return self._plan
 
@@ -720,13 +775,13 @@ class FeatureSpec:
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"feature spec JSON is malformed: {exc!r}") from exc
         # A feature this code does not build would reach the model as NaN on the request path: refuse instead.
-        unknown = [name for name in spec.numeric if name not in NUMERIC_FEATURES]
+        # The retired payday features are still built, for the bundles trained with them.
+        unknown = [name for name in spec.numeric if name not in NUMERIC_FEATURES and name not in RETIRED_FEATURES]
         unknown += [name for name in spec.vocabularies if name not in CATEGORICAL_FEATURES]
         if unknown:
-            why = sorted({RETIRED_FEATURES.get(name, "not a feature of this version") for name in unknown})
             raise ValueError(
-                f"feature spec lists features this code does not build: {', '.join(unknown)} ({'; '.join(why)}); "
-                "retrain the model with this version"
+                f"feature spec lists features this code does not build: {', '.join(unknown)} "
+                "(not a feature of this version); retrain the model with this version"
             )
         return spec
 

@@ -17,6 +17,7 @@ from model.features import (
     NUMERIC_FEATURES,
     OTHER_CODE,
     RAW_COLUMNS,
+    RETIRED_FEATURES,
     TEXT_COLUMNS,
     FeatureSpec,
     context_from_request,
@@ -215,12 +216,17 @@ def test_the_rules_after_payday_retry_is_after_payday_for_the_model(
     assert derived["days_to_next_payday"][0] == expected
 
 
-def test_a_spec_with_the_retired_payday_features_is_refused_clearly() -> None:
-    # A bundle trained when payday was the 1st alone must not be scored with the new paydays under the old names,
-    # nor with NaN for features this code no longer builds (the request path leaves an unknown feature NaN).
+def test_a_spec_with_the_retired_payday_features_loads_and_an_unknown_feature_is_refused() -> None:
+    # A bundle trained when payday was the 1st alone keeps loading (its features are still built); a feature this
+    # code does not build at all would reach the model as NaN on the request path, so it is refused.
     old = FeatureSpec(numeric=["delay_hours", "days_to_payday"], vocabularies={"connector": ["stripe"]}, fx_to_usd=FX)
-    with pytest.raises(ValueError, match=r"does not build: days_to_payday \(payday was the 1st of the month alone"):
-        FeatureSpec.from_json(old.to_json())
+    loaded = FeatureSpec.from_json(old.to_json())
+    assert loaded == old
+    assert loaded.retired_features == ["days_to_payday"]
+    assert FeatureSpec.from_json(_SERVING_SPEC.to_json()).retired_features == []
+    unknown = FeatureSpec(numeric=["delay_hours", "shoe_size"], vocabularies={"connector": ["a"]}, fx_to_usd=FX)
+    with pytest.raises(ValueError, match=r"does not build: shoe_size \(not a feature of this version\); retrain"):
+        FeatureSpec.from_json(unknown.to_json())
     unknown = FeatureSpec(numeric=["delay_hours"], vocabularies={"shoe_size": ["42"]}, fx_to_usd=FX)
     with pytest.raises(ValueError, match=r"does not build: shoe_size \(not a feature of this version\); retrain"):
         FeatureSpec.from_json(unknown.to_json())
@@ -402,3 +408,83 @@ def test_a_spec_keeps_the_rate_table_it_was_trained_with() -> None:
     assert np.isnan(old.transform_request(context, candidates)[0, 0])
     now = FeatureSpec.from_counts({name: Counter() for name in CATEGORICAL_FEATURES})
     assert 7.0 <= now.transform_request(context, candidates)[0, now.columns.index("amount_usd")] <= 12.0
+
+
+# --- bundles trained with the retired (1st-of-the-month) payday features -----------------------------------------
+
+#: A spec as bundles trained before the payday features followed the rules' paydays list it (the old names).
+_RETIRED_SPEC = FeatureSpec(
+    numeric=[
+        {"days_to_next_payday": "days_to_payday", "exec_days_to_next_payday": "exec_days_to_payday",
+         "next_payday_before_exec": "payday_before_exec"}.get(name, name)
+        for name in _SERVING_SPEC.numeric
+    ],
+    vocabularies=_SERVING_SPEC.vocabularies,
+    fx_to_usd=FX,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("event_time", "country", "execute_at", "to_payday", "exec_to_payday", "payday_between"),
+    [
+        # The old definition: payday is the 1st, at the customer's local midnight; on the 1st it is today (0).
+        ("2026-01-15T12:00:00Z", None, "2026-01-20T12:00:00Z", 17.0, 12.0, 0.0),
+        ("2026-02-01T00:30:00Z", None, "2026-02-01T23:00:00Z", 0.0, 0.0, 0.0),
+        ("2026-12-20T10:00:00Z", None, "2027-01-02T10:00:00Z", 12.0, 30.0, 1.0),
+        # 01:30 IST on the 1st: payday already (the rules' payday is at 06:00, not yet).
+        ("2026-11-30T20:00:00Z", "IN", "2026-11-30T21:00:00Z", 0.0, 0.0, 0.0),
+        # 23:30 IST on the 30th, then 00:15 IST on the 1st: the local month changes, the UTC one does not.
+        ("2026-11-30T18:00:00Z", "IN", "2026-11-30T18:45:00Z", 1.0, 0.0, 1.0),
+        # 22:00 on 28 February in New York (a 28-day month), acting on 31 March.
+        ("2026-03-01T03:00:00Z", "US", "2026-03-31T12:00:00Z", 1.0, 1.0, 1.0),
+    ],
+)
+def test_the_retired_payday_features_are_built_as_they_were_trained(
+    event_time: str,
+    country: str | None,
+    execute_at: str,
+    to_payday: float,
+    exec_to_payday: float,
+    payday_between: float,
+) -> None:
+    # A bundle trained with the 1st-of-the-month payday features is served with them as they were: the history's
+    # derive and the request's transform_request give those values, and the same bytes.
+    request = make_request(event_time=event_time, customer={"country": country})
+    context = context_from_request(request, load_catalog())
+    context.update(dict.fromkeys(TEXT_COLUMNS, 0.5))
+    candidates = [_retry(datetime.fromisoformat(execute_at)), Candidate(Action.STOP, request.event_time)]
+    frame = expand_candidates(context, candidates)
+    derived = derive(frame, FX, retired_paydays=True)
+    assert derived["days_to_payday"].tolist() == [to_payday, to_payday]
+    assert derived["exec_days_to_payday"].tolist() == [exec_to_payday, to_payday]
+    assert derived["payday_before_exec"].tolist() == [payday_between, 0.0]
+    served = _RETIRED_SPEC.transform_request(context, candidates)
+    columns = [_RETIRED_SPEC.columns.index(name) for name in ("days_to_payday", "exec_days_to_payday",
+                                                              "payday_before_exec")]  # fmt: skip
+    assert served[:, columns].tolist() == [[to_payday, exec_to_payday, payday_between], [to_payday, to_payday, 0.0]]
+    assert served.tobytes() == _RETIRED_SPEC.transform(frame).tobytes()
+
+
+def test_only_a_spec_listing_the_retired_payday_features_builds_them() -> None:
+    # Training writes the new features alone, and a new bundle's request path does no work for the retired ones.
+    request = make_request()
+    frame = expand_candidates(context_from_request(request, load_catalog()), [_retry(request.event_time)])
+    assert not set(RETIRED_FEATURES) & set(derive(frame, FX))
+    assert not set(RETIRED_FEATURES) & set(NUMERIC_FEATURES)
+    assert _SERVING_SPEC._request_plan().retired == ()
+    assert [name for _, name in _RETIRED_SPEC._request_plan().retired] == list(RETIRED_FEATURES)
+
+
+def test_transform_request_equals_transform_for_a_spec_with_the_retired_payday_features() -> None:
+    # Around DST changes, month ends and paydays, over every candidate of the grid, for customers in many zones.
+    merchant = make_merchant(connectors=["stripe", "adyen", "cybersource"])
+    for event_time in _EVENT_TIMES:
+        for country in ("IN", "US", "NZ", "ZZ", None):
+            request = make_request(event_time=event_time, customer={"country": country})
+            context = context_from_request(request, load_catalog())
+            context.update(dict.fromkeys(TEXT_COLUMNS, 0.25))
+            candidates = enumerate_candidates(build_context(request, merchant, load_catalog()))
+            served = _RETIRED_SPEC.transform_request(context, candidates)
+            expected = _RETIRED_SPEC.transform(expand_candidates(context, candidates))
+            assert served.tobytes() == expected.tobytes(), (event_time, country)
+            assert not np.isnan(served[:, _RETIRED_SPEC.columns.index("payday_before_exec")]).any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -273,23 +274,58 @@ def test_bundle_round_trip_scores_identically(trained: TrainingResult, tmp_path:
         ModelBundle.load(tmp_path / "nowhere")
 
 
-def test_a_bundle_trained_with_the_first_of_the_month_payday_features_is_refused_at_load(
+def _edit_saved_spec(bundle_dir: Path, renamed: dict[str, str]) -> None:
+    spec_file = bundle_dir / "feature_spec.json"
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    assert set(renamed) <= set(spec["numeric"])
+    spec["numeric"] = [renamed.get(name, name) for name in spec["numeric"]]
+    spec_file.write_text(json.dumps(spec), encoding="utf-8")
+
+
+def test_a_bundle_trained_with_the_first_of_the_month_payday_features_loads_and_scores_as_trained(
+    trained: TrainingResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A champion saved before the payday features followed the rules' paydays lists them under their old names: an
+    upgrade must not leave it unloadable (every worker would serve rules only). It loads, says once that it should
+    be retrained, and is scored with the 1st-of-the-month features it was trained with."""
+    trained.bundle.save(tmp_path / "bundle")
+    _edit_saved_spec(
+        tmp_path / "bundle",
+        {"days_to_next_payday": "days_to_payday", "exec_days_to_next_payday": "exec_days_to_payday",
+         "next_payday_before_exec": "payday_before_exec"},
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="winback.model"):
+        loaded = ModelBundle.load(tmp_path / "bundle")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"model version {trained.bundle.version} was trained with the retired payday features (days_to_payday, "
+        "exec_days_to_payday, payday_before_exec: payday the 1st of the month, at the customer's local midnight); "
+        "it is served with them as trained; retrain to use the rules' paydays"
+    ]
+    # 15 January, noon UTC, a customer of no known country: 17 days to the 1st; acting on the 20th: 12 days, no 1st
+    # between; acting on 1 February: payday is today (0), and a 1st came between.
+    request = make_request(event_time="2026-01-15T12:00:00Z", customer={"country": None})
+    candidates = [
+        Candidate(Action.RETRY, request.event_time + timedelta(days=5), strategy=Strategy.RETRY_SAME,
+                  connector="stripe"),
+        Candidate(Action.RETRY, request.event_time + timedelta(days=17, hours=1), strategy=Strategy.CASCADE,
+                  connector="adyen"),
+    ]  # fmt: skip
+    matrix = loaded.matrix(request, candidates)
+    retired = [loaded.spec.columns.index(name) for name in ("days_to_payday", "exec_days_to_payday",
+                                                            "payday_before_exec")]  # fmt: skip
+    assert matrix[:, retired].tolist() == [[17.0, 12.0, 0.0], [17.0, 0.0, 1.0]]
+    scores = loaded.score(request, candidates)
+    assert np.all(np.isfinite(scores))
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+def test_a_bundle_listing_a_feature_this_code_does_not_build_is_refused_at_load(
     trained: TrainingResult, tmp_path: Path
 ) -> None:
-    """A bundle saved before the payday features followed the rules' paydays lists them under their old names: it
-    is refused, naming them, rather than scored with the new paydays or with NaN in their columns."""
     trained.bundle.save(tmp_path / "bundle")
-    spec_file = tmp_path / "bundle" / "feature_spec.json"
-    spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    retired = {"days_to_next_payday": "days_to_payday", "exec_days_to_next_payday": "exec_days_to_payday",
-               "next_payday_before_exec": "payday_before_exec"}  # fmt: skip
-    assert set(retired) <= set(spec["numeric"])
-    spec["numeric"] = [retired.get(name, name) for name in spec["numeric"]]
-    spec_file.write_text(json.dumps(spec), encoding="utf-8")
-    with pytest.raises(
-        ValueError,
-        match=r"does not build: days_to_payday, exec_days_to_payday, payday_before_exec \(payday was the 1st",
-    ):
+    _edit_saved_spec(tmp_path / "bundle", {"days_to_next_payday": "days_to_pension"})
+    with pytest.raises(ValueError, match=r"does not build: days_to_pension \(not a feature of this version\)"):
         ModelBundle.load(tmp_path / "bundle")
 
 

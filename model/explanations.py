@@ -274,6 +274,17 @@ _NUMBER_TEXT: dict[str, Callable[[float], str]] = {
         "a payday (the 1st or 26th) comes before the attempt", "no payday before the attempt", "the payday is unknown"
     ),
 }
+# The retired payday features (model.features.RETIRED_FEATURES) of bundles trained before the payday features
+# followed the rules' paydays: such a bundle still serves, and its reasons read as they did.
+_NUMBER_TEXT.update(
+    days_to_payday=_known("{} days to the next payday (the 1st)", "the days to payday are unknown", _number),
+    exec_days_to_payday=_known(
+        "acting {} days before the next payday (the 1st)", "the days to payday are unknown", _number
+    ),
+    payday_before_exec=_yes_no(
+        "a payday (the 1st) comes before the attempt", "no payday before the attempt", "the payday is unknown"
+    ),
+)
 _NUMBER_TEXT.update(
     (f"tried_{strategy}", _yes_no(f"{noun} was tried already", f"no {noun[2:]} yet", "the order's retries are unknown"))
     for strategy, noun in _STRATEGY_NOUN.items()

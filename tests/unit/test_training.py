@@ -318,6 +318,13 @@ def test_a_bundle_trained_with_the_first_of_the_month_payday_features_loads_and_
     scores = loaded.score(request, candidates)
     assert np.all(np.isfinite(scores))
     assert np.all((scores >= 0) & (scores <= 1))
+    # Its reasons read its payday features as they did when it was trained.
+    assert loaded.feature_reason("payday_before_exec", 1.0, raises=True) == (
+        "a payday (the 1st) comes before the attempt: raises the chance of success"
+    )
+    assert loaded.feature_reason("days_to_payday", 17.0, raises=False) == (
+        "17 days to the next payday (the 1st): lowers the chance of success"
+    )
 
 
 def test_a_bundle_listing_a_feature_this_code_does_not_build_is_refused_at_load(

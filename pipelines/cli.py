@@ -519,6 +519,38 @@ def executor_charge_disputes(
         typer.echo(line)
 
 
+@executor_app.command("refunds-by-hand")
+def executor_refunds_by_hand(
+    merchant: Annotated[str | None, typer.Option("--merchant", help="Only this merchant's (default: all).")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db)."),
+    ] = None,
+) -> None:
+    """List the refunds of duplicate charges given to an operator to make by hand: the switch refused them or never
+    answered them, or never answered a status check of a charge recorded as charged on an operator's word within a
+    day. Each line says why, since when and what is known of the charge; a cancelled one was found unneeded later."""
+    import os
+
+    from service.executor.core import ChargeResolutionError
+    from service.executor.worker import list_refunds_by_hand
+
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    try:
+        found = list_refunds_by_hand(url, merchant)
+    except (ChargeResolutionError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if not found:
+        typer.echo("no refund given to an operator to make by hand")
+        return
+    for refund in found:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
+        typer.echo(
+            f"{refund.merchant_id} {refund.order_id} ({refund.order_state}): refund action {refund.refund_action_id} "
+            f"of payment {refund.payment_id} via {refund.connector}, {refund.amount} {refund.currency}: "
+            f"{refund.state}, given to an operator at {refund.handed_at.isoformat()} ({refund.why}): {refund.note}"
+        )
+
+
 @executor_app.command("callback-url")
 def executor_callback_url(
     merchant: Annotated[str, typer.Option("--merchant", help="The merchant whose callback URLs to print.")],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, TypeVar
@@ -113,6 +113,23 @@ DISPUTE_RESOLVED = "resolved"
 MAX_DISPUTE_NOTE_LENGTH = 1000
 #: Who answers for a charge in ``resolve-charge`` (and the console's answer, which goes through it).
 OPERATOR = "an operator"
+#: How long the refund of a duplicate charge recorded as charged on an operator's word alone waits for its switch to
+#: confirm the charge (``refund_held``) before it goes to an operator to refund by hand (REFUND_BY_HAND): a day. By
+#: then the charge's status check has gone unanswered about 24 times, an hour apart (UNKNOWN_RECHECK): an outage, not
+#: a blip a retry waits out, while the customer's statement shows the second payment. RBI gives a card payment
+#: debited without the merchant's confirmation five days (T+5) to be reversed, at 100 rupees a day after (circular
+#: DPSS.CO.PD No.629/02.01.014/2019-20, data/README.md): a day's wait leaves an operator four to refund by hand.
+REFUND_WAIT_FOR_SWITCH: Final = timedelta(days=1)
+#: A refund action's payload key: it was dead-lettered for an operator to refund by hand (``_hand_refund_over``):
+#: when, and why (one of REFUND_BY_HAND_REASONS, a bounded label for /metrics).
+REFUND_BY_HAND = "refund_by_hand"
+#: Why a refund went to an operator: its switch never answered the charge's status checks within
+#: REFUND_WAIT_FOR_SWITCH (the refund was never sent); the refund was sent and never answered within its tries; or the
+#: switch refused it (or cannot refund).
+REFUND_SWITCH_SILENT = "switch_silent"
+REFUND_NO_ANSWER = "no_answer"
+REFUND_REFUSED = "refused"
+REFUND_BY_HAND_REASONS: Final = (REFUND_SWITCH_SILENT, REFUND_NO_ANSWER, REFUND_REFUSED)
 #: The actions that ask or give back through a connector after a charge: they run on settled orders too, and
 #: settling an order does not cancel them (a duplicate charge is what they are there to find and give back).
 SWITCH_FOLLOW_UPS: Final = (ActionKind.CHARGE_STATUS, ActionKind.REFUND)
@@ -288,10 +305,12 @@ class Permanent:
     """The effect can never be performed as configured: dead-letter it.
 
     ``nothing_charged``: a charge that certainly charged nothing (its connector is not configured, or the switch
-    refused it outright)."""
+    refused it outright); ``refund_by_hand``: for a refund, why it goes to an operator (REFUND_BY_HAND_REASONS) when
+    not for the switch's refusal."""
 
     error: str
     nothing_charged: bool = False
+    refund_by_hand: str | None = None
 
 
 @dataclass(frozen=True)
@@ -738,6 +757,25 @@ def _nothing_to_refund(payment_id: object, said: str) -> str:
     )
 
 
+def _switch_silent_on_refund(refund: ActionRow, charge: ActionRow, asked_since: datetime, last: str | None) -> str:
+    """Why the refund of ``charge`` (charged on an operator's word) goes to an operator: its switch answered no
+    status check of the charge from ``asked_since`` to REFUND_WAIT_FOR_SWITCH after the refund was planned (``last``:
+    the note of the latest check still asking), and what is known of the charge, for the refund's dead-letter note."""
+    payload = refund.payload
+    connector = payload.get("connector")
+    answered_for = charge.payload.get(CHARGED_BY_OPERATOR)
+    last_note = last or "not asked yet"
+    return (
+        f"waited {REFUND_WAIT_FOR_SWITCH} (since {refund.planned_at.isoformat()}) for switch {connector!r} to confirm "
+        f"payment {payload.get('payment_id')}, and it has answered no status check of it since "
+        f"{asked_since.isoformat()} (last: {last_note}); what is known: {payload.get('amount')} "
+        f"{payload.get('currency')} recorded as charged on an operator's word at {answered_for} "
+        f"(charge action {charge.action_id}) on an order settled otherwise, never confirmed or denied by the switch; "
+        f"refund it by hand if {connector!r} took it. The switch is still asked hourly: a late answer is noted here, "
+        "and the refund is never sent by winback after this"
+    )
+
+
 def _check_payload(charge: ActionRow) -> dict[str, Any]:
     """What a status check of ``charge`` asks about: its connector and processor payment id."""
     number = charge.payload.get("attempt_number")
@@ -813,6 +851,27 @@ class ChargeDispute:
         return self.resolved_at is None
 
 
+def _flagged(
+    conn: sa.Connection,
+    query: sa.Select[Any],
+    key: str,
+    merchant_id: str | None = None,
+    order_id: str | None = None,
+) -> Iterator[tuple[sa.Row[Any], dict[str, Any], dict[str, Any]]]:
+    """The rows ``query`` selects of actions (with ``payload_json``) whose payload carries the flag ``key`` (a
+    dict), of one merchant's (or one order's) when named, oldest first: each row, its payload and the flag."""
+    query = query.where(actions.c.payload_json.contains(key))
+    if merchant_id is not None:
+        query = query.where(actions.c.merchant_id == merchant_id)
+    if order_id is not None:
+        query = query.where(actions.c.order_id == order_id)
+    for row in conn.execute(query.order_by(actions.c.action_id)):
+        payload = orjson.loads(row.payload_json or "{}")
+        flag = payload.get(key)
+        if isinstance(flag, dict):
+            yield row, payload, flag
+
+
 def charge_disputes(
     conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None, *, open_only: bool = False
 ) -> list[ChargeDispute]:
@@ -828,19 +887,9 @@ def charge_disputes(
         orders.c.state,
         orders.c.success_txn_id,
     ).join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
-    query = query.where(
-        actions.c.kind == ActionKind.CHARGE_STATUS.value, actions.c.payload_json.contains(SWITCH_CONTRADICTS)
-    )
-    if merchant_id is not None:
-        query = query.where(actions.c.merchant_id == merchant_id)
-    if order_id is not None:
-        query = query.where(actions.c.order_id == order_id)
+    query = query.where(actions.c.kind == ActionKind.CHARGE_STATUS.value)
     found = []
-    for row in conn.execute(query.order_by(actions.c.action_id)):
-        payload = orjson.loads(row.payload_json or "{}")
-        flag = payload.get(SWITCH_CONTRADICTS)
-        if not isinstance(flag, dict):
-            continue
+    for row, payload, flag in _flagged(conn, query, SWITCH_CONTRADICTS, merchant_id, order_id):
         resolved = flag.get(DISPUTE_RESOLVED)
         if not isinstance(resolved, dict):
             resolved = None
@@ -861,6 +910,63 @@ def charge_disputes(
                 resolved_by=None if resolved is None else str(resolved["by"]),
                 resolved_at=None if resolved is None else as_utc(datetime.fromisoformat(str(resolved["at"]))),
                 resolution_note=None if resolved is None else str(resolved["note"]),
+            )
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class RefundByHand:
+    """A refund of a duplicate charge dead-lettered for an operator to make by hand (REFUND_BY_HAND), with what is
+    known of it: ``state`` is ``dead`` while it is theirs, ``cancelled`` when its switch later said the charge was
+    never taken (``note`` says so, and that a refund made by hand meanwhile gave back money never taken)."""
+
+    merchant_id: str
+    order_id: str
+    order_state: str
+    refund_action_id: int
+    payment_id: str
+    connector: str
+    amount: object
+    currency: str
+    why: str
+    handed_at: datetime
+    state: str
+    note: str
+
+
+def refunds_by_hand(conn: sa.Connection, merchant_id: str | None = None) -> list[RefundByHand]:
+    """The refunds given to an operator to make by hand (a merchant's, or all), oldest first. Refunds are few (one
+    per duplicate charge), so their payloads are read here."""
+    query = (
+        sa.select(
+            actions.c.action_id,
+            actions.c.merchant_id,
+            actions.c.order_id,
+            actions.c.state,
+            actions.c.payload_json,
+            actions.c.last_error,
+            orders.c.state.label("order_state"),
+        )
+        .join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
+        .where(actions.c.kind == ActionKind.REFUND.value)
+    )
+    found = []
+    for row, payload, handed in _flagged(conn, query, REFUND_BY_HAND, merchant_id):
+        found.append(
+            RefundByHand(
+                merchant_id=row.merchant_id,
+                order_id=row.order_id,
+                order_state=row.order_state,
+                refund_action_id=int(row.action_id),
+                payment_id=str(payload.get("payment_id")),
+                connector=str(payload.get("connector")),
+                amount=payload.get("amount"),
+                currency=str(payload.get("currency")),
+                why=str(handed.get("why")),
+                handed_at=as_utc(datetime.fromisoformat(str(handed["at"]))),
+                state=row.state,
+                note=row.last_error or "",
             )
         )
     return found
@@ -2153,7 +2259,15 @@ class Executor:
             return
         if isinstance(outcome, Permanent):
             self._release(conn, action, ActionState.DEAD, now, error=outcome.error)
-            self._dead(conn, action, order, outcome.error, now, connector_failed=outcome.nothing_charged)
+            self._dead(
+                conn,
+                action,
+                order,
+                outcome.error,
+                now,
+                connector_failed=outcome.nothing_charged,
+                refund_by_hand=outcome.refund_by_hand,
+            )
             return
         if isinstance(outcome, Skip):
             self._release(conn, action, ActionState.CANCELLED, now, error=outcome.reason)
@@ -2473,6 +2587,7 @@ class Executor:
         *,
         connector_failed: bool = False,
         unreached: bool = False,
+        refund_by_hand: str | None = None,
     ) -> None:
         log.error(
             "action dead-lettered: %s",
@@ -2496,17 +2611,8 @@ class Executor:
         elif action.kind == ActionKind.REFUND and self._disputed_refund_dropped(conn, action, error, now):
             pass
         elif action.kind == ActionKind.REFUND:
-            log.error(
-                "the refund of payment %s, charged on order %s after it was settled, was not made: %s; refund it "
-                "by hand through connector %r (see refund action %s in GET /v1/orders/%s)",
-                action.payload.get("payment_id"),
-                action.order_id,
-                error,
-                action.payload.get("connector"),
-                action.action_id,
-                action.order_id,
-                extra={"merchant_id": action.merchant_id, "order_id": action.order_id, "kind": action.kind},
-            )
+            why = refund_by_hand or (REFUND_NO_ANSWER if connector_failed else REFUND_REFUSED)
+            self._hand_refund_over(conn, action, why, error, now)
         elif action.kind == ActionKind.CHARGE_STATUS:
             # No answer within its tries: asked again in an hour, as long as the charge is unknown, taken as never
             # charged and not found charged since, or charged on an operator's word (``_check_again_later``). A
@@ -2555,6 +2661,26 @@ class Executor:
             extra={"merchant_id": refund.merchant_id, "order_id": refund.order_id, "kind": refund.kind},
         )
         return True
+
+    @staticmethod
+    def _hand_refund_over(conn: sa.Connection, refund: ActionRow, why: str, error: str, now: datetime) -> None:
+        """Mark dead-lettered ``refund`` as one for an operator to make by hand (REFUND_BY_HAND: when, ``why``), in
+        the transaction that dead-letters it, so ``refunds_by_hand`` (``winback executor refunds-by-hand``, and
+        /metrics) lists it from the moment it is dead, and log it as an error."""
+        marked = refund.payload | {REFUND_BY_HAND: {"at": now.isoformat(), "why": why}}
+        conn.execute(actions.update().where(actions.c.action_id == refund.action_id).values(payload_json=_dump(marked)))
+        log.error(
+            "the refund of payment %s, charged on order %s after it was settled, was not made: %s; refund it "
+            "by hand through connector %r (see refund action %s in GET /v1/orders/%s, or `winback executor "
+            "refunds-by-hand`)",
+            refund.payload.get("payment_id"),
+            refund.order_id,
+            error,
+            refund.payload.get("connector"),
+            refund.action_id,
+            refund.order_id,
+            extra={"merchant_id": refund.merchant_id, "order_id": refund.order_id, "kind": refund.kind},
+        )
 
     def _retry_failed_to_go_out(
         self,
@@ -3199,6 +3325,7 @@ class Executor:
         found" again at that one more ask, contradicts the operator and is flagged (``_flag_dispute``)."""
         payment_id = check.payload.get("payment_id")
         if result is not None and result.status == "success":
+            self._confirm_refund_by_hand(conn, ActionRow.of(row), now)
             return f"the switch answered: payment {payment_id} succeeded, as an operator answered"
         if result is None and not check.payload.get(AFTER_NOT_FOUND):
             self._ask_again_after_not_found(conn, ActionRow.of(row), now)
@@ -3260,13 +3387,60 @@ class Executor:
         )
         if row is None or row["state"] not in (ActionState.SCHEDULED.value, ActionState.DEAD.value):
             return
-        note = _nothing_to_refund(ActionRow.of(row).payload.get("payment_id"), said)
+        refund = ActionRow.of(row)
+        note = _nothing_to_refund(refund.payload.get("payment_id"), said)
+        handed = refund.payload.get(REFUND_BY_HAND)
+        if isinstance(handed, dict):
+            # Given to an operator after its switch's long silence: they may have refunded it by hand meanwhile.
+            note += (
+                f"; it went to an operator to refund by hand at {handed.get('at')}: if it was refunded, the customer "
+                "got back money that was never taken"
+            )
+            log.error(
+                "refund action %s of payment %s, given to an operator to make by hand, is not needed: %s",
+                refund.action_id,
+                refund.payload.get("payment_id"),
+                note,
+                extra={"merchant_id": refund.merchant_id, "order_id": refund.order_id, "kind": refund.kind},
+            )
         if row["state"] == ActionState.DEAD.value:
             note = _noted(row["last_error"], note)
         conn.execute(
             actions.update()
             .where(actions.c.action_id == row["action_id"], actions.c.state == row["state"])
             .values(state=ActionState.CANCELLED.value, claim_token=None, last_error=note, updated_at=now)
+        )
+
+    @staticmethod
+    def _confirm_refund_by_hand(conn: sa.Connection, charge: ActionRow, now: datetime) -> None:
+        """The switch confirms ``charge`` (charged on an operator's word) after its refund went to an operator to
+        make by hand (REFUND_BY_HAND): noted on the refund, which stays theirs. It is not sent now: they may have
+        refunded it by hand already, and a second refund would give the customer the money back twice."""
+        row = (
+            conn.execute(sa.select(actions).where(actions.c.idempotency_key == _refund_key(charge.idempotency_key)))
+            .mappings()
+            .first()
+        )
+        if row is None or row["state"] != ActionState.DEAD.value:
+            return
+        refund = ActionRow.of(row)
+        if not isinstance(refund.payload.get(REFUND_BY_HAND), dict):
+            return
+        note = (
+            f"the switch confirmed at {now.isoformat()} that payment {refund.payload.get('payment_id')} succeeded: "
+            "the customer did pay twice, so the refund by hand is needed (winback does not send it: it may have "
+            "been made by hand already)"
+        )
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == refund.action_id)
+            .values(last_error=_noted(row["last_error"], note), updated_at=now)
+        )
+        log.error(
+            "refund action %s, given to an operator to make by hand: %s",
+            refund.action_id,
+            note,
+            extra={"merchant_id": refund.merchant_id, "order_id": refund.order_id, "kind": refund.kind},
         )
 
     def _charged_after_all(
@@ -3313,13 +3487,15 @@ class Executor:
         found = conn.scalar(sa.select(actions.c.action_id).where(actions.c.idempotency_key == key))
         return None if found is None else int(found)
 
-    def refund_held(self, refund: ActionRow) -> Defer | Skip | None:
-        """Whether the refund of a duplicate charge waits, or is not sent (None: it goes now). A charge recorded as
-        charged on an operator's word alone may never have been taken: while a status check of it is still to ask
-        the switch, its refund waits for that answer (a refund of a payment the switch never took is refused, and
-        was dead-lettered for an operator to refund by hand money nobody took); once the switch has contradicted the
-        operator (``_flag_dispute``) it is not sent. A charge the switch itself answered for, or one it cannot be
-        asked about (its check dead-lettered), is refunded on the answer that stands."""
+    def refund_held(self, refund: ActionRow) -> Defer | Skip | Permanent | None:
+        """Whether the refund of a duplicate charge waits, is not sent, or goes to an operator (None: it goes now).
+        A charge recorded as charged on an operator's word alone may never have been taken: while a status check of
+        it is still to ask the switch, its refund waits for that answer (a refund of a payment the switch never took
+        is refused, and was dead-lettered for an operator to refund by hand money nobody took); once the switch has
+        contradicted the operator (``_flag_dispute``) it is not sent. It waits REFUND_WAIT_FOR_SWITCH at most: a
+        switch that answers no status check for that long leaves it to an operator to refund by hand
+        (``_switch_silent_on_refund``). A charge the switch itself answered for, or one it cannot be asked about
+        (its check dead-lettered), is refunded on the answer that stands."""
         now = self.clock()
         charge_key = _charge_key_of_refund(refund.idempotency_key)
         payment_id = refund.payload.get("payment_id")
@@ -3330,18 +3506,27 @@ class Executor:
             said = _switch_disputes(conn, charge_key)
             if said is not None:
                 return Skip(_nothing_to_refund(payment_id, said))
-            asking = conn.scalar(
-                sa.select(sa.func.min(actions.c.due_at)).where(
+            asking = conn.execute(
+                sa.select(actions.c.due_at, actions.c.planned_at, actions.c.last_error)
+                .where(
                     actions.c.idempotency_key.in_(_status_check_keys(charge_key)),
                     actions.c.state.in_(OPEN_ACTION_STATES),
                 )
-            )
-        if asking is None:
+                .order_by(actions.c.planned_at)
+            ).all()
+        if not asking:
             return None
+        gives_up_at = refund.planned_at + REFUND_WAIT_FOR_SWITCH
+        if now >= gives_up_at:
+            why = _switch_silent_on_refund(
+                refund, ActionRow.of(charge), as_utc(asking[0].planned_at), asking[-1].last_error
+            )
+            return Permanent(why, refund_by_hand=REFUND_SWITCH_SILENT)
         return Defer(
-            max(as_utc(asking), now + RECHECK),
+            min(max(min(as_utc(check.due_at) for check in asking), now + RECHECK), gives_up_at),
             f"waits for the switch's status of payment {payment_id}: it was recorded as charged on an operator's "
-            "word, and is given back once the switch confirms it took it",
+            f"word, and is given back once the switch confirms it took it (or by hand, after {REFUND_WAIT_FOR_SWITCH} "
+            "without its answer)",
         )
 
     def _record_refund(self, conn: sa.Connection, action: ActionRow, refunded: Refunded, now: datetime) -> None:

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from service.executor.core import charge_disputes
+from service.executor.core import charge_disputes, refunds_by_hand
 
 log = logging.getLogger("winback.executor")
 
@@ -31,12 +31,12 @@ def dispute_label(switch_said: str) -> str:
     return "not_found" if switch_said.startswith("not found") else "declined"
 
 
-class ChargeDisputesCollector(Collector):
-    """``winback_executor_charge_disputes_total{merchant_id, switch_said}``: the charges an operator answered for as
-    charged whose switch then said "declined", or "not found" at the one more ask. Each flag stays on its status
-    check, dealt with or not, so the count never goes down: a counter, as Prometheus means one, read from the
-    database. ``winback_executor_charge_disputes_open`` (same labels, a gauge): those nobody has marked as dealt
-    with yet (``resolve_charge_disputes``), 0 once all of a label's are, what an alert should watch."""
+class _ReadFromTheDatabase(Collector):
+    """A collector whose figures are counts read from the executor's database, at most once every
+    ``read_every_seconds`` per server process (the last counts answer a scrape while the database is away)."""
+
+    #: What the figures are, for the warning when they cannot be read.
+    what = "figures"
 
     def __init__(
         self,
@@ -48,9 +48,34 @@ class ChargeDisputesCollector(Collector):
         self.read_every_seconds = read_every_seconds
         self.clock = clock
         self._lock = threading.Lock()
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._open: Counter[tuple[str, str]] = Counter()
+        self._counts: tuple[Counter[tuple[str, str]], ...] = ()
         self._read_at: float | None = None
+
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, str]], ...]:
+        raise NotImplementedError
+
+    def _current(self) -> tuple[Counter[tuple[str, str]], ...]:
+        with self._lock:
+            now = self.clock()
+            if self._read_at is None or now - self._read_at >= self.read_every_seconds:
+                try:
+                    with self.engine.connect() as conn:
+                        self._counts = self._read(conn)
+                except Exception:  # the database away for a moment: the last counts, not a failed scrape
+                    log.warning("could not read the %s for /metrics", self.what, exc_info=True)
+                else:
+                    self._read_at = now
+            return self._counts
+
+
+class ChargeDisputesCollector(_ReadFromTheDatabase):
+    """``winback_executor_charge_disputes_total{merchant_id, switch_said}``: the charges an operator answered for as
+    charged whose switch then said "declined", or "not found" at the one more ask. Each flag stays on its status
+    check, dealt with or not, so the count never goes down: a counter, as Prometheus means one, read from the
+    database. ``winback_executor_charge_disputes_open`` (same labels, a gauge): those nobody has marked as dealt
+    with yet (``resolve_charge_disputes``), 0 once all of a label's are, what an alert should watch."""
+
+    what = "charge disputes"
 
     @staticmethod
     def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
@@ -73,24 +98,48 @@ class ChargeDisputesCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         raised, still_open = self._families()
-        counts, open_counts = self._current()
+        counts, open_counts = self._current() or (Counter(), Counter())
         for (merchant_id, said), count in sorted(counts.items()):
             raised.add_metric([merchant_id, said], count)
             still_open.add_metric([merchant_id, said], open_counts[(merchant_id, said)])
         yield raised
         yield still_open
 
-    def _current(self) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
-        with self._lock:
-            now = self.clock()
-            if self._read_at is None or now - self._read_at >= self.read_every_seconds:
-                try:
-                    with self.engine.connect() as conn:
-                        found = charge_disputes(conn)
-                except Exception:  # the database away for a moment: the last counts, not a failed scrape
-                    log.warning("could not read the charge disputes for /metrics", exc_info=True)
-                else:
-                    self._counts = Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found)
-                    self._open = Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found if d.open)
-                    self._read_at = now
-            return self._counts, self._open
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, str]], ...]:
+        found = charge_disputes(conn)
+        return (
+            Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found),
+            Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found if d.open),
+        )
+
+
+class RefundsByHandCollector(_ReadFromTheDatabase):
+    """``winback_executor_refunds_by_hand_total{merchant_id, why}``: the refunds of duplicate charges given to an
+    operator to make by hand (``why``: ``switch_silent``, its switch answered no status check of the charge within
+    REFUND_WAIT_FOR_SWITCH; ``no_answer``, the refund was sent and never answered; ``refused``, the switch refused
+    it or cannot refund). Each stays marked on its refund action, so the count never goes down: a counter, read from
+    the database; an alert watches its increase (``winback executor refunds-by-hand`` lists them)."""
+
+    what = "refunds by hand"
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "winback_executor_refunds_by_hand",
+            "Refunds of duplicate charges given to an operator to make by hand.",
+            labels=["merchant_id", "why"],
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        """The family without its figures (registering the collector reads no database)."""
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        handed = self._family()
+        (counts,) = self._current() or (Counter(),)
+        for (merchant_id, why), count in sorted(counts.items()):
+            handed.add_metric([merchant_id, why], count)
+        yield handed
+
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, str]], ...]:
+        return (Counter((refund.merchant_id, refund.why) for refund in refunds_by_hand(conn)),)

@@ -26,7 +26,7 @@ from datetime import timedelta
 from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -51,11 +51,13 @@ from service.executor.core import (
     DisputeResolutionError,
     Executor,
     Outcome,
+    RefundByHand,
     RetryPolicy,
     StaleClaimError,
     Transient,
     by_order_of,
     charge_disputes,
+    refunds_by_hand,
     resolve_charge_disputes,
 )
 from service.executor.effects import AdapterFactory, Effects
@@ -649,10 +651,25 @@ def _existing_executor_database(database_url: str) -> Engine:
 def list_charge_disputes(database_url: str, merchant_id: str | None = None) -> list[ChargeDispute]:
     """``winback executor charge-disputes``: the charges an operator answered for as charged whose switch then said
     otherwise (``Executor._flag_dispute``), a merchant's or all, oldest first, dealt with or not."""
+    return _read_executor_database(database_url, lambda conn: charge_disputes(conn, merchant_id))
+
+
+def list_refunds_by_hand(database_url: str, merchant_id: str | None = None) -> list[RefundByHand]:
+    """``winback executor refunds-by-hand``: the refunds of duplicate charges given to an operator to make by hand
+    (``Executor._hand_refund_over``), a merchant's or all, oldest first."""
+    return _read_executor_database(database_url, lambda conn: refunds_by_hand(conn, merchant_id))
+
+
+#: What an operator's listing reads from the executor's database.
+T = TypeVar("T")
+
+
+def _read_executor_database(database_url: str, read: Callable[[sa.Connection], T]) -> T:
+    """What ``read`` reads from the executor's existing database at ``database_url`` (an operator's listing)."""
     engine = _existing_executor_database(database_url)
     try:
         with engine.connect() as conn:
-            return charge_disputes(conn, merchant_id)
+            return read(conn)
     finally:
         engine.dispose()
 

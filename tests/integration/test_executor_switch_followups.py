@@ -27,9 +27,16 @@ from service.console.routes import build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.console.store import audit_log
 from service.executor.connectors import CircuitBreaker, HttpConnector
-from service.executor.core import NOT_FOUND_RECHECK_DELAY, ChargeDispute, Permanent, charge_disputes
+from service.executor.core import (
+    NOT_FOUND_RECHECK_DELAY,
+    REFUND_WAIT_FOR_SWITCH,
+    ChargeDispute,
+    Permanent,
+    charge_disputes,
+    refunds_by_hand,
+)
 from service.executor.links import LinkError
-from service.executor.metrics import ChargeDisputesCollector
+from service.executor.metrics import ChargeDisputesCollector, RefundsByHandCollector
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions, orders
 from tests.integration.test_console import PASSWORD, Console, _rows, flash
@@ -890,6 +897,108 @@ def test_a_check_after_an_operators_charged_that_gets_no_answer_is_asked_again_h
     switch.status_mode = "answer"
     run_for(h, 3600, step=600)
     assert [d.switch_said for d in disputes_of(h)] == ["declined (do_not_honor)"]
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+def refunds_by_hand_counted(h: Harness, why: str = "switch_silent") -> float:
+    """The Prometheus counter of refunds given to an operator, as a scrape of ``/metrics`` reads it."""
+    registry = CollectorRegistry()
+    registry.register(RefundsByHandCollector(h.executor.engine, read_every_seconds=0))
+    value = registry.get_sample_value("winback_executor_refunds_by_hand_total", {"merchant_id": "m_demo", "why": why})
+    return value or 0.0
+
+
+def handed_over_after_the_switchs_silence(build: MakeHarness, database_url: str, switch: FullSwitch) -> Harness:
+    """The refund planned on an operator's "charged" (order paid before) waits for the status check, whose switch
+    answers none (timeouts, asked hourly): at REFUND_WAIT_FOR_SWITCH, not before, it goes to an operator."""
+    h = charged_by_an_operator_on_an_order_paid_before(build, database_url, switch)
+    switch.status_mode = "timeout"
+    wait = int(REFUND_WAIT_FOR_SWITCH.total_seconds())
+    run_for(h, wait - 3600, step=600)
+    [waiting] = of_kind(h, "refund")
+    assert waiting.state == "scheduled", waiting
+    assert refunds_by_hand_counted(h) == 0
+    run_for(h, 3600 + 600, step=600)
+    return h
+
+
+def test_a_refund_whose_switch_answers_no_status_check_goes_to_an_operator_after_a_day(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """It was put off hourly without limit. Now, a day after it was planned, the refund is dead-lettered for an
+    operator, never sent by winback, saying the switch never answered, since when, and what is known of the charge;
+    it is listed by ``winback executor refunds-by-hand``, counted on /metrics and shown in GET /v1/orders."""
+    switch = FullSwitch(statuses=["succeeded"])
+    with caplog.at_level(logging.ERROR, logger="winback.executor"):
+        h = handed_over_after_the_switchs_silence(make_harness, database_url, switch)
+    [refund] = of_kind(h, "refund")
+    assert refund.state == "dead", refund
+    note = refund.last_error or ""
+    for said in (
+        "waited 1 day, 0:00:00 (since 2026-",
+        "for switch 'adyen' to confirm payment ord_1_2, and it has answered no status check of it since 2026-",
+        "(last: gave up after ",
+        "recorded as charged on an operator's word at 2026-",
+        f"(charge action {of_kind(h, 'retry')[0].action_id}) on an order settled otherwise",
+        "refund it by hand if 'adyen' took it",
+    ):
+        assert said in note, note
+    assert refund_calls(switch) == []
+    logged = [r.getMessage() for r in caplog.records if "refunds-by-hand" in r.getMessage()]
+    assert len(logged) == 1, logged
+    assert "refund it by hand through connector 'adyen'" in logged[0]
+    assert refunds_by_hand_counted(h) == 1
+    with h.executor.engine.connect() as conn:
+        [listed] = refunds_by_hand(conn, "m_demo")
+    assert (listed.payment_id, listed.why, listed.state, listed.note) == ("ord_1_2", "switch_silent", "dead", note)
+    command = CliRunner().invoke(cli, ["executor", "refunds-by-hand", "--database-url", database_url])
+    assert command.exit_code == 0, command.output
+    assert command.output.startswith(
+        f"m_demo ord_1 (SUCCEEDED): refund action {refund.action_id} of payment ord_1_2 via adyen, 499.0 USD: dead, "
+        "given to an operator at 2026-"
+    ), command.output
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        metrics = api.get("/metrics").text
+        assert 'winback_executor_refunds_by_hand_total{merchant_id="m_demo",why="switch_silent"} 1.0' in metrics
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("switch_says", ["succeeded", "declined"])
+def test_a_switch_answering_after_the_refund_went_to_an_operator_never_refunds_twice(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    switch_says: str,
+) -> None:
+    """The switch answers at last (it is still asked hourly). "Succeeded": the refund stays the operator's, noted
+    as needed, and winback never sends it (they may have made it by hand). "Declined": a charge dispute; the refund
+    is cancelled, saying that one made by hand meanwhile gave back money never taken."""
+    switch = FullSwitch(statuses=["succeeded" if switch_says == "succeeded" else "failed"])
+    h = handed_over_after_the_switchs_silence(make_harness, database_url, switch)
+    assert [a.state for a in of_kind(h, "refund")] == ["dead"]
+    switch.status_mode = "answer"
+    run_for(h, 3600 * 3, step=600)
+    [refund] = of_kind(h, "refund")
+    assert refund_calls(switch) == []
+    if switch_says == "succeeded":
+        assert refund.state == "dead", refund
+        assert "the switch confirmed at 2026-" in (refund.last_error or "")
+        assert "payment ord_1_2 succeeded: the customer did pay twice, so the refund by hand is needed" in (
+            refund.last_error or ""
+        )
+        assert disputes_of(h) == []
+    else:
+        assert refund.state == "cancelled", refund
+        assert "not sent: the switch says payment ord_1_2 was never charged (declined (do_not_honor))" in (
+            refund.last_error or ""
+        )
+        assert "if it was refunded, the customer got back money that was never taken" in (refund.last_error or "")
+        assert [d.switch_said for d in disputes_of(h)] == ["declined (do_not_honor)"]
+    assert refunds_by_hand_counted(h) == 1  # handed over once, whatever came after
     assert webhook_events(h) == ["order.succeeded"]
 
 

@@ -98,6 +98,9 @@ TAKEN_AS_NOT_CHARGED = "taken_as_not_charged_sent_at"
 #: A status check's payload key: it is the one more ask after "not found" (NOT_FOUND_RECHECK_DELAY), whose own "not
 #: found" is final.
 AFTER_NOT_FOUND = "after_not_found"
+#: A charge action's payload key: when its switch first answered "not found" for it and it was sent again as the
+#: same charge (same idempotency key, payment id and body: ``_send_again_after_not_found``), once.
+SENT_AGAIN_AFTER_NOT_FOUND = "sent_again_after_not_found_at"
 #: A charge action's payload key: when an operator answered that it charged (``resolve-charge --charged``, or an
 #: agent in the console). A status check still planned then asks all the same, and a switch that says otherwise
 #: ("declined", or "not found" twice) is flagged on that check (SWITCH_CONTRADICTS): the merchant had its
@@ -3197,10 +3200,14 @@ class Executor:
         if row["state"] != ActionState.DEAD.value or row["unanswered_since"] is None:
             return  # not a charge whose outcome is unknown (it never went out, or it was answered)
         charge = ActionRow.of(row)
-        key, _ = _status_check_keys(charge.idempotency_key)
-        if self._schedule(
-            conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, _check_payload(charge)
-        ):
+        key, again = _status_check_keys(charge.idempotency_key)
+        payload = _check_payload(charge)
+        if SENT_AGAIN_AFTER_NOT_FOUND in charge.payload:
+            # Sent again after "not found" and not answered either: the one more ask, a send's time on the way after
+            # the last one (NOT_FOUND_RECHECK_DELAY), whose "not found" is final.
+            key, payload = again, payload | {AFTER_NOT_FOUND: True}
+            due = max(due, now + NOT_FOUND_RECHECK_DELAY)
+        if self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, payload):
             return
         _plan_check_again(conn, actions.c.idempotency_key == key, due, now)
 
@@ -3247,9 +3254,16 @@ class Executor:
             f"the switch answered that the {planned} sent and never answered never reached it "
             f"(payment {payment_id} not found)"
         )
-        if row is not None and self._settle_unknown(conn, order, row, result, "the switch", nothing, now):
+        if row is not None and result is None and self._send_again_after_not_found(conn, order, row, check, now):
+            note = (
+                f"the switch answered: payment {payment_id} not found; sent again as the same charge (same "
+                "idempotency key and payment id), so a first send that reaches the switch late is that one payment"
+            )
+        elif row is not None and self._settle_unknown(conn, order, row, result, "the switch", nothing, now):
             note = f"the switch answered: payment {payment_id} {what}"
-            if result is None:
+            if result is None and check.payload.get(AFTER_NOT_FOUND):
+                note = f"the switch answered again: payment {payment_id} not found; it was never charged"
+            elif result is None:
                 self._ask_again_after_not_found(conn, ActionRow.of(row), now)
                 note += f"; asked once more in {NOT_FOUND_RECHECK_DELAY}"
         elif row is not None and _taken_as_not_charged(row):
@@ -3259,6 +3273,52 @@ class Executor:
         else:
             note = f"the switch answered ({what}) after charge action {charge_id} was answered"
         conn.execute(actions.update().where(actions.c.action_id == check.action_id).values(last_error=note))
+
+    def _send_again_after_not_found(
+        self, conn: sa.Connection, order: RowMapping, row: RowMapping, check: ActionRow, now: datetime
+    ) -> bool:
+        """Send charge ``row`` (sent, never answered) again, now, as the same charge, when its switch first answers
+        "not found" for it on an order still open; True when so planned. Taken as never charged and decided again,
+        the order's next attempt was a new payment (``<order_id>_<n+1>``, a new key): a first send still on its way
+        (NOT_FOUND_RECHECK_DELAY) that reached the switch after it charged the customer twice until the one more
+        ask found it and refunded it. Sent again under its own idempotency key, payment id and body, it is one
+        payment whichever send arrives first: the switch charges a key once, as the executor's re-sends after a
+        lost answer already count on (data/README.md, "Payment switch calls"). It keeps its 'sent' mark, so it is
+        a re-send: it goes ahead on an open order and holds the order's other charges back until answered; one
+        that is not answered again is asked about once more (``_ask_about``), whose "not found" is final. Once
+        only, and not on the one more ask itself, nor on an order settled since (a charge there would be a
+        duplicate: it is taken as never charged, and asked about once more, as before)."""
+        charge = ActionRow.of(row)
+        if (
+            row["unanswered_since"] is None
+            or check.payload.get(AFTER_NOT_FOUND)
+            or SENT_AGAIN_AFTER_NOT_FOUND in charge.payload
+            or order["state"] not in OPEN_ORDER_STATES
+        ):
+            return False
+        note = f"not found by its switch at {now.isoformat()}: sent again as the same charge"
+        changed = conn.execute(
+            actions.update()
+            .where(actions.c.action_id == charge.action_id, UNKNOWN_CHARGE)
+            .values(
+                state=ActionState.SCHEDULED.value,
+                due_at=now,
+                attempts=0,
+                claim_token=None,
+                updated_at=now,
+                last_error=_noted(row["last_error"], note),
+                payload_json=_dump(charge.payload | {SENT_AGAIN_AFTER_NOT_FOUND: now.isoformat()}),
+            )
+        ).rowcount
+        if changed != 1:
+            return False
+        log.warning(
+            "payment %s not found by its switch: charge action %s is sent again under the same idempotency key",
+            check.payload.get("payment_id"),
+            charge.action_id,
+            extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
+        )
+        return True
 
     def _answer_after_not_charged(
         self,

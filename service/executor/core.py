@@ -2736,6 +2736,19 @@ class Executor:
                 .values(txn_id=txn_id)
             )
         if result.status == "success":
+            payment_id = f"{action.order_id}_{number}"
+            if order["state"] == OrderState.SUCCEEDED and order["success_txn_id"] in (txn_id, payment_id):
+                # The merchant's payment-succeeded named this very payment (its txn_id is the processor payment id
+                # CONTRACT.md section 5 gives this attempt, or winback's txn id of it): its success reached the
+                # merchant before its answer reached winback. It is the order's one payment, not a duplicate.
+                log.warning(
+                    "attempt %s (payment %s) succeeded: the order was settled already by the merchant's report of "
+                    "this same payment, so nothing is refunded",
+                    txn_id,
+                    payment_id,
+                    extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
+                )
+                return
             if order["state"] not in OPEN_ORDER_STATES:
                 refund = self._refund_duplicate(conn, order, action, number, now)
                 log.error(

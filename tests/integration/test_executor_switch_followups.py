@@ -34,6 +34,7 @@ from service.executor.core import (
     Permanent,
     charge_disputes,
     refunds_by_hand,
+    txn_id_for,
 )
 from service.executor.links import LinkError
 from service.executor.metrics import ChargeDisputesCollector, RefundsByHandCollector
@@ -347,6 +348,33 @@ def test_an_unknown_charge_on_an_order_the_merchant_reports_paid_is_checked_and_
     assert [a.state for a in of_kind(h, "refund")] == ["done"]
     assert switch.refunded() == ["ord_1_2"]
     assert h.view().success_txn_id == "txn_ext"
+    assert webhook_events(h) == ["order.succeeded"]
+
+
+@pytest.mark.parametrize("named_by", ["processor payment id", "winback's txn id"])
+def test_a_merchants_payment_succeeded_naming_winbacks_own_charge_is_not_refunded(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    named_by: str,
+) -> None:
+    """The answer to winback's charge is lost, the merchant hears of its success from its switch first and reports
+    the order paid with that payment as its txn_id (``ord_1_2``, the processor payment id CONTRACT.md section 5
+    gives attempt 2, or winback's own txn id of it). The status check then finds ord_1_2 succeeded: it is the
+    order's one payment, recorded, and not refunded as a duplicate (it was: the customer got the money back for an
+    order the merchant had been told was paid)."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch)
+    with h.executor.engine.connect() as conn:
+        key = conn.scalar(sa.select(actions.c.idempotency_key).where(actions.c.kind == "retry"))
+    txn_id = "ord_1_2" if named_by == "processor payment id" else txn_id_for(key)
+    reported = PAID_BY_MERCHANT | {"txn_id": txn_id, "idempotency_key": "paid-by-winbacks-own-charge"}
+    assert h.executor.payment_succeeded("m_demo", reported).state == "SUCCEEDED"
+    run_for(h, 3600 * 2, step=120)  # the check: ord_1_2 succeeded
+    view = h.view()
+    assert of_kind(h, "refund") == []
+    assert switch.refunds == {}
+    assert (view.state, view.success_txn_id) == ("SUCCEEDED", txn_id)
+    assert [(a.attempt_number, a.status) for a in view.attempts] == [(1, "failure"), (2, "success")]
     assert webhook_events(h) == ["order.succeeded"]
 
 

@@ -86,7 +86,7 @@ from service.executor.optouts import (
     unsubscribe_url,
 )
 from service.executor.outages import channels_down, claim_probe
-from service.executor.pacing import QUIET_HOURS_WAKE, pair_turn, release_turn
+from service.executor.pacing import QUIET_HOURS_WAKE, pair_answered, pair_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
 from service.personal_data import mask_addresses_in
@@ -590,7 +590,8 @@ class Effects:
                 expires_at=link_expiry_text(expires_at, merchant.retarget.quiet_hours.timezone),
             ).as_mapping(),
         )
-        held = self._mark_message_sending(action, wakes)
+        marked_at = self.executor.clock()
+        held = self._mark_message_sending(action, wakes, at=marked_at)
         if held is not None:
             return held
         answered_maybe_taken = False
@@ -601,6 +602,8 @@ class Effects:
                 result.status == "retryable" and not result.not_taken
             )
         finally:
+            if channel == Channel.WHATSAPP:
+                self._pair_answered(action, channel, address, marked_at)
             # A message the provider accepted, or may have taken (a timeout, a 500), keeps its mark until
             # ``complete`` records the answer (in that transaction): another message of the order must not pass it
             # before the rules can see it on record, and a decision made meanwhile counts it and does not replace it
@@ -649,7 +652,26 @@ class Effects:
             return None
         return Replan("not allowed now: " + ", ".join(verdict.broken))
 
-    def _mark_message_sending(self, action: ActionRow, wakes: bool = False) -> Outcome | None:
+    def _pair_answered(self, action: ActionRow, channel: Channel, address: str, marked_at: datetime) -> None:
+        """The provider answered WhatsApp message ``action``, marked as sending at ``marked_at``: the customer's next
+        message counts its 6 seconds from now, not from the bound its send set (``pacing.pair_answered``). A write
+        that fails leaves the bound: the next message waits longer, never less."""
+        try:
+            with self.executor.engine.begin() as conn:
+                pair_answered(
+                    conn,
+                    action.merchant_id,
+                    channel,
+                    address_hash(channel, address),
+                    marked_bound=marked_at + self.lease,
+                    answered_at=self.executor.clock(),
+                )
+        except Exception:
+            log.warning("could not note when message action %s was answered", action.action_id, exc_info=True)
+
+    def _mark_message_sending(
+        self, action: ActionRow, wakes: bool = False, *, at: datetime | None = None
+    ) -> Outcome | None:
         """Mark a payment-link message as going to its provider now, under its order's lock, unless the order was
         settled, a charge of it is claimed or with its connector, its address opted out of its channel meanwhile
         (a STOP that arrived after the send's rules check wins), or another message of it is being sent, or the
@@ -660,8 +682,9 @@ class Effects:
         was minted read without it, and two workers may hold two messages of one order. The mark is cleared when
         the provider's answer is recorded (at once when it did not accept the message), and by the next claim of
         the message if its worker died. ``wakes``: it is sent just after the end of the quiet hours, and takes a
-        turn (service/executor/pacing.py)."""
-        now = self.executor.clock()
+        turn (service/executor/pacing.py). ``at``: the moment of the mark (the executor's clock when not given); a
+        WhatsApp message's answer is noted against it (``_pair_answered``)."""
+        now = self.executor.clock() if at is None else at
         channel = Channel(str(action.payload["channel"]))
         with self.executor.engine.begin() as conn:
             order = self.executor.lock_order(conn, action.merchant_id, action.order_id)
@@ -757,7 +780,10 @@ class Effects:
         if address is None:
             return None
         kept = _turn_of(action, MESSAGE_CUSTOMER_PACED_TURN)
-        turn = pair_turn(conn, action.merchant_id, channel, address_hash(channel, address), now, kept)
+        customer = address_hash(channel, address)
+        # The call may reach the provider until its claim's end: until its answer is noted (``_pair_answered``),
+        # the customer's next message counts its 6 seconds from then.
+        turn = pair_turn(conn, action.merchant_id, channel, customer, now, kept, call_bound=self.lease)
         if turn is None:
             return None
         why = "at most one message every 6 seconds to their number (pair rate limit)"

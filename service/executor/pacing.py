@@ -236,7 +236,14 @@ def release_turn(
 
 
 def pair_turn(
-    conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime, turn: datetime | None
+    conn: sa.Connection,
+    merchant_id: str,
+    channel: Channel,
+    address_sha256: str,
+    now: datetime,
+    turn: datetime | None,
+    *,
+    call_bound: timedelta,
 ) -> datetime | None:
     """When a WhatsApp message to the customer at ``address_sha256`` on ``merchant_id``'s ``channel`` may go, as
     ``_release_turn`` says, for every message and not only after a pair rate limit: Meta refuses a second message
@@ -250,7 +257,14 @@ def pair_turn(
     seconds apart, but one that went a few seconds late had the next already planned less than 6 seconds after it,
     and that one now waits the rest (its new turn, kept on it). The next free turn is never less than 6 seconds
     after the message that goes, however late it goes. Normal traffic (a customer messaged once in a while) pays
-    two writes of this row, no wait: only that customer's sends and receipts take the row's lock."""
+    three writes of this row, no wait: only that customer's sends and receipts take the row's lock.
+
+    The 6 seconds hold between the provider's receipts of the messages, not between their marks: a message that
+    goes is marked here, and its call may reach the provider any time until it is answered. So the message that
+    goes sets ``last_sent_at`` to ``now + call_bound`` (the longest its call may take: the claim it is sent
+    under), and ``pair_answered`` brings it back to the moment its answer came. Before, ``last_sent_at`` was the
+    mark: a call 4 seconds slow reached the provider 2 seconds before the next message, sent at its turn. A message
+    that asks while another is still out waits for that bound; one asking after the answer, 6 seconds from it."""
     key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
     row = _locked_row(conn, customer_pacing, key, now)
     held_until, next_turn = as_utc(row["held_until"]), as_utc_or_none(row["next_turn_at"])
@@ -266,9 +280,28 @@ def pair_turn(
     free = mine + PAIR_RATE_INTERVAL if next_turn is None else max(next_turn, mine + PAIR_RATE_INTERVAL)
     goes = mine <= now
     if free != next_turn or goes:
-        sent = {"last_sent_at": now} if goes else {}
+        sent = {"last_sent_at": now + call_bound} if goes else {}
         conn.execute(customer_pacing.update().where(*_where(customer_pacing, key)).values(next_turn_at=free, **sent))
     return None if goes else mine
+
+
+def pair_answered(
+    conn: sa.Connection,
+    merchant_id: str,
+    channel: Channel,
+    address_sha256: str,
+    *,
+    marked_bound: datetime,
+    answered_at: datetime,
+) -> bool:
+    """The provider answered the WhatsApp message that ``pair_turn`` let go with ``last_sent_at`` set to
+    ``marked_bound``: it reached the provider by ``answered_at`` at the latest, and the customer's next message goes
+    6 seconds after that (``pair_turn``), not after the bound. Whether the row was still this message's: a message
+    that went after it (its bound was over, its worker presumed gone) keeps its own bound. Any answer counts, a
+    refusal too: a refused call may still have reached Meta through the provider."""
+    key = {"merchant_id": merchant_id, "channel": channel.value, "address_sha256": address_sha256}
+    where = [*_where(customer_pacing, key), customer_pacing.c.last_sent_at == marked_bound]
+    return conn.execute(customer_pacing.update().where(*where).values(last_sent_at=answered_at)).rowcount == 1
 
 
 def forget_idle_customers(

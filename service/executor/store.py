@@ -315,8 +315,9 @@ customer_pacing = sa.Table(
     # The next free turn of the customer's messages, one every 6 s (Meta's pair rate): the worker's clean-up of the
     # idle rows reads it by its index (migration 0018).
     sa.Column("next_turn_at", sa.DateTime(timezone=True), nullable=True),
-    # When the customer's last message went (migration 0018): the next goes 6 s after it at the soonest, whatever
-    # turn it was planned at.
+    # When the customer's last message reached its provider at the latest (migration 0018): the moment its call
+    # was answered, or, while the call is out, the end of the claim it is sent under (``pacing.pair_turn``,
+    # ``pair_answered``). The next goes 6 s after it at the soonest, whatever turn it was planned at.
     sa.Column("last_sent_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("ix_customer_pacing_next_turn", "next_turn_at"),
 )

@@ -10,11 +10,14 @@ one every 6 seconds, under the row's lock (service/executor/pacing.py ``pair_tur
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from model.vocab import Channel
+from service.executor.channels.base import OutboundMessage, SendResult
 from service.executor.pacing import customer_paced_until, pair_turn
 from service.executor.store import as_utc, customer_pacing
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
@@ -27,6 +30,8 @@ from tests.integration.test_quiet_hours_wake import NIGHT, NOW, TURN, WAKE, paci
 
 PAIR = timedelta(seconds=6)
 SECOND = timedelta(seconds=1)
+#: What the tests that call ``pair_turn`` directly take a send to be: a call answered the moment it goes.
+INSTANT = timedelta(0)
 CUSTOMER = {"phone": "+919800000001"}
 OTHER = {"phone": "+919800000002"}
 
@@ -127,7 +132,7 @@ def test_workers_sending_to_one_customer_at_once_never_both_go_nor_share_a_turn(
         turns = []
         for _ in range(15):
             with h.executor.engine.begin() as conn:
-                turns.append(pair_turn(conn, "m_demo", Channel.WHATSAPP, "a" * 64, START, None))
+                turns.append(pair_turn(conn, "m_demo", Channel.WHATSAPP, "a" * 64, START, None, call_bound=INSTANT))
         return turns
 
     with ThreadPoolExecutor(2) as pool:
@@ -147,7 +152,7 @@ def test_a_turn_come_back_to_long_after_it_is_spent_and_the_message_queues_again
 
     def turn(moment: datetime, kept: datetime | None) -> datetime | None:
         with h.executor.engine.begin() as conn:
-            return pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, moment, kept)
+            return pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, moment, kept, call_bound=INSTANT)
 
     assert turn(START, None) is None  # the first goes
     given = turn(START + timedelta(seconds=1), None)
@@ -161,10 +166,11 @@ def test_what_the_pair_rate_costs_a_message_and_the_rows_it_leaves_are_forgotten
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     database_url: str,
 ) -> None:
-    """The cost, stated: a WhatsApp message writes its customer's pacing row twice (made or locked, then its next
-    turn) where it read it once; an SMS or e-mail message, with no pair rate, does not touch it (before, each read
-    a row only WhatsApp makes). The rows a message leaves are deleted by the worker's clean-up once idle for the
-    longest hold (15 minutes), so the table keeps the customers messaged recently only."""
+    """The cost, stated: a WhatsApp message writes its customer's pacing row three times (made or locked, then its
+    next turn, then when its call was answered) where it read it once; an SMS or e-mail message, with no pair rate,
+    does not touch it (before, each read a row only WhatsApp makes). The rows a message leaves are deleted by the
+    worker's clean-up once idle for the longest hold (15 minutes), so the table keeps the customers messaged
+    recently only."""
     by = [dict(NOW), {"action": "retarget", "channel": "sms"}, {"action": "retarget", "channel": "email"}]
     h = make_harness(*by, database_url=database_url)
     h.drain()  # the worker's first run cleans up (a DELETE), then not again for an hour
@@ -172,7 +178,7 @@ def test_what_the_pair_rate_costs_a_message_and_the_rows_it_leaves_are_forgotten
         h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
         h.drain()
     assert [m.channel for m in h.outbox] == [Channel.WHATSAPP]
-    assert [statement.split()[0] for statement in whatsapp] == ["INSERT", "UPDATE"]
+    assert [statement.split()[0] for statement in whatsapp] == ["INSERT", "UPDATE", "UPDATE"]
     with pacing_statements(h, "customer_pacing") as sms_and_email:
         h.executor.payment_failed("m_demo", event("ord_2", customer=OTHER))
         h.executor.payment_failed("m_demo", event("ord_3", customer=OTHER))
@@ -200,7 +206,7 @@ def test_a_message_gone_late_at_its_turn_keeps_the_next_one_6_seconds_behind_it(
 
     def turn(moment: datetime, kept: datetime | None) -> datetime | None:
         with h.executor.engine.begin() as conn:
-            return pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, moment, kept)
+            return pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, moment, kept, call_bound=INSTANT)
 
     assert turn(START, None) is None  # the first goes
     second = turn(START + timedelta(seconds=1), None)
@@ -224,7 +230,7 @@ def test_the_clean_up_keeps_a_customer_whose_hold_is_still_on_after_their_turns(
     customer = "a" * 64
     policy = h.executor.retry_policy
     with h.executor.engine.begin() as conn:
-        assert pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, START, None) is None
+        assert pair_turn(conn, "m_demo", Channel.WHATSAPP, customer, START, None, call_bound=INSTANT) is None
         moment = START
         for _ in range(6):  # limited again after each hold: 6 s, 6 s, 16 s, 64 s, 256 s, then 15 minutes
             moment = policy.note_pair_rate_limited(conn, "m_demo", Channel.WHATSAPP, customer, moment) + SECOND
@@ -237,3 +243,86 @@ def test_the_clean_up_keeps_a_customer_whose_hold_is_still_on_after_their_turns(
         assert customer_paced_until(conn, "m_demo", Channel.WHATSAPP, customer, h.clock.now) == held_until
     h.clock.now = held_until + timedelta(minutes=15, seconds=1)
     assert h.executor.forget_idle_customers() == 1
+
+
+class SlowProvider:
+    """A WhatsApp provider whose calls take ``took[n]`` seconds (by the harness's clock) for its n-th message, and
+    which keeps when each message reached it: at the end of its call, the latest moment the executor can know of.
+    ``meanwhile``: what happens while the n-th call is out (another worker's turn), run in its own thread."""
+
+    def __init__(self, h: Harness, took: list[float], meanwhile: dict[int, Callable[[], None]] | None = None) -> None:
+        self.h = h
+        self.took = took
+        self.meanwhile = meanwhile or {}
+        self.reached: dict[str, datetime] = {}
+        self.channel = Channel.WHATSAPP
+        self.provider = "slow"
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        number = len(self.reached)
+        self.reached[message.order_id] = START  # a place kept: the call is out
+        self.h.clock.advance(seconds=self.took[number] if number < len(self.took) else 0.0)
+        during = self.meanwhile.get(number)
+        if during is not None:
+            await asyncio.to_thread(during)
+        self.reached[message.order_id] = self.h.clock.now
+        self.h.outbox.append(message)
+        return SendResult(status="accepted", provider_message_id=f"pm_slow_{number}")
+
+
+def use_provider(h: Harness, provider: SlowProvider) -> None:
+    h.effects.adapter_factory = lambda merchant_id, merchant, http: {Channel.WHATSAPP: provider}
+    h.effects._adapters.clear()
+
+
+def gaps(reached: dict[str, datetime]) -> list[float]:
+    times = sorted(reached.values())
+    return [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(times)]
+
+
+def test_a_slow_call_keeps_the_customers_next_message_6_seconds_behind_its_answer(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Two orders of one customer fail together; the first message's call to the provider takes 4 seconds. Before,
+    the 6 seconds counted from its mark: the second went at its turn, 6 s after the first was marked and 2 s after
+    the first reached the provider, into Meta's pair rate. Now they count from the first's answer."""
+    h = make_harness(*(dict(NOW) for _ in range(2)), database_url=database_url)
+    provider = SlowProvider(h, took=[4.0])
+    use_provider(h, provider)
+    h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
+    h.executor.payment_failed("m_demo", event("ord_2", customer=CUSTOMER))
+    run_until(h, START, START + PAIR, START + PAIR + 4 * SECOND, START + 2 * PAIR)
+    assert len(provider.reached) == 2
+    assert gaps(provider.reached) == [6.0]
+
+
+def test_a_message_asking_while_the_customers_last_call_is_out_waits_for_its_bound(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The first message's call is out for 8 seconds; meanwhile another order of the customer fails and a second
+    worker takes its message, at once (given its turn, 6 s after the first's mark) and again at that turn (the call
+    still out). Before, it went then, 7 s after the first's mark: 1 s before the first reached the provider. Now it
+    waits until 6 s after the end of the first's claim, the longest its call could have lasted, and goes then."""
+    h = make_harness(dict(NOW), database_url=database_url)
+    second = make_harness(dict(NOW), database_url=database_url)
+    second.clock = second.executor.clock = h.clock
+    lease = h.effects.lease
+
+    def another_worker() -> None:
+        second.executor.payment_failed("m_demo", event("ord_2", customer=CUSTOMER))
+        second.drain()  # ord_2 is given a turn
+        h.clock.advance(seconds=6)
+        second.drain()  # at its turn, with ord_1's call still out
+
+    provider = SlowProvider(h, took=[1.0, 0.0], meanwhile={0: another_worker})
+    use_provider(h, provider)
+    use_provider(second, provider)
+    h.executor.payment_failed("m_demo", event("ord_1", customer=CUSTOMER))
+    run_until(h, START)  # ord_1's call: 1 s, then the other worker's 6, then its answer, at START + 7 s
+    assert provider.reached == {"ord_1": START + 7 * SECOND}
+    run_until(second, START + lease + PAIR - SECOND)
+    assert len(provider.reached) == 1
+    run_until(second, START + lease + PAIR)
+    assert provider.reached == {"ord_1": START + 7 * SECOND, "ord_2": START + lease + PAIR}

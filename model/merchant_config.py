@@ -169,6 +169,10 @@ class ProviderConfig(_Strict):
     # Gupshup SMS to India: the merchant's principal entity id on TRAI's DLT, sent as ``principalEntityId`` with
     # ``template_id`` holding the DLT template id (``dltTemplateId``); operators drop a commercial SMS without them.
     entity_id: str | None = Field(default=None, pattern=r"^\d{1,30}$")
+    # How many messages a second the merchant's account at the provider takes: an e-mail relay's maximum send rate
+    # (Amazon SES shows it per account), a WhatsApp number's throughput. The messages that wake together at the end
+    # of the quiet hours go no faster; unset, the channel's default (service/executor/core.py ``RetryPolicy``).
+    max_per_second: StrictFloat | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class ConnectorEndpoint(_Strict):

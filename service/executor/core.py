@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from model.catalog import ErrorCatalog, load_catalog
-from model.merchant_config import MerchantConfig, WinbackConfig
+from model.merchant_config import MerchantConfig, ProviderConfig, WinbackConfig
 from model.personal_data import mask_addresses_in
 from model.requests import Decision, DecisionRequest, Failure
 from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, lasting_bans, load_rulebook
@@ -466,8 +466,14 @@ class RetryPolicy:
     #: The messages that wake at the end of the quiet hours (all due at that one instant) go one at a time, this far
     #: apart, per merchant and channel (service/executor/pacing.py): 10 a second, half the lowest throughput Meta
     #: documents for a business number (20 messages a second, 80 by default; data/README.md), since inbound messages
-    #: count towards it too.
+    #: count towards it too. SMS and push keep it too: no rate of theirs was found.
     quiet_hours_release_spacing_seconds: float = 0.1
+    #: The same for e-mail, which goes through the merchant's SMTP relay, not Meta: one a second, the rate Amazon
+    #: SES documents for an account in its sandbox (a production account's rate is the account's own, and a
+    #: message over it is refused with 454, not queued) and above Exchange Online's 30 a minute; Gmail asks bulk
+    #: senders for a steady rate without bursts (data/README.md). A merchant whose relay takes more says so in
+    #: ``providers.email.max_per_second``.
+    email_quiet_hours_release_spacing_seconds: float = 1.0
 
     def note_rate_limited(self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime:
         """``pacing.note_rate_limited`` with this policy's spans."""
@@ -498,9 +504,14 @@ class RetryPolicy:
         """How far apart the messages a sender's hold kept back go when it ends."""
         return timedelta(seconds=self.rate_limit_release_spacing_seconds)
 
-    @property
-    def wake_spacing(self) -> timedelta:
-        """How far apart the messages that wake at the end of the quiet hours go."""
+    def wake_spacing(self, channel: Channel, provider: ProviderConfig | None) -> timedelta:
+        """How far apart the messages on ``channel`` that wake at the end of the quiet hours go: as fast as the
+        merchant's ``provider`` account takes them when its config says (``max_per_second``), else the channel's
+        default."""
+        if provider is not None and provider.max_per_second is not None:
+            return timedelta(seconds=1 / provider.max_per_second)
+        if channel == Channel.EMAIL:
+            return timedelta(seconds=self.email_quiet_hours_release_spacing_seconds)
         return timedelta(seconds=self.quiet_hours_release_spacing_seconds)
 
     def note_refusal(

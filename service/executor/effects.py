@@ -765,7 +765,9 @@ class Effects:
             now,
             _turn_of(action, MESSAGE_PACED_TURN),
             policy.release_spacing,
-            policy.wake_spacing if wakes else None,
+            policy.wake_spacing(channel, self.executor.merchant(action.merchant_id).providers.get(channel))
+            if wakes
+            else None,
         )
         if turn is not None:
             why = (

@@ -35,8 +35,10 @@ The quiet hours make the same burst with no rate limit at all: a message due in 
 the policy plans a night's first messages there too, so every message of a merchant whose customers share a time
 zone is due at one instant (09:00 local), into the sender's throughput limit. A message sent, or due, within
 ``QUIET_HOURS_WAKE`` of the end of its quiet hours (the merchant's, or its customer's) therefore always takes a turn
-of the sender's release, ``wake_spacing`` apart (``RetryPolicy.quiet_hours_release_spacing_seconds``; Meta's
-documented throughput, data/README.md): the first goes at once, the others each at its turn, kept on the message as
+of the sender's release, ``wake_spacing`` apart (``RetryPolicy.wake_spacing``: the provider account's
+``max_per_second`` when the merchant's config says it, else a tenth of a second, from Meta's documented
+throughput, and a second for e-mail, which goes through an SMTP relay with a rate of its own; data/README.md): the
+first goes at once, the others each at its turn, kept on the message as
 above. A message sent at any other time takes no lock of its sender's row and makes no query of it it did not
 before.
 

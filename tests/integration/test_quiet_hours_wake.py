@@ -220,3 +220,55 @@ def test_a_worker_far_behind_at_the_end_of_the_quiet_hours_still_sends_their_mes
     times = sent(h, "m_demo", *demo)
     assert all(len(at) == 1 for at in times.values())
     assert sorted(at for sends in times.values() for at in sends) == [late + number * TURN for number in range(4)]
+
+
+EMAIL = {"action": "retarget", "channel": "email"}
+
+
+def fail_at_night_by_email(h: Harness, *orders: str) -> None:
+    for order in orders:
+        h.executor.payment_failed("m_demo", event(order, customer={"phone": None, "email": f"{order}@example.com"}))
+
+
+def test_e_mails_waking_at_09_00_go_at_the_relays_rate_not_whatsapps(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Three e-mails and two WhatsApp messages wait for 09:00. Before, the e-mails took WhatsApp's turns, a tenth
+    of a second apart, set from Meta's throughput: an SMTP relay has its own rate (Amazon SES: 1 a second in its
+    sandbox, a message over it refused with 454). Now e-mails go a second apart by default, and WhatsApp as before,
+    each channel in its own turns."""
+    h = make_harness(EMAIL, EMAIL, EMAIL, dict(NOW), dict(NOW), database_url=database_url)
+    h.clock.now = NIGHT
+    fail_at_night_by_email(h, "ord_1", "ord_2", "ord_3")
+    fail_at_night(h, "m_demo", "ord_4", "ord_5")
+    h.drain()
+    assert h.outbox == []  # the quiet hours
+    h.clock.now = WAKE
+    for _ in range(25):
+        h.drain()
+        h.clock.advance(seconds=TURN.total_seconds())
+    emails = sent(h, "m_demo", "ord_1", "ord_2", "ord_3")
+    assert sorted(at for sends in emails.values() for at in sends) == [WAKE + timedelta(seconds=s) for s in range(3)]
+    assert sorted(at for sends in sent(h, "m_demo", "ord_4", "ord_5").values() for at in sends) == [WAKE, WAKE + TURN]
+
+
+def test_a_merchant_whose_relay_takes_more_e_mails_a_second_says_so_in_its_config(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """``providers.email.max_per_second: 4`` (the relay account's maximum send rate): the e-mails waking at 09:00
+    go a quarter of a second apart."""
+    relay = {"kind": "smtp", "host": "localhost", "port": 1025, "sender": "pay@m.example", "max_per_second": 4}
+    merchant = demo_merchant(providers={"email": relay})
+    h = make_harness(EMAIL, EMAIL, EMAIL, merchants={"m_demo": merchant}, database_url=database_url)
+    h.clock.now = NIGHT
+    fail_at_night_by_email(h, "ord_1", "ord_2", "ord_3")
+    h.drain()
+    h.clock.now = WAKE
+    for _ in range(12):
+        h.drain()
+        h.clock.advance(seconds=0.05)
+    emails = sent(h, "m_demo", "ord_1", "ord_2", "ord_3")
+    quarter = timedelta(seconds=0.25)
+    assert sorted(at for sends in emails.values() for at in sends) == [WAKE, WAKE + quarter, WAKE + 2 * quarter]

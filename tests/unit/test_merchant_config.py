@@ -151,6 +151,21 @@ def test_two_merchants_with_one_api_key_are_refused(tmp_path: Path) -> None:
         ({"providers": {"sms": {"kind": "gupshup", "base_url": "api.gupshup.io"}}}, "providers.sms.base_url", "URL"),
         ({"providers": {"email": {"kind": "smtp", "port": 70000}}}, "providers.email.port", "65535"),
         (
+            {"providers": {"email": {"kind": "smtp", "max_per_second": 0}}},
+            "providers.email.max_per_second",
+            "greater than 0",
+        ),
+        (
+            {"providers": {"email": {"kind": "smtp", "max_per_second": "14"}}},
+            "providers.email.max_per_second",
+            "number",
+        ),
+        (
+            {"providers": {"email": {"kind": "smtp", "max_per_second": True}}},
+            "providers.email.max_per_second",
+            "number",
+        ),
+        (
             {"connector_endpoints": {"stripe": {"kind": "sandbox", "timeout_seconds": True}}},
             "connector_endpoints.stripe.timeout_seconds",
             "valid number",

@@ -49,7 +49,7 @@ from model.vocab import (
     ErrorClass,
     Strategy,
 )
-from model.zones import customer_zones
+from model.zones import customer_zones, outlying_zone
 
 # Enum members are read through EnumType.__getattr__ (about 0.1 us a time): the per-candidate code uses these.
 _RETRY, _RETARGET, _STOP = Action.RETRY, Action.RETARGET, Action.STOP
@@ -1048,7 +1048,14 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         quiet_minutes_or_none = quiet_minutes
         if retarget.enabled:
             applied.append(f"quiet_hours:{quiet.start}-{quiet.end} {quiet.timezone}")
-    quiet_customer_zones = _customer_quiet_zones(customer.country, merchant_tz, quiet_minutes_or_none, event_time)
+    phone = (customer.model_extra or {}).get("phone")
+    quiet_customer_zones = _customer_quiet_zones(
+        customer.country,
+        merchant_tz,
+        quiet_minutes_or_none,
+        event_time,
+        outlying_zone(customer.country, phone if isinstance(phone, str) else None),
+    )
     if retarget.enabled and quiet_customer_zones:
         applied.append("quiet_hours_customer:" + ",".join(str(zone) for zone in quiet_customer_zones))
     if retarget.enabled:
@@ -1669,26 +1676,30 @@ def _end_of_quiet_in(window: tuple[int, int], zone: ZoneInfo, moment: datetime) 
 
 
 def _customer_quiet_zones(
-    country: str | None, merchant_zone: ZoneInfo, window: tuple[int, int] | None, at: datetime
+    country: str | None,
+    merchant_zone: ZoneInfo,
+    window: tuple[int, int] | None,
+    at: datetime,
+    outlying: str | None = None,
 ) -> tuple[ZoneInfo, ...]:
     """The customer's zones other than the merchant's where the quiet ``window`` holds too, as of ``at``: the widest
-    choice of ``customer_zones`` whose zones and the merchant's span fewer hours than the window leaves free (so
-    some moment of the day is outside it everywhere); none when the window is empty, the country unknown, or no
-    choice fits."""
+    choice of ``customer_zones`` (with the ``outlying`` zone their phone number places them in) whose zones and the
+    merchant's span fewer hours than the window leaves free (so some moment of the day is outside it everywhere);
+    none when the window is empty, the country unknown, or no choice fits."""
     if window is None or not country:
         return ()
     # Offsets change only at DST transitions, which fall on whole UTC hours: one answer per hour.
-    return _customer_quiet_zones_in_hour(country, merchant_zone, window, int(at.timestamp() // 3600))
+    return _customer_quiet_zones_in_hour(country, merchant_zone, window, int(at.timestamp() // 3600), outlying)
 
 
 @functools.lru_cache(maxsize=4096)
 def _customer_quiet_zones_in_hour(
-    country: str, merchant_zone: ZoneInfo, window: tuple[int, int], utc_hour: int
+    country: str, merchant_zone: ZoneInfo, window: tuple[int, int], utc_hour: int, outlying: str | None
 ) -> tuple[ZoneInfo, ...]:
     at = datetime.fromtimestamp(utc_hour * 3600, UTC)
     start, end = window
     free_minutes = (start - end) % (24 * 60)
-    for names in customer_zones(country):
+    for names in customer_zones(country, outlying):
         zones = tuple(zone for zone in map(_zone, names) if zone.key != merchant_zone.key)
         offsets = [_offset_minutes(zone, at) for zone in (merchant_zone, *zones)]
         if _arc_minutes(offsets) < free_minutes:

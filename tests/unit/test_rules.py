@@ -27,7 +27,7 @@ from model.vocab import (
     ErrorClass,
     Strategy,
 )
-from model.zones import customer_zones
+from model.zones import customer_zones, outlying_zone
 from tests.factories import make_merchant, make_request
 
 T0 = datetime(2026, 11, 1, 10, 15, tzinfo=UTC)  # the factory request's event_time: 15:45 IST
@@ -1811,6 +1811,62 @@ def test_quiet_hours_customer_zones_far_round_the_clock(merchant_zone: str, coun
     for moment in sends:
         for zone in (merchant_zone, *kept):
             assert time(9, 0) <= moment.astimezone(ZoneInfo(zone)).time() < time(21, 0)
+
+
+def us_customer_ctx(phone: str, merchant_zone: str = "America/New_York") -> RuleContext:
+    """A US customer with ``phone`` of a merchant in ``merchant_zone`` (quiet hours 21:00-09:00 there)."""
+    at = utc("2026-11-02T15:00:00")
+    return ctx(
+        merchant=make_merchant(
+            retarget={"skip_days": 0, "quiet_hours": {"start": "21:00", "end": "09:00", "timezone": merchant_zone}}
+        ),
+        event_time=at.isoformat(),
+        customer={"country": "US", "phone": phone},
+        history={"attempts": [attempt(1, "initial", at)]},
+    )
+
+
+def test_quiet_hours_customer_with_a_hawaiian_number_is_not_messaged_before_09_00_in_honolulu() -> None:
+    # The US span is New York to Los Angeles; Honolulu is 2 hours behind Los Angeles. 17:30 UTC is 12:30 in New
+    # York, 09:30 in Los Angeles and 07:30 in Honolulu: before, a customer with an 808 number got a message then.
+    hawaii = us_customer_ctx("+1 (808) 555-0123")
+    assert Rule.QUIET_HOURS in broken(hawaii, retarget(at=utc("2026-11-02T17:30:00")))
+    assert [zone.key for zone in hawaii.customer_zones] == ["America/Los_Angeles", "Pacific/Honolulu"]
+    assert "quiet_hours_customer:America/Los_Angeles,Pacific/Honolulu" in hawaii.rules_applied
+    assert rules.quiet_hours_end(hawaii, utc("2026-11-02T17:30:00")) == utc("2026-11-02T19:00:00")  # 09:00 HST
+    assert Rule.QUIET_HOURS not in broken(hawaii, retarget(at=utc("2026-11-02T19:00:00")))
+    new_york = us_customer_ctx("+1 212 555 0123")
+    assert Rule.QUIET_HOURS not in broken(new_york, retarget(at=utc("2026-11-02T17:30:00")))
+    sends = sorted({c.execute_at for c in rules.permitted(hawaii, rules.enumerate_candidates(hawaii))
+                    if c.action == Action.RETARGET})  # fmt: skip
+    assert sends
+    for moment in sends:
+        for zone in ("America/New_York", "America/Los_Angeles", "Pacific/Honolulu"):
+            assert time(9, 0) <= moment.astimezone(ZoneInfo(zone)).time() < time(21, 0)
+
+
+def test_quiet_hours_customer_with_an_alaskan_number_of_a_far_merchant_keeps_alaska_alone() -> None:
+    # An Indian merchant: Kolkata, the US span and Anchorage leave no free hour together; Anchorage alone with
+    # Kolkata does (9.5 hours apart round the clock), and is kept before the span's fallbacks (New York alone).
+    context = us_customer_ctx("19075550123", merchant_zone="Asia/Kolkata")
+    assert [zone.key for zone in context.customer_zones] == ["America/Anchorage"]
+
+
+@pytest.mark.parametrize(
+    ("country", "phone", "zone"),
+    [
+        ("US", "+18085550123", "Pacific/Honolulu"),
+        ("us", "808-555-0123", "Pacific/Honolulu"),
+        ("US", "1 (907) 555 0123", "America/Anchorage"),
+        ("US", "+12125550123", None),  # New York: in the span
+        ("CA", "+18085550123", None),  # another country: its own zones
+        ("US", "+918085550123", None),  # not a North American number
+        ("US", "+1808555012", None),  # a digit short
+        ("US", None, None),
+    ],
+)
+def test_outlying_zone_reads_the_area_code_of_a_us_number(country: str, phone: str | None, zone: str | None) -> None:
+    assert outlying_zone(country, phone) == zone
 
 
 def test_quiet_hours_end_is_the_end_in_every_zone() -> None:

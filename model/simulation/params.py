@@ -189,6 +189,24 @@ ISSUERS: dict[str, tuple[tuple[str, float], ...]] = {
     "_other": (("Citi", 0.3), ("HSBC", 0.3), ("Revolut", 0.2), ("Standard Chartered", 0.2)),
 }
 
+#: Where the world's customers of a country with several time zones live: (IANA zone, share of the population). A
+#: customer's own zone is what the world's click model reads the hour and the quiet hours by; the rules know only the
+#: country and keep quiet hours across its populous span (`model.zones`), which leaves out Alaska and Hawaii, so the
+#: simulated history has customers there too. US: Eastern 47.6%, Central 29.1%, Mountain 6.7% (Arizona, on standard
+#: time all year, about 2.2% of it), Pacific 16.6% of the contiguous states; Alaska 733,391 and Hawaii 1,455,271 of
+#: 331,449,281 (2020 Census); data/README.md, "Customers' time zones". A country not listed keeps one zone.
+COUNTRY_ZONE_SHARES: dict[str, tuple[tuple[str, float], ...]] = {
+    "US": (
+        ("America/New_York", 0.474),
+        ("America/Chicago", 0.290),
+        ("America/Denver", 0.045),
+        ("America/Phoenix", 0.022),
+        ("America/Los_Angeles", 0.165),
+        ("America/Anchorage", 0.0022),
+        ("Pacific/Honolulu", 0.0044),
+    ),
+}
+
 #: Payday patterns by country: (kind, weight); kinds are understood by world.next_payday.
 PAYDAYS: dict[str, tuple[tuple[str, float], ...]] = {
     "IN": (("day_1", 0.4), ("day_7", 0.2), ("last_working", 0.25), ("day_10", 0.15)),

@@ -27,6 +27,7 @@ from model.datafiles import DEMO_MERCHANTS_FILE
 from model.merchant_config import MerchantConfig, load_config
 from model.money import Economics, load_economics
 from model.simulation.params import (
+    COUNTRY_ZONE_SHARES,
     DEFAULT_BASE_TECH_FAILURE,
     ISSUERS,
     PAYDAYS,
@@ -372,6 +373,9 @@ class World:
             country, tz = pick(rng, [((c, t), w) for c, t, w in profile.foreign_customers])
         else:
             country, tz = profile.country, merchant.timezone
+        zones = COUNTRY_ZONE_SHARES.get(country)
+        if zones is not None:  # its own stream: the customer's other traits stay those of the same seed
+            tz = pick(random.Random(mix_seed(self.seed, "customer-zone", profile.merchant_id, number)), zones)
         phone = rng.random() < p.phone_present.get(country, p.phone_present["_other"])
         email = rng.random() < p.email_present.get(country, p.email_present["_other"])
         app = rng.random() < profile.has_app

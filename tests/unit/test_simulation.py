@@ -422,3 +422,38 @@ def test_a_nudge_in_the_customers_night_is_judged_quiet_by_their_own_clock(
     monkeypatch.setattr(world.outcomes, "p_click", p_click)
     _Episode(world, replace(order, customer=customer), None)._retarget(Channel.SMS, at_night, "dec_x", 1.0)
     assert judged_quiet == [True]
+
+
+def test_the_world_s_us_customers_live_across_the_country_s_zones_alaska_and_hawaii_too(world: World) -> None:
+    """Every US customer used to live in New York's zone (the US merchant's own, and the one zone of the foreign
+    customers' table), so the click model's quiet hours "by the customer's clock" were the merchant's, and no simulated
+    customer was ever where the rules' span leaves out (Alaska, Hawaii). They now live in the country's zones by
+    population: New York's about half of them, Los Angeles' about a sixth, a few in Honolulu and Anchorage."""
+    merchant = next(m for m in world.merchants.values() if m.profile.country == "US")
+    customers = [world.customer(merchant, number) for number in range(6_000)]
+    zones = pd.Series([c.timezone for c in customers if c.country == "US"])
+    shares = zones.value_counts(normalize=True)
+    assert {"America/Chicago", "America/Los_Angeles", "America/Anchorage", "Pacific/Honolulu"} <= set(shares.index)
+    assert shares["America/New_York"] == pytest.approx(0.474, abs=0.03)
+    assert shares["America/Los_Angeles"] == pytest.approx(0.165, abs=0.02)
+    # The foreign US customers of an Indian merchant live across them too.
+    indian = next(m for m in world.merchants.values() if m.profile.country == "IN" and m.profile.foreign_customers)
+    foreign = {c.timezone for n in range(6_000) if (c := world.customer(indian, n)).country == "US"}
+    assert len(foreign) > 2, foreign
+
+
+def test_a_hawaii_customer_s_early_morning_is_quiet_though_the_rules_span_is_awake(world: World) -> None:
+    """The rules keep quiet hours in the US span's two ends (New York, Los Angeles) and leave Hawaii out: 11:00 in New
+    York in January is outside the quiet hours at both ends, and 06:00 for one of the world's own Honolulu customers,
+    whom the click model judges by their clock."""
+    from model.simulation.outcomes import in_quiet_hours
+    from model.zones import customer_zones
+
+    merchant = next(m for m in world.merchants.values() if m.profile.country == "US")
+    customers = (world.customer(merchant, n) for n in range(20_000))
+    honolulu = next((c for c in customers if c.timezone == "Pacific/Honolulu"), None)
+    assert honolulu is not None, "no customer of the US merchant lives in Honolulu"
+    moment = datetime(2026, 1, 14, 11, 0, tzinfo=ZoneInfo("America/New_York")).timestamp()
+    span = customer_zones("US")[0]
+    assert [in_quiet_hours(merchant.config, moment, name) for name in span] == [False, False]
+    assert in_quiet_hours(merchant.config, moment, honolulu.timezone)

@@ -102,18 +102,37 @@ def without_uri_secrets(text: str, uri: str) -> str:
 def unusable_store(uri: str, error: BaseException) -> str:
     """The one line saying that the MLflow tracking store ``uri`` cannot be used: the first line of ``error``
     (MLflow's or a driver's, which name the URL they tried), the URI's secrets hidden in both."""
-    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return _unusable(uri, _first_line(error))
+
+
+def _unusable(uri: str, reason: str) -> str:
     return f"cannot use the MLflow tracking store {shown_uri(uri)}: {without_uri_secrets(reason, uri)}"
 
 
-def refuse_unknown_store_scheme(uri: str) -> None:
-    """RegistryError (``unusable_store``'s line) when MLflow has no tracking or registry store for ``uri``'s scheme
-    (``bogus://``, ``s3://``, ``postgres://``: MLflow spells it ``postgresql://``), the first check MLflow's client
-    makes, here without building the store: nothing is contacted, so a store that is down, or a file store MLflow
-    takes only with ``MLFLOW_ALLOW_FILE_STORE``, passes. Schemes come from MLflow's store registries, plugins'
-    included; a missing database driver (``mysql://`` without MySQLdb) is found only when the store is built."""
-    # MLflow has no public spelling of this check: its client runs it when built, after which a database-backed
-    # store is connected to (retried for minutes when down). tests/integration/test_registry.py pins what it takes.
+#: MLflow's Unity Catalog schemes: a model registry without a tracking store. MLflow 3.17 maps both to a tracking
+#: store builder that always raises ("not supported in the current version of the MLflow client"); winback logs
+#: runs and registers models in one store, so neither can serve it.
+_UNITY_CATALOG_SCHEMES: Final = frozenset({"databricks-uc", "uc"})
+#: Database driver modules whose package on PyPI has another name (SQLAlchemy's dialect pages, data/README.md);
+#: any other driver is installed by its module's name (pymysql, pyodbc, pymssql, psycopg, psycopg2, pg8000).
+_DRIVER_PACKAGES: Final = {"MySQLdb": "mysqlclient", "mysql": "mysql-connector-python"}
+
+
+def refuse_a_store_that_cannot_work(uri: str) -> None:
+    """RegistryError (``unusable_store``'s line) for a tracking URI this install can never use, whatever the
+    network does, said before anything is contacted; a store that is merely down (a tracking server or a database
+    that does not answer) passes, as the scorer serves rules-only until it is back. Refused:
+
+    - a scheme MLflow has no tracking or registry store for (``bogus://``, ``s3://``, ``postgres://``: MLflow
+      spells it ``postgresql://``); schemes come from MLflow's store registries, plugins' included;
+    - a Unity Catalog URI (``databricks-uc``, ``uc:...``): a registry only, no tracking store;
+    - a file store (``./mlruns``, ``file:///...``) unless ``MLFLOW_ALLOW_FILE_STORE`` is true: MLflow 3.13 and
+      later refuse to open one otherwise;
+    - a database URL whose SQLAlchemy driver is not installed (``mysql://`` without MySQLdb) or that MLflow cannot
+      build an engine for (an unknown driver, a port that is no number)."""
+    # MLflow has no public spelling of the scheme check: its client runs it when built, after which a
+    # database-backed store is connected to (retried for minutes when down). tests/integration/test_registry.py
+    # pins what it takes, and that MLflow's own client refuses what the checks below refuse.
     from mlflow.tracking._model_registry.utils import _get_store_registry
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
@@ -122,6 +141,68 @@ def refuse_unknown_store_scheme(uri: str) -> None:
             store_registry.get_store_builder(uri)
         except MlflowException as exc:
             raise RegistryError(unusable_store(uri, exc)) from None
+    reason = _why_this_install_cannot_open(uri)
+    if reason is not None:
+        raise RegistryError(_unusable(uri, reason))
+
+
+def _why_this_install_cannot_open(uri: str) -> str | None:
+    """Why a store MLflow has a scheme for can never be opened by this process, or None when it may be (it may
+    still be down). Nothing is contacted: environment variables and installed modules only."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+    from mlflow.utils.uri import get_uri_scheme
+
+    # As MLflow's store registries read it: a bare `databricks` is no file store named so.
+    scheme = uri if uri in {"databricks", *_UNITY_CATALOG_SCHEMES} else get_uri_scheme(uri)  # type: ignore[no-untyped-call]
+    if scheme in _UNITY_CATALOG_SCHEMES:
+        return (
+            f"MLflow {mlflow.__version__} takes a Unity Catalog URI as a model registry only, not as a tracking store, "
+            f"and winback logs its runs where it registers its models: use databricks, an http(s):// MLflow server or "
+            f"{DEFAULT_TRACKING_URI}"
+        )
+    if scheme in ("", "file"):
+        try:
+            allowed = MLFLOW_ALLOW_FILE_STORE.get()  # type: ignore[no-untyped-call]
+        except ValueError:  # MLflow's reader refuses any other spelling, at every store it opens
+            return (
+                f"MLFLOW_ALLOW_FILE_STORE={os.environ.get('MLFLOW_ALLOW_FILE_STORE')!r} is not one of true, false, "
+                "1, 0 (MLflow's spellings): set it to true to use this file store, or unset it"
+            )
+        if allowed:
+            return None
+        return (
+            f"MLflow {mlflow.__version__} opens a file store only when MLFLOW_ALLOW_FILE_STORE=true: set it, "
+            f"or use {DEFAULT_TRACKING_URI} (`mlflow migrate-filestore` copies a file store into SQLite)"
+        )
+    if scheme in DATABASE_ENGINES:
+        return _why_sqlalchemy_cannot_load(uri)
+    return None
+
+
+def _why_sqlalchemy_cannot_load(uri: str) -> str | None:
+    """Why MLflow's database store cannot build its engine for ``uri`` (None when it can): the engine is built as
+    the store builds it, which loads the URL's driver and connects to nothing."""
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    try:
+        create_sqlalchemy_engine(uri).dispose()  # type: ignore[no-untyped-call]
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").partition(".")[0] or _first_line(exc)
+        backend = uri.partition(":")[0].partition("+")[0]
+        return (
+            f"its database driver {module} is not installed: install {_DRIVER_PACKAGES.get(module, module)} into "
+            f"winback's environment, or name an installed driver in the URL ({backend}+<driver>://...)"
+        )
+    # Nothing is contacted yet, so whatever else fails (SQLAlchemy's NoSuchModuleError for an unknown driver, a
+    # ValueError for a port that is no number, an ImportError from a driver without its C library) fails for good.
+    except Exception as exc:
+        return f"SQLAlchemy cannot build an engine for it ({_first_line(exc)})"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
@@ -213,6 +294,9 @@ def _disable_telemetry() -> None:
 
 def _client(tracking_uri: str | None) -> MlflowClient:
     uri = resolve_tracking_uri(tracking_uri)
+    # MLflow's client raised a driver's ModuleNotFoundError (a traceback from `winback train`) or its file store's
+    # paragraph; every command that opens the registry says it in one line instead.
+    refuse_a_store_that_cannot_work(uri)
     _disable_telemetry()
     with _quiet_mlflow(), _migrations_in_one_line(uri):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)

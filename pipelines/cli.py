@@ -151,7 +151,9 @@ def known_alias(alias: str, tracking_uri: str | None) -> None:
     uri = resolve_tracking_uri(tracking_uri)
     try:
         aliases = registered_aliases(tracking_uri=uri)
-    except (RegistryError, MlflowException) as exc:
+    except RegistryError as exc:  # a store this install cannot use: already the one line
+        raise fail(str(exc)) from None
+    except MlflowException as exc:
         # An unknown scheme (`bogus://`, `postgres://`) ended evaluate in MLflow's traceback, after reading the history.
         raise fail(unusable_store(uri, exc)) from None
     if aliases is None or alias in aliases or alias == CHAMPION:
@@ -383,7 +385,7 @@ def executor_run(
     import os
 
     from model.merchant_config import ConfigError
-    from model.registry_client import RegistryError, refuse_unknown_store_scheme
+    from model.registry_client import RegistryError, refuse_a_store_that_cannot_work
     from service.api.settings import default_tracking_uri
     from service.executor.worker import run
 
@@ -391,8 +393,9 @@ def executor_run(
     # The same default as `winback serve` (CONTRACT.md section 1): the executor decides with the champion too.
     uri = tracking_uri or default_tracking_uri()
     try:
-        # As serve: `bogus://x` decided rules-only for ever; a store that is down is not refused.
-        refuse_unknown_store_scheme(uri)
+        # As serve: `bogus://x` or `mysql://` without its driver decided rules-only for ever; a store that is down
+        # is not refused.
+        refuse_a_store_that_cannot_work(uri)
         run(url, workers=workers, config_path=config, tracking_uri=uri, stop_after=stop_after)
     except (ConfigError, RegistryError, ValueError) as exc:
         raise fail(str(exc)) from None

@@ -815,13 +815,15 @@ def usable_tracking_store(tracking_uri: str | None) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     from model import registry
-    from model.registry_client import unusable_store
+    from model.registry_client import RegistryError, unusable_store
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or registry.DEFAULT_TRACKING_URI
     try:
         uri = registry.resolve_tracking_uri(tracking_uri)
         with _store_lock(uri):
             registry.ensure_experiment(uri)
+    except RegistryError as exc:  # a store this install cannot use (a missing driver): already the one line
+        raise TrainInputError(str(exc)) from exc
     except (MlflowException, SQLAlchemyError, OSError) as exc:
         raise TrainInputError(unusable_store(uri, exc)) from exc
     return uri

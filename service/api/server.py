@@ -142,7 +142,7 @@ def run(
     offending key's path) before any worker starts. The database schema is migrated once here, not by every
     worker at the same time.
     """
-    from model.registry_client import refuse_unknown_store_scheme
+    from model.registry_client import refuse_a_store_that_cannot_work
     from service.api.store import decision_spool, make_engine, shown_url
     from service.migrations import upgrade
 
@@ -156,9 +156,10 @@ def run(
     settings = load_served_settings()
     refuse_placeholder_secrets_beyond_loopback(host)
     if settings.load_model:
-        # A URI no MLflow store takes (`bogus://x`) served rules-only for ever, said only by /readyz. A store that is
-        # down is not refused: the scorer answers with the rules-only policy until it is back.
-        refuse_unknown_store_scheme(settings.tracking_uri)
+        # A URI this install can never use (`bogus://x`, `mysql://` without its driver, a file store MLflow will not
+        # open) served rules-only for ever, said only by /readyz. A store that is down is not refused: the scorer
+        # answers with the rules-only policy until it is back.
+        refuse_a_store_that_cannot_work(settings.tracking_uri)
     # uvicorn finds a taken port only once a worker has loaded the model, and says it in a JSON log line (exit 3);
     # asked here, before the spool and the database are touched, it is the command's one-line reason.
     if port_in_use(host, port):

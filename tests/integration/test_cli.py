@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import socket
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
@@ -196,8 +197,11 @@ def test_train_with_a_tracking_store_it_cannot_reach_says_so_in_one_line_before_
     # (Security review.) A store's credentials were printed with it, into the terminal and the retrain's cron log.
     with_password = f"http://winback:s3cret-pw@127.0.0.1:{port}/?password=s3cret-pw&x=1"
     shown = f"http://winback:***@127.0.0.1:{port}/?password=***&x=1"
+    # A database driver that is not installed ended train in a ModuleNotFoundError traceback, exit 1.
+    without_driver = ("mysql://winback:s3cret-pw@127.0.0.1:1/mlflow", "mysql://winback:***@127.0.0.1:1/mlflow")
     for (uri, named), command in itertools.product(
-        [(f"http://127.0.0.1:{port}",) * 2, ("bogus://nowhere",) * 2, (with_password, shown)], ["train", "retrain"]
+        [(f"http://127.0.0.1:{port}",) * 2, ("bogus://nowhere",) * 2, (with_password, shown), without_driver],
+        ["train", "retrain"],
     ):
         # retrain asks the store for its champion before training: that too must end in this one line.
         result = runner.invoke(app, [command, *history, "--tracking-uri", uri])
@@ -307,19 +311,56 @@ def test_serve_refuses_a_tracking_uri_no_mlflow_store_takes_before_touching_anyt
             result = runner.invoke(app, ["serve", "--port", str(port), "--tracking-uri", down])
             assert result.exit_code == 2, result.output
             assert f"error: port {port} on 127.0.0.1 is in use" in result.output, result.output
+        # A store this install can never open started too, rules-only for ever: no driver, a file store MLflow will
+        # not open, a Unity Catalog URI. A file store MLflow is allowed to open is taken.
+        serve_env.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+        for never, why in NEVER_OPENED:
+            result = runner.invoke(app, ["serve", "--port", str(port), "--tracking-uri", never])
+            assert result.exit_code == 2, result.output
+            assert why in " ".join(result.output.split()), result.output
+            assert "s3cret" not in result.output
+        serve_env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        result = runner.invoke(app, ["serve", "--port", str(port), "--tracking-uri", str(tmp_path / "mlruns")])
+        assert f"error: port {port} on 127.0.0.1 is in use" in result.output, result.output
     assert not database.exists()
     assert not (tmp_path / "spool").exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
+#: Tracking URIs no MLflow store of this install can open, and the line saying so (what and how to fix it).
+NEVER_OPENED = [
+    (
+        "mysql://winback:s3cret@127.0.0.1:1/mlflow",
+        "error: cannot use the MLflow tracking store mysql://winback:***@127.0.0.1:1/mlflow: its database driver "
+        "MySQLdb is not installed: install mysqlclient into winback's environment",
+    ),
+    (
+        "mlruns",
+        f"error: cannot use the MLflow tracking store mlruns: MLflow {version('mlflow')} opens a file store only when "
+        "MLFLOW_ALLOW_FILE_STORE=true: set it, or use sqlite:///mlruns/mlflow.db",
+    ),
+    (
+        "databricks-uc",
+        f"error: cannot use the MLflow tracking store databricks-uc: MLflow {version('mlflow')} takes a Unity "
+        "Catalog URI as a model registry only",
+    ),
+]
 
 
 def test_executor_run_refuses_a_tracking_uri_no_mlflow_store_takes_before_touching_the_database(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It ran, deciding rules-only for ever, and said why only in a log line per poll."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     database = tmp_path / "winback.db"
     command = ["executor", "run", "--database-url", f"sqlite:///{database}", "--stop-after", "0"]
     result = runner.invoke(app, [*command, "--tracking-uri", "bogus://x"])
     assert result.exit_code == 2, result.output
     assert "error: cannot use the MLflow tracking store bogus://x: " in result.output, result.output
+    for never, why in NEVER_OPENED:
+        result = runner.invoke(app, [*command, "--tracking-uri", never])
+        assert result.exit_code == 2, result.output
+        assert why in " ".join(result.output.split()), result.output
     assert not database.exists()
 
 

@@ -342,27 +342,93 @@ def test_a_tracking_block_leaves_no_registry_behind(
     [
         "sqlite:///mlruns/mlflow.db",
         "sqlite://",
-        "mlruns",
-        "/srv/mlruns",
-        "file:///srv/mlruns",
         "http://127.0.0.1:5000",
         "https://mlflow.example.com",
         "databricks",
         "databricks://profile",
         "postgresql://winback@db/mlflow",
         "postgresql+psycopg://winback@db/mlflow",
-        "mysql+pymysql://winback@db/mlflow",
-        "mssql://db/mlflow",
     ],
 )
 def test_every_scheme_mlflow_has_a_store_for_is_taken_without_contacting_it(uri: str) -> None:
-    registry_client.refuse_unknown_store_scheme(uri)  # none of these hosts exists: nothing is contacted
+    registry_client.refuse_a_store_that_cannot_work(uri)  # none of these hosts exists: nothing is contacted
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "/srv/mlruns", "file:///srv/mlruns"])
+def test_a_file_store_is_taken_when_mlflow_is_allowed_to_open_one(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for allowed in ("true", "1", "TRUE"):
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", allowed)
+        registry_client.refuse_a_store_that_cannot_work(uri)
+    assert not Path("/srv/mlruns").exists()  # nothing is created either
+
+
+def _absent(*modules: str) -> None:
+    """The drivers the refusals below are about are no dependency of winback; installed, the case says nothing."""
+    import importlib.util
+
+    for module in modules:
+        if importlib.util.find_spec(module) is not None:
+            pytest.skip(f"{module} is installed here")
+
+
+#: Tracking URIs this install can never use, and what the refusal must say (its reason and the way out).
+NEVER_USABLE = [
+    ("mysql://winback:s3cret@db/mlflow", ("MySQLdb", "not installed", "install mysqlclient", "mysql+<driver>://")),
+    ("mysql+pymysql://winback@db/mlflow?password=s3cret", ("pymysql", "not installed", "install pymysql")),
+    ("mssql://db/mlflow", ("pyodbc", "install pyodbc")),
+    ("mysql+nodriver://db/mlflow", ("SQLAlchemy cannot build an engine for it", "mysql.nodriver")),
+    ("postgresql://winback:s3cret@db:fivefour/mlflow", ("SQLAlchemy cannot build an engine for it", "fivefour")),
+    ("mlruns", ("opens a file store only when MLFLOW_ALLOW_FILE_STORE=true", "or use sqlite:///mlruns/mlflow.db")),
+    ("file:///srv/mlruns", ("MLFLOW_ALLOW_FILE_STORE=true", "mlflow migrate-filestore")),
+    ("databricks-uc", ("Unity Catalog URI as a model registry only", "use databricks, an http(s)://")),
+    ("databricks-uc://profile", ("Unity Catalog",)),
+    ("uc:http://127.0.0.1:8080", ("Unity Catalog",)),
+]
+
+
+@pytest.mark.parametrize(("uri", "says"), NEVER_USABLE)
+def test_a_store_this_install_can_never_open_is_refused_in_one_line_naming_the_fix(
+    uri: str, says: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They passed the scheme check: `winback serve` and `executor run` started, decided rules-only for ever and
+    said why only in /readyz; `winback train` ended a missing driver in a traceback."""
+    _absent("MySQLdb", "pymysql", "pyodbc")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(registry_client.RegistryError) as refused:
+        registry_client.refuse_a_store_that_cannot_work(uri)
+    message = str(refused.value)
+    assert message.startswith(f"cannot use the MLflow tracking store {registry_client.shown_uri(uri)}: "), message
+    for words in says:
+        assert words in message, message
+    assert "\n" not in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize("uri", [uri for uri, _ in NEVER_USABLE])
+def test_mlflow_itself_cannot_open_what_is_refused(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusals above stand for MLflow's own: its client, given the URI, fails before contacting anything. (A
+    newer MLflow that opens one of them fails this test: the refusal is then to go.)"""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    _absent("MySQLdb", "pymysql", "pyodbc")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises((MlflowException, ImportError, SQLAlchemyError, ValueError)):
+        MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_a_file_store_flag_mlflow_cannot_read_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "yes")
+    with pytest.raises(registry_client.RegistryError) as refused:
+        registry_client.refuse_a_store_that_cannot_work("mlruns")
+    assert "MLFLOW_ALLOW_FILE_STORE='yes' is not one of true, false, 1, 0" in str(refused.value)
 
 
 @pytest.mark.parametrize("uri", ["bogus://x", "s3://bucket/mlruns", "postgres://winback:s3cret@db/mlflow"])
 def test_a_scheme_no_mlflow_store_takes_is_refused_in_one_line(uri: str) -> None:
     with pytest.raises(registry_client.RegistryError) as refused:
-        registry_client.refuse_unknown_store_scheme(uri)
+        registry_client.refuse_a_store_that_cannot_work(uri)
     message = str(refused.value)
     assert message.startswith(f"cannot use the MLflow tracking store {registry_client.shown_uri(uri)}: "), message
     assert "got unsupported URI" in message

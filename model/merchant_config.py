@@ -274,19 +274,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+    def construct_document(self, node: yaml.Node) -> object:
+        self._refuse_repeated_keys(node, (), set())
+        return super().construct_document(node)  # type: ignore[no-untyped-call]
+
+    def _refuse_repeated_keys(self, node: yaml.Node, path: tuple[int | str, ...], checked: set[int]) -> None:
+        """ConfigError naming the key's path and both its lines when one mapping writes a key twice. (PyYAML's
+        ``construct_mapping`` sees a mapping without where it sits, so the document is walked first, each node
+        once: an alias is checked where its anchor is, and a recursive one ends the walk.)"""
+        if id(node) in checked:
+            return
+        checked.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._refuse_repeated_keys(item, (*path, index), checked)
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
         seen: dict[object, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": the keys written here may override it
+                self._refuse_repeated_keys(value_node, path, checked)
                 continue
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a mapping or a list as a key: refused as unhashable when the document is built
+            key = self.construct_object(key_node)  # type: ignore[no-untyped-call]
+            where = (*path, key if isinstance(key, int) else str(key))
             line = key_node.start_mark.line + 1
-            if not isinstance(key, str | int | float | bool) or key is None:
-                continue  # an unhashable or odd key: SafeLoader's own check names it
             if key in seen:
-                raise ConfigError(f"duplicate key {key!r} on line {line} (first on line {seen[key]})")
+                raise ConfigError(
+                    f"duplicate key {_error_path(where)} on lines {seen[key]} and {line}: YAML would keep the last "
+                    "and drop the first without a word; write the key once"
+                )
             seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+            self._refuse_repeated_keys(value_node, where, checked)
 
 
 _UniqueKeyLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))

@@ -238,6 +238,29 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     assert "retry.retry_budget: unknown key" in result.output
 
 
+def test_serve_and_executor_run_refuse_a_config_that_writes_a_block_twice(tmp_path: Path) -> None:
+    """A second `retarget:` block replaced the first without a word (YAML keeps the last): the merchant's quiet
+    hours and channels were gone. Both commands name the file, the key's path and both lines, and start nothing."""
+    config = tmp_path / "merchants.yaml"
+    shipped = (Path(__file__).resolve().parents[2] / "data" / "demo" / "merchants.yaml").read_text()
+    config.write_text(shipped.replace("    retry:\n", "    retarget: {enabled: false}\n    retry:\n", 1))
+    lines = config.read_text().splitlines()
+    first = lines.index("    retarget: {enabled: false}") + 1
+    second = next(number for number, line in enumerate(lines, 1) if number > first and line == "    retarget:")
+    database = tmp_path / "winback.db"
+    for command in (
+        ["serve", "--port", "8799"],
+        ["executor", "run", "--database-url", f"sqlite:///{database}", "--stop-after", "0"],
+    ):
+        result = runner.invoke(app, [*command, "--config", str(config)])
+        assert result.exit_code == 2, result.output
+        assert (
+            f"error: {config}: duplicate key merchants.m_in_stream.retarget on lines {first} and {second}: "
+            in " ".join(result.output.split())
+        ), result.output
+    assert not database.exists()
+
+
 @pytest.fixture
 def serve_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """The environment as before any serve: serve sets these for its workers (restored after the test)."""

@@ -118,14 +118,65 @@ def test_a_merchant_listed_twice_is_refused_naming_the_key_and_both_lines(tmp_pa
         f"  m_demo:\n    api_key_sha256: {_KEY_B}\n    connectors: [adyen]\n    retry: {{max_retries: 1}}\n",
         encoding="utf-8",
     )
-    with pytest.raises(ConfigError, match=r"merchants.yaml: duplicate key 'm_demo' on line 5 \(first on line 2\)"):
+    with pytest.raises(ConfigError) as refused:
         load_config(config)
+    assert str(refused.value).startswith(f"{config}: duplicate key merchants.m_demo on lines 2 and 5: ")
     config.write_text(
         f"merchants:\n  m_demo:\n    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n"
         "    retry: {max_retries: 1, max_retries: 3}\n",
         encoding="utf-8",
     )
-    with pytest.raises(ConfigError, match="duplicate key 'max_retries' on line 5"):
+    with pytest.raises(ConfigError, match=r"duplicate key merchants\.m_demo\.retry\.max_retries on lines 5 and 5"):
+        load_config(config)
+
+
+def test_a_key_written_twice_deep_in_a_merchant_is_refused_naming_its_path_and_both_lines(tmp_path: Path) -> None:
+    """It named the key alone ('max_retries' on line 8, first on line 6): with several merchants, each with a retry
+    and a retarget block, which one was left to guess."""
+    config = tmp_path / "merchants.yaml"
+    merchant = f"    api_key_sha256: {_KEY_A}\n    connectors: [stripe]\n"
+    cases = {
+        # Two retarget blocks: the second replaced the first, quiet hours and all.
+        "    retarget:\n      enabled: true\n      quiet_hours: {start: '21:00', end: '09:00', timezone: UTC}\n"
+        "    retry: {max_retries: 2}\n"
+        "    retarget:\n      enabled: false\n": "merchants.m_demo.retarget on lines 5 and 9",
+        "    retry:\n      max_retries: 3\n      flows: [retry_same]\n      max_retries: 1\n": (
+            "merchants.m_demo.retry.max_retries on lines 6 and 8"
+        ),
+        # In a list's item, the item's index is part of the path (the validation's paths write it so too).
+        "    retry: {flows: [{a: 1, a: 2}]}\n": "merchants.m_demo.retry.flows.0.a on lines 5 and 5",
+        # The top level itself.
+        "merchants: {}\n": "merchants on lines 1 and 5",
+    }
+    for written, named in cases.items():
+        config.write_text(f"merchants:\n  m_demo:\n{merchant}{written}", encoding="utf-8")
+        with pytest.raises(ConfigError) as refused:
+            load_config(config)
+        assert str(refused.value) == (
+            f"{config}: duplicate key {named}: YAML would keep the last and drop the first without a word; write the "
+            "key once"
+        ), written
+
+
+def test_a_merge_key_may_be_overridden_and_an_alias_is_checked_once(tmp_path: Path) -> None:
+    """``<<: *base`` then a key of base written again is YAML's override, not a repeat; an anchored mapping that
+    repeats a key is refused where the anchor is; an alias of its own anchor ends the walk."""
+    config = tmp_path / "merchants.yaml"
+    base = f"api_key_sha256: {_KEY_A}, connectors: [stripe], retry: {{max_retries: 3}}"
+    config.write_text(
+        f"base: &base {{{base}}}\nmerchants:\n  m_demo:\n    <<: *base\n    retry: {{max_retries: 1}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"^[^:]*merchants\.yaml: base: unknown key$"):  # past the duplicate check
+        load_config(config)
+    config.write_text(
+        f"base: &base {{{base}, connectors: [adyen]}}\nmerchants:\n  m_demo: *base\n  m_other: *base\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"duplicate key base\.connectors on lines 1 and 1"):
+        load_config(config)
+    config.write_text("merchants: &loop\n  m_demo: *loop\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"merchants\.m_demo"):  # refused by validation, not looping
         load_config(config)
 
 

@@ -74,6 +74,7 @@ from service.console.routes import mount_console
 from service.executor.metrics import ChargeDisputesCollector, RefundsByHandCollector
 from service.executor.routes import provider_router
 from service.executor.routes import router as executor_router
+from service.json_keys import RepeatedKeyError
 from service.linux import end_with_parent
 
 log = logging.getLogger("winback.api")
@@ -403,6 +404,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             return _validation_response(
                 _field_error(msg=f"body is not UTF-8 (JSON is sent as UTF-8): byte {exc.__cause__.start} is not")
             )
+        # A key written twice in one object, on the routes that read JSON through UniqueKeysRoute (the executor's,
+        # the providers' callbacks): FastAPI's bare 400 for what its reading raised; the 422 names the key's path.
+        if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RepeatedKeyError):
+            return _validation_response(_field_error(*exc.__cause__.path, msg=RepeatedKeyError.reason))
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(DatabaseFileGoneError)

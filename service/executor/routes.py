@@ -45,11 +45,13 @@ from service.executor.pages import PAGE_HEADERS, render
 from service.executor.schemas import EventOut, OrderOut, PaymentFailedEvent, PaymentSucceededEvent
 from service.executor.settings import ExecutorSettings
 from service.executor.views import order_view
+from service.json_keys import UniqueKeysRoute
 from service.personal_data import mask_addresses_in
 
 log = logging.getLogger("winback.executor")
 
-router = APIRouter()
+# Events are JSON: a key written twice in one object is refused (422) rather than read as its last value.
+router = APIRouter(route_class=UniqueKeysRoute)
 
 
 @dataclass

@@ -196,6 +196,58 @@ def test_a_history_txn_id_another_order_has_is_a_409_naming_it(api: Api) -> None
     assert api.post("/v1/events/payment-failed", first).status_code == 202
 
 
+def _with_key_written_twice(body: dict[str, Any], where: str, first: str) -> bytes:
+    """``body`` as JSON text, with ``first`` (``"key": value, ``) written again at the start of the object that
+    begins with ``where`` in that text: the key then appears twice in that object, ``first`` before the original."""
+    text = json.dumps(body)
+    assert where in text
+    return text.replace(where, where + first, 1).encode()
+
+
+@pytest.mark.parametrize(
+    ("where", "first", "field"),
+    [
+        ("{", '"amount": 1, ', "amount"),  # the body's own amount follows: 499.0 was charged, 1 was meant (or not)
+        ('"customer": {', '"id": "cus_other", ', "customer.id"),
+        ('"attempts": [{', '"connector": "adyen", ', "history.attempts[0].connector"),
+    ],
+)
+def test_a_failure_event_writing_a_key_twice_is_a_422_naming_the_key_and_nothing_is_stored(
+    api: Api, where: str, first: str, field: str
+) -> None:
+    """JSON keeps the last of two equal keys without a word: ``{"amount": 1, ..., "amount": 499.0}`` was taken as
+    499.0, and the switch the merchant's code took it from may have read 1. Now the contract's 422 names the key."""
+    executor_of(api, FakeConnector())
+    headers = {"Content-Type": "application/json", **AUTH}
+    answer = api.post_raw("/v1/events/payment-failed", _with_key_written_twice(failed_event(), where, first), headers)
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    assert body["message"] == (
+        f"{field}: written twice in one object: one of its values would be dropped without a word; send the key once"
+    )
+    assert body["detail"][0]["field"] == field
+    assert api.loop.run_until_complete(api.client.get("/v1/orders/ord_h1", headers=AUTH)).status_code == 404
+    # Who sends it comes first: without the merchant's key the answer is the 401, not what the body holds.
+    answer = api.post_raw(
+        "/v1/events/payment-failed",
+        _with_key_written_twice(failed_event(), where, first),
+        {"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 401
+
+
+def test_a_success_event_writing_a_key_twice_is_a_422_and_cancels_nothing(api: Api) -> None:
+    executor_of(api, FakeConnector())
+    assert api.post("/v1/events/payment-failed", failed_event()).status_code == 202
+    succeeded = {"order_id": "ord_h1", "txn_id": "t9", "occurred_at": "2026-11-01T11:00:00Z", "idempotency_key": "s1"}
+    twice = _with_key_written_twice(succeeded, "{", '"order_id": "ord_other", ')
+    answer = api.post_raw("/v1/events/payment-succeeded", twice, {"Content-Type": "application/json", **AUTH})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["field"] == "order_id"
+    order = api.loop.run_until_complete(api.client.get("/v1/orders/ord_h1", headers=AUTH)).json()
+    assert order["state"] != "SUCCEEDED"
+
+
 def test_a_merchants_txn_ids_never_take_nor_reveal_another_merchants(tmp_path: Path, database_url: str) -> None:
     """(Security review.) Attempts were keyed by txn_id alone, across merchants: a failure event whose history
     named an id another merchant's attempt had was a 409 saying so (any merchant could probe for any id), and one

@@ -117,6 +117,29 @@ def test_an_inbound_reply_naming_no_known_channel_is_a_400_saying_so(api: Api, c
     assert "is not a channel (one of " in answer.json()["detail"]
 
 
+def test_a_callback_writing_a_key_twice_is_a_422_naming_it_and_opts_nothing_out(
+    api: Api,
+    make_harness: Any,  # noqa: F811 - the fixture
+) -> None:
+    """``{"text": "hello", "text": "STOP"}`` was read as STOP (JSON keeps the last): an opt-out the provider's
+    other readers may not have seen. Now refused, naming the key."""
+    h = make_harness({"action": "stop"})
+    with_harness(api, h)
+    inbound = urls(provider="fake")["inbound"]
+    twice = b'{"from": "+919800000001", "text": "hello", "text": "STOP", "channel": "whatsapp"}'
+    answer = api.loop.run_until_complete(
+        api.client.post(inbound, content=twice, headers={"Content-Type": "application/json"})
+    )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["field"] == "text"
+    assert opted_out_rows(h) == []
+    once = b'{"from": "+919800000001", "text": "STOP", "channel": "whatsapp"}'
+    answer = api.loop.run_until_complete(
+        api.client.post(inbound, content=once, headers={"Content-Type": "application/json"})
+    )
+    assert answer.json() == {"message": True, "opted_out": True}
+
+
 def test_a_stop_reply_keeps_the_customers_next_order_off_the_channel_and_holds_a_planned_message(
     api: Api,
     make_harness: Any,  # noqa: F811 - the fixture

@@ -13,7 +13,6 @@ parameters.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +30,7 @@ from service.executor.channels.inbound import (
     parse_inbound,
     wants_opt_out,
 )
+from service.json_keys import RepeatedKeyError, loads_refusing_repeated_keys
 from service.personal_data import mask_address
 
 logger = logging.getLogger("winback.executor.channels")
@@ -71,7 +71,9 @@ async def _payload(request: Request) -> Any:
         # Parsed here rather than with request.form(), which needs python-multipart for no gain on these bodies.
         return dict(parse_qsl(raw.decode(errors="replace"), keep_blank_values=True))
     try:
-        return json.loads(raw)
+        return loads_refusing_repeated_keys(raw)
+    except RepeatedKeyError as exc:  # the app answers it as the 422 naming the key; a bare router, 400
+        raise HTTPException(status_code=400, detail=f"callback body: {exc}") from exc
     except ValueError:
         raise HTTPException(status_code=400, detail="callback body is neither JSON nor a form") from None
 

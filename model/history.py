@@ -593,6 +593,11 @@ def _coerce(
     kept_rows = np.ones(len(frame), dtype=bool)
     unchecked: list[str] = []
     missing = [c for c in schema.columns if c not in frame.columns]
+    if missing and (swapped := _another_kind_of_file(frame.columns, schema, missing)) is not None:
+        # An attempts file given as the nudges file (or the other way round) was reported as every column of the
+        # one missing and every row of the other wrong: hundreds of lines, none of them the cause.
+        out.add(label, None, None, swapped)
+        return frame, list(schema.columns)
     for name in missing:
         out.add(label, None, name, "missing column")
     unchecked.extend(missing)
@@ -619,6 +624,25 @@ def _coerce(
         # Rows that failed to parse are already reported; the schema checks look at the others only.
         frame = frame[kept_rows]
     return frame, unchecked
+
+
+#: The history's kinds of file, by their columns (CONTRACT.md section 3).
+_FILE_KINDS: Final = (("an attempts", ATTEMPT_COLUMNS), ("a nudges", NUDGE_COLUMNS), ("a stops", STOP_COLUMNS))
+
+
+def _another_kind_of_file(columns: Iterable[object], schema: pa.DataFrameSchema, missing: list[str]) -> str | None:
+    """What to say of a file that lacks ``missing`` of its own columns but has every column of another kind of
+    history file (None when it has not): it was most likely given in that file's place."""
+    present = {str(column) for column in columns}
+    own = next(kind for kind, kind_columns in _FILE_KINDS if set(kind_columns) == set(schema.columns))
+    for kind, kind_columns in _FILE_KINDS:
+        if kind != own and set(kind_columns) <= present:
+            lacks = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            return (
+                f"has the columns of {kind} file, not of {own} file (no {lacks}): were two files given in each "
+                "other's place?"
+            )
+    return None
 
 
 def _coerced_ok(raw: pd.Series, coerced: pd.Series, dtype: str) -> np.ndarray[Any, Any]:

@@ -23,6 +23,7 @@ from model.history import (
     refuse_a_history_without_attempts,
     write_attempts,
     write_nudges,
+    write_stops,
 )
 from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame, make_stops_frame
 
@@ -129,6 +130,33 @@ def test_columns_in_another_order_are_put_in_contract_order(tmp_path: Path) -> N
 
 
 # --- bad files: one report names row, column and reason -------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_files_given_in_each_others_place_are_named_so_in_one_line_each(tmp_path: Path, fmt: str) -> None:
+    """(Newcomer walk.) `--attempts nudges.parquet --nudges attempts.parquet` answered "452 problems": every column
+    of each file reported missing, one line per column, and never the cause."""
+    attempts, nudges = _write_pair(tmp_path, fmt, make_attempts_frame(), make_nudges_frame())
+    with pytest.raises(HistoryError) as refused:
+        read_history(nudges, attempts)
+    report = _problems(refused)
+    assert report.startswith("invalid history: 2 problems\n"), report
+    assert (
+        f"{nudges}: has the columns of a nudges file, not of an attempts file (no txn_id, attempt_number, "
+        "created_at, ...): were two files given in each other's place?"
+    ) in report
+    assert f"{attempts}: has the columns of an attempts file, not of a nudges file (no sent_at, channel," in report
+    stops = tmp_path / f"stops.{fmt}"
+    write_stops(make_stops_frame(), stops)
+    with pytest.raises(
+        HistoryError, match=r"has the columns of an attempts file, not of a stops file \(no decided_at\)"
+    ):
+        read_history(attempts, nudges, stops_path=attempts)
+    with pytest.raises(HistoryError, match="has the columns of a stops file, not of a nudges file"):
+        read_history(attempts, stops)
+    # A file of no kind, or one with only some columns missing, is still told column by column.
+    with pytest.raises(HistoryError, match="column txn_id: missing column"):
+        read_history(_raw_parquet(tmp_path, make_attempts_frame().drop(columns=["txn_id"])), nudges)
 
 
 def test_unsupported_extension_is_named(tmp_path: Path) -> None:

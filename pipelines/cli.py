@@ -341,19 +341,20 @@ def serve(
     """Serve the decision API (and the executor's endpoints), following models:/winback@champion."""
     from model.merchant_config import ConfigError
     from model.registry_client import RegistryError
-    from service.api.server import DatabaseUnavailableError, PortInUseError, SpoolUnwritableError, run
+    from service.api.server import PortInUseError, SpoolUnwritableError, run
     from service.api.settings import SettingsError
     from service.api.startup import WorkerStartupError
+    from service.migrations import StartupDatabaseError
 
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
     except (
         ConfigError,
-        DatabaseUnavailableError,
         PortInUseError,
         RegistryError,
         SettingsError,
         SpoolUnwritableError,
+        StartupDatabaseError,
         WorkerStartupError,
     ) as exc:
         raise fail(str(exc)) from None
@@ -388,6 +389,7 @@ def executor_run(
     from model.registry_client import RegistryError, refuse_a_store_that_cannot_work
     from service.api.settings import default_tracking_uri
     from service.executor.worker import run
+    from service.migrations import StartupDatabaseError
 
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
     # The same default as `winback serve` (CONTRACT.md section 1): the executor decides with the champion too.
@@ -397,7 +399,7 @@ def executor_run(
         # is not refused.
         refuse_a_store_that_cannot_work(uri)
         run(url, workers=workers, config_path=config, tracking_uri=uri, stop_after=stop_after)
-    except (ConfigError, RegistryError, ValueError) as exc:
+    except (ConfigError, RegistryError, StartupDatabaseError, ValueError) as exc:
         raise fail(str(exc)) from None
 
 

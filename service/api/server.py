@@ -13,8 +13,6 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from model.merchant_config import load_config
 from service.api.settings import DEMO_CONFIG, Settings, default_tracking_uri
 from service.api.startup import StartupWatch
@@ -39,10 +37,6 @@ def server_env(config_path: str | Path, tracking_uri: str, database_url: str | N
     if database_url:
         env["WINBACK_DATABASE_URL"] = database_url
     return env
-
-
-class DatabaseUnavailableError(RuntimeError):
-    """The database did not answer when the server started (its schema could not be checked)."""
 
 
 class SpoolUnwritableError(RuntimeError):
@@ -143,8 +137,8 @@ def run(
     worker at the same time.
     """
     from model.registry_client import refuse_a_store_that_cannot_work
-    from service.api.store import decision_spool, make_engine, shown_url
-    from service.migrations import upgrade
+    from service.api.store import decision_spool, make_engine
+    from service.migrations import upgrade_at_start
 
     # Under an ignored SIGCHLD uvicorn's supervisor reads every ended worker as alive: it replaces one only once its
     # health check times out, after a SIGKILL to its pid (someone else's by then, maybe), and replaces one that
@@ -171,19 +165,7 @@ def run(
         raise SpoolUnwritableError(str(error)) from None
     finally:
         spool.close()  # this process owns no spool files: the workers' spools do
-    database_url = settings.database_url
-    engine = make_engine(database_url)
-    try:
-        upgrade(engine)
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
-        where = shown_url(database_url)
-        cause = (str(error.orig or error).strip().splitlines() or [type(error.orig or error).__name__])[0]
-        raise DatabaseUnavailableError(
-            f"the database {where} is unavailable ({cause}): a scorer needs it once at start to bring its tables up "
-            "to date; start it again when the database answers (once started, it keeps answering through outages)"
-        ) from None
-    finally:
-        engine.dispose()
+    upgrade_at_start(settings.database_url, make_engine, "a scorer")
     os.environ["WINBACK_RUN_MIGRATIONS"] = "false"
     with _cleaned_up_on_sigterm():
         _serve(host, port, workers, settings)

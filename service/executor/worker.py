@@ -767,7 +767,7 @@ def run(
     adapters, for tests and the demo.
     """
     from service.api.settings import DEMO_CONFIG
-    from service.migrations import upgrade
+    from service.migrations import upgrade_at_start
 
     restore_sigchld_default()  # the workers' exits must be readable (here too for callers other than the CLI)
     config_file = Path(config_path) if config_path else DEMO_CONFIG
@@ -782,11 +782,7 @@ def run(
     # placeholder link secret outside dev), so a bad one is one line here, not a traceback in every worker; so is
     # an overlay file that cannot be read (GsmError).
     serving_catalog(settings_from_env(ExecutorSettings, database_url=database_url).gsm_overlay)
-    engine = make_executor_engine(database_url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    upgrade_at_start(database_url, make_executor_engine, "the executor")
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
@@ -23,6 +24,61 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database behind ``engine`` to ``revision`` (default: the newest)."""
     _run(command.upgrade, engine, revision)
+
+
+class StartupDatabaseError(RuntimeError):
+    """The database a process brings up to date at start cannot be used; the one line says why and what to do."""
+
+
+def upgrade_at_start(url: str, make_engine: Callable[[str], Engine], who: str) -> None:
+    """Bring the database at ``url`` up to date once, before ``who`` (a scorer, the executor) starts its workers.
+
+    StartupDatabaseError, in one line with the URL's password hidden, when no engine can be built for ``url`` (a
+    scheme SQLAlchemy does not know, a driver that is not installed, a port that is no number: a traceback before)
+    or when the database does not answer (a process that cannot create its tables cannot start; once started, the
+    scorer and the executor ride out an outage).
+    """
+    from service.api.store import shown_url
+
+    try:
+        engine = make_engine(url)
+    except (sa.exc.ArgumentError, ImportError, ValueError) as error:
+        try:
+            where = shown_url(url)
+        except (sa.exc.ArgumentError, ValueError):  # no URL SQLAlchemy can read, so none it can hide a password in
+            where = "URL given"
+        raise StartupDatabaseError(
+            f"cannot use the database {where} ({_first_line(error)}): winback keeps its state in SQLite or "
+            "PostgreSQL, e.g. sqlite:///winback.db or postgresql+psycopg://user@host/winback"
+        ) from None
+    try:
+        upgrade(engine)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+        folder = _missing_sqlite_folder(engine)
+        if folder is not None:  # SQLite said only "unable to open database file": no waiting makes it answer
+            raise StartupDatabaseError(
+                f"the SQLite database {shown_url(url)} cannot be created: its folder {folder} does not exist; "
+                "create the folder or name another path"
+            ) from None
+        raise StartupDatabaseError(
+            f"the database {shown_url(url)} is unavailable ({_first_line(error.orig or error)}): {who} needs it "
+            "once at start to bring its tables up to date; start it again when the database answers (once "
+            "started, it keeps working through outages)"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _missing_sqlite_folder(engine: Engine) -> Path | None:
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    folder = Path(database).absolute().parent
+    return None if folder.is_dir() else folder
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def downgrade(engine: Engine, revision: str) -> None:

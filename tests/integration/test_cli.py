@@ -290,6 +290,43 @@ def test_serve_without_its_database_says_so_in_one_line(serve_env: pytest.Monkey
     assert "qsecret" not in output
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("bogus://x", "cannot use the database bogus://x (Can't load plugin: sqlalchemy.dialects:bogus): winback "
+         "keeps its state in SQLite or PostgreSQL, e.g. sqlite:///winback.db or postgresql+psycopg://"),
+        ("mysql://wb:s3cret@127.0.0.1/winback", "cannot use the database mysql://wb:***@127.0.0.1/winback (No module "
+         "named 'MySQLdb')"),
+        ("postgresql+psycopg://wb:s3cret@db:fivefour/winback", "cannot use the database URL given (invalid literal "
+         "for int() with base 10: 'fivefour')"),
+        ("postgresql+psycopg://wb:s3cret@127.0.0.1:1/winback", "the database postgresql+psycopg://wb:***@127.0.0.1:1/"
+         "winback is unavailable ("),
+        ("sqlite:///{tmp}/absent/winback.db", "the SQLite database sqlite:///{tmp}/absent/winback.db cannot be "
+         "created: its folder {tmp}/absent does not exist; create the folder or name another path"),
+    ],
+)  # fmt: skip
+def test_serve_and_executor_run_refuse_a_database_they_cannot_use_in_one_line(
+    url: str, said: str, tmp_path: Path, serve_env: pytest.MonkeyPatch
+) -> None:
+    """(Newcomer walk.) `executor run --database-url bogus://x` (or a URL without its driver, or a PostgreSQL that
+    does not answer) ended in SQLAlchemy's traceback, exit 1; so did `serve` with such a WINBACK_DATABASE_URL. A
+    SQLite file in a folder that does not exist was "unavailable": start it again when the database answers."""
+    url, said = url.format(tmp=tmp_path), said.format(tmp=tmp_path)
+    serve_env.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "spool"))
+    serve_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    commands = {
+        "serve": (["serve", "--port", "8799"], {"WINBACK_DATABASE_URL": url}),
+        "executor run": (["executor", "run", "--database-url", url, "--stop-after", "0"], {}),
+    }
+    for name, (command, env) in commands.items():
+        result = runner.invoke(app, command, env=env)
+        assert result.exit_code == 2, (name, result.output)
+        assert f"error: {said}" in " ".join(result.output.split()), (name, result.output)
+        assert "Traceback" not in result.output
+        assert "s3cret" not in result.output
+    assert not (tmp_path / "absent").exists()
+
+
 def test_serve_on_a_port_in_use_says_so_in_one_line_before_touching_anything(
     tmp_path: Path, serve_env: pytest.MonkeyPatch
 ) -> None:

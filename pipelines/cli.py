@@ -140,6 +140,27 @@ def history_with_attempts(attempts: Path, nudges: Path, stops: Path | None = Non
         raise fail(format_history_error(exc)) from None
 
 
+def usable_database_url(database_url: str | None) -> str:
+    """The database a command uses: ``--database-url``, else ``$WINBACK_DATABASE_URL``, else ``sqlite:///winback.db``
+    here; refused in one line, its password hidden, when no engine can be built for it (``bogus://``, a driver
+    that is not installed: SQLAlchemy's traceback before), before the command does anything."""
+    import os
+    import warnings
+
+    from sqlalchemy.exc import SAWarning
+
+    from service.migrations import UnusableDatabaseError, engine_for
+
+    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SAWarning)  # said once, by the engine the command then builds
+            engine_for(url).dispose()  # builds the engine only: connects to nothing, creates no file
+    except UnusableDatabaseError as exc:
+        raise fail(str(exc)) from None
+    return url
+
+
 def known_alias(alias: str, tracking_uri: str | None) -> None:
     """Refuse, before any work, an ``--alias`` no version of a registered ``winback`` has: a mistyped one
     (``challanger``) was evaluated as rules-only, exit 0, said to be "no model registered". Without ``champion`` the
@@ -344,7 +365,7 @@ def serve(
     from service.api.server import PortInUseError, SpoolUnwritableError, run
     from service.api.settings import SettingsError
     from service.api.startup import WorkerStartupError
-    from service.migrations import StartupDatabaseError
+    from service.migrations import UnusableDatabaseError
 
     try:
         run(host=host, port=port, workers=workers, config_path=config, tracking_uri=tracking_uri)
@@ -354,7 +375,7 @@ def serve(
         RegistryError,
         SettingsError,
         SpoolUnwritableError,
-        StartupDatabaseError,
+        UnusableDatabaseError,
         WorkerStartupError,
     ) as exc:
         raise fail(str(exc)) from None
@@ -383,15 +404,14 @@ def executor_run(
     ] = None,
 ) -> None:
     """Run executor workers against the shared database (CONTRACT.md section 5) until stopped."""
-    import os
 
     from model.merchant_config import ConfigError
     from model.registry_client import RegistryError, refuse_a_store_that_cannot_work
     from service.api.settings import default_tracking_uri
     from service.executor.worker import run
-    from service.migrations import StartupDatabaseError
+    from service.migrations import UnusableDatabaseError
 
-    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    url = usable_database_url(database_url)
     # The same default as `winback serve` (CONTRACT.md section 1): the executor decides with the champion too.
     uri = tracking_uri or default_tracking_uri()
     try:
@@ -399,7 +419,7 @@ def executor_run(
         # is not refused.
         refuse_a_store_that_cannot_work(uri)
         run(url, workers=workers, config_path=config, tracking_uri=uri, stop_after=stop_after)
-    except (ConfigError, RegistryError, StartupDatabaseError, ValueError) as exc:
+    except (ConfigError, RegistryError, UnusableDatabaseError, ValueError) as exc:
         raise fail(str(exc)) from None
 
 
@@ -425,14 +445,13 @@ def executor_resolve_charge(
 ) -> None:
     """Record an operator's answer for a charge that was sent and never answered, which holds its order's other
     charges back: --charged records the attempt as a success, --not-charged frees the order to be charged again."""
-    import os
 
     from model.merchant_config import ConfigError
     from service.api.settings import default_tracking_uri
     from service.executor.core import ChargeResolutionError
     from service.executor.worker import resolve_charge
 
-    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    url = usable_database_url(database_url)
     try:
         state = resolve_charge(url, action_id, charged, config, tracking_uri or default_tracking_uri())
     except (ConfigError, ChargeResolutionError, ValueError) as exc:
@@ -472,12 +491,11 @@ def executor_charge_disputes(
     succeeded on money the switch does not have (or, on an order paid before, its history records a payment that
     was not made), so each needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with."""
     import getpass
-    import os
 
     from service.executor.core import ChargeResolutionError, DisputeResolutionError
     from service.executor.worker import list_charge_disputes, resolve_charge_dispute
 
-    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    url = usable_database_url(database_url)
     if resolve is None and (note is not None or by is not None):
         raise fail("--note and --by go with --resolve ORDER_ID")
     if resolve is not None and show_all:
@@ -1002,7 +1020,6 @@ def history_export(
     Exits 0 when the files are written, also empty (with a note) when the database holds no outcomes yet; 2 with a
     one-line reason when the database cannot be read or holds no winback tables.
     """
-    import os
     from datetime import UTC, datetime
 
     from sqlalchemy.exc import ArgumentError, OperationalError
@@ -1013,7 +1030,7 @@ def history_export(
     from service.api.export import export_history
 
     output_folder(out, "--out")
-    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    url = usable_database_url(database_url)
     start = None
     if since is not None:
         try:
@@ -1284,8 +1301,8 @@ def console_add_agent(
     from service.console.admin import PASSWORD_ENV, create_agent
     from service.console.auth import AgentError
 
+    url = usable_database_url(database_url)  # before the password prompt: a typo is not found after typing it twice
     password = os.environ.get(PASSWORD_ENV) or typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
     try:
         agent = create_agent(url, merchant, name, password, config)
     except (AgentError, ConfigError) as exc:

@@ -26,47 +26,57 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     _run(command.upgrade, engine, revision)
 
 
-class StartupDatabaseError(RuntimeError):
-    """The database a process brings up to date at start cannot be used; the one line says why and what to do."""
+class UnusableDatabaseError(RuntimeError):
+    """A database winback cannot use (no engine for its URL, or it does not answer at start); the one line says
+    why and what to do."""
 
 
 def upgrade_at_start(url: str, make_engine: Callable[[str], Engine], who: str) -> None:
     """Bring the database at ``url`` up to date once, before ``who`` (a scorer, the executor) starts its workers.
 
-    StartupDatabaseError, in one line with the URL's password hidden, when no engine can be built for ``url`` (a
+    UnusableDatabaseError, in one line with the URL's password hidden, when no engine can be built for ``url`` (a
     scheme SQLAlchemy does not know, a driver that is not installed, a port that is no number: a traceback before)
     or when the database does not answer (a process that cannot create its tables cannot start; once started, the
     scorer and the executor ride out an outage).
     """
     from service.api.store import shown_url
 
-    try:
-        engine = make_engine(url)
-    except (sa.exc.ArgumentError, ImportError, ValueError) as error:
-        try:
-            where = shown_url(url)
-        except (sa.exc.ArgumentError, ValueError):  # no URL SQLAlchemy can read, so none it can hide a password in
-            where = "URL given"
-        raise StartupDatabaseError(
-            f"cannot use the database {where} ({_first_line(error)}): winback keeps its state in SQLite or "
-            "PostgreSQL, e.g. sqlite:///winback.db or postgresql+psycopg://user@host/winback"
-        ) from None
+    engine = engine_for(url, make_engine)
     try:
         upgrade(engine)
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
         folder = _missing_sqlite_folder(engine)
         if folder is not None:  # SQLite said only "unable to open database file": no waiting makes it answer
-            raise StartupDatabaseError(
+            raise UnusableDatabaseError(
                 f"the SQLite database {shown_url(url)} cannot be created: its folder {folder} does not exist; "
                 "create the folder or name another path"
             ) from None
-        raise StartupDatabaseError(
+        raise UnusableDatabaseError(
             f"the database {shown_url(url)} is unavailable ({_first_line(error.orig or error)}): {who} needs it "
             "once at start to bring its tables up to date; start it again when the database answers (once "
             "started, it keeps working through outages)"
         ) from None
     finally:
         engine.dispose()
+
+
+def engine_for(url: str, make_engine: Callable[[str], Engine] = sa.create_engine) -> Engine:
+    """``make_engine(url)`` (which connects to nothing yet), or UnusableDatabaseError in one line, the URL's
+    password hidden, when no engine can be built for it: a scheme SQLAlchemy does not know, a driver that is not
+    installed, a port that is no number (each a traceback from the commands before)."""
+    from service.api.store import shown_url
+
+    try:
+        return make_engine(url)
+    except (sa.exc.ArgumentError, ImportError, ValueError) as error:
+        try:
+            where = shown_url(url)
+        except (sa.exc.ArgumentError, ValueError):  # no URL SQLAlchemy can read, so none it can hide a password in
+            where = "URL given"
+        raise UnusableDatabaseError(
+            f"cannot use the database {where} ({_first_line(error)}): winback keeps its state in SQLite or "
+            "PostgreSQL, e.g. sqlite:///winback.db or postgresql+psycopg://user@host/winback"
+        ) from None
 
 
 def _missing_sqlite_folder(engine: Engine) -> Path | None:

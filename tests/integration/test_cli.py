@@ -215,7 +215,7 @@ def test_history_export_from_a_database_it_cannot_read_exits_with_one_line(tmp_p
     absent = tmp_path / "absent.db"
     for url, reason in [
         (f"sqlite:///{absent}", f"no winback database at {absent}"),
-        ("foo://bar", "cannot read the database at --database-url 'foo://bar'"),
+        ("foo://bar", "cannot use the database foo://bar (Can't load plugin: sqlalchemy.dialects:foo)"),
         ("postgresql://127.0.0.1:1/none", "cannot read the database at --database-url"),
         # (Security review.) The password was printed with the URL.
         ("postgresql://wb:s3cret-pw@127.0.0.1:1/none", "--database-url 'postgresql://wb:***@127.0.0.1:1/none'"),
@@ -226,6 +226,31 @@ def test_history_export_from_a_database_it_cannot_read_exits_with_one_line(tmp_p
         assert reason in result.output
         assert "s3cret-pw" not in result.output
     assert not absent.exists()  # an empty database file used to be left behind
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_command_taking_a_database_url_refuses_one_no_engine_takes_in_one_line(tmp_path: Path) -> None:
+    """(Newcomer walk.) resolve-charge, charge-disputes and history export ended `--database-url bogus://x` or a
+    URL whose driver is not installed in SQLAlchemy's traceback (exit 1); console add-agent asked for the password
+    twice first. Now each says it in one line, the password hidden, before doing anything."""
+    commands = [
+        ["executor", "resolve-charge", "1", "--charged"],
+        ["executor", "charge-disputes"],
+        ["history", "export", "--out", str(tmp_path / "out")],
+        ["console", "add-agent", "--merchant", "m_in_stream", "--name", "asha"],
+    ]
+    for command, (url, said) in itertools.product(
+        commands,
+        [
+            ("bogus://x", "cannot use the database bogus://x (Can't load plugin: sqlalchemy.dialects:bogus)"),
+            ("mysql://wb:s3cret@db/winback", "cannot use the database mysql://wb:***@db/winback (No module named"),
+        ],
+    ):
+        result = runner.invoke(app, [*command, "--database-url", url], input="")
+        assert result.exit_code == 2, (command, result.output)
+        assert f"error: {said}" in " ".join(result.output.split()), (command, result.output)
+        assert "Password" not in result.output
+        assert "s3cret" not in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -125,8 +125,14 @@ def test_a_refit_tells_a_recent_final_code_from_a_recent_retryable_one() -> None
     """2,218 orders, 300 of them late with the new codes. Each connector's two new codes carry the same bland
     message and no network code; underneath, one is a stolen card (retries recovered 10% and 6%), the other a
     technical error (44% and 53%). Fitted without the holdout's decision points, the model cannot tell them apart
-    (measured: 0.167 and 0.167 on adyen, 0.163 and 0.163 on cybersource, as a code never seen); with its text model
-    and code inventory refit on them, it does (0.205 and 0.344; 0.205 and 0.403)."""
+    (measured: 0.180 and 0.180 on adyen, 0.158 and 0.158 on cybersource, as a code never seen); the version
+    registered (the refit text model and code inventory, and the code levels of the whole history) does (0.053 and
+    0.416; 0.057 and 0.405).
+
+    The refit text model alone is not what tells them apart (``refitted``: the boosters make little use of the
+    text features). This test asserted that it did, by more than 0.05: that held for this factory's seed 5 only,
+    by 0.084 and 0.053 before the payday features followed the rules' paydays and by 0.050 and 0.048 after; seeds
+    1, 2 and 3 gave -0.10 to 0.04 either way. With the code levels, seeds 1, 2, 3, 5 and 7 gave 0.29 to 0.56."""
     attempts, nudges, _late = recent_codes_frames(3000, 300)
     history = History(attempts, nudges)
     pairs = (("adyen", "ADY_NEW_H1", "ADY_NEW_T1"), ("cybersource", "CYB_NEW_H2", "CYB_NEW_T2"))
@@ -134,12 +140,14 @@ def test_a_refit_tells_a_recent_final_code_from_a_recent_retryable_one() -> None
     everything = train_partitions(
         [history], seed=0, time_holdout_fraction=0.0, evaluate_unseen_codes=False, max_rounds=1
     )
-    refit = refitted(judged, everything.bundle)
+    registered = refitted(judged, everything.bundle, [history])
     for connector, final, technical in pairs:
         unseen_gap = retry_probability(judged, connector, technical) - retry_probability(judged, connector, final)
-        learned_gap = retry_probability(refit, connector, technical) - retry_probability(refit, connector, final)
+        learned_gap = retry_probability(registered, connector, technical) - retry_probability(
+            registered, connector, final
+        )
         assert abs(unseen_gap) < 0.02, (connector, unseen_gap)
-        assert learned_gap > 0.05, (connector, learned_gap)
+        assert learned_gap > 0.2, (connector, learned_gap)
 
 
 def test_the_code_levels_of_a_refit_move_a_recent_code_to_what_its_retries_showed() -> None:

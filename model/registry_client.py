@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
+from model.wording import first_line
+
 # MLflow's usage telemetry starts a network thread when mlflow is imported; winback never phones home, so it
 # is switched off before the import (an explicit MLFLOW_DISABLE_TELEMETRY=false from the caller still wins).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -102,7 +104,7 @@ def without_uri_secrets(text: str, uri: str) -> str:
 def unusable_store(uri: str, error: BaseException) -> str:
     """The one line saying that the MLflow tracking store ``uri`` cannot be used: the first line of ``error``
     (MLflow's or a driver's, which name the URL they tried), the URI's secrets hidden in both."""
-    return _unusable(uri, _first_line(error))
+    return _unusable(uri, first_line(error))
 
 
 def _unusable(uri: str, reason: str) -> str:
@@ -188,7 +190,7 @@ def _why_sqlalchemy_cannot_load(uri: str) -> str | None:
     try:
         create_sqlalchemy_engine(uri).dispose()  # type: ignore[no-untyped-call]
     except ModuleNotFoundError as exc:
-        module = (exc.name or "").partition(".")[0] or _first_line(exc)
+        module = (exc.name or "").partition(".")[0] or first_line(exc)
         backend = uri.partition(":")[0].partition("+")[0]
         return (
             f"its database driver {module} is not installed: install {_DRIVER_PACKAGES.get(module, module)} into "
@@ -197,12 +199,8 @@ def _why_sqlalchemy_cannot_load(uri: str) -> str | None:
     # Nothing is contacted yet, so whatever else fails (SQLAlchemy's NoSuchModuleError for an unknown driver, a
     # ValueError for a port that is no number, an ImportError from a driver without its C library) fails for good.
     except Exception as exc:
-        return f"SQLAlchemy cannot build an engine for it ({_first_line(exc)})"
+        return f"SQLAlchemy cannot build an engine for it ({first_line(exc)})"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["LINE_WIDTH", "MISSING", "count_noun", "figure", "labelled_lines"]
+__all__ = ["LINE_WIDTH", "MISSING", "count_noun", "figure", "first_line", "labelled_lines"]
 
 #: A figure a table has no value for (NaN: not measured, nothing to compare with): a dash, not "nan" or "n/a".
 MISSING = "-"
@@ -51,3 +51,9 @@ def labelled_lines(label: str, value: str, note: str = "", *, width: int = LINE_
         return [beside, *note_below]
     above = f"  {label}{noted}".rstrip()
     return [above, f"    {value}"] if above else [f"    {value}"]
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first non-blank line, stripped (a database error goes on with its SQL and parameters), or its
+    type's name when its message is empty: what a one-line refusal quotes of it."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

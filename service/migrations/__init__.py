@@ -10,6 +10,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Engine
 
+from model.wording import first_line
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 
 
@@ -52,7 +54,7 @@ def upgrade_at_start(url: str, make_engine: Callable[[str], Engine], who: str) -
                 "create the folder or name another path"
             ) from None
         raise UnusableDatabaseError(
-            f"the database {shown_url(url)} is unavailable ({_first_line(error.orig or error)}): {who} needs it "
+            f"the database {shown_url(url)} is unavailable ({first_line(error.orig or error)}): {who} needs it "
             "once at start to bring its tables up to date; start it again when the database answers (once "
             "started, it keeps working through outages)"
         ) from None
@@ -74,7 +76,7 @@ def engine_for(url: str, make_engine: Callable[[str], Engine] = sa.create_engine
         except (sa.exc.ArgumentError, ValueError):  # no URL SQLAlchemy can read, so none it can hide a password in
             where = "URL given"
         raise UnusableDatabaseError(
-            f"cannot use the database {where} ({_first_line(error)}): winback keeps its state in SQLite or "
+            f"cannot use the database {where} ({first_line(error)}): winback keeps its state in SQLite or "
             "PostgreSQL, e.g. sqlite:///winback.db or postgresql+psycopg://user@host/winback"
         ) from None
 
@@ -85,10 +87,6 @@ def _missing_sqlite_folder(engine: Engine) -> Path | None:
         return None
     folder = Path(database).absolute().parent
     return None if folder.is_dir() else folder
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.wording import count_noun
+from model.wording import count_noun, first_line
 
 
 @pytest.mark.parametrize(
@@ -34,3 +34,18 @@ def test_labelled_lines_keep_a_long_value_whole_on_a_line_of_its_own() -> None:
     assert labelled_lines("evaluation", path) == ["  evaluation", f"    {path}"]
     assert labelled_lines("", path, "of the champion") == ["    (of the champion)", f"    {path}"]
     assert labelled_lines("", path) == [f"    {path}"]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            RuntimeError("(psycopg.OperationalError) connection refused\n[SQL: SELECT 1]"),
+            "(psycopg.OperationalError) connection refused",
+        ),
+        (ValueError("\n   \n  port is not a number  \nmore"), "port is not a number"),
+        (ImportError(""), "ImportError"),
+    ],
+)
+def test_an_errors_first_line_is_its_first_non_blank_line_or_its_type(error: BaseException, expected: str) -> None:
+    assert first_line(error) == expected

@@ -575,6 +575,27 @@ def test_a_recurring_upi_payment_is_retried_silently_as_autopay_off_peak(with_mo
         assert not in_upi_peak_hours(context, candidate.execute_at), candidate.execute_at
 
 
+def test_an_autopay_debit_npci_fully_reversed_is_retried_silently_off_peak() -> None:
+    """NPCI's 21 on UPI is "no action taken (full reversal)": UPI put a timed-out transaction back, a technical
+    decline. It was read with the card table's 21 (an issuer's refusal, do not honour), so an AutoPay debit got a
+    payment link six hours later instead of AutoPay's silent retry off NPCI's peak hours."""
+    at = datetime(2026, 11, 2, 3, 0, tzinfo=ZoneInfo("Asia/Kolkata")).astimezone(UTC)  # 03:00 IST, off-peak
+    request = make_request(
+        event_time=at.isoformat(),
+        payment={"payment_method": "upi_autopay", "payment_method_type": "mandate", "card_network": None,
+                 "is_recurring": True},
+        failure={"connector": "razorpay", "error_code": "21", "error_message": None, "network_decline_code": "21"},
+        history={"attempts": [{"attempt_number": 1, "connector": "razorpay", "strategy": "initial",
+                               "status": "failure", "error_code": "21", "created_at": at.isoformat()}]},
+        available_connectors=["razorpay", "payu"],
+    )  # fmt: skip
+    merchant = make_merchant(connectors=["razorpay", "payu"])
+    decision = decide(request, merchant, None, catalog=load_catalog(), config=GREEDY)
+    assert (decision.action, decision.strategy, decision.connector) == (Action.RETRY, Strategy.RETRY_SAME, "razorpay")
+    assert not in_upi_peak_hours(build_context(request, merchant, load_catalog()), decision.execute_at)
+    assert decision.retryable
+
+
 @pytest.mark.parametrize("with_model", [True, False], ids=["model", "rules-only"])
 def test_a_suspected_fraud_renewal_is_never_retried_silently_and_is_not_retryable(
     with_model: bool, bundle: ModelBundle

@@ -224,6 +224,9 @@ def test_mastercard_gives_65_its_own_meaning(catalog: ErrorCatalog) -> None:
         # The debit's full or partial reversal timed out at the remitter bank (NPCI's final RespPay codes).
         ("RR", E.ISSUER_TECHNICAL, "technical"),
         ("rp", E.ISSUER_TECHNICAL, "technical"),
+        # NPCI's own 21, "no action taken (full reversal)": UPI put the whole transaction back (a technical decline
+        # of a timed-out leg), where the card table's 21 is an issuer's refusal.
+        ("21", E.ISSUER_TECHNICAL, "technical"),
         ("u01", E.DUPLICATE, "technical"),
     ],
 )
@@ -233,6 +236,15 @@ def test_npci_upi_codes_and_business_technical_split(
     result = catalog.normalise("payu", None, network_decline_code=code, payment_method="upi")
     assert (result.error_class, result.matched_by) == (expected, "npci_upi")
     assert catalog.upi_decline_type(code) == decline_type
+
+
+def test_npci_21_is_read_on_upi_only(catalog: ErrorCatalog) -> None:
+    """A UPI payment's 21 was read with the card table's meaning (an issuer's "no action taken", do not honour).
+    It is NPCI's full reversal on UPI; a card's 21 keeps its ISO 8583 meaning."""
+    upi = catalog.normalise("razorpay", None, network_decline_code="21", payment_method="upi_autopay")
+    card = catalog.normalise("stripe", None, network_decline_code="21", payment_method="card")
+    assert (upi.error_class, upi.matched_by) == (E.ISSUER_TECHNICAL, "npci_upi")
+    assert (card.error_class, card.matched_by) == (E.DO_NOT_HONOR, "iso8583")
 
 
 def test_upi_decline_type_of_uncatalogued_code_is_none(catalog: ErrorCatalog) -> None:

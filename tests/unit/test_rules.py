@@ -775,6 +775,10 @@ def test_a_revoked_mandate_is_never_retried_silently_but_may_get_a_link(
         # Deemed: the credit reversal timed out, the outcome is open even with no message (it was not held).
         ({"network_decline_code": "RB", "error_code": "RB", "error_message": None}, True),
         ({"network_decline_code": "RB", "error_code": "GATEWAY_ERROR", "error_message": None}, True),
+        # 96 on UPI: NPCI's "reversal failure", Juspay's DEEMED: the customer may have paid, so open (it was
+        # retried off-peak as ISO's "system malfunction").
+        ({"network_decline_code": "96", "error_code": "96", "error_message": None}, True),
+        ({"network_decline_code": "96", "error_code": "GATEWAY_ERROR", "error_message": "System malfunction"}, True),
         # No NPCI timeout code: the words and codes decide as before.
         ({"network_decline_code": "U30", "error_code": "U30", "error_message": "Bank timed out"}, True),
         ({"network_decline_code": "U30", "error_code": "U30", "error_message": "Debit has failed"}, False),
@@ -793,6 +797,10 @@ def test_npci_timeout_codes_are_read_for_upi_only_and_in_an_earlier_attempt() ->
     card = ctx(catalog=load_catalog(), failure={"connector": "stripe", "error_code": "UT", "network_decline_code": None,
                                                 "error_message": "Issuer timed out"})  # fmt: skip
     assert card.outcome_known_at is not None
+    malfunction = {"connector": "stripe", "error_code": "96", "network_decline_code": "96",
+                   "error_message": "System malfunction"}  # fmt: skip
+    card_96 = ctx(catalog=load_catalog(), failure=malfunction)
+    assert card_96.outcome_known_at is None
     earlier = {"attempts": [{**attempt(1, "initial", UPI_T0 - HOUR, connector="razorpay"), "error_code": "RB"}]}
     context = upi_ctx(history=earlier)
     assert context.outcome_known_at is not None

@@ -31,7 +31,7 @@ from model.requests import Decision, DecisionRequest, Failure
 from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, lasting_bans, load_rulebook
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
-from service.executor.channels.base import ReceiptFailure
+from service.executor.channels.base import ReceiptFailure, SenderLimit
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
 from service.executor.optouts import (
@@ -295,12 +295,14 @@ class Transient:
 
     ``not_taken``: a message's provider certainly did not take it (it answered 429 or 503, say, or could not be
     reached: ``SendResult.not_taken``); ``retry_after``: how long the provider asked us to wait (its
-    ``Retry-After``)."""
+    ``Retry-After``); ``sender_limited``: it refused the message because the merchant's sender is over its rate or
+    daily quota (``SendResult.sender_limited``): the sender is held, and the message with it."""
 
     error: str
     status_code: int | None = None
     not_taken: bool = False
     retry_after: timedelta | None = None
+    sender_limited: SenderLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,14 @@ class RetryPolicy:
     #: The longest hold of a sender, and of a customer held back after WhatsApp's pair rate limit (131056: Meta's
     #: 4^X seconds, at least 6).
     rate_limit_max_hold_seconds: float = 900.0
+    #: How long a merchant's sender is first held after its provider refused a message because the sender is over its
+    #: daily quota (an SMTP relay's ``454 Throttling failure: Daily message quota exceeded``, ``550 5.4.5 Daily user
+    #: sending limit exceeded``); twice as long each time the first message after the hold is refused so again, at
+    #: most ``sender_quota_max_hold_seconds``. Ten minutes: Amazon SES asks to wait up to 10 minutes after a
+    #: throttling error before trying again (its quota is over a rolling 24 hours, so room comes back gradually).
+    sender_quota_first_hold_seconds: float = 600.0
+    #: A day: Google lifts a Workspace account's daily sending limit within 24 hours (data/README.md).
+    sender_quota_max_hold_seconds: float = 86_400.0
     #: When a sender's hold ends, the messages it held go one at a time, this far apart (service/executor/pacing.py):
     #: all at once, they were the burst that hit the limit again.
     rate_limit_release_spacing_seconds: float = 1.0
@@ -475,15 +485,22 @@ class RetryPolicy:
     #: ``providers.email.max_per_second``.
     email_quiet_hours_release_spacing_seconds: float = 1.0
 
-    def note_rate_limited(self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime) -> datetime:
-        """``pacing.note_rate_limited`` with this policy's spans."""
+    def note_rate_limited(
+        self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, limit: SenderLimit = "rate"
+    ) -> datetime:
+        """``pacing.note_rate_limited`` with this policy's spans: a rate limit's, or a daily quota's (``limit``)."""
+        if limit == "daily_quota":
+            first, longest = self.sender_quota_first_hold_seconds, self.sender_quota_max_hold_seconds
+        else:
+            first, longest = self.rate_limit_first_hold_seconds, self.rate_limit_max_hold_seconds
         return note_rate_limited(
             conn,
             merchant_id,
             channel,
             now,
-            first_hold=timedelta(seconds=self.rate_limit_first_hold_seconds),
-            max_hold=timedelta(seconds=self.rate_limit_max_hold_seconds),
+            first_hold=timedelta(seconds=first),
+            max_hold=timedelta(seconds=longest),
+            why="over its daily quota" if limit == "daily_quota" else "rate limited",
         )
 
     def note_pair_rate_limited(
@@ -2535,6 +2552,9 @@ class Executor:
         policy = self.retry_policy
         payload = dict(action.payload)
         # ``order`` is locked already (``complete``): the order first, then the action's and the channel's rows.
+        if outcome.sender_limited is not None:
+            self._hold_with_its_sender(conn, action, order, outcome, outcome.sender_limited, now)
+            return
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
             down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
@@ -2571,6 +2591,30 @@ class Executor:
         message = f"gave up after {action.attempts} tries: {outcome.error}"
         self._release(conn, action, ActionState.DEAD, now, error=message, payload=payload)
         self._dead(conn, action, order, message, now)
+
+    def _hold_with_its_sender(
+        self,
+        conn: sa.Connection,
+        action: ActionRow,
+        order: RowMapping | None,
+        outcome: Transient,
+        limit: SenderLimit,
+        now: datetime,
+    ) -> None:
+        """A message its provider refused because the merchant's sender is over its rate or daily quota
+        (``Transient.sender_limited``: an SMTP relay's throttling answer). The sender is held, as after a
+        rate-limited receipt (service/executor/pacing.py: every message of the merchant on the channel waits, and
+        they go one at a time after the hold), and this message waits for the hold's end with them: not a failed try
+        (its try is given back), not a refusal of the channel (the outage breaker is not told: the sender is up,
+        only limited), never given up for it, and not recorded as a message sent. Before, each such message was tried
+        again on its own every few seconds to minutes, into the same limit, counted toward the channel's outage, and
+        given up after an hour (a daily quota lasts longer): recorded as a message refused, counted against the
+        customer's ``max_nudges``."""
+        channel = Channel(str(action.payload["channel"]))
+        until = self.retry_policy.note_rate_limited(conn, action.merchant_id, channel, now, limit)
+        reason = f"{channel.value} is paced until {until.isoformat()}: its sender is limited ({outcome.error})"
+        self._release(conn, action, ActionState.SCHEDULED, now, due_at=until, error=reason, refund=True)
+        self._decided_while_in_flight(conn, order, action, outcome, now)
 
     def _decided_while_in_flight(
         self, conn: sa.Connection, order: RowMapping | None, action: ActionRow, outcome: Transient, now: datetime

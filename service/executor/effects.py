@@ -627,6 +627,7 @@ class Effects:
                 retry_after=None
                 if result.retry_after_seconds is None
                 else timedelta(seconds=result.retry_after_seconds),
+                sender_limited=result.sender_limited,
             )
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 

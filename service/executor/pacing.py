@@ -10,6 +10,12 @@ burst) does not lengthen the hold; one after it ended doubles it, up to ``max_ho
 ``max_hold`` since the hold ended starts over at ``first_hold``. Other merchants, and the merchant's other channels,
 are not affected: each has its own provider account and sender.
 
+An SMTP relay says the same at send time: Amazon SES's ``454 Throttling failure``, Google's ``421 4.7.28`` or
+``550 5.4.5 Daily user sending limit exceeded`` (``channels.adapters.smtp_sender_limit``). The refused message is
+held with its sender (``Executor._hold_with_its_sender``): not a failed try, not a refusal of the channel, not given
+up, not recorded as sent. A daily quota holds longer (``RetryPolicy.sender_quota_first_hold_seconds``, doubling up to
+a day) than a rate limit.
+
 When the hold ended, every message held during it went at once: the very burst that had hit the limit. Now each
 message the hold (or the release after it) keeps back is given a turn of its own (``release_turn``), ``spacing``
 after the one before, from the hold's end on: the held messages go one at a time, and a message planned while they
@@ -123,14 +129,18 @@ def note_rate_limited(
     *,
     first_hold: timedelta,
     max_hold: timedelta,
+    why: str = "rate limited",
 ) -> datetime:
-    """Record a rate-limited receipt for ``merchant_id``'s ``channel`` at ``now``; the end of the channel's hold."""
+    """Record a rate-limited receipt (or a send refused for the same reason: an SMTP relay's throttling answer) for
+    ``merchant_id``'s ``channel`` at ``now``; the end of the channel's hold. ``why``: what the provider said of the
+    sender (``rate limited``, ``over its daily quota``), for the log."""
     key = {"merchant_id": merchant_id, "channel": channel.value}
     until, started = _note_limited(conn, channel_pacing, key, now, lambda times: first_hold * (1 << times), max_hold)
     if started:
         log.warning(
-            "channel %s of merchant %s is paced until %s: its provider said its sender is rate limited",
-            channel.value, merchant_id, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},
+            "channel %s of merchant %s is paced until %s: its provider said its sender is %s",
+            channel.value, merchant_id, until.isoformat(), why,
+            extra={"merchant_id": merchant_id, "channel": channel.value},
         )  # fmt: skip
     return until
 

@@ -481,6 +481,57 @@ def test_an_email_subject_with_a_line_break_is_a_recorded_rejection(
     assert smtp.messages == []
 
 
+#: The relays' answers that say the merchant's sender is over a limit (data/README.md), each at the command the
+#: provider answers it at, with what the sender is over; and two that must not hold the sender.
+SMTP_ANSWERS = [
+    ("DATA", 454, "Throttling failure: Maximum sending rate exceeded", "rate"),
+    ("DATA", 454, "Throttling failure: Daily message quota exceeded", "daily_quota"),
+    (
+        "DATA",
+        421,
+        "4.7.28 [203.0.113.7] Our system has detected an unusual rate of\n4.7.28 unsolicited mail originating from "
+        "your IP address. To protect our\n4.7.28 users from spam, mail sent from your IP address has been\n4.7.28 "
+        "temporarily rate limited. - gsmtp",
+        "rate",
+    ),
+    ("MAIL", 421, "4.7.0 [203.0.113.7] Our system has detected an unusual rate of unsolicited mail", "rate"),
+    ("MAIL", 450, "4.2.1 Peak SMTP relay limit exceeded for customer. - gsmtp", "rate"),
+    ("MAIL", 550, "5.4.5 Daily user sending limit exceeded. - gsmtp", "daily_quota"),
+    ("RCPT", 550, "5.4.5 Daily SMTP relay limit exceeded for user. - gsmtp", "daily_quota"),
+    ("MAIL", 550, "5.7.1 Daily SMTP relay limit exceeded for customer. - gsmtp", "daily_quota"),
+    ("MAIL", 550, "5.7.1 [203.0.113.7] Messages missing a valid Message-ID header are not accepted. - gsmtp", None),
+    ("RCPT", 550, "5.1.1 The email account that you tried to reach does not exist. - gsmtp", None),
+    ("RCPT", 450, "4.2.1 The user you are trying to contact is receiving mail too quickly. - gsmtp", None),
+    ("MAIL", 421, "4.7.0 Try again later, closing connection. - gsmtp", None),
+]
+
+
+@pytest.mark.parametrize(("at", "code", "text", "limit"), SMTP_ANSWERS)
+def test_a_relays_throttling_answer_says_the_sender_is_limited_and_a_recipients_refusal_does_not(
+    at: str, code: int, text: str, limit: str | None
+) -> None:
+    """Before: Amazon SES's ``454 Throttling failure`` was one more 4xx, tried again on its own, and Google's
+    ``550 5.4.5 Daily user sending limit exceeded`` a refusal of the message for good. Now each says the merchant's
+    sender is over its rate or its daily quota (``sender_limited``): not taken, the sender to be held (the
+    executor's part: tests/integration/test_smtp_throttling.py). A recipient's refusal, or that recipient receiving
+    too fast, is about this message alone, as before."""
+    with FakeSmtpServer(username="mailer", password="s3cret") as smtp:
+        smtp.fail(code=code, text=text, at=at)
+        [result, after] = send(
+            smtp_adapter(smtp.port),
+            message(Channel.EMAIL, to="asha@example.com"),
+            message(Channel.EMAIL, key="k2", to="ravi@example.com"),
+        )
+    assert result.sender_limited == limit
+    if limit is not None:
+        assert (result.status, result.not_taken) == ("retryable", True)
+        assert result.error == f"smtp: {code} {text}"
+    else:
+        assert result.status == ("rejected" if code >= 500 else "retryable")
+    assert after.status == "accepted"  # the fault was the one answer planned
+    assert [mail["to"] for mail in smtp.messages] == [["ravi@example.com"]]
+
+
 def test_smtp_server_down_is_retryable() -> None:
     with FakeSmtpServer() as smtp:
         port = smtp.port

@@ -36,7 +36,13 @@ import httpx
 
 from model.merchant_config import MerchantConfig, ProviderConfig
 from model.vocab import Channel
-from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage, SendResult
+from service.executor.channels.base import (
+    ChannelAdapter,
+    ChannelError,
+    OutboundMessage,
+    SenderLimit,
+    SendResult,
+)
 from service.executor.channels.templates import (
     DEFAULT_TEMPLATES_DIR,
     RenderedMessage,
@@ -592,6 +598,54 @@ def message_id_for(idempotency_key: str, sender: str) -> str:
     return f"<{hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]}@{domain}>"
 
 
+_ENHANCED_STATUS = re.compile(r"\b[245]\.\d{1,3}\.\d{1,3}\b")
+
+
+def smtp_sender_limit(code: int, reply: str) -> SenderLimit | None:
+    """What an SMTP relay's answer ``code`` ``reply`` says the merchant's sender is over, or None when it is about
+    something else (this message, its recipient, the relay's own trouble). From the providers' own texts
+    (data/README.md):
+
+    - Amazon SES: ``454 Throttling failure: Maximum sending rate exceeded`` (``rate``) and ``454 Throttling failure:
+      Daily message quota exceeded`` (``daily_quota``, a rolling 24 hours). SES drops the message, queues nothing.
+    - Gmail and Google Workspace: ``421 4.7.28`` (mail from the sender's IP or domain rate limited), ``421 4.7.0``
+      saying the sender's IP is rate limited or showed an unusual rate of mail, ``450 4.2.1 Peak SMTP relay limit
+      exceeded`` (all ``rate``, temporary); ``550 5.4.5 Daily user sending limit exceeded``, ``550 5.4.5 Daily SMTP
+      relay limit exceeded for user`` and ``550 5.7.1 Daily SMTP relay limit exceeded for customer`` (``daily_quota``:
+      a 5xx, yet the sender can send again within 24 hours, so not a refusal of the message).
+
+    Not a sender's limit: ``450 4.2.1`` "the user you are trying to contact is receiving mail too quickly" (that
+    recipient only), a refused recipient (``550 5.1.1``), any other 4xx (the message is tried again on its own)."""
+    text = " ".join(reply.split()).lower()
+    if code == 454 and "throttling failure" in text:
+        return "daily_quota" if "daily message quota" in text else "rate"
+    found = _ENHANCED_STATUS.search(text)
+    status = found.group(0) if found else ""
+    daily = "daily" in text and ("limit exceeded" in text or "quota exceeded" in text)
+    if 500 <= code < 600 and status in ("5.4.5", "5.7.1") and daily:
+        return "daily_quota"
+    if code == 421 and (
+        status == "4.7.28" or (status == "4.7.0" and ("rate limited" in text or "unusual rate" in text))
+    ):
+        return "rate"
+    if code == 450 and status == "4.2.1" and "relay limit" in text:
+        return "rate"
+    return None
+
+
+def _reply_text(reply: bytes | str) -> str:
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+
+
+def _sender_limited(code: int, reply: str) -> SendResult | None:
+    """The SendResult of an SMTP answer saying the merchant's sender is over a limit (``smtp_sender_limit``): not
+    taken, to be held with every other message of the sender; None for any other answer."""
+    limit = smtp_sender_limit(code, reply)
+    if limit is None:
+        return None
+    return SendResult(status="retryable", error=f"smtp: {code} {reply}", not_taken=True, sender_limited=limit)
+
+
 class SmtpAdapter(_Adapter):
     """E-mail through an SMTP relay (stdlib smtplib in a worker thread); STARTTLS when the server offers it."""
 
@@ -644,13 +698,21 @@ class SmtpAdapter(_Adapter):
                     smtp.login(self._username, self._password)
                 smtp.send_message(email)
         except smtplib.SMTPRecipientsRefused as exc:
+            # A relay may answer its sender's throttling at RCPT too: then it is about the sender, not the recipient.
+            for code, answer in exc.recipients.values():
+                limited = _sender_limited(code, _reply_text(answer))
+                if limited is not None:
+                    return limited
             codes = [code for code, _ in exc.recipients.values()]
             status = "retryable" if all(400 <= code < 500 for code in codes) else "rejected"
             error = f"smtp: recipient refused ({', '.join(map(str, codes))})"
             return SendResult(status=status, error=error, not_taken=status == "retryable")
         except smtplib.SMTPResponseException as exc:  # a 4xx answer is the server's "not taken, try later"
+            reply = _reply_text(exc.smtp_error)
+            limited = _sender_limited(exc.smtp_code, reply)
+            if limited is not None:
+                return limited
             status = "retryable" if 400 <= exc.smtp_code < 500 else "rejected"
-            reply = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
             return SendResult(status=status, error=f"smtp: {exc.smtp_code} {reply}", not_taken=status == "retryable")
         except ConnectionRefusedError as exc:
             return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}", not_taken=True)

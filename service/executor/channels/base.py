@@ -35,6 +35,10 @@ class OutboundMessage(BaseModel, frozen=True):
     variables: dict[str, str] = Field(default_factory=dict)
 
 
+#: What a provider said its merchant's sender is over (``SendResult.sender_limited``).
+SenderLimit = Literal["rate", "daily_quota"]
+
+
 class SendResult(BaseModel, frozen=True):
     """What became of one send: accepted (with the provider's id), rejected for good, or worth retrying."""
 
@@ -47,6 +51,11 @@ class SendResult(BaseModel, frozen=True):
     not_taken: bool = False
     #: ``retryable`` only: the provider's ``Retry-After``, in seconds from its answer (None when it sent none).
     retry_after_seconds: float | None = None
+    #: ``retryable`` only: the provider refused the message because the merchant's *sender* (its account, IP or
+    #: domain at the provider) is over its sending rate (``rate``) or its daily quota (``daily_quota``), not for
+    #: anything about this message or its recipient: every message of the merchant on the channel would be refused
+    #: alike until the limit clears (an SMTP relay's throttling answers: ``channels.adapters.smtp_sender_limit``).
+    sender_limited: SenderLimit | None = None
 
 
 class ChannelAdapter(Protocol):

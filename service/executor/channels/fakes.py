@@ -565,14 +565,15 @@ def run_fake_provider(kind: str, port: int = 0, **settings: Any) -> RunningFake:
 class FakeSmtpServer:
     """A minimal SMTP server (EHLO, AUTH PLAIN, MAIL, RCPT, DATA, RSET, NOOP, QUIT) recording each e-mail.
 
-    ``fail(times, code)`` answers MAIL FROM with ``code`` (4xx temporary, 5xx permanent); ``reject(address)``
-    refuses RCPT TO with 550. Use as a context manager; ``port`` is chosen free unless given.
+    ``fail(times, code)`` answers MAIL FROM with ``code`` (4xx temporary, 5xx permanent), or another command with
+    another text (``at``, ``text``: Amazon SES answers its throttling after DATA); ``reject(address)`` refuses RCPT
+    TO with 550. Use as a context manager; ``port`` is chosen free unless given.
     """
 
     def __init__(self, port: int = 0, username: str | None = None, password: str | None = None) -> None:
         self.messages: list[dict[str, Any]] = []
         self.rejected: set[str] = set()
-        self._faults: list[int] = []
+        self._faults: list[tuple[int, str, str]] = []
         self._credentials = (username, password) if username else None
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -582,10 +583,19 @@ class FakeSmtpServer:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._server: asyncio.base_events.Server | None = None
 
-    def fail(self, times: int = 1, code: int = 451) -> None:
-        """Answer the next ``times`` MAIL FROM commands with ``code``."""
+    def fail(self, times: int = 1, code: int = 451, text: str = "fake failure", at: str = "MAIL") -> None:
+        """Answer the next ``times`` sends at command ``at`` (``MAIL``, ``RCPT`` or ``DATA``'s end) with ``code`` and
+        ``text`` (its lines joined by newlines: a multi-line reply)."""
         with self._lock:
-            self._faults.extend([code] * times)
+            self._faults.extend([(code, text, at.upper())] * times)
+
+    def _fault(self, at: str) -> tuple[int, str] | None:
+        """The fault planned for command ``at`` of this send, taken off the list; None when the first is not at it."""
+        with self._lock:
+            if self._faults and self._faults[0][2] == at:
+                code, text, _ = self._faults.pop(0)
+                return code, text
+        return None
 
     def reject(self, address: str) -> None:
         """Refuse RCPT TO for this address with 550."""
@@ -620,6 +630,13 @@ class FakeSmtpServer:
             writer.write(line.encode() + b"\r\n")
             await writer.drain()
 
+        async def refuse(fault: tuple[int, str]) -> None:
+            code, text = fault
+            lines = text.split("\n")
+            for line in lines[:-1]:
+                await say(f"{code}-{line}")
+            await say(f"{code} {lines[-1]}")
+
         sender, recipients = "", list[str]()
         await say("220 fake-smtp ready")
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
@@ -639,16 +656,18 @@ class FakeSmtpServer:
                     ok = self._credentials and [p.decode() for p in given[1:]] == list(self._credentials)
                     await say("235 2.7.0 Authentication successful" if ok else "535 5.7.8 Authentication failed")
                 elif verb == "MAIL":
-                    with self._lock:
-                        code = self._faults.pop(0) if self._faults else None
-                    if code:
-                        await say(f"{code} fake failure")
+                    fault = self._fault("MAIL")
+                    if fault is not None:
+                        await refuse(fault)
                         continue
                     sender, recipients = arg.partition(":")[2].split(" ")[0].strip("<>"), []
                     await say("250 OK")
                 elif verb == "RCPT":
                     address = arg.partition(":")[2].strip().strip("<>")
-                    if address.lower() in self.rejected:
+                    fault = self._fault("RCPT")
+                    if fault is not None:
+                        await refuse(fault)
+                    elif address.lower() in self.rejected:
                         await say("550 5.1.1 no such user")
                     else:
                         recipients.append(address)
@@ -658,6 +677,10 @@ class FakeSmtpServer:
                     lines = []
                     while (data := await reader.readline()) not in (b".\r\n", b".\n", b""):
                         lines.append(data[1:] if data.startswith(b"..") else data)
+                    fault = self._fault("DATA")
+                    if fault is not None:  # not taken: nothing recorded
+                        await refuse(fault)
+                        continue
                     parsed = email.message_from_bytes(b"".join(lines), policy=email.policy.default)
                     body = parsed.get_body(preferencelist=("plain",))
                     with self._lock:

@@ -1,0 +1,158 @@
+"""An SMTP relay's throttling answer holds the merchant's e-mail sender, as a rate-limited WhatsApp receipt does.
+
+Before: Amazon SES's ``454 Throttling failure`` was one more 4xx that certainly did not go: the message was tried
+again on its own after a few seconds (its backoff), into the same limit, while the merchant's other e-mails went on
+at full speed; it counted toward the channel's outage and was given up after an hour (a daily quota lasts longer),
+then recorded as refused and counted against the customer's ``max_nudges``. Google's ``550 5.4.5 Daily user sending
+limit exceeded`` was a refusal for good at once. Now either holds the merchant's e-mail (service/executor/pacing.py):
+the message and every other e-mail of the merchant wait for the hold's end, uncounted, none lost, and go one at a
+time then. A refusal of the recipient (``550 5.1.1``) is about that message alone and holds nothing.
+
+The adapters are the real ones (``build_adapters``: ``SmtpAdapter`` over smtplib) against the fake SMTP server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from model.merchant_config import MerchantConfig
+from model.vocab import Channel
+from service.executor.channels.adapters import build_adapters
+from service.executor.channels.fakes import FakeSmtpServer
+from service.executor.store import as_utc, channel_outages, channel_pacing
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    START,
+    Harness,
+    demo_merchant,
+    event,
+    make_harness,
+)
+
+EMAIL = {"action": "retarget", "channel": "email"}
+SES_RATE = "Throttling failure: Maximum sending rate exceeded"
+SES_DAILY = "Throttling failure: Daily message quota exceeded"
+GMAIL_DAILY = "5.4.5 Daily user sending limit exceeded. - gsmtp"
+
+
+@pytest.fixture
+def smtp() -> Iterator[FakeSmtpServer]:
+    with FakeSmtpServer() as server:
+        yield server
+
+
+def through_relay(make: Callable[..., Harness], smtp: FakeSmtpServer, orders: int, **kwargs: Any) -> Harness:
+    """A harness whose merchant sends e-mail through ``smtp`` with the real adapters, planning ``orders`` e-mails."""
+    relay = {"kind": "smtp", "host": "127.0.0.1", "port": smtp.port, "sender": "pay@shop.example"}
+    merchant = demo_merchant(retarget={"channels": ["email"]}, providers={"email": relay})
+    h = make(*(dict(EMAIL) for _ in range(orders)), merchants={"m_demo": merchant}, **kwargs)
+
+    def adapters(merchant_id: str, config: MerchantConfig, http: httpx.AsyncClient) -> dict[Channel, Any]:
+        return dict(build_adapters(merchant_id, config, {}, http))
+
+    h.effects.adapter_factory = adapters
+    return h
+
+
+def fail_by_email(h: Harness, *orders: str) -> None:
+    for order in orders:
+        h.executor.payment_failed("m_demo", event(order, customer={"phone": None, "email": f"{order}@example.com"}))
+
+
+def mailed(smtp: FakeSmtpServer) -> list[str]:
+    return [mail["to"][0].split("@")[0] for mail in smtp.messages]
+
+
+def nudges_of(h: Harness, *orders: str) -> dict[str, list[tuple[str, Any]]]:
+    return {order: [(n.status, as_utc(n.sent_at) - START) for n in h.view(order).nudges] for order in orders}
+
+
+def pacing(h: Harness) -> tuple[timedelta, int] | None:
+    with h.executor.engine.connect() as conn:
+        row = conn.execute(sa.select(channel_pacing).where(channel_pacing.c.channel == "email")).mappings().first()
+        outage = conn.execute(sa.select(channel_outages)).first()
+    assert outage is None  # a limited sender is up: the outage breaker is not told
+    return None if row is None else (as_utc(row["held_until"]) - START, int(row["times_limited"]))
+
+
+def test_ses_throttling_holds_the_merchants_e_mail_and_the_held_messages_go_one_at_a_time(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    database_url: str,
+) -> None:
+    """SES answers ord_1's e-mail ``454 Throttling failure: Maximum sending rate exceeded``: the merchant's e-mail
+    is held a minute (the rate limit's first hold), so ord_2's, planned meanwhile, waits too instead of going into
+    the same limit. Neither is recorded as sent nor refused; at the hold's end both go, a second apart, each once."""
+    h = through_relay(make_harness, smtp, 2, database_url=database_url)
+    smtp.fail(code=454, text=SES_RATE, at="DATA")
+    fail_by_email(h, "ord_1")
+    h.drain()
+    h.clock.advance(seconds=5)
+    fail_by_email(h, "ord_2")
+    h.drain()
+    assert mailed(smtp) == []
+    assert nudges_of(h, "ord_1", "ord_2") == {"ord_1": [], "ord_2": []}  # not sent, not counted
+    assert pacing(h) == (timedelta(seconds=60), 1)  # counted as the sender's rate limit, once
+    waiting = [a for order in ("ord_1", "ord_2") for a in h.view(order).actions if a.kind == "nudge"]
+    assert [(a.state, "paced until" in (a.last_error or "")) for a in waiting] == [("scheduled", True)] * 2
+    h.clock.advance(seconds=54)
+    h.drain()
+    assert mailed(smtp) == []  # still held
+    for _ in range(3):
+        h.clock.advance(seconds=1)
+        h.drain()
+    assert sorted(mailed(smtp)) == ["ord_1", "ord_2"]
+    sent = nudges_of(h, "ord_1", "ord_2")
+    assert sorted(at for nudges in sent.values() for _, at in nudges) == [timedelta(seconds=60), timedelta(seconds=61)]
+    assert all([status for status, _ in nudges] == ["accepted"] for nudges in sent.values())
+
+
+@pytest.mark.parametrize(("code", "text", "at"), [(454, SES_DAILY, "DATA"), (550, GMAIL_DAILY, "MAIL")])
+def test_a_daily_quota_holds_the_sender_for_minutes_growing_to_a_day_not_seconds(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    code: int,
+    text: str,
+    at: str,
+) -> None:
+    """The sender over its daily quota (SES's 454, Google's 550 5.4.5) is held 10 minutes (SES asks to wait up to
+    10 minutes), and twice as long when the first message after the hold is refused again: not tried every few
+    seconds, and the message is neither given up nor counted (Google's 550 was a refusal recorded at once)."""
+    h = through_relay(make_harness, smtp, 1)
+    smtp.fail(times=2, code=code, text=text, at=at)
+    fail_by_email(h, "ord_1")
+    h.drain()
+    assert pacing(h) == (timedelta(minutes=10), 1)
+    h.clock.advance(minutes=9)
+    h.drain()
+    assert (mailed(smtp), pacing(h)) == ([], (timedelta(minutes=10), 1))  # no try during the hold
+    h.clock.advance(minutes=1)
+    h.drain()  # the first try after the hold: refused again, held twice as long
+    assert (mailed(smtp), pacing(h)) == ([], (timedelta(minutes=30), 2))
+    h.clock.advance(minutes=19)
+    h.drain()
+    assert mailed(smtp) == []
+    h.clock.advance(minutes=1)
+    h.drain()
+    assert mailed(smtp) == ["ord_1"]
+    assert nudges_of(h, "ord_1") == {"ord_1": [("accepted", timedelta(minutes=30))]}
+
+
+def test_a_refused_recipient_does_not_hold_the_sender(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+) -> None:
+    """``550 5.1.1`` (no such user) refuses ord_1's address: that message is recorded as refused, as before, and
+    the merchant's next e-mail goes at once; nothing is held."""
+    h = through_relay(make_harness, smtp, 2)
+    smtp.reject("ord_1@example.com")
+    fail_by_email(h, "ord_1", "ord_2")
+    h.drain()
+    assert mailed(smtp) == ["ord_2"]
+    assert pacing(h) is None
+    assert [status for status, _ in nudges_of(h, "ord_1")["ord_1"]] == ["rejected"]

@@ -70,7 +70,8 @@ RETRY_DELAYS: tuple[timedelta, ...] = (
     timedelta(hours=72),
 )
 #: "After the next payday": the next day-of-month 1 and 26, at 06:00 in the merchant's timezone and in the customer's
-#: (the span of their country's zones, ``model.zones.customer_zones``), whichever comes last.
+#: (the span of their country's zones, and the zone their phone number places them in: ``model.zones.customer_zones``,
+#: as the quiet hours take them), whichever comes last.
 PAYDAY_DAYS: tuple[int, ...] = (1, 26)
 PAYDAY_LOCAL_TIME = time(6, 0)
 #: Local send times of the retarget grid (besides "as soon as allowed").
@@ -1049,12 +1050,9 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         if retarget.enabled:
             applied.append(f"quiet_hours:{quiet.start}-{quiet.end} {quiet.timezone}")
     phone = (customer.model_extra or {}).get("phone")
+    outlying = outlying_zone(customer.country, phone if isinstance(phone, str) else None)
     quiet_customer_zones = _customer_quiet_zones(
-        customer.country,
-        merchant_tz,
-        quiet_minutes_or_none,
-        event_time,
-        outlying_zone(customer.country, phone if isinstance(phone, str) else None),
+        customer.country, merchant_tz, quiet_minutes_or_none, event_time, outlying
     )
     if retarget.enabled and quiet_customer_zones:
         applied.append("quiet_hours_customer:" + ",".join(str(zone) for zone in quiet_customer_zones))
@@ -1099,7 +1097,7 @@ def build_context(request: DecisionRequest, merchant: MerchantConfig, catalog: E
         upi_timezone=book.upi_timezone,
         upi_peak_minutes=book.upi_peak_minutes,
         merchant_timezone=merchant_tz,
-        payday_zones=payday_zones(customer.country, merchant_tz),
+        payday_zones=payday_zones(customer.country, merchant_tz, outlying),
         quiet_minutes=quiet_minutes_or_none,
         customer_zones=quiet_customer_zones,
         customer_offsets=_fixed_offsets(quiet_customer_zones, event_time, window_end),
@@ -1570,11 +1568,14 @@ def _local_instant(day: date, clock: time, zone: ZoneInfo) -> datetime:
 
 
 @functools.lru_cache(maxsize=1024)
-def payday_zones(country: str | None, merchant_zone: ZoneInfo | None) -> tuple[ZoneInfo, ...]:
+def payday_zones(
+    country: str | None, merchant_zone: ZoneInfo | None, outlying: str | None = None
+) -> tuple[ZoneInfo, ...]:
     """The zones a payday must have reached 06:00 in: the merchant's, then the customer's (the widest choice of
-    ``customer_zones``: a country's span). Without a merchant zone (the model's features: history rows carry no
-    merchant zone), the customer's alone, or UTC when their country is unknown."""
-    choices = customer_zones(country)
+    ``customer_zones``: a country's span, with the ``outlying`` zone their phone number places them in, as the quiet
+    hours take it: ``model.zones.outlying_zone``). Without a merchant zone (the model's features: history rows carry
+    no merchant zone, nor a phone number), the customer's alone, or UTC when their country is unknown."""
+    choices = customer_zones(country, outlying)
     names = choices[0] if choices else ()
     if merchant_zone is None:
         return tuple(map(_zone, names)) or (_zone("UTC"),)

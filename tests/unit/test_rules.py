@@ -1963,6 +1963,21 @@ def test_a_retry_after_payday_waits_for_the_payday_in_the_customers_zone_too(
     assert _payday_retries(context) == expected
 
 
+def test_a_retry_after_payday_waits_for_the_payday_where_the_customers_phone_number_places_them() -> None:
+    """Before: the quiet hours kept a US customer with a Hawaiian (808) number to Honolulu's clock, but their retry
+    after payday still went at 06:00 on the 1st and 26th at the US span's western end (Los Angeles), 04:00 in
+    Honolulu, before their payday morning. Now the payday waits for 06:00 in the zone the number places them in too,
+    as the quiet hours do; a number of the span's area codes (New York's 212) keeps Los Angeles, as before."""
+    hawaii, new_york = us_customer_ctx("+1 (808) 555-0123"), us_customer_ctx("+1 212 555 0123")
+    honolulu = ZoneInfo("Pacific/Honolulu")
+    assert [zone.key for zone in hawaii.payday_zones][-1] == "Pacific/Honolulu"
+    paydays = [(2026, 11, 26), (2026, 12, 1)]
+    assert _payday_retries(hawaii) == [datetime(*day, 6, 0, tzinfo=honolulu) for day in paydays]
+    assert _payday_retries(new_york) == [datetime(*day, 6, 0, tzinfo=LOS_ANGELES) for day in paydays]
+    # The model's features have no phone number (nor merchant zone): their paydays stay the country's.
+    assert rules.payday_zones("US", None) == rules.payday_zones("US", None, None)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.integers(0, 3 * 365 * 24 * 60),

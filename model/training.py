@@ -582,15 +582,18 @@ def _split_masks(decision_ts: FloatArray, holdout: float) -> dict[str, npt.NDArr
 
 
 def grouped_code_split(
-    connectors: np.ndarray, codes: np.ndarray, *, seed: int, test_size: float = 0.25
+    codes: np.ndarray, *, seed: int, test_size: float = 0.25
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None:
-    """Row positions (train, test) such that no (connector, error_code) appears on both sides; None if < 4 codes."""
-    keys = [f"{c}\x1f{k}" for c, k in zip(connectors, codes, strict=True)]
-    groups = pd.factorize(pd.Series(keys, dtype=object))[0]
+    """Row positions (train, test) such that no error code appears on both sides, on any connector; None if < 4.
+
+    Grouped by the code alone: the boosters' ``error_code`` feature does not depend on the connector, so a code
+    the training side saw on another connector (the same made-up code reaches every connector) is not never-seen.
+    """
+    groups = pd.factorize(pd.Series(codes, dtype=object))[0]
     if len(set(groups.tolist())) < 4:
         return None
     splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
-    train_part, test_part = next(splitter.split(np.zeros(len(keys)), groups=groups))
+    train_part, test_part = next(splitter.split(np.zeros(len(groups)), groups=groups))
     return train_part.astype(np.intp), test_part.astype(np.intp)
 
 
@@ -606,12 +609,11 @@ def unseen_code_auc(
 ) -> dict[str, float]:
     """Retry AUC on error codes never seen in training, with and without the text model's features.
 
-    Splits retry examples grouped by (connector, error_code) so test codes are absent from training, refits the
-    vocabularies and the text model on the training codes only, and trains a fixed number of boosting rounds.
+    Splits retry examples grouped by error code (:func:`grouped_code_split`) so test codes are absent from
+    training on every connector, refits the vocabularies and the text model on the training codes only, and trains
+    a fixed number of boosting rounds.
     """
-    split = grouped_code_split(
-        cols["connector"][retry_rows], cols["error_code"][retry_rows], seed=seed, test_size=test_size
-    )
+    split = grouped_code_split(cols["error_code"][retry_rows], seed=seed, test_size=test_size)
     if split is None:
         return {"unseen_code_auc_with_text": math.nan, "unseen_code_auc_without_text": math.nan}
     train_part, test_part = split

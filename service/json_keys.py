@@ -5,8 +5,8 @@ as ``{"amount": 1, "amount": 100}`` was taken as 100. RFC 8259 (section 4) says 
 receivers of such an object differ (the last pair only, an error, or every pair): a body that may mean one thing
 to the merchant's switch and another to winback is refused, naming the key's path (data/README.md).
 
-The executor's routes read their bodies through ``UniqueKeysRoute``; the decision API's ``/v1/decisions`` does
-not (its hot path pays for every parse), which is the owner's call.
+The executor's routes and the decision API's ``/v1/outcomes`` read their bodies through ``UniqueKeysRoute``;
+``/v1/decisions`` (and ``:batch``) does not (its hot path pays for every parse), which is the owner's call.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import Body, FastAPI, HTTPException, Request, status
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -74,7 +74,7 @@ from service.console.routes import mount_console
 from service.executor.metrics import ChargeDisputesCollector, RefundsByHandCollector
 from service.executor.routes import provider_router
 from service.executor.routes import router as executor_router
-from service.json_keys import RepeatedKeyError
+from service.json_keys import RepeatedKeyError, UniqueKeysRoute
 from service.linux import end_with_parent
 
 log = logging.getLogger("winback.api")
@@ -405,7 +405,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 _field_error(msg=f"body is not UTF-8 (JSON is sent as UTF-8): byte {exc.__cause__.start} is not")
             )
         # A key written twice in one object, on the routes that read JSON through UniqueKeysRoute (the executor's,
-        # the providers' callbacks): FastAPI's bare 400 for what its reading raised; the 422 names the key's path.
+        # the providers' callbacks, /v1/outcomes): FastAPI's bare 400 for what its reading raised; the 422 names
+        # the key's path.
         if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RepeatedKeyError):
             return _validation_response(_field_error(*exc.__cause__.path, msg=RepeatedKeyError.reason))
         return await http_exception_handler(request, exc)
@@ -447,7 +448,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             caller.require(item.merchant_id, where=f"[{index}].merchant_id")
         return _json(runtime.decide_batch_json(body, caller.merchant))
 
-    @app.post(
+    # An outcome is off the hot path: a key written twice in one object ({"status": "failure", "status":
+    # "success"}) is refused with the 422 naming it, as on the executor's routes, rather than read as its last value.
+    # /v1/decisions (above) reads JSON as ever: the check's cost on every decision is the owner's call.
+    outcomes_router = APIRouter(route_class=UniqueKeysRoute)
+
+    @outcomes_router.post(
         "/v1/outcomes",
         response_model=OutcomeOut,
         responses={
@@ -513,6 +519,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             recorded_at=stored.recorded_at,
             decision_found=stored.decision_found,
         )
+
+    app.include_router(outcomes_router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:

@@ -720,6 +720,34 @@ def test_outcome_with_a_bad_status_names_the_field(api: Api) -> None:
     assert response.json()["detail"][0]["field"] == "status"
 
 
+@pytest.mark.parametrize(
+    ("where", "first", "field"),
+    [
+        ("{", '"status": "failure", ', "status"),  # the body's own "success" follows: which did the merchant mean?
+        ('"attempt": {', '"txn_id": "t_other", ', "attempt.txn_id"),
+    ],
+)
+def test_an_outcome_writing_a_key_twice_is_a_422_naming_the_key_and_nothing_is_stored(
+    api: Api, where: str, first: str, field: str
+) -> None:
+    """JSON keeps the last of two equal keys without a word: ``{"status": "failure", ..., "status": "success"}``
+    was stored as a success, a label the models learn from. Refused as the executor's events are, naming the key."""
+    decision_id = api.post("/v1/decisions", request_body()).json()["decision_id"]
+    text = json.dumps(_outcome(decision_id, attempt={"txn_id": "ord_8KQ2_2", "connector": "adyen"}))
+    assert where in text
+    twice = text.replace(where, where + first, 1).encode()
+    answer = api.post_raw("/v1/outcomes", twice, {"Content-Type": "application/json", **AUTH})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["field"] == field
+    assert answer.json()["message"] == (
+        f"{field}: written twice in one object: one of its values would be dropped without a word; send the key once"
+    )
+    # Who sends it comes first: without the merchant's key the answer is the 401, not what the body holds.
+    assert api.post_raw("/v1/outcomes", twice, {"Content-Type": "application/json"}).status_code == 401
+    # Nothing was stored: a failure is taken (a stored success would make it a 409).
+    assert api.post("/v1/outcomes", _outcome(decision_id, status="failure")).status_code == 200
+
+
 def test_export_writes_valid_history_files(api: Api, tmp_path: Path) -> None:
     for index in range(4):
         answer = api.post("/v1/decisions", request_body(order_id=f"ord_{index}")).json()

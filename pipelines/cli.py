@@ -487,9 +487,10 @@ def executor_charge_disputes(
     ] = None,
 ) -> None:
     """List the open charge disputes: charges recorded as charged on an operator's word (resolve-charge --charged,
-    or the console) that their switch then reported declined, or not found twice. The merchant was told the order
-    succeeded on money the switch does not have (or, on an order paid before, its history records a payment that
-    was not made), so each needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with."""
+    or the console), or reported paid by the merchant (its payment-succeeded naming winback's payment), that their
+    switch then reported declined, or not found twice. The merchant was told the order succeeded on money the
+    switch does not have (or, on an order paid before, its history records a payment that was not made), so each
+    needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with."""
     import getpass
 
     from service.executor.core import ChargeResolutionError, DisputeResolutionError
@@ -525,7 +526,7 @@ def executor_charge_disputes(
         raise fail(str(exc)) from None
     shown = found if show_all else [dispute for dispute in found if dispute.open]
     if not found:
-        typer.echo("no charge disputed by its switch after an operator's answer")
+        typer.echo("no charge disputed by its switch after an operator's answer or a merchant's report")
         return
     if not shown:
         typer.echo(f"no charge dispute open ({count_noun(len(found), 'dispute')} dealt with: --all lists them)")
@@ -533,8 +534,8 @@ def executor_charge_disputes(
     for dispute in shown:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
         line = (
             f"{dispute.merchant_id} {dispute.order_id} ({dispute.order_state}): payment {dispute.payment_id} via "
-            f"{dispute.connector}: an operator said charged (charge action {dispute.charge_action_id}), the switch "
-            f"says {dispute.switch_said}; flagged {dispute.flagged_at.isoformat()}"
+            f"{dispute.connector}: {dispute.who_said}, the switch says {dispute.switch_said}; flagged "
+            f"{dispute.flagged_at.isoformat()}"
         )
         if not dispute.open:
             when = dispute.resolved_at.isoformat() if dispute.resolved_at else ""

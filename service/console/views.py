@@ -675,7 +675,7 @@ def _dispute_events(dispute: ChargeDispute) -> list[TimelineEvent]:
         at=dispute.flagged_at,
         kind="dispute",
         title=f"Charge disputed: {dispute.connector} says payment {dispute.payment_id} {dispute.switch_said}",
-        detail=f"an operator had answered that it was charged (charge action {dispute.charge_action_id})",
+        detail=f"{dispute.who_said}, before the switch said not",
         status="bad",
     )
     if dispute.resolved_at is None:

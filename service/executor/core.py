@@ -95,6 +95,8 @@ NOT_FOUND_RECHECK_DELAY: Final = timedelta(minutes=30)
 #: A charge action's payload key: when it was sent (ISO time), kept as an operator or its switch takes it as never
 #: charged (its 'sent' mark goes then): a success the switch reports later is the attempt made at that time.
 TAKEN_AS_NOT_CHARGED = "taken_as_not_charged_sent_at"
+#: What a charge dispute says of a switch that did not find the payment at its status check, nor at the one more ask.
+NOT_FOUND_TWICE = "not found (asked twice)"
 #: A status check's payload key: it is the one more ask after "not found" (NOT_FOUND_RECHECK_DELAY), whose own "not
 #: found" is final.
 AFTER_NOT_FOUND = "after_not_found"
@@ -109,6 +111,10 @@ CHARGED_BY_OPERATOR = "charged_by_operator_at"
 #: A status check's payload key: the switch contradicted an operator's "charged" (what it said, when). The order
 #: keeps its state; the order view, the console and ``winback executor charge-disputes`` show it.
 SWITCH_CONTRADICTS = "switch_contradicts_operator"
+#: A charge action's payload key: an operator answered "charged" for it on an order its merchant had reported paid by
+#: this very payment already (``payment-succeeded`` naming it: ``_names_charge``); a switch that says otherwise
+#: contradicts them both (``_flag_dispute``).
+REPORTED_PAID_BY_MERCHANT = "reported_paid_by_merchant"
 #: The key, in a dispute's flag (SWITCH_CONTRADICTS), of its resolution: who marked it as dealt with, when, and the
 #: note saying what was done (``resolve_charge_disputes``).
 DISPUTE_RESOLVED = "resolved"
@@ -714,6 +720,29 @@ def _charged_by_operator(row: RowMapping) -> bool:
     )
 
 
+def _names_payment(charge: ActionRow, txn_id: object) -> bool:
+    """Whether ``txn_id`` (a merchant's ``payment-succeeded``'s) names ``charge``: winback's txn id of it, or the
+    processor payment id CONTRACT.md section 5 gives its attempt (``<order_id>_<n>``)."""
+    number = charge.payload.get("attempt_number")
+    return txn_id in (txn_id_for(charge.idempotency_key), f"{charge.order_id}_{number}")
+
+
+def _names_charge(order: RowMapping, charge: ActionRow) -> bool:
+    """Whether ``order`` succeeded on ``charge`` (its success txn id names it: ``_names_payment``): a merchant's
+    report of that payment, an operator's "charged", or its own success."""
+    return order["state"] == OrderState.SUCCEEDED and _names_payment(charge, order["success_txn_id"])
+
+
+def _paid_on_the_merchants_word(order: RowMapping, charge: ActionRow) -> bool:
+    """Whether ``order`` succeeded on its merchant's ``payment-succeeded`` naming ``charge``, a charge of winback's
+    whose switch had not said it succeeded: an answer of the switch other than "succeeded" contradicts the merchant.
+    Its own success never reaches here (its order succeeded on it, nothing is asked of it again); an operator's
+    "charged" on it is the merchant's word only when the merchant had named it first (REPORTED_PAID_BY_MERCHANT)."""
+    if not _names_charge(order, charge):
+        return False
+    return CHARGED_BY_OPERATOR not in charge.payload or REPORTED_PAID_BY_MERCHANT in charge.payload
+
+
 def _noted(earlier: str | None, note: str) -> str:
     """An action's note (``last_error``) with ``note`` added after what it said before, if anything."""
     return f"{earlier or ''}; {note}".lstrip("; ")
@@ -778,6 +807,19 @@ def _switch_disputes(conn: sa.Connection, charge_key: str) -> str | None:
         if isinstance(flag, dict):
             return str(flag.get("switch_said"))
     return None
+
+
+def _whose_word(merchant_txn_id: str | None, operator_said_charged: bool, charge_action_id: int | None = None) -> str:
+    """Whose word a charge dispute's switch contradicts, in the words of logs, notes and lists: the merchant's
+    ``payment-succeeded`` naming the payment (``merchant_txn_id``), an operator's "charged" (on ``charge_action_id``,
+    when named), or both."""
+    said = []
+    if merchant_txn_id is not None:
+        said.append(f"the merchant reported it paid (txn_id {merchant_txn_id!r})")
+    if operator_said_charged:
+        on = "" if charge_action_id is None else f" (charge action {charge_action_id})"
+        said.append(f"an operator answered charged{on}")
+    return " and ".join(said)
 
 
 def _nothing_to_refund(payment_id: object, said: str) -> str:
@@ -855,8 +897,9 @@ def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class ChargeDispute:
-    """A charge an operator answered for as charged that its switch then reported declined or not found (flagged
-    on the status check that asked: ``SWITCH_CONTRADICTS``)."""
+    """A charge an operator answered for as charged, or its merchant reported paid (a ``payment-succeeded`` naming
+    it), that its switch then reported declined or not found (flagged on the charge's status check:
+    ``SWITCH_CONTRADICTS``)."""
 
     merchant_id: str
     order_id: str
@@ -875,11 +918,27 @@ class ChargeDispute:
     resolved_by: str | None = None
     resolved_at: datetime | None = None
     resolution_note: str | None = None
+    #: The txn_id of the merchant's ``payment-succeeded`` that named this payment as the order's (the order
+    #: succeeded on it), when the merchant said it was paid; None when only an operator did.
+    merchant_txn_id: str | None = None
+    #: Whether an operator answered "charged" for it (False: the merchant's report alone).
+    operator_said_charged: bool = True
 
     @property
     def open(self) -> bool:
         """Whether nobody has marked the dispute as dealt with yet."""
         return self.resolved_at is None
+
+    @property
+    def said_by(self) -> str:
+        """Whose word the switch contradicts, as /metrics labels it: ``merchant`` (its ``payment-succeeded`` named
+        the payment; an operator's "charged" may have come after) or ``operator``."""
+        return "operator" if self.merchant_txn_id is None else "merchant"
+
+    @property
+    def who_said(self) -> str:
+        """Whose word the switch contradicts, in the words of logs and lists."""
+        return _whose_word(self.merchant_txn_id, self.operator_said_charged, self.charge_action_id)
 
 
 def _flagged(
@@ -926,6 +985,10 @@ def charge_disputes(
             resolved = None
         elif open_only:
             continue
+        merchant_said = flag.get("merchant_txn_id")
+        charge_key = _charge_key_of_check(row.idempotency_key)
+        # Flags written before the merchant's word was kept are an operator's (their "operator_said" is "charged").
+        settled_by_it = merchant_said is not None or row.success_txn_id == txn_id_for(charge_key)
         found.append(
             ChargeDispute(
                 merchant_id=row.merchant_id,
@@ -937,10 +1000,12 @@ def charge_disputes(
                 payment_id=str(payload.get("payment_id")),
                 switch_said=str(flag["switch_said"]),
                 flagged_at=as_utc(datetime.fromisoformat(str(flag["at"]))),
-                settled_by_it=row.success_txn_id == txn_id_for(_charge_key_of_check(row.idempotency_key)),
+                settled_by_it=settled_by_it,
                 resolved_by=None if resolved is None else str(resolved["by"]),
                 resolved_at=None if resolved is None else as_utc(datetime.fromisoformat(str(resolved["at"]))),
                 resolution_note=None if resolved is None else str(resolved["note"]),
+                merchant_txn_id=None if merchant_said is None else str(merchant_said),
+                operator_said_charged=flag.get("operator_said") == "charged",
             )
         )
     return found
@@ -1575,13 +1640,42 @@ class Executor:
                 raise OrderNotFoundError(f"order {order_id!r} is not known for merchant {merchant_id!r}")
             if order["state"] in OPEN_ORDER_STATES:
                 occurred = datetime.fromisoformat(str(body["occurred_at"]))
-                self._succeed(conn, order, str(body["txn_id"]), as_utc(occurred), now)
+                if self._succeed(conn, order, str(body["txn_id"]), as_utc(occurred), now):
+                    self._named_a_declined_charge(conn, merchant_id, order_id, now)
             state = conn.scalar(
                 sa.select(orders.c.state).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
             )
             return EventAnswer(order_id=order_id, state=str(state))
 
         return self._idempotent(merchant_id, "payment_succeeded", body, apply)
+
+    def _named_a_declined_charge(self, conn: sa.Connection, merchant_id: str, order_id: str, now: datetime) -> None:
+        """The merchant's ``payment-succeeded`` that settled order ``order_id`` named a charge of winback's whose
+        switch had declined it already (its attempt recorded as a failure): flagged as a charge dispute at once
+        (``_flag_dispute``). A charge named that is still with its switch, or unknown, is flagged when a decline
+        comes (``_record_attempt``, ``_answer_after_not_charged``)."""
+        order = self.lock_order(conn, merchant_id, order_id)
+        assert order is not None
+        charges = conn.execute(
+            sa.select(actions).where(
+                actions.c.merchant_id == merchant_id,
+                actions.c.order_id == order_id,
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+            )
+        ).mappings()
+        for row in charges.all():
+            charge = ActionRow.of(row)
+            if not _paid_on_the_merchants_word(order, charge):
+                continue
+            declined = conn.execute(
+                sa.select(transactions.c.connector, transactions.c.status, transactions.c.error_code).where(
+                    transactions.c.merchant_id == merchant_id,
+                    transactions.c.txn_id == txn_id_for(charge.idempotency_key),
+                )
+            ).first()
+            if declined is not None and _attempt_status(declined.status) == "failure":
+                result = ChargeResult(status="failure", connector=declined.connector, error_code=declined.error_code)
+                self._flag_dispute(conn, order, charge, None, _declined(result), now)
 
     # ------------------------------------------------------------------------------- decision points
 
@@ -2085,7 +2179,23 @@ class Executor:
             return False
         unknown = self.unknown_charge(conn, order)
         if unknown is not None:
-            _log_unknown_charge(order, unknown, f"order {state.value.lower()}, a refund may be needed")
+            charge = ActionRow.of(
+                conn.execute(sa.select(actions).where(actions.c.action_id == unknown)).mappings().one()
+            )
+            if state == OrderState.SUCCEEDED and _names_payment(charge, txn_id):
+                # The merchant reports the order paid by this very charge: not a second payment, nothing to refund.
+                log.warning(
+                    "order succeeded on its merchant's report (txn_id %r) that payment %s_%s, winback's charge action "
+                    "%s sent and never answered, took the payment: it is not refunded; its switch is asked to "
+                    "confirm, and a decline (or not found, asked twice) is flagged as a charge dispute",
+                    txn_id,
+                    charge.order_id,
+                    charge.payload.get("attempt_number"),
+                    unknown,
+                    extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
+                )
+            else:
+                _log_unknown_charge(order, unknown, f"order {state.value.lower()}, a refund may be needed")
             self._ask_switch(conn, unknown, now, now)
         self._cancel_open(conn, order, now)
         self._enqueue_webhook(conn, order, state, txn_id, occurred_at, now)
@@ -2791,16 +2901,16 @@ class Executor:
                 .values(txn_id=txn_id)
             )
         if result.status == "success":
-            payment_id = f"{action.order_id}_{number}"
-            if order["state"] == OrderState.SUCCEEDED and order["success_txn_id"] in (txn_id, payment_id):
+            if _names_charge(order, action):
                 # The merchant's payment-succeeded named this very payment (its txn_id is the processor payment id
                 # CONTRACT.md section 5 gives this attempt, or winback's txn id of it): its success reached the
                 # merchant before its answer reached winback. It is the order's one payment, not a duplicate.
                 log.warning(
-                    "attempt %s (payment %s) succeeded: the order was settled already by the merchant's report of "
+                    "attempt %s (payment %s_%s) succeeded: the order was settled already by the merchant's report of "
                     "this same payment, so nothing is refunded",
                     txn_id,
-                    payment_id,
+                    action.order_id,
+                    number,
                     extra={"merchant_id": action.merchant_id, "order_id": action.order_id},
                 )
                 return
@@ -2821,6 +2931,10 @@ class Executor:
             self._succeed(conn, order, txn_id, attempted_at or now, now)
             return
         _note_last_failure(conn, action, result, now)
+        if _paid_on_the_merchants_word(order, action):
+            # Declined, though the merchant reported the order paid by this very payment: nothing was taken (so
+            # nothing is refunded), and the merchant must hear of it.
+            self._flag_dispute(conn, order, action, None, _declined(result), now)
         fresh = self.lock_order(conn, action.merchant_id, action.order_id)
         if fresh is not None and fresh["state"] == OrderState.PENDING:
             declined = _declined(result)
@@ -3207,6 +3321,8 @@ class Executor:
             payload = action.payload | {TAKEN_AS_NOT_CHARGED: sent_at.isoformat()}
         elif result.status == "success" and by == OPERATOR:
             payload = action.payload | {CHARGED_BY_OPERATOR: now.isoformat()}
+            if _names_charge(order, action):  # the merchant had reported the order paid by it: theirs is the word
+                payload[REPORTED_PAID_BY_MERCHANT] = order["success_txn_id"]
         else:
             payload = action.payload
         changed = conn.execute(
@@ -3331,6 +3447,8 @@ class Executor:
             note = f"the switch answered: payment {payment_id} {what}"
             if result is None and check.payload.get(AFTER_NOT_FOUND):
                 note = f"the switch answered again: payment {payment_id} not found; it was never charged"
+                if _paid_on_the_merchants_word(order, ActionRow.of(row)):
+                    note = _noted(note, self._flag_dispute(conn, order, ActionRow.of(row), check, NOT_FOUND_TWICE, now))
             elif result is None:
                 self._ask_again_after_not_found(conn, ActionRow.of(row), now)
                 note += f"; asked once more in {NOT_FOUND_RECHECK_DELAY}"
@@ -3340,6 +3458,9 @@ class Executor:
             note = self._answer_after_charged(conn, order, row, check, result, now)
         else:
             note = f"the switch answered ({what}) after charge action {charge_id} was answered"
+        # A dispute flagged on this check as its answer was recorded (``_flag_dispute``) noted it already.
+        flagged = conn.scalar(sa.select(actions.c.last_error).where(actions.c.action_id == check.action_id))
+        note = note if flagged is None else _noted(note, flagged)
         conn.execute(actions.update().where(actions.c.action_id == check.action_id).values(last_error=note))
 
     def _send_again_after_not_found(
@@ -3404,26 +3525,33 @@ class Executor:
         if result is not None and result.status == "success":
             self._charged_after_all(conn, order, row, result, now)
             return f"the switch answered: payment {payment_id} succeeded, after it was taken as never charged"
+        merchants_word = _paid_on_the_merchants_word(order, ActionRow.of(row))
         if result is not None:
-            self._declined_after_all(conn, row, result, now)
-            return (
+            note = (
                 f"the switch answered: payment {payment_id} {result.status}; nothing was taken, as recorded, and "
                 "the decline is recorded as that attempt"
             )
+            if self._declined_after_all(conn, row, result, now) and merchants_word:
+                note = _noted(note, self._flag_dispute(conn, order, ActionRow.of(row), check, _declined(result), now))
+            return note
         if check.payload.get(AFTER_NOT_FOUND):
-            return f"the switch answered again: payment {payment_id} not found; it was never charged"
+            note = f"the switch answered again: payment {payment_id} not found; it was never charged"
+            if merchants_word:
+                note = _noted(note, self._flag_dispute(conn, order, ActionRow.of(row), check, NOT_FOUND_TWICE, now))
+            return note
         self._ask_again_after_not_found(conn, ActionRow.of(row), now)
         return f"the switch answered: payment {payment_id} not found; asked once more in {NOT_FOUND_RECHECK_DELAY}"
 
-    def _declined_after_all(self, conn: sa.Connection, row: RowMapping, result: ChargeResult, now: datetime) -> None:
+    def _declined_after_all(self, conn: sa.Connection, row: RowMapping, result: ChargeResult, now: datetime) -> bool:
         """A charge taken as never charged that its switch now reports declined: the decline goes into the history
         the models learn from as that attempt, dated when it was sent, as ``_settle_unknown`` records one, and is the
         order's last failure unless a charge made since failed later. The order is not decided again: it was when
-        the charge was taken as never charged, and has moved on since."""
+        the charge was taken as never charged, and has moved on since. False when another answer recorded it
+        first."""
         charge = ActionRow.of(row)
         declined = _declined(result)
         if not _answered_later(conn, row, declined, now):
-            return  # recorded by another answer already
+            return False  # recorded by another answer already
         sent_at = as_utc(datetime.fromisoformat(str(charge.payload[TAKEN_AS_NOT_CHARGED])))
         _, txn_id = self._insert_attempt(conn, charge, result, sent_at)
         # The order's last failure (what its next decision and the console read) is this decline, unless a charge
@@ -3438,6 +3566,7 @@ class Executor:
         ).scalars()
         if all(_attempt_status(status) == "success" for status in later):
             _note_last_failure(conn, charge, result, now)
+        return True
 
     def _answer_after_charged(
         self,
@@ -3461,27 +3590,54 @@ class Executor:
                 f"the switch answered: payment {payment_id} not found, though an operator answered charged; asked "
                 f"once more in {NOT_FOUND_RECHECK_DELAY}"
             )
-        said = "not found (asked twice)" if result is None else _declined(result)
-        self._flag_dispute(conn, order, ActionRow.of(row), check, said, now)
-        return f"disputed: an operator answered charged, the switch says payment {payment_id} {said}"
+        said = NOT_FOUND_TWICE if result is None else _declined(result)
+        return self._flag_dispute(conn, order, ActionRow.of(row), check, said, now)
 
     def _flag_dispute(
-        self, conn: sa.Connection, order: RowMapping, charge: ActionRow, check: ActionRow, said: str, now: datetime
-    ) -> None:
-        """Flag on ``check`` that its switch contradicts an operator's "charged" (``said``; /metrics counts these
-        flags: service/executor/metrics.py) and log it as an error. The order keeps its state: its merchant had the
-        ``order.succeeded`` webhook on the operator's word, and CONTRACT.md has no event that takes a webhook back;
-        someone must take it up with the merchant (``winback executor charge-disputes`` lists them). On an order
-        settled before the operator's answer, the refund planned for the charge is not sent: there is nothing to
-        give back (``_drop_refund_of_disputed``)."""
-        flag = {"switch_said": said, "operator_said": "charged", "at": now.isoformat()}
-        conn.execute(
-            actions.update()
-            .where(actions.c.action_id == check.action_id)
-            .values(payload_json=_dump(check.payload | {SWITCH_CONTRADICTS: flag}))
-        )
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        charge: ActionRow,
+        check: ActionRow | None,
+        said: str,
+        now: datetime,
+    ) -> str:
+        """Flag that the switch contradicts (``said``) the word the order took ``charge`` as paid on: an operator's
+        "charged", or its merchant's ``payment-succeeded`` naming it (``_paid_on_the_merchants_word``). /metrics
+        counts these flags (service/executor/metrics.py), labelled by whose word it was; it is logged as an error.
+        Flagged on ``check``, the status check whose answer this is, or on the charge's own check (one recorded as
+        done, never asked, when the switch's answer came with the charge: ``_check_to_flag``), whose note then says
+        so too. The order keeps its state: its merchant had the ``order.succeeded`` webhook, once, and CONTRACT.md
+        has no event that takes a webhook back; someone must take it up with the merchant (``winback executor
+        charge-disputes`` lists them). Nothing is refunded: there is nothing to give back (a refund planned on an
+        operator's "charged" on an order settled before is not sent: ``_drop_refund_of_disputed``). The note for the
+        check, saying whose word the switch contradicts."""
+        merchant_txn_id = order["success_txn_id"] if _paid_on_the_merchants_word(order, charge) else None
+        by_operator = CHARGED_BY_OPERATOR in charge.payload
+        flag: dict[str, Any] = {"switch_said": said, "at": now.isoformat()}
+        if by_operator:
+            flag["operator_said"] = "charged"
+        if merchant_txn_id is not None:
+            flag |= {"merchant_said": "paid", "merchant_txn_id": merchant_txn_id}
+        flagged_on = check or self._check_to_flag(conn, charge, now)
+        payment_id = flagged_on.payload.get("payment_id")
+        whose = _whose_word(merchant_txn_id, by_operator, charge.action_id)
+        note = f"disputed: {_whose_word(merchant_txn_id, by_operator)}, the switch says payment {payment_id} {said}"
+        if _switch_disputes(conn, charge.idempotency_key) is not None:
+            return note  # flagged already (its resolution, if any, is kept): one dispute per charge
+        values: dict[str, Any] = {"payload_json": _dump(flagged_on.payload | {SWITCH_CONTRADICTS: flag})}
+        if check is None:
+            earlier = conn.scalar(sa.select(actions.c.last_error).where(actions.c.action_id == flagged_on.action_id))
+            values["last_error"] = _noted(earlier, note)
+        conn.execute(actions.update().where(actions.c.action_id == flagged_on.action_id).values(**values))
         self._drop_refund_of_disputed(conn, charge, said, now)
-        if order["success_txn_id"] == txn_id_for(charge.idempotency_key):
+        if merchant_txn_id is not None:
+            consequence = (
+                "the order succeeded on the merchant's report of this payment (its one order.succeeded went), and "
+                "the customer paid nothing through it: nothing is refunded; take it up with the merchant, who may "
+                "ship without the money"
+            )
+        elif order["success_txn_id"] == txn_id_for(charge.idempotency_key):
             consequence = "the order was settled on the operator's word: take it up with the merchant"
         else:
             consequence = (
@@ -3489,18 +3645,39 @@ class Executor:
                 "records a payment the switch does not have: check it"
             )
         log.error(
-            "charge disputed: merchant %s, order %s (%s), payment %s via connector %r: an operator answered "
-            "charged (charge action %s), the switch says %s; %s (`winback executor charge-disputes`)",
+            "charge disputed: merchant %s, order %s (%s), payment %s via connector %r: %s, the switch says %s; %s "
+            "(`winback executor charge-disputes`)",
             charge.merchant_id,
             charge.order_id,
             order["state"],
-            check.payload.get("payment_id"),
-            check.payload.get("connector"),
-            charge.action_id,
+            payment_id,
+            flagged_on.payload.get("connector"),
+            whose,
             said,
             consequence,
             extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
         )
+        return note
+
+    def _check_to_flag(self, conn: sa.Connection, charge: ActionRow, now: datetime) -> ActionRow:
+        """The status check a dispute of ``charge`` is flagged on (charge disputes are read from status checks: the
+        index of migration 0020): its last, or, when its switch was never asked (its answer came with the charge,
+        a decline, after its merchant had reported it paid), one recorded now as done, saying it was not asked."""
+        first, again = _status_check_keys(charge.idempotency_key)
+        for key in (again, first):
+            row = conn.execute(sa.select(actions).where(actions.c.idempotency_key == key)).mappings().first()
+            if row is not None:
+                return ActionRow.of(row)
+        self._schedule(
+            conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, now, first, now, _check_payload(charge)
+        )
+        conn.execute(
+            actions.update()
+            .where(actions.c.idempotency_key == first)
+            .values(state=ActionState.DONE.value, last_error="not asked: the switch answered the charge itself")
+        )
+        row = conn.execute(sa.select(actions).where(actions.c.idempotency_key == first)).mappings().one()
+        return ActionRow.of(row)
 
     @staticmethod
     def _drop_refund_of_disputed(conn: sa.Connection, charge: ActionRow, said: str, now: datetime) -> None:

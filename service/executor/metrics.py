@@ -27,7 +27,8 @@ DISPUTES_READ_EVERY_SECONDS = 60.0
 
 
 def dispute_label(switch_said: str) -> str:
-    """The bounded label of what a switch said against an operator's "charged": ``declined`` or ``not_found``."""
+    """The bounded label of what a switch said against an operator's "charged" or a merchant's report of the
+    payment: ``declined`` or ``not_found``."""
     return "not_found" if switch_said.startswith("not found") else "declined"
 
 
@@ -48,13 +49,13 @@ class _ReadFromTheDatabase(Collector):
         self.read_every_seconds = read_every_seconds
         self.clock = clock
         self._lock = threading.Lock()
-        self._counts: tuple[Counter[tuple[str, str]], ...] = ()
+        self._counts: tuple[Counter[tuple[str, ...]], ...] = ()
         self._read_at: float | None = None
 
-    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, str]], ...]:
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         raise NotImplementedError
 
-    def _current(self) -> tuple[Counter[tuple[str, str]], ...]:
+    def _current(self) -> tuple[Counter[tuple[str, ...]], ...]:
         with self._lock:
             now = self.clock()
             if self._read_at is None or now - self._read_at >= self.read_every_seconds:
@@ -69,11 +70,13 @@ class _ReadFromTheDatabase(Collector):
 
 
 class ChargeDisputesCollector(_ReadFromTheDatabase):
-    """``winback_executor_charge_disputes_total{merchant_id, switch_said}``: the charges an operator answered for as
-    charged whose switch then said "declined", or "not found" at the one more ask. Each flag stays on its status
-    check, dealt with or not, so the count never goes down: a counter, as Prometheus means one, read from the
-    database. ``winback_executor_charge_disputes_open`` (same labels, a gauge): those nobody has marked as dealt
-    with yet (``resolve_charge_disputes``), 0 once all of a label's are, what an alert should watch."""
+    """``winback_executor_charge_disputes_total{merchant_id, switch_said, said_by}``: the charges an operator
+    answered for as charged, or whose merchant reported the order paid by them (a ``payment-succeeded`` naming the
+    payment), whose switch then said "declined", or "not found" at the one more ask; ``said_by`` is ``operator`` or
+    ``merchant``, whose word the switch contradicts. Each flag stays on its status check, dealt with or not, so the
+    count never goes down: a counter, as Prometheus means one, read from the database.
+    ``winback_executor_charge_disputes_open`` (same labels, a gauge): those nobody has marked as dealt with yet
+    (``resolve_charge_disputes``), 0 once all of a label's are, what an alert should watch."""
 
     what = "charge disputes"
 
@@ -81,13 +84,14 @@ class ChargeDisputesCollector(_ReadFromTheDatabase):
     def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
         raised = CounterMetricFamily(
             "winback_executor_charge_disputes",
-            "Charges an operator answered for as charged that their switch then reported declined or not found.",
-            labels=["merchant_id", "switch_said"],
+            "Charges an operator answered for as charged, or a merchant reported paid, that their switch then "
+            "reported declined or not found.",
+            labels=["merchant_id", "switch_said", "said_by"],
         )
         still_open = GaugeMetricFamily(
             "winback_executor_charge_disputes_open",
             "Charge disputes nobody has marked as dealt with yet.",
-            labels=["merchant_id", "switch_said"],
+            labels=["merchant_id", "switch_said", "said_by"],
         )
         return raised, still_open
 
@@ -99,17 +103,17 @@ class ChargeDisputesCollector(_ReadFromTheDatabase):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         raised, still_open = self._families()
         counts, open_counts = self._current() or (Counter(), Counter())
-        for (merchant_id, said), count in sorted(counts.items()):
-            raised.add_metric([merchant_id, said], count)
-            still_open.add_metric([merchant_id, said], open_counts[(merchant_id, said)])
+        for labels, count in sorted(counts.items()):
+            raised.add_metric(list(labels), count)
+            still_open.add_metric(list(labels), open_counts[labels])
         yield raised
         yield still_open
 
-    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, str]], ...]:
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         found = charge_disputes(conn)
         return (
-            Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found),
-            Counter((d.merchant_id, dispute_label(d.switch_said)) for d in found if d.open),
+            Counter((d.merchant_id, dispute_label(d.switch_said), d.said_by) for d in found),
+            Counter((d.merchant_id, dispute_label(d.switch_said), d.said_by) for d in found if d.open),
         )
 
 
@@ -141,5 +145,5 @@ class RefundsByHandCollector(_ReadFromTheDatabase):
             handed.add_metric([merchant_id, why], count)
         yield handed
 
-    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, str]], ...]:
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         return (Counter((refund.merchant_id, refund.why) for refund in refunds_by_hand(conn)),)

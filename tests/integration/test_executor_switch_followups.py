@@ -378,6 +378,150 @@ def test_a_merchants_payment_succeeded_naming_winbacks_own_charge_is_not_refunde
     assert webhook_events(h) == ["order.succeeded"]
 
 
+def reported_paid_by_winbacks_charge(h: Harness, named_by: str, key: str = "paid-by-winbacks-own-charge") -> str:
+    """The merchant's ``payment-succeeded`` naming winback's retry (payment ord_1_2) as the order's payment, by its
+    processor payment id or by winback's txn id of it; the txn_id it named."""
+    with h.executor.engine.connect() as conn:
+        charge_key = conn.scalar(sa.select(actions.c.idempotency_key).where(actions.c.kind == "retry"))
+    txn_id = "ord_1_2" if named_by == "processor payment id" else txn_id_for(charge_key)
+    reported = PAID_BY_MERCHANT | {"txn_id": txn_id, "idempotency_key": key}
+    assert h.executor.payment_succeeded("m_demo", reported).state == "SUCCEEDED"
+    return txn_id
+
+
+def assert_disputed_on_the_merchants_word(
+    h: Harness, switch: FullSwitch, txn_id: str, said: str, logged: list[str], *, operator_too: bool = False
+) -> None:
+    """The switch's ``said`` contradicts the merchant's report of ord_1_2 (and an operator's "charged"): a charge
+    dispute, flagged once, logged, counted as the merchant's; the order keeps its one success and webhook, nothing
+    is refunded, and no log line asks for a refund."""
+    [dispute] = disputes_of(h)
+    assert (dispute.payment_id, dispute.switch_said, dispute.said_by, dispute.merchant_txn_id) == (
+        "ord_1_2",
+        said,
+        "merchant",
+        txn_id,
+    )
+    assert (dispute.order_state, dispute.settled_by_it, dispute.open) == ("SUCCEEDED", True, True)
+    assert dispute.operator_said_charged is operator_too
+    label = "not_found" if said.startswith("not found") else "declined"
+    assert disputes_counted(h, switch_said=label, said_by="merchant") == 1
+    assert open_disputes_counted(h, switch_said=label, said_by="merchant") == 1
+    assert disputes_counted(h, switch_said=label, said_by="operator") == 0
+    [flagged] = [m for m in logged if "charge disputed" in m]
+    assert f"the merchant reported it paid (txn_id {txn_id!r})" in flagged
+    assert f"the switch says {said}" in flagged
+    assert "nothing is refunded" in flagged
+    assert not [m for m in logged if "refund may be needed" in m or "refund it by hand" in m], logged
+    assert f"disputed: the merchant reported it paid (txn_id {txn_id!r})" in (
+        of_kind(h, "charge_status")[-1].last_error or ""
+    )
+    run_for(h, 3600 * 3, step=600)  # nothing more: no refund, no second webhook, flagged once
+    view = h.view()
+    assert (view.state, view.success_txn_id) == ("SUCCEEDED", txn_id)
+    assert webhook_events(h) == ["order.succeeded"]
+    assert of_kind(h, "refund") == []
+    assert refund_calls(switch) == []
+    assert len(disputes_of(h)) == 1
+
+
+@pytest.mark.parametrize("operator_too", [False, True])
+@pytest.mark.parametrize("named_by", ["processor payment id", "winback's txn id"])
+def test_a_decline_of_winbacks_charge_the_merchant_reported_paid_is_a_dispute_not_a_refund(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    named_by: str,
+    operator_too: bool,
+) -> None:
+    """The answer to winback's retry is lost; the merchant reports the order paid by that very payment (ord_1_2);
+    the switch then says it declined. Nothing of the customer's was taken twice, so "a refund may be needed" was
+    wrong, and the merchant, told its order succeeded (its own report, its one webhook), may ship without the
+    money: that is a charge dispute, flagged, logged and counted as the merchant's word against the switch's. It
+    was recorded as a plain decline, unseen. An operator's "charged" after the merchant's report changes nothing."""
+    switch = FullSwitch(statuses=["failed"])
+    h = lost_charge(make_harness, database_url, switch)
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        txn_id = reported_paid_by_winbacks_charge(h, named_by)
+        settled = [r.getMessage() for r in caplog.records]
+        assert not [m for m in settled if "refund may be needed" in m], settled
+        assert [m for m in settled if "it is not refunded; its switch is asked to confirm" in m], settled
+        if operator_too:
+            assert h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True) == "SUCCEEDED"
+            assert of_kind(h, "refund") == []
+        run_for(h, 120)  # the status check: ord_1_2 declined
+    # The decline is on record; an operator's "charged" stays the recorded answer, as for any dispute of theirs.
+    second = "success" if operator_too else "failure"
+    assert [(a.attempt_number, a.status) for a in h.view().attempts] == [(1, "failure"), (2, second)]
+    logged = [r.getMessage() for r in caplog.records]
+    assert_disputed_on_the_merchants_word(
+        h, switch, txn_id, "declined (do_not_honor)", logged, operator_too=operator_too
+    )
+    assert payment_status_calls(switch) == 1
+
+
+def test_a_charge_the_merchant_reported_paid_that_the_switch_does_not_find_twice_is_a_dispute(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The switch never got winback's retry, though the merchant reported the order paid by it: "not found", then
+    "not found" again at the one more ask, contradicts the merchant as a decline does."""
+    switch = FullSwitch(drop_charges=True)
+    h = lost_charge(make_harness, database_url, switch)
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        txn_id = reported_paid_by_winbacks_charge(h, "processor payment id")
+        run_for(h, 120)
+        assert disputes_of(h) == []  # one "not found" is asked about once more
+        run_for(h, int(NOT_FOUND_RECHECK_DELAY.total_seconds()) + 300, step=60)
+    assert payment_status_calls(switch) == 2
+    assert switch.payments == {}  # never sent again on the settled order
+    logged = [r.getMessage() for r in caplog.records]
+    assert_disputed_on_the_merchants_word(h, switch, txn_id, "not found (asked twice)", logged)
+
+
+def test_a_charge_declined_as_the_merchant_reported_it_paid_is_a_dispute_without_asking_the_switch(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The merchant reports the order paid by winback's retry while it is with the switch, whose answer is a
+    decline: a dispute at once, flagged on a status check recorded as not asked (the switch answered)."""
+    switch = FullSwitch(statuses=["failed"])
+    h = make_harness(RETRY, connector=through(switch), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    retry = _claim_due(h, "retry")
+    outcome = h.effects.perform(retry, _order_row(h))  # the switch declines ord_1_2 ...
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        txn_id = reported_paid_by_winbacks_charge(h, "processor payment id")  # ... as the merchant reports it paid
+        h.worker.record([(retry, outcome)])
+    [check] = of_kind(h, "charge_status")
+    assert (check.state, check.attempts) == ("done", 0)
+    assert "not asked: the switch answered the charge itself" in (check.last_error or "")
+    logged = [r.getMessage() for r in caplog.records]
+    assert_disputed_on_the_merchants_word(h, switch, txn_id, "declined (do_not_honor)", logged)
+    assert payment_status_calls(switch) == 0
+
+
+def test_a_merchant_reporting_paid_a_charge_the_switch_had_declined_is_a_dispute_at_once(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Winback's retry was declined (the order goes on with a message); the merchant then reports the order paid by
+    that payment: flagged as the report settles the order."""
+    switch = FullSwitch(statuses=["failed"])
+    h = make_harness(RETRY, RETARGET, connector=through(switch), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert [(a.attempt_number, a.status) for a in h.view().attempts] == [(1, "failure"), (2, "failure")]
+    assert h.view().state == "PENDING"
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        txn_id = reported_paid_by_winbacks_charge(h, "winback's txn id")
+    logged = [r.getMessage() for r in caplog.records]
+    assert_disputed_on_the_merchants_word(h, switch, txn_id, "declined (do_not_honor)", logged)
+
+
 def test_a_refund_the_switch_refuses_is_dead_lettered_with_a_clear_log(
     make_harness: MakeHarness,  # noqa: F811 - the fixture
     database_url: str,
@@ -693,22 +837,24 @@ def test_the_sandbox_switch_takes_a_late_send_after_its_not_found_as_the_one_pay
 # ------------------------------------------------------------------------------- 5. the switch contradicts an operator
 
 
-def disputes_counted(h: Harness, switch_said: str = "declined") -> float:
+def disputes_counted(h: Harness, switch_said: str = "declined", said_by: str = "operator") -> float:
     """The Prometheus counter of charge disputes as a scrape of ``/metrics`` reads it from the database."""
     registry = CollectorRegistry()
     registry.register(ChargeDisputesCollector(h.executor.engine, read_every_seconds=0))
     value = registry.get_sample_value(
-        "winback_executor_charge_disputes_total", {"merchant_id": "m_demo", "switch_said": switch_said}
+        "winback_executor_charge_disputes_total",
+        {"merchant_id": "m_demo", "switch_said": switch_said, "said_by": said_by},
     )
     return value or 0.0
 
 
-def open_disputes_counted(h: Harness, switch_said: str = "declined") -> float | None:
+def open_disputes_counted(h: Harness, switch_said: str = "declined", said_by: str = "operator") -> float | None:
     """The Prometheus gauge of charge disputes nobody has marked as dealt with, as a scrape reads it."""
     registry = CollectorRegistry()
     registry.register(ChargeDisputesCollector(h.executor.engine, read_every_seconds=0))
     return registry.get_sample_value(
-        "winback_executor_charge_disputes_open", {"merchant_id": "m_demo", "switch_said": switch_said}
+        "winback_executor_charge_disputes_open",
+        {"merchant_id": "m_demo", "switch_said": switch_said, "said_by": said_by},
     )
 
 
@@ -1161,7 +1307,10 @@ def test_a_disputed_charge_shows_in_the_consoles_queue_and_order_and_in_metrics(
         assert "<code>ord_1_2</code>" in page
         assert "<strong>declined (do_not_honor)</strong>" in page
         metrics = api.get("/metrics").text
-        assert 'winback_executor_charge_disputes_total{merchant_id="m_demo",switch_said="declined"} 1.0' in metrics
+        assert (
+            'winback_executor_charge_disputes_total{merchant_id="m_demo",said_by="operator",switch_said="declined"} 1.0'
+            in metrics
+        )
     finally:
         api.close()
 
@@ -1176,20 +1325,22 @@ def test_winback_executor_charge_disputes_lists_them(
     retry_id = of_kind(h, "retry")[0].action_id
     none_yet = CliRunner().invoke(cli, ["executor", "charge-disputes", "--database-url", database_url])
     assert none_yet.exit_code == 0, none_yet.output
-    assert none_yet.output.strip() == "no charge disputed by its switch after an operator's answer"
+    assert (
+        none_yet.output.strip() == "no charge disputed by its switch after an operator's answer or a merchant's report"
+    )
     h.executor.resolve_charge(retry_id, charged=True)
     run_for(h, 120)
     listed = CliRunner().invoke(cli, ["executor", "charge-disputes", "--database-url", database_url])
     assert listed.exit_code == 0, listed.output
     assert listed.output.splitlines()[0].startswith(
-        f"m_demo ord_1 (SUCCEEDED): payment ord_1_2 via adyen: an operator said charged (charge action {retry_id}), "
-        "the switch says declined (do_not_honor); flagged 2026-"
+        "m_demo ord_1 (SUCCEEDED): payment ord_1_2 via adyen: an operator answered charged (charge action "
+        f"{retry_id}), the switch says declined (do_not_honor); flagged 2026-"
     ), listed.output
     assert len(listed.output.splitlines()) == 1
     other = CliRunner().invoke(
         cli, ["executor", "charge-disputes", "--merchant", "m_other", "--database-url", database_url]
     )
-    assert other.output.strip() == "no charge disputed by its switch after an operator's answer"
+    assert other.output.strip() == "no charge disputed by its switch after an operator's answer or a merchant's report"
 
 
 # ------------------------------------------------------------------------------- 8. a dispute marked as dealt with
@@ -1298,7 +1449,13 @@ def test_an_agent_marks_a_dispute_dealt_with_in_the_console(
         ]
         assert audit[2].reason == note
         metrics = api.get("/metrics").text
-        assert 'winback_executor_charge_disputes_total{merchant_id="m_demo",switch_said="declined"} 1.0' in metrics
-        assert 'winback_executor_charge_disputes_open{merchant_id="m_demo",switch_said="declined"} 0.0' in metrics
+        assert (
+            'winback_executor_charge_disputes_total{merchant_id="m_demo",said_by="operator",switch_said="declined"} 1.0'
+            in metrics
+        )
+        assert (
+            'winback_executor_charge_disputes_open{merchant_id="m_demo",said_by="operator",switch_said="declined"} 0.0'
+            in metrics
+        )
     finally:
         api.close()

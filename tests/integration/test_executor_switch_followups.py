@@ -507,9 +507,10 @@ def test_a_merchant_reporting_paid_a_charge_the_switch_had_declined_is_a_dispute
     make_harness: MakeHarness,  # noqa: F811 - the fixture
     database_url: str,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     """Winback's retry was declined (the order goes on with a message); the merchant then reports the order paid by
-    that payment: flagged as the report settles the order."""
+    that payment: flagged as the report settles the order, and the console's card says whose word it was."""
     switch = FullSwitch(statuses=["failed"])
     h = make_harness(RETRY, RETARGET, connector=through(switch), database_url=database_url)
     h.executor.payment_failed("m_demo", event())
@@ -520,6 +521,15 @@ def test_a_merchant_reporting_paid_a_charge_the_switch_had_declined_is_a_dispute
         txn_id = reported_paid_by_winbacks_charge(h, "winback's txn id")
     logged = [r.getMessage() for r in caplog.records]
     assert_disputed_on_the_merchants_word(h, switch, txn_id, "declined (do_not_honor)", logged)
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        page = signed_in_console(api).get("/console/orders/ord_1").text
+        assert "Paid by the merchant's report, the switch says not</h2>" in page, page
+        assert f"<code>{txn_id}</code>" in page
+        assert "nothing is refunded" in page
+        assert "an operator answered" not in page
+    finally:
+        api.close()
 
 
 def test_a_refund_the_switch_refuses_is_dead_lettered_with_a_clear_log(

@@ -197,8 +197,11 @@ def test_an_e_mandate_debit_above_the_afa_free_limit_is_never_retried_silently(
 ) -> None:
     """Above 15,000 rupees an e-mandate debit needs the customer's own authentication (RBI): no silent retry,
     whichever the model prefers; a payment link is still offered, and the error stays retryable."""
+    # A technical decline on each rail: ISO's 96 on the card; NPCI's 21 (full reversal, known) on UPI, where a 96
+    # is a deemed transaction whose outcome is open (no silent retry at any amount).
+    upi = payment["payment_method"] == "upi"
     technical = {"error_code": "processing_error", "error_message": "An error occurred while processing your card.",
-                 "network_decline_code": "96"}  # fmt: skip
+                 "network_decline_code": "21" if upi else "96"}  # fmt: skip
     for amount, limited in ((15_000.0, False), (15_000.01, True)):
         request = make_request(amount=amount, payment=payment, failure=technical)
         decision = decide(

@@ -762,6 +762,9 @@ def test_a_revoked_mandate_is_never_retried_silently_but_may_get_a_link(
         ({"network_decline_code": "RR", "error_code": "GATEWAY_ERROR",
           "error_message": "DEBIT REVERSAL TIMEOUT(REVERSAL)"}, False),
         ({"network_decline_code": "RP", "error_code": "RP", "error_message": "PARTIAL DEBIT REVERSAL TIMEOUT"}, False),
+        # NPCI's 21, "no action taken (full reversal)": put back whole, known, even with a timeout in the words.
+        ({"network_decline_code": "21", "error_code": "GATEWAY_ERROR",
+          "error_message": "Transaction timed out"}, False),
         # UPI's own technical declines of the remitter's leg, before any credit ("deemed" here is UPI's verdict on
         # the bank's response time, not a deemed transaction).
         ({"network_decline_code": "U09", "error_code": "U09", "error_message": "ReqAuth Time out for Pay"}, False),

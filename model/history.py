@@ -39,6 +39,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -551,7 +552,9 @@ def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) ->
         return None
     text = s.astype("string").str.strip()
     present = text.notna()
-    has_tz = text.str.contains(_TZ_SUFFIX, case=False, regex=True).fillna(False).astype(bool)
+    # A zone needs a time before it: a date's day ("2026-11-01") read as a UTC offset made it midnight UTC.
+    has_time = text.str.contains(_TIME, regex=True).fillna(False).astype(bool)
+    has_tz = has_time & text.str.contains(_TZ_SUFFIX, case=False, regex=True).fillna(False).astype(bool)
     without_tz = present & ~has_tz
     # Only a timestamp lacks a timezone: 'yesterday' was reported as one "without timezone (add Z or an offset)".
     naive = without_tz
@@ -563,9 +566,34 @@ def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) ->
     if ok.any():
         parsed[ok] = pd.to_datetime(text[ok].str.upper(), utc=True, format="ISO8601", errors="coerce")
     unparsed = (ok & parsed.isna()) | (without_tz & ~naive)
-    _bad_text_rows(label, column, text, naive, "timestamp without timezone (add Z or an offset)", out)
-    _bad_text_rows(label, column, text, unparsed, "not an ISO-8601 timestamp", out)
+    beyond = np.zeros(len(text), dtype=bool)
+    values = text.to_numpy()
+    for position in np.flatnonzero(unparsed.to_numpy(dtype=bool)):  # the bad rows only: a loop in Python
+        beyond[position] = _beyond_pandas(values[position])
+    out_of_range = pd.Series(beyond, index=s.index)
+    _bad_text_rows(label, column, text, naive & has_time, "timestamp without timezone (add Z or an offset)", out)
+    _bad_text_rows(label, column, text, naive & ~has_time, _DATE_ONLY, out)
+    _bad_text_rows(label, column, text, out_of_range, _OUT_OF_RANGE, out)
+    _bad_text_rows(label, column, text, unparsed & ~out_of_range, "not an ISO-8601 timestamp", out)
     return parsed
+
+
+#: A time of day after the date ("T10", " 10"), which a timezone follows.
+_TIME: Final = r"\d[Tt ]\d"
+_DATE_ONLY: Final = "a date without a time and timezone (write e.g. 2026-11-01T10:15:00Z)"
+#: What a pandas timestamp (nanoseconds since 1970 in 64 bits) holds, whole seconds inside it.
+_FIRST_MOMENT: Final = datetime(1677, 9, 21, 0, 12, 44, tzinfo=UTC)
+_LAST_MOMENT: Final = datetime(2262, 4, 11, 23, 47, 16, tzinfo=UTC)
+_OUT_OF_RANGE: Final = "timestamp outside the range winback reads (1677-09-22 to 2262-04-11)"
+
+
+def _beyond_pandas(value: str) -> bool:
+    """Whether ``value`` is an ISO-8601 timestamp with a timezone that pandas cannot hold: out of its range."""
+    try:
+        moment = datetime.fromisoformat(value.upper()).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return False
+    return not _FIRST_MOMENT <= moment <= _LAST_MOMENT
 
 
 def _kind(column: pa.Column) -> str:

@@ -204,6 +204,19 @@ def test_missing_columns_are_named_and_rows_still_checked(tmp_path: Path) -> Non
         ("created_at", "yesterday+01:00", "not an ISO-8601 timestamp: 'yesterday+01:00'"),
         ("created_at", "yesterday", "not an ISO-8601 timestamp: 'yesterday'"),  # not "without timezone"
         ("created_at", "2026-13-45", "not an ISO-8601 timestamp: '2026-13-45'"),
+        # A date alone was read as midnight UTC: its day "-01" passed for a UTC offset.
+        (
+            "created_at",
+            "2026-11-01",
+            "a date without a time and timezone (write e.g. 2026-11-01T10:15:00Z): '2026-11-01'",
+        ),
+        ("created_at", "2026-11", "a date without a time and timezone (write e.g. 2026-11-01T10:15:00Z): '2026-11'"),
+        # A well-formed timestamp past what a pandas timestamp holds was told it is no ISO-8601 timestamp.
+        (
+            "created_at",
+            "2300-01-01T00:00:00Z",
+            "timestamp outside the range winback reads (1677-09-22 to 2262-04-11): '2300-01-01T00:00:00Z'",
+        ),
         ("created_at", "", "missing value (the column is not nullable)"),
         ("amount", "-1", "amount must be >= 0, got -1.0"),
         ("amount", "inf", "amount must be finite, got inf"),

@@ -1278,6 +1278,13 @@ def _read_csv_text(path: Path, label: str) -> pyarrow.Table:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         header = next(csv.reader(handle), [])
     _refuse_repeated_columns(header, label)
+    if len(header) == 1 and (others := [mark for mark in _OTHER_SEPARATORS if mark in header[0]]):
+        # Every column was reported missing, one line each, though the header names them all.
+        _fail(
+            label,
+            f"the header is one column, {others[0].join(header[0].split(others[0])[:3]) + '...'!r}: a history CSV "
+            f"is separated by commas, and this one seems to be by {others[0]!r}",
+        )
     ragged: list[Any] = []
 
     def skip(row: Any) -> str:
@@ -1297,6 +1304,11 @@ def _read_csv_text(path: Path, label: str) -> pyarrow.Table:
     if ragged:
         _report_ragged_rows(path, label, len(header), len(ragged))
     return table
+
+
+#: What a spreadsheet may separate a CSV export's fields by instead of commas (Excel's ";" where a comma is the
+#: decimal mark, a tab, a pipe).
+_OTHER_SEPARATORS: Final = (";", "\t", "|")
 
 
 def _report_ragged_rows(path: Path, label: str, width: int, count: int) -> NoReturn:

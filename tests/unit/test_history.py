@@ -159,6 +159,21 @@ def test_files_given_in_each_others_place_are_named_so_in_one_line_each(tmp_path
         read_history(_raw_parquet(tmp_path, make_attempts_frame().drop(columns=["txn_id"])), nudges)
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_csv_separated_by_another_character_is_named_so_in_one_line(tmp_path: Path, separator: str) -> None:
+    """(Newcomer walk.) A spreadsheet's export separated by semicolons (Excel's in much of Europe) answered "29
+    problems", every column missing, though the header names each one."""
+    path = tmp_path / "attempts.csv"
+    make_attempts_frame().to_csv(path, index=False, sep=separator)
+    with pytest.raises(HistoryError) as refused:
+        read_attempts(path)
+    shown = separator.join(["merchant_id", "order_id", "txn_id"]) + "..."
+    assert _problems(refused) == (
+        f"invalid history: 1 problem\n{path}: the header is one column, {shown!r}: a history CSV is separated by "
+        f"commas, and this one seems to be by {separator!r}"
+    )
+
+
 def test_unsupported_extension_is_named(tmp_path: Path) -> None:
     path = tmp_path / "attempts.json"
     path.write_text("[]")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -496,14 +496,35 @@ class ConnectorRegistry:
                 self._built[key] = found
             return found
 
-    def _build(self, merchant_id: str, connector: str) -> Connector:
+    def _endpoint(self, merchant_id: str, connector: str) -> ConnectorEndpoint | None:
+        """The merchant's ``connector_endpoints`` entry for ``connector`` (its name trimmed and in any case)."""
         configured = self.endpoints.get(merchant_id, {})
         endpoint = configured.get(connector)
         if endpoint is None:
             wanted = connector_key(connector)
             endpoint = next((found for name, found in configured.items() if connector_key(name) == wanted), None)
+        return endpoint
+
+    def unrouted(self, merchant_id: str, connectors: Iterable[str]) -> list[str]:
+        """Those of ``connectors`` a charge cannot reach: no endpoint entry (or a sandbox one without base_url) and
+        no sandbox configured. Each silent retry through one is dead-lettered when it is sent."""
+        if self.overrides:
+            return []
+        unreachable = []
+        for connector in connectors:
+            endpoint = self._endpoint(merchant_id, connector)
+            if (endpoint is None or endpoint.kind == "sandbox") and not self._sandbox(endpoint):
+                unreachable.append(connector)
+        return unreachable
+
+    def _sandbox(self, endpoint: ConnectorEndpoint | None) -> str | None:
+        """Where the charges of a connector without an endpoint, or with a sandbox one, go (None: nowhere)."""
+        return (endpoint.base_url if endpoint is not None else None) or self.sandbox_url
+
+    def _build(self, merchant_id: str, connector: str) -> Connector:
+        endpoint = self._endpoint(merchant_id, connector)
         if endpoint is None or endpoint.kind == "sandbox":
-            url = (endpoint.base_url if endpoint is not None else None) or self.sandbox_url
+            url = self._sandbox(endpoint)
             if not url:
                 raise PermanentError(
                     f"merchant {merchant_id!r} has no connector_endpoints entry for {connector!r} "

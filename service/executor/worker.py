@@ -489,6 +489,19 @@ def worker_main(
     )
     stop = SignalStop(signal.SIGTERM)
     log.info("executor worker %s is running", worker_id)
+    # The config may omit connector_endpoints (CONTRACT.md section 4): each silent retry through such a connector is
+    # then dead-lettered at send time, unless a sandbox is configured. Said once at start, not only per retry.
+    unrouted = [
+        f"merchants.{merchant_id}.connectors: {', '.join(names)}"
+        for merchant_id, merchant in config.merchants.items()
+        if (names := effects.connectors.unrouted(merchant_id, merchant.connectors))
+    ]
+    if unrouted:
+        log.warning(
+            "no connector_endpoints entry and no WINBACK_SANDBOX_URL for %s: each silent retry through them will be "
+            "dead-lettered",
+            "; ".join(unrouted),
+        )
     worker = Worker(
         executor,
         effects,

@@ -168,6 +168,28 @@ def test_executor_start_says_in_one_line_that_it_created_the_registry_store(tmp_
     assert "created the tables of a new MLflow store" in verbose.stderr
 
 
+def test_executor_start_says_which_connectors_no_silent_retry_can_reach(tmp_path: Path) -> None:
+    """(Newcomer walk.) The shipped config names no connector_endpoints (CONTRACT.md section 4 lets a merchant omit
+    them): `winback executor run` started without a word, and each silent retry was then dead-lettered, "no
+    connector_endpoints entry for 'adyen' and no sandbox is configured (WINBACK_SANDBOX_URL)", one order at a time.
+    Each worker now says it once at start, per merchant, with the connectors' key path."""
+    unreached = _executor_start(tmp_path, ("WINBACK_SANDBOX_URL", ""))
+    assert unreached.exit_code == 0, unreached.stderr
+    (warned,) = [line for line in unreached.stderr.splitlines() if "connector_endpoints" in line]
+    assert '"level":"WARNING"' in warned
+    assert (
+        "no connector_endpoints entry and no WINBACK_SANDBOX_URL for merchants.m_in_stream.connectors: razorpay, "
+        "payu; merchants.m_in_shop.connectors: razorpay, payu; merchants.m_us_saas.connectors: stripe, adyen, "
+        "cybersource; "
+    ) in warned
+    assert "each silent retry through them will be dead-lettered" in warned
+    # A sandbox to send them to: nothing to say.
+    sandboxed = _executor_start(tmp_path, ("WINBACK_SANDBOX_URL", "http://127.0.0.1:9"))
+    assert sandboxed.exit_code == 0, sandboxed.stderr
+    assert "is running" in sandboxed.stderr
+    assert "connector_endpoints" not in sandboxed.stderr
+
+
 def _fresh_store(folder: Path) -> str:
     """The URL of a winback database in ``folder`` as `winback serve` or `winback executor run` leaves it at its first
     start: every table, no order, decision or outcome."""

@@ -27,7 +27,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from service.api.deps import Runtime, RuntimeDep
-from service.console.actions import ActionRequest, ActionResult, AgentDesk, ForbiddenOptions, UnknownOrderError
+from service.console.actions import (
+    MAX_REASON_LENGTH,
+    ActionRequest,
+    ActionResult,
+    AgentDesk,
+    ForbiddenOptions,
+    UnknownOrderError,
+)
 from service.console.auth import (
     LoginLimiter,
     Session,
@@ -593,11 +600,21 @@ async def order_action(
         alternative=int(alternative)
         if alternative.isascii() and alternative.isdigit() and len(alternative) < 10
         else None,
-        reason=form.get("reason", "")[:1000],
+        reason=form.get("reason", ""),
         decision_id=form.get("decision_id") or None,
     )
     desk = AgentDesk(executor.executor, runtime.catalog)
-    return await _carry_out(on, form, lambda: desk.perform(on.session.agent, order_id, ask))
+    return await _carry_out(
+        on, form, lambda: _too_long(ask.reason, "reason") or desk.perform(on.session.agent, order_id, ask)
+    )
+
+
+def _too_long(text: str, what: str) -> ActionResult | None:
+    """A refusal of a ``what`` (reason, note) longer than the audit log keeps (the form's maxlength, which a script
+    need not keep to): it was cut to its first 1,000 characters without a word, and the action carried out."""
+    if len(text) <= MAX_REASON_LENGTH:
+        return None
+    return ActionResult("refused", f"the {what} is {len(text):,} characters long: write at most {MAX_REASON_LENGTH:,}")
 
 
 @dataclass(frozen=True)
@@ -701,8 +718,10 @@ async def charge_answer(
     def resolve() -> ActionResult:
         if answer not in ("charged", "not_charged"):
             return ActionResult("refused", f"unknown answer {answer!r}: use charged or not_charged")
-        reason = form.get("reason", "")[:1000]
-        return desk.resolve_charge(on.session.agent, order_id, action_id, answer == "charged", reason)
+        reason = form.get("reason", "")
+        return _too_long(reason, "reason") or desk.resolve_charge(
+            on.session.agent, order_id, action_id, answer == "charged", reason
+        )
 
     return await _carry_out(on, form, resolve)
 
@@ -724,7 +743,11 @@ async def dispute_resolution(
     on, form = posted
     desk = AgentDesk(executor.executor, runtime.catalog)
     note = form.get("note", "")
-    return await _carry_out(on, form, lambda: desk.resolve_dispute(on.session.agent, order_id, check_action_id, note))
+    return await _carry_out(
+        on,
+        form,
+        lambda: _too_long(note, "note") or desk.resolve_dispute(on.session.agent, order_id, check_action_id, note),
+    )
 
 
 def _period(days: str) -> int:

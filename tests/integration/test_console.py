@@ -1165,6 +1165,24 @@ def test_order_times_and_actions_follow_the_executors_clock_not_the_wall_clock(c
     assert abs(as_utc(audited) - ahead) < timedelta(seconds=1)
 
 
+def test_a_reason_longer_than_the_audit_keeps_is_refused_not_cut(console: Console) -> None:
+    """(Newcomer walk.) A reason over 1,000 characters (the form's maxlength, which a script or an old browser does not
+    keep to) was cut to its first 1,000 without a word, and the action carried out: the audit log kept a reason the
+    agent never wrote whole. It is refused, saying how long it was, and nothing is done."""
+    console.fail_order("m_a", "ord_long")
+    console.sign_in("asha@m_a")
+    csrf = console.csrf()
+    stop = console.act("/console/orders/ord_long/actions", {"action": "stop", "reason": "y" * 1001, "csrf_token": csrf})
+    assert flash(stop) == "the reason is 1,001 characters long: write at most 1,000"
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_long")) == "AWAITING_AGENT"
+    done = console.act("/console/orders/ord_long/actions", {"action": "stop", "reason": "y" * 1000, "csrf_token": csrf})
+    assert flash(done).startswith("Stop recovering"), flash(done)
+    with console.engine.connect() as conn:
+        assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_long")) == "FAILED"
+        assert conn.scalar(sa.select(audit_log.c.reason).where(audit_log.c.result == "done")) == "y" * 1000
+
+
 def test_a_form_over_the_size_limit_is_refused_as_too_large_and_nothing_of_it_is_done(console: Console) -> None:
     """A form over 16 KiB (a very long reason) was read as empty: the agent was told "missing CSRF token", the
     wrong problem. It is refused as too large, shown on the order's page (htmx swaps no 4xx: a 200 there), and

@@ -334,6 +334,9 @@ def history_frames(
     for frame, columns in ((attempts_frame, ("created_at",)), (nudges_frame, ("sent_at", "clicked_at"))):
         for column in columns:
             frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
+        # Numbers, as the executor's frames hold them: a column of None objects only (a stop's earlier attempts)
+        # beside them made pandas warn on the export's terminal (FutureWarning, concatenating all-NA entries).
+        frame["propensity"] = frame["propensity"].astype("float64")
     return attempts_frame, nudges_frame, unusable, _stops_frame(stops)
 
 

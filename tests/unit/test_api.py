@@ -1868,6 +1868,49 @@ def test_an_order_the_files_cannot_carry_is_left_out_named_and_the_rest_is_expor
     assert sorted(path.name for path in history.iterdir()) == ["attempts.parquet", "nudges.parquet", "stops.parquet"]
 
 
+def test_an_export_of_an_executor_order_beside_a_stop_the_api_answered_prints_no_pandas_warning(
+    api: Api, tmp_path: Path
+) -> None:
+    """(Newcomer walk.) `winback history export` of a database holding an order the executor carried out and a stop
+    the decision API answered printed pandas' FutureWarning ("The behavior of DataFrame concatenation with empty or
+    all-NA entries is deprecated ...") above its summary: the stop's attempts had a propensity column of None objects
+    beside the executor's numbers. (This suite makes every warning an error.)"""
+    from service.executor.store import orders, transactions
+
+    stop = api.post("/v1/decisions", request_body(order_id="ord_api", amount=0.0)).json()
+    assert stop["action"] == "stop"
+    api.flush()
+    url = f"sqlite:///{tmp_path / 'winback.db'}"
+    engine = sa.create_engine(url)
+    at = datetime(2026, 11, 1, 10, 0, tzinfo=UTC)
+    request = make_request(order_id="ord_exec", event_time=at.isoformat())
+    with engine.begin() as conn:
+        conn.execute(
+            orders.insert().values(
+                merchant_id="m_demo", order_id="ord_exec", state="FAILED", mode="autonomous", amount=499.0,
+                currency="INR", customer_id="cus_71", request_json=request.model_dump_json(exclude={"history"}),
+                failure_json=request.failure.model_dump_json(), attempt_count=2, first_failed_at=at, created_at=at,
+                updated_at=at,
+            )
+        )  # fmt: skip
+        txn = {"merchant_id": "m_demo", "order_id": "ord_exec", "processor_payment_id": "p", "connector": "stripe",
+               "status": "failure", "error_code": "card_declined"}  # fmt: skip
+        conn.execute(
+            transactions.insert().values(**txn, txn_id="t1", attempt_number=1, strategy="initial", created_at=at)
+        )
+        conn.execute(
+            transactions.insert().values(
+                **txn, txn_id="t2", attempt_number=2, strategy="retry_same", decision_id="dec_e", propensity=0.9,
+                created_at=at.replace(minute=5),
+            )
+        )  # fmt: skip
+    engine.dispose()
+    summary = export_history(url, tmp_path / "history")
+    attempts = read_attempts(summary.attempts_path)
+    assert set(attempts["order_id"]) == {"ord_api", "ord_exec"}
+    assert attempts.set_index("txn_id").loc["t2", "propensity"] == 0.9
+
+
 def test_a_callers_decline_text_is_exported_with_the_customers_address_and_number_masked(
     api: Api, tmp_path: Path
 ) -> None:

@@ -3254,3 +3254,57 @@ def test_only_a_pending_payment_leaves_the_outcome_open_not_a_pending_mandate_re
     message: str, open_outcome: bool
 ) -> None:
     assert rules._outcome_unknown(rules.load_rulebook(), "X1", message) is open_outcome
+
+
+_BOOK_WORDS = ("lost_stolen_message", "revoked_message", "mandate_revoked_message", "closed_message",
+               "outcome_unknown_words")  # fmt: skip
+_WORDS_TEXTS = [
+    "Lost card",
+    "Card reported stolen",
+    "Pickup card (no fraud)",
+    "Closed Account",
+    "Merchant account closed",
+    "Authorization revoked by cardholder",
+    "Mandate has been revoked by the customer",
+    "Mandate not revoked",
+    "Gateway Timed Out",
+    "timeout",
+    "still processing",
+    "Your card was declined.",
+    "",
+    "ṡtolen card",
+    "İn progress",
+    "KELVIN \u212a",
+    "revocation pending",
+    "revocation request pending",
+    "PENDING",
+    "504",
+    "x504y",
+    "deemed " * 80,
+]
+
+
+@given(st.lists(st.sampled_from(_WORDS_TEXTS) | st.text(max_size=300), min_size=1, max_size=40))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_rulebooks_words_answer_as_their_pattern_searched_each_time(texts: list[str]) -> None:
+    """A rulebook pattern remembers its answer for the texts it saw (``rules.Words``): each answer, asked once or
+    again, is the pattern's own search, for every pattern of the shipped rules (texts short and long, any case)."""
+    book = rules.load_rulebook()
+    for name in _BOOK_WORDS:
+        words = getattr(book, name)
+        for text in texts + texts:
+            assert words.found(text) is (words.pattern.search(text) is not None), (name, text)
+
+
+def test_the_rulebooks_words_remember_a_bounded_number_of_short_texts() -> None:
+    """Any caller may send any error message: what a pattern remembers stays within ``WORDS_MEMO_SIZE`` texts of at
+    most ``WORDS_MEMO_CHARS`` characters, and still answers as its search once it has started again."""
+    words = rules.Words(rules.load_rulebook().outcome_unknown_words.pattern)
+    long_text = "gateway timed out " + "x" * rules.WORDS_MEMO_CHARS
+    assert words.found(long_text)
+    assert words.remembered() == 0
+    for number in range(3 * rules.WORDS_MEMO_SIZE):
+        assert words.found(f"order {number} pending") is True
+        assert 1 <= words.remembered() <= rules.WORDS_MEMO_SIZE
+    assert words.found("order 1 pending")
+    assert not words.found("order 1 paid")

@@ -50,7 +50,9 @@ _KEPT = (
 #: Matched from left to right, what is kept first: a date is never read as a phone number.
 _KEPT_OR_PHONE = re.compile(f"(?P<kept>{_KEPT})|{_PHONE}")
 #: Something each pattern needs: text without any of it holds no personal data (one search; most text is ids).
-SUSPECT = r"@|\d[\d \-()]{6,}\d"
+#: ``SUSPECT``'s part for phone numbers: eight or more digits, spaces, dashes and brackets, from a digit to a digit.
+DIGIT_RUN = r"\d[\d \-()]{6,}\d"
+SUSPECT = "@|" + DIGIT_RUN
 _SUSPECT = re.compile(SUSPECT)
 
 

@@ -8,6 +8,6 @@ functions, imported from here.
 
 from __future__ import annotations
 
-from model.personal_data import SUSPECT, mask_address, mask_addresses_in, mask_personal_data
+from model.personal_data import DIGIT_RUN, SUSPECT, mask_address, mask_addresses_in, mask_personal_data
 
-__all__ = ["SUSPECT", "mask_address", "mask_addresses_in", "mask_personal_data"]
+__all__ = ["DIGIT_RUN", "SUSPECT", "mask_address", "mask_addresses_in", "mask_personal_data"]

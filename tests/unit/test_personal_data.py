@@ -18,16 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 
 from model.catalog import CATALOG_DIR
 from model.simulation.params import UNSEEN_CODES
 from model.textmodel import MAX_PART_CHARS, document
-from service.api.logging import JsonFormatter, scrub
+from service.api.logging import JsonFormatter, scrub, suspect
 from service.executor.channels.inbound import _receipt
 from service.executor.effects import unexpected_error
 from service.executor.store import MaskedText
-from service.personal_data import mask_addresses_in, mask_personal_data
+from service.personal_data import SUSPECT, mask_addresses_in, mask_personal_data
 
 #: (text, what must not come out, what must come out unchanged)
 EXAMPLES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
@@ -194,3 +196,18 @@ def test_the_readme_says_how_many_digits_the_logs_mask() -> None:
     fewest = {"seven": 7, "eight": 8, "nine": 9, "ten": 10}[said]
     assert scrub("ord_" + "1" * fewest) == "ord_[redacted-phone]"
     assert scrub("ord_" + "1" * (fewest - 1)) == "ord_" + "1" * (fewest - 1)
+
+
+#: What the log lines' scrub looked for in one search before ``suspect``: the reference it must agree with.
+_ONE_SEARCH = re.compile(r"(?i)bearer|wb_|" + SUSPECT)
+_SUSPECT_PARTS = ["bearer", "BeArEr", "wb_", "WB_", "@", "1234 5678", "(555) 0123", "1234567", "İ", "ı", "ſ", "\u212a",
+                  "dec_", "ord_7_", "b", "e", "a", "r", "w", "_", " ", "9", "ẞ", "ﬀ"]  # fmt: skip
+
+
+@given(st.lists(st.sampled_from(_SUSPECT_PARTS) | st.text(max_size=12), max_size=12).map("".join))
+@settings(max_examples=400, deadline=None)
+def test_the_log_lines_look_for_what_to_mask_as_one_case_insensitive_search_did(text: str) -> None:
+    """``suspect`` finds a bearer key's word, a winback key's prefix, an e-mail's @ or a phone number's digits in
+    any case and any script exactly where ``(?i)bearer|wb_|`` + SUSPECT found one (the letters of ``bearer`` and
+    ``wb_`` have no case-insensitive match but their own upper and lower case)."""
+    assert suspect(text) is (_ONE_SEARCH.search(text) is not None)

@@ -553,19 +553,30 @@ def executor_refunds_by_hand(
 ) -> None:
     """List the refunds of duplicate charges given to an operator to make by hand: the switch refused them or never
     answered them, or never answered a status check of a charge recorded as charged on an operator's word within a
-    day. Each line says why, since when and what is known of the charge; a cancelled one was found unneeded later."""
+    day. Each line says why, since when and what is known of the charge; a cancelled one was found unneeded later.
+    Then the orders paid by winback's charge that their merchant reported paid by a payment of its own too: the
+    customer may have paid twice, and winback refunds neither."""
     import os
 
     from service.executor.core import ChargeResolutionError
-    from service.executor.worker import list_refunds_by_hand
+    from service.executor.worker import list_paid_twice, list_refunds_by_hand
 
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
     try:
         found = list_refunds_by_hand(url, merchant)
+        twice = list_paid_twice(url, merchant)
     except (ChargeResolutionError, ValueError) as exc:
         raise fail(str(exc)) from None
+    for paid in twice:  # first: nothing is in hand for these, not even a refund refused
+        typer.echo(
+            f"{paid.merchant_id} {paid.order_id} ({paid.order_state}): possibly paid twice: winback's payment "
+            f"{paid.payment_id} via {paid.connector} (txn_id {paid.winback_txn_id}) paid it, {paid.amount} "
+            f"{paid.currency}, and the merchant reported its own txn_id {paid.merchant_txn_id} at "
+            f"{paid.reported_at.isoformat()}: nothing refunded, check with the merchant"
+        )
     if not found:
-        typer.echo("no refund given to an operator to make by hand")
+        if not twice:
+            typer.echo("no refund given to an operator to make by hand")
         return
     for refund in found:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
         typer.echo(

@@ -118,6 +118,12 @@ REPORTED_PAID_BY_MERCHANT = "reported_paid_by_merchant"
 #: The key, in a dispute's flag (SWITCH_CONTRADICTS), of its resolution: who marked it as dealt with, when, and the
 #: note saying what was done (``resolve_charge_disputes``).
 DISPUTE_RESOLVED = "resolved"
+#: A charge action's payload key: the order it settled (a success of winback's retry or link payment) was then
+#: reported paid by its merchant's ``payment-succeeded`` naming a payment of the merchant's own (a txn_id that names
+#: no charge of winback's): the customer may have paid twice. A dict of the merchant's txn ids, each with when it was
+#: reported (one entry per txn id: the same report twice is noted once). Nothing is refunded on it; ``paid_twice``
+#: (``winback executor refunds-by-hand``, /metrics) lists it for an operator.
+MERCHANT_PAID_TOO = "merchant_paid_too"
 #: The longest note a dispute's resolution takes (as an agent's reason in the console).
 MAX_DISPUTE_NOTE_LENGTH = 1000
 #: Who answers for a charge in ``resolve-charge`` (and the console's answer, which goes through it).
@@ -1068,6 +1074,63 @@ def refunds_by_hand(conn: sa.Connection, merchant_id: str | None = None) -> list
     return found
 
 
+@dataclass(frozen=True)
+class PaidTwice:
+    """An order settled by winback's charge (``payment_id`` via ``connector``, winback's ``winback_txn_id``) that its
+    merchant then reported paid by a payment of its own (``merchant_txn_id``, at ``reported_at``): the customer may
+    have paid twice. Winback refunds neither (MERCHANT_PAID_TOO); an operator checks with the merchant."""
+
+    merchant_id: str
+    order_id: str
+    order_state: str
+    charge_action_id: int
+    payment_id: str
+    connector: str
+    amount: object
+    currency: str
+    winback_txn_id: str
+    merchant_txn_id: str
+    reported_at: datetime
+
+
+def paid_twice(conn: sa.Connection, merchant_id: str | None = None) -> list[PaidTwice]:
+    """The orders settled by winback's charge whose merchant then reported them paid by a payment of its own (a
+    merchant's, or all), oldest charge first, one per merchant txn id. Only charges carrying the flag are decoded."""
+    query = (
+        sa.select(
+            actions.c.action_id,
+            actions.c.merchant_id,
+            actions.c.order_id,
+            actions.c.payload_json,
+            orders.c.state.label("order_state"),
+            orders.c.success_txn_id,
+            orders.c.amount,
+            orders.c.currency,
+        )
+        .join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
+        .where(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]))
+    )
+    found = []
+    for row, payload, reported in _flagged(conn, query, MERCHANT_PAID_TOO, merchant_id):
+        for merchant_txn_id, report in reported.items():
+            found.append(
+                PaidTwice(
+                    merchant_id=row.merchant_id,
+                    order_id=row.order_id,
+                    order_state=row.order_state,
+                    charge_action_id=int(row.action_id),
+                    payment_id=f"{row.order_id}_{payload.get('attempt_number')}",
+                    connector=str(payload.get("connector")),
+                    amount=row.amount,
+                    currency=str(row.currency),
+                    winback_txn_id=str(row.success_txn_id),
+                    merchant_txn_id=str(merchant_txn_id),
+                    reported_at=as_utc(datetime.fromisoformat(str(report["at"]))),
+                )
+            )
+    return found
+
+
 def resolve_charge_disputes(
     conn: sa.Connection,
     merchant_id: str,
@@ -1642,12 +1705,61 @@ class Executor:
                 occurred = datetime.fromisoformat(str(body["occurred_at"]))
                 if self._succeed(conn, order, str(body["txn_id"]), as_utc(occurred), now):
                     self._named_a_declined_charge(conn, merchant_id, order_id, now)
+            elif order["state"] == OrderState.SUCCEEDED:
+                self._merchant_paid_too(conn, order, str(body["txn_id"]), now)
             state = conn.scalar(
                 sa.select(orders.c.state).where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
             )
             return EventAnswer(order_id=order_id, state=str(state))
 
         return self._idempotent(merchant_id, "payment_succeeded", body, apply)
+
+    @staticmethod
+    def _merchant_paid_too(conn: sa.Connection, order: RowMapping, txn_id: str, now: datetime) -> None:
+        """The merchant reports ``order``, settled already, paid by ``txn_id``. When winback's own charge settled it
+        (its success txn id names that charge) and ``txn_id`` names no charge of winback's, the merchant took a
+        payment of its own: the customer may have paid twice. Noted on the charge (MERCHANT_PAID_TOO: listed by
+        ``paid_twice``, counted on /metrics) and logged, once per merchant txn id (a report delivered twice with one
+        idempotency key never reaches here; with two keys it finds its txn id noted). Nothing is refunded: which
+        payment to give back, if any, is the merchant's and an operator's call. The order stays SUCCEEDED on
+        winback's charge, with its one webhook. ``order`` is locked."""
+        if txn_id == order["success_txn_id"]:
+            return
+        rows = conn.execute(
+            sa.select(actions).where(
+                actions.c.merchant_id == order["merchant_id"],
+                actions.c.order_id == order["order_id"],
+                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+            )
+        ).mappings()
+        charges = [ActionRow.of(row) for row in rows.all()]
+        if any(_names_payment(charge, txn_id) for charge in charges):
+            return  # one of winback's own payments, not the merchant's
+        settled_by = next((charge for charge in charges if _names_charge(order, charge)), None)
+        if settled_by is None:
+            return  # settled by a payment of the merchant's own before: not winback's charge
+        reported = settled_by.payload.get(MERCHANT_PAID_TOO)
+        reported = dict(reported) if isinstance(reported, dict) else {}
+        if txn_id in reported:
+            return  # the same report again (under another idempotency key): noted and logged once
+        reported[txn_id] = {"at": now.isoformat()}
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == settled_by.action_id)
+            .values(payload_json=_dump(settled_by.payload | {MERCHANT_PAID_TOO: reported}), updated_at=now)
+        )
+        log.warning(
+            "order %s was paid by winback's charge (payment %s_%s via %s, txn_id %s) and its merchant now reports it "
+            "paid by its own payment txn_id %r: the customer may have paid twice; winback refunds nothing on its own, "
+            "check with the merchant (winback executor refunds-by-hand lists it)",
+            order["order_id"],
+            settled_by.order_id,
+            settled_by.payload.get("attempt_number"),
+            settled_by.payload.get("connector"),
+            order["success_txn_id"],
+            txn_id,
+            extra={"merchant_id": order["merchant_id"], "order_id": order["order_id"]},
+        )
 
     def _named_a_declined_charge(self, conn: sa.Connection, merchant_id: str, order_id: str, now: datetime) -> None:
         """The merchant's ``payment-succeeded`` that settled order ``order_id`` named a charge of winback's whose

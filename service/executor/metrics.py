@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection, Engine
 
-from service.executor.core import charge_disputes, refunds_by_hand
+from service.executor.core import charge_disputes, paid_twice, refunds_by_hand
 
 log = logging.getLogger("winback.executor")
 
@@ -147,3 +147,35 @@ class RefundsByHandCollector(_ReadFromTheDatabase):
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         return (Counter((refund.merchant_id, refund.why) for refund in refunds_by_hand(conn)),)
+
+
+class PaidTwiceCollector(_ReadFromTheDatabase):
+    """``winback_executor_possible_double_payments_total{merchant_id}``: the orders settled by winback's own charge
+    that their merchant then reported paid by a payment of its own (a ``payment-succeeded`` naming a txn id that is
+    none of winback's charges), one per merchant txn id: the customer may have paid twice, and winback refunds
+    nothing on its own. Each stays noted on its charge, so the count never goes down: a counter, read from the
+    database; an alert watches its increase (``winback executor refunds-by-hand`` lists them)."""
+
+    what = "possible double payments"
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "winback_executor_possible_double_payments",
+            "Orders paid by winback's charge that their merchant then reported paid by a payment of its own.",
+            labels=["merchant_id"],
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        """The family without its figures (registering the collector reads no database)."""
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        reported = self._family()
+        (counts,) = self._current() or (Counter(),)
+        for (merchant_id,), count in sorted(counts.items()):
+            reported.add_metric([merchant_id], count)
+        yield reported
+
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
+        return (Counter((found.merchant_id,) for found in paid_twice(conn)),)

@@ -33,11 +33,12 @@ from service.executor.core import (
     ChargeDispute,
     Permanent,
     charge_disputes,
+    paid_twice,
     refunds_by_hand,
     txn_id_for,
 )
 from service.executor.links import LinkError
-from service.executor.metrics import ChargeDisputesCollector, RefundsByHandCollector
+from service.executor.metrics import ChargeDisputesCollector, PaidTwiceCollector, RefundsByHandCollector
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions, orders
 from tests.integration.test_console import PASSWORD, Console, _rows, flash
@@ -528,6 +529,78 @@ def test_a_merchant_reporting_paid_a_charge_the_switch_had_declined_is_a_dispute
         assert f"<code>{txn_id}</code>" in page
         assert "nothing is refunded" in page
         assert "an operator answered" not in page
+    finally:
+        api.close()
+
+
+def double_payments_counted(h: Harness) -> float:
+    """The Prometheus counter of orders possibly paid twice as a scrape of ``/metrics`` reads it from the database."""
+    registry = CollectorRegistry()
+    registry.register(PaidTwiceCollector(h.executor.engine, read_every_seconds=0))
+    value = registry.get_sample_value("winback_executor_possible_double_payments_total", {"merchant_id": "m_demo"})
+    return value or 0.0
+
+
+def test_a_merchants_own_payment_reported_on_an_order_winbacks_charge_paid_is_flagged_not_refunded(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """Winback's retry (payment ord_1_2) paid the order; the merchant then reports it paid by a payment of its own
+    (txn_ext, none of winback's). The customer may have paid twice: it was ignored without a word. Now a warning
+    names the order, winback's charge and the merchant's txn id, /metrics counts it and ``refunds-by-hand`` lists
+    it, once, however often the report comes; nothing is refunded, the order keeps winback's success and its one
+    webhook. The merchant naming winback's own payment is no such report."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = make_harness(RETRY, connector=through(switch), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    winbacks = h.view().success_txn_id
+    assert (h.view().state, [a.status for a in h.view().attempts]) == ("SUCCEEDED", ["failure", "success"])
+    with caplog.at_level(logging.WARNING, logger="winback.executor"):
+        named_winbacks = PAID_BY_MERCHANT | {"txn_id": "ord_1_2", "idempotency_key": "names-winbacks"}
+        assert h.executor.payment_succeeded("m_demo", named_winbacks).state == "SUCCEEDED"
+        assert double_payments_counted(h) == 0
+        assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+        assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"  # delivered again
+        again = PAID_BY_MERCHANT | {"idempotency_key": "s1-resent-under-a-new-key"}
+        assert h.executor.payment_succeeded("m_demo", again).state == "SUCCEEDED"
+        run_for(h, 3600, step=600)
+    warned = [r for r in caplog.records if "may have paid twice" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    [line] = warned
+    assert line.levelno == logging.WARNING
+    message = line.getMessage()
+    assert "order ord_1 " in message
+    assert "payment ord_1_2 via adyen" in message
+    assert f"txn_id {winbacks}" in message
+    assert "txn_id 'txn_ext'" in message
+    assert "winback refunds nothing on its own" in message
+    assert double_payments_counted(h) == 1
+    with h.executor.engine.connect() as conn:
+        [found] = paid_twice(conn, "m_demo")
+    assert (found.order_id, found.payment_id, found.winback_txn_id, found.merchant_txn_id) == (
+        "ord_1",
+        "ord_1_2",
+        winbacks,
+        "txn_ext",
+    )
+    listed = CliRunner().invoke(cli, ["executor", "refunds-by-hand", "--database-url", database_url])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.splitlines() == [
+        f"m_demo ord_1 (SUCCEEDED): possibly paid twice: winback's payment ord_1_2 via adyen (txn_id {winbacks}) "
+        f"paid it, {found.amount} {found.currency}, and the merchant reported its own txn_id txn_ext at "
+        f"{found.reported_at.isoformat()}: nothing refunded, check with the merchant"
+    ]
+    view = h.view()
+    assert (view.state, view.success_txn_id) == ("SUCCEEDED", winbacks)
+    assert webhook_events(h) == ["order.succeeded"]
+    assert of_kind(h, "refund") == []
+    assert refund_calls(switch) == []
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        assert 'winback_executor_possible_double_payments_total{merchant_id="m_demo"} 1.0' in api.get("/metrics").text
     finally:
         api.close()
 

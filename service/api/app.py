@@ -71,7 +71,12 @@ from service.api.store import (
     stored_json,
 )
 from service.console.routes import mount_console
-from service.executor.metrics import ChargeDisputesCollector, PaidTwiceCollector, RefundsByHandCollector
+from service.executor.metrics import (
+    ChargeDisputesCollector,
+    PaidTwiceCollector,
+    RefundsByHandCollector,
+    SenderHoldsCollector,
+)
 from service.executor.routes import provider_router
 from service.executor.routes import router as executor_router
 from service.json_keys import RepeatedKeyError, UniqueKeysRoute
@@ -335,6 +340,7 @@ async def _start(app: FastAPI) -> tuple[DecisionWriter, Engine, Engine]:
     runtime.metrics.read_at_scrape(ChargeDisputesCollector(engine))
     runtime.metrics.read_at_scrape(RefundsByHandCollector(engine))
     runtime.metrics.read_at_scrape(PaidTwiceCollector(engine))
+    runtime.metrics.read_at_scrape(SenderHoldsCollector(engine))
     # The writer has a pool of its own: requests holding connections (an outcome waiting out a hung database)
     # cannot starve it, so decisions are never refused for a pool that ran dry.
     writer_engine = make_engine(settings.database_url)

@@ -513,6 +513,7 @@ class RetryPolicy:
             first_hold=timedelta(seconds=first),
             max_hold=timedelta(seconds=longest),
             why="over its daily quota" if limit == "daily_quota" else "rate limited",
+            limit=limit,
         )
 
     def note_pair_rate_limited(

@@ -13,12 +13,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection, Engine
 
 from service.executor.core import charge_disputes, paid_twice, refunds_by_hand
+from service.executor.pacing import sender_holds_counted
+from service.executor.store import utcnow
 
 log = logging.getLogger("winback.executor")
 
@@ -52,8 +55,42 @@ class _ReadFromTheDatabase(Collector):
         self._counts: tuple[Counter[tuple[str, ...]], ...] = ()
         self._read_at: float | None = None
 
+    #: The counter's name (without ``_total``) and help, and its labels, in the order ``_read`` counts them.
+    counter: tuple[str, str] = ("", "")
+    labels: tuple[str, ...] = ()
+    #: A gauge of the same labels, if any (name and help): ``_read``'s second count, 0 for a label it lacks.
+    gauge: tuple[str, str] | None = None
+
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         raise NotImplementedError
+
+    def _gauged(self, labels: tuple[str, ...]) -> bool:
+        """Whether the gauge has a series for ``labels`` (every counted label, unless a collector says otherwise)."""
+        return True
+
+    def _families(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        families: list[CounterMetricFamily | GaugeMetricFamily] = [
+            CounterMetricFamily(*self.counter, labels=list(self.labels))
+        ]
+        if self.gauge is not None:
+            families.append(GaugeMetricFamily(*self.gauge, labels=list(self.labels)))
+        return families
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The families without their figures: registering the collector reads no database (without it the
+        registry called ``collect``, and the figures read as the app started were answered for the next minute)."""
+        yield from self._families()
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        families = self._families()
+        read = self._current()
+        counts = read[0] if read else Counter()
+        gauged = read[1] if len(read) > 1 else Counter()
+        for labels, count in sorted(counts.items()):
+            families[0].add_metric(list(labels), count)
+            if len(families) > 1 and self._gauged(labels):
+                families[1].add_metric(list(labels), gauged[labels])
+        yield from families
 
     def _current(self) -> tuple[Counter[tuple[str, ...]], ...]:
         with self._lock:
@@ -79,35 +116,13 @@ class ChargeDisputesCollector(_ReadFromTheDatabase):
     (``resolve_charge_disputes``), 0 once all of a label's are, what an alert should watch."""
 
     what = "charge disputes"
-
-    @staticmethod
-    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
-        raised = CounterMetricFamily(
-            "winback_executor_charge_disputes",
-            "Charges an operator answered for as charged, or a merchant reported paid, that their switch then "
-            "reported declined or not found.",
-            labels=["merchant_id", "switch_said", "said_by"],
-        )
-        still_open = GaugeMetricFamily(
-            "winback_executor_charge_disputes_open",
-            "Charge disputes nobody has marked as dealt with yet.",
-            labels=["merchant_id", "switch_said", "said_by"],
-        )
-        return raised, still_open
-
-    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        """The families without their figures: registering the collector reads no database (without it the
-        registry called ``collect``, and the figures read as the app started were answered for the next minute)."""
-        yield from self._families()
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        raised, still_open = self._families()
-        counts, open_counts = self._current() or (Counter(), Counter())
-        for labels, count in sorted(counts.items()):
-            raised.add_metric(list(labels), count)
-            still_open.add_metric(list(labels), open_counts[labels])
-        yield raised
-        yield still_open
+    counter = (
+        "winback_executor_charge_disputes",
+        "Charges an operator answered for as charged, or a merchant reported paid, that their switch then reported "
+        "declined or not found.",
+    )
+    gauge = ("winback_executor_charge_disputes_open", "Charge disputes nobody has marked as dealt with yet.")
+    labels = ("merchant_id", "switch_said", "said_by")
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         found = charge_disputes(conn)
@@ -125,25 +140,8 @@ class RefundsByHandCollector(_ReadFromTheDatabase):
     the database; an alert watches its increase (``winback executor refunds-by-hand`` lists them)."""
 
     what = "refunds by hand"
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "winback_executor_refunds_by_hand",
-            "Refunds of duplicate charges given to an operator to make by hand.",
-            labels=["merchant_id", "why"],
-        )
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        """The family without its figures (registering the collector reads no database)."""
-        yield self._family()
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        handed = self._family()
-        (counts,) = self._current() or (Counter(),)
-        for (merchant_id, why), count in sorted(counts.items()):
-            handed.add_metric([merchant_id, why], count)
-        yield handed
+    counter = ("winback_executor_refunds_by_hand", "Refunds of duplicate charges given to an operator to make by hand.")
+    labels = ("merchant_id", "why")
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         return (Counter((refund.merchant_id, refund.why) for refund in refunds_by_hand(conn)),)
@@ -157,25 +155,54 @@ class PaidTwiceCollector(_ReadFromTheDatabase):
     database; an alert watches its increase (``winback executor refunds-by-hand`` lists them)."""
 
     what = "possible double payments"
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "winback_executor_possible_double_payments",
-            "Orders paid by winback's charge that their merchant then reported paid by a payment of its own.",
-            labels=["merchant_id"],
-        )
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        """The family without its figures (registering the collector reads no database)."""
-        yield self._family()
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        reported = self._family()
-        (counts,) = self._current() or (Counter(),)
-        for (merchant_id,), count in sorted(counts.items()):
-            reported.add_metric([merchant_id], count)
-        yield reported
+    counter = (
+        "winback_executor_possible_double_payments",
+        "Orders paid by winback's charge that their merchant then reported paid by a payment of its own.",
+    )
+    labels = ("merchant_id",)
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         return (Counter((found.merchant_id,) for found in paid_twice(conn)),)
+
+
+class SenderHoldsCollector(_ReadFromTheDatabase):
+    """``winback_executor_sender_holds_total{merchant_id, channel, limit}``: the times a provider's rate limit held
+    a merchant's sender on a channel (service/executor/pacing.py), each hold once (the receipts of the burst that
+    started it, arriving during it, are not counted again), by what it said: ``rate`` (Meta's 130429, Gupshup's 4001,
+    an SMTP relay's throttling answer), ``daily_quota`` (a relay's daily sending limit), or ``pair`` (Meta's 131056:
+    one customer of the sender held, not the sender). Kept in ``sender_holds``, so the count never goes down; an
+    alert watches its increase. ``winback_executor_senders_held`` (same labels but ``pair``, a gauge): 1 while the
+    sender is held for that limit, 0 once its hold is over. The table has a row per merchant, channel and limit:
+    reading it is cheap."""
+
+    what = "sender holds"
+    counter = (
+        "winback_executor_sender_holds",
+        "Times a provider's rate limit held a merchant's sender on a channel (pair: one customer of it), by limit.",
+    )
+    gauge = (
+        "winback_executor_senders_held",
+        "1 while a merchant's sender on a channel is held by its provider's rate limit or daily quota, else 0.",
+    )
+    labels = ("merchant_id", "channel", "limit")
+
+    def __init__(
+        self,
+        engine: Engine,
+        read_every_seconds: float = DISPUTES_READ_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        super().__init__(engine, read_every_seconds, clock)
+        self.now = now
+
+    def _gauged(self, labels: tuple[str, ...]) -> bool:
+        """No held-sender series for ``pair``: it holds one customer, not the sender."""
+        return labels[-1] != "pair"
+
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
+        found = sender_holds_counted(conn, self.now())
+        return (
+            Counter({(h.merchant_id, h.channel, h.held_for): h.holds for h in found}),
+            Counter({(h.merchant_id, h.channel, h.held_for): int(h.held_now) for h in found}),
+        )

@@ -59,13 +59,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, Literal
 
 import sqlalchemy as sa
 
 from model.vocab import Channel
-from service.executor.store import as_utc, as_utc_or_none, channel_pacing, customer_pacing, upsert_into
+from service.executor.channels.base import SenderLimit
+from service.executor.store import (
+    as_utc,
+    as_utc_or_none,
+    channel_pacing,
+    customer_pacing,
+    sender_holds,
+    upsert_into,
+)
 
 log = logging.getLogger("winback.executor")
 
@@ -121,6 +130,57 @@ def _note_limited(
     return until, True
 
 
+#: What held a sender, as ``sender_holds`` and /metrics label it: its rate or its daily quota (the whole sender),
+#: or Meta's pair rate (one customer of it).
+HeldFor = SenderLimit | Literal["pair"]
+HELD_FOR: Final[tuple[HeldFor, ...]] = ("rate", "daily_quota", "pair")
+
+
+def _count_hold(
+    conn: sa.Connection, merchant_id: str, channel: Channel, held_for: HeldFor, until: datetime, now: datetime
+) -> None:
+    """Count a hold started at ``now`` until ``until`` in ``sender_holds`` (read by /metrics), in the transaction
+    that starts it: a hold rolled back is not counted."""
+    insert = upsert_into(conn, sender_holds).values(
+        merchant_id=merchant_id, channel=channel.value, held_for=held_for, holds=1, held_until=until, last_held_at=now
+    )
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=[sender_holds.c.merchant_id, sender_holds.c.channel, sender_holds.c.held_for],
+            set_={"holds": sender_holds.c.holds + 1, "held_until": until, "last_held_at": now},
+        )
+    )
+
+
+@dataclass(frozen=True)
+class SenderHolds:
+    """The holds of ``merchant_id``'s sender on ``channel`` for ``held_for`` (``HELD_FOR``): how many ever started
+    (``holds``), and whether the sender is held for it at the moment read (``held_now``; never for ``pair``, which
+    holds one customer, not the sender)."""
+
+    merchant_id: str
+    channel: str
+    held_for: str
+    holds: int
+    held_now: bool
+
+
+def sender_holds_counted(conn: sa.Connection, now: datetime) -> list[SenderHolds]:
+    """Every merchant's holds by channel and kind of limit (``sender_holds``: one row each, a small table), as
+    /metrics reads them at ``now``."""
+    rows = conn.execute(sa.select(sender_holds).order_by(*sender_holds.primary_key.columns)).mappings()
+    return [
+        SenderHolds(
+            merchant_id=row["merchant_id"],
+            channel=row["channel"],
+            held_for=row["held_for"],
+            holds=int(row["holds"]),
+            held_now=row["held_for"] != "pair" and as_utc(row["held_until"]) > now,
+        )
+        for row in rows
+    ]
+
+
 def note_rate_limited(
     conn: sa.Connection,
     merchant_id: str,
@@ -130,13 +190,16 @@ def note_rate_limited(
     first_hold: timedelta,
     max_hold: timedelta,
     why: str = "rate limited",
+    limit: SenderLimit = "rate",
 ) -> datetime:
     """Record a rate-limited receipt (or a send refused for the same reason: an SMTP relay's throttling answer) for
     ``merchant_id``'s ``channel`` at ``now``; the end of the channel's hold. ``why``: what the provider said of the
-    sender (``rate limited``, ``over its daily quota``), for the log."""
+    sender (``rate limited``, ``over its daily quota``), for the log; ``limit``: the same, as ``sender_holds``
+    counts a hold it starts."""
     key = {"merchant_id": merchant_id, "channel": channel.value}
     until, started = _note_limited(conn, channel_pacing, key, now, lambda times: first_hold * (1 << times), max_hold)
     if started:
+        _count_hold(conn, merchant_id, channel, limit, until, now)
         log.warning(
             "channel %s of merchant %s is paced until %s: its provider said its sender is %s",
             channel.value, merchant_id, until.isoformat(), why,
@@ -163,6 +226,7 @@ def note_pair_rate_limited(
         max_hold,
     )
     if started:
+        _count_hold(conn, merchant_id, channel, "pair", until, now)
         log.warning(
             "a customer of merchant %s is paced on %s until %s: too many messages to their number (pair rate limit)",
             merchant_id, channel.value, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},

@@ -300,6 +300,23 @@ channel_pacing = sa.Table(
 )
 
 
+sender_holds = sa.Table(
+    # How many times a provider's rate limit held a merchant's sender on a channel (``held_for``: ``rate``,
+    # ``daily_quota``) or one customer of it (``pair``: Meta's 131056), ever, for /metrics (migration 0027): the
+    # pacing rows forget theirs (``times_limited`` starts over after a quiet spell, a customer's row is deleted when
+    # idle). One row per merchant, channel and kind of limit, so it stays small.
+    "sender_holds",
+    metadata,
+    sa.Column("merchant_id", sa.String(128), primary_key=True),
+    sa.Column("channel", sa.String(16), primary_key=True),
+    sa.Column("held_for", sa.String(16), primary_key=True),
+    sa.Column("holds", sa.Integer, nullable=False, server_default="0"),
+    # The end of the last hold of this kind (the sender's hold for ``rate`` and ``daily_quota``: held while later).
+    sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_held_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 customer_pacing = sa.Table(
     # One customer of a merchant held back on a channel after WhatsApp's pair rate limit (Meta's 131056: too many
     # messages from the business number to this phone number), migration 0016; the merchant's other customers are not.

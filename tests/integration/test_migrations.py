@@ -497,6 +497,33 @@ def test_what_a_forms_first_post_asked_is_kept_from_0021_and_dropped_on_downgrad
         engine.dispose()
 
 
+def test_the_sender_holds_counted_for_metrics_are_kept_from_0027_and_dropped_on_downgrade(database_url: str) -> None:
+    """0027 adds ``sender_holds`` beside the senders' pacing rows already kept (left as they are), and a downgrade
+    drops it keeping them."""
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 12, 7, 5, 0, tzinfo=UTC)
+    paced = {"merchant_id": "m_a", "channel": "email", "held_until": moment, "last_limited_at": moment}
+    pacing = sa.table("channel_pacing", *(sa.column(name) for name in [*paced, "times_limited"]))
+    held = {"merchant_id": "m_a", "channel": "email", "held_for": "rate", "holds": 3}
+    holds = sa.table("sender_holds", *(sa.column(name) for name in [*held, "held_until", "last_held_at"]))
+    try:
+        upgrade(engine, "0021")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(pacing), [paced | {"times_limited": 2}])
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(holds), [held | {"held_until": moment, "last_held_at": moment}])
+            assert [tuple(row) for row in conn.execute(sa.select(holds.c.held_for, holds.c.holds))] == [("rate", 3)]
+            assert conn.scalar(sa.select(pacing.c.times_limited)) == 2
+        downgrade(engine, "0021")
+        assert "sender_holds" not in sa.inspect(engine).get_table_names()
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(pacing.c.times_limited)) == 2
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
 def _planned(engine: sa.Engine, conn: sa.Connection, call: Callable[[], T]) -> tuple[T, str]:
     """What ``call`` returns, and the database's plan of the one statement it runs on ``conn``."""
     statements: list[tuple[str, Any]] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
+from service.api.app import create_app
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeSmtpServer
 from service.executor.store import as_utc, channel_outages, channel_pacing
@@ -33,6 +35,8 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     event,
     make_harness,
 )
+from tests.integration.test_whatsapp_held_back import holds_scraped
+from tests.unit.test_api import Api, settings_for
 
 EMAIL = {"action": "retarget", "channel": "email"}
 SES_RATE = "Throttling failure: Maximum sending rate exceeded"
@@ -156,3 +160,50 @@ def test_a_refused_recipient_does_not_hold_the_sender(
     assert mailed(smtp) == ["ord_2"]
     assert pacing(h) is None
     assert [status for status, _ in nudges_of(h, "ord_1")["ord_1"]] == ["rejected"]
+
+
+def scraped(h: Harness, limit: str) -> tuple[float | None, float | None]:
+    return holds_scraped(h, limit, "email")
+
+
+def test_each_hold_of_the_sender_is_counted_on_metrics_by_its_limit_and_shown_while_it_lasts(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """SES throttles ord_1's e-mail (454 rate), and the refusal of ord_2's, planned meanwhile, would be of the same
+    burst: one hold, counted once as ``rate``, the sender shown held until the hold ends. Later the relay says the
+    daily quota is spent (Google's 550 5.4.5): a hold counted as ``daily_quota``. Before, a hold left only a log
+    line and its pacing row (whose count starts over): /metrics had no series of it."""
+    h = through_relay(make_harness, smtp, 3, database_url=database_url)
+    assert scraped(h, "rate") == (None, None)
+    smtp.fail(code=454, text=SES_RATE, at="DATA")
+    fail_by_email(h, "ord_1")
+    h.drain()
+    assert scraped(h, "rate") == (1.0, 1.0)
+    h.clock.advance(seconds=5)
+    fail_by_email(h, "ord_2")
+    h.drain()
+    assert scraped(h, "rate") == (1.0, 1.0)
+    for _ in range(60):
+        h.clock.advance(seconds=1)
+        h.drain()
+    assert sorted(mailed(smtp)) == ["ord_1", "ord_2"]
+    assert scraped(h, "rate") == (1.0, 0.0)  # over: counted still, held no more
+    assert scraped(h, "daily_quota") == (None, None)
+    smtp.fail(code=550, text=GMAIL_DAILY, at="MAIL")
+    fail_by_email(h, "ord_3")
+    h.drain()
+    assert scraped(h, "daily_quota") == (1.0, 1.0)
+    assert scraped(h, "rate") == (1.0, 0.0)
+    assert sorted(mailed(smtp)) == ["ord_1", "ord_2"]  # ord_3 waits with the sender
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:  # the scorer's /metrics (its gauge read at the wall clock's time, not the harness's)
+        metrics = api.get("/metrics").text
+    finally:
+        api.close()
+    for limit in ("rate", "daily_quota"):
+        labels = f'channel="email",limit="{limit}",merchant_id="m_demo"'
+        assert f"winback_executor_sender_holds_total{{{labels}}} 1.0" in metrics
+        assert f"winback_executor_senders_held{{{labels}}} " in metrics

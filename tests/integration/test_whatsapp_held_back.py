@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
 from model.catalog import load_catalog
 from model.vocab import Channel
 from service.console.views import QueueFilter, load_queue
+from service.executor.metrics import SenderHoldsCollector
 from service.executor.pacing import customer_paced_until, paced_until, release_turn
 from service.executor.store import as_utc, customer_pacing, nudges, orders
 from service.executor.worker import make_decider
@@ -456,3 +458,50 @@ def test_workers_reserving_turns_at_once_never_get_the_same_one(
     with ThreadPoolExecutor(2) as pool:
         turns = sorted(turn for reserved in pool.map(reserve, range(2)) for turn in reserved)
     assert turns == [end + number * SECOND for number in range(30)]
+
+
+def holds_scraped(h: Harness, limit: str, channel: str = "whatsapp") -> tuple[float | None, float | None]:
+    """What a scrape of ``/metrics`` reads from the database at the harness's time: the count of holds of m_demo's
+    sender on ``channel`` for ``limit``, and whether it is held for it now (None: no such series)."""
+    registry = CollectorRegistry()
+    registry.register(SenderHoldsCollector(h.executor.engine, read_every_seconds=0, now=lambda: h.clock.now))
+    labels = {"merchant_id": "m_demo", "channel": channel, "limit": limit}
+    return (
+        registry.get_sample_value("winback_executor_sender_holds_total", labels),
+        registry.get_sample_value("winback_executor_senders_held", labels),
+    )
+
+
+def test_rate_limited_and_pair_rate_limited_receipts_are_counted_on_metrics_once_per_hold(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Meta's 130429 holds the merchant's WhatsApp: one hold, counted as ``rate`` (a second receipt of the same
+    burst is not another), the sender shown held until the hold ends. Meta's 131056 holds one customer: counted as
+    ``pair``, with no held-sender series (the sender is not held; no customer's number is a label). Before,
+    /metrics had nothing of either."""
+    now = {"action": "retarget", "channel": "whatsapp"}
+    h = make_harness(now, now, now, now, database_url=database_url)
+    h.executor.payment_failed("m_demo", event("ord_1"))
+    h.drain()
+    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    assert holds_scraped(h, "rate") == (1.0, 1.0)
+    h.clock.advance(seconds=5)
+    h.executor.record_receipt("pm_1", False, "m_demo", error="130429 again", failure="rate_limited")
+    assert holds_scraped(h, "rate") == (1.0, 1.0)  # the same burst: the same hold
+    h.clock.advance(seconds=60)
+    assert holds_scraped(h, "rate") == (1.0, 0.0)
+    assert holds_scraped(h, "pair") == (None, None)
+    h.executor.payment_failed("m_demo", event("ord_2", customer={"phone": "+919800000002"}))
+    for _ in range(10):  # the held messages go one at a time after the hold
+        h.drain()
+        h.clock.advance(seconds=1)
+    [nudge] = h.view("ord_2").nudges
+    h.executor.record_receipt(
+        str(nudge.provider_message_id), False, "m_demo", error="131056 pair", failure="pair_rate_limited"
+    )
+    assert holds_scraped(h, "pair") == (1.0, None)
+    assert holds_scraped(h, "rate") == (1.0, 0.0)
+    with h.executor.engine.connect() as conn:
+        held = [as_utc(until) for until in conn.scalars(sa.select(customer_pacing.c.held_until))]
+    assert sum(until > h.clock.now for until in held) == 1  # one customer held, really

@@ -22,7 +22,15 @@ from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
-from service.executor.core import MAYBE_SENT_NOTE, UNKNOWN_CHARGE, ChargeDispute, charge_disputes, held_back
+from service.executor.core import (
+    MAYBE_SENT_NOTE,
+    UNKNOWN_CHARGE,
+    ChargeDispute,
+    PaidTwice,
+    charge_disputes,
+    held_back,
+    paid_twice,
+)
 from service.executor.schemas import OrderOut
 from service.executor.store import (
     OPEN_ORDER_STATES,
@@ -427,6 +435,9 @@ class OrderPage:
     #: Charges recorded as charged on an operator's word that their switch then said were not (open ones, and
     #: those marked as dealt with, with who, when and what was done).
     disputes: list[ChargeDispute] = field(default_factory=list)
+    #: Payments of the merchant's own it reported after winback's charge had paid the order: the customer may have
+    #: paid twice (winback refunds neither).
+    paid_twice: list[PaidTwice] = field(default_factory=list)
     #: The approval withdrawn since an agent last acted on the order (shown next to the new recommendation).
     withdrawn: WithdrawnApproval | None = None
 
@@ -537,6 +548,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
             for payload in [orjson.loads(row.payload_json or "{}")]
         ]
         disputes = charge_disputes(conn, merchant_id, order_id)
+        twice = paid_twice(conn, merchant_id, order_id)
         errors = {
             row.txn_id: row
             for row in conn.execute(
@@ -664,6 +676,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         scheduled=scheduled,
         unanswered=unanswered,
         disputes=disputes,
+        paid_twice=twice,
         withdrawn=approvals.unseen if view.state == OrderState.AWAITING_AGENT else None,
     )
 

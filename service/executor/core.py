@@ -1094,9 +1094,10 @@ class PaidTwice:
     reported_at: datetime
 
 
-def paid_twice(conn: sa.Connection, merchant_id: str | None = None) -> list[PaidTwice]:
+def paid_twice(conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None) -> list[PaidTwice]:
     """The orders settled by winback's charge whose merchant then reported them paid by a payment of its own (a
-    merchant's, or all), oldest charge first, one per merchant txn id. Only charges carrying the flag are decoded."""
+    merchant's, one order's, or all), oldest charge first, one per merchant txn id. Only charges carrying the flag
+    are decoded."""
     query = (
         sa.select(
             actions.c.action_id,
@@ -1112,7 +1113,7 @@ def paid_twice(conn: sa.Connection, merchant_id: str | None = None) -> list[Paid
         .where(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]))
     )
     found = []
-    for row, payload, reported in _flagged(conn, query, MERCHANT_PAID_TOO, merchant_id):
+    for row, payload, reported in _flagged(conn, query, MERCHANT_PAID_TOO, merchant_id, order_id):
         for merchant_txn_id, report in reported.items():
             found.append(
                 PaidTwice(

@@ -601,6 +601,12 @@ def test_a_merchants_own_payment_reported_on_an_order_winbacks_charge_paid_is_fl
     api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
     try:
         assert 'winback_executor_possible_double_payments_total{merchant_id="m_demo"} 1.0' in api.get("/metrics").text
+        page = signed_in_console(api).get("/console/orders/ord_1").text
+        assert page.count('data-testid="paid-twice"') == 1, page
+        assert "The customer may have paid twice</h2>" in page
+        assert "<code>ord_1_2</code>" in page
+        assert "txn_id <code>txn_ext</code>" in page
+        assert "Winback refunds neither on its own" in page
     finally:
         api.close()
 

@@ -302,7 +302,7 @@ channel_pacing = sa.Table(
 
 sender_holds = sa.Table(
     # How many times a provider's rate limit held a merchant's sender on a channel (``held_for``: ``rate``,
-    # ``daily_quota``) or one customer of it (``pair``: Meta's 131056), ever, for /metrics (migration 0027): the
+    # ``daily_quota``) or one customer of it (``pair``: Meta's 131056), ever, for /metrics (migration 0022): the
     # pacing rows forget theirs (``times_limited`` starts over after a quiet spell, a customer's row is deleted when
     # idle). One row per merchant, channel and kind of limit, so it stays small.
     "sender_holds",

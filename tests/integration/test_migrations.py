@@ -497,8 +497,8 @@ def test_what_a_forms_first_post_asked_is_kept_from_0021_and_dropped_on_downgrad
         engine.dispose()
 
 
-def test_the_sender_holds_counted_for_metrics_are_kept_from_0027_and_dropped_on_downgrade(database_url: str) -> None:
-    """0027 adds ``sender_holds`` beside the senders' pacing rows already kept (left as they are), and a downgrade
+def test_the_sender_holds_counted_for_metrics_are_kept_from_0022_and_dropped_on_downgrade(database_url: str) -> None:
+    """0022 adds ``sender_holds`` beside the senders' pacing rows already kept (left as they are), and a downgrade
     drops it keeping them."""
     engine = sa.create_engine(database_url)
     moment = datetime(2026, 12, 7, 5, 0, tzinfo=UTC)

@@ -7,7 +7,7 @@ figures from the database (service/executor/metrics.py), so the count of holds i
 and kind of limit (``rate``, ``daily_quota``, ``pair``), with the end of the last hold (the senders held now).
 Before this revision no hold was counted: the counters start at 0.
 
-Revision ID: 0027
+Revision ID: 0022
 Revises: 0021
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0027"
+revision = "0022"
 down_revision = "0021"
 branch_labels = None
 depends_on = None

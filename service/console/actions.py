@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -20,9 +20,10 @@ import orjson
 import sqlalchemy as sa
 
 from model.catalog import ErrorCatalog
+from model.merchant_config import QuietHours
 from model.policy import new_decision_id
 from model.requests import Alternative, Decision, DecisionRequest
-from model.rules import Candidate, RuleContext, RuleInputError, build_context, check
+from model.rules import Candidate, Rule, RuleContext, RuleInputError, build_context, check, quiet_hours_end
 from model.vocab import Action, Channel
 from service.api.store import decision_row, decisions
 from service.console.auth import Agent
@@ -135,6 +136,31 @@ def _same(candidate: Candidate, decision: Decision | Alternative) -> bool:
         decision.connector,
         decision.channel,
     )
+
+
+def _quiet_hours_note(context: RuleContext, candidate: Candidate, quiet: QuietHours) -> str:
+    """What a refusal by the quiet hours adds: when they are and the earliest moment they allow (the rules' own end
+    of them, in the customer's zones too), in the merchant's zone and UTC; and the rules that forbid it even then.
+    "" when the rules see no quiet hours at the candidate's time (nothing to add)."""
+    end = quiet_hours_end(context, candidate.execute_at)
+    if end is None:
+        return ""
+    zone = context.merchant_timezone
+    local = end.astimezone(zone)
+    where = f"{quiet.start}-{quiet.end} {quiet.timezone}"
+    if context.customer_zones:
+        where += f", and in the customer's zone{'s' if len(context.customer_zones) > 1 else ''} "
+        where += ", ".join(str(customer_zone) for customer_zone in context.customer_zones)
+    sent = candidate.execute_at.astimezone(zone)
+    note = (
+        f"; its send time, {sent:%H:%M} on {sent.day} {sent:%b} {quiet.timezone}, falls in the quiet hours "
+        f"({where}): the earliest it may go is {local:%H:%M} on {local.day} {local:%b} "
+        f"({end.astimezone(UTC):%H:%M} UTC)"
+    )
+    later = check(context, replace(candidate, execute_at=end))
+    if not later.allowed:
+        note += f", but then it is refused by: {', '.join(str(rule) for rule in later.broken)}"
+    return note
 
 
 class ActionRefusedError(Exception):
@@ -284,13 +310,16 @@ class AgentDesk:
             try:
                 plan = _plan(ask, pending, now)
                 request = self.executor.request_for(conn, order, now)
-                verdict = check(build_context(request, merchant, self.catalog), plan.candidate)
+                context = build_context(request, merchant, self.catalog)
+                verdict = check(context, plan.candidate)
             except (ActionRefusedError, RuleInputError) as exc:
                 self._audit(conn, agent, order_id, ask, ask.action, "refused", now, message=str(exc))
                 return ActionResult("refused", str(exc), state=order["state"])
             if not verdict.allowed:
                 rules = [str(rule) for rule in verdict.broken]
                 message = f"refused by the hard rules: {', '.join(rules)}"
+                if Rule.QUIET_HOURS in verdict.broken:
+                    message += _quiet_hours_note(context, plan.candidate, merchant.retarget.quiet_hours)
                 self._audit(conn, agent, order_id, ask, plan.detail, "refused", now, rules=rules, message=message)
                 return ActionResult("refused", message, rules=rules, state=order["state"])
             decision_id: str | None = pending.decision_id

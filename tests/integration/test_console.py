@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -113,9 +114,13 @@ class Console:
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[Console]:
+    yield from _console_of(tmp_path, write_console_config(tmp_path / "console-merchants.yaml"))
+
+
+def _console_of(tmp_path: Path, config_path: Path) -> Iterator[Console]:
     from service.api.app import create_app
 
-    settings = settings_for(tmp_path, config_path=write_console_config(tmp_path / "console-merchants.yaml"))
+    settings = settings_for(tmp_path, config_path=config_path)
     api = Api(create_app(settings))
     harness = Console(api, build_console_runtime(ConsoleSettings()))
     add_agent(harness.engine, "m_a", "asha@m_a", PASSWORD)
@@ -661,6 +666,49 @@ def test_an_action_the_hard_rules_forbid_is_refused_with_the_rules_name(console:
     assert [r.result for r in results] == ["refused", "refused", "refused"]
     assert results[0].rules == "channel_opted_out"
     assert results[1].rules == "channel_disabled"
+
+
+def test_an_override_refused_by_the_quiet_hours_says_when_it_may_go(tmp_path: Path) -> None:
+    """(Newcomer walk.) An override whose send time fell in the merchant's quiet hours was refused with
+    "refused by the hard rules: quiet_hours" and nothing more: the agent was not told when it would be allowed.
+    The refusal names the quiet hours and the rules' own end of them, in the merchant's zone and UTC."""
+    import yaml
+
+    config = write_console_config(tmp_path / "console-merchants.yaml")
+    merchants = yaml.safe_load(config.read_text(encoding="utf-8"))
+    quiet = {"start": "21:00", "end": "09:00", "timezone": "Asia/Kolkata"}
+    merchants["merchants"]["m_a"]["retarget"]["quiet_hours"] = quiet
+    config.write_text(yaml.safe_dump(merchants, sort_keys=False), encoding="utf-8")
+    console = next(_console_of(tmp_path, config))
+    try:
+        console.fail_order("m_a", "ord_quiet")
+        with console.engine.connect() as conn:
+            queued = conn.scalar(sa.select(agent_queue.c.decision_json).where(agent_queue.c.order_id == "ord_quiet"))
+        alternatives = json.loads(queued)["alternatives"]
+        index, link = next((i, alt) for i, alt in enumerate(alternatives) if alt["action"] == "retarget")
+        # The agent acts at 22:00 in Kolkata (quiet), after the link's planned time, whatever hour the test runs.
+        kolkata = ZoneInfo("Asia/Kolkata")
+        base = max(datetime.now(UTC), datetime.fromisoformat(link["execute_at"])).astimezone(kolkata)
+        at = base.replace(hour=22, minute=0, second=0, microsecond=0)
+        at = at if at > base else at + timedelta(days=1)
+        console.api.app.state.executor.executor.clock = lambda: at.astimezone(UTC)
+        morning = (at + timedelta(days=1)).replace(hour=9)
+        console.sign_in("asha@m_a")
+        form = {"action": "override", "alternative": str(index), "reason": "customer asked", "csrf_token": ""}
+        refused = console.act("/console/orders/ord_quiet/actions", form | {"csrf_token": console.csrf()})
+        assert flash(refused).startswith("refused by the hard rules: quiet_hours"), flash(refused)
+        assert (
+            f"its send time, 22:00 on {at.day} {at:%b} Asia/Kolkata, falls in the quiet hours "
+            "(21:00-09:00 Asia/Kolkata): "
+            f"the earliest it may go is 09:00 on {morning.day} {morning:%b} (03:30 UTC)"
+        ) in flash(refused)
+        with console.engine.connect() as conn:
+            assert conn.scalar(sa.select(orders.c.state).where(orders.c.order_id == "ord_quiet")) == "AWAITING_AGENT"
+            assert conn.scalar(sa.select(audit_log.c.rules).where(audit_log.c.order_id == "ord_quiet")) == (
+                "quiet_hours"
+            )
+    finally:
+        console.api.close()
 
 
 def test_stop_closes_the_order_and_autonomous_orders_are_read_only(console: Console) -> None:

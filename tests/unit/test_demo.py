@@ -279,3 +279,39 @@ def test_the_demo_clock_is_said_in_its_largest_whole_unit(speed: float, span: st
     from service.demo import demo_clock_span
 
     assert demo_clock_span(speed) == span
+
+
+def test_the_summary_counts_the_demos_own_orders_not_one_posted_by_hand(tmp_path: Path) -> None:
+    # (Newcomer walk.) After posting an order of their own to the running demo's API, the summary read "failed
+    # payments posted: 2 (orders by state: AWAITING_AGENT 3)": every order in the database, beside the demo's count.
+    import json
+
+    from rich.console import Console
+
+    from service.api.app import create_app
+    from service.demo import LiveDemo, LiveOptions
+    from tests.factories import make_request, write_console_config
+    from tests.unit.test_api import Api, settings_for
+
+    settings = settings_for(tmp_path, config_path=write_console_config(tmp_path / "console-merchants.yaml"))
+    api = Api(create_app(settings))
+    try:
+        for order_id in ("demo_1", "demo_2", "by_hand"):
+            request = make_request(merchant_id="m_a", order_id=order_id, event_time=datetime.now(UTC).isoformat())
+            body = json.loads(request.model_dump_json()) | {"idempotency_key": f"evt_{order_id}"}
+            answer = api.post("/v1/events/payment-failed", body, key="wb_demo_m_a")
+            assert answer.status_code == 202, answer.text
+    finally:
+        api.close()
+    options = LiveOptions(
+        workdir=tmp_path, database_url=settings.database_url, tracking_uri="", host="127.0.0.1", port=8000, seed=1,
+        clock_speed=3600.0, serve=False, seconds=60.0, pay_share=0.6,
+    )  # fmt: skip
+    demo = LiveDemo(options, ["winback"], Console())
+    demo.posted.extend({"merchant_id": "m_a", "order_id": order_id} for order_id in ("demo_1", "demo_2"))
+    summary = demo.summary()
+    assert (summary.posted, summary.states) == (2, {"AWAITING_AGENT": 2})
+    assert summary.other_orders == 1
+    shown = Console(width=200, record=True)
+    shown.print(summary.table())
+    assert "2 (orders by state: AWAITING_AGENT 2; and 1 order the demo did not post)" in shown.export_text()

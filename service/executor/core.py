@@ -740,6 +740,19 @@ def _names_charge(order: RowMapping, charge: ActionRow) -> bool:
     return order["state"] == OrderState.SUCCEEDED and _names_payment(charge, order["success_txn_id"])
 
 
+def _order_charges(conn: sa.Connection, merchant_id: str, order_id: str) -> list[ActionRow]:
+    """Every charge action of the order (a retry or a link payment), in any state: those a merchant's
+    ``payment-succeeded`` may name (``_names_payment``)."""
+    rows = conn.execute(
+        sa.select(actions).where(
+            actions.c.merchant_id == merchant_id,
+            actions.c.order_id == order_id,
+            actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+        )
+    ).mappings()
+    return [ActionRow.of(row) for row in rows.all()]
+
+
 def _paid_on_the_merchants_word(order: RowMapping, charge: ActionRow) -> bool:
     """Whether ``order`` succeeded on its merchant's ``payment-succeeded`` naming ``charge``, a charge of winback's
     whose switch had not said it succeeded: an answer of the switch other than "succeeded" contradicts the merchant.
@@ -1727,14 +1740,7 @@ class Executor:
         winback's charge, with its one webhook. ``order`` is locked."""
         if txn_id == order["success_txn_id"]:
             return
-        rows = conn.execute(
-            sa.select(actions).where(
-                actions.c.merchant_id == order["merchant_id"],
-                actions.c.order_id == order["order_id"],
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-            )
-        ).mappings()
-        charges = [ActionRow.of(row) for row in rows.all()]
+        charges = _order_charges(conn, order["merchant_id"], order["order_id"])
         if any(_names_payment(charge, txn_id) for charge in charges):
             return  # one of winback's own payments, not the merchant's
         settled_by = next((charge for charge in charges if _names_charge(order, charge)), None)
@@ -1770,15 +1776,7 @@ class Executor:
         comes (``_record_attempt``, ``_answer_after_not_charged``)."""
         order = self.lock_order(conn, merchant_id, order_id)
         assert order is not None
-        charges = conn.execute(
-            sa.select(actions).where(
-                actions.c.merchant_id == merchant_id,
-                actions.c.order_id == order_id,
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
-            )
-        ).mappings()
-        for row in charges.all():
-            charge = ActionRow.of(row)
+        for charge in _order_charges(conn, merchant_id, order_id):
             if not _paid_on_the_merchants_word(order, charge):
                 continue
             declined = conn.execute(

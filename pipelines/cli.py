@@ -559,12 +559,11 @@ def executor_refunds_by_hand(
     import os
 
     from service.executor.core import ChargeResolutionError
-    from service.executor.worker import list_paid_twice, list_refunds_by_hand
+    from service.executor.worker import list_refunds_by_hand
 
     url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
     try:
-        found = list_refunds_by_hand(url, merchant)
-        twice = list_paid_twice(url, merchant)
+        found, twice = list_refunds_by_hand(url, merchant)
     except (ChargeResolutionError, ValueError) as exc:
         raise fail(str(exc)) from None
     for paid in twice:  # first: nothing is in hand for these, not even a refund refused

@@ -669,16 +669,16 @@ def list_charge_disputes(database_url: str, merchant_id: str | None = None) -> l
     return _read_executor_database(database_url, lambda conn: charge_disputes(conn, merchant_id))
 
 
-def list_refunds_by_hand(database_url: str, merchant_id: str | None = None) -> list[RefundByHand]:
-    """``winback executor refunds-by-hand``: the refunds of duplicate charges given to an operator to make by hand
-    (``Executor._hand_refund_over``), a merchant's or all, oldest first."""
-    return _read_executor_database(database_url, lambda conn: refunds_by_hand(conn, merchant_id))
-
-
-def list_paid_twice(database_url: str, merchant_id: str | None = None) -> list[PaidTwice]:
-    """``winback executor refunds-by-hand``'s second part: the orders paid by winback's charge that their merchant
-    then reported paid by a payment of its own (``Executor._merchant_paid_too``), a merchant's or all."""
-    return _read_executor_database(database_url, lambda conn: paid_twice(conn, merchant_id))
+def list_refunds_by_hand(
+    database_url: str, merchant_id: str | None = None
+) -> tuple[list[RefundByHand], list[PaidTwice]]:
+    """``winback executor refunds-by-hand``, a merchant's or all, oldest first, read on one connection: the refunds
+    of duplicate charges given to an operator to make by hand (``Executor._hand_refund_over``), and the orders paid
+    by winback's charge that their merchant then reported paid by a payment of its own
+    (``Executor._merchant_paid_too``)."""
+    return _read_executor_database(
+        database_url, lambda conn: (refunds_by_hand(conn, merchant_id), paid_twice(conn, merchant_id))
+    )
 
 
 #: What an operator's listing reads from the executor's database.

@@ -56,6 +56,12 @@ def _env_name(value: str) -> str:
 EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
+def connector_key(name: str) -> str:
+    """A connector name as one connector: trimmed, in any case (``"Adyen "`` is ``adyen``), as the rules, the
+    executor and the config read it."""
+    return name.strip().casefold()
+
+
 class ConfigError(ValueError):
     """The merchant config file is unusable; the message names the offending key's path."""
 
@@ -208,7 +214,7 @@ class MerchantConfig(_Strict):
         # The rules match connector names trimmed and in any case: "Stripe" and "stripe " are one connector.
         seen: dict[str, str] = {}
         for name in value:
-            key = name.strip().casefold()
+            key = connector_key(name)
             if not key:
                 raise ValueError("a connector name is empty")
             if key in seen:
@@ -250,7 +256,32 @@ def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
             shared.append(f"merchants.{merchant_id}.api_key_sha256: the same key as merchant {first!r}")
     if shared:
         raise ConfigError(f"{source}: " + "; ".join(shared) + " (each merchant needs its own API key)")
+    _refuse_unlisted_endpoints(config, source)
     return config
+
+
+def _refuse_unlisted_endpoints(config: WinbackConfig, source: str) -> None:
+    """ConfigError naming each ``connector_endpoints`` key that is none of its merchant's ``connectors``.
+
+    Such an entry is never what a retry through a listed connector finds: a typo (``adyn`` for ``adyen``) left
+    ``adyen`` without an endpoint, so its silent retries went to the sandbox (``WINBACK_SANDBOX_URL``), or were
+    dead-lettered, while the start-up looked fine. Names match trimmed and in any case, as the executor reads them.
+    """
+    problems: list[str] = []
+    for merchant_id, merchant in config.merchants.items():
+        listed = {connector_key(name) for name in merchant.connectors}
+        problems.extend(
+            f"merchants.{merchant_id}.connector_endpoints.{name}: names no connector of this merchant "
+            f"(its connectors: {', '.join(merchant.connectors)})"
+            for name in merchant.connector_endpoints
+            if connector_key(name) not in listed
+        )
+    if problems:
+        raise ConfigError(
+            f"{source}: "
+            + "; ".join(problems)
+            + " (fix the name, or list the connector in `connectors` if its orders may be retried through it)"
+        )
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"

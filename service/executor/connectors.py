@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
-from model.merchant_config import ConnectorEndpoint
+from model.merchant_config import ConnectorEndpoint, connector_key
 from model.requests import DecisionRequest
 from model.vocab import Strategy
 
@@ -452,11 +452,6 @@ def _lost_answer(last_error: str, reached: str) -> str:
     if last_error == reached:
         return f"{last_error} (the payment may have been charged)"
     return f"{last_error}; an earlier try may have been charged ({reached})"
-
-
-def connector_key(name: str) -> str:
-    """A connector name as one connector: trimmed, in any case (``"Adyen "`` is ``adyen``)."""
-    return name.strip().casefold()
 
 
 class ConnectorRegistry:

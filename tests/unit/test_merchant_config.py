@@ -330,3 +330,28 @@ def test_an_empty_or_listed_file_is_refused_in_words(tmp_path: Path, text: str, 
     config.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(config)
+
+
+def test_a_connector_endpoint_naming_no_connector_of_its_merchant_is_refused(tmp_path: Path) -> None:
+    """A ``connector_endpoints`` key that is none of the merchant's ``connectors`` was accepted: with ``adyn`` written
+    for ``adyen``, start-up was silent and every silent retry through adyen went to the sandbox
+    (``WINBACK_SANDBOX_URL``) instead of the merchant's switch. Now start-up refuses it, naming the key's path and the
+    merchant's connectors; a name spelled in another case or with spaces is the same connector and is accepted."""
+    merchant = {
+        "connectors": ["stripe", "adyen"],
+        "connector_endpoints": {
+            "Stripe ": {"kind": "sandbox"},
+            "adyn": {"kind": "http", "base_url": "https://switch.merchant.example", "api_key_env": "SWITCH_KEY"},
+        },
+    }
+    path = tmp_path / "merchants.yaml"
+    path.write_text(yaml.safe_dump(minimal(**merchant)))
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert str(excinfo.value) == (
+        f"{path}: merchants.m_demo.connector_endpoints.adyn: names no connector of this merchant (its connectors: "
+        "stripe, adyen) (fix the name, or list the connector in `connectors` if its orders may be retried through it)"
+    )
+    merchant["connector_endpoints"]["Adyen"] = merchant["connector_endpoints"].pop("adyn")
+    path.write_text(yaml.safe_dump(minimal(**merchant)))
+    assert sorted(load_config(path).merchants["m_demo"].connector_endpoints) == ["Adyen", "Stripe "]

@@ -222,6 +222,19 @@ class MerchantConfig(_Strict):
             seen[key] = name
         return value
 
+    @field_validator("connector_endpoints")
+    @classmethod
+    def _one_endpoint_each(cls, value: dict[str, ConnectorEndpoint]) -> dict[str, ConnectorEndpoint]:
+        # The executor looks an endpoint up trimmed and in any case: "adyen" and "Adyen" would be two entries for one
+        # connector, and which one its charges went to would depend on how a decision spelt it.
+        seen: dict[str, str] = {}
+        for name in value:
+            key = connector_key(name)
+            if key in seen:
+                raise ValueError(f"{name!r} and {seen[key]!r} are one connector: give it one entry")
+            seen[key] = name
+        return value
+
 
 class WinbackConfig(_Strict):
     merchants: dict[str, MerchantConfig] = Field(min_length=1)
@@ -256,32 +269,27 @@ def parse_config(raw: object, source: str = "<config>") -> WinbackConfig:
             shared.append(f"merchants.{merchant_id}.api_key_sha256: the same key as merchant {first!r}")
     if shared:
         raise ConfigError(f"{source}: " + "; ".join(shared) + " (each merchant needs its own API key)")
-    _refuse_unlisted_endpoints(config, source)
     return config
 
 
-def _refuse_unlisted_endpoints(config: WinbackConfig, source: str) -> None:
-    """ConfigError naming each ``connector_endpoints`` key that is none of its merchant's ``connectors``.
+def unlisted_endpoints(config: WinbackConfig) -> list[str]:
+    """The ``connector_endpoints`` keys that name none of their merchant's ``connectors``, each as its key path and the
+    merchant's connectors, for a warning at start.
 
-    Such an entry is never what a retry through a listed connector finds: a typo (``adyn`` for ``adyen``) left
-    ``adyen`` without an endpoint, so its silent retries went to the sandbox (``WINBACK_SANDBOX_URL``), or were
-    dead-lettered, while the start-up looked fine. Names match trimmed and in any case, as the executor reads them.
+    CONTRACT.md section 2 lets a request's ``available_connectors`` name connectors outside the config's pecking
+    order, so such an entry may be meant; but it is more often a typo (``adyn`` for ``adyen``) that leaves the real
+    connector without an endpoint, its silent retries sent to the sandbox (``WINBACK_SANDBOX_URL``) or dead-lettered
+    while start-up looked fine. Names match trimmed and in any case, as the executor reads them.
     """
-    problems: list[str] = []
+    unlisted: list[str] = []
     for merchant_id, merchant in config.merchants.items():
         listed = {connector_key(name) for name in merchant.connectors}
-        problems.extend(
-            f"merchants.{merchant_id}.connector_endpoints.{name}: names no connector of this merchant "
-            f"(its connectors: {', '.join(merchant.connectors)})"
+        unlisted.extend(
+            f"merchants.{merchant_id}.connector_endpoints.{name} (its connectors: {', '.join(merchant.connectors)})"
             for name in merchant.connector_endpoints
             if connector_key(name) not in listed
         )
-    if problems:
-        raise ConfigError(
-            f"{source}: "
-            + "; ".join(problems)
-            + " (fix the name, or list the connector in `connectors` if its orders may be retried through it)"
-        )
+    return unlisted
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"

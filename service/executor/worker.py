@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from model.catalog import REQUEST_CATALOG_MEMO_SIZE, ErrorCatalog, MemoCatalog
 from model.gsm import serving_catalog
-from model.merchant_config import MerchantConfig, WinbackConfig, load_config
+from model.merchant_config import MerchantConfig, WinbackConfig, load_config, unlisted_endpoints
 from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from service.api.settings import settings_from_env
@@ -503,6 +503,12 @@ def worker_main(
             "no connector_endpoints entry and no WINBACK_SANDBOX_URL for %s: each silent retry through them will be "
             "dead-lettered",
             "; ".join(unrouted),
+        )
+    if unlisted := unlisted_endpoints(config):
+        log.warning(
+            "connector_endpoints entries naming none of their merchant's connectors: %s; they serve only requests "
+            "whose available_connectors name them (a misspelt key leaves the real connector without an endpoint)",
+            "; ".join(unlisted),
         )
     worker = Worker(
         executor,

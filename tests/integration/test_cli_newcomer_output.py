@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
+from model.datafiles import DEMO_MERCHANTS_FILE
 from model.history import read_history, write_attempts
 from pipelines.cli import app
 from tests.factories import Printed, run_winback
@@ -132,11 +134,11 @@ def test_codes_report_shows_a_digest_of_the_most_failed_codes_and_says_how_to_se
     assert f"showing 3 of {len(report)} codes" in " ".join(fewer.stdout.split())
 
 
-def _executor_start(folder: Path, *extra_env: tuple[str, str]) -> Printed:
+def _executor_start(folder: Path, *extra_env: tuple[str, str], config: Path | None = None) -> Printed:
     """`winback executor run` for a second on the database and registry in ``folder`` (made on the first run)."""
     return run_winback(
         "executor", "run", "--stop-after", "1", "--database-url", f"sqlite:///{folder / 'winback.db'}",
-        "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *(("--config", str(config)) if config else ()),
         cwd=folder, env=dict(extra_env),
     )  # fmt: skip
 
@@ -188,6 +190,19 @@ def test_executor_start_says_which_connectors_no_silent_retry_can_reach(tmp_path
     assert sandboxed.exit_code == 0, sandboxed.stderr
     assert "is running" in sandboxed.stderr
     assert "connector_endpoints" not in sandboxed.stderr
+    # An endpoint key naming none of its merchant's connectors (a typo, or one only requests name): said once.
+    config = yaml.safe_load(DEMO_MERCHANTS_FILE.read_text())
+    config["merchants"]["m_us_saas"]["connector_endpoints"] = {"adyn": {"kind": "sandbox"}}
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(config))
+    named = _executor_start(tmp_path, ("WINBACK_SANDBOX_URL", "http://127.0.0.1:9"), config=typo)
+    assert named.exit_code == 0, named.stderr
+    (warned,) = [line for line in named.stderr.splitlines() if "connector_endpoints" in line]
+    assert '"level":"WARNING"' in warned
+    assert (
+        "connector_endpoints entries naming none of their merchant's connectors: "
+        "merchants.m_us_saas.connector_endpoints.adyn (its connectors: stripe, adyen, cybersource);"
+    ) in warned
 
 
 def _fresh_store(folder: Path) -> str:

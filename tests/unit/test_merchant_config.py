@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from model.merchant_config import ConfigError, load_config, parse_config
+from model.merchant_config import ConfigError, load_config, parse_config, unlisted_endpoints
 
 DIGEST = "a" * 64
 
@@ -332,26 +332,19 @@ def test_an_empty_or_listed_file_is_refused_in_words(tmp_path: Path, text: str, 
         load_config(config)
 
 
-def test_a_connector_endpoint_naming_no_connector_of_its_merchant_is_refused(tmp_path: Path) -> None:
-    """A ``connector_endpoints`` key that is none of the merchant's ``connectors`` was accepted: with ``adyn`` written
-    for ``adyen``, start-up was silent and every silent retry through adyen went to the sandbox
-    (``WINBACK_SANDBOX_URL``) instead of the merchant's switch. Now start-up refuses it, naming the key's path and the
-    merchant's connectors; a name spelled in another case or with spaces is the same connector and is accepted."""
-    merchant = {
-        "connectors": ["stripe", "adyen"],
-        "connector_endpoints": {
-            "Stripe ": {"kind": "sandbox"},
-            "adyn": {"kind": "http", "base_url": "https://switch.merchant.example", "api_key_env": "SWITCH_KEY"},
-        },
-    }
-    path = tmp_path / "merchants.yaml"
-    path.write_text(yaml.safe_dump(minimal(**merchant)))
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(path)
-    assert str(excinfo.value) == (
-        f"{path}: merchants.m_demo.connector_endpoints.adyn: names no connector of this merchant (its connectors: "
-        "stripe, adyen) (fix the name, or list the connector in `connectors` if its orders may be retried through it)"
+def test_connector_endpoints_name_each_connector_once_and_unlisted_ones_are_named() -> None:
+    """Two ``connector_endpoints`` keys for one connector (``adyen`` and ``Adyen``) were accepted, and which entry a
+    charge used depended on how its decision spelt the connector: now refused with the key's path. A key naming
+    none of the merchant's ``connectors`` (``adyn`` for ``adyen``) was accepted silently, leaving adyen's silent retries
+    to the sandbox or the dead-letter queue; requests' ``available_connectors`` may name connectors outside the
+    config (CONTRACT.md section 2), so it stays valid but is named for the executor's start-up warning."""
+    switch = {"kind": "http", "base_url": "https://switch.merchant.example", "api_key_env": "SWITCH_KEY"}
+    twice = minimal(connectors=["stripe", "adyen"], connector_endpoints={"adyen": switch, "Adyen": switch})
+    with pytest.raises(ConfigError, match=r"merchants\.m_demo\.connector_endpoints: .*'Adyen' and 'adyen' are one"):
+        parse_config(twice)
+    typo = parse_config(
+        minimal(connectors=["stripe", "adyen"], connector_endpoints={"Stripe ": {"kind": "sandbox"}, "adyn": switch})
     )
-    merchant["connector_endpoints"]["Adyen"] = merchant["connector_endpoints"].pop("adyn")
-    path.write_text(yaml.safe_dump(minimal(**merchant)))
-    assert sorted(load_config(path).merchants["m_demo"].connector_endpoints) == ["Adyen", "Stripe "]
+    assert unlisted_endpoints(typo) == ["merchants.m_demo.connector_endpoints.adyn (its connectors: stripe, adyen)"]
+    fixed = parse_config(minimal(connectors=["stripe", "adyen"], connector_endpoints={"Adyen": switch}))
+    assert unlisted_endpoints(fixed) == []

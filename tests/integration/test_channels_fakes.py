@@ -503,6 +503,31 @@ SMTP_ANSWERS = [
     ("RCPT", 550, "5.1.1 The email account that you tried to reach does not exist. - gsmtp", None),
     ("RCPT", 450, "4.2.1 The user you are trying to contact is receiving mail too quickly. - gsmtp", None),
     ("MAIL", 421, "4.7.0 Try again later, closing connection. - gsmtp", None),
+    # Microsoft Exchange Online's NDR codes and texts (data/README.md); Exchange Server's submission rate limit.
+    ("MAIL", 451, "4.7.500 Access denied, please try again later", "rate"),
+    ("RCPT", 451, "4.7.850 Access denied, please try again later", "rate"),
+    ("MAIL", 550, "5.7.508 Access denied, [2001:db8::7] has exceeded permitted limits within /64 range", "rate"),
+    ("MAIL", 421, "4.4.2 Message submission rate for this client has exceeded the configured limit", "rate"),
+    ("DATA", 550, "5.2.2 Submission quota exceeded", "daily_quota"),
+    (
+        "RCPT",
+        550,
+        "5.1.90 Your message can't be sent because you've reached your daily limit for message recipients",
+        "daily_quota",
+    ),
+    (
+        "RCPT",
+        550,
+        "5.7.233 Your message can't be sent because your tenant exceeded its daily limit for sending email to "
+        "external recipients (tenant external recipient rate limit)",
+        "daily_quota",
+    ),
+    ("MAIL", 550, "5.7.705 Access denied, tenant has exceeded threshold", None),
+    ("MAIL", 550, "5.7.750 Service unavailable. Client blocked from sending from unregistered domains", None),
+    ("MAIL", 550, "5.1.8 Access denied, bad outbound sender", None),
+    ("RCPT", 452, "4.5.3 Too many recipients", None),
+    ("RCPT", 432, "4.3.2 STOREDRV.Deliver; recipient thread limit exceeded", None),
+    ("DATA", 552, "5.2.2 Mailbox full", None),  # RFC 3463's 5.2.2, the recipient's: not the submission quota
 ]
 
 
@@ -530,6 +555,28 @@ def test_a_relays_throttling_answer_says_the_sender_is_limited_and_a_recipients_
         assert result.status == ("rejected" if code >= 500 else "retryable")
     assert after.status == "accepted"  # the fault was the one answer planned
     assert [mail["to"] for mail in smtp.messages] == [["ravi@example.com"]]
+
+
+@pytest.mark.parametrize(
+    ("at", "text"),
+    [
+        ("RCPT", "5.2.121 Recipient's per hour message receive limit from specific sender exceeded"),
+        ("DATA", "5.2.122 Recipient's per hour message receive limit exceeded"),
+    ],
+)
+def test_an_exchange_recipients_hourly_limit_is_tried_again_later_not_refused(at: str, text: str) -> None:
+    """Before: Exchange Online's ``550 5.2.121``/``5.2.122`` (the recipient got more messages this hour than it may)
+    was a refusal of the message for good, counted against the customer's ``max_nudges``. Microsoft says to try again
+    later: now it is not taken, tried again on its own (as a 4xx is), and holds no sender (data/README.md)."""
+    with FakeSmtpServer(username="mailer", password="s3cret") as smtp:
+        smtp.fail(code=550, text=text, at=at)
+        [result, after] = send(
+            smtp_adapter(smtp.port),
+            message(Channel.EMAIL, to="asha@example.com"),
+            message(Channel.EMAIL, key="k2", to="ravi@example.com"),
+        )
+    assert (result.status, result.not_taken, result.sender_limited) == ("retryable", True, None)
+    assert after.status == "accepted"
 
 
 def test_smtp_server_down_is_retryable() -> None:

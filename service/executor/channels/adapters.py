@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
@@ -613,14 +613,22 @@ def smtp_sender_limit(code: int, reply: str) -> SenderLimit | None:
       exceeded`` (all ``rate``, temporary); ``550 5.4.5 Daily user sending limit exceeded``, ``550 5.4.5 Daily SMTP
       relay limit exceeded for user`` and ``550 5.7.1 Daily SMTP relay limit exceeded for customer`` (``daily_quota``:
       a 5xx, yet the sender can send again within 24 hours, so not a refusal of the message).
+    - Microsoft Exchange Online (its NDR codes): ``4.7.500``-``4.7.699`` and ``4.7.850``-``4.7.899`` "Access denied,
+      please try again later" (sending, or the sending IP, temporarily restricted), ``5.7.508`` (the sender's IP range
+      exceeded permitted limits: too many messages in too short a time), and Exchange Server's ``421 4.4.2`` "Message
+      submission rate for this client has exceeded the configured limit" (all ``rate``); ``5.1.90`` (the daily limit
+      for message recipients), ``5.2.2`` "Submission quota exceeded" and ``5.7.232``/``5.7.233`` (the tenant's
+      external recipient rate limit, a rolling 24 hours) (``daily_quota``).
 
     Not a sender's limit: ``450 4.2.1`` "the user you are trying to contact is receiving mail too quickly" (that
-    recipient only), a refused recipient (``550 5.1.1``), any other 4xx (the message is tried again on its own)."""
+    recipient only), a refused recipient (``550 5.1.1``), any other 4xx (the message is tried again on its own).
+    Exchange Online's bans of the sender (``5.1.8``, ``5.7.501``-``5.7.503``, ``5.7.511``, ``5.7.606``-``5.7.649``,
+    ``5.7.705``, ``5.7.708``, ``5.7.750``) end only when an admin acts: refusals, as any other 5xx; its recipient
+    limits (``432 4.3.2``, ``5.2.121``, ``5.2.122``: ``smtp_recipient_busy``) are about that recipient."""
     text = " ".join(reply.split()).lower()
     if code == 454 and "throttling failure" in text:
         return "daily_quota" if "daily message quota" in text else "rate"
-    found = _ENHANCED_STATUS.search(text)
-    status = found.group(0) if found else ""
+    status = _enhanced_status(text)
     daily = "daily" in text and ("limit exceeded" in text or "quota exceeded" in text)
     if 500 <= code < 600 and status in ("5.4.5", "5.7.1") and daily:
         return "daily_quota"
@@ -630,11 +638,53 @@ def smtp_sender_limit(code: int, reply: str) -> SenderLimit | None:
         return "rate"
     if code == 450 and status == "4.2.1" and "relay limit" in text:
         return "rate"
+    if 500 <= code < 600 and (status in _EXCHANGE_DAILY or (status == "5.2.2" and "submission quota" in text)):
+        return "daily_quota"
+    if 400 <= code < 500 and _in_ranges(status, _EXCHANGE_RESTRICTED):
+        return "rate"
+    if (500 <= code < 600 and status == "5.7.508") or (code == 421 and "submission rate" in text):
+        return "rate"
     return None
+
+
+#: Exchange Online's daily limits of a sender (data/README.md): the daily limit for message recipients (5.1.90) and
+#: the tenant's external recipient rate limit (5.7.232 for a trial tenant, 5.7.233), both over a rolling 24 hours.
+_EXCHANGE_DAILY: Final = frozenset({"5.1.90", "5.7.232", "5.7.233"})
+#: Exchange Online's "Access denied, please try again later": sending (4.7.500-699) or the sending IP (4.7.850-899)
+#: temporarily restricted, "lifted shortly" (data/README.md).
+_EXCHANGE_RESTRICTED: Final = ((4, 7, 500, 699), (4, 7, 850, 899))
+#: Exchange Online's 5xx answers that a recipient takes no more this hour (data/README.md): from this sender
+#: (5.2.121) or from all (5.2.122). Its throttled recipient mailbox (432 4.3.2) is a 4xx, tried later as any is.
+_EXCHANGE_RECIPIENT_BUSY: Final = frozenset({"5.2.121", "5.2.122"})
+
+
+def _in_ranges(status: str, ranges: tuple[tuple[int, int, int, int], ...]) -> bool:
+    parts = status.split(".")
+    if len(parts) != 3:
+        return False
+    klass, subject, detail = map(int, parts)
+    return any(klass == k and subject == s and low <= detail <= high for k, s, low, high in ranges)
+
+
+def _enhanced_status(reply: str) -> str:
+    found = _ENHANCED_STATUS.search(reply)
+    return found.group(0) if found else ""
+
+
+def smtp_recipient_busy(code: int, reply: str) -> bool:
+    """Whether a 5xx answer ``code`` ``reply`` is Exchange Online's saying the recipient takes no more messages this
+    hour (``5.2.121`` from this sender, ``5.2.122`` from all): the message is tried again later, as a 4xx is, not
+    refused for good ("the automated mailer or sender should try again later": data/README.md)."""
+    return 500 <= code < 600 and _enhanced_status(reply) in _EXCHANGE_RECIPIENT_BUSY
 
 
 def _reply_text(reply: bytes | str) -> str:
     return reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+
+
+def _try_later(code: int, reply: str) -> bool:
+    """Whether an SMTP answer about this message says to try it again later (a 4xx; a recipient busy for the hour)."""
+    return 400 <= code < 500 or smtp_recipient_busy(code, reply)
 
 
 def _sender_limited(code: int, reply: str) -> SendResult | None:
@@ -704,7 +754,8 @@ class SmtpAdapter(_Adapter):
                 if limited is not None:
                     return limited
             codes = [code for code, _ in exc.recipients.values()]
-            status = "retryable" if all(400 <= code < 500 for code in codes) else "rejected"
+            later = all(_try_later(code, _reply_text(answer)) for code, answer in exc.recipients.values())
+            status = "retryable" if later else "rejected"
             error = f"smtp: recipient refused ({', '.join(map(str, codes))})"
             return SendResult(status=status, error=error, not_taken=status == "retryable")
         except smtplib.SMTPResponseException as exc:  # a 4xx answer is the server's "not taken, try later"
@@ -712,7 +763,7 @@ class SmtpAdapter(_Adapter):
             limited = _sender_limited(exc.smtp_code, reply)
             if limited is not None:
                 return limited
-            status = "retryable" if 400 <= exc.smtp_code < 500 else "rejected"
+            status = "retryable" if _try_later(exc.smtp_code, reply) else "rejected"
             return SendResult(status=status, error=f"smtp: {exc.smtp_code} {reply}", not_taken=status == "retryable")
         except ConnectionRefusedError as exc:
             return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}", not_taken=True)

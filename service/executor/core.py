@@ -50,7 +50,12 @@ from service.executor.outages import (
     note_refusal,
     without_channels,
 )
-from service.executor.pacing import forget_idle_customers, note_pair_rate_limited, note_rate_limited
+from service.executor.pacing import (
+    forget_idle_customers,
+    note_pair_rate_limited,
+    note_rate_limited,
+    senders_over_quota,
+)
 from service.executor.store import (
     OPEN_ACTION_STATES,
     OPEN_ORDER_STATES,
@@ -482,6 +487,13 @@ class RetryPolicy:
     sender_quota_first_hold_seconds: float = 600.0
     #: A day: Google lifts a Workspace account's daily sending limit within 24 hours (data/README.md).
     sender_quota_max_hold_seconds: float = 86_400.0
+    #: A sender held for its daily quota longer than this is out, as a channel down is (service/executor/outages.py):
+    #: the orders are decided again without the channel (another allowed channel now, or the message waits for the
+    #: hold's end when there is none), instead of every e-mail waiting out hours of the quota. Fifteen minutes, as
+    #: ``channel_down_after_seconds`` (a channel that sent nothing that long is down) and the longest rate hold: the
+    #: first hold (10 minutes, ``sender_quota_first_hold_seconds``) waits, as SES's quota comes back gradually; a
+    #: second in a row (20 minutes, then 40, ... up to a day) is decided around.
+    sender_quota_replan_after_seconds: float = 900.0
     #: When a sender's hold ends, the messages it held go one at a time, this far apart (service/executor/pacing.py):
     #: all at once, they were the burst that hit the limit again.
     rate_limit_release_spacing_seconds: float = 1.0
@@ -515,6 +527,11 @@ class RetryPolicy:
             why="over its daily quota" if limit == "daily_quota" else "rate limited",
             limit=limit,
         )
+
+    def senders_over_quota(self, conn: sa.Connection, merchant_id: str, now: datetime) -> dict[Channel, datetime]:
+        """``pacing.senders_over_quota``: the merchant's channels whose sender is held for its daily quota longer
+        than ``sender_quota_replan_after_seconds``, with the end of each hold."""
+        return senders_over_quota(conn, merchant_id, now, timedelta(seconds=self.sender_quota_replan_after_seconds))
 
     def note_pair_rate_limited(
         self, conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime
@@ -642,10 +659,17 @@ MESSAGE_PACED_TURN = "paced_turn"
 MESSAGE_CUSTOMER_PACED_TURN = "customer_paced_turn"
 
 
+def over_quota_entry(channel: Channel) -> str:
+    """The ``rules_applied`` entry of a decision made while ``channel``'s sender was held for hours for its daily
+    quota (``RetryPolicy.sender_quota_replan_after_seconds``)."""
+    return f"sender_over_quota:{channel.value}"
+
+
 def waits_for_channel(decision: Decision) -> bool:
-    """Whether ``decision`` is a message planned to wait for its channel, which was down when it was made (only
-    such a decision names a channel its ``rules_applied`` says was down)."""
-    return decision.channel is not None and down_entry(decision.channel) in decision.rules_applied
+    """Whether ``decision`` is a message planned to wait for its channel, which was down (or its sender over its
+    daily quota) when it was made (only such a decision names a channel its ``rules_applied`` says was out)."""
+    channel = decision.channel
+    return channel is not None and bool({down_entry(channel), over_quota_entry(channel)} & set(decision.rules_applied))
 
 
 def _planned_what(action: ActionRow) -> str:
@@ -1840,7 +1864,11 @@ class Executor:
         # channel may take the message now.
         held = {channel: until for channel, until in _held_channels(conn, request, now).items() if channel in listed}
         noted += [f"channel_held:{channel.value}" for channel in sorted(held, key=lambda c: c.value)]
-        for channel, until in held.items():
+        # A sender held for hours for its daily quota is out as a channel down is, for every order of the merchant.
+        over = self.retry_policy.senders_over_quota(conn, request.merchant_id, now)
+        over = {channel: until for channel, until in over.items() if channel in listed}
+        noted += [over_quota_entry(channel) for channel in sorted(over, key=lambda c: c.value)]
+        for channel, until in [*held.items(), *over.items()]:
             down[channel] = max(until, down.get(channel, until))
         if not down:
             return self.decider(request, merchant)
@@ -1851,13 +1879,13 @@ class Executor:
             waiting = self.decider(request.model_copy(update={"event_time": min(down.values())}), merchant)
             if waiting.action == Action.RETARGET and waiting.channel is not None and waiting.channel in down:
                 until = down[waiting.channel]
+                how = "held back" if waiting.channel in {**held, **over} else "down"
                 return waiting.model_copy(
                     update={
                         "execute_at": max(as_utc(waiting.execute_at), until),
                         "reasons": [
                             *waiting.reasons,
-                            f"{waiting.channel.value} is {'held back' if waiting.channel in held else 'down'} until "
-                            f"{until.isoformat()}: the message waits for it",
+                            f"{waiting.channel.value} is {how} until {until.isoformat()}: the message waits for it",
                         ],
                         "rules_applied": [*waiting.rules_applied, *noted],
                     }
@@ -2831,9 +2859,20 @@ class Executor:
         only limited), never given up for it, and not recorded as a message sent. Before, each such message was tried
         again on its own every few seconds to minutes, into the same limit, counted toward the channel's outage, and
         given up after an hour (a daily quota lasts longer): recorded as a message refused, counted against the
-        customer's ``max_nudges``."""
+        customer's ``max_nudges``. A daily quota's hold longer than ``sender_quota_replan_after_seconds`` is taken as
+        an outage is: the message is not sent nor counted and its order is decided again without the channel (a
+        message an earlier try may have sent, or planned to wait for the channel, waits for the hold as before)."""
         channel = Channel(str(action.payload["channel"]))
         until = self.retry_policy.note_rate_limited(conn, action.merchant_id, channel, now, limit)
+        waits = action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or action.payload.get(MESSAGE_WAITS_FOR_CHANNEL)
+        if not waits and channel in self.retry_policy.senders_over_quota(conn, action.merchant_id, now):
+            # Held for hours (``sender_quota_replan_after_seconds``): as in an outage, never sent, so neither
+            # recorded nor counted, and the order is decided again without the channel (``_decision_point``).
+            reason = f"not sent: {channel.value}'s sender is over its daily quota until {until.isoformat()}"
+            self._release(conn, action, ActionState.DONE, now, error=f"{reason} ({outcome.error})")
+            if order is not None:  # locked by ``complete``
+                self._decision_point(conn, order, now, f"the planned {_planned_what(action)} was {reason}")
+            return
         reason = f"{channel.value} is paced until {until.isoformat()}: its sender is limited ({outcome.error})"
         self._release(conn, action, ActionState.SCHEDULED, now, due_at=until, error=reason, refund=True)
         self._decided_while_in_flight(conn, order, action, outcome, now)

@@ -792,19 +792,23 @@ class Effects:
         why = "at most one message every 6 seconds to their number (pair rate limit)"
         return _wait_for_turn(action, MESSAGE_CUSTOMER_PACED_TURN, turn, f"{channel.value} to this customer", why)
 
-    @staticmethod
-    def _channel_down(conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:
-        """While the message's channel is down (service/executor/outages.py): a Replan (its order is decided again
-        without the channel; nothing was sent, nothing counts), or a Defer to the end of the hold for a message an
-        earlier try may have sent (a timeout, a 500: it keeps its tries and counts if given up) and for one planned
-        to wait for the channel (decided again, the order would get the same plan). None while the channel is up."""
+    def _channel_down(self, conn: sa.Connection, action: ActionRow, now: datetime) -> Defer | Replan | None:
+        """While the message's channel is down (service/executor/outages.py), or its sender held for hours for its
+        daily quota (``RetryPolicy.senders_over_quota``): a Replan (its order is decided again without the channel;
+        nothing was sent, nothing counts), or a Defer to the end of the hold for a message an earlier try may have
+        sent (a timeout, a 500: it keeps its tries and counts if given up) and for one planned to wait for the channel
+        (decided again, the order would get the same plan). None while the channel is up."""
         channel = Channel(str(action.payload["channel"]))
         until = channels_down(conn, action.merchant_id, now).get(channel)
+        what = "is down"
+        if until is None:
+            until = self.executor.retry_policy.senders_over_quota(conn, action.merchant_id, now).get(channel)
+            what = "has its sender over its daily quota"
         if until is None:
             return None
         if action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or action.payload.get(MESSAGE_WAITS_FOR_CHANNEL):
-            return Defer(until, f"{channel.value} is down")
-        return Replan(f"{channel.value} is down until {until.isoformat()}")
+            return Defer(until, f"{channel.value} {what}")
+        return Replan(f"{channel.value} {what} until {until.isoformat()}")
 
     def _message_waits(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
         """A Defer while a charge of the order is claimed or with its connector (its answer may settle the order),

@@ -14,7 +14,11 @@ An SMTP relay says the same at send time: Amazon SES's ``454 Throttling failure`
 ``550 5.4.5 Daily user sending limit exceeded`` (``channels.adapters.smtp_sender_limit``). The refused message is
 held with its sender (``Executor._hold_with_its_sender``): not a failed try, not a refusal of the channel, not given
 up, not recorded as sent. A daily quota holds longer (``RetryPolicy.sender_quota_first_hold_seconds``, doubling up to
-a day) than a rate limit.
+a day) than a rate limit. A hold for the daily quota longer than ``RetryPolicy.sender_quota_replan_after_seconds``
+(``senders_over_quota``: from the second hold in a row on, the first message after the first hold having been refused
+again) is taken as an outage of the channel is: its orders are decided again without it (``Executor
+._decide_with_channels_down``), so a customer of a merchant with another channel gets the message there, not hours
+later.
 
 When the hold ended, every message held during it went at once: the very burst that had hit the limit. Now each
 message the hold (or the release after it) keeps back is given a turn of its own (``release_turn``), ``spacing``
@@ -206,6 +210,25 @@ def note_rate_limited(
             extra={"merchant_id": merchant_id, "channel": channel.value},
         )  # fmt: skip
     return until
+
+
+def senders_over_quota(
+    conn: sa.Connection, merchant_id: str, now: datetime, longer_than: timedelta
+) -> dict[Channel, datetime]:
+    """The merchant's channels whose sender is held at ``now`` for its daily quota by a hold longer than
+    ``longer_than``, with the end of each one's hold (``sender_holds``: the start and end of the last hold)."""
+    rows = conn.execute(
+        sa.select(sender_holds.c.channel, sender_holds.c.held_until, sender_holds.c.last_held_at).where(
+            sender_holds.c.merchant_id == merchant_id,
+            sender_holds.c.held_for == "daily_quota",
+            sender_holds.c.held_until > now,
+        )
+    )
+    return {
+        Channel(row.channel): as_utc(row.held_until)
+        for row in rows
+        if as_utc(row.held_until) - as_utc(row.last_held_at) > longer_than
+    }
 
 
 def note_pair_rate_limited(

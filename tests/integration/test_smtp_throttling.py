@@ -22,11 +22,13 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from model.baselines import StaticRetryThenRetargetPolicy
 from model.merchant_config import MerchantConfig
+from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.api.app import create_app
 from service.executor.channels.adapters import build_adapters
-from service.executor.channels.fakes import FakeSmtpServer
+from service.executor.channels.fakes import FakeSmtpServer, run_fake_provider
 from service.executor.store import as_utc, channel_outages, channel_pacing
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -35,6 +37,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     event,
     make_harness,
 )
+from tests.integration.test_executor_message_outage import rules_only  # noqa: F401 - a fixture
 from tests.integration.test_whatsapp_held_back import holds_scraped
 from tests.unit.test_api import Api, settings_for
 
@@ -50,14 +53,32 @@ def smtp() -> Iterator[FakeSmtpServer]:
         yield server
 
 
-def through_relay(make: Callable[..., Harness], smtp: FakeSmtpServer, orders: int, **kwargs: Any) -> Harness:
-    """A harness whose merchant sends e-mail through ``smtp`` with the real adapters, planning ``orders`` e-mails."""
+def through_relay(
+    make: Callable[..., Harness],
+    smtp: FakeSmtpServer,
+    orders: int,
+    *,
+    sms: Any = None,
+    **kwargs: Any,
+) -> Harness:
+    """A harness whose merchant sends e-mail through ``smtp`` with the real adapters, planning ``orders`` e-mails
+    (with no ``decider`` given); with ``sms`` (a running Gupshup fake), SMS through it too, after e-mail."""
     relay = {"kind": "smtp", "host": "127.0.0.1", "port": smtp.port, "sender": "pay@shop.example"}
-    merchant = demo_merchant(retarget={"channels": ["email"]}, providers={"email": relay})
+    providers: dict[str, Any] = {"email": relay}
+    env: dict[str, str] = {}
+    if sms is not None:
+        providers["sms"] = {
+            "kind": "gupshup", "base_url": sms.base_url, "username_env": "GS_USER", "password_env": "GS_PASS",
+            "source": "WINBCK",
+        }  # fmt: skip
+        env = {"GS_USER": "2000123", "GS_PASS": "pw"}
+    merchant = demo_merchant(
+        retry={"max_retries": 0}, retarget={"channels": list(providers), "max_nudges": 2}, providers=providers
+    )
     h = make(*(dict(EMAIL) for _ in range(orders)), merchants={"m_demo": merchant}, **kwargs)
 
     def adapters(merchant_id: str, config: MerchantConfig, http: httpx.AsyncClient) -> dict[Channel, Any]:
-        return dict(build_adapters(merchant_id, config, {}, http))
+        return dict(build_adapters(merchant_id, config, env, http))
 
     h.effects.adapter_factory = adapters
     return h
@@ -66,6 +87,10 @@ def through_relay(make: Callable[..., Harness], smtp: FakeSmtpServer, orders: in
 def fail_by_email(h: Harness, *orders: str) -> None:
     for order in orders:
         h.executor.payment_failed("m_demo", event(order, customer={"phone": None, "email": f"{order}@example.com"}))
+
+
+def fail_by_sms_or_email(h: Harness, order: str) -> None:
+    h.executor.payment_failed("m_demo", event(order, customer={"email": f"{order}@example.com"}))
 
 
 def mailed(smtp: FakeSmtpServer) -> list[str]:
@@ -119,6 +144,7 @@ def test_ses_throttling_holds_the_merchants_e_mail_and_the_held_messages_go_one_
 @pytest.mark.parametrize(("code", "text", "at"), [(454, SES_DAILY, "DATA"), (550, GMAIL_DAILY, "MAIL")])
 def test_a_daily_quota_holds_the_sender_for_minutes_growing_to_a_day_not_seconds(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,  # noqa: F811 - the fixture
     smtp: FakeSmtpServer,
     code: int,
     text: str,
@@ -126,8 +152,10 @@ def test_a_daily_quota_holds_the_sender_for_minutes_growing_to_a_day_not_seconds
 ) -> None:
     """The sender over its daily quota (SES's 454, Google's 550 5.4.5) is held 10 minutes (SES asks to wait up to
     10 minutes), and twice as long when the first message after the hold is refused again: not tried every few
-    seconds, and the message is neither given up nor counted (Google's 550 was a refusal recorded at once)."""
-    h = through_relay(make_harness, smtp, 1)
+    seconds, and the message is neither given up nor counted (Google's 550 was a refusal recorded at once). The
+    second hold is long (``sender_quota_replan_after_seconds``): the order is decided again without e-mail, and, the
+    merchant having no other channel, its message waits for the hold's end."""
+    h = through_relay(make_harness, smtp, 0, decider=rules_only)
     smtp.fail(times=2, code=code, text=text, at=at)
     fail_by_email(h, "ord_1")
     h.drain()
@@ -145,6 +173,53 @@ def test_a_daily_quota_holds_the_sender_for_minutes_growing_to_a_day_not_seconds
     h.drain()
     assert mailed(smtp) == ["ord_1"]
     assert nudges_of(h, "ord_1") == {"ord_1": [("accepted", timedelta(minutes=30))]}
+    decisions = h.view("ord_1").decisions
+    assert [(d["action"], d["channel"]) for d in decisions] == [("retarget", "email")] * 2
+    assert "sender_over_quota:email" in decisions[-1]["rules_applied"]
+
+
+def first_channel_first(request: DecisionRequest, merchant: MerchantConfig) -> Decision:
+    """The static rules' policy (``model.baselines``): a payment link on the merchant's first allowed channel (the
+    rules-only ``decide()`` prefers SMS to e-mail), within every rule (quiet hours, ``max_nudges``, opt-outs)."""
+    return StaticRetryThenRetargetPolicy({request.merchant_id: merchant})(request)
+
+
+def test_a_sender_over_its_daily_quota_for_long_is_decided_around_as_an_outage_is(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+) -> None:
+    """A merchant with e-mail and SMS; its relay says the daily quota is spent (Google's 550 5.4.5) on every try.
+    The first hold (10 minutes) is waited out, with ord_2's e-mail planned meanwhile. Refused again after it, the
+    sender is held 20 minutes, then 40, up to a day: before, every order's e-mail waited all that time (an outage
+    is decided around after 15 minutes). Now a hold longer than 15 minutes is: ord_1's message (refused again) and
+    ord_2's (at its turn) are not sent nor counted, both orders are decided again without e-mail and go by SMS,
+    and ord_3, failing during the hold, goes by SMS at once."""
+    with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
+        h = through_relay(make_harness, smtp, 0, sms=sms, decider=first_channel_first)
+        smtp.fail(times=100, code=550, text=GMAIL_DAILY, at="MAIL")
+        fail_by_sms_or_email(h, "ord_1")
+        h.drain()
+        first = h.view("ord_1").decisions[0]
+        assert (first["action"], first["channel"]) == ("retarget", "email")
+        assert pacing(h) == (timedelta(minutes=10), 1)
+        h.clock.advance(minutes=1)
+        fail_by_sms_or_email(h, "ord_2")
+        h.drain()
+        assert [(d["action"], d["channel"]) for d in h.view("ord_2").decisions] == [("retarget", "email")]
+        assert sms.state.messages == []  # the first hold is waited out
+        for _ in range(12):
+            h.clock.advance(minutes=1)
+            h.drain()
+        assert mailed(smtp) == []
+        assert pacing(h) == (timedelta(minutes=30), 2)
+        for order in ("ord_1", "ord_2"):
+            view = h.view(order)
+            assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]
+            assert "sender_over_quota:email" in view.decisions[-1]["rules_applied"]
+        fail_by_sms_or_email(h, "ord_3")
+        h.drain()
+        assert [(n.channel, n.status) for n in h.view("ord_3").nudges] == [("sms", "accepted")]
+        assert len(sms.state.messages) == 3
 
 
 def test_a_refused_recipient_does_not_hold_the_sender(

@@ -187,6 +187,7 @@ def first_channel_first(request: DecisionRequest, merchant: MerchantConfig) -> D
 def test_a_sender_over_its_daily_quota_for_long_is_decided_around_as_an_outage_is(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     smtp: FakeSmtpServer,
+    database_url: str,
 ) -> None:
     """A merchant with e-mail and SMS; its relay says the daily quota is spent (Google's 550 5.4.5) on every try.
     The first hold (10 minutes) is waited out, with ord_2's e-mail planned meanwhile. Refused again after it, the
@@ -195,7 +196,7 @@ def test_a_sender_over_its_daily_quota_for_long_is_decided_around_as_an_outage_i
     ord_2's (at its turn) are not sent nor counted, both orders are decided again without e-mail and go by SMS,
     and ord_3, failing during the hold, goes by SMS at once."""
     with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
-        h = through_relay(make_harness, smtp, 0, sms=sms, decider=first_channel_first)
+        h = through_relay(make_harness, smtp, 0, sms=sms, decider=first_channel_first, database_url=database_url)
         smtp.fail(times=100, code=550, text=GMAIL_DAILY, at="MAIL")
         fail_by_sms_or_email(h, "ord_1")
         h.drain()

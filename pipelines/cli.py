@@ -81,12 +81,26 @@ def main() -> None:
 
     # MLflow's INFO lines ("Creating initial MLflow database tables...", "Validating input example against model
     # signature") came between winback's own lines and read as errors; its warnings still show. MLflow reads its
-    # documented MLFLOW_LOGGING_LEVEL when it is imported, which no command has done yet; a caller's own value wins.
+    # documented MLFLOW_LOGGING_LEVEL when it is imported; a caller's own value wins.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # A process that imported MLflow before the command ran (a notebook or a test calling the CLI in-process) has
+    # its logger at INFO already, and a new store said "Creating initial MLflow database tables..." and "Updating
+    # database tables" (mlflow.store.db.utils) between the command's lines: its level follows the variable too.
+    quiet_mlflow_logger(os.environ["MLFLOW_LOGGING_LEVEL"])
 
     # Before any command starts a child: an ignored SIGCHLD inherited from whatever started this one would make
     # every child's exit unreadable (service/signals.py).
     restore_sigchld_default()
+
+
+def quiet_mlflow_logger(level: str) -> None:
+    """Set the ``mlflow`` logger to ``level`` (MLFLOW_LOGGING_LEVEL's value), as MLflow does when it is imported; a
+    level logging does not know is left to MLflow to refuse, as it would have."""
+    import contextlib
+    import logging
+
+    with contextlib.suppress(ValueError):
+        logging.getLogger("mlflow").setLevel(level.strip().upper())
 
 
 def fail(message: str) -> typer.Exit:

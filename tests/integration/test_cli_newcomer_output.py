@@ -170,6 +170,41 @@ def test_executor_start_says_in_one_line_that_it_created_the_registry_store(tmp_
     assert "created the tables of a new MLflow store" in verbose.stderr
 
 
+def test_a_command_run_where_mlflow_was_imported_first_prints_none_of_its_store_creation_lines(
+    tmp_path: Path,
+) -> None:
+    """A process that had imported MLflow before calling the CLI (a notebook, a test: MLflow's logger at its default
+    INFO) printed "Creating initial MLflow database tables..." and "Updating database tables" when a command opened
+    a new store; the command's lines only now, and MLflow's warnings still pass."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "import mlflow\n"
+        "from typer.testing import CliRunner\n"
+        "from pipelines.cli import app\n"
+        "folder = sys.argv[1]\n"
+        "result = CliRunner().invoke(app, ['codes', 'report', '--attempts', f'{folder}/a.parquet', '--nudges',\n"
+        "    f'{folder}/n.parquet', '--tracking-uri', f'sqlite:///{folder}/store/mlflow.db'])\n"
+        "logging.getLogger('mlflow.store.db.utils').warning('a warning of MLflow')\n"
+        "print(result.exit_code, result.output)\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_CONFIGURE_LOGGING")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "store" / "mlflow.db").is_file()  # the store was created
+    printed = done.stdout + done.stderr
+    assert "Creating initial" not in printed, printed
+    assert "Updating database tables" not in printed, printed
+    assert "alembic" not in printed, printed
+    assert done.stdout.startswith("2 error: invalid history"), printed
+    assert "WARNING mlflow.store.db.utils: a warning of MLflow" in done.stderr, printed
+
+
 def test_executor_start_says_which_connectors_no_silent_retry_can_reach(tmp_path: Path) -> None:
     """(Newcomer walk.) The shipped config names no connector_endpoints (CONTRACT.md section 4 lets a merchant omit
     them): `winback executor run` started without a word, and each silent retry was then dead-lettered, "no

@@ -1325,12 +1325,13 @@ def console_add_agent(
     from model.merchant_config import ConfigError
     from service.console.admin import PASSWORD_ENV, create_agent
     from service.console.auth import AgentError
+    from service.migrations import UnusableDatabaseError
 
     url = usable_database_url(database_url)  # before the password prompt: a typo is not found after typing it twice
     password = os.environ.get(PASSWORD_ENV) or typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:
         agent = create_agent(url, merchant, name, password, config)
-    except (AgentError, ConfigError) as exc:
+    except (AgentError, ConfigError, UnusableDatabaseError) as exc:  # a SQLite folder that cannot be created
         raise fail(str(exc)) from None
     console.print(
         f"agent {agent.name} can now sign in to the console for merchant {agent.merchant_id}", highlight=False

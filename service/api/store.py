@@ -224,7 +224,9 @@ def shown_url(url: str | sa.URL) -> str:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and cross-thread use (the writer thread)."""
     if url.startswith("sqlite"):
-        _create_private(sa.make_url(url).database)
+        database = sa.make_url(url).database
+        sqlite_folder_ready(database, url)
+        _create_private(database)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @sa.event.listens_for(engine, "connect")
@@ -240,6 +242,37 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, connect_args=server_connect_args(url))
 
 
+def sqlite_folder_ready(database: str | None, url: str) -> None:
+    """Create the folder of the SQLite file ``database`` (of ``url``) when it does not exist, saying so in a log
+    line: `sqlite:///./state/winback.db` in a new checkout was refused ("its folder ... does not exist") where a
+    newcomer expects the embedded default to make its place, as the MLflow store's folder is made. A new folder
+    holds a new, empty database, hence a warning: a mistyped path is seen at once. UnusableDatabaseError, in one
+    line naming the folder, when it cannot be created (no permission, a file in the way)."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return  # in memory, or a URI filename SQLite resolves itself
+    folder = Path(database).absolute().parent
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        if not folder.is_dir():  # another process made it meanwhile, or a file holds its name
+            raise _folder_not_created(url, folder, "a file holds its name") from None
+        return
+    except OSError as error:
+        raise _folder_not_created(url, folder, error.strerror or str(error)) from None
+    log.warning("created the folder %s for the SQLite database %s, which starts empty", folder, shown_url(url))
+
+
+def _folder_not_created(url: str, folder: Path, why: str) -> Exception:
+    from service.migrations import UnusableDatabaseError
+
+    return UnusableDatabaseError(
+        f"the SQLite database {shown_url(url)} cannot be created: its folder {folder} cannot be created ({why}); "
+        "create the folder or name another path"
+    )
+
+
 def _create_private(database: str | None) -> None:
     """Create a SQLite database file that does not exist yet readable by its owner only (its -wal and -shm files
     take the same mode): it holds the customers' requests, phone numbers and e-mail addresses included, which a
@@ -251,7 +284,7 @@ def _create_private(database: str | None) -> None:
     except FileExistsError:
         pass  # an existing database keeps the mode its operator gave it
     except OSError:
-        pass  # a folder that does not exist: SQLite's own error names it when the engine connects
+        pass  # a file SQLite cannot create either: its own error names it when the engine connects
 
 
 def server_connect_args(url: str) -> dict[str, Any]:

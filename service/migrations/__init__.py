@@ -47,12 +47,6 @@ def upgrade_at_start(url: str, make_engine: Callable[[str], Engine], who: str) -
     try:
         upgrade(engine)
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
-        folder = _missing_sqlite_folder(engine)
-        if folder is not None:  # SQLite said only "unable to open database file": no waiting makes it answer
-            raise UnusableDatabaseError(
-                f"the SQLite database {shown_url(url)} cannot be created: its folder {folder} does not exist; "
-                "create the folder or name another path"
-            ) from None
         raise UnusableDatabaseError(
             f"the database {shown_url(url)} is unavailable ({first_line(error.orig or error)}): {who} needs it "
             "once at start to bring its tables up to date; start it again when the database answers (once "
@@ -79,14 +73,6 @@ def engine_for(url: str, make_engine: Callable[[str], Engine] = sa.create_engine
             f"cannot use the database {where} ({first_line(error)}): winback keeps its state in SQLite or "
             "PostgreSQL, e.g. sqlite:///winback.db or postgresql+psycopg://user@host/winback"
         ) from None
-
-
-def _missing_sqlite_folder(engine: Engine) -> Path | None:
-    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    folder = Path(database).absolute().parent
-    return None if folder.is_dir() else folder
 
 
 def downgrade(engine: Engine, revision: str) -> None:

@@ -19,6 +19,7 @@ from model.history import read_history, write_attempts, write_nudges
 from model.registry import get_alias_version
 from pipelines.cli import app
 from service.api.server import server_env
+from tests.factories import run_winback
 
 runner = CliRunner()
 
@@ -326,8 +327,9 @@ def test_serve_without_its_database_says_so_in_one_line(serve_env: pytest.Monkey
          "for int() with base 10: 'fivefour')"),
         ("postgresql+psycopg://wb:s3cret@127.0.0.1:1/winback", "the database postgresql+psycopg://wb:***@127.0.0.1:1/"
          "winback is unavailable ("),
-        ("sqlite:///{tmp}/absent/winback.db", "the SQLite database sqlite:///{tmp}/absent/winback.db cannot be "
-         "created: its folder {tmp}/absent does not exist; create the folder or name another path"),
+        ("sqlite:///{tmp}/a-file/new/winback.db", "the SQLite database sqlite:///{tmp}/a-file/new/winback.db cannot "
+         "be created: its folder {tmp}/a-file/new cannot be created (Not a directory); create the folder or name "
+         "another path"),
     ],
 )  # fmt: skip
 def test_serve_and_executor_run_refuse_a_database_they_cannot_use_in_one_line(
@@ -335,8 +337,10 @@ def test_serve_and_executor_run_refuse_a_database_they_cannot_use_in_one_line(
 ) -> None:
     """(Newcomer walk.) `executor run --database-url bogus://x` (or a URL without its driver, or a PostgreSQL that
     does not answer) ended in SQLAlchemy's traceback, exit 1; so did `serve` with such a WINBACK_DATABASE_URL. A
-    SQLite file in a folder that does not exist was "unavailable": start it again when the database answers."""
+    SQLite file in a folder that does not exist was "unavailable": start it again when the database answers (that
+    folder is now made, test below; one that cannot be made is named)."""
     url, said = url.format(tmp=tmp_path), said.format(tmp=tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
     serve_env.setenv("WINBACK_SPOOL_DIR", str(tmp_path / "spool"))
     serve_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     commands = {
@@ -349,7 +353,37 @@ def test_serve_and_executor_run_refuse_a_database_they_cannot_use_in_one_line(
         assert f"error: {said}" in " ".join(result.output.split()), (name, result.output)
         assert "Traceback" not in result.output
         assert "s3cret" not in result.output
-    assert not (tmp_path / "absent").exists()
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_executor_run_and_add_agent_make_the_folder_of_a_new_sqlite_database_and_say_so(
+    tmp_path: Path, serve_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(Newcomer walk.) `--database-url sqlite:///./state/new/winback.db` in a fresh checkout was refused: "its
+    folder .../state/new does not exist; create the folder or name another path". The folder is made (one log line
+    names it), the database in it is created, private, as in an existing folder."""
+    serve_env.chdir(tmp_path)
+    serve_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    url = "sqlite:///./state/new/winback.db"
+    ran = runner.invoke(app, ["executor", "run", "--database-url", url, "--stop-after", "0"])
+    assert ran.exit_code == 0, ran.output
+    database = tmp_path / "state" / "new" / "winback.db"
+    assert database.is_file()
+    assert database.stat().st_mode & 0o777 == 0o600
+    assert [record.getMessage() for record in caplog.records if "created the folder" in record.getMessage()] == [
+        f"created the folder {tmp_path / 'state' / 'new'} for the SQLite database {url}, which starts empty"
+    ]
+    # As a terminal shows it (a process of its own, where the line is no JSON log's yet).
+    agent = run_winback(
+        "console", "add-agent", "--merchant", "m_in_stream", "--name", "asha", "--database-url",
+        "sqlite:///agents/winback.db", cwd=tmp_path, env={"WINBACK_AGENT_PASSWORD": "a long enough password 1"},
+    )  # fmt: skip
+    assert agent.exit_code == 0, agent.stderr
+    assert (tmp_path / "agents" / "winback.db").is_file()
+    assert (
+        f"created the folder {tmp_path / 'agents'} for the SQLite database sqlite:///agents/winback.db, which starts "
+        "empty"
+    ) in agent.stderr
 
 
 def test_serve_on_a_port_in_use_says_so_in_one_line_before_touching_anything(

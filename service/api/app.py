@@ -412,8 +412,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 _field_error(msg=f"body is not UTF-8 (JSON is sent as UTF-8): byte {exc.__cause__.start} is not")
             )
         # A key written twice in one object, on the routes that read JSON through UniqueKeysRoute (the executor's,
-        # the providers' callbacks, /v1/outcomes): FastAPI's bare 400 for what its reading raised; the 422 names
-        # the key's path.
+        # /v1/outcomes; the providers' callbacks answer it themselves): FastAPI's bare 400 for what its reading
+        # raised; the 422 names the key's path.
         if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RepeatedKeyError):
             return _validation_response(_field_error(*exc.__cause__.path, msg=RepeatedKeyError.reason))
         return await http_exception_handler(request, exc)

@@ -107,14 +107,40 @@ def test_the_real_app_answers_provider_callbacks_only_with_the_merchants_token(a
 
 
 @pytest.mark.parametrize("channel", ["fax", 7, None, ["sms"]])
-def test_an_inbound_reply_naming_no_known_channel_is_a_400_saying_so(api: Api, channel: Any) -> None:
+def test_an_inbound_reply_naming_no_known_channel_is_a_422_naming_it(api: Api, channel: Any) -> None:
     # It raised ValueError (or TypeError) out of Channel(): a 500.
     inbound = urls(provider="fake")["inbound"]
     body = {"from": "+919800000001", "text": "STOP", "channel": channel}
     answer = api.loop.run_until_complete(api.client.post(inbound, json=body))
-    assert answer.status_code == 400, answer.text
-    assert answer.json()["detail"].startswith("channel: ")
-    assert "is not a channel (one of " in answer.json()["detail"]
+    assert answer.status_code == 422, answer.text
+    [said] = answer.json()["detail"]
+    assert said["field"] == "channel"
+    assert said["msg"].startswith("channel: ")
+    assert "is not a channel (one of " in said["msg"]
+
+
+@pytest.mark.parametrize("route", ["inbound", "receipts"])
+@pytest.mark.parametrize(
+    ("body", "field", "said"),
+    [
+        (b"STOP please", "body", "callback body is neither JSON nor a form"),
+        (b'{"from": "+919800000001", "text": "hi", "from": "+919800000002"}', "from", "written twice"),
+    ],
+)
+def test_a_provider_body_winback_cannot_read_is_a_422_naming_where_as_any_malformed_input(
+    api: Api, route: str, body: bytes, field: str, said: str
+) -> None:
+    """A callback body that was not JSON (nor a form) was a bare 400, while one writing a key twice was a 422
+    naming the key: malformed input is the contract's 422 naming where, whichever way it is malformed (the
+    providers retry any answer but a 2xx alike: data/README.md)."""
+    target = urls(provider="fake")[route]
+    answer = api.loop.run_until_complete(
+        api.client.post(target, content=body, headers={"Content-Type": "application/json"})
+    )
+    assert answer.status_code == 422, answer.text
+    [error] = answer.json()["detail"]
+    assert error["field"] == field
+    assert said in error["msg"]
 
 
 def test_a_callback_writing_a_key_twice_is_a_422_naming_it_and_opts_nothing_out(
@@ -702,7 +728,7 @@ def test_karix_whatsapp_reports_unknown_or_malformed_are_acknowledged_or_refused
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An unknown status is answered 200 with no receipt and logged; a report without its message id or status is
-    a 400 saying what is missing (Karix's retry of it would fail the same way: it is a bad report, not an outage)."""
+    a 422 naming what is missing (Karix's retry of it would fail the same way: it is a bad report, not an outage)."""
     h = make_harness({"action": "retarget", "channel": "whatsapp"})
     with_harness(api, h)
     h.executor.payment_failed("m_demo", event())
@@ -714,12 +740,15 @@ def test_karix_whatsapp_reports_unknown_or_malformed_are_acknowledged_or_refused
     assert [(n.delivered, n.error) for n in h.view().nudges] == [(True, None)]
     no_mid = karix_whatsapp_report("", "delivered")
     answer = karix_report(api, no_mid)
-    assert answer.status_code == 400
-    assert "without 'events.mid'" in answer.json()["detail"]
+    assert answer.status_code == 422
+    [said] = answer.json()["detail"]
+    assert (said["field"], "without 'events.mid'" in said["msg"]) == ("events.mid", True)
     no_status = karix_whatsapp_report("pm_1", "")
     answer = karix_report(api, no_status)
-    assert answer.status_code == 400
-    assert "'notificationAttributes.status'" in answer.json()["detail"]
+    assert answer.status_code == 422
+    [said] = answer.json()["detail"]
+    assert said["field"] == "notificationAttributes.status"
+    assert "'notificationAttributes.status'" in said["msg"]
 
 
 def test_a_stop_on_karix_whatsapp_through_the_app_keeps_the_opt_out(

@@ -1012,11 +1012,11 @@ def test_ordinary_reply_is_not_an_opt_out() -> None:
             400,
             "configure the callback URL with ?merchant_id=",
         ),
-        ("/v1/providers/gupshup/receipts", {"x": 1}, 400, "neither a WhatsApp message-event"),
+        ("/v1/providers/gupshup/receipts", {"x": 1}, 422, "neither a WhatsApp message-event"),  # malformed input
     ],
 )
 def test_webhook_errors(path: str, body: Any, status: int, detail: str) -> None:
     http, _, _ = router_app()
     response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert response.status_code == status
-    assert detail in response.json()["detail"]
+    assert detail in str(response.json()["detail"])  # a 422's is FastAPI's list of errors, on a bare router too

@@ -106,7 +106,12 @@ def is_opt_out(text: str) -> bool:
 
 
 class PayloadError(ValueError):
-    """A provider callback could not be read; the message says what was missing."""
+    """A provider callback could not be read; the message says what was missing, ``path`` where in the body (empty:
+    the body as a whole)."""
+
+    def __init__(self, message: str, *path: int | str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _timestamp(value: Any) -> datetime:
@@ -289,25 +294,31 @@ def _karix_whatsapp_receipts(body: dict[str, Any]) -> list[DeliveryReceipt]:
     and, on a failure, ``code`` and ``reason``. A report without ``mid`` names its message by the
     ``recipient.reference.cust_ref`` echoed from the send: the idempotency key, which is the message's id when the
     send's answer had no ``mid``. Another event (a customer's message) or an unknown status is acknowledged with no
-    receipt, the latter logged; a report missing what it needs is a PayloadError naming it (a 400, never a 5xx)."""
+    receipt, the latter logged; a report missing what it needs is a PayloadError naming it (a 422, never a 5xx)."""
     events = body.get("events")
     if not isinstance(events, dict):
-        raise PayloadError("karix WhatsApp event: 'events' is not an object")
+        raise PayloadError("karix WhatsApp event: 'events' is not an object", "events")
     event_type = str(events.get("eventType", ""))
     if event_type != KARIX_DELIVERY_EVENTS:
         logger.info("karix WhatsApp event %r is no delivery report: acknowledged, no receipt", event_type[:40])
         return []
     attributes = body.get("notificationAttributes")
     if not isinstance(attributes, dict):
-        raise PayloadError("karix WhatsApp delivery report without a 'notificationAttributes' object")
+        raise PayloadError(
+            "karix WhatsApp delivery report without a 'notificationAttributes' object", "notificationAttributes"
+        )
     said = str(attributes.get("status") or "").strip().casefold()
     if not said:
-        raise PayloadError("karix WhatsApp delivery report without 'notificationAttributes.status'")
+        raise PayloadError(
+            "karix WhatsApp delivery report without 'notificationAttributes.status'", "notificationAttributes", "status"
+        )
     reference = _obj(_obj(body.get("recipient")).get("reference"))
     message_id = events.get("mid") or reference.get("cust_ref")
     if not message_id:
         raise PayloadError(
-            "karix WhatsApp delivery report without 'events.mid' (nor 'recipient.reference.cust_ref'): no message"
+            "karix WhatsApp delivery report without 'events.mid' (nor 'recipient.reference.cust_ref'): no message",
+            "events",
+            "mid",
         )
     status = _KARIX_WHATSAPP.get(said)
     if status is None:
@@ -465,7 +476,7 @@ def parse_inbound(provider: str, payload: Any) -> InboundMessage | None:
         channel = Channel(named)
     except ValueError:
         known = ", ".join(c.value for c in Channel)
-        raise PayloadError(f"channel: {str(named)[:40]!r} is not a channel (one of {known})") from None
+        raise PayloadError(f"channel: {str(named)[:40]!r} is not a channel (one of {known})", "channel") from None
     return InboundMessage(provider=provider, channel=channel, sender=str(body["from"]), text=body["text"])
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from model.vocab import Channel
@@ -72,10 +73,19 @@ async def _payload(request: Request) -> Any:
         return dict(parse_qsl(raw.decode(errors="replace"), keep_blank_values=True))
     try:
         return loads_refusing_repeated_keys(raw)
-    except RepeatedKeyError as exc:  # the app answers it as the 422 naming the key; a bare router, 400
-        raise HTTPException(status_code=400, detail=f"callback body: {exc}") from exc
+    except RepeatedKeyError as exc:
+        raise malformed(RepeatedKeyError.reason, *exc.path) from None
     except ValueError:
-        raise HTTPException(status_code=400, detail="callback body is neither JSON nor a form") from None
+        raise malformed("callback body is neither JSON nor a form") from None
+
+
+def malformed(message: str, *path: int | str) -> RequestValidationError:
+    """The contract's answer to malformed input (CONTRACT.md section 1), a 422 naming where in the body (``path``;
+    none: the body as a whole), for a callback body winback cannot read. A body that is not JSON was a bare 400
+    while a key written twice was a 422. Gupshup retries any answer but a 2xx, drawing no line between 4xx codes,
+    and no public document of Interakt or Karix says a code stops theirs (data/README.md): which 4xx it is tells
+    only the operator reading it, and the decision API's 422 tells them most."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *path), "msg": message}])
 
 
 def _check_provider(provider: str) -> None:
@@ -98,7 +108,7 @@ def create_provider_router(
         try:
             found = parse_delivery_receipts(provider, await _payload(request))
         except PayloadError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+            raise malformed(str(exc), *exc.path) from None
         for receipt in found:
             if merchant_id is not None:
                 receipt = receipt.model_copy(update={"merchant_id": merchant_id})
@@ -117,7 +127,7 @@ def create_provider_router(
         try:
             message = parse_inbound(provider, await _payload(request))
         except PayloadError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+            raise malformed(str(exc), *exc.path) from None
         if message is None:
             return InboundAck(message=False, opted_out=False)
         if not wants_opt_out(message):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from model.catalog import ErrorCatalog
     from model.registry import TrainedVersion
+    from service.executor.by_hand import CaseDone
 
 
 def _flags_read_as_flags(command: Command, ctx: Context) -> None:
@@ -505,27 +506,16 @@ def executor_charge_disputes(
     switch then reported declined, or not found twice. The merchant was told the order succeeded on money the
     switch does not have (or, on an order paid before, its history records a payment that was not made), so each
     needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with."""
-    import getpass
-
     from service.executor.core import ChargeResolutionError, DisputeResolutionError
     from service.executor.worker import list_charge_disputes, resolve_charge_dispute
 
     url = usable_database_url(database_url)
     if resolve is None and (note is not None or by is not None):
         raise fail("--note and --by go with --resolve ORDER_ID")
-    if resolve is not None and show_all:
-        raise fail("--all lists the disputes: run it without --resolve")
     if resolve is not None:
-        if note is None:
-            raise fail('--resolve needs --note saying what was done, e.g. "fulfilment held, customer charged by hand"')
-        if by is None or not by.strip():
-            try:
-                by = getpass.getuser()
-            except (KeyError, OSError):  # no user name in the environment or the password database
-                raise fail("name who dealt with it: --by NAME") from None
-        who = f"operator {by.strip()}"
+        who = f"operator {resolver(note, by, show_all, 'disputes', 'fulfilment held, customer charged by hand')}"
         try:
-            resolved = resolve_charge_dispute(url, resolve, note, who, merchant)
+            resolved = resolve_charge_dispute(url, resolve, note or "", who, merchant)
         except (ChargeResolutionError, DisputeResolutionError, ValueError) as exc:
             raise fail(str(exc)) from None
         for dispute in resolved:
@@ -560,6 +550,25 @@ def executor_charge_disputes(
 @executor_app.command("refunds-by-hand")
 def executor_refunds_by_hand(
     merchant: Annotated[str | None, typer.Option("--merchant", help="Only this merchant's (default: all).")] = None,
+    resolve: Annotated[
+        str | None,
+        typer.Option(
+            "--resolve",
+            metavar="ORDER_ID",
+            help="Mark the order's open cases as dealt with (with --note; --merchant when another merchant has an "
+            "order of that id).",
+        ),
+    ] = None,
+    note: Annotated[
+        str | None,
+        typer.Option("--note", help='With --resolve: what was done, e.g. "refunded by hand on the switch".'),
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option("--by", help="With --resolve: who dealt with it (default: your user name).")
+    ] = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List the cases dealt with too, with who, when and their note.")
+    ] = False,
     database_url: Annotated[
         str | None,
         typer.Option("--database-url", help="Database (default: $WINBACK_DATABASE_URL, else sqlite:///winback.db)."),
@@ -569,34 +578,73 @@ def executor_refunds_by_hand(
     answered them, or never answered a status check of a charge recorded as charged on an operator's word within a
     day. Each line says why, since when and what is known of the charge; a cancelled one was found unneeded later.
     Then the orders paid by winback's charge that their merchant reported paid by a payment of its own too: the
-    customer may have paid twice, and winback refunds neither."""
-    import os
+    customer may have paid twice, and winback refunds neither. --resolve ORDER_ID --note TEXT marks the order's
+    cases dealt with; marking one again changes nothing."""
+    from service.executor.by_hand import CaseResolutionError, already_done
+    from service.executor.core import ChargeResolutionError, DisputeResolutionError
+    from service.executor.worker import list_refunds_by_hand, resolve_case_by_hand
 
-    from service.executor.core import ChargeResolutionError
-    from service.executor.worker import list_refunds_by_hand
-
-    url = database_url or os.environ.get("WINBACK_DATABASE_URL") or "sqlite:///winback.db"
+    url = usable_database_url(database_url)
+    if resolve is not None:
+        who = f"operator {resolver(note, by, show_all, 'refunds by hand', 'refunded by hand on the switch')}"
+        try:
+            marked = resolve_case_by_hand(url, resolve, note or "", who, merchant)
+        except (ChargeResolutionError, DisputeResolutionError, CaseResolutionError) as exc:
+            raise fail(str(exc)) from None
+        for case in marked.now:
+            typer.echo(f"{case.merchant_id} {case.order_id}: {case.described()} is marked dealt with by {who}: {note}")
+        if not marked.now:
+            typer.echo(already_done(marked, resolve))
+        return
+    if note is not None or by is not None:
+        raise fail("--note and --by go with --resolve ORDER_ID")
     try:
         found, twice = list_refunds_by_hand(url, merchant)
     except (ChargeResolutionError, ValueError) as exc:
         raise fail(str(exc)) from None
-    for paid in twice:  # first: nothing is in hand for these, not even a refund refused
+    shown_twice = [paid for paid in twice if show_all or paid.open]
+    shown = [refund for refund in found if show_all or refund.open]
+    for paid in shown_twice:  # first: nothing is in hand for these, not even a refund refused
         typer.echo(
             f"{paid.merchant_id} {paid.order_id} ({paid.order_state}): possibly paid twice: winback's payment "
             f"{paid.payment_id} via {paid.connector} (txn_id {paid.winback_txn_id}) paid it, {paid.amount} "
             f"{paid.currency}, and the merchant reported its own txn_id {paid.merchant_txn_id} at "
-            f"{paid.reported_at.isoformat()}: nothing refunded, check with the merchant"
+            f"{paid.reported_at.isoformat()}: nothing refunded, check with the merchant{dealt_with(paid.done)}"
         )
-    if not found:
-        if not twice:
-            typer.echo("no refund given to an operator to make by hand")
-        return
-    for refund in found:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
+    for refund in shown:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
         typer.echo(
             f"{refund.merchant_id} {refund.order_id} ({refund.order_state}): refund action {refund.refund_action_id} "
             f"of payment {refund.payment_id} via {refund.connector}, {refund.amount} {refund.currency}: "
             f"{refund.state}, given to an operator at {refund.handed_at.isoformat()} ({refund.why}): {refund.note}"
+            f"{dealt_with(refund.done)}"
         )
+    if not found and not twice:
+        typer.echo("no refund given to an operator to make by hand")
+    elif not shown and not shown_twice:
+        cases = count_noun(len(found) + len(twice), "case")
+        typer.echo(f"no refund by hand or possible double payment open ({cases} dealt with: --all lists them)")
+
+
+def resolver(note: str | None, by: str | None, show_all: bool, listed: str, example: str) -> str:
+    """Who marks a case dealt with (``--by``, else the user's name), once ``--resolve``'s options are checked:
+    ``--note`` given, ``--all`` not (it lists the ``listed`` cases)."""
+    import getpass
+
+    if show_all:
+        raise fail(f"--all lists the {listed}: run it without --resolve")
+    if note is None:
+        raise fail(f'--resolve needs --note saying what was done, e.g. "{example}"')
+    if by is not None and by.strip():
+        return by.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in the environment or the password database
+        raise fail("name who dealt with it: --by NAME") from None
+
+
+def dealt_with(done: CaseDone | None) -> str:
+    """A listed case's end of line once it is dealt with: who, when, and their note ('' while open)."""
+    return "" if done is None else f"; dealt with by {done.by} at {done.at.isoformat()}: {done.note}"
 
 
 @executor_app.command("callback-url")

@@ -588,6 +588,49 @@ def insert_lost_charge(engine: Any, merchant_id: str, order_id: str, sent_at: da
         return int(key[0])
 
 
+def insert_paid_twice(engine: Any, merchant_id: str, order_id: str, reported_at: datetime) -> int:
+    """What the executor leaves when winback's retry (payment ``<order_id>_2`` via adyen) paid the order and its
+    merchant then reported it paid by a payment of its own (txn_id ``txn_merchant_own``): the order SUCCEEDED on
+    the retry, the flag on the retry's payload and its case in ``cases_by_hand``. The case's id."""
+    import json
+
+    import sqlalchemy as sa
+
+    from service.executor.by_hand import PAID_TWICE_CASE, note_case
+    from service.executor.core import txn_id_for
+    from service.executor.store import actions, orders
+
+    key = f"{merchant_id}:{order_id}:retry:paid"
+    flag = {"merchant_paid_too": {"txn_merchant_own": {"at": reported_at.isoformat()}}}
+    with engine.begin() as conn:
+        inserted = conn.execute(
+            actions.insert().values(
+                merchant_id=merchant_id,
+                order_id=order_id,
+                kind="retry",
+                state="done",
+                due_at=reported_at,
+                planned_at=reported_at,
+                attempts=1,
+                idempotency_key=key,
+                payload_json=json.dumps({"strategy": "retry_same", "connector": "adyen", "attempt_number": 2} | flag),
+                created_at=reported_at,
+                updated_at=reported_at,
+            )
+        )
+        action_key = inserted.inserted_primary_key
+        assert action_key is not None
+        action_id = int(action_key[0])
+        conn.execute(
+            orders.update()
+            .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
+            .values(state="SUCCEEDED", success_txn_id=txn_id_for(key))
+        )
+        note_case(conn, PAID_TWICE_CASE, merchant_id, order_id, action_id, reported_at, ref="txn_merchant_own")
+        case_id = conn.scalar(sa.text("SELECT max(case_id) FROM cases_by_hand"))
+        return int(case_id)
+
+
 # --- the `winback` command as its own process --------------------------------------------------------------
 
 

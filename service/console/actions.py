@@ -29,6 +29,7 @@ from service.api.store import decision_row, decisions
 from service.console.auth import Agent
 from service.console.store import audit_log
 from service.console.views import ORDERS_A_STATEMENT, channel_name, describe_decision
+from service.executor.by_hand import CaseResolutionError, already_done, mark_cases_done
 from service.executor.core import (
     CHARGE_KINDS,
     AgentQueueError,
@@ -48,6 +49,10 @@ AGENT_ACTIONS: tuple[str, ...] = ("approve", "send_link", "retry", "stop", "over
 RESOLVE_CHARGE = "resolve_charge"
 #: Recorded in the audit log when an agent marks a charge dispute as dealt with.
 RESOLVE_DISPUTE = "resolve_dispute"
+#: Recorded in the audit log when an agent marks a refund by hand or a possible double payment as dealt with.
+RESOLVE_BY_HAND = "resolve_by_hand"
+#: What the audit log names an agent's action by (anything else is ``unknown``).
+AUDITED_ACTIONS = (*AGENT_ACTIONS, RESOLVE_CHARGE, RESOLVE_DISPUTE, RESOLVE_BY_HAND)
 AGENT_MODEL_VERSION = "agent"
 MAX_REASON_LENGTH = 1000
 
@@ -250,7 +255,7 @@ class AgentDesk:
                 order_id=order_id,
                 agent_id=agent.agent_id,
                 agent_name=agent.name,
-                action=ask.action if ask.action in (*AGENT_ACTIONS, RESOLVE_CHARGE, RESOLVE_DISPUTE) else "unknown",
+                action=ask.action if ask.action in AUDITED_ACTIONS else "unknown",
                 detail=detail[:2000],
                 reason=ask.reason.strip()[:MAX_REASON_LENGTH] or None,
                 result=result,
@@ -560,6 +565,39 @@ class AgentDesk:
             self._audit(conn, agent, order_id, ask, detail, "done", now, message=message)
         log.warning(
             "agent marked a charge dispute as dealt with",
+            extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name},
+        )
+        return ActionResult("done", message, state=state)
+
+    def resolve_by_hand(self, agent: Agent, order_id: str, case_id: int, note: str) -> ActionResult:
+        """Mark case ``case_id`` of ``order_id`` (a refund by hand or a possible double payment) as dealt with, with
+        the agent's ``note`` saying what was done (``mark_cases_done``): it leaves ``winback executor
+        refunds-by-hand``'s list and the open gauge on /metrics, and stays on the order's page with who, when and
+        the note. The mark and its audit row are written in one transaction; a refusal (no note, no such case on
+        this order) or a case dealt with already (nothing changed, said so) writes the audit row alone.
+        UnknownOrderError when the agent's merchant has no such order."""
+        now = self.clock()
+        ask = ActionRequest(action=RESOLVE_BY_HAND, reason=note)
+        with self.executor.engine.begin() as conn:
+            state = _order_state(conn, agent, order_id)
+            detail = f"case {case_id}: marked as dealt with"
+            try:
+                marked = mark_cases_done(
+                    conn, agent.merchant_id, order_id, f"agent {agent.name}", note, now, case_id=case_id
+                )
+            except CaseResolutionError as exc:
+                self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
+                return ActionResult("refused", str(exc), state=state)
+            if not marked.now:
+                message = already_done(marked, order_id)
+                self._audit(conn, agent, order_id, ask, detail, "refused", now, message=message)
+                return ActionResult("refused", message, state=state)
+            [case] = marked.now
+            detail = f"{case.described()}: marked as dealt with"
+            message = f"Marked as dealt with: {case.described()} is no longer open"
+            self._audit(conn, agent, order_id, ask, detail, "done", now, message=message)
+        log.warning(
+            "agent marked a case handed to a person as dealt with",
             extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name},
         )
         return ActionResult("done", message, state=state)

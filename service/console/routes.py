@@ -36,6 +36,7 @@ from service.console.actions import (
     UnknownOrderError,
 )
 from service.console.auth import (
+    Agent,
     LoginLimiter,
     Session,
     SessionStore,
@@ -575,6 +576,7 @@ def _order_path(order_id: str) -> str:
 @router.get("/orders/{order_id}/actions", response_class=HTMLResponse)
 @router.get("/orders/{order_id}/charges/{action_id}", response_class=HTMLResponse)
 @router.get("/orders/{order_id}/disputes/{check_action_id}", response_class=HTMLResponse)
+@router.get("/orders/{order_id}/by-hand/{case_id}", response_class=HTMLResponse)
 async def form_address(request: Request) -> Response:
     """A form's address opened as a page (bookmarked or typed, or sign-in's way back after a session ended): the
     page the form was on, not a bare 405."""
@@ -737,17 +739,54 @@ async def dispute_resolution(
 ) -> Response:
     """Mark a charge dispute of the order (flagged on status check ``check_action_id``) as dealt with (form:
     ``note``, what was done; required)."""
+    return await _mark_dealt_with(
+        order_id,
+        request,
+        console,
+        executor,
+        runtime,
+        lambda desk, agent, note: desk.resolve_dispute(agent, order_id, check_action_id, note),
+    )
+
+
+@router.post("/orders/{order_id}/by-hand/{case_id}", response_class=HTMLResponse)
+async def by_hand_resolution(
+    order_id: str,
+    case_id: int,
+    request: Request,
+    console: ConsoleDep,
+    executor: ExecutorDep,
+    runtime: RuntimeDep,
+) -> Response:
+    """Mark a case of the order handed to a person (a refund by hand, a possible double payment: ``case_id``) as
+    dealt with (form: ``note``, what was done; required)."""
+    return await _mark_dealt_with(
+        order_id,
+        request,
+        console,
+        executor,
+        runtime,
+        lambda desk, agent, note: desk.resolve_by_hand(agent, order_id, case_id, note),
+    )
+
+
+async def _mark_dealt_with(
+    order_id: str,
+    request: Request,
+    console: ConsoleRuntime,
+    executor: ExecutorRuntime,
+    runtime: Runtime,
+    mark: Callable[[AgentDesk, Agent, str], ActionResult],
+) -> Response:
+    """Mark something of the order as dealt with by the signed-in agent, with the form's ``note`` saying what was
+    done (required; refused when longer than the audit log keeps): ``mark(desk, agent, note)``."""
     posted = await _order_post(order_id, request, console, executor, runtime)
     if isinstance(posted, Response):
         return posted
     on, form = posted
     desk = AgentDesk(executor.executor, runtime.catalog)
     note = form.get("note", "")
-    return await _carry_out(
-        on,
-        form,
-        lambda: _too_long(note, "note") or desk.resolve_dispute(on.session.agent, order_id, check_action_id, note),
-    )
+    return await _carry_out(on, form, lambda: _too_long(note, "note") or mark(desk, on.session.agent, note))
 
 
 def _period(days: str) -> int:

@@ -31,6 +31,7 @@ from model.requests import Decision, DecisionRequest, Failure
 from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, lasting_bans, load_rulebook
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
+from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, CaseDone, done_of, note_case
 from service.executor.channels.base import ReceiptFailure, SenderLimit
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
@@ -66,6 +67,7 @@ from service.executor.store import (
     agent_queue,
     as_utc,
     as_utc_or_none,
+    cases_by_hand,
     early_receipts,
     event_keys,
     is_postgres,
@@ -1073,26 +1075,63 @@ class RefundByHand:
     handed_at: datetime
     state: str
     note: str
+    #: Its row in ``cases_by_hand``, and who marked it dealt with, when, and what was done (None while open).
+    case_id: int = 0
+    done: CaseDone | None = None
+
+    @property
+    def open(self) -> bool:
+        """Whether nobody has marked it dealt with yet."""
+        return self.done is None
 
 
-def refunds_by_hand(conn: sa.Connection, merchant_id: str | None = None) -> list[RefundByHand]:
-    """The refunds given to an operator to make by hand (a merchant's, or all), oldest first. Refunds are few (one
-    per duplicate charge), so their payloads are read here."""
-    query = (
+def _cases_of(kind: str, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """The cases of ``kind`` handed to a person (``cases_by_hand``) with their resolution, joined to their action
+    (``columns`` of it, and of its order): the flagged actions read by their key, not by a scan of every action's
+    payload."""
+    return (
         sa.select(
+            cases_by_hand.c.case_id,
+            cases_by_hand.c.ref,
+            cases_by_hand.c.why,
+            cases_by_hand.c.flagged_at,
+            cases_by_hand.c.done_by,
+            cases_by_hand.c.done_at,
+            cases_by_hand.c.done_note,
             actions.c.action_id,
             actions.c.merchant_id,
             actions.c.order_id,
-            actions.c.state,
             actions.c.payload_json,
-            actions.c.last_error,
             orders.c.state.label("order_state"),
+            *columns,
         )
+        .select_from(cases_by_hand)
+        .join(actions, actions.c.action_id == cases_by_hand.c.action_id)
         .join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
-        .where(actions.c.kind == ActionKind.REFUND.value)
+        .where(cases_by_hand.c.kind == kind)
     )
+
+
+def _of(query: sa.Select[Any], merchant_id: str | None, order_id: str | None, open_only: bool) -> sa.Select[Any]:
+    """``query`` of cases (``_cases_of``) narrowed to a merchant's, one order's, the open ones, oldest first."""
+    if merchant_id is not None:
+        query = query.where(cases_by_hand.c.merchant_id == merchant_id)
+    if order_id is not None:
+        query = query.where(cases_by_hand.c.order_id == order_id)
+    if open_only:
+        query = query.where(cases_by_hand.c.done_at.is_(None))
+    return query.order_by(cases_by_hand.c.action_id, cases_by_hand.c.case_id)
+
+
+def refunds_by_hand(
+    conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None, *, open_only: bool = False
+) -> list[RefundByHand]:
+    """The refunds given to an operator to make by hand (a merchant's, one order's, or all), oldest first, dealt
+    with or not (``open_only``: not)."""
+    query = _cases_of(REFUND_CASE, actions.c.state, actions.c.last_error)
     found = []
-    for row, payload, handed in _flagged(conn, query, REFUND_BY_HAND, merchant_id):
+    for row in conn.execute(_of(query, merchant_id, order_id, open_only)):
+        payload = orjson.loads(row.payload_json or "{}")
         found.append(
             RefundByHand(
                 merchant_id=row.merchant_id,
@@ -1103,10 +1142,12 @@ def refunds_by_hand(conn: sa.Connection, merchant_id: str | None = None) -> list
                 connector=str(payload.get("connector")),
                 amount=payload.get("amount"),
                 currency=str(payload.get("currency")),
-                why=str(handed.get("why")),
-                handed_at=as_utc(datetime.fromisoformat(str(handed["at"]))),
+                why=str(row.why),
+                handed_at=as_utc(row.flagged_at),
                 state=row.state,
                 note=row.last_error or "",
+                case_id=int(row.case_id),
+                done=done_of(row),
             )
         )
     return found
@@ -1129,44 +1170,47 @@ class PaidTwice:
     winback_txn_id: str
     merchant_txn_id: str
     reported_at: datetime
+    #: Its row in ``cases_by_hand``, and who marked it dealt with, when, and what was done (None while open).
+    case_id: int = 0
+    done: CaseDone | None = None
+
+    @property
+    def open(self) -> bool:
+        """Whether nobody has marked it dealt with yet."""
+        return self.done is None
 
 
-def paid_twice(conn: sa.Connection, merchant_id: str | None = None, order_id: str | None = None) -> list[PaidTwice]:
+def paid_twice(
+    conn: sa.Connection,
+    merchant_id: str | None = None,
+    order_id: str | None = None,
+    *,
+    open_only: bool = False,
+) -> list[PaidTwice]:
     """The orders settled by winback's charge whose merchant then reported them paid by a payment of its own (a
-    merchant's, one order's, or all), oldest charge first, one per merchant txn id. Only charges carrying the flag
-    are decoded."""
-    query = (
-        sa.select(
-            actions.c.action_id,
-            actions.c.merchant_id,
-            actions.c.order_id,
-            actions.c.payload_json,
-            orders.c.state.label("order_state"),
-            orders.c.success_txn_id,
-            orders.c.amount,
-            orders.c.currency,
-        )
-        .join(orders, sa.and_(orders.c.merchant_id == actions.c.merchant_id, orders.c.order_id == actions.c.order_id))
-        .where(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]))
-    )
+    merchant's, one order's, or all), oldest charge first, one per merchant txn id, dealt with or not
+    (``open_only``: not). Only the charges flagged (``cases_by_hand``) are read."""
+    query = _cases_of(PAID_TWICE_CASE, orders.c.success_txn_id, orders.c.amount, orders.c.currency)
     found = []
-    for row, payload, reported in _flagged(conn, query, MERCHANT_PAID_TOO, merchant_id, order_id):
-        for merchant_txn_id, report in reported.items():
-            found.append(
-                PaidTwice(
-                    merchant_id=row.merchant_id,
-                    order_id=row.order_id,
-                    order_state=row.order_state,
-                    charge_action_id=int(row.action_id),
-                    payment_id=f"{row.order_id}_{payload.get('attempt_number')}",
-                    connector=str(payload.get("connector")),
-                    amount=row.amount,
-                    currency=str(row.currency),
-                    winback_txn_id=str(row.success_txn_id),
-                    merchant_txn_id=str(merchant_txn_id),
-                    reported_at=as_utc(datetime.fromisoformat(str(report["at"]))),
-                )
+    for row in conn.execute(_of(query, merchant_id, order_id, open_only)):
+        payload = orjson.loads(row.payload_json or "{}")
+        found.append(
+            PaidTwice(
+                merchant_id=row.merchant_id,
+                order_id=row.order_id,
+                order_state=row.order_state,
+                charge_action_id=int(row.action_id),
+                payment_id=f"{row.order_id}_{payload.get('attempt_number')}",
+                connector=str(payload.get("connector")),
+                amount=row.amount,
+                currency=str(row.currency),
+                winback_txn_id=str(row.success_txn_id),
+                merchant_txn_id=str(row.ref),
+                reported_at=as_utc(row.flagged_at),
+                case_id=int(row.case_id),
+                done=done_of(row),
             )
+        )
     return found
 
 
@@ -1780,6 +1824,7 @@ class Executor:
             .where(actions.c.action_id == settled_by.action_id)
             .values(payload_json=_dump(settled_by.payload | {MERCHANT_PAID_TOO: reported}), updated_at=now)
         )
+        note_case(conn, PAID_TWICE_CASE, order["merchant_id"], order["order_id"], settled_by.action_id, now, ref=txn_id)
         log.warning(
             "order %s was paid by winback's charge (payment %s_%s via %s, txn_id %s) and its merchant now reports it "
             "paid by its own payment txn_id %r: the customer may have paid twice; winback refunds nothing on its own, "
@@ -2988,6 +3033,7 @@ class Executor:
         /metrics) lists it from the moment it is dead, and log it as an error."""
         marked = refund.payload | {REFUND_BY_HAND: {"at": now.isoformat(), "why": why}}
         conn.execute(actions.update().where(actions.c.action_id == refund.action_id).values(payload_json=_dump(marked)))
+        note_case(conn, REFUND_CASE, refund.merchant_id, refund.order_id, refund.action_id, now, why=why)
         log.error(
             "the refund of payment %s, charged on order %s after it was settled, was not made: %s; refund it "
             "by hand through connector %r (see refund action %s in GET /v1/orders/%s, or `winback executor "

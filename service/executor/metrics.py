@@ -19,7 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection, Engine
 
-from service.executor.core import charge_disputes, paid_twice, refunds_by_hand
+from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, cases_counted
+from service.executor.core import charge_disputes
 from service.executor.pacing import sender_holds_counted
 from service.executor.store import utcnow
 
@@ -136,33 +137,45 @@ class RefundsByHandCollector(_ReadFromTheDatabase):
     """``winback_executor_refunds_by_hand_total{merchant_id, why}``: the refunds of duplicate charges given to an
     operator to make by hand (``why``: ``switch_silent``, its switch answered no status check of the charge within
     REFUND_WAIT_FOR_SWITCH; ``no_answer``, the refund was sent and never answered; ``refused``, the switch refused
-    it or cannot refund). Each stays marked on its refund action, so the count never goes down: a counter, read from
-    the database; an alert watches its increase (``winback executor refunds-by-hand`` lists them)."""
+    it or cannot refund). Each is kept in ``cases_by_hand``, dealt with or not, so the count never goes down: a
+    counter, read from the database; an alert watches its increase (``winback executor refunds-by-hand`` lists
+    them). ``winback_executor_refunds_by_hand_open`` (same labels, a gauge): those nobody has marked as dealt with
+    yet (``refunds-by-hand --resolve``, the console), 0 once all of a label's are."""
 
     what = "refunds by hand"
     counter = ("winback_executor_refunds_by_hand", "Refunds of duplicate charges given to an operator to make by hand.")
+    gauge = ("winback_executor_refunds_by_hand_open", "Refunds by hand nobody has marked as dealt with yet.")
     labels = ("merchant_id", "why")
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
-        return (Counter((refund.merchant_id, refund.why) for refund in refunds_by_hand(conn)),)
+        counted = cases_counted(conn, REFUND_CASE)
+        return (counted.total, counted.open)
 
 
 class PaidTwiceCollector(_ReadFromTheDatabase):
     """``winback_executor_possible_double_payments_total{merchant_id}``: the orders settled by winback's own charge
     that their merchant then reported paid by a payment of its own (a ``payment-succeeded`` naming a txn id that is
     none of winback's charges), one per merchant txn id: the customer may have paid twice, and winback refunds
-    nothing on its own. Each stays noted on its charge, so the count never goes down: a counter, read from the
-    database; an alert watches its increase (``winback executor refunds-by-hand`` lists them)."""
+    nothing on its own. Each is kept in ``cases_by_hand``, dealt with or not, so the count never goes down: a
+    counter, read from the database (a grouped read of that small table, not of every charge's payload); an alert
+    watches its increase (``winback executor refunds-by-hand`` lists them).
+    ``winback_executor_possible_double_payments_open`` (same labels, a gauge): those nobody has marked as dealt
+    with yet."""
 
     what = "possible double payments"
     counter = (
         "winback_executor_possible_double_payments",
         "Orders paid by winback's charge that their merchant then reported paid by a payment of its own.",
     )
+    gauge = (
+        "winback_executor_possible_double_payments_open",
+        "Possible double payments nobody has marked as dealt with yet.",
+    )
     labels = ("merchant_id",)
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
-        return (Counter((found.merchant_id,) for found in paid_twice(conn)),)
+        counted = cases_counted(conn, PAID_TWICE_CASE)
+        return (counted.total, counted.open)
 
 
 class SenderHoldsCollector(_ReadFromTheDatabase):

@@ -317,6 +317,30 @@ sender_holds = sa.Table(
 )
 
 
+cases_by_hand = sa.Table(
+    # The money cases the executor hands to a person (migration 0023), one row each, written in the transaction that
+    # flags it on its action: a refund of a duplicate charge to make by hand (``kind`` ``refund``, ``why`` from
+    # REFUND_BY_HAND_REASONS) and a possible double payment (``paid_twice``, ``ref`` the merchant's own txn id, one
+    # row per txn id). The flag stays on the action's payload too; this table is what /metrics counts (a few rows,
+    # not a scan of every action's payload) and where a person marks a case dealt with: who, when, what was done.
+    "cases_by_hand",
+    metadata,
+    sa.Column("case_id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("merchant_id", sa.String(128), nullable=False),
+    sa.Column("order_id", sa.String(256), nullable=False),
+    sa.Column("action_id", BigId, nullable=False),
+    sa.Column("ref", sa.String(256), nullable=False, server_default=""),
+    sa.Column("why", sa.String(16), nullable=True),
+    sa.Column("flagged_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("done_by", sa.String(256), nullable=True),
+    sa.Column("done_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("done_note", MaskedText, nullable=True),
+    sa.UniqueConstraint("kind", "action_id", "ref", name="uq_cases_by_hand_case"),
+    sa.Index("ix_cases_by_hand_order", "merchant_id", "order_id"),
+)
+
+
 customer_pacing = sa.Table(
     # One customer of a merchant held back on a channel after WhatsApp's pair rate limit (Meta's 131056: too many
     # messages from the business number to this phone number), migration 0016; the merchant's other customers are not.

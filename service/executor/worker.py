@@ -39,6 +39,7 @@ from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from service.api.settings import settings_from_env
 from service.api.store import shown_url
+from service.executor.by_hand import Marked, mark_cases_done
 from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
 from service.executor.core import (
@@ -65,7 +66,7 @@ from service.executor.core import (
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
 from service.executor.settings import ExecutorSettings
-from service.executor.store import ActionKind, make_executor_engine, orders, utcnow
+from service.executor.store import ActionKind, cases_by_hand, make_executor_engine, orders, utcnow
 from service.signals import restore_sigchld_default
 
 log = logging.getLogger("winback.executor")
@@ -658,7 +659,10 @@ def _existing_executor_database(database_url: str) -> Engine:
     engine = make_executor_engine(database_url)
     try:
         with engine.connect() as conn:
-            if "unanswered_since" not in {c["name"] for c in sa.inspect(conn).get_columns("actions")}:
+            inspector = sa.inspect(conn)
+            if "unanswered_since" not in {c["name"] for c in inspector.get_columns("actions")} or (
+                not inspector.has_table(cases_by_hand.name)
+            ):
                 raise ChargeResolutionError("the database is not at the current schema: run `winback executor run`")
     except sa.exc.NoSuchTableError:
         engine.dispose()
@@ -701,6 +705,38 @@ def _read_executor_database(database_url: str, read: Callable[[sa.Connection], T
         engine.dispose()
 
 
+def resolve_case_by_hand(
+    database_url: str, order_id: str, note: str, by: str, merchant_id: str | None = None
+) -> Marked:
+    """``winback executor refunds-by-hand --resolve ORDER_ID --note TEXT``: mark the open refunds by hand and
+    possible double payments of the order as dealt with (``mark_cases_done``), in one transaction; those dealt with
+    before are left as they were (``Marked.before``). The order is named as for ``resolve_charge_dispute``."""
+    engine = _existing_executor_database(database_url)
+    try:
+        with engine.begin() as conn:
+            merchant = _merchant_of_order(conn, order_id, merchant_id)
+            return mark_cases_done(conn, merchant, order_id, by, note, utcnow())
+    finally:
+        engine.dispose()
+
+
+def _merchant_of_order(conn: sa.Connection, order_id: str, merchant_id: str | None) -> str:
+    """The merchant of order ``order_id`` (of ``merchant_id``'s, when named); DisputeResolutionError when no
+    merchant has such an order, or several do and none is named."""
+    query = sa.select(orders.c.merchant_id).where(orders.c.order_id == order_id)
+    if merchant_id is not None:
+        query = query.where(orders.c.merchant_id == merchant_id)
+    merchants = sorted(conn.scalars(query))
+    if not merchants:
+        of = "" if merchant_id is None else f" of merchant {merchant_id}"
+        raise DisputeResolutionError(f"no order {order_id!r}{of}")
+    if len(merchants) > 1:
+        raise DisputeResolutionError(
+            f"order {order_id!r} is an order of merchants {', '.join(merchants)}: name one with --merchant"
+        )
+    return str(merchants[0])
+
+
 def resolve_charge_dispute(
     database_url: str, order_id: str, note: str, by: str, merchant_id: str | None = None
 ) -> list[ChargeDispute]:
@@ -710,18 +746,8 @@ def resolve_charge_dispute(
     engine = _existing_executor_database(database_url)
     try:
         with engine.begin() as conn:
-            query = sa.select(orders.c.merchant_id).where(orders.c.order_id == order_id)
-            if merchant_id is not None:
-                query = query.where(orders.c.merchant_id == merchant_id)
-            merchants = sorted(conn.scalars(query))
-            if not merchants:
-                of = "" if merchant_id is None else f" of merchant {merchant_id}"
-                raise DisputeResolutionError(f"no order {order_id!r}{of}")
-            if len(merchants) > 1:
-                raise DisputeResolutionError(
-                    f"order {order_id!r} is an order of merchants {', '.join(merchants)}: name one with --merchant"
-                )
-            return resolve_charge_disputes(conn, merchants[0], order_id, by, note, utcnow())
+            merchant = _merchant_of_order(conn, order_id, merchant_id)
+            return resolve_charge_disputes(conn, merchant, order_id, by, note, utcnow())
     finally:
         engine.dispose()
 

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import insert_lost_charge, make_request, write_console_config
+from tests.factories import insert_lost_charge, insert_paid_twice, make_request, write_console_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -377,6 +377,40 @@ def test_agent_answers_for_a_charge_that_was_never_answered(
     assert page.get_by_test_id("unanswered-charge").count() == 0
     assert "adyen support, psp ref 8816" in page.get_by_test_id("audit").inner_text()
     _shot(page, tmp_path, "charge-answered")
+
+
+def test_agent_marks_a_possible_double_payment_as_dealt_with(
+    browser_page: Any, served: tuple[str, str], tmp_path: Path
+) -> None:
+    import sqlalchemy as sa
+
+    url, database = served
+    page = browser_page
+    _fail_order(url, "ord_twice_e2e")
+    engine = sa.create_engine(database)
+    try:
+        insert_paid_twice(engine, "m_a", "ord_twice_e2e", datetime.now(UTC) - timedelta(hours=1))
+    finally:
+        engine.dispose()
+    _sign_in(page, AGENT)
+    page.wait_for_url("**/console/queue")
+    page.goto("/console/orders/ord_twice_e2e")
+    card = page.get_by_test_id("paid-twice")
+    assert "txn_merchant_own" in card.inner_text()
+    _shot(page, tmp_path, "paid-twice")
+    card.get_by_test_id("resolve-case").click()  # no note: the browser does not send it
+    assert page.get_by_test_id("result").count() == 0
+    card.get_by_test_id("case-note").fill("merchant refunded its own payment, ref R-77")
+    card.get_by_test_id("resolve-case").click()
+    result = page.get_by_test_id("result")
+    result.wait_for()
+    assert "Marked as dealt with: the possible double payment" in result.inner_text()
+    assert page.get_by_test_id("paid-twice").count() == 0
+    done = page.get_by_test_id("paid-twice-dealt-with").inner_text()
+    assert "agent asha@m_a marked it as dealt with" in done
+    assert "merchant refunded its own payment, ref R-77" in done
+    assert "merchant refunded its own payment, ref R-77" in page.get_by_test_id("audit").inner_text()
+    _shot(page, tmp_path, "paid-twice-dealt-with")
 
 
 def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after_sign_in(

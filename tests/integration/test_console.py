@@ -44,6 +44,11 @@ def flash(page: httpx.Response) -> str:
     return html.unescape(found.group(1)).strip() if found else ""
 
 
+#: The addresses of the forms that act on one thing of an order: a charge's answer, a dispute's resolution, a case
+#: handed to a person marked dealt with.
+ON_ONE = ("/charges/", "/disputes/", "/by-hand/")
+
+
 class Console:
     """The app plus a cookie-keeping browser-like client."""
 
@@ -62,7 +67,7 @@ class Console:
         """A POST of ``data``; to an action's address with a new one-time token unless ``data`` or the headers
         carry a key (as the order page's forms do), or ``one_time_key`` is False."""
         keyed = SUBMISSION_FIELD in data or IDEMPOTENCY_HEADER.lower() in {h.lower() for h in kwargs.get("headers", {})}
-        if one_time_key and not keyed and (path.endswith("/actions") or "/charges/" in path or "/disputes/" in path):
+        if one_time_key and not keyed and (path.endswith("/actions") or any(form in path for form in ON_ONE)):
             data = data | {SUBMISSION_FIELD: new_token()}
         return self.request("POST", path, data=data, **kwargs)
 
@@ -71,7 +76,7 @@ class Console:
         order's page (naming the POST's result), then that page (with the action's result)."""
         posted = self.post(path, data, **kwargs)
         assert posted.status_code == 303, (posted.status_code, posted.text[:500])
-        on_one = "/charges/" in path or "/disputes/" in path  # a charge's answer, a dispute's resolution
+        on_one = any(form in path for form in ON_ONE)
         order_page = path.rsplit("/", 2)[0] if on_one else path.removesuffix("/actions")
         assert posted.headers["location"].startswith(order_page + "?flash="), posted.headers["location"]
         return self.get(posted.headers["location"])

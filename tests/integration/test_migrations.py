@@ -638,3 +638,72 @@ def test_charge_disputes_are_read_through_0020s_index_dropped_on_downgrade(datab
         assert "ix_actions_kind" not in {index["name"] for index in sa.inspect(engine).get_indexes("actions")}
     finally:
         engine.dispose()
+
+
+def test_the_cases_by_hand_flagged_before_0023_are_copied_counted_without_reading_actions_and_dropped_on_downgrade(
+    database_url: str,
+) -> None:
+    """0023 copies the refunds by hand and possible double payments flagged on the actions' payloads before it into
+    ``cases_by_hand`` (one row per refund, one per merchant txn id), open; /metrics then counts them from that table,
+    not by a ``LIKE`` over every charge's payload (3,000 actions, three cases); a downgrade drops it."""
+    from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, cases_counted
+    from service.executor.core import paid_twice, refunds_by_hand
+
+    engine = sa.create_engine(database_url)
+    moment = datetime(2026, 12, 7, 5, 0, tzinfo=UTC)
+    payloads: dict[int, tuple[str, dict[str, object]]] = {
+        7: ("refund", {"payment_id": "ord_7_2", "refund_by_hand": {"at": moment.isoformat(), "why": "refused"}}),
+        8: (
+            "retry",
+            {"attempt_number": 2, "connector": "adyen", "merchant_paid_too": {"t1": {"at": moment.isoformat()}}}
+            | {"other": "x"},
+        ),
+        9: ("link_payment", {"attempt_number": 3, "merchant_paid_too": {"t2": {"at": moment.isoformat()}}}),
+        10: ("retry", {"note": "merchant_paid_too named in a text, not a flag"}),
+    }
+    rows = [
+        {
+            "merchant_id": "m_a", "order_id": f"ord_{number}", "kind": payloads.get(number, ("retry", {}))[0],
+            "state": "dead" if number == 7 else "done", "due_at": moment, "planned_at": moment, "attempts": 0,
+            "idempotency_key": f"key_{number}", "created_at": moment, "updated_at": moment,
+            "payload_json": json.dumps(payloads.get(number, ("retry", {"attempt_number": 2}))[1]),
+        }
+        for number in range(3000)
+    ]  # fmt: skip
+    orders = [
+        {
+            "merchant_id": "m_a", "order_id": f"ord_{number}", "state": "SUCCEEDED", "mode": "autonomous",
+            "amount": 10.0, "currency": "USD", "customer_id": "cus_1", "request_json": "{}", "failure_json": "{}",
+            "attempt_count": 2, "first_failed_at": moment, "created_at": moment, "updated_at": moment,
+        }
+        for number in range(3000)
+    ]  # fmt: skip
+    try:
+        upgrade(engine, "0022")
+        with engine.begin() as conn:
+            conn.execute(sa.insert(sa.table("orders", *(sa.column(name) for name in orders[0]))), orders)
+            conn.execute(sa.insert(sa.table("actions", *(sa.column(name) for name in rows[0]))), rows)
+        upgrade(engine)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("ANALYZE")
+            assert [(r.order_id, r.why, r.handed_at, r.open) for r in refunds_by_hand(conn)] == [
+                ("ord_7", "refused", moment, True)
+            ]
+            assert [(p.order_id, p.payment_id, p.merchant_txn_id, p.open) for p in paid_twice(conn)] == [
+                ("ord_8", "ord_8_2", "t1", True),
+                ("ord_9", "ord_9_3", "t2", True),
+            ]
+            for kind, labels in ((REFUND_CASE, ("m_a", "refused")), (PAID_TWICE_CASE, ("m_a",))):
+                counted, plan = _planned(engine, conn, lambda kind=kind: cases_counted(conn, kind))
+                assert (dict(counted.total), dict(counted.open)) == (
+                    {labels: 1 if kind == REFUND_CASE else 2},
+                    {labels: 1 if kind == REFUND_CASE else 2},
+                )
+                assert "cases_by_hand" in plan, plan
+                assert "actions" not in plan, plan
+        downgrade(engine, "0022")
+        assert "cases_by_hand" not in sa.inspect(engine).get_table_names()
+        upgrade(engine)
+    finally:
+        engine.dispose()

@@ -1,0 +1,224 @@
+"""Marking the money cases handed to a person as dealt with: a possible double payment (winback's charge paid the
+order, the merchant reported its own payment too) and a refund to make by hand. ``winback executor
+refunds-by-hand --resolve``, the console's cards, the lists and the open gauges on /metrics; once only (a second
+mark changes nothing and says so). Real executor, switch behind ``HttpConnector``, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from pipelines.cli import app as cli
+from service.api.app import create_app
+from service.console.store import audit_log
+from service.executor.by_hand import MAX_CASE_NOTE_LENGTH
+from service.executor.core import paid_twice, refunds_by_hand
+from service.executor.store import cases_by_hand
+from tests.integration.test_console import flash
+from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
+    PAID_BY_MERCHANT,
+    Harness,
+    event,
+    make_harness,
+)
+from tests.integration.test_executor_switch_followups import (
+    RETRY,
+    FullSwitch,
+    MakeHarness,
+    handed_over_after_the_switchs_silence,
+    signed_in_console,
+    through,
+)
+from tests.unit.test_api import Api, settings_for
+
+
+def by_hand(database_url: str, *args: str) -> tuple[int, str]:
+    """``winback executor refunds-by-hand ARGS``: its exit code and output."""
+    ran = CliRunner().invoke(cli, ["executor", "refunds-by-hand", *args, "--database-url", database_url])
+    return ran.exit_code, ran.output
+
+
+def refused(database_url: str, *args: str) -> str:
+    """What ``refunds-by-hand ARGS`` says as it refuses (a non-zero exit)."""
+    code, said = by_hand(database_url, *args)
+    assert code != 0, said
+    return said
+
+
+def answered(database_url: str, *args: str) -> str:
+    """What ``refunds-by-hand ARGS`` prints as it succeeds (exit 0)."""
+    code, said = by_hand(database_url, *args)
+    assert code == 0, said
+    return said
+
+
+def paid_twice_case(build: MakeHarness, database_url: str) -> Harness:
+    """Order ord_1 paid by winback's retry (payment ord_1_2), then reported paid by the merchant's own txn_ext."""
+    h = build(RETRY, connector=through(FullSwitch(statuses=["succeeded"])), database_url=database_url)
+    h.executor.payment_failed("m_demo", event())
+    h.drain()
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    return h
+
+
+def test_a_possible_double_payment_is_marked_dealt_with_once_and_leaves_the_list_and_the_open_gauge(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """There was no way to mark one dealt with: ``refunds-by-hand`` listed it for ever. Now ``--resolve ORDER_ID
+    --note TEXT`` marks it (who, when, the note); the list hides it (``--all`` shows it with who, when, the note),
+    /metrics keeps counting it and its open gauge reads 0; marking it again changes nothing and says so. A missing
+    or too long note and an unknown order are refused, nothing written."""
+    h = paid_twice_case(make_harness, database_url)
+    assert "m_demo ord_1 (SUCCEEDED): possibly paid twice" in answered(database_url)
+    assert "--resolve needs --note saying what was done" in refused(database_url, "--resolve", "ord_1")
+    assert f"the note is 1001 characters long: at most {MAX_CASE_NOTE_LENGTH}" in refused(
+        database_url, "--resolve", "ord_1", "--note", "x" * (MAX_CASE_NOTE_LENGTH + 1)
+    )
+    assert "a note is required" in refused(database_url, "--resolve", "ord_1", "--note", "  ")
+    assert "no order 'ord_9'" in refused(database_url, "--resolve", "ord_9", "--note", "x")
+    assert "--note and --by go with --resolve ORDER_ID" in refused(database_url, "--note", "x")
+    with h.executor.engine.connect() as conn:
+        assert [p.open for p in paid_twice(conn)] == [True]
+
+    note = "merchant refunded txn_ext to the customer"
+    code, said = by_hand(database_url, "--resolve", "ord_1", "--note", note, "--by", "alice")
+    assert (code, said) == (
+        0,
+        "m_demo ord_1: the possible double payment (the merchant's txn_id txn_ext) is marked dealt with by operator "
+        f"alice: {note}\n",
+    )
+    code, listed = by_hand(database_url)
+    assert (code, listed) == (
+        0,
+        "no refund by hand or possible double payment open (1 case dealt with: --all lists them)\n",
+    )
+    everything = answered(database_url, "--all")
+    assert "possibly paid twice" in everything, everything
+    assert "check with the merchant; dealt with by operator alice at 2026-" in everything, everything
+    assert everything.rstrip().endswith(note), everything
+
+    code, again = by_hand(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
+    assert code == 0, again
+    assert again.startswith(
+        "order ord_1: already marked dealt with (the possible double payment (the merchant's txn_id txn_ext) by "
+        "operator alice at 2026-"
+    ), again
+    assert again.rstrip().endswith(f"{note}); nothing changed"), again
+    with h.executor.engine.connect() as conn:
+        rows = conn.execute(sa.select(cases_by_hand.c.done_by, cases_by_hand.c.done_note)).all()
+    assert [tuple(row) for row in rows] == [("operator alice", note)]
+
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        metrics = api.get("/metrics").text
+        assert 'winback_executor_possible_double_payments_total{merchant_id="m_demo"} 1.0' in metrics
+        assert 'winback_executor_possible_double_payments_open{merchant_id="m_demo"} 0.0' in metrics
+        page = signed_in_console(api).get("/console/orders/ord_1").text
+        assert 'data-testid="paid-twice"' not in page
+        assert 'data-testid="paid-twice-dealt-with"' in page
+        assert "operator alice marked it as dealt with at " in page
+    finally:
+        api.close()
+
+
+def test_an_agent_marks_a_possible_double_payment_dealt_with_on_its_card(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """The paid-twice card had no action. Now it has a note and "Mark as dealt with" (CSRF token and one-time key as
+    the order's other forms); a blank note is refused; once marked, the card says who, when and what was done, and
+    a second mark is refused as done already; each try is in the audit log."""
+    h = paid_twice_case(make_harness, database_url)
+    with h.executor.engine.connect() as conn:
+        [case] = paid_twice(conn)
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = signed_in_console(api)
+        page = console.get("/console/orders/ord_1").text
+        assert 'data-testid="paid-twice"' in page, page
+        assert 'data-testid="resolve-case"' in page
+        address = f"/console/orders/ord_1/by-hand/{case.case_id}"
+        assert console.post(address, {"note": "no token"}).status_code == 403
+        csrf = console.csrf()
+        blank = console.act(address, {"note": " ", "csrf_token": csrf})
+        assert flash(blank).startswith("say what was done (a note is required"), flash(blank)
+        elsewhere = console.act(
+            f"/console/orders/ord_1/by-hand/{case.case_id + 100}", {"note": "x", "csrf_token": csrf}
+        )
+        assert f"has no case {case.case_id + 100} handed to a person" in flash(elsewhere)
+
+        note = "merchant refunded its own payment"
+        dealt = console.act(address, {"note": note, "csrf_token": csrf})
+        assert flash(dealt) == (
+            "Marked as dealt with: the possible double payment (the merchant's txn_id txn_ext) is no longer open"
+        )
+        assert 'data-testid="resolve-case"' not in dealt.text
+        assert 'data-testid="paid-twice-dealt-with"' in dealt.text
+        assert "agent asha@m_demo marked it as dealt with" in dealt.text
+        assert note in dealt.text
+        again = console.act(address, {"note": "again", "csrf_token": csrf})
+        assert flash(again).startswith("order ord_1: already marked dealt with ("), flash(again)
+        assert flash(again).endswith("; nothing changed")
+        with console.engine.connect() as conn:
+            audit = conn.execute(
+                sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason)
+                .where(audit_log.c.order_id == "ord_1")
+                .order_by(audit_log.c.audit_id)
+            ).all()
+            [marked] = paid_twice(conn)
+        assert [(a.action, a.result) for a in audit] == [
+            ("resolve_by_hand", "refused"),
+            ("resolve_by_hand", "refused"),
+            ("resolve_by_hand", "done"),
+            ("resolve_by_hand", "refused"),
+        ]
+        assert audit[2].reason == note
+        assert marked.done is not None
+        assert (marked.done.by, marked.done.note) == ("agent asha@m_demo", note)
+    finally:
+        api.close()
+
+
+def test_a_refund_by_hand_is_marked_dealt_with_on_its_card_and_leaves_the_list(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """A refund given to an operator (its switch silent for a day) gets a card on the order's page with "Mark as
+    dealt with"; once marked it leaves ``refunds-by-hand``'s list and the open gauge, and the counter keeps it."""
+    h = handed_over_after_the_switchs_silence(make_harness, database_url, FullSwitch(statuses=["succeeded"]))
+    with h.executor.engine.connect() as conn:
+        [refund] = refunds_by_hand(conn)
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = signed_in_console(api)
+        page = console.get("/console/orders/ord_1").text
+        assert 'data-testid="refund-by-hand"' in page, page
+        assert "A refund to make by hand</h2>" in page
+        note = "refunded by hand on adyen's dashboard"
+        dealt = console.act(
+            f"/console/orders/ord_1/by-hand/{refund.case_id}", {"note": note, "csrf_token": console.csrf()}
+        )
+        assert flash(dealt) == (
+            f"Marked as dealt with: the refund by hand (refund action {refund.refund_action_id}) is no longer open"
+        )
+        assert 'data-testid="refund-by-hand-dealt-with"' in dealt.text
+        metrics = api.get("/metrics").text
+        assert 'winback_executor_refunds_by_hand_total{merchant_id="m_demo",why="switch_silent"} 1.0' in metrics
+        assert 'winback_executor_refunds_by_hand_open{merchant_id="m_demo",why="switch_silent"} 0.0' in metrics
+    finally:
+        api.close()
+    code, listed = by_hand(database_url)
+    assert (code, listed) == (
+        0,
+        "no refund by hand or possible double payment open (1 case dealt with: --all lists them)\n",
+    )
+    everything = answered(database_url, "--all")
+    assert f"refund action {refund.refund_action_id} of payment ord_1_2" in everything, everything
+    assert "; dealt with by agent asha@m_demo at 2026-" in everything
+    assert everything.rstrip().endswith(note)

@@ -116,7 +116,13 @@ class RegistryMirror:
         self._publish(error=None)
 
     def _failed(self, error: str) -> None:
-        log.warning("could not mirror the champion; workers keep their model", extra={"error": error})
+        # Said "workers keep their model" before any model was loaded: `--tracking-uri databricks` without
+        # credentials served rules-only while the only line said a model was kept.
+        if self.version is None:
+            message = "no model: the model registry did not answer; decisions are rules-only until it does"
+        else:
+            message = f"could not check the champion; workers keep version {self.version}"
+        log.warning(message, extra={"error": error})
         self._publish(error=error)
 
     def _download(self, version: str, registry: Any) -> None:

@@ -361,6 +361,23 @@ def test_a_registry_that_fails_keeps_the_last_version_and_says_why(
     assert MirrorSource(folder, poll_seconds=1.0).champion_version() == "1"
 
 
+def test_a_registry_without_credentials_says_there_is_no_model_and_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Plain `databricks` with no credentials anywhere: the server starts rules-only; its line said a model was kept.
+    for name in [name for name in os.environ if name.startswith("DATABRICKS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.databrickscfg
+    mirror = RegistryMirror(tmp_path, "databricks", poll_seconds=10.0)
+    with caplog.at_level("WARNING", logger="winback.api"):
+        mirror.check()
+    [record] = [r for r in caplog.records if r.name == "winback.api"]
+    assert record.getMessage() == (
+        "no model: the model registry did not answer; decisions are rules-only until it does"
+    )
+    assert "Databricks" in record.error  # type: ignore[attr-defined]
+
+
 def test_a_silent_mirror_is_an_error_and_old_versions_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

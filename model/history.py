@@ -29,6 +29,12 @@ Rules beyond the plain column types, decided here and checked on every read:
   ``decision_id`` is unique in the stops file and not the decision of any attempt or nudge (a decision has one
   action).
 
+Read, with a warning (``History.warnings``, shown by the commands), never refused: booleans written as 1 and 0
+(once per column); a nudge clicked but marked undelivered (read as delivered: the click shows it arrived); an
+amount that changes within an order (the contract does not fix it). Refused: a ``decision_id`` on rows of two
+orders (a decision is made for one order), and a timestamp before 1970 (no decision request can carry it, so
+training's replay of the history cannot).
+
 Extra columns are allowed and kept (from CSV they come back as strings).
 """
 
@@ -51,6 +57,7 @@ import pyarrow
 import pyarrow.parquet as pq
 
 from model.forked import map_in_order
+from model.requests import EARLIEST_YEAR
 from model.vocab import RETRY_STRATEGIES, AttemptStatus, AuthenticationType, Channel, Strategy
 
 __all__ = [
@@ -380,7 +387,7 @@ class HistoryError(ValueError):
 class _Collector:
     """Gathers problems, keeping only what can be shown, but counting all of them."""
 
-    def __init__(self, cap: int, column_order: Sequence[str]) -> None:
+    def __init__(self, cap: int, column_order: Sequence[str], *, notes: bool = True) -> None:
         self.cap = cap
         self.total = 0
         self._kept: list[Problem] = []
@@ -389,6 +396,8 @@ class _Collector:
         self._file_level: set[Problem] = set()
         #: Per file: the file row of each position of the frame being checked (a partition of the file).
         self.row_maps: dict[str, np.ndarray[Any, Any]] = {}
+        #: Values read, but not as written or not as plausible as they look: said, never refused (``warnings``).
+        self.notes: _Collector | None = _Collector(cap, column_order, notes=False) if notes else None
 
     def number(self, file: str, position: int) -> int:
         """The 1-based file row of a 0-based position in the frame being checked."""
@@ -398,6 +407,8 @@ class _Collector:
     def register(self, file: str) -> None:
         """Fix the place of ``file`` in the report (files are listed in the order they were registered)."""
         self._files.setdefault(file, len(self._files))
+        if self.notes is not None:
+            self.notes.register(file)
 
     def add(self, file: str, row: int | None, column: str | None, reason: str) -> None:
         self.register(file)
@@ -408,6 +419,18 @@ class _Collector:
             self._file_level.add(problem)
         self.total += 1
         self._kept.append(problem)
+
+    def note_rows(
+        self, file: str, column: str | None, positions: np.ndarray[Any, Any], reason: Callable[[int], str]
+    ) -> None:
+        """Like ``add_rows``, for a warning: the rows are read (as ``reason`` says), not refused."""
+        assert self.notes is not None
+        self.notes.row_maps = self.row_maps
+        self.notes.add_rows(file, column, positions, reason)
+
+    def warnings(self) -> ValidationReport:
+        """The warnings of the files read (``note_rows``): what was read other than as written, or is worth a look."""
+        return ValidationReport() if self.notes is None else self.notes.report()
 
     def add_rows(
         self, file: str, column: str | None, positions: np.ndarray[Any, Any], reason: Callable[[int], str]
@@ -434,6 +457,8 @@ class _Collector:
 
     def absorb(self, other: _Collector) -> None:
         """Add what another collector (of another partition of the same files) found."""
+        if self.notes is not None and other.notes is not None:
+            self.notes.absorb(other.notes)
         for file in other._files:
             self.register(file)
         repeated = 0
@@ -521,10 +546,16 @@ _TRUE: Final = frozenset({"true", "1"})
 _FALSE: Final = frozenset({"false", "0"})
 
 
+#: How a boolean written as a number is read: said once per file and column (a database's 0/1 flags are common).
+_BOOL_DIGITS: Final = "booleans written as 1 and 0: read 1 as true and 0 as false"
+
+
 def _coerce_bool(s: pd.Series, label: str, column: str, out: _Collector) -> pd.Series | None:
     if pd.api.types.is_bool_dtype(s.dtype) and not s.isna().any():
         return s.astype("bool")
-    if not (pd.api.types.is_bool_dtype(s.dtype) or _is_textual(s)):
+    # A Parquet integer column of 0/1 is read like the CSV's 1/0: it was refused with its dtype alone, no row.
+    integers = pd.api.types.is_integer_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype)
+    if not (pd.api.types.is_bool_dtype(s.dtype) or integers or _is_textual(s)):
         out.add(label, None, column, f"expected booleans (true/false), found dtype {_dtype_name(s)}")
         return None
     text = s.astype("string")
@@ -534,6 +565,8 @@ def _coerce_bool(s: pd.Series, label: str, column: str, out: _Collector) -> pd.S
     missing = text.isna()
     _bad_text_rows(label, column, text, ~missing & ~is_true & ~is_false, "not a boolean (true or false)", out)
     out.add_rows(label, column, np.flatnonzero(missing.to_numpy()), lambda _: _MISSING_VALUE)
+    if out.notes is not None and lower.isin(("1", "0")).fillna(False).astype(bool).any():
+        out.notes.add(label, None, column, _BOOL_DIGITS)
     return is_true
 
 
@@ -543,7 +576,7 @@ _TZ_SUFFIX: Final = r"(?:Z|[+-]\d{2}(?::?\d{2})?)$"
 def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) -> pd.Series | None:
     if isinstance(s.dtype, pd.DatetimeTZDtype):
         utc: pd.Series = s.dt.tz_convert("UTC").astype(_TS)
-        return utc
+        return _refuse_early(utc, label, column, out)
     if pd.api.types.is_datetime64_dtype(s.dtype):
         out.add(label, None, column, "timestamps without timezone (naive datetime): store them as UTC")
         return None
@@ -575,7 +608,24 @@ def _coerce_timestamp(s: pd.Series, label: str, column: str, out: _Collector) ->
     _bad_text_rows(label, column, text, naive & ~has_time, _DATE_ONLY, out)
     _bad_text_rows(label, column, text, out_of_range, _OUT_OF_RANGE, out)
     _bad_text_rows(label, column, text, unparsed & ~out_of_range, "not an ISO-8601 timestamp", out)
-    return parsed
+    return _refuse_early(parsed, label, column, out, text.to_numpy())
+
+
+def _refuse_early(
+    stamps: pd.Series, label: str, column: str, out: _Collector, written: np.ndarray[Any, Any] | None = None
+) -> pd.Series:
+    """``stamps`` with those before 1970 reported and made null (their rows then skip the schema checks).
+
+    Every history timestamp becomes a decision request's time when training and evaluation replay the history
+    (``model.history_request``), and a request takes none before 1970 (``model.requests.EARLIEST_YEAR``): a
+    1900-01-01 ``created_at`` (SQL Server's and Excel's zero date, a placeholder for a missing one) was read, and
+    ``winback train`` failed minutes later with a traceback of the evaluation's replay."""
+    values = stamps.to_numpy(dtype="datetime64[ns]") if len(stamps) else np.array([], dtype="datetime64[ns]")
+    early = ~np.isnat(values) & (values < _EARLIEST)
+    if not early.any():
+        return stamps
+    out.add_rows(label, column, np.flatnonzero(early), partial(_early, values, written))
+    return stamps.where(~early)
 
 
 #: A time of day after the date ("T10", " 10"), which a timezone follows.
@@ -584,7 +634,13 @@ _DATE_ONLY: Final = "a date without a time and timezone (write e.g. 2026-11-01T1
 #: What a pandas timestamp (nanoseconds since 1970 in 64 bits) holds, whole seconds inside it.
 _FIRST_MOMENT: Final = datetime(1677, 9, 21, 0, 12, 44, tzinfo=UTC)
 _LAST_MOMENT: Final = datetime(2262, 4, 11, 23, 47, 16, tzinfo=UTC)
-_OUT_OF_RANGE: Final = "timestamp outside the range winback reads (1677-09-22 to 2262-04-11)"
+_OUT_OF_RANGE: Final = f"timestamp outside the range winback reads ({EARLIEST_YEAR}-01-01 to 2262-04-11)"
+#: The earliest time a decision request takes, so the earliest a history is read with (``_refuse_early``).
+_EARLIEST: Final = np.datetime64(f"{EARLIEST_YEAR}-01-01T00:00:00", "ns")
+_EARLY: Final = (
+    f"timestamp before {EARLIEST_YEAR}, outside the range winback reads ({EARLIEST_YEAR}-01-01 to 2262-04-11): "
+    "no decision can be made at it (a placeholder for a missing date?)"
+)
 
 
 def _beyond_pandas(value: str) -> bool:
@@ -772,14 +828,22 @@ def _duplicate_attempt(
     return f"duplicate attempt_number {number} in order {order_id!r} (rows {_row_list(rows)})"
 
 
+#: What follows "differs from ... on attempt 1 of the same order (row N)": refused, or read as written.
+_MUST_BE_CONSTANT: Final = "; it must be constant per order"
+_AMOUNT_AS_WRITTEN: Final = ": read as written; a decision point uses the amount of the failure it answers"
+
+
 def _not_constant(
-    values: np.ndarray[Any, Any], first_of: np.ndarray[Any, Any], row_number: Callable[[int], int], position: int
+    values: np.ndarray[Any, Any],
+    first_of: np.ndarray[Any, Any],
+    row_number: Callable[[int], int],
+    then: str,
+    position: int,
 ) -> str:
     first = first_of[position]
     return (
-        f"{values[position]!r} differs from {values[first]!r} on attempt 1 of the same order "
-        f"(row {row_number(first)}); "
-        "it must be constant per order"
+        f"{_show(values[position])} differs from {_show(values[first])} on attempt 1 of the same order "
+        f"(row {row_number(first)}){then}"
     )
 
 
@@ -810,7 +874,41 @@ def _read_table(path: str | Path, schema: pa.DataFrameSchema, out: _Collector) -
     raw = _read_raw(Path(path), label)
     frame, unchecked = _coerce(raw, schema, label, out)
     _validate(frame, schema, label, unchecked, out)
+    return _settle(frame, schema, label, out)
+
+
+def _settle(frame: pd.DataFrame, schema: pa.DataFrameSchema, label: str, out: _Collector) -> pd.DataFrame:
+    """Values the contract allows but that are read other than as written: warned of per row
+    (``_Collector.note_rows``), never refused. Runs on a frame whose rows passed the schema (the rows of ``frame``
+    are its 0-based positions in the file or partition)."""
+    if out.total or out.notes is None:
+        return frame  # a refused file: its warnings would only lengthen the report
+    positions = np.arange(len(frame))
+    if schema.name == "nudges" and {"delivered", "clicked_at"} <= set(frame.columns):
+        # A click shows the message reached the customer; a provider's delivery receipt can be lost or wrong (the
+        # executor itself records a nudge whose link was opened as delivered).
+        clicked = frame["clicked_at"].notna().to_numpy() & ~frame["delivered"].to_numpy(dtype=bool)
+        clicks = _utc_ns(frame["clicked_at"])
+        out.note_rows(label, "delivered", positions[clicked], partial(_clicked_undelivered, clicks))
+        if clicked.any():
+            frame = frame.assign(delivered=frame["delivered"].to_numpy(dtype=bool) | clicked)
     return frame
+
+
+def _clicked_undelivered(clicks: np.ndarray[Any, Any], position: int) -> str:
+    return (
+        f"delivered is false but the nudge was clicked at {_iso(clicks[position])}: read as delivered (the click "
+        "shows it arrived; its delivery receipt was lost or wrong)"
+    )
+
+
+def _early(values: np.ndarray[Any, Any], written: np.ndarray[Any, Any] | None, position: int) -> str:
+    # A CSV's value as written (its other reports quote it so), a typed one in ISO-8601.
+    return f"{_EARLY}: {_iso(values[position]) if written is None else repr(written[position])}"
+
+
+def _iso(stamp: Any) -> str:
+    return str(pd.Timestamp(stamp, tz="UTC").isoformat())
 
 
 def read_attempts(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
@@ -863,6 +961,9 @@ class History:
     attempts: pd.DataFrame
     nudges: pd.DataFrame
     stops: pd.DataFrame | None = None
+    #: What was read other than as written (a click on an undelivered nudge, 1/0 booleans) or as written but
+    #: worth a look (an amount changing within an order): for the command to show.
+    warnings: ValidationReport = field(default_factory=ValidationReport)
 
 
 def _utc_ns(s: pd.Series) -> np.ndarray[Any, Any]:
@@ -938,7 +1039,19 @@ def _check_orders(a: pd.DataFrame, label: str, out: _Collector) -> None:
             label,
             column,
             np.flatnonzero(differs),
-            partial(_not_constant, values, first_of, partial(out.number, label)),
+            partial(_not_constant, values, first_of, partial(out.number, label), _MUST_BE_CONSTANT),
+        )
+
+    if out.notes is not None:
+        # The contract does not fix an order's amount (a retry for a corrected amount, a fee added, a partial
+        # payment): read as written, and said, since a decision point then uses the amount of the failure it
+        # answers while the order summaries use attempt 1's.
+        amount = a["amount"].to_numpy(dtype=np.float64)
+        out.note_rows(
+            label,
+            "amount",
+            np.flatnonzero(amount != amount[first_of]),
+            partial(_not_constant, amount, first_of, partial(out.number, label), _AMOUNT_AS_WRITTEN),
         )
 
     success = (a["status"].to_numpy(dtype=object) == _SUCCESS)[order].astype(np.int64)
@@ -950,6 +1063,42 @@ def _check_orders(a: pd.DataFrame, label: str, out: _Collector) -> None:
         order[after_success],
         lambda i: f"attempt {num[i]} comes after a successful attempt of order {oid(i)}; nothing may follow a success",
     )
+
+
+def _check_decision_orders(files: Sequence[tuple[str, pd.Series, pd.Series]], out: _Collector) -> None:
+    """A decision is made for one order (the decision API's request names it): a ``decision_id`` on rows of two
+    orders, in the attempts or the nudges, is refused on every row of the second order, naming the first. One
+    decision on a nudge and on the attempt made through its link (the same order) is fine. ``files``: (label,
+    decision_id, order_id) per file, each in file row order."""
+    ids = pd.concat([d.astype(object) for _, d, _ in files], ignore_index=True)
+    orders = pd.concat([o.astype(object) for _, _, o in files], ignore_index=True)
+    present = ids.notna().to_numpy()
+    if not present.any():
+        return
+    at = np.flatnonzero(present)
+    rows = pd.DataFrame({"id": ids.to_numpy()[at], "order": orders.to_numpy()[at], "at": at})
+    first = rows.groupby("id", sort=False)[["order", "at"]].transform("first")
+    bad = rows["order"].to_numpy() != first["order"].to_numpy()
+    if not bad.any():
+        return
+    sizes = np.cumsum([0] + [len(d) for _, d, _ in files])
+    where = {int(k): int(f) for k, f in zip(rows["at"].to_numpy()[bad], first["at"].to_numpy()[bad], strict=True)}
+
+    def place(k: int) -> tuple[str, int]:
+        index = int(np.searchsorted(sizes, k, side="right")) - 1
+        return files[index][0], k - int(sizes[index])
+
+    def reason(offset: int, position: int) -> str:
+        label, row = place(where[offset + position])
+        return (
+            f"decision {ids[offset + position]!r} is also the decision of order {orders[where[offset + position]]!r}"
+            f" ({label} row {out.number(label, row)}): a decision is made for one order"
+        )
+
+    for index, (label, _, _) in enumerate(files):
+        start, end = int(sizes[index]), int(sizes[index + 1])
+        mine = np.array([k - start for k in where if start <= k < end], dtype=np.int64)
+        out.add_rows(label, "decision_id", mine, partial(reason, start))
 
 
 def _check_links(
@@ -1124,12 +1273,19 @@ def read_history(
     out.raise_if_any()
     _check_orders(attempts, str(attempts_path), out)
     _check_links(attempts, nudges, str(attempts_path), str(nudges_path), out)
+    _check_decision_orders(
+        [
+            (str(attempts_path), attempts["decision_id"], attempts["order_id"]),
+            (str(nudges_path), nudges["decision_id"], nudges["order_id"]),
+        ],
+        out,
+    )
     if stops is not None:
         _check_stops(attempts, stops, str(stops_path), out)
         actions = (("an attempt", attempts["decision_id"]), ("a nudge", nudges["decision_id"]))
         _check_stop_decisions(stops["decision_id"], actions, str(stops_path), out)
     out.raise_if_any()
-    return History(attempts=attempts, nudges=nudges, stops=stops)
+    return History(attempts=attempts, nudges=nudges, stops=stops, warnings=out.warnings())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1155,6 +1311,8 @@ class PartitionedHistory:
     merchant_ids: tuple[str, ...]
     #: Rows of the stops file; None when the history has none (its parts then have ``stops`` None).
     stop_rows: int | None = None
+    #: What was read other than as written, or worth a look (see `History.warnings`).
+    warnings: ValidationReport = field(default_factory=ValidationReport)
 
     def _files(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"attempts-{index:05d}.parquet", self.folder / f"nudges-{index:05d}.parquet"
@@ -1417,6 +1575,7 @@ def _check_types(index: int) -> _Collector:
         out.row_maps[label] = rows
         frame, unchecked = _coerce(_SPLIT["tables"][name].take(rows).to_pandas(), schema, label, out)
         _validate(frame, schema, label, unchecked, out)
+        frame = _settle(frame, schema, label, out)
         if not out.total:
             path = files._stops_file(index) if name == "stops" else files._files(index)[name == "nudges"]
             frame.to_parquet(path, index=False)
@@ -1501,6 +1660,13 @@ def split_history(
             if name in tables:
                 _check_unique(tables[name], column, labels[name], out)
         out.raise_if_any()
+        _check_decision_orders(
+            [
+                (labels[name], *(tables[name].column(c).to_pandas() for c in ("decision_id", "order_id")))
+                for name in ("attempts", "nudges")
+            ],
+            out,
+        )
         if "stops" in tables:
             actions = (
                 (what, tables[name].column("decision_id").to_pandas())
@@ -1518,7 +1684,9 @@ def split_history(
     finally:
         _SPLIT.clear()
     out.raise_if_any()
-    return PartitionedHistory(target, count, attempt_rows, nudge_rows, tuple(merchants), stop_rows=stop_rows)
+    return PartitionedHistory(
+        target, count, attempt_rows, nudge_rows, tuple(merchants), stop_rows=stop_rows, warnings=out.warnings()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -720,7 +720,13 @@ def evaluate(
     from model.merchant_config import ConfigError
     from model.registry import RegistryError, load_trained_alias, resolve_tracking_uri
     from pipelines.evaluate import evaluate as run_evaluation
-    from pipelines.train import comparison_policies, format_history_error, merchants_for, resolve_stops
+    from pipelines.train import (
+        comparison_policies,
+        format_history_error,
+        merchants_for,
+        print_history_warnings,
+        resolve_stops,
+    )
 
     output_folder(out, "--out")
     stops_file = resolve_stops(attempts, stops)
@@ -729,9 +735,11 @@ def evaluate(
     if stops is None and stops_file is not None:
         console.print(f"logged stops: {stops_file} (beside --attempts)", highlight=False, soft_wrap=True)
     try:
-        from model.history import read_attempts
+        from model.history import read_history
 
-        merchants = merchants_for(read_attempts(attempts), config)
+        history = read_history(attempts, nudges, stops_path=stops_file)
+        print_history_warnings(console, history.warnings)
+        merchants = merchants_for(history.attempts, config)
         loaded = load_trained_alias(alias, tracking_uri=resolve_tracking_uri(tracking_uri))
         name = f"winback@{alias}" if loaded else "rules-only"
         catalog = say_evaluation_catalog(loaded)
@@ -750,6 +758,7 @@ def evaluate(
             seed=seed,
             stops_path=stops_file,
             catalog=catalog,
+            history=history,
         )
     except (HistoryError, ConfigError, FileNotFoundError, ValueError, RegistryError) as exc:
         raise fail(format_history_error(exc) if isinstance(exc, HistoryError) else str(exc)) from None

@@ -45,6 +45,7 @@ from model.history import (
     History,
     HistoryError,
     PartitionedHistory,
+    ValidationReport,
     refuse_a_history_without_attempts,
     split_history,
 )
@@ -136,6 +137,15 @@ def format_history_error(error: HistoryError, limit: int = 5) -> str:
     if report.total > len(shown):
         line += f"; ... and {report.total - len(shown)} more"
     return line
+
+
+def print_history_warnings(out: Console, report: ValidationReport, limit: int = 10) -> None:
+    """The history's warnings (values read other than as written, or worth a look; `History.warnings`), one line
+    each, the first ``limit`` of them and a count of the rest."""
+    for problem in report.problems[:limit]:
+        print_note(out, problem.format(), "warning:")
+    if report.total > min(limit, len(report.problems)):
+        print_note(out, f"... and {report.total - min(limit, len(report.problems))} more", "warning:")
 
 
 class _Steps:
@@ -962,6 +972,7 @@ def run_training(
             )
         except HistoryError as exc:
             raise TrainInputError(format_history_error(exc)) from exc
+        print_history_warnings(out, parts.warnings)
         # One partition stays in memory as frames; more are read back one at a time.
         whole = parts.part(0) if len(parts) == 1 else None
         frames: PartitionedHistory | list[History] = [whole] if whole is not None else parts

@@ -13,6 +13,7 @@ from model.history import (
     ATTEMPT_COLUMNS,
     NUDGE_COLUMNS,
     ORDER_COLUMNS,
+    History,
     HistoryError,
     Problem,
     ValidationReport,
@@ -28,6 +29,10 @@ from model.history import (
 from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame, make_stops_frame
 
 FORMATS = ["parquet", "csv"]
+EARLY = (
+    "timestamp before 1970, outside the range winback reads (1970-01-01 to 2262-04-11): no decision can be made "
+    "at it (a placeholder for a missing date?)"
+)
 STRATEGIES = "initial, retry_same, cascade, step_up, clear_pan, alternate_network, retarget_link"
 
 
@@ -230,8 +235,10 @@ def test_missing_columns_are_named_and_rows_still_checked(tmp_path: Path) -> Non
         (
             "created_at",
             "2300-01-01T00:00:00Z",
-            "timestamp outside the range winback reads (1677-09-22 to 2262-04-11): '2300-01-01T00:00:00Z'",
+            "timestamp outside the range winback reads (1970-01-01 to 2262-04-11): '2300-01-01T00:00:00Z'",
         ),
+        # SQL Server's and Excel's zero date was read, and train failed minutes later in the evaluation's replay.
+        ("created_at", "1900-01-01T00:00:00Z", f"{EARLY}: '1900-01-01T00:00:00Z'"),
         ("created_at", "", "missing value (the column is not nullable)"),
         ("amount", "-1", "amount must be >= 0, got -1.0"),
         ("amount", "inf", "amount must be finite, got inf"),
@@ -718,3 +725,95 @@ def test_stops_beside_attempts_without_rows_are_reported_not_an_index_error(tmp_
     with pytest.raises(HistoryError) as exc:
         read_history(a, n, stops_path=s)
     assert [(p.row, p.column) for p in exc.value.report.problems] == [(1, "order_id")], str(exc.value)
+
+
+# --- values read with a warning, or refused (stop 48) --------------------------------------------------------
+
+
+def _warnings(history: History) -> list[tuple[str, int | None, str | None, str]]:
+    return [(Path(p.file).stem, p.row, p.column, p.reason) for p in history.warnings.problems]
+
+
+def test_a_decision_id_on_two_orders_is_refused_naming_both_rows(tmp_path: Path) -> None:
+    # A decision is made for one order: dec_c2 (ord_cascade, row 2) again on ord_lost's attempt and on its nudge.
+    attempts = make_attempts_frame()
+    attempts.loc[6, "decision_id"] = "dec_c2"
+    nudges = make_nudges_frame()
+    nudges.loc[2, "decision_id"] = "dec_c2"
+    assert _history_problems(tmp_path, attempts, nudges) == [
+        ("attempts", 7, "decision_id", "decision 'dec_c2' is also the decision of order 'ord_cascade' "
+         f"({tmp_path}/attempts.parquet row 2): a decision is made for one order"),
+        ("nudges", 3, "decision_id", "decision 'dec_c2' is also the decision of order 'ord_cascade' "
+         f"({tmp_path}/attempts.parquet row 2): a decision is made for one order"),
+    ]  # fmt: skip
+
+
+def test_one_decision_on_a_nudge_and_the_attempt_through_its_link_is_fine(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[4, "decision_id"] = "dec_l3"  # ndg_1's decision, the same order
+    a, n = _write_pair(tmp_path, "parquet", attempts, make_nudges_frame())
+    assert _warnings(read_history(a, n)) == []
+
+
+def test_a_clicked_nudge_marked_undelivered_is_read_as_delivered_with_a_warning(tmp_path: Path) -> None:
+    nudges = make_nudges_frame()
+    nudges.loc[0, "delivered"] = False  # its receipt said not delivered; the customer clicked at 04:40
+    a, n = _write_pair(tmp_path, "csv", make_attempts_frame(), nudges)
+    history = read_history(a, n)
+    assert history.nudges["delivered"].tolist() == [True, True, False]
+    assert _warnings(history) == [
+        ("nudges", 1, "delivered", "delivered is false but the nudge was clicked at 2026-11-02T04:40:00+00:00: "
+         "read as delivered (the click shows it arrived; its delivery receipt was lost or wrong)"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_booleans_written_as_1_and_0_are_read_with_one_warning_per_column(tmp_path: Path, fmt: str) -> None:
+    attempts = make_attempts_frame()
+    if fmt == "csv":
+        a = _attempts_csv(tmp_path, lambda raw: raw.__setitem__("phone_present", ["1"] * 7 + ["0"]))
+    else:  # a database's 0/1 flag column as Parquet integers
+        a = _raw_parquet(tmp_path, attempts.assign(phone_present=[1] * 7 + [0]))
+    n = tmp_path / "nudges.parquet"
+    write_nudges(make_nudges_frame(), n)
+    history = read_history(a, n)
+    assert history.attempts["phone_present"].tolist() == [True] * 7 + [False]
+    assert _warnings(history) == [
+        ("attempts", None, "phone_present", "booleans written as 1 and 0: read 1 as true and 0 as false"),
+    ]
+
+
+def test_a_flag_of_2_is_refused_with_its_row_and_value(tmp_path: Path) -> None:
+    a = _raw_parquet(tmp_path, make_attempts_frame().assign(phone_present=[1] * 6 + [2, 0]))
+    with pytest.raises(HistoryError) as exc:
+        read_attempts(a)
+    assert [p.format() for p in exc.value.report.problems] == [
+        f"{a}:row 7: column phone_present: not a boolean (true or false): '2'"
+    ]
+
+
+def test_an_amount_changing_within_an_order_is_read_as_written_with_a_warning(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[1, "amount"] = 450.0  # ord_cascade's retry for a corrected amount
+    a, n = _write_pair(tmp_path, "parquet", attempts, make_nudges_frame())
+    history = read_history(a, n)
+    assert history.attempts["amount"].tolist()[:2] == [499.0, 450.0]
+    assert _warnings(history) == [
+        ("attempts", 2, "amount", "450.0 differs from 499.0 on attempt 1 of the same order (row 1): read as "
+         "written; a decision point uses the amount of the failure it answers"),
+    ]  # fmt: skip
+
+
+def test_a_typed_timestamp_before_1970_is_refused_with_its_row_and_value(tmp_path: Path) -> None:
+    # No decision request takes a time before 1970, so training's replay of the history cannot either.
+    attempts = make_attempts_frame()
+    attempts.loc[7, "created_at"] = pd.Timestamp("1900-01-01T00:00:00Z")
+    nudges = make_nudges_frame()
+    nudges.loc[2, "sent_at"] = pd.Timestamp("1969-12-31T23:59:59Z")
+    a, n = _raw_parquet(tmp_path, attempts), _raw_parquet(tmp_path, nudges, "nudges.parquet")
+    with pytest.raises(HistoryError) as exc:
+        read_history(a, n)
+    assert _problems(exc).splitlines()[1:] == [
+        f"{a}:row 8: column created_at: {EARLY}: 1900-01-01T00:00:00+00:00",
+        f"{n}:row 3: column sent_at: {EARLY}: 1969-12-31T23:59:59+00:00",
+    ]

@@ -248,3 +248,25 @@ def test_a_csv_of_several_blocks_with_multi_line_messages_is_read(tmp_path: Path
     parts = split_history(a, n, tmp_path / "parts", partition_rows=3)
     got = pd.concat([part.attempts for part in parts]).set_index("txn_id")["error_message"]
     assert got.loc[attempts["txn_id"]].tolist() == attempts["error_message"].tolist()
+
+
+def test_a_decision_on_two_orders_is_refused_across_partitions(tmp_path: Path) -> None:
+    attempts = make_attempts_frame()
+    attempts.loc[6, "decision_id"] = "dec_c2"  # ord_lost's attempt 2 carries ord_cascade's decision
+    problems = _same_report_as_read_history(tmp_path, attempts, make_nudges_frame())
+    assert [(p.row, p.column) for p in problems] == [(7, "decision_id")]
+
+
+@pytest.mark.parametrize("rows", PARTITION_ROWS)
+def test_the_warnings_are_the_same_as_read_historys(tmp_path: Path, rows: int) -> None:
+    attempts = make_attempts_frame().assign(phone_present=[1] * 7 + [0])
+    attempts.loc[6, "amount"] = 450.0
+    nudges = make_nudges_frame()
+    nudges.loc[0, "delivered"] = False
+    a, n = _write(tmp_path / "files", "parquet", attempts, nudges, raw=True)
+    expected = read_history(a, n)
+    assert len(expected.warnings.problems) == 3
+    for workers in (1, 2):
+        parts = split_history(a, n, tmp_path / f"parts-{workers}", partition_rows=rows, workers=workers)
+        assert parts.warnings == expected.warnings, f"workers={workers}"
+        assert pd.concat([part.nudges for part in parts])["delivered"].sum() == expected.nudges["delivered"].sum()

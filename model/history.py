@@ -914,7 +914,8 @@ def _iso(stamp: Any) -> str:
 def read_attempts(path: str | Path, *, cap: int = DEFAULT_CAP) -> pd.DataFrame:
     """Read and validate an ``attempts`` file (.parquet or .csv); raises ``HistoryError`` listing every bad row.
 
-    CSV timestamps are ISO-8601 strings with ``Z`` or an offset; booleans are true/false; empty fields are null.
+    CSV timestamps are ISO-8601 strings with ``Z`` or an offset; booleans are true/false (1/0 read with a warning);
+    empty fields are null.
     """
     out = _Collector(cap, ATTEMPT_COLUMNS)
     frame = _read_table(path, AttemptsSchema, out)

@@ -31,7 +31,7 @@ from service.console.store import audit_log
 from service.console.views import ORDERS_A_STATEMENT, channel_name, describe_decision
 from service.executor.by_hand import CaseResolutionError, already_done, mark_cases_done
 from service.executor.core import (
-    CHARGE_KINDS,
+    CHARGE_KIND_VALUES,
     AgentQueueError,
     ChargeResolutionError,
     DisputeResolutionError,
@@ -506,7 +506,7 @@ class AgentDesk:
             message = None
             if (
                 row is None
-                or row.kind not in [kind.value for kind in CHARGE_KINDS]
+                or row.kind not in CHARGE_KIND_VALUES
                 or row.state != ActionState.DEAD.value
                 or row.unanswered_since is None
             ):

@@ -83,6 +83,10 @@ from service.executor.store import (
 log = logging.getLogger("winback.executor")
 #: The actions that charge the customer through a connector.
 CHARGE_KINDS: Final = (ActionKind.RETRY, ActionKind.LINK_PAYMENT)
+#: CHARGE_KINDS as stored (``actions.kind``), for rows read from the database.
+CHARGE_KIND_VALUES: Final = frozenset(kind.value for kind in CHARGE_KINDS)
+#: An action of CHARGE_KINDS: the one predicate of every query about charges.
+IS_CHARGE: Final = actions.c.kind.in_(sorted(CHARGE_KIND_VALUES))
 #: How soon a stop waiting for a charge whose lease has already ended looks again.
 RECHECK: Final = timedelta(seconds=5)
 #: How often a stop waiting for an operator's answer about a charge of unknown outcome looks again (and asks the
@@ -161,7 +165,7 @@ def _maybe_with_connector() -> sa.ColumnElement[bool]:
     """A charge action that may be with its connector: claimed now (about to be sent, or sent), or sent before
     and not answered (its re-send is due)."""
     return sa.and_(
-        actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+        IS_CHARGE,
         sa.or_(actions.c.state == ActionState.CLAIMED.value, actions.c.unanswered_since.is_not(None)),
     )
 
@@ -179,7 +183,7 @@ def _replaceable() -> sa.ColumnElement[bool]:
     are ``_carry_out``'s: a retry not sent yet and a message's first try not handed over yet are replaced; one being
     sent is recorded when its answer comes (``Effects._mark_message_sending`` holds back a second message)."""
     return sa.or_(
-        sa.and_(actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]), actions.c.unanswered_since.is_(None)),
+        sa.and_(IS_CHARGE, actions.c.unanswered_since.is_(None)),
         sa.and_(actions.c.kind == ActionKind.NUDGE.value, actions.c.attempts == 0),
         actions.c.kind == ActionKind.FOLLOW_UP.value,
     )
@@ -729,7 +733,7 @@ def _stop_close(merchant_id: str, order_id: str) -> sa.ColumnElement[bool]:
 #: A charge action dead-lettered after it was sent and never answered: whether it took the money is unknown.
 UNKNOWN_CHARGE = sa.and_(
     actions.c.state == ActionState.DEAD.value,
-    actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+    IS_CHARGE,
     actions.c.unanswered_since.is_not(None),
 )
 
@@ -737,7 +741,7 @@ UNKNOWN_CHARGE = sa.and_(
 def _taken_as_not_charged(row: RowMapping) -> bool:
     """A charge action an operator or its switch took as never charged, with no attempt recorded for it since."""
     return (
-        row["kind"] in [kind.value for kind in CHARGE_KINDS]
+        row["kind"] in CHARGE_KIND_VALUES
         and row["state"] == ActionState.DEAD.value
         and row["unanswered_since"] is None
         and TAKEN_AS_NOT_CHARGED in orjson.loads(row["payload_json"] or "{}")
@@ -747,7 +751,7 @@ def _taken_as_not_charged(row: RowMapping) -> bool:
 def _charged_by_operator(row: RowMapping) -> bool:
     """A charge action an operator answered for as charged (its attempt recorded as a success on their word)."""
     return (
-        row["kind"] in [kind.value for kind in CHARGE_KINDS]
+        row["kind"] in CHARGE_KIND_VALUES
         and row["state"] == ActionState.DONE.value
         and CHARGED_BY_OPERATOR in orjson.loads(row["payload_json"] or "{}")
     )
@@ -773,7 +777,7 @@ def _order_charges(conn: sa.Connection, merchant_id: str, order_id: str) -> list
         sa.select(actions).where(
             actions.c.merchant_id == merchant_id,
             actions.c.order_id == order_id,
-            actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+            IS_CHARGE,
         )
     ).mappings()
     return [ActionRow.of(row) for row in rows.all()]
@@ -1544,7 +1548,7 @@ class Executor:
             sa.select(actions.c.kind, actions.c.state, actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
-                actions.c.kind.in_([kind.value for kind in CHARGE_KINDS]),
+                IS_CHARGE,
                 unused,
                 actions.c.unanswered_since.is_(None),
             )
@@ -3334,13 +3338,12 @@ class Executor:
         this one in turn, a claimed retry waits for a claimed link payment, and a message marks itself only when
         no charge is claimed, so two never wait for each other. For a message: any charge claimed now or sent
         and not answered. None when nothing goes first."""
-        is_charge = actions.c.kind.in_([kind.value for kind in CHARGE_KINDS])
-        goes_first: sa.ColumnElement[bool] = sa.and_(is_charge, actions.c.unanswered_since.is_not(None))
+        goes_first: sa.ColumnElement[bool] = sa.and_(IS_CHARGE, actions.c.unanswered_since.is_not(None))
         if action.kind == ActionKind.RETRY:
             goes_first = sa.or_(
                 goes_first,
                 sa.and_(
-                    is_charge,
+                    IS_CHARGE,
                     actions.c.state == ActionState.CLAIMED.value,
                     sa.or_(actions.c.kind == ActionKind.LINK_PAYMENT.value, actions.c.action_id < action.action_id),
                 ),
@@ -3461,7 +3464,7 @@ class Executor:
             row = conn.execute(sa.select(actions).where(actions.c.action_id == action_id)).mappings().first()
             if (
                 row is None
-                or row["kind"] not in [kind.value for kind in CHARGE_KINDS]
+                or row["kind"] not in CHARGE_KIND_VALUES
                 or row["state"] != ActionState.DEAD.value
                 or row["unanswered_since"] is None
             ):

@@ -146,6 +146,15 @@ OPERATOR = "an operator"
 #: debited without the merchant's confirmation five days (T+5) to be reversed, at 100 rupees a day after (circular
 #: DPSS.CO.PD No.629/02.01.014/2019-20, data/README.md): a day's wait leaves an operator four to refund by hand.
 REFUND_WAIT_FOR_SWITCH: Final = timedelta(days=1)
+#: How long a charge's status check is asked again (hourly: UNKNOWN_RECHECK) while its switch answers none of its
+#: asks, counted from when the check was planned: REFUND_WAIT_FOR_SWITCH, for the same reason (about 24 unanswered
+#: asks is an outage, and RBI's T+5 for a card or UPI payment to a merchant debited without the merchant's
+#: confirmation leaves an operator four days of it: data/README.md). Then it is asked no more (``_stop_asking``): it
+#: was asked hourly for ever.
+SWITCH_SILENCE_LIMIT: Final = REFUND_WAIT_FOR_SWITCH
+#: A status check's payload key: its switch answered none of its asks for SWITCH_SILENCE_LIMIT, and it is asked no
+#: more (when).
+SWITCH_SILENT = "switch_silent"
 #: A refund action's payload key: it was dead-lettered for an operator to refund by hand (``_hand_refund_over``):
 #: when, and why (one of REFUND_BY_HAND_REASONS, a bounded label for /metrics).
 REFUND_BY_HAND = "refund_by_hand"
@@ -817,15 +826,6 @@ def _answered_later(conn: sa.Connection, row: RowMapping, verdict: str, now: dat
     return bool(done == 1)
 
 
-def _plan_check_again(conn: sa.Connection, which: sa.ColumnElement[bool], due: datetime, now: datetime) -> None:
-    """Plan the dead-lettered status check ``which`` selects (it got no answer within its tries) again for ``due``."""
-    conn.execute(
-        actions.update()
-        .where(which, actions.c.state == ActionState.DEAD.value)
-        .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
-    )
-
-
 def _status_check_keys(charge_key: str) -> tuple[str, str]:
     """The idempotency keys of the status checks of the charge whose key is ``charge_key``: the first ask
     (``_ask_about``) and the one more ask after "not found" (``_ask_again_after_not_found``)."""
@@ -894,8 +894,8 @@ def _switch_silent_on_refund(refund: ActionRow, charge: ActionRow, asked_since: 
         f"{asked_since.isoformat()} (last: {last_note}); what is known: {payload.get('amount')} "
         f"{payload.get('currency')} recorded as charged on an operator's word at {answered_for} "
         f"(charge action {charge.action_id}) on an order settled otherwise, never confirmed or denied by the switch; "
-        f"refund it by hand if {connector!r} took it. The switch is still asked hourly: a late answer is noted here, "
-        "and the refund is never sent by winback after this"
+        f"refund it by hand if {connector!r} took it. The switch is still asked hourly until {SWITCH_SILENCE_LIMIT} "
+        "after its first ask: a late answer is noted here, and the refund is never sent by winback after this"
     )
 
 
@@ -2987,6 +2987,8 @@ class Executor:
             # switch that cannot be asked is asked again only by the order's close (which looks hourly too) about an
             # unknown charge.
             again = "in an hour" if connector_failed else "when the order's close looks again"
+            if now >= action.planned_at + SWITCH_SILENCE_LIMIT:
+                again = f"no more ({SWITCH_SILENCE_LIMIT} unanswered)"
             log.error(
                 "the switch could not say what became of payment %s (%s): charge action %s stays as it is recorded "
                 "(unknown, taken as never charged, or charged on an operator's word); the switch is asked again %s, "
@@ -3593,7 +3595,78 @@ class Executor:
             due = max(due, now + NOT_FOUND_RECHECK_DELAY)
         if self._schedule(conn, charge.merchant_id, charge.order_id, ActionKind.CHARGE_STATUS, due, key, now, payload):
             return
-        _plan_check_again(conn, actions.c.idempotency_key == key, due, now)
+        self._plan_check_again(conn, actions.c.idempotency_key == key, due, now)
+
+    def _plan_check_again(
+        self, conn: sa.Connection, which: sa.ColumnElement[bool], due: datetime, now: datetime
+    ) -> None:
+        """Plan the dead-lettered status check ``which`` selects (it got no answer within its tries, or its switch
+        cannot be asked) again for ``due``; one planned SWITCH_SILENCE_LIMIT ago or more is asked no more
+        (``_stop_asking``)."""
+        row = (
+            conn.execute(sa.select(actions).where(which, actions.c.state == ActionState.DEAD.value)).mappings().first()
+        )
+        if row is None:
+            return
+        check = ActionRow.of(row)
+        if SWITCH_SILENT in check.payload or now >= check.planned_at + SWITCH_SILENCE_LIMIT:
+            self._stop_asking(conn, check, row["last_error"], now)
+            return
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == check.action_id, actions.c.state == ActionState.DEAD.value)
+            .values(state=ActionState.SCHEDULED.value, due_at=due, attempts=0, claim_token=None, updated_at=now)
+        )
+
+    def _stop_asking(self, conn: sa.Connection, check: ActionRow, last: str | None, now: datetime) -> None:
+        """Ask the switch no more about the charge status check ``check`` asks about: it has answered none of its
+        asks since the check was planned, SWITCH_SILENCE_LIMIT ago, an outage an hourly ask does not wait out. The
+        check stays dead, marked (SWITCH_SILENT) and noted with why and who takes the charge over, once; logged as
+        an error. An unknown charge is its operator's (``resolve-charge``; its order stays open, never failed, and
+        its close keeps saying so hourly); a refund waiting on the switch for a charge an operator answered for goes
+        to an operator to make by hand (``refund_held``); otherwise the charge stays as recorded."""
+        if SWITCH_SILENT in check.payload:
+            return  # stopped already (the order's close looks again hourly)
+        charge_id = int(check.payload["charge_action_id"])
+        row = conn.execute(sa.select(actions).where(actions.c.action_id == charge_id)).mappings().first()
+        connector, payment_id = check.payload.get("connector"), check.payload.get("payment_id")
+        why = (
+            f"no longer asked: switch {connector!r} answered no status check of payment {payment_id} since "
+            f"{check.planned_at.isoformat()} ({SWITCH_SILENCE_LIMIT}; last: {last or 'not asked'})"
+        )
+        if row is not None and row["unanswered_since"] is not None:
+            standing = (
+                f"charge action {charge_id} stays unknown and its order open (never failed: the customer may have "
+                f"paid) until an operator asks {connector!r} and answers with `winback executor resolve-charge "
+                f"{charge_id} --charged|--not-charged` (the console's 'Charge unknown')"
+            )
+        elif row is not None and _charged_by_operator(row):
+            standing = (
+                f"charge action {charge_id} stays charged on an operator's word, unconfirmed; a refund of it waiting "
+                "for the switch goes to an operator to make by hand (`winback executor refunds-by-hand`)"
+            )
+        elif row is not None and _taken_as_not_charged(row):
+            standing = (
+                f"charge action {charge_id} stays taken as never charged; if {connector!r} took payment {payment_id} "
+                "after all (a send that reached it late), nobody else will see it: check it with the connector"
+            )
+        else:
+            standing = f"charge action {charge_id} stays as it is recorded"
+        note = f"{why}; {standing}"
+        conn.execute(
+            actions.update()
+            .where(actions.c.action_id == check.action_id)
+            .values(
+                last_error=_noted(last, note),
+                updated_at=now,
+                payload_json=_dump(check.payload | {SWITCH_SILENT: {"at": now.isoformat()}}),
+            )
+        )
+        log.error(
+            "status checks given up: %s",
+            note,
+            extra={"merchant_id": check.merchant_id, "order_id": check.order_id, "kind": check.kind},
+        )
 
     def _ask_again_after_not_found(self, conn: sa.Connection, charge: ActionRow, now: datetime) -> None:
         """Plan the one more status check of a charge the switch did not find (NOT_FOUND_RECHECK_DELAY from now): a
@@ -3620,7 +3693,7 @@ class Executor:
         if row["unanswered_since"] is not None:
             self._ask_about(conn, row, due, now)
         elif _taken_as_not_charged(row) or _charged_by_operator(row):
-            _plan_check_again(conn, actions.c.action_id == check.action_id, due, now)
+            self._plan_check_again(conn, actions.c.action_id == check.action_id, due, now)
 
     def _resolve_from_switch(
         self, conn: sa.Connection, order: RowMapping, check: ActionRow, result: ChargeResult | None, now: datetime
@@ -4011,21 +4084,27 @@ class Executor:
             said = _switch_disputes(conn, charge_key)
             if said is not None:
                 return Skip(_nothing_to_refund(payment_id, said))
-            asking = conn.execute(
-                sa.select(actions.c.due_at, actions.c.planned_at, actions.c.last_error)
-                .where(
-                    actions.c.idempotency_key.in_(_status_check_keys(charge_key)),
-                    actions.c.state.in_(OPEN_ACTION_STATES),
+            checks = conn.execute(
+                sa.select(
+                    actions.c.due_at,
+                    actions.c.planned_at,
+                    actions.c.last_error,
+                    actions.c.state,
+                    actions.c.payload_json,
                 )
+                .where(actions.c.idempotency_key.in_(_status_check_keys(charge_key)))
                 .order_by(actions.c.planned_at)
             ).all()
-        if not asking:
+        asking = [check for check in checks if check.state in OPEN_ACTION_STATES]
+        # A check asked no more after its switch's silence (``_stop_asking``) will bring no answer either.
+        silent = [check for check in checks if SWITCH_SILENT in orjson.loads(check.payload_json or "{}")]
+        if not asking and not silent:
             return None
         gives_up_at = refund.planned_at + REFUND_WAIT_FOR_SWITCH
-        if now >= gives_up_at:
-            why = _switch_silent_on_refund(
-                refund, ActionRow.of(charge), as_utc(asking[0].planned_at), asking[-1].last_error
-            )
+        if now >= gives_up_at or not asking:
+            unanswered = asking or silent
+            since, last = as_utc(unanswered[0].planned_at), unanswered[-1].last_error
+            why = _switch_silent_on_refund(refund, ActionRow.of(charge), since, last)
             return Permanent(why, refund_by_hand=REFUND_SWITCH_SILENT)
         return Defer(
             min(max(min(as_utc(check.due_at) for check in asking), now + RECHECK), gives_up_at),

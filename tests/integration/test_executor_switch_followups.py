@@ -30,6 +30,7 @@ from service.executor.connectors import CircuitBreaker, HttpConnector
 from service.executor.core import (
     NOT_FOUND_RECHECK_DELAY,
     REFUND_WAIT_FOR_SWITCH,
+    SWITCH_SILENCE_LIMIT,
     ChargeDispute,
     Permanent,
     charge_disputes,
@@ -812,6 +813,47 @@ def test_a_charge_still_not_found_when_asked_once_more_stays_never_charged(
     assert list(switch.payments) == ["ord_1_3"]
 
 
+@pytest.mark.parametrize("operator_said", [None, "not charged", "charged"])
+def test_a_switch_silent_for_a_day_is_asked_no_more_and_the_charge_is_left_to_an_operator(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    operator_said: str | None,
+) -> None:
+    """A status check whose switch answers none of its asks (timeouts) was asked hourly for ever. Now, a day
+    (SWITCH_SILENCE_LIMIT) after it was planned, it is asked no more: dead, noted with why and who takes the charge
+    over, logged once. An unknown charge's order stays open (the customer may have paid) for an operator's
+    resolve-charge; one an operator answered for stays as they said."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    retry_id = of_kind(h, "retry")[0].action_id
+    if operator_said is not None:
+        h.executor.resolve_charge(retry_id, charged=operator_said == "charged")
+    switch.status_mode = "timeout"
+    with caplog.at_level(logging.ERROR, logger="winback.executor"):
+        run_for(h, int(SWITCH_SILENCE_LIMIT.total_seconds()) + 2 * 3600, step=600)
+        asked = switch.calls.count(("GET", "/v1/payments/ord_1_2"))
+        run_for(h, 4 * 3600, step=600)
+    assert switch.calls.count(("GET", "/v1/payments/ord_1_2")) == asked  # asked no more
+    [check] = of_kind(h, "charge_status")
+    assert check.state == "dead", check
+    note = check.last_error or ""
+    assert "no longer asked: switch 'adyen' answered no status check of payment ord_1_2 since 2026-" in note, note
+    given_up = [r.getMessage() for r in caplog.records if r.getMessage().startswith("status checks given up")]
+    assert len(given_up) == 1, given_up
+    standing = {
+        None: f"`winback executor resolve-charge {retry_id} --charged|--not-charged`",
+        "not charged": "stays taken as never charged; if 'adyen' took payment ord_1_2 after all",
+        "charged": "stays charged on an operator's word, unconfirmed",
+    }[operator_said]
+    assert standing in note, note
+    assert standing in given_up[0], given_up
+    ended = {None: "PENDING", "not charged": "FAILED", "charged": "SUCCEEDED"}[operator_said]
+    assert h.view().state == ended
+    if operator_said is None:  # the operator's answer still settles it
+        assert h.executor.resolve_charge(retry_id, charged=False) == "FAILED"
+
+
 @pytest.mark.parametrize("order", ["paid_by_the_merchant", "open"])
 def test_the_one_more_ask_that_gets_no_answer_is_asked_again_hourly(
     make_harness: MakeHarness,  # noqa: F811 - the fixture
@@ -1238,6 +1280,30 @@ def test_a_refund_whose_switch_answers_no_status_check_goes_to_an_operator_after
         assert 'winback_executor_refunds_by_hand_total{merchant_id="m_demo",why="switch_silent"} 1.0' in metrics
     finally:
         api.close()
+
+
+def test_a_refund_whose_charges_check_is_asked_no_more_goes_to_an_operator_not_to_the_switch(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """The operator answers "charged" three hours into the switch's silence, on an order the merchant paid: its
+    refund waits for the check, which is asked no more a day after it was planned, before the refund's own day is
+    up. The refund then goes to an operator at once (nothing will confirm the charge), never to the switch on the
+    operator's word alone."""
+    switch = FullSwitch(statuses=["succeeded"])
+    h = lost_charge(make_harness, database_url, switch)
+    switch.status_mode = "timeout"
+    run_for(h, 3 * 3600, step=600)
+    assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+    assert h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True) == "SUCCEEDED"
+    run_for(
+        h, int(SWITCH_SILENCE_LIMIT.total_seconds()) - 3600, step=600
+    )  # the check stops; the refund's day is not up
+    assert of_kind(h, "charge_status")[0].state == "dead"
+    [refund] = of_kind(h, "refund")
+    assert refund.state == "dead", refund
+    assert refund_calls(switch) == []
+    assert refunds_by_hand_counted(h) == 1
 
 
 @pytest.mark.parametrize("switch_says", ["succeeded", "declined"])

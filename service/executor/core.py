@@ -28,7 +28,16 @@ from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, ProviderConfig, WinbackConfig
 from model.personal_data import mask_addresses_in
 from model.requests import Decision, DecisionRequest, Failure
-from model.rules import CARD_REATTEMPTS_FIELD, LASTING_RETRY_BANS, build_context, lasting_bans, load_rulebook
+from model.rules import (
+    CARD_REATTEMPTS_FIELD,
+    LASTING_RETRY_BANS,
+    Candidate,
+    RuleContext,
+    build_context,
+    check,
+    lasting_bans,
+    load_rulebook,
+)
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
 from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, CaseDone, done_of, note_case
@@ -933,6 +942,22 @@ def _note_last_failure(conn: sa.Connection, charge: ActionRow, result: ChargeRes
     )
 
 
+def retry_forbidden(context: RuleContext, action: ActionRow, now: datetime) -> tuple[str, ...]:
+    """The hard rules retry ``action`` breaks if sent now (none: it may go), ``context`` the rules' facts about its
+    order now (``Executor.rules_now``, ``sending``). Checked again at the moment of sending, as for messages: the
+    decision may be hours old, and the merchant's config may have changed since (a flow switched off, fewer retries
+    allowed); and before a re-send or a send again after "not found", which charge now if the earlier send never
+    reached the switch (a checkout window may have closed since)."""
+    candidate = Candidate(
+        action=Action.RETRY,
+        execute_at=now,
+        strategy=Strategy(str(action.payload["strategy"])),
+        connector=str(action.payload["connector"]),
+    )
+    verdict = check(context, candidate)
+    return () if verdict.allowed else verdict.broken
+
+
 def _log_unknown_charge(order: RowMapping, action_id: int, what: str) -> None:
     """Tell the operator that ``order`` has a charge sent and never answered, and how to answer for it."""
     log.error(
@@ -1532,6 +1557,23 @@ class Executor:
             )
         return maybe_out
 
+    def rules_now(
+        self,
+        conn: sa.Connection,
+        order: RowMapping,
+        action: ActionRow,
+        now: datetime,
+        catalog: ErrorCatalog | None = None,
+        *,
+        sending: bool = False,
+    ) -> RuleContext:
+        """The rules' facts about the action's order at ``now``, with its merchant's config as it is now (``catalog``:
+        the worker's, else this executor's); ``sending``: the action is a charge about to be sent, not an attempt
+        made yet (a first send; or a re-send, or the send again after "not found", which charge if the earlier
+        send never reached the switch)."""
+        request = self.request_for(conn, order, now, sending=action if sending else None)
+        return build_context(request, self.merchant(action.merchant_id), catalog or self.catalog)
+
     def _numbers_never_used(
         self, conn: sa.Connection, order: RowMapping, recorded: set[int], sending: ActionRow | None = None
     ) -> set[int]:
@@ -1541,23 +1583,32 @@ class Executor:
         own payments, never a silent retry, whatever reached the processor. Those not used yet too: scheduled and
         never sent, and ``sending``, the charge whose first send is being checked."""
         settled_or_waiting = (ActionState.CANCELLED, ActionState.DONE, ActionState.DEAD, ActionState.SCHEDULED)
-        unused: sa.ColumnElement[bool] = actions.c.state.in_([state.value for state in settled_or_waiting])
-        if sending is not None:
-            unused = sa.or_(unused, actions.c.action_id == sending.action_id)
+        unused: sa.ColumnElement[bool] = sa.and_(
+            actions.c.state.in_([state.value for state in settled_or_waiting]), actions.c.unanswered_since.is_(None)
+        )
+        # ``sending`` whatever its 'sent' mark: a re-send, or the send again after "not found", checked as the charge
+        # it is if the earlier send never reached the switch.
+        sending_id = None if sending is None else sending.action_id
+        if sending_id is not None:
+            unused = sa.or_(unused, actions.c.action_id == sending_id)
         rows = conn.execute(
-            sa.select(actions.c.kind, actions.c.state, actions.c.payload_json).where(
+            sa.select(actions.c.action_id, actions.c.kind, actions.c.state, actions.c.payload_json).where(
                 actions.c.merchant_id == order["merchant_id"],
                 actions.c.order_id == order["order_id"],
                 IS_CHARGE,
                 unused,
-                actions.c.unanswered_since.is_(None),
             )
         )
         numbers = set()
-        for kind, state, payload_json in rows:
+        for action_id, kind, state, payload_json in rows:
             payload = orjson.loads(payload_json or "{}")
             # a dead retry counts only when it certainly never went out (_retry_failed_to_go_out)
-            if state != ActionState.DEAD.value or payload.get(CONNECTOR_FAILED) or kind == ActionKind.LINK_PAYMENT:
+            if (
+                action_id == sending_id
+                or state != ActionState.DEAD.value
+                or payload.get(CONNECTOR_FAILED)
+                or kind == ActionKind.LINK_PAYMENT
+            ):
                 numbers.add(payload.get("attempt_number"))
         return {int(number) for number in numbers if isinstance(number, int) and number not in recorded}
 
@@ -3711,7 +3762,14 @@ class Executor:
             f"the switch answered that the {planned} sent and never answered never reached it "
             f"(payment {payment_id} not found)"
         )
-        if row is not None and result is None and self._send_again_after_not_found(conn, order, row, check, now):
+        sent_again = (
+            None
+            if row is None or result is not None
+            else self._send_again_after_not_found(conn, order, row, check, now)
+        )
+        if sent_again:
+            nothing += f"; not sent again: not allowed now: {sent_again}"
+        if sent_again == "":
             note = (
                 f"the switch answered: payment {payment_id} not found; sent again as the same charge (same "
                 "idempotency key and payment id), so a first send that reaches the switch late is that one payment"
@@ -3725,6 +3783,8 @@ class Executor:
             elif result is None:
                 self._ask_again_after_not_found(conn, ActionRow.of(row), now)
                 note += f"; asked once more in {NOT_FOUND_RECHECK_DELAY}"
+                if sent_again:
+                    note += f"; not sent again: not allowed now: {sent_again}"
         elif row is not None and _taken_as_not_charged(row):
             note = self._answer_after_not_charged(conn, order, row, check, result, now)
         elif row is not None and _charged_by_operator(row):
@@ -3738,9 +3798,9 @@ class Executor:
 
     def _send_again_after_not_found(
         self, conn: sa.Connection, order: RowMapping, row: RowMapping, check: ActionRow, now: datetime
-    ) -> bool:
+    ) -> str | None:
         """Send charge ``row`` (sent, never answered) again, now, as the same charge, when its switch first answers
-        "not found" for it on an order still open; True when so planned. Taken as never charged and decided again,
+        "not found" for it on an order still open. Taken as never charged and decided again,
         the order's next attempt was a new payment (``<order_id>_<n+1>``, a new key): a first send still on its way
         (NOT_FOUND_RECHECK_DELAY) that reached the switch after it charged the customer twice until the one more
         ask found it and refunded it. Sent again under its own idempotency key, payment id and body, it is one
@@ -3749,7 +3809,9 @@ class Executor:
         a re-send: it goes ahead on an open order and holds the order's other charges back until answered; one
         that is not answered again is asked about once more (``_ask_about``), whose "not found" is final. Once
         only, and not on the one more ask itself, nor on an order settled since (a charge there would be a
-        duplicate: it is taken as never charged, and asked about once more, as before)."""
+        duplicate: it is taken as never charged, and asked about once more, as before), nor for a retry the hard
+        rules now forbid. "" when sent again; the rules it would break (comma-separated) when they forbid it; None
+        when it is not sent again otherwise."""
         charge = ActionRow.of(row)
         if (
             row["unanswered_since"] is None
@@ -3757,7 +3819,23 @@ class Executor:
             or SENT_AGAIN_AFTER_NOT_FOUND in charge.payload
             or order["state"] not in OPEN_ORDER_STATES
         ):
-            return False
+            return None
+        if charge.kind == ActionKind.RETRY:
+            # A new charge if the first send never arrives: the hard rules again, as at a first send (the decision
+            # is minutes old at least, a checkout window may have closed, the merchant's config changed). Forbidden
+            # now, it is not sent: taken as never charged and the order decided again, as a retry the rules refuse
+            # at its send is (``Replan``); the one more ask still looks for a first send that lands late.
+            broken = retry_forbidden(self.rules_now(conn, order, charge, now, sending=True), charge, now)
+            if broken:
+                log.warning(
+                    "payment %s not found by its switch: charge action %s is not sent again, the rules forbid it "
+                    "now (%s); the order is decided again",
+                    check.payload.get("payment_id"),
+                    charge.action_id,
+                    ", ".join(broken),
+                    extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
+                )
+                return ", ".join(broken)
         note = f"not found by its switch at {now.isoformat()}: sent again as the same charge"
         changed = conn.execute(
             actions.update()
@@ -3773,14 +3851,14 @@ class Executor:
             )
         ).rowcount
         if changed != 1:
-            return False
+            return None
         log.warning(
             "payment %s not found by its switch: charge action %s is sent again under the same idempotency key",
             check.payload.get("payment_id"),
             charge.action_id,
             extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
         )
-        return True
+        return ""
 
     def _answer_after_not_charged(
         self,

@@ -37,7 +37,7 @@ from model.rules import (
     quiet_hours_end,
     upi_off_peak_from,
 )
-from model.vocab import Action, Channel, Strategy
+from model.vocab import Action, Channel
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables, link_expiry_text
 from service.executor.connectors import (
@@ -77,6 +77,7 @@ from service.executor.core import (
     StatusAnswered,
     Transient,
     nudge_id_for,
+    retry_forbidden,
 )
 from service.executor.optouts import (
     address_hash,
@@ -375,16 +376,29 @@ class Effects:
                         max(busy_until, now + RECHECK), "another charge of the order may be with its connector"
                     )
                 if action.kind == ActionKind.RETRY:
-                    broken = self._retry_forbidden(conn, order, action, now)
+                    broken = retry_forbidden(
+                        self.executor.rules_now(conn, order, action, now, self.catalog, sending=True), action, now
+                    )
                     if broken:
                         return Replan("not allowed now: " + ", ".join(broken))
             elif action.kind == ActionKind.RETRY:
                 # A re-send is the same charge, asked again; if its first send never arrived, the switch charges
                 # it now. A UPI AutoPay retry must not execute in NPCI's peak hours: it waits for the off-peak
                 # window (its mark kept: the order waits for its answer).
-                off_peak = upi_off_peak_from(self._rules_now(conn, order, action, now), now)
+                off_peak = upi_off_peak_from(self.executor.rules_now(conn, order, action, now, self.catalog), now)
                 if off_peak is not None and off_peak > now:
                     return Defer(off_peak, "UPI AutoPay peak hours: the re-send waits for the off-peak window")
+                # The rest of the hard rules too: if the earlier send never arrived, this one charges now (a
+                # checkout window may have closed since, the merchant's config changed). Forbidden, it is not sent;
+                # the charge stays one that may have gone out, and its switch is asked what became of it.
+                broken = retry_forbidden(
+                    self.executor.rules_now(conn, order, action, now, self.catalog, sending=True), action, now
+                )
+                if broken:
+                    return Permanent(
+                        "not sent again: not allowed now: " + ", ".join(broken) + "; its switch is asked what became "
+                        "of the earlier send"
+                    )
             try:
                 connector = self.connector(action.merchant_id, str(action.payload["connector"]))
             except PermanentError as exc:
@@ -496,29 +510,6 @@ class Effects:
             return Transient(str(exc))
         except PermanentError as exc:
             return Permanent(f"{exc}; {otherwise}")
-
-    def _retry_forbidden(
-        self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime
-    ) -> tuple[str, ...]:
-        """The hard rules the retry breaks if sent now (none: it may go). Checked again at the moment of sending,
-        as for messages: the decision may be hours old, and the merchant's config may have changed since (a flow
-        switched off, fewer retries allowed)."""
-        candidate = Candidate(
-            action=Action.RETRY,
-            execute_at=now,
-            strategy=Strategy(str(action.payload["strategy"])),
-            connector=str(action.payload["connector"]),
-        )
-        verdict = check(self._rules_now(conn, order, action, now, sending=True), candidate)
-        return () if verdict.allowed else verdict.broken
-
-    def _rules_now(
-        self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime, *, sending: bool = False
-    ) -> RuleContext:
-        """The rules' facts about the action's order at ``now``, with its merchant's config as it is now;
-        ``sending``: the action is a charge about to be sent for the first time, not yet an attempt made."""
-        request = self.executor.request_for(conn, order, now, sending=action if sending else None)
-        return build_context(request, self.executor.merchant(action.merchant_id), self.catalog)
 
     # ----------------------------------------------------------------------------------------- nudges
 

@@ -366,6 +366,28 @@ def test_a_upi_autopay_re_send_waits_out_npcis_peak_hours(
     assert _retries_made(h) == 1
 
 
+def test_a_re_send_after_a_lost_answer_that_the_rules_now_forbid_is_not_sent(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+) -> None:
+    """A one-off payment's retry may go only within 10 minutes of its customer's checkout (hard_rules.yaml). Sent
+    in time, its answer is lost (a 503 that may come after the charge); the re-send comes 11 minutes later. It
+    skipped the rules (the same charge, asked again), so if the first send never arrived the switch charged the
+    customer out of the window. Now it is not sent: it stays a charge that may have gone out (dead, its mark kept)
+    and its switch is asked what became of the first send."""
+    retry = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+    h = make_harness(retry, connector=FakeConnector(results=["success"], transient_first=1))
+    h.executor.payment_failed("m_demo", event(payment={"is_recurring": False}))
+    h.drain()
+    assert len(h.connector.calls) == 1  # sent at once; its answer was lost
+    h.clock.advance(minutes=11)
+    h.drain()
+    assert len(h.connector.calls) == 1, "a retry was re-sent out of its one-off checkout window"
+    waiting = next(a for a in h.view().actions if a.kind == "retry")
+    assert (waiting.state, waiting.unanswered_since is not None) == ("dead", True), waiting
+    assert "not sent again: not allowed now: one_off_out_of_session" in (waiting.last_error or ""), waiting
+    assert [a.kind for a in h.view().actions if a.kind == "charge_status"] == ["charge_status"]
+
+
 class UnreachableAtFirst:
     """No try reaches the connector for its first ``down`` calls (an outage, a rate limit), then it charges."""
 

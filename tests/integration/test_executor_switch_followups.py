@@ -181,11 +181,13 @@ def of_kind(h: Harness, kind: str) -> list[Any]:
     return [a for a in h.view().actions if a.kind == kind]
 
 
-def lost_charge(build: MakeHarness, database_url: str, switch: FullSwitch, *steps: dict[str, Any]) -> Harness:
+def lost_charge(
+    build: MakeHarness, database_url: str, switch: FullSwitch, *steps: dict[str, Any], **failed: Any
+) -> Harness:
     """An order whose retry (payment ord_1_2) went to ``switch`` and whose every answer was lost: dead-lettered
-    unanswered after its 2 tries."""
+    unanswered after its 2 tries. ``failed``: the payment-failed event's overrides."""
     h = build(RETRY, *steps, connector=through(switch), max_attempts=2, database_url=database_url)
-    h.executor.payment_failed("m_demo", event())
+    h.executor.payment_failed("m_demo", event(**failed))
     switch.lose_answers = switch.lose_answers or not switch.drop_charges
     h.drain()
     h.clock.advance(seconds=5)
@@ -263,6 +265,30 @@ def test_a_lost_charge_the_switch_never_got_is_sent_again_as_the_same_charge(
     assert len(switch.keys) == 1
     h.drain()
     assert webhook_events(h) == ["order.succeeded"]
+
+
+def test_a_send_again_after_not_found_that_the_rules_now_forbid_is_not_sent_and_the_order_decided_again(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """A one-off payment's retry may go only within 10 minutes of its customer's checkout (hard_rules.yaml,
+    silent_retry_in_session_minutes). Its sends never reach the switch, whose status answers time out for an hour,
+    then say "not found". It was sent again then as the same charge, charging the customer an hour after they left
+    the checkout. Now the rules are checked again first: it is not sent, it is taken as never charged, and the order
+    is decided again (the script's stop: failed), as a first send the rules refuse is."""
+    switch = FullSwitch(drop_charges=True)
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"}, payment={"is_recurring": False})
+    switch.status_mode = "timeout"
+    run_for(h, 600)  # the check's tries time out: asked again in an hour
+    switch.status_mode = "answer"
+    run_for(h, 3600, step=600)  # "not found", out of the checkout window
+    assert switch.payments == {}, switch.payments  # never charged
+    [retry] = of_kind(h, "retry")
+    assert (retry.state, retry.unanswered_since) == ("dead", None), retry
+    note = of_kind(h, "charge_status")[0].last_error or ""
+    assert "not sent again: not allowed now: one_off_out_of_session" in note, note
+    assert h.view().state == "FAILED"
+    assert webhook_events(h) == ["order.failed"]
 
 
 def test_a_switch_that_does_not_answer_leaves_the_charge_unknown_and_is_asked_again_hourly(

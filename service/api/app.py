@@ -73,6 +73,7 @@ from service.api.store import (
 from service.console.routes import mount_console
 from service.executor.metrics import (
     ChargeDisputesCollector,
+    ChecksAskedNoMoreCollector,
     PaidTwiceCollector,
     RefundsByHandCollector,
     SenderHoldsCollector,
@@ -341,6 +342,7 @@ async def _start(app: FastAPI) -> tuple[DecisionWriter, Engine, Engine]:
     runtime.metrics.read_at_scrape(RefundsByHandCollector(engine))
     runtime.metrics.read_at_scrape(PaidTwiceCollector(engine))
     runtime.metrics.read_at_scrape(SenderHoldsCollector(engine))
+    runtime.metrics.read_at_scrape(ChecksAskedNoMoreCollector(engine))
     # The writer has a pool of its own: requests holding connections (an outcome waiting out a hung database)
     # cannot starve it, so decisions are never refused for a pool that ran dry.
     writer_engine = make_engine(settings.database_url)

@@ -162,8 +162,11 @@ REFUND_WAIT_FOR_SWITCH: Final = timedelta(days=1)
 #: was asked hourly for ever.
 SWITCH_SILENCE_LIMIT: Final = REFUND_WAIT_FOR_SWITCH
 #: A status check's payload key: its switch answered none of its asks for SWITCH_SILENCE_LIMIT, and it is asked no
-#: more (when).
-SWITCH_SILENT = "switch_silent"
+#: more: when, and what the charge was then (one of CHARGES_ASKED_NO_MORE, a bounded label for /metrics).
+SWITCH_SILENT = "asked_no_more"
+#: What a charge whose status check is asked no more was: still unknown (an operator's resolve-charge), charged on
+#: an operator's word, taken as never charged, or none of those (answered otherwise meanwhile).
+CHARGES_ASKED_NO_MORE: Final = ("unknown", "charged_by_operator", "taken_as_not_charged", "other")
 #: A refund action's payload key: it was dead-lettered for an operator to refund by hand (``_hand_refund_over``):
 #: when, and why (one of REFUND_BY_HAND_REASONS, a bounded label for /metrics).
 REFUND_BY_HAND = "refund_by_hand"
@@ -1035,6 +1038,17 @@ def _flagged(
         flag = payload.get(key)
         if isinstance(flag, dict):
             yield row, payload, flag
+
+
+def checks_asked_no_more(conn: sa.Connection) -> list[tuple[str, str]]:
+    """The status checks asked no more after their switch's silence (``Executor._stop_asking``), oldest first: each
+    one's merchant and what its charge was then (CHARGES_ASKED_NO_MORE)."""
+    query = sa.select(actions.c.merchant_id, actions.c.payload_json).where(
+        actions.c.kind == ActionKind.CHARGE_STATUS.value
+    )
+    return [
+        (row.merchant_id, str(flag.get("charge", "other"))) for row, _, flag in _flagged(conn, query, SWITCH_SILENT)
+    ]
 
 
 def charge_disputes(
@@ -3685,18 +3699,22 @@ class Executor:
             f"no longer asked: switch {connector!r} answered no status check of payment {payment_id} since "
             f"{check.planned_at.isoformat()} ({SWITCH_SILENCE_LIMIT}; last: {last or 'not asked'})"
         )
+        label = "other"
         if row is not None and row["unanswered_since"] is not None:
+            label = "unknown"
             standing = (
                 f"charge action {charge_id} stays unknown and its order open (never failed: the customer may have "
                 f"paid) until an operator asks {connector!r} and answers with `winback executor resolve-charge "
                 f"{charge_id} --charged|--not-charged` (the console's 'Charge unknown')"
             )
         elif row is not None and _charged_by_operator(row):
+            label = "charged_by_operator"
             standing = (
                 f"charge action {charge_id} stays charged on an operator's word, unconfirmed; a refund of it waiting "
                 "for the switch goes to an operator to make by hand (`winback executor refunds-by-hand`)"
             )
         elif row is not None and _taken_as_not_charged(row):
+            label = "taken_as_not_charged"
             standing = (
                 f"charge action {charge_id} stays taken as never charged; if {connector!r} took payment {payment_id} "
                 "after all (a send that reached it late), nobody else will see it: check it with the connector"
@@ -3710,7 +3728,7 @@ class Executor:
             .values(
                 last_error=_noted(last, note),
                 updated_at=now,
-                payload_json=_dump(check.payload | {SWITCH_SILENT: {"at": now.isoformat()}}),
+                payload_json=_dump(check.payload | {SWITCH_SILENT: {"at": now.isoformat(), "charge": label}}),
             )
         )
         log.error(

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection, Engine
 
 from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, cases_counted
-from service.executor.core import charge_disputes
+from service.executor.core import charge_disputes, checks_asked_no_more
 from service.executor.pacing import sender_holds_counted
 from service.executor.store import utcnow
 
@@ -176,6 +176,24 @@ class PaidTwiceCollector(_ReadFromTheDatabase):
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
         counted = cases_counted(conn, PAID_TWICE_CASE)
         return (counted.total, counted.open)
+
+
+class ChecksAskedNoMoreCollector(_ReadFromTheDatabase):
+    """``winback_executor_status_checks_asked_no_more_total{merchant_id, charge}``: the charges' status checks whose
+    switch answered none of their asks for SWITCH_SILENCE_LIMIT, and which are asked no more (``charge``: what the
+    charge was then: ``unknown``, for an operator's resolve-charge; ``charged_by_operator``;
+    ``taken_as_not_charged``; ``other``). Each stays marked on its check, so the count never goes down: a counter,
+    read from the database; an alert watches its increase."""
+
+    what = "status checks asked no more"
+    counter = (
+        "winback_executor_status_checks_asked_no_more",
+        "Charge status checks whose switch answered none of their asks for a day, asked no more.",
+    )
+    labels = ("merchant_id", "charge")
+
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
+        return (Counter(checks_asked_no_more(conn)),)
 
 
 class SenderHoldsCollector(_ReadFromTheDatabase):

@@ -39,7 +39,12 @@ from service.executor.core import (
     txn_id_for,
 )
 from service.executor.links import LinkError
-from service.executor.metrics import ChargeDisputesCollector, PaidTwiceCollector, RefundsByHandCollector
+from service.executor.metrics import (
+    ChargeDisputesCollector,
+    ChecksAskedNoMoreCollector,
+    PaidTwiceCollector,
+    RefundsByHandCollector,
+)
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions, orders
 from tests.integration.test_console import PASSWORD, Console, _rows, flash
@@ -876,6 +881,13 @@ def test_a_switch_silent_for_a_day_is_asked_no_more_and_the_charge_is_left_to_an
     assert standing in given_up[0], given_up
     ended = {None: "PENDING", "not charged": "FAILED", "charged": "SUCCEEDED"}[operator_said]
     assert h.view().state == ended
+    registry = CollectorRegistry()
+    registry.register(ChecksAskedNoMoreCollector(h.executor.engine, read_every_seconds=0))
+    charge = {None: "unknown", "not charged": "taken_as_not_charged", "charged": "charged_by_operator"}[operator_said]
+    counted = registry.get_sample_value(
+        "winback_executor_status_checks_asked_no_more_total", {"merchant_id": "m_demo", "charge": charge}
+    )
+    assert counted == 1.0
     if operator_said is None:  # the operator's answer still settles it
         assert h.executor.resolve_charge(retry_id, charged=False) == "FAILED"
 

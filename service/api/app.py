@@ -413,9 +413,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             return _validation_response(
                 _field_error(msg=f"body is not UTF-8 (JSON is sent as UTF-8): byte {exc.__cause__.start} is not")
             )
-        # A key written twice in one object, on the routes that read JSON through UniqueKeysRoute (the executor's,
-        # /v1/outcomes; the providers' callbacks answer it themselves): FastAPI's bare 400 for what its reading
-        # raised; the 422 names the key's path.
+        # A key written twice in one object, on the routes that read JSON through UniqueKeysRoute (the decisions,
+        # /v1/outcomes, the executor's; the providers' callbacks answer it themselves): FastAPI's bare 400 for what its
+        # reading raised; the 422 names the key's path.
         if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(exc.__cause__, RepeatedKeyError):
             return _validation_response(_field_error(*exc.__cause__.path, msg=RepeatedKeyError.reason))
         return await http_exception_handler(request, exc)
@@ -438,7 +438,11 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     async def _on_batch_item_error(_request: Request, exc: BatchItemError) -> JSONResponse:
         return _validation_response(_field_error(exc.index, exc.field, msg=str(exc)))
 
-    @app.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
+    # A key written twice in one object ({"merchant_id": "m_a", ..., "merchant_id": "m_b"}) is refused with the 422
+    # naming it, as on every route that reads JSON, rather than read as its last value (service/json_keys.py).
+    decisions_router = APIRouter(route_class=UniqueKeysRoute)
+
+    @decisions_router.post("/v1/decisions", response_model=Decision, responses=_AUTH_ERRORS, tags=["decisions"])
     async def create_decision(body: DecisionRequest, caller: CallerDep, runtime: RuntimeDep) -> Response:
         """Decide what to do about one failed payment (a valid request is answered by fastpath.py, same call)."""
         caller.require(body.merchant_id)
@@ -448,7 +452,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     # module's namespace, where ``settings`` is not.
     batch_body = Body(max_length=settings.max_batch)
 
-    @app.post("/v1/decisions:batch", response_model=list[Decision], responses=_AUTH_ERRORS, tags=["decisions"])
+    @decisions_router.post(
+        "/v1/decisions:batch", response_model=list[Decision], responses=_AUTH_ERRORS, tags=["decisions"]
+    )
     async def create_decisions(
         caller: CallerDep, runtime: RuntimeDep, body: list[DecisionRequest] = batch_body
     ) -> Response:
@@ -457,9 +463,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             caller.require(item.merchant_id, where=f"[{index}].merchant_id")
         return _json(runtime.decide_batch_json(body, caller.merchant))
 
-    # An outcome is off the hot path: a key written twice in one object ({"status": "failure", "status":
-    # "success"}) is refused with the 422 naming it, as on the executor's routes, rather than read as its last value.
-    # /v1/decisions (above) reads JSON as ever: the check's cost on every decision is the owner's call.
+    app.include_router(decisions_router)
+
+    # A key written twice ({"status": "failure", "status": "success"}) is refused with the 422 naming it, as above.
     outcomes_router = APIRouter(route_class=UniqueKeysRoute)
 
     @outcomes_router.post(

@@ -11,7 +11,8 @@ A request whose body is over ``MAX_REQUEST_BODY`` gets 413 on any route: before 
 Content-Length says so, or as soon as the limit is passed when it is sent without one (chunked). A gzip or deflate
 body (``Content-Encoding``) is decoded here, bounded by the same limit, and handed on as a plain one; another
 coding gets 415, and data that does not decode 400 naming the coding. Anything else —
-another route, a missing or unknown key, another merchant's id, a body that is not valid, a body larger than
+another route, a missing or unknown key, another merchant's id, a body that is not valid or writes a key twice in
+one object (service/json_keys.py), a body larger than
 ``MAX_FAST_BODY``, dependency overrides (tests), an error while deciding — is handed to the
 FastAPI app with the body replayed, so every error keeps exactly the status and message the documented route
 gives. The FastAPI route stays the documented one (OpenAPI) and the reference for behaviour.
@@ -29,6 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from model.requests import DecisionRequest
 from service.api.deps import Runtime, bearer_key, caller_for_key
+from service.json_keys import repeats_a_key
 
 DECISIONS_PATH = "/v1/decisions"
 #: Larger bodies go the documented way (a decision request is a few kilobytes).
@@ -122,14 +124,27 @@ class DecisionFastPath:
             request = DecisionRequest.model_validate_json(body)
         except ValidationError:
             return None
-        if request.merchant_id != caller.merchant_id:
-            return None
+        if request.merchant_id != caller.merchant_id or repeats_a_key(body, decision_keys_read(request)):
+            return None  # a key written twice: the route's 422 names it
         try:
             served = runtime.decide(request, caller.merchant)
         except Exception:  # the documented route answers (and reports) whatever went wrong, as it always has
             return None
         runtime.record(served)  # outside the fallback: a decision recorded is never decided a second time
         return served.answer.encode()
+
+
+def decision_keys_read(request: DecisionRequest) -> int:
+    """The keys ``request`` was read from, as far as its own models tell (``json_keys.keys_read`` walks every value:
+    four times the cost): each model's fields given, the names of its extras among them. What an extra holds is
+    not counted, nor would be a model left out here: either only makes the count miss, and the body be parsed a
+    second time (test_json_keys checks the shipped requests are cleared by the count alone)."""
+    history = request.history
+    count = 0
+    for model in (request, request.customer, request.payment, request.failure, history, *history.attempts,
+                  *history.nudges):  # fmt: skip
+        count += len(model.__pydantic_fields_set__)
+    return count
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -748,6 +748,42 @@ def test_an_outcome_writing_a_key_twice_is_a_422_naming_the_key_and_nothing_is_s
     assert api.post("/v1/outcomes", _outcome(decision_id, status="failure")).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("route", "where", "first", "field"),
+    [
+        # The key's first value says another merchant: which one did the caller mean?
+        ("/v1/decisions", "{", '"merchant_id": "m_other", ', "merchant_id"),
+        ("/v1/decisions", '"failure": {', '"error_code": "do_not_honor", ', "failure.error_code"),
+        ("/v1/decisions:batch", '"failure": {', '"error_code": "do_not_honor", ', "[1].failure.error_code"),
+    ],
+)
+def test_a_decision_request_writing_a_key_twice_is_a_422_naming_the_key_and_nothing_is_stored(
+    api: Api, tmp_path: Path, route: str, where: str, first: str, field: str
+) -> None:
+    """``{"failure": {"error_code": "do_not_honor", ..., "error_code": "insufficient_funds"}}`` was decided on its
+    last value without a word (the fast path and the route alike); now refused as an outcome is, naming the key."""
+    text = json.dumps(request_body())
+    assert where in text
+    twice = text.replace(where, where + first, 1)
+    body = f"[{text}, {twice}]" if route.endswith(":batch") else twice
+    answer = api.post_raw(route, body.encode(), {"Content-Type": "application/json", **AUTH})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["field"] == field
+    assert answer.json()["message"] == (
+        f"{field}: written twice in one object: one of its values would be dropped without a word; send the key once"
+    )
+    # Who sends it comes first: without the merchant's key the answer is the 401, not what the body holds.
+    assert api.post_raw(route, body.encode(), {"Content-Type": "application/json"}).status_code == 401
+    api.flush()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'winback.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM decisions")).scalar_one() == 0
+    engine.dispose()
+    # The same body written once (pretty-printed too) is decided as before.
+    once = json.dumps(json.loads(body), indent=2).encode()
+    assert api.post_raw(route, once, {"Content-Type": "application/json", **AUTH}).status_code == 200
+
+
 def test_export_writes_valid_history_files(api: Api, tmp_path: Path) -> None:
     for index in range(4):
         answer = api.post("/v1/decisions", request_body(order_id=f"ord_{index}")).json()

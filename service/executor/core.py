@@ -53,7 +53,6 @@ from service.executor.optouts import (
     with_opt_outs,
 )
 from service.executor.outages import (
-    channels_down,
     down_entry,
     down_note,
     note_accepted,
@@ -61,6 +60,7 @@ from service.executor.outages import (
     without_channels,
 )
 from service.executor.pacing import (
+    channels_out,
     forget_idle_customers,
     note_pair_rate_limited,
     note_rate_limited,
@@ -555,10 +555,21 @@ class RetryPolicy:
             limit=limit,
         )
 
-    def senders_over_quota(self, conn: sa.Connection, merchant_id: str, now: datetime) -> dict[Channel, datetime]:
-        """``pacing.senders_over_quota``: the merchant's channels whose sender is held for its daily quota longer
-        than ``sender_quota_replan_after_seconds``, with the end of each hold."""
-        return senders_over_quota(conn, merchant_id, now, timedelta(seconds=self.sender_quota_replan_after_seconds))
+    def senders_over_quota(
+        self, conn: sa.Connection, merchant_id: str, now: datetime, channel: Channel | None = None
+    ) -> dict[Channel, datetime]:
+        """``pacing.senders_over_quota``: the merchant's channels (``channel`` only, when given) whose sender is held
+        for its daily quota longer than ``sender_quota_replan_after_seconds``, with the end of each hold."""
+        longer_than = timedelta(seconds=self.sender_quota_replan_after_seconds)
+        return senders_over_quota(conn, merchant_id, now, longer_than, channel)
+
+    def channels_out(
+        self, conn: sa.Connection, merchant_id: str, now: datetime, channel: Channel | None = None
+    ) -> tuple[dict[Channel, datetime], dict[Channel, datetime]]:
+        """The merchant's channels (``channel`` only, when given) that are down (``outages.channels_down``) and
+        those whose sender is over its daily quota (``senders_over_quota``), in one read (``pacing.channels_out``)."""
+        longer_than = timedelta(seconds=self.sender_quota_replan_after_seconds)
+        return channels_out(conn, merchant_id, now, longer_than, channel)
 
     def note_pair_rate_limited(
         self, conn: sa.Connection, merchant_id: str, channel: Channel, address_sha256: str, now: datetime
@@ -1970,8 +1981,8 @@ class Executor:
         decided), and its send checks the rules again then (quiet hours wait, a closed window decides again). A
         provider's outage does not fail the order of a merchant with one channel."""
         listed = set(merchant.retarget.channels)
-        down = {channel: until for channel, until in channels_down(conn, request.merchant_id, now).items()
-                if channel in listed}  # fmt: skip
+        down, over = self.retry_policy.channels_out(conn, request.merchant_id, now)
+        down = {channel: until for channel, until in down.items() if channel in listed}
         noted = down_note(down)
         # A channel on which WhatsApp held one of the order's messages back as a try-later waits as a channel down
         # does, for this order only: not retried there the same day (Meta: not within 24 hours), while another
@@ -1979,7 +1990,6 @@ class Executor:
         held = {channel: until for channel, until in _held_channels(conn, request, now).items() if channel in listed}
         noted += [f"channel_held:{channel.value}" for channel in sorted(held, key=lambda c: c.value)]
         # A sender held for hours for its daily quota is out as a channel down is, for every order of the merchant.
-        over = self.retry_policy.senders_over_quota(conn, request.merchant_id, now)
         over = {channel: until for channel, until in over.items() if channel in listed}
         noted += [over_quota_entry(channel) for channel in sorted(over, key=lambda c: c.value)]
         for channel, until in [*held.items(), *over.items()]:
@@ -2979,7 +2989,7 @@ class Executor:
         channel = Channel(str(action.payload["channel"]))
         until = self.retry_policy.note_rate_limited(conn, action.merchant_id, channel, now, limit)
         waits = action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or action.payload.get(MESSAGE_WAITS_FOR_CHANNEL)
-        if not waits and channel in self.retry_policy.senders_over_quota(conn, action.merchant_id, now):
+        if not waits and self.retry_policy.senders_over_quota(conn, action.merchant_id, now, channel):
             # Held for hours (``sender_quota_replan_after_seconds``): as in an outage, never sent, so neither
             # recorded nor counted, and the order is decided again without the channel (``_decision_point``).
             reason = f"not sent: {channel.value}'s sender is over its daily quota until {until.isoformat()}"

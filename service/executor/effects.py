@@ -86,7 +86,7 @@ from service.executor.optouts import (
     order_customer_address,
     unsubscribe_url,
 )
-from service.executor.outages import channels_down, claim_probe
+from service.executor.outages import claim_probe
 from service.executor.pacing import QUIET_HOURS_WAKE, pair_answered, pair_turn, release_turn
 from service.executor.store import OPEN_ORDER_STATES, ActionKind, OrderState, actions, as_utc, webhook_deliveries
 from service.executor.webhooks import post_webhook
@@ -790,10 +790,11 @@ class Effects:
         sent (a timeout, a 500: it keeps its tries and counts if given up) and for one planned to wait for the channel
         (decided again, the order would get the same plan). None while the channel is up."""
         channel = Channel(str(action.payload["channel"]))
-        until = channels_down(conn, action.merchant_id, now).get(channel)
+        down, over = self.executor.retry_policy.channels_out(conn, action.merchant_id, now, channel)
+        until = down.get(channel)
         what = "is down"
         if until is None:
-            until = self.executor.retry_policy.senders_over_quota(conn, action.merchant_id, now).get(channel)
+            until = over.get(channel)
             what = "has its sender over its daily quota"
         if until is None:
             return None

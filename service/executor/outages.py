@@ -19,8 +19,9 @@ written inside the transaction that records the message's answer, under the row'
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -130,12 +131,20 @@ def note_accepted(conn: sa.Connection, merchant_id: str, channel: Channel) -> No
 
 def channels_down(conn: sa.Connection, merchant_id: str, now: datetime) -> dict[Channel, datetime]:
     """The merchant's channels that are down at ``now``, with the end of each one's hold."""
-    rows = conn.execute(
-        sa.select(channel_outages.c.channel, channel_outages.c.down_until).where(
-            channel_outages.c.merchant_id == merchant_id, channel_outages.c.down_until > now
-        )
-    )
-    return {Channel(row.channel): as_utc(row.down_until) for row in rows if row.channel in _CHANNEL_NAMES}
+    return down_of(conn.execute(down_select(merchant_id, now)))
+
+
+def down_of(rows: Iterable[sa.Row[Any]]) -> dict[Channel, datetime]:
+    """The channels down, with the end of each one's hold, of ``down_select``'s rows."""
+    return {Channel(row.channel): as_utc(row.until) for row in rows if row.channel in _CHANNEL_NAMES}
+
+
+def down_select(merchant_id: str, now: datetime, channel: Channel | None = None) -> sa.Select[tuple[str, datetime]]:
+    """The statement reading ``channels_down``'s rows (``channel``, ``until``): ``channel``'s only when given."""
+    where = [channel_outages.c.merchant_id == merchant_id, channel_outages.c.down_until > now]
+    if channel is not None:
+        where.append(channel_outages.c.channel == channel.value)
+    return sa.select(channel_outages.c.channel, channel_outages.c.down_until.label("until")).where(*where)
 
 
 _CHANNEL_NAMES = frozenset(channel.value for channel in Channel)

@@ -283,3 +283,35 @@ def test_each_hold_of_the_sender_is_counted_on_metrics_by_its_limit_and_shown_wh
         labels = f'channel="email",limit="{limit}",merchant_id="m_demo"'
         assert f"winback_executor_sender_holds_total{{{labels}}} 1.0" in metrics
         assert f"winback_executor_senders_held{{{labels}}} " in metrics
+
+
+def test_a_decision_and_its_message_each_read_the_channels_out_once(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    database_url: str,
+) -> None:
+    """With no channel down nor sender held, a decision reads the merchant's outages and daily-quota holds in one
+    statement, and its message the same for its own channel only, then its probe: three reads. Before, each read
+    ``channel_outages`` and ``sender_holds`` apart (five), the message every channel's."""
+    h = through_relay(make_harness, smtp, 1, database_url=database_url)
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "sender_holds" in statement or "channel_outages" in statement:
+            seen.append(" ".join(statement.split()))
+
+    sa.event.listen(h.executor.engine, "before_cursor_execute", note)
+    try:
+        fail_by_email(h, "ord_1")
+        h.drain()
+    finally:
+        sa.event.remove(h.executor.engine, "before_cursor_execute", note)
+    assert mailed(smtp) == ["ord_1"]
+    reads = [statement for statement in seen if statement.startswith("SELECT")]
+    assert len(reads) == 3, reads
+    decision, message, probe = reads
+    assert "UNION ALL" in decision
+    assert "UNION ALL" in message
+    assert message.count("channel =") == 2  # the message's own channel only, in each table
+    assert decision.count("channel =") == 0
+    assert "sender_holds" not in probe

@@ -505,7 +505,9 @@ def executor_charge_disputes(
     or the console), or reported paid by the merchant (its payment-succeeded naming winback's payment), that their
     switch then reported declined, or not found twice. The merchant was told the order succeeded on money the
     switch does not have (or, on an order paid before, its history records a payment that was not made), so each
-    needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with."""
+    needs taking up with the merchant; --resolve ORDER_ID --note TEXT marks it dealt with; marking one again
+    changes nothing."""
+    from service.executor.by_hand import already_done
     from service.executor.core import ChargeResolutionError, DisputeResolutionError
     from service.executor.worker import list_charge_disputes, resolve_charge_dispute
 
@@ -515,14 +517,16 @@ def executor_charge_disputes(
     if resolve is not None:
         who = f"operator {resolver(note, by, show_all, 'disputes', 'fulfilment held, customer charged by hand')}"
         try:
-            resolved = resolve_charge_dispute(url, resolve, note or "", who, merchant)
+            marked = resolve_charge_dispute(url, resolve, note or "", who, merchant)
         except (ChargeResolutionError, DisputeResolutionError, ValueError) as exc:
             raise fail(str(exc)) from None
-        for dispute in resolved:
+        for dispute in marked.now:
             typer.echo(
                 f"{dispute.merchant_id} {dispute.order_id}: the dispute of payment {dispute.payment_id} "
                 f"({dispute.switch_said}) is marked dealt with by {dispute.resolved_by}: {dispute.resolution_note}"
             )
+        if not marked.now:
+            typer.echo(already_done(marked.before, resolve))
         return
     try:
         found = list_charge_disputes(url, merchant)
@@ -578,8 +582,9 @@ def executor_refunds_by_hand(
     answered them, or never answered a status check of a charge recorded as charged on an operator's word within a
     day. Each line says why, since when and what is known of the charge; a cancelled one was found unneeded later.
     Then the orders paid by winback's charge that their merchant reported paid by a payment of its own too: the
-    customer may have paid twice, and winback refunds neither. --resolve ORDER_ID --note TEXT marks the order's
-    cases dealt with; marking one again changes nothing."""
+    customer may have paid twice, and winback refunds neither. And the charges taken as never charged whose switch
+    then answered no status check for a day: check with the connector whether it took them. --resolve ORDER_ID
+    --note TEXT marks the order's cases dealt with; marking one again changes nothing."""
     from service.executor.by_hand import CaseResolutionError, already_done
     from service.executor.core import ChargeResolutionError, DisputeResolutionError
     from service.executor.worker import list_refunds_by_hand, resolve_case_by_hand
@@ -594,22 +599,30 @@ def executor_refunds_by_hand(
         for case in marked.now:
             typer.echo(f"{case.merchant_id} {case.order_id}: {case.described()} is marked dealt with by {who}: {note}")
         if not marked.now:
-            typer.echo(already_done(marked, resolve))
+            typer.echo(already_done(marked.before, resolve))
         return
     if note is not None or by is not None:
         raise fail("--note and --by go with --resolve ORDER_ID")
     try:
-        found, twice = list_refunds_by_hand(url, merchant)
+        found, twice, silent = list_refunds_by_hand(url, merchant)
     except (ChargeResolutionError, ValueError) as exc:
         raise fail(str(exc)) from None
     shown_twice = [paid for paid in twice if show_all or paid.open]
     shown = [refund for refund in found if show_all or refund.open]
+    shown_silent = [charge for charge in silent if show_all or charge.open]
     for paid in shown_twice:  # first: nothing is in hand for these, not even a refund refused
         typer.echo(
             f"{paid.merchant_id} {paid.order_id} ({paid.order_state}): possibly paid twice: winback's payment "
             f"{paid.payment_id} via {paid.connector} (txn_id {paid.winback_txn_id}) paid it, {paid.amount} "
             f"{paid.currency}, and the merchant reported its own txn_id {paid.merchant_txn_id} at "
             f"{paid.reported_at.isoformat()}: nothing refunded, check with the merchant{dealt_with(paid.done)}"
+        )
+    for charge in shown_silent:  # then: the customer may have paid, and nothing else will show it
+        typer.echo(
+            f"{charge.merchant_id} {charge.order_id} ({charge.order_state}): possibly charged: payment "
+            f"{charge.payment_id} via {charge.connector}, {charge.amount} {charge.currency}, taken as never charged "
+            f"(charge action {charge.charge_action_id}); its switch silent since {charge.silent_since.isoformat()}, "
+            f"asked no more at {charge.given_up_at.isoformat()}: check with the connector{dealt_with(charge.done)}"
         )
     for refund in shown:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
         typer.echo(
@@ -618,10 +631,10 @@ def executor_refunds_by_hand(
             f"{refund.state}, given to an operator at {refund.handed_at.isoformat()} ({refund.why}): {refund.note}"
             f"{dealt_with(refund.done)}"
         )
-    if not found and not twice:
+    if not found and not twice and not silent:
         typer.echo("no refund given to an operator to make by hand")
-    elif not shown and not shown_twice:
-        cases = count_noun(len(found) + len(twice), "case")
+    elif not shown and not shown_twice and not shown_silent:
+        cases = count_noun(len(found) + len(twice) + len(silent), "case")
         typer.echo(f"no refund by hand or possible double payment open ({cases} dealt with: --all lists them)")
 
 

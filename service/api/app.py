@@ -77,6 +77,7 @@ from service.executor.metrics import (
     PaidTwiceCollector,
     RefundsByHandCollector,
     SenderHoldsCollector,
+    SilentNotChargedCollector,
 )
 from service.executor.routes import provider_router
 from service.executor.routes import router as executor_router
@@ -343,6 +344,7 @@ async def _start(app: FastAPI) -> tuple[DecisionWriter, Engine, Engine]:
     runtime.metrics.read_at_scrape(PaidTwiceCollector(engine))
     runtime.metrics.read_at_scrape(SenderHoldsCollector(engine))
     runtime.metrics.read_at_scrape(ChecksAskedNoMoreCollector(engine))
+    runtime.metrics.read_at_scrape(SilentNotChargedCollector(engine))
     # The writer has a pool of its own: requests holding connections (an outcome waiting out a hung database)
     # cannot starve it, so decisions are never refused for a pool that ran dry.
     writer_engine = make_engine(settings.database_url)

@@ -69,11 +69,17 @@ class ActionRequest:
     decision_id: str | None = None
 
 
+#: The result of a mark as dealt with of what was dealt with before: nothing changed, shown as information (not a
+#: refusal: it is dealt with, as the agent wanted), the try kept in the audit log.
+UNCHANGED: Literal["unchanged"] = "unchanged"
+
+
 @dataclass(frozen=True)
 class ActionResult:
-    """How it went: ``done``, ``refused`` (a hard rule or the order's state forbids it) or ``failed``."""
+    """How it went: ``done``, ``refused`` (a hard rule or the order's state forbids it), ``failed``, or
+    ``unchanged`` (what it asked for was so already: a case marked dealt with before; nothing written)."""
 
-    result: Literal["done", "refused", "failed"]
+    result: Literal["done", "refused", "failed", "unchanged"]
     message: str
     rules: list[str] = field(default_factory=list)
     state: str | None = None
@@ -551,12 +557,17 @@ class AgentDesk:
             state = _order_state(conn, agent, order_id)
             detail = f"charge dispute on status check {check_action_id}: marked as dealt with"
             try:
-                [dispute] = resolve_charge_disputes(
+                marked = resolve_charge_disputes(
                     conn, agent.merchant_id, order_id, f"agent {agent.name}", note, now, check_action_id=check_action_id
                 )
             except DisputeResolutionError as exc:
                 self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
                 return ActionResult("refused", str(exc), state=state)
+            if not marked.now:
+                said = already_done(marked.before, order_id)
+                self._audit(conn, agent, order_id, ask, detail, UNCHANGED, now, message=said)
+                return ActionResult(UNCHANGED, said, state=state)
+            [dispute] = marked.now
             detail = (
                 f"charge dispute of payment {dispute.payment_id} via {dispute.connector} (the switch says "
                 f"{dispute.switch_said}): marked as dealt with"
@@ -589,9 +600,9 @@ class AgentDesk:
                 self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
                 return ActionResult("refused", str(exc), state=state)
             if not marked.now:
-                message = already_done(marked, order_id)
-                self._audit(conn, agent, order_id, ask, detail, "refused", now, message=message)
-                return ActionResult("refused", message, state=state)
+                said = already_done(marked.before, order_id)
+                self._audit(conn, agent, order_id, ask, detail, UNCHANGED, now, message=said)
+                return ActionResult(UNCHANGED, said, state=state)
             [case] = marked.now
             detail = f"{case.described()}: marked as dealt with"
             message = f"Marked as dealt with: {case.described()} is no longer open"

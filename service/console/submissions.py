@@ -153,7 +153,7 @@ class Flash:
 
 def _result_of(result: str | None, message: str | None, rules: str | None) -> ActionResult | None:
     """The result noted on a row of ``submissions`` (None while its form is being carried out)."""
-    if result not in ("done", "refused", "failed"):
+    if result not in ("done", "refused", "failed", "unchanged"):
         return None
     return ActionResult(result, message or "", rules=[rule for rule in (rules or "").split(",") if rule])  # type: ignore[arg-type]
 

@@ -1,16 +1,19 @@
 """The money cases the executor hands to a person, kept in ``cases_by_hand`` (migration 0023): refunds of duplicate
-charges to make by hand (``winback executor refunds-by-hand``) and orders the customer may have paid twice (winback's
-charge and the merchant's own payment). Each is written in the transaction that flags it on its action, and marked
-dealt with by a person (the CLI's ``--resolve``, the console's card) with who, when and a note, once: marking it
-again changes nothing and says so. ``/metrics`` counts them here, a few rows, instead of reading every charge's
-payload at each scrape.
+charges to make by hand (``winback executor refunds-by-hand``), orders the customer may have paid twice (winback's
+charge and the merchant's own payment), and charges taken as never charged whose switch then answered no status
+check for a day (a late send may have charged the customer after all: check with the connector). Each is written in
+the transaction that flags it on its action, and marked dealt with by a person (the CLI's ``--resolve``, the
+console's card) with who, when and a note, once: marking it again changes nothing and says so. ``/metrics`` counts
+them here, a few rows, instead of reading every charge's payload at each scrape.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
 
@@ -22,6 +25,10 @@ REFUND_CASE = "refund"
 #: ``cases_by_hand.kind`` of an order winback's charge paid that its merchant reported paid by its own payment too
 #: (MERCHANT_PAID_TOO), one case per merchant txn id (``ref``).
 PAID_TWICE_CASE = "paid_twice"
+#: ``cases_by_hand.kind`` of a charge taken as never charged (by an operator, or by its switch's "not found") whose
+#: status checks were then asked no more after SWITCH_SILENCE_LIMIT of its switch's silence: if a send reached the
+#: connector late, the customer paid and nothing else will show it. One case per status check (``action_id``).
+SILENT_NOT_CHARGED_CASE = "silent_uncharged"
 #: The longest note saying what was done (as a dispute's resolution, and an agent's reason in the console).
 MAX_CASE_NOTE_LENGTH = 1000
 #: The longest name of who dealt with a case (``--by``).
@@ -65,6 +72,8 @@ class Case:
         """The case in the words of the CLI's and the console's messages."""
         if self.kind == REFUND_CASE:
             return f"the refund by hand (refund action {self.action_id})"
+        if self.kind == SILENT_NOT_CHARGED_CASE:
+            return f"the charge taken as never charged, its switch silent (status check {self.action_id})"
         return f"the possible double payment (the merchant's txn_id {self.ref})"
 
 
@@ -119,12 +128,25 @@ def note_case(
     )
 
 
-@dataclass(frozen=True)
-class Marked:
-    """What ``mark_cases_done`` did: the cases it marked now, and those dealt with before (left as they were)."""
+class DealtWith(Protocol):
+    """Something a person marks dealt with once (a case, a charge dispute): its words, and its resolution."""
 
-    now: list[Case]
-    before: list[Case]
+    @property
+    def done(self) -> CaseDone | None: ...
+
+    def described(self) -> str: ...
+
+
+CaseT = TypeVar("CaseT", bound=DealtWith)
+
+
+@dataclass(frozen=True)
+class Marked(Generic[CaseT]):
+    """What a mark as dealt with did (``mark_cases_done``, ``resolve_charge_disputes``): what it marked now, and
+    what was dealt with before (left as it was)."""
+
+    now: list[CaseT]
+    before: list[CaseT]
 
 
 def mark_cases_done(
@@ -136,7 +158,7 @@ def mark_cases_done(
     now: datetime,
     *,
     case_id: int | None = None,
-) -> Marked:
+) -> Marked[Case]:
     """Mark the open cases of ``merchant_id``'s order ``order_id`` (or its case ``case_id``) dealt with, ``by``
     whom, with ``note`` saying what was done: they leave the lists and the open gauges on /metrics and stay on the
     order with who, when and the note. Each is set only while open (compared and set in one statement), so a case
@@ -160,8 +182,8 @@ def mark_cases_done(
     if not found:
         which = "no case" if case_id is None else f"no case {case_id}"
         raise CaseResolutionError(
-            f"order {order_id} of merchant {merchant_id} has {which} handed to a person (a refund by hand or a "
-            "possible double payment)"
+            f"order {order_id} of merchant {merchant_id} has {which} handed to a person (a refund by hand, a "
+            "possible double payment, or a charge taken as never charged whose switch went silent)"
         )
     masked = mask_addresses_in(note)
     marked, before = [], []
@@ -181,11 +203,12 @@ def mark_cases_done(
     return Marked(now=marked, before=before)
 
 
-def already_done(marked: Marked, order_id: str) -> str:
-    """The no-op message when every case named was dealt with before: by whom, when, and their note."""
+def already_done(before: Iterable[DealtWith], order_id: str) -> str:
+    """The no-op message when everything named was dealt with before (``Marked.before``): by whom, when, and their
+    note; the same words for a case and a charge dispute, in the CLI and the console."""
     done = "; ".join(
         f"{case.described()} by {case.done.by} at {case.done.at.isoformat()}: {case.done.note}"
-        for case in marked.before
+        for case in before
         if case.done is not None
     )
     return f"order {order_id}: already marked dealt with ({done}); nothing changed"

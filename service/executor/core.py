@@ -40,7 +40,15 @@ from model.rules import (
 )
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
 from service.api.store import decision_row, decisions
-from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, CaseDone, done_of, note_case
+from service.executor.by_hand import (
+    PAID_TWICE_CASE,
+    REFUND_CASE,
+    SILENT_NOT_CHARGED_CASE,
+    CaseDone,
+    Marked,
+    done_of,
+    note_case,
+)
 from service.executor.channels.base import ReceiptFailure, SenderLimit
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
@@ -1019,6 +1027,17 @@ class ChargeDispute:
         return self.resolved_at is None
 
     @property
+    def done(self) -> CaseDone | None:
+        """Who marked it dealt with, when, and their note (None while open)."""
+        if self.resolved_at is None:
+            return None
+        return CaseDone(by=str(self.resolved_by), at=self.resolved_at, note=self.resolution_note or "")
+
+    def described(self) -> str:
+        """The dispute in the words of the CLI's and the console's messages."""
+        return f"the charge dispute of payment {self.payment_id}"
+
+    @property
     def said_by(self) -> str:
         """Whose word the switch contradicts, as /metrics labels it: ``merchant`` (its ``payment-succeeded`` named
         the payment; an operator's "charged" may have come after) or ``operator``."""
@@ -1268,6 +1287,67 @@ def paid_twice(
     return found
 
 
+@dataclass(frozen=True)
+class SilentNotCharged:
+    """A charge taken as never charged (an operator's "not charged", or its switch's "not found") whose status checks
+    its switch ``connector`` then answered none of since ``silent_since``, and which were asked no more at
+    ``given_up_at`` (SWITCH_SILENCE_LIMIT later): if a send reached the connector late, the customer paid, and
+    nothing else will show it. An operator checks payment ``payment_id`` with the connector."""
+
+    merchant_id: str
+    order_id: str
+    order_state: str
+    charge_action_id: int
+    check_action_id: int
+    payment_id: str
+    connector: str
+    amount: object
+    currency: str
+    silent_since: datetime
+    given_up_at: datetime
+    #: Its row in ``cases_by_hand``, and who marked it dealt with, when, and what was done (None while open).
+    case_id: int = 0
+    done: CaseDone | None = None
+
+    @property
+    def open(self) -> bool:
+        """Whether nobody has marked it dealt with yet."""
+        return self.done is None
+
+
+def silent_not_charged(
+    conn: sa.Connection,
+    merchant_id: str | None = None,
+    order_id: str | None = None,
+    *,
+    open_only: bool = False,
+) -> list[SilentNotCharged]:
+    """The charges taken as never charged whose switch then answered no status check for SWITCH_SILENCE_LIMIT (a
+    merchant's, one order's, or all), oldest check first, dealt with or not (``open_only``: not)."""
+    query = _cases_of(SILENT_NOT_CHARGED_CASE, actions.c.planned_at, orders.c.amount, orders.c.currency)
+    found = []
+    for row in conn.execute(_of(query, merchant_id, order_id, open_only)):
+        payload = orjson.loads(row.payload_json or "{}")
+        found.append(
+            SilentNotCharged(
+                merchant_id=row.merchant_id,
+                order_id=row.order_id,
+                order_state=row.order_state,
+                charge_action_id=int(payload.get("charge_action_id", 0)),
+                check_action_id=int(row.action_id),
+                payment_id=str(payload.get("payment_id")),
+                connector=str(payload.get("connector")),
+                amount=row.amount,
+                currency=str(row.currency),
+                silent_since=as_utc(row.planned_at),
+                given_up_at=as_utc(row.flagged_at),
+                case_id=int(row.case_id),
+                done=done_of(row),
+            )
+        )
+    return found
+
+
 def resolve_charge_disputes(
     conn: sa.Connection,
     merchant_id: str,
@@ -1277,14 +1357,15 @@ def resolve_charge_disputes(
     now: datetime,
     *,
     check_action_id: int | None = None,
-) -> list[ChargeDispute]:
+) -> Marked[ChargeDispute]:
     """Mark the open charge disputes of ``merchant_id``'s order ``order_id`` (or the one flagged on status check
     ``check_action_id``) as dealt with, ``by`` whom, with ``note`` saying what was done ("fulfilment held, the
     customer charged by hand"): they leave the console queue's first place, the open count on /metrics and
     ``charge-disputes``' list, and stay on the order (its page, and the check's note in ``GET /v1/orders``) with
     who, when and the note. Each resolution is kept on its dispute's flag, compared and set in one statement, so
-    two people resolving at once cannot both. The disputes as resolved; DisputeResolutionError, nothing written,
-    when there is no note, the order has no such dispute, or it was dealt with already."""
+    two people resolving at once cannot both: the second is reported in ``Marked.before``, nothing written, as is a
+    dispute dealt with already (``Marked.now``: those resolved now). DisputeResolutionError, nothing written, when
+    there is no note or the order has no such dispute."""
     note = note.strip()
     if not note:
         raise DisputeResolutionError(
@@ -1302,17 +1383,12 @@ def resolve_charge_disputes(
             "no charge dispute" if check_action_id is None else f"no charge dispute on status check {check_action_id}"
         )
         raise DisputeResolutionError(f'{named} has {which} (an operator\'s "charged" its switch contradicted)')
-    still_open = [dispute for dispute in found if dispute.open]
-    if not still_open:
-        done = "; ".join(
-            f"payment {d.payment_id} by {d.resolved_by} at {d.resolved_at.isoformat() if d.resolved_at else ''}: "
-            f"{d.resolution_note}"
-            for d in found
-        )
-        raise DisputeResolutionError(f"the charge dispute of {named} was marked dealt with already ({done})")
+    before = [dispute for dispute in found if not dispute.open]
     masked = mask_addresses_in(note)
     resolution = {"by": by, "at": now.isoformat(), "note": masked}
-    for dispute in still_open:
+    resolved_at = as_utc(now)
+    marked = []
+    for dispute in (dispute for dispute in found if dispute.open):
         row = conn.execute(
             sa.select(actions.c.payload_json, actions.c.last_error).where(
                 actions.c.action_id == dispute.check_action_id
@@ -1327,10 +1403,16 @@ def resolve_charge_disputes(
             .values(payload_json=_dump(payload), last_error=_noted(row.last_error, told))
         ).rowcount
         if changed != 1:
-            raise DisputeResolutionError(
-                f"the charge dispute of payment {dispute.payment_id} ({named}) changed meanwhile: someone else "
-                "marked it dealt with; look again"
-            )
+            [now_seen] = [
+                d for d in charge_disputes(conn, merchant_id, order_id) if d.check_action_id == dispute.check_action_id
+            ]
+            if now_seen.open:
+                raise DisputeResolutionError(
+                    f"the charge dispute of payment {dispute.payment_id} ({named}) changed meanwhile; look again"
+                )
+            before.append(now_seen)  # someone else marked it meanwhile: theirs stands
+            continue
+        marked.append(replace(dispute, resolved_by=by, resolved_at=resolved_at, resolution_note=masked))
         log.warning(
             "charge dispute of payment %s (order %s) marked dealt with by %s: %s",
             dispute.payment_id,
@@ -1339,8 +1421,7 @@ def resolve_charge_disputes(
             masked,
             extra={"merchant_id": merchant_id, "order_id": order_id},
         )
-    resolved_at = as_utc(now)
-    return [replace(dispute, resolved_by=by, resolved_at=resolved_at, resolution_note=masked) for dispute in still_open]
+    return Marked(now=marked, before=before)
 
 
 def _message_with_its_provider() -> sa.ColumnElement[bool]:
@@ -3727,8 +3808,10 @@ class Executor:
             label = "taken_as_not_charged"
             standing = (
                 f"charge action {charge_id} stays taken as never charged; if {connector!r} took payment {payment_id} "
-                "after all (a send that reached it late), nobody else will see it: check it with the connector"
+                "after all (a send that reached it late), nobody else will see it: check it with the connector "
+                "(`winback executor refunds-by-hand` lists it)"
             )
+            note_case(conn, SILENT_NOT_CHARGED_CASE, check.merchant_id, check.order_id, check.action_id, now)
         else:
             standing = f"charge action {charge_id} stays as it is recorded"
         note = f"{why}; {standing}"

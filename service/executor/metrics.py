@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection, Engine
 
-from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, cases_counted
+from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, SILENT_NOT_CHARGED_CASE, cases_counted
 from service.executor.core import charge_disputes, checks_asked_no_more
 from service.executor.pacing import sender_holds_counted
 from service.executor.store import utcnow
@@ -145,14 +145,15 @@ class RefundsByHandCollector(_ReadFromTheDatabase):
     what = "refunds by hand"
     counter = ("winback_executor_refunds_by_hand", "Refunds of duplicate charges given to an operator to make by hand.")
     gauge = ("winback_executor_refunds_by_hand_open", "Refunds by hand nobody has marked as dealt with yet.")
-    labels = ("merchant_id", "why")
+    labels: tuple[str, ...] = ("merchant_id", "why")
+    kind = REFUND_CASE
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
-        counted = cases_counted(conn, REFUND_CASE)
+        counted = cases_counted(conn, self.kind)
         return (counted.total, counted.open)
 
 
-class PaidTwiceCollector(_ReadFromTheDatabase):
+class PaidTwiceCollector(RefundsByHandCollector):
     """``winback_executor_possible_double_payments_total{merchant_id}``: the orders settled by winback's own charge
     that their merchant then reported paid by a payment of its own (a ``payment-succeeded`` naming a txn id that is
     none of winback's charges), one per merchant txn id: the customer may have paid twice, and winback refunds
@@ -172,10 +173,28 @@ class PaidTwiceCollector(_ReadFromTheDatabase):
         "Possible double payments nobody has marked as dealt with yet.",
     )
     labels = ("merchant_id",)
+    kind = PAID_TWICE_CASE
 
-    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
-        counted = cases_counted(conn, PAID_TWICE_CASE)
-        return (counted.total, counted.open)
+
+class SilentNotChargedCollector(RefundsByHandCollector):
+    """``winback_executor_silent_not_charged_total{merchant_id}``: the charges taken as never charged (an operator's
+    "not charged", or their switch's "not found") whose status checks their switch then answered none of for
+    SWITCH_SILENCE_LIMIT, asked no more: if a send reached the connector late the customer paid, and nothing else
+    shows it. Each is kept in ``cases_by_hand``, dealt with or not: a counter, read from the database (``winback
+    executor refunds-by-hand`` lists them). ``winback_executor_silent_not_charged_open`` (a gauge): those nobody has
+    marked as dealt with yet (checked with the connector), what an alert should watch."""
+
+    what = "charges taken as never charged, their switch silent"
+    counter = (
+        "winback_executor_silent_not_charged",
+        "Charges taken as never charged whose switch then answered no status check for a day.",
+    )
+    gauge = (
+        "winback_executor_silent_not_charged_open",
+        "Charges taken as never charged, their switch silent, nobody has checked with the connector yet.",
+    )
+    labels = ("merchant_id",)
+    kind = SILENT_NOT_CHARGED_CASE
 
 
 class ChecksAskedNoMoreCollector(_ReadFromTheDatabase):

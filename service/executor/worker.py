@@ -39,7 +39,7 @@ from model.policy import PolicyConfig, decide, new_decision_id
 from model.requests import Decision, DecisionRequest
 from service.api.settings import settings_from_env
 from service.api.store import shown_url
-from service.executor.by_hand import Marked, mark_cases_done
+from service.executor.by_hand import Case, Marked, mark_cases_done
 from service.executor.channels.templates import validate_templates
 from service.executor.connectors import Connector, ConnectorRegistry
 from service.executor.core import (
@@ -55,6 +55,7 @@ from service.executor.core import (
     PaidTwice,
     RefundByHand,
     RetryPolicy,
+    SilentNotCharged,
     StaleClaimError,
     Transient,
     by_order_of,
@@ -62,6 +63,7 @@ from service.executor.core import (
     paid_twice,
     refunds_by_hand,
     resolve_charge_disputes,
+    silent_not_charged,
 )
 from service.executor.effects import AdapterFactory, Effects
 from service.executor.links import LinkSigner
@@ -681,13 +683,19 @@ def list_charge_disputes(database_url: str, merchant_id: str | None = None) -> l
 
 def list_refunds_by_hand(
     database_url: str, merchant_id: str | None = None
-) -> tuple[list[RefundByHand], list[PaidTwice]]:
+) -> tuple[list[RefundByHand], list[PaidTwice], list[SilentNotCharged]]:
     """``winback executor refunds-by-hand``, a merchant's or all, oldest first, read on one connection: the refunds
-    of duplicate charges given to an operator to make by hand (``Executor._hand_refund_over``), and the orders paid
+    of duplicate charges given to an operator to make by hand (``Executor._hand_refund_over``), the orders paid
     by winback's charge that their merchant then reported paid by a payment of its own
-    (``Executor._merchant_paid_too``)."""
+    (``Executor._merchant_paid_too``), and the charges taken as never charged whose switch then went silent
+    (``Executor._stop_asking``)."""
     return _read_executor_database(
-        database_url, lambda conn: (refunds_by_hand(conn, merchant_id), paid_twice(conn, merchant_id))
+        database_url,
+        lambda conn: (
+            refunds_by_hand(conn, merchant_id),
+            paid_twice(conn, merchant_id),
+            silent_not_charged(conn, merchant_id),
+        ),
     )
 
 
@@ -707,7 +715,7 @@ def _read_executor_database(database_url: str, read: Callable[[sa.Connection], T
 
 def resolve_case_by_hand(
     database_url: str, order_id: str, note: str, by: str, merchant_id: str | None = None
-) -> Marked:
+) -> Marked[Case]:
     """``winback executor refunds-by-hand --resolve ORDER_ID --note TEXT``: mark the open refunds by hand and
     possible double payments of the order as dealt with (``mark_cases_done``), in one transaction; those dealt with
     before are left as they were (``Marked.before``). The order is named as for ``resolve_charge_dispute``."""
@@ -739,9 +747,10 @@ def _merchant_of_order(conn: sa.Connection, order_id: str, merchant_id: str | No
 
 def resolve_charge_dispute(
     database_url: str, order_id: str, note: str, by: str, merchant_id: str | None = None
-) -> list[ChargeDispute]:
+) -> Marked[ChargeDispute]:
     """``winback executor charge-disputes --resolve ORDER_ID --note TEXT``: mark the open charge disputes of the
-    order as dealt with (``resolve_charge_disputes``), in one transaction. The order is named by its id, and by its
+    order as dealt with (``resolve_charge_disputes``), in one transaction; those dealt with before are left as they
+    were (``Marked.before``). The order is named by its id, and by its
     merchant when another merchant has an order of that id; DisputeResolutionError otherwise."""
     engine = _existing_executor_database(database_url)
     try:

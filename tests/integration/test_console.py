@@ -44,6 +44,13 @@ def flash(page: httpx.Response) -> str:
     return html.unescape(found.group(1)).strip() if found else ""
 
 
+def flash_kind(page: httpx.Response) -> str:
+    """How the order's page shows the agent's last action (its class: done, refused, failed, unchanged; "" when
+    none)."""
+    found = re.search(r'<div class="flash (\w+)" role="status"', page.text)
+    return found.group(1) if found else ""
+
+
 #: The addresses of the forms that act on one thing of an order: a charge's answer, a dispute's resolution, a case
 #: handed to a person marked dealt with.
 ON_ONE = ("/charges/", "/disputes/", "/by-hand/")

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
 from pipelines.cli import app as cli
 from service.api.app import create_app
 from service.console.store import audit_log
 from service.executor.by_hand import MAX_CASE_NOTE_LENGTH
-from service.executor.core import paid_twice, refunds_by_hand
+from service.executor.core import SWITCH_SILENCE_LIMIT, paid_twice, refunds_by_hand, silent_not_charged
+from service.executor.metrics import SilentNotChargedCollector
 from service.executor.store import cases_by_hand
-from tests.integration.test_console import flash
+from tests.integration.test_console import flash, flash_kind
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
     Harness,
@@ -28,6 +31,9 @@ from tests.integration.test_executor_switch_followups import (
     FullSwitch,
     MakeHarness,
     handed_over_after_the_switchs_silence,
+    lost_charge,
+    of_kind,
+    run_for,
     signed_in_console,
     through,
 )
@@ -132,7 +138,7 @@ def test_an_agent_marks_a_possible_double_payment_dealt_with_on_its_card(
 ) -> None:
     """The paid-twice card had no action. Now it has a note and "Mark as dealt with" (CSRF token and one-time key as
     the order's other forms); a blank note is refused; once marked, the card says who, when and what was done, and
-    a second mark is refused as done already; each try is in the audit log."""
+    a second mark changes nothing and says so as information, not as a refusal; each try is in the audit log."""
     h = paid_twice_case(make_harness, database_url)
     with h.executor.engine.connect() as conn:
         [case] = paid_twice(conn)
@@ -164,6 +170,7 @@ def test_an_agent_marks_a_possible_double_payment_dealt_with_on_its_card(
         again = console.act(address, {"note": "again", "csrf_token": csrf})
         assert flash(again).startswith("order ord_1: already marked dealt with ("), flash(again)
         assert flash(again).endswith("; nothing changed")
+        assert flash_kind(again) == "unchanged"  # information, not the warning of a refusal
         with console.engine.connect() as conn:
             audit = conn.execute(
                 sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason)
@@ -175,7 +182,7 @@ def test_an_agent_marks_a_possible_double_payment_dealt_with_on_its_card(
             ("resolve_by_hand", "refused"),
             ("resolve_by_hand", "refused"),
             ("resolve_by_hand", "done"),
-            ("resolve_by_hand", "refused"),
+            ("resolve_by_hand", "unchanged"),
         ]
         assert audit[2].reason == note
         assert marked.done is not None
@@ -222,3 +229,68 @@ def test_a_refund_by_hand_is_marked_dealt_with_on_its_card_and_leaves_the_list(
     assert f"refund action {refund.refund_action_id} of payment ord_1_2" in everything, everything
     assert "; dealt with by agent asha@m_demo at 2026-" in everything
     assert everything.rstrip().endswith(note)
+
+
+@pytest.mark.parametrize("taken_by", ["operator", "switch"])
+def test_a_charge_taken_as_never_charged_whose_switch_went_silent_is_listed_for_an_operator_and_marked_once(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+    taken_by: str,
+) -> None:
+    """A charge taken as never charged (an operator's "not charged", or the switch's "not found" on an order its
+    merchant paid meanwhile) whose status checks then went unanswered for a day is asked no more: if a late send
+    took the payment, only the log, a payload note and a counter said so. Now ``refunds-by-hand`` lists it (order,
+    payment, connector, amount, since when the switch is silent: "check with the connector"), /metrics has its
+    open gauge, and ``--resolve`` marks it dealt with, once."""
+    switch = FullSwitch(statuses=["succeeded"], drop_charges=taken_by == "switch", hold_charges=taken_by == "switch")
+    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
+    if taken_by == "operator":
+        h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=False)
+    else:
+        assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+        run_for(h, 120)  # the status check: 404, taken as never charged; the one more ask is planned
+        switch.deliver_held()  # the send reaches the switch late: the customer paid
+    switch.status_mode = "timeout"
+    run_for(h, int(SWITCH_SILENCE_LIMIT.total_seconds()) + 3 * 3600, step=600)
+    with h.executor.engine.connect() as conn:
+        [charge] = silent_not_charged(conn)
+    check = next(a for a in of_kind(h, "charge_status") if a.action_id == charge.check_action_id)
+    assert check.state == "dead", check
+    assert "stays taken as never charged" in (check.last_error or ""), check
+    assert (charge.order_id, charge.payment_id, charge.connector, charge.open) == ("ord_1", "ord_1_2", "adyen", True)
+
+    listed = answered(database_url)
+    assert listed.startswith(
+        f"m_demo ord_1 ({h.view().state}): possibly charged: payment ord_1_2 via adyen, {charge.amount} "
+        f"{charge.currency}, taken as never charged (charge action {of_kind(h, 'retry')[0].action_id}); its switch "
+        f"silent since {charge.silent_since.isoformat()}, asked no more at {charge.given_up_at.isoformat()}: "
+        "check with the connector"
+    ), listed
+    assert charge.given_up_at >= charge.silent_since + SWITCH_SILENCE_LIMIT
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        metrics = api.get("/metrics").text
+    finally:
+        api.close()
+    assert 'winback_executor_silent_not_charged_total{merchant_id="m_demo"} 1.0' in metrics
+    assert 'winback_executor_silent_not_charged_open{merchant_id="m_demo"} 1.0' in metrics
+    note = "adyen has no payment ord_1_2"
+    code, said = by_hand(database_url, "--resolve", "ord_1", "--note", note, "--by", "alice")
+    assert (code, said) == (
+        0,
+        "m_demo ord_1: the charge taken as never charged, its switch silent (status check "
+        f"{charge.check_action_id}) is marked dealt with by operator alice: {note}\n",
+    )
+    registry = CollectorRegistry()
+    registry.register(SilentNotChargedCollector(h.executor.engine, read_every_seconds=0))
+    assert registry.get_sample_value("winback_executor_silent_not_charged_open", {"merchant_id": "m_demo"}) == 0.0
+    assert registry.get_sample_value("winback_executor_silent_not_charged_total", {"merchant_id": "m_demo"}) == 1.0
+    assert answered(database_url) == (
+        "no refund by hand or possible double payment open (1 case dealt with: --all lists them)\n"
+    )
+    everything = answered(database_url, "--all")
+    assert "check with the connector; dealt with by operator alice at 20" in everything, everything
+    again = answered(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
+    assert again.startswith("order ord_1: already marked dealt with (the charge taken as never charged"), again
+    assert again.rstrip().endswith(f"{note}); nothing changed"), again

@@ -47,7 +47,7 @@ from service.executor.metrics import (
 )
 from service.executor.sandbox import start_sandbox
 from service.executor.store import actions, orders
-from tests.integration.test_console import PASSWORD, Console, _rows, flash
+from tests.integration.test_console import PASSWORD, Console, _rows, flash, flash_kind
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
     FakeConnector,
@@ -1545,7 +1545,7 @@ def test_an_operator_marks_a_dispute_dealt_with_and_it_leaves_the_open_list_and_
 ) -> None:
     """``charge-disputes --resolve ORDER_ID --note TEXT``: the note is required; the dispute leaves the list and the
     open gauge (the counter of disputes raised keeps it), stays on the order with who, when and the note, and a
-    second resolution, or one of an order without a dispute, is refused naming why."""
+    resolution of an order without a dispute is refused naming why; a second one changes nothing and says so."""
     switch = FullSwitch(statuses=["failed"])
     h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
     undisputed = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "checked")
@@ -1584,10 +1584,15 @@ def test_an_operator_marks_a_dispute_dealt_with_and_it_leaves_the_open_list_and_
     everything = charge_disputes_command(database_url, "--all")
     assert "; dealt with by operator alice at 20" in everything.output
     assert everything.output.strip().endswith(f": {note}")
+    # Marked again: nothing changes, and it exits 0 as ``refunds-by-hand --resolve`` does (it exited 2).
     again = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
-    assert again.exit_code == 2
-    assert "was marked dealt with already (payment ord_1_2 by operator alice at " in again.output
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith(
+        "order ord_1: already marked dealt with (the charge dispute of payment ord_1_2 by operator alice at 20"
+    ), again.output
+    assert again.output.rstrip().endswith(f"{note}); nothing changed"), again.output
     assert [d.resolved_by for d in disputes_of(h)] == ["operator alice"]
+    assert [d.resolution_note for d in disputes_of(h)] == [note]
 
 
 def test_an_agent_marks_a_dispute_dealt_with_in_the_console(
@@ -1597,7 +1602,8 @@ def test_an_agent_marks_a_dispute_dealt_with_in_the_console(
 ) -> None:
     """On the order's page, with the form's CSRF token and a note: the order leaves the queue, its page keeps the
     dispute with who, when and what was done (card and timeline), the audit log has the agent's action, and the
-    open gauge on /metrics reads 0. A missing note, another check's id, or a second resolution are refused."""
+    open gauge on /metrics reads 0. A missing note or another check's id are refused; a second resolution changes
+    nothing and says so as information."""
     h = disputed(make_harness, database_url)
     check_id = disputes_of(h)[0].check_action_id
     api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
@@ -1627,7 +1633,11 @@ def test_an_agent_marks_a_dispute_dealt_with_in_the_console(
         assert 'data-testid="charge-disputed"' not in queue
         assert [row[:2] for row in _rows(queue)] == []  # settled, nothing open: it leaves the queue
         twice = console.act(address, {"note": "again", "csrf_token": csrf})
-        assert "was marked dealt with already" in flash(twice)
+        assert flash(twice).startswith(
+            "order ord_1: already marked dealt with (the charge dispute of payment ord_1_2 by agent asha@m_demo at "
+        ), flash(twice)
+        assert flash(twice).endswith(f"{note}); nothing changed"), flash(twice)
+        assert flash_kind(twice) == "unchanged"  # information, not the warning of a refusal
         with console.engine.connect() as conn:
             audit = conn.execute(
                 sa.select(audit_log.c.action, audit_log.c.result, audit_log.c.reason)
@@ -1638,7 +1648,7 @@ def test_an_agent_marks_a_dispute_dealt_with_in_the_console(
             ("resolve_dispute", "refused"),
             ("resolve_dispute", "refused"),
             ("resolve_dispute", "done"),
-            ("resolve_dispute", "refused"),
+            ("resolve_dispute", "unchanged"),
         ]
         assert audit[2].reason == note
         metrics = api.get("/metrics").text

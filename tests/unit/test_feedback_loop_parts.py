@@ -205,11 +205,13 @@ def _executor_db(path: Path) -> str:
                            "created_at": start},
                     # Number 2 was reserved by an action that never ran: the export renumbers without a gap.
                     txn | {"txn_id": f"{order_id}_3", "attempt_number": 3, "strategy": "cascade",
-                           "connector": "adyen", "status": "failure", "error_code": None, "decision_id": "dec_a",
-                           "propensity": 0.9, "created_at": start.replace(minute=5)},
+                           "connector": "adyen", "status": "failure", "error_code": None,
+                           "decision_id": f"dec_a_{order_id}", "propensity": 0.9,
+                           "created_at": start.replace(minute=5)},
                     txn | {"txn_id": f"{order_id}_4", "attempt_number": 4, "strategy": "retarget_link",
                            "connector": "stripe", "status": "success", "nudge_id": f"ndg_{order_id}",
-                           "decision_id": "dec_b", "propensity": 0.05, "created_at": start.replace(hour=13)},
+                           "decision_id": f"dec_b_{order_id}", "propensity": 0.05,
+                           "created_at": start.replace(hour=13)},
                     txn | {"txn_id": f"{order_id}_5", "attempt_number": 5, "strategy": "retry_same",
                            "connector": "stripe", "status": "success", "created_at": start.replace(hour=14)},
             ]  # fmt: skip
@@ -219,7 +221,7 @@ def _executor_db(path: Path) -> str:
                 nudges.insert().values(
                     nudge_id=f"ndg_{order_id}", merchant_id="m_demo", order_id=order_id, channel="whatsapp",
                     template_id="payment_link", sent_at=start.replace(hour=12), status="accepted", delivered=True,
-                    clicked_at=start.replace(hour=12, minute=30), decision_id="dec_b", propensity=0.05,
+                    clicked_at=start.replace(hour=12, minute=30), decision_id=f"dec_b_{order_id}", propensity=0.05,
                 )
             )  # fmt: skip
 
@@ -238,7 +240,7 @@ def test_executor_results_become_contract_history_with_decision_and_propensity(t
     history = read_history(summary.attempts_path, summary.nudges_path)
     old = history.attempts[history.attempts["order_id"] == "ord_old"]
     assert old["attempt_number"].tolist() == [1, 2, 3]
-    assert old["decision_id"].tolist()[1:] == ["dec_a", "dec_b"]
+    assert old["decision_id"].tolist()[1:] == ["dec_a_ord_old", "dec_b_ord_old"]
     assert old["propensity"].tolist()[1:] == [0.9, 0.05]
     assert old["error_code"].tolist()[1] == "unknown"  # a failure without any reason gets one, as the contract needs
     assert history.nudges["propensity"].tolist() == [0.05, 0.05]

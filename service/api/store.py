@@ -336,12 +336,38 @@ def decision_row(
     }
 
 
+class _DecisionInsert(NamedTuple):
+    """The ``decisions`` INSERT compiled once for a dialect, and how a row becomes its DBAPI parameters."""
+
+    sql: str
+    #: (column name, the dialect's own bind processor or None), in the order the statement takes them.
+    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    positional: bool
+
+    @classmethod
+    def for_dialect(cls, dialect: sa.Dialect) -> _DecisionInsert:
+        names = [column.key for column in decisions.columns]
+        compiled = decisions.insert().compile(dialect=dialect, column_keys=names)
+        order = compiled.positiontup if dialect.positional and compiled.positiontup else names
+        processors = {column.key: column.type.dialect_impl(dialect).bind_processor(dialect) for column in decisions.c}
+        return cls(str(compiled), tuple((name, processors[name]) for name in order), dialect.positional)
+
+    def parameters(self, row: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """``row`` as the DBAPI takes it: each value through its column's bind processor (SQLite's DATETIME
+        formatting), as ``conn.execute(decisions.insert(), rows)`` would pass it; a column missing is NULL."""
+        get = row.get
+        if self.positional:
+            return tuple([get(name) if process is None else process(get(name)) for name, process in self.columns])
+        return {name: get(name) if process is None else process(get(name)) for name, process in self.columns}
+
+
 class Store:
     """Repository over the ``decisions`` and ``outcomes`` tables."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.file_watch = SqliteFileWatch(engine.url)
+        self._decision_insert = _DecisionInsert.for_dialect(engine.dialect)
 
     def insert_decisions(self, rows: Iterable[dict[str, Any]]) -> int:
         """Insert decision rows; a row whose decision_id is already stored (or earlier in ``rows``) is skipped."""
@@ -361,7 +387,11 @@ class Store:
             )
             fresh = [row for row in batch if row["decision_id"] not in existing]
             if fresh:
-                conn.execute(decisions.insert(), fresh)
+                # The statement compiled once and each row's parameters built here, passed to the DBAPI's
+                # executemany as they are: SQLAlchemy's own per-row parameter processing cost ~40k instructions a
+                # row (callgrind, 95 rows a batch), more than SQLite's insert of the row.
+                insert = self._decision_insert
+                conn.exec_driver_sql(insert.sql, [insert.parameters(row) for row in fresh])
         return len(fresh)
 
     def ping(self) -> bool:

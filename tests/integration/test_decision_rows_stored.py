@@ -1,0 +1,151 @@
+"""The decision writer's insert stores every column exactly as SQLAlchemy's own ``decisions.insert()`` does, on
+SQLite and on PostgreSQL: ``Store.insert_decisions`` passes each row to the DBAPI's executemany in the form the
+dialect's bind processors give it, instead of letting SQLAlchemy process every row's parameters (which cost more
+than the insert itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from model.requests import Decision
+from service.api.store import Store, decision_row, decision_spool, decisions, make_engine
+from service.executor.bench import drop_postgres, fresh_postgres
+from service.migrations import upgrade
+from tests.factories import make_request
+
+_IST = timezone(timedelta(hours=5, minutes=30))
+_WEST = timezone(timedelta(hours=-7))
+
+
+def _rows() -> list[dict[str, Any]]:
+    """Decisions of every shape: each action, strategies, connectors and channels present or null, instants in
+    UTC and in other offsets, with and without microseconds, text beyond ASCII, a propensity of 1 and a tiny one."""
+    shapes: list[dict[str, Any]] = [
+        {"action": "retry", "strategy": "retry_same", "connector": "stripe", "propensity": 0.8125},
+        {"action": "retry", "strategy": "cascade", "connector": "razorpay", "propensity": 1e-9},
+        {"action": "retarget", "channel": "whatsapp", "propensity": 1.0},
+        {"action": "retarget", "channel": "email", "propensity": 0.3333333333333333},
+        {"action": "stop", "propensity": 1},
+    ]
+    instants = [
+        datetime(2026, 11, 1, 10, 15, tzinfo=UTC),
+        datetime(2026, 11, 1, 23, 59, 59, 999999, tzinfo=_IST),
+        datetime(2027, 2, 28, 0, 0, 0, 1, tzinfo=_WEST),
+    ]
+    rows = []
+    for index in range(40):
+        shape, instant = shapes[index % len(shapes)], instants[index % len(instants)]
+        request = make_request(
+            order_id=f"ord_ü{index}_注文",
+            event_time=instant.isoformat(),
+            customer={"id": f"cus_{index}", "country": "IN"},
+        )
+        decision = Decision.model_validate(
+            {
+                "decision_id": f"dec_{index:03d}", "model_version": "m-7 (café)", "execute_at": instant
+                + timedelta(minutes=index, microseconds=index), "retryable": shape["action"] == "retry",
+                "retry_probability": 0.5, "expected_success": 0.25, "alternatives": [],
+                "reasons": ["fonds insuffisants — réessai"], "rules_applied": [], **shape,
+            }
+        )  # fmt: skip
+        created_at = instants[(index + 1) % len(instants)] + timedelta(seconds=index)
+        rows.append(decision_row(request, decision, created_at=created_at if index % 4 else None))
+    return rows
+
+
+def _stored_by_sqlalchemy(engine: sa.Engine, rows: list[dict[str, Any]]) -> None:
+    """The reference: the rows through SQLAlchemy's own INSERT of the ``decisions`` table."""
+    with engine.begin() as conn:
+        conn.execute(decisions.insert(), rows)
+
+
+def _columns_as_stored(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """Every column of every row as the DBAPI reads it back, with its Python type; on SQLite each value's storage
+    class, on PostgreSQL each value's text as the server renders it, too."""
+    names = [column.name for column in decisions.columns]
+    if engine.dialect.name == "sqlite":
+        shown = ", ".join(f"typeof({name})" for name in names)
+    else:
+        shown = ", ".join(f"{name}::text" for name in names)
+    with engine.connect() as conn:
+        result = conn.exec_driver_sql(f"SELECT {', '.join(names)}, {shown} FROM decisions ORDER BY 1")
+        return [tuple((value, type(value).__name__) for value in row) for row in result]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def two_databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """Two fresh, migrated databases of one kind: SQLite files, then PostgreSQL databases."""
+    created: list[tuple[str, sa.Engine]] = []
+    if request.param == "sqlite":
+        urls = [f"sqlite:///{tmp_path / 'reference.db'}", f"sqlite:///{tmp_path / 'stored.db'}"]
+    else:
+        admin_url: str = request.getfixturevalue("postgres_admin_url")
+        created = [fresh_postgres(admin_url) for _ in range(2)]
+        urls = [url for url, _ in created]
+    engines = [make_engine(url) for url in urls]
+    try:
+        for engine in engines:
+            upgrade(engine)
+        yield engines[0], engines[1]
+    finally:
+        for engine in engines:
+            engine.dispose()
+        for url, admin in created:
+            drop_postgres(admin, url)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_a_decision_row_is_stored_exactly_as_sqlalchemys_own_insert_stores_it(
+    two_databases: tuple[sa.Engine, sa.Engine], batch: int
+) -> None:
+    reference, stored = two_databases
+    rows = _rows()
+    _stored_by_sqlalchemy(reference, rows)
+    store = Store(stored)
+    for start in range(0, len(rows), batch):
+        assert store.insert_decisions(rows[start : start + batch]) == len(rows[start : start + batch])
+    expected = _columns_as_stored(reference)
+    assert len(expected) == len(rows)
+    assert _columns_as_stored(stored) == expected
+
+
+def test_a_decision_row_read_back_from_the_spool_is_stored_as_before(
+    two_databases: tuple[sa.Engine, sa.Engine], tmp_path: Path
+) -> None:
+    spool = decision_spool(tmp_path / "spool")
+    try:
+        spool.append(_rows())
+        (path,) = spool.claim()
+        rows = [row for batch in spool.read(path, 500) for row in batch]
+    finally:
+        spool.close()
+    reference, stored = two_databases
+    _stored_by_sqlalchemy(reference, rows)
+    assert Store(stored).insert_decisions(rows) == len(rows)
+    assert _columns_as_stored(stored) == _columns_as_stored(reference)
+
+
+def test_a_batch_of_decisions_is_one_executemany_of_a_statement_sqlalchemy_does_not_process_row_by_row(
+    tmp_path: Path,
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    upgrade(engine)
+    inserts: list[tuple[bool, bool, int]] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if statement.startswith("INSERT INTO decisions"):
+            inserts.append((executemany, context.compiled is None, len(parameters)))
+
+    try:
+        assert Store(engine).insert_decisions(_rows()) == 40
+    finally:
+        engine.dispose()
+    # (executemany, no compiled statement whose bind processors SQLAlchemy runs per row, rows)
+    assert inserts == [(True, True, 40)]

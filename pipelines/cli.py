@@ -1236,13 +1236,13 @@ def codes_report(
     from model.registry import RegistryError
     from pipelines.codes import codes_report as build_report
     from pipelines.codes import report_view
-    from pipelines.train import TrainInputError
+    from pipelines.train import TrainInputError, print_history_warnings
 
     if csv_out is not None:
         output_file(csv_out, "--csv")
     known_alias(alias, tracking_uri)
     try:
-        report, version, failed_attempts, catalog_lines = build_report(
+        report, version, failed_attempts, catalog_lines, warnings = build_report(
             attempts,
             nudges,
             tracking_uri=tracking_uri,
@@ -1253,6 +1253,7 @@ def codes_report(
         )
     except (TrainInputError, GsmError, FileNotFoundError, RegistryError) as exc:
         raise fail(str(exc)) from None
+    print_history_warnings(console, warnings)
     for line in catalog_lines:
         console.print(line, highlight=False, soft_wrap=True, markup=False)
     if csv_out is not None:

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from model.codewatch import DEFAULT_MIN_SUPPORT, code_key, new_codes_report
 from model.gsm import DEFAULT_OVERLAY, OverlayEntry, load_overlay, overlay_prior, read_gsm, to_overlay, write_overlay
-from model.history import HistoryError, read_history
+from model.history import HistoryError, ValidationReport, read_history
 from model.wording import count_noun
 from pipelines.tables import FoldedCode, compact_table, figure, print_titled
 from pipelines.train import TrainInputError, format_history_error, merchants_for
@@ -29,6 +29,8 @@ class CodesReport(NamedTuple):
     failed_attempts: int  # in the whole history: none means no code to report at all
     #: Which error catalog the model's estimates read (`model.registry.offline_catalog`), to print.
     catalog_lines: list[str]
+    #: The history's warnings (`History.warnings`), to print as train and evaluate do (`print_history_warnings`).
+    warnings: ValidationReport
 
 
 def codes_report(
@@ -70,7 +72,7 @@ def codes_report(
             for c, k in zip(report["connector"], report["error_code"], strict=True)
         ]
     failed_attempts = int((history.attempts["status"].astype(str) == "failure").sum())
-    return CodesReport(report, version, failed_attempts, catalog_lines)
+    return CodesReport(report, version, failed_attempts, catalog_lines, history.warnings)
 
 
 def _describe_gsm(entry: OverlayEntry | None) -> str:

@@ -111,19 +111,24 @@ def test_evaluate_without_a_registered_model_compares_rules_only_with_the_baseli
     assert re.search(r"^net_value_usd( +[\d,]+\.\d{2}){4}$", result.output, re.MULTILINE), result.output
 
 
-def test_evaluate_says_how_it_read_a_clicked_nudge_marked_undelivered(
-    small_history: Path, tmp_path: Path, mlflow_store: str
+@pytest.mark.parametrize(
+    "command",
+    [["evaluate", "--episodes", "0", "--max-points", "100"], ["codes", "report"]],
+    ids=["evaluate", "codes-report"],
+)
+def test_a_command_reading_the_history_says_how_it_read_a_clicked_nudge_marked_undelivered(
+    command: list[str], small_history: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     nudges = pd.read_parquet(small_history / "nudges.parquet")
     clicked = int(nudges.index[nudges["clicked_at"].notna()][0])
     nudges.loc[clicked, "delivered"] = False  # a lost delivery receipt; the customer clicked all the same
     edited = tmp_path / "nudges.parquet"
     nudges.to_parquet(edited, index=False)
+    out = ["--out", str(tmp_path / "evaluation")] if command[0] == "evaluate" else []
     result = runner.invoke(
         app,
-        ["evaluate", "--attempts", str(small_history / "attempts.parquet"), "--nudges", str(edited),
-         "--out", str(tmp_path / "evaluation"), "--tracking-uri", mlflow_store, "--episodes", "0",
-         "--max-points", "100"],
+        [*command, "--attempts", str(small_history / "attempts.parquet"), "--nudges", str(edited), *out,
+         "--tracking-uri", mlflow_store],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"warning: {edited}:row {clicked + 1}: column delivered: delivered is false but" in " ".join(

@@ -142,6 +142,33 @@ def output_file(path: Path, option: str) -> None:
     output_folder(path.parent, option, named=path)
 
 
+def readable_inputs(*inputs: tuple[str, Path | None]) -> None:
+    """Refuse, before any work, the input files (option, path; None: not given) that are not there or cannot be
+    read, every one of them in one line: naming only the first had the user fix and rerun once per file. A
+    .parquet path may be a folder of parts; other folders are refused. What a file holds is the reader's to say."""
+    problems = []
+    for option, path in inputs:
+        if path is None:
+            continue
+        reason = None
+        if not path.exists():
+            reason = "no such file"
+        elif path.is_dir() and path.suffix.lower() != ".parquet":
+            reason = "a folder, not a file"
+        else:
+            try:
+                if path.is_dir():
+                    next(path.iterdir(), None)
+                else:
+                    path.open("rb").close()
+            except OSError as exc:
+                reason = f"cannot read it: {exc.strerror or exc}"
+        if reason is not None:
+            problems.append(f"{option} {path}: {reason}")
+    if problems:
+        raise fail("; ".join(problems))
+
+
 def history_with_attempts(attempts: Path, nudges: Path, stops: Path | None = None) -> None:
     """Refuse, before any work, a history whose attempts file holds only a header, naming it (and the other files
     without rows): evaluate left an MLflow store and its folder behind before failing. (`codes report` answers such
@@ -331,6 +358,8 @@ def train(
 ) -> None:
     """Validate the history, train, evaluate, log to MLflow and register `winback` (alias challenger)."""
     from pipelines.train import train_command
+
+    readable_inputs(("--attempts", attempts), ("--nudges", nudges), ("--stops", stops), ("--config", config))
 
     code = train_command(
         attempts,
@@ -741,6 +770,7 @@ def evaluate(
         resolve_stops,
     )
 
+    readable_inputs(("--attempts", attempts), ("--nudges", nudges), ("--stops", stops), ("--config", config))
     output_folder(out, "--out")
     stops_file = resolve_stops(attempts, stops)
     history_with_attempts(attempts, nudges, stops_file)
@@ -1238,6 +1268,7 @@ def codes_report(
     from pipelines.codes import report_view
     from pipelines.train import TrainInputError, print_history_warnings
 
+    readable_inputs(("--attempts", attempts), ("--nudges", nudges), ("--config", config), ("--gsm", gsm))
     if csv_out is not None:
         output_file(csv_out, "--csv")
     known_alias(alias, tracking_uri)
@@ -1331,6 +1362,7 @@ def retrain(
     from pipelines.retrain import retrain as run_retrain
     from pipelines.train import TrainInputError, resolve_stops
 
+    readable_inputs(("--attempts", attempts), ("--nudges", nudges), ("--stops", stops), ("--config", config))
     gate_names = None if gate is None else [part.strip() for part in gate.split(",") if part.strip()]
     try:  # refused at start, not once per period of --every
         with_policy_value_margin(gate_checks(gate_names), policy_value_margin)

@@ -136,6 +136,24 @@ def test_a_command_reading_the_history_says_how_it_read_a_clicked_nudge_marked_u
     ), result.output
 
 
+@pytest.mark.parametrize("command", [["train"], ["evaluate"], ["codes", "report"], ["retrain"]], ids=lambda c: c[0])
+def test_a_command_names_every_missing_input_in_one_error(command: list[str], tmp_path: Path) -> None:
+    missing = {option: tmp_path / name for option, name in (("--attempts", "nope.csv"), ("--nudges", "x.csv"))}
+    config = tmp_path / "merchants.yaml"  # a folder where the config file should be
+    config.mkdir()
+    named = [part for option, path in missing.items() for part in (option, str(path))]
+    if command == ["evaluate"]:
+        named += ["--out", str(tmp_path / "evaluation")]
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, [*command, *named, "--config", str(config), "--tracking-uri", store])
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()) == (
+        f"error: --attempts {missing['--attempts']}: no such file; --nudges {missing['--nudges']}: no such file; "
+        f"--config {config}: a folder, not a file"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merchants.yaml"]  # no store, no output folder
+
+
 def test_evaluate_bad_history_exits_with_one_line(tmp_path: Path, small_history: Path) -> None:
     attempts = pd.read_parquet(small_history / "attempts.parquet")
     attempts.loc[2, "amount"] = -5.0

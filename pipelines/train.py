@@ -149,15 +149,23 @@ def print_history_warnings(out: Console, report: ValidationReport, limit: int = 
 
 
 class _Steps:
-    """A rich progress bar over the job's steps (or nothing, when progress is off)."""
+    """The job's steps as a rich progress bar in a terminal; elsewhere (a log, a pipe, a dumb terminal) one plain
+    line per step as it starts, ``console`` given: the bar draws nothing there, and a training of several minutes
+    printed nothing at all (`make demo > log`, CI). Neither when progress is off."""
 
-    def __init__(self, progress: Progress | None, total: int) -> None:
+    def __init__(self, progress: Progress | None, total: int, console: Console | None = None) -> None:
         self.progress = progress
         self.task = progress.add_task(_STEPS[0], total=total) if progress is not None else None
+        self.console = console
+        self.total = total
+        self.started = 0
 
     def start(self, step: str) -> None:
+        self.started += 1
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, description=step)
+        elif self.console is not None:
+            self.console.print(f"training step {self.started}/{self.total}: {step}", highlight=False)
 
     def done(self) -> None:
         if self.progress is not None and self.task is not None:
@@ -167,9 +175,10 @@ class _Steps:
 @contextmanager
 def _progress(console: Console, show: bool, total: int) -> Iterator[_Steps]:
     # In a terminal the bar erases itself when done. Into a file, a pipe (a log, `make demo | tee`) or a dumb
-    # terminal rich draws nothing of it but a blank line at its end, between "logged stops: ..." and the table.
+    # terminal rich draws nothing of it but a blank line at its end, between "logged stops: ..." and the table:
+    # there each step is a line of its own instead.
     if not show or not console.is_interactive:
-        yield _Steps(None, total)
+        yield _Steps(None, total, console if show else None)
         return
     progress = Progress(
         SpinnerColumn(),

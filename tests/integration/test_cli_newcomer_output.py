@@ -479,7 +479,9 @@ def test_train_prints_no_blank_line_and_no_nan_into_a_pipe(history_with_a_long_c
     assert printed.exit_code == 0, printed.stderr
     lines = printed.stdout.splitlines()
     assert lines[0].startswith("logged stops: "), printed.stdout
-    assert lines[1].strip() == "Holdout metrics of winback version 1", printed.stdout
+    # Then a plain line per training step (the bar draws nothing into a pipe), then the tables.
+    assert [line.split(":")[0] for line in lines[1:7]] == [f"training step {n}/6" for n in range(1, 7)], lines
+    assert lines[7].strip() == "Holdout metrics of winback version 1", printed.stdout
     # The gate's policy value is the challenger's DR under the holdout's own reward model: there without a champion.
     policy_value = next(line for line in lines if "policy_value_dr " in line)
     assert math.isfinite(float(policy_value.split("│")[2].strip().replace(",", ""))), printed.stdout

@@ -42,3 +42,18 @@ def test_retrain_leaves_saying_which_version_it_registered_to_winback(retrained:
     assert "registered model" not in retrained.stderr.lower()
     assert "Created version" not in retrained.stderr
     assert "promoted version 1" in retrained.stdout
+
+
+def test_retrain_into_a_log_prints_a_line_per_training_step(retrained: Printed) -> None:
+    # Into a pipe or a file (CI, `make demo > log`) rich draws nothing of its transient bar: minutes of training
+    # printed nothing. There each step is now a plain line as it starts, in order, the refit included.
+    assert retrained.exit_code == 0, retrained.stderr
+    steps = re.findall(r"^training step (\d)/(\d): (.+)$", retrained.stdout, re.MULTILINE)
+    assert steps == [
+        ("1", "6", "validate history"),
+        ("2", "6", "train"),
+        ("3", "6", "evaluate"),
+        ("4", "6", "refit on the whole history"),
+        ("5", "6", "log to MLflow"),
+        ("6", "6", "register"),
+    ], retrained.stdout

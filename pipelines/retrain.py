@@ -35,6 +35,7 @@ from pipelines.train import (
     TrainSummary,
     format_history_error,
     history_params,
+    print_history_warnings,
     run_training,
     training_catalog,
     usable_tracking_store,
@@ -129,6 +130,8 @@ def retrain(
         history = read_history(attempts, nudges, stops_path=stops)
     except HistoryError as exc:
         raise TrainInputError(format_history_error(exc)) from exc
+    # Said of the files given: with --window-days the training reads a window written from the history as read.
+    print_history_warnings(console or Console(), history.warnings)
     with tempfile.TemporaryDirectory(prefix="winback-retrain-") as tmp:
         # Before the store is touched, as `train` does: an overlay that cannot be read stops the job (the catalog
         # itself is read again by run_training), then a store that cannot be used is a one-line TrainInputError.
@@ -164,6 +167,7 @@ def retrain(
             show_progress=show_progress,
             gate_metrics=checks,
             refit=refit,
+            history_warnings=False,
             # The run names the history it learned from, not the temporary window cut from it (deleted by now).
             run_params={
                 **history_params(attempts, nudges, stops),

@@ -911,6 +911,7 @@ def run_training(
     partition_rows: int = DEFAULT_PARTITION_ROWS,
     refit: bool = True,
     run_params: Mapping[str, Any] | None = None,
+    history_warnings: bool = True,
 ) -> TrainSummary:
     """Run the whole training job (see the module docstring) and return what it did.
 
@@ -933,7 +934,9 @@ def run_training(
     the champion's text model was fitted on the older part of the new history's holdout.
 
     ``run_params`` are logged with the run's own params, and win over them: a caller that trains on a file it
-    derived (``winback retrain --window-days``) names the history it came from and how.
+    derived (``winback retrain --window-days``) names the history it came from and how; such a caller prints the
+    warnings of the files it read itself and passes ``history_warnings=False`` (the derived file's would name a
+    temporary file, and lose what its writing normalised, e.g. a clicked nudge marked undelivered).
 
     ``stops`` is the history's stops file (the logging policy's stop decisions; `resolve_stops` finds the one
     beside the attempts file): the evaluation's off-policy estimates, and so the gate's policy value, count the
@@ -981,7 +984,8 @@ def run_training(
             )
         except HistoryError as exc:
             raise TrainInputError(format_history_error(exc)) from exc
-        print_history_warnings(out, parts.warnings)
+        if history_warnings:
+            print_history_warnings(out, parts.warnings)
         # One partition stays in memory as frames; more are read back one at a time.
         whole = parts.part(0) if len(parts) == 1 else None
         frames: PartitionedHistory | list[History] = [whole] if whole is not None else parts

@@ -1151,7 +1151,7 @@ def history_export(
 
     from model.history import HistoryError
     from model.registry_client import shown_uri
-    from pipelines.train import format_history_error
+    from pipelines.train import format_history_error, print_history_warnings
     from service.api.export import export_history
 
     output_folder(out, "--out")
@@ -1175,6 +1175,7 @@ def history_export(
         raise fail(
             f"cannot read the database at --database-url {shown_uri(url)!r}: {str(exc).splitlines()[0]}"
         ) from None
+    print_history_warnings(console, summary.earlier_warnings)
     console.print(
         f"wrote {summary.attempts_path} ({count_noun(summary.attempts, 'attempt')}), {summary.nudges_path} "
         f"({count_noun(summary.nudges, 'nudge')}) and {summary.stops_path} ({count_noun(summary.stops, 'stop')}) "

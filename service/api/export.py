@@ -26,7 +26,7 @@ its first failure is exported too (its result is known when the stop is decided)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from model.history import (
     STOP_COLUMNS,
     History,
     HistoryError,
+    ValidationReport,
     move_into_place_together,
     read_history,
     stops_beside,
@@ -87,6 +88,8 @@ class ExportSummary:
     #: Orders written from the earlier history (``with_history``), and those of it the store's copy replaced.
     earlier_orders: int = 0
     earlier_replaced: int = 0
+    #: The earlier history's warnings (`History.warnings`): its values are written as read, so said only now.
+    earlier_warnings: ValidationReport = field(default_factory=ValidationReport)
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -715,4 +718,5 @@ def export_history(
         stops=len(stops_frame),
         earlier_orders=earlier_orders,
         earlier_replaced=replaced,
+        earlier_warnings=earlier.warnings if earlier is not None else ValidationReport(),
     )

@@ -605,6 +605,28 @@ def test_demo_on_a_history_too_short_to_train_on_says_so_in_one_line(tmp_path: P
     ), printed.stderr
 
 
+def test_history_export_says_how_it_read_the_earlier_history(tmp_path: Path) -> None:
+    # The earlier history's values are written as read (a clicked nudge marked undelivered, written delivered):
+    # the export is the only command that could say so, and said nothing.
+    from pipelines.simulate import simulate
+
+    earlier = tmp_path / "earlier"
+    simulate(earlier, orders=40, seed=3, progress=False)
+    nudges = pd.read_parquet(earlier / "nudges.parquet")
+    clicked = int(nudges.index[nudges["clicked_at"].notna()][0])
+    nudges.loc[clicked, "delivered"] = False
+    nudges.to_parquet(earlier / "nudges.parquet", index=False)
+    url = _fresh_store(tmp_path)
+    result = CliRunner().invoke(
+        app, ["history", "export", "--out", str(tmp_path / "all"), "--database-url", url, "--with-history",
+              str(earlier)], env={"COLUMNS": "1000"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(
+        f"warning: {earlier / 'nudges.parquet'}:row {clicked + 1}: column delivered: delivered is false but"
+    ), result.output
+
+
 def test_history_export_with_history_writes_the_earlier_history_too_and_names_a_missing_one(tmp_path: Path) -> None:
     # The store holds only what was served since it started: an export for retraining had no way to carry the
     # history the champion was first trained on (a simulation, a switch's export), so `retrain` saw the new

@@ -76,6 +76,7 @@ from service.executor.metrics import (
     ChecksAskedNoMoreCollector,
     PaidTwiceCollector,
     RefundsByHandCollector,
+    SenderBansCollector,
     SenderHoldsCollector,
     SilentNotChargedCollector,
 )
@@ -343,6 +344,7 @@ async def _start(app: FastAPI) -> tuple[DecisionWriter, Engine, Engine]:
     runtime.metrics.read_at_scrape(RefundsByHandCollector(engine))
     runtime.metrics.read_at_scrape(PaidTwiceCollector(engine))
     runtime.metrics.read_at_scrape(SenderHoldsCollector(engine))
+    runtime.metrics.read_at_scrape(SenderBansCollector(engine))
     runtime.metrics.read_at_scrape(ChecksAskedNoMoreCollector(engine))
     runtime.metrics.read_at_scrape(SilentNotChargedCollector(engine))
     # The writer has a pool of its own: requests holding connections (an outcome waiting out a hung database)

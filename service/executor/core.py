@@ -348,13 +348,16 @@ class Transient:
     ``not_taken``: a message's provider certainly did not take it (it answered 429 or 503, say, or could not be
     reached: ``SendResult.not_taken``); ``retry_after``: how long the provider asked us to wait (its
     ``Retry-After``); ``sender_limited``: it refused the message because the merchant's sender is over its rate or
-    daily quota (``SendResult.sender_limited``): the sender is held, and the message with it."""
+    daily quota (``SendResult.sender_limited``): the sender is held, and the message with it; ``sender_banned``:
+    it refused the message because the merchant's sender is banned until an admin acts (``SendResult.sender_banned``,
+    with ``not_taken``): the channel is down for the merchant at once."""
 
     error: str
     status_code: int | None = None
     not_taken: bool = False
     retry_after: timedelta | None = None
     sender_limited: SenderLimit | None = None
+    sender_banned: bool = False
 
 
 @dataclass(frozen=True)
@@ -608,7 +611,13 @@ class RetryPolicy:
         return timedelta(seconds=self.quiet_hours_release_spacing_seconds)
 
     def note_refusal(
-        self, conn: sa.Connection, merchant_id: str, channel: Channel, now: datetime, retry_after: timedelta | None
+        self,
+        conn: sa.Connection,
+        merchant_id: str,
+        channel: Channel,
+        now: datetime,
+        retry_after: timedelta | None,
+        banned: str | None = None,
     ) -> datetime | None:
         """``outages.note_refusal`` with this policy's spans."""
         return note_refusal(
@@ -620,6 +629,7 @@ class RetryPolicy:
             first_hold=timedelta(seconds=self.channel_down_first_hold_seconds),
             max_hold=timedelta(seconds=self.channel_down_max_hold_seconds),
             retry_after=retry_after,
+            banned=banned,
         )
 
     def delay(self, attempt: int, cap_seconds: float | None = None) -> timedelta:
@@ -2997,9 +3007,12 @@ class Executor:
         504, a connection lost mid-request) are counted apart and allowed ``max_attempts``, as before. Given up,
         the message is recorded as not sent and counts (``rejected``), as before.
 
-        A refusal of the first kind also counts toward the channel's outage (service/executor/outages.py). Once
-        the channel is down, a message no try of which may have reached the provider is not recorded at all (it
-        was never sent) and its order is decided again without the channel: a long outage costs no message.
+        A refusal of the first kind also counts toward the channel's outage (service/executor/outages.py); one
+        saying the merchant's sender is banned until an admin acts (``sender_banned``: Exchange Online's 5.7.708,
+        say) puts the channel down at once: before, each such message was recorded as refused and counted against
+        its customer's ``max_nudges``, customer after customer. Once the channel is down, a message no try of
+        which may have reached the provider is not recorded at all (it was never sent) and its order is decided
+        again without the channel: a long outage costs no message.
 
         A message to be tried again while its order awaits an agent was with its provider when the order was
         decided again (a message is only sent for a ``PENDING`` order): see ``_decided_while_in_flight``.
@@ -3012,7 +3025,8 @@ class Executor:
             return
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
-            down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after)
+            banned = outcome.error if outcome.sender_banned else None
+            down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after, banned)
             if (
                 down_until is not None
                 and not payload.get(MESSAGE_MAYBE_SENT_TRIES)

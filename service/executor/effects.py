@@ -619,6 +619,7 @@ class Effects:
                 if result.retry_after_seconds is None
                 else timedelta(seconds=result.retry_after_seconds),
                 sender_limited=result.sender_limited,
+                sender_banned=result.sender_banned,
             )
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, SILENT_NOT_CHARGED_CASE, cases_counted
 from service.executor.core import charge_disputes, checks_asked_no_more
+from service.executor.outages import sender_bans_counted
 from service.executor.pacing import sender_holds_counted
 from service.executor.store import utcnow
 
@@ -256,3 +257,21 @@ class SenderHoldsCollector(_ReadFromTheDatabase):
             Counter({(h.merchant_id, h.channel, h.held_for): h.holds for h in found}),
             Counter({(h.merchant_id, h.channel, h.held_for): int(h.held_now) for h in found}),
         )
+
+
+class SenderBansCollector(_ReadFromTheDatabase):
+    """``winback_executor_sender_bans_total{merchant_id, channel}``: the times a provider said a merchant's sender
+    (its account, sending IP or domain) is banned until an admin acts (Exchange Online's 5.7.708, say), which put
+    the merchant's channel down at once (service/executor/outages.py); a probe refused after a hold is the same
+    ban, not counted again. Kept in ``sender_holds`` (``held_for`` ``ban``), so the count never goes down; an
+    alert watches its increase: nothing but an admin lifts a ban."""
+
+    what = "sender bans"
+    counter = (
+        "winback_executor_sender_bans",
+        "Times a provider banned a merchant's sender on a channel until an admin acts (the channel put down).",
+    )
+    labels = ("merchant_id", "channel")
+
+    def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
+        return (Counter(sender_bans_counted(conn)),)

@@ -11,9 +11,17 @@ again for twice as long, up to ``max_hold``. Before, every message waiting for t
 end, by every worker: a herd on a provider that may still be down.
 
 A streak whose last refusal is older than ``down_after`` (and not in the probe window after a hold) starts over:
-two refusals days apart are not an outage. The state is per merchant and channel because each merchant has its own
-provider account (credentials, sender, rate limit). All workers share it through the database; it is read and
-written inside the transaction that records the message's answer, under the row's lock.
+two refusals days apart are not an outage.
+
+A refusal saying the merchant's sender is banned until an admin acts (``SendResult.sender_banned``: Exchange
+Online's 5.7.708, say) puts the channel down at once, without waiting out ``down_after``: every message of the
+merchant would be refused alike, and each was recorded as refused and counted against its customer's
+``max_nudges``. The hold and its probe then find out when the admin has acted. Each ban is logged as an error and
+counted in ``sender_holds`` (``held_for`` ``ban``; /metrics: ``winback_executor_sender_bans_total``).
+
+The state is per merchant and channel because each merchant has its own provider account (credentials, sender,
+rate limit). All workers share it through the database; it is read and written inside the transaction that records
+the message's answer, under the row's lock.
 """
 
 from __future__ import annotations
@@ -27,7 +35,14 @@ import sqlalchemy as sa
 
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
-from service.executor.store import as_utc, as_utc_or_none, channel_outages, upsert_into
+from service.executor.store import (
+    as_utc,
+    as_utc_or_none,
+    channel_outages,
+    count_sender_hold,
+    sender_holds,
+    upsert_into,
+)
 
 log = logging.getLogger("winback.executor")
 
@@ -59,9 +74,11 @@ def note_refusal(
     first_hold: timedelta,
     max_hold: timedelta,
     retry_after: timedelta | None = None,
+    banned: str | None = None,
 ) -> datetime | None:
     """Record that ``channel``'s provider certainly did not take a message at ``now``; the end of the channel's
-    hold when it is down (found so now, or already), else None.
+    hold when it is down (found so now, or already), else None. ``banned``: the provider's answer when it said the
+    merchant's sender is banned until an admin acts: the channel is down at once.
 
     The hold is ``first_hold``, doubled each time the channel is found down again in the same streak, at most
     ``max_hold``, and never shorter than the provider's ``Retry-After`` (itself at most ``max_hold``)."""
@@ -78,19 +95,52 @@ def note_refusal(
             since, times_down = now, 0
         values |= {"refused_since": since, "times_down": times_down, "down_until": None}
         until = None
-        if now - since >= down_after:
+        if banned is not None or now - since >= down_after:
             hold = min(first_hold * (1 << min(times_down, 16)), max_hold)
             if retry_after is not None:
                 hold = max(hold, min(retry_after, max_hold))
             until = now + hold
             values |= {"down_until": until, "times_down": times_down + 1, "probe_until": None}
-            log.warning(
-                "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
-                channel.value, merchant_id, until.isoformat(), since.isoformat(),
-                extra={"merchant_id": merchant_id, "channel": channel.value},
-            )  # fmt: skip
+            if banned is not None:
+                _note_ban(conn, merchant_id, channel, banned, until, now, again=probing)
+            else:
+                log.warning(
+                    "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
+                    channel.value, merchant_id, until.isoformat(), since.isoformat(),
+                    extra={"merchant_id": merchant_id, "channel": channel.value},
+                )  # fmt: skip
     conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
     return until
+
+
+def _note_ban(
+    conn: sa.Connection, merchant_id: str, channel: Channel, answer: str, until: datetime, now: datetime, *, again: bool
+) -> None:
+    """Log a ban of the merchant's sender that put ``channel`` down until ``until``, and count it in
+    ``sender_holds`` unless ``again`` (the probe after a hold refused: the same ban, not fixed yet)."""
+    log.error(
+        "channel %s of merchant %s is down until %s: its provider %s the merchant's sender (%s); an admin of the "
+        "merchant's account must act, then a probe after the hold finds it up again",
+        channel.value, merchant_id, until.isoformat(), "still bans" if again else "banned", answer,
+        extra={"merchant_id": merchant_id, "channel": channel.value},
+    )  # fmt: skip
+    if not again:
+        count_sender_hold(conn, merchant_id, channel.value, BAN, until, now)
+
+
+#: ``sender_holds.held_for`` of a ban of the merchant's sender.
+BAN = "ban"
+
+
+def sender_bans_counted(conn: sa.Connection) -> dict[tuple[str, str], int]:
+    """How many bans of each merchant's sender on each channel were found ever, by (merchant, channel), as /metrics
+    reads them (``sender_holds``, ``held_for`` ``ban``)."""
+    rows = conn.execute(
+        sa.select(sender_holds.c.merchant_id, sender_holds.c.channel, sender_holds.c.holds).where(
+            sender_holds.c.held_for == BAN
+        )
+    )
+    return {(row.merchant_id, row.channel): int(row.holds) for row in rows}
 
 
 def claim_probe(

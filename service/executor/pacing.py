@@ -77,6 +77,7 @@ from service.executor.store import (
     as_utc_or_none,
     channel_outages,
     channel_pacing,
+    count_sender_hold,
     customer_pacing,
     sender_holds,
     upsert_into,
@@ -142,22 +143,6 @@ HeldFor = SenderLimit | Literal["pair"]
 HELD_FOR: Final[tuple[HeldFor, ...]] = ("rate", "daily_quota", "pair")
 
 
-def _count_hold(
-    conn: sa.Connection, merchant_id: str, channel: Channel, held_for: HeldFor, until: datetime, now: datetime
-) -> None:
-    """Count a hold started at ``now`` until ``until`` in ``sender_holds`` (read by /metrics), in the transaction
-    that starts it: a hold rolled back is not counted."""
-    insert = upsert_into(conn, sender_holds).values(
-        merchant_id=merchant_id, channel=channel.value, held_for=held_for, holds=1, held_until=until, last_held_at=now
-    )
-    conn.execute(
-        insert.on_conflict_do_update(
-            index_elements=[sender_holds.c.merchant_id, sender_holds.c.channel, sender_holds.c.held_for],
-            set_={"holds": sender_holds.c.holds + 1, "held_until": until, "last_held_at": now},
-        )
-    )
-
-
 @dataclass(frozen=True)
 class SenderHolds:
     """The holds of ``merchant_id``'s sender on ``channel`` for ``held_for`` (``HELD_FOR``): how many ever started
@@ -174,7 +159,8 @@ class SenderHolds:
 def sender_holds_counted(conn: sa.Connection, now: datetime) -> list[SenderHolds]:
     """Every merchant's holds by channel and kind of limit (``sender_holds``: one row each, a small table), as
     /metrics reads them at ``now``."""
-    rows = conn.execute(sa.select(sender_holds).order_by(*sender_holds.primary_key.columns)).mappings()
+    limits = sender_holds.c.held_for.in_(HELD_FOR)  # not the bans (service/executor/outages.py)
+    rows = conn.execute(sa.select(sender_holds).where(limits).order_by(*sender_holds.primary_key.columns)).mappings()
     return [
         SenderHolds(
             merchant_id=row["merchant_id"],
@@ -205,7 +191,7 @@ def note_rate_limited(
     key = {"merchant_id": merchant_id, "channel": channel.value}
     until, started = _note_limited(conn, channel_pacing, key, now, lambda times: first_hold * (1 << times), max_hold)
     if started:
-        _count_hold(conn, merchant_id, channel, limit, until, now)
+        count_sender_hold(conn, merchant_id, channel.value, limit, until, now)
         log.warning(
             "channel %s of merchant %s is paced until %s: its provider said its sender is %s",
             channel.value, merchant_id, until.isoformat(), why,
@@ -276,7 +262,7 @@ def note_pair_rate_limited(
         max_hold,
     )
     if started:
-        _count_hold(conn, merchant_id, channel, "pair", until, now)
+        count_sender_hold(conn, merchant_id, channel.value, "pair", until, now)
         log.warning(
             "a customer of merchant %s is paced on %s until %s: too many messages to their number (pair rate limit)",
             merchant_id, channel.value, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},

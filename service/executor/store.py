@@ -445,3 +445,20 @@ def is_postgres(engine: Engine) -> bool:
 def upsert_into(conn: sa.Connection, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT into ``table`` in ``conn``'s dialect, which has ``on_conflict_do_nothing``/``_do_update``."""
     return postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table)
+
+
+def count_sender_hold(
+    conn: sa.Connection, merchant_id: str, channel: str, held_for: str, until: datetime, now: datetime
+) -> None:
+    """Count a hold of ``merchant_id``'s sender on ``channel`` started at ``now`` until ``until`` in ``sender_holds``
+    (read by /metrics), in the transaction that starts it: a hold rolled back is not counted. ``held_for``: a
+    provider's limit (service/executor/pacing.py ``HELD_FOR``) or ``ban`` (service/executor/outages.py)."""
+    insert = upsert_into(conn, sender_holds).values(
+        merchant_id=merchant_id, channel=channel, held_for=held_for, holds=1, held_until=until, last_held_at=now
+    )
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=[sender_holds.c.merchant_id, sender_holds.c.channel, sender_holds.c.held_for],
+            set_={"holds": sender_holds.c.holds + 1, "held_until": until, "last_held_at": now},
+        )
+    )

@@ -522,9 +522,7 @@ SMTP_ANSWERS = [
         "external recipients (tenant external recipient rate limit)",
         "daily_quota",
     ),
-    ("MAIL", 550, "5.7.705 Access denied, tenant has exceeded threshold", None),
-    ("MAIL", 550, "5.7.750 Service unavailable. Client blocked from sending from unregistered domains", None),
-    ("MAIL", 550, "5.1.8 Access denied, bad outbound sender", None),
+    ("MAIL", 550, "5.7.60 SMTP; Client does not have permissions to send as this sender", None),
     ("RCPT", 452, "4.5.3 Too many recipients", None),
     ("RCPT", 432, "4.3.2 STOREDRV.Deliver; recipient thread limit exceeded", None),
     ("DATA", 552, "5.2.2 Mailbox full", None),  # RFC 3463's 5.2.2, the recipient's: not the submission quota
@@ -540,6 +538,18 @@ def test_a_relays_throttling_answer_says_the_sender_is_limited_and_a_recipients_
     sender is over its rate or its daily quota (``sender_limited``): not taken, the sender to be held (the
     executor's part: tests/integration/test_smtp_throttling.py). A recipient's refusal, or that recipient receiving
     too fast, is about this message alone, as before."""
+    result = first_of_two_e_mails(code, text, at)
+    assert result.sender_limited == limit
+    if limit is not None:
+        assert (result.status, result.not_taken) == ("retryable", True)
+        assert result.error == f"smtp: {code} {text}"
+    else:
+        assert result.status == ("rejected" if code >= 500 else "retryable")
+
+
+def first_of_two_e_mails(code: int, text: str, at: str) -> SendResult:
+    """The SMTP adapter's result of an e-mail the fake relay answers ``code`` ``text`` at command ``at``; the next
+    e-mail, to another recipient, is taken (the fault was the one answer planned)."""
     with FakeSmtpServer(username="mailer", password="s3cret") as smtp:
         smtp.fail(code=code, text=text, at=at)
         [result, after] = send(
@@ -547,14 +557,35 @@ def test_a_relays_throttling_answer_says_the_sender_is_limited_and_a_recipients_
             message(Channel.EMAIL, to="asha@example.com"),
             message(Channel.EMAIL, key="k2", to="ravi@example.com"),
         )
-    assert result.sender_limited == limit
-    if limit is not None:
-        assert (result.status, result.not_taken) == ("retryable", True)
-        assert result.error == f"smtp: {code} {text}"
-    else:
-        assert result.status == ("rejected" if code >= 500 else "retryable")
-    assert after.status == "accepted"  # the fault was the one answer planned
+    assert after.status == "accepted"
     assert [mail["to"] for mail in smtp.messages] == [["ravi@example.com"]]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("at", "text"),
+    [
+        ("MAIL", "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP."),
+        ("MAIL", "5.7.705 Access denied, tenant has exceeded threshold"),
+        ("MAIL", "5.7.750 Service unavailable. Client blocked from sending from unregistered domains"),
+        ("MAIL", "5.1.8 Access denied, bad outbound sender"),
+        ("DATA", "5.7.501 Access denied, spam abuse detected."),
+        ("RCPT", "5.7.511 Access denied, banned sender[203.0.113.7]. To request removal from this list please forward "
+         "this message to delist@messaging.microsoft.com."),
+        ("RCPT", "5.7.606 Access denied, banned sending IP [203.0.113.7]. To request removal from this list please "
+         "visit https://sender.office.com/ and follow the directions."),
+    ],
+)  # fmt: skip
+def test_an_exchange_ban_of_the_sender_is_not_taken_and_says_the_sender_is_banned(at: str, text: str) -> None:
+    """Before: Exchange Online's bans of the merchant's sender (its account, sending IP or domain), which end only
+    when an admin acts (data/README.md), were refusals of the message for good, recorded and counted against each
+    customer in turn. Now each is not taken and says the sender is banned (``sender_banned``): the executor puts the
+    merchant's e-mail down at once (tests/integration/test_smtp_throttling.py). It is no rate limit to wait out."""
+    result = first_of_two_e_mails(550, text, at)
+    assert (result.status, result.not_taken, result.sender_banned, result.sender_limited) == (
+        "retryable", True, True, None
+    )  # fmt: skip
+    assert (result.error or "").startswith(f"smtp: 550 {text[:30]}")  # the rest: any address in it masked
 
 
 @pytest.mark.parametrize(
@@ -568,15 +599,8 @@ def test_an_exchange_recipients_hourly_limit_is_tried_again_later_not_refused(at
     """Before: Exchange Online's ``550 5.2.121``/``5.2.122`` (the recipient got more messages this hour than it may)
     was a refusal of the message for good, counted against the customer's ``max_nudges``. Microsoft says to try again
     later: now it is not taken, tried again on its own (as a 4xx is), and holds no sender (data/README.md)."""
-    with FakeSmtpServer(username="mailer", password="s3cret") as smtp:
-        smtp.fail(code=550, text=text, at=at)
-        [result, after] = send(
-            smtp_adapter(smtp.port),
-            message(Channel.EMAIL, to="asha@example.com"),
-            message(Channel.EMAIL, key="k2", to="ravi@example.com"),
-        )
+    result = first_of_two_e_mails(550, text, at)
     assert (result.status, result.not_taken, result.sender_limited) == ("retryable", True, None)
-    assert after.status == "accepted"
 
 
 def test_smtp_server_down_is_retryable() -> None:

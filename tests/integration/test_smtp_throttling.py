@@ -13,6 +13,8 @@ The adapters are the real ones (``build_adapters``: ``SmtpAdapter`` over smtplib
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,14 +23,16 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
-from model.baselines import StaticRetryThenRetargetPolicy
+from model.baselines import StaticRetryThenRetargetPolicy, decision_id
 from model.merchant_config import MerchantConfig
 from model.requests import Decision, DecisionRequest
 from model.vocab import Channel
 from service.api.app import create_app
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeSmtpServer, run_fake_provider
+from service.executor.metrics import SenderBansCollector
 from service.executor.store import as_utc, channel_outages, channel_pacing
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -315,3 +319,78 @@ def test_a_decision_and_its_message_each_read_the_channels_out_once(
     assert message.count("channel =") == 2  # the message's own channel only, in each table
     assert decision.count("channel =") == 0
     assert "sender_holds" not in probe
+
+
+EXCHANGE_BAN = "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP."
+
+
+def first_channel_first_each_anew() -> Callable[[DecisionRequest, MerchantConfig], Decision]:
+    """``first_channel_first`` with a decision id of its own for each decision: the baseline's id is its decision
+    point's (the order, its time, its history), and the harness's clock stands still while an order is decided
+    again at once with the same history (its refused e-mail not recorded)."""
+    made = itertools.count()
+
+    def decide(request: DecisionRequest, merchant: MerchantConfig) -> Decision:
+        decision = first_channel_first(request, merchant)
+        return decision.model_copy(update={"decision_id": decision_id(decision.decision_id, next(made))})
+
+    return decide
+
+
+def bans_scraped(h: Harness) -> float | None:
+    registry = CollectorRegistry()
+    registry.register(SenderBansCollector(h.executor.engine, read_every_seconds=0))
+    labels = {"merchant_id": "m_demo", "channel": "email"}
+    return registry.get_sample_value("winback_executor_sender_bans_total", labels)
+
+
+def e_mail_down_until(h: Harness) -> timedelta | None:
+    with h.executor.engine.connect() as conn:
+        row = conn.execute(sa.select(channel_outages.c.down_until)).first()
+    return None if row is None else as_utc(row.down_until) - START
+
+
+def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold_brings_it_back(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Exchange Online answers ord_1's e-mail ``550 5.7.708`` (traffic not accepted from the merchant's IP: banned
+    until an admin acts). Before, the message was recorded as refused and counted against the customer's
+    ``max_nudges``, and the next customer's e-mail went into the same ban. Now the merchant's e-mail is down at once
+    (the outage breaker's first hold, 5 minutes): ord_1's e-mail is neither recorded nor counted and the order is
+    decided again onto SMS; ord_2, failing during the hold, goes by SMS at once; the ban is logged as an error
+    and counted. After the hold, one e-mail probes the relay, which the admin has meanwhile fixed: e-mail is up."""
+    with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
+        decide = first_channel_first_each_anew()
+        h = through_relay(make_harness, smtp, 0, sms=sms, decider=decide, database_url=database_url)
+        smtp.fail(code=550, text=EXCHANGE_BAN, at="MAIL")
+        with caplog.at_level(logging.ERROR, logger="winback.executor"):
+            fail_by_sms_or_email(h, "ord_1")
+            h.drain()
+        view = h.view("ord_1")
+        assert [(d["action"], d["channel"]) for d in view.decisions] == [("retarget", "email"), ("retarget", "sms")]
+        assert "channel_down:email" in view.decisions[-1]["rules_applied"]
+        assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]  # the e-mail not counted
+        assert e_mail_down_until(h) == timedelta(minutes=5)
+        assert bans_scraped(h) == 1.0
+        [logged] = [r for r in caplog.records if r.levelno == logging.ERROR and "5.7.708" in r.getMessage()]
+        assert "m_demo" in logged.getMessage()
+        assert "an admin" in logged.getMessage()
+        h.clock.advance(minutes=1)
+        fail_by_sms_or_email(h, "ord_2")
+        h.drain()
+        assert [(n.channel, n.status) for n in h.view("ord_2").nudges] == [("sms", "accepted")]
+        assert mailed(smtp) == []
+        h.clock.advance(minutes=4)
+        fail_by_email(h, "ord_3")  # e-mail only: after the hold, its message is the probe, and the relay takes it
+        h.drain()
+        assert mailed(smtp) == ["ord_3"]
+        assert e_mail_down_until(h) is None  # up again
+        fail_by_email(h, "ord_4")
+        h.drain()
+        assert mailed(smtp) == ["ord_3", "ord_4"]
+        assert bans_scraped(h) == 1.0
+        assert [(n.channel, n.status) for n in h.view("ord_3").nudges] == [("email", "accepted")]
+        assert len(sms.state.messages) == 2

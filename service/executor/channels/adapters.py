@@ -623,8 +623,9 @@ def smtp_sender_limit(code: int, reply: str) -> SenderLimit | None:
     Not a sender's limit: ``450 4.2.1`` "the user you are trying to contact is receiving mail too quickly" (that
     recipient only), a refused recipient (``550 5.1.1``), any other 4xx (the message is tried again on its own).
     Exchange Online's bans of the sender (``5.1.8``, ``5.7.501``-``5.7.503``, ``5.7.511``, ``5.7.606``-``5.7.649``,
-    ``5.7.705``, ``5.7.708``, ``5.7.750``) end only when an admin acts: refusals, as any other 5xx; its recipient
-    limits (``432 4.3.2``, ``5.2.121``, ``5.2.122``: ``smtp_recipient_busy``) are about that recipient."""
+    ``5.7.705``, ``5.7.708``, ``5.7.750``) end only when an admin acts: not a limit but a ban
+    (``smtp_sender_banned``); its recipient limits (``432 4.3.2``, ``5.2.121``, ``5.2.122``:
+    ``smtp_recipient_busy``) are about that recipient."""
     text = " ".join(reply.split()).lower()
     if code == 454 and "throttling failure" in text:
         return "daily_quota" if "daily message quota" in text else "rate"
@@ -658,6 +659,24 @@ _EXCHANGE_RESTRICTED: Final = ((4, 7, 500, 699), (4, 7, 850, 899))
 _EXCHANGE_RECIPIENT_BUSY: Final = frozenset({"5.2.121", "5.2.122"})
 
 
+#: Exchange Online's bans of the merchant's sender, which end only when an admin acts or asks support (data/README.md):
+#: a bad outbound sender (5.1.8), a banned sender (5.7.501-503, 5.7.511), a banned sending IP (5.7.606-649), the
+#: tenant over its threshold (5.7.705), traffic not accepted from its IP (5.7.708), a client blocked from sending
+#: from unregistered domains (5.7.750).
+_EXCHANGE_BANS: Final = (
+    (5, 1, 8, 8), (5, 7, 501, 503), (5, 7, 511, 511), (5, 7, 606, 649), (5, 7, 705, 705), (5, 7, 708, 708),
+    (5, 7, 750, 750),
+)  # fmt: skip
+
+
+def smtp_sender_banned(code: int, reply: str) -> bool:
+    """Whether an SMTP relay's 5xx answer ``code`` ``reply`` is Exchange Online's saying the merchant's sender (its
+    account, sending IP or domain) is banned until an admin acts (``_EXCHANGE_BANS``): every message of the merchant
+    would be refused alike, whoever its recipient, so the channel is down for the merchant, not this message
+    refused."""
+    return 500 <= code < 600 and _in_ranges(_enhanced_status(" ".join(reply.split()).lower()), _EXCHANGE_BANS)
+
+
 def _in_ranges(status: str, ranges: tuple[tuple[int, int, int, int], ...]) -> bool:
     parts = status.split(".")
     if len(parts) != 3:
@@ -689,7 +708,10 @@ def _try_later(code: int, reply: str) -> bool:
 
 def _sender_limited(code: int, reply: str) -> SendResult | None:
     """The SendResult of an SMTP answer saying the merchant's sender is over a limit (``smtp_sender_limit``): not
-    taken, to be held with every other message of the sender; None for any other answer."""
+    taken, to be held with every other message of the sender; or banned (``smtp_sender_banned``): not taken, the
+    merchant's channel down; None for any other answer."""
+    if smtp_sender_banned(code, reply):
+        return SendResult(status="retryable", error=f"smtp: {code} {reply}", not_taken=True, sender_banned=True)
     limit = smtp_sender_limit(code, reply)
     if limit is None:
         return None

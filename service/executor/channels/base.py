@@ -56,6 +56,10 @@ class SendResult(BaseModel, frozen=True):
     #: anything about this message or its recipient: every message of the merchant on the channel would be refused
     #: alike until the limit clears (an SMTP relay's throttling answers: ``channels.adapters.smtp_sender_limit``).
     sender_limited: SenderLimit | None = None
+    #: ``retryable`` only (with ``not_taken``): the provider refused the message because the merchant's sender is
+    #: banned until an admin acts (Exchange Online's 5.7.708, say: ``channels.adapters.smtp_sender_banned``): the
+    #: channel is down for the merchant at once (service/executor/outages.py), none of its messages is counted.
+    sender_banned: bool = False
 
 
 class ChannelAdapter(Protocol):

@@ -361,14 +361,16 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
     ``max_nudges``, and the next customer's e-mail went into the same ban. Now the merchant's e-mail is down at once
     (the outage breaker's first hold, 5 minutes): ord_1's e-mail is neither recorded nor counted and the order is
     decided again onto SMS; ord_2, failing during the hold, goes by SMS at once; the ban is logged as an error
-    and counted. After the hold, one e-mail probes the relay, which the admin has meanwhile fixed: e-mail is up."""
+    and counted. After the hold, ord_3's e-mail probes the relay: banned still, e-mail is down twice as long (the
+    same ban, not counted again). The admin having acted, the probe after that hold (ord_4's e-mail) is taken:
+    e-mail is up, and the next e-mail goes at once."""
     with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
         decide = first_channel_first_each_anew()
         h = through_relay(make_harness, smtp, 0, sms=sms, decider=decide, database_url=database_url)
         smtp.fail(code=550, text=EXCHANGE_BAN, at="MAIL")
-        with caplog.at_level(logging.ERROR, logger="winback.executor"):
-            fail_by_sms_or_email(h, "ord_1")
-            h.drain()
+        caplog.set_level(logging.ERROR, logger="winback.executor")
+        fail_by_sms_or_email(h, "ord_1")
+        h.drain()
         view = h.view("ord_1")
         assert [(d["action"], d["channel"]) for d in view.decisions] == [("retarget", "email"), ("retarget", "sms")]
         assert "channel_down:email" in view.decisions[-1]["rules_applied"]
@@ -384,13 +386,19 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         assert [(n.channel, n.status) for n in h.view("ord_2").nudges] == [("sms", "accepted")]
         assert mailed(smtp) == []
         h.clock.advance(minutes=4)
-        fail_by_email(h, "ord_3")  # e-mail only: after the hold, its message is the probe, and the relay takes it
+        smtp.fail(code=550, text=EXCHANGE_BAN, at="MAIL")  # not fixed yet
+        fail_by_email(h, "ord_3")  # after the hold, its e-mail is the probe: refused
         h.drain()
-        assert mailed(smtp) == ["ord_3"]
+        assert e_mail_down_until(h) == timedelta(minutes=15)  # down again, twice as long
+        assert bans_scraped(h) == 1.0  # the same ban, not counted again
+        assert "still bans" in caplog.text
+        assert "email" not in [n.channel for n in h.view("ord_3").nudges]  # its e-mail not counted either
+        h.clock.advance(minutes=10)
+        fail_by_email(h, "ord_4")  # the admin has acted: the probe after the second hold is taken
+        h.drain()
         assert e_mail_down_until(h) is None  # up again
-        fail_by_email(h, "ord_4")
+        fail_by_email(h, "ord_5")
         h.drain()
-        assert mailed(smtp) == ["ord_3", "ord_4"]
+        assert mailed(smtp) == ["ord_4", "ord_5"]
+        assert [(n.channel, n.status) for n in h.view("ord_4").nudges] == [("email", "accepted")]
         assert bans_scraped(h) == 1.0
-        assert [(n.channel, n.status) for n in h.view("ord_3").nudges] == [("email", "accepted")]
-        assert len(sms.state.messages) == 2

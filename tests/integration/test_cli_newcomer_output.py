@@ -191,6 +191,9 @@ def test_a_command_run_where_mlflow_was_imported_first_prints_none_of_its_store_
         "logging.getLogger('mlflow.store.db.utils').warning('a warning of MLflow')\n"
         "print(result.exit_code, result.output)\n"
     )
+    # Files there but not history: the command opens the store, then refuses them (a missing file is refused first).
+    (tmp_path / "a.parquet").write_text("not parquet")
+    (tmp_path / "n.parquet").write_text("not parquet")
     environment = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_CONFIGURE_LOGGING")}
     done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=environment, timeout=300

@@ -142,9 +142,13 @@ def test_cli_dask_engine_without_scheduler_exits_2(tmp_path: Path) -> None:
     from pipelines.cli import app
 
     store = tmp_path / "mlflow.db"
+    # Files there (their content is never read): a missing one is named first, before the options are checked.
+    attempts, nudges = tmp_path / "a.parquet", tmp_path / "n.parquet"
+    attempts.write_bytes(b"")
+    nudges.write_bytes(b"")
     result = CliRunner().invoke(
         app,
-        ["train", "--attempts", "a.parquet", "--nudges", "n.parquet", "--engine", "dask",
+        ["train", "--attempts", str(attempts), "--nudges", str(nudges), "--engine", "dask",
          "--tracking-uri", f"sqlite:///{store}"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output

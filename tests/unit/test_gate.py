@@ -309,6 +309,8 @@ def test_a_bad_margin_stops_train_and_retrain_before_any_work(tmp_path: Path, co
     from pipelines.cli import app
 
     store = tmp_path / "mlruns"
+    (tmp_path / "a.parquet").write_bytes(b"")  # there, never read: a missing input would be named first
+    (tmp_path / "n.parquet").write_bytes(b"")
     arguments = [command, "--attempts", str(tmp_path / "a.parquet"), "--nudges", str(tmp_path / "n.parquet")]
     arguments += ["--tracking-uri", f"sqlite:///{store}/mlflow.db", "--gate-margin", "1.5"]
     if command == "retrain":

@@ -147,8 +147,8 @@ def test_missing_file_exits_non_zero_and_registers_nothing(tmp_path: Path, mlflo
         ],
     )
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: invalid history")
-    assert "nope.parquet" in result.stderr
+    assert result.stderr.startswith("error: --attempts ")  # every missing input named in one line
+    assert "nope.parquet: no such file; --nudges " in result.stderr
     assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=mlflow_store) is None
 
 

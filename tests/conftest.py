@@ -14,6 +14,12 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
+# rich fixes a console's width at its creation when COLUMNS is set, and the CLI's consoles are made when
+# pipelines.cli is imported: a caller's COLUMNS=80 (CI's shell) then wrapped every in-process command's output at 80
+# columns whatever width a test asked its CliRunner for. Tests set the width they need, per invocation.
+for _size in ("COLUMNS", "LINES"):
+    os.environ.pop(_size, None)
+
 
 @pytest.fixture(autouse=True)
 def _clean_winback_env(monkeypatch: pytest.MonkeyPatch) -> None:

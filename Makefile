@@ -29,11 +29,12 @@ $(SYSTEM_STAMP):
 	  $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }; }
 	@mkdir -p $(VENV) && touch $(SYSTEM_STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every library to the version CI and the benchmarks ran (`make lock` renews it).
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "winback needs Python >= 3.11, found " + sys.version.split()[0])'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 ## install: create .venv and install winback with its dev tools
@@ -71,6 +72,16 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: $(STAMP) bench-tools
 	$(BIN)/winback bench --out bench-out $(BENCH_ARGS)
+
+## lock: renew constraints.txt: the newest versions pyproject.toml allows, installed in a fresh venv (commit it)
+LOCK_VENV := .venv-lock
+.PHONY: lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf $(LOCK_VENV)
 
 ## format: apply ruff fixes and formatting
 .PHONY: format

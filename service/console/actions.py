@@ -29,10 +29,11 @@ from service.api.store import decision_row, decisions
 from service.console.auth import Agent
 from service.console.store import audit_log
 from service.console.views import ORDERS_A_STATEMENT, channel_name, describe_decision
-from service.executor.by_hand import CaseResolutionError, already_done, mark_cases_done
+from service.executor.by_hand import CaseResolutionError, CaseT, Marked, already_done, mark_cases_done
 from service.executor.core import (
     CHARGE_KIND_VALUES,
     AgentQueueError,
+    ChargeDispute,
     ChargeResolutionError,
     DisputeResolutionError,
     Executor,
@@ -551,66 +552,86 @@ class AgentDesk:
         resolution and its audit row are written in one transaction; a refusal (no note, no such dispute on this
         order, dealt with already) writes the audit row alone. UnknownOrderError when the agent's merchant has no
         such order."""
-        now = self.clock()
-        ask = ActionRequest(action=RESOLVE_DISPUTE, reason=note)
-        with self.executor.engine.begin() as conn:
-            state = _order_state(conn, agent, order_id)
-            detail = f"charge dispute on status check {check_action_id}: marked as dealt with"
-            try:
-                marked = resolve_charge_disputes(
-                    conn, agent.merchant_id, order_id, f"agent {agent.name}", note, now, check_action_id=check_action_id
-                )
-            except DisputeResolutionError as exc:
-                self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
-                return ActionResult("refused", str(exc), state=state)
-            if not marked.now:
-                said = already_done(marked.before, order_id)
-                self._audit(conn, agent, order_id, ask, detail, UNCHANGED, now, message=said)
-                return ActionResult(UNCHANGED, said, state=state)
-            [dispute] = marked.now
-            detail = (
+
+        def marked_words(dispute: ChargeDispute) -> tuple[str, str]:
+            return (
                 f"charge dispute of payment {dispute.payment_id} via {dispute.connector} (the switch says "
-                f"{dispute.switch_said}): marked as dealt with"
+                f"{dispute.switch_said})",
+                f"the dispute of payment {dispute.payment_id}",
             )
-            message = f"Marked as dealt with: the dispute of payment {dispute.payment_id} is no longer open"
-            self._audit(conn, agent, order_id, ask, detail, "done", now, message=message)
-        log.warning(
-            "agent marked a charge dispute as dealt with",
-            extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name},
+
+        return self._mark_dealt_with(
+            agent,
+            order_id,
+            RESOLVE_DISPUTE,
+            note,
+            asked=f"charge dispute on status check {check_action_id}",
+            mark=lambda conn, by, now: resolve_charge_disputes(
+                conn, agent.merchant_id, order_id, by, note, now, check_action_id=check_action_id
+            ),
+            refusal=DisputeResolutionError,
+            marked_words=marked_words,
+            logged="agent marked a charge dispute as dealt with",
         )
-        return ActionResult("done", message, state=state)
 
     def resolve_by_hand(self, agent: Agent, order_id: str, case_id: int, note: str) -> ActionResult:
-        """Mark case ``case_id`` of ``order_id`` (a refund by hand or a possible double payment) as dealt with, with
-        the agent's ``note`` saying what was done (``mark_cases_done``): it leaves ``winback executor
-        refunds-by-hand``'s list and the open gauge on /metrics, and stays on the order's page with who, when and
-        the note. The mark and its audit row are written in one transaction; a refusal (no note, no such case on
-        this order) or a case dealt with already (nothing changed, said so) writes the audit row alone.
-        UnknownOrderError when the agent's merchant has no such order."""
+        """Mark case ``case_id`` of ``order_id`` (a refund by hand, a possible double payment, or a charge taken as
+        never charged whose switch went silent) as dealt with, with the agent's ``note`` saying what was done
+        (``mark_cases_done``): it leaves ``winback executor refunds-by-hand``'s list and the open gauge on /metrics,
+        and stays on the order's page with who, when and the note. The mark and its audit row are written in one
+        transaction; a refusal (no note, no such case on this order) or a case dealt with already (nothing changed,
+        said so) writes the audit row alone. UnknownOrderError when the agent's merchant has no such order."""
+        return self._mark_dealt_with(
+            agent,
+            order_id,
+            RESOLVE_BY_HAND,
+            note,
+            asked=f"case {case_id}",
+            mark=lambda conn, by, now: mark_cases_done(
+                conn, agent.merchant_id, order_id, by, note, now, case_id=case_id
+            ),
+            refusal=CaseResolutionError,
+            marked_words=lambda case: (case.described(), case.described()),
+            logged="agent marked a case handed to a person as dealt with",
+        )
+
+    def _mark_dealt_with(
+        self,
+        agent: Agent,
+        order_id: str,
+        action: str,
+        note: str,
+        *,
+        asked: str,
+        mark: Callable[[sa.Connection, str, datetime], Marked[CaseT]],
+        refusal: type[Exception],
+        marked_words: Callable[[CaseT], tuple[str, str]],
+        logged: str,
+    ) -> ActionResult:
+        """One thing of ``order_id`` marked dealt with by ``agent`` (audited as ``action``, ``note`` its reason):
+        ``mark(conn, by, now)`` marks it in the audit row's transaction, raising ``refusal`` (audited ``refused``,
+        nothing marked) or returning what it marked now and what was dealt with before (``unchanged``, said so).
+        ``asked``: what the agent asked to mark, in the audit row of a refusal or a no-op; ``marked_words``: the
+        audit row's and the message's words for what was marked."""
         now = self.clock()
-        ask = ActionRequest(action=RESOLVE_BY_HAND, reason=note)
+        ask = ActionRequest(action=action, reason=note)
         with self.executor.engine.begin() as conn:
             state = _order_state(conn, agent, order_id)
-            detail = f"case {case_id}: marked as dealt with"
+            detail = f"{asked}: marked as dealt with"
             try:
-                marked = mark_cases_done(
-                    conn, agent.merchant_id, order_id, f"agent {agent.name}", note, now, case_id=case_id
-                )
-            except CaseResolutionError as exc:
+                marked = mark(conn, f"agent {agent.name}", now)
+            except refusal as exc:
                 self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
                 return ActionResult("refused", str(exc), state=state)
             if not marked.now:
                 said = already_done(marked.before, order_id)
                 self._audit(conn, agent, order_id, ask, detail, UNCHANGED, now, message=said)
                 return ActionResult(UNCHANGED, said, state=state)
-            [case] = marked.now
-            detail = f"{case.described()}: marked as dealt with"
-            message = f"Marked as dealt with: {case.described()} is no longer open"
-            self._audit(conn, agent, order_id, ask, detail, "done", now, message=message)
-        log.warning(
-            "agent marked a case handed to a person as dealt with",
-            extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name},
-        )
+            [done] = marked.now
+            what, gone = marked_words(done)
+            message = f"Marked as dealt with: {gone} is no longer open"
+            self._audit(conn, agent, order_id, ask, f"{what}: marked as dealt with", "done", now, message=message)
+        log.warning(logged, extra={"merchant_id": agent.merchant_id, "order_id": order_id, "agent": agent.name})
         return ActionResult("done", message, state=state)
 
     def _settle(self, audit_id: int, result: str, message: str) -> None:

@@ -1140,25 +1140,16 @@ def charge_disputes(
     return found
 
 
-@dataclass(frozen=True)
-class RefundByHand:
-    """A refund of a duplicate charge dead-lettered for an operator to make by hand (REFUND_BY_HAND), with what is
-    known of it: ``state`` is ``dead`` while it is theirs, ``cancelled`` when its switch later said the charge was
-    never taken (``note`` says so, and that a refund made by hand meanwhile gave back money never taken)."""
+@dataclass(frozen=True, kw_only=True)
+class CaseByHand:
+    """What each money case handed to a person (``cases_by_hand``) says of itself: its order, the connector of the
+    payment it concerns, its row (``case_id``), and who marked it dealt with, when, and what was done (``done``,
+    None while open)."""
 
     merchant_id: str
     order_id: str
     order_state: str
-    refund_action_id: int
-    payment_id: str
     connector: str
-    amount: object
-    currency: str
-    why: str
-    handed_at: datetime
-    state: str
-    note: str
-    #: Its row in ``cases_by_hand``, and who marked it dealt with, when, and what was done (None while open).
     case_id: int = 0
     done: CaseDone | None = None
 
@@ -1166,6 +1157,22 @@ class RefundByHand:
     def open(self) -> bool:
         """Whether nobody has marked it dealt with yet."""
         return self.done is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefundByHand(CaseByHand):
+    """A refund of a duplicate charge dead-lettered for an operator to make by hand (REFUND_BY_HAND), with what is
+    known of it: ``state`` is ``dead`` while it is theirs, ``cancelled`` when its switch later said the charge was
+    never taken (``note`` says so, and that a refund made by hand meanwhile gave back money never taken)."""
+
+    refund_action_id: int
+    payment_id: str
+    amount: object
+    currency: str
+    why: str
+    handed_at: datetime
+    state: str
+    note: str
 
 
 def _cases_of(kind: str, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
@@ -1195,15 +1202,28 @@ def _cases_of(kind: str, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
     )
 
 
-def _of(query: sa.Select[Any], merchant_id: str | None, order_id: str | None, open_only: bool) -> sa.Select[Any]:
-    """``query`` of cases (``_cases_of``) narrowed to a merchant's, one order's, the open ones, oldest first."""
+def _cases_read(
+    conn: sa.Connection, query: sa.Select[Any], merchant_id: str | None, order_id: str | None, open_only: bool
+) -> Iterator[tuple[sa.Row[Any], dict[str, Any], dict[str, Any]]]:
+    """Each case of ``query`` (``_cases_of``) of a merchant's, one order's, or all, the open ones only
+    (``open_only``), oldest first: its row, its action's payload, and the fields every ``CaseByHand`` takes."""
     if merchant_id is not None:
         query = query.where(cases_by_hand.c.merchant_id == merchant_id)
     if order_id is not None:
         query = query.where(cases_by_hand.c.order_id == order_id)
     if open_only:
         query = query.where(cases_by_hand.c.done_at.is_(None))
-    return query.order_by(cases_by_hand.c.action_id, cases_by_hand.c.case_id)
+    for row in conn.execute(query.order_by(cases_by_hand.c.action_id, cases_by_hand.c.case_id)):
+        payload = orjson.loads(row.payload_json or "{}")
+        case = {
+            "merchant_id": row.merchant_id,
+            "order_id": row.order_id,
+            "order_state": row.order_state,
+            "connector": str(payload.get("connector")),
+            "case_id": int(row.case_id),
+            "done": done_of(row),
+        }
+        yield row, payload, case
 
 
 def refunds_by_hand(
@@ -1212,55 +1232,35 @@ def refunds_by_hand(
     """The refunds given to an operator to make by hand (a merchant's, one order's, or all), oldest first, dealt
     with or not (``open_only``: not)."""
     query = _cases_of(REFUND_CASE, actions.c.state, actions.c.last_error)
-    found = []
-    for row in conn.execute(_of(query, merchant_id, order_id, open_only)):
-        payload = orjson.loads(row.payload_json or "{}")
-        found.append(
-            RefundByHand(
-                merchant_id=row.merchant_id,
-                order_id=row.order_id,
-                order_state=row.order_state,
-                refund_action_id=int(row.action_id),
-                payment_id=str(payload.get("payment_id")),
-                connector=str(payload.get("connector")),
-                amount=payload.get("amount"),
-                currency=str(payload.get("currency")),
-                why=str(row.why),
-                handed_at=as_utc(row.flagged_at),
-                state=row.state,
-                note=row.last_error or "",
-                case_id=int(row.case_id),
-                done=done_of(row),
-            )
+    return [
+        RefundByHand(
+            **case,
+            refund_action_id=int(row.action_id),
+            payment_id=str(payload.get("payment_id")),
+            amount=payload.get("amount"),
+            currency=str(payload.get("currency")),
+            why=str(row.why),
+            handed_at=as_utc(row.flagged_at),
+            state=row.state,
+            note=row.last_error or "",
         )
-    return found
+        for row, payload, case in _cases_read(conn, query, merchant_id, order_id, open_only)
+    ]
 
 
-@dataclass(frozen=True)
-class PaidTwice:
+@dataclass(frozen=True, kw_only=True)
+class PaidTwice(CaseByHand):
     """An order settled by winback's charge (``payment_id`` via ``connector``, winback's ``winback_txn_id``) that its
     merchant then reported paid by a payment of its own (``merchant_txn_id``, at ``reported_at``): the customer may
     have paid twice. Winback refunds neither (MERCHANT_PAID_TOO); an operator checks with the merchant."""
 
-    merchant_id: str
-    order_id: str
-    order_state: str
     charge_action_id: int
     payment_id: str
-    connector: str
     amount: object
     currency: str
     winback_txn_id: str
     merchant_txn_id: str
     reported_at: datetime
-    #: Its row in ``cases_by_hand``, and who marked it dealt with, when, and what was done (None while open).
-    case_id: int = 0
-    done: CaseDone | None = None
-
-    @property
-    def open(self) -> bool:
-        """Whether nobody has marked it dealt with yet."""
-        return self.done is None
 
 
 def paid_twice(
@@ -1274,55 +1274,35 @@ def paid_twice(
     merchant's, one order's, or all), oldest charge first, one per merchant txn id, dealt with or not
     (``open_only``: not). Only the charges flagged (``cases_by_hand``) are read."""
     query = _cases_of(PAID_TWICE_CASE, orders.c.success_txn_id, orders.c.amount, orders.c.currency)
-    found = []
-    for row in conn.execute(_of(query, merchant_id, order_id, open_only)):
-        payload = orjson.loads(row.payload_json or "{}")
-        found.append(
-            PaidTwice(
-                merchant_id=row.merchant_id,
-                order_id=row.order_id,
-                order_state=row.order_state,
-                charge_action_id=int(row.action_id),
-                payment_id=f"{row.order_id}_{payload.get('attempt_number')}",
-                connector=str(payload.get("connector")),
-                amount=row.amount,
-                currency=str(row.currency),
-                winback_txn_id=str(row.success_txn_id),
-                merchant_txn_id=str(row.ref),
-                reported_at=as_utc(row.flagged_at),
-                case_id=int(row.case_id),
-                done=done_of(row),
-            )
+    return [
+        PaidTwice(
+            **case,
+            charge_action_id=int(row.action_id),
+            payment_id=f"{row.order_id}_{payload.get('attempt_number')}",
+            amount=row.amount,
+            currency=str(row.currency),
+            winback_txn_id=str(row.success_txn_id),
+            merchant_txn_id=str(row.ref),
+            reported_at=as_utc(row.flagged_at),
         )
-    return found
+        for row, payload, case in _cases_read(conn, query, merchant_id, order_id, open_only)
+    ]
 
 
-@dataclass(frozen=True)
-class SilentNotCharged:
+@dataclass(frozen=True, kw_only=True)
+class SilentNotCharged(CaseByHand):
     """A charge taken as never charged (an operator's "not charged", or its switch's "not found") whose status checks
     its switch ``connector`` then answered none of since ``silent_since``, and which were asked no more at
     ``given_up_at`` (SWITCH_SILENCE_LIMIT later): if a send reached the connector late, the customer paid, and
     nothing else will show it. An operator checks payment ``payment_id`` with the connector."""
 
-    merchant_id: str
-    order_id: str
-    order_state: str
     charge_action_id: int
     check_action_id: int
     payment_id: str
-    connector: str
     amount: object
     currency: str
     silent_since: datetime
     given_up_at: datetime
-    #: Its row in ``cases_by_hand``, and who marked it dealt with, when, and what was done (None while open).
-    case_id: int = 0
-    done: CaseDone | None = None
-
-    @property
-    def open(self) -> bool:
-        """Whether nobody has marked it dealt with yet."""
-        return self.done is None
 
 
 def silent_not_charged(
@@ -1335,27 +1315,19 @@ def silent_not_charged(
     """The charges taken as never charged whose switch then answered no status check for SWITCH_SILENCE_LIMIT (a
     merchant's, one order's, or all), oldest check first, dealt with or not (``open_only``: not)."""
     query = _cases_of(SILENT_NOT_CHARGED_CASE, actions.c.planned_at, orders.c.amount, orders.c.currency)
-    found = []
-    for row in conn.execute(_of(query, merchant_id, order_id, open_only)):
-        payload = orjson.loads(row.payload_json or "{}")
-        found.append(
-            SilentNotCharged(
-                merchant_id=row.merchant_id,
-                order_id=row.order_id,
-                order_state=row.order_state,
-                charge_action_id=int(payload.get("charge_action_id", 0)),
-                check_action_id=int(row.action_id),
-                payment_id=str(payload.get("payment_id")),
-                connector=str(payload.get("connector")),
-                amount=row.amount,
-                currency=str(row.currency),
-                silent_since=as_utc(row.planned_at),
-                given_up_at=as_utc(row.flagged_at),
-                case_id=int(row.case_id),
-                done=done_of(row),
-            )
+    return [
+        SilentNotCharged(
+            **case,
+            charge_action_id=int(payload.get("charge_action_id", 0)),
+            check_action_id=int(row.action_id),
+            payment_id=str(payload.get("payment_id")),
+            amount=row.amount,
+            currency=str(row.currency),
+            silent_since=as_utc(row.planned_at),
+            given_up_at=as_utc(row.flagged_at),
         )
-    return found
+        for row, payload, case in _cases_read(conn, query, merchant_id, order_id, open_only)
+    ]
 
 
 def resolve_charge_disputes(

@@ -558,77 +558,98 @@ def make_new_code_history(n_orders: int = 1500, seed: int = 0) -> tuple[pd.DataF
     return attempts, nudges
 
 
-def insert_lost_charge(engine: Any, merchant_id: str, order_id: str, sent_at: datetime) -> int:
-    """What the executor leaves when a retry (payment ``<order_id>_2`` via adyen) was sent to its connector and no
-    answer ever came back: a dead-lettered charge still marked sent (``actions.unanswered_since``). Its action id."""
+def _insert_action(
+    conn: Any,
+    merchant_id: str,
+    order_id: str,
+    kind: str,
+    state: str,
+    at: datetime,
+    key: str,
+    payload: dict[str, Any],
+    *,
+    attempts: int = 1,
+    last_error: str | None = None,
+    unanswered_since: datetime | None = None,
+) -> int:
+    """An executor action of ``merchant_id``'s order, planned, due, made and last changed ``at``: its id."""
     import json
 
     from service.executor.store import actions
 
-    with engine.begin() as conn:
-        inserted = conn.execute(
-            actions.insert().values(
-                merchant_id=merchant_id,
-                order_id=order_id,
-                kind="retry",
-                state="dead",
-                due_at=sent_at,
-                planned_at=sent_at,
-                attempts=8,
-                idempotency_key=f"{merchant_id}:{order_id}:retry:lost",
-                payload_json=json.dumps({"strategy": "retry_same", "connector": "adyen", "attempt_number": 2}),
-                last_error="timeout calling connector 'adyen': ReadTimeout (the payment may have been charged)",
-                created_at=sent_at,
-                updated_at=sent_at,
-                unanswered_since=sent_at,
-            )
+    inserted = conn.execute(
+        actions.insert().values(
+            merchant_id=merchant_id,
+            order_id=order_id,
+            kind=kind,
+            state=state,
+            due_at=at,
+            planned_at=at,
+            attempts=attempts,
+            idempotency_key=key,
+            payload_json=json.dumps(payload),
+            last_error=last_error,
+            created_at=at,
+            updated_at=at,
+            unanswered_since=unanswered_since,
         )
-        key = inserted.inserted_primary_key
-        assert key is not None
-        return int(key[0])
+    )
+    action_key = inserted.inserted_primary_key
+    assert action_key is not None
+    return int(action_key[0])
+
+
+#: The retry the executor's cases below charged: payment ``<order_id>_2`` via adyen.
+_RETRY_PAYLOAD = {"strategy": "retry_same", "connector": "adyen", "attempt_number": 2}
+
+
+def insert_lost_charge(engine: Any, merchant_id: str, order_id: str, sent_at: datetime) -> int:
+    """What the executor leaves when a retry (payment ``<order_id>_2`` via adyen) was sent to its connector and no
+    answer ever came back: a dead-lettered charge still marked sent (``actions.unanswered_since``). Its action id."""
+    with engine.begin() as conn:
+        return _insert_action(
+            conn,
+            merchant_id,
+            order_id,
+            "retry",
+            "dead",
+            sent_at,
+            f"{merchant_id}:{order_id}:retry:lost",
+            _RETRY_PAYLOAD,
+            attempts=8,
+            last_error="timeout calling connector 'adyen': ReadTimeout (the payment may have been charged)",
+            unanswered_since=sent_at,
+        )
+
+
+def _case_id(conn: Any) -> int:
+    """The id of the case just kept in ``cases_by_hand``."""
+    import sqlalchemy as sa
+
+    return int(conn.scalar(sa.text("SELECT max(case_id) FROM cases_by_hand")))
 
 
 def insert_paid_twice(engine: Any, merchant_id: str, order_id: str, reported_at: datetime) -> int:
     """What the executor leaves when winback's retry (payment ``<order_id>_2`` via adyen) paid the order and its
     merchant then reported it paid by a payment of its own (txn_id ``txn_merchant_own``): the order SUCCEEDED on
     the retry, the flag on the retry's payload and its case in ``cases_by_hand``. The case's id."""
-    import json
-
-    import sqlalchemy as sa
-
     from service.executor.by_hand import PAID_TWICE_CASE, note_case
     from service.executor.core import txn_id_for
-    from service.executor.store import actions, orders
+    from service.executor.store import orders
 
     key = f"{merchant_id}:{order_id}:retry:paid"
     flag = {"merchant_paid_too": {"txn_merchant_own": {"at": reported_at.isoformat()}}}
     with engine.begin() as conn:
-        inserted = conn.execute(
-            actions.insert().values(
-                merchant_id=merchant_id,
-                order_id=order_id,
-                kind="retry",
-                state="done",
-                due_at=reported_at,
-                planned_at=reported_at,
-                attempts=1,
-                idempotency_key=key,
-                payload_json=json.dumps({"strategy": "retry_same", "connector": "adyen", "attempt_number": 2} | flag),
-                created_at=reported_at,
-                updated_at=reported_at,
-            )
+        action_id = _insert_action(
+            conn, merchant_id, order_id, "retry", "done", reported_at, key, _RETRY_PAYLOAD | flag
         )
-        action_key = inserted.inserted_primary_key
-        assert action_key is not None
-        action_id = int(action_key[0])
         conn.execute(
             orders.update()
             .where(orders.c.merchant_id == merchant_id, orders.c.order_id == order_id)
             .values(state="SUCCEEDED", success_txn_id=txn_id_for(key))
         )
         note_case(conn, PAID_TWICE_CASE, merchant_id, order_id, action_id, reported_at, ref="txn_merchant_own")
-        case_id = conn.scalar(sa.text("SELECT max(case_id) FROM cases_by_hand"))
-        return int(case_id)
+        return _case_id(conn)
 
 
 # --- the `winback` command as its own process --------------------------------------------------------------

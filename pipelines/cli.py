@@ -580,6 +580,12 @@ def executor_charge_disputes(
         typer.echo(line)
 
 
+#: What ``refunds-by-hand`` lists, in the words of its lines ("possibly paid twice", "possibly charged"), for the
+#: lines saying there is none: they named refunds and possible double payments only, not the charges taken as never
+#: charged whose switch went silent that it lists too.
+CASES_BY_HAND = "refund by hand, possible double payment or possibly charged payment"
+
+
 @executor_app.command("refunds-by-hand")
 def executor_refunds_by_hand(
     merchant: Annotated[str | None, typer.Option("--merchant", help="Only this merchant's (default: all).")] = None,
@@ -661,10 +667,10 @@ def executor_refunds_by_hand(
             f"{dealt_with(refund.done)}"
         )
     if not found and not twice and not silent:
-        typer.echo("no refund given to an operator to make by hand")
+        typer.echo(f"no {CASES_BY_HAND} given to an operator")
     elif not shown and not shown_twice and not shown_silent:
         cases = count_noun(len(found) + len(twice) + len(silent), "case")
-        typer.echo(f"no refund by hand or possible double payment open ({cases} dealt with: --all lists them)")
+        typer.echo(f"no {CASES_BY_HAND} open ({cases} dealt with: --all lists them)")
 
 
 def resolver(note: str | None, by: str | None, show_all: bool, listed: str, example: str) -> str:

@@ -16,7 +16,13 @@ from pipelines.cli import app as cli
 from service.api.app import create_app
 from service.console.store import audit_log
 from service.executor.by_hand import MAX_CASE_NOTE_LENGTH
-from service.executor.core import SWITCH_SILENCE_LIMIT, paid_twice, refunds_by_hand, silent_not_charged
+from service.executor.core import (
+    SWITCH_SILENCE_LIMIT,
+    SilentNotCharged,
+    paid_twice,
+    refunds_by_hand,
+    silent_not_charged,
+)
 from service.executor.metrics import SilentNotChargedCollector
 from service.executor.store import cases_by_hand
 from tests.integration.test_console import flash, flash_kind
@@ -100,7 +106,8 @@ def test_a_possible_double_payment_is_marked_dealt_with_once_and_leaves_the_list
     code, listed = by_hand(database_url)
     assert (code, listed) == (
         0,
-        "no refund by hand or possible double payment open (1 case dealt with: --all lists them)\n",
+        "no refund by hand, possible double payment or possibly charged payment open (1 case dealt with: --all lists "
+        "them)\n",
     )
     everything = answered(database_url, "--all")
     assert "possibly paid twice" in everything, everything
@@ -223,12 +230,37 @@ def test_a_refund_by_hand_is_marked_dealt_with_on_its_card_and_leaves_the_list(
     code, listed = by_hand(database_url)
     assert (code, listed) == (
         0,
-        "no refund by hand or possible double payment open (1 case dealt with: --all lists them)\n",
+        "no refund by hand, possible double payment or possibly charged payment open (1 case dealt with: --all lists "
+        "them)\n",
     )
     everything = answered(database_url, "--all")
     assert f"refund action {refund.refund_action_id} of payment ord_1_2" in everything, everything
     assert "; dealt with by agent asha@m_demo at 2026-" in everything
     assert everything.rstrip().endswith(note)
+
+
+def taken_as_never_charged_then_silent(
+    build: MakeHarness, database_url: str, taken_by: str
+) -> tuple[Harness, SilentNotCharged]:
+    """Order ord_1's retry (payment ord_1_2) taken as never charged by ``taken_by`` (``operator``: its "not
+    charged"; ``switch``: its "not found" on an order its merchant paid meanwhile, the send reaching it late), then
+    its switch silent for a day and its checks asked no more: the case handed to a person. Before it, none."""
+    switch = FullSwitch(statuses=["succeeded"], drop_charges=taken_by == "switch", hold_charges=taken_by == "switch")
+    h = lost_charge(build, database_url, switch, {"action": "stop"})
+    assert answered(database_url) == (
+        "no refund by hand, possible double payment or possibly charged payment given to an operator\n"
+    )
+    if taken_by == "operator":
+        h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=False)
+    else:
+        assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
+        run_for(h, 120)  # the status check: 404, taken as never charged; the one more ask is planned
+        switch.deliver_held()  # the send reaches the switch late: the customer paid
+    switch.status_mode = "timeout"
+    run_for(h, int(SWITCH_SILENCE_LIMIT.total_seconds()) + 3 * 3600, step=600)
+    with h.executor.engine.connect() as conn:
+        [charge] = silent_not_charged(conn)
+    return h, charge
 
 
 @pytest.mark.parametrize("taken_by", ["operator", "switch"])
@@ -243,18 +275,7 @@ def test_a_charge_taken_as_never_charged_whose_switch_went_silent_is_listed_for_
     took the payment, only the log, a payload note and a counter said so. Now ``refunds-by-hand`` lists it (order,
     payment, connector, amount, since when the switch is silent: "check with the connector"), /metrics has its
     open gauge, and ``--resolve`` marks it dealt with, once."""
-    switch = FullSwitch(statuses=["succeeded"], drop_charges=taken_by == "switch", hold_charges=taken_by == "switch")
-    h = lost_charge(make_harness, database_url, switch, {"action": "stop"})
-    if taken_by == "operator":
-        h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=False)
-    else:
-        assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
-        run_for(h, 120)  # the status check: 404, taken as never charged; the one more ask is planned
-        switch.deliver_held()  # the send reaches the switch late: the customer paid
-    switch.status_mode = "timeout"
-    run_for(h, int(SWITCH_SILENCE_LIMIT.total_seconds()) + 3 * 3600, step=600)
-    with h.executor.engine.connect() as conn:
-        [charge] = silent_not_charged(conn)
+    h, charge = taken_as_never_charged_then_silent(make_harness, database_url, taken_by)
     check = next(a for a in of_kind(h, "charge_status") if a.action_id == charge.check_action_id)
     assert check.state == "dead", check
     assert "stays taken as never charged" in (check.last_error or ""), check
@@ -287,7 +308,8 @@ def test_a_charge_taken_as_never_charged_whose_switch_went_silent_is_listed_for_
     assert registry.get_sample_value("winback_executor_silent_not_charged_open", {"merchant_id": "m_demo"}) == 0.0
     assert registry.get_sample_value("winback_executor_silent_not_charged_total", {"merchant_id": "m_demo"}) == 1.0
     assert answered(database_url) == (
-        "no refund by hand or possible double payment open (1 case dealt with: --all lists them)\n"
+        "no refund by hand, possible double payment or possibly charged payment open (1 case dealt with: --all lists "
+        "them)\n"
     )
     everything = answered(database_url, "--all")
     assert "check with the connector; dealt with by operator alice at 20" in everything, everything

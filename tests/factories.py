@@ -652,6 +652,50 @@ def insert_paid_twice(engine: Any, merchant_id: str, order_id: str, reported_at:
         return _case_id(conn)
 
 
+def insert_silent_uncharged(engine: Any, merchant_id: str, order_id: str, given_up_at: datetime) -> int:
+    """What the executor leaves when a retry (payment ``<order_id>_2`` via adyen) was taken as never charged (an
+    operator's "not charged") and its switch then answered no status check for a day: the retry dead-lettered as
+    not charged, its status check planned SWITCH_SILENCE_LIMIT before ``given_up_at`` and asked no more then, and
+    the check's case in ``cases_by_hand``. The case's id."""
+    from service.executor.by_hand import SILENT_NOT_CHARGED_CASE, note_case
+    from service.executor.core import SWITCH_SILENCE_LIMIT, SWITCH_SILENT, TAKEN_AS_NOT_CHARGED
+
+    planned_at = given_up_at - SWITCH_SILENCE_LIMIT
+    with engine.begin() as conn:
+        charge_id = _insert_action(
+            conn,
+            merchant_id,
+            order_id,
+            "retry",
+            "dead",
+            planned_at,
+            f"{merchant_id}:{order_id}:retry:not_charged",
+            _RETRY_PAYLOAD | {TAKEN_AS_NOT_CHARGED: planned_at.isoformat()},
+            attempts=2,
+        )
+        check_payload = {
+            "charge_action_id": charge_id,
+            "connector": "adyen",
+            "attempt_number": 2,
+            "payment_id": f"{order_id}_2",
+            SWITCH_SILENT: {"at": given_up_at.isoformat(), "charge": "taken_as_not_charged"},
+        }
+        check_id = _insert_action(
+            conn,
+            merchant_id,
+            order_id,
+            "charge_status",
+            "dead",
+            planned_at,
+            f"{merchant_id}:{order_id}:charge_status:silent",
+            check_payload,
+            attempts=3,
+            last_error="no longer asked: switch 'adyen' answered no status check",
+        )
+        note_case(conn, SILENT_NOT_CHARGED_CASE, merchant_id, order_id, check_id, given_up_at)
+        return _case_id(conn)
+
+
 # --- the `winback` command as its own process --------------------------------------------------------------
 
 

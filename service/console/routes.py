@@ -758,8 +758,8 @@ async def by_hand_resolution(
     executor: ExecutorDep,
     runtime: RuntimeDep,
 ) -> Response:
-    """Mark a case of the order handed to a person (a refund by hand, a possible double payment: ``case_id``) as
-    dealt with (form: ``note``, what was done; required)."""
+    """Mark a case of the order handed to a person (a refund by hand, a possible double payment, a charge taken as
+    never charged whose switch went silent: ``case_id``) as dealt with (form: ``note``, what was done; required)."""
     return await _mark_dealt_with(
         order_id,
         request,

@@ -28,10 +28,12 @@ from service.executor.core import (
     ChargeDispute,
     PaidTwice,
     RefundByHand,
+    SilentNotCharged,
     charge_disputes,
     held_back,
     paid_twice,
     refunds_by_hand,
+    silent_not_charged,
 )
 from service.executor.schemas import OrderOut
 from service.executor.store import (
@@ -440,6 +442,9 @@ class OrderPage:
     #: Payments of the merchant's own it reported after winback's charge had paid the order: the customer may have
     #: paid twice (winback refunds neither).
     paid_twice: list[PaidTwice] = field(default_factory=list)
+    #: Charges of the order taken as never charged whose switch then answered no status check for a day: a late
+    #: send may have charged the customer after all (open, and dealt with).
+    silent_not_charged: list[SilentNotCharged] = field(default_factory=list)
     #: Refunds of duplicate charges of the order given to an operator to make by hand (open, and dealt with).
     refunds_by_hand: list[RefundByHand] = field(default_factory=list)
     #: The approval withdrawn since an agent last acted on the order (shown next to the new recommendation).
@@ -554,6 +559,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         disputes = charge_disputes(conn, merchant_id, order_id)
         twice = paid_twice(conn, merchant_id, order_id)
         by_hand = refunds_by_hand(conn, merchant_id, order_id)
+        silent = silent_not_charged(conn, merchant_id, order_id)
         errors = {
             row.txn_id: row
             for row in conn.execute(
@@ -682,6 +688,7 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         unanswered=unanswered,
         disputes=disputes,
         paid_twice=twice,
+        silent_not_charged=silent,
         refunds_by_hand=by_hand,
         withdrawn=approvals.unseen if view.state == OrderState.AWAITING_AGENT else None,
     )

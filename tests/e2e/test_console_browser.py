@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import insert_lost_charge, insert_paid_twice, make_request, write_console_config
+from tests.factories import (
+    insert_lost_charge,
+    insert_paid_twice,
+    insert_silent_uncharged,
+    make_request,
+    write_console_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -379,38 +385,67 @@ def test_agent_answers_for_a_charge_that_was_never_answered(
     _shot(page, tmp_path, "charge-answered")
 
 
-def test_agent_marks_a_possible_double_payment_as_dealt_with(
-    browser_page: Any, served: tuple[str, str], tmp_path: Path
-) -> None:
+def _open_case(page: Any, served: tuple[str, str], order_id: str, insert: Callable[..., int]) -> None:
+    """A failed order ``order_id`` of m_a given a case by hand an hour ago (``insert``, a factory of
+    tests/factories.py, writes it into the served database), its page open for m_a's agent."""
     import sqlalchemy as sa
 
     url, database = served
-    page = browser_page
-    _fail_order(url, "ord_twice_e2e")
+    _fail_order(url, order_id)
     engine = sa.create_engine(database)
     try:
-        insert_paid_twice(engine, "m_a", "ord_twice_e2e", datetime.now(UTC) - timedelta(hours=1))
+        insert(engine, "m_a", order_id, datetime.now(UTC) - timedelta(hours=1))
     finally:
         engine.dispose()
     _sign_in(page, AGENT)
     page.wait_for_url("**/console/queue")
-    page.goto("/console/orders/ord_twice_e2e")
-    card = page.get_by_test_id("paid-twice")
-    assert "txn_merchant_own" in card.inner_text()
-    _shot(page, tmp_path, "paid-twice")
-    card.get_by_test_id("resolve-case").click()  # no note: the browser does not send it
+    page.goto(f"/console/orders/{order_id}")
+
+
+def _mark_case_dealt_with(page: Any, folder: Path, card_id: str, note: str) -> str:
+    """Click the case card ``card_id``'s "Mark as dealt with" without a note (the browser sends nothing), then with
+    ``note``: the card gives way to its dealt-with card (``<card_id>-dealt-with``) naming the agent and the note,
+    as the audit does; both shot. The result shown."""
+    card = page.get_by_test_id(card_id)
+    card.get_by_test_id("resolve-case").click()
     assert page.get_by_test_id("result").count() == 0
-    card.get_by_test_id("case-note").fill("merchant refunded its own payment, ref R-77")
+    card.get_by_test_id("case-note").fill(note)
     card.get_by_test_id("resolve-case").click()
     result = page.get_by_test_id("result")
     result.wait_for()
-    assert "Marked as dealt with: the possible double payment" in result.inner_text()
-    assert page.get_by_test_id("paid-twice").count() == 0
-    done = page.get_by_test_id("paid-twice-dealt-with").inner_text()
+    assert page.get_by_test_id(card_id).count() == 0
+    done = page.get_by_test_id(f"{card_id}-dealt-with").inner_text()
     assert "agent asha@m_a marked it as dealt with" in done
-    assert "merchant refunded its own payment, ref R-77" in done
-    assert "merchant refunded its own payment, ref R-77" in page.get_by_test_id("audit").inner_text()
-    _shot(page, tmp_path, "paid-twice-dealt-with")
+    assert note in done
+    assert note in page.get_by_test_id("audit").inner_text()
+    _shot(page, folder, f"{card_id}-dealt-with")
+    return str(result.inner_text())
+
+
+def test_agent_marks_a_possible_double_payment_as_dealt_with(
+    browser_page: Any, served: tuple[str, str], tmp_path: Path
+) -> None:
+    page = browser_page
+    _open_case(page, served, "ord_twice_e2e", insert_paid_twice)
+    assert "txn_merchant_own" in page.get_by_test_id("paid-twice").inner_text()
+    _shot(page, tmp_path, "paid-twice")
+    result = _mark_case_dealt_with(page, tmp_path, "paid-twice", "merchant refunded its own payment, ref R-77")
+    assert "Marked as dealt with: the possible double payment" in result
+
+
+def test_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent_as_dealt_with(
+    browser_page: Any, served: tuple[str, str], tmp_path: Path
+) -> None:
+    page = browser_page
+    _open_case(page, served, "ord_silent_e2e", insert_silent_uncharged)
+    card = page.get_by_test_id("silent-not-charged")
+    said = card.inner_text()
+    assert "The customer may have been charged after all" in said
+    assert "Payment ord_silent_e2e_2 via adyen" in said
+    assert card.get_by_test_id("case-note").get_attribute("placeholder") == "adyen has no payment ord_silent_e2e_2"
+    _shot(page, tmp_path, "silent-not-charged")
+    result = _mark_case_dealt_with(page, tmp_path, "silent-not-charged", "adyen support: no such payment, ref 4471")
+    assert "Marked as dealt with: the charge taken as never charged, its switch silent" in result
 
 
 def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after_sign_in(

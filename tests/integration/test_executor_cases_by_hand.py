@@ -316,3 +316,43 @@ def test_a_charge_taken_as_never_charged_whose_switch_went_silent_is_listed_for_
     again = answered(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
     assert again.startswith("order ord_1: already marked dealt with (the charge taken as never charged"), again
     assert again.rstrip().endswith(f"{note}); nothing changed"), again
+
+
+def test_an_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent_dealt_with_on_its_card(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """The console had no card for it (the route took its case all the same): the order's page said nothing of a
+    payment the customer may have made. Now its card says which payment, via which connector, how much, since when
+    the switch is silent, with "Mark as dealt with" as the other cases' cards; once marked, who, when and the note."""
+    h, charge = taken_as_never_charged_then_silent(make_harness, database_url, "operator")
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = signed_in_console(api)
+        page = console.get("/console/orders/ord_1").text
+        assert 'data-testid="silent-not-charged"' in page, page
+        assert "The customer may have been charged after all</h2>" in page
+        assert f"Payment <code>ord_1_2</code> via <strong>adyen</strong>, {charge.amount} {charge.currency}" in page
+        assert f"(status check {charge.check_action_id})" in page
+        assert 'placeholder="adyen has no payment ord_1_2"' in page
+        note = "adyen support: no payment ord_1_2, ref 4471"
+        dealt = console.act(
+            f"/console/orders/ord_1/by-hand/{charge.case_id}", {"note": note, "csrf_token": console.csrf()}
+        )
+        assert flash(dealt) == (
+            "Marked as dealt with: the charge taken as never charged, its switch silent (status check "
+            f"{charge.check_action_id}) is no longer open"
+        )
+        assert 'data-testid="silent-not-charged"' not in dealt.text
+        assert 'data-testid="silent-not-charged-dealt-with"' in dealt.text
+        assert "agent asha@m_demo marked it as dealt with at " in dealt.text
+        assert note in dealt.text
+        metrics = api.get("/metrics").text
+        assert 'winback_executor_silent_not_charged_open{merchant_id="m_demo"} 0.0' in metrics
+    finally:
+        api.close()
+    with h.executor.engine.connect() as conn:
+        [marked] = silent_not_charged(conn)
+    assert marked.done is not None
+    assert (marked.done.by, marked.done.note) == ("agent asha@m_demo", note)

@@ -5,6 +5,10 @@ mark changes nothing and says so). Real executor, switch behind ``HttpConnector`
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app as cli
 from service.api.app import create_app
+from service.console.actions import ActionResult, AgentDesk
+from service.console.auth import Agent, add_agent
 from service.console.store import audit_log
 from service.executor.by_hand import MAX_CASE_NOTE_LENGTH
 from service.executor.core import (
@@ -24,8 +30,8 @@ from service.executor.core import (
     silent_not_charged,
 )
 from service.executor.metrics import SilentNotChargedCollector
-from service.executor.store import cases_by_hand
-from tests.integration.test_console import flash, flash_kind
+from service.executor.store import actions, cases_by_hand, is_postgres
+from tests.integration.test_console import PASSWORD, flash, flash_kind
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     PAID_BY_MERCHANT,
     Harness,
@@ -36,6 +42,8 @@ from tests.integration.test_executor_switch_followups import (
     RETRY,
     FullSwitch,
     MakeHarness,
+    disputed,
+    disputes_of,
     handed_over_after_the_switchs_silence,
     lost_charge,
     of_kind,
@@ -356,3 +364,139 @@ def test_an_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent
         [marked] = silent_not_charged(conn)
     assert marked.done is not None
     assert (marked.done.by, marked.done.note) == ("agent asha@m_demo", note)
+
+
+# ------------------------------------------------------------------------------- marked by two people at once
+
+
+@contextmanager
+def row_held(engine: sa.Engine, key: sa.ColumnElement[int], value: int) -> Iterator[None]:
+    """The row whose ``key`` is ``value`` held by a transaction of its own for the block, then rolled back:
+    PostgreSQL locks the row (FOR UPDATE: others read it, and wait to change it); SQLite takes the database's write
+    lock (the executor's engine begins every transaction IMMEDIATE, and renders no FOR UPDATE), so the others wait
+    to begin."""
+    with engine.connect() as conn:
+        holding = conn.begin()
+        try:
+            conn.execute(sa.select(key).where(key == value).with_for_update()).one()
+            yield
+        finally:
+            holding.rollback()
+
+
+def until_waiting_on_locks(engine: sa.Engine, how_many: int, threads: list[threading.Thread]) -> None:
+    """On PostgreSQL, return once ``how_many`` sessions of this database wait on a lock (each thread has read what
+    it marks and waits to write it); an AssertionError when a thread ended first, or none came within a minute.
+    SQLite's waiters cannot be seen: they queue at BEGIN, before reading anything."""
+    if not is_postgres(engine):
+        return
+    waiting = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 60
+    with engine.connect() as conn:
+        while conn.execute(waiting).scalar_one() < how_many:
+            conn.rollback()  # a new snapshot of pg_stat_activity for the next look
+            assert all(thread.is_alive() for thread in threads), "a mark ended before the other one waited"
+            assert time.monotonic() < deadline, "the two marks did not both wait on the row within a minute"
+            time.sleep(0.01)
+
+
+def marked_by_two_at_once(
+    h: Harness, key: sa.ColumnElement[int], value: int, mark: Callable[[AgentDesk, Agent], ActionResult]
+) -> dict[str, ActionResult]:
+    """``mark`` by two agents of m_demo at the same moment, on a row (``key`` = ``value``) held until both have
+    read it as open and wait to write it (PostgreSQL), or both wait to begin (SQLite): each agent's result."""
+    engine = h.executor.engine
+    desk = AgentDesk(h.executor, h.executor.catalog)
+    agents = [add_agent(engine, "m_demo", name, PASSWORD) for name in ("asha@m_demo", "bo@m_demo")]
+    results: dict[str, ActionResult] = {}
+    failures: list[BaseException] = []
+
+    def one(agent: Agent) -> None:
+        try:
+            results[agent.name] = mark(desk, agent)
+        except BaseException as exc:  # shown by the assertion below, not lost in the thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one, args=(agent,)) for agent in agents]
+    with row_held(engine, key, value):
+        for thread in threads:
+            thread.start()
+        until_waiting_on_locks(engine, len(threads), threads)
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    assert sorted(results) == ["asha@m_demo", "bo@m_demo"], results
+    return results
+
+
+def audited(h: Harness) -> list[tuple[str, str, str]]:
+    """The console's audit rows of ord_1: (agent, action, result), by agent."""
+    with h.executor.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(audit_log.c.agent_name, audit_log.c.action, audit_log.c.result).where(
+                audit_log.c.order_id == "ord_1"
+            )
+        ).all()
+    return sorted((row.agent_name, row.action, row.result) for row in rows)
+
+
+def one_done_one_unchanged(results: dict[str, ActionResult]) -> tuple[str, str]:
+    """Who marked it (``done``) and who was told it was already (``unchanged``, naming the first, "nothing
+    changed"): exactly one of each."""
+    done = [name for name, result in results.items() if result.result == "done"]
+    unchanged = [name for name, result in results.items() if result.result == "unchanged"]
+    assert (len(done), len(unchanged)) == (1, 1), results
+    told = results[unchanged[0]].message
+    assert told.startswith("order ord_1: already marked dealt with ("), told
+    assert f" by agent {done[0]} at " in told, told
+    assert told.endswith(f"note of {done[0]}); nothing changed"), told
+    return done[0], unchanged[0]
+
+
+def test_a_charge_dispute_marked_by_two_agents_at_the_same_moment_is_marked_once(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """Two agents mark one dispute as dealt with at the same moment, both having read it open (PostgreSQL: both
+    wait on its row; SQLite: on the write lock): one is done, with their note alone kept on the dispute and in
+    the check's note; the other is told it was marked already, by whom, with nothing changed (not refused, not
+    failed); each has one audit row saying so."""
+    h = disputed(make_harness, database_url)
+    check_id = disputes_of(h)[0].check_action_id
+    results = marked_by_two_at_once(
+        h,
+        actions.c.action_id,
+        check_id,
+        lambda desk, agent: desk.resolve_dispute(agent, "ord_1", check_id, f"note of {agent.name}"),
+    )
+    done, unchanged = one_done_one_unchanged(results)
+    assert results[done].message == "Marked as dealt with: the dispute of payment ord_1_2 is no longer open"
+    [dispute] = disputes_of(h)
+    assert (dispute.resolved_by, dispute.resolution_note) == (f"agent {done}", f"note of {done}")
+    check = next(a for a in of_kind(h, "charge_status") if a.action_id == check_id)
+    assert (check.last_error or "").count("dispute dealt with by") == 1, check.last_error
+    assert audited(h) == sorted([(done, "resolve_dispute", "done"), (unchanged, "resolve_dispute", "unchanged")])
+
+
+def test_a_case_by_hand_marked_by_two_agents_at_the_same_moment_is_marked_once(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+) -> None:
+    """As a dispute, a possible double payment's case marked by two agents at the same moment: one done, the other
+    told it was marked already, with nothing changed; the first one's note alone is kept."""
+    h = paid_twice_case(make_harness, database_url)
+    with h.executor.engine.connect() as conn:
+        [case] = paid_twice(conn)
+    results = marked_by_two_at_once(
+        h,
+        cases_by_hand.c.case_id,
+        case.case_id,
+        lambda desk, agent: desk.resolve_by_hand(agent, "ord_1", case.case_id, f"note of {agent.name}"),
+    )
+    done, unchanged = one_done_one_unchanged(results)
+    with h.executor.engine.connect() as conn:
+        rows = conn.execute(sa.select(cases_by_hand.c.done_by, cases_by_hand.c.done_note)).all()
+    assert [tuple(row) for row in rows] == [(f"agent {done}", f"note of {done}")]
+    assert audited(h) == sorted([(done, "resolve_by_hand", "done"), (unchanged, "resolve_by_hand", "unchanged")])

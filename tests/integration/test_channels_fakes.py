@@ -588,6 +588,55 @@ def test_an_exchange_ban_of_the_sender_is_not_taken_and_says_the_sender_is_banne
     assert (result.error or "").startswith(f"smtp: 550 {text[:30]}")  # the rest: any address in it masked
 
 
+SES_PAUSED = (
+    "Message rejected: Sending paused for this account. For more information, please check the inbox of the email "
+    "address associated with your AWS account."
+)
+GOOGLE_SENDING_DENIED = (
+    "5.7.0 Mail Sending denied. This error occurs if the sender account is disabled\n5.7.0 or not registered within "
+    "your Google Workspace domain. - gsmtp"
+)
+
+
+@pytest.mark.parametrize(
+    ("at", "code", "text"),
+    [
+        ("DATA", 554, SES_PAUSED),
+        ("DATA", 554, SES_PAUSED.replace("paused", "suspended")),  # SES's older wording
+        ("MAIL", 550, GOOGLE_SENDING_DENIED),
+        ("RCPT", 550, GOOGLE_SENDING_DENIED),
+    ],
+)
+def test_a_paused_ses_account_or_a_disabled_google_sender_is_a_ban_of_the_sender(at: str, code: int, text: str) -> None:
+    """Before: only Exchange Online's bans were read as such. Amazon SES's paused account (its sending review: it
+    sends nothing until AWS accepts a request) and Google's ``550 5.7.0 Mail Sending denied`` (the sender account
+    disabled) were refusals of the message for good, recorded and counted against each customer in turn. Now each
+    says the sender is banned: not taken, the merchant's e-mail down (data/README.md)."""
+    result = first_of_two_e_mails(code, text, at)
+    assert (result.status, result.not_taken, result.sender_banned, result.sender_limited) == (
+        "retryable", True, True, None
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("at", "code", "text"),
+    [
+        ("MAIL", 550, "5.7.0 Mail relay denied [203.0.113.7]. Invalid credentials for relay for one of the domains "
+         "in: merchant.example (as obtained from HELO and MAIL FROM). - gsmtp"),
+        ("RCPT", 550, "5.7.1 Invalid credentials for relay [203.0.113.7]. The IP address you've registered in your "
+         "Workspace SMTP Relay service doesn't match domain of the account this email is being sent from. - gsmtp"),
+        ("DATA", 554, "Message rejected: Email address is not verified. The following identities failed the check in "
+         "region US-EAST-1: asha@example.com"),
+        ("RCPT", 550, "5.2.1 The email account that you tried to reach is disabled. - gsmtp"),
+    ],
+)  # fmt: skip
+def test_a_relay_set_up_to_fix_or_a_disabled_recipient_is_no_ban(at: str, code: int, text: str) -> None:
+    """Google's relay refusing an IP or domain its settings do not name, SES's unverified address (in its sandbox,
+    maybe the recipient's) and a recipient's disabled account: a refusal of this message, as before, not a ban."""
+    result = first_of_two_e_mails(code, text, at)
+    assert (result.status, result.sender_banned) == ("rejected", False)
+
+
 @pytest.mark.parametrize(
     ("at", "text"),
     [

@@ -322,6 +322,10 @@ def test_a_decision_and_its_message_each_read_the_channels_out_once(
 
 
 EXCHANGE_BAN = "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP."
+SES_PAUSED = (
+    "Message rejected: Sending paused for this account. For more information, please check the inbox of the email "
+    "address associated with your AWS account."
+)
 
 
 def first_channel_first_each_anew() -> Callable[[DecisionRequest, MerchantConfig], Decision]:
@@ -350,15 +354,21 @@ def e_mail_down_until(h: Harness) -> timedelta | None:
     return None if row is None else as_utc(row.down_until) - START
 
 
+@pytest.mark.parametrize(("code", "text", "at"), [(550, EXCHANGE_BAN, "MAIL"), (554, SES_PAUSED, "DATA")])
 def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold_brings_it_back(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     smtp: FakeSmtpServer,
     database_url: str,
     caplog: pytest.LogCaptureFixture,
+    code: int,
+    text: str,
+    at: str,
 ) -> None:
     """Exchange Online answers ord_1's e-mail ``550 5.7.708`` (traffic not accepted from the merchant's IP: banned
-    until an admin acts). Before, the message was recorded as refused and counted against the customer's
-    ``max_nudges``, and the next customer's e-mail went into the same ban. Now the merchant's e-mail is down at once
+    until an admin acts), or Amazon SES ``554 Message rejected: Sending paused for this account`` after DATA (AWS
+    paused the merchant's account: before, only Exchange's bans were read as such). Before, the message was recorded
+    as refused and counted against the customer's ``max_nudges``, and the next customer's e-mail went into the same
+    ban. Now the merchant's e-mail is down at once
     (the outage breaker's first hold, 5 minutes): ord_1's e-mail is neither recorded nor counted and the order is
     decided again onto SMS; ord_2, failing during the hold, goes by SMS at once; the ban is logged as an error
     and counted. After the hold, ord_3's e-mail probes the relay: banned still, e-mail is down twice as long (the
@@ -367,7 +377,7 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
     with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
         decide = first_channel_first_each_anew()
         h = through_relay(make_harness, smtp, 0, sms=sms, decider=decide, database_url=database_url)
-        smtp.fail(code=550, text=EXCHANGE_BAN, at="MAIL")
+        smtp.fail(code=code, text=text, at=at)
         caplog.set_level(logging.ERROR, logger="winback.executor")
         fail_by_sms_or_email(h, "ord_1")
         h.drain()
@@ -377,7 +387,7 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]  # the e-mail not counted
         assert e_mail_down_until(h) == timedelta(minutes=5)
         assert bans_scraped(h) == 1.0
-        [logged] = [r for r in caplog.records if r.levelno == logging.ERROR and "5.7.708" in r.getMessage()]
+        [logged] = [r for r in caplog.records if r.levelno == logging.ERROR and text[:30] in r.getMessage()]
         assert "m_demo" in logged.getMessage()
         assert "an admin" in logged.getMessage()
         h.clock.advance(minutes=1)
@@ -386,7 +396,7 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         assert [(n.channel, n.status) for n in h.view("ord_2").nudges] == [("sms", "accepted")]
         assert mailed(smtp) == []
         h.clock.advance(minutes=4)
-        smtp.fail(code=550, text=EXCHANGE_BAN, at="MAIL")  # not fixed yet
+        smtp.fail(code=code, text=text, at=at)  # not fixed yet
         fail_by_email(h, "ord_3")  # after the hold, its e-mail is the probe: refused
         h.drain()
         assert e_mail_down_until(h) == timedelta(minutes=15)  # down again, twice as long

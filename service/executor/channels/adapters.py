@@ -622,10 +622,10 @@ def smtp_sender_limit(code: int, reply: str) -> SenderLimit | None:
 
     Not a sender's limit: ``450 4.2.1`` "the user you are trying to contact is receiving mail too quickly" (that
     recipient only), a refused recipient (``550 5.1.1``), any other 4xx (the message is tried again on its own).
-    Exchange Online's bans of the sender (``5.1.8``, ``5.7.501``-``5.7.503``, ``5.7.511``, ``5.7.606``-``5.7.649``,
-    ``5.7.705``, ``5.7.708``, ``5.7.750``) end only when an admin acts: not a limit but a ban
-    (``smtp_sender_banned``); its recipient limits (``432 4.3.2``, ``5.2.121``, ``5.2.122``:
-    ``smtp_recipient_busy``) are about that recipient."""
+    The bans of the sender (Exchange Online's ``5.1.8``, ``5.7.501``-``5.7.503``, ``5.7.511``, ``5.7.606``-``5.7.649``,
+    ``5.7.705``, ``5.7.708``, ``5.7.750``; Amazon SES's paused account; Google's ``5.7.0 Mail Sending denied``) end
+    only when an admin acts: not a limit but a ban (``smtp_sender_banned``); Exchange Online's recipient limits
+    (``432 4.3.2``, ``5.2.121``, ``5.2.122``: ``smtp_recipient_busy``) are about that recipient."""
     text = " ".join(reply.split()).lower()
     if code == 454 and "throttling failure" in text:
         return "daily_quota" if "daily message quota" in text else "rate"
@@ -669,12 +669,36 @@ _EXCHANGE_BANS: Final = (
 )  # fmt: skip
 
 
+#: Amazon SES's answer when it has paused the AWS account's sending (its sending review process; data/README.md):
+#: "554 Message rejected: Sending paused for this account" ("Sending suspended" in its older wording), which its
+#: error list calls "Account is paused". Only a request to AWS, once the cause is fixed, ends it.
+_SES_PAUSED: Final = ("sending paused for this account", "sending suspended for this account", "account is paused")
+
+
 def smtp_sender_banned(code: int, reply: str) -> bool:
-    """Whether an SMTP relay's 5xx answer ``code`` ``reply`` is Exchange Online's saying the merchant's sender (its
-    account, sending IP or domain) is banned until an admin acts (``_EXCHANGE_BANS``): every message of the merchant
-    would be refused alike, whoever its recipient, so the channel is down for the merchant, not this message
-    refused."""
-    return 500 <= code < 600 and _in_ranges(_enhanced_status(" ".join(reply.split()).lower()), _EXCHANGE_BANS)
+    """Whether an SMTP relay's 5xx answer ``code`` ``reply`` says the merchant's sender (its account, sending IP or
+    domain) is banned until an admin acts: every message of the merchant would be refused alike, whoever its
+    recipient, so the channel is down for the merchant, not this message refused. From the providers' own texts
+    (data/README.md):
+
+    - Microsoft Exchange Online: its bans of the sender (``_EXCHANGE_BANS``).
+    - Amazon SES: the account's sending paused (``_SES_PAUSED``).
+    - Google (Gmail's SMTP, Workspace's SMTP relay): ``550 5.7.0 Mail Sending denied``, the sender account disabled
+      or not registered in the Workspace domain.
+
+    Not a ban: Google's ``5.7.0 Mail relay denied`` and ``5.7.1 Invalid credentials for relay`` (the sending IP or
+    domain not registered in the relay's settings), wrong credentials (``535``), SES's unverified address (``554
+    Message rejected: Email address is not verified``, which in SES's sandbox may be the recipient's): each is a set-up
+    to fix, not a block, and stays a refusal of the message."""
+    if not 500 <= code < 600:
+        return False
+    text = " ".join(reply.split()).lower()
+    status = _enhanced_status(text)
+    if _in_ranges(status, _EXCHANGE_BANS):
+        return True
+    if status == "5.7.0" and "mail sending denied" in text:
+        return True
+    return any(paused in text for paused in _SES_PAUSED)
 
 
 def _in_ranges(status: str, ranges: tuple[tuple[int, int, int, int], ...]) -> bool:

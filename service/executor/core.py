@@ -350,7 +350,8 @@ class Transient:
     ``Retry-After``); ``sender_limited``: it refused the message because the merchant's sender is over its rate or
     daily quota (``SendResult.sender_limited``): the sender is held, and the message with it; ``sender_banned``:
     it refused the message because the merchant's sender is banned until an admin acts (``SendResult.sender_banned``,
-    with ``not_taken``): the channel is down for the merchant at once."""
+    with ``not_taken``): the channel is down for the merchant at once, or, answered at RCPT TO for a recipient of
+    ``ban_recipient_domain``, once another domain's recipient is refused alike (``SendResult.ban_recipient_domain``)."""
 
     error: str
     status_code: int | None = None
@@ -358,6 +359,7 @@ class Transient:
     retry_after: timedelta | None = None
     sender_limited: SenderLimit | None = None
     sender_banned: bool = False
+    ban_recipient_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -618,6 +620,7 @@ class RetryPolicy:
         now: datetime,
         retry_after: timedelta | None,
         banned: str | None = None,
+        ban_recipient_domain: str | None = None,
     ) -> datetime | None:
         """``outages.note_refusal`` with this policy's spans."""
         return note_refusal(
@@ -630,6 +633,7 @@ class RetryPolicy:
             max_hold=timedelta(seconds=self.channel_down_max_hold_seconds),
             retry_after=retry_after,
             banned=banned,
+            ban_recipient_domain=ban_recipient_domain,
         )
 
     def delay(self, attempt: int, cap_seconds: float | None = None) -> timedelta:
@@ -2982,7 +2986,9 @@ class Executor:
         A refusal of the first kind also counts toward the channel's outage (service/executor/outages.py); one
         saying the merchant's sender is banned until an admin acts (``sender_banned``: Exchange Online's 5.7.708,
         say) puts the channel down at once: before, each such message was recorded as refused and counted against
-        its customer's ``max_nudges``, customer after customer. Once the channel is down, a message no try of
+        its customer's ``max_nudges``, customer after customer. A ban answered at RCPT TO may be the recipient's
+        provider's only (``ban_recipient_domain``): until another domain's recipient is refused alike with no message
+        taken in between, it is one more refusal of this message. Once the channel is down, a message no try of
         which may have reached the provider is not recorded at all (it was never sent) and its order is decided
         again without the channel: a long outage costs no message.
 
@@ -2998,7 +3004,9 @@ class Executor:
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
             banned = outcome.error if outcome.sender_banned else None
-            down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after, banned)
+            down_until = policy.note_refusal(
+                conn, action.merchant_id, channel, now, outcome.retry_after, banned, outcome.ban_recipient_domain
+            )
             if (
                 down_until is not None
                 and not payload.get(MESSAGE_MAYBE_SENT_TRIES)

@@ -620,6 +620,7 @@ class Effects:
                 else timedelta(seconds=result.retry_after_seconds),
                 sender_limited=result.sender_limited,
                 sender_banned=result.sender_banned,
+                ban_recipient_domain=result.ban_recipient_domain,
             )
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 

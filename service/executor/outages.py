@@ -19,6 +19,17 @@ merchant would be refused alike, and each was recorded as refused and counted ag
 ``max_nudges``. The hold and its probe then find out when the admin has acted. Each ban is logged as an error and
 counted in ``sender_holds`` (``held_for`` ``ban``; /metrics: ``winback_executor_sender_bans_total``).
 
+A ban answered at RCPT TO (``SendResult.ban_recipient_domain``) may be the recipient's provider's, not the relay's: a
+relay that passes RCPT through answers there for the recipient's mail server, and Microsoft 365 refusing the
+merchant's IP refuses only the recipients it hosts. Taken as the merchant's ban at once, it put every recipient's
+e-mail down, the probe after the hold (to another domain) brought it back, and the next such recipient put it down
+again. Now it is the merchant's ban only once recipients of two domains have been refused so within one refusal
+streak, that is with no message of the channel taken in between (a taken message disproves a ban of the sender);
+until then it is one more refusal of its message, tried again later as any not taken. Each domain seen in the
+streak is kept in ``sender_holds`` (``held_for`` ``rcpt:`` and a hash of the domain), forgotten once the streak ends.
+Microsoft hosts many domains: two of its recipients in a row are taken as a ban; a message to any other domain taken
+after the hold ends it, as before.
+
 The state is per merchant and channel because each merchant has its own provider account (credentials, sender,
 rate limit). All workers share it through the database; it is read and written inside the transaction that records
 the message's answer, under the row's lock.
@@ -26,6 +37,7 @@ the message's answer, under the row's lock.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -75,10 +87,12 @@ def note_refusal(
     max_hold: timedelta,
     retry_after: timedelta | None = None,
     banned: str | None = None,
+    ban_recipient_domain: str | None = None,
 ) -> datetime | None:
     """Record that ``channel``'s provider certainly did not take a message at ``now``; the end of the channel's
     hold when it is down (found so now, or already), else None. ``banned``: the provider's answer when it said the
-    merchant's sender is banned until an admin acts: the channel is down at once.
+    merchant's sender is banned until an admin acts: the channel is down at once, unless ``ban_recipient_domain``
+    (the ban answered at RCPT TO for a recipient of that domain) is the only domain refused so in this streak.
 
     The hold is ``first_hold``, doubled each time the channel is found down again in the same streak, at most
     ``max_hold``, and never shorter than the provider's ``Retry-After`` (itself at most ``max_hold``)."""
@@ -95,6 +109,12 @@ def note_refusal(
             since, times_down = now, 0
         values |= {"refused_since": since, "times_down": times_down, "down_until": None}
         until = None
+        if (
+            banned is not None
+            and ban_recipient_domain is not None
+            and not _banned_for_another_domain(conn, merchant_id, channel, ban_recipient_domain, since, now)
+        ):
+            banned = None  # maybe that domain's provider only: one more refusal of this message
         if banned is not None or now - since >= down_after:
             hold = min(first_hold * (1 << min(times_down, 16)), max_hold)
             if retry_after is not None:
@@ -130,6 +150,30 @@ def _note_ban(
 
 #: ``sender_holds.held_for`` of a ban of the merchant's sender.
 BAN = "ban"
+#: ``sender_holds.held_for`` of a recipient domain refused at RCPT TO with a ban in the current refusal streak: this
+#: and the first 11 hex digits of the domain's SHA-256 (the column holds 16 characters).
+RCPT_BAN_PREFIX = "rcpt:"
+
+
+def _banned_for_another_domain(
+    conn: sa.Connection, merchant_id: str, channel: Channel, domain: str, since: datetime, now: datetime
+) -> bool:
+    """Note that a recipient of ``domain`` was refused at RCPT TO with a ban of the merchant's sender at ``now``, in
+    the refusal streak that began at ``since``; whether a recipient of another domain was refused so in the same
+    streak. The domains of earlier streaks are deleted: a message taken since (or a long quiet spell) disproves them.
+    Called under the streak row's lock (``_locked_row``), so two workers' answers are seen in turn."""
+    seen = sa.and_(
+        sender_holds.c.merchant_id == merchant_id,
+        sender_holds.c.channel == channel.value,
+        sender_holds.c.held_for.startswith(RCPT_BAN_PREFIX),
+    )
+    conn.execute(sender_holds.delete().where(seen, sender_holds.c.last_held_at < since))
+    key = RCPT_BAN_PREFIX + hashlib.sha256(domain.encode()).hexdigest()[: 16 - len(RCPT_BAN_PREFIX)]
+    others = conn.scalar(
+        sa.select(sa.func.count()).select_from(sender_holds).where(seen, sender_holds.c.held_for != key)
+    )
+    count_sender_hold(conn, merchant_id, channel.value, key, now, now)
+    return bool(others)
 
 
 def sender_bans_counted(conn: sa.Connection) -> dict[tuple[str, str], int]:

@@ -304,7 +304,9 @@ sender_holds = sa.Table(
     # How many times a provider's rate limit held a merchant's sender on a channel (``held_for``: ``rate``,
     # ``daily_quota``) or one customer of it (``pair``: Meta's 131056), ever, for /metrics (migration 0022): the
     # pacing rows forget theirs (``times_limited`` starts over after a quiet spell, a customer's row is deleted when
-    # idle). One row per merchant, channel and kind of limit, so it stays small.
+    # idle). One row per merchant, channel and kind of limit, so it stays small. Also the recipient domains refused
+    # at RCPT TO with a ban of the sender in a channel's current refusal streak (``rcpt:`` and a hash of the domain,
+    # service/executor/outages.py), a few rows deleted when the streak ends.
     "sender_holds",
     metadata,
     sa.Column("merchant_id", sa.String(128), primary_key=True),
@@ -452,7 +454,8 @@ def count_sender_hold(
 ) -> None:
     """Count a hold of ``merchant_id``'s sender on ``channel`` started at ``now`` until ``until`` in ``sender_holds``
     (read by /metrics), in the transaction that starts it: a hold rolled back is not counted. ``held_for``: a
-    provider's limit (service/executor/pacing.py ``HELD_FOR``) or ``ban`` (service/executor/outages.py)."""
+    provider's limit (service/executor/pacing.py ``HELD_FOR``), ``ban`` or a recipient domain's ban answered at RCPT
+    TO (service/executor/outages.py)."""
     insert = upsert_into(conn, sender_holds).values(
         merchant_id=merchant_id, channel=channel, held_for=held_for, holds=1, held_until=until, last_held_at=now
     )

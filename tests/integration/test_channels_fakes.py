@@ -586,6 +586,8 @@ def test_an_exchange_ban_of_the_sender_is_not_taken_and_says_the_sender_is_banne
         "retryable", True, True, None
     )  # fmt: skip
     assert (result.error or "").startswith(f"smtp: 550 {text[:30]}")  # the rest: any address in it masked
+    # Answered at RCPT, it names the recipient's domain: maybe only that domain's provider's ban (the executor's part).
+    assert result.ban_recipient_domain == ("example.com" if at == "RCPT" else None)
 
 
 SES_PAUSED = (
@@ -616,6 +618,7 @@ def test_a_paused_ses_account_or_a_disabled_google_sender_is_a_ban_of_the_sender
     assert (result.status, result.not_taken, result.sender_banned, result.sender_limited) == (
         "retryable", True, True, None
     )  # fmt: skip
+    assert result.ban_recipient_domain == ("example.com" if at == "RCPT" else None)
 
 
 @pytest.mark.parametrize(

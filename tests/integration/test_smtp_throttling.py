@@ -351,7 +351,7 @@ def bans_scraped(h: Harness) -> float | None:
 def e_mail_down_until(h: Harness) -> timedelta | None:
     with h.executor.engine.connect() as conn:
         row = conn.execute(sa.select(channel_outages.c.down_until)).first()
-    return None if row is None else as_utc(row.down_until) - START
+    return None if row is None or row.down_until is None else as_utc(row.down_until) - START
 
 
 @pytest.mark.parametrize(("code", "text", "at"), [(550, EXCHANGE_BAN, "MAIL"), (554, SES_PAUSED, "DATA")])
@@ -411,4 +411,67 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         h.drain()
         assert mailed(smtp) == ["ord_4", "ord_5"]
         assert [(n.channel, n.status) for n in h.view("ord_4").nudges] == [("email", "accepted")]
+        assert bans_scraped(h) == 1.0
+
+
+#: Exchange Online's inbound answer to a server whose IP Microsoft has banned: its own recipients' provider speaking.
+M365_BANNED_IP = (
+    "5.7.606 Access denied, banned sending IP [203.0.113.7]. To request removal from this list please visit "
+    "https://sender.office.com/ and follow the directions."
+)
+
+
+def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refused_with_none_taken_between(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    database_url: str,
+) -> None:
+    """The merchant's relay passes RCPT through, and Microsoft 365 refuses the merchant's IP for the recipients it
+    hosts (``550 5.7.606`` at RCPT). Before, the first such recipient (ord_1's, ord_0's) put the merchant's e-mail
+    down for everyone: ord_2's e-mail to another provider went by SMS, and the probe after the hold brought e-mail
+    back until the next such recipient. Now a ban at RCPT is one more refusal of its message (tried again later,
+    not counted) until recipients of two domains are refused so with no e-mail taken in between: two recipients of
+    one domain are not (ord_0, ord_1), nor are two domains with an e-mail taken between them (ord_2 between ord_1's
+    and ord_3's). ord_4's refusal right after ord_3's is: e-mail is down at once, counted once as a ban, and ord_4,
+    then ord_3, ord_1 and ord_0 when their tries come up, go by SMS, none counted on e-mail."""
+    with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
+        decide = first_channel_first_each_anew()
+        h = through_relay(make_harness, smtp, 0, sms=sms, decider=decide, database_url=database_url)
+        recipients = {
+            "ord_0": "ord_0@m365-a.example",
+            "ord_1": "ord_1@m365-a.example",
+            "ord_2": "ord_2@gmail.example",
+            "ord_3": "ord_3@m365-b.example",
+            "ord_4": "ord_4@m365-c.example",
+        }
+        for address in recipients.values():
+            if "m365" in address:
+                smtp.reject(address, code=550, text=M365_BANNED_IP)
+
+        def fail(order: str) -> None:
+            h.executor.payment_failed("m_demo", event(order, customer={"email": recipients[order]}))
+            h.drain()
+
+        fail("ord_0")
+        fail("ord_1")  # tried again 1 s after its refusal: none comes up again before ord_4's, 0.75 s later
+        assert (e_mail_down_until(h), bans_scraped(h)) == (None, None)
+        h.clock.advance(seconds=0.25)
+        fail("ord_2")
+        assert mailed(smtp) == ["ord_2"]
+        h.clock.advance(seconds=0.25)
+        fail("ord_3")
+        assert (e_mail_down_until(h), bans_scraped(h)) == (None, None)  # ord_2 was taken since ord_1's
+        for order in ("ord_0", "ord_1", "ord_3"):
+            assert h.view(order).nudges == []  # waiting to be tried again, not counted
+        h.clock.advance(seconds=0.25)
+        fail("ord_4")
+        assert e_mail_down_until(h) == timedelta(seconds=0.75, minutes=5)
+        assert bans_scraped(h) == 1.0
+        for _ in range(5):
+            h.clock.advance(seconds=2)
+            h.drain()
+        for order in ("ord_0", "ord_1", "ord_3", "ord_4"):
+            assert [(n.channel, n.status) for n in h.view(order).nudges] == [("sms", "accepted")], order
+        assert [(n.channel, n.status) for n in h.view("ord_2").nudges] == [("email", "accepted")]
+        assert mailed(smtp) == ["ord_2"]
         assert bans_scraped(h) == 1.0

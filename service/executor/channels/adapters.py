@@ -689,7 +689,8 @@ def smtp_sender_banned(code: int, reply: str) -> bool:
     Not a ban: Google's ``5.7.0 Mail relay denied`` and ``5.7.1 Invalid credentials for relay`` (the sending IP or
     domain not registered in the relay's settings), wrong credentials (``535``), SES's unverified address (``554
     Message rejected: Email address is not verified``, which in SES's sandbox may be the recipient's): each is a set-up
-    to fix, not a block, and stays a refusal of the message."""
+    to fix, not a block, and stays a refusal of the message. A ban answered at RCPT TO may be the recipient's
+    provider's only (``SendResult.ban_recipient_domain``)."""
     if not 500 <= code < 600:
         return False
     text = " ".join(reply.split()).lower()
@@ -730,12 +731,20 @@ def _try_later(code: int, reply: str) -> bool:
     return 400 <= code < 500 or smtp_recipient_busy(code, reply)
 
 
-def _sender_limited(code: int, reply: str) -> SendResult | None:
+def _sender_limited(code: int, reply: str, recipient: str | None = None) -> SendResult | None:
     """The SendResult of an SMTP answer saying the merchant's sender is over a limit (``smtp_sender_limit``): not
     taken, to be held with every other message of the sender; or banned (``smtp_sender_banned``): not taken, the
-    merchant's channel down; None for any other answer."""
+    merchant's channel down; None for any other answer. ``recipient``: the address the answer refused at RCPT TO,
+    whose domain a ban names (``SendResult.ban_recipient_domain``): it may be that domain's provider's only."""
     if smtp_sender_banned(code, reply):
-        return SendResult(status="retryable", error=f"smtp: {code} {reply}", not_taken=True, sender_banned=True)
+        domain = None if recipient is None else recipient.rpartition("@")[2].strip().lower()
+        return SendResult(
+            status="retryable",
+            error=f"smtp: {code} {reply}",
+            not_taken=True,
+            sender_banned=True,
+            ban_recipient_domain=domain,
+        )
     limit = smtp_sender_limit(code, reply)
     if limit is None:
         return None
@@ -795,8 +804,8 @@ class SmtpAdapter(_Adapter):
                 smtp.send_message(email)
         except smtplib.SMTPRecipientsRefused as exc:
             # A relay may answer its sender's throttling at RCPT too: then it is about the sender, not the recipient.
-            for code, answer in exc.recipients.values():
-                limited = _sender_limited(code, _reply_text(answer))
+            for recipient, (code, answer) in exc.recipients.items():
+                limited = _sender_limited(code, _reply_text(answer), recipient)
                 if limited is not None:
                     return limited
             codes = [code for code, _ in exc.recipients.values()]

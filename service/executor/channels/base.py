@@ -60,6 +60,11 @@ class SendResult(BaseModel, frozen=True):
     #: banned until an admin acts (Exchange Online's 5.7.708, say: ``channels.adapters.smtp_sender_banned``): the
     #: channel is down for the merchant at once (service/executor/outages.py), none of its messages is counted.
     sender_banned: bool = False
+    #: ``sender_banned`` only: the ban was answered at RCPT TO for a recipient of this domain (lower case). A relay
+    #: that passes RCPT through answers there for the recipient's provider, which may ban the merchant's sender for
+    #: its own recipients only (Microsoft 365 refusing the merchant's IP, say): the channel is down only once a
+    #: recipient of another domain is refused alike with no message taken in between (service/executor/outages.py).
+    ban_recipient_domain: str | None = None
 
 
 class ChannelAdapter(Protocol):

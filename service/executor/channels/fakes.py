@@ -567,12 +567,13 @@ class FakeSmtpServer:
 
     ``fail(times, code)`` answers MAIL FROM with ``code`` (4xx temporary, 5xx permanent), or another command with
     another text (``at``, ``text``: Amazon SES answers its throttling after DATA); ``reject(address)`` refuses RCPT
-    TO with 550. Use as a context manager; ``port`` is chosen free unless given.
+    TO with 550 (or another answer: a recipient's provider banning the sender). Use as a context manager; ``port``
+    is chosen free unless given.
     """
 
     def __init__(self, port: int = 0, username: str | None = None, password: str | None = None) -> None:
         self.messages: list[dict[str, Any]] = []
-        self.rejected: set[str] = set()
+        self.rejected: dict[str, tuple[int, str]] = {}
         self._faults: list[tuple[int, str, str]] = []
         self._credentials = (username, password) if username else None
         self._lock = threading.Lock()
@@ -597,9 +598,9 @@ class FakeSmtpServer:
                 return code, text
         return None
 
-    def reject(self, address: str) -> None:
-        """Refuse RCPT TO for this address with 550."""
-        self.rejected.add(address.lower())
+    def reject(self, address: str, code: int = 550, text: str = "5.1.1 no such user") -> None:
+        """Refuse RCPT TO for this address, every time, with ``code`` and ``text`` (by default: no such user)."""
+        self.rejected[address.lower()] = (code, text)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -668,7 +669,7 @@ class FakeSmtpServer:
                     if fault is not None:
                         await refuse(fault)
                     elif address.lower() in self.rejected:
-                        await say("550 5.1.1 no such user")
+                        await refuse(self.rejected[address.lower()])
                     else:
                         recipients.append(address)
                         await say("250 OK")

@@ -31,9 +31,10 @@ Rules beyond the plain column types, decided here and checked on every read:
 
 Read, with a warning (``History.warnings``, shown by the commands), never refused: booleans written as 1 and 0
 (once per column); a nudge clicked but marked undelivered (read as delivered: the click shows it arrived); an
-amount that changes within an order (the contract does not fix it). Refused: a ``decision_id`` on rows of two
-orders (a decision is made for one order), and a timestamp before 1970 (no decision request can carry it, so
-training's replay of the history cannot).
+amount that changes within an order (the contract does not fix it); two attempts of one order, other than payments
+through a link, carrying one ``decision_id`` (a decision has one action, but a producer may log a cascade decided
+once that way). Refused: a ``decision_id`` on rows of two orders (a decision is made for one order), and a
+timestamp before 1970 (no decision request can carry it, so training's replay of the history cannot).
 
 Extra columns are allowed and kept (from CSV they come back as strings).
 """
@@ -1102,6 +1103,38 @@ def _check_decision_orders(files: Sequence[tuple[str, pd.Series, pd.Series]], ou
         out.add_rows(label, "decision_id", mine, partial(reason, start))
 
 
+def _check_one_attempt_per_decision(a: pd.DataFrame, label: str, out: _Collector) -> None:
+    """A decision has one action: one attempt, or one nudge and the payments made through its link (its
+    ``retarget_link`` attempts may carry the nudge's decision). Two other attempts of one order carrying one
+    ``decision_id`` are read as written, with a warning on each after the first naming the first: winback writes
+    none (the executor, the export and the simulator give every retry its own decision), but a producer may log
+    a cascade decided once and carried out as two attempts. Refusing would fail a history whose rows each make
+    sense; unsaid, the off-policy evaluation would count each of them as a decision of its own."""
+    if out.notes is None or len(a) == 0:
+        return
+    acted = a["decision_id"].notna().to_numpy() & (a["strategy"].to_numpy(dtype=object) != _RETARGET)
+    at = np.flatnonzero(acted)
+    if len(at) < 2:
+        return
+    ids = a["decision_id"].to_numpy(dtype=object)
+    num = a["attempt_number"].to_numpy()
+    rows = pd.DataFrame({"order": a["order_id"].to_numpy(dtype=object)[at], "id": ids[at], "num": num[at], "at": at})
+    rows = rows.sort_values("num", kind="stable")
+    first = rows.groupby(["order", "id"], sort=False)["at"].transform("first").to_numpy()
+    later = rows["at"].to_numpy() != first
+    first_of = dict(zip(rows["at"].to_numpy()[later].tolist(), first[later].tolist(), strict=True))
+
+    def reason(position: int) -> str:
+        earlier = first_of[position]
+        return (
+            f"decision {ids[position]!r} is also the decision of attempt {num[earlier]} of this order (row "
+            f"{out.number(label, earlier)}): read as written, though a decision has one attempt (or one nudge and "
+            "the payments through its link); the off-policy evaluation counts each attempt as a decision of its own"
+        )
+
+    out.note_rows(label, "decision_id", np.fromiter(first_of, dtype=np.int64, count=len(first_of)), reason)
+
+
 def _check_links(
     a: pd.DataFrame,
     nudges: pd.DataFrame,
@@ -1274,6 +1307,7 @@ def read_history(
     out.raise_if_any()
     _check_orders(attempts, str(attempts_path), out)
     _check_links(attempts, nudges, str(attempts_path), str(nudges_path), out)
+    _check_one_attempt_per_decision(attempts, str(attempts_path), out)
     _check_decision_orders(
         [
             (str(attempts_path), attempts["decision_id"], attempts["order_id"]),
@@ -1605,6 +1639,7 @@ def _check_across_rows(index: int) -> _Collector:
     several = _SPLIT["files"].partitions > 1
     _check_orders(part.attempts, a_label, out)
     _check_links(part.attempts, part.nudges, a_label, n_label, out, elsewhere=_owner_of if several else None)
+    _check_one_attempt_per_decision(part.attempts, a_label, out)
     if part.stops is not None:
         _check_stops(part.attempts, part.stops, labels["stops"], out)
     out.row_maps.clear()

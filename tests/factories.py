@@ -203,6 +203,19 @@ def make_attempts_frame(*rows: dict[str, Any]) -> pd.DataFrame:
     return _typed(list(rows), _ATTEMPT_DEFAULTS, ("created_at",))
 
 
+def attempts_with_a_cascade_decided_once() -> pd.DataFrame:
+    """``make_attempts_frame()`` with ord_lost's step_up (row 7) and a third attempt (row 9), a cascade, both
+    carrying decision ``dec_x2`` (propensity 0.4): a producer logging a cascade decided once as two attempts."""
+    attempts = make_attempts_frame()
+    attempts.loc[6, ["decision_id", "propensity"]] = ["dec_x2", 0.4]
+    third = make_attempts_frame(
+        make_attempt(order_id="ord_lost", txn_id="t_x3", customer_id="cus_x", currency="USD", customer_country="US",
+                     attempt_number=3, created_at="2026-11-01T07:00:03Z", strategy="cascade", connector="adyen",
+                     decision_id="dec_x2", propensity=0.4)
+    )  # fmt: skip
+    return pd.concat([attempts, third], ignore_index=True)
+
+
 _STOP_DEFAULTS: dict[str, Any] = {
     "merchant_id": "m_demo",
     "order_id": "ord_1",

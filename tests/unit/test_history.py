@@ -26,7 +26,14 @@ from model.history import (
     write_nudges,
     write_stops,
 )
-from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame, make_stops_frame
+from tests.factories import (
+    attempts_with_a_cascade_decided_once,
+    make_attempt,
+    make_attempts_frame,
+    make_nudge,
+    make_nudges_frame,
+    make_stops_frame,
+)
 
 FORMATS = ["parquet", "csv"]
 EARLY = (
@@ -752,6 +759,37 @@ def test_one_decision_on_a_nudge_and_the_attempt_through_its_link_is_fine(tmp_pa
     attempts = make_attempts_frame()
     attempts.loc[4, "decision_id"] = "dec_l3"  # ndg_1's decision, the same order
     a, n = _write_pair(tmp_path, "parquet", attempts, make_nudges_frame())
+    assert _warnings(read_history(a, n)) == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_attempts_of_one_order_carrying_one_decision_are_read_with_a_warning_naming_both(
+    tmp_path: Path, fmt: str
+) -> None:
+    # Read without a word: each attempt is a decision point's action, so the evaluation counted dec_x2 twice.
+    # Winback writes none (one retry per decision); another producer's cascade decided once is not malformed.
+    attempts = attempts_with_a_cascade_decided_once()
+    a, n = _write_pair(tmp_path, fmt, attempts, make_nudges_frame())
+    history = read_history(a, n)
+    assert history.attempts["decision_id"].iloc[[6, 8]].tolist() == ["dec_x2", "dec_x2"]  # read as written
+    assert _warnings(history) == [
+        ("attempts", 9, "decision_id", "decision 'dec_x2' is also the decision of attempt 2 of this order (row 7): "
+         "read as written, though a decision has one attempt (or one nudge and the payments through its link); the "
+         "off-policy evaluation counts each attempt as a decision of its own"),
+    ]  # fmt: skip
+
+
+def test_payments_through_one_link_may_carry_its_nudges_decision_without_a_warning(tmp_path: Path) -> None:
+    # A customer paying twice through one link (the first declined): both payments carry the nudge's decision,
+    # and neither is an action of winback's. The warning is for the actions (retries) only.
+    attempts = make_attempts_frame()
+    attempts.loc[4, ["decision_id", "status", "error_code"]] = ["dec_l3", "failure", "card_declined"]
+    again = make_attempts_frame(
+        make_attempt(order_id="ord_link", txn_id="t_l4", customer_id="cus_l", amount=1250.5, attempt_number=4,
+                     created_at="2026-11-02T04:45:00Z", strategy="retarget_link", nudge_id="ndg_1",
+                     decision_id="dec_l3")
+    )  # fmt: skip
+    a, n = _write_pair(tmp_path, "parquet", pd.concat([attempts, again], ignore_index=True), make_nudges_frame())
     assert _warnings(read_history(a, n)) == []
 
 

@@ -13,7 +13,13 @@ import pytest
 
 from model.history import HistoryError, Problem, read_history, split_history, write_attempts, write_nudges
 from model.simulation import generate_history
-from tests.factories import make_attempt, make_attempts_frame, make_nudge, make_nudges_frame
+from tests.factories import (
+    attempts_with_a_cascade_decided_once,
+    make_attempt,
+    make_attempts_frame,
+    make_nudge,
+    make_nudges_frame,
+)
 
 # Small hand-made files: 1 row per partition (every order alone), a few partitions, and one partition.
 PARTITION_ROWS = (1, 3, 10**9)
@@ -270,3 +276,18 @@ def test_the_warnings_are_the_same_as_read_historys(tmp_path: Path, rows: int) -
         parts = split_history(a, n, tmp_path / f"parts-{workers}", partition_rows=rows, workers=workers)
         assert parts.warnings == expected.warnings, f"workers={workers}"
         assert pd.concat([part.nudges for part in parts])["delivered"].sum() == expected.nudges["delivered"].sum()
+
+
+@pytest.mark.parametrize("rows", PARTITION_ROWS)
+def test_two_attempts_of_one_decision_are_warned_of_with_file_rows_as_read_history_does(
+    tmp_path: Path, rows: int
+) -> None:
+    # ord_lost's attempts 2 (row 7) and 3 (row 9) both carry dec_x2; with one order a partition the rows must still
+    # be the file's.
+    a, n = _write(tmp_path / "files", "parquet", attempts_with_a_cascade_decided_once(), make_nudges_frame(), raw=False)
+    expected = read_history(a, n)
+    assert [(p.row, p.column) for p in expected.warnings.problems] == [(9, "decision_id")]
+    assert "(row 7)" in expected.warnings.problems[0].reason
+    for workers in (1, 2):
+        parts = split_history(a, n, tmp_path / f"parts-{workers}", partition_rows=rows, workers=workers)
+        assert parts.warnings == expected.warnings, f"workers={workers}"

@@ -44,8 +44,8 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -366,6 +366,11 @@ class ValidationReport:
     def ok(self) -> bool:
         """True when nothing is wrong."""
         return self.total == 0
+
+    def naming(self, files: Mapping[str, str]) -> ValidationReport:
+        """This report with each file that is a key of ``files`` named by its value: files read under one name
+        and kept under another (written beside their place, then moved in), whose rows stay as they are."""
+        return replace(self, problems=[replace(p, file=files.get(p.file, p.file)) for p in self.problems])
 
     def format(self) -> str:
         """One line per shown problem, then ``... and K more`` for those past the cap."""

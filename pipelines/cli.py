@@ -1182,6 +1182,7 @@ def history_export(
             f"cannot read the database at --database-url {shown_uri(url)!r}: {str(exc).splitlines()[0]}"
         ) from None
     print_history_warnings(console, summary.earlier_warnings)
+    print_history_warnings(console, summary.warnings)
     console.print(
         f"wrote {summary.attempts_path} ({count_noun(summary.attempts, 'attempt')}), {summary.nudges_path} "
         f"({count_noun(summary.nudges, 'nudge')}) and {summary.stops_path} ({count_noun(summary.stops, 'stop')}) "

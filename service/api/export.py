@@ -90,6 +90,8 @@ class ExportSummary:
     earlier_replaced: int = 0
     #: The earlier history's warnings (`History.warnings`): its values are written as read, so said only now.
     earlier_warnings: ValidationReport = field(default_factory=ValidationReport)
+    #: The warnings of the files written (`History.warnings` of reading them back), naming them where they are now.
+    warnings: ValidationReport = field(default_factory=ValidationReport)
 
 
 def _order_fields(request: dict[str, Any]) -> dict[str, Any]:
@@ -628,9 +630,10 @@ def export_history(
     the files, is left out whole and named in the summary (``left_out_orders``); nothing is left out silently. An
     order_id that several merchants use is written ``<merchant_id>/<order_id>`` (the files key orders by
     order_id) and named too; a txn_id that several merchants' attempts have is written ``<merchant_id>/<txn_id>``
-    the same way. The files are written beside the targets and moved into place only once valid, so
-    a failed export leaves an earlier export as it was. ``since`` (aware) keeps orders whose first attempt is at
-    or after it.
+    the same way. The files are written beside the targets and moved into place only once valid, so a failed
+    export leaves an earlier export as it was; what reading them back found worth a look (`History.warnings`) is
+    the summary's ``warnings``, naming the files where they are then. ``since`` (aware) keeps orders whose first
+    attempt is at or after it.
 
     ``with_history``: a folder holding an earlier history (the one the first model was trained on, or an earlier
     export; it may be ``out_dir`` itself). Its every order is written too, read and validated first (a
@@ -686,7 +689,7 @@ def export_history(
                 write_nudges(_qualify(nudges_frame, shared), staged[1])
                 write_stops(_qualify(stops_frame, shared), staged[2])
                 rows = len(attempts_frame) + len(nudges_frame) + len(stops_frame)
-                read_history(staged[0], staged[1], stops_path=staged[2], cap=rows + 1)
+                written = read_history(staged[0], staged[1], stops_path=staged[2], cap=rows + 1)
                 break
             except HistoryError as exc:
                 at_fault = _orders_at_fault(exc, (attempts_frame, nudges_frame, stops_frame), staged)
@@ -696,7 +699,8 @@ def export_history(
         else:
             raise RuntimeError(f"history export did not validate after {_MAX_VALIDATION_ROUNDS} rounds")
         # Together: one after another, a failure between two moves left new files beside the earlier export's.
-        move_into_place_together(list(zip(staged, (attempts_path, nudges_path, stops_path), strict=True)))
+        moves = list(zip(staged, (attempts_path, nudges_path, stops_path), strict=True))
+        move_into_place_together(moves)
     finally:
         for path in staged:
             path.unlink(missing_ok=True)
@@ -719,4 +723,6 @@ def export_history(
         earlier_orders=earlier_orders,
         earlier_replaced=replaced,
         earlier_warnings=earlier.warnings if earlier is not None else ValidationReport(),
+        # Read from the hidden files before they were moved in: the rows are the same, the names are not.
+        warnings=written.warnings.naming({str(hidden): str(final) for hidden, final in moves}),
     )

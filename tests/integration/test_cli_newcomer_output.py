@@ -630,6 +630,32 @@ def test_history_export_says_how_it_read_the_earlier_history(tmp_path: Path) -> 
     ), result.output
 
 
+def test_history_export_says_the_warnings_of_the_files_it_wrote_naming_them(tmp_path: Path) -> None:
+    # The export reads its own files back before moving them in: their warnings named the hidden .partial-* files,
+    # so they were not printed. One order's third attempt in the earlier history says another amount; the files
+    # written keep it, and the warning names the written file's row.
+    from pipelines.simulate import simulate
+
+    earlier = tmp_path / "earlier"
+    simulate(earlier, orders=40, seed=3, progress=False)
+    attempts = pd.read_parquet(earlier / "attempts.parquet")
+    changed = attempts.index[attempts["attempt_number"] == 3][0]
+    order = attempts.loc[changed, "order_id"]
+    attempts.loc[changed, "amount"] += 1.0
+    attempts.to_parquet(earlier / "attempts.parquet", index=False)
+    out = tmp_path / "all"
+    result = CliRunner().invoke(
+        app, ["history", "export", "--out", str(out), "--database-url", _fresh_store(tmp_path), "--with-history",
+              str(earlier)], env={"COLUMNS": "1000"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = pd.read_parquet(out / "attempts.parquet")
+    row = int(written.index[(written["order_id"] == order) & (written["attempt_number"] == 3)][0]) + 1
+    assert f"warning: {out / 'attempts.parquet'}:row {row}: column amount: " in result.output, result.output
+    assert f"warning: {earlier / 'attempts.parquet'}:row {changed + 1}: column amount: " in result.output
+    assert ".partial-" not in result.output
+
+
 def test_history_export_with_history_writes_the_earlier_history_too_and_names_a_missing_one(tmp_path: Path) -> None:
     # The store holds only what was served since it started: an export for retraining had no way to carry the
     # history the champion was first trained on (a simulation, a switch's export), so `retrain` saw the new

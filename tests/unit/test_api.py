@@ -886,6 +886,29 @@ def test_export_writes_the_stop_decisions_served_to_callers_with_their_propensit
     assert stopped["attempt_number"].tolist() == [1]  # its failure, from the stop decision's request
 
 
+def test_export_warns_of_the_rows_it_wrote_naming_the_files_where_they_are(api: Api, tmp_path: Path) -> None:
+    # The export reads its files back before moving them in, so their warnings named the hidden .partial-* files
+    # (and were dropped). Here the caller's second request for ord_fee says 450.0 where its first said 499.0.
+    first = api.post("/v1/decisions", request_body(order_id="ord_fee")).json()
+    assert first["action"] != "stop", first
+    failed = _outcome(first["decision_id"], order_id="ord_fee", status="failure", error_code="card_declined",
+                      txn_id="ord_fee_2")  # fmt: skip
+    assert api.post("/v1/outcomes", failed).status_code == 200
+    later = request_body(order_id="ord_fee", amount=450.0, event_time="2026-11-03T10:00:00Z")
+    second = api.post("/v1/decisions", later).json()
+    assert second["action"] != "stop", second
+    paid = _outcome(second["decision_id"], order_id="ord_fee", occurred_at="2026-11-03T10:05:00Z", txn_id="ord_fee_3")
+    assert api.post("/v1/outcomes", paid).status_code == 200
+    api.flush()
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
+    assert read_attempts(summary.attempts_path)["amount"].tolist() == [499.0, 499.0, 450.0]
+    assert [p.format() for p in summary.warnings.problems] == [
+        f"{summary.attempts_path}:row 3: column amount: 450.0 differs from 499.0 on attempt 1 of the same order "
+        "(row 1): read as written; a decision point uses the amount of the failure it answers"
+    ]
+    assert not list((tmp_path / "history").glob(".partial-*"))
+
+
 def test_an_order_with_a_strategy_the_history_files_cannot_carry_is_left_out_and_named(
     api: Api, tmp_path: Path
 ) -> None:

@@ -59,7 +59,7 @@ def prepare(workdir: Path, *, orders: int, seed: int, episodes: int, console: Co
             highlight=False,
         )
     else:
-        summary = simulate(paths.attempts.parent, orders=orders, seed=seed, progress=True)
+        summary = simulate(paths.attempts.parent, orders=orders, seed=seed, progress=True, console=console)
         console.print(
             f"simulated {count_noun(summary.orders, 'failed order')} ({count_noun(summary.attempts, 'attempt')}, "
             f"{count_noun(summary.nudges, 'nudge')}); "

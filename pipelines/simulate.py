@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,10 @@ import pandas as pd
 from model.history import HistoryWriter, attempts_writer, move_into_place_together, nudges_writer, stops_writer
 from model.simulation import DEFAULT_EPSILON, HistoryPart, iter_history_parts
 from model.simulation.episodes import totals_of
+from model.wording import count_noun
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 #: Below this many orders a second process costs more than it saves.
 _PARALLEL_FROM = 20_000
@@ -72,16 +77,19 @@ def _flush(
 
 
 @contextmanager
-def _bar(show: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar over orders (or nothing); yields ``advance(orders_done_in_this_step)``."""
-    if not show:
-        yield lambda _done: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _bar(show: bool, total: int, seed: int, console: Console | None) -> Iterator[Callable[[int], None]]:
+    """The simulation's progress: a bar over orders in a terminal, one plain line as it starts elsewhere (a log, a
+    pipe), nothing when ``show`` is false; yields ``advance(orders_done_in_this_step)``."""
+    from rich import get_console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("simulating orders"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task("simulate", total=total)
-        yield lambda done: bar.advance(task, done)
+    from pipelines.progress import shown_steps
+
+    columns = (TextColumn("simulating orders"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    shown = shown_steps(console or get_console(), show, "simulation", 1, columns, total=total, transient=False)
+    with shown as steps:
+        steps.start(f"{count_noun(total, 'failed order')}, seed {seed}")
+        yield steps.done
 
 
 def simulate(
@@ -92,6 +100,7 @@ def simulate(
     *,
     epsilon: float = DEFAULT_EPSILON,
     workers: int | None = None,
+    console: Console | None = None,
 ) -> SimulationSummary:
     """Simulate ``orders`` failed orders with ``seed`` and write DIR/attempts.parquet, DIR/nudges.parquet and
     DIR/stops.parquet (the logging policy's stop decisions, which leave no attempt or nudge).
@@ -99,7 +108,7 @@ def simulate(
     The files pass ``model.history.read_history``; the same (orders, seed, epsilon) always writes the same
     files. They are moved into ``out_dir`` together once all are written: a run that fails leaves the files of an
     earlier run there as they were. ``workers`` defaults to 2 processes from 20,000 orders on (the output does not
-    depend on it).
+    depend on it). ``progress`` is shown on ``console`` (default: a console on standard output).
     """
     if orders < 1:
         raise ValueError(f"--orders must be at least 1, got {orders}")
@@ -112,7 +121,9 @@ def simulate(
         # Written in a folder of their own inside --out, then moved in together: a failed run leaves the files of
         # an earlier one as they were (see move_into_place_together for what is still not atomic).
         with tempfile.TemporaryDirectory(prefix=".winback-simulate-", dir=out_dir) as staging:
-            summary = _simulate_into(Path(staging), orders, seed, progress, epsilon=epsilon, workers=workers)
+            summary = _simulate_into(
+                Path(staging), orders, seed, progress, epsilon=epsilon, workers=workers, console=console
+            )
             move_into_place_together([(Path(staging) / name, out_dir / name) for name in FILE_NAMES])
     except BaseException:
         for folder in made:  # the folders this run made, when nothing else is in them
@@ -124,7 +135,7 @@ def simulate(
 
 
 def _simulate_into(
-    out_dir: Path, orders: int, seed: int, progress: bool, *, epsilon: float, workers: int
+    out_dir: Path, orders: int, seed: int, progress: bool, *, epsilon: float, workers: int, console: Console | None
 ) -> SimulationSummary:
     """``simulate``'s run, its three files written in ``out_dir``."""
     attempts_path, nudges_path, stops_path = (out_dir / name for name in FILE_NAMES)
@@ -138,7 +149,7 @@ def _simulate_into(
         attempts_writer(attempts_path) as attempts_out,
         nudges_writer(nudges_path) as nudges_out,
         stops_writer(stops_path) as stops_out,
-        _bar(progress, orders) as advance,
+        _bar(progress, orders, seed, console) as advance,
     ):
         buffered: list[HistoryPart] = []
         for part in parts:

@@ -23,7 +23,7 @@ import pickle
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from model import evaluation as ev
@@ -66,6 +66,7 @@ from pipelines.gate import (
     same_judged_fit,
     with_policy_value_margin,
 )
+from pipelines.progress import Steps, shown_steps
 from pipelines.tables import MISSING, figure, print_note, print_titled
 
 __all__ = [
@@ -148,49 +149,17 @@ def print_history_warnings(out: Console, report: ValidationReport, limit: int = 
         print_note(out, f"... and {report.total - min(limit, len(report.problems))} more", "warning:")
 
 
-class _Steps:
-    """The job's steps as a rich progress bar in a terminal; elsewhere (a log, a pipe, a dumb terminal) one plain
-    line per step as it starts, ``console`` given: the bar draws nothing there, and a training of several minutes
-    printed nothing at all (`make demo > log`, CI). Neither when progress is off."""
-
-    def __init__(self, progress: Progress | None, total: int, console: Console | None = None) -> None:
-        self.progress = progress
-        self.task = progress.add_task(_STEPS[0], total=total) if progress is not None else None
-        self.console = console
-        self.total = total
-        self.started = 0
-
-    def start(self, step: str) -> None:
-        self.started += 1
-        if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, description=step)
-        elif self.console is not None:
-            self.console.print(f"training step {self.started}/{self.total}: {step}", highlight=False)
-
-    def done(self) -> None:
-        if self.progress is not None and self.task is not None:
-            self.progress.advance(self.task)
-
-
-@contextmanager
-def _progress(console: Console, show: bool, total: int) -> Iterator[_Steps]:
-    # In a terminal the bar erases itself when done. Into a file, a pipe (a log, `make demo | tee`) or a dumb
-    # terminal rich draws nothing of it but a blank line at its end, between "logged stops: ..." and the table:
-    # there each step is a line of its own instead.
-    if not show or not console.is_interactive:
-        yield _Steps(None, total, console if show else None)
-        return
-    progress = Progress(
+def _progress(console: Console, show: bool, total: int) -> AbstractContextManager[Steps]:
+    """The job's steps: a bar that erases itself when done in a terminal, ``training step N/M: <step>`` lines
+    elsewhere (a log, a pipe, a dumb terminal)."""
+    columns = (
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
-        console=console,
-        transient=True,
     )
-    with progress:
-        yield _Steps(progress, total)
+    return shown_steps(console, show, "training step", total, columns, first=_STEPS[0])
 
 
 def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -608,6 +608,20 @@ def test_demo_on_a_history_too_short_to_train_on_says_so_in_one_line(tmp_path: P
     ), printed.stderr
 
 
+def test_demo_into_a_log_says_its_simulation_as_it_starts(tmp_path: Path) -> None:
+    # Into a pipe or a file (`make demo > log`, CI) rich draws nothing of the simulation's bar while it runs: the
+    # demo printed nothing until the simulation was over, while training says each step as it starts.
+    printed = run_winback(
+        "demo", "--workdir", "demo", "--orders", "100", "--seed", "4", "--episodes", "0", "--no-serve",
+        "--live-orders", "0", cwd=tmp_path,
+    )  # fmt: skip
+    lines = printed.stdout.splitlines()
+    assert lines[0] == "simulation: 100 failed orders, seed 4", printed.stdout
+    assert lines[1].startswith("simulated 100 failed orders ("), printed.stdout
+    assert "━" not in printed.stdout  # no bar drawn at its end either
+    assert "training step 1/" in printed.stdout  # the next step, said the same way
+
+
 def test_history_export_says_how_it_read_the_earlier_history(tmp_path: Path) -> None:
     # The earlier history's values are written as read (a clicked nudge marked undelivered, written delivered):
     # the export is the only command that could say so, and said nothing.

@@ -78,6 +78,7 @@ from service.executor.metrics import (
     RefundsByHandCollector,
     SenderBansCollector,
     SenderHoldsCollector,
+    SenderSetupRefusalsCollector,
     SilentNotChargedCollector,
 )
 from service.executor.routes import provider_router
@@ -345,6 +346,7 @@ async def _start(app: FastAPI) -> tuple[DecisionWriter, Engine, Engine]:
     runtime.metrics.read_at_scrape(PaidTwiceCollector(engine))
     runtime.metrics.read_at_scrape(SenderHoldsCollector(engine))
     runtime.metrics.read_at_scrape(SenderBansCollector(engine))
+    runtime.metrics.read_at_scrape(SenderSetupRefusalsCollector(engine))
     runtime.metrics.read_at_scrape(ChecksAskedNoMoreCollector(engine))
     runtime.metrics.read_at_scrape(SilentNotChargedCollector(engine))
     # The writer has a pool of its own: requests holding connections (an outcome waiting out a hung database)

@@ -49,7 +49,7 @@ from service.executor.by_hand import (
     done_of,
     note_case,
 )
-from service.executor.channels.base import ReceiptFailure, SenderLimit
+from service.executor.channels.base import ReceiptFailure, SenderBlock, SenderLimit
 from service.executor.connectors import ChargeResult
 from service.executor.links import LinkClaims, LinkError, LinkSigner, tampered
 from service.executor.optouts import (
@@ -61,6 +61,7 @@ from service.executor.optouts import (
     with_opt_outs,
 )
 from service.executor.outages import (
+    Blocked,
     down_entry,
     down_note,
     note_accepted,
@@ -348,18 +349,19 @@ class Transient:
     ``not_taken``: a message's provider certainly did not take it (it answered 429 or 503, say, or could not be
     reached: ``SendResult.not_taken``); ``retry_after``: how long the provider asked us to wait (its
     ``Retry-After``); ``sender_limited``: it refused the message because the merchant's sender is over its rate or
-    daily quota (``SendResult.sender_limited``): the sender is held, and the message with it; ``sender_banned``:
-    it refused the message because the merchant's sender is banned until an admin acts (``SendResult.sender_banned``,
-    with ``not_taken``): the channel is down for the merchant at once, or, answered at RCPT TO for a recipient of
-    ``ban_recipient_domain``, once another domain's recipient is refused alike (``SendResult.ban_recipient_domain``)."""
+    daily quota (``SendResult.sender_limited``): the sender is held, and the message with it; ``sender_blocked``:
+    it refused the message because the merchant's sender refuses every message until an admin acts, banned or set up
+    wrong (``SendResult.sender_blocked``, with ``not_taken``): the channel is down for the merchant at once, or,
+    answered at RCPT TO for a recipient of ``rcpt_domain``, once another domain's recipient is refused alike
+    (``SendResult.rcpt_domain``)."""
 
     error: str
     status_code: int | None = None
     not_taken: bool = False
     retry_after: timedelta | None = None
     sender_limited: SenderLimit | None = None
-    sender_banned: bool = False
-    ban_recipient_domain: str | None = None
+    sender_blocked: SenderBlock | None = None
+    rcpt_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -619,8 +621,7 @@ class RetryPolicy:
         channel: Channel,
         now: datetime,
         retry_after: timedelta | None,
-        banned: str | None = None,
-        ban_recipient_domain: str | None = None,
+        blocked: Blocked | None = None,
     ) -> datetime | None:
         """``outages.note_refusal`` with this policy's spans."""
         return note_refusal(
@@ -632,8 +633,7 @@ class RetryPolicy:
             first_hold=timedelta(seconds=self.channel_down_first_hold_seconds),
             max_hold=timedelta(seconds=self.channel_down_max_hold_seconds),
             retry_after=retry_after,
-            banned=banned,
-            ban_recipient_domain=ban_recipient_domain,
+            blocked=blocked,
         )
 
     def delay(self, attempt: int, cap_seconds: float | None = None) -> timedelta:
@@ -2984,11 +2984,12 @@ class Executor:
         the message is recorded as not sent and counts (``rejected``), as before.
 
         A refusal of the first kind also counts toward the channel's outage (service/executor/outages.py); one
-        saying the merchant's sender is banned until an admin acts (``sender_banned``: Exchange Online's 5.7.708,
-        say) puts the channel down at once: before, each such message was recorded as refused and counted against
-        its customer's ``max_nudges``, customer after customer. A ban answered at RCPT TO may be the recipient's
-        provider's only (``ban_recipient_domain``): until another domain's recipient is refused alike with no message
-        taken in between, it is one more refusal of this message. Once the channel is down, a message no try of
+        saying the merchant's sender refuses every message until an admin acts (``sender_blocked``: banned,
+        Exchange Online's 5.7.708, say; or set up wrong, a 535 to its credentials, say) puts the channel down at
+        once: before, each such message was recorded as refused and counted against its customer's ``max_nudges``,
+        customer after customer. One answered at RCPT TO may be the recipient's provider's only (``rcpt_domain``):
+        until another domain's recipient is refused alike with no message taken in between, it is one more refusal
+        of this message. Once the channel is down, a message no try of
         which may have reached the provider is not recorded at all (it was never sent) and its order is decided
         again without the channel: a long outage costs no message.
 
@@ -3003,10 +3004,12 @@ class Executor:
             return
         if outcome.not_taken:
             channel = Channel(str(payload["channel"]))
-            banned = outcome.error if outcome.sender_banned else None
-            down_until = policy.note_refusal(
-                conn, action.merchant_id, channel, now, outcome.retry_after, banned, outcome.ban_recipient_domain
+            blocked = (
+                None
+                if outcome.sender_blocked is None
+                else Blocked(outcome.sender_blocked, outcome.error, outcome.rcpt_domain)
             )
+            down_until = policy.note_refusal(conn, action.merchant_id, channel, now, outcome.retry_after, blocked)
             if (
                 down_until is not None
                 and not payload.get(MESSAGE_MAYBE_SENT_TRIES)

@@ -619,8 +619,8 @@ class Effects:
                 if result.retry_after_seconds is None
                 else timedelta(seconds=result.retry_after_seconds),
                 sender_limited=result.sender_limited,
-                sender_banned=result.sender_banned,
-                ban_recipient_domain=result.ban_recipient_domain,
+                sender_blocked=result.sender_blocked,
+                rcpt_domain=result.rcpt_domain,
             )
         return NotSent(nudge_id, channel.value, PAYMENT_LINK_TEMPLATE, result.error or "rejected by the provider")
 

@@ -20,8 +20,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection, Engine
 
 from service.executor.by_hand import PAID_TWICE_CASE, REFUND_CASE, SILENT_NOT_CHARGED_CASE, cases_counted
+from service.executor.channels.base import SenderBlock
 from service.executor.core import charge_disputes, checks_asked_no_more
-from service.executor.outages import sender_bans_counted
+from service.executor.outages import BAN, SETUP, sender_blocks_counted
 from service.executor.pacing import sender_holds_counted
 from service.executor.store import utcnow
 
@@ -272,6 +273,22 @@ class SenderBansCollector(_ReadFromTheDatabase):
         "Times a provider banned a merchant's sender on a channel until an admin acts (the channel put down).",
     )
     labels = ("merchant_id", "channel")
+    #: The ``sender_holds.held_for`` counted.
+    why: SenderBlock = BAN
 
     def _read(self, conn: Connection) -> tuple[Counter[tuple[str, ...]], ...]:
-        return (Counter(sender_bans_counted(conn)),)
+        return (Counter(sender_blocks_counted(conn, self.why)),)
+
+
+class SenderSetupRefusalsCollector(SenderBansCollector):
+    """``winback_executor_sender_setup_refusals_total{merchant_id, channel}``: the times a provider refused a
+    merchant's messages because its set-up is wrong (its SMTP credentials refused, a relay not knowing its IP or
+    domain, its sender not verified), which put the merchant's channel down at once until an admin fixes the
+    merchant's settings (service/executor/outages.py); a probe refused after a hold is not counted again."""
+
+    what = "sender set-up refusals"
+    counter = (
+        "winback_executor_sender_setup_refusals",
+        "Times a provider refused a merchant's messages on a channel as its set-up is wrong (the channel put down).",
+    )
+    why = SETUP

@@ -19,7 +19,14 @@ merchant would be refused alike, and each was recorded as refused and counted ag
 ``max_nudges``. The hold and its probe then find out when the admin has acted. Each ban is logged as an error and
 counted in ``sender_holds`` (``held_for`` ``ban``; /metrics: ``winback_executor_sender_bans_total``).
 
-A ban answered at RCPT TO (``SendResult.ban_recipient_domain``) may be the recipient's provider's, not the relay's: a
+An answer saying the merchant's SMTP *set-up* is wrong (``SendResult.sender_blocked`` ``setup``: its credentials
+refused, Google's relay not knowing its IP or domain, SES's sender not verified) takes the same path: every message
+would be refused alike until an admin fixes the merchant's settings, and each was recorded as refused and counted
+against its customer, customer after customer. Its own label: ``held_for`` ``setup``, /metrics
+``winback_executor_sender_setup_refusals_total``, and an ERROR line per hold saying an admin must fix the merchant's
+settings, naming the answer.
+
+A ban answered at RCPT TO (``SendResult.rcpt_domain``) may be the recipient's provider's, not the relay's: a
 relay that passes RCPT through answers there for the recipient's mail server, and Microsoft 365 refusing the
 merchant's IP refuses only the recipients it hosts. Taken as the merchant's ban at once, it put every recipient's
 e-mail down, the probe after the hold (to another domain) brought it back, and the next such recipient put it down
@@ -27,6 +34,7 @@ again. Now it is the merchant's ban only once recipients of two domains have bee
 streak, that is with no message of the channel taken in between (a taken message disproves a ban of the sender);
 until then it is one more refusal of its message, tried again later as any not taken. Each domain seen in the
 streak is kept in ``sender_holds`` (``held_for`` ``rcpt:`` and a hash of the domain), forgotten once the streak ends.
+A set-up answer at RCPT TO is counted the same way.
 Microsoft hosts many domains: two of its recipients in a row are taken as a ban; a message to any other domain taken
 after the hold ends it, as before.
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -47,6 +56,7 @@ import sqlalchemy as sa
 
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
+from service.executor.channels.base import SenderBlock
 from service.executor.store import (
     as_utc,
     as_utc_or_none,
@@ -86,13 +96,12 @@ def note_refusal(
     first_hold: timedelta,
     max_hold: timedelta,
     retry_after: timedelta | None = None,
-    banned: str | None = None,
-    ban_recipient_domain: str | None = None,
+    blocked: Blocked | None = None,
 ) -> datetime | None:
     """Record that ``channel``'s provider certainly did not take a message at ``now``; the end of the channel's
-    hold when it is down (found so now, or already), else None. ``banned``: the provider's answer when it said the
-    merchant's sender is banned until an admin acts: the channel is down at once, unless ``ban_recipient_domain``
-    (the ban answered at RCPT TO for a recipient of that domain) is the only domain refused so in this streak.
+    hold when it is down (found so now, or already), else None. ``blocked``: the provider said the merchant's sender
+    refuses every message until an admin acts: the channel is down at once, unless it was answered at RCPT TO
+    (``Blocked.rcpt_domain``) and that domain is the only one refused so in this streak.
 
     The hold is ``first_hold``, doubled each time the channel is found down again in the same streak, at most
     ``max_hold``, and never shorter than the provider's ``Retry-After`` (itself at most ``max_hold``)."""
@@ -110,19 +119,19 @@ def note_refusal(
         values |= {"refused_since": since, "times_down": times_down, "down_until": None}
         until = None
         if (
-            banned is not None
-            and ban_recipient_domain is not None
-            and not _banned_for_another_domain(conn, merchant_id, channel, ban_recipient_domain, since, now)
+            blocked is not None
+            and blocked.rcpt_domain is not None
+            and not _blocked_for_another_domain(conn, merchant_id, channel, blocked, since, now)
         ):
-            banned = None  # maybe that domain's provider only: one more refusal of this message
-        if banned is not None or now - since >= down_after:
+            blocked = None  # maybe that domain's provider only: one more refusal of this message
+        if blocked is not None or now - since >= down_after:
             hold = min(first_hold * (1 << min(times_down, 16)), max_hold)
             if retry_after is not None:
                 hold = max(hold, min(retry_after, max_hold))
             until = now + hold
             values |= {"down_until": until, "times_down": times_down + 1, "probe_until": None}
-            if banned is not None:
-                _note_ban(conn, merchant_id, channel, banned, until, now, again=probing)
+            if blocked is not None:
+                _note_blocked(conn, merchant_id, channel, blocked, until, now, again=probing)
             else:
                 log.warning(
                     "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
@@ -133,35 +142,69 @@ def note_refusal(
     return until
 
 
-def _note_ban(
-    conn: sa.Connection, merchant_id: str, channel: Channel, answer: str, until: datetime, now: datetime, *, again: bool
+@dataclass(frozen=True)
+class Blocked:
+    """A provider's answer that the merchant's sender refuses every message until an admin acts."""
+
+    #: Why: banned, or set up wrong (``SendResult.sender_blocked``); also its ``sender_holds.held_for``.
+    why: SenderBlock
+    #: The provider's answer, for the log.
+    answer: str
+    #: The domain of the recipient it refused at RCPT TO, if answered there (``SendResult.rcpt_domain``).
+    rcpt_domain: str | None = None
+
+
+#: ``sender_holds.held_for`` of a ban of the merchant's sender, and of its set-up found wrong.
+BAN: SenderBlock = "ban"
+SETUP: SenderBlock = "setup"
+
+
+def _note_blocked(
+    conn: sa.Connection,
+    merchant_id: str,
+    channel: Channel,
+    blocked: Blocked,
+    until: datetime,
+    now: datetime,
+    *,
+    again: bool,
 ) -> None:
-    """Log a ban of the merchant's sender that put ``channel`` down until ``until``, and count it in
-    ``sender_holds`` unless ``again`` (the probe after a hold refused: the same ban, not fixed yet)."""
+    """Log a block of the merchant's sender (``blocked.why``) that put ``channel`` down until ``until``, saying who
+    must act and naming the answer, and count it in ``sender_holds`` unless ``again`` (the probe after a hold
+    refused: the same block, not fixed yet)."""
+    if blocked.why == BAN:
+        what = (
+            f"{'still bans' if again else 'banned'} the merchant's sender ({blocked.answer}); an admin of the "
+            "merchant's account must act"
+        )
+    else:
+        what = (
+            f"{'still refuses' if again else 'refused'} every message as the merchant's {channel.value} set-up is "
+            f"wrong ({blocked.answer}); an admin must fix the merchant's {channel.value} settings"
+        )
     log.error(
-        "channel %s of merchant %s is down until %s: its provider %s the merchant's sender (%s); an admin of the "
-        "merchant's account must act, then a probe after the hold finds it up again",
-        channel.value, merchant_id, until.isoformat(), "still bans" if again else "banned", answer,
+        "channel %s of merchant %s is down until %s: its provider %s, then a probe after the hold finds it up again",
+        channel.value, merchant_id, until.isoformat(), what,
         extra={"merchant_id": merchant_id, "channel": channel.value},
     )  # fmt: skip
     if not again:
-        count_sender_hold(conn, merchant_id, channel.value, BAN, until, now)
+        count_sender_hold(conn, merchant_id, channel.value, blocked.why, until, now)
 
 
-#: ``sender_holds.held_for`` of a ban of the merchant's sender.
-BAN = "ban"
-#: ``sender_holds.held_for`` of a recipient domain refused at RCPT TO with a ban in the current refusal streak: this
-#: and the first 11 hex digits of the domain's SHA-256 (the column holds 16 characters).
+#: ``sender_holds.held_for`` of a recipient domain refused at RCPT TO with a block in the current refusal streak:
+#: this and the first 11 hex digits of the domain's SHA-256 (the column holds 16 characters).
 RCPT_BAN_PREFIX = "rcpt:"
 
 
-def _banned_for_another_domain(
-    conn: sa.Connection, merchant_id: str, channel: Channel, domain: str, since: datetime, now: datetime
+def _blocked_for_another_domain(
+    conn: sa.Connection, merchant_id: str, channel: Channel, blocked: Blocked, since: datetime, now: datetime
 ) -> bool:
-    """Note that a recipient of ``domain`` was refused at RCPT TO with a ban of the merchant's sender at ``now``, in
-    the refusal streak that began at ``since``; whether a recipient of another domain was refused so in the same
-    streak. The domains of earlier streaks are deleted: a message taken since (or a long quiet spell) disproves them.
-    Called under the streak row's lock (``_locked_row``), so two workers' answers are seen in turn."""
+    """Note that a recipient of ``blocked.rcpt_domain`` was refused at RCPT TO with a block of the merchant's sender
+    at ``now``, in the refusal streak that began at ``since``; whether a recipient of another domain was refused so
+    in the same streak. The domains of earlier streaks are deleted: a message taken since (or a long quiet spell)
+    disproves them. Called under the streak row's lock (``_locked_row``), so two
+    workers' answers are seen in turn."""
+    domain = blocked.rcpt_domain or ""
     seen = sa.and_(
         sender_holds.c.merchant_id == merchant_id,
         sender_holds.c.channel == channel.value,
@@ -169,19 +212,17 @@ def _banned_for_another_domain(
     )
     conn.execute(sender_holds.delete().where(seen, sender_holds.c.last_held_at < since))
     key = RCPT_BAN_PREFIX + hashlib.sha256(domain.encode()).hexdigest()[: 16 - len(RCPT_BAN_PREFIX)]
-    others = conn.scalar(
-        sa.select(sa.func.count()).select_from(sender_holds).where(seen, sender_holds.c.held_for != key)
-    )
+    domains = set(conn.scalars(sa.select(sender_holds.c.held_for).where(seen)))
     count_sender_hold(conn, merchant_id, channel.value, key, now, now)
-    return bool(others)
+    return bool(domains - {key})
 
 
-def sender_bans_counted(conn: sa.Connection) -> dict[tuple[str, str], int]:
-    """How many bans of each merchant's sender on each channel were found ever, by (merchant, channel), as /metrics
-    reads them (``sender_holds``, ``held_for`` ``ban``)."""
+def sender_blocks_counted(conn: sa.Connection, why: SenderBlock) -> dict[tuple[str, str], int]:
+    """How many blocks of each merchant's sender for ``why`` (``ban``, ``setup``) on each channel were found ever, by
+    (merchant, channel), as /metrics reads them (``sender_holds``, ``held_for`` ``why``)."""
     rows = conn.execute(
         sa.select(sender_holds.c.merchant_id, sender_holds.c.channel, sender_holds.c.holds).where(
-            sender_holds.c.held_for == BAN
+            sender_holds.c.held_for == why
         )
     )
     return {(row.merchant_id, row.channel): int(row.holds) for row in rows}

@@ -579,15 +579,15 @@ def first_of_two_e_mails(code: int, text: str, at: str) -> SendResult:
 def test_an_exchange_ban_of_the_sender_is_not_taken_and_says_the_sender_is_banned(at: str, text: str) -> None:
     """Before: Exchange Online's bans of the merchant's sender (its account, sending IP or domain), which end only
     when an admin acts (data/README.md), were refusals of the message for good, recorded and counted against each
-    customer in turn. Now each is not taken and says the sender is banned (``sender_banned``): the executor puts the
+    customer in turn. Now each is not taken and says the sender is banned (``sender_blocked``): the executor puts the
     merchant's e-mail down at once (tests/integration/test_smtp_throttling.py). It is no rate limit to wait out."""
     result = first_of_two_e_mails(550, text, at)
-    assert (result.status, result.not_taken, result.sender_banned, result.sender_limited) == (
-        "retryable", True, True, None
+    assert (result.status, result.not_taken, result.sender_blocked, result.sender_limited) == (
+        "retryable", True, "ban", None
     )  # fmt: skip
     assert (result.error or "").startswith(f"smtp: 550 {text[:30]}")  # the rest: any address in it masked
     # Answered at RCPT, it names the recipient's domain: maybe only that domain's provider's ban (the executor's part).
-    assert result.ban_recipient_domain == ("example.com" if at == "RCPT" else None)
+    assert result.rcpt_domain == ("example.com" if at == "RCPT" else None)
 
 
 SES_PAUSED = (
@@ -615,10 +615,16 @@ def test_a_paused_ses_account_or_a_disabled_google_sender_is_a_ban_of_the_sender
     disabled) were refusals of the message for good, recorded and counted against each customer in turn. Now each
     says the sender is banned: not taken, the merchant's e-mail down (data/README.md)."""
     result = first_of_two_e_mails(code, text, at)
-    assert (result.status, result.not_taken, result.sender_banned, result.sender_limited) == (
-        "retryable", True, True, None
+    assert (result.status, result.not_taken, result.sender_blocked, result.sender_limited) == (
+        "retryable", True, "ban", None
     )  # fmt: skip
-    assert result.ban_recipient_domain == ("example.com" if at == "RCPT" else None)
+    assert result.rcpt_domain == ("example.com" if at == "RCPT" else None)
+
+
+#: Amazon SES's answer naming the identities it has not verified (data/README.md), for ``{}`` of them.
+SES_UNVERIFIED = (
+    "Message rejected: Email address is not verified. The following identities failed the check in region US-EAST-1: {}"
+)
 
 
 @pytest.mark.parametrize(
@@ -628,16 +634,75 @@ def test_a_paused_ses_account_or_a_disabled_google_sender_is_a_ban_of_the_sender
          "in: merchant.example (as obtained from HELO and MAIL FROM). - gsmtp"),
         ("RCPT", 550, "5.7.1 Invalid credentials for relay [203.0.113.7]. The IP address you've registered in your "
          "Workspace SMTP Relay service doesn't match domain of the account this email is being sent from. - gsmtp"),
-        ("DATA", 554, "Message rejected: Email address is not verified. The following identities failed the check in "
-         "region US-EAST-1: asha@example.com"),
-        ("RCPT", 550, "5.2.1 The email account that you tried to reach is disabled. - gsmtp"),
+        ("AUTH", 535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. "
+         "Visit https://aka.ms/smtp_auth_disabled for more information."),
+        ("AUTH", 535, "5.7.139 Authentication unsuccessful, the request did not meet the criteria to be "
+         "authenticated successfully. Contact your administrator."),
+        ("AUTH", 535, "5.7.3 Authentication unsuccessful"),
+        ("AUTH", 535, "Authentication Credentials Invalid"),  # Amazon SES
+        ("AUTH", 535, "Account not subscribed to SES"),
+        ("AUTH", 534, "5.7.9 Application-specific password required. Learn more at\n5.7.9 "
+         "https://support.google.com/mail/?p=InvalidSecondFactor - gsmtp"),
+        ("MAIL", 530, "5.7.57 Client not authenticated to send mail."),
+        ("DATA", 554, "Access denied: User arn:aws:iam::123456789012:user/ses-smtp-user is not authorized to perform "
+         "ses:SendRawEmail on resource arn:aws:ses:us-east-1:123456789012:identity/merchant.example"),
+        ("DATA", 554, SES_UNVERIFIED.format("pay@merchant.example")),
+        ("DATA", 554, SES_UNVERIFIED.format("asha@example.com, merchant.example")),  # the sender's domain
+        ("DATA", 554, SES_UNVERIFIED.format("Pay@Merchant.example, asha@example.com...")),
     ],
 )  # fmt: skip
-def test_a_relay_set_up_to_fix_or_a_disabled_recipient_is_no_ban(at: str, code: int, text: str) -> None:
-    """Google's relay refusing an IP or domain its settings do not name, SES's unverified address (in its sandbox,
-    maybe the recipient's) and a recipient's disabled account: a refusal of this message, as before, not a ban."""
+def test_an_smtp_set_up_to_fix_is_not_taken_and_says_so(at: str, code: int, text: str) -> None:
+    """Before: Google's relay refusing an IP or domain its settings do not name, the relay refusing the merchant's
+    credentials (an ``SMTPAuthenticationError``: Exchange Online's SMTP AUTH turned off, 5.7.139), SES's IAM refusal
+    and its unverified *sender* were refusals of the message for good, recorded and counted against each customer in
+    turn, though every message is refused alike until an admin fixes the settings. Now each is not taken and says
+    the merchant's set-up is wrong (``sender_blocked`` ``setup``): the executor puts the merchant's e-mail down
+    (tests/integration/test_smtp_throttling.py). Answered at RCPT, it names the recipient's domain."""
     result = first_of_two_e_mails(code, text, at)
-    assert (result.status, result.sender_banned) == ("rejected", False)
+    assert (result.status, result.not_taken, result.sender_blocked, result.sender_limited) == (
+        "retryable", True, "setup", None
+    )  # fmt: skip
+    assert result.rcpt_domain == ("example.com" if at == "RCPT" else None)
+    assert (result.error or "").startswith(f"smtp: {code} ")
+
+
+def test_wrong_credentials_or_no_auth_offered_are_a_set_up_to_fix() -> None:
+    """The fake relay's own refusal of a wrong password (``535 5.7.8``), and a relay offering no AUTH at all while
+    the merchant's settings give credentials (smtplib's ``SMTPNotSupportedError``: another host or port, say): a
+    set-up to fix, not taken. Before: a refusal for good, and a try that may have been sent."""
+    with FakeSmtpServer(username="mailer", password="another") as smtp:
+        [wrong] = send(smtp_adapter(smtp.port), message(Channel.EMAIL, to="asha@example.com"))
+    with FakeSmtpServer() as smtp:
+        [no_auth] = send(smtp_adapter(smtp.port), message(Channel.EMAIL, to="asha@example.com"))
+    assert smtp.messages == []
+    for result in (wrong, no_auth):
+        assert (result.status, result.not_taken, result.sender_blocked) == ("retryable", True, "setup"), result
+
+
+@pytest.mark.parametrize(
+    ("at", "code", "text"),
+    [
+        ("DATA", 554, SES_UNVERIFIED.format("asha@example.com")),  # in SES's sandbox: the recipient's
+        ("DATA", 554, SES_UNVERIFIED.format("asha@example.com, other.example...")),  # cut short, not the sender's
+        ("RCPT", 550, "5.2.1 The email account that you tried to reach is disabled. - gsmtp"),
+    ],
+)
+def test_an_unverified_recipient_or_a_disabled_one_is_a_refusal_of_the_message(at: str, code: int, text: str) -> None:
+    """SES's unverified address when only the recipient's is named (its sandbox verifies recipients too), and a
+    recipient's disabled account: a refusal of this message, as before, no block of the sender."""
+    result = first_of_two_e_mails(code, text, at)
+    assert (result.status, result.sender_blocked) == ("rejected", None)
+
+
+def test_a_temporary_auth_failure_or_a_failed_tls_handshake_keeps_its_path() -> None:
+    """A 454 to AUTH (SES's "Temporary authentication failure") is tried again later, not taken, as any 4xx; a
+    STARTTLS whose handshake fails is a try that may have gone, as before: neither is a set-up to fix."""
+    temporary = first_of_two_e_mails(454, "4.7.0 Temporary authentication failure", "AUTH")
+    assert (temporary.status, temporary.not_taken, temporary.sender_blocked) == ("retryable", True, None)
+    with FakeSmtpServer(username="mailer", password="s3cret", broken_starttls=True) as smtp:
+        [tls] = send(smtp_adapter(smtp.port), message(Channel.EMAIL, to="asha@example.com"))
+    assert (tls.status, tls.not_taken, tls.sender_blocked) == ("retryable", False, None)
+    assert "SSL" in (tls.error or ""), tls.error
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from model.vocab import Channel
 from service.api.app import create_app
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeSmtpServer, run_fake_provider
-from service.executor.metrics import SenderBansCollector
+from service.executor.metrics import SenderBansCollector, SenderSetupRefusalsCollector
 from service.executor.store import as_utc, channel_outages, channel_pacing
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -51,6 +51,10 @@ SES_DAILY = "Throttling failure: Daily message quota exceeded"
 GMAIL_DAILY = "5.4.5 Daily user sending limit exceeded. - gsmtp"
 
 
+#: The relay's user name and password in ``through_relay(login=True)``.
+RELAY_LOGIN = ("mailer", "s3cret")
+
+
 @pytest.fixture
 def smtp() -> Iterator[FakeSmtpServer]:
     with FakeSmtpServer() as server:
@@ -63,19 +67,24 @@ def through_relay(
     orders: int,
     *,
     sms: Any = None,
+    login: bool = False,
     **kwargs: Any,
 ) -> Harness:
     """A harness whose merchant sends e-mail through ``smtp`` with the real adapters, planning ``orders`` e-mails
-    (with no ``decider`` given); with ``sms`` (a running Gupshup fake), SMS through it too, after e-mail."""
+    (with no ``decider`` given); with ``sms`` (a running Gupshup fake), SMS through it too, after e-mail; with
+    ``login``, logging in to the relay as ``RELAY_LOGIN``."""
     relay = {"kind": "smtp", "host": "127.0.0.1", "port": smtp.port, "sender": "pay@shop.example"}
     providers: dict[str, Any] = {"email": relay}
     env: dict[str, str] = {}
+    if login:
+        relay |= {"username_env": "SMTP_USER", "password_env": "SMTP_PASS"}
+        env = dict(zip(("SMTP_USER", "SMTP_PASS"), RELAY_LOGIN, strict=True))
     if sms is not None:
         providers["sms"] = {
             "kind": "gupshup", "base_url": sms.base_url, "username_env": "GS_USER", "password_env": "GS_PASS",
             "source": "WINBCK",
         }  # fmt: skip
-        env = {"GS_USER": "2000123", "GS_PASS": "pw"}
+        env |= {"GS_USER": "2000123", "GS_PASS": "pw"}
     merchant = demo_merchant(
         retry={"max_retries": 0}, retarget={"channels": list(providers), "max_nudges": 2}, providers=providers
     )
@@ -341,11 +350,20 @@ def first_channel_first_each_anew() -> Callable[[DecisionRequest, MerchantConfig
     return decide
 
 
-def bans_scraped(h: Harness) -> float | None:
+def blocks_scraped(h: Harness, why: str = "ban") -> float | None:
+    """``winback_executor_sender_bans_total`` (``why`` ``ban``) or ``winback_executor_sender_setup_refusals_total``
+    (``setup``) of m_demo's e-mail, as /metrics shows it."""
+    collector, name = {
+        "ban": (SenderBansCollector, "winback_executor_sender_bans_total"),
+        "setup": (SenderSetupRefusalsCollector, "winback_executor_sender_setup_refusals_total"),
+    }[why]
     registry = CollectorRegistry()
-    registry.register(SenderBansCollector(h.executor.engine, read_every_seconds=0))
-    labels = {"merchant_id": "m_demo", "channel": "email"}
-    return registry.get_sample_value("winback_executor_sender_bans_total", labels)
+    registry.register(collector(h.executor.engine, read_every_seconds=0))
+    return registry.get_sample_value(name, {"merchant_id": "m_demo", "channel": "email"})
+
+
+def bans_scraped(h: Harness) -> float | None:
+    return blocks_scraped(h, "ban")
 
 
 def e_mail_down_until(h: Harness) -> timedelta | None:
@@ -354,29 +372,61 @@ def e_mail_down_until(h: Harness) -> timedelta | None:
     return None if row is None or row.down_until is None else as_utc(row.down_until) - START
 
 
-@pytest.mark.parametrize(("code", "text", "at"), [(550, EXCHANGE_BAN, "MAIL"), (554, SES_PAUSED, "DATA")])
-def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold_brings_it_back(
+#: Exchange Online's answer to AUTH when SMTP AUTH is turned off for the mailbox or tenant (data/README.md).
+EXCHANGE_AUTH_OFF = (
+    "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit "
+    "https://aka.ms/smtp_auth_disabled for more information."
+)
+GOOGLE_RELAY_DENIED = (
+    "5.7.0 Mail relay denied [203.0.113.7]. Invalid credentials for relay for one of the domains in: shop.example "
+    "(as obtained from HELO and MAIL FROM). - gsmtp"
+)
+#: Amazon SES, the merchant's From address not verified (the sender's, not the recipient's: data/README.md).
+SES_SENDER_UNVERIFIED = (
+    "Message rejected: Email address is not verified. The following identities failed the check in region "
+    "AP-SOUTH-1: pay@shop.example"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "at", "why"),
+    [
+        (550, EXCHANGE_BAN, "MAIL", "ban"),
+        (554, SES_PAUSED, "DATA", "ban"),
+        (535, EXCHANGE_AUTH_OFF, "AUTH", "setup"),
+        (550, GOOGLE_RELAY_DENIED, "MAIL", "setup"),
+        (554, SES_SENDER_UNVERIFIED, "DATA", "setup"),
+    ],
+)
+def test_a_ban_of_the_sender_or_its_set_up_wrong_puts_e_mail_down_at_once_and_a_probe_after_the_hold_brings_it_back(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
-    smtp: FakeSmtpServer,
     database_url: str,
     caplog: pytest.LogCaptureFixture,
     code: int,
     text: str,
     at: str,
+    why: str,
 ) -> None:
     """Exchange Online answers ord_1's e-mail ``550 5.7.708`` (traffic not accepted from the merchant's IP: banned
     until an admin acts), or Amazon SES ``554 Message rejected: Sending paused for this account`` after DATA (AWS
-    paused the merchant's account: before, only Exchange's bans were read as such). Before, the message was recorded
-    as refused and counted against the customer's ``max_nudges``, and the next customer's e-mail went into the same
-    ban. Now the merchant's e-mail is down at once
+    paused the merchant's account: before, only Exchange's bans were read as such); or the merchant's SMTP set-up is
+    wrong: Exchange Online refuses its login (``535 5.7.139``, SMTP AUTH turned off), Google's relay does not know
+    its IP or domain (``550 5.7.0 Mail relay denied``), SES has not verified its From address. Before, the message
+    was recorded as refused and counted against the customer's ``max_nudges``, and the next customer's e-mail went
+    into the same ban or set-up. Now the merchant's e-mail is down at once
     (the outage breaker's first hold, 5 minutes): ord_1's e-mail is neither recorded nor counted and the order is
-    decided again onto SMS; ord_2, failing during the hold, goes by SMS at once; the ban is logged as an error
-    and counted. After the hold, ord_3's e-mail probes the relay: banned still, e-mail is down twice as long (the
-    same ban, not counted again). The admin having acted, the probe after that hold (ord_4's e-mail) is taken:
-    e-mail is up, and the next e-mail goes at once."""
-    with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
+    decided again onto SMS; ord_2, failing during the hold, goes by SMS at once; the ban (or the set-up) is logged
+    as an error saying what an admin must do, naming the answer, and counted under its own name. After the hold,
+    ord_3's e-mail probes the relay: refused still, e-mail is down twice as long (the same one, not counted again).
+    The admin having acted, the probe after that hold (ord_4's e-mail) is taken: e-mail is up, and the next e-mail
+    goes at once."""
+    other = "setup" if why == "ban" else "ban"
+    with (
+        run_fake_provider("gupshup", username="2000123", password="pw") as sms,
+        FakeSmtpServer(username=RELAY_LOGIN[0], password=RELAY_LOGIN[1]) as smtp,
+    ):
         decide = first_channel_first_each_anew()
-        h = through_relay(make_harness, smtp, 0, sms=sms, decider=decide, database_url=database_url)
+        h = through_relay(make_harness, smtp, 0, sms=sms, login=True, decider=decide, database_url=database_url)
         smtp.fail(code=code, text=text, at=at)
         caplog.set_level(logging.ERROR, logger="winback.executor")
         fail_by_sms_or_email(h, "ord_1")
@@ -386,10 +436,12 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         assert "channel_down:email" in view.decisions[-1]["rules_applied"]
         assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]  # the e-mail not counted
         assert e_mail_down_until(h) == timedelta(minutes=5)
-        assert bans_scraped(h) == 1.0
+        assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)
         [logged] = [r for r in caplog.records if r.levelno == logging.ERROR and text[:30] in r.getMessage()]
         assert "m_demo" in logged.getMessage()
-        assert "an admin" in logged.getMessage()
+        assert (
+            "an admin" if why == "ban" else "an admin must fix the merchant's email settings"
+        ) in logged.getMessage()
         h.clock.advance(minutes=1)
         fail_by_sms_or_email(h, "ord_2")
         h.drain()
@@ -400,8 +452,8 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         fail_by_email(h, "ord_3")  # after the hold, its e-mail is the probe: refused
         h.drain()
         assert e_mail_down_until(h) == timedelta(minutes=15)  # down again, twice as long
-        assert bans_scraped(h) == 1.0  # the same ban, not counted again
-        assert "still bans" in caplog.text
+        assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)  # the same one, not counted again
+        assert ("still bans" if why == "ban" else "still refuses") in caplog.text
         assert "email" not in [n.channel for n in h.view("ord_3").nudges]  # its e-mail not counted either
         h.clock.advance(minutes=10)
         fail_by_email(h, "ord_4")  # the admin has acted: the probe after the second hold is taken
@@ -411,7 +463,7 @@ def test_a_ban_of_the_sender_puts_e_mail_down_at_once_and_a_probe_after_the_hold
         h.drain()
         assert mailed(smtp) == ["ord_4", "ord_5"]
         assert [(n.channel, n.status) for n in h.view("ord_4").nudges] == [("email", "accepted")]
-        assert bans_scraped(h) == 1.0
+        assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)
 
 
 #: Exchange Online's inbound answer to a server whose IP Microsoft has banned: its own recipients' provider speaking.

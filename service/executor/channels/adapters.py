@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import parsedate_to_datetime
+from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +40,7 @@ from service.executor.channels.base import (
     ChannelAdapter,
     ChannelError,
     OutboundMessage,
+    SenderBlock,
     SenderLimit,
     SendResult,
 )
@@ -686,11 +687,9 @@ def smtp_sender_banned(code: int, reply: str) -> bool:
     - Google (Gmail's SMTP, Workspace's SMTP relay): ``550 5.7.0 Mail Sending denied``, the sender account disabled
       or not registered in the Workspace domain.
 
-    Not a ban: Google's ``5.7.0 Mail relay denied`` and ``5.7.1 Invalid credentials for relay`` (the sending IP or
-    domain not registered in the relay's settings), wrong credentials (``535``), SES's unverified address (``554
-    Message rejected: Email address is not verified``, which in SES's sandbox may be the recipient's): each is a set-up
-    to fix, not a block, and stays a refusal of the message. A ban answered at RCPT TO may be the recipient's
-    provider's only (``SendResult.ban_recipient_domain``)."""
+    Not a ban but a set-up to fix (``smtp_set_up_wrong``): Google's ``5.7.0 Mail relay denied`` and ``5.7.1 Invalid
+    credentials for relay``, wrong credentials (``535``), SES's unverified sender. A ban answered at RCPT TO may be
+    the recipient's provider's only (``SendResult.rcpt_domain``)."""
     if not 500 <= code < 600:
         return False
     text = " ".join(reply.split()).lower()
@@ -700,6 +699,52 @@ def smtp_sender_banned(code: int, reply: str) -> bool:
     if status == "5.7.0" and "mail sending denied" in text:
         return True
     return any(paused in text for paused in _SES_PAUSED)
+
+
+#: The answers to AUTH (RFC 4954, section 6) that say the merchant's credentials or its account's settings are wrong:
+#: 530 authentication required (none was given), 534 the mechanism too weak (Gmail's "Application-specific password
+#: required", 534 5.7.9), 535 the credentials invalid (5.7.8; Exchange Online's 5.7.3 and 5.7.139 "Authentication
+#: unsuccessful", SMTP AUTH turned off for the mailbox or tenant; SES's "Authentication Credentials Invalid" and
+#: "Account not subscribed to SES"). A 454 "Temporary authentication failure" is a 4xx: tried again later.
+_AUTH_REFUSED: Final = frozenset({530, 534, 535})
+#: Amazon SES's answer naming the identities (addresses or domains) it has not verified (data/README.md).
+_SES_UNVERIFIED = re.compile(
+    r"email address is not verified\. the following identities failed the check in region [^:]*:(.*)"
+)
+
+
+def smtp_set_up_wrong(code: int, reply: str, sender: str) -> bool:
+    """Whether an SMTP relay's 5xx answer ``code`` ``reply`` says the merchant's SMTP set-up is wrong (``sender``:
+    the merchant's From address): every message of the merchant is refused alike until an admin fixes the merchant's
+    settings or its account at the provider, so the channel is down for the merchant, not this message refused. From
+    the providers' own texts (data/README.md):
+
+    - Any refused AUTH (``_AUTH_REFUSED``: wrong credentials, SMTP AUTH turned off at Exchange Online).
+    - Google's SMTP relay: ``5.7.0 Mail relay denied`` and ``5.7.1 Invalid credentials for relay`` (the sending IP or
+      domain not registered in the relay's settings).
+    - Amazon SES: ``554 Access denied: User ... is not authorized to perform ses:SendRawEmail`` (the IAM policy of
+      the credentials' user), ``Account not subscribed to SES``, and ``554 Message rejected: Email address is not
+      verified`` only when the identities it names include the sender's address or domain: in SES's sandbox every
+      recipient must be verified too, and one named alone is that recipient's refusal. A list cut short (``...``)
+      not naming the sender is taken as the recipient's."""
+    if not 500 <= code < 600:
+        return False
+    if code in _AUTH_REFUSED:
+        return True
+    text = " ".join(reply.split()).lower()
+    status = _enhanced_status(text)
+    if (status == "5.7.0" and "mail relay denied" in text) or (
+        status == "5.7.1" and "invalid credentials for relay" in text
+    ):
+        return True
+    if ("not authorized to perform ses:" in text) or "account not subscribed to ses" in text:
+        return True
+    unverified = _SES_UNVERIFIED.search(text)
+    if unverified is None:
+        return False
+    address = parseaddr(sender)[1].lower()
+    named = {identity.strip().rstrip(".").strip() for identity in unverified.group(1).split(",")}
+    return bool(address) and (address in named or address.rpartition("@")[2] in named)
 
 
 def _in_ranges(status: str, ranges: tuple[tuple[int, int, int, int], ...]) -> bool:
@@ -731,19 +776,22 @@ def _try_later(code: int, reply: str) -> bool:
     return 400 <= code < 500 or smtp_recipient_busy(code, reply)
 
 
-def _sender_limited(code: int, reply: str, recipient: str | None = None) -> SendResult | None:
+def _sender_limited(code: int, reply: str, sender: str, recipient: str | None = None) -> SendResult | None:
     """The SendResult of an SMTP answer saying the merchant's sender is over a limit (``smtp_sender_limit``): not
-    taken, to be held with every other message of the sender; or banned (``smtp_sender_banned``): not taken, the
-    merchant's channel down; None for any other answer. ``recipient``: the address the answer refused at RCPT TO,
-    whose domain a ban names (``SendResult.ban_recipient_domain``): it may be that domain's provider's only."""
-    if smtp_sender_banned(code, reply):
-        domain = None if recipient is None else recipient.rpartition("@")[2].strip().lower()
+    taken, to be held with every other message of the sender; or blocked until an admin acts, banned
+    (``smtp_sender_banned``) or set up wrong (``smtp_set_up_wrong``, ``sender``: the merchant's From): not taken,
+    the merchant's channel down; None for any other answer. ``recipient``: the address the answer refused at RCPT
+    TO, whose domain a block names (``SendResult.rcpt_domain``): it may be that domain's provider's only."""
+    blocked: SenderBlock | None = (
+        "ban" if smtp_sender_banned(code, reply) else "setup" if smtp_set_up_wrong(code, reply, sender) else None
+    )
+    if blocked is not None:
         return SendResult(
             status="retryable",
             error=f"smtp: {code} {reply}",
             not_taken=True,
-            sender_banned=True,
-            ban_recipient_domain=domain,
+            sender_blocked=blocked,
+            rcpt_domain=None if recipient is None else recipient.rpartition("@")[2].strip().lower(),
         )
     limit = smtp_sender_limit(code, reply)
     if limit is None:
@@ -800,12 +848,12 @@ class SmtpAdapter(_Adapter):
                     smtp.starttls()
                     smtp.ehlo()
                 if self._username and self._password:
-                    smtp.login(self._username, self._password)
+                    self._login(smtp)
                 smtp.send_message(email)
         except smtplib.SMTPRecipientsRefused as exc:
             # A relay may answer its sender's throttling at RCPT too: then it is about the sender, not the recipient.
             for recipient, (code, answer) in exc.recipients.items():
-                limited = _sender_limited(code, _reply_text(answer), recipient)
+                limited = _sender_limited(code, _reply_text(answer), self.sender, recipient)
                 if limited is not None:
                     return limited
             codes = [code for code, _ in exc.recipients.values()]
@@ -815,16 +863,36 @@ class SmtpAdapter(_Adapter):
             return SendResult(status=status, error=error, not_taken=status == "retryable")
         except smtplib.SMTPResponseException as exc:  # a 4xx answer is the server's "not taken, try later"
             reply = _reply_text(exc.smtp_error)
-            limited = _sender_limited(exc.smtp_code, reply)
+            limited = _sender_limited(exc.smtp_code, reply, self.sender)
             if limited is not None:
                 return limited
             status = "retryable" if _try_later(exc.smtp_code, reply) else "rejected"
             return SendResult(status=status, error=f"smtp: {exc.smtp_code} {reply}", not_taken=status == "retryable")
+        except _NoAuthError as exc:
+            error = f"smtp: the relay offers no way to log in with the merchant's credentials ({exc})"
+            return SendResult(status="retryable", error=error, not_taken=True, sender_blocked="setup")
         except ConnectionRefusedError as exc:
             return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}", not_taken=True)
         except (smtplib.SMTPException, OSError) as exc:
             return SendResult(status="retryable", error=f"smtp: {type(exc).__name__}: {exc}")
         return SendResult(status="accepted", provider_message_id=message_id)
+
+    def _login(self, smtp: smtplib.SMTP) -> None:
+        """Log in with the merchant's credentials. A relay that offers no AUTH, or none of the mechanisms smtplib
+        knows, refuses every message alike until the merchant's settings change (its host or port, say):
+        ``_NoAuthError``. A refused AUTH is an answer (``SMTPAuthenticationError``, ``smtp_set_up_wrong``)."""
+        try:
+            smtp.login(self._username or "", self._password or "")
+        except smtplib.SMTPNotSupportedError as exc:  # no AUTH offered
+            raise _NoAuthError(str(exc)) from exc
+        except smtplib.SMTPException as exc:
+            if type(exc) is smtplib.SMTPException:  # "No suitable authentication method found"
+                raise _NoAuthError(str(exc)) from exc
+            raise  # an answer (SMTPAuthenticationError) or the connection lost: as any other send's
+
+
+class _NoAuthError(Exception):
+    """The relay offers no AUTH that smtplib can use, while the merchant's settings give credentials."""
 
 
 class MemoryAdapter(_Adapter):

@@ -37,6 +37,12 @@ class OutboundMessage(BaseModel, frozen=True):
 
 #: What a provider said its merchant's sender is over (``SendResult.sender_limited``).
 SenderLimit = Literal["rate", "daily_quota"]
+#: Why a provider refuses every message of the merchant's sender until an admin acts (``SendResult.sender_blocked``):
+#: ``ban``, the provider banned it (its account, sending IP or domain: Exchange Online's 5.7.708, say:
+#: ``channels.adapters.smtp_sender_banned``); ``setup``, the merchant's settings at the provider are wrong (its
+#: credentials, the relay's registered IPs or domains, an unverified sender: ``channels.adapters.smtp_set_up_wrong``).
+#: Also ``sender_holds.held_for`` of each (service/executor/outages.py).
+SenderBlock = Literal["ban", "setup"]
 
 
 class SendResult(BaseModel, frozen=True):
@@ -56,15 +62,15 @@ class SendResult(BaseModel, frozen=True):
     #: anything about this message or its recipient: every message of the merchant on the channel would be refused
     #: alike until the limit clears (an SMTP relay's throttling answers: ``channels.adapters.smtp_sender_limit``).
     sender_limited: SenderLimit | None = None
-    #: ``retryable`` only (with ``not_taken``): the provider refused the message because the merchant's sender is
-    #: banned until an admin acts (Exchange Online's 5.7.708, say: ``channels.adapters.smtp_sender_banned``): the
-    #: channel is down for the merchant at once (service/executor/outages.py), none of its messages is counted.
-    sender_banned: bool = False
-    #: ``sender_banned`` only: the ban was answered at RCPT TO for a recipient of this domain (lower case). A relay
-    #: that passes RCPT through answers there for the recipient's provider, which may ban the merchant's sender for
-    #: its own recipients only (Microsoft 365 refusing the merchant's IP, say): the channel is down only once a
-    #: recipient of another domain is refused alike with no message taken in between (service/executor/outages.py).
-    ban_recipient_domain: str | None = None
+    #: ``retryable`` only (with ``not_taken``): the provider refused the message because the merchant's sender refuses
+    #: every message alike until an admin acts, whoever the recipient (``SenderBlock``): the channel is down for the
+    #: merchant at once (service/executor/outages.py), none of its messages is counted.
+    sender_blocked: SenderBlock | None = None
+    #: ``sender_blocked`` only: it was answered at RCPT TO for a recipient of this domain (lower case). A relay that
+    #: passes RCPT through answers there for the recipient's provider, which may ban the merchant's sender for its
+    #: own recipients only (Microsoft 365 refusing the merchant's IP, say): the channel is down only once a recipient
+    #: of another domain is refused alike with no message taken in between (service/executor/outages.py).
+    rcpt_domain: str | None = None
 
 
 class ChannelAdapter(Protocol):

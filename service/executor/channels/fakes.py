@@ -566,16 +566,25 @@ class FakeSmtpServer:
     """A minimal SMTP server (EHLO, AUTH PLAIN, MAIL, RCPT, DATA, RSET, NOOP, QUIT) recording each e-mail.
 
     ``fail(times, code)`` answers MAIL FROM with ``code`` (4xx temporary, 5xx permanent), or another command with
-    another text (``at``, ``text``: Amazon SES answers its throttling after DATA); ``reject(address)`` refuses RCPT
-    TO with 550 (or another answer: a recipient's provider banning the sender). Use as a context manager; ``port``
-    is chosen free unless given.
+    another text (``at``, ``text``: Amazon SES answers its throttling after DATA, Exchange Online its SMTP AUTH
+    turned off at AUTH); ``reject(address)`` refuses RCPT TO with 550 (or another answer: a recipient's provider
+    banning the sender). ``broken_starttls``: STARTTLS is offered, then answered with no TLS (a failed handshake).
+    Use as a context manager; ``port`` is chosen free unless given.
     """
 
-    def __init__(self, port: int = 0, username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        broken_starttls: bool = False,
+    ) -> None:
         self.messages: list[dict[str, Any]] = []
         self.rejected: dict[str, tuple[int, str]] = {}
         self._faults: list[tuple[int, str, str]] = []
         self._credentials = (username, password) if username else None
+        self._broken_starttls = broken_starttls
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -585,8 +594,8 @@ class FakeSmtpServer:
         self._server: asyncio.base_events.Server | None = None
 
     def fail(self, times: int = 1, code: int = 451, text: str = "fake failure", at: str = "MAIL") -> None:
-        """Answer the next ``times`` sends at command ``at`` (``MAIL``, ``RCPT`` or ``DATA``'s end) with ``code`` and
-        ``text`` (its lines joined by newlines: a multi-line reply)."""
+        """Answer the next ``times`` sends at command ``at`` (``AUTH``, ``MAIL``, ``RCPT`` or ``DATA``'s end) with
+        ``code`` and ``text`` (its lines joined by newlines: a multi-line reply)."""
         with self._lock:
             self._faults.extend([(code, text, at.upper())] * times)
 
@@ -648,10 +657,20 @@ class FakeSmtpServer:
                     await say("250-fake-smtp")
                     if self._credentials:
                         await say("250-AUTH PLAIN")
+                    if self._broken_starttls:
+                        await say("250-STARTTLS")
                     await say("250 8BITMIME")
                 elif verb == "HELO":
                     await say("250 fake-smtp")
+                elif verb == "STARTTLS" and self._broken_starttls:
+                    await say("220 2.0.0 Ready to start TLS")
+                    await say("this is no TLS handshake")
+                    break
                 elif verb == "AUTH":
+                    fault = self._fault("AUTH")
+                    if fault is not None:
+                        await refuse(fault)
+                        continue
                     parts = arg.split(" ")
                     given = base64.b64decode(parts[1]).split(b"\0") if len(parts) > 1 else []
                     ok = self._credentials and [p.decode() for p in given[1:]] == list(self._credentials)

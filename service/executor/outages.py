@@ -33,8 +33,9 @@ e-mail down, the probe after the hold (to another domain) brought it back, and t
 again. Now it is the merchant's ban only once recipients of two domains have been refused so within one refusal
 streak, that is with no message of the channel taken in between (a taken message disproves a ban of the sender);
 until then it is one more refusal of its message, tried again later as any not taken. Each domain seen in the
-streak is kept in ``sender_holds`` (``held_for`` ``rcpt:`` and a hash of the domain), forgotten once the streak ends.
-A set-up answer at RCPT TO is counted the same way.
+streak is kept in ``sender_holds`` (``held_for`` ``rcpt:`` and a hash of the domain), forgotten once the streak ends;
+the first refusal of each domain in a streak, while no other domain confirms it, is logged as a WARNING naming the
+domain (not the address) and saying e-mail stays up meanwhile. A set-up answer at RCPT TO is counted the same way.
 Microsoft hosts many domains: two of its recipients in a row are taken as a ban; a message to any other domain taken
 after the hold ends it, as before.
 
@@ -202,7 +203,8 @@ def _blocked_for_another_domain(
     """Note that a recipient of ``blocked.rcpt_domain`` was refused at RCPT TO with a block of the merchant's sender
     at ``now``, in the refusal streak that began at ``since``; whether a recipient of another domain was refused so
     in the same streak. The domains of earlier streaks are deleted: a message taken since (or a long quiet spell)
-    disproves them. Called under the streak row's lock (``_locked_row``), so two
+    disproves them. The first refusal of a domain in the streak not confirmed by another is logged as a WARNING:
+    before, it left only the action's ``last_error``. Called under the streak row's lock (``_locked_row``), so two
     workers' answers are seen in turn."""
     domain = blocked.rcpt_domain or ""
     seen = sa.and_(
@@ -214,7 +216,16 @@ def _blocked_for_another_domain(
     key = RCPT_BAN_PREFIX + hashlib.sha256(domain.encode()).hexdigest()[: 16 - len(RCPT_BAN_PREFIX)]
     domains = set(conn.scalars(sa.select(sender_holds.c.held_for).where(seen)))
     count_sender_hold(conn, merchant_id, channel.value, key, now, now)
-    return bool(domains - {key})
+    others = bool(domains - {key})
+    if not others and key not in domains:
+        log.warning(
+            "channel %s of merchant %s: its provider refused a recipient at %s at RCPT TO saying the merchant's "
+            "sender is %s (%s); maybe that domain's provider's only: %s stays up until a recipient of another "
+            "domain is refused alike with none taken in between",
+            channel.value, merchant_id, domain, "banned" if blocked.why == BAN else "set up wrong", blocked.answer,
+            channel.value, extra={"merchant_id": merchant_id, "channel": channel.value},
+        )  # fmt: skip
+    return others
 
 
 def sender_blocks_counted(conn: sa.Connection, why: SenderBlock) -> dict[tuple[str, str], int]:

@@ -477,6 +477,7 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     smtp: FakeSmtpServer,
     database_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The merchant's relay passes RCPT through, and Microsoft 365 refuses the merchant's IP for the recipients it
     hosts (``550 5.7.606`` at RCPT). Before, the first such recipient (ord_1's, ord_0's) put the merchant's e-mail
@@ -485,7 +486,16 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
     not counted) until recipients of two domains are refused so with no e-mail taken in between: two recipients of
     one domain are not (ord_0, ord_1), nor are two domains with an e-mail taken between them (ord_2 between ord_1's
     and ord_3's). ord_4's refusal right after ord_3's is: e-mail is down at once, counted once as a ban, and ord_4,
-    then ord_3, ord_1 and ord_0 when their tries come up, go by SMS, none counted on e-mail."""
+    then ord_3, ord_1 and ord_0 when their tries come up, go by SMS, none counted on e-mail.
+
+    Before, a refusal not confirmed yet wrote no log line, only the action's ``last_error``. Now the first one of each
+    domain in a streak is a WARNING naming the domain (not the address) and saying e-mail stays up meanwhile: one for
+    m365-a (not again for ord_1), one for m365-b after ord_2 ended the streak; m365-c's confirms the ban (an ERROR)."""
+    caplog.set_level(logging.WARNING, logger="winback.executor")
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "RCPT TO" in r.getMessage()]
+
     with run_fake_provider("gupshup", username="2000123", password="pw") as sms:
         decide = first_channel_first_each_anew()
         h = through_relay(make_harness, smtp, 0, sms=sms, decider=decide, database_url=database_url)
@@ -507,6 +517,13 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
         fail("ord_0")
         fail("ord_1")  # tried again 1 s after its refusal: none comes up again before ord_4's, 0.75 s later
         assert (e_mail_down_until(h), bans_scraped(h)) == (None, None)
+        [first] = warned()
+        assert "merchant m_demo" in first, first
+        assert "recipient at m365-a.example" in first, first
+        assert "email stays up until a recipient of another domain is refused alike" in first
+        assert "5.7.606" in first
+        assert "ord_0" not in first  # the domain, not the address
+        assert "ord_1" not in first
         h.clock.advance(seconds=0.25)
         fail("ord_2")
         assert mailed(smtp) == ["ord_2"]
@@ -515,10 +532,14 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
         assert (e_mail_down_until(h), bans_scraped(h)) == (None, None)  # ord_2 was taken since ord_1's
         for order in ("ord_0", "ord_1", "ord_3"):
             assert h.view(order).nudges == []  # waiting to be tried again, not counted
+        assert len(warned()) == 2, warned()
+        assert "recipient at m365-b.example" in warned()[1], warned()
         h.clock.advance(seconds=0.25)
         fail("ord_4")
         assert e_mail_down_until(h) == timedelta(seconds=0.75, minutes=5)
         assert bans_scraped(h) == 1.0
+        assert len(warned()) == 2, warned()  # m365-c's confirmed the ban: an ERROR, no warning
+        assert [r for r in caplog.records if r.levelno == logging.ERROR and "5.7.606" in r.getMessage()]
         for _ in range(5):
             h.clock.advance(seconds=2)
             h.drain()

@@ -550,8 +550,8 @@ class AgentDesk:
         the agent's ``note`` saying what was done (``resolve_charge_disputes``): the order leaves the queue's first
         place and the open count on /metrics, and keeps the dispute on its page with who, when and the note. The
         resolution and its audit row are written in one transaction; a refusal (no note, no such dispute on this
-        order, dealt with already) writes the audit row alone. UnknownOrderError when the agent's merchant has no
-        such order."""
+        order) or a dispute dealt with already (nothing changed, said so: ``unchanged``, not a refusal) writes the
+        audit row alone. UnknownOrderError when the agent's merchant has no such order."""
 
         def marked_words(dispute: ChargeDispute) -> tuple[str, str]:
             return (

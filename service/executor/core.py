@@ -280,7 +280,8 @@ class ChargeResolutionError(ValueError):
 
 
 class DisputeResolutionError(ValueError):
-    """A charge dispute cannot be marked as dealt with: no note, no such dispute, or dealt with already."""
+    """A charge dispute cannot be marked as dealt with: no note, a note too long, no such dispute, or it changed
+    meanwhile. Nothing written. (One dealt with already is no error: ``Marked.before``, nothing changed.)"""
 
 
 class AgentQueueError(ValueError):

@@ -709,6 +709,52 @@ def insert_silent_uncharged(engine: Any, merchant_id: str, order_id: str, given_
         return _case_id(conn)
 
 
+def insert_refund_by_hand(engine: Any, merchant_id: str, order_id: str, handed_at: datetime, why: str) -> int:
+    """What the executor leaves when the refund of a duplicate charge (winback's retry, payment ``<order_id>_2``
+    via adyen, charged after the order was settled) went to an operator to make by hand for ``why`` (one of
+    REFUND_BY_HAND_REASONS): the retry done, its refund dead-lettered with the order's amount and currency, flagged,
+    and its case in ``cases_by_hand``. The case's id."""
+    import sqlalchemy as sa
+
+    from service.executor.by_hand import REFUND_CASE, note_case
+    from service.executor.core import REFUND_BY_HAND, txn_id_for
+    from service.executor.store import orders
+
+    charge_key = f"{merchant_id}:{order_id}:retry:duplicate"
+    with engine.begin() as conn:
+        order = conn.execute(
+            sa.select(orders.c.amount, orders.c.currency).where(
+                orders.c.merchant_id == merchant_id, orders.c.order_id == order_id
+            )
+        ).one()
+        charge_id = _insert_action(conn, merchant_id, order_id, "retry", "done", handed_at, charge_key, _RETRY_PAYLOAD)
+        refund_payload = {
+            "charge_action_id": charge_id,
+            "connector": "adyen",
+            "attempt_number": 2,
+            "payment_id": f"{order_id}_2",
+            "txn_id": txn_id_for(charge_key),
+            "amount": order.amount,
+            "currency": order.currency,
+            "reason": "duplicate",
+            REFUND_BY_HAND: {"at": handed_at.isoformat(), "why": why},
+        }
+        refund_id = _insert_action(
+            conn,
+            merchant_id,
+            order_id,
+            "refund",
+            "dead",
+            handed_at,
+            f"{charge_key}:refund",
+            refund_payload,
+            attempts=8,
+            last_error="connector 'adyen' refused the refund: charge_not_refundable",
+        )
+        note_case(conn, REFUND_CASE, merchant_id, order_id, refund_id, handed_at, why=why)
+        return _case_id(conn)
+
+
 # --- the `winback` command as its own process --------------------------------------------------------------
 
 

@@ -427,7 +427,9 @@ def test_agent_marks_a_possible_double_payment_as_dealt_with(
 ) -> None:
     page = browser_page
     _open_case(page, served, "ord_twice_e2e", insert_paid_twice)
-    assert "txn_merchant_own" in page.get_by_test_id("paid-twice").inner_text()
+    said = page.get_by_test_id("paid-twice").inner_text()
+    assert "txn_merchant_own" in said
+    assert "via adyen, ₹499.00, paid this order" in said  # as the order's facts panel writes it
     _shot(page, tmp_path, "paid-twice")
     result = _mark_case_dealt_with(page, tmp_path, "paid-twice", "merchant refunded its own payment, ref R-77")
     assert "Marked as dealt with: the possible double payment" in result
@@ -441,7 +443,7 @@ def test_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent_as
     card = page.get_by_test_id("silent-not-charged")
     said = card.inner_text()
     assert "The customer may have been charged after all" in said
-    assert "Payment ord_silent_e2e_2 via adyen" in said
+    assert "Payment ord_silent_e2e_2 via adyen, ₹499.00 (charge action" in said  # as the facts panel writes it
     assert card.get_by_test_id("case-note").get_attribute("placeholder") == "adyen has no payment ord_silent_e2e_2"
     _shot(page, tmp_path, "silent-not-charged")
     result = _mark_case_dealt_with(page, tmp_path, "silent-not-charged", "adyen support: no such payment, ref 4471")

@@ -29,8 +29,16 @@ from service.console.routes import ConsoleRuntime, build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.console.store import agents, audit_log, sign_in_failures
 from service.console.submissions import IDEMPOTENCY_HEADER, SUBMISSION_FIELD, new_token
+from service.executor.core import REFUND_REFUSED
 from service.executor.store import actions, agent_queue, as_utc, nudges, orders, transactions
-from tests.factories import insert_lost_charge, make_request, write_console_config
+from tests.factories import (
+    insert_lost_charge,
+    insert_paid_twice,
+    insert_refund_by_hand,
+    insert_silent_uncharged,
+    make_request,
+    write_console_config,
+)
 from tests.unit.test_api import Api, settings_for
 
 PASSWORD = "correct horse battery"
@@ -1165,6 +1173,51 @@ def test_an_action_id_beyond_64_bits_is_refused_not_a_server_error(console: Cons
     assert f"action {2**64} of order ord_lost is not a charge waiting" in flash(answer)
     with console.engine.connect() as conn:
         assert conn.scalar(sa.select(audit_log.c.result).where(audit_log.c.order_id == "ord_lost")) == "refused"
+
+
+# ----------------------------------------------------------------------------- the order page in a person's terms
+
+
+def _card(page: str, test_id: str) -> str:
+    """The text of the order page's card ``test_id`` (its one ``<section>``), tags dropped."""
+    found = re.search(rf'<section [^>]*data-testid="{test_id}">(.*?)</section>', page, re.S)
+    assert found is not None, page
+    return html.unescape(re.sub(r"<[^>]+>", "", found.group(1)))
+
+
+@pytest.mark.parametrize(
+    ("currency", "amount", "shown", "as_stored"),
+    [
+        ("INR", 1499.0, "₹1,499.00", "1499.0 INR"),
+        ("JPY", 1200.0, "¥1,200", "1200.0 JPY"),  # no minor unit
+        ("KWD", 1234.5, "1,234.500 KWD", "1234.5 KWD"),  # three
+        ("BHD", 12.5, "12.500 BHD", "12.5 BHD"),
+    ],
+)
+def test_every_case_cards_money_is_written_as_the_facts_panel_writes_it(
+    console: Console, currency: str, amount: float, shown: str, as_stored: str
+) -> None:
+    """The refund-by-hand and "charged after all" cards showed the amount as stored ("1200.0 JPY") beside the facts
+    panel's "¥1,200", and the paid-twice card showed none. Now each writes it as the panel does: the currency's
+    symbol or code, thousands separated, its ISO 4217 minor units (none for JPY, three for KWD and BHD)."""
+    now = datetime.now(UTC)
+    for order_id in ("ord_twice", "ord_silent", "ord_refund"):
+        console.fail_order("m_a", order_id, amount=amount, currency=currency)
+    insert_paid_twice(console.engine, "m_a", "ord_twice", now - timedelta(hours=2))
+    insert_silent_uncharged(console.engine, "m_a", "ord_silent", now - timedelta(hours=1))
+    insert_refund_by_hand(console.engine, "m_a", "ord_refund", now - timedelta(hours=1), REFUND_REFUSED)
+    console.sign_in("asha@m_a")
+    written = {}
+    for order_id, card in (
+        ("ord_twice", "paid-twice"),
+        ("ord_silent", "silent-not-charged"),
+        ("ord_refund", "refund-by-hand"),
+    ):
+        page = console.get(f"/console/orders/{order_id}").text
+        assert f'<dt>Amount</dt><dd class="big">{shown}</dd>' in html.unescape(page)
+        said = _card(page, card)
+        written[card] = (f"via adyen, {shown}" in said, as_stored in said)
+    assert written == dict.fromkeys(("paid-twice", "silent-not-charged", "refund-by-hand"), (True, False))
 
 
 # ------------------------------------------------------------------------------------------------ performance

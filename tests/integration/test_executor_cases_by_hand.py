@@ -21,6 +21,7 @@ from service.api.app import create_app
 from service.console.actions import ActionResult, AgentDesk
 from service.console.auth import Agent, add_agent
 from service.console.store import audit_log
+from service.console.views import money
 from service.executor.by_hand import MAX_CASE_NOTE_LENGTH
 from service.executor.core import (
     SWITCH_SILENCE_LIMIT,
@@ -341,7 +342,8 @@ def test_an_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent
         page = console.get("/console/orders/ord_1").text
         assert 'data-testid="silent-not-charged"' in page, page
         assert "The customer may have been charged after all</h2>" in page
-        assert f"Payment <code>ord_1_2</code> via <strong>adyen</strong>, {charge.amount} {charge.currency}" in page
+        shown = money(float(str(charge.amount)), charge.currency)  # as the order's facts panel writes it
+        assert f"Payment <code>ord_1_2</code> via <strong>adyen</strong>, {shown} (charge action" in page
         assert f"(status check {charge.check_action_id})" in page
         assert 'placeholder="adyen has no payment ord_1_2"' in page
         note = "adyen support: no payment ord_1_2, ref 4471"

@@ -68,6 +68,7 @@ from service.console.views import (
     local_time,
     merchant_zone,
     money,
+    refund_why,
 )
 from service.executor.routes import ExecutorDep, ExecutorRuntime
 from service.executor.store import OrderState
@@ -180,7 +181,7 @@ def templates() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(money=money, pct=_pct, channel=channel_name, describe=describe_decision)
+    env.filters.update(money=money, pct=_pct, channel=channel_name, describe=describe_decision, refund_why=refund_why)
     env.globals.update(local_time=local_time, age=age, urlencode=urlencode, submission_token=new_token)
     return env
 

@@ -24,6 +24,9 @@ from service.api.store import decisions
 from service.console.store import audit_log
 from service.executor.core import (
     MAYBE_SENT_NOTE,
+    REFUND_NO_ANSWER,
+    REFUND_REFUSED,
+    REFUND_SWITCH_SILENT,
     UNKNOWN_CHARGE,
     ChargeDispute,
     PaidTwice,
@@ -49,6 +52,12 @@ from service.executor.views import order_view
 
 _SYMBOLS = {"INR": "₹", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "AUD": "A$", "CAD": "C$", "SGD": "S$"}
 _CHANNEL_NAMES = {"whatsapp": "WhatsApp", "sms": "SMS", "email": "email", "push": "push"}
+#: Why a refund went to an operator (REFUND_BY_HAND_REASONS, /metrics' bounded labels), in an agent's words.
+_REFUND_WHY = {
+    REFUND_SWITCH_SILENT: "its switch answered no status check of the charge",
+    REFUND_NO_ANSWER: "it was sent and never answered",
+    REFUND_REFUSED: "its switch refused it, or cannot refund",
+}
 
 SortKey = Literal["age", "amount", "p_success"]
 SORT_KEYS: tuple[str, ...] = ("age", "amount", "p_success")
@@ -93,6 +102,11 @@ def age(since: datetime, now: datetime) -> str:
 def channel_name(channel: str) -> str:
     """A channel as people write it: ``WhatsApp``, ``SMS``, ``email``, ``push``."""
     return _CHANNEL_NAMES.get(channel, channel)
+
+
+def refund_why(why: str) -> str:
+    """Why a refund went to an operator, in words (an unknown label with its underscores as spaces)."""
+    return _REFUND_WHY.get(why, why.replace("_", " "))
 
 
 def describe(action: str, strategy: str | None, connector: str | None, channel: str | None) -> str:
@@ -582,7 +596,8 @@ def load_order(engine: Engine, catalog: ErrorCatalog, merchant_id: str, order_id
         if not ok:
             code = " / ".join(str(v) for v in (attempt.error_code, attempt.network_decline_code) if v)
             extra.append(
-                f"{code}: {attempt.error_message or 'no message'} ({error_class_of(catalog, failure, payment)})"
+                f"{code}: {attempt.error_message or 'no message'}"
+                f" ({error_class_of(catalog, failure, payment).replace('_', ' ')})"  # as the facts panel writes it
             )
         events.append(
             TimelineEvent(

@@ -15,15 +15,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from service.executor.core import REFUND_SWITCH_SILENT
 from tests.factories import (
     insert_lost_charge,
     insert_paid_twice,
+    insert_refund_by_hand,
     insert_silent_uncharged,
     make_request,
     write_console_config,
@@ -448,6 +451,18 @@ def test_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent_as
     _shot(page, tmp_path, "silent-not-charged")
     result = _mark_case_dealt_with(page, tmp_path, "silent-not-charged", "adyen support: no such payment, ref 4471")
     assert "Marked as dealt with: the charge taken as never charged, its switch silent" in result
+
+
+def test_agent_marks_a_refund_by_hand_as_dealt_with(browser_page: Any, served: tuple[str, str], tmp_path: Path) -> None:
+    page = browser_page
+    _open_case(page, served, "ord_refund_e2e", partial(insert_refund_by_hand, why=REFUND_SWITCH_SILENT))
+    said = page.get_by_test_id("refund-by-hand").inner_text()
+    # The amount as the order's facts panel writes it, and why in words (it said "499.0 INR" and "switch_silent").
+    assert "The refund of payment ord_refund_e2e_2 via adyen, ₹499.00 (refund action" in said
+    assert "(its switch answered no status check of the charge): winback does not send it" in said
+    _shot(page, tmp_path, "refund-by-hand")
+    result = _mark_case_dealt_with(page, tmp_path, "refund-by-hand", "refunded by hand on adyen's dashboard")
+    assert "Marked as dealt with: the refund by hand" in result
 
 
 def test_an_action_clicked_after_the_session_ended_comes_back_to_the_order_after_sign_in(

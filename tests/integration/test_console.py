@@ -29,7 +29,7 @@ from service.console.routes import ConsoleRuntime, build_console_runtime
 from service.console.settings import ConsoleSettings
 from service.console.store import agents, audit_log, sign_in_failures
 from service.console.submissions import IDEMPOTENCY_HEADER, SUBMISSION_FIELD, new_token
-from service.executor.core import REFUND_REFUSED
+from service.executor.core import REFUND_BY_HAND_REASONS, REFUND_NO_ANSWER, REFUND_REFUSED, REFUND_SWITCH_SILENT
 from service.executor.store import actions, agent_queue, as_utc, nudges, orders, transactions
 from tests.factories import (
     insert_lost_charge,
@@ -1218,6 +1218,35 @@ def test_every_case_cards_money_is_written_as_the_facts_panel_writes_it(
         said = _card(page, card)
         written[card] = (f"via adyen, {shown}" in said, as_stored in said)
     assert written == dict.fromkeys(("paid-twice", "silent-not-charged", "refund-by-hand"), (True, False))
+
+
+@pytest.mark.parametrize(
+    ("why", "words"),
+    [
+        (REFUND_SWITCH_SILENT, "its switch answered no status check of the charge"),
+        (REFUND_NO_ANSWER, "it was sent and never answered"),
+        (REFUND_REFUSED, "its switch refused it, or cannot refund"),
+    ],
+)
+def test_a_refund_by_hands_reason_is_written_in_words(console: Console, why: str, words: str) -> None:
+    """The card said "(switch_silent)", the label /metrics counts by. Now it says why in words."""
+    assert set(REFUND_BY_HAND_REASONS) == {REFUND_SWITCH_SILENT, REFUND_NO_ANSWER, REFUND_REFUSED}  # all in words
+    console.fail_order("m_a", "ord_refund")
+    insert_refund_by_hand(console.engine, "m_a", "ord_refund", datetime.now(UTC) - timedelta(hours=1), why)
+    console.sign_in("asha@m_a")
+    said = _card(console.get("/console/orders/ord_refund").text, "refund-by-hand")
+    assert f"({words}): winback does not send it" in said, said
+
+
+def test_the_timelines_error_class_is_written_as_the_facts_panel_writes_it(console: Console) -> None:
+    """A failed attempt's line in the timeline ended "(insufficient_funds)" while the panel above said
+    "insufficient funds"."""
+    console.fail_order("m_a", "ord_1")
+    console.sign_in("asha@m_a")
+    page = html.unescape(console.get("/console/orders/ord_1").text)
+    assert '<span class="tag">insufficient funds</span>' in page
+    assert "Your card has insufficient funds. (insufficient funds)" in page
+    assert "insufficient_funds" not in re.sub(r'data-[a-z-]+="[^"]*"', "", page)
 
 
 # ------------------------------------------------------------------------------------------------ performance

@@ -28,7 +28,7 @@ from model.vocab import Action, Channel
 from service.api.store import decision_row, decisions
 from service.console.auth import Agent
 from service.console.store import audit_log
-from service.console.views import ORDERS_A_STATEMENT, channel_name, describe_decision
+from service.console.views import ORDERS_A_STATEMENT, channel_name, describe_decision, local_time, merchant_zone
 from service.executor.by_hand import CaseResolutionError, CaseT, Marked, already_done, mark_cases_done
 from service.executor.core import (
     CHARGE_KIND_VALUES,
@@ -624,7 +624,8 @@ class AgentDesk:
                 self._audit(conn, agent, order_id, ask, detail, "refused", now, message=str(exc))
                 return ActionResult("refused", str(exc), state=state)
             if not marked.now:
-                said = already_done(marked.before, order_id)
+                zone = merchant_zone(self.executor.merchant(agent.merchant_id))
+                said = already_done(marked.before, order_id, lambda at: local_time(at, zone))
                 self._audit(conn, agent, order_id, ask, detail, UNCHANGED, now, message=said)
                 return ActionResult(UNCHANGED, said, state=state)
             [done] = marked.now

@@ -10,7 +10,7 @@ them here, a few rows, instead of reading every charge's payload at each scrape.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
@@ -203,11 +203,14 @@ def mark_cases_done(
     return Marked(now=marked, before=before)
 
 
-def already_done(before: Iterable[DealtWith], order_id: str) -> str:
-    """The no-op message when everything named was dealt with before (``Marked.before``): by whom, when, and their
-    note; the same words for a case and a charge dispute, in the CLI and the console."""
+def already_done(
+    before: Iterable[DealtWith], order_id: str, when: Callable[[datetime], str] = datetime.isoformat
+) -> str:
+    """The no-op message when everything named was dealt with before (``Marked.before``): by whom, when (``when``
+    writes it: ISO 8601 in the CLI, the merchant's local time in the console, as its pages), and their note; the
+    same words for a case and a charge dispute."""
     done = "; ".join(
-        f"{case.described()} by {case.done.by} at {case.done.at.isoformat()}: {case.done.note}"
+        f"{case.described()} by {case.done.by} at {when(case.done.at)}: {case.done.note}"
         for case in before
         if case.done is not None
     )

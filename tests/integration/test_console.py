@@ -1249,6 +1249,29 @@ def test_the_timelines_error_class_is_written_as_the_facts_panel_writes_it(conso
     assert "insufficient_funds" not in re.sub(r'data-[a-z-]+="[^"]*"', "", page)
 
 
+def test_a_case_marked_again_says_when_it_was_dealt_with_in_the_merchants_time(console: Console) -> None:
+    """Marking a case dealt with before said when in ISO 8601 with microseconds ("2026-12-07T19:52:03.123456+00:00")
+    on a page that writes every time in the merchant's zone ("2026-12-08 01:22 IST"). The CLI keeps ISO 8601."""
+    console.fail_order("m_a", "ord_twice")
+    case = insert_paid_twice(console.engine, "m_a", "ord_twice", datetime.now(UTC) - timedelta(hours=2))
+    console.sign_in("asha@m_a")
+    address = f"/console/orders/ord_twice/by-hand/{case}"
+    csrf = console.csrf()
+    assert flash(console.act(address, {"note": "merchant refunded its own", "csrf_token": csrf})).startswith(
+        "Marked as dealt with"
+    )
+    again = flash(console.act(address, {"note": "again", "csrf_token": csrf}))
+    assert re.fullmatch(
+        r"order ord_twice: already marked dealt with \(the possible double payment \(the merchant's txn_id "
+        r"txn_merchant_own\) by agent asha@m_a at \d{4}-\d\d-\d\d \d\d:\d\d IST: merchant refunded its own\); "
+        r"nothing changed",
+        again,
+    ), again
+    with console.engine.connect() as conn:
+        audited = conn.scalar(sa.select(sa.func.max(audit_log.c.message)).where(audit_log.c.result == "unchanged"))
+    assert audited == again
+
+
 # ------------------------------------------------------------------------------------------------ performance
 
 

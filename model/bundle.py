@@ -333,6 +333,7 @@ class ModelBundle:
         errors: Sequence[tuple[str | None, str | None, str | None]] = (),
         *,
         between_steps: Callable[[], object] | None = None,
+        known_text: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         """Build now what a request would otherwise build on first use, on the request path: each booster's
         predictor (its batch, single-row and leaf calls) and explanation table, the feature plan, the catalog, the
@@ -341,7 +342,8 @@ class ModelBundle:
         fast as the one before it (unwarmed: ~60 ms for the first decision, a few ms per new error code).
 
         ``between_steps()`` is called after each step (each under ~1 ms in a warm process): a scorer warming a new
-        version up beside its requests lets them go first there (service/api/inflight.py)."""
+        version up beside its requests lets them go first there (service/api/inflight.py). ``known_text``: the text
+        features of this version another process warmed (``TextModel.warm``'s ``known``)."""
         pause = between_steps if between_steps is not None else _no_pause
         for booster in (self.retry_booster, self.retarget_booster):
             if booster is None:
@@ -361,7 +363,8 @@ class ModelBundle:
         self.cell_table("")
         self.code_level("", None)
         pause()
-        self.text_model.warm(errors, between_steps=between_steps)  # in chunks only when it pauses between them
+        # In chunks only when it pauses between them.
+        self.text_model.warm(errors, between_steps=between_steps, known=known_text)
 
     def seen_errors(self) -> list[tuple[str | None, str | None, str | None]]:
         """The errors (connector, code, message) whose text features this model has cached, oldest first."""

@@ -14,12 +14,13 @@ checks, by ``_DirectText``: the same floats, bit for bit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import operator
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,11 +246,17 @@ class TextModel:
         """The (connector, code, message) of every error whose features are cached, oldest first."""
         return list(self._cache.copy())  # one C call: requests on other threads may be adding to it
 
+    def warmed_rows(self) -> dict[str, list[float]]:
+        """The cached features of every error, ``TEXT_COLUMNS`` in order, keyed by ``error_digest`` (what another
+        process warming the same model passes to ``warm`` as ``known``)."""
+        return {error_digest(key): [row[name] for name in TEXT_COLUMNS] for key, row in self._cache.copy().items()}
+
     def warm(
         self,
         errors: Sequence[tuple[str | None, str | None, str | None]],
         *,
         between_steps: Callable[[], object] | None = None,
+        known: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         """Cache the features of ``errors`` now (up to ``CACHE_SIZE`` of them, the last ones), so requests carrying
         them do not pay for it. With none, one error without code or message still goes through, so the
@@ -257,13 +264,25 @@ class TextModel:
 
         With ``between_steps``, the errors go through the vectoriser ``WARM_CHUNK`` at a time, and it is called after
         each chunk: a scorer warming a new version up beside its requests lets them go first there
-        (service/api/inflight.py)."""
+        (service/api/inflight.py).
+
+        ``known``: features of this very model computed elsewhere (``warmed_rows`` of another process), taken as
+        they are for the errors they cover instead of computed again."""
         self._direct_form()  # built (and checked against scikit-learn) here, not by the first request with a new error
         wanted = [error for error in dict.fromkeys(errors) if error not in self._cache][-CACHE_SIZE:] or [
             (None, None, None)
         ]
         rows: list[tuple[tuple[str | None, str | None, str | None], dict[str, float]]] = []
-        chunk_size = len(wanted) if between_steps is None else WARM_CHUNK
+        if known:
+            computed = []
+            for error in wanted:
+                row = known.get(error_digest(error))
+                if row is not None and len(row) == len(TEXT_COLUMNS):
+                    rows.append((error, {name: float(value) for name, value in zip(TEXT_COLUMNS, row, strict=True)}))
+                else:
+                    computed.append(error)
+            wanted = computed
+        chunk_size = max(len(wanted), 1) if between_steps is None else WARM_CHUNK
         for start in range(0, len(wanted), chunk_size):
             chunk = wanted[start : start + chunk_size]
             connectors, codes, messages = (list(column) for column in zip(*chunk, strict=True))
@@ -273,7 +292,7 @@ class TextModel:
             )
             if between_steps is not None:
                 between_steps()
-        if len(self._cache) + len(wanted) > CACHE_SIZE:
+        if len(self._cache) + len(rows) > CACHE_SIZE:
             self._cache.clear()
         self._cache.update(rows)
 
@@ -282,6 +301,13 @@ class TextModel:
         state["_cache"] = {}
         state["_direct"] = None
         return state
+
+
+def error_digest(error: tuple[str | None, str | None, str | None]) -> str:
+    """A key of an error (connector, code, message) that does not hold its text: a file of warmed features
+    (``TextModel.warmed_rows``) must not keep the messages requests carried."""
+    # repr, not JSON: one C call per error (a tuple of strings and None reads back one way only).
+    return hashlib.sha256(repr(error).encode()).hexdigest()
 
 
 class _DirectText:

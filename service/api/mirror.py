@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,10 @@ LOAD_TURN_LOCK = ".load-turn.lock"
 LOAD_TURN_WAIT_SECONDS = 10.0
 #: How often a waiting worker tries the turn's lock again.
 LOAD_TURN_RETRY_SECONDS = 0.005
+#: In a version's folder: the text features its first loading worker warmed up (``WarmedTextFile``).
+WARMED_TEXT_FILE = ".warmed-text-features.json"
+#: The text model file those features were computed with (its identity on disk, checked by ``WarmedTextFile``).
+_TEXT_MODEL_FILE = "text_model.pkl"
 
 
 class MirrorError(RuntimeError):
@@ -295,8 +299,91 @@ class MirrorSource:
                 os.close(fd)  # the kernel drops the lock with the descriptor (or with a worker that dies)
 
     def load(self, version: str) -> Scorer:
-        """Load the mirrored bundle of ``version``."""
+        """Load the mirrored bundle of ``version``; its warm-up shares its text features with the server's other
+        workers (``WarmedTextFile``)."""
         from model.bundle import ModelBundle
 
-        bundle = ModelBundle.load(version_folder(self.folder, version), between_steps=self.between_steps)
-        return VersionedScorer(bundle, version)
+        folder = version_folder(self.folder, version)
+        bundle = ModelBundle.load(folder, between_steps=self.between_steps)
+        return MirroredScorer(bundle, version, WarmedTextFile(folder))
+
+
+class WarmedTextFile:
+    """The text features of a version the server's workers warmed up, shared through its folder.
+
+    Warming a new version up on the errors the serving one has seen (``ModelBundle.warm_up``) computes each error's
+    text features again with the new text model: ~0.2-0.3 ms of Python an error, ~30 ms for the ~120 distinct
+    errors of the swap bench's traffic, about half of a swap's CPU in a worker, beside its requests. The workers
+    load a version one after the other (``MirrorSource.load_turn``) and have seen mostly the same errors, so the
+    first writes what it computed here and the next ones take those rows instead of computing them again: the
+    same floats (JSON keeps a float exactly), for the errors they cover. The rows are keyed by a digest of the
+    error, not its text: request messages are not written to disk. A file that cannot be read, or was written for
+    another text model file (a folder downloaded again), is left aside with a warning and the features computed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / WARMED_TEXT_FILE
+        self.model_file = folder / _TEXT_MODEL_FILE
+
+    def _model_identity(self) -> list[int] | None:
+        try:
+            stat = self.model_file.stat()
+        except OSError:  # a bundle with text_model.joblib only (an older release's): nothing is shared
+            return None
+        return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+    def read(self) -> dict[str, list[float]]:
+        """The rows written for this folder's text model (none when there are none or they cannot be used)."""
+        identity = self._model_identity()
+        if identity is None or not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved["text_model_file"] != identity:
+                raise ValueError("it was written for another text_model.pkl")
+            rows = saved["rows"]
+            if not isinstance(rows, dict) or not all(
+                isinstance(row, list) and all(isinstance(value, float) for value in row) for row in rows.values()
+            ):
+                raise ValueError("its rows are not lists of numbers")
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("%s is not used (%s); the text features are computed", self.path, first_line(exc))
+            return {}
+        return rows
+
+    def write(self, rows: dict[str, list[float]]) -> None:
+        """Replace the file with ``rows`` (atomically); a failure is a warning: the next worker computes them."""
+        identity = self._model_identity()
+        if identity is None:
+            return
+        pending = None
+        try:
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.path.parent, prefix=".warmed-", delete=False, encoding="utf-8"
+            ) as pending:
+                json.dump({"text_model_file": identity, "rows": rows}, pending)
+            os.replace(pending.name, self.path)
+        except (OSError, ValueError) as exc:
+            log.warning("could not share the warmed text features in %s (%s)", self.path, first_line(exc))
+            if pending is not None:
+                Path(pending.name).unlink(missing_ok=True)
+
+
+class MirroredScorer(VersionedScorer):
+    """A mirrored version: its warm-up takes the text features a sibling worker warmed, then shares its own."""
+
+    def __init__(self, inner: Any, version: str, warmed_text: WarmedTextFile) -> None:
+        super().__init__(inner, version)
+        self.warmed_text = warmed_text
+
+    def warm_up(
+        self,
+        errors: Sequence[tuple[str | None, str | None, str | None]] = (),
+        *,
+        between_steps: Callable[[], object] | None = None,
+    ) -> None:
+        """The bundle's warm-up, with the rows of ``WarmedTextFile``; rewrites the file when it computed more."""
+        known = self.warmed_text.read()
+        self.inner.warm_up(errors, between_steps=between_steps, known_text=known)
+        rows = self.inner.text_model.warmed_rows()
+        if not rows.keys() <= known.keys():
+            self.warmed_text.write(known | rows)

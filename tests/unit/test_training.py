@@ -676,6 +676,102 @@ def test_a_mirrored_bundle_is_loaded_pausing_between_its_files(trained: Training
     assert len(pauses) == 3
 
 
+def _errors_to_warm() -> list[tuple[str | None, str | None, str | None]]:
+    from model.textmodel import WARM_CHUNK
+
+    shipped = [("stripe", "do_not_honor", "The card was declined."), ("adyen", "Refused", "Not enough balance")]
+    return shipped + [("stripe", f"code_{i}", f"The card was declined ({i}).") for i in range(2 * WARM_CHUNK + 1)]
+
+
+def _decisions(scorer: object, errors: list[tuple[str | None, str | None, str | None]]) -> list[dict[str, object]]:
+    """decide() on a request carrying each error, served as mirrored version 7."""
+    from service.api.model_holder import VersionedScorer
+
+    catalog, merchant = load_catalog(), make_merchant()
+    scorer = scorer if isinstance(scorer, VersionedScorer) else VersionedScorer(scorer, "7")
+    return [
+        decide(make_request(**_failure(str(code), str(message), "05")), merchant, scorer, catalog=catalog,  # type: ignore[arg-type]
+               rng=np.random.default_rng(0), decision_id="dec_same").model_dump()
+        for _connector, code, message in errors
+    ]  # fmt: skip
+
+
+def test_a_mirrored_version_takes_the_text_features_a_sibling_worker_warmed(
+    trained: TrainingResult, tmp_path: Path
+) -> None:
+    """The server's workers load a new version one after the other and warm it up on mostly the same errors: the
+    first shares its text features through the version's folder (by a digest of each error, not its text), and the
+    next computes none of them again, and decides as a bundle loaded and warmed on its own."""
+    from service.api.mirror import WARMED_TEXT_FILE, MirrorSource, version_folder
+
+    folder = trained.bundle.save(version_folder(tmp_path, "7"))
+    errors = _errors_to_warm()
+    first = MirrorSource(tmp_path, 1.0).load("7")
+    first.warm_up(errors, between_steps=lambda: None)  # type: ignore[attr-defined]
+    shared = (folder / WARMED_TEXT_FILE).read_text(encoding="utf-8")
+    assert "declined" not in shared
+    assert "do_not_honor" not in shared
+
+    second = MirrorSource(tmp_path, 1.0).load("7")
+    text_model = second.inner.text_model  # type: ignore[attr-defined]
+    computed: list[int] = []
+    predict = text_model.predict
+    text_model.predict = lambda *columns: computed.append(len(columns[0])) or predict(*columns)
+    second.warm_up(errors, between_steps=lambda: None)  # type: ignore[attr-defined]
+    assert computed == []
+    assert second.seen_errors() == errors  # type: ignore[attr-defined]
+
+    alone = ModelBundle.load(folder)
+    alone.warm_up(errors)
+    assert [text_model.features_for(*e) for e in errors] == [alone.text_model.features_for(*e) for e in errors]
+    assert _decisions(second, errors) == _decisions(alone, errors)
+    # A worker that saw an error more computes that one alone, and shares it too.
+    more = [*errors, ("razorpay", "BAD_REQUEST_ERROR", "Payment failed")]
+    third = MirrorSource(tmp_path, 1.0).load("7")
+    third_text = third.inner.text_model  # type: ignore[attr-defined]
+    third_predict = third_text.predict
+    third_text.predict = lambda *columns: computed.append(len(columns[0])) or third_predict(*columns)
+    computed.clear()
+    third.warm_up(more, between_steps=lambda: None)  # type: ignore[attr-defined]
+    assert computed == [1]
+    assert len(json.loads((folder / WARMED_TEXT_FILE).read_text(encoding="utf-8"))["rows"]) == len(more)
+
+
+def test_shared_text_features_that_cannot_be_used_are_named_and_computed(
+    trained: TrainingResult, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    from service.api.mirror import WARMED_TEXT_FILE, MirrorSource, version_folder
+
+    folder = trained.bundle.save(version_folder(tmp_path, "7"))
+    errors = _errors_to_warm()
+    MirrorSource(tmp_path, 1.0).load("7").warm_up(errors)  # type: ignore[attr-defined]
+    alone = ModelBundle.load(folder)
+    alone.warm_up(errors)
+    model_file = folder / "text_model.pkl"
+    written = (folder / WARMED_TEXT_FILE).read_text(encoding="utf-8")
+    later = model_file.stat().st_mtime_ns + 1_000_000_000
+    cases = {
+        "Expecting value": lambda: (folder / WARMED_TEXT_FILE).write_text("not json", encoding="utf-8"),
+        "its rows are not lists of numbers": lambda: (folder / WARMED_TEXT_FILE).write_text(
+            json.dumps(json.loads(written) | {"rows": {"ab": ["x"]}}), encoding="utf-8"
+        ),
+        # Last: the file's own identity changes (a folder downloaded again).
+        "it was written for another text_model.pkl": lambda: os.utime(model_file, ns=(later, later)),
+    }
+    for why, spoil in cases.items():
+        (folder / WARMED_TEXT_FILE).write_text(written, encoding="utf-8")
+        spoil()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="winback.api"):
+            loaded = MirrorSource(tmp_path, 1.0).load("7")
+            loaded.warm_up(errors, between_steps=lambda: None)  # type: ignore[attr-defined]
+        assert f"{WARMED_TEXT_FILE} is not used" in caplog.text
+        assert why in caplog.text
+        assert _decisions(loaded, errors) == _decisions(alone, errors)
+
+
 def test_a_bundle_saved_before_path_tables_and_the_pickle_loads_and_explains_the_same(
     trained: TrainingResult, tmp_path: Path
 ) -> None:

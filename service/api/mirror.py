@@ -355,17 +355,15 @@ class WarmedTextFile:
         identity = self._model_identity()
         if identity is None:
             return
-        pending = None
+        # One process writes one pending file at a time (its holder's lock); json.dumps's one C call, not dump's
+        # writes: a few Python calls, which a swap's loading thread pays for (``at_each_call``).
+        pending = self.path.with_name(f"{self.path.name}.{os.getpid()}.pending")
         try:
-            with tempfile.NamedTemporaryFile(
-                "w", dir=self.path.parent, prefix=".warmed-", delete=False, encoding="utf-8"
-            ) as pending:
-                json.dump({"text_model_file": identity, "rows": rows}, pending)
-            os.replace(pending.name, self.path)
+            pending.write_text(json.dumps({"text_model_file": identity, "rows": rows}), encoding="utf-8")
+            os.replace(pending, self.path)
         except (OSError, ValueError) as exc:
             log.warning("could not share the warmed text features in %s (%s)", self.path, first_line(exc))
-            if pending is not None:
-                Path(pending.name).unlink(missing_ok=True)
+            pending.unlink(missing_ok=True)
 
 
 class MirroredScorer(VersionedScorer):

@@ -334,6 +334,7 @@ class ModelBundle:
         *,
         between_steps: Callable[[], object] | None = None,
         known_text: Mapping[str, Sequence[float]] | None = None,
+        direct_text_checked: bool = False,
     ) -> None:
         """Build now what a request would otherwise build on first use, on the request path: each booster's
         predictor (its batch, single-row and leaf calls) and explanation table, the feature plan, the catalog, the
@@ -343,7 +344,8 @@ class ModelBundle:
 
         ``between_steps()`` is called after each step (each under ~1 ms in a warm process): a scorer warming a new
         version up beside its requests lets them go first there (service/api/inflight.py). ``known_text``: the text
-        features of this version another process warmed (``TextModel.warm``'s ``known``)."""
+        features of this version another process warmed (``TextModel.warm``'s ``known``), ``direct_text_checked``:
+        whether it checked the text model's direct form (``TextModel.warm``'s ``direct_form_checked``)."""
         pause = between_steps if between_steps is not None else _no_pause
         for booster in (self.retry_booster, self.retarget_booster):
             if booster is None:
@@ -364,7 +366,9 @@ class ModelBundle:
         self.code_level("", None)
         pause()
         # In chunks only when it pauses between them.
-        self.text_model.warm(errors, between_steps=between_steps, known=known_text)
+        self.text_model.warm(
+            errors, between_steps=between_steps, known=known_text, direct_form_checked=direct_text_checked
+        )
 
     def seen_errors(self) -> list[tuple[str | None, str | None, str | None]]:
         """The errors (connector, code, message) whose text features this model has cached, oldest first."""

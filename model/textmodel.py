@@ -222,10 +222,12 @@ class TextModel:
                 out[f"text_p_{label}"] = probabilities[:, j].astype(np.float64)
         return out
 
-    def _direct_form(self) -> _DirectText | None:
-        """The direct form of this model (built once), or None where it cannot give scikit-learn's floats."""
+    def _direct_form(self, *, checked: bool = False) -> _DirectText | None:
+        """The direct form of this model (built once), or None where it cannot give scikit-learn's floats. ``checked``:
+        it was built and checked against scikit-learn for this very model with these very libraries elsewhere (another
+        worker of the server), and is not checked again."""
         if self._direct is None:
-            self._direct = _DirectText.of(self) or False
+            self._direct = _DirectText.of(self, checked=checked) or False
         return self._direct if isinstance(self._direct, _DirectText) else None
 
     def features_for(self, connector: str | None, code: str | None, message: str | None) -> dict[str, float]:
@@ -246,6 +248,10 @@ class TextModel:
         """The (connector, code, message) of every error whose features are cached, oldest first."""
         return list(self._cache.copy())  # one C call: requests on other threads may be adding to it
 
+    def has_direct_form(self) -> bool:
+        """Whether the direct form was built (and checked) and computes this model's features."""
+        return isinstance(self._direct, _DirectText)
+
     def warmed_rows(self) -> dict[str, list[float]]:
         """The cached features of every error, ``TEXT_COLUMNS`` in order, keyed by ``error_digest`` (what another
         process warming the same model passes to ``warm`` as ``known``)."""
@@ -257,6 +263,7 @@ class TextModel:
         *,
         between_steps: Callable[[], object] | None = None,
         known: Mapping[str, Sequence[float]] | None = None,
+        direct_form_checked: bool = False,
     ) -> None:
         """Cache the features of ``errors`` now (up to ``CACHE_SIZE`` of them, the last ones), so requests carrying
         them do not pay for it. With none, one error without code or message still goes through, so the
@@ -267,8 +274,10 @@ class TextModel:
         (service/api/inflight.py).
 
         ``known``: features of this very model computed elsewhere (``warmed_rows`` of another process), taken as
-        they are for the errors they cover instead of computed again."""
-        self._direct_form()  # built (and checked against scikit-learn) here, not by the first request with a new error
+        they are for the errors they cover instead of computed again; ``direct_form_checked``: that process checked
+        the direct form against scikit-learn with the same libraries (``_direct_form``'s ``checked``)."""
+        # Built (and checked against scikit-learn) here, not by the first request with a new error.
+        self._direct_form(checked=direct_form_checked)
         wanted = [error for error in dict.fromkeys(errors) if error not in self._cache][-CACHE_SIZE:] or [
             (None, None, None)
         ]
@@ -301,6 +310,15 @@ class TextModel:
         state["_cache"] = {}
         state["_direct"] = None
         return state
+
+
+def direct_form_libraries() -> dict[str, str]:
+    """The versions of the libraries whose floats the direct form's check compares (``_DirectText.of``): a check
+    passed with the same ones holds for another process of the same installation."""
+    import scipy
+    import sklearn
+
+    return {"numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
 
 
 def error_digest(error: tuple[str | None, str | None, str | None]) -> str:
@@ -356,9 +374,10 @@ class _DirectText:
         self.word_columns = 0  # columns held in ``words``
 
     @classmethod
-    def of(cls, model: TextModel) -> _DirectText | None:
+    def of(cls, model: TextModel, *, checked: bool = False) -> _DirectText | None:
         """The direct form of ``model``, or None when its settings are not the ones reproduced here or a check
-        against scikit-learn on sample errors differs (a scikit-learn release that computes otherwise)."""
+        against scikit-learn on sample errors differs (a scikit-learn release that computes otherwise); ``checked``:
+        that check passed elsewhere for this model and these libraries, and is not made again."""
         vectorizer = model.vectorizer
         if vectorizer is None or not hasattr(vectorizer, "idf_"):
             return None
@@ -376,6 +395,8 @@ class _DirectText:
         if model.retry_model is not None and len(model.retry_model.classes_) != 2:
             return None
         direct = cls(model)
+        if checked:
+            return direct
         samples = [
             document("stripe", "card_declined", "Your card was declined."),
             document(None, None, None),

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,15 @@ class MirrorSource:
         return MirroredScorer(bundle, version, WarmedTextFile(folder))
 
 
+@dataclass(frozen=True)
+class SharedWarmUp:
+    """A sibling worker's warm-up of a version: text features by error digest, and whether it checked the text
+    model's direct form against scikit-learn with the libraries installed here (``TextModel.warm``)."""
+
+    rows: dict[str, list[float]]
+    direct_form_checked: bool
+
+
 class WarmedTextFile:
     """The text features of a version the server's workers warmed up, shared through its folder.
 
@@ -316,7 +326,9 @@ class WarmedTextFile:
     errors of the swap bench's traffic, about half of a swap's CPU in a worker, beside its requests. The workers
     load a version one after the other (``MirrorSource.load_turn``) and have seen mostly the same errors, so the
     first writes what it computed here and the next ones take those rows instead of computing them again: the
-    same floats (JSON keeps a float exactly), for the errors they cover. The rows are keyed by a digest of the
+    same floats (JSON keeps a float exactly), for the errors they cover. The first also says whether it checked the
+    text model's direct form against scikit-learn (~5 ms of scikit-learn's Python a load) and with which library
+    versions: a worker of the same installation does not check it again. The rows are keyed by a digest of the
     error, not its text: request messages are not written to disk. A file that cannot be read, or was written for
     another text model file (a folder downloaded again), is left aside with a warning and the features computed."""
 
@@ -331,11 +343,13 @@ class WarmedTextFile:
             return None
         return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
 
-    def read(self) -> dict[str, list[float]]:
-        """The rows written for this folder's text model (none when there are none or they cannot be used)."""
+    def read(self) -> SharedWarmUp:
+        """What was written for this folder's text model (nothing when there is none or it cannot be used)."""
+        from model.textmodel import direct_form_libraries
+
         identity = self._model_identity()
         if identity is None or not self.path.is_file():
-            return {}
+            return SharedWarmUp({}, direct_form_checked=False)
         try:
             saved = json.loads(self.path.read_text(encoding="utf-8"))
             if saved["text_model_file"] != identity:
@@ -347,11 +361,14 @@ class WarmedTextFile:
                 raise ValueError("its rows are not lists of numbers")
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.warning("%s is not used (%s); the text features are computed", self.path, first_line(exc))
-            return {}
-        return rows
+            return SharedWarmUp({}, direct_form_checked=False)
+        return SharedWarmUp(rows, direct_form_checked=saved.get("direct_form_checked_with") == direct_form_libraries())
 
-    def write(self, rows: dict[str, list[float]]) -> None:
-        """Replace the file with ``rows`` (atomically); a failure is a warning: the next worker computes them."""
+    def write(self, rows: dict[str, list[float]], *, direct_form_checked: bool) -> None:
+        """Replace the file with ``rows`` (atomically), and whether the text model's direct form was checked, with
+        which libraries; a failure is a warning: the next worker computes them."""
+        from model.textmodel import direct_form_libraries
+
         identity = self._model_identity()
         if identity is None:
             return
@@ -359,7 +376,9 @@ class WarmedTextFile:
         # writes: a few Python calls, which a swap's loading thread pays for (``at_each_call``).
         pending = self.path.with_name(f"{self.path.name}.{os.getpid()}.pending")
         try:
-            pending.write_text(json.dumps({"text_model_file": identity, "rows": rows}), encoding="utf-8")
+            checked_with = direct_form_libraries() if direct_form_checked else None
+            saved = {"text_model_file": identity, "rows": rows, "direct_form_checked_with": checked_with}
+            pending.write_text(json.dumps(saved), encoding="utf-8")
             os.replace(pending, self.path)
         except (OSError, ValueError) as exc:
             log.warning("could not share the warmed text features in %s (%s)", self.path, first_line(exc))
@@ -380,8 +399,14 @@ class MirroredScorer(VersionedScorer):
         between_steps: Callable[[], object] | None = None,
     ) -> None:
         """The bundle's warm-up, with the rows of ``WarmedTextFile``; rewrites the file when it computed more."""
-        known = self.warmed_text.read()
-        self.inner.warm_up(errors, between_steps=between_steps, known_text=known)
+        shared = self.warmed_text.read()
+        self.inner.warm_up(
+            errors,
+            between_steps=between_steps,
+            known_text=shared.rows,
+            direct_text_checked=shared.direct_form_checked,
+        )
         rows = self.inner.text_model.warmed_rows()
-        if not rows.keys() <= known.keys():
-            self.warmed_text.write(known | rows)
+        checked = self.inner.text_model.has_direct_form()
+        if not rows.keys() <= shared.rows.keys() or checked > shared.direct_form_checked:
+            self.warmed_text.write(shared.rows | rows, direct_form_checked=checked)

@@ -21,6 +21,7 @@ from model.cellsupport import ARM_INDEX, N_SLOTS, SLOTS_PER_ARM
 from model.gsm import with_overlay
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig, decide, verdict_probability
 from model.rules import Candidate, build_context, enumerate_candidates, permitted
+from model.textmodel import _DirectText
 from model.training import (
     MIN_EXAMPLES,
     RETRYABLE_THRESHOLD_RANGE,
@@ -677,6 +678,7 @@ def test_a_mirrored_bundle_is_loaded_pausing_between_its_files(trained: Training
 
 
 def _errors_to_warm() -> list[tuple[str | None, str | None, str | None]]:
+    """Errors to warm a version up on: two of the shipped codes, and enough others for three chunks."""
     from model.textmodel import WARM_CHUNK
 
     shipped = [("stripe", "do_not_honor", "The card was declined."), ("adyen", "Refused", "Not enough balance")]
@@ -717,8 +719,14 @@ def test_a_mirrored_version_takes_the_text_features_a_sibling_worker_warmed(
     computed: list[int] = []
     predict = text_model.predict
     text_model.predict = lambda *columns: computed.append(len(columns[0])) or predict(*columns)
-    second.warm_up(errors, between_steps=lambda: None)  # type: ignore[attr-defined]
+    checks: list[None] = []
+    check = _DirectText.same_as_sklearn
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(_DirectText, "same_as_sklearn", lambda *a: checks.append(None) or check(*a))
+        second.warm_up(errors, between_steps=lambda: None)  # type: ignore[attr-defined]
     assert computed == []
+    assert checks == []  # the first worker checked the direct form with the same libraries
+    assert text_model.has_direct_form()
     assert second.seen_errors() == errors  # type: ignore[attr-defined]
 
     alone = ModelBundle.load(folder)
@@ -760,6 +768,18 @@ def test_shared_text_features_that_cannot_be_used_are_named_and_computed(
         # Last: the file's own identity changes (a folder downloaded again).
         "it was written for another text_model.pkl": lambda: os.utime(model_file, ns=(later, later)),
     }
+    # Written with other libraries: its rows are used, the direct form is checked again.
+    (folder / WARMED_TEXT_FILE).write_text(
+        json.dumps(json.loads(written) | {"direct_form_checked_with": {"numpy": "0"}}), encoding="utf-8"
+    )
+    checks: list[None] = []
+    check = _DirectText.same_as_sklearn
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(_DirectText, "same_as_sklearn", lambda *a: checks.append(None) or check(*a))
+        other_libraries = MirrorSource(tmp_path, 1.0).load("7")
+        other_libraries.warm_up(errors, between_steps=lambda: None)  # type: ignore[attr-defined]
+    assert checks == [None]
+    assert _decisions(other_libraries, errors) == _decisions(alone, errors)
     for why, spoil in cases.items():
         (folder / WARMED_TEXT_FILE).write_text(written, encoding="utf-8")
         spoil()

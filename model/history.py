@@ -372,6 +372,12 @@ class ValidationReport:
         and kept under another (written beside their place, then moved in), whose rows stay as they are."""
         return replace(self, problems=[replace(p, file=files.get(p.file, p.file)) for p in self.problems])
 
+    def leaving_out(self, said: Callable[[Problem], bool]) -> ValidationReport:
+        """This report without the shown problems ``said`` picks (said elsewhere already), the total counting
+        them out too, so ``... and K more`` still counts only the problems not shown."""
+        kept = [problem for problem in self.problems if not said(problem)]
+        return replace(self, problems=kept, total=self.total - (len(self.problems) - len(kept)))
+
     def format(self) -> str:
         """One line per shown problem, then ``... and K more`` for those past the cap."""
         shown = self.problems[: self.cap]

@@ -42,6 +42,7 @@ from model.history import (
     STOP_COLUMNS,
     History,
     HistoryError,
+    Problem,
     ValidationReport,
     move_into_place_together,
     read_history,
@@ -90,7 +91,8 @@ class ExportSummary:
     earlier_replaced: int = 0
     #: The earlier history's warnings (`History.warnings`): its values are written as read, so said only now.
     earlier_warnings: ValidationReport = field(default_factory=ValidationReport)
-    #: The warnings of the files written (`History.warnings` of reading them back), naming them where they are now.
+    #: The warnings of the files written (`History.warnings` of reading them back), naming them where they are now;
+    #: without those ``earlier_warnings`` says (of the earlier history's orders written as read, or of a whole file).
     warnings: ValidationReport = field(default_factory=ValidationReport)
 
 
@@ -565,14 +567,47 @@ def _orders_at_fault(
     found: dict[tuple[str, str], str] = {}
     by_label = {str(path): frame for path, frame in zip(files, frames, strict=True)}
     for problem in error.report.problems:
-        label = problem.file.removesuffix(" (writing)")
-        frame = by_label.get(label)
-        if frame is None or problem.row is None or not 1 <= problem.row <= len(frame):
+        order = _order_in_row(by_label, problem.file.removesuffix(" (writing)"), problem.row)
+        if order is None:
             return None
-        merchant_id, order_id = frame.iloc[problem.row - 1][["merchant_id", "order_id"]]
         where = "" if problem.column is None else f"{problem.column}: "
-        found.setdefault((str(merchant_id), str(order_id)), f"{where}{problem.reason}")
+        found.setdefault(order, f"{where}{problem.reason}")
     return found or None
+
+
+def _order_in_row(by_label: dict[str, pd.DataFrame], label: str, row: int | None) -> tuple[str, str] | None:
+    """(merchant_id, order_id) of the 1-based ``row`` of the file ``label`` names, whose rows are those of its
+    frame in ``by_label`` (written in the frame's order); None for a file-level problem or one in no such row."""
+    frame = by_label.get(label)
+    if frame is None or row is None or not 1 <= row <= len(frame):
+        return None
+    merchant_id, order_id = frame.iloc[row - 1][["merchant_id", "order_id"]]
+    return str(merchant_id), str(order_id)
+
+
+def _warnings_not_said(
+    written: ValidationReport,
+    files: tuple[Path, ...],
+    frames: tuple[pd.DataFrame, ...],
+    earlier: ValidationReport,
+    earlier_files: tuple[Path, Path, Path | None],
+    carried: set[tuple[str, str]],
+) -> ValidationReport:
+    """The warnings of the written ``files`` (rows of ``frames``: attempts, nudges, stops) less those the earlier
+    history's own already say: one about a row of an order ``carried`` from it as written there, or a file-level
+    one said of the same kind of file. The earlier history's name their rows in its files, where its producer
+    fixes them; said again of the written files, each came twice."""
+    by_label = {str(path): frame for path, frame in zip(files, frames, strict=True)}
+    kind = {str(path): index for index, path in enumerate(files)}
+    earlier_kind = {str(path): index for index, path in enumerate(earlier_files) if path is not None}
+    said_of_a_file = {(earlier_kind.get(p.file), p.column, p.reason) for p in earlier.problems if p.row is None}
+
+    def said(problem: Problem) -> bool:
+        if problem.row is None:
+            return (kind.get(problem.file), problem.column, problem.reason) in said_of_a_file
+        return _order_in_row(by_label, problem.file, problem.row) in carried
+
+    return written.leaving_out(said)
 
 
 def history_files_in(folder: str | Path) -> tuple[Path, Path, Path | None]:
@@ -590,10 +625,11 @@ def history_files_in(folder: str | Path) -> tuple[Path, Path, Path | None]:
 
 def _with_earlier(
     earlier: History, attempts: pd.DataFrame, nudges: pd.DataFrame, stops: pd.DataFrame
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int, int]:
-    """The store's frames with every order of an earlier history the store does not hold, and the numbers of
-    orders taken from it and replaced by the store's copy (the store's is the later, fuller record). An earlier
-    export's ``<merchant_id>/<order_id>`` is the same order as the store's ``order_id`` of that merchant."""
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, set[tuple[str, str]], int]:
+    """The store's frames with every order of an earlier history the store does not hold, the orders taken from
+    it (merchant_id, order_id as in the frames) and the number replaced by the store's copy (the store's is the
+    later, fuller record). An earlier export's ``<merchant_id>/<order_id>`` is the same order as the store's
+    ``order_id`` of that merchant."""
 
     def keys(frame: pd.DataFrame) -> list[tuple[str, str]]:
         return [
@@ -614,8 +650,7 @@ def _with_earlier(
         # As objects: the writer types every column, and a column all null in one frame keeps no dtype of its own.
         frames.append(pd.concat([old.astype(object), new.astype(object)], ignore_index=True))
     earlier_orders = set(keys(earlier.attempts)) | set(keys(earlier.nudges))
-    replaced = len(earlier_orders & held)
-    return frames[0], frames[1], frames[2], len(earlier_orders) - replaced, replaced
+    return frames[0], frames[1], frames[2], earlier_orders - held, len(earlier_orders & held)
 
 
 def export_history(
@@ -632,7 +667,8 @@ def export_history(
     order_id) and named too; a txn_id that several merchants' attempts have is written ``<merchant_id>/<txn_id>``
     the same way. The files are written beside the targets and moved into place only once valid, so a failed
     export leaves an earlier export as it was; what reading them back found worth a look (`History.warnings`) is
-    the summary's ``warnings``, naming the files where they are then. ``since`` (aware) keeps orders whose first
+    the summary's ``warnings``, naming the files where they are then (less what ``earlier_warnings`` already
+    says: each warning is said once, of the file its producer fixes). ``since`` (aware) keeps orders whose first
     attempt is at or after it.
 
     ``with_history``: a folder holding an earlier history (the one the first model was trained on, or an earlier
@@ -649,8 +685,8 @@ def export_history(
         raise FileNotFoundError(f"no winback database at {database} (from {shown_url(url)})")
     earlier = None
     if with_history is not None:
-        earlier_attempts, earlier_nudges, earlier_stops = history_files_in(with_history)
-        earlier = read_history(earlier_attempts, earlier_nudges, stops_path=earlier_stops)
+        earlier_files = history_files_in(with_history)
+        earlier = read_history(earlier_files[0], earlier_files[1], stops_path=earlier_files[2])
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -662,9 +698,10 @@ def export_history(
     finally:
         engine.dispose()
     left_out = unusable | _unwritable_orders(attempts_frame, nudges_frame)
-    earlier_orders = replaced = 0
+    carried: set[tuple[str, str]] = set()
+    replaced = 0
     if earlier is not None:
-        attempts_frame, nudges_frame, stops_frame, earlier_orders, replaced = _with_earlier(
+        attempts_frame, nudges_frame, stops_frame, carried, replaced = _with_earlier(
             earlier, attempts_frame, nudges_frame, stops_frame
         )
     shared = _shared_ids("order_id", attempts_frame, nudges_frame)
@@ -701,6 +738,10 @@ def export_history(
         # Together: one after another, a failure between two moves left new files beside the earlier export's.
         moves = list(zip(staged, (attempts_path, nudges_path, stops_path), strict=True))
         move_into_place_together(moves)
+        new_warnings = written.warnings
+        if earlier is not None:
+            frames = (attempts_frame, nudges_frame, stops_frame)
+            new_warnings = _warnings_not_said(new_warnings, staged, frames, earlier.warnings, earlier_files, carried)
     finally:
         for path in staged:
             path.unlink(missing_ok=True)
@@ -720,9 +761,9 @@ def export_history(
         renamed_orders=tuple(renamed),
         stops_path=stops_path,
         stops=len(stops_frame),
-        earlier_orders=earlier_orders,
+        earlier_orders=len(carried),
         earlier_replaced=replaced,
         earlier_warnings=earlier.warnings if earlier is not None else ValidationReport(),
         # Read from the hidden files before they were moved in: the rows are the same, the names are not.
-        warnings=written.warnings.naming({str(hidden): str(final) for hidden, final in moves}),
+        warnings=new_warnings.naming({str(hidden): str(final) for hidden, final in moves}),
     )

@@ -644,10 +644,11 @@ def test_history_export_says_how_it_read_the_earlier_history(tmp_path: Path) -> 
     ), result.output
 
 
-def test_history_export_says_the_warnings_of_the_files_it_wrote_naming_them(tmp_path: Path) -> None:
+def test_history_export_says_a_warning_the_earlier_history_carries_into_its_files_once(tmp_path: Path) -> None:
     # The export reads its own files back before moving them in: their warnings named the hidden .partial-* files,
-    # so they were not printed. One order's third attempt in the earlier history says another amount; the files
-    # written keep it, and the warning names the written file's row.
+    # so they were not printed. Once printed, a warning the earlier history carries into the files came twice: of
+    # EARLIER's row, then of the written file's. One order's third attempt in the earlier history says another
+    # amount; the files written keep it, and it is said once, of EARLIER's row (where its producer fixes it).
     from pipelines.simulate import simulate
 
     earlier = tmp_path / "earlier"
@@ -657,17 +658,27 @@ def test_history_export_says_the_warnings_of_the_files_it_wrote_naming_them(tmp_
     order = attempts.loc[changed, "order_id"]
     attempts.loc[changed, "amount"] += 1.0
     attempts.to_parquet(earlier / "attempts.parquet", index=False)
-    out = tmp_path / "all"
+    out, url = tmp_path / "all", _fresh_store(tmp_path)
     result = CliRunner().invoke(
-        app, ["history", "export", "--out", str(out), "--database-url", _fresh_store(tmp_path), "--with-history",
+        app, ["history", "export", "--out", str(out), "--database-url", url, "--with-history",
               str(earlier)], env={"COLUMNS": "1000"},
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     written = pd.read_parquet(out / "attempts.parquet")
     row = int(written.index[(written["order_id"] == order) & (written["attempt_number"] == 3)][0]) + 1
-    assert f"warning: {out / 'attempts.parquet'}:row {row}: column amount: " in result.output, result.output
+    assert f"{out / 'attempts.parquet'}:row {row}: column amount: " not in result.output, result.output
+    assert result.output.count("column amount: ") == 1, result.output
     assert f"warning: {earlier / 'attempts.parquet'}:row {changed + 1}: column amount: " in result.output
+    assert "... and" not in result.output  # the warning left out is not counted as one more either
     assert ".partial-" not in result.output
+    # --with-history --out itself: the same file read, then written, said once too.
+    again = CliRunner().invoke(
+        app, ["history", "export", "--out", str(out), "--database-url", url, "--with-history",
+              str(out)], env={"COLUMNS": "1000"},
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert again.output.count("column amount: ") == 1, again.output
+    assert f"warning: {out / 'attempts.parquet'}:row {row}: column amount: " in again.output
 
 
 def test_history_export_with_history_writes_the_earlier_history_too_and_names_a_missing_one(tmp_path: Path) -> None:

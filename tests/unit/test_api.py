@@ -29,7 +29,7 @@ from fastapi import FastAPI
 
 from model.catalog import load_catalog
 from model.gsm import with_overlay, write_overlay
-from model.history import read_attempts, read_history, read_nudges
+from model.history import Problem, ValidationReport, read_attempts, read_history, read_nudges
 from model.merchant_config import ConfigError, load_config
 from model.policy import DEFAULT_RETRYABLE_THRESHOLD, PolicyConfig
 from model.requests import Alternative, Decision, DecisionRequest
@@ -886,9 +886,9 @@ def test_export_writes_the_stop_decisions_served_to_callers_with_their_propensit
     assert stopped["attempt_number"].tolist() == [1]  # its failure, from the stop decision's request
 
 
-def test_export_warns_of_the_rows_it_wrote_naming_the_files_where_they_are(api: Api, tmp_path: Path) -> None:
-    # The export reads its files back before moving them in, so their warnings named the hidden .partial-* files
-    # (and were dropped). Here the caller's second request for ord_fee says 450.0 where its first said 499.0.
+def _serve_an_order_whose_amount_changes(api: Api) -> None:
+    """ord_fee: a failure at 499.0, a decided retry that failed, then the caller's second request says 450.0 (a
+    fee taken off) and its retry is paid; written as attempts at 499.0, 499.0 and 450.0, a warning on the third."""
     first = api.post("/v1/decisions", request_body(order_id="ord_fee")).json()
     assert first["action"] != "stop", first
     failed = _outcome(first["decision_id"], order_id="ord_fee", status="failure", error_code="card_declined",
@@ -900,6 +900,12 @@ def test_export_warns_of_the_rows_it_wrote_naming_the_files_where_they_are(api: 
     paid = _outcome(second["decision_id"], order_id="ord_fee", occurred_at="2026-11-03T10:05:00Z", txn_id="ord_fee_3")
     assert api.post("/v1/outcomes", paid).status_code == 200
     api.flush()
+
+
+def test_export_warns_of_the_rows_it_wrote_naming_the_files_where_they_are(api: Api, tmp_path: Path) -> None:
+    # The export reads its files back before moving them in, so their warnings named the hidden .partial-* files
+    # (and were dropped). Here the caller's second request for ord_fee says 450.0 where its first said 499.0.
+    _serve_an_order_whose_amount_changes(api)
     summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history")
     assert read_attempts(summary.attempts_path)["amount"].tolist() == [499.0, 499.0, 450.0]
     assert [p.format() for p in summary.warnings.problems] == [
@@ -907,6 +913,62 @@ def test_export_warns_of_the_rows_it_wrote_naming_the_files_where_they_are(api: 
         "(row 1): read as written; a decision point uses the amount of the failure it answers"
     ]
     assert not list((tmp_path / "history").glob(".partial-*"))
+
+
+def test_export_with_an_earlier_history_warns_of_a_store_order_naming_the_written_file_and_of_a_carried_one_once(
+    api: Api, tmp_path: Path
+) -> None:
+    # A warning an earlier history carries into the files was said of its row there and again of the written
+    # file's; one of an order from the store is said of the written file alone. The store's ord_fee says 450.0 on
+    # its second request where its first said 499.0; the earlier history's order says another amount on its third
+    # attempt.
+    from pipelines.simulate import simulate
+
+    earlier = tmp_path / "earlier"
+    simulate(earlier, orders=40, seed=3, progress=False)
+    attempts = pd.read_parquet(earlier / "attempts.parquet")
+    changed = attempts.index[attempts["attempt_number"] == 3][0]
+    attempts.loc[changed, "amount"] += 1.0
+    attempts.to_parquet(earlier / "attempts.parquet", index=False)
+    _serve_an_order_whose_amount_changes(api)
+    summary = export_history(f"sqlite:///{tmp_path / 'winback.db'}", tmp_path / "history", with_history=earlier)
+    written = read_attempts(summary.attempts_path)
+    fee = written.index[written["order_id"] == "ord_fee"]
+    assert written.loc[fee, "amount"].tolist() == [499.0, 499.0, 450.0]
+    assert [p.format() for p in summary.earlier_warnings.problems] == [
+        f"{earlier / 'attempts.parquet'}:row {changed + 1}: column amount: {attempts.loc[changed, 'amount']} differs "
+        f"from {attempts.loc[changed - 2, 'amount']} on attempt 1 of the same order (row {changed - 1}): read as "
+        "written; a decision point uses the amount of the failure it answers"
+    ]
+    assert [p.format() for p in summary.warnings.problems] == [
+        f"{summary.attempts_path}:row {fee[2] + 1}: column amount: 450.0 differs from 499.0 on attempt 1 of the "
+        f"same order (row {fee[0] + 1}): read as written; a decision point uses the amount of the failure it answers"
+    ]
+    assert summary.warnings.total == 1  # the carried warning left out is not counted as one more
+
+
+def test_export_leaves_out_a_file_warning_the_earlier_history_said_of_the_same_kind_of_file(tmp_path: Path) -> None:
+    # A whole-file warning (no row) the earlier history's files have was said of them already: said of the written
+    # file of the same kind too, it came twice. Said of another kind of file, or not said at all, it is new.
+    digits = "read 1 as true and 0 as false"
+    files = (tmp_path / ".partial-attempts.parquet", tmp_path / ".partial-nudges.parquet", tmp_path / "s.parquet")
+    earlier_files = (tmp_path / "e" / "attempts.csv", tmp_path / "e" / "nudges.csv", None)
+    written = ValidationReport(
+        [
+            Problem(str(files[0]), None, "is_recurring", digits),
+            Problem(str(files[1]), None, "delivered", digits),
+            Problem(str(files[1]), None, "is_recurring", digits),
+        ],
+        total=3,
+    )
+    earlier = ValidationReport(
+        [Problem(str(earlier_files[0]), None, "is_recurring", digits), Problem(str(earlier_files[1]), None, "x", "y")],
+        total=2,
+    )
+    frames = (pd.DataFrame(columns=["merchant_id", "order_id"]),) * 3
+    left = export_module._warnings_not_said(written, files, frames, earlier, earlier_files, set())
+    assert left.problems == written.problems[1:]
+    assert left.total == 2
 
 
 def test_an_order_with_a_strategy_the_history_files_cannot_carry_is_left_out_and_named(

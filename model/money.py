@@ -24,6 +24,8 @@ DEFAULT_MINOR_UNITS = 2
 #: Rounding to minor units in Python's default 28 digits raised InvalidOperation from 1e26 INR on (an API request
 #: answered 500); the largest float has 309 integer digits, plus at most 4 minor units, so every amount fits here.
 _EVERY_FLOAT_EXACTLY = Context(prec=320)
+#: The currencies people know by a symbol; any other is written with its ISO code after the amount.
+_SYMBOLS = {"INR": "₹", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "AUD": "A$", "CAD": "C$", "SGD": "S$"}
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,13 @@ def format_amount(amount: float, currency: str, *, grouped: bool = False) -> str
     places = minor_units(currency)
     exact = charged_amount(amount, currency)
     return f"{exact:,.{places}f}" if grouped else f"{exact:.{places}f}"
+
+
+def format_money(amount: float, currency: str) -> str:
+    """``₹1,499.00``, ``¥1,200``, ``1,234.500 KWD``: the amount in its own currency as a person reads it (the
+    console's pages, the operators' CLI lists): grouped, in its minor units, with its symbol when well known, else
+    its ISO code after it."""
+    code = currency.upper()
+    number = format_amount(amount, code, grouped=True)  # the currency's ISO 4217 minor units: what is charged
+    symbol = _SYMBOLS.get(code)
+    return f"{symbol}{number}" if symbol else f"{number} {code}"

@@ -13,6 +13,8 @@ from typer.core import TyperGroup, TyperOption
 from model.wording import count_noun
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     import pandas as pd
     from typer._click.core import Command, Context
     from typer._click.formatting import HelpFormatter
@@ -572,10 +574,10 @@ def executor_charge_disputes(
         line = (
             f"{dispute.merchant_id} {dispute.order_id} ({dispute.order_state}): payment {dispute.payment_id} via "
             f"{dispute.connector}: {dispute.who_said}, the switch says {dispute.switch_said}; flagged "
-            f"{dispute.flagged_at.isoformat()}"
+            f"{utc_second(dispute.flagged_at)}"
         )
         if not dispute.open:
-            when = dispute.resolved_at.isoformat() if dispute.resolved_at else ""
+            when = utc_second(dispute.resolved_at) if dispute.resolved_at else ""
             line += f"; dealt with by {dispute.resolved_by} at {when}: {dispute.resolution_note}"
         typer.echo(line)
 
@@ -621,7 +623,7 @@ def executor_refunds_by_hand(
     then answered no status check for a day: check with the connector whether it took them. --resolve ORDER_ID
     --note TEXT marks the order's cases dealt with; marking one again changes nothing."""
     from service.executor.by_hand import CaseResolutionError, already_done
-    from service.executor.core import ChargeResolutionError, DisputeResolutionError
+    from service.executor.core import ChargeResolutionError, DisputeResolutionError, refund_why
     from service.executor.worker import list_refunds_by_hand, resolve_case_by_hand
 
     url = usable_database_url(database_url)
@@ -648,22 +650,25 @@ def executor_refunds_by_hand(
     for paid in shown_twice:  # first: nothing is in hand for these, not even a refund refused
         typer.echo(
             f"{paid.merchant_id} {paid.order_id} ({paid.order_state}): possibly paid twice: winback's payment "
-            f"{paid.payment_id} via {paid.connector} (txn_id {paid.winback_txn_id}) paid it, {paid.amount} "
-            f"{paid.currency}, and the merchant reported its own txn_id {paid.merchant_txn_id} at "
-            f"{paid.reported_at.isoformat()}: nothing refunded, check with the merchant{dealt_with(paid.done)}"
+            f"{paid.payment_id} via {paid.connector} (txn_id {paid.winback_txn_id}) paid it, "
+            f"{written_money(paid.amount, paid.currency)}, and the merchant reported its own txn_id "
+            f"{paid.merchant_txn_id} at {utc_second(paid.reported_at)}: nothing refunded, check with the merchant"
+            f"{dealt_with(paid.done)}"
         )
     for charge in shown_silent:  # then: the customer may have paid, and nothing else will show it
         typer.echo(
             f"{charge.merchant_id} {charge.order_id} ({charge.order_state}): possibly charged: payment "
-            f"{charge.payment_id} via {charge.connector}, {charge.amount} {charge.currency}, taken as never charged "
-            f"(charge action {charge.charge_action_id}); its switch silent since {charge.silent_since.isoformat()}, "
-            f"asked no more at {charge.given_up_at.isoformat()}: check with the connector{dealt_with(charge.done)}"
+            f"{charge.payment_id} via {charge.connector}, {written_money(charge.amount, charge.currency)}, taken as "
+            f"never charged (charge action {charge.charge_action_id}); its switch silent since "
+            f"{utc_second(charge.silent_since)}, asked no more at {utc_second(charge.given_up_at)}: check with the "
+            f"connector{dealt_with(charge.done)}"
         )
     for refund in shown:  # one line each, whole (a table folds ids at 80 columns), for people and grep alike
         typer.echo(
             f"{refund.merchant_id} {refund.order_id} ({refund.order_state}): refund action {refund.refund_action_id} "
-            f"of payment {refund.payment_id} via {refund.connector}, {refund.amount} {refund.currency}: "
-            f"{refund.state}, given to an operator at {refund.handed_at.isoformat()} ({refund.why}): {refund.note}"
+            f"of payment {refund.payment_id} via {refund.connector}, {written_money(refund.amount, refund.currency)}: "
+            f"{refund.state}, given to an operator at {utc_second(refund.handed_at)} ({refund_why(refund.why)}): "
+            f"{refund.note}"
             f"{dealt_with(refund.done)}"
         )
     if not found and not twice and not silent:
@@ -692,7 +697,23 @@ def resolver(note: str | None, by: str | None, show_all: bool, listed: str, exam
 
 def dealt_with(done: CaseDone | None) -> str:
     """A listed case's end of line once it is dealt with: who, when, and their note ('' while open)."""
-    return "" if done is None else f"; dealt with by {done.by} at {done.at.isoformat()}: {done.note}"
+    return "" if done is None else f"; dealt with by {done.by} at {utc_second(done.at)}: {done.note}"
+
+
+def utc_second(moment: datetime) -> str:
+    """``2026-11-01T10:15:00Z``: a moment in an operator's list, in UTC to the second (microseconds and ``+00:00``
+    only made its lines longer and harder to grep). A naive one is UTC, as everything stored is."""
+    from service.executor.store import as_utc
+
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def written_money(amount: object, currency: str) -> str:
+    """``₹1,499.00``, ``¥1,200``, ``1,234.500 KWD``: a listed case's amount (as read from the database or its
+    action's payload) as the console writes it, not as stored (``499.0 INR``)."""
+    from model.money import format_money
+
+    return format_money(float(str(amount)), currency)
 
 
 @executor_app.command("callback-url")

@@ -26,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from model.money import format_money
 from service.api.deps import Runtime, RuntimeDep
 from service.console.actions import (
     MAX_REASON_LENGTH,
@@ -67,9 +68,8 @@ from service.console.views import (
     load_queue,
     local_time,
     merchant_zone,
-    money,
-    refund_why,
 )
+from service.executor.core import refund_why
 from service.executor.routes import ExecutorDep, ExecutorRuntime
 from service.executor.store import OrderState
 
@@ -181,7 +181,9 @@ def templates() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(money=money, pct=_pct, channel=channel_name, describe=describe_decision, refund_why=refund_why)
+    env.filters.update(
+        money=format_money, pct=_pct, channel=channel_name, describe=describe_decision, refund_why=refund_why
+    )
     env.globals.update(local_time=local_time, age=age, urlencode=urlencode, submission_token=new_token)
     return env
 

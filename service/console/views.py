@@ -17,16 +17,12 @@ from sqlalchemy.engine import Engine
 
 from model.catalog import ErrorCatalog
 from model.merchant_config import MerchantConfig
-from model.money import format_amount
 from model.requests import Alternative, Decision
 from model.vocab import Action
 from service.api.store import decisions
 from service.console.store import audit_log
 from service.executor.core import (
     MAYBE_SENT_NOTE,
-    REFUND_NO_ANSWER,
-    REFUND_REFUSED,
-    REFUND_SWITCH_SILENT,
     UNKNOWN_CHARGE,
     ChargeDispute,
     PaidTwice,
@@ -50,27 +46,12 @@ from service.executor.store import (
 )
 from service.executor.views import order_view
 
-_SYMBOLS = {"INR": "₹", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "AUD": "A$", "CAD": "C$", "SGD": "S$"}
 _CHANNEL_NAMES = {"whatsapp": "WhatsApp", "sms": "SMS", "email": "email", "push": "push"}
-#: Why a refund went to an operator (REFUND_BY_HAND_REASONS, /metrics' bounded labels), in an agent's words.
-_REFUND_WHY = {
-    REFUND_SWITCH_SILENT: "its switch answered no status check of the charge",
-    REFUND_NO_ANSWER: "it was sent and never answered",
-    REFUND_REFUSED: "its switch refused it, or cannot refund",
-}
 
 SortKey = Literal["age", "amount", "p_success"]
 SORT_KEYS: tuple[str, ...] = ("age", "amount", "p_success")
 STATE_FILTERS: tuple[str, ...] = (OrderState.AWAITING_AGENT.value, OrderState.PENDING.value)
 ACTION_FILTERS: tuple[str, ...] = tuple(action.value for action in Action)
-
-
-def money(amount: float, currency: str) -> str:
-    """``₹1,499.00``: the amount in its own currency (symbol when well known, else the ISO code)."""
-    code = currency.upper()
-    number = format_amount(amount, code, grouped=True)  # the currency's ISO 4217 minor units: what is charged
-    symbol = _SYMBOLS.get(code)
-    return f"{symbol}{number}" if symbol else f"{number} {code}"
 
 
 def merchant_zone(merchant: MerchantConfig) -> ZoneInfo:
@@ -102,11 +83,6 @@ def age(since: datetime, now: datetime) -> str:
 def channel_name(channel: str) -> str:
     """A channel as people write it: ``WhatsApp``, ``SMS``, ``email``, ``push``."""
     return _CHANNEL_NAMES.get(channel, channel)
-
-
-def refund_why(why: str) -> str:
-    """Why a refund went to an operator, in words (an unknown label with its underscores as spaces)."""
-    return _REFUND_WHY.get(why, why.replace("_", " "))
 
 
 def describe(action: str, strategy: str | None, connector: str | None, channel: str | None) -> str:

@@ -186,6 +186,13 @@ REFUND_SWITCH_SILENT = "switch_silent"
 REFUND_NO_ANSWER = "no_answer"
 REFUND_REFUSED = "refused"
 REFUND_BY_HAND_REASONS: Final = (REFUND_SWITCH_SILENT, REFUND_NO_ANSWER, REFUND_REFUSED)
+#: Why a refund went to an operator (REFUND_BY_HAND_REASONS), in a person's words: the console's card and
+#: ``winback executor refunds-by-hand`` write these, never the labels.
+_REFUND_WHY: Final = {
+    REFUND_SWITCH_SILENT: "its switch answered no status check of the charge",
+    REFUND_NO_ANSWER: "it was sent and never answered",
+    REFUND_REFUSED: "its switch refused it, or cannot refund",
+}
 #: The actions that ask or give back through a connector after a charge: they run on settled orders too, and
 #: settling an order does not cancel them (a duplicate charge is what they are there to find and give back).
 SWITCH_FOLLOW_UPS: Final = (ActionKind.CHARGE_STATUS, ActionKind.REFUND)
@@ -1178,6 +1185,11 @@ class RefundByHand(CaseByHand):
     handed_at: datetime
     state: str
     note: str
+
+
+def refund_why(why: str) -> str:
+    """Why a refund went to an operator, in words (an unknown label with its underscores as spaces)."""
+    return _REFUND_WHY.get(why, why.replace("_", " "))
 
 
 def _cases_of(kind: str, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:

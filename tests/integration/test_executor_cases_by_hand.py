@@ -16,12 +16,12 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
+from model.money import format_money
 from pipelines.cli import app as cli
 from service.api.app import create_app
 from service.console.actions import ActionResult, AgentDesk
 from service.console.auth import Agent, add_agent
 from service.console.store import audit_log
-from service.console.views import money
 from service.executor.by_hand import MAX_CASE_NOTE_LENGTH
 from service.executor.core import (
     SWITCH_SILENCE_LIMIT,
@@ -51,6 +51,7 @@ from tests.integration.test_executor_switch_followups import (
     run_for,
     signed_in_console,
     through,
+    to_the_second,
 )
 from tests.unit.test_api import Api, settings_for
 
@@ -75,10 +76,11 @@ def answered(database_url: str, *args: str) -> str:
     return said
 
 
-def paid_twice_case(build: MakeHarness, database_url: str) -> Harness:
-    """Order ord_1 paid by winback's retry (payment ord_1_2), then reported paid by the merchant's own txn_ext."""
+def paid_twice_case(build: MakeHarness, database_url: str, **order: object) -> Harness:
+    """Order ord_1 (``order``: the event's fields to change) paid by winback's retry (payment ord_1_2), then
+    reported paid by the merchant's own txn_ext."""
     h = build(RETRY, connector=through(FullSwitch(statuses=["succeeded"])), database_url=database_url)
-    h.executor.payment_failed("m_demo", event())
+    h.executor.payment_failed("m_demo", event(**order))
     h.drain()
     assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
     return h
@@ -145,6 +147,27 @@ def test_a_possible_double_payment_is_marked_dealt_with_once_and_leaves_the_list
         assert "operator alice marked it as dealt with at " in page
     finally:
         api.close()
+
+
+@pytest.mark.parametrize(("amount", "currency", "shown"), [(1200.0, "JPY", "¥1,200"), (1234.5, "KWD", "1,234.500 KWD")])
+def test_the_list_writes_the_amount_in_its_currencys_minor_units_and_the_time_to_the_second_in_utc(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    amount: float,
+    currency: str,
+    shown: str,
+) -> None:
+    """``refunds-by-hand`` wrote the amount as stored (``1234.5 KWD``: a fils short, ``1200.0 JPY``: a yen has no
+    minor unit) and the time as ISO 8601 with microseconds and +00:00; now the amount as the order's facts panel
+    writes it (model.money.format_money) and the time in UTC to the second, with a Z."""
+    h = paid_twice_case(make_harness, database_url, amount=amount, currency=currency)
+    with h.executor.engine.connect() as conn:
+        [found] = paid_twice(conn)
+    assert answered(database_url).splitlines() == [
+        f"m_demo ord_1 (SUCCEEDED): possibly paid twice: winback's payment ord_1_2 via adyen (txn_id "
+        f"{found.winback_txn_id}) paid it, {shown}, and the merchant reported its own txn_id txn_ext at "
+        f"{to_the_second(found.reported_at)}: nothing refunded, check with the merchant"
+    ]
 
 
 def test_an_agent_marks_a_possible_double_payment_dealt_with_on_its_card(
@@ -292,9 +315,9 @@ def test_a_charge_taken_as_never_charged_whose_switch_went_silent_is_listed_for_
 
     listed = answered(database_url)
     assert listed.startswith(
-        f"m_demo ord_1 ({h.view().state}): possibly charged: payment ord_1_2 via adyen, {charge.amount} "
-        f"{charge.currency}, taken as never charged (charge action {of_kind(h, 'retry')[0].action_id}); its switch "
-        f"silent since {charge.silent_since.isoformat()}, asked no more at {charge.given_up_at.isoformat()}: "
+        f"m_demo ord_1 ({h.view().state}): possibly charged: payment ord_1_2 via adyen, $499.00, taken as never "
+        f"charged (charge action {of_kind(h, 'retry')[0].action_id}); its switch silent since "
+        f"{to_the_second(charge.silent_since)}, asked no more at {to_the_second(charge.given_up_at)}: "
         "check with the connector"
     ), listed
     assert charge.given_up_at >= charge.silent_since + SWITCH_SILENCE_LIMIT
@@ -342,7 +365,7 @@ def test_an_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent
         page = console.get("/console/orders/ord_1").text
         assert 'data-testid="silent-not-charged"' in page, page
         assert "The customer may have been charged after all</h2>" in page
-        shown = money(float(str(charge.amount)), charge.currency)  # as the order's facts panel writes it
+        shown = format_money(float(str(charge.amount)), charge.currency)  # as the order's facts panel writes it
         assert f"Payment <code>ord_1_2</code> via <strong>adyen</strong>, {shown} (charge action" in page
         assert f"(status check {charge.check_action_id})" in page
         assert 'placeholder="adyen has no payment ord_1_2"' in page

@@ -10,7 +10,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,13 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
 from tests.unit.test_api import Api, settings_for
 
 RETRY = {"action": "retry", "strategy": "cascade", "connector": "adyen"}
+
+
+def to_the_second(moment: datetime) -> str:
+    """A moment as the operators' CLI lists write it: UTC, to the second, with a Z."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 MakeHarness = Callable[..., Harness]
 
 
@@ -622,8 +629,8 @@ def test_a_merchants_own_payment_reported_on_an_order_winbacks_charge_paid_is_fl
     assert listed.exit_code == 0, listed.output
     assert listed.output.splitlines() == [
         f"m_demo ord_1 (SUCCEEDED): possibly paid twice: winback's payment ord_1_2 via adyen (txn_id {winbacks}) "
-        f"paid it, {found.amount} {found.currency}, and the merchant reported its own txn_id txn_ext at "
-        f"{found.reported_at.isoformat()}: nothing refunded, check with the merchant"
+        f"paid it, $499.00, and the merchant reported its own txn_id txn_ext at {to_the_second(found.reported_at)}: "
+        "nothing refunded, check with the merchant"
     ]
     view = h.view()
     assert (view.state, view.success_txn_id) == ("SUCCEEDED", winbacks)
@@ -1308,9 +1315,10 @@ def test_a_refund_whose_switch_answers_no_status_check_goes_to_an_operator_after
     assert (listed.payment_id, listed.why, listed.state, listed.note) == ("ord_1_2", "switch_silent", "dead", note)
     command = CliRunner().invoke(cli, ["executor", "refunds-by-hand", "--database-url", database_url])
     assert command.exit_code == 0, command.output
-    assert command.output.startswith(
-        f"m_demo ord_1 (SUCCEEDED): refund action {refund.action_id} of payment ord_1_2 via adyen, 499.0 USD: dead, "
-        "given to an operator at 2026-"
+    assert command.output.startswith(  # the amount and why as the console's card writes them (it said 499.0 USD)
+        f"m_demo ord_1 (SUCCEEDED): refund action {refund.action_id} of payment ord_1_2 via adyen, $499.00: dead, "
+        f"given to an operator at {to_the_second(listed.handed_at)} (its switch answered no status check of the "
+        f"charge): {note}"
     ), command.output
     api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
     try:
@@ -1525,11 +1533,11 @@ def test_winback_executor_charge_disputes_lists_them(
     run_for(h, 120)
     listed = CliRunner().invoke(cli, ["executor", "charge-disputes", "--database-url", database_url])
     assert listed.exit_code == 0, listed.output
-    assert listed.output.splitlines()[0].startswith(
+    [dispute] = disputes_of(h)
+    assert listed.output.splitlines() == [
         "m_demo ord_1 (SUCCEEDED): payment ord_1_2 via adyen: an operator answered charged (charge action "
-        f"{retry_id}), the switch says declined (do_not_honor); flagged 2026-"
-    ), listed.output
-    assert len(listed.output.splitlines()) == 1
+        f"{retry_id}), the switch says declined (do_not_honor); flagged {to_the_second(dispute.flagged_at)}"
+    ], listed.output
     other = CliRunner().invoke(
         cli, ["executor", "charge-disputes", "--merchant", "m_other", "--database-url", database_url]
     )
@@ -1582,8 +1590,10 @@ def test_an_operator_marks_a_dispute_dealt_with_and_it_leaves_the_open_list_and_
     listed = charge_disputes_command(database_url)
     assert listed.output.strip() == "no charge dispute open (1 dispute dealt with: --all lists them)", listed.output
     everything = charge_disputes_command(database_url, "--all")
-    assert "; dealt with by operator alice at 20" in everything.output
-    assert everything.output.strip().endswith(f": {note}")
+    assert dispute.resolved_at is not None
+    assert everything.output.strip().endswith(
+        f"; dealt with by operator alice at {to_the_second(dispute.resolved_at)}: {note}"
+    ), everything.output
     # Marked again: nothing changes, and it exits 0 as ``refunds-by-hand --resolve`` does (it exited 2).
     again = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
     assert again.exit_code == 0, again.output

@@ -20,25 +20,10 @@ from service.console.charts import (
     recovery_by_day,
     retryability_by_class,
 )
-from service.console.views import QueueFilter, age, money
+from service.console.views import QueueFilter, age
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 KOLKATA = ZoneInfo("Asia/Kolkata")
-
-
-@pytest.mark.parametrize(
-    ("amount", "currency", "text"),
-    [
-        (1499.0, "INR", "₹1,499.00"),
-        (12.5, "usd", "$12.50"),
-        (1200.0, "JPY", "¥1,200"),
-        (3.0, "CHF", "3.00 CHF"),
-        (12345.678, "KWD", "12,345.678 KWD"),
-        (10.0, "HUF", "10.00 HUF"),
-    ],
-)
-def test_money_uses_the_orders_currency(amount: float, currency: str, text: str) -> None:
-    assert money(amount, currency) == text
 
 
 def test_age_reads_like_a_person_would_say_it() -> None:

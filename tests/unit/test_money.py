@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from model.catalog import load_catalog
-from model.money import COSTS_FILE, _minor_units_table, charged_amount, format_amount, load_economics
+from model.money import (
+    COSTS_FILE,
+    _minor_units_table,
+    charged_amount,
+    format_amount,
+    format_money,
+    load_economics,
+)
 from model.policy import PolicyConfig, decide
 from model.requests import Decision
 from tests.factories import make_merchant, make_request
@@ -102,6 +109,21 @@ def test_a_rated_currency_is_not_flagged() -> None:
 def test_an_amount_is_compared_and_shown_as_charged(amount: float, currency: str, charged: Decimal, shown: str) -> None:
     assert charged_amount(amount, currency) == charged
     assert format_amount(amount, currency, grouped=True) == shown
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "text"),
+    [
+        (1499.0, "INR", "₹1,499.00"),
+        (12.5, "usd", "$12.50"),
+        (1200.0, "JPY", "¥1,200"),
+        (3.0, "CHF", "3.00 CHF"),
+        (12345.678, "KWD", "12,345.678 KWD"),
+        (10.0, "HUF", "10.00 HUF"),
+    ],
+)
+def test_money_is_written_in_the_orders_currency(amount: float, currency: str, text: str) -> None:
+    assert format_money(amount, currency) == text
 
 
 @pytest.mark.parametrize("amount", [1e26, 1e308])

@@ -557,7 +557,7 @@ def executor_charge_disputes(
                 f"({dispute.switch_said}) is marked dealt with by {dispute.resolved_by}: {dispute.resolution_note}"
             )
         if not marked.now:
-            typer.echo(already_done(marked.before, resolve))
+            typer.echo(already_done(marked.before, resolve, utc_second))
         return
     try:
         found = list_charge_disputes(url, merchant)
@@ -636,7 +636,7 @@ def executor_refunds_by_hand(
         for case in marked.now:
             typer.echo(f"{case.merchant_id} {case.order_id}: {case.described()} is marked dealt with by {who}: {note}")
         if not marked.now:
-            typer.echo(already_done(marked.before, resolve))
+            typer.echo(already_done(marked.before, resolve, utc_second))
         return
     if note is not None or by is not None:
         raise fail("--note and --by go with --resolve ORDER_ID")

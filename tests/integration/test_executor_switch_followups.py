@@ -1598,7 +1598,8 @@ def test_an_operator_marks_a_dispute_dealt_with_and_it_leaves_the_open_list_and_
     again = charge_disputes_command(database_url, "--resolve", "ord_1", "--note", "again", "--by", "bob")
     assert again.exit_code == 0, again.output
     assert again.output.startswith(
-        "order ord_1: already marked dealt with (the charge dispute of payment ord_1_2 by operator alice at 20"
+        "order ord_1: already marked dealt with (the charge dispute of payment ord_1_2 by operator alice at "
+        f"{to_the_second(dispute.resolved_at)}: "
     ), again.output
     assert again.output.rstrip().endswith(f"{note}); nothing changed"), again.output
     assert [d.resolved_by for d in disputes_of(h)] == ["operator alice"]

@@ -31,10 +31,11 @@ Rules beyond the plain column types, decided here and checked on every read:
 
 Read, with a warning (``History.warnings``, shown by the commands), never refused: booleans written as 1 and 0
 (once per column); a nudge clicked but marked undelivered (read as delivered: the click shows it arrived); an
-amount that changes within an order (the contract does not fix it); two attempts of one order, other than payments
-through a link, carrying one ``decision_id`` (a decision has one action, but a producer may log a cascade decided
-once that way). Refused: a ``decision_id`` on rows of two orders (a decision is made for one order), and a
-timestamp before 1970 (no decision request can carry it, so training's replay of the history cannot).
+amount that changes within an order (the contract does not fix it); two actions of one order (retry attempts and
+nudges; payments through a link are not actions) carrying one ``decision_id`` (a decision has one action, but a
+producer may log a cascade decided once, or a retry and a nudge, that way). Refused: a ``decision_id`` on rows of
+two orders (a decision is made for one order), and a timestamp before 1970 (no decision request can carry it, so
+training's replay of the history cannot).
 
 Extra columns are allowed and kept (from CSV they come back as strings).
 """
@@ -1114,36 +1115,61 @@ def _check_decision_orders(files: Sequence[tuple[str, pd.Series, pd.Series]], ou
         out.add_rows(label, "decision_id", mine, partial(reason, start))
 
 
-def _check_one_attempt_per_decision(a: pd.DataFrame, label: str, out: _Collector) -> None:
-    """A decision has one action: one attempt, or one nudge and the payments made through its link (its
-    ``retarget_link`` attempts may carry the nudge's decision). Two other attempts of one order carrying one
-    ``decision_id`` are read as written, with a warning on each after the first naming the first: winback writes
-    none (the executor, the export and the simulator give every retry its own decision), but a producer may log
-    a cascade decided once and carried out as two attempts. Refusing would fail a history whose rows each make
-    sense; unsaid, the off-policy evaluation would count each of them as a decision of its own."""
-    if out.notes is None or len(a) == 0:
+def _check_one_action_per_decision(
+    a: pd.DataFrame, nudges: pd.DataFrame, a_label: str, n_label: str, out: _Collector
+) -> None:
+    """A decision has one action: one retry attempt, or one nudge and the payments made through its link (its
+    ``retarget_link`` attempts may carry the nudge's decision, and are no action of winback's). Two actions of one
+    order (attempts other than ``retarget_link``, and nudges) carrying one ``decision_id`` are read as written, with
+    a warning on each after the first (in time) naming the first: winback writes none (the executor, the export and
+    the simulator give every retry and every nudge its own decision), but a producer may log a cascade decided once
+    and carried out as two attempts, or a retry and a nudge sent beside it. Refusing would fail a history whose rows
+    each make sense; unsaid, the off-policy evaluation would count each of them as a decision of its own."""
+    if out.notes is None:
         return
-    acted = a["decision_id"].notna().to_numpy() & (a["strategy"].to_numpy(dtype=object) != _RETARGET)
-    at = np.flatnonzero(acted)
-    if len(at) < 2:
+    in_a = np.flatnonzero(a["decision_id"].notna().to_numpy() & (a["strategy"].to_numpy(dtype=object) != _RETARGET))
+    in_n = np.flatnonzero(nudges["decision_id"].notna().to_numpy())
+    if len(in_a) + len(in_n) < 2:
         return
-    ids = a["decision_id"].to_numpy(dtype=object)
+    ids = {a_label: a["decision_id"].to_numpy(dtype=object), n_label: nudges["decision_id"].to_numpy(dtype=object)}
     num = a["attempt_number"].to_numpy()
-    rows = pd.DataFrame({"order": a["order_id"].to_numpy(dtype=object)[at], "id": ids[at], "num": num[at], "at": at})
-    rows = rows.sort_values("num", kind="stable")
+    nudge_id = nudges["nudge_id"].to_numpy(dtype=object)
+    rows = pd.DataFrame(
+        {
+            "order": np.concatenate(
+                [a["order_id"].to_numpy(dtype=object)[in_a], nudges["order_id"].to_numpy(dtype=object)[in_n]]
+            ),
+            "id": np.concatenate([ids[a_label][in_a], ids[n_label][in_n]]),
+            "time": np.concatenate([_utc_ns(a["created_at"])[in_a], _utc_ns(nudges["sent_at"])[in_n]]),
+            # Ties in time: attempts before nudges, each file's rows in attempt_number (file) order.
+            "nudge": np.concatenate([np.zeros(len(in_a), dtype=bool), np.ones(len(in_n), dtype=bool)]),
+            "seq": np.concatenate([num[in_a], in_n]),
+            "at": np.concatenate([in_a, len(a) + in_n]),  # attempts, then nudges after them
+        }
+    )
+    rows = rows.sort_values(["time", "nudge", "seq"], kind="stable")
     first = rows.groupby(["order", "id"], sort=False)["at"].transform("first").to_numpy()
     later = rows["at"].to_numpy() != first
     first_of = dict(zip(rows["at"].to_numpy()[later].tolist(), first[later].tolist(), strict=True))
 
-    def reason(position: int) -> str:
-        earlier = first_of[position]
+    def place(k: int) -> tuple[str, int]:
+        return (a_label, k) if k < len(a) else (n_label, k - len(a))
+
+    def reason(offset: int, position: int) -> str:
+        label = place(offset + position)[0]
+        other, earlier = place(first_of[offset + position])
+        what = f"attempt {num[earlier]}" if other == a_label else f"nudge {nudge_id[earlier]!r}"
+        row = f"row {out.number(other, earlier)}"
         return (
-            f"decision {ids[position]!r} is also the decision of attempt {num[earlier]} of this order (row "
-            f"{out.number(label, earlier)}): read as written, though a decision has one attempt (or one nudge and "
-            "the payments through its link); the off-policy evaluation counts each attempt as a decision of its own"
+            f"decision {ids[label][position]!r} is also the decision of {what} of this order "
+            f"({row if other == label else f'{other} {row}'}): read as written, though a decision has one action (an "
+            "attempt, or a nudge and the payments through its link); the off-policy evaluation counts each action "
+            "as a decision of its own"
         )
 
-    out.note_rows(label, "decision_id", np.fromiter(first_of, dtype=np.int64, count=len(first_of)), reason)
+    for label, offset, end in ((a_label, 0, len(a)), (n_label, len(a), len(a) + len(nudges))):
+        mine = np.array([k - offset for k in first_of if offset <= k < end], dtype=np.int64)
+        out.note_rows(label, "decision_id", mine, partial(reason, offset))
 
 
 def _check_links(
@@ -1318,7 +1344,7 @@ def read_history(
     out.raise_if_any()
     _check_orders(attempts, str(attempts_path), out)
     _check_links(attempts, nudges, str(attempts_path), str(nudges_path), out)
-    _check_one_attempt_per_decision(attempts, str(attempts_path), out)
+    _check_one_action_per_decision(attempts, nudges, str(attempts_path), str(nudges_path), out)
     _check_decision_orders(
         [
             (str(attempts_path), attempts["decision_id"], attempts["order_id"]),
@@ -1650,7 +1676,7 @@ def _check_across_rows(index: int) -> _Collector:
     several = _SPLIT["files"].partitions > 1
     _check_orders(part.attempts, a_label, out)
     _check_links(part.attempts, part.nudges, a_label, n_label, out, elsewhere=_owner_of if several else None)
-    _check_one_attempt_per_decision(part.attempts, a_label, out)
+    _check_one_action_per_decision(part.attempts, part.nudges, a_label, n_label, out)
     if part.stops is not None:
         _check_stops(part.attempts, part.stops, labels["stops"], out)
     out.row_maps.clear()

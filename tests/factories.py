@@ -203,17 +203,32 @@ def make_attempts_frame(*rows: dict[str, Any]) -> pd.DataFrame:
     return _typed(list(rows), _ATTEMPT_DEFAULTS, ("created_at",))
 
 
-def attempts_with_a_cascade_decided_once() -> pd.DataFrame:
-    """``make_attempts_frame()`` with ord_lost's step_up (row 7) and a third attempt (row 9), a cascade, both
-    carrying decision ``dec_x2`` (propensity 0.4): a producer logging a cascade decided once as two attempts."""
+def _attempts_with_ord_lost_cascading(created_at: str, decision_id: str) -> pd.DataFrame:
+    """``make_attempts_frame()`` with ord_lost's step_up (row 7) carrying decision ``dec_x2`` (propensity 0.4), and a
+    third attempt of ord_lost (row 9), a cascade at ``created_at`` carrying ``decision_id``."""
     attempts = make_attempts_frame()
     attempts.loc[6, ["decision_id", "propensity"]] = ["dec_x2", 0.4]
     third = make_attempts_frame(
         make_attempt(order_id="ord_lost", txn_id="t_x3", customer_id="cus_x", currency="USD", customer_country="US",
-                     attempt_number=3, created_at="2026-11-01T07:00:03Z", strategy="cascade", connector="adyen",
-                     decision_id="dec_x2", propensity=0.4)
+                     attempt_number=3, created_at=created_at, strategy="cascade", connector="adyen",
+                     decision_id=decision_id, propensity=0.4)
     )  # fmt: skip
     return pd.concat([attempts, third], ignore_index=True)
+
+
+def attempts_with_a_cascade_decided_once() -> pd.DataFrame:
+    """``make_attempts_frame()`` with ord_lost's step_up (row 7) and a third attempt (row 9), a cascade, both
+    carrying decision ``dec_x2`` (propensity 0.4): a producer logging a cascade decided once as two attempts."""
+    return _attempts_with_ord_lost_cascading("2026-11-01T07:00:03Z", "dec_x2")
+
+
+def history_with_retries_and_nudges_sharing_decisions() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``make_attempts_frame()`` and ``make_nudges_frame()`` with two decisions of ord_lost each carried by a retry and
+    a nudge: ``dec_x2`` by its step_up (attempts row 7) and, later, ndg_2 (nudges row 2); ``dec_x3`` by ndg_3 (nudges
+    row 3) and, later, a third attempt (attempts row 9, a cascade). A producer logging one decision as two actions."""
+    nudges = make_nudges_frame()
+    nudges.loc[[1, 2], "decision_id"] = ["dec_x2", "dec_x3"]
+    return _attempts_with_ord_lost_cascading("2026-11-04T05:00:00Z", "dec_x3"), nudges
 
 
 _STOP_DEFAULTS: dict[str, Any] = {

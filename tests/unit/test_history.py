@@ -28,6 +28,7 @@ from model.history import (
 )
 from tests.factories import (
     attempts_with_a_cascade_decided_once,
+    history_with_retries_and_nudges_sharing_decisions,
     make_attempt,
     make_attempts_frame,
     make_nudge,
@@ -36,6 +37,10 @@ from tests.factories import (
 )
 
 FORMATS = ["parquet", "csv"]
+ONE_ACTION = (
+    "read as written, though a decision has one action (an attempt, or a nudge and the payments through its link); "
+    "the off-policy evaluation counts each action as a decision of its own"
+)
 EARLY = (
     "timestamp before 1970, outside the range winback reads (1970-01-01 to 2262-04-11): no decision can be made "
     "at it (a placeholder for a missing date?)"
@@ -773,9 +778,36 @@ def test_two_attempts_of_one_order_carrying_one_decision_are_read_with_a_warning
     history = read_history(a, n)
     assert history.attempts["decision_id"].iloc[[6, 8]].tolist() == ["dec_x2", "dec_x2"]  # read as written
     assert _warnings(history) == [
-        ("attempts", 9, "decision_id", "decision 'dec_x2' is also the decision of attempt 2 of this order (row 7): "
-         "read as written, though a decision has one attempt (or one nudge and the payments through its link); the "
-         "off-policy evaluation counts each attempt as a decision of its own"),
+        ("attempts", 9, "decision_id", f"decision 'dec_x2' is also the decision of attempt 2 of this order (row 7): "
+         f"{ONE_ACTION}"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_retry_and_a_nudge_of_one_order_carrying_one_decision_are_read_with_a_warning_naming_both(
+    tmp_path: Path, fmt: str
+) -> None:
+    # Read without a word, as two attempts were: the evaluation counted each as a decision. The warning is on the
+    # later action (a nudge after the retry, a retry after the nudge) and names the earlier one's file and row.
+    attempts, nudges = history_with_retries_and_nudges_sharing_decisions()
+    a, n = _write_pair(tmp_path, fmt, attempts, nudges)
+    history = read_history(a, n)
+    assert history.nudges["decision_id"].tolist() == ["dec_l3", "dec_x2", "dec_x3"]  # read as written
+    assert _warnings(history) == [
+        ("attempts", 9, "decision_id", f"decision 'dec_x3' is also the decision of nudge 'ndg_3' of this order ({n} "
+         f"row 3): {ONE_ACTION}"),
+        ("nudges", 2, "decision_id", f"decision 'dec_x2' is also the decision of attempt 2 of this order ({a} row 7): "
+         f"{ONE_ACTION}"),
+    ]  # fmt: skip
+
+
+def test_two_nudges_of_one_order_carrying_one_decision_are_read_with_a_warning_naming_both(tmp_path: Path) -> None:
+    nudges = make_nudges_frame()
+    nudges.loc[[1, 2], "decision_id"] = "dec_n2"  # ord_lost's whatsapp and, two days later, its sms
+    a, n = _write_pair(tmp_path, "csv", make_attempts_frame(), nudges)
+    assert _warnings(read_history(a, n)) == [
+        ("nudges", 3, "decision_id", f"decision 'dec_n2' is also the decision of nudge 'ndg_2' of this order (row 2): "
+         f"{ONE_ACTION}"),
     ]  # fmt: skip
 
 

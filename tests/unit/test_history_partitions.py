@@ -15,6 +15,7 @@ from model.history import HistoryError, Problem, read_history, split_history, wr
 from model.simulation import generate_history
 from tests.factories import (
     attempts_with_a_cascade_decided_once,
+    history_with_retries_and_nudges_sharing_decisions,
     make_attempt,
     make_attempts_frame,
     make_nudge,
@@ -288,6 +289,23 @@ def test_two_attempts_of_one_decision_are_warned_of_with_file_rows_as_read_histo
     expected = read_history(a, n)
     assert [(p.row, p.column) for p in expected.warnings.problems] == [(9, "decision_id")]
     assert "(row 7)" in expected.warnings.problems[0].reason
+    for workers in (1, 2):
+        parts = split_history(a, n, tmp_path / f"parts-{workers}", partition_rows=rows, workers=workers)
+        assert parts.warnings == expected.warnings, f"workers={workers}"
+
+
+@pytest.mark.parametrize("rows", PARTITION_ROWS)
+def test_a_retry_and_a_nudge_of_one_decision_are_warned_of_with_file_rows_as_read_history_does(
+    tmp_path: Path, rows: int
+) -> None:
+    # ord_lost's dec_x2 is on attempts row 7 and nudges row 2, dec_x3 on nudges row 3 and attempts row 9: each
+    # warning names the other file's row, as read_history's does, however the orders are partitioned.
+    a, n = _write(tmp_path / "files", "parquet", *history_with_retries_and_nudges_sharing_decisions(), raw=False)
+    expected = read_history(a, n)
+    assert [(p.file, p.row) for p in expected.warnings.problems] == [(str(a), 9), (str(n), 2)]
+    first, second = expected.warnings.problems
+    assert f"({n} row 3)" in first.reason
+    assert f"({a} row 7)" in second.reason
     for workers in (1, 2):
         parts = split_history(a, n, tmp_path / f"parts-{workers}", partition_rows=rows, workers=workers)
         assert parts.warnings == expected.warnings, f"workers={workers}"

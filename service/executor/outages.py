@@ -20,9 +20,10 @@ merchant would be refused alike, and each was recorded as refused and counted ag
 counted in ``sender_holds`` (``held_for`` ``ban``; /metrics: ``winback_executor_sender_bans_total``).
 
 An answer saying the merchant's SMTP *set-up* is wrong (``SendResult.sender_blocked`` ``setup``: its credentials
-refused, Google's relay not knowing its IP or domain, SES's sender not verified) takes the same path: every message
-would be refused alike until an admin fixes the merchant's settings, and each was recorded as refused and counted
-against its customer, customer after customer. Its own label: ``held_for`` ``setup``, /metrics
+refused, Google's relay not knowing its IP or domain, SES's sender not verified, its relay refusing to relay for it,
+Exchange Online refusing its login to send as its From address) takes the same path: every message would be
+refused alike until an admin fixes the merchant's settings, and each was recorded as refused and counted against its
+customer, customer after customer. Its own label: ``held_for`` ``setup``, /metrics
 ``winback_executor_sender_setup_refusals_total``, and an ERROR line per hold saying an admin must fix the merchant's
 settings, naming the answer.
 

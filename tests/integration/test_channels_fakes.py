@@ -522,7 +522,6 @@ SMTP_ANSWERS = [
         "external recipients (tenant external recipient rate limit)",
         "daily_quota",
     ),
-    ("MAIL", 550, "5.7.60 SMTP; Client does not have permissions to send as this sender", None),
     ("RCPT", 452, "4.5.3 Too many recipients", None),
     ("RCPT", 432, "4.3.2 STOREDRV.Deliver; recipient thread limit exceeded", None),
     ("DATA", 552, "5.2.2 Mailbox full", None),  # RFC 3463's 5.2.2, the recipient's: not the submission quota
@@ -649,15 +648,28 @@ SES_UNVERIFIED = (
         ("DATA", 554, SES_UNVERIFIED.format("pay@merchant.example")),
         ("DATA", 554, SES_UNVERIFIED.format("asha@example.com, merchant.example")),  # the sender's domain
         ("DATA", 554, SES_UNVERIFIED.format("Pay@Merchant.example, asha@example.com...")),
+        # Postfix's reject_unauth_destination, at RCPT; Exchange's "Unable to relay"; Exchange Online's connector.
+        ("RCPT", 554, "5.7.1 <asha@example.com>: Relay access denied"),
+        ("RCPT", 554, "5.7.1 <asha@example.com>: Recipient address rejected: Relay access denied"),
+        ("RCPT", 550, "5.7.1 Unable to relay"),
+        ("RCPT", 550, "5.7.64 TenantAttribution; Relay Access Denied"),
+        # Exchange Online's send-as refusal (before: a refusal of the message, in SMTP_ANSWERS); Exchange Server's.
+        ("MAIL", 550, "5.7.60 SMTP; Client does not have permissions to send as this sender"),
+        ("DATA", 550, "5.7.60 SMTP; Client does not have permissions to send as this sender "
+         "[BY2PR1001MB1094.namprd10.prod.outlook.com]"),
+        ("MAIL", 550, "5.7.1 Client does not have permission to send as this sender"),
     ],
 )  # fmt: skip
 def test_an_smtp_set_up_to_fix_is_not_taken_and_says_so(at: str, code: int, text: str) -> None:
     """Before: Google's relay refusing an IP or domain its settings do not name, the relay refusing the merchant's
     credentials (an ``SMTPAuthenticationError``: Exchange Online's SMTP AUTH turned off, 5.7.139), SES's IAM refusal
     and its unverified *sender* were refusals of the message for good, recorded and counted against each customer in
-    turn, though every message is refused alike until an admin fixes the settings. Now each is not taken and says
-    the merchant's set-up is wrong (``sender_blocked`` ``setup``): the executor puts the merchant's e-mail down
-    (tests/integration/test_smtp_throttling.py). Answered at RCPT, it names the recipient's domain."""
+    turn, though every message is refused alike until an admin fixes the settings; so were the merchant's own relay
+    refusing to pass its mail on (Postfix's ``554 5.7.1 Relay access denied``, Exchange's ``Unable to relay``) and
+    Exchange Online refusing the login to send as the merchant's From address (``550 5.7.60``). Now each is not
+    taken and says the merchant's set-up is wrong (``sender_blocked`` ``setup``): the executor puts the merchant's
+    e-mail down (tests/integration/test_smtp_throttling.py). Answered at RCPT, it names the recipient's domain (the
+    executor waits for a second domain: a relay passing RCPT through may hand back a recipient's server's answer)."""
     result = first_of_two_e_mails(code, text, at)
     assert (result.status, result.not_taken, result.sender_blocked, result.sender_limited) == (
         "retryable", True, "setup", None
@@ -692,6 +704,13 @@ def test_an_unverified_recipient_or_a_disabled_one_is_a_refusal_of_the_message(a
     recipient's disabled account: a refusal of this message, as before, no block of the sender."""
     result = first_of_two_e_mails(code, text, at)
     assert (result.status, result.sender_blocked) == ("rejected", None)
+
+
+def test_postfixs_deferred_relay_refusal_is_tried_again_later_not_a_set_up() -> None:
+    """Postfix's default relay rule (``defer_unauth_destination``) answers ``454 4.7.1 Relay access denied``: a 4xx,
+    tried again later as any is, not a set-up to fix (only its 5xx, ``reject_unauth_destination``, is)."""
+    result = first_of_two_e_mails(454, "4.7.1 <asha@example.com>: Relay access denied", "RCPT")
+    assert (result.status, result.not_taken, result.sender_blocked) == ("retryable", True, None)
 
 
 def test_a_temporary_auth_failure_or_a_failed_tls_handshake_keeps_its_path() -> None:

@@ -387,6 +387,9 @@ SES_SENDER_UNVERIFIED = (
     "AP-SOUTH-1: pay@shop.example"
 )
 
+#: Exchange Online refusing the login to send as the merchant's From address (data/README.md).
+EXCHANGE_SEND_AS_DENIED = "5.7.60 SMTP; Client does not have permissions to send as this sender"
+
 
 @pytest.mark.parametrize(
     ("code", "text", "at", "why"),
@@ -396,6 +399,7 @@ SES_SENDER_UNVERIFIED = (
         (535, EXCHANGE_AUTH_OFF, "AUTH", "setup"),
         (550, GOOGLE_RELAY_DENIED, "MAIL", "setup"),
         (554, SES_SENDER_UNVERIFIED, "DATA", "setup"),
+        (550, EXCHANGE_SEND_AS_DENIED, "MAIL", "setup"),
     ],
 )
 def test_a_ban_of_the_sender_or_its_set_up_wrong_puts_e_mail_down_at_once_and_a_probe_after_the_hold_brings_it_back(
@@ -410,8 +414,9 @@ def test_a_ban_of_the_sender_or_its_set_up_wrong_puts_e_mail_down_at_once_and_a_
     """Exchange Online answers ord_1's e-mail ``550 5.7.708`` (traffic not accepted from the merchant's IP: banned
     until an admin acts), or Amazon SES ``554 Message rejected: Sending paused for this account`` after DATA (AWS
     paused the merchant's account: before, only Exchange's bans were read as such); or the merchant's SMTP set-up is
-    wrong: Exchange Online refuses its login (``535 5.7.139``, SMTP AUTH turned off), Google's relay does not know
-    its IP or domain (``550 5.7.0 Mail relay denied``), SES has not verified its From address. Before, the message
+    wrong: Exchange Online refuses its login (``535 5.7.139``, SMTP AUTH turned off) or its sending as the From
+    address (``550 5.7.60``), Google's relay does not know its IP or domain (``550 5.7.0 Mail relay denied``), SES
+    has not verified its From address. Before, the message
     was recorded as refused and counted against the customer's ``max_nudges``, and the next customer's e-mail went
     into the same ban or set-up. Now the merchant's e-mail is down at once
     (the outage breaker's first hold, 5 minutes): ord_1's e-mail is neither recorded nor counted and the order is
@@ -472,26 +477,39 @@ M365_BANNED_IP = (
     "https://sender.office.com/ and follow the directions."
 )
 
+#: Postfix's answer at RCPT TO when it will not relay for the client (reject_unauth_destination: data/README.md); the
+#: recipient's own server may answer so too (its MX record wrong), handed back by a relay passing RCPT through.
+POSTFIX_RELAY_DENIED = "5.7.1 <{}>: Relay access denied"
 
+
+@pytest.mark.parametrize(("code", "text", "why"), [(550, M365_BANNED_IP, "ban"), (554, POSTFIX_RELAY_DENIED, "setup")])
 def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refused_with_none_taken_between(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     smtp: FakeSmtpServer,
     database_url: str,
     caplog: pytest.LogCaptureFixture,
+    code: int,
+    text: str,
+    why: str,
 ) -> None:
     """The merchant's relay passes RCPT through, and Microsoft 365 refuses the merchant's IP for the recipients it
-    hosts (``550 5.7.606`` at RCPT). Before, the first such recipient (ord_1's, ord_0's) put the merchant's e-mail
-    down for everyone: ord_2's e-mail to another provider went by SMS, and the probe after the hold brought e-mail
-    back until the next such recipient. Now a ban at RCPT is one more refusal of its message (tried again later,
-    not counted) until recipients of two domains are refused so with no e-mail taken in between: two recipients of
-    one domain are not (ord_0, ord_1), nor are two domains with an e-mail taken between them (ord_2 between ord_1's
-    and ord_3's). ord_4's refusal right after ord_3's is: e-mail is down at once, counted once as a ban, and ord_4,
-    then ord_3, ord_1 and ord_0 when their tries come up, go by SMS, none counted on e-mail.
+    hosts (``550 5.7.606`` at RCPT); or the recipients' servers answer Postfix's ``554 5.7.1 Relay access denied``
+    (their MX records wrong), an answer the merchant's own relay gives every recipient when it will not relay for
+    the merchant: its set-up to fix (before, a refusal of each message). Before, the first such recipient (ord_1's,
+    ord_0's) put the merchant's e-mail down for everyone: ord_2's e-mail to another provider went by SMS, and the
+    probe after the hold brought e-mail back until the next such recipient. Now a ban (or set-up) at RCPT is one
+    more refusal of its message (tried again later, not counted) until recipients of two domains are refused so with
+    no e-mail taken in between: two recipients of one domain are not (ord_0, ord_1), nor are two domains with an
+    e-mail taken between them (ord_2 between ord_1's and ord_3's). ord_4's refusal right after ord_3's is: e-mail is
+    down at once, counted once (a ban, or a set-up), and ord_4, then ord_3, ord_1 and ord_0 when their tries come
+    up, go by SMS, none counted on e-mail.
 
     Before, a refusal not confirmed yet wrote no log line, only the action's ``last_error``. Now the first one of each
     domain in a streak is a WARNING naming the domain (not the address) and saying e-mail stays up meanwhile: one for
     m365-a (not again for ord_1), one for m365-b after ord_2 ended the streak; m365-c's confirms the ban (an ERROR)."""
     caplog.set_level(logging.WARNING, logger="winback.executor")
+    other = "setup" if why == "ban" else "ban"
+    said = "5.7.606" if why == "ban" else "Relay access denied"
 
     def warned() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "RCPT TO" in r.getMessage()]
@@ -508,7 +526,7 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
         }
         for address in recipients.values():
             if "m365" in address:
-                smtp.reject(address, code=550, text=M365_BANNED_IP)
+                smtp.reject(address, code=code, text=text.format(address))
 
         def fail(order: str) -> None:
             h.executor.payment_failed("m_demo", event(order, customer={"email": recipients[order]}))
@@ -516,12 +534,13 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
 
         fail("ord_0")
         fail("ord_1")  # tried again 1 s after its refusal: none comes up again before ord_4's, 0.75 s later
-        assert (e_mail_down_until(h), bans_scraped(h)) == (None, None)
+        assert (e_mail_down_until(h), blocks_scraped(h, why)) == (None, None)
         [first] = warned()
         assert "merchant m_demo" in first, first
         assert "recipient at m365-a.example" in first, first
         assert "email stays up until a recipient of another domain is refused alike" in first
-        assert "5.7.606" in first
+        assert said in first
+        assert ("sender is banned" if why == "ban" else "sender is set up wrong") in first, first
         assert "ord_0" not in first  # the domain, not the address
         assert "ord_1" not in first
         h.clock.advance(seconds=0.25)
@@ -529,7 +548,7 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
         assert mailed(smtp) == ["ord_2"]
         h.clock.advance(seconds=0.25)
         fail("ord_3")
-        assert (e_mail_down_until(h), bans_scraped(h)) == (None, None)  # ord_2 was taken since ord_1's
+        assert (e_mail_down_until(h), blocks_scraped(h, why)) == (None, None)  # ord_2 was taken since ord_1's
         for order in ("ord_0", "ord_1", "ord_3"):
             assert h.view(order).nudges == []  # waiting to be tried again, not counted
         assert len(warned()) == 2, warned()
@@ -537,9 +556,9 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
         h.clock.advance(seconds=0.25)
         fail("ord_4")
         assert e_mail_down_until(h) == timedelta(seconds=0.75, minutes=5)
-        assert bans_scraped(h) == 1.0
+        assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)
         assert len(warned()) == 2, warned()  # m365-c's confirmed the ban: an ERROR, no warning
-        assert [r for r in caplog.records if r.levelno == logging.ERROR and "5.7.606" in r.getMessage()]
+        assert [r for r in caplog.records if r.levelno == logging.ERROR and said in r.getMessage()]
         for _ in range(5):
             h.clock.advance(seconds=2)
             h.drain()
@@ -547,4 +566,4 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
             assert [(n.channel, n.status) for n in h.view(order).nudges] == [("sms", "accepted")], order
         assert [(n.channel, n.status) for n in h.view("ord_2").nudges] == [("email", "accepted")]
         assert mailed(smtp) == ["ord_2"]
-        assert bans_scraped(h) == 1.0
+        assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)

@@ -707,6 +707,15 @@ def smtp_sender_banned(code: int, reply: str) -> bool:
 #: unsuccessful", SMTP AUTH turned off for the mailbox or tenant; SES's "Authentication Credentials Invalid" and
 #: "Account not subscribed to SES"). A 454 "Temporary authentication failure" is a 4xx: tried again later.
 _AUTH_REFUSED: Final = frozenset({530, 534, 535})
+#: A relay refusing to pass the merchant's mail on (data/README.md): Postfix's reject_unauth_destination, "554 5.7.1
+#: <address>: Relay access denied" (the client neither in its mynetworks nor logged in), Exchange's "550 5.7.1 Unable
+#: to relay" and Exchange Online's "5.7.64 TenantAttribution; Relay Access Denied" (its inbound connector no longer
+#: matches the merchant's server).
+_RELAY_REFUSED: Final = ("relay access denied", "unable to relay")
+#: Exchange's refusal of a From address the login may not send as (data/README.md): Exchange Online's "550 5.7.60
+#: SMTP; Client does not have permissions to send as this sender", Exchange Server's "550 5.7.1 Client does not have
+#: permission to send as this sender" (its SmtpResponse.SendAsDenied). Only an admin granting the right ends it.
+_SEND_AS_DENIED = re.compile(r"does not have permissions? to send as this sender")
 #: Amazon SES's answer naming the identities (addresses or domains) it has not verified (data/README.md).
 _SES_UNVERIFIED = re.compile(
     r"email address is not verified\. the following identities failed the check in region [^:]*:(.*)"
@@ -722,6 +731,11 @@ def smtp_set_up_wrong(code: int, reply: str, sender: str) -> bool:
     - Any refused AUTH (``_AUTH_REFUSED``: wrong credentials, SMTP AUTH turned off at Exchange Online).
     - Google's SMTP relay: ``5.7.0 Mail relay denied`` and ``5.7.1 Invalid credentials for relay`` (the sending IP or
       domain not registered in the relay's settings).
+    - The merchant's own relay refusing to pass its mail on (``_RELAY_REFUSED``: Postfix's ``Relay access denied``,
+      Exchange's ``Unable to relay``). Answered at RCPT TO, as Postfix does, it may be a recipient's server's that the
+      relay passed RCPT through to: ``SendResult.rcpt_domain`` tells the executor to wait for a second domain.
+    - Exchange's ``5.7.60 ... Client does not have permissions to send as this sender`` (``_SEND_AS_DENIED``): the
+      login may not send as the merchant's From address until an admin grants it the right.
     - Amazon SES: ``554 Access denied: User ... is not authorized to perform ses:SendRawEmail`` (the IAM policy of
       the credentials' user), ``Account not subscribed to SES``, and ``554 Message rejected: Email address is not
       verified`` only when the identities it names include the sender's address or domain: in SES's sandbox every
@@ -738,6 +752,8 @@ def smtp_set_up_wrong(code: int, reply: str, sender: str) -> bool:
     ):
         return True
     if ("not authorized to perform ses:" in text) or "account not subscribed to ses" in text:
+        return True
+    if any(refused in text for refused in _RELAY_REFUSED) or _SEND_AS_DENIED.search(text):
         return True
     unverified = _SES_UNVERIFIED.search(text)
     if unverified is None:

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from datetime import UTC, datetime
 
-__all__ = ["LINE_WIDTH", "MISSING", "count_noun", "figure", "first_line", "labelled_lines"]
+__all__ = ["LINE_WIDTH", "MISSING", "count_noun", "figure", "first_line", "labelled_lines", "utc_second"]
 
 #: A figure a table has no value for (NaN: not measured, nothing to compare with): a dash, not "nan" or "n/a".
 MISSING = "-"
+
+
+def utc_second(moment: datetime) -> str:
+    """``2026-11-01T10:15:00Z``: a moment as an operator reads it (the CLI's lists, the executor's notes), in UTC to
+    the second (microseconds and ``+00:00`` only made lines longer and harder to grep). A naive one is UTC, as
+    everything stored is."""
+    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return aware.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def figure(value: object, spec: str = "") -> str:

@@ -10,11 +10,9 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup, TyperOption
 
-from model.wording import count_noun
+from model.wording import count_noun, utc_second
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     import pandas as pd
     from typer._click.core import Command, Context
     from typer._click.formatting import HelpFormatter
@@ -698,14 +696,6 @@ def resolver(note: str | None, by: str | None, show_all: bool, listed: str, exam
 def dealt_with(done: CaseDone | None) -> str:
     """A listed case's end of line once it is dealt with: who, when, and their note ('' while open)."""
     return "" if done is None else f"; dealt with by {done.by} at {utc_second(done.at)}: {done.note}"
-
-
-def utc_second(moment: datetime) -> str:
-    """``2026-11-01T10:15:00Z``: a moment in an operator's list, in UTC to the second (microseconds and ``+00:00``
-    only made its lines longer and harder to grep). A naive one is UTC, as everything stored is."""
-    from service.executor.store import as_utc
-
-    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def written_money(amount: object, currency: str) -> str:

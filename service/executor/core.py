@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from model.catalog import ErrorCatalog, load_catalog
 from model.merchant_config import MerchantConfig, ProviderConfig, WinbackConfig
+from model.money import format_money
 from model.personal_data import mask_addresses_in
 from model.requests import Decision, DecisionRequest, Failure
 from model.rules import (
@@ -39,6 +40,7 @@ from model.rules import (
     load_rulebook,
 )
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
+from model.wording import utc_second
 from service.api.store import decision_row, decisions
 from service.executor.by_hand import (
     PAID_TWICE_CASE,
@@ -939,17 +941,29 @@ def _switch_silent_on_refund(refund: ActionRow, charge: ActionRow, asked_since: 
     the note of the latest check still asking), and what is known of the charge, for the refund's dead-letter note."""
     payload = refund.payload
     connector = payload.get("connector")
-    answered_for = charge.payload.get(CHARGED_BY_OPERATOR)
+    answered_for = _stored_moment_written(charge.payload.get(CHARGED_BY_OPERATOR))
     last_note = last or "not asked yet"
+    amount = format_money(float(payload["amount"]), str(payload["currency"]))
     return (
-        f"waited {REFUND_WAIT_FOR_SWITCH} (since {refund.planned_at.isoformat()}) for switch {connector!r} to confirm "
+        f"waited {REFUND_WAIT_FOR_SWITCH} (since {utc_second(refund.planned_at)}) for switch {connector!r} to confirm "
         f"payment {payload.get('payment_id')}, and it has answered no status check of it since "
-        f"{asked_since.isoformat()} (last: {last_note}); what is known: {payload.get('amount')} "
-        f"{payload.get('currency')} recorded as charged on an operator's word at {answered_for} "
+        f"{utc_second(asked_since)} (last: {last_note}); what is known: {amount} "
+        f"recorded as charged on an operator's word at {answered_for} "
         f"(charge action {charge.action_id}) on an order settled otherwise, never confirmed or denied by the switch; "
         f"refund it by hand if {connector!r} took it. The switch is still asked hourly until {SWITCH_SILENCE_LIMIT} "
         "after its first ask: a late answer is noted here, and the refund is never sent by winback after this"
     )
+
+
+def _stored_moment_written(stored: object) -> str:
+    """A moment stored in an action's payload (``isoformat()``) as an operator's note writes it (``utc_second``);
+    anything that is not one is written as it is, so a note never fails for an odd payload."""
+    if isinstance(stored, str):
+        try:
+            return utc_second(datetime.fromisoformat(stored))
+        except ValueError:
+            pass
+    return str(stored)
 
 
 def _check_payload(charge: ActionRow) -> dict[str, Any]:
@@ -1395,7 +1409,7 @@ def resolve_charge_disputes(
         ).one()
         payload = orjson.loads(row.payload_json)
         payload[SWITCH_CONTRADICTS] = payload[SWITCH_CONTRADICTS] | {DISPUTE_RESOLVED: resolution}
-        told = f"dispute dealt with by {by} at {now.isoformat()}: {masked}"
+        told = f"dispute dealt with by {by} at {utc_second(now)}: {masked}"
         changed = conn.execute(
             actions.update()
             .where(actions.c.action_id == dispute.check_action_id, actions.c.payload_json == row.payload_json)
@@ -3798,7 +3812,7 @@ class Executor:
         connector, payment_id = check.payload.get("connector"), check.payload.get("payment_id")
         why = (
             f"no longer asked: switch {connector!r} answered no status check of payment {payment_id} since "
-            f"{check.planned_at.isoformat()} ({SWITCH_SILENCE_LIMIT}; last: {last or 'not asked'})"
+            f"{utc_second(check.planned_at)} ({SWITCH_SILENCE_LIMIT}; last: {last or 'not asked'})"
         )
         label = "other"
         if row is not None and row["unanswered_since"] is not None:
@@ -3957,7 +3971,7 @@ class Executor:
                     extra={"merchant_id": charge.merchant_id, "order_id": charge.order_id},
                 )
                 return ", ".join(broken)
-        note = f"not found by its switch at {now.isoformat()}: sent again as the same charge"
+        note = f"not found by its switch at {utc_second(now)}: sent again as the same charge"
         changed = conn.execute(
             actions.update()
             .where(actions.c.action_id == charge.action_id, UNKNOWN_CHARGE)
@@ -4169,8 +4183,9 @@ class Executor:
         handed = refund.payload.get(REFUND_BY_HAND)
         if isinstance(handed, dict):
             # Given to an operator after its switch's long silence: they may have refunded it by hand meanwhile.
+            handed_at = _stored_moment_written(handed.get("at"))
             note += (
-                f"; it went to an operator to refund by hand at {handed.get('at')}: if it was refunded, the customer "
+                f"; it went to an operator to refund by hand at {handed_at}: if it was refunded, the customer "
                 "got back money that was never taken"
             )
             log.error(
@@ -4204,7 +4219,7 @@ class Executor:
         if not isinstance(refund.payload.get(REFUND_BY_HAND), dict):
             return
         note = (
-            f"the switch confirmed at {now.isoformat()} that payment {refund.payload.get('payment_id')} succeeded: "
+            f"the switch confirmed at {utc_second(now)} that payment {refund.payload.get('payment_id')} succeeded: "
             "the customer did pay twice, so the refund by hand is needed (winback does not send it: it may have "
             "been made by hand already)"
         )

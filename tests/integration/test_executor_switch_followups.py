@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1300,11 +1301,13 @@ def test_a_refund_whose_switch_answers_no_status_check_goes_to_an_operator_after
         "waited 1 day, 0:00:00 (since 2026-",
         "for switch 'adyen' to confirm payment ord_1_2, and it has answered no status check of it since 2026-",
         "(last: gave up after ",
-        "recorded as charged on an operator's word at 2026-",
+        "what is known: $499.00 recorded as charged on an operator's word at 2026-",  # it said 499.0 USD
         f"(charge action {of_kind(h, 'retry')[0].action_id}) on an order settled otherwise",
         "refund it by hand if 'adyen' took it",
     ):
         assert said in note, note
+    assert "+00:00" not in note, note  # times to the second with a Z, as the CLI's lists write them
+    assert "499.0 USD" not in note, note
     assert refund_calls(switch) == []
     logged = [r.getMessage() for r in caplog.records if "refunds-by-hand" in r.getMessage()]
     assert len(logged) == 1, logged
@@ -1381,6 +1384,9 @@ def test_a_switch_answering_after_the_refund_went_to_an_operator_never_refunds_t
             refund.last_error or ""
         )
         assert "if it was refunded, the customer got back money that was never taken" in (refund.last_error or "")
+        handed = re.search(r"refund by hand at (\S+): if it was refunded", refund.last_error or "")
+        assert handed is not None, refund.last_error
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", handed[1]), handed[1]  # not stored isoformat()
         assert [d.switch_said for d in disputes_of(h)] == ["declined (do_not_honor)"]
     assert refunds_by_hand_counted(h) == 1  # handed over once, whatever came after
     assert webhook_events(h) == ["order.succeeded"]

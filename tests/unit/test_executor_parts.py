@@ -220,6 +220,32 @@ def test_a_stored_attempt_status_from_before_the_strict_pair_still_makes_a_valid
     assert _attempt_status(stored) == status
 
 
+@pytest.mark.parametrize(
+    ("amount", "currency", "written"), [(1200.0, "JPY", "¥1,200"), (1234.5, "KWD", "1,234.500 KWD")]
+)
+def test_a_refund_handed_to_an_operator_writes_its_amount_and_times_as_the_console_does(
+    amount: float, currency: str, written: str
+) -> None:
+    """The note of a refund given to an operator after its switch's silence wrote ``1200.0 JPY`` and
+    ``2026-11-02T06:00:05.123456+00:00``; the console's card and the CLI lists beside it write ``¥1,200`` and
+    ``2026-11-02T06:00:05Z``."""
+    from service.executor.core import CHARGED_BY_OPERATOR, ActionRow, _switch_silent_on_refund
+
+    planned = datetime(2026, 11, 2, 6, 0, 5, 123456, tzinfo=UTC)
+
+    def action(action_id: int, kind: str, payload: dict[str, object]) -> ActionRow:
+        return ActionRow(action_id, "m_demo", "ord_1", kind, "scheduled", planned, planned, 0, None, f"k{action_id}",
+                         None, payload)  # fmt: skip
+
+    charge = action(1, "retry", {CHARGED_BY_OPERATOR: "2026-11-02T05:59:01.654321+00:00"})
+    refund = action(2, "refund", {"connector": "adyen", "payment_id": "ord_1_2", "amount": amount,
+                                  "currency": currency})  # fmt: skip
+    note = _switch_silent_on_refund(refund, charge, planned + timedelta(minutes=5), None)
+    assert "(since 2026-11-02T06:00:05Z)" in note, note
+    assert "no status check of it since 2026-11-02T06:05:05Z (last: not asked yet)" in note, note
+    assert f"what is known: {written} recorded as charged on an operator's word at 2026-11-02T05:59:01Z " in note, note
+
+
 _STOP_ROUNDS = """
 import signal, sys, threading
 from service.executor.worker import SignalStop

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+
 import pytest
 
-from model.wording import count_noun, first_line
+from model.wording import count_noun, first_line, utc_second
 
 
 @pytest.mark.parametrize(
@@ -49,3 +51,15 @@ def test_labelled_lines_keep_a_long_value_whole_on_a_line_of_its_own() -> None:
 )
 def test_an_errors_first_line_is_its_first_non_blank_line_or_its_type(error: BaseException, expected: str) -> None:
     assert first_line(error) == expected
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 2, 6, 0, 5, 123456, tzinfo=UTC),
+        datetime(2026, 11, 2, 6, 0, 5, 999999),  # naive, as SQLite hands it back: UTC, cut (not rounded) to the second
+        datetime(2026, 11, 2, 11, 30, 5, 1, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ],
+)
+def test_a_moment_is_written_in_utc_to_the_second_with_a_z(moment: datetime) -> None:
+    assert utc_second(moment) == "2026-11-02T06:00:05Z"

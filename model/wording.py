@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-__all__ = ["LINE_WIDTH", "MISSING", "count_noun", "figure", "first_line", "labelled_lines", "utc_second"]
+__all__ = [
+    "LINE_WIDTH",
+    "MISSING",
+    "count_noun",
+    "figure",
+    "first_line",
+    "labelled_lines",
+    "span_words",
+    "utc_second",
+]
 
 #: A figure a table has no value for (NaN: not measured, nothing to compare with): a dash, not "nan" or "n/a".
 MISSING = "-"
@@ -22,6 +31,18 @@ def utc_second(moment: datetime) -> str:
     everything stored is."""
     aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     return aware.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def span_words(span: timedelta) -> str:
+    """A length of time as an operator's note says it: "1 day", "2 hours 30 minutes", "45 seconds", never Python's
+    "1 day, 0:00:00". Whole seconds; a negative span is written as its length."""
+    seconds = abs(round(span.total_seconds()))
+    parts = []
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(count_noun(count, unit))
+    return " ".join(parts) or "0 seconds"
 
 
 def figure(value: object, spec: str = "") -> str:

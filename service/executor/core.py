@@ -40,7 +40,7 @@ from model.rules import (
     load_rulebook,
 )
 from model.vocab import NOT_SILENT_RETRY_STRATEGIES, NUDGE_FOLLOW_UP_HOURS, Action, Channel, Strategy
-from model.wording import utc_second
+from model.wording import span_words, utc_second
 from service.api.store import decision_row, decisions
 from service.executor.by_hand import (
     PAID_TWICE_CASE,
@@ -943,16 +943,26 @@ def _switch_silent_on_refund(refund: ActionRow, charge: ActionRow, asked_since: 
     connector = payload.get("connector")
     answered_for = _stored_moment_written(charge.payload.get(CHARGED_BY_OPERATOR))
     last_note = last or "not asked yet"
-    amount = format_money(float(payload["amount"]), str(payload["currency"]))
+    amount = _amount_written(payload)
     return (
-        f"waited {REFUND_WAIT_FOR_SWITCH} (since {utc_second(refund.planned_at)}) for switch {connector!r} to confirm "
-        f"payment {payload.get('payment_id')}, and it has answered no status check of it since "
-        f"{utc_second(asked_since)} (last: {last_note}); what is known: {amount} "
+        f"waited {span_words(REFUND_WAIT_FOR_SWITCH)} (since {utc_second(refund.planned_at)}) for switch "
+        f"{connector!r} to confirm payment {payload.get('payment_id')}, and it has answered no status check of it "
+        f"since {utc_second(asked_since)} (last: {last_note}); what is known: {amount} "
         f"recorded as charged on an operator's word at {answered_for} "
         f"(charge action {charge.action_id}) on an order settled otherwise, never confirmed or denied by the switch; "
-        f"refund it by hand if {connector!r} took it. The switch is still asked hourly until {SWITCH_SILENCE_LIMIT} "
-        "after its first ask: a late answer is noted here, and the refund is never sent by winback after this"
+        f"refund it by hand if {connector!r} took it. The switch is still asked hourly until "
+        f"{span_words(SWITCH_SILENCE_LIMIT)} after its first ask: a late answer is noted here, and the refund is "
+        "never sent by winback after this"
     )
+
+
+def _amount_written(payload: Mapping[str, Any]) -> str:
+    """A charge's amount as an operator's note writes it (``format_money``); a payload without a readable amount and
+    currency (an older release's, one edited by hand) is written as it is: a note never fails for an odd payload."""
+    try:
+        return format_money(float(payload["amount"]), str(payload["currency"]))
+    except (KeyError, TypeError, ValueError):
+        return f"{payload.get('amount')} {payload.get('currency')}"
 
 
 def _stored_moment_written(stored: object) -> str:
@@ -3168,7 +3178,7 @@ class Executor:
             # unknown charge.
             again = "in an hour" if connector_failed else "when the order's close looks again"
             if now >= action.planned_at + SWITCH_SILENCE_LIMIT:
-                again = f"no more ({SWITCH_SILENCE_LIMIT} unanswered)"
+                again = f"no more ({span_words(SWITCH_SILENCE_LIMIT)} unanswered)"
             log.error(
                 "the switch could not say what became of payment %s (%s): charge action %s stays as it is recorded "
                 "(unknown, taken as never charged, or charged on an operator's word); the switch is asked again %s, "
@@ -3812,7 +3822,7 @@ class Executor:
         connector, payment_id = check.payload.get("connector"), check.payload.get("payment_id")
         why = (
             f"no longer asked: switch {connector!r} answered no status check of payment {payment_id} since "
-            f"{utc_second(check.planned_at)} ({SWITCH_SILENCE_LIMIT}; last: {last or 'not asked'})"
+            f"{utc_second(check.planned_at)} ({span_words(SWITCH_SILENCE_LIMIT)}; last: {last or 'not asked'})"
         )
         label = "other"
         if row is not None and row["unanswered_since"] is not None:
@@ -4323,8 +4333,8 @@ class Executor:
         return Defer(
             min(max(min(as_utc(check.due_at) for check in asking), now + RECHECK), gives_up_at),
             f"waits for the switch's status of payment {payment_id}: it was recorded as charged on an operator's "
-            f"word, and is given back once the switch confirms it took it (or by hand, after {REFUND_WAIT_FOR_SWITCH} "
-            "without its answer)",
+            f"word, and is given back once the switch confirms it took it (or by hand, after "
+            f"{span_words(REFUND_WAIT_FOR_SWITCH)} without its answer)",
         )
 
     def _record_refund(self, conn: sa.Connection, action: ActionRow, refunded: Refunded, now: datetime) -> None:

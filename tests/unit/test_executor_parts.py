@@ -317,3 +317,13 @@ def stop_rounds(stop_kind: str, rounds: int = 400) -> None:
         child.wait()
         child.stdout.close()
         ready.close()
+
+
+def test_a_refund_payload_without_a_readable_amount_is_written_as_it_is() -> None:
+    # A refund's note read payload["amount"] and ["currency"] strictly: a payload of an older release or edited by
+    # hand would have raised while the refund went to an operator, where it printed "None None" before.
+    from service.executor.core import _amount_written
+
+    assert _amount_written({"amount": 1200.0, "currency": "JPY"}) == "¥1,200"
+    assert _amount_written({"amount": 499.0}) == "499.0 None"
+    assert _amount_written({"amount": "n/a", "currency": "USD"}) == "n/a USD"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from model.wording import count_noun, first_line, utc_second
+from model.wording import count_noun, first_line, span_words, utc_second
 
 
 @pytest.mark.parametrize(
@@ -63,3 +63,12 @@ def test_an_errors_first_line_is_its_first_non_blank_line_or_its_type(error: Bas
 )
 def test_a_moment_is_written_in_utc_to_the_second_with_a_z(moment: datetime) -> None:
     assert utc_second(moment) == "2026-11-02T06:00:05Z"
+
+
+def test_a_length_of_time_reads_in_words_not_as_pythons_timedelta() -> None:
+    # The refund's note said "waited 1 day, 0:00:00" and "asked hourly until 1 day, 0:00:00".
+    assert span_words(timedelta(days=1)) == "1 day"
+    assert span_words(timedelta(hours=2, minutes=30)) == "2 hours 30 minutes"
+    assert span_words(timedelta(days=2, seconds=45.4)) == "2 days 45 seconds"
+    assert span_words(timedelta(0)) == "0 seconds"
+    assert span_words(-timedelta(minutes=1)) == "1 minute"

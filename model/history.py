@@ -1129,9 +1129,13 @@ def _check_one_action_per_decision(
         return
     in_a = np.flatnonzero(a["decision_id"].notna().to_numpy() & (a["strategy"].to_numpy(dtype=object) != _RETARGET))
     in_n = np.flatnonzero(nudges["decision_id"].notna().to_numpy())
+    ids = {a_label: a["decision_id"].to_numpy(dtype=object), n_label: nudges["decision_id"].to_numpy(dtype=object)}
+    # Only actions whose decision_id is carried by another action can be warned of: almost none in a real history,
+    # so the sort and grouping below run on those alone, not on every action of the history.
+    shared = pd.Series(np.concatenate([ids[a_label][in_a], ids[n_label][in_n]])).duplicated(keep=False).to_numpy()
+    in_a, in_n = in_a[shared[: len(in_a)]], in_n[shared[len(in_a) :]]
     if len(in_a) + len(in_n) < 2:
         return
-    ids = {a_label: a["decision_id"].to_numpy(dtype=object), n_label: nudges["decision_id"].to_numpy(dtype=object)}
     num = a["attempt_number"].to_numpy()
     nudge_id = nudges["nudge_id"].to_numpy(dtype=object)
     rows = pd.DataFrame(

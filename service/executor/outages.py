@@ -36,7 +36,10 @@ streak, that is with no message of the channel taken in between (a taken message
 until then it is one more refusal of its message, tried again later as any not taken. Each domain seen in the
 streak is kept in ``sender_holds`` (``held_for`` ``rcpt:`` and a hash of the domain), forgotten once the streak ends;
 the first refusal of each domain in a streak, while no other domain confirms it, is logged as a WARNING naming the
-domain (not the address) and saying e-mail stays up meanwhile. A set-up answer at RCPT TO is counted the same way.
+domain (not the address) and saying e-mail stays up meanwhile. A set-up answer at RCPT TO is counted the same way,
+Postfix's default ``454 4.7.1 Relay access denied`` among them: a 4xx, yet a relay refusing to relay for the merchant
+refuses every recipient until an admin acts (tried again message after message, it waited 15 minutes for the
+breaker and then was held and probed as a provider's outage, nothing saying an admin must act).
 Microsoft hosts many domains: two of its recipients in a row are taken as a ban; a message to any other domain taken
 after the hold ends it, as before.
 

@@ -480,9 +480,14 @@ M365_BANNED_IP = (
 #: Postfix's answer at RCPT TO when it will not relay for the client (reject_unauth_destination: data/README.md); the
 #: recipient's own server may answer so too (its MX record wrong), handed back by a relay passing RCPT through.
 POSTFIX_RELAY_DENIED = "5.7.1 <{}>: Relay access denied"
+#: The same refusal by Postfix's default relay rule (defer_unauth_destination: data/README.md), with a 4xx.
+POSTFIX_RELAY_DEFERRED = "4.7.1 <{}>: Relay access denied"
 
 
-@pytest.mark.parametrize(("code", "text", "why"), [(550, M365_BANNED_IP, "ban"), (554, POSTFIX_RELAY_DENIED, "setup")])
+@pytest.mark.parametrize(
+    ("code", "text", "why"),
+    [(550, M365_BANNED_IP, "ban"), (554, POSTFIX_RELAY_DENIED, "setup"), (454, POSTFIX_RELAY_DEFERRED, "setup")],
+)
 def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refused_with_none_taken_between(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     smtp: FakeSmtpServer,
@@ -495,7 +500,8 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
     """The merchant's relay passes RCPT through, and Microsoft 365 refuses the merchant's IP for the recipients it
     hosts (``550 5.7.606`` at RCPT); or the recipients' servers answer Postfix's ``554 5.7.1 Relay access denied``
     (their MX records wrong), an answer the merchant's own relay gives every recipient when it will not relay for
-    the merchant: its set-up to fix (before, a refusal of each message). Before, the first such recipient (ord_1's,
+    the merchant: its set-up to fix (before, a refusal of each message); or its default ``454 4.7.1`` form (before, a
+    4xx like any, tried again message after message with no WARNING). Before, the first such recipient (ord_1's,
     ord_0's) put the merchant's e-mail down for everyone: ord_2's e-mail to another provider went by SMS, and the
     probe after the hold brought e-mail back until the next such recipient. Now a ban (or set-up) at RCPT is one
     more refusal of its message (tried again later, not counted) until recipients of two domains are refused so with
@@ -567,3 +573,54 @@ def test_a_ban_answered_at_rcpt_puts_e_mail_down_only_when_two_domains_are_refus
         assert [(n.channel, n.status) for n in h.view("ord_2").nudges] == [("email", "accepted")]
         assert mailed(smtp) == ["ord_2"]
         assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)
+
+
+def test_postfixs_default_relay_refusal_takes_e_mail_down_as_a_set_up_and_the_waiting_messages_go_once_fixed(
+    make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
+    rules_only: Any,  # noqa: F811 - the fixture
+    smtp: FakeSmtpServer,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The merchant's relay is a Postfix with its default relay rule, and winback's client is neither in its
+    networks nor logged in: every recipient is answered ``454 4.7.1 <address>: Relay access denied`` at RCPT TO.
+    Before, a 4xx like any: each message was tried again every few minutes; after 15 minutes of refusals e-mail went
+    down as a provider's outage (a WARNING, nothing counted as a set-up, nothing saying an admin must act) and was
+    probed hourly for as long as the set-up stayed wrong. Now ord_1's refusal (a.example) is a WARNING naming the
+    domain, e-mail staying up; ord_2's (b.example) right after confirms it: e-mail is down at once as a set-up, an
+    ERROR naming the answer and saying an admin must fix the merchant's e-mail settings, counted once on /metrics.
+    E-mail being the merchant's only channel, both messages wait for it, uncounted. The admin sets the relay up;
+    after the hold both go, each recorded once, as sent."""
+    caplog.set_level(logging.WARNING, logger="winback.executor")
+    h = through_relay(make_harness, smtp, 0, decider=rules_only, database_url=database_url)
+    recipients = {"ord_1": "ord_1@a.example", "ord_2": "ord_2@b.example"}
+    for address in recipients.values():
+        smtp.reject(address, code=454, text=POSTFIX_RELAY_DEFERRED.format(address))
+
+    def logged(level: int, words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level and words in r.getMessage()]
+
+    h.executor.payment_failed("m_demo", event("ord_1", customer={"phone": None, "email": recipients["ord_1"]}))
+    h.drain()
+    assert (e_mail_down_until(h), blocks_scraped(h, "setup")) == (None, None)
+    [warned] = logged(logging.WARNING, "RCPT TO")
+    for said in ("recipient at a.example", "454 4.7.1", "sender is set up wrong"):
+        assert said in warned, warned
+    h.executor.payment_failed("m_demo", event("ord_2", customer={"phone": None, "email": recipients["ord_2"]}))
+    h.drain()
+    assert e_mail_down_until(h) == timedelta(minutes=5)
+    assert (blocks_scraped(h, "setup"), blocks_scraped(h, "ban")) == (1.0, None)
+    [error] = logged(logging.ERROR, "454 4.7.1")
+    assert "merchant m_demo" in error, error
+    assert "an admin must fix the merchant's email settings" in error, error
+    assert logged(logging.WARNING, "has refused every message since") == []  # a set-up, not a provider's outage
+    assert nudges_of(h, "ord_1", "ord_2") == {"ord_1": [], "ord_2": []}  # neither counted
+    smtp.rejected.clear()  # the admin lets the merchant's client relay
+    for _ in range(8):
+        h.clock.advance(minutes=1)
+        h.drain()
+    assert sorted(mailed(smtp)) == ["ord_1", "ord_2"]
+    assert e_mail_down_until(h) is None
+    for order in recipients:
+        assert [(n.channel, n.status) for n in h.view(order).nudges] == [("email", "accepted")], order
+    assert blocks_scraped(h, "setup") == 1.0

@@ -734,6 +734,7 @@ def smtp_set_up_wrong(code: int, reply: str, sender: str) -> bool:
     - The merchant's own relay refusing to pass its mail on (``_RELAY_REFUSED``: Postfix's ``Relay access denied``,
       Exchange's ``Unable to relay``). Answered at RCPT TO, as Postfix does, it may be a recipient's server's that the
       relay passed RCPT through to: ``SendResult.rcpt_domain`` tells the executor to wait for a second domain.
+      Postfix's default 4xx form, ``454 4.7.1``, is ``smtp_relay_deferred``'s.
     - Exchange's ``5.7.60 ... Client does not have permissions to send as this sender`` (``_SEND_AS_DENIED``): the
       login may not send as the merchant's From address until an admin grants it the right.
     - Amazon SES: ``554 Access denied: User ... is not authorized to perform ses:SendRawEmail`` (the IAM policy of
@@ -761,6 +762,26 @@ def smtp_set_up_wrong(code: int, reply: str, sender: str) -> bool:
     address = parseaddr(sender)[1].lower()
     named = {identity.strip().rstrip(".").strip() for identity in unverified.group(1).split(",")}
     return bool(address) and (address in named or address.rpartition("@")[2] in named)
+
+
+#: The status of a relay's own deferral of relaying: Postfix's defer_unauth_destination answers 4.7.1 (data/README.md).
+_RELAY_DEFERRED_STATUS: Final = frozenset({"4.7.1", ""})
+
+
+def smtp_relay_deferred(code: int, reply: str) -> bool:
+    """Whether a 4xx answer ``code`` ``reply`` to RCPT TO is the merchant's relay putting off relaying for it, as
+    Postfix's default relay rule does (``defer_unauth_destination``: ``454 4.7.1 <address>: Relay access denied``,
+    data/README.md): the merchant's client is neither in the relay's networks nor logged in, and every recipient is
+    refused alike until an admin fixes the merchant's settings (or the relay's). Postfix answers a 4xx so that a
+    mistake in its own settings bounces no mail; for the merchant it is the same set-up to fix as the 554, and tried
+    again message after message it only waited for the outage breaker. Only the relay's own status (4.7.1, or none)
+    counts: a relay verifying a recipient answers ``450 4.1.1 ... unverified address: host ... said: 554 5.7.1 ...
+    Relay access denied``, the recipient's server's words about that recipient, a 4xx as any. Answered at RCPT TO
+    only, the executor takes e-mail down once a second domain's recipient is refused so (``SendResult.rcpt_domain``)."""
+    if not 400 <= code < 500:
+        return False
+    text = " ".join(reply.split()).lower()
+    return "relay access denied" in text and _enhanced_status(text) in _RELAY_DEFERRED_STATUS
 
 
 def _in_ranges(status: str, ranges: tuple[tuple[int, int, int, int], ...]) -> bool:
@@ -797,10 +818,12 @@ def _sender_limited(code: int, reply: str, sender: str, recipient: str | None = 
     taken, to be held with every other message of the sender; or blocked until an admin acts, banned
     (``smtp_sender_banned``) or set up wrong (``smtp_set_up_wrong``, ``sender``: the merchant's From): not taken,
     the merchant's channel down; None for any other answer. ``recipient``: the address the answer refused at RCPT
-    TO, whose domain a block names (``SendResult.rcpt_domain``): it may be that domain's provider's only."""
-    blocked: SenderBlock | None = (
-        "ban" if smtp_sender_banned(code, reply) else "setup" if smtp_set_up_wrong(code, reply, sender) else None
+    TO, whose domain a block names (``SendResult.rcpt_domain``): it may be that domain's provider's only. A relay
+    putting off relaying for the merchant at RCPT TO (``smtp_relay_deferred``, a 4xx) is a set-up too."""
+    set_up_wrong = smtp_set_up_wrong(code, reply, sender) or (
+        recipient is not None and smtp_relay_deferred(code, reply)
     )
+    blocked: SenderBlock | None = "ban" if smtp_sender_banned(code, reply) else "setup" if set_up_wrong else None
     if blocked is not None:
         return SendResult(
             status="retryable",

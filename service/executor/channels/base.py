@@ -40,7 +40,8 @@ SenderLimit = Literal["rate", "daily_quota"]
 #: Why a provider refuses every message of the merchant's sender until an admin acts (``SendResult.sender_blocked``):
 #: ``ban``, the provider banned it (its account, sending IP or domain: Exchange Online's 5.7.708, say:
 #: ``channels.adapters.smtp_sender_banned``); ``setup``, the merchant's settings at the provider are wrong (its
-#: credentials, the relay's registered IPs or domains, an unverified sender: ``channels.adapters.smtp_set_up_wrong``).
+#: credentials, the relay's registered IPs or domains, an unverified sender: ``channels.adapters.smtp_set_up_wrong``;
+#: the relay putting off relaying for it at RCPT TO: ``channels.adapters.smtp_relay_deferred``).
 #: Also ``sender_holds.held_for`` of each (service/executor/outages.py).
 SenderBlock = Literal["ban", "setup"]
 

@@ -694,6 +694,32 @@ def link_id_for(idempotency_key: str) -> str:
     return "lnk_" + _short_hash("link", idempotency_key)
 
 
+def _link_decision(conn: sa.Connection, action: ActionRow) -> tuple[str | None, float | None]:
+    """(decision_id, propensity) of the message whose link the link payment ``action`` used; (None, None) for a link of
+    no message.
+
+    A payment through a link is the customer's, planned by no decision of its own; the history ties it to the
+    decision that sent the link, as the API's export and the simulator do, so that the off-policy evaluation and
+    retraining credit a recovery to it. Taken from the message's action, which its nudge row is written from: a
+    message whose provider never confirmed it has no nudge row yet when its link pays (``_unconfirmed_link``).
+    """
+    nudge_id = action.payload.get("nudge_id")
+    if nudge_id is None:
+        return None, None
+    messages = conn.execute(
+        sa.select(actions.c.idempotency_key, actions.c.decision_id, actions.c.payload_json).where(
+            actions.c.merchant_id == action.merchant_id,
+            actions.c.order_id == action.order_id,
+            actions.c.kind == ActionKind.NUDGE.value,
+        )
+    )
+    for key, decision_id, payload_json in messages:
+        if nudge_id_for(key) == nudge_id:
+            propensity = orjson.loads(payload_json or "{}").get("propensity")
+            return decision_id, None if propensity is None else float(propensity)
+    return None, None
+
+
 def _dump(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -3344,6 +3370,9 @@ class Executor:
         strategy = (
             Strategy.RETARGET_LINK.value if action.kind == ActionKind.LINK_PAYMENT else str(action.payload["strategy"])
         )
+        decision_id, propensity = action.decision_id, action.payload.get("propensity")
+        if action.kind == ActionKind.LINK_PAYMENT:
+            decision_id, propensity = _link_decision(conn, action)
         conn.execute(
             transactions.insert().values(
                 txn_id=txn_id,
@@ -3359,8 +3388,8 @@ class Executor:
                 network_decline_code=result.network_decline_code,
                 merchant_advice_code=result.merchant_advice_code,
                 unified_code=result.unified_code,
-                decision_id=action.decision_id,
-                propensity=action.payload.get("propensity"),
+                decision_id=decision_id,
+                propensity=propensity,
                 nudge_id=action.payload.get("nudge_id"),
                 idempotency_key=action.idempotency_key,
                 created_at=attempted_at,

@@ -30,7 +30,7 @@ from model.vocab import Channel
 from service.executor.channels.adapters import build_adapters
 from service.executor.channels.fakes import FakeState, run_fake_provider
 from service.executor.core import MESSAGE_MAYBE_SENT_TRIES, Replan, Skip, StaleClaimError, Transient
-from service.executor.store import actions, as_utc, channel_outages, payment_links
+from service.executor.store import actions, as_utc, channel_outages, nudges, payment_links
 from service.executor.worker import make_decider
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     START,
@@ -422,6 +422,7 @@ def test_the_link_of_a_message_its_provider_never_confirmed_still_pays(
     with h.executor.engine.connect() as conn:
         order = h.executor.orders_of(conn, [payment.action])[("m_demo", "ord_1")]
     outcome = h.effects.perform(payment.action, order)
+    assert h.count(nudges) == 0  # the message is not recorded yet
     with h.executor.engine.begin() as conn:
         h.executor.complete(conn, payment.action, outcome)
     step(h, 3, minutes=1)
@@ -432,6 +433,9 @@ def test_the_link_of_a_message_its_provider_never_confirmed_still_pays(
     assert view.attempts[-1].nudge_id == nudge.nudge_id
     assert (nudge.status, nudge.delivered, nudge.clicked_at is not None) == ("accepted", True, True)
     assert len(h.receiver.received) == 1
+    # Paid before its message was recorded: the payment still carries the decision that sent the link.
+    assert nudge.decision_id is not None
+    assert (view.attempts[-1].decision_id, view.attempts[-1].propensity) == (nudge.decision_id, nudge.propensity)
 
 
 def test_a_link_opened_before_its_message_was_confirmed_is_kept_when_the_provider_confirms_it(

@@ -5,12 +5,17 @@ Each test says what happened before its fix.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from model.history import read_history
+from service.api.export import export_history
+from service.executor.routes import pay
 from service.executor.worker import Worker
 from tests.integration.test_executor import (  # noqa: F401 - make_harness is a fixture
     HookConnector,
@@ -18,6 +23,7 @@ from tests.integration.test_executor import (  # noqa: F401 - make_harness is a 
     event,
     make_harness,
     runtime,
+    token_of,
 )
 
 LATER = {"action": "retarget", "channel": "sms", "delay": timedelta(hours=6)}
@@ -122,3 +128,37 @@ def pay_page_html(h: Any, message: Any) -> str:
     response = asyncio.run(pay_page(token, runtime(h)))
     assert response.status_code == 200
     return bytes(response.body).decode()
+
+
+def test_a_payment_through_a_nudges_link_is_exported_with_that_nudges_decision(
+    make_harness: Any,  # noqa: F811 - the fixture
+    database_url: str | None,
+    tmp_path: Path,
+) -> None:
+    """Before: the executor stored a payment through the link of its message with no decision_id (nor propensity),
+    so its history export wrote the recovered payment tied to no decision, while the export of an order the API's
+    caller carried out gives that attempt its nudge's decision: the off-policy evaluation and retraining could not
+    credit the executor's recoveries to the decision that sent the link. Now the attempt carries its nudge's
+    decision and propensity, and reading the export back warns of nothing (a nudge and the payments through its
+    link are one decision's)."""
+    h = make_harness(
+        {"action": "retarget", "channel": "sms"},
+        connector=HookConnector(results=["success"]),
+        database_url=database_url,
+    )
+    h.executor.payment_failed("m_demo", event(customer={"country": "IN"}))  # the files need the customer's country
+    h.drain()
+    paid = asyncio.run(pay(token_of(h), runtime(h)))  # the customer pays on the link page
+    assert paid.status_code == 200, bytes(paid.body).decode()[:300]
+    url = database_url or h.executor.engine.url.render_as_string(hide_password=False)
+    summary = export_history(url, tmp_path / "history")
+    assert summary.left_out_orders == ()
+    assert (summary.orders, summary.warnings.total) == (1, 0)
+    history = read_history(summary.attempts_path, summary.nudges_path, stops_path=summary.stops_path)
+    assert history.warnings.total == 0
+    (nudge,) = history.nudges.to_dict("records")
+    assert (nudge["decision_id"], nudge["propensity"]) == ("dec_1_ord_1", 0.9)
+    attempts = history.attempts.sort_values("attempt_number").to_dict("records")
+    assert [(a["strategy"], a["status"]) for a in attempts] == [("initial", "failure"), ("retarget_link", "success")]
+    assert attempts[1]["nudge_id"] == nudge["nudge_id"]
+    assert (attempts[1]["decision_id"], attempts[1]["propensity"]) == ("dec_1_ord_1", 0.9)

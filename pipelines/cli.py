@@ -584,6 +584,8 @@ def executor_charge_disputes(
 #: lines saying there is none: they named refunds and possible double payments only, not the charges taken as never
 #: charged whose switch went silent that it lists too.
 CASES_BY_HAND = "refund by hand, possible double payment or possibly charged payment"
+#: What a listed case says for an amount its payload has none readable of (an older release's, one edited by hand).
+AMOUNT_NOT_RECORDED = "amount not recorded"
 
 
 @executor_app.command("refunds-by-hand")
@@ -698,12 +700,12 @@ def dealt_with(done: CaseDone | None) -> str:
     return "" if done is None else f"; dealt with by {done.by} at {utc_second(done.at)}: {done.note}"
 
 
-def written_money(amount: object, currency: str) -> str:
-    """``₹1,499.00``, ``¥1,200``, ``1,234.500 KWD``: a listed case's amount (as read from the database or its
-    action's payload) as the console writes it, not as stored (``499.0 INR``)."""
+def written_money(amount: float | None, currency: str | None) -> str:
+    """``₹1,499.00``, ``¥1,200``, ``1,234.500 KWD``: a listed case's amount as the console writes it, not as stored
+    (``499.0 INR``); "amount not recorded" for a case whose payload has none readable, as its console card says."""
     from model.money import format_money
 
-    return format_money(float(str(amount)), currency)
+    return AMOUNT_NOT_RECORDED if amount is None or currency is None else format_money(amount, currency)
 
 
 @executor_app.command("callback-url")

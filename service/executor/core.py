@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -982,13 +983,29 @@ def _switch_silent_on_refund(refund: ActionRow, charge: ActionRow, asked_since: 
     )
 
 
+def payload_money(payload: Mapping[str, Any]) -> tuple[float, str] | tuple[None, None]:
+    """The amount (major units, as ``orders.amount``) and currency an action's payload carries: the executor writes
+    the order's, a JSON number and its ISO code. ``(None, None)`` when either is missing or unreadable (a payload of
+    an older release, or one edited by hand), for the lists and cards to say so rather than fail."""
+    amount, currency = payload.get("amount"), payload.get("currency")
+    if isinstance(amount, bool) or not isinstance(amount, int | float | str):
+        return None, None
+    try:
+        read = float(amount)
+    except (OverflowError, ValueError):
+        return None, None
+    if not math.isfinite(read) or not isinstance(currency, str) or not currency.strip():
+        return None, None
+    return read, currency.strip()
+
+
 def _amount_written(payload: Mapping[str, Any]) -> str:
     """A charge's amount as an operator's note writes it (``format_money``); a payload without a readable amount and
-    currency (an older release's, one edited by hand) is written as it is: a note never fails for an odd payload."""
-    try:
-        return format_money(float(payload["amount"]), str(payload["currency"]))
-    except (KeyError, TypeError, ValueError):
+    currency (``payload_money``) is written as it is: a note never fails for an odd payload."""
+    amount, currency = payload_money(payload)
+    if amount is None or currency is None:
         return f"{payload.get('amount')} {payload.get('currency')}"
+    return format_money(amount, currency)
 
 
 def _stored_moment_written(stored: object) -> str:
@@ -1229,8 +1246,10 @@ class RefundByHand(CaseByHand):
 
     refund_action_id: int
     payment_id: str
-    amount: object
-    currency: str
+    #: In major units, from the refund's payload; None (and ``currency`` None) when it has no readable amount
+    #: and currency (``payload_money``).
+    amount: float | None
+    currency: str | None
     why: str
     handed_at: datetime
     state: str
@@ -1304,14 +1323,15 @@ def refunds_by_hand(
             **case,
             refund_action_id=int(row.action_id),
             payment_id=str(payload.get("payment_id")),
-            amount=payload.get("amount"),
-            currency=str(payload.get("currency")),
+            amount=amount,
+            currency=currency,
             why=str(row.why),
             handed_at=as_utc(row.flagged_at),
             state=row.state,
             note=row.last_error or "",
         )
         for row, payload, case in _cases_read(conn, query, merchant_id, order_id, open_only)
+        for amount, currency in [payload_money(payload)]
     ]
 
 
@@ -1323,7 +1343,8 @@ class PaidTwice(CaseByHand):
 
     charge_action_id: int
     payment_id: str
-    amount: object
+    #: The order's, in major units (``orders.amount``).
+    amount: float
     currency: str
     winback_txn_id: str
     merchant_txn_id: str
@@ -1346,7 +1367,7 @@ def paid_twice(
             **case,
             charge_action_id=int(row.action_id),
             payment_id=f"{row.order_id}_{payload.get('attempt_number')}",
-            amount=row.amount,
+            amount=float(row.amount),
             currency=str(row.currency),
             winback_txn_id=str(row.success_txn_id),
             merchant_txn_id=str(row.ref),
@@ -1366,7 +1387,8 @@ class SilentNotCharged(CaseByHand):
     charge_action_id: int
     check_action_id: int
     payment_id: str
-    amount: object
+    #: The order's, in major units (``orders.amount``).
+    amount: float
     currency: str
     silent_since: datetime
     given_up_at: datetime
@@ -1388,7 +1410,7 @@ def silent_not_charged(
             charge_action_id=int(payload.get("charge_action_id", 0)),
             check_action_id=int(row.action_id),
             payment_id=str(payload.get("payment_id")),
-            amount=row.amount,
+            amount=float(row.amount),
             currency=str(row.currency),
             silent_since=as_utc(row.planned_at),
             given_up_at=as_utc(row.flagged_at),

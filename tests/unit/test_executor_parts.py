@@ -327,3 +327,28 @@ def test_a_refund_payload_without_a_readable_amount_is_written_as_it_is() -> Non
     assert _amount_written({"amount": 1200.0, "currency": "JPY"}) == "¥1,200"
     assert _amount_written({"amount": 499.0}) == "499.0 None"
     assert _amount_written({"amount": "n/a", "currency": "USD"}) == "n/a USD"
+
+
+@pytest.mark.parametrize(
+    ("payload", "read"),
+    [
+        ({"amount": 1200.0, "currency": "JPY"}, (1200.0, "JPY")),
+        ({"amount": 1234, "currency": "KWD"}, (1234.0, "KWD")),
+        ({"amount": "499.0", "currency": "USD"}, (499.0, "USD")),
+        ({"currency": "USD"}, (None, None)),
+        ({"amount": None, "currency": "USD"}, (None, None)),
+        ({"amount": "n/a", "currency": "USD"}, (None, None)),
+        ({"amount": "inf", "currency": "USD"}, (None, None)),
+        ({"amount": True, "currency": "USD"}, (None, None)),
+        ({"amount": 499.0}, (None, None)),
+        ({"amount": 499.0, "currency": " "}, (None, None)),
+    ],
+)
+def test_a_payloads_money_is_read_only_when_its_amount_and_currency_are_readable(
+    payload: dict[str, object], read: tuple[object, object]
+) -> None:
+    # A refund's amount was typed ``object`` and handed to format_money as found: a payload without one (an older
+    # release's, one edited by hand) failed the order's page and the refunds-by-hand list.
+    from service.executor.core import payload_money
+
+    assert payload_money(payload) == read

@@ -407,8 +407,8 @@ def _open_case(page: Any, served: tuple[str, str], order_id: str, insert: Callab
 
 def _mark_case_dealt_with(page: Any, folder: Path, card_id: str, note: str) -> str:
     """Click the case card ``card_id``'s "Mark as dealt with" without a note (the browser sends nothing), then with
-    ``note``: the card gives way to its dealt-with card (``<card_id>-dealt-with``) naming the agent and the note,
-    as the audit does; both shot. The result shown."""
+    ``note``: the card gives way to its dealt-with card (``<card_id>-dealt-with``) naming the agent, the note, as
+    the audit does, and the amount, as the open card did (it left it out); both shot. The result shown."""
     card = page.get_by_test_id(card_id)
     card.get_by_test_id("resolve-case").click()
     assert page.get_by_test_id("result").count() == 0
@@ -420,6 +420,7 @@ def _mark_case_dealt_with(page: Any, folder: Path, card_id: str, note: str) -> s
     done = page.get_by_test_id(f"{card_id}-dealt-with").inner_text()
     assert "agent asha@m_a marked it as dealt with" in done
     assert note in done
+    assert "via adyen, ₹499.00" in done  # the order's amount, as the open card wrote it
     assert note in page.get_by_test_id("audit").inner_text()
     _shot(page, folder, f"{card_id}-dealt-with")
     return str(result.inner_text())

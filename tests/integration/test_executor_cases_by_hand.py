@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -274,13 +276,14 @@ def test_a_refund_by_hand_is_marked_dealt_with_on_its_card_and_leaves_the_list(
 
 
 def taken_as_never_charged_then_silent(
-    build: MakeHarness, database_url: str, taken_by: str
+    build: MakeHarness, database_url: str, taken_by: str, **failed: Any
 ) -> tuple[Harness, SilentNotCharged]:
     """Order ord_1's retry (payment ord_1_2) taken as never charged by ``taken_by`` (``operator``: its "not
     charged"; ``switch``: its "not found" on an order its merchant paid meanwhile, the send reaching it late), then
-    its switch silent for a day and its checks asked no more: the case handed to a person. Before it, none."""
+    its switch silent for a day and its checks asked no more: the case handed to a person. Before it, none.
+    ``failed``: the payment-failed event's overrides."""
     switch = FullSwitch(statuses=["succeeded"], drop_charges=taken_by == "switch", hold_charges=taken_by == "switch")
-    h = lost_charge(build, database_url, switch, {"action": "stop"})
+    h = lost_charge(build, database_url, switch, {"action": "stop"}, **failed)
     assert answered(database_url) == (
         "no refund by hand, possible double payment or possibly charged payment given to an operator\n"
     )
@@ -367,7 +370,7 @@ def test_an_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent
         page = console.get("/console/orders/ord_1").text
         assert 'data-testid="silent-not-charged"' in page, page
         assert "The customer may have been charged after all</h2>" in page
-        shown = format_money(float(str(charge.amount)), charge.currency)  # as the order's facts panel writes it
+        shown = format_money(charge.amount, charge.currency)  # as the order's facts panel writes it
         assert f"Payment <code>ord_1_2</code> via <strong>adyen</strong>, {shown} (charge action" in page
         assert f"(status check {charge.check_action_id})" in page
         assert 'placeholder="adyen has no payment ord_1_2"' in page
@@ -391,6 +394,105 @@ def test_an_agent_marks_a_charge_taken_as_never_charged_whose_switch_went_silent
         [marked] = silent_not_charged(conn)
     assert marked.done is not None
     assert (marked.done.by, marked.done.note) == ("agent asha@m_demo", note)
+
+
+# ------------------------------------------------------------------------------- the amount of a case on its card
+
+#: How each case kind's list reads on an order's page, by its card's data-testid.
+CASES_OF = {"paid-twice": paid_twice, "silent-not-charged": silent_not_charged, "refund-by-hand": refunds_by_hand}
+
+
+def case_handed_over(card: str, build: MakeHarness, database_url: str, **order: object) -> Harness:
+    """Order ord_1 (``order``: the event's fields to change) with one open case of ``card``'s kind, handed to a
+    person by the executor itself."""
+    if card == "paid-twice":
+        return paid_twice_case(build, database_url, **order)
+    if card == "silent-not-charged":
+        return taken_as_never_charged_then_silent(build, database_url, "operator", **order)[0]
+    return handed_over_after_the_switchs_silence(build, database_url, FullSwitch(statuses=["succeeded"]), **order)
+
+
+def card_on(page: str, testid: str) -> str:
+    """The card ``testid`` of an order's page, its HTML up to the end of its section."""
+    start = page.index(f'data-testid="{testid}"')
+    return page[start : page.index("</section>", start)]
+
+
+@pytest.mark.parametrize(
+    ("card", "amount", "currency", "shown"),
+    [
+        ("paid-twice", 1234.5, "KWD", "1,234.500 KWD"),
+        ("silent-not-charged", 1200.0, "JPY", "¥1,200"),
+        ("refund-by-hand", 1200.0, "JPY", "¥1,200"),
+    ],
+)
+def test_a_case_marked_dealt_with_keeps_its_amount_on_its_card(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+    card: str,
+    amount: float,
+    currency: str,
+    shown: str,
+) -> None:
+    """An open case's card says how much (``format_money``: no minor unit for a yen, three for a dinar); once marked
+    dealt with, its card said who, when and the note but not the amount, so an agent looking back could not see how
+    much was involved. Now it writes the amount as the open card does, from the same data."""
+    h = case_handed_over(card, make_harness, database_url, amount=amount, currency=currency)
+    with h.executor.engine.connect() as conn:
+        [case] = CASES_OF[card](conn)
+    assert (case.amount, case.currency) == (amount, currency)
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = signed_in_console(api)
+        assert shown in card_on(console.get("/console/orders/ord_1").text, card)
+        dealt = console.act(
+            f"/console/orders/ord_1/by-hand/{case.case_id}", {"note": "dealt with", "csrf_token": console.csrf()}
+        )
+        assert shown in card_on(dealt.text, f"{card}-dealt-with"), dealt.text
+    finally:
+        api.close()
+
+
+@pytest.mark.parametrize("unreadable", [{"amount": None}, {"amount": "n/a"}, {"currency": None}])
+def test_a_refund_by_hand_whose_payload_has_no_readable_amount_is_shown_without_one(
+    make_harness: MakeHarness,  # noqa: F811 - the fixture
+    database_url: str,
+    tmp_path: Path,
+    unreadable: dict[str, object],
+) -> None:
+    """A refund's payload of an older release, or edited by hand, without a readable amount and currency: the
+    order's page answered 500 and ``refunds-by-hand`` failed writing it. Now its card, open and dealt with, and the
+    list say "amount not recorded"."""
+    h = handed_over_after_the_switchs_silence(make_harness, database_url, FullSwitch(statuses=["succeeded"]))
+    with h.executor.engine.begin() as conn:
+        [refund] = refunds_by_hand(conn)
+        its_row = actions.c.action_id == refund.refund_action_id
+        payload = orjson.loads(conn.scalar(sa.select(actions.c.payload_json).where(its_row)))
+        edited = {key: value for key, value in (payload | unreadable).items() if value is not None}
+        conn.execute(actions.update().where(its_row).values(payload_json=orjson.dumps(edited).decode()))
+    api = Api(create_app(settings_for(tmp_path, database_url=database_url)))
+    try:
+        console = signed_in_console(api)
+        page = console.get("/console/orders/ord_1")
+        assert page.status_code == 200, page.text
+        assert (
+            'ord_1_2</code> via <strong>adyen</strong>, <span class="muted">amount not recorded</span> (refund'
+            in card_on(page.text, "refund-by-hand")
+        )
+        dealt = console.act(
+            f"/console/orders/ord_1/by-hand/{refund.case_id}",
+            {"note": "refunded by hand", "csrf_token": console.csrf()},
+        )
+        assert "amount not recorded" in card_on(dealt.text, "refund-by-hand-dealt-with"), dealt.text
+    finally:
+        api.close()
+    assert "of payment ord_1_2 via adyen, amount not recorded: dead, given to an operator" in answered(
+        database_url, "--all"
+    )
+    with h.executor.engine.connect() as conn:
+        [odd] = refunds_by_hand(conn)
+    assert (odd.amount, odd.currency) == (None, None)
 
 
 # ------------------------------------------------------------------------------- marked by two people at once

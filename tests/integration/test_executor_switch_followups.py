@@ -1142,11 +1142,12 @@ def test_a_charge_an_operator_answered_charged_that_the_switch_does_not_find_twi
 
 
 def charged_by_an_operator_on_an_order_paid_before(
-    build: MakeHarness, database_url: str, switch: FullSwitch
+    build: MakeHarness, database_url: str, switch: FullSwitch, **failed: Any
 ) -> Harness:
     """The merchant reports the order paid while its retry's charge (ord_1_2) is unknown; an operator then answers
-    "charged": a duplicate, whose refund is planned, before the status check planned at the dead-letter has asked."""
-    h = lost_charge(build, database_url, switch)
+    "charged": a duplicate, whose refund is planned, before the status check planned at the dead-letter has asked.
+    ``failed``: the payment-failed event's overrides."""
+    h = lost_charge(build, database_url, switch, **failed)
     assert h.executor.payment_succeeded("m_demo", PAID_BY_MERCHANT).state == "SUCCEEDED"
     assert h.executor.resolve_charge(of_kind(h, "retry")[0].action_id, charged=True) == "SUCCEEDED"
     assert [a.state for a in of_kind(h, "refund")] == ["scheduled"]
@@ -1268,10 +1269,13 @@ def refunds_by_hand_counted(h: Harness, why: str = "switch_silent") -> float:
     return value or 0.0
 
 
-def handed_over_after_the_switchs_silence(build: MakeHarness, database_url: str, switch: FullSwitch) -> Harness:
+def handed_over_after_the_switchs_silence(
+    build: MakeHarness, database_url: str, switch: FullSwitch, **failed: Any
+) -> Harness:
     """The refund planned on an operator's "charged" (order paid before) waits for the status check, whose switch
-    answers none (timeouts, asked hourly): at REFUND_WAIT_FOR_SWITCH, not before, it goes to an operator."""
-    h = charged_by_an_operator_on_an_order_paid_before(build, database_url, switch)
+    answers none (timeouts, asked hourly): at REFUND_WAIT_FOR_SWITCH, not before, it goes to an operator.
+    ``failed``: the payment-failed event's overrides."""
+    h = charged_by_an_operator_on_an_order_paid_before(build, database_url, switch, **failed)
     switch.status_mode = "timeout"
     wait = int(REFUND_WAIT_FOR_SWITCH.total_seconds())
     run_for(h, wait - 3600, step=600)

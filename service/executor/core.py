@@ -2161,7 +2161,7 @@ class Executor:
                         "execute_at": max(as_utc(waiting.execute_at), until),
                         "reasons": [
                             *waiting.reasons,
-                            f"{waiting.channel.value} is {how} until {until.isoformat()}: the message waits for it",
+                            f"{waiting.channel.value} is {how} until {utc_second(until)}: the message waits for it",
                         ],
                         "rules_applied": [*waiting.rules_applied, *noted],
                     }
@@ -3102,7 +3102,7 @@ class Executor:
             ):
                 # Planned to wait for the channel, and it is still down: it waits again, uncounted. Deciding again
                 # at every hold gave an exploring policy a chance to stop the order at each (review).
-                reason = f"{channel.value} is down until {down_until.isoformat()} ({outcome.error})"
+                reason = f"{channel.value} is down until {utc_second(down_until)} ({outcome.error})"
                 self._release(conn, action, ActionState.SCHEDULED, now, due_at=down_until, error=reason)
                 self._decided_while_in_flight(conn, order, action, outcome, now)
                 return
@@ -3110,7 +3110,7 @@ class Executor:
                 # Never taken by its provider, so never sent: no nudge is recorded and none is counted; the order
                 # is decided again without the channel (``_decision_point``), once: a message planned then to wait
                 # for the channel waits (above).
-                reason = f"not sent: {channel.value} is down until {down_until.isoformat()} ({outcome.error})"
+                reason = f"not sent: {channel.value} is down until {utc_second(down_until)} ({outcome.error})"
                 self._release(conn, action, ActionState.DONE, now, error=reason, payload=payload)
                 if order is not None:  # locked by ``complete``; releasing the action changed nothing of it
                     self._decision_point(conn, order, now, f"the planned {_planned_what(action)} was {reason}")
@@ -3155,12 +3155,12 @@ class Executor:
         if not waits and self.retry_policy.senders_over_quota(conn, action.merchant_id, now, channel):
             # Held for hours (``sender_quota_replan_after_seconds``): as in an outage, never sent, so neither
             # recorded nor counted, and the order is decided again without the channel (``_decision_point``).
-            reason = f"not sent: {channel.value}'s sender is over its daily quota until {until.isoformat()}"
+            reason = f"not sent: {channel.value}'s sender is over its daily quota until {utc_second(until)}"
             self._release(conn, action, ActionState.DONE, now, error=f"{reason} ({outcome.error})")
             if order is not None:  # locked by ``complete``
                 self._decision_point(conn, order, now, f"the planned {_planned_what(action)} was {reason}")
             return
-        reason = f"{channel.value} is paced until {until.isoformat()}: its sender is limited ({outcome.error})"
+        reason = f"{channel.value} is paced until {utc_second(until)}: its sender is limited ({outcome.error})"
         self._release(conn, action, ActionState.SCHEDULED, now, due_at=until, error=reason, refund=True)
         self._decided_while_in_flight(conn, order, action, outcome, now)
 

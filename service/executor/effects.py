@@ -38,6 +38,7 @@ from model.rules import (
     upi_off_peak_from,
 )
 from model.vocab import Action, Channel
+from model.wording import utc_second
 from service.executor.channels.base import ChannelAdapter, ChannelError, OutboundMessage
 from service.executor.channels.templates import MessageVariables, link_expiry_text
 from service.executor.connectors import (
@@ -106,7 +107,7 @@ def _turn_of(action: ActionRow, key: str) -> datetime | None:
 
 def _wait_for_turn(action: ActionRow, key: str, turn: datetime, held: str, why: str) -> Defer:
     """A Defer of message ``action`` to its ``turn``, kept on it under payload ``key``: ``held`` is paced, ``why``."""
-    reason = f"{held} is paced until {turn.isoformat()} (its turn): {why}"
+    reason = f"{held} is paced until {utc_second(turn)} (its turn): {why}"
     return Defer(turn, reason, payload=action.payload | {key: turn.isoformat()})
 
 
@@ -802,7 +803,7 @@ class Effects:
             return None
         if action.payload.get(MESSAGE_MAYBE_SENT_TRIES) or action.payload.get(MESSAGE_WAITS_FOR_CHANNEL):
             return Defer(until, f"{channel.value} {what}")
-        return Replan(f"{channel.value} {what} until {until.isoformat()}")
+        return Replan(f"{channel.value} {what} until {utc_second(until)}")
 
     def _message_waits(self, conn: sa.Connection, order: RowMapping, action: ActionRow, now: datetime) -> Defer | None:
         """A Defer while a charge of the order is claimed or with its connector (its answer may settle the order),

@@ -171,9 +171,12 @@ def test_an_outage_of_hours_costs_no_message_and_the_message_goes_when_the_provi
     assert len(made) == 2
     assert all(decision["action"] == "retarget" and decision["channel"] == "whatsapp" for decision in made)
     assert "channel_down:whatsapp" in made[1]["rules_applied"]
+    # Times an operator reads (the order view, the console, the CLI) in UTC to the second with a Z, as the lists
+    # write them: the reasons wrote ``2026-11-02T06:21:00+00:00`` (Python's isoformat()).
+    assert "whatsapp is down until 2026-11-02T06:21:00Z: the message waits for it" in made[1]["reasons"]
     waiting = [action for action in h.view().actions if action.kind == "nudge"][-1]
     assert waiting.state == "scheduled"
-    assert "whatsapp is down" in (waiting.last_error or "")
+    assert waiting.last_error == "whatsapp is down until 2026-11-02T09:31:00Z (gupshup answered HTTP 503: fake failure)"
     assert state.messages == []
     state.reset()  # the provider is back
     step(h, 61, minutes=1)  # the longest hold is an hour
@@ -212,6 +215,11 @@ def test_while_whatsapp_is_down_the_customer_gets_the_message_by_sms(
         assert [(nudge.channel, nudge.status) for nudge in sent] == [("sms", "accepted")]
         assert len(sms_fake.state.messages) == 1
         assert "channel_down:whatsapp" in decisions_of(h)[-1]["rules_applied"]
+        refused = next(a for a in h.view().actions if a.kind == "nudge")  # the WhatsApp message, planned first
+        assert refused.state == "done"
+        assert refused.last_error == (
+            "not sent: whatsapp is down until 2026-11-02T06:21:00Z (gupshup answered HTTP 503: fake failure)"
+        )
 
 
 def test_tries_that_may_have_reached_the_provider_are_counted_apart_from_refused_ones(
@@ -675,4 +683,5 @@ def test_a_probes_refusal_after_its_message_was_replaced_still_ends_the_probe_wi
         "cancelled",
         "replaced by a later decision; its provider's answer meanwhile: sms provider answered HTTP 503",
     )
-    assert h.effects._mark_message_sending(second) == Replan(f"sms is down until {down_until.isoformat()}")
+    # UTC to the second with a Z, as an operator reads times in the lists: it wrote down_until.isoformat().
+    assert h.effects._mark_message_sending(second) == Replan("sms is down until 2026-11-02T06:10:00Z")

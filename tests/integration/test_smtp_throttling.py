@@ -141,7 +141,13 @@ def test_ses_throttling_holds_the_merchants_e_mail_and_the_held_messages_go_one_
     assert nudges_of(h, "ord_1", "ord_2") == {"ord_1": [], "ord_2": []}  # not sent, not counted
     assert pacing(h) == (timedelta(seconds=60), 1)  # counted as the sender's rate limit, once
     waiting = [a for order in ("ord_1", "ord_2") for a in h.view(order).actions if a.kind == "nudge"]
-    assert [(a.state, "paced until" in (a.last_error or "")) for a in waiting] == [("scheduled", True)] * 2
+    assert [a.state for a in waiting] == ["scheduled"] * 2
+    # Their reasons write the hold's end as the lists write times (UTC to the second, Z), not isoformat()'s
+    # ``+00:00``: ord_1's refused into the limit, ord_2's waiting for its turn.
+    assert [a.last_error for a in waiting] == [
+        f"email is paced until 2026-11-02T06:01:00Z: its sender is limited (smtp: 454 {SES_RATE})",
+        "email is paced until 2026-11-02T06:01:00Z (its turn): its sender was rate limited",
+    ]
     h.clock.advance(seconds=54)
     h.drain()
     assert mailed(smtp) == []  # still held
@@ -230,6 +236,13 @@ def test_a_sender_over_its_daily_quota_for_long_is_decided_around_as_an_outage_i
             view = h.view(order)
             assert [(n.channel, n.status) for n in view.nudges] == [("sms", "accepted")]
             assert "sender_over_quota:email" in view.decisions[-1]["rules_applied"]
+        # Why each e-mail went no further, its hold's end in UTC to the second with a Z (it was isoformat()'s
+        # ``+00:00``): one refused again at the hold's end, the other finding the sender held at its turn.
+        e_mails = [next(a for a in h.view(order).actions if a.kind == "nudge") for order in ("ord_1", "ord_2")]
+        assert sorted(a.last_error or "" for a in e_mails) == [
+            "email has its sender over its daily quota until 2026-11-02T06:30:00Z",
+            f"not sent: email's sender is over its daily quota until 2026-11-02T06:30:00Z (smtp: 550 {GMAIL_DAILY})",
+        ]
         fail_by_sms_or_email(h, "ord_3")
         h.drain()
         assert [(n.channel, n.status) for n in h.view("ord_3").nudges] == [("sms", "accepted")]

@@ -212,7 +212,10 @@ def test_a_rate_limited_receipt_holds_back_the_merchants_sender_only_and_loses_n
     h.drain()
     assert [(m.merchant_id, m.order_id) for m in h.outbox] == [("m_demo", "ord_1"), ("m_other", "ord_3")]
     held = [a for a in h.view("ord_2").actions if a.kind == "nudge"]
-    assert [(a.state, "paced until" in (a.last_error or "")) for a in held] == [("scheduled", True)]
+    # Its turn in UTC to the second with a Z, as the lists write times (it was isoformat()'s ``+00:00``).
+    assert [(a.state, a.last_error) for a in held] == [
+        ("scheduled", "whatsapp is paced until 2026-11-02T06:01:06Z (its turn): its sender was rate limited")
+    ]
 
     restarted = make_harness(merchants=two_merchants(), database_url=database_url)
     restarted.clock.now = h.clock.now + timedelta(seconds=30)

@@ -84,7 +84,14 @@ def test_two_orders_of_one_customer_failing_together_are_messaged_6_seconds_apar
     assert sorted(m.order_id for m in h.outbox) in (["ord_1", "ord_3"], ["ord_2", "ord_3"])
     held = next(order for order in ("ord_1", "ord_2") if order not in {m.order_id for m in h.outbox})
     waiting = [a for a in h.view(held).actions if a.kind == "nudge"]
-    assert [(a.state, "to this customer is paced" in (a.last_error or "")) for a in waiting] == [("scheduled", True)]
+    # Its turn in UTC to the second with a Z, as the lists write times (it was isoformat()'s ``+00:00``).
+    assert [(a.state, a.last_error) for a in waiting] == [
+        (
+            "scheduled",
+            "whatsapp to this customer is paced until 2026-11-02T06:00:06Z (its turn): at most one message every "
+            "6 seconds to their number (pair rate limit)",
+        )
+    ]
     run_until(h, START + PAIR)
     assert sends(h, "ord_1", "ord_2", "ord_3") == {
         "ord_1": [START] if held == "ord_2" else [START + PAIR],

@@ -61,6 +61,7 @@ import sqlalchemy as sa
 
 from model.merchant_config import MerchantConfig
 from model.vocab import Channel
+from model.wording import utc_second
 from service.executor.channels.base import SenderBlock
 from service.executor.store import (
     as_utc,
@@ -140,7 +141,7 @@ def note_refusal(
             else:
                 log.warning(
                     "channel %s of merchant %s is down until %s: its provider has refused every message since %s",
-                    channel.value, merchant_id, until.isoformat(), since.isoformat(),
+                    channel.value, merchant_id, utc_second(until), utc_second(since),
                     extra={"merchant_id": merchant_id, "channel": channel.value},
                 )  # fmt: skip
     conn.execute(channel_outages.update().where(*_key(merchant_id, channel)).values(**values))
@@ -189,7 +190,7 @@ def _note_blocked(
         )
     log.error(
         "channel %s of merchant %s is down until %s: its provider %s, then a probe after the hold finds it up again",
-        channel.value, merchant_id, until.isoformat(), what,
+        channel.value, merchant_id, utc_second(until), what,
         extra={"merchant_id": merchant_id, "channel": channel.value},
     )  # fmt: skip
     if not again:

@@ -70,6 +70,7 @@ from typing import Any, Final, Literal
 import sqlalchemy as sa
 
 from model.vocab import Channel
+from model.wording import utc_second
 from service.executor.channels.base import SenderLimit
 from service.executor.outages import down_of, down_select
 from service.executor.store import (
@@ -194,7 +195,7 @@ def note_rate_limited(
         count_sender_hold(conn, merchant_id, channel.value, limit, until, now)
         log.warning(
             "channel %s of merchant %s is paced until %s: its provider said its sender is %s",
-            channel.value, merchant_id, until.isoformat(), why,
+            channel.value, merchant_id, utc_second(until), why,
             extra={"merchant_id": merchant_id, "channel": channel.value},
         )  # fmt: skip
     return until
@@ -265,7 +266,7 @@ def note_pair_rate_limited(
         count_sender_hold(conn, merchant_id, channel.value, "pair", until, now)
         log.warning(
             "a customer of merchant %s is paced on %s until %s: too many messages to their number (pair rate limit)",
-            merchant_id, channel.value, until.isoformat(), extra={"merchant_id": merchant_id, "channel": channel.value},
+            merchant_id, channel.value, utc_second(until), extra={"merchant_id": merchant_id, "channel": channel.value},
         )  # fmt: skip
     return until
 

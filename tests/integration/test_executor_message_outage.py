@@ -151,6 +151,7 @@ def test_an_outage_of_hours_costs_no_message_and_the_message_goes_when_the_provi
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     gupshup: Any,
     rules_only: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before, a message refused for an hour was given up and recorded ``rejected``: it counted against
     ``max_nudges`` and went into the exported history as a nudge that never reached the customer. Now, after 15
@@ -160,9 +161,14 @@ def test_an_outage_of_hours_costs_no_message_and_the_message_goes_when_the_provi
     h = harness_for(make_harness, gupshup, rules_only)
     state: FakeState = gupshup.state
     state.fail(times=100_000, status=503)
+    caplog.set_level(logging.WARNING, logger="winback.executor")
     h.executor.payment_failed("m_demo", event())
     step(h, 3 * 60, minutes=1)
     assert statuses(h) == []  # nothing was sent, so nothing is in the history
+    assert (
+        "channel whatsapp of merchant m_demo is down until 2026-11-02T06:21:00Z: its provider has refused every "
+        "message since 2026-11-02T06:00:00Z"
+    ) in caplog.text  # the times as operators read them (UTC to the second, Z), not isoformat()'s ``+00:00``
     assert h.view().state == "PENDING"
     made = decisions_of(h)
     # One at the failure, and one when the channel went down (after 15 minutes of refusals): the message then

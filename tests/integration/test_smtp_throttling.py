@@ -457,6 +457,7 @@ def test_a_ban_of_the_sender_or_its_set_up_wrong_puts_e_mail_down_at_once_and_a_
         assert (blocks_scraped(h, why), blocks_scraped(h, other)) == (1.0, None)
         [logged] = [r for r in caplog.records if r.levelno == logging.ERROR and text[:30] in r.getMessage()]
         assert "m_demo" in logged.getMessage()
+        assert "is down until 2026-11-02T06:05:00Z: its provider" in logged.getMessage()  # UTC to the second, Z
         assert (
             "an admin" if why == "ban" else "an admin must fix the merchant's email settings"
         ) in logged.getMessage()

@@ -8,6 +8,7 @@ the merchant's sender number was rate limited (130429, Gupshup 4001) only logged
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -121,6 +122,7 @@ def test_a_message_whatsapp_held_back_as_try_later_does_not_count_and_goes_again
 def test_a_rate_limited_message_does_not_count_and_goes_again_the_same_day(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     rules_only: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A message refused by the pair rate limit (131056) never reached the customer: it does not count, and the
     order is decided again at once; WhatsApp stays open to it the same day, once the customer's short hold ends."""
@@ -128,9 +130,12 @@ def test_a_rate_limited_message_does_not_count_and_goes_again_the_same_day(
     h.executor.payment_failed("m_demo", event())
     h.drain()
     h.clock.advance(minutes=1)
+    caplog.set_level(logging.WARNING, logger="winback.executor")
     h.executor.record_receipt("pm_1", False, "m_demo", error="131056 pair", failure="pair_rate_limited")
     h.drain()
     assert len(h.outbox) == 1  # the customer is held back for 6 seconds first (Meta's pair rate)
+    # The hold's end as operators read times (UTC to the second, Z), as the message's reason says it: not isoformat().
+    assert "a customer of merchant m_demo is paced on whatsapp until 2026-11-02T06:01:06Z:" in caplog.text
     h.clock.advance(seconds=6)
     h.drain()
     assert [(n.delivered, (n.error or "")[:18]) for n in h.view().nudges] == [
@@ -195,6 +200,7 @@ def two_merchants() -> dict[str, Any]:
 def test_a_rate_limited_receipt_holds_back_the_merchants_sender_only_and_loses_nothing_across_a_restart(
     make_harness: Callable[..., Harness],  # noqa: F811 - the fixture
     database_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before: Meta's 130429 (the merchant's number over its throughput) only logged a warning, and the number
     went on sending at full speed. Now the merchant's WhatsApp is held back for a minute: its messages wait (none
@@ -205,7 +211,10 @@ def test_a_rate_limited_receipt_holds_back_the_merchants_sender_only_and_loses_n
     h.executor.payment_failed("m_demo", event("ord_1"))
     h.drain()
     h.clock.advance(seconds=5)
+    caplog.set_level(logging.WARNING, logger="winback.executor")
     h.executor.record_receipt("pm_1", False, "m_demo", error="130429 throughput", failure="rate_limited")
+    # Logged with the hold's end as operators read times (UTC to the second, Z), not isoformat()'s ``+00:00``.
+    assert "channel whatsapp of merchant m_demo is paced until 2026-11-02T06:01:05Z: its provider said" in caplog.text
     # Another customer: ord_1's, messaged again at the hold's end, may get one message every 6 s (the pair rate).
     h.executor.payment_failed("m_demo", event("ord_2", customer={"phone": "+919800000002"}))
     h.executor.payment_failed("m_other", event("ord_3"))

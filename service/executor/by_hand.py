@@ -18,6 +18,7 @@ from typing import Generic, Protocol, TypeVar
 import sqlalchemy as sa
 
 from model.personal_data import mask_addresses_in
+from model.wording import utc_second
 from service.executor.store import as_utc, as_utc_or_none, cases_by_hand, upsert_into
 
 #: ``cases_by_hand.kind`` of a refund given to an operator to make by hand (REFUND_BY_HAND).
@@ -203,12 +204,10 @@ def mark_cases_done(
     return Marked(now=marked, before=before)
 
 
-def already_done(
-    before: Iterable[DealtWith], order_id: str, when: Callable[[datetime], str] = datetime.isoformat
-) -> str:
+def already_done(before: Iterable[DealtWith], order_id: str, when: Callable[[datetime], str] = utc_second) -> str:
     """The no-op message when everything named was dealt with before (``Marked.before``): by whom, when (``when``
-    writes it: ISO 8601 in the CLI, the merchant's local time in the console, as its pages), and their note; the
-    same words for a case and a charge dispute."""
+    writes it: in UTC to the second with a Z by default, as the CLI's lists; the merchant's local time in the
+    console, as its pages), and their note; the same words for a case and a charge dispute."""
     done = "; ".join(
         f"{case.described()} by {case.done.by} at {when(case.done.at)}: {case.done.note}"
         for case in before

@@ -352,3 +352,16 @@ def test_a_payloads_money_is_read_only_when_its_amount_and_currency_are_readable
     from service.executor.core import payload_money
 
     assert payload_money(payload) == read
+
+
+def test_the_already_dealt_with_message_writes_its_time_as_the_lists_do_by_default() -> None:
+    """Without a writer of times of its own, the message wrote ``datetime.isoformat`` (``...05.123456+00:00``) where
+    the CLI's lists and notes write ``2026-11-02T06:00:05Z``."""
+    from service.executor.by_hand import REFUND_CASE, Case, CaseDone, already_done
+
+    at = datetime(2026, 11, 2, 6, 0, 5, 123456, tzinfo=UTC)
+    case = Case(1, REFUND_CASE, "m_demo", "ord_1", 7, "", "switch_silent", at, CaseDone("ops@shop", at, "refunded"))
+    assert already_done([case], "ord_1") == (
+        "order ord_1: already marked dealt with (the refund by hand (refund action 7) by ops@shop at "
+        "2026-11-02T06:00:05Z: refunded); nothing changed"
+    )

@@ -77,16 +77,19 @@ class VersionedScorer:
 
 
 class MlflowSource:
-    """The MLflow registry through ``model.registry`` (imported on first use: MLflow is slow to import)."""
+    """The MLflow registry (imported on first use: MLflow is slow to import). The alias is read through
+    ``model.registry_client`` (MLflow alone); ``model.registry``, whose pyfunc side brings LightGBM and scikit-learn
+    (seconds of CPU, hundreds of modules), only once a version is to be loaded: an executor worker on a
+    registry with no champion yet started without them."""
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
 
     def champion_version(self) -> str | None:
         """The version ``winback@champion`` points at, or None when nothing is promoted yet."""
-        from model import registry
+        from model import registry_client
 
-        return registry.get_alias_version(registry.CHAMPION, tracking_uri=self.tracking_uri)
+        return registry_client.get_alias_version(registry_client.CHAMPION, tracking_uri=self.tracking_uri)
 
     def load(self, version: str) -> Scorer:
         """Download and load one version's bundle."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +41,20 @@ def _new_run(store: str) -> str:
 def test_empty_store_has_no_champion_and_no_alias(store: str) -> None:
     assert registry.load_champion(store) is None
     assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=store) is None
+
+
+def test_following_a_registry_with_no_champion_leaves_the_pyfunc_side_unimported(store: str) -> None:
+    """An executor worker asks for the champion as it starts (service.api.model_holder.MlflowSource): through
+    ``model.registry`` it imported LightGBM and scikit-learn with it (seconds of CPU at every start, each
+    worker) although an empty registry has nothing to load. MLflow alone answers the alias."""
+    code = (
+        "import sys; from service.api.model_holder import MlflowSource; "
+        f"print(MlflowSource({store!r}).champion_version(), "
+        "sorted(name for name in ('model.registry', 'lightgbm', 'sklearn') if name in sys.modules))"
+    )
+    asked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.split(maxsplit=1) == ["None", "[]\n"]
 
 
 def test_register_sets_challenger_and_keeps_artifacts_next_to_the_store(

@@ -208,11 +208,13 @@ def test_a_command_run_where_mlflow_was_imported_first_prints_none_of_its_store_
     assert "WARNING mlflow.store.db.utils: a warning of MLflow" in done.stderr, printed
 
 
-def test_executor_start_says_which_connectors_no_silent_retry_can_reach(tmp_path: Path) -> None:
+def test_executor_start_says_which_connectors_no_silent_retry_can_reach(tmp_path: Path, mlflow_store: str) -> None:
     """(Newcomer walk.) The shipped config names no connector_endpoints (CONTRACT.md section 4 lets a merchant omit
     them): `winback executor run` started without a word, and each silent retry was then dead-lettered, "no
     connector_endpoints entry for 'adyen' and no sandbox is configured (WINBACK_SANDBOX_URL)", one order at a time.
     Each worker now says it once at start, per merchant, with the connectors' key path."""
+    # The registry store the starts use (tmp_path/mlflow.db) is the fixture's copy: creating one is another test's.
+    assert mlflow_store == f"sqlite:///{tmp_path / 'mlflow.db'}"
     unreached = _executor_start(tmp_path, ("WINBACK_SANDBOX_URL", ""))
     assert unreached.exit_code == 0, unreached.stderr
     (warned,) = [line for line in unreached.stderr.splitlines() if "connector_endpoints" in line]

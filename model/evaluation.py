@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from model.catalog import Normaliser, normalise_request
-from model.history_request import history_request, is_missing
+from model.history_request import floor_us, history_request, is_missing
 from model.money import Economics
 from model.requests import Decision, DecisionRequest
 from model.rules import Candidate
@@ -796,7 +796,7 @@ def logged_candidate(row: Mapping[str, Any]) -> Candidate:
     execute_at = row["execute_at"]
     if execute_at is None or pd.isna(execute_at):
         execute_at = request.event_time
-    when = pd.Timestamp(execute_at).floor("us")
+    when = floor_us(pd.Timestamp(execute_at))
     when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
     strategy = _none_if_missing(row["strategy"]) if action == Action.RETRY else None
     channel = _none_if_missing(row["channel"]) if action == Action.RETARGET else None
@@ -1146,7 +1146,7 @@ def _ts(value: Any) -> pd.Timestamp:
     ):
         return value
     # Python datetimes hold microseconds: drop nanoseconds here rather than warn at every conversion.
-    stamp = pd.Timestamp(value).floor("us")
+    stamp = floor_us(pd.Timestamp(value))
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 

@@ -51,9 +51,15 @@ def is_missing(value: object) -> bool:
     return isinstance(value, np.datetime64) and bool(np.isnat(value))
 
 
+def floor_us(stamp: pd.Timestamp) -> pd.Timestamp:
+    """``stamp.floor("us")``: the same timestamp when it has no nanoseconds to drop, without the ~0.3 ms pandas'
+    rounding takes even then (every timestamp of every request a history replay builds goes through it)."""
+    return stamp if stamp.nanosecond == 0 else stamp.floor("us")
+
+
 def utc_datetime(value: Any) -> datetime:
     """A history timestamp as an aware UTC datetime, to the microsecond (a naive one is read as UTC)."""
-    stamp = pd.Timestamp(value).floor("us")
+    stamp = floor_us(pd.Timestamp(value))
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
     return stamp.to_pydatetime()
 

@@ -181,3 +181,59 @@ def test_evaluation_credits_the_retry_to_the_failure_before_it_and_the_nudge_sen
         (str(row["kind"]), pd.Timestamp(row["decision_time"])) for _, row in trained.iterrows()
     }  # training's view of the same two actions
     assert {("retry", pd.Timestamp(T0)), ("retarget", pd.Timestamp(T1))} <= by_decision
+
+
+def _request_read_per_order(attempts: pd.DataFrame, nudges: pd.DataFrame, point: dict[str, Any]) -> DecisionRequest:
+    """The request of ``point`` from its order's rows alone, sorted here: its attempts by number, its nudges by time
+    then nudge id (as training's decision points count them)."""
+    from model.history_request import history_request
+
+    order = point["order_id"]
+    known = attempts[attempts["order_id"] == order].sort_values("attempt_number", kind="mergesort")
+    known = known.iloc[: int(point["attempt_prefix"])]
+    sent = nudges[nudges["order_id"] == order].assign(_ts=lambda n: pd.to_datetime(n["sent_at"], utc=True))
+    sent = sent.sort_values(["_ts", "nudge_id"], kind="mergesort").iloc[: int(point["nudge_prefix"])]
+    rows = known.to_dict("records")
+    return history_request(point["decision_time"], rows[-1], rows, sent.to_dict("records"))
+
+
+def test_order_rows_build_each_point_s_request_from_its_order_s_rows_in_order() -> None:
+    """`OrderRows` reads a history's frames once for many points (request_at, the retryable threshold's replay):
+    each point's request holds its order's attempts by number and nudges by time, then nudge id, however the
+    frames are ordered; here shuffled, with two nudges of one order sent at the same instant by two channels."""
+    from model.simulation.generate import generate_history
+    from model.training import OrderRows
+
+    history = generate_history(60, 6)
+    attempts, nudges = history.attempts.copy(), history.nudges.copy()
+    tied = nudges.index[nudges["order_id"] == nudges.loc[nudges["order_id"].duplicated(), "order_id"].iloc[0]][:2]
+    nudges.loc[tied, "sent_at"] = nudges.loc[tied, "sent_at"].min()
+    nudges.loc[tied, "channel"] = ["sms", "email"]
+    nudges.loc[tied, "nudge_id"] = ["n_tied_b", "n_tied_a"]
+    attempts = attempts.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    nudges = nudges.sample(frac=1.0, random_state=2)
+    nudges = pd.concat([nudges[nudges["nudge_id"] == "n_tied_b"], nudges[nudges["nudge_id"] != "n_tied_b"]])
+    nudges = nudges.reset_index(drop=True)  # the tied nudge with the later id first
+    frame = decision_points(attempts, nudges)
+    # The tied nudges' order and a few others: each point's request is built twice here, at ~10 ms apiece.
+    checked = {*frame["order_id"].drop_duplicates().head(8), nudges.loc[0, "order_id"]}
+    frame = frame[frame["order_id"].isin(checked)]
+    points = [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+    assert any(point["nudge_prefix"] > 1 and point["order_id"] == nudges.loc[0, "order_id"] for point in points)
+    rows = OrderRows(attempts, nudges)
+    for point in points:
+        expected = _request_read_per_order(attempts, nudges, point)
+        assert rows.request_at(point)[0] == expected, point
+        assert request_at(attempts, nudges, point)[0] == expected, point
+
+
+def test_floor_us_drops_nanoseconds_only() -> None:
+    from model.history_request import floor_us, utc_datetime
+
+    stamp = pd.Timestamp("2026-03-01 10:00:00.123456789", tz="Europe/Paris")
+    assert floor_us(stamp) == pd.Timestamp("2026-03-01 10:00:00.123456", tz="Europe/Paris")
+    assert floor_us(stamp).tzinfo == stamp.tzinfo
+    whole = pd.Timestamp("2026-03-01 10:00:00.123456", tz="UTC")
+    assert floor_us(whole) is whole
+    assert floor_us(pd.NaT) is pd.NaT
+    assert utc_datetime(stamp).isoformat() == "2026-03-01T09:00:00.123456+00:00"

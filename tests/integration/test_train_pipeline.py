@@ -316,7 +316,7 @@ def test_decide_applies_the_retryable_threshold_the_training_job_chose(tmp_path:
     outcomes and decide() applied 0.10."""
     from model.catalog import load_catalog
     from model.policy import decide
-    from model.training import decision_points, request_at
+    from model.training import OrderRows, decision_points
 
     attempts, nudges = make_history_frames(800, seed=4)
     store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
@@ -332,9 +332,10 @@ def test_decide_applies_the_retryable_threshold_the_training_job_chose(tmp_path:
     threshold = summary.metrics["retryable_threshold"]
     catalog, merchant = load_catalog(), make_merchant(connectors=sorted(set(attempts["connector"])))
     points = decision_points(attempts, nudges).head(200)
+    rows = OrderRows(attempts, nudges)
     verdicts = []
     for position in range(len(points)):
-        request, _ = request_at(attempts, nudges, {str(k): v for k, v in points.iloc[position].items()})
+        request, _ = rows.request_at({str(k): v for k, v in points.iloc[position].items()})
         p = _verdict_probability(request, merchant, bundle, catalog)
         if abs(p - threshold) > 1e-6:
             assert decide(request, merchant, bundle, catalog=catalog).retryable == (p > threshold), (p, threshold)

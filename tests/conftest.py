@@ -4,6 +4,7 @@ kills the test process's own helpers."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
 
@@ -43,3 +44,39 @@ def _resource_tracker_survives() -> Iterator[None]:
     except psutil.NoSuchProcess:
         status = "gone"
     assert status not in (psutil.STATUS_ZOMBIE, "gone"), f"this test killed the resource tracker (pid {pid})"
+
+
+#: The environment variables MLflow's URI setters export for subprocesses.
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_put_back() -> Iterator[None]:
+    """A test that points MLflow's fluent API at its store (``mlflow.set_tracking_uri``) left it, and the variable
+    MLflow exports with it, set for every later test of its xdist worker: a module's fixture running `winback retrain`
+    without --tracking-uri then registered version 2 into that test's store. MLflow's process-wide URIs and their
+    variables are put back as they were before each test."""
+    before = {name: os.environ.get(name) for name in _MLFLOW_URI_VARIABLES}
+    set_before = _mlflow_uris_set()
+    yield
+    if "mlflow" in sys.modules and _mlflow_uris_set() != set_before:
+        import mlflow
+
+        mlflow.set_tracking_uri(set_before[0])  # type: ignore[arg-type]
+        mlflow.set_registry_uri(set_before[1])  # type: ignore[arg-type]
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _mlflow_uris_set() -> tuple[str | None, str | None]:
+    """The tracking and registry URIs set in this process through MLflow's setters (None: not set), without importing
+    MLflow where no test has."""
+    if "mlflow" not in sys.modules:
+        return None, None
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return tracking_utils._tracking_uri, registry_utils._registry_uri

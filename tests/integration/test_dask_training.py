@@ -116,8 +116,8 @@ def test_run_training_on_dask_registers_a_bundle(
     assert registry.get_alias_version(registry.CHALLENGER, tracking_uri=mlflow_store) == "1"
     bundle = registry.load_version("1", tracking_uri=mlflow_store)
     assert _machines(bundle) == "[num_machines: 2]"
-    mlflow.set_tracking_uri(mlflow_store)
-    params = mlflow.get_run(summary.run_id).data.params
+    # Not mlflow.set_tracking_uri: it stays set for every later test of this process (and is exported to its children)
+    params = mlflow.MlflowClient(tracking_uri=mlflow_store).get_run(summary.run_id).data.params
     assert (params["engine"], params["scheduler"]) == ("dask", cluster.scheduler_address)
     assert params["attempts_rows"] == str(len(attempts))
 
